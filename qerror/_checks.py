@@ -1,0 +1,75 @@
+"""Input validation shared by the library: one clear message per mistake."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_array(x, name: str) -> None:
+    """Require a non-empty floating-point numpy array or torch tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in _TORCH_FLOATS:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                f"got dtype {x.dtype}; convert with {name}.float()"
+            )
+        size = x.numel()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.type not in _NUMPY_FLOATS:
+            raise TypeError(
+                f"{name} must be a floating-point array (float16/float32/float64), got dtype "
+                f"{x.dtype}; convert with {name}.astype(numpy.float32)"
+            )
+        size = x.size
+    else:
+        raise TypeError(
+            f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}"
+        )
+    if size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one element")
+
+
+def check_finite(x, name: str) -> None:
+    """Raise if ``x`` holds NaN or +-Inf, saying how many and where the first is."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 1 or x.dtype in (torch.float16, torch.bfloat16):
+            ok = bool(torch.isfinite(x).all())
+        else:
+            # aminmax propagates NaN and exposes +-Inf in one reduction pass.
+            lo, hi = torch.aminmax(x)
+            ok = math.isfinite(float(lo)) and math.isfinite(float(hi))
+        if ok:
+            return
+        bad = ~torch.isfinite(x)
+        count = int(bad.sum())
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        value = float(x[first]) if first else float(x.reshape(-1)[0])
+    else:
+        if np.isfinite(x).all():
+            return
+        bad = ~np.isfinite(x)
+        count = int(bad.sum())
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = float(x[first]) if first else float(x.reshape(-1)[0])
+    raise ValueError(
+        f"{name} holds {count} non-finite value(s) (first {value} at index {first}); "
+        "quantization needs finite data: remove or replace NaN/Inf first"
+    )
+
+
+def check_positive_finite(value, name: str):
+    """Require a positive finite scalar or array; return it as float64 numpy."""
+    arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
+                     dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        bad = arr[~(np.isfinite(arr) & (arr > 0))].reshape(-1)[0]
+        raise ValueError(f"{name} must be positive and finite, got {bad!r}")
+    return arr
