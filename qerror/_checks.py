@@ -42,7 +42,7 @@ def check_finite(x, name: str) -> None:
             ok = bool(torch.isfinite(x).all())
         else:
             # aminmax propagates NaN and exposes +-Inf in one reduction pass.
-            lo, hi = torch.aminmax(x)
+            lo, hi = torch.aminmax(x.detach())
             ok = math.isfinite(float(lo)) and math.isfinite(float(hi))
         if ok:
             return

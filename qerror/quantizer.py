@@ -21,15 +21,22 @@ from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, st
 
 
 class ScaleArithmetic(enum.Enum):
-    """How ``x / s`` is computed.
+    """How the integer code of ``x / s`` is obtained.
 
-    DIVIDE divides, so ``u`` is the correctly rounded quotient: qerror's default,
-    because the error model is stated for ``x/s``. RECIPROCAL multiplies by
-    ``1/s`` rounded to the working precision, as PyTorch's fake-quantize and
-    FBGEMM/oneDNN kernels do; use it to reproduce those engines bit for bit.
+    EXACT (the default) returns ``R`` applied to the exact real quotient
+    ``x / s``: the quotient is computed in floating point, and where it lands
+    exactly on a rounding boundary (a half-integer for the nearest modes, an
+    integer for the others) the sign of the exact residual ``x - v s``
+    (Dekker's error-free product) decides, so no code is ever off by one
+    because of the division's own rounding. The error model of DESIGN §2 is
+    stated for this quantizer.
+
+    RECIPROCAL multiplies by ``1/s`` rounded to the working precision and rounds
+    that product, as PyTorch's fake-quantize and the FBGEMM/oneDNN kernels do;
+    use it to reproduce those engines bit for bit.
     """
 
-    DIVIDE = "divide"
+    EXACT = "exact"
     RECIPROCAL = "reciprocal"
 
 
@@ -67,7 +74,7 @@ class QuantSpec:
     mse_grid : int
         Number of clipping candidates tried by the MSE search.
     arithmetic : ScaleArithmetic
-        Divide by the scale or multiply by its reciprocal.
+        Exact codes of ``x/s`` (default) or PyTorch's reciprocal arithmetic.
     """
 
     bits: int = 8
@@ -79,7 +86,7 @@ class QuantSpec:
     range_method: RangeMethod = RangeMethod.MINMAX
     percentile: float = 99.99
     mse_grid: int = 100
-    arithmetic: ScaleArithmetic = ScaleArithmetic.DIVIDE
+    arithmetic: ScaleArithmetic = ScaleArithmetic.EXACT
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
@@ -239,80 +246,176 @@ def _as_param(arr: np.ndarray, like, dtype):
     return arr.astype(dtype)
 
 
-def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key):
-    """``R(x/s + z) - z`` before clamping, in the compute dtype.
+def _veltkamp(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``a`` into ``hi + lo`` with half-width significands (exact)."""
+    factor = a.dtype.type(4097.0 if a.dtype == np.float32 else 134217729.0)
+    c = factor * a
+    hi = c - (c - a)
+    return hi, a - hi
 
-    For every mode but TOWARD_ZERO ``R(v + z) = R(v) + z`` exactly for integer
-    ``z``; truncation depends on the sign of ``v + z``, decided exactly as
-    ``v >= -z`` without forming ``v + z`` in floating point.
+
+def _residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Exact sign of ``x - v*s`` for floats of one dtype (Dekker's two-product).
+
+    Callers pass ``v`` within a few ulps of ``x / s``, so ``p = fl(v s)`` is
+    within a factor two of ``x``, ``x - p`` is exact (Sterbenz) and
+    ``(x - p) - err`` has the exact sign.
     """
+    p = v * s
+    vh, vl = _veltkamp(v)
+    sh, sl = _veltkamp(s)
+    err = ((vh * sh - p) + vh * sl + vl * sh) + vl * sl
+    return np.sign((x - p) - err)
+
+
+def _decide(n_sub, sign, mode: RoundingMode) -> np.ndarray:
+    """``R(u)`` for ``u = n + sign * tiny``, ``n`` a rounding boundary of ``mode``.
+
+    ``n`` is a half-integer for the nearest modes and an integer otherwise;
+    ``sign == 0`` means ``u`` is exactly ``n``.
+    """
+    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
+        down = n_sub - 0.5
+        # A true tie: to the even neighbour, or away from zero, of u itself.
+        tie = np.rint(n_sub) if mode is RoundingMode.NEAREST_EVEN else down + (n_sub > 0)
+        return np.where(sign > 0, down + 1, np.where(sign < 0, down, tie))
+    floor = np.where(sign < 0, n_sub - 1, n_sub)
+    ceil = np.where(sign > 0, n_sub + 1, n_sub)
+    if mode is RoundingMode.FLOOR:
+        return floor
+    if mode is RoundingMode.CEIL:
+        return ceil
+    # TOWARD_ZERO: floor above zero, ceil below, and 0 for a true value just off 0.
+    return np.where(n_sub > 0, floor, np.where(n_sub < 0, ceil, 0.0))
+
+
+def _scaled(x, spec: QuantSpec, s: np.ndarray):
+    """``v ≈ x / s`` in the compute dtype, and the scale in that dtype."""
     torch_in = isinstance(x, torch.Tensor)
     cdt = _compute_dtype(x)
-    grad = torch_in and x.requires_grad and torch.is_grad_enabled()
     scale = _as_param(s, x, cdt)
     if spec.arithmetic is ScaleArithmetic.RECIPROCAL:
         # The reciprocal is rounded to the working precision first, as the kernels do.
         if torch_in:
             inv = 1.0 / torch.as_tensor(s, dtype=cdt)
-            v = x.to(cdt) * (inv.item() if inv.ndim == 0 else inv.to(x.device))
-        else:
-            v = x.astype(cdt) * (cdt(1.0) / s.astype(cdt))
-    else:
-        v = x.to(cdt) / scale if torch_in else x.astype(cdt) / scale
-    mode = spec.rounding
-    if mode is RoundingMode.TOWARD_ZERO and np.any(z != 0):
-        zc = _as_param(z.astype(np.float64), x, cdt)
-        neg_z = -zc
-        if torch_in:
-            lo = round_values(v, RoundingMode.FLOOR, None)
-            hi = round_values(v, RoundingMode.CEIL, None)
-            return torch.where(v >= neg_z, lo, hi), scale
-        return np.where(v >= neg_z, np.floor(v), np.ceil(v)), scale
-    if torch_in and not grad and v.data_ptr() != x.data_ptr():
-        in_place = {
+            return x.to(cdt) * (inv.item() if inv.ndim == 0 else inv.to(x.device)), scale
+        return x.astype(cdt) * (cdt(1.0) / s.astype(cdt)), scale
+    if torch_in:
+        return x.to(cdt) / scale, scale
+    return x.astype(cdt) / scale, scale
+
+
+def _round_in_place(v, mode):
+    if isinstance(v, torch.Tensor):
+        method = {
             RoundingMode.NEAREST_EVEN: v.round_,
             RoundingMode.FLOOR: v.floor_,
             RoundingMode.CEIL: v.ceil_,
             RoundingMode.TOWARD_ZERO: v.trunc_,
         }.get(mode)
-        if in_place is not None:
-            return in_place(), scale
-    return round_values(v, mode, key), scale
+    else:
+        func = {
+            RoundingMode.NEAREST_EVEN: np.rint,
+            RoundingMode.FLOOR: np.floor,
+            RoundingMode.CEIL: np.ceil,
+            RoundingMode.TOWARD_ZERO: np.trunc,
+        }.get(mode)
+        method = None if func is None else (lambda: func(v, out=v))
+    return None if method is None else method()
+
+
+def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset: int = 0):
+    """``R(x/s + z) - z`` before clamping, in the compute dtype, and the scale.
+
+    Away from ties ``R(v + z) = R(v) + z`` exactly for integer ``z`` and every
+    mode but TOWARD_ZERO, whose choice depends on the sign of ``v + z``, decided
+    as ``v >= -z`` without forming ``v + z`` in floating point. With EXACT
+    arithmetic every value on a boundary (ties included) is settled on ``u``
+    itself (see ScaleArithmetic). RECIPROCAL settles ties on ``v`` and adds
+    ``z`` after, as PyTorch's kernels do.
+    """
+    torch_in = isinstance(x, torch.Tensor)
+    v, scale = _scaled(x, spec, s)
+    mode = spec.rounding
+    shifted_trunc = mode is RoundingMode.TOWARD_ZERO and bool(np.any(z != 0))
+    exact = spec.arithmetic is ScaleArithmetic.EXACT and not mode.is_random
+    keep_v = exact or shifted_trunc
+    grad = torch_in and v.requires_grad and torch.is_grad_enabled()
+
+    if shifted_trunc:
+        neg_z = _as_param(-z.astype(np.float64), x, _compute_dtype(x))
+        lo = round_values(v, RoundingMode.FLOOR, None)
+        hi = round_values(v, RoundingMode.CEIL, None)
+        r = torch.where(v >= neg_z, lo, hi) if torch_in else np.where(v >= neg_z, lo, hi)
+    elif not grad and not keep_v and (r := _round_in_place(v, mode)) is not None:
+        pass
+    else:
+        r = round_values(v, mode, key, offset)
+    if exact:
+        r = _exact_correction(x, v, r, scale, z, mode, torch_in)
+    return r, scale
+
+
+def _exact_correction(x, v, r, scale, z, mode, torch_in):
+    """Settle every value whose quotient lies within a few ulps of a boundary.
+
+    Candidates are found in floating point with a margin wider than the
+    division's error; each is then decided exactly by the sign of ``x - b s``
+    (``b`` the boundary in v units). For the directed modes a value equal to a
+    dequantized level ``fl(b s)`` gets code ``b``, so that quantize∘dequantize
+    is the identity on codes although ``fl(b s)`` differs from ``b s``.
+    """
+    nearest = mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY)
+    eps = 4.0 * float(np.finfo(np.float32 if v.dtype in (np.float32, torch.float32)
+                               else np.float64).eps)
+    if torch_in:
+        ref = r if nearest else torch.round(v)
+        dist = (v - ref).abs_()
+        margin = ref.abs().add_(1.0).mul_(eps)
+        candidate = dist >= 0.5 - margin if nearest else dist <= margin
+    else:
+        ref = r if nearest else np.rint(v)
+        dist = np.abs(v - ref)
+        margin = (np.abs(ref) + 1.0) * eps
+        candidate = dist >= 0.5 - margin if nearest else dist <= margin
+    if not bool(candidate.any()):
+        return r
+    if torch_in:
+        idx = candidate.nonzero(as_tuple=True)
+        x_sub = x.detach()[idx].to(v.dtype).cpu().numpy()
+        v_sub = v.detach()[idx].cpu().numpy()
+        ref_sub = ref.detach()[idx].cpu().numpy()
+        s_sub = (np.full(v_sub.shape, scale, dtype=v_sub.dtype) if isinstance(scale, float)
+                 else scale.expand_as(v)[idx].cpu().numpy())
+        z_sub = torch.as_tensor(z, dtype=v.dtype, device=v.device).expand_as(v)[idx].cpu().numpy()
+    else:
+        idx = np.nonzero(candidate)
+        x_sub = x[idx].astype(v.dtype)
+        v_sub = v[idx]
+        ref_sub = ref[idx]
+        s_sub = np.broadcast_to(np.asarray(scale, dtype=v.dtype), v.shape)[idx]
+        z_sub = np.broadcast_to(z, v.shape)[idx].astype(v.dtype)
+    if nearest:
+        b = ref_sub + np.where(v_sub >= ref_sub, 0.5, -0.5).astype(v_sub.dtype)
+        sign = _residual_sign(x_sub, b, s_sub)
+    else:
+        b = ref_sub
+        sign = np.where(b * s_sub == x_sub, 0.0, _residual_sign(x_sub, b, s_sub))
+    # The rule acts on u = b + z (exact: b is an integer or half-integer), and the
+    # result is shifted back; tie rules and truncation depend on u, not on v.
+    fixed = (_decide(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
+    if torch_in:
+        r = r.clone() if r.requires_grad else r
+        r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
+        return r
+    r[idx] = fixed
+    return r
 
 
 def _bounds(spec: QuantSpec, z: np.ndarray, like, cdt):
     lo = (spec.qmin - z).astype(np.float64)
     hi = (spec.qmax - z).astype(np.float64)
     return _as_param(lo, like, cdt), _as_param(hi, like, cdt)
-
-
-def _saturation(r, lo, hi, axis) -> Saturation:
-    if isinstance(r, torch.Tensor):
-        dims = [d for d in range(r.ndim) if d != axis] if axis is not None else None
-        below = r < lo
-        above = r > hi
-        if dims is None:
-            low = np.asarray(int(below.sum()))
-            high = np.asarray(int(above.sum()))
-            total = np.asarray(r.numel())
-        else:
-            low = below.sum(dim=dims).cpu().numpy().reshape(-1)
-            high = above.sum(dim=dims).cpu().numpy().reshape(-1)
-            total = np.full(low.shape, r.numel() // r.shape[axis])
-        return Saturation(low, high, total)
-    dims = tuple(d for d in range(r.ndim) if d != axis) if axis is not None else None
-    low = np.asarray(np.sum(r < lo, axis=dims))
-    high = np.asarray(np.sum(r > hi, axis=dims))
-    total = np.full(low.shape, r.size // (r.shape[axis] if axis is not None else 1))
-    return Saturation(low.reshape(low.shape), high.reshape(high.shape), total)
-
-
-def _clamp(r, lo, hi):
-    if isinstance(r, torch.Tensor):
-        if r.requires_grad:
-            return torch.clamp(r, lo, hi)
-        return r.clamp_(lo, hi)
-    return np.clip(r, lo, hi, out=r)
 
 
 def _prepare(x, spec, scale, zero_point, generator):
@@ -324,6 +427,124 @@ def _prepare(x, spec, scale, zero_point, generator):
     check_finite(x, "x")
     key = stochastic_key(generator) if spec.rounding.is_random else None
     return axis, s, z, key
+
+
+# Elements per block: small enough to stay in L2 cache through the whole chain of
+# element-wise steps, large enough that per-block Python overhead is negligible.
+_BLOCK = 1 << 18
+
+
+def _blocks(outer: int, channels: int, inner: int):
+    """Contiguous blocks of a C-ordered ``(outer, channels, inner)`` array.
+
+    Yields ``(o-slice, c-slice, i-slice, flat offset)``; every block is contiguous
+    in flat order, so STOCHASTIC draws (hashed from the flat index) are the same
+    however the array is split.
+    """
+    row = channels * inner
+    if row <= _BLOCK:
+        step = max(1, _BLOCK // row)
+        for o in range(0, outer, step):
+            yield slice(o, min(o + step, outer)), slice(None), slice(None), o * row
+    elif inner <= _BLOCK:
+        step = max(1, _BLOCK // inner)
+        for o in range(outer):
+            for c in range(0, channels, step):
+                yield (slice(o, o + 1), slice(c, min(c + step, channels)), slice(None),
+                       o * row + c * inner)
+    else:
+        for o in range(outer):
+            for c in range(channels):
+                for i in range(0, inner, _BLOCK):
+                    yield (slice(o, o + 1), slice(c, c + 1), slice(i, min(i + _BLOCK, inner)),
+                           o * row + c * inner + i)
+
+
+def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
+    """Shared engine of :func:`quantize` and :func:`fake_quantize`.
+
+    Returns the codes (int32) or the fake-quantized values (input dtype) and, if
+    ``count``, the :class:`Saturation`.
+    """
+    axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
+    torch_in = isinstance(x, torch.Tensor)
+    cdt = _compute_dtype(x)
+    if torch_in and x.requires_grad and torch.is_grad_enabled():
+        return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count)
+    shape = tuple(x.shape)
+    channels = shape[axis] if axis is not None else 1
+    outer = int(np.prod(shape[:axis], dtype=np.int64)) if axis is not None else 1
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64)) if axis is not None else int(
+        np.prod(shape, dtype=np.int64))
+    s3 = s.reshape(1, channels, 1)
+    z3 = z.reshape(1, channels, 1)
+    if torch_in:
+        x3 = x.detach().contiguous().view(outer, channels, inner)
+        out_dtype = x.dtype if fake else torch.int32
+        out3 = torch.empty((outer, channels, inner), dtype=out_dtype, device=x.device)
+    else:
+        x3 = np.ascontiguousarray(x).reshape(outer, channels, inner)
+        out3 = np.empty((outer, channels, inner), dtype=x.dtype if fake else np.int32)
+    low = np.zeros(channels, dtype=np.int64)
+    high = np.zeros(channels, dtype=np.int64)
+    for so, sc, si, offset in _blocks(outer, channels, inner):
+        xb = x3[so, sc, si]
+        if axis is None:
+            # One scale: flat blocks and scalar parameters take torch's fastest kernels.
+            sb, zb = s, z
+            xb = xb.reshape(-1)
+        else:
+            sb, zb = s3[:, sc], z3[:, sc]
+        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset)
+        lo, hi = _bounds(spec, zb, r, cdt)
+        dims = None if axis is None else (0, 2)
+        if count:
+            if torch_in:
+                low[sc] += (r < lo).sum(dim=dims).cpu().numpy().reshape(-1)
+                high[sc] += (r > hi).sum(dim=dims).cpu().numpy().reshape(-1)
+            else:
+                low[sc] += np.sum(r < lo, axis=dims)
+                high[sc] += np.sum(r > hi, axis=dims)
+        ob = out3[so, sc, si]
+        if torch_in:
+            r.clamp_(lo, hi)
+            res = r.mul_(scale_b) if fake else r.to(torch.int32).add_(
+                _as_param(zb, r, torch.int32))
+        else:
+            np.clip(r, lo, hi, out=r)
+            res = np.multiply(r, scale_b, out=r) if fake else (
+                r.astype(np.int32) + zb.astype(np.int32))
+        ob[...] = res.reshape(ob.shape)
+    out = out3.reshape(shape)
+    if not count:
+        return out
+    return out, _saturation_result(low, high, outer * inner, axis)
+
+
+def _saturation_result(low, high, per_channel_total, axis) -> Saturation:
+    if axis is None:
+        return Saturation(np.asarray(low[0]), np.asarray(high[0]), np.asarray(per_channel_total))
+    return Saturation(low, high, np.full(low.shape, per_channel_total))
+
+
+def _run_autograd(x, spec, s, z, key, axis, *, fake: bool, count: bool):
+    """Whole-tensor path for tensors that require grad (quantization-aware training)."""
+    r, scale_c = _shifted_codes(x, spec, s, z, key)
+    cdt = _compute_dtype(x)
+    lo, hi = _bounds(spec, z, x, cdt)
+    sat = None
+    if count:
+        dims = [d for d in range(r.ndim) if d != axis] if axis is not None else list(range(r.ndim))
+        low = (r < lo).sum(dim=dims).reshape(-1).cpu().numpy()
+        high = (r > hi).sum(dim=dims).reshape(-1).cpu().numpy()
+        channels = x.shape[axis] if axis is not None else 1
+        sat = _saturation_result(low, high, x.numel() // channels, axis)
+    r = torch.clamp(r, lo, hi)
+    if fake:
+        out = (r * scale_c).to(x.dtype)
+    else:
+        out = r.detach().to(torch.int32) + _as_param(z, x, torch.int32)
+    return (out, sat) if count else out
 
 
 def quantize(
@@ -349,22 +570,21 @@ def quantize(
     generator : int, numpy.random.Generator or torch.Generator, optional
         Required for STOCHASTIC rounding.
     return_saturation : bool
-        Also return a :class:`Saturation` with the counts clamped at each end.
+        Also return a :class:`Saturation`: the elements with ``R(u) < qmin`` and
+        with ``R(u) > qmax``, per tensor or per channel.
 
     Returns
     -------
     q : int32 array or tensor, same shape as ``x``
     saturation : Saturation, only if ``return_saturation``
+
+    Notes
+    -----
+    Arithmetic is in float32 for float16/bfloat16/float32 inputs and float64 for
+    float64 inputs; the scale is first rounded to that precision, and it is that
+    rounded scale the codes are exact for. Work proceeds in cache-sized blocks.
     """
-    axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
-    r, _ = _shifted_codes(x, spec, s, z, key)
-    cdt = _compute_dtype(x)
-    lo, hi = _bounds(spec, z, x, cdt)
-    sat = _saturation(r, lo, hi, axis) if return_saturation else None
-    r = _clamp(r.detach() if isinstance(r, torch.Tensor) else r, lo, hi)
-    zc = _as_param(z, x, torch.int32 if isinstance(x, torch.Tensor) else np.int32)
-    q = (r.to(torch.int32) + zc) if isinstance(r, torch.Tensor) else (r.astype(np.int32) + zc)
-    return (q, sat) if return_saturation else q
+    return _run(x, spec, scale, zero_point, generator, fake=False, count=return_saturation)
 
 
 def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
@@ -420,32 +640,20 @@ def fake_quantize(
     generator: Generator | None = None,
     return_saturation: bool = False,
 ):
-    """Quantize then dequantize in one pass: ``x̂ = s · clamp(R(x/s + z) - z, qmin - z, qmax - z)``.
+    """Quantize then dequantize: ``x̂ = s · clamp(R(x/s + z) - z, qmin - z, qmax - z)``.
 
-    Same arguments as :func:`quantize`. Returns an array of the input's dtype
-    (and the :class:`Saturation` if asked). For a torch tensor that requires
-    grad, the gradient is straight-through inside the range and zero where the
-    value was clamped.
+    Same arguments and arithmetic as :func:`quantize`. Returns an array of the
+    input's dtype (and the :class:`Saturation` if asked). For a torch tensor
+    that requires grad, the gradient is straight-through inside the range and
+    zero where the value was clamped.
 
     Notes
     -----
-    Arithmetic is in float32 for float16/bfloat16/float32 inputs and float64 for
-    float64 inputs; the scale is rounded to that precision. With
-    ``ScaleArithmetic.RECIPROCAL`` and NEAREST_EVEN the result equals PyTorch's
-    ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` bit for bit.
+    With ``ScaleArithmetic.RECIPROCAL`` and NEAREST_EVEN the result equals
+    PyTorch's ``torch.fake_quantize_per_tensor_affine`` and
+    ``torch.fake_quantize_per_channel_affine`` bit for bit.
     """
-    axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
-    r, scale_c = _shifted_codes(x, spec, s, z, key)
-    cdt = _compute_dtype(x)
-    lo, hi = _bounds(spec, z, x, cdt)
-    sat = _saturation(r, lo, hi, axis) if return_saturation else None
-    r = _clamp(r, lo, hi)
-    if isinstance(r, torch.Tensor):
-        out = r * scale_c if r.requires_grad else r.mul_(scale_c)
-        out = out.to(x.dtype)
-    else:
-        out = np.multiply(r, scale_c, out=r).astype(x.dtype, copy=False)
-    return (out, sat) if return_saturation else out
+    return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation)
 
 
 # --------------------------------------------------------------------------- calibration

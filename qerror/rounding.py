@@ -130,10 +130,10 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _uniform_numpy(n: int, key: int) -> np.ndarray:
-    """``n`` draws on the grid ``k / 2**53`` in [0, 1), from (key, index)."""
+def _uniform_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
+    """Draws on the grid ``k / 2**53`` in [0, 1) for indices ``offset .. offset+n-1``."""
     with np.errstate(over="ignore"):
-        z = np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(key)
+        z = np.arange(offset, offset + n, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(key)
         z += np.uint64(_GOLDEN)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
@@ -146,9 +146,9 @@ def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def _uniform_torch(n: int, key: int, device: torch.device) -> torch.Tensor:
+def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
     """Same bits as :func:`_uniform_numpy`, in two's-complement int64 arithmetic."""
-    z = torch.arange(n, dtype=torch.int64, device=device)
+    z = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     z.mul_(_signed64(_GOLDEN)).add_(_signed64((key + _GOLDEN) & _MASK64))
     z = (z ^ _srl(z, 30)).mul_(_signed64(_MIX1))
     z = (z ^ _srl(z, 27)).mul_(_signed64(_MIX2))
@@ -156,7 +156,8 @@ def _uniform_torch(n: int, key: int, device: torch.device) -> torch.Tensor:
     return _srl(z, 11).to(torch.float64).mul_(2.0**-53)
 
 
-def _round_numpy(x: np.ndarray, mode: RoundingMode, key: int | None) -> np.ndarray:
+def _round_numpy(x: np.ndarray, mode: RoundingMode, key: int | None,
+                 offset: int = 0) -> np.ndarray:
     if mode is RoundingMode.NEAREST_EVEN:
         return np.rint(x)
     if mode is RoundingMode.TOWARD_ZERO:
@@ -171,11 +172,12 @@ def _round_numpy(x: np.ndarray, mode: RoundingMode, key: int | None) -> np.ndarr
         return np.where(np.abs(x - t) >= 0.5, t + np.sign(x), t).astype(x.dtype, copy=False)
     lo = np.floor(x)
     frac = x.astype(np.float64) - lo.astype(np.float64)
-    up = _uniform_numpy(x.size, key).reshape(x.shape) < frac
+    up = _uniform_numpy(x.size, key, offset).reshape(x.shape) < frac
     return (lo + up.astype(x.dtype)).astype(x.dtype, copy=False)
 
 
-def _round_torch(x: torch.Tensor, mode: RoundingMode, key: int | None) -> torch.Tensor:
+def _round_torch(x: torch.Tensor, mode: RoundingMode, key: int | None,
+                 offset: int = 0) -> torch.Tensor:
     if mode is RoundingMode.NEAREST_EVEN:
         return torch.round(x)
     if mode is RoundingMode.TOWARD_ZERO:
@@ -189,7 +191,7 @@ def _round_torch(x: torch.Tensor, mode: RoundingMode, key: int | None) -> torch.
         return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
     lo = torch.floor(x)
     frac = x.to(torch.float64) - lo.to(torch.float64)
-    up = _uniform_torch(x.numel(), key, x.device).reshape(x.shape) < frac
+    up = _uniform_torch(x.numel(), key, x.device, offset).reshape(x.shape) < frac
     return lo + up.to(x.dtype)
 
 
@@ -197,24 +199,27 @@ class _StraightThrough(torch.autograd.Function):
     """Rounds in the forward pass, passes the gradient unchanged backward."""
 
     @staticmethod
-    def forward(ctx, x, mode, key):  # noqa: D401 - autograd signature
-        return _round_torch(x, mode, key)
+    def forward(ctx, x, mode, key, offset):  # noqa: D401 - autograd signature
+        return _round_torch(x, mode, key, offset)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def round_values(x: ArrayLike, mode: RoundingMode, key: int | None) -> ArrayLike:
+def round_values(x: ArrayLike, mode: RoundingMode, key: int | None,
+                 offset: int = 0) -> ArrayLike:
     """Round without input validation (for callers that validated already).
 
+    ``offset`` is the flat index of ``x``'s first element in a larger array, so
+    that STOCHASTIC decisions do not depend on how that array is split into blocks.
     For torch tensors that require grad the gradient is straight-through.
     """
     if isinstance(x, torch.Tensor):
         if x.requires_grad and torch.is_grad_enabled():
-            return _StraightThrough.apply(x, mode, key)
-        return _round_torch(x, mode, key)
-    return _round_numpy(x, mode, key)
+            return _StraightThrough.apply(x, mode, key, offset)
+        return _round_torch(x, mode, key, offset)
+    return _round_numpy(x, mode, key, offset)
 
 
 def apply_rounding(

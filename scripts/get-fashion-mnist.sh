@@ -1,0 +1,34 @@
+#!/bin/sh
+# Make Fashion-MNIST available offline. Uses Debian's dataset-fashion-mnist package where apt can
+# be used; otherwise says every other way to provide the four IDX .gz files.
+set -eu
+DEBIAN_DIR=/usr/share/datasets/fashion-mnist
+FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
+
+have_all() {
+    for f in $FILES; do [ -f "$1/$f" ] || return 1; done
+}
+
+for dir in "${QERROR_DATA:-}" "${QERROR_DATA:+$QERROR_DATA/fashion-mnist}" "$DEBIAN_DIR"; do
+    if [ -n "$dir" ] && have_all "$dir"; then
+        echo "Fashion-MNIST found in $dir"
+        exit 0
+    fi
+done
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "Installing Debian's dataset-fashion-mnist (IDX files into $DEBIAN_DIR)"
+    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    }
+    have_all "$DEBIAN_DIR" && exit 0
+fi
+
+cat >&2 <<MSG
+Fashion-MNIST was not found and could not be installed automatically. Any one of these works:
+  * as root on Debian/Ubuntu:  apt-get install dataset-fashion-mnist
+  * put the four files ($FILES)
+    in a folder and set QERROR_DATA=/that/folder (or pass --data-root to a study)
+  * let torchvision download them: python -c "import torchvision; torchvision.datasets.FashionMNIST('$HOME/.cache/qerror/data', download=True)"
+MSG
+exit 1
