@@ -10,6 +10,7 @@ follows.
 from __future__ import annotations
 
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -352,11 +353,11 @@ def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset
     else:
         r = round_values(v, mode, key, offset)
     if exact:
-        r = _exact_correction(x, v, r, scale, z, mode, torch_in)
+        r = _exact_correction(x, v, r, scale, z, spec, torch_in)
     return r, scale
 
 
-def _exact_correction(x, v, r, scale, z, mode, torch_in):
+def _exact_correction(x, v, r, scale, z, spec, torch_in):
     """Settle every value whose quotient lies within a few ulps of a boundary.
 
     Candidates are found in floating point with a margin wider than the
@@ -365,19 +366,21 @@ def _exact_correction(x, v, r, scale, z, mode, torch_in):
     dequantized level ``fl(b s)`` gets code ``b``, so that quantize∘dequantize
     is the identity on codes although ``fl(b s)`` differs from ``b s``.
     """
+    mode = spec.rounding
     nearest = mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY)
-    eps = 4.0 * float(np.finfo(np.float32 if v.dtype in (np.float32, torch.float32)
-                               else np.float64).eps)
+    # Values whose code lies beyond the integer range by more than one are clamped
+    # whatever they round to, so one margin, sized for the largest in-range code,
+    # covers every value whose code matters.
+    reach = float(np.max(np.maximum(np.abs(spec.qmin - z), np.abs(spec.qmax - z)))) + 2.0
+    unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
+    margin = 4.0 * float(unit) * reach
     if torch_in:
         ref = r if nearest else torch.round(v)
         dist = (v - ref).abs_()
-        margin = ref.abs().add_(1.0).mul_(eps)
-        candidate = dist >= 0.5 - margin if nearest else dist <= margin
     else:
         ref = r if nearest else np.rint(v)
         dist = np.abs(v - ref)
-        margin = (np.abs(ref) + 1.0) * eps
-        candidate = dist >= 0.5 - margin if nearest else dist <= margin
+    candidate = dist >= 0.5 - margin if nearest else dist <= margin
     if not bool(candidate.any()):
         return r
     if torch_in:
@@ -487,7 +490,10 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         out3 = np.empty((outer, channels, inner), dtype=x.dtype if fake else np.int32)
     low = np.zeros(channels, dtype=np.int64)
     high = np.zeros(channels, dtype=np.int64)
-    for so, sc, si, offset in _blocks(outer, channels, inner):
+    dims = None if axis is None else (0, 2)
+
+    def one_block(block):
+        so, sc, si, offset = block
         xb = x3[so, sc, si]
         if axis is None:
             # One scale: flat blocks and scalar parameters take torch's fastest kernels.
@@ -497,14 +503,12 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
             sb, zb = s3[:, sc], z3[:, sc]
         r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset)
         lo, hi = _bounds(spec, zb, r, cdt)
-        dims = None if axis is None else (0, 2)
-        if count:
-            if torch_in:
-                low[sc] += (r < lo).sum(dim=dims).cpu().numpy().reshape(-1)
-                high[sc] += (r > hi).sum(dim=dims).cpu().numpy().reshape(-1)
-            else:
-                low[sc] += np.sum(r < lo, axis=dims)
-                high[sc] += np.sum(r > hi, axis=dims)
+        counts = None
+        if count and torch_in:
+            counts = ((r < lo).sum(dim=dims).cpu().numpy().reshape(-1),
+                      (r > hi).sum(dim=dims).cpu().numpy().reshape(-1))
+        elif count:
+            counts = np.sum(r < lo, axis=dims), np.sum(r > hi, axis=dims)
         ob = out3[so, sc, si]
         if torch_in:
             r.clamp_(lo, hi)
@@ -515,10 +519,37 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
             res = np.multiply(r, scale_b, out=r) if fake else (
                 r.astype(np.int32) + zb.astype(np.int32))
         ob[...] = res.reshape(ob.shape)
+        return sc, counts
+
+    for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner))):
+        if counts is not None:
+            low[sc] += counts[0]
+            high[sc] += counts[1]
     out = out3.reshape(shape)
     if not count:
         return out
     return out, _saturation_result(low, high, outer * inner, axis)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _map_blocks(func, blocks):
+    """Run ``func`` over blocks, on a small thread pool when there are several.
+
+    Each block is a short chain of element-wise kernels on cache-resident data.
+    Run serially with torch's intra-op threads, every kernel is its own parallel
+    region, and on a loaded machine each region waits for a descheduled partner
+    thread (ten times slower here). Blocks on separate Python threads (torch and
+    numpy release the GIL) keep the cores busy without those barriers.
+    """
+    global _POOL
+    if len(blocks) == 1:
+        return [func(blocks[0])]
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qerror")
+    return list(_POOL.map(func, blocks))
 
 
 def _saturation_result(low, high, per_channel_total, axis) -> Saturation:
@@ -619,13 +650,16 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
     if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.all(z == np.round(z))):
         raise TypeError(f"zero_point must hold integers, got {zero_point!r}")
     shape = _param_shape(q, ax)
-    if ax is not None:
-        for name, arr in (("scale", s), ("zero_point", z)):
-            if arr.size not in (1, q.shape[ax]):
-                raise ValueError(f"{name} has {arr.size} values for {q.shape[ax]} channels")
-    sv = _as_param(np.broadcast_to(s, shape if ax is not None else ()).copy(), q, dtype)
-    zv = _as_param(np.broadcast_to(z.astype(np.float64), shape if ax is not None else ()).copy(),
-                   q, dtype)
+    params = []
+    for name, arr in (("scale", s), ("zero_point", z.astype(np.float64))):
+        if ax is None and arr.size != 1:
+            raise ValueError(f"{name} has {arr.size} values; pass axis= for per-channel codes")
+        if ax is not None and arr.size not in (1, q.shape[ax]):
+            raise ValueError(f"{name} has {arr.size} values for {q.shape[ax]} channels")
+        arr = arr.reshape(()) if ax is None else np.broadcast_to(
+            arr.reshape(-1), (q.shape[ax],)).reshape(shape)
+        params.append(_as_param(arr, q, dtype))
+    sv, zv = params
     if isinstance(q, torch.Tensor):
         return (q.to(dtype) - zv) * sv
     return ((q.astype(dtype) - zv) * sv).astype(dtype, copy=False)

@@ -1,0 +1,1 @@
+"""Studies: one module per research question, each run as ``python -m studies.<name>``."""

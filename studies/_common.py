@@ -1,0 +1,213 @@
+"""Shared plumbing of the studies: run folders, manifests, atomic writes, figures, LaTeX.
+
+A study writes everything into a :class:`RunDir`. Files go to a hidden staging folder
+next to the destination; :meth:`RunDir.finish` writes ``manifest.json`` (argv, config,
+seed, git commit, package versions, data and model identity, sha256 of every output)
+and only then moves the folder into place. An interrupted run leaves a ``.partial``
+folder and never a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("qerror", "numpy", "scipy", "torch", "torchvision", "pandas", "matplotlib",
+            "seaborn", "torchao")
+
+
+def base_parser(study: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every study takes: --out, --seed, --smoke."""
+    parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / study,
+                        help="output folder (default: runs/%(prog)s under the repository)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny preset for the test suite: same code path, small sizes")
+    return parser
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_identity() -> dict[str, Any]:
+    """Commit and whether the work tree differs from it (None outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, check=True,
+                               timeout=10).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _jsonable(value):
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and hasattr(value, "name"):  # enums
+        return value.value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+class RunDir:
+    """A study's output folder, staged and published atomically.
+
+    Parameters
+    ----------
+    out : Path
+        Final destination. An existing complete run there is replaced only when
+        the new one finishes.
+    study : str
+        Study name, recorded in the manifest.
+    argv : list of str
+        The command-line arguments, recorded verbatim.
+    config : dict
+        Resolved configuration (dataclasses and enums are serialised).
+    """
+
+    def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any]):
+        self.final = Path(out).resolve()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        self.stage.mkdir()
+        self.study = study
+        self.argv = list(argv)
+        self.config = config
+        self.extra: dict[str, Any] = {}
+        self.started = time.time()
+
+    def path(self, name: str) -> Path:
+        p = self.stage / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_text(self, name: str, text: str) -> Path:
+        p = self.path(name)
+        p.write_text(text)
+        return p
+
+    def write_json(self, name: str, obj) -> Path:
+        return self.write_text(name, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+    def write_csv(self, name: str, frame) -> Path:
+        p = self.path(name)
+        frame.to_csv(p, index=False)
+        return p
+
+    def write_latex_table(self, name: str, frame, caption: str, label: str,
+                          float_format: str = "%.4g") -> Path:
+        """A booktabs table (needs ``\\usepackage{booktabs}``)."""
+        body = frame.to_latex(index=False, float_format=float_format.__mod__, escape=True)
+        text = ("\\begin{table}[t]\n\\centering\n\\small\n" + body
+                + f"\\caption{{{caption}}}\n\\label{{{label}}}\n\\end{{table}}\n")
+        return self.write_text(name, text)
+
+    def write_macros(self, name: str, macros: dict[str, str]) -> Path:
+        """``\\newcommand`` definitions, so the paper's text never holds a typed number."""
+        lines = [f"% generated by python -m studies.{self.study}; do not edit"]
+        for key, value in sorted(macros.items()):
+            if not key.isalpha():
+                raise ValueError(f"LaTeX macro names are letters only, got {key!r}")
+            lines.append(f"\\newcommand{{\\{key}}}{{{value}}}")
+        return self.write_text(name, "\n".join(lines) + "\n")
+
+    def save_figure(self, fig, stem: str) -> list[Path]:
+        """PDF for LaTeX and PNG for a quick look."""
+        paths = []
+        for ext, kwargs in (("pdf", {}), ("png", {"dpi": 150})):
+            p = self.path(f"{stem}.{ext}")
+            fig.savefig(p, bbox_inches="tight", **kwargs)
+            paths.append(p)
+        return paths
+
+    def finish(self) -> Path:
+        """Write the manifest and move the staged folder to its destination."""
+        outputs = {str(p.relative_to(self.stage)): sha256_file(p)
+                   for p in sorted(self.stage.rglob("*")) if p.is_file()}
+        manifest = {
+            "study": self.study,
+            "argv": self.argv,
+            "config": self.config,
+            "git": git_identity(),
+            "packages": package_versions(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "machine": {"cpus": os.cpu_count()},
+            "started_unix": self.started,
+            "seconds": round(time.time() - self.started, 3),
+            "outputs": outputs,
+            **self.extra,
+        }
+        self.write_json("manifest.json", manifest)
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            self.final.rename(old)
+        self.stage.rename(self.final)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.final
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        # A failed or interrupted run leaves nothing behind that could pass for a result.
+        if exc_type is not None:
+            self.abandon()
+        return False
+
+
+def figure_style():
+    """Matplotlib with the non-interactive backend and one house style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "pdf.fonttype": 42})
+    return plt

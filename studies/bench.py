@@ -1,0 +1,150 @@
+"""Speed and memory goals, each measured as a ratio of two candidates in one run.
+
+Timings on a shared machine drift, so every row times its two candidates alternately
+(A, B, A, B, ...) on the same data and reports the median of the per-pair ratios with
+their range. Nothing here is a pass/fail test; the ``meets_goal`` column only compares
+the median with the goal that the issue states.
+
+Run: ``python -m studies.bench`` (``--only fake_quantize`` for one group, ``--smoke`` for
+tiny sizes).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
+from studies._common import RunDir, base_parser
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    group: str
+    name: str
+    candidate: str
+    baseline: str
+    ratio_median: float
+    ratio_min: float
+    ratio_max: float
+    candidate_ms: float
+    baseline_ms: float
+    goal: float | None
+    meets_goal: bool | None
+    pairs: int
+
+
+def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
+                 pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Times of candidate and baseline run alternately, and their per-pair ratios."""
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    ta, tb = np.empty(pairs), np.empty(pairs)
+    for i in range(pairs):
+        t0 = time.perf_counter()
+        candidate()
+        t1 = time.perf_counter()
+        baseline()
+        t2 = time.perf_counter()
+        ta[i], tb[i] = t1 - t0, t2 - t1
+    return ta / tb, ta, tb
+
+
+def make_row(group, name, cand, base, goal, ratios, ta, tb) -> BenchRow:
+    med = float(np.median(ratios))
+    return BenchRow(group, name, cand, base, med, float(ratios.min()), float(ratios.max()),
+                    float(np.median(ta) * 1e3), float(np.median(tb) * 1e3), goal,
+                    None if goal is None else bool(med <= goal), len(ratios))
+
+
+def bench_fake_quantize(args) -> list[BenchRow]:
+    """qerror.fake_quantize vs torch.fake_quantize_per_{tensor,channel}_affine, float32."""
+    n = (1 << 20) if args.smoke else (1 << 24)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(n, generator=gen)
+    rows = []
+    scale = float(x.abs().max()) / 127
+    base = lambda: torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)  # noqa: E731
+    for mode in RoundingMode:
+        spec = QuantSpec(bits=8, rounding=mode)
+        cand = lambda spec=spec: fake_quantize(x, spec, scale, generator=args.seed)  # noqa: E731
+        goal = 1.5 if mode is RoundingMode.NEAREST_EVEN else None
+        rows.append(make_row("fake_quantize", f"per-tensor {mode.value}, {n} float32",
+                             "qerror", "torch nearest", goal,
+                             *paired_ratio(cand, base, args.pairs)))
+    spec = QuantSpec(bits=8, arithmetic=ScaleArithmetic.RECIPROCAL)
+    rows.append(make_row("fake_quantize", f"per-tensor nearest_even reciprocal, {n} float32",
+                         "qerror", "torch nearest", None,
+                         *paired_ratio(lambda: fake_quantize(x, spec, scale), base, args.pairs)))
+    w = x.reshape(1024, -1)
+    scales = w.abs().amax(dim=1) / 127
+    zps = torch.zeros(w.shape[0], dtype=torch.int32)
+    base_c = lambda: torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -128, 127)  # noqa
+    scales_np = scales.numpy()
+    for mode in RoundingMode:
+        spec = QuantSpec(bits=8, axis=0, rounding=mode)
+        cand = lambda spec=spec: fake_quantize(w, spec, scales_np, generator=args.seed)  # noqa
+        goal = 1.5 if mode is RoundingMode.NEAREST_EVEN else None
+        rows.append(make_row("fake_quantize", f"per-channel {mode.value}, {tuple(w.shape)}",
+                             "qerror", "torch nearest", goal,
+                             *paired_ratio(cand, base_c, args.pairs)))
+    return rows
+
+
+GROUPS: dict[str, Callable] = {
+    "fake_quantize": bench_fake_quantize,
+}
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    cols = ["group", "name", "candidate", "baseline", "ratio_median", "ratio_min", "ratio_max",
+            "candidate_ms", "baseline_ms", "goal", "meets_goal"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame[cols].iterrows():
+        cells = [f"{v:.3g}" if isinstance(v, float) and not pd.isna(v) else
+                 ("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+                 for v in r]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = base_parser("bench", __doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(GROUPS), action="append",
+                        help="run only this group (repeatable)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="alternating timing pairs per row (default 15, smoke 3)")
+    args = parser.parse_args(argv)
+    if args.pairs is None:
+        args.pairs = 3 if args.smoke else 15
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
+    torch.set_flush_denormal(True)
+    groups = args.only or list(GROUPS)
+    config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
+              "torch_threads": torch.get_num_threads()}
+    with RunDir(args.out, "bench", argv, config) as run:
+        rows = []
+        for group in groups:
+            print(f"[bench] {group} ...", flush=True)
+            rows += GROUPS[group](args)
+        frame = pd.DataFrame([asdict(r) for r in rows])
+        run.write_csv("bench.csv", frame)
+        table = to_markdown(frame)
+        run.write_text("bench.md", table)
+        out = run.finish()
+    print(table)
+    print(f"[bench] written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

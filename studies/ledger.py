@@ -1,0 +1,104 @@
+"""The claims ledger: each claim of the research notes, its verdict, and the test that decides it.
+
+The notes (``shared/notes/research-notes.md``, in Portuguese) make claims about rounding,
+truncation and their effect on a network. Every claim here is decided by a named test in
+``tests/test_claims.py``; that test asserts the verdict, so a wrong verdict fails the suite.
+Studies and the paper print this table; nothing in it is measured here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Verdict(enum.Enum):
+    TRUE = "true"
+    FALSE = "false"
+    CONDITIONAL = "holds only under a condition"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    topic: str
+    notes: str  # the notes' own words (Portuguese)
+    english: str
+    verdict: Verdict
+    condition: str  # when it holds, or why it fails
+    test: str  # the deciding test in tests/test_claims.py
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        "R1", "rounding",
+        "-1.5 → -2 (arredondamento \u201chalf away from zero\u201d no PyTorch)",
+        "torch.round rounds halves away from zero.",
+        Verdict.FALSE,
+        "torch.round rounds halves to even: 0.5 → 0, 2.5 → 2, -2.5 → -2. The example -1.5 → -2 "
+        "agrees with both rules, which is why it does not reveal the difference.",
+        "test_claim_R1_torch_round_is_half_to_even",
+    ),
+    Claim(
+        "R2", "rounding",
+        "2.3 → 2 / 2.7 → 3",
+        "torch.round rounds to the nearest integer.",
+        Verdict.TRUE,
+        "For every value that is not a tie.",
+        "test_claim_R2_round_to_nearest",
+    ),
+    Claim(
+        "R3", "rounding",
+        "O erro de quantização e = q - x fica em e ∈ [−0.5, +0.5]",
+        "The rounding error lies in [-0.5, 0.5] LSB.",
+        Verdict.CONDITIONAL,
+        "Only for values inside the representable range: a value that saturates at qmin or "
+        "qmax has an error of any size.",
+        "test_claim_R3_rounding_error_bound_needs_no_clipping",
+    ),
+    Claim(
+        "T1", "truncation",
+        "truncamento, seria simplesmente cortar a parte decimal: 2.9 → 2 / -2.9 → -2",
+        "Truncation drops the fractional part.",
+        Verdict.TRUE,
+        "torch.trunc and numpy.trunc round toward zero.",
+        "test_claim_T1_trunc_drops_the_fraction",
+    ),
+    Claim(
+        "T2", "truncation",
+        "truncated_tensor = scaled_and_shifted_tensor.to(torch.int32)",
+        "Casting to int32 is the same as torch.trunc.",
+        Verdict.CONDITIONAL,
+        "Equal for values inside the int32 range; outside it the cast is undefined "
+        "(C++ semantics), while trunc then clamp is well defined.",
+        "test_claim_T2_int_cast_truncates_in_range",
+    ),
+    Claim(
+        "T3", "truncation",
+        "Para positivos: e ∈ [−1,0]; Para negativos: e ∈ [0,1]",
+        "Truncation error is in [-1, 0] for positive and [0, 1] for negative values.",
+        Verdict.CONDITIONAL,
+        "True of the shifted value u = x/s + z, inside the range (and the ends are open: "
+        "(-1, 0] and [0, 1)). With a zero point z ≠ 0 the sign that matters is that of u, not "
+        "of x: a positive x with u < 0 is rounded up.",
+        "test_claim_T3_truncation_error_sign_follows_u",
+    ),
+    Claim(
+        "T4", "truncation",
+        "Truncamento tende a \u201cpuxar\u201d pesos para zero",
+        "Truncation pulls weights toward zero.",
+        Verdict.CONDITIONAL,
+        "Only for symmetric quantization (zero point 0). With an affine zero point z it pulls "
+        "every value toward the real value -z·s, so values between 0 and -z·s move away "
+        "from zero.",
+        "test_claim_T4_truncation_pulls_toward_minus_z_s",
+    ),
+)
+
+
+def claim(claim_id: str) -> Claim:
+    """The ledger entry with this id."""
+    for c in CLAIMS:
+        if c.id == claim_id:
+            return c
+    raise KeyError(f"no claim {claim_id!r}; known: {', '.join(c.id for c in CLAIMS)}")

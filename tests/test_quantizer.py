@@ -1,0 +1,377 @@
+"""Quantizer: exactness against rational arithmetic, PyTorch agreement, properties, bad input."""
+
+from fractions import Fraction
+from math import ceil, floor
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qerror import (
+    QuantSpec,
+    RangeMethod,
+    RoundingMode,
+    ScaleArithmetic,
+    calibrate,
+    dequantize,
+    fake_quantize,
+    observed_range,
+    qparams_from_range,
+    quantize,
+)
+
+DETERMINISTIC = [m for m in RoundingMode if not m.is_random]
+RECIPROCAL = ScaleArithmetic.RECIPROCAL
+
+
+def exact_code(x, scale, z, mode, qmin, qmax, dtype):
+    """Reference: the mode applied to the rational u = x/s + z, then clamped.
+
+    ``scale`` is first rounded to ``dtype`` (the working precision). For the
+    directed modes a value equal to a dequantized level fl(k s) has code k + z,
+    the documented rule that makes quantize∘dequantize the identity.
+    """
+    s = dtype(scale)
+    v = Fraction(float(x)) / Fraction(float(s))
+    u = v + z
+    k_near = round(v)
+    if mode not in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY) and \
+            dtype(k_near) * s == dtype(x):
+        k = k_near + z
+    elif mode is RoundingMode.FLOOR:
+        k = floor(u)
+    elif mode is RoundingMode.CEIL:
+        k = ceil(u)
+    elif mode is RoundingMode.TOWARD_ZERO:
+        k = floor(u) if u >= 0 else ceil(u)
+    else:
+        lo = floor(u)
+        d = u - lo
+        if d != Fraction(1, 2):
+            k = lo + (d > Fraction(1, 2))
+        elif mode is RoundingMode.NEAREST_EVEN:
+            k = lo + (lo % 2)
+        else:
+            k = lo + 1 if u > 0 else lo
+    return min(max(k, qmin), qmax)
+
+
+def boundary_values(scale, dtype, zero_point=0, count=60):
+    """Values whose quotient lands on or next to every kind of rounding boundary."""
+    k = np.arange(-count, count, dtype=np.float64)
+    exact = np.concatenate([(k + 0.5) * np.float64(scale), k * np.float64(scale)]).astype(dtype)
+    levels = (k * dtype(scale)).astype(dtype)  # dequantized levels fl(k s)
+    base = np.concatenate([exact, levels, [dtype(0.0)]])
+    return np.concatenate([base, np.nextafter(base, dtype(np.inf)),
+                           np.nextafter(base, dtype(-np.inf))])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", DETERMINISTIC)
+@pytest.mark.parametrize("scale, zero_point", [(0.1, 0), (0.0371, 3), (0.37, -5), (0.25, 7)])
+def test_codes_are_exact_on_boundaries(mode, dtype, scale, zero_point):
+    spec = QuantSpec(bits=8, symmetric=zero_point == 0, rounding=mode)
+    x = boundary_values(scale, dtype)
+    q = quantize(x, spec, scale, zero_point)
+    expected = [exact_code(v, scale, zero_point, mode, spec.qmin, spec.qmax, dtype) for v in x]
+    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(quantize(torch.from_numpy(x), spec, scale, zero_point).numpy(), q)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=st.floats(-300, 300, allow_nan=False, width=32),
+    scale=st.floats(2.0**-10, 8.0, allow_nan=False, width=32),
+    zero_point=st.integers(-20, 20),
+    mode=st.sampled_from(DETERMINISTIC),
+    bits=st.integers(2, 16),
+)
+def test_codes_are_exact_for_random_values(x, scale, zero_point, mode, bits):
+    spec = QuantSpec(bits=bits, symmetric=False, rounding=mode)
+    z = int(np.clip(zero_point, spec.qmin, spec.qmax))
+    arr = np.array([x], dtype=np.float32)
+    q = quantize(arr, spec, scale, z)
+    assert q[0] == exact_code(arr[0], scale, z, mode, spec.qmin, spec.qmax, np.float32)
+
+
+def test_float32_division_alone_is_not_exact():
+    """Why the boundary settlement exists: rint(fl32(x/s)) misses ties that are not ties."""
+    x = boundary_values(0.1, np.float32)
+    naive = np.clip(np.rint(x / np.float32(0.1)), -128, 127)
+    exact = [exact_code(v, 0.1, 0, RoundingMode.NEAREST_EVEN, -128, 127, np.float32) for v in x]
+    assert np.sum(naive != exact) > 0
+    np.testing.assert_array_equal(quantize(x, QuantSpec(), 0.1), exact)
+
+
+@pytest.mark.parametrize("scale, zero_point, signed", [(0.0137, 0, True), (0.05, 128, False),
+                                                       (0.3, -3, True), (1.7e-3, 17, False)])
+def test_reciprocal_arithmetic_matches_pytorch_per_tensor(scale, zero_point, signed):
+    spec = QuantSpec(bits=8, signed=signed, symmetric=False, arithmetic=RECIPROCAL)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=gen) * 3
+    x = torch.cat([x, torch.from_numpy(boundary_values(scale, np.float32))])
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, spec.qmin, spec.qmax)
+    ours = fake_quantize(x, spec, scale, zero_point)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_reciprocal_arithmetic_matches_pytorch_per_channel(axis):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 6, 3, 3, generator=gen) * 2
+    channels = w.shape[axis]
+    scale = torch.rand(channels, generator=gen) * 0.05 + 0.005
+    zp = torch.randint(-10, 10, (channels,), generator=gen, dtype=torch.int32)
+    spec = QuantSpec(bits=8, symmetric=False, axis=axis, arithmetic=RECIPROCAL)
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zp, axis % w.ndim, -128, 127)
+    ours = fake_quantize(w, spec, scale.numpy(), zp.numpy())
+    assert torch.equal(ours, ref)
+
+
+def test_exact_arithmetic_differs_from_pytorch_only_where_the_reciprocal_misrounds():
+    """Default EXACT vs PyTorch: every disagreement is one step, at an element where
+    rint(x * fl(1/s)) differs from the exact code."""
+    scale = 0.0123
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(100_000, generator=gen),
+                   torch.from_numpy(boundary_values(scale, np.float32))])
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+    ours = fake_quantize(x, QuantSpec(), scale)
+    diff = (ours != ref).nonzero().flatten()
+    assert len(diff) > 0  # the boundary values make some
+    step = np.float32(scale)
+    ours_codes = quantize(x, QuantSpec(), scale).numpy()
+    ref_codes = np.rint(ref.numpy() / step)  # ref holds levels fl(k s): k is recovered exactly
+    for i in diff.tolist():
+        assert abs(ours_codes[i] - ref_codes[i]) == 1
+        assert ours_codes[i] == exact_code(
+            x[i], scale, 0, RoundingMode.NEAREST_EVEN, -128, 127, np.float32)
+
+
+def test_power_of_two_scale_agrees_with_pytorch_everywhere():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(3)) * 4
+    ref = torch.fake_quantize_per_tensor_affine(x, 2.0**-5, 0, -128, 127)
+    assert torch.equal(fake_quantize(x, QuantSpec(), 2.0**-5), ref)
+
+
+@pytest.mark.parametrize("mode", list(RoundingMode))
+@pytest.mark.parametrize("axis", [None, 0])
+def test_fake_quantize_equals_dequantize_of_quantize(mode, axis):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((5, 700)) * 2).astype(np.float32)
+    spec = QuantSpec(bits=6, symmetric=False, axis=axis, rounding=mode)
+    scale = 0.07 if axis is None else np.linspace(0.05, 0.1, 5)
+    zp = 3 if axis is None else np.arange(-2, 3)
+    q = quantize(x, spec, scale, zp, generator=9)
+    xh = fake_quantize(x, spec, scale, zp, generator=9)
+    np.testing.assert_array_equal(dequantize(q, scale, zp, axis=axis), xh)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(list(RoundingMode)),
+    bits=st.integers(2, 16),
+    signed=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_quantize_dequantize_is_idempotent(seed, mode, bits, signed, dtype):
+    rng = np.random.default_rng(seed)
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=False, rounding=mode)
+    scale = float(rng.uniform(1e-3, 2.0))
+    zp = int(rng.integers(spec.qmin, spec.qmax + 1))
+    codes = rng.integers(spec.qmin, spec.qmax + 1, size=500).astype(np.int32)
+    levels = dequantize(codes, scale, zp, dtype=dtype)
+    np.testing.assert_array_equal(quantize(levels, spec, scale, zp, generator=seed), codes)
+    once = fake_quantize(levels, spec, scale, zp, generator=seed)
+    np.testing.assert_array_equal(fake_quantize(once, spec, scale, zp, generator=seed), once)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       mode=st.sampled_from([RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY,
+                             RoundingMode.TOWARD_ZERO]))
+def test_symmetric_quantizer_is_odd_for_odd_modes(seed, mode):
+    x = np.random.default_rng(seed).standard_normal(300).astype(np.float32) * 3
+    spec = QuantSpec(bits=8, narrow=True, rounding=mode)
+    np.testing.assert_array_equal(quantize(-x, spec, 0.02), -quantize(x, spec, 0.02))
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(list(RoundingMode)))
+def test_granular_error_stays_in_the_mode_interval(seed, mode):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, 400)
+    scale, zp = 0.03, 5
+    spec = QuantSpec(bits=8, symmetric=False, rounding=mode)
+    q = quantize(x, spec, scale, zp, generator=seed)
+    e = (dequantize(q, scale, zp, dtype=np.float64) - x) / scale
+    inside = (q > spec.qmin) & (q < spec.qmax)
+    iv = mode.interval
+    u = x / scale + zp
+    tol = 1e-9  # float64 rounding of s (q - z) - x, far below one LSB
+    assert np.all((e[inside] >= iv.low - tol) & (e[inside] <= iv.high + tol))
+    pos = inside & (u > 0)
+    neg = inside & (u < 0)
+    assert np.all((e[pos] >= iv.positive[0] - tol) & (e[pos] <= iv.positive[1] + tol))
+    assert np.all((e[neg] >= iv.negative[0] - tol) & (e[neg] <= iv.negative[1] + tol))
+
+
+def test_saturation_counts_each_end_per_tensor_and_per_channel():
+    x = np.array([[-9.0, -1.0, 0.0, 1.0, 9.0, 12.0], [-0.1, 0.2, 100.0, -100.0, -200.0, 0.3]])
+    spec = QuantSpec(bits=4)  # codes -8..7
+    q, sat = quantize(x, spec, 1.0, return_saturation=True)
+    assert (int(sat.low), int(sat.high), int(sat.total)) == (3, 3, 12)
+    _, sat_c = quantize(x, spec.replace(axis=0), [1.0, 1.0], return_saturation=True)
+    assert sat_c.low.tolist() == [1, 2] and sat_c.high.tolist() == [2, 1]
+    assert sat_c.frac_low.tolist() == [1 / 6, 2 / 6]
+    _, sat_t = fake_quantize(torch.from_numpy(x), spec, 1.0, return_saturation=True)
+    assert (int(sat_t.low), int(sat_t.high)) == (3, 3)
+    # A value rounding exactly onto qmin is not clamped.
+    _, sat_edge = quantize(np.array([-8.4, 7.4]), spec, 1.0, return_saturation=True)
+    assert (int(sat_edge.low), int(sat_edge.high)) == (0, 0)
+
+
+def test_large_tensors_are_processed_in_blocks_identically():
+    """A tensor spanning many blocks gives what a per-element reference gives."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 5, 70_000)) * 2).astype(np.float32)
+    for axis in (None, 1, 2):
+        spec = QuantSpec(bits=8, axis=axis, rounding=RoundingMode.STOCHASTIC)
+        scale = 0.05 if axis is None else np.full(x.shape[axis], 0.05)
+        whole = fake_quantize(x, spec, scale, generator=1)
+        flat = fake_quantize(x.reshape(-1), spec.replace(axis=None), 0.05, generator=1)
+        np.testing.assert_array_equal(whole.reshape(-1), flat)
+        torch_out = fake_quantize(torch.from_numpy(x), spec, scale, generator=1).numpy()
+        np.testing.assert_array_equal(torch_out, whole)
+
+
+def test_straight_through_gradient_with_clipping():
+    x = torch.tensor([0.1, 0.26, -0.3, 5.0, -5.0], requires_grad=True)
+    y = fake_quantize(x, QuantSpec(bits=4), 0.1)
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert torch.equal(y.detach(), fake_quantize(x.detach(), QuantSpec(bits=4), 0.1))
+
+
+def test_float16_input_keeps_its_dtype():
+    x = torch.tensor([0.1, 0.26, -0.3], dtype=torch.float16)
+    y = fake_quantize(x, QuantSpec(), 0.01)
+    assert y.dtype == torch.float16
+    assert quantize(x, QuantSpec(), 0.01).tolist() == [10, 26, -30]
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_minmax_qparams_symmetric_and_affine():
+    x = np.array([-1.0, 0.5, 2.54])
+    sym = calibrate(x, QuantSpec(bits=8))
+    assert sym.scale == pytest.approx(2.54 / 127) and sym.zero_point == 0
+    aff = calibrate(x, QuantSpec(bits=8, signed=False, symmetric=False))
+    assert aff.scale == pytest.approx(3.54 / 255)
+    assert aff.zero_point == round(1.0 / aff.scale)
+    # Zero is exactly representable in the affine grid.
+    assert quantize(np.array([0.0]), QuantSpec(bits=8, signed=False, symmetric=False),
+                    aff.scale, aff.zero_point)[0] == aff.zero_point
+
+
+def test_all_zero_tensor_gets_unit_scale():
+    p = calibrate(np.zeros(10), QuantSpec())
+    assert p.scale == 1.0 and p.zero_point == 0
+
+
+def test_percentile_range_is_tighter_than_minmax():
+    x = np.random.default_rng(6).standard_normal(10_000)
+    lo_p, hi_p = observed_range(x, QuantSpec(range_method=RangeMethod.PERCENTILE, percentile=99))
+    assert hi_p == pytest.approx(np.percentile(np.abs(x), 99)) and lo_p == -hi_p
+
+
+def test_mse_calibration_beats_minmax_on_heavy_tails():
+    x = np.random.default_rng(7).laplace(size=20_000)
+    spec = QuantSpec(bits=4)
+    mm = calibrate(x, spec)
+    best = calibrate(x, spec.replace(range_method=RangeMethod.MSE))
+    mse = lambda p: np.mean((fake_quantize(x, spec, p.scale, p.zero_point) - x) ** 2)  # noqa: E731
+    assert best.scale < mm.scale
+    assert mse(best) < mse(mm)
+
+
+def test_per_channel_calibration_shapes():
+    w = np.random.default_rng(8).standard_normal((4, 3, 2))
+    p = calibrate(w, QuantSpec(axis=1, symmetric=False))
+    assert p.scale.shape == (3,) and p.zero_point.shape == (3,)
+    np.testing.assert_allclose(p.scale, (np.maximum(w.max(axis=(0, 2)), 0)
+                                         - np.minimum(w.min(axis=(0, 2)), 0)) / 255)
+
+
+def test_qparams_from_range_unsigned_symmetric_covers_zero_to_hi():
+    p = qparams_from_range(-1.0, 2.55, QuantSpec(bits=8, signed=False))
+    assert p.scale == pytest.approx(0.01) and p.zero_point == 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"bits": 1}, ValueError, "bits must be between 2 and 16"),
+        ({"bits": 17}, ValueError, "bits must be between 2 and 16"),
+        ({"bits": 8.0}, TypeError, "bits must be an int"),
+        ({"rounding": "banker"}, ValueError, "not one of"),
+        ({"range_method": "magic"}, ValueError, "range_method"),
+        ({"narrow": True, "signed": False}, ValueError, "narrow"),
+        ({"percentile": 0}, ValueError, "percentile"),
+        ({"axis": 1.5}, TypeError, "axis"),
+    ],
+)
+def test_bad_spec_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantSpec(**kwargs)
+
+
+X = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+
+
+@pytest.mark.parametrize(
+    "x, spec, scale, zp, error, match",
+    [
+        (np.array([1.0, np.nan]), QuantSpec(), 0.1, 0, ValueError, "non-finite"),
+        (np.array([1.0, np.inf]), QuantSpec(), 0.1, 0, ValueError, "non-finite"),
+        (torch.tensor([np.nan, 1.0]), QuantSpec(), 0.1, 0, ValueError, "non-finite"),
+        (X, QuantSpec(), 0.0, 0, ValueError, "scale must be positive"),
+        (X, QuantSpec(), -1.0, 0, ValueError, "scale must be positive"),
+        (X, QuantSpec(), float("nan"), 0, ValueError, "scale must be positive"),
+        (X, QuantSpec(), float("inf"), 0, ValueError, "scale must be positive"),
+        (X, QuantSpec(symmetric=False), 0.1, 300, ValueError, "outside the integer range"),
+        (X, QuantSpec(symmetric=False), 0.1, 1.5, ValueError, "integers"),
+        (X, QuantSpec(), 0.1, 2, ValueError, "must be 0 for a symmetric"),
+        (np.array([], dtype=np.float32), QuantSpec(), 0.1, 0, ValueError, "empty"),
+        (np.arange(4), QuantSpec(), 0.1, 0, TypeError, "floating-point"),
+        (X, QuantSpec(axis=0), [0.1, 0.2], 0, ValueError, "3 channels"),
+        (X, QuantSpec(axis=2), 0.1, 0, ValueError, "out of range"),
+        (X, QuantSpec(), [0.1, 0.2], 0, ValueError, "per-tensor"),
+        (X, "int8", 0.1, 0, TypeError, "QuantSpec"),
+    ],
+)
+def test_bad_quantize_input_is_refused(x, spec, scale, zp, error, match):
+    for func in (quantize, fake_quantize):
+        with pytest.raises(error, match=match):
+            func(x, spec, scale, zp)
+
+
+def test_stochastic_without_generator_is_refused():
+    with pytest.raises(ValueError, match="needs generator"):
+        quantize(X, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1)
+
+
+def test_bad_dequantize_input_is_refused():
+    with pytest.raises(TypeError, match="integer codes"):
+        dequantize(np.array([0.5]), 0.1)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        dequantize(np.array([1]), 0.0)
+    with pytest.raises(ValueError, match="channels"):
+        dequantize(np.zeros((2, 3), dtype=np.int32), [0.1, 0.2], axis=1)
