@@ -1,16 +1,14 @@
 """qerror: quantization error in neural networks, analytically, empirically and statistically."""
 
+from qerror.calibration import calibrate, observed_range, qparams_from_range
 from qerror.quantizer import (
     QParams,
     QuantSpec,
     RangeMethod,
     Saturation,
     ScaleArithmetic,
-    calibrate,
     dequantize,
     fake_quantize,
-    observed_range,
-    qparams_from_range,
     quantize,
 )
 from qerror.rounding import ErrorInterval, RoundingMode, apply_rounding

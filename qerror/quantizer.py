@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array, check_positive_finite
+from qerror._exact import decide_boundary, residual_sign
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
 
@@ -247,49 +248,6 @@ def _as_param(arr: np.ndarray, like, dtype):
     return arr.astype(dtype)
 
 
-def _veltkamp(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``a`` into ``hi + lo`` with half-width significands (exact)."""
-    factor = a.dtype.type(4097.0 if a.dtype == np.float32 else 134217729.0)
-    c = factor * a
-    hi = c - (c - a)
-    return hi, a - hi
-
-
-def _residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Exact sign of ``x - v*s`` for floats of one dtype (Dekker's two-product).
-
-    Callers pass ``v`` within a few ulps of ``x / s``, so ``p = fl(v s)`` is
-    within a factor two of ``x``, ``x - p`` is exact (Sterbenz) and
-    ``(x - p) - err`` has the exact sign.
-    """
-    p = v * s
-    vh, vl = _veltkamp(v)
-    sh, sl = _veltkamp(s)
-    err = ((vh * sh - p) + vh * sl + vl * sh) + vl * sl
-    return np.sign((x - p) - err)
-
-
-def _decide(n_sub, sign, mode: RoundingMode) -> np.ndarray:
-    """``R(u)`` for ``u = n + sign * tiny``, ``n`` a rounding boundary of ``mode``.
-
-    ``n`` is a half-integer for the nearest modes and an integer otherwise;
-    ``sign == 0`` means ``u`` is exactly ``n``.
-    """
-    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
-        down = n_sub - 0.5
-        # A true tie: to the even neighbour, or away from zero, of u itself.
-        tie = np.rint(n_sub) if mode is RoundingMode.NEAREST_EVEN else down + (n_sub > 0)
-        return np.where(sign > 0, down + 1, np.where(sign < 0, down, tie))
-    floor = np.where(sign < 0, n_sub - 1, n_sub)
-    ceil = np.where(sign > 0, n_sub + 1, n_sub)
-    if mode is RoundingMode.FLOOR:
-        return floor
-    if mode is RoundingMode.CEIL:
-        return ceil
-    # TOWARD_ZERO: floor above zero, ceil below, and 0 for a true value just off 0.
-    return np.where(n_sub > 0, floor, np.where(n_sub < 0, ceil, 0.0))
-
-
 def _scaled(x, spec: QuantSpec, s: np.ndarray):
     """``v ≈ x / s`` in the compute dtype, and the scale in that dtype."""
     torch_in = isinstance(x, torch.Tensor)
@@ -400,13 +358,13 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
         z_sub = np.broadcast_to(z, v.shape)[idx].astype(v.dtype)
     if nearest:
         b = ref_sub + np.where(v_sub >= ref_sub, 0.5, -0.5).astype(v_sub.dtype)
-        sign = _residual_sign(x_sub, b, s_sub)
+        sign = residual_sign(x_sub, b, s_sub)
     else:
         b = ref_sub
-        sign = np.where(b * s_sub == x_sub, 0.0, _residual_sign(x_sub, b, s_sub))
+        sign = np.where(b * s_sub == x_sub, 0.0, residual_sign(x_sub, b, s_sub))
     # The rule acts on u = b + z (exact: b is an integer or half-integer), and the
     # result is shifted back; tie rules and truncation depend on u, not on v.
-    fixed = (_decide(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
+    fixed = (decide_boundary(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
     if torch_in:
         r = r.clone() if r.requires_grad else r
         r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
@@ -688,100 +646,3 @@ def fake_quantize(
     ``torch.fake_quantize_per_channel_affine`` bit for bit.
     """
     return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation)
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def _reduce_dims(x, axis):
-    return tuple(d for d in range(x.ndim) if d != axis)
-
-
-def _to_numpy64(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def observed_range(x: ArrayLike, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``(lo, hi)`` of ``x`` by ``spec.range_method`` (MSE uses min-max as its start).
-
-    Per tensor the results are 0-d arrays; per channel 1-D of length C.
-    """
-    check_float_array(x, "x")
-    check_finite(x, "x")
-    axis = _normalise_axis(x, spec)
-    data = _to_numpy64(x)
-    dims = _reduce_dims(data, axis) if axis is not None else None
-    if spec.range_method is RangeMethod.PERCENTILE:
-        p = float(spec.percentile)
-        if spec.symmetric:
-            hi = np.percentile(np.abs(data), p, axis=dims)
-            return -hi, hi
-        return (np.percentile(data, 100.0 - p, axis=dims),
-                np.percentile(data, p, axis=dims))
-    return np.min(data, axis=dims), np.max(data, axis=dims)
-
-
-def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
-    """Scale and zero point that map ``[lo, hi]`` onto the spec's integer range.
-
-    Symmetric: ``s = max(|lo|, |hi|) / qmax`` and ``z = 0`` (for an unsigned
-    spec this covers ``[0, hi]``: negative values clamp to 0). Affine: the range
-    is widened to contain 0 so that 0 is exactly representable, then
-    ``s = (hi - lo) / (qmax - qmin)`` and ``z = qmin - round(lo / s)``.
-    A zero-width range gets ``s = 1``: any scale represents it exactly.
-    """
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
-    if np.any(~np.isfinite(lo)) or np.any(~np.isfinite(hi)):
-        raise ValueError("range bounds must be finite")
-    if np.any(lo > hi):
-        raise ValueError(f"range has lo > hi: lo={lo}, hi={hi}")
-    if spec.symmetric:
-        amax = np.maximum(np.abs(lo), np.abs(hi)) if spec.signed else np.maximum(hi, 0.0)
-        scale = np.where(amax > 0, amax / spec.qmax, 1.0)
-        zp = np.zeros(scale.shape, dtype=np.int64)
-    else:
-        lo0 = np.minimum(lo, 0.0)
-        hi0 = np.maximum(hi, 0.0)
-        width = hi0 - lo0
-        scale = np.where(width > 0, width / (spec.qmax - spec.qmin), 1.0)
-        zp = np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin, spec.qmax).astype(np.int64)
-    if scale.ndim == 0:
-        return QParams(float(scale), int(zp))
-    return QParams(scale, zp)
-
-
-def calibrate(x: ArrayLike, spec: QuantSpec, *, generator: Generator | None = None) -> QParams:
-    """Choose scale and zero point for ``x`` by ``spec.range_method``.
-
-    MSE searches ``spec.mse_grid`` shrink factors ``c`` in ``(0, 1]`` of the
-    min-max range and keeps, per tensor or per channel, the one whose
-    fake-quantization MSE on ``x`` is smallest (ties go to the widest range).
-    """
-    lo, hi = observed_range(x, spec)
-    if spec.range_method is not RangeMethod.MSE:
-        return qparams_from_range(lo, hi, spec)
-    axis = _normalise_axis(x, spec)
-    data = _to_numpy64(x)
-    dims = _reduce_dims(data, axis) if axis is not None else None
-    best_err = np.full(np.shape(lo), np.inf)
-    best_scale = np.ones(np.shape(lo))
-    best_zp = np.zeros(np.shape(lo), dtype=np.int64)
-    for c in np.linspace(1.0, 1.0 / spec.mse_grid, spec.mse_grid):
-        params = qparams_from_range(lo * c, hi * c, spec)
-        key = stochastic_key(generator) if spec.rounding.is_random else None
-        sc = np.asarray(params.scale).reshape(_param_shape(data, axis) if axis is not None else ())
-        zp = np.asarray(params.zero_point).reshape(sc.shape)
-        r, _ = _shifted_codes(data, spec, sc, zp, key)
-        lo_b, hi_b = _bounds(spec, zp, data, np.float64)
-        xq = np.clip(r, lo_b, hi_b) * sc
-        err = np.mean((xq - data) ** 2, axis=dims)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, params.scale, best_scale)
-        best_zp = np.where(better, params.zero_point, best_zp)
-    if np.ndim(best_scale) == 0:
-        return QParams(float(best_scale), int(best_zp))
-    return QParams(best_scale, best_zp.astype(np.int64))
