@@ -11,12 +11,37 @@ from qerror.quantizer import (
     fake_quantize,
     quantize,
 )
+from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.rounding import ErrorInterval, RoundingMode, apply_rounding
+from qerror.stats import (
+    IntervalMethod,
+    StatResult,
+    bias_test,
+    bootstrap_ci,
+    equivalence_test,
+    mcnemar_test,
+    mse_ratio_ci,
+    uniformity_test,
+    wilson_ci,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ErrorInterval",
+    "ErrorStats",
+    "ErrorSummary",
+    "HistogramBins",
+    "IntervalMethod",
+    "StatResult",
+    "bias_test",
+    "bootstrap_ci",
+    "equivalence_test",
+    "mcnemar_test",
+    "measure_error",
+    "mse_ratio_ci",
+    "uniformity_test",
+    "wilson_ci",
     "QParams",
     "QuantSpec",
     "RangeMethod",

@@ -1,0 +1,996 @@
+"""Hypothesis tests and confidence intervals for quantization-error studies.
+
+Every function returns a frozen result (a :class:`StatResult` or a subclass)
+with the test statistic, p-value, point estimate, confidence interval, sample
+size, significance level and a one-line verdict in plain words. Inputs may be
+numpy arrays, torch tensors or sequences (flattened); the mean-based tests also
+take an :class:`~qerror.empirical.ErrorStats` accumulator, so a bias can be
+tested on billions of values without keeping them. Every random procedure takes
+an explicit seed or generator and gives the same answer for the same one.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as sps
+
+from qerror.empirical import ErrorStats
+from qerror.rounding import RoundingMode
+
+SampleLike = np.ndarray | torch.Tensor | Sequence[float]
+Seed = int | np.integer | np.random.Generator | torch.Generator
+
+# Below this many discordant pairs McNemar's chi-square approximation is poor
+# and the exact binomial test is used (the usual rule of thumb, b + c < 25).
+_MCNEMAR_EXACT_BELOW = 25
+
+# Bootstrap resamples are drawn in batches of at most this many values so memory
+# stays bounded whatever the sample size.
+_BOOTSTRAP_BATCH_VALUES = 1 << 22
+
+
+class IntervalMethod(enum.Enum):
+    """How :func:`mse_ratio_ci` builds its interval."""
+
+    DELTA = "delta"
+    BOOTSTRAP = "bootstrap"
+
+    @classmethod
+    def parse(cls, value: IntervalMethod | str) -> IntervalMethod:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        options = ", ".join(m.value for m in cls)
+        raise ValueError(f"method {value!r} is not one of: {options}")
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """Outcome of a test or interval.
+
+    Attributes
+    ----------
+    test : str
+        What was tested.
+    method : str
+        The exact procedure used (e.g. which approximation).
+    statistic : float
+        Test statistic (NaN for an interval with no null hypothesis).
+    p_value : float
+        Two-sided p-value unless the test says otherwise (NaN without a null).
+    estimate : float
+        Point estimate of the quantity the interval is for.
+    ci : tuple of float
+        ``(low, high)`` confidence interval for ``estimate``'s target.
+    n : int
+        Number of observations used.
+    alpha : float
+        Significance level; the interval has confidence ``1 - alpha`` unless
+        the test says otherwise.
+    verdict : str
+        The conclusion in words.
+    """
+
+    test: str
+    method: str
+    statistic: float
+    p_value: float
+    estimate: float
+    ci: tuple[float, float]
+    n: int
+    alpha: float
+    verdict: str
+
+    @property
+    def significant(self) -> bool:
+        """``p_value < alpha`` (False when there is no p-value)."""
+        return bool(self.p_value < self.alpha)
+
+    def __str__(self) -> str:
+        return self.verdict
+
+
+@dataclass(frozen=True)
+class BiasResult(StatResult):
+    """:func:`bias_test` and :func:`equivalence_test` moments: degrees of freedom and spread."""
+
+    df: int
+    std: float
+    se: float
+
+
+@dataclass(frozen=True)
+class EquivalenceResult(BiasResult):
+    """:func:`equivalence_test`: the margin and both one-sided p-values."""
+
+    low: float
+    high: float
+    p_low: float
+    p_high: float
+
+
+@dataclass(frozen=True)
+class UniformityResult(StatResult):
+    """:func:`uniformity_test`: the law tested against, in words."""
+
+    law: str
+
+
+@dataclass(frozen=True)
+class RatioResult(StatResult):
+    """:func:`mse_ratio_ci`: both MSEs, their sample sizes and the SE of the log ratio."""
+
+    mse_a: float
+    mse_b: float
+    n_a: int
+    n_b: int
+    se_log: float
+
+
+@dataclass(frozen=True)
+class McNemarResult(StatResult):
+    """:func:`mcnemar_test`: the discordant counts and whether the exact test was used."""
+
+    only_a: int
+    only_b: int
+    exact: bool
+
+
+@dataclass(frozen=True)
+class BootstrapResult(StatResult):
+    """:func:`bootstrap_ci`: resample count, bootstrap standard error and null value."""
+
+    n_resamples: int
+    se: float
+    null: float | None
+
+
+# --------------------------------------------------------------------------- mean tests
+
+
+def bias_test(
+    data: SampleLike | ErrorStats,
+    mu0: float = 0.0,
+    alpha: float = 0.05,
+    *,
+    channel: int | None = None,
+    unit: str = "",
+) -> BiasResult:
+    """One-sample t-test that the mean error equals ``mu0``, with its CI.
+
+    Parameters
+    ----------
+    data : array-like or ErrorStats
+        Error samples (flattened), or an accumulator (its count, mean and sample
+        variance are used).
+    mu0 : float
+        Hypothesised mean (0 for an unbiased quantizer, -1/2 LSB for floor, ...).
+    alpha : float
+        Significance level; the CI has confidence ``1 - alpha``.
+    channel : int, optional
+        Which channel of a per-channel accumulator to test.
+    unit : str
+        Appended to numbers in the verdict (e.g. ``"LSB"``).
+
+    Returns
+    -------
+    BiasResult
+        ``statistic`` is t, ``estimate`` the mean, ``ci`` the t interval.
+
+    Notes
+    -----
+    .. math:: t = \\frac{\\bar e - \\mu_0}{s/\\sqrt n},\\qquad
+              p = 2\\,P(T_{n-1} > |t|),\\qquad
+              \\bar e \\pm t_{1-\\alpha/2,\\,n-1}\\, s/\\sqrt n .
+
+    The t law is exact for normal errors and, by the central limit theorem,
+    accurate for the bounded errors of rounding once ``n`` is a few dozen; for
+    large ``n`` it coincides with the z-test. With zero sample variance the
+    statistic is 0 (p = 1) if the mean equals ``mu0`` and ±inf (p = 0) otherwise.
+    """
+    alpha = _check_alpha(alpha)
+    mu0 = _check_real(mu0, "mu0")
+    n, mean, var = _moments(data, channel)
+    df = n - 1
+    se = math.sqrt(var / n)
+    tq = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    stat, p = _t_two_sided(mean - mu0, se, df)
+    ci = (mean - tq * se, mean + tq * se)
+    conf = _pct(1.0 - alpha)
+    u = f" {unit}" if unit else ""
+    what = f"mean error {_num(mean)}{u}, {conf} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
+    if p < alpha:
+        verdict = f"bias differs from {_num(mu0)}{u} ({_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = (f"no evidence that the bias differs from {_num(mu0)}{u} "
+                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+    return BiasResult(
+        test=f"mean error = {mu0:g}", method=f"one-sample t-test (df={df})",
+        statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha,
+        verdict=verdict, df=df, std=math.sqrt(var), se=se,
+    )
+
+
+def equivalence_test(
+    samples: SampleLike | ErrorStats,
+    low: float,
+    high: float,
+    alpha: float = 0.05,
+    *,
+    channel: int | None = None,
+    unit: str = "",
+) -> EquivalenceResult:
+    """Two one-sided t-tests (TOST) that the mean lies inside ``(low, high)``.
+
+    Parameters
+    ----------
+    samples : array-like or ErrorStats
+        Samples (flattened) or an accumulator.
+    low, high : float
+        Equivalence margin, ``low < high``.
+    alpha : float
+        Level of each one-sided test; the reported CI has confidence
+        ``1 - 2 alpha`` (equivalence holds at level alpha exactly when that CI
+        lies inside the margin).
+    channel, unit
+        As for :func:`bias_test`.
+
+    Returns
+    -------
+    EquivalenceResult
+        ``p_value = max(p_low, p_high)``; ``statistic`` is the t of the larger one.
+
+    Notes
+    -----
+    .. math:: t_L = \\frac{\\bar x - L}{s/\\sqrt n},\\ p_L = P(T_{n-1} > t_L);\\qquad
+              t_H = \\frac{\\bar x - H}{s/\\sqrt n},\\ p_H = P(T_{n-1} < t_H).
+
+    References
+    ----------
+    .. [1] D. J. Schuirmann, "A comparison of the two one-sided tests procedure
+       and the power approach for assessing the equivalence of average
+       bioavailability", J. Pharmacokinet. Biopharm. 15(6), 1987.
+    """
+    alpha = _check_alpha(alpha)
+    if alpha >= 0.5:
+        raise ValueError(f"TOST needs alpha < 0.5 (its CI has confidence 1 - 2 alpha), "
+                         f"got {alpha}")
+    low = _check_real(low, "low")
+    high = _check_real(high, "high")
+    if not low < high:
+        raise ValueError(f"need low < high, got low={low}, high={high}")
+    n, mean, var = _moments(samples, channel)
+    df = n - 1
+    se = math.sqrt(var / n)
+    if se > 0:
+        t_low, t_high = (mean - low) / se, (mean - high) / se
+        p_low, p_high = float(sps.t.sf(t_low, df)), float(sps.t.cdf(t_high, df))
+    else:
+        t_low = math.inf if mean > low else -math.inf
+        t_high = -math.inf if mean < high else math.inf
+        p_low, p_high = (0.0 if mean > low else 1.0), (0.0 if mean < high else 1.0)
+    p = max(p_low, p_high)
+    stat = t_low if p_low >= p_high else t_high
+    tq = float(sps.t.ppf(1.0 - alpha, df))
+    ci = (mean - tq * se, mean + tq * se)
+    u = f" {unit}" if unit else ""
+    what = (f"mean {_num(mean)}{u}, {_pct(1 - 2 * alpha)} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
+            f" vs margin ({_num(low)}, {_num(high)}){u}")
+    if p < alpha:
+        verdict = f"mean is within the margin (TOST {_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = f"equivalence not shown (TOST {_p(p)} ≥ α={alpha:g}): {what}"
+    return EquivalenceResult(
+        test=f"{low:g} < mean < {high:g}", method=f"TOST, two one-sided t-tests (df={df})",
+        statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha, verdict=verdict,
+        df=df, std=math.sqrt(var), se=se, low=low, high=high, p_low=p_low, p_high=p_high,
+    )
+
+
+# --------------------------------------------------------------------------- uniformity
+
+
+def uniformity_test(
+    errors_lsb: SampleLike,
+    mode: RoundingMode | str,
+    *,
+    alpha: float = 0.05,
+    signs: SampleLike | None = None,
+    positive_fraction: float | None = None,
+) -> UniformityResult:
+    """Kolmogorov–Smirnov test of the error (in LSB) against its uniform-noise law.
+
+    Parameters
+    ----------
+    errors_lsb : array-like
+        Rounding errors ``ε = R(u) - u`` in LSB (flattened).
+    mode : RoundingMode or str
+        The rounding mode whose law is tested:
+
+        ========================  ==========================================
+        NEAREST_EVEN/AWAY         U(-1/2, 1/2)
+        FLOOR                     U(-1, 0)
+        CEIL                      U(0, 1)
+        TOWARD_ZERO               U(-1, 0) where u > 0, U(0, 1) where u < 0
+        STOCHASTIC                triangular on (-1, 1), peak at 0
+        ========================  ==========================================
+    alpha : float
+        Significance level and ``1 - alpha`` confidence for the distance CI.
+    signs : array-like, optional
+        TOWARD_ZERO only: the scaled values ``u`` (or anything with their
+        signs), same shape as ``errors_lsb``. The error is negated where
+        ``u < 0`` and the result tested against U(-1, 0) — an exact test given
+        the signs.
+    positive_fraction : float, optional
+        TOWARD_ZERO only, instead of ``signs``: the known ``P(u > 0)``; the
+        errors are tested against the mixture ``p U(-1, 0) + (1 - p) U(0, 1)``.
+
+    Returns
+    -------
+    UniformityResult
+        ``statistic`` and ``estimate`` are the KS distance ``D``; ``ci`` bounds
+        the true distance ``Δ = sup |F - F_0|`` between the error law and the model.
+
+    Notes
+    -----
+    ``D = sup_x |F_n(x) - F_0(x)|``; the p-value comes from the null law of
+    ``D`` for continuous ``F_0`` (``scipy.stats.kstwo``, exact for moderate
+    ``n`` and accurately approximated beyond). Since
+    ``sup |F_n - F| <= d`` with probability ``1 - alpha`` for
+    ``d = kstwo.ppf(1 - alpha, n)`` whatever the continuous ``F``, the triangle
+    inequality gives ``Δ ∈ [max(0, D - d), min(1, D + d)]`` with at least that
+    confidence. The stochastic law: ``ε = 1 - f`` with probability ``f`` and
+    ``-f`` otherwise, ``f = u - floor(u) ~ U(0, 1)``, whose density is ``1 - |ε|``.
+
+    References
+    ----------
+    .. [1] B. Widrow, I. Kollár, *Quantization Noise*, Cambridge University Press, 2008.
+    """
+    alpha = _check_alpha(alpha)
+    mode = RoundingMode.parse(mode)
+    data = _sample(errors_lsb, "errors_lsb")
+    if mode is not RoundingMode.TOWARD_ZERO and (signs is not None
+                                                 or positive_fraction is not None):
+        raise ValueError(f"signs/positive_fraction apply to TOWARD_ZERO only, not {mode.value}")
+    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
+        cdf, law = _uniform_cdf(-0.5), "U(-1/2, 1/2)"
+    elif mode is RoundingMode.FLOOR:
+        cdf, law = _uniform_cdf(-1.0), "U(-1, 0)"
+    elif mode is RoundingMode.CEIL:
+        cdf, law = _uniform_cdf(0.0), "U(0, 1)"
+    elif mode is RoundingMode.STOCHASTIC:
+        cdf, law = _triangular_cdf, "triangular on (-1, 1)"
+    else:
+        data, cdf, law = _toward_zero_law(data, errors_lsb, signs, positive_fraction)
+    res = sps.kstest(data, cdf, method="exact")
+    d_stat, p = float(res.statistic), float(res.pvalue)
+    n = data.size
+    band = _ks_band(alpha, n)
+    ci = (max(0.0, d_stat - band), min(1.0, d_stat + band))
+    conf = _pct(1.0 - alpha)
+    if p < alpha:
+        verdict = (f"error is not {law} (KS D={d_stat:.3g}, {_p(p)} < α={alpha:g}); "
+                   f"distance to the model in [{ci[0]:.3g}, {ci[1]:.3g}] at {conf}")
+    else:
+        verdict = (f"no evidence against {law} (KS D={d_stat:.3g}, {_p(p)} ≥ α={alpha:g}); "
+                   f"distance to the model ≤ {ci[1]:.3g} at {conf}")
+    return UniformityResult(
+        test=f"{mode.value} error ~ {law}", method="one-sample Kolmogorov-Smirnov, two-sided",
+        statistic=d_stat, p_value=p, estimate=d_stat, ci=ci, n=n, alpha=alpha,
+        verdict=verdict, law=law,
+    )
+
+
+def _uniform_cdf(low: float):
+    def cdf(x):
+        return np.clip(x - low, 0.0, 1.0)
+
+    return cdf
+
+
+def _triangular_cdf(x):
+    x = np.clip(x, -1.0, 1.0)
+    return np.where(x < 0.0, 0.5 * (1.0 + x) ** 2, 1.0 - 0.5 * (1.0 - x) ** 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _ks_band(alpha: float, n: int) -> float:
+    # kstwo.ppf is a root search; repeated calls at one (alpha, n) are common.
+    return float(sps.kstwo.ppf(1.0 - alpha, n))
+
+
+def _toward_zero_law(data, errors_lsb, signs, positive_fraction):
+    if (signs is None) == (positive_fraction is None):
+        raise ValueError("TOWARD_ZERO needs exactly one of signs= (the scaled values or "
+                         "their signs) or positive_fraction= (P(u > 0))")
+    if signs is not None:
+        s = _sample(signs, "signs")
+        if _flat_shape(signs) != _flat_shape(errors_lsb):
+            raise ValueError(f"signs has shape {_flat_shape(signs)} but errors_lsb has "
+                             f"{_flat_shape(errors_lsb)}")
+        # Truncation error is -frac(|u|)·sign(u): flipping it where u < 0 leaves
+        # i.i.d. U(-1, 0) under the model, given the signs.
+        flipped = np.where(s < 0, -data, data)
+        return flipped, _uniform_cdf(-1.0), "U(-1, 0) (sign-flipped where u < 0)"
+    p = _check_real(positive_fraction, "positive_fraction")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"positive_fraction must be in [0, 1], got {p}")
+
+    def cdf(x):
+        return p * np.clip(x + 1.0, 0.0, 1.0) + (1.0 - p) * np.clip(x, 0.0, 1.0)
+
+    return data, cdf, f"{p:.3g}·U(-1, 0) + {1 - p:.3g}·U(0, 1)"
+
+
+# --------------------------------------------------------------------------- MSE ratio
+
+
+def mse_ratio_ci(
+    errors_a: SampleLike,
+    errors_b: SampleLike,
+    *,
+    paired: bool,
+    alpha: float = 0.05,
+    method: IntervalMethod | str = IntervalMethod.DELTA,
+    n_resamples: int = 2000,
+    generator: Seed | None = None,
+) -> RatioResult:
+    """Ratio ``MSE_a / MSE_b`` of two errors with a CI and the p-value for ratio = 1.
+
+    Parameters
+    ----------
+    errors_a, errors_b : array-like
+        Errors (flattened). With ``paired=True`` they must have the same shape:
+        element ``i`` of both comes from the same input.
+    paired : bool
+        Whether the errors are paired (same inputs, e.g. two rounding modes on
+        one tensor) or independent samples. Required: pairing changes the answer.
+    alpha : float
+        Significance level; the CI has confidence ``1 - alpha``.
+    method : IntervalMethod or str
+        DELTA (default): normal interval on the log ratio. BOOTSTRAP: percentile
+        interval of the log ratio over resamples (pairs resampled jointly).
+    n_resamples : int
+        Bootstrap resamples.
+    generator : int, numpy.random.Generator or torch.Generator
+        Required for BOOTSTRAP.
+
+    Returns
+    -------
+    RatioResult
+        ``estimate`` is the ratio, ``statistic`` the log ratio over its standard
+        error, ``ci`` the interval for the ratio.
+
+    Notes
+    -----
+    With ``m_a = mean(a²)``, ``m_b = mean(b²)`` and ``L = log(m_a / m_b)``, the
+    delta method gives
+
+    .. math:: \\widehat{\\mathrm{Var}}(L) = \\frac{s^2(a^2)}{n_a m_a^2} +
+              \\frac{s^2(b^2)}{n_b m_b^2}\\ \\text{(independent)},\\qquad
+              \\widehat{\\mathrm{Var}}(L) = \\frac{1}{n}\\,
+              s^2\\!\\left(\\frac{a_i^2}{m_a} - \\frac{b_i^2}{m_b}\\right)\\ \\text{(paired)},
+
+    the CI ``exp(L ± z_{1-α/2} se)`` and the p-value ``2 Φ(-|L|/se)``. The log
+    scale makes the interval respect ``ratio > 0`` and converges faster. The
+    bootstrap p-value inverts the percentile interval:
+    ``min(1, 2 min((1 + #{L* ≤ 0}), (1 + #{L* ≥ 0})) / (B + 1))``.
+    """
+    alpha = _check_alpha(alpha)
+    method = IntervalMethod.parse(method)
+    if not isinstance(paired, (bool, np.bool_)):
+        raise TypeError(f"paired must be True or False, got {paired!r}")
+    a = _sample(errors_a, "errors_a", min_n=2)
+    b = _sample(errors_b, "errors_b", min_n=2)
+    if paired and _flat_shape(errors_a) != _flat_shape(errors_b):
+        raise ValueError(f"paired errors need the same shape, got {_flat_shape(errors_a)} "
+                         f"and {_flat_shape(errors_b)}")
+    a2, b2 = a * a, b * b
+    ma, mb = float(a2.mean()), float(b2.mean())
+    for name, m in (("errors_a", ma), ("errors_b", mb)):
+        if m == 0.0:
+            raise ValueError(f"the MSE of {name} is 0, so the ratio is undefined")
+    log_ratio = math.log(ma) - math.log(mb)
+    n = a.size if paired else a.size + b.size
+    if method is IntervalMethod.DELTA:
+        if paired:
+            var = float(np.var(a2 / ma - b2 / mb, ddof=1)) / a.size
+        else:
+            var = (float(np.var(a2, ddof=1)) / (a.size * ma * ma)
+                   + float(np.var(b2, ddof=1)) / (b.size * mb * mb))
+        se = math.sqrt(var)
+        zq = float(sps.norm.ppf(1.0 - alpha / 2.0))
+        lo_log, hi_log = log_ratio - zq * se, log_ratio + zq * se
+        stat, p = _z_two_sided(log_ratio, se)
+        how = f"delta method on log ratio ({'paired' if paired else 'independent'})"
+    else:
+        rng = _rng(generator)
+        b_count = _check_resamples(n_resamples)
+        boot = _bootstrap_log_ratio(a2, b2, paired, b_count, rng)
+        if not np.all(np.isfinite(boot)):
+            raise ValueError("some bootstrap resamples have zero MSE; use method='delta' "
+                             "or more data")
+        lo_log, hi_log = _percentile_interval(boot, alpha)
+        se = float(np.std(boot, ddof=1))
+        stat = log_ratio / se if se > 0 else _signed_inf(log_ratio)
+        p = _bootstrap_p(boot, 0.0)
+        how = (f"percentile bootstrap of log ratio, B={b_count} "
+               f"({'paired' if paired else 'independent'})")
+    ratio = math.exp(log_ratio)
+    ci = (math.exp(lo_log), math.exp(hi_log))
+    what = (f"MSE ratio a/b {ratio:.4g}, {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] "
+            f"(MSE_a {ma:.4g}, MSE_b {mb:.4g})")
+    if p < alpha:
+        verdict = f"MSEs differ ({_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = f"no evidence that the MSEs differ ({_p(p)} ≥ α={alpha:g}): {what}"
+    return RatioResult(
+        test="MSE_a / MSE_b = 1", method=how, statistic=stat, p_value=p, estimate=ratio,
+        ci=ci, n=n, alpha=alpha, verdict=verdict, mse_a=ma, mse_b=mb, n_a=a.size,
+        n_b=b.size, se_log=se,
+    )
+
+
+def _bootstrap_log_ratio(a2, b2, paired, count, rng):
+    out = np.empty(count)
+    batch = max(1, _BOOTSTRAP_BATCH_VALUES // max(a2.size, b2.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, count, batch):
+            k = min(batch, count - start)
+            ia = rng.integers(0, a2.size, size=(k, a2.size))
+            ib = ia if paired else rng.integers(0, b2.size, size=(k, b2.size))
+            out[start:start + k] = (np.log(a2[ia].mean(axis=1))
+                                    - np.log(b2[ib].mean(axis=1)))
+    return out
+
+
+# --------------------------------------------------------------------------- proportions
+
+
+def wilson_ci(
+    successes: int,
+    n: int,
+    alpha: float = 0.05,
+    *,
+    p0: float | None = None,
+) -> StatResult:
+    """Wilson score interval for a proportion, with the score test of ``p = p0``.
+
+    Parameters
+    ----------
+    successes, n : int
+        Successes out of ``n >= 1`` trials.
+    alpha : float
+        The interval has confidence ``1 - alpha``.
+    p0 : float in (0, 1), optional
+        Null proportion for the score test; without it ``statistic`` and
+        ``p_value`` are NaN.
+
+    Returns
+    -------
+    StatResult
+        ``estimate`` is ``successes / n``.
+
+    Notes
+    -----
+    .. math:: \\frac{\\hat p + \\frac{z^2}{2n} \\pm z\\sqrt{\\frac{\\hat p(1-\\hat p)}{n}
+              + \\frac{z^2}{4n^2}}}{1 + z^2/n},\\qquad z = z_{1-\\alpha/2},
+
+    is the set of ``p0`` the score test ``|\\hat p - p_0| / \\sqrt{p_0(1-p_0)/n} <= z``
+    accepts, so ``p0`` lies in the interval exactly when ``p_value >= alpha``.
+
+    References
+    ----------
+    .. [1] E. B. Wilson, "Probable inference, the law of succession, and
+       statistical inference", JASA 22(158), 1927.
+    """
+    alpha = _check_alpha(alpha)
+    successes = _check_count(successes, "successes")
+    n = _check_count(n, "n")
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if successes > n:
+        raise ValueError(f"successes ({successes}) cannot exceed n ({n})")
+    z = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    phat = successes / n
+    ci = _wilson(phat, n, z)
+    if p0 is None:
+        stat = p = math.nan
+    else:
+        p0 = _check_real(p0, "p0")
+        if not 0.0 < p0 < 1.0:
+            raise ValueError(f"p0 must be in (0, 1), got {p0}")
+        stat, p = _z_two_sided(phat - p0, math.sqrt(p0 * (1.0 - p0) / n))
+    what = (f"proportion {phat:.4g} ({successes}/{n}), {_pct(1 - alpha)} CI "
+            f"[{ci[0]:.4g}, {ci[1]:.4g}]")
+    if p0 is None:
+        verdict = what
+    elif p < alpha:
+        verdict = f"proportion differs from {p0:g} ({_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = (f"no evidence that the proportion differs from {p0:g} "
+                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+    return StatResult(
+        test="proportion" if p0 is None else f"proportion = {p0:g}",
+        method="Wilson score interval" + ("" if p0 is None else " and score test"),
+        statistic=stat, p_value=p, estimate=phat, ci=ci, n=n, alpha=alpha, verdict=verdict,
+    )
+
+
+def _wilson(phat: float, n: int, z: float) -> tuple[float, float]:
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (phat + z2 / (2.0 * n)) / denom
+    half = z * math.sqrt(phat * (1.0 - phat) / n + z2 / (4.0 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_test(
+    correct_a: SampleLike,
+    correct_b: SampleLike,
+    alpha: float = 0.05,
+    *,
+    exact: bool | None = None,
+) -> McNemarResult:
+    """McNemar's test that two classifiers scored on the same items are equally accurate.
+
+    Parameters
+    ----------
+    correct_a, correct_b : bool (or 0/1) arrays of the same shape
+        Whether each classifier got each item right.
+    alpha : float
+        Significance level; the CI for the accuracy difference has confidence ``1 - alpha``.
+    exact : bool, optional
+        Force the exact binomial test (True) or the chi-square test (False).
+        By default the exact test is used below 25 discordant pairs.
+
+    Returns
+    -------
+    McNemarResult
+        ``estimate`` is accuracy(a) - accuracy(b) = ``(only_a - only_b) / n``;
+        ``method`` and ``exact`` say which test was used.
+
+    Notes
+    -----
+    Only the discordant items matter: ``b`` = right by a only, ``c`` = right by
+    b only. Under the null ``b ~ Binomial(b + c, 1/2)``. The exact p-value is
+    ``min(1, 2 P(Bin(b+c, 1/2) <= min(b, c)))`` with statistic ``min(b, c)``; the
+    approximation uses Edwards' continuity correction,
+    ``χ² = max(|b - c| - 1, 0)² / (b + c)`` on 1 degree of freedom. The CI is
+    Bonett and Price's adjusted Wald interval: with
+    ``p̃_b = (b + 1)/(n + 2)``, ``p̃_c = (c + 1)/(n + 2)``,
+    ``p̃_b - p̃_c ± z sqrt((p̃_b + p̃_c - (p̃_b - p̃_c)²)/(n + 2))``.
+
+    References
+    ----------
+    .. [1] Q. McNemar, "Note on the sampling error of the difference between
+       correlated proportions or percentages", Psychometrika 12(2), 1947.
+    .. [2] D. G. Bonett, R. M. Price, "Adjusted Wald confidence interval for a
+       difference of binomial proportions based on paired data", J. Educ.
+       Behav. Stat. 37(4), 2012.
+    """
+    alpha = _check_alpha(alpha)
+    a = _binary(correct_a, "correct_a")
+    b = _binary(correct_b, "correct_b")
+    if _flat_shape(correct_a) != _flat_shape(correct_b):
+        raise ValueError(f"correct_a has shape {_flat_shape(correct_a)} but correct_b has "
+                         f"{_flat_shape(correct_b)}; they must score the same items")
+    n = a.size
+    only_a = int(np.count_nonzero(a & ~b))
+    only_b = int(np.count_nonzero(~a & b))
+    disc = only_a + only_b
+    use_exact = disc < _MCNEMAR_EXACT_BELOW if exact is None else bool(exact)
+    if use_exact:
+        stat = float(min(only_a, only_b))
+        p = 1.0 if disc == 0 else min(1.0, 2.0 * float(sps.binom.cdf(stat, disc, 0.5)))
+        how = "exact binomial"
+    else:
+        stat = max(abs(only_a - only_b) - 1, 0) ** 2 / disc if disc else 0.0
+        p = float(sps.chi2.sf(stat, 1))
+        how = "chi-square with continuity correction"
+    z = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    pa, pb = (only_a + 1) / (n + 2), (only_b + 1) / (n + 2)
+    half = z * math.sqrt(max(pa + pb - (pa - pb) ** 2, 0.0) / (n + 2))
+    ci = (max(-1.0, pa - pb - half), min(1.0, pa - pb + half))
+    diff = (only_a - only_b) / n
+    what = (f"accuracy a - b = {diff:.4g} ({only_a} right by a only, {only_b} by b only, "
+            f"n={n}), {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}]")
+    if p < alpha:
+        verdict = f"accuracies differ (McNemar {how}, {_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = (f"no evidence that accuracies differ (McNemar {how}, {_p(p)} "
+                   f"≥ α={alpha:g}): {what}")
+    return McNemarResult(
+        test="accuracy(a) = accuracy(b)", method=f"McNemar, {how}", statistic=stat,
+        p_value=p, estimate=diff, ci=ci, n=n, alpha=alpha, verdict=verdict,
+        only_a=only_a, only_b=only_b, exact=use_exact,
+    )
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_ci(
+    samples: SampleLike | tuple[SampleLike, ...],
+    statistic: Callable[..., float],
+    *,
+    generator: Seed,
+    n_resamples: int = 9999,
+    alpha: float = 0.05,
+    null: float | None = None,
+    vectorized: bool = False,
+) -> BootstrapResult:
+    """Percentile bootstrap confidence interval for any statistic.
+
+    Parameters
+    ----------
+    samples : array-like, or tuple of array-likes of one shape
+        The data (flattened). The arrays of a tuple are resampled jointly, row
+        by row, as pairs/tuples; ``statistic`` gets them as separate arguments.
+    statistic : callable
+        ``statistic(*arrays) -> float``. With ``vectorized=True`` it is called
+        as ``statistic(*arrays, axis=-1)`` on arrays of shape ``(batch, n)``
+        and must return shape ``(batch,)`` (``numpy.mean`` works as is).
+    generator : int, numpy.random.Generator or torch.Generator
+        Source of the resampling; same seed, same interval.
+    n_resamples : int
+        Number of bootstrap resamples ``B``.
+    alpha : float
+        The interval has confidence ``1 - alpha``.
+    null : float, optional
+        Value to test; without it ``p_value`` and ``statistic`` are NaN.
+
+    Returns
+    -------
+    BootstrapResult
+        ``estimate`` is the statistic on the data; ``se`` the bootstrap
+        standard deviation.
+
+    Notes
+    -----
+    The interval is ``[θ*_(α/2), θ*_(1-α/2)]``, quantiles of the resampled
+    statistics taken at ranks ``p (B + 1)`` (exact order statistics when
+    ``α (B + 1) / 2`` is an integer, e.g. ``B = 999`` or ``9999`` at α = 0.05).
+    Its coverage error is O(1/n) for smooth statistics (Hall 1992); prefer a
+    pivot (e.g. a log) for skewed ones. The p-value inverts the
+    interval, ``min(1, 2 min(1 + #{θ* ≤ θ0}, 1 + #{θ* ≥ θ0}) / (B + 1))``, so
+    ``θ0`` lies outside the interval about when ``p < alpha``; ``statistic``
+    is then ``(θ̂ - θ0) / se``.
+
+    References
+    ----------
+    .. [1] B. Efron, R. J. Tibshirani, *An Introduction to the Bootstrap*,
+       Chapman & Hall, 1993, ch. 13.
+    .. [2] P. Hall, *The Bootstrap and Edgeworth Expansion*, Springer, 1992.
+    """
+    alpha = _check_alpha(alpha)
+    if not callable(statistic):
+        raise TypeError(f"statistic must be callable, got {type(statistic).__name__}")
+    rng = _rng(generator)
+    count = _check_resamples(n_resamples)
+    arrays = _bootstrap_inputs(samples)
+    n = arrays[0].size
+    if vectorized:
+        first = np.asarray(statistic(*(x[None, :] for x in arrays), axis=-1), dtype=np.float64)
+        if first.size != 1:
+            raise ValueError(f"a vectorized statistic must return shape (batch,), got "
+                             f"{first.shape} for a batch of 1")
+        estimate = float(first.reshape(-1)[0])
+    else:
+        estimate = float(statistic(*arrays))
+    boot = np.empty(count)
+    batch = max(1, _BOOTSTRAP_BATCH_VALUES // (n * len(arrays)))
+    for start in range(0, count, batch):
+        k = min(batch, count - start)
+        idx = rng.integers(0, n, size=(k, n))
+        if vectorized:
+            vals = np.asarray(statistic(*(x[idx] for x in arrays), axis=-1), dtype=np.float64)
+            if vals.shape != (k,):
+                raise ValueError(f"a vectorized statistic must return shape ({k},), got "
+                                 f"{vals.shape}")
+            boot[start:start + k] = vals
+        else:
+            for j in range(k):
+                boot[start + j] = float(statistic(*(x[idx[j]] for x in arrays)))
+    if not np.all(np.isfinite(boot)):
+        raise ValueError("the statistic returned NaN/Inf on some resamples")
+    lo, hi = _percentile_interval(boot, alpha)
+    se = float(np.std(boot, ddof=1))
+    ci = (lo, hi)
+    what = f"estimate {_num(estimate)}, {_pct(1 - alpha)} percentile CI [{_num(lo)}, {_num(hi)}]"
+    if null is None:
+        stat = p = math.nan
+        verdict = what
+    else:
+        null = _check_real(null, "null")
+        p = _bootstrap_p(boot, null)
+        stat = (estimate - null) / se if se > 0 else _signed_inf(estimate - null)
+        if p < alpha:
+            verdict = f"statistic differs from {_num(null)} ({_p(p)} < α={alpha:g}): {what}"
+        else:
+            verdict = (f"no evidence that the statistic differs from {_num(null)} "
+                       f"({_p(p)} ≥ α={alpha:g}): {what}")
+    return BootstrapResult(
+        test="bootstrap interval" if null is None else f"statistic = {null:g}",
+        method=f"percentile bootstrap, B={count}", statistic=stat, p_value=p,
+        estimate=estimate, ci=ci, n=n, alpha=alpha, verdict=verdict,
+        n_resamples=count, se=se, null=null,
+    )
+
+
+def _bootstrap_inputs(samples) -> list[np.ndarray]:
+    if isinstance(samples, tuple):
+        if not samples:
+            raise ValueError("samples is an empty tuple")
+        arrays = [_sample(s, f"samples[{i}]") for i, s in enumerate(samples)]
+        shapes = {_flat_shape(s) for s in samples}
+        if len(shapes) > 1:
+            raise ValueError(f"samples in a tuple are resampled jointly and need one shape, "
+                             f"got {sorted(shapes)}")
+        return arrays
+    return [_sample(samples, "samples")]
+
+
+def _percentile_interval(boot: np.ndarray, alpha: float) -> tuple[float, float]:
+    # Order statistics at rank p (B + 1) (numpy's "weibull" positions) have
+    # expected coverage p exactly; the default linear rule narrows the interval
+    # and inflates the error rate noticeably for B of a few hundred.
+    lo, hi = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0], method="weibull")
+    return float(lo), float(hi)
+
+
+def _bootstrap_p(boot: np.ndarray, null: float) -> float:
+    count = boot.size
+    below = (1 + int(np.count_nonzero(boot <= null))) / (count + 1)
+    above = (1 + int(np.count_nonzero(boot >= null))) / (count + 1)
+    return min(1.0, 2.0 * min(below, above))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number, got {alpha!r}")
+    alpha = float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return alpha
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def _check_resamples(n_resamples) -> int:
+    count = _check_count(n_resamples, "n_resamples")
+    if count < 2:
+        raise ValueError(f"n_resamples must be at least 2, got {count}")
+    return count
+
+
+def _rng(generator) -> np.random.Generator:
+    if generator is None:
+        raise ValueError("this procedure is random: pass generator= (an int seed, a "
+                         "numpy.random.Generator or a torch.Generator)")
+    if isinstance(generator, np.random.Generator):
+        return generator
+    if isinstance(generator, torch.Generator):
+        seed = torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device).item()
+        return np.random.default_rng(int(seed))
+    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
+        raise TypeError(f"generator must be an int seed, numpy.random.Generator or "
+                        f"torch.Generator, got {type(generator).__name__}")
+    return np.random.default_rng(int(generator))
+
+
+def _flat_shape(x) -> tuple[int, ...]:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return tuple(x.shape)
+    return np.shape(x)
+
+
+def _sample(x, name: str, min_n: int = 1) -> np.ndarray:
+    """``x`` as a flat float64 array, non-empty and finite."""
+    if isinstance(x, ErrorStats):
+        raise TypeError(f"{name} must hold the samples themselves, not an ErrorStats")
+    if isinstance(x, torch.Tensor):
+        arr = x.detach().cpu().to(torch.float64).numpy().reshape(-1)
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be numeric array-like, got {type(x).__name__}") from exc
+    if arr.size < min_n:
+        what = "is empty" if arr.size == 0 else f"has {arr.size} value(s)"
+        raise ValueError(f"{name} {what}; need at least {min_n}")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ValueError(f"{name} holds {bad} NaN/Inf value(s); remove them first")
+    return arr
+
+
+def _binary(x, name: str) -> np.ndarray:
+    arr = _sample(x, name)
+    if not np.all((arr == 0.0) | (arr == 1.0)):
+        raise ValueError(f"{name} must hold booleans or 0/1 values")
+    return arr.astype(bool)
+
+
+def _moments(data, channel) -> tuple[int, float, float]:
+    """``(n, mean, sample variance)`` of samples or of an accumulator."""
+    if isinstance(data, ErrorStats):
+        if data.count < 2:
+            raise ValueError(f"need at least 2 observations, the ErrorStats has {data.count}")
+        mean, var = data.mean, data.sample_variance
+        if data.axis is not None:
+            if channel is None:
+                raise ValueError(f"the ErrorStats is per channel ({data.channels} channels); "
+                                 "pass channel= to pick one")
+            if not -data.channels <= channel < data.channels:
+                raise ValueError(f"channel {channel} out of range for {data.channels} channels")
+            mean, var = mean[channel], var[channel]
+        elif channel is not None:
+            raise ValueError("channel= applies to a per-channel ErrorStats only")
+        return data.count, float(mean), float(var)
+    if channel is not None:
+        raise ValueError("channel= applies to an ErrorStats only")
+    arr = _sample(data, "data", min_n=2)
+    return arr.size, float(arr.mean()), float(arr.var(ddof=1))
+
+
+def _t_two_sided(diff: float, se: float, df: int) -> tuple[float, float]:
+    if se == 0.0:
+        return (0.0, 1.0) if diff == 0.0 else (_signed_inf(diff), 0.0)
+    stat = diff / se
+    return stat, float(2.0 * sps.t.sf(abs(stat), df))
+
+
+def _z_two_sided(diff: float, se: float) -> tuple[float, float]:
+    if se == 0.0:
+        return (0.0, 1.0) if diff == 0.0 else (_signed_inf(diff), 0.0)
+    stat = diff / se
+    return stat, float(2.0 * sps.norm.sf(abs(stat)))
+
+
+def _signed_inf(x: float) -> float:
+    return math.copysign(math.inf, x) if x != 0 else 0.0
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _p(p: float) -> str:
+    # Tail probabilities below the double range underflow to 0; say so.
+    return "p<1e-300" if p < 1e-300 else f"p={p:.2g}"
+
+
+def _pct(conf: float) -> str:
+    return f"{100.0 * conf:.4g}%"

@@ -1,0 +1,599 @@
+"""Statistical tests: agreement with scipy/statsmodels, false-positive rates under
+the null across many seeds, power where the theory predicts it, bad input.
+
+False-positive checks: R replications of a test at level alpha under its null
+give a rejection count ~ Binomial(R, rate). The count must fall in the central
+region of that law that has probability at least 1 - META (META = 1e-3), so a
+correct test fails the check at most once in a thousand runs. ``rate`` is alpha
+for exact tests; where a test is conservative or only asymptotic the exact rate
+is computed independently (or the deviation bounded) and stated at the check.
+"""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from qerror import RoundingMode, apply_rounding
+from qerror.empirical import ErrorStats
+from qerror.stats import (
+    IntervalMethod,
+    bias_test,
+    bootstrap_ci,
+    equivalence_test,
+    mcnemar_test,
+    mse_ratio_ci,
+    uniformity_test,
+    wilson_ci,
+)
+
+META = 1e-3
+ALPHA = 0.05
+REPS = 2000
+
+
+def acceptance_region(reps, rate, meta=META):
+    """Central region of Binomial(reps, rate) with probability >= 1 - meta."""
+    return sps.binom.ppf(meta / 2, reps, rate), sps.binom.isf(meta / 2, reps, rate)
+
+
+def assert_rejections_consistent(count, reps=REPS, rate=ALPHA):
+    lo, hi = acceptance_region(reps, rate)
+    assert lo <= count <= hi, f"{count} rejections of {reps}, expected [{lo:.0f}, {hi:.0f}]"
+
+
+def rounding_errors(mode, u, seed=0):
+    """ε = R(u) - u in LSB for scaled values u (float64)."""
+    return apply_rounding(u, mode, generator=seed) - u
+
+
+# --------------------------------------------------------------------------- references
+
+
+def test_bias_test_matches_scipy_ttest_1samp():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.5, 0.5, 500) + 0.02
+    for mu0, alpha in ((0.0, 0.05), (0.02, 0.01), (-0.1, 0.2)):
+        res = bias_test(x, mu0, alpha)
+        ref = sps.ttest_1samp(x, mu0)
+        ci = ref.confidence_interval(1 - alpha)
+        assert res.statistic == pytest.approx(ref.statistic, rel=1e-12)
+        assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+        assert res.ci == pytest.approx((ci.low, ci.high), rel=1e-12)
+        assert res.n == 500 and res.df == 499 and res.alpha == alpha
+        assert res.significant == (ref.pvalue < alpha)
+
+
+def test_bias_test_on_an_accumulator_matches_the_raw_samples():
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0.01, 0.3, n) for n in (100, 2000, 7)]
+    stats = ErrorStats()
+    for b in batches:
+        stats.update(b)
+    raw = bias_test(np.concatenate(batches), unit="LSB")
+    acc = bias_test(stats, unit="LSB")
+    for field in ("statistic", "p_value", "estimate", "se"):
+        assert getattr(acc, field) == pytest.approx(getattr(raw, field), rel=1e-10)
+    assert acc.ci == pytest.approx(raw.ci, rel=1e-10)
+    per_channel = ErrorStats(axis=0).update(np.stack(batches[:1] * 2) + np.array([[0.0], [1.0]]))
+    second = bias_test(per_channel, mu0=1.0, channel=1)
+    assert second.estimate == pytest.approx(np.mean(batches[0]) + 1.0, rel=1e-12)
+
+
+def test_bias_verdict_reads_as_a_sentence():
+    x = rounding_errors(RoundingMode.FLOOR, np.random.default_rng(2).normal(0, 50, 4000))
+    res = bias_test(x, unit="LSB")
+    assert res.verdict.startswith("bias differs from 0 LSB (p")
+    assert re.search(r"mean error -0\.\d+ LSB, 95% CI \[-0\.\d+, -0\.\d+\] LSB$", res.verdict)
+    assert str(res) == res.verdict
+    calm = bias_test(x, mu0=-0.5, unit="LSB")
+    assert calm.verdict.startswith("no evidence that the bias differs from -0.5 LSB")
+
+
+def test_zero_variance_sample_gives_a_definite_answer():
+    same = bias_test(np.full(10, 0.25), mu0=0.25)
+    assert same.p_value == 1.0 and same.statistic == 0.0 and same.ci == (0.25, 0.25)
+    off = bias_test(np.full(10, 0.25))
+    assert off.p_value == 0.0 and off.statistic == math.inf
+
+
+def _reference_cdfs():
+    """Closed forms written independently of qerror.stats."""
+    return {
+        RoundingMode.NEAREST_EVEN: sps.uniform(-0.5, 1.0).cdf,
+        RoundingMode.NEAREST_AWAY: sps.uniform(-0.5, 1.0).cdf,
+        RoundingMode.FLOOR: sps.uniform(-1.0, 1.0).cdf,
+        RoundingMode.CEIL: sps.uniform(0.0, 1.0).cdf,
+        RoundingMode.STOCHASTIC: sps.triang(0.5, loc=-1.0, scale=2.0).cdf,
+    }
+
+
+def ks_distance(x, cdf):
+    x = np.sort(x)
+    n = x.size
+    f = cdf(x)
+    return max(np.max(np.arange(1, n + 1) / n - f), np.max(f - np.arange(n) / n))
+
+
+@pytest.mark.parametrize("mode", list(_reference_cdfs()))
+def test_uniformity_test_matches_a_direct_ks_computation(mode):
+    u = np.random.default_rng(3).normal(0, 40, 700)
+    e = rounding_errors(mode, u, seed=3)
+    res = uniformity_test(e, mode)
+    d = ks_distance(e, _reference_cdfs()[mode])
+    assert res.statistic == pytest.approx(d, rel=1e-12)
+    assert res.p_value == pytest.approx(sps.kstwo.sf(d, e.size), rel=1e-9)
+    band = sps.kstwo.ppf(1 - ALPHA, e.size)
+    assert res.ci == pytest.approx((max(0.0, d - band), d + band), rel=1e-9)
+
+
+def test_toward_zero_with_signs_and_with_the_positive_fraction():
+    rng = np.random.default_rng(4)
+    u = rng.normal(20, 40, 900)
+    e = rounding_errors(RoundingMode.TOWARD_ZERO, u)
+    with_signs = uniformity_test(e, "toward_zero", signs=u)
+    flipped = np.where(u < 0, -e, e)
+    d = ks_distance(flipped, sps.uniform(-1.0, 1.0).cdf)
+    assert with_signs.statistic == pytest.approx(d, rel=1e-12)
+    p = sps.norm.sf(-20 / 40)  # P(u > 0), known exactly
+    mixture = uniformity_test(e, RoundingMode.TOWARD_ZERO, positive_fraction=p)
+
+    def mix_cdf(x):
+        return p * sps.uniform(-1.0, 1.0).cdf(x) + (1 - p) * sps.uniform(0.0, 1.0).cdf(x)
+
+    assert mixture.statistic == pytest.approx(ks_distance(e, mix_cdf), rel=1e-12)
+
+
+def test_mse_ratio_delta_method_matches_the_formula():
+    rng = np.random.default_rng(5)
+    u = rng.normal(0, 30, 3000)
+    a = rounding_errors(RoundingMode.FLOOR, u)
+    b = rounding_errors(RoundingMode.NEAREST_EVEN, u)
+    ma, mb = np.mean(a**2), np.mean(b**2)
+    z = sps.norm.isf(ALPHA / 2)
+    for paired in (True, False):
+        res = mse_ratio_ci(a, b, paired=paired)
+        if paired:
+            se = np.std(a**2 / ma - b**2 / mb, ddof=1) / np.sqrt(a.size)
+        else:
+            se = np.sqrt(np.var(a**2, ddof=1) / (a.size * ma**2)
+                         + np.var(b**2, ddof=1) / (b.size * mb**2))
+        lr = np.log(ma / mb)
+        assert res.estimate == pytest.approx(ma / mb, rel=1e-12)
+        assert res.se_log == pytest.approx(se, rel=1e-10)
+        assert res.ci == pytest.approx((np.exp(lr - z * se), np.exp(lr + z * se)), rel=1e-10)
+        assert res.p_value == pytest.approx(2 * sps.norm.sf(abs(lr) / se), rel=1e-9, abs=1e-300)
+        # Uniform-noise model: floor/nearest MSE = (1/3)/(1/12) = 4.
+        assert res.ci[0] < 4 < res.ci[1]
+
+
+def test_mse_ratio_bootstrap_agrees_with_the_delta_method():
+    # Both estimate the same sampling law of log(MSE_a/MSE_b). The bootstrap
+    # endpoints carry Monte Carlo error ~2.7 se/sqrt(B) (quantile of a normal
+    # at 2.5%: sqrt(q(1-q)/B)/phi(z) in units of se); with B = 1999 that is
+    # 0.06 se, so 0.3 se (5 sigma) bounds the disagreement, plus O(1/sqrt(n))
+    # skewness of the bootstrap law (n = 3000: well inside).
+    rng = np.random.default_rng(6)
+    u = rng.normal(0, 30, 3000)
+    a = rounding_errors(RoundingMode.CEIL, u)
+    b = rounding_errors(RoundingMode.STOCHASTIC, u, seed=9)
+    delta = mse_ratio_ci(a, b, paired=True)
+    boot = mse_ratio_ci(a, b, paired=True, method="bootstrap", n_resamples=1999, generator=7)
+    se = delta.se_log
+    assert abs(np.log(boot.ci[0]) - np.log(delta.ci[0])) < 0.3 * se
+    assert abs(np.log(boot.ci[1]) - np.log(delta.ci[1])) < 0.3 * se
+    assert boot.se_log == pytest.approx(se, rel=0.1)  # sd of 1999 draws: rel. error ~1.6%
+    again = mse_ratio_ci(a, b, paired=True, method=IntervalMethod.BOOTSTRAP,
+                         n_resamples=1999, generator=7)
+    assert again == boot
+
+
+def test_identical_errors_have_ratio_one():
+    e = np.random.default_rng(8).uniform(-0.5, 0.5, 100)
+    res = mse_ratio_ci(e, e.copy(), paired=True)
+    assert res.estimate == 1.0 and res.p_value == 1.0 and res.ci == (1.0, 1.0)
+
+
+def test_equivalence_test_matches_statsmodels_ttost():
+    weightstats = pytest.importorskip("statsmodels.stats.weightstats")
+    rng = np.random.default_rng(9)
+    x = rng.normal(-0.49, 0.3, 400)
+    for low, high in ((-0.55, -0.45), (-0.5, -0.49), (-1.0, 0.0)):
+        res = equivalence_test(x, low, high)
+        p, (_t1, p1, _), (_t2, p2, _) = weightstats.DescrStatsW(x).ttost_mean(low, high)
+        assert res.p_value == pytest.approx(p, rel=1e-9)
+        assert res.p_low == pytest.approx(p1, rel=1e-9)
+        assert res.p_high == pytest.approx(p2, rel=1e-9)
+        ci = sps.ttest_1samp(x, 0).confidence_interval(1 - 2 * ALPHA)
+        assert res.ci == pytest.approx((ci.low, ci.high), rel=1e-12)
+        inside = low < res.ci[0] and res.ci[1] < high
+        assert res.significant == inside  # TOST at alpha <=> (1 - 2 alpha) CI in margin
+    stats = ErrorStats().update(x)
+    assert equivalence_test(stats, -0.55, -0.45).p_value == pytest.approx(
+        equivalence_test(x, -0.55, -0.45).p_value, rel=1e-9)
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (517, 1000), (1, 3)])
+@pytest.mark.parametrize("alpha", [0.05, 0.01, 0.32])
+def test_wilson_matches_statsmodels(successes, n, alpha):
+    proportion = pytest.importorskip("statsmodels.stats.proportion")
+    res = wilson_ci(successes, n, alpha)
+    ref = proportion.proportion_confint(successes, n, alpha=alpha, method="wilson")
+    assert res.ci == pytest.approx(ref, rel=1e-12, abs=1e-15)
+    assert res.estimate == successes / n and math.isnan(res.p_value)
+
+
+def test_wilson_score_test_matches_statsmodels_and_inverts_the_interval():
+    proportion = pytest.importorskip("statsmodels.stats.proportion")
+    for successes, n, p0 in ((45, 50, 0.8), (30, 100, 0.3), (2, 40, 0.2)):
+        res = wilson_ci(successes, n, p0=p0)
+        stat, p = proportion.proportions_ztest(successes, n, value=p0, prop_var=p0)
+        assert res.statistic == pytest.approx(stat, rel=1e-12)
+        assert res.p_value == pytest.approx(p, rel=1e-9)
+        assert (res.ci[0] <= p0 <= res.ci[1]) == (res.p_value >= ALPHA)
+
+
+def _mcnemar_table(a, b):
+    return [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+
+
+@pytest.mark.parametrize("n, p_disagree", [(60, 0.15), (2000, 0.1)])
+def test_mcnemar_matches_statsmodels(n, p_disagree):
+    tables = pytest.importorskip("statsmodels.stats.contingency_tables")
+    rng = np.random.default_rng(10)
+    a = rng.random(n) < 0.8
+    flip = rng.random(n) < p_disagree
+    b = np.where(flip, ~a, a)
+    res = mcnemar_test(a, b)
+    disc = res.only_a + res.only_b
+    assert res.exact == (disc < 25)
+    ref = tables.mcnemar(_mcnemar_table(a, b), exact=res.exact, correction=True)
+    assert abs(res.only_a - res.only_b) >= 1  # where Edwards' max(., 0) is inactive
+    assert res.statistic == pytest.approx(ref.statistic, rel=1e-12)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert res.estimate == pytest.approx((res.only_a - res.only_b) / n)
+    forced = mcnemar_test(a, b, exact=not res.exact)
+    ref2 = tables.mcnemar(_mcnemar_table(a, b), exact=not res.exact, correction=True)
+    assert forced.p_value == pytest.approx(ref2.pvalue, rel=1e-9)
+    assert ("exact binomial" in res.method) == res.exact
+
+
+def test_mcnemar_with_no_discordant_pairs():
+    a = np.array([True, False, True])
+    res = mcnemar_test(a, a.copy())
+    assert res.p_value == 1.0 and res.estimate == 0.0 and res.exact
+
+
+def test_bootstrap_ci_of_the_mean_matches_normal_theory():
+    # For the mean of n = 2000 normal values the bootstrap law is N(x̄, s²/n)
+    # up to O(1/n); endpoint Monte Carlo error is 2.7 se/sqrt(B) = 0.04 se
+    # at B = 3999, so 0.25 se is a > 5 sigma bound.
+    x = np.random.default_rng(11).normal(0.3, 2.0, 2000)
+    res = bootstrap_ci(x, np.mean, generator=12, n_resamples=3999, vectorized=True)
+    se = x.std(ddof=1) / np.sqrt(x.size)
+    z = sps.norm.isf(ALPHA / 2)
+    assert res.estimate == pytest.approx(x.mean(), rel=1e-12)
+    assert abs(res.ci[0] - (x.mean() - z * se)) < 0.25 * se
+    assert abs(res.ci[1] - (x.mean() + z * se)) < 0.25 * se
+    assert res.se == pytest.approx(se, rel=0.1)
+    looped = bootstrap_ci(x[:200], lambda v: float(np.median(v)),
+                          generator=np.random.default_rng(3), n_resamples=199)
+    vectorized = bootstrap_ci(x[:200], np.median, generator=np.random.default_rng(3),
+                              n_resamples=199, vectorized=True)
+    assert looped.ci == vectorized.ci  # same draws whichever way the statistic is called
+
+
+def test_bootstrap_is_reproducible_and_resamples_pairs_jointly():
+    rng = np.random.default_rng(13)
+    a = rng.normal(size=300)
+    b = a + rng.normal(0, 0.1, 300)
+
+    def corr(x, y, axis=-1):
+        xc = x - x.mean(axis=axis, keepdims=True)
+        yc = y - y.mean(axis=axis, keepdims=True)
+        return (xc * yc).sum(axis) / np.sqrt((xc**2).sum(axis) * (yc**2).sum(axis))
+
+    r1 = bootstrap_ci((a, b), corr, generator=5, n_resamples=999, vectorized=True, null=0.0)
+    r2 = bootstrap_ci((a, b), corr, generator=5, n_resamples=999, vectorized=True, null=0.0)
+    assert r1 == r2
+    assert r1.ci[0] > 0.98 and r1.p_value == pytest.approx(2 / 1000)
+    r3 = bootstrap_ci((a, b), corr, generator=torch.Generator().manual_seed(1),
+                      n_resamples=999, vectorized=True)
+    assert r3.ci[0] > 0.98 and math.isnan(r3.p_value)
+
+
+# --------------------------------------------------------------------------- power
+
+
+def exact_trunc_bias(mu, sigma):
+    """E[trunc(u) - u] for u ~ N(mu, sigma²), summed over the integer cells."""
+    k = np.arange(1, int(abs(mu) + 12 * sigma) + 2)
+    cdf = sps.norm(mu, sigma).cdf
+    positive = np.sum(k * (cdf(k + 1) - cdf(k)))  # trunc(u) = k on [k, k+1)
+    negative = np.sum(-k * (cdf(-k) - cdf(-k - 1)))  # trunc(u) = -k on (-k-1, -k]
+    return positive + negative - mu
+
+
+def test_truncation_bias_is_detected_and_matches_the_theory():
+    # x ~ N(1, 1), symmetric quantizer, truncation. Uniform-noise model:
+    # bias = -(P(u>0) - P(u<0))/2 = -(2 Φ(1) - 1)/2 ≈ -0.341 LSB at any step.
+    rng = np.random.default_rng(14)
+    x = rng.normal(1.0, 1.0, 4000)
+    widrow = -(2 * sps.norm.cdf(1.0) - 1) / 2
+    fine = 0.05
+    e_fine = rounding_errors(RoundingMode.TOWARD_ZERO, x / fine)
+    assert bias_test(e_fine, 0.0).p_value < 1e-100
+    assert exact_trunc_bias(1 / fine, 1 / fine) == pytest.approx(widrow, abs=1e-9)
+    assert not bias_test(e_fine, widrow, alpha=0.01).significant
+    assert not uniformity_test(e_fine, "toward_zero", signs=x, alpha=0.01).significant
+    # Coarse step s = 4σ: u ~ N(1/4, 1/16), so trunc(u) = 0 nearly always and
+    # the bias is ≈ -E[u] = -1/4, not Widrow's -0.341; the flipped error
+    # -|u| is far from U(-1, 0).
+    coarse = 4.0
+    e_coarse = rounding_errors(RoundingMode.TOWARD_ZERO, x / coarse)
+    exact = exact_trunc_bias(1 / coarse, 1 / coarse)
+    assert exact == pytest.approx(-0.25, abs=2e-3)  # + P(u >= 1) ≈ 0.0013
+    assert bias_test(e_coarse, widrow).p_value < 1e-50
+    assert not bias_test(e_coarse, exact, alpha=0.01).significant
+    assert uniformity_test(e_coarse, "toward_zero", signs=x).p_value < 1e-100
+
+
+def floor_error_cdf(x, sigma):
+    """P(floor(u) - u <= x) for u ~ N(0, sigma²), x in (-1, 0]: P(frac(u) >= -x)."""
+    k = np.arange(-int(12 * sigma) - 2, int(12 * sigma) + 2)[:, None]
+    cdf = sps.norm(0.0, sigma).cdf
+    return np.sum(cdf(k + 1) - cdf(k - x[None, :]), axis=0)
+
+
+def test_floor_at_a_coarse_step_is_non_uniform_but_keeps_its_bias():
+    # x ~ N(0, 1), s = 4: u ~ N(0, 1/16). The floor error is -u for u >= 0 and
+    # -1 - u for u < 0: piled up near 0 and -1, at KS distance Δ ≈ 0.1 from
+    # U(-1, 0) (computed exactly below), so n = 4000 gives p ≈ 2 exp(-2 n Δ²)
+    # ~ 1e-30; yet by symmetry its mean is exactly -1/2, as the uniform model says.
+    x = np.random.default_rng(15).normal(0.0, 1.0, 4000)
+    e = rounding_errors(RoundingMode.FLOOR, x / 4.0)
+    grid = np.linspace(-1.0, 0.0, 20001)
+    delta = np.max(np.abs(floor_error_cdf(grid, 0.25) - (grid + 1.0)))
+    assert 0.08 < delta < 0.12
+    res = uniformity_test(e, "floor", alpha=1e-3)
+    assert res.p_value < 1e-20
+    assert res.ci[0] <= delta <= res.ci[1]  # 99.9% interval for the distance
+    assert not bias_test(e, -0.5, alpha=0.01).significant
+    assert mse_ratio_ci(e, rounding_errors(RoundingMode.NEAREST_EVEN, x / 4.0),
+                        paired=True).p_value < 1e-10
+
+
+# --------------------------------------------------------------------------- false positives
+
+
+@pytest.mark.slow
+def test_bias_test_false_positive_rate():
+    # Nearest-rounding errors of a wide input are U(-1/2, 1/2), mean 0. The t
+    # test is approximate for uniform data: its size at n = 50 was measured at
+    # 0.0496 ± 0.001 (40 000 replications), a deviation far inside the region.
+    rng = np.random.default_rng(100)
+    count = sum(bias_test(rounding_errors(RoundingMode.NEAREST_EVEN, rng.normal(0, 100, 50)),
+                          alpha=ALPHA).significant for _ in range(REPS))
+    assert_rejections_consistent(count)
+
+
+UNIFORMITY_NULLS = {
+    "nearest_even": {"mode": RoundingMode.NEAREST_EVEN, "mu": 0.0},
+    "floor": {"mode": RoundingMode.FLOOR, "mu": 0.0},
+    "ceil": {"mode": RoundingMode.CEIL, "mu": 0.0},
+    "toward_zero_signs": {"mode": RoundingMode.TOWARD_ZERO, "mu": 30.0, "signs": True},
+    "toward_zero_fraction": {"mode": RoundingMode.TOWARD_ZERO, "mu": 30.0, "signs": False},
+    "stochastic": {"mode": RoundingMode.STOCHASTIC, "mu": 0.0},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(UNIFORMITY_NULLS))
+def test_uniformity_false_positive_rate(name):
+    # u ~ N(mu, 100²): the fractional part is uniform to within exp(-2π²·100²),
+    # so the law under test holds; the KS p-value is exact, the rate is alpha.
+    case = UNIFORMITY_NULLS[name]
+    rng = np.random.default_rng(200 + list(UNIFORMITY_NULLS).index(name))
+    p_positive = sps.norm.sf(-case["mu"] / 100.0)
+    count = 0
+    for rep in range(REPS):
+        u = rng.normal(case["mu"], 100.0, 200)
+        e = rounding_errors(case["mode"], u, seed=rep)
+        if "signs" not in case:
+            res = uniformity_test(e, case["mode"])
+        elif case["signs"]:
+            res = uniformity_test(e, case["mode"], signs=u)
+        else:
+            res = uniformity_test(e, case["mode"], positive_fraction=p_positive)
+        count += res.significant
+    assert_rejections_consistent(count)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paired", [True, False])
+def test_mse_ratio_delta_false_positive_rate(paired):
+    # Null: equal MSE. Paired: nearest errors of u and of u + 1/2 (both
+    # U(-1/2, 1/2), dependent). Independent: two separate draws. The delta
+    # method is asymptotic; at n = 500 its size was measured at 0.050 ± 0.002
+    # (10 000 replications), far inside the region.
+    rng = np.random.default_rng(300 + paired)
+    count = 0
+    for _ in range(REPS):
+        u = rng.uniform(0, 100, 500)
+        a = rounding_errors(RoundingMode.NEAREST_EVEN, u)
+        other = u + 0.5 if paired else rng.uniform(0, 100, 500)
+        b = rounding_errors(RoundingMode.NEAREST_EVEN, other)
+        count += mse_ratio_ci(a, b, paired=paired).significant
+    assert_rejections_consistent(count)
+
+
+@pytest.mark.slow
+def test_mse_ratio_bootstrap_false_positive_rate():
+    # Percentile bootstrap with order-statistic ranks: for smooth statistics
+    # at n = 300, B = 299 its size was measured at 0.050 ± 0.003.
+    rng = np.random.default_rng(400)
+    count = 0
+    for rep in range(REPS):
+        u = rng.uniform(0, 100, 300)
+        a = rounding_errors(RoundingMode.NEAREST_EVEN, u)
+        b = rounding_errors(RoundingMode.NEAREST_EVEN, u + 0.5)
+        count += mse_ratio_ci(a, b, paired=True, method="bootstrap", n_resamples=299,
+                              generator=rep).significant
+    assert_rejections_consistent(count)
+
+
+@pytest.mark.slow
+def test_equivalence_false_positive_rate_at_the_margin():
+    # True mean on the upper margin: the lower one-sided test rejects with
+    # probability 1 - t.sf(50, 29) ≈ 1, so TOST rejects iff the upper t test
+    # does, which has exact size alpha for normal data.
+    rng = np.random.default_rng(500)
+    count = sum(equivalence_test(rng.normal(0.2, 1.0, 30), -9.0, 0.2).significant
+                for _ in range(REPS))
+    assert_rejections_consistent(count)
+
+
+@pytest.mark.slow
+def test_wilson_error_rate_matches_its_exact_value():
+    # Wilson is not exact: its rejection rate at p0 = 0.3, n = 100 is the sum
+    # of binomial probabilities of the counts whose (statsmodels) interval
+    # misses p0. Simulation must agree with that rate, which must be near alpha.
+    proportion = pytest.importorskip("statsmodels.stats.proportion")
+    n, p0 = 100, 0.3
+    k = np.arange(n + 1)
+    lo, hi = proportion.proportion_confint(k, n, alpha=ALPHA, method="wilson")
+    rate = np.sum(sps.binom.pmf(k, n, p0) * ((p0 < lo) | (p0 > hi)))
+    assert abs(rate - ALPHA) < 0.015
+    rng = np.random.default_rng(600)
+    count = sum(wilson_ci(int(s), n, p0=p0).significant for s in rng.binomial(n, p0, REPS))
+    assert_rejections_consistent(count, rate=rate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [60, 400])
+def test_mcnemar_false_positive_rate(n):
+    # Null: each classifier alone is right on 10% of items. The discordant
+    # count d ~ Bin(n, 0.2) and only_a | d ~ Bin(d, 1/2); the exact rejection
+    # rate of the (conservative) test is enumerated with scipy directly. n = 60
+    # mostly uses the exact test, n = 400 the chi-square.
+    rate = 0.0
+    for d in range(n + 1):
+        b = np.arange(d + 1)
+        if d == 0:
+            p = np.ones(1)
+        elif d < 25:
+            p = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(b, d - b), d, 0.5))
+        else:
+            p = sps.chi2.sf(np.maximum(np.abs(2 * b - d) - 1, 0) ** 2 / d, 1)
+        rate += sps.binom.pmf(d, n, 0.2) * np.sum(sps.binom.pmf(b, d, 0.5) * (p < ALPHA))
+    assert rate <= ALPHA  # McNemar with these rules never exceeds its level
+    rng = np.random.default_rng(700 + n)
+    count = 0
+    for _ in range(REPS):
+        cell = rng.choice(3, size=n, p=[0.1, 0.1, 0.8])  # a only, b only, agree
+        agree_right = rng.random(n) < 0.5
+        a = (cell == 0) | ((cell == 2) & agree_right)
+        b = (cell == 1) | ((cell == 2) & agree_right)
+        count += mcnemar_test(a, b).significant
+    assert_rejections_consistent(count, rate=rate)
+
+
+@pytest.mark.slow
+def test_bootstrap_ci_false_positive_rate():
+    # Mean of n = 300 normal values, B = 299. The percentile interval's size is
+    # 2 P(T_299 > 1.96 sqrt(299/300)) = 0.0513 as B → ∞ and was measured at
+    # 0.0515 ± 0.003 for B = 299; the 0.0013 excess is far inside the region.
+    rng = np.random.default_rng(800)
+    count = 0
+    for rep in range(REPS):
+        res = bootstrap_ci(rng.normal(size=300), np.mean, generator=rep, n_resamples=299,
+                           vectorized=True, null=0.0)
+        count += res.significant
+    assert_rejections_consistent(count)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_alpha_outside_the_unit_interval_raises(alpha):
+    x = np.linspace(-0.5, 0.5, 20)
+    for call in (lambda: bias_test(x, alpha=alpha),
+                 lambda: uniformity_test(x, "nearest_even", alpha=alpha),
+                 lambda: mse_ratio_ci(x, x, paired=True, alpha=alpha),
+                 lambda: wilson_ci(3, 10, alpha),
+                 lambda: mcnemar_test(x > 0, x < 0, alpha),
+                 lambda: bootstrap_ci(x, np.mean, generator=0, alpha=alpha)):
+        with pytest.raises(ValueError, match="alpha"):
+            call()
+    with pytest.raises(TypeError, match="alpha"):
+        bias_test(x, alpha="0.05")
+
+
+def test_empty_and_non_finite_samples_raise():
+    with pytest.raises(ValueError, match="empty"):
+        uniformity_test(np.array([]), "floor")
+    with pytest.raises(ValueError, match="at least 2"):
+        bias_test([0.1])
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        bias_test(np.array([0.1, np.nan, 0.2]))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        mse_ratio_ci(np.array([0.1, np.inf]), np.array([0.1, 0.2]), paired=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        bias_test(ErrorStats().update(np.array([0.1])))
+    with pytest.raises(TypeError, match="numeric"):
+        bias_test(["a", "b"])
+
+
+def test_mismatched_lengths_raise():
+    a, b = np.zeros(10) + 0.1, np.zeros(11) + 0.1
+    with pytest.raises(ValueError, match="same shape"):
+        mse_ratio_ci(a, b, paired=True)
+    mse_ratio_ci(a + np.linspace(0, 1, 10), b + np.linspace(0, 1, 11), paired=False)
+    with pytest.raises(ValueError, match="same items"):
+        mcnemar_test(a > 0, b > 0)
+    with pytest.raises(ValueError, match="shape"):
+        uniformity_test(a, "toward_zero", signs=b)
+    with pytest.raises(ValueError, match="one shape"):
+        bootstrap_ci((a, b), lambda x, y: 0.0, generator=0)
+
+
+def test_other_bad_arguments_raise():
+    x = np.linspace(-0.5, 0.5, 20)
+    with pytest.raises(ValueError, match="exactly one of"):
+        uniformity_test(x, "toward_zero")
+    with pytest.raises(ValueError, match="TOWARD_ZERO only"):
+        uniformity_test(x, "floor", positive_fraction=0.5)
+    with pytest.raises(ValueError, match="not one of"):
+        uniformity_test(x, "banker")
+    with pytest.raises(ValueError, match="low < high"):
+        equivalence_test(x, 0.1, -0.1)
+    with pytest.raises(ValueError, match="alpha < 0.5"):
+        equivalence_test(x, -0.1, 0.1, alpha=0.6)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        wilson_ci(11, 10)
+    with pytest.raises(ValueError, match="p0"):
+        wilson_ci(3, 10, p0=1.0)
+    with pytest.raises(TypeError, match="integer"):
+        wilson_ci(2.5, 10)
+    with pytest.raises(ValueError, match="0/1"):
+        mcnemar_test(np.array([0, 2]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="generator"):
+        mse_ratio_ci(x, x[::-1], paired=True, method="bootstrap")
+    with pytest.raises(ValueError, match="generator"):
+        bootstrap_ci(x, np.mean, generator=None)
+    with pytest.raises(ValueError, match="MSE of errors_b is 0"):
+        mse_ratio_ci(x, np.zeros(20), paired=True)
+    with pytest.raises(TypeError, match="paired"):
+        mse_ratio_ci(x, x, paired="yes")
+    with pytest.raises(ValueError, match="method"):
+        mse_ratio_ci(x, x, paired=True, method="jackknife")
+    with pytest.raises(ValueError, match="channel="):
+        bias_test(ErrorStats(axis=0).update(np.ones((2, 5))))
+    with pytest.raises(ValueError, match="vectorized statistic"):
+        bootstrap_ci(x, lambda v, axis: np.mean(v), generator=0, n_resamples=9, vectorized=True)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        bootstrap_ci(x, lambda v: np.nan, generator=0, n_resamples=9)
