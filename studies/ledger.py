@@ -57,6 +57,26 @@ CLAIMS: tuple[Claim, ...] = (
         "test_claim_R3_rounding_error_bound_needs_no_clipping",
     ),
     Claim(
+        "R4", "rounding",
+        "Então nosso erro médio ≈ 0 e não há tendência sistemática para cima ou para baixo.",
+        "Round-to-nearest has mean error about 0: no systematic bias.",
+        Verdict.CONDITIONAL,
+        "Holds when the input is wide relative to the step (σ ≳ step) or symmetric about a "
+        "grid point. A narrow input that sits between grid points is biased: N(0.3 s, 0.1 s) "
+        "rounds to 0 almost always, a bias of about -0.3 LSB.",
+        "test_claim_R4_rounding_bias_needs_a_wide_input",
+    ),
+    Claim(
+        "R5", "rounding",
+        "Arredondamento minimiza o erro quadrático médio (MSE).",
+        "Rounding to nearest minimises the MSE.",
+        Verdict.TRUE,
+        "Pointwise: the nearest integer is the closest code to every value, so no other "
+        "deterministic mode has a smaller error on any value, clipping included; MSE and MAE "
+        "follow for every input law.",
+        "test_claim_R5_nearest_is_pointwise_closest",
+    ),
+    Claim(
         "T1", "truncation",
         "truncamento, seria simplesmente cortar a parte decimal: 2.9 → 2 / -2.9 → -2",
         "Truncation drops the fractional part.",
@@ -92,6 +112,42 @@ CLAIMS: tuple[Claim, ...] = (
         "every value toward the real value -z·s, so values between 0 and -z·s move away "
         "from zero.",
         "test_claim_T4_truncation_pulls_toward_minus_z_s",
+    ),
+)
+
+
+CLAIMS += (
+    Claim(
+        "T5", "truncation",
+        "Erro médio ≠ 0 (viés) [...] Esse viés aparece mesmo que os dados sejam "
+        "“bem distribuídos”.",
+        "Truncation has a non-zero mean error, even for well-distributed data.",
+        Verdict.CONDITIONAL,
+        "For symmetric zero-mean data and zero point 0 the mean truncation error is 0: the "
+        "-1/2 LSB of positive values and +1/2 LSB of negative values cancel (the error is "
+        "biased toward zero in magnitude, not in sign). For one-signed data, such as a "
+        "post-ReLU activation, the bias is about -1/2 LSB.",
+        "test_claim_T5_truncation_bias_needs_one_signed_data",
+    ),
+    Claim(
+        "T6", "truncation",
+        "Truncamento: Aumenta o erro médio [quadrático]; Aumenta o erro absoluto médio",
+        "Truncation increases the MSE and the MAE.",
+        Verdict.TRUE,
+        "Never smaller than round-to-nearest's, on any input. For wide inputs the MSE is close "
+        "to 4× (1/3 vs 1/12 LSB²) and the MAE 2×; for inputs narrow against the step both "
+        "send almost everything to 0 and the ratio falls toward 1.",
+        "test_claim_T6_truncation_mse_and_mae_are_larger",
+    ),
+    Claim(
+        "T7", "truncation",
+        "Prejudica mais valores pequenos (próximos de zero)",
+        "Truncation hurts small values (near zero) most.",
+        Verdict.CONDITIONAL,
+        "In relative error, yes: every value below one step in magnitude becomes 0 (100% "
+        "relative error), twice the zeroed range of round-to-nearest. In absolute error, no: "
+        "the error of a value in [k, k+1) steps has the same law for every k.",
+        "test_claim_T7_small_values_suffer_in_relative_error_only",
     ),
 )
 

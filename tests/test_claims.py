@@ -4,9 +4,22 @@ import ast
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from scipy import stats as sps
 
-from qerror import QuantSpec, RoundingMode, apply_rounding, dequantize, quantize
+from qerror import (
+    QuantSpec,
+    RoundingMode,
+    apply_rounding,
+    bias_test,
+    dequantize,
+    equivalence_test,
+    fake_quantize,
+    mse_ratio_ci,
+    quantize,
+)
+from qerror.analytic import error_moments
 from studies.ledger import CLAIMS, Verdict, claim
 
 
@@ -110,3 +123,101 @@ def test_claim_T4_truncation_pulls_toward_minus_z_s():
     between = granular & (w > 0.02) & (w < 0.48)
     assert np.all(np.abs(w_aff[between]) >= np.abs(w[between]))  # away from zero
     assert np.mean(np.abs(w_aff[between]) > np.abs(w[between])) > 0.99
+
+
+# --------------------------------------------------------------------------- statistics of the error
+# Each claim is decided by the exact engine (no sampling) and confirmed by a Monte-Carlo
+# test at a stated level; both must agree with the verdict.
+
+ALPHA = 1e-3
+
+
+def test_claim_R4_rounding_bias_needs_a_wide_input():
+    assert claim("R4").verdict is Verdict.CONDITIONAL
+    s = 0.1
+    spec = QuantSpec(bits=8)
+    narrow = sps.norm(0.3 * s, 0.1 * s)
+    wide = sps.norm(0.3 * s, 3.0 * s)
+    exact_narrow = error_moments(narrow, spec, s)
+    exact_wide = error_moments(wide, spec, s)
+    assert exact_narrow.bias_lsb < -0.25  # rounds to 0: about -0.3 LSB
+    assert abs(exact_wide.bias_lsb) < 1e-6
+    rng = np.random.default_rng(0)
+    for law, biased in ((narrow, True), (wide, False)):
+        x = law.rvs(size=200_000, random_state=rng)
+        e = (fake_quantize(x, spec, s) - x) / s
+        if biased:
+            assert bias_test(e, alpha=ALPHA).p_value < ALPHA
+        else:  # equivalent to 0 within ±0.01 LSB (TOST at level ALPHA)
+            assert equivalence_test(e, -0.01, 0.01, alpha=ALPHA).p_value < ALPHA
+
+
+def test_claim_R5_nearest_is_pointwise_closest():
+    assert claim("R5").verdict is Verdict.TRUE
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal(50_000) * 3, rng.uniform(-200, 200, 50_000)])
+    spec = QuantSpec(bits=8, symmetric=False)
+    s, z = 0.37, 11
+    nearest = np.abs(fake_quantize(x, spec, s, z) - x)
+    for mode in RoundingMode:
+        other = np.abs(fake_quantize(x, spec.replace(rounding=mode), s, z, generator=2) - x)
+        assert np.all(nearest <= other + 1e-12 * np.abs(x))
+
+
+def test_claim_T5_truncation_bias_needs_one_signed_data():
+    assert claim("T5").verdict is Verdict.CONDITIONAL
+    s = 0.1
+    trunc = QuantSpec(bits=8, rounding=RoundingMode.TOWARD_ZERO)
+    symmetric = error_moments(sps.norm(0, 1), trunc, s)
+    one_signed = error_moments(sps.halfnorm(0, 1), trunc.replace(signed=False), s)
+    assert abs(symmetric.bias_lsb) < 1e-12
+    assert -0.5 <= one_signed.bias_lsb < -0.45
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(200_000)
+    e = (fake_quantize(x, trunc, s) - x) / s
+    assert equivalence_test(e, -0.01, 0.01, alpha=ALPHA).p_value < ALPHA
+    # ... and yet each sign is biased by about half a step toward zero.
+    assert bias_test(e[x > 0], mu0=0.0, alpha=ALPHA).p_value < ALPHA
+    assert e[x > 0].mean() < -0.45 and e[x < 0].mean() > 0.45
+    xr = np.abs(x)
+    er = (fake_quantize(xr, trunc.replace(signed=False), s) - xr) / s
+    assert bias_test(er, alpha=ALPHA).p_value < ALPHA and er.mean() < -0.45
+
+
+def test_claim_T6_truncation_mse_and_mae_are_larger():
+    assert claim("T6").verdict is Verdict.TRUE
+    near = QuantSpec(bits=8)
+    trunc = near.replace(rounding=RoundingMode.TOWARD_ZERO)
+    ratios = []
+    for sigma_over_step in np.geomspace(0.05, 20, 15):
+        s = 1.0 / sigma_over_step
+        a, b = error_moments(sps.norm(), trunc, s), error_moments(sps.norm(), near, s)
+        assert a.mse >= b.mse and a.mae >= b.mae
+        ratios.append(a.mse / b.mse)
+    assert ratios[-1] == pytest.approx(4.0, rel=0.05)  # wide: 1/3 vs 1/12
+    assert ratios[0] < 1.01  # narrow: both send everything to 0
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(100_000)
+    ea, eb = fake_quantize(x, trunc, 0.05) - x, fake_quantize(x, near, 0.05) - x
+    r = mse_ratio_ci(ea, eb, paired=True, alpha=ALPHA)
+    assert r.ci[0] > 3.5 and r.p_value < ALPHA
+
+
+def test_claim_T7_small_values_suffer_in_relative_error_only():
+    assert claim("T7").verdict is Verdict.CONDITIONAL
+    trunc = QuantSpec(bits=8, rounding=RoundingMode.TOWARD_ZERO)
+    # Absolute error: a value uniform in [k, k+1) steps has the same MSE for every k.
+    mses = [error_moments(sps.uniform(k, 1), trunc, 1.0).mse for k in range(0, 20)]
+    np.testing.assert_allclose(mses, 1 / 3, rtol=1e-12)
+    # Relative error: E[(e/x)^2] falls with the magnitude.
+    rng = np.random.default_rng(5)
+    rel = []
+    for k in (1, 4, 16):
+        x = rng.uniform(k, k + 1, 50_000)
+        rel.append(np.mean(((fake_quantize(x, trunc, 1.0) - x) / x) ** 2))
+    assert rel[0] > rel[1] > rel[2]
+    # Zeroed range: |u| < 1 for truncation, |u| < 1/2 for nearest.
+    x = np.linspace(-2, 2, 40_001)
+    zero_t = np.mean(quantize(x, trunc, 1.0) == 0)
+    zero_n = np.mean(quantize(x, trunc.replace(rounding=RoundingMode.NEAREST_EVEN), 1.0) == 0)
+    assert zero_t == pytest.approx(2 * zero_n, rel=1e-3)

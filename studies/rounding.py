@@ -1,0 +1,408 @@
+"""What each rounding mode does to a value's error: exact, uniform-model and Monte Carlo.
+
+Three parts, each written as tidy data, figures and LaTeX tables:
+
+1. Regime sweep: every rounding mode × input law (uniform, normal, Laplace, Student-t with
+   5 degrees of freedom, and the one-sided half-normal of a post-ReLU activation) × σ/step
+   from 0.05 to 10, at 8 bits. The exact moments (:func:`qerror.analytic.error_moments`)
+   beside the uniform-noise model and beside a Monte-Carlo estimate with its confidence
+   interval; where the uniform model fails and by how much.
+2. Clipping: the exact MSE as a function of the clipping value for 2–8 and 16 bits, and the
+   MSE-optimal clipping value per bit width by ACIQ and by the exact engine.
+3. Error histograms in LSB for each mode, for a wide and a narrow input.
+
+With a trained baseline in the cache (``python -m studies.train``), or with
+``--checkpoint PATH``, a fourth part quantizes the real weights of every conv and linear
+layer per channel with each mode and reports their exact error moments (a finite set of
+weights: no sampling) beside the uniform model.
+
+Run: ``python -m studies.rounding`` (``--smoke`` for the test suite's tiny preset).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from tqdm import tqdm
+
+from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
+from qerror.analytic import ClipMethod, error_moments, optimal_clip
+from studies._common import RunDir, base_parser, figure_style
+
+ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
+UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
+
+
+@dataclass(frozen=True)
+class Law:
+    """An input law scaled to unit standard deviation (one-sided: its parent's σ = 1)."""
+
+    name: str
+    dist: object
+    one_sided: bool = False
+
+
+def laws(names: list[str] | None = None) -> list[Law]:
+    every = [
+        Law("uniform", sps.uniform(-math.sqrt(3.0), 2.0 * math.sqrt(3.0))),
+        Law("normal", sps.norm()),
+        Law("laplace", sps.laplace(scale=1.0 / math.sqrt(2.0))),
+        Law("student_t5", sps.t(5, scale=math.sqrt(3.0 / 5.0))),
+        Law("half_normal", sps.halfnorm(), one_sided=True),
+    ]
+    if names is None:
+        return every
+    known = {law.name: law for law in every}
+    unknown = set(names) - set(known)
+    if unknown:
+        raise ValueError(f"unknown law(s) {sorted(unknown)}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def spec_for(law: Law, bits: int, mode: RoundingMode) -> QuantSpec:
+    """Symmetric signed quantizer, or unsigned with zero point 0 for a one-sided law."""
+    return QuantSpec(bits=bits, signed=not law.one_sided, symmetric=True, rounding=mode)
+
+
+# --------------------------------------------------------------------------- compute
+
+
+METRICS = ("bias_lsb", "mse_lsb", "mae_lsb")
+
+
+def regime_sweep(law_list, modes, ratios, bits, mc_samples, seed) -> pd.DataFrame:
+    """Exact, uniform-model and Monte-Carlo moments in LSB, one row per config × metric."""
+    rows = []
+    configs = [(law, mode, r) for law in law_list for mode in modes for r in ratios]
+    seeds = np.random.SeedSequence(seed).spawn(len(configs))
+    z = sps.norm.ppf(1 - ALPHA / 2)
+    for (law, mode, ratio), ss in zip(tqdm(configs, desc="regime sweep", unit="config"), seeds):
+        spec = spec_for(law, bits, mode)
+        scale = 1.0 / ratio
+        exact = error_moments(law.dist, spec, scale)
+        rng = np.random.default_rng(ss)
+        x = law.dist.rvs(size=mc_samples, random_state=rng)
+        e = (fake_quantize(x, spec, scale, generator=rng) - x) / scale
+        mc = {"bias_lsb": e, "mse_lsb": e * e, "mae_lsb": np.abs(e)}
+        base = {"law": law.name, "mode": mode.value, "ratio": ratio, "bits": bits,
+                "p_clip": exact.p_clip, "n_mc": mc_samples}
+        for metric in METRICS:
+            sample = mc[metric]
+            mean = float(sample.mean())
+            se = float(sample.std(ddof=1) / math.sqrt(len(sample)))
+            ex = getattr(exact, metric)
+            model = getattr(exact.uniform, metric)
+            rows.append({**base, "metric": metric, "exact": ex, "uniform": model,
+                         "gap": ex - model, "mc": mean, "mc_se": se,
+                         "mc_ci_low": mean - z * se, "mc_ci_high": mean + z * se,
+                         "mc_z": (mean - ex) / se if se > 0 else float(mean != ex) * math.inf})
+    return pd.DataFrame(rows)
+
+
+def uniform_validity(regime: pd.DataFrame) -> pd.DataFrame:
+    """Per law and mode: the smallest σ/step above which the uniform model's MSE is within
+    UNIFORM_TOLERANCE (relative) at every swept ratio, and the worst relative gap below it."""
+    out = []
+    mse = regime[regime.metric == "mse_lsb"]
+    for (law, mode), g in mse.groupby(["law", "mode"], sort=False):
+        g = g.sort_values("ratio")
+        rel = (g.exact / g.uniform - 1.0).abs().to_numpy()
+        ok = rel <= UNIFORM_TOLERANCE
+        # first index from which every larger ratio is within tolerance
+        bad = np.nonzero(~ok)[0]
+        start = 0 if len(bad) == 0 else bad[-1] + 1
+        holds_from = g.ratio.iloc[start] if start < len(g) else math.nan
+        out.append({"law": law, "mode": mode, "holds_from_ratio": holds_from,
+                    "worst_rel_gap": float(rel.max()),
+                    "worst_at_ratio": float(g.ratio.iloc[int(np.argmax(rel))])})
+    return pd.DataFrame(out)
+
+
+def clipping_curves(law_list, bit_list, modes, alpha_grid) -> pd.DataFrame:
+    """Exact MSE (real units, σ = 1) against the clipping value α, per law × bits × mode."""
+    rows = []
+    configs = [(law, b, m) for law in law_list for b in bit_list for m in modes]
+    for law, bits, mode in tqdm(configs, desc="clipping curves", unit="curve"):
+        spec = spec_for(law, bits, mode)
+        for a in alpha_grid:
+            em = error_moments(law.dist, spec, a / spec.qmax)
+            rows.append({"law": law.name, "bits": bits, "mode": mode.value, "alpha": a,
+                         "mse": em.mse, "mse_granular": em.mse_granular,
+                         "mse_clip": em.mse_clip, "p_clip": em.p_clip})
+    return pd.DataFrame(rows)
+
+
+def clipping_optima(law_list, bit_list, modes) -> pd.DataFrame:
+    """The MSE-optimal α by ACIQ and by the exact engine, and the exact MSE at each."""
+    rows = []
+    configs = [(law, b, m) for law in law_list for b in bit_list for m in modes]
+    for law, bits, mode in tqdm(configs, desc="optimal clipping", unit="config"):
+        aciq = optimal_clip(law.dist, bits, ClipMethod.ACIQ, mode, one_sided=law.one_sided)
+        exact = optimal_clip(law.dist, bits, ClipMethod.EXACT, mode, one_sided=law.one_sided)
+        rows.append({"law": law.name, "bits": bits, "mode": mode.value,
+                     "alpha_aciq": aciq.alpha, "alpha_exact": exact.alpha,
+                     "mse_at_aciq": aciq.mse_exact, "mse_at_exact": exact.mse_exact,
+                     "mse_ratio": aciq.mse_exact / exact.mse_exact})
+    return pd.DataFrame(rows)
+
+
+def error_samples(modes, ratios, n, seed) -> pd.DataFrame:
+    """Monte-Carlo errors in LSB of a unit normal input, for the histograms."""
+    rng = np.random.default_rng(seed)
+    law = laws(["normal"])[0]
+    frames = []
+    for ratio in ratios:
+        x = law.dist.rvs(size=n, random_state=rng)
+        for mode in modes:
+            spec = spec_for(law, 8, mode)
+            e = (fake_quantize(x, spec, 1.0 / ratio, generator=rng) - x) * ratio
+            frames.append(pd.DataFrame({"mode": mode.value, "ratio": ratio, "error_lsb": e}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
+    """Exact error moments in LSB of every conv/linear weight, per-channel symmetric.
+
+    Parameters
+    ----------
+    state_dict : dict of str to torch.Tensor
+        Weights of at least 2 dimensions are taken (conv and linear layers); channel
+        axis 0, scale ``max|w| / qmax`` per output channel.
+    """
+    rows = []
+    weights = {k: v for k, v in state_dict.items()
+               if k.endswith("weight") and v.ndim >= 2 and v.dtype.is_floating_point}
+    if not weights:
+        raise ValueError("the state dict holds no conv or linear weights (2-D or more)")
+    for name, w in weights.items():
+        w = w.detach().to(torch.float64).cpu()
+        amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+        for mode in modes:
+            spec = QuantSpec(bits=bits, axis=0, rounding=mode)
+            scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            wq = fake_quantize(w, spec, scale.numpy(), generator=0)
+            e = ((wq - w) / scale.reshape(shape)).reshape(-1).numpy()
+            test = bias_test(e, alpha=ALPHA)
+            wf, wqf = w.reshape(-1).numpy(), wq.reshape(-1).numpy()
+            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": e.size,
+                         "bias_lsb": float(e.mean()), "bias_ci_low": test.ci[0],
+                         "bias_ci_high": test.ci[1], "mse_lsb": float(np.mean(e * e)),
+                         "mae_lsb": float(np.mean(np.abs(e))),
+                         "frac_shrunk": float(np.mean(np.abs(wqf) < np.abs(wf))),
+                         "frac_grown": float(np.mean(np.abs(wqf) > np.abs(wf))),
+                         "frac_zeroed": float(np.mean((wqf == 0) & (wf != 0)))})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str):
+    data = regime[regime.metric == metric]
+    law_names = list(dict.fromkeys(data.law))
+    fig, axes = plt.subplots(1, len(law_names), figsize=(3.0 * len(law_names), 2.8),
+                             sharey=True, squeeze=False)
+    for ax, law in zip(axes[0], law_names):
+        d = data[data.law == law]
+        for i, (mode, g) in enumerate(d.groupby("mode", sort=False)):
+            color = f"C{i}"
+            ax.plot(g.ratio, g.exact, color=color, label=mode)
+            ax.plot(g.ratio, g.uniform, color=color, ls="--", lw=0.8)
+            ax.errorbar(g.ratio, g.mc, yerr=[g.mc - g.mc_ci_low, g.mc_ci_high - g.mc],
+                        fmt="none", ecolor=color, elinewidth=0.6, capsize=0)
+        ax.set_xscale("log")
+        ax.set_title(law.replace("_", " "))
+        ax.set_xlabel("σ / step")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=6, frameon=False)
+    fig.suptitle(f"{ylabel}: exact (solid), uniform model (dashed), "
+                 f"Monte Carlo {100 * (1 - ALPHA):g}% CI (bars)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_clipping(plt, curves: pd.DataFrame, optima: pd.DataFrame, mode: str):
+    data = curves[curves["mode"] == mode]
+    law_names = list(dict.fromkeys(data.law))
+    fig, axes = plt.subplots(1, len(law_names), figsize=(3.0 * len(law_names), 2.8),
+                             squeeze=False)
+    for ax, law in zip(axes[0], law_names):
+        d = data[data.law == law]
+        for i, (bits, g) in enumerate(d.groupby("bits")):
+            ax.plot(g.alpha, g.mse, color=f"C{i}", label=f"{bits} bits")
+            o = optima[(optima.law == law) & (optima.bits == bits) & (optima["mode"] == mode)]
+            if len(o):
+                ax.plot(o.alpha_exact, o.mse_at_exact, "o", color=f"C{i}", ms=3)
+                ax.plot(o.alpha_aciq, o.mse_at_aciq, "x", color=f"C{i}", ms=4)
+        ax.set_yscale("log")
+        ax.set_title(law.replace("_", " "))
+        ax.set_xlabel("clipping value α / σ")
+    axes[0][0].set_ylabel("exact MSE / σ²")
+    axes[0][-1].legend(fontsize=6, frameon=False)
+    fig.suptitle(f"{mode}: exact MSE vs clipping; o exact optimum, x ACIQ", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_histograms(plt, samples: pd.DataFrame):
+    ratios = sorted(samples.ratio.unique())
+    modes = list(dict.fromkeys(samples["mode"]))
+    fig, axes = plt.subplots(len(ratios), len(modes), figsize=(2.0 * len(modes),
+                             1.8 * len(ratios)), sharex=True, squeeze=False)
+    bins = np.linspace(-1.0, 1.0, 81)
+    for i, ratio in enumerate(ratios):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            e = samples[(samples.ratio == ratio) & (samples["mode"] == mode)].error_lsb
+            ax.hist(np.clip(e, -1, 1), bins=bins, density=True, color=f"C{j}")
+            if i == 0:
+                ax.set_title(mode, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"σ/step={ratio:g}", fontsize=7)
+            ax.tick_params(labelsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("error (LSB)", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _macros(regime: pd.DataFrame, validity: pd.DataFrame, optima: pd.DataFrame) -> dict:
+    """Numbers the paper's text quotes, under letter-only names."""
+    def pick(law, mode, metric, ratio):
+        d = regime[(regime.law == law) & (regime["mode"] == mode) & (regime.metric == metric)]
+        return float(d.iloc[(d.ratio - ratio).abs().argmin()].exact)
+
+    wide = float(regime.ratio.max())
+    macros = {
+        "RoundingWideRatio": f"{wide:g}",
+        "TruncBiasHalfNormalWide": f"{pick('half_normal', 'toward_zero', 'bias_lsb', wide):.3f}",
+        "TruncBiasNormalWide": f"{pick('normal', 'toward_zero', 'bias_lsb', wide):.3f}",
+        "TruncMseNormalWide": f"{pick('normal', 'toward_zero', 'mse_lsb', wide):.4f}",
+        "NearestMseNormalWide": f"{pick('normal', 'nearest_even', 'mse_lsb', wide):.4f}",
+    }
+    v = validity[(validity.law == "normal") & (validity["mode"] == "nearest_even")]
+    if len(v):
+        macros["UniformHoldsFromNormalNearest"] = f"{float(v.holds_from_ratio.iloc[0]):.2g}"
+    return macros
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = base_parser("rounding", __doc__.splitlines()[0])
+    parser.add_argument("--mc-samples", type=int, default=None,
+                        help="Monte-Carlo samples per configuration (default 100000, smoke 4000)")
+    parser.add_argument("--ratios", type=int, default=None,
+                        help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
+    parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a state dict or qerror checkpoint whose weights to analyse")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    mc_n = args.mc_samples or (4000 if smoke else 100_000)
+    n_ratios = args.ratios or (4 if smoke else 25)
+    if mc_n < 10 or n_ratios < 2:
+        parser.error("--mc-samples must be at least 10 and --ratios at least 2")
+    try:
+        law_list = laws(args.laws or (["normal", "half_normal"] if smoke else None))
+    except ValueError as err:
+        parser.error(str(err))
+    modes = list(RoundingMode)
+    ratios = np.geomspace(0.05, 10.0, n_ratios)
+    bit_list = [4, 8] if smoke else [2, 3, 4, 5, 6, 7, 8, 16]
+    clip_modes = [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO]
+    clip_laws = [law for law in law_list if law.name != "uniform"]
+    alpha_grid = np.linspace(0.5, 8.0, 8 if smoke else 60)
+    weights = _load_weights(args.checkpoint)
+    config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
+              "bits_regime": 8, "bits_clipping": bit_list, "alpha": ALPHA,
+              "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
+              "weights": None if weights is None else weights[1]}
+    plt = figure_style()
+    with RunDir(args.out, "rounding", argv, config) as run:
+        regime = regime_sweep(law_list, modes, ratios, 8, mc_n, args.seed)
+        validity = uniform_validity(regime)
+        curves = clipping_curves(clip_laws, bit_list, clip_modes, alpha_grid)
+        optima = clipping_optima(clip_laws, [b for b in bit_list if b <= 8], clip_modes)
+        samples = error_samples(modes, [0.3, 10.0], 2000 if smoke else 50_000, args.seed)
+        run.write_csv("regime.csv", regime)
+        run.write_csv("uniform_validity.csv", validity)
+        run.write_csv("clipping_curves.csv", curves)
+        run.write_csv("clipping_optima.csv", optima)
+        n_out = int((regime.mc_z.abs() > sps.norm.ppf(1 - ALPHA / 2)).sum())
+        summary = {"configs": int(len(regime) // len(METRICS)),
+                   "mc_outside_ci": n_out, "mc_comparisons": int(len(regime)),
+                   "expected_outside_ci_under_agreement": ALPHA * len(regime)}
+        if weights is not None:
+            werr = weight_errors(weights[0], modes)
+            run.write_csv("weights.csv", werr)
+            summary["weights_layers"] = int(werr.layer.nunique())
+        else:
+            print("[rounding] no trained baseline in the cache and no --checkpoint: the "
+                  "real-weights part is skipped (python -m studies.train makes the baseline)")
+        run.write_json("summary.json", summary)
+        run.write_latex_table(
+            "uniform_validity.tex", validity,
+            "Where the uniform-noise model's MSE is within "
+            f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits).", "tab:uniform-validity")
+        run.write_latex_table("clipping_optima.tex", optima,
+                              "MSE-optimal clipping value (in units of σ): ACIQ vs exact.",
+                              "tab:clipping-optima")
+        run.write_macros("macros.tex", _macros(regime, validity, optima))
+        for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
+                              ("mae_lsb", "MAE (LSB)")):
+            fig = figure_regime(plt, regime, metric, label)
+            run.save_figure(fig, f"regime_{metric}")
+            plt.close(fig)
+        for mode in clip_modes:
+            fig = figure_clipping(plt, curves, optima, mode.value)
+            run.save_figure(fig, f"clipping_{mode.value}")
+            plt.close(fig)
+        fig = figure_histograms(plt, samples)
+        run.save_figure(fig, "error_histograms")
+        plt.close(fig)
+        out = run.finish()
+    print(validity.to_string(index=False))
+    print(f"[rounding] Monte Carlo outside its {100 * (1 - ALPHA):g}% CI: {n_out} of "
+          f"{len(regime)} comparisons (about {ALPHA * len(regime):.1f} expected by chance)")
+    print(f"[rounding] written to {out}")
+    return 0
+
+
+def _load_weights(path: Path | None):
+    """(state_dict, identity) from --checkpoint, else the cached baseline, else None."""
+    if path is None:
+        try:
+            from qerror.models import default_checkpoint_path, load_checkpoint
+        except ImportError:
+            return None
+        for arch in ("resnet50", "resnet18"):
+            candidate = default_checkpoint_path(arch)
+            if Path(candidate).exists():
+                model, meta = load_checkpoint(candidate, expected_arch=arch)
+                return model.state_dict(), {"path": str(candidate), "arch": arch}
+        return None
+    if not path.is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: say so, do not half-read it
+        raise SystemExit(f"--checkpoint {path}: not a readable torch file ({err})") from err
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"--checkpoint {path}: expected a state dict of tensors")
+    return state, {"path": str(path)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Study smoke runs end to end, and the run-folder guarantees (manifest, atomicity)."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from studies import _common, bench, rounding
+from studies._common import RunDir, sha256_file
+
+
+def test_rounding_smoke(tmp_path):
+    out = tmp_path / "rounding"
+    assert rounding.main(["--smoke", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, digest in manifest["outputs"].items():
+        assert sha256_file(out / name) == digest
+    for stem in ("regime_mse_lsb", "clipping_nearest_even", "error_histograms"):
+        assert (out / f"{stem}.pdf").exists() and (out / f"{stem}.png").exists()
+    regime = pd.read_csv(out / "regime.csv")
+    assert set(regime["mode"]) == {m.value for m in rounding.RoundingMode}
+    # exact vs Monte Carlo: the tidy data carries the z-scores the summary counts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mc_comparisons"] == len(regime)
+    assert "\\newcommand" in (out / "macros.tex").read_text()
+    assert "\\toprule" in (out / "clipping_optima.tex").read_text()
+
+
+def test_rounding_rejects_unknown_law(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rounding.main(["--smoke", "--laws", "cauchy", "--out", str(tmp_path / "r")])
+    assert "unknown law" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_rounding_weights_part_on_a_state_dict(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    frame = rounding.weight_errors(net.state_dict(), list(rounding.RoundingMode))
+    assert set(frame.layer) == {"0.weight", "2.weight"}
+    trunc = frame[frame["mode"] == "toward_zero"].set_index("layer")
+    assert (trunc.frac_grown == 0).all()  # symmetric truncation never grows a magnitude
+    # every weight shrinks except each output channel's largest, which sits on the grid
+    assert trunc.loc["2.weight", "frac_shrunk"] == 14 / 16
+    nearest = frame[frame["mode"] == "nearest_even"]
+    assert (nearest.frac_grown > 0.2).all()
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--smoke", "--pairs", "1", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "bench.csv")
+    assert (frame.ratio_median > 0).all() and len(frame) >= 13
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "study"
+    with pytest.raises(RuntimeError):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("part.csv", "a,b\n")
+            raise RuntimeError("interrupted")
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_finished_run_replaces_the_old_one_only_when_complete(tmp_path):
+    out = tmp_path / "study"
+    with RunDir(out, "demo", ["--x"], {"k": 1}) as run:
+        run.write_text("a.txt", "first")
+        run.finish()
+    with pytest.raises(RuntimeError):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("a.txt", "second")
+            raise RuntimeError
+    assert (out / "a.txt").read_text() == "first"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["argv"] == ["--x"] and manifest["config"] == {"k": 1}
+    assert manifest["packages"]["numpy"]
+
+
+def test_macro_names_must_be_letters(tmp_path):
+    with RunDir(tmp_path / "m", "demo", [], {}) as run:
+        with pytest.raises(ValueError, match="letters only"):
+            run.write_macros("m.tex", {"bad_name1": "1"})
+    assert _common.package_versions(["numpy"])["numpy"]
