@@ -1,5 +1,14 @@
 """qerror: quantization error in neural networks, analytically, empirically and statistically."""
 
+from qerror.analytic import (
+    ClipMethod,
+    ClipResult,
+    ErrorMoments,
+    InfiniteMomentWarning,
+    UniformNoise,
+    error_moments,
+    optimal_clip,
+)
 from qerror.calibration import calibrate, observed_range, qparams_from_range
 from qerror.quantizer import (
     QParams,
@@ -28,6 +37,13 @@ from qerror.stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipMethod",
+    "ClipResult",
+    "ErrorMoments",
+    "InfiniteMomentWarning",
+    "UniformNoise",
+    "error_moments",
+    "optimal_clip",
     "ErrorInterval",
     "ErrorStats",
     "ErrorSummary",

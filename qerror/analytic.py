@@ -1,0 +1,1117 @@
+"""Exact error moments of uniform quantization for a continuous input law.
+
+For an input ``X`` with a continuous law and a per-tensor quantizer
+``x̂ = s (clamp(R(x/s + z), qmin, qmax) - z)`` (DESIGN §2) this module computes,
+without sampling, the bias, variance, mean squared and mean absolute error of
+``e = x̂ - x``, the probabilities of clamping at each end, the split of the MSE
+into its granular and clipping parts, and beside them the uniform-noise
+(Widrow) predictions. It also chooses MSE-optimal clipping values, by the ACIQ
+approximation of Banner et al. or by minimising the exact MSE.
+
+The integrals are taken bin by bin over the shifted variable ``u = x/s + z`` in
+LSB units, all bins at once: closed forms for the normal, Laplace and uniform
+laws, Gauss-Legendre quadrature on quantile-graded panels for any other law.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, special, stats
+
+from qerror._checks import check_positive_finite
+from qerror.quantizer import QuantSpec
+from qerror.rounding import RoundingMode
+
+__all__ = [
+    "ClipMethod",
+    "ClipResult",
+    "ErrorMoments",
+    "InfiniteMomentWarning",
+    "UniformNoise",
+    "error_moments",
+    "optimal_clip",
+]
+
+# Gauss-Legendre rule on [0, 1]. A normal piece goes to it while its
+# log-density changes by at most _GL_SPREAD across the piece; there 12 nodes
+# match 400-digit closed forms to ~1e-15 relative, and beyond it the closed
+# forms no longer cancel badly.
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
+_GL_X = (_GL_X + 1.0) / 2.0
+_GL_W = _GL_W / 2.0
+_GL_SPREAD = 4.0
+
+# Gauss-Laguerre rule for the normal's upper partial moments beyond 2 standard
+# deviations, where the closed form T1 = phi - g Q cancels (relative error grows
+# like g**(2j)); 40 nodes give <= 7e-15 relative for every g >= 2.
+_LAG_X, _LAG_W = special.roots_laguerre(40)
+_LAG_FROM = 2.0
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Quantile grid of the generic law: logit-spaced in the body (step 0.25, down
+# to p = 4e-18) and one decade per breakpoint in the far tails down to 1e-300.
+_BODY_P = special.expit(np.arange(-40.0, 0.0 + 1e-9, 0.25))
+_FAR_P = 10.0 ** -np.arange(18.0, 301.0)
+
+# Uniform-noise model per LSB (DESIGN §2): (bias, MSE, MAE). TOWARD_ZERO's bias
+# depends on the law and is filled in by _uniform_noise.
+_UNIFORM_TABLE = {
+    RoundingMode.NEAREST_EVEN: (0.0, 1.0 / 12.0, 0.25),
+    RoundingMode.NEAREST_AWAY: (0.0, 1.0 / 12.0, 0.25),
+    RoundingMode.FLOOR: (-0.5, 1.0 / 3.0, 0.5),
+    RoundingMode.CEIL: (0.5, 1.0 / 3.0, 0.5),
+    RoundingMode.TOWARD_ZERO: (math.nan, 1.0 / 3.0, 0.5),
+    RoundingMode.STOCHASTIC: (0.0, 1.0 / 6.0, 1.0 / 3.0),
+}
+
+
+class InfiniteMomentWarning(UserWarning):
+    """The input law lacks a moment the error needs: some results are inf or nan.
+
+    A UserWarning, not a RuntimeWarning: the test suite turns RuntimeWarnings
+    raised in qerror into errors to catch numerical accidents, and this one is
+    a documented answer, not an accident.
+    """
+
+
+class ClipMethod(enum.Enum):
+    """How :func:`optimal_clip` chooses the clipping value."""
+
+    ACIQ = "aciq"
+    EXACT = "exact"
+
+    @classmethod
+    def parse(cls, value: ClipMethod | str) -> ClipMethod:
+        """Accept a method or its name (``"aciq"``, ``"EXACT"``)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for method in cls:
+                if method.value == key:
+                    return method
+        names = ", ".join(m.value for m in cls)
+        raise ValueError(f"clip method {value!r} is not one of: {names}")
+
+
+@dataclass(frozen=True)
+class UniformNoise:
+    """Uniform-noise (Widrow) prediction of the error moments.
+
+    The model treats the rounding error as independent of the input and
+    uniform on the mode's error interval, and it ignores clipping entirely: it
+    describes the granular error only, as if the integer range were unbounded.
+
+    Attributes
+    ----------
+    bias, variance, mse, mae : float
+        In real units (``bias`` and ``mae`` scale with ``s``, the others with ``s**2``).
+    bias_lsb, variance_lsb, mse_lsb, mae_lsb : float
+        The same in LSB units.
+    """
+
+    bias: float
+    variance: float
+    mse: float
+    mae: float
+    bias_lsb: float
+    variance_lsb: float
+    mse_lsb: float
+    mae_lsb: float
+
+
+@dataclass(frozen=True)
+class ErrorMoments:
+    """Exact moments of the quantization error ``e = x̂ - x`` for one law and quantizer.
+
+    Attributes
+    ----------
+    spec : QuantSpec
+    scale : float
+        The step ``s``.
+    zero_point : int
+    bias, variance, mse, mae : float
+        ``E[e]``, ``Var[e]``, ``E[e^2]`` and ``E|e|`` in real units.
+    bias_lsb, variance_lsb, mse_lsb, mae_lsb : float
+        The same in LSB units (divided by ``s``, or ``s**2`` for the squares).
+    mse_granular, mse_clip : float
+        ``E[e^2; qmin <= R(u) <= qmax]`` and ``E[e^2; R(u) outside]``: the MSE
+        split by whether the rounded code had to be clamped. They sum to ``mse``.
+    mse_granular_lsb, mse_clip_lsb : float
+        The same in LSB units.
+    p_low, p_high : float
+        ``P(R(u) < qmin)`` and ``P(R(u) > qmax)``: clamping at each end.
+    uniform : UniformNoise
+        The uniform-noise prediction, which ignores clipping.
+
+    Notes
+    -----
+    With an input law of infinite variance the clamped error is unbounded:
+    ``mse``, ``variance`` and ``mse_clip`` are ``inf``. Without a mean, ``mae``
+    is ``inf`` and ``bias`` is ``-inf``/``+inf`` when only the upper/lower tail
+    is heavy, and ``nan`` when both are (``inf - inf``: the mean error does not
+    exist). :func:`error_moments` warns with :class:`InfiniteMomentWarning`.
+    """
+
+    spec: QuantSpec
+    scale: float
+    zero_point: int
+    bias: float
+    variance: float
+    mse: float
+    mae: float
+    bias_lsb: float
+    variance_lsb: float
+    mse_lsb: float
+    mae_lsb: float
+    mse_granular: float
+    mse_clip: float
+    mse_granular_lsb: float
+    mse_clip_lsb: float
+    p_low: float
+    p_high: float
+    uniform: UniformNoise
+
+    @property
+    def p_clip(self) -> float:
+        """Probability of clamping at either end."""
+        return self.p_low + self.p_high
+
+    @property
+    def bias_gap(self) -> float:
+        """Exact minus uniform-model bias, real units."""
+        return self.bias - self.uniform.bias
+
+    @property
+    def variance_gap(self) -> float:
+        """Exact minus uniform-model variance, real units."""
+        return self.variance - self.uniform.variance
+
+    @property
+    def mse_gap(self) -> float:
+        """Exact minus uniform-model MSE, real units."""
+        return self.mse - self.uniform.mse
+
+    @property
+    def mae_gap(self) -> float:
+        """Exact minus uniform-model MAE, real units."""
+        return self.mae - self.uniform.mae
+
+    @property
+    def bias_gap_lsb(self) -> float:
+        """Exact minus uniform-model bias, LSB."""
+        return self.bias_lsb - self.uniform.bias_lsb
+
+    @property
+    def variance_gap_lsb(self) -> float:
+        """Exact minus uniform-model variance, LSB²."""
+        return self.variance_lsb - self.uniform.variance_lsb
+
+    @property
+    def mse_gap_lsb(self) -> float:
+        """Exact minus uniform-model MSE, LSB²."""
+        return self.mse_lsb - self.uniform.mse_lsb
+
+    @property
+    def mae_gap_lsb(self) -> float:
+        """Exact minus uniform-model MAE, LSB."""
+        return self.mae_lsb - self.uniform.mae_lsb
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """Outcome of :func:`optimal_clip`.
+
+    Attributes
+    ----------
+    alpha : float
+        The clipping value: the largest representable magnitude ``s * qmax``.
+    scale : float
+        ``alpha / qmax``, the step of the quantizer to use (zero point 0).
+    spec : QuantSpec
+        Signed (symmetric) or unsigned (one-sided), per tensor, zero point 0.
+    method : ClipMethod
+    one_sided : bool
+    mse : float
+        The minimised objective at ``alpha``: the ACIQ approximation or the exact MSE.
+    mse_exact : float
+        The exact MSE of the quantizer ``(spec, scale, 0)``, from :func:`error_moments`.
+    """
+
+    alpha: float
+    scale: float
+    spec: QuantSpec
+    method: ClipMethod
+    one_sided: bool
+    mse: float
+    mse_exact: float
+
+
+# --------------------------------------------------------------------------- normal law
+
+
+def _phi(t):
+    return np.exp(-0.5 * np.square(t)) * _INV_SQRT_2PI
+
+
+def _normal_upper(g, jmax: int) -> np.ndarray:
+    """``T_j(g) = ∫_g^∞ (t - g)^j φ(t) dt`` for j = 0..jmax; g 1-D, shape (jmax+1, g.size)."""
+    out = np.empty((jmax + 1,) + g.shape)
+    out[0] = special.ndtr(-g)
+    if jmax == 0:
+        return out
+    # Integration by parts gives T_{j+1} = j T_{j-1} - g T_j, which cancels
+    # mildly below _LAG_FROM (<= 5e-14 relative for j <= 3) and badly above.
+    ph = _phi(g)
+    out[1] = ph - g * out[0]
+    for j in range(1, jmax):
+        out[j + 1] = j * out[j - 1] - g * out[j]
+    far = g >= _LAG_FROM
+    if far.any():
+        gf = g[far]
+        # T_j = φ(g)/g^(j+1) ∫_0^∞ s^j e^{-s} e^{-s²/(2g²)} ds (s = g t'): smooth for g >= 2.
+        kernel = np.exp(-np.square(_LAG_X)[None, :] / (2.0 * np.square(gf)[:, None])) * _LAG_W
+        for j in range(1, jmax + 1):
+            out[j][far] = ph[far] / gf ** (j + 1) * (kernel @ _LAG_X**j)
+    return out
+
+
+def _normal_pieces(alpha, w: float, pmax: int) -> np.ndarray:
+    """``G_p(α, w) = ∫_α^{α+w} (t - α)^p φ(t) dt`` for p = 0..pmax, vectorised over α."""
+    beta = alpha + w
+    out = np.zeros((pmax + 1,) + alpha.shape)
+    # φ underflows to 0 beyond |t| = 38.6: pieces entirely past 40 have no mass.
+    live = (alpha < 40.0) & (beta > -40.0)
+    spread = np.maximum(np.abs(alpha), np.abs(beta)) * w
+    quad = live & (spread <= _GL_SPREAD)
+    if quad.any():
+        f = _phi(alpha[quad][:, None] + w * _GL_X) * _GL_W
+        for p in range(pmax + 1):
+            out[p][quad] = w ** (p + 1) * (f @ _GL_X**p)
+    right = live & ~quad & (alpha >= 0)
+    if right.any():
+        # Density falls across the piece: a difference of upper tails. With
+        # spread > 4 the tail beyond β is below e^-4 of the tail beyond α, so
+        # the difference barely cancels.
+        ta = _normal_upper(alpha[right], pmax)
+        tb = _normal_upper(beta[right], pmax)
+        for p in range(pmax + 1):
+            out[p][right] = ta[p] - sum(math.comb(p, j) * w ** (p - j) * tb[j]
+                                        for j in range(p + 1))
+    left = live & ~quad & (beta <= 0)
+    if left.any():
+        # Density rises across the piece: mirror it onto the upper tail.
+        ta = _normal_upper(-alpha[left], pmax)
+        tb = _normal_upper(-beta[left], pmax)
+        for p in range(pmax + 1):
+            out[p][left] = (sum(math.comb(p, j) * w ** (p - j) * (-1) ** j * tb[j]
+                                for j in range(p + 1)) - (-1) ** p * ta[p])
+    mid = live & ~quad & (alpha < 0) & (beta > 0)
+    if mid.any():
+        a, b = alpha[mid], beta[mid]
+        pa, pb = _phi(a), _phi(b)
+        g = [special.ndtr(b) - special.ndtr(a)]
+        g.append(pa - pb - a * g[0])
+        for p in range(1, pmax):
+            g.append(p * g[p - 1] - a * g[p] - w**p * pb)
+        for p in range(pmax + 1):
+            out[p][mid] = g[p]
+    return out
+
+
+class _Normal:
+    """Normal law with mean ``mu`` and standard deviation ``sigma`` (in whatever units)."""
+
+    mean_finite = var_finite = True
+    lower_unbounded = upper_unbounded = True
+
+    def __init__(self, mu: float, sigma: float):
+        self.mu = mu
+        self.sigma = sigma
+
+    def lsb(self, s: float, z: int) -> _Normal:
+        return _Normal(self.mu / s + z, self.sigma / s)
+
+    def cdf(self, u: float) -> float:
+        return float(special.ndtr((u - self.mu) / self.sigma))
+
+    def sf(self, u: float) -> float:
+        return float(special.ndtr((self.mu - u) / self.sigma))
+
+    def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
+        # Mirror right-anchored pieces (t -> -t) so that every piece is anchored on its left.
+        t_left = (left - self.mu) / self.sigma
+        t_right = (left + 0.5 - self.mu) / self.sigma
+        alpha = np.where(anchor_left, t_left, -t_right)
+        g = _normal_pieces(alpha, 0.5 / self.sigma, pmax)
+        return g * (self.sigma ** np.arange(pmax + 1))[:, None]
+
+    def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
+        g = (a - self.mu) / self.sigma
+        t = _normal_upper(np.array([g if upper else -g]), jmax)[:, 0]
+        return t * self.sigma ** np.arange(jmax + 1)
+
+
+# --------------------------------------------------------------------------- Laplace law
+
+
+def _rising_exp(w, pmax: int) -> np.ndarray:
+    """``E_p(w) = ∫_0^w (w - y)^p e^{-y} dy`` for p = 0..pmax; w 1-D, shape (pmax+1, w.size)."""
+    out = np.empty((pmax + 1,) + w.shape)
+    small = w <= 1.0
+    if small.any():
+        ws = w[small]
+        # The closed form below cancels like 1/w^(p+1) as w -> 0; the integrand is smooth here.
+        e = np.exp(-ws[:, None] * _GL_X) * _GL_W
+        for p in range(pmax + 1):
+            out[p][small] = ws ** (p + 1) * (e @ (1.0 - _GL_X) ** p)
+    big = ~small
+    if big.any():
+        wb = w[big]
+        ew = np.exp(-wb)
+        for p in range(pmax + 1):
+            poly = sum((-wb) ** j / math.factorial(j) for j in range(p + 1))
+            out[p][big] = math.factorial(p) * (-1) ** (p + 1) * (ew - poly)
+    return out
+
+
+def _laplace_falling(a, w, pmax: int) -> np.ndarray:
+    """``∫_a^{a+w} (t - a)^p ½e^{-t} dt`` for a >= 0: ``½ e^{-a} p! P(p+1, w)``."""
+    return np.stack([0.5 * np.exp(-a) * math.factorial(p) * special.gammainc(p + 1, w)
+                     for p in range(pmax + 1)])
+
+
+def _laplace_pieces(alpha, w: float, pmax: int) -> np.ndarray:
+    """``∫_α^{α+w} (t - α)^p ½e^{-|t|} dt`` for p = 0..pmax, vectorised over α."""
+    beta = alpha + w
+    out = np.empty((pmax + 1,) + alpha.shape)
+    right = alpha >= 0
+    if right.any():
+        out[:, right] = _laplace_falling(alpha[right], w, pmax)
+    left = beta <= 0
+    if left.any():
+        out[:, left] = 0.5 * np.exp(beta[left]) * _rising_exp(np.array([w]), pmax)
+    mid = ~right & ~left
+    if mid.any():
+        # Split at the kink t = 0; the right part is re-anchored from 0 to α
+        # with the binomial theorem, all terms positive.
+        a = -alpha[mid]
+        rise = 0.5 * _rising_exp(a, pmax)
+        fall = _laplace_falling(np.zeros_like(a), beta[mid], pmax)
+        for p in range(pmax + 1):
+            out[p][mid] = rise[p] + sum(math.comb(p, j) * a ** (p - j) * fall[j]
+                                        for j in range(p + 1))
+    return out
+
+
+class _Laplace:
+    """Laplace law with location ``mu`` and scale ``b``."""
+
+    mean_finite = var_finite = True
+    lower_unbounded = upper_unbounded = True
+
+    def __init__(self, mu: float, b: float):
+        self.mu = mu
+        self.b = b
+
+    def lsb(self, s: float, z: int) -> _Laplace:
+        return _Laplace(self.mu / s + z, self.b / s)
+
+    def cdf(self, u: float) -> float:
+        t = (u - self.mu) / self.b
+        return 0.5 * math.exp(t) if t <= 0 else 1.0 - 0.5 * math.exp(-t)
+
+    def sf(self, u: float) -> float:
+        return self.cdf(2.0 * self.mu - u)
+
+    def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
+        t_left = (left - self.mu) / self.b
+        t_right = (left + 0.5 - self.mu) / self.b
+        alpha = np.where(anchor_left, t_left, -t_right)
+        g = _laplace_pieces(alpha, 0.5 / self.b, pmax)
+        return g * (self.b ** np.arange(pmax + 1))[:, None]
+
+    def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
+        g = (a - self.mu) / self.b
+        g = g if upper else -g
+        if g >= 0:
+            t = np.array([0.5 * math.exp(-g) * math.factorial(j) for j in range(jmax + 1)])
+        else:
+            rise = 0.5 * _rising_exp(np.array([-g]), jmax)[:, 0]
+            t = np.array([rise[j] + 0.5 * sum(math.comb(j, i) * (-g) ** (j - i) * math.factorial(i)
+                                             for i in range(j + 1))
+                          for j in range(jmax + 1)])
+        return t * self.b ** np.arange(jmax + 1)
+
+
+# --------------------------------------------------------------------------- uniform law
+
+
+def _power_diff(d1, d2, p: int):
+    """``(d2^(p+1) - d1^(p+1)) / (p+1)`` without cancellation for 0 <= d1 <= d2."""
+    return (d2 - d1) * sum(d2**i * d1 ** (p - i) for i in range(p + 1)) / (p + 1)
+
+
+class _Uniform:
+    """Uniform law on ``[lo, hi]``."""
+
+    mean_finite = var_finite = True
+    lower_unbounded = upper_unbounded = False
+
+    def __init__(self, lo: float, hi: float):
+        self.lo = lo
+        self.hi = hi
+
+    def lsb(self, s: float, z: int) -> _Uniform:
+        return _Uniform(self.lo / s + z, self.hi / s + z)
+
+    def cdf(self, u: float) -> float:
+        return min(max((u - self.lo) / (self.hi - self.lo), 0.0), 1.0)
+
+    def sf(self, u: float) -> float:
+        return min(max((self.hi - u) / (self.hi - self.lo), 0.0), 1.0)
+
+    def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
+        lo = np.clip(left, self.lo, self.hi)
+        hi = np.clip(left + 0.5, self.lo, self.hi)
+        d1 = np.where(anchor_left, lo - left, left + 0.5 - hi)
+        d2 = np.where(anchor_left, hi - left, left + 0.5 - lo)
+        return np.stack([_power_diff(d1, d2, p) for p in range(pmax + 1)]) / (self.hi - self.lo)
+
+    def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
+        if upper:
+            d1, d2 = max(self.lo - a, 0.0), max(self.hi - a, 0.0)
+        else:
+            d1, d2 = max(a - self.hi, 0.0), max(a - self.lo, 0.0)
+        return np.array([_power_diff(d1, d2, j) for j in range(jmax + 1)]) / (self.hi - self.lo)
+
+
+# --------------------------------------------------------------------------- any other law
+
+
+class _Generic:
+    """Any frozen continuous law, integrated by Gauss-Legendre on graded panels.
+
+    Panels are cut at the half-LSB grid and at ~900 quantiles of the law
+    (logit-spaced in the body, a decade apart in the far tails down to 1e-300,
+    where scipy's quantile function is finite), at the support's ends and at
+    ``loc``: a density that is smooth between those points (a kink or jump at
+    ``loc`` or at the support ends is fine) is integrated to ~1e-13 relative.
+    Beyond the last finite quantile a tail's moments are integrated in
+    ``y = log(v / v_last)`` on doubling panels, with the integrand formed from
+    ``logpdf`` so that ``v**j * f`` neither overflows nor underflows: power-law
+    tails decay exponentially in ``y``. This part is as accurate as scipy's
+    ``logpdf`` at huge arguments, and stops where ``x`` would overflow, which
+    matters only for laws whose variance barely exists (Student t with df near 2).
+    """
+
+    def __init__(self, dist, breaks_x, finite, support, scale_x: float,
+                 s: float = 1.0, z: int = 0):
+        self.dist = dist
+        self.breaks_x = breaks_x
+        self.finite = finite
+        self.mean_finite, self.var_finite = finite
+        self.support = support
+        self.lower_unbounded = not math.isfinite(support[0])
+        self.upper_unbounded = not math.isfinite(support[1])
+        self.scale_x = scale_x
+        self.s = s
+        self.z = z
+        with np.errstate(over="ignore"):
+            breaks = breaks_x / s + z
+        self.breaks = np.unique(breaks[np.isfinite(breaks)])
+
+    @classmethod
+    def build(cls, dist, loc: float, scale: float) -> _Generic:
+        lo_sup, hi_sup = (float(v) for v in dist.support())
+        p = np.concatenate([_BODY_P, _FAR_P])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            # Quantile functions of some laws overflow or fail in the far tails;
+            # those breakpoints are simply dropped.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            points = np.concatenate([dist.ppf(p), dist.isf(p), [lo_sup, hi_sup, loc]])
+            mean, var = (float(v) for v in dist.stats(moments="mv"))
+        breaks = np.unique(points[np.isfinite(points)])
+        return cls(dist, breaks, (math.isfinite(mean), math.isfinite(var)),
+                   (lo_sup, hi_sup), scale)
+
+    def lsb(self, s: float, z: int) -> _Generic:
+        return _Generic(self.dist, self.breaks_x, self.finite, self.support, self.scale_x, s, z)
+
+    def cdf(self, u: float) -> float:
+        return float(self.dist.cdf(self.s * (u - self.z)))
+
+    def sf(self, u: float) -> float:
+        return float(self.dist.sf(self.s * (u - self.z)))
+
+    def _panel_moments(self, x_anchor, direction, va, vb, pmax: int) -> np.ndarray:
+        """``∫ v^p f_u`` over panels ``v in [va, vb]`` of the local coordinate
+        ``v = |u - anchor|``; shape (pmax+1, n_panels)."""
+        v = va[:, None] + (vb - va)[:, None] * _GL_X
+        x = x_anchor[:, None] + direction[:, None] * self.s * v
+        # Nodes of the quantile-graded panels next to a finite support end can
+        # round onto it or into subnormals, where a singular density (beta with
+        # a < 1) is infinite or makes scipy raise; the mass within 1e-300 of the
+        # end is negligible for any integrable density.
+        inside = (x > self.support[0] + 1e-300) & (x < self.support[1] - 1e-300)
+        f = np.zeros_like(x)
+        f[inside] = self.dist.pdf(x[inside])
+        f *= self.s * _GL_W * np.abs(vb - va)[:, None]
+        return np.stack([np.sum(f * v**p, axis=1) for p in range(pmax + 1)])
+
+    def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
+        m = left.size
+        lo, hi = left[0], left[-1] + 0.5
+        inner = self.breaks[(self.breaks > lo) & (self.breaks < hi)]
+        edges = np.union1d(lo + 0.5 * np.arange(m + 1), inner)
+        # Half-grid edges are exact, so the floor puts each panel in its own piece.
+        owner = np.minimum(np.floor((edges[:-1] - lo) * 2.0).astype(np.int64), m - 1)
+        anchor = left[owner] + np.where(anchor_left[owner], 0.0, 0.5)
+        direction = np.where(anchor_left[owner], 1.0, -1.0)
+        va = np.abs(edges[:-1] - anchor)
+        vb = np.abs(edges[1:] - anchor)
+        mom = self._panel_moments(self.s * (anchor - self.z), direction, va, vb, pmax)
+        return np.stack([np.bincount(owner, weights=mom[p], minlength=m)
+                         for p in range(pmax + 1)])
+
+    def _far_tail(self, x_a: float, direction: float, v_last: float, jmax: int) -> np.ndarray:
+        """``∫_{v_last}^∞ v^j f_u`` for j = 1..jmax, in ``y = log(v / v_last)``."""
+        y_max = math.log(1e300 / (self.s * v_last + abs(x_a)))
+        if y_max <= 0:
+            return np.zeros(jmax)
+        edges = np.concatenate([[0.0], 2.0 ** np.arange(-1.0, math.log2(y_max))])
+        edges = np.append(edges[edges < y_max], y_max)
+        width = np.diff(edges)
+        y = edges[:-1, None] + width[:, None] * _GL_X
+        v = v_last * np.exp(y)
+        with np.errstate(all="ignore"):
+            log_f = self.dist.logpdf(x_a + direction * self.s * v) + math.log(self.s)
+            terms = [np.exp((j + 1) * np.log(v) + log_f) for j in range(1, jmax + 1)]
+        return np.array([np.sum(np.nan_to_num(t, nan=0.0) * _GL_W * width[:, None])
+                         for t in terms])
+
+    def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
+        x_a = self.s * (a - self.z)
+        out = np.empty(jmax + 1)
+        out[0] = self.dist.sf(x_a) if upper else self.dist.cdf(x_a)
+        if jmax == 0:
+            return out
+        if upper:
+            beyond = self.breaks[self.breaks > a] - a
+            unbounded = self.upper_unbounded
+        else:
+            beyond = a - self.breaks[self.breaks < a][::-1]
+            unbounded = self.lower_unbounded
+        if beyond.size == 0 and unbounded:
+            # The clamp lies beyond every finite quantile: start the far-tail
+            # integration one scale unit out.
+            beyond = np.array([self.scale_x / self.s])
+        edges = np.concatenate([[0.0], beyond])
+        direction = 1.0 if upper else -1.0
+        n = edges.size - 1
+        mom = self._panel_moments(np.full(n, x_a), np.full(n, direction),
+                                  edges[:-1], edges[1:], jmax).sum(axis=1)
+        out[1:] = mom[1:]
+        if unbounded:
+            out[1:] += self._far_tail(x_a, direction, edges[-1], jmax)
+        return out
+
+
+# --------------------------------------------------------------------------- law dispatch
+
+
+def _law_of(dist):
+    """Validate ``dist`` and return its law object in real units."""
+    if isinstance(dist, (stats.rv_continuous, stats.rv_discrete)):
+        name = getattr(dist, "name", type(dist).__name__)
+        raise TypeError(
+            f"dist is the distribution family scipy.stats.{name}, not a distribution: "
+            f"freeze it with its parameters, e.g. scipy.stats.{name}(loc=0.0, scale=1.0)"
+        )
+    family = getattr(dist, "dist", None)
+    if isinstance(family, stats.rv_discrete):
+        raise TypeError(
+            f"dist is a discrete distribution (scipy.stats.{family.name}); the error "
+            "moments need a density: pass a frozen continuous distribution such as "
+            "scipy.stats.norm(loc, scale)"
+        )
+    if not isinstance(family, stats.rv_continuous):
+        raise TypeError(
+            f"dist must be a frozen scipy.stats continuous distribution such as "
+            f"scipy.stats.norm(loc, scale), got {type(dist).__name__}"
+        )
+    shapes, loc, scale = family._parse_args(*dist.args, **dist.kwds)
+    if any(np.ndim(v) != 0 for v in (*shapes, loc, scale)):
+        raise ValueError(
+            "dist has array-valued parameters; error_moments takes one law: "
+            "freeze it with scalar parameters"
+        )
+    loc, scale = float(loc), float(scale)
+    if not (math.isfinite(loc) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"dist has loc={loc}, scale={scale}: need finite loc and scale > 0")
+    if isinstance(family, type(stats.norm)):
+        return _Normal(loc, scale)
+    if isinstance(family, type(stats.laplace)):
+        return _Laplace(loc, scale)
+    if isinstance(family, type(stats.uniform)):
+        return _Uniform(loc, loc + scale)
+    return _Generic.build(dist, loc, scale)
+
+
+def _check_spec(spec) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if spec.axis is not None:
+        raise ValueError(
+            f"spec.axis={spec.axis}: error_moments describes one per-tensor quantizer; "
+            "for per-channel quantization call it once per channel with "
+            "spec.replace(axis=None) and that channel's scale and zero point"
+        )
+    return spec
+
+
+def _check_scale(scale) -> float:
+    s = check_positive_finite(scale, "scale")
+    if s.size != 1:
+        raise ValueError(
+            f"scale has {s.size} values; error_moments is per tensor: pass one scalar"
+        )
+    return float(s.reshape(()))
+
+
+def _check_zero_point(zero_point, spec: QuantSpec) -> int:
+    if isinstance(zero_point, (bool, np.bool_)):
+        raise TypeError(f"zero_point must be an integer, got {zero_point!r}")
+    z = np.asarray(zero_point)
+    if z.size != 1:
+        raise ValueError(f"zero_point has {z.size} values; pass one integer")
+    if z.dtype.kind == "f":
+        if not (np.isfinite(z) and z == np.round(z)):
+            raise ValueError(f"zero_point must be an integer, got {zero_point!r}")
+    elif z.dtype.kind not in "iu":
+        raise TypeError(f"zero_point must be an integer, got {zero_point!r}")
+    z = int(z.reshape(()))
+    if not spec.qmin <= z <= spec.qmax:
+        raise ValueError(
+            f"zero_point {z} is outside the integer range [{spec.qmin}, {spec.qmax}] "
+            f"of a {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} spec"
+        )
+    if spec.symmetric and z != 0:
+        raise ValueError(
+            f"zero_point must be 0 for a symmetric spec, got {z}; "
+            "use QuantSpec(symmetric=False) for an affine quantizer"
+        )
+    return z
+
+
+# --------------------------------------------------------------------------- the engine
+
+_GRANULAR, _STOCHASTIC, _EDGE = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(mode: RoundingMode, qmin: int, qmax: int):
+    """Half-LSB pieces of ``u`` and the two clamped tails, for one mode and range.
+
+    Every piece ``[left, left + 1/2]`` maps to one code ``c`` (the stochastic
+    interior excepted) and is anchored at the end nearer to ``c``, at distance
+    ``delta`` (0 or 1/2) from it, so that ``|ε| = delta + |u - anchor|`` with
+    the sign ``sign`` of ``ε = c - u`` fixed on the piece. Returns
+    ``(left, anchor_left, delta, sign, kind, tails)`` with
+    ``tails = ((a_low, delta_low), (a_high, delta_high))``.
+    """
+    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
+        start, stop = qmin - 0.5, qmax + 0.5
+        tails = ((qmin - 0.5, 0.5), (qmax + 0.5, 0.5))
+    elif mode is RoundingMode.FLOOR:
+        start, stop = qmin, qmax + 1
+        tails = ((qmin, 0.0), (qmax + 1, 1.0))
+    elif mode is RoundingMode.CEIL:
+        start, stop = qmin - 1, qmax
+        tails = ((qmin - 1, 1.0), (qmax, 0.0))
+    else:
+        start, stop = qmin - 1, qmax + 1
+        tails = ((qmin - 1, 1.0), (qmax + 1, 1.0))
+    n = round(2 * (stop - start))
+    left = start + 0.5 * np.arange(n)
+    on_integer = left == np.floor(left)
+    kind = np.full(n, _GRANULAR)
+    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
+        anchor_left = on_integer
+        delta = np.zeros(n)
+    elif mode is RoundingMode.FLOOR:
+        anchor_left = np.ones(n, dtype=bool)
+        delta = np.where(on_integer, 0.0, 0.5)
+    elif mode is RoundingMode.CEIL:
+        anchor_left = np.zeros(n, dtype=bool)
+        delta = np.where(on_integer, 0.5, 0.0)
+    elif mode is RoundingMode.TOWARD_ZERO:
+        # Truncation is ceil below u = 0 and floor above it (qmin <= 0 <= qmax).
+        anchor_left = left >= 0
+        delta = np.where(anchor_left, np.where(on_integer, 0.0, 0.5),
+                         np.where(on_integer, 0.5, 0.0))
+    else:
+        # Stochastic: inside [qmin, qmax] anchor at the nearer integer (the
+        # conditional moments v(1-v) are then computed without cancellation);
+        # in the unit below qmin and above qmax the clamped error is exactly
+        # qmin - u or qmax - u, and the clamping probability equals |ε|.
+        anchor_left = on_integer.copy()
+        delta = np.zeros(n)
+        kind[:] = _STOCHASTIC
+        kind[:2] = _EDGE
+        kind[-2:] = _EDGE
+        anchor_left[:2] = False
+        anchor_left[-2:] = True
+        delta[[0, -1]] = 0.5
+    sign = np.where(anchor_left, -1.0, 1.0)
+    if mode is RoundingMode.STOCHASTIC:
+        sign[:2], sign[-2:] = 1.0, -1.0
+    for arr in (left, anchor_left, delta, sign, kind):
+        arr.setflags(write=False)
+    return left, anchor_left, delta, sign, kind, tails
+
+
+def _abs_moments(j_mom, delta, pmax: int) -> list:
+    """``A_p = ∫ (delta + v)^p f`` from ``J_j = ∫ v^j f`` (binomial, all terms >= 0)."""
+    if isinstance(delta, float) and delta == 0:
+        # Keeps an infinite J_j (heavy tail) from meeting a zero weight: 0 * inf = nan.
+        return list(j_mom[: pmax + 1])
+    return [sum(math.comb(p, j) * delta ** (p - j) * j_mom[j] for j in range(p + 1))
+            for p in range(pmax + 1)]
+
+
+@dataclass(frozen=True)
+class _LsbMoments:
+    bias: float
+    mse_granular: float
+    mse_clip: float
+    mae: float
+    p_low: float
+    p_high: float
+
+
+def _tail_moments(law, a: float, upper: bool) -> np.ndarray:
+    """``J_0..J_2`` of a clamped tail, ``inf`` where the law's moment diverges."""
+    unbounded = law.upper_unbounded if upper else law.lower_unbounded
+    jmax = 2
+    if unbounded and not law.mean_finite:
+        jmax = 0
+    elif unbounded and not law.var_finite:
+        jmax = 1
+    out = np.full(3, np.inf)
+    out[: jmax + 1] = law.tail(a, upper, jmax)
+    return out
+
+
+def _moments_lsb(law, mode: RoundingMode, qmin: int, qmax: int) -> _LsbMoments:
+    left, anchor_left, delta, sign, kind, tails = _plan(mode, qmin, qmax)
+    stochastic = mode is RoundingMode.STOCHASTIC
+    pmax = 3 if stochastic else 2
+    jm = law.pieces(left, anchor_left, pmax)
+    a = _abs_moments(jm, delta, pmax)
+    if stochastic:
+        inner = kind == _STOCHASTIC
+        edge = ~inner
+        # Inside the range E[ε|u] = 0 and E[ε²|u] = E|ε|/2 = v(1 - v), v = |u - anchor|.
+        v1mv = (jm[1] - jm[2])[inner].sum()
+        bias = (sign * a[1])[edge].sum()
+        mse_granular = v1mv + (a[2] - a[3])[edge].sum()
+        mse_clip = a[3][edge].sum()
+        mae = 2.0 * v1mv + a[1][edge].sum()
+        p_low = a[1][edge & (sign > 0)].sum()
+        p_high = a[1][edge & (sign < 0)].sum()
+    else:
+        bias = (sign * a[1]).sum()
+        mse_granular = a[2].sum()
+        mse_clip = 0.0
+        mae = a[1].sum()
+        p_low = p_high = 0.0
+    (a_low, d_low), (a_high, d_high) = tails
+    with np.errstate(invalid="ignore"):
+        for a_tail, d_tail, upper, sgn in ((a_low, d_low, False, 1.0),
+                                           (a_high, d_high, True, -1.0)):
+            t = _abs_moments(_tail_moments(law, a_tail, upper), d_tail, 2)
+            bias = bias + sgn * t[1]
+            mse_clip = mse_clip + t[2]
+            mae = mae + t[1]
+            if upper:
+                p_high = p_high + t[0]
+            else:
+                p_low = p_low + t[0]
+    return _LsbMoments(float(bias), float(mse_granular), float(mse_clip), float(mae),
+                       float(p_low), float(p_high))
+
+
+def _uniform_noise(law, mode: RoundingMode, s: float) -> UniformNoise:
+    bias, mse, mae = _UNIFORM_TABLE[mode]
+    if mode is RoundingMode.TOWARD_ZERO:
+        bias = -(law.sf(0.0) - law.cdf(0.0)) / 2.0
+    var = mse - bias * bias
+    return UniformNoise(bias * s, var * s * s, mse * s * s, mae * s, bias, var, mse, mae)
+
+
+def _warn_infinite(law, result: _LsbMoments) -> None:
+    if law.var_finite:
+        return
+    if not law.mean_finite:
+        what = ("the input law has no mean: the clamped error is unbounded, so mae, mse "
+                "and variance are inf and the bias is "
+                + ("nan (both tails are heavy: inf - inf)" if math.isnan(result.bias)
+                   else f"{result.bias} (one tail is heavy)"))
+    else:
+        what = ("the input law has infinite variance: the clamped error is unbounded, "
+                "so mse, variance and mse_clip are inf (bias and mae are finite)")
+    warnings.warn(what, InfiniteMomentWarning, stacklevel=4)
+
+
+def error_moments(dist, spec: QuantSpec, scale, zero_point=0) -> ErrorMoments:
+    """Exact moments of the quantization error for a continuous input law.
+
+    Parameters
+    ----------
+    dist : frozen scipy.stats continuous distribution
+        The law of the input ``x`` in real units, e.g. ``scipy.stats.norm(0, 0.02)``.
+        Scalar parameters only.
+    spec : QuantSpec
+        A per-tensor spec (``spec.axis is None``); its rounding mode, bit width,
+        signedness and ``narrow`` flag define ``R``, ``qmin`` and ``qmax``.
+    scale : float
+        The step ``s > 0``.
+    zero_point : int
+        In ``[qmin, qmax]``; 0 for a symmetric spec.
+
+    Returns
+    -------
+    ErrorMoments
+        Exact bias, variance, MSE and MAE of ``e = x̂ - x`` in real and LSB
+        units, clamping probabilities at each end, the MSE's granular and
+        clipping parts, and the uniform-noise predictions (which ignore clipping).
+
+    Raises
+    ------
+    TypeError
+        ``dist`` is a distribution family (not frozen), a discrete law or not a
+        scipy distribution; ``spec`` is not a QuantSpec; ``zero_point`` is not an integer.
+    ValueError
+        Per-channel spec, non-positive or non-finite scale, zero point out of
+        range (or non-zero for a symmetric spec), array-valued law parameters.
+
+    Warns
+    -----
+    InfiniteMomentWarning
+        The law has infinite variance (``mse = variance = inf``) or no mean
+        (``mae = inf``, ``bias`` is ``nan`` or ``±inf``); see :class:`ErrorMoments`.
+
+    Notes
+    -----
+    With ``u = x/s + z`` and ``ε = q - u`` (LSB), ``e = s ε``. For the
+    deterministic modes the set of ``u`` mapped to code ``k`` is an interval:
+    ``[k - 1/2, k + 1/2]`` for the nearest modes (ties have probability zero,
+    so NEAREST_EVEN and NEAREST_AWAY agree), ``[k, k+1)`` for FLOOR,
+    ``(k-1, k]`` for CEIL, and for TOWARD_ZERO ``[k, k+1)`` when ``k >= 1``,
+    ``(k-1, k]`` when ``k <= -1`` and ``(-1, 1)`` for ``k = 0`` (truncation acts
+    on ``u``, so with ``z != 0`` it pulls toward the real value ``-z s``, not 0).
+    The end codes absorb the tails. Each interval is cut into half-LSB pieces
+    anchored at the end nearer to the code, on which ``|ε| = δ + |u - a|`` with
+    ``δ in {0, 1/2}``, so that every moment is a sum of partial moments
+    ``J_p = ∫ |u - a|^p f_u(u) du`` (p <= 3) with non-negative weights, and the
+    MAE needs no further split. STOCHASTIC rounds ``u`` up with probability
+    ``v = u - floor(u)``: ``E[ε|u] = 0``, ``E[ε²|u] = v(1 - v)`` and
+    ``E[|ε| | u] = 2 v (1 - v)``; below ``qmin`` (above ``qmax``) the error is
+    exactly ``qmin - u`` (``qmax - u``) whatever the draw, and in the unit next
+    to the range the code was clamped with probability ``|ε|``, which splits
+    the MSE between granular and clipping and adds to ``p_low``/``p_high``.
+
+    Partial moments: for the normal law, Gauss-Legendre (12 nodes) on pieces
+    where the log-density changes by at most 4, otherwise differences of upper
+    partial moments ``T_j(g) = ∫_g^∞ (t-g)^j φ``, themselves by Gauss-Laguerre
+    for ``g >= 2`` where the closed form cancels; for the Laplace law the
+    regularised incomplete gamma function (and Gauss-Legendre for the rising
+    side's short pieces); for the uniform law exact polynomials. Measured
+    against 400-digit references the normal pieces are accurate to ~3e-13
+    relative (the worst case deep in the tail, where φ itself is only that
+    accurate); each moment is a sum of non-negative terms, except the bias,
+    whose absolute error is ~1e-15 of the MAE. Any other law goes through
+    Gauss-Legendre on quantile-graded panels (see ``_Generic``) and
+    log-substituted panels for the far tails. Against piecewise
+    ``scipy.integrate.quad`` at 1e-13 (normal, Laplace, uniform, Student t;
+    every mode; σ from 0.05 to 10 steps) every moment agrees to better than
+    1e-13 relative. Cost: every bin at once, so O(2^bits) array work; about
+    0.2-0.5 ms per call at 8 bits for the closed-form laws, ~10 ms at 16 bits,
+    and ~5 ms at 8 bits for a generic law. ``variance = mse - bias**2``
+    (clamped at 0), which loses relative accuracy when the error is nearly
+    constant (a law much narrower than a step).
+
+    The uniform-noise model (Widrow & Kollár 2008) gives, per LSB: nearest
+    bias 0, MSE 1/12, MAE 1/4; FLOOR -1/2, 1/3, 1/2; CEIL +1/2, 1/3, 1/2;
+    TOWARD_ZERO ``-(P(u>0) - P(u<0))/2``, 1/3, 1/2; STOCHASTIC 0, 1/6, 1/3. It
+    is scaled by ``s`` (and ``s²``) and ignores clipping. It holds when the
+    density is smooth on the scale of a step (Widrow's quantizing theorems)
+    and fails for narrow inputs, a normal law with σ below about half a step.
+
+    References
+    ----------
+    .. [1] B. Widrow and I. Kollár, *Quantization Noise: Roundoff Error in
+       Digital Computation, Signal Processing, Control, and Communications*.
+       Cambridge University Press, 2008.
+    """
+    law = _law_of(dist)
+    spec = _check_spec(spec)
+    s = _check_scale(scale)
+    z = _check_zero_point(zero_point, spec)
+    return _error_moments(law, spec, s, z, warn=True)
+
+
+def _error_moments(law, spec: QuantSpec, s: float, z: int, *, warn: bool) -> ErrorMoments:
+    u_law = law.lsb(s, z)
+    m = _moments_lsb(u_law, spec.rounding, spec.qmin, spec.qmax)
+    if warn:
+        _warn_infinite(law, m)
+    mse = m.mse_granular + m.mse_clip
+    if math.isfinite(mse):
+        var = max(mse - m.bias * m.bias, 0.0)
+    else:
+        var = math.inf
+    return ErrorMoments(
+        spec=spec, scale=s, zero_point=z,
+        bias=m.bias * s, variance=var * s * s, mse=mse * s * s, mae=m.mae * s,
+        bias_lsb=m.bias, variance_lsb=var, mse_lsb=mse, mae_lsb=m.mae,
+        mse_granular=m.mse_granular * s * s, mse_clip=m.mse_clip * s * s,
+        mse_granular_lsb=m.mse_granular, mse_clip_lsb=m.mse_clip,
+        p_low=m.p_low, p_high=m.p_high,
+        uniform=_uniform_noise(u_law, spec.rounding, s),
+    )
+
+
+# --------------------------------------------------------------------------- optimal clipping
+
+# Coarse log-spaced grid before the bounded Brent refinement: the exact MSE is
+# not unimodal in alpha (lattice effects when a step is comparable to the
+# density's features), so Brent alone could stop in a poor local minimum.
+_CLIP_GRID = 96
+_CLIP_DECADES = 5.0
+_CLIP_TAIL_P = 1e-15
+
+
+def _aciq_objective(law, mode: RoundingMode, levels: int, one_sided: bool, granular_mass: bool):
+    mse_lsb = _UNIFORM_TABLE[mode][1]
+
+    def objective(alpha: float) -> float:
+        if one_sided:
+            step = alpha / levels
+            clipped = law.tail(alpha, True, 2)[2] + law.tail(0.0, False, 2)[2]
+            mass = law.cdf(alpha) - law.cdf(0.0)
+        else:
+            step = 2.0 * alpha / levels
+            clipped = law.tail(alpha, True, 2)[2] + law.tail(-alpha, False, 2)[2]
+            mass = law.cdf(alpha) - law.cdf(-alpha)
+        return clipped + mse_lsb * step * step * (mass if granular_mass else 1.0)
+
+    return objective
+
+
+def optimal_clip(dist, bits: int, method: ClipMethod | str,
+                 rounding: RoundingMode | str = RoundingMode.NEAREST_EVEN,
+                 one_sided: bool = False, *, granular_mass: bool = True) -> ClipResult:
+    """MSE-optimal clipping value for a law, by ACIQ or by the exact MSE.
+
+    Parameters
+    ----------
+    dist : frozen scipy.stats continuous distribution
+        Law of the input in real units, with finite variance.
+    bits : int
+        2..16.
+    method : ClipMethod or {"aciq", "exact"}
+    rounding : RoundingMode or str
+    one_sided : bool
+        False: signed symmetric quantizer, zero point 0, scale ``alpha/qmax``
+        (codes ``-2**(bits-1) .. 2**(bits-1)-1``). True: post-ReLU, unsigned,
+        zero point 0, range ``[0, alpha]``, scale ``alpha/(2**bits - 1)``;
+        ``dist`` is quantized as given, so values below 0 clamp to 0 and count
+        as clipping error (pass the law of the non-negative values, e.g.
+        ``scipy.stats.halfnorm``, to model a ReLU output without its zeros).
+    granular_mass : bool, keyword-only
+        ACIQ only: weight the granular term by the probability of the unclipped
+        range (True) or not, as in Banner et al. (False).
+
+    Returns
+    -------
+    ClipResult
+
+    Raises
+    ------
+    ValueError
+        The law has infinite variance (every clipping value gives infinite
+        MSE), or, one-sided, no mass above 0; bad ``bits``, ``method`` or ``rounding``.
+
+    Notes
+    -----
+    ACIQ approximates the MSE as
+    ``E[(|x| - α)²; |x| > α] + m Δ² P(|x| <= α)`` (symmetric; one-sided:
+    ``E[(x - α)²; x > α] + E[x²; x < 0] + m Δ² P(0 <= x <= α)``), the first
+    term exact, the second the uniform-noise MSE per LSB ``m`` of the rounding
+    mode (1/12 nearest, 1/3 floor/ceil/toward-zero, 1/6 stochastic) at the
+    step ``Δ = 2α/L`` (one-sided ``α/L``), ``L = spec.levels = 2**bits``. For
+    nearest rounding and ``granular_mass=False`` the granular term is
+    ``Δ²/12 = α²/(3·4^M)``, exactly Banner et al.'s, so their published
+    optima are reproduced; the default also multiplies by ``P(|x| <= α)``,
+    the mass that is actually rounded rather than clipped, which lowers
+    ``α`` by up to ~1.3% at 2 bits and by < 0.02% at 8 bits for the normal and
+    Laplace laws. ``L`` cells of width ``Δ`` tile ``[-α, α]`` exactly (a
+    mid-rise grid); the zero-point-0 integer grid that EXACT evaluates and
+    that the returned ``scale = α/qmax`` defines has the slightly larger step
+    ``α/(2**(bits-1) - 1)``, so ACIQ's objective is an approximation of
+    ``mse_exact`` even where the uniform model holds.
+
+    EXACT minimises :func:`error_moments`'s MSE over ``α``: first on a
+    96-point log grid over five decades below ``max(|F⁻¹(1e-15)|, F⁻¹(1 - 1e-15))``
+    (the exact MSE is not unimodal in ``α``), then by bounded Brent between the
+    grid neighbours of the best point. A local minimum narrower than a grid
+    cell (14% of ``α``) can be missed.
+
+    References
+    ----------
+    .. [1] R. Banner, Y. Nahshan and D. Soudry, "Post training 4-bit
+       quantization of convolutional networks for rapid-deployment",
+       NeurIPS 2019.
+    .. [2] B. Widrow and I. Kollár, *Quantization Noise*, Cambridge
+       University Press, 2008.
+    """
+    law = _law_of(dist)
+    method = ClipMethod.parse(method)
+    spec = QuantSpec(bits=bits, signed=not one_sided, symmetric=True, rounding=rounding)
+    if not law.var_finite:
+        raise ValueError(
+            "dist has infinite variance: the clipping error's MSE is infinite for every "
+            "clipping value, so no MSE-optimal clip exists; use a percentile range instead"
+        )
+    hi = float(dist.isf(_CLIP_TAIL_P))
+    if one_sided:
+        if not hi > 0:
+            raise ValueError("dist has no mass above 0: nothing to quantize one-sided")
+    else:
+        hi = max(hi, -float(dist.ppf(_CLIP_TAIL_P)))
+    qmax = spec.qmax
+    if method is ClipMethod.ACIQ:
+        objective = _aciq_objective(law, spec.rounding, spec.levels, one_sided, granular_mass)
+    else:
+        def objective(alpha: float) -> float:
+            return _error_moments(law, spec, alpha / qmax, 0, warn=False).mse
+    grid = hi * np.logspace(-_CLIP_DECADES, 0.0, _CLIP_GRID)
+    values = np.array([objective(a) for a in grid])
+    best = int(np.argmin(values))
+    lo_b, hi_b = grid[max(best - 1, 0)], grid[min(best + 1, _CLIP_GRID - 1)]
+    res = optimize.minimize_scalar(objective, bounds=(lo_b, hi_b), method="bounded",
+                                   options={"xatol": 1e-10 * grid[best]})
+    alpha, value = (float(res.x), float(res.fun)) if res.fun <= values[best] else (
+        float(grid[best]), float(values[best]))
+    exact = _error_moments(law, spec, alpha / qmax, 0, warn=False).mse
+    return ClipResult(alpha=alpha, scale=alpha / qmax, spec=spec, method=method,
+                      one_sided=bool(one_sided), mse=value, mse_exact=exact)
