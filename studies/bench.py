@@ -38,6 +38,7 @@ class BenchRow:
     goal: float | None
     meets_goal: bool | None
     pairs: int
+    note: str = ""
 
 
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
@@ -57,11 +58,11 @@ def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object]
     return ta / tb, ta, tb
 
 
-def make_row(group, name, cand, base, goal, ratios, ta, tb) -> BenchRow:
+def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow:
     med = float(np.median(ratios))
     return BenchRow(group, name, cand, base, med, float(ratios.min()), float(ratios.max()),
                     float(np.median(ta) * 1e3), float(np.median(tb) * 1e3), goal,
-                    None if goal is None else bool(med <= goal), len(ratios))
+                    None if goal is None else bool(med <= goal), len(ratios), note)
 
 
 def bench_fake_quantize(args) -> list[BenchRow]:
@@ -98,14 +99,94 @@ def bench_fake_quantize(args) -> list[BenchRow]:
     return rows
 
 
+def _mc_mse_lsb(dist, spec, scale, n, seed, chunk=1 << 22) -> float:
+    """Monte-Carlo MSE in LSB from ``n`` draws, in chunks so memory stays bounded."""
+    rng = np.random.default_rng(seed)
+    total, done = 0.0, 0
+    while done < n:
+        m = min(chunk, n - done)
+        x = dist.rvs(size=m, random_state=rng)
+        e = (fake_quantize(x, spec, scale) - x) / scale
+        total += float(np.dot(e, e))
+        done += m
+    return total / n
+
+
+def bench_analytic(args) -> list[BenchRow]:
+    """Exact MSE (error_moments) against a Monte-Carlo estimate good to 1e-4 relative.
+
+    The Monte-Carlo sample size is the one whose standard error is 1e-4 of the MSE,
+    computed from the law's own error variance; the exact figure's accuracy is checked
+    against scipy quadrature of the same integral.
+    """
+    from scipy import integrate
+    from scipy import stats as sps
+
+    from qerror import error_moments
+
+    rows = []
+    laws = {"normal": sps.norm(), "laplace": sps.laplace(scale=2**-0.5),
+            "uniform": sps.uniform(-3**0.5, 2 * 3**0.5)}
+    spec = QuantSpec(bits=8)
+    scale = 1.0 / 3.0  # sigma / step = 3
+    target = 1e-3 if args.smoke else 1e-4
+    for name, dist in laws.items():
+        exact = error_moments(dist, spec, scale)
+        # independent check: integrate e(x)^2 f(x) bin by bin with quad
+        edges = (np.arange(spec.qmin, spec.qmax + 2) - 0.5) * scale
+        ref = sum(integrate.quad(lambda x, k=k: ((k * scale - x) ** 2) * dist.pdf(x),
+                                 lo, hi, epsabs=0, epsrel=1e-12)[0]
+                  for k, lo, hi in zip(range(spec.qmin, spec.qmax + 1), edges[:-1], edges[1:]))
+        ref += integrate.quad(lambda x: ((spec.qmin * scale - x) ** 2) * dist.pdf(x),
+                              -np.inf, edges[0], epsrel=1e-12)[0]
+        ref += integrate.quad(lambda x: ((spec.qmax * scale - x) ** 2) * dist.pdf(x),
+                              edges[-1], np.inf, epsrel=1e-12)[0]
+        rel_err = abs(exact.mse - ref) / ref
+        # draws for a standard error of target * MSE (e^2 has variance ~ 1/80 - 1/144 LSB^4)
+        probe = np.random.default_rng(args.seed)
+        x = dist.rvs(size=100_000, random_state=probe)
+        e2 = ((fake_quantize(x, spec, scale) - x) / scale) ** 2
+        n = int(np.ceil((e2.std() / (target * exact.mse_lsb)) ** 2))
+        mc_value = []
+        ratios, ta, tb = paired_ratio(
+            lambda d=dist: error_moments(d, spec, scale),
+            lambda d=dist, n=n: mc_value.append(_mc_mse_lsb(d, spec, scale, n, args.seed)),
+            max(1, args.pairs // 5), warmup=0)
+        mc_rel = abs(mc_value[-1] - exact.mse_lsb) / exact.mse_lsb
+        rows.append(make_row(
+            "analytic", f"MSE of {name}, 8 bits, sigma/step=3", "error_moments",
+            f"Monte Carlo n={n}", 1e-3, ratios, ta, tb,
+            note=f"exact vs quad rel err {rel_err:.1e}; MC rel err {mc_rel:.1e} "
+                 f"(target SE {target:g})"))
+    return rows
+
+
+def bench_empirical(args) -> list[BenchRow]:
+    """ErrorStats.update against one bare pass over the same 16M-element errors."""
+    from qerror import ErrorStats
+
+    n = (1 << 20) if args.smoke else (1 << 24)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(n, generator=gen)
+    scale = float(x.abs().max()) / 127
+    xh = fake_quantize(x, QuantSpec(), scale)
+    e = xh - x
+    bare = lambda: (xh - x).abs().sum()  # noqa: E731
+    cand = lambda: ErrorStats().update(e, scale=scale)  # noqa: E731
+    return [make_row("empirical", f"ErrorStats.update, {n} float32", "ErrorStats.update",
+                     "(x_hat - x).abs().sum()", 1.5, *paired_ratio(cand, bare, args.pairs))]
+
+
 GROUPS: dict[str, Callable] = {
     "fake_quantize": bench_fake_quantize,
+    "analytic": bench_analytic,
+    "empirical": bench_empirical,
 }
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
     cols = ["group", "name", "candidate", "baseline", "ratio_median", "ratio_min", "ratio_max",
-            "candidate_ms", "baseline_ms", "goal", "meets_goal"]
+            "candidate_ms", "baseline_ms", "goal", "meets_goal", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in frame[cols].iterrows():
         cells = [f"{v:.3g}" if isinstance(v, float) and not pd.isna(v) else

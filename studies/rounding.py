@@ -4,7 +4,7 @@ Three parts, each written as tidy data, figures and LaTeX tables:
 
 1. Regime sweep: every rounding mode × input law (uniform, normal, Laplace, Student-t with
    5 degrees of freedom, and the one-sided half-normal of a post-ReLU activation) × σ/step
-   from 0.05 to 10, at 8 bits. The exact moments (:func:`qerror.analytic.error_moments`)
+   from 0.05 to 10 × 2–8 and 16 bits. The exact moments (:func:`qerror.analytic.error_moments`)
    beside the uniform-noise model and beside a Monte-Carlo estimate with its confidence
    interval; where the uniform model fails and by how much.
 2. Clipping: the exact MSE as a function of the clipping value for 2–8 and 16 bits, and the
@@ -77,13 +77,19 @@ def spec_for(law: Law, bits: int, mode: RoundingMode) -> QuantSpec:
 METRICS = ("bias_lsb", "mse_lsb", "mae_lsb")
 
 
-def regime_sweep(law_list, modes, ratios, bits, mc_samples, seed) -> pd.DataFrame:
-    """Exact, uniform-model and Monte-Carlo moments in LSB, one row per config × metric."""
+def regime_sweep(law_list, modes, ratios, bit_list, mc_samples, seed) -> pd.DataFrame:
+    """Exact, uniform-model and Monte-Carlo moments in LSB, one row per config × metric.
+
+    The step is fixed by σ/step, so at few bits the range ``qmax · step`` clips the law:
+    the rows carry the clamping probability beside the moments.
+    """
     rows = []
-    configs = [(law, mode, r) for law in law_list for mode in modes for r in ratios]
+    configs = [(law, mode, r, b) for law in law_list for mode in modes for r in ratios
+               for b in bit_list]
     seeds = np.random.SeedSequence(seed).spawn(len(configs))
     z = sps.norm.ppf(1 - ALPHA / 2)
-    for (law, mode, ratio), ss in zip(tqdm(configs, desc="regime sweep", unit="config"), seeds):
+    for (law, mode, ratio, bits), ss in zip(tqdm(configs, desc="regime sweep", unit="config"),
+                                            seeds):
         spec = spec_for(law, bits, mode)
         scale = 1.0 / ratio
         exact = error_moments(law.dist, spec, scale)
@@ -107,11 +113,12 @@ def regime_sweep(law_list, modes, ratios, bits, mc_samples, seed) -> pd.DataFram
 
 
 def uniform_validity(regime: pd.DataFrame) -> pd.DataFrame:
-    """Per law and mode: the smallest σ/step above which the uniform model's MSE is within
-    UNIFORM_TOLERANCE (relative) at every swept ratio, and the worst relative gap below it."""
+    """Per law, mode and bits: the smallest σ/step above which the uniform model's MSE is
+    within UNIFORM_TOLERANCE (relative) at every larger swept ratio (NaN: at none), and the
+    worst relative gap."""
     out = []
     mse = regime[regime.metric == "mse_lsb"]
-    for (law, mode), g in mse.groupby(["law", "mode"], sort=False):
+    for (law, mode, bits), g in mse.groupby(["law", "mode", "bits"], sort=False):
         g = g.sort_values("ratio")
         rel = (g.exact / g.uniform - 1.0).abs().to_numpy()
         ok = rel <= UNIFORM_TOLERANCE
@@ -119,7 +126,7 @@ def uniform_validity(regime: pd.DataFrame) -> pd.DataFrame:
         bad = np.nonzero(~ok)[0]
         start = 0 if len(bad) == 0 else bad[-1] + 1
         holds_from = g.ratio.iloc[start] if start < len(g) else math.nan
-        out.append({"law": law, "mode": mode, "holds_from_ratio": holds_from,
+        out.append({"law": law, "mode": mode, "bits": bits, "holds_from_ratio": holds_from,
                     "worst_rel_gap": float(rel.max()),
                     "worst_at_ratio": float(g.ratio.iloc[int(np.argmax(rel))])})
     return pd.DataFrame(out)
@@ -205,8 +212,8 @@ def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
 # --------------------------------------------------------------------------- figures
 
 
-def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str):
-    data = regime[regime.metric == metric]
+def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str, bits: int):
+    data = regime[(regime.metric == metric) & (regime.bits == bits)]
     law_names = list(dict.fromkeys(data.law))
     fig, axes = plt.subplots(1, len(law_names), figsize=(3.0 * len(law_names), 2.8),
                              sharey=True, squeeze=False)
@@ -223,7 +230,7 @@ def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str):
         ax.set_xlabel("σ / step")
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=6, frameon=False)
-    fig.suptitle(f"{ylabel}: exact (solid), uniform model (dashed), "
+    fig.suptitle(f"{bits} bits, {ylabel}: exact (solid), uniform model (dashed), "
                  f"Monte Carlo {100 * (1 - ALPHA):g}% CI (bars)", fontsize=8)
     fig.tight_layout()
     return fig
@@ -280,7 +287,8 @@ def figure_histograms(plt, samples: pd.DataFrame):
 def _macros(regime: pd.DataFrame, validity: pd.DataFrame, optima: pd.DataFrame) -> dict:
     """Numbers the paper's text quotes, under letter-only names."""
     def pick(law, mode, metric, ratio):
-        d = regime[(regime.law == law) & (regime["mode"] == mode) & (regime.metric == metric)]
+        d = regime[(regime.law == law) & (regime["mode"] == mode) & (regime.metric == metric)
+                   & (regime.bits == 8)]
         return float(d.iloc[(d.ratio - ratio).abs().argmin()].exact)
 
     wide = float(regime.ratio.max())
@@ -291,7 +299,8 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame, optima: pd.DataFrame) 
         "TruncMseNormalWide": f"{pick('normal', 'toward_zero', 'mse_lsb', wide):.4f}",
         "NearestMseNormalWide": f"{pick('normal', 'nearest_even', 'mse_lsb', wide):.4f}",
     }
-    v = validity[(validity.law == "normal") & (validity["mode"] == "nearest_even")]
+    v = validity[(validity.law == "normal") & (validity["mode"] == "nearest_even")
+                 & (validity.bits == 8)]
     if len(v):
         macros["UniformHoldsFromNormalNearest"] = f"{float(v.holds_from_ratio.iloc[0]):.2g}"
     return macros
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = base_parser("rounding", __doc__.splitlines()[0])
     parser.add_argument("--mc-samples", type=int, default=None,
-                        help="Monte-Carlo samples per configuration (default 100000, smoke 4000)")
+                        help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
     parser.add_argument("--ratios", type=int, default=None,
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
     parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a state dict or qerror checkpoint whose weights to analyse")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    mc_n = args.mc_samples or (4000 if smoke else 100_000)
+    mc_n = args.mc_samples or (2000 if smoke else 20_000)
     n_ratios = args.ratios or (4 if smoke else 25)
     if mc_n < 10 or n_ratios < 2:
         parser.error("--mc-samples must be at least 10 and --ratios at least 2")
@@ -325,12 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     alpha_grid = np.linspace(0.5, 8.0, 8 if smoke else 60)
     weights = _load_weights(args.checkpoint)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
-              "bits_regime": 8, "bits_clipping": bit_list, "alpha": ALPHA,
+              "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
               "weights": None if weights is None else weights[1]}
     plt = figure_style()
     with RunDir(args.out, "rounding", argv, config) as run:
-        regime = regime_sweep(law_list, modes, ratios, 8, mc_n, args.seed)
+        regime = regime_sweep(law_list, modes, ratios, bit_list, mc_n, args.seed)
         validity = uniform_validity(regime)
         curves = clipping_curves(clip_laws, bit_list, clip_modes, alpha_grid)
         optima = clipping_optima(clip_laws, [b for b in bit_list if b <= 8], clip_modes)
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                   "real-weights part is skipped (python -m studies.train makes the baseline)")
         run.write_json("summary.json", summary)
         run.write_latex_table(
-            "uniform_validity.tex", validity,
+            "uniform_validity.tex", validity[validity.bits == 8].drop(columns="bits"),
             "Where the uniform-noise model's MSE is within "
             f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits).", "tab:uniform-validity")
         run.write_latex_table("clipping_optima.tex", optima,
@@ -361,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         run.write_macros("macros.tex", _macros(regime, validity, optima))
         for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
                               ("mae_lsb", "MAE (LSB)")):
-            fig = figure_regime(plt, regime, metric, label)
-            run.save_figure(fig, f"regime_{metric}")
-            plt.close(fig)
+            for bits in sorted({4, 8} & set(bit_list)):
+                fig = figure_regime(plt, regime, metric, label, bits)
+                run.save_figure(fig, f"regime_{metric}_{bits}bit")
+                plt.close(fig)
         for mode in clip_modes:
             fig = figure_clipping(plt, curves, optima, mode.value)
             run.save_figure(fig, f"clipping_{mode.value}")

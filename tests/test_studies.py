@@ -15,7 +15,7 @@ def test_rounding_smoke(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     for name, digest in manifest["outputs"].items():
         assert sha256_file(out / name) == digest
-    for stem in ("regime_mse_lsb", "clipping_nearest_even", "error_histograms"):
+    for stem in ("regime_mse_lsb_8bit", "clipping_nearest_even", "error_histograms"):
         assert (out / f"{stem}.pdf").exists() and (out / f"{stem}.png").exists()
     regime = pd.read_csv(out / "regime.csv")
     assert set(regime["mode"]) == {m.value for m in rounding.RoundingMode}
