@@ -306,10 +306,11 @@ def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset
         lo = round_values(v, RoundingMode.FLOOR, None)
         hi = round_values(v, RoundingMode.CEIL, None)
         r = torch.where(v >= neg_z, lo, hi) if torch_in else np.where(v >= neg_z, lo, hi)
-    elif not grad and not keep_v and (r := _round_in_place(v, mode)) is not None:
-        pass
     else:
-        r = round_values(v, mode, key, offset)
+        # Rounding in place saves a pass, but only where v itself is not needed later.
+        r = _round_in_place(v, mode) if not grad and not keep_v else None
+        if r is None:
+            r = round_values(v, mode, key, offset)
     if exact:
         r = _exact_correction(x, v, r, scale, z, spec, torch_in)
     return r, scale

@@ -209,6 +209,51 @@ def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def activation_errors(model: torch.nn.Module, images: torch.Tensor, modes,
+                      bits: int = 8) -> pd.DataFrame:
+    """Error moments in LSB of the input activation of every conv and linear layer.
+
+    One forward pass in float captures each layer's input; each is then quantized per
+    tensor with a min-max range (unsigned with zero point 0 when it holds no negative
+    value, as after a ReLU; signed symmetric otherwise). The moments are those of this
+    finite set of activations, so no sampling error enters.
+    """
+    from qerror import calibrate
+
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep(name):
+        def hook(_module, inputs):
+            captured[name] = inputs[0].detach().to(torch.float64).cpu()
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                hooks.append(module.register_forward_pre_hook(keep(name)))
+        if not hooks:
+            raise ValueError("the model has no conv or linear layer to take activations from")
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, a in captured.items():
+        one_sided = bool((a >= 0).all())
+        for mode in modes:
+            spec = QuantSpec(bits=bits, signed=not one_sided, rounding=mode)
+            p = calibrate(a, spec)
+            e = ((fake_quantize(a, spec, p.scale, generator=0) - a) / p.scale).reshape(-1)
+            e = e.numpy()
+            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": e.size,
+                         "one_sided": one_sided, "bias_lsb": float(e.mean()),
+                         "mse_lsb": float(np.mean(e * e)), "mae_lsb": float(np.mean(np.abs(e))),
+                         "frac_zero_input": float(np.mean(a.numpy() == 0))})
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- figures
 
 

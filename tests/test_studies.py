@@ -48,6 +48,26 @@ def test_rounding_weights_part_on_a_state_dict(tmp_path):
     assert (nearest.frac_grown > 0.2).all()
 
 
+def test_rounding_activations_part_on_a_small_network():
+    import torch
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 3))
+    frame = rounding.activation_errors(net, torch.randn(16, 1, 8, 8),
+                                       list(rounding.RoundingMode))
+    assert set(frame.layer) == {"0", "3"}
+    post_relu = frame[frame.layer == "3"]
+    assert post_relu.one_sided.all() and (post_relu.frac_zero_input > 0.2).all()
+    trunc = post_relu[post_relu["mode"] == "toward_zero"].iloc[0]
+    near = post_relu[post_relu["mode"] == "nearest_even"].iloc[0]
+    # Post-ReLU (one-signed) inputs: truncation is biased by nearly half a step, but the
+    # zeros (exact under every mode) dilute the mean.
+    nonzero = 1 - trunc.frac_zero_input
+    assert trunc.bias_lsb < -0.4 * nonzero and abs(near.bias_lsb) < 0.1
+    assert not any(h for m in net.modules() for h in m._forward_pre_hooks.values())
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     assert bench.main(["--smoke", "--pairs", "1", "--out", str(out)]) == 0
