@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     bit_list = [4, 8] if smoke else [2, 3, 4, 5, 6, 7, 8, 16]
     clip_modes = [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO]
     clip_laws = [law for law in law_list if law.name != "uniform"]
-    alpha_grid = np.linspace(0.5, 8.0, 8 if smoke else 60)
+    alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
     weights = _load_weights(args.checkpoint)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
