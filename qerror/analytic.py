@@ -234,7 +234,8 @@ class ClipResult:
     alpha : float
         The clipping value: the largest representable magnitude ``s * qmax``.
     scale : float
-        ``alpha / qmax``, the step of the quantizer to use (zero point 0).
+        The step of the quantizer to use (zero point 0): ``alpha / qmax`` for
+        EXACT; ACIQ's own step ``2 alpha / 2**bits`` (one-sided ``alpha / 2**bits``).
     spec : QuantSpec
         Signed (symmetric) or unsigned (one-sided), per tensor, zero point 0.
     method : ClipMethod
@@ -1065,10 +1066,11 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     the mass that is actually rounded rather than clipped, which lowers
     ``α`` by up to ~1.3% at 2 bits and by < 0.02% at 8 bits for the normal and
     Laplace laws. ``L`` cells of width ``Δ`` tile ``[-α, α]`` exactly (a
-    mid-rise grid); the zero-point-0 integer grid that EXACT evaluates and
-    that the returned ``scale = α/qmax`` defines has the slightly larger step
-    ``α/(2**(bits-1) - 1)``, so ACIQ's objective is an approximation of
-    ``mse_exact`` even where the uniform model holds.
+    mid-rise grid). The returned ``scale`` for ACIQ is that step ``Δ``, and
+    ``mse_exact`` is the exact MSE of the zero-point-0 integer grid with step
+    ``Δ`` (range ``[-α, α - Δ]``); ACIQ's objective approximates it. EXACT's
+    ``alpha`` is instead the largest code's value, ``scale · qmax``: compare
+    the two methods by ``scale`` and ``mse_exact``, not by ``alpha``, at few bits.
 
     EXACT minimises :func:`error_moments`'s MSE over ``α``: first on a
     96-point log grid over five decades below ``max(|F⁻¹(1e-15)|, F⁻¹(1 - 1e-15))``
@@ -1112,6 +1114,12 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
                                    options={"xatol": 1e-10 * grid[best]})
     alpha, value = (float(res.x), float(res.fun)) if res.fun <= values[best] else (
         float(grid[best]), float(values[best]))
-    exact = _error_moments(law, spec, alpha / qmax, 0, warn=False).mse
-    return ClipResult(alpha=alpha, scale=alpha / qmax, spec=spec, method=method,
+    if method is ClipMethod.ACIQ:
+        # ACIQ optimises the step of its own grid, 2α/L (one-sided α/L): that step, not
+        # α/qmax, is the quantizer it recommends, and the one its exact MSE is taken at.
+        scale = (alpha if one_sided else 2.0 * alpha) / spec.levels
+    else:
+        scale = alpha / qmax
+    exact = _error_moments(law, spec, scale, 0, warn=False).mse
+    return ClipResult(alpha=alpha, scale=scale, spec=spec, method=method,
                       one_sided=bool(one_sided), mse=value, mse_exact=exact)

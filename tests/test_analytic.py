@@ -470,7 +470,8 @@ def test_one_sided_clip():
         one = optimal_clip(half, bits, "aciq", one_sided=True)
         two = optimal_clip(stats.norm(0.0, 1.0), bits + 1, "aciq")
         assert one.alpha == pytest.approx(two.alpha, rel=1e-7)
-        assert not one.spec.signed and one.scale == one.alpha / one.spec.qmax
+        # ACIQ's recommended step is its own, alpha / 2^M (one-sided)
+        assert not one.spec.signed and one.scale == one.alpha / one.spec.levels
         exact = optimal_clip(half, bits, "exact", one_sided=True)
         assert exact.one_sided and exact.alpha > 0
         assert exact.mse_exact <= one.mse_exact * (1 + 1e-12)
