@@ -32,7 +32,7 @@ def base_parser(study: str, description: str) -> argparse.ArgumentParser:
     """The arguments every study takes: --out, --seed, --smoke."""
     parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / study,
-                        help="output folder (default: runs/%(prog)s under the repository)")
+                        help=f"output folder (default: runs/{study} under the repository)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset for the test suite: same code path, small sizes")

@@ -343,21 +343,21 @@ def figure_histograms(plt, samples: pd.DataFrame):
 # --------------------------------------------------------------------------- main
 
 
-def _macros(regime: pd.DataFrame, validity: pd.DataFrame, optima: pd.DataFrame) -> dict:
-    """Numbers the paper's text quotes, under letter-only names."""
-    def pick(law, mode, metric, ratio):
-        d = regime[(regime.law == law) & (regime["mode"] == mode) & (regime.metric == metric)
-                   & (regime.bits == 8)]
-        return float(d.iloc[(d.ratio - ratio).abs().argmin()].exact)
-
+def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
+    """Numbers the paper's text quotes, under letter-only names (those the run has data for)."""
     wide = float(regime.ratio.max())
-    macros = {
-        "RoundingWideRatio": f"{wide:g}",
-        "TruncBiasHalfNormalWide": f"{pick('half_normal', 'toward_zero', 'bias_lsb', wide):.3f}",
-        "TruncBiasNormalWide": f"{pick('normal', 'toward_zero', 'bias_lsb', wide):.3f}",
-        "TruncMseNormalWide": f"{pick('normal', 'toward_zero', 'mse_lsb', wide):.4f}",
-        "NearestMseNormalWide": f"{pick('normal', 'nearest_even', 'mse_lsb', wide):.4f}",
+    at8 = regime[(regime.bits == 8) & (regime.ratio == wide)]
+    wanted = {
+        "TruncBiasHalfNormalWide": ("half_normal", "toward_zero", "bias_lsb", "{:.3f}"),
+        "TruncBiasNormalWide": ("normal", "toward_zero", "bias_lsb", "{:.3f}"),
+        "TruncMseNormalWide": ("normal", "toward_zero", "mse_lsb", "{:.4f}"),
+        "NearestMseNormalWide": ("normal", "nearest_even", "mse_lsb", "{:.4f}"),
     }
+    macros = {"RoundingWideRatio": f"{wide:g}"}
+    for key, (law, mode, metric, fmt) in wanted.items():
+        row = at8[(at8.law == law) & (at8["mode"] == mode) & (at8.metric == metric)]
+        if len(row):
+            macros[key] = fmt.format(float(row.exact.iloc[0]))
     v = validity[(validity.law == "normal") & (validity["mode"] == "nearest_even")
                  & (validity.bits == 8)]
     if len(v):
@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
     parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a state dict or qerror checkpoint whose weights to analyse")
+                        help="a qerror checkpoint (weights and activations) or a bare state "
+                             "dict (weights) to analyse; default: the cached baseline if any")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="Fashion-MNIST folder for the activations part")
     args = parser.parse_args(argv)
     smoke = args.smoke
     mc_n = args.mc_samples or (2000 if smoke else 20_000)
@@ -391,11 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     clip_modes = [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO]
     clip_laws = [law for law in law_list if law.name != "uniform"]
     alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
-    weights = _load_weights(args.checkpoint)
+    baseline = _load_baseline(args.checkpoint, args.data_root)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
-              "weights": None if weights is None else weights[1]}
+              "baseline": None if baseline is None else baseline[2]}
     plt = figure_style()
     with RunDir(args.out, "rounding", argv, config) as run:
         regime = regime_sweep(law_list, modes, ratios, bit_list, mc_n, args.seed)
@@ -416,10 +419,16 @@ def main(argv: list[str] | None = None) -> int:
                    "expected_outside_ci_under_agreement": ALPHA * n_valid,
                    "mc_outside_ci_rare_clipping": int((outside & ~valid).sum()),
                    "mc_comparisons_rare_clipping": int((~valid).sum())}
-        if weights is not None:
-            werr = weight_errors(weights[0], modes)
+        if baseline is not None:
+            werr = weight_errors(baseline[0], modes)
             run.write_csv("weights.csv", werr)
             summary["weights_layers"] = int(werr.layer.nunique())
+            images = None if baseline[1] is None else _calibration_images(
+                args.data_root, 64 if smoke else 256)
+            if images is not None:
+                aerr = activation_errors(baseline[1], images, modes)
+                run.write_csv("activations.csv", aerr)
+                summary["activation_layers"] = int(aerr.layer.nunique())
         else:
             print("[rounding] no trained baseline in the cache and no --checkpoint: the "
                   "real-weights part is skipped (python -m studies.train makes the baseline)")
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         run.write_latex_table("clipping_optima.tex", optima,
                               "MSE-optimal clipping value (in units of σ): ACIQ vs exact.",
                               "tab:clipping-optima")
-        run.write_macros("macros.tex", _macros(regime, validity, optima))
+        run.write_macros("macros.tex", _macros(regime, validity))
         for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
                               ("mae_lsb", "MAE (LSB)")):
             for bits in sorted({4, 8} & set(bit_list)):
@@ -455,29 +464,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_weights(path: Path | None):
-    """(state_dict, identity) from --checkpoint, else the cached baseline, else None."""
+def _load_baseline(path: Path | None, data_root):
+    """(state_dict, model or None, identity) from --checkpoint or the cached baseline.
+
+    A qerror checkpoint gives the model too, whose activations are then measured; a bare
+    state dict gives its weights only. None when neither exists.
+    """
+    from qerror.models import (Arch, CheckpointError, default_checkpoint_path,
+                               load_checkpoint, sidecar_path)
+
     if path is None:
-        try:
-            from qerror.models import default_checkpoint_path, load_checkpoint
-        except ImportError:
-            return None
-        for arch in ("resnet50", "resnet18"):
+        for arch in (Arch.RESNET50, Arch.RESNET18):
             candidate = default_checkpoint_path(arch)
-            if Path(candidate).exists():
-                model, meta = load_checkpoint(candidate, expected_arch=arch)
-                return model.state_dict(), {"path": str(candidate), "arch": arch}
-        return None
+            if candidate.exists():
+                path = candidate
+                break
+        else:
+            return None
     if not path.is_file():
         raise SystemExit(f"--checkpoint {path}: no such file")
+    if sidecar_path(path).exists():  # a qerror checkpoint: verified, or refused
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            raise SystemExit(str(err)) from err
+        return ckpt.model.state_dict(), ckpt.model, {"path": str(path), "info": ckpt.info}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or foreign file: say so, do not half-read it
         raise SystemExit(f"--checkpoint {path}: not a readable torch file ({err})") from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"--checkpoint {path}: expected a state dict of tensors")
-    return state, {"path": str(path)}
+        raise SystemExit(f"--checkpoint {path}: expected a qerror checkpoint or a state dict")
+    return state, None, {"path": str(path)}
+
+
+def _calibration_images(data_root, count: int) -> torch.Tensor | None:
+    from qerror.data import DataNotFoundError, fashion_mnist_splits, to_tensor
+
+    try:
+        calib = fashion_mnist_splits(data_root).calib
+    except DataNotFoundError as err:
+        print(f"[rounding] activations skipped: {err}")
+        return None
+    return to_tensor(calib.images[:count])
 
 
 if __name__ == "__main__":

@@ -2,11 +2,18 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from studies import _common, bench, rounding
 from studies._common import RunDir, sha256_file
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """No study in these tests sees a real cached baseline."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def test_rounding_smoke(tmp_path):
@@ -66,6 +73,37 @@ def test_rounding_activations_part_on_a_small_network():
     nonzero = 1 - trunc.frac_zero_input
     assert trunc.bias_lsb < -0.4 * nonzero and abs(near.bias_lsb) < 0.1
     assert not any(h for m in net.modules() for h in m._forward_pre_hooks.values())
+
+
+def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, monkeypatch):
+    from qerror import data
+    from qerror.models import fashion_resnet, save_checkpoint
+
+    root = tmp_path / "fm"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6010), ("test", 20)):  # room for the default splits
+        img, lbl = data.FILES[split]
+        data.write_idx(root / f"{img}.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(root / f"{lbl}.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    ckpt = tmp_path / "r18.pt"
+    save_checkpoint(fashion_resnet("resnet18"), ckpt, arch="resnet18", stem="imagenet",
+                    config={}, metrics={})
+    out = tmp_path / "r"
+    argv = ["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples", "100",
+            "--checkpoint", str(ckpt), "--data-root", str(root), "--out", str(out)]
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    assert rounding.main(argv) == 0
+    weights = pd.read_csv(out / "weights.csv")
+    acts = pd.read_csv(out / "activations.csv")
+    assert weights.layer.nunique() == 21 and acts.layer.nunique() == 21  # 20 convs + fc
+    # A tampered checkpoint is refused, and nothing is written.
+    raw = bytearray(ckpt.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit):
+        rounding.main(argv[:-1] + [str(tmp_path / "r2")])
+    assert not (tmp_path / "r2").exists()
 
 
 def test_bench_smoke(tmp_path):

@@ -1,0 +1,705 @@
+"""Models: ResNets for Fashion-MNIST, torchvision's ImageNet ResNet50, and a checkpoint cache.
+
+* :func:`fashion_resnet` adapts torchvision's ResNet18/50 to 1-channel 32×32 input (what
+  :func:`qerror.data.to_tensor` makes) by changing only the stem (:class:`Stem`) and the
+  classifier width.
+* :func:`imagenet_resnet50` builds ResNet50 with ImageNet weights from torchvision (torch
+  hub cache or a download) or from a local state-dict file.
+* :func:`save_checkpoint` / :func:`load_checkpoint` keep trained weights in a user cache
+  with their training config, metrics and sha256; a corrupt or mismatched file is refused
+  with a :class:`CheckpointError`, never half-loaded.
+* :func:`get_baseline` returns the cached Fashion-MNIST baseline, training it with
+  ``python -m studies.train`` when asked to.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from qerror.data import cache_dir
+
+CHECKPOINT_FORMAT = "qerror-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+SIDECAR_SUFFIX = ".json"
+
+
+class Arch(enum.Enum):
+    """The torchvision ResNets the Fashion-MNIST baselines are built from."""
+
+    RESNET18 = "resnet18"
+    RESNET50 = "resnet50"
+
+
+class Stem(enum.Enum):
+    """How a 1×32×32 image enters the ResNet, and so the resolution its stages run at.
+
+    ``IMAGENET``
+        torchvision's stem unchanged except for one input channel: 7×7 stride-2
+        convolution, then 3×3 stride-2 max-pool. ``layer1`` runs at 8×8, ``layer4`` at 1×1.
+    ``CONV3_POOL``
+        3×3 stride-1 convolution, then the max-pool: ``layer1`` at 16×16, ``layer4`` at 2×2;
+        about four times the arithmetic of ``IMAGENET``.
+    ``CIFAR``
+        3×3 stride-1 convolution and no pool, the usual CIFAR ResNet stem: ``layer1`` at
+        32×32, ``layer4`` at 4×4; about sixteen times the arithmetic of ``IMAGENET``.
+
+    The default is :data:`DEFAULT_STEM`; :func:`fashion_resnet` says why.
+    """
+
+    IMAGENET = "imagenet"
+    CONV3_POOL = "conv3-pool"
+    CIFAR = "cifar"
+
+
+# Chosen for the 30-minute CPU training budget; see the Notes of fashion_resnet.
+DEFAULT_STEM = Stem.IMAGENET
+
+
+def _parse(cls: type[enum.Enum], value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.strip().lower() in (member.value, member.name.lower()):
+                return member
+    options = ", ".join(m.value for m in cls)
+    raise ValueError(f"{what} {value!r} is not one of: {options}")
+
+
+def parse_arch(value: Arch | str) -> Arch:
+    """An :class:`Arch` from itself or its name (``"resnet50"``)."""
+    return _parse(Arch, value, "arch")
+
+
+def parse_stem(value: Stem | str) -> Stem:
+    """A :class:`Stem` from itself or its name (``"imagenet"``, ``"conv3-pool"``, ``"cifar"``)."""
+    return _parse(Stem, value, "stem")
+
+
+def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM,
+                   num_classes: int = 10, *, seed: int = 0,
+                   zero_init_residual: bool = True) -> torchvision.models.ResNet:
+    """torchvision's ResNet for 1-channel 32×32 Fashion-MNIST input, freshly initialised.
+
+    Only the stem and the classifier differ from torchvision's model, so every layer
+    name, block and BatchNorm is the one the ImageNet ResNet has, and the quantization
+    tooling treats both alike.
+
+    Parameters
+    ----------
+    arch : Arch or str
+        ``"resnet50"`` (bottleneck blocks, 23.5 M parameters) or ``"resnet18"``.
+    stem : Stem or str
+        How the image enters the network; see :class:`Stem` and the Notes for the default.
+    num_classes : int
+        Width of the final linear layer.
+    seed : int
+        Seed of the initialisation; the global torch generator is left untouched.
+    zero_init_residual : bool
+        Start each residual branch's last BatchNorm at zero, so every block starts as an
+        identity, which eases the start of training [1]_. It changes only the initial
+        values, never the architecture or its state-dict keys.
+
+    Returns
+    -------
+    torchvision.models.ResNet
+        In training mode. Input (N, 1, 32, 32) float32, output (N, num_classes) logits.
+
+    Notes
+    -----
+    The default stem, ``Stem.IMAGENET``, is chosen so that the ResNet50 baseline trains
+    to its accuracy goal within 30 minutes on a 2-core CPU. An epoch of Fashion-MNIST's
+    training split is about 420 steps of 128 images, and ``CONV3_POOL`` and ``CIFAR`` run
+    every stage at two and four times the resolution, so four and sixteen times the
+    arithmetic per step: only ``IMAGENET`` leaves ResNet50 several epochs in the budget.
+    Time a training step of each architecture and stem on the machine at hand with::
+
+        python -c "from qerror.models import *; [print(a.value, s.value,
+            time_training_step(a, s)) for a in Arch for s in Stem]"
+
+    References
+    ----------
+    .. [1] P. Goyal et al., "Accurate, large minibatch SGD: training ImageNet in 1 hour",
+       arXiv:1706.02677, 2017.
+    """
+    arch, stem = parse_arch(arch), parse_stem(stem)
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    build = {Arch.RESNET18: torchvision.models.resnet18,
+             Arch.RESNET50: torchvision.models.resnet50}[arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(weights=None, num_classes=int(num_classes),
+                      zero_init_residual=zero_init_residual)
+        if stem is Stem.IMAGENET:
+            model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem is Stem.CIFAR:
+            model.maxpool = nn.Identity()
+        # The same initialisation torchvision gives every other convolution.
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Seconds per training step (forward, backward, SGD update) on random data."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    steps: int
+    batch_size: int
+    channels_last: bool
+    threads: int
+
+    def __str__(self) -> str:
+        return (f"{self.median_s:.3f} s/step (min {self.min_s:.3f}, max {self.max_s:.3f}; "
+                f"{self.steps} steps of {self.batch_size}, channels_last={self.channels_last}, "
+                f"{self.threads} threads)")
+
+
+def time_training_step(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM, *,
+                       batch_size: int = 128, steps: int = 5, warmup: int = 2,
+                       channels_last: bool = True, seed: int = 0) -> StepTiming:
+    """Time full training steps of :func:`fashion_resnet` on random 1×32×32 input.
+
+    Parameters
+    ----------
+    arch, stem
+        The model to time.
+    batch_size : int
+        Images per step.
+    steps : int
+        Steps timed.
+    warmup : int
+        Steps run first and not counted (allocator and oneDNN kernel selection).
+    channels_last : bool
+        Memory format of the model and the input, as the training study uses.
+    seed : int
+        Seed of the model and the data.
+
+    Returns
+    -------
+    StepTiming
+        Median, min and max seconds per step (forward, backward, SGD update) with the
+        torch thread count. Step times on a shared machine drift; use the median.
+    """
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1 and warmup >= 0")
+    torch.set_flush_denormal(True)
+    model = fashion_resnet(arch, stem, seed=seed).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 1, 32, 32, generator=gen).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch_size,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    t = np.asarray(times)
+    return StepTiming(float(np.median(t)), float(t.min()), float(t.max()), steps, batch_size,
+                      channels_last, torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts and ImageNet weights
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict does not fit the model it is loaded into; nothing was loaded."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are not available; the message names every way to obtain them."""
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "state dict") -> None:
+    """Raise :class:`StateDictMismatchError` unless ``state`` fits ``model`` exactly.
+
+    Checking before loading is what makes loading all-or-nothing: ``load_state_dict``
+    with ``strict=True`` reports a mismatch only after copying the tensors that fit.
+
+    Raises
+    ------
+    StateDictMismatchError
+        Naming the missing keys, the unexpected keys and every shape mismatch.
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise StateDictMismatchError(
+            f"{what} is not a state dict (a mapping of parameter names to tensors) but a "
+            f"{type(state).__name__}")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise StateDictMismatchError(
+            f"{what} is not a state dict: these entries are not tensors: {_listing(not_tensors)}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} given, {tuple(v.shape)} expected"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{what} does not fit {type(model).__name__}; nothing was loaded."]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 5)}")
+        raise StateDictMismatchError("\n  ".join(parts))
+
+
+def load_state_dict_exactly(model: nn.Module, state: Mapping[str, Any],
+                            what: str = "state dict") -> nn.Module:
+    """Check ``state`` against ``model`` (see :func:`check_state_dict`), then load it strictly."""
+    if isinstance(state, Mapping):
+        state = dict(state)
+        _fill_batch_counters(model, state)
+    check_state_dict(model, state, what)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _fill_batch_counters(model: nn.Module, state: dict) -> None:
+    # Checkpoints written before PyTorch 0.4.1 have no BatchNorm batch counter; it is only
+    # used when BN momentum is None, so a zero counter loads them as PyTorch itself would.
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)
+
+
+def _torch_load(path: Path) -> Any:
+    # weights_only: a state dict needs no pickled code, and a foreign file must not run any.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _hub_file(weights: torchvision.models.ResNet50_Weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _weights_help(weights: torchvision.models.ResNet50_Weights) -> str:
+    return ("Any one of these provides them:\n"
+            f"  - download them (needs internet): pass download=True, or --download to a study\n"
+            f"  - copy {Path(weights.url).name} from {weights.url} to {_hub_file(weights)}\n"
+            "  - pass the path of a local state-dict file (torch.save(model.state_dict(), path) "
+            "of a torchvision resnet50) instead of the weights' name")
+
+
+def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights, *,
+                      download: bool = False, progress: bool = True) -> torchvision.models.ResNet:
+    """torchvision's ResNet50 with ImageNet weights, in evaluation mode.
+
+    Parameters
+    ----------
+    weights : str, Path or torchvision.models.ResNet50_Weights
+        A torchvision weights name (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"`` or
+        ``"DEFAULT"``) or member, loaded by torchvision from the torch hub cache
+        (``$TORCH_HOME/hub/checkpoints``) with its hash checked; or the path of a local
+        state-dict file, which works offline. A ``Path`` is always taken as a file.
+    download : bool
+        Let torchvision download named weights missing from the hub cache.
+    progress : bool
+        Show torchvision's download progress bar.
+
+    Returns
+    -------
+    torchvision.models.ResNet
+        Input (N, 3, 224, 224) normalised as :func:`qerror.data.imagenet_folder` does;
+        output (N, 1000) logits.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        Named weights that are neither cached nor downloadable, or a missing file; the
+        message names every way to obtain them.
+    StateDictMismatchError
+        A file that is not a ResNet50 state dict (missing or unexpected keys, wrong
+        shapes); no model is returned, so none is ever half-loaded.
+    """
+    enum_cls = torchvision.models.ResNet50_Weights
+    if isinstance(weights, str) and weights in enum_cls.__members__:
+        weights = enum_cls[weights]
+    if isinstance(weights, enum_cls):
+        if not _hub_file(weights).is_file() and not download:
+            raise WeightsNotFoundError(
+                f"ResNet50 weights {weights.name} are not in the torch hub cache "
+                f"({_hub_file(weights)}) and downloading was not asked for.\n"
+                + _weights_help(weights))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return torchvision.models.resnet50(weights=weights, progress=progress).eval()
+        except OSError as exc:  # urllib's URLError is an OSError
+            raise WeightsNotFoundError(
+                f"could not download ResNet50 weights {weights.name} from {weights.url}: "
+                f"{exc}\n" + _weights_help(weights)) from exc
+    if not isinstance(weights, (str, Path)):
+        raise TypeError(f"weights must be a name, a path or a ResNet50_Weights member, "
+                        f"got {type(weights).__name__}")
+    path = Path(weights)
+    if not path.is_file():
+        names = ", ".join(enum_cls.__members__)
+        raise WeightsNotFoundError(
+            f"{weights!s} is neither a torchvision weights name ({names}) nor an existing "
+            "file.\n" + _weights_help(enum_cls.DEFAULT))
+    try:
+        state = _torch_load(path)
+    except Exception as exc:  # torch raises many types for foreign files
+        raise StateDictMismatchError(
+            f"{path} is not a readable torch state-dict file ({type(exc).__name__}: {exc})"
+        ) from exc
+    with torch.random.fork_rng(devices=[]):
+        model = torchvision.models.resnet50(weights=None)
+    return load_state_dict_exactly(model, state, f"state dict {path}").eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint cache
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt, unverifiable or not the model asked for; nothing was loaded."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the path; the message says how to make one."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself (its sidecar JSON holds the same)."""
+
+    path: Path
+    sha256: str
+    arch: Arch
+    stem: Stem
+    num_classes: int
+    config: dict
+    metrics: dict
+    versions: dict
+    created: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: the model (in evaluation mode) and its metadata."""
+
+    model: torchvision.models.ResNet
+    info: CheckpointInfo
+
+
+def sidecar_path(path: Path | str) -> Path:
+    """The JSON file next to a checkpoint that holds its sha256 and metadata."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def default_checkpoint_path(arch: Arch | str, stem: Stem | str = DEFAULT_STEM, *,
+                            tag: str | None = None) -> Path:
+    """Where the Fashion-MNIST baseline of ``arch`` and ``stem`` is cached.
+
+    ``$XDG_CACHE_HOME/qerror/checkpoints`` (or ``~/.cache/qerror/checkpoints``), file
+    ``fashion-<arch>-<stem>[-<tag>].pt``; a tag keeps variants such as smoke runs from
+    ever replacing the baseline.
+    """
+    name = f"fashion-{parse_arch(arch).value}-{parse_stem(stem).value}"
+    if tag:
+        if not tag.replace("-", "").isalnum():
+            raise ValueError(f"tag must be letters, digits and '-', got {tag!r}")
+        name += f"-{tag}"
+    return cache_dir() / "checkpoints" / f"{name}.pt"
+
+
+def retrain_command(arch: Arch | str | None = None, stem: Stem | str | None = None) -> str:
+    """The command that trains a baseline into the cache."""
+    cmd = "python -m studies.train"
+    if arch is not None:
+        cmd += f" --arch {parse_arch(arch).value}"
+    if stem is not None:
+        cmd += f" --stem {parse_stem(stem).value}"
+    return cmd
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path | str, write) -> Path:
+    """Call ``write(tmp_path)``, then move the file into place with one ``os.replace``.
+
+    The temporary file lives in the destination folder, so the rename never crosses a file
+    system, and a crash leaves either the old file or the new one, never a mixture.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, enums, paths and numpy scalars as plain JSON values."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in checkpoint metadata: {value!r}")
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("qerror", "torch", "torchvision", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, stem: Stem | str,
+                    config: Any, metrics: Any) -> CheckpointInfo:
+    """Write a Fashion-MNIST model's weights and metadata, and a sidecar with their sha256.
+
+    Parameters
+    ----------
+    model : torchvision.models.ResNet
+        A :func:`fashion_resnet` of ``arch`` and ``stem``; its classifier width is
+        recorded as ``num_classes``.
+    path : Path or str
+        Destination (see :func:`default_checkpoint_path`); the sidecar is
+        ``<path>.json``.
+    config, metrics : dict or dataclass
+        The training configuration and its results; stored as JSON values.
+
+    Returns
+    -------
+    CheckpointInfo
+
+    Notes
+    -----
+    Both files are written atomically, the weights first. A crash between the two leaves a
+    sidecar whose sha256 does not match, which :func:`load_checkpoint` refuses.
+    """
+    arch, stem, path = parse_arch(arch), parse_stem(stem), Path(path)
+    num_classes = int(model.fc.out_features)
+    check_state_dict(fashion_resnet(arch, stem, num_classes), model.state_dict(),
+                     f"the model given as a {arch.value}/{stem.value}")
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+            "arch": arch.value, "stem": stem.value, "num_classes": num_classes,
+            "config": jsonable(config), "metrics": jsonable(metrics), "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": state}, tmp))
+    sha = _sha256(path)
+    sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
+    text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
+    return CheckpointInfo(path, sha, arch, stem, num_classes, meta["config"], meta["metrics"],
+                          meta["versions"], meta["created"])
+
+
+_META_KEYS = ("format", "format_version", "arch", "stem", "num_classes")
+
+
+def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None,
+                    expected_stem: Stem | str | None = None,
+                    expected_num_classes: int | None = None) -> Checkpoint:
+    """Verify a checkpoint written by :func:`save_checkpoint`, then build its model.
+
+    The file's sha256 and size must match its sidecar, it must be a torch file of this
+    format whose metadata agree with the sidecar and with every ``expected_*`` given, and
+    its state dict must fit the architecture exactly; only then is a model built and
+    loaded.
+
+    Returns
+    -------
+    Checkpoint
+        The model in evaluation mode and its :class:`CheckpointInfo`.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        No file at ``path``.
+    CheckpointError
+        Anything else wrong; the message says what, and to delete the file and retrain.
+    """
+    path = Path(path)
+    arch_hint = expected_arch
+    stem_hint = expected_stem
+
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"refusing checkpoint {path}: {reason}\nDelete it and {sidecar_path(path).name}, "
+            f"then retrain with `{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` "
+            "(or without --checkpoint for the default cache path).")
+
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}. Train one with `{retrain_command(arch_hint, stem_hint)}`, "
+            "or call qerror.models.get_baseline(..., train_if_missing=True).")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise refuse(f"its sidecar {side.name} (sha256 and metadata) is missing, so the file "
+                     "cannot be verified")
+    try:
+        sidecar = json.loads(side.read_text())
+        expected_sha, expected_bytes = sidecar["sha256"], int(sidecar["bytes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise refuse(f"its sidecar {side.name} is not valid ({type(exc).__name__}: {exc})") \
+            from exc
+    # The sidecar is trusted only for hints in the message until the hash has matched.
+    if arch_hint is None and sidecar.get("arch") in {a.value for a in Arch}:
+        arch_hint = sidecar["arch"]
+    if stem_hint is None and sidecar.get("stem") in {s.value for s in Stem}:
+        stem_hint = sidecar["stem"]
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise refuse(f"it is {size} bytes but was written as {expected_bytes}: the file is "
+                     "truncated or was replaced")
+    sha = _sha256(path)
+    if sha != expected_sha:
+        raise refuse(f"its sha256 {sha[:16]}... does not match {expected_sha[:16]}... recorded "
+                     f"in {side.name}: the file is corrupt or was replaced")
+    try:
+        payload = _torch_load(path)
+    except Exception as exc:  # torch raises many types for foreign files
+        raise refuse(f"it is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise refuse(f"it is not a {CHECKPOINT_FORMAT} file")
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise refuse(f"it has format version {payload.get('format_version')!r}; this qerror "
+                     f"reads version {CHECKPOINT_FORMAT_VERSION}")
+    differ = [k for k in _META_KEYS if payload.get(k) != sidecar.get(k)]
+    if differ:
+        raise refuse(f"the file and its sidecar disagree on {', '.join(differ)}")
+    try:
+        arch, stem = parse_arch(payload["arch"]), parse_stem(payload["stem"])
+    except ValueError as exc:
+        raise refuse(str(exc)) from exc
+    num_classes = payload["num_classes"]
+    wanted = {"arch": (None if expected_arch is None else parse_arch(expected_arch), arch),
+              "stem": (None if expected_stem is None else parse_stem(expected_stem), stem),
+              "num_classes": (expected_num_classes, num_classes)}
+    wrong = [f"{k} is {getattr(got, 'value', got)}, expected {getattr(exp, 'value', exp)}"
+             for k, (exp, got) in wanted.items() if exp is not None and exp != got]
+    if wrong:
+        raise refuse("it is not the model asked for: " + "; ".join(wrong))
+    try:
+        model = fashion_resnet(arch, stem, num_classes)
+        load_state_dict_exactly(model, payload.get("state_dict"), "its state dict")
+    except (StateDictMismatchError, ValueError) as exc:
+        raise refuse(str(exc)) from exc
+    info = CheckpointInfo(path, sha, arch, stem, num_classes, payload.get("config", {}),
+                          payload.get("metrics", {}), payload.get("versions", {}),
+                          payload.get("created", ""))
+    return Checkpoint(model.eval(), info)
+
+
+def _run_training(argv: list[str]) -> int:
+    """Run the training study in a child process, its output shown as it comes."""
+    # A child process, not an import: the library never depends on the studies.
+    return subprocess.run([sys.executable, "-m", "studies.train", *argv], check=False).returncode
+
+
+def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM, *,
+                 train_if_missing: bool = False, path: Path | str | None = None,
+                 data_root: Path | str | None = None, download: bool = False,
+                 train_args: tuple[str, ...] = ()) -> Checkpoint:
+    """The trained Fashion-MNIST baseline, from the cache or, if asked, trained now.
+
+    Parameters
+    ----------
+    arch, stem
+        Which baseline.
+    train_if_missing : bool
+        With no cached checkpoint, train one with ``python -m studies.train`` (which
+        times its first steps and prints how long the rest will take, shows a progress
+        bar, and resumes an interrupted run) instead of raising.
+    path : Path or str, optional
+        Checkpoint file; default :func:`default_checkpoint_path`.
+    data_root, download
+        Passed to the training study (``--data-root``, ``--download``).
+    train_args : tuple of str
+        Further arguments for the training study (e.g. ``("--seed", "1")``).
+
+    Returns
+    -------
+    Checkpoint
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        No checkpoint and ``train_if_missing`` is false; the message gives the command.
+    CheckpointError
+        A corrupt or mismatched checkpoint (it is not retrained over silently), or a
+        training run that did not finish.
+    """
+    arch, stem = parse_arch(arch), parse_stem(stem)
+    path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
+    if not path.exists() and train_if_missing:
+        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]
+        if data_root is not None:
+            argv += ["--data-root", str(data_root)]
+        if download:
+            argv.append("--download")
+        argv += list(train_args)
+        print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
+              f"`python -m studies.train {' '.join(argv)}`", flush=True)
+        code = _run_training(argv)
+        if code != 0:
+            raise CheckpointError(
+                f"training the {arch.value}/{stem.value} baseline stopped with exit code "
+                f"{code}; run the same command again to resume it: "
+                f"python -m studies.train {' '.join(argv)}")
+    return load_checkpoint(path, expected_arch=arch, expected_stem=stem)

@@ -1,0 +1,283 @@
+"""Models: the Fashion-MNIST ResNets, ImageNet weights from a local file, the checkpoint cache."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from qerror import models
+from qerror.models import (
+    Arch,
+    CheckpointError,
+    CheckpointNotFoundError,
+    StateDictMismatchError,
+    Stem,
+    WeightsNotFoundError,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path, monkeypatch):
+    """No test reads or writes the real qerror or torch hub caches."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+# Resolution at which layer1 runs, per stem, for 32×32 input.
+LAYER1_SIZE = {Stem.IMAGENET: 8, Stem.CONV3_POOL: 16, Stem.CIFAR: 32}
+
+
+@pytest.mark.parametrize("arch", list(Arch))
+@pytest.mark.parametrize("stem", list(Stem))
+def test_fashion_resnet_shapes(arch, stem):
+    model = models.fashion_resnet(arch, stem.value, num_classes=7).eval()
+    seen = {}
+    model.layer1.register_forward_hook(lambda m, i, o: seen.update(layer1=o.shape))
+    with torch.inference_mode():
+        out = model(torch.zeros(2, 1, 32, 32))
+    assert out.shape == (2, 7)
+    assert seen["layer1"][-2:] == (LAYER1_SIZE[stem],) * 2
+    assert model.conv1.in_channels == 1
+    # Everything but the stem and the classifier is torchvision's model, key for key.
+    reference = getattr(torchvision.models, arch.value)(weights=None).state_dict()
+    ours = model.state_dict()
+    assert ours.keys() == reference.keys()
+    assert all(ours[k].shape == reference[k].shape for k in ours
+               if not k.startswith(("conv1.", "fc.")))
+
+
+def test_fashion_resnet_is_seeded_and_leaves_the_global_generator_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = models.fashion_resnet("resnet18", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = models.fashion_resnet("resnet18", seed=5)
+    c = models.fashion_resnet("resnet18", seed=6)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_bad_arch_stem_and_num_classes_are_refused():
+    with pytest.raises(ValueError, match="resnet50"):
+        models.fashion_resnet("vgg16")
+    with pytest.raises(ValueError, match="conv3-pool"):
+        models.fashion_resnet("resnet18", "huge")
+    with pytest.raises(ValueError, match="num_classes"):
+        models.fashion_resnet("resnet18", num_classes=0)
+
+
+def _resnet50_state_file(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None).eval()
+    path = tmp_path / "resnet50-local.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_imagenet_resnet50_from_a_local_state_dict_file(tmp_path):
+    reference, path = _resnet50_state_file(tmp_path)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for weights in (path, str(path)):
+        model = models.imagenet_resnet50(weights)
+        assert not model.training
+        with torch.inference_mode():
+            assert torch.equal(model(x), reference(x))
+
+
+def test_state_dict_without_batch_counters_loads(tmp_path):
+    reference, path = _resnet50_state_file(tmp_path)
+    old = {k: v for k, v in reference.state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+    torch.save(old, path)
+    model = models.imagenet_resnet50(path)
+    assert torch.equal(model.fc.weight, reference.fc.weight)
+
+
+def test_wrong_architecture_is_refused_with_the_keys_named(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    with pytest.raises(StateDictMismatchError) as info:
+        models.imagenet_resnet50(path)
+    msg = str(info.value)
+    assert "nothing was loaded" in msg
+    assert "missing keys" in msg and "layer1.0.conv3.weight" in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "shape mismatches (" in msg
+    assert "layer1.0.conv1.weight: (64, 64, 3, 3) given, (64, 64, 1, 1) expected" in msg
+
+
+def test_a_mismatched_state_dict_changes_nothing():
+    model = torchvision.models.resnet50(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = torchvision.models.resnet50(weights=None, num_classes=10).state_dict()
+    # A plain strict load_state_dict copies every fitting tensor before it raises.
+    with pytest.raises(StateDictMismatchError, match="fc.weight"):
+        models.load_state_dict_exactly(model, bad)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_foreign_file_and_missing_weights_are_refused(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(StateDictMismatchError, match="not a readable torch state-dict file"):
+        models.imagenet_resnet50(junk)
+    torch.save({"model": {}}, junk)
+    with pytest.raises(StateDictMismatchError, match="entries are not tensors: model"):
+        models.imagenet_resnet50(junk)
+    with pytest.raises(WeightsNotFoundError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        models.imagenet_resnet50(tmp_path / "nowhere.pth")
+
+
+def test_named_weights_outside_the_hub_cache_name_every_way_to_get_them(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as info:
+        models.imagenet_resnet50("IMAGENET1K_V2")
+    msg = str(info.value)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "download=True" in msg and "--download" in msg
+    assert str(hub / "resnet50-11ad3fa6.pth") in msg
+    assert "local state-dict file" in msg
+
+
+def _trained_like_model():
+    model = models.fashion_resnet("resnet18", seed=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(17)
+    return model.eval()
+
+
+CONFIG = {"recipe": {"epochs": 3, "lr": 0.1}}
+METRICS = {"test_accuracy": 0.93}
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model = _trained_like_model()
+    path = models.default_checkpoint_path("resnet18", "imagenet")
+    assert path == tmp_path / "xdg" / "qerror" / "checkpoints" / "fashion-resnet18-imagenet.pt"
+    saved = models.save_checkpoint(model, path, arch="resnet18", stem=Stem.IMAGENET,
+                                   config=CONFIG, metrics=METRICS)
+    sidecar = json.loads(models.sidecar_path(path).read_text())
+    assert sidecar["sha256"] == saved.sha256 and sidecar["bytes"] == path.stat().st_size
+    assert sidecar["arch"] == "resnet18" and sidecar["num_classes"] == 10
+    assert {"torch", "torchvision", "qerror"} <= sidecar["versions"].keys()
+    loaded = models.load_checkpoint(path, expected_arch=Arch.RESNET18, expected_stem="imagenet",
+                                    expected_num_classes=10)
+    assert not loaded.model.training
+    assert loaded.info.config == CONFIG and loaded.info.metrics == METRICS
+    assert loaded.info.sha256 == saved.sha256
+    ours, theirs = model.state_dict(), loaded.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded.model(x))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".json"]
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                           config=CONFIG, metrics=METRICS)
+    return path
+
+
+def _refused(path, match, retrain="python -m studies.train --arch resnet18 --stem imagenet",
+             **expected):
+    """The refusal, which must say to delete the file and how to retrain."""
+    with pytest.raises(CheckpointError, match=match) as info:
+        models.load_checkpoint(path, **expected)
+    msg = str(info.value)
+    assert "Delete it" in msg and retrain in msg
+    return msg
+
+
+def test_flipped_byte_is_refused(saved_checkpoint):
+    raw = bytearray(saved_checkpoint.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    saved_checkpoint.write_bytes(bytes(raw))
+    _refused(saved_checkpoint, "does not match")
+
+
+def test_truncated_file_is_refused(saved_checkpoint):
+    raw = saved_checkpoint.read_bytes()
+    saved_checkpoint.write_bytes(raw[:len(raw) // 3])
+    _refused(saved_checkpoint, "truncated")
+
+
+def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
+    side = models.sidecar_path(saved_checkpoint)
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    _refused(saved_checkpoint, "does not match")
+    side.write_text(json.dumps({**meta, "num_classes": 11}))
+    _refused(saved_checkpoint, "disagree on num_classes")
+    # Without a readable sidecar the architecture is unknown, so the command is generic.
+    side.write_text("{not json")
+    _refused(saved_checkpoint, "sidecar .* is not valid", retrain="python -m studies.train")
+    side.unlink()
+    _refused(saved_checkpoint, "sidecar .* is missing", retrain="python -m studies.train")
+
+
+def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
+    path = tmp_path / "fake.pt"
+    path.write_bytes(b"\x00" * 1000)
+    meta = {"sha256": models._sha256(path), "bytes": 1000, "arch": "resnet18", "stem": "imagenet"}
+    models.sidecar_path(path).write_text(json.dumps(meta))
+    _refused(path, "not a readable torch file")
+
+
+def test_wrong_model_is_refused(saved_checkpoint):
+    # The caller asked for a ResNet50 at this path, so that is what to retrain.
+    msg = _refused(saved_checkpoint, "not the model asked for", expected_arch="resnet50",
+                   retrain="python -m studies.train --arch resnet50 --stem imagenet")
+    assert "arch is resnet18, expected resnet50" in msg
+    _refused(saved_checkpoint, "num_classes is 10, expected 100", expected_num_classes=100)
+    with pytest.raises(CheckpointNotFoundError, match="python -m studies.train"):
+        models.load_checkpoint(saved_checkpoint.with_name("absent.pt"))
+
+
+def test_failed_write_keeps_the_old_file(saved_checkpoint):
+    before = saved_checkpoint.read_bytes()
+
+    def fail(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        models.atomic_write(saved_checkpoint, fail)
+    assert saved_checkpoint.read_bytes() == before
+    assert sorted(p.name for p in saved_checkpoint.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.json"]
+
+
+def test_get_baseline_loads_refuses_or_trains(tmp_path, monkeypatch):
+    path = models.default_checkpoint_path("resnet18")
+    with pytest.raises(CheckpointNotFoundError, match="python -m studies.train --arch resnet18"):
+        models.get_baseline("resnet18")
+    calls = []
+
+    def fake_training(argv):
+        calls.append(argv)
+        models.save_checkpoint(_trained_like_model(), argv[argv.index("--checkpoint") + 1],
+                               arch="resnet18", stem="imagenet", config=CONFIG, metrics=METRICS)
+        return 0
+
+    monkeypatch.setattr(models, "_run_training", fake_training)
+    got = models.get_baseline("resnet18", train_if_missing=True, data_root=tmp_path / "fm",
+                              train_args=("--seed", "1"))
+    assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
+                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+    assert got.info.path == path and got.info.metrics == METRICS
+    assert models.get_baseline("resnet18", train_if_missing=True).info.sha256 == got.info.sha256
+    assert len(calls) == 1  # cached: not trained again
+
+    monkeypatch.setattr(models, "_run_training", lambda argv: 3)
+    with pytest.raises(CheckpointError, match="exit code 3; run the same command again"):
+        models.get_baseline("resnet50", train_if_missing=True)

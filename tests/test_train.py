@@ -1,0 +1,178 @@
+"""The training study on synthetic IDX files: end to end, learning, resuming, stopping."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qerror import data, models, wilson_ci
+from studies import train
+from studies._common import REPO, sha256_file
+
+SMOKE = ["--smoke", "--arch", "resnet18"]
+
+
+def learnable_images(rng, n):
+    """Ten texture classes (stripes, checkerboards, a blob, nothing) in noise.
+
+    Textures are unchanged in kind by the study's shifts and flips, so the labels stay
+    learnable under augmentation, unlike random labels or position-coded classes.
+    """
+    yy, xx = np.mgrid[0:20, 0:20]
+    patterns = ([(yy // p) % 2 for p in (1, 2, 4)] + [(xx // p) % 2 for p in (1, 2, 4)]
+                + [(yy // p + xx // p) % 2 for p in (1, 3)]
+                + [np.ones((20, 20), int), np.zeros((20, 20), int)])
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28))
+    images[:, 4:24, 4:24] += 200 * np.stack(patterns)[labels]
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def idx_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fm")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 400), ("test", 100)):
+        images, labels = learnable_images(rng, n)
+        data.write_idx(root / f"{data.FILES[split][0]}.gz", images)
+        data.write_idx(root / f"{data.FILES[split][1]}.gz", labels)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Only the test's files are found, and no real cache is touched."""
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+
+
+@pytest.fixture(scope="module")
+def reference_run(idx_root, tmp_path_factory):
+    """One uninterrupted ``python -m studies.train --smoke`` in a child process."""
+    tmp = tmp_path_factory.mktemp("reference")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg")}
+    env.pop(data.ENV_VAR, None)
+    out = tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "studies.train", *SMOKE, "--data-root",
+                           str(idx_root), "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    checkpoint = tmp / "xdg" / "qerror" / "checkpoints" / "fashion-resnet18-imagenet-smoke.pt"
+    return proc, out, checkpoint
+
+
+def test_smoke_cli_end_to_end(reference_run):
+    proc, out, checkpoint = reference_run
+    assert proc.returncode == 0, proc.stderr
+    assert "s/step over 3 steps" in proc.stdout  # the time estimate, above the progress bar
+    assert "test accuracy" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = {"epochs.csv", "steps.csv", "summary.json", "training_curve.pdf",
+                "training_curve.png"}
+    assert set(manifest["outputs"]) == expected
+    assert all(sha256_file(out / name) == h for name, h in manifest["outputs"].items())
+    assert not list(out.parent.glob(".run.partial-*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["sessions"], summary["test_n"]) == (16, 1, 100)
+    assert manifest["model"]["sha256"] == summary["checkpoint_sha256"]
+    loaded = models.load_checkpoint(checkpoint, expected_arch="resnet18")
+    assert loaded.info.sha256 == summary["checkpoint_sha256"]
+    assert loaded.info.metrics["test_accuracy"] == summary["test_accuracy"]
+    assert loaded.info.config["recipe"]["train_images"] == 256
+    # The finished run leaves no state behind, so the next run starts afresh.
+    assert not checkpoint.with_name(checkpoint.stem + ".train-state.pt").exists()
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert epochs["epoch"].tolist() == [1, 2] and epochs["step"].tolist() == [8, 16]
+
+
+def test_training_lowers_the_loss(reference_run):
+    _, out, _ = reference_run
+    steps = pd.read_csv(out / "steps.csv")
+    assert steps["step"].tolist() == list(range(1, 17))
+    first, last = steps["loss"].iloc[:4].mean(), steps["loss"].iloc[-4:].mean()
+    assert last < first, (first, last)
+    # Learning, not noise: validation accuracy is above the 1/10 of guessing, at alpha 0.05.
+    epochs = pd.read_csv(out / "epochs.csv")
+    n = 64
+    correct = round(epochs["val_accuracy"].iloc[-1] * n)
+    assert wilson_ci(correct, n).ci[0] > 0.1
+
+
+def _main(idx_root, tmp_path, *extra):
+    return train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(tmp_path / "run"),
+                       "--checkpoint", str(tmp_path / "ckpt.pt"), "--no-progress", *extra])
+
+
+def _state_step(tmp_path):
+    return torch.load(tmp_path / "ckpt.train-state.pt", weights_only=True)["step"]
+
+
+def test_interrupted_run_resumes_exactly(reference_run, idx_root, tmp_path, capsys):
+    assert _main(idx_root, tmp_path, "--stop-after-steps", "5") == train.EXIT_INCOMPLETE
+    assert _state_step(tmp_path) == 5
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt.pt").exists()
+    capsys.readouterr()
+    assert _main(idx_root, tmp_path) == 0
+    assert "resuming ckpt.train-state.pt at step 5 of 16" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["steps"], summary["sessions"]) == (16, 2)
+    # Order and augmentation depend on (seed, epoch, step) only, so the resumed run repeats
+    # the uninterrupted one step for step.
+    _, ref_out, ref_checkpoint = reference_run
+    ours = pd.read_csv(tmp_path / "run" / "steps.csv")
+    ref = pd.read_csv(ref_out / "steps.csv")
+    assert ours["step"].tolist() == ref["step"].tolist()
+    np.testing.assert_array_equal(ours["loss"], ref["loss"])
+    a = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    b = models.load_checkpoint(ref_checkpoint).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_recipe_and_no_resume_starts_over(idx_root, tmp_path, capsys):
+    assert _main(idx_root, tmp_path, "--stop-after-steps", "3") == train.EXIT_INCOMPLETE
+    assert _main(idx_root, tmp_path, "--epochs", "3") == 2
+    assert "different recipe (epochs: 2 saved, 3 now)" in capsys.readouterr().err
+    assert _main(idx_root, tmp_path, "--no-resume", "--stop-after-steps", "1") \
+        == train.EXIT_INCOMPLETE
+    assert _state_step(tmp_path) == 1
+
+
+def test_time_budget_stops_with_the_state_saved(idx_root, tmp_path, capsys):
+    # A budget far below one step's time: the run stops after its first step.
+    assert _main(idx_root, tmp_path, "--time-budget-min", "1e-6") == train.EXIT_INCOMPLETE
+    assert _state_step(tmp_path) == 1
+    assert "run the same command with a larger --time-budget-min" in capsys.readouterr().out
+
+
+def test_augmentation_is_a_background_filled_shift_and_a_flip():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    labels = np.arange(6)
+    plain, y = train.batch_tensors(images, labels)
+    assert torch.equal(plain, data.to_tensor(images)) and y.tolist() == labels.tolist()
+    gen = torch.Generator().manual_seed(0)
+    aug, _ = train.batch_tensors(images, labels, crop_pad=2, flip=True, generator=gen)
+    background = -data.MEAN / data.STD
+    padded = torch.nn.functional.pad(plain, (2, 2, 2, 2), value=background)
+    for i in range(6):
+        candidates = [padded[i, :, r:r + 32, c:c + 32] for r in range(5) for c in range(5)]
+        candidates += [t.flip(-1) for t in candidates]
+        assert any(torch.equal(aug[i], t) for t in candidates)
+
+
+def test_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--arch", "--stem", "--epochs", "--resume", "--time-budget-min", "--smoke"):
+        assert option in help_text
+    with pytest.raises(SystemExit) as info:
+        train.main(["--epochs", "0"])
+    assert info.value.code == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
