@@ -10,6 +10,7 @@ from qerror.analytic import (
     optimal_clip,
 )
 from qerror.calibration import calibrate, observed_range, qparams_from_range
+from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.quantizer import (
     QParams,
     QuantSpec,
@@ -20,7 +21,6 @@ from qerror.quantizer import (
     fake_quantize,
     quantize,
 )
-from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.rounding import ErrorInterval, RoundingMode, apply_rounding
 from qerror.stats import (
     IntervalMethod,

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from qerror._checks import check_positive_finite
+from qerror._enums import parse_enum
 from qerror.quantizer import QuantSpec
 from qerror.rounding import RoundingMode
 
@@ -90,15 +91,7 @@ class ClipMethod(enum.Enum):
     @classmethod
     def parse(cls, value: ClipMethod | str) -> ClipMethod:
         """Accept a method or its name (``"aciq"``, ``"EXACT"``)."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower()
-            for method in cls:
-                if method.value == key:
-                    return method
-        names = ", ".join(m.value for m in cls)
-        raise ValueError(f"clip method {value!r} is not one of: {names}")
+        return parse_enum(cls, value, "clip method")
 
 
 @dataclass(frozen=True)

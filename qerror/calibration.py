@@ -17,6 +17,7 @@ from qerror.quantizer import (
 )
 from qerror.rounding import ArrayLike, Generator, stochastic_key
 
+
 def _reduce_dims(x, axis):
     return tuple(d for d in range(x.ndim) if d != axis)
 

@@ -15,17 +15,13 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +30,8 @@ import torch
 import torchvision
 from torch import nn
 
+from qerror._enums import parse_enum
+from qerror._io import atomic_write, jsonable, package_versions, sha256_file
 from qerror.data import cache_dir
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"
@@ -73,25 +71,14 @@ class Stem(enum.Enum):
 DEFAULT_STEM = Stem.IMAGENET
 
 
-def _parse(cls: type[enum.Enum], value: Any, what: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        for member in cls:
-            if value.strip().lower() in (member.value, member.name.lower()):
-                return member
-    options = ", ".join(m.value for m in cls)
-    raise ValueError(f"{what} {value!r} is not one of: {options}")
-
-
 def parse_arch(value: Arch | str) -> Arch:
     """An :class:`Arch` from itself or its name (``"resnet50"``)."""
-    return _parse(Arch, value, "arch")
+    return parse_enum(Arch, value, "arch")
 
 
 def parse_stem(value: Stem | str) -> Stem:
     """A :class:`Stem` from itself or its name (``"imagenet"``, ``"conv3-pool"``, ``"cifar"``)."""
-    return _parse(Stem, value, "stem")
+    return parse_enum(Stem, value, "stem")
 
 
 def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM,
@@ -449,64 +436,6 @@ def retrain_command(arch: Arch | str | None = None, stem: Stem | str | None = No
     return cmd
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path | str, write) -> Path:
-    """Call ``write(tmp_path)``, then move the file into place with one ``os.replace``.
-
-    The temporary file lives in the destination folder, so the rename never crosses a file
-    system, and a crash leaves either the old file or the new one, never a mixture.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def jsonable(value: Any) -> Any:
-    """Dataclasses, enums, paths and numpy scalars as plain JSON values."""
-    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} in checkpoint metadata: {value!r}")
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("qerror", "torch", "torchvision", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, stem: Stem | str,
                     config: Any, metrics: Any) -> CheckpointInfo:
     """Write a Fashion-MNIST model's weights and metadata, and a sidecar with their sha256.
@@ -537,11 +466,11 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
                      f"the model given as a {arch.value}/{stem.value}")
     meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "arch": arch.value, "stem": stem.value, "num_classes": num_classes,
-            "config": jsonable(config), "metrics": jsonable(metrics), "versions": _versions(),
+            "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": state}, tmp))
-    sha = _sha256(path)
+    sha = sha256_file(path)
     sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
@@ -607,7 +536,7 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     if size != expected_bytes:
         raise refuse(f"it is {size} bytes but was written as {expected_bytes}: the file is "
                      "truncated or was replaced")
-    sha = _sha256(path)
+    sha = sha256_file(path)
     if sha != expected_sha:
         raise refuse(f"its sha256 {sha[:16]}... does not match {expected_sha[:16]}... recorded "
                      f"in {side.name}: the file is corrupt or was replaced")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array, check_positive_finite
+from qerror._enums import parse_enum
 from qerror._exact import decide_boundary, residual_sign
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
@@ -104,13 +105,7 @@ class QuantSpec:
             raise TypeError(f"axis must be an int or None, got {self.axis!r}")
         object.__setattr__(self, "rounding", RoundingMode.parse(self.rounding))
         for name, enum_type in (("range_method", RangeMethod), ("arithmetic", ScaleArithmetic)):
-            value = getattr(self, name)
-            if not isinstance(value, enum_type):
-                try:
-                    object.__setattr__(self, name, enum_type(str(value).lower()))
-                except ValueError:
-                    options = ", ".join(m.value for m in enum_type)
-                    raise ValueError(f"{name} {value!r} is not one of: {options}") from None
+            object.__setattr__(self, name, parse_enum(enum_type, getattr(self, name), name))
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if int(self.mse_grid) < 2:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array
+from qerror._enums import parse_enum
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -55,15 +56,7 @@ class RoundingMode(enum.Enum):
     @classmethod
     def parse(cls, value: "RoundingMode | str") -> "RoundingMode":
         """Accept a mode or its name (``"nearest_even"``, ``"NEAREST_EVEN"``)."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower()
-            for mode in cls:
-                if mode.value == key:
-                    return mode
-        names = ", ".join(m.value for m in cls)
-        raise ValueError(f"rounding mode {value!r} is not one of: {names}")
+        return parse_enum(cls, value, "rounding mode")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
+from qerror._enums import parse_enum
 from qerror.empirical import ErrorStats
 from qerror.rounding import RoundingMode
 
@@ -45,14 +46,7 @@ class IntervalMethod(enum.Enum):
 
     @classmethod
     def parse(cls, value: IntervalMethod | str) -> IntervalMethod:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.strip().lower():
-                    return member
-        options = ", ".join(m.value for m in cls)
-        raise ValueError(f"method {value!r} is not one of: {options}")
+        return parse_enum(cls, value, "method")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ folder and never a folder that looks complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -18,14 +17,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, is_dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from qerror._io import jsonable, package_versions, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("qerror", "numpy", "scipy", "torch", "torchvision", "pandas", "matplotlib",
-            "seaborn", "torchao")
 
 
 def base_parser(study: str, description: str) -> argparse.ArgumentParser:
@@ -39,14 +36,6 @@ def base_parser(study: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def git_identity() -> dict[str, Any]:
     """Commit and whether the work tree differs from it (None outside a git checkout)."""
     try:
@@ -58,32 +47,6 @@ def git_identity() -> dict[str, Any]:
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
-
-
-def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _jsonable(value):
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "value") and hasattr(value, "name"):  # enums
-        return value.value
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return value
 
 
 class RunDir:
@@ -126,7 +89,7 @@ class RunDir:
         return p
 
     def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
     def write_csv(self, name: str, frame) -> Path:
         p = self.path(name)

@@ -470,8 +470,13 @@ def _load_baseline(path: Path | None, data_root):
     A qerror checkpoint gives the model too, whose activations are then measured; a bare
     state dict gives its weights only. None when neither exists.
     """
-    from qerror.models import (Arch, CheckpointError, default_checkpoint_path,
-                               load_checkpoint, sidecar_path)
+    from qerror.models import (
+        Arch,
+        CheckpointError,
+        default_checkpoint_path,
+        load_checkpoint,
+        sidecar_path,
+    )
 
     if path is None:
         for arch in (Arch.RESNET50, Arch.RESNET18):

@@ -40,14 +40,13 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import data, wilson_ci
+from qerror._io import atomic_write, jsonable
 from qerror.models import (
     DEFAULT_STEM,
     Arch,
     Stem,
-    atomic_write,
     default_checkpoint_path,
     fashion_resnet,
-    jsonable,
     parse_arch,
     parse_stem,
     save_checkpoint,

@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from qerror import models
+from qerror._io import sha256_file
 from qerror.models import (
     Arch,
     CheckpointError,
@@ -229,7 +230,7 @@ def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
 def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
     path = tmp_path / "fake.pt"
     path.write_bytes(b"\x00" * 1000)
-    meta = {"sha256": models._sha256(path), "bytes": 1000, "arch": "resnet18", "stem": "imagenet"}
+    meta = {"sha256": sha256_file(path), "bytes": 1000, "arch": "resnet18", "stem": "imagenet"}
     models.sidecar_path(path).write_text(json.dumps(meta))
     _refused(path, "not a readable torch file")
 

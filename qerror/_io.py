@@ -1,0 +1,77 @@
+"""Small file and metadata helpers shared by the library and the studies."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+PACKAGES = ("qerror", "numpy", "scipy", "torch", "torchvision", "pandas", "matplotlib",
+            "seaborn", "torchao")
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path | str, write) -> Path:
+    """Call ``write(tmp_path)``, then move the file into place with one ``os.replace``.
+
+    The temporary file lives in the destination folder, so the rename never crosses a file
+    system, and a crash leaves either the old file or the new one, never a mixture.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, enums, paths and numpy scalars as plain JSON values."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} as JSON metadata: {value!r}")
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """Python's and the installed packages' versions (None for a missing package)."""
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
