@@ -13,6 +13,9 @@ _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_float_array(x, name: str) -> None:
     """Require a non-empty floating-point numpy array or torch tensor."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask quantization would ignore; "
+                        f"pass {name}.compressed() or {name}.filled(value)")
     if isinstance(x, torch.Tensor):
         if x.dtype not in _TORCH_FLOATS:
             raise TypeError(
@@ -64,9 +67,11 @@ def check_finite(x, name: str) -> None:
 
 
 def check_positive_finite(value, name: str):
-    """Require a positive finite scalar or array; return it as float64 numpy."""
-    arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
-                     dtype=np.float64)
+    """Require a positive finite real scalar or array; return it as float64 numpy."""
+    raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a real number or array of them, got {value!r}")
+    arr = raw.astype(np.float64)
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):

@@ -20,13 +20,19 @@ def residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
 
     Callers pass ``v`` within a few ulps of ``x / s``, so ``p = fl(v s)`` is
     within a factor two of ``x``, ``x - p`` is exact (Sterbenz) and
-    ``(x - p) - err`` has the exact sign.
+    ``(x - p) - err`` has the exact sign. ``x`` and ``s`` are first scaled by
+    one power of two that brings ``s`` into [0.5, 1): exact, and it keeps the
+    split and the products clear of underflow (subnormal scales) and overflow
+    (huge scales). Where ``v`` is 0 the residual is ``x`` itself.
     """
-    p = v * s
+    _, e = np.frexp(s)
+    xs = np.ldexp(x, -e)
+    ss = np.ldexp(s, -e)
+    p = v * ss
     vh, vl = _veltkamp(v)
-    sh, sl = _veltkamp(s)
+    sh, sl = _veltkamp(ss)
     err = ((vh * sh - p) + vh * sl + vl * sh) + vl * sl
-    return np.sign((x - p) - err)
+    return np.where(v == 0, np.sign(x), np.sign((xs - p) - err))
 
 
 def decide_boundary(n_sub, sign, mode: RoundingMode) -> np.ndarray:

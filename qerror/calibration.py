@@ -23,9 +23,16 @@ def _reduce_dims(x, axis):
 
 
 def _to_numpy64(x) -> np.ndarray:
+    """float64 numpy copy, at least 1-D (a scalar is calibrated as a 1-element tensor)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
+        return np.atleast_1d(x.detach().cpu().to(torch.float64).numpy())
+    return np.atleast_1d(np.asarray(x, dtype=np.float64))
+
+
+def _min_scale(x) -> float:
+    """Smallest normal number of the precision ``x`` is quantized in."""
+    wide = x.dtype == torch.float64 if isinstance(x, torch.Tensor) else x.dtype == np.float64
+    return float(np.finfo(np.float64 if wide else np.float32).tiny)
 
 
 def observed_range(x: ArrayLike, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -40,22 +47,28 @@ def observed_range(x: ArrayLike, spec: QuantSpec) -> tuple[np.ndarray, np.ndarra
     dims = _reduce_dims(data, axis) if axis is not None else None
     if spec.range_method is RangeMethod.PERCENTILE:
         p = float(spec.percentile)
-        if spec.symmetric:
+        if spec.symmetric and spec.signed:
             hi = np.percentile(np.abs(data), p, axis=dims)
             return -hi, hi
+        if spec.symmetric:  # unsigned, zero point 0: only the positive side is represented
+            hi = np.percentile(np.maximum(data, 0.0), p, axis=dims)
+            return np.zeros_like(hi), hi
         return (np.percentile(data, 100.0 - p, axis=dims),
                 np.percentile(data, p, axis=dims))
     return np.min(data, axis=dims), np.max(data, axis=dims)
 
 
-def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
+def qparams_from_range(lo, hi, spec: QuantSpec, *,
+                       min_scale: float = float(np.finfo(np.float32).tiny)) -> QParams:
     """Scale and zero point that map ``[lo, hi]`` onto the spec's integer range.
 
     Symmetric: ``s = max(|lo|, |hi|) / qmax`` and ``z = 0`` (for an unsigned
     spec this covers ``[0, hi]``: negative values clamp to 0). Affine: the range
     is widened to contain 0 so that 0 is exactly representable, then
     ``s = (hi - lo) / (qmax - qmin)`` and ``z = qmin - round(lo / s)``.
-    A zero-width range gets ``s = 1``: any scale represents it exactly.
+    A zero-width range gets ``s = 1``: any scale represents it exactly. A scale
+    below ``min_scale`` (the smallest normal float32 by default) is raised to it,
+    so that it survives rounding to the working precision.
     """
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
@@ -65,13 +78,13 @@ def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
         raise ValueError(f"range has lo > hi: lo={lo}, hi={hi}")
     if spec.symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi)) if spec.signed else np.maximum(hi, 0.0)
-        scale = np.where(amax > 0, amax / spec.qmax, 1.0)
+        scale = np.where(amax > 0, np.maximum(amax / spec.qmax, min_scale), 1.0)
         zp = np.zeros(scale.shape, dtype=np.int64)
     else:
         lo0 = np.minimum(lo, 0.0)
         hi0 = np.maximum(hi, 0.0)
         width = hi0 - lo0
-        scale = np.where(width > 0, width / (spec.qmax - spec.qmin), 1.0)
+        scale = np.where(width > 0, np.maximum(width / (spec.qmax - spec.qmin), min_scale), 1.0)
         zp = np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin, spec.qmax).astype(np.int64)
     if scale.ndim == 0:
         return QParams(float(scale), int(zp))
@@ -87,7 +100,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, *, generator: Generator | None = No
     """
     lo, hi = observed_range(x, spec)
     if spec.range_method is not RangeMethod.MSE:
-        return qparams_from_range(lo, hi, spec)
+        return qparams_from_range(lo, hi, spec, min_scale=_min_scale(x))
     axis = _normalise_axis(x, spec)
     data = _to_numpy64(x)
     dims = _reduce_dims(data, axis) if axis is not None else None
@@ -95,7 +108,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, *, generator: Generator | None = No
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
     for c in np.linspace(1.0, 1.0 / spec.mse_grid, spec.mse_grid):
-        params = qparams_from_range(lo * c, hi * c, spec)
+        params = qparams_from_range(lo * c, hi * c, spec, min_scale=_min_scale(x))
         key = stochastic_key(generator) if spec.rounding.is_random else None
         sc = np.asarray(params.scale).reshape(_param_shape(data, axis) if axis is not None else ())
         zp = np.asarray(params.zero_point).reshape(sc.shape)

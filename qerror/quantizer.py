@@ -10,6 +10,8 @@ follows.
 from __future__ import annotations
 
 import enum
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Union
@@ -33,6 +35,10 @@ class ScaleArithmetic(enum.Enum):
     (Dekker's error-free product) decides, so no code is ever off by one
     because of the division's own rounding. The error model of DESIGN §2 is
     stated for this quantizer.
+
+    STOCHASTIC rounding is the exception: it rounds ``fl(x/s)`` up with
+    probability equal to its fractional part, so its probabilities are those
+    of the exact quotient only to within a few ulps.
 
     RECIPROCAL multiplies by ``1/s`` rounded to the working precision and rounds
     that product, as PyTorch's fake-quantize and the FBGEMM/oneDNN kernels do;
@@ -108,6 +114,10 @@ class QuantSpec:
             object.__setattr__(self, name, parse_enum(enum_type, getattr(self, name), name))
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not self.symmetric and float(self.percentile) <= 50.0:
+            raise ValueError(
+                f"percentile {self.percentile} gives an empty affine range: the lower end is "
+                "the (100 - p)th percentile, so p must be above 50 (e.g. 99.99)")
         if int(self.mse_grid) < 2:
             raise ValueError(f"mse_grid must be at least 2, got {self.mse_grid}")
         if self.narrow and not self.signed:
@@ -191,6 +201,15 @@ def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
     """Validate scale and zero point; return them as float64/int64 numpy arrays shaped
     to broadcast against ``x``."""
     s = check_positive_finite(scale, "scale")
+    wide = x.dtype == torch.float64 if isinstance(x, torch.Tensor) else x.dtype == np.float64
+    working = np.dtype(np.float64 if wide else np.float32)
+    info = np.finfo(working)
+    if np.any(s < info.tiny) or np.any(s > info.max):
+        bad = s[(s < info.tiny) | (s > info.max)].reshape(-1)[0]
+        raise ValueError(
+            f"scale {bad!r} is not a normal {working.name} number, the precision this input "
+            f"is quantized in; use a scale in [{info.tiny:.3g}, {info.max:.3g}] (or float64 data)"
+        )
     zp_src = zero_point.detach().cpu() if isinstance(zero_point, torch.Tensor) else zero_point
     z = np.asarray(zp_src)
     if z.dtype.kind == "f":
@@ -198,13 +217,13 @@ def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
             raise ValueError(f"zero_point must hold integers, got {zero_point!r}")
     elif z.dtype.kind not in "iu":
         raise TypeError(f"zero_point must be an integer or integer array, got {zero_point!r}")
-    z = z.astype(np.int64)
     if np.any(z < spec.qmin) or np.any(z > spec.qmax):
         bad = z[(z < spec.qmin) | (z > spec.qmax)].reshape(-1)[0]
         raise ValueError(
-            f"zero_point {int(bad)} is outside the integer range [{spec.qmin}, {spec.qmax}] "
+            f"zero_point {bad} is outside the integer range [{spec.qmin}, {spec.qmax}] "
             f"of a {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} spec"
         )
+    z = z.astype(np.int64)
     if spec.symmetric and np.any(z != 0):
         raise ValueError(
             f"zero_point must be 0 for a symmetric spec, got {zero_point!r}; "
@@ -253,10 +272,12 @@ def _scaled(x, spec: QuantSpec, s: np.ndarray):
         if torch_in:
             inv = 1.0 / torch.as_tensor(s, dtype=cdt)
             return x.to(cdt) * (inv.item() if inv.ndim == 0 else inv.to(x.device)), scale
-        return x.astype(cdt) * (cdt(1.0) / s.astype(cdt)), scale
+        with np.errstate(over="ignore"):
+            return x.astype(cdt) * (cdt(1.0) / s.astype(cdt)), scale
     if torch_in:
         return x.to(cdt) / scale, scale
-    return x.astype(cdt) / scale, scale
+    with np.errstate(over="ignore"):  # a finite value far out of range: inf, then clamped
+        return x.astype(cdt) / scale, scale
 
 
 def _round_in_place(v, mode):
@@ -328,13 +349,26 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
     reach = float(np.max(np.maximum(np.abs(spec.qmin - z), np.abs(spec.qmax - z)))) + 2.0
     unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
     margin = 4.0 * float(unit) * reach
+    # A dequantized level stored in half precision sits up to half a half-precision ulp
+    # from k s: the directed modes must find it to give it code k.
+    half = x.dtype in (np.float16, torch.float16, torch.bfloat16) and not nearest
+    half_eps = float(torch.finfo(torch.bfloat16 if x.dtype == torch.bfloat16
+                                 else torch.float16).eps) if half else 0.0
     if torch_in:
         ref = r if nearest else torch.round(v)
         dist = (v - ref).abs_()
+        if half:
+            margin = ref.abs().mul_(half_eps).add_(margin)
+        candidate = dist >= 0.5 - margin if nearest else dist <= margin
+        candidate &= ref.abs() <= reach
     else:
         ref = r if nearest else np.rint(v)
-        dist = np.abs(v - ref)
-    candidate = dist >= 0.5 - margin if nearest else dist <= margin
+        with np.errstate(invalid="ignore"):  # inf - inf for values far out of range
+            dist = np.abs(v - ref)
+            if half:
+                margin = np.abs(ref) * half_eps + margin
+            candidate = dist >= 0.5 - margin if nearest else dist <= margin
+            candidate &= np.abs(ref) <= reach
     if not bool(candidate.any()):
         return r
     if torch_in:
@@ -357,7 +391,7 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
         sign = residual_sign(x_sub, b, s_sub)
     else:
         b = ref_sub
-        sign = np.where(b * s_sub == x_sub, 0.0, residual_sign(x_sub, b, s_sub))
+        sign = np.where(_level(b, s_sub, x.dtype) == x_sub, 0.0, residual_sign(x_sub, b, s_sub))
     # The rule acts on u = b + z (exact: b is an integer or half-integer), and the
     # result is shifted back; tie rules and truncation depend on u, not on v.
     fixed = (decide_boundary(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
@@ -367,6 +401,16 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
         return r
     r[idx] = fixed
     return r
+
+
+def _level(b: np.ndarray, s: np.ndarray, out_dtype) -> np.ndarray:
+    """The dequantized level ``fl(b s)`` as the output holds it: computed in the working
+    precision, then rounded to the input's own dtype (float16 or bfloat16 data)."""
+    level = b * s
+    if out_dtype in (np.float16, torch.float16, torch.bfloat16):
+        half = torch.float16 if out_dtype in (np.float16, torch.float16) else torch.bfloat16
+        level = torch.from_numpy(level).to(half).to(torch.float32).numpy()
+    return level
 
 
 def _bounds(spec: QuantSpec, z: np.ndarray, like, cdt):
@@ -423,6 +467,10 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     Returns the codes (int32) or the fake-quantized values (input dtype) and, if
     ``count``, the :class:`Saturation`.
     """
+    if x.ndim == 0 and spec.axis is None:
+        # One code path for every shape: a scalar is quantized as a 1-element array.
+        res = _run(x.reshape(1), spec, scale, zero_point, generator, fake=fake, count=count)
+        return (res[0].reshape(()), res[1]) if count else res.reshape(())
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
     torch_in = isinstance(x, torch.Tensor)
     cdt = _compute_dtype(x)
@@ -475,7 +523,8 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         ob[...] = res.reshape(ob.shape)
         return sc, counts
 
-    for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner))):
+    on_cpu = not torch_in or x.device.type == "cpu"
+    for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner)), on_cpu):
         if counts is not None:
             low[sc] += counts[0]
             high[sc] += counts[1]
@@ -486,24 +535,44 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
-def _map_blocks(func, blocks):
+def _forget_pool() -> None:
+    # A forked child inherits the executor object but none of its threads.
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _map_blocks(func, blocks, on_cpu: bool):
     """Run ``func`` over blocks, on a small thread pool when there are several.
 
     Each block is a short chain of element-wise kernels on cache-resident data.
     Run serially with torch's intra-op threads, every kernel is its own parallel
     region, and on a loaded machine each region waits for a descheduled partner
     thread (ten times slower here). Blocks on separate Python threads (torch and
-    numpy release the GIL) keep the cores busy without those barriers.
+    numpy release the GIL) keep the cores busy without those barriers. Work on
+    an accelerator stays on the caller's thread and stream. The workers run
+    under the caller's inference mode, so they may write into its tensors.
     """
     global _POOL
-    if len(blocks) == 1:
-        return [func(blocks[0])]
+    if len(blocks) == 1 or not on_cpu:
+        return [func(b) for b in blocks]
     workers = max(1, min(torch.get_num_threads(), len(blocks)))
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qerror")
-    return list(_POOL.map(func, blocks))
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qerror")
+        pool = _POOL
+    inference = torch.is_inference_mode_enabled()
+
+    def in_caller_mode(block):
+        with torch.inference_mode(inference), torch.no_grad():
+            return func(block)
+
+    return list(pool.map(in_caller_mode, blocks))
 
 
 def _saturation_result(low, high, per_channel_total, axis) -> Saturation:
@@ -583,16 +652,22 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
     axis : int or None
         Channel axis of per-channel parameters.
     dtype : optional
-        Output float dtype (default float32).
+        Output float dtype (default float32). The arithmetic is that of
+        :func:`fake_quantize` for data of this dtype: float64 for float64,
+        float32 otherwise, then rounded to ``dtype``; so both give the same values.
     """
     if isinstance(q, torch.Tensor):
         if q.dtype.is_floating_point or q.dtype == torch.bool:
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")
         dtype = dtype or torch.float32
+        work = torch.float64 if dtype == torch.float64 else torch.float32
     elif isinstance(q, np.ndarray):
         if q.dtype.kind not in "iu":
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")
-        dtype = dtype or np.float32
+        dtype = np.dtype(dtype or np.float32).type
+        if dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+        work = np.float64 if dtype == np.float64 else np.float32
     else:
         raise TypeError(f"q must be a numpy.ndarray or torch.Tensor, got {type(q).__name__}")
     if axis is not None and not -q.ndim <= axis < q.ndim:
@@ -612,11 +687,11 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
             raise ValueError(f"{name} has {arr.size} values for {q.shape[ax]} channels")
         arr = arr.reshape(()) if ax is None else np.broadcast_to(
             arr.reshape(-1), (q.shape[ax],)).reshape(shape)
-        params.append(_as_param(arr, q, dtype))
+        params.append(_as_param(arr, q, work))
     sv, zv = params
     if isinstance(q, torch.Tensor):
-        return (q.to(dtype) - zv) * sv
-    return ((q.astype(dtype) - zv) * sv).astype(dtype, copy=False)
+        return ((q.to(work) - zv) * sv).to(dtype)
+    return ((q.astype(work) - zv) * sv).astype(dtype, copy=False)
 
 
 def fake_quantize(

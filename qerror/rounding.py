@@ -159,12 +159,17 @@ def _round_numpy(x: np.ndarray, mode: RoundingMode, key: int | None,
         return np.floor(x)
     if mode is RoundingMode.CEIL:
         return np.ceil(x)
+    # The quantizer passes values that overflowed x/s as +-inf (they clamp later):
+    # inf - inf is nan there, harmlessly, and not worth a warning.
     if mode is RoundingMode.NEAREST_AWAY:
         # x - trunc(x) is exact in binary floating point, so the tie test is exact.
         t = np.trunc(x)
-        return np.where(np.abs(x - t) >= 0.5, t + np.sign(x), t).astype(x.dtype, copy=False)
+        with np.errstate(invalid="ignore"):
+            away = np.abs(x - t) >= 0.5
+        return np.where(away, t + np.sign(x), t).astype(x.dtype, copy=False)
     lo = np.floor(x)
-    frac = x.astype(np.float64) - lo.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        frac = x.astype(np.float64) - lo.astype(np.float64)
     up = _uniform_numpy(x.size, key, offset).reshape(x.shape) < frac
     return (lo + up.astype(x.dtype)).astype(x.dtype, copy=False)
 
@@ -212,7 +217,8 @@ def round_values(x: ArrayLike, mode: RoundingMode, key: int | None,
         if x.requires_grad and torch.is_grad_enabled():
             return _StraightThrough.apply(x, mode, key, offset)
         return _round_torch(x, mode, key, offset)
-    return _round_numpy(x, mode, key, offset)
+    # ufuncs turn a 0-d array into a numpy scalar; keep the caller's type.
+    return np.asarray(_round_numpy(x, mode, key, offset))
 
 
 def apply_rounding(
@@ -232,6 +238,10 @@ def apply_rounding(
     generator : int, numpy.random.Generator or torch.Generator, optional
         Required for STOCHASTIC and ignored otherwise. An integer seed always
         yields the same decisions for the same shape; a generator advances.
+        The draws depend only on the key and the element's flat index, so two
+        tensors rounded with the same integer seed get the same uniforms at
+        the same positions: pass a generator (or distinct seeds) to round
+        several tensors, e.g. weights and activations, independently.
 
     Returns
     -------

@@ -14,6 +14,7 @@ from qerror import (
     RangeMethod,
     RoundingMode,
     ScaleArithmetic,
+    apply_rounding,
     calibrate,
     dequantize,
     fake_quantize,
@@ -375,3 +376,122 @@ def test_bad_dequantize_input_is_refused():
         dequantize(np.array([1]), 0.0)
     with pytest.raises(ValueError, match="channels"):
         dequantize(np.zeros((2, 3), dtype=np.int32), [0.1, 0.2], axis=1)
+
+
+# --------------------------------------------------------------------------- regressions from review
+
+
+def test_large_tensor_under_inference_mode():
+    x = torch.randn(600_000, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        y = fake_quantize(x, QuantSpec(), 0.05)
+    assert torch.equal(y, fake_quantize(x, QuantSpec(), 0.05))
+
+
+def _quantize_in_child(queue):
+    queue.put(int(quantize(np.ones(600_000, np.float32), QuantSpec(), 0.05).sum()))
+
+
+def test_forked_child_can_quantize_after_the_parent_did():
+    import multiprocessing as mp
+
+    quantize(np.ones(600_000, np.float32), QuantSpec(), 0.05)  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_quantize_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and queue.get(timeout=5) == 600_000 * 20
+
+
+@pytest.mark.parametrize("scale", [5e-39, 1e-45, 3.5e38])
+def test_scale_outside_the_working_precision_is_refused(scale):
+    with pytest.raises(ValueError, match="not a normal float32"):
+        quantize(np.ones(3, np.float32), QuantSpec(), scale)
+    # float64 data is quantized in float64, where these scales are fine
+    quantize(np.ones(3), QuantSpec(bits=16), scale)
+
+
+def test_calibration_never_makes_a_scale_the_quantizer_refuses():
+    x = np.array([[1.0, -0.5, 0.0], [1e-44, -3e-45, 0.0]], np.float32)
+    spec = QuantSpec(axis=0)
+    p = calibrate(x, spec)
+    q = quantize(x, spec, p.scale, p.zero_point)
+    assert q[1].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC)
+def test_codes_are_exact_for_huge_scales(mode):
+    s = np.float32(1e35)  # beyond float32 max / 4097, where a naive Dekker split overflows
+    x = boundary_values(float(s), np.float32, count=20)
+    x = x[np.isfinite(x)]
+    spec = QuantSpec(bits=8, rounding=mode)
+    expected = [exact_code(v, float(s), 0, mode, spec.qmin, spec.qmax, np.float32) for v in x]
+    np.testing.assert_array_equal(quantize(x, spec, float(s)), expected)
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_round_trip_is_the_identity_on_codes(mode, half):
+    spec = QuantSpec(bits=8, rounding=mode)
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(3)).mul_(3).to(half)
+    once = fake_quantize(x, spec, 0.1)
+    assert once.dtype == half and torch.equal(fake_quantize(once, spec, 0.1), once)
+    q = quantize(x, spec, 0.1)
+    assert torch.equal(quantize(dequantize(q, 0.1, dtype=half), spec, 0.1), q)
+    x16 = x.to(torch.float16).numpy()
+    q16 = quantize(x16, spec, 0.1)
+    np.testing.assert_array_equal(quantize(dequantize(q16, 0.1, dtype=np.float16), spec, 0.1),
+                                  q16)
+
+
+def test_zero_dimensional_inputs():
+    y = fake_quantize(torch.tensor(0.25, requires_grad=True), QuantSpec(), 0.1)
+    assert y.shape == () and float(y.detach()) == pytest.approx(0.2)
+    assert quantize(np.array(0.26, np.float32), QuantSpec(), 0.1).shape == ()
+    assert calibrate(np.array(1.3, np.float32), QuantSpec(range_method="mse")).scale > 0
+    assert isinstance(apply_rounding(np.array(2.5), "floor"), np.ndarray)
+
+
+def test_values_far_out_of_range_clamp_without_warnings():
+    # pyproject turns RuntimeWarnings from qerror into errors
+    for mode in DETERMINISTIC:
+        q = quantize(np.float32([3e38, -3e38, 0.5]), QuantSpec(rounding=mode), 0.7)
+        assert q.tolist()[:2] == [127, -128]
+
+
+def test_unsigned_percentile_range_ignores_negative_values():
+    x = np.array([-100.0] * 50 + list(np.linspace(0, 1, 50)), np.float32)
+    lo, hi = observed_range(x, QuantSpec(signed=False, range_method="percentile",
+                                         percentile=100))
+    assert (float(lo), float(hi)) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: quantize(np.ma.array([1.0]), QuantSpec(), 0.1), TypeError, "masked"),
+        (lambda: quantize(np.ones(2), QuantSpec(), "0.5"), TypeError, "real number"),
+        (lambda: quantize(np.ones(2), QuantSpec(), True), TypeError, "real number"),
+        (lambda: quantize(np.ones(2), QuantSpec(symmetric=False), 0.5, 1e20), ValueError,
+         "1e\\+20 is outside"),
+        (lambda: QuantSpec(symmetric=False, range_method="percentile", percentile=30),
+         ValueError, "above 50"),
+        (lambda: dequantize(np.array([1]), 0.1, dtype=np.int32), TypeError, "float16"),
+    ],
+)
+def test_more_bad_input_is_refused(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_dequantize_to_float16_matches_fake_quantize():
+    assert dequantize(np.array([2049]), 1.0, 1, dtype=np.float16).tolist() == [2048.0]
+    x = np.float16([0.7, -0.33, 1.1])
+    spec = QuantSpec(bits=16)
+    np.testing.assert_array_equal(dequantize(quantize(x, spec, 0.1), 0.1, dtype=np.float16),
+                                  fake_quantize(x, spec, 0.1))
+    assert dequantize(np.array([1]), 1.0, dtype=np.dtype("float32")).dtype == np.float32
