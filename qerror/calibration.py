@@ -43,7 +43,11 @@ def observed_range(x: ArrayLike, spec: QuantSpec) -> tuple[np.ndarray, np.ndarra
     check_float_array(x, "x")
     check_finite(x, "x")
     axis = _normalise_axis(x, spec)
-    data = _to_numpy64(x)
+    return _range(_to_numpy64(x), spec, axis)
+
+
+def _range(data: np.ndarray, spec: QuantSpec, axis: int | None):
+    """:func:`observed_range` on validated float64 data."""
     dims = _reduce_dims(data, axis) if axis is not None else None
     if spec.range_method is RangeMethod.PERCENTILE:
         p = float(spec.percentile)
@@ -98,17 +102,20 @@ def calibrate(x: ArrayLike, spec: QuantSpec, *, generator: Generator | None = No
     min-max range and keeps, per tensor or per channel, the one whose
     fake-quantization MSE on ``x`` is smallest (ties go to the widest range).
     """
-    lo, hi = observed_range(x, spec)
-    if spec.range_method is not RangeMethod.MSE:
-        return qparams_from_range(lo, hi, spec, min_scale=_min_scale(x))
+    check_float_array(x, "x")
+    check_finite(x, "x")
     axis = _normalise_axis(x, spec)
     data = _to_numpy64(x)
+    lo, hi = _range(data, spec, axis)
+    min_scale = _min_scale(x)
+    if spec.range_method is not RangeMethod.MSE:
+        return qparams_from_range(lo, hi, spec, min_scale=min_scale)
     dims = _reduce_dims(data, axis) if axis is not None else None
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
     for c in np.linspace(1.0, 1.0 / spec.mse_grid, spec.mse_grid):
-        params = qparams_from_range(lo * c, hi * c, spec, min_scale=_min_scale(x))
+        params = qparams_from_range(lo * c, hi * c, spec, min_scale=min_scale)
         key = stochastic_key(generator) if spec.rounding.is_random else None
         sc = np.asarray(params.scale).reshape(_param_shape(data, axis) if axis is not None else ())
         zp = np.asarray(params.zero_point).reshape(sc.shape)

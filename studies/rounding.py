@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_modes = [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO]
     clip_laws = [law for law in law_list if law.name != "uniform"]
     alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
-    baseline = _load_baseline(args.checkpoint, args.data_root)
+    baseline = _load_baseline(args.checkpoint)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_baseline(path: Path | None, data_root):
+def _load_baseline(path: Path | None):
     """(state_dict, model or None, identity) from --checkpoint or the cached baseline.
 
     A qerror checkpoint gives the model too, whose activations are then measured; a bare
