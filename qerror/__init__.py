@@ -8,9 +8,28 @@ from qerror.analytic import (
     UniformNoise,
     error_moments,
     optimal_clip,
+    uniform_bias_lsb,
 )
+from qerror.bn import BNInconsistency
+from qerror.bn import reestimate as reestimate_bn
 from qerror.calibration import calibrate, observed_range, qparams_from_range
+from qerror.correction import (
+    MeanSource,
+    analytic_bias_correction,
+    empirical_bias_correction,
+    predicted_local_drift,
+)
 from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
+from qerror.propagate import (
+    PropagationResult,
+    QuantConfig,
+    Target,
+    UnsupportedModelError,
+    calibrate_activations,
+    measure,
+    quantize_weights,
+    quantized_forward,
+)
 from qerror.quantizer import (
     QParams,
     QuantSpec,
@@ -28,6 +47,7 @@ from qerror.stats import (
     bias_test,
     bootstrap_ci,
     equivalence_test,
+    mcnemar_from_counts,
     mcnemar_test,
     mse_ratio_ci,
     uniformity_test,
@@ -44,6 +64,22 @@ __all__ = [
     "UniformNoise",
     "error_moments",
     "optimal_clip",
+    "uniform_bias_lsb",
+    "BNInconsistency",
+    "reestimate_bn",
+    "MeanSource",
+    "analytic_bias_correction",
+    "empirical_bias_correction",
+    "predicted_local_drift",
+    "PropagationResult",
+    "QuantConfig",
+    "Target",
+    "UnsupportedModelError",
+    "calibrate_activations",
+    "measure",
+    "quantize_weights",
+    "quantized_forward",
+    "mcnemar_from_counts",
     "ErrorInterval",
     "ErrorStats",
     "ErrorSummary",

@@ -843,6 +843,29 @@ def _moments_lsb(law, mode: RoundingMode, qmin: int, qmax: int) -> _LsbMoments:
                        float(p_low), float(p_high))
 
 
+def uniform_bias_lsb(mode: RoundingMode | str, p_above, p_below):
+    """Uniform-noise (Widrow) bias in LSB of data with a point mass on the grid point ``u = 0``.
+
+    Parameters
+    ----------
+    mode : RoundingMode
+    p_above, p_below : float or array
+        ``P(u > 0)`` and ``P(u < 0)`` for ``u = x/s + z``; the rest, ``u = 0`` exactly (the
+        zeros after a ReLU), is represented without error by every mode.
+
+    Returns
+    -------
+    float or array
+        ``E[e]/s``: 0 for the nearest modes and stochastic rounding, ``∓(p_above + p_below)/2``
+        for floor/ceil, ``-(p_above - p_below)/2`` for truncation toward zero.
+    """
+    mode = RoundingMode.parse(mode)
+    p_above, p_below = np.asarray(p_above, dtype=float), np.asarray(p_below, dtype=float)
+    if mode is RoundingMode.TOWARD_ZERO:
+        return -(p_above - p_below) / 2.0
+    return _UNIFORM_TABLE[mode][0] * (p_above + p_below)
+
+
 def _uniform_noise(law, mode: RoundingMode, s: float) -> UniformNoise:
     bias, mse, mae = _UNIFORM_TABLE[mode]
     if mode is RoundingMode.TOWARD_ZERO:

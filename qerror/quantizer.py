@@ -361,6 +361,9 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
             margin = ref.abs().mul_(half_eps).add_(margin)
         candidate = dist >= 0.5 - margin if nearest else dist <= margin
         candidate &= ref.abs() <= reach
+        if not nearest:
+            # 0/s is exact: zeros (half of a ReLU's output) need no exact check.
+            candidate &= x.detach() != 0
     else:
         ref = r if nearest else np.rint(v)
         with np.errstate(invalid="ignore"):  # inf - inf for values far out of range
@@ -369,6 +372,8 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
                 margin = np.abs(ref) * half_eps + margin
             candidate = dist >= 0.5 - margin if nearest else dist <= margin
             candidate &= np.abs(ref) <= reach
+            if not nearest:
+                candidate &= x != 0
     if not bool(candidate.any()):
         return r
     if torch_in:

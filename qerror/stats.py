@@ -680,9 +680,21 @@ def mcnemar_test(
     if _flat_shape(correct_a) != _flat_shape(correct_b):
         raise ValueError(f"correct_a has shape {_flat_shape(correct_a)} but correct_b has "
                          f"{_flat_shape(correct_b)}; they must score the same items")
-    n = a.size
-    only_a = int(np.count_nonzero(a & ~b))
-    only_b = int(np.count_nonzero(~a & b))
+    return mcnemar_from_counts(int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b)),
+                               a.size, alpha, exact=exact)
+
+
+def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *,
+                        exact: bool | None = None) -> McNemarResult:
+    """:func:`mcnemar_test` from its sufficient statistics, for streamed evaluations.
+
+    ``only_a`` items were right by a only, ``only_b`` by b only, out of ``n`` items.
+    """
+    alpha = _check_alpha(alpha)
+    only_a, only_b, n = (_check_count(v, name) for v, name in
+                         ((only_a, "only_a"), (only_b, "only_b"), (n, "n")))
+    if n < 1 or only_a + only_b > n:
+        raise ValueError(f"need n >= 1 and only_a + only_b <= n; got {only_a}, {only_b}, {n}")
     disc = only_a + only_b
     use_exact = disc < _MCNEMAR_EXACT_BELOW if exact is None else bool(exact)
     if use_exact:

@@ -11,17 +11,18 @@ tiny sizes).
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
-from studies._common import RunDir, base_parser
+from studies._common import REPO, RunDir, base_parser
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ def bench_fake_quantize(args) -> list[BenchRow]:
     x = torch.randn(n, generator=gen)
     rows = []
     scale = float(x.abs().max()) / 127
-    base = lambda: torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)  # noqa: E731
+    base = lambda: torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
     for mode in RoundingMode:
         spec = QuantSpec(bits=8, rounding=mode)
-        cand = lambda spec=spec: fake_quantize(x, spec, scale, generator=args.seed)  # noqa: E731
+        cand = lambda spec=spec: fake_quantize(x, spec, scale, generator=args.seed)
         goal = 1.5 if mode is RoundingMode.NEAREST_EVEN else None
         rows.append(make_row("fake_quantize", f"per-tensor {mode.value}, {n} float32",
                              "qerror", "torch nearest", goal,
@@ -87,11 +88,11 @@ def bench_fake_quantize(args) -> list[BenchRow]:
     w = x.reshape(1024, -1)
     scales = w.abs().amax(dim=1) / 127
     zps = torch.zeros(w.shape[0], dtype=torch.int32)
-    base_c = lambda: torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -128, 127)  # noqa
+    base_c = lambda: torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -128, 127)
     scales_np = scales.numpy()
     for mode in RoundingMode:
         spec = QuantSpec(bits=8, axis=0, rounding=mode)
-        cand = lambda spec=spec: fake_quantize(w, spec, scales_np, generator=args.seed)  # noqa
+        cand = lambda spec=spec: fake_quantize(w, spec, scales_np, generator=args.seed)
         goal = 1.5 if mode is RoundingMode.NEAREST_EVEN else None
         rows.append(make_row("fake_quantize", f"per-channel {mode.value}, {tuple(w.shape)}",
                              "qerror", "torch nearest", goal,
@@ -134,12 +135,12 @@ def bench_analytic(args) -> list[BenchRow]:
         exact = error_moments(dist, spec, scale)
         # independent check: integrate e(x)^2 f(x) bin by bin with quad
         edges = (np.arange(spec.qmin, spec.qmax + 2) - 0.5) * scale
-        ref = sum(integrate.quad(lambda x, k=k: ((k * scale - x) ** 2) * dist.pdf(x),
+        ref = sum(integrate.quad(lambda x, k=k, d=dist: ((k * scale - x) ** 2) * d.pdf(x),
                                  lo, hi, epsabs=0, epsrel=1e-12)[0]
                   for k, lo, hi in zip(range(spec.qmin, spec.qmax + 1), edges[:-1], edges[1:]))
-        ref += integrate.quad(lambda x: ((spec.qmin * scale - x) ** 2) * dist.pdf(x),
+        ref += integrate.quad(lambda x, d=dist: ((spec.qmin * scale - x) ** 2) * d.pdf(x),
                               -np.inf, edges[0], epsrel=1e-12)[0]
-        ref += integrate.quad(lambda x: ((spec.qmax * scale - x) ** 2) * dist.pdf(x),
+        ref += integrate.quad(lambda x, d=dist: ((spec.qmax * scale - x) ** 2) * d.pdf(x),
                               edges[-1], np.inf, epsrel=1e-12)[0]
         rel_err = abs(exact.mse - ref) / ref
         # draws for a standard error of target * MSE (e^2 has variance ~ 1/80 - 1/144 LSB^4)
@@ -150,7 +151,8 @@ def bench_analytic(args) -> list[BenchRow]:
         mc_value = []
         ratios, ta, tb = paired_ratio(
             lambda d=dist: error_moments(d, spec, scale),
-            lambda d=dist, n=n: mc_value.append(_mc_mse_lsb(d, spec, scale, n, args.seed)),
+            lambda d=dist, n=n, out=mc_value: out.append(_mc_mse_lsb(d, spec, scale, n,
+                                                                      args.seed)),
             max(1, args.pairs // 5), warmup=0)
         mc_rel = abs(mc_value[-1] - exact.mse_lsb) / exact.mse_lsb
         rows.append(make_row(
@@ -171,16 +173,182 @@ def bench_empirical(args) -> list[BenchRow]:
     scale = float(x.abs().max()) / 127
     xh = fake_quantize(x, QuantSpec(), scale)
     e = xh - x
-    bare = lambda: (xh - x).abs().sum()  # noqa: E731
-    cand = lambda: ErrorStats().update(e, scale=scale)  # noqa: E731
+    bare = lambda: (xh - x).abs().sum()
+    cand = lambda: ErrorStats().update(e, scale=scale)
     return [make_row("empirical", f"ErrorStats.update, {n} float32", "ErrorStats.update",
                      "(x_hat - x).abs().sum()", 1.5, *paired_ratio(cand, bare, args.pairs))]
+
+
+def bench_models(args) -> list[BenchRow]:
+    """Fashion-MNIST ResNet50 (1×32×32 input, untrained weights) in FP32: inference images/s
+    with channels_last and with torch.compile against eager, and seconds per training step
+    (qerror.models.time_training_step) with channels_last against contiguous.
+
+    ``--smoke`` times a ResNet18 on tiny batches and leaves torch.compile out (compiling
+    takes about a minute). A compile that fails is recorded as a row whose note says why.
+    """
+    from qerror.models import fashion_resnet, time_training_step
+
+    arch = "resnet18" if args.smoke else "resnet50"
+    batch, train_batch = (4, 4) if args.smoke else (256, 128)
+    # A ResNet50 forward of 256 images takes most of a second on 2 cores: few pairs keep the
+    # group near two minutes, compile included.
+    pairs = max(1, min(args.pairs, 5))
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(batch, 1, 32, 32, generator=gen)
+    eager_model = fashion_resnet(arch, seed=args.seed).eval()
+    cl_model = copy.deepcopy(eager_model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    name = f"{arch} FP32 inference, batch {batch}, 1x32x32"
+
+    def infer(model, inp):
+        with torch.inference_mode():
+            return model(inp)
+
+    def per_second(_ratios, ta, tb):
+        return (f"{batch / np.median(ta):.0f} vs eager {batch / np.median(tb):.0f} images/s")
+
+    eager = lambda: infer(eager_model, x)
+    timed = paired_ratio(lambda: infer(cl_model, x_cl), eager, pairs)
+    rows = [make_row("models", name, "channels_last", "eager (contiguous)", None, *timed,
+                     note=per_second(*timed))]
+    if not args.smoke:
+        rows.append(_compiled_row(name, eager_model, x, eager, infer, pairs, per_second))
+    steps, warmup = (1, 0) if args.smoke else (2, 1)
+    train_pairs = max(1, min(args.pairs, 2))
+    cl_s, contig_s = np.empty(train_pairs), np.empty(train_pairs)
+    for i in range(train_pairs):
+        for out, cl in ((cl_s, True), (contig_s, False)):
+            out[i] = time_training_step(arch, batch_size=train_batch, steps=steps,
+                                        warmup=warmup, channels_last=cl,
+                                        seed=args.seed).median_s
+    rows.append(make_row(
+        "models", f"{arch} training step (forward, backward, SGD), batch {train_batch}",
+        "channels_last", "contiguous", None, cl_s / contig_s, cl_s, contig_s,
+        note=f"{np.median(cl_s):.3f} vs {np.median(contig_s):.3f} s/step "
+             f"({train_batch / np.median(cl_s):.0f} vs {train_batch / np.median(contig_s):.0f} "
+             f"images/s); each call builds the model, {warmup} warm-up and {steps} timed "
+             "step(s), median"))
+    return rows
+
+
+def _compiled_row(name, model, x, eager, infer, pairs, per_second) -> BenchRow:
+    """torch.compile (default mode) against eager; a failure becomes a row with its reason."""
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model)
+        reference = infer(model, x)
+        first = infer(compiled, x)  # compiles
+        compile_s = time.perf_counter() - t0
+        timed = paired_ratio(lambda: infer(compiled, x), eager, pairs)
+    except Exception as exc:  # noqa: BLE001 - a backend fails in many ways; record why
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        return BenchRow("models", name, "torch.compile", "eager (contiguous)", float("nan"),
+                        float("nan"), float("nan"), float("nan"), float("nan"), None, None, 0,
+                        note=f"torch.compile failed on this machine: {reason[:300]}")
+    diff = float((first - reference).abs().max())
+    return make_row("models", name, "torch.compile", "eager (contiguous)", None, *timed,
+                    note=f"{per_second(*timed)}; first call (compile) {compile_s:.0f} s; "
+                         f"max |logit diff| vs eager {diff:.2g}")
+
+
+def _drift_setup(smoke: bool, seed: int, mode: str = "toward_zero"):
+    """A Fashion-MNIST ResNet (untrained weights), one batch, and what measure() needs."""
+    from qerror.models import fashion_resnet
+    from qerror.propagate import QuantConfig, calibrate_activations, quantize_weights
+
+    arch, batch = ("resnet18", 16) if smoke else ("resnet50", 256)
+    model = fashion_resnet(arch, seed=seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    cfg = QuantConfig.make(8, mode, seed=seed)
+    act = calibrate_activations(model, [x], cfg.activation)
+    return model, x, y, cfg, act, quantize_weights(model, cfg.weight, seed=seed), arch
+
+
+def _memory_child(what: str, smoke: bool, seed: int) -> None:
+    """Run one forward in this (fresh) process and print its peak resident memory growth.
+
+    The kernel's high-water mark is reset (``/proc/self/clear_refs``) after the set-up, so
+    VmHWM - VmRSS measures the forward pass alone.
+    """
+    import json
+
+    from qerror.propagate import measure
+
+    torch.set_flush_denormal(True)
+    model, x, y, cfg, act, w, _ = _drift_setup(smoke, seed)
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} missing from /proc/self/status")
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    with torch.inference_mode():
+        if what == "float":
+            model(x)
+        else:
+            measure(model, [(x, y)], cfg, act, weights=w)
+    print(json.dumps({"peak_bytes": status("VmHWM") - base}))
+
+
+def _peak_growth(what: str, smoke: bool, seed: int) -> int:
+    import json
+    import subprocess
+
+    code = (f"from studies.bench import _memory_child; "
+            f"_memory_child({what!r}, {smoke!r}, {seed!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(REPO)).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+
+
+def bench_drift(args) -> list[BenchRow]:
+    """qerror.propagate.measure (float and quantized paths, every statistic) against the
+    bare float forward plus the bare fake-quantized forward on the same batch; its peak
+    memory against the float forward alone; images/s."""
+    from qerror.propagate import measure, quantized_forward
+
+    model, x, y, cfg, act, w, arch = _drift_setup(args.smoke, args.seed)
+    pairs = max(1, min(args.pairs, 5))
+
+    def bare():
+        with torch.inference_mode():
+            model(x)
+            with quantized_forward(model, cfg, act, weights=w):
+                model(x)
+
+    timed = paired_ratio(lambda: measure(model, [(x, y)], cfg, act, weights=w), bare, pairs)
+    n = x.shape[0]
+    rows = [make_row("drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32",
+                     "measure (instrumented)", "float + fake-quantized forward", 1.3, *timed,
+                     note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
+                          f"{n / np.median(timed[2]):.0f} bare (both paths)")]
+    peaks = {what: _peak_growth(what, args.smoke, args.seed) for what in ("float", "measure")}
+    # A tiny float forward can fit in memory the allocator already holds (growth 0).
+    ratio = peaks["measure"] / peaks["float"] if peaks["float"] > 0 else float("nan")
+    rows.append(BenchRow("drift", f"{arch} peak memory of one batch of {n}",
+                         "measure (instrumented)", "float forward", ratio, ratio, ratio,
+                         float("nan"), float("nan"), 2.0,
+                         bool(ratio <= 2.0) if np.isfinite(ratio) else None, 1,
+                         note=f"peak resident growth {peaks['measure'] / 2**20:.0f} MiB vs "
+                              f"{peaks['float'] / 2**20:.0f} MiB (a fresh process each, "
+                              "VmHWM after clear_refs)"))
+    return rows
 
 
 GROUPS: dict[str, Callable] = {
     "fake_quantize": bench_fake_quantize,
     "analytic": bench_analytic,
     "empirical": bench_empirical,
+    "models": bench_models,
+    "drift": bench_drift,
 }
 
 

@@ -152,6 +152,59 @@ CLAIMS += (
 )
 
 
+# The network claims. Their verdicts are decided on a small network in the test suite; the
+# drift study (python -m studies.drift) measures the same quantities on ResNet50.
+CLAIMS += (
+    Claim(
+        "N1", "network",
+        "Uma camada já introduz viés; múltiplas camadas somam esse viés. Resultado: drift "
+        "numérico",
+        "Each layer adds a bias and the layers' biases add up: numerical drift.",
+        Verdict.CONDITIONAL,
+        "Biased modes (floor; truncation of one-signed activations and its shrinking of "
+        "weights) leave a per-channel mean error that grows with depth, several times that of "
+        "round-to-nearest. It does not add up linearly: BatchNorm and ReLU rescale and clip "
+        "it at every layer, and the measured growth is sub-linear in depth (exponent of "
+        "depth^p below 1).",
+        "test_claim_N1_drift_grows_with_depth_for_biased_modes",
+    ),
+    Claim(
+        "N2", "network",
+        "BatchNorm / LayerNorm ficam inconsistentes",
+        "BatchNorm becomes inconsistent.",
+        Verdict.TRUE,
+        "For truncation and floor: the statistics of a BatchNorm's quantized input move away "
+        "from the running statistics it normalises with, by more than a tenth of a running "
+        "standard deviation (mean) or of the log-variance. Under truncation mainly the "
+        "variance shrinks (weights pulled toward zero), under floor the mean shifts too. "
+        "Under round-to-nearest the change stays below that.",
+        "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
+    ),
+    Claim(
+        "N3", "network",
+        "Saturação mais frequente; saturação em int8 acontece mais cedo",
+        "Truncation makes int8 saturation more frequent and earlier.",
+        Verdict.CONDITIONAL,
+        "Not at the quantizer itself: on the same input, truncation clamps a subset of what "
+        "round-to-nearest clamps (a value just beyond an end of the range is truncated back "
+        "onto it). Downstream it follows the sign of the accumulated drift: where drift pushes "
+        "activations past the range calibrated on the float network, saturation rises (the "
+        "small network's classifier input); where truncation shrinks them (ResNet50 in "
+        "studies.drift), it falls.",
+        "test_claim_N3_saturation_follows_the_drift",
+    ),
+    Claim(
+        "N4", "network",
+        "Perda de acurácia",
+        "Truncation costs accuracy.",
+        Verdict.TRUE,
+        "More than round-to-nearest at the same width, and detectably (McNemar against the "
+        "float network). How much depends on the network and the width: a few points for "
+        "ResNet50 at 8 bits, most of its accuracy at 6 bits and below (studies.drift).",
+        "test_claim_N4_truncation_costs_accuracy",
+    ),
+)
+
 def claim(claim_id: str) -> Claim:
     """The ledger entry with this id."""
     for c in CLAIMS:

@@ -221,3 +221,134 @@ def test_claim_T7_small_values_suffer_in_relative_error_only():
     zero_t = np.mean(quantize(x, trunc, 1.0) == 0)
     zero_n = np.mean(quantize(x, trunc.replace(rounding=RoundingMode.NEAREST_EVEN), 1.0) == 0)
     assert zero_t == pytest.approx(2 * zero_n, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- network claims
+# Decided on a small plain CNN (ten conv-BN-ReLU layers, float64) whose BatchNorm statistics
+# fit its own activations; studies.drift measures the same quantities on ResNet50.
+
+NET_ALPHA = 1e-3  # level of every test below; z = 3.29 two-sided
+
+
+def _chain(depth: int = 10, width: int = 16, seed: int = 0):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(depth):
+        layers += [nn.Conv2d(1 if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        model.train()
+        model(_net_images(512, 100))
+    return model.eval()
+
+
+def _net_images(n: int, seed: int):
+    return torch.randn(n, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def chain_runs():
+    """The chain measured under three modes at 6 and 4 bits, weights and activations."""
+    from qerror.propagate import QuantConfig, calibrate_activations, measure
+
+    model = _chain()
+    calib = [_net_images(256, 1)]
+    x = _net_images(1024, 2)
+    with torch.no_grad():
+        labels = model(x).argmax(1)  # the float network's answers: its accuracy is 1
+    test = [(x[i:i + 256], labels[i:i + 256]) for i in range(0, len(x), 256)]
+    runs = {}
+    for bits in (8, 6, 4):
+        act = calibrate_activations(model, calib, QuantConfig.make(bits).activation)
+        for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+            runs[(mode, bits)] = measure(model, test, QuantConfig.make(bits, mode), act)
+    wide = [(3 * t, y) for t, y in test]  # beyond the calibration range: some values clamp
+    act = calibrate_activations(model, calib, QuantConfig.make(8).activation)
+    for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO):
+        runs[(mode, "wide")] = measure(model, wide, QuantConfig.make(8, mode), act)
+    return runs
+
+
+def _convs(res):
+    return [s for s in res.layers() if s.kind == "conv"]
+
+
+def test_claim_N1_drift_grows_with_depth_for_biased_modes(chain_runs):
+    import pandas as pd
+
+    from studies.drift import growth_fit
+
+    assert claim("N1").verdict is Verdict.CONDITIONAL
+    near = _convs(chain_runs[(RoundingMode.NEAREST_EVEN, 6)])
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+        convs = _convs(chain_runs[(mode, 6)])
+        # per-channel mean error relative to the float std, at the deepest conv: several
+        # (at least 3) times round-to-nearest's
+        assert convs[-1].drift_rel_rms_channel > 3 * near[-1].drift_rel_rms_channel, mode
+        # it grows with depth, but not linearly: the exponent's 95% CI lies inside (0, 1)
+        rows = [{"kind": "conv", "depth": s.depth, "metric": "drift_rel_rms_channel",
+                 "value": s.drift_rel_rms_channel} for s in convs]
+        fit = growth_fit(pd.DataFrame(rows), "drift_rel_rms_channel")
+        assert 0 < fit["exponent_lo"] and fit["exponent_hi"] < 1, (mode, fit)
+
+
+def test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding(chain_runs):
+    assert claim("N2").verdict is Verdict.TRUE
+
+    def worst(res):
+        bns = [s.bn for s in res.sites if s.kind == "bn"]
+        return max(max(np.sqrt(np.mean(b.mean_shift_quant_vs_float ** 2)),
+                       abs(np.log(np.exp(np.mean(np.log(b.var_ratio_quant_vs_float))))))
+                   for b in bns)
+
+    near = worst(chain_runs[(RoundingMode.NEAREST_EVEN, 6)])
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+        biased = worst(chain_runs[(mode, 6)])
+        # a tenth of the running std, or a tenth in log-variance: not a rounding artefact
+        assert biased > 0.1 > near, (mode, biased, near)
+
+
+def test_claim_N3_saturation_follows_the_drift(chain_runs):
+    assert claim("N3").verdict is Verdict.CONDITIONAL
+    near = chain_runs[(RoundingMode.NEAREST_EVEN, "wide")]
+    trunc = chain_runs[(RoundingMode.TOWARD_ZERO, "wide")]
+    # At the first quantizer both see the same input: truncation clamps |u| beyond the range
+    # by a whole step or more, nearest by half a step: a subset, exactly.
+    f_n, f_t = near.layers()[0], trunc.layers()[0]
+    assert f_n.saturation_high + f_n.saturation_low > 0
+    assert f_t.saturation_high < f_n.saturation_high
+    assert f_t.saturation_low <= f_n.saturation_low
+    # Downstream: at 6 bits the drift pushes the classifier's input past its calibrated
+    # range, and truncation clamps there far more often. Bound: the counts differ by more
+    # than z·sqrt(sum) (Poisson), a loose check since elements of one image are not
+    # independent; the difference is tens of times that.
+    z = sps.norm.ppf(1 - NET_ALPHA / 2)
+    last_n = chain_runs[(RoundingMode.NEAREST_EVEN, 6)].layers()[-1]
+    last_t = chain_runs[(RoundingMode.TOWARD_ZERO, 6)].layers()[-1]
+    inputs = 1024 * 16
+    count_t = last_t.saturation_high * inputs  # 1024 test images × 16 classifier inputs
+    count_n = last_n.saturation_high * inputs
+    assert count_t - count_n > z * np.sqrt(count_t + count_n)
+
+
+def test_claim_N4_truncation_costs_accuracy(chain_runs):
+    assert claim("N4").verdict is Verdict.TRUE
+    from qerror.stats import mcnemar_from_counts, wilson_ci
+
+    for bits in (8, 6):
+        near = chain_runs[(RoundingMode.NEAREST_EVEN, bits)].logits
+        trunc = chain_runs[(RoundingMode.TOWARD_ZERO, bits)].logits
+        test = mcnemar_from_counts(trunc.float_only, trunc.quant_only, trunc.n, NET_ALPHA)
+        assert test.p_value < NET_ALPHA and test.estimate > 0, bits
+        w_t = wilson_ci(trunc.quant_correct, trunc.n, NET_ALPHA)
+        w_n = wilson_ci(near.quant_correct, near.n, NET_ALPHA)
+        assert w_t.ci[1] < w_n.ci[0], bits

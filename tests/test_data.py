@@ -9,19 +9,9 @@ from qerror import data
 
 
 @pytest.fixture
-def idx_root(tmp_path, monkeypatch):
-    """A folder of small synthetic Fashion-MNIST IDX files; nothing else is searched."""
-    monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fm"
-    root.mkdir()
-    for split, n in (("train", 300), ("test", 50)):
-        img, lbl = data.FILES[split]
-        data.write_idx(root / f"{img}.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        data.write_idx(root / f"{lbl}.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    return root
+def idx_root(fashion_idx):
+    """Synthetic Fashion-MNIST IDX files; nothing else is found."""
+    return fashion_idx(train=300, test=50)
 
 
 def test_idx_round_trip(tmp_path):
@@ -74,7 +64,7 @@ def test_splits_are_deterministic_and_disjoint(idx_root):
     assert (len(a.train), len(a.val), len(a.calib), len(a.test)) == (240, 40, 20, 50)
     np.testing.assert_array_equal(a.val.images, b.val.images)
     assert not np.array_equal(a.val.images, c.val.images)
-    rows = lambda s: {r.tobytes() for r in s.images}  # noqa: E731
+    rows = lambda s: {r.tobytes() for r in s.images}
     assert not (rows(a.train) & rows(a.val)) and not (rows(a.val) & rows(a.calib))
     with pytest.raises(ValueError, match="leave training images"):
         data.fashion_mnist_splits(idx_root, val=250, calib=60)

@@ -110,7 +110,10 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     assert bench.main(["--smoke", "--pairs", "1", "--out", str(out)]) == 0
     frame = pd.read_csv(out / "bench.csv")
-    assert (frame.ratio_median > 0).all() and len(frame) >= 13
+    measured = frame.ratio_median.notna()
+    assert (frame.ratio_median[measured] > 0).all() and len(frame) >= 15
+    # only a tiny float forward's memory growth may be 0 (a ratio that cannot be formed)
+    assert set(frame[~measured].name) <= {n for n in frame.name if "peak memory" in n}
 
 
 def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):

@@ -1,0 +1,146 @@
+"""BatchNorm under quantization: inconsistency measures and re-estimation.
+
+A BatchNorm layer in evaluation mode normalises with running statistics estimated on float
+activations. When the layers before it are quantized, the statistics of its input move; the
+layer keeps normalising with the old ones. DESIGN §2 measures this per channel ``c``:
+
+* normalised mean shift ``(μ_c − μ_run,c) / σ_run,c``,
+* variance ratio ``σ²_c / σ²_run,c``,
+
+once for the batch statistics of the float input and once for the quantized input, so that
+plain data shift (the float figures: test images are not the training images) is separated
+from the part due to quantization (``(μ_q − μ_f)/σ_run`` and ``σ²_q/σ²_f``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["BNInconsistency", "reestimate"]
+
+
+def _gmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x) & (x > 0)]
+    return float(np.exp(np.mean(np.log(x)))) if x.size else math.nan
+
+
+def _mean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.mean(x)) if x.size else math.nan
+
+
+def _rms(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.sqrt(np.mean(x * x))) if x.size else math.nan
+
+
+@dataclass(frozen=True)
+class BNInconsistency:
+    """Per-channel inconsistency of one BatchNorm layer; arrays have shape (C,).
+
+    Attributes
+    ----------
+    mean_shift_float, mean_shift_quant : ndarray
+        ``(μ − μ_run)/σ_run`` of the float and of the quantized input.
+    var_ratio_float, var_ratio_quant : ndarray
+        ``σ² / σ²_run`` of the float and of the quantized input.
+    mean_shift_quant_vs_float : ndarray
+        ``(μ_q − μ_f)/σ_run``: the shift due to quantization alone.
+    var_ratio_quant_vs_float : ndarray
+        ``σ²_q / σ²_f``.
+    """
+
+    mean_shift_float: np.ndarray = field(repr=False)
+    mean_shift_quant: np.ndarray = field(repr=False)
+    var_ratio_float: np.ndarray = field(repr=False)
+    var_ratio_quant: np.ndarray = field(repr=False)
+    mean_shift_quant_vs_float: np.ndarray = field(repr=False)
+    var_ratio_quant_vs_float: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_stats(cls, mean_f, var_f, mean_q, var_q, mean_run, var_run) -> BNInconsistency:
+        """From per-channel batch means and (population) variances of both inputs."""
+        arrs = [np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+                for a in (mean_f, var_f, mean_q, var_q, mean_run, var_run)]
+        mean_f, var_f, mean_q, var_q, mean_run, var_run = arrs
+        sd = np.sqrt(var_run)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return cls((mean_f - mean_run) / sd, (mean_q - mean_run) / sd, var_f / var_run,
+                       var_q / var_run, (mean_q - mean_f) / sd, var_q / var_f)
+
+    @classmethod
+    def from_sums(cls, moments_f, moments_q, mean_run, var_run) -> BNInconsistency:
+        """From the streamed per-channel moments of :mod:`qerror.propagate`."""
+        mf, mq = moments_f.mean_c(), moments_q.mean_c()
+        vf = np.maximum(moments_f.sq_c() - mf * mf, 0.0)
+        vq = np.maximum(moments_q.sq_c() - mq * mq, 0.0)
+        return cls.from_stats(mf, vf, mq, vq, mean_run, var_run)
+
+    def summary(self) -> dict[str, float]:
+        """Channel summaries: RMS and mean of the shifts, geometric means of the ratios.
+
+        Channels whose running variance is 0 (dead channels) give no finite figure and are
+        left out of every summary.
+        """
+        return {
+            "bn_mean_shift_float_rms": _rms(self.mean_shift_float),
+            "bn_mean_shift_quant_rms": _rms(self.mean_shift_quant),
+            "bn_mean_shift_qf_rms": _rms(self.mean_shift_quant_vs_float),
+            "bn_mean_shift_qf_mean": _mean(self.mean_shift_quant_vs_float),
+            "bn_var_ratio_float_gmean": _gmean(self.var_ratio_float),
+            "bn_var_ratio_quant_gmean": _gmean(self.var_ratio_quant),
+            "bn_var_ratio_qf_gmean": _gmean(self.var_ratio_quant_vs_float),
+        }
+
+
+def reestimate(model: nn.Module, batches: Iterable, config, act_qparams=None, *,
+               weights=None, corrections=None, progress: bool = False
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """BatchNorm statistics re-estimated on the quantized network.
+
+    A copy of the model runs the quantized path alone on ``batches`` (calibration
+    images) with its BatchNorm layers in training mode and a cumulative average
+    (``momentum=None``), as in BN re-estimation after quantization: each layer's new
+    statistics are those of its input when every earlier layer already uses its
+    re-estimated statistics. The model itself is not modified.
+
+    Returns
+    -------
+    dict
+        BatchNorm name → (running mean, running variance), to pass as ``bn_stats`` to
+        :func:`qerror.propagate.measure`.
+    """
+    from qerror.propagate import _batches, _progress, _total, check_model, quantized_forward
+
+    check_model(model, need_batchnorm=True)
+    clone = copy.deepcopy(model).eval()
+    bns = {n: m for n, m in clone.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
+                                            corrections=corrections):
+        for x, _ in _progress(_batches(batches), progress, "BN re-estimation", _total(batches)):
+            if x.shape[0] < 2:
+                raise ValueError("BN re-estimation needs batches of at least 2 images")
+            clone(x)
+            seen += 1
+    if seen == 0:
+        raise ValueError("BN re-estimation needs at least one batch")
+    return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+            for n, m in bns.items()}
+
+
+def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The model's own BatchNorm running statistics, by name."""
+    return {n: (m.running_mean.detach(), m.running_var.detach())
+            for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}

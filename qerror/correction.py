@@ -1,0 +1,196 @@
+"""Predicted drift and bias correction of quantized conv/linear layers.
+
+For one layer with float input ``x`` and quantizer error ``e_x``, and weights
+``Ŵ = W + ΔW``, the quantized output is ``Ŵ(x + e_x) = Wx + ΔW·x + Ŵ·e_x``. Its mean error,
+per output channel, is therefore
+
+    E[Δy] = ΔW · E[x] + Ŵ · E[e_x],
+
+exactly, because convolution is linear (the expectation is taken per input position, so
+zero padding at the borders is accounted for by convolving mean *maps*). ``ΔW`` is known
+exactly once the weights are quantized; ``E[e_x]`` comes from the uniform-noise model of
+the rounding mode (:func:`qerror.analytic.uniform_bias_lsb`): ``s`` times ``−½`` for floor,
+``+½`` for ceil, ``−½·(P(u>0) − P(u<0))`` for truncation, 0 for the nearest modes and for
+stochastic rounding, with the values that sit exactly on the grid (a ReLU's zeros) exempt.
+
+``E[x]`` and ``P(u > 0)`` are taken either from the preceding BatchNorm and ReLU
+(``source="bn"``: the BN output is taken as normal with mean β and std |γ|, so
+``E[x] = β Φ(β/|γ|) + |γ| φ(β/|γ|)`` and ``P(x > 0) = Φ(β/|γ|)``; Nagel et al. 2019) where
+a layer is fed by one, or from mean maps measured on calibration images
+(``source="measured"``, and the fallback for layers fed by a residual sum, the image or a
+pooling).
+
+Bias correction subtracts the predicted (analytic) or the measured (empirical) mean local
+error from the quantized layer's bias.
+
+References
+----------
+M. Nagel, M. van Baalen, T. Blankevoort, M. Welling. Data-free quantization through
+weight equalization and bias correction. ICCV 2019.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import special
+from torch import nn
+
+from qerror.analytic import uniform_bias_lsb
+from qerror.propagate import (
+    PropagationResult,
+    QuantConfig,
+    QuantizedWeights,
+    measure,
+    quantize_weights,
+)
+
+__all__ = [
+    "MeanSource",
+    "analytic_bias_correction",
+    "bn_fed_layers",
+    "empirical_bias_correction",
+    "predicted_local_drift",
+]
+
+
+class MeanSource(enum.Enum):
+    """Where ``E[x]`` of a layer's input comes from."""
+
+    BN = "bn"
+    MEASURED = "measured"
+
+
+def bn_fed_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Layers fed directly by ``relu(bn(...))`` inside a residual block.
+
+    torchvision's blocks compute ``conv{k}(relu(bn{k-1}(...)))`` for k ≥ 2; those convs map
+    to their BatchNorm. Other layers (the stem, each block's first conv and downsample,
+    fed by the previous block's ReLU'd residual sum, and the classifier) are absent.
+    """
+    out = {}
+    for name, block in model.named_modules():
+        for k in range(2, 10):
+            conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k - 1}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                out[f"{name}.conv{k}" if name else f"conv{k}"] = bn
+    return out
+
+
+def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sd = np.abs(gamma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, beta / np.where(sd > 0, sd, 1.0), np.sign(beta) * np.inf)
+    p = special.ndtr(t)
+    pdf = np.where(np.isfinite(t), np.exp(-0.5 * np.where(np.isfinite(t), t, 0.0) ** 2)
+                   / np.sqrt(2 * np.pi), 0.0)
+    mean = np.where(sd > 0, beta * p + sd * pdf, np.maximum(beta, 0.0))
+    return mean, p
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map with another kernel and no bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, kernel)
+    if layer.padding_mode != "zeros":
+        return layer._conv_forward(x, kernel, None)
+    return F.conv2d(x, kernel, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: PropagationResult,
+                          act_qparams=None, *,
+                          weights: Mapping[str, QuantizedWeights] | None = None,
+                          source: MeanSource | str = MeanSource.BN) -> dict[str, np.ndarray]:
+    """Predicted mean local error of every conv/linear layer, per output channel.
+
+    Parameters
+    ----------
+    model : nn.Module
+    config : QuantConfig
+    calibration : PropagationResult
+        A :func:`qerror.propagate.measure` pass over calibration images with
+        ``input_maps=True``: it supplies each layer's input shape, and the measured mean
+        maps used by ``source="measured"`` and by layers without a feeding BatchNorm.
+    act_qparams : dict
+        The activation qparams (required when activations are quantized).
+    weights : dict, optional
+        From :func:`qerror.propagate.quantize_weights`.
+    source : MeanSource
+        ``"bn"`` or ``"measured"`` (see the module notes).
+
+    Returns
+    -------
+    dict
+        Layer name → array (C_out,) of ``E[Δy]`` averaged over output positions.
+    """
+    source = MeanSource(source.value if isinstance(source, MeanSource) else str(source))
+    if weights is None and config.weight is not None:
+        weights = quantize_weights(model, config.weight, seed=config.seed)
+    feeders = bn_fed_layers(model) if source is MeanSource.BN else {}
+    out = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            site = calibration.site(name)
+            if site.input_mean_map is None:
+                raise ValueError("the calibration result has no input maps; run "
+                                 "qerror.propagate.measure(..., input_maps=True)")
+            mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
+            if name in feeders:
+                bn = feeders[name]
+                mean_c, p_c = _relu_normal_mean(bn.bias.detach().double().numpy(),
+                                                bn.weight.detach().double().numpy())
+                shape = (-1,) + (1,) * (mu.ndim - 1)
+                mu = np.broadcast_to(mean_c.reshape(shape), mu.shape)
+                p_pos = np.broadcast_to(p_c.reshape(shape), mu.shape)
+                p_neg = np.zeros(mu.shape)
+            w = m.weight.detach().double()
+            w_hat = weights[name].weight.double() if config.weight is not None else w
+            if config.activation is not None:
+                scale = float(act_qparams[name].scale)
+                b = scale * uniform_bias_lsb(config.activation.rounding, p_pos, p_neg)
+            else:
+                b = np.zeros(mu.shape)
+            mu_t = torch.tensor(np.array(mu, dtype=np.float64))[None]
+            b_t = torch.tensor(np.array(b, dtype=np.float64))[None]
+            pred = _apply(m, mu_t, w_hat - w) + _apply(m, b_t, w_hat)
+            dims = tuple(range(2, pred.ndim))
+            out[name] = (pred.mean(dim=dims) if dims else pred)[0].numpy()
+    return out
+
+
+def analytic_bias_correction(model: nn.Module, config: QuantConfig,
+                             calibration: PropagationResult, act_qparams=None, *,
+                             weights=None, source: MeanSource | str = MeanSource.BN
+                             ) -> dict[str, torch.Tensor]:
+    """Minus the predicted mean local error: per-channel terms to add to each bias."""
+    pred = predicted_local_drift(model, config, calibration, act_qparams, weights=weights,
+                                 source=source)
+    return {n: -torch.as_tensor(v, dtype=torch.float64) for n, v in pred.items()}
+
+
+def empirical_bias_correction(model: nn.Module, batches: Iterable, config: QuantConfig,
+                              act_qparams=None, *, weights=None, progress: bool = False,
+                              calibration: PropagationResult | None = None
+                              ) -> dict[str, torch.Tensor]:
+    """Minus the measured mean local error of each layer on calibration ``batches``.
+
+    Each layer's local error (its quantized version minus its float version, both fed the
+    float input) is averaged over every image and position of the calibration set; the
+    corrections are independent of each other. Pass a ``calibration`` result measured
+    with ``local_samples`` at least the batch size to reuse it instead of a new pass.
+    """
+    if calibration is None:
+        calibration = measure(model, batches, config, act_qparams, weights=weights,
+                              local_samples=1 << 30, progress=progress)
+    out = {}
+    for s in calibration.layers():
+        if s.local_drift_channel is None:
+            raise ValueError(f"the calibration result has no local error for {s.name!r}")
+        out[s.name] = -torch.as_tensor(s.local_drift_channel, dtype=torch.float64)
+    return out

@@ -1,0 +1,1050 @@
+"""qerror's fake-quantization simulation held against PyTorch's real INT8 kernels.
+
+For one ``nn.Conv2d`` (optionally with its ``BatchNorm2d`` folded in, and a ReLU fused
+after) or ``nn.Linear``, fed a float input, with given scales and zero points
+(per-tensor affine activations, per-channel symmetric INT8 weights, per-tensor output),
+the output integer codes are computed four ways:
+
+* **real**: ``torch.quantize_per_tensor`` of the input, ``torch.quantize_per_channel``
+  of the weight, and PyTorch's quantized CPU kernel (``quantized::conv2d``,
+  ``quantized::conv2d_relu``, ``quantized::linear``, ``quantized::linear_relu``);
+* :attr:`Pipeline.FLOAT`: what a fake-quantized network computes: qerror's
+  :func:`~qerror.quantizer.fake_quantize` of input and weight, a float32 convolution
+  plus the float bias (and ReLU), then :func:`~qerror.quantizer.quantize` of the result;
+* :attr:`Pipeline.INTEGER`: qerror's codes of input and weight, their exact integer
+  accumulation, and FBGEMM's float32 bias and requantization step;
+* :attr:`Pipeline.SATURATING`: :attr:`Pipeline.INTEGER` plus the int16 saturation of the
+  AVX2 instruction FBGEMM multiplies with.
+
+Each simulation runs with qerror's :attr:`~qerror.quantizer.ScaleArithmetic.EXACT` and
+:attr:`~qerror.quantizer.ScaleArithmetic.RECIPROCAL` arithmetic, and its codes are
+compared with the real ones: the fraction that agree exactly, the largest difference in
+LSB of the output quantizer and the histogram of the differences ``Δ = simulated - real``.
+:func:`crosscheck_model` does this for every convolution and linear layer of a
+torchvision-style ResNet, each fed its float input, streaming over batches.
+
+Where the codes differ, and why (FBGEMM, PyTorch 2.x, CPUs without AVX512-VNNI)
+-------------------------------------------------------------------------------
+1. *Input and weight codes.* PyTorch quantizes as ``nearbyint(x · fl(1/s)) + z``, which is
+   RECIPROCAL arithmetic bit for bit; EXACT rounds the exact quotient ``x/s`` and can
+   differ by one code where ``x/s`` lies within a rounding error of a half-integer.
+2. *Accumulation.* The kernel sums ``(q_x - z_x) q_w`` exactly in int32 (the zero point is
+   taken out through the weights' column sums). The float pipeline sums the products of
+   the dequantized values in float32, each addition rounded.
+3. *Bias and requantization.* The kernel turns the int32 accumulator ``a`` into an output
+   code as ``nearbyint((fl(a) + fl(b / m_c)) · fl(m_c / s_y)) + z_y`` in float32, with
+   ``m_c = fl(s_x s_w[c])``: the float bias is divided into accumulator units (older
+   PyTorch versions rounded it to int32 at scale ``s_x s_w[c]`` instead) and one float32
+   multiplier rescales. The float pipeline computes ``y = Σ x̂ ŵ + b`` and rounds ``y / s_y``.
+   Items 2 and 3 change the value being rounded by a relative few float32 ulps, so they
+   move a code only where ``y / s_y`` lies that close to a half-integer, and then by one.
+4. *int16 saturation.* On AVX2, FBGEMM multiplies with ``vpmaddubsw``, which adds the
+   products of two adjacent (uint8 activation, int8 weight) pairs into an int16 with
+   saturation before they reach the int32 accumulator. ``255 · 127 · 2 = 64770`` does
+   not fit, so with full-range 8-bit activations and large weights the accumulator is
+   clipped; the output can be off by many LSB. This is why PyTorch's default FBGEMM/x86
+   observers use ``reduce_range=True`` (7-bit activations, which cannot saturate).
+   :attr:`Pipeline.SATURATING` reproduces it: the reduction index of the convolution is
+   ordered as FBGEMM's im2col orders it (kernel row, kernel column, input channel), and
+   pairs ``(2j, 2j+1)`` of it saturate.
+
+The INTEGER pipeline with RECIPROCAL codes reproduces items 1–3 and SATURATING item 4
+too: with FBGEMM on an AVX2 CPU the former differs from the real codes only where the
+accumulator saturated, the latter nowhere (the tests check both exactly). The FLOAT
+pipeline with RECIPROCAL codes differs through items 2–4; where nothing saturates, by at
+most one LSB, since two values less than one apart round to integers at most one apart.
+EXACT arithmetic adds item 1.
+
+Engines: ``fbgemm`` is what this module models. ``x86`` (PyTorch's default on x86) runs
+FBGEMM on CPUs without AVX512-VNNI and, for symmetric weights, oneDNN on CPUs with it,
+whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own).
+Every engine takes quint8 activations only: an INT8 activation quantizer is run on the
+real kernel as the UINT8 quantizer with the same grid (codes and zero point + 128), which
+represents the same real values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qerror._enums import parse_enum
+from qerror.calibration import calibrate, observed_range, qparams_from_range
+from qerror.quantizer import (
+    QParams,
+    QuantSpec,
+    RangeMethod,
+    ScaleArithmetic,
+    fake_quantize,
+    quantize,
+)
+from qerror.rounding import RoundingMode
+
+__all__ = [
+    "ACTIVATION_SPEC",
+    "WEIGHT_SPEC",
+    "Agreement",
+    "CrossCheck",
+    "Engine",
+    "LayerQParams",
+    "Pipeline",
+    "crosscheck_layer",
+    "crosscheck_model",
+    "fold_bn",
+    "real_int8",
+    "simulate_int8",
+]
+
+ACTIVATION_SPEC = QuantSpec(bits=8, signed=False, symmetric=False, axis=None,
+                            rounding=RoundingMode.NEAREST_EVEN)
+"""Per-tensor affine UINT8, nearest-even: the activation quantizer the real kernels take."""
+
+WEIGHT_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, axis=0,
+                        rounding=RoundingMode.NEAREST_EVEN)
+"""Per-output-channel symmetric INT8 weights (codes -128..127), nearest-even."""
+
+# The products of two adjacent (uint8, int8) pairs are summed into an int16 by vpmaddubsw.
+_INT16_MIN, _INT16_MAX = -(2**15), 2**15 - 1
+_UINT8_MAX = 255
+# Elements of one gathered block of activation pairs in the saturation mimic.
+_SATURATION_BLOCK = 1 << 21
+_DEPRECATION = r".*quantized tensor creation functions.* deprecated"
+
+
+class Engine(enum.Enum):
+    """PyTorch's quantized CPU engine (``torch.backends.quantized.engine``)."""
+
+    FBGEMM = "fbgemm"
+    X86 = "x86"
+    ONEDNN = "onednn"
+
+
+class Pipeline(enum.Enum):
+    """How the simulated output codes are computed (see the module notes).
+
+    ``FLOAT``
+        qerror's fake quantization, float32 layer, then quantization of the output:
+        what a fake-quantized network computes.
+    ``INTEGER``
+        qerror's integer codes accumulated exactly, then FBGEMM's float32 bias and
+        requantization.
+    ``SATURATING``
+        ``INTEGER`` with the int16 saturation of adjacent product pairs that FBGEMM's
+        AVX2 kernels incur.
+    """
+
+    FLOAT = "float"
+    INTEGER = "integer"
+    SATURATING = "saturating"
+
+
+@dataclass(frozen=True)
+class LayerQParams:
+    """Scales and zero points of one layer's input, weight and output quantizers.
+
+    ``input`` and ``output`` hold a scalar scale and zero point; ``weight`` one scale per
+    output channel (shape ``(C_out,)``) and zero points 0. All parties use the scales
+    rounded to float32, the precision the kernels and qerror work in for float32 data.
+    """
+
+    input: QParams
+    weight: QParams
+    output: QParams
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How one simulation's output codes compare with the real kernel's, for one layer.
+
+    ``Δ = simulated - real``, in LSB of the output quantizer.
+
+    Attributes
+    ----------
+    layer, kind : str
+        Layer name, and what was fused into it (``"conv+bn+relu"``, ``"linear"``, ...).
+    arithmetic : ScaleArithmetic
+        qerror's arithmetic for the simulation's quantizers.
+    pipeline : Pipeline
+    elements : int
+        Output elements compared.
+    equal : int
+        Elements with ``Δ = 0``.
+    max_abs_lsb : int
+        Largest ``|Δ|``.
+    sum_delta, sum_abs_delta : int
+        Sums of ``Δ`` and of ``|Δ|``.
+    saturated : int
+        Output elements whose int32 accumulator the real kernel's int16 saturation changed
+        (found by the SATURATING pipeline on RECIPROCAL codes, which are PyTorch's own);
+        the same in every row of a layer.
+    max_abs_lsb_unsaturated : int
+        Largest ``|Δ|`` over the other elements (0 if there are none).
+    histogram : tuple of (int, int)
+        ``(Δ, count)`` for every ``Δ`` seen, in increasing order.
+    """
+
+    layer: str
+    kind: str
+    arithmetic: ScaleArithmetic
+    pipeline: Pipeline
+    elements: int
+    equal: int
+    max_abs_lsb: int
+    sum_delta: int
+    sum_abs_delta: int
+    saturated: int
+    max_abs_lsb_unsaturated: int
+    histogram: tuple[tuple[int, int], ...] = field(repr=False)
+
+    @property
+    def frac_equal(self) -> float:
+        return self.equal / self.elements if self.elements else math.nan
+
+    @property
+    def mean_delta(self) -> float:
+        return self.sum_delta / self.elements if self.elements else math.nan
+
+    @property
+    def mean_abs_delta(self) -> float:
+        return self.sum_abs_delta / self.elements if self.elements else math.nan
+
+    def count(self, delta: int) -> int:
+        """Elements with ``Δ = delta``."""
+        return dict(self.histogram).get(int(delta), 0)
+
+    @property
+    def n_abs1(self) -> int:
+        """Elements with ``|Δ| = 1``."""
+        return self.count(1) + self.count(-1)
+
+    @property
+    def n_abs_gt1(self) -> int:
+        """Elements with ``|Δ| > 1``."""
+        return self.elements - self.equal - self.n_abs1
+
+
+@dataclass(frozen=True)
+class CrossCheck:
+    """Agreement of every (layer, arithmetic, pipeline) with the real kernel.
+
+    Attributes
+    ----------
+    rows : tuple of Agreement
+        In layer order, then arithmetic, then pipeline.
+    engine : Engine
+        The quantized engine the real kernels ran on.
+    qparams : Mapping[str, LayerQParams]
+        The scales and zero points used, by layer name.
+    """
+
+    rows: tuple[Agreement, ...]
+    engine: Engine
+    qparams: Mapping[str, LayerQParams] = field(repr=False)
+
+    def get(self, layer: str, arithmetic: ScaleArithmetic | str,
+            pipeline: Pipeline | str) -> Agreement:
+        """The row of one layer, arithmetic and pipeline."""
+        arithmetic = parse_enum(ScaleArithmetic, arithmetic, "arithmetic")
+        pipeline = parse_enum(Pipeline, pipeline, "pipeline")
+        for row in self.rows:
+            if (row.layer, row.arithmetic, row.pipeline) == (layer, arithmetic, pipeline):
+                return row
+        raise KeyError(f"no row for layer {layer!r}; layers: {self.layers}")
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(row.layer for row in self.rows))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer × arithmetic × pipeline, enums as their values."""
+        return pd.DataFrame([{
+            "layer": r.layer, "kind": r.kind, "arithmetic": r.arithmetic.value,
+            "pipeline": r.pipeline.value, "engine": self.engine.value,
+            "elements": r.elements, "equal": r.equal, "frac_equal": r.frac_equal,
+            "max_abs_lsb": r.max_abs_lsb, "mean_delta": r.mean_delta,
+            "mean_abs_delta": r.mean_abs_delta, "n_abs1": r.n_abs1, "n_abs_gt1": r.n_abs_gt1,
+            "max_abs_lsb_unsaturated": r.max_abs_lsb_unsaturated, "saturated": r.saturated,
+            "frac_saturated": r.saturated / r.elements if r.elements else math.nan,
+        } for r in self.rows])
+
+    def summary(self) -> pd.DataFrame:
+        """Per arithmetic × pipeline, across layers: the smallest and median fraction of
+        equal codes, the largest ``|Δ|`` (all elements, and unsaturated ones), and the
+        totals of elements, equal elements and saturated elements."""
+        return (self.to_frame().groupby(["arithmetic", "pipeline"], sort=False)
+                .agg(layers=("layer", "count"), min_frac_equal=("frac_equal", "min"),
+                     median_frac_equal=("frac_equal", "median"),
+                     max_abs_lsb=("max_abs_lsb", "max"),
+                     max_abs_lsb_unsaturated=("max_abs_lsb_unsaturated", "max"),
+                     elements=("elements", "sum"), equal=("equal", "sum"),
+                     saturated=("saturated", "sum"))
+                .reset_index())
+
+
+# --------------------------------------------------------------------------- folding
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new convolution equal to ``bn(conv(x))`` with ``bn`` in evaluation mode.
+
+    Parameters
+    ----------
+    conv : nn.Conv2d
+    bn : nn.BatchNorm2d
+        In evaluation mode, with running statistics, ``num_features == conv.out_channels``.
+
+    Returns
+    -------
+    nn.Conv2d
+        A copy of ``conv`` with weight ``W_c f_c`` and bias ``(b_c - μ_c) f_c + β_c``,
+        ``f_c = γ_c / sqrt(σ²_c + ε)``, computed in float64 and rounded once to the
+        convolution's dtype. ``conv`` and ``bn`` are left unchanged.
+
+    Notes
+    -----
+    Folding is what INT8 engines do before they quantize the weights, so the per-channel
+    weight scales are those of the folded weight.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.training:
+        raise ValueError("the BatchNorm is in training mode, where it normalises with batch "
+                         "statistics and cannot be folded; call model.eval() (or bn.eval()) "
+                         "first")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("the BatchNorm keeps no running statistics "
+                         "(track_running_stats=False), so there is nothing to fold")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"the BatchNorm has {bn.num_features} features but the convolution "
+                         f"has {conv.out_channels} output channels")
+    with torch.no_grad():
+        wide = torch.float64
+        var = bn.running_var.to(wide)
+        gamma = bn.weight.to(wide) if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.to(wide) if bn.bias is not None else torch.zeros_like(var)
+        factor = gamma / torch.sqrt(var + bn.eps)
+        bias = conv.bias.to(wide) if conv.bias is not None else torch.zeros_like(var)
+        weight = conv.weight.to(wide) * factor.reshape(-1, 1, 1, 1)
+        bias = (bias - bn.running_mean.to(wide)) * factor + beta
+        # A fresh module, not a copy: a copy would carry the original's hooks along.
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                           conv.padding, conv.dilation, conv.groups, bias=True,
+                           padding_mode=conv.padding_mode, device=conv.weight.device,
+                           dtype=conv.weight.dtype)
+        folded.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+        folded.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    return folded.train(conv.training)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_layer(layer) -> None:
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError(
+                f"grouped convolutions (groups={layer.groups}) are not supported: FBGEMM runs "
+                "them through its groupwise/depthwise kernels, whose arithmetic the integer "
+                "pipelines do not model")
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported: the "
+                             "quantized kernels pad with zeros only")
+        if isinstance(layer.padding, str):
+            raise TypeError(f"padding={layer.padding!r} is not supported; give the padding "
+                             "as integers")
+        if layer.weight.dtype != torch.float32:
+            raise TypeError(f"the layer's weight must be float32, got {layer.weight.dtype}")
+        return
+    if isinstance(layer, nn.Linear):
+        if layer.weight.dtype != torch.float32:
+            raise TypeError(f"the layer's weight must be float32, got {layer.weight.dtype}")
+        return
+    raise TypeError(f"only nn.Conv2d and nn.Linear layers can be cross-checked, got "
+                    f"{type(layer).__name__}")
+
+
+def _check_spec(spec: QuantSpec, what: str) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{what} must be a QuantSpec, got {type(spec).__name__}")
+    if spec.bits != 8 or spec.axis is not None or spec.narrow:
+        raise ValueError(f"{what} must be an 8-bit per-tensor quantizer without narrow "
+                         f"range, as the real kernels use; got {spec}")
+    if spec.rounding is not RoundingMode.NEAREST_EVEN:
+        raise ValueError(f"{what} rounds {spec.rounding.value}, but the real kernels round "
+                         "to nearest-even; use rounding=RoundingMode.NEAREST_EVEN")
+
+
+def _check_input(layer, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"x must be a float32 torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x is on {x.device}; PyTorch's quantized kernels run on the CPU")
+    want = (4, layer.in_channels) if isinstance(layer, nn.Conv2d) else (2, layer.in_features)
+    if x.ndim != want[0] or x.shape[1] != want[1]:
+        kind = "(N, C, H, W)" if want[0] == 4 else "(N, in_features)"
+        raise ValueError(f"x must have shape {kind} with {want[1]} channels for this "
+                         f"{type(layer).__name__}, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or Inf values")
+
+
+def _scalar_qparams(qp, spec: QuantSpec, what: str) -> tuple[float, int]:
+    if not isinstance(qp, QParams):
+        raise TypeError(f"{what} must be a QParams, got {type(qp).__name__}")
+    s = np.asarray(qp.scale, dtype=np.float64)
+    z = np.asarray(qp.zero_point)
+    if s.size != 1 or z.size != 1:
+        raise ValueError(f"{what} must be per tensor (one scale and one zero point), got "
+                         f"shapes {s.shape} and {z.shape}")
+    scale = float(np.float32(s.reshape(())))
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"{what}.scale must be positive and finite in float32, got {qp.scale}")
+    if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and float(z) == round(float(z))):
+        raise TypeError(f"{what}.zero_point must be an integer, got {qp.zero_point!r}")
+    zp = int(z.reshape(()))
+    if not spec.qmin <= zp <= spec.qmax or (spec.symmetric and zp != 0):
+        raise ValueError(f"{what}.zero_point {zp} is not valid for {spec}")
+    return scale, zp
+
+
+def _weight_scales(qp, channels: int) -> np.ndarray:
+    if not isinstance(qp, QParams):
+        raise TypeError(f"weight qparams must be a QParams, got {type(qp).__name__}")
+    s = np.asarray(qp.scale, dtype=np.float64)
+    if s.ndim != 1 or s.shape[0] != channels:
+        raise ValueError(f"weight scales must have shape ({channels},), one per output channel "
+                         f"(axis 0), got shape {s.shape}")
+    s = s.astype(np.float32)
+    if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+        raise ValueError("weight scales must be positive and finite in float32")
+    z = np.asarray(qp.zero_point)
+    if np.any(z != 0):
+        raise ValueError("weight zero points must all be 0: the weights are symmetric INT8")
+    return s.astype(np.float64)
+
+
+# --------------------------------------------------------------------------- engines
+
+@contextlib.contextmanager
+def _engine(engine: Engine) -> Iterator[None]:
+    engines = torch.backends.quantized.supported_engines
+    if engine.value not in engines:
+        usable = [e.value for e in Engine if e.value in engines]
+        raise RuntimeError(f"the quantized engine {engine.value!r} is not in this PyTorch "
+                           f"build (it has {engines}); pass engine= one of {usable}")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine.value
+    try:
+        with warnings.catch_warnings():
+            # Quantized tensors are deprecated in favour of torchao, but they are what the
+            # engines' eager kernels take; the warning says nothing about this comparison.
+            warnings.filterwarnings("ignore", message=_DEPRECATION,
+                                    category=UserWarning)
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+# --------------------------------------------------------------------------- one layer
+
+class _Tally:
+    """Running counts of ``Δ`` for one (layer, arithmetic, pipeline)."""
+
+    def __init__(self) -> None:
+        self.elements = self.equal = self.max_abs = 0
+        self.sum_delta = self.sum_abs = self.saturated = self.max_abs_unsaturated = 0
+        self.hist: Counter = Counter()
+
+    def add(self, delta: torch.Tensor, saturated: torch.Tensor | None) -> None:
+        differ = delta != 0
+        # Differences are rare, so every statistic but the count is taken over them only.
+        nz = delta[differ].to(torch.int64)
+        same = delta.numel() - nz.numel()
+        self.elements += delta.numel()
+        self.equal += same
+        if same:
+            self.hist[0] += same
+        if saturated is not None:
+            self.saturated += int(saturated.sum())
+        if not nz.numel():
+            return
+        values, counts = torch.unique(nz, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            self.hist[int(v)] += int(c)
+        self.max_abs = max(self.max_abs, int(nz.abs().max()))
+        self.sum_delta += int(nz.sum())
+        self.sum_abs += int(nz.abs().sum())
+        rest = nz if saturated is None else nz[~saturated[differ]]
+        if rest.numel():
+            self.max_abs_unsaturated = max(self.max_abs_unsaturated, int(rest.abs().max()))
+
+    def result(self, name, kind, arithmetic, pipeline) -> Agreement:
+        return Agreement(name, kind, arithmetic, pipeline, self.elements, self.equal,
+                         self.max_abs, self.sum_delta, self.sum_abs, self.saturated,
+                         self.max_abs_unsaturated, tuple(sorted(self.hist.items())))
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The weight pairs whose int16 partial sum can saturate, in FBGEMM's reduction order."""
+
+    out: torch.Tensor       # output channel of each pair
+    chan: torch.Tensor      # (2, P): input channel, kernel row, kernel column of both members
+    row: torch.Tensor
+    col: torch.Tensor
+    weight: torch.Tensor    # (2, P) int32 weight codes (0 for the padding member)
+    pos: torch.Tensor       # (P,) sum of the positive weights of the pair
+    neg: torch.Tensor       # (P,) sum of the negative weights of the pair
+
+
+def _risky_pairs(codes: torch.Tensor) -> _Pairs:
+    """Pairs ``(2j, 2j+1)`` of FBGEMM's reduction index that can leave int16.
+
+    FBGEMM's im2col orders the reduction index as (kernel row, kernel column, input
+    channel), and pads it with zero weights to an even length. With activations in
+    ``[0, 255]`` a pair sum lies in ``[255 Σ w⁻, 255 Σ w⁺]``; only pairs where that range
+    leaves int16 are kept.
+    """
+    out_ch, in_ch, _, kw = codes.shape
+    # int16 holds every pair sum of int8 codes, and halves the traffic of int32.
+    b = codes.to(torch.int16).permute(0, 2, 3, 1).reshape(out_ch, -1)
+    k = b.shape[1]
+    if k % 2:
+        b = F.pad(b, (0, 1))
+    b0, b1 = b[:, 0::2], b[:, 1::2]
+    pos = b0.clamp(min=0) + b1.clamp(min=0)
+    neg = b0.clamp(max=0) + b1.clamp(max=0)
+    # 255·pos > 32767 and 255·neg < -32768, in integers: pos > 128 and neg < -128.
+    o, j = ((pos > _INT16_MAX // _UINT8_MAX) | (neg < -(-_INT16_MIN // _UINT8_MAX))).nonzero(
+        as_tuple=True)
+    idx = torch.stack([2 * j, torch.clamp(2 * j + 1, max=k - 1)])
+    weight = torch.stack([b0[o, j], b1[o, j]]).to(torch.int32)
+    return _Pairs(out=o, chan=idx % in_ch, row=idx // (in_ch * kw), col=(idx // in_ch) % kw,
+                  weight=weight, pos=pos[o, j].to(torch.int32),
+                  neg=neg[o, j].to(torch.int32))
+
+
+class _Plan:
+    """One layer, prepared: folded float weight, quantized weights, packed real weights."""
+
+    def __init__(self, layer, qparams: LayerQParams, *, relu: bool, act_spec: QuantSpec,
+                 out_spec: QuantSpec, name: str, kind: str, engine: Engine | None):
+        _check_layer(layer)
+        _check_spec(act_spec, "act_spec")
+        _check_spec(out_spec, "out_spec")
+        if not isinstance(qparams, LayerQParams):
+            raise TypeError(f"qparams must be a LayerQParams, got {type(qparams).__name__}")
+        self.name, self.kind, self.relu = name, kind, bool(relu)
+        self.conv = isinstance(layer, nn.Conv2d)
+        self.act_spec, self.out_spec = act_spec, out_spec
+        weight = layer.weight.detach().contiguous()
+        self.out_channels = weight.shape[0]
+        self.bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
+        self.sx, self.zx = _scalar_qparams(qparams.input, act_spec, "input qparams")
+        self.so, self.zo = _scalar_qparams(qparams.output, out_spec, "output qparams")
+        self.sw = _weight_scales(qparams.weight, self.out_channels)
+        self.qparams = LayerQParams(QParams(self.sx, self.zx), QParams(self.sw, 0),
+                                    QParams(self.so, self.zo))
+        # The kernels take quint8 activations: a signed grid runs as the same grid + 128.
+        self.x_shift = 0 if not act_spec.signed else 128
+        self.y_shift = 0 if not out_spec.signed else 128
+        if self.conv:
+            self.stride, self.padding = tuple(layer.stride), tuple(layer.padding)
+            self.dilation = tuple(layer.dilation)
+        self.weight = weight
+        self.w_fake, self.w_codes, self.pairs = {}, {}, {}
+        for arith in ScaleArithmetic:
+            spec = WEIGHT_SPEC.replace(arithmetic=arith)
+            self.w_fake[arith] = fake_quantize(weight, spec, self.sw, 0)
+            codes = quantize(weight, spec, self.sw, 0)
+            self.w_codes[arith] = codes.to(torch.int8)
+            self.pairs[arith] = _risky_pairs(codes if self.conv else codes[:, :, None, None])
+        # FBGEMM's requantization constants, each one float32 operation as in the kernel.
+        sw32 = torch.from_numpy(self.sw.astype(np.float32))
+        m = torch.tensor(self.sx, dtype=torch.float32) * sw32
+        self.multiplier = m / torch.tensor(self.so, dtype=torch.float32)
+        self.bias_units = None if self.bias is None else self.bias / m
+        self.packed = None
+        if engine is not None:
+            self._pack(engine)
+
+    def _pack(self, engine: Engine) -> None:
+        with _engine(engine):
+            qw = torch.quantize_per_channel(
+                self.weight, torch.from_numpy(self.sw), torch.zeros(self.out_channels,
+                                                                    dtype=torch.int64),
+                0, torch.qint8)
+            if self.conv:
+                self.packed = torch.ops.quantized.conv2d_prepack(
+                    qw, self.bias, list(self.stride), list(self.padding), list(self.dilation), 1)
+            else:
+                self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    def _channel_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1, 1, 1) if self.conv else t.reshape(1, -1)
+
+    def _op(self, x, w, b=None):
+        if self.conv:
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        return F.linear(x, w, b)
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        """The real kernel's output codes, in the output spec's integer range (int32)."""
+        qx = torch.quantize_per_tensor(x, self.sx, self.zx + self.x_shift, torch.quint8)
+        zo = self.zo + self.y_shift
+        if self.conv:
+            op = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
+            y = op.new(qx, self.packed, self.so, zo)
+        else:
+            op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
+            y = op(qx, self.packed, self.so, zo)
+        return (y.int_repr().to(torch.int32) - self.y_shift).contiguous()
+
+    def float_codes(self, x: torch.Tensor, arith: ScaleArithmetic) -> torch.Tensor:
+        spec = self.act_spec.replace(arithmetic=arith)
+        y = self._op(fake_quantize(x, spec, self.sx, self.zx), self.w_fake[arith], self.bias)
+        if self.relu:
+            y = F.relu(y)
+        return quantize(y, self.out_spec.replace(arithmetic=arith), self.so, self.zo)
+
+    def integer_codes(self, x: torch.Tensor, arith: ScaleArithmetic
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes of the INTEGER and SATURATING pipelines, and where saturation changed
+        the accumulator (a bool tensor, or None where it changed nothing)."""
+        xq = quantize(x, self.act_spec.replace(arithmetic=arith), self.sx, self.zx)
+        # Products of codes and their sums are integers far below 2**53, so the float64
+        # layer accumulates them exactly, in any order.
+        acc = self._op((xq - self.zx).to(torch.float64), self.w_codes[arith].to(torch.float64))
+        plain = self._requantize(acc)
+        corr = self._saturation(xq + self.x_shift, self.pairs[arith], acc.shape)
+        if corr is None:
+            return plain, plain, None
+        return plain, self._requantize(acc + corr), corr != 0
+
+    def _requantize(self, acc: torch.Tensor) -> torch.Tensor:
+        # int32 → float32 and float64 → float32 both round the exact integer to nearest even.
+        raw = acc.to(torch.float32)
+        if self.bias_units is not None:
+            raw = raw + self._channel_view(self.bias_units)
+        v = torch.round(raw * self._channel_view(self.multiplier))
+        lo = self.zo if self.relu else self.out_spec.qmin
+        return (v + self.zo).clamp_(lo, self.out_spec.qmax).to(torch.int32)
+
+    def _saturation(self, xu8: torch.Tensor, pairs: _Pairs, out_shape) -> torch.Tensor | None:
+        """What FBGEMM's int16 saturation adds to the accumulator (float64), or None.
+
+        ``xu8`` are the raw uint8 activation codes the kernel multiplies; padding holds
+        the zero point, as in FBGEMM's im2col.
+        """
+        top = int(xu8.max())
+        live = (pairs.pos * top > _INT16_MAX) | (pairs.neg * top < _INT16_MIN)
+        if not bool(live.any()):
+            return None
+        sel = live.nonzero(as_tuple=True)[0]
+        if self.conv:
+            ph, pw = self.padding
+            xpad = F.pad(xu8, (pw, pw, ph, ph), value=self.zx + self.x_shift)
+            (sh, sw), (dh, dw) = self.stride, self.dilation
+            ho, wo = out_shape[2], out_shape[3]
+        else:
+            xpad = xu8[:, :, None, None]
+            sh = sw = dh = dw = ho = wo = 1
+        oh = torch.arange(ho) * sh
+        ow = torch.arange(wo) * sw
+        corr = torch.zeros((xu8.shape[0], self.out_channels, ho, wo), dtype=torch.float64)
+        step = max(1, _SATURATION_BLOCK // (xu8.shape[0] * ho * wo))
+        for start in range(0, sel.numel(), step):
+            p = sel[start:start + step]
+            total = None
+            for m in (0, 1):
+                rows = pairs.row[m, p, None] * dh + oh
+                cols = pairs.col[m, p, None] * dw + ow
+                a = xpad[:, pairs.chan[m, p, None, None], rows[:, :, None], cols[:, None, :]]
+                term = a * pairs.weight[m, p].reshape(1, -1, 1, 1)
+                total = term if total is None else total + term
+            excess = total.clamp(_INT16_MIN, _INT16_MAX) - total
+            corr.index_add_(1, pairs.out[p], excess.to(torch.float64))
+        return corr if self.conv else corr[:, :, 0, 0]
+
+    def compare(self, x: torch.Tensor, tallies: dict) -> None:
+        """Add this batch's differences to ``tallies[(arithmetic, pipeline)]``."""
+        real = self.real(x)
+        integer = {arith: self.integer_codes(x, arith) for arith in ScaleArithmetic}
+        # RECIPROCAL codes are PyTorch's, so their saturation is the real kernel's.
+        saturated = integer[ScaleArithmetic.RECIPROCAL][2]
+        for arith, (plain, saturating, _) in integer.items():
+            for pipeline, codes in ((Pipeline.FLOAT, self.float_codes(x, arith)),
+                                    (Pipeline.INTEGER, plain),
+                                    (Pipeline.SATURATING, saturating)):
+                tallies[(arith, pipeline)].add(codes - real, saturated)
+
+    def results(self, tallies: dict) -> list[Agreement]:
+        return [tallies[(a, p)].result(self.name, self.kind, a, p)
+                for a in ScaleArithmetic for p in Pipeline]
+
+
+def _kind(layer, bn: bool, relu: bool) -> str:
+    base = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+    return base + ("+bn" if bn else "") + ("+relu" if relu else "")
+
+
+def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine) -> _Plan:
+    kind = _kind(layer, bn is not None, relu)
+    if bn is not None:
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"a BatchNorm can be folded into an nn.Conv2d only, got "
+                            f"{type(layer).__name__}")
+        layer = fold_bn(layer, bn)
+    return _Plan(layer, qparams, relu=relu, act_spec=act_spec, out_spec=out_spec, name=name,
+                 kind=kind, engine=engine)
+
+
+def real_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQParams, *,
+              bn: nn.BatchNorm2d | None = None, relu: bool = False,
+              act_spec: QuantSpec = ACTIVATION_SPEC, out_spec: QuantSpec = ACTIVATION_SPEC,
+              engine: Engine | str = Engine.FBGEMM) -> torch.Tensor:
+    """Output codes of PyTorch's real INT8 kernel for one layer.
+
+    Parameters
+    ----------
+    layer : nn.Conv2d (groups=1, zero padding) or nn.Linear
+        Float32 weights.
+    x : torch.Tensor
+        Float32 input, (N, C, H, W) for a convolution, (N, in_features) for a linear layer.
+    qparams : LayerQParams
+    bn : nn.BatchNorm2d, optional
+        Folded into the convolution first (:func:`fold_bn`).
+    relu : bool
+        Run the kernel with the ReLU fused (``conv2d_relu``, ``linear_relu``).
+    act_spec, out_spec : QuantSpec
+        8-bit per-tensor nearest-even quantizers of input and output; a signed one runs on
+        the kernel as the equivalent UINT8 grid.
+    engine : Engine or str
+
+    Returns
+    -------
+    torch.Tensor
+        int32 codes in ``out_spec``'s range, shaped as the layer's float output.
+    """
+    engine = parse_enum(Engine, engine, "engine")
+    plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
+                 name="layer", engine=engine)
+    _check_input(layer, x)
+    with _engine(engine), torch.inference_mode():
+        return plan.real(x)
+
+
+def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQParams, *,
+                  arithmetic: ScaleArithmetic | str = ScaleArithmetic.RECIPROCAL,
+                  pipeline: Pipeline | str = Pipeline.FLOAT,
+                  bn: nn.BatchNorm2d | None = None, relu: bool = False,
+                  act_spec: QuantSpec = ACTIVATION_SPEC,
+                  out_spec: QuantSpec = ACTIVATION_SPEC) -> torch.Tensor:
+    """Output codes of one layer as qerror simulates them (see :class:`Pipeline`).
+
+    Same arguments as :func:`real_int8`, plus the ``arithmetic`` of the simulation's
+    quantizers (their own ``arithmetic`` field is overridden) and the ``pipeline``.
+    Returns int32 codes in ``out_spec``'s range.
+    """
+    arithmetic = parse_enum(ScaleArithmetic, arithmetic, "arithmetic")
+    pipeline = parse_enum(Pipeline, pipeline, "pipeline")
+    plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
+                 name="layer", engine=None)
+    _check_input(layer, x)
+    with torch.inference_mode():
+        if pipeline is Pipeline.FLOAT:
+            return plan.float_codes(x, arithmetic)
+        plain, saturating, _ = plan.integer_codes(x, arithmetic)
+        return plain if pipeline is Pipeline.INTEGER else saturating
+
+
+def _tallies() -> dict:
+    return {(a, p): _Tally() for a in ScaleArithmetic for p in Pipeline}
+
+
+def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[torch.Tensor],
+                     qparams: LayerQParams, *, bn: nn.BatchNorm2d | None = None,
+                     relu: bool = False, act_spec: QuantSpec = ACTIVATION_SPEC,
+                     out_spec: QuantSpec = ACTIVATION_SPEC,
+                     engine: Engine | str = Engine.FBGEMM, name: str = "layer") -> CrossCheck:
+    """Compare every simulation of one layer with its real INT8 kernel.
+
+    Parameters
+    ----------
+    layer, qparams, bn, relu, act_spec, out_spec, engine
+        As in :func:`real_int8`.
+    x : torch.Tensor or iterable of torch.Tensor
+        One float32 input batch, or several (counts are accumulated; memory does not grow
+        with their number).
+    name : str
+        The layer's name in the result.
+
+    Returns
+    -------
+    CrossCheck
+        Six rows: each :class:`~qerror.quantizer.ScaleArithmetic` × :class:`Pipeline`.
+
+    Notes
+    -----
+    ``Δ = simulated - real`` in output LSB. Without int16 saturation (activation codes
+    below 128, as with ``reduce_range``, or small weights) the float pipeline with
+    RECIPROCAL arithmetic is within one LSB of the real codes: it rounds
+    ``y / s_y`` where the kernel rounds a value that differs from it by float32 rounding
+    only, far less than one, and values less than one apart round (and clamp) to integers
+    at most one apart. See the module notes for every source of difference.
+    """
+    engine = parse_enum(Engine, engine, "engine")
+    plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
+                 name=name, engine=engine)
+    tallies = _tallies()
+    batches = [x] if isinstance(x, torch.Tensor) else x
+    seen = False
+    with _engine(engine), torch.inference_mode():
+        for batch in batches:
+            _check_input(layer, batch)
+            plan.compare(batch, tallies)
+            seen = True
+    if not seen:
+        raise ValueError("x holds no batches")
+    return CrossCheck(tuple(plan.results(tallies)), engine,
+                      MappingProxyType({name: plan.qparams}))
+
+
+# --------------------------------------------------------------------------- a model
+
+@dataclass(frozen=True)
+class _Site:
+    name: str
+    layer: nn.Module
+    bn: nn.BatchNorm2d | None
+    relu: bool
+
+
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _sites(model: nn.Module, fuse_relu: bool) -> list[_Site]:
+    """Every Conv2d and Linear the model calls, with the BatchNorm and ReLU that follow.
+
+    The chains are read from the ``torch.fx`` graph: a BatchNorm is folded when it is the
+    convolution's only user, a ReLU fused when it is the only user of the chain's end.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
+        raise ValueError(
+            f"crosscheck_model reads conv→BN→ReLU chains from torch.fx.symbolic_trace, which "
+            f"failed on this model ({type(exc).__name__}: {exc}); cross-check its layers one "
+            "by one with crosscheck_layer") from exc
+    sites: dict[str, _Site] = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = modules[node.target]
+        if isinstance(layer, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                              nn.ConvTranspose3d)):
+            raise TypeError(f"layer {node.target!r} is an {type(layer).__name__}; "
+                             "crosscheck_model covers nn.Conv2d and nn.Linear only")
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        if node.target in sites:
+            raise ValueError(f"layer {node.target!r} is called more than once; shared layers "
+                             "are not supported")
+        try:
+            _check_layer(layer)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"layer {node.target!r}: {exc}") from exc
+        bn, tail = None, node
+        users = list(node.users)
+        if isinstance(layer, nn.Conv2d) and len(users) == 1 and users[0].op == "call_module" \
+                and isinstance(modules.get(users[0].target), nn.BatchNorm2d):
+            bn, tail = modules[users[0].target], users[0]
+        relu = fuse_relu and len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules)
+        sites[node.target] = _Site(node.target, layer, bn, relu)
+    if not sites:
+        raise ValueError("the model calls no nn.Conv2d or nn.Linear layer")
+    return list(sites.values())
+
+
+def _batch_input(item) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError("batches must yield float32 image tensors or (images, labels) pairs, "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+    return x
+
+
+class _Range:
+    """Running range of one tensor stream: min/max of MINMAX, mean of PERCENTILE bounds."""
+
+    def __init__(self, spec: QuantSpec, reduce_range: bool = False):
+        if spec.range_method is RangeMethod.MSE:
+            raise ValueError("range_method MSE is not supported for streamed calibration; "
+                             "use MINMAX or PERCENTILE")
+        self.spec, self.n = spec, 0
+        # reduce_range: the range maps onto half the codes (0..127 for uint8)
+        self.range_spec = spec.replace(bits=spec.bits - 1) if reduce_range else spec
+        self.lo = self.hi = 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.spec.range_method is RangeMethod.MINMAX:
+            lo, hi = (float(v) for v in torch.aminmax(x))
+        else:
+            lo, hi = (float(v) for v in observed_range(x, self.spec))
+        if self.spec.range_method is RangeMethod.MINMAX:
+            self.lo = lo if self.n == 0 else min(self.lo, lo)
+            self.hi = hi if self.n == 0 else max(self.hi, hi)
+        else:
+            self.lo += (lo - self.lo) / (self.n + 1)
+            self.hi += (hi - self.hi) / (self.n + 1)
+        self.n += 1
+
+    def qparams(self) -> QParams:
+        qp = qparams_from_range(self.lo, self.hi, self.range_spec)
+        return QParams(float(np.float32(qp.scale)), int(qp.zero_point))
+
+
+@contextlib.contextmanager
+def _pre_hooks(sites: list[_Site], fn) -> Iterator[None]:
+    handles = []
+    try:
+        for site in sites:
+            handles.append(site.layer.register_forward_pre_hook(
+                lambda module, args, site=site: fn(site, args[0])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="batch", leave=False)
+
+
+def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterable, *,
+                     act_spec: QuantSpec = ACTIVATION_SPEC, out_spec: QuantSpec | None = None,
+                     engine: Engine | str = Engine.FBGEMM, fuse_relu: bool = True,
+                     reduce_range: bool = False, progress: bool = False) -> CrossCheck:
+    """Cross-check every convolution and linear layer of a model, each fed its float input.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A torchvision-style CNN in evaluation mode, traceable by ``torch.fx``; its
+        convolutions are ``nn.Conv2d`` with ``groups=1``. It is not modified.
+    calibration, evaluation : iterable
+        Batches of float32 images (N, C, H, W), or (images, labels) pairs.
+    act_spec : QuantSpec
+        Quantizer of every layer's input (8-bit per tensor, nearest-even); its
+        ``range_method`` (MINMAX or PERCENTILE) calibrates the ranges.
+    out_spec : QuantSpec, optional
+        Quantizer of every layer's output; default ``act_spec``.
+    engine : Engine or str
+        Quantized engine of the real kernels.
+    fuse_relu : bool
+        Fuse a ReLU that directly follows a layer (after its BatchNorm) into the kernel,
+        as INT8 engines do; its output range then starts at 0.
+    reduce_range : bool
+        Calibrate every layer's input range onto half the codes (0..127), as PyTorch's
+        x86/FBGEMM observers do with ``reduce_range=True``: the AVX2 kernel's int16 pair
+        sums then cannot saturate on calibration-range inputs.
+    progress : bool
+        Show a progress bar over the evaluation batches.
+
+    Returns
+    -------
+    CrossCheck
+        Six rows per layer (arithmetic × pipeline) and the qparams used.
+
+    Notes
+    -----
+    Each convolution is folded with the BatchNorm that is its only user (:func:`fold_bn`).
+    Calibration runs the float model over ``calibration`` with forward pre-hooks and
+    records, per layer, the range of its input and of its folded (and ReLU'd) float
+    output: the running min and max for MINMAX, the mean of the per-batch percentile
+    bounds for PERCENTILE. Weight scales are the per-channel min-max of the folded weights.
+    All scales are rounded to float32. Evaluation runs the float model again and, inside
+    each layer's pre-hook, compares the real kernel and the simulations on that layer's
+    float input: the comparison is layer-local, errors do not propagate. Only counts are
+    kept, so memory does not grow with the number of batches. Hooks are removed in
+    ``finally`` blocks, also when the forward pass fails.
+    """
+    engine = parse_enum(Engine, engine, "engine")
+    out_spec = act_spec if out_spec is None else out_spec
+    _check_spec(act_spec, "act_spec")
+    _check_spec(out_spec, "out_spec")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"the model must be in evaluation mode (BatchNorm must use its running "
+                         f"statistics to be folded); {len(training)} module(s) are training, "
+                         f"e.g. {training[0]!r}; call model.eval() first")
+    sites = _sites(model, fuse_relu)
+    folded = {s.name: s.layer if s.bn is None else fold_bn(s.layer, s.bn) for s in sites}
+    inputs = {s.name: _Range(act_spec, reduce_range) for s in sites}
+    outputs = {s.name: _Range(out_spec) for s in sites}
+
+    def observe(site: _Site, x: torch.Tensor) -> None:
+        inputs[site.name].add(x)
+        # Functional, not the module: calling a hooked module from its own hook recurses.
+        layer = folded[site.name]
+        y = F.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else \
+            F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+        outputs[site.name].add(F.relu(y) if site.relu else y)
+
+    with torch.inference_mode(), _pre_hooks(sites, observe):
+        for item in calibration:
+            model(_batch_input(item))
+    missing = [s.name for s in sites if inputs[s.name].n == 0]
+    if missing:
+        raise ValueError(f"{len(missing)} layer(s) saw no calibration data (e.g. "
+                         f"{missing[0]!r}); pass at least one calibration batch that reaches "
+                         "every layer")
+    plans: dict[str, _Plan] = {}
+    for s in sites:
+        w = calibrate(folded[s.name].weight.detach(), WEIGHT_SPEC)
+        qp = LayerQParams(inputs[s.name].qparams(),
+                          QParams(np.asarray(w.scale, dtype=np.float32).astype(np.float64), 0),
+                          outputs[s.name].qparams())
+        plans[s.name] = _Plan(folded[s.name], qp, relu=s.relu, act_spec=act_spec,
+                              out_spec=out_spec, name=s.name,
+                              kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine)
+    tallies = {s.name: _tallies() for s in sites}
+
+    def check(site: _Site, x: torch.Tensor) -> None:
+        plans[site.name].compare(x.contiguous(), tallies[site.name])
+
+    with _engine(engine), torch.inference_mode(), _pre_hooks(sites, check):
+        for item in _progress(evaluation, progress, "int8 cross-check"):
+            model(_batch_input(item))
+    if all(t.elements == 0 for t in tallies[sites[0].name].values()):
+        raise ValueError("evaluation holds no batches")
+    rows = [row for s in sites for row in plans[s.name].results(tallies[s.name])]
+    return CrossCheck(tuple(rows), engine,
+                      MappingProxyType({s.name: plans[s.name].qparams for s in sites}))

@@ -1,0 +1,905 @@
+"""Quantization error travelling through a CNN: the float and the quantized network side by side.
+
+The instrumented model runs a *paired batch*: the float images and a copy of them are
+stacked along the batch axis, and every convolution and linear layer computes the first
+half with its float weights and input and the second half with fake-quantized weights and a
+fake-quantized input. Every other module of a torchvision-style CNN in evaluation mode
+(BatchNorm with running statistics, ReLU, pooling, residual additions, flattening) treats
+samples independently, so the two halves never mix and each tensor inside the network holds
+the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
+saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
+batch by batch; nothing is kept per image, and memory is that of one float forward pass at
+twice the batch.
+
+Sites (DESIGN §2):
+
+* every ``Conv2d`` and ``Linear``: the quantizer at its input (per tensor, affine by default),
+  its weights (per channel), the *local* error (quantized layer minus float layer, both fed
+  the float input; measured on the first ``local_samples`` images of each batch) and the
+  *accumulated* error at its output;
+* every ``BatchNorm2d``: the batch statistics of its input under both paths against the
+  running statistics it normalises with, and the accumulated error at its output;
+* every residual block (a module with BatchNorm children and a ``downsample`` attribute or
+  named ``*Block``/``Bottleneck``): the accumulated error at its output;
+* the logits: accuracy of both paths, agreement, McNemar counts, SQNR.
+
+Hooks and patched ``forward`` attributes are removed in ``finally`` blocks, so a failing
+forward pass leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qerror.calibration import calibrate, qparams_from_range
+from qerror.quantizer import QParams, QuantSpec, RangeMethod, fake_quantize
+from qerror.rounding import RoundingMode
+
+__all__ = [
+    "LogitResult",
+    "PropagationResult",
+    "QuantConfig",
+    "QuantizedWeights",
+    "SiteResult",
+    "Target",
+    "UnsupportedModelError",
+    "calibrate_activations",
+    "check_model",
+    "layer_names",
+    "measure",
+    "quantize_weights",
+    "quantized_forward",
+]
+
+#: Leaf modules whose evaluation-mode forward treats samples independently.
+_PER_SAMPLE_LEAVES = (
+    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.GELU,
+    nn.Sigmoid, nn.Hardswish,
+)
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+class UnsupportedModelError(ValueError):
+    """The model holds a module the paired-batch instrumentation cannot run exactly."""
+
+
+class Target(enum.Enum):
+    """What is quantized: weights only, activations only, or both."""
+
+    WEIGHTS = "weights"
+    ACTIVATIONS = "activations"
+    BOTH = "both"
+
+
+def _weight_spec(bits: int, rounding: RoundingMode) -> QuantSpec:
+    return QuantSpec(bits=bits, signed=True, symmetric=True, axis=0, rounding=rounding)
+
+
+def _activation_spec(bits: int, rounding: RoundingMode, range_method: RangeMethod) -> QuantSpec:
+    return QuantSpec(bits=bits, signed=False, symmetric=False, rounding=rounding,
+                     range_method=range_method)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the quantized path quantizes.
+
+    Parameters
+    ----------
+    weight : QuantSpec or None
+        Spec for every conv/linear weight (``axis=0`` for per output channel, ``None``
+        for per tensor); ``None`` keeps float weights.
+    activation : QuantSpec or None
+        Per-tensor spec for the input of every conv/linear; ``None`` keeps float inputs.
+    seed : int
+        Key of stochastic rounding (each layer and batch draws from its own stream).
+
+    Notes
+    -----
+    The default :meth:`make` uses what INT8 engines use: symmetric signed per-channel
+    weights (scale ``max|w|/qmax``) and affine unsigned per-tensor activations.
+    """
+
+    weight: QuantSpec | None
+    activation: QuantSpec | None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.weight is None and self.activation is None:
+            raise ValueError("QuantConfig quantizes nothing: give a weight or an activation spec")
+        for name in ("weight", "activation"):
+            spec = getattr(self, name)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(f"{name} must be a QuantSpec or None, got {type(spec).__name__}")
+        if self.activation is not None and self.activation.axis is not None:
+            raise ValueError("activation quantization is per tensor: set activation.axis=None")
+        if self.weight is not None and self.weight.axis not in (None, 0):
+            raise ValueError(f"weight.axis must be 0 (per output channel) or None, got "
+                             f"{self.weight.axis}")
+
+    @classmethod
+    def make(cls, bits: int = 8, rounding: RoundingMode | str = RoundingMode.NEAREST_EVEN,
+             target: Target | str = Target.BOTH, *,
+             activation_range: RangeMethod | str = RangeMethod.MINMAX,
+             seed: int = 0) -> QuantConfig:
+        """The usual configuration: ``bits`` and ``rounding`` for weights and/or activations."""
+        rounding = RoundingMode.parse(rounding)
+        target = _parse(Target, target, "target")
+        activation_range = _parse(RangeMethod, activation_range, "activation_range")
+        w = _weight_spec(bits, rounding) if target is not Target.ACTIVATIONS else None
+        a = (_activation_spec(bits, rounding, activation_range)
+             if target is not Target.WEIGHTS else None)
+        return cls(w, a, seed)
+
+    @property
+    def rounding(self) -> RoundingMode:
+        spec = self.weight or self.activation
+        return spec.rounding
+
+    @property
+    def target(self) -> Target:
+        if self.weight is None:
+            return Target.ACTIVATIONS
+        return Target.WEIGHTS if self.activation is None else Target.BOTH
+
+    @property
+    def label(self) -> str:
+        bits = {s.bits for s in (self.weight, self.activation) if s is not None}
+        modes = {s.rounding.value for s in (self.weight, self.activation) if s is not None}
+        return f"{'/'.join(sorted(modes))}-{'/'.join(map(str, sorted(bits)))}b-{self.target.value}"
+
+
+def _parse(enum_type, value, name):
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        options = ", ".join(m.value for m in enum_type)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}") from None
+
+
+# --------------------------------------------------------------------------- model checks
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's Conv2d and Linear layers, in registration order."""
+    return [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+
+
+def _is_block(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name in ("Bottleneck", "BasicBlock") or name.endswith("Block")
+
+
+def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
+    """Refuse models the paired batch cannot run exactly, with a message saying why.
+
+    Raises
+    ------
+    UnsupportedModelError
+        A leaf module that is neither a Conv2d/Linear nor known to treat samples
+        independently in evaluation mode, a grouped-input layer type (Conv1d, Conv3d,
+        transposed convolutions), no Conv2d/Linear at all, or (``need_batchnorm``) no
+        BatchNorm2d.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    bad = sorted({type(m).__name__ for m in model.modules()
+                  if not list(m.children()) and not isinstance(m, _LAYERS + _PER_SAMPLE_LEAVES)})
+    if bad:
+        raise UnsupportedModelError(
+            f"the model has layer types qerror.propagate cannot instrument: {', '.join(bad)}. "
+            "Supported: Conv2d and Linear (quantized), and BatchNorm2d, ReLU, ReLU6, pooling, "
+            "Flatten, Dropout, Identity and common activations (run per sample in eval mode). "
+            "Replace or remove the others, or wrap them so that they act per sample.")
+    if not layer_names(model):
+        raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
+    if need_batchnorm and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise UnsupportedModelError(
+            "the model has no BatchNorm2d: BatchNorm inconsistency and BN re-estimation need "
+            "one. Measure drift without them (bn=False), or use a model with BatchNorm")
+
+
+def _check_batch(x, name="x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return x
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
+def _batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    for item in batches:
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise ValueError("batches must yield images or (images, labels) pairs")
+            x, y = item
+        else:
+            x, y = item, None
+        x = _check_batch(x)
+        if y is not None:
+            y = torch.as_tensor(y)
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of "
+                                 f"{x.shape[0]} images")
+        yield x, y
+
+
+def _progress(iterable, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="batch", total=total, leave=False)
+
+
+def _total(batches):
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------- calibration
+
+def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, *,
+                          sample_per_batch: int = 1 << 15, seed: int = 0,
+                          progress: bool = False) -> dict[str, QParams]:
+    """Per-tensor scale and zero point for the input of every conv/linear layer.
+
+    Ranges come from the float model's activations on ``batches`` (the calibration split;
+    never the test split). MINMAX uses the exact extremes over all batches; PERCENTILE and
+    MSE use :func:`qerror.calibrate` on a uniform random sample of at most
+    ``sample_per_batch`` elements of each batch, plus the extremes.
+
+    Returns
+    -------
+    dict
+        Layer name → :class:`QParams`.
+    """
+    check_model(model)
+    if spec.axis is not None:
+        raise ValueError("activation calibration is per tensor: use a spec with axis=None")
+    names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in names.values()}
+    gen = torch.Generator().manual_seed(seed)
+    sampled = spec.range_method is not RangeMethod.MINMAX
+
+    def hook(module, args):
+        x = args[0].detach()
+        n = names[module]
+        lo[n] = min(lo.get(n, math.inf), float(x.min()))
+        hi[n] = max(hi.get(n, -math.inf), float(x.max()))
+        if sampled:
+            flat = x.reshape(-1)
+            k = min(sample_per_batch, flat.numel())
+            idx = torch.randint(flat.numel(), (k,), generator=gen)
+            samples[n].append(flat[idx].to(torch.float64))
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    seen = 0
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            for x, _ in _progress(_batches(batches), progress, "calibrate", _total(batches)):
+                model(x)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise ValueError("calibrate_activations needs at least one batch")
+    out = {}
+    for n in names.values():
+        if n not in lo:
+            raise UnsupportedModelError(f"layer {n!r} was never called in the forward pass")
+        if not sampled:
+            out[n] = qparams_from_range(lo[n], hi[n], spec)
+        else:
+            data = torch.cat(samples[n] + [torch.tensor([lo[n], hi[n]], dtype=torch.float64)])
+            out[n] = calibrate(data, spec)
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """One layer's fake-quantized weight, its qparams and its error (in LSB)."""
+
+    weight: torch.Tensor
+    qparams: QParams
+    error_mean_lsb: float
+    error_mse_lsb: float
+    saturation: float
+
+
+def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
+                     ) -> dict[str, QuantizedWeights]:
+    """Fake-quantize every conv/linear weight with scales calibrated on the weight itself."""
+    out = {}
+    for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
+                                  if isinstance(m, _LAYERS)):
+        w = m.weight.detach()
+        qp = calibrate(w, spec)
+        key = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0]) \
+            if spec.rounding.is_random else None
+        wq, sat = fake_quantize(w, spec, qp.scale, qp.zero_point, generator=key,
+                                return_saturation=True)
+        s = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float64)
+        if spec.axis is not None:
+            s = s.reshape((-1,) + (1,) * (w.ndim - 1))
+        e = (wq.double() - w.double()) / s
+        out[name] = QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()),
+                                     float((sat.low.sum() + sat.high.sum()) / sat.total.sum()))
+    return out
+
+
+# --------------------------------------------------------------------------- accumulators
+
+def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, t.ndim))
+
+
+class _Moments:
+    """Per-channel Σ and Σ² of a quantity, plus per-image Σ of its mean (for standard errors)."""
+
+    __slots__ = ("img_n", "img_q1", "img_q2", "img_s1", "img_s2", "n", "s1", "s2")
+
+    def __init__(self):
+        self.n = 0
+        self.s1 = self.s2 = None
+        self.img_n = 0
+        self.img_s1 = self.img_s2 = 0.0
+        self.img_q1 = self.img_q2 = 0.0
+
+    def add(self, t: torch.Tensor, per_image: bool = True) -> None:
+        t = t.detach()
+        dims = tuple(range(2, t.ndim))
+        per_channel = int(np.prod(t.shape[2:])) if t.ndim > 2 else 1
+        if per_channel == 1:
+            s = t.reshape(t.shape[0], -1)
+            q = s * s
+        else:
+            # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
+            s = t.sum(dim=dims)
+            q = torch.linalg.vector_norm(t, dim=dims).square_()
+        s, q = s.double(), q.double()
+        cs, cq = s.sum(0), q.sum(0)
+        if self.s1 is None:
+            self.s1, self.s2 = cs, cq
+        else:
+            self.s1, self.s2 = self.s1 + cs, self.s2 + cq
+        self.n += t.shape[0] * per_channel
+        if per_image:
+            m1 = s.sum(1) / (per_channel * t.shape[1])
+            m2 = q.sum(1) / (per_channel * t.shape[1])
+            self.img_n += t.shape[0]
+            self.img_s1 += float(m1.sum())
+            self.img_s2 += float((m1 * m1).sum())
+            self.img_q1 += float(m2.sum())
+            self.img_q2 += float((m2 * m2).sum())
+
+    # per channel
+    def mean_c(self) -> np.ndarray:
+        return (self.s1 / self.n).numpy()
+
+    def sq_c(self) -> np.ndarray:
+        return (self.s2 / self.n).numpy()
+
+    # whole tensor
+    def mean(self) -> float:
+        return float(self.s1.sum()) / (self.n * self.s1.numel())
+
+    def sq(self) -> float:
+        return float(self.s2.sum()) / (self.n * self.s2.numel())
+
+    def se_mean(self) -> float:
+        return _se(self.img_n, self.img_s1, self.img_s2)
+
+    def se_sq(self) -> float:
+        return _se(self.img_n, self.img_q1, self.img_q2)
+
+
+def _se(n: int, s1: float, s2: float) -> float:
+    if n < 2:
+        return math.nan
+    var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / (n - 1)
+    return math.sqrt(var / n)
+
+
+class _SiteAcc:
+    """Everything measured at one site."""
+
+    def __init__(self, name: str, kind: str, order: int):
+        self.name, self.kind, self.order = name, kind, order
+        self.err = _Moments()        # accumulated error  yq - yf
+        self.ref = _Moments()        # float activation   yf
+        self.local = _Moments()      # local error (layers)
+        self.act_err = _Moments()    # activation quantizer error, in LSB (layers)
+        self.sat_low = self.sat_high = self.sat_total = 0
+        self.bn_f = _Moments()       # BatchNorm input, float path
+        self.bn_q = _Moments()       # BatchNorm input, quantized path
+        # mean maps of the float input, for the predicted drift (layers)
+        self.in_sum = self.in_pos = self.in_neg = None
+        self.in_n = 0
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+def _key(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+class _Instrument:
+    """Patches a model for one pass over the data; :meth:`close` restores it."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, act_qparams, weights,
+                 *, paired: bool, corrections=None, bn_stats=None, local_samples: int = 0,
+                 collect: bool = True, input_maps: bool = False):
+        self.model, self.config, self.paired = model, config, paired
+        self.act_qparams = act_qparams or {}
+        self.weights = weights or {}
+        self.corrections = corrections or {}
+        self.bn_stats = bn_stats or {}
+        self.local_samples = local_samples
+        self.collect = collect
+        self.input_maps = input_maps
+        self.batch_index = 0
+        self.sites: dict[str, _SiteAcc] = {}
+        self.order = 0
+        self._handles = []
+        self._patched = []
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+        for idx, (n, m) in enumerate(self.layers):
+            if config.activation is not None and n not in self.act_qparams:
+                raise ValueError(f"no activation qparams for layer {n!r}; calibrate with "
+                                 "qerror.propagate.calibrate_activations on the same model")
+            if config.weight is not None and n not in self.weights:
+                raise ValueError(f"no quantized weight for layer {n!r}; use "
+                                 "qerror.propagate.quantize_weights on the same model")
+            self._patch(m, self._layer_forward(idx, n, m))
+        for n, m in model.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if paired and n in self.bn_stats:
+                    self._patch(m, self._bn_forward(n, m))
+                if collect and paired:
+                    self._handles.append(m.register_forward_hook(self._bn_hook(n)))
+            elif collect and paired and _is_block(m):
+                self._handles.append(m.register_forward_hook(self._out_hook(n, "block")))
+        self._handles.append(model.register_forward_hook(self._next_batch))
+
+    def _next_batch(self, module, args, out):
+        # Stochastic rounding draws a fresh stream for every batch.
+        self.batch_index += 1
+
+    def _patch(self, module, fn):
+        module.forward = fn
+        self._patched.append(module)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._handles, self._patched = [], []
+
+    def site(self, name: str, kind: str) -> _SiteAcc:
+        acc = self.sites.get(name)
+        if acc is None:
+            acc = self.sites[name] = _SiteAcc(name, kind, self.order)
+            self.order += 1
+        return acc
+
+    # -- quantization of one layer's input
+    def _quantize_input(self, idx: int, name: str, x: torch.Tensor, acc: _SiteAcc | None,
+                        stream: int):
+        spec = self.config.activation
+        if spec is None:
+            return x
+        qp = self.act_qparams[name]
+        key = _key(self.config.seed, 2, idx, self.batch_index, stream) \
+            if spec.rounding.is_random else None
+        xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
+                                return_saturation=True)
+        if acc is not None:
+            acc.sat_low += int(sat.low)
+            acc.sat_high += int(sat.high)
+            acc.sat_total += int(sat.total)
+            # the quantizer's own error, on the images the local error uses
+            m = max(1, min(self.local_samples, x.shape[0]))
+            acc.act_err.add((xq[:m] - x[:m]) / qp.scale, per_image=False)
+        return xq
+
+    def _layer_forward(self, idx: int, name: str, module: nn.Module) -> Callable:
+        conv = isinstance(module, nn.Conv2d)
+        config = self.config
+
+        def op(x, w, b):
+            return module._conv_forward(x, w, b) if conv else F.linear(x, w, b)
+
+        def quant_params():
+            w = self.weights[name].weight if config.weight is not None else module.weight
+            b = module.bias
+            corr = self.corrections.get(name)
+            if corr is not None:
+                corr = corr.to(module.weight.dtype)
+                b = corr if b is None else b + corr
+            return w, b
+
+        def forward(x):
+            w_hat, b_hat = quant_params()
+            if not self.paired:
+                return op(self._quantize_input(idx, name, x, None, 0), w_hat, b_hat)
+            half = x.shape[0] // 2
+            xf, xq = x[:half], x[half:]
+            yf = op(xf, module.weight, module.bias)
+            acc = self.site(name, "conv" if conv else "linear") if self.collect else None
+            yq = op(self._quantize_input(idx, name, xq, acc, 0), w_hat, b_hat)
+            if acc is not None:
+                acc.err.add(yq - yf)
+                acc.ref.add(yf, per_image=False)
+                if self.local_samples:
+                    m = min(self.local_samples, half)
+                    xl = self._quantize_input(idx, name, xf[:m], None, 1)
+                    acc.local.add(op(xl, w_hat, b_hat) - yf[:m], per_image=True)
+                if self.input_maps:
+                    self._input_map(acc, name, xf)
+            return torch.cat([yf, yq])
+
+        return forward
+
+    def _input_map(self, acc: _SiteAcc, name: str, xf: torch.Tensor) -> None:
+        x = xf.detach()
+        if self.config.activation is not None:
+            qp = self.act_qparams[name]
+            origin = -float(qp.zero_point) * float(qp.scale)
+        else:
+            origin = 0.0
+        s = x.sum(0).double()
+        p, n = (x > origin).sum(0).double(), (x < origin).sum(0).double()
+        if acc.in_sum is None:
+            acc.in_sum, acc.in_pos, acc.in_neg = s, p, n
+        else:
+            acc.in_sum += s
+            acc.in_pos += p
+            acc.in_neg += n
+        acc.in_n += x.shape[0]
+
+    def _bn_forward(self, name: str, module: nn.BatchNorm2d) -> Callable:
+        mean_q, var_q = self.bn_stats[name]
+
+        def forward(x):
+            half = x.shape[0] // 2
+            args = (module.weight, module.bias, False, 0.0, module.eps)
+            yf = F.batch_norm(x[:half], module.running_mean, module.running_var, *args)
+            yq = F.batch_norm(x[half:], mean_q.to(x.dtype), var_q.to(x.dtype), *args)
+            return torch.cat([yf, yq])
+
+        return forward
+
+    def _bn_hook(self, name: str) -> Callable:
+        def hook(module, args, out):
+            x = args[0]
+            half = x.shape[0] // 2
+            acc = self.site(name, "bn")
+            acc.bn_f.add(x[:half], per_image=False)
+            acc.bn_q.add(x[half:], per_image=False)
+        return hook
+
+    def _out_hook(self, name: str, kind: str) -> Callable:
+        def hook(module, args, out):
+            half = out.shape[0] // 2
+            acc = self.site(name, kind)
+            acc.err.add(out[half:] - out[:half])
+            acc.ref.add(out[:half], per_image=False)
+        return hook
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class SiteResult:
+    """What was measured at one site (layer output, BatchNorm, block output).
+
+    Whole-tensor figures are floats; per-channel figures are arrays of shape (C,).
+    ``None`` where a figure does not apply to the site's kind or was not measured.
+    """
+
+    name: str
+    kind: str
+    order: int
+    depth: int
+    elements: int = 0
+    drift: float | None = None
+    drift_se: float | None = None
+    drift_rel: float | None = None
+    drift_rel_rms_channel: float | None = None
+    mse: float | None = None
+    mse_se: float | None = None
+    rms_rel: float | None = None
+    sqnr_db: float | None = None
+    float_std: float | None = None
+    drift_channel: np.ndarray | None = field(default=None, repr=False)
+    float_std_channel: np.ndarray | None = field(default=None, repr=False)
+    local_drift: float | None = None
+    local_drift_se: float | None = None
+    local_mse: float | None = None
+    local_sqnr_db: float | None = None
+    local_drift_channel: np.ndarray | None = field(default=None, repr=False)
+    input_error_mean_lsb: float | None = None
+    input_error_mse_lsb: float | None = None
+    saturation_low: float | None = None
+    saturation_high: float | None = None
+    weight_error_mean_lsb: float | None = None
+    weight_error_mse_lsb: float | None = None
+    weight_saturation: float | None = None
+    bn: object | None = field(default=None, repr=False)
+    input_mean_map: np.ndarray | None = field(default=None, repr=False)
+    input_pos_map: np.ndarray | None = field(default=None, repr=False)
+    input_neg_map: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class LogitResult:
+    """The network's output under both paths."""
+
+    n: int
+    float_correct: int | None
+    quant_correct: int | None
+    agree: int
+    float_only: int | None
+    quant_only: int | None
+    sqnr_db: float
+    drift_rel: float
+
+    @property
+    def float_accuracy(self) -> float | None:
+        return None if self.float_correct is None else self.float_correct / self.n
+
+    @property
+    def quant_accuracy(self) -> float | None:
+        return None if self.quant_correct is None else self.quant_correct / self.n
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.n
+
+
+@dataclass(frozen=True)
+class PropagationResult:
+    """Per-site results of one configuration, in execution order, and the logits."""
+
+    config: QuantConfig
+    sites: tuple[SiteResult, ...]
+    logits: LogitResult
+    images: int
+
+    def site(self, name: str) -> SiteResult:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}; sites are {[s.name for s in self.sites][:5]}...")
+
+    def layers(self) -> list[SiteResult]:
+        return [s for s in self.sites if s.kind in ("conv", "linear")]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows: one per site × metric (``value`` and its standard error ``se``)."""
+        rows = []
+        scalar = ("drift", "drift_rel", "drift_rel_rms_channel", "mse", "rms_rel", "sqnr_db",
+                  "float_std", "local_drift", "local_mse", "local_sqnr_db",
+                  "input_error_mean_lsb", "input_error_mse_lsb", "saturation_low",
+                  "saturation_high", "weight_error_mean_lsb", "weight_error_mse_lsb",
+                  "weight_saturation")
+        ses = {"drift": "drift_se", "mse": "mse_se", "local_drift": "local_drift_se"}
+        for s in self.sites:
+            base = {"site": s.name, "kind": s.kind, "order": s.order, "depth": s.depth}
+            for metric in scalar:
+                v = getattr(s, metric)
+                if v is None:
+                    continue
+                se = getattr(s, ses[metric]) if metric in ses else None
+                rows.append({**base, "metric": metric, "value": float(v),
+                             "se": math.nan if se is None else float(se)})
+            if s.bn is not None:
+                for metric, v in s.bn.summary().items():
+                    rows.append({**base, "metric": metric, "value": float(v), "se": math.nan})
+        return pd.DataFrame(rows)
+
+
+def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
+    from qerror.bn import BNInconsistency
+
+    err, ref = acc.err, acc.ref
+    kw = {}
+    power = ref.sq() if ref.n else math.nan
+    if err.n:
+        mean_f = ref.mean()
+        std_f = math.sqrt(max(power - mean_f**2, 0.0))
+        std_c = np.sqrt(np.maximum(ref.sq_c() - ref.mean_c() ** 2, 0.0))
+        drift_c = err.mean_c()
+        live = std_c > 0
+        rel_c = drift_c[live] / std_c[live]
+        mse = err.sq()
+        kw.update(
+            elements=err.n * err.s1.numel(), drift=err.mean(), drift_se=err.se_mean(),
+            drift_rel=err.mean() / std_f if std_f > 0 else math.nan,
+            drift_rel_rms_channel=float(np.sqrt(np.mean(rel_c**2))) if rel_c.size else math.nan,
+            mse=mse, mse_se=err.se_sq(),
+            rms_rel=math.sqrt(mse) / std_f if std_f > 0 else math.nan,
+            sqnr_db=_db(power, mse), float_std=std_f, drift_channel=drift_c,
+            float_std_channel=std_c)
+    if acc.local.n:
+        kw.update(local_drift=acc.local.mean(), local_drift_se=acc.local.se_mean(),
+                  local_mse=acc.local.sq(), local_drift_channel=acc.local.mean_c(),
+                  local_sqnr_db=_db(power, acc.local.sq()))
+    if acc.sat_total:
+        kw.update(saturation_low=acc.sat_low / acc.sat_total,
+                  saturation_high=acc.sat_high / acc.sat_total,
+                  input_error_mean_lsb=acc.act_err.mean(), input_error_mse_lsb=acc.act_err.sq())
+    w = weights.get(acc.name) if weights else None
+    if w is not None:
+        kw.update(weight_error_mean_lsb=w.error_mean_lsb, weight_error_mse_lsb=w.error_mse_lsb,
+                  weight_saturation=w.saturation)
+    if acc.bn_f.n:
+        mean_run, var_run = bn_ref[acc.name]
+        kw["bn"] = BNInconsistency.from_sums(acc.bn_f, acc.bn_q, mean_run, var_run)
+        kw["elements"] = acc.bn_f.n * acc.bn_f.s1.numel()
+    if acc.in_sum is not None:
+        kw.update(input_mean_map=(acc.in_sum / acc.in_n).numpy(),
+                  input_pos_map=(acc.in_pos / acc.in_n).numpy(),
+                  input_neg_map=(acc.in_neg / acc.in_n).numpy())
+    return SiteResult(name=acc.name, kind=acc.kind, order=acc.order, depth=depth, **kw)
+
+
+def _db(power: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(power / noise) if power > 0 else -math.inf
+
+
+# --------------------------------------------------------------------------- entry points
+
+def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
+            act_qparams: Mapping[str, QParams] | None = None, *,
+            weights: Mapping[str, QuantizedWeights] | None = None,
+            corrections: Mapping[str, torch.Tensor] | None = None,
+            bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            local_samples: int = 32, input_maps: bool = False,
+            progress: bool = False) -> PropagationResult:
+    """Run the float and the quantized network on the same batches and measure every site.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A torchvision-style CNN (see :func:`check_model`); it is put in evaluation mode
+        for the pass and restored afterwards, its parameters untouched.
+    batches : iterable
+        Images ``(N, ...)`` or ``(images, labels)`` pairs.
+    config : QuantConfig
+    act_qparams : dict, optional
+        From :func:`calibrate_activations` (required when ``config.activation`` is set).
+    weights : dict, optional
+        From :func:`quantize_weights`; computed from ``config.weight`` when omitted.
+    corrections : dict, optional
+        Layer name → per-output-channel tensor added to the quantized layer's bias
+        (see :mod:`qerror.correction`).
+    bn_stats : dict, optional
+        BatchNorm name → (mean, var) that the quantized path normalises with instead of
+        the running statistics (see :func:`qerror.bn.reestimate`).
+    local_samples : int
+        Images of each batch on which the local error is measured (0: not measured).
+    input_maps : bool
+        Also keep each layer's mean float input map (C, H, W) and the fractions of
+        values above and below the quantizer's real zero (for predicted drift).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    PropagationResult
+    """
+    check_model(model)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if weights is None and config.weight is not None:
+        weights = quantize_weights(model, config.weight, seed=config.seed)
+    bn_ref = {n: (m.running_mean.detach().double(), m.running_var.detach().double())
+              for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for n, stats in (bn_stats or {}).items():
+        if n not in bn_ref:
+            raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
+        bn_ref[n] = (stats[0].detach().double(), stats[1].detach().double())
+    inst = None
+    n_img = 0
+    fc = qc = agree = f_only = q_only = 0
+    labelled = None
+    logit_err, logit_ref = _Moments(), _Moments()
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            inst = _Instrument(model, config, act_qparams, weights, paired=True,
+                               corrections=corrections, bn_stats=bn_stats,
+                               local_samples=local_samples, input_maps=input_maps)
+            for x, y in _progress(_batches(batches), progress, config.label, _total(batches)):
+                out = model(torch.cat([x, x]))
+                half = x.shape[0]
+                lf, lq = out[:half], out[half:]
+                logit_err.add(lq - lf)
+                logit_ref.add(lf)
+                pf, pq = lf.argmax(1), lq.argmax(1)
+                agree += int((pf == pq).sum())
+                if labelled is None:
+                    labelled = y is not None
+                if (y is not None) != labelled:
+                    raise ValueError("some batches have labels and some do not")
+                if y is not None:
+                    cf, cq = pf == y, pq == y
+                    fc += int(cf.sum())
+                    qc += int(cq.sum())
+                    f_only += int((cf & ~cq).sum())
+                    q_only += int((cq & ~cf).sum())
+                n_img += half
+    finally:
+        if inst is not None:
+            inst.close()
+    if n_img == 0:
+        raise ValueError("measure needs at least one batch")
+    sites = []
+    depth = 0
+    for acc in sorted(inst.sites.values(), key=lambda a: a.order):
+        if acc.kind in ("conv", "linear"):
+            depth += 1
+        sites.append(_site_result(acc, depth, weights, bn_ref))
+    lstd = math.sqrt(max(logit_ref.sq() - logit_ref.mean() ** 2, 0.0))
+    logits = LogitResult(
+        n=n_img, float_correct=fc if labelled else None, quant_correct=qc if labelled else None,
+        agree=agree, float_only=f_only if labelled else None,
+        quant_only=q_only if labelled else None, sqnr_db=_db(logit_ref.sq(), logit_err.sq()),
+        drift_rel=logit_err.mean() / lstd if lstd > 0 else math.nan)
+    return PropagationResult(config, tuple(sites), logits, n_img)
+
+
+@contextlib.contextmanager
+def quantized_forward(model: nn.Module, config: QuantConfig,
+                      act_qparams: Mapping[str, QParams] | None = None, *,
+                      weights: Mapping[str, QuantizedWeights] | None = None,
+                      corrections: Mapping[str, torch.Tensor] | None = None):
+    """Within the block, ``model(x)`` runs the quantized network alone (no float half).
+
+    Used by BatchNorm re-estimation and by anything that needs the simulated model
+    itself; the model's modules are restored on exit, even after an error.
+    """
+    check_model(model)
+    if weights is None and config.weight is not None:
+        weights = quantize_weights(model, config.weight, seed=config.seed)
+    inst = _Instrument(model, config, act_qparams, weights, paired=False,
+                       corrections=corrections, collect=False)
+    try:
+        yield inst
+    finally:
+        inst.close()

@@ -1,0 +1,671 @@
+"""How quantization error travels through ResNet50: drift, SQNR, saturation, BatchNorm, accuracy.
+
+The main job of qerror. For each rounding mode × bit width × what is quantized (weights,
+activations, both), the float and the fake-quantized network run on the same test images
+(:func:`qerror.propagate.measure`) and every conv/linear layer, BatchNorm and residual block
+reports the accumulated error (drift raw and relative to the float activation's std, MSE,
+SQNR), the local error it adds itself, the saturation of its input quantizer at qmin and at
+qmax, and the BatchNorm inconsistency of its input (DESIGN §2). At the output: accuracy of
+both networks with Wilson intervals and McNemar's test of quantized against float.
+
+Then:
+
+* drift growth with depth: a power law ``y ∝ depth^p`` fitted to the channel-RMS relative
+  drift and to the relative RMS error of the conv/linear outputs, with the exponent's CI,
+  and the linear and √depth models compared by their residuals;
+* remedies on a few configurations: BatchNorm re-estimation, analytic bias correction
+  (E[ΔW]·E[x] + Ŵ·E[e_x], E[x] from the preceding BN and ReLU) and empirical bias
+  correction, and how much of the lost accuracy and drift each recovers;
+* the predicted mean local error of every layer (the analytic model) against the measured one;
+* a cross-check of the simulation against PyTorch's real INT8 kernels, layer by layer.
+
+Default: the cached Fashion-MNIST ResNet50 baseline (trained first if missing, after saying
+how long that takes), calibration on the calibration split, measurement on a seeded subset
+of the test split. ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
+same on an ImageNet-style folder.
+
+Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from tqdm import tqdm
+
+from qerror import RoundingMode
+from qerror.bn import reestimate
+from qerror.correction import (
+    MeanSource,
+    analytic_bias_correction,
+    empirical_bias_correction,
+    predicted_local_drift,
+)
+from qerror.propagate import (
+    PropagationResult,
+    QuantConfig,
+    Target,
+    UnsupportedModelError,
+    calibrate_activations,
+    check_model,
+    measure,
+    quantize_weights,
+)
+from qerror.stats import mcnemar_from_counts, wilson_ci
+from studies._common import RunDir, base_parser, figure_style
+
+ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
+FIT_LEVEL = 0.95  # confidence of the growth exponents
+DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO,
+                 RoundingMode.FLOOR, RoundingMode.STOCHASTIC)
+DEFAULT_BITS = (8, 6, 4)
+REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
+GROWTH_METRICS = ("drift_rel_rms_channel", "rms_rel")
+
+
+@dataclass(frozen=True)
+class Data:
+    calib: list[tuple[torch.Tensor, torch.Tensor]]
+    test: list[tuple[torch.Tensor, torch.Tensor]]
+    identity: dict
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _batched(x: torch.Tensor, y: torch.Tensor, batch: int):
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int) -> Data:
+    """Calibration images from the calibration split, measured ones from the test split."""
+    from qerror.data import fashion_mnist_splits, to_tensor
+
+    splits = fashion_mnist_splits(data_root)
+    n_test = min(images, len(splits.test))
+    pick = np.sort(np.random.default_rng(seed).permutation(len(splits.test))[:n_test])
+    test = splits.test.subset(pick)
+    calib = splits.calib.subset(np.arange(min(calib_images, len(splits.calib))))
+    ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
+             "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib)}
+    return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
+                _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch), ident)
+
+
+def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: int) -> Data:
+    """A seeded split of an ImageNet-style folder: calibration images, then measured ones."""
+    from qerror.data import imagenet_folder
+
+    ds = imagenet_folder(path)
+    if len(ds) < 2:
+        raise SystemExit(f"--data {path}: found {len(ds)} images; need at least 2")
+    order = np.random.default_rng(seed).permutation(len(ds))
+    n_cal = min(calib_images, len(ds) // 2)
+    parts = []
+    for index in (order[:n_cal], order[n_cal:n_cal + images]):
+        xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc="load images", unit="img",
+                                                  leave=False)))
+        parts.append(_batched(torch.stack(xs), torch.as_tensor(ys), batch))
+    ident = {"dataset": "imagenet-folder", "source": str(Path(path).resolve()),
+             "images_found": len(ds), "classes": len(ds.classes),
+             "test_images": int(min(images, len(ds) - n_cal)), "calib_images": int(n_cal)}
+    return Data(parts[0], parts[1], ident)
+
+
+def _load_model(args, data_root):
+    """(model, identity) for the arguments; SystemExit with the reason when it cannot."""
+    from qerror.models import (
+        CheckpointError,
+        StateDictMismatchError,
+        WeightsNotFoundError,
+        fashion_resnet,
+        get_baseline,
+        imagenet_resnet50,
+        load_checkpoint,
+    )
+
+    if args.data is not None:
+        if args.model != "resnet50":
+            raise SystemExit(f"--data (ImageNet) supports --model resnet50 only, got "
+                             f"{args.model}")
+        try:
+            model = imagenet_resnet50(args.weights or "IMAGENET1K_V2", download=args.download)
+        except (WeightsNotFoundError, StateDictMismatchError) as err:
+            raise SystemExit(str(err)) from err
+        return model, {"model": "resnet50-imagenet", "weights": str(args.weights)}
+    if args.smoke and args.weights is None:
+        torch.manual_seed(args.seed)
+        model = fashion_resnet(args.model)
+        return model, {"model": f"fashion-{args.model}-untrained-smoke", "seed": args.seed}
+    try:
+        if args.weights is not None:
+            ckpt = load_checkpoint(args.weights, expected_arch=args.model)
+        else:
+            ckpt = get_baseline(args.model, train_if_missing=not args.no_train,
+                                data_root=data_root)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from err
+    return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
+                        "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
+
+
+def _warm_batchnorm(model, batches) -> None:
+    """Give an untrained (smoke) model BatchNorm statistics that fit its own activations."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    model.eval()
+
+
+# --------------------------------------------------------------------------- compute
+
+def grid(modes, bits_list, targets, seed: int) -> list[QuantConfig]:
+    return [QuantConfig.make(b, m, t, seed=seed) for t in targets for b in bits_list
+            for m in modes]
+
+
+def _config_columns(cfg: QuantConfig) -> dict:
+    spec = cfg.weight or cfg.activation
+    return {"mode": cfg.rounding.value, "bits": spec.bits, "target": cfg.target.value}
+
+
+def accuracy_row(cfg_cols: dict, res: PropagationResult, remedy: str = "none") -> dict:
+    lg = res.logits
+    row = {**cfg_cols, "remedy": remedy, "images": lg.n, "agreement": lg.agreement,
+           "logit_sqnr_db": lg.sqnr_db, "logit_drift_rel": lg.drift_rel}
+    if lg.float_correct is not None:
+        wf, wq = wilson_ci(lg.float_correct, lg.n, ALPHA), wilson_ci(lg.quant_correct, lg.n, ALPHA)
+        mc = mcnemar_from_counts(lg.float_only, lg.quant_only, lg.n, ALPHA)
+        row.update(float_acc=wf.estimate, float_lo=wf.ci[0], float_hi=wf.ci[1],
+                   quant_acc=wq.estimate, quant_lo=wq.ci[0], quant_hi=wq.ci[1],
+                   delta=-mc.estimate, delta_lo=-mc.ci[1], delta_hi=-mc.ci[0],
+                   float_only=lg.float_only, quant_only=lg.quant_only,
+                   mcnemar_p=mc.p_value, differs=bool(mc.p_value < ALPHA))
+    return row
+
+
+def growth_fit(sites: pd.DataFrame, metric: str) -> dict:
+    """Power law ``y = c·depth^p`` on conv/linear outputs, and linear vs √depth.
+
+    The exponent's interval is OLS's on (log depth, log y); adjacent layers' errors are
+    correlated, so it is narrower than an interval that modelled that dependence.
+    """
+    d = sites[(sites.metric == metric) & sites.kind.isin(["conv", "linear"])]
+    d = d[np.isfinite(d.value) & (d.value > 0)]
+    out = {"metric": metric, "layers": len(d)}
+    if len(d) < 4:
+        return out
+    x, y = d.depth.to_numpy(float), d.value.to_numpy(float)
+    fit = sps.linregress(np.log(x), np.log(y))
+    t = sps.t.ppf(0.5 + FIT_LEVEL / 2, len(d) - 2)
+    out.update(exponent=fit.slope, exponent_lo=fit.slope - t * fit.stderr,
+               exponent_hi=fit.slope + t * fit.stderr, r2_loglog=fit.rvalue**2)
+    for name, basis in (("linear", x), ("sqrt", np.sqrt(x))):
+        a = np.column_stack([np.ones_like(x), basis])
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        resid = y - a @ coef
+        out[f"sse_{name}"] = float(resid @ resid)
+        out[f"slope_{name}"] = float(coef[1])
+    out["better"] = "linear" if out["sse_linear"] < out["sse_sqrt"] else "sqrt"
+    return out
+
+
+def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: PropagationResult
+             ) -> tuple[list[tuple[str, PropagationResult]], pd.DataFrame]:
+    """Measure BN re-estimation and both bias corrections; predicted vs measured drift."""
+    calib = measure(model, data.calib, cfg, act_qparams, weights=weights,
+                    local_samples=1 << 30, input_maps=True)
+    fixes = {
+        "bn_reestimation": {"bn_stats": reestimate(model, data.calib, cfg, act_qparams,
+                                                   weights=weights)},
+        "bias_analytic": {"corrections": analytic_bias_correction(
+            model, cfg, calib, act_qparams, weights=weights, source=MeanSource.BN)},
+        "bias_empirical": {"corrections": empirical_bias_correction(
+            model, data.calib, cfg, act_qparams, weights=weights, calibration=calib)},
+    }
+    results = [(name, measure(model, data.test, cfg, act_qparams, weights=weights,
+                              local_samples=0, **kw)) for name, kw in fixes.items()]
+    rows = []
+    preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
+                                        source=src) for src in MeanSource}
+    for s in base.layers():
+        if s.local_drift_channel is None:
+            continue
+        meas = s.local_drift_channel
+        row = {**_config_columns(cfg), "layer": s.name, "depth": s.depth,
+               "measured": float(np.mean(meas)), "measured_se": s.local_drift_se,
+               "float_std": s.float_std}
+        for src, pred in preds.items():
+            p = pred[s.name]
+            row[f"predicted_{src.value}"] = float(np.mean(p))
+            c = np.corrcoef(p, meas)[0, 1] if p.size > 1 and np.std(p) > 0 and np.std(meas) > 0 \
+                else math.nan
+            row[f"channel_corr_{src.value}"] = float(c)
+        rows.append(row)
+    return results, pd.DataFrame(rows)
+
+
+def recovery(acc: pd.DataFrame) -> pd.DataFrame:
+    """Per remedy: the fraction of the accuracy lost to quantization it wins back, and its
+    change of the logits' SQNR (dB), against the same configuration without remedy."""
+    if "quant_acc" not in acc:
+        return acc
+    keys = ["mode", "bits", "target"]
+    base = acc.loc[acc.remedy == "none", [*keys, "quant_acc", "logit_sqnr_db"]]
+    joined = acc.merge(base, on=keys, how="left", suffixes=("", "_unremedied"))
+    lost = joined.float_acc - joined.quant_acc_unremedied
+    joined["recovered"] = np.where(
+        (joined.remedy != "none") & (lost > 0),
+        (joined.quant_acc - joined.quant_acc_unremedied) / lost.where(lost > 0), np.nan)
+    joined["sqnr_gain_db"] = np.where(joined.remedy != "none",
+                                      joined.logit_sqnr_db - joined.logit_sqnr_db_unremedied,
+                                      np.nan)
+    return joined.drop(columns=["quant_acc_unremedied", "logit_sqnr_db_unremedied"])
+
+
+def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-layer agreement of the simulation with PyTorch's real INT8 kernels.
+
+    Every conv (BatchNorm folded, ReLU fused) and the classifier run on their float inputs
+    through FBGEMM and through qerror's simulations, with the same scales: full-range
+    8-bit activations, and 7-bit ones (PyTorch's ``reduce_range``, which its x86 observers
+    use because the AVX2 kernel's int16 pair sums saturate otherwise).
+
+    Returns the per-layer rows and the per-variant summary.
+    """
+    from qerror import int8
+
+    def first(batches, n):
+        x = torch.cat([b[0] for b in batches])[:n]
+        return [x[i:i + 64] for i in range(0, len(x), 64)]
+
+    calib, test = first(data.calib, images), first(data.test, images)
+    frames, summaries = [], []
+    for label, reduce_range in (("full_range", False), ("reduce_range", True)):
+        check = int8.crosscheck_model(model, calib, test, reduce_range=reduce_range)
+        frames.append(check.to_frame().assign(activations=label))
+        summaries.append(check.summary().assign(activations=label))
+    return pd.concat(frames, ignore_index=True), pd.concat(summaries, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- figures
+
+def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
+    panels = [("drift_rel", "drift / float std"),
+              ("drift_rel_rms_channel", "per-channel |drift| / std (RMS)"),
+              ("sqnr_db", "SQNR (dB)"),
+              ("saturation", "saturated inputs (solid: qmax, dashed: qmin)"),
+              ("bn_mean_shift_qf_mean", "BN mean shift from quantization (σ_run)"),
+              ("bn_var_ratio_qf_gmean", "BN variance ratio σ²_q/σ²_f")]
+    d = sites[(sites.bits == bits) & (sites.target == target)]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+    modes = list(dict.fromkeys(d["mode"]))
+    colors = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (metric, label) in zip(axes.flat, panels):
+        for mode in modes:
+            dm = d[d["mode"] == mode]
+            if metric == "saturation":
+                for m, ls in (("saturation_high", "-"), ("saturation_low", "--")):
+                    s = dm[dm.metric == m].sort_values("order")
+                    ax.plot(s.order, s.value, ls, color=colors[mode],
+                            label=mode if ls == "-" else None)
+                continue
+            s = dm[dm.metric == metric].sort_values("order")
+            ax.plot(s.order, s.value, "-", color=colors[mode], label=mode, lw=1)
+        ax.set_title(label, fontsize=9)
+        if metric == "drift_rel_rms_channel":
+            ax.set_yscale("log")
+    for ax in axes[1]:
+        ax.set_xlabel("site (execution order)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{bits}-bit, {target}: quantized minus float network along depth")
+    fig.tight_layout()
+    return fig
+
+
+def figure_accuracy(plt, acc: pd.DataFrame):
+    targets = list(dict.fromkeys(acc.target))
+    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.4), sharey=True,
+                             squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        d = acc[(acc.target == target) & (acc.remedy == "none")]
+        modes = list(dict.fromkeys(d["mode"]))
+        for j, bits in enumerate(sorted(d.bits.unique(), reverse=True)):
+            db = d[d.bits == bits].set_index("mode").reindex(modes)
+            x = np.arange(len(modes)) + (j - 1) * 0.25
+            ax.errorbar(x, db.quant_acc, yerr=[db.quant_acc - db.quant_lo,
+                                               db.quant_hi - db.quant_acc],
+                        fmt="o", ms=4, capsize=2, label=f"{bits} bits")
+        f = d.iloc[0]
+        ax.axhspan(f.float_lo, f.float_hi, color="0.85", zorder=0, label="float (CI)")
+        ax.set_xticks(range(len(modes)), modes, rotation=30, fontsize=7)
+        ax.set_title(f"quantized: {target}")
+    axes[0, 0].set_ylabel(f"accuracy ({100 * (1 - ALPHA):g}% Wilson CI)")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_growth(plt, sites: pd.DataFrame, target: str, metric: str):
+    bits_list = sorted(sites.bits.unique(), reverse=True)
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(4.2 * len(bits_list), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, bits in zip(axes[0], bits_list):
+        d = sites[(sites.bits == bits) & (sites.target == target) & (sites.metric == metric)
+                  & sites.kind.isin(["conv", "linear"])]
+        for mode in dict.fromkeys(d["mode"]):
+            s = d[d["mode"] == mode].sort_values("depth")
+            ax.loglog(s.depth, s.value, ".", ms=4, label=mode)
+        if len(d):
+            ref = np.arange(1, d.depth.max() + 1)
+            y0 = d[d.depth == d.depth.min()].value.median()
+            ax.loglog(ref, y0 * ref, "k:", lw=0.8, label="∝ depth")
+            ax.loglog(ref, y0 * np.sqrt(ref), "k--", lw=0.8, label="∝ √depth")
+        ax.set_xlabel("conv/linear layer (depth)")
+        ax.set_title(f"{bits}-bit, {target}", fontsize=9)
+    axes[0, 0].set_ylabel(metric.replace("_", " "))
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_remedies(plt, acc: pd.DataFrame):
+    d = acc[acc.target == "both"]
+    d = d[d.set_index(["mode", "bits"]).index.isin(
+        d[d.remedy != "none"].set_index(["mode", "bits"]).index)]
+    labels = [f"{m}\n{b} bit" for m, b in dict.fromkeys(zip(d["mode"], d.bits))]
+    remedies_ = list(dict.fromkeys(d.remedy))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.6))
+    for j, rem in enumerate(remedies_):
+        dr = d[d.remedy == rem]
+        x = np.arange(len(dr)) + (j - len(remedies_) / 2) * 0.18
+        ax.errorbar(x, dr.quant_acc, yerr=[dr.quant_acc - dr.quant_lo, dr.quant_hi - dr.quant_acc],
+                    fmt="o", ms=4, capsize=2, label=rem)
+    if len(d):
+        ax.axhline(d.float_acc.iloc[0], color="k", lw=0.8, ls=":", label="float")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_prediction(plt, pred: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(4.4, 4))
+    for (mode, bits), d in pred.groupby(["mode", "bits"], sort=False):
+        rel = d.float_std.where(d.float_std > 0)
+        ax.plot(d.predicted_bn / rel, d.measured / rel, ".", ms=4, label=f"{mode} {bits} bit")
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, "k:", lw=0.8)
+    ax.set_xlabel("predicted mean local error / float std")
+    ax.set_ylabel("measured mean local error / float std")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+
+def _macros(acc: pd.DataFrame, fits: pd.DataFrame) -> dict:
+    m = {}
+    base = acc[acc.remedy == "none"]
+    if "float_acc" in base and len(base):
+        m["driftFloatAccuracy"] = f"{100 * base.float_acc.iloc[0]:.2f}"
+        for mode in ("nearest_even", "toward_zero"):
+            for bits in (8, 4):
+                r = base[(base["mode"] == mode) & (base.bits == bits) & (base.target == "both")]
+                if len(r):
+                    key = "".join(w.capitalize() for w in mode.split("_")) + \
+                        {8: "Eight", 6: "Six", 4: "Four"}[bits]
+                    m[f"driftAcc{key}"] = f"{100 * r.quant_acc.iloc[0]:.2f}"
+    for _, r in fits.iterrows():
+        if r.target != "both" or r.bits != 8 or not np.isfinite(r.get("exponent", np.nan)):
+            continue
+        key = "".join(w.capitalize() for w in r["mode"].split("_"))
+        met = "Drift" if r.metric == "drift_rel_rms_channel" else "Rms"
+        m[f"driftExp{met}{key}"] = f"{r.exponent:.2f}"
+    return m
+
+
+def _parse_modes(values):
+    try:
+        return [RoundingMode.parse(v) for v in values]
+    except ValueError as err:
+        raise SystemExit(f"--modes: {err}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = base_parser("drift", __doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
+                        help="architecture (default resnet50; resnet18 with --smoke)")
+    parser.add_argument("--weights", default=None,
+                        help="Fashion-MNIST: a qerror checkpoint file (default: the cached "
+                             "baseline). ImageNet (--data): IMAGENET1K_V1, IMAGENET1K_V2 or a "
+                             "local state-dict file (default IMAGENET1K_V2)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="an ImageNet-style folder (one sub-folder per class); default: "
+                             "Fashion-MNIST")
+    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--download", action="store_true",
+                        help="allow downloading ImageNet weights missing from the hub cache")
+    parser.add_argument("--no-train", action="store_true",
+                        help="fail instead of training a missing Fashion-MNIST baseline")
+    parser.add_argument("--modes", nargs="+", default=None, help="rounding modes")
+    parser.add_argument("--bits", nargs="+", type=int, default=None)
+    parser.add_argument("--targets", nargs="+", default=None, choices=[t.value for t in Target])
+    parser.add_argument("--images", type=int, default=None, help="test images measured")
+    parser.add_argument("--calib-images", type=int, default=None,
+                        help="calibration images (ranges, BN re-estimation, bias correction)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--local-samples", type=int, default=32,
+                        help="images per batch on which each layer's local error is measured")
+    parser.add_argument("--remedy-bits", nargs="*", type=int, default=None,
+                        help="bit widths at which the remedies run (modes nearest_even and "
+                             "toward_zero, both quantized)")
+    parser.add_argument("--int8-images", type=int, default=None,
+                        help="calibration and test images of the real-INT8 cross-check "
+                             "(0 skips it)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.model = args.model or ("resnet18" if smoke else "resnet50")
+    modes = _parse_modes(args.modes) if args.modes else (
+        [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO] if smoke else list(DEFAULT_MODES))
+    bits_list = args.bits or ([8, 4] if smoke else list(DEFAULT_BITS))
+    bad_bits = [b for b in bits_list if not 2 <= b <= 16]
+    if bad_bits:
+        parser.error(f"--bits {bad_bits}: the quantizer supports 2 to 16 bits")
+    targets = [Target(t) for t in args.targets] if args.targets else (
+        [Target.BOTH] if smoke else [Target.BOTH, Target.WEIGHTS, Target.ACTIVATIONS])
+    images = args.images or (16 if smoke else 200)
+    calib_images = args.calib_images or (16 if smoke else 200)
+    batch = args.batch_size or (16 if smoke else 256)
+    if min(images, calib_images, batch) < 2:
+        parser.error("--images, --calib-images and --batch-size must be at least 2")
+    remedy_bits = args.remedy_bits if args.remedy_bits is not None else (
+        [4] if smoke else [8, 4])
+    int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
+
+    torch.set_flush_denormal(True)
+    started = time.perf_counter()
+    model, model_id = _load_model(args, args.data_root)
+    try:
+        check_model(model, need_batchnorm=True)
+    except UnsupportedModelError as err:
+        raise SystemExit(f"cannot run the drift study on this model: {err}") from err
+    try:
+        data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
+                if args.data is not None else
+                fashion_data(args.data_root, images, calib_images, batch, args.seed))
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from err
+    if model_id["model"].endswith("untrained-smoke"):
+        _warm_batchnorm(model, data.calib)
+    model.eval()
+
+    configs = grid(modes, bits_list, targets, args.seed)
+    config = {"modes": [m.value for m in modes], "bits": bits_list,
+              "targets": [t.value for t in targets], "images": images,
+              "calib_images": calib_images, "batch_size": batch,
+              "local_samples": args.local_samples, "remedy_bits": remedy_bits,
+              "int8_images": int8_images,
+              "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
+              "weight_spec": "signed symmetric per output channel, min-max",
+              "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
+    plt = figure_style()
+    with RunDir(args.out, "drift", argv, config) as run:
+        run.extra.update(model=model_id, data=data.identity)
+        act_qp = {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation)
+                  for b in bits_list}
+        weight_cache: dict = {}
+        frames, acc_rows, fits, preds = [], [], [], []
+        results: dict[tuple, PropagationResult] = {}
+        bar = tqdm(configs, desc="drift", unit="config")
+        for cfg in bar:
+            cols = _config_columns(cfg)
+            bar.set_postfix_str(cfg.label)
+            w = None
+            if cfg.weight is not None:
+                key = (cols["bits"], cols["mode"])
+                if key not in weight_cache:
+                    weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
+                w = weight_cache[key]
+            res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
+                          local_samples=args.local_samples)
+            results[tuple(cols.values())] = res
+            frames.append(res.to_frame().assign(**cols))
+            acc_rows.append(accuracy_row(cols, res))
+        sites = pd.concat(frames, ignore_index=True)
+        for (mode, bits, target), d in sites.groupby(["mode", "bits", "target"], sort=False):
+            for metric in GROWTH_METRICS:
+                fits.append({"mode": mode, "bits": bits, "target": target,
+                             **growth_fit(d, metric)})
+        fits = pd.DataFrame(fits)
+        remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed)
+                          for b in remedy_bits if b in bits_list and Target.BOTH in targets
+                          for m in REMEDY_MODES if m in modes]
+        for cfg in tqdm(remedy_configs, desc="remedies", unit="config"):
+            cols = _config_columns(cfg)
+            res_list, pred = remedies(model, data, cfg, act_qp[cols["bits"]],
+                                      weight_cache.get((cols["bits"], cols["mode"])),
+                                      results[tuple(cols.values())])
+            preds.append(pred)
+            for name, res in res_list:
+                acc_rows.append(accuracy_row(cols, res, name))
+                frames.append(res.to_frame().assign(**cols, remedy=name))
+        acc = recovery(pd.DataFrame(acc_rows))
+        pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+        remedy_sites = pd.concat(frames[len(configs):], ignore_index=True) \
+            if len(frames) > len(configs) else pd.DataFrame()
+        xcheck, xsummary = int8_crosscheck(model, data, int8_images) if int8_images \
+            else (None, None)
+
+        run.write_csv("sites.csv", sites)
+        run.write_csv("accuracy.csv", acc)
+        run.write_csv("growth.csv", fits)
+        if len(pred):
+            run.write_csv("prediction.csv", pred)
+        if len(remedy_sites):
+            run.write_csv("remedy_sites.csv", remedy_sites)
+        if xcheck is not None:
+            run.write_csv("int8_crosscheck.csv", xcheck)
+            run.write_csv("int8_summary.csv", xsummary)
+            run.write_latex_table(
+                "int8.tex", xsummary[["activations", "arithmetic", "pipeline", "layers",
+                                      "min_frac_equal", "median_frac_equal", "max_abs_lsb"]],
+                "qerror's simulation against PyTorch's FBGEMM INT8 kernels, layer by layer "
+                "on the same float inputs and scales: fraction of output codes equal and "
+                "the largest difference in LSB.", "tab:drift-int8", float_format="%.6g")
+        summary = _summary(acc, fits, pred, sites, xsummary)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        run.write_json("summary.json", summary)
+        _tables(run, acc, fits, pred)
+        run.write_macros("macros.tex", _macros(acc, fits))
+        for bits in bits_list:
+            for target in [t.value for t in targets]:
+                fig = figure_depth(plt, sites, bits, target)
+                run.save_figure(fig, f"depth_{bits}bit_{target}")
+                plt.close(fig)
+        fig = figure_accuracy(plt, acc)
+        run.save_figure(fig, "accuracy")
+        plt.close(fig)
+        for metric in GROWTH_METRICS:
+            fig = figure_growth(plt, sites, targets[0].value, metric)
+            run.save_figure(fig, f"growth_{metric}")
+            plt.close(fig)
+        if (acc.remedy != "none").any():
+            fig = figure_remedies(plt, acc)
+            run.save_figure(fig, "remedies")
+            plt.close(fig)
+        if len(pred):
+            fig = figure_prediction(plt, pred)
+            run.save_figure(fig, "prediction")
+            plt.close(fig)
+        out = run.finish()
+    _report(acc, fits, out, time.perf_counter() - started)
+    return 0
+
+
+def _summary(acc, fits, pred, sites, xcheck) -> dict:
+    s = {"configs": int((acc.remedy == "none").sum()),
+         "accuracy": acc.to_dict(orient="records"),
+         "growth": fits.to_dict(orient="records")}
+    if len(pred):
+        s["prediction_median_abs_error_rel"] = float(
+            np.nanmedian(np.abs(pred.predicted_bn - pred.measured)
+                         / pred.float_std.where(pred.float_std > 0)))
+    if xcheck is not None and len(xcheck):
+        s["int8"] = xcheck.to_dict(orient="records")  # the per-variant summary
+    return s
+
+
+def _tables(run, acc, fits, pred) -> None:
+    base = acc[acc.remedy == "none"]
+    cols = [c for c in ("mode", "bits", "target", "quant_acc", "quant_lo", "quant_hi", "delta",
+                        "mcnemar_p", "agreement", "logit_sqnr_db") if c in base]
+    run.write_latex_table("accuracy.tex", base[cols],
+                          f"Accuracy of the fake-quantized network with its "
+                          f"{100 * (1 - ALPHA):g}\\% Wilson interval, the drop from float and "
+                          "McNemar's p against float, on the same test images.",
+                          "tab:drift-accuracy")
+    fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "exponent_lo",
+                         "exponent_hi", "better") if c in fits]
+    run.write_latex_table("growth.tex", fits[fits.target == "both"][fcols],
+                          f"Growth of the error with depth: exponent p of depth$^p$ "
+                          f"({100 * FIT_LEVEL:g}\\% CI) and which of linear and "
+                          "$\\sqrt{\\text{depth}}$ fits better.", "tab:drift-growth")
+    rem = acc[acc.remedy != "none"]
+    if len(rem):
+        rcols = [c for c in ("mode", "bits", "remedy", "quant_acc", "quant_lo", "quant_hi",
+                             "recovered", "logit_sqnr_db", "sqnr_gain_db") if c in rem]
+        run.write_latex_table("remedies.tex", rem[rcols],
+                              "Accuracy after each remedy (both weights and activations "
+                              "quantized).", "tab:drift-remedies")
+
+
+def _report(acc, fits, out, seconds) -> None:
+    base = acc[acc.remedy == "none"]
+    cols = [c for c in ("mode", "bits", "target", "quant_acc", "delta", "mcnemar_p",
+                        "agreement") if c in base]
+    print(base[cols].to_string(index=False))
+    f = fits[(fits.target == "both")]
+    fc = [c for c in ("mode", "bits", "metric", "exponent", "exponent_lo", "exponent_hi",
+                      "better") if c in f]
+    print(f[fc].to_string(index=False))
+    print(f"[drift] {len(base)} configurations in {seconds:.0f} s; written to {out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Shared test set-up."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _denormals_back_on():
+    """Studies turn on flush-to-zero for speed (a process-wide CPU flag); tests that run them
+    in-process must not leave it on for the next test in the same worker (hypothesis, for one,
+    refuses to draw floats without subnormals)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def fashion_idx(tmp_path, monkeypatch):
+    """Factory: a folder of synthetic Fashion-MNIST IDX files (``train`` and ``test`` images),
+    made the only place qerror.data looks (no environment variable, cache or Debian folder)."""
+    import numpy as np
+
+    from qerror import data
+
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+
+    def make(train: int, test: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        root = tmp_path / "fm"
+        root.mkdir(exist_ok=True)
+        for split, n in (("train", train), ("test", test)):
+            img, lbl = data.FILES[split]
+            data.write_idx(root / f"{img}.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            data.write_idx(root / f"{lbl}.gz", rng.integers(0, 10, n, dtype=np.uint8))
+        return root
+
+    return make

@@ -1,0 +1,202 @@
+"""The dataset-quantization study: bit-exact equivalence, pixel levels, storage, smoke run."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qerror import QuantSpec, RoundingMode, calibrate, quantize
+from qerror import data as qdata
+from studies import dataset
+from studies._common import sha256_file
+
+DETERMINISTIC = [m for m in RoundingMode if not m.is_random]
+
+
+@pytest.fixture
+def idx_root(fashion_idx):
+    """Synthetic Fashion-MNIST IDX files; nothing else is found."""
+    return fashion_idx(train=300, test=200)
+
+
+def small_images(seed: int, n: int) -> torch.Tensor:
+    """Model inputs (n, 1, 32, 32) made by the data path from random uint8 pixels."""
+    rng = np.random.default_rng(seed)
+    return qdata.to_tensor(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", DETERMINISTIC, ids=lambda m: m.value)
+def test_input_quantizer_in_the_model_equals_offline_codes_bit_for_bit(mode, bits):
+    net = dataset.smoke_net(seed=3)
+    spec = dataset.INT8.replace(bits=bits, rounding=mode)
+    qp = calibrate(small_images(1, 32), spec)  # calibration images apart from the test ones
+    x = small_images(2, 48)
+    codes = dataset.quantize_offline(x, spec, qp)
+    assert codes.dtype == torch.int8
+    with torch.inference_mode():
+        in_model = dataset.with_input_quantizer(net, spec, qp)(x)
+        offline = dataset.on_codes(net, qp)(codes)
+    assert torch.equal(in_model, offline)
+
+
+def test_offline_codes_of_images_are_a_lookup_of_the_256_pixel_levels():
+    """Pixels are normalized one by one, so quantizing an image is looking up its pixels'
+    codes; the study's pixel-level tables therefore describe every input exactly."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    x = qdata.to_tensor(pixels)
+    padded = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))  # to_tensor pads with pixel level 0
+    levels = dataset.pixel_level_values()
+    for bits in (8, 4):
+        qp = calibrate(x, dataset.INT8.replace(bits=bits))
+        for mode in DETERMINISTIC:
+            spec = dataset.INT8.replace(bits=bits, rounding=mode)
+            lut = quantize(levels, spec, qp.scale, qp.zero_point).numpy()
+            codes = quantize(x, spec, qp.scale, qp.zero_point).numpy()[:, 0]
+            np.testing.assert_array_equal(codes, lut[padded])
+
+
+def test_calibrated_int8_quantizer_keeps_pixel_levels_and_truncation_merges_two():
+    """With a calibration range from pixel 0 to 255 the scale is one pixel step, and the
+    integer zero point leaves the levels a fraction f = round(255·MEAN) − 255·MEAN of a step
+    above the code grid. For 0 < f < 1/2 round-to-nearest and floor give each level k the
+    code k + qmin (lossless, error −f); truncation acts on u = k + qmin + f, rounds the
+    negative u up and merges the two levels around u = 0: k = −qmin − 1 and k = −qmin."""
+    f = round(255 * qdata.MEAN) - 255 * qdata.MEAN
+    assert 0 < f < 0.5  # the premise of the expectations below
+    pixels = np.zeros((2, 28, 28), dtype=np.uint8)
+    pixels[1] = 255
+    qp = calibrate(qdata.to_tensor(pixels), dataset.INT8)
+    levels = dataset.pixel_levels({8: qp}, pixels)
+    summary = dataset.pixel_summary(levels).set_index("mode")
+    # The arithmetic is float32: the error is −f to within a few float32 ulps of 255.
+    tol = 8 * 255 * np.finfo(np.float32).eps
+    for mode in ("nearest_even", "nearest_away", "floor"):
+        row = summary.loc[mode]
+        assert row.lossless and row.frac_test_pixels_off_grid == 0 and row.ties == 0
+        assert abs(row.min_error_lsb + f) < tol and abs(row.max_error_lsb + f) < tol
+    trunc = levels[levels["mode"] == "toward_zero"].set_index("pixel").code
+    qmin = dataset.INT8.qmin
+    merged = trunc[trunc.duplicated(keep=False)]
+    assert list(merged.index) == [-qmin - 1, -qmin]
+    assert summary.loc["toward_zero"].merged_levels == 1
+
+
+def test_logit_cache_runs_only_new_inputs():
+    net = dataset.smoke_net(seed=0)
+    cache = dataset.LogitCache(net, batch_size=8, progress=False)
+    x = small_images(5, 20)
+    first, ran = cache(x, "first")
+    assert ran == 20
+    again, ran = cache(x.clone(), "again")
+    assert ran == 0 and torch.equal(again, first)
+    y = x.clone()
+    y[7, 0, 5, 5] += 1.0
+    changed, ran = cache(y, "one changed")
+    alone = dataset.predict(net, y[7:8], 8, "alone", progress=False)
+    assert ran == 1 and torch.equal(changed[7], alone[0])
+    assert torch.equal(changed[:7], first[:7]) and torch.equal(changed[8:], first[8:])
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.array([0.01, 0.04, 0.03, 0.2, 0.001, 1.0, 0.04])
+    expected = multipletests(p, method="holm")[1]
+    np.testing.assert_allclose(dataset.holm(p), expected, rtol=1e-12, atol=0)
+
+
+def test_storage_bytes_are_shape_times_element_size():
+    frame = dataset.storage_table()
+    shapes = {"28x28 pixels": (28, 28), "1x32x32 model input": (1, 32, 32),
+              "3x224x224 model input": (3, 224, 224)}
+    for r in frame.itertuples():
+        elements = math.prod(shapes[r.layout])
+        size = 0.5 if r.format == "int4 packed" else np.dtype(r.format).itemsize
+        assert r.bytes == math.ceil(r.images * elements * size)
+        assert r.ratio_to_float32 == r.bytes / (r.images * elements * 4)
+    by = frame.set_index(["dataset", "split", "layout", "format"]).bytes
+    assert by["ImageNet", "val", "3x224x224 model input", "float32"] == 50_000 * 3 * 224 * 224 * 4
+    assert by["ImageNet", "train", "3x224x224 model input", "uint8"] == 1_281_167 * 3 * 224 * 224
+    assert by["Fashion-MNIST", "train+test", "28x28 pixels", "uint8"] == 70_000 * 28 * 28
+    assert by["Fashion-MNIST", "test", "1x32x32 model input", "float16"] == 10_000 * 1024 * 2
+
+
+def test_smoke_run_end_to_end(idx_root, tmp_path):
+    out = tmp_path / "dataset"
+    argv = ["--smoke", "--data-root", str(idx_root), "--out", str(out), "--no-progress",
+            "--scale-errors", "0.02"]
+    assert dataset.main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["outputs"]) == files
+    for name, digest in manifest["outputs"].items():
+        assert sha256_file(out / name) == digest
+    for stem in ("accuracy_by_mode", "pixel_error", "storage", "offline_variants"):
+        assert {f"{stem}.pdf", f"{stem}.png"} <= files
+    for table in ("equivalence", "offline_variants", "accuracy", "mcnemar", "pixel_summary",
+                  "storage"):
+        assert "\\toprule" in (out / f"{table}.tex").read_text()
+    assert "\\newcommand{\\DatasetEquivDifferingLogits}{0}" in (out / "macros.tex").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bit_exact"] and summary["equivalence"]["max_abs_logit_diff"] == 0
+
+    acc = pd.read_csv(out / "accuracy.csv")
+    modes, bits = dataset.DEFAULT_MODES, dataset.DEFAULT_BITS
+    assert len(acc) == 1 + len(modes) * len(bits) and (acc.n == 200).all()
+    assert ((acc.ci_low <= acc.accuracy) & (acc.accuracy <= acc.ci_high)).all()
+    # Without ties round-half-away gives round-half-even's codes, so no image is run again.
+    pixels = pd.read_csv(out / "pixel_summary.csv")
+    no_ties = set(pixels.loc[pixels.ties == 0, "bits"])
+    assert no_ties == set(bits)
+    away = acc[acc["mode"] == "nearest_away"]
+    assert (away.images_evaluated == 0).all()
+    mcnemar = pd.read_csv(out / "mcnemar.csv")
+    assert len(mcnemar) == len(bits) * (2 * len(modes) - 1)
+
+    variants = pd.read_csv(out / "offline_variants.csv").set_index("variant")
+    own = variants.loc["model"]  # requantizing with the model's own parameters changes nothing
+    assert own.frac_codes_changed == 0 and own.max_abs_logit_diff == 0 and own.images_evaluated == 0
+    assert variants.loc["scale_+2pct", "frac_codes_changed"] > 0
+
+    storage = pd.read_csv(out / "storage.csv")
+    held = storage.dropna(subset=["measured_bytes_per_image"])
+    assert len(held) >= 5 and (held.measured_bytes_per_image == held.bytes_per_image).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "nearest_even", "round_up"], "rounding mode 'round_up' is not one of"),
+    (["--bits", "9"], "between 2 and 8"),
+    (["--bits", "1"], "between 2 and 8"),
+    (["--bits", "eight"], "bits must be an integer"),
+    (["--scale-errors", "0"], "--scale-errors must be non-zero"),
+])
+def test_bad_arguments_are_refused_before_any_output(argv, message, tmp_path, capsys):
+    out = tmp_path / "dataset"
+    with pytest.raises(SystemExit) as exit_info:
+        dataset.main(["--smoke", "--out", str(out), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_data_is_reported_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(qdata.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(qdata, "DEBIAN_DIR", tmp_path / "no-debian")
+    out = tmp_path / "dataset"
+    assert dataset.main(["--smoke", "--data-root", str(tmp_path / "none"),
+                         "--out", str(out)]) == 2
+    assert "Fashion-MNIST was not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_quantize_offline_refuses_codes_wider_than_a_byte():
+    with pytest.raises(ValueError, match="int8"):
+        dataset.quantize_offline(torch.zeros(4), QuantSpec(bits=9, symmetric=False),
+                                 calibrate(torch.arange(4.0), QuantSpec(bits=9,
+                                                                        symmetric=False)))

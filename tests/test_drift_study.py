@@ -1,0 +1,109 @@
+"""python -m studies.drift: smoke run end to end, the ImageNet path, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from studies import drift
+
+
+@pytest.fixture
+def fashion_root(fashion_idx):
+    """Synthetic Fashion-MNIST IDX files; nothing else is found."""
+    return fashion_idx(train=6100, test=100)
+
+
+def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
+    out = tmp_path / "drift"
+    assert drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in ("sites.csv", "accuracy.csv", "growth.csv", "prediction.csv", "summary.json",
+                 "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex",
+                 "int8_crosscheck.csv", "depth_8bit_both.pdf", "depth_4bit_both.png",
+                 "accuracy.pdf", "remedies.pdf", "prediction.pdf",
+                 "growth_drift_rel_rms_channel.pdf"):
+        assert (out / name).is_file(), name
+        assert name in manifest["outputs"], name
+    acc = pd.read_csv(out / "accuracy.csv")
+    # 2 modes x 2 widths, and three remedies for each mode at 4 bits
+    assert (acc.remedy == "none").sum() == 4 and (acc.remedy != "none").sum() == 6
+    assert acc.images.eq(16).all()
+    sites = pd.read_csv(out / "sites.csv")
+    assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
+        sites.metric)
+    x8 = pd.read_csv(out / "int8_summary.csv")
+    exact_match = x8[(x8.arithmetic == "reciprocal") & (x8.pipeline == "saturating")]
+    assert (exact_match.min_frac_equal == 1.0).all()
+    assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
+    assert manifest["data"]["test_images"] == 16
+    assert not list(tmp_path.glob(".drift.partial*"))
+
+
+def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imagenet"
+    rng = np.random.default_rng(1)
+    for cls in ("n01440764", "n01443537"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / cls / f"{i}.png")
+    weights = tmp_path / "resnet50.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    out = tmp_path / "drift-imagenet"
+    argv = ["--data", str(folder), "--weights", str(weights), "--images", "2",
+            "--calib-images", "2", "--batch-size", "2", "--modes", "nearest_even",
+            "--bits", "8", "--targets", "both", "--remedy-bits", "--int8-images", "0",
+            "--out", str(out)]
+    assert drift.main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["dataset"] == "imagenet-folder"
+    assert manifest["data"]["classes"] == 2
+    sites = pd.read_csv(out / "sites.csv")
+    assert sites[sites.kind == "conv"].site.nunique() == 53
+    assert sites[sites.kind == "linear"].site.tolist()[0] == "fc"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "bogus"], "--modes"),
+    (["--bits", "1"], "--bits"),
+    (["--images", "1"], "at least 2"),
+])
+def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
+    out = tmp_path / "drift"
+    with pytest.raises(SystemExit) as exc:
+        drift.main(["--smoke", *argv, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert message in captured.err + str(exc.value.code)
+    assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"conv1.weight": torch.zeros(3)}, bad)
+    out = tmp_path / "drift"
+    with pytest.raises(SystemExit, match="refusing checkpoint|sidecar"):
+        drift.main(["--weights", str(bad), "--data-root", str(fashion_root), "--out", str(out)])
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="not a readable|missing|unexpected|state dict"):
+        drift.main(["--data", str(folder.parent), "--weights", str(bad), "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+def test_growth_fit_recovers_known_exponents():
+    depth = np.arange(1, 41)
+    for p in (0.5, 1.0):
+        rows = pd.DataFrame({"kind": "conv", "depth": depth, "metric": "m",
+                             "value": 0.01 * depth**p})
+        fit = drift.growth_fit(rows, "m")
+        assert fit["exponent"] == pytest.approx(p, abs=1e-12)
+        assert fit["better"] == ("linear" if p == 1.0 else "sqrt")

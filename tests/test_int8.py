@@ -1,0 +1,528 @@
+"""qerror's simulation against PyTorch's real INT8 kernels: exact agreement where the
+arithmetic is reproduced, a one-LSB bound where it is not, BN folding, the model sweep."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qerror import (
+    QParams,
+    QuantSpec,
+    RangeMethod,
+    RoundingMode,
+    ScaleArithmetic,
+    calibrate,
+    int8,
+    qparams_from_range,
+    quantize,
+)
+from qerror.int8 import (
+    ACTIVATION_SPEC,
+    WEIGHT_SPEC,
+    CrossCheck,
+    Engine,
+    LayerQParams,
+    Pipeline,
+    crosscheck_layer,
+    crosscheck_model,
+    fold_bn,
+    real_int8,
+    simulate_int8,
+)
+from qerror.models import fashion_resnet
+
+EXACT, RECIPROCAL = ScaleArithmetic.EXACT, ScaleArithmetic.RECIPROCAL
+SIGNED_ACT = QuantSpec(bits=8, signed=True, symmetric=False)
+
+pytestmark = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines,
+    reason="this PyTorch build has no FBGEMM quantized engine")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# With AVX512-VNNI FBGEMM multiplies with vpdpbusd, which does not saturate; the SATURATING
+# pipeline models the AVX2/AVX512 vpmaddubsw kernels.
+needs_saturating_kernels = pytest.mark.skipif(
+    "avx512_vnni" in _cpu_flags(),
+    reason="FBGEMM uses AVX512-VNNI on this CPU, whose products do not saturate")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _layer(kind: str, seed: int, **kw) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(**kw) if kind == "linear" else nn.Conv2d(**kw)
+
+
+def _qparams(layer, x, *, relu=False, headroom=1.0, act_spec=ACTIVATION_SPEC, bn=None):
+    """Min-max qparams: input range widened by ``headroom``, per-channel weights, output."""
+    folded = fold_bn(layer, bn) if bn is not None else layer
+    w = calibrate(folded.weight.detach(), WEIGHT_SPEC)
+    qi = qparams_from_range(float(x.min()) * headroom, float(x.max()) * headroom, act_spec)
+    with torch.no_grad():
+        y = folded(x)
+    if relu:
+        y = y.relu()
+    qo = qparams_from_range(float(y.min()), float(y.max()), ACTIVATION_SPEC)
+    return LayerQParams(qi, QParams(w.scale, 0), qo)
+
+
+# (layer kind, constructor arguments, input shape): the convolution paths FBGEMM takes
+# (im2col, pointwise, strided 1x1, a 1-channel 7x7 stem whose reduction pairs straddle
+# kernel taps, an odd channel count, dilation, non-square kernels) and linear layers with
+# an odd and an even reduction length.
+CASES = {
+    "conv3x3": ("conv", {"in_channels": 16, "out_channels": 32, "kernel_size": 3,
+                         "padding": 1}, (3, 16, 10, 10)),
+    "pointwise": ("conv", {"in_channels": 16, "out_channels": 24, "kernel_size": 1},
+                  (3, 16, 8, 8)),
+    "1x1-stride2": ("conv", {"in_channels": 16, "out_channels": 24, "kernel_size": 1,
+                             "stride": 2}, (3, 16, 8, 8)),
+    "stem7x7": ("conv", {"in_channels": 1, "out_channels": 32, "kernel_size": 7, "stride": 2,
+                         "padding": 3, "bias": False}, (3, 1, 16, 16)),
+    "odd-channels": ("conv", {"in_channels": 3, "out_channels": 16, "kernel_size": 3,
+                              "padding": 1}, (3, 3, 9, 9)),
+    "dilated": ("conv", {"in_channels": 6, "out_channels": 12, "kernel_size": 3, "padding": 2,
+                         "dilation": 2}, (3, 6, 11, 11)),
+    "3x5-stride": ("conv", {"in_channels": 6, "out_channels": 12, "kernel_size": (3, 5),
+                            "padding": (1, 2), "stride": (2, 1)}, (3, 6, 11, 11)),
+    "linear-odd": ("linear", {"in_features": 37, "out_features": 10}, (16, 37)),
+    "linear": ("linear", {"in_features": 256, "out_features": 20}, (16, 256)),
+}
+
+
+def _case(name: str, seed: int = 0):
+    kind, kw, shape = CASES[name]
+    layer = _layer(kind, seed, **kw)
+    x = torch.randn(shape, generator=_gen(seed + 1))
+    return layer, x
+
+
+# --------------------------------------------------------------------------- codes
+
+def test_reciprocal_codes_are_pytorchs_and_exact_ones_differ_only_at_ties():
+    """The integer pipelines with RECIPROCAL arithmetic start from PyTorch's own codes."""
+    s, z = 0.0123, 117
+    g = _gen(0)
+    # Values within float32 rounding of a half-integer multiple of s, where the rounding of
+    # x·fl(1/s) and of the exact quotient may part.
+    k = torch.randint(-200, 200, (4000,), generator=g).to(torch.float64)
+    ties = ((k + 0.5) * np.float32(s)).to(torch.float32)
+    x = torch.cat([torch.randn(100_000, generator=g) * 2, ties])
+    spec = ACTIVATION_SPEC
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        theirs = torch.quantize_per_tensor(x, s, z, torch.quint8).int_repr().to(torch.int32)
+    assert torch.equal(quantize(x, spec.replace(arithmetic=RECIPROCAL), s, z), theirs)
+    exact = quantize(x, spec.replace(arithmetic=EXACT), s, z)
+    differ = exact != theirs
+    assert differ.any()
+    u = x[differ].double() / np.float32(s)
+    assert torch.all((u - u.floor() - 0.5).abs() < 1e-5)
+    assert torch.all((exact - theirs).abs() <= 1)
+
+
+# --------------------------------------------------------------------------- exactness
+
+@needs_saturating_kernels
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_saturating_pipeline_reproduces_the_kernel_exactly(name, relu):
+    layer, x = _case(name)
+    result = crosscheck_layer(layer, x, _qparams(layer, x, relu=relu), relu=relu)
+    row = result.get("layer", RECIPROCAL, Pipeline.SATURATING)
+    # Full-range activations and min-max weights: the int16 pair sums do saturate, so the
+    # case exercises the part of the mimic that goes beyond exact integer arithmetic.
+    assert row.saturated > 0
+    assert row.equal == row.elements
+    assert row.max_abs_lsb == 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_integer_pipeline_is_exact_wherever_nothing_saturates(name):
+    """Exact int32 accumulation plus FBGEMM's float32 bias and requantization is the
+    kernel's arithmetic, so codes agree on every element the int16 saturation leaves alone
+    (on a VNNI CPU, which does not saturate, on every element)."""
+    layer, x = _case(name, seed=3)
+    result = crosscheck_layer(layer, x, _qparams(layer, x))
+    row = result.get("layer", RECIPROCAL, Pipeline.INTEGER)
+    assert row.max_abs_lsb_unsaturated == 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_reduced_range_activations_cannot_saturate(name):
+    """Activation codes in [0, 128] (reduce_range) bound each int16 pair sum by
+    2·128·127 = 32512 < 32767: the plain integer pipeline is then exact everywhere."""
+    layer, x = _case(name, seed=5)
+    x = x.relu()
+    result = crosscheck_layer(layer, x, _qparams(layer, x, headroom=2.0))
+    row = result.get("layer", RECIPROCAL, Pipeline.INTEGER)
+    assert row.saturated == 0
+    assert row.equal == row.elements
+
+
+def test_float_pipeline_is_within_one_lsb_without_saturation():
+    """Without saturation the kernel rounds t' and the float simulation rounds t'', both
+    the exact t = y/s_y up to float32 rounding of O(K) operations, far less than one
+    apart; values less than one apart round to codes at most one apart (R is monotone
+    and R(t + 1) = R(t) + 1; clamping is 1-Lipschitz)."""
+    layer = _layer("conv", 7, in_channels=32, out_channels=64, kernel_size=3, padding=1)
+    x = torch.randn(8, 32, 16, 16, generator=_gen(8)).relu()
+    qp = _qparams(layer, x, headroom=2.0)
+    result = crosscheck_layer(layer, x, qp)
+    for arithmetic in ScaleArithmetic:
+        row = result.get("layer", arithmetic, Pipeline.FLOAT)
+        assert row.saturated == 0
+        assert row.max_abs_lsb <= 1
+
+
+def test_float_pipeline_differs_only_on_rounding_boundaries():
+    """Outputs placed exactly on half-integers: the kernel's float32 arithmetic is exact
+    there (dyadic weight scale, multiplier 1, bias 0.5 accumulator units) and rounds the
+    tie to even; the float simulation's rounding errors push each tie either way. Channels
+    whose outputs sit a quarter away from any boundary must agree exactly."""
+    sx, sw = float(np.float32(0.0123)), 2.0**-7
+    m = float(np.float32(sx) * np.float32(sw))     # exact: sw is a power of two
+    layer = _layer("conv", 70, in_channels=4, out_channels=8, kernel_size=3, padding=1)
+    g = _gen(71)
+    tie = torch.arange(8) < 4
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-2, 3, (8, 4, 3, 3), generator=g) * sw)
+        layer.bias.copy_(torch.where(tie, 0.5, 0.25) * m)
+    x = (torch.randint(0, 4, (4, 4, 8, 8), generator=g).double() * sx).float()
+    qp = LayerQParams(QParams(sx, 0), QParams(np.full(8, sw), 0), QParams(m, 128))
+    real = real_int8(layer, x, qp)
+    for arithmetic in ScaleArithmetic:
+        sim = simulate_int8(layer, x, qp, arithmetic=arithmetic, pipeline=Pipeline.FLOAT)
+        differ = sim != real
+        assert differ[:, tie].any()
+        assert not differ[:, ~tie].any()
+        assert (sim - real).abs().max() == 1
+        assert torch.equal(simulate_int8(layer, x, qp, arithmetic=arithmetic,
+                                         pipeline=Pipeline.INTEGER), real)
+
+
+def test_exact_arithmetic_parts_from_the_kernel_only_through_its_input_codes():
+    """Inputs on near-ties: EXACT codes differ from PyTorch's there, and so do the integer
+    pipeline's outputs, while RECIPROCAL codes reproduce the kernel exactly."""
+    layer = _layer("conv", 9, in_channels=8, out_channels=16, kernel_size=3, padding=1)
+    s = float(np.float32(0.0123))
+    k = torch.randint(0, 128, (4, 8, 10, 10), generator=_gen(10)).double()
+    x = ((k + 0.5) * s).float()
+    qp = _qparams(layer, x)
+    qp = LayerQParams(QParams(s, 0), qp.weight, qp.output)
+    result = crosscheck_layer(layer, x, qp)
+    assert result.get("layer", RECIPROCAL, Pipeline.INTEGER).frac_equal == 1.0
+    assert result.get("layer", EXACT, Pipeline.INTEGER).frac_equal < 1.0
+
+
+@needs_saturating_kernels
+def test_signed_activations_run_as_the_same_unsigned_grid():
+    layer, x = _case("conv3x3", seed=11)
+    qp = _qparams(layer, x, act_spec=SIGNED_ACT)
+    assert quantize(x, SIGNED_ACT, qp.input.scale, qp.input.zero_point).min() == -128
+    result = crosscheck_layer(layer, x, qp, act_spec=SIGNED_ACT)
+    assert result.get("layer", RECIPROCAL, Pipeline.SATURATING).frac_equal == 1.0
+    assert result.get("layer", RECIPROCAL, Pipeline.FLOAT).max_abs_lsb_unsaturated <= 1
+    signed_out = crosscheck_layer(layer, x, LayerQParams(qp.input, qp.weight, QParams(
+        qp.output.scale, qp.output.zero_point - 128)), act_spec=SIGNED_ACT, out_spec=SIGNED_ACT)
+    assert signed_out.get("layer", RECIPROCAL, Pipeline.SATURATING).frac_equal == 1.0
+    codes = real_int8(layer, x, signed_out.qparams["layer"], act_spec=SIGNED_ACT,
+                      out_spec=SIGNED_ACT)
+    assert codes.min() >= -128 and codes.max() <= 127 and codes.min() < 0
+
+
+@needs_saturating_kernels
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cin=st.integers(1, 12), cout=st.integers(1, 12),
+       k=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 2),
+       relu=st.booleans())
+def test_saturating_pipeline_exact_on_random_convolutions(seed, cin, cout, k, stride, pad,
+                                                          relu):
+    layer = _layer("conv", seed, in_channels=cin, out_channels=cout, kernel_size=k,
+                   stride=stride, padding=pad)
+    x = torch.randn(2, cin, 9, 9, generator=_gen(seed)) * 3
+    result = crosscheck_layer(layer, x, _qparams(layer, x, relu=relu), relu=relu)
+    row = result.get("layer", RECIPROCAL, Pipeline.SATURATING)
+    assert row.equal == row.elements
+
+
+# --------------------------------------------------------------------------- results
+
+def test_rows_counts_and_batches_accumulate():
+    layer, x = _case("conv3x3", seed=13)
+    qp = _qparams(layer, x)
+    one = crosscheck_layer(layer, x, qp, name="c")
+    two = crosscheck_layer(layer, [x, x], qp, name="c")
+    assert len(one.rows) == 6
+    assert {(r.arithmetic, r.pipeline) for r in one.rows} == {
+        (a, p) for a in ScaleArithmetic for p in Pipeline}
+    for r1 in one.rows:
+        r2 = two.get("c", r1.arithmetic, r1.pipeline)
+        assert r2.elements == 2 * r1.elements == 2 * x.shape[0] * 32 * 10 * 10
+        assert r2.equal == 2 * r1.equal and r2.max_abs_lsb == r1.max_abs_lsb
+        assert r2.saturated == 2 * r1.saturated
+        assert sum(c for _, c in r1.histogram) == r1.elements
+        assert r1.count(0) == r1.equal
+        assert r1.n_abs1 + r1.n_abs_gt1 == r1.elements - r1.equal
+        assert r1.sum_delta == sum(d * c for d, c in r1.histogram)
+    frame = one.to_frame()
+    assert len(frame) == 6 and set(frame.layer) == {"c"}
+    assert {"frac_equal", "max_abs_lsb", "mean_delta", "n_abs1", "saturated"} <= set(frame)
+    summary = one.summary()
+    assert len(summary) == 6 and (summary.layers == 1).all()
+
+
+# --------------------------------------------------------------------------- folding
+
+def _bn(channels: int, seed: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    g = _gen(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(channels, generator=g) * 2 + 0.05)
+        bn.weight.copy_(torch.randn(channels, generator=g))
+        bn.bias.copy_(torch.randn(channels, generator=g) * 0.2)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_bn_equals_conv_then_bn_up_to_float32_rounding(bias):
+    conv = _layer("conv", 21, in_channels=8, out_channels=16, kernel_size=3, padding=1,
+                  bias=bias)
+    bn = _bn(16, 22)
+    before = {k: v.clone() for k, v in {**conv.state_dict(), **bn.state_dict()}.items()}
+    x = torch.randn(4, 8, 12, 12, generator=_gen(23))
+    folded = fold_bn(conv, bn)
+    with torch.no_grad():
+        ref = bn(conv(x)).double()
+        got = folded(x).double()
+        # Each side evaluates a K-term dot product plus a bias (error at most γ_K+1 times
+        # the sum of the terms' magnitudes, γ_n ≈ n·u) and a few more roundings (BN's
+        # subtract, multiply, add; the folded weights' own rounding), all bounded by the
+        # magnitudes T below; 2(K + 1) + 10 units of u·T bound the two paths' difference.
+        f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().reshape(1, -1, 1, 1)
+        b = conv.bias.double() if bias else torch.zeros(16, dtype=torch.float64)
+        terms = torch.nn.functional.conv2d(x.abs().double(), conv.weight.abs().double(),
+                                           padding=1) * f.abs()
+        terms += (f.abs() * (b - bn.running_mean.double()).abs().reshape(1, -1, 1, 1)
+                  + bn.bias.double().abs().reshape(1, -1, 1, 1))
+    k = 8 * 3 * 3
+    u = 2.0**-24
+    assert torch.all((got - ref).abs() <= (2 * (k + 1) + 10) * u * terms)
+    assert isinstance(folded, nn.Conv2d) and folded.bias is not None
+    assert folded is not conv
+    after = {**conv.state_dict(), **bn.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fold_bn_refuses_what_cannot_be_folded():
+    conv = _layer("conv", 0, in_channels=2, out_channels=4, kernel_size=3)
+    with pytest.raises(ValueError, match="training mode"):
+        fold_bn(conv, nn.BatchNorm2d(4).train())
+    with pytest.raises(ValueError, match="running statistics"):
+        fold_bn(conv, nn.BatchNorm2d(4, track_running_stats=False).eval())
+    with pytest.raises(ValueError, match="4 output channels"):
+        fold_bn(conv, nn.BatchNorm2d(5).eval())
+    with pytest.raises(TypeError, match="nn.BatchNorm2d"):
+        fold_bn(conv, nn.BatchNorm1d(4).eval())
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        fold_bn(nn.Linear(2, 4), nn.BatchNorm2d(4).eval())
+
+
+@needs_saturating_kernels
+def test_crosscheck_layer_folds_bn_and_fuses_relu():
+    conv = _layer("conv", 31, in_channels=8, out_channels=16, kernel_size=3, padding=1)
+    bn = _bn(16, 32)
+    x = torch.randn(3, 8, 10, 10, generator=_gen(33))
+    qp = _qparams(conv, x, relu=True, bn=bn)
+    result = crosscheck_layer(conv, x, qp, bn=bn, relu=True)
+    assert result.rows[0].kind == "conv+bn+relu"
+    assert result.get("layer", RECIPROCAL, Pipeline.SATURATING).frac_equal == 1.0
+    codes = real_int8(conv, x, qp, bn=bn, relu=True)
+    assert codes.min() >= qp.output.zero_point
+
+
+# --------------------------------------------------------------------------- a model
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> None:
+    g = _gen(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def test_crosscheck_model_on_resnet18():
+    model = fashion_resnet("resnet18", zero_init_residual=False).eval()
+    _randomise_bn(model, 41)
+    g = _gen(42)
+    calib = [torch.randn(2, 1, 32, 32, generator=g) for _ in range(2)]
+    evaluation = [(torch.randn(2, 1, 32, 32, generator=g), torch.zeros(2))]
+    result = crosscheck_model(model, calib, evaluation)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert result.layers == layers and len(layers) == 21
+    assert len(result.rows) == 6 * len(layers)
+    assert set(result.qparams) == set(layers)
+    kinds = {r.layer: r.kind for r in result.rows}
+    assert kinds["conv1"] == "conv+bn+relu"
+    assert kinds["layer1.0.conv1"] == "conv+bn+relu"
+    assert kinds["layer1.0.conv2"] == "conv+bn"      # its output meets the residual first
+    assert kinds["layer2.0.downsample.0"] == "conv+bn"
+    assert kinds["fc"] == "linear"
+    for name in layers:
+        row = result.get(name, RECIPROCAL, Pipeline.INTEGER)
+        assert row.max_abs_lsb_unsaturated == 0
+        assert result.get(name, RECIPROCAL, Pipeline.FLOAT).max_abs_lsb_unsaturated <= 1
+        assert result.qparams[name].weight.scale.shape == (
+            dict(model.named_modules())[name].weight.shape[0],)
+    if "avx512_vnni" not in _cpu_flags():
+        assert all(r.equal == r.elements for r in result.rows
+                   if r.arithmetic is RECIPROCAL and r.pipeline is Pipeline.SATURATING)
+    assert result.get("conv1", RECIPROCAL, Pipeline.FLOAT).elements == 2 * 64 * 16 * 16
+    assert _hooks(model) == 0
+    assert all(not m.training for m in model.modules())
+
+
+def _small_model() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(50)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                              nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    _randomise_bn(model, 51)
+    return model.eval()
+
+
+def test_crosscheck_model_percentile_calibration_narrows_the_ranges():
+    model = _small_model()
+    g = _gen(52)
+    batches = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(2)]
+    minmax = crosscheck_model(model, batches, batches[:1])
+    pct = crosscheck_model(model, batches, batches[:1], act_spec=ACTIVATION_SPEC.replace(
+        range_method=RangeMethod.PERCENTILE, percentile=99.0))
+    assert [r.kind for r in minmax.rows[::6]] == ["conv+bn+relu", "conv", "linear"]
+    for name in ("0", "3", "5"):
+        assert pct.qparams[name].input.scale < minmax.qparams[name].input.scale
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails():
+    model = _small_model()
+    bad = [torch.randn(2, 1, 9, 9)]               # the linear layer gets the wrong width
+    with pytest.raises(RuntimeError):
+        crosscheck_model(model, bad, bad)
+    assert _hooks(model) == 0
+
+    def failing():
+        yield torch.randn(2, 1, 8, 8)
+        raise RuntimeError("data source failed")
+
+    with pytest.raises(RuntimeError, match="data source failed"):
+        crosscheck_model(model, [torch.randn(2, 1, 8, 8)], failing())
+    assert _hooks(model) == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+def _good():
+    layer, x = _case("conv3x3", seed=60)
+    return layer, x, _qparams(layer, x)
+
+
+def test_bad_layers_and_inputs_raise_clearly():
+    layer, x, qp = _good()
+    with pytest.raises(TypeError, match="nn.Conv2d and nn.Linear"):
+        crosscheck_layer(nn.Conv1d(16, 32, 3), x, qp)
+    grouped = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+    with pytest.raises(ValueError, match="grouped"):
+        crosscheck_layer(grouped, x, qp)
+    with pytest.raises(ValueError, match="padding_mode"):
+        crosscheck_layer(nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect"), x, qp)
+    with pytest.raises(ValueError, match="16 channels"):
+        crosscheck_layer(layer, x[:, :8], qp)
+    with pytest.raises(TypeError, match="float32"):
+        crosscheck_layer(layer, x.double(), qp)
+    with pytest.raises(ValueError, match="NaN"):
+        crosscheck_layer(layer, x.clone().fill_(float("nan")), qp)
+    with pytest.raises(ValueError, match="training mode"):
+        crosscheck_layer(layer, x, qp, bn=nn.BatchNorm2d(32).train())
+    with pytest.raises(TypeError, match="nn.Conv2d only"):
+        crosscheck_layer(nn.Linear(4, 32), torch.randn(2, 4), qp, bn=nn.BatchNorm2d(32).eval())
+
+
+def test_bad_qparams_and_specs_raise_clearly():
+    layer, x, qp = _good()
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        crosscheck_layer(layer, x, LayerQParams(qp.input, QParams(qp.weight.scale[:5], 0),
+                                                qp.output))
+    with pytest.raises(ValueError, match="zero points must all be 0"):
+        crosscheck_layer(layer, x, LayerQParams(qp.input, QParams(qp.weight.scale, 3),
+                                                qp.output))
+    with pytest.raises(ValueError, match="per tensor"):
+        crosscheck_layer(layer, x, LayerQParams(QParams(np.ones(3), 0), qp.weight, qp.output))
+    with pytest.raises(ValueError, match="zero_point 300"):
+        crosscheck_layer(layer, x, LayerQParams(qp.input, qp.weight, QParams(0.1, 300)))
+    with pytest.raises(ValueError, match="positive"):
+        crosscheck_layer(layer, x, LayerQParams(QParams(-1.0, 0), qp.weight, qp.output))
+    with pytest.raises(TypeError, match="LayerQParams"):
+        crosscheck_layer(layer, x, (qp.input, qp.weight, qp.output))
+    with pytest.raises(ValueError, match="nearest-even"):
+        crosscheck_layer(layer, x, qp, act_spec=ACTIVATION_SPEC.replace(
+            rounding=RoundingMode.TOWARD_ZERO))
+    with pytest.raises(ValueError, match="8-bit per-tensor"):
+        crosscheck_layer(layer, x, qp, out_spec=ACTIVATION_SPEC.replace(bits=7))
+    with pytest.raises(ValueError, match="engine 'tpu'"):
+        crosscheck_layer(layer, x, qp, engine="tpu")
+
+
+def test_missing_engine_is_named(monkeypatch):
+    layer, x, qp = _good()
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack"])
+    with pytest.raises(RuntimeError, match="'fbgemm' is not in this PyTorch build"):
+        crosscheck_layer(layer, x, qp, engine=Engine.FBGEMM)
+
+
+def test_bad_models_raise_clearly():
+    model = _small_model()
+    batches = [torch.randn(2, 1, 8, 8)]
+    with pytest.raises(ValueError, match="evaluation mode"):
+        crosscheck_model(model.train(), batches, batches)
+    model.eval()
+    with pytest.raises(ValueError, match="MSE"):
+        crosscheck_model(model, batches, batches, act_spec=ACTIVATION_SPEC.replace(
+            range_method=RangeMethod.MSE))
+    with pytest.raises(ValueError, match="no calibration data"):
+        crosscheck_model(model, [], batches)
+    with pytest.raises(ValueError, match="no batches"):
+        crosscheck_model(model, batches, [])
+    with pytest.raises(TypeError, match="float32"):
+        crosscheck_model(model, [torch.zeros(2, 1, 8, 8, dtype=torch.int64)], batches)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)).eval()
+    with pytest.raises(ValueError, match="'0'.*grouped"):
+        crosscheck_model(grouped, batches, batches)
+    assert isinstance(crosscheck_model(model, batches, batches), CrossCheck)
+    assert int8.__all__ and all(hasattr(int8, n) for n in int8.__all__)
