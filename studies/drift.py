@@ -259,20 +259,25 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
 
 def recovery(acc: pd.DataFrame) -> pd.DataFrame:
     """Per remedy: the fraction of the accuracy lost to quantization it wins back, and its
-    change of the logits' SQNR (dB), against the same configuration without remedy."""
+    change of the logits' SQNR (dB), against the same configuration without remedy.
+
+    The fraction is given only where the loss itself is significant (McNemar against float
+    at level ALPHA): a fraction of a loss indistinguishable from 0 means nothing.
+    """
     if "quant_acc" not in acc:
         return acc
     keys = ["mode", "bits", "target"]
-    base = acc.loc[acc.remedy == "none", [*keys, "quant_acc", "logit_sqnr_db"]]
+    base = acc.loc[acc.remedy == "none", [*keys, "quant_acc", "logit_sqnr_db", "differs"]]
     joined = acc.merge(base, on=keys, how="left", suffixes=("", "_unremedied"))
     lost = joined.float_acc - joined.quant_acc_unremedied
+    real = (joined.remedy != "none") & joined.differs_unremedied.astype(bool) & (lost > 0)
     joined["recovered"] = np.where(
-        (joined.remedy != "none") & (lost > 0),
-        (joined.quant_acc - joined.quant_acc_unremedied) / lost.where(lost > 0), np.nan)
+        real, (joined.quant_acc - joined.quant_acc_unremedied) / lost.where(lost > 0), np.nan)
     joined["sqnr_gain_db"] = np.where(joined.remedy != "none",
                                       joined.logit_sqnr_db - joined.logit_sqnr_db_unremedied,
                                       np.nan)
-    return joined.drop(columns=["quant_acc_unremedied", "logit_sqnr_db_unremedied"])
+    return joined.drop(columns=["quant_acc_unremedied", "logit_sqnr_db_unremedied",
+                                "differs_unremedied"])
 
 
 def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -107,3 +107,21 @@ def test_growth_fit_recovers_known_exponents():
         fit = drift.growth_fit(rows, "m")
         assert fit["exponent"] == pytest.approx(p, abs=1e-12)
         assert fit["better"] == ("linear" if p == 1.0 else "sqrt")
+
+
+def test_recovery_is_the_share_of_a_significant_loss_won_back():
+    rows = [
+        {"mode": "a", "bits": 8, "target": "both", "remedy": "none", "float_acc": 0.9,
+         "quant_acc": 0.5, "differs": True, "logit_sqnr_db": 1.0},
+        {"mode": "a", "bits": 8, "target": "both", "remedy": "fix", "float_acc": 0.9,
+         "quant_acc": 0.7, "differs": True, "logit_sqnr_db": 4.0},
+        {"mode": "b", "bits": 8, "target": "both", "remedy": "none", "float_acc": 0.9,
+         "quant_acc": 0.89, "differs": False, "logit_sqnr_db": 20.0},
+        {"mode": "b", "bits": 8, "target": "both", "remedy": "fix", "float_acc": 0.9,
+         "quant_acc": 0.9, "differs": False, "logit_sqnr_db": 21.0},
+    ]
+    out = drift.recovery(pd.DataFrame(rows)).set_index(["mode", "remedy"])
+    assert out.loc[("a", "fix"), "recovered"] == pytest.approx(0.5)
+    assert out.loc[("a", "fix"), "sqnr_gain_db"] == pytest.approx(3.0)
+    assert np.isnan(out.loc[("b", "fix"), "recovered"])  # no significant loss to recover
+    assert np.isnan(out.loc[("a", "none"), "recovered"])
