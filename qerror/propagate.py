@@ -57,6 +57,7 @@ __all__ = [
     "check_model",
     "layer_names",
     "measure",
+    "output_key",
     "quantize_weights",
     "quantized_forward",
 ]
@@ -104,6 +105,10 @@ class QuantConfig:
         Per-tensor spec for the input of every conv/linear; ``None`` keeps float inputs.
     seed : int
         Key of stochastic rounding (each layer and batch draws from its own stream).
+    bn_outputs, block_outputs : bool
+        Also quantize, with the activation spec, the output of every BatchNorm and of every
+        residual block (the ReLU'd sum), as engines that keep those tensors in INT8 do. Their
+        qparams come from :func:`calibrate_activations` with ``outputs=True``.
 
     Notes
     -----
@@ -114,10 +119,15 @@ class QuantConfig:
     weight: QuantSpec | None
     activation: QuantSpec | None
     seed: int = 0
+    bn_outputs: bool = False
+    block_outputs: bool = False
 
     def __post_init__(self):
         if self.weight is None and self.activation is None:
             raise ValueError("QuantConfig quantizes nothing: give a weight or an activation spec")
+        if (self.bn_outputs or self.block_outputs) and self.activation is None:
+            raise ValueError("bn_outputs and block_outputs quantize activations: give an "
+                             "activation spec")
         for name in ("weight", "activation"):
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, QuantSpec):
@@ -132,7 +142,8 @@ class QuantConfig:
     def make(cls, bits: int = 8, rounding: RoundingMode | str = RoundingMode.NEAREST_EVEN,
              target: Target | str = Target.BOTH, *,
              activation_range: RangeMethod | str = RangeMethod.MINMAX,
-             seed: int = 0) -> QuantConfig:
+             seed: int = 0, bn_outputs: bool = False,
+             block_outputs: bool = False) -> QuantConfig:
         """The usual configuration: ``bits`` and ``rounding`` for weights and/or activations."""
         rounding = RoundingMode.parse(rounding)
         target = _parse(Target, target, "target")
@@ -140,7 +151,7 @@ class QuantConfig:
         w = _weight_spec(bits, rounding) if target is not Target.ACTIVATIONS else None
         a = (_activation_spec(bits, rounding, activation_range)
              if target is not Target.WEIGHTS else None)
-        return cls(w, a, seed)
+        return cls(w, a, seed, bn_outputs, block_outputs)
 
     @property
     def rounding(self) -> RoundingMode:
@@ -157,7 +168,10 @@ class QuantConfig:
     def label(self) -> str:
         bits = {s.bits for s in (self.weight, self.activation) if s is not None}
         modes = {s.rounding.value for s in (self.weight, self.activation) if s is not None}
-        return f"{'/'.join(sorted(modes))}-{'/'.join(map(str, sorted(bits)))}b-{self.target.value}"
+        extra = "".join(t for t, on in (("+bn", self.bn_outputs), ("+blocks", self.block_outputs))
+                        if on)
+        return (f"{'/'.join(sorted(modes))}-{'/'.join(map(str, sorted(bits)))}b-"
+                f"{self.target.value}{extra}")
 
 
 def _parse(enum_type, value, name):
@@ -267,10 +281,22 @@ def _total(batches):
 
 # --------------------------------------------------------------------------- calibration
 
+OUTPUT_SUFFIX = ".output"
+
+
+def output_key(name: str) -> str:
+    """Key of a BatchNorm's or block's output quantizer in the activation qparams."""
+    return name + OUTPUT_SUFFIX
+
+
 def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, *,
-                          sample_per_batch: int = 1 << 15, seed: int = 0,
-                          progress: bool = False) -> dict[str, QParams]:
+                          outputs: bool = False, sample_per_batch: int = 1 << 15,
+                          seed: int = 0, progress: bool = False) -> dict[str, QParams]:
     """Per-tensor scale and zero point for the input of every conv/linear layer.
+
+    With ``outputs=True`` also for the output of every BatchNorm and residual block, under
+    the key :func:`output_key` of its name (for ``QuantConfig.bn_outputs`` and
+    ``block_outputs``).
 
     Ranges come from the float model's activations on ``batches`` (the calibration split;
     never the test split). MINMAX uses the exact extremes over all batches; PERCENTILE and
@@ -286,15 +312,22 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     if spec.axis is not None:
         raise ValueError("activation calibration is per tensor: use a spec with axis=None")
     names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+    out_names = {m: output_key(n) for n, m in model.named_modules()
+                 if outputs and (isinstance(m, nn.BatchNorm2d) or _is_block(m))}
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
-    samples: dict[str, list[torch.Tensor]] = {n: [] for n in names.values()}
+    samples: dict[str, list[torch.Tensor]] = {
+        n: [] for n in (*names.values(), *out_names.values())}
     gen = torch.Generator().manual_seed(seed)
     sampled = spec.range_method is not RangeMethod.MINMAX
 
     def hook(module, args):
-        x = args[0].detach()
-        n = names[module]
+        observe(names[module], args[0].detach())
+
+    def out_hook(module, args, out):
+        observe(out_names[module], out.detach())
+
+    def observe(n, x):
         lo[n] = min(lo.get(n, math.inf), float(x.min()))
         hi[n] = max(hi.get(n, -math.inf), float(x.max()))
         if sampled:
@@ -304,6 +337,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
             samples[n].append(flat[idx].to(torch.float64))
 
     handles = [m.register_forward_pre_hook(hook) for m in names]
+    handles += [m.register_forward_hook(out_hook) for m in out_names]
     seen = 0
     try:
         with _eval_mode(model), torch.inference_mode():
@@ -316,7 +350,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     if seen == 0:
         raise ValueError("calibrate_activations needs at least one batch")
     out = {}
-    for n in names.values():
+    for n in (*names.values(), *out_names.values()):
         if n not in lo:
             raise UnsupportedModelError(f"layer {n!r} was never called in the forward pass")
         if not sampled:
@@ -483,13 +517,21 @@ class _Instrument:
                 raise ValueError(f"no quantized weight for layer {n!r}; use "
                                  "qerror.propagate.quantize_weights on the same model")
             self._patch(m, self._layer_forward(idx, n, m))
-        for n, m in model.named_modules():
-            if isinstance(m, nn.BatchNorm2d):
+        for idx, (n, m) in enumerate(model.named_modules()):
+            is_bn, is_block = isinstance(m, nn.BatchNorm2d), _is_block(m)
+            if (is_bn and config.bn_outputs) or (is_block and config.block_outputs):
+                if output_key(n) not in self.act_qparams:
+                    raise ValueError(f"no output qparams for {n!r}; calibrate with "
+                                     "calibrate_activations(..., outputs=True)")
+                # registered first: the statistics hooks below see the quantized output
+                self._handles.append(m.register_forward_hook(
+                    self._quantize_output(idx, n, "bn" if is_bn else "block")))
+            if is_bn:
                 if paired and n in self.bn_stats:
                     self._patch(m, self._bn_forward(n, m))
                 if collect and paired:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
-            elif collect and paired and _is_block(m):
+            elif collect and paired and is_block:
                 self._handles.append(m.register_forward_hook(self._out_hook(n, "block")))
         self._handles.append(model.register_forward_hook(self._next_batch))
 
@@ -534,6 +576,18 @@ class _Instrument:
             m = max(1, min(self.local_samples, x.shape[0]))
             acc.act_err.add((xq[:m] - x[:m]) / qp.scale, per_image=False)
         return xq
+
+    def _quantize_output(self, idx: int, name: str, kind: str) -> Callable:
+        key = output_key(name)
+        site = 1_000_000 + idx  # a stochastic stream apart from the layers' inputs
+
+        def hook(module, args, out):
+            if not self.paired:
+                return self._quantize_input(site, key, out, None, 0)
+            half = out.shape[0] // 2
+            acc = self.site(name, kind) if self.collect else None
+            return torch.cat([out[:half], self._quantize_input(site, key, out[half:], acc, 0)])
+        return hook
 
     def _layer_forward(self, idx: int, name: str, module: nn.Module) -> Callable:
         conv = isinstance(module, nn.Conv2d)

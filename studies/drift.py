@@ -171,9 +171,12 @@ def _warm_batchnorm(model, batches) -> None:
 
 # --------------------------------------------------------------------------- compute
 
-def grid(modes, bits_list, targets, seed: int) -> list[QuantConfig]:
-    return [QuantConfig.make(b, m, t, seed=seed) for t in targets for b in bits_list
-            for m in modes]
+def grid(modes, bits_list, targets, seed: int, **outputs) -> list[QuantConfig]:
+    """Every mode × width × target; ``outputs`` (bn_outputs, block_outputs) where the
+    target quantizes activations."""
+    return [QuantConfig.make(b, m, t, seed=seed,
+                             **(outputs if t is not Target.WEIGHTS else {}))
+            for t in targets for b in bits_list for m in modes]
 
 
 def _config_columns(cfg: QuantConfig) -> dict:
@@ -200,7 +203,9 @@ def growth_fit(sites: pd.DataFrame, metric: str) -> dict:
     """Power law ``y = c·depth^p`` on conv/linear outputs, and linear vs √depth.
 
     The exponent's interval is OLS's on (log depth, log y); adjacent layers' errors are
-    correlated, so it is narrower than an interval that modelled that dependence.
+    correlated, so it is narrower than an interval that modelled that dependence. The
+    linear and √depth models are compared by their residuals on the same log scale, so
+    ``better`` says which of p = 1 and p = 1/2 the data are closer to.
     """
     d = sites[(sites.metric == metric) & sites.kind.isin(["conv", "linear"])]
     d = d[np.isfinite(d.value) & (d.value > 0)]
@@ -212,13 +217,13 @@ def growth_fit(sites: pd.DataFrame, metric: str) -> dict:
     t = sps.t.ppf(0.5 + FIT_LEVEL / 2, len(d) - 2)
     out.update(exponent=fit.slope, exponent_lo=fit.slope - t * fit.stderr,
                exponent_hi=fit.slope + t * fit.stderr, r2_loglog=fit.rvalue**2)
-    for name, basis in (("linear", x), ("sqrt", np.sqrt(x))):
-        a = np.column_stack([np.ones_like(x), basis])
-        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-        resid = y - a @ coef
-        out[f"sse_{name}"] = float(resid @ resid)
-        out[f"slope_{name}"] = float(coef[1])
-    out["better"] = "linear" if out["sse_linear"] < out["sse_sqrt"] else "sqrt"
+    # y = a·depth and y = a·√depth, each with its best a, compared on the same log scale
+    # as the power law (errors multiplicative: deep layers do not dominate the comparison)
+    for name, p in (("linear", 1.0), ("sqrt", 0.5)):
+        resid = np.log(y) - p * np.log(x)
+        resid = resid - resid.mean()
+        out[f"sse_log_{name}"] = float(resid @ resid)
+    out["better"] = "linear" if out["sse_log_linear"] < out["sse_log_sqrt"] else "sqrt"
     return out
 
 
@@ -480,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remedy-bits", nargs="*", type=int, default=None,
                         help="bit widths at which the remedies run (modes nearest_even and "
                              "toward_zero, both quantized)")
+    parser.add_argument("--quantize-bn-outputs", action="store_true",
+                        help="also quantize every BatchNorm's output (with the activation "
+                             "spec) wherever activations are quantized")
+    parser.add_argument("--quantize-block-outputs", action="store_true",
+                        help="also quantize every residual block's output (the ReLU'd sum)")
     parser.add_argument("--int8-images", type=int, default=None,
                         help="calibration and test images of the real-INT8 cross-check "
                              "(0 skips it)")
@@ -520,19 +530,22 @@ def main(argv: list[str] | None = None) -> int:
         _warm_batchnorm(model, data.calib)
     model.eval()
 
-    configs = grid(modes, bits_list, targets, args.seed)
+    outputs = {"bn_outputs": args.quantize_bn_outputs,
+               "block_outputs": args.quantize_block_outputs}
+    configs = grid(modes, bits_list, targets, args.seed, **outputs)
     config = {"modes": [m.value for m in modes], "bits": bits_list,
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
               "local_samples": args.local_samples, "remedy_bits": remedy_bits,
-              "int8_images": int8_images,
+              "int8_images": int8_images, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
     plt = figure_style()
     with RunDir(args.out, "drift", argv, config) as run:
         run.extra.update(model=model_id, data=data.identity)
-        act_qp = {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation)
+        act_qp = {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation,
+                                           outputs=any(outputs.values()))
                   for b in bits_list}
         weight_cache: dict = {}
         frames, acc_rows, fits, preds = [], [], [], []
@@ -558,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                 fits.append({"mode": mode, "bits": bits, "target": target,
                              **growth_fit(d, metric)})
         fits = pd.DataFrame(fits)
-        remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed)
+        remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
                           for b in remedy_bits if b in bits_list and Target.BOTH in targets
                           for m in REMEDY_MODES if m in modes]
         for cfg in tqdm(remedy_configs, desc="remedies", unit="config"):

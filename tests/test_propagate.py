@@ -386,3 +386,35 @@ def test_configs_that_cannot_run_are_refused(setup):
     with pytest.raises(ValueError, match="labels of shape"):
         measure(model, [(images(4, 0), torch.zeros(3))], QuantConfig.make(8, target="weights"))
     assert _clean(model)
+
+
+def test_bn_and_block_outputs_can_be_quantized_too():
+    model = tiny_resnet(dtype=torch.float32)
+    x = images(8, 5, torch.float32)
+    cfg = QuantConfig.make(6, RoundingMode.NEAREST_EVEN, bn_outputs=True, block_outputs=True)
+    act_qp = calibrate_activations(model, [x], cfg.activation, outputs=True)
+    assert {"1.output", "3.output", "4.output", "3.bn2.output"} <= set(act_qp)
+    got = {}
+    h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
+    try:
+        res = measure(model, [x], cfg, act_qp)
+    finally:
+        h.remove()
+    with torch.inference_mode():
+        ref = model(x)
+        with quantized_forward(model, cfg, act_qp):
+            q = model(x)
+        with quantized_forward(model, QuantConfig.make(6), act_qp):
+            q_inputs_only = model(x)
+    assert torch.equal(got["out"][:8], ref)
+    assert torch.equal(got["out"][8:], q)
+    assert not torch.equal(q, q_inputs_only)
+    # the BatchNorm's own output quantizer: its error is that of round-to-nearest in LSB
+    bn = res.site("1")
+    assert bn.saturation_low == 0 and bn.saturation_high == 0  # calibrated on these images
+    assert abs(bn.input_error_mean_lsb) < 0.5 and bn.input_error_mse_lsb <= 0.25
+    assert _clean(model)
+    with pytest.raises(ValueError, match="outputs=True"):
+        measure(model, [x], cfg, calibrate_activations(model, [x], cfg.activation))
+    with pytest.raises(ValueError, match="activation spec"):
+        QuantConfig(QuantSpec(axis=0), None, bn_outputs=True)
