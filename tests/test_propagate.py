@@ -153,18 +153,25 @@ def test_paired_halves_are_bit_identical_to_separate_runs_in_float32():
     x = images(8, 5, torch.float32)
     cfg = QuantConfig.make(8, RoundingMode.NEAREST_EVEN)
     act_qp = calibrate_activations(model, [x], cfg.activation)
+    _check_halves(model, x, cfg, act_qp)
+
+
+def _check_halves(model, x, cfg, act_qp):
+    """measure()'s paired logits against model(x) and the quantized model run alone."""
     got = {}
     h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
     try:
-        measure(model, [x], cfg, act_qp)
+        res = measure(model, [x], cfg, act_qp)
     finally:
         h.remove()
     with torch.inference_mode():
         ref = model(x)
         with quantized_forward(model, cfg, act_qp):
             q = model(x)
-    assert torch.equal(got["out"][:8], ref)
-    assert torch.equal(got["out"][8:], q)
+    n = x.shape[0]
+    assert torch.equal(got["out"][:n], ref)
+    assert torch.equal(got["out"][n:], q)
+    return res, q
 
 
 def _clean(model) -> bool:
@@ -394,20 +401,9 @@ def test_bn_and_block_outputs_can_be_quantized_too():
     cfg = QuantConfig.make(6, RoundingMode.NEAREST_EVEN, bn_outputs=True, block_outputs=True)
     act_qp = calibrate_activations(model, [x], cfg.activation, outputs=True)
     assert {"1.output", "3.output", "4.output", "3.bn2.output"} <= set(act_qp)
-    got = {}
-    h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
-    try:
-        res = measure(model, [x], cfg, act_qp)
-    finally:
-        h.remove()
-    with torch.inference_mode():
-        ref = model(x)
-        with quantized_forward(model, cfg, act_qp):
-            q = model(x)
-        with quantized_forward(model, QuantConfig.make(6), act_qp):
-            q_inputs_only = model(x)
-    assert torch.equal(got["out"][:8], ref)
-    assert torch.equal(got["out"][8:], q)
+    res, q = _check_halves(model, x, cfg, act_qp)
+    with torch.inference_mode(), quantized_forward(model, QuantConfig.make(6), act_qp):
+        q_inputs_only = model(x)
     assert not torch.equal(q, q_inputs_only)
     # the BatchNorm's own output quantizer: its error is that of round-to-nearest in LSB
     bn = res.site("1")
