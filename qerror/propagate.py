@@ -264,6 +264,16 @@ def _batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         yield x, y
 
 
+def _chunks(batches, size: int | None):
+    """Each (images, labels) batch, or its consecutive chunks of ``size`` images."""
+    for x, y in batches:
+        if size is None or x.shape[0] <= size:
+            yield x, y
+            continue
+        for i in range(0, x.shape[0], size):
+            yield x[i:i + size], None if y is None else y[i:i + size]
+
+
 def _progress(iterable, enabled: bool, desc: str, total=None):
     if not enabled:
         return iterable
@@ -481,6 +491,9 @@ class _SiteAcc:
         # mean maps of the float input, for the predicted drift (layers)
         self.in_sum = self.in_pos = self.in_neg = None
         self.in_n = 0
+        # a BatchNorm fed directly by a layer: its float input statistics are that layer's
+        # reference statistics, not computed twice
+        self.bn_input_of: _SiteAcc | None = None
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -506,6 +519,7 @@ class _Instrument:
         self.batch_index = 0
         self.sites: dict[str, _SiteAcc] = {}
         self.order = 0
+        self._last_output = None  # (tensor, site) of the layer that ran last
         self._handles = []
         self._patched = []
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
@@ -623,7 +637,9 @@ class _Instrument:
                     acc.local.add(op(xl, w_hat, b_hat) - yf[:m], per_image=True)
                 if self.input_maps:
                     self._input_map(acc, name, xf)
-            return torch.cat([yf, yq])
+            out = torch.cat([yf, yq])
+            self._last_output = (out, acc)
+            return out
 
         return forward
 
@@ -661,7 +677,11 @@ class _Instrument:
             x = args[0]
             half = x.shape[0] // 2
             acc = self.site(name, "bn")
-            acc.bn_f.add(x[:half], per_image=False)
+            last = self._last_output
+            if last is not None and last[0] is x and last[1] is not None:
+                acc.bn_input_of = last[1]
+            else:
+                acc.bn_f.add(x[:half], per_image=False)
             acc.bn_q.add(x[half:], per_image=False)
         return hook
 
@@ -820,10 +840,11 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
     if w is not None:
         kw.update(weight_error_mean_lsb=w.error_mean_lsb, weight_error_mse_lsb=w.error_mse_lsb,
                   weight_saturation=w.saturation)
-    if acc.bn_f.n:
+    if acc.bn_q.n:
+        bn_f = acc.bn_input_of.ref if acc.bn_input_of is not None else acc.bn_f
         mean_run, var_run = bn_ref[acc.name]
-        kw["bn"] = BNInconsistency.from_sums(acc.bn_f, acc.bn_q, mean_run, var_run)
-        kw["elements"] = acc.bn_f.n * acc.bn_f.s1.numel()
+        kw["bn"] = BNInconsistency.from_sums(bn_f, acc.bn_q, mean_run, var_run)
+        kw["elements"] = acc.bn_q.n * acc.bn_q.s1.numel()
     if acc.in_sum is not None:
         kw.update(input_mean_map=(acc.in_sum / acc.in_n).numpy(),
                   input_pos_map=(acc.in_pos / acc.in_n).numpy(),
@@ -844,7 +865,7 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             weights: Mapping[str, QuantizedWeights] | None = None,
             corrections: Mapping[str, torch.Tensor] | None = None,
             bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-            local_samples: int = 32, input_maps: bool = False,
+            local_samples: int = 32, input_maps: bool = False, pair_batch: int | None = None,
             progress: bool = False) -> PropagationResult:
     """Run the float and the quantized network on the same batches and measure every site.
 
@@ -871,6 +892,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     input_maps : bool
         Also keep each layer's mean float input map (C, H, W) and the fractions of
         values above and below the quantizer's real zero (for predicted drift).
+    pair_batch : int, optional
+        Images per paired forward pass: each batch is split into chunks of this size, so
+        the pass holds the activations of ``2 * pair_batch`` images (half the batch gives
+        the memory of a float forward of the whole batch). Default: the whole batch.
     progress : bool
         Show a progress bar.
 
@@ -879,6 +904,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     PropagationResult
     """
     check_model(model)
+    if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
+        raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if weights is None and config.weight is not None:
@@ -899,7 +926,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             inst = _Instrument(model, config, act_qparams, weights, paired=True,
                                corrections=corrections, bn_stats=bn_stats,
                                local_samples=local_samples, input_maps=input_maps)
-            for x, y in _progress(_batches(batches), progress, config.label, _total(batches)):
+            for x, y in _chunks(_progress(_batches(batches), progress, config.label,
+                                          _total(batches)), pair_batch):
                 out = model(torch.cat([x, x]))
                 half = x.shape[0]
                 lf, lq = out[:half], out[half:]

@@ -218,6 +218,14 @@ def test_statistics_stream_across_batches(setup):
     whole = [(torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]))]
     a = measure(model, test, cfg, act_qp, local_samples=1 << 20)
     b = measure(model, whole, cfg, act_qp, local_samples=1 << 20)
+    c = measure(model, whole, cfg, act_qp, local_samples=1 << 20, pair_batch=5)
+    for sa, sb, sc in zip(a.sites, b.sites, c.sites):
+        assert sc.name == sa.name
+        if sa.drift is not None:  # BatchNorm sites hold input statistics, not error
+            assert sc.drift == pytest.approx(sa.drift, rel=RTOL64, abs=1e-15)
+    assert c.logits.agree == a.logits.agree and c.images == a.images
+    with pytest.raises(ValueError, match="pair_batch"):
+        measure(model, whole, cfg, act_qp, pair_batch=0)
     for sa, sb in zip(a.sites, b.sites):
         assert sa.name == sb.name
         for attr in ("drift", "mse", "local_drift", "saturation_high"):
@@ -414,3 +422,30 @@ def test_bn_and_block_outputs_can_be_quantized_too():
         measure(model, [x], cfg, calibrate_activations(model, [x], cfg.activation))
     with pytest.raises(ValueError, match="activation spec"):
         QuantConfig(QuantSpec(axis=0), None, bn_outputs=True)
+
+
+def test_bn_float_input_statistics_equal_a_direct_computation(setup):
+    model, calib, test = setup
+    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
+    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
+    inputs = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].detach()))
+        for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            for x, _ in test:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            x = torch.cat(inputs[name]).numpy()
+            mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+            sd = np.sqrt(m.running_var.numpy())
+            bn = res.site(name).bn
+            np.testing.assert_allclose(bn.mean_shift_float, (mean - m.running_mean.numpy()) / sd,
+                                       rtol=RTOL64, atol=1e-12)
+            np.testing.assert_allclose(bn.var_ratio_float, var / m.running_var.numpy(),
+                                       rtol=1e-8)
