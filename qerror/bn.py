@@ -117,7 +117,8 @@ def reestimate(model: nn.Module, batches: Iterable, config, act_qparams=None, *,
         BatchNorm name → (running mean, running variance), to pass as ``bn_stats`` to
         :func:`qerror.propagate.measure`.
     """
-    from qerror.propagate import _batches, _progress, _total, check_model, quantized_forward
+    from qerror._progress import progress_bar
+    from qerror.propagate import _batches, check_model, quantized_forward
 
     check_model(model, need_batchnorm=True)
     clone = copy.deepcopy(model).eval()
@@ -129,7 +130,7 @@ def reestimate(model: nn.Module, batches: Iterable, config, act_qparams=None, *,
     seen = 0
     with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
                                             corrections=corrections):
-        for x, _ in _progress(_batches(batches), progress, "BN re-estimation", _total(batches)):
+        for x, _ in _batches(progress_bar(batches, progress, "BN re-estimation")):
             if x.shape[0] < 2:
                 raise ValueError("BN re-estimation needs batches of at least 2 images")
             clone(x)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from scipy import special
 from torch import nn
 
+from qerror._enums import parse_enum
 from qerror.analytic import uniform_bias_lsb
 from qerror.propagate import (
     PropagationResult,
@@ -127,7 +128,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     dict
         Layer name → array (C_out,) of ``E[Δy]`` averaged over output positions.
     """
-    source = MeanSource(source.value if isinstance(source, MeanSource) else str(source))
+    source = parse_enum(MeanSource, source, "source")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}

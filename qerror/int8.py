@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qerror._enums import parse_enum
+from qerror._progress import progress_bar
 from qerror.calibration import calibrate, observed_range, qparams_from_range
 from qerror.quantizer import (
     QParams,
@@ -938,14 +939,6 @@ def _pre_hooks(sites: list[_Site], fn) -> Iterator[None]:
             handle.remove()
 
 
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit="batch", leave=False)
-
-
 def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterable, *,
                      act_spec: QuantSpec = ACTIVATION_SPEC, out_spec: QuantSpec | None = None,
                      engine: Engine | str = Engine.FBGEMM, fuse_relu: bool = True,
@@ -1041,7 +1034,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         plans[site.name].compare(x.contiguous(), tallies[site.name])
 
     with _engine(engine), torch.inference_mode(), _pre_hooks(sites, check):
-        for item in _progress(evaluation, progress, "int8 cross-check"):
+        for item in progress_bar(evaluation, progress, "int8 cross-check"):
             model(_batch_input(item))
     if all(t.elements == 0 for t in tallies[sites[0].name].values()):
         raise ValueError("evaluation holds no batches")

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qerror._enums import parse_enum
+from qerror._progress import progress_bar
 from qerror.calibration import calibrate, qparams_from_range
 from qerror.quantizer import QParams, QuantSpec, RangeMethod, fake_quantize
 from qerror.rounding import RoundingMode
@@ -146,8 +148,8 @@ class QuantConfig:
              block_outputs: bool = False) -> QuantConfig:
         """The usual configuration: ``bits`` and ``rounding`` for weights and/or activations."""
         rounding = RoundingMode.parse(rounding)
-        target = _parse(Target, target, "target")
-        activation_range = _parse(RangeMethod, activation_range, "activation_range")
+        target = parse_enum(Target, target, "target")
+        activation_range = parse_enum(RangeMethod, activation_range, "activation_range")
         w = _weight_spec(bits, rounding) if target is not Target.ACTIVATIONS else None
         a = (_activation_spec(bits, rounding, activation_range)
              if target is not Target.WEIGHTS else None)
@@ -172,16 +174,6 @@ class QuantConfig:
                         if on)
         return (f"{'/'.join(sorted(modes))}-{'/'.join(map(str, sorted(bits)))}b-"
                 f"{self.target.value}{extra}")
-
-
-def _parse(enum_type, value, name):
-    if isinstance(value, enum_type):
-        return value
-    try:
-        return enum_type(str(value).lower())
-    except ValueError:
-        options = ", ".join(m.value for m in enum_type)
-        raise ValueError(f"{name} must be one of {options}; got {value!r}") from None
 
 
 # --------------------------------------------------------------------------- model checks
@@ -274,21 +266,6 @@ def _chunks(batches, size: int | None):
             yield x[i:i + size], None if y is None else y[i:i + size]
 
 
-def _progress(iterable, enabled: bool, desc: str, total=None):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit="batch", total=total, leave=False)
-
-
-def _total(batches):
-    try:
-        return len(batches)
-    except TypeError:
-        return None
-
-
 # --------------------------------------------------------------------------- calibration
 
 OUTPUT_SUFFIX = ".output"
@@ -351,7 +328,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     seen = 0
     try:
         with _eval_mode(model), torch.inference_mode():
-            for x, _ in _progress(_batches(batches), progress, "calibrate", _total(batches)):
+            for x, _ in _batches(progress_bar(batches, progress, "calibrate")):
                 model(x)
                 seen += 1
     finally:
@@ -926,8 +903,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             inst = _Instrument(model, config, act_qparams, weights, paired=True,
                                corrections=corrections, bn_stats=bn_stats,
                                local_samples=local_samples, input_maps=input_maps)
-            for x, y in _chunks(_progress(_batches(batches), progress, config.label,
-                                          _total(batches)), pair_batch):
+            for x, y in _chunks(_batches(progress_bar(batches, progress, config.label)),
+                                pair_batch):
                 out = model(torch.cat([x, x]))
                 half = x.shape[0]
                 lf, lq = out[:half], out[half:]

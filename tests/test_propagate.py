@@ -391,7 +391,7 @@ def test_configs_that_cannot_run_are_refused(setup):
         QuantConfig(None, QuantSpec(axis=0))
     with pytest.raises(ValueError, match="between 2 and 16"):
         QuantConfig.make(1)
-    with pytest.raises(ValueError, match="target must be one of"):
+    with pytest.raises(ValueError, match="target 'everything' is not one of"):
         QuantConfig.make(8, target="everything")
     with pytest.raises(ValueError, match="no activation qparams"):
         measure(model, test, QuantConfig.make(8), {})
