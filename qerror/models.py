@@ -30,6 +30,7 @@ import torch
 import torchvision
 from torch import nn
 
+from qerror._cpu import flush_denormal
 from qerror._enums import parse_enum
 from qerror._io import atomic_write, jsonable, package_versions, sha256_file
 from qerror.data import cache_dir
@@ -193,7 +194,15 @@ def time_training_step(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFA
     """
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1 and warmup >= 0")
-    torch.set_flush_denormal(True)
+    with flush_denormal():
+        times = _time_steps(arch, stem, batch_size, steps, warmup, channels_last, seed)
+    t = np.asarray(times)
+    return StepTiming(float(np.median(t)), float(t.min()), float(t.max()), steps, batch_size,
+                      channels_last, torch.get_num_threads())
+
+
+def _time_steps(arch, stem, batch_size: int, steps: int, warmup: int, channels_last: bool,
+                seed: int) -> list[float]:
     model = fashion_resnet(arch, stem, seed=seed).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -209,9 +218,7 @@ def time_training_step(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFA
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    t = np.asarray(times)
-    return StepTiming(float(np.median(t)), float(t.min()), float(t.max()), steps, batch_size,
-                      channels_last, torch.get_num_threads())
+    return times
 
 
 # ---------------------------------------------------------------------------------------------

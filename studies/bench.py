@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
+from qerror._cpu import flush_denormal
 from studies._common import REPO, RunDir, base_parser
 
 
@@ -377,7 +378,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = base_parser("bench", __doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(GROUPS), action="append",
@@ -389,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         args.pairs = 3 if args.smoke else 15
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
-    torch.set_flush_denormal(True)
     groups = args.only or list(GROUPS)
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
               "torch_threads": torch.get_num_threads()}
@@ -406,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"[bench] written to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (see the module docstring); ``--help`` lists the arguments."""
+    with flush_denormal():
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from qerror import (
     wilson_ci,
 )
 from qerror import data as qdata
+from qerror._cpu import flush_denormal
 from studies._common import RunDir, base_parser, figure_style
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study
@@ -818,7 +819,7 @@ def _load_network(args):
     return ckpt.model, identity, split
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -835,7 +836,6 @@ def main(argv: list[str] | None = None) -> int:
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
     if n_test is not None and n_test < 1:
         parser.error("--test-images must be at least 1")
-    torch.set_flush_denormal(True)
 
     if not args.download:
         # Data first: a missing data set is reported before any model is trained.
@@ -979,6 +979,12 @@ def _report(eq, acc, mcnemar, pixels, variants, out) -> None:
                     "prediction_changes", "accuracy", "mcnemar_p_holm",
                     "images_evaluated"]].to_string(index=False))
     print(f"[dataset] written to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (see the module docstring); ``--help`` lists the arguments."""
+    with flush_denormal():
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
+from qerror._cpu import flush_denormal
 from qerror.bn import reestimate
 from qerror.correction import (
     MeanSource,
@@ -456,7 +457,7 @@ def _parse_modes(values):
         raise SystemExit(f"--modes: {err}") from err
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = base_parser("drift", __doc__.splitlines()[0])
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
@@ -513,7 +514,6 @@ def main(argv: list[str] | None = None) -> int:
         [4] if smoke else [8, 4])
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
 
-    torch.set_flush_denormal(True)
     started = time.perf_counter()
     model, model_id = _load_model(args, args.data_root)
     try:
@@ -683,6 +683,12 @@ def _report(acc, fits, out, seconds) -> None:
                       "better") if c in f]
     print(f[fc].to_string(index=False))
     print(f"[drift] {len(base)} configurations in {seconds:.0f} s; written to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (see the module docstring); ``--help`` lists the arguments."""
+    with flush_denormal():
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import data, wilson_ci
+from qerror._cpu import flush_denormal
 from qerror._io import atomic_write, jsonable
 from qerror.models import (
     DEFAULT_STEM,
@@ -467,7 +468,7 @@ def build_parser():
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -477,7 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lr", "time_budget_min"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    torch.set_flush_denormal(True)
     recipe = default_recipe(args.arch, args.stem, smoke=args.smoke, seed=args.seed)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("lr", args.lr)) if v is not None}
@@ -547,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(n={len(test)}) after {history.train_seconds / 60:.1f} min of training; "
           f"checkpoint {checkpoint}; run {final}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (see the module docstring); ``--help`` lists the arguments."""
+    with flush_denormal():
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,6 @@
 """Shared test set-up."""
 
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _denormals_back_on():
-    """Studies turn on flush-to-zero for speed (a process-wide CPU flag); tests that run them
-    in-process must not leave it on for the next test in the same worker (hypothesis, for one,
-    refuses to draw floats without subnormals)."""
-    yield
-    torch.set_flush_denormal(False)
 
 
 @pytest.fixture

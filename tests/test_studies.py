@@ -146,3 +146,21 @@ def test_macro_names_must_be_letters(tmp_path):
         with pytest.raises(ValueError, match="letters only"):
             run.write_macros("m.tex", {"bad_name1": "1"})
     assert _common.package_versions(["numpy"])["numpy"]
+
+
+def test_flush_denormal_restores_the_callers_setting():
+    import torch
+
+    from qerror._cpu import flush_denormal, flushing_denormals
+
+    assert not flushing_denormals()
+    with flush_denormal():
+        assert flushing_denormals()
+    assert not flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormal():
+            assert flushing_denormals()
+        assert flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
