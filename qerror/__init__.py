@@ -16,6 +16,7 @@ from qerror.calibration import calibrate, observed_range, qparams_from_range
 from qerror.correction import (
     MeanSource,
     analytic_bias_correction,
+    bias_correction,
     empirical_bias_correction,
     predicted_local_drift,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "reestimate_bn",
     "MeanSource",
     "analytic_bias_correction",
+    "bias_correction",
     "empirical_bias_correction",
     "predicted_local_drift",
     "PropagationResult",

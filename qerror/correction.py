@@ -53,6 +53,7 @@ from qerror.propagate import (
 __all__ = [
     "MeanSource",
     "analytic_bias_correction",
+    "bias_correction",
     "bn_fed_layers",
     "empirical_bias_correction",
     "predicted_local_drift",
@@ -170,9 +171,14 @@ def analytic_bias_correction(model: nn.Module, config: QuantConfig,
                              weights=None, source: MeanSource | str = MeanSource.BN
                              ) -> dict[str, torch.Tensor]:
     """Minus the predicted mean local error: per-channel terms to add to each bias."""
-    pred = predicted_local_drift(model, config, calibration, act_qparams, weights=weights,
-                                 source=source)
-    return {n: -torch.as_tensor(v, dtype=torch.float64) for n, v in pred.items()}
+    return bias_correction(predicted_local_drift(model, config, calibration, act_qparams,
+                                                 weights=weights, source=source))
+
+
+def bias_correction(mean_error: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Per-channel terms to add to each layer's bias: minus its mean local error (predicted
+    or measured), in float64 (converted to the layer's dtype where it is applied)."""
+    return {n: -torch.as_tensor(v, dtype=torch.float64) for n, v in mean_error.items()}
 
 
 def empirical_bias_correction(model: nn.Module, batches: Iterable, config: QuantConfig,
@@ -189,9 +195,7 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
     if calibration is None:
         calibration = measure(model, batches, config, act_qparams, weights=weights,
                               local_samples=1 << 30, progress=progress)
-    out = {}
     for s in calibration.layers():
         if s.local_drift_channel is None:
             raise ValueError(f"the calibration result has no local error for {s.name!r}")
-        out[s.name] = -torch.as_tensor(s.local_drift_channel, dtype=torch.float64)
-    return out
+    return bias_correction({s.name: s.local_drift_channel for s in calibration.layers()})

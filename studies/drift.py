@@ -46,7 +46,7 @@ from qerror._cpu import flush_denormal
 from qerror.bn import reestimate
 from qerror.correction import (
     MeanSource,
-    analytic_bias_correction,
+    bias_correction,
     empirical_bias_correction,
     predicted_local_drift,
 )
@@ -233,19 +233,18 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
     """Measure BN re-estimation and both bias corrections; predicted vs measured drift."""
     calib = measure(model, data.calib, cfg, act_qparams, weights=weights,
                     local_samples=1 << 30, input_maps=True)
+    preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
+                                        source=src) for src in MeanSource}
     fixes = {
         "bn_reestimation": {"bn_stats": reestimate(model, data.calib, cfg, act_qparams,
                                                    weights=weights)},
-        "bias_analytic": {"corrections": analytic_bias_correction(
-            model, cfg, calib, act_qparams, weights=weights, source=MeanSource.BN)},
+        "bias_analytic": {"corrections": bias_correction(preds[MeanSource.BN])},
         "bias_empirical": {"corrections": empirical_bias_correction(
             model, data.calib, cfg, act_qparams, weights=weights, calibration=calib)},
     }
     results = [(name, measure(model, data.test, cfg, act_qparams, weights=weights,
                               local_samples=0, **kw)) for name, kw in fixes.items()]
     rows = []
-    preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
-                                        source=src) for src in MeanSource}
     for s in base.layers():
         if s.local_drift_channel is None:
             continue

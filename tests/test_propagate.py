@@ -18,6 +18,7 @@ from qerror import QuantSpec, RoundingMode, fake_quantize
 from qerror.bn import reestimate
 from qerror.correction import (
     MeanSource,
+    analytic_bias_correction,
     bn_fed_layers,
     empirical_bias_correction,
     predicted_local_drift,
@@ -324,8 +325,10 @@ def test_predicted_drift_is_exact_for_weight_errors(setup):
     w = quantize_weights(model, cfg.weight)
     res = measure(model, calib, cfg, weights=w, local_samples=1 << 20, input_maps=True)
     pred = predicted_local_drift(model, cfg, res, weights=w, source=MeanSource.MEASURED)
+    corr = analytic_bias_correction(model, cfg, res, weights=w, source=MeanSource.MEASURED)
     for s in res.layers():
         np.testing.assert_allclose(pred[s.name], s.local_drift_channel, rtol=1e-8, atol=1e-14)
+        np.testing.assert_array_equal(corr[s.name].numpy(), -pred[s.name])
 
 
 def test_predicted_activation_drift_of_truncation_within_its_sampling_error(setup):
