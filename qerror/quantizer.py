@@ -329,7 +329,58 @@ def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset
             r = round_values(v, mode, key, offset)
     if exact:
         r = _exact_correction(x, v, r, scale, z, spec, torch_in)
+    elif mode.is_random and spec.arithmetic is ScaleArithmetic.EXACT:
+        r = _snap_levels(x, v, r, scale, spec, z, torch_in)
     return r, scale
+
+
+def _write_back(r, idx, fixed, torch_in):
+    """``r`` with the codes at ``idx`` replaced by ``fixed`` (a copy if ``r`` needs grad)."""
+    if torch_in:
+        r = r.clone() if r.requires_grad else r
+        r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
+        return r
+    r[idx] = fixed
+    return r
+
+
+def _snap_levels(x, v, r, scale, spec, z, torch_in):
+    """Give a stored level ``fl(b s)`` its code ``b`` under stochastic rounding.
+
+    Stochastic rounding draws on ``fl(x/s)``; for a level, that quotient can be ``b`` plus or
+    minus an ulp, which would round away from ``b`` with a tiny probability and break
+    ``quantize ∘ dequantize = identity`` on codes. The exact value ``u`` of a level is the
+    integer ``b``, which rounds to ``b`` with certainty; the directed modes get the same rule
+    in :func:`_exact_correction`.
+    """
+    reach = float(np.max(np.maximum(np.abs(spec.qmin - z), np.abs(spec.qmax - z)))) + 2.0
+    unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
+    margin = 4.0 * float(unit) * reach
+    if torch_in:
+        ref = torch.round(v)
+        candidate = ((v - ref).abs() <= margin) & (v != ref) & (x.detach() != 0)
+        if not bool(candidate.any()):
+            return r
+        idx = candidate.nonzero(as_tuple=True)
+        x_sub = x.detach()[idx].to(v.dtype).cpu().numpy()
+        b = ref.detach()[idx].cpu().numpy()
+        s_sub = (np.full(b.shape, scale, dtype=b.dtype) if isinstance(scale, float)
+                 else scale.expand_as(v)[idx].cpu().numpy())
+    else:
+        ref = np.rint(v)
+        with np.errstate(invalid="ignore"):
+            candidate = (np.abs(v - ref) <= margin) & (v != ref) & (x != 0)
+        if not bool(candidate.any()):
+            return r
+        idx = np.nonzero(candidate)
+        x_sub = x[idx].astype(v.dtype)
+        b = ref[idx]
+        s_sub = np.broadcast_to(np.asarray(scale, dtype=v.dtype), v.shape)[idx]
+    on_level = _level(b, s_sub, x.dtype) == x_sub
+    if not on_level.any():
+        return r
+    fixed = np.where(on_level, b, (r.detach()[idx].cpu().numpy() if torch_in else r[idx]))
+    return _write_back(r, idx, fixed, torch_in)
 
 
 def _exact_correction(x, v, r, scale, z, spec, torch_in):
@@ -400,12 +451,7 @@ def _exact_correction(x, v, r, scale, z, spec, torch_in):
     # The rule acts on u = b + z (exact: b is an integer or half-integer), and the
     # result is shifted back; tie rules and truncation depend on u, not on v.
     fixed = (decide_boundary(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
-    if torch_in:
-        r = r.clone() if r.requires_grad else r
-        r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
-        return r
-    r[idx] = fixed
-    return r
+    return _write_back(r, idx, fixed, torch_in)
 
 
 def _level(b: np.ndarray, s: np.ndarray, out_dtype) -> np.ndarray:

@@ -495,3 +495,19 @@ def test_dequantize_to_float16_matches_fake_quantize():
     np.testing.assert_array_equal(dequantize(quantize(x, spec, 0.1), 0.1, dtype=np.float16),
                                   fake_quantize(x, spec, 0.1))
     assert dequantize(np.array([1]), 1.0, dtype=np.dtype("float32")).dtype == np.float32
+
+
+def test_stochastic_rounding_keeps_stored_levels_on_their_codes():
+    """Regression (found by hypothesis): fl(k·s)/s can be k ± 1 ulp in float32, and
+    stochastic rounding of that quotient moved one level of 500 to k + 1. A level's exact
+    quotient is the integer k, which rounds to k with certainty."""
+    seed = 1_000_000_001
+    rng = np.random.default_rng(seed)
+    spec = QuantSpec(bits=15, signed=False, symmetric=False, rounding=RoundingMode.STOCHASTIC)
+    scale = float(rng.uniform(1e-3, 2.0))
+    zp = int(rng.integers(spec.qmin, spec.qmax + 1))
+    codes = rng.integers(spec.qmin, spec.qmax + 1, size=500).astype(np.int32)
+    levels = dequantize(codes, scale, zp, dtype=np.float32)
+    np.testing.assert_array_equal(quantize(levels, spec, scale, zp, generator=seed), codes)
+    got = quantize(torch.from_numpy(levels), spec, scale, zp, generator=seed)
+    np.testing.assert_array_equal(got.numpy(), codes)
