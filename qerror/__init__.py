@@ -10,26 +10,24 @@ from qerror.analytic import (
     optimal_clip,
     uniform_bias_lsb,
 )
-from qerror.bn import BNInconsistency
-from qerror.bn import reestimate as reestimate_bn
 from qerror.calibration import calibrate, observed_range, qparams_from_range
-from qerror.correction import (
-    MeanSource,
-    analytic_bias_correction,
-    bias_correction,
-    empirical_bias_correction,
-    predicted_local_drift,
-)
 from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
-from qerror.propagate import (
+from qerror.nn import (
+    BNInconsistency,
+    MeanSource,
     PropagationResult,
     QuantConfig,
     Target,
     UnsupportedModelError,
+    analytic_bias_correction,
+    bias_correction,
     calibrate_activations,
+    empirical_bias_correction,
     measure,
+    predicted_local_drift,
     quantize_weights,
     quantized_forward,
+    reestimate_bn,
 )
 from qerror.quantizer import (
     QParams,

@@ -184,12 +184,12 @@ def bench_empirical(args) -> list[BenchRow]:
 def bench_models(args) -> list[BenchRow]:
     """Fashion-MNIST ResNet50 (1×32×32 input, untrained weights) in FP32: inference images/s
     with channels_last and with torch.compile against eager, and seconds per training step
-    (qerror.models.time_training_step) with channels_last against contiguous.
+    (qerror.nn.models.time_training_step) with channels_last against contiguous.
 
     ``--smoke`` times a ResNet18 on tiny batches and leaves torch.compile out (compiling
     takes about a minute). A compile that fails is recorded as a row whose note says why.
     """
-    from qerror.models import fashion_resnet, time_training_step
+    from qerror.nn.models import fashion_resnet, time_training_step
 
     arch = "resnet18" if args.smoke else "resnet50"
     batch, train_batch = (4, 4) if args.smoke else (256, 128)
@@ -256,8 +256,8 @@ def _compiled_row(name, model, x, eager, infer, pairs, per_second) -> BenchRow:
 
 def _drift_setup(smoke: bool, seed: int, mode: str = "toward_zero"):
     """A Fashion-MNIST ResNet (untrained weights), one batch, and what measure() needs."""
-    from qerror.models import fashion_resnet
-    from qerror.propagate import QuantConfig, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+    from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
 
     arch, batch = ("resnet18", 16) if smoke else ("resnet50", 256)
     model = fashion_resnet(arch, seed=seed).eval()
@@ -277,7 +277,7 @@ def _memory_child(what: str, smoke: bool, seed: int, pair_batch: int | None = No
     """
     import json
 
-    from qerror.propagate import measure
+    from qerror.nn import measure
 
     torch.set_flush_denormal(True)
     model, x, y, cfg, act, w, _ = _drift_setup(smoke, seed)
@@ -319,10 +319,10 @@ def _peak_growth(what: str, smoke: bool, seed: int, pair_batch: int | None = Non
 
 
 def bench_drift(args) -> list[BenchRow]:
-    """qerror.propagate.measure (float and quantized paths, every statistic) against the
+    """qerror.nn.propagate.measure (float and quantized paths, every statistic) against the
     bare float forward plus the bare fake-quantized forward on the same batch; its peak
     memory against the float forward alone; images/s."""
-    from qerror.propagate import measure, quantized_forward
+    from qerror.nn import measure, quantized_forward
 
     model, x, y, cfg, act, w, arch = _drift_setup(args.smoke, args.seed)
     pairs = max(1, min(args.pairs, 5))

@@ -782,13 +782,13 @@ def _load_network(args):
         return (smoke_net(args.seed), {"arch": "smoke CNN", "weights": "untrained",
                                        "init_seed": args.seed},
                 {"val": 100, "calib": 100, "seed": 0})
-    from qerror.models import (
+    from qerror.nn.models import (
         CheckpointError,
         default_checkpoint_path,
-        get_baseline,
         load_checkpoint,
         retrain_command,
     )
+    from studies.train import get_or_train_baseline
 
     split = {"val": 5000, "calib": 1000, "seed": 0}  # studies.train's defaults
     try:
@@ -805,8 +805,8 @@ def _load_network(args):
                       f"`{retrain_command('resnet50')}`. That takes about half an hour on 2 CPU "
                       "cores (the training study prints its own estimate after timing its first "
                       "steps, and resumes if interrupted); this study follows.", flush=True)
-            ckpt = get_baseline("resnet50", train_if_missing=args.train_if_missing,
-                                data_root=args.data_root, download=args.download)
+            ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
+                                         data_root=args.data_root, download=args.download)
     except CheckpointError as err:
         raise SystemExit(f"[dataset] {err}") from err
     recipe = ckpt.info.config.get("recipe", {}) if isinstance(ckpt.info.config, dict) else {}

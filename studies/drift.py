@@ -2,7 +2,7 @@
 
 The main job of qerror. For each rounding mode × bit width × what is quantized (weights,
 activations, both), the float and the fake-quantized network run on the same test images
-(:func:`qerror.propagate.measure`) and every conv/linear layer, BatchNorm and residual block
+(:func:`qerror.nn.propagate.measure`) and every conv/linear layer, BatchNorm and residual block
 reports the accumulated error (drift raw and relative to the float activation's std, MSE,
 SQNR), the local error it adds itself, the saturation of its input quantizer at qmin and at
 qmax, and the BatchNorm inconsistency of its input (DESIGN §2). At the output: accuracy of
@@ -43,22 +43,20 @@ from tqdm import tqdm
 
 from qerror import RoundingMode
 from qerror._cpu import flush_denormal
-from qerror.bn import reestimate
-from qerror.correction import (
+from qerror.nn import (
     MeanSource,
-    bias_correction,
-    empirical_bias_correction,
-    predicted_local_drift,
-)
-from qerror.propagate import (
     PropagationResult,
     QuantConfig,
     Target,
     UnsupportedModelError,
+    bias_correction,
     calibrate_activations,
     check_model,
+    empirical_bias_correction,
     measure,
+    predicted_local_drift,
     quantize_weights,
+    reestimate_bn,
 )
 from qerror.stats import mcnemar_from_counts, wilson_ci
 from studies._common import RunDir, base_parser, figure_style
@@ -122,15 +120,15 @@ def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: 
 
 def _load_model(args, data_root):
     """(model, identity) for the arguments; SystemExit with the reason when it cannot."""
-    from qerror.models import (
+    from qerror.nn.models import (
         CheckpointError,
         StateDictMismatchError,
         WeightsNotFoundError,
         fashion_resnet,
-        get_baseline,
         imagenet_resnet50,
         load_checkpoint,
     )
+    from studies.train import get_or_train_baseline
 
     if args.data is not None:
         if args.model != "resnet50":
@@ -149,8 +147,8 @@ def _load_model(args, data_root):
         if args.weights is not None:
             ckpt = load_checkpoint(args.weights, expected_arch=args.model)
         else:
-            ckpt = get_baseline(args.model, train_if_missing=not args.no_train,
-                                data_root=data_root)
+            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
+                                         data_root=data_root)
     except CheckpointError as err:
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
@@ -236,7 +234,7 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
     preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
                                         source=src) for src in MeanSource}
     fixes = {
-        "bn_reestimation": {"bn_stats": reestimate(model, data.calib, cfg, act_qparams,
+        "bn_reestimation": {"bn_stats": reestimate_bn(model, data.calib, cfg, act_qparams,
                                                    weights=weights)},
         "bias_analytic": {"corrections": bias_correction(preds[MeanSource.BN])},
         "bias_empirical": {"corrections": empirical_bias_correction(
@@ -295,7 +293,7 @@ def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.Da
 
     Returns the per-layer rows and the per-variant summary.
     """
-    from qerror import int8
+    from qerror.nn import int8
 
     def first(batches, n):
         x = torch.cat([b[0] for b in batches])[:n]

@@ -470,7 +470,7 @@ def _load_baseline(path: Path | None):
     A qerror checkpoint gives the model too, whose activations are then measured; a bare
     state dict gives its weights only. None when neither exists.
     """
-    from qerror.models import (
+    from qerror.nn.models import (
         Arch,
         CheckpointError,
         default_checkpoint_path,

@@ -1,7 +1,7 @@
 """Train the Fashion-MNIST baseline ResNets that the quantization studies start from.
 
 The recipe is made for a 2-core CPU and a 30-minute budget: torchvision's ResNet with the
-ImageNet stem (:data:`qerror.models.DEFAULT_STEM`), SGD with Nesterov momentum on a one-cycle
+ImageNet stem (:data:`qerror.nn.models.DEFAULT_STEM`), SGD with Nesterov momentum on a one-cycle
 learning rate, label smoothing, a small random shift and horizontal flips, channels-last
 tensors. ``--epochs`` defaults per architecture (:data:`DEFAULT_EPOCHS`) so that epochs ×
 steps per epoch × seconds per step fits the budget; the run times its first steps and prints
@@ -15,7 +15,7 @@ Rerunning the same command resumes; ``--no-resume`` starts over.
 
 The validation split is evaluated after every epoch; nothing is chosen on the test split,
 whose accuracy (with a Wilson interval) is computed once, at the end. The trained model goes
-into the checkpoint cache (:func:`qerror.models.save_checkpoint`) and the run folder gets
+into the checkpoint cache (:func:`qerror.nn.models.save_checkpoint`) and the run folder gets
 ``epochs.csv``, ``steps.csv``, ``summary.json``, ``training_curve.{pdf,png}`` and the manifest.
 
 Run: ``python -m studies.train --arch resnet50`` (and ``--arch resnet18``); ``--smoke`` for a
@@ -42,12 +42,15 @@ from tqdm import tqdm
 from qerror import data, wilson_ci
 from qerror._cpu import flush_denormal
 from qerror._io import atomic_write, jsonable
-from qerror.models import (
+from qerror.nn.models import (
     DEFAULT_STEM,
     Arch,
+    Checkpoint,
+    CheckpointError,
     Stem,
     default_checkpoint_path,
     fashion_resnet,
+    get_baseline,
     parse_arch,
     parse_stem,
     save_checkpoint,
@@ -55,7 +58,7 @@ from qerror.models import (
 from studies._common import REPO, RunDir, base_parser, figure_style
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
-# (measure them with qerror.models.time_training_step; see qerror.models.DEFAULT_STEM).
+# (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
 DEFAULT_EPOCHS = {Arch.RESNET50: 3, Arch.RESNET18: 5}
 EXIT_INCOMPLETE = 3
 STATE_FORMAT = "qerror-train-state"
@@ -442,7 +445,7 @@ def build_parser():
                         help="resnet50 (default) or resnet18")
     parser.add_argument("--stem", type=parse_stem, default=DEFAULT_STEM,
                         help=f"{', '.join(s.value for s in Stem)} (default {DEFAULT_STEM.value}; "
-                             "see qerror.models.Stem)")
+                             "see qerror.nn.models.Stem)")
     parser.add_argument("--epochs", type=int, help="default: "
                         + ", ".join(f"{a.value} {e}" for a, e in DEFAULT_EPOCHS.items())
                         + "; smoke 2")
@@ -462,7 +465,7 @@ def build_parser():
                         help="steps between state saves (also saved at each epoch's end)")
     parser.add_argument("--checkpoint", type=Path,
                         help="where the trained model goes (default: the cache, "
-                             "qerror.models.default_checkpoint_path)")
+                             "qerror.nn.models.default_checkpoint_path)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
     return parser
@@ -547,6 +550,43 @@ def _main(argv: list[str] | None) -> int:
           f"(n={len(test)}) after {history.train_seconds / 60:.1f} min of training; "
           f"checkpoint {checkpoint}; run {final}")
     return 0
+
+
+def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM,
+                          *, train_if_missing: bool, path: Path | str | None = None,
+                          data_root: Path | str | None = None, download: bool = False,
+                          train_args: tuple[str, ...] = ()) -> Checkpoint:
+    """The cached baseline (:func:`qerror.nn.models.get_baseline`), trained here first if absent.
+
+    With no checkpoint and ``train_if_missing``, this study runs (it times its first steps
+    and prints how long the rest will take, shows a progress bar, and resumes an interrupted
+    run); otherwise the library's :class:`~qerror.nn.models.CheckpointNotFoundError`, whose
+    message gives the command, is raised. ``data_root``, ``download`` and ``train_args`` are
+    passed to the training run.
+
+    Raises
+    ------
+    CheckpointError
+        Also when training stopped before the end; the message says how to resume.
+    """
+    arch, stem = parse_arch(arch), parse_stem(stem)
+    path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
+    if not path.exists() and train_if_missing:
+        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]
+        if data_root is not None:
+            argv += ["--data-root", str(data_root)]
+        if download:
+            argv.append("--download")
+        argv += list(train_args)
+        command = f"python -m studies.train {' '.join(argv)}"
+        print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
+              f"`{command}`", flush=True)
+        code = main(argv)
+        if code != 0:
+            raise CheckpointError(
+                f"training the {arch.value}/{stem.value} baseline stopped with exit code "
+                f"{code}; run the same command again to resume it: {command}")
+    return get_baseline(arch, stem, path=path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,7 +258,7 @@ def _net_images(n: int, seed: int):
 @pytest.fixture(scope="module")
 def chain_runs():
     """The chain measured under three modes at 6 and 4 bits, weights and activations."""
-    from qerror.propagate import QuantConfig, calibrate_activations, measure
+    from qerror.nn import QuantConfig, calibrate_activations, measure
 
     model = _chain()
     calib = [_net_images(256, 1)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from qerror import models
+from qerror.nn import models
 from qerror._io import sha256_file
-from qerror.models import (
+from qerror.nn.models import (
     Arch,
     CheckpointError,
     CheckpointNotFoundError,
@@ -258,27 +258,13 @@ def test_failed_write_keeps_the_old_file(saved_checkpoint):
     assert sorted(p.name for p in saved_checkpoint.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.json"]
 
 
-def test_get_baseline_loads_refuses_or_trains(tmp_path, monkeypatch):
+def test_get_baseline_loads_or_refuses_with_the_training_command():
     path = models.default_checkpoint_path("resnet18")
     with pytest.raises(CheckpointNotFoundError, match="python -m studies.train --arch resnet18"):
         models.get_baseline("resnet18")
-    calls = []
-
-    def fake_training(argv):
-        calls.append(argv)
-        models.save_checkpoint(_trained_like_model(), argv[argv.index("--checkpoint") + 1],
-                               arch="resnet18", stem="imagenet", config=CONFIG, metrics=METRICS)
-        return 0
-
-    monkeypatch.setattr(models, "_run_training", fake_training)
-    got = models.get_baseline("resnet18", train_if_missing=True, data_root=tmp_path / "fm",
-                              train_args=("--seed", "1"))
-    assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
-                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+    models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                           config=CONFIG, metrics=METRICS)
+    got = models.get_baseline("resnet18")
     assert got.info.path == path and got.info.metrics == METRICS
-    assert models.get_baseline("resnet18", train_if_missing=True).info.sha256 == got.info.sha256
-    assert len(calls) == 1  # cached: not trained again
-
-    monkeypatch.setattr(models, "_run_training", lambda argv: 3)
-    with pytest.raises(CheckpointError, match="exit code 3; run the same command again"):
-        models.get_baseline("resnet50", train_if_missing=True)
+    with pytest.raises(CheckpointError, match="refusing"):
+        models.get_baseline("resnet50", path=path)  # another architecture's file

@@ -1,4 +1,4 @@
-"""qerror.propagate, qerror.bn and qerror.correction on small networks.
+"""qerror.nn.propagate, qerror.nn.bn and qerror.nn.correction on small networks.
 
 The reference computations run the float model and the quantized model (built by hand with
 qerror.fake_quantize) separately and reduce their difference with numpy; the instrumented
@@ -15,23 +15,21 @@ import torchvision
 from torch import nn
 
 from qerror import QuantSpec, RoundingMode, fake_quantize
-from qerror.bn import reestimate
-from qerror.correction import (
+from qerror.nn import (
     MeanSource,
-    analytic_bias_correction,
-    bn_fed_layers,
-    empirical_bias_correction,
-    predicted_local_drift,
-)
-from qerror.propagate import (
     QuantConfig,
     Target,
     UnsupportedModelError,
+    analytic_bias_correction,
+    bn_fed_layers,
     calibrate_activations,
     check_model,
+    empirical_bias_correction,
     measure,
+    predicted_local_drift,
     quantize_weights,
     quantized_forward,
+    reestimate_bn,
 )
 
 RTOL64 = 1e-9
@@ -280,7 +278,7 @@ def test_bn_reestimation_matches_float_statistics_at_high_precision_and_spares_t
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = QuantConfig.make(16, RoundingMode.NEAREST_EVEN)
     act_qp = calibrate_activations(model, calib, cfg.activation)
-    stats = reestimate(model, calib, cfg, act_qp)
+    stats = reestimate_bn(model, calib, cfg, act_qp)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # float reference: the same procedure without quantization
@@ -309,7 +307,7 @@ def test_bn_reestimation_makes_the_first_batchnorm_consistent(setup):
     cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
     act_qp = calibrate_activations(model, calib, cfg.activation)
     w = quantize_weights(model, cfg.weight)
-    stats = reestimate(model, calib, cfg, act_qp, weights=w)
+    stats = reestimate_bn(model, calib, cfg, act_qp, weights=w)
     before = measure(model, calib, cfg, act_qp, weights=w).site("1").bn
     after = measure(model, calib, cfg, act_qp, weights=w, bn_stats=stats).site("1").bn
     assert np.max(np.abs(before.mean_shift_quant)) > 0.05
@@ -383,7 +381,7 @@ def test_a_model_without_batchnorm_is_refused_where_batchnorm_is_needed():
     with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
         check_model(model, need_batchnorm=True)
     with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
-        reestimate(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
+        reestimate_bn(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
 
 
 def test_configs_that_cannot_run_are_refused(setup):

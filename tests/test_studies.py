@@ -77,7 +77,7 @@ def test_rounding_activations_part_on_a_small_network():
 
 def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, monkeypatch):
     from qerror import data
-    from qerror.models import fashion_resnet, save_checkpoint
+    from qerror.nn.models import fashion_resnet, save_checkpoint
 
     root = tmp_path / "fm"
     root.mkdir()

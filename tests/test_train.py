@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qerror import data, models, wilson_ci
+from qerror import data, wilson_ci
+from qerror.nn import models
 from studies import train
 from studies._common import REPO, sha256_file
 
@@ -176,3 +177,32 @@ def test_help_and_bad_arguments(capsys):
         train.main(["--epochs", "0"])
     assert info.value.code == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
+    """The studies, not the library, decide to train: the training study runs in-process
+    with the arguments given, once; a failed run says how to resume."""
+    path = models.default_checkpoint_path("resnet18")
+    with pytest.raises(models.CheckpointNotFoundError, match="python -m studies.train"):
+        train.get_or_train_baseline("resnet18", train_if_missing=False)
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        models.save_checkpoint(models.fashion_resnet("resnet18"),
+                               argv[argv.index("--checkpoint") + 1], arch="resnet18",
+                               stem="imagenet", config={}, metrics={"test_accuracy": 0.5})
+        return 0
+
+    monkeypatch.setattr(train, "main", fake_main)
+    got = train.get_or_train_baseline("resnet18", train_if_missing=True,
+                                      data_root=tmp_path / "fm", train_args=("--seed", "1"))
+    assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
+                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+    assert got.info.path == path
+    assert train.get_or_train_baseline("resnet18", train_if_missing=True).info.sha256 == \
+        got.info.sha256
+    assert len(calls) == 1  # cached: not trained again
+    monkeypatch.setattr(train, "main", lambda argv: 3)
+    with pytest.raises(models.CheckpointError, match="exit code 3; run the same command again"):
+        train.get_or_train_baseline("resnet50", train_if_missing=True)

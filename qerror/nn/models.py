@@ -8,16 +8,15 @@
 * :func:`save_checkpoint` / :func:`load_checkpoint` keep trained weights in a user cache
   with their training config, metrics and sha256; a corrupt or mismatched file is refused
   with a :class:`CheckpointError`, never half-loaded.
-* :func:`get_baseline` returns the cached Fashion-MNIST baseline, training it with
-  ``python -m studies.train`` when asked to.
+* :func:`get_baseline` returns the cached Fashion-MNIST baseline (training it is the
+  training study's work: ``python -m studies.train``; the studies that need a baseline
+  train it through ``studies.train.get_or_train_baseline``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
     arithmetic per step: only ``IMAGENET`` leaves ResNet50 several epochs in the budget.
     Time a training step of each architecture and stem on the machine at hand with::
 
-        python -c "from qerror.models import *; [print(a.value, s.value,
+        python -c "from qerror.nn.models import *; [print(a.value, s.value,
             time_training_step(a, s)) for a in Arch for s in Stem]"
 
     References
@@ -523,7 +522,7 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}. Train one with `{retrain_command(arch_hint, stem_hint)}`, "
-            "or call qerror.models.get_baseline(..., train_if_missing=True).")
+            "(any study that needs the baseline offers to train it first).")
     side = sidecar_path(path)
     if not side.is_file():
         raise refuse(f"its sidecar {side.name} (sha256 and metadata) is missing, so the file "
@@ -582,32 +581,16 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     return Checkpoint(model.eval(), info)
 
 
-def _run_training(argv: list[str]) -> int:
-    """Run the training study in a child process, its output shown as it comes."""
-    # A child process, not an import: the library never depends on the studies.
-    return subprocess.run([sys.executable, "-m", "studies.train", *argv], check=False).returncode
-
-
 def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM, *,
-                 train_if_missing: bool = False, path: Path | str | None = None,
-                 data_root: Path | str | None = None, download: bool = False,
-                 train_args: tuple[str, ...] = ()) -> Checkpoint:
-    """The trained Fashion-MNIST baseline, from the cache or, if asked, trained now.
+                 path: Path | str | None = None) -> Checkpoint:
+    """The trained Fashion-MNIST baseline from the cache.
 
     Parameters
     ----------
     arch, stem
         Which baseline.
-    train_if_missing : bool
-        With no cached checkpoint, train one with ``python -m studies.train`` (which
-        times its first steps and prints how long the rest will take, shows a progress
-        bar, and resumes an interrupted run) instead of raising.
     path : Path or str, optional
         Checkpoint file; default :func:`default_checkpoint_path`.
-    data_root, download
-        Passed to the training study (``--data-root``, ``--download``).
-    train_args : tuple of str
-        Further arguments for the training study (e.g. ``("--seed", "1")``).
 
     Returns
     -------
@@ -616,26 +599,10 @@ def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_ST
     Raises
     ------
     CheckpointNotFoundError
-        No checkpoint and ``train_if_missing`` is false; the message gives the command.
+        No checkpoint there; the message gives the training command.
     CheckpointError
-        A corrupt or mismatched checkpoint (it is not retrained over silently), or a
-        training run that did not finish.
+        A corrupt or mismatched checkpoint (it is never retrained over silently).
     """
     arch, stem = parse_arch(arch), parse_stem(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
-    if not path.exists() and train_if_missing:
-        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]
-        if data_root is not None:
-            argv += ["--data-root", str(data_root)]
-        if download:
-            argv.append("--download")
-        argv += list(train_args)
-        print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
-              f"`python -m studies.train {' '.join(argv)}`", flush=True)
-        code = _run_training(argv)
-        if code != 0:
-            raise CheckpointError(
-                f"training the {arch.value}/{stem.value} baseline stopped with exit code "
-                f"{code}; run the same command again to resume it: "
-                f"python -m studies.train {' '.join(argv)}")
     return load_checkpoint(path, expected_arch=arch, expected_stem=stem)

@@ -1,4 +1,4 @@
-"""Predicted drift and bias correction of quantized conv/linear layers.
+"""Remedies for a quantized network: predicted drift, bias correction, BN re-estimation.
 
 For one layer with float input ``x`` and quantizer error ``e_x``, and weights
 ``Ŵ = W + ΔW``, the quantized output is ``Ŵ(x + e_x) = Wx + ΔW·x + Ŵ·e_x``. Its mean error,
@@ -21,7 +21,8 @@ a layer is fed by one, or from mean maps measured on calibration images
 pooling).
 
 Bias correction subtracts the predicted (analytic) or the measured (empirical) mean local
-error from the quantized layer's bias.
+error from the quantized layer's bias. BN re-estimation (:func:`reestimate_bn`) recomputes
+every BatchNorm's statistics on the quantized network instead.
 
 References
 ----------
@@ -31,6 +32,7 @@ weight equalization and bias correction. ICCV 2019.
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Iterable, Mapping
 
@@ -41,22 +43,25 @@ from scipy import special
 from torch import nn
 
 from qerror._enums import parse_enum
+from qerror._progress import progress_bar
 from qerror.analytic import uniform_bias_lsb
-from qerror.propagate import (
+from qerror.nn._anatomy import bn_fed_layers, check_model, iter_batches
+from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
     QuantizedWeights,
     measure,
     quantize_weights,
+    quantized_forward,
 )
 
 __all__ = [
     "MeanSource",
     "analytic_bias_correction",
     "bias_correction",
-    "bn_fed_layers",
     "empirical_bias_correction",
     "predicted_local_drift",
+    "reestimate_bn",
 ]
 
 
@@ -65,22 +70,6 @@ class MeanSource(enum.Enum):
 
     BN = "bn"
     MEASURED = "measured"
-
-
-def bn_fed_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    """Layers fed directly by ``relu(bn(...))`` inside a residual block.
-
-    torchvision's blocks compute ``conv{k}(relu(bn{k-1}(...)))`` for k ≥ 2; those convs map
-    to their BatchNorm. Other layers (the stem, each block's first conv and downsample,
-    fed by the previous block's ReLU'd residual sum, and the classifier) are absent.
-    """
-    out = {}
-    for name, block in model.named_modules():
-        for k in range(2, 10):
-            conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k - 1}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                out[f"{name}.conv{k}" if name else f"conv{k}"] = bn
-    return out
 
 
 def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,13 +103,13 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     model : nn.Module
     config : QuantConfig
     calibration : PropagationResult
-        A :func:`qerror.propagate.measure` pass over calibration images with
+        A :func:`qerror.nn.propagate.measure` pass over calibration images with
         ``input_maps=True``: it supplies each layer's input shape, and the measured mean
         maps used by ``source="measured"`` and by layers without a feeding BatchNorm.
     act_qparams : dict
         The activation qparams (required when activations are quantized).
     weights : dict, optional
-        From :func:`qerror.propagate.quantize_weights`.
+        From :func:`qerror.nn.propagate.quantize_weights`.
     source : MeanSource
         ``"bn"`` or ``"measured"`` (see the module notes).
 
@@ -141,7 +130,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
             site = calibration.site(name)
             if site.input_mean_map is None:
                 raise ValueError("the calibration result has no input maps; run "
-                                 "qerror.propagate.measure(..., input_maps=True)")
+                                 "qerror.nn.propagate.measure(..., input_maps=True)")
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
                 bn = feeders[name]
@@ -199,3 +188,41 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
         if s.local_drift_channel is None:
             raise ValueError(f"the calibration result has no local error for {s.name!r}")
     return bias_correction({s.name: s.local_drift_channel for s in calibration.layers()})
+
+
+def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_qparams=None,
+                  *, weights=None, corrections=None, progress: bool = False
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """BatchNorm statistics re-estimated on the quantized network.
+
+    A copy of the model runs the quantized path alone on ``batches`` (calibration
+    images) with its BatchNorm layers in training mode and a cumulative average
+    (``momentum=None``), as in BN re-estimation after quantization: each layer's new
+    statistics are those of its input when every earlier layer already uses its
+    re-estimated statistics. The model itself is not modified.
+
+    Returns
+    -------
+    dict
+        BatchNorm name → (running mean, running variance), to pass as ``bn_stats`` to
+        :func:`qerror.nn.propagate.measure`.
+    """
+    check_model(model, need_batchnorm=True)
+    clone = copy.deepcopy(model).eval()
+    bns = {n: m for n, m in clone.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
+                                            corrections=corrections):
+        for x, _ in iter_batches(progress_bar(batches, progress, "BN re-estimation")):
+            if x.shape[0] < 2:
+                raise ValueError("BN re-estimation needs batches of at least 2 images")
+            clone(x)
+            seen += 1
+    if seen == 0:
+        raise ValueError("BN re-estimation needs at least one batch")
+    return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+            for n, m in bns.items()}

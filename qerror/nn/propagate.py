@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +43,18 @@ from torch import nn
 
 from qerror._enums import parse_enum
 from qerror._progress import progress_bar
-from qerror.calibration import calibrate, qparams_from_range
+from qerror.calibration import calibrate
+from qerror.nn._anatomy import (
+    LAYERS,
+    RangeObserver,
+    UnsupportedModelError,
+    check_model,
+    chunks,
+    eval_mode,
+    is_block,
+    iter_batches,
+)
+from qerror.nn.bn import BNInconsistency
 from qerror.quantizer import QParams, QuantSpec, RangeMethod, fake_quantize
 from qerror.rounding import RoundingMode
 
@@ -54,27 +65,12 @@ __all__ = [
     "QuantizedWeights",
     "SiteResult",
     "Target",
-    "UnsupportedModelError",
     "calibrate_activations",
-    "check_model",
-    "layer_names",
     "measure",
     "output_key",
     "quantize_weights",
     "quantized_forward",
 ]
-
-#: Leaf modules whose evaluation-mode forward treats samples independently.
-_PER_SAMPLE_LEAVES = (
-    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.GELU,
-    nn.Sigmoid, nn.Hardswish,
-)
-_LAYERS = (nn.Conv2d, nn.Linear)
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds a module the paired-batch instrumentation cannot run exactly."""
 
 
 class Target(enum.Enum):
@@ -176,96 +172,6 @@ class QuantConfig:
                 f"{self.target.value}{extra}")
 
 
-# --------------------------------------------------------------------------- model checks
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's Conv2d and Linear layers, in registration order."""
-    return [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
-
-
-def _is_block(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name in ("Bottleneck", "BasicBlock") or name.endswith("Block")
-
-
-def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
-    """Refuse models the paired batch cannot run exactly, with a message saying why.
-
-    Raises
-    ------
-    UnsupportedModelError
-        A leaf module that is neither a Conv2d/Linear nor known to treat samples
-        independently in evaluation mode, a grouped-input layer type (Conv1d, Conv3d,
-        transposed convolutions), no Conv2d/Linear at all, or (``need_batchnorm``) no
-        BatchNorm2d.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    bad = sorted({type(m).__name__ for m in model.modules()
-                  if not list(m.children()) and not isinstance(m, _LAYERS + _PER_SAMPLE_LEAVES)})
-    if bad:
-        raise UnsupportedModelError(
-            f"the model has layer types qerror.propagate cannot instrument: {', '.join(bad)}. "
-            "Supported: Conv2d and Linear (quantized), and BatchNorm2d, ReLU, ReLU6, pooling, "
-            "Flatten, Dropout, Identity and common activations (run per sample in eval mode). "
-            "Replace or remove the others, or wrap them so that they act per sample.")
-    if not layer_names(model):
-        raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
-    if need_batchnorm and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        raise UnsupportedModelError(
-            "the model has no BatchNorm2d: BatchNorm inconsistency and BN re-estimation need "
-            "one. Measure drift without them (bn=False), or use a model with BatchNorm")
-
-
-def _check_batch(x, name="x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or Inf values")
-    return x
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes.items():
-            m.train(t)
-
-
-def _batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    for item in batches:
-        if isinstance(item, (tuple, list)):
-            if len(item) != 2:
-                raise ValueError("batches must yield images or (images, labels) pairs")
-            x, y = item
-        else:
-            x, y = item, None
-        x = _check_batch(x)
-        if y is not None:
-            y = torch.as_tensor(y)
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of "
-                                 f"{x.shape[0]} images")
-        yield x, y
-
-
-def _chunks(batches, size: int | None):
-    """Each (images, labels) batch, or its consecutive chunks of ``size`` images."""
-    for x, y in batches:
-        if size is None or x.shape[0] <= size:
-            yield x, y
-            continue
-        for i in range(0, x.shape[0], size):
-            yield x[i:i + size], None if y is None else y[i:i + size]
-
-
 # --------------------------------------------------------------------------- calibration
 
 OUTPUT_SUFFIX = ".output"
@@ -298,37 +204,25 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     check_model(model)
     if spec.axis is not None:
         raise ValueError("activation calibration is per tensor: use a spec with axis=None")
-    names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
     out_names = {m: output_key(n) for n, m in model.named_modules()
-                 if outputs and (isinstance(m, nn.BatchNorm2d) or _is_block(m))}
-    lo: dict[str, float] = {}
-    hi: dict[str, float] = {}
-    samples: dict[str, list[torch.Tensor]] = {
-        n: [] for n in (*names.values(), *out_names.values())}
+                 if outputs and (isinstance(m, nn.BatchNorm2d) or is_block(m))}
     gen = torch.Generator().manual_seed(seed)
-    sampled = spec.range_method is not RangeMethod.MINMAX
+    observers = {n: RangeObserver(spec, gen, sample_per_batch=sample_per_batch)
+                 for n in (*names.values(), *out_names.values())}
 
     def hook(module, args):
-        observe(names[module], args[0].detach())
+        observers[names[module]].add(args[0])
 
     def out_hook(module, args, out):
-        observe(out_names[module], out.detach())
-
-    def observe(n, x):
-        lo[n] = min(lo.get(n, math.inf), float(x.min()))
-        hi[n] = max(hi.get(n, -math.inf), float(x.max()))
-        if sampled:
-            flat = x.reshape(-1)
-            k = min(sample_per_batch, flat.numel())
-            idx = torch.randint(flat.numel(), (k,), generator=gen)
-            samples[n].append(flat[idx].to(torch.float64))
+        observers[out_names[module]].add(out)
 
     handles = [m.register_forward_pre_hook(hook) for m in names]
     handles += [m.register_forward_hook(out_hook) for m in out_names]
     seen = 0
     try:
-        with _eval_mode(model), torch.inference_mode():
-            for x, _ in _batches(progress_bar(batches, progress, "calibrate")):
+        with eval_mode(model), torch.inference_mode():
+            for x, _ in iter_batches(progress_bar(batches, progress, "calibrate")):
                 model(x)
                 seen += 1
     finally:
@@ -336,16 +230,10 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
             h.remove()
     if seen == 0:
         raise ValueError("calibrate_activations needs at least one batch")
-    out = {}
-    for n in (*names.values(), *out_names.values()):
-        if n not in lo:
-            raise UnsupportedModelError(f"layer {n!r} was never called in the forward pass")
-        if not sampled:
-            out[n] = qparams_from_range(lo[n], hi[n], spec)
-        else:
-            data = torch.cat(samples[n] + [torch.tensor([lo[n], hi[n]], dtype=torch.float64)])
-            out[n] = calibrate(data, spec)
-    return out
+    never = [n for n, obs in observers.items() if obs.batches == 0]
+    if never:
+        raise UnsupportedModelError(f"layer {never[0]!r} was never called in the forward pass")
+    return {n: obs.qparams() for n, obs in observers.items()}
 
 
 @dataclass(frozen=True)
@@ -364,7 +252,7 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself."""
     out = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
-                                  if isinstance(m, _LAYERS)):
+                                  if isinstance(m, LAYERS)):
         w = m.weight.detach()
         qp = calibrate(w, spec)
         key = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0]) \
@@ -499,30 +387,30 @@ class _Instrument:
         self._last_output = None  # (tensor, site) of the layer that ran last
         self._handles = []
         self._patched = []
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
         for idx, (n, m) in enumerate(self.layers):
             if config.activation is not None and n not in self.act_qparams:
                 raise ValueError(f"no activation qparams for layer {n!r}; calibrate with "
-                                 "qerror.propagate.calibrate_activations on the same model")
+                                 "qerror.nn.propagate.calibrate_activations on the same model")
             if config.weight is not None and n not in self.weights:
                 raise ValueError(f"no quantized weight for layer {n!r}; use "
-                                 "qerror.propagate.quantize_weights on the same model")
+                                 "qerror.nn.propagate.quantize_weights on the same model")
             self._patch(m, self._layer_forward(idx, n, m))
         for idx, (n, m) in enumerate(model.named_modules()):
-            is_bn, is_block = isinstance(m, nn.BatchNorm2d), _is_block(m)
-            if (is_bn and config.bn_outputs) or (is_block and config.block_outputs):
+            bn_site, block_site = isinstance(m, nn.BatchNorm2d), is_block(m)
+            if (bn_site and config.bn_outputs) or (block_site and config.block_outputs):
                 if output_key(n) not in self.act_qparams:
                     raise ValueError(f"no output qparams for {n!r}; calibrate with "
                                      "calibrate_activations(..., outputs=True)")
                 # registered first: the statistics hooks below see the quantized output
                 self._handles.append(m.register_forward_hook(
-                    self._quantize_output(idx, n, "bn" if is_bn else "block")))
-            if is_bn:
+                    self._quantize_output(idx, n, "bn" if bn_site else "block")))
+            if bn_site:
                 if paired and n in self.bn_stats:
                     self._patch(m, self._bn_forward(n, m))
                 if collect and paired:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
-            elif collect and paired and is_block:
+            elif collect and paired and block_site:
                 self._handles.append(m.register_forward_hook(self._out_hook(n, "block")))
         self._handles.append(model.register_forward_hook(self._next_batch))
 
@@ -784,7 +672,6 @@ class PropagationResult:
 
 
 def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
-    from qerror.bn import BNInconsistency
 
     err, ref = acc.err, acc.ref
     kw = {}
@@ -860,10 +747,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         From :func:`quantize_weights`; computed from ``config.weight`` when omitted.
     corrections : dict, optional
         Layer name → per-output-channel tensor added to the quantized layer's bias
-        (see :mod:`qerror.correction`).
+        (see :mod:`qerror.nn.correction`).
     bn_stats : dict, optional
         BatchNorm name → (mean, var) that the quantized path normalises with instead of
-        the running statistics (see :func:`qerror.bn.reestimate`).
+        the running statistics (see :func:`qerror.nn.correction.reestimate_bn`).
     local_samples : int
         Images of each batch on which the local error is measured (0: not measured).
     input_maps : bool
@@ -899,11 +786,11 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     labelled = None
     logit_err, logit_ref = _Moments(), _Moments()
     try:
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             inst = _Instrument(model, config, act_qparams, weights, paired=True,
                                corrections=corrections, bn_stats=bn_stats,
                                local_samples=local_samples, input_maps=input_maps)
-            for x, y in _chunks(_batches(progress_bar(batches, progress, config.label)),
+            for x, y in chunks(iter_batches(progress_bar(batches, progress, config.label)),
                                 pair_batch):
                 out = model(torch.cat([x, x]))
                 half = x.shape[0]

@@ -1,4 +1,4 @@
-"""BatchNorm under quantization: inconsistency measures and re-estimation.
+"""BatchNorm under quantization: how inconsistent its statistics become.
 
 A BatchNorm layer in evaluation mode normalises with running statistics estimated on float
 activations. When the layers before it are quantized, the statistics of its input move; the
@@ -9,21 +9,22 @@ layer keeps normalising with the old ones. DESIGN §2 measures this per channel 
 
 once for the batch statistics of the float input and once for the quantized input, so that
 plain data shift (the float figures: test images are not the training images) is separated
-from the part due to quantization (``(μ_q − μ_f)/σ_run`` and ``σ²_q/σ²_f``).
+from the part due to quantization (``(μ_q − μ_f)/σ_run`` and ``σ²_q/σ²_f``). The remedy,
+re-estimating the statistics on the quantized network, is
+:func:`qerror.nn.correction.reestimate_bn`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BNInconsistency", "reestimate"]
+__all__ = ["BNInconsistency", "running_stats"]
 
 
 def _gmean(x: np.ndarray) -> float:
@@ -77,7 +78,7 @@ class BNInconsistency:
 
     @classmethod
     def from_sums(cls, moments_f, moments_q, mean_run, var_run) -> BNInconsistency:
-        """From the streamed per-channel moments of :mod:`qerror.propagate`."""
+        """From the streamed per-channel moments of :mod:`qerror.nn.propagate`."""
         mf, mq = moments_f.mean_c(), moments_q.mean_c()
         vf = np.maximum(moments_f.sq_c() - mf * mf, 0.0)
         vq = np.maximum(moments_q.sq_c() - mq * mq, 0.0)
@@ -98,47 +99,6 @@ class BNInconsistency:
             "bn_var_ratio_quant_gmean": _gmean(self.var_ratio_quant),
             "bn_var_ratio_qf_gmean": _gmean(self.var_ratio_quant_vs_float),
         }
-
-
-def reestimate(model: nn.Module, batches: Iterable, config, act_qparams=None, *,
-               weights=None, corrections=None, progress: bool = False
-               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """BatchNorm statistics re-estimated on the quantized network.
-
-    A copy of the model runs the quantized path alone on ``batches`` (calibration
-    images) with its BatchNorm layers in training mode and a cumulative average
-    (``momentum=None``), as in BN re-estimation after quantization: each layer's new
-    statistics are those of its input when every earlier layer already uses its
-    re-estimated statistics. The model itself is not modified.
-
-    Returns
-    -------
-    dict
-        BatchNorm name → (running mean, running variance), to pass as ``bn_stats`` to
-        :func:`qerror.propagate.measure`.
-    """
-    from qerror._progress import progress_bar
-    from qerror.propagate import _batches, check_model, quantized_forward
-
-    check_model(model, need_batchnorm=True)
-    clone = copy.deepcopy(model).eval()
-    bns = {n: m for n, m in clone.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for m in bns.values():
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    seen = 0
-    with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
-                                            corrections=corrections):
-        for x, _ in _batches(progress_bar(batches, progress, "BN re-estimation")):
-            if x.shape[0] < 2:
-                raise ValueError("BN re-estimation needs batches of at least 2 images")
-            clone(x)
-            seen += 1
-    if seen == 0:
-        raise ValueError("BN re-estimation needs at least one batch")
-    return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
-            for n, m in bns.items()}
 
 
 def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -82,11 +82,18 @@ from torch import nn
 
 from qerror._enums import parse_enum
 from qerror._progress import progress_bar
-from qerror.calibration import calibrate, observed_range, qparams_from_range
+from qerror.calibration import calibrate
+from qerror.nn._anatomy import (
+    RangeObserver,
+    Site,
+    batch_images,
+    fold_bn,
+    layer_chains,
+    pre_hooks,
+)
 from qerror.quantizer import (
     QParams,
     QuantSpec,
-    RangeMethod,
     ScaleArithmetic,
     fake_quantize,
     quantize,
@@ -103,7 +110,6 @@ __all__ = [
     "Pipeline",
     "crosscheck_layer",
     "crosscheck_model",
-    "fold_bn",
     "real_int8",
     "simulate_int8",
 ]
@@ -292,62 +298,6 @@ class CrossCheck:
                      elements=("elements", "sum"), equal=("equal", "sum"),
                      saturated=("saturated", "sum"))
                 .reset_index())
-
-
-# --------------------------------------------------------------------------- folding
-
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new convolution equal to ``bn(conv(x))`` with ``bn`` in evaluation mode.
-
-    Parameters
-    ----------
-    conv : nn.Conv2d
-    bn : nn.BatchNorm2d
-        In evaluation mode, with running statistics, ``num_features == conv.out_channels``.
-
-    Returns
-    -------
-    nn.Conv2d
-        A copy of ``conv`` with weight ``W_c f_c`` and bias ``(b_c - μ_c) f_c + β_c``,
-        ``f_c = γ_c / sqrt(σ²_c + ε)``, computed in float64 and rounded once to the
-        convolution's dtype. ``conv`` and ``bn`` are left unchanged.
-
-    Notes
-    -----
-    Folding is what INT8 engines do before they quantize the weights, so the per-channel
-    weight scales are those of the folded weight.
-    """
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if bn.training:
-        raise ValueError("the BatchNorm is in training mode, where it normalises with batch "
-                         "statistics and cannot be folded; call model.eval() (or bn.eval()) "
-                         "first")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("the BatchNorm keeps no running statistics "
-                         "(track_running_stats=False), so there is nothing to fold")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"the BatchNorm has {bn.num_features} features but the convolution "
-                         f"has {conv.out_channels} output channels")
-    with torch.no_grad():
-        wide = torch.float64
-        var = bn.running_var.to(wide)
-        gamma = bn.weight.to(wide) if bn.weight is not None else torch.ones_like(var)
-        beta = bn.bias.to(wide) if bn.bias is not None else torch.zeros_like(var)
-        factor = gamma / torch.sqrt(var + bn.eps)
-        bias = conv.bias.to(wide) if conv.bias is not None else torch.zeros_like(var)
-        weight = conv.weight.to(wide) * factor.reshape(-1, 1, 1, 1)
-        bias = (bias - bn.running_mean.to(wide)) * factor + beta
-        # A fresh module, not a copy: a copy would carry the original's hooks along.
-        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                           conv.padding, conv.dilation, conv.groups, bias=True,
-                           padding_mode=conv.padding_mode, device=conv.weight.device,
-                           dtype=conv.weight.dtype)
-        folded.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
-        folded.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-    return folded.train(conv.training)
 
 
 # --------------------------------------------------------------------------- checks
@@ -828,121 +778,16 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
 
 # --------------------------------------------------------------------------- a model
 
-@dataclass(frozen=True)
-class _Site:
-    name: str
-    layer: nn.Module
-    bn: nn.BatchNorm2d | None
-    relu: bool
-
-
-def _is_relu(node, modules) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (F.relu, torch.relu, torch.relu_)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def _sites(model: nn.Module, fuse_relu: bool) -> list[_Site]:
-    """Every Conv2d and Linear the model calls, with the BatchNorm and ReLU that follow.
-
-    The chains are read from the ``torch.fx`` graph: a BatchNorm is folded when it is the
-    convolution's only user, a ReLU fused when it is the only user of the chain's end.
-    """
-    modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
-        raise ValueError(
-            f"crosscheck_model reads conv→BN→ReLU chains from torch.fx.symbolic_trace, which "
-            f"failed on this model ({type(exc).__name__}: {exc}); cross-check its layers one "
-            "by one with crosscheck_layer") from exc
-    sites: dict[str, _Site] = {}
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        layer = modules[node.target]
-        if isinstance(layer, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                              nn.ConvTranspose3d)):
-            raise TypeError(f"layer {node.target!r} is an {type(layer).__name__}; "
-                             "crosscheck_model covers nn.Conv2d and nn.Linear only")
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
-        if node.target in sites:
-            raise ValueError(f"layer {node.target!r} is called more than once; shared layers "
-                             "are not supported")
-        try:
-            _check_layer(layer)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"layer {node.target!r}: {exc}") from exc
-        bn, tail = None, node
-        users = list(node.users)
-        if isinstance(layer, nn.Conv2d) and len(users) == 1 and users[0].op == "call_module" \
-                and isinstance(modules.get(users[0].target), nn.BatchNorm2d):
-            bn, tail = modules[users[0].target], users[0]
-        relu = fuse_relu and len(tail.users) == 1 and _is_relu(next(iter(tail.users)), modules)
-        sites[node.target] = _Site(node.target, layer, bn, relu)
-    if not sites:
-        raise ValueError("the model calls no nn.Conv2d or nn.Linear layer")
-    return list(sites.values())
-
-
-def _batch_input(item) -> torch.Tensor:
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-        raise TypeError("batches must yield float32 image tensors or (images, labels) pairs, "
-                        f"got {getattr(x, 'dtype', type(x).__name__)}")
-    return x
-
-
-class _Range:
-    """Running range of one tensor stream: min/max of MINMAX, mean of PERCENTILE bounds."""
-
-    def __init__(self, spec: QuantSpec, reduce_range: bool = False):
-        if spec.range_method is RangeMethod.MSE:
-            raise ValueError("range_method MSE is not supported for streamed calibration; "
-                             "use MINMAX or PERCENTILE")
-        self.spec, self.n = spec, 0
-        # reduce_range: the range maps onto half the codes (0..127 for uint8)
-        self.range_spec = spec.replace(bits=spec.bits - 1) if reduce_range else spec
-        self.lo = self.hi = 0.0
-
-    def add(self, x: torch.Tensor) -> None:
-        if self.spec.range_method is RangeMethod.MINMAX:
-            lo, hi = (float(v) for v in torch.aminmax(x))
-        else:
-            lo, hi = (float(v) for v in observed_range(x, self.spec))
-        if self.spec.range_method is RangeMethod.MINMAX:
-            self.lo = lo if self.n == 0 else min(self.lo, lo)
-            self.hi = hi if self.n == 0 else max(self.hi, hi)
-        else:
-            self.lo += (lo - self.lo) / (self.n + 1)
-            self.hi += (hi - self.hi) / (self.n + 1)
-        self.n += 1
-
-    def qparams(self) -> QParams:
-        qp = qparams_from_range(self.lo, self.hi, self.range_spec)
-        return QParams(float(np.float32(qp.scale)), int(qp.zero_point))
-
-
-@contextlib.contextmanager
-def _pre_hooks(sites: list[_Site], fn) -> Iterator[None]:
-    handles = []
-    try:
-        for site in sites:
-            handles.append(site.layer.register_forward_pre_hook(
-                lambda module, args, site=site: fn(site, args[0])))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def _float32_scale(qp: QParams) -> QParams:
+    """The kernels hold scales in float32."""
+    return QParams(float(np.float32(qp.scale)), int(qp.zero_point))
 
 
 def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterable, *,
                      act_spec: QuantSpec = ACTIVATION_SPEC, out_spec: QuantSpec | None = None,
                      engine: Engine | str = Engine.FBGEMM, fuse_relu: bool = True,
-                     reduce_range: bool = False, progress: bool = False) -> CrossCheck:
+                     reduce_range: bool = False, seed: int = 0,
+                     progress: bool = False) -> CrossCheck:
     """Cross-check every convolution and linear layer of a model, each fed its float input.
 
     Parameters
@@ -954,7 +799,8 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         Batches of float32 images (N, C, H, W), or (images, labels) pairs.
     act_spec : QuantSpec
         Quantizer of every layer's input (8-bit per tensor, nearest-even); its
-        ``range_method`` (MINMAX or PERCENTILE) calibrates the ranges.
+        ``range_method`` calibrates the ranges, as in
+        :func:`qerror.nn.propagate.calibrate_activations`.
     out_spec : QuantSpec, optional
         Quantizer of every layer's output; default ``act_spec``.
     engine : Engine or str
@@ -966,6 +812,8 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         Calibrate every layer's input range onto half the codes (0..127), as PyTorch's
         x86/FBGEMM observers do with ``reduce_range=True``: the AVX2 kernel's int16 pair
         sums then cannot saturate on calibration-range inputs.
+    seed : int
+        Seed of the calibration samples (PERCENTILE and MSE ranges).
     progress : bool
         Show a progress bar over the evaluation batches.
 
@@ -979,8 +827,9 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     Each convolution is folded with the BatchNorm that is its only user (:func:`fold_bn`).
     Calibration runs the float model over ``calibration`` with forward pre-hooks and
     records, per layer, the range of its input and of its folded (and ReLU'd) float
-    output: the running min and max for MINMAX, the mean of the per-batch percentile
-    bounds for PERCENTILE. Weight scales are the per-channel min-max of the folded weights.
+    output with the observer that calibrates the simulation
+    (:class:`qerror.nn._anatomy.RangeObserver`: exact extremes for MINMAX, a seeded sample
+    of every batch for PERCENTILE and MSE). Weight scales are the per-channel min-max of the folded weights.
     All scales are rounded to float32. Evaluation runs the float model again and, inside
     each layer's pre-hook, compares the real kernel and the simulations on that layer's
     float input: the comparison is layer-local, errors do not propagate. Only counts are
@@ -998,12 +847,13 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         raise ValueError(f"the model must be in evaluation mode (BatchNorm must use its running "
                          f"statistics to be folded); {len(training)} module(s) are training, "
                          f"e.g. {training[0]!r}; call model.eval() first")
-    sites = _sites(model, fuse_relu)
+    sites = layer_chains(model, fuse_relu, who="crosscheck_model", check_layer=_check_layer)
     folded = {s.name: s.layer if s.bn is None else fold_bn(s.layer, s.bn) for s in sites}
-    inputs = {s.name: _Range(act_spec, reduce_range) for s in sites}
-    outputs = {s.name: _Range(out_spec) for s in sites}
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {s.name: RangeObserver(act_spec, gen) for s in sites}
+    outputs = {s.name: RangeObserver(out_spec, gen) for s in sites}
 
-    def observe(site: _Site, x: torch.Tensor) -> None:
+    def observe(site: Site, x: torch.Tensor) -> None:
         inputs[site.name].add(x)
         # Functional, not the module: calling a hooked module from its own hook recurses.
         layer = folded[site.name]
@@ -1011,31 +861,33 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
             F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
         outputs[site.name].add(F.relu(y) if site.relu else y)
 
-    with torch.inference_mode(), _pre_hooks(sites, observe):
+    with torch.inference_mode(), pre_hooks(sites, observe):
         for item in calibration:
-            model(_batch_input(item))
-    missing = [s.name for s in sites if inputs[s.name].n == 0]
+            model(batch_images(item))
+    missing = [s.name for s in sites if inputs[s.name].batches == 0]
     if missing:
         raise ValueError(f"{len(missing)} layer(s) saw no calibration data (e.g. "
                          f"{missing[0]!r}); pass at least one calibration batch that reaches "
                          "every layer")
+    # reduce_range: the input range maps onto half the codes (0..127 for uint8)
+    input_spec = act_spec.replace(bits=act_spec.bits - 1) if reduce_range else act_spec
     plans: dict[str, _Plan] = {}
     for s in sites:
         w = calibrate(folded[s.name].weight.detach(), WEIGHT_SPEC)
-        qp = LayerQParams(inputs[s.name].qparams(),
+        qp = LayerQParams(_float32_scale(inputs[s.name].qparams(input_spec)),
                           QParams(np.asarray(w.scale, dtype=np.float32).astype(np.float64), 0),
-                          outputs[s.name].qparams())
+                          _float32_scale(outputs[s.name].qparams()))
         plans[s.name] = _Plan(folded[s.name], qp, relu=s.relu, act_spec=act_spec,
                               out_spec=out_spec, name=s.name,
                               kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine)
     tallies = {s.name: _tallies() for s in sites}
 
-    def check(site: _Site, x: torch.Tensor) -> None:
+    def check(site: Site, x: torch.Tensor) -> None:
         plans[site.name].compare(x.contiguous(), tallies[site.name])
 
-    with _engine(engine), torch.inference_mode(), _pre_hooks(sites, check):
+    with _engine(engine), torch.inference_mode(), pre_hooks(sites, check):
         for item in progress_bar(evaluation, progress, "int8 cross-check"):
-            model(_batch_input(item))
+            model(batch_images(item))
     if all(t.elements == 0 for t in tallies[sites[0].name].values()):
         raise ValueError("evaluation holds no batches")
     rows = [row for s in sites for row in plans[s.name].results(tallies[s.name])]

@@ -1,0 +1,70 @@
+"""Everything that acts on a network: propagation, BatchNorm, remedies, INT8, models.
+
+The wing's modules share one private anatomy module (model checks, layer sites, hooks,
+BatchNorm folding, the activation-range observer) and import the flat primitives
+(:mod:`qerror.rounding`, :mod:`qerror.quantizer`, :mod:`qerror.calibration`,
+:mod:`qerror.analytic`, ...), never the other way round.
+
+* :mod:`qerror.nn.propagate`: the paired batch, drift, SQNR, saturation along depth;
+* :mod:`qerror.nn.bn`: BatchNorm inconsistency;
+* :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
+* :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
+* :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints.
+"""
+
+from qerror.nn._anatomy import (
+    UnsupportedModelError,
+    bn_fed_layers,
+    check_model,
+    fold_bn,
+    layer_names,
+)
+from qerror.nn.bn import BNInconsistency, running_stats
+from qerror.nn.correction import (
+    MeanSource,
+    analytic_bias_correction,
+    bias_correction,
+    empirical_bias_correction,
+    predicted_local_drift,
+    reestimate_bn,
+)
+from qerror.nn.propagate import (
+    LogitResult,
+    PropagationResult,
+    QuantConfig,
+    QuantizedWeights,
+    SiteResult,
+    Target,
+    calibrate_activations,
+    measure,
+    output_key,
+    quantize_weights,
+    quantized_forward,
+)
+
+__all__ = [
+    "BNInconsistency",
+    "LogitResult",
+    "MeanSource",
+    "PropagationResult",
+    "QuantConfig",
+    "QuantizedWeights",
+    "SiteResult",
+    "Target",
+    "UnsupportedModelError",
+    "analytic_bias_correction",
+    "bias_correction",
+    "bn_fed_layers",
+    "calibrate_activations",
+    "check_model",
+    "empirical_bias_correction",
+    "fold_bn",
+    "layer_names",
+    "measure",
+    "output_key",
+    "predicted_local_drift",
+    "quantize_weights",
+    "quantized_forward",
+    "reestimate_bn",
+    "running_stats",
+]

@@ -1,0 +1,347 @@
+"""The anatomy of a torchvision-style CNN, shared by everything in :mod:`qerror.nn`.
+
+Which modules a network is made of and whether the paired batch can run it
+(:func:`check_model`), where its quantized layers are (:func:`layer_names`, :func:`is_block`,
+:func:`layer_chains` with the BatchNorm and ReLU that follow each layer,
+:func:`bn_fed_layers`), folding a BatchNorm into its convolution (:func:`fold_bn`), the
+batches a network is fed (:func:`iter_batches`, :func:`chunks`, :func:`batch_images`),
+hooks that are always removed (:func:`pre_hooks`), the evaluation-mode guard
+(:func:`eval_mode`) and the one activation-range observer (:class:`RangeObserver`) that
+calibrates both the simulation (:mod:`qerror.nn.propagate`) and the INT8 cross-check
+(:mod:`qerror.nn.int8`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qerror.calibration import calibrate, qparams_from_range
+from qerror.quantizer import QParams, QuantSpec, RangeMethod
+
+#: Leaf modules whose evaluation-mode forward treats samples independently.
+PER_SAMPLE_LEAVES = (
+    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.GELU,
+    nn.Sigmoid, nn.Hardswish,
+)
+LAYERS = (nn.Conv2d, nn.Linear)
+
+
+class UnsupportedModelError(ValueError):
+    """The model holds a module the paired-batch instrumentation cannot run exactly."""
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's Conv2d and Linear layers, in registration order."""
+    return [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
+
+
+def is_block(module: nn.Module) -> bool:
+    """Whether the module is a residual block (torchvision's names, or ``*Block``)."""
+    name = type(module).__name__
+    return name in ("Bottleneck", "BasicBlock") or name.endswith("Block")
+
+
+def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
+    """Refuse models the paired batch cannot run exactly, with a message saying why.
+
+    Raises
+    ------
+    UnsupportedModelError
+        A leaf module that is neither a Conv2d/Linear nor known to treat samples
+        independently in evaluation mode, a grouped-input layer type (Conv1d, Conv3d,
+        transposed convolutions), no Conv2d/Linear at all, or (``need_batchnorm``) no
+        BatchNorm2d.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    bad = sorted({type(m).__name__ for m in model.modules()
+                  if not list(m.children()) and not isinstance(m, LAYERS + PER_SAMPLE_LEAVES)})
+    if bad:
+        raise UnsupportedModelError(
+            f"the model has layer types qerror.nn.propagate cannot instrument: {', '.join(bad)}. "
+            "Supported: Conv2d and Linear (quantized), and BatchNorm2d, ReLU, ReLU6, pooling, "
+            "Flatten, Dropout, Identity and common activations (run per sample in eval mode). "
+            "Replace or remove the others, or wrap them so that they act per sample.")
+    if not layer_names(model):
+        raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
+    if need_batchnorm and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise UnsupportedModelError(
+            "the model has no BatchNorm2d: BatchNorm inconsistency and BN re-estimation need "
+            "one. Measure drift without them (bn=False), or use a model with BatchNorm")
+
+
+def check_batch(x, name="x") -> torch.Tensor:
+    """A non-empty, finite, floating-point batch (N, ...), or a clear error."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return x
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in evaluation mode for the block; each module's own mode restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
+def iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels or None) of each batch, checked (:func:`check_batch`)."""
+    for item in batches:
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise ValueError("batches must yield images or (images, labels) pairs")
+            x, y = item
+        else:
+            x, y = item, None
+        x = check_batch(x)
+        if y is not None:
+            y = torch.as_tensor(y)
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of "
+                                 f"{x.shape[0]} images")
+        yield x, y
+
+
+def chunks(batches, size: int | None):
+    """Each (images, labels) batch, or its consecutive chunks of ``size`` images."""
+    for x, y in batches:
+        if size is None or x.shape[0] <= size:
+            yield x, y
+            continue
+        for i in range(0, x.shape[0], size):
+            yield x[i:i + size], None if y is None else y[i:i + size]
+
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new convolution equal to ``bn(conv(x))`` with ``bn`` in evaluation mode.
+
+    Parameters
+    ----------
+    conv : nn.Conv2d
+    bn : nn.BatchNorm2d
+        In evaluation mode, with running statistics, ``num_features == conv.out_channels``.
+
+    Returns
+    -------
+    nn.Conv2d
+        A copy of ``conv`` with weight ``W_c f_c`` and bias ``(b_c - μ_c) f_c + β_c``,
+        ``f_c = γ_c / sqrt(σ²_c + ε)``, computed in float64 and rounded once to the
+        convolution's dtype. ``conv`` and ``bn`` are left unchanged.
+
+    Notes
+    -----
+    Folding is what INT8 engines do before they quantize the weights, so the per-channel
+    weight scales are those of the folded weight.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.training:
+        raise ValueError("the BatchNorm is in training mode, where it normalises with batch "
+                         "statistics and cannot be folded; call model.eval() (or bn.eval()) "
+                         "first")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("the BatchNorm keeps no running statistics "
+                         "(track_running_stats=False), so there is nothing to fold")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"the BatchNorm has {bn.num_features} features but the convolution "
+                         f"has {conv.out_channels} output channels")
+    with torch.no_grad():
+        wide = torch.float64
+        var = bn.running_var.to(wide)
+        gamma = bn.weight.to(wide) if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.to(wide) if bn.bias is not None else torch.zeros_like(var)
+        factor = gamma / torch.sqrt(var + bn.eps)
+        bias = conv.bias.to(wide) if conv.bias is not None else torch.zeros_like(var)
+        weight = conv.weight.to(wide) * factor.reshape(-1, 1, 1, 1)
+        bias = (bias - bn.running_mean.to(wide)) * factor + beta
+        # A fresh module, not a copy: a copy would carry the original's hooks along.
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                           conv.padding, conv.dilation, conv.groups, bias=True,
+                           padding_mode=conv.padding_mode, device=conv.weight.device,
+                           dtype=conv.weight.dtype)
+        folded.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+        folded.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    return folded.train(conv.training)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A quantized layer as the network calls it, with the BatchNorm and ReLU after it."""
+
+    name: str
+    layer: nn.Module
+    bn: nn.BatchNorm2d | None
+    relu: bool
+
+
+def is_relu(node, modules) -> bool:
+    """Whether a ``torch.fx`` node applies a ReLU (module, function or method)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def layer_chains(model: nn.Module, fuse_relu: bool, *, who: str,
+                 check_layer: Callable[[nn.Module], None] | None = None) -> list[Site]:
+    """Every Conv2d and Linear the model calls, with the BatchNorm and ReLU that follow.
+
+    The chains are read from the ``torch.fx`` graph: a BatchNorm is folded when it is the
+    convolution's only user, a ReLU fused when it is the only user of the chain's end.
+    ``who`` names the caller in error messages; ``check_layer`` refuses a layer the caller
+    cannot handle (its message is prefixed with the layer's name).
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
+        raise ValueError(
+            f"{who} reads conv→BN→ReLU chains from torch.fx.symbolic_trace, which failed on "
+            f"this model ({type(exc).__name__}: {exc})") from exc
+    sites: dict[str, Site] = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = modules[node.target]
+        if isinstance(layer, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                              nn.ConvTranspose3d)):
+            raise TypeError(f"layer {node.target!r} is an {type(layer).__name__}; "
+                             f"{who} covers nn.Conv2d and nn.Linear only")
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        if node.target in sites:
+            raise ValueError(f"layer {node.target!r} is called more than once; shared layers "
+                             "are not supported")
+        if check_layer is not None:
+            try:
+                check_layer(layer)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"layer {node.target!r}: {exc}") from exc
+        bn, tail = None, node
+        users = list(node.users)
+        if isinstance(layer, nn.Conv2d) and len(users) == 1 and users[0].op == "call_module" \
+                and isinstance(modules.get(users[0].target), nn.BatchNorm2d):
+            bn, tail = modules[users[0].target], users[0]
+        relu = fuse_relu and len(tail.users) == 1 and is_relu(next(iter(tail.users)), modules)
+        sites[node.target] = Site(node.target, layer, bn, relu)
+    if not sites:
+        raise ValueError("the model calls no nn.Conv2d or nn.Linear layer")
+    return list(sites.values())
+
+
+def batch_images(item) -> torch.Tensor:
+    """The float32 images of a batch given as images or (images, labels)."""
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError("batches must yield float32 image tensors or (images, labels) pairs, "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+    return x
+
+
+@contextlib.contextmanager
+def pre_hooks(sites: list[Site], fn) -> Iterator[None]:
+    """``fn(site, input)`` before every call of each site's layer, for the block."""
+    handles = []
+    try:
+        for site in sites:
+            handles.append(site.layer.register_forward_pre_hook(
+                lambda module, args, site=site: fn(site, args[0])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def bn_fed_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Layers fed directly by ``relu(bn(...))`` inside a residual block.
+
+    torchvision's blocks compute ``conv{k}(relu(bn{k-1}(...)))`` for k ≥ 2; those convs map
+    to their BatchNorm. Other layers (the stem, each block's first conv and downsample,
+    fed by the previous block's ReLU'd residual sum, and the classifier) are absent.
+    """
+    out = {}
+    for name, block in model.named_modules():
+        for k in range(2, 10):
+            conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k - 1}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                out[f"{name}.conv{k}" if name else f"conv{k}"] = bn
+    return out
+
+
+
+class RangeObserver:
+    """The range of one stream of activations, observed batch by batch.
+
+    Parameters
+    ----------
+    spec : QuantSpec
+        Its ``range_method`` says what is kept: MINMAX keeps the exact extremes; PERCENTILE
+        and MSE keep, besides the extremes, a uniform random sample (with replacement) of at
+        most ``sample_per_batch`` elements of each batch, on which :func:`qerror.calibrate`
+        chooses the range at the end.
+    generator : torch.Generator
+        Source of the samples; observers of one network share one, so a calibration pass
+        is reproducible from one seed.
+    sample_per_batch : int
+
+    Notes
+    -----
+    Memory is two floats per stream for MINMAX and ``sample_per_batch`` float64 values per
+    batch otherwise (calibration uses a few batches).
+    """
+
+    def __init__(self, spec: QuantSpec, generator: torch.Generator, *,
+                 sample_per_batch: int = 1 << 15):
+        self.spec = spec
+        self.generator = generator
+        self.sample_per_batch = sample_per_batch
+        self.lo, self.hi = math.inf, -math.inf
+        self.batches = 0
+        self.samples: list[torch.Tensor] = []
+
+    @property
+    def sampled(self) -> bool:
+        return self.spec.range_method is not RangeMethod.MINMAX
+
+    def add(self, x: torch.Tensor) -> None:
+        """Observe one batch of the stream."""
+        lo, hi = torch.aminmax(x.detach())
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.batches += 1
+        if self.sampled:
+            flat = x.detach().reshape(-1)
+            k = min(self.sample_per_batch, flat.numel())
+            idx = torch.randint(flat.numel(), (k,), generator=self.generator)
+            self.samples.append(flat[idx].to(torch.float64))
+
+    def qparams(self, spec: QuantSpec | None = None) -> QParams:
+        """Scale and zero point of ``spec`` (default the observer's) for the observed range."""
+        spec = self.spec if spec is None else spec
+        if self.batches == 0:
+            raise ValueError("the observer saw no batch")
+        if not self.sampled:
+            return qparams_from_range(self.lo, self.hi, spec)
+        data = torch.cat(self.samples + [torch.tensor([self.lo, self.hi], dtype=torch.float64)])
+        return calibrate(data, spec)
