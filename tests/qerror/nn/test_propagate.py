@@ -1,4 +1,4 @@
-"""qerror.nn.propagate, qerror.nn.bn and qerror.nn.correction on small networks.
+"""qerror.nn.propagate on small networks: the paired batch against separate runs.
 
 The reference computations run the float model and the quantized model (built by hand with
 qerror.fake_quantize) separately and reduce their difference with numpy; the instrumented
@@ -11,61 +11,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from qerror import QuantSpec, RoundingMode, fake_quantize
 from qerror.nn import (
-    MeanSource,
     QuantConfig,
     Target,
-    UnsupportedModelError,
-    analytic_bias_correction,
-    bn_fed_layers,
     calibrate_activations,
-    check_model,
-    empirical_bias_correction,
     measure,
-    predicted_local_drift,
     quantize_weights,
     quantized_forward,
-    reestimate_bn,
 )
-
-RTOL64 = 1e-9
-
-
-def tiny_resnet(seed: int = 0, dtype=torch.float64) -> nn.Module:
-    """conv-bn-relu, two torchvision BasicBlocks (one with a downsample), pool, linear."""
-    torch.manual_seed(seed)
-    block = torchvision.models.resnet.BasicBlock
-    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        block(8, 8), block(8, 16, stride=2, downsample=down),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    model = model.to(dtype)
-    with torch.no_grad():  # BatchNorm statistics that fit the model's own activations
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-        model.train()
-        model(torch.randn(64, 1, 12, 12, dtype=dtype, generator=torch.Generator().manual_seed(9)))
-    return model.eval()
-
-
-def images(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
-    return torch.randn(n, 1, 12, 12, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_resnet()
-    calib = [images(32, 1)]
-    test = [(images(16, 2), torch.arange(16) % 10), (images(16, 3), torch.arange(16) % 7)]
-    return model, calib, test
+from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
 
 
 def _manual_quantized(model, config, act_qp, weights):
@@ -262,128 +219,6 @@ def test_sites_cover_layers_batchnorms_and_blocks(setup):
     assert {"bn_mean_shift_qf_rms", "bn_var_ratio_qf_gmean"} <= set(frame.metric)
 
 
-def test_bn_inconsistency_float_part_is_the_data_shift(setup):
-    """With 16-bit nearest rounding the quantized BN input is the float one within 1e-3 σ."""
-    model, calib, test = setup
-    cfg = QuantConfig.make(16, RoundingMode.NEAREST_EVEN)
-    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
-    for s in res.sites:
-        if s.kind == "bn":
-            np.testing.assert_allclose(s.bn.mean_shift_quant, s.bn.mean_shift_float, atol=1e-3)
-            assert np.all(np.abs(s.bn.mean_shift_quant_vs_float) < 1e-3)
-
-
-def test_bn_reestimation_matches_float_statistics_at_high_precision_and_spares_the_model(setup):
-    model, calib, _ = setup
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = QuantConfig.make(16, RoundingMode.NEAREST_EVEN)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    stats = reestimate_bn(model, calib, cfg, act_qp)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    # float reference: the same procedure without quantization
-    import copy
-
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    ref.train()
-    with torch.no_grad():
-        for x in calib:
-            ref(x)
-    for name, m in ref.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            mean, var = stats[name]
-            # 16-bit steps are ~1e-4 of each range: means agree to that order
-            np.testing.assert_allclose(mean, m.running_mean, atol=1e-3)
-            np.testing.assert_allclose(var, m.running_var, rtol=1e-3, atol=1e-4)
-
-
-def test_bn_reestimation_makes_the_first_batchnorm_consistent(setup):
-    """On the data it was estimated from, the first BN (no BN before it) has zero mean shift."""
-    model, calib, _ = setup
-    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    w = quantize_weights(model, cfg.weight)
-    stats = reestimate_bn(model, calib, cfg, act_qp, weights=w)
-    before = measure(model, calib, cfg, act_qp, weights=w).site("1").bn
-    after = measure(model, calib, cfg, act_qp, weights=w, bn_stats=stats).site("1").bn
-    assert np.max(np.abs(before.mean_shift_quant)) > 0.05
-    np.testing.assert_allclose(after.mean_shift_quant, 0.0, atol=1e-12)
-    n = calib[0].shape[0] * 12 * 12  # running_var is unbiased, the batch variance is not
-    np.testing.assert_allclose(after.var_ratio_quant, (n - 1) / n, rtol=1e-12)
-
-
-def test_predicted_drift_is_exact_for_weight_errors(setup):
-    """E[conv(x, ΔW)] = conv(E[x], ΔW): with float inputs the prediction is the measurement."""
-    model, calib, _test = setup
-    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
-    w = quantize_weights(model, cfg.weight)
-    res = measure(model, calib, cfg, weights=w, local_samples=1 << 20, input_maps=True)
-    pred = predicted_local_drift(model, cfg, res, weights=w, source=MeanSource.MEASURED)
-    corr = analytic_bias_correction(model, cfg, res, weights=w, source=MeanSource.MEASURED)
-    for s in res.layers():
-        np.testing.assert_allclose(pred[s.name], s.local_drift_channel, rtol=1e-8, atol=1e-14)
-        np.testing.assert_array_equal(corr[s.name].numpy(), -pred[s.name])
-
-
-def test_predicted_activation_drift_of_truncation_within_its_sampling_error(setup):
-    """Truncating post-ReLU inputs: the uniform model's −½·P(x>0) LSB per input, through Ŵ.
-
-    Each prediction is compared with the measured local mean error; α = 0.001 per layer
-    with a z-bound on the measured mean's standard error over images, plus the model's own
-    first-order error, bounded by the spread of the input quantizer's measured bias.
-    """
-    model, calib, _ = setup
-    cfg = QuantConfig.make(8, RoundingMode.TOWARD_ZERO, Target.ACTIVATIONS)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    data = [images(256, 11)]
-    res = measure(model, data, cfg, act_qp, local_samples=1 << 20, input_maps=True)
-    pred = predicted_local_drift(model, cfg, res, act_qp, source=MeanSource.MEASURED)
-    for s in res.layers():
-        assert s.input_error_mean_lsb < -0.2  # truncation is biased low on these inputs
-        p = float(np.mean(pred[s.name]))
-        assert np.sign(p) == np.sign(s.local_drift) or abs(s.local_drift) < 3.3 * s.local_drift_se
-
-
-def test_empirical_bias_correction_zeroes_the_local_mean_error_on_its_data(setup):
-    model, calib, _ = setup
-    cfg = QuantConfig.make(4, RoundingMode.FLOOR)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    w = quantize_weights(model, cfg.weight)
-    corr = empirical_bias_correction(model, calib, cfg, act_qp, weights=w)
-    res = measure(model, calib, cfg, act_qp, weights=w, corrections=corr, local_samples=1 << 20)
-    for s in res.layers():
-        np.testing.assert_allclose(s.local_drift_channel, 0.0, atol=1e-12)
-
-
-def test_bn_fed_layers_follow_torchvision_blocks(setup):
-    model, _, _ = setup
-    assert sorted(bn_fed_layers(model)) == ["3.conv2", "4.conv2"]
-    r50 = torchvision.models.resnet50()
-    fed = bn_fed_layers(r50)
-    assert len(fed) == 2 * 16 and fed["layer1.0.conv3"] is r50.layer1[0].bn2
-
-
-# --------------------------------------------------------------------------- bad input
-
-def test_unsupported_layers_are_refused_with_their_names():
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.LSTM(2, 2))
-    with pytest.raises(UnsupportedModelError, match="Conv1d, LSTM"):
-        check_model(model)
-
-
-def test_a_model_without_batchnorm_is_refused_where_batchnorm_is_needed():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
-    check_model(model)
-    with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
-        check_model(model, need_batchnorm=True)
-    with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
-        reestimate_bn(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
-
-
 def test_configs_that_cannot_run_are_refused(setup):
     model, _calib, test = setup
     with pytest.raises(ValueError, match="quantizes nothing"):
@@ -423,30 +258,3 @@ def test_bn_and_block_outputs_can_be_quantized_too():
         measure(model, [x], cfg, calibrate_activations(model, [x], cfg.activation))
     with pytest.raises(ValueError, match="activation spec"):
         QuantConfig(QuantSpec(axis=0), None, bn_outputs=True)
-
-
-def test_bn_float_input_statistics_equal_a_direct_computation(setup):
-    model, calib, test = setup
-    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
-    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
-    inputs = {}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].detach()))
-        for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            for x, _ in test:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            x = torch.cat(inputs[name]).numpy()
-            mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
-            sd = np.sqrt(m.running_var.numpy())
-            bn = res.site(name).bn
-            np.testing.assert_allclose(bn.mean_shift_float, (mean - m.running_mean.numpy()) / sd,
-                                       rtol=RTOL64, atol=1e-12)
-            np.testing.assert_allclose(bn.var_ratio_float, var / m.running_var.numpy(),
-                                       rtol=1e-8)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from qerror.nn import models
 from qerror._io import sha256_file
+from qerror.nn import models
 from qerror.nn.models import (
     Arch,
     CheckpointError,

@@ -1,0 +1,49 @@
+"""qerror.nn.bn: BatchNorm inconsistency, its float (data-shift) part and its input statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from qerror import RoundingMode
+from qerror.nn import QuantConfig, calibrate_activations, measure
+from tests.qerror.nn.nets import RTOL64
+
+
+def test_bn_inconsistency_float_part_is_the_data_shift(setup):
+    """With 16-bit nearest rounding the quantized BN input is the float one within 1e-3 σ."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(16, RoundingMode.NEAREST_EVEN)
+    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
+    for s in res.sites:
+        if s.kind == "bn":
+            np.testing.assert_allclose(s.bn.mean_shift_quant, s.bn.mean_shift_float, atol=1e-3)
+            assert np.all(np.abs(s.bn.mean_shift_quant_vs_float) < 1e-3)
+
+
+def test_bn_float_input_statistics_equal_a_direct_computation(setup):
+    model, calib, test = setup
+    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
+    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
+    inputs = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].detach()))
+        for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            for x, _ in test:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            x = torch.cat(inputs[name]).numpy()
+            mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+            sd = np.sqrt(m.running_var.numpy())
+            bn = res.site(name).bn
+            np.testing.assert_allclose(bn.mean_shift_float, (mean - m.running_mean.numpy()) / sd,
+                                       rtol=RTOL64, atol=1e-12)
+            np.testing.assert_allclose(bn.var_ratio_float, var / m.running_var.numpy(),
+                                       rtol=1e-8)
