@@ -30,9 +30,9 @@ import torch
 import torchvision
 from torch import nn
 
-from qerror._cpu import flush_denormal
+from qerror.cpu import flush_denormal
 from qerror._enums import parse_enum
-from qerror._io import atomic_write, jsonable, package_versions, sha256_file
+from qerror.files import atomic_write, jsonable, package_versions, sha256_file
 from qerror.data import cache_dir
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qerror._io import jsonable, package_versions, sha256_file
+from qerror.files import jsonable, package_versions, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 

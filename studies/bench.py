@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
-from qerror._cpu import flush_denormal
+from qerror.cpu import flush_denormal
 from studies._common import REPO, RunDir, base_parser
 
 

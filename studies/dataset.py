@@ -62,7 +62,7 @@ from qerror import (
     wilson_ci,
 )
 from qerror import data as qdata
-from qerror._cpu import flush_denormal
+from qerror.cpu import flush_denormal
 from studies._common import RunDir, base_parser, figure_style
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study

@@ -42,7 +42,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror._cpu import flush_denormal
+from qerror.cpu import flush_denormal
 from qerror.bn import reestimate
 from qerror.correction import (
     MeanSource,

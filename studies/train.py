@@ -40,8 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import data, wilson_ci
-from qerror._cpu import flush_denormal
-from qerror._io import atomic_write, jsonable
+from qerror.cpu import flush_denormal
+from qerror.files import atomic_write, jsonable
 from qerror.models import (
     DEFAULT_STEM,
     Arch,

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from qerror import models
-from qerror._io import sha256_file
+from qerror.files import sha256_file
 from qerror.models import (
     Arch,
     CheckpointError,

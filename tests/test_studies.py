@@ -151,7 +151,7 @@ def test_macro_names_must_be_letters(tmp_path):
 def test_flush_denormal_restores_the_callers_setting():
     import torch
 
-    from qerror._cpu import flush_denormal, flushing_denormals
+    from qerror.cpu import flush_denormal, flushing_denormals
 
     assert not flushing_denormals()
     with flush_denormal():
