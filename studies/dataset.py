@@ -57,6 +57,7 @@ from qerror import (
     calibrate,
     dequantize,
     fake_quantize,
+    holm,
     mcnemar_test,
     quantize,
     wilson_ci,
@@ -483,19 +484,6 @@ def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tens
 
 
 # --------------------------------------------------------------------------- part 3
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (same order as given)."""
-    p = np.asarray(p, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def _accuracy_row(config, mode, bits, correct, logits, float_logits, ran, qp=None,

@@ -102,14 +102,6 @@ def test_logit_cache_runs_only_new_inputs():
     assert torch.equal(changed[:7], first[:7]) and torch.equal(changed[8:], first[8:])
 
 
-def test_holm_matches_statsmodels():
-    from statsmodels.stats.multitest import multipletests
-
-    p = np.array([0.01, 0.04, 0.03, 0.2, 0.001, 1.0, 0.04])
-    expected = multipletests(p, method="holm")[1]
-    np.testing.assert_allclose(dataset.holm(p), expected, rtol=1e-12, atol=0)
-
-
 def test_storage_bytes_are_shape_times_element_size():
     frame = dataset.storage_table()
     shapes = {"28x28 pixels": (28, 28), "1x32x32 model input": (1, 32, 32),
