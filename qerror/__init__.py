@@ -20,6 +20,14 @@ from qerror.correction import (
     empirical_bias_correction,
     predicted_local_drift,
 )
+from qerror.input_quant import (
+    MAX_CODE_BITS,
+    Dequantizer,
+    InputQuantizer,
+    on_codes,
+    quantize_offline,
+    with_input_quantizer,
+)
 from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.propagate import (
     PropagationResult,
@@ -87,6 +95,12 @@ __all__ = [
     "ErrorStats",
     "ErrorSummary",
     "HistogramBins",
+    "MAX_CODE_BITS",
+    "Dequantizer",
+    "InputQuantizer",
+    "on_codes",
+    "quantize_offline",
+    "with_input_quantizer",
     "IntervalMethod",
     "StatResult",
     "bias_test",

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -50,19 +49,25 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import (
+    MAX_CODE_BITS,
     QParams,
     QuantSpec,
     RangeMethod,
     RoundingMode,
+    InputQuantizer,
     calibrate,
     dequantize,
     fake_quantize,
     holm,
     mcnemar_test,
+    on_codes,
     quantize,
+    quantize_offline,
     wilson_ci,
+    with_input_quantizer,
 )
 from qerror import data as qdata
+from qerror.compress import StorageFormat, held_bytes, storage_bytes
 from qerror.cpu import flush_denormal
 from studies._common import RunDir, base_parser, figure_style
 
@@ -70,7 +75,7 @@ ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test
 # The model's input quantizer: signed 8-bit codes, affine (the normalized input is not
 # centred on 0), one scale per tensor.
 INT8 = QuantSpec(bits=8, signed=True, symmetric=False)
-MAX_BITS = 8  # offline codes are stored one per byte (int8)
+MAX_BITS = MAX_CODE_BITS  # offline codes are stored one per byte (int8)
 DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO)
 DEFAULT_BITS = (8, 4)
 # Scale errors cost a pass over the test split each; another subset's 99th-percentile range
@@ -112,58 +117,6 @@ def _bits_arg(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- models
-
-
-class InputQuantizer(nn.Module):
-    """Quantize-then-dequantize of the input with a fixed scale and zero point: the first
-    op of a model that takes float images and quantizes them itself.
-
-    Input and output: float tensors of any shape; the output holds ``s·(q − z)``.
-    """
-
-    def __init__(self, spec: QuantSpec, qparams: QParams):
-        super().__init__()
-        self.spec, self.qparams = spec, qparams
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.spec, self.qparams.scale, self.qparams.zero_point)
-
-
-class Dequantizer(nn.Module):
-    """What remains of the input quantizer when the data arrive as integer codes.
-
-    Input: integer codes of any shape; output: float32 ``s·(q − z)``.
-    """
-
-    def __init__(self, qparams: QParams):
-        super().__init__()
-        self.qparams = qparams
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return dequantize(q, self.qparams.scale, self.qparams.zero_point)
-
-
-def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:
-    """``net`` preceded by an :class:`InputQuantizer`: fed float images."""
-    return nn.Sequential(InputQuantizer(spec, qparams), net).eval()
-
-
-def on_codes(net: nn.Module, qparams: QParams) -> nn.Module:
-    """``net`` preceded by a :class:`Dequantizer`: fed offline integer codes."""
-    return nn.Sequential(Dequantizer(qparams), net).eval()
-
-
-def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
-                     seed: int | None = None) -> torch.Tensor:
-    """Integer codes of ``x`` as a stored dataset holds them: int8, one per byte.
-
-    ``seed`` drives STOCHASTIC rounding (required for it, ignored otherwise).
-    """
-    if spec.bits > MAX_BITS:
-        raise ValueError(f"offline codes are stored in int8; spec.bits={spec.bits} is too wide")
-    codes = quantize(x, spec, qparams.scale, qparams.zero_point,
-                     generator=seed if spec.rounding.is_random else None)
-    return codes.to(torch.int8 if spec.signed else torch.uint8)
 
 
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, desc: str,
@@ -397,13 +350,6 @@ def double_quantization(cache: LogitCache, x: torch.Tensor, labels: torch.Tensor
 # --------------------------------------------------------------------------- part 2
 
 
-def _formats() -> list[tuple[str, float]]:
-    """Storage formats and their bits per element (element sizes from numpy's dtypes)."""
-    return ([(name, 8 * np.dtype(name).itemsize) for name in ("float32", "float16", "uint8",
-                                                               "int8")]
-            + [("int4 packed", 4)])  # two 4-bit codes per byte
-
-
 def storage_sets() -> list[tuple]:
     """(dataset, split, images, layout name, shape per image) of every data set measured."""
     sizes = dict(qdata.SIZES)
@@ -427,15 +373,15 @@ def storage_table(measured: dict[tuple[str, str], float] | None = None) -> pd.Da
     rows = []
     for dataset, split, images, layout, shape in storage_sets():
         elements = int(np.prod(shape))
-        f32 = images * elements * 4
-        for name, bits in _formats():
-            nbytes = math.ceil(images * elements * bits / 8)
+        f32 = storage_bytes(StorageFormat.FLOAT32, images * elements)
+        for fmt in StorageFormat:
+            nbytes = storage_bytes(fmt, images * elements)
             rows.append({"dataset": dataset, "split": split, "images": images,
-                         "layout": layout, "elements_per_image": elements, "format": name,
-                         "bits_per_element": bits, "bytes_per_image": elements * bits / 8,
+                         "layout": layout, "elements_per_image": elements, "format": fmt.label,
+                         "bits_per_element": fmt.bits, "bytes_per_image": elements * fmt.bits / 8,
                          "bytes": nbytes, "MiB": nbytes / 2**20, "GiB": nbytes / 2**30,
                          "ratio_to_float32": nbytes / f32,
-                         "measured_bytes_per_image": measured.get((layout, name), np.nan)})
+                         "measured_bytes_per_image": measured.get((layout, fmt.label), np.nan)})
     return pd.DataFrame(rows)
 
 
@@ -444,11 +390,11 @@ def measured_sizes(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tensor
     """Bytes per image of the arrays this run holds, in each stored form."""
     n = len(pixels)
     padded = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))[:, None]
-    arrays = {("28x28 pixels", "uint8"): pixels.nbytes,
-              ("1x32x32 model input", "uint8"): padded.nbytes,
-              ("1x32x32 model input", "float32"): x.numel() * x.element_size(),
-              ("1x32x32 model input", "float16"): x.numel() * x.half().element_size(),
-              ("1x32x32 model input", "int8"): codes.numel() * codes.element_size()}
+    arrays = {("28x28 pixels", "uint8"): held_bytes(pixels),
+              ("1x32x32 model input", "uint8"): held_bytes(padded),
+              ("1x32x32 model input", "float32"): held_bytes(x),
+              ("1x32x32 model input", "float16"): held_bytes(x.half()),
+              ("1x32x32 model input", "int8"): held_bytes(codes)}
     return {k: v / n for k, v in arrays.items()}
 
 
