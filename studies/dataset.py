@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +67,8 @@ from qerror import (
 )
 from qerror import data as qdata
 from qerror.compress import StorageFormat, held_bytes, storage_bytes
-from qerror.cpu import flush_denormal
-from studies._common import RunDir, base_parser, figure_style
+from studies._common import RunDir, base_parser, figure_style, paired_ratio, study_main
+from studies._latex import letters
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study
 # The model's input quantizer: signed 8-bit codes, affine (the normalized input is not
@@ -405,8 +404,6 @@ def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tens
 
     In memory only: neither disk nor bus transfer is measured.
     """
-    from studies.bench import paired_ratio
-
     px = np.ascontiguousarray(pixels[:batch])
     f32 = x[:batch].clone()
     f16 = f32.half()
@@ -609,67 +606,37 @@ def _pct(x: float, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f}"
 
 
-_ONES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
-         "Eleven", "Twelve", "Thirteen", "Fourteen", "Fifteen", "Sixteen", "Seventeen",
-         "Eighteen", "Nineteen")
-_TENS = ("", "", "Twenty", "Thirty", "Forty", "Fifty", "Sixty", "Seventy", "Eighty", "Ninety")
-_SIGNS = {".": "Point", "+": "Plus", "-": "Minus", "@": "At"}
-
-
-def _number(digits: str) -> str:
-    n = int(digits)
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + (_ONES[n % 10] if n % 10 else "")
-    return "".join(_ONES[int(d)] for d in digits)
-
-
-def _letters(text: str) -> str:
-    """A macro-name part in letters only: "toward_zero_4" → "TowardZeroFour",
-    "other_p99.9" → "OtherPNinetyNinePointNine", "float32" → "FloatThirtyTwo"."""
-    out = []
-    for token in re.findall(r"\d+|[A-Za-z]+|[.+\-@]", str(text)):
-        if token.isdigit():
-            out.append(_number(token))
-        elif token in _SIGNS:
-            out.append(_SIGNS[token])
-        else:
-            out.append(token[0].upper() + token[1:])
-    return "".join(out)
-
-
 def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
     """Numbers the paper's text quotes, under letter-only names."""
     eq = equiv[equiv.comparison == "quantizer_in_model_vs_offline_codes"].set_index("metric").value
-    m = {"DatasetTestImages": f"{int(eq['images']):,}",
-         "DatasetEquivLogitElements": f"{int(eq['logit_elements']):,}",
-         "DatasetEquivDifferingLogits": f"{int(eq['differing_logit_elements'])}",
-         "DatasetEquivMaxAbsLogitDiff": f"{eq['max_abs_logit_diff']:.3g}",
-         "DatasetEquivDifferingInputs": f"{int(eq['differing_input_elements'])}"}
+    m = {"TestImages": f"{int(eq['images']):,}",
+         "EquivLogitElements": f"{int(eq['logit_elements']):,}",
+         "EquivDifferingLogits": f"{int(eq['differing_logit_elements'])}",
+         "EquivMaxAbsLogitDiff": f"{eq['max_abs_logit_diff']:.3g}",
+         "EquivDifferingInputs": f"{int(eq['differing_input_elements'])}"}
     for r in acc.itertuples():
-        key = "FloatInput" if r.config == "float32" else _letters(f"{r.mode}_{r.bits}")
-        m[f"DatasetAccuracy{key}"] = _pct(r.accuracy)
-        m[f"DatasetCILow{key}"] = _pct(r.ci_low)
-        m[f"DatasetCIHigh{key}"] = _pct(r.ci_high)
+        key = "FloatInput" if r.config == "float32" else letters(f"{r.mode}_{r.bits}")
+        m[f"Accuracy{key}"] = _pct(r.accuracy)
+        m[f"CILow{key}"] = _pct(r.ci_low)
+        m[f"CIHigh{key}"] = _pct(r.ci_high)
         if r.config != "float32":
-            m[f"DatasetInputBiasLsb{key}"] = f"{r.input_bias_lsb:.3f}"
+            m[f"InputBiasLsb{key}"] = f"{r.input_bias_lsb:.3f}"
     for r in mcnemar.itertuples():
         versus = "Float" if r.versus == "float32" else "Nearest"
-        m[f"DatasetP{_letters(r.config.replace('@', '_'))}Vs{versus}"] = f"{r.p_holm:.2g}"
+        m[f"P{letters(r.config.replace('@', '_'))}Vs{versus}"] = f"{r.p_holm:.2g}"
     for r in pixels.itertuples():
-        m[f"DatasetDistinctCodes{_letters(f'{r.mode}_{r.bits}')}"] = str(int(r.distinct_codes))
+        m[f"DistinctCodes{letters(f'{r.mode}_{r.bits}')}"] = str(int(r.distinct_codes))
     eight = pixels[(pixels.bits == 8) & (pixels["mode"] == "nearest_even")]
     if len(eight):
-        m["DatasetPixelOffsetLsb"] = f"{eight.bias_lsb.iloc[0]:.3f}"
+        m["PixelOffsetLsb"] = f"{eight.bias_lsb.iloc[0]:.3f}"
     for r in variants.itertuples():
-        key = _letters(r.variant)
-        m[f"DatasetCodesChanged{key}"] = _pct(r.frac_codes_changed)
-        m[f"DatasetPredictionChanges{key}"] = str(int(r.prediction_changes))
+        key = letters(r.variant)
+        m[f"CodesChanged{key}"] = _pct(r.frac_codes_changed)
+        m[f"PredictionChanges{key}"] = str(int(r.prediction_changes))
     imnet = storage[(storage.dataset == "ImageNet") & (storage.split != "one image")]
     for r in imnet.itertuples():
         if r.format in ("float32", "uint8"):
-            m[f"DatasetImagenet{_letters(r.split)}{_letters(r.format)}GiB"] = f"{r.GiB:.1f}"
+            m[f"Imagenet{letters(r.split)}{letters(r.format)}GiB"] = f"{r.GiB:.1f}"
     return m
 
 
@@ -753,8 +720,7 @@ def _load_network(args):
     return ckpt.model, identity, split
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -915,10 +881,7 @@ def _report(eq, acc, mcnemar, pixels, variants, out) -> None:
     print(f"[dataset] written to {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

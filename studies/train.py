@@ -40,7 +40,6 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import data, wilson_ci
-from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable
 from qerror.models import (
     DEFAULT_STEM,
@@ -52,7 +51,7 @@ from qerror.models import (
     parse_stem,
     save_checkpoint,
 )
-from studies._common import REPO, RunDir, base_parser, figure_style
+from studies._common import REPO, RunDir, base_parser, figure_style, study_main
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
 # (measure them with qerror.models.time_training_step; see qerror.models.DEFAULT_STEM).
@@ -468,8 +467,7 @@ def build_parser():
     return parser
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "checkpoint_every", "stop_after_steps"):
@@ -549,10 +547,7 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

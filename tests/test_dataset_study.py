@@ -118,7 +118,7 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     for table in ("equivalence", "offline_variants", "accuracy", "mcnemar", "pixel_summary",
                   "storage"):
         assert "\\toprule" in (out / f"{table}.tex").read_text()
-    assert "\\newcommand{\\DatasetEquivDifferingLogits}{0}" in (out / "macros.tex").read_text()
+    assert "\\newcommand{\\datasetEquivDifferingLogits}{0}" in (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bit_exact"] and summary["equivalence"]["max_abs_logit_diff"] == 0
 
