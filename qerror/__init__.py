@@ -20,6 +20,7 @@ from qerror.correction import (
     empirical_bias_correction,
     predicted_local_drift,
 )
+from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.input_quant import (
     MAX_CODE_BITS,
     Dequantizer,
@@ -28,7 +29,6 @@ from qerror.input_quant import (
     quantize_offline,
     with_input_quantizer,
 )
-from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.propagate import (
     PropagationResult,
     QuantConfig,

@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 from qerror import (
     MAX_CODE_BITS,
+    InputQuantizer,
     QParams,
     QuantSpec,
     RangeMethod,
     RoundingMode,
-    InputQuantizer,
     calibrate,
     dequantize,
     fake_quantize,
