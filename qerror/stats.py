@@ -724,6 +724,62 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     )
 
 
+# --------------------------------------------------------------------------- multiple tests
+
+
+def holm(p_values: SampleLike) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values.
+
+    Rejecting every hypothesis whose adjusted p-value is below α controls the
+    family-wise error rate at α under any dependence between the tests.
+
+    Parameters
+    ----------
+    p_values : array-like, shape (m,)
+        The family's unadjusted p-values, each in [0, 1]; numpy array, torch tensor or
+        sequence. An empty family gives an empty result.
+
+    Returns
+    -------
+    numpy.ndarray, shape (m,), float64
+        Adjusted p-values, in the order given.
+
+    Raises
+    ------
+    ValueError
+        If the input is not one-dimensional, or holds a NaN or a value outside [0, 1].
+
+    Notes
+    -----
+    With the p-values sorted, p₍₁₎ ≤ … ≤ p₍ₘ₎, the adjusted value of the k-th is
+
+    .. math:: \\tilde p_{(k)} = \\max_{j \\le k} \\min\\bigl(1, (m - j + 1)\\, p_{(j)}\\bigr),
+
+    so the order of the adjusted values follows that of the raw ones and tied p-values
+    get the same adjusted value.
+
+    References
+    ----------
+    .. [1] S. Holm, "A simple sequentially rejective multiple test procedure",
+       *Scandinavian Journal of Statistics* 6(2), 65-70, 1979.
+
+    Examples
+    --------
+    >>> holm([0.01, 0.04, 0.03]).tolist()
+    [0.03, 0.06, 0.06]
+    """
+    if len(_flat_shape(p_values)) > 1:
+        raise ValueError(f"p_values must be one-dimensional, got shape {_flat_shape(p_values)}")
+    p = _sample(p_values, "p_values", min_n=0)
+    if np.any((p < 0.0) | (p > 1.0)):
+        raise ValueError("p_values must lie in [0, 1]")
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    return adjusted
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 

@@ -23,8 +23,7 @@ import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
-from qerror._cpu import flush_denormal
-from studies._common import REPO, RunDir, base_parser
+from studies._common import REPO, RunDir, base_parser, paired_ratio, study_main
 
 
 @dataclass(frozen=True)
@@ -42,23 +41,6 @@ class BenchRow:
     meets_goal: bool | None
     pairs: int
     note: str = ""
-
-
-def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
-                 pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Times of candidate and baseline run alternately, and their per-pair ratios."""
-    for _ in range(warmup):
-        candidate()
-        baseline()
-    ta, tb = np.empty(pairs), np.empty(pairs)
-    for i in range(pairs):
-        t0 = time.perf_counter()
-        candidate()
-        t1 = time.perf_counter()
-        baseline()
-        t2 = time.perf_counter()
-        ta[i], tb[i] = t1 - t0, t2 - t1
-    return ta / tb, ta, tb
 
 
 def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow:
@@ -256,8 +238,8 @@ def _compiled_row(name, model, x, eager, infer, pairs, per_second) -> BenchRow:
 
 def _drift_setup(smoke: bool, seed: int, mode: str = "toward_zero"):
     """A Fashion-MNIST ResNet (untrained weights), one batch, and what measure() needs."""
-    from qerror.nn.models import fashion_resnet
     from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
 
     arch, batch = ("resnet18", 16) if smoke else ("resnet50", 256)
     model = fashion_resnet(arch, seed=seed).eval()
@@ -378,8 +360,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]) -> int:
     parser = base_parser("bench", __doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(GROUPS), action="append",
                         help="run only this group (repeatable)")
@@ -408,10 +389,7 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

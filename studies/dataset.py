@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import (
+    MAX_CODE_BITS,
+    InputQuantizer,
     QParams,
     QuantSpec,
     RangeMethod,
@@ -57,19 +57,24 @@ from qerror import (
     calibrate,
     dequantize,
     fake_quantize,
+    holm,
     mcnemar_test,
+    on_codes,
     quantize,
+    quantize_offline,
     wilson_ci,
+    with_input_quantizer,
 )
 from qerror import data as qdata
-from qerror._cpu import flush_denormal
-from studies._common import RunDir, base_parser, figure_style
+from qerror.compress import StorageFormat, held_bytes, storage_bytes
+from studies._common import RunDir, base_parser, figure_style, paired_ratio, study_main
+from studies._latex import letters
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study
 # The model's input quantizer: signed 8-bit codes, affine (the normalized input is not
 # centred on 0), one scale per tensor.
 INT8 = QuantSpec(bits=8, signed=True, symmetric=False)
-MAX_BITS = 8  # offline codes are stored one per byte (int8)
+MAX_BITS = MAX_CODE_BITS  # offline codes are stored one per byte (int8)
 DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO)
 DEFAULT_BITS = (8, 4)
 # Scale errors cost a pass over the test split each; another subset's 99th-percentile range
@@ -111,58 +116,6 @@ def _bits_arg(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- models
-
-
-class InputQuantizer(nn.Module):
-    """Quantize-then-dequantize of the input with a fixed scale and zero point: the first
-    op of a model that takes float images and quantizes them itself.
-
-    Input and output: float tensors of any shape; the output holds ``s·(q − z)``.
-    """
-
-    def __init__(self, spec: QuantSpec, qparams: QParams):
-        super().__init__()
-        self.spec, self.qparams = spec, qparams
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.spec, self.qparams.scale, self.qparams.zero_point)
-
-
-class Dequantizer(nn.Module):
-    """What remains of the input quantizer when the data arrive as integer codes.
-
-    Input: integer codes of any shape; output: float32 ``s·(q − z)``.
-    """
-
-    def __init__(self, qparams: QParams):
-        super().__init__()
-        self.qparams = qparams
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return dequantize(q, self.qparams.scale, self.qparams.zero_point)
-
-
-def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:
-    """``net`` preceded by an :class:`InputQuantizer`: fed float images."""
-    return nn.Sequential(InputQuantizer(spec, qparams), net).eval()
-
-
-def on_codes(net: nn.Module, qparams: QParams) -> nn.Module:
-    """``net`` preceded by a :class:`Dequantizer`: fed offline integer codes."""
-    return nn.Sequential(Dequantizer(qparams), net).eval()
-
-
-def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
-                     seed: int | None = None) -> torch.Tensor:
-    """Integer codes of ``x`` as a stored dataset holds them: int8, one per byte.
-
-    ``seed`` drives STOCHASTIC rounding (required for it, ignored otherwise).
-    """
-    if spec.bits > MAX_BITS:
-        raise ValueError(f"offline codes are stored in int8; spec.bits={spec.bits} is too wide")
-    codes = quantize(x, spec, qparams.scale, qparams.zero_point,
-                     generator=seed if spec.rounding.is_random else None)
-    return codes.to(torch.int8 if spec.signed else torch.uint8)
 
 
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, desc: str,
@@ -396,13 +349,6 @@ def double_quantization(cache: LogitCache, x: torch.Tensor, labels: torch.Tensor
 # --------------------------------------------------------------------------- part 2
 
 
-def _formats() -> list[tuple[str, float]]:
-    """Storage formats and their bits per element (element sizes from numpy's dtypes)."""
-    return ([(name, 8 * np.dtype(name).itemsize) for name in ("float32", "float16", "uint8",
-                                                               "int8")]
-            + [("int4 packed", 4)])  # two 4-bit codes per byte
-
-
 def storage_sets() -> list[tuple]:
     """(dataset, split, images, layout name, shape per image) of every data set measured."""
     sizes = dict(qdata.SIZES)
@@ -426,15 +372,15 @@ def storage_table(measured: dict[tuple[str, str], float] | None = None) -> pd.Da
     rows = []
     for dataset, split, images, layout, shape in storage_sets():
         elements = int(np.prod(shape))
-        f32 = images * elements * 4
-        for name, bits in _formats():
-            nbytes = math.ceil(images * elements * bits / 8)
+        f32 = storage_bytes(StorageFormat.FLOAT32, images * elements)
+        for fmt in StorageFormat:
+            nbytes = storage_bytes(fmt, images * elements)
             rows.append({"dataset": dataset, "split": split, "images": images,
-                         "layout": layout, "elements_per_image": elements, "format": name,
-                         "bits_per_element": bits, "bytes_per_image": elements * bits / 8,
+                         "layout": layout, "elements_per_image": elements, "format": fmt.label,
+                         "bits_per_element": fmt.bits, "bytes_per_image": elements * fmt.bits / 8,
                          "bytes": nbytes, "MiB": nbytes / 2**20, "GiB": nbytes / 2**30,
                          "ratio_to_float32": nbytes / f32,
-                         "measured_bytes_per_image": measured.get((layout, name), np.nan)})
+                         "measured_bytes_per_image": measured.get((layout, fmt.label), np.nan)})
     return pd.DataFrame(rows)
 
 
@@ -443,11 +389,11 @@ def measured_sizes(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tensor
     """Bytes per image of the arrays this run holds, in each stored form."""
     n = len(pixels)
     padded = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))[:, None]
-    arrays = {("28x28 pixels", "uint8"): pixels.nbytes,
-              ("1x32x32 model input", "uint8"): padded.nbytes,
-              ("1x32x32 model input", "float32"): x.numel() * x.element_size(),
-              ("1x32x32 model input", "float16"): x.numel() * x.half().element_size(),
-              ("1x32x32 model input", "int8"): codes.numel() * codes.element_size()}
+    arrays = {("28x28 pixels", "uint8"): held_bytes(pixels),
+              ("1x32x32 model input", "uint8"): held_bytes(padded),
+              ("1x32x32 model input", "float32"): held_bytes(x),
+              ("1x32x32 model input", "float16"): held_bytes(x.half()),
+              ("1x32x32 model input", "int8"): held_bytes(codes)}
     return {k: v / n for k, v in arrays.items()}
 
 
@@ -458,8 +404,6 @@ def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tens
 
     In memory only: neither disk nor bus transfer is measured.
     """
-    from studies.bench import paired_ratio
-
     px = np.ascontiguousarray(pixels[:batch])
     f32 = x[:batch].clone()
     f16 = f32.half()
@@ -483,19 +427,6 @@ def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tens
 
 
 # --------------------------------------------------------------------------- part 3
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (same order as given)."""
-    p = np.asarray(p, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def _accuracy_row(config, mode, bits, correct, logits, float_logits, ran, qp=None,
@@ -675,67 +606,37 @@ def _pct(x: float, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f}"
 
 
-_ONES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
-         "Eleven", "Twelve", "Thirteen", "Fourteen", "Fifteen", "Sixteen", "Seventeen",
-         "Eighteen", "Nineteen")
-_TENS = ("", "", "Twenty", "Thirty", "Forty", "Fifty", "Sixty", "Seventy", "Eighty", "Ninety")
-_SIGNS = {".": "Point", "+": "Plus", "-": "Minus", "@": "At"}
-
-
-def _number(digits: str) -> str:
-    n = int(digits)
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + (_ONES[n % 10] if n % 10 else "")
-    return "".join(_ONES[int(d)] for d in digits)
-
-
-def _letters(text: str) -> str:
-    """A macro-name part in letters only: "toward_zero_4" → "TowardZeroFour",
-    "other_p99.9" → "OtherPNinetyNinePointNine", "float32" → "FloatThirtyTwo"."""
-    out = []
-    for token in re.findall(r"\d+|[A-Za-z]+|[.+\-@]", str(text)):
-        if token.isdigit():
-            out.append(_number(token))
-        elif token in _SIGNS:
-            out.append(_SIGNS[token])
-        else:
-            out.append(token[0].upper() + token[1:])
-    return "".join(out)
-
-
 def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
     """Numbers the paper's text quotes, under letter-only names."""
     eq = equiv[equiv.comparison == "quantizer_in_model_vs_offline_codes"].set_index("metric").value
-    m = {"DatasetTestImages": f"{int(eq['images']):,}",
-         "DatasetEquivLogitElements": f"{int(eq['logit_elements']):,}",
-         "DatasetEquivDifferingLogits": f"{int(eq['differing_logit_elements'])}",
-         "DatasetEquivMaxAbsLogitDiff": f"{eq['max_abs_logit_diff']:.3g}",
-         "DatasetEquivDifferingInputs": f"{int(eq['differing_input_elements'])}"}
+    m = {"TestImages": f"{int(eq['images']):,}",
+         "EquivLogitElements": f"{int(eq['logit_elements']):,}",
+         "EquivDifferingLogits": f"{int(eq['differing_logit_elements'])}",
+         "EquivMaxAbsLogitDiff": f"{eq['max_abs_logit_diff']:.3g}",
+         "EquivDifferingInputs": f"{int(eq['differing_input_elements'])}"}
     for r in acc.itertuples():
-        key = "FloatInput" if r.config == "float32" else _letters(f"{r.mode}_{r.bits}")
-        m[f"DatasetAccuracy{key}"] = _pct(r.accuracy)
-        m[f"DatasetCILow{key}"] = _pct(r.ci_low)
-        m[f"DatasetCIHigh{key}"] = _pct(r.ci_high)
+        key = "FloatInput" if r.config == "float32" else letters(f"{r.mode}_{r.bits}")
+        m[f"Accuracy{key}"] = _pct(r.accuracy)
+        m[f"CILow{key}"] = _pct(r.ci_low)
+        m[f"CIHigh{key}"] = _pct(r.ci_high)
         if r.config != "float32":
-            m[f"DatasetInputBiasLsb{key}"] = f"{r.input_bias_lsb:.3f}"
+            m[f"InputBiasLsb{key}"] = f"{r.input_bias_lsb:.3f}"
     for r in mcnemar.itertuples():
         versus = "Float" if r.versus == "float32" else "Nearest"
-        m[f"DatasetP{_letters(r.config.replace('@', '_'))}Vs{versus}"] = f"{r.p_holm:.2g}"
+        m[f"P{letters(r.config.replace('@', '_'))}Vs{versus}"] = f"{r.p_holm:.2g}"
     for r in pixels.itertuples():
-        m[f"DatasetDistinctCodes{_letters(f'{r.mode}_{r.bits}')}"] = str(int(r.distinct_codes))
+        m[f"DistinctCodes{letters(f'{r.mode}_{r.bits}')}"] = str(int(r.distinct_codes))
     eight = pixels[(pixels.bits == 8) & (pixels["mode"] == "nearest_even")]
     if len(eight):
-        m["DatasetPixelOffsetLsb"] = f"{eight.bias_lsb.iloc[0]:.3f}"
+        m["PixelOffsetLsb"] = f"{eight.bias_lsb.iloc[0]:.3f}"
     for r in variants.itertuples():
-        key = _letters(r.variant)
-        m[f"DatasetCodesChanged{key}"] = _pct(r.frac_codes_changed)
-        m[f"DatasetPredictionChanges{key}"] = str(int(r.prediction_changes))
+        key = letters(r.variant)
+        m[f"CodesChanged{key}"] = _pct(r.frac_codes_changed)
+        m[f"PredictionChanges{key}"] = str(int(r.prediction_changes))
     imnet = storage[(storage.dataset == "ImageNet") & (storage.split != "one image")]
     for r in imnet.itertuples():
         if r.format in ("float32", "uint8"):
-            m[f"DatasetImagenet{_letters(r.split)}{_letters(r.format)}GiB"] = f"{r.GiB:.1f}"
+            m[f"Imagenet{letters(r.split)}{letters(r.format)}GiB"] = f"{r.GiB:.1f}"
     return m
 
 
@@ -819,8 +720,7 @@ def _load_network(args):
     return ckpt.model, identity, split
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -981,10 +881,7 @@ def _report(eq, acc, mcnemar, pixels, variants, out) -> None:
     print(f"[dataset] written to {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

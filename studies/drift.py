@@ -30,7 +30,6 @@ Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror._cpu import flush_denormal
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -59,7 +57,8 @@ from qerror.nn import (
     reestimate_bn,
 )
 from qerror.stats import mcnemar_from_counts, wilson_ci
-from studies._common import RunDir, base_parser, figure_style
+from studies._common import RunDir, base_parser, figure_style, study_main
+from studies._latex import letters
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
 FIT_LEVEL = 0.95  # confidence of the growth exponents
@@ -430,20 +429,17 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame) -> dict:
     m = {}
     base = acc[acc.remedy == "none"]
     if "float_acc" in base and len(base):
-        m["driftFloatAccuracy"] = f"{100 * base.float_acc.iloc[0]:.2f}"
+        m["FloatAccuracy"] = f"{100 * base.float_acc.iloc[0]:.2f}"
         for mode in ("nearest_even", "toward_zero"):
             for bits in (8, 4):
                 r = base[(base["mode"] == mode) & (base.bits == bits) & (base.target == "both")]
                 if len(r):
-                    key = "".join(w.capitalize() for w in mode.split("_")) + \
-                        {8: "Eight", 6: "Six", 4: "Four"}[bits]
-                    m[f"driftAcc{key}"] = f"{100 * r.quant_acc.iloc[0]:.2f}"
+                    m[f"Acc{letters(f'{mode}_{bits}')}"] = f"{100 * r.quant_acc.iloc[0]:.2f}"
     for _, r in fits.iterrows():
         if r.target != "both" or r.bits != 8 or not np.isfinite(r.get("exponent", np.nan)):
             continue
-        key = "".join(w.capitalize() for w in r["mode"].split("_"))
         met = "Drift" if r.metric == "drift_rel_rms_channel" else "Rms"
-        m[f"driftExp{met}{key}"] = f"{r.exponent:.2f}"
+        m[f"Exp{met}{letters(r['mode'])}"] = f"{r.exponent:.2f}"
     return m
 
 
@@ -454,8 +450,7 @@ def _parse_modes(values):
         raise SystemExit(f"--modes: {err}") from err
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]) -> int:
     parser = base_parser("drift", __doc__.splitlines()[0])
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
                         help="architecture (default resnet50; resnet18 with --smoke)")
@@ -682,10 +677,7 @@ def _report(acc, fits, out, seconds) -> None:
     print(f"[drift] {len(base)} configurations in {seconds:.0f} s; written to {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,20 @@ The notes (``shared/notes/research-notes.md``, in Portuguese) make claims about 
 truncation and their effect on a network. Every claim here is decided by a named test in
 ``tests/test_claims.py``; that test asserts the verdict, so a wrong verdict fails the suite.
 Studies and the paper print this table; nothing in it is measured here.
+
+Run: ``python -m studies.ledger`` prints the table in Markdown; ``--latex`` gives a booktabs
+table for the paper, ``--out FILE`` writes it to a file instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+from qerror.files import atomic_write
 
 
 class Verdict(enum.Enum):
@@ -211,3 +219,62 @@ def claim(claim_id: str) -> Claim:
         if c.id == claim_id:
             return c
     raise KeyError(f"no claim {claim_id!r}; known: {', '.join(c.id for c in CLAIMS)}")
+
+
+def to_markdown(claims: tuple[Claim, ...] = CLAIMS) -> str:
+    """The claims as a Markdown table: id, topic, claim, verdict, condition, deciding test."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| id | topic | claim | verdict | when it holds, or why not | decided by |",
+             "|---|---|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c.id} | {c.topic} | {cell(c.english)} | {c.verdict.value} | "
+                     f"{cell(c.condition)} | `{c.test}` |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def _latex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(claims: tuple[Claim, ...] = CLAIMS) -> str:
+    """The claims as a booktabs table (needs ``\\usepackage{booktabs}`` and a Unicode-aware
+    engine or ``inputenc``/``newunicodechar`` for symbols such as → and σ)."""
+    rows = [f"{c.id} & {_latex(c.english)} & {_latex(c.verdict.value)} & "
+            f"{_latex(c.condition)} \\\\" for c in claims]
+    return ("\\begin{table}[t]\n\\centering\n\\small\n"
+            "\\begin{tabular}{@{}l p{0.27\\linewidth} p{0.13\\linewidth} "
+            "p{0.47\\linewidth}@{}}\n\\toprule\n"
+            "Id & Claim & Verdict & When it holds, or why not \\\\\n\\midrule\n"
+            + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n"
+            "\\caption{Claims of the research notes and their verdicts; each is decided by "
+            "a named test in \\texttt{tests/test\\_claims.py}.}\n"
+            "\\label{tab:claims}\n\\end{table}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print (or write) the claims table; ``--help`` lists the arguments."""
+    parser = argparse.ArgumentParser(prog="python -m studies.ledger",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--latex", action="store_true",
+                        help="a booktabs LaTeX table for the paper (default: Markdown)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the table to this file (atomically) instead of printing it")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    table = to_latex() if args.latex else to_markdown()
+    if args.out is None:
+        sys.stdout.write(table)
+    else:
+        atomic_write(args.out, lambda tmp: tmp.write_text(table, encoding="utf-8"))
+        print(f"[ledger] {len(CLAIMS)} claims written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

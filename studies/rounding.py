@@ -22,7 +22,6 @@ Run: ``python -m studies.rounding`` (``--smoke`` for the test suite's tiny prese
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, error_moments, optimal_clip
-from studies._common import RunDir, base_parser, figure_style
+from studies._common import RunDir, base_parser, figure_style, study_main
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
 UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
@@ -353,7 +352,7 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
         "TruncMseNormalWide": ("normal", "toward_zero", "mse_lsb", "{:.4f}"),
         "NearestMseNormalWide": ("normal", "nearest_even", "mse_lsb", "{:.4f}"),
     }
-    macros = {"RoundingWideRatio": f"{wide:g}"}
+    macros = {"WideRatio": f"{wide:g}"}
     for key, (law, mode, metric, fmt) in wanted.items():
         row = at8[(at8.law == law) & (at8["mode"] == mode) & (at8.metric == metric)]
         if len(row):
@@ -365,8 +364,7 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
     return macros
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]) -> int:
     parser = base_parser("rounding", __doc__.splitlines()[0])
     parser.add_argument("--mc-samples", type=int, default=None,
                         help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
@@ -513,6 +511,9 @@ def _calibration_images(data_root, count: int) -> torch.Tensor | None:
         print(f"[rounding] activations skipped: {err}")
         return None
     return to_tensor(calib.images[:count])
+
+
+main = study_main(_main)
 
 
 if __name__ == "__main__":

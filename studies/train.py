@@ -40,8 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qerror import data, wilson_ci
-from qerror._cpu import flush_denormal
-from qerror._io import atomic_write, jsonable
+from qerror.files import atomic_write, jsonable
 from qerror.nn.models import (
     DEFAULT_STEM,
     Arch,
@@ -55,7 +54,7 @@ from qerror.nn.models import (
     parse_stem,
     save_checkpoint,
 )
-from studies._common import REPO, RunDir, base_parser, figure_style
+from studies._common import REPO, RunDir, base_parser, figure_style, study_main
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
 # (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
@@ -471,8 +470,7 @@ def build_parser():
     return parser
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "checkpoint_every", "stop_after_steps"):
@@ -589,10 +587,7 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     return get_baseline(arch, stem, path=path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the study (see the module docstring); ``--help`` lists the arguments."""
-    with flush_denormal():
-        return _main(argv)
+main = study_main(_main)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from qerror.stats import (
     bias_test,
     bootstrap_ci,
     equivalence_test,
+    holm,
     mcnemar_test,
     mse_ratio_ci,
     uniformity_test,
@@ -597,3 +598,65 @@ def test_other_bad_arguments_raise():
         bootstrap_ci(x, lambda v, axis: np.mean(v), generator=0, n_resamples=9, vectorized=True)
     with pytest.raises(ValueError, match="NaN/Inf"):
         bootstrap_ci(x, lambda v: np.nan, generator=0, n_resamples=9)
+
+
+# --------------------------------------------------------------------------- Holm
+
+
+HOLM_FAMILIES = {
+    "mixed": [0.01, 0.04, 0.03, 0.2, 0.001, 1.0, 0.04],
+    "ties": [0.02, 0.02, 0.02, 0.5, 0.5],
+    "all_ones": [1.0, 1.0, 1.0],
+    "one_test": [0.3],
+    "capped": [0.4, 0.3, 0.9, 0.6],  # every (m - j + 1)·p above 1
+    "tiny": [1e-300, 0.0, 5e-17, 0.049, 0.05],
+    "decreasing": [0.05, 0.04, 0.03, 0.02, 0.01],
+}
+
+
+@pytest.mark.parametrize("family", HOLM_FAMILIES.values(), ids=HOLM_FAMILIES.keys())
+def test_holm_agrees_with_statsmodels(family):
+    """statsmodels' multipletests is an independent implementation of Holm (1979)."""
+    from statsmodels.stats.multitest import multipletests
+
+    expected = multipletests(np.array(family), method="holm")[1]
+    np.testing.assert_allclose(holm(family), expected, rtol=1e-15, atol=1e-15)
+
+
+def test_holm_agrees_with_statsmodels_on_random_families():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        p = rng.random(rng.integers(1, 60)) ** 4  # many small p-values, some close together
+        p[rng.random(len(p)) < 0.1] = 1.0
+        expected = multipletests(p, method="holm")[1]
+        np.testing.assert_allclose(holm(p), expected, rtol=1e-15, atol=1e-15)
+
+
+def test_holm_keeps_order_ties_and_bounds():
+    p = np.array([0.03, 0.001, 0.03, 0.6, 1.0])
+    adj = holm(p)
+    assert adj.shape == p.shape and adj.dtype == np.float64
+    assert adj[0] == adj[2]  # tied p-values, tied adjusted values
+    assert np.all(adj >= p) and np.all(adj <= 1.0)
+    order = np.argsort(p, kind="stable")
+    assert np.all(np.diff(adj[order]) >= 0)  # monotone in the raw p-value
+    assert adj[1] == 5 * 0.001 and adj[-1] == 1.0
+
+
+def test_holm_takes_tensors_and_empty_families():
+    p = [0.01, 0.2, 0.03]
+    np.testing.assert_array_equal(holm(torch.tensor(p, dtype=torch.float64)), holm(p))
+    assert holm([]).shape == (0,)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([0.1, float("nan")], "NaN"),
+    ([0.1, 1.5], r"\[0, 1\]"),
+    ([-0.01], r"\[0, 1\]"),
+    ([[0.1, 0.2]], "one-dimensional"),
+])
+def test_holm_refuses_what_is_not_a_family_of_p_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        holm(bad)

@@ -8,6 +8,7 @@ import pytest
 
 from studies import _common, bench, rounding
 from studies._common import RunDir, sha256_file
+from studies._latex import letters
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +142,47 @@ def test_finished_run_replaces_the_old_one_only_when_complete(tmp_path):
     assert manifest["packages"]["numpy"]
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("toward_zero_4", "TowardZeroFour"),
+    ("other_p99.9", "OtherPNinetyNinePointNine"),
+    ("float32", "FloatThirtyTwo"),
+    ("scale_+2pct", "ScalePlusTwoPct"),
+    ("nearest_even@8", "NearestEvenAtEight"),
+    ("3x224x224", "ThreeXTwoTwoFourXTwoTwoFour"),
+    ("one image", "OneImage"),
+    (40, "Forty"),
+])
+def test_macro_name_parts_are_spelled_in_letters(text, expected):
+    assert letters(text) == expected
+
+
+def test_macros_carry_the_study_name(tmp_path):
+    with RunDir(tmp_path / "m", "drift", [], {}) as run:
+        run.write_macros("m.tex", {"Acc" + letters("nearest_even_8"): "91.20"})
+        out = run.finish()
+    assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
+
+
+def test_study_main_flushes_denormals_for_its_body_only(monkeypatch):
+    from qerror.cpu import flushing_denormals
+
+    seen = []
+    main = _common.study_main(lambda argv: seen.append((argv, flushing_denormals())) or 3)
+    monkeypatch.setattr("sys.argv", ["prog", "--smoke"])
+    assert main() == 3 and main(("--seed", "1")) == 3
+    assert seen == [(["--smoke"], True), (["--seed", "1"], True)]
+    assert not flushing_denormals()
+
+
+def test_paired_ratio_alternates_and_divides():
+    calls = []
+    ratios, ta, tb = _common.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
+                                          pairs=4, warmup=2)
+    assert calls == ["a", "b"] * 6
+    assert ratios.shape == ta.shape == tb.shape == (4,)
+    np.testing.assert_array_equal(ratios, ta / tb)
+
+
 def test_macro_names_must_be_letters(tmp_path):
     with RunDir(tmp_path / "m", "demo", [], {}) as run:
         with pytest.raises(ValueError, match="letters only"):
@@ -151,7 +193,7 @@ def test_macro_names_must_be_letters(tmp_path):
 def test_flush_denormal_restores_the_callers_setting():
     import torch
 
-    from qerror._cpu import flush_denormal, flushing_denormals
+    from qerror.cpu import flush_denormal, flushing_denormals
 
     assert not flushing_denormals()
     with flush_denormal():

@@ -29,10 +29,10 @@ import torch
 import torchvision
 from torch import nn
 
-from qerror._cpu import flush_denormal
 from qerror._enums import parse_enum
-from qerror._io import atomic_write, jsonable, package_versions, sha256_file
+from qerror.cpu import flush_denormal
 from qerror.data import cache_dir
+from qerror.files import atomic_write, jsonable, package_versions, sha256_file
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ def fashion_root(fashion_idx):
 def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     out = tmp_path / "drift"
     assert drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)]) == 0
-    from qerror._cpu import flushing_denormals
+    from qerror.cpu import flushing_denormals
 
     assert not flushing_denormals()  # the study put the process-wide flag back
     manifest = json.loads((out / "manifest.json").read_text())

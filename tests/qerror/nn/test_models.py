@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from qerror._io import sha256_file
+from qerror.files import sha256_file
 from qerror.nn import models
 from qerror.nn.models import (
     Arch,

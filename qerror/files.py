@@ -1,4 +1,7 @@
-"""Small file and metadata helpers shared by the library and the studies."""
+"""File and metadata helpers: hashes, atomic writes, JSON-safe values, package versions.
+
+Used by the library (checkpoints) and by the studies (run folders and manifests).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,18 @@ PACKAGES = ("qerror", "numpy", "scipy", "torch", "torchvision", "pandas", "matpl
 
 
 def sha256_file(path: Path | str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Parameters
+    ----------
+    path : Path or str
+        The file.
+
+    Returns
+    -------
+    str
+        64 lowercase hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -29,6 +44,20 @@ def sha256_file(path: Path | str) -> str:
 def atomic_write(path: Path | str, write) -> Path:
     """Call ``write(tmp_path)``, then move the file into place with one ``os.replace``.
 
+    Parameters
+    ----------
+    path : Path or str
+        Destination; its folder is created if missing.
+    write : callable
+        ``write(tmp_path)`` writes the whole content to ``tmp_path``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Notes
+    -----
     The temporary file lives in the destination folder, so the rename never crosses a file
     system, and a crash leaves either the old file or the new one, never a mixture.
     """
@@ -48,7 +77,24 @@ def atomic_write(path: Path | str, write) -> Path:
 
 
 def jsonable(value: Any) -> Any:
-    """Dataclasses, enums, paths and numpy scalars as plain JSON values."""
+    """Dataclasses, enums, paths and numpy scalars as plain JSON values.
+
+    Parameters
+    ----------
+    value : object
+        A dataclass instance, mapping, list, tuple, enum member, path, numpy scalar,
+        one-element tensor, or a JSON scalar, nested in any way.
+
+    Returns
+    -------
+    object
+        The same data as dicts, lists, str, int, float, bool and None.
+
+    Raises
+    ------
+    TypeError
+        For any other type, so metadata never holds a ``repr`` by accident.
+    """
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
         return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
     if isinstance(value, Mapping):
@@ -67,7 +113,18 @@ def jsonable(value: Any) -> Any:
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
-    """Python's and the installed packages' versions (None for a missing package)."""
+    """Python's and the installed packages' versions.
+
+    Parameters
+    ----------
+    names : iterable of str
+        Distribution names (default: qerror and the packages its results depend on).
+
+    Returns
+    -------
+    dict
+        ``{"python": version, name: version or None (not installed), ...}``.
+    """
     out: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in names:
         try:

@@ -1,0 +1,67 @@
+"""Input quantization inside the model against offline codes dequantized on load."""
+
+import pytest
+import torch
+from torch import nn
+
+from qerror import (
+    QuantSpec,
+    RoundingMode,
+    calibrate,
+    on_codes,
+    quantize_offline,
+    with_input_quantizer,
+)
+
+DETERMINISTIC = [m for m in RoundingMode if not m.is_random]
+# Affine signed codes, as a model whose normalized input is not centred on 0 would use.
+SPEC = QuantSpec(bits=8, signed=True, symmetric=False)
+
+
+def small_net() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def images(seed: int, n: int) -> torch.Tensor:
+    """(n, 1, 12, 12) float32 with an offset, so the affine zero point is not 0."""
+    return torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed)) + 0.7
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", DETERMINISTIC, ids=lambda m: m.value)
+def test_input_quantizer_in_the_model_equals_offline_codes_bit_for_bit(mode, bits):
+    net = small_net()
+    spec = SPEC.replace(bits=bits, rounding=mode)
+    qp = calibrate(images(1, 32), spec)  # calibration images apart from the test ones
+    x = images(2, 48)
+    codes = quantize_offline(x, spec, qp)
+    assert codes.dtype == torch.int8
+    with torch.inference_mode():
+        in_model = with_input_quantizer(net, spec, qp)(x)
+        offline = on_codes(net, qp)(codes)
+    assert torch.equal(in_model, offline)
+
+
+def test_unsigned_codes_are_stored_as_uint8():
+    spec = SPEC.replace(signed=False)
+    x = images(4, 3)
+    codes = quantize_offline(x, spec, calibrate(x, spec))
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+
+
+def test_stochastic_codes_follow_the_seed():
+    spec = SPEC.replace(rounding=RoundingMode.STOCHASTIC)
+    x = images(5, 4)
+    qp = calibrate(x, spec)
+    a, b = quantize_offline(x, spec, qp, seed=1), quantize_offline(x, spec, qp, seed=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, quantize_offline(x, spec, qp, seed=2))
+
+
+def test_quantize_offline_refuses_codes_wider_than_a_byte():
+    with pytest.raises(ValueError, match="int8"):
+        quantize_offline(torch.zeros(4), QuantSpec(bits=9, symmetric=False),
+                         calibrate(torch.arange(4.0), QuantSpec(bits=9, symmetric=False)))
