@@ -1,4 +1,4 @@
-"""Study smoke runs end to end, and the run-folder guarantees (manifest, atomicity)."""
+"""python -m studies.rounding: smoke run, weights and activations parts, bad input."""
 
 import json
 
@@ -6,15 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies import _common, bench, rounding
-from studies._common import RunDir, sha256_file
-from studies._latex import letters
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """No study in these tests sees a real cached baseline."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+from studies import rounding
+from studies._common import sha256_file
 
 
 def test_rounding_smoke(tmp_path):
@@ -105,104 +98,3 @@ def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, m
     with pytest.raises(SystemExit):
         rounding.main(argv[:-1] + [str(tmp_path / "r2")])
     assert not (tmp_path / "r2").exists()
-
-
-def test_bench_smoke(tmp_path):
-    out = tmp_path / "bench"
-    assert bench.main(["--smoke", "--pairs", "1", "--out", str(out)]) == 0
-    frame = pd.read_csv(out / "bench.csv")
-    measured = frame.ratio_median.notna()
-    assert (frame.ratio_median[measured] > 0).all() and len(frame) >= 15
-    # only a tiny float forward's memory growth may be 0 (a ratio that cannot be formed)
-    assert set(frame[~measured].name) <= {n for n in frame.name if "peak memory" in n}
-
-
-def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
-    out = tmp_path / "study"
-    with pytest.raises(RuntimeError):
-        with RunDir(out, "demo", [], {}) as run:
-            run.write_text("part.csv", "a,b\n")
-            raise RuntimeError("interrupted")
-    assert not out.exists()
-    assert not list(tmp_path.iterdir())
-
-
-def test_finished_run_replaces_the_old_one_only_when_complete(tmp_path):
-    out = tmp_path / "study"
-    with RunDir(out, "demo", ["--x"], {"k": 1}) as run:
-        run.write_text("a.txt", "first")
-        run.finish()
-    with pytest.raises(RuntimeError):
-        with RunDir(out, "demo", [], {}) as run:
-            run.write_text("a.txt", "second")
-            raise RuntimeError
-    assert (out / "a.txt").read_text() == "first"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["argv"] == ["--x"] and manifest["config"] == {"k": 1}
-    assert manifest["packages"]["numpy"]
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("toward_zero_4", "TowardZeroFour"),
-    ("other_p99.9", "OtherPNinetyNinePointNine"),
-    ("float32", "FloatThirtyTwo"),
-    ("scale_+2pct", "ScalePlusTwoPct"),
-    ("nearest_even@8", "NearestEvenAtEight"),
-    ("3x224x224", "ThreeXTwoTwoFourXTwoTwoFour"),
-    ("one image", "OneImage"),
-    (40, "Forty"),
-])
-def test_macro_name_parts_are_spelled_in_letters(text, expected):
-    assert letters(text) == expected
-
-
-def test_macros_carry_the_study_name(tmp_path):
-    with RunDir(tmp_path / "m", "drift", [], {}) as run:
-        run.write_macros("m.tex", {"Acc" + letters("nearest_even_8"): "91.20"})
-        out = run.finish()
-    assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
-
-
-def test_study_main_flushes_denormals_for_its_body_only(monkeypatch):
-    from qerror.cpu import flushing_denormals
-
-    seen = []
-    main = _common.study_main(lambda argv: seen.append((argv, flushing_denormals())) or 3)
-    monkeypatch.setattr("sys.argv", ["prog", "--smoke"])
-    assert main() == 3 and main(("--seed", "1")) == 3
-    assert seen == [(["--smoke"], True), (["--seed", "1"], True)]
-    assert not flushing_denormals()
-
-
-def test_paired_ratio_alternates_and_divides():
-    calls = []
-    ratios, ta, tb = _common.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
-                                          pairs=4, warmup=2)
-    assert calls == ["a", "b"] * 6
-    assert ratios.shape == ta.shape == tb.shape == (4,)
-    np.testing.assert_array_equal(ratios, ta / tb)
-
-
-def test_macro_names_must_be_letters(tmp_path):
-    with RunDir(tmp_path / "m", "demo", [], {}) as run:
-        with pytest.raises(ValueError, match="letters only"):
-            run.write_macros("m.tex", {"bad_name1": "1"})
-    assert _common.package_versions(["numpy"])["numpy"]
-
-
-def test_flush_denormal_restores_the_callers_setting():
-    import torch
-
-    from qerror.cpu import flush_denormal, flushing_denormals
-
-    assert not flushing_denormals()
-    with flush_denormal():
-        assert flushing_denormals()
-    assert not flushing_denormals()
-    torch.set_flush_denormal(True)
-    try:
-        with flush_denormal():
-            assert flushing_denormals()
-        assert flushing_denormals()
-    finally:
-        torch.set_flush_denormal(False)
