@@ -65,7 +65,8 @@ pipeline, and counts kernel saturation only where the probe says the kernel satu
 
 Engines: ``fbgemm`` is what this module models. ``x86`` (PyTorch's default on x86) runs
 FBGEMM on CPUs without AVX512-VNNI and, for symmetric weights, oneDNN on CPUs with it,
-whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own).
+whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own):
+``kernel_probe(engine)`` says whether either integer pipeline models the engine's kernel.
 Every engine takes quint8 activations only: an INT8 activation quantizer is run on the
 real kernel as the UINT8 quantizer with the same grid (codes and zero point + 128), which
 represents the same real values.
