@@ -2,7 +2,8 @@
 
 A study writes everything into a :class:`RunDir`. Files go to a hidden staging folder
 next to the destination; :meth:`RunDir.finish` writes ``manifest.json`` (argv, config,
-seed, git commit, package versions, data and model identity, sha256 of every output)
+seed, git commit, package versions, the CPU's FBGEMM kernel probe, data and model
+identity, sha256 of every output)
 and only then moves the folder into place. An interrupted run leaves a ``.partial``
 folder and never a folder that looks complete.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from qerror.cpu import flush_denormal
 from qerror.files import jsonable, package_versions, sha256_file
+from qerror.nn.int8 import kernel_probe
 from studies._latex import macro_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,6 +177,8 @@ class RunDir:
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "machine": {"cpus": os.cpu_count()},
+            # Which INT8 kernel FBGEMM runs here decides which simulation is exact.
+            "cpu": kernel_probe(),
             "started_unix": self.started,
             "seconds": round(time.time() - self.started, 3),
             "outputs": outputs,

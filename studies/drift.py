@@ -282,7 +282,7 @@ def recovery(acc: pd.DataFrame) -> pd.DataFrame:
                                 "differs_unremedied"])
 
 
-def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def int8_crosscheck(model, data: Data, images: int):
     """Per-layer agreement of the simulation with PyTorch's real INT8 kernels.
 
     Every conv (BatchNorm folded, ReLU fused) and the classifier run on their float inputs
@@ -290,7 +290,10 @@ def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.Da
     8-bit activations, and 7-bit ones (PyTorch's ``reduce_range``, which its x86 observers
     use because the AVX2 kernel's int16 pair sums saturate otherwise).
 
-    Returns the per-layer rows and the per-variant summary.
+    Returns the per-layer rows, the per-variant summary (its ``faithful`` column marks the
+    pipeline that models the kernel that ran; ``saturated`` counts kernel saturation, zero
+    where the kernel does not saturate, and ``avx2_saturated`` what AVX2 would saturate)
+    and the :class:`qerror.nn.int8.KernelProbe` that decided which pipeline is faithful.
     """
     from qerror.nn import int8
 
@@ -304,7 +307,25 @@ def int8_crosscheck(model, data: Data, images: int) -> tuple[pd.DataFrame, pd.Da
         check = int8.crosscheck_model(model, calib, test, reduce_range=reduce_range)
         frames.append(check.to_frame().assign(activations=label))
         summaries.append(check.summary().assign(activations=label))
-    return pd.concat(frames, ignore_index=True), pd.concat(summaries, ignore_index=True)
+    return (pd.concat(frames, ignore_index=True), pd.concat(summaries, ignore_index=True),
+            check.probe)
+
+
+def int8_caption(probe) -> str:
+    """The INT8 table's caption: what was compared, and which pipeline the kernel probe
+    found faithful on this CPU (or that it found none)."""
+    engine = probe.engine.value.upper()
+    if probe.faithful is None:
+        found = ("The kernel probe matched neither integer pipeline on this CPU (capability "
+                 f"{probe.cpu_capability}), so no row is faithful; summary.json says why.")
+    else:
+        how = "saturates" if probe.saturates_pairs else "does not saturate"
+        found = (f"On this CPU (capability {probe.cpu_capability}) the kernel probe found "
+                 f"that {engine} {how} int16 pair sums: the faithful model is the "
+                 f"{probe.faithful.value} pipeline with reciprocal arithmetic.")
+    return (f"qerror's simulation against PyTorch's {engine} INT8 kernels, layer by layer on "
+            "the same float inputs and scales: fraction of output codes equal and the "
+            f"largest difference in LSB. {found}")
 
 
 # --------------------------------------------------------------------------- figures
@@ -579,8 +600,8 @@ def _main(argv: list[str]) -> int:
         pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
         remedy_sites = pd.concat(frames[len(configs):], ignore_index=True) \
             if len(frames) > len(configs) else pd.DataFrame()
-        xcheck, xsummary = int8_crosscheck(model, data, int8_images) if int8_images \
-            else (None, None)
+        xcheck, xsummary, probe = int8_crosscheck(model, data, int8_images) if int8_images \
+            else (None, None, None)
 
         run.write_csv("sites.csv", sites)
         run.write_csv("accuracy.csv", acc)
@@ -593,12 +614,11 @@ def _main(argv: list[str]) -> int:
             run.write_csv("int8_crosscheck.csv", xcheck)
             run.write_csv("int8_summary.csv", xsummary)
             run.write_latex_table(
-                "int8.tex", xsummary[["activations", "arithmetic", "pipeline", "layers",
-                                      "min_frac_equal", "median_frac_equal", "max_abs_lsb"]],
-                "qerror's simulation against PyTorch's FBGEMM INT8 kernels, layer by layer "
-                "on the same float inputs and scales: fraction of output codes equal and "
-                "the largest difference in LSB.", "tab:drift-int8", float_format="%.6g")
-        summary = _summary(acc, fits, pred, sites, xsummary)
+                "int8.tex", xsummary[["activations", "arithmetic", "pipeline", "faithful",
+                                      "layers", "min_frac_equal", "median_frac_equal",
+                                      "max_abs_lsb"]],
+                int8_caption(probe), "tab:drift-int8", float_format="%.6g")
+        summary = _summary(acc, fits, pred, sites, xsummary, probe)
         summary["seconds"] = round(time.perf_counter() - started, 1)
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
@@ -628,7 +648,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _summary(acc, fits, pred, sites, xcheck) -> dict:
+def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:
     s = {"configs": int((acc.remedy == "none").sum()),
          "accuracy": acc.to_dict(orient="records"),
          "growth": fits.to_dict(orient="records")}
@@ -638,6 +658,7 @@ def _summary(acc, fits, pred, sites, xcheck) -> dict:
                          / pred.float_std.where(pred.float_std > 0)))
     if xcheck is not None and len(xcheck):
         s["int8"] = xcheck.to_dict(orient="records")  # the per-variant summary
+        s["int8_kernel"] = probe
     return s
 
 

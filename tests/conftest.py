@@ -2,6 +2,35 @@
 
 import pytest
 
+# Which INT8 kernel runs is asked of the kernel itself (qerror.nn.int8.kernel_probe), not
+# read from CPU flags: FBGEMM's AVX2 kernels saturate int16 pair sums, its AVX512-VNNI
+# kernels do not, and a test of either behaviour must skip, saying why, on the other.
+KERNEL_MARKERS = {
+    "needs_saturating_kernel": True,
+    "needs_nonsaturating_kernel": False,
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_saturating_kernel: the real FBGEMM kernel must saturate int16 "
+                   "pair sums (AVX2), as the kernel probe finds")
+    config.addinivalue_line(
+        "markers", "needs_nonsaturating_kernel: the real FBGEMM kernel must not saturate "
+                   "int16 pair sums (AVX512-VNNI), as the kernel probe finds")
+
+
+def pytest_runtest_setup(item):
+    wanted = [want for name, want in KERNEL_MARKERS.items() if item.get_closest_marker(name)]
+    if not wanted:
+        return
+    from qerror.nn.int8 import kernel_probe
+
+    probe = kernel_probe()
+    if any(want is not probe.saturates_pairs for want in wanted):
+        pytest.skip(f"needs a kernel that {'saturates' if wanted[0] else 'does not saturate'} "
+                    f"int16 pair sums; the kernel probe says: {probe.describe()}")
+
 
 @pytest.fixture
 def fashion_idx(tmp_path, monkeypatch):

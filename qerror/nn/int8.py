@@ -23,8 +23,8 @@ LSB of the output quantizer and the histogram of the differences ``Δ = simulate
 :func:`crosscheck_model` does this for every convolution and linear layer of a
 torchvision-style ResNet, each fed its float input, streaming over batches.
 
-Where the codes differ, and why (FBGEMM, PyTorch 2.x, CPUs without AVX512-VNNI)
--------------------------------------------------------------------------------
+Where the codes differ, and why (FBGEMM, PyTorch 2.x)
+----------------------------------------------------
 1. *Input and weight codes.* PyTorch quantizes as ``nearbyint(x · fl(1/s)) + z``, which is
    RECIPROCAL arithmetic bit for bit; EXACT rounds the exact quotient ``x/s`` and can
    differ by one code where ``x/s`` lies within a rounding error of a half-integer.
@@ -46,18 +46,27 @@ Where the codes differ, and why (FBGEMM, PyTorch 2.x, CPUs without AVX512-VNNI)
    observers use ``reduce_range=True`` (7-bit activations, which cannot saturate).
    :attr:`Pipeline.SATURATING` reproduces it: the reduction index of the convolution is
    ordered as FBGEMM's im2col orders it (kernel row, kernel column, input channel), and
-   pairs ``(2j, 2j+1)`` of it saturate.
+   pairs ``(2j, 2j+1)`` of it saturate. On a CPU with AVX512-VNNI FBGEMM multiplies with
+   ``vpdpbusd`` instead, which accumulates the products in int32 and never saturates.
 
 The INTEGER pipeline with RECIPROCAL codes reproduces items 1–3 and SATURATING item 4
 too: with FBGEMM on an AVX2 CPU the former differs from the real codes only where the
-accumulator saturated, the latter nowhere (the tests check both exactly). The FLOAT
-pipeline with RECIPROCAL codes differs through items 2–4; where nothing saturates, by at
-most one LSB, since two values less than one apart round to integers at most one apart.
-EXACT arithmetic adds item 1.
+accumulator saturated, the latter nowhere; on a VNNI CPU the former is exact everywhere
+and the latter is wrong wherever it saturates (by tens of LSB). The FLOAT pipeline with
+RECIPROCAL codes differs through items 2–4; where nothing saturates, by at most one LSB,
+since two values less than one apart round to integers at most one apart. EXACT
+arithmetic adds item 1.
+
+Which kernel ran is measured, not guessed from CPU flags: :func:`kernel_probe` runs the
+real kernel once per process and engine on a tiny input whose int16 pair sums saturate
+(255 · 127 · 2) and reports which of INTEGER and SATURATING it agreed with, or that it
+agreed with neither. :class:`CrossCheck` carries that answer, marks the faithful
+pipeline, and counts kernel saturation only where the probe says the kernel saturates.
 
 Engines: ``fbgemm`` is what this module models. ``x86`` (PyTorch's default on x86) runs
 FBGEMM on CPUs without AVX512-VNNI and, for symmetric weights, oneDNN on CPUs with it,
-whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own).
+whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own):
+``kernel_probe(engine)`` says whether either integer pipeline models the engine's kernel.
 Every engine takes quint8 activations only: an INT8 activation quantizer is run on the
 real kernel as the UINT8 quantizer with the same grid (codes and zero point + 128), which
 represents the same real values.
@@ -67,11 +76,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -106,10 +117,13 @@ __all__ = [
     "Agreement",
     "CrossCheck",
     "Engine",
+    "KernelProbe",
+    "KernelProbeWarning",
     "LayerQParams",
     "Pipeline",
     "crosscheck_layer",
     "crosscheck_model",
+    "kernel_probe",
     "real_int8",
     "simulate_int8",
 ]
@@ -128,6 +142,9 @@ _UINT8_MAX = 255
 # Elements of one gathered block of activation pairs in the saturation mimic.
 _SATURATION_BLOCK = 1 << 21
 _DEPRECATION = r".*quantized tensor creation functions.* deprecated"
+# /proc/cpuinfo flags that decide which int8 dot-product instructions a kernel can use.
+_KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile",
+                 "amx_int8")
 
 
 class Engine(enum.Enum):
@@ -192,12 +209,19 @@ class Agreement:
         Largest ``|Δ|``.
     sum_delta, sum_abs_delta : int
         Sums of ``Δ`` and of ``|Δ|``.
-    saturated : int
-        Output elements whose int32 accumulator the real kernel's int16 saturation changed
-        (found by the SATURATING pipeline on RECIPROCAL codes, which are PyTorch's own);
-        the same in every row of a layer.
+    saturated : int or None
+        Output elements whose int32 accumulator the real kernel's int16 saturation changed:
+        ``avx2_saturated`` where :func:`kernel_probe` found that the kernel saturates, 0
+        where it found that it does not, None where the probe was inconclusive. The same
+        in every row of a layer.
     max_abs_lsb_unsaturated : int
-        Largest ``|Δ|`` over the other elements (0 if there are none).
+        Largest ``|Δ|`` over the elements the kernel did not saturate (where the probe was
+        inconclusive, over those the AVX2 kernel would not saturate); 0 if there are none.
+    avx2_saturated : int
+        Output elements whose accumulator the int16 pair saturation of the AVX2 kernel
+        changes (found by the SATURATING pipeline on RECIPROCAL codes, which are PyTorch's
+        own), whether or not the kernel that ran saturates; the same in every row of a
+        layer.
     histogram : tuple of (int, int)
         ``(Δ, count)`` for every ``Δ`` seen, in increasing order.
     """
@@ -211,8 +235,9 @@ class Agreement:
     max_abs_lsb: int
     sum_delta: int
     sum_abs_delta: int
-    saturated: int
+    saturated: int | None
     max_abs_lsb_unsaturated: int
+    avx2_saturated: int
     histogram: tuple[tuple[int, int], ...] = field(repr=False)
 
     @property
@@ -242,6 +267,62 @@ class Agreement:
         return self.elements - self.equal - self.n_abs1
 
 
+class KernelProbeWarning(UserWarning):
+    """The real kernel agreed with neither integer pipeline on :func:`kernel_probe`'s input."""
+
+
+@dataclass(frozen=True)
+class KernelProbe:
+    """Which integer pipeline is the faithful model of the real kernel on this machine.
+
+    Found by :func:`kernel_probe` from the kernel's own output on an input whose int16
+    pair sums saturate, not from CPU flags.
+
+    Attributes
+    ----------
+    engine : Engine
+        The quantized engine probed.
+    saturates_pairs : bool or None
+        Whether the kernel saturates the int16 sums of adjacent product pairs (AVX2's
+        ``vpmaddubsw``) or not (AVX512-VNNI's ``vpdpbusd``); None if the probe could not
+        tell (see ``problem``).
+    faithful : Pipeline or None
+        :attr:`Pipeline.SATURATING` or :attr:`Pipeline.INTEGER`, whichever reproduced the
+        kernel's codes with RECIPROCAL arithmetic; None if neither did, or the kernel could
+        not run.
+    cpu_capability : str
+        ``torch.backends.cpu.get_cpu_capability()``: the vector ISA PyTorch dispatches to
+        (FBGEMM picks its own kernels, so this is context, not the answer).
+    cpu_flags : tuple of str
+        Which of avx2, avx512f, avx512bw, avx512_vnni, avx_vnni, amx_tile and amx_int8
+        ``/proc/cpuinfo`` lists; empty where it cannot be read.
+    real_codes, integer_codes, saturating_codes : tuple of int
+        The probe's output codes from the kernel and from the two simulations (empty if
+        the kernel did not run).
+    problem : str
+        Empty when ``faithful`` is set; otherwise why not.
+    """
+
+    engine: Engine
+    saturates_pairs: bool | None
+    faithful: Pipeline | None
+    cpu_capability: str
+    cpu_flags: tuple[str, ...]
+    real_codes: tuple[int, ...]
+    integer_codes: tuple[int, ...]
+    saturating_codes: tuple[int, ...]
+    problem: str
+
+    def describe(self) -> str:
+        """One sentence for captions and reports."""
+        cpu = f"CPU capability {self.cpu_capability}"
+        if self.faithful is None:
+            return f"{self.engine.value} on this CPU ({cpu}): {self.problem}"
+        how = "saturates" if self.saturates_pairs else "does not saturate"
+        return (f"{self.engine.value} on this CPU ({cpu}) {how} int16 pair sums; "
+                f"the {self.faithful.value} pipeline models it")
+
+
 @dataclass(frozen=True)
 class CrossCheck:
     """Agreement of every (layer, arithmetic, pipeline) with the real kernel.
@@ -254,11 +335,21 @@ class CrossCheck:
         The quantized engine the real kernels ran on.
     qparams : Mapping[str, LayerQParams]
         The scales and zero points used, by layer name.
+    probe : KernelProbe
+        What :func:`kernel_probe` found about ``engine`` on this machine: which pipeline
+        is faithful to the kernel that ran, and whether it saturates.
     """
 
     rows: tuple[Agreement, ...]
     engine: Engine
     qparams: Mapping[str, LayerQParams] = field(repr=False)
+    probe: KernelProbe
+
+    def faithful(self, row: Agreement) -> bool:
+        """Whether ``row`` is the probe's faithful pipeline on PyTorch's own (RECIPROCAL)
+        codes: the simulation that should agree with the kernel on every code."""
+        return (row.arithmetic is ScaleArithmetic.RECIPROCAL
+                and row.pipeline is self.probe.faithful)
 
     def get(self, layer: str, arithmetic: ScaleArithmetic | str,
             pipeline: Pipeline | str) -> Agreement:
@@ -282,21 +373,28 @@ class CrossCheck:
             "elements": r.elements, "equal": r.equal, "frac_equal": r.frac_equal,
             "max_abs_lsb": r.max_abs_lsb, "mean_delta": r.mean_delta,
             "mean_abs_delta": r.mean_abs_delta, "n_abs1": r.n_abs1, "n_abs_gt1": r.n_abs_gt1,
-            "max_abs_lsb_unsaturated": r.max_abs_lsb_unsaturated, "saturated": r.saturated,
-            "frac_saturated": r.saturated / r.elements if r.elements else math.nan,
+            "max_abs_lsb_unsaturated": r.max_abs_lsb_unsaturated,
+            "saturated": math.nan if r.saturated is None else r.saturated,
+            "frac_saturated": (r.saturated / r.elements if r.elements and r.saturated is not None
+                               else math.nan),
+            "avx2_saturated": r.avx2_saturated, "faithful": self.faithful(r),
         } for r in self.rows])
 
     def summary(self) -> pd.DataFrame:
         """Per arithmetic × pipeline, across layers: the smallest and median fraction of
-        equal codes, the largest ``|Δ|`` (all elements, and unsaturated ones), and the
-        totals of elements, equal elements and saturated elements."""
+        equal codes, the largest ``|Δ|`` (all elements, and unsaturated ones), the totals
+        of elements, equal elements, kernel-saturated elements (NaN where the probe was
+        inconclusive) and elements the AVX2 kernel would saturate, and whether the row is
+        the faithful pipeline."""
         return (self.to_frame().groupby(["arithmetic", "pipeline"], sort=False)
                 .agg(layers=("layer", "count"), min_frac_equal=("frac_equal", "min"),
                      median_frac_equal=("frac_equal", "median"),
                      max_abs_lsb=("max_abs_lsb", "max"),
                      max_abs_lsb_unsaturated=("max_abs_lsb_unsaturated", "max"),
                      elements=("elements", "sum"), equal=("equal", "sum"),
-                     saturated=("saturated", "sum"))
+                     saturated=("saturated", lambda v: v.sum(min_count=1)),
+                     avx2_saturated=("avx2_saturated", "sum"),
+                     faithful=("faithful", "first"))
                 .reset_index())
 
 
@@ -418,10 +516,15 @@ class _Tally:
 
     def __init__(self) -> None:
         self.elements = self.equal = self.max_abs = 0
-        self.sum_delta = self.sum_abs = self.saturated = self.max_abs_unsaturated = 0
+        self.sum_delta = self.sum_abs = self.avx2_saturated = self.max_abs_unsaturated = 0
         self.hist: Counter = Counter()
 
-    def add(self, delta: torch.Tensor, saturated: torch.Tensor | None) -> None:
+    def add(self, delta: torch.Tensor, avx2: torch.Tensor | None,
+            saturates: bool | None) -> None:
+        """Count one batch; ``avx2`` marks the elements the AVX2 kernel saturates (None:
+        none), ``saturates`` is the probe's answer for the kernel that ran."""
+        # Only a kernel that saturates (or might) sets elements apart as saturated.
+        saturated = None if saturates is False else avx2
         differ = delta != 0
         # Differences are rare, so every statistic but the count is taken over them only.
         nz = delta[differ].to(torch.int64)
@@ -430,8 +533,8 @@ class _Tally:
         self.equal += same
         if same:
             self.hist[0] += same
-        if saturated is not None:
-            self.saturated += int(saturated.sum())
+        if avx2 is not None:
+            self.avx2_saturated += int(avx2.sum())
         if not nz.numel():
             return
         values, counts = torch.unique(nz, return_counts=True)
@@ -444,10 +547,12 @@ class _Tally:
         if rest.numel():
             self.max_abs_unsaturated = max(self.max_abs_unsaturated, int(rest.abs().max()))
 
-    def result(self, name, kind, arithmetic, pipeline) -> Agreement:
+    def result(self, name, kind, arithmetic, pipeline, saturates: bool | None) -> Agreement:
+        saturated = None if saturates is None else self.avx2_saturated if saturates else 0
         return Agreement(name, kind, arithmetic, pipeline, self.elements, self.equal,
-                         self.max_abs, self.sum_delta, self.sum_abs, self.saturated,
-                         self.max_abs_unsaturated, tuple(sorted(self.hist.items())))
+                         self.max_abs, self.sum_delta, self.sum_abs, saturated,
+                         self.max_abs_unsaturated, self.avx2_saturated,
+                         tuple(sorted(self.hist.items())))
 
 
 @dataclass(frozen=True)
@@ -632,20 +737,21 @@ class _Plan:
             corr.index_add_(1, pairs.out[p], excess.to(torch.float64))
         return corr if self.conv else corr[:, :, 0, 0]
 
-    def compare(self, x: torch.Tensor, tallies: dict) -> None:
-        """Add this batch's differences to ``tallies[(arithmetic, pipeline)]``."""
+    def compare(self, x: torch.Tensor, tallies: dict, saturates: bool | None) -> None:
+        """Add this batch's differences to ``tallies[(arithmetic, pipeline)]``;
+        ``saturates`` is :attr:`KernelProbe.saturates_pairs`."""
         real = self.real(x)
         integer = {arith: self.integer_codes(x, arith) for arith in ScaleArithmetic}
-        # RECIPROCAL codes are PyTorch's, so their saturation is the real kernel's.
-        saturated = integer[ScaleArithmetic.RECIPROCAL][2]
+        # RECIPROCAL codes are PyTorch's, so their saturation is what an AVX2 kernel does.
+        avx2 = integer[ScaleArithmetic.RECIPROCAL][2]
         for arith, (plain, saturating, _) in integer.items():
             for pipeline, codes in ((Pipeline.FLOAT, self.float_codes(x, arith)),
                                     (Pipeline.INTEGER, plain),
                                     (Pipeline.SATURATING, saturating)):
-                tallies[(arith, pipeline)].add(codes - real, saturated)
+                tallies[(arith, pipeline)].add(codes - real, avx2, saturates)
 
-    def results(self, tallies: dict) -> list[Agreement]:
-        return [tallies[(a, p)].result(self.name, self.kind, a, p)
+    def results(self, tallies: dict, saturates: bool | None) -> list[Agreement]:
+        return [tallies[(a, p)].result(self.name, self.kind, a, p, saturates)
                 for a in ScaleArithmetic for p in Pipeline]
 
 
@@ -724,6 +830,112 @@ def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQ
         return plain if pipeline is Pipeline.INTEGER else saturating
 
 
+# --------------------------------------------------------------------------- the probe
+
+def _cpu_flags() -> tuple[str, ...]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return tuple(f for f in _KERNEL_FLAGS if f in present)
+    return ()
+
+
+def _probe_case() -> tuple[nn.Linear, torch.Tensor, LayerQParams]:
+    """A linear layer on which every int16 pair sum leaves int16, and the two integer
+    pipelines give codes far apart.
+
+    Activation codes 255 against weight codes 127 (channel 0) and -127 (channel 1): each
+    of the 32 pairs sums to ±64770, which AVX2 saturates to 32767 / -32768. The exact
+    accumulators ±2072640 map to codes 128 ± 120, the saturated ones to about 128 ± 61.
+    """
+    k = 64
+    # The layer's random initialisation must not move torch's global generator, which the
+    # studies seed: a probe run between two seeded draws would change the second.
+    with torch.random.fork_rng(devices=[]):
+        layer = nn.Linear(k, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0], [-1.0]]).expand(2, k))
+        layer.bias.zero_()
+    sx, sw = np.float32(1 / _UINT8_MAX), np.float32(1 / 127)
+    # The exact accumulator k·255·127, times the kernel's multiplier fl(sx·sw), is 120 LSB.
+    so = k * _UINT8_MAX * 127 * float(sx * sw) / 120
+    qp = LayerQParams(QParams(float(sx), 0), QParams(np.full(2, float(sw)), 0),
+                      QParams(so, 128))
+    return layer, torch.ones(1, k), qp
+
+
+@functools.cache
+def _probe(engine: Engine) -> KernelProbe:
+    layer, x, qp = _probe_case()
+    plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
+                 out_spec=ACTIVATION_SPEC, name="probe", engine=None)
+    with torch.inference_mode():
+        plain, saturating, _ = plan.integer_codes(x, ScaleArithmetic.RECIPROCAL)
+    integer_codes, saturating_codes = tuple(plain.flatten().tolist()), tuple(
+        saturating.flatten().tolist())
+    machine = (torch.backends.cpu.get_cpu_capability(), _cpu_flags())
+    try:
+        real = real_int8(layer, x, qp, engine=engine)
+    except RuntimeError as err:
+        # A PyTorch build without the engine, or a kernel that refuses to run: recorded,
+        # so that a manifest can say why there is no answer.
+        return KernelProbe(engine, None, None, *machine, (), integer_codes, saturating_codes,
+                           f"the {engine.value} kernel could not run: {err}")
+    real_codes = tuple(real.flatten().tolist())
+    if real_codes == saturating_codes:
+        saturates, faithful, problem = True, Pipeline.SATURATING, ""
+    elif real_codes == integer_codes:
+        saturates, faithful, problem = False, Pipeline.INTEGER, ""
+    else:
+        saturates, faithful, problem = None, None, (
+            f"on the probe its codes {real_codes} match neither the integer pipeline's "
+            f"{integer_codes} nor the saturating pipeline's {saturating_codes}; no "
+            "simulation models this kernel")
+    return KernelProbe(engine, saturates, faithful, *machine, real_codes, integer_codes,
+                       saturating_codes, problem)
+
+
+def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
+    """Which integer pipeline reproduces the real kernel of ``engine`` on this machine.
+
+    Runs the kernel once per process and engine (later calls return the cached answer)
+    on a 64-input linear layer whose int16 pair sums all saturate under AVX2, and compares
+    its codes with the INTEGER and SATURATING simulations. Takes milliseconds; never
+    raises for a missing engine or a kernel that fails (the result says why instead).
+
+    Parameters
+    ----------
+    engine : Engine or str
+
+    Returns
+    -------
+    KernelProbe
+        ``faithful`` is None, and ``problem`` says why, when the engine is missing, its
+        kernel fails, or its codes match neither simulation.
+
+    Notes
+    -----
+    FBGEMM picks its kernels at run time from the CPU (``vpmaddubsw`` pair sums that
+    saturate at int16 on AVX2, ``vpdpbusd`` that does not on AVX512-VNNI), and the ``x86``
+    engine may run oneDNN instead; asking the kernel is the one answer that cannot be
+    out of date with either.
+    """
+    return _probe(parse_enum(Engine, engine, "engine"))
+
+
+def _probed(engine: Engine) -> KernelProbe:
+    """The probe for a cross-check, which warns when no pipeline can be marked faithful."""
+    probe = kernel_probe(engine)
+    if probe.faithful is None:
+        warnings.warn(f"no simulation is marked faithful to the real kernel: "
+                      f"{probe.describe()}", KernelProbeWarning, stacklevel=3)
+    return probe
+
+
 def _tallies() -> dict:
     return {(a, p): _Tally() for a in ScaleArithmetic for p in Pipeline}
 
@@ -762,18 +974,19 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     engine = parse_enum(Engine, engine, "engine")
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name=name, engine=engine)
+    probe = _probed(engine)
     tallies = _tallies()
     batches = [x] if isinstance(x, torch.Tensor) else x
     seen = False
     with _engine(engine), torch.inference_mode():
         for batch in batches:
             _check_input(layer, batch)
-            plan.compare(batch, tallies)
+            plan.compare(batch, tallies, probe.saturates_pairs)
             seen = True
     if not seen:
         raise ValueError("x holds no batches")
-    return CrossCheck(tuple(plan.results(tallies)), engine,
-                      MappingProxyType({name: plan.qparams}))
+    return CrossCheck(tuple(plan.results(tallies, probe.saturates_pairs)), engine,
+                      MappingProxyType({name: plan.qparams}), probe)
 
 
 # --------------------------------------------------------------------------- a model
@@ -881,15 +1094,17 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
                               out_spec=out_spec, name=s.name,
                               kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine)
     tallies = {s.name: _tallies() for s in sites}
+    probe = _probed(engine)
 
     def check(site: Site, x: torch.Tensor) -> None:
-        plans[site.name].compare(x.contiguous(), tallies[site.name])
+        plans[site.name].compare(x.contiguous(), tallies[site.name], probe.saturates_pairs)
 
     with _engine(engine), torch.inference_mode(), pre_hooks(sites, check):
         for item in progress_bar(evaluation, progress, "int8 cross-check"):
             model(batch_images(item))
     if all(t.elements == 0 for t in tallies[sites[0].name].values()):
         raise ValueError("evaluation holds no batches")
-    rows = [row for s in sites for row in plans[s.name].results(tallies[s.name])]
+    rows = [row for s in sites
+            for row in plans[s.name].results(tallies[s.name], probe.saturates_pairs)]
     return CrossCheck(tuple(rows), engine,
-                      MappingProxyType({s.name: plans[s.name].qparams for s in sites}))
+                      MappingProxyType({s.name: plans[s.name].qparams for s in sites}), probe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from torch import nn
 
+from qerror.nn import int8
 from studies import drift
 
 
@@ -40,12 +43,57 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
+    # Whatever CPU runs this, the pipeline the study calls faithful (the kernel probe's)
+    # agrees with the real kernel on every code, full range and reduced range alike.
+    probe = int8.kernel_probe()
     x8 = pd.read_csv(out / "int8_summary.csv")
-    exact_match = x8[(x8.arithmetic == "reciprocal") & (x8.pipeline == "saturating")]
-    assert (exact_match.min_frac_equal == 1.0).all()
+    faithful = x8[x8.faithful]
+    assert sorted(faithful.activations) == ["full_range", "reduce_range"]
+    assert (faithful.arithmetic == "reciprocal").all()
+    assert (faithful.pipeline == probe.faithful.value).all()
+    assert (faithful.min_frac_equal == 1.0).all() and (faithful.equal == faithful.elements).all()
+    assert (x8.saturated == (x8.avx2_saturated if probe.saturates_pairs else 0)).all()
+    assert probe.faithful.value in (out / "int8.tex").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    for recorded in (manifest["cpu"], summary["int8_kernel"]):
+        assert recorded["faithful"] == probe.faithful.value
+        assert recorded["saturates_pairs"] == probe.saturates_pairs
+        assert recorded["cpu_capability"] == probe.cpu_capability
+        assert recorded["cpu_flags"] == list(probe.cpu_flags)
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 16
     assert not list(tmp_path.glob(".drift.partial*"))
+
+
+def test_int8_report_follows_the_kernel_probe(monkeypatch):
+    """Pure logic, valid on any CPU: with the probe's answer turned round, the study's INT8
+    summary and caption name the other pipeline, and count kernel saturation only if that
+    answer says the kernel saturates."""
+    real = int8.kernel_probe()
+    other = dataclasses.replace(
+        real, saturates_pairs=not real.saturates_pairs,
+        faithful=int8.Pipeline.INTEGER if real.saturates_pairs else int8.Pipeline.SATURATING)
+    monkeypatch.setattr(int8, "kernel_probe", lambda engine=int8.Engine.FBGEMM: other)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+        batches = [(torch.randn(4, 1, 8, 8) * 3, torch.zeros(4)) for _ in range(2)]
+    data = drift.Data(calib=batches, test=batches, identity={})
+    rows, summary, probe = drift.int8_crosscheck(model, data, 8)
+    assert probe is other
+    for table in (rows, summary):
+        marked = table[table.faithful]
+        assert set(marked.pipeline) == {other.faithful.value}
+        assert set(marked.arithmetic) == {"reciprocal"}
+    full = summary[summary.activations == "full_range"]
+    assert (full.avx2_saturated > 0).all()
+    expected = full.avx2_saturated if other.saturates_pairs else 0
+    assert (full.saturated == expected).all()
+    caption = drift.int8_caption(probe)
+    assert f"the {other.faithful.value} pipeline" in caption
+    assert ("does not saturate" in caption) is not other.saturates_pairs
+    assert probe.cpu_capability in caption
 
 
 def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):

@@ -1,8 +1,8 @@
 """qerror's simulation against PyTorch's real INT8 kernels: exact agreement where the
 arithmetic is reproduced, a one-LSB bound where it is not, BN folding, the model sweep."""
 
+import dataclasses
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +27,12 @@ from qerror.nn.int8 import (
     WEIGHT_SPEC,
     CrossCheck,
     Engine,
+    KernelProbeWarning,
     LayerQParams,
     Pipeline,
     crosscheck_layer,
     crosscheck_model,
+    kernel_probe,
     real_int8,
     simulate_int8,
 )
@@ -42,24 +44,6 @@ SIGNED_ACT = QuantSpec(bits=8, signed=True, symmetric=False)
 pytestmark = pytest.mark.skipif(
     "fbgemm" not in torch.backends.quantized.supported_engines,
     reason="this PyTorch build has no FBGEMM quantized engine")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-# With AVX512-VNNI FBGEMM multiplies with vpdpbusd, which does not saturate; the SATURATING
-# pipeline models the AVX2/AVX512 vpmaddubsw kernels.
-needs_saturating_kernels = pytest.mark.skipif(
-    "avx512_vnni" in _cpu_flags(),
-    reason="FBGEMM uses AVX512-VNNI on this CPU, whose products do not saturate")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -142,7 +126,7 @@ def test_reciprocal_codes_are_pytorchs_and_exact_ones_differ_only_at_ties():
 
 # --------------------------------------------------------------------------- exactness
 
-@needs_saturating_kernels
+@pytest.mark.needs_saturating_kernel
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("name", list(CASES))
 def test_saturating_pipeline_reproduces_the_kernel_exactly(name, relu):
@@ -175,7 +159,7 @@ def test_reduced_range_activations_cannot_saturate(name):
     x = x.relu()
     result = crosscheck_layer(layer, x, _qparams(layer, x, headroom=2.0))
     row = result.get("layer", RECIPROCAL, Pipeline.INTEGER)
-    assert row.saturated == 0
+    assert row.saturated == row.avx2_saturated == 0
     assert row.equal == row.elements
 
 
@@ -234,7 +218,7 @@ def test_exact_arithmetic_parts_from_the_kernel_only_through_its_input_codes():
     assert result.get("layer", EXACT, Pipeline.INTEGER).frac_equal < 1.0
 
 
-@needs_saturating_kernels
+@pytest.mark.needs_saturating_kernel
 def test_signed_activations_run_as_the_same_unsigned_grid():
     layer, x = _case("conv3x3", seed=11)
     qp = _qparams(layer, x, act_spec=SIGNED_ACT)
@@ -250,7 +234,7 @@ def test_signed_activations_run_as_the_same_unsigned_grid():
     assert codes.min() >= -128 and codes.max() <= 127 and codes.min() < 0
 
 
-@needs_saturating_kernels
+@pytest.mark.needs_saturating_kernel
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), cin=st.integers(1, 12), cout=st.integers(1, 12),
        k=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 2),
@@ -280,6 +264,7 @@ def test_rows_counts_and_batches_accumulate():
         assert r2.elements == 2 * r1.elements == 2 * x.shape[0] * 32 * 10 * 10
         assert r2.equal == 2 * r1.equal and r2.max_abs_lsb == r1.max_abs_lsb
         assert r2.saturated == 2 * r1.saturated
+        assert r2.avx2_saturated == 2 * r1.avx2_saturated
         assert sum(c for _, c in r1.histogram) == r1.elements
         assert r1.count(0) == r1.equal
         assert r1.n_abs1 + r1.n_abs_gt1 == r1.elements - r1.equal
@@ -289,6 +274,103 @@ def test_rows_counts_and_batches_accumulate():
     assert {"frac_equal", "max_abs_lsb", "mean_delta", "n_abs1", "saturated"} <= set(frame)
     summary = one.summary()
     assert len(summary) == 6 and (summary.layers == 1).all()
+
+
+# --------------------------------------------------------------------------- the kernel probe
+
+def test_kernel_probe_is_cached_and_is_the_kernel_s_own_answer():
+    probe = kernel_probe()
+    assert kernel_probe("fbgemm") is probe
+    assert probe.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert set(probe.cpu_flags) <= set(int8._KERNEL_FLAGS)
+    layer, x, qp = int8._probe_case()
+    codes = {p: tuple(simulate_int8(layer, x, qp, pipeline=p).flatten().tolist())
+             for p in (Pipeline.INTEGER, Pipeline.SATURATING)}
+    # Every pair sum saturates under AVX2, so the two answers are far apart on both signs.
+    assert codes[Pipeline.INTEGER] == probe.integer_codes == (248, 8)
+    assert codes[Pipeline.SATURATING] == probe.saturating_codes == (189, 67)
+    assert tuple(real_int8(layer, x, qp).flatten().tolist()) == probe.real_codes
+    assert probe.faithful is not None and probe.problem == ""
+    assert probe.real_codes == codes[probe.faithful]
+    assert probe.saturates_pairs is (probe.faithful is Pipeline.SATURATING)
+
+
+def test_kernel_probe_says_why_when_the_engine_is_missing(monkeypatch):
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack"])
+    # The cached function's body, so that the process-wide answer is left alone.
+    probe = int8._probe.__wrapped__(Engine.FBGEMM)
+    assert probe.faithful is None and probe.saturates_pairs is None
+    assert probe.real_codes == ()
+    assert "'fbgemm' is not in this PyTorch build" in probe.problem
+    assert probe.problem in probe.describe()
+
+
+def test_kernel_probe_matching_neither_pipeline_is_flagged(monkeypatch):
+    monkeypatch.setattr(int8, "real_int8", lambda *a, **k: torch.tensor([[1, 2]]))
+    probe = int8._probe.__wrapped__(Engine.FBGEMM)
+    assert probe.faithful is None and probe.saturates_pairs is None
+    assert "match neither" in probe.problem and "(1, 2)" in probe.problem
+    monkeypatch.setattr(int8, "kernel_probe", lambda engine=Engine.FBGEMM: probe)
+    layer, x = _case("conv3x3")
+    with pytest.warns(KernelProbeWarning, match="match neither"):
+        result = crosscheck_layer(layer, x, _qparams(layer, x))
+    assert not any(result.faithful(r) for r in result.rows)
+    assert all(r.saturated is None and r.avx2_saturated > 0 for r in result.rows)
+    summary = result.summary()
+    assert not summary.faithful.any() and summary.saturated.isna().all()
+
+
+def test_summary_and_rows_mark_the_faithful_pipeline():
+    layer, x = _case("conv3x3")
+    result = crosscheck_layer(layer, x, _qparams(layer, x))
+    probe = result.probe
+    assert probe is kernel_probe()
+    frame, summary = result.to_frame(), result.summary()
+    for table in (frame, summary):
+        marked = table[table.faithful]
+        assert marked[["arithmetic", "pipeline"]].values.tolist() == [
+            ["reciprocal", probe.faithful.value]]
+    assert summary[summary.faithful].min_frac_equal.item() == 1.0
+    # Full-range activations: the AVX2 kernel would saturate here, on any CPU.
+    assert (summary.avx2_saturated > 0).all()
+    expected = summary.avx2_saturated if probe.saturates_pairs else 0
+    assert (summary.saturated == expected).all()
+
+
+def test_the_other_probe_answer_names_the_other_pipeline(monkeypatch):
+    """Pure bookkeeping, valid on any CPU: told that the kernel behaves the other way, the
+    cross-check marks the other pipeline faithful, and counts kernel saturation only if
+    that answer says the kernel saturates."""
+    real = kernel_probe()
+    other = dataclasses.replace(
+        real, saturates_pairs=not real.saturates_pairs,
+        faithful=Pipeline.INTEGER if real.saturates_pairs else Pipeline.SATURATING)
+    monkeypatch.setattr(int8, "kernel_probe", lambda engine=Engine.FBGEMM: other)
+    layer, x = _case("conv3x3")
+    result = crosscheck_layer(layer, x, _qparams(layer, x))
+    assert result.probe is other
+    summary = result.summary()
+    assert summary[summary.faithful].pipeline.tolist() == [other.faithful.value]
+    for r in result.rows:
+        assert r.avx2_saturated > 0
+        if other.saturates_pairs:
+            assert r.saturated == r.avx2_saturated
+        else:
+            # No kernel saturation: no element is set apart from the unsaturated maximum.
+            assert r.saturated == 0 and r.max_abs_lsb_unsaturated == r.max_abs_lsb
+    assert (summary.saturated == (summary.avx2_saturated if other.saturates_pairs else 0)).all()
+
+
+@pytest.mark.needs_nonsaturating_kernel
+@pytest.mark.parametrize("name", list(CASES))
+def test_integer_pipeline_reproduces_a_nonsaturating_kernel_exactly(name):
+    """On AVX512-VNNI the products are accumulated in int32 without saturation: the plain
+    integer pipeline is exact even where the AVX2 kernel would have saturated."""
+    layer, x = _case(name)
+    result = crosscheck_layer(layer, x, _qparams(layer, x))
+    row = result.get("layer", RECIPROCAL, Pipeline.INTEGER)
+    assert row.avx2_saturated > 0 and row.saturated == 0
+    assert row.equal == row.elements
 
 
 # --------------------------------------------------------------------------- folding
@@ -348,7 +430,7 @@ def test_fold_bn_refuses_what_cannot_be_folded():
         fold_bn(nn.Linear(2, 4), nn.BatchNorm2d(4).eval())
 
 
-@needs_saturating_kernels
+@pytest.mark.needs_saturating_kernel
 def test_crosscheck_layer_folds_bn_and_fuses_relu():
     conv = _layer("conv", 31, in_channels=8, out_channels=16, kernel_size=3, padding=1)
     bn = _bn(16, 32)
@@ -400,9 +482,9 @@ def test_crosscheck_model_on_resnet18():
         assert result.get(name, RECIPROCAL, Pipeline.FLOAT).max_abs_lsb_unsaturated <= 1
         assert result.qparams[name].weight.scale.shape == (
             dict(model.named_modules())[name].weight.shape[0],)
-    if "avx512_vnni" not in _cpu_flags():
-        assert all(r.equal == r.elements for r in result.rows
-                   if r.arithmetic is RECIPROCAL and r.pipeline is Pipeline.SATURATING)
+    assert result.probe is kernel_probe()
+    faithful = [r for r in result.rows if result.faithful(r)]
+    assert len(faithful) == len(layers) and all(r.equal == r.elements for r in faithful)
     assert result.get("conv1", RECIPROCAL, Pipeline.FLOAT).elements == 2 * 64 * 16 * 16
     assert _hooks(model) == 0
     assert all(not m.training for m in model.modules())
