@@ -262,8 +262,9 @@ def _as_param(arr: np.ndarray, like, dtype):
     return arr.astype(dtype)
 
 
-def _scaled(x, spec: QuantSpec, s: np.ndarray):
-    """``v ≈ x / s`` in the compute dtype, and the scale in that dtype."""
+def _scaled(x, spec: QuantSpec, s: np.ndarray, out=None):
+    """``v ≈ x / s`` in the compute dtype (written into ``out`` if given), and the scale
+    in that dtype."""
     torch_in = isinstance(x, torch.Tensor)
     cdt = _compute_dtype(x)
     scale = _as_param(s, x, cdt)
@@ -273,15 +274,19 @@ def _scaled(x, spec: QuantSpec, s: np.ndarray):
             inv = 1.0 / torch.as_tensor(s, dtype=cdt)
             return x.to(cdt) * (inv.item() if inv.ndim == 0 else inv.to(x.device)), scale
         with np.errstate(over="ignore"):
-            return x.astype(cdt) * (cdt(1.0) / s.astype(cdt)), scale
+            return np.multiply(x, cdt(1.0) / s.astype(cdt), out=out, dtype=cdt), scale
     if torch_in:
         return x.to(cdt) / scale, scale
     with np.errstate(over="ignore"):  # a finite value far out of range: inf, then clamped
-        return x.astype(cdt) / scale, scale
+        return np.divide(x, scale, out=out, dtype=cdt), scale
 
 
-def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset: int = 0):
+def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset: int = 0,
+                   scratch=None):
     """``R(x/s + z) - z`` before clamping, in the compute dtype, and the scale.
+
+    ``scratch``, a numpy array of ``x``'s shape in the compute dtype, receives ``x/s``
+    (and may end up holding the codes) instead of a new array.
 
     Away from ties ``R(v + z) = R(v) + z`` exactly for integer ``z`` and every
     mode but those whose choice depends on the sign of ``v + z`` (TOWARD_ZERO),
@@ -291,7 +296,7 @@ def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset
     ``z`` after, as PyTorch's kernels do.
     """
     torch_in = isinstance(x, torch.Tensor)
-    v, scale = _scaled(x, spec, s)
+    v, scale = _scaled(x, spec, s, scratch)
     mode = spec.rounding
     split = mode.facts.sign_split
     exact = spec.arithmetic is ScaleArithmetic.EXACT
@@ -330,6 +335,8 @@ def _prepare(x, spec, scale, zero_point, generator):
     key = stochastic_key(generator) if spec.rounding.is_random else None
     return axis, s, z, key
 
+
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 # Elements per block: small enough to stay in L2 cache through the whole chain of
 # element-wise steps, large enough that per-block Python overhead is negligible.
@@ -374,7 +381,6 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
     torch_in = isinstance(x, torch.Tensor)
-    cdt = _compute_dtype(x)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
         return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count)
     shape = tuple(x.shape)
@@ -384,6 +390,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         np.prod(shape, dtype=np.int64))
     s3 = s.reshape(1, channels, 1)
     z3 = z.reshape(1, channels, 1)
+    on_cpu = not torch_in or x.device.type == "cpu"
     if torch_in:
         x3 = x.detach().contiguous().view(outer, channels, inner)
         out_dtype = x.dtype if fake else torch.int32
@@ -391,32 +398,46 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     else:
         x3 = np.ascontiguousarray(x).reshape(outer, channels, inner)
         out3 = np.empty((outer, channels, inner), dtype=x.dtype if fake else np.int32)
+    # A CPU tensor of a dtype numpy knows is worked on through numpy views of its memory:
+    # numpy's element-wise kernels, comparisons and index search cost a fraction of torch's
+    # on cache-sized blocks, and give the same bits.
+    xw, outw = x3, out3
+    if torch_in and on_cpu and x.dtype in _NUMPY_DTYPES:
+        xw, outw = x3.numpy(), out3.numpy()
+    cdt = _compute_dtype(xw)
     low = np.zeros(channels, dtype=np.int64)
     high = np.zeros(channels, dtype=np.int64)
     dims = None if axis is None else (0, 2)
 
     def one_block(block):
         so, sc, si, offset = block
-        xb = x3[so, sc, si]
+        xb, ob = xw[so, sc, si], outw[so, sc, si]
         if axis is None:
-            # One scale: flat blocks and scalar parameters take torch's fastest kernels.
+            # One scale: flat blocks and scalar parameters take the fastest kernels.
             sb, zb = s, z
             xb = xb.reshape(-1)
         else:
             sb, zb = s3[:, sc], z3[:, sc]
-        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset)
+        on_torch = isinstance(xb, torch.Tensor)
+        # The quotient goes straight into the output block where it has the working dtype;
+        # the codes, scaled, overwrite it at the end.
+        scratch = ob.reshape(xb.shape) if not on_torch and fake and ob.dtype == cdt else None
+        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset, scratch)
         lo, hi = _bounds(spec, zb, r, cdt)
         counts = None
-        if count and torch_in:
+        if count and on_torch:
             counts = ((r < lo).sum(dim=dims).cpu().numpy().reshape(-1),
                       (r > hi).sum(dim=dims).cpu().numpy().reshape(-1))
         elif count:
             counts = np.sum(r < lo, axis=dims), np.sum(r > hi, axis=dims)
-        ob = out3[so, sc, si]
-        if torch_in:
+        if on_torch:
             r.clamp_(lo, hi)
             res = r.mul_(scale_b) if fake else r.to(torch.int32).add_(
                 _as_param(zb, r, torch.int32))
+        elif scratch is not None:
+            np.clip(r, lo, hi, out=r)
+            np.multiply(r, scale_b, out=scratch)
+            return sc, counts
         else:
             np.clip(r, lo, hi, out=r)
             res = np.multiply(r, scale_b, out=r) if fake else (
@@ -424,7 +445,6 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         ob[...] = res.reshape(ob.shape)
         return sc, counts
 
-    on_cpu = not torch_in or x.device.type == "cpu"
     for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner)), on_cpu):
         if counts is not None:
             low[sc] += counts[0]

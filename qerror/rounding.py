@@ -215,13 +215,23 @@ def _signed64(value: int) -> int:
 
 def _uniform_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
     """Draws on the grid ``k / 2**53`` in [0, 1) for indices ``offset .. offset+n-1``."""
-    with np.errstate(over="ignore"):
-        z = np.arange(offset, offset + n, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(key)
-        z += np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    # In place on two buffers: the hash is a dozen passes over 8-byte words, and fresh
+    # temporaries for each would double the memory traffic.
+    z = np.arange(offset, offset + n, dtype=np.uint64)
+    t = np.empty_like(z)
+    z *= np.uint64(_GOLDEN)
+    z += np.uint64((key + _GOLDEN) & _MASK64)
+    for shift, mix in ((30, _MIX1), (27, _MIX2)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        z *= np.uint64(mix)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    z >>= np.uint64(11)
+    u = t.view(np.float64)
+    np.copyto(u, z, casting="unsafe")
+    u *= 2.0**-53
+    return u
 
 
 def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -269,11 +279,13 @@ def _away_torch(x, key, offset, out=None):
 
 
 def _stochastic_numpy(x, key, offset, out=None):
-    lo = np.floor(x)
+    # x - floor(x) is exact in float64 (not always in x's own dtype, e.g. -1e-9 + 1).
+    frac = x.astype(np.float64)
+    lo = np.floor(x, out=np.empty_like(x) if out is None else out)
     with np.errstate(invalid="ignore"):
-        frac = x.astype(np.float64) - lo.astype(np.float64)
-    up = _uniform_numpy(x.size, key, offset).reshape(x.shape) < frac
-    return _into((lo + up.astype(x.dtype)).astype(x.dtype, copy=False), out)
+        frac -= lo
+    up = np.less(_uniform_numpy(x.size, key, offset).reshape(x.shape), frac)
+    return np.add(lo, up, out=lo, dtype=x.dtype)
 
 
 def _stochastic_torch(x, key, offset, out=None):
