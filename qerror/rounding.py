@@ -213,8 +213,8 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _uniform_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
-    """Draws on the grid ``k / 2**53`` in [0, 1) for indices ``offset .. offset+n-1``."""
+def _hash_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
+    """The 53-bit integers ``k`` of the draws ``k / 2**53`` for indices ``offset .. offset+n-1``."""
     # In place on two buffers: the hash is a dozen passes over 8-byte words, and fresh
     # temporaries for each would double the memory traffic.
     z = np.arange(offset, offset + n, dtype=np.uint64)
@@ -228,10 +228,7 @@ def _uniform_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
     np.right_shift(z, np.uint64(31), out=t)
     z ^= t
     z >>= np.uint64(11)
-    u = t.view(np.float64)
-    np.copyto(u, z, casting="unsafe")
-    u *= 2.0**-53
-    return u
+    return z
 
 
 def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -240,7 +237,7 @@ def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """Same bits as :func:`_uniform_numpy`, in two's-complement int64 arithmetic."""
+    """The draws of :func:`_hash_numpy` as floats, in two's-complement int64 arithmetic."""
     z = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     z.mul_(_signed64(_GOLDEN)).add_(_signed64((key + _GOLDEN) & _MASK64))
     z = (z ^ _srl(z, 30)).mul_(_signed64(_MIX1))
@@ -279,13 +276,15 @@ def _away_torch(x, key, offset, out=None):
 
 
 def _stochastic_numpy(x, key, offset, out=None):
+    lo = np.floor(x, out=np.empty_like(x))  # an array even for 0-d x
     # x - floor(x) is exact in float64 (not always in x's own dtype, e.g. -1e-9 + 1).
-    frac = x.astype(np.float64)
-    lo = np.floor(x, out=np.empty_like(x) if out is None else out)
     with np.errstate(invalid="ignore"):
-        frac -= lo
-    up = np.less(_uniform_numpy(x.size, key, offset).reshape(x.shape), frac)
-    return np.add(lo, up, out=lo, dtype=x.dtype)
+        frac = np.subtract(x, lo, dtype=np.float64)
+    # Up with probability frac: k / 2**53 < frac, compared as k < frac * 2**53 (both sides
+    # scaled exactly), so the integers need no separate conversion pass.
+    frac *= 2.0**53
+    up = np.less(_hash_numpy(x.size, key, offset).reshape(x.shape), frac)
+    return np.add(lo, up, out=lo if out is None else out, dtype=x.dtype)
 
 
 def _stochastic_torch(x, key, offset, out=None):
