@@ -51,7 +51,7 @@ class RoundingMode(enum.Enum):
     STOCHASTIC = "stochastic"
 
     @property
-    def facts(self) -> "ModeFacts":
+    def facts(self) -> ModeFacts:
         """This mode's entry in the table of rounding modes."""
         return _FACTS[self]
 
@@ -61,17 +61,19 @@ class RoundingMode(enum.Enum):
         return _FACTS[self].interval
 
     @property
-    def uniform(self) -> "UniformModel":
+    def uniform(self) -> UniformModel:
         """Bias, MSE and MAE per LSB under the uniform-noise model (DESIGN §2)."""
         return _FACTS[self].uniform
 
     @property
-    def boundary(self) -> "BoundaryRule":
+    def boundary(self) -> BoundaryRule:
         """Where the mode's code changes and how a value on or beside such a point resolves."""
         return _FACTS[self].boundary
 
     @property
     def is_random(self) -> bool:
+        """True where the code beside a boundary is a random draw: the mode's boundary
+        rule decides only values exactly on a level."""
         return _FACTS[self].boundary.resolve is None
 
     @classmethod
