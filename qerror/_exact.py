@@ -1,10 +1,20 @@
-"""Error-free arithmetic that lets the quantizer decide codes on the exact quotient x/s."""
+"""The exact-code engine: settle every quotient ``fl(x/s)`` that lies within a few ulps of a
+rounding boundary on the exact value ``x/s`` instead.
+
+Candidates are found in floating point with a margin wider than the division's error; each
+is then decided by the sign of the exact residual ``x - b s`` (Dekker's error-free product),
+``b`` the boundary, under the mode's :class:`~qerror.rounding.BoundaryRule`, and written
+back. Only the few candidates ever leave the vectorised pass.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from qerror.rounding import RoundingMode
+
+_HALF_DTYPES = (np.float16, torch.float16, torch.bfloat16)
 
 
 def _veltkamp(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,22 +45,145 @@ def residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.where(v == 0, np.sign(x), np.sign((xs - p) - err))
 
 
-def decide_boundary(n_sub, sign, mode: RoundingMode) -> np.ndarray:
-    """``R(u)`` for ``u = n + sign * tiny``, ``n`` a rounding boundary of ``mode``.
+def _level(b: np.ndarray, s: np.ndarray, out_dtype) -> np.ndarray:
+    """The dequantized level ``fl(b s)`` as the output holds it: computed in the working
+    precision, then rounded to the input's own dtype (float16 or bfloat16 data)."""
+    level = b * s
+    if out_dtype in _HALF_DTYPES:
+        half = torch.float16 if out_dtype in (np.float16, torch.float16) else torch.bfloat16
+        level = torch.from_numpy(level).to(half).to(torch.float32).numpy()
+    return level
 
-    ``n`` is a half-integer for the nearest modes and an integer otherwise;
-    ``sign == 0`` means ``u`` is exactly ``n``.
+
+def _write_back(r, idx, fixed, torch_in):
+    """``r`` with the codes at ``idx`` replaced by ``fixed`` (a copy if ``r`` needs grad)."""
+    if torch_in:
+        r = r.clone() if r.requires_grad else r
+        r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
+        return r
+    r[idx] = fixed
+    return r
+
+
+def _true_indices(mask: np.ndarray) -> np.ndarray:
+    """Flat indices of the True entries of a C-contiguous boolean array.
+
+    Candidates are a few in ten thousand: scanning the mask eight bytes at a time and
+    expanding only the nonzero words is several times faster than ``np.flatnonzero``.
     """
-    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
-        down = n_sub - 0.5
-        # A true tie: to the even neighbour, or away from zero, of u itself.
-        tie = np.rint(n_sub) if mode is RoundingMode.NEAREST_EVEN else down + (n_sub > 0)
-        return np.where(sign > 0, down + 1, np.where(sign < 0, down, tie))
-    floor = np.where(sign < 0, n_sub - 1, n_sub)
-    ceil = np.where(sign > 0, n_sub + 1, n_sub)
-    if mode is RoundingMode.FLOOR:
-        return floor
-    if mode is RoundingMode.CEIL:
-        return ceil
-    # TOWARD_ZERO: floor above zero, ceil below, and 0 for a true value just off 0.
-    return np.where(n_sub > 0, floor, np.where(n_sub < 0, ceil, 0.0))
+    flat = mask.reshape(-1)
+    whole = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:whole].view(np.uint64))
+    idx = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    idx = idx[flat[idx]]
+    if whole == flat.size:
+        return idx
+    return np.concatenate([idx, np.flatnonzero(flat[whole:]) + whole])
+
+
+def _numpy_candidates(x, v, r, offset: float, margin, reach: float, half_eps: float):
+    """Index tuple of the candidates of numpy arrays, and the nearest integer of each."""
+    with np.errstate(invalid="ignore"):  # inf - inf for values far out of range
+        ref = r if offset else np.rint(v)
+        dist = np.subtract(v, ref)
+        np.abs(dist, out=dist)
+        if offset:
+            mask = dist >= 0.5 - margin
+        else:
+            if half_eps:
+                margin = np.abs(ref) * half_eps + margin
+            mask = dist <= margin
+            # 0/s is exact: zeros (half of a ReLU's output) need no exact check.
+            mask &= x != 0
+    flat = _true_indices(mask)
+    ref_sub = ref.reshape(-1)[flat]
+    # Values whose code lies beyond the integer range by more than one are clamped
+    # whatever they round to; the margin is sized for the codes inside.
+    near = np.abs(ref_sub) <= reach
+    return np.unravel_index(flat[near], v.shape), ref_sub[near]
+
+
+def _torch_candidates(x, v, r, offset: float, margin, reach: float, half_eps: float):
+    """As :func:`_numpy_candidates`, for tensors on any device."""
+    ref = r if offset else torch.round(v)
+    dist = (v - ref).abs_()
+    if half_eps:
+        margin = ref.abs().mul_(half_eps).add_(margin)
+    candidate = dist >= 0.5 - margin if offset else dist <= margin
+    candidate &= ref.abs() <= reach
+    if not offset:
+        candidate &= x.detach() != 0
+    if not bool(candidate.any()):
+        return None, None
+    idx = candidate.nonzero(as_tuple=True)
+    return idx, ref.detach()[idx].cpu().numpy()
+
+
+def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
+    """``r = R(v)`` with every code whose quotient lies near a boundary decided exactly.
+
+    Parameters
+    ----------
+    x : numpy array or torch tensor
+        The data.
+    v : same type, shape of ``x``, working dtype
+        ``fl(x / s)``.
+    r : same type and shape as ``v``
+        The mode's kernel applied to ``v`` (codes in ``v`` units, before clamping); it is
+        corrected in place (or copied first if it needs grad) and returned.
+    scale : float, numpy array or tensor broadcasting against ``v``
+        The scale in the working dtype.
+    z : numpy integer array broadcasting against ``v``
+        The zero point. The boundary rule acts on ``u = v + z`` (exact: boundaries are
+        integers or half-integers), so tie rules and truncation depend on ``u``.
+    qmin, qmax : int
+        The integer range; values clamped whatever they round to are left alone.
+    mode : RoundingMode
+
+    Notes
+    -----
+    Where the mode's boundaries are integers a value equal to a dequantized level
+    ``fl(b s)`` gets code ``b``, so that quantize∘dequantize is the identity on codes
+    although ``fl(b s)`` differs from ``b s``; for STOCHASTIC that is the only decision,
+    and a value beside a level keeps its random code.
+    """
+    torch_in = isinstance(v, torch.Tensor)
+    rule = mode.boundary
+    reach = float(np.max(np.maximum(np.abs(qmin - z), np.abs(qmax - z)))) + 2.0
+    unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
+    margin = 4.0 * float(unit) * reach
+    # A dequantized level stored in half precision sits up to half a half-precision ulp
+    # from k s: the directed modes must find it to give it code k.
+    half_eps = 0.0
+    if x.dtype in _HALF_DTYPES and rule.on_levels and rule.resolve is not None:
+        half_eps = float(torch.finfo(torch.bfloat16 if x.dtype == torch.bfloat16
+                                     else torch.float16).eps)
+    find = _torch_candidates if torch_in else _numpy_candidates
+    idx, ref_sub = find(x, v, r, rule.offset, margin, reach, half_eps)
+    if idx is None or ref_sub.size == 0:
+        return r
+    if torch_in:
+        x_sub = x.detach()[idx].to(v.dtype).cpu().numpy()
+        v_sub = v.detach()[idx].cpu().numpy()
+        s_sub = (np.full(ref_sub.shape, scale, dtype=ref_sub.dtype) if isinstance(scale, float)
+                 else scale.expand_as(v)[idx].cpu().numpy())
+        z_sub = torch.as_tensor(z, dtype=v.dtype, device=v.device).expand_as(v)[idx].cpu().numpy()
+    else:
+        x_sub = x[idx].astype(v.dtype)
+        v_sub = v[idx]
+        s_sub = np.broadcast_to(np.asarray(scale, dtype=v.dtype), v.shape)[idx]
+        z_sub = np.broadcast_to(z, v.shape)[idx].astype(v.dtype)
+    if rule.offset:
+        b = ref_sub + np.where(v_sub >= ref_sub, rule.offset, -rule.offset).astype(v_sub.dtype)
+        sign = residual_sign(x_sub, b, s_sub)
+    else:
+        b = ref_sub
+        on_level = _level(b, s_sub, x.dtype) == x_sub
+        if rule.resolve is None:
+            if not on_level.any():
+                return r
+            r_sub = r.detach()[idx].cpu().numpy() if torch_in else r[idx]
+            return _write_back(r, idx, np.where(on_level, b, r_sub), torch_in)
+        sign = np.where(on_level, 0.0, residual_sign(x_sub, b, s_sub))
+    fixed = (rule.resolve(b + z_sub, sign) - z_sub).astype(ref_sub.dtype)
+    return _write_back(r, idx, fixed, torch_in)

@@ -61,18 +61,6 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _BODY_P = special.expit(np.arange(-40.0, 0.0 + 1e-9, 0.25))
 _FAR_P = 10.0 ** -np.arange(18.0, 301.0)
 
-# Uniform-noise model per LSB (DESIGN §2): (bias, MSE, MAE). TOWARD_ZERO's bias
-# depends on the law and is filled in by _uniform_noise.
-_UNIFORM_TABLE = {
-    RoundingMode.NEAREST_EVEN: (0.0, 1.0 / 12.0, 0.25),
-    RoundingMode.NEAREST_AWAY: (0.0, 1.0 / 12.0, 0.25),
-    RoundingMode.FLOOR: (-0.5, 1.0 / 3.0, 0.5),
-    RoundingMode.CEIL: (0.5, 1.0 / 3.0, 0.5),
-    RoundingMode.TOWARD_ZERO: (math.nan, 1.0 / 3.0, 0.5),
-    RoundingMode.STOCHASTIC: (0.0, 1.0 / 6.0, 1.0 / 3.0),
-}
-
-
 class InfiniteMomentWarning(UserWarning):
     """The input law lacks a moment the error needs: some results are inf or nan.
 
@@ -721,37 +709,17 @@ def _plan(mode: RoundingMode, qmin: int, qmax: int):
     ``(left, anchor_left, delta, sign, kind, tails)`` with
     ``tails = ((a_low, delta_low), (a_high, delta_high))``.
     """
-    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
-        start, stop = qmin - 0.5, qmax + 0.5
-        tails = ((qmin - 0.5, 0.5), (qmax + 0.5, 0.5))
-    elif mode is RoundingMode.FLOOR:
-        start, stop = qmin, qmax + 1
-        tails = ((qmin, 0.0), (qmax + 1, 1.0))
-    elif mode is RoundingMode.CEIL:
-        start, stop = qmin - 1, qmax
-        tails = ((qmin - 1, 1.0), (qmax, 0.0))
-    else:
-        start, stop = qmin - 1, qmax + 1
-        tails = ((qmin - 1, 1.0), (qmax + 1, 1.0))
+    # The pieces cover the u whose code can fall in [qmin, qmax]: e = R(u) - u lies in the
+    # mode's error interval, so u in [qmin - high, qmax - low]; beyond, each tail is clamped
+    # to its end code, at distance high (low end) or -low (high end) from the piece edge.
+    interval = mode.interval
+    start, stop = qmin - interval.high, qmax - interval.low
+    tails = ((start, interval.high), (stop, -interval.low))
     n = round(2 * (stop - start))
     left = start + 0.5 * np.arange(n)
     on_integer = left == np.floor(left)
     kind = np.full(n, _GRANULAR)
-    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
-        anchor_left = on_integer
-        delta = np.zeros(n)
-    elif mode is RoundingMode.FLOOR:
-        anchor_left = np.ones(n, dtype=bool)
-        delta = np.where(on_integer, 0.0, 0.5)
-    elif mode is RoundingMode.CEIL:
-        anchor_left = np.zeros(n, dtype=bool)
-        delta = np.where(on_integer, 0.5, 0.0)
-    elif mode is RoundingMode.TOWARD_ZERO:
-        # Truncation is ceil below u = 0 and floor above it (qmin <= 0 <= qmax).
-        anchor_left = left >= 0
-        delta = np.where(anchor_left, np.where(on_integer, 0.0, 0.5),
-                         np.where(on_integer, 0.5, 0.0))
-    else:
+    if mode.is_random:
         # Stochastic: inside [qmin, qmax] anchor at the nearer integer (the
         # conditional moments v(1-v) are then computed without cancellation);
         # in the unit below qmin and above qmax the clamped error is exactly
@@ -764,8 +732,14 @@ def _plan(mode: RoundingMode, qmin: int, qmax: int):
         anchor_left[:2] = False
         anchor_left[-2:] = True
         delta[[0, -1]] = 0.5
+    else:
+        # A piece lies within one step, so it has one code: the mode's own kernel on its
+        # midpoint. It is anchored at its end nearer that code.
+        code = mode.facts.kernel.numpy(left + 0.25, None, 0)
+        anchor_left = np.abs(code - left) <= np.abs(code - (left + 0.5))
+        delta = np.minimum(np.abs(code - left), np.abs(code - (left + 0.5)))
     sign = np.where(anchor_left, -1.0, 1.0)
-    if mode is RoundingMode.STOCHASTIC:
+    if mode.is_random:
         sign[:2], sign[-2:] = 1.0, -1.0
     for arr in (left, anchor_left, delta, sign, kind):
         arr.setflags(write=False)
@@ -806,7 +780,7 @@ def _tail_moments(law, a: float, upper: bool) -> np.ndarray:
 
 def _moments_lsb(law, mode: RoundingMode, qmin: int, qmax: int) -> _LsbMoments:
     left, anchor_left, delta, sign, kind, tails = _plan(mode, qmin, qmax)
-    stochastic = mode is RoundingMode.STOCHASTIC
+    stochastic = mode.is_random
     pmax = 3 if stochastic else 2
     jm = law.pieces(left, anchor_left, pmax)
     a = _abs_moments(jm, delta, pmax)
@@ -859,17 +833,15 @@ def uniform_bias_lsb(mode: RoundingMode | str, p_above, p_below):
         ``E[e]/s``: 0 for the nearest modes and stochastic rounding, ``∓(p_above + p_below)/2``
         for floor/ceil, ``-(p_above - p_below)/2`` for truncation toward zero.
     """
-    mode = RoundingMode.parse(mode)
     p_above, p_below = np.asarray(p_above, dtype=float), np.asarray(p_below, dtype=float)
-    if mode is RoundingMode.TOWARD_ZERO:
-        return -(p_above - p_below) / 2.0
-    return _UNIFORM_TABLE[mode][0] * (p_above + p_below)
+    return RoundingMode.parse(mode).uniform.mixture_bias(p_above, p_below)
 
 
 def _uniform_noise(law, mode: RoundingMode, s: float) -> UniformNoise:
-    bias, mse, mae = _UNIFORM_TABLE[mode]
-    if mode is RoundingMode.TOWARD_ZERO:
-        bias = -(law.sf(0.0) - law.cdf(0.0)) / 2.0
+    model = mode.uniform
+    bias, mse, mae = model.bias, model.mse, model.mae
+    if math.isnan(bias):
+        bias = model.mixture_bias(law.sf(0.0), law.cdf(0.0))
     var = mse - bias * bias
     return UniformNoise(bias * s, var * s * s, mse * s * s, mae * s, bias, var, mse, mae)
 
@@ -1018,7 +990,7 @@ _CLIP_TAIL_P = 1e-15
 
 
 def _aciq_objective(law, mode: RoundingMode, levels: int, one_sided: bool, granular_mass: bool):
-    mse_lsb = _UNIFORM_TABLE[mode][1]
+    mse_lsb = mode.uniform.mse
 
     def objective(alpha: float) -> float:
         if one_sided:

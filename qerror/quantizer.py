@@ -21,7 +21,7 @@ import torch
 
 from qerror._checks import check_finite, check_float_array, check_positive_finite
 from qerror._enums import parse_enum
-from qerror._exact import decide_boundary, residual_sign
+from qerror._exact import exact_codes
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
 
@@ -262,8 +262,9 @@ def _as_param(arr: np.ndarray, like, dtype):
     return arr.astype(dtype)
 
 
-def _scaled(x, spec: QuantSpec, s: np.ndarray):
-    """``v ≈ x / s`` in the compute dtype, and the scale in that dtype."""
+def _scaled(x, spec: QuantSpec, s: np.ndarray, out=None):
+    """``v ≈ x / s`` in the compute dtype (written into ``out`` if given), and the scale
+    in that dtype."""
     torch_in = isinstance(x, torch.Tensor)
     cdt = _compute_dtype(x)
     scale = _as_param(s, x, cdt)
@@ -273,195 +274,49 @@ def _scaled(x, spec: QuantSpec, s: np.ndarray):
             inv = 1.0 / torch.as_tensor(s, dtype=cdt)
             return x.to(cdt) * (inv.item() if inv.ndim == 0 else inv.to(x.device)), scale
         with np.errstate(over="ignore"):
-            return x.astype(cdt) * (cdt(1.0) / s.astype(cdt)), scale
+            return np.multiply(x, cdt(1.0) / s.astype(cdt), out=out, dtype=cdt), scale
     if torch_in:
         return x.to(cdt) / scale, scale
     with np.errstate(over="ignore"):  # a finite value far out of range: inf, then clamped
-        return x.astype(cdt) / scale, scale
+        return np.divide(x, scale, out=out, dtype=cdt), scale
 
 
-def _round_in_place(v, mode):
-    if isinstance(v, torch.Tensor):
-        method = {
-            RoundingMode.NEAREST_EVEN: v.round_,
-            RoundingMode.FLOOR: v.floor_,
-            RoundingMode.CEIL: v.ceil_,
-            RoundingMode.TOWARD_ZERO: v.trunc_,
-        }.get(mode)
-    else:
-        func = {
-            RoundingMode.NEAREST_EVEN: np.rint,
-            RoundingMode.FLOOR: np.floor,
-            RoundingMode.CEIL: np.ceil,
-            RoundingMode.TOWARD_ZERO: np.trunc,
-        }.get(mode)
-        method = None if func is None else (lambda: func(v, out=v))
-    return None if method is None else method()
-
-
-def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset: int = 0):
+def _shifted_codes(x, spec: QuantSpec, s: np.ndarray, z: np.ndarray, key, offset: int = 0,
+                   scratch=None):
     """``R(x/s + z) - z`` before clamping, in the compute dtype, and the scale.
 
+    ``scratch``, a numpy array of ``x``'s shape in the compute dtype, receives ``x/s``
+    (and may end up holding the codes) instead of a new array.
+
     Away from ties ``R(v + z) = R(v) + z`` exactly for integer ``z`` and every
-    mode but TOWARD_ZERO, whose choice depends on the sign of ``v + z``, decided
-    as ``v >= -z`` without forming ``v + z`` in floating point. With EXACT
+    mode but those whose choice depends on the sign of ``v + z`` (TOWARD_ZERO),
+    decided as ``v >= -z`` without forming ``v + z`` in floating point. With EXACT
     arithmetic every value on a boundary (ties included) is settled on ``u``
     itself (see ScaleArithmetic). RECIPROCAL settles ties on ``v`` and adds
     ``z`` after, as PyTorch's kernels do.
     """
     torch_in = isinstance(x, torch.Tensor)
-    v, scale = _scaled(x, spec, s)
+    v, scale = _scaled(x, spec, s, scratch)
     mode = spec.rounding
-    shifted_trunc = mode is RoundingMode.TOWARD_ZERO and bool(np.any(z != 0))
-    exact = spec.arithmetic is ScaleArithmetic.EXACT and not mode.is_random
-    keep_v = exact or shifted_trunc
+    split = mode.facts.sign_split
+    exact = spec.arithmetic is ScaleArithmetic.EXACT
     grad = torch_in and v.requires_grad and torch.is_grad_enabled()
 
-    if shifted_trunc:
+    if split is not None and bool(np.any(z != 0)):
         neg_z = _as_param(-z.astype(np.float64), x, _compute_dtype(x))
-        lo = round_values(v, RoundingMode.FLOOR, None)
-        hi = round_values(v, RoundingMode.CEIL, None)
-        r = torch.where(v >= neg_z, lo, hi) if torch_in else np.where(v >= neg_z, lo, hi)
+        above = round_values(v, split[0], None)
+        below = round_values(v, split[1], None)
+        r = torch.where(v >= neg_z, above, below) if torch_in else np.where(v >= neg_z, above,
+                                                                            below)
+    elif grad or exact:
+        r = round_values(v, mode, key, offset)
     else:
         # Rounding in place saves a pass, but only where v itself is not needed later.
-        r = _round_in_place(v, mode) if not grad and not keep_v else None
-        if r is None:
-            r = round_values(v, mode, key, offset)
+        kernel = mode.facts.kernel
+        r = (kernel.torch if torch_in else kernel.numpy)(v, key, offset, out=v)
     if exact:
-        r = _exact_correction(x, v, r, scale, z, spec, torch_in)
-    elif mode.is_random and spec.arithmetic is ScaleArithmetic.EXACT:
-        r = _snap_levels(x, v, r, scale, spec, z, torch_in)
+        r = exact_codes(x, v, r, scale, z, spec.qmin, spec.qmax, mode)
     return r, scale
-
-
-def _write_back(r, idx, fixed, torch_in):
-    """``r`` with the codes at ``idx`` replaced by ``fixed`` (a copy if ``r`` needs grad)."""
-    if torch_in:
-        r = r.clone() if r.requires_grad else r
-        r.detach()[idx] = torch.as_tensor(fixed, dtype=r.dtype, device=r.device)
-        return r
-    r[idx] = fixed
-    return r
-
-
-def _snap_levels(x, v, r, scale, spec, z, torch_in):
-    """Give a stored level ``fl(b s)`` its code ``b`` under stochastic rounding.
-
-    Stochastic rounding draws on ``fl(x/s)``; for a level, that quotient can be ``b`` plus or
-    minus an ulp, which would round away from ``b`` with a tiny probability and break
-    ``quantize ∘ dequantize = identity`` on codes. The exact value ``u`` of a level is the
-    integer ``b``, which rounds to ``b`` with certainty; the directed modes get the same rule
-    in :func:`_exact_correction`.
-    """
-    reach = float(np.max(np.maximum(np.abs(spec.qmin - z), np.abs(spec.qmax - z)))) + 2.0
-    unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
-    margin = 4.0 * float(unit) * reach
-    if torch_in:
-        ref = torch.round(v)
-        candidate = ((v - ref).abs() <= margin) & (v != ref) & (x.detach() != 0)
-        if not bool(candidate.any()):
-            return r
-        idx = candidate.nonzero(as_tuple=True)
-        x_sub = x.detach()[idx].to(v.dtype).cpu().numpy()
-        b = ref.detach()[idx].cpu().numpy()
-        s_sub = (np.full(b.shape, scale, dtype=b.dtype) if isinstance(scale, float)
-                 else scale.expand_as(v)[idx].cpu().numpy())
-    else:
-        ref = np.rint(v)
-        with np.errstate(invalid="ignore"):
-            candidate = (np.abs(v - ref) <= margin) & (v != ref) & (x != 0)
-        if not bool(candidate.any()):
-            return r
-        idx = np.nonzero(candidate)
-        x_sub = x[idx].astype(v.dtype)
-        b = ref[idx]
-        s_sub = np.broadcast_to(np.asarray(scale, dtype=v.dtype), v.shape)[idx]
-    on_level = _level(b, s_sub, x.dtype) == x_sub
-    if not on_level.any():
-        return r
-    fixed = np.where(on_level, b, (r.detach()[idx].cpu().numpy() if torch_in else r[idx]))
-    return _write_back(r, idx, fixed, torch_in)
-
-
-def _exact_correction(x, v, r, scale, z, spec, torch_in):
-    """Settle every value whose quotient lies within a few ulps of a boundary.
-
-    Candidates are found in floating point with a margin wider than the
-    division's error; each is then decided exactly by the sign of ``x - b s``
-    (``b`` the boundary in v units). For the directed modes a value equal to a
-    dequantized level ``fl(b s)`` gets code ``b``, so that quantize∘dequantize
-    is the identity on codes although ``fl(b s)`` differs from ``b s``.
-    """
-    mode = spec.rounding
-    nearest = mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY)
-    # Values whose code lies beyond the integer range by more than one are clamped
-    # whatever they round to, so one margin, sized for the largest in-range code,
-    # covers every value whose code matters.
-    reach = float(np.max(np.maximum(np.abs(spec.qmin - z), np.abs(spec.qmax - z)))) + 2.0
-    unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
-    margin = 4.0 * float(unit) * reach
-    # A dequantized level stored in half precision sits up to half a half-precision ulp
-    # from k s: the directed modes must find it to give it code k.
-    half = x.dtype in (np.float16, torch.float16, torch.bfloat16) and not nearest
-    half_eps = float(torch.finfo(torch.bfloat16 if x.dtype == torch.bfloat16
-                                 else torch.float16).eps) if half else 0.0
-    if torch_in:
-        ref = r if nearest else torch.round(v)
-        dist = (v - ref).abs_()
-        if half:
-            margin = ref.abs().mul_(half_eps).add_(margin)
-        candidate = dist >= 0.5 - margin if nearest else dist <= margin
-        candidate &= ref.abs() <= reach
-        if not nearest:
-            # 0/s is exact: zeros (half of a ReLU's output) need no exact check.
-            candidate &= x.detach() != 0
-    else:
-        ref = r if nearest else np.rint(v)
-        with np.errstate(invalid="ignore"):  # inf - inf for values far out of range
-            dist = np.abs(v - ref)
-            if half:
-                margin = np.abs(ref) * half_eps + margin
-            candidate = dist >= 0.5 - margin if nearest else dist <= margin
-            candidate &= np.abs(ref) <= reach
-            if not nearest:
-                candidate &= x != 0
-    if not bool(candidate.any()):
-        return r
-    if torch_in:
-        idx = candidate.nonzero(as_tuple=True)
-        x_sub = x.detach()[idx].to(v.dtype).cpu().numpy()
-        v_sub = v.detach()[idx].cpu().numpy()
-        ref_sub = ref.detach()[idx].cpu().numpy()
-        s_sub = (np.full(v_sub.shape, scale, dtype=v_sub.dtype) if isinstance(scale, float)
-                 else scale.expand_as(v)[idx].cpu().numpy())
-        z_sub = torch.as_tensor(z, dtype=v.dtype, device=v.device).expand_as(v)[idx].cpu().numpy()
-    else:
-        idx = np.nonzero(candidate)
-        x_sub = x[idx].astype(v.dtype)
-        v_sub = v[idx]
-        ref_sub = ref[idx]
-        s_sub = np.broadcast_to(np.asarray(scale, dtype=v.dtype), v.shape)[idx]
-        z_sub = np.broadcast_to(z, v.shape)[idx].astype(v.dtype)
-    if nearest:
-        b = ref_sub + np.where(v_sub >= ref_sub, 0.5, -0.5).astype(v_sub.dtype)
-        sign = residual_sign(x_sub, b, s_sub)
-    else:
-        b = ref_sub
-        sign = np.where(_level(b, s_sub, x.dtype) == x_sub, 0.0, residual_sign(x_sub, b, s_sub))
-    # The rule acts on u = b + z (exact: b is an integer or half-integer), and the
-    # result is shifted back; tie rules and truncation depend on u, not on v.
-    fixed = (decide_boundary(b + z_sub, sign, mode) - z_sub).astype(v_sub.dtype)
-    return _write_back(r, idx, fixed, torch_in)
-
-
-def _level(b: np.ndarray, s: np.ndarray, out_dtype) -> np.ndarray:
-    """The dequantized level ``fl(b s)`` as the output holds it: computed in the working
-    precision, then rounded to the input's own dtype (float16 or bfloat16 data)."""
-    level = b * s
-    if out_dtype in (np.float16, torch.float16, torch.bfloat16):
-        half = torch.float16 if out_dtype in (np.float16, torch.float16) else torch.bfloat16
-        level = torch.from_numpy(level).to(half).to(torch.float32).numpy()
-    return level
 
 
 def _bounds(spec: QuantSpec, z: np.ndarray, like, cdt):
@@ -480,6 +335,8 @@ def _prepare(x, spec, scale, zero_point, generator):
     key = stochastic_key(generator) if spec.rounding.is_random else None
     return axis, s, z, key
 
+
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 # Elements per block: small enough to stay in L2 cache through the whole chain of
 # element-wise steps, large enough that per-block Python overhead is negligible.
@@ -524,7 +381,6 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
     torch_in = isinstance(x, torch.Tensor)
-    cdt = _compute_dtype(x)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
         return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count)
     shape = tuple(x.shape)
@@ -534,6 +390,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         np.prod(shape, dtype=np.int64))
     s3 = s.reshape(1, channels, 1)
     z3 = z.reshape(1, channels, 1)
+    on_cpu = not torch_in or x.device.type == "cpu"
     if torch_in:
         x3 = x.detach().contiguous().view(outer, channels, inner)
         out_dtype = x.dtype if fake else torch.int32
@@ -541,32 +398,46 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     else:
         x3 = np.ascontiguousarray(x).reshape(outer, channels, inner)
         out3 = np.empty((outer, channels, inner), dtype=x.dtype if fake else np.int32)
+    # A CPU tensor of a dtype numpy knows is worked on through numpy views of its memory:
+    # numpy's element-wise kernels, comparisons and index search cost a fraction of torch's
+    # on cache-sized blocks, and give the same bits.
+    xw, outw = x3, out3
+    if torch_in and on_cpu and x.dtype in _NUMPY_DTYPES:
+        xw, outw = x3.numpy(), out3.numpy()
+    cdt = _compute_dtype(xw)
     low = np.zeros(channels, dtype=np.int64)
     high = np.zeros(channels, dtype=np.int64)
     dims = None if axis is None else (0, 2)
 
     def one_block(block):
         so, sc, si, offset = block
-        xb = x3[so, sc, si]
+        xb, ob = xw[so, sc, si], outw[so, sc, si]
         if axis is None:
-            # One scale: flat blocks and scalar parameters take torch's fastest kernels.
+            # One scale: flat blocks and scalar parameters take the fastest kernels.
             sb, zb = s, z
             xb = xb.reshape(-1)
         else:
             sb, zb = s3[:, sc], z3[:, sc]
-        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset)
+        on_torch = isinstance(xb, torch.Tensor)
+        # The quotient goes straight into the output block where it has the working dtype;
+        # the codes, scaled, overwrite it at the end.
+        scratch = ob.reshape(xb.shape) if not on_torch and fake and ob.dtype == cdt else None
+        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset, scratch)
         lo, hi = _bounds(spec, zb, r, cdt)
         counts = None
-        if count and torch_in:
+        if count and on_torch:
             counts = ((r < lo).sum(dim=dims).cpu().numpy().reshape(-1),
                       (r > hi).sum(dim=dims).cpu().numpy().reshape(-1))
         elif count:
             counts = np.sum(r < lo, axis=dims), np.sum(r > hi, axis=dims)
-        ob = out3[so, sc, si]
-        if torch_in:
+        if on_torch:
             r.clamp_(lo, hi)
             res = r.mul_(scale_b) if fake else r.to(torch.int32).add_(
                 _as_param(zb, r, torch.int32))
+        elif scratch is not None:
+            np.clip(r, lo, hi, out=r)
+            np.multiply(r, scale_b, out=scratch)
+            return sc, counts
         else:
             np.clip(r, lo, hi, out=r)
             res = np.multiply(r, scale_b, out=r) if fake else (
@@ -574,7 +445,6 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         ob[...] = res.reshape(ob.shape)
         return sc, counts
 
-    on_cpu = not torch_in or x.device.type == "cpu"
     for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner)), on_cpu):
         if counts is not None:
             low[sc] += counts[0]

@@ -9,7 +9,9 @@ hash of a 64-bit key and the element index, computed the same way on both).
 from __future__ import annotations
 
 import enum
+import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
@@ -35,6 +37,10 @@ class RoundingMode(enum.Enum):
     neighbour (2.5 -> 2, -1.5 -> -2, -2.5 -> -2). NEAREST_AWAY is the
     schoolbook rule (2.5 -> 3, -2.5 -> -3). TOWARD_ZERO is ``torch.trunc``
     and what a cast to an integer type does.
+
+    Everything a mode is (its kernels, error interval, uniform-noise model and
+    exact-boundary rule) is one :class:`ModeFacts` entry, reached through the
+    properties below.
     """
 
     NEAREST_EVEN = "nearest_even"
@@ -45,13 +51,30 @@ class RoundingMode(enum.Enum):
     STOCHASTIC = "stochastic"
 
     @property
+    def facts(self) -> ModeFacts:
+        """This mode's entry in the table of rounding modes."""
+        return _FACTS[self]
+
+    @property
     def interval(self) -> "ErrorInterval":
         """Closed hull of the rounding error ``R(u) - u`` in LSB, for any ``u``."""
-        return _INTERVALS[self]
+        return _FACTS[self].interval
+
+    @property
+    def uniform(self) -> UniformModel:
+        """Bias, MSE and MAE per LSB under the uniform-noise model (DESIGN §2)."""
+        return _FACTS[self].uniform
+
+    @property
+    def boundary(self) -> BoundaryRule:
+        """Where the mode's code changes and how a value on or beside such a point resolves."""
+        return _FACTS[self].boundary
 
     @property
     def is_random(self) -> bool:
-        return self is RoundingMode.STOCHASTIC
+        """True where the code beside a boundary is a random draw: the mode's boundary
+        rule decides only values exactly on a level."""
+        return _FACTS[self].boundary.resolve is None
 
     @classmethod
     def parse(cls, value: "RoundingMode | str") -> "RoundingMode":
@@ -73,14 +96,83 @@ class ErrorInterval:
     negative: tuple[float, float]
 
 
-_INTERVALS = {
-    RoundingMode.NEAREST_EVEN: ErrorInterval(-0.5, 0.5, (-0.5, 0.5), (-0.5, 0.5)),
-    RoundingMode.NEAREST_AWAY: ErrorInterval(-0.5, 0.5, (-0.5, 0.5), (-0.5, 0.5)),
-    RoundingMode.TOWARD_ZERO: ErrorInterval(-1.0, 1.0, (-1.0, 0.0), (0.0, 1.0)),
-    RoundingMode.FLOOR: ErrorInterval(-1.0, 0.0, (-1.0, 0.0), (-1.0, 0.0)),
-    RoundingMode.CEIL: ErrorInterval(0.0, 1.0, (0.0, 1.0), (0.0, 1.0)),
-    RoundingMode.STOCHASTIC: ErrorInterval(-1.0, 1.0, (-1.0, 1.0), (-1.0, 1.0)),
-}
+@dataclass(frozen=True)
+class UniformModel:
+    """A mode's error per LSB when ``u`` is uniform within each step (Widrow's model).
+
+    Parameters
+    ----------
+    bias_above, bias_below : float
+        Mean error of the values with ``u > 0`` and with ``u < 0``.
+    mse, mae : float
+        Mean squared and mean absolute error.
+    """
+
+    bias_above: float
+    bias_below: float
+    mse: float
+    mae: float
+
+    @property
+    def bias(self) -> float:
+        """Mean error of a continuous law; nan where it depends on ``P(u > 0)`` (TOWARD_ZERO)."""
+        return self.bias_above if self.bias_above == self.bias_below else math.nan
+
+    def mixture_bias(self, p_above, p_below):
+        """Mean error when ``P(u > 0) = p_above``, ``P(u < 0) = p_below`` and the rest is at
+        ``u = 0``, which every mode represents without error."""
+        return self.bias_above * p_above + self.bias_below * p_below
+
+
+@dataclass(frozen=True)
+class BoundaryRule:
+    """Where ``R`` changes value, and the code of a value on or just beside such a point.
+
+    Parameters
+    ----------
+    offset : float
+        0.5 where the boundaries are the half-integers ``n + 1/2`` (nearest modes), 0.0
+        where they are the integers themselves; in the latter case a stored level
+        ``fl(k s)`` is a boundary too, and gets its code ``k``.
+    resolve : callable or None
+        ``resolve(n, sign)``: ``R(n + sign * tiny)`` for numpy arrays of boundaries ``n``
+        and signs in {-1, 0, +1} (0: the value is ``n`` exactly). None where only a value
+        exactly on a level is decided (STOCHASTIC: one beside it stays random).
+    """
+
+    offset: float
+    resolve: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+
+    @property
+    def on_levels(self) -> bool:
+        return self.offset == 0.0
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``R`` on numpy arrays and on torch tensors, with the same bits.
+
+    Each is called ``f(x, key, offset, out=None)``: ``key`` and ``offset`` are the
+    stochastic hash key and the flat index of ``x``'s first element (ignored by the
+    deterministic modes); ``out``, when given, receives the result (it may be ``x``).
+    """
+
+    numpy: Callable[..., np.ndarray]
+    torch: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModeFacts:
+    """Everything one rounding mode is; the rest of the package reads it from here."""
+
+    kernel: Kernel
+    interval: ErrorInterval
+    uniform: UniformModel
+    boundary: BoundaryRule
+    #: ``(mode where u >= 0, mode where u < 0)`` for a mode that depends on the sign of ``u``,
+    #: so that ``R(v + z) != R(v) + z`` for an integer ``z``; None for the others.
+    sign_split: tuple[RoundingMode, RoundingMode] | None = None
+
 
 Generator = Union[int, np.integer, np.random.Generator, torch.Generator]
 
@@ -123,15 +215,22 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _uniform_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
-    """Draws on the grid ``k / 2**53`` in [0, 1) for indices ``offset .. offset+n-1``."""
-    with np.errstate(over="ignore"):
-        z = np.arange(offset, offset + n, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(key)
-        z += np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+def _hash_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
+    """The 53-bit integers ``k`` of the draws ``k / 2**53`` for indices ``offset .. offset+n-1``."""
+    # In place on two buffers: the hash is a dozen passes over 8-byte words, and fresh
+    # temporaries for each would double the memory traffic.
+    z = np.arange(offset, offset + n, dtype=np.uint64)
+    t = np.empty_like(z)
+    z *= np.uint64(_GOLDEN)
+    z += np.uint64((key + _GOLDEN) & _MASK64)
+    for shift, mix in ((30, _MIX1), (27, _MIX2)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        z *= np.uint64(mix)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    z >>= np.uint64(11)
+    return z
 
 
 def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,7 +239,7 @@ def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """Same bits as :func:`_uniform_numpy`, in two's-complement int64 arithmetic."""
+    """The draws of :func:`_hash_numpy` as floats, in two's-complement int64 arithmetic."""
     z = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     z.mul_(_signed64(_GOLDEN)).add_(_signed64((key + _GOLDEN) & _MASK64))
     z = (z ^ _srl(z, 30)).mul_(_signed64(_MIX1))
@@ -149,48 +248,107 @@ def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> t
     return _srl(z, 11).to(torch.float64).mul_(2.0**-53)
 
 
-def _round_numpy(x: np.ndarray, mode: RoundingMode, key: int | None,
-                 offset: int = 0) -> np.ndarray:
-    if mode is RoundingMode.NEAREST_EVEN:
-        return np.rint(x)
-    if mode is RoundingMode.TOWARD_ZERO:
-        return np.trunc(x)
-    if mode is RoundingMode.FLOOR:
-        return np.floor(x)
-    if mode is RoundingMode.CEIL:
-        return np.ceil(x)
+def _into(result, out):
+    """``result``, written into ``out`` when the caller gave one."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
+def _ufunc(numpy_func, torch_func) -> Kernel:
+    """A kernel from a numpy ufunc and its torch twin (both honour ``out=``)."""
+    return Kernel(numpy=lambda x, key, offset, out=None: numpy_func(x, out=out),
+                  torch=lambda x, key, offset, out=None: torch_func(x, out=out))
+
+
+def _away_numpy(x, key, offset, out=None):
     # The quantizer passes values that overflowed x/s as +-inf (they clamp later):
     # inf - inf is nan there, harmlessly, and not worth a warning.
-    if mode is RoundingMode.NEAREST_AWAY:
-        # x - trunc(x) is exact in binary floating point, so the tie test is exact.
-        t = np.trunc(x)
-        with np.errstate(invalid="ignore"):
-            away = np.abs(x - t) >= 0.5
-        return np.where(away, t + np.sign(x), t).astype(x.dtype, copy=False)
-    lo = np.floor(x)
+    # x - trunc(x) is exact in binary floating point, so the tie test is exact.
+    t = np.trunc(x)
     with np.errstate(invalid="ignore"):
-        frac = x.astype(np.float64) - lo.astype(np.float64)
-    up = _uniform_numpy(x.size, key, offset).reshape(x.shape) < frac
-    return (lo + up.astype(x.dtype)).astype(x.dtype, copy=False)
+        away = np.abs(x - t) >= 0.5
+    return _into(np.where(away, t + np.sign(x), t).astype(x.dtype, copy=False), out)
+
+
+def _away_torch(x, key, offset, out=None):
+    t = torch.trunc(x)
+    return _into(torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t), out)
+
+
+def _stochastic_numpy(x, key, offset, out=None):
+    lo = np.floor(x, out=np.empty_like(x))  # an array even for 0-d x
+    # x - floor(x) is exact in float64 (not always in x's own dtype, e.g. -1e-9 + 1).
+    with np.errstate(invalid="ignore"):
+        frac = np.subtract(x, lo, dtype=np.float64)
+    # Up with probability frac: k / 2**53 < frac, compared as k < frac * 2**53 (both sides
+    # scaled exactly), so the integers need no separate conversion pass.
+    frac *= 2.0**53
+    up = np.less(_hash_numpy(x.size, key, offset).reshape(x.shape), frac)
+    return np.add(lo, up, out=lo if out is None else out, dtype=x.dtype)
+
+
+def _stochastic_torch(x, key, offset, out=None):
+    lo = torch.floor(x)
+    frac = x.to(torch.float64) - lo.to(torch.float64)
+    up = _uniform_torch(x.numel(), key, x.device, offset).reshape(x.shape) < frac
+    return _into(lo + up.to(x.dtype), out)
+
+
+def _resolve_nearest(tie):
+    """The half-integer boundary rule of a nearest mode whose true ties go to ``tie(n, down)``."""
+    def resolve(n, sign):
+        down = n - 0.5
+        return np.where(sign > 0, down + 1, np.where(sign < 0, down, tie(n, down)))
+
+    return resolve
+
+
+def _resolve_floor(n, sign):
+    return np.where(sign < 0, n - 1, n)
+
+
+def _resolve_ceil(n, sign):
+    return np.where(sign > 0, n + 1, n)
+
+
+def _resolve_toward_zero(n, sign):
+    # Floor above zero, ceil below, and 0 for a true value just off 0.
+    return np.where(n > 0, _resolve_floor(n, sign), np.where(n < 0, _resolve_ceil(n, sign), 0.0))
+
+
+_NEAREST = ErrorInterval(-0.5, 0.5, (-0.5, 0.5), (-0.5, 0.5))
+_NEAREST_MODEL = UniformModel(0.0, 0.0, 1.0 / 12.0, 0.25)
+
+# The one table of rounding modes (DESIGN §2 for the uniform-noise column).
+_FACTS = {
+    RoundingMode.NEAREST_EVEN: ModeFacts(
+        _ufunc(np.rint, torch.round), _NEAREST, _NEAREST_MODEL,
+        BoundaryRule(0.5, _resolve_nearest(lambda n, down: np.rint(n)))),
+    RoundingMode.NEAREST_AWAY: ModeFacts(
+        Kernel(_away_numpy, _away_torch), _NEAREST, _NEAREST_MODEL,
+        BoundaryRule(0.5, _resolve_nearest(lambda n, down: down + (n > 0)))),
+    RoundingMode.TOWARD_ZERO: ModeFacts(
+        _ufunc(np.trunc, torch.trunc), ErrorInterval(-1.0, 1.0, (-1.0, 0.0), (0.0, 1.0)),
+        UniformModel(-0.5, 0.5, 1.0 / 3.0, 0.5), BoundaryRule(0.0, _resolve_toward_zero),
+        (RoundingMode.FLOOR, RoundingMode.CEIL)),
+    RoundingMode.FLOOR: ModeFacts(
+        _ufunc(np.floor, torch.floor), ErrorInterval(-1.0, 0.0, (-1.0, 0.0), (-1.0, 0.0)),
+        UniformModel(-0.5, -0.5, 1.0 / 3.0, 0.5), BoundaryRule(0.0, _resolve_floor)),
+    RoundingMode.CEIL: ModeFacts(
+        _ufunc(np.ceil, torch.ceil), ErrorInterval(0.0, 1.0, (0.0, 1.0), (0.0, 1.0)),
+        UniformModel(0.5, 0.5, 1.0 / 3.0, 0.5), BoundaryRule(0.0, _resolve_ceil)),
+    RoundingMode.STOCHASTIC: ModeFacts(
+        Kernel(_stochastic_numpy, _stochastic_torch),
+        ErrorInterval(-1.0, 1.0, (-1.0, 1.0), (-1.0, 1.0)),
+        UniformModel(0.0, 0.0, 1.0 / 6.0, 1.0 / 3.0), BoundaryRule(0.0, None)),
+}
 
 
 def _round_torch(x: torch.Tensor, mode: RoundingMode, key: int | None,
                  offset: int = 0) -> torch.Tensor:
-    if mode is RoundingMode.NEAREST_EVEN:
-        return torch.round(x)
-    if mode is RoundingMode.TOWARD_ZERO:
-        return torch.trunc(x)
-    if mode is RoundingMode.FLOOR:
-        return torch.floor(x)
-    if mode is RoundingMode.CEIL:
-        return torch.ceil(x)
-    if mode is RoundingMode.NEAREST_AWAY:
-        t = torch.trunc(x)
-        return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
-    lo = torch.floor(x)
-    frac = x.to(torch.float64) - lo.to(torch.float64)
-    up = _uniform_torch(x.numel(), key, x.device, offset).reshape(x.shape) < frac
-    return lo + up.to(x.dtype)
+    return _FACTS[mode].kernel.torch(x, key, offset)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -218,7 +376,7 @@ def round_values(x: ArrayLike, mode: RoundingMode, key: int | None,
             return _StraightThrough.apply(x, mode, key, offset)
         return _round_torch(x, mode, key, offset)
     # ufuncs turn a 0-d array into a numpy scalar; keep the caller's type.
-    return np.asarray(_round_numpy(x, mode, key, offset))
+    return np.asarray(_FACTS[mode].kernel.numpy(x, key, offset))
 
 
 def apply_rounding(
