@@ -10,7 +10,13 @@ from qerror.analytic import (
     optimal_clip,
     uniform_bias_lsb,
 )
-from qerror.calibration import calibrate, observed_range, qparams_from_range
+from qerror.calibration import (
+    RangeMethod,
+    RangePolicy,
+    calibrate,
+    observed_range,
+    qparams_from_range,
+)
 from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.nn import (
     BNInconsistency,
@@ -40,7 +46,6 @@ from qerror.nn.input_quant import (
 from qerror.quantizer import (
     QParams,
     QuantSpec,
-    RangeMethod,
     Saturation,
     ScaleArithmetic,
     dequantize,
@@ -113,6 +118,7 @@ __all__ = [
     "QParams",
     "QuantSpec",
     "RangeMethod",
+    "RangePolicy",
     "RoundingMode",
     "Saturation",
     "ScaleArithmetic",

@@ -15,7 +15,6 @@ laws, Gauss-Legendre quadrature on quantile-graded panels for any other law.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import warnings
@@ -25,7 +24,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from qerror._checks import check_positive_finite
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror.quantizer import QuantSpec
 from qerror.rounding import RoundingMode
 
@@ -70,16 +69,12 @@ class InfiniteMomentWarning(UserWarning):
     """
 
 
-class ClipMethod(enum.Enum):
+class ClipMethod(Choice):
     """How :func:`optimal_clip` chooses the clipping value."""
 
     ACIQ = "aciq"
     EXACT = "exact"
 
-    @classmethod
-    def parse(cls, value: ClipMethod | str) -> ClipMethod:
-        """Accept a method or its name (``"aciq"``, ``"EXACT"``)."""
-        return parse_enum(cls, value, "clip method")
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,83 @@
-"""Range calibration: the real range [lo, hi], and the scale and zero point that cover it."""
+"""Range calibration: the real range [lo, hi], and the scale and zero point that cover it.
+
+A :class:`~qerror.quantizer.QuantSpec` is the grid (width, sign, symmetry, axis, rounding);
+a :class:`RangePolicy` is the separate choice of how the range is found from data (min-max,
+a percentile, or the MSE-optimal shrink of the min-max range), as quantization toolkits
+keep a quantizer's configuration apart from its observers.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array
-from qerror.quantizer import (
-    QParams,
-    QuantSpec,
-    RangeMethod,
-    _bounds,
-    _normalise_axis,
-    _param_shape,
-    _shifted_codes,
-)
-from qerror.rounding import ArrayLike, Generator, stochastic_key
+from qerror._enums import Choice
+from qerror.quantizer import QParams, QuantSpec, fake_quantize
+from qerror.rounding import ArrayLike, Generator
+
+
+class RangeMethod(Choice):
+    """How the real range ``[lo, hi]`` (and so scale and zero point) is chosen."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class RangePolicy:
+    """How :func:`calibrate` finds a range from data.
+
+    Parameters
+    ----------
+    method : RangeMethod or str
+        MINMAX: the extremes. PERCENTILE: the ``percentile`` of ``|x|`` (symmetric grids)
+        or of each tail (affine grids). MSE: the shrink of the min-max range whose
+        fake-quantization MSE on the data is smallest.
+    percentile : float
+        In (0, 100]; above 50 for affine grids (the lower end is the (100 − p)th).
+    mse_grid : int
+        Number of shrink factors the MSE search tries (at least 2).
+    """
+
+    method: RangeMethod = RangeMethod.MINMAX
+    percentile: float = 99.99
+    mse_grid: int = 100
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", RangeMethod.parse(self.method))
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, (int, np.integer)) \
+                or int(self.mse_grid) < 2:
+            raise ValueError(f"mse_grid must be an int of at least 2, got {self.mse_grid!r}")
+
+    def check(self, spec: QuantSpec) -> None:
+        """Refuse a policy that cannot give a range on ``spec``'s grid."""
+        if self.method is RangeMethod.PERCENTILE and not spec.symmetric \
+                and float(self.percentile) <= 50.0:
+            raise ValueError(
+                f"percentile {self.percentile} gives an empty affine range: the lower end is "
+                "the (100 - p)th percentile, so p must be above 50 (e.g. 99.99)")
+
+    def replace(self, **changes) -> "RangePolicy":
+        """A copy with some fields changed (validated again)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def _axis(x, spec: QuantSpec) -> int | None:
+    if spec.axis is None:
+        return None
+    if not -x.ndim <= spec.axis < x.ndim:
+        raise ValueError(
+            f"spec.axis={spec.axis} is out of range for an input of shape {tuple(x.shape)}")
+    return spec.axis % x.ndim
 
 
 def _reduce_dims(x, axis):
@@ -35,22 +97,24 @@ def _min_scale(x) -> float:
     return float(np.finfo(np.float64 if wide else np.float32).tiny)
 
 
-def observed_range(x: ArrayLike, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``(lo, hi)`` of ``x`` by ``spec.range_method`` (MSE uses min-max as its start).
+def observed_range(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` of ``x`` by ``policy`` (MSE uses min-max as its start).
 
     Per tensor the results are 0-d arrays; per channel 1-D of length C.
     """
     check_float_array(x, "x")
     check_finite(x, "x")
-    axis = _normalise_axis(x, spec)
-    return _range(_to_numpy64(x), spec, axis)
+    policy.check(spec)
+    axis = _axis(x, spec)
+    return _range(_to_numpy64(x), spec, policy, axis)
 
 
-def _range(data: np.ndarray, spec: QuantSpec, axis: int | None):
+def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | None):
     """:func:`observed_range` on validated float64 data."""
     dims = _reduce_dims(data, axis) if axis is not None else None
-    if spec.range_method is RangeMethod.PERCENTILE:
-        p = float(spec.percentile)
+    if policy.method is RangeMethod.PERCENTILE:
+        p = float(policy.percentile)
         if spec.symmetric and spec.signed:
             hi = np.percentile(np.abs(data), p, axis=dims)
             return -hi, hi
@@ -95,33 +159,31 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     return QParams(scale, zp)
 
 
-def calibrate(x: ArrayLike, spec: QuantSpec, *, generator: Generator | None = None) -> QParams:
-    """Choose scale and zero point for ``x`` by ``spec.range_method``.
+def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy(), *,
+              generator: Generator | None = None) -> QParams:
+    """Choose scale and zero point of ``spec``'s grid for ``x`` by ``policy``.
 
-    MSE searches ``spec.mse_grid`` shrink factors ``c`` in ``(0, 1]`` of the
+    MSE searches ``policy.mse_grid`` shrink factors ``c`` in ``(0, 1]`` of the
     min-max range and keeps, per tensor or per channel, the one whose
-    fake-quantization MSE on ``x`` is smallest (ties go to the widest range).
+    fake-quantization MSE on ``x`` (computed in float64) is smallest (ties go to the
+    widest range). ``generator`` drives stochastic rounding in that search.
     """
     check_float_array(x, "x")
     check_finite(x, "x")
-    axis = _normalise_axis(x, spec)
+    policy.check(spec)
+    axis = _axis(x, spec)
     data = _to_numpy64(x)
-    lo, hi = _range(data, spec, axis)
+    lo, hi = _range(data, spec, policy, axis)
     min_scale = _min_scale(x)
-    if spec.range_method is not RangeMethod.MSE:
+    if policy.method is not RangeMethod.MSE:
         return qparams_from_range(lo, hi, spec, min_scale=min_scale)
     dims = _reduce_dims(data, axis) if axis is not None else None
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
-    for c in np.linspace(1.0, 1.0 / spec.mse_grid, spec.mse_grid):
+    for c in np.linspace(1.0, 1.0 / policy.mse_grid, policy.mse_grid):
         params = qparams_from_range(lo * c, hi * c, spec, min_scale=min_scale)
-        key = stochastic_key(generator) if spec.rounding.is_random else None
-        sc = np.asarray(params.scale).reshape(_param_shape(data, axis) if axis is not None else ())
-        zp = np.asarray(params.zero_point).reshape(sc.shape)
-        r, _ = _shifted_codes(data, spec, sc, zp, key)
-        lo_b, hi_b = _bounds(spec, zp, data, np.float64)
-        xq = np.clip(r, lo_b, hi_b) * sc
+        xq = fake_quantize(data, spec, params.scale, params.zero_point, generator=generator)
         err = np.mean((xq - data) ** 2, axis=dims)
         better = err < best_err
         best_err = np.where(better, err, best_err)

@@ -1,15 +1,15 @@
-"""Uniform (affine) quantization: specs, quantize/dequantize/fake-quantize, calibration.
+"""Uniform (affine) quantization: the grid (``QuantSpec``), quantize/dequantize/fake-quantize.
 
 Conventions (DESIGN §2): ``u = x/s + z``, ``q = clamp(R(u), qmin, qmax)``,
 ``x̂ = s (q - z)`` and the error is ``e = x̂ - x``. Rounding and clipping are
 separate parts: the rounding mode acts on the shifted value ``u`` exactly (the
 integer ``z`` is never added in floating point before rounding), and the clamp
-follows.
+follows. How a grid's scale and zero point are found from data is
+:mod:`qerror.calibration`'s (a separate :class:`~qerror.calibration.RangePolicy`).
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array, check_positive_finite
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror._exact import exact_codes
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
 
-class ScaleArithmetic(enum.Enum):
+class ScaleArithmetic(Choice):
     """How the integer code of ``x / s`` is obtained.
 
     EXACT (the default) returns ``R`` applied to the exact real quotient
@@ -49,17 +49,9 @@ class ScaleArithmetic(enum.Enum):
     RECIPROCAL = "reciprocal"
 
 
-class RangeMethod(enum.Enum):
-    """How the real range ``[lo, hi]`` (and so scale and zero point) is chosen."""
-
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
-    MSE = "mse"
-
-
 @dataclass(frozen=True)
 class QuantSpec:
-    """Everything that defines a uniform quantizer except its scale and zero point.
+    """A uniform quantizer's grid and rounding: everything but its scale and zero point.
 
     Parameters
     ----------
@@ -76,12 +68,6 @@ class QuantSpec:
     narrow : bool
         Drop the most negative code of a signed range (``-127..127`` for 8 bits),
         so that a symmetric range is symmetric in codes too.
-    range_method : RangeMethod
-        Calibration rule used by :func:`calibrate`.
-    percentile : float
-        Percentile of ``|x|`` (symmetric) or of each tail (affine) for PERCENTILE.
-    mse_grid : int
-        Number of clipping candidates tried by the MSE search.
     arithmetic : ScaleArithmetic
         Exact codes of ``x/s`` (default) or PyTorch's reciprocal arithmetic.
     """
@@ -92,9 +78,6 @@ class QuantSpec:
     axis: int | None = None
     rounding: RoundingMode = RoundingMode.NEAREST_EVEN
     narrow: bool = False
-    range_method: RangeMethod = RangeMethod.MINMAX
-    percentile: float = 99.99
-    mse_grid: int = 100
     arithmetic: ScaleArithmetic = ScaleArithmetic.EXACT
 
     def __post_init__(self):
@@ -110,16 +93,8 @@ class QuantSpec:
         ):
             raise TypeError(f"axis must be an int or None, got {self.axis!r}")
         object.__setattr__(self, "rounding", RoundingMode.parse(self.rounding))
-        for name, enum_type in (("range_method", RangeMethod), ("arithmetic", ScaleArithmetic)):
-            object.__setattr__(self, name, parse_enum(enum_type, getattr(self, name), name))
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
-        if not self.symmetric and float(self.percentile) <= 50.0:
-            raise ValueError(
-                f"percentile {self.percentile} gives an empty affine range: the lower end is "
-                "the (100 - p)th percentile, so p must be above 50 (e.g. 99.99)")
-        if int(self.mse_grid) < 2:
-            raise ValueError(f"mse_grid must be at least 2, got {self.mse_grid}")
+        object.__setattr__(self, "arithmetic",
+                           ScaleArithmetic.parse(self.arithmetic))
         if self.narrow and not self.signed:
             raise ValueError("narrow=True applies to signed ranges only; set signed=True")
 

@@ -8,7 +8,6 @@ hash of a 64-bit key and the element index, computed the same way on both).
 
 from __future__ import annotations
 
-import enum
 import math
 import numbers
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from qerror._checks import check_finite, check_float_array
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -30,7 +29,7 @@ _MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 
 
-class RoundingMode(enum.Enum):
+class RoundingMode(Choice):
     """How a real value ``u`` (in LSB units) becomes an integer.
 
     ``torch.round`` and ``numpy.rint`` are NEAREST_EVEN: ties go to the even
@@ -76,10 +75,6 @@ class RoundingMode(enum.Enum):
         rule decides only values exactly on a level."""
         return _FACTS[self].boundary.resolve is None
 
-    @classmethod
-    def parse(cls, value: "RoundingMode | str") -> "RoundingMode":
-        """Accept a mode or its name (``"nearest_even"``, ``"NEAREST_EVEN"``)."""
-        return parse_enum(cls, value, "rounding mode")
 
 
 @dataclass(frozen=True)

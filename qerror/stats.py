@@ -11,7 +11,6 @@ an explicit seed or generator and gives the same answer for the same one.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import numbers
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror.empirical import ErrorStats
 from qerror.rounding import RoundingMode
 
@@ -38,15 +37,12 @@ _MCNEMAR_EXACT_BELOW = 25
 _BOOTSTRAP_BATCH_VALUES = 1 << 22
 
 
-class IntervalMethod(enum.Enum):
+class IntervalMethod(Choice):
     """How :func:`mse_ratio_ci` builds its interval."""
 
     DELTA = "delta"
     BOOTSTRAP = "bootstrap"
 
-    @classmethod
-    def parse(cls, value: IntervalMethod | str) -> IntervalMethod:
-        return parse_enum(cls, value, "method")
 
 
 @dataclass(frozen=True)
@@ -354,19 +350,19 @@ def uniformity_test(
     alpha = _check_alpha(alpha)
     mode = RoundingMode.parse(mode)
     data = _sample(errors_lsb, "errors_lsb")
-    if mode is not RoundingMode.TOWARD_ZERO and (signs is not None
+    if mode.facts.sign_split is None and (signs is not None
                                                  or positive_fraction is not None):
-        raise ValueError(f"signs/positive_fraction apply to TOWARD_ZERO only, not {mode.value}")
-    if mode in (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY):
-        cdf, law = _uniform_cdf(-0.5), "U(-1/2, 1/2)"
-    elif mode is RoundingMode.FLOOR:
-        cdf, law = _uniform_cdf(-1.0), "U(-1, 0)"
-    elif mode is RoundingMode.CEIL:
-        cdf, law = _uniform_cdf(0.0), "U(0, 1)"
-    elif mode is RoundingMode.STOCHASTIC:
+        raise ValueError(f"signs/positive_fraction apply to a mode whose error depends on the "
+                         f"sign (toward_zero), not {mode.value}")
+    # The law comes from the mode's table entry: a random mode's error is triangular, a
+    # sign-split mode's is a mixture of its two halves, any other spans its unit interval.
+    if mode.is_random:
         cdf, law = _triangular_cdf, "triangular on (-1, 1)"
-    else:
+    elif mode.facts.sign_split is not None:
         data, cdf, law = _toward_zero_law(data, errors_lsb, signs, positive_fraction)
+    else:
+        low = mode.interval.low
+        cdf, law = _uniform_cdf(low), f"U({_fraction(low)}, {_fraction(low + 1.0)})"
     res = sps.kstest(data, cdf, method="exact")
     d_stat, p = float(res.statistic), float(res.pvalue)
     n = data.size
@@ -391,6 +387,11 @@ def _uniform_cdf(low: float):
         return np.clip(x - low, 0.0, 1.0)
 
     return cdf
+
+
+def _fraction(v: float) -> str:
+    """An interval end in the law's name: ``-1/2``, ``0``, ``1``."""
+    return {-0.5: "-1/2", 0.5: "1/2"}.get(v, f"{v:g}")
 
 
 def _triangular_cdf(x):

@@ -53,6 +53,7 @@ from qerror import (
     QParams,
     QuantSpec,
     RangeMethod,
+    RangePolicy,
     RoundingMode,
     calibrate,
     dequantize,
@@ -281,9 +282,9 @@ def offline_params(model_qp: QParams, other: torch.Tensor,
     out = [OfflineParams("model", "the model's own (calibration split, min-max)", model_qp),
            OfflineParams("other_minmax", "another subset, min-max", calibrate(other, INT8))]
     for p in PERCENTILES:
-        spec = INT8.replace(range_method=RangeMethod.PERCENTILE, percentile=p)
+        policy = RangePolicy(RangeMethod.PERCENTILE, percentile=p)
         out.append(OfflineParams(f"other_p{p:g}", f"another subset, {p:g}th percentile range",
-                                 calibrate(other, spec)))
+                                 calibrate(other, INT8, policy)))
     for err in scale_errors:
         out.append(OfflineParams(f"scale_{100 * err:+g}pct",
                                  f"the model's scale times {1 + err:g}, its zero point",

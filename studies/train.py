@@ -50,8 +50,6 @@ from qerror.nn.models import (
     default_checkpoint_path,
     fashion_resnet,
     get_baseline,
-    parse_arch,
-    parse_stem,
     save_checkpoint,
 )
 from studies._common import REPO, RunDir, base_parser, figure_style, study_main
@@ -440,9 +438,9 @@ def _figure(run: RunDir, steps: pd.DataFrame, epochs: pd.DataFrame, per_epoch: i
 def build_parser():
     parser = base_parser("train", __doc__.splitlines()[0])
     parser.set_defaults(out=None)
-    parser.add_argument("--arch", type=parse_arch, default=Arch.RESNET50,
+    parser.add_argument("--arch", type=Arch.parse, default=Arch.RESNET50,
                         help="resnet50 (default) or resnet18")
-    parser.add_argument("--stem", type=parse_stem, default=DEFAULT_STEM,
+    parser.add_argument("--stem", type=Stem.parse, default=DEFAULT_STEM,
                         help=f"{', '.join(s.value for s in Stem)} (default {DEFAULT_STEM.value}; "
                              "see qerror.nn.models.Stem)")
     parser.add_argument("--epochs", type=int, help="default: "
@@ -567,7 +565,7 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     CheckpointError
         Also when training stopped before the end; the message says how to resume.
     """
-    arch, stem = parse_arch(arch), parse_stem(stem)
+    arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
     if not path.exists() and train_if_missing:
         argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]

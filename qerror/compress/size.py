@@ -7,15 +7,13 @@ independent of any container.
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 import torch
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 
 
-class StorageFormat(enum.Enum):
+class StorageFormat(Choice):
     """How the elements of an array are stored.
 
     The float and byte formats hold one element per numpy dtype item; INT4_PACKED holds
@@ -40,10 +38,6 @@ class StorageFormat(enum.Enum):
         """The name in words, for tables: ``"int4 packed"``, ``"float32"``."""
         return self.value.replace("_", " ")
 
-    @classmethod
-    def parse(cls, value: StorageFormat | str) -> StorageFormat:
-        """Accept a format or its name (``"int8"``, ``"INT4_PACKED"``)."""
-        return parse_enum(cls, value, "storage format")
 
 
 def packed_bytes(elements: int, bits: int) -> int:

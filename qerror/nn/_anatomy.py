@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror.calibration import calibrate, qparams_from_range
-from qerror.quantizer import QParams, QuantSpec, RangeMethod
+from qerror.calibration import RangeMethod, RangePolicy, calibrate, qparams_from_range
+from qerror.quantizer import QParams, QuantSpec
 
 #: Leaf modules whose evaluation-mode forward treats samples independently.
 PER_SAMPLE_LEAVES = (
@@ -297,10 +297,11 @@ class RangeObserver:
     Parameters
     ----------
     spec : QuantSpec
-        Its ``range_method`` says what is kept: MINMAX keeps the exact extremes; PERCENTILE
-        and MSE keep, besides the extremes, a uniform random sample (with replacement) of at
-        most ``sample_per_batch`` elements of each batch, on which :func:`qerror.calibrate`
-        chooses the range at the end.
+        The grid whose scale and zero point :meth:`qparams` returns.
+    policy : RangePolicy
+        What is kept: MINMAX keeps the exact extremes; PERCENTILE and MSE keep, besides the
+        extremes, a uniform random sample (with replacement) of at most ``sample_per_batch``
+        elements of each batch, on which :func:`qerror.calibrate` chooses the range at the end.
     generator : torch.Generator
         Source of the samples; observers of one network share one, so a calibration pass
         is reproducible from one seed.
@@ -312,9 +313,10 @@ class RangeObserver:
     batch otherwise (calibration uses a few batches).
     """
 
-    def __init__(self, spec: QuantSpec, generator: torch.Generator, *,
+    def __init__(self, spec: QuantSpec, policy: RangePolicy, generator: torch.Generator, *,
                  sample_per_batch: int = 1 << 15):
-        self.spec = spec
+        policy.check(spec)
+        self.spec, self.policy = spec, policy
         self.generator = generator
         self.sample_per_batch = sample_per_batch
         self.lo, self.hi = math.inf, -math.inf
@@ -323,7 +325,7 @@ class RangeObserver:
 
     @property
     def sampled(self) -> bool:
-        return self.spec.range_method is not RangeMethod.MINMAX
+        return self.policy.method is not RangeMethod.MINMAX
 
     def add(self, x: torch.Tensor) -> None:
         """Observe one batch of the stream."""
@@ -344,4 +346,4 @@ class RangeObserver:
         if not self.sampled:
             return qparams_from_range(self.lo, self.hi, spec)
         data = torch.cat(self.samples + [torch.tensor([self.lo, self.hi], dtype=torch.float64)])
-        return calibrate(data, spec)
+        return calibrate(data, spec, self.policy)

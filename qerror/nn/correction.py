@@ -33,7 +33,6 @@ weight equalization and bias correction. ICCV 2019.
 from __future__ import annotations
 
 import copy
-import enum
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from scipy import special
 from torch import nn
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.analytic import uniform_bias_lsb
 from qerror.nn._anatomy import bn_fed_layers, check_model, iter_batches
@@ -65,7 +64,7 @@ __all__ = [
 ]
 
 
-class MeanSource(enum.Enum):
+class MeanSource(Choice):
     """Where ``E[x]`` of a layer's input comes from."""
 
     BN = "bn"
@@ -118,7 +117,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     dict
         Layer name → array (C_out,) of ``E[Δy]`` averaged over output positions.
     """
-    source = parse_enum(MeanSource, source, "source")
+    source = MeanSource.parse(source)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}

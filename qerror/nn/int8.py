@@ -75,7 +75,6 @@ represents the same real values.
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import math
 import warnings
@@ -91,9 +90,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror._progress import progress_bar
-from qerror.calibration import calibrate
+from qerror.calibration import RangePolicy, calibrate
 from qerror.nn._anatomy import (
     RangeObserver,
     Site,
@@ -147,7 +146,7 @@ _KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_
                  "amx_int8")
 
 
-class Engine(enum.Enum):
+class Engine(Choice):
     """PyTorch's quantized CPU engine (``torch.backends.quantized.engine``)."""
 
     FBGEMM = "fbgemm"
@@ -155,7 +154,7 @@ class Engine(enum.Enum):
     ONEDNN = "onednn"
 
 
-class Pipeline(enum.Enum):
+class Pipeline(Choice):
     """How the simulated output codes are computed (see the module notes).
 
     ``FLOAT``
@@ -354,8 +353,8 @@ class CrossCheck:
     def get(self, layer: str, arithmetic: ScaleArithmetic | str,
             pipeline: Pipeline | str) -> Agreement:
         """The row of one layer, arithmetic and pipeline."""
-        arithmetic = parse_enum(ScaleArithmetic, arithmetic, "arithmetic")
-        pipeline = parse_enum(Pipeline, pipeline, "pipeline")
+        arithmetic = ScaleArithmetic.parse(arithmetic)
+        pipeline = Pipeline.parse(pipeline)
         for row in self.rows:
             if (row.layer, row.arithmetic, row.pipeline) == (layer, arithmetic, pipeline):
                 return row
@@ -798,7 +797,7 @@ def real_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQPara
     torch.Tensor
         int32 codes in ``out_spec``'s range, shaped as the layer's float output.
     """
-    engine = parse_enum(Engine, engine, "engine")
+    engine = Engine.parse(engine)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name="layer", engine=engine)
     _check_input(layer, x)
@@ -818,8 +817,8 @@ def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQ
     quantizers (their own ``arithmetic`` field is overridden) and the ``pipeline``.
     Returns int32 codes in ``out_spec``'s range.
     """
-    arithmetic = parse_enum(ScaleArithmetic, arithmetic, "arithmetic")
-    pipeline = parse_enum(Pipeline, pipeline, "pipeline")
+    arithmetic = ScaleArithmetic.parse(arithmetic)
+    pipeline = Pipeline.parse(pipeline)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name="layer", engine=None)
     _check_input(layer, x)
@@ -924,7 +923,7 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     engine may run oneDNN instead; asking the kernel is the one answer that cannot be
     out of date with either.
     """
-    return _probe(parse_enum(Engine, engine, "engine"))
+    return _probe(Engine.parse(engine))
 
 
 def _probed(engine: Engine) -> KernelProbe:
@@ -971,7 +970,7 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     only, far less than one, and values less than one apart round (and clamp) to integers
     at most one apart. See the module notes for every source of difference.
     """
-    engine = parse_enum(Engine, engine, "engine")
+    engine = Engine.parse(engine)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name=name, engine=engine)
     probe = _probed(engine)
@@ -998,6 +997,7 @@ def _float32_scale(qp: QParams) -> QParams:
 
 def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterable, *,
                      act_spec: QuantSpec = ACTIVATION_SPEC, out_spec: QuantSpec | None = None,
+                     act_range: RangePolicy = RangePolicy(),
                      engine: Engine | str = Engine.FBGEMM, fuse_relu: bool = True,
                      reduce_range: bool = False, seed: int = 0,
                      progress: bool = False) -> CrossCheck:
@@ -1011,11 +1011,12 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     calibration, evaluation : iterable
         Batches of float32 images (N, C, H, W), or (images, labels) pairs.
     act_spec : QuantSpec
-        Quantizer of every layer's input (8-bit per tensor, nearest-even); its
-        ``range_method`` calibrates the ranges, as in
-        :func:`qerror.nn.propagate.calibrate_activations`.
+        Quantizer of every layer's input (8-bit per tensor, nearest-even).
     out_spec : QuantSpec, optional
         Quantizer of every layer's output; default ``act_spec``.
+    act_range : RangePolicy
+        How the input and output ranges are calibrated, as in
+        :func:`qerror.nn.propagate.calibrate_activations` (min-max by default).
     engine : Engine or str
         Quantized engine of the real kernels.
     fuse_relu : bool
@@ -1042,17 +1043,20 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     records, per layer, the range of its input and of its folded (and ReLU'd) float
     output with the observer that calibrates the simulation
     (:class:`qerror.nn._anatomy.RangeObserver`: exact extremes for MINMAX, a seeded sample
-    of every batch for PERCENTILE and MSE). Weight scales are the per-channel min-max of the folded weights.
+    of every batch for PERCENTILE and MSE). Weight scales are the per-channel min-max of
+    the folded weights.
     All scales are rounded to float32. Evaluation runs the float model again and, inside
     each layer's pre-hook, compares the real kernel and the simulations on that layer's
     float input: the comparison is layer-local, errors do not propagate. Only counts are
     kept, so memory does not grow with the number of batches. Hooks are removed in
     ``finally`` blocks, also when the forward pass fails.
     """
-    engine = parse_enum(Engine, engine, "engine")
+    engine = Engine.parse(engine)
     out_spec = act_spec if out_spec is None else out_spec
     _check_spec(act_spec, "act_spec")
     _check_spec(out_spec, "out_spec")
+    if not isinstance(act_range, RangePolicy):
+        raise TypeError(f"act_range must be a RangePolicy, got {type(act_range).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
@@ -1063,8 +1067,8 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     sites = layer_chains(model, fuse_relu, who="crosscheck_model", check_layer=_check_layer)
     folded = {s.name: s.layer if s.bn is None else fold_bn(s.layer, s.bn) for s in sites}
     gen = torch.Generator().manual_seed(seed)
-    inputs = {s.name: RangeObserver(act_spec, gen) for s in sites}
-    outputs = {s.name: RangeObserver(out_spec, gen) for s in sites}
+    inputs = {s.name: RangeObserver(act_spec, act_range, gen) for s in sites}
+    outputs = {s.name: RangeObserver(out_spec, act_range, gen) for s in sites}
 
     def observe(site: Site, x: torch.Tensor) -> None:
         inputs[site.name].add(x)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import cache_dir
 from qerror.files import atomic_write, jsonable, package_versions, sha256_file
@@ -39,14 +38,14 @@ CHECKPOINT_FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
 
 
-class Arch(enum.Enum):
+class Arch(Choice):
     """The torchvision ResNets the Fashion-MNIST baselines are built from."""
 
     RESNET18 = "resnet18"
     RESNET50 = "resnet50"
 
 
-class Stem(enum.Enum):
+class Stem(Choice):
     """How a 1×32×32 image enters the ResNet, and so the resolution its stages run at.
 
     ``IMAGENET``
@@ -69,16 +68,6 @@ class Stem(enum.Enum):
 
 # Chosen for the 30-minute CPU training budget; see the Notes of fashion_resnet.
 DEFAULT_STEM = Stem.IMAGENET
-
-
-def parse_arch(value: Arch | str) -> Arch:
-    """An :class:`Arch` from itself or its name (``"resnet50"``)."""
-    return parse_enum(Arch, value, "arch")
-
-
-def parse_stem(value: Stem | str) -> Stem:
-    """A :class:`Stem` from itself or its name (``"imagenet"``, ``"conv3-pool"``, ``"cifar"``)."""
-    return parse_enum(Stem, value, "stem")
 
 
 def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM,
@@ -127,7 +116,7 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
     .. [1] P. Goyal et al., "Accurate, large minibatch SGD: training ImageNet in 1 hour",
        arXiv:1706.02677, 2017.
     """
-    arch, stem = parse_arch(arch), parse_stem(stem)
+    arch, stem = Arch.parse(arch), Stem.parse(stem)
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     build = {Arch.RESNET18: torchvision.models.resnet18,
@@ -424,7 +413,7 @@ def default_checkpoint_path(arch: Arch | str, stem: Stem | str = DEFAULT_STEM, *
     ``fashion-<arch>-<stem>[-<tag>].pt``; a tag keeps variants such as smoke runs from
     ever replacing the baseline.
     """
-    name = f"fashion-{parse_arch(arch).value}-{parse_stem(stem).value}"
+    name = f"fashion-{Arch.parse(arch).value}-{Stem.parse(stem).value}"
     if tag:
         if not tag.replace("-", "").isalnum():
             raise ValueError(f"tag must be letters, digits and '-', got {tag!r}")
@@ -436,9 +425,9 @@ def retrain_command(arch: Arch | str | None = None, stem: Stem | str | None = No
     """The command that trains a baseline into the cache."""
     cmd = "python -m studies.train"
     if arch is not None:
-        cmd += f" --arch {parse_arch(arch).value}"
+        cmd += f" --arch {Arch.parse(arch).value}"
     if stem is not None:
-        cmd += f" --stem {parse_stem(stem).value}"
+        cmd += f" --stem {Stem.parse(stem).value}"
     return cmd
 
 
@@ -466,7 +455,7 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     Both files are written atomically, the weights first. A crash between the two leaves a
     sidecar whose sha256 does not match, which :func:`load_checkpoint` refuses.
     """
-    arch, stem, path = parse_arch(arch), parse_stem(stem), Path(path)
+    arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
     num_classes = int(model.fc.out_features)
     check_state_dict(fashion_resnet(arch, stem, num_classes), model.state_dict(),
                      f"the model given as a {arch.value}/{stem.value}")
@@ -559,12 +548,12 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     if differ:
         raise refuse(f"the file and its sidecar disagree on {', '.join(differ)}")
     try:
-        arch, stem = parse_arch(payload["arch"]), parse_stem(payload["stem"])
+        arch, stem = Arch.parse(payload["arch"]), Stem.parse(payload["stem"])
     except ValueError as exc:
         raise refuse(str(exc)) from exc
     num_classes = payload["num_classes"]
-    wanted = {"arch": (None if expected_arch is None else parse_arch(expected_arch), arch),
-              "stem": (None if expected_stem is None else parse_stem(expected_stem), stem),
+    wanted = {"arch": (None if expected_arch is None else Arch.parse(expected_arch), arch),
+              "stem": (None if expected_stem is None else Stem.parse(expected_stem), stem),
               "num_classes": (expected_num_classes, num_classes)}
     wrong = [f"{k} is {getattr(got, 'value', got)}, expected {getattr(exp, 'value', exp)}"
              for k, (exp, got) in wanted.items() if exp is not None and exp != got]
@@ -603,6 +592,6 @@ def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_ST
     CheckpointError
         A corrupt or mismatched checkpoint (it is never retrained over silently).
     """
-    arch, stem = parse_arch(arch), parse_stem(stem)
+    arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
     return load_checkpoint(path, expected_arch=arch, expected_stem=stem)

@@ -30,7 +30,6 @@ forward pass leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
-import enum
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._enums import parse_enum
+from qerror._enums import Choice
 from qerror._progress import progress_bar
-from qerror.calibration import calibrate
+from qerror.calibration import RangePolicy, calibrate
 from qerror.nn._anatomy import (
     LAYERS,
     RangeObserver,
@@ -55,7 +54,7 @@ from qerror.nn._anatomy import (
     iter_batches,
 )
 from qerror.nn.bn import BNInconsistency
-from qerror.quantizer import QParams, QuantSpec, RangeMethod, fake_quantize
+from qerror.quantizer import QParams, QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 
 __all__ = [
@@ -73,7 +72,7 @@ __all__ = [
 ]
 
 
-class Target(enum.Enum):
+class Target(Choice):
     """What is quantized: weights only, activations only, or both."""
 
     WEIGHTS = "weights"
@@ -85,9 +84,8 @@ def _weight_spec(bits: int, rounding: RoundingMode) -> QuantSpec:
     return QuantSpec(bits=bits, signed=True, symmetric=True, axis=0, rounding=rounding)
 
 
-def _activation_spec(bits: int, rounding: RoundingMode, range_method: RangeMethod) -> QuantSpec:
-    return QuantSpec(bits=bits, signed=False, symmetric=False, rounding=rounding,
-                     range_method=range_method)
+def _activation_spec(bits: int, rounding: RoundingMode) -> QuantSpec:
+    return QuantSpec(bits=bits, signed=False, symmetric=False, rounding=rounding)
 
 
 @dataclass(frozen=True)
@@ -103,6 +101,9 @@ class QuantConfig:
         Per-tensor spec for the input of every conv/linear; ``None`` keeps float inputs.
     seed : int
         Key of stochastic rounding (each layer and batch draws from its own stream).
+    activation_range : RangePolicy
+        How :func:`calibrate_activations` finds the activation ranges for this config
+        (min-max by default).
     bn_outputs, block_outputs : bool
         Also quantize, with the activation spec, the output of every BatchNorm and of every
         residual block (the ReLU'd sum), as engines that keep those tensors in INT8 do. Their
@@ -119,6 +120,7 @@ class QuantConfig:
     seed: int = 0
     bn_outputs: bool = False
     block_outputs: bool = False
+    activation_range: RangePolicy = RangePolicy()
 
     def __post_init__(self):
         if self.weight is None and self.activation is None:
@@ -135,21 +137,24 @@ class QuantConfig:
         if self.weight is not None and self.weight.axis not in (None, 0):
             raise ValueError(f"weight.axis must be 0 (per output channel) or None, got "
                              f"{self.weight.axis}")
+        if not isinstance(self.activation_range, RangePolicy):
+            raise TypeError(f"activation_range must be a RangePolicy, got "
+                            f"{type(self.activation_range).__name__}")
+        if self.activation is not None:
+            self.activation_range.check(self.activation)
 
     @classmethod
     def make(cls, bits: int = 8, rounding: RoundingMode | str = RoundingMode.NEAREST_EVEN,
              target: Target | str = Target.BOTH, *,
-             activation_range: RangeMethod | str = RangeMethod.MINMAX,
+             activation_range: RangePolicy = RangePolicy(),
              seed: int = 0, bn_outputs: bool = False,
              block_outputs: bool = False) -> QuantConfig:
         """The usual configuration: ``bits`` and ``rounding`` for weights and/or activations."""
         rounding = RoundingMode.parse(rounding)
-        target = parse_enum(Target, target, "target")
-        activation_range = parse_enum(RangeMethod, activation_range, "activation_range")
+        target = Target.parse(target)
         w = _weight_spec(bits, rounding) if target is not Target.ACTIVATIONS else None
-        a = (_activation_spec(bits, rounding, activation_range)
-             if target is not Target.WEIGHTS else None)
-        return cls(w, a, seed, bn_outputs, block_outputs)
+        a = _activation_spec(bits, rounding) if target is not Target.WEIGHTS else None
+        return cls(w, a, seed, bn_outputs, block_outputs, activation_range)
 
     @property
     def rounding(self) -> RoundingMode:
@@ -182,8 +187,8 @@ def output_key(name: str) -> str:
     return name + OUTPUT_SUFFIX
 
 
-def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, *,
-                          outputs: bool = False, sample_per_batch: int = 1 << 15,
+def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
+                          policy: RangePolicy = RangePolicy(), *, outputs: bool = False, sample_per_batch: int = 1 << 15,
                           seed: int = 0, progress: bool = False) -> dict[str, QParams]:
     """Per-tensor scale and zero point for the input of every conv/linear layer.
 
@@ -192,8 +197,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     ``block_outputs``).
 
     Ranges come from the float model's activations on ``batches`` (the calibration split;
-    never the test split). MINMAX uses the exact extremes over all batches; PERCENTILE and
-    MSE use :func:`qerror.calibrate` on a uniform random sample of at most
+    never the test split). ``policy`` chooses the range (a config's ``activation_range``):
+    MINMAX uses the exact extremes over all batches; PERCENTILE and MSE use :func:`qerror.calibrate` on a uniform random sample of at most
     ``sample_per_batch`` elements of each batch, plus the extremes.
 
     Returns
@@ -208,7 +213,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec, 
     out_names = {m: output_key(n) for n, m in model.named_modules()
                  if outputs and (isinstance(m, nn.BatchNorm2d) or is_block(m))}
     gen = torch.Generator().manual_seed(seed)
-    observers = {n: RangeObserver(spec, gen, sample_per_batch=sample_per_batch)
+    observers = {n: RangeObserver(spec, policy, gen, sample_per_batch=sample_per_batch)
                  for n in (*names.values(), *out_names.values())}
 
     def hook(module, args):

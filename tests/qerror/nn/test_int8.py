@@ -15,6 +15,7 @@ from qerror import (
     QParams,
     QuantSpec,
     RangeMethod,
+    RangePolicy,
     RoundingMode,
     ScaleArithmetic,
     calibrate,
@@ -504,8 +505,8 @@ def test_crosscheck_model_percentile_calibration_narrows_the_ranges():
     g = _gen(52)
     batches = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(2)]
     minmax = crosscheck_model(model, batches, batches[:1])
-    pct = crosscheck_model(model, batches, batches[:1], act_spec=ACTIVATION_SPEC.replace(
-        range_method=RangeMethod.PERCENTILE, percentile=99.0))
+    pct = crosscheck_model(model, batches, batches[:1], act_range=RangePolicy(
+        RangeMethod.PERCENTILE, percentile=99.0))
     assert [r.kind for r in minmax.rows[::6]] == ["conv+bn+relu", "conv", "linear"]
     for name in ("0", "3", "5"):
         assert pct.qparams[name].input.scale < minmax.qparams[name].input.scale
@@ -522,8 +523,7 @@ def test_crosscheck_model_calibrates_with_the_simulation_s_observer():
     for name, qp in sim.items():
         assert minmax.qparams[name].input.scale == float(np.float32(qp.scale))
         assert minmax.qparams[name].input.zero_point == qp.zero_point
-    mse = crosscheck_model(model, batches, batches[:1], act_spec=ACTIVATION_SPEC.replace(
-        range_method=RangeMethod.MSE))
+    mse = crosscheck_model(model, batches, batches[:1], act_range=RangePolicy(RangeMethod.MSE))
     for name in sim:
         assert mse.qparams[name].input.scale <= minmax.qparams[name].input.scale
 

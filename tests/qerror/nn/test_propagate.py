@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from qerror import QuantSpec, RoundingMode, fake_quantize
+from qerror import QuantSpec, RangePolicy, RoundingMode, fake_quantize
 from qerror.nn import (
     QuantConfig,
     Target,
@@ -110,6 +110,21 @@ def test_paired_halves_are_bit_identical_to_separate_runs_in_float32():
     cfg = QuantConfig.make(8, RoundingMode.NEAREST_EVEN)
     act_qp = calibrate_activations(model, [x], cfg.activation)
     _check_halves(model, x, cfg, act_qp)
+
+
+def test_config_carries_its_activation_range_policy_to_calibration():
+    """A percentile policy on the config narrows every activation range below min-max,
+    and an affine percentile of 50 or less is refused when the config is made."""
+    model = tiny_resnet(dtype=torch.float32)
+    x = images(8, 6, torch.float32)
+    cfg = QuantConfig.make(8, activation_range=RangePolicy("percentile", percentile=99.0))
+    assert QuantConfig.make(8).activation_range == RangePolicy()
+    pct = calibrate_activations(model, [x], cfg.activation, cfg.activation_range)
+    mm = calibrate_activations(model, [x], cfg.activation)
+    assert pct.keys() == mm.keys()
+    assert all(pct[n].scale < mm[n].scale for n in mm)
+    with pytest.raises(ValueError, match="above 50"):
+        QuantConfig.make(8, activation_range=RangePolicy("percentile", percentile=40.0))
 
 
 def _check_halves(model, x, cfg, act_qp):

@@ -1,0 +1,129 @@
+"""Calibration: ranges by policy (min-max, percentile, MSE), scales and zero points, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from qerror import (
+    QuantSpec,
+    RangeMethod,
+    RangePolicy,
+    calibrate,
+    fake_quantize,
+    observed_range,
+    qparams_from_range,
+    quantize,
+)
+
+
+def test_minmax_qparams_symmetric_and_affine():
+    x = np.array([-1.0, 0.5, 2.54])
+    sym = calibrate(x, QuantSpec(bits=8))
+    assert sym.scale == pytest.approx(2.54 / 127) and sym.zero_point == 0
+    aff = calibrate(x, QuantSpec(bits=8, signed=False, symmetric=False))
+    assert aff.scale == pytest.approx(3.54 / 255)
+    assert aff.zero_point == round(1.0 / aff.scale)
+    # Zero is exactly representable in the affine grid.
+    assert quantize(np.array([0.0]), QuantSpec(bits=8, signed=False, symmetric=False),
+                    aff.scale, aff.zero_point)[0] == aff.zero_point
+
+
+def test_all_zero_tensor_gets_unit_scale():
+    p = calibrate(np.zeros(10), QuantSpec())
+    assert p.scale == 1.0 and p.zero_point == 0
+
+
+def test_percentile_range_is_tighter_than_minmax():
+    x = np.random.default_rng(6).standard_normal(10_000)
+    lo_p, hi_p = observed_range(x, QuantSpec(),
+                              RangePolicy(RangeMethod.PERCENTILE, percentile=99))
+    assert hi_p == pytest.approx(np.percentile(np.abs(x), 99)) and lo_p == -hi_p
+
+
+def test_mse_calibration_beats_minmax_on_heavy_tails():
+    x = np.random.default_rng(7).laplace(size=20_000)
+    spec = QuantSpec(bits=4)
+    mm = calibrate(x, spec)
+    best = calibrate(x, spec, RangePolicy(RangeMethod.MSE))
+    mse = lambda p: np.mean((fake_quantize(x, spec, p.scale, p.zero_point) - x) ** 2)  # noqa: E731
+    assert best.scale < mm.scale
+    assert mse(best) < mse(mm)
+
+
+def test_per_channel_calibration_shapes():
+    w = np.random.default_rng(8).standard_normal((4, 3, 2))
+    p = calibrate(w, QuantSpec(axis=1, symmetric=False))
+    assert p.scale.shape == (3,) and p.zero_point.shape == (3,)
+    np.testing.assert_allclose(p.scale, (np.maximum(w.max(axis=(0, 2)), 0)
+                                         - np.minimum(w.min(axis=(0, 2)), 0)) / 255)
+
+
+def test_qparams_from_range_unsigned_symmetric_covers_zero_to_hi():
+    p = qparams_from_range(-1.0, 2.55, QuantSpec(bits=8, signed=False))
+    assert p.scale == pytest.approx(0.01) and p.zero_point == 0
+
+
+def test_calibration_never_makes_a_scale_the_quantizer_refuses():
+    x = np.array([[1.0, -0.5, 0.0], [1e-44, -3e-45, 0.0]], np.float32)
+    spec = QuantSpec(axis=0)
+    p = calibrate(x, spec)
+    q = quantize(x, spec, p.scale, p.zero_point)
+    assert q[1].tolist() == [0, 0, 0]
+
+
+def test_unsigned_percentile_range_ignores_negative_values():
+    x = np.array([-100.0] * 50 + list(np.linspace(0, 1, 50)), np.float32)
+    lo, hi = observed_range(x, QuantSpec(signed=False),
+                            RangePolicy("percentile", percentile=100))
+    assert (float(lo), float(hi)) == (0.0, 1.0)
+
+
+def test_zero_dimensional_input_calibrates():
+    assert calibrate(np.array(1.3, np.float32), QuantSpec(), RangePolicy("mse")).scale > 0
+
+
+def test_mse_search_keeps_the_min_max_range_when_nothing_is_clipped():
+    """Uniform data on a grid's own levels: every shrink clips, so c = 1 wins."""
+    spec = QuantSpec(bits=4)
+    x = np.arange(-7, 8, dtype=np.float64) * 0.25
+    assert calibrate(x, spec, RangePolicy("mse")) == calibrate(x, spec)
+
+
+def test_stochastic_mse_search_is_reproducible_from_the_generator():
+    x = np.random.default_rng(9).laplace(size=5_000)
+    spec = QuantSpec(bits=3, rounding="stochastic")
+    runs = [calibrate(x, spec, RangePolicy("mse", mse_grid=20),
+                      generator=torch.Generator().manual_seed(4)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_policy_is_separate_from_the_grid():
+    """A QuantSpec holds no calibration choice; a RangePolicy holds nothing of the grid."""
+    assert not {"range_method", "percentile", "mse_grid"} & set(QuantSpec.__dataclass_fields__)
+    assert set(RangePolicy.__dataclass_fields__) == {"method", "percentile", "mse_grid"}
+    assert RangePolicy("percentile").method is RangeMethod.PERCENTILE
+    assert RangePolicy().replace(percentile=99).percentile == 99
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"method": "magic"}, ValueError, "range method 'magic' is not one of"),
+        ({"percentile": 0}, ValueError, "percentile must be in \\(0, 100\\]"),
+        ({"percentile": 100.5}, ValueError, "percentile must be in"),
+        ({"percentile": float("nan")}, ValueError, "percentile must be in"),
+        ({"percentile": "99"}, ValueError, "percentile must be in"),
+        ({"mse_grid": 1}, ValueError, "mse_grid must be an int of at least 2"),
+        ({"mse_grid": 10.0}, ValueError, "mse_grid must be an int"),
+    ],
+)
+def test_bad_policy_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RangePolicy(**kwargs)
+
+
+def test_percentile_at_or_below_50_is_refused_on_an_affine_grid():
+    policy = RangePolicy("percentile", percentile=30)
+    observed_range(np.ones(3), QuantSpec(), policy)  # symmetric: |x|'s 30th percentile is fine
+    with pytest.raises(ValueError, match="above 50"):
+        calibrate(np.ones(3), QuantSpec(symmetric=False), policy)
