@@ -32,6 +32,7 @@ __all__ = [
     "ClipMethod",
     "ClipResult",
     "ErrorMoments",
+    "Grid",
     "InfiniteMomentWarning",
     "UniformNoise",
     "error_moments",
@@ -74,6 +75,21 @@ class ClipMethod(Choice):
 
     ACIQ = "aciq"
     EXACT = "exact"
+
+
+class Grid(Choice):
+    """Where a uniform quantizer's levels lie, in steps ``s``.
+
+    INTEGER (mid-tread): the integer codes' levels ``(q - z) s``; zero is a level. This is
+    the grid of :func:`qerror.quantize` and of every INT8 engine. MIDRISE: the levels
+    ``(q + 1/2) s`` for codes ``q`` in ``[qmin, qmax]``, so that ``2**bits`` cells of width
+    ``s`` tile ``[qmin s, (qmax + 1) s]`` exactly (``[-α, α]`` with ``α = s 2**(bits-1)``
+    for a signed grid); zero is a cell boundary, not a level. ACIQ's error model assumes
+    this grid (Banner et al. 2019).
+    """
+
+    INTEGER = "integer"
+    MIDRISE = "midrise"
 
 
 
@@ -126,6 +142,8 @@ class ErrorMoments:
         ``P(R(u) < qmin)`` and ``P(R(u) > qmax)``: clamping at each end.
     uniform : UniformNoise
         The uniform-noise prediction, which ignores clipping.
+    grid : Grid
+        The levels' grid (INTEGER unless asked otherwise).
 
     Notes
     -----
@@ -154,6 +172,7 @@ class ErrorMoments:
     p_low: float
     p_high: float
     uniform: UniformNoise
+    grid: Grid = Grid.INTEGER
 
     @property
     def p_clip(self) -> float:
@@ -208,10 +227,12 @@ class ClipResult:
     Attributes
     ----------
     alpha : float
-        The clipping value: the largest representable magnitude ``s * qmax``.
+        The clipping value: on the integer grid EXACT's largest representable magnitude
+        ``s * qmax``; ACIQ's, and on the mid-rise grid both methods', the end of the cells
+        ``s 2**bits / 2`` (one-sided ``s 2**bits``).
     scale : float
         The step of the quantizer to use (zero point 0): ``alpha / qmax`` for
-        EXACT; ACIQ's own step ``2 alpha / 2**bits`` (one-sided ``alpha / 2**bits``).
+        EXACT on the integer grid; else ``2 alpha / 2**bits`` (one-sided ``alpha / 2**bits``).
     spec : QuantSpec
         Signed (symmetric) or unsigned (one-sided), per tensor, zero point 0.
     method : ClipMethod
@@ -219,7 +240,10 @@ class ClipResult:
     mse : float
         The minimised objective at ``alpha``: the ACIQ approximation or the exact MSE.
     mse_exact : float
-        The exact MSE of the quantizer ``(spec, scale, 0)``, from :func:`error_moments`.
+        The exact MSE of the quantizer ``(spec, scale, 0)`` on ``grid``, from
+        :func:`error_moments`.
+    grid : Grid
+        The grid of ``mse_exact`` (and of EXACT's search).
     """
 
     alpha: float
@@ -229,6 +253,7 @@ class ClipResult:
     one_sided: bool
     mse: float
     mse_exact: float
+    grid: Grid = Grid.INTEGER
 
 
 # --------------------------------------------------------------------------- normal law
@@ -855,7 +880,8 @@ def _warn_infinite(law, result: _LsbMoments) -> None:
     warnings.warn(what, InfiniteMomentWarning, stacklevel=4)
 
 
-def error_moments(dist, spec: QuantSpec, scale, zero_point=0) -> ErrorMoments:
+def error_moments(dist, spec: QuantSpec, scale, zero_point=0, *,
+                  grid: Grid | str = Grid.INTEGER) -> ErrorMoments:
     """Exact moments of the quantization error for a continuous input law.
 
     Parameters
@@ -870,6 +896,9 @@ def error_moments(dist, spec: QuantSpec, scale, zero_point=0) -> ErrorMoments:
         The step ``s > 0``.
     zero_point : int
         In ``[qmin, qmax]``; 0 for a symmetric spec.
+    grid : Grid or str, keyword-only
+        INTEGER (the quantizer's own grid) or MIDRISE (levels ``(q + 1/2) s``; zero point
+        0 only): see :class:`Grid`.
 
     Returns
     -------
@@ -950,11 +979,18 @@ def error_moments(dist, spec: QuantSpec, scale, zero_point=0) -> ErrorMoments:
     spec = _check_spec(spec)
     s = _check_scale(scale)
     z = _check_zero_point(zero_point, spec)
-    return _error_moments(law, spec, s, z, warn=True)
+    grid = Grid.parse(grid)
+    if grid is Grid.MIDRISE and z != 0:
+        raise ValueError(f"a mid-rise grid has no zero point (its levels are (q + 1/2)·s); "
+                         f"got zero_point={z}: pass 0")
+    return _error_moments(law, spec, s, z, warn=True, grid=grid)
 
 
-def _error_moments(law, spec: QuantSpec, s: float, z: int, *, warn: bool) -> ErrorMoments:
-    u_law = law.lsb(s, z)
+def _error_moments(law, spec: QuantSpec, s: float, z: int, *, warn: bool,
+                   grid: Grid = Grid.INTEGER) -> ErrorMoments:
+    # The mid-rise quantizer rounds u' = x/s - 1/2 onto the integer codes and returns
+    # (q + 1/2) s, so its error is s (q - u'): the integer grid's, on the shifted law.
+    u_law = law.lsb(s, z - 0.5 if grid is Grid.MIDRISE else z)
     m = _moments_lsb(u_law, spec.rounding, spec.qmin, spec.qmax)
     if warn:
         _warn_infinite(law, m)
@@ -970,7 +1006,7 @@ def _error_moments(law, spec: QuantSpec, s: float, z: int, *, warn: bool) -> Err
         mse_granular=m.mse_granular * s * s, mse_clip=m.mse_clip * s * s,
         mse_granular_lsb=m.mse_granular, mse_clip_lsb=m.mse_clip,
         p_low=m.p_low, p_high=m.p_high,
-        uniform=_uniform_noise(u_law, spec.rounding, s),
+        uniform=_uniform_noise(u_law, spec.rounding, s), grid=grid,
     )
 
 
@@ -1003,7 +1039,8 @@ def _aciq_objective(law, mode: RoundingMode, levels: int, one_sided: bool, granu
 
 def optimal_clip(dist, bits: int, method: ClipMethod | str,
                  rounding: RoundingMode | str = RoundingMode.NEAREST_EVEN,
-                 one_sided: bool = False, *, granular_mass: bool = True) -> ClipResult:
+                 one_sided: bool = False, *, grid: Grid | str = Grid.INTEGER,
+                 granular_mass: bool = True) -> ClipResult:
     """MSE-optimal clipping value for a law, by ACIQ or by the exact MSE.
 
     Parameters
@@ -1021,6 +1058,11 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
         ``dist`` is quantized as given, so values below 0 clamp to 0 and count
         as clipping error (pass the law of the non-negative values, e.g.
         ``scipy.stats.halfnorm``, to model a ReLU output without its zeros).
+    grid : Grid or str, keyword-only
+        The grid on which every exact MSE is taken and EXACT searches: INTEGER (the
+        quantizer's own, default) or MIDRISE (ACIQ's). On MIDRISE the clipping value is
+        where the cells end, ``α = s 2**(bits-1)`` (one-sided ``s 2**bits``), for both
+        methods, so ACIQ and EXACT are then compared on one grid by ``alpha`` as well.
     granular_mass : bool, keyword-only
         ACIQ only: weight the granular term by the probability of the unclipped
         range (True) or not, as in Banner et al. (False).
@@ -1050,10 +1092,11 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     ``α`` by up to ~1.3% at 2 bits and by < 0.02% at 8 bits for the normal and
     Laplace laws. ``L`` cells of width ``Δ`` tile ``[-α, α]`` exactly (a
     mid-rise grid). The returned ``scale`` for ACIQ is that step ``Δ``, and
-    ``mse_exact`` is the exact MSE of the zero-point-0 integer grid with step
-    ``Δ`` (range ``[-α, α - Δ]``); ACIQ's objective approximates it. EXACT's
-    ``alpha`` is instead the largest code's value, ``scale · qmax``: compare
-    the two methods by ``scale`` and ``mse_exact``, not by ``alpha``, at few bits.
+    ``mse_exact`` is the exact MSE at step ``Δ`` on ``grid``: on MIDRISE, ACIQ's own
+    grid, which its objective approximates; on INTEGER, the zero-point-0 integer grid
+    (range ``[-α, α - Δ]``), which it does not quite describe at few bits. On INTEGER,
+    EXACT's ``alpha`` is the largest code's value, ``scale · qmax``: compare the two
+    methods there by ``scale`` and ``mse_exact``, not by ``alpha``.
 
     EXACT minimises :func:`error_moments`'s MSE over ``α``: first on a
     96-point log grid over five decades below ``max(|F⁻¹(1e-15)|, F⁻¹(1 - 1e-15))``
@@ -1071,6 +1114,7 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     """
     law = _law_of(dist)
     method = ClipMethod.parse(method)
+    grid = Grid.parse(grid)
     spec = QuantSpec(bits=bits, signed=not one_sided, symmetric=True, rounding=rounding)
     if not law.var_finite:
         raise ValueError(
@@ -1083,26 +1127,26 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
             raise ValueError("dist has no mass above 0: nothing to quantize one-sided")
     else:
         hi = max(hi, -float(dist.ppf(_CLIP_TAIL_P)))
-    qmax = spec.qmax
+    # alpha -> step: the cells' end on a mid-rise grid (and in ACIQ's model), the largest
+    # level on the integer grid.
+    per_alpha = (spec.levels if one_sided else spec.levels // 2) \
+        if grid is Grid.MIDRISE or method is ClipMethod.ACIQ else spec.qmax
     if method is ClipMethod.ACIQ:
         objective = _aciq_objective(law, spec.rounding, spec.levels, one_sided, granular_mass)
     else:
         def objective(alpha: float) -> float:
-            return _error_moments(law, spec, alpha / qmax, 0, warn=False).mse
-    grid = hi * np.logspace(-_CLIP_DECADES, 0.0, _CLIP_GRID)
-    values = np.array([objective(a) for a in grid])
+            return _error_moments(law, spec, alpha / per_alpha, 0, warn=False, grid=grid).mse
+    candidates = hi * np.logspace(-_CLIP_DECADES, 0.0, _CLIP_GRID)
+    values = np.array([objective(a) for a in candidates])
     best = int(np.argmin(values))
-    lo_b, hi_b = grid[max(best - 1, 0)], grid[min(best + 1, _CLIP_GRID - 1)]
+    lo_b, hi_b = candidates[max(best - 1, 0)], candidates[min(best + 1, _CLIP_GRID - 1)]
     res = optimize.minimize_scalar(objective, bounds=(lo_b, hi_b), method="bounded",
-                                   options={"xatol": 1e-10 * grid[best]})
+                                   options={"xatol": 1e-10 * candidates[best]})
     alpha, value = (float(res.x), float(res.fun)) if res.fun <= values[best] else (
-        float(grid[best]), float(values[best]))
-    if method is ClipMethod.ACIQ:
-        # ACIQ optimises the step of its own grid, 2α/L (one-sided α/L): that step, not
-        # α/qmax, is the quantizer it recommends, and the one its exact MSE is taken at.
-        scale = (alpha if one_sided else 2.0 * alpha) / spec.levels
-    else:
-        scale = alpha / qmax
-    exact = _error_moments(law, spec, scale, 0, warn=False).mse
+        float(candidates[best]), float(values[best]))
+    # ACIQ optimises the step of its own grid, 2α/L (one-sided α/L): that step, not
+    # α/qmax, is the quantizer it recommends, and the one its exact MSE is taken at.
+    scale = alpha / per_alpha
+    exact = _error_moments(law, spec, scale, 0, warn=False, grid=grid).mse
     return ClipResult(alpha=alpha, scale=scale, spec=spec, method=method,
-                      one_sided=bool(one_sided), mse=value, mse_exact=exact)
+                      one_sided=bool(one_sided), mse=value, mse_exact=exact, grid=grid)

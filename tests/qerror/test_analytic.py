@@ -18,6 +18,7 @@ from scipy import integrate, stats
 
 from qerror.analytic import (
     ClipMethod,
+    Grid,
     InfiniteMomentWarning,
     error_moments,
     optimal_clip,
@@ -541,3 +542,52 @@ def test_bad_spec_scale_zero_point(kwargs, exc, match):
     args = {"spec": QuantSpec(), "scale": 0.1, "zero_point": 0} | kwargs
     with pytest.raises(exc, match=match):
         error_moments(stats.norm(), **args)
+
+
+# --------------------------------------------------------------------------- mid-rise grid
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_midrise_moments_equal_monte_carlo_of_the_midrise_quantizer(bits):
+    """Levels (q + 1/2)s: the exact moments against 2M draws, within 5 standard errors."""
+    law, s = stats.norm(0.1, 1.0), 4.0 / 2 ** bits
+    m = error_moments(law, QuantSpec(bits=bits), s, grid="midrise")
+    x = law.rvs(size=2_000_000, random_state=bits)
+    half = 2 ** (bits - 1)
+    e = (np.clip(np.floor(x / s), -half, half - 1) + 0.5) * s - x
+    assert abs(m.bias - e.mean()) <= 5 * e.std() / math.sqrt(e.size)
+    assert abs(m.mse - np.mean(e * e)) <= 5 * np.std(e * e) / math.sqrt(e.size)
+    assert m.grid is Grid.MIDRISE
+
+
+def test_midrise_uniform_law_is_exactly_uniform_noise():
+    """A uniform law on the cells' union: every cell holds U(-s/2, s/2) noise, nothing clips."""
+    m = error_moments(stats.uniform(-1.0, 2.0), QuantSpec(bits=2), 0.5, grid="midrise")
+    assert m.mse == pytest.approx(0.5 ** 2 / 12, rel=1e-14)
+    assert m.bias == pytest.approx(0.0, abs=1e-16) and m.p_clip == 0.0
+
+
+def test_midrise_refuses_a_zero_point():
+    with pytest.raises(ValueError, match="mid-rise grid has no zero point"):
+        error_moments(stats.norm(), QuantSpec(bits=4, symmetric=False), 0.1, 3, grid="midrise")
+
+
+@pytest.mark.parametrize("bits, step, mse", [(2, 0.9957, 0.1188), (3, 0.5860, 0.03744),
+                                             (4, 0.3352, 0.01154)])
+def test_exact_midrise_optimum_matches_max_s_uniform_table(bits, step, mse):
+    """Max (1960), optimum uniform quantizer of the standard normal law, to his digits."""
+    r = optimal_clip(stats.norm(), bits, "exact", grid="midrise")
+    assert r.scale == pytest.approx(step, abs=0.5e-4)
+    assert r.mse_exact == pytest.approx(mse, rel=5e-4)
+    assert r.alpha == pytest.approx(r.scale * 2 ** (bits - 1), rel=1e-15)
+
+
+@pytest.mark.parametrize("law_name", ["normal", "laplace"])
+def test_aciq_on_its_own_grid_never_beats_the_exact_optimum_there(law_name):
+    """Like for like: both on the mid-rise grid, by alpha and by exact MSE."""
+    dist = stats.norm() if law_name == "normal" else stats.laplace()
+    for bits in (2, 3, 4, 8):
+        aciq = optimal_clip(dist, bits, "aciq", grid="midrise")
+        exact = optimal_clip(dist, bits, "exact", grid="midrise")
+        assert aciq.mse_exact == error_moments(dist, aciq.spec, aciq.scale, grid="midrise").mse
+        assert exact.mse_exact <= aciq.mse_exact * (1 + 1e-12)
