@@ -67,7 +67,16 @@ from qerror import (
 )
 from qerror import data as qdata
 from qerror.compress import StorageFormat, held_bytes, storage_bytes
-from studies._common import RunDir, base_parser, figure_style, paired_ratio, study_main
+from studies._common import (
+    RunDir,
+    base_parser,
+    check_out,
+    figure_style,
+    finite_float,
+    paired_ratio,
+    positive_int,
+    study_main,
+)
 from studies._latex import letters
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study
@@ -641,7 +650,7 @@ def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
 
 
 def build_parser():
-    parser = base_parser("dataset", __doc__.splitlines()[0])
+    parser = base_parser("dataset", __doc__.splitlines()[0], force=True)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a qerror checkpoint to evaluate (default: the cached ResNet50 "
                              "baseline; with --smoke, a small untrained CNN)")
@@ -657,12 +666,13 @@ def build_parser():
                              + " ".join(m.value for m in DEFAULT_MODES) + ")")
     parser.add_argument("--bits", nargs="+", type=_bits_arg, default=None,
                         help="widths of the offline codes, 2 to 8 (default: 8 4)")
-    parser.add_argument("--scale-errors", nargs="*", type=float, default=None,
+    parser.add_argument("--scale-errors", nargs="*", type=finite_float, default=None,
                         help="relative errors of the offline scale against the model's, "
                              "e.g. 0.02 -0.05 (default: none)")
-    parser.add_argument("--test-images", type=int, default=None,
+    parser.add_argument("--test-images", type=positive_int, default=None,
                         help="test images used (default: all; smoke 200)")
-    parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="inference batch size")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
     return parser
@@ -731,11 +741,8 @@ def _main(argv: list[str]) -> int:
     scale_errors = list(DEFAULT_SCALE_ERRORS if args.scale_errors is None else args.scale_errors)
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
-    if n_test is not None and n_test < 1:
-        parser.error("--test-images must be at least 1")
+    check_out(args.out, "dataset", force=args.force)
 
     if not args.download:
         # Data first: a missing data set is reported before any model is trained.
@@ -796,7 +803,7 @@ def _main(argv: list[str]) -> int:
         run.write_csv("pixel_levels.csv", levels)
         run.write_csv("pixel_summary.csv", pixels)
         run.write_csv("storage.csv", storage)
-        run.write_csv("throughput.csv", throughput)
+        run.write_csv("throughput.csv", throughput, timing=True)
         eq = equiv[equiv.comparison == "quantizer_in_model_vs_offline_codes"] \
             .set_index("metric").value
         summary = {
@@ -813,7 +820,6 @@ def _main(argv: list[str]) -> int:
             "variants": variants[["variant", "frac_codes_changed", "max_abs_logit_diff",
                                   "prediction_changes", "accuracy", "mcnemar_p_holm"]]
             .to_dict(orient="records"),
-            "throughput": throughput[["stored_as", "ratio_median"]].to_dict(orient="records"),
             "alpha": ALPHA,
         }
         run.write_json("summary.json", summary)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, error_moments, optimal_clip
-from studies._common import RunDir, base_parser, figure_style, study_main
+from studies._common import RunDir, base_parser, check_out, figure_style, int_at_least, study_main
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
 UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
@@ -365,10 +365,11 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    parser = base_parser("rounding", __doc__.splitlines()[0])
-    parser.add_argument("--mc-samples", type=int, default=None,
+    parser = base_parser("rounding", __doc__.splitlines()[0], force=True)
+    # Ten samples at least for a standard error; two ratios at least for a sweep.
+    parser.add_argument("--mc-samples", type=int_at_least(10), default=None,
                         help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
-    parser.add_argument("--ratios", type=int, default=None,
+    parser.add_argument("--ratios", type=int_at_least(2), default=None,
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
     parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -378,14 +379,14 @@ def _main(argv: list[str]) -> int:
                         help="Fashion-MNIST folder for the activations part")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    mc_n = args.mc_samples or (2000 if smoke else 20_000)
-    n_ratios = args.ratios or (4 if smoke else 25)
-    if mc_n < 10 or n_ratios < 2:
-        parser.error("--mc-samples must be at least 10 and --ratios at least 2")
+    mc_n = args.mc_samples if args.mc_samples is not None else (2000 if smoke else 20_000)
+    n_ratios = args.ratios if args.ratios is not None else (4 if smoke else 25)
     try:
-        law_list = laws(args.laws or (["normal", "half_normal"] if smoke else None))
+        law_list = laws(list(dict.fromkeys(args.laws)) if args.laws is not None else
+                        (["normal", "half_normal"] if smoke else None))
     except ValueError as err:
         parser.error(str(err))
+    check_out(args.out, "rounding", force=args.force)
     modes = list(RoundingMode)
     ratios = np.geomspace(0.05, 10.0, n_ratios)
     bit_list = [4, 8] if smoke else [2, 3, 4, 5, 6, 7, 8, 16]
