@@ -561,11 +561,13 @@ def _main(argv: list[str]) -> int:
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
+    from qerror.data import DataError
+
     try:
         data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
                 if args.data is not None else
                 fashion_data(args.data_root, images, calib_images, batch, args.seed))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, DataError) as err:
         raise SystemExit(str(err)) from err
     if model_id["model"].endswith("untrained-smoke"):
         _warm_batchnorm(model, data.calib)

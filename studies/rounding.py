@@ -504,13 +504,24 @@ def _load_baseline(path: Path | None):
 
 
 def _calibration_images(data_root, count: int) -> torch.Tensor | None:
-    from qerror.data import DataNotFoundError, fashion_mnist_splits, to_tensor
+    from qerror.data import (
+        DataError,
+        DataNotFoundError,
+        fashion_mnist_splits,
+        named_data_root,
+        to_tensor,
+    )
 
     try:
         calib = fashion_mnist_splits(data_root).calib
     except DataNotFoundError as err:
+        # Optional data may be skipped only when the user named no place for it.
+        if named_data_root(data_root) is not None:
+            raise SystemExit(f"[rounding] {err}") from err
         print(f"[rounding] activations skipped: {err}")
         return None
+    except DataError as err:
+        raise SystemExit(f"[rounding] {err}") from err
     return to_tensor(calib.images[:count])
 
 

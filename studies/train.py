@@ -18,18 +18,27 @@ whose accuracy (with a Wilson interval) is computed once, at the end. The traine
 into the checkpoint cache (:func:`qerror.nn.models.save_checkpoint`) and the run folder gets
 ``epochs.csv``, ``steps.csv``, ``summary.json``, ``training_curve.{pdf,png}`` and the manifest.
 
+A loss that becomes NaN or infinite stops the run at that step; no checkpoint is written.
+Ctrl-C (SIGINT) saves the state at the last completed step, so the same command continues.
+
 Run: ``python -m studies.train --arch resnet50`` (and ``--arch resnet18``); ``--smoke`` for a
-tiny end-to-end run. Exit status 0: trained; 2: bad arguments, no data, or a state file
-from a different recipe; 3: stopped early (``--stop-after-steps`` or ``--time-budget-min``,
-which counts the training time of all sessions) with the state saved, so the same command
-without that limit continues.
+tiny end-to-end run. Exit status 0: trained; 2: bad arguments, no data or bad data, a state
+file from a different recipe, or a diverged loss; 3: stopped early (``--stop-after-steps`` or
+``--time-budget-min``, which counts the training time of all sessions) with the state saved,
+so the same command without that limit continues; 130: interrupted (Ctrl-C), the state
+saved, so the same command continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +59,7 @@ from qerror.nn.models import (
     default_checkpoint_path,
     fashion_resnet,
     get_baseline,
+    non_finite_tensors,
     parse_arch,
     parse_stem,
     save_checkpoint,
@@ -60,6 +70,7 @@ from studies._common import REPO, RunDir, base_parser, figure_style, study_main
 # (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
 DEFAULT_EPOCHS = {Arch.RESNET50: 3, Arch.RESNET18: 5}
 EXIT_INCOMPLETE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 STATE_FORMAT = "qerror-train-state"
 STATE_VERSION = 1
 # Independent random streams derived from the one seed.
@@ -148,12 +159,14 @@ class History:
 
 @dataclass(frozen=True)
 class FitResult:
-    """The model after :func:`fit`, its history, and how far the schedule got."""
+    """The model after :func:`fit`, its history, and how far the schedule got;
+    ``interrupted`` when a KeyboardInterrupt (Ctrl-C) stopped it."""
 
     model: nn.Module
     history: History
     step: int
     total_steps: int
+    interrupted: bool = False
 
     @property
     def complete(self) -> bool:
@@ -166,6 +179,30 @@ class TrainError(ValueError):
 
 class ResumeError(TrainError):
     """A state file that cannot be resumed under the requested recipe."""
+
+
+class DivergedError(TrainError):
+    """The training loss or the weights became NaN or infinite; nothing was saved."""
+
+
+@contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C until the block ends, then raise it: an optimizer update interrupted
+    half-way would leave weights, momenta and step counter out of step with each other."""
+    # Only the main thread can set handlers, and a handler someone else installed (or
+    # SIG_IGN) is theirs to keep; in both cases the block runs as it is.
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def batch_tensors(images: np.ndarray, labels: np.ndarray, *, crop_pad: int = 0,
@@ -281,7 +318,9 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
     Returns
     -------
     FitResult
-        ``complete`` is false when the run stopped early; the state is then saved.
+        ``complete`` is false when the run stopped early or was interrupted (a
+        KeyboardInterrupt, ``interrupted``); the state at the last completed step is then
+        saved.
 
     Raises
     ------
@@ -289,6 +328,9 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
         Too few training images for one batch.
     ResumeError
         The state file is unreadable or was written by a different recipe.
+    DivergedError
+        The loss or the weights became NaN or infinite; the message gives the step and
+        epoch. No state is saved past the last finite one.
     """
     train = splits.train
     if recipe.train_images is not None:
@@ -327,13 +369,41 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
 
     saved = step
 
+    def diverged(what: str, at_step: int) -> DivergedError:
+        kept = (f"; the state of step {saved} stays in {state_path}" if state_path.is_file()
+                else "")
+        return DivergedError(
+            f"training diverged: {what} at step {at_step} of {total} (epoch "
+            f"{(at_step - 1) // per_epoch + 1} of {recipe.epochs}, peak learning rate "
+            f"{recipe.lr:g}). No checkpoint was written{kept}. Start over with a lower --lr "
+            "and --no-resume.")
+
     def save() -> None:
         nonlocal saved
         if saved != step or not state_path.is_file():
+            bad = non_finite_tensors(model.state_dict())
+            if bad:
+                raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
+                               + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
             _save_state(state_path, recipe, step, model, opt, sched, history)
             saved = step
 
+    def record_epoch_if_due() -> None:
+        # Also on resuming, in case the run was interrupted during an epoch's validation.
+        if step and step % per_epoch == 0 and len(history.epochs) < step // per_epoch:
+            epoch = step // per_epoch - 1
+            t1 = time.perf_counter()
+            history.epochs.append(_epoch_record(model, recipe, splits.val, history, epoch,
+                                                step))
+            history.train_seconds += time.perf_counter() - t1
+            e = history.epochs[-1]
+            bar.write(f"[train] epoch {epoch + 1}/{recipe.epochs}: train loss "
+                      f"{e.train_loss:.4f}, val accuracy {e.val_accuracy:.4f} "
+                      f"[{e.val_ci_low:.4f}, {e.val_ci_high:.4f}]")
+
+    interrupted = False
     try:
+        record_epoch_if_due()
         while step < total:
             if stop_after_steps is not None and step >= stop_after_steps:
                 break
@@ -357,36 +427,34 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
             opt.zero_grad(set_to_none=True)
             out = model(x)
             loss = criterion(out, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise diverged(f"the loss became {loss_value}", step + 1)
             loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            history.train_seconds += dt
+            with _sigint_held():
+                opt.step()
+                sched.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                history.train_seconds += dt
+                history.steps.append(StepRecord(step, epoch, lr, loss_value,
+                                                int((out.argmax(1) == y).sum()), len(y), dt))
             session_times.append(dt)
-            history.steps.append(StepRecord(step, epoch, lr, loss.item(),
-                                            int((out.argmax(1) == y).sum()), len(y), dt))
             bar.update(1)
             bar.set_postfix(loss=f"{history.steps[-1].loss:.3f}", lr=f"{lr:.3g}", refresh=False)
             if len(session_times) == _ESTIMATE_STEPS + 1 and step < total:
                 _print_estimate(bar, recipe, session_times[1:], total - step,
                                 total // per_epoch - epoch, len(splits.val), time_budget_s,
                                 history.train_seconds)
-            if step % per_epoch == 0:
-                t1 = time.perf_counter()
-                history.epochs.append(_epoch_record(model, recipe, splits.val, history, epoch,
-                                                    step))
-                history.train_seconds += time.perf_counter() - t1
-                e = history.epochs[-1]
-                bar.write(f"[train] epoch {epoch + 1}/{recipe.epochs}: train loss "
-                          f"{e.train_loss:.4f}, val accuracy {e.val_accuracy:.4f} "
-                          f"[{e.val_ci_low:.4f}, {e.val_ci_high:.4f}]")
+            record_epoch_if_due()
             if step % per_epoch == 0 or step % checkpoint_every == 0:
                 save()
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
     save()
-    return FitResult(model, history, step, total)
+    return FitResult(model, history, step, total, interrupted)
 
 
 def _epoch_record(model, recipe: Recipe, val: data.ImageSet, history: History, epoch: int,
@@ -477,8 +545,12 @@ def _main(argv: list[str]) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("lr", "time_budget_min"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+        value = getattr(args, name)
+        # Stated as the domain, not its complement: NaN passes `value <= 0`.
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number above 0, got "
+                         f"{value!r}" + (" (leave it out for no limit)"
+                                         if name == "time_budget_min" else ""))
     recipe = default_recipe(args.arch, args.stem, smoke=args.smoke, seed=args.seed)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("lr", args.lr)) if v is not None}
@@ -497,9 +569,19 @@ def _main(argv: list[str]) -> int:
                      stop_after_steps=args.stop_after_steps,
                      time_budget_s=None if args.time_budget_min is None
                      else args.time_budget_min * 60, progress=args.progress)
-    except (data.DataNotFoundError, TrainError) as exc:
+    except (data.DataNotFoundError, data.DataError, TrainError) as exc:
         print(f"[train] error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[train] interrupted before training started or resumed; no file was changed.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    command = shlex.join(["python", "-m", "studies.train", *argv])
+    if result.interrupted:
+        print(f"[train] interrupted at step {result.step} of {result.total_steps}; the state is "
+              f"saved in {state_path}. To continue, run the same command: {command}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not result.complete:
         if args.stop_after_steps is not None and result.step >= args.stop_after_steps:
             how = "without --stop-after-steps, or with a larger one"
@@ -508,7 +590,19 @@ def _main(argv: list[str]) -> int:
         print(f"[train] stopped at step {result.step} of {result.total_steps}; the state is in "
               f"{state_path}. To continue, run the same command {how}.", flush=True)
         return EXIT_INCOMPLETE
+    try:
+        return _write_results(recipe, splits, result, checkpoint, state_path, out, argv,
+                              args.smoke)
+    except KeyboardInterrupt:
+        print(f"[train] interrupted while writing the results; the trained state is kept in "
+              f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
+
+def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, checkpoint: Path,
+                   state_path: Path, out: Path, argv: list[str], smoke: bool) -> int:
+    """Test once, then write the checkpoint, the run folder and its manifest; the state
+    file goes last, so an interrupted write is finished by rerunning the command."""
     test = splits.test if recipe.test_images is None else \
         splits.test.subset(np.arange(min(recipe.test_images, len(splits.test))))
     test_loss, correct = evaluate(result.model, test.images, test.labels, recipe.eval_batch_size)
@@ -528,7 +622,7 @@ def _main(argv: list[str]) -> int:
     info = save_checkpoint(result.model, checkpoint, arch=recipe.arch, stem=recipe.stem,
                            config={"recipe": recipe, "data": data_identity}, metrics=metrics)
     config = {"recipe": jsonable(recipe), "checkpoint": str(checkpoint),
-              "state": str(state_path), "smoke": args.smoke}
+              "state": str(state_path), "smoke": smoke}
     with RunDir(out, "train", argv, config) as run:
         run.write_csv("epochs.csv", epochs)
         run.write_csv("steps.csv", steps)
@@ -580,10 +674,14 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
         print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
               f"`{command}`", flush=True)
         code = main(argv)
-        if code != 0:
+        if code in (EXIT_INCOMPLETE, EXIT_INTERRUPTED):
             raise CheckpointError(
                 f"training the {arch.value}/{stem.value} baseline stopped with exit code "
                 f"{code}; run the same command again to resume it: {command}")
+        if code != 0:
+            raise CheckpointError(
+                f"training the {arch.value}/{stem.value} baseline failed with exit code {code} "
+                f"for the reason printed above; correct it, then run: {command}")
     return get_baseline(arch, stem, path=path)
 
 

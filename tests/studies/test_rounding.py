@@ -87,6 +87,7 @@ def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, m
     argv = ["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples", "100",
             "--checkpoint", str(ckpt), "--data-root", str(root), "--out", str(out)]
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(data, "SIZES", {"train": 6010, "test": 20})  # the synthetic sizes
     assert rounding.main(argv) == 0
     weights = pd.read_csv(out / "weights.csv")
     acts = pd.read_csv(out / "activations.csv")
