@@ -15,7 +15,7 @@ another study) is refused before any work starts, ``--force`` or not. Stale stag
 of killed runs next to the destination are removed when their process is gone.
 
 Command-line numbers are checked by the argparse converters here (:func:`positive_int`,
-:func:`int_at_least`, :func:`int_in`, :func:`finite_float`), so a bad value is refused by
+:func:`int_at_least`, :func:`int_in`, :func:`finite_float`, :func:`positive_float`), so a bad value is refused by
 argparse with the option's name. :func:`study_main` turns the expected failures
 (:class:`StudyError`, missing data, refused checkpoints, OS errors, Ctrl-C) into one
 message and a non-zero exit; a traceback means a bug.
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from qerror.cpu import flush_denormal
-from qerror.data import DataNotFoundError
+from qerror.data import DataError, DataNotFoundError
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
@@ -116,6 +116,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type=`` for finite floats above 0 (``nan``, ``inf``, 0 are refused)."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
 def out_path(text: str) -> Path:
     """An argparse ``type=`` for ``--out``: ``~`` expands to the home folder.
 
@@ -155,8 +163,9 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     study run in-process (a test, a notebook) must not leave the process changed.
 
     Expected failures become one message on stderr, ``[study] error: ...``, and an exit
-    status: :class:`StudyError`, :class:`qerror.data.DataNotFoundError` and
-    :class:`qerror.nn.models.CheckpointError` give :data:`EXIT_REFUSED`, an ``OSError``
+    status: :class:`StudyError`, :class:`qerror.data.DataNotFoundError`,
+    :class:`qerror.data.DataError` and :class:`qerror.nn.models.CheckpointError` give
+    :data:`EXIT_REFUSED`, an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
     :data:`EXIT_INTERRUPTED`. ``SystemExit`` passes through as before (argparse's exit 2,
     a study's ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
@@ -168,7 +177,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         try:
             with flush_denormal():
                 return body(sys.argv[1:] if argv is None else list(argv))
-        except (StudyError, DataNotFoundError, CheckpointError) as err:
+        except (StudyError, DataNotFoundError, DataError, CheckpointError) as err:
             print(f"[{name}] error: {err}", file=sys.stderr)
             return EXIT_REFUSED
         except OSError as err:

@@ -42,6 +42,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
+from qerror.data import find_fashion_mnist
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -512,8 +513,9 @@ def _main(argv: list[str]) -> int:
                              "default 200, smoke 16)")
     parser.add_argument("--batch-size", type=int_at_least(2), default=None,
                         help="default 256, smoke 16")
-    parser.add_argument("--local-samples", type=positive_int, default=32,
-                        help="images per batch on which each layer's local error is measured")
+    parser.add_argument("--local-samples", type=positive_int, default=None,
+                        help="images per batch on which each layer's local error is measured, "
+                             "at most --batch-size (default 32, or the batch size if smaller)")
     parser.add_argument("--remedy-bits", nargs="*", type=int_in(2, 16), default=None,
                         help="bit widths at which the remedies run, each one of --bits (modes "
                              "nearest_even and toward_zero, both quantized; default: 8 4 "
@@ -552,8 +554,17 @@ def _main(argv: list[str]) -> int:
         if remedy_bits and not any(m in modes for m in REMEDY_MODES):
             parser.error("--remedy-bits: the remedies need --modes to include "
                          + " or ".join(m.value for m in REMEDY_MODES))
+    local_samples = args.local_samples if args.local_samples is not None else min(32, batch)
+    if local_samples > batch:
+        parser.error(f"--local-samples {args.local_samples}: more than --batch-size {batch}; the "
+                     "local error is measured on that many images of each batch, so pass at "
+                     "most the batch size")
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
     check_out(args.out, "drift", force=args.force)
+
+    if args.data is None:
+        # Data before the model: loading it may mean training a baseline for half an hour.
+        find_fashion_mnist(args.data_root)
 
     started = time.perf_counter()
     model, model_id = _load_model(args, args.data_root)
@@ -561,14 +572,10 @@ def _main(argv: list[str]) -> int:
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
-    from qerror.data import DataError
-
-    try:
-        data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
-                if args.data is not None else
-                fashion_data(args.data_root, images, calib_images, batch, args.seed))
-    except (FileNotFoundError, DataError) as err:
-        raise SystemExit(str(err)) from err
+    # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
+    data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
+            if args.data is not None else
+            fashion_data(args.data_root, images, calib_images, batch, args.seed))
     if model_id["model"].endswith("untrained-smoke"):
         _warm_batchnorm(model, data.calib)
     model.eval()
@@ -579,7 +586,7 @@ def _main(argv: list[str]) -> int:
     config = {"modes": [m.value for m in modes], "bits": bits_list,
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
-              "local_samples": args.local_samples, "remedy_bits": remedy_bits,
+              "local_samples": local_samples, "remedy_bits": remedy_bits,
               "int8_images": int8_images, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
@@ -604,7 +611,7 @@ def _main(argv: list[str]) -> int:
                     weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
                 w = weight_cache[key]
             res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
-                          local_samples=args.local_samples)
+                          local_samples=local_samples)
             results[tuple(cols.values())] = res
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))

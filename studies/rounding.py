@@ -394,6 +394,13 @@ def _main(argv: list[str]) -> int:
     clip_laws = [law for law in law_list if law.name != "uniform"]
     alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
     baseline = _load_baseline(args.checkpoint)
+    if args.data_root is not None and (baseline is None or baseline[1] is None):
+        parser.error(f"--data-root {args.data_root}: its images feed only the activations "
+                     "part, which needs a qerror checkpoint (--checkpoint, or a cached "
+                     "baseline); pass one, or leave --data-root out")
+    # Read before the work starts: a named folder that fails stops the run here.
+    images = None if baseline is None or baseline[1] is None else _calibration_images(
+        args.data_root, 64 if smoke else 256)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
@@ -422,8 +429,6 @@ def _main(argv: list[str]) -> int:
             werr = weight_errors(baseline[0], modes)
             run.write_csv("weights.csv", werr)
             summary["weights_layers"] = int(werr.layer.nunique())
-            images = None if baseline[1] is None else _calibration_images(
-                args.data_root, 64 if smoke else 256)
             if images is not None:
                 aerr = activation_errors(baseline[1], images, modes)
                 run.write_csv("activations.csv", aerr)
@@ -504,24 +509,24 @@ def _load_baseline(path: Path | None):
 
 
 def _calibration_images(data_root, count: int) -> torch.Tensor | None:
-    from qerror.data import (
-        DataError,
-        DataNotFoundError,
-        fashion_mnist_splits,
-        named_data_root,
-        to_tensor,
-    )
+    """The first ``count`` calibration images, or None when no data was named and none
+    is found.
+
+    Raises
+    ------
+    DataNotFoundError, DataError
+        A named folder (``--data-root`` or ``$QERROR_DATA``) that lacks the data, or a
+        corrupt file: optional data may be skipped only when no place was named.
+    """
+    from qerror.data import DataNotFoundError, fashion_mnist_splits, named_data_root, to_tensor
 
     try:
         calib = fashion_mnist_splits(data_root).calib
     except DataNotFoundError as err:
-        # Optional data may be skipped only when the user named no place for it.
         if named_data_root(data_root) is not None:
-            raise SystemExit(f"[rounding] {err}") from err
+            raise
         print(f"[rounding] activations skipped: {err}")
         return None
-    except DataError as err:
-        raise SystemExit(f"[rounding] {err}") from err
     return to_tensor(calib.images[:count])
 
 

@@ -63,8 +63,19 @@ from qerror.nn.models import (
     parse_arch,
     parse_stem,
     save_checkpoint,
+    sidecar_path,
 )
-from studies._common import REPO, RunDir, base_parser, figure_style, study_main
+from studies._common import (
+    REPO,
+    RunDir,
+    StudyError,
+    base_parser,
+    check_out,
+    figure_style,
+    positive_float,
+    positive_int,
+    study_main,
+)
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
 # (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
@@ -505,30 +516,39 @@ def _figure(run: RunDir, steps: pd.DataFrame, epochs: pd.DataFrame, per_epoch: i
     plt.close(fig)
 
 
+def _budget_minutes(text: str) -> float:
+    """--time-budget-min: finite and above 0; "no limit" is said by leaving it out."""
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (leave it out for no limit)") from None
+
+
 def build_parser():
-    parser = base_parser("train", __doc__.splitlines()[0])
+    parser = base_parser("train", __doc__.splitlines()[0], force=True)
     parser.set_defaults(out=None)
     parser.add_argument("--arch", type=parse_arch, default=Arch.RESNET50,
                         help="resnet50 (default) or resnet18")
     parser.add_argument("--stem", type=parse_stem, default=DEFAULT_STEM,
                         help=f"{', '.join(s.value for s in Stem)} (default {DEFAULT_STEM.value}; "
                              "see qerror.nn.models.Stem)")
-    parser.add_argument("--epochs", type=int, help="default: "
+    parser.add_argument("--epochs", type=positive_int, help="default: "
                         + ", ".join(f"{a.value} {e}" for a, e in DEFAULT_EPOCHS.items())
                         + "; smoke 2")
-    parser.add_argument("--batch-size", type=int, help="default 128 (smoke 32)")
-    parser.add_argument("--lr", type=float, help="peak one-cycle learning rate (default 0.1)")
+    parser.add_argument("--batch-size", type=positive_int, help="default 128 (smoke 32)")
+    parser.add_argument("--lr", type=positive_float,
+                        help="peak one-cycle learning rate, finite and above 0 (default 0.1)")
     parser.add_argument("--data-root", type=Path, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue an interrupted run from its state file")
-    parser.add_argument("--time-budget-min", type=float,
+    parser.add_argument("--time-budget-min", type=_budget_minutes,
                         help="minutes; stop (state saved) before the training time of all "
                              "sessions together would exceed this")
-    parser.add_argument("--stop-after-steps", type=int,
+    parser.add_argument("--stop-after-steps", type=positive_int,
                         help="stop (state saved) once this many steps are done in total")
-    parser.add_argument("--checkpoint-every", type=int, default=100,
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100,
                         help="steps between state saves (also saved at each epoch's end)")
     parser.add_argument("--checkpoint", type=Path,
                         help="where the trained model goes (default: the cache, "
@@ -541,16 +561,6 @@ def build_parser():
 def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "checkpoint_every", "stop_after_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lr", "time_budget_min"):
-        value = getattr(args, name)
-        # Stated as the domain, not its complement: NaN passes `value <= 0`.
-        if value is not None and not (math.isfinite(value) and value > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number above 0, got "
-                         f"{value!r}" + (" (leave it out for no limit)"
-                                         if name == "time_budget_min" else ""))
     recipe = default_recipe(args.arch, args.stem, smoke=args.smoke, seed=args.seed)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("lr", args.lr)) if v is not None}
@@ -560,6 +570,12 @@ def _main(argv: list[str]) -> int:
         recipe.arch, recipe.stem, tag="smoke" if args.smoke else None)
     state_path = checkpoint.with_name(checkpoint.stem + ".train-state.pt")
     out = args.out or REPO / "runs" / "train" / tag
+    # Both destinations are checked before hours of training, not after.
+    check_out(out, "train", force=args.force)
+    # A run cut while writing its results has saved the checkpoint but kept its state:
+    # rerunning the command finishes it and may replace that checkpoint.
+    _check_checkpoint_target(checkpoint, force=args.force or (args.resume and
+                                                              state_path.is_file()))
 
     try:
         splits = data.fashion_mnist_splits(args.data_root, val=recipe.val_split,
@@ -597,6 +613,26 @@ def _main(argv: list[str]) -> int:
         print(f"[train] interrupted while writing the results; the trained state is kept in "
               f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _check_checkpoint_target(path: Path, *, force: bool) -> None:
+    """StudyError unless ``path`` may receive the trained checkpoint.
+
+    A missing file may; a qerror checkpoint (it has its sidecar) may with ``force``; any
+    other file is never replaced, nor is a folder.
+    """
+    if path.is_dir():
+        raise StudyError(f"--checkpoint {path} is a folder; pass the name of a file, e.g. "
+                         f"--checkpoint {path / 'model.pt'}")
+    if not path.exists():
+        return
+    if not sidecar_path(path).is_file():
+        raise StudyError(f"--checkpoint {path} is an existing file that is not a qerror "
+                         f"checkpoint (it has no {sidecar_path(path).name} beside it); it is "
+                         "never replaced, with --force neither. Pass the name of a new file")
+    if not force:
+        raise StudyError(f"--checkpoint {path} already holds a trained checkpoint; pass --force "
+                         "to replace it with the one this run trains, or another --checkpoint")
 
 
 def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, checkpoint: Path,
@@ -664,7 +700,8 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     arch, stem = parse_arch(arch), parse_stem(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
     if not path.exists() and train_if_missing:
-        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]
+        # --force replaces only a previous training run in this study's default folder.
+        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path), "--force"]
         if data_root is not None:
             argv += ["--data-root", str(data_root)]
         if download:

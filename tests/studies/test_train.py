@@ -189,7 +189,7 @@ def test_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--epochs", "0"])
     assert info.value.code == 2
-    assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert "argument --epochs: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
@@ -211,7 +211,7 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     got = train.get_or_train_baseline("resnet18", train_if_missing=True,
                                       data_root=tmp_path / "fm", train_args=("--seed", "1"))
     assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
-                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+                      "--force", "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
     assert got.info.path == path
     assert train.get_or_train_baseline("resnet18", train_if_missing=True).info.sha256 == \
         got.info.sha256
@@ -227,15 +227,15 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--lr", "nan", "--lr must be a finite number above 0, got nan"),
-    ("--lr", "-1", "--lr must be a finite number above 0, got -1.0"),
-    ("--lr", "inf", "--lr must be a finite number above 0, got inf"),
-    ("--lr", "0", "--lr must be a finite number above 0"),
-    ("--epochs", "0", "--epochs must be at least 1"),
-    ("--batch-size", "-4", "--batch-size must be at least 1"),
-    ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
-    ("--stop-after-steps", "0", "--stop-after-steps must be at least 1"),
-    ("--time-budget-min", "nan", "--time-budget-min must be a finite number above 0"),
+    ("--lr", "nan", "argument --lr: must be a finite number, got 'nan'"),
+    ("--lr", "-1", "argument --lr: must be above 0, got '-1'"),
+    ("--lr", "inf", "argument --lr: must be a finite number, got 'inf'"),
+    ("--lr", "0", "argument --lr: must be above 0, got '0'"),
+    ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
+    ("--batch-size", "-4", "argument --batch-size: must be at least 1, got -4"),
+    ("--checkpoint-every", "0", "argument --checkpoint-every: must be at least 1, got 0"),
+    ("--stop-after-steps", "0", "argument --stop-after-steps: must be at least 1, got 0"),
+    ("--time-budget-min", "nan", "--time-budget-min: must be a finite number, got 'nan'"),
     ("--time-budget-min", "inf", "(leave it out for no limit)"),
 ])
 def test_bad_numbers_are_refused_before_any_work(option, value, message, idx_root, tmp_path,
