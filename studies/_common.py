@@ -392,8 +392,10 @@ class RunDir:
             self.timing_outputs.add(name)
         return p
 
-    def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
+    def write_json(self, name: str, obj, *, timing: bool = False) -> Path:
+        """Write JSON, keys sorted; ``timing`` marks it as holding measured times."""
+        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n",
+                               timing=timing)
 
     def write_csv(self, name: str, frame, *, timing: bool = False) -> Path:
         """Write a frame as CSV; ``timing`` marks it as holding measured times (see Notes)."""

@@ -659,12 +659,20 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
                            config={"recipe": recipe, "data": data_identity}, metrics=metrics)
     config = {"recipe": jsonable(recipe), "checkpoint": str(checkpoint),
               "state": str(state_path), "smoke": smoke}
+    timing_keys = ("train_seconds", "median_step_seconds", "torch_threads")
     with RunDir(out, "train", argv, config) as run:
-        run.write_csv("epochs.csv", epochs)
-        run.write_csv("steps.csv", steps)
-        run.write_json("summary.json", {"recipe": recipe, **metrics,
-                                        "checkpoint": str(checkpoint),
-                                        "checkpoint_sha256": info.sha256})
+        # Measured times go to files of their own, named in the manifest, so a rerun of the
+        # same command writes the other outputs byte for byte. The checkpoint's sha256 is
+        # in the manifest: the checkpoint records when it was made and how long it took.
+        run.write_csv("epochs.csv", epochs.drop(columns="train_seconds"))
+        run.write_csv("steps.csv", steps.drop(columns="seconds"))
+        run.write_csv("step_seconds.csv", steps[["step", "seconds"]], timing=True)
+        run.write_json("timing.json", {**{k: metrics[k] for k in timing_keys},
+                                       "epoch_train_seconds": epochs["train_seconds"].tolist()},
+                       timing=True)
+        run.write_json("summary.json", {"recipe": recipe, "checkpoint": str(checkpoint),
+                                        **{k: v for k, v in metrics.items()
+                                           if k not in timing_keys}})
         _figure(run, steps, epochs, result.total_steps // recipe.epochs,
                 metrics["test_accuracy"], test_ci.ci,
                 f"{recipe.arch.value}, {recipe.stem.value} stem, Fashion-MNIST")

@@ -87,15 +87,15 @@ def test_smoke_cli_end_to_end(reference_run):
     assert "test accuracy" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     expected = {"epochs.csv", "steps.csv", "summary.json", "training_curve.pdf",
-                "training_curve.png"}
+                "training_curve.png", "step_seconds.csv", "timing.json"}
     assert set(manifest["outputs"]) == expected
+    assert manifest["timing_outputs"] == ["step_seconds.csv", "timing.json"]
     assert all(sha256_file(out / name) == h for name, h in manifest["outputs"].items())
     assert not list(out.parent.glob(".run.partial-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["sessions"], summary["test_n"]) == (16, 1, 100)
-    assert manifest["model"]["sha256"] == summary["checkpoint_sha256"]
     loaded = models.load_checkpoint(checkpoint, expected_arch="resnet18")
-    assert loaded.info.sha256 == summary["checkpoint_sha256"]
+    assert loaded.info.sha256 == manifest["model"]["sha256"]
     assert loaded.info.metrics["test_accuracy"] == summary["test_accuracy"]
     assert loaded.info.config["recipe"]["train_images"] == 256
     # The finished run leaves no state behind, so the next run starts afresh.
@@ -382,3 +382,20 @@ def test_a_real_sigint_inside_an_update_lands_after_it(idx_root, tmp_path, monke
     assert state["step"] == 3 and len(state["history"]["steps"]) == 3
     assert state["scheduler"]["last_epoch"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_rerun_writes_the_same_bytes_but_for_its_timing_files(idx_root, tmp_path):
+    """Same command, same seed: every output but the named timing files is the same bytes
+    (the trained weights too); replacing the first run and its checkpoint needs --force."""
+    assert _main(idx_root, tmp_path, "--force") == 0
+    out = tmp_path / "run"
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    weights = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    assert _main(idx_root, tmp_path, "--force") == 0
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = json.loads(second.pop("manifest.json"))
+    first.pop("manifest.json")
+    assert sorted(first) == sorted(second)
+    assert {n for n in first if first[n] != second[n]} <= set(manifest["timing_outputs"])
+    again = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
