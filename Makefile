@@ -26,14 +26,15 @@ data:
 
 # The main job: rounding error propagated through the Fashion-MNIST ResNet50 baseline
 # (trained into the user cache first if it is not there; the study says how long that takes).
+# --force lets it replace its own previous run in runs/drift, never anything else.
 run: $(STAMP) data
-	$(BIN)/python -m studies.drift
+	$(BIN)/python -m studies.drift --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) tests
 
 bench: $(STAMP)
-	$(BIN)/python -m studies.bench
+	$(BIN)/python -m studies.bench --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

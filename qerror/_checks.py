@@ -32,7 +32,8 @@ def check_float_array(x, name: str) -> None:
         size = x.size
     else:
         raise TypeError(
-            f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}"
+            f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}; "
+            f"convert with numpy.asarray({name}, dtype=numpy.float32)"
         )
     if size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one element")

@@ -1,10 +1,22 @@
 """Datasets: Fashion-MNIST offline (IDX files) with deterministic splits, and ImageNet folders.
 
-Fashion-MNIST is looked for, in order, in an explicit ``data_root``, in ``$QERROR_DATA``,
-in the user cache (``$XDG_CACHE_HOME/qerror/data`` or ``~/.cache/qerror/data``), in
-Debian's ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``) and in
-torchvision's layout (``<root>/FashionMNIST/raw``) under each of those roots. It is
+Where Fashion-MNIST is read from:
+
+* a folder the user named, as the ``data_root`` argument (the studies' ``--data-root``)
+  or, when none is given, ``$QERROR_DATA``: the only place looked at. If the files are not
+  there the error says which are missing; the data is never taken from elsewhere instead.
+* only when nothing was named, the default places in order: the user cache
+  (``$XDG_CACHE_HOME/qerror/data`` or ``~/.cache/qerror/data``) and Debian's
+  ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
+
+In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``),
+directly inside, in ``fashion-mnist/`` or in torchvision's ``FashionMNIST/raw/``. Data is
 downloaded only when asked (``download=True``).
+
+Every file is checked against what its format defines before it is used: IDX magic
+number, element type uint8, dimensions (images N×28×28, labels N), Fashion-MNIST's split
+sizes (:data:`SIZES`), as many labels as images, labels in 0..9. A file that fails raises
+:class:`DataError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +37,28 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# Images in each split of the published data set. Every loaded file is checked against
+# these; tests that write small synthetic files declare their sizes by patching this dict.
 SIZES = {"train": 60_000, "test": 10_000}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Sneaker", "Bag", "Ankle boot")
 # Mean and standard deviation of the training images' pixels in [0, 1].
 MEAN, STD = 0.2860, 0.3530
+# Where inside a root folder the four files may lie: directly, Debian's name, torchvision's.
+LAYOUTS = (Path("."), Path("fashion-mnist"), Path("FashionMNIST") / "raw")
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_ALL_STEMS = tuple(stem for pair in FILES.values() for stem in pair)
+_SOURCE = "https://github.com/zalandoresearch/fashion-mnist"
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The data set is in none of the places searched; the message says how to get it."""
+    """The data set is not where it was looked for; the message says where and how to get it."""
+
+
+class DataError(ValueError):
+    """A data file is unreadable or not what its format defines; the message names the file."""
 
 
 def cache_dir() -> Path:
@@ -43,30 +66,59 @@ def cache_dir() -> Path:
     return Path(base) / "qerror"
 
 
+def _ways_to_get_it() -> str:
+    return ("Any one of these provides it:\n"
+            "  - as root on Debian/Ubuntu: apt-get install dataset-fashion-mnist\n"
+            f"  - put the four IDX files ({', '.join(_ALL_STEMS)}, .gz or not; from {_SOURCE}) "
+            f"in a folder and pass --data-root FOLDER or set {ENV_VAR}=FOLDER\n"
+            "  - download them with torchvision: pass --download to a study, or call "
+            "qerror.data.load_fashion_mnist(download=True)")
+
+
 def read_idx(path: Path | str) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a numpy array.
+    """Read an IDX file (gzip-compressed if the name ends in .gz) into a numpy array.
+
+    Returns
+    -------
+    numpy.ndarray
+        Of the element type and the dimensions the header declares.
 
     Raises
     ------
-    ValueError
-        If the magic number, the element type or the size does not match the header.
+    DataError
+        If the file cannot be read or decompressed (truncated or corrupt gzip), or the
+        magic number, the element type or the size does not match the header.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except PermissionError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror}); give the user read "
+                        "permission or copy the file somewhere readable") from exc
+    # gzip reports a cut or damaged stream as EOFError, BadGzipFile (an OSError) or zlib.error.
+    except (EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                        "delete it and get it again") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}; IDX "
+                        "files start with two zero bytes, the element type and the number of "
+                        "dimensions)")
     kind, ndim = raw[2], raw[3]
     if kind not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX element type 0x{kind:02x}")
+        raise DataError(f"{path} is not an IDX file: unknown element type 0x{kind:02x} in its "
+                        "magic number")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: the header declares {ndim} dimensions but the file ends "
+                        "inside it; the file is truncated or corrupt")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     dtype = np.dtype(_IDX_DTYPES[kind])
     expected = int(np.prod(dims)) * dtype.itemsize
     body = len(raw) - 4 - 4 * ndim
     if body != expected:
-        raise ValueError(f"{path}: header says {tuple(dims)} ({expected} bytes) but the file "
-                         f"holds {body} bytes; the file is truncated or corrupt")
+        raise DataError(f"{path}: header says {tuple(dims.tolist())} ({expected} bytes) but the "
+                        f"file holds {body} bytes; the file is truncated or corrupt")
     return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
@@ -82,18 +134,20 @@ def write_idx(path: Path | str, array: np.ndarray) -> None:
         f.write(header + array.tobytes())
 
 
-def _candidate_dirs(data_root: Path | str | None) -> list[Path]:
-    roots = []
+def named_data_root(data_root: Path | str | None = None) -> tuple[Path, str] | None:
+    """The folder the user named for the data, and how it was named; None if none was.
+
+    ``data_root`` if given, else ``$QERROR_DATA`` if set and not empty.
+    """
     if data_root is not None:
-        roots.append(Path(data_root))
+        return Path(data_root), "data_root (--data-root)"
     if os.environ.get(ENV_VAR):
-        roots.append(Path(os.environ[ENV_VAR]))
-    roots.append(cache_dir() / "data")
-    dirs = []
-    for root in roots:
-        dirs += [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
-    dirs.append(DEBIAN_DIR)
-    return dirs
+        return Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    return None
+
+
+def _default_dirs() -> list[Path]:
+    return [cache_dir() / "data" / layout for layout in LAYOUTS] + [DEBIAN_DIR]
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -103,28 +157,79 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _complete(folder: Path) -> bool:
+    return all(_find_file(folder, stem) for stem in _ALL_STEMS)
+
+
+def _not_in_named_root(root: Path, how: str) -> DataNotFoundError:
+    layouts = ", ".join(f"{(root / layout).as_posix().rstrip('/.')}/" for layout in LAYOUTS)
+    if not root.exists():
+        problem = f"{root} does not exist"
+    elif not root.is_dir():
+        problem = f"{root} is not a folder"
+    else:
+        folders = [root / layout for layout in LAYOUTS]
+        best = max(folders, key=lambda d: sum(_find_file(d, s) is not None for s in _ALL_STEMS))
+        found = [_find_file(best, s) for s in _ALL_STEMS]
+        missing = [s for s, f in zip(_ALL_STEMS, found) if f is None]
+        if len(missing) == len(_ALL_STEMS):
+            problem = f"{root} holds none of the four Fashion-MNIST IDX files"
+        else:
+            problem = (f"{best} lacks {len(missing)} of the four Fashion-MNIST IDX files: "
+                       f"{', '.join(missing)} (it has "
+                       f"{', '.join(f.name for f in found if f is not None)})")
+    return DataNotFoundError(
+        f"Fashion-MNIST was not found in the folder named by {how}: {problem}.\n"
+        f"Each file may be NAME.gz or NAME (uncompressed), in one of {layouts}. Because a "
+        "folder was named, no other place was searched. Put the missing files there, name a "
+        f"folder that has all four, or name none (no --data-root, {ENV_VAR} unset) to search "
+        "the default places.\n" + _ways_to_get_it())
+
+
 def find_fashion_mnist(data_root: Path | str | None = None) -> Path:
-    """The first folder holding all four Fashion-MNIST IDX files (``.gz`` or not)."""
-    searched = _candidate_dirs(data_root)
+    """The folder holding all four Fashion-MNIST IDX files (``.gz`` or not).
+
+    Parameters
+    ----------
+    data_root : Path or str, optional
+        The folder to use (or ``$QERROR_DATA`` when None): then the only one looked at,
+        with its ``fashion-mnist/`` and ``FashionMNIST/raw/`` sub-folders. Only when
+        neither is given are the default places searched (see the module docstring).
+
+    Raises
+    ------
+    DataNotFoundError
+        Naming the folder and the files missing there, or every default place searched;
+        with every way to get the data.
+    """
+    named = named_data_root(data_root)
+    if named is not None:
+        root, how = named
+        for layout in LAYOUTS:
+            if _complete(root / layout):
+                return root / layout
+        raise _not_in_named_root(root, how)
+    searched = _default_dirs()
     for folder in searched:
-        if all(_find_file(folder, stem) for pair in FILES.values() for stem in pair):
+        if _complete(folder):
             return folder
     places = "\n".join(f"  - {p}" for p in searched)
     raise DataNotFoundError(
-        "Fashion-MNIST was not found. Searched:\n" + places + "\nAny one of these provides it:\n"
-        "  - as root on Debian/Ubuntu: apt-get install dataset-fashion-mnist\n"
-        f"  - put the four IDX files ({', '.join(s for p in FILES.values() for s in p)}, "
-        f".gz or not) in a folder and pass --data-root FOLDER or set {ENV_VAR}=FOLDER\n"
-        "  - download them with torchvision into the cache: pass --download to a study, "
-        "or call qerror.data.load_fashion_mnist(download=True)"
-    )
+        "Fashion-MNIST was not found. No folder was named (no --data-root, "
+        f"{ENV_VAR} unset), and none of the default places holds the four IDX files:\n"
+        + places + "\n" + _ways_to_get_it())
 
 
-def download_fashion_mnist() -> Path:
-    """Download with torchvision into the user cache (needs internet)."""
+def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
+    """Download with torchvision (needs internet) into the named folder or the user cache.
+
+    The files go to ``<root>/FashionMNIST/raw``, where :func:`find_fashion_mnist` looks,
+    with ``<root>`` the folder :func:`named_data_root` gives, else ``<cache>/data``.
+    """
     import torchvision
 
-    root = cache_dir() / "data"
+    named = named_data_root(data_root)
+    root = named[0] if named is not None else cache_dir() / "data"
     torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
     torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
     return root / "FashionMNIST" / "raw"
@@ -147,9 +252,58 @@ class ImageSet:
                         f"{self.sha256}[{hashlib.sha256(np.asarray(index).tobytes()).hexdigest()[:16]}]")
 
 
+def _check_split(split: str, img_path: Path, images: np.ndarray, lbl_path: Path,
+                 labels: np.ndarray) -> None:
+    again = "get the original file again"
+    for path, array, what, item, shape in ((img_path, images, "images", (28, 28), "N×28×28"),
+                                           (lbl_path, labels, "labels", (), "N")):
+        if array.dtype != np.uint8:
+            raise DataError(f"{path}: element type {array.dtype}; Fashion-MNIST {what} are "
+                            f"uint8 (IDX type 0x08). It is not a Fashion-MNIST file; {again}")
+        if array.shape[1:] != item or array.ndim != 1 + len(item):
+            raise DataError(f"{path}: dimensions {'×'.join(map(str, array.shape))}; "
+                            f"Fashion-MNIST {what} are {shape}. It is not a Fashion-MNIST "
+                            f"file; {again}")
+    if len(images) != len(labels):
+        raise DataError(f"{img_path} holds {len(images)} images but {lbl_path} holds "
+                        f"{len(labels)} labels; one of them is from another copy or was cut. "
+                        f"Get both files again")
+    if len(images) != SIZES[split]:
+        raise DataError(f"{img_path} and {lbl_path} hold {len(images)} images; Fashion-MNIST's "
+                        f"{split} split has {SIZES[split]:,}. They are a cut or different copy; "
+                        "get the original files again")
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise DataError(f"{lbl_path}: {bad.size} labels are outside 0..9 (the first is "
+                        f"{int(labels[bad[0]])} at index {int(bad[0])}); Fashion-MNIST has 10 "
+                        f"classes. The file is corrupt or not Fashion-MNIST; {again}")
+
+
 def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
                        download: bool = False) -> ImageSet:
-    """Fashion-MNIST's ``"train"`` (60,000) or ``"test"`` (10,000) images and labels."""
+    """Fashion-MNIST's ``"train"`` (60,000) or ``"test"`` (10,000) images and labels.
+
+    Parameters
+    ----------
+    split : {"train", "test"}
+    data_root : Path or str, optional
+        Where the files are; see :func:`find_fashion_mnist`.
+    download : bool
+        Download them (:func:`download_fashion_mnist`) if they are not found.
+
+    Returns
+    -------
+    ImageSet
+        ``source`` is the folder read, ``sha256`` the hash of the images and labels.
+
+    Raises
+    ------
+    DataNotFoundError
+        The files are not found (see :func:`find_fashion_mnist`).
+    DataError
+        A file is unreadable or fails a check of the module docstring; the message names
+        the file and what is wrong.
+    """
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     try:
@@ -157,17 +311,14 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
     except DataNotFoundError:
         if not download:
             raise
-        folder = download_fashion_mnist()
+        folder = download_fashion_mnist(data_root)
     img_path = _find_file(folder, FILES[split][0])
     lbl_path = _find_file(folder, FILES[split][1])
-    images = read_idx(img_path)
-    labels = read_idx(lbl_path)
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"{img_path}: expected uint8 images of shape (N, 28, 28), got "
-                         f"{images.dtype} {images.shape}")
-    if labels.shape != (images.shape[0],) or labels.max(initial=0) > 9:
-        raise ValueError(f"{lbl_path}: expected {images.shape[0]} labels in 0..9, got shape "
-                         f"{labels.shape}")
+    try:
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        _check_split(split, img_path, images, lbl_path, labels)
+    except DataError as exc:
+        raise DataError(f"{exc}\n{_ways_to_get_it()}") from exc
     h = hashlib.sha256(images.tobytes())
     h.update(labels.tobytes())
     return ImageSet(images, labels.astype(np.int64), str(folder), h.hexdigest())
@@ -186,7 +337,15 @@ class Splits:
 
 def fashion_mnist_splits(data_root: Path | str | None = None, *, val: int = 5000,
                          calib: int = 1000, seed: int = 0, download: bool = False) -> Splits:
-    """Deterministic train/validation/calibration/test splits (same seed, same split)."""
+    """Deterministic train/validation/calibration/test splits (same seed, same split).
+
+    Raises
+    ------
+    DataNotFoundError, DataError
+        As :func:`load_fashion_mnist`.
+    ValueError
+        ``val`` and ``calib`` leave no training images.
+    """
     full = load_fashion_mnist("train", data_root, download=download)
     test = load_fashion_mnist("test", data_root, download=download)
     if val < 0 or calib < 0 or val + calib >= len(full):
@@ -210,19 +369,53 @@ def to_tensor(images: np.ndarray, size: int = 32) -> torch.Tensor:
     return x.sub_(MEAN).div_(STD).unsqueeze(1)
 
 
+def load_image(path: str):
+    """An image file as an RGB ``PIL.Image``; the loader :func:`imagenet_folder` uses.
+
+    Raises
+    ------
+    DataError
+        Naming the file, when PIL cannot open or decode it (broken, truncated, not an
+        image, unreadable, or a decompression bomb).
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    # PIL signals unreadable and undecodable files with OSError (UnidentifiedImageError,
+    # "image file is truncated"), SyntaxError or ValueError from some decoders, and
+    # DecompressionBombError.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read this image ({type(exc).__name__}: {exc}); "
+                        "replace the file or remove it from the folder") from exc
+
+
 def imagenet_folder(path: Path | str):
     """An ImageNet-style folder (one sub-folder per class) with torchvision's standard
-    evaluation preprocessing: resize 256, centre crop 224, normalise."""
+    evaluation preprocessing: resize 256, centre crop 224, normalise.
+
+    Images are read by :func:`load_image`, so a broken one raises a :class:`DataError`
+    naming it when it is read.
+
+    Raises
+    ------
+    DataNotFoundError
+        ``path`` is not a folder, or holds no class folder with an image.
+    """
     import torchvision
     from torchvision import transforms
 
     path = Path(path)
+    hint = ("Pass an ImageNet-style folder with one sub-folder per class (e.g. the ILSVRC2012 "
+            "validation set arranged by synset)")
     if not path.is_dir():
-        raise DataNotFoundError(
-            f"{path} is not a folder. Pass an ImageNet-style folder with one sub-folder per "
-            "class (e.g. the ILSVRC2012 validation set arranged by synset)")
+        raise DataNotFoundError(f"{path} is not a folder. {hint}")
     tf = transforms.Compose([
         transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
         transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     ])
-    return torchvision.datasets.ImageFolder(str(path), transform=tf)
+    try:
+        return torchvision.datasets.ImageFolder(str(path), transform=tf, loader=load_image)
+    except FileNotFoundError as exc:  # ImageFolder's "no class folder" and "no valid file"
+        raise DataNotFoundError(f"{path}: {exc}. {hint}") from exc

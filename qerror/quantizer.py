@@ -350,6 +350,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     Returns the codes (int32) or the fake-quantized values (input dtype) and, if
     ``count``, the :class:`Saturation`.
     """
+    check_float_array(x, "x")  # before x.ndim: a list must get a TypeError, not AttributeError
     if x.ndim == 0 and spec.axis is None:
         # One code path for every shape: a scalar is quantized as a 1-element array.
         res = _run(x.reshape(1), spec, scale, zero_point, generator, fake=fake, count=count)

@@ -6,17 +6,34 @@ seed, git commit, package versions, the CPU's FBGEMM kernel probe, data and mode
 identity, sha256 of every output)
 and only then moves the folder into place. An interrupted run leaves a ``.partial``
 folder and never a folder that looks complete.
+
+Output folder policy (:func:`check_out`): a study writes into ``--out`` only when it does
+not exist, is an empty folder, or holds a previous run of the same study (its
+``manifest.json`` names the study and lists every file in it); the last is replaced only
+with ``--force``. Anything else (a file, a folder of the user's, ``.``, ``~``, a run of
+another study) is refused before any work starts, ``--force`` or not. Stale staging folders
+of killed runs next to the destination are removed when their process is gone.
+
+Command-line numbers are checked by the argparse converters here (:func:`positive_int`,
+:func:`int_at_least`, :func:`int_in`, :func:`finite_float`, :func:`positive_float`), so a bad value is refused by
+argparse with the option's name. :func:`study_main` turns the expected failures
+(:class:`StudyError`, missing data, refused checkpoints, OS errors, Ctrl-C) into one
+message and a non-zero exit; a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,21 +42,115 @@ from typing import Any
 import numpy as np
 
 from qerror.cpu import flush_denormal
+from qerror.data import DataError, DataNotFoundError
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
+from qerror.nn.models import CheckpointError
 from studies._latex import macro_name
 
 REPO = Path(__file__).resolve().parent.parent
+MANIFEST = "manifest.json"
+EXIT_REFUSED = 2  # bad input or destination, as argparse's own errors
+EXIT_OS_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def base_parser(study: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every study takes: --out, --seed, --smoke."""
+class StudyError(Exception):
+    """An expected failure whose message tells the user what is wrong and what to do.
+
+    :func:`study_main` prints it as one line and exits with :data:`EXIT_REFUSED`.
+    """
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers of at least ``minimum``.
+
+    The error it raises is shown by argparse with the option's name (``error: argument
+    --images: ...``) and exit status 2.
+    """
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    convert.__name__ = f"integer >= {minimum}"
+    return convert
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers from ``low`` to ``high`` inclusive."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    convert.__name__ = f"integer in [{low}, {high}]"
+    return convert
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type=`` for finite floats (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=`` for finite floats above 0 (``nan``, ``inf``, 0 are refused)."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def out_path(text: str) -> Path:
+    """An argparse ``type=`` for ``--out``: ``~`` expands to the home folder.
+
+    A quoted ``~`` is meant as the home folder, not as a folder named ``~`` in the current
+    one; :func:`check_out` then refuses it like any folder of the user's.
+    """
+    return Path(text).expanduser()
+
+
+def base_parser(study: str, description: str, *, force: bool = False) -> argparse.ArgumentParser:
+    """The arguments every study takes: --out, --seed, --smoke; with ``force``, --force.
+
+    A study that passes ``force=True`` calls :func:`check_out` with ``args.force`` before
+    its work starts.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / study,
-                        help=f"output folder (default: runs/{study} under the repository)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--out", type=out_path, default=REPO / "runs" / study,
+                        help=f"output folder (default: runs/{study} under the repository); "
+                             "it must not exist, be empty, or hold a previous run of this study")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed of every random choice (an integer >= 0)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset for the test suite: same code path, small sizes")
+    if force:
+        parser.add_argument("--force", action="store_true",
+                            help="replace a previous run of this study at --out once this one "
+                                 "finishes (never anything else)")
     return parser
 
 
@@ -50,14 +161,153 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     denormals flushed to zero (:func:`qerror.cpu.flush_denormal`), restoring the caller's
     setting afterwards: long CPU work slows down several times at random without it, and a
     study run in-process (a test, a notebook) must not leave the process changed.
+
+    Expected failures become one message on stderr, ``[study] error: ...``, and an exit
+    status: :class:`StudyError`, :class:`qerror.data.DataNotFoundError`,
+    :class:`qerror.data.DataError` and :class:`qerror.nn.models.CheckpointError` give
+    :data:`EXIT_REFUSED`, an ``OSError``
+    (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
+    :data:`EXIT_INTERRUPTED`. ``SystemExit`` passes through as before (argparse's exit 2,
+    a study's ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
     """
+    name = body.__module__.rpartition(".")[2]
 
     def main(argv: list[str] | None = None) -> int:
         """Run the study (see the module docstring); ``--help`` lists the arguments."""
-        with flush_denormal():
-            return body(sys.argv[1:] if argv is None else list(argv))
+        try:
+            with flush_denormal():
+                return body(sys.argv[1:] if argv is None else list(argv))
+        except (StudyError, DataNotFoundError, DataError, CheckpointError) as err:
+            print(f"[{name}] error: {err}", file=sys.stderr)
+            return EXIT_REFUSED
+        except OSError as err:
+            print(f"[{name}] error: {err}", file=sys.stderr)
+            return EXIT_OS_ERROR
+        except KeyboardInterrupt:
+            print(f"[{name}] interrupted: nothing was published (its staging folder was "
+                  "removed)", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
     return main
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def previous_run(folder: Path) -> dict[str, Any] | None:
+    """The manifest of the study run in ``folder``, or None when it holds none."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and isinstance(manifest.get("outputs"), dict):
+        return manifest
+    return None
+
+
+def _check_replaceable(final: Path, study: str, force: bool) -> None:
+    """StudyError unless the existing folder ``final`` may become the output of ``study``."""
+    entries = sorted(p.name for p in final.iterdir())
+    if not entries:
+        return
+    elsewhere = f"--out {final / study}" if not (final / study).exists() else \
+        "--out with a new folder"
+    manifest = previous_run(final)
+    if manifest is None:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise StudyError(
+            f"--out {final} is a folder that holds {len(entries)} entries ({shown}) and is "
+            f"not a run of a study (it has no {MANIFEST}); it is never replaced, with --force "
+            f"neither. Pass a new or empty folder, e.g. {elsewhere}")
+    if manifest.get("study") != study:
+        raise StudyError(
+            f"--out {final} holds a run of the {manifest.get('study')!r} study, not of "
+            f"{study!r}; it is never replaced by another study, with --force neither. Pass a "
+            f"new or empty folder, e.g. {elsewhere}")
+    listed = set(manifest["outputs"]) | {MANIFEST}
+    extra = sorted(str(p.relative_to(final)) for p in final.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and str(p.relative_to(final)) not in listed)
+    if extra:
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise StudyError(
+            f"--out {final} holds a run of the {study} study and also {len(extra)} file(s) "
+            f"its manifest does not list ({shown}); they would be lost, so it is not "
+            f"replaced, with --force neither. Move them away or pass another --out")
+    if not force:
+        raise StudyError(
+            f"--out {final} holds a previous run of the {study} study; pass --force to "
+            f"replace it when this run finishes, or another --out")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # no process can have this id
+        return False
+    return True
+
+
+def clean_stale_partials(final: Path) -> list[Path]:
+    """Remove the staging folders that killed runs aimed at ``final`` left behind.
+
+    Only folders named ``.NAME.partial-PID`` (NAME being ``final``'s name) in ``final``'s
+    parent, not symbolic links, and only when no process ``PID`` is alive: a run in
+    progress keeps its folder. Returns the folders removed.
+    """
+    final = Path(final)
+    pattern = re.compile(re.escape(f".{final.name}.partial-") + r"([0-9]+)")
+    removed = []
+    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.partial-*")):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m[1])):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def check_out(out: Path, study: str, *, force: bool) -> Path:
+    """The resolved output folder of ``study``, checked before any work starts.
+
+    ``out`` may not exist, be an empty folder, or hold a previous run of ``study`` (its
+    manifest names the study and lists every file in the folder), which is replaced only
+    when ``force``. The folder that will hold it must be writable: a probe file is created
+    and removed there (in the nearest existing ancestor when the parent does not exist
+    yet). Stale staging folders of killed runs are removed (:func:`clean_stale_partials`).
+
+    Raises
+    ------
+    StudyError
+        With what is wrong and what to pass instead.
+    """
+    final = Path(out).expanduser().resolve()
+    if final.exists() and not final.is_dir():
+        raise StudyError(f"--out {final} is a file, not a folder; it is never replaced. Pass "
+                         f"the name of a new folder, e.g. --out {final.parent / study}")
+    if final.is_dir():
+        _check_replaceable(final, study, force)
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StudyError(f"--out {final}: {parent} is a file, so no folder can be made in it; "
+                         "pass --out in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qerror-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StudyError(f"--out {final}: cannot write in {parent} ({err.strerror}); pass "
+                         "--out in a folder you can write to") from err
+    if final.parent.is_dir():
+        clean_stale_partials(final)
+    return final
 
 
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
@@ -96,18 +346,27 @@ class RunDir:
     Parameters
     ----------
     out : Path
-        Final destination. An existing complete run there is replaced only when
-        the new one finishes.
+        Final destination: it must not exist, be empty, or hold a previous run of the same
+        study (:func:`check_out`; nothing else is ever replaced). A previous run is
+        replaced only when the new one finishes. Whether replacing a previous run needs
+        ``--force`` is the study's call to :func:`check_out` before its work starts.
     study : str
         Study name, recorded in the manifest.
     argv : list of str
         The command-line arguments, recorded verbatim.
     config : dict
         Resolved configuration (dataclasses and enums are serialised).
+
+    Notes
+    -----
+    The manifest records wall-clock times (``started_unix``, ``seconds``) and names the
+    outputs that hold measured times (``timing_outputs``, written with ``timing=True``);
+    every other output is the same bytes when the same command runs again with the same
+    seed.
     """
 
     def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any]):
-        self.final = Path(out).resolve()
+        self.final = check_out(out, study, force=True)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
         if self.stage.exists():
@@ -117,6 +376,7 @@ class RunDir:
         self.argv = list(argv)
         self.config = config
         self.extra: dict[str, Any] = {}
+        self.timing_outputs: set[str] = set()
         self.started = time.time()
 
     def path(self, name: str) -> Path:
@@ -124,17 +384,25 @@ class RunDir:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def write_text(self, name: str, text: str) -> Path:
+    def write_text(self, name: str, text: str, *, timing: bool = False) -> Path:
+        """Write a text file; ``timing`` marks it as holding measured times (see Notes)."""
         p = self.path(name)
         p.write_text(text)
+        if timing:
+            self.timing_outputs.add(name)
         return p
 
-    def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
+    def write_json(self, name: str, obj, *, timing: bool = False) -> Path:
+        """Write JSON, keys sorted; ``timing`` marks it as holding measured times."""
+        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n",
+                               timing=timing)
 
-    def write_csv(self, name: str, frame) -> Path:
+    def write_csv(self, name: str, frame, *, timing: bool = False) -> Path:
+        """Write a frame as CSV; ``timing`` marks it as holding measured times (see Notes)."""
         p = self.path(name)
         frame.to_csv(p, index=False)
+        if timing:
+            self.timing_outputs.add(name)
         return p
 
     def write_latex_table(self, name: str, frame, caption: str, label: str,
@@ -156,9 +424,13 @@ class RunDir:
         return self.write_text(name, "\n".join(lines) + "\n")
 
     def save_figure(self, fig, stem: str) -> list[Path]:
-        """PDF for LaTeX and PNG for a quick look."""
+        """PDF for LaTeX and PNG for a quick look.
+
+        The PDF carries no creation date, so a rerun writes the same bytes (the PNG has
+        none by default).
+        """
         paths = []
-        for ext, kwargs in (("pdf", {}), ("png", {"dpi": 150})):
+        for ext, kwargs in (("pdf", {"metadata": {"CreationDate": None}}), ("png", {"dpi": 150})):
             p = self.path(f"{stem}.{ext}")
             fig.savefig(p, bbox_inches="tight", **kwargs)
             paths.append(p)
@@ -182,11 +454,17 @@ class RunDir:
             "started_unix": self.started,
             "seconds": round(time.time() - self.started, 3),
             "outputs": outputs,
+            "timing_outputs": sorted(self.timing_outputs),
             **self.extra,
         }
-        self.write_json("manifest.json", manifest)
+        self.write_json(MANIFEST, manifest)
+        # The destination may have changed while the study ran.
+        if self.final.exists() and not self.final.is_dir():
+            raise StudyError(f"--out {self.final} became a file while the study ran; "
+                             "it is left as it is")
         old = None
-        if self.final.exists():
+        if self.final.is_dir():
+            _check_replaceable(self.final, self.study, force=True)
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             self.final.rename(old)
         self.stage.rename(self.final)

@@ -23,7 +23,15 @@ import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
-from studies._common import REPO, RunDir, base_parser, paired_ratio, study_main
+from studies._common import (
+    REPO,
+    RunDir,
+    base_parser,
+    check_out,
+    paired_ratio,
+    positive_int,
+    study_main,
+)
 
 
 @dataclass(frozen=True)
@@ -372,17 +380,16 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    parser = base_parser("bench", __doc__.splitlines()[0])
+    parser = base_parser("bench", __doc__.splitlines()[0], force=True)
     parser.add_argument("--only", choices=sorted(GROUPS), action="append",
                         help="run only this group (repeatable)")
-    parser.add_argument("--pairs", type=int, default=None,
+    parser.add_argument("--pairs", type=positive_int, default=None,
                         help="alternating timing pairs per row (default 15, smoke 3)")
     args = parser.parse_args(argv)
     if args.pairs is None:
         args.pairs = 3 if args.smoke else 15
-    if args.pairs < 1:
-        parser.error("--pairs must be at least 1")
-    groups = args.only or list(GROUPS)
+    groups = list(dict.fromkeys(args.only)) if args.only is not None else list(GROUPS)
+    check_out(args.out, "bench", force=args.force)
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
               "torch_threads": torch.get_num_threads()}
     with RunDir(args.out, "bench", argv, config) as run:
@@ -391,9 +398,10 @@ def _main(argv: list[str]) -> int:
             print(f"[bench] {group} ...", flush=True)
             rows += GROUPS[group](args)
         frame = pd.DataFrame([asdict(r) for r in rows])
-        run.write_csv("bench.csv", frame)
+        # Every row is a measured time ratio: none of it is the same bytes on a rerun.
+        run.write_csv("bench.csv", frame, timing=True)
         table = to_markdown(frame)
-        run.write_text("bench.md", table)
+        run.write_text("bench.md", table, timing=True)
         out = run.finish()
     print(table)
     print(f"[bench] written to {out}")

@@ -68,7 +68,17 @@ from qerror import (
 )
 from qerror import data as qdata
 from qerror.compress import StorageFormat, held_bytes, storage_bytes
-from studies._common import RunDir, base_parser, figure_style, paired_ratio, study_main
+from studies._common import (
+    RunDir,
+    base_parser,
+    check_out,
+    figure_style,
+    finite_float,
+    int_in,
+    paired_ratio,
+    positive_int,
+    study_main,
+)
 from studies._latex import letters
 
 ALPHA = 0.05  # level of every interval (Wilson, McNemar's CI) and of every test in this study
@@ -91,29 +101,14 @@ IMAGENET_VAL, IMAGENET_TRAIN, IMAGENET_SHAPE = 50_000, 1_281_167, (3, 224, 224)
 # --------------------------------------------------------------------------- arguments
 
 
-def parse_modes(names) -> list[RoundingMode]:
-    """Rounding modes from their names, in order, without repeats."""
-    modes = [RoundingMode.parse(n) for n in names]
-    return list(dict.fromkeys(modes))
-
-
-def parse_bits(values) -> list[int]:
-    """Bit widths of offline codes: integers from 2 to 8 (one code per int8 byte)."""
-    out = []
-    for v in values:
-        b = int(v)
-        if not 2 <= b <= MAX_BITS:
-            raise ValueError(f"bits {v} is out of range: offline codes are stored one per int8 "
-                             f"byte, so each width must be between 2 and {MAX_BITS}")
-        out.append(b)
-    return list(dict.fromkeys(out))
-
-
-def _bits_arg(text: str) -> int:
+def _offline_bits(text: str) -> int:
+    """--bits: offline codes are stored one per int8 byte, so 2 to MAX_BITS."""
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer, got {text!r}") from None
+        return int_in(2, MAX_BITS)(text)
+    except argparse.ArgumentTypeError as err:
+        why = " (offline codes are stored one per int8 byte)" if "must be from" in str(err) \
+            else ""
+        raise argparse.ArgumentTypeError(f"{err}{why}") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -642,7 +637,7 @@ def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
 
 
 def build_parser():
-    parser = base_parser("dataset", __doc__.splitlines()[0])
+    parser = base_parser("dataset", __doc__.splitlines()[0], force=True)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a qerror checkpoint to evaluate (default: the cached ResNet50 "
                              "baseline; with --smoke, a small untrained CNN)")
@@ -653,17 +648,18 @@ def build_parser():
                         help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
-    parser.add_argument("--modes", nargs="+", default=None,
+    parser.add_argument("--modes", nargs="+", type=RoundingMode.parse, default=None,
                         help="rounding modes of the offline quantization (default: "
                              + " ".join(m.value for m in DEFAULT_MODES) + ")")
-    parser.add_argument("--bits", nargs="+", type=_bits_arg, default=None,
+    parser.add_argument("--bits", nargs="+", type=_offline_bits, default=None,
                         help="widths of the offline codes, 2 to 8 (default: 8 4)")
-    parser.add_argument("--scale-errors", nargs="*", type=float, default=None,
+    parser.add_argument("--scale-errors", nargs="*", type=finite_float, default=None,
                         help="relative errors of the offline scale against the model's, "
                              "e.g. 0.02 -0.05 (default: none)")
-    parser.add_argument("--test-images", type=int, default=None,
+    parser.add_argument("--test-images", type=positive_int, default=None,
                         help="test images used (default: all; smoke 200)")
-    parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="inference batch size")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
     return parser
@@ -724,19 +720,13 @@ def _load_network(args):
 def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        modes = parse_modes(args.modes or [m.value for m in DEFAULT_MODES])
-        bit_list = parse_bits(args.bits or DEFAULT_BITS)
-    except ValueError as err:
-        parser.error(str(err))
+    modes = list(dict.fromkeys(args.modes or DEFAULT_MODES))
+    bit_list = list(dict.fromkeys(args.bits or DEFAULT_BITS))
     scale_errors = list(DEFAULT_SCALE_ERRORS if args.scale_errors is None else args.scale_errors)
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
-    if n_test is not None and n_test < 1:
-        parser.error("--test-images must be at least 1")
+    check_out(args.out, "dataset", force=args.force)
 
     if not args.download:
         # Data first: a missing data set is reported before any model is trained.
@@ -797,7 +787,7 @@ def _main(argv: list[str]) -> int:
         run.write_csv("pixel_levels.csv", levels)
         run.write_csv("pixel_summary.csv", pixels)
         run.write_csv("storage.csv", storage)
-        run.write_csv("throughput.csv", throughput)
+        run.write_csv("throughput.csv", throughput, timing=True)
         eq = equiv[equiv.comparison == "quantizer_in_model_vs_offline_codes"] \
             .set_index("metric").value
         summary = {
@@ -814,7 +804,6 @@ def _main(argv: list[str]) -> int:
             "variants": variants[["variant", "frac_codes_changed", "max_abs_logit_diff",
                                   "prediction_changes", "accuracy", "mcnemar_p_holm"]]
             .to_dict(orient="records"),
-            "throughput": throughput[["stored_as", "ratio_median"]].to_dict(orient="records"),
             "alpha": ALPHA,
         }
         run.write_json("summary.json", summary)

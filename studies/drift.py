@@ -41,6 +41,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
+from qerror.data import find_fashion_mnist
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -57,7 +58,17 @@ from qerror.nn import (
     reestimate_bn,
 )
 from qerror.stats import mcnemar_from_counts, wilson_ci
-from studies._common import RunDir, base_parser, figure_style, study_main
+from studies._common import (
+    RunDir,
+    base_parser,
+    check_out,
+    figure_style,
+    int_at_least,
+    int_in,
+    nonnegative_int,
+    positive_int,
+    study_main,
+)
 from studies._latex import letters
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
@@ -464,15 +475,8 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame) -> dict:
     return m
 
 
-def _parse_modes(values):
-    try:
-        return [RoundingMode.parse(v) for v in values]
-    except ValueError as err:
-        raise SystemExit(f"--modes: {err}") from err
-
-
 def _main(argv: list[str]) -> int:
-    parser = base_parser("drift", __doc__.splitlines()[0])
+    parser = base_parser("drift", __doc__.splitlines()[0], force=True)
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
                         help="architecture (default resnet50; resnet18 with --smoke)")
     parser.add_argument("--weights", default=None,
@@ -487,45 +491,73 @@ def _main(argv: list[str]) -> int:
                         help="allow downloading ImageNet weights missing from the hub cache")
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing Fashion-MNIST baseline")
-    parser.add_argument("--modes", nargs="+", default=None, help="rounding modes")
-    parser.add_argument("--bits", nargs="+", type=int, default=None)
-    parser.add_argument("--targets", nargs="+", default=None, choices=[t.value for t in Target])
-    parser.add_argument("--images", type=int, default=None, help="test images measured")
-    parser.add_argument("--calib-images", type=int, default=None,
-                        help="calibration images (ranges, BN re-estimation, bias correction)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--local-samples", type=int, default=32,
-                        help="images per batch on which each layer's local error is measured")
-    parser.add_argument("--remedy-bits", nargs="*", type=int, default=None,
-                        help="bit widths at which the remedies run (modes nearest_even and "
-                             "toward_zero, both quantized)")
+    parser.add_argument("--modes", nargs="+", type=RoundingMode.parse, default=None,
+                        help="rounding modes")
+    parser.add_argument("--bits", nargs="+", type=int_in(2, 16), default=None,
+                        help="bit widths, 2 to 16 (default: 8 6 4; smoke 8 4)")
+    parser.add_argument("--targets", nargs="+", type=Target.parse, default=None,
+                        help="what is quantized: " + ", ".join(t.value for t in Target))
+    # Two images at least: accuracy intervals, BN batch statistics and per-channel spreads
+    # need more than one.
+    parser.add_argument("--images", type=int_at_least(2), default=None,
+                        help="test images measured (default 200, smoke 16)")
+    parser.add_argument("--calib-images", type=int_at_least(2), default=None,
+                        help="calibration images (ranges, BN re-estimation, bias correction; "
+                             "default 200, smoke 16)")
+    parser.add_argument("--batch-size", type=int_at_least(2), default=None,
+                        help="default 256, smoke 16")
+    parser.add_argument("--local-samples", type=positive_int, default=None,
+                        help="images per batch on which each layer's local error is measured, "
+                             "at most --batch-size (default 32, or the batch size if smaller)")
+    parser.add_argument("--remedy-bits", nargs="*", type=int_in(2, 16), default=None,
+                        help="bit widths at which the remedies run, each one of --bits (modes "
+                             "nearest_even and toward_zero, both quantized; default: 8 4 "
+                             "where in --bits, smoke 4; none given: no remedies)")
     parser.add_argument("--quantize-bn-outputs", action="store_true",
                         help="also quantize every BatchNorm's output (with the activation "
                              "spec) wherever activations are quantized")
     parser.add_argument("--quantize-block-outputs", action="store_true",
                         help="also quantize every residual block's output (the ReLU'd sum)")
-    parser.add_argument("--int8-images", type=int, default=None,
+    parser.add_argument("--int8-images", type=nonnegative_int, default=None,
                         help="calibration and test images of the real-INT8 cross-check "
                              "(0 skips it)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")
-    modes = _parse_modes(args.modes) if args.modes else (
+    modes = list(dict.fromkeys(args.modes)) if args.modes is not None else (
         [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO] if smoke else list(DEFAULT_MODES))
-    bits_list = args.bits or ([8, 4] if smoke else list(DEFAULT_BITS))
-    bad_bits = [b for b in bits_list if not 2 <= b <= 16]
-    if bad_bits:
-        parser.error(f"--bits {bad_bits}: the quantizer supports 2 to 16 bits")
-    targets = [Target(t) for t in args.targets] if args.targets else (
-        [Target.BOTH] if smoke else [Target.BOTH, Target.WEIGHTS, Target.ACTIVATIONS])
-    images = args.images or (16 if smoke else 200)
-    calib_images = args.calib_images or (16 if smoke else 200)
-    batch = args.batch_size or (16 if smoke else 256)
-    if min(images, calib_images, batch) < 2:
-        parser.error("--images, --calib-images and --batch-size must be at least 2")
-    remedy_bits = args.remedy_bits if args.remedy_bits is not None else (
-        [4] if smoke else [8, 4])
+    bits_list = list(dict.fromkeys(args.bits)) if args.bits is not None else (
+        [8, 4] if smoke else list(DEFAULT_BITS))
+    targets = list(dict.fromkeys(args.targets)) if args.targets is not None \
+        else ([Target.BOTH] if smoke else [Target.BOTH, Target.WEIGHTS, Target.ACTIVATIONS])
+    images = args.images if args.images is not None else (16 if smoke else 200)
+    calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
+    batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
+    if args.remedy_bits is None:
+        remedy_bits = [b for b in ([4] if smoke else [8, 4]) if b in bits_list]
+    else:
+        remedy_bits = list(dict.fromkeys(args.remedy_bits))
+        missing = [b for b in remedy_bits if b not in bits_list]
+        if missing:
+            parser.error(f"--remedy-bits {' '.join(map(str, missing))}: not among --bits "
+                         f"{' '.join(map(str, bits_list))}; the remedies run on configurations "
+                         "the study measures, so add them to --bits or leave them out")
+        if remedy_bits and Target.BOTH not in targets:
+            parser.error("--remedy-bits: the remedies need --targets to include 'both'")
+        if remedy_bits and not any(m in modes for m in REMEDY_MODES):
+            parser.error("--remedy-bits: the remedies need --modes to include "
+                         + " or ".join(m.value for m in REMEDY_MODES))
+    local_samples = args.local_samples if args.local_samples is not None else min(32, batch)
+    if local_samples > batch:
+        parser.error(f"--local-samples {args.local_samples}: more than --batch-size {batch}; the "
+                     "local error is measured on that many images of each batch, so pass at "
+                     "most the batch size")
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
+    check_out(args.out, "drift", force=args.force)
+
+    if args.data is None:
+        # Data before the model: loading it may mean training a baseline for half an hour.
+        find_fashion_mnist(args.data_root)
 
     started = time.perf_counter()
     model, model_id = _load_model(args, args.data_root)
@@ -533,12 +565,10 @@ def _main(argv: list[str]) -> int:
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
-    try:
-        data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
-                if args.data is not None else
-                fashion_data(args.data_root, images, calib_images, batch, args.seed))
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from err
+    # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
+    data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
+            if args.data is not None else
+            fashion_data(args.data_root, images, calib_images, batch, args.seed))
     if model_id["model"].endswith("untrained-smoke"):
         _warm_batchnorm(model, data.calib)
     model.eval()
@@ -549,7 +579,7 @@ def _main(argv: list[str]) -> int:
     config = {"modes": [m.value for m in modes], "bits": bits_list,
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
-              "local_samples": args.local_samples, "remedy_bits": remedy_bits,
+              "local_samples": local_samples, "remedy_bits": remedy_bits,
               "int8_images": int8_images, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
@@ -574,7 +604,7 @@ def _main(argv: list[str]) -> int:
                     weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
                 w = weight_cache[key]
             res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
-                          local_samples=args.local_samples)
+                          local_samples=local_samples)
             results[tuple(cols.values())] = res
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))
@@ -585,7 +615,7 @@ def _main(argv: list[str]) -> int:
                              **growth_fit(d, metric)})
         fits = pd.DataFrame(fits)
         remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
-                          for b in remedy_bits if b in bits_list and Target.BOTH in targets
+                          for b in remedy_bits if Target.BOTH in targets
                           for m in REMEDY_MODES if m in modes]
         for cfg in tqdm(remedy_configs, desc="remedies", unit="config"):
             cols = _config_columns(cfg)
@@ -619,7 +649,6 @@ def _main(argv: list[str]) -> int:
                                       "max_abs_lsb"]],
                 int8_caption(probe), "tab:drift-int8", float_format="%.6g")
         summary = _summary(acc, fits, pred, sites, xsummary, probe)
-        summary["seconds"] = round(time.perf_counter() - started, 1)
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
         run.write_macros("macros.tex", _macros(acc, fits))

@@ -8,7 +8,9 @@ Three parts, each written as tidy data, figures and LaTeX tables:
    beside the uniform-noise model and beside a Monte-Carlo estimate with its confidence
    interval; where the uniform model fails and by how much.
 2. Clipping: the exact MSE as a function of the clipping value for 2–8 and 16 bits, and the
-   MSE-optimal clipping value per bit width by ACIQ and by the exact engine.
+   MSE-optimal clipping value per bit width, compared like for like: ACIQ and the exact
+   optimum on ACIQ's mid-rise grid, the exact optimum on the integer grid, and the
+   Lloyd–Max non-uniform quantizer as the floor under both.
 3. Error histograms in LSB for each mode, for a wide and a narrow input.
 
 With a trained baseline in the cache (``python -m studies.train``), or with
@@ -32,8 +34,9 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
-from qerror.analytic import ClipMethod, error_moments, optimal_clip
-from studies._common import RunDir, base_parser, figure_style, study_main
+from qerror.analytic import ClipMethod, Grid, error_moments, optimal_clip
+from qerror.nonuniform import lloyd_max
+from studies._common import RunDir, base_parser, check_out, figure_style, int_at_least, study_main
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
 UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
@@ -153,23 +156,46 @@ def clipping_curves(law_list, bit_list, modes, alpha_grid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def clipping_optima(law_list, bit_list, modes) -> pd.DataFrame:
-    """The MSE-optimal clipping by ACIQ and by the exact engine, and the exact MSE at each.
+# Lloyd-Max converges linearly and slowly for many levels; the floor is computed up to
+# 2**LLOYD_MAX_BITS levels, on the laws with closed-form cell moments.
+LLOYD_MAX_BITS = 4
+LLOYD_MAX_LAWS = ("normal", "laplace", "half_normal")
 
-    ACIQ's α bounds its own mid-rise grid (step 2α/2^bits); the exact engine's α is the
-    largest code's value (step α/qmax). The steps are the comparable quantity.
+
+def clipping_optima(law_list, bit_list, modes) -> pd.DataFrame:
+    """The MSE-optimal clipping compared like for like, and the non-uniform floor.
+
+    Per law × bits × mode: ACIQ's α and the exact optimum on ACIQ's own mid-rise grid
+    (levels (q + 1/2)·step; α is where the cells end, so the α's compare directly), the
+    exact optimum on the integer grid that quantizers and INT8 engines use (α = qmax·step),
+    ACIQ's step on that integer grid, and the Lloyd–Max quantizer with as many levels (any
+    placement), the floor under every uniform grid; all MSEs exact, in σ².
     """
     rows = []
     configs = [(law, b, m) for law in law_list for b in bit_list for m in modes]
+    floors = {}
     for law, bits, mode in tqdm(configs, desc="optimal clipping", unit="config"):
-        aciq = optimal_clip(law.dist, bits, ClipMethod.ACIQ, mode, one_sided=law.one_sided)
-        exact = optimal_clip(law.dist, bits, ClipMethod.EXACT, mode, one_sided=law.one_sided)
+        kw = {"one_sided": law.one_sided}
+        aciq = optimal_clip(law.dist, bits, ClipMethod.ACIQ, mode, grid=Grid.MIDRISE, **kw)
+        exact_mr = optimal_clip(law.dist, bits, ClipMethod.EXACT, mode, grid=Grid.MIDRISE, **kw)
+        exact_int = optimal_clip(law.dist, bits, ClipMethod.EXACT, mode, **kw)
+        aciq_int = error_moments(law.dist, aciq.spec, aciq.scale).mse
+        if (law.name, bits) not in floors:
+            floors[law.name, bits] = (
+                lloyd_max(law.dist, 2 ** bits).mse
+                if bits <= LLOYD_MAX_BITS and law.name in LLOYD_MAX_LAWS else math.nan)
+        floor = floors[law.name, bits]
         rows.append({"law": law.name, "bits": bits, "mode": mode.value,
-                     "alpha_aciq": aciq.alpha, "alpha_exact": exact.alpha,
-                     "step_aciq": aciq.scale, "step_exact": exact.scale,
-                     "alpha_aciq_on_grid": aciq.scale * aciq.spec.qmax,
-                     "mse_at_aciq": aciq.mse_exact, "mse_at_exact": exact.mse_exact,
-                     "mse_ratio": aciq.mse_exact / exact.mse_exact})
+                     "alpha_aciq": aciq.alpha, "alpha_exact_midrise": exact_mr.alpha,
+                     "alpha_exact_integer": exact_int.alpha,
+                     "step_aciq": aciq.scale, "step_exact_midrise": exact_mr.scale,
+                     "step_exact_integer": exact_int.scale,
+                     "mse_aciq_midrise": aciq.mse_exact, "mse_exact_midrise": exact_mr.mse_exact,
+                     "mse_aciq_integer": aciq_int, "mse_exact_integer": exact_int.mse_exact,
+                     "mse_lloyd_max": floor,
+                     "aciq_over_exact_midrise": aciq.mse_exact / exact_mr.mse_exact,
+                     "midrise_over_lloyd_max": exact_mr.mse_exact / floor,
+                     "integer_over_lloyd_max": exact_int.mse_exact / floor})
     return pd.DataFrame(rows)
 
 
@@ -305,14 +331,18 @@ def figure_clipping(plt, curves: pd.DataFrame, optima: pd.DataFrame, mode: str):
             ax.plot(g.alpha, g.mse, color=f"C{i}", label=f"{bits} bits")
             o = optima[(optima.law == law) & (optima.bits == bits) & (optima["mode"] == mode)]
             if len(o):
-                ax.plot(o.alpha_exact, o.mse_at_exact, "o", color=f"C{i}", ms=3)
-                ax.plot(o.alpha_aciq_on_grid, o.mse_at_aciq, "x", color=f"C{i}", ms=4)
+                ax.plot(o.alpha_exact_integer, o.mse_exact_integer, "o", color=f"C{i}", ms=3)
+                # ACIQ's step on this (integer) grid, placed at its largest code's value
+                ax.plot(o.step_aciq * (2 ** (bits - 1) - 1 if law != "half_normal"
+                                       else 2 ** bits - 1), o.mse_aciq_integer, "x",
+                        color=f"C{i}", ms=4)
         ax.set_yscale("log")
         ax.set_title(law.replace("_", " "))
         ax.set_xlabel("largest code's value qmax·step / σ")
     axes[0][0].set_ylabel("exact MSE / σ²")
     axes[0][-1].legend(fontsize=6, frameon=False)
-    fig.suptitle(f"{mode}: exact MSE vs clipping; o exact optimum, x ACIQ", fontsize=8)
+    fig.suptitle(f"{mode}: exact MSE vs clipping on the integer grid; o exact optimum, "
+                 "x ACIQ's step", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -365,10 +395,11 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    parser = base_parser("rounding", __doc__.splitlines()[0])
-    parser.add_argument("--mc-samples", type=int, default=None,
+    parser = base_parser("rounding", __doc__.splitlines()[0], force=True)
+    # Ten samples at least for a standard error; two ratios at least for a sweep.
+    parser.add_argument("--mc-samples", type=int_at_least(10), default=None,
                         help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
-    parser.add_argument("--ratios", type=int, default=None,
+    parser.add_argument("--ratios", type=int_at_least(2), default=None,
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
     parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -378,14 +409,14 @@ def _main(argv: list[str]) -> int:
                         help="Fashion-MNIST folder for the activations part")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    mc_n = args.mc_samples or (2000 if smoke else 20_000)
-    n_ratios = args.ratios or (4 if smoke else 25)
-    if mc_n < 10 or n_ratios < 2:
-        parser.error("--mc-samples must be at least 10 and --ratios at least 2")
+    mc_n = args.mc_samples if args.mc_samples is not None else (2000 if smoke else 20_000)
+    n_ratios = args.ratios if args.ratios is not None else (4 if smoke else 25)
     try:
-        law_list = laws(args.laws or (["normal", "half_normal"] if smoke else None))
+        law_list = laws(list(dict.fromkeys(args.laws)) if args.laws is not None else
+                        (["normal", "half_normal"] if smoke else None))
     except ValueError as err:
         parser.error(str(err))
+    check_out(args.out, "rounding", force=args.force)
     modes = list(RoundingMode)
     ratios = np.geomspace(0.05, 10.0, n_ratios)
     bit_list = [4, 8] if smoke else [2, 3, 4, 5, 6, 7, 8, 16]
@@ -393,6 +424,13 @@ def _main(argv: list[str]) -> int:
     clip_laws = [law for law in law_list if law.name != "uniform"]
     alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
     baseline = _load_baseline(args.checkpoint)
+    if args.data_root is not None and (baseline is None or baseline[1] is None):
+        parser.error(f"--data-root {args.data_root}: its images feed only the activations "
+                     "part, which needs a qerror checkpoint (--checkpoint, or a cached "
+                     "baseline); pass one, or leave --data-root out")
+    # Read before the work starts: a named folder that fails stops the run here.
+    images = None if baseline is None or baseline[1] is None else _calibration_images(
+        args.data_root, 64 if smoke else 256)
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
@@ -421,8 +459,6 @@ def _main(argv: list[str]) -> int:
             werr = weight_errors(baseline[0], modes)
             run.write_csv("weights.csv", werr)
             summary["weights_layers"] = int(werr.layer.nunique())
-            images = None if baseline[1] is None else _calibration_images(
-                args.data_root, 64 if smoke else 256)
             if images is not None:
                 aerr = activation_errors(baseline[1], images, modes)
                 run.write_csv("activations.csv", aerr)
@@ -435,9 +471,13 @@ def _main(argv: list[str]) -> int:
             "uniform_validity.tex", validity[validity.bits == 8].drop(columns="bits"),
             "Where the uniform-noise model's MSE is within "
             f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits).", "tab:uniform-validity")
-        run.write_latex_table("clipping_optima.tex", optima,
-                              "MSE-optimal clipping value (in units of σ): ACIQ vs exact.",
-                              "tab:clipping-optima")
+        cols = ["law", "bits", "mode", "alpha_aciq", "alpha_exact_midrise",
+                "mse_aciq_midrise", "mse_exact_midrise", "mse_exact_integer", "mse_lloyd_max"]
+        run.write_latex_table(
+            "clipping_optima.tex", optima[optima["mode"] == "nearest_even"][cols],
+            "MSE-optimal clipping (σ = 1, nearest rounding): ACIQ and the exact optimum on "
+            "ACIQ's mid-rise grid, the exact optimum on the integer grid, and the Lloyd–Max "
+            "floor with as many levels (blank: not computed).", "tab:clipping-optima")
         run.write_macros("macros.tex", _macros(regime, validity))
         for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
                               ("mae_lsb", "MAE (LSB)")):
@@ -503,11 +543,22 @@ def _load_baseline(path: Path | None):
 
 
 def _calibration_images(data_root, count: int) -> torch.Tensor | None:
-    from qerror.data import DataNotFoundError, fashion_mnist_splits, to_tensor
+    """The first ``count`` calibration images, or None when no data was named and none
+    is found.
+
+    Raises
+    ------
+    DataNotFoundError, DataError
+        A named folder (``--data-root`` or ``$QERROR_DATA``) that lacks the data, or a
+        corrupt file: optional data may be skipped only when no place was named.
+    """
+    from qerror.data import DataNotFoundError, fashion_mnist_splits, named_data_root, to_tensor
 
     try:
         calib = fashion_mnist_splits(data_root).calib
     except DataNotFoundError as err:
+        if named_data_root(data_root) is not None:
+            raise
         print(f"[rounding] activations skipped: {err}")
         return None
     return to_tensor(calib.images[:count])

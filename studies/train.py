@@ -18,18 +18,27 @@ whose accuracy (with a Wilson interval) is computed once, at the end. The traine
 into the checkpoint cache (:func:`qerror.nn.models.save_checkpoint`) and the run folder gets
 ``epochs.csv``, ``steps.csv``, ``summary.json``, ``training_curve.{pdf,png}`` and the manifest.
 
+A loss that becomes NaN or infinite stops the run at that step; no checkpoint is written.
+Ctrl-C (SIGINT) saves the state at the last completed step, so the same command continues.
+
 Run: ``python -m studies.train --arch resnet50`` (and ``--arch resnet18``); ``--smoke`` for a
-tiny end-to-end run. Exit status 0: trained; 2: bad arguments, no data, or a state file
-from a different recipe; 3: stopped early (``--stop-after-steps`` or ``--time-budget-min``,
-which counts the training time of all sessions) with the state saved, so the same command
-without that limit continues.
+tiny end-to-end run. Exit status 0: trained; 2: bad arguments, no data or bad data, a state
+file from a different recipe, or a diverged loss; 3: stopped early (``--stop-after-steps`` or
+``--time-budget-min``, which counts the training time of all sessions) with the state saved,
+so the same command without that limit continues; 130: interrupted (Ctrl-C), the state
+saved, so the same command continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,14 +59,27 @@ from qerror.nn.models import (
     default_checkpoint_path,
     fashion_resnet,
     get_baseline,
+    non_finite_tensors,
     save_checkpoint,
+    sidecar_path,
 )
-from studies._common import REPO, RunDir, base_parser, figure_style, study_main
+from studies._common import (
+    REPO,
+    RunDir,
+    StudyError,
+    base_parser,
+    check_out,
+    figure_style,
+    positive_float,
+    positive_int,
+    study_main,
+)
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
 # (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
 DEFAULT_EPOCHS = {Arch.RESNET50: 3, Arch.RESNET18: 5}
 EXIT_INCOMPLETE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 STATE_FORMAT = "qerror-train-state"
 STATE_VERSION = 1
 # Independent random streams derived from the one seed.
@@ -146,12 +168,14 @@ class History:
 
 @dataclass(frozen=True)
 class FitResult:
-    """The model after :func:`fit`, its history, and how far the schedule got."""
+    """The model after :func:`fit`, its history, and how far the schedule got;
+    ``interrupted`` when a KeyboardInterrupt (Ctrl-C) stopped it."""
 
     model: nn.Module
     history: History
     step: int
     total_steps: int
+    interrupted: bool = False
 
     @property
     def complete(self) -> bool:
@@ -164,6 +188,30 @@ class TrainError(ValueError):
 
 class ResumeError(TrainError):
     """A state file that cannot be resumed under the requested recipe."""
+
+
+class DivergedError(TrainError):
+    """The training loss or the weights became NaN or infinite; nothing was saved."""
+
+
+@contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C until the block ends, then raise it: an optimizer update interrupted
+    half-way would leave weights, momenta and step counter out of step with each other."""
+    # Only the main thread can set handlers, and a handler someone else installed (or
+    # SIG_IGN) is theirs to keep; in both cases the block runs as it is.
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def batch_tensors(images: np.ndarray, labels: np.ndarray, *, crop_pad: int = 0,
@@ -279,7 +327,9 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
     Returns
     -------
     FitResult
-        ``complete`` is false when the run stopped early; the state is then saved.
+        ``complete`` is false when the run stopped early or was interrupted (a
+        KeyboardInterrupt, ``interrupted``); the state at the last completed step is then
+        saved.
 
     Raises
     ------
@@ -287,6 +337,9 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
         Too few training images for one batch.
     ResumeError
         The state file is unreadable or was written by a different recipe.
+    DivergedError
+        The loss or the weights became NaN or infinite; the message gives the step and
+        epoch. No state is saved past the last finite one.
     """
     train = splits.train
     if recipe.train_images is not None:
@@ -325,13 +378,41 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
 
     saved = step
 
+    def diverged(what: str, at_step: int) -> DivergedError:
+        kept = (f"; the state of step {saved} stays in {state_path}" if state_path.is_file()
+                else "")
+        return DivergedError(
+            f"training diverged: {what} at step {at_step} of {total} (epoch "
+            f"{(at_step - 1) // per_epoch + 1} of {recipe.epochs}, peak learning rate "
+            f"{recipe.lr:g}). No checkpoint was written{kept}. Start over with a lower --lr "
+            "and --no-resume.")
+
     def save() -> None:
         nonlocal saved
         if saved != step or not state_path.is_file():
+            bad = non_finite_tensors(model.state_dict())
+            if bad:
+                raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
+                               + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
             _save_state(state_path, recipe, step, model, opt, sched, history)
             saved = step
 
+    def record_epoch_if_due() -> None:
+        # Also on resuming, in case the run was interrupted during an epoch's validation.
+        if step and step % per_epoch == 0 and len(history.epochs) < step // per_epoch:
+            epoch = step // per_epoch - 1
+            t1 = time.perf_counter()
+            history.epochs.append(_epoch_record(model, recipe, splits.val, history, epoch,
+                                                step))
+            history.train_seconds += time.perf_counter() - t1
+            e = history.epochs[-1]
+            bar.write(f"[train] epoch {epoch + 1}/{recipe.epochs}: train loss "
+                      f"{e.train_loss:.4f}, val accuracy {e.val_accuracy:.4f} "
+                      f"[{e.val_ci_low:.4f}, {e.val_ci_high:.4f}]")
+
+    interrupted = False
     try:
+        record_epoch_if_due()
         while step < total:
             if stop_after_steps is not None and step >= stop_after_steps:
                 break
@@ -355,36 +436,34 @@ def fit(recipe: Recipe, splits: data.Splits, state_path: Path, *, resume: bool =
             opt.zero_grad(set_to_none=True)
             out = model(x)
             loss = criterion(out, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise diverged(f"the loss became {loss_value}", step + 1)
             loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            history.train_seconds += dt
+            with _sigint_held():
+                opt.step()
+                sched.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                history.train_seconds += dt
+                history.steps.append(StepRecord(step, epoch, lr, loss_value,
+                                                int((out.argmax(1) == y).sum()), len(y), dt))
             session_times.append(dt)
-            history.steps.append(StepRecord(step, epoch, lr, loss.item(),
-                                            int((out.argmax(1) == y).sum()), len(y), dt))
             bar.update(1)
             bar.set_postfix(loss=f"{history.steps[-1].loss:.3f}", lr=f"{lr:.3g}", refresh=False)
             if len(session_times) == _ESTIMATE_STEPS + 1 and step < total:
                 _print_estimate(bar, recipe, session_times[1:], total - step,
                                 total // per_epoch - epoch, len(splits.val), time_budget_s,
                                 history.train_seconds)
-            if step % per_epoch == 0:
-                t1 = time.perf_counter()
-                history.epochs.append(_epoch_record(model, recipe, splits.val, history, epoch,
-                                                    step))
-                history.train_seconds += time.perf_counter() - t1
-                e = history.epochs[-1]
-                bar.write(f"[train] epoch {epoch + 1}/{recipe.epochs}: train loss "
-                          f"{e.train_loss:.4f}, val accuracy {e.val_accuracy:.4f} "
-                          f"[{e.val_ci_low:.4f}, {e.val_ci_high:.4f}]")
+            record_epoch_if_due()
             if step % per_epoch == 0 or step % checkpoint_every == 0:
                 save()
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
     save()
-    return FitResult(model, history, step, total)
+    return FitResult(model, history, step, total, interrupted)
 
 
 def _epoch_record(model, recipe: Recipe, val: data.ImageSet, history: History, epoch: int,
@@ -435,30 +514,39 @@ def _figure(run: RunDir, steps: pd.DataFrame, epochs: pd.DataFrame, per_epoch: i
     plt.close(fig)
 
 
+def _budget_minutes(text: str) -> float:
+    """--time-budget-min: finite and above 0; "no limit" is said by leaving it out."""
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (leave it out for no limit)") from None
+
+
 def build_parser():
-    parser = base_parser("train", __doc__.splitlines()[0])
+    parser = base_parser("train", __doc__.splitlines()[0], force=True)
     parser.set_defaults(out=None)
     parser.add_argument("--arch", type=Arch.parse, default=Arch.RESNET50,
                         help="resnet50 (default) or resnet18")
     parser.add_argument("--stem", type=Stem.parse, default=DEFAULT_STEM,
                         help=f"{', '.join(s.value for s in Stem)} (default {DEFAULT_STEM.value}; "
                              "see qerror.nn.models.Stem)")
-    parser.add_argument("--epochs", type=int, help="default: "
+    parser.add_argument("--epochs", type=positive_int, help="default: "
                         + ", ".join(f"{a.value} {e}" for a, e in DEFAULT_EPOCHS.items())
                         + "; smoke 2")
-    parser.add_argument("--batch-size", type=int, help="default 128 (smoke 32)")
-    parser.add_argument("--lr", type=float, help="peak one-cycle learning rate (default 0.1)")
+    parser.add_argument("--batch-size", type=positive_int, help="default 128 (smoke 32)")
+    parser.add_argument("--lr", type=positive_float,
+                        help="peak one-cycle learning rate, finite and above 0 (default 0.1)")
     parser.add_argument("--data-root", type=Path, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue an interrupted run from its state file")
-    parser.add_argument("--time-budget-min", type=float,
+    parser.add_argument("--time-budget-min", type=_budget_minutes,
                         help="minutes; stop (state saved) before the training time of all "
                              "sessions together would exceed this")
-    parser.add_argument("--stop-after-steps", type=int,
+    parser.add_argument("--stop-after-steps", type=positive_int,
                         help="stop (state saved) once this many steps are done in total")
-    parser.add_argument("--checkpoint-every", type=int, default=100,
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100,
                         help="steps between state saves (also saved at each epoch's end)")
     parser.add_argument("--checkpoint", type=Path,
                         help="where the trained model goes (default: the cache, "
@@ -471,12 +559,6 @@ def build_parser():
 def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "checkpoint_every", "stop_after_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lr", "time_budget_min"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
     recipe = default_recipe(args.arch, args.stem, smoke=args.smoke, seed=args.seed)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("lr", args.lr)) if v is not None}
@@ -486,6 +568,12 @@ def _main(argv: list[str]) -> int:
         recipe.arch, recipe.stem, tag="smoke" if args.smoke else None)
     state_path = checkpoint.with_name(checkpoint.stem + ".train-state.pt")
     out = args.out or REPO / "runs" / "train" / tag
+    # Both destinations are checked before hours of training, not after.
+    check_out(out, "train", force=args.force)
+    # A run cut while writing its results has saved the checkpoint but kept its state:
+    # rerunning the command finishes it and may replace that checkpoint.
+    _check_checkpoint_target(checkpoint, force=args.force or (args.resume and
+                                                              state_path.is_file()))
 
     try:
         splits = data.fashion_mnist_splits(args.data_root, val=recipe.val_split,
@@ -495,9 +583,19 @@ def _main(argv: list[str]) -> int:
                      stop_after_steps=args.stop_after_steps,
                      time_budget_s=None if args.time_budget_min is None
                      else args.time_budget_min * 60, progress=args.progress)
-    except (data.DataNotFoundError, TrainError) as exc:
+    except (data.DataNotFoundError, data.DataError, TrainError) as exc:
         print(f"[train] error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[train] interrupted before training started or resumed; no file was changed.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    command = shlex.join(["python", "-m", "studies.train", *argv])
+    if result.interrupted:
+        print(f"[train] interrupted at step {result.step} of {result.total_steps}; the state is "
+              f"saved in {state_path}. To continue, run the same command: {command}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not result.complete:
         if args.stop_after_steps is not None and result.step >= args.stop_after_steps:
             how = "without --stop-after-steps, or with a larger one"
@@ -506,7 +604,39 @@ def _main(argv: list[str]) -> int:
         print(f"[train] stopped at step {result.step} of {result.total_steps}; the state is in "
               f"{state_path}. To continue, run the same command {how}.", flush=True)
         return EXIT_INCOMPLETE
+    try:
+        return _write_results(recipe, splits, result, checkpoint, state_path, out, argv,
+                              args.smoke)
+    except KeyboardInterrupt:
+        print(f"[train] interrupted while writing the results; the trained state is kept in "
+              f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
+
+def _check_checkpoint_target(path: Path, *, force: bool) -> None:
+    """StudyError unless ``path`` may receive the trained checkpoint.
+
+    A missing file may; a qerror checkpoint (it has its sidecar) may with ``force``; any
+    other file is never replaced, nor is a folder.
+    """
+    if path.is_dir():
+        raise StudyError(f"--checkpoint {path} is a folder; pass the name of a file, e.g. "
+                         f"--checkpoint {path / 'model.pt'}")
+    if not path.exists():
+        return
+    if not sidecar_path(path).is_file():
+        raise StudyError(f"--checkpoint {path} is an existing file that is not a qerror "
+                         f"checkpoint (it has no {sidecar_path(path).name} beside it); it is "
+                         "never replaced, with --force neither. Pass the name of a new file")
+    if not force:
+        raise StudyError(f"--checkpoint {path} already holds a trained checkpoint; pass --force "
+                         "to replace it with the one this run trains, or another --checkpoint")
+
+
+def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, checkpoint: Path,
+                   state_path: Path, out: Path, argv: list[str], smoke: bool) -> int:
+    """Test once, then write the checkpoint, the run folder and its manifest; the state
+    file goes last, so an interrupted write is finished by rerunning the command."""
     test = splits.test if recipe.test_images is None else \
         splits.test.subset(np.arange(min(recipe.test_images, len(splits.test))))
     test_loss, correct = evaluate(result.model, test.images, test.labels, recipe.eval_batch_size)
@@ -526,13 +656,21 @@ def _main(argv: list[str]) -> int:
     info = save_checkpoint(result.model, checkpoint, arch=recipe.arch, stem=recipe.stem,
                            config={"recipe": recipe, "data": data_identity}, metrics=metrics)
     config = {"recipe": jsonable(recipe), "checkpoint": str(checkpoint),
-              "state": str(state_path), "smoke": args.smoke}
+              "state": str(state_path), "smoke": smoke}
+    timing_keys = ("train_seconds", "median_step_seconds", "torch_threads")
     with RunDir(out, "train", argv, config) as run:
-        run.write_csv("epochs.csv", epochs)
-        run.write_csv("steps.csv", steps)
-        run.write_json("summary.json", {"recipe": recipe, **metrics,
-                                        "checkpoint": str(checkpoint),
-                                        "checkpoint_sha256": info.sha256})
+        # Measured times go to files of their own, named in the manifest, so a rerun of the
+        # same command writes the other outputs byte for byte. The checkpoint's sha256 is
+        # in the manifest: the checkpoint records when it was made and how long it took.
+        run.write_csv("epochs.csv", epochs.drop(columns="train_seconds"))
+        run.write_csv("steps.csv", steps.drop(columns="seconds"))
+        run.write_csv("step_seconds.csv", steps[["step", "seconds"]], timing=True)
+        run.write_json("timing.json", {**{k: metrics[k] for k in timing_keys},
+                                       "epoch_train_seconds": epochs["train_seconds"].tolist()},
+                       timing=True)
+        run.write_json("summary.json", {"recipe": recipe, "checkpoint": str(checkpoint),
+                                        **{k: v for k, v in metrics.items()
+                                           if k not in timing_keys}})
         _figure(run, steps, epochs, result.total_steps // recipe.epochs,
                 metrics["test_accuracy"], test_ci.ci,
                 f"{recipe.arch.value}, {recipe.stem.value} stem, Fashion-MNIST")
@@ -568,7 +706,8 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
     if not path.exists() and train_if_missing:
-        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path)]
+        # --force replaces only a previous training run in this study's default folder.
+        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path), "--force"]
         if data_root is not None:
             argv += ["--data-root", str(data_root)]
         if download:
@@ -578,10 +717,14 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
         print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
               f"`{command}`", flush=True)
         code = main(argv)
-        if code != 0:
+        if code in (EXIT_INCOMPLETE, EXIT_INTERRUPTED):
             raise CheckpointError(
                 f"training the {arch.value}/{stem.value} baseline stopped with exit code "
                 f"{code}; run the same command again to resume it: {command}")
+        if code != 0:
+            raise CheckpointError(
+                f"training the {arch.value}/{stem.value} baseline failed with exit code {code} "
+                f"for the reason printed above; correct it, then run: {command}")
     return get_baseline(arch, stem, path=path)
 
 

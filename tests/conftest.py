@@ -35,7 +35,10 @@ def pytest_runtest_setup(item):
 @pytest.fixture
 def fashion_idx(tmp_path, monkeypatch):
     """Factory: a folder of synthetic Fashion-MNIST IDX files (``train`` and ``test`` images),
-    made the only place qerror.data looks (no environment variable, cache or Debian folder)."""
+    made the only place qerror.data looks (no environment variable, cache or Debian folder).
+
+    qerror.data checks every file against Fashion-MNIST's split sizes; the factory declares
+    the synthetic ones (``data.SIZES``) for the test's duration."""
     import numpy as np
 
     from qerror import data
@@ -46,6 +49,7 @@ def fashion_idx(tmp_path, monkeypatch):
 
     def make(train: int, test: int, seed: int = 0):
         rng = np.random.default_rng(seed)
+        monkeypatch.setattr(data, "SIZES", {"train": train, "test": test})
         root = tmp_path / "fm"
         root.mkdir(exist_ok=True)
         for split, n in (("train", train), ("test", test)):

@@ -217,6 +217,10 @@ class StateDictMismatchError(ValueError):
     """A state dict does not fit the model it is loaded into; nothing was loaded."""
 
 
+class NonFiniteWeightsError(StateDictMismatchError):
+    """A state dict holds NaN or infinite values; the message names each such tensor."""
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights are not available; the message names every way to obtain them."""
 
@@ -226,16 +230,34 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """``"<name> holds <n> NaN and <m> Inf"`` for each floating-point tensor of ``state``
+    that is not finite; empty when all are."""
+    found = []
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            continue
+        counts = {"NaN": int(torch.isnan(value).sum()), "Inf": int(torch.isinf(value).sum())}
+        if any(counts.values()):
+            found.append(f"{key} holds "
+                         + " and ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+    return found
+
+
 def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "state dict") -> None:
-    """Raise :class:`StateDictMismatchError` unless ``state`` fits ``model`` exactly.
+    """Raise :class:`StateDictMismatchError` unless ``state`` fits ``model`` exactly and is finite.
 
     Checking before loading is what makes loading all-or-nothing: ``load_state_dict``
-    with ``strict=True`` reports a mismatch only after copying the tensors that fit.
+    with ``strict=True`` reports a mismatch only after copying the tensors that fit. A NaN
+    or infinite weight is refused here too, where it can be named, rather than later,
+    where a quantizer finds a range without finite bounds.
 
     Raises
     ------
     StateDictMismatchError
         Naming the missing keys, the unexpected keys and every shape mismatch.
+    NonFiniteWeightsError
+        Naming every floating-point tensor that holds NaN or Inf, with the counts.
     """
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateDictMismatchError(
@@ -259,6 +281,10 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 5)}")
         raise StateDictMismatchError("\n  ".join(parts))
+    non_finite = non_finite_tensors(state)
+    if non_finite:
+        raise NonFiniteWeightsError(f"{what} holds non-finite values (NaN or Inf), which no "
+                                    f"quantization range can cover: {_listing(non_finite, 5)}")
 
 
 def load_state_dict_exactly(model: nn.Module, state: Mapping[str, Any],
@@ -450,6 +476,13 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     -------
     CheckpointInfo
 
+    Raises
+    ------
+    StateDictMismatchError
+        The model is not a ``fashion_resnet(arch, stem)``; nothing is written.
+    NonFiniteWeightsError
+        A weight or buffer is NaN or infinite (training diverged); nothing is written.
+
     Notes
     -----
     Both files are written atomically, the weights first. A crash between the two leaves a
@@ -457,8 +490,11 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     """
     arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
     num_classes = int(model.fc.out_features)
-    check_state_dict(fashion_resnet(arch, stem, num_classes), model.state_dict(),
-                     f"the model given as a {arch.value}/{stem.value}")
+    try:
+        check_state_dict(fashion_resnet(arch, stem, num_classes), model.state_dict(),
+                         f"the model given as a {arch.value}/{stem.value}")
+    except StateDictMismatchError as exc:
+        raise type(exc)(f"{exc}\nRefusing to save it: nothing was written to {path}.") from exc
     meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "arch": arch.value, "stem": stem.value, "num_classes": num_classes,
             "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),
@@ -496,7 +532,10 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     CheckpointNotFoundError
         No file at ``path``.
     CheckpointError
-        Anything else wrong; the message says what, and to delete the file and retrain.
+        A valid checkpoint of another model than the ``expected_*`` ones: the message says
+        which it is and how to use it. Anything else wrong (a corrupt, tampered or
+        unverifiable file, weights that do not fit or are not finite): the message says
+        what, and to delete the file and retrain.
     """
     path = Path(path)
     arch_hint = expected_arch
@@ -552,22 +591,40 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     except ValueError as exc:
         raise refuse(str(exc)) from exc
     num_classes = payload["num_classes"]
-    wanted = {"arch": (None if expected_arch is None else Arch.parse(expected_arch), arch),
-              "stem": (None if expected_stem is None else Stem.parse(expected_stem), stem),
-              "num_classes": (expected_num_classes, num_classes)}
-    wrong = [f"{k} is {getattr(got, 'value', got)}, expected {getattr(exp, 'value', exp)}"
-             for k, (exp, got) in wanted.items() if exp is not None and exp != got]
-    if wrong:
-        raise refuse("it is not the model asked for: " + "; ".join(wrong))
     try:
         model = fashion_resnet(arch, stem, num_classes)
         load_state_dict_exactly(model, payload.get("state_dict"), "its state dict")
     except (StateDictMismatchError, ValueError) as exc:
         raise refuse(str(exc)) from exc
+    # Compared only now, so that a checkpoint called valid below is one.
+    wanted = {"arch": (None if expected_arch is None else Arch.parse(expected_arch), arch),
+              "stem": (None if expected_stem is None else Stem.parse(expected_stem), stem),
+              "num_classes": (expected_num_classes, num_classes)}
+    wrong = {k: (exp, got) for k, (exp, got) in wanted.items() if exp is not None and exp != got}
+    if wrong:
+        raise _other_model(path, arch, stem, num_classes, wrong)
     info = CheckpointInfo(path, sha, arch, stem, num_classes, payload.get("config", {}),
                           payload.get("metrics", {}), payload.get("versions", {}),
                           payload.get("created", ""))
     return Checkpoint(model.eval(), info)
+
+
+def _other_model(path: Path, arch: Arch, stem: Stem, num_classes: int,
+                 wrong: dict[str, tuple[Any, Any]]) -> CheckpointError:
+    differ = "; ".join(f"its {k} is {getattr(got, 'value', got)}, "
+                       f"{getattr(exp, 'value', exp)} was asked for"
+                       for k, (exp, got) in wrong.items())
+    want_arch = wrong.get("arch", (arch,))[0]
+    want_stem = wrong.get("stem", (stem,))[0]
+    return CheckpointError(
+        f"{path} is a valid checkpoint (its sha256 matches) of another model: "
+        f"{arch.value} with the {stem.value} stem and {num_classes} classes; {differ}.\n"
+        f"To use it, ask for its model: pass --arch/--model {arch.value} --stem {stem.value} "
+        f"(expected_arch={arch.value!r}, expected_stem={stem.value!r} in Python). "
+        f"A {want_arch.value}/{want_stem.value} checkpoint is made by "
+        f"`{retrain_command(want_arch, want_stem)}` and goes to "
+        f"{default_checkpoint_path(want_arch, want_stem)} (or where its --checkpoint says); "
+        f"keep this file, it is not damaged.")
 
 
 def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_STEM, *,

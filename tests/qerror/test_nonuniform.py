@@ -58,6 +58,17 @@ def test_fixed_point_is_the_minimum_an_independent_search_finds(levels):
     assert mse(r.levels) == pytest.approx(r.mse, rel=1e-10)
 
 
+def test_half_normal_two_levels_match_a_quad_reference():
+    """Closed-form half-normal cells against the generic quad path on the same law."""
+    closed = lloyd_max(stats.halfnorm(0.0, 2.0), 3)
+    t = closed.thresholds
+    cells = np.r_[0.0, t, np.inf]
+    law = stats.halfnorm(0.0, 2.0)
+    centroids = [integrate.quad(lambda x: x * law.pdf(x), lo, hi)[0] /
+                 integrate.quad(law.pdf, lo, hi)[0] for lo, hi in zip(cells[:-1], cells[1:])]
+    np.testing.assert_allclose(closed.levels, centroids, rtol=1e-9)
+
+
 def test_location_and_scale_carry_through():
     base = lloyd_max(stats.norm(), 4)
     moved = lloyd_max(stats.norm(3.0, 2.0), 4)

@@ -1,6 +1,7 @@
 """studies._common: run folders (manifest, atomicity), study_main, paired timing ratios."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -70,3 +71,69 @@ def test_flush_denormal_restores_the_callers_setting():
         assert flushing_denormals()
     finally:
         torch.set_flush_denormal(False)
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_check_out_accepts_new_empty_and_forced_previous_runs(tmp_path):
+    assert _common.check_out(tmp_path / "a" / "b", "demo", force=False) == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # checked, not created
+    (tmp_path / "empty").mkdir()
+    assert _common.check_out(tmp_path / "empty", "demo", force=False) == tmp_path / "empty"
+    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+        run.write_text("x.csv", "1\n")
+        run.finish()
+    with pytest.raises(_common.StudyError, match="previous run of the demo study; pass --force"):
+        _common.check_out(tmp_path / "run", "demo", force=False)
+    assert _common.check_out(tmp_path / "run", "demo", force=True) == tmp_path / "run"
+    with pytest.raises(_common.StudyError, match="run of the 'demo' study, not of 'other'"):
+        _common.check_out(tmp_path / "run", "other", force=True)
+
+
+def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
+    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+        run.write_text("x.csv", "1\n")
+        run.finish()
+    (tmp_path / "run" / "sub").mkdir()
+    (tmp_path / "run" / "sub" / "mine.txt").write_text("keep me")
+    before = _files(tmp_path)
+    with pytest.raises(_common.StudyError, match=r"1 file\(s\) its manifest does not list"):
+        _common.check_out(tmp_path / "run", "demo", force=True)
+    # Also when the file appears while a run is under way: finish refuses, nothing moves.
+    with pytest.raises(_common.StudyError, match="not a run of a study"):
+        with RunDir(tmp_path / "run2", "demo", [], {}) as run:
+            run.write_text("y.csv", "2\n")
+            (tmp_path / "run2").mkdir()
+            (tmp_path / "run2" / "notes.md").write_text("typed meanwhile")
+            run.finish()
+    assert _files(tmp_path) == {**before, "run2/notes.md": b"typed meanwhile"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run2"]
+
+
+def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".run.partial-{dead_pid}"
+    live = tmp_path / f".run.partial-{os.getppid()}"  # our parent is alive
+    other_name = tmp_path / f".other.partial-{dead_pid}"
+    not_ours = tmp_path / f".run.partial-{dead_pid}x"
+    for folder in (stale, live, other_name, not_ours):
+        folder.mkdir()
+        (folder / "a.csv").write_text("1\n")
+    link = tmp_path / f".run.partial-{dead_pid + 1}"
+    link.symlink_to(other_name, target_is_directory=True)
+    assert _common.clean_stale_partials(tmp_path / "run") == [stale]
+    assert not stale.exists()
+    for kept in (live, other_name, not_ours, link):
+        assert kept.exists() or kept.is_symlink(), kept
+    assert (other_name / "a.csv").read_text() == "1\n"

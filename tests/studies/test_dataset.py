@@ -147,9 +147,9 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "nearest_even", "round_up"], "rounding mode 'round_up' is not one of"),
-    (["--bits", "9"], "between 2 and 8"),
-    (["--bits", "1"], "between 2 and 8"),
-    (["--bits", "eight"], "bits must be an integer"),
+    (["--bits", "9"], "must be from 2 to 8, got 9"),
+    (["--bits", "1"], "must be from 2 to 8, got 1 (offline codes are stored one per int8"),
+    (["--bits", "eight"], "--bits: expected an integer, got 'eight'"),
     (["--scale-errors", "0"], "--scale-errors must be non-zero"),
 ])
 def test_bad_arguments_are_refused_before_any_output(argv, message, tmp_path, capsys):

@@ -25,6 +25,14 @@ def test_rounding_smoke(tmp_path):
     assert summary["mc_comparisons"] == len(regime)
     assert "\\newcommand" in (out / "macros.tex").read_text()
     assert "\\toprule" in (out / "clipping_optima.tex").read_text()
+    # clipping like for like: the exact optimum is the best on each grid, Lloyd–Max below both
+    optima = pd.read_csv(out / "clipping_optima.csv")
+    assert (optima.mse_exact_midrise <= optima.mse_aciq_midrise * (1 + 1e-12)).all()
+    assert (optima.mse_exact_integer <= optima.mse_aciq_integer * (1 + 1e-12)).all()
+    floor = optima.dropna(subset=["mse_lloyd_max"])
+    assert len(floor) > 0
+    assert (floor.mse_lloyd_max <= floor[["mse_exact_midrise", "mse_exact_integer"]].min(axis=1)
+            * (1 + 1e-12)).all()
 
 
 def test_rounding_rejects_unknown_law(tmp_path, capsys):
@@ -87,6 +95,7 @@ def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, m
     argv = ["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples", "100",
             "--checkpoint", str(ckpt), "--data-root", str(root), "--out", str(out)]
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(data, "SIZES", {"train": 6010, "test": 20})  # the synthetic sizes
     assert rounding.main(argv) == 0
     weights = pd.read_csv(out / "weights.csv")
     acts = pd.read_csv(out / "activations.csv")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pandas as pd
@@ -34,11 +36,20 @@ def learnable_images(rng, n):
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
+# The synthetic data's split sizes, declared to qerror.data (which checks every file's).
+SYNTHETIC_SIZES = {"train": 400, "test": 100}
+# `python -m studies.train` in a child process that first declares them.
+TRAIN_CLI = [sys.executable, "-c",
+             ("import runpy; from qerror import data; "
+              f"data.SIZES.update({SYNTHETIC_SIZES!r}); "
+              "runpy.run_module('studies.train', run_name='__main__', alter_sys=True)")]
+
+
 @pytest.fixture(scope="module")
 def idx_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("fm")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 400), ("test", 100)):
+    for split, n in SYNTHETIC_SIZES.items():
         images, labels = learnable_images(rng, n)
         data.write_idx(root / f"{data.FILES[split][0]}.gz", images)
         data.write_idx(root / f"{data.FILES[split][1]}.gz", labels)
@@ -51,16 +62,18 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(data, "SIZES", SYNTHETIC_SIZES)
 
 
 @pytest.fixture(scope="module")
 def reference_run(idx_root, tmp_path_factory):
-    """One uninterrupted ``python -m studies.train --smoke`` in a child process."""
+    """One uninterrupted smoke run of the training CLI (``python -m studies.train``, through
+    runpy) in a child process."""
     tmp = tmp_path_factory.mktemp("reference")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg")}
     env.pop(data.ENV_VAR, None)
     out = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "studies.train", *SMOKE, "--data-root",
+    proc = subprocess.run([*TRAIN_CLI, *SMOKE, "--data-root",
                            str(idx_root), "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     checkpoint = tmp / "xdg" / "qerror" / "checkpoints" / "fashion-resnet18-imagenet-smoke.pt"
@@ -74,15 +87,15 @@ def test_smoke_cli_end_to_end(reference_run):
     assert "test accuracy" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     expected = {"epochs.csv", "steps.csv", "summary.json", "training_curve.pdf",
-                "training_curve.png"}
+                "training_curve.png", "step_seconds.csv", "timing.json"}
     assert set(manifest["outputs"]) == expected
+    assert manifest["timing_outputs"] == ["step_seconds.csv", "timing.json"]
     assert all(sha256_file(out / name) == h for name, h in manifest["outputs"].items())
     assert not list(out.parent.glob(".run.partial-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["sessions"], summary["test_n"]) == (16, 1, 100)
-    assert manifest["model"]["sha256"] == summary["checkpoint_sha256"]
     loaded = models.load_checkpoint(checkpoint, expected_arch="resnet18")
-    assert loaded.info.sha256 == summary["checkpoint_sha256"]
+    assert loaded.info.sha256 == manifest["model"]["sha256"]
     assert loaded.info.metrics["test_accuracy"] == summary["test_accuracy"]
     assert loaded.info.config["recipe"]["train_images"] == 256
     # The finished run leaves no state behind, so the next run starts afresh.
@@ -176,7 +189,7 @@ def test_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--epochs", "0"])
     assert info.value.code == 2
-    assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert "argument --epochs: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
@@ -198,7 +211,7 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     got = train.get_or_train_baseline("resnet18", train_if_missing=True,
                                       data_root=tmp_path / "fm", train_args=("--seed", "1"))
     assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
-                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+                      "--force", "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
     assert got.info.path == path
     assert train.get_or_train_baseline("resnet18", train_if_missing=True).info.sha256 == \
         got.info.sha256
@@ -206,3 +219,183 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "main", lambda argv: 3)
     with pytest.raises(models.CheckpointError, match="exit code 3; run the same command again"):
         train.get_or_train_baseline("resnet50", train_if_missing=True)
+    monkeypatch.setattr(train, "main", lambda argv: 2)  # e.g. no data: nothing to resume
+    with pytest.raises(models.CheckpointError, match="failed with exit code 2 for the reason"):
+        train.get_or_train_baseline("resnet50", train_if_missing=True)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "argument --lr: must be a finite number, got 'nan'"),
+    ("--lr", "-1", "argument --lr: must be above 0, got '-1'"),
+    ("--lr", "inf", "argument --lr: must be a finite number, got 'inf'"),
+    ("--lr", "0", "argument --lr: must be above 0, got '0'"),
+    ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
+    ("--batch-size", "-4", "argument --batch-size: must be at least 1, got -4"),
+    ("--checkpoint-every", "0", "argument --checkpoint-every: must be at least 1, got 0"),
+    ("--stop-after-steps", "0", "argument --stop-after-steps: must be at least 1, got 0"),
+    ("--time-budget-min", "nan", "--time-budget-min: must be a finite number, got 'nan'"),
+    ("--time-budget-min", "inf", "(leave it out for no limit)"),
+])
+def test_bad_numbers_are_refused_before_any_work(option, value, message, idx_root, tmp_path,
+                                                 capsys):
+    with pytest.raises(SystemExit) as info:
+        _main(idx_root, tmp_path, option, value)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the cache folder
+
+
+@pytest.mark.parametrize("case", ["missing folder", "2 of 4 files", "corrupt gz"])
+def test_bad_data_root_exits_2_with_the_message(case, idx_root, tmp_path, capsys):
+    root = tmp_path / "fm"
+    if case != "missing folder":
+        root.mkdir()
+        for f in idx_root.iterdir():
+            if case == "corrupt gz" or f.name.startswith("train"):
+                (root / f.name).write_bytes(f.read_bytes())
+    if case == "corrupt gz":
+        path = root / f"{data.FILES['test'][0]}.gz"
+        path.write_bytes(path.read_bytes()[:-300])
+    expected = {"missing folder": "fm does not exist",
+                "2 of 4 files": "lacks 2 of the four Fashion-MNIST IDX files",
+                "corrupt gz": "t10k-images-idx3-ubyte.gz is truncated or corrupt"}[case]
+    assert _main(root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "run").exists()
+
+
+def _nan_from_call(monkeypatch, first):
+    """batch_tensors returns NaN images from its ``first``-th call on: a loss that diverges."""
+    real, calls = train.batch_tensors, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        x, y = real(*args, **kwargs)
+        return (x * float("nan") if len(calls) >= first else x), y
+
+    monkeypatch.setattr(train, "batch_tensors", poisoned)
+
+
+def test_diverging_loss_stops_with_the_step_and_writes_no_checkpoint(idx_root, tmp_path,
+                                                                     monkeypatch, capsys):
+    _nan_from_call(monkeypatch, first=4)
+    assert _main(idx_root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: the loss became nan at step 4 of 16 (epoch 1 of 2" in err
+    assert "No checkpoint was written" in err and "lower --lr" in err
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "run").exists()
+
+
+def test_diverged_weights_are_never_saved(idx_root, tmp_path, monkeypatch, capsys):
+    """Weights that turn NaN in the update after a finite loss are caught before the
+    state (and so the checkpoint) is written; the state of the last good save stays."""
+    real_step = torch.optim.SGD.step
+
+    def poisoning_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        if train_step[0] == 12:  # the update of step 12, a save point
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        train_step[0] += 1
+        return result
+
+    train_step = [1]
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    assert _main(idx_root, tmp_path, "--checkpoint-every", "4") == 2
+    err = capsys.readouterr().err
+    assert "the weights became non-finite (" in err and "NaN" in err
+    assert "the state of step 8 stays in" in err
+    assert _state_step(tmp_path) == 8 and not (tmp_path / "ckpt.pt").exists()
+
+
+def _interrupt(monkeypatch, target, name, on_call):
+    real, calls = getattr(target, name), []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupting)
+
+
+def _same_as_reference(reference_run, tmp_path):
+    _, ref_out, ref_checkpoint = reference_run
+    for csv in ("steps.csv", "epochs.csv"):
+        ours, ref = pd.read_csv(tmp_path / "run" / csv), pd.read_csv(ref_out / csv)
+        for column in ("step", "loss") if csv == "steps.csv" else ("epoch", "val_accuracy"):
+            np.testing.assert_array_equal(ours[column], ref[column])
+    a = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    b = models.load_checkpoint(ref_checkpoint).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_the_state_and_the_same_command_resumes(reference_run, idx_root,
+                                                             tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        _interrupt(m, train, "batch_tensors", on_call=6)  # while preparing step 6
+        assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted at step 5 of 16" in err and "Traceback" not in err
+    assert "run the same command: python -m studies.train --smoke --arch resnet18" in err
+    assert _state_step(tmp_path) == 5 and not (tmp_path / "ckpt.pt").exists()
+    assert _main(idx_root, tmp_path) == 0
+    assert "resuming ckpt.train-state.pt at step 5 of 16" in capsys.readouterr().out
+    _same_as_reference(reference_run, tmp_path)
+
+
+def test_ctrl_c_during_validation_redoes_it_on_resuming(reference_run, idx_root, tmp_path,
+                                                        monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt(m, train, "_epoch_record", on_call=1)  # validating after step 8
+        assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
+    assert _state_step(tmp_path) == 8
+    assert _main(idx_root, tmp_path) == 0
+    _same_as_reference(reference_run, tmp_path)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread()
+                    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="SIGINT is held only in the main thread under Python's own handler")
+def test_a_real_sigint_inside_an_update_lands_after_it(idx_root, tmp_path, monkeypatch,
+                                                       capsys):
+    """The signal arrives between the optimizer's update and the step counter's: the
+    update completes and is counted, so the saved state is consistent."""
+    real_step = torch.optim.lr_scheduler.OneCycleLR.step
+    calls = []
+
+    def step_with_sigint(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the constructor steps once; this is the third update
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", step_with_sigint)
+    assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
+    assert "interrupted at step 3 of 16" in capsys.readouterr().err
+    state = torch.load(tmp_path / "ckpt.train-state.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["history"]["steps"]) == 3
+    assert state["scheduler"]["last_epoch"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_rerun_writes_the_same_bytes_but_for_its_timing_files(idx_root, tmp_path):
+    """Same command, same seed: every output but the named timing files is the same bytes
+    (the trained weights too); replacing the first run and its checkpoint needs --force."""
+    assert _main(idx_root, tmp_path, "--force") == 0
+    out = tmp_path / "run"
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    weights = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    assert _main(idx_root, tmp_path, "--force") == 0
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = json.loads(second.pop("manifest.json"))
+    first.pop("manifest.json")
+    assert sorted(first) == sorted(second)
+    assert {n for n in first if first[n] != second[n]} <= set(manifest["timing_outputs"])
+    again = models.load_checkpoint(tmp_path / "ckpt.pt").model.state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

@@ -235,14 +235,72 @@ def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
     _refused(path, "not a readable torch file")
 
 
-def test_wrong_model_is_refused(saved_checkpoint):
-    # The caller asked for a ResNet50 at this path, so that is what to retrain.
-    msg = _refused(saved_checkpoint, "not the model asked for", expected_arch="resnet50",
-                   retrain="python -m studies.train --arch resnet50 --stem imagenet")
-    assert "arch is resnet18, expected resnet50" in msg
-    _refused(saved_checkpoint, "num_classes is 10, expected 100", expected_num_classes=100)
+def test_another_model_is_named_and_not_condemned(saved_checkpoint):
+    """A valid checkpoint of another architecture is not damaged: the message says what it
+    is, how to use it and where the one asked for goes, and never to delete it."""
+    before = saved_checkpoint.read_bytes()
+    with pytest.raises(CheckpointError) as info:
+        models.load_checkpoint(saved_checkpoint, expected_arch="resnet50")
+    msg = str(info.value)
+    for phrase in (f"{saved_checkpoint} is a valid checkpoint", "resnet18 with the imagenet stem",
+                   "its arch is resnet18, resnet50 was asked for",
+                   "pass --arch/--model resnet18 --stem imagenet",
+                   "`python -m studies.train --arch resnet50 --stem imagenet`",
+                   str(models.default_checkpoint_path("resnet50", "imagenet")), "keep this file"):
+        assert phrase in msg
+    assert "Delete" not in msg and "refusing" not in msg
+    with pytest.raises(CheckpointError, match="its num_classes is 10, 100 was asked for"):
+        models.load_checkpoint(saved_checkpoint, expected_num_classes=100)
+    assert saved_checkpoint.read_bytes() == before
+    assert models.load_checkpoint(saved_checkpoint, expected_arch="resnet18").info.arch \
+        is Arch.RESNET18
     with pytest.raises(CheckpointNotFoundError, match="python -m studies.train"):
         models.load_checkpoint(saved_checkpoint.with_name("absent.pt"))
+
+
+def _rewrite_payload(path, change):
+    """Change a checkpoint's payload and record its new sha256 and size in the sidecar, as a
+    file saved that way (by an older qerror, or by hand) would have them."""
+    payload = torch.load(path, weights_only=True)
+    change(payload["state_dict"])
+    torch.save(payload, path)
+    side = models.sidecar_path(path)
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "sha256": sha256_file(path),
+                                "bytes": path.stat().st_size}))
+
+
+def _poison(state):
+    state["layer1.0.conv1.weight"].view(-1)[:3] = float("nan")
+    state["fc.bias"][4] = float("-inf")
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(saved_checkpoint):
+    _rewrite_payload(saved_checkpoint, _poison)
+    msg = _refused(saved_checkpoint, "non-finite")
+    assert "layer1.0.conv1.weight holds 3 NaN" in msg and "fc.bias holds 1 Inf" in msg
+
+
+def test_non_finite_weights_are_refused_at_save_and_nothing_is_written(tmp_path):
+    model = _trained_like_model()
+    with torch.no_grad():
+        _poison(model.state_dict())
+    path = tmp_path / "out" / "ckpt.pt"
+    with pytest.raises(models.NonFiniteWeightsError) as info:
+        models.save_checkpoint(model, path, arch="resnet18", stem="imagenet", config=CONFIG,
+                               metrics=METRICS)
+    msg = str(info.value)
+    assert "layer1.0.conv1.weight holds 3 NaN" in msg and "nothing was written" in msg
+    assert not path.parent.exists() or not list(path.parent.iterdir())
+
+
+def test_non_finite_imagenet_state_dict_is_refused(tmp_path):
+    reference, path = _resnet50_state_file(tmp_path)
+    state = reference.state_dict()
+    state["layer2.0.bn1.running_var"][0] = float("inf")
+    torch.save(state, path)
+    with pytest.raises(StateDictMismatchError, match="layer2.0.bn1.running_var holds 1 Inf"):
+        models.imagenet_resnet50(path)
 
 
 def test_failed_write_keeps_the_old_file(saved_checkpoint):
@@ -266,5 +324,5 @@ def test_get_baseline_loads_or_refuses_with_the_training_command():
                            config=CONFIG, metrics=METRICS)
     got = models.get_baseline("resnet18")
     assert got.info.path == path and got.info.metrics == METRICS
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(CheckpointError, match="valid checkpoint .* of another model"):
         models.get_baseline("resnet50", path=path)  # another architecture's file

@@ -1,0 +1,280 @@
+"""Fashion-MNIST loading from IDX files the test writes, splits, and clear errors."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from qerror import data
+
+
+@pytest.fixture
+def idx_root(fashion_idx):
+    """Synthetic Fashion-MNIST IDX files; nothing else is found."""
+    return fashion_idx(train=300, test=50)
+
+
+def test_idx_round_trip(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for name in ("a.idx", "a.idx.gz"):
+        data.write_idx(tmp_path / name, a)
+        np.testing.assert_array_equal(data.read_idx(tmp_path / name), a)
+
+
+def test_load_from_explicit_root_and_env(idx_root, monkeypatch):
+    train = data.load_fashion_mnist("train", idx_root)
+    assert train.images.shape == (300, 28, 28) and train.labels.shape == (300,)
+    assert train.source == str(idx_root)
+    monkeypatch.setenv(data.ENV_VAR, str(idx_root))
+    assert data.load_fashion_mnist("test").sha256 == data.load_fashion_mnist("test", idx_root).sha256
+
+
+def test_torchvision_layout_is_found(idx_root, tmp_path):
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in idx_root.iterdir():
+        (raw / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))  # uncompressed
+    assert data.find_fashion_mnist(tmp_path / "tv") == raw
+    assert len(data.load_fashion_mnist("test", tmp_path / "tv")) == 50
+
+
+def test_missing_data_names_every_way_to_get_it(idx_root, tmp_path):
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.load_fashion_mnist("train", tmp_path / "empty")
+    msg = str(info.value)
+    for way in ("apt-get install dataset-fashion-mnist", "--data-root", data.ENV_VAR, "download"):
+        assert way in msg
+
+
+def test_truncated_or_foreign_file_is_refused(idx_root):
+    path = idx_root / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        data.load_fashion_mnist("train", idx_root)
+    path.write_bytes(gzip.compress(b"\x1f\x8b" + raw[2:]))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.load_fashion_mnist("train", idx_root)
+
+
+def test_splits_are_deterministic_and_disjoint(idx_root):
+    a = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
+    b = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
+    c = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=4)
+    assert (len(a.train), len(a.val), len(a.calib), len(a.test)) == (240, 40, 20, 50)
+    np.testing.assert_array_equal(a.val.images, b.val.images)
+    assert not np.array_equal(a.val.images, c.val.images)
+    rows = lambda s: {r.tobytes() for r in s.images}
+    assert not (rows(a.train) & rows(a.val)) and not (rows(a.val) & rows(a.calib))
+    with pytest.raises(ValueError, match="leave training images"):
+        data.fashion_mnist_splits(idx_root, val=250, calib=60)
+
+
+def test_to_tensor_pads_exactly():
+    img = np.full((2, 28, 28), 255, dtype=np.uint8)
+    t = data.to_tensor(img, size=32)
+    assert t.shape == (2, 1, 32, 32)
+    assert float(t[0, 0, 0, 0]) == pytest.approx(-data.MEAN / data.STD)
+    assert float(t[0, 0, 2, 2]) == pytest.approx((1 - data.MEAN) / data.STD)
+    with pytest.raises(ValueError, match="at least 28"):
+        data.to_tensor(img, size=20)
+
+
+def test_bad_split_name():
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        data.load_fashion_mnist("validation")
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes, to show that a refusal changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _gz_bytes(path):
+    return gzip.decompress(path.read_bytes())
+
+
+def _idx_header(kind, shape):
+    return bytes([0, 0, kind, len(shape)]) + np.asarray(shape, dtype=">u4").tobytes()
+
+
+def _replace(root, stem, array):
+    data.write_idx(root / f"{stem}.gz", array)
+
+
+TRAIN_IMG, TRAIN_LBL = data.FILES["train"]
+TEST_IMG, TEST_LBL = data.FILES["test"]
+
+
+def _missing_folder(root, tmp_path, monkeypatch):
+    return tmp_path / "absent"
+
+
+def _empty_folder(root, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def _two_of_four(root, tmp_path, monkeypatch):
+    half = tmp_path / "half"
+    half.mkdir()
+    for stem in data.FILES["train"]:
+        (half / f"{stem}.gz").write_bytes((root / f"{stem}.gz").read_bytes())
+    return half
+
+
+def _wrong_magic(root, tmp_path, monkeypatch):
+    raw = _gz_bytes(root / f"{TRAIN_IMG}.gz")
+    (root / f"{TRAIN_IMG}.gz").write_bytes(gzip.compress(b"\x08\x03\x00\x00" + raw[4:]))
+    return root
+
+
+def _wrong_element_type(root, tmp_path, monkeypatch):
+    raw = _gz_bytes(root / f"{TRAIN_IMG}.gz")
+    (root / f"{TRAIN_IMG}.gz").write_bytes(gzip.compress(_idx_header(0x09, (300, 28, 28))
+                                                         + raw[16:]))
+    return root
+
+
+def _wrong_dims(root, tmp_path, monkeypatch):
+    _replace(root, TRAIN_IMG, np.zeros((300, 28, 27), np.uint8))
+    return root
+
+
+def _wrong_split_size(root, tmp_path, monkeypatch):
+    _replace(root, TRAIN_IMG, np.zeros((299, 28, 28), np.uint8))
+    _replace(root, TRAIN_LBL, np.zeros(299, np.uint8))
+    return root
+
+
+def _labels_out_of_range(root, tmp_path, monkeypatch):
+    labels = np.zeros(300, np.uint8)
+    labels[[7, 100]] = (12, 255)
+    _replace(root, TRAIN_LBL, labels)
+    return root
+
+
+def _count_mismatch(root, tmp_path, monkeypatch):
+    _replace(root, TRAIN_LBL, np.zeros(299, np.uint8))
+    return root
+
+
+def _truncated_gz(root, tmp_path, monkeypatch):
+    path = root / f"{TRAIN_IMG}.gz"
+    path.write_bytes(path.read_bytes()[:-2000])
+    return root
+
+
+def _corrupt_gz(root, tmp_path, monkeypatch):
+    path = root / f"{TRAIN_IMG}.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    return root
+
+
+def _env_points_nowhere(root, tmp_path, monkeypatch):
+    """No data_root (the function returns None): the environment variable names the folder."""
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+
+
+NOT_FOUND, BAD = data.DataNotFoundError, data.DataError
+BAD_SOURCES = {
+    "missing folder": (_missing_folder, NOT_FOUND, ["absent does not exist", "--data-root"]),
+    "empty folder": (_empty_folder, NOT_FOUND, ["empty holds none of the four"]),
+    "2 of 4 files": (_two_of_four, NOT_FOUND,
+                     ["lacks 2 of the four", f"{TEST_IMG}, {TEST_LBL}", f"has {TRAIN_IMG}.gz",
+                      "NAME.gz or NAME", "FashionMNIST/raw/"]),
+    "wrong magic": (_wrong_magic, BAD, [f"{TRAIN_IMG}.gz is not an IDX file",
+                                        "bad magic number 08030000"]),
+    "wrong element type": (_wrong_element_type, BAD,
+                           [f"{TRAIN_IMG}.gz: element type int8", "uint8"]),
+    "wrong dims": (_wrong_dims, BAD, [f"{TRAIN_IMG}.gz: dimensions 300×28×27", "N×28×28"]),
+    "wrong split size": (_wrong_split_size, BAD, ["hold 299 images", "train split has 300"]),
+    "labels out of range": (_labels_out_of_range, BAD,
+                            [f"{TRAIN_LBL}.gz: 2 labels are outside 0..9",
+                             "the first is 12 at index 7"]),
+    "count mismatch": (_count_mismatch, BAD, ["holds 300 images but", "holds 299 labels"]),
+    "truncated gz": (_truncated_gz, BAD, [f"{TRAIN_IMG}.gz is truncated or corrupt",
+                                          "delete it and get it again"]),
+    "corrupt gz": (_corrupt_gz, BAD, [f"{TRAIN_IMG}.gz is truncated or corrupt",
+                                      "delete it and get it again"]),
+    "$QERROR_DATA pointing nowhere": (_env_points_nowhere, NOT_FOUND,
+                                      ["named by $QERROR_DATA", "nowhere does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_bad_data_source_is_refused_naming_the_problem(case, fashion_idx, tmp_path, monkeypatch):
+    """Each bad source raises one error naming the file or folder and what is wrong; a
+    complete copy in the default places (cache and Debian folder) is never used instead,
+    and no file anywhere changes."""
+    root = fashion_idx(train=300, test=50)
+    for default in (tmp_path / "cache" / "qerror" / "data", tmp_path / "debian"):
+        default.mkdir(parents=True)
+        for f in root.iterdir():
+            (default / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "debian")
+    make, error, phrases = BAD_SOURCES[case]
+    source = make(root, tmp_path, monkeypatch)
+    before = _snapshot(tmp_path)
+    with pytest.raises(error) as info:
+        data.fashion_mnist_splits(source, val=40, calib=20)
+    msg = str(info.value)
+    for phrase in phrases:
+        assert phrase in msg
+    assert "apt-get install dataset-fashion-mnist" in msg  # and how to get the data
+    assert _snapshot(tmp_path) == before
+
+
+def test_default_places_are_searched_only_when_nothing_is_named(fashion_idx, tmp_path,
+                                                                monkeypatch):
+    root = fashion_idx(train=300, test=50)
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    for f in root.iterdir():
+        (debian / f.name[:-3]).write_bytes(_gz_bytes(f))
+    monkeypatch.setattr(data, "DEBIAN_DIR", debian)
+    assert data.find_fashion_mnist() == debian
+    monkeypatch.setenv(data.ENV_VAR, str(root))
+    assert data.find_fashion_mnist() == root  # the named folder wins, and it alone is read
+    monkeypatch.setenv(data.ENV_VAR, "")
+    assert data.find_fashion_mnist() == debian
+    with pytest.raises(data.DataNotFoundError, match="no --data-root, QERROR_DATA unset"):
+        monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+        data.find_fashion_mnist()
+
+
+def _image_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imagenet"
+    for cls in ("n01", "n02"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (300, 260), (40 * i, 90, 200)).save(root / cls / f"{i}.jpg")
+    return root
+
+
+def test_imagenet_folder_names_a_broken_image(tmp_path):
+    root = _image_folder(tmp_path)
+    ds = data.imagenet_folder(root)
+    assert ds[0][0].shape == (3, 224, 224)
+    broken = root / "n02" / "1.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    (root / "n01" / "0.jpg").write_bytes(b"not an image at all")
+    for index, path in ((3, broken), (0, root / "n01" / "0.jpg")):
+        with pytest.raises(data.DataError) as info:
+            ds[index]
+        assert str(path) in str(info.value) and "cannot read this image" in str(info.value)
+
+
+def test_imagenet_folder_without_class_folders_is_refused(tmp_path):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(data.DataNotFoundError, match="one sub-folder per class"):
+        data.imagenet_folder(tmp_path / "flat")
+    with pytest.raises(data.DataNotFoundError, match="is not a folder"):
+        data.imagenet_folder(tmp_path / "absent")

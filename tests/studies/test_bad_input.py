@@ -1,0 +1,315 @@
+"""The bad-input table: every command line over its bad arguments and bad sources.
+
+Each case runs a study's ``main`` in-process and asserts three things: the exit status, that
+the message names the problem, and that nothing outside the study's own staging area
+changed. The test builds a user's world first (a folder holding a thesis and data, data
+folders good and bad, earlier runs) and compares every file and folder of it, bytes
+included, afterwards; ``--out .`` and ``--out ~`` point into that folder too.
+
+Placeholders in the arguments are filled from the world: ``{user}`` (the user's folder),
+``{fm}`` (good synthetic Fashion-MNIST), ``{empty}``, ``{half}`` (2 of the 4 IDX files),
+``{trunc}`` (a truncated gzip), ``{missing}`` (nothing there), ``{other_run}`` (a run of
+another study), ``{prev}`` (a previous run of the same study), ``{prev_extra}`` (the same
+with a user's file added), ``{new}`` (a folder that does not exist yet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from qerror import data
+from qerror.nn.models import DEFAULT_STEM, Arch, fashion_resnet, save_checkpoint
+from studies import bench, dataset, drift, ledger, rounding, train
+
+MODULES = {"drift": drift, "rounding": rounding, "dataset": dataset, "bench": bench,
+           "train": train, "ledger": ledger}
+ARGPARSE = 2  # argparse's status for a bad argument, also the studies' for a refused input
+REFUSED = 2
+SYSTEM_EXIT = 1  # SystemExit(message): Python prints the message and exits 1
+
+# (study, case id, argv, exit status, regular expression the message must match)
+# Every case gives a valid --out (a new folder) unless --out is what it tests.
+OUT_CASES = [
+    ("user-folder", ["--out", "{user}"], REFUSED,
+     r"holds 2 entries \(sub, thesis\.tex\) and is not a run of a study"),
+    ("a-file", ["--out", "{user}/thesis.tex"], REFUSED, r"is a file, not a folder"),
+    ("dot", ["--out", "."], REFUSED, r"not a run of a study"),
+    ("home", ["--out", "~"], REFUSED, r"not a run of a study"),
+    ("under-a-file", ["--out", "{user}/thesis.tex/run"], REFUSED, r"thesis\.tex is a file"),
+    ("unwritable", ["--out", "/proc/qerror-no-such-run"], REFUSED, r"cannot write in /proc"),
+    ("other-study", ["--out", "{other_run}"], REFUSED, r"run of the 'ledgerish' study"),
+    ("previous-run-no-force", ["--out", "{prev}"], REFUSED, r"previous run.*pass --force"),
+    ("previous-run-with-user-file", ["--out", "{prev_extra}", "--force"], REFUSED,
+     r"does not list \(notes\.txt\)"),
+]
+
+STUDY_CASES = {
+    "drift": [
+        ("images-0", ["--images", "0"], ARGPARSE, r"--images: must be at least 2, got 0"),
+        ("batch-size-0", ["--batch-size", "0"], ARGPARSE, r"--batch-size: must be at least 2"),
+        ("calib-images-1", ["--calib-images", "1"], ARGPARSE, r"--calib-images: must be at l"),
+        ("local-samples-negative", ["--local-samples", "-1"], ARGPARSE,
+         r"--local-samples: must be at least 1, got -1"),
+        ("local-samples-above-batch", ["--local-samples", "17"], ARGPARSE,
+         r"--local-samples 17: more than --batch-size 16"),
+        ("int8-images-negative", ["--int8-images", "-3"], ARGPARSE,
+         r"--int8-images: must be at least 0, got -3"),
+        ("images-nan", ["--images", "nan"], ARGPARSE, r"--images: expected an integer"),
+        ("bits-1", ["--bits", "1"], ARGPARSE, r"--bits: must be from 2 to 16, got 1"),
+        ("bits-17", ["--bits", "8", "17"], ARGPARSE, r"--bits: must be from 2 to 16, got 17"),
+        ("remedy-bits-not-measured", ["--remedy-bits", "6"], ARGPARSE,
+         r"--remedy-bits 6: not among --bits 8 4"),
+        ("remedy-without-both", ["--targets", "weights", "--remedy-bits", "4"], ARGPARSE,
+         r"remedies need --targets to include 'both'"),
+        ("remedy-without-its-modes", ["--modes", "floor", "--remedy-bits", "4"], ARGPARSE,
+         r"remedies need --modes to include"),
+        ("unknown-mode", ["--modes", "bankers"], ARGPARSE, r"--modes: .*bankers"),
+        ("seed-negative", ["--seed", "-1"], ARGPARSE, r"--seed: must be at least 0"),
+        ("weights-missing", ["--weights", "{missing}/model.pt"], SYSTEM_EXIT,
+         r"missing/model\.pt"),
+        ("weights-not-a-checkpoint", ["--weights", "{user}/thesis.tex"], SYSTEM_EXIT,
+         r"thesis\.tex"),
+    ],
+    "rounding": [
+        ("mc-samples-0", ["--mc-samples", "0"], ARGPARSE, r"--mc-samples: must be at least 10"),
+        ("ratios-1", ["--ratios", "1"], ARGPARSE, r"--ratios: must be at least 2, got 1"),
+        ("unknown-law", ["--laws", "cauchyish"], ARGPARSE, r"unknown law.*cauchyish"),
+        ("seed-not-a-number", ["--seed", "one"], ARGPARSE, r"--seed: expected an integer"),
+        ("checkpoint-missing", ["--checkpoint", "{missing}/model.pt"], SYSTEM_EXIT,
+         r"missing/model\.pt: no such file"),
+        ("checkpoint-not-torch", ["--checkpoint", "{user}/thesis.tex"], SYSTEM_EXIT,
+         r"thesis\.tex: not a readable torch file"),
+        ("data-root-unused", ["--data-root", "{fm}"], ARGPARSE,
+         r"--data-root .*needs a qerror checkpoint"),
+    ],
+    "dataset": [
+        ("test-images-0", ["--test-images", "0"], ARGPARSE, r"--test-images: must be at least 1"),
+        ("batch-size-0", ["--batch-size", "0"], ARGPARSE, r"--batch-size: must be at least 1"),
+        ("bits-9", ["--bits", "9"], ARGPARSE,
+         r"--bits: must be from 2 to 8, got 9 \(offline codes are stored one per int8 byte\)"),
+        ("scale-error-nan", ["--scale-errors", "nan"], ARGPARSE,
+         r"--scale-errors: must be a finite number"),
+        ("scale-error-0", ["--scale-errors", "0"], ARGPARSE, r"--scale-errors must be non-zero"),
+        ("checkpoint-missing", ["--checkpoint", "{missing}/model.pt"], SYSTEM_EXIT,
+         r"missing/model\.pt"),
+    ],
+    "bench": [
+        ("pairs-0", ["--pairs", "0"], ARGPARSE, r"--pairs: must be at least 1, got 0"),
+        ("unknown-group", ["--only", "everything"], ARGPARSE, r"--only: invalid choice"),
+    ],
+    "train": [
+        ("lr-nan", ["--lr", "nan"], ARGPARSE, r"--lr: must be a finite number"),
+        ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
+        ("lr-inf", ["--lr", "inf"], ARGPARSE, r"--lr: must be a finite number"),
+        ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1"),
+        ("batch-size-negative", ["--batch-size", "-5"], ARGPARSE, r"--batch-size: must be at"),
+        ("time-budget-nan", ["--time-budget-min", "nan"], ARGPARSE,
+         r"--time-budget-min: must be a finite number"),
+        ("checkpoint-every-0", ["--checkpoint-every", "0"], ARGPARSE, r"--checkpoint-every: mu"),
+        ("checkpoint-over-a-user-file", ["--checkpoint", "{user}/thesis.tex"], REFUSED,
+         r"thesis\.tex is an existing file that is not a qerror checkpoint"),
+        ("checkpoint-a-folder", ["--checkpoint", "{user}"], REFUSED, r"is a folder"),
+    ],
+}
+
+# Named sources that are missing, empty, incomplete or corrupt: the study must say so,
+# naming the place, and never fall back to another copy.
+SOURCE_CASES = [
+    ("data-root-missing", ["--data-root", "{missing}"], r"missing"),
+    ("data-root-empty", ["--data-root", "{empty}"], r"empty"),
+    ("data-root-half", ["--data-root", "{half}"], r"t10k-images-idx3-ubyte"),
+    ("data-root-truncated-gzip", ["--data-root", "{trunc}"], r"t10k-labels-idx1-ubyte\.gz"),
+    ("env-missing", ["$QERROR_DATA={missing}"], r"QERROR_DATA"),
+]
+SOURCE_STUDIES = ("drift", "rounding", "dataset", "train")
+# What each study needs besides the case's own arguments to reach its data.
+SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [],
+                "rounding": ["--checkpoint", "{ckpt}"]}
+
+
+def _table():
+    rows = []
+    for study in ("drift", "rounding", "dataset", "bench", "train"):
+        rows += [(study, f"out-{cid}", argv, code, msg) for cid, argv, code, msg in OUT_CASES]
+        rows += [(study, *case) for case in STUDY_CASES[study]]
+        rows += [(study, cid, argv + SOURCE_EXTRA[study], REFUSED, msg)
+                 for cid, argv, msg in SOURCE_CASES if study in SOURCE_STUDIES]
+    return rows
+
+
+TABLE = _table()
+
+
+def snapshot(root):
+    """Every file and folder under ``root``: path -> bytes (None for a folder)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def world(tmp_path, fashion_idx, monkeypatch):
+    """A user's folder, data folders good and bad, and earlier runs; cwd and HOME are the
+    user's folder."""
+    fm = fashion_idx(train=6100, test=100)
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "thesis.tex").write_text("\\documentclass{book} my thesis\n")
+    (user / "sub" / "important.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "empty").mkdir()
+    half = tmp_path / "half"
+    half.mkdir()
+    for name in sorted(p.name for p in fm.iterdir())[2:]:  # the two train-* files
+        shutil.copy(fm / name, half / name)
+    trunc = tmp_path / "trunc"
+    shutil.copytree(fm, trunc)
+    labels = trunc / f"{data.FILES['test'][1]}.gz"
+    labels.write_bytes(labels.read_bytes()[:-12])
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "table.csv").write_text("x\n1\n")
+    (other / "manifest.json").write_text(json.dumps(
+        {"study": "ledgerish", "outputs": {"table.csv": "0" * 64}}))
+    places = {"user": user, "fm": fm, "empty": tmp_path / "empty", "half": half,
+              "trunc": trunc, "missing": tmp_path / "missing", "other_run": other,
+              "new": tmp_path / "new" / "run", "ckpt": tmp_path / "ckpt" / "model.pt"}
+    monkeypatch.chdir(user)
+    monkeypatch.setenv("HOME", str(user))
+    return tmp_path, places
+
+
+def _previous_run(folder, study, extra=False):
+    folder.mkdir(parents=True)
+    (folder / "result.csv").write_text("x\n1\n")
+    (folder / "manifest.json").write_text(json.dumps(
+        {"study": study, "outputs": {"result.csv": "0" * 64}}))
+    if extra:
+        (folder / "notes.txt").write_text("the user's own notes\n")
+
+
+def run_cli(main, argv, capsys):
+    """(exit status, everything printed) of ``main(argv)``, as a shell would see them."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else SYSTEM_EXIT
+        message = "" if isinstance(exc.code, int) or exc.code is None else str(exc.code)
+    else:
+        message = ""
+    out, err = capsys.readouterr()
+    return code, out + err + message
+
+
+@pytest.mark.parametrize("study, case, argv, code, pattern", TABLE,
+                         ids=[f"{row[0]}-{row[1]}" for row in TABLE])
+def test_bad_input_is_refused_with_a_message_and_changes_nothing(
+        study, case, argv, code, pattern, world, monkeypatch, capsys):
+    root, places = world
+    places["prev"] = root / "prev" / study
+    places["prev_extra"] = root / "prev_extra" / study
+    _previous_run(places["prev"], study)
+    _previous_run(places["prev_extra"], study, extra=True)
+    if "{ckpt}" in " ".join(argv):
+        _small_checkpoint(places["ckpt"])
+    args = []
+    for a in argv:
+        if a.startswith("$QERROR_DATA="):
+            monkeypatch.setenv(data.ENV_VAR, a.split("=", 1)[1].format(**places))
+        else:
+            args.append(a.format(**places))
+    named_data = "--data-root" in args or os.environ.get(data.ENV_VAR)
+    if study in ("drift", "dataset", "train") and not named_data:
+        args += ["--data-root", str(places["fm"])]
+    if "--out" not in args:
+        args += ["--out", str(places["new"])]
+    if study == "train":
+        args += ["--arch", "resnet18"]
+    before = snapshot(root)
+    status, message = run_cli(MODULES[study].main, ["--smoke", *args], capsys)
+    assert status == code, message
+    assert re.search(pattern, message, flags=re.S), message
+    assert "Traceback" not in message
+    assert snapshot(root) == before
+
+
+def _small_checkpoint(path):
+    """A valid qerror checkpoint of a small model, for the studies that need one."""
+    torch.manual_seed(0)
+    save_checkpoint(fashion_resnet(Arch.RESNET18), path, arch=Arch.RESNET18, stem=DEFAULT_STEM,
+                    config={}, metrics={})
+
+
+LEDGER_CASES = [
+    ("out-a-user-file", ["--out", "{user}/thesis.tex"], REFUSED,
+     r"thesis\.tex is an existing file that this command did not write"),
+    ("out-a-user-file-force", ["--out", "{user}/thesis.tex", "--force"], REFUSED,
+     r"never replaced, with --force neither"),
+    ("out-a-folder", ["--out", "{user}"], REFUSED, r"is a folder"),
+    ("out-previous-table-no-force", ["--latex", "--out", "{table}"], REFUSED,
+     r"claims table written before; pass --force"),
+    ("out-under-a-file", ["--out", "{user}/thesis.tex/claims.md"], 1, r"cannot write --out"),
+    ("unknown-option", ["--markdown"], ARGPARSE, r"unrecognized arguments: --markdown"),
+]
+
+
+@pytest.mark.parametrize("argv, code, pattern", [c[1:] for c in LEDGER_CASES],
+                         ids=[c[0] for c in LEDGER_CASES])
+def test_ledger_bad_input_is_refused_and_changes_nothing(argv, code, pattern, world, capsys):
+    root, places = world
+    places["table"] = root / "claims.tex"
+    places["table"].write_text(ledger.to_latex())
+    before = snapshot(root)
+    status, message = run_cli(ledger.main, [a.format(**places) for a in argv], capsys)
+    assert status == code, message
+    assert re.search(pattern, message, flags=re.S), message
+    assert "Traceback" not in message
+    assert snapshot(root) == before
+
+
+def test_ledger_force_replaces_only_its_own_table(world, capsys):
+    root, _ = world
+    table = root / "claims.tex"
+    table.write_text(ledger.to_latex().replace("Claims", "Old claims"))
+    assert ledger.main(["--latex", "--out", str(table), "--force"]) == 0
+    assert table.read_text() == ledger.to_latex()
+
+
+# --------------------------------------------------------------------------- reruns
+
+RERUNS = {
+    "dataset": (dataset, ["--no-progress", "--scale-errors", "0.02"], (300, 200)),
+    "drift": (drift, [], (6100, 100)),
+    "rounding": (rounding, ["--laws", "normal", "--ratios", "2", "--mc-samples", "200"],
+                 None),
+}
+
+
+@pytest.mark.parametrize("study", sorted(RERUNS))
+def test_a_rerun_with_the_same_seed_writes_the_same_bytes(study, fashion_idx, tmp_path):
+    """Byte-identical outputs, PDFs included; the manifest differs only in its timing
+    fields, and outputs that hold measured times are named in it."""
+    module, extra, sizes = RERUNS[study]
+    out = tmp_path / "run"
+    argv = ["--smoke", "--seed", "3", "--out", str(out), "--force", *extra]
+    if sizes is not None:
+        argv += ["--data-root", str(fashion_idx(*sizes))]
+    assert module.main(argv) == 0
+    first = snapshot(out)
+    assert module.main(argv) == 0
+    second = snapshot(out)
+    assert sorted(first) == sorted(second)
+    manifests = [json.loads(run.pop("manifest.json")) for run in (first, second)]
+    timing = set(manifests[0]["timing_outputs"])
+    assert timing == set(manifests[1]["timing_outputs"])
+    assert {name for name in first if first[name] != second[name]} <= timing
+    assert any(name.endswith(".pdf") for name in first)
+    for m in manifests:
+        del m["started_unix"], m["seconds"]
+        for name in timing:
+            del m["outputs"][name]
+    assert manifests[0] == manifests[1]
