@@ -10,9 +10,10 @@ both networks with Wilson intervals and McNemar's test of quantized against floa
 
 Then:
 
-* drift growth with depth: a power law ``y ∝ depth^p`` fitted to the channel-RMS relative
-  drift and to the relative RMS error of the conv/linear outputs, with the exponent's CI,
-  and the linear and √depth models compared by their residuals;
+* drift growth with path depth (:mod:`qerror.nn.growth`): a power law ``y ∝ depth^p``
+  fitted to the channel-RMS relative drift (its sampling noise removed) and to the relative
+  RMS error of the conv/linear outputs, with bootstrap intervals over images and over blocks
+  of layers, and "linear" or "√depth" said only where an interval separates them;
 * remedies on a few configurations: BatchNorm re-estimation, analytic bias correction
   (E[ΔW]·E[x] + Ŵ·E[e_x], E[x] from the preceding BN and ReLU) and empirical bias
   correction, and how much of the lost accuracy and drift each recovers;
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
@@ -56,6 +56,12 @@ from qerror.nn import (
     predicted_local_drift,
     quantize_weights,
     reestimate_bn,
+)
+from qerror.nn.growth import (
+    channel_rms_debiased,
+    image_bootstrap,
+    layer_block_bootstrap,
+    linear_or_sqrt,
 )
 from qerror.stats import mcnemar_from_counts, wilson_ci
 from studies._common import (
@@ -77,7 +83,8 @@ DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingM
                  RoundingMode.FLOOR, RoundingMode.STOCHASTIC)
 DEFAULT_BITS = (8, 6, 4)
 REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
-GROWTH_METRICS = ("drift_rel_rms_channel", "rms_rel")
+GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
+BOOTSTRAP = 1000  # resamples of each growth interval
 
 
 @dataclass(frozen=True)
@@ -208,32 +215,36 @@ def accuracy_row(cfg_cols: dict, res: PropagationResult, remedy: str = "none") -
     return row
 
 
-def growth_fit(sites: pd.DataFrame, metric: str) -> dict:
-    """Power law ``y = c·depth^p`` on conv/linear outputs, and linear vs √depth.
+def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
+    """Growth exponent of each metric along path depth, with bootstrap intervals.
 
-    The exponent's interval is OLS's on (log depth, log y); adjacent layers' errors are
-    correlated, so it is narrower than an interval that modelled that dependence. The
-    linear and √depth models are compared by their residuals on the same log scale, so
-    ``better`` says which of p = 1 and p = 1/2 the data are closer to.
+    ``drift_rel_rms_channel_debiased`` gets an image bootstrap (every layer's figure
+    recomputed from a resample of the images' per-channel drift) and a moving-block
+    bootstrap over layers; ``rms_rel`` the block bootstrap only (its per-image values are
+    not kept). ``answer`` says linear or √depth only where the widest interval excludes
+    the other (:func:`qerror.nn.growth.linear_or_sqrt`).
     """
-    d = sites[(sites.metric == metric) & sites.kind.isin(["conv", "linear"])]
-    d = d[np.isfinite(d.value) & (d.value > 0)]
-    out = {"metric": metric, "layers": len(d)}
-    if len(d) < 4:
-        return out
-    x, y = d.depth.to_numpy(float), d.value.to_numpy(float)
-    fit = sps.linregress(np.log(x), np.log(y))
-    t = sps.t.ppf(0.5 + FIT_LEVEL / 2, len(d) - 2)
-    out.update(exponent=fit.slope, exponent_lo=fit.slope - t * fit.stderr,
-               exponent_hi=fit.slope + t * fit.stderr, r2_loglog=fit.rvalue**2)
-    # y = a·depth and y = a·√depth, each with its best a, compared on the same log scale
-    # as the power law (errors multiplicative: deep layers do not dominate the comparison)
-    for name, p in (("linear", 1.0), ("sqrt", 0.5)):
-        resid = np.log(y) - p * np.log(x)
-        resid = resid - resid.mean()
-        out[f"sse_log_{name}"] = float(resid @ resid)
-    out["better"] = "linear" if out["sse_log_linear"] < out["sse_log_sqrt"] else "sqrt"
-    return out
+    layers = [s for s in res.layers() if s.path_depth is not None]
+    depth = np.array([s.path_depth for s in layers], dtype=float)
+    rows = []
+    for metric in GROWTH_METRICS:
+        values = np.array([getattr(s, metric) for s in layers], dtype=float)
+        fits = [layer_block_bootstrap(depth, values, level=FIT_LEVEL, resamples=BOOTSTRAP,
+                                      seed=seed)]
+        per_image = [s.drift_image_channel for s in layers]
+        if metric == "drift_rel_rms_channel_debiased" and all(v is not None for v in per_image):
+            scales = [s.float_std_channel for s in layers]
+            fits.insert(0, image_bootstrap(
+                depth, per_image, lambda rows_, i: channel_rms_debiased(rows_, scales[i]),
+                level=FIT_LEVEL, resamples=BOOTSTRAP, seed=seed))
+        widest = max(fits, key=lambda f: (f.hi - f.lo) if np.isfinite(f.hi - f.lo) else -1)
+        row = {"metric": metric, "layers": len(layers), "exponent": fits[0].exponent,
+               "answer": linear_or_sqrt(widest)}
+        for f in fits:
+            tag = "images" if f.method.startswith("image") else "layers"
+            row.update({f"lo_{tag}": f.lo, f"hi_{tag}": f.hi, f"method_{tag}": f.method})
+        rows.append(row)
+    return rows
 
 
 def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: PropagationResult
@@ -343,7 +354,7 @@ def int8_caption(probe) -> str:
 
 def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
     panels = [("drift_rel", "drift / float std"),
-              ("drift_rel_rms_channel", "per-channel |drift| / std (RMS)"),
+              ("drift_rel_rms_channel_debiased", "per-channel |drift| / std (RMS, debiased)"),
               ("sqnr_db", "SQNR (dB)"),
               ("saturation", "saturated inputs (solid: qmax, dashed: qmin)"),
               ("bn_mean_shift_qf_mean", "BN mean shift from quantization (σ_run)"),
@@ -364,8 +375,8 @@ def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
             s = dm[dm.metric == metric].sort_values("order")
             ax.plot(s.order, s.value, "-", color=colors[mode], label=mode, lw=1)
         ax.set_title(label, fontsize=9)
-        if metric == "drift_rel_rms_channel":
-            ax.set_yscale("log")
+        if metric == "drift_rel_rms_channel_debiased":
+            ax.set_yscale("symlog", linthresh=1e-4)
     for ax in axes[1]:
         ax.set_xlabel("site (execution order)")
     axes[0, 0].legend(fontsize=7)
@@ -405,14 +416,14 @@ def figure_growth(plt, sites: pd.DataFrame, target: str, metric: str):
         d = sites[(sites.bits == bits) & (sites.target == target) & (sites.metric == metric)
                   & sites.kind.isin(["conv", "linear"])]
         for mode in dict.fromkeys(d["mode"]):
-            s = d[d["mode"] == mode].sort_values("depth")
-            ax.loglog(s.depth, s.value, ".", ms=4, label=mode)
+            s = d[d["mode"] == mode].sort_values("path_depth")
+            ax.loglog(s.path_depth, s.value, ".", ms=4, label=mode)
         if len(d):
-            ref = np.arange(1, d.depth.max() + 1)
-            y0 = d[d.depth == d.depth.min()].value.median()
+            ref = np.arange(1, d.path_depth.max() + 1)
+            y0 = d[d.path_depth == d.path_depth.min()].value.median()
             ax.loglog(ref, y0 * ref, "k:", lw=0.8, label="∝ depth")
             ax.loglog(ref, y0 * np.sqrt(ref), "k--", lw=0.8, label="∝ √depth")
-        ax.set_xlabel("conv/linear layer (depth)")
+        ax.set_xlabel("path depth (quantized layers on the longest path)")
         ax.set_title(f"{bits}-bit, {target}", fontsize=9)
     axes[0, 0].set_ylabel(metric.replace("_", " "))
     axes[0, -1].legend(fontsize=7)
@@ -470,7 +481,7 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame) -> dict:
     for _, r in fits.iterrows():
         if r.target != "both" or r.bits != 8 or not np.isfinite(r.get("exponent", np.nan)):
             continue
-        met = "Drift" if r.metric == "drift_rel_rms_channel" else "Rms"
+        met = "Drift" if r.metric == "drift_rel_rms_channel_debiased" else "Rms"
         m[f"Exp{met}{letters(r['mode'])}"] = f"{r.exponent:.2f}"
     return m
 
@@ -604,15 +615,12 @@ def _main(argv: list[str]) -> int:
                     weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
                 w = weight_cache[key]
             res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
-                          local_samples=local_samples)
+                          local_samples=local_samples, image_means=images)
             results[tuple(cols.values())] = res
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))
+            fits += [{**cols, **row} for row in growth_rows(res, args.seed)]
         sites = pd.concat(frames, ignore_index=True)
-        for (mode, bits, target), d in sites.groupby(["mode", "bits", "target"], sort=False):
-            for metric in GROWTH_METRICS:
-                fits.append({"mode": mode, "bits": bits, "target": target,
-                             **growth_fit(d, metric)})
         fits = pd.DataFrame(fits)
         remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
                           for b in remedy_bits if Target.BOTH in targets
@@ -700,12 +708,13 @@ def _tables(run, acc, fits, pred) -> None:
                           f"{100 * (1 - ALPHA):g}\\% Wilson interval, the drop from float and "
                           "McNemar's p against float, on the same test images.",
                           "tab:drift-accuracy")
-    fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "exponent_lo",
-                         "exponent_hi", "better") if c in fits]
+    fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
+                         "hi_images", "lo_layers", "hi_layers", "answer") if c in fits]
     run.write_latex_table("growth.tex", fits[fits.target == "both"][fcols],
-                          f"Growth of the error with depth: exponent p of depth$^p$ "
-                          f"({100 * FIT_LEVEL:g}\\% CI) and which of linear and "
-                          "$\\sqrt{\\text{depth}}$ fits better.", "tab:drift-growth")
+                          f"Growth of the error with path depth: exponent p of depth$^p$ with "
+                          f"{100 * FIT_LEVEL:g}\\% bootstrap intervals over images and over "
+                          "blocks of layers, and whether they separate linear from "
+                          "$\\sqrt{\\text{depth}}$.", "tab:drift-growth")
     rem = acc[acc.remedy != "none"]
     if len(rem):
         rcols = [c for c in ("mode", "bits", "remedy", "quant_acc", "quant_lo", "quant_hi",
@@ -721,8 +730,8 @@ def _report(acc, fits, out, seconds) -> None:
                         "agreement") if c in base]
     print(base[cols].to_string(index=False))
     f = fits[(fits.target == "both")]
-    fc = [c for c in ("mode", "bits", "metric", "exponent", "exponent_lo", "exponent_hi",
-                      "better") if c in f]
+    fc = [c for c in ("mode", "bits", "metric", "exponent", "lo_images", "hi_images",
+                      "lo_layers", "hi_layers", "answer") if c in f]
     print(f[fc].to_string(index=False))
     print(f"[drift] {len(base)} configurations in {seconds:.0f} s; written to {out}")
 

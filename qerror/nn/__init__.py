@@ -9,6 +9,7 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.bn`: BatchNorm inconsistency;
 * :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
 * :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
+* :mod:`qerror.nn.growth`: growth of the error with path depth, with bootstrap intervals;
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints.
 """
 
@@ -18,6 +19,7 @@ from qerror.nn._anatomy import (
     check_model,
     fold_bn,
     layer_names,
+    path_depths,
 )
 from qerror.nn.bn import BNInconsistency, running_stats
 from qerror.nn.correction import (
@@ -62,6 +64,7 @@ __all__ = [
     "layer_names",
     "measure",
     "output_key",
+    "path_depths",
     "predicted_local_drift",
     "quantize_weights",
     "quantized_forward",

@@ -251,6 +251,37 @@ def layer_chains(model: nn.Module, fuse_relu: bool, *, who: str,
     return list(sites.values())
 
 
+def path_depths(model: nn.Module) -> dict[str, int]:
+    """Path depth of every conv/linear layer: the quantized layers on the longest path from
+    the input to its output, itself included.
+
+    Execution order is not depth: in a residual block the shortcut's 1×1 convolution runs
+    after the block's third convolution yet lies only one layer below the block's input.
+    Growth of the error "with depth" is read against this depth.
+
+    Raises
+    ------
+    ValueError
+        The model cannot be traced by ``torch.fx.symbolic_trace``.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
+        raise ValueError(f"path depth reads the torch.fx graph, and symbolic_trace failed on "
+                         f"this model ({type(exc).__name__}: {exc})") from exc
+    depth: dict[torch.fx.Node, int] = {}
+    out: dict[str, int] = {}
+    for node in graph.nodes:  # topological order
+        below = max((depth[a] for a in node.all_input_nodes), default=0)
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        here = below + isinstance(layer, LAYERS)
+        depth[node] = here
+        if isinstance(layer, LAYERS):
+            out[node.target] = here
+    return out
+
+
 def batch_images(item) -> torch.Tensor:
     """The float32 images of a batch given as images or (images, labels)."""
     x = item[0] if isinstance(item, (tuple, list)) else item

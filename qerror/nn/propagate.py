@@ -52,6 +52,7 @@ from qerror.nn._anatomy import (
     eval_mode,
     is_block,
     iter_batches,
+    path_depths,
 )
 from qerror.nn.bn import BNInconsistency
 from qerror.quantizer import QParams, QuantSpec, fake_quantize
@@ -282,14 +283,20 @@ def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
 class _Moments:
     """Per-channel Σ and Σ² of a quantity, plus per-image Σ of its mean (for standard errors)."""
 
-    __slots__ = ("img_n", "img_q1", "img_q2", "img_s1", "img_s2", "n", "s1", "s2")
+    __slots__ = ("img_c1", "img_c2", "img_n", "img_q1", "img_q2", "img_s1", "img_s2", "keep",
+                 "kept", "n", "s1", "s2")
 
-    def __init__(self):
+    def __init__(self, keep: int = 0):
         self.n = 0
         self.s1 = self.s2 = None
         self.img_n = 0
         self.img_s1 = self.img_s2 = 0.0
         self.img_q1 = self.img_q2 = 0.0
+        # per channel: Σ and Σ² over images of each image's channel mean, and the first
+        # ``keep`` images' channel means themselves (for resampling images)
+        self.img_c1 = self.img_c2 = None
+        self.keep = keep
+        self.kept: list[torch.Tensor] = []
 
     def add(self, t: torch.Tensor, per_image: bool = True) -> None:
         t = t.detach()
@@ -317,6 +324,15 @@ class _Moments:
             self.img_s2 += float((m1 * m1).sum())
             self.img_q1 += float(m2.sum())
             self.img_q2 += float((m2 * m2).sum())
+            mc = s / per_channel  # (N, C): each image's channel means
+            c1, c2 = mc.sum(0), (mc * mc).sum(0)
+            if self.img_c1 is None:
+                self.img_c1, self.img_c2 = c1, c2
+            else:
+                self.img_c1, self.img_c2 = self.img_c1 + c1, self.img_c2 + c2
+            room = self.keep - sum(k.shape[0] for k in self.kept)
+            if room > 0:
+                self.kept.append(mc[:room].clone())
 
     # per channel
     def mean_c(self) -> np.ndarray:
@@ -338,6 +354,14 @@ class _Moments:
     def se_sq(self) -> float:
         return _se(self.img_n, self.img_q1, self.img_q2)
 
+    def var_mean_c(self) -> np.ndarray | None:
+        """Per channel, the sampling variance of the channel mean, with images as units."""
+        n = self.img_n
+        if n < 2 or self.img_c1 is None:
+            return None
+        c1, c2 = self.img_c1.numpy(), self.img_c2.numpy()
+        return np.maximum(c2 - c1 * c1 / n, 0.0) / (n - 1) / n
+
 
 def _se(n: int, s1: float, s2: float) -> float:
     if n < 2:
@@ -349,9 +373,9 @@ def _se(n: int, s1: float, s2: float) -> float:
 class _SiteAcc:
     """Everything measured at one site."""
 
-    def __init__(self, name: str, kind: str, order: int):
+    def __init__(self, name: str, kind: str, order: int, keep_images: int = 0):
         self.name, self.kind, self.order = name, kind, order
-        self.err = _Moments()        # accumulated error  yq - yf
+        self.err = _Moments(keep_images)  # accumulated error  yq - yf
         self.ref = _Moments()        # float activation   yf
         self.local = _Moments()      # local error (layers)
         self.act_err = _Moments()    # activation quantizer error, in LSB (layers)
@@ -377,8 +401,9 @@ class _Instrument:
 
     def __init__(self, model: nn.Module, config: QuantConfig, act_qparams, weights,
                  *, paired: bool, corrections=None, bn_stats=None, local_samples: int = 0,
-                 collect: bool = True, input_maps: bool = False):
+                 collect: bool = True, input_maps: bool = False, image_means: int = 0):
         self.model, self.config, self.paired = model, config, paired
+        self.image_means = image_means
         self.act_qparams = act_qparams or {}
         self.weights = weights or {}
         self.corrections = corrections or {}
@@ -437,7 +462,8 @@ class _Instrument:
     def site(self, name: str, kind: str) -> _SiteAcc:
         acc = self.sites.get(name)
         if acc is None:
-            acc = self.sites[name] = _SiteAcc(name, kind, self.order)
+            keep = self.image_means if kind in ("conv", "linear") else 0
+            acc = self.sites[name] = _SiteAcc(name, kind, self.order, keep)
             self.order += 1
         return acc
 
@@ -578,11 +604,13 @@ class SiteResult:
     kind: str
     order: int
     depth: int
+    path_depth: int | None = None
     elements: int = 0
     drift: float | None = None
     drift_se: float | None = None
     drift_rel: float | None = None
     drift_rel_rms_channel: float | None = None
+    drift_rel_rms_channel_debiased: float | None = None
     mse: float | None = None
     mse_se: float | None = None
     rms_rel: float | None = None
@@ -595,6 +623,7 @@ class SiteResult:
     local_mse: float | None = None
     local_sqnr_db: float | None = None
     local_drift_channel: np.ndarray | None = field(default=None, repr=False)
+    drift_image_channel: np.ndarray | None = field(default=None, repr=False)
     input_error_mean_lsb: float | None = None
     input_error_mse_lsb: float | None = None
     saturation_low: float | None = None
@@ -655,14 +684,16 @@ class PropagationResult:
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: one per site × metric (``value`` and its standard error ``se``)."""
         rows = []
-        scalar = ("drift", "drift_rel", "drift_rel_rms_channel", "mse", "rms_rel", "sqnr_db",
+        scalar = ("drift", "drift_rel", "drift_rel_rms_channel",
+                  "drift_rel_rms_channel_debiased", "mse", "rms_rel", "sqnr_db",
                   "float_std", "local_drift", "local_mse", "local_sqnr_db",
                   "input_error_mean_lsb", "input_error_mse_lsb", "saturation_low",
                   "saturation_high", "weight_error_mean_lsb", "weight_error_mse_lsb",
                   "weight_saturation")
         ses = {"drift": "drift_se", "mse": "mse_se", "local_drift": "local_drift_se"}
         for s in self.sites:
-            base = {"site": s.name, "kind": s.kind, "order": s.order, "depth": s.depth}
+            base = {"site": s.name, "kind": s.kind, "order": s.order, "depth": s.depth,
+                    "path_depth": math.nan if s.path_depth is None else s.path_depth}
             for metric in scalar:
                 v = getattr(s, metric)
                 if v is None:
@@ -676,7 +707,8 @@ class PropagationResult:
         return pd.DataFrame(rows)
 
 
-def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
+def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
+                 path_depth: int | None = None) -> SiteResult:
 
     err, ref = acc.err, acc.ref
     kw = {}
@@ -688,11 +720,19 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
         drift_c = err.mean_c()
         live = std_c > 0
         rel_c = drift_c[live] / std_c[live]
+        var_c = err.var_mean_c()
+        debiased = math.nan
+        if var_c is not None and rel_c.size:
+            sq = np.mean((drift_c[live] ** 2 - var_c[live]) / std_c[live] ** 2)
+            debiased = math.sqrt(max(float(sq), 0.0))
+        if err.kept:
+            kw["drift_image_channel"] = torch.cat(err.kept).numpy()
         mse = err.sq()
         kw.update(
             elements=err.n * err.s1.numel(), drift=err.mean(), drift_se=err.se_mean(),
             drift_rel=err.mean() / std_f if std_f > 0 else math.nan,
             drift_rel_rms_channel=float(np.sqrt(np.mean(rel_c**2))) if rel_c.size else math.nan,
+            drift_rel_rms_channel_debiased=debiased,
             mse=mse, mse_se=err.se_sq(),
             rms_rel=math.sqrt(mse) / std_f if std_f > 0 else math.nan,
             sqnr_db=_db(power, mse), float_std=std_f, drift_channel=drift_c,
@@ -718,7 +758,8 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref) -> SiteResult:
         kw.update(input_mean_map=(acc.in_sum / acc.in_n).numpy(),
                   input_pos_map=(acc.in_pos / acc.in_n).numpy(),
                   input_neg_map=(acc.in_neg / acc.in_n).numpy())
-    return SiteResult(name=acc.name, kind=acc.kind, order=acc.order, depth=depth, **kw)
+    return SiteResult(name=acc.name, kind=acc.kind, order=acc.order, depth=depth,
+                      path_depth=path_depth, **kw)
 
 
 def _db(power: float, noise: float) -> float:
@@ -735,7 +776,7 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             corrections: Mapping[str, torch.Tensor] | None = None,
             bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
             local_samples: int = 32, input_maps: bool = False, pair_batch: int | None = None,
-            progress: bool = False) -> PropagationResult:
+            image_means: int = 0, progress: bool = False) -> PropagationResult:
     """Run the float and the quantized network on the same batches and measure every site.
 
     Parameters
@@ -765,6 +806,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         Images per paired forward pass: each batch is split into chunks of this size, so
         the pass holds the activations of ``2 * pair_batch`` images (half the batch gives
         the memory of a float forward of the whole batch). Default: the whole batch.
+    image_means : int
+        Keep, for every conv/linear output, the per-channel mean drift of each of the first
+        ``image_means`` images (``SiteResult.drift_image_channel``, shape (N, C)), so that
+        statistics can be resampled over images (:mod:`qerror.nn.growth`).
     progress : bool
         Show a progress bar.
 
@@ -775,6 +820,12 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     check_model(model)
     if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
         raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
+    if isinstance(image_means, bool) or not isinstance(image_means, int) or image_means < 0:
+        raise ValueError(f"image_means must be a number of images >= 0, got {image_means!r}")
+    try:
+        depths = path_depths(model)
+    except ValueError:  # an untraceable model has no path depths; execution order remains
+        depths = {}
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if weights is None and config.weight is not None:
@@ -794,7 +845,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         with eval_mode(model), torch.inference_mode():
             inst = _Instrument(model, config, act_qparams, weights, paired=True,
                                corrections=corrections, bn_stats=bn_stats,
-                               local_samples=local_samples, input_maps=input_maps)
+                               local_samples=local_samples, input_maps=input_maps,
+                               image_means=image_means)
             for x, y in chunks(iter_batches(progress_bar(batches, progress, config.label)),
                                 pair_batch):
                 out = model(torch.cat([x, x]))
@@ -825,7 +877,7 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     for acc in sorted(inst.sites.values(), key=lambda a: a.order):
         if acc.kind in ("conv", "linear"):
             depth += 1
-        sites.append(_site_result(acc, depth, weights, bn_ref))
+        sites.append(_site_result(acc, depth, weights, bn_ref, depths.get(acc.name)))
     lstd = math.sqrt(max(logit_ref.sq() - logit_ref.mean() ** 2, 0.0))
     logits = LogitResult(
         n=n_img, float_correct=fc if labelled else None, quant_correct=qc if labelled else None,

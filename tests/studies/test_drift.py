@@ -33,7 +33,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
                  "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex",
                  "int8_crosscheck.csv", "depth_8bit_both.pdf", "depth_4bit_both.png",
                  "accuracy.pdf", "remedies.pdf", "prediction.pdf",
-                 "growth_drift_rel_rms_channel.pdf"):
+                 "growth_drift_rel_rms_channel_debiased.pdf"):
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
     acc = pd.read_csv(out / "accuracy.csv")
@@ -43,6 +43,13 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
+    assert sites.path_depth.dropna().max() == 18  # resnet18: 18 layers on the longest path
+    growth = pd.read_csv(out / "growth.csv")
+    assert set(growth.metric) == set(drift.GROWTH_METRICS)
+    assert set(growth.answer) <= {"linear", "sqrt", "neither", "not separated"}
+    deb = growth[growth.metric == "drift_rel_rms_channel_debiased"]
+    assert deb.method_images.str.startswith("image bootstrap, N=16").all()
+    assert (growth.method_layers.str.startswith("moving-block bootstrap")).all()
     # Whatever CPU runs this, the pipeline the study calls faithful (the kernel probe's)
     # agrees with the real kernel on every code, full range and reduced range alike.
     probe = int8.kernel_probe()
@@ -148,16 +155,6 @@ def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp
     with pytest.raises(SystemExit, match="not a readable|missing|unexpected|state dict"):
         drift.main(["--data", str(folder.parent), "--weights", str(bad), "--out", str(out)])
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
-
-
-def test_growth_fit_recovers_known_exponents():
-    depth = np.arange(1, 41)
-    for p in (0.5, 1.0):
-        rows = pd.DataFrame({"kind": "conv", "depth": depth, "metric": "m",
-                             "value": 0.01 * depth**p})
-        fit = drift.growth_fit(rows, "m")
-        assert fit["exponent"] == pytest.approx(p, abs=1e-12)
-        assert fit["better"] == ("linear" if p == 1.0 else "sqrt")
 
 
 def test_recovery_is_the_share_of_a_significant_loss_won_back():

@@ -230,7 +230,10 @@ def test_sites_cover_layers_batchnorms_and_blocks(setup):
     assert len(kinds["bn"]) == 6 and kinds["block"] == ["3", "4"]
     assert [s.depth for s in res.layers()] == list(range(1, 8))
     frame = res.to_frame()
-    assert set(frame.columns) == {"site", "kind", "order", "depth", "metric", "value", "se"}
+    assert set(frame.columns) == {"site", "kind", "order", "depth", "path_depth", "metric",
+                                  "value", "se"}
+    # execution order counts the downsample conv after its block's convs; path depth does not
+    assert [s.path_depth for s in res.layers()] == [1, 2, 3, 4, 5, 4, 6]
     assert {"bn_mean_shift_qf_rms", "bn_var_ratio_qf_gmean"} <= set(frame.metric)
 
 

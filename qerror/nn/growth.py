@@ -1,0 +1,226 @@
+"""How a network's quantization error grows with depth: a power law fitted with honest intervals.
+
+The error measured at each layer of one network is one draw: neighbouring layers share most
+of their input, and the images are a sample. An ordinary least-squares interval on the
+(log depth, log error) points treats the layers as independent and the images as fixed, and
+is too narrow on both counts. Here the exponent ``p`` of ``y = c · depth^p`` is fitted by
+least squares on the logs, as before, and its interval comes from resampling what is random:
+
+* the **images** (:func:`image_bootstrap`): every layer's statistic is recomputed from
+  per-image values of a resample of the images, and the whole fit repeated;
+* the **layers** (:func:`layer_block_bootstrap`): contiguous blocks of layers, in depth
+  order, are resampled with replacement (a moving-block bootstrap), which keeps the
+  dependence between neighbours inside each block.
+
+:func:`linear_or_sqrt` says whether the data separate ``p = 1`` from ``p = 1/2`` at all: only
+when an interval excludes one of them is there an answer.
+
+References
+----------
+.. [1] B. Efron and R. J. Tibshirani, *An Introduction to the Bootstrap*, Chapman & Hall,
+   1993.
+.. [2] H. R. Künsch, "The jackknife and the bootstrap for general stationary observations",
+   Annals of Statistics 17(3), 1989 (the moving-block bootstrap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "GrowthFit",
+    "channel_rms_debiased",
+    "fit_exponent",
+    "image_bootstrap",
+    "layer_block_bootstrap",
+    "linear_or_sqrt",
+]
+
+
+@dataclass(frozen=True)
+class GrowthFit:
+    """The exponent of ``y = c · depth^p`` and a bootstrap interval for it.
+
+    Attributes
+    ----------
+    exponent : float
+        Least squares on (log depth, log y).
+    lo, hi : float
+        Percentile bootstrap interval at ``level``.
+    level : float
+    resamples : int
+        Bootstrap resamples whose fit was defined (at least 3 distinct depths with y > 0).
+    method : str
+        What was resampled.
+    layers : int
+        Layers in the fit.
+    """
+
+    exponent: float
+    lo: float
+    hi: float
+    level: float
+    resamples: int
+    method: str
+    layers: int
+
+
+def fit_exponent(depth, values) -> float:
+    """Least-squares slope of log(values) on log(depth) over the finite, positive values.
+
+    ``nan`` when fewer than three distinct depths remain.
+    """
+    d = np.asarray(depth, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(y) & (y > 0) & (d > 0)
+    d, y = d[ok], y[ok]
+    if np.unique(d).size < 3:
+        return math.nan
+    x, ly = np.log(d), np.log(y)
+    x = x - x.mean()
+    return float(x @ (ly - ly.mean()) / (x @ x))
+
+
+def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
+    """RMS over channels of the mean per-channel drift, relative to ``scale``, with the
+    sampling noise of the means removed.
+
+    Parameters
+    ----------
+    means : array of shape (N, C)
+        Per-image, per-channel mean drift (the quantized minus the float output) of one
+        layer on N images.
+    scale : array of shape (C,)
+        Per-channel float standard deviation; channels with 0 are left out.
+
+    Notes
+    -----
+    The plain estimate ``sqrt(mean_c m̂_c² / σ_c²)`` is biased upward: ``E[m̂_c²] = m_c² +
+    Var(m̂_c)``, and with a drift near zero the noise term is all it measures. Subtracting
+    the unbiased estimate of ``Var(m̂_c)`` (the variance across images over N) makes the
+    mean of squares unbiased; its square root is reported, 0 when the difference is
+    negative (no drift distinguishable from noise).
+    """
+    m = np.asarray(means, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] < 2 or m.shape[1] != s.shape[0]:
+        raise ValueError(f"means must be (N >= 2, C) and scale (C,), got {m.shape} and "
+                         f"{s.shape}")
+    live = s > 0
+    if not live.any():
+        return math.nan
+    m, s = m[:, live], s[live]
+    n = m.shape[0]
+    mean = m.mean(axis=0)
+    var_of_mean = m.var(axis=0, ddof=1) / n
+    sq = np.mean((mean * mean - var_of_mean) / (s * s))
+    return math.sqrt(max(float(sq), 0.0))
+
+
+def _interval(point: float, boot: np.ndarray, level: float, method: str, layers: int
+              ) -> GrowthFit:
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return GrowthFit(point, math.nan, math.nan, level, 0, method, layers)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [a, 1.0 - a])
+    return GrowthFit(point, float(lo), float(hi), level, int(boot.size), method, layers)
+
+
+def _check(level: float, resamples: int) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) \
+            or resamples < 100:
+        raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
+
+
+def image_bootstrap(depth, per_image: list[np.ndarray],
+                    statistic: Callable[[np.ndarray, int], float], *, level: float = 0.95,
+                    resamples: int = 1000, seed: int = 0) -> GrowthFit:
+    """Interval for the growth exponent from resampling the images.
+
+    Parameters
+    ----------
+    depth : array of shape (L,)
+        Path depth of each layer.
+    per_image : list of L arrays, each of shape (N, ...)
+        Each layer's per-image values on the same N images (row i is image i everywhere).
+    statistic : callable
+        ``statistic(rows, layer_index) -> float``: the layer's value from a resample of its
+        rows (e.g. :func:`channel_rms_debiased` with that layer's channel scale).
+    level, resamples, seed
+        Interval level, bootstrap resamples ``B`` (at least 100), seed.
+
+    Notes
+    -----
+    One resample draws N image indices with replacement and uses them at every layer, so
+    the dependence between layers through shared images is kept.
+    """
+    _check(level, resamples)
+    depth = np.asarray(depth, dtype=np.float64)
+    if len(per_image) != depth.size:
+        raise ValueError(f"{len(per_image)} layers of per-image values for {depth.size} depths")
+    n = {v.shape[0] for v in per_image}
+    if len(n) != 1:
+        raise ValueError(f"every layer needs values on the same images, got counts {sorted(n)}")
+    n = n.pop()
+    point = fit_exponent(depth, [statistic(v, i) for i, v in enumerate(per_image)])
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for b in range(resamples):
+        idx = rng.integers(0, n, n)
+        boot[b] = fit_exponent(depth, [statistic(v[idx], i) for i, v in enumerate(per_image)])
+    return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth.size)
+
+
+def layer_block_bootstrap(depth, values, *, block: int | None = None, level: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> GrowthFit:
+    """Interval for the growth exponent from a moving-block bootstrap over the layers.
+
+    Layers are sorted by depth; a resample joins ``ceil(L / block)`` blocks of ``block``
+    consecutive layers, each starting at a uniformly drawn layer, cut to L layers. The
+    default block is ``round(L ** (1/3))`` (Künsch's rate), at least 2.
+    """
+    _check(level, resamples)
+    d = np.asarray(depth, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    if d.shape != y.shape or d.ndim != 1:
+        raise ValueError(f"depth and values must be 1-D of one length, got {d.shape}, {y.shape}")
+    order = np.argsort(d, kind="stable")
+    d, y = d[order], y[order]
+    L = d.size
+    block = max(2, round(L ** (1 / 3))) if block is None else int(block)
+    if not 1 <= block <= L:
+        raise ValueError(f"block must be from 1 to the {L} layers, got {block}")
+    point = fit_exponent(d, y)
+    rng = np.random.default_rng(seed)
+    starts = np.arange(L - block + 1)
+    k = math.ceil(L / block)
+    boot = np.empty(resamples)
+    for b in range(resamples):
+        idx = (rng.choice(starts, k)[:, None] + np.arange(block)).ravel()[:L]
+        boot[b] = fit_exponent(d[idx], y[idx])
+    return _interval(point, boot, level, f"moving-block bootstrap over layers, block={block}, "
+                     f"B={resamples}", L)
+
+
+def linear_or_sqrt(fit: GrowthFit) -> str:
+    """"linear", "sqrt", "neither" or "not separated", read from the interval alone.
+
+    "linear" when the interval holds 1 and not 1/2, "sqrt" the other way round, "neither"
+    when it holds neither, "not separated" when it holds both (or is undefined).
+    """
+    if not (math.isfinite(fit.lo) and math.isfinite(fit.hi)):
+        return "not separated"
+    has_one = fit.lo <= 1.0 <= fit.hi
+    has_half = fit.lo <= 0.5 <= fit.hi
+    if has_one and not has_half:
+        return "linear"
+    if has_half and not has_one:
+        return "sqrt"
+    return "not separated" if has_one else "neither"

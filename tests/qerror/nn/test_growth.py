@@ -1,0 +1,133 @@
+"""Growth with depth: path depth, the debiased channel drift, bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from qerror.nn import QuantConfig, calibrate_activations, measure, path_depths
+from qerror.nn.growth import (
+    channel_rms_debiased,
+    fit_exponent,
+    image_bootstrap,
+    layer_block_bootstrap,
+    linear_or_sqrt,
+)
+from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
+
+ALPHA = 1e-4  # statistical checks below: two-sided, z = 3.89
+
+
+def test_path_depth_of_resnet50_counts_layers_on_the_longest_path():
+    """50 on the longest path (the name's 50), 54 conv/linear in all; a shortcut's 1×1
+    convolution is one layer below its block's input, not after the block's third conv."""
+    d = path_depths(torchvision.models.resnet50())
+    assert len(d) == 54 and max(d.values()) == 50 and d["fc"] == 50
+    assert d["layer1.0.conv1"] == 2 and d["layer1.0.conv3"] == 4
+    assert d["layer1.0.downsample.0"] == 2 and d["layer1.1.conv1"] == 5
+    assert max(path_depths(torchvision.models.resnet18()).values()) == 18
+
+
+def test_path_depth_refuses_an_untraceable_model():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="symbolic_trace failed"):
+        path_depths(Branchy())
+
+
+def test_exponent_of_an_exact_power_law():
+    d = np.arange(1, 30)
+    assert fit_exponent(d, 0.3 * d ** 0.73) == pytest.approx(0.73, abs=1e-13)
+    assert math.isnan(fit_exponent([1, 1, 2], [1.0, 2.0, 3.0]))  # two distinct depths
+
+
+def test_block_bootstrap_of_an_exact_power_law_is_a_point():
+    d = np.arange(1, 41)
+    fit = layer_block_bootstrap(d, 2.0 * d ** 1.0, resamples=200)
+    assert fit.exponent == pytest.approx(1.0, abs=1e-13)
+    assert fit.lo == pytest.approx(1.0, abs=1e-12) and fit.hi == pytest.approx(1.0, abs=1e-12)
+    assert linear_or_sqrt(fit) == "linear"
+
+
+def test_debiasing_removes_the_noise_floor_on_average():
+    """True drift m_c; per-image noise σ_c; N images. Over R repetitions the mean of the
+    debiased square matches Σ m_c²/σ_c² / C within its standard error (α = 1e-4), while the
+    plain estimate is biased up by 1/N per channel."""
+    rng = np.random.default_rng(3)
+    c, n, reps = 40, 30, 400
+    m = rng.normal(0.0, 0.4, c)  # strong enough that the clamp at 0 (z ≈ 6.6) never acts
+    s = np.ones(c)
+    true = float(np.mean(m * m))
+    deb, plain = [], []
+    for _ in range(reps):
+        x = m + rng.standard_normal((n, c))
+        deb.append(channel_rms_debiased(x, s) ** 2)
+        plain.append(float(np.mean(x.mean(0) ** 2)))
+    z = 3.89
+    assert min(deb) > 0
+    assert abs(np.mean(deb) - true) <= z * np.std(deb, ddof=1) / math.sqrt(reps)
+    assert np.mean(plain) - true > z * np.std(plain, ddof=1) / math.sqrt(reps)
+    assert np.mean(plain) - true == pytest.approx(1 / n, rel=0.1)
+
+
+def test_image_bootstrap_is_reproducible_and_holds_the_point_estimate():
+    rng = np.random.default_rng(5)
+    depth = np.arange(1, 9)
+    per_image = [0.05 * d + rng.standard_normal((50, 4)) for d in depth]
+    stat = lambda rows, i: channel_rms_debiased(rows, np.ones(4))  # noqa: E731
+    a = image_bootstrap(depth, per_image, stat, resamples=200, seed=1)
+    b = image_bootstrap(depth, per_image, stat, resamples=200, seed=1)
+    assert a == b and a.lo <= a.exponent <= a.hi and a.resamples <= 200
+    assert "image bootstrap, N=50" in a.method
+
+
+@pytest.mark.parametrize("lo, hi, answer", [(0.8, 1.2, "linear"), (0.3, 0.7, "sqrt"),
+                                            (0.4, 1.1, "not separated"), (1.2, 1.5, "neither")])
+def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
+    from qerror.nn.growth import GrowthFit
+    assert linear_or_sqrt(GrowthFit(1.0, lo, hi, 0.95, 100, "x", 10)) == answer
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: channel_rms_debiased(np.ones((1, 3)), np.ones(3)), "N >= 2"),
+    (lambda: layer_block_bootstrap([1, 2], [1.0], resamples=100), "one length"),
+    (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=5, resamples=100), "block"),
+    (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], resamples=10), "at least 100"),
+    (lambda: image_bootstrap([1, 2], [np.ones((3, 1)), np.ones((4, 1))], lambda r, i: 1.0,
+                             resamples=100), "same images"),
+])
+def test_bad_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_measure_reports_path_depth_and_the_debiased_drift():
+    """With every image kept, the per-image means give back the site's own debiased figure,
+    which is at most the plain one (the variance subtracted is non-negative)."""
+    model = tiny_resnet()
+    x = images(24, 4)
+    cfg = QuantConfig.make(4)
+    act = calibrate_activations(model, [x], cfg.activation)
+    res = measure(model, [x[:12], x[12:]], cfg, act, image_means=24)
+    depths = path_depths(model)
+    for s in res.layers():
+        assert s.path_depth == depths[s.name]
+        assert s.drift_image_channel.shape == (24, s.drift_channel.size)
+        np.testing.assert_allclose(s.drift_image_channel.mean(0), s.drift_channel, rtol=RTOL64)
+        assert s.drift_rel_rms_channel_debiased <= s.drift_rel_rms_channel
+        assert s.drift_rel_rms_channel_debiased == pytest.approx(
+            channel_rms_debiased(s.drift_image_channel, s.float_std_channel), rel=RTOL64)
+    assert res.site("3.conv1").path_depth == 2 and res.site("4.downsample.0").path_depth == 4
+    kept = measure(model, [x], cfg, act, image_means=5)
+    assert kept.layers()[0].drift_image_channel.shape[0] == 5
+    assert measure(model, [x], cfg, act).layers()[0].drift_image_channel is None
