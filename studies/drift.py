@@ -58,7 +58,6 @@ from qerror.nn import (
     reestimate_bn,
 )
 from qerror.nn.growth import (
-    channel_rms_debiased,
     image_bootstrap,
     layer_block_bootstrap,
     linear_or_sqrt,
@@ -233,10 +232,9 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
                                       seed=seed)]
         per_image = [s.drift_image_channel for s in layers]
         if metric == "drift_rel_rms_channel_debiased" and all(v is not None for v in per_image):
-            scales = [s.float_std_channel for s in layers]
             fits.insert(0, image_bootstrap(
-                depth, per_image, lambda rows_, i: channel_rms_debiased(rows_, scales[i]),
-                level=FIT_LEVEL, resamples=BOOTSTRAP, seed=seed))
+                depth, per_image, [s.float_std_channel for s in layers], level=FIT_LEVEL,
+                resamples=BOOTSTRAP, seed=seed))
         widest = max(fits, key=lambda f: (f.hi - f.lo) if np.isfinite(f.hi - f.lo) else -1)
         row = {"metric": metric, "layers": len(layers), "exponent": fits[0].exponent,
                "answer": linear_or_sqrt(widest)}

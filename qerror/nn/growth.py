@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 __all__ = [
     "GrowthFit",
     "channel_rms_debiased",
+    "debiased_from_counts",
     "fit_exponent",
     "image_bootstrap",
     "layer_block_bootstrap",
@@ -139,42 +139,76 @@ def _check(level: float, resamples: int) -> None:
         raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
 
 
-def image_bootstrap(depth, per_image: list[np.ndarray],
-                    statistic: Callable[[np.ndarray, int], float], *, level: float = 0.95,
-                    resamples: int = 1000, seed: int = 0) -> GrowthFit:
-    """Interval for the growth exponent from resampling the images.
+def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarray
+                         ) -> np.ndarray:
+    """:func:`channel_rms_debiased` of many resamples at once, each given by how often it
+    draws every image.
+
+    Parameters
+    ----------
+    means : array (N, C)
+        Per-image, per-channel mean drift.
+    scale : array (C,)
+    counts : integer array (B, N)
+        Row b: how many times resample b draws each image (rows sum to N).
+
+    Returns
+    -------
+    numpy.ndarray of shape (B,)
+        Equal, up to rounding, to ``channel_rms_debiased(means[idx_b], scale)`` for the
+        index list ``idx_b`` with those counts; two matrix products instead of B copies.
+    """
+    m = np.asarray(means, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64)
+    live = s > 0
+    if not live.any():
+        return np.full(counts.shape[0], math.nan)
+    m, s = m[:, live], s[live]
+    w = np.asarray(counts, dtype=np.float64)
+    n = m.shape[0]
+    mean = w @ m / n
+    var = (w @ (m * m) - n * mean * mean) / (n - 1)
+    sq = np.mean((mean * mean - var / n) / (s * s), axis=1)
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray], *,
+                    level: float = 0.95, resamples: int = 1000, seed: int = 0) -> GrowthFit:
+    """Interval for the growth exponent of the debiased channel drift, resampling images.
 
     Parameters
     ----------
     depth : array of shape (L,)
         Path depth of each layer.
-    per_image : list of L arrays, each of shape (N, ...)
-        Each layer's per-image values on the same N images (row i is image i everywhere).
-    statistic : callable
-        ``statistic(rows, layer_index) -> float``: the layer's value from a resample of its
-        rows (e.g. :func:`channel_rms_debiased` with that layer's channel scale).
+    per_image : list of L arrays, each of shape (N, C_l)
+        Each layer's per-image, per-channel mean drift on the same N images (row i is
+        image i everywhere).
+    scales : list of L arrays (C_l,)
+        Each layer's per-channel float standard deviation.
     level, resamples, seed
         Interval level, bootstrap resamples ``B`` (at least 100), seed.
 
     Notes
     -----
-    One resample draws N image indices with replacement and uses them at every layer, so
-    the dependence between layers through shared images is kept.
+    One resample draws N images with replacement and uses them at every layer, so the
+    dependence between layers through shared images is kept; each layer's figure is
+    :func:`channel_rms_debiased` on the resample (:func:`debiased_from_counts`).
     """
     _check(level, resamples)
     depth = np.asarray(depth, dtype=np.float64)
-    if len(per_image) != depth.size:
-        raise ValueError(f"{len(per_image)} layers of per-image values for {depth.size} depths")
+    if len(per_image) != depth.size or len(scales) != depth.size:
+        raise ValueError(f"{len(per_image)} layers of per-image values and {len(scales)} "
+                         f"scales for {depth.size} depths")
     n = {v.shape[0] for v in per_image}
     if len(n) != 1:
         raise ValueError(f"every layer needs values on the same images, got counts {sorted(n)}")
     n = n.pop()
-    point = fit_exponent(depth, [statistic(v, i) for i, v in enumerate(per_image)])
+    point = fit_exponent(depth, [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)])
     rng = np.random.default_rng(seed)
-    boot = np.empty(resamples)
-    for b in range(resamples):
-        idx = rng.integers(0, n, n)
-        boot[b] = fit_exponent(depth, [statistic(v[idx], i) for i, v in enumerate(per_image)])
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    values = np.stack([debiased_from_counts(v, c, counts) for v, c in zip(per_image, scales)],
+                      axis=1)  # (B, L)
+    boot = np.array([fit_exponent(depth, row) for row in values])
     return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth.size)
 
 

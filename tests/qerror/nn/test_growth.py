@@ -12,6 +12,7 @@ import torchvision
 from qerror.nn import QuantConfig, calibrate_activations, measure, path_depths
 from qerror.nn.growth import (
     channel_rms_debiased,
+    debiased_from_counts,
     fit_exponent,
     image_bootstrap,
     layer_block_bootstrap,
@@ -84,11 +85,23 @@ def test_image_bootstrap_is_reproducible_and_holds_the_point_estimate():
     rng = np.random.default_rng(5)
     depth = np.arange(1, 9)
     per_image = [0.05 * d + rng.standard_normal((50, 4)) for d in depth]
-    stat = lambda rows, i: channel_rms_debiased(rows, np.ones(4))  # noqa: E731
-    a = image_bootstrap(depth, per_image, stat, resamples=200, seed=1)
-    b = image_bootstrap(depth, per_image, stat, resamples=200, seed=1)
+    scales = [np.ones(4)] * len(depth)
+    a = image_bootstrap(depth, per_image, scales, resamples=200, seed=1)
+    b = image_bootstrap(depth, per_image, scales, resamples=200, seed=1)
     assert a == b and a.lo <= a.exponent <= a.hi and a.resamples <= 200
     assert "image bootstrap, N=50" in a.method
+
+
+def test_counts_give_the_statistic_of_the_resampled_rows():
+    """The matrix form equals the statistic on the rows an index resample draws."""
+    rng = np.random.default_rng(8)
+    m, s = rng.standard_normal((30, 6)) + 0.5, rng.uniform(0.5, 2.0, 6)
+    s[2] = 0.0  # a dead channel is left out by both
+    idx = rng.integers(0, 30, (20, 30))
+    counts = np.stack([np.bincount(i, minlength=30) for i in idx])
+    fast = debiased_from_counts(m, s, counts)
+    slow = [channel_rms_debiased(m[i], s) for i in idx]
+    np.testing.assert_allclose(fast, slow, rtol=RTOL64)
 
 
 @pytest.mark.parametrize("lo, hi, answer", [(0.8, 1.2, "linear"), (0.3, 0.7, "sqrt"),
@@ -103,7 +116,7 @@ def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
     (lambda: layer_block_bootstrap([1, 2], [1.0], resamples=100), "one length"),
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=5, resamples=100), "block"),
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], resamples=10), "at least 100"),
-    (lambda: image_bootstrap([1, 2], [np.ones((3, 1)), np.ones((4, 1))], lambda r, i: 1.0,
+    (lambda: image_bootstrap([1, 2], [np.ones((3, 1)), np.ones((4, 1))], [np.ones(1)] * 2,
                              resamples=100), "same images"),
 ])
 def test_bad_input_is_refused(call, match):
