@@ -352,7 +352,7 @@ def test_ctrl_c_saves_the_state_and_the_same_command_resumes(reference_run, idx_
 def test_ctrl_c_during_validation_redoes_it_on_resuming(reference_run, idx_root, tmp_path,
                                                         monkeypatch):
     with monkeypatch.context() as m:
-        _interrupt(m, train, "_epoch_record", on_call=1)  # validating after step 8
+        _interrupt(m, train, "evaluate", on_call=1)  # validating after step 8
         assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
     assert _state_step(tmp_path) == 8
     assert _main(idx_root, tmp_path) == 0
