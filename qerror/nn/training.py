@@ -522,10 +522,17 @@ def _broadcast(value, world: int):
     return box[0]
 
 
-def _frozen_batchnorms(model: nn.Module, trained: set[str]) -> list[nn.Module]:
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _frozen_batchnorms(model: nn.Module, trained: set[str] | None) -> list[nn.Module]:
+    """The BatchNorm layers of a partial selection none of whose parameters is trained
+    (those without parameters included)."""
+    if trained is None:
+        return []
     frozen = []
     for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
+        if isinstance(module, _BATCHNORMS):
             own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
             if not any(n in trained for n in own):
                 frozen.append(module)
@@ -569,7 +576,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         Parameter names to train (or a predicate on names); the others keep
         ``requires_grad=False`` for the run and are bit-identical after it, and a BatchNorm
         layer none of whose parameters is trained normalises with its running statistics and
-        leaves them unchanged (a frozen backbone). None: every parameter.
+        leaves them unchanged (a frozen backbone; a BatchNorm layer without parameters counts
+        as frozen under a selection). None: every parameter.
     after_step : callable, optional
         ``after_step(model)`` after each optimizer update, before the step counts (pruning
         re-applies its masks here); a Ctrl-C waits for it.
@@ -652,7 +660,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     named = dict(model.named_parameters())
     requires = {n: p.requires_grad for n, p in named.items()}
     selected = set(chosen)
-    frozen_bn = _frozen_batchnorms(model, selected)
+    frozen_bn = _frozen_batchnorms(model, None if trainable is None else selected)
     model.to(dev)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -109,7 +109,11 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), folder), nprocs=2, join=True)
+    # Forked ranks inherit the imported modules (a spawned one spends seconds importing
+    # torch and qerror again); each sets one thread, as DataLoader's forked workers do.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), folder), nprocs=2, join=True,
+                       start_method=method)
     return folder, [torch.load(folder / f"out{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -220,6 +224,16 @@ def test_trainable_trains_only_the_chosen_parameters():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"1.weight", "1.bias", "1.running_mean", "1.running_var",
                        "1.num_batches_tracked", "3.weight", "3.bias"}
+
+
+def test_without_a_selection_batchnorm_without_parameters_still_learns_its_statistics():
+    x, y = synthetic()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(N_FEATURES, 32), nn.BatchNorm1d(32, affine=False),
+                          nn.Tanh(), nn.Linear(32, N_CLASSES))
+    fit(model, tensor_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    assert int(model[1].num_batches_tracked) == STEPS
+    assert not torch.equal(model[1].running_mean, torch.zeros(32))
 
 
 def test_a_custom_loss_on_a_multi_output_model():
