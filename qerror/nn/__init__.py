@@ -10,7 +10,9 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
 * :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
 * :mod:`qerror.nn.growth`: growth of the error with path depth, with bootstrap intervals;
-* :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints.
+* :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
+* :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
+  ``--device`` and torchrun data parallelism).
 """
 
 from qerror.nn._anatomy import (
@@ -43,9 +45,31 @@ from qerror.nn.propagate import (
     quantize_weights,
     quantized_forward,
 )
+from qerror.nn.training import (
+    Batch,
+    Device,
+    Evaluation,
+    FitResult,
+    Placement,
+    Schedule,
+    TrainConfig,
+    distributed,
+    fit,
+    tensor_batches,
+)
 
 __all__ = [
     "BNInconsistency",
+    "Batch",
+    "Device",
+    "Evaluation",
+    "FitResult",
+    "Placement",
+    "Schedule",
+    "TrainConfig",
+    "distributed",
+    "fit",
+    "tensor_batches",
     "LogitResult",
     "MeanSource",
     "PropagationResult",

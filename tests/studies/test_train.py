@@ -184,7 +184,8 @@ def test_help_and_bad_arguments(capsys):
         train.main(["--help"])
     assert info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--arch", "--stem", "--epochs", "--resume", "--time-budget-min", "--smoke"):
+    for option in ("--arch", "--stem", "--epochs", "--resume", "--time-budget-min", "--smoke",
+                   "--device"):
         assert option in help_text
     with pytest.raises(SystemExit) as info:
         train.main(["--epochs", "0"])
@@ -246,6 +247,15 @@ def test_bad_numbers_are_refused_before_any_work(option, value, message, idx_roo
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the cache folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_a_gpu_is_refused_before_any_work(idx_root, tmp_path, capsys):
+    assert _main(idx_root, tmp_path, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "device cuda was asked for" in err and "--device cpu" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["missing folder", "2 of 4 files", "corrupt gz"])
@@ -352,7 +362,7 @@ def test_ctrl_c_saves_the_state_and_the_same_command_resumes(reference_run, idx_
 def test_ctrl_c_during_validation_redoes_it_on_resuming(reference_run, idx_root, tmp_path,
                                                         monkeypatch):
     with monkeypatch.context() as m:
-        _interrupt(m, train, "_epoch_record", on_call=1)  # validating after step 8
+        _interrupt(m, train, "evaluate", on_call=1)  # validating after step 8
         assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
     assert _state_step(tmp_path) == 8
     assert _main(idx_root, tmp_path) == 0

@@ -1,0 +1,890 @@
+"""One training loop for every network the project trains, on one process or many.
+
+:func:`fit` trains a model with SGD (Nesterov momentum, no weight decay on biases and
+BatchNorm) on a one-cycle or constant learning rate, validating after each epoch. It serves
+the Fashion-MNIST baseline (``python -m studies.train``), exit heads trained on a frozen
+backbone (``trainable=``) and pruning fine-tuning (``after_step=`` re-applies the masks).
+
+* **Deterministic**: the batch order is a function of (seed, epoch) and each batch's random
+  generator of (seed, epoch, step in epoch), so a resumed run repeats an uninterrupted one
+  step for step, and a rerun writes the same weights.
+* **Resumable**: every ``checkpoint_every`` steps, at each epoch's end and when stopping
+  early the model, optimizer, scheduler, step counter and history go to ``state_path``
+  (atomically). A state file resumes only under the configuration that wrote it.
+* **Bounded**: ``stop_after_steps`` and ``time_budget_s`` stop with the state saved; Ctrl-C
+  (KeyboardInterrupt) saves the state at the last completed step; a non-finite loss or
+  weights stop with the step (:class:`DivergedError`), saving nothing past the last finite
+  state.
+* **Scaled out**: under ``torchrun`` (:func:`distributed`), DistributedDataParallel with
+  gloo on CPUs and NCCL on GPUs; each rank computes its contiguous share of every global
+  batch, rank 0 alone writes the state and shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from qerror._enums import Choice
+from qerror.cpu import flush_denormal
+from qerror.files import atomic_write, jsonable
+from qerror.nn.models import non_finite_tensors
+from qerror.stats import wilson_ci
+
+STATE_FORMAT = "qerror-train-state"
+STATE_VERSION = 2
+# Independent random streams derived from the one seed.
+_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+# Steps timed (after the first, which includes kernel selection) before the estimate.
+_ESTIMATE_STEPS = 3
+# torchrun sets these in every worker it starts.
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class Schedule(Choice):
+    """The learning-rate schedule of :class:`TrainConfig`.
+
+    ``ONE_CYCLE``
+        ``torch.optim.lr_scheduler.OneCycleLR``: cosine warm-up to ``lr`` over
+        ``warmup_fraction`` of the steps, cosine annealing after, momentum cycled by ±0.05
+        against it (Smith & Topin 2019).
+    ``CONSTANT``
+        ``lr`` at every step (fine-tuning).
+    """
+
+    ONE_CYCLE = "one-cycle"
+    CONSTANT = "constant"
+
+
+class Device(Choice):
+    """Where :func:`fit` runs: ``CPU``, or ``CUDA`` (one GPU per rank under torchrun)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything of the optimisation that determines the trained weights.
+
+    Parameters
+    ----------
+    epochs : int
+        Passes over the training set; each has ``n_train // batch_size`` steps (the last,
+        incomplete batch is dropped).
+    batch_size : int
+        The global batch: under torchrun each of W ranks computes ``batch_size / W`` of it.
+    lr : float
+        Peak learning rate (one-cycle) or the learning rate (constant).
+    seed : int
+        Seed of the batch order and of each batch's generator.
+    momentum : float
+        SGD momentum (the middle of the one-cycle momentum range).
+    nesterov : bool
+        Nesterov momentum.
+    weight_decay : float
+        L2 decay of weights with more than one dimension; biases and BatchNorm parameters
+        are not decayed.
+    label_smoothing : float
+        Of the default cross-entropy loss.
+    schedule : Schedule
+    warmup_fraction : float
+        Fraction of the steps spent warming up (one-cycle only).
+    channels_last : bool
+        Put the model in channels-last memory format (the batches should match).
+
+    Notes
+    -----
+    Not decaying biases and BatchNorm parameters ("no bias decay") follows Goyal et al.
+    The run-control arguments of :func:`fit` (how often to save, when to stop, whether to
+    show progress) are not here: they do not change the weights, so changing them never
+    stops a run from resuming.
+
+    References
+    ----------
+    Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017.
+    Smith & Topin, "Super-Convergence", 2019.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: Schedule = Schedule.ONE_CYCLE
+    warmup_fraction: float = 0.25
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) \
+                or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
+        checks = {"lr": (self.lr, 0.0, math.inf, False), "momentum": (self.momentum, 0, 1, True),
+                  "weight_decay": (self.weight_decay, 0, math.inf, True),
+                  "label_smoothing": (self.label_smoothing, 0, 1, True),
+                  "warmup_fraction": (self.warmup_fraction, 0, 1, False)}
+        for name, (value, lo, hi, closed) in checks.items():
+            ok = isinstance(value, int | float) and math.isfinite(value) and value < hi \
+                and (value >= lo if closed else value > lo)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be a finite number in "
+                                 f"{'[' if closed else '('}{lo}, {hi}), got {value!r}")
+        if self.schedule is Schedule.ONE_CYCLE and self.momentum + 0.05 >= 1:
+            raise ValueError(f"TrainConfig.momentum={self.momentum} leaves no room for the "
+                             "one-cycle range momentum ± 0.05 below 1")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("Nesterov momentum needs TrainConfig.momentum > 0")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the batch function of :func:`fit` builds one step's tensors from.
+
+    Attributes
+    ----------
+    epoch, index, step : int
+        Epoch (from 0), step within the epoch, and steps done before this one.
+    indices : numpy.ndarray
+        The global batch: ``batch_size`` indices into the training set, shape (B,).
+    shard : slice
+        The positions in ``indices`` this rank computes (all of them on one process).
+    generator : torch.Generator
+        Seeded by (seed, epoch, index), the same on every rank. Draw the random numbers of
+        the whole global batch and keep the shard's rows, so that a sample is augmented the
+        same way on any number of ranks.
+    """
+
+    epoch: int
+    index: int
+    step: int
+    indices: np.ndarray
+    shard: slice
+    generator: torch.Generator
+
+
+# The training set, as the loop sees it: a Batch in, (input, target) of the shard out.
+BatchFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def tensor_batches(x: torch.Tensor, y: torch.Tensor) -> BatchFn:
+    """A batch function over in-memory tensors (no augmentation).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Inputs, shape (N, ...).
+    y : torch.Tensor
+        Targets, shape (N, ...).
+
+    Returns
+    -------
+    callable
+        ``batch -> (x[rows], y[rows])`` with ``rows = batch.indices[batch.shard]``.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"x holds {len(x)} samples but y {len(y)}")
+
+    def batch(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.ascontiguousarray(b.indices[b.shard]))
+        return x[rows], y[rows]
+
+    return batch
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A validation pass: mean loss over ``n`` samples and ``correct`` top-1 predictions."""
+
+    loss: float
+    correct: int
+    n: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimisation step: the learning rate it used, its loss (the mean over the global
+    batch), correct predictions in its batch, and its wall time (rank 0's)."""
+
+    step: int  # steps done after this one
+    epoch: int
+    lr: float
+    loss: float
+    correct: int
+    batch: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Training means over an epoch's steps and the validation metrics after it (loss, top-1
+    accuracy with its 95% Wilson interval; NaN when no validation was given)."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_ci_low: float
+    val_ci_high: float
+    train_seconds: float
+
+
+@dataclass
+class History:
+    """What a run has done so far, across interrupted sessions (it travels in the state)."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
+    train_seconds: float = 0.0
+    sessions: int = 0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The model after :func:`fit`, its history, and how far the schedule got;
+    ``interrupted`` when a KeyboardInterrupt (Ctrl-C) stopped it."""
+
+    model: nn.Module
+    history: History
+    step: int
+    total_steps: int
+    interrupted: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked; the message says why and what to do."""
+
+
+class ResumeError(TrainError):
+    """A state file that cannot be resumed under the requested configuration."""
+
+
+class DivergedError(TrainError):
+    """The training loss or the weights became NaN or infinite; nothing was saved past the
+    last finite state. ``step`` and ``epoch`` (from 1) say where."""
+
+    def __init__(self, message: str, *, step: int, epoch: int):
+        super().__init__(message)
+        self.step, self.epoch = step, epoch
+
+
+class DeviceError(TrainError):
+    """The requested device is not available here."""
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process's rank among ``world_size`` and the device it trains on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files and prints."""
+        return self.rank == 0
+
+
+def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it.
+
+    Raises
+    ------
+    TrainError
+        Some of RANK, WORLD_SIZE, LOCAL_RANK are set and others not, or they are not
+        integers with 0 <= rank < world size.
+    """
+    env = os.environ if environ is None else environ
+    present = [k for k in _TORCHRUN_ENV if k in env]
+    if not present:
+        return 0, 1, 0
+    if len(present) != len(_TORCHRUN_ENV):
+        missing = [k for k in _TORCHRUN_ENV if k not in env]
+        raise TrainError(f"{', '.join(present)} set but {', '.join(missing)} not: start "
+                         "distributed runs with torchrun, which sets all three")
+    try:
+        rank, world, local = (int(env[k]) for k in _TORCHRUN_ENV)
+    except ValueError:
+        raise TrainError("RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
+                         + ", ".join(f"{k}={env[k]!r}" for k in _TORCHRUN_ENV)) from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise TrainError(f"torchrun environment out of range: RANK={rank}, WORLD_SIZE={world}, "
+                         f"LOCAL_RANK={local}")
+    return rank, world, local
+
+
+def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> torch.device:
+    """The torch device for ``device`` (``cuda`` becomes ``cuda:<local_rank>``).
+
+    Raises
+    ------
+    DeviceError
+        CUDA asked for where it is not available, or fewer GPUs than ``local_rank + 1``.
+    """
+    if isinstance(device, torch.device):
+        kind = Device.parse(device.type)
+        if kind is Device.CUDA and device.index is not None:
+            local_rank = device.index
+    else:
+        kind = Device.parse(device)
+    if kind is Device.CPU:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise DeviceError(f"device cuda was asked for, but torch {torch.__version__} ({build}) "
+                          "finds no usable GPU here (torch.cuda.is_available() is False); "
+                          "train on the CPU (--device cpu) or on a machine with a GPU")
+    if local_rank >= torch.cuda.device_count():
+        raise DeviceError(f"local rank {local_rank} needs GPU {local_rank}, but only "
+                          f"{torch.cuda.device_count()} are visible; start at most that many "
+                          "processes per node (torchrun --nproc-per-node)")
+    return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def distributed(device: Device | str = Device.CPU) -> Iterator[Placement]:
+    """This process's :class:`Placement`, in torchrun's process group for the block.
+
+    Outside torchrun (no RANK/WORLD_SIZE/LOCAL_RANK in the environment, or a world of one)
+    this is a single process on ``device``. Under torchrun the process joins the group by
+    ``env://`` with gloo on CPUs and NCCL on GPUs (one GPU per local rank) and leaves it
+    after the block, unless the group existed before.
+
+    Yields
+    ------
+    Placement
+
+    Raises
+    ------
+    DeviceError, TrainError
+        As :func:`resolve_device` and :func:`torchrun_ranks`.
+    """
+    rank, world, local = torchrun_ranks()
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    joined = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                rank=rank, world_size=world)
+        joined = True
+    try:
+        yield Placement(rank, world, local, dev)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C until the block ends, then raise it: an optimizer update interrupted
+    half-way would leave weights, momenta and step counter out of step with each other."""
+    # Only the main thread can set handlers, and a handler someone else installed (or
+    # SIG_IGN) is theirs to keep; in both cases the block runs as it is.
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _select(model: nn.Module, trainable) -> list[str]:
+    names = [n for n, _ in model.named_parameters()]
+    if trainable is None:
+        return names
+    if callable(trainable):
+        chosen = [n for n in names if trainable(n)]
+    else:
+        wanted = set(trainable)
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise TrainError(f"trainable names {len(unknown)} parameters the model does not "
+                             f"have: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5
+                                                                  else "")
+                             + f" (it has e.g. {', '.join(names[:3])})")
+        chosen = [n for n in names if n in wanted]
+    if not chosen:
+        raise TrainError("trainable selects none of the model's parameters; nothing to train")
+    return chosen
+
+
+def _optimizer(params: dict[str, nn.Parameter], config: TrainConfig, total_steps: int):
+    decay = [p for p in params.values() if p.ndim > 1]
+    no_decay = [p for p in params.values() if p.ndim <= 1]
+    groups = [{"params": g, "weight_decay": wd}
+              for g, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if g]
+    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov)
+    if config.schedule is Schedule.ONE_CYCLE:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction,
+            anneal_strategy="cos", base_momentum=config.momentum - 0.05,
+            max_momentum=config.momentum + 0.05)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return opt, sched
+
+
+def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
+            trainable: list[str] | None) -> dict[str, Any]:
+    recipe = jsonable(config)
+    extra = dict(jsonable(dict(identity or {})))
+    if trainable is not None:
+        extra["trainable"] = trainable
+    clash = sorted(set(recipe) & set(extra))
+    if clash:
+        raise ValueError(f"identity repeats TrainConfig fields ({', '.join(clash)}); leave "
+                         "them to the config")
+    return {**recipe, **extra}
+
+
+def _load_state(path: Path, recipe: dict[str, Any]) -> dict:
+    hint = f"delete {path} or start over without resuming"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or truncated files
+        raise ResumeError(f"the training state {path} is unreadable ({type(exc).__name__}: "
+                          f"{exc}); {hint}") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT \
+            or state.get("version") != STATE_VERSION:
+        raise ResumeError(f"{path} is not a version-{STATE_VERSION} training state; {hint}")
+    saved = state.get("recipe")
+    if not isinstance(saved, dict):
+        raise ResumeError(f"the training state {path} records no recipe; {hint}")
+    differ = [f"{k}: {saved.get(k)!r} saved, {v!r} now" for k, v in recipe.items()
+              if saved.get(k) != v]
+    differ += [f"{k}: {saved[k]!r} saved, absent now" for k in saved if k not in recipe]
+    if differ:
+        raise ResumeError(f"the training state {path} was written by a different recipe ("
+                          + "; ".join(differ) + f"). Rerun with the same arguments, or {hint}")
+    return state
+
+
+def _history(h: dict) -> History:
+    return History([StepRecord(**r) for r in h["steps"]], [EpochRecord(**r) for r in h["epochs"]],
+                   float(h["train_seconds"]), int(h["sessions"]))
+
+
+def _broadcast(value, world: int):
+    """Rank 0's ``value`` on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _frozen_batchnorms(model: nn.Module, trained: set[str] | None) -> list[nn.Module]:
+    """The BatchNorm layers of a partial selection none of whose parameters is trained
+    (those without parameters included)."""
+    if trained is None:
+        return []
+    frozen = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, _BATCHNORMS):
+            own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+            if not any(n in trained for n in own):
+                frozen.append(module)
+    return frozen
+
+
+def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *,
+        state_path: Path | str | None = None, resume: bool = True,
+        val: Callable[[nn.Module], Evaluation] | None = None, val_size: int = 0,
+        trainable: Callable[[str], bool] | Collection[str] | None = None,
+        after_step: Callable[[nn.Module], None] | None = None,
+        on_epoch: Callable[[EpochRecord, nn.Module], None] | None = None,
+        loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        identity: Mapping[str, Any] | None = None,
+        device: Device | str | torch.device = Device.CPU, checkpoint_every: int = 100,
+        stop_after_steps: int | None = None, time_budget_s: float | None = None,
+        progress: bool = True, desc: str = "train") -> FitResult:
+    """Train (or continue training) ``model`` in place, validating after each epoch.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained in place; its initial weights are the caller's (seed them). Under a process
+        group rank 0's initial weights are broadcast to every rank.
+    batches : callable
+        ``batches(Batch) -> (x, y)``: the tensors of the batch's shard (see :class:`Batch`;
+        :func:`tensor_batches` for in-memory data). Moved to ``device`` by the loop.
+    n_train : int
+        Training-set size; each epoch is a permutation of ``range(n_train)`` cut into
+        ``n_train // config.batch_size`` global batches.
+    config : TrainConfig
+    state_path : Path, optional
+        Resumable state, written (by rank 0) every ``checkpoint_every`` steps, at each
+        epoch's end and when stopping early. None: nothing is saved.
+    resume : bool
+        Continue from ``state_path`` if it exists (else start over, replacing it).
+    val : callable, optional
+        ``val(model) -> Evaluation`` after each epoch (rank 0 only; it should put the model
+        in eval mode and back). ``val_size``, its sample count, feeds the time estimate.
+    trainable : callable or collection of str, optional
+        Parameter names to train (or a predicate on names); the others keep
+        ``requires_grad=False`` for the run and are bit-identical after it, and a BatchNorm
+        layer none of whose parameters is trained normalises with its running statistics and
+        leaves them unchanged (a frozen backbone; a BatchNorm layer without parameters counts
+        as frozen under a selection). None: every parameter.
+    after_step : callable, optional
+        ``after_step(model)`` after each optimizer update, before the step counts (pruning
+        re-applies its masks here); a Ctrl-C waits for it.
+    on_epoch : callable, optional
+        ``on_epoch(record, model)`` after each epoch's record (rank 0 only).
+    loss : callable, optional
+        ``loss(output, y) -> scalar`` averaged over the samples; default cross-entropy with
+        ``config.label_smoothing``. Training accuracy reads ``output``, or its last element
+        when the model returns a sequence (e.g. the final exit).
+    identity : mapping, optional
+        What else determines the weights (a model recipe, data identity); recorded in the
+        state, which then resumes only under the same identity.
+    device : Device, str or torch.device
+        ``cpu`` or ``cuda`` (``cuda:<local rank>`` under torchrun; see :func:`distributed`).
+    checkpoint_every : int
+    stop_after_steps : int, optional
+        Stop once this many steps are done in total.
+    time_budget_s : float, optional
+        Stop before a step that would take the accumulated training time of all sessions
+        (rank 0's clock) past this.
+    progress : bool
+        A progress bar with the ETA (rank 0), and a time estimate after the first steps.
+    desc : str
+        The progress bar's label.
+
+    Returns
+    -------
+    FitResult
+        ``complete`` is false when the run stopped early or was interrupted; the state at
+        the last completed step is then saved. The history is complete on rank 0 (other
+        ranks hold its steps but not its epochs).
+
+    Raises
+    ------
+    TrainError
+        Fewer training samples than one batch, a global batch that the ranks cannot share
+        equally, an empty or unknown parameter selection.
+    ResumeError
+        The state file is unreadable or was written by a different recipe.
+    DivergedError
+        The loss or the weights became NaN or infinite; no state is saved past the last
+        finite one.
+    DeviceError
+        CUDA asked for where there is none.
+
+    Notes
+    -----
+    **Data parallelism.** With W ranks, rank r computes positions ``[r B/W, (r+1) B/W)`` of
+    each global batch of B; DistributedDataParallel averages the ranks' gradients, which
+    for a loss that is a mean over samples equals the gradient of the global batch. The
+    trajectory is therefore the single-process one up to the order of float32 additions
+    (the all-reduce sums W partial means instead of one mean over B), except for layers
+    whose output depends on the batch: BatchNorm in training mode normalises by the
+    statistics of each rank's B/W samples, as plain DistributedDataParallel does, and the
+    running statistics kept are rank 0's (DDP broadcasts rank 0's buffers before every
+    forward pass; they are broadcast once more at the end so all ranks end equal).
+
+    **Interruption under torchrun.** Ctrl-C reaches every rank; rank 0 saves its state if
+    it is between steps, and otherwise the run resumes from the last periodic save.
+    """
+    state_path = None if state_path is None else Path(state_path)
+    rank, world = _world()
+    main = rank == 0
+    dev = resolve_device(device)
+    if dist.is_initialized() and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    per_epoch = n_train // config.batch_size
+    if per_epoch < 1:
+        raise TrainError(f"batch size {config.batch_size} exceeds the {n_train} training "
+                         "samples")
+    if config.batch_size % world:
+        raise TrainError(f"the global batch of {config.batch_size} cannot be shared equally by "
+                         f"{world} ranks; pick a batch size that is a multiple of {world}")
+    shard_size = config.batch_size // world
+    shard = slice(rank * shard_size, (rank + 1) * shard_size)
+    total = per_epoch * config.epochs
+    chosen = _select(model, trainable)
+    recipe = _recipe(config, identity, None if trainable is None else chosen)
+
+    named = dict(model.named_parameters())
+    requires = {n: p.requires_grad for n, p in named.items()}
+    selected = set(chosen)
+    frozen_bn = _frozen_batchnorms(model, None if trainable is None else selected)
+    model.to(dev)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    for n, p in named.items():
+        p.requires_grad_(n in selected)
+
+    def train_mode() -> None:
+        model.train()
+        for m in frozen_bn:
+            m.eval()
+
+    try:
+        with flush_denormal() if dev.type == "cpu" else contextlib.nullcontext():
+            return _run(model, batches, n_train, config, recipe, state_path, resume, val,
+                        val_size, {n: named[n] for n in chosen}, after_step, on_epoch, loss,
+                        dev, checkpoint_every, stop_after_steps, time_budget_s,
+                        progress and main, desc, rank, world, shard, per_epoch, total,
+                        train_mode)
+    finally:
+        for n, p in named.items():
+            p.requires_grad_(requires[n])
+
+
+def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_size, params,
+         after_step, on_epoch, loss_fn, dev, checkpoint_every, stop_after_steps,
+         time_budget_s, progress, desc, rank, world, shard, per_epoch, total,
+         train_mode) -> FitResult:
+    main = rank == 0
+    train_mode()
+    opt, sched = _optimizer(params, config, total)
+    history, step = History(), 0
+    loaded: dict | Exception | None = None
+    if main and resume and state_path is not None and state_path.is_file():
+        try:
+            loaded = _load_state(state_path, recipe)
+        except ResumeError as exc:
+            loaded = exc
+    elif main and state_path is not None and state_path.is_file():
+        state_path.unlink()
+    loaded = _broadcast(loaded, world)
+    if isinstance(loaded, Exception):
+        raise loaded
+    if loaded is not None:
+        model.load_state_dict(loaded["model"])
+        opt.load_state_dict(loaded["optimizer"])
+        sched.load_state_dict(loaded["scheduler"])
+        step = int(loaded["step"])
+        history = _history(loaded["history"])
+        if main:
+            print(f"[train] resuming {state_path.name} at step {step} of {total}", flush=True)
+    history.sessions += 1
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    criterion = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    order, order_epoch = None, -1
+    session_times: list[float] = []
+    bar = tqdm(total=total, initial=step, unit="step", desc=desc, disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    saved = step
+
+    def diverged(what: str, at_step: int) -> DivergedError:
+        kept = (f"; the state of step {saved} stays in {state_path}"
+                if state_path is not None and state_path.is_file() else "")
+        epoch = (at_step - 1) // per_epoch + 1
+        return DivergedError(
+            f"training diverged: {what} at step {at_step} of {total} (epoch {epoch} of "
+            f"{config.epochs}, peak learning rate {config.lr:g}). No checkpoint was "
+            f"written{kept}. Start over with a lower learning rate, without resuming.",
+            step=at_step, epoch=epoch)
+
+    def save() -> None:
+        nonlocal saved
+        if state_path is None:
+            return
+        if saved != step or (main and not state_path.is_file()):
+            # Every rank checks (the weights are the same), so all stop together.
+            bad = non_finite_tensors(model.state_dict())
+            if bad:
+                raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
+                               + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
+            if main:
+                _save_state(state_path, recipe, step, model, opt, sched, history)
+            saved = step
+
+    def record_epoch_if_due() -> None:
+        # Also on resuming, in case the run was interrupted during an epoch's validation.
+        if main and step and step % per_epoch == 0 and len(history.epochs) < step // per_epoch:
+            epoch = step // per_epoch - 1
+            t1 = time.perf_counter()
+            evaluation = val(model) if val is not None else None
+            train_mode()
+            history.train_seconds += time.perf_counter() - t1
+            history.epochs.append(_epoch_record(history, epoch, step, evaluation))
+            e = history.epochs[-1]
+            bar.write(f"[train] epoch {epoch + 1}/{config.epochs}: train loss "
+                      f"{e.train_loss:.4f}" + ("" if val is None else
+                                               f", val accuracy {e.val_accuracy:.4f} "
+                                               f"[{e.val_ci_low:.4f}, {e.val_ci_high:.4f}]"))
+            if on_epoch is not None:
+                on_epoch(e, model)
+
+    def agreed_stop(local: bool) -> bool:
+        if world == 1:
+            return local
+        flag = torch.tensor([float(local and main)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    interrupted = False
+    try:
+        record_epoch_if_due()
+        while step < total:
+            if stop_after_steps is not None and step >= stop_after_steps:
+                break
+            if time_budget_s is not None:
+                last_s = history.steps[-1].seconds if history.steps else 0.0
+                if agreed_stop(history.train_seconds + last_s > time_budget_s):
+                    bar.write(f"[train] the time budget of {time_budget_s / 60:.1f} min is "
+                              f"spent at step {step} of {total}")
+                    break
+            t0 = time.perf_counter()
+            epoch, i = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order = np.random.default_rng([config.seed, _ORDER_STREAM, epoch]) \
+                    .permutation(n_train)
+                order_epoch = epoch
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            aug = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [config.seed, _AUGMENT_STREAM, epoch, i]).generate_state(1)[0]))
+            x, y = batches(Batch(epoch, i, step, idx, shard, aug))
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            lr = sched.get_last_lr()[0]
+            opt.zero_grad(set_to_none=True)
+            train_mode()
+            out = net(x)
+            loss = criterion(out, y)
+            logits = out[-1] if isinstance(out, list | tuple) else out
+            correct = (logits.argmax(1) == y).sum()
+            if world == 1:
+                loss_value, n_correct = loss.item(), int(correct)
+            else:
+                # The global batch's mean loss and correct count, the same on every rank, so
+                # a non-finite loss stops all ranks at once.
+                both = torch.stack([loss.detach().double(), correct.double()])
+                dist.all_reduce(both)
+                loss_value, n_correct = float(both[0]) / world, int(both[1])
+            if not math.isfinite(loss_value):
+                raise diverged(f"the loss became {loss_value}", step + 1)
+            loss.backward()
+            with _sigint_held():
+                opt.step()
+                if after_step is not None:
+                    after_step(model)
+                sched.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                history.train_seconds += dt
+                history.steps.append(StepRecord(step, epoch, lr, loss_value, n_correct,
+                                                config.batch_size, dt))
+            session_times.append(dt)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}", refresh=False)
+            if progress and len(session_times) == _ESTIMATE_STEPS + 1 and step < total:
+                _print_estimate(bar, config, session_times[1:], total - step,
+                                total // per_epoch - epoch, val_size, time_budget_s,
+                                history.train_seconds)
+            record_epoch_if_due()
+            if step % per_epoch == 0 or step % checkpoint_every == 0:
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    save()
+    if world > 1 and not interrupted:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return FitResult(model, history, step, total, interrupted)
+
+
+def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history: History) -> None:
+    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "recipe": recipe,
+             "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(),
+             "history": {"steps": [asdict(r) for r in history.steps],
+                         "epochs": [asdict(r) for r in history.epochs],
+                         "train_seconds": history.train_seconds,
+                         "sessions": history.sessions}}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _epoch_record(history: History, epoch: int, step: int,
+                  evaluation: Evaluation | None) -> EpochRecord:
+    rows = [r for r in history.steps if r.epoch == epoch]
+    if evaluation is None:
+        val = (math.nan,) * 4
+    else:
+        ci = wilson_ci(evaluation.correct, evaluation.n).ci
+        val = (evaluation.loss, evaluation.correct / evaluation.n, float(ci[0]), float(ci[1]))
+    return EpochRecord(epoch + 1, step, float(np.mean([r.loss for r in rows])),
+                       sum(r.correct for r in rows) / sum(r.batch for r in rows), *val,
+                       history.train_seconds)
+
+
+def _print_estimate(bar, config: TrainConfig, times: list[float], steps_left: int,
+                    epochs_left: int, n_val: int, budget_s: float | None,
+                    spent_s: float) -> None:
+    step_s = float(np.median(times))
+    # A forward pass costs about a third of a training step per sample.
+    val_s = epochs_left * n_val / config.batch_size * step_s / 3
+    total_s = steps_left * step_s + val_s
+    msg = (f"[train] {step_s:.2f} s/step over {len(times)} steps: the {steps_left} steps left "
+           f"take about {steps_left * step_s / 60:.1f} min, plus {val_s / 60:.1f} min of "
+           f"validation, about {(spent_s + total_s) / 60:.1f} min in all")
+    if budget_s is not None and spent_s + total_s > budget_s:
+        msg += (f"; that exceeds the budget of {budget_s / 60:.1f} min, so the run will stop at "
+                "the budget with its state saved (raise the budget or lower the epochs)")
+    bar.write(msg)
+
+
+__all__ = [
+    "Batch", "BatchFn", "Device", "DeviceError", "DivergedError", "EpochRecord", "Evaluation",
+    "FitResult", "History", "Placement", "ResumeError", "Schedule", "StepRecord", "TrainConfig",
+    "TrainError", "distributed", "fit", "resolve_device", "tensor_batches", "torchrun_ranks",
+]

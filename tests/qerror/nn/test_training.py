@@ -1,0 +1,313 @@
+"""The library's training loop: two gloo ranks against one process, resuming, hooks,
+parameter selection, and refusals. Tiny models and synthetic data, fixed seeds."""
+
+import math
+import os
+import socket
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from qerror.nn import training
+from qerror.nn.training import (
+    Batch,
+    DeviceError,
+    Evaluation,
+    ResumeError,
+    TrainConfig,
+    TrainError,
+    fit,
+    tensor_batches,
+)
+
+N_TRAIN, N_FEATURES, N_CLASSES = 96, 8, 3
+CONFIG = TrainConfig(epochs=2, batch_size=16, lr=0.1, seed=3)  # 6 steps an epoch, 12 in all
+STEPS = 12
+# DDP against one process, in float32. Each step's gradient is the same mean over the global
+# batch of B = 16, summed in another order (two partial means of 8, then the all-reduce), so
+# it differs by rounding only: at most about (B - 1) * eps = 15 * 1.19e-7 = 1.8e-6 relative
+# (the worst case of recursive summation). Twelve SGD steps at this small learning rate on a
+# smooth problem add such differences up, they do not amplify them: at most about
+# 12 * 1.8e-6 = 2.1e-5 of the weights' scale. RTOL is five times that; ATOL covers weights
+# near zero, where a relative bound means nothing (2.1e-5 of a typical |w| of 0.05). Seen
+# here: 3e-8 absolute, 2e-6 relative at most. Other batches (another order, which the test
+# checks; a wrong shard, a missing sample, gradients not averaged) move them by 1e-2 or more.
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def tiny_model(seed=0, batchnorm=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(N_FEATURES, 32)]
+    layers += [nn.BatchNorm1d(32)] if batchnorm else []
+    layers += [nn.Tanh(), nn.Linear(32, N_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def synthetic(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN, N_FEATURES, generator=gen)
+    y = (x @ torch.randn(N_FEATURES, N_CLASSES, generator=gen)).argmax(1)
+    return x, y
+
+
+def noisy_batches(x, y):
+    """Inputs with Gaussian noise drawn for the whole global batch from the batch's
+    generator, then cut to the shard: the contract that makes augmentation rank-independent."""
+
+    def batch(b: Batch):
+        noise = 0.05 * torch.randn(len(b.indices), N_FEATURES, generator=b.generator)
+        rows = torch.from_numpy(b.indices[b.shard])
+        return x[rows] + noise[b.shard], y[rows]
+
+    return batch
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank, world, port, folder):
+    """One torchrun-like rank: the environment torchrun would set, then the loop, three ways."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    x, y = synthetic()
+    out = {}
+    with training.distributed("cpu") as place:
+        out["placement"] = (place.rank, place.world_size, str(place.device))
+        full = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+        out["full"] = _weights(full.model)
+        out["losses"] = [r.loss for r in full.history.steps]
+        # Each rank names its own state file, as on machines without a shared disk: only
+        # rank 0 writes, and the resumed state reaches rank 1 from rank 0.
+        state = folder / f"rank{rank}" / "state.pt"
+        part = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                   stop_after_steps=5, progress=False)
+        out["part_step"] = part.step
+        rest = fit(tiny_model(seed=9), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                   progress=False)
+        out["resumed"] = _weights(rest.model)
+        out["resumed_sessions"] = rest.history.sessions
+        try:
+            fit(tiny_model(), noisy_batches(x, y), N_TRAIN, replace(CONFIG, batch_size=15),
+                progress=False)
+        except TrainError as exc:
+            out["unequal"] = str(exc)
+    torch.save(out, folder / f"out{rank}.pt")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    # Forked ranks inherit the imported modules (a spawned one spends seconds importing
+    # torch and qerror again); each sets one thread, as DataLoader's forked workers do.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), folder), nprocs=2, join=True,
+                       start_method=method)
+    return folder, [torch.load(folder / f"out{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_gloo_ranks_end_equal_and_match_one_process(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r0["placement"] == (0, 2, "cpu") and r1["placement"] == (1, 2, "cpu")
+    # Both ranks hold the same weights, bit for bit (DDP applies the same averaged update).
+    assert all(torch.equal(r0["full"][k], r1["full"][k]) for k in r0["full"])
+    assert r0["losses"] == r1["losses"]
+    x, y = synthetic()
+    single = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    ref = _weights(single.model)
+    for k in ref:
+        torch.testing.assert_close(r0["full"][k], ref[k], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r0["losses"], [r.loss for r in single.history.steps],
+                               rtol=RTOL)
+    # The tolerance discriminates: another batch order moves the weights far beyond it.
+    other = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, replace(CONFIG, seed=4),
+                progress=False)
+    far = max(float((other.model.state_dict()[k] - ref[k]).abs().max()) for k in ref)
+    assert far > 1e-2
+
+
+def test_two_ranks_resume_from_rank_0s_state_exactly(two_ranks):
+    folder, (r0, r1) = two_ranks
+    assert r0["part_step"] == r1["part_step"] == 5
+    assert r0["resumed_sessions"] == r1["resumed_sessions"] == 2
+    for r in (r0, r1):
+        assert all(torch.equal(r["resumed"][k], r0["full"][k]) for k in r0["full"])
+    assert (folder / "rank0" / "state.pt").is_file()
+    assert not (folder / "rank1").exists()  # rank 1 never writes
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_refused(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert "global batch of 15 cannot be shared equally by 2 ranks" in r0["unequal"]
+    assert r1["unequal"] == r0["unequal"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    full = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    part = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+               stop_after_steps=7, progress=False)
+    assert (part.step, part.complete) == (7, False)
+    # A differently initialised model: everything comes from the state.
+    rest = fit(tiny_model(seed=5), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+               progress=False)
+    assert rest.complete and rest.history.sessions == 2
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.loss for r in rest.history.steps] == [r.loss for r in full.history.steps]
+    with pytest.raises(ResumeError, match=r"different recipe \(lr: 0.1 saved, 0.2 now\)"):
+        fit(tiny_model(), noisy_batches(x, y), N_TRAIN, replace(CONFIG, lr=0.2),
+            state_path=state, progress=False)
+
+
+def test_hooks_are_called_and_after_step_keeps_a_pruning_mask():
+    x, y = synthetic()
+    model = tiny_model()
+    mask = (torch.arange(model[0].weight.numel()) % 2 == 0).reshape(model[0].weight.shape)
+    calls, epochs = [], []
+
+    def prune(m):
+        calls.append(m)
+        with torch.no_grad():
+            m[0].weight.mul_(mask)
+
+    def validate(m):
+        assert not m.training
+        return Evaluation(loss=1.0, correct=48, n=96)
+
+    def evaluate(m):
+        m.eval()
+        result = validate(m)
+        m.train()
+        return result
+
+    result = fit(model, tensor_batches(x, y), N_TRAIN, CONFIG, after_step=prune,
+                 on_epoch=lambda record, m: epochs.append(record), val=evaluate, val_size=96,
+                 progress=False)
+    assert len(calls) == STEPS and all(m is model for m in calls)
+    assert [e.epoch for e in epochs] == [1, 2] and [e.step for e in epochs] == [6, 12]
+    assert epochs[0].val_accuracy == 0.5 and epochs[0].val_ci_low < 0.5 < epochs[0].val_ci_high
+    assert result.history.epochs == epochs
+    assert bool((result.model[0].weight[~mask] == 0).all())
+    assert bool((result.model[0].weight[mask] != 0).all())
+
+
+def test_trainable_trains_only_the_chosen_parameters():
+    """A frozen backbone: its parameters and its BatchNorm statistics stay bit-identical;
+    the head learns; requires_grad is given back as it was."""
+    x, y = synthetic()
+    model = tiny_model(batchnorm=True)
+    before = _weights(model)
+    fit(model, tensor_batches(x, y), N_TRAIN, CONFIG, trainable={"3.weight", "3.bias"},
+        progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"3.weight", "3.bias"}  # BatchNorm's running stats included
+    assert all(p.requires_grad for p in model.parameters())
+    # A predicate selects the same way; unfreezing BatchNorm lets its statistics move.
+    model = tiny_model(batchnorm=True)
+    fit(model, tensor_batches(x, y), N_TRAIN, CONFIG,
+        trainable=lambda name: name.startswith(("1.", "3.")), progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1.weight", "1.bias", "1.running_mean", "1.running_var",
+                       "1.num_batches_tracked", "3.weight", "3.bias"}
+
+
+def test_without_a_selection_batchnorm_without_parameters_still_learns_its_statistics():
+    x, y = synthetic()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(N_FEATURES, 32), nn.BatchNorm1d(32, affine=False),
+                          nn.Tanh(), nn.Linear(32, N_CLASSES))
+    fit(model, tensor_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    assert int(model[1].num_batches_tracked) == STEPS
+    assert not torch.equal(model[1].running_mean, torch.zeros(32))
+
+
+def test_a_custom_loss_on_a_multi_output_model():
+    """Exit heads return a list of logits; the loss weighs them, accuracy reads the last."""
+
+    class TwoExits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.early, self.final = (nn.Linear(N_FEATURES, 16),
+                                                 nn.Linear(16, N_CLASSES),
+                                                 nn.Linear(16, N_CLASSES))
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return [self.early(h), self.final(h)]
+
+    def weighted(outputs, y):
+        ce = nn.functional.cross_entropy
+        return 0.3 * ce(outputs[0], y) + 0.7 * ce(outputs[1], y)
+
+    x, y = synthetic()
+    result = fit(TwoExits(), tensor_batches(x, y), N_TRAIN, CONFIG, loss=weighted,
+                 progress=False)
+    steps = result.history.steps
+    assert len(steps) == STEPS and all(0 <= r.correct <= r.batch for r in steps)
+    assert np.mean([r.loss for r in steps[-3:]]) < np.mean([r.loss for r in steps[:3]])
+
+
+def test_a_diverging_loss_stops_with_the_step():
+    x, y = synthetic()
+    x = x.clone()
+    x[40:] = float("nan")
+    with pytest.raises(training.DivergedError, match=r"the loss became nan at step \d+ of 12") \
+            as info:
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    assert 1 <= info.value.step <= STEPS and info.value.epoch in (1, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"trainable": {"9.weight"}}, "names 1 parameters the model does not have: 9.weight"),
+    ({"trainable": lambda name: False}, "selects none of the model's parameters"),
+    ({"n_train": 10}, "batch size 16 exceeds the 10 training samples"),
+])
+def test_bad_runs_are_refused(kwargs, message):
+    x, y = synthetic()
+    n = kwargs.pop("n_train", N_TRAIN)
+    with pytest.raises(TrainError, match=message):
+        fit(tiny_model(), tensor_batches(x, y), n, CONFIG, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("batch_size", 2.5), ("lr", math.nan), ("lr", 0.0), ("momentum", 0.97),
+    ("warmup_fraction", 0.0), ("seed", -1), ("schedule", "cosine"),
+])
+def test_config_refuses_bad_values(field, value):
+    with pytest.raises(ValueError, match=field if field != "schedule" else "schedule"):
+        replace(CONFIG, **{field: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_a_gpu_is_refused_clearly():
+    with pytest.raises(DeviceError, match=r"finds no usable GPU here.*--device cpu"):
+        training.resolve_device("cuda")
+    with pytest.raises(DeviceError):
+        fit(tiny_model(), tensor_batches(*synthetic()), N_TRAIN, CONFIG, device="cuda",
+            progress=False)
+
+
+def test_torchrun_environment_is_read_whole_or_not_at_all():
+    assert training.torchrun_ranks({}) == (0, 1, 0)
+    assert training.torchrun_ranks({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) \
+        == (1, 4, 1)
+    with pytest.raises(TrainError, match="RANK set but WORLD_SIZE, LOCAL_RANK not"):
+        training.torchrun_ranks({"RANK": "0"})
+    with pytest.raises(TrainError, match="out of range"):
+        training.torchrun_ranks({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
