@@ -55,6 +55,7 @@ from qerror.nn import (
     measure,
     predicted_local_drift,
     quantize_weights,
+    quantized_forward,
     reestimate_bn,
 )
 from qerror.nn.growth import (
@@ -84,6 +85,7 @@ DEFAULT_BITS = (8, 6, 4)
 REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
+FASHION_TEST_IMAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Data:
     calib: list[tuple[torch.Tensor, torch.Tensor]]
     test: list[tuple[torch.Tensor, torch.Tensor]]
     identity: dict
+    headline: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -99,8 +102,11 @@ def _batched(x: torch.Tensor, y: torch.Tensor, batch: int):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
-def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int) -> Data:
-    """Calibration images from the calibration split, measured ones from the test split."""
+def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int,
+                 headline_images: int = 0) -> Data:
+    """Calibration images from the calibration split, measured ones from the test split, and
+    the first ``headline_images`` of the whole test split (in order) for the headline
+    accuracy."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
     splits = fashion_mnist_splits(data_root)
@@ -110,8 +116,14 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     calib = splits.calib.subset(np.arange(min(calib_images, len(splits.calib))))
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
              "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib)}
+    headline = None
+    if headline_images:
+        whole = splits.test.subset(np.arange(min(headline_images, len(splits.test))))
+        headline = _batched(to_tensor(whole.images), torch.as_tensor(whole.labels), batch)
+        ident.update(headline_images=len(whole), headline_sha256=whole.sha256)
     return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
-                _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch), ident)
+                _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch), ident,
+                headline)
 
 
 def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: int) -> Data:
@@ -212,6 +224,45 @@ def accuracy_row(cfg_cols: dict, res: PropagationResult, remedy: str = "none") -
                    float_only=lg.float_only, quant_only=lg.quant_only,
                    mcnemar_p=mc.p_value, differs=bool(mc.p_value < ALPHA))
     return row
+
+
+HEADLINE_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR,
+                  RoundingMode.STOCHASTIC)
+
+
+def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8) -> pd.DataFrame:
+    """Accuracy of float and of each headline mode (``bits``, weights and activations), on
+    the same images, by a plain quantized forward (no instrumentation).
+
+    Each row: Wilson intervals, the paired difference from float and from round-to-nearest
+    (even) with McNemar's test on the same images.
+    """
+    with torch.inference_mode():
+        labels = torch.cat([y for _, y in batches])
+        right = {"float": torch.cat([model(x).argmax(1) for x, _ in batches]) == labels}
+        for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode"):
+            cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
+            with quantized_forward(model, cfg, act_qparams):
+                pred = torch.cat([model(x).argmax(1) for x, _ in batches])
+            right[mode.value] = pred == labels
+    n = int(labels.numel())
+    rows = []
+    near = right[RoundingMode.NEAREST_EVEN.value]
+    for name, ok in right.items():
+        w = wilson_ci(int(ok.sum()), n, ALPHA)
+        row = {"mode": name, "bits": 32 if name == "float" else bits, "images": n,
+               "acc": w.estimate, "acc_lo": w.ci[0], "acc_hi": w.ci[1]}
+        refs = [] if name == "float" else [("float", right["float"])]
+        if name not in ("float", RoundingMode.NEAREST_EVEN.value):
+            refs.append(("nearest", near))
+        for ref_name, ref in refs:
+            mc = mcnemar_from_counts(int((ref & ~ok).sum()), int((ok & ~ref).sum()), n, ALPHA)
+            row.update({f"delta_vs_{ref_name}": -mc.estimate,
+                        f"delta_vs_{ref_name}_lo": -mc.ci[1],
+                        f"delta_vs_{ref_name}_hi": -mc.ci[0],
+                        f"p_vs_{ref_name}": mc.p_value})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
@@ -527,6 +578,11 @@ def _main(argv: list[str]) -> int:
                              "spec) wherever activations are quantized")
     parser.add_argument("--quantize-block-outputs", action="store_true",
                         help="also quantize every residual block's output (the ReLU'd sum)")
+    parser.add_argument("--headline-images", type=nonnegative_int, default=None,
+                        help="Fashion-MNIST test images of the headline accuracy (8-bit "
+                             "nearest, truncation, floor, stochastic against float by a plain "
+                             "quantized forward; default: the whole test split, smoke 32; 0 "
+                             "skips it)")
     parser.add_argument("--int8-images", type=nonnegative_int, default=None,
                         help="calibration and test images of the real-INT8 cross-check "
                              "(0 skips it)")
@@ -562,6 +618,10 @@ def _main(argv: list[str]) -> int:
                      "local error is measured on that many images of each batch, so pass at "
                      "most the batch size")
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
+    headline_images = args.headline_images if args.headline_images is not None else (
+        32 if smoke else FASHION_TEST_IMAGES)
+    if args.data is not None:
+        headline_images = 0  # the headline runs on Fashion-MNIST's whole test split only
     check_out(args.out, "drift", force=args.force)
 
     if args.data is None:
@@ -577,7 +637,8 @@ def _main(argv: list[str]) -> int:
     # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
     data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
             if args.data is not None else
-            fashion_data(args.data_root, images, calib_images, batch, args.seed))
+            fashion_data(args.data_root, images, calib_images, batch, args.seed,
+                         headline_images))
     if model_id["model"].endswith("untrained-smoke"):
         _warm_batchnorm(model, data.calib)
     model.eval()
@@ -589,7 +650,7 @@ def _main(argv: list[str]) -> int:
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
               "local_samples": local_samples, "remedy_bits": remedy_bits,
-              "int8_images": int8_images, **outputs,
+              "int8_images": int8_images, "headline_images": headline_images, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
@@ -639,6 +700,21 @@ def _main(argv: list[str]) -> int:
         xcheck, xsummary, probe = int8_crosscheck(model, data, int8_images) if int8_images \
             else (None, None, None)
 
+        headline = None
+        if data.headline:
+            qp8 = act_qp.get(8) or calibrate_activations(model, data.calib,
+                                                         QuantConfig.make(8).activation)
+            headline = headline_accuracy(model, data.headline, qp8, args.seed)
+            run.write_csv("headline.csv", headline)
+            run.write_latex_table(
+                "headline.tex", headline[[c for c in ("mode", "images", "acc", "acc_lo",
+                                                      "acc_hi", "delta_vs_float", "p_vs_float",
+                                                      "delta_vs_nearest", "p_vs_nearest")
+                                          if c in headline]],
+                f"Headline accuracy on {len(torch.cat([y for _, y in data.headline]))} test "
+                f"images, 8-bit weights and activations: {100 * (1 - ALPHA):g}\\% Wilson "
+                "intervals, and the paired difference from float and from round-to-nearest "
+                "with McNemar's p.", "tab:drift-headline", float_format="%.4g")
         run.write_csv("sites.csv", sites)
         run.write_csv("accuracy.csv", acc)
         run.write_csv("growth.csv", fits)
@@ -655,6 +731,8 @@ def _main(argv: list[str]) -> int:
                                       "max_abs_lsb"]],
                 int8_caption(probe), "tab:drift-int8", float_format="%.6g")
         summary = _summary(acc, fits, pred, sites, xsummary, probe)
+        if headline is not None:
+            summary["headline"] = headline.to_dict(orient="records")
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
         run.write_macros("macros.tex", _macros(acc, fits))

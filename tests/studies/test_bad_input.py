@@ -60,6 +60,8 @@ STUDY_CASES = {
          r"--local-samples 17: more than --batch-size 16"),
         ("int8-images-negative", ["--int8-images", "-3"], ARGPARSE,
          r"--int8-images: must be at least 0, got -3"),
+        ("headline-images-negative", ["--headline-images", "-1"], ARGPARSE,
+         r"--headline-images: must be at least 0, got -1"),
         ("images-nan", ["--images", "nan"], ARGPARSE, r"--images: expected an integer"),
         ("bits-1", ["--bits", "1"], ARGPARSE, r"--bits: must be from 2 to 16, got 1"),
         ("bits-17", ["--bits", "8", "17"], ARGPARSE, r"--bits: must be from 2 to 16, got 17"),

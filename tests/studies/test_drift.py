@@ -33,7 +33,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
                  "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex",
                  "int8_crosscheck.csv", "depth_8bit_both.pdf", "depth_4bit_both.png",
                  "accuracy.pdf", "remedies.pdf", "prediction.pdf",
-                 "growth_drift_rel_rms_channel_debiased.pdf"):
+                 "growth_drift_rel_rms_channel_debiased.pdf", "headline.csv", "headline.tex"):
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
     acc = pd.read_csv(out / "accuracy.csv")
@@ -44,6 +44,12 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
     assert sites.path_depth.dropna().max() == 18  # resnet18: 18 layers on the longest path
+    head = pd.read_csv(out / "headline.csv")
+    assert list(head["mode"]) == ["float", "nearest_even", "toward_zero", "floor", "stochastic"]
+    assert head.images.eq(32).all() and (head.acc_lo <= head.acc).all()
+    assert head.loc[head["mode"] == "float", "delta_vs_float"].isna().all()
+    assert head.loc[head["mode"] == "floor", "p_vs_nearest"].notna().all()
+    assert manifest["data"]["headline_images"] == 32
     growth = pd.read_csv(out / "growth.csv")
     assert set(growth.metric) == set(drift.GROWTH_METRICS)
     assert set(growth.answer) <= {"linear", "sqrt", "neither", "not separated"}
