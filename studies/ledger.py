@@ -69,9 +69,12 @@ CLAIMS: tuple[Claim, ...] = (
         "Então nosso erro médio ≈ 0 e não há tendência sistemática para cima ou para baixo.",
         "Round-to-nearest has mean error about 0: no systematic bias.",
         Verdict.CONDITIONAL,
-        "Holds when the input is wide relative to the step (σ ≳ step) or symmetric about a "
-        "grid point. A narrow input that sits between grid points is biased: N(0.3 s, 0.1 s) "
-        "rounds to 0 almost always, a bias of about -0.3 LSB.",
+        "Holds when the input law is symmetric about a grid point or about a half-integer "
+        "(the bias is then exactly 0), or is wide against the step: for a normal law of "
+        "standard deviation σ steps, whatever its mean, |bias| ≤ Σ_k e^(−2π²k²σ²)/(πk), "
+        "which is e^(−2π²σ²)/π to nine digits from σ = 1/2 on (0.0023 LSB at σ = 1/2, "
+        "8e-10 at σ = 1). A narrow input that sits between grid points is biased: "
+        "N(0.3 s, 0.1 s) rounds to 0 almost always, a bias of about -0.3 LSB.",
         "test_claim_R4_rounding_bias_needs_a_wide_input",
     ),
     Claim(
@@ -134,7 +137,10 @@ CLAIMS += (
         "For symmetric zero-mean data and zero point 0 the mean truncation error is 0: the "
         "-1/2 LSB of positive values and +1/2 LSB of negative values cancel (the error is "
         "biased toward zero in magnitude, not in sign). For one-signed data, such as a "
-        "post-ReLU activation, the bias is about -1/2 LSB.",
+        "post-ReLU activation, the bias is about -1/2 LSB. And the truncation integer "
+        "hardware performs when it requantizes an accumulator, the arithmetic right shift, "
+        "is floor, not toward zero: biased by -(2^k - 1)/2^(k+1) LSB (about -1/2) even for "
+        "symmetric data.",
         "test_claim_T5_truncation_bias_needs_one_signed_data",
     ),
     Claim(

@@ -152,6 +152,42 @@ def test_claim_R4_rounding_bias_needs_a_wide_input():
             assert equivalence_test(e, -0.01, 0.01, alpha=ALPHA).p_value < ALPHA
 
 
+@pytest.mark.parametrize("sigma", [0.5, 0.75, 1.0])
+def test_claim_R4_bias_of_a_normal_law_is_bounded_by_its_fourier_term(sigma):
+    """Over the law's mean μ (in steps), the exact bias of round-to-nearest stays within
+    (1/π) Σ_k e^(−2π²k²σ²)/k, the Fourier bound, reaches 99% of its leading term, and is 0
+    (to rounding) at μ on a grid point or a half-integer."""
+    import math
+
+    spec = QuantSpec(bits=16)
+    bound = sum(math.exp(-2 * math.pi ** 2 * k * k * sigma ** 2) / (math.pi * k)
+                for k in range(1, 20))
+    lead = math.exp(-2 * math.pi ** 2 * sigma ** 2) / math.pi
+    # the engine's bias is accurate to about 1e-15 of the MAE in absolute terms (its Notes)
+    moments = [error_moments(sps.norm(mu, sigma), spec, 1.0) for mu in np.linspace(0, 1, 41)]
+    tol = 1e-15 * max(m.mae_lsb for m in moments)
+    assert max(abs(m.bias_lsb) for m in moments) <= bound + tol
+    assert max(abs(m.bias_lsb) for m in moments) >= 0.99 * lead
+    for mu in (0.0, 0.5, 3.0, 3.5):
+        assert abs(error_moments(sps.norm(mu, sigma), spec, 1.0).bias_lsb) <= tol
+
+
+def test_claim_T5_an_arithmetic_shift_is_floor_and_biased_on_symmetric_data():
+    """Requantizing an int32 accumulator by a right shift of k bits: every code equals
+    floor(a / 2^k), and over a symmetric range of accumulators (every a in [-2^m, 2^m))
+    the mean error is exactly -(2^k - 1)/2^(k+1) output LSB."""
+    from fractions import Fraction
+
+    assert claim("T5").verdict is Verdict.CONDITIONAL
+    a = torch.arange(-(1 << 14), 1 << 14, dtype=torch.int32)
+    for k in (1, 4, 8):
+        shifted = a >> k
+        assert torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="floor"))
+        assert not torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="trunc"))
+        err = Fraction(int((shifted.long() * (1 << k) - a.long()).sum()), a.numel() << k)
+        assert err == Fraction(-((1 << k) - 1), 1 << (k + 1))
+
+
 def test_claim_R5_nearest_is_pointwise_closest():
     assert claim("R5").verdict is Verdict.TRUE
     rng = np.random.default_rng(1)
