@@ -196,6 +196,18 @@ CLAIMS += (
         "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
     ),
     Claim(
+        "N2L", "network",
+        "BatchNorm / LayerNorm ficam inconsistentes",
+        "LayerNorm becomes inconsistent.",
+        Verdict.FALSE,
+        "LayerNorm keeps no statistics, so there is nothing for the quantized activations to "
+        "disagree with: it normalises each sample by that sample's own mean and variance. "
+        "That removes exactly any error common to a sample's features (the part of "
+        "truncation's bias shared by all of them) and, up to its ε, any common scale; error "
+        "that differs across features passes through, divided by the sample's std.",
+        "test_claim_N2L_layernorm_has_nothing_to_be_inconsistent_with",
+    ),
+    Claim(
         "N3", "network",
         "Saturação mais frequente; saturação em int8 acontece mais cedo",
         "Truncation makes int8 saturation more frequent and earlier.",

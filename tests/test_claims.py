@@ -1,6 +1,8 @@
 """The claims ledger: one test per claim of the research notes, asserting its verdict."""
 
 import ast
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -150,42 +152,22 @@ def test_claim_R4_rounding_bias_needs_a_wide_input():
             assert bias_test(e, alpha=ALPHA).p_value < ALPHA
         else:  # equivalent to 0 within ±0.01 LSB (TOST at level ALPHA)
             assert equivalence_test(e, -0.01, 0.01, alpha=ALPHA).p_value < ALPHA
-
-
-@pytest.mark.parametrize("sigma", [0.5, 0.75, 1.0])
-def test_claim_R4_bias_of_a_normal_law_is_bounded_by_its_fourier_term(sigma):
-    """Over the law's mean μ (in steps), the exact bias of round-to-nearest stays within
-    (1/π) Σ_k e^(−2π²k²σ²)/k, the Fourier bound, reaches 99% of its leading term, and is 0
-    (to rounding) at μ on a grid point or a half-integer."""
-    import math
-
+    # The condition, made exact: over the law's mean μ (in steps) the exact bias of a normal
+    # law stays within the Fourier bound (1/π) Σ_k e^(−2π²k²σ²)/k, reaches 99% of its
+    # leading term, and is 0 with μ on a grid point or a half-integer.
     spec = QuantSpec(bits=16)
-    bound = sum(math.exp(-2 * math.pi ** 2 * k * k * sigma ** 2) / (math.pi * k)
-                for k in range(1, 20))
-    lead = math.exp(-2 * math.pi ** 2 * sigma ** 2) / math.pi
-    # the engine's bias is accurate to about 1e-15 of the MAE in absolute terms (its Notes)
-    moments = [error_moments(sps.norm(mu, sigma), spec, 1.0) for mu in np.linspace(0, 1, 41)]
-    tol = 1e-15 * max(m.mae_lsb for m in moments)
-    assert max(abs(m.bias_lsb) for m in moments) <= bound + tol
-    assert max(abs(m.bias_lsb) for m in moments) >= 0.99 * lead
-    for mu in (0.0, 0.5, 3.0, 3.5):
-        assert abs(error_moments(sps.norm(mu, sigma), spec, 1.0).bias_lsb) <= tol
-
-
-def test_claim_T5_an_arithmetic_shift_is_floor_and_biased_on_symmetric_data():
-    """Requantizing an int32 accumulator by a right shift of k bits: every code equals
-    floor(a / 2^k), and over a symmetric range of accumulators (every a in [-2^m, 2^m))
-    the mean error is exactly -(2^k - 1)/2^(k+1) output LSB."""
-    from fractions import Fraction
-
-    assert claim("T5").verdict is Verdict.CONDITIONAL
-    a = torch.arange(-(1 << 14), 1 << 14, dtype=torch.int32)
-    for k in (1, 4, 8):
-        shifted = a >> k
-        assert torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="floor"))
-        assert not torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="trunc"))
-        err = Fraction(int((shifted.long() * (1 << k) - a.long()).sum()), a.numel() << k)
-        assert err == Fraction(-((1 << k) - 1), 1 << (k + 1))
+    for sigma in (0.5, 0.75, 1.0):
+        bound = sum(math.exp(-2 * math.pi ** 2 * k * k * sigma ** 2) / (math.pi * k)
+                    for k in range(1, 20))
+        lead = math.exp(-2 * math.pi ** 2 * sigma ** 2) / math.pi
+        # the engine's bias is accurate to about 1e-15 of the MAE in absolute terms
+        moments = [error_moments(sps.norm(mu, sigma), spec, 1.0)
+                   for mu in np.linspace(0, 1, 41)]
+        tol = 1e-15 * max(m.mae_lsb for m in moments)
+        assert max(abs(m.bias_lsb) for m in moments) <= bound + tol, sigma
+        assert max(abs(m.bias_lsb) for m in moments) >= 0.99 * lead, sigma
+        for mu in (0.0, 0.5, 3.0, 3.5):
+            assert abs(error_moments(sps.norm(mu, sigma), spec, 1.0).bias_lsb) <= tol
 
 
 def test_claim_R5_nearest_is_pointwise_closest():
@@ -218,6 +200,16 @@ def test_claim_T5_truncation_bias_needs_one_signed_data():
     xr = np.abs(x)
     er = (fake_quantize(xr, trunc.replace(signed=False), s) - xr) / s
     assert bias_test(er, alpha=ALPHA).p_value < ALPHA and er.mean() < -0.45
+    # The truncation integer hardware does when it requantizes an accumulator, a right
+    # shift by k bits, is floor: over every a in a symmetric range [-2^m, 2^m) its mean
+    # error is exactly -(2^k - 1)/2^(k+1) output LSB.
+    a = torch.arange(-(1 << 14), 1 << 14, dtype=torch.int32)
+    for k in (1, 4, 8):
+        shifted = a >> k
+        assert torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="floor"))
+        assert not torch.equal(shifted, torch.div(a, 1 << k, rounding_mode="trunc"))
+        err = Fraction(int((shifted.long() * (1 << k) - a.long()).sum()), a.numel() << k)
+        assert err == Fraction(-((1 << k) - 1), 1 << (k + 1))
 
 
 def test_claim_T6_truncation_mse_and_mae_are_larger():
@@ -351,6 +343,28 @@ def test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding(chain_run
         biased = worst(chain_runs[(mode, 6)])
         # a tenth of the running std, or a tenth in log-variance: not a rounding artefact
         assert biased > 0.1 > near, (mode, biased, near)
+
+
+def test_claim_N2L_layernorm_has_nothing_to_be_inconsistent_with():
+    """No stored statistics; a truncated linear layer's error common to a sample's features
+    is removed by the LayerNorm after it, to float64 rounding."""
+    from torch import nn
+
+    assert claim("N2L").verdict is Verdict.FALSE
+    ln = nn.LayerNorm(64, elementwise_affine=False).double()
+    assert list(ln.buffers()) == []
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 32, dtype=torch.float64, generator=g) / 6
+    x = torch.relu(torch.randn(512, 32, dtype=torch.float64, generator=g))
+    trunc = QuantSpec(bits=6, rounding=RoundingMode.TOWARD_ZERO)
+    wq = fake_quantize(w, trunc.replace(axis=0), w.abs().amax(1) / trunc.qmax)
+    xq = fake_quantize(x, trunc.replace(signed=False), float(x.max()) / 63)
+    yf, yq = x @ w.T, xq @ wq.T
+    common = (yq - yf).mean(dim=1, keepdim=True)  # per sample, across features
+    # truncation's error has a common part well away from 0 ...
+    assert abs(float(common.mean())) > 10 * float(common.std()) / 512 ** 0.5
+    # ... which LayerNorm removes: normalising yq and yq minus that part agree to rounding
+    torch.testing.assert_close(ln(yq), ln(yq - common), rtol=1e-12, atol=1e-12)
 
 
 def test_claim_N3_saturation_follows_the_drift(chain_runs):
