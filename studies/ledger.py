@@ -232,6 +232,80 @@ CLAIMS += (
     ),
 )
 
+
+# The dataset question (the notes' second section). python -m studies.dataset measures it on
+# the Fashion-MNIST baseline; the tests below decide what can be decided exactly.
+CLAIMS += (
+    Claim(
+        "D1", "dataset",
+        "A ativação de entrada é quantizada on-the-fly, usando o scale e zero_point da "
+        "primeira camada",
+        "The dataset need not be quantized: the model's first quantizer quantizes float "
+        "input on the fly.",
+        Verdict.TRUE,
+        "With the same spec, scale and zero point, a model that quantizes its float input "
+        "itself and the same model fed codes stored offline see bit-identical input and give "
+        "bit-identical outputs.",
+        "test_claim_D1_input_quantizer_equals_offline_codes",
+    ),
+    Claim(
+        "D2", "dataset",
+        "Em frameworks como PyTorch/ONNX/TFLite, a entrada é FP32 e o runtime converte "
+        "automaticamente para INT8",
+        "The runtime converts FP32 input to INT8 automatically.",
+        Verdict.CONDITIONAL,
+        "Only when the converted model carries its input quantizer. In PyTorch's eager flow "
+        "that is a QuantStub the user inserts: a quantized convolution given a float tensor "
+        "refuses it. PT2E inserts the quantize op at the input. A TFLite model converted "
+        "with an int8 input type expects the caller to quantize (not tested here).",
+        "test_claim_D2_a_quantized_kernel_refuses_float_input",
+    ),
+    Claim(
+        "D3", "dataset",
+        "Se estamos fazendo QAT, o dataset continua em float e durante o forward pass o "
+        "modelo simula quantização",
+        "QAT trains on float data; the model simulates quantization in its forward pass.",
+        Verdict.TRUE,
+        "Fake quantization takes float input and passes a straight-through gradient inside "
+        "the range (zero where a value was clamped), so a training step on float data "
+        "updates the weights.",
+        "test_claim_D3_qat_trains_on_float_data",
+    ),
+    Claim(
+        "D4", "dataset",
+        "Durante a calibração você passa um dataset de calibração em float e o modelo usa "
+        "esses dados para estimar min/max e calcular scale e zero_point",
+        "PTQ calibrates scale and zero point from float calibration data.",
+        Verdict.TRUE,
+        "Min-max calibration on float batches gives the scale and zero point of the exact "
+        "extremes those batches reach, the data themselves untouched.",
+        "test_claim_D4_ptq_calibrates_on_float_data",
+    ),
+    Claim(
+        "D5", "dataset",
+        "Nesses casos o dataset pode ser armazenado já em INT8 para economizar memória e banda",
+        "Storing the dataset in INT8 saves memory and bandwidth on constrained hardware.",
+        Verdict.CONDITIONAL,
+        "Four times less than float32 tensors (one byte per value against four), but nothing "
+        "against data that are already 8-bit: Fashion-MNIST's and most images' pixels are "
+        "uint8 on disk, and their INT8 codes take the same bytes.",
+        "test_claim_D5_int8_storage_saves_against_float_only",
+    ),
+    Claim(
+        "D6", "dataset",
+        "Mesmo assim, pelo que entendi, isso é uma decisão arquitetura, não de ML",
+        "Storing the dataset in INT8 is an architecture decision, not an ML one.",
+        Verdict.CONDITIONAL,
+        "When the stored codes use the model's own scale and zero point the model sees the "
+        "same input (D1), so nothing about the model changes. Codes made with another "
+        "calibration (another subset, a percentile range, a scale off by a few percent) feed "
+        "the model different input, and its predictions change: then it is an ML decision "
+        "too (python -m studies.dataset measures by how much).",
+        "test_claim_D6_other_offline_scales_change_what_the_model_sees",
+    ),
+)
+
+
 def claim(claim_id: str) -> Claim:
     """The ledger entry with this id."""
     for c in CLAIMS:

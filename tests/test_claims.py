@@ -11,14 +11,17 @@ import torch
 from scipy import stats as sps
 
 from qerror import (
+    QParams,
     QuantSpec,
     RoundingMode,
     apply_rounding,
     bias_test,
+    calibrate,
     dequantize,
     equivalence_test,
     fake_quantize,
     mse_ratio_ci,
+    qparams_from_range,
     quantize,
 )
 from qerror.analytic import error_moments
@@ -402,3 +405,102 @@ def test_claim_N4_truncation_costs_accuracy(chain_runs):
         w_t = wilson_ci(trunc.quant_correct, trunc.n, NET_ALPHA)
         w_n = wilson_ci(near.quant_correct, near.n, NET_ALPHA)
         assert w_t.ci[1] < w_n.ci[0], bits
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def _input_model():
+    from torch import nn
+
+    torch.manual_seed(21)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).double()
+
+
+def test_claim_D1_input_quantizer_equals_offline_codes():
+    from qerror.nn.input_quant import on_codes, quantize_offline, with_input_quantizer
+
+    assert claim("D1").verdict is Verdict.TRUE
+    net = _input_model().float()
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    net(x)  # materialise the lazy layer
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    qp = calibrate(x, spec)
+    codes = quantize_offline(x, spec, qp)  # the dataset as stored: one byte per value
+    assert codes.dtype == torch.uint8
+    with torch.no_grad():
+        assert torch.equal(with_input_quantizer(net, spec, qp)(x), on_codes(net, qp)(codes))
+
+
+def test_claim_D2_a_quantized_kernel_refuses_float_input():
+    import warnings
+
+    from torch.ao.nn.quantized import Conv2d
+
+    assert claim("D2").verdict is Verdict.CONDITIONAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated
+        conv = Conv2d(1, 2, 3)
+        x = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(5))
+        with pytest.raises(NotImplementedError):
+            conv(x)  # no input quantizer: the float tensor is refused, not converted
+        q = torch.quantize_per_tensor(x, 0.05, 64, torch.quint8)  # what a QuantStub does
+        assert conv(q).dtype == torch.quint8
+
+
+def test_claim_D3_qat_trains_on_float_data():
+    assert claim("D3").verdict is Verdict.TRUE
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(4, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)  # float data, never quantized
+    spec = QuantSpec(bits=4, axis=0)
+    scale = (w.detach().abs().amax(1) / spec.qmax)
+    xq = fake_quantize(x, QuantSpec(bits=8), float(x.abs().max()) / 127)
+    loss = (xq @ fake_quantize(w, spec, scale).T).square().mean()
+    loss.backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    before = w.detach().clone()
+    with torch.no_grad():
+        w -= 0.1 * w.grad
+    assert not torch.equal(before, w.detach())
+
+
+def test_claim_D4_ptq_calibrates_on_float_data():
+    from qerror.nn import QuantConfig, calibrate_activations
+
+    assert claim("D4").verdict is Verdict.TRUE
+    net = _input_model()
+    batches = [torch.rand(16, 1, 8, 8, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+    net(batches[0])
+    copies = [b.clone() for b in batches]
+    spec = QuantConfig.make(8).activation
+    qp = calibrate_activations(net, batches, spec)
+    lo = min(float(b.min()) for b in batches)
+    hi = max(float(b.max()) for b in batches)
+    assert qp["0"] == qparams_from_range(lo, hi, spec)  # the first layer: the float input
+    assert all(torch.equal(a, b) for a, b in zip(batches, copies))
+
+
+def test_claim_D5_int8_storage_saves_against_float_only():
+    from qerror.compress.size import storage_bytes
+
+    assert claim("D5").verdict is Verdict.CONDITIONAL
+    n = 10_000 * 28 * 28  # Fashion-MNIST's test split
+    assert storage_bytes("float32", n) == 4 * storage_bytes("int8", n)
+    assert storage_bytes("uint8", n) == storage_bytes("int8", n)  # the pixels as shipped
+
+
+def test_claim_D6_other_offline_scales_change_what_the_model_sees():
+    from qerror.nn.input_quant import quantize_offline
+
+    assert claim("D6").verdict is Verdict.CONDITIONAL
+    x = torch.rand(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    own = calibrate(x, spec)
+    other = calibrate(x[:8], spec)  # another subset's min-max
+    for qp in (other, QParams(own.scale * 1.02, own.zero_point)):
+        seen = dequantize(quantize_offline(x, spec, qp), qp.scale, qp.zero_point)
+        mine = dequantize(quantize_offline(x, spec, own), own.scale, own.zero_point)
+        assert not torch.equal(seen, mine)
+
