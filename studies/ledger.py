@@ -233,6 +233,47 @@ CLAIMS += (
 )
 
 
+# What truncation does to weights and activations (the notes' "efeito específico em redes
+# neurais"), beside the network claims above.
+CLAIMS += (
+    Claim(
+        "W1", "network",
+        "A rede fica menos expressiva",
+        "Truncating the weights makes the network less expressive.",
+        Verdict.CONDITIONAL,
+        "Not in what it can represent: truncation uses the same grid of codes as "
+        "round-to-nearest. What it changes is where weights land: the zero bin is twice as "
+        "wide (|w| < s against |w| ≤ s/2), so about twice as many small weights become 0, and "
+        "every other weight loses on average half a step of magnitude.",
+        "test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights",
+    ),
+    Claim(
+        "W2", "network",
+        "Pode parecer uma regularização, mas não controlada",
+        "Truncating the weights looks like regularisation, but an uncontrolled one.",
+        Verdict.TRUE,
+        "In the mean it shrinks every weight's magnitude by about half a step whatever its "
+        "size (0.46 to 0.49 steps from 1 to 9 steps, for weights of σ = 4 steps), as "
+        "an L1 penalty's soft threshold does and unlike weight decay's shrink in proportion "
+        "to the weight; but its strength is the quantization step of each channel, not a "
+        "chosen coefficient, and each weight's shrink is its own fractional part, anywhere "
+        "in [0, s).",
+        "test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size",
+    ),
+    Claim(
+        "A1", "network",
+        "Distribuições ficam deslocadas",
+        "The activations' distributions are shifted.",
+        Verdict.CONDITIONAL,
+        "Their means move, under truncation and floor, by several times round-to-nearest's "
+        "shift (relative to the float std), detectably at every layer; the direction is not "
+        "always down: a convolution's output mean moves by what the shrunken weights and "
+        "inputs do together, which depends on their signs.",
+        "test_claim_A1_biased_modes_shift_the_layer_means",
+    ),
+)
+
+
 # The dataset question (the notes' second section). python -m studies.dataset measures it on
 # the Fashion-MNIST baseline; the tests below decide what can be decided exactly.
 CLAIMS += (

@@ -407,6 +407,66 @@ def test_claim_N4_truncation_costs_accuracy(chain_runs):
         assert w_t.ci[1] < w_n.ci[0], bits
 
 
+def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():
+    """Same codes reachable; zeros: P(|w| < s) against P(|w| <= s/2), exactly, for a normal
+    law of weights with σ = 4 steps, and on a sample."""
+    assert claim("W1").verdict is Verdict.CONDITIONAL
+    s, sigma = 0.01, 0.04
+    near = QuantSpec(bits=6)
+    trunc = near.replace(rounding=RoundingMode.TOWARD_ZERO)
+    grid = torch.arange(near.qmin, near.qmax + 1, dtype=torch.float64) * s
+    for spec in (near, trunc):  # every code is reachable, by the code's own value
+        assert torch.equal(quantize(grid, spec, s), torch.arange(near.qmin, near.qmax + 1))
+    law = sps.norm(0.0, sigma)
+    p_near, p_trunc = law.cdf(s / 2) - law.cdf(-s / 2), law.cdf(s) - law.cdf(-s)
+    assert 1.9 < p_trunc / p_near < 2.0  # twice the width, a little less than twice the mass
+    w = torch.as_tensor(law.rvs(size=400_000, random_state=12))
+    zeros = {m: float((quantize(w, spec, s) == 0).double().mean())
+             for m, spec in (("near", near), ("trunc", trunc))}
+    for m, p in (("near", p_near), ("trunc", p_trunc)):  # binomial, z at NET_ALPHA
+        assert abs(zeros[m] - p) <= 3.29 * math.sqrt(p * (1 - p) / w.numel())
+
+
+def test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size():
+    """Mean shrink of |w| in each band [k s, (k+1) s), k = 1..8, for weights N(0, 4 steps):
+    exactly E[frac | band] (by quadrature), which stays between 0.45 and 0.5 steps while
+    the band's weights grow eightfold (weight decay's shrink would grow with them); the
+    sample agrees within its standard error (z at NET_ALPHA); each shrink lies in [0, s)."""
+    from scipy import integrate
+
+    assert claim("W2").verdict is Verdict.TRUE
+    s, law = 0.01, sps.norm(0.0, 0.04)
+    trunc = QuantSpec(bits=8, rounding=RoundingMode.TOWARD_ZERO)
+    w = torch.as_tensor(law.rvs(size=1_000_000, random_state=13))
+    shrink = (w.abs() - fake_quantize(w, trunc, s).abs()) / s  # in steps
+    assert float(shrink.min()) >= 0.0 and float(shrink.max()) < 1.0
+    band = torch.floor(w.abs() / s)
+    for k in range(1, 9):
+        lo, hi = k * s, (k + 1) * s
+        exact = integrate.quad(lambda x: (x / s - k) * law.pdf(x), lo, hi, epsrel=1e-12)[0] \
+            / (law.cdf(hi) - law.cdf(lo))
+        assert 0.45 < exact < 0.5, k
+        d = shrink[band == k].numpy()
+        assert abs(d.mean() - exact) <= 3.29 * d.std(ddof=1) / math.sqrt(d.size), k
+
+
+def test_claim_A1_biased_modes_shift_the_layer_means(chain_runs):
+    """The largest |mean shift| / float std over the convolutions, at 6 bits: truncation's
+    and floor's at least 3× round-to-nearest's, and each significant (z at NET_ALPHA)."""
+    assert claim("A1").verdict is Verdict.CONDITIONAL
+
+    def worst(res):
+        convs = _convs(res)
+        i = max(range(len(convs)), key=lambda j: abs(convs[j].drift) / convs[j].float_std)
+        return convs[i]
+
+    near = worst(chain_runs[(RoundingMode.NEAREST_EVEN, 6)])
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+        site = worst(chain_runs[(mode, 6)])
+        assert abs(site.drift) / site.float_std > 3 * abs(near.drift) / near.float_std, mode
+        assert abs(site.drift) > 3.29 * site.drift_se, mode
+
+
 # --------------------------------------------------------------------------- the dataset
 
 
