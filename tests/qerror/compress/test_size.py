@@ -6,7 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from qerror.compress import StorageFormat, held_bytes, packed_bytes, storage_bytes
+from qerror.compress import (
+    SparseFormat,
+    StorageFormat,
+    decode_tensor,
+    encode_tensor,
+    held_bytes,
+    index_dtype,
+    model_bytes,
+    packed_bytes,
+    prune_global,
+    read_model,
+    semi_structured_masks,
+    storage_bytes,
+    tensor_bytes,
+    write_model,
+)
 
 
 @pytest.mark.parametrize("fmt", [f for f in StorageFormat if f is not StorageFormat.INT4_PACKED],
@@ -54,3 +69,140 @@ def test_bad_counts_and_objects_are_refused():
         packed_bytes(1, 0)
     with pytest.raises(TypeError):
         held_bytes([1, 2, 3])
+
+
+# --------------------------------------------------------------------------- sparse formats
+
+
+@pytest.mark.parametrize("max_value, dtype", [(0, "uint8"), (255, "uint8"), (256, "uint16"),
+                                              (65535, "uint16"), (65536, "uint32"),
+                                              (2**32, "uint64")])
+def test_index_dtype_is_the_smallest_unsigned_that_holds(max_value, dtype):
+    assert index_dtype(max_value) == np.dtype(dtype)
+
+
+def test_sparse_counts_from_shapes_and_element_sizes():
+    shape, n, nnz = (64, 32, 3, 3), 64 * 32 * 9, 1843
+    assert tensor_bytes(shape).total == 4 * n
+    # CSR: 65 row pointers sized for up to n = 18432 (uint16), 1843 column indices < 288
+    # (uint16), 1843 float32 values.
+    assert tensor_bytes(shape, nnz, "csr") == tensor_bytes(shape, nnz, SparseFormat.CSR)
+    b = tensor_bytes(shape, nnz, "csr")
+    assert (b.row_pointers, b.indices, b.values) == (65 * 2, nnz * 2, nnz * 4)
+    assert tensor_bytes((10, 200), 7, "csr").indices == 7  # columns < 256: one byte each
+    b = tensor_bytes(shape, nnz, "bitmask", "int8")
+    assert (b.mask, b.values, b.scales, b.zero_points) == (n // 8, nnz, 64 * 4, 64)
+    b = tensor_bytes(shape, n // 2, "2:4")
+    assert (b.values, b.mask) == (n // 2 * 4, n // 8)  # 4 bits of metadata per group of 4
+    b = tensor_bytes((1000, 2048), 10**6, "2:4", "int8", scales=1)
+    assert b.total == 1_024_000 + 1_024_000 * 2 // 8 + 4 + 1
+
+
+def test_sparse_count_errors():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tensor_bytes((4, 6), 4, "2:4")
+    with pytest.raises(ValueError, match="at most half"):
+        tensor_bytes((4, 8), 17, "2:4")
+    with pytest.raises(ValueError, match="nnz must be in"):
+        tensor_bytes((4, 8), 33, "csr")
+    with pytest.raises(ValueError, match="carry no quantization scales"):
+        tensor_bytes((4, 8), values="float32", scales=4)
+    with pytest.raises(ValueError, match="sparse format 'coo' is not one of"):
+        tensor_bytes((4, 8), sparse="coo")
+
+
+def _pruned(shape, sparsity, seed=0):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    layer = torch.nn.Linear(1, 1, bias=False)
+    layer.weight = torch.nn.Parameter(w)
+    prune_global(layer, sparsity, keep_dense=())
+    return layer.weight.detach()
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("sparse", list(SparseFormat), ids=lambda f: f.value)
+@pytest.mark.parametrize("shape", [(12, 8), (6, 8, 3, 3), (300, 4)])
+def test_encoding_holds_exactly_the_counted_bytes_and_decodes(sparse, values, shape):
+    if sparse is SparseFormat.TWO_FOUR:
+        layer = torch.nn.Conv2d(shape[1], shape[0], 3) if len(shape) == 4 \
+            else torch.nn.Linear(shape[1], shape[0])
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(1))
+        semi_structured_masks(layer, keep_dense=())
+        w = layer.weight.detach()
+    else:
+        w = _pruned(shape, 0.9)
+    arrays = encode_tensor(w, sparse, values)
+    nnz = int((w != 0).sum())
+    assert sum(a.nbytes for a in arrays) == tensor_bytes(shape, nnz, sparse, values).total
+    buffer = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays) + b"tail"
+    back, used = decode_tensor(buffer, shape, sparse, values)
+    assert used == len(buffer) - 4
+    expected = w.numpy().astype(values if values != "int8" else "float32").astype(np.float32)
+    if values == "int8":
+        # Symmetric per-row INT8: error at most half a step, zeros exact.
+        step = np.abs(w.numpy().reshape(shape[0], -1)).max(1) / 127
+        err = np.abs(back - expected).reshape(shape[0], -1)
+        assert (err <= step[:, None] / 2 * (1 + 1e-6)).all()
+        assert (back[expected == 0] == 0).all()
+    else:
+        np.testing.assert_array_equal(back, expected)
+
+
+def test_two_four_encoding_refuses_dense_groups():
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        encode_tensor(torch.ones(2, 8), "2:4")
+    with pytest.raises(ValueError, match="encoding supports"):
+        encode_tensor(torch.ones(2, 8), "dense", "int4_packed")
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8),
+                               torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, bias=False),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("sparse, values", [("dense", "float32"), ("csr", "float32"),
+                                            ("bitmask", "float16"), ("2:4", "float32"),
+                                            ("csr", "int8"), ("2:4", "int8")])
+def test_model_file_size_is_the_count_and_reads_back(tmp_path, sparse, values):
+    model = _small_cnn()
+    if sparse == "2:4":
+        semi_structured_masks(model)
+    else:
+        prune_global(model, 0.9)
+    count = model_bytes(model, sparse, values)
+    path = tmp_path / "model.bin"
+    assert write_model(model, path, sparse, values) == count.total == path.stat().st_size
+    # By hand: the first conv dense (72 + 8 bias), BN 4×8, then the compressed weights.
+    other = 4 * (72 + 8 + 4 * 8 + 10)
+    assert count.total - count.compressed_bytes == other
+    assert count.compressed == {"3.weight", "5.weight"}
+    copy = _small_cnn()
+    read_model(copy, path, sparse, values)
+    for name, t in model.state_dict().items():
+        got = copy.state_dict()[name]
+        if values == "float32" or name not in count.compressed:
+            assert torch.equal(got, t), name
+        elif values == "float16":
+            assert torch.equal(got, t.half().float()), name
+        else:
+            assert torch.equal(got == 0, t == 0) and torch.allclose(got, t, atol=0.02), name
+    data = path.read_bytes()
+    path.write_bytes(data + b"\0")
+    with pytest.raises(ValueError, match="1 bytes past the layout"):
+        read_model(copy, path, sparse, values)
+    path.write_bytes(data[:-1])
+    with pytest.raises(ValueError, match="shorter than the layout"):
+        read_model(copy, path, sparse, values)
+
+
+def test_sparse_storage_pays_off_only_when_sparse_enough():
+    model = _small_cnn()
+    prune_global(model, 0.5)
+    dense, csr = model_bytes(model).total, model_bytes(model, "csr").total
+    # At 50 % CSR stores each kept float32 with a column index of 1 byte (the linear
+    # layer's 256 columns) or 2: more than 5/8 of dense.
+    assert csr > 5 / 8 * dense
+    prune_global(model, 0.95)
+    assert model_bytes(model, "csr").total < 0.2 * dense

@@ -1,0 +1,264 @@
+"""Pruning: exact sparsity, the gradual schedule, masks through fit, 2:4, structured
+pruning against its masked equivalent, CSR layers against dense ones, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from qerror.compress import (
+    CSRConv2d,
+    CSRLinear,
+    GradualSchedule,
+    MagnitudePruner,
+    PruningError,
+    SparseKernelError,
+    apply_masks,
+    channel_masks,
+    channel_plan,
+    is_two_four,
+    mask_hook,
+    prunable_weights,
+    prune_channels,
+    prune_global,
+    semi_structured_masks,
+    shrink_channels,
+    sparsity_of,
+    to_csr,
+    to_semi_structured,
+    zero_count,
+)
+from qerror.nn.training import Schedule, TrainConfig, fit, tensor_batches
+
+
+def tiny_resnet(seed=0, dtype=torch.float32):
+    """Stem, one bottleneck (width 8), one basic block, a classifier: 1×8×8 in, 10 out."""
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(1, 32, 3, padding=1, bias=False))
+    model.add_module("bn1", nn.BatchNorm2d(32))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("layer1", nn.Sequential(Bottleneck(32, 8), BasicBlock(32, 32)))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(32, 10))
+    # Random BatchNorm statistics and affine parameters, so channels differ after BN.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.to(dtype)
+
+
+def n_pruned(masks):
+    return sum(int((~m).sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.9, 0.95])
+def test_global_pruning_reaches_the_exact_count(sparsity):
+    model = tiny_resnet()
+    n = sum(p.numel() for p in prunable_weights(model).values())
+    masks = prune_global(model, sparsity)
+    k = zero_count(sparsity, n)
+    assert k == math.floor(sparsity * n + 0.5)
+    assert n_pruned(masks) == k
+    assert sparsity_of(model) == k / n
+    # The first convolution stays dense by default; the fc is pruned with the rest.
+    assert "conv1.weight" not in masks and "fc.weight" in masks
+    assert (model.conv1.weight != 0).all()
+
+
+def test_pruned_weights_are_the_smallest_with_ties_broken_by_position():
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -1.0, 3.0, 1.0], [5.0, 1.0, 6.0, 7.0]]))
+        model[1].weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, 9.0]]))
+    # 12 weights, six of magnitude 1; a sparsity of 0.25 prunes 3: the first three ones.
+    masks = prune_global(model, 0.25, keep_dense=())
+    assert masks["0.weight"].tolist() == [[False, False, True, False], [True, True, True, True]]
+    assert masks["1.weight"].all()
+    again = prune_global(model, 0.25, keep_dense=(), apply=False)
+    assert all(torch.equal(masks[k], again[k]) for k in masks)
+
+
+def test_keep_dense_choices():
+    model = tiny_resnet()
+    masks = prune_global(model, 0.5, keep_dense=("fc",))
+    assert "conv1.weight" in masks and "fc.weight" not in masks
+    assert (model.fc.weight != 0).all()
+
+
+def test_gradual_schedule_endpoints_and_monotonicity():
+    s = GradualSchedule(final=0.9, updates=10, interval=5, initial=0.1, start=20)
+    assert s.end == 70
+    assert s.sparsity(0) == s.sparsity(20) == pytest.approx(0.1)
+    assert s.sparsity(70) == s.sparsity(1000) == 0.9
+    values = [s.sparsity(t) for t in range(0, 100)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    # Zhu & Gupta's cubic at the midpoint: s_f + (s_i - s_f)/8.
+    assert s.sparsity(45) == pytest.approx(0.9 - 0.8 / 8)
+    assert [t for t in range(100) if s.is_update(t)] == list(range(20, 71, 5))
+
+
+def test_masks_survive_fit_steps():
+    model = tiny_resnet()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.1, schedule=Schedule.CONSTANT)
+    masks = prune_global(model, 0.75)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    fit(model, tensor_batches(x, y), 64, config, after_step=mask_hook(masks), progress=False)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name][~mask] == 0).all()
+        assert not torch.equal(params[name][mask], before[name][mask])  # the rest trained
+    assert sparsity_of(model) == zero_count(0.75, sum(m.numel() for m in masks.values())) \
+        / sum(m.numel() for m in masks.values())
+
+
+def test_gradual_pruner_through_fit_reaches_the_final_sparsity():
+    model = tiny_resnet()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    schedule = GradualSchedule(final=0.9, updates=3, interval=1, start=1)
+    pruner = MagnitudePruner(schedule)
+    seen = []
+
+    def after_step(m):
+        pruner(m)
+        seen.append(sparsity_of(m))
+
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.05, schedule=Schedule.CONSTANT)
+    fit(model, tensor_batches(x, y), 96, config, after_step=after_step, progress=False)
+    n = sum(p.numel() for p in prunable_weights(model).values())
+    expected = [0.0] + [zero_count(schedule.sparsity(t), n) / n for t in (2, 3, 4, 4, 4)]
+    assert seen == pytest.approx(expected, abs=0)
+    assert all(b >= a for a, b in zip(seen, seen[1:]))
+
+
+def test_two_four_keeps_the_two_largest_of_every_group():
+    model = tiny_resnet()
+    original = {k: p.detach().clone() for k, p in prunable_weights(model).items()}
+    masks = semi_structured_masks(model)
+
+    def groups(t):
+        return (t.permute(0, 2, 3, 1) if t.dim() == 4 else t).reshape(-1, 4)
+
+    for name, p in prunable_weights(model).items():
+        kept, mags = groups(masks[name]), groups(original[name]).abs()
+        assert (kept.sum(1) == 2).all()
+        assert is_two_four(p) and n_pruned({name: masks[name]}) * 2 == p.numel()
+        smallest_kept = mags.masked_fill(~kept, math.inf).min(1).values
+        largest_pruned = mags.masked_fill(kept, -math.inf).max(1).values
+        assert (smallest_kept >= largest_pruned).all()
+
+
+def test_two_four_on_a_known_layer():
+    lin = nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, -4.0, 3.0, 0.2, 1.0, 1.0, 1.0, -1.0]]))
+    masks = semi_structured_masks(lin, keep_dense=())
+    assert masks["weight"].tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+def test_two_four_refuses_an_input_width_not_multiple_of_four():
+    model = tiny_resnet()
+    with pytest.raises(PruningError, match="multiple of 4.*keep_dense"):
+        semi_structured_masks(model, keep_dense=())
+
+
+def test_two_four_kernels_are_cuda_only():
+    lin = nn.Linear(64, 64)
+    semi_structured_masks(lin, keep_dense=())
+    if not torch.cuda.is_available():
+        with pytest.raises(SparseKernelError, match="CUDA"):
+            to_semi_structured(lin)
+        # The claim in the module's docstring: torch's own conversion refuses CPU tensors.
+        from torch.sparse import to_sparse_semi_structured
+        with pytest.raises(RuntimeError, match="CUDA"):
+            to_sparse_semi_structured(lin.weight.detach())
+    with pytest.raises(SparseKernelError):
+        to_semi_structured(lin, device="cpu")
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_structured_smaller_model_equals_the_masked_one(fraction):
+    model = tiny_resnet(dtype=torch.float64).eval()
+    plan = channel_plan(model, fraction)
+    small = shrink_channels(model, plan)
+    masked = tiny_resnet(dtype=torch.float64).eval()
+    apply_masks(masked, channel_masks(masked, plan))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # Float64, and the two differ only in adding exact zeros and the order of summation over
+    # at most 32·9 = 288 terms per output: relative error of order 288·2⁻⁵³ ≈ 3e-14 per
+    # layer, a few layers deep; 1e-12 leaves a margin.
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-12, atol=1e-12)
+    block = small.layer1[0]
+    width = 8 - zero_count(fraction, 8)
+    assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == width
+    assert block.conv3.in_channels == block.conv2.out_channels == width
+    assert small.layer1[1].conv1.out_channels == 32 - zero_count(fraction, 32)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < sum(p.numel() for p in model.parameters())
+
+
+def test_prune_channels_keeps_the_largest_filters_and_leaves_the_model():
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = channel_plan(model, 0.5)
+    norms = model.layer1[0].conv1.weight.abs().sum((1, 2, 3))
+    assert set(plan["layer1.0.conv1"].tolist()) == set(norms.topk(4).indices.tolist())
+    prune_channels(model, 0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_csr_linear_and_conv_equal_the_dense_masked_layers():
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(40, 12)
+    prune_global(lin, 0.9, keep_dense=())
+    x = torch.randn(5, 40, generator=gen)
+    # Same products, summed in another order: float32 tolerance from the sum's length.
+    torch.testing.assert_close(to_csr(lin)(x), lin(x), rtol=1e-5, atol=1e-6)
+    assert isinstance(to_csr(lin), CSRLinear)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1)
+    prune_global(conv, 0.75, keep_dense=())
+    xc = torch.randn(2, 6, 9, 7, generator=gen)
+    assert isinstance(to_csr(conv), CSRConv2d)
+    torch.testing.assert_close(to_csr(conv)(xc), conv(xc), rtol=1e-5, atol=1e-6)
+    model = tiny_resnet().eval()
+    prune_global(model, 0.9)
+    xm = torch.randn(4, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(to_csr(model)(xm), model(xm), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
+def test_sparsity_outside_the_unit_interval_is_refused(bad):
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
+        prune_global(model, bad)
+    with pytest.raises(ValueError, match="sparsity"):
+        channel_plan(model, bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_models_without_prunable_layers_are_refused():
+    with pytest.raises(PruningError, match="no Conv2d or Linear"):
+        prune_global(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 0.5)
+    with pytest.raises(PruningError, match="every prunable layer is kept dense"):
+        prune_global(nn.Conv2d(1, 2, 3), 0.5)
+    with pytest.raises(PruningError, match="not Conv2d or Linear"):
+        prune_global(tiny_resnet(), 0.5, keep_dense=("nope",))
+    with pytest.raises(PruningError, match="BasicBlock or Bottleneck"):
+        channel_plan(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)
+    with pytest.raises(PruningError, match="names no parameter"):
+        apply_masks(nn.Linear(2, 2), {"nope": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="GradualSchedule.updates"):
+        GradualSchedule(final=0.5, updates=0)
+    with pytest.raises(ValueError, match="exceeds final"):
+        GradualSchedule(final=0.5, updates=2, initial=0.6)
