@@ -385,9 +385,10 @@ class ExitHead(nn.Module):
     * BranchyNet [1]_ builds its branches from a few convolutions and a fully connected
       layer, and keeps them cheap so that a sample that does not exit loses little. The
       1×1 convolution is the cheapest convolution that mixes channels; it reduces
-      ``in_channels`` (256 to 1024 in ResNet50) to ``width`` before anything else. A 3×3
-      convolution at the end of ``layer1`` would cost nine times as much, about 11% of
-      the 32×32 ResNet50 at width 64, which would eat most of the saving of exiting there.
+      ``in_channels`` (256 to 1024 in ResNet50) to ``width`` before anything else. At
+      width 64 the three default heads of the 32×32 ResNet50 cost 1.28%, 0.64% and 0.32%
+      of its MACs; a 3×3 convolution at the end of ``layer1`` would cost nine times as
+      much, 11.5%, which would eat most of the saving of exiting there.
     * Shallow-Deep Networks [2]_ reduce each internal classifier's features with a pooling
       to at most 4×4 cells and then apply a single linear layer, and place the classifiers
       at about 15, 30, 45, 60, 75 and 90% of the network's FLOPs. Here the pooling is an
@@ -634,6 +635,15 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] = (1, 32, 32
     Returns
     -------
     ExitCosts
+
+    Notes
+    -----
+    Measured for :func:`qerror.nn.models.fashion_resnet` at 32×32 with the default stem
+    and exits: ResNet50 costs 81,825,792 MACs, and ``layer1``, ``layer2`` and ``layer3``
+    end at 14,434,304 (17.6%), 35,405,824 (43.3%) and 65,290,240 (79.8%); the default
+    heads add 1,051,136, 526,848 and 264,704. ResNet18 costs 35,410,944 MACs, its stages
+    ending at 28.9%, 52.6% and 76.3%. torchvision's ResNet50 at 224×224 counts
+    4,089,184,256 MACs, the published 4.089 G.
     """
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")

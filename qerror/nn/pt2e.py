@@ -10,6 +10,14 @@
   :func:`~qerror.nn.early_exit.run_early_exit`.
 
 torchao is imported on first use (it takes seconds), so ``import qerror`` stays light.
+
+Measured (PyTorch 2.14.1, torchao 0.18.0, one thread, a Xeon with AMX): every convolution
+and linear layer of the stages is lowered to oneDNN's quantized kernels
+(:attr:`Int8Module.lowered`). On briefly trained tiny ResNets like the tests' one, top-1
+agreed with float32 on 100% of 200 images at every exit at least 90% accurate, with
+oneDNN on AMX, capped at AVX512-VNNI and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``). AMX and
+VNNI gave the same largest logit errors to four digits, AVX2 other ones: its int8
+kernels compute differently.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -184,7 +193,12 @@ class Pt2eTimes:
     """Seconds spent quantizing one module: ``export`` (``torch.export``), ``prepare``
     (annotation and observers), ``calibrate``, ``convert``, and ``compile`` (the first
     calls of the compiled module, which is when inductor compiles, at every warm-up batch
-    size)."""
+    size).
+
+    Inductor keeps compiled kernels in an on-disk cache (``TORCHINDUCTOR_CACHE_DIR``,
+    by default under the system's temporary folder), so compiling the same graphs again,
+    in this process or a later one, takes a fraction of the first, cold, compile; a
+    report of compile time should say which it measured."""
 
     export: float
     prepare: float
@@ -342,7 +356,10 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         fn = converted
         before = dict(counters["inductor"])
         if compile:
-            with _freezing():
+            with _freezing(), warnings.catch_warnings():
+                # PyTorch's own oneDNN lowering copies a tensor with torch.tensor(); harmless.
+                warnings.filterwarnings("ignore", "To copy construct from a tensor",
+                                        UserWarning)
                 fn = torch.compile(converted)
                 for size in warmup_sizes:
                     x = example[:1].expand(size, *example.shape[1:]).contiguous()

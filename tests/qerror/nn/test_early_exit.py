@@ -244,10 +244,11 @@ def _overconfident(n, t_true, seed=0):
 def test_fit_temperature_minimises_nll_and_recovers_the_true_temperature():
     logits, labels = _overconfident(20000, 2.5)
     t = fit_temperature(logits, labels)
-    grid = np.exp(np.linspace(np.log(0.5), np.log(10), 2001))
+    grid = np.exp(np.linspace(np.log(1.5), np.log(4), 801))
     nll = [float(nn.functional.cross_entropy(logits / g, labels)) for g in grid]
     t_grid = grid[int(np.argmin(nll))]
-    assert abs(math.log(t) - math.log(t_grid)) < 2e-3  # the grid's spacing is 1.5e-3 in log T
+    assert 0 < np.argmin(nll) < 800  # an interior minimum
+    assert abs(math.log(t) - math.log(t_grid)) < 1.5e-3  # the grid's spacing is 1.2e-3 in log T
     # The maximum-likelihood T of 20000 labels drawn at T = 2.5: within 5% (about 6 standard
     # errors of the fit, measured over seeds at ~0.8%).
     assert t == pytest.approx(2.5, rel=0.05)

