@@ -20,6 +20,9 @@ from qerror.calibration import (
 from qerror.empirical import ErrorStats, ErrorSummary, HistogramBins, measure_error
 from qerror.nn import (
     BNInconsistency,
+    EarlyExitResNet,
+    ExitPolicy,
+    ExitRule,
     MeanSource,
     PropagationResult,
     QuantConfig,
@@ -34,6 +37,7 @@ from qerror.nn import (
     quantize_weights,
     quantized_forward,
     reestimate_bn,
+    run_early_exit,
 )
 from qerror.nn.input_quant import (
     MAX_CODE_BITS,
@@ -79,6 +83,10 @@ __all__ = [
     "optimal_clip",
     "uniform_bias_lsb",
     "BNInconsistency",
+    "EarlyExitResNet",
+    "ExitPolicy",
+    "ExitRule",
+    "run_early_exit",
     "reestimate_bn",
     "MeanSource",
     "analytic_bias_correction",

@@ -10,6 +10,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
 * :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
 * :mod:`qerror.nn.growth`: growth of the error with path depth, with bootstrap intervals;
+* :mod:`qerror.nn.early_exit`: exit heads, exit policies, calibration and MACs;
+* :mod:`qerror.nn.pt2e`: real INT8 on oneDNN through torchao's PT2E flow, stage by stage;
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
   ``--device`` and torchrun data parallelism).
@@ -32,6 +34,20 @@ from qerror.nn.correction import (
     predicted_local_drift,
     reestimate_bn,
 )
+from qerror.nn.early_exit import (
+    EarlyExitResNet,
+    ExitCalibration,
+    ExitCosts,
+    ExitPolicy,
+    ExitResult,
+    ExitRule,
+    calibrate_exits,
+    count_macs,
+    exit_costs,
+    expected_calibration_error,
+    fit_temperature,
+    run_early_exit,
+)
 from qerror.nn.propagate import (
     LogitResult,
     PropagationResult,
@@ -45,6 +61,7 @@ from qerror.nn.propagate import (
     quantize_weights,
     quantized_forward,
 )
+from qerror.nn.pt2e import Int8ExitStages, quantize_exit_stages, quantize_pt2e, untie_relus
 from qerror.nn.training import (
     Batch,
     Device,
@@ -70,6 +87,13 @@ __all__ = [
     "distributed",
     "fit",
     "tensor_batches",
+    "EarlyExitResNet",
+    "ExitCalibration",
+    "ExitCosts",
+    "ExitPolicy",
+    "ExitResult",
+    "ExitRule",
+    "Int8ExitStages",
     "LogitResult",
     "MeanSource",
     "PropagationResult",
@@ -82,16 +106,25 @@ __all__ = [
     "bias_correction",
     "bn_fed_layers",
     "calibrate_activations",
+    "calibrate_exits",
     "check_model",
+    "count_macs",
     "empirical_bias_correction",
+    "exit_costs",
+    "expected_calibration_error",
+    "fit_temperature",
     "fold_bn",
     "layer_names",
     "measure",
     "output_key",
     "path_depths",
     "predicted_local_drift",
+    "quantize_exit_stages",
+    "quantize_pt2e",
     "quantize_weights",
     "quantized_forward",
     "reestimate_bn",
+    "run_early_exit",
     "running_stats",
+    "untie_relus",
 ]

@@ -1,0 +1,877 @@
+"""Early-exit ResNets: exit heads on a torchvision ResNet, exit policies, calibration, MACs.
+
+* :class:`EarlyExitResNet` attaches small classifiers (:class:`ExitHead`) to a torchvision
+  ResNet (by default at the ends of ``layer1``, ``layer2`` and ``layer3``; the ResNet's own
+  ``fc`` is the last exit) and splits the network into :class:`ExitStage` modules, one per
+  exit, each returning its features and its logits.
+* :class:`ExitRule` says when a sample leaves: a :class:`ExitPolicy` (max-softmax or
+  entropy), one threshold per early exit and optionally one temperature per exit.
+* :func:`run_early_exit` evaluates stage by stage and drops the samples that exit, so an
+  exited sample does no further work; it runs any sequence of stage callables, the float
+  ones of :meth:`EarlyExitResNet.stages` as well as the INT8 compiled ones of
+  :func:`qerror.nn.pt2e.quantize_exit_stages`.
+* :func:`fit_temperature`, :func:`expected_calibration_error` and :func:`calibrate_exits`
+  calibrate the confidences of each exit.
+* :func:`count_macs`, :func:`exit_costs`, :func:`block_mac_fractions` and
+  :func:`sdn_exit_points` count multiply-accumulates from the graph with PyTorch's FLOP
+  counter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import optimize
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from qerror._enums import Choice
+from qerror.nn._anatomy import UnsupportedModelError
+
+__all__ = [
+    "DEFAULT_EXIT_POINTS",
+    "SDN_FRACTIONS",
+    "EarlyExitResNet",
+    "ExitCalibration",
+    "ExitCosts",
+    "ExitHead",
+    "ExitPolicy",
+    "ExitResult",
+    "ExitRule",
+    "ExitStage",
+    "FinalHead",
+    "backbone_blocks",
+    "block_mac_fractions",
+    "calibrate_exits",
+    "check_resnet",
+    "count_macs",
+    "exit_confidence",
+    "exit_costs",
+    "expected_calibration_error",
+    "fit_temperature",
+    "run_early_exit",
+    "sdn_exit_points",
+]
+
+#: Exits at the ends of these stages, then the ResNet's own classifier.
+DEFAULT_EXIT_POINTS = ("layer1", "layer2", "layer3")
+
+#: Where Shallow-Deep Networks place their internal classifiers, as fractions of the FLOPs.
+SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
+
+_STEM = ("conv1", "bn1", "relu", "maxpool")
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class ExitPolicy(Choice):
+    """How confident an exit is, as a score in [0, 1] that a threshold is compared with.
+
+    ``MAX_SOFTMAX``
+        The largest class probability, ``max_c softmax(z / T)_c``.
+    ``ENTROPY``
+        One minus the normalized entropy of ``p = softmax(z / T)``,
+        ``1 - H(p) / log C`` with ``H(p) = -sum_c p_c log p_c``.
+
+    A sample leaves at an exit when its score is strictly greater than the exit's
+    threshold; see :class:`ExitRule`.
+    """
+
+    MAX_SOFTMAX = "max-softmax"
+    ENTROPY = "entropy"
+
+
+def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """The confidence score of each row of ``logits`` under ``policy``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (N, C) logits, C >= 2.
+    policy : ExitPolicy or str
+    temperature : float
+        Positive; the logits are divided by it before the softmax.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) scores in [0, 1], in the logits' floating dtype.
+
+    Notes
+    -----
+    For ``ENTROPY`` the score is ``1 - H(p)/log C``; BranchyNet's rule "exit when the
+    entropy is below ``e``" [1]_ is this score above ``1 - e/log C``. ``p log p`` is taken
+    as 0 where ``p = 0`` (:func:`torch.special.entr`).
+
+    References
+    ----------
+    .. [1] S. Teerapittayanon, B. McDanel, H. T. Kung, "BranchyNet: fast inference via
+       early exiting from deep neural networks", ICPR 2016.
+    """
+    policy = ExitPolicy.parse(policy)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError("logits must be a (N, C) tensor with C >= 2 classes, got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    _check_temperature(temperature, "temperature")
+    p = torch.softmax(logits / temperature, dim=1)
+    if policy is ExitPolicy.MAX_SOFTMAX:
+        return p.amax(dim=1)
+    entropy = torch.special.entr(p).sum(dim=1)
+    return (1.0 - entropy / math.log(logits.shape[1])).clamp(0.0, 1.0)
+
+
+def _check_temperature(t, name: str) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {t!r}")
+    return float(t)
+
+
+def _check_threshold(t, name: str) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) \
+            or not (0.0 <= t <= 1.0):  # also refuses NaN
+        raise ValueError(f"{name} must be a number in [0, 1], got {t!r}")
+    return float(t)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """When a sample leaves an early-exit network.
+
+    Parameters
+    ----------
+    policy : ExitPolicy or str
+        The confidence score (:func:`exit_confidence`).
+    thresholds : sequence of float
+        One per early exit (the last exit takes every sample left), each in [0, 1]. A
+        sample leaves at exit ``k`` when its score there is strictly greater than
+        ``thresholds[k]``: ``1.0`` never exits early, ``0.0`` exits every sample whose
+        score is positive (every sample, for max-softmax).
+    temperatures : sequence of float, optional
+        One per exit, the last included (it scales the reported confidence only, since
+        the last exit takes everyone); positive. Default: 1 everywhere.
+    """
+
+    policy: ExitPolicy
+    thresholds: tuple[float, ...]
+    temperatures: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "policy", ExitPolicy.parse(self.policy))
+        if isinstance(self.thresholds, (str, bytes)) or not isinstance(self.thresholds, Sequence):
+            raise TypeError("thresholds must be a sequence of numbers in [0, 1], one per early "
+                            f"exit, got {type(self.thresholds).__name__}")
+        object.__setattr__(self, "thresholds", tuple(
+            _check_threshold(t, f"thresholds[{i}]") for i, t in enumerate(self.thresholds)))
+        if self.temperatures is not None:
+            if len(self.temperatures) != len(self.thresholds) + 1:
+                raise ValueError(
+                    f"temperatures needs one value per exit ({len(self.thresholds) + 1}: the "
+                    f"{len(self.thresholds)} early exits and the last), got "
+                    f"{len(self.temperatures)}")
+            object.__setattr__(self, "temperatures", tuple(
+                _check_temperature(t, f"temperatures[{i}]")
+                for i, t in enumerate(self.temperatures)))
+
+    @property
+    def num_exits(self) -> int:
+        """Early exits plus the last."""
+        return len(self.thresholds) + 1
+
+    def temperature(self, k: int) -> float:
+        """The temperature of exit ``k``."""
+        return 1.0 if self.temperatures is None else self.temperatures[k]
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """What :func:`run_early_exit` returns, one row per input sample, in input order.
+
+    Attributes
+    ----------
+    logits : torch.Tensor
+        (N, C) logits at the exit each sample took (before the temperature).
+    exit_index : torch.Tensor
+        (N,) int64, the exit each sample took (0 is the first early exit).
+    confidence : torch.Tensor
+        (N,) the score that decided (at the last exit: the score there, which decides
+        nothing).
+    rows_per_stage : tuple of int
+        How many samples each stage computed: the first computes all N, stage ``k``
+        those that did not leave before it.
+    """
+
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    confidence: torch.Tensor
+    rows_per_stage: tuple[int, ...]
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """(N,) int64 top-1 classes."""
+        return self.logits.argmax(dim=1)
+
+    def exit_counts(self) -> tuple[int, ...]:
+        """Samples that left at each exit."""
+        n = len(self.rows_per_stage)
+        return tuple(int(c) for c in torch.bincount(self.exit_index, minlength=n)[:n])
+
+    def mean_macs(self, exit_macs: Sequence[int]) -> float:
+        """Average MACs per sample, given the cumulative MACs of each exit
+        (:attr:`ExitCosts.macs`)."""
+        if len(exit_macs) != len(self.rows_per_stage):
+            raise ValueError(f"exit_macs needs {len(self.rows_per_stage)} values, one per exit, "
+                             f"got {len(exit_macs)}")
+        cost = torch.as_tensor(list(exit_macs), dtype=torch.float64)
+        return float(cost[self.exit_index].mean())
+
+
+StageFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -> ExitResult:
+    """Evaluate an early-exit network stage by stage, dropping the samples that leave.
+
+    Parameters
+    ----------
+    stages : sequence of callables
+        Stage ``k`` maps its input (N_k, ...) to ``(features, logits)``, the features the
+        next stage takes and the (N_k, C) logits of exit ``k``: the :class:`ExitStage`
+        modules of :meth:`EarlyExitResNet.stages`, or compiled INT8 versions of them.
+    x : torch.Tensor
+        (N, ...) input batch of the first stage.
+    rule : ExitRule
+        Needs ``len(stages) - 1`` thresholds.
+
+    Returns
+    -------
+    ExitResult
+
+    Notes
+    -----
+    After each early exit the rows that leave are removed from the features, so every
+    later stage runs on the survivors only and does no work for a sample that has left;
+    once no sample is left, no later stage is called. With every threshold at 1.0 no
+    sample leaves early, each stage runs the whole batch, and the result equals the
+    uninterrupted network's output. Runs without autograd.
+    """
+    if len(stages) < 1:
+        raise ValueError("stages is empty; an early-exit network needs at least one stage")
+    if rule.num_exits != len(stages):
+        raise ValueError(f"the rule has {len(rule.thresholds)} thresholds but the network has "
+                         f"{len(stages) - 1} early exits (and {len(stages)} stages)")
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 2 \
+            or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty floating-point batch (N, ...), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    n = x.shape[0]
+    alive = torch.arange(n)
+    out_logits: torch.Tensor | None = None
+    exit_index = torch.full((n,), -1, dtype=torch.int64)
+    confidence = torch.empty(n, dtype=torch.float64)
+    rows = []
+    h = x
+    last = len(stages) - 1
+    with torch.no_grad():
+        for k, stage in enumerate(stages):
+            rows.append(int(alive.numel()))
+            h, logits = stage(h)
+            if out_logits is None:
+                out_logits = torch.empty((n, logits.shape[1]), dtype=logits.dtype)
+            score = exit_confidence(logits, rule.policy, rule.temperature(k))
+            leave = (torch.ones_like(score, dtype=torch.bool) if k == last
+                     else score > rule.thresholds[k])
+            idx = alive[leave]
+            out_logits[idx] = logits[leave]
+            exit_index[idx] = k
+            confidence[idx] = score[leave].to(torch.float64)
+            if k == last or bool(leave.all()):
+                break
+            if bool(leave.any()):
+                stay = ~leave
+                h, alive = h[stay], alive[stay]
+    rows += [0] * (len(stages) - len(rows))
+    return ExitResult(out_logits, exit_index, confidence, tuple(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+def check_resnet(model: nn.Module) -> None:
+    """Require a torchvision-style ResNet: stem, four stages of blocks, pool and classifier.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``.
+    UnsupportedModelError
+        A missing part is named: ``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1`` to
+        ``layer4`` (each a non-empty ``nn.Sequential`` of blocks), ``avgpool``, ``fc``
+        (an ``nn.Linear``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    missing = [name for name in (*_STEM, *_STAGES, "avgpool", "fc")
+               if not isinstance(getattr(model, name, None), nn.Module)]
+    missing += [f"{name} (a non-empty nn.Sequential of blocks)" for name in _STAGES
+                if name not in missing and (not isinstance(getattr(model, name), nn.Sequential)
+                                            or len(getattr(model, name)) == 0)]
+    if "fc" not in missing and not isinstance(model.fc, nn.Linear):
+        missing.append("fc (an nn.Linear)")
+    if missing:
+        raise UnsupportedModelError(
+            f"an early-exit ResNet needs a torchvision-style ResNet; {type(model).__name__} "
+            f"lacks: {', '.join(missing)}. Build one with qerror.nn.models.fashion_resnet or "
+            "torchvision.models.resnet18/50")
+
+
+def backbone_blocks(model: nn.Module) -> list[str]:
+    """Names of the ResNet's blocks in order, ``"layer1.0"`` to ``"layer4.<last>"``; these
+    (and the stage names ``"layer1"`` ... ``"layer3"``, meaning their last block) are where
+    exits may be placed."""
+    check_resnet(model)
+    return [f"{s}.{i}" for s in _STAGES for i in range(len(getattr(model, s)))]
+
+
+def _resolve_exit_points(model: nn.Module, exit_points: Sequence[str]) -> list[int]:
+    blocks = backbone_blocks(model)
+    positions = []
+    for point in exit_points:
+        name = point
+        if isinstance(point, str) and point in _STAGES:
+            name = f"{point}.{len(getattr(model, point)) - 1}"
+        if name not in blocks[:-1]:
+            raise ValueError(
+                f"exit point {point!r} is not a block of this ResNet before its last one; "
+                f"choose among {', '.join(_STAGES[:-1])} or {blocks[0]} ... {blocks[-2]}")
+        positions.append(blocks.index(name))
+    if not positions:
+        raise ValueError("exit_points is empty; give at least one, e.g. "
+                         f"{DEFAULT_EXIT_POINTS}")
+    if any(b <= a for a, b in zip(positions, positions[1:])):
+        raise ValueError(f"exit points must be distinct and in network order, got "
+                         f"{list(exit_points)}")
+    return positions
+
+
+class ExitHead(nn.Module):
+    """An internal classifier: 1×1 convolution, BatchNorm, ReLU, average pool, linear.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the features it reads.
+    num_classes : int
+    width : int
+        Channels after the 1×1 convolution.
+    pool : int
+        Side of the average-pooled grid fed to the linear layer (``pool × pool`` cells).
+
+    Notes
+    -----
+    Input (N, in_channels, H, W), output (N, num_classes). Its MACs are
+    ``in_channels · width · H · W + width · pool² · num_classes``.
+
+    The design takes from each of the two classic early-exit papers what fits a ResNet
+    run at 32×32:
+
+    * BranchyNet [1]_ builds its branches from a few convolutions and a fully connected
+      layer, and keeps them cheap so that a sample that does not exit loses little. The
+      1×1 convolution is the cheapest convolution that mixes channels; it reduces
+      ``in_channels`` (256 to 1024 in ResNet50) to ``width`` before anything else. At
+      width 64 the three default heads of the 32×32 ResNet50 cost 1.28%, 0.64% and 0.32%
+      of its MACs; a 3×3 convolution at the end of ``layer1`` would cost nine times as
+      much, 11.5%, which would eat most of the saving of exiting there.
+    * Shallow-Deep Networks [2]_ reduce each internal classifier's features with a pooling
+      to at most 4×4 cells and then apply a single linear layer, and place the classifiers
+      at about 15, 30, 45, 60, 75 and 90% of the network's FLOPs. Here the pooling is an
+      average pool to ``pool × pool`` cells (2×2 by default: at 32×32 the stages end at
+      8×8, 4×4, 2×2 and 1×1, so 4×4 would keep all of ``layer2``), followed by one linear
+      layer. SDN's learned mix of max and average pooling is left out: an average pool
+      keeps the head a conv-linear chain that quantizes to INT8 like the backbone.
+      The default exits, the ends of ``layer1``, ``layer2`` and ``layer3``, sit at 17.6%,
+      43.3% and 79.8% of the 32×32 ResNet50's MACs, near SDN's 15, 45 and 75%;
+      :func:`sdn_exit_points` picks the blocks nearest to all six of SDN's fractions.
+
+    The BatchNorm makes the head trainable on a frozen backbone whose features have
+    arbitrary scale; it folds into the convolution at inference.
+
+    References
+    ----------
+    .. [1] S. Teerapittayanon, B. McDanel, H. T. Kung, "BranchyNet: fast inference via
+       early exiting from deep neural networks", ICPR 2016.
+    .. [2] Y. Kaya, S. Hong, T. Dumitras, "Shallow-Deep Networks: understanding and
+       mitigating network overthinking", ICML 2019.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, pool: int = 2):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                            ("width", width), ("pool", pool)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.conv = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(width * pool * pool, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+class FinalHead(nn.Module):
+    """The ResNet's own classifier as an exit head: its ``avgpool``, flatten, its ``fc``
+    (the same modules, shared with the ResNet)."""
+
+    def __init__(self, avgpool: nn.Module, fc: nn.Module):
+        super().__init__()
+        self.avgpool = avgpool
+        self.flatten = nn.Flatten(1)
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.avgpool(x)))
+
+
+class ExitStage(nn.Module):
+    """One stage of an early-exit network: a body, and the head that reads its output.
+
+    ``forward(x)`` returns ``(features, logits)``: the body's output (the next stage's
+    input) and the head's (N, C) logits. Export and quantization take one stage at a
+    time, since the decision to go on depends on the data.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return h, self.head(h)
+
+
+class EarlyExitResNet(nn.Module):
+    """A torchvision ResNet with exit heads after some of its blocks.
+
+    Parameters
+    ----------
+    backbone : torchvision.models.ResNet
+        Copied (the given model is left alone), e.g. a
+        :func:`qerror.nn.models.fashion_resnet` baseline; see :func:`check_resnet`.
+    exit_points : sequence of str
+        Blocks after which an exit is placed, in order, before the last block:
+        ``"layer1"`` to ``"layer3"`` (the end of that stage) or a block name such as
+        ``"layer3.2"`` (:func:`backbone_blocks`). The ResNet's ``fc`` is always the last
+        exit.
+    width, pool : int
+        Of each :class:`ExitHead`.
+    input_shape : tuple of int
+        (C, H, W) of one input image, used once to find the channels at each exit point.
+    seed : int
+        Seed of the heads' initialisation; the global generator is left untouched.
+
+    Notes
+    -----
+    The state dict holds ``backbone.*`` (the ResNet's own keys under ``backbone.``) and
+    ``heads.<k>.*``, so a baseline checkpoint loads into :attr:`backbone` as it is.
+    ``forward(x)`` returns the logits of every exit for every sample (training and
+    calibration); :meth:`run` is the inference that exits early. See :class:`ExitHead`
+    for the placement and the design of the heads.
+    """
+
+    def __init__(self, backbone: nn.Module, exit_points: Sequence[str] = DEFAULT_EXIT_POINTS,
+                 *, width: int = 64, pool: int = 2, input_shape: tuple[int, ...] = (1, 32, 32),
+                 seed: int = 0):
+        super().__init__()
+        check_resnet(backbone)
+        if isinstance(exit_points, str):
+            exit_points = (exit_points,)
+        positions = _resolve_exit_points(backbone, exit_points)
+        self.backbone = copy.deepcopy(backbone)
+        self.exit_points = tuple(exit_points)
+        self._cuts = tuple(p + 1 for p in positions)
+        channels = self._exit_channels(input_shape)
+        num_classes = self.backbone.fc.out_features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.heads = nn.ModuleList(ExitHead(c, num_classes, width, pool) for c in channels)
+        self.train(self.backbone.training)
+
+    def _blocks(self) -> list[nn.Module]:
+        return [block for s in _STAGES for block in getattr(self.backbone, s)]
+
+    def _bodies(self) -> list[nn.Sequential]:
+        stem = [getattr(self.backbone, name) for name in _STEM]
+        blocks = self._blocks()
+        edges = (0, *self._cuts, len(blocks))
+        bodies = [nn.Sequential(*blocks[a:b]) for a, b in zip(edges, edges[1:])]
+        bodies[0] = nn.Sequential(*stem, *bodies[0])
+        return bodies
+
+    def _exit_channels(self, input_shape) -> list[int]:
+        if not (isinstance(input_shape, tuple) and len(input_shape) == 3
+                and all(isinstance(d, int) and d > 0 for d in input_shape)):
+            raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
+                             f"{input_shape!r}")
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                dtype = next(self.backbone.parameters()).dtype
+                h = torch.zeros((1, *input_shape), dtype=dtype)
+                channels = []
+                for body in self._bodies()[:-1]:
+                    h = body(h)
+                    channels.append(h.shape[1])
+        finally:
+            self.backbone.train(was_training)
+        return channels
+
+    @property
+    def num_exits(self) -> int:
+        """Early exits plus the ResNet's own classifier."""
+        return len(self.heads) + 1
+
+    def stages(self) -> list[ExitStage]:
+        """The network as :class:`ExitStage` modules, one per exit, sharing this model's
+        modules (built on each call; they hold no state of their own)."""
+        heads = [*self.heads, FinalHead(self.backbone.avgpool, self.backbone.fc)]
+        return [ExitStage(body, head) for body, head in zip(self._bodies(), heads)]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The (N, C) logits of every exit, for every sample, first exit first."""
+        out = []
+        h = x
+        for stage in self.stages():
+            h, logits = stage(h)
+            out.append(logits)
+        return tuple(out)
+
+    def run(self, x: torch.Tensor, rule: ExitRule) -> ExitResult:
+        """Early-exit inference (:func:`run_early_exit`) in evaluation mode.
+
+        Raises
+        ------
+        RuntimeError
+            The model is in training mode, where BatchNorm would use batch statistics and
+            a sample's output would depend on which others are still in the batch.
+        """
+        if self.training:
+            raise RuntimeError("call .eval() before run(): in training mode BatchNorm mixes "
+                               "the samples of a batch, and early exit changes the batch")
+        return run_early_exit(self.stages(), x, rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# MACs
+
+
+def count_macs(module: Callable, *args) -> int:
+    """Multiply-accumulates of one call ``module(*args)``, counted from the graph.
+
+    Notes
+    -----
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the
+    convolutions and matrix products (``mm``, ``addmm``, ``bmm``, ...) that run and
+    reports ``FLOPs = 2 × MACs``; BatchNorm, activations, pooling and residual additions
+    are not counted, as in the usual published figures (torchvision's ResNet50 at 224×224:
+    4.089 GMACs). Runs without autograd; the count is for the whole batch of ``args``.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    flops = counter.get_total_flops()
+    return int(flops // 2)
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """MACs per image of an early-exit network, exit by exit.
+
+    Attributes
+    ----------
+    exit_points : tuple of str
+        Where the exits are; the last is ``"fc"``.
+    backbone_macs : tuple of int
+        Cumulative MACs of the backbone up to each exit (the last: the whole ResNet).
+    head_macs : tuple of int
+        MACs of each exit's head alone (the last: the ResNet's ``fc``).
+    macs : tuple of int
+        What a sample that leaves at each exit has cost: the backbone up to there and
+        every head it was evaluated at on the way.
+    full_macs : int
+        The plain ResNet, no exit heads.
+    """
+
+    exit_points: tuple[str, ...]
+    backbone_macs: tuple[int, ...]
+    head_macs: tuple[int, ...]
+    macs: tuple[int, ...]
+    full_macs: int
+
+    @property
+    def backbone_fractions(self) -> tuple[float, ...]:
+        """``backbone_macs`` as fractions of ``full_macs``."""
+        return tuple(m / self.full_macs for m in self.backbone_macs)
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """``macs`` as fractions of ``full_macs``."""
+        return tuple(m / self.full_macs for m in self.macs)
+
+
+def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] = (1, 32, 32)) -> ExitCosts:
+    """Count the MACs per image (C, H, W) at each exit of ``model`` (see :func:`count_macs`).
+
+    Returns
+    -------
+    ExitCosts
+
+    Notes
+    -----
+    Measured for :func:`qerror.nn.models.fashion_resnet` at 32×32 with the default stem
+    and exits: ResNet50 costs 81,825,792 MACs, and ``layer1``, ``layer2`` and ``layer3``
+    end at 14,434,304 (17.6%), 35,405,824 (43.3%) and 65,290,240 (79.8%); the default
+    heads add 1,051,136, 526,848 and 264,704. ResNet18 costs 35,410,944 MACs, its stages
+    ending at 28.9%, 52.6% and 76.3%. torchvision's ResNet50 at 224×224 counts
+    4,089,184,256 MACs, the published 4.089 G.
+    """
+    if not isinstance(model, EarlyExitResNet):
+        raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
+    dtype = next(model.parameters()).dtype
+    x = torch.zeros((1, *input_shape), dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        full = count_macs(model.backbone, x)
+        backbone, heads = [], []
+        h = x
+        for stage in model.stages():
+            backbone.append((backbone[-1] if backbone else 0) + count_macs(stage.body, h))
+            with torch.no_grad():
+                h = stage.body(h)
+            heads.append(count_macs(stage.head, h))
+    finally:
+        model.train(was_training)
+    head_sums = np.cumsum(heads)
+    macs = tuple(int(b + s) for b, s in zip(backbone, head_sums))
+    return ExitCosts((*model.exit_points, "fc"), tuple(backbone), tuple(heads), macs, full)
+
+
+def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] = (1, 32, 32)
+                        ) -> dict[str, float]:
+    """The cumulative fraction of a ResNet's MACs at the end of each block (stem included in
+    the first), per image of shape (C, H, W)."""
+    check_resnet(model)
+    dtype = next(model.parameters()).dtype
+    x = torch.zeros((1, *input_shape), dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        full = count_macs(model, x)
+        stem = nn.Sequential(*(getattr(model, n) for n in _STEM))
+        done = count_macs(stem, x)
+        with torch.no_grad():
+            h = stem(x)
+        out = {}
+        for name in backbone_blocks(model):
+            stage, i = name.split(".")
+            block = getattr(model, stage)[int(i)]
+            done += count_macs(block, h)
+            with torch.no_grad():
+                h = block(h)
+            out[name] = done / full
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sdn_exit_points(model: nn.Module, fractions: Sequence[float] = SDN_FRACTIONS,
+                    input_shape: tuple[int, ...] = (1, 32, 32)) -> tuple[str, ...]:
+    """The block ends nearest to given fractions of a ResNet's MACs (Shallow-Deep Networks'
+    placement by default), usable as ``exit_points`` of :class:`EarlyExitResNet`.
+
+    Blocks chosen twice are kept once; the last block (the ResNet's own exit) is never
+    chosen.
+
+    References
+    ----------
+    .. [1] Y. Kaya, S. Hong, T. Dumitras, "Shallow-Deep Networks: understanding and
+       mitigating network overthinking", ICML 2019.
+    """
+    for i, f in enumerate(fractions):
+        _check_threshold(f, f"fractions[{i}]")
+    ends = list(block_mac_fractions(model, input_shape).items())[:-1]
+    chosen = {min(ends, key=lambda e: abs(e[1] - f))[0] for f in fractions}
+    return tuple(name for name, _ in ends if name in chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point \
+            or logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        raise ValueError("logits must be a non-empty floating-point (N, C) tensor with C >= 2, "
+                         f"got {getattr(logits, 'shape', type(logits).__name__)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits hold NaN or Inf values")
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
+            or labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}]")
+    return logits.detach().to(torch.float64), labels.long()
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    return float(F.cross_entropy(logits / temperature, labels))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature that minimises the negative log-likelihood of ``labels``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (N, C) logits of a held-out (validation) split; never the split reported on.
+    labels : torch.Tensor
+        (N,) integer classes.
+    bounds : (float, float)
+        Search interval of T; a result at a bound means the optimum lies beyond it.
+
+    Returns
+    -------
+    float
+        T > 0; calibrated probabilities are ``softmax(logits / T)``.
+
+    Notes
+    -----
+    Temperature scaling [1]_: one scalar per classifier, fitted on validation logits by
+    minimising ``NLL(T) = mean_i [logsumexp(z_i / T) - z_{i,y_i} / T]``. As a function of
+    ``β = 1/T`` the NLL is convex (a log-sum-exp of functions linear in β minus a linear
+    term), so the bounded scalar search over ``log T`` (Brent's method, in float64)
+    finds the global minimum in the interval. Dividing by T keeps the arg-max, so
+    accuracy is unchanged.
+
+    References
+    ----------
+    .. [1] C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On calibration of modern neural
+       networks", ICML 2017.
+    """
+    z, y = _check_logits_labels(logits, labels)
+    lo, hi = bounds
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
+    res = optimize.minimize_scalar(lambda u: _nll(z, y, math.exp(u)),
+                                   bounds=(math.log(lo), math.log(hi)), method="bounded",
+                                   options={"xatol": 1e-6})
+    return float(math.exp(res.x))
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
+                               temperature: float = 1.0, n_bins: int = 15) -> float:
+    """Expected calibration error of the max-softmax confidence, equal-width bins.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (N, C).
+    labels : torch.Tensor
+        (N,) integer classes.
+    temperature : float
+        Applied before the softmax.
+    n_bins : int
+        Bins ``(0, 1/M], (1/M, 2/M], ..., ((M-1)/M, 1]`` with ``M = n_bins``; 15 as in
+        Guo et al. [1]_.
+
+    Returns
+    -------
+    float
+        ``ECE = sum_b (|B_b| / N) |acc(B_b) - conf(B_b)|`` in [0, 1], where ``conf`` is
+        the mean max-softmax probability in the bin and ``acc`` the fraction of top-1
+        predictions that are right; empty bins add nothing.
+
+    Notes
+    -----
+    Confidences never fall below 1/C, so the lowest bins stay empty for small C. Equal
+    width follows Naeini et al. [2]_ and Guo et al. [1]_; the value depends on the
+    binning, so compare ECEs computed with the same ``n_bins`` only.
+
+    References
+    ----------
+    .. [1] C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On calibration of modern neural
+       networks", ICML 2017.
+    .. [2] M. P. Naeini, G. F. Cooper, M. Hauskrecht, "Obtaining well calibrated
+       probabilities using Bayesian binning", AAAI 2015.
+    """
+    z, y = _check_logits_labels(logits, labels)
+    _check_temperature(temperature, "temperature")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    p = torch.softmax(z / temperature, dim=1)
+    conf, pred = p.max(dim=1)
+    correct = (pred == y).to(torch.float64)
+    # Bin b holds (b/M, (b+1)/M]; ceil(conf*M)-1 puts a confidence on an edge in the lower bin.
+    # sum_b |B_b|/N |mean conf - mean acc| = sum_b |sum conf - sum acc| / N.
+    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    return float((conf_sum - acc_sum).abs().sum() / len(y))
+
+
+@dataclass(frozen=True)
+class ExitCalibration:
+    """Temperature scaling of one exit: the fitted T and the ECE and NLL before and after
+    (each on the logits it was fitted on unless computed otherwise)."""
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+    nll_before: float
+    nll_after: float
+    n_bins: int
+
+
+def calibrate_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
+                    n_bins: int = 15) -> tuple[ExitCalibration, ...]:
+    """Fit one temperature per exit (:func:`fit_temperature`) on validation logits.
+
+    Parameters
+    ----------
+    logits : sequence of torch.Tensor
+        The (N, C) logits of each exit on the same N validation samples, as
+        :meth:`EarlyExitResNet.forward` returns them.
+    labels : torch.Tensor
+        (N,) classes.
+    n_bins : int
+        Of :func:`expected_calibration_error`.
+
+    Returns
+    -------
+    tuple of ExitCalibration
+        One per exit; ``tuple(c.temperature for c in result)`` is an
+        :class:`ExitRule`'s ``temperatures``.
+    """
+    out = []
+    for z in logits:
+        t = fit_temperature(z, labels)
+        z64, y = _check_logits_labels(z, labels)
+        out.append(ExitCalibration(
+            t, expected_calibration_error(z, labels, 1.0, n_bins),
+            expected_calibration_error(z, labels, t, n_bins),
+            _nll(z64, y, 1.0), _nll(z64, y, t), n_bins))
+    return tuple(out)

@@ -1,0 +1,346 @@
+"""Tests of qerror.nn.early_exit: the runner, exit policies, calibration and MAC counts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qerror.nn import UnsupportedModelError
+from qerror.nn.early_exit import (
+    EarlyExitResNet,
+    ExitHead,
+    ExitPolicy,
+    ExitRule,
+    block_mac_fractions,
+    calibrate_exits,
+    count_macs,
+    exit_confidence,
+    exit_costs,
+    expected_calibration_error,
+    fit_temperature,
+    run_early_exit,
+    sdn_exit_points,
+)
+from qerror.nn.models import fashion_resnet
+
+
+def images(n, seed=0, dtype=torch.float32):
+    return torch.randn(n, 1, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return fashion_resnet("resnet18", seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def exit18(resnet18):
+    # float64: the reference below recomputes the exits on the whole batch, and float64
+    # keeps any batch-size-dependent kernel choice from moving a decision.
+    return EarlyExitResNet(resnet18, seed=1).double().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# MACs and parameters
+
+
+def test_torchvision_resnet50_at_224_has_its_published_macs_and_parameters():
+    model = torchvision.models.resnet50().eval()
+    macs = count_macs(model, torch.zeros(1, 3, 224, 224))
+    assert macs == 4_089_184_256
+    assert round(macs / 1e9, 3) == 4.089  # the published 4.089 GMACs
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+
+
+def test_fashion_resnet50_exit_fractions_are_the_issue_figures():
+    """The 32×32 ResNet50 costs 81.8 MMACs; layer1/2/3 end at 17.6%, 43.3% and 79.8%."""
+    model = EarlyExitResNet(fashion_resnet("resnet50")).eval()
+    costs = exit_costs(model)
+    assert costs.full_macs == 81_825_792
+    assert round(costs.full_macs / 1e6, 1) == 81.8
+    assert [round(100 * f, 1) for f in costs.backbone_fractions[:3]] == [17.6, 43.3, 79.8]
+    # The last exit is the ResNet itself: its backbone plus its fc is the full model.
+    assert costs.backbone_macs[-1] + costs.head_macs[-1] == costs.full_macs
+    # Each head's MACs from the formula in ExitHead's Notes (width 64, 2×2 pool, 10 classes):
+    # stage ends at 256×8×8, 512×4×4, 1024×2×2.
+    expected_heads = [c * 64 * s * s + 64 * 4 * 10 for c, s in ((256, 8), (512, 4), (1024, 2))]
+    assert list(costs.head_macs[:3]) == expected_heads
+    assert costs.head_macs[-1] == 2048 * 10
+    assert list(costs.macs) == list(np.cumsum(costs.head_macs) + np.array(costs.backbone_macs))
+    # Heads add little: 1.28%, 0.64% and 0.32% of the model, 2.25% in all.
+    assert round(sum(costs.head_macs[:3]) / costs.full_macs, 4) == 0.0225
+
+
+def test_count_macs_counts_convolutions_and_matmuls_only():
+    conv = nn.Sequential(nn.Conv2d(3, 5, 3, bias=True), nn.BatchNorm2d(5), nn.ReLU()).eval()
+    assert count_macs(conv, torch.zeros(2, 3, 6, 6)) == 2 * 5 * 4 * 4 * 3 * 9
+    assert count_macs(nn.Linear(7, 4), torch.zeros(3, 7)) == 3 * 7 * 4
+
+
+def test_block_fractions_increase_to_one_and_sdn_points_are_nearest(resnet18):
+    fractions = block_mac_fractions(resnet18)
+    values = list(fractions.values())
+    assert all(b > a for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(1 - 512 * 10 / count_macs(resnet18, images(1)))
+    points = sdn_exit_points(resnet18)
+    ends = list(fractions.items())[:-1]
+    for target in (0.15, 0.30, 0.45, 0.60, 0.75, 0.90):
+        nearest = min(ends, key=lambda e: abs(e[1] - target))[0]
+        assert nearest in points
+    model = EarlyExitResNet(resnet18, points)
+    assert model.num_exits == len(points) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+def test_all_thresholds_one_gives_exactly_the_full_model(resnet18):
+    model = EarlyExitResNet(resnet18).eval()
+    x = images(24, seed=5)
+    with torch.no_grad():
+        full = resnet18(x)
+    for policy in ExitPolicy:
+        result = model.run(x, ExitRule(policy, (1.0, 1.0, 1.0)))
+        assert torch.equal(result.logits, full)
+        assert torch.equal(result.predictions, full.argmax(1))
+        assert result.exit_index.tolist() == [3] * 24
+        assert result.rows_per_stage == (24, 24, 24, 24)
+
+
+def test_threshold_one_holds_even_for_saturated_softmax():
+    """A confidence of exactly 1.0 (float softmax saturates) does not exceed threshold 1.0."""
+    logits = torch.tensor([[200.0, 0.0], [0.0, 1.0]])
+    assert exit_confidence(logits, "max-softmax")[0] == 1.0
+    stages = [lambda h: (h, h), lambda h: (h, -h)]
+    result = run_early_exit(stages, logits, ExitRule("max-softmax", (1.0,)))
+    assert result.exit_index.tolist() == [1, 1]
+
+
+def _counting_hooks(model):
+    seen = {}
+    modules = {"layer1": model.backbone.layer1[0], "layer2": model.backbone.layer2[0],
+               "layer3": model.backbone.layer3[0], "layer4": model.backbone.layer4[0],
+               **{f"head{k}": h for k, h in enumerate(model.heads)}, "fc": model.backbone.fc}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].shape[0]))
+        for name, m in modules.items()]
+    return seen, handles
+
+
+@pytest.mark.parametrize("policy", list(ExitPolicy))
+def test_exited_samples_are_not_computed_further(exit18, policy):
+    x = images(64, seed=7, dtype=torch.float64)
+    with torch.no_grad():
+        all_logits = exit18(x)
+    scores = [exit_confidence(z, policy) for z in all_logits]
+    thresholds = tuple(float(s.median()) for s in scores[:3])
+    # Reference: the first exit whose score exceeds its threshold, on the whole batch.
+    leaves = torch.stack([s > t for s, t in zip(scores[:3], thresholds)]
+                         + [torch.ones(64, dtype=torch.bool)])
+    first = leaves.int().argmax(0)
+    expected_rows = tuple(int((first >= k).sum()) for k in range(4))
+    assert expected_rows[0] == 64 and expected_rows[-1] < 32  # some leave at every exit
+
+    seen, handles = _counting_hooks(exit18)
+    try:
+        result = exit18.run(x, ExitRule(policy, thresholds))
+    finally:
+        for h in handles:
+            h.remove()
+    assert result.rows_per_stage == expected_rows
+    for k, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        assert seen[name] == [expected_rows[k]]
+    assert [seen[f"head{k}"] for k in range(3)] == [[r] for r in expected_rows[:3]]
+    assert seen["fc"] == [expected_rows[3]]
+    assert torch.equal(result.exit_index, first)
+    expected_logits = torch.stack([all_logits[int(k)][i] for i, k in enumerate(first)])
+    torch.testing.assert_close(result.logits, expected_logits, rtol=1e-12, atol=1e-12)
+    assert result.exit_counts() == tuple(int((first == k).sum()) for k in range(4))
+
+
+def test_threshold_zero_exits_everyone_first_and_later_stages_never_run(exit18):
+    seen, handles = _counting_hooks(exit18)
+    try:
+        result = exit18.run(images(10, dtype=torch.float64), ExitRule("max-softmax", (0, 0.5, 1)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert result.exit_index.tolist() == [0] * 10
+    assert result.rows_per_stage == (10, 0, 0, 0)
+    assert set(seen) == {"layer1", "head0"}
+    costs = exit_costs(exit18)
+    assert result.mean_macs(costs.macs) == costs.macs[0]
+
+
+def test_runner_handles_any_batch_size_including_one(exit18):
+    x = images(9, seed=2, dtype=torch.float64)
+    rule = ExitRule("entropy", (0.3, 0.3, 0.3), temperatures=(0.5, 1.0, 2.0, 1.0))
+    whole = exit18.run(x, rule)
+    for i in range(9):
+        one = exit18.run(x[i:i + 1], rule)
+        assert one.exit_index.item() == whole.exit_index[i].item()
+        torch.testing.assert_close(one.logits[0], whole.logits[i], rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_has_the_baseline_keys_and_leaves_it_alone(resnet18):
+    before = {k: v.clone() for k, v in resnet18.state_dict().items()}
+    model = EarlyExitResNet(resnet18)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    backbone = {k[len("backbone."):]: v for k, v in model.state_dict().items()
+                if k.startswith("backbone.")}
+    assert list(backbone) == list(before)
+    assert all(torch.equal(v, resnet18.state_dict()[k]) for k, v in before.items())
+    assert set(model.state_dict()) - {f"backbone.{k}" for k in before} == {
+        f"heads.{k}.{n}" for k in range(3) for n in ExitHead(8, 10).state_dict()}
+
+
+def test_forward_gives_every_exit_and_training_mode_run_is_refused(resnet18):
+    model = EarlyExitResNet(resnet18).eval()
+    out = model(images(3))
+    assert [tuple(z.shape) for z in out] == [(3, 10)] * 4
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.run(images(3), ExitRule("entropy", (0.5, 0.5, 0.5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+
+
+def test_confidence_scores():
+    uniform = torch.zeros(2, 10)
+    assert torch.allclose(exit_confidence(uniform, "max-softmax"), torch.full((2,), 0.1))
+    # Zero within float32 rounding of 1 - H/log C (one ulp of 1 is 1.19e-7).
+    assert torch.allclose(exit_confidence(uniform, "entropy"), torch.zeros(2), atol=2.4e-7)
+    sure = torch.tensor([[1000.0] + [0.0] * 9])
+    assert exit_confidence(sure, ExitPolicy.ENTROPY).item() == 1.0
+    # Two classes with p = (0.8, 0.2): H = -(0.8 ln 0.8 + 0.2 ln 0.2), score 1 - H/ln 2.
+    z = torch.tensor([[math.log(4.0), 0.0]], dtype=torch.float64)
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert exit_confidence(z, "entropy").item() == pytest.approx(1 - h / math.log(2), abs=1e-12)
+    assert exit_confidence(z, "max-softmax").item() == pytest.approx(0.8, abs=1e-12)
+    # A temperature of 2 halves the logits: p = (2/3, 1/3).
+    assert exit_confidence(z, "max-softmax", 2.0).item() == pytest.approx(2 / 3, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _overconfident(n, t_true, seed=0):
+    """Logits whose labels are drawn from softmax(logits / t_true): calibrated at t_true."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(n, 10, generator=gen, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(logits / t_true, 1), 1, generator=gen).squeeze(1)
+    return logits, labels
+
+
+def test_fit_temperature_minimises_nll_and_recovers_the_true_temperature():
+    logits, labels = _overconfident(20000, 2.5)
+    t = fit_temperature(logits, labels)
+    grid = np.exp(np.linspace(np.log(1.5), np.log(4), 801))
+    nll = [float(nn.functional.cross_entropy(logits / g, labels)) for g in grid]
+    t_grid = grid[int(np.argmin(nll))]
+    assert 0 < np.argmin(nll) < 800  # an interior minimum
+    assert abs(math.log(t) - math.log(t_grid)) < 1.5e-3  # the grid's spacing is 1.2e-3 in log T
+    # The maximum-likelihood T of 20000 labels drawn at T = 2.5: within 5% (about 6 standard
+    # errors of the fit, measured over seeds at ~0.8%).
+    assert t == pytest.approx(2.5, rel=0.05)
+
+
+def _ece_reference(conf, correct, n_bins):
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.digitize(conf, edges[1:-1], right=True)  # bin b holds (edge_b, edge_b+1]
+    total = 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.sum() / len(conf) * abs(correct[sel].mean() - conf[sel].mean())
+    return total
+
+
+def test_ece_matches_an_independent_computation_and_puts_edges_in_the_lower_bin():
+    logits, labels = _overconfident(3000, 2.0, seed=4)
+    p = torch.softmax(logits, 1)
+    conf, pred = p.max(1)
+    for n_bins in (1, 10, 15):
+        assert expected_calibration_error(logits, labels, n_bins=n_bins) == pytest.approx(
+            _ece_reference(conf.numpy(), (pred == labels).numpy().astype(float), n_bins),
+            abs=1e-12)
+    # Confidence exactly 0.6 with 5 bins lies in (0.4, 0.6]; right once out of two: ECE 0.1.
+    z = torch.tensor([[math.log(1.5), 0.0], [math.log(1.5), 0.0]], dtype=torch.float64)
+    assert expected_calibration_error(z, torch.tensor([0, 1]), n_bins=5) == pytest.approx(0.1)
+
+
+def test_calibrate_exits_lowers_ece_and_nll_on_overconfident_exits():
+    cals = calibrate_exits([_overconfident(5000, t, seed=s)[0] for s, t in ((1, 2.0), (1, 3.0))],
+                           _overconfident(5000, 2.0, seed=1)[1])
+    assert cals[0].temperature == pytest.approx(2.0, rel=0.1)
+    for c in cals:
+        assert c.nll_after <= c.nll_before
+        assert c.ece_after < c.ece_before
+        assert c.n_bins == 15
+    rule = ExitRule("max-softmax", (0.9,), temperatures=tuple(c.temperature for c in cals))
+    assert rule.temperature(1) == cals[1].temperature
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("thresholds", [(-0.1, 0.5, 0.5), (0.5, 1.5, 0.5), (0.5, 0.5, math.nan),
+                                        (0.5, "0.5", 0.5), (True, 0.5, 0.5)])
+def test_thresholds_outside_unit_interval_are_refused(thresholds):
+    with pytest.raises(ValueError, match=r"thresholds\[\d\] must be a number in \[0, 1\]"):
+        ExitRule("max-softmax", thresholds)
+
+
+def test_bad_rules_are_refused(exit18):
+    with pytest.raises(ValueError, match="policy"):
+        ExitRule("margin", (0.5,))
+    with pytest.raises(TypeError, match="sequence"):
+        ExitRule("entropy", 0.5)
+    with pytest.raises(ValueError, match="one value per exit"):
+        ExitRule("entropy", (0.5, 0.5), temperatures=(1.0, 1.0))
+    with pytest.raises(ValueError, match="positive finite"):
+        ExitRule("entropy", (0.5,), temperatures=(0.0, 1.0))
+    with pytest.raises(ValueError, match="2 thresholds but the network has 3 early exits"):
+        exit18.run(images(2, dtype=torch.float64), ExitRule("entropy", (0.5, 0.5)))
+    with pytest.raises(ValueError, match="non-empty"):
+        exit18.run(torch.zeros(0, 1, 32, 32, dtype=torch.float64),
+                   ExitRule("entropy", (0.5,) * 3))
+
+
+def test_a_model_without_the_expected_stages_is_refused(resnet18):
+    no_layer3 = fashion_resnet("resnet18")
+    del no_layer3.layer3
+    with pytest.raises(UnsupportedModelError, match="lacks: layer3"):
+        EarlyExitResNet(no_layer3)
+    with pytest.raises(UnsupportedModelError, match="conv1.*fc"):
+        EarlyExitResNet(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        EarlyExitResNet("resnet18")
+    with pytest.raises(ValueError, match="exit point 'layer4'"):
+        EarlyExitResNet(resnet18, ("layer1", "layer4"))
+    with pytest.raises(ValueError, match="network order"):
+        EarlyExitResNet(resnet18, ("layer2", "layer1"))
+    with pytest.raises(ValueError, match="exit point 'layer9.0'"):
+        EarlyExitResNet(resnet18, ("layer9.0",))
+
+
+def test_bad_calibration_input_is_refused():
+    logits, labels = _overconfident(50, 1.0)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fit_temperature(logits, labels + 10)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        expected_calibration_error(logits, labels.double())
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fit_temperature(torch.full((2, 3), math.nan), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="n_bins"):
+        expected_calibration_error(logits, labels, n_bins=0)
