@@ -312,8 +312,10 @@ def tex_escape(text: str) -> str:
 
 
 def _tt(text: str) -> str:
-    # Breakable typewriter text: long paths and commands may wrap after / and _ and spaces.
-    out = tex_escape(text).replace("/", r"/\allowbreak{}").replace(r"\_", r"\_\allowbreak{}")
+    # Breakable typewriter text: long paths and commands may wrap after / and _ and spaces;
+    # "-{}" keeps "--smoke" two hyphens (T1 fonts make an en dash of "--").
+    out = tex_escape(text).replace("-", "-{}").replace("/", r"/\allowbreak{}") \
+        .replace(r"\_", r"\_\allowbreak{}")
     return r"\texttt{" + out + "}"
 
 

@@ -128,7 +128,7 @@ def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
     tex = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex",
                                "c" * 40)
     assert r"\section{Provenance" in tex and r"\label{app:provenance}" in tex
-    assert "python -m studies.drift --smoke --out" in tex
+    assert "python -{}m studies.drift -{}-{}smoke -{}-{}out" in tex  # "--" stays two hyphens
     assert r"x\_\allowbreak{}y" in tex  # escaped for LaTeX
     assert "ab" * 20 in tex and "c" * 40 in tex
     for digest in manifest["outputs"].values():
