@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.qerror-installed
 JOBS   ?= 2
 
-.PHONY: run test env data bench paper clean
+.PHONY: run test env data bench paper paper-smoke clean
 
 env: $(STAMP)
 
@@ -35,6 +35,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m studies.bench --force
+
+# The paper (paper/main.pdf) from the studies' outputs in runs/<study>; a missing one is named
+# with the command that makes it. paper-smoke runs every study with --smoke first (a few minutes).
+paper: $(STAMP)
+	$(BIN)/python paper/build.py
+
+paper-smoke: $(STAMP) data
+	$(BIN)/python paper/build.py --smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

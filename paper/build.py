@@ -1,0 +1,533 @@
+"""Build the paper from the studies' outputs: collect, check, write the generated parts, compile.
+
+``python paper/build.py`` (``make paper``) reads one output folder per study (default
+``runs/<study>``; ``--run STUDY=PATH`` points one elsewhere), checks each against its
+``manifest.json`` (the study it names, the sha256 of every output) and against what the
+paper uses (every ``\\studyfigure``/``\\studytable`` file and every ``\\<study>Name``
+result macro the ``.tex`` sources name), copies it into ``paper/generated/<study>/``, writes
+the claims ledger table (``python -m studies.ledger --latex``) and the provenance appendix
+(each study's command, git commit and outputs' sha256), then compiles ``paper/main.tex``
+with latexmk and fails on what the log says went wrong (undefined references, citations or
+control sequences, missing files, LaTeX errors).
+
+``--smoke`` (``make paper-smoke``) first runs every study with ``--smoke`` into a temporary
+folder and builds from those outputs: the same paper, with tiny-sample numbers.
+
+A missing or unusable study output is named with the command that makes it, and the build
+exits non-zero before LaTeX runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PAPER = Path(__file__).resolve().parent
+REPO = PAPER.parent
+GENERATED = PAPER / "generated"
+MAIN = "main.tex"
+
+# The studies the paper reads, in the order they run, and the command that makes each one's
+# default output folder (runs/<study>) for the error message of a missing one.
+STUDIES = ("rounding", "dataset", "drift")
+MAKE_COMMAND = {
+    "rounding": "python -m studies.rounding --force",
+    "dataset": "python -m studies.dataset --force",
+    "drift": "make run  (python -m studies.drift --force)",
+}
+# Extra arguments of each study's --smoke run: the studies that read Fashion-MNIST get
+# --data-root when the build is given one.
+NEEDS_DATA = {"dataset", "drift"}
+
+
+class BuildError(Exception):
+    """An expected failure: its message says what is missing and which command makes it."""
+
+
+# --------------------------------------------------------------------------- what the paper uses
+
+
+_USE = re.compile(r"\\study(?:figure|table)\*?(?:\[[^\]]*\])?\{([A-Za-z]+)\}\{([^}]+)\}")
+_MACRO_DEF = re.compile(r"\\newcommand\{\\([A-Za-z]+)\}")
+
+
+@dataclass(frozen=True)
+class Uses:
+    """What the paper's sources take from each study: files and result macros."""
+
+    files: dict[str, set[str]]
+    macros: dict[str, set[str]]
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"(?<!\\)%.*", "", text)
+
+
+def paper_sources(paper: Path = PAPER) -> list[Path]:
+    """The hand-written ``.tex`` sources (``paper/*.tex``; ``generated/`` is not one)."""
+    return sorted(paper.glob("*.tex"))
+
+
+def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
+    """Files (``\\studyfigure{study}{stem}`` → ``stem.pdf``, ``\\studytable{study}{file}``)
+    and macros (``\\<study>Name``) the sources use, per study."""
+    files: dict[str, set[str]] = {s: set() for s in studies}
+    macros: dict[str, set[str]] = {s: set() for s in studies}
+    macro = re.compile(r"\\(" + "|".join(studies) + r")([A-Z][A-Za-z]*)")
+    for path in sources:
+        text = _strip_comments(path.read_text(encoding="utf-8"))
+        for m in _USE.finditer(text):
+            study, name = m[1], m[2]
+            if study not in files:
+                raise BuildError(f"{path.name}: {m[0]} names no study of the paper "
+                                 f"({', '.join(studies)})")
+            is_figure = m[0].startswith("\\studyfigure")
+            files[study].add(f"{name}.pdf" if is_figure else name)
+        for m in macro.finditer(text):
+            macros[m[1]].add(m[1] + m[2])
+    return Uses(files, macros)
+
+
+# --------------------------------------------------------------------------- hand-typed numbers
+
+# The rule, applied to the hand-written sources (paper/*.tex):
+#
+# * Only the document body counts: the preamble (before \begin{document}), comments and the
+#   thebibliography environment (years, volumes, pages of references) are not prose.
+# * In prose, a number is a run of digits (with inner . or , as in 0.5 or 10,000) that does
+#   not follow a letter. It is refused: results come from the studies' macros, and small
+#   counts are written in words ("eight-bit"). A digit run that follows a letter is part of a
+#   name (ResNet50, INT8, float32, AVX512) and is allowed; "10k" or "3rd" are refused.
+# * In mathematics ($...$, \(...\), \[...\], equation/align/gather/multline), integers are
+#   formulas (2^b, 1/12, 10 log10) and allowed; a decimal number (0.5, .5, 1{,}000) is refused.
+# * Arguments of commands that take names or dimensions, not prose (labels, references,
+#   citations, file names and the study commands, environment names and column specs, lengths),
+#   and dimensions anywhere (0.85\linewidth, 1ex) are not prose.
+NON_PROSE_COMMANDS = (
+    "label", "ref", "eqref", "pageref", "autoref", "cref", "Cref", "cite", "citep", "citet",
+    "nocite", "input", "include", "includegraphics", "studyfigure", "studytable",
+    "longstudytable", "url", "href", "hypersetup", "setlength", "addtolength", "setcounter",
+    "vspace", "hspace", "begin", "end", "bibitem", "newcommand", "renewcommand", "usepackage",
+    "documentclass", "\\",
+)
+MATH_ENVIRONMENTS = ("equation", "equation*", "align", "align*", "gather", "gather*",
+                     "multline", "multline*", "displaymath")
+_LENGTH = re.compile(r"\d*\.?\d+\s*(?:pt|em|ex|cm|mm|in|bp|sp|pc)\b"
+                     r"|\d*\.?\d+\s*\\(?:line|text|column|paper)(?:width|height)")
+_PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9])\d+(?:[.,]\d+)*")
+_MATH_DECIMAL = re.compile(r"\d*(?:\.|\{,\})\d+")
+
+
+@dataclass(frozen=True)
+class HandTyped:
+    """A number typed into the paper's prose: the line it is on and what it is."""
+
+    line: int
+    number: str
+    context: str
+
+
+def _blank(text: str, start: int, end: int) -> str:
+    """``text`` with ``[start, end)`` replaced by spaces, its newlines kept (line numbers hold)."""
+    return text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
+
+
+def _group_end(text: str, i: int) -> int:
+    """The end of the balanced ``{...}`` or ``[...]`` group opening at ``i``."""
+    close = {"{": "}", "[": "]"}[text[i]]
+    depth, j = 0, i
+    while j < len(text):
+        ch = text[j]
+        if ch == "\\":
+            j += 2
+            continue
+        if ch == text[i]:
+            depth += 1
+        elif ch == close:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return len(text)
+
+
+def _math_spans(text: str) -> list[tuple[int, int]]:
+    envs = "|".join(re.escape(e) for e in MATH_ENVIRONMENTS)
+    pattern = re.compile(r"\\begin\{(" + envs + r")\}.*?\\end\{\1\}|\$\$.*?\$\$|(?<!\\)\\\[.*?\\\]"
+                         r"|(?<!\\)\\\(.*?\\\)|(?<!\\)\$.*?(?<!\\)\$", re.S)
+    return [m.span() for m in pattern.finditer(text)]
+
+
+def hand_typed_numbers(source: str) -> list[HandTyped]:
+    """Every number in ``source`` (a LaTeX file) that breaks the rule above."""
+    text = re.sub(r"(?<!\\)%[^\n]*", lambda m: " " * len(m[0]), source)
+    begin = text.find(r"\begin{document}")
+    if begin >= 0:
+        text = _blank(text, 0, begin + len(r"\begin{document}"))
+    for m in re.finditer(r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", text, re.S):
+        text = _blank(text, *m.span())
+    found: list[tuple[int, str]] = []
+    for start, end in _math_spans(text):
+        found += [(start + m.start(), m[0]) for m in _MATH_DECIMAL.finditer(text[start:end])]
+        text = _blank(text, start, end)
+    names = "|".join(re.escape(c) for c in sorted(NON_PROSE_COMMANDS, key=len, reverse=True))
+    for m in reversed(list(re.finditer(r"\\(?:" + names + r")(?![A-Za-z])\*?", text))):
+        end = m.end()
+        while end < len(text) and text[end] in "{[":
+            end = _group_end(text, end)
+        text = _blank(text, m.start(), end)
+    for m in reversed(list(_LENGTH.finditer(text))):
+        text = _blank(text, *m.span())
+    text = re.sub(r"#\d", "  ", text)
+    found += [(m.start(), m[0]) for m in _PROSE_NUMBER.finditer(text)]
+    out = []
+    for pos, number in sorted(found):
+        line = source.count("\n", 0, pos) + 1
+        out.append(HandTyped(line, number, source.splitlines()[line - 1].strip()))
+    return out
+
+
+def check_sources(sources: list[Path]) -> None:
+    """BuildError listing every hand-typed number in the sources."""
+    bad = [f"{p.name}:{h.line}: {h.number!r} in: {h.context}" for p in sources
+           for h in hand_typed_numbers(p.read_text(encoding="utf-8"))]
+    if bad:
+        raise BuildError("numbers typed by hand in the paper (use the studies' macros, or "
+                         "words for small counts):\n  " + "\n  ".join(bad))
+
+
+# --------------------------------------------------------------------------- study folders
+
+
+def study_command(manifest: dict) -> str:
+    """The command line that made a run, from its manifest's study and argv."""
+    argv = manifest.get("argv") or []
+    return shlex.join(["python", "-m", f"studies.{manifest['study']}", *map(str, argv)])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_run(study: str, folder: Path, uses: Uses) -> dict:
+    """The manifest of ``folder`` once it is a complete, unaltered run of ``study`` that holds
+    every file and macro the paper uses.
+
+    Raises
+    ------
+    BuildError
+        Naming the folder, what is wrong, and the command that makes the output.
+    """
+    make = f"make it with: {MAKE_COMMAND[study]}"
+    if folder.is_dir() is False:
+        raise BuildError(f"no output of the {study} study at {folder}; {make} "
+                         f"(or pass --run {study}=PATH, or build the smoke paper: make paper-smoke)")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BuildError(f"{folder} has no readable manifest.json ({err}), so it is not a "
+                         f"finished run of the {study} study; {make}") from err
+    if manifest.get("study") != study or not isinstance(manifest.get("outputs"), dict):
+        raise BuildError(f"{folder}/manifest.json is not a run of the {study} study "
+                         f"(it names {manifest.get('study')!r}); {make}")
+    redo = f"rerun it: {study_command(manifest)} --force" if "--force" not in (
+        manifest.get("argv") or []) else f"rerun it: {study_command(manifest)}"
+    for name, digest in sorted(manifest["outputs"].items()):
+        path = folder / name
+        if not path.is_file():
+            raise BuildError(f"{folder}: {name}, listed in its manifest, is missing; {redo}")
+        if _sha256(path) != digest:
+            raise BuildError(f"{folder}: {name} is not the file its manifest lists (sha256 "
+                             f"differs: changed after the run); {redo}")
+    missing = sorted(uses.files.get(study, set()) - set(manifest["outputs"]))
+    if missing:
+        raise BuildError(f"{folder}: the paper uses {', '.join(missing)}, which this run of the "
+                         f"{study} study did not write (its command: {study_command(manifest)}); "
+                         f"{make}")
+    wanted = uses.macros.get(study, set())
+    if wanted:
+        defined = set(_MACRO_DEF.findall((folder / "macros.tex").read_text(encoding="utf-8"))) \
+            if "macros.tex" in manifest["outputs"] else set()
+        absent = sorted(wanted - defined)
+        if absent:
+            raise BuildError(f"{folder}: the paper quotes " + ", ".join("\\" + a for a in absent)
+                             + f", which this run's macros.tex does not define (its command: "
+                             f"{study_command(manifest)}); {make}")
+    return manifest
+
+
+def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED) -> dict[str, dict]:
+    """Check every study's folder, then copy each into ``generated/<study>/``.
+
+    Every folder is checked before anything is copied, and all problems are reported at once.
+    Returns each study's manifest.
+    """
+    manifests, problems = {}, []
+    for study, folder in runs.items():
+        try:
+            manifests[study] = check_run(study, folder, uses)
+        except BuildError as err:
+            problems.append(str(err))
+    if problems:
+        raise BuildError("\n".join(problems))
+    if generated.exists():
+        shutil.rmtree(generated)
+    generated.mkdir(parents=True)
+    for study, folder in runs.items():
+        dest = generated / study
+        dest.mkdir()
+        for name in manifests[study]["outputs"]:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, target)
+        shutil.copyfile(folder / "manifest.json", dest / "manifest.json")
+    return manifests
+
+
+# --------------------------------------------------------------------------- generated LaTeX
+
+
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    """``text`` as LaTeX prose (special characters escaped)."""
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _tt(text: str) -> str:
+    # Breakable typewriter text: long paths and commands may wrap after / and _ and spaces;
+    # "-{}" keeps "--smoke" two hyphens (T1 fonts make an en dash of "--").
+    out = tex_escape(text).replace("-", "-{}").replace("/", r"/\allowbreak{}") \
+        .replace(r"\_", r"\_\allowbreak{}")
+    return r"\texttt{" + out + "}"
+
+
+def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str | None) -> str:
+    """The appendix that traces every generated part of the paper to its command and run."""
+    lines = ["% generated by paper/build.py; do not edit",
+             r"\section{Provenance of the generated results}",
+             r"\label{app:provenance}",
+             "Every number, table and figure of the results comes from one of the runs below, "
+             "copied unchanged into \\texttt{paper/generated/} by \\texttt{paper/build.py}, "
+             "which checks each file against the sha256 its run recorded.",
+             "",
+             r"\paragraph{Claims ledger.} " + _tt(ledger_command) + " at commit "
+             + _tt(commit or "unknown") + ".",
+             ""]
+    for study, m in manifests.items():
+        git = m.get("git") or {}
+        state = ""
+        if git.get("dirty"):
+            state = " (with uncommitted changes)"
+        lines += [
+            rf"\subsection*{{Study \texttt{{{tex_escape(study)}}}}}",
+            r"{\raggedright",
+            r"\begin{description}[style=unboxed,leftmargin=0pt]",
+            r"\item[Command] " + _tt(study_command(m)),
+            r"\item[Commit] " + _tt(git.get("commit") or "unknown") + state,
+            r"\item[Seed] " + _tt(str((m.get("config") or {}).get("seed", "unrecorded"))),
+            r"\end{description}\par}",
+            r"{\scriptsize",
+            r"\begin{longtable}{@{}l l@{}}",
+            r"\toprule Output & sha256 \\ \midrule \endhead",
+        ]
+        for name, digest in sorted(m["outputs"].items()):
+            lines.append(_tt(name) + r" & \texttt{" + tex_escape(digest) + r"} \\")
+        timing = m.get("timing_outputs") or []
+        lines += [r"\bottomrule", r"\end{longtable}}"]
+        if timing:
+            lines.append("Outputs holding measured times (differ from run to run): "
+                         + ", ".join(_tt(t) for t in timing) + ".")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_ledger(generated: Path, python: str = sys.executable) -> str:
+    """Write the claims table with the ledger's own command; returns that command."""
+    out = generated / "claims.tex"
+    argv = [python, "-m", "studies.ledger", "--latex", "--out", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"python -m studies.ledger --latex failed: {done.stderr.strip()}")
+    return "python -m studies.ledger --latex --out paper/generated/claims.tex"
+
+
+# --------------------------------------------------------------------------- the LaTeX log
+
+
+@dataclass(frozen=True)
+class LogReport:
+    """What a LaTeX log says went wrong (``problems``) and what is worth a look (``notes``)."""
+
+    problems: list[str]
+    notes: list[str]
+
+
+_LOG_PROBLEMS = (
+    (re.compile(r"^! Undefined control sequence\.(?:\n.*?(\\[A-Za-z@]+)\s*$)?", re.M),
+     "undefined control sequence"),
+    (re.compile(r"^! LaTeX Error: File `([^']+)' not found", re.M), "missing file"),
+    (re.compile(r"LaTeX Warning: File `([^']+)' not found", re.M), "missing file"),
+    (re.compile(r"^! Package pdftex\.def Error: File `([^']+)' not found", re.M),
+     "missing figure"),
+    (re.compile(r"LaTeX Warning: Reference `([^']+)' on page \S+ undefined", re.M),
+     "undefined reference"),
+    (re.compile(r"LaTeX Warning: Citation `([^']+)' on page \S+ undefined", re.M),
+     "undefined citation"),
+    (re.compile(r"LaTeX Warning: Hyper reference `([^']+)' on page \S+ undefined", re.M),
+     "undefined reference"),
+    (re.compile(r"^(?:LaTeX|Package \w+) Warning: There were undefined (references|citations)",
+                re.M), "undefined"),
+    (re.compile(r"^! (?!Undefined control sequence)(.+)$", re.M), "LaTeX error"),
+)
+_OVERFULL = re.compile(r"^Overfull \\[hv]box \((\d+(?:\.\d+)?)pt too (?:wide|high)\) (.*)$", re.M)
+OVERFULL_NOTE_PT = 5.0  # an overfull box wider than this is reported (not a failure)
+
+
+def check_log(text: str) -> LogReport:
+    """Problems (a failed build) and notes (overfull boxes above :data:`OVERFULL_NOTE_PT`) in
+    a LaTeX log written with ``max_print_line`` large enough not to wrap lines."""
+    problems: list[str] = []
+    for pattern, what in _LOG_PROBLEMS:
+        for m in pattern.finditer(text):
+            detail = m[1] if m.lastindex and m[1] else ""
+            item = f"{what}: {detail}" if detail else what
+            if item not in problems:
+                problems.append(item)
+    notes = [f"overfull box, {m[1]}pt too wide: {m[2].strip()}"
+             for m in _OVERFULL.finditer(text) if float(m[1]) > OVERFULL_NOTE_PT]
+    return LogReport(problems, notes)
+
+
+def compile_pdf(paper: Path = PAPER) -> LogReport:
+    """Run latexmk on ``main.tex`` and check its log.
+
+    Raises
+    ------
+    BuildError
+        latexmk is not installed, LaTeX failed, or the log names a problem.
+    """
+    latexmk = shutil.which("latexmk")
+    if latexmk is None:
+        raise BuildError("latexmk is not installed; on Debian/Ubuntu: apt-get install -y "
+                         "--no-install-recommends latexmk texlive-latex-recommended "
+                         "texlive-latex-extra texlive-fonts-recommended texlive-science lmodern")
+    env = dict(os.environ, max_print_line="100000", error_line="254", half_error_line="238")
+    done = subprocess.run([latexmk, "-pdf", "-g", "-interaction=nonstopmode", "-halt-on-error",
+                           MAIN], cwd=paper, env=env, capture_output=True, text=True)
+    log = paper / "main.log"
+    report = check_log(log.read_text(encoding="utf-8", errors="replace")) if log.exists() \
+        else LogReport(["no main.log was written"], [])
+    if done.returncode != 0 or report.problems:
+        tail = "\n".join(done.stdout.splitlines()[-15:])
+        raise BuildError("LaTeX failed:\n  " + "\n  ".join(
+            report.problems or [f"latexmk exited with {done.returncode}"])
+            + f"\n(see {log}; latexmk's last lines:)\n{tail}")
+    return report
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+
+def run_smoke(out: Path, data_root: Path | None, python: str = sys.executable) -> dict[str, Path]:
+    """Run every study with ``--smoke`` into ``out/<study>``; returns the folders."""
+    runs = {}
+    for study in STUDIES:
+        argv = [python, "-m", f"studies.{study}", "--smoke", "--out", str(out / study)]
+        if study in NEEDS_DATA and data_root is not None:
+            argv += ["--data-root", str(data_root)]
+        print(f"[paper] {shlex.join(argv[1:])}", flush=True)
+        done = subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode != 0:
+            raise BuildError(f"the smoke run of the {study} study failed "
+                             f"({shlex.join(argv[1:])}):\n{done.stderr.strip()[-2000:]}")
+        runs[study] = out / study
+    return runs
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _run_arg(text: str) -> tuple[str, Path]:
+    study, sep, path = text.partition("=")
+    if not sep or study not in STUDIES or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected STUDY=PATH with STUDY one of {', '.join(STUDIES)}, got {text!r}")
+    return study, Path(path).expanduser()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python paper/build.py",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=REPO / "runs",
+                        help="folder holding one output folder per study (default: runs/)")
+    parser.add_argument("--run", type=_run_arg, action="append", default=[],
+                        metavar="STUDY=PATH", help="one study's output folder, elsewhere")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every study with --smoke into a temporary folder and build "
+                             "from those outputs")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="Fashion-MNIST folder for the smoke runs of "
+                             + " and ".join(sorted(NEEDS_DATA)))
+    parser.add_argument("--no-compile", action="store_true",
+                        help="collect and write the generated parts only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sources = paper_sources()
+        check_sources(sources)
+        uses = paper_uses(sources)
+        with tempfile.TemporaryDirectory(prefix="qerror-paper-smoke-") as tmp:
+            if args.smoke:
+                runs = run_smoke(Path(tmp), args.data_root)
+            else:
+                runs = {s: args.runs / s for s in STUDIES}
+            runs.update(dict(args.run))
+            manifests = collect(runs, uses)
+        ledger = write_ledger(GENERATED)
+        (GENERATED / "provenance.tex").write_text(
+            provenance_tex(manifests, ledger, git_commit()), encoding="utf-8")
+        if args.no_compile:
+            print(f"[paper] generated parts written to {GENERATED}")
+            return 0
+        report = compile_pdf()
+    except BuildError as err:
+        print(f"[paper] error: {err}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"[paper] note: {note}")
+    print(f"[paper] written to {PAPER / 'main.pdf'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""paper/build.py without LaTeX: collecting study outputs, the provenance appendix, the log
+checker, and the rule against numbers typed by hand into the paper."""
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("paper_build", REPO / "paper" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+sys.modules["paper_build"] = build  # dataclasses look their module up there
+_spec.loader.exec_module(build)
+
+
+def fake_run(folder: Path, study: str, files: dict[str, str], argv=None) -> Path:
+    """A finished run of ``study``: its files and a manifest that lists their sha256."""
+    folder.mkdir(parents=True)
+    outputs = {}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+        outputs[name] = hashlib.sha256(text.encode()).hexdigest()
+    manifest = {"study": study, "argv": argv if argv is not None else ["--smoke"],
+                "config": {"seed": 0}, "git": {"commit": "ab" * 20, "dirty": False},
+                "outputs": outputs, "timing_outputs": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def uses(**files) -> "build.Uses":
+    return build.Uses({s: set(files.get(s, ())) for s in build.STUDIES},
+                      {s: set() for s in build.STUDIES})
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def test_missing_study_output_is_named_with_its_command(tmp_path):
+    with pytest.raises(build.BuildError) as err:
+        build.check_run("drift", tmp_path / "runs" / "drift", uses())
+    msg = str(err.value)
+    assert str(tmp_path / "runs" / "drift") in msg
+    assert "make run" in msg and "python -m studies.drift" in msg
+    with pytest.raises(build.BuildError, match=r"python -m studies\.rounding"):
+        build.check_run("rounding", tmp_path / "nowhere", uses())
+
+
+def test_main_exits_non_zero_naming_every_missing_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build, "GENERATED", tmp_path / "generated")
+    assert build.main(["--runs", str(tmp_path / "runs"), "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    for study in build.STUDIES:
+        assert f"no output of the {study} study" in err
+        assert f"studies.{study}" in err
+    assert not (tmp_path / "generated").exists()
+
+
+def test_run_missing_a_file_the_paper_uses_says_which_and_how(tmp_path):
+    run = fake_run(tmp_path / "r", "rounding", {"macros.tex": "% m\n"})
+    with pytest.raises(build.BuildError) as err:
+        build.check_run("rounding", run, uses(rounding=["clipping_optima.tex"]))
+    assert "clipping_optima.tex" in str(err.value)
+    assert "python -m studies.rounding --smoke" in str(err.value)
+
+
+def test_run_missing_a_macro_the_paper_quotes(tmp_path):
+    run = fake_run(tmp_path / "r", "drift",
+                   {"macros.tex": "\\newcommand{\\driftFloatAccuracy}{90.00}\n"})
+    want = build.Uses({s: set() for s in build.STUDIES},
+                      {**{s: set() for s in build.STUDIES},
+                       "drift": {"driftFloatAccuracy", "driftExpDriftFloor"}})
+    with pytest.raises(build.BuildError, match=r"\\driftExpDriftFloor"):
+        build.check_run("drift", run, want)
+
+
+def test_altered_output_or_other_study_is_refused(tmp_path):
+    run = fake_run(tmp_path / "r", "dataset", {"macros.tex": "% m\n"})
+    (run / "macros.tex").write_text("% edited\n")
+    with pytest.raises(build.BuildError, match="sha256 differs"):
+        build.check_run("dataset", run, uses())
+    other = fake_run(tmp_path / "o", "rounding", {"macros.tex": "% m\n"})
+    with pytest.raises(build.BuildError, match="not a run of the dataset study"):
+        build.check_run("dataset", other, uses())
+
+
+def test_collect_copies_every_output_and_the_manifest(tmp_path):
+    runs = {s: fake_run(tmp_path / s, s, {"macros.tex": f"% {s}\n", "sub/t.tex": "x"})
+            for s in build.STUDIES}
+    gen = tmp_path / "generated"
+    (gen / "stale").mkdir(parents=True)
+    manifests = build.collect(runs, uses(), gen)
+    assert set(manifests) == set(build.STUDIES)
+    assert not (gen / "stale").exists()
+    for s in build.STUDIES:
+        assert (gen / s / "macros.tex").read_text() == f"% {s}\n"
+        assert (gen / s / "sub" / "t.tex").read_text() == "x"
+        assert (gen / s / "manifest.json").exists()
+
+
+def test_paper_uses_reads_figures_tables_and_macros(tmp_path):
+    tex = tmp_path / "a.tex"
+    tex.write_text("\\studyfigure[0.5\\linewidth]{drift}{depth_8bit_both}\n"
+                   "\\studytable{rounding}{clipping_optima.tex} \\driftFloatAccuracy{}\n"
+                   "% \\studytable{dataset}{commented.tex}\n")
+    u = build.paper_uses([tex])
+    assert u.files["drift"] == {"depth_8bit_both.pdf"}
+    assert u.files["rounding"] == {"clipping_optima.tex"}
+    assert u.files["dataset"] == set()
+    assert u.macros["drift"] == {"driftFloatAccuracy"}
+
+
+def test_the_paper_uses_only_outputs_of_known_studies():
+    u = build.paper_uses(build.paper_sources())
+    assert all(u.files[s] for s in build.STUDIES)  # every study has its place in the paper
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
+    run = fake_run(tmp_path / "d", "drift", {"macros.tex": "m", "growth_rms_rel.pdf": "p"},
+                   argv=["--smoke", "--out", "/tmp/x_y"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    tex = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex",
+                               "c" * 40)
+    assert r"\section{Provenance" in tex and r"\label{app:provenance}" in tex
+    assert "python -{}m studies.drift -{}-{}smoke -{}-{}out" in tex  # "--" stays two hyphens
+    assert r"x\_\allowbreak{}y" in tex  # escaped for LaTeX
+    assert "ab" * 20 in tex and "c" * 40 in tex
+    for digest in manifest["outputs"].values():
+        assert digest in tex
+    assert r"growth\_\allowbreak{}rms" in tex
+
+
+def test_study_command_quotes_arguments():
+    assert build.study_command({"study": "drift", "argv": ["--data", "my dir"]}) == \
+        "python -m studies.drift --data 'my dir'"
+
+
+# --------------------------------------------------------------------------- the LaTeX log
+
+
+SAMPLE_LOG = r"""This is pdfTeX, Version 3.141592653-2.6-1.40.24 (TeX Live 2022/Debian)
+LaTeX Warning: Reference `fig:drift' on page 3 undefined on input line 120.
+LaTeX Warning: Citation `nagel2019' on page 4 undefined on input line 130.
+Overfull \hbox (36.8pt too wide) in paragraph at lines 48--49
+Overfull \hbox (0.5pt too wide) in paragraph at lines 50--51
+LaTeX Warning: There were undefined references.
+"""
+
+
+def test_log_checker_catches_undefined_reference_and_citation():
+    report = build.check_log(SAMPLE_LOG)
+    assert "undefined reference: fig:drift" in report.problems
+    assert "undefined citation: nagel2019" in report.problems
+    assert len(report.notes) == 1 and "36.8pt" in report.notes[0]
+
+
+def test_log_checker_catches_undefined_macro_and_missing_figure():
+    log = ("! Undefined control sequence.\nl.42 ... \\driftAccFloorEight\n"
+           "! LaTeX Error: File `generated/drift/growth.pdf' not found.\n")
+    problems = build.check_log(log).problems
+    assert "undefined control sequence: \\driftAccFloorEight" in problems
+    assert "missing file: generated/drift/growth.pdf" in problems
+
+
+def test_clean_log_has_no_problems():
+    log = "This is pdfTeX\nOutput written on main.pdf (20 pages, 1 bytes).\n"
+    assert build.check_log(log) == build.LogReport([], [])
+
+
+def test_missing_latexmk_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(build.BuildError, match="apt-get install .*latexmk"):
+        build.compile_pdf()
+
+
+# --------------------------------------------------------------------------- hand-typed numbers
+
+
+def numbers(body: str, preamble: str = "") -> list[str]:
+    src = "\\documentclass{article}\n" + preamble + "\\begin{document}\n" + body + \
+        "\n\\end{document}\n"
+    return [h.number for h in build.hand_typed_numbers(src)]
+
+
+@pytest.mark.parametrize("body, found", [
+    ("The accuracy is 91.3\\,\\% with truncation.", ["91.3"]),
+    ("An 8-bit model.", ["8"]),
+    ("on 10,000 images", ["10,000"]),
+    ("with 10k images, the 3rd run", ["10", "3"]),
+    ("exact MSE is $0.0833$ and \\(1{,}000\\) and $.5$", ["0.0833", "1{,}000", ".5"]),
+    ("\\[ \\mathrm{MSE} = 0.25 \\]", ["0.25"]),
+    ("\\begin{equation} b = 0.5 \\end{equation}", ["0.5"]),
+    ("\\placeholder{about 15 minutes}", ["15"]),
+])
+def test_hand_typed_numbers_are_found(body, found):
+    assert numbers(body) == found
+
+
+@pytest.mark.parametrize("body", [
+    "ResNet50 in INT8 on AVX2 and AVX512-VNNI, float32 and IMAGENET1K\\_V2",
+    "an eight-bit model",
+    "reaches \\driftAccNearestEvenEight\\,\\% against \\driftFloatAccuracy{}",
+    "see Table~\\ref{tab:drift-int8}, Section~\\ref{sec:x2} and~\\cite{he2016,max1960}",
+    "% 91.3 in a comment",
+    "$1/12$, $2^{b-1}$, $10\\log_{10}$, $f(x_1, 2)$",
+    "\\begin{equation} u = x/s + z_2 \\end{equation}",
+    "\\studyfigure[0.49\\linewidth]{rounding}{regime_mse_lsb_8bit}\\\\[1ex]",
+    "\\studytable{drift}{int8.tex} \\vspace{2mm} \\hspace*{0.5em}",
+    "\\begin{tabular}{@{}l p{0.27\\linewidth}@{}} a \\end{tabular}",
+    "\\begin{figure}[t] \\includegraphics[width=0.8\\textwidth]{a1.pdf} \\end{figure}",
+    "\\begin{thebibliography}{99}\\bibitem{a} A. Title. 45(2):353--361, 1996."
+    "\\end{thebibliography}",
+])
+def test_allowed_digits_are_not_flagged(body):
+    assert numbers(body) == []
+
+
+def test_preamble_and_bibliography_are_not_prose():
+    assert numbers("text", preamble="\\usepackage[margin=2.3cm]{geometry}\n"
+                                    "\\setcounter{topnumber}{3}\n") == []
+    assert numbers("Since 1996 it holds.") == ["1996"]  # a year in prose is still typed
+
+
+def test_line_numbers_point_at_the_number():
+    src = "\\begin{document}\nfirst line\nsecond with 42 here\n\\end{document}\n"
+    (h,) = build.hand_typed_numbers(src)
+    assert (h.line, h.number, h.context) == (3, "42", "second with 42 here")
+
+
+def test_the_paper_has_no_hand_typed_number():
+    sources = build.paper_sources()
+    assert sources, "paper/*.tex not found"
+    for path in sources:
+        assert build.hand_typed_numbers(path.read_text(encoding="utf-8")) == [], path.name
