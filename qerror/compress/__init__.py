@@ -1,5 +1,59 @@
 """Model and data size reduction, and the honest byte counting that compares them."""
 
-from qerror.compress.size import StorageFormat, held_bytes, packed_bytes, storage_bytes
+from qerror.compress.size import (
+    ModelSize,
+    SizePart,
+    StorageFormat,
+    held_bytes,
+    index_bits,
+    pack_bits,
+    packed_bytes,
+    storage_bytes,
+    unpack_bits,
+)
+from qerror.compress.weightless import (
+    DWN,
+    BleachChoice,
+    DWNFit,
+    GroupSum,
+    LUTLayer,
+    Mapping,
+    Thermometer,
+    WiSARD,
+    WisardClassifier,
+    efd_matrix,
+    fit_dwn,
+    fit_wisard,
+    load_wnn,
+    save_wnn,
+    seeded_mapping,
+    wnn_size,
+)
 
-__all__ = ["StorageFormat", "held_bytes", "packed_bytes", "storage_bytes"]
+__all__ = [
+    "StorageFormat",
+    "held_bytes",
+    "packed_bytes",
+    "storage_bytes",
+    "index_bits",
+    "pack_bits",
+    "unpack_bits",
+    "ModelSize",
+    "SizePart",
+    "BleachChoice",
+    "DWN",
+    "DWNFit",
+    "GroupSum",
+    "LUTLayer",
+    "Mapping",
+    "Thermometer",
+    "WiSARD",
+    "WisardClassifier",
+    "efd_matrix",
+    "fit_dwn",
+    "fit_wisard",
+    "load_wnn",
+    "save_wnn",
+    "seeded_mapping",
+    "wnn_size",
+]

@@ -2,12 +2,16 @@
 
 Sizes come from element counts and bits per element, never from a file on disk (which
 adds headers and compression): the comparisons of storage formats are then exact and
-independent of any container.
+independent of any container. A model is counted as a :class:`ModelSize`, a sum of
+:class:`SizePart` (RAM and LUT bits, wiring indices, thermometer thresholds, a header of
+metadata); :func:`pack_bits` writes a part in exactly the bytes it is counted at, so a
+serialised file can be checked against the count byte for byte.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,3 +114,128 @@ def held_bytes(x: np.ndarray | torch.Tensor) -> int:
     if isinstance(x, np.ndarray):
         return x.nbytes
     raise TypeError(f"need a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def index_bits(choices: int) -> int:
+    """Bits of one stored index that names one of ``choices`` items (at least 1).
+
+    Parameters
+    ----------
+    choices : int
+        Number of distinct values the index can take, ≥ 1 (e.g. a layer's input width for
+        a wiring index, ``max + 1`` for a count).
+
+    Returns
+    -------
+    int
+        ``max(1, ceil(log2(choices)))``, in exact integer arithmetic.
+    """
+    choices = int(choices)
+    if choices < 1:
+        raise ValueError(f"need at least one choice, got {choices}")
+    return max(1, (choices - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class SizePart:
+    """One stored component of a model: ``elements`` values of ``bits`` bits each, packed.
+
+    Attributes
+    ----------
+    name : str
+        What it is (``"ram addresses"``, ``"thresholds"``, ``"wiring layer 0"``).
+    elements : int
+        Number of values stored (0 for a part that costs nothing, e.g. a wiring that is
+        regenerated from a stored seed).
+    bits : int
+        Bits per value, ≥ 1.
+    note : str
+        Why it costs what it costs, for tables.
+    """
+
+    name: str
+    elements: int
+    bits: int
+    note: str = ""
+
+    def __post_init__(self):
+        packed_bytes(self.elements, self.bits)  # validates both
+
+    @property
+    def bytes(self) -> int:
+        """``packed_bytes(elements, bits)``: each part starts on a byte boundary."""
+        return packed_bytes(self.elements, self.bits)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A model's honest storage size as the sum of its parts.
+
+    The count comes from shapes and bit widths alone; a serialiser that writes each part
+    packed (:func:`pack_bits`) after a header that is itself a part writes a file of
+    exactly :attr:`total_bytes` bytes.
+    """
+
+    parts: tuple[SizePart, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the parts' bytes."""
+        return sum(p.bytes for p in self.parts)
+
+    def part(self, name: str) -> SizePart:
+        """The part called ``name``."""
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(f"no part {name!r}; parts: {[p.name for p in self.parts]}")
+
+    def rows(self) -> list[dict]:
+        """One dict per part (name, elements, bits, bytes, note), for a tidy table."""
+        return [{"name": p.name, "elements": p.elements, "bits": p.bits, "bytes": p.bytes,
+                 "note": p.note} for p in self.parts]
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative integers into ``bits`` bits each, least significant bit first.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Integers in ``[0, 2**bits)``, any shape (flattened in C order).
+    bits : int
+        Bits per value, 1 to 64.
+
+    Returns
+    -------
+    bytes
+        ``packed_bytes(values.size, bits)`` bytes; value ``i`` occupies bits
+        ``[i·bits, (i+1)·bits)`` of the little-endian bit stream, the last byte zero-padded.
+    """
+    bits = int(bits)
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in 1..64, got {bits}")
+    v = np.asarray(values)
+    if v.dtype.kind not in "iub":
+        raise TypeError(f"values must be integers, got dtype {v.dtype}")
+    v = v.reshape(-1)
+    if v.size and (int(v.min()) < 0 or (bits < 64 and int(v.max()) >> bits)):
+        raise ValueError(f"values must lie in [0, 2**{bits}), got [{int(v.min())}, "
+                         f"{int(v.max())}]")
+    v = v.astype(np.uint64)
+    shifts = np.arange(bits, dtype=np.uint64)
+    matrix = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(matrix.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(buffer: bytes, count: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` values of ``bits`` bits as ``uint64``."""
+    bits, count = int(bits), int(count)
+    if len(buffer) != packed_bytes(count, bits):
+        raise ValueError(f"{count} values of {bits} bits need {packed_bytes(count, bits)} "
+                         f"bytes, got {len(buffer)}")
+    flat = np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), count=count * bits,
+                         bitorder="little")
+    weights = np.left_shift(np.uint64(1), np.arange(bits, dtype=np.uint64))
+    return (flat.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1,
+                                                                        dtype=np.uint64)
