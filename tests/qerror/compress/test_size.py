@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from qerror.compress import StorageFormat, held_bytes, packed_bytes, storage_bytes
+from qerror.compress import (
+    ModelSize,
+    SizePart,
+    StorageFormat,
+    held_bytes,
+    index_bits,
+    pack_bits,
+    packed_bytes,
+    storage_bytes,
+    unpack_bits,
+)
 
 
 @pytest.mark.parametrize("fmt", [f for f in StorageFormat if f is not StorageFormat.INT4_PACKED],
@@ -54,3 +64,50 @@ def test_bad_counts_and_objects_are_refused():
         packed_bytes(1, 0)
     with pytest.raises(TypeError):
         held_bytes([1, 2, 3])
+
+
+@pytest.mark.parametrize("choices, bits", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (784, 10),
+                                           (1024, 10), (1025, 11), (5488, 13)])
+def test_index_bits_names_every_choice(choices, bits):
+    assert index_bits(choices) == bits
+    assert 2**bits >= choices
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 13, 64])
+def test_pack_bits_round_trips_in_exactly_the_counted_bytes(bits):
+    rng = np.random.default_rng(bits)
+    values = rng.integers(0, 2**min(bits, 63), 37, dtype=np.uint64)
+    if bits == 64:
+        values[0] = np.uint64(2**64 - 1)
+    packed = pack_bits(values, bits)
+    assert len(packed) == packed_bytes(37, bits)
+    assert np.array_equal(unpack_bits(packed, 37, bits), values)
+
+
+def test_pack_bits_layout_is_least_significant_bit_first():
+    # 3-bit values 5, 1, 6 give the stream (value bits LSB first) 101 100 01|1: byte 0 holds
+    # stream bits 0..7 as its bits 0..7 (0b10001101), byte 1 the last bit.
+    assert pack_bits(np.array([5, 1, 6]), 3) == bytes([0b10001101, 0b00000001])
+
+
+def test_pack_bits_refuses_values_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*3\)"):
+        pack_bits(np.array([8]), 3)
+    with pytest.raises(ValueError):
+        pack_bits(np.array([-1]), 3)
+    with pytest.raises(TypeError):
+        pack_bits(np.array([0.5]), 3)
+    with pytest.raises(ValueError, match="need 2 bytes"):
+        unpack_bits(b"\0", 3, 3)
+
+
+def test_model_size_sums_its_parts():
+    size = ModelSize((SizePart("header", 10, 8), SizePart("bits", 9, 1),
+                      SizePart("wiring", 0, 1, "seeded")))
+    assert size.total_bytes == 10 + 2 + 0
+    assert size.part("bits").bytes == 2
+    assert [r["bytes"] for r in size.rows()] == [10, 2, 0]
+    with pytest.raises(KeyError, match="no part 'x'"):
+        size.part("x")
+    with pytest.raises(ValueError):
+        SizePart("bad", -1, 8)
