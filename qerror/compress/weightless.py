@@ -31,6 +31,9 @@ from qerror._progress import progress_bar
 from qerror.compress.size import (
     ModelSize,
     SizePart,
+    elias_fano_bits,
+    elias_fano_decode,
+    elias_fano_encode,
     index_bits,
     pack_bits,
     packed_bytes,
@@ -45,6 +48,7 @@ __all__ = [
     "GroupSum",
     "LUTLayer",
     "Mapping",
+    "RamFormat",
     "Thermometer",
     "WiSARD",
     "WisardClassifier",
@@ -68,7 +72,7 @@ _VERSION = 1
 _KIND_WISARD, _KIND_DWN = 1, 2
 _PREFIX = struct.Struct("<4sBB")
 _THERMO = struct.Struct("<IHBB")        # features, bits per feature, pooled, dtype code
-_WISARD = struct.Struct("<BBBBHQIQBB")  # n, shuffle, counts, dense, classes, seed, bleach,
+_WISARD = struct.Struct("<BBBBHQIQBB")  # n, shuffle, counts, format, classes, seed, bleach,
 #                                          entries, length bits, count bits
 _DWN = struct.Struct("<HBBdQ")          # classes, fan-in, layers, tau, seed
 _DWN_LAYER = struct.Struct("<IB")       # LUTs, mapping code
@@ -966,21 +970,41 @@ def _thermo_header(t: Thermometer) -> bytes:
     return _THERMO.pack(t.features, t.bits, int(t.pooled), _DTYPE_CODES[t.thresholds.dtype])
 
 
+class RamFormat(enum.Enum):
+    """How a stored WiSARD holds its RAMs (:func:`wnn_size` picks the smallest).
+
+    DENSE: a bitmap (or a count) for every address of every RAM, ``C·R·2^n`` entries.
+    LIST: per (class, RAM) an entry count, then its addresses ascending, ``n`` bits each.
+    ELIAS_FANO: the same entry counts, each RAM's addresses in Elias–Fano form
+    (:func:`qerror.compress.size.elias_fano_bits`).
+    """
+
+    DENSE = "dense"
+    LIST = "list"
+    ELIAS_FANO = "elias_fano"
+
+
+_RAM_CODES = {RamFormat.LIST: 0, RamFormat.DENSE: 1, RamFormat.ELIAS_FANO: 2}
+
+
 def _ram_layout(w: WiSARD, counts: bool) -> dict:
-    """How a WiSARD's RAMs are stored: dense bitmaps or sorted address lists, whichever is
-    smaller."""
+    """How a WiSARD's RAMs are stored: the smallest of the :class:`RamFormat` layouts (ties
+    in the order DENSE, LIST, ELIAS_FANO)."""
     cls, keys, cnt = w.stored_entries(counts)
     group = cls * w.rams + (keys >> w.address_bits)
     lengths = torch.bincount(group, minlength=w.classes * w.rams)
     count_bits = index_bits(int(cnt.max()) + 1) if counts and cnt.numel() else 1
     length_bits = index_bits(int(lengths.max()) + 1)
     dense_bits = (w.classes * w.rams) << w.address_bits
-    dense_cost = dense_bits * (count_bits if counts else 1)
-    sparse_cost = (w.classes * w.rams * length_bits + cnt.numel() * w.address_bits
-                   + (cnt.numel() * count_bits if counts else 0))
+    lengths_cost = w.classes * w.rams * length_bits
+    counts_cost = cnt.numel() * count_bits if counts else 0
+    ef_bits = elias_fano_bits(lengths.numpy(), w.address_bits)
+    costs = {RamFormat.DENSE: dense_bits * (count_bits if counts else 1),
+             RamFormat.LIST: lengths_cost + cnt.numel() * w.address_bits + counts_cost,
+             RamFormat.ELIAS_FANO: lengths_cost + ef_bits + counts_cost}
     return {"cls": cls, "keys": keys, "cnt": cnt, "lengths": lengths, "count_bits": count_bits,
-            "length_bits": length_bits, "dense": dense_cost <= sparse_cost,
-            "dense_bits": dense_bits}
+            "length_bits": length_bits, "format": min(costs, key=costs.get),
+            "dense_bits": dense_bits, "ef_bits": ef_bits}
 
 
 def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], dict]:
@@ -993,7 +1017,7 @@ def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], di
                           else "identity"))
     entries = lay["cnt"].numel()
     what = "counts (bleaching state)" if counts else f"binary, count >= {w.bleach}"
-    if lay["dense"]:
+    if lay["format"] is RamFormat.DENSE:
         parts.append(SizePart("RAM bitmaps" if not counts else "RAM counts", lay["dense_bits"],
                               lay["count_bits"] if counts else 1,
                               f"dense: {w.classes} x {w.rams} RAMs x 2^{w.address_bits}, "
@@ -1001,8 +1025,12 @@ def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], di
     else:
         parts.append(SizePart("RAM lengths", w.classes * w.rams, lay["length_bits"],
                               "entries per (class, RAM)"))
-        parts.append(SizePart("RAM addresses", entries, w.address_bits,
-                              f"sparse: sorted addresses, {what}"))
+        if lay["format"] is RamFormat.LIST:
+            parts.append(SizePart("RAM addresses", entries, w.address_bits,
+                                  f"sorted {w.address_bits}-bit addresses, {what}"))
+        else:
+            parts.append(SizePart("RAM addresses", lay["ef_bits"], 1,
+                                  f"Elias-Fano sorted addresses ({entries}), {what}"))
         if counts:
             parts.append(SizePart("RAM counts", entries, lay["count_bits"],
                                   "bleaching state: a count per stored address"))
@@ -1035,10 +1063,11 @@ def wnn_size(model: WisardClassifier | DWN, *, counts: bool = False) -> ModelSiz
         Parts: a header (format, shapes, seed, bleaching threshold or GroupSum tau), the
         thermometer thresholds at their dtype's width, the wiring (0 bytes when the
         mapping is regenerated from the stored seed, else one ``ceil(log2(inputs))``-bit
-        index per LUT input), and the RAM or LUT contents. WiSARD RAMs are stored either
-        as dense bitmaps (``C·R·2^n`` bits) or as sorted address lists (``n`` bits per
-        stored address plus an entry count per RAM), whichever is smaller; DWN LUTs as
-        one bit per entry (the sign of the trained entry).
+        index per LUT input), and the RAM or LUT contents. WiSARD RAMs are stored as dense
+        bitmaps (``C·R·2^n`` bits), as sorted address lists (``n`` bits per stored address
+        plus an entry count per RAM) or as those lists in Elias–Fano form, whichever is
+        smallest (:class:`RamFormat`); DWN LUTs as one bit per entry (the sign of the
+        trained entry).
     """
     if isinstance(model, WisardClassifier):
         return ModelSize(tuple(_wisard_parts(model, counts)[0]))
@@ -1070,18 +1099,23 @@ def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = 
         w, t = model.wisard, model.thermometer
         parts, lay = _wisard_parts(model, counts)
         chunks.append(_header_prefix(_KIND_WISARD) + _thermo_header(t) + _WISARD.pack(
-            w.address_bits, int(w.shuffle), int(counts), int(lay["dense"]), w.classes, w.seed,
+            w.address_bits, int(w.shuffle), int(counts), _RAM_CODES[lay["format"]], w.classes,
+            w.seed,
             w.bleach, lay["cnt"].numel(), lay["length_bits"], lay["count_bits"]))
         chunks.append(_threshold_bytes(t))
         addr = (lay["keys"] & ((1 << w.address_bits) - 1)).numpy()
-        if lay["dense"]:
+        if lay["format"] is RamFormat.DENSE:
             flat = np.zeros(lay["dense_bits"], dtype=np.int64)
             pos = ((lay["cls"] * w.rams + (lay["keys"] >> w.address_bits)) << w.address_bits)
             flat[(pos + torch.as_tensor(addr)).numpy()] = lay["cnt"].numpy() if counts else 1
             chunks.append(pack_bits(flat, lay["count_bits"] if counts else 1))
         else:
             chunks.append(pack_bits(lay["lengths"].numpy(), lay["length_bits"]))
-            chunks.append(pack_bits(addr, w.address_bits))
+            if lay["format"] is RamFormat.LIST:
+                chunks.append(pack_bits(addr, w.address_bits))
+            else:
+                chunks.append(pack_bits(elias_fano_encode(addr, lay["lengths"].numpy(),
+                                                          w.address_bits), 1))
             if counts:
                 chunks.append(pack_bits(lay["cnt"].numpy(), lay["count_bits"]))
     elif isinstance(model, DWN):
@@ -1159,24 +1193,33 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         raise ValueError(f"{path} is not a qerror WNN file of version {_VERSION}")
     thermo_header = r.unpack(_THERMO)
     if kind == _KIND_WISARD:
-        (n, shuffle, counts, dense, classes, seed, bleach, entries, length_bits,
+        (n, shuffle, counts, code, classes, seed, bleach, entries, length_bits,
          count_bits) = r.unpack(_WISARD)
+        formats = {v: k for k, v in _RAM_CODES.items()}
+        if code not in formats:
+            raise ValueError(f"{path}: unknown RAM format code {code}")
         thermo = _read_thermometer(r, thermo_header)
         w = WiSARD(thermo.out_bits, n, classes, seed=seed, shuffle=bool(shuffle))
         groups = classes * w.rams
-        if dense:
+        if formats[code] is RamFormat.DENSE:
             flat = torch.from_numpy(r.bits(groups << n, count_bits if counts else 1))
             where = torch.nonzero(flat).squeeze(1)
             cnt = flat[where]
             group, addr = where >> n, where & ((1 << n) - 1)
         else:
             lengths = torch.from_numpy(r.bits(groups, length_bits))
-            addr = torch.from_numpy(r.bits(entries, n))
-            cnt = (torch.from_numpy(r.bits(entries, count_bits)) if counts
-                   else torch.ones(entries, dtype=torch.int64))
-            if int(lengths.sum()) != entries:
+            if int(lengths.sum()) != entries or int(lengths.max()) > 1 << n:
                 raise ValueError(f"{path}: RAM lengths sum to {int(lengths.sum())}, the header "
                                  f"says {entries} entries")
+            if formats[code] is RamFormat.LIST:
+                addr = torch.from_numpy(r.bits(entries, n))
+            else:
+                ef = elias_fano_bits(lengths.numpy(), n)
+                addr = torch.from_numpy(elias_fano_decode(
+                    np.unpackbits(np.frombuffer(r.take(packed_bytes(ef, 1)), np.uint8),
+                                  count=ef, bitorder="little"), lengths.numpy(), n))
+            cnt = (torch.from_numpy(r.bits(entries, count_bits)) if counts
+                   else torch.ones(entries, dtype=torch.int64))
             group = torch.repeat_interleave(torch.arange(groups), lengths)
         cls, ram = group // w.rams, group % w.rams
         key = (ram << n) | addr

@@ -10,6 +10,9 @@ from qerror.compress import (
     ModelSize,
     SizePart,
     StorageFormat,
+    elias_fano_bits,
+    elias_fano_decode,
+    elias_fano_encode,
     held_bytes,
     index_bits,
     pack_bits,
@@ -111,3 +114,27 @@ def test_model_size_sums_its_parts():
         size.part("x")
     with pytest.raises(ValueError):
         SizePart("bad", -1, 8)
+
+
+def test_elias_fano_on_a_hand_example():
+    # Universe 2^4, one set {3, 9}: L = floor(log2(16/2)) = 3 low bits each (3 → 110,
+    # 9 → 001 read LSB first as 1,0,0), high parts 0 and 1 set bits 0+0 and 1+1 of
+    # 2 + 16>>3 = 4 unary bits.
+    bits = elias_fano_encode([3, 9], [2], 4)
+    assert bits.tolist() == [1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
+    assert elias_fano_bits([2], 4) == 10
+    assert elias_fano_decode(bits, [2], 4).tolist() == [3, 9]
+
+
+@pytest.mark.parametrize("universe_bits", [1, 3, 12, 20])
+def test_elias_fano_round_trips_in_the_counted_bits(universe_bits):
+    rng = np.random.default_rng(universe_bits)
+    lengths = rng.integers(0, min(2**universe_bits, 40) + 1, 30)
+    lengths[3] = 0
+    values = np.concatenate([np.sort(rng.choice(2**universe_bits, k, replace=False))
+                             for k in lengths])
+    bits = elias_fano_encode(values, lengths, universe_bits)
+    assert bits.size == elias_fano_bits(lengths, universe_bits)
+    assert np.array_equal(elias_fano_decode(bits, lengths, universe_bits), values)
+    # A set of m values costs at most m·u + 2m + 1 bits (L ≤ u - log2 m, 2^u >> L < 2m).
+    assert bits.size <= sum(m * universe_bits + 2 * m + 1 for m in lengths if m)

@@ -12,6 +12,7 @@ from qerror.compress import (
     GroupSum,
     LUTLayer,
     Mapping,
+    RamFormat,
     Thermometer,
     WiSARD,
     WisardClassifier,
@@ -325,11 +326,23 @@ def _toy_wisard(address_bits, seed=0):
     return model, x
 
 
-@pytest.mark.parametrize("address_bits, counts", [(2, False), (2, True), (9, False),
-                                                  (9, True)])
-def test_wisard_file_is_exactly_its_byte_count_and_reads_back(tmp_path, address_bits, counts):
+def _format_of(size):
+    names = [p.name for p in size.parts]
+    if "RAM lengths" not in names:
+        return RamFormat.DENSE
+    fano = size.part("RAM addresses").note.startswith("Elias-Fano")
+    return RamFormat.ELIAS_FANO if fano else RamFormat.LIST
+
+
+@pytest.mark.parametrize("address_bits, counts, fmt", [
+    (2, False, RamFormat.LIST), (4, False, RamFormat.DENSE), (9, False, RamFormat.ELIAS_FANO),
+    (2, True, RamFormat.DENSE), (6, True, RamFormat.ELIAS_FANO), (9, True, RamFormat.ELIAS_FANO),
+])
+def test_wisard_file_is_exactly_its_byte_count_and_reads_back(tmp_path, address_bits, counts,
+                                                               fmt):
     model, x = _toy_wisard(address_bits)
     size = wnn_size(model, counts=counts)
+    assert _format_of(size) is fmt
     path = save_wnn(model, tmp_path / "w.qwnn", counts=counts)
     assert path.stat().st_size == size.total_bytes
     back = load_wnn(path)
@@ -339,7 +352,7 @@ def test_wisard_file_is_exactly_its_byte_count_and_reads_back(tmp_path, address_
     assert size.part("wiring").bytes == 0
 
 
-@pytest.mark.parametrize("address_bits", [2, 9])
+@pytest.mark.parametrize("address_bits", [2, 4, 9])
 def test_wisard_byte_count_from_shapes_by_hand(address_bits):
     model, _ = _toy_wisard(address_bits)
     w = model.wisard
@@ -350,17 +363,23 @@ def test_wisard_byte_count_from_shapes_by_hand(address_bits):
     assert w.rams == rams
     assert size.part("header").bytes == 42
     assert size.part("thermometer thresholds").bytes == 30
-    # Dense: one bit per address of every RAM. Sparse: an entry count per (class, RAM) at
-    # the bits the largest count needs, and address_bits per stored address.
+    # Dense: one bit per address of every RAM. Lists: an entry count per (class, RAM) at
+    # the bits the largest count needs, then address_bits per stored address, or
+    # Elias-Fano: m·L + m + 2^n >> L bits per list of m, L = floor(log2(2^n / m)).
     on = w.counts >= w.bleach                                  # (keys, classes)
     per_ram = [[int(on[(w.keys >> address_bits) == r, c].sum()) for r in range(rams)]
                for c in range(3)]
     longest = max(max(row) for row in per_ram)
     dense = math.ceil(3 * rams * 2**address_bits / 8)
-    sparse = (math.ceil(3 * rams * max(1, longest.bit_length()) / 8)
-              + math.ceil(int(on.sum()) * address_bits / 8))
-    assert size.total_bytes == 42 + 30 + min(dense, sparse)
-    assert ("RAM bitmaps" in [p.name for p in size.parts]) == (dense <= sparse)
+    lengths = math.ceil(3 * rams * max(1, longest.bit_length()) / 8)
+    listed = lengths + math.ceil(int(on.sum()) * address_bits / 8)
+    ef = 0
+    for m in (m for row in per_ram for m in row if m):
+        low = (2**address_bits // m).bit_length() - 1
+        ef += m * low + m + (2**address_bits >> low)
+    fano = lengths + math.ceil(ef / 8)
+    assert size.total_bytes == 42 + 30 + min(dense, listed, fano)
+    assert ("RAM bitmaps" in [p.name for p in size.parts]) == (dense <= min(listed, fano))
 
 
 @pytest.mark.parametrize("mapping", ["random", "learnable"])
