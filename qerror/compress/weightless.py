@@ -120,9 +120,10 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
     Index block ``p`` (of ``inputs`` indices) is the permutation that sorts the keys
     ``h(i) = splitmix64(seed·φ + (stream·2^20 + p + 1)·γ + i·φ')`` (mod 2^64) over ``i``,
     with odd constants, so the keys of one block are distinct (``i·φ'`` is distinct mod
-    2^64 and splitmix64 is a bijection) and the sort has no ties. The permutation depends only on this integer arithmetic, never on a
-    library's random generator, so a file that stores the seed instead of the wiring reads
-    back to the same wiring on any platform and any numpy or torch version.
+    2^64 and splitmix64 is a bijection) and the sort has no ties. The permutation depends
+    only on this integer arithmetic, never on a library's random generator, so a file that
+    stores the seed instead of the wiring reads back to the same wiring on any platform and
+    any numpy or torch version.
     """
     inputs, slots = int(inputs), int(slots)
     if inputs < 1 or slots < 0:
@@ -911,8 +912,9 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     luts, fan_in, mapping, tau, seed
         The model (:class:`DWN`).
     epochs, batch_size, lr, step_size, gamma
-        Adam at ``lr``, multiplied by ``gamma`` every ``step_size`` epochs; the defaults
-        are those of the authors' MNIST example.
+        Adam at ``lr``, multiplied by ``gamma`` every ``step_size`` epochs. These defaults,
+        the layer sizes, fan-in 6 and ``tau = 1/0.3`` are those of the authors' published
+        MNIST example (which uses a 3-bit thermometer; 7 bits is the default here).
     progress : bool
         Show a progress bar per epoch.
 
@@ -924,8 +926,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     """
     seed = _check_seed(seed)
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
-    xb = thermo.encode(x_train).to(torch.float32)
-    xv = thermo.encode(x_val).to(torch.float32)
+    # Bits stay bool (1 byte each) until a batch needs them as floats.
+    xb, xv = thermo.encode(x_train), thermo.encode(x_val)
     if classes is None:
         classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
     yb = _as_labels(torch.as_tensor(np.asarray(y_train)), xb.shape[0], classes)
@@ -942,7 +944,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         total = 0.0
         for idx in progress_bar(batches, progress, "dwn epoch"):
-            loss = nn.functional.cross_entropy(model.forward_bits(xb[idx]), yb[idx])
+            scores = model.forward_bits(xb[idx].to(torch.float32))
+            loss = nn.functional.cross_entropy(scores, yb[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -953,8 +956,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         sched.step()
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model.forward_bits(xv[s:s + 4096]).argmax(1)
-                              for s in range(0, xv.shape[0], 4096)])
+            pred = torch.cat([model.forward_bits(xv[s:s + 4096].to(torch.float32))
+                              .argmax(1) for s in range(0, xv.shape[0], 4096)])
         accs.append(float((pred == yv).double().mean()))
         losses.append(total / xb.shape[0])
     return DWNFit(model, tuple(accs), tuple(losses), time.perf_counter() - start)
