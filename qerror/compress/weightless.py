@@ -211,7 +211,7 @@ class Thermometer:
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
             raise ValueError(f"bits must be a positive int, got {bits!r}")
         x = _as_tensor(x, "x")
-        n, features = x.shape
+        features = x.shape[1]
         values = x.reshape(-1, 1) if pooled else x
         ranks = torch.arange(1, bits + 1, dtype=torch.int64) * values.shape[0] // (bits + 1)
         ordered = torch.sort(values, dim=0).values
