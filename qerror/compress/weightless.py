@@ -1,0 +1,1249 @@
+"""Weightless neural networks on the CPU: WiSARD and a differentiable LUT network (DWN style).
+
+Both read binary inputs made by a :class:`Thermometer` whose thresholds are quantiles of the
+training data. :class:`WiSARD` keeps one RAM discriminator per class behind one shared
+(seeded) random mapping, and bleaches with a threshold chosen on a validation split.
+:class:`DWN` stacks :class:`LUTLayer` lookup tables trained with the extended finite
+difference (EFD) of Bacellar et al. (2024), and sums groups of LUT outputs into class scores
+(:class:`GroupSum`). :func:`wnn_size` counts a model's honest bytes
+(:class:`qerror.compress.size.ModelSize`); :func:`save_wnn` writes a file of exactly that
+size and :func:`load_wnn` reads it back into a model that predicts the same classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qerror._checks import check_finite
+from qerror._enums import Choice
+from qerror._progress import progress_bar
+from qerror.compress.size import (
+    ModelSize,
+    SizePart,
+    elias_fano_bits,
+    elias_fano_decode,
+    elias_fano_encode,
+    index_bits,
+    pack_bits,
+    packed_bytes,
+    unpack_bits,
+)
+from qerror.files import atomic_write
+
+__all__ = [
+    "BleachChoice",
+    "DWN",
+    "DWNFit",
+    "GroupSum",
+    "LUTLayer",
+    "Mapping",
+    "RamFormat",
+    "Thermometer",
+    "WiSARD",
+    "WisardClassifier",
+    "efd_matrix",
+    "fit_dwn",
+    "fit_wisard",
+    "load_wnn",
+    "save_wnn",
+    "seeded_mapping",
+    "wnn_size",
+]
+
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+# Thermometer threshold dtypes a file can hold, by code; each is stored little-endian.
+_DTYPES = {1: torch.uint8, 2: torch.int8, 3: torch.int16, 4: torch.int32, 5: torch.int64,
+           6: torch.float16, 7: torch.float32, 8: torch.float64}
+_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+_MAGIC = b"QWNN"
+_VERSION = 1
+_KIND_WISARD, _KIND_DWN = 1, 2
+_PREFIX = struct.Struct("<4sBB")
+_THERMO = struct.Struct("<IHBB")        # features, bits per feature, pooled, dtype code
+_WISARD = struct.Struct("<BBBBHQIQBB")  # n, shuffle, counts, format, classes, seed, bleach,
+#                                          entries, length bits, count bits
+_DWN = struct.Struct("<HBBdQ")          # classes, fan-in, layers, tau, seed
+_DWN_LAYER = struct.Struct("<IB")       # LUTs, mapping code
+_MAX_FAN_IN = 10                        # the EFD matrix has 4**n * n entries
+
+
+# --------------------------------------------------------------------------- seeded wiring
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, a bijection of uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return seed
+
+
+def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch.Tensor:
+    """A wiring regenerated from ``(seed, stream)``: ``slots`` input indices, each input used
+    ``floor(slots/inputs)`` or one more times.
+
+    Parameters
+    ----------
+    inputs : int
+        Number of inputs to choose from, ≥ 1.
+    slots : int
+        Number of indices wanted, ≥ 0 (RAMs × address bits, LUTs × fan-in).
+    seed, stream : int
+        In ``[0, 2**64)``; layers of one model share ``seed`` and differ in ``stream``.
+
+    Returns
+    -------
+    torch.Tensor
+        int64 of shape ``(slots,)``, values in ``[0, inputs)``.
+
+    Notes
+    -----
+    Index block ``p`` (of ``inputs`` indices) is the permutation that sorts the keys
+    ``h(i) = splitmix64(seed·φ + (stream·2^20 + p + 1)·γ + i·φ')`` (mod 2^64) over ``i``,
+    with odd constants, so the keys of one block are distinct (``i·φ'`` is distinct mod
+    2^64 and splitmix64 is a bijection) and the sort has no ties. The permutation depends
+    only on this integer arithmetic, never on a library's random generator, so a file that
+    stores the seed instead of the wiring reads back to the same wiring on any platform and
+    any numpy or torch version.
+    """
+    inputs, slots = int(inputs), int(slots)
+    if inputs < 1 or slots < 0:
+        raise ValueError(f"need inputs >= 1 and slots >= 0, got {inputs} and {slots}")
+    seed, stream = _check_seed(seed), _check_seed(stream)
+    blocks = -(-slots // inputs)
+    steps = np.arange(inputs, dtype=_U64) * _U64(0xBF58476D1CE4E5B9 | 1)
+    out = []
+    for p in range(blocks):
+        start = seed * 0x9E3779B97F4A7C15 + ((stream << 20) + p + 1) * 0xD1B54A32D192ED03
+        keys = _splitmix64(steps + _U64(start & _MASK64))
+        out.append(np.argsort(keys, kind="stable"))
+    flat = np.concatenate(out)[:slots] if out else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(flat.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- thermometer
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold integers or floats, got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
+                        f"{type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        kinds = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES.values())
+        raise TypeError(f"{name} must hold integers or floats ({kinds}), got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (N, features...), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if x.is_floating_point():
+        check_finite(x, name)
+    return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class Thermometer:
+    """Thermometer encoding with thresholds at quantiles of the training data.
+
+    Attributes
+    ----------
+    thresholds : torch.Tensor
+        Shape ``(F, T)`` (one row per feature) or ``(1, T)`` (one row for all features,
+        *pooled*), ascending along the last axis. Integer when fitted on integer data.
+    features : int
+        Number of input features ``F``.
+
+    Notes
+    -----
+    Feature ``f`` with value ``x`` becomes ``T`` bits, bit ``t`` being ``x > θ_{f,t}``
+    (``t = 0..T-1``); the code is a thermometer because the thresholds ascend. An encoded
+    sample is feature-major: bit ``f·T + t``. The thresholds are the *distributive*
+    thermometer of Bacellar et al. (2024): ``θ_t`` is the order statistic ``x_(k_t)`` of the
+    ``N`` training values (sorted ascending, 0-based) with ``k_t = floor((t+1)·N/(T+1))``, so
+    about ``1 − (t+1)/(T+1)`` of the training data lies above it and every bit is set for a
+    comparable share of the data. Thresholds are training values themselves, so integer
+    data (pixels) gives integer thresholds, stored at the data's own width.
+
+    References
+    ----------
+    A. T. L. Bacellar et al., "Differentiable Weightless Neural Networks", ICML 2024.
+    """
+
+    thresholds: torch.Tensor
+    features: int
+
+    @classmethod
+    def fit(cls, x, bits: int, *, pooled: bool = False) -> "Thermometer":
+        """Thresholds at the training quantiles.
+
+        Parameters
+        ----------
+        x : numpy.ndarray or torch.Tensor
+            Training data, shape ``(N, F)`` or ``(N, *feature_shape)``; integer or float,
+            finite.
+        bits : int
+            Bits per feature ``T``, ≥ 1.
+        pooled : bool
+            One set of thresholds from all features' values together (``T`` stored values)
+            instead of one per feature (``F·T``).
+        """
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
+            raise ValueError(f"bits must be a positive int, got {bits!r}")
+        x = _as_tensor(x, "x")
+        features = x.shape[1]
+        values = x.reshape(-1, 1) if pooled else x
+        ranks = torch.arange(1, bits + 1, dtype=torch.int64) * values.shape[0] // (bits + 1)
+        ordered = torch.sort(values, dim=0).values
+        return cls(ordered[ranks].T.contiguous(), features)
+
+    def __post_init__(self):
+        t = self.thresholds
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] not in (1, self.features):
+            raise ValueError("thresholds must be a tensor of shape (features, T) or (1, T)")
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"thresholds dtype {t.dtype} cannot be stored")
+
+    @property
+    def bits(self) -> int:
+        """Bits per feature ``T``."""
+        return self.thresholds.shape[1]
+
+    @property
+    def pooled(self) -> bool:
+        """Whether all features share one row of thresholds."""
+        return self.thresholds.shape[0] == 1 and self.features > 1
+
+    @property
+    def out_bits(self) -> int:
+        """Bits of one encoded sample, ``F·T``."""
+        return self.features * self.bits
+
+    def encode(self, x) -> torch.Tensor:
+        """Encode ``x`` (shape ``(N, F)`` or ``(N, *feature_shape)``, finite) into bool
+        ``(N, F·T)``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` is not a numeric array or tensor.
+        ValueError
+            Wrong shape, wrong number of features, or NaN/Inf (which no threshold orders).
+        """
+        x = _as_tensor(x, "x")
+        if x.shape[1] != self.features:
+            raise ValueError(f"x has {x.shape[1]} features per sample, the thermometer was "
+                             f"fitted on {self.features}")
+        return (x.unsqueeze(-1) > self.thresholds).reshape(x.shape[0], -1)
+
+    def size_parts(self) -> list[SizePart]:
+        """The thresholds as one stored part (the input encoder's cost)."""
+        t = self.thresholds
+        return [SizePart("thermometer thresholds", t.numel(), 8 * t.element_size(),
+                         f"{'pooled' if self.pooled else 'per-feature'}, {t.dtype}")]
+
+
+# --------------------------------------------------------------------------- WiSARD
+
+def _as_bits(x, width: int, name: str) -> torch.Tensor:
+    """A bool or integer 0/1 array of shape (N, width), as a bool tensor."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
+                        f"{type(x).__name__}")
+    if x.dtype != torch.bool:
+        if x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must be bool or integer 0/1 bits, got dtype {x.dtype}; "
+                            "encode real inputs with a Thermometer first")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > 1):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        x = x.to(torch.bool)
+    if x.ndim != 2 or x.shape[1] != width or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (N >= 1, {width}), got {tuple(x.shape)}")
+    return x
+
+
+def _as_labels(y, n: int, classes: int) -> torch.Tensor:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y))
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        raise TypeError("labels must be an integer numpy array or tensor")
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}), got [{int(y.min())}, "
+                         f"{int(y.max())}]")
+    return y.to(torch.int64)
+
+
+def _check_count(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class BleachChoice:
+    """The bleaching threshold chosen on a validation split.
+
+    Attributes
+    ----------
+    bleach : int
+        The smallest threshold with the highest validation accuracy.
+    accuracy : float
+        Validation accuracy at ``bleach``.
+    accuracies : numpy.ndarray
+        Validation accuracy at every candidate ``b = 1..len(accuracies)``.
+    n : int
+        Validation samples.
+    """
+
+    bleach: int
+    accuracy: float
+    accuracies: np.ndarray = field(repr=False)
+    n: int
+
+    @classmethod
+    def best(cls, accuracies: np.ndarray, n: int, low: int = 1) -> "BleachChoice":
+        """The smallest ``b ≥ low`` with the highest accuracy (``accuracies[b-1]``)."""
+        if not 1 <= low <= len(accuracies):
+            raise ValueError(f"no candidate threshold at or above {low}")
+        b = low + int(np.argmax(accuracies[low - 1:]))
+        return cls(b, float(accuracies[b - 1]), accuracies, n)
+
+
+class WiSARD:
+    """A WiSARD classifier: one discriminator of RAMs per class, one shared input mapping.
+
+    Parameters
+    ----------
+    input_bits : int
+        Bits of one input sample ``B``.
+    address_bits : int
+        Bits addressing each RAM ``n``, ``1 ≤ n ≤ B``.
+    classes : int
+        Number of classes ``C``, ≥ 1.
+    seed : int
+        Seeds the mapping (see :func:`seeded_mapping`); a stored model keeps the seed, not
+        the wiring.
+    shuffle : bool
+        ``False`` maps bits in order (RAM ``r`` reads bits ``r·n .. r·n+n-1``, wrapping).
+
+    Notes
+    -----
+    The input bits, permuted by the mapping, are cut into ``R = ceil(B/n)`` tuples of ``n``
+    (the last tuple completed with bits of a second permutation). Tuple ``r`` of a sample is
+    the address ``a_r = Σ_j bit_{r,j} 2^j`` of RAM ``r``. Training adds one to
+    ``count_c[r, a_r]`` for each RAM of the sample's class ``c``. With bleaching threshold
+    ``b ≥ 1`` the response of class ``c`` is ``Σ_r [count_c[r, a_r] ≥ b]``, and the predicted
+    class the first with the largest response. ``b = 1`` is the classic WiSARD (a RAM fires
+    for any address seen in training); a larger ``b`` ignores addresses seen fewer than
+    ``b`` times, which is what saturated discriminators need. The counts are held sparse:
+    sorted keys ``r·2^n + a`` with a count per class, looked up by binary search, so the
+    memory grows with the addresses seen, not with ``2^n``.
+
+    References
+    ----------
+    I. Aleksander, W. V. Thomas and P. A. Bowden, "WISARD: a radical step forward in image
+    recognition", Sensor Review 4(3), 1984.
+    D. S. Carvalho et al., "Bleaching: an alternative to saturation on WiSARD", ESANN 2013.
+    """
+
+    def __init__(self, input_bits: int, address_bits: int, classes: int, *, seed: int = 0,
+                 shuffle: bool = True):
+        self.input_bits = _check_count(input_bits, "input_bits")
+        self.address_bits = _check_count(address_bits, "address_bits")
+        self.classes = _check_count(classes, "classes")
+        if self.address_bits > self.input_bits:
+            raise ValueError(f"address size {self.address_bits} bits is larger than the "
+                             f"{self.input_bits} input bits")
+        self.seed = _check_seed(seed)
+        self.shuffle = bool(shuffle)
+        self.rams = -(-self.input_bits // self.address_bits)
+        if (self.rams * self.classes) << self.address_bits >= 1 << 62:
+            raise ValueError(f"{self.rams} RAMs x {self.classes} classes x 2**"
+                             f"{self.address_bits} addresses do not fit 62-bit keys; use "
+                             "fewer address bits")
+        slots = self.rams * self.address_bits
+        if self.shuffle:
+            flat = seeded_mapping(self.input_bits, slots, self.seed)
+        else:
+            flat = torch.arange(slots) % self.input_bits
+        self.mapping = flat.reshape(self.rams, self.address_bits)
+        self.keys = torch.zeros(0, dtype=torch.int64)
+        self.counts = torch.zeros(0, self.classes, dtype=torch.int32)
+        self.bleach = 1
+
+    # Chunks keep the (rows, RAMs) int64 addresses near 64 MiB.
+    def _chunk(self) -> int:
+        return max(1, (1 << 23) // self.rams)
+
+    def keys_of(self, bits) -> torch.Tensor:
+        """RAM keys ``r·2^n + a_r`` of each sample, int64 ``(N, R)``."""
+        bits = _as_bits(bits, self.input_bits, "bits")
+        out = torch.empty(bits.shape[0], self.rams, dtype=torch.int64)
+        base = torch.arange(self.rams, dtype=torch.int64) << self.address_bits
+        for s in range(0, bits.shape[0], self._chunk()):
+            part = bits[s:s + self._chunk()]
+            addr = base.expand(part.shape[0], -1).clone()
+            for j in range(self.address_bits):
+                addr |= part[:, self.mapping[:, j]].to(torch.int64) << j
+            out[s:s + part.shape[0]] = addr
+        return out
+
+    def fit(self, bits, labels) -> "WiSARD":
+        """Write ``bits`` (``(N, B)`` bool or 0/1) of classes ``labels`` (``(N,)``) into the
+        RAMs, adding to earlier training; returns ``self``."""
+        bits = _as_bits(bits, self.input_bits, "bits")
+        labels = _as_labels(labels, bits.shape[0], self.classes)
+        # One key per (RAM, address, class); new counts merged with the stored ones.
+        nz = torch.nonzero(self.counts)
+        parts = [self.keys[nz[:, 0]] * self.classes + nz[:, 1]]
+        weights = [self.counts[nz[:, 0], nz[:, 1]].to(torch.int64)]
+        for s in range(0, bits.shape[0], self._chunk()):
+            k = self.keys_of(bits[s:s + self._chunk()]) * self.classes
+            k += labels[s:s + self._chunk(), None]
+            u, c = torch.unique(k, return_counts=True)
+            parts.append(u)
+            weights.append(c)
+        u, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        total = torch.zeros(u.numel(), dtype=torch.int64).index_add_(0, inverse,
+                                                                     torch.cat(weights))
+        if int(total.max()) >= 1 << 31:
+            raise OverflowError("a RAM count exceeds int32")
+        self.keys, slot = torch.unique_consecutive(u // self.classes, return_inverse=True)
+        self.counts = torch.zeros(self.keys.numel(), self.classes, dtype=torch.int32)
+        self.counts[slot, u % self.classes] = total.to(torch.int32)
+        return self
+
+    def _lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Counts ``(N, R, C)`` int32 at the given keys (0 where never written)."""
+        if self.keys.numel() == 0:
+            return torch.zeros(*keys.shape, self.classes, dtype=torch.int32)
+        pos = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
+        found = self.keys[pos] == keys
+        return self.counts[pos] * found.unsqueeze(-1)
+
+    def responses(self, bits, bleach: int | None = None) -> torch.Tensor:
+        """Number of firing RAMs per class, int64 ``(N, C)``, at threshold ``bleach``
+        (default: the model's :attr:`bleach`)."""
+        b = self.bleach if bleach is None else _check_count(bleach, "bleach")
+        keys = self.keys_of(bits)
+        step = max(1, (1 << 24) // (self.rams * self.classes))
+        return torch.cat([(self._lookup(keys[s:s + step]) >= b).sum(1)
+                          for s in range(0, keys.shape[0], step)])
+
+    def predict(self, bits, bleach: int | None = None) -> torch.Tensor:
+        """Predicted classes, int64 ``(N,)``: the first class with the largest response."""
+        return self.responses(bits, bleach).argmax(1)
+
+    def choose_bleach(self, bits, labels, max_bleach: int | None = None) -> BleachChoice:
+        """Set :attr:`bleach` to the threshold most accurate on a validation split.
+
+        Parameters
+        ----------
+        bits, labels
+            Validation samples ``(N, B)`` and classes ``(N,)``, disjoint from training.
+        max_bleach : int, optional
+            Largest candidate (default: the largest count, at most 4096). Every
+            ``b = 1..max_bleach`` is evaluated exactly.
+
+        Notes
+        -----
+        For each sample and class, a histogram of ``min(count, max_bleach+1)`` over the RAMs,
+        summed from the top, gives the response at every ``b`` at once, so the search
+        costs one lookup of the validation set. Ties go to the smallest ``b``.
+        """
+        bits = _as_bits(bits, self.input_bits, "bits")
+        labels = _as_labels(labels, bits.shape[0], self.classes)
+        top = int(self.counts.max()) if self.counts.numel() else 1
+        cap = min(max(top, 1), 4096) if max_bleach is None else _check_count(max_bleach,
+                                                                             "max_bleach")
+        keys = self.keys_of(bits)
+        bins = cap + 2
+        step = max(1, (1 << 22) // (self.classes * bins + self.rams * self.classes))
+        correct = torch.zeros(cap, dtype=torch.int64)
+        offsets = torch.arange(self.classes, dtype=torch.int64) * bins
+        for s in range(0, keys.shape[0], step):
+            counts = self._lookup(keys[s:s + step]).clamp_(max=cap + 1).to(torch.int64)
+            m = counts.shape[0]
+            flat = (counts + offsets + (torch.arange(m) * self.classes * bins)[:, None, None])
+            hist = torch.bincount(flat.reshape(-1), minlength=m * self.classes * bins)
+            at_least = hist.reshape(m, self.classes, bins).flip(-1).cumsum(-1).flip(-1)
+            pred = at_least[:, :, 1:cap + 1].argmax(1)
+            correct += (pred == labels[s:s + step, None]).sum(0)
+        return self.set_bleach(BleachChoice.best((correct.to(torch.float64)
+                                                  / bits.shape[0]).numpy(), bits.shape[0]))
+
+    def set_bleach(self, choice: BleachChoice) -> BleachChoice:
+        """Use ``choice.bleach`` from now on; returns ``choice``."""
+        self.bleach = _check_count(choice.bleach, "bleach")
+        return choice
+
+    def stored_entries(self, counts: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+        """The entries a file stores, class-major then key order.
+
+        Returns ``(class, key, count)`` int64 tensors: entries with count ≥ :attr:`bleach`
+        (``counts=False``, a binary RAM is all inference needs) or every written entry
+        (``counts=True``, enough to bleach again).
+        """
+        low = 1 if counts else self.bleach
+        cls, row = torch.nonzero(self.counts.T >= low, as_tuple=True)
+        return cls, self.keys[row], self.counts[row, cls].to(torch.int64)
+
+
+@dataclass(eq=False)
+class WisardClassifier:
+    """A thermometer and a WiSARD behind it: real inputs in, classes out."""
+
+    thermometer: Thermometer
+    wisard: WiSARD
+
+    def predict(self, x) -> torch.Tensor:
+        """Classes, int64 ``(N,)``, of real inputs ``x`` (shape ``(N, F)`` or
+        ``(N, *feature_shape)``)."""
+        return self.wisard.predict(self.thermometer.encode(x))
+
+
+def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address_bits: int,
+               classes: int | None = None, pooled: bool = False, seed: int = 0,
+               shuffle: bool = True, max_bleach: int | None = None,
+               max_bytes: int | None = None) -> tuple[WisardClassifier, BleachChoice]:
+    """Fit a thermometer on ``x_train``, train a WiSARD, choose its bleaching on the
+    validation split.
+
+    Parameters
+    ----------
+    x_train, y_train : array or tensor
+        Training inputs ``(N, F)`` or ``(N, *shape)`` and classes ``(N,)``.
+    x_val, y_val : array or tensor
+        Validation split, only used to choose the bleaching threshold.
+    thermometer_bits, address_bits : int
+        Bits per feature ``T`` and RAM address bits ``n``.
+    classes : int, optional
+        Default ``max(y_train) + 1``.
+    pooled, seed, shuffle, max_bleach
+        See :meth:`Thermometer.fit`, :class:`WiSARD` and :meth:`WiSARD.choose_bleach`.
+    max_bytes : int, optional
+        A storage budget: the threshold is the most accurate on the validation split among
+        those whose model (binary RAMs, :func:`wnn_size`) fits in ``max_bytes``.
+
+    Returns
+    -------
+    (WisardClassifier, BleachChoice)
+
+    Raises
+    ------
+    ValueError
+        No threshold up to ``max_bleach`` fits ``max_bytes``.
+
+    Notes
+    -----
+    A larger threshold stores fewer addresses, so the size never grows with ``b``: the
+    smallest threshold within budget is found by bisection, and the choice is made among
+    the thresholds above it.
+    """
+    thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
+    if classes is None:
+        classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
+    wisard = WiSARD(thermo.out_bits, address_bits, classes, seed=seed, shuffle=shuffle)
+    wisard.fit(thermo.encode(x_train), y_train)
+    choice = wisard.choose_bleach(thermo.encode(x_val), y_val, max_bleach)
+    model = WisardClassifier(thermo, wisard)
+    if max_bytes is not None and wnn_size(model).total_bytes > max_bytes:
+        lo, hi = choice.bleach, len(choice.accuracies)
+        wisard.bleach = hi
+        if wnn_size(model).total_bytes > max_bytes:
+            raise ValueError(f"even bleaching threshold {hi} leaves "
+                             f"{wnn_size(model).total_bytes} bytes, over max_bytes={max_bytes}")
+        while hi - lo > 1:                      # size(lo) > budget >= size(hi)
+            wisard.bleach = (lo + hi) // 2
+            if wnn_size(model).total_bytes <= max_bytes:
+                hi = wisard.bleach
+            else:
+                lo = wisard.bleach
+        choice = wisard.set_bleach(BleachChoice.best(choice.accuracies, choice.n, hi))
+    return model, choice
+
+
+# --------------------------------------------------------------------------- DWN
+
+class Mapping(Choice):
+    """How a LUT layer wires its inputs.
+
+    RANDOM: regenerated from the model's seed (stored: nothing but the seed).
+    LEARNABLE: trained (DWN's learnable mapping); stored as explicit indices.
+    FIXED: explicit indices given at construction (e.g. read from a file), not trained.
+    """
+
+    RANDOM = "random"
+    LEARNABLE = "learnable"
+    FIXED = "fixed"
+
+
+
+_MAPPING_CODES = {Mapping.RANDOM: 0, Mapping.LEARNABLE: 1, Mapping.FIXED: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _efd_matrix64(n: int) -> torch.Tensor:
+    k = torch.arange(1 << n)
+    j = torch.arange(n)
+    bit_kj = (k[None, :] >> j[:, None]) & 1                              # (n, K)
+    diff = k[:, None] ^ k[None, :]                                       # (a, k)
+    masked = diff[:, None, :] & ~(1 << j)[None, :, None]                 # (a, j, k)
+    popcount = sum((masked >> i) & 1 for i in range(n))
+    sign = (2 * bit_kj - 1)[None, :, :]
+    return sign.to(torch.float64) / (popcount + 1).to(torch.float64)
+
+
+def efd_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The extended-finite-difference weights of an ``n``-input LUT, shape
+    ``(2^n, n, 2^n)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``M[a, j, k] = (2·k_j − 1) / (H_j(a, k) + 1)``, ``k_j`` bit ``j`` of ``k`` and
+        ``H_j`` the Hamming distance of ``a`` and ``k`` ignoring bit ``j``.
+
+    Notes
+    -----
+    For a LUT with entries ``A[k]`` read at address ``a``, EFD takes the derivative of the
+    output with respect to input bit ``j`` as ``∂y/∂x_j = Σ_k M[a, j, k] A[k]``
+    (Bacellar et al., 2024, Sec. 3): every entry votes, with sign ``+`` where its bit ``j``
+    is 1 and ``−`` where it is 0, weighted down by its distance to the address read. The
+    two entries at distance 0 give the plain finite difference ``A[a|2^j] − A[a&~2^j]``.
+    """
+    n = _check_count(n, "n")
+    if n > _MAX_FAN_IN:
+        raise ValueError(f"fan-in {n} exceeds {_MAX_FAN_IN}: the EFD matrix has 4**n * n "
+                         "entries")
+    return _efd_matrix64(n).to(dtype)
+
+
+class _EFDLookup(torch.autograd.Function):
+    """Binary LUT read; backward by EFD for the inputs and straight-through for the table."""
+
+    @staticmethod
+    def forward(ctx, bits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        n = bits.shape[-1]
+        rows = torch.arange(table.shape[0])
+        addr = (bits.to(torch.int64) << torch.arange(n)).sum(-1)              # (B, L)
+        ctx.save_for_backward(addr, table)
+        return (table[rows, addr] > 0).to(table.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        addr, table = ctx.saved_tensors
+        lut_count, n = table.shape[0], table.shape[1].bit_length() - 1
+        rows = torch.arange(lut_count)
+        grad_bits = grad_table = None
+        if ctx.needs_input_grad[0]:
+            # D[l, a, j] = Σ_k M[a, j, k] A[l, k]: the EFD of every LUT at every address.
+            d = torch.einsum("ajk,lk->laj", efd_matrix(n, table.dtype), table)
+            grad_bits = d[rows, addr] * grad.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            grad_table = torch.zeros_like(table).index_put_(
+                (rows.expand_as(addr), addr), grad, accumulate=True)
+        return grad_bits, grad_table
+
+
+class LUTLayer(nn.Module):
+    """A layer of ``luts`` lookup tables of ``fan_in`` binary inputs each (DWN style).
+
+    Parameters
+    ----------
+    in_features : int
+        Width of the binary input.
+    luts : int
+        Number of LUTs (outputs).
+    fan_in : int
+        Inputs per LUT ``n``, ``1 ≤ n ≤ min(in_features, 10)``; each LUT holds ``2^n``
+        entries.
+    mapping : Mapping or str
+        How inputs are wired to LUTs.
+    seed, stream : int
+        Seed the random wiring (:func:`seeded_mapping`) and the table's initial values.
+    index : torch.Tensor, optional
+        Explicit wiring ``(luts, n)`` for ``Mapping.FIXED``.
+    tau : float
+        Softmax temperature of the learnable mapping's backward pass.
+
+    Notes
+    -----
+    Forward: the address ``a = Σ_j x_{w(l,j)} 2^j`` of LUT ``l`` reads the real entry
+    ``A[l, a]`` and outputs ``1[A[l, a] > 0]``. Backward: the entries get the
+    straight-through gradient (the output is treated as ``A[l, a]``; entries are kept in
+    ``[-1, 1]`` by the training loop), the inputs the EFD of :func:`efd_matrix` on the
+    real entries. A learnable mapping holds weights ``W`` (in_features × luts·n): the
+    forward reads the input ``argmax_i W[i, s]`` for slot ``s``, the backward is that of the
+    soft selection ``x · softmax(W/τ)`` (a straight-through estimator of the hard choice).
+
+    References
+    ----------
+    A. T. L. Bacellar et al., "Differentiable Weightless Neural Networks", ICML 2024.
+    """
+
+    def __init__(self, in_features: int, luts: int, fan_in: int = 6, *,
+                 mapping: Mapping | str = Mapping.RANDOM, seed: int = 0, stream: int = 0,
+                 index: torch.Tensor | None = None, tau: float = 1e-3):
+        super().__init__()
+        self.in_features = _check_count(in_features, "in_features")
+        self.luts = _check_count(luts, "luts")
+        self.fan_in = _check_count(fan_in, "fan_in")
+        if self.fan_in > self.in_features:
+            raise ValueError(f"fan-in (address size) {self.fan_in} bits is larger than the "
+                             f"{self.in_features} input bits")
+        if self.fan_in > _MAX_FAN_IN:
+            raise ValueError(f"fan_in {self.fan_in} exceeds {_MAX_FAN_IN}")
+        self.mapping = Mapping.parse(mapping)
+        self.seed, self.stream = _check_seed(seed), _check_seed(stream)
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be positive and finite, got {tau!r}")
+        self.tau = float(tau)
+        gen = torch.Generator().manual_seed(
+            (self.seed ^ (self.stream * 0x9E3779B97F4A7C15)) & _MASK64)
+        self.table = nn.Parameter(torch.rand(self.luts, 1 << self.fan_in, generator=gen)
+                                  * 2 - 1)
+        slots = self.luts * self.fan_in
+        if (index is not None) != (self.mapping is Mapping.FIXED):
+            raise ValueError("pass index exactly when mapping is FIXED")
+        if self.mapping is Mapping.FIXED:
+            index = torch.as_tensor(index, dtype=torch.int64)
+            if index.shape != (self.luts, self.fan_in):
+                raise ValueError(f"index must have shape ({self.luts}, {self.fan_in}), got "
+                                 f"{tuple(index.shape)}")
+            if int(index.min()) < 0 or int(index.max()) >= self.in_features:
+                raise ValueError(f"index values must lie in [0, {self.in_features})")
+            self.register_buffer("_index", index.clone())
+        elif self.mapping is Mapping.RANDOM:
+            flat = seeded_mapping(self.in_features, slots, self.seed, self.stream)
+            self.register_buffer("_index", flat.reshape(self.luts, self.fan_in))
+        else:
+            self.weight = nn.Parameter(torch.randn(self.in_features, slots, generator=gen))
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The wiring in use, int64 ``(luts, fan_in)``."""
+        if self.mapping is Mapping.LEARNABLE:
+            return self.weight.detach().argmax(0).reshape(self.luts, self.fan_in)
+        return self._index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary ``(B, in_features)`` float in, binary ``(B, luts)`` float out."""
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"input must have shape (B, {self.in_features}), got "
+                             f"{tuple(x.shape)}")
+        if self.mapping is Mapping.LEARNABLE:
+            hard = x.detach()[:, self.weight.detach().argmax(0)]
+            if torch.is_grad_enabled():
+                soft = x @ torch.softmax(self.weight / self.tau, dim=0)
+                hard = hard + (soft - soft.detach())   # exactly the hard value forward
+            bits = hard.reshape(-1, self.luts, self.fan_in)
+        else:
+            bits = x[:, self._index]
+        return _EFDLookup.apply(bits, self.table)
+
+    def size_parts(self, name: str) -> list[SizePart]:
+        """The stored parts: the binarised table, and the wiring unless it is seeded."""
+        table = SizePart(f"{name} LUT bits", self.luts << self.fan_in, 1,
+                         f"{self.luts} LUTs x 2^{self.fan_in}")
+        if self.mapping is Mapping.RANDOM:
+            wiring = SizePart(f"{name} wiring", 0, 1, "regenerated from the stored seed")
+        else:
+            wiring = SizePart(f"{name} wiring", self.luts * self.fan_in,
+                              index_bits(self.in_features),
+                              f"{self.mapping.value}: one index of {self.in_features} inputs")
+        return [table, wiring]
+
+
+class GroupSum(nn.Module):
+    """Class scores: the sum of each class's group of binary outputs, divided by ``tau``.
+
+    Output ``j`` of ``L`` belongs to class ``j // (L / classes)``.
+    """
+
+    def __init__(self, classes: int, tau: float = 1.0):
+        super().__init__()
+        self.classes = _check_count(classes, "classes")
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be positive and finite, got {tau!r}")
+        self.tau = float(tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` → ``(B, classes)``."""
+        if x.ndim != 2 or x.shape[1] % self.classes:
+            raise ValueError(f"input must have shape (B, L) with L divisible by "
+                             f"{self.classes}, got {tuple(x.shape)}")
+        return x.reshape(x.shape[0], self.classes, -1).sum(-1) / self.tau
+
+
+class DWN(nn.Module):
+    """A thermometer, LUT layers and a GroupSum: a differentiable weightless network.
+
+    Parameters
+    ----------
+    thermometer : Thermometer
+        The input encoder (DWN's distributive thermometer: :meth:`Thermometer.fit`).
+    luts : sequence of int
+        LUTs per layer; the last must be a multiple of ``classes``.
+    classes : int
+        Number of classes.
+    fan_in : int
+        Inputs per LUT, every layer.
+    mapping : Mapping or str
+        The first layer's wiring; later layers are RANDOM (learnable mapping in the first
+        layer only is what Bacellar et al. recommend for speed).
+    tau : float
+        GroupSum temperature: class score = popcount / tau.
+    seed : int
+        Seeds every layer's wiring (layer ``i`` is stream ``i``) and initial tables.
+    """
+
+    def __init__(self, thermometer: Thermometer, luts: Sequence[int], classes: int, *,
+                 fan_in: int = 6, mapping: Mapping | str = Mapping.RANDOM, tau: float = 1.0,
+                 seed: int = 0, mapping_tau: float = 1e-3):
+        super().__init__()
+        if not isinstance(thermometer, Thermometer):
+            raise TypeError("thermometer must be a Thermometer")
+        luts = [_check_count(v, "luts") for v in luts]
+        if not luts:
+            raise ValueError("need at least one LUT layer")
+        self.thermometer = thermometer
+        self.seed = _check_seed(seed)
+        mapping = Mapping.parse(mapping)
+        if mapping is Mapping.FIXED:
+            raise ValueError("a FIXED first layer is built by load_wnn; use RANDOM or LEARNABLE")
+        widths = [thermometer.out_bits] + luts
+        self.layers = nn.ModuleList(
+            LUTLayer(widths[i], widths[i + 1], fan_in, seed=self.seed, stream=i,
+                     mapping=mapping if i == 0 else Mapping.RANDOM, tau=mapping_tau)
+            for i in range(len(luts)))
+        self.group_sum = GroupSum(classes, tau)
+        if luts[-1] % classes:
+            raise ValueError(f"the last layer's {luts[-1]} LUTs do not split into {classes} "
+                             "equal class groups")
+
+    @property
+    def classes(self) -> int:
+        return self.group_sum.classes
+
+    def forward_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """Class scores ``(B, classes)`` of encoded inputs ``(B, F·T)`` (float 0/1)."""
+        for layer in self.layers:
+            bits = layer(bits)
+        return self.group_sum(bits)
+
+    def forward(self, x) -> torch.Tensor:
+        """Class scores ``(B, classes)`` of real inputs ``(B, F)`` or ``(B, *shape)``."""
+        return self.forward_bits(self.thermometer.encode(x).to(self.layers[0].table.dtype))
+
+    @torch.no_grad()
+    def predict(self, x, batch_size: int = 4096) -> torch.Tensor:
+        """Classes, int64 ``(N,)``: the first class with the largest score."""
+        bits = self.thermometer.encode(x).to(self.layers[0].table.dtype)
+        return torch.cat([self.forward_bits(bits[s:s + batch_size]).argmax(1)
+                          for s in range(0, bits.shape[0], batch_size)])
+
+
+@dataclass(frozen=True)
+class DWNFit:
+    """A trained DWN and its training record.
+
+    Attributes
+    ----------
+    model : DWN
+    val_accuracy : tuple of float
+        Validation accuracy after each epoch.
+    train_loss : tuple of float
+        Mean cross-entropy of each epoch.
+    seconds : float
+        Wall time of the training loop.
+    """
+
+    model: DWN
+    val_accuracy: tuple[float, ...]
+    train_loss: tuple[float, ...]
+    seconds: float
+
+
+def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
+            luts: Sequence[int] = (2000, 1000), fan_in: int = 6,
+            mapping: Mapping | str = Mapping.RANDOM, classes: int | None = None,
+            tau: float = 1 / 0.3, epochs: int = 30, batch_size: int = 32, lr: float = 1e-2,
+            step_size: int = 14, gamma: float = 0.1, seed: int = 0, pooled: bool = False,
+            progress: bool = False) -> DWNFit:
+    """Train a DWN with Adam and a step learning-rate schedule.
+
+    Parameters
+    ----------
+    x_train, y_train, x_val, y_val : array or tensor
+        Inputs ``(N, F)`` or ``(N, *shape)`` and classes ``(N,)``; the validation split is
+        only evaluated, never trained on.
+    thermometer_bits, pooled
+        The distributive thermometer (:meth:`Thermometer.fit`).
+    luts, fan_in, mapping, tau, seed
+        The model (:class:`DWN`).
+    epochs, batch_size, lr, step_size, gamma
+        Adam at ``lr``, multiplied by ``gamma`` every ``step_size`` epochs. These defaults,
+        the layer sizes, fan-in 6 and ``tau = 1/0.3`` are those of the authors' published
+        MNIST example (which uses a 3-bit thermometer; 7 bits is the default here).
+    progress : bool
+        Show a progress bar per epoch.
+
+    Notes
+    -----
+    After every step the LUT entries are clamped to ``[-1, 1]``, so a straight-through
+    gradient cannot push an entry arbitrarily far from the sign threshold. Batches are
+    drawn from a generator seeded with ``seed``.
+    """
+    seed = _check_seed(seed)
+    thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
+    # Bits stay bool (1 byte each) until a batch needs them as floats.
+    xb, xv = thermo.encode(x_train), thermo.encode(x_val)
+    if classes is None:
+        classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
+    yb = _as_labels(torch.as_tensor(np.asarray(y_train)), xb.shape[0], classes)
+    yv = _as_labels(torch.as_tensor(np.asarray(y_val)), xv.shape[0], classes)
+    model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
+    gen = torch.Generator().manual_seed(seed & (_MASK64 >> 1))
+    accs, losses = [], []
+    start = time.perf_counter()
+    for _ in range(_check_count(epochs, "epochs")):
+        model.train()
+        order = torch.randperm(xb.shape[0], generator=gen)
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        total = 0.0
+        for idx in progress_bar(batches, progress, "dwn epoch"):
+            scores = model.forward_bits(xb[idx].to(torch.float32))
+            loss = nn.functional.cross_entropy(scores, yb[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for layer in model.layers:
+                    layer.table.clamp_(-1, 1)
+            total += loss.item() * len(idx)
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model.forward_bits(xv[s:s + 4096].to(torch.float32))
+                              .argmax(1) for s in range(0, xv.shape[0], 4096)])
+        accs.append(float((pred == yv).double().mean()))
+        losses.append(total / xb.shape[0])
+    return DWNFit(model, tuple(accs), tuple(losses), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- bytes and files
+
+def _header_prefix(kind: int) -> bytes:
+    return _PREFIX.pack(_MAGIC, _VERSION, kind)
+
+
+def _thermo_header(t: Thermometer) -> bytes:
+    return _THERMO.pack(t.features, t.bits, int(t.pooled), _DTYPE_CODES[t.thresholds.dtype])
+
+
+class RamFormat(Choice):
+    """How a stored WiSARD holds its RAMs (:func:`wnn_size` picks the smallest).
+
+    DENSE: a bitmap (or a count) for every address of every RAM, ``C·R·2^n`` entries.
+    LIST: per (class, RAM) an entry count, then its addresses ascending, ``n`` bits each.
+    ELIAS_FANO: the same entry counts, each RAM's addresses in Elias–Fano form
+    (:func:`qerror.compress.size.elias_fano_bits`).
+    """
+
+    DENSE = "dense"
+    LIST = "list"
+    ELIAS_FANO = "elias_fano"
+
+
+_RAM_CODES = {RamFormat.LIST: 0, RamFormat.DENSE: 1, RamFormat.ELIAS_FANO: 2}
+
+
+def _ram_layout(w: WiSARD, counts: bool) -> dict:
+    """How a WiSARD's RAMs are stored: the smallest of the :class:`RamFormat` layouts (ties
+    in the order DENSE, LIST, ELIAS_FANO)."""
+    cls, keys, cnt = w.stored_entries(counts)
+    group = cls * w.rams + (keys >> w.address_bits)
+    lengths = torch.bincount(group, minlength=w.classes * w.rams)
+    count_bits = index_bits(int(cnt.max()) + 1) if counts and cnt.numel() else 1
+    length_bits = index_bits(int(lengths.max()) + 1)
+    dense_bits = (w.classes * w.rams) << w.address_bits
+    lengths_cost = w.classes * w.rams * length_bits
+    counts_cost = cnt.numel() * count_bits if counts else 0
+    ef_bits = elias_fano_bits(lengths.numpy(), w.address_bits)
+    costs = {RamFormat.DENSE: dense_bits * (count_bits if counts else 1),
+             RamFormat.LIST: lengths_cost + cnt.numel() * w.address_bits + counts_cost,
+             RamFormat.ELIAS_FANO: lengths_cost + ef_bits + counts_cost}
+    return {"cls": cls, "keys": keys, "cnt": cnt, "lengths": lengths, "count_bits": count_bits,
+            "length_bits": length_bits, "format": min(costs, key=costs.get),
+            "dense_bits": dense_bits, "ef_bits": ef_bits}
+
+
+def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], dict]:
+    w = m.wisard
+    lay = _ram_layout(w, counts)
+    header = _PREFIX.size + _THERMO.size + _WISARD.size
+    parts = [SizePart("header", header, 8, "format, shapes, seed, bleaching threshold")]
+    parts += m.thermometer.size_parts()
+    parts.append(SizePart("wiring", 0, 1, "regenerated from the stored seed" if w.shuffle
+                          else "identity"))
+    entries = lay["cnt"].numel()
+    what = "counts (bleaching state)" if counts else f"binary, count >= {w.bleach}"
+    if lay["format"] is RamFormat.DENSE:
+        parts.append(SizePart("RAM bitmaps" if not counts else "RAM counts", lay["dense_bits"],
+                              lay["count_bits"] if counts else 1,
+                              f"dense: {w.classes} x {w.rams} RAMs x 2^{w.address_bits}, "
+                              f"{what}"))
+    else:
+        parts.append(SizePart("RAM lengths", w.classes * w.rams, lay["length_bits"],
+                              "entries per (class, RAM)"))
+        if lay["format"] is RamFormat.LIST:
+            parts.append(SizePart("RAM addresses", entries, w.address_bits,
+                                  f"sorted {w.address_bits}-bit addresses, {what}"))
+        else:
+            parts.append(SizePart("RAM addresses", lay["ef_bits"], 1,
+                                  f"Elias-Fano sorted addresses ({entries}), {what}"))
+        if counts:
+            parts.append(SizePart("RAM counts", entries, lay["count_bits"],
+                                  "bleaching state: a count per stored address"))
+    return parts, lay
+
+
+def _dwn_parts(m: DWN) -> list[SizePart]:
+    header = _PREFIX.size + _THERMO.size + _DWN.size + _DWN_LAYER.size * len(m.layers)
+    parts = [SizePart("header", header, 8, "format, shapes, seed, GroupSum tau")]
+    parts += m.thermometer.size_parts()
+    for i, layer in enumerate(m.layers):
+        parts += layer.size_parts(f"layer {i}")
+    return parts
+
+
+def wnn_size(model: WisardClassifier | DWN, *, counts: bool = False) -> ModelSize:
+    """Honest storage bytes of a weightless model, part by part.
+
+    Parameters
+    ----------
+    model : WisardClassifier or DWN
+    counts : bool
+        WiSARD only: keep the RAM counts (the bleaching state, so the threshold can be
+        chosen again) instead of the binary RAMs that inference at the chosen threshold
+        needs.
+
+    Returns
+    -------
+    ModelSize
+        Parts: a header (format, shapes, seed, bleaching threshold or GroupSum tau), the
+        thermometer thresholds at their dtype's width, the wiring (0 bytes when the
+        mapping is regenerated from the stored seed, else one ``ceil(log2(inputs))``-bit
+        index per LUT input), and the RAM or LUT contents. WiSARD RAMs are stored as dense
+        bitmaps (``C·R·2^n`` bits), as sorted address lists (``n`` bits per stored address
+        plus an entry count per RAM) or as those lists in Elias–Fano form, whichever is
+        smallest (:class:`RamFormat`); DWN LUTs as one bit per entry (the sign of the
+        trained entry).
+    """
+    if isinstance(model, WisardClassifier):
+        return ModelSize(tuple(_wisard_parts(model, counts)[0]))
+    if isinstance(model, DWN):
+        if counts:
+            raise ValueError("counts applies to WiSARD only")
+        return ModelSize(tuple(_dwn_parts(model)))
+    raise TypeError(f"need a WisardClassifier or a DWN, got {type(model).__name__}")
+
+
+def _threshold_bytes(t: Thermometer) -> bytes:
+    arr = t.thresholds.contiguous().numpy()
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = False) -> Path:
+    """Write ``model`` to ``path`` in exactly ``wnn_size(model, counts=counts).total_bytes``
+    bytes (atomically).
+
+    Notes
+    -----
+    Layout: the header (``struct``, little-endian), then each part of :func:`wnn_size` in
+    order, packed by :func:`qerror.compress.size.pack_bits`. A WiSARD's sparse RAMs are
+    stored class by class, RAM by RAM, addresses ascending; a DWN's tables as the bits
+    ``A > 0``, layer by layer, LUT-major.
+    """
+    chunks = []
+    if isinstance(model, WisardClassifier):
+        w, t = model.wisard, model.thermometer
+        parts, lay = _wisard_parts(model, counts)
+        chunks.append(_header_prefix(_KIND_WISARD) + _thermo_header(t) + _WISARD.pack(
+            w.address_bits, int(w.shuffle), int(counts), _RAM_CODES[lay["format"]], w.classes,
+            w.seed,
+            w.bleach, lay["cnt"].numel(), lay["length_bits"], lay["count_bits"]))
+        chunks.append(_threshold_bytes(t))
+        addr = (lay["keys"] & ((1 << w.address_bits) - 1)).numpy()
+        if lay["format"] is RamFormat.DENSE:
+            flat = np.zeros(lay["dense_bits"], dtype=np.int64)
+            pos = ((lay["cls"] * w.rams + (lay["keys"] >> w.address_bits)) << w.address_bits)
+            flat[(pos + torch.as_tensor(addr)).numpy()] = lay["cnt"].numpy() if counts else 1
+            chunks.append(pack_bits(flat, lay["count_bits"] if counts else 1))
+        else:
+            chunks.append(pack_bits(lay["lengths"].numpy(), lay["length_bits"]))
+            if lay["format"] is RamFormat.LIST:
+                chunks.append(pack_bits(addr, w.address_bits))
+            else:
+                chunks.append(pack_bits(elias_fano_encode(addr, lay["lengths"].numpy(),
+                                                          w.address_bits), 1))
+            if counts:
+                chunks.append(pack_bits(lay["cnt"].numpy(), lay["count_bits"]))
+    elif isinstance(model, DWN):
+        if counts:
+            raise ValueError("counts applies to WiSARD only")
+        parts = _dwn_parts(model)
+        header = _header_prefix(_KIND_DWN) + _thermo_header(model.thermometer) + _DWN.pack(
+            model.classes, model.layers[0].fan_in, len(model.layers), model.group_sum.tau,
+            model.seed)
+        header += b"".join(_DWN_LAYER.pack(layer.luts, _MAPPING_CODES[layer.mapping])
+                           for layer in model.layers)
+        chunks += [header, _threshold_bytes(model.thermometer)]
+        for layer in model.layers:
+            chunks.append(pack_bits((layer.table.detach() > 0).numpy().astype(np.uint8), 1))
+            if layer.mapping is not Mapping.RANDOM:
+                chunks.append(pack_bits(layer.index.numpy(), index_bits(layer.in_features)))
+    else:
+        raise TypeError(f"need a WisardClassifier or a DWN, got {type(model).__name__}")
+    data = b"".join(chunks)
+    expected = ModelSize(tuple(parts)).total_bytes
+    if len(data) != expected:
+        raise AssertionError(f"serialised {len(data)} bytes, counted {expected}")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return atomic_write(path, write)
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, size: int) -> bytes:
+        if self.pos + size > len(self.data):
+            raise ValueError("file is truncated")
+        out = self.data[self.pos:self.pos + size]
+        self.pos += size
+        return out
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        return fmt.unpack(self.take(fmt.size))
+
+    def bits(self, count: int, bits: int) -> np.ndarray:
+        return unpack_bits(self.take(packed_bytes(count, bits)), count, bits).astype(np.int64)
+
+
+def _read_thermometer(r: _Reader, header: tuple) -> Thermometer:
+    features, bits, pooled, code = header
+    if code not in _DTYPES:
+        raise ValueError(f"unknown threshold dtype code {code}")
+    dtype = _DTYPES[code]
+    rows = 1 if pooled else features
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
+    arr = np.frombuffer(r.take(rows * bits * itemsize), dtype=np_dtype).reshape(rows, bits)
+    return Thermometer(torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))), features)
+
+
+def load_wnn(path: Path | str) -> WisardClassifier | DWN:
+    """Read a file written by :func:`save_wnn`.
+
+    Returns a model that predicts the same classes: a WiSARD with binary RAMs (counts 1,
+    bleaching 1) or with its counts and threshold; a DWN with tables ``±1`` and a FIXED
+    first layer when its mapping was learned.
+
+    Raises
+    ------
+    ValueError
+        Not such a file, a version this code does not read, or truncated or trailing data.
+    """
+    r = _Reader(Path(path).read_bytes())
+    magic, version, kind = r.unpack(_PREFIX)
+    if magic != _MAGIC or version != _VERSION:
+        raise ValueError(f"{path} is not a qerror WNN file of version {_VERSION}")
+    thermo_header = r.unpack(_THERMO)
+    if kind == _KIND_WISARD:
+        (n, shuffle, counts, code, classes, seed, bleach, entries, length_bits,
+         count_bits) = r.unpack(_WISARD)
+        formats = {v: k for k, v in _RAM_CODES.items()}
+        if code not in formats:
+            raise ValueError(f"{path}: unknown RAM format code {code}")
+        thermo = _read_thermometer(r, thermo_header)
+        w = WiSARD(thermo.out_bits, n, classes, seed=seed, shuffle=bool(shuffle))
+        groups = classes * w.rams
+        if formats[code] is RamFormat.DENSE:
+            flat = torch.from_numpy(r.bits(groups << n, count_bits if counts else 1))
+            where = torch.nonzero(flat).squeeze(1)
+            cnt = flat[where]
+            group, addr = where >> n, where & ((1 << n) - 1)
+        else:
+            lengths = torch.from_numpy(r.bits(groups, length_bits))
+            if int(lengths.sum()) != entries or int(lengths.max()) > 1 << n:
+                raise ValueError(f"{path}: RAM lengths sum to {int(lengths.sum())}, the header "
+                                 f"says {entries} entries")
+            if formats[code] is RamFormat.LIST:
+                addr = torch.from_numpy(r.bits(entries, n))
+            else:
+                ef = elias_fano_bits(lengths.numpy(), n)
+                addr = torch.from_numpy(elias_fano_decode(
+                    np.unpackbits(np.frombuffer(r.take(packed_bytes(ef, 1)), np.uint8),
+                                  count=ef, bitorder="little"), lengths.numpy(), n))
+            cnt = (torch.from_numpy(r.bits(entries, count_bits)) if counts
+                   else torch.ones(entries, dtype=torch.int64))
+            group = torch.repeat_interleave(torch.arange(groups), lengths)
+        cls, ram = group // w.rams, group % w.rams
+        key = (ram << n) | addr
+        w.keys, slot = torch.unique(key, return_inverse=True)
+        w.counts = torch.zeros(w.keys.numel(), classes, dtype=torch.int32)
+        w.counts[slot, cls] = cnt.to(torch.int32)
+        w.bleach = bleach if counts else 1
+        model = WisardClassifier(thermo, w)
+    elif kind == _KIND_DWN:
+        classes, fan_in, layers, tau, seed = r.unpack(_DWN)
+        specs = [r.unpack(_DWN_LAYER) for _ in range(layers)]
+        thermo = _read_thermometer(r, thermo_header)
+        model = DWN(thermo, [s[0] for s in specs], classes, fan_in=fan_in, tau=tau, seed=seed,
+                    mapping=Mapping.RANDOM)
+        for i, layer in enumerate(model.layers):
+            table = torch.from_numpy(r.bits(layer.luts << fan_in, 1)).reshape(layer.luts, -1)
+            if specs[i][1] != _MAPPING_CODES[Mapping.RANDOM]:
+                index = torch.from_numpy(r.bits(layer.luts * fan_in,
+                                                index_bits(layer.in_features)))
+                layer = LUTLayer(layer.in_features, layer.luts, fan_in, mapping=Mapping.FIXED,
+                                 index=index.reshape(layer.luts, fan_in), seed=seed, stream=i)
+                model.layers[i] = layer
+            with torch.no_grad():
+                layer.table.copy_(table.to(torch.float32) * 2 - 1)
+    else:
+        raise ValueError(f"unknown model kind {kind} in {path}")
+    if r.pos != len(r.data):
+        raise ValueError(f"{path} has {len(r.data) - r.pos} trailing bytes")
+    return model

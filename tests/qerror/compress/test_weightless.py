@@ -1,0 +1,446 @@
+"""Weightless networks: thermometer, WiSARD with bleaching, the DWN-style LUT layer and its
+EFD backward against plain loops, and files whose size is the byte count."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qerror.compress import (
+    DWN,
+    GroupSum,
+    LUTLayer,
+    Mapping,
+    RamFormat,
+    Thermometer,
+    WiSARD,
+    WisardClassifier,
+    efd_matrix,
+    fit_dwn,
+    fit_wisard,
+    load_wnn,
+    save_wnn,
+    seeded_mapping,
+    wnn_size,
+)
+
+# --------------------------------------------------------------------------- thermometer
+
+
+def test_thermometer_thresholds_and_codes_on_hand_values():
+    x = torch.tensor([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [3.0, 40.0]])
+    t = Thermometer.fit(x, 3)
+    # N = 4, T = 3: ranks floor((t+1)·4/4) = 1, 2, 3 of each sorted column.
+    assert torch.equal(t.thresholds, torch.tensor([[1.0, 2.0, 3.0], [20.0, 30.0, 40.0]]))
+    codes = t.encode(torch.tensor([[1.5, 35.0], [1.0, 41.0], [-5.0, 20.0]]))
+    assert codes.dtype == torch.bool
+    assert codes.int().tolist() == [[1, 0, 0, 1, 1, 0],
+                                    [0, 0, 0, 1, 1, 1],   # x == θ sets no bit
+                                    [0, 0, 0, 0, 0, 0]]
+    pooled = Thermometer.fit(x, 3, pooled=True)
+    # The 8 values sorted: 0 1 2 3 10 20 30 40; ranks floor((t+1)·8/4) = 2, 4, 6.
+    assert torch.equal(pooled.thresholds, torch.tensor([[2.0, 10.0, 30.0]]))
+    assert pooled.encode(x[:1]).int().tolist() == [[0, 0, 0, 1, 0, 0]]
+    assert (t.out_bits, pooled.out_bits, pooled.pooled, t.pooled) == (6, 6, True, False)
+
+
+def test_thermometer_keeps_integer_data_integer_and_flattens_images():
+    images = np.arange(2 * 3 * 2, dtype=np.uint8).reshape(2, 3, 2)
+    t = Thermometer.fit(images, 1)
+    assert t.thresholds.dtype == torch.uint8 and t.thresholds.shape == (6, 1)
+    # N = 2, T = 1: rank 1, the larger of each pixel's two values.
+    assert t.thresholds[:, 0].tolist() == images[1].reshape(-1).tolist()
+    assert t.encode(images).sum() == 0
+    assert t.size_parts()[0].bytes == 6
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.tensor([[0.0, float("nan")]]), ValueError, "non-finite"),
+    (torch.tensor([[float("inf"), 0.0]]), ValueError, "non-finite"),
+    (torch.zeros(3, 5), ValueError, "fitted on 2"),
+    (torch.zeros(2), ValueError, "shape"),
+    (torch.zeros(2, 2, dtype=torch.bool), TypeError, "integers or floats"),
+    ([[0.0, 1.0]], TypeError, "numpy.ndarray or torch.Tensor"),
+])
+def test_thermometer_refuses_what_it_cannot_encode(bad, error, match):
+    t = Thermometer.fit(torch.tensor([[0.0, 1.0], [2.0, 3.0]]), 2)
+    with pytest.raises(error, match=match):
+        t.encode(bad)
+
+
+def test_thermometer_fit_refuses_bad_bits_and_nan():
+    with pytest.raises(ValueError, match="bits"):
+        Thermometer.fit(torch.zeros(4, 2), 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        Thermometer.fit(torch.tensor([[0.0], [float("nan")]]), 2)
+
+
+# --------------------------------------------------------------------------- seeded wiring
+
+
+def test_seeded_mapping_is_fixed_by_its_integer_arithmetic():
+    # Literal values: a file stores the seed, so the wiring must never change with a
+    # library version. Each block of `inputs` slots is a permutation.
+    assert seeded_mapping(10, 10, 0).tolist() == [2, 7, 8, 4, 9, 3, 0, 6, 1, 5]
+    m = seeded_mapping(7, 12, 3, stream=2)
+    assert m.tolist() == [1, 0, 3, 4, 6, 2, 5, 4, 2, 3, 1, 6]
+    assert sorted(m[:7].tolist()) == list(range(7))
+    assert not torch.equal(seeded_mapping(50, 50, 1), seeded_mapping(50, 50, 2))
+    assert not torch.equal(seeded_mapping(50, 50, 1), seeded_mapping(50, 50, 1, stream=1))
+    with pytest.raises(ValueError):
+        seeded_mapping(5, 5, -1)
+
+
+# --------------------------------------------------------------------------- WiSARD
+
+
+def _hand_wisard():
+    """4 input bits, 2-bit addresses, no shuffle: RAM 0 reads bits (0, 1), RAM 1 (2, 3).
+
+    Class 0 is trained on 1100 three times; class 1 on 1101 once and 0011 twice
+    (bit i written left to right, address = bit_first + 2·bit_second).
+    """
+    w = WiSARD(4, 2, 2, shuffle=False)
+    bits = torch.tensor([[1, 1, 0, 0]] * 3 + [[1, 1, 0, 1]] + [[0, 0, 1, 1]] * 2)
+    return w.fit(bits, torch.tensor([0, 0, 0, 1, 1, 1]))
+
+
+def test_wisard_counts_and_bleaching_on_a_hand_made_example():
+    w = _hand_wisard()
+    # Keys r·4 + a: RAM 0 sees a = 3 (1100, 1101) and 0 (0011); RAM 1 sees 0 (1100),
+    # 2 (1101) and 3 (0011).
+    assert w.keys.tolist() == [0, 3, 4, 6, 7]
+    assert w.counts.tolist() == [[0, 2], [3, 1], [3, 0], [0, 1], [0, 2]]
+    val = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 1]])
+    # 1101: class 0 fires RAM 0 (count 3); class 1 fires both RAMs once.
+    # 0011: class 1 fires both RAMs (count 2); class 0 none.
+    assert w.responses(val, 1).tolist() == [[1, 2], [0, 2]]
+    assert w.responses(val, 2).tolist() == [[1, 0], [0, 2]]
+    assert w.responses(val, 3).tolist() == [[1, 0], [0, 0]]
+    assert w.predict(val, 1).tolist() == [1, 1]
+    assert w.predict(val, 3).tolist() == [0, 0]      # a tie goes to the first class
+    choice = w.choose_bleach(val, torch.tensor([0, 1]), max_bleach=3)
+    assert choice.accuracies.tolist() == [0.5, 1.0, 0.5]
+    assert (choice.bleach, choice.accuracy, choice.n, w.bleach) == (2, 1.0, 2, 2)
+    assert w.predict(val).tolist() == [0, 1]
+    # The default candidate range (up to the largest count, 3) finds the same.
+    assert _hand_wisard().choose_bleach(val, torch.tensor([0, 1])).bleach == 2
+
+
+def test_wisard_training_accumulates_and_follows_its_mapping():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, (60, 13)).astype(np.uint8)
+    labels = rng.integers(0, 3, 60)
+    whole = WiSARD(13, 4, 3, seed=5).fit(bits, labels)
+    parts = WiSARD(13, 4, 3, seed=5).fit(bits[:25], labels[:25]).fit(bits[25:], labels[25:])
+    assert torch.equal(whole.keys, parts.keys) and torch.equal(whole.counts, parts.counts)
+    assert whole.rams == 4 and whole.mapping.shape == (4, 4)
+    # RAM keys from the mapping, by a plain loop.
+    keys = whole.keys_of(bits)
+    for i in range(0, 60, 7):
+        for r in range(4):
+            a = sum(int(bits[i, whole.mapping[r, j]]) << j for j in range(4))
+            assert keys[i, r] == r * 16 + a
+    # Responses by a plain loop over the training counts.
+    resp = whole.responses(bits, 2)
+    for i in range(0, 60, 11):
+        for c in range(3):
+            n = sum(int(((labels == c) & (keys[:, r] == keys[i, r]).numpy()).sum()) >= 2
+                    for r in range(4))
+            assert resp[i, c] == n
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: WiSARD(8, 9, 2), ValueError, "address size 9 bits is larger than the 8 input"),
+    (lambda: WiSARD(8, 0, 2), ValueError, "address_bits"),
+    (lambda: WiSARD(8, 4, 2, seed=-3), ValueError, "seed"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 7), np.uint8), np.zeros(3, np.int64)),
+     ValueError, r"shape \(N >= 1, 8\)"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8)), np.zeros(3, np.int64)),
+     TypeError, "encode real inputs with a Thermometer"),
+    (lambda: WiSARD(8, 4, 2).fit(np.full((3, 8), 2, np.uint8), np.zeros(3, np.int64)),
+     ValueError, "only 0 and 1"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.array([0, 1, 2])),
+     ValueError, r"labels must lie in \[0, 2\)"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.zeros(2, np.int64)),
+     ValueError, r"labels must have shape \(3,\)"),
+    (lambda: WiSARD(8, 4, 2).predict(np.zeros((1, 8), np.uint8), bleach=0),
+     ValueError, "bleach"),
+])
+def test_wisard_refuses_bad_input(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_fit_wisard_learns_a_separable_toy_problem():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(size=(400, 6)) + 3.0 * y[:, None]
+    model, choice = fit_wisard(x[:300], y[:300], x[300:], y[300:], thermometer_bits=4,
+                               address_bits=6, seed=1)
+    assert choice.accuracy == 1.0
+    assert (model.predict(x[300:]).numpy() == y[300:]).mean() == 1.0
+
+
+# --------------------------------------------------------------------------- LUT layer
+
+
+def _loop_lut(x, index, table, grad):
+    """Forward, EFD input gradient, table gradient and Σ|terms| by plain loops (float64)."""
+    x, index, table, grad = (v.double().numpy() if v.is_floating_point() else v.numpy()
+                             for v in (x, index, table, grad))
+    batch, width = x.shape
+    luts, n = index.shape
+    out = np.zeros((batch, luts))
+    gx, absum = np.zeros((batch, width)), np.zeros((batch, width))
+    gt = np.zeros_like(table)
+    for b in range(batch):
+        for lut in range(luts):
+            a = 0
+            for j in range(n):
+                a += int(x[b, index[lut, j]]) * 2**j
+            out[b, lut] = 1.0 if table[lut, a] > 0 else 0.0
+            gt[lut, a] += grad[b, lut]
+            for j in range(n):
+                d, s = 0.0, 0.0
+                for k in range(2**n):
+                    h = sum(1 for i in range(n) if i != j and (k >> i) % 2 != (a >> i) % 2)
+                    term = (1.0 if (k >> j) % 2 else -1.0) * table[lut, k] / (h + 1)
+                    d += term
+                    s += abs(term)
+                gx[b, index[lut, j]] += grad[b, lut] * d
+                absum[b, index[lut, j]] += abs(grad[b, lut]) * s
+    return out, gx, gt, absum
+
+
+def _gamma(p, u):
+    return p * u / (1 - p * u)
+
+
+@pytest.mark.parametrize("n, mapping", [(1, "random"), (3, "random"), (4, "random"),
+                                        (3, "fixed")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lut_layer_equals_the_loop_reference(n, mapping, dtype):
+    gen = torch.Generator().manual_seed(n)
+    width, luts, batch = 9, 5, 6
+    kwargs = {}
+    if mapping == "fixed":
+        kwargs["index"] = torch.randint(0, width, (luts, n), generator=gen)
+    layer = LUTLayer(width, luts, n, mapping=mapping, seed=n, **kwargs).to(dtype)
+    x = torch.randint(0, 2, (batch, width), generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(batch, luts, generator=gen, dtype=dtype)
+    out = layer(x)
+    out.backward(grad)
+    ref_out, ref_gx, ref_gt, absum = _loop_lut(x.detach(), layer.index, layer.table.detach(),
+                                               grad)
+    assert np.array_equal(out.detach().double().numpy(), ref_out)   # forward: exact
+    # Backward: both sides sum the same terms in different orders. A sum of p terms in
+    # floating point is off by at most γ_p·Σ|terms| (γ_p = p·u/(1-p·u)); per element there
+    # are 2^n EFD terms, their rounded weights and product (+4), and up to m slots
+    # accumulated into one input. The float64 loop's own error is the same bound at
+    # u = 2^-53, so the difference is within the sum of both.
+    m = int(torch.bincount(layer.index.reshape(-1), minlength=width).max())
+    p = 2**n + m + 4
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    tol = (_gamma(p, u) + _gamma(p, 2.0**-53)) * absum
+    assert np.all(np.abs(x.grad.double().numpy() - ref_gx) <= tol)
+    g_abs = np.abs(grad.double().numpy()).sum()
+    tol_t = (_gamma(batch + 1, u) + _gamma(batch + 1, 2.0**-53)) * g_abs
+    assert np.all(np.abs(layer.table.grad.double().numpy() - ref_gt) <= tol_t)
+
+
+def test_efd_reduces_to_the_finite_difference_at_distance_zero():
+    # n = 1: only the two entries at distance 0 exist, so EFD is A[1] - A[0] exactly.
+    assert efd_matrix(1).tolist() == [[[-1.0, 1.0]], [[-1.0, 1.0]]]
+    # n = 2, address 0, bit 0: -A0 + A1 (distance 0), then -A2/2 + A3/2 (distance 1).
+    m = efd_matrix(2, torch.float64)
+    table = torch.tensor([0.5, -1.0, 0.25, 1.0], dtype=torch.float64)
+    assert float(m[0, 0] @ table) == -1.0 - 0.5 + (1.0 - 0.25) / 2
+    assert m.shape == (4, 2, 4)
+    with pytest.raises(ValueError, match="fan-in 11"):
+        efd_matrix(11)
+
+
+def test_learnable_mapping_reads_the_argmax_and_trains_through_the_softmax():
+    layer = LUTLayer(7, 3, 2, mapping=Mapping.LEARNABLE, seed=4, tau=0.5)
+    x = torch.randint(0, 2, (5, 7), generator=torch.Generator().manual_seed(0)).double()
+    layer = layer.double()
+    out = layer(x)
+    fixed = LUTLayer(7, 3, 2, mapping="fixed", index=layer.index).double()
+    with torch.no_grad():
+        fixed.table.copy_(layer.table)
+    assert torch.equal(out, fixed(x))
+    # Gradient of W: that of the soft selection x·softmax(W/τ) fed the EFD input gradient.
+    grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad)
+    # The EFD gradient of each of the 6 slots, from a layer that reads the slots in order.
+    spread = LUTLayer(6, 3, 2, mapping="fixed", index=torch.arange(6).reshape(3, 2)).double()
+    with torch.no_grad():
+        spread.table.copy_(layer.table)
+    slots = x[:, layer.index.reshape(-1)].clone().requires_grad_()
+    spread(slots).backward(grad)
+    w = layer.weight.detach().clone().requires_grad_()
+    (x @ torch.softmax(w / 0.5, dim=0)).backward(slots.grad)
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_group_sum_and_dwn_shapes():
+    gs = GroupSum(2, tau=0.5)
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    assert gs(x).tolist() == [[4.0, 4.0]]       # (1+0+1)/0.5 and (1+1+0)/0.5
+    with pytest.raises(ValueError, match="divisible by 2"):
+        gs(torch.zeros(1, 5))
+    t = Thermometer.fit(torch.rand(20, 4, generator=torch.Generator().manual_seed(0)), 3)
+    with pytest.raises(ValueError, match="fan-in .* 13 bits is larger than the 12 input"):
+        DWN(t, [6], 2, fan_in=13)
+    with pytest.raises(ValueError, match="do not split into 4"):
+        DWN(t, [8, 6], 4, fan_in=2)
+    model = DWN(t, [8, 6], 3, fan_in=2)
+    assert model(torch.rand(5, 4)).shape == (5, 3)
+    with pytest.raises(ValueError, match="fitted on 4"):
+        model(torch.rand(5, 3))
+    with pytest.raises(ValueError, match="shape"):
+        model.layers[0](torch.rand(5, 11))
+
+
+def test_fit_dwn_learns_a_separable_toy_problem():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    x = (rng.normal(size=(300, 4)) + 3.0 * y[:, None]).astype(np.float32)
+    fit = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
+                  fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0)
+    assert len(fit.val_accuracy) == 4 and fit.train_loss[-1] < fit.train_loss[0]
+    assert fit.val_accuracy[-1] >= 0.9
+
+
+# --------------------------------------------------------------------------- bytes and files
+
+
+def _toy_wisard(address_bits, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 240)
+    x = (rng.integers(0, 200, (240, 10)) + 20 * y[:, None]).astype(np.uint8)
+    model, _ = fit_wisard(x[:180], y[:180], x[180:], y[180:], thermometer_bits=3,
+                          address_bits=address_bits, seed=seed)
+    return model, x
+
+
+def _format_of(size):
+    names = [p.name for p in size.parts]
+    if "RAM lengths" not in names:
+        return RamFormat.DENSE
+    fano = size.part("RAM addresses").note.startswith("Elias-Fano")
+    return RamFormat.ELIAS_FANO if fano else RamFormat.LIST
+
+
+@pytest.mark.parametrize("address_bits, counts, fmt", [
+    (2, False, RamFormat.LIST), (4, False, RamFormat.DENSE), (9, False, RamFormat.ELIAS_FANO),
+    (2, True, RamFormat.DENSE), (6, True, RamFormat.ELIAS_FANO), (9, True, RamFormat.ELIAS_FANO),
+])
+def test_wisard_file_is_exactly_its_byte_count_and_reads_back(tmp_path, address_bits, counts,
+                                                               fmt):
+    model, x = _toy_wisard(address_bits)
+    size = wnn_size(model, counts=counts)
+    assert _format_of(size) is fmt
+    path = save_wnn(model, tmp_path / "w.qwnn", counts=counts)
+    assert path.stat().st_size == size.total_bytes
+    back = load_wnn(path)
+    assert isinstance(back, WisardClassifier)
+    assert torch.equal(back.predict(x), model.predict(x))
+    assert torch.equal(back.thermometer.thresholds, model.thermometer.thresholds)
+    assert size.part("wiring").bytes == 0
+
+
+@pytest.mark.parametrize("address_bits", [2, 4, 9])
+def test_wisard_byte_count_from_shapes_by_hand(address_bits):
+    model, _ = _toy_wisard(address_bits)
+    w = model.wisard
+    size = wnn_size(model)
+    # 30 input bits (10 features x 3), 3 classes; header: prefix 6 + thermometer 8 +
+    # WiSARD 28 bytes; thresholds 10 x 3 uint8.
+    rams = math.ceil(30 / address_bits)
+    assert w.rams == rams
+    assert size.part("header").bytes == 42
+    assert size.part("thermometer thresholds").bytes == 30
+    # Dense: one bit per address of every RAM. Lists: an entry count per (class, RAM) at
+    # the bits the largest count needs, then address_bits per stored address, or
+    # Elias-Fano: m·L + m + 2^n >> L bits per list of m, L = floor(log2(2^n / m)).
+    on = w.counts >= w.bleach                                  # (keys, classes)
+    per_ram = [[int(on[(w.keys >> address_bits) == r, c].sum()) for r in range(rams)]
+               for c in range(3)]
+    longest = max(max(row) for row in per_ram)
+    dense = math.ceil(3 * rams * 2**address_bits / 8)
+    lengths = math.ceil(3 * rams * max(1, longest.bit_length()) / 8)
+    listed = lengths + math.ceil(int(on.sum()) * address_bits / 8)
+    ef = 0
+    for m in (m for row in per_ram for m in row if m):
+        low = (2**address_bits // m).bit_length() - 1
+        ef += m * low + m + (2**address_bits >> low)
+    fano = lengths + math.ceil(ef / 8)
+    assert size.total_bytes == 42 + 30 + min(dense, listed, fano)
+    assert ("RAM bitmaps" in [p.name for p in size.parts]) == (dense <= min(listed, fano))
+
+
+@pytest.mark.parametrize("mapping", ["random", "learnable"])
+def test_dwn_file_is_exactly_its_byte_count_and_reads_back(tmp_path, mapping):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 6, generator=gen)
+    t = Thermometer.fit(x, 4)
+    model = DWN(t, [30, 12], 3, fan_in=3, mapping=mapping, seed=9, tau=2.0)
+    size = wnn_size(model)
+    # 24 input bits: header 6 + 8 + 20 + 2·5; thresholds 24 float32; LUT bits 30·8 and
+    # 12·8; wiring 0 when seeded, else 90 indices of ceil(log2 24) = 5 bits.
+    wiring = 0 if mapping == "random" else math.ceil(90 * 5 / 8)
+    assert size.total_bytes == 44 + 96 + 30 + 12 + wiring
+    assert size.part("layer 0 wiring").bytes == wiring
+    path = save_wnn(model, tmp_path / "d.qwnn")
+    assert path.stat().st_size == size.total_bytes
+    back = load_wnn(path)
+    assert torch.equal(back(x), model(x))
+    expected = Mapping.RANDOM if mapping == "random" else Mapping.FIXED
+    assert back.layers[0].mapping is expected
+    assert wnn_size(back).total_bytes == size.total_bytes
+
+
+def test_bad_files_and_objects_are_refused_and_leave_no_output(tmp_path):
+    model, _ = _toy_wisard(2)
+    path = save_wnn(model, tmp_path / "w.qwnn")
+    data = path.read_bytes()
+    (tmp_path / "short").write_bytes(data[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        load_wnn(tmp_path / "short")
+    (tmp_path / "long").write_bytes(data + b"\0")
+    with pytest.raises(ValueError, match="trailing"):
+        load_wnn(tmp_path / "long")
+    (tmp_path / "other").write_bytes(b"PK\3\4" + data[4:])
+    with pytest.raises(ValueError, match="not a qerror WNN file"):
+        load_wnn(tmp_path / "other")
+    with pytest.raises(TypeError, match="WisardClassifier or a DWN"):
+        save_wnn(object(), tmp_path / "nothing")
+    with pytest.raises(TypeError):
+        wnn_size(model.wisard)
+    assert not (tmp_path / "nothing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "other", "short", "w.qwnn"]
+
+
+def test_fit_wisard_meets_a_byte_budget_with_the_best_threshold_inside_it():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 600)
+    x = (rng.integers(0, 200, (600, 10)) + 20 * y[:, None]).astype(np.uint8)
+    args = (x[:450], y[:450], x[450:], y[450:])
+    free, best = fit_wisard(*args, thermometer_bits=3, address_bits=9)
+    full = wnn_size(free).total_bytes
+    budget = full - 20
+    small, within = fit_wisard(*args, thermometer_bits=3, address_bits=9, max_bytes=budget)
+    assert wnn_size(small).total_bytes <= budget
+    # Every threshold below the chosen minimum is over budget, none above it is better.
+    fits = []
+    for b in range(1, len(within.accuracies) + 1):
+        small.wisard.bleach = b
+        fits.append(wnn_size(small).total_bytes <= budget)
+    low = fits.index(True) + 1
+    assert all(fits[low - 1:]) and within.bleach >= low > best.bleach
+    assert within.accuracy == max(within.accuracies[low - 1:])
+    with pytest.raises(ValueError, match="over max_bytes=10"):
+        fit_wisard(*args, thermometer_bits=3, address_bits=9, max_bytes=10)
