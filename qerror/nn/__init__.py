@@ -14,7 +14,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.pt2e`: real INT8 on oneDNN through torchao's PT2E flow, stage by stage;
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
-  ``--device`` and torchrun data parallelism).
+  ``--device`` and torchrun data parallelism);
+* :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid.
 """
 
 from qerror.nn._anatomy import (
@@ -24,6 +25,15 @@ from qerror.nn._anatomy import (
     fold_bn,
     layer_names,
     path_depths,
+)
+from qerror.nn.adaround import (
+    AdaRoundLayer,
+    AdaRoundResult,
+    AdaRoundSettings,
+    adaround,
+    adaround_weights,
+    apply_rounding,
+    rectified_sigmoid,
 )
 from qerror.nn.bn import BNInconsistency, running_stats
 from qerror.nn.correction import (
@@ -127,4 +137,11 @@ __all__ = [
     "run_early_exit",
     "running_stats",
     "untie_relus",
+    "AdaRoundLayer",
+    "AdaRoundResult",
+    "AdaRoundSettings",
+    "adaround",
+    "adaround_weights",
+    "apply_rounding",
+    "rectified_sigmoid",
 ]

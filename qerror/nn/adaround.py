@@ -1,0 +1,421 @@
+"""Learned rounding (AdaRound): each weight rounded up or down to fit the layer's output.
+
+Rounding to nearest minimises each weight's own error, not the error of the layer's output.
+AdaRound [1]_ keeps the grid (every weight ends on ``floor(w/s)`` or ``floor(w/s) + 1``)
+and learns, layer by layer, which of the two each weight takes:
+
+* the choice is relaxed to ``h(V) = clip(sigmoid(V)·(ζ − γ) + γ, 0, 1)`` (the rectified
+  sigmoid, ``ζ = 1.1``, ``γ = −0.1``), and the soft weight is
+  ``w̃ = s · clamp(floor(w/s) + h(V), qmin, qmax)``; ``V`` starts where ``h(V) = frac(w/s)``,
+  so the soft weight starts at ``w`` itself;
+* ``V`` minimises, with Adam, the reconstruction loss ``‖W x + b − (W̃ x̃ + b)‖²`` on
+  calibration images plus ``λ Σ (1 − |2h(V) − 1|^β)``, a regulariser that pushes every
+  ``h`` to 0 or 1 as ``β`` anneals from 20 to 2 after a warm-up without it;
+* ``x`` is the layer's input in the float network, ``x̃`` its input in the network whose
+  earlier layers already carry their learned rounding (*asymmetric* reconstruction, so a
+  layer corrects part of the error it inherits); ``asymmetric=False`` uses ``x̃ = x``;
+* the hard choice is ``h(V) ≥ 1/2`` (``V ≥ 0``); layers are processed in registration order
+  (the order of :func:`qerror.nn.layer_names`).
+
+The result's :attr:`AdaRoundResult.weights` has the type of
+:func:`qerror.nn.propagate.quantize_weights`'s output, so ``measure(..., weights=...)`` and
+``quantized_forward(..., weights=...)`` run the learned rounding like any rounding mode;
+:func:`apply_rounding` turns up/down choices into weights for any other use.
+
+Notes
+-----
+Weights are quantized with ``QuantSpec(bits, signed=True, symmetric=True, axis=0)`` (per
+output channel) and the scale of :func:`qerror.calibrate` (min-max), as
+:meth:`qerror.nn.propagate.QuantConfig.make` does. Activations stay float in the
+reconstruction (weights-only AdaRound); the bias stays float.
+
+The reconstruction loss is summed over output channels (features) and averaged over images
+and spatial positions, the convention of the authors' later code [2]_; ``λ`` is read against
+that scale. ``β`` decays linearly from ``beta[0]`` to ``beta[1]`` over the iterations after the
+warm-up; during the warm-up the regulariser is off.
+
+With zero iterations the hard choice is ``frac(w/s) ≥ 1/2``: round half *up*, which equals
+:attr:`qerror.RoundingMode.NEAREST_EVEN` everywhere except at exact ties ``frac = 1/2``.
+The weights' final dequantization goes through :func:`qerror.fake_quantize`, so equal codes
+give equal bits.
+
+References
+----------
+.. [1] M. Nagel, R. A. Amjad, M. van Baalen, C. Louizos and T. Blankevoort, "Up or Down?
+   Adaptive Rounding for Post-Training Quantization", ICML 2020, arXiv:2004.10568.
+.. [2] Y. Li, R. Gong, X. Tan et al., "BRECQ: Pushing the Limit of Post-Training Quantization
+   by Block Reconstruction", ICLR 2021, arXiv:2102.05426.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qerror._progress import progress_bar
+from qerror.calibration import calibrate
+from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches
+from qerror.nn.propagate import QuantizedWeights
+from qerror.quantizer import QParams, QuantSpec, fake_quantize
+from qerror.rounding import RoundingMode
+
+__all__ = [
+    "AdaRoundLayer",
+    "AdaRoundResult",
+    "AdaRoundSettings",
+    "adaround",
+    "adaround_weights",
+    "apply_rounding",
+    "rectified_sigmoid",
+]
+
+ZETA, GAMMA = 1.1, -0.1
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clip(sigmoid(V)·(ζ − γ) + γ, 0, 1)`` with ``ζ = 1.1``, ``γ = −0.1``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _inverse_h(frac: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = frac`` for ``frac`` in ``[0, 1)``.
+
+    Finite: ``sigmoid(V)`` lies in ``[1/12, 11/12)``.
+    """
+    p = (frac - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p) - torch.log1p(-p)
+
+
+@dataclass(frozen=True)
+class AdaRoundSettings:
+    """What AdaRound ran with (the paper's defaults [1]_ except where noted).
+
+    Parameters
+    ----------
+    bits : int
+        Weight bits, 2 to 8.
+    iterations : int
+        Adam steps per layer (paper: 10 000); 0 keeps the initial choice (round half up).
+    batch : int
+        Images per step.
+    images : int
+        Calibration images used at most (paper: 1024); the first ones of ``batches``.
+    lam : float
+        Weight ``λ`` of the rounding regulariser (paper: 0.01).
+    beta : tuple of float
+        ``β`` at the end of the warm-up and at the last step (paper: 20 → 2).
+    warmup : float
+        Fraction of the iterations without the regulariser (paper: 0.2).
+    lr : float
+        Adam's learning rate for ``V`` (PyTorch's default 1e-3).
+    asymmetric : bool
+        Reconstruct from the input of the network with the earlier layers' learned rounding
+        (``True``, the paper's choice) or from the float input.
+    seed : int
+        Seed of the minibatch draws.
+    """
+
+    bits: int
+    iterations: int = 10_000
+    batch: int = 32
+    images: int = 1024
+    lam: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    lr: float = 1e-3
+    asymmetric: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) \
+                or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"AdaRound supports {MIN_BITS} to {MAX_BITS} weight bits, got "
+                             f"{self.bits!r}")
+        for name, lo in (("iterations", 0), ("batch", 1), ("images", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be finite and >= 0, got {self.lam!r}")
+        if len(self.beta) != 2 or not all(math.isfinite(b) and b > 0 for b in self.beta):
+            raise ValueError(f"beta must be two positive numbers (start, end), got {self.beta!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The weight grid: symmetric, signed, per output channel."""
+        return QuantSpec(bits=int(self.bits), signed=True, symmetric=True, axis=0,
+                         rounding=RoundingMode.NEAREST_EVEN)
+
+    def beta_at(self, step: int) -> float | None:
+        """``β`` of step ``step`` (0-based), or ``None`` during the warm-up."""
+        start = int(self.warmup * self.iterations)
+        if step < start:
+            return None
+        span = max(self.iterations - 1 - start, 1)
+        rel = min((step - start) / span, 1.0)
+        return self.beta[0] + (self.beta[1] - self.beta[0]) * rel
+
+
+@dataclass(frozen=True)
+class AdaRoundLayer:
+    """One layer's learned rounding.
+
+    Attributes
+    ----------
+    up : torch.Tensor
+        Boolean, the weight's shape: ``True`` where the weight is ``floor(w/s) + 1``.
+    soft : torch.Tensor
+        ``h(V)`` after the last step (in ``[0, 1]``).
+    loss_nearest, loss_learned : float
+        Reconstruction loss on all calibration images with the initial choice (round half
+        up) and with the learned one (both hard, both on ``x̃``).
+    flipped : float
+        Fraction of weights whose choice differs from round half up.
+    seconds : float
+        Wall time of the layer's optimisation.
+    """
+
+    name: str
+    up: torch.Tensor
+    soft: torch.Tensor
+    loss_nearest: float
+    loss_learned: float
+    flipped: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AdaRoundResult:
+    """Learned weights (``weights``, for :mod:`qerror.nn.propagate`), per-layer details and
+    the settings, with ``images_used`` the number of calibration images actually used."""
+
+    weights: dict[str, QuantizedWeights]
+    layers: dict[str, AdaRoundLayer]
+    settings: AdaRoundSettings
+    images_used: int
+
+    def record(self) -> dict:
+        """The settings and per-layer numbers as plain values (for a JSON record)."""
+        out = asdict(self.settings)
+        out["beta"] = list(self.settings.beta)
+        out["images_used"] = self.images_used
+        out["reconstruction"] = "asymmetric" if self.settings.asymmetric else "symmetric"
+        out["layers"] = {n: {"loss_nearest": r.loss_nearest, "loss_learned": r.loss_learned,
+                             "flipped": r.flipped, "seconds": r.seconds}
+                         for n, r in self.layers.items()}
+        return out
+
+
+def _scale_tensor(qp: QParams, w: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(np.asarray(qp.scale, dtype=np.float64), dtype=torch.float64)
+    return s.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
+                   spec: QuantSpec) -> torch.Tensor:
+    """Weights ``s · clamp(floor(w/s) + up, qmin, qmax)`` in ``weight``'s dtype.
+
+    ``w/s`` is computed in float64 and the codes are dequantized by
+    :func:`qerror.fake_quantize`, so each weight equals, bit for bit, what ``fake_quantize``
+    gives for the same code.
+
+    Raises
+    ------
+    ValueError
+        ``up`` does not have the weight's shape, or ``spec`` is not symmetric per channel.
+    """
+    if not spec.symmetric or spec.axis != 0:
+        raise ValueError("apply_rounding expects a symmetric per-output-channel spec (axis=0)")
+    up = torch.as_tensor(up)
+    if up.shape != weight.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)}, the weight {tuple(weight.shape)}")
+    w = weight.detach()
+    s = _scale_tensor(qparams, w)
+    codes = torch.clamp(torch.floor(w.double() / s) + up.to(torch.float64), spec.qmin, spec.qmax)
+    on_grid = (codes * s).to(w.dtype)  # code·s: exactly `codes` again after rounding w/s
+    return fake_quantize(on_grid, spec, qparams.scale, qparams.zero_point)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, name: str, layer: nn.Module, x: torch.Tensor,
+                  chunk: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The input of ``layer`` for images ``x``, with ``weights`` replacing some layers'."""
+    got = []
+
+    def hook(module, args):
+        got.append(args[0].detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    params = {k + ".weight": w for k, w in weights.items()}
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], chunk):
+                try:
+                    torch.func.functional_call(model, params, (x[i:i + chunk],))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(got) != math.ceil(x.shape[0] / chunk):
+        raise ValueError(f"layer {name!r} was not called once per forward pass")
+    return torch.cat(got)
+
+
+def _reconstruction(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over the rest."""
+    return (out - target).pow(2).sum(1).mean()
+
+
+def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.Tensor,
+              x: torch.Tensor, xq: torch.Tensor, spec: QuantSpec,
+              cfg: AdaRoundSettings, gen: torch.Generator) -> torch.Tensor:
+    """``V`` after ``cfg.iterations`` Adam steps."""
+    conv = isinstance(layer, nn.Conv2d)
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+
+    def op(inp, weight):
+        return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
+
+    v = v0.clone().requires_grad_(True)
+    if cfg.iterations == 0:
+        return v.detach()
+    s_w, floor_w = s.to(w.dtype), floor.to(w.dtype)
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    n = x.shape[0]
+    for step in range(cfg.iterations):
+        idx = torch.randint(n, (min(cfg.batch, n),), generator=gen) if cfg.batch < n \
+            else torch.arange(n)
+        with torch.no_grad():
+            target = op(x[idx], w)
+        h = rectified_sigmoid(v)
+        soft = s_w * torch.clamp(floor_w + h, spec.qmin, spec.qmax)
+        loss = _reconstruction(op(xq[idx], soft), target)
+        beta = cfg.beta_at(step)
+        if beta is not None and cfg.lam > 0:
+            loss = loss + cfg.lam * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return v.detach()
+
+
+def _quantized(w: torch.Tensor, qp: QParams, up: torch.Tensor, spec: QuantSpec
+               ) -> QuantizedWeights:
+    wq = apply_rounding(w, qp, up, spec)
+    s = _scale_tensor(qp, w)
+    raw = torch.floor(w.double() / s) + up.double()
+    e = (wq.double() - w.double()) / s
+    sat = float(((raw < spec.qmin) | (raw > spec.qmax)).double().mean())
+    return QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()), sat)
+
+
+def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: int = 10_000,
+             batch: int = 32, images: int = 1024, lam: float = 0.01,
+             beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, lr: float = 1e-3,
+             asymmetric: bool = True, seed: int = 0, progress: bool = False) -> AdaRoundResult:
+    """Learn the up/down rounding of every conv/linear weight, layer by layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A torchvision-style CNN that :func:`qerror.nn.check_model` accepts; evaluation mode
+        for the run (restored afterwards), its parameters untouched.
+    batches : iterable
+        Calibration images ``(N, ...)`` or ``(images, labels)`` pairs (never the test split).
+    bits : int
+        Weight bits, 2 to 8.
+    iterations, batch, images, lam, beta, warmup, lr, asymmetric, seed
+        See :class:`AdaRoundSettings`.
+    progress : bool
+        A progress bar over the layers.
+
+    Returns
+    -------
+    AdaRoundResult
+        ``weights`` (layer name → :class:`qerror.nn.QuantizedWeights`, for
+        ``measure``/``quantized_forward``), ``layers`` (choices, soft values, losses, time),
+        the settings and the number of images used.
+
+    Raises
+    ------
+    ValueError
+        Bits outside 2..8, a bad setting, no calibration images, or a layer not called once
+        per forward pass.
+    qerror.nn.UnsupportedModelError
+        A model :func:`qerror.nn.check_model` refuses.
+    """
+    cfg = AdaRoundSettings(bits=bits, iterations=iterations, batch=batch, images=images,
+                           lam=lam, beta=tuple(beta), warmup=warmup, lr=lr,
+                           asymmetric=asymmetric, seed=seed)
+    check_model(model)
+    spec = cfg.spec
+    xs, have = [], 0
+    for x, _ in iter_batches(batches):
+        xs.append(x[:cfg.images - have])
+        have += xs[-1].shape[0]
+        if have >= cfg.images:
+            break
+    if have == 0:
+        raise ValueError("adaround needs at least one calibration image")
+    x_all = torch.cat(xs)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    chunk = max(cfg.batch, 256)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
+    done: dict[str, torch.Tensor] = {}
+    weights: dict[str, QuantizedWeights] = {}
+    details: dict[str, AdaRoundLayer] = {}
+    with eval_mode(model):
+        for name, layer in progress_bar(layers, progress, "adaround"):
+            t0 = time.perf_counter()
+            w = layer.weight.detach()
+            qp = calibrate(w, spec)
+            s = _scale_tensor(qp, w)
+            u = w.double() / s
+            floor = torch.floor(u)
+            v0 = _inverse_h(u - floor).to(w.dtype)
+            x = _layer_inputs(model, name, layer, x_all, chunk, {})
+            xq = _layer_inputs(model, name, layer, x_all, chunk, done) \
+                if cfg.asymmetric and done else x
+            v = _optimise(layer, s, floor, v0, x, xq, spec, cfg, gen)
+            up, up0 = v >= 0, v0 >= 0
+            qw = _quantized(w, qp, up, spec)
+            with torch.no_grad():
+                b = layer.bias
+                conv = isinstance(layer, nn.Conv2d)
+
+                def op(inp, weight, b=b, conv=conv, layer=layer):
+                    return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
+
+                target = op(x, w)
+                l0 = float(_reconstruction(op(xq, apply_rounding(w, qp, up0, spec)), target))
+                l1 = float(_reconstruction(op(xq, qw.weight), target))
+            weights[name] = qw
+            done[name] = qw.weight
+            details[name] = AdaRoundLayer(name, up, rectified_sigmoid(v), l0, l1,
+                                          float((up != up0).double().mean()),
+                                          time.perf_counter() - t0)
+    return AdaRoundResult(weights, details, cfg, int(x_all.shape[0]))
+
+
+def adaround_weights(model: nn.Module, batches: Iterable, bits: int = 4,
+                     **kwargs) -> dict[str, QuantizedWeights]:
+    """:func:`adaround`'s learned weights alone: the ``weights=`` argument of
+    :func:`qerror.nn.propagate.measure` and :func:`~qerror.nn.propagate.quantized_forward`
+    (with a ``QuantConfig`` whose weight spec has the same ``bits``)."""
+    return adaround(model, batches, bits, **kwargs).weights
