@@ -24,13 +24,13 @@ class Choice(enum.Enum):
     """An enum whose members may be given by value or name.
 
     The error message names the kind of choice from the class name (``RoundingMode`` →
-    "rounding mode") unless the class sets ``_what_``.
+    "rounding mode").
     """
 
     @classmethod
     def what(cls) -> str:
         """The kind of choice in words, for messages."""
-        return getattr(cls, "_what_", None) or re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
+        return re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
 
     @classmethod
     def parse(cls: type[C], value: Any) -> C:

@@ -8,7 +8,7 @@ keep a quantizer's configuration apart from its observers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -66,8 +66,6 @@ class RangePolicy:
 
     def replace(self, **changes) -> "RangePolicy":
         """A copy with some fields changed (validated again)."""
-        from dataclasses import replace
-
         return replace(self, **changes)
 
 

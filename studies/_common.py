@@ -85,8 +85,9 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return convert
 
 
-def int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type=`` for integers from ``low`` to ``high`` inclusive."""
+def int_in(low: int, high: int, why: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers from ``low`` to ``high`` inclusive; ``why`` (the
+    reason for the range) is added to the message of a value outside it."""
 
     def convert(text: str) -> int:
         try:
@@ -94,7 +95,8 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}"
+                                             + (f" ({why})" if why else ""))
         return value
 
     convert.__name__ = f"integer in [{low}, {high}]"

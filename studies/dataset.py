@@ -101,14 +101,8 @@ IMAGENET_VAL, IMAGENET_TRAIN, IMAGENET_SHAPE = 50_000, 1_281_167, (3, 224, 224)
 # --------------------------------------------------------------------------- arguments
 
 
-def _offline_bits(text: str) -> int:
-    """--bits: offline codes are stored one per int8 byte, so 2 to MAX_BITS."""
-    try:
-        return int_in(2, MAX_BITS)(text)
-    except argparse.ArgumentTypeError as err:
-        why = " (offline codes are stored one per int8 byte)" if "must be from" in str(err) \
-            else ""
-        raise argparse.ArgumentTypeError(f"{err}{why}") from None
+# --bits: offline codes are stored one per int8 byte, so 2 to MAX_BITS.
+_offline_bits = int_in(2, MAX_BITS, "offline codes are stored one per int8 byte")
 
 
 # --------------------------------------------------------------------------- models

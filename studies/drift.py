@@ -711,7 +711,7 @@ def _main(argv: list[str]) -> int:
                                                       "acc_hi", "delta_vs_float", "p_vs_float",
                                                       "delta_vs_nearest", "p_vs_nearest")
                                           if c in headline]],
-                f"Headline accuracy on {len(torch.cat([y for _, y in data.headline]))} test "
+                f"Headline accuracy on {int(headline.images.iloc[0])} test "
                 f"images, 8-bit weights and activations: {100 * (1 - ALPHA):g}\\% Wilson "
                 "intervals, and the paired difference from float and from round-to-nearest "
                 "with McNemar's p.", "tab:drift-headline", float_format="%.4g")

@@ -34,6 +34,7 @@ __all__ = [
     "GrowthFit",
     "channel_rms_debiased",
     "debiased_from_counts",
+    "debiased_rms",
     "fit_exponent",
     "image_bootstrap",
     "layer_block_bootstrap",
@@ -85,6 +86,24 @@ def fit_exponent(depth, values) -> float:
     return float(x @ (ly - ly.mean()) / (x @ x))
 
 
+def debiased_rms(mean: np.ndarray, var_of_mean: np.ndarray, scale: np.ndarray):
+    """``sqrt(max(mean_c (m_c² − Var(m_c)) / σ_c², 0))`` over the channels with ``σ_c > 0``.
+
+    The one formula behind every debiased channel drift (:func:`channel_rms_debiased`,
+    :func:`debiased_from_counts`, :func:`qerror.nn.measure`). ``mean`` and ``var_of_mean``
+    have the channels on their last axis (leading axes are resamples); ``scale`` is (C,).
+    Returns a float, or an array over the leading axes; ``nan`` without a live channel.
+    """
+    live = np.asarray(scale) > 0
+    if not live.any():
+        return math.nan if np.ndim(mean) == 1 else np.full(np.shape(mean)[:-1], math.nan)
+    m, v, s = mean[..., live], var_of_mean[..., live], scale[live]
+    sq = np.mean((m * m - v) / (s * s), axis=-1)
+    if np.ndim(sq) == 0:
+        return math.sqrt(max(float(sq), 0.0))
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
 def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
     """RMS over channels of the mean per-channel drift, relative to ``scale``, with the
     sampling noise of the means removed.
@@ -110,15 +129,7 @@ def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
     if m.ndim != 2 or m.shape[0] < 2 or m.shape[1] != s.shape[0]:
         raise ValueError(f"means must be (N >= 2, C) and scale (C,), got {m.shape} and "
                          f"{s.shape}")
-    live = s > 0
-    if not live.any():
-        return math.nan
-    m, s = m[:, live], s[live]
-    n = m.shape[0]
-    mean = m.mean(axis=0)
-    var_of_mean = m.var(axis=0, ddof=1) / n
-    sq = np.mean((mean * mean - var_of_mean) / (s * s))
-    return math.sqrt(max(float(sq), 0.0))
+    return debiased_rms(m.mean(axis=0), m.var(axis=0, ddof=1) / m.shape[0], s)
 
 
 def _interval(point: float, boot: np.ndarray, level: float, method: str, layers: int
@@ -160,16 +171,11 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     """
     m = np.asarray(means, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
-    live = s > 0
-    if not live.any():
-        return np.full(counts.shape[0], math.nan)
-    m, s = m[:, live], s[live]
     w = np.asarray(counts, dtype=np.float64)
     n = m.shape[0]
     mean = w @ m / n
     var = (w @ (m * m) - n * mean * mean) / (n - 1)
-    sq = np.mean((mean * mean - var / n) / (s * s), axis=1)
-    return np.sqrt(np.maximum(sq, 0.0))
+    return debiased_rms(mean, var / n, s)
 
 
 def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray], *,

@@ -55,6 +55,7 @@ from qerror.nn._anatomy import (
     path_depths,
 )
 from qerror.nn.bn import BNInconsistency
+from qerror.nn.growth import debiased_rms
 from qerror.quantizer import QParams, QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 
@@ -721,10 +722,7 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
         live = std_c > 0
         rel_c = drift_c[live] / std_c[live]
         var_c = err.var_mean_c()
-        debiased = math.nan
-        if var_c is not None and rel_c.size:
-            sq = np.mean((drift_c[live] ** 2 - var_c[live]) / std_c[live] ** 2)
-            debiased = math.sqrt(max(float(sq), 0.0))
+        debiased = math.nan if var_c is None else debiased_rms(drift_c, var_c, std_c)
         if err.kept:
             kw["drift_image_channel"] = torch.cat(err.kept).numpy()
         mse = err.sq()
