@@ -8,6 +8,7 @@ so the macros files of all studies can be loaded into one paper without a clash.
 
 from __future__ import annotations
 
+import math
 import re
 
 _ONES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
@@ -57,3 +58,19 @@ def macro_name(study: str, key: str) -> str:
     if not name.isalpha():
         raise ValueError(f"LaTeX macro names are letters only, got {name!r}")
     return name
+
+
+def number(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` significant digits, for a macro set in running text.
+
+    Never in exponent notation (``1040``, not ``1.04e+03``), and a negative value carries a
+    true minus sign, which a hyphen in text mode is not.
+    """
+    if not math.isfinite(value):
+        raise ValueError(f"a macro needs a finite number, got {value!r}")
+    if value == 0:
+        text = "0"
+    else:
+        places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+        text = f"{abs(value):.{places}f}"
+    return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text

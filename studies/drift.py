@@ -75,7 +75,7 @@ from studies._common import (
     positive_int,
     study_main,
 )
-from studies._latex import letters
+from studies._latex import letters, number
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
 FIT_LEVEL = 0.95  # confidence of the growth exponents
@@ -517,21 +517,66 @@ def figure_prediction(plt, pred: pd.DataFrame):
 
 # --------------------------------------------------------------------------- main
 
-def _macros(acc: pd.DataFrame, fits: pd.DataFrame) -> dict:
+MACRO_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
+
+
+def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd.DataFrame,
+            xsummary: pd.DataFrame | None, headline: pd.DataFrame | None) -> dict:
+    """The numbers the paper quotes, each from this run's tables.
+
+    A macro is written only when its configuration was measured, so a run with fewer modes
+    or widths gives fewer macros and the paper's build names the missing ones.
+    """
     m = {}
     base = acc[acc.remedy == "none"]
+    both = base[base.target == "both"] if "target" in base else base.iloc[:0]
     if "float_acc" in base and len(base):
         m["FloatAccuracy"] = f"{100 * base.float_acc.iloc[0]:.2f}"
-        for mode in ("nearest_even", "toward_zero"):
-            for bits in (8, 4):
-                r = base[(base["mode"] == mode) & (base.bits == bits) & (base.target == "both")]
-                if len(r):
-                    m[f"Acc{letters(f'{mode}_{bits}')}"] = f"{100 * r.quant_acc.iloc[0]:.2f}"
+    for mode in (x.value for x in MACRO_MODES):
+        for bits in (8, 4):
+            key = letters(f"{mode}_{bits}")
+            r = both[(both["mode"] == mode) & (both.bits == bits)]
+            if len(r):
+                m[f"Acc{key}"] = f"{100 * r.quant_acc.iloc[0]:.2f}"
+                m[f"LogitSqnr{key}"] = number(r.logit_sqnr_db.iloc[0], 2)
+            s = sites[(sites["mode"] == mode) & (sites.bits == bits) & (sites.target == "both")]
+            sat = s[(s.kind == "conv") & (s.metric == "saturation_high")].value
+            if len(sat):
+                # Fractions of each conv input's elements on the top code, in percent.
+                m[f"SatHighMax{key}"] = f"{100 * sat.max():.2f}"
+                m[f"SatHighMean{key}"] = f"{100 * sat.mean():.2f}"
+            bn = s[(s.kind == "bn") & (s.metric == "bn_mean_shift_qf_rms")].value
+            if len(bn):
+                m[f"BnShiftMedian{key}"] = number(bn.median(), 2)
+                m[f"BnShiftMax{key}"] = number(bn.max(), 2)
+    rem = acc[(acc.remedy != "none") & (acc.target == "both")] if "target" in acc else acc.iloc[:0]
+    for _, r in rem.iterrows():
+        if r["mode"] in [x.value for x in MACRO_MODES] and np.isfinite(r.sqnr_gain_db):
+            key = letters(f"{r.remedy}_{r['mode']}_{r.bits}")
+            m[f"SqnrGain{key}"] = number(r.sqnr_gain_db, 2)
     for _, r in fits.iterrows():
         if r.target != "both" or r.bits != 8 or not np.isfinite(r.get("exponent", np.nan)):
             continue
         met = "Drift" if r.metric == "drift_rel_rms_channel_debiased" else "Rms"
-        m[f"Exp{met}{letters(r['mode'])}"] = f"{r.exponent:.2f}"
+        m[f"Exp{met}{letters(r['mode'])}"] = number(r.exponent, 3)
+    if len(pred):
+        err = np.abs(pred.predicted_bn - pred.measured) / pred.float_std.where(pred.float_std > 0)
+        m["PredictionMedianError"] = number(np.nanmedian(err), 2)
+        m["PredictionMedianCorr"] = number(np.nanmedian(pred.channel_corr_bn), 2)
+    if xsummary is not None and len(xsummary):
+        for act, rows in xsummary.groupby("activations", sort=True):
+            key = letters(act)
+            faithful = rows[rows.faithful.astype(bool)]
+            if len(faithful):
+                f = faithful.iloc[0]
+                m[f"IntEightPipeline{key}"] = f"{f.arithmetic}/{f.pipeline}"
+                m[f"IntEightEqual{key}"] = f"{100 * f.equal / f.elements:.4g}"
+            m[f"IntEightAvxSaturated{key}"] = f"{int(rows.avx2_saturated.iloc[0]):,}"
+            m[f"IntEightElements{key}"] = f"{int(rows.elements.iloc[0]):,}"
+    if headline is not None and len(headline):
+        m["HeadlineImages"] = f"{int(headline.images.iloc[0]):,}"
+        for _, r in headline.iterrows():
+            m[f"Headline{letters(r['mode'])}"] = f"{100 * r.acc:.2f}"
     return m
 
 
@@ -735,7 +780,7 @@ def _main(argv: list[str]) -> int:
             summary["headline"] = headline.to_dict(orient="records")
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
-        run.write_macros("macros.tex", _macros(acc, fits))
+        run.write_macros("macros.tex", _macros(acc, fits, sites, pred, xsummary, headline))
         for bits in bits_list:
             for target in [t.value for t in targets]:
                 fig = figure_depth(plt, sites, bits, target)

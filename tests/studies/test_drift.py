@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from torch import nn
 
 from qerror.nn import int8
 from studies import drift
+from studies._latex import letters, number
 
 
 @pytest.fixture
@@ -76,6 +78,24 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 16
     assert not list(tmp_path.glob(".drift.partial*"))
+    # The paper's numbers are read from the run's own tables.
+    macros = dict(re.findall(r"\\newcommand\{\\drift(\w+)\}\{(.*)\}",
+                             (out / "macros.tex").read_text()))
+    for _, row in head.iterrows():
+        assert macros["Headline" + letters(row["mode"])] == f"{100 * row.acc:.2f}"
+    assert macros["HeadlineImages"] == "32"
+    full = faithful[faithful.activations == "full_range"].iloc[0]
+    assert macros["IntEightPipelineFullRange"] == f"reciprocal/{probe.faithful.value}"
+    assert macros["IntEightEqualFullRange"] == "100"
+    assert macros["IntEightElementsFullRange"] == f"{int(full.elements):,}"
+    conv8 = sites[(sites["mode"] == "toward_zero") & (sites.bits == 8) & (sites.kind == "conv")
+                  & (sites.target == "both") & (sites.metric == "saturation_high")]
+    assert macros["SatHighMaxTowardZeroEight"] == f"{100 * conv8.value.max():.2f}"
+    bn4 = sites[(sites["mode"] == "nearest_even") & (sites.bits == 4)
+                & (sites.metric == "bn_mean_shift_qf_rms")]
+    assert macros["BnShiftMedianNearestEvenFour"] == number(bn4.value.median(), 2)
+    rem = acc[(acc.remedy == "bn_reestimation") & (acc["mode"] == "toward_zero")].iloc[0]
+    assert macros["SqnrGainBnReestimationTowardZeroFour"] == number(rem.sqnr_gain_db, 2)
 
 
 def test_int8_report_follows_the_kernel_probe(monkeypatch):

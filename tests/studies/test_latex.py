@@ -5,7 +5,7 @@ import pytest
 
 from studies import _common
 from studies._common import RunDir
-from studies._latex import letters
+from studies._latex import letters, number
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -34,3 +34,21 @@ def test_macro_names_must_be_letters(tmp_path):
         with pytest.raises(ValueError, match="letters only"):
             run.write_macros("m.tex", {"bad_name1": "1"})
     assert _common.package_versions(["numpy"])["numpy"]
+
+
+@pytest.mark.parametrize("value, digits, text", [
+    (1039.537751, 3, "1040"),           # never 1.04e+03
+    (32.560427, 3, "32.6"),
+    (0.0106423, 2, "0.011"),
+    (-7.898841, 2, "\\ensuremath{-}7.9"),  # a true minus sign, not a hyphen
+    (-0.0001, 2, "\\ensuremath{-}0.00010"),
+    (0.0, 3, "0"),
+    (2.0, 3, "2.00"),
+])
+def test_number_for_running_text(value, digits, text):
+    assert number(value, digits) == text
+
+
+def test_number_refuses_non_finite():
+    with pytest.raises(ValueError, match="finite"):
+        number(float("nan"))
