@@ -46,7 +46,7 @@ from qerror.data import DataError, DataNotFoundError
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
-from studies._latex import macro_name
+from studies._latex import macro_name, readable
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -409,8 +409,10 @@ class RunDir:
 
     def write_latex_table(self, name: str, frame, caption: str, label: str,
                           float_format: str = "%.4g") -> Path:
-        """A booktabs table (needs ``\\usepackage{booktabs}``)."""
-        body = frame.to_latex(index=False, float_format=float_format.__mod__, escape=True)
+        """A booktabs table (needs ``\\usepackage{booktabs}``), with readable headers
+        (:func:`studies._latex.readable`)."""
+        body = readable(frame).to_latex(index=False, float_format=float_format.__mod__,
+                                        escape=False, na_rep="--")
         text = ("\\begin{table}[t]\n\\centering\n\\small\n" + body
                 + f"\\caption{{{caption}}}\n\\label{{{label}}}\n\\end{{table}}\n")
         return self.write_text(name, text)

@@ -74,3 +74,63 @@ def number(value: float, digits: int = 3) -> str:
         places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
         text = f"{abs(value):.{places}f}"
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
+
+
+# Column headers of the studies' LaTeX tables: a reader sees words and symbols, never a
+# variable name. A column missing here is shown with its underscores as spaces.
+HEADERS = {
+    "acc": "accuracy", "acc_lo": "low", "acc_hi": "high",
+    "quant_acc": "accuracy", "quant_lo": "low", "quant_hi": "high",
+    "ci_low": "low", "ci_high": "high",
+    "delta": r"$\Delta$ vs float", "delta_vs_float": r"$\Delta$ vs float",
+    "delta_vs_nearest": r"$\Delta$ vs nearest", "diff": r"$\Delta$",
+    "mcnemar_p": r"McNemar $p$", "p_vs_float": r"$p$ vs float",
+    "p_vs_nearest": r"$p$ vs nearest", "p_value": r"$p$", "p_holm": r"$p$ (Holm)",
+    "mcnemar_p_holm": r"McNemar $p$ (Holm)",
+    "logit_sqnr_db": "logit SQNR (dB)", "sqnr_gain_db": r"$\Delta$SQNR (dB)",
+    "agreement": "top-1 agreement", "agreement_with_float": "top-1 agreement",
+    "recovered": "loss recovered",
+    "exponent": "$p$", "lo_images": "low (images)", "hi_images": "high (images)",
+    "lo_layers": "low (layers)", "hi_layers": "high (layers)",
+    "min_frac_equal": "min equal", "median_frac_equal": "median equal",
+    "max_abs_lsb": "max $|\\Delta|$ (LSB)",
+    "input_bias_lsb": "input bias (LSB)", "input_mse_lsb": "input MSE (LSB$^2$)",
+    "bias_lsb": "bias (LSB)", "min_error_lsb": "min error (LSB)",
+    "max_error_lsb": "max error (LSB)", "double_mse_lsb": "double MSE (LSB$^2$)",
+    "frac_test_pixels_off_grid": "test pixels off grid", "frac_codes_changed": "codes changed",
+    "ratio_to_float32": "ratio to float32", "max_abs_logit_diff": "max $|\\Delta|$ logit",
+    "alpha_aciq": r"$\alpha$ ACIQ", "alpha_exact_midrise": r"$\alpha$ exact",
+    "mse_aciq_midrise": "MSE ACIQ", "mse_exact_midrise": "MSE exact (mid-rise)",
+    "mse_exact_integer": "MSE exact (integer)", "mse_lloyd_max": "MSE Lloyd--Max",
+    "holds_from_ratio": r"holds from $\sigma/\Delta$", "worst_rel_gap": "worst rel.\\ gap",
+    "worst_at_ratio": r"worst at $\sigma/\Delta$",
+}
+
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}"}
+
+
+def escape(text: str) -> str:
+    """``text`` with LaTeX's special characters made literal."""
+    return "".join(_TEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def header(column: str) -> str:
+    """A table header for a column name: from :data:`HEADERS`, else words from the name."""
+    return HEADERS.get(column, escape(column.replace("_", " ")))
+
+
+def readable(frame):
+    """A copy of ``frame`` for ``to_latex(escape=False)``: headers from :func:`header`, text
+    cells escaped with underscores read as spaces (``nearest_even`` → ``nearest even``), and
+    no negative zeros."""
+    out = frame.copy()
+    for col in out.columns:
+        if out[col].dtype == object or str(out[col].dtype) in ("string", "str"):
+            out[col] = out[col].map(
+                lambda v: escape(v.replace("_", " ")) if isinstance(v, str) else v)
+        elif out[col].dtype.kind == "f":
+            out[col] = out[col] + 0.0  # -0.0 reads as "-0" in a table; + 0.0 makes it 0.0
+    out.columns = [header(str(c)) for c in out.columns]
+    return out

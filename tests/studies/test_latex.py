@@ -1,11 +1,12 @@
 """studies._latex and RunDir.write_macros: macro names in letters, one prefix per study."""
 
 
+import pandas as pd
 import pytest
 
 from studies import _common
 from studies._common import RunDir
-from studies._latex import letters, number
+from studies._latex import HEADERS, escape, header, letters, number
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -52,3 +53,24 @@ def test_number_for_running_text(value, digits, text):
 def test_number_refuses_non_finite():
     with pytest.raises(ValueError, match="finite"):
         number(float("nan"))
+
+
+def test_tables_read_as_words_with_escaped_cells(tmp_path):
+    frame = pd.DataFrame({"mode": ["nearest_even", "50%_a&b"], "quant_acc": [0.5, -0.0],
+                          "mcnemar_p": [float("nan"), 0.25], "odd_name": [1, 2]})
+    with RunDir(tmp_path / "t", "drift", [], {}) as run:
+        run.write_latex_table("t.tex", frame, "caption", "tab:t")
+        out = run.finish()
+    tex = (out / "t.tex").read_text()
+    assert r"mode & accuracy & McNemar $p$ & odd name \\" in tex
+    assert r"nearest even & 0.5 & -- & 1 \\" in tex
+    assert r"50\% a\&b & 0 & 0.25 & 2 \\" in tex  # no "-0", specials escaped
+
+
+def test_every_header_is_valid_latex_text():
+    # Balanced braces and dollars: a header cannot break the table it sits in.
+    for column, text in HEADERS.items():
+        assert text.count("$") % 2 == 0, column
+        assert text.count("{") == text.count("}"), column
+    assert header("some_new_column") == "some new column"
+    assert escape("a_b%c") == r"a\_b\%c"
