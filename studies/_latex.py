@@ -104,6 +104,8 @@ HEADERS = {
     "mse_exact_integer": "MSE exact (integer)", "mse_lloyd_max": "MSE Lloyd--Max",
     "holds_from_ratio": r"holds from $\sigma/\Delta$", "worst_rel_gap": "worst rel.\\ gap",
     "worst_at_ratio": r"worst at $\sigma/\Delta$",
+    "in_h": "in $H$", "in_w": "in $W$", "out_h": "out $H$", "out_w": "out $W$",
+    "kernel_h": "kernel $H$", "kernel_w": "kernel $W$", "live_fraction": "taps on data",
 }
 
 _TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",

@@ -52,6 +52,7 @@ from qerror.nn import (
     calibrate_activations,
     check_model,
     empirical_bias_correction,
+    layer_geometry,
     measure,
     predicted_local_drift,
     quantize_weights,
@@ -761,6 +762,14 @@ def _main(argv: list[str]) -> int:
                 "intervals, and the paired difference from float and from round-to-nearest "
                 "with McNemar's p.", "tab:drift-headline", float_format="%.4g")
         run.write_csv("sites.csv", sites)
+        geometry = pd.DataFrame([g.record() for g in layer_geometry(model, data.test[0][0][:1])])
+        run.write_csv("geometry.csv", geometry)
+        run.write_latex_table(
+            "geometry.tex", geometry[["layer", "in_h", "in_w", "out_h", "out_w", "kernel_h",
+                                      "kernel_w", "live_fraction"]],
+            "Where each layer runs: input and output map sizes, kernel, and the share of the "
+            "kernel's products that multiply data rather than zero padding.", "tab:drift-geometry",
+            float_format="%.3g")
         run.write_csv("accuracy.csv", acc)
         run.write_csv("growth.csv", fits)
         if len(pred):
@@ -780,7 +789,12 @@ def _main(argv: list[str]) -> int:
             summary["headline"] = headline.to_dict(orient="records")
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
-        run.write_macros("macros.tex", _macros(acc, fits, sites, pred, xsummary, headline))
+        macros = _macros(acc, fits, sites, pred, xsummary, headline)
+        convs = geometry[geometry.kind == "conv"]
+        macros["ConvLayers"] = f"{len(convs)}"
+        macros["ConvsMostlyPadding"] = f"{int((convs.live_fraction < 0.5).sum())}"
+        macros["MinLiveTaps"] = number(100 * convs.live_fraction.min(), 3)
+        run.write_macros("macros.tex", macros)
         for bits in bits_list:
             for target in [t.value for t in targets]:
                 fig = figure_depth(plt, sites, bits, target)

@@ -15,7 +15,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
   ``--device`` and torchrun data parallelism);
-* :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid.
+* :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid;
+* :mod:`qerror.nn.geometry`: map sizes and the kernel taps that see data, per layer.
 """
 
 from qerror.nn._anatomy import (
@@ -58,6 +59,7 @@ from qerror.nn.early_exit import (
     fit_temperature,
     run_early_exit,
 )
+from qerror.nn.geometry import LayerGeometry, layer_geometry, live_taps
 from qerror.nn.propagate import (
     LogitResult,
     PropagationResult,
@@ -124,7 +126,10 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "fold_bn",
+    "LayerGeometry",
+    "layer_geometry",
     "layer_names",
+    "live_taps",
     "measure",
     "output_key",
     "path_depths",

@@ -32,7 +32,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert not flushing_denormals()  # the study put the process-wide flag back
     manifest = json.loads((out / "manifest.json").read_text())
     for name in ("sites.csv", "accuracy.csv", "growth.csv", "prediction.csv", "summary.json",
-                 "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex",
+                 "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex", "geometry.csv",
+                 "geometry.tex",
                  "int8_crosscheck.csv", "depth_8bit_both.pdf", "depth_4bit_both.png",
                  "accuracy.pdf", "remedies.pdf", "prediction.pdf",
                  "growth_drift_rel_rms_channel_debiased.pdf", "headline.csv", "headline.tex"):
@@ -78,6 +79,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 16
     assert not list(tmp_path.glob(".drift.partial*"))
+    geo = pd.read_csv(out / "geometry.csv").set_index("layer")
+    assert len(geo) == 21  # resnet18: 20 convolutions and the classifier, in execution order
+    assert (geo.loc["layer4.1.conv2", ["in_h", "live_taps", "taps"]] == [1, 1, 9]).all()
     # The paper's numbers are read from the run's own tables.
     macros = dict(re.findall(r"\\newcommand\{\\drift(\w+)\}\{(.*)\}",
                              (out / "macros.tex").read_text()))
