@@ -30,8 +30,8 @@ data:
 run: $(STAMP) data
 	$(BIN)/python -m studies.drift --force
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) tests
+test: $(STAMP) data
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests
 
 bench: $(STAMP)
 	$(BIN)/python -m studies.bench --force

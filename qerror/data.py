@@ -369,6 +369,18 @@ def to_tensor(images: np.ndarray, size: int = 32) -> torch.Tensor:
     return x.sub_(MEAN).div_(STD).unsqueeze(1)
 
 
+def to_small_tensor(images: np.ndarray, size: int = 8) -> torch.Tensor:
+    """uint8 (N, 28, 28) → float32 (N, 1, size, size): :func:`to_tensor` at 32×32, then
+    average-pooled by ``32 // size`` (``size`` must divide 32).
+
+    The input of the small networks the ledger's network claims are decided on: many
+    seeds of a deep, narrow network train in seconds each at 8×8.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or 32 % size:
+        raise ValueError(f"size must be a divisor of 32 (1, 2, 4, 8, 16 or 32), got {size!r}")
+    return torch.nn.functional.avg_pool2d(to_tensor(images, 32), 32 // size)
+
+
 def load_image(path: str):
     """An image file as an RGB ``PIL.Image``; the loader :func:`imagenet_folder` uses.
 

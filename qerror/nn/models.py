@@ -3,6 +3,8 @@
 * :func:`fashion_resnet` adapts torchvision's ResNet18/50 to 1-channel 32×32 input (what
   :func:`qerror.data.to_tensor` makes) by changing only the stem (:class:`Stem`) and the
   classifier width.
+* :func:`plain_chain` is a deep, narrow plain CNN (conv–BN–ReLU layers, no pooling) for
+  the ledger's network claims over many seeds.
 * :func:`imagenet_resnet50` builds ResNet50 with ImageNet weights from torchvision (torch
   hub cache or a download) or from a local state-dict file.
 * :func:`save_checkpoint` / :func:`load_checkpoint` keep trained weights in a user cache
@@ -321,6 +323,44 @@ def _weights_help(weights: torchvision.models.ResNet50_Weights) -> str:
             f"  - copy {Path(weights.url).name} from {weights.url} to {_hub_file(weights)}\n"
             "  - pass the path of a local state-dict file (torch.save(model.state_dict(), path) "
             "of a torchvision resnet50) instead of the weights' name")
+
+
+def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
+                in_channels: int = 1, seed: int = 0) -> nn.Sequential:
+    """A deep, narrow plain CNN: ``depth`` conv–BatchNorm–ReLU layers, no pooling, no skips.
+
+    Every convolution is 3×3 with padding 1 and ``width`` output channels, so the map size
+    never changes and path depth equals the layer count: the network on which the ledger's
+    network claims (drift growing with depth, BatchNorm inconsistency, saturation, accuracy)
+    are decided over many trained seeds, on 8×8 Fashion-MNIST
+    (:func:`qerror.data.to_small_tensor`). Global average pooling and a linear classifier
+    follow the last layer.
+
+    Parameters
+    ----------
+    depth, width, num_classes, in_channels : int
+        Positive.
+    seed : int
+        Seed of the initialisation; the global torch generator is left untouched.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        In training mode, float32.
+    """
+    for name, v in (("depth", depth), ("width", width), ("num_classes", num_classes),
+                    ("in_channels", in_channels)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(int(depth)):
+            layers += [nn.Conv2d(int(in_channels) if i == 0 else int(width), int(width), 3,
+                                 padding=1, bias=False),
+                       nn.BatchNorm2d(int(width)), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(int(width), int(num_classes))]
+        return nn.Sequential(*layers)
 
 
 def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights, *,

@@ -25,10 +25,10 @@ import torch
 
 from qerror import data
 from qerror.nn.models import DEFAULT_STEM, Arch, fashion_resnet, save_checkpoint
-from studies import bench, dataset, drift, ledger, rounding, train
+from studies import bench, dataset, drift, ledger, rounding, seeds, train
 
 MODULES = {"drift": drift, "rounding": rounding, "dataset": dataset, "bench": bench,
-           "train": train, "ledger": ledger}
+           "train": train, "ledger": ledger, "seeds": seeds}
 ARGPARSE = 2  # argparse's status for a bad argument, also the studies' for a refused input
 REFUSED = 2
 SYSTEM_EXIT = 1  # SystemExit(message): Python prints the message and exits 1
@@ -118,6 +118,15 @@ STUDY_CASES = {
          r"thesis\.tex is an existing file that is not a qerror checkpoint"),
         ("checkpoint-a-folder", ["--checkpoint", "{user}"], REFUSED, r"is a folder"),
     ],
+    "seeds": [
+        ("seeds-1", ["--seeds", "1"], ARGPARSE, r"--seeds: must be at least 2, got 1"),
+        ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1, got 0"),
+        ("test-images-1", ["--test-images", "1"], ARGPARSE, r"--test-images: must be at least"),
+        ("too-few-steps", ["--train-images", "256", "--epochs", "1"], ARGPARSE,
+         r"2 steps of 128 images; the one-cycle schedule needs at least 10"),
+        ("more-images-than-the-split", ["--train-images", "5000"], ARGPARSE,
+         r"--train-images 5000 / --test-images 128: more than the 100 training"),
+    ],
 }
 
 # Named sources that are missing, empty, incomplete or corrupt: the study must say so,
@@ -129,15 +138,15 @@ SOURCE_CASES = [
     ("data-root-truncated-gzip", ["--data-root", "{trunc}"], r"t10k-labels-idx1-ubyte\.gz"),
     ("env-missing", ["$QERROR_DATA={missing}"], r"QERROR_DATA"),
 ]
-SOURCE_STUDIES = ("drift", "rounding", "dataset", "train")
+SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds")
 # What each study needs besides the case's own arguments to reach its data.
-SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [],
+SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [], "seeds": [],
                 "rounding": ["--checkpoint", "{ckpt}"]}
 
 
 def _table():
     rows = []
-    for study in ("drift", "rounding", "dataset", "bench", "train"):
+    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds"):
         rows += [(study, f"out-{cid}", argv, code, msg) for cid, argv, code, msg in OUT_CASES]
         rows += [(study, *case) for case in STUDY_CASES[study]]
         rows += [(study, cid, argv + SOURCE_EXTRA[study], REFUSED, msg)
@@ -225,7 +234,7 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(
         else:
             args.append(a.format(**places))
     named_data = "--data-root" in args or os.environ.get(data.ENV_VAR)
-    if study in ("drift", "dataset", "train") and not named_data:
+    if study in ("drift", "dataset", "train", "seeds") and not named_data:
         args += ["--data-root", str(places["fm"])]
     if "--out" not in args:
         args += ["--out", str(places["new"])]
@@ -288,6 +297,7 @@ RERUNS = {
     "drift": (drift, [], (6100, 100)),
     "rounding": (rounding, ["--laws", "normal", "--ratios", "2", "--mc-samples", "200"],
                  None),
+    "seeds": (seeds, [], (7100, 200)),
 }
 
 

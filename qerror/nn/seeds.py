@@ -1,0 +1,135 @@
+"""The network claims measured on one trained network, so they can be decided over many.
+
+One seed of one network decides a network claim only for itself. :func:`network_statements`
+measures, on one network, every quantity the ledger's network claims N1–N4 speak of, for
+each width and rounding mode, as one tidy table; a caller measures many seeds (trained,
+true labels) and decides each claim on the distribution across them
+(:func:`fraction_holding`).
+
+The quantities, per width ``b`` and mode ``m`` (weights and activations quantized):
+
+``drift_deep``
+    the per-channel mean error relative to the float activation's std, sampling noise
+    removed (``drift_rel_rms_channel_debiased``), at the deepest convolution's input (N1);
+``growth_lo``, ``growth``
+    the exponent ``p`` of ``drift ∝ depth^p`` over the convolutions, and the lower end of
+    its moving-block bootstrap interval (N1);
+``bn_worst``
+    the largest BatchNorm inconsistency caused by quantization, over layers: the RMS over
+    channels of ``(μ_q − μ_f)/σ_run`` or ``|log|`` of the geometric mean of ``σ²_q/σ²_f``,
+    whichever is larger (N2);
+``sat_first``, ``sat_last``
+    the share of elements on the top code at the first and at the last quantized layer's
+    input (N3);
+``accuracy``
+    top-1 accuracy against the true labels, and ``float_accuracy`` (N4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from qerror.nn.growth import layer_block_bootstrap
+from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
+from qerror.rounding import RoundingMode
+from qerror.stats import wilson_ci
+
+__all__ = ["STATEMENT_MODES", "fraction_holding", "network_statements"]
+
+#: The modes the network claims compare: round-to-nearest and the two biased ones.
+STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
+
+
+def _bn_worst(res) -> float:
+    worst = 0.0
+    for s in res.sites:
+        if s.kind != "bn" or s.bn is None:
+            continue
+        shift = s.bn.mean_shift_quant_vs_float
+        ratio = s.bn.var_ratio_quant_vs_float
+        shift = shift[np.isfinite(shift)]
+        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+        if shift.size:
+            worst = max(worst, float(np.sqrt(np.mean(shift * shift))))
+        if ratio.size:
+            worst = max(worst, abs(float(np.mean(np.log(ratio)))))
+    return worst
+
+
+def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
+                       labels: torch.Tensor, *, bits=(8, 6, 4), modes=STATEMENT_MODES,
+                       batch: int = 256, seed: int = 0) -> pd.DataFrame:
+    """Every quantity of the network claims N1–N4, measured on one network.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A trained network with BatchNorm (evaluation mode is used; the model is unchanged).
+    calib : torch.Tensor
+        Calibration images for the activation ranges (not test images).
+    test, labels : torch.Tensor
+        Test images and their true labels.
+    bits : sequence of int
+        Widths of weights and activations.
+    modes : sequence of RoundingMode
+    batch : int
+        Images per paired batch.
+    seed : int
+        Seed of the bootstrap (and of stochastic rounding, if asked for).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (bits, mode, quantity): columns ``bits``, ``mode``, ``quantity``,
+        ``value``; quantities as in the module docstring.
+    """
+    if len(test) != len(labels):
+        raise ValueError(f"{len(test)} test images but {len(labels)} labels")
+    batches = [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
+    rows = []
+    model.eval()
+    for b in bits:
+        act = calibrate_activations(model, [calib], QuantConfig.make(b).activation)
+        for mode in modes:
+            mode = RoundingMode.parse(mode)
+            res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
+            convs = [s for s in res.layers() if s.kind == "conv"]
+            layers = res.layers()
+            fit = layer_block_bootstrap([s.path_depth for s in convs],
+                                        [s.drift_rel_rms_channel_debiased for s in convs],
+                                        level=0.95, resamples=1000, seed=seed)
+            logits = res.logits
+            values = {
+                "drift_deep": convs[-1].drift_rel_rms_channel_debiased,
+                "growth": fit.exponent, "growth_lo": fit.lo,
+                "bn_worst": _bn_worst(res),
+                "sat_first": layers[0].saturation_high, "sat_last": layers[-1].saturation_high,
+                "accuracy": logits.quant_correct / logits.n,
+                "float_accuracy": logits.float_correct / logits.n,
+            }
+            rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": float(v)}
+                     for k, v in values.items()]
+    return pd.DataFrame(rows)
+
+
+def fraction_holding(holds, alpha: float = 0.05):
+    """How many of the seeds a statement holds on, with its Wilson interval.
+
+    Parameters
+    ----------
+    holds : array of bool, one per seed
+    alpha : float
+        1 − the interval's confidence level.
+
+    Returns
+    -------
+    qerror.stats.StatResult
+        :func:`qerror.stats.wilson_ci` of ``sum(holds)`` of ``len(holds)``.
+    """
+    h = np.asarray(holds, dtype=bool)
+    if h.ndim != 1 or h.size == 0:
+        raise ValueError(f"holds must be a non-empty 1-D array of booleans, got shape {h.shape}")
+    return wilson_ci(int(h.sum()), int(h.size), alpha)

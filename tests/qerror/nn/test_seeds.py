@@ -1,0 +1,66 @@
+"""qerror.nn.seeds: the network claims' quantities measured on one network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qerror.nn.models import plain_chain
+from qerror.nn.seeds import STATEMENT_MODES, fraction_holding, network_statements
+
+
+def _warmed(depth=4, width=4, seed=0):
+    """A small plain chain whose BatchNorm statistics fit its own activations."""
+    model = plain_chain(depth=depth, width=width, seed=seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+def test_every_quantity_for_every_width_and_mode():
+    model = _warmed()
+    g = torch.Generator().manual_seed(2)
+    calib, test = torch.randn(64, 1, 8, 8, generator=g), torch.randn(96, 1, 8, 8, generator=g)
+    labels = torch.randint(0, 10, (96,), generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = network_statements(model, calib, test, labels, bits=(8, 4), batch=32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    quantities = {"drift_deep", "growth", "growth_lo", "bn_worst", "sat_first", "sat_last",
+                  "accuracy", "float_accuracy"}
+    assert len(st) == 2 * len(STATEMENT_MODES) * len(quantities)
+    assert set(st.quantity) == quantities
+    assert np.isfinite(st.value).all()
+    acc = st[st.quantity.isin(["accuracy", "float_accuracy"])].value
+    # accuracies are counts over the 96 images
+    assert np.allclose(acc * 96, np.round(acc * 96)) and acc.between(0, 1).all()
+    # the float network is the same under every mode and width
+    assert st[st.quantity == "float_accuracy"].value.nunique() == 1
+    # truncation and floor leave more per-channel drift at the deepest conv than nearest at
+    # four bits on this network (a deterministic check of the wiring, not a claim)
+    d = st[(st.quantity == "drift_deep") & (st.bits == 4)].set_index("mode").value
+    assert d["floor"] > d["nearest_even"]
+
+
+def test_labels_must_match_images():
+    model = _warmed()
+    with pytest.raises(ValueError, match="3 test images but 2 labels"):
+        network_statements(model, torch.zeros(4, 1, 8, 8), torch.zeros(3, 1, 8, 8),
+                           torch.zeros(2, dtype=torch.long))
+
+
+def test_fraction_holding_is_the_wilson_interval():
+    r = fraction_holding([True] * 18 + [False] * 2)
+    assert r.estimate == 0.9
+    # Wilson 95% for 18/20, by its closed form
+    z = 1.959963984540054
+    n, p = 20, 0.9
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert r.ci == pytest.approx((centre - half, centre + half), rel=1e-12)
+    with pytest.raises(ValueError, match="non-empty"):
+        fraction_holding([])
