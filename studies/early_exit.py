@@ -445,7 +445,7 @@ def _main(argv: list[str]) -> int:
     plt = figure_style()
     with RunDir(args.out, "early_exit", argv, config) as run:
         run.extra.update(model=model_id, data=data.identity)
-        results = compute(run, base, data, args, config)
+        results = compute(base, data, args, config)
         results["seconds_to_results"] = time.perf_counter() - started
         write_outputs(run, plt, results, config)
         out = run.finish()
@@ -453,7 +453,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def compute(run, base: EarlyExitResNet, data: Data, args, config) -> dict:
+def compute(base: EarlyExitResNet, data: Data, args, config) -> dict:
     """Train, evaluate, quantize, sweep, choose, compare; returns every table."""
     costs = exit_costs(base)
     frozen = train_heads(base, data, config["head_epochs"], config["batch_size"], args.lr,
@@ -483,7 +483,8 @@ def compute(run, base: EarlyExitResNet, data: Data, args, config) -> dict:
 
     calib = [data.calib.x[i:i + batch] for i in range(0, len(data.calib.x), batch)]
     q_stages = quantize_exit_stages(model, calib, compile=config["compile"])
-    q_full = quantize_pt2e(model.backbone, calib, compile=config["compile"])
+    # INT8 full: the baseline quantized as one graph (no exit heads, no stage boundaries).
+    q_full = quantize_pt2e(base.backbone, calib, compile=config["compile"])
     logits[INT8] = (all_logits(q_stages, data.val.x, batch, "int8 val"),
                     all_logits(q_stages, data.test.x, batch, "int8 test"))
     int8_full_test = all_logits(lambda x: (q_full(x),), data.test.x, batch, "int8 full")[0]
