@@ -411,10 +411,20 @@ def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tenso
         return [lambda i: fp32_full(x(i)), lambda i: int8_full(x(i)),
                 lambda i: int8_stages.run(x(i), rule)]
 
-    with torch.inference_mode():
+    from torch._dynamo.utils import counters
+
+    # no_grad, not inference_mode: the graphs were compiled under no_grad, and inference
+    # tensors would fail dynamo's guards and compile them again inside the timed calls.
+    with torch.no_grad():
+        _alternating_times(run_all(lambda i: one[i]), 1)  # warm-up round, not timed
+        _alternating_times(run_all(lambda i: big), 1)
+        graphs = counters["stats"]["unique_graphs"]
         t1 = _alternating_times(run_all(lambda i: one[i]), pairs)
         rounds = max(2, min(10, pairs // 20))
         tb = _alternating_times(run_all(lambda i: big), rounds)
+    recompiled = counters["stats"]["unique_graphs"] - graphs
+    if recompiled:  # a compile inside a timed call: the row is not a speed
+        how += f", {recompiled} graph(s) compiled during the timing"
     names = ("fp32 eager full", "int8 full", "int8 early exit")
     rows = []
     for cand, base, goal in ((1, 0, None), (2, 1, 1.0), (2, 0, None)):
