@@ -169,3 +169,30 @@ def test_compiled_smoke_run_measures_latency(fashion_root, tmp_path):
     assert (times.compile_s > 0).all()
     summary = json.loads((out / "summary.json").read_text())
     assert all(sum(lowered.values()) > 0 for lowered in summary["lowered"])
+
+
+def _results(delta_ci, macs_fraction, ece_max, images=10_000):
+    """The parts of the study's results that the goals read."""
+    points = pd.DataFrame([{
+        "system": "int8_early_exit", "policy": "max-softmax", "images": images,
+        "delta_vs_fp32_full": sum(delta_ci) / 2, "tost_ci_lo": delta_ci[0],
+        "tost_ci_hi": delta_ci[1], "tost_p": 0.01,
+        "equivalent": -early_exit.MARGIN < delta_ci[0] and delta_ci[1] < early_exit.MARGIN,
+        "macs_fraction": macs_fraction}])
+    calibration = pd.DataFrame([{"system": "int8", "split": "test", "ece_after": e}
+                                for e in (ece_max / 2, ece_max)])
+    return {"points": points, "head_policy": "max-softmax", "calibration": calibration,
+            "latency": None}
+
+
+def test_goals_are_judged_on_the_whole_test_split_only():
+    met = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015), smoke=False,
+                           whole_test=True)
+    assert list(met.verdict) == ["met", "met", "met", "not measured", "not measured"]
+    missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
+                              whole_test=True)
+    assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3
+    part = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015, images=500), smoke=False,
+                            whole_test=False)
+    assert part.verdict[:3].str.startswith("not judged: 500 test images").all()
+    assert part.met.isna().all()
