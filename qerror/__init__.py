@@ -67,6 +67,7 @@ from qerror.stats import (
     mcnemar_from_counts,
     mcnemar_test,
     mse_ratio_ci,
+    paired_accuracy_equivalence,
     uniformity_test,
     wilson_ci,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "mcnemar_test",
     "measure_error",
     "mse_ratio_ci",
+    "paired_accuracy_equivalence",
     "uniformity_test",
     "wilson_ci",
     "QParams",

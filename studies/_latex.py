@@ -49,12 +49,16 @@ def letters(text: object) -> str:
 def macro_name(study: str, key: str) -> str:
     """The full name of a study's macro: the study's name, then ``key``.
 
+    A study named with underscores is written in camel case (``early_exit`` →
+    ``earlyExit``), since a control word holds letters only.
+
     Raises
     ------
     ValueError
         If the result holds anything but letters (build keys with :func:`letters`).
     """
-    name = study + key
+    first, *rest = study.split("_")
+    name = first + "".join(part[:1].upper() + part[1:] for part in rest) + key
     if not name.isalpha():
         raise ValueError(f"LaTeX macro names are letters only, got {name!r}")
     return name

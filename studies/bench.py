@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -358,12 +359,168 @@ def bench_drift(args) -> list[BenchRow]:
     return rows
 
 
+def _alternating_times(fns: list[Callable[[int], object]], pairs: int) -> np.ndarray:
+    """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
+    each ``i`` with the order rotated every round, so that no candidate always runs first
+    (after a cache-warming, or a cache-spoiling, neighbour). Shape (pairs, len(fns))."""
+    times = np.empty((pairs, len(fns)))
+    for i in range(pairs):
+        for j in np.roll(np.arange(len(fns)), -i):
+            t0 = time.perf_counter()
+            fns[j](i)
+            times[i, j] = time.perf_counter() - t0
+    return times
+
+
+def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tensor, pairs: int,
+                    *, seed: int = 0, batch: int = 256, compiled: bool = True
+                    ) -> list[BenchRow]:
+    """Batch-1 latency and batch-``batch`` throughput of FP32 eager full, INT8 full and INT8
+    early exit, as paired ratios measured in one run.
+
+    Parameters
+    ----------
+    fp32_full : nn.Module
+        The float network in evaluation mode, run eagerly.
+    int8_full : callable
+        The whole network quantized as one graph (:func:`qerror.nn.pt2e.quantize_pt2e`).
+    int8_stages : qerror.nn.pt2e.Int8ExitStages
+        The early-exit stages, run with ``rule`` (exited samples do no further work).
+    images : torch.Tensor
+        (N, C, H, W) images: batch 1 walks through a seeded order of them (an early exit's
+        latency depends on the image), the batch rows take the first ``batch``.
+    pairs : int
+        Rounds of batch-1 timing (each times the three on one image); the batch rows use
+        ``max(2, min(10, pairs // 20))`` rounds.
+
+    Notes
+    -----
+    Every round times the three candidates on the same input, in an order rotated from
+    round to round; a row's ratio is the median of the per-round ratios, with their range,
+    and its note gives the 99th percentiles of both latencies. The ``goal`` of the early
+    exit against INT8 full at batch 1 is a median ratio of at most 1; against FP32 eager at
+    batch ``batch``, at most 0.2 (5x the throughput). Compilation happened before (the
+    callers report it apart); none happens here.
+    """
+    order = np.random.default_rng(seed).permutation(len(images))
+    one = [images[int(order[i % len(order)])][None] for i in range(pairs)]
+    big = images[:batch]
+    how = "compiled" if compiled else "uncompiled (converted graphs run eagerly; not a speed)"
+
+    def run_all(x):
+        return [lambda i: fp32_full(x(i)), lambda i: int8_full(x(i)),
+                lambda i: int8_stages.run(x(i), rule)]
+
+    from torch._dynamo.utils import counters
+
+    # no_grad, not inference_mode: the graphs were compiled under no_grad, and inference
+    # tensors would fail dynamo's guards and compile them again inside the timed calls.
+    with torch.no_grad():
+        _alternating_times(run_all(lambda i: one[i]), 1)  # warm-up round, not timed
+        _alternating_times(run_all(lambda i: big), 1)
+        graphs = counters["stats"]["unique_graphs"]
+        t1 = _alternating_times(run_all(lambda i: one[i]), pairs)
+        rounds = max(2, min(10, pairs // 20))
+        tb = _alternating_times(run_all(lambda i: big), rounds)
+    recompiled = counters["stats"]["unique_graphs"] - graphs
+    if recompiled:  # a compile inside a timed call: the row is not a speed
+        how += f", {recompiled} graph(s) compiled during the timing"
+    names = ("fp32 eager full", "int8 full", "int8 early exit")
+    rows = []
+    for cand, base, goal in ((1, 0, None), (2, 1, 1.0), (2, 0, None)):
+        a, b = t1[:, cand], t1[:, base]
+        rows.append(make_row(
+            "early_exit", f"batch 1, latency, {how}", names[cand], names[base],
+            goal if compiled else None,
+            a / b, a, b, note=f"p99 {1e3 * np.percentile(a, 99):.2f} vs "
+                              f"{1e3 * np.percentile(b, 99):.2f} ms; {pairs} images"))
+    for cand, base, goal in ((1, 0, None), (2, 0, 0.2)):
+        a, b = tb[:, cand], tb[:, base]
+        rows.append(make_row(
+            "early_exit", f"batch {len(big)}, time per batch, {how}", names[cand],
+            names[base], goal if compiled else None, a / b, a, b,
+            note=f"{len(big) / np.median(a):.0f} vs {len(big) / np.median(b):.0f} images/s"))
+    return rows
+
+
+def bench_early_exit(args) -> list[BenchRow]:
+    """FP32 eager full, INT8 full and INT8 early exit (:func:`early_exit_rows`).
+
+    The network and exit rule of a finished ``python -m studies.early_exit`` run
+    (``--early-exit-run``, default ``runs/early_exit``) when there is one: its backbone
+    checkpoint, its saved exit model and its INT8 operating rule, on Fashion-MNIST test
+    images. Otherwise (and with ``--smoke``) an untrained network on random images whose
+    thresholds let about half the remaining samples leave at each exit, which the rows'
+    names say; ``--smoke`` also leaves the INT8 graphs uncompiled (compiling takes minutes).
+    """
+    from qerror.nn.early_exit import EarlyExitResNet, ExitRule, exit_confidence
+    from qerror.nn.models import fashion_resnet
+    from qerror.nn.pt2e import quantize_exit_stages, quantize_pt2e
+
+    loaded = None if args.smoke else _early_exit_run(args.early_exit_run)
+    if loaded is not None:
+        model, rule, images, origin = loaded
+    else:
+        arch = "resnet18" if args.smoke else "resnet50"
+        model = EarlyExitResNet(fashion_resnet(arch, seed=args.seed), seed=args.seed).eval()
+        gen = torch.Generator().manual_seed(args.seed)
+        images = torch.randn(64 if args.smoke else 512, 1, 32, 32, generator=gen)
+        with torch.no_grad():
+            scores = [exit_confidence(z, "max-softmax") for z in model(images)]
+        rule = ExitRule("max-softmax", tuple(float(s.median()) for s in scores[:-1]))
+        origin = f"untrained {arch}, random images, median-score thresholds"
+    compiled = not args.smoke
+    calib = [images[:32]]
+    stages = quantize_exit_stages(model, calib, compile=compiled)
+    full = quantize_pt2e(model.backbone, calib, compile=compiled)
+    # Smoke: the uncompiled graphs take a third of a second per image; two rounds do.
+    rows = early_exit_rows(model.backbone, full, stages, rule, images,
+                           2 if args.smoke else max(2, min(args.pairs * 10, 200)),
+                           seed=args.seed, batch=8 if args.smoke else 256, compiled=compiled)
+    compile_s = stages.compile_seconds + full.times.compile
+    return [BenchRow(**{**asdict(r), "name": f"{r.name}; {origin}",
+                        "note": f"{r.note}; compile {compile_s:.0f} s apart" if compiled
+                        else r.note}) for r in rows]
+
+
+def _early_exit_run(folder):
+    """(model, rule, test images, origin) of a finished early-exit study run, or None."""
+    import json
+
+    from qerror.data import fashion_mnist_splits, to_tensor
+    from qerror.nn.early_exit import EarlyExitResNet, ExitRule
+    from qerror.nn.models import load_checkpoint
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("study") != "early_exit" or summary.get("smoke") \
+            or "checkpoint" not in manifest.get("model", {}):
+        return None
+    ckpt = load_checkpoint(manifest["model"]["checkpoint"])
+    model = EarlyExitResNet(ckpt.model, tuple(manifest["config"]["exit_points"]))
+    state = torch.load(folder / "exit_model.pt", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A frozen-backbone run saves the heads alone; its backbone is the checkpoint's.
+    if unexpected or any(not k.startswith("backbone.") for k in missing):
+        raise ValueError(f"{folder / 'exit_model.pt'} does not fit the network of {folder}")
+    r = summary["int8_rule"]
+    rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))
+    test = fashion_mnist_splits().test
+    return (model.eval(), rule, to_tensor(test.images[:1024]),
+            f"trained {manifest['config']['arch']} of {folder}")
+
+
 GROUPS: dict[str, Callable] = {
     "fake_quantize": bench_fake_quantize,
     "analytic": bench_analytic,
     "empirical": bench_empirical,
     "models": bench_models,
     "drift": bench_drift,
+    "early_exit": bench_early_exit,
 }
 
 
@@ -385,6 +542,10 @@ def _main(argv: list[str]) -> int:
                         help="run only this group (repeatable)")
     parser.add_argument("--pairs", type=positive_int, default=None,
                         help="alternating timing pairs per row (default 15, smoke 3)")
+    parser.add_argument("--early-exit-run", type=Path, default=REPO / "runs" / "early_exit",
+                        help="a finished python -m studies.early_exit run whose network and "
+                             "INT8 exit rule the early_exit group times (default "
+                             "runs/early_exit; without one: an untrained network)")
     args = parser.parse_args(argv)
     if args.pairs is None:
         args.pairs = 3 if args.smoke else 15

@@ -53,11 +53,16 @@ from qerror.nn.early_exit import (
     ExitResult,
     ExitRule,
     calibrate_exits,
+    choose_operating_point,
+    compare_exits,
     count_macs,
     exit_costs,
+    exit_result_from_logits,
+    exits_per_class,
     expected_calibration_error,
     fit_temperature,
     run_early_exit,
+    threshold_sweep,
 )
 from qerror.nn.geometry import LayerGeometry, layer_geometry, live_taps
 from qerror.nn.propagate import (
@@ -141,6 +146,11 @@ __all__ = [
     "reestimate_bn",
     "run_early_exit",
     "running_stats",
+    "choose_operating_point",
+    "compare_exits",
+    "exit_result_from_logits",
+    "exits_per_class",
+    "threshold_sweep",
     "untie_relus",
     "AdaRoundLayer",
     "AdaRoundResult",

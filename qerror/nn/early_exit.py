@@ -12,6 +12,10 @@
   :func:`qerror.nn.pt2e.quantize_exit_stages`.
 * :func:`fit_temperature`, :func:`expected_calibration_error` and :func:`calibrate_exits`
   calibrate the confidences of each exit.
+* :func:`exit_result_from_logits` takes the runner's decisions from every exit's logits,
+  so :func:`threshold_sweep` prices many thresholds with one forward pass;
+  :func:`choose_operating_point`, :func:`exits_per_class` and :func:`compare_exits`
+  summarise them.
 * :func:`count_macs`, :func:`exit_costs`, :func:`block_mac_fractions` and
   :func:`sdn_exit_points` count multiply-accumulates from the graph with PyTorch's FLOP
   counter.
@@ -39,6 +43,7 @@ __all__ = [
     "SDN_FRACTIONS",
     "EarlyExitResNet",
     "ExitCalibration",
+    "ExitAgreement",
     "ExitCosts",
     "ExitHead",
     "ExitPolicy",
@@ -46,17 +51,24 @@ __all__ = [
     "ExitRule",
     "ExitStage",
     "FinalHead",
+    "OperatingPoint",
+    "SweepPoint",
     "backbone_blocks",
     "block_mac_fractions",
     "calibrate_exits",
     "check_resnet",
+    "choose_operating_point",
+    "compare_exits",
     "count_macs",
     "exit_confidence",
     "exit_costs",
+    "exit_result_from_logits",
+    "exits_per_class",
     "expected_calibration_error",
     "fit_temperature",
     "run_early_exit",
     "sdn_exit_points",
+    "threshold_sweep",
 ]
 
 #: Exits at the ends of these stages, then the ResNet's own classifier.
@@ -875,3 +887,245 @@ def calibrate_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor, *,
             expected_calibration_error(z, labels, t, n_bins),
             _nll(z64, y, 1.0), _nll(z64, y, t), n_bins))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit decisions from every exit's logits: sweeps, operating points, agreement
+
+
+def _check_exit_logits(logits) -> list[torch.Tensor]:
+    logits = list(logits)
+    if not logits:
+        raise ValueError("logits is empty; give the (N, C) logits of every exit")
+    first = logits[0]
+    for k, z in enumerate(logits):
+        if not isinstance(z, torch.Tensor) or not z.dtype.is_floating_point or z.ndim != 2 \
+                or z.shape[1] < 2 or z.shape[0] == 0 or z.shape != first.shape:
+            raise ValueError(f"logits[{k}] must be a non-empty floating-point (N, C) tensor "
+                             f"with C >= 2, of the shape of logits[0] {tuple(first.shape)}, "
+                             f"got {getattr(z, 'shape', type(z).__name__)}")
+    return logits
+
+
+def exit_result_from_logits(logits: Sequence[torch.Tensor], rule: ExitRule) -> ExitResult:
+    """The decisions :func:`run_early_exit` takes, computed from every exit's logits.
+
+    Parameters
+    ----------
+    logits : sequence of torch.Tensor
+        The (N, C) logits of each exit for every sample, first exit first, as
+        :meth:`EarlyExitResNet.forward` returns them.
+    rule : ExitRule
+        Needs ``len(logits) - 1`` thresholds.
+
+    Returns
+    -------
+    ExitResult
+        The same exits, logits, confidences and ``rows_per_stage`` that
+        :func:`run_early_exit` returns on a network whose stages produce these logits.
+
+    Notes
+    -----
+    In evaluation mode a stage computes each sample on its own, so a sample's logits at
+    an exit do not depend on which other samples are still in the batch, and deciding
+    from logits computed for everyone gives what the runner decides; this lets a sweep of
+    thresholds cost one forward pass. Sample ``i`` leaves at the first exit ``k`` whose
+    score exceeds ``thresholds[k]``, or at the last.
+    """
+    logits = _check_exit_logits(logits)
+    if rule.num_exits != len(logits):
+        raise ValueError(f"the rule has {len(rule.thresholds)} thresholds but the logits "
+                         f"have {len(logits) - 1} early exits")
+    n, last = logits[0].shape[0], len(logits) - 1
+    # Compared in the logits' dtype, as the runner compares them.
+    scores = torch.stack([exit_confidence(z, rule.policy, rule.temperature(k))
+                          for k, z in enumerate(logits)])
+    leave = torch.zeros_like(scores, dtype=torch.bool)
+    for k, t in enumerate(rule.thresholds):
+        leave[k] = scores[k] > t
+    leave[last] = True
+    scores = scores.to(torch.float64)
+    exit_index = leave.to(torch.int8).argmax(dim=0).to(torch.int64)  # the first True
+    rows = torch.arange(n)
+    out = torch.stack(logits)[exit_index, rows]
+    rows_per_stage = tuple(int((exit_index >= k).sum()) for k in range(len(logits)))
+    return ExitResult(out, exit_index, scores[exit_index, rows], rows_per_stage)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One threshold of :func:`threshold_sweep`.
+
+    Attributes
+    ----------
+    policy : ExitPolicy
+    threshold : float
+        The threshold of every early exit.
+    correct, n : int
+        Right top-1 predictions out of ``n`` samples.
+    mean_macs : float
+        Average MACs per sample.
+    macs_fraction : float
+        ``mean_macs`` over the plain network's MACs.
+    exit_counts : tuple of int
+        Samples that left at each exit.
+    """
+
+    policy: ExitPolicy
+    threshold: float
+    correct: int
+    n: int
+    mean_macs: float
+    macs_fraction: float
+    exit_counts: tuple[int, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+
+def threshold_sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                    policy: ExitPolicy | str, thresholds: Sequence[float],
+                    costs: ExitCosts, temperatures: Sequence[float] | None = None
+                    ) -> tuple[SweepPoint, ...]:
+    """Accuracy and average MACs of an early-exit network at each of several thresholds.
+
+    Parameters
+    ----------
+    logits : sequence of torch.Tensor
+        Every exit's (N, C) logits on the same samples (:func:`exit_result_from_logits`).
+    labels : torch.Tensor
+        (N,) integer classes.
+    policy : ExitPolicy or str
+    thresholds : sequence of float
+        Each in [0, 1]; one :class:`ExitRule` per value, the value at every early exit.
+    costs : ExitCosts
+        Of the network (:func:`exit_costs`); its ``macs`` price each exit.
+    temperatures : sequence of float, optional
+        One per exit (:func:`calibrate_exits`); default 1.
+
+    Returns
+    -------
+    tuple of SweepPoint
+        In the order of ``thresholds``.
+
+    Notes
+    -----
+    One threshold for all exits keeps the sweep one-dimensional; with a temperature per
+    exit the scores of different exits are calibrated probabilities (max-softmax), so the
+    same threshold means about the same expected accuracy of the samples that leave at
+    every exit. Threshold 1.0 never exits early and gives the plain network.
+    """
+    logits = _check_exit_logits(logits)
+    if len(costs.macs) != len(logits):
+        raise ValueError(f"costs price {len(costs.macs)} exits but the logits have "
+                         f"{len(logits)}")
+    _, y = _check_logits_labels(logits[-1], labels)
+    temps = None if temperatures is None else tuple(temperatures)
+    points = []
+    for t in thresholds:
+        rule = ExitRule(policy, (t,) * (len(logits) - 1), temps)
+        res = exit_result_from_logits(logits, rule)
+        mean = res.mean_macs(costs.macs)
+        points.append(SweepPoint(rule.policy, float(t), int((res.predictions == y).sum()),
+                                 len(y), mean, mean / costs.full_macs, res.exit_counts()))
+    return tuple(points)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The sweep point :func:`choose_operating_point` chose, and whether it met the rule
+    (``met``; when no point did, the most accurate one is returned with ``met=False``)."""
+
+    point: SweepPoint
+    met: bool
+    reference_accuracy: float
+    margin: float
+
+
+def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: float,
+                           margin: float) -> OperatingPoint:
+    """The cheapest sweep point whose accuracy is within ``margin`` of a reference.
+
+    Parameters
+    ----------
+    points : sequence of SweepPoint
+        A sweep on the validation split (never the split reported on).
+    reference_accuracy : float
+        The accuracy to stay near, on the same split (the FP32 full network's).
+    margin : float
+        In [0, 1]: a point qualifies when ``accuracy >= reference_accuracy - margin``.
+
+    Returns
+    -------
+    OperatingPoint
+        Among the qualifying points, the one with the fewest average MACs, ties to the
+        more accurate, then to the higher threshold. When none qualifies, the most
+        accurate point (ties to fewer MACs), with ``met=False``.
+    """
+    points = list(points)
+    if not points:
+        raise ValueError("points is empty; sweep at least one threshold")
+    _check_threshold(reference_accuracy, "reference_accuracy")
+    _check_threshold(margin, "margin")
+    ok = [p for p in points if p.accuracy >= reference_accuracy - margin]
+    if ok:
+        best = min(ok, key=lambda p: (p.mean_macs, -p.accuracy, -p.threshold))
+    else:
+        best = min(points, key=lambda p: (-p.accuracy, p.mean_macs, -p.threshold))
+    return OperatingPoint(best, bool(ok), float(reference_accuracy), float(margin))
+
+
+def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(num_classes, num_exits) counts: samples of each true class that left at each exit."""
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != result.exit_index.shape:
+        raise ValueError(f"labels must have shape {tuple(result.exit_index.shape)}, got "
+                         f"{tuple(labels.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, num_classes) with num_classes >= 1, got "
+                         f"num_classes={num_classes!r}")
+    e = len(result.rows_per_stage)
+    flat = torch.bincount(labels * e + result.exit_index, minlength=num_classes * e)
+    return flat.reshape(num_classes, e).numpy().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ExitAgreement:
+    """How two early-exit runs on the same samples agree (:func:`compare_exits`).
+
+    Attributes
+    ----------
+    n : int
+    same_exit, same_prediction, same_both : int
+        Samples that left at the same exit, got the same top-1 class, and both.
+    earlier, later : int
+        Samples that left ``b`` at an earlier, later exit than ``a``.
+    exit_matrix : numpy.ndarray
+        (E, E) counts, row: the exit under ``a``, column: under ``b``.
+    """
+
+    n: int
+    same_exit: int
+    same_prediction: int
+    same_both: int
+    earlier: int
+    later: int
+    exit_matrix: np.ndarray
+
+
+def compare_exits(a: ExitResult, b: ExitResult) -> ExitAgreement:
+    """Agreement of two early-exit runs on the same samples (e.g. simulated against real
+    INT8, or INT8 against FP32): exits, predictions, and which way the exits moved."""
+    if a.exit_index.shape != b.exit_index.shape or \
+            len(a.rows_per_stage) != len(b.rows_per_stage):
+        raise ValueError("a and b must be runs of networks with the same exits on the same "
+                         "samples")
+    e = len(a.rows_per_stage)
+    ea, eb = a.exit_index, b.exit_index
+    same_pred = a.predictions == b.predictions
+    matrix = torch.bincount(ea * e + eb, minlength=e * e).reshape(e, e).numpy()
+    return ExitAgreement(int(ea.numel()), int((ea == eb).sum()), int(same_pred.sum()),
+                         int(((ea == eb) & same_pred).sum()), int((eb < ea).sum()),
+                         int((eb > ea).sum()), matrix.astype(np.int64))

@@ -660,3 +660,42 @@ def test_holm_takes_tensors_and_empty_families():
 def test_holm_refuses_what_is_not_a_family_of_p_values(bad, message):
     with pytest.raises(ValueError, match=message):
         holm(bad)
+
+
+def test_paired_accuracy_equivalence_is_ci_inclusion_and_matches_the_mcnemar_interval():
+    from qerror.stats import mcnemar_from_counts, paired_accuracy_equivalence
+
+    # The TOST at level alpha is the (1 - 2 alpha) Bonett-Price interval inside the margin,
+    # and that interval is McNemar's at level 2 alpha.
+    for only_a, only_b, n in [(30, 25, 10_000), (60, 10, 10_000), (0, 0, 500), (3, 40, 2000)]:
+        res = paired_accuracy_equivalence(only_a, only_b, n, 0.005, alpha=0.05)
+        ref = mcnemar_from_counts(only_a, only_b, n, alpha=0.10)
+        assert res.ci == pytest.approx(ref.ci, abs=1e-12)
+        inside = -0.005 < res.ci[0] and res.ci[1] < 0.005
+        assert (res.p_value < 0.05) == inside
+        assert res.estimate == (only_a - only_b) / n
+    assert paired_accuracy_equivalence(30, 25, 10_000, 0.005).significant
+    assert not paired_accuracy_equivalence(60, 10, 10_000, 0.005).significant
+    # No disagreement on few items is not evidence of equivalence (a t-TOST would say so).
+    assert not paired_accuracy_equivalence(0, 0, 100, 0.005).significant
+    with pytest.raises(ValueError, match="margin"):
+        paired_accuracy_equivalence(1, 1, 10, 0.0)
+    with pytest.raises(ValueError, match="alpha < 0.5"):
+        paired_accuracy_equivalence(1, 1, 10, 0.01, alpha=0.6)
+
+
+def test_paired_accuracy_equivalence_size_at_the_margin():
+    """Under Δ = margin exactly, the TOST rejects at most about alpha of the time.
+
+    α = 0.05; 2000 simulated paired samples of n = 4000 items, discordant cells with
+    probabilities 0.03 + 0.005 and 0.03 (Δ = 0.005 = margin). The rejection rate's
+    binomial standard error at 0.05 is sqrt(0.05 * 0.95 / 2000) = 0.0049; the bound
+    0.05 + 3 SE = 0.065 allows for sampling, not for a test that is too liberal.
+    """
+    from qerror.stats import paired_accuracy_equivalence
+
+    rng = np.random.default_rng(12)
+    cells = rng.multinomial(4000, [0.035, 0.03, 0.935], size=2000)
+    rejected = sum(paired_accuracy_equivalence(int(a), int(b), 4000, 0.005).significant
+                   for a, b, _ in cells)
+    assert rejected / 2000 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 2000)

@@ -25,10 +25,10 @@ import torch
 
 from qerror import data
 from qerror.nn.models import DEFAULT_STEM, Arch, fashion_resnet, save_checkpoint
-from studies import bench, dataset, drift, ledger, rounding, seeds, train
+from studies import bench, dataset, drift, early_exit, ledger, rounding, seeds, train
 
 MODULES = {"drift": drift, "rounding": rounding, "dataset": dataset, "bench": bench,
-           "train": train, "ledger": ledger, "seeds": seeds}
+           "train": train, "ledger": ledger, "seeds": seeds, "early_exit": early_exit}
 ARGPARSE = 2  # argparse's status for a bad argument, also the studies' for a refused input
 REFUSED = 2
 SYSTEM_EXIT = 1  # SystemExit(message): Python prints the message and exits 1
@@ -105,6 +105,33 @@ STUDY_CASES = {
         ("pairs-0", ["--pairs", "0"], ARGPARSE, r"--pairs: must be at least 1, got 0"),
         ("unknown-group", ["--only", "everything"], ARGPARSE, r"--only: invalid choice"),
     ],
+    "early_exit": [
+        ("threshold-above-1", ["--thresholds", "0.5", "1.5"], ARGPARSE,
+         r"--thresholds: must be in \[0, 1\], got '1.5'"),
+        ("threshold-negative", ["--thresholds", "-0.1"], ARGPARSE,
+         r"--thresholds: must be in \[0, 1\], got '-0.1'"),
+        ("threshold-nan", ["--thresholds", "nan"], ARGPARSE,
+         r"--thresholds: must be in \[0, 1\], got 'nan'"),
+        ("select-margin-2", ["--select-margin", "2"], ARGPARSE,
+         r"--select-margin: must be in \[0, 1\]"),
+        ("unknown-arch", ["--arch", "vgg16"], ARGPARSE, r"--arch: .*vgg16"),
+        ("train-images-1", ["--train-images", "1"], ARGPARSE,
+         r"--train-images: must be at least 2, got 1"),
+        ("head-epochs-0", ["--head-epochs", "0"], ARGPARSE, r"--head-epochs: must be at least 1"),
+        ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
+        ("joint-weights-count", ["--joint-weights", "1", "1"], ARGPARSE,
+         r"--joint-weights: give one weight per exit, 4 .* got 2"),
+        ("joint-variant-untrained", ["--variant", "joint", "--joint-epochs", "0"], ARGPARSE,
+         r"--variant joint needs --joint-epochs of at least 1"),
+        ("exit-point-unknown", ["--exit-points", "layer9"], REFUSED,
+         r"--exit-points: exit point 'layer9' is not a block of this ResNet"),
+        ("checkpoint-missing", ["--checkpoint", "{missing}/model.pt"], REFUSED,
+         r"no checkpoint at .*missing/model\.pt"),
+        ("checkpoint-other-arch", ["--arch", "resnet50", "--checkpoint", "{ckpt}"], REFUSED,
+         r"valid checkpoint .* of another model: resnet18"),
+        ("checkpoint-not-torch", ["--checkpoint", "{user}/thesis.tex"], REFUSED,
+         r"refusing checkpoint .*thesis\.tex"),
+    ],
     "train": [
         ("lr-nan", ["--lr", "nan"], ARGPARSE, r"--lr: must be a finite number"),
         ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
@@ -138,15 +165,15 @@ SOURCE_CASES = [
     ("data-root-truncated-gzip", ["--data-root", "{trunc}"], r"t10k-labels-idx1-ubyte\.gz"),
     ("env-missing", ["$QERROR_DATA={missing}"], r"QERROR_DATA"),
 ]
-SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds")
+SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds", "early_exit")
 # What each study needs besides the case's own arguments to reach its data.
-SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [], "seeds": [],
+SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [], "seeds": [], "early_exit": [],
                 "rounding": ["--checkpoint", "{ckpt}"]}
 
 
 def _table():
     rows = []
-    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds"):
+    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds", "early_exit"):
         rows += [(study, f"out-{cid}", argv, code, msg) for cid, argv, code, msg in OUT_CASES]
         rows += [(study, *case) for case in STUDY_CASES[study]]
         rows += [(study, cid, argv + SOURCE_EXTRA[study], REFUSED, msg)
@@ -234,7 +261,7 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(
         else:
             args.append(a.format(**places))
     named_data = "--data-root" in args or os.environ.get(data.ENV_VAR)
-    if study in ("drift", "dataset", "train", "seeds") and not named_data:
+    if study in ("drift", "dataset", "train", "seeds", "early_exit") and not named_data:
         args += ["--data-root", str(places["fm"])]
     if "--out" not in args:
         args += ["--out", str(places["new"])]
@@ -295,6 +322,7 @@ def test_ledger_force_replaces_only_its_own_table(world, capsys):
 RERUNS = {
     "dataset": (dataset, ["--no-progress", "--scale-errors", "0.02"], (300, 200)),
     "drift": (drift, [], (6100, 100)),
+    "early_exit": (early_exit, [], (6100, 100)),
     "rounding": (rounding, ["--laws", "normal", "--ratios", "2", "--mc-samples", "200"],
                  None),
     "seeds": (seeds, [], (7100, 200)),

@@ -30,6 +30,13 @@ def test_macros_carry_the_study_name(tmp_path):
     assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
 
 
+def test_a_study_named_with_underscores_prefixes_in_camel_case(tmp_path):
+    with RunDir(tmp_path / "m", "early_exit", [], {}) as run:
+        run.write_macros("m.tex", {"Smoke": "true"})
+        out = run.finish()
+    assert "\\newcommand{\\earlyExitSmoke}{true}" in (out / "m.tex").read_text()
+
+
 def test_macro_names_must_be_letters(tmp_path):
     with RunDir(tmp_path / "m", "demo", [], {}) as run:
         with pytest.raises(ValueError, match="letters only"):

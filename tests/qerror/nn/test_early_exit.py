@@ -16,13 +16,18 @@ from qerror.nn.early_exit import (
     ExitRule,
     block_mac_fractions,
     calibrate_exits,
+    choose_operating_point,
+    compare_exits,
     count_macs,
     exit_confidence,
     exit_costs,
+    exit_result_from_logits,
+    exits_per_class,
     expected_calibration_error,
     fit_temperature,
     run_early_exit,
     sdn_exit_points,
+    threshold_sweep,
 )
 from qerror.nn.models import fashion_resnet
 
@@ -344,3 +349,88 @@ def test_bad_calibration_input_is_refused():
         fit_temperature(torch.full((2, 3), math.nan), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(logits, labels, n_bins=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions from every exit's logits, sweeps, operating points
+
+
+@pytest.mark.parametrize("policy", ["max-softmax", "entropy"])
+@pytest.mark.parametrize("thresholds", [(0.11, 0.13, 0.2), (0.3, 1.0, 0.0), (1.0, 1.0, 1.0)])
+def test_decisions_from_logits_equal_the_runner(exit18, policy, thresholds):
+    x = images(40, seed=5, dtype=torch.float64)
+    rule = ExitRule(policy, thresholds, (0.5, 2.0, 1.0, 1.5))
+    with torch.no_grad():
+        every = exit18(x)
+    ran = exit18.run(x, rule)
+    got = exit_result_from_logits(every, rule)
+    assert torch.equal(got.exit_index, ran.exit_index)
+    assert got.rows_per_stage == ran.rows_per_stage
+    torch.testing.assert_close(got.logits, ran.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.confidence, ran.confidence, rtol=0, atol=0)
+
+
+def _logits_with_scores(top):
+    """Two-class logits whose max-softmax is ``top`` (each in (0.5, 1)) at one exit."""
+    top = torch.as_tensor(top, dtype=torch.float64)
+    return torch.stack([torch.log(top), torch.log1p(-top)], dim=1)
+
+
+def test_sweep_and_operating_point_on_a_hand_made_case():
+    # Four samples, two exits. Exit 0 scores .6/.7/.8/.95 and is right on samples 2 and 3
+    # only; exit 1 is right on all. Costs: 10 MACs at exit 0, 100 at exit 1 (full 95).
+    e0 = _logits_with_scores([0.6, 0.7, 0.8, 0.95])
+    e0[:2] = e0[:2].flip(1)  # samples 0 and 1 predicted class 1 at exit 0
+    e1 = _logits_with_scores([0.99] * 4)
+    labels = torch.zeros(4, dtype=torch.int64)
+    from qerror.nn.early_exit import ExitCosts
+
+    costs = ExitCosts(("layer1", "fc"), (8, 95), (2, 1), (10, 98), 95)
+    pts = threshold_sweep([e0, e1], labels, "max-softmax", [1.0, 0.75, 0.65, 0.5], costs)
+    assert [p.exit_counts for p in pts] == [(0, 4), (2, 2), (3, 1), (4, 0)]
+    assert [p.correct for p in pts] == [4, 4, 3, 2]
+    assert [p.mean_macs for p in pts] == [98, (2 * 10 + 2 * 98) / 4, (3 * 10 + 98) / 4, 10]
+    assert pts[0].macs_fraction == 98 / 95
+    op = choose_operating_point(pts, reference_accuracy=1.0, margin=0.0)
+    assert op.met and op.point.threshold == 0.75  # the cheapest with accuracy 1
+    op = choose_operating_point(pts, reference_accuracy=1.0, margin=0.25)
+    assert op.met and op.point.threshold == 0.65
+    # nothing qualifies: the most accurate, then the cheapest of those
+    op = choose_operating_point(pts[2:], reference_accuracy=1.0, margin=0.0)
+    assert not op.met and op.point.threshold == 0.65
+
+
+def test_exits_per_class_and_compare_exits():
+    from qerror.nn.early_exit import ExitResult
+
+    def result(exits, preds):
+        exits = torch.tensor(exits)
+        logits = nn.functional.one_hot(torch.tensor(preds), 3).double()
+        rows = tuple(int((exits >= k).sum()) for k in range(3))
+        return ExitResult(logits, exits, torch.ones(len(exits), dtype=torch.float64), rows)
+
+    a = result([0, 1, 2, 2, 0], [0, 1, 2, 1, 0])
+    b = result([0, 2, 1, 2, 0], [0, 1, 1, 1, 2])
+    counts = exits_per_class(a, torch.tensor([0, 1, 1, 2, 0]), 3)
+    assert counts.tolist() == [[2, 0, 0], [0, 1, 1], [0, 0, 1]]
+    agree = compare_exits(a, b)
+    assert (agree.n, agree.same_exit, agree.same_prediction, agree.same_both) == (5, 3, 3, 2)
+    assert (agree.earlier, agree.later) == (1, 1)
+    assert agree.exit_matrix.tolist() == [[2, 0, 0], [0, 0, 1], [0, 1, 1]]
+    with pytest.raises(ValueError, match="num_classes"):
+        exits_per_class(a, torch.tensor([0, 1, 1, 3, 0]), 3)
+
+
+def test_sweep_inputs_are_checked():
+    z = _logits_with_scores([0.6, 0.9])
+    from qerror.nn.early_exit import ExitCosts
+
+    costs = ExitCosts(("layer1", "fc"), (8, 95), (2, 1), (10, 98), 95)
+    with pytest.raises(ValueError, match="must be a number in"):
+        threshold_sweep([z, z], torch.tensor([0, 1]), "entropy", [1.5], costs)
+    with pytest.raises(ValueError, match="price 2 exits"):
+        threshold_sweep([z, z, z], torch.tensor([0, 1]), "entropy", [0.5], costs)
+    with pytest.raises(ValueError, match="shape of logits"):
+        exit_result_from_logits([z, z[:1]], ExitRule("entropy", (0.5,)))
+    with pytest.raises(ValueError, match="points is empty"):
+        choose_operating_point([], 0.9, 0.01)

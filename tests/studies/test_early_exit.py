@@ -1,0 +1,198 @@
+"""python -m studies.early_exit: smoke run end to end, threshold 1.0, bad input.
+
+The byte-identical rerun and the command-line table live in test_bad_input.py with the
+other studies'. The compiled INT8 path (latency rows) is marked ``slow``: inductor compiles
+three graphs per stage, minutes on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from qerror.nn.models import Arch, fashion_resnet, save_checkpoint
+from studies import early_exit
+from studies._common import sha256_file
+
+OUTPUTS = ("macs.csv", "heads.csv", "calibration.csv", "sweeps.csv", "operating_points.csv",
+           "exits_per_class.csv", "rounding.csv", "sim_vs_real.csv", "compile_times.csv",
+           "goals.csv", "exit_model.pt", "operating_points.tex", "heads.tex",
+           "calibration.tex", "goals.tex", "macros.tex", "summary.json", "sweeps.pdf",
+           "sweeps.png", "calibration.pdf", "exits_per_class.pdf")
+
+
+@pytest.fixture
+def fashion_root(fashion_idx):
+    """Synthetic Fashion-MNIST: 100 training images after the validation and calibration
+    splits, 100 test images; nothing else is found."""
+    return fashion_idx(train=6100, test=100)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run shared by the output checks (about half a minute)."""
+    import numpy as np
+
+    from qerror import data
+
+    tmp = tmp_path_factory.mktemp("ee")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.delenv(data.ENV_VAR, raising=False)
+        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        mp.setattr(data, "DEBIAN_DIR", tmp / "no-debian")
+        mp.setattr(data, "SIZES", {"train": 6100, "test": 100})
+        root = tmp / "fm"
+        root.mkdir()
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 6100), ("test", 100)):
+            img, lbl = data.FILES[split]
+            data.write_idx(root / f"{img}.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            data.write_idx(root / f"{lbl}.gz", rng.integers(0, 10, n, dtype=np.uint8))
+        out = tmp / "run"
+        assert early_exit.main(["--smoke", "--data-root", str(root), "--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
+    out = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+        assert manifest["outputs"][name] == sha256_file(out / name)
+    assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
+    assert manifest["data"]["test_images"] == 64 and manifest["config"]["smoke"]
+    assert manifest["timing_outputs"] == ["compile_times.csv"]  # uncompiled: no latency
+    assert not list(out.parent.glob(".run.partial*"))
+    # Smoke outputs say so, and judge no goal.
+    goals = pd.read_csv(out / "goals.csv")
+    assert len(goals) == 5 and goals.met.isna().all()
+    assert goals.verdict.str.startswith("not judged: smoke").all()
+    for name in ("sweeps.csv", "operating_points.csv", "heads.csv"):
+        assert (pd.read_csv(out / name).evidence == early_exit.SMOKE_NOTE).all()
+    assert "smoke run: not evidence" in (out / "goals.tex").read_text()
+    assert "\\newcommand{\\earlyExitSmoke}{true}" in (out / "macros.tex").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
+    # Both head-training variants, every exit, both splits.
+    heads = pd.read_csv(out / "heads.csv")
+    assert set(heads.variant) == {"frozen", "joint"} and set(heads.split) == {"val", "test"}
+    assert sorted(heads.exit.unique()) == [0, 1, 2, 3]
+    # Every system and policy was swept and has an operating point.
+    points = pd.read_csv(out / "operating_points.csv")
+    assert {f"{s}_early_exit" for s in early_exit.SYSTEMS} | {"fp32_full", "int8_full"} \
+        == set(points.system)
+    assert (points.acc_lo <= points.accuracy).all() and (points.accuracy <= points.acc_hi).all()
+    per_class = pd.read_csv(out / "exits_per_class.csv")
+    for _, d in per_class.groupby("system"):
+        assert d["count"].sum() == 64
+
+
+def test_threshold_one_is_the_full_model(smoke_run):
+    """At threshold 1.0 every sample takes the last exit: the FP32 early-exit network's
+    accuracy is the baseline's own (its last exit is the frozen baseline), at the full
+    network's MACs plus the heads'."""
+    sweeps = pd.read_csv(smoke_run / "sweeps.csv")
+    points = pd.read_csv(smoke_run / "operating_points.csv").set_index("system")
+    macs = pd.read_csv(smoke_run / "macs.csv")
+    at_one = sweeps[sweeps.threshold == 1.0]
+    assert len(at_one) == 2 * 2 * len(early_exit.SYSTEMS)  # policies x splits x systems
+    assert (at_one.exit3 == at_one[["exit0", "exit1", "exit2", "exit3"]].sum(axis=1)).all()
+    assert (at_one[["exit0", "exit1", "exit2"]] == 0).all().all()
+    assert (at_one.mean_macs == macs.macs.iloc[-1]).all()
+    fp32 = at_one[(at_one.system == "fp32") & (at_one.split == "test")]
+    assert (fp32.accuracy == points.loc["fp32_full", "accuracy"]).all()
+
+
+def test_a_model_without_the_expected_stages_is_refused(fashion_root, tmp_path, monkeypatch,
+                                                        capsys):
+    def not_a_resnet(args, data_root):
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10)), {}
+
+    monkeypatch.setattr(early_exit, "load_backbone", not_a_resnet)
+    out = tmp_path / "run"
+    code = early_exit.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot attach exit heads to this model" in err and "layer1" in err
+    assert not out.exists() and not list(tmp_path.glob(".run.partial*"))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(fashion_root, tmp_path, capsys):
+    ckpt = tmp_path / "r18.pt"
+    torch.manual_seed(0)
+    save_checkpoint(fashion_resnet(Arch.RESNET18), ckpt, arch="resnet18", stem="imagenet",
+                    config={}, metrics={})
+    out = tmp_path / "run"
+    code = early_exit.main(["--smoke", "--arch", "resnet50", "--checkpoint", str(ckpt),
+                            "--data-root", str(fashion_root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "valid checkpoint (its sha256 matches) of another model: resnet18" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_thresholds_outside_the_unit_interval_are_refused(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        early_exit.main(["--smoke", "--thresholds", "0.5", value, "--out",
+                         str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert f"--thresholds: must be in [0, 1], got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_thresholds_cover_the_unit_interval_and_crowd_near_one():
+    t = early_exit.default_thresholds(21)
+    assert t[0] == 0.0 and t[-1] == 1.0 and t == sorted(set(t))
+    assert sum(x > 0.99 for x in t) >= 8  # where a trained network's confidences lie
+
+
+@pytest.mark.slow
+def test_compiled_smoke_run_measures_latency(fashion_root, tmp_path):
+    out = tmp_path / "run"
+    assert early_exit.main(["--smoke", "--compile", "--latency-pairs", "20", "--data-root",
+                            str(fashion_root), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"latency.csv", "goals.csv", "goals.tex", "compile_times.csv"} <= set(
+        manifest["timing_outputs"])
+    lat = pd.read_csv(out / "latency.csv")
+    assert len(lat) == 5 and (lat.ratio_median > 0).all()
+    assert set(lat.candidate) == {"int8 full", "int8 early exit"}
+    times = pd.read_csv(out / "compile_times.csv")
+    assert (times.compile_s > 0).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(sum(lowered.values()) > 0 for lowered in summary["lowered"])
+
+
+def _results(delta_ci, macs_fraction, ece_max, images=10_000):
+    """The parts of the study's results that the goals read."""
+    points = pd.DataFrame([{
+        "system": "int8_early_exit", "policy": "max-softmax", "images": images,
+        "delta_vs_fp32_full": sum(delta_ci) / 2, "tost_ci_lo": delta_ci[0],
+        "tost_ci_hi": delta_ci[1], "tost_p": 0.01,
+        "equivalent": -early_exit.MARGIN < delta_ci[0] and delta_ci[1] < early_exit.MARGIN,
+        "macs_fraction": macs_fraction}])
+    calibration = pd.DataFrame([{"system": "int8", "split": "test", "ece_after": e}
+                                for e in (ece_max / 2, ece_max)])
+    return {"points": points, "head_policy": "max-softmax", "calibration": calibration,
+            "latency": None}
+
+
+def test_goals_are_judged_on_the_whole_test_split_only():
+    met = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015), smoke=False,
+                           whole_test=True)
+    assert list(met.verdict) == ["met", "met", "met", "not measured", "not measured"]
+    missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
+                              whole_test=True)
+    assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3
+    part = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015, images=500), smoke=False,
+                            whole_test=False)
+    assert part.verdict[:3].str.startswith("not judged: 500 test images").all()
+    assert part.met.isna().all()
