@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror.data import find_fashion_mnist
+from qerror.data import find_fashion_mnist, imagenet_folder
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -126,13 +126,12 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
                 headline)
 
 
-def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: int) -> Data:
-    """A seeded split of an ImageNet-style folder: calibration images, then measured ones."""
-    from qerror.data import imagenet_folder
-
-    ds = imagenet_folder(path)
+def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
+                  labels: Path | None = None) -> Data:
+    """A seeded split of an ImageNet folder (a :class:`qerror.data.ImageNetFolder`):
+    calibration images, then measured ones."""
     if len(ds) < 2:
-        raise SystemExit(f"--data {path}: found {len(ds)} images; need at least 2")
+        raise SystemExit(f"--data {ds.root}: found {len(ds)} images; need at least 2")
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
     parts = []
@@ -140,8 +139,8 @@ def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: 
         xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc="load images", unit="img",
                                                   leave=False)))
         parts.append(_batched(torch.stack(xs), torch.as_tensor(ys), batch))
-    ident = {"dataset": "imagenet-folder", "source": str(Path(path).resolve()),
-             "images_found": len(ds), "classes": len(ds.classes),
+    ident = {"dataset": "imagenet-folder", **ds.identity(),
+             "labels_file": None if labels is None else str(Path(labels).resolve()),
              "test_images": int(min(images, len(ds) - n_cal)), "calib_images": int(n_cal)}
     return Data(parts[0], parts[1], ident)
 
@@ -589,8 +588,13 @@ def _main(argv: list[str]) -> int:
                              "baseline). ImageNet (--data): IMAGENET1K_V1, IMAGENET1K_V2 or a "
                              "local state-dict file (default IMAGENET1K_V2)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="an ImageNet-style folder (one sub-folder per class); default: "
-                             "Fashion-MNIST")
+                        help="an ImageNet folder: sub-folders named by synset id (all 1000 "
+                             "classes or any subset), the flat ILSVRC2012 validation folder, "
+                             "or any sub-folders with --labels; default: Fashion-MNIST")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="with --data: a file of 'FOLDER CLASS' lines (CLASS an index "
+                             "0..999 or a synset id) labelling sub-folders that are not named "
+                             "by synset id")
     parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
     parser.add_argument("--download", action="store_true",
                         help="allow downloading ImageNet weights missing from the hub cache")
@@ -665,13 +669,18 @@ def _main(argv: list[str]) -> int:
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
     headline_images = args.headline_images if args.headline_images is not None else (
         32 if smoke else FASHION_TEST_IMAGES)
+    if args.labels is not None and args.data is None:
+        parser.error("--labels: labels an ImageNet folder, so it needs --data")
     if args.data is not None:
         headline_images = 0  # the headline runs on Fashion-MNIST's whole test split only
     check_out(args.out, "drift", force=args.force)
 
+    # Data before the model: loading it may mean training a baseline for half an hour, and
+    # an ImageNet folder's labels are checked before any image is read.
     if args.data is None:
-        # Data before the model: loading it may mean training a baseline for half an hour.
         find_fashion_mnist(args.data_root)
+    else:
+        folder = imagenet_folder(args.data, args.labels)
 
     started = time.perf_counter()
     model, model_id = _load_model(args, args.data_root)
@@ -680,7 +689,7 @@ def _main(argv: list[str]) -> int:
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
     # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
-    data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
+    data = (imagenet_data(folder, images, calib_images, batch, args.seed, args.labels)
             if args.data is not None else
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
                          headline_images))

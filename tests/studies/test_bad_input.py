@@ -77,6 +77,8 @@ STUDY_CASES = {
          r"missing/model\.pt"),
         ("weights-not-a-checkpoint", ["--weights", "{user}/thesis.tex"], SYSTEM_EXIT,
          r"thesis\.tex"),
+        ("labels-without-data", ["--labels", "{user}/thesis.tex"], ARGPARSE,
+         r"--labels: labels an ImageNet folder, so it needs --data"),
     ],
     "rounding": [
         ("mc-samples-0", ["--mc-samples", "0"], ARGPARSE, r"--mc-samples: must be at least 10"),

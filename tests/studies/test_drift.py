@@ -134,7 +134,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
 
     folder = tmp_path / "imagenet"
     rng = np.random.default_rng(1)
-    for cls in ("n01440764", "n01443537"):
+    # Two classes that are not the first two: labelled 1 and 999, not 0 and 1.
+    for cls in ("n01443537", "n15075141"):
         (folder / cls).mkdir(parents=True)
         for i in range(2):
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
@@ -151,6 +152,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["dataset"] == "imagenet-folder"
     assert manifest["data"]["classes"] == 2
+    assert manifest["data"]["classes_present"] == ["n01443537", "n15075141"]
+    assert manifest["data"]["layout"] == "synset-folders"
     sites = pd.read_csv(out / "sites.csv")
     assert sites[sites.kind == "conv"].site.nunique() == 53
     assert sites[sites.kind == "linear"].site.tolist()[0] == "fc"
@@ -176,10 +179,27 @@ def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp
     out = tmp_path / "drift"
     with pytest.raises(SystemExit, match="refusing checkpoint|sidecar"):
         drift.main(["--weights", str(bad), "--data-root", str(fashion_root), "--out", str(out)])
-    folder = tmp_path / "imgs" / "a"
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "n01443537"
     folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
     with pytest.raises(SystemExit, match="not a readable|missing|unexpected|state dict"):
         drift.main(["--data", str(folder.parent), "--weights", str(bad), "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+def test_folders_that_are_not_synsets_are_refused_before_the_model_loads(tmp_path, capsys,
+                                                                          monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "cats"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
+    monkeypatch.setattr(drift, "_load_model", lambda *a: pytest.fail("model loaded"))
+    out = tmp_path / "drift"
+    assert drift.main(["--data", str(folder.parent), "--out", str(out)]) == 2
+    assert "sub-folders are not ILSVRC2012 synset ids: cats" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
 
 
