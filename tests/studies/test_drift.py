@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 
@@ -219,3 +220,70 @@ def test_recovery_is_the_share_of_a_significant_loss_won_back():
     assert out.loc[("a", "fix"), "sqnr_gain_db"] == pytest.approx(3.0)
     assert np.isnan(out.loc[("b", "fix"), "recovered"])  # no significant loss to recover
     assert np.isnan(out.loc[("a", "none"), "recovered"])
+
+
+# (float right, quantized right, images): accuracies 0 and 1, a single image, and counts
+# (0 of 3, 10 of 10, 13 of 13) whose Wilson bounds once missed the estimate by an ulp.
+EDGES = [(0, 0, 1), (1, 0, 1), (0, 1, 1), (0, 0, 3), (10, 10, 10), (0, 13, 13)]
+
+
+@pytest.mark.parametrize("float_right, quant_right, n", EDGES)
+def test_accuracy_edges_go_through_every_table_and_figure(float_right, quant_right, n,
+                                                          tmp_path):
+    from qerror.nn import LogitResult, PropagationResult, QuantConfig
+    from studies._common import RunDir, figure_style
+
+    # The fewest discordant images these totals allow.
+    only_f, only_q = max(float_right - quant_right, 0), max(quant_right - float_right, 0)
+    logits = LogitResult(n=n, float_correct=float_right, quant_correct=quant_right,
+                         agree=n - only_f - only_q, float_only=only_f, quant_only=only_q,
+                         sqnr_db=20.0, drift_rel=0.0)
+    rows = []
+    for mode in ("nearest_even", "toward_zero"):
+        for bits in (8, 4):
+            res = PropagationResult(QuantConfig.make(bits, mode), (), logits, n)
+            cols = {"mode": mode, "bits": bits, "target": "both"}
+            rows.append(drift.accuracy_row(cols, res))
+            if bits == 4:
+                rows += [drift.accuracy_row(cols, res, r) for r in ("bn_reestimation",
+                                                                    "bias_empirical")]
+    acc = drift.recovery(pd.DataFrame(rows))
+    for who in ("float", "quant"):
+        est, lo, hi = acc[f"{who}_acc"], acc[f"{who}_lo"], acc[f"{who}_hi"]
+        assert ((0 <= lo) & (lo <= est) & (est <= hi) & (hi <= 1)).all()
+    assert ((acc.delta_lo <= acc.delta) | (acc.delta == 0)).all()
+    fits = pd.DataFrame([{"mode": "nearest_even", "bits": 8, "target": "both",
+                          "metric": "rms_rel", "exponent": 0.5, "lo_layers": 0.4,
+                          "hi_layers": 0.6, "answer": "sqrt"}])
+    plt = figure_style()
+    with RunDir(tmp_path / "run", "drift", [], {}) as run:
+        drift._tables(run, acc, fits, pd.DataFrame())
+        run.write_macros("macros.tex", drift._macros(acc, fits, pd.DataFrame(columns=[
+            "mode", "bits", "target", "kind", "metric", "value"]), pd.DataFrame(), None, None))
+        for name, fig in (("accuracy", drift.figure_accuracy(plt, acc)),
+                          ("remedies", drift.figure_remedies(plt, acc))):
+            run.save_figure(fig, name)
+            plt.close(fig)
+        out = run.finish()
+    for name in ("accuracy.tex", "remedies.tex", "macros.tex", "accuracy.pdf", "remedies.png"):
+        assert (out / name).stat().st_size > 0
+    assert f"{100 * quant_right / n:.2f}" in (out / "macros.tex").read_text()
+
+
+@pytest.mark.parametrize("right, n", [(0, 1), (1, 1), (0, 3), (10, 10)])
+def test_dataset_study_figures_take_accuracies_of_0_and_1(right, n):
+    from qerror.stats import wilson_ci
+    from studies import dataset
+    from studies._common import figure_style
+
+    w = wilson_ci(right, n, dataset.ALPHA)
+    row = {"accuracy": w.estimate, "ci_low": w.ci[0], "ci_high": w.ci[1]}
+    acc = pd.DataFrame([{**row, "config": "float32", "mode": "none", "bits": 32},
+                        *({**row, "config": f"{m}{b}", "mode": m, "bits": b}
+                          for m in ("nearest_even", "toward_zero") for b in (8, 4))])
+    variants = pd.DataFrame([{**row, "variant": v, "frac_codes_changed": 0.0,
+                              "max_abs_logit_diff": 0.0} for v in ("a_b", "c")])
+    plt = figure_style()
+    for fig in (dataset.figure_accuracy(plt, acc), dataset.figure_variants(plt, variants)):
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
