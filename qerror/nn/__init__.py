@@ -24,6 +24,7 @@ from qerror.nn._anatomy import (
     check_model,
     fold_bn,
     layer_names,
+    model_device,
     path_depths,
 )
 from qerror.nn.adaround import (
@@ -125,6 +126,7 @@ __all__ = [
     "fit_temperature",
     "fold_bn",
     "layer_names",
+    "model_device",
     "measure",
     "output_key",
     "path_depths",

@@ -113,7 +113,8 @@ def test_int8_report_follows_the_kernel_probe(monkeypatch):
         model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
         batches = [(torch.randn(4, 1, 8, 8) * 3, torch.zeros(4)) for _ in range(2)]
-    data = drift.Data(calib=batches, test=batches, identity={})
+    data = drift.Data(calib=batches, test=batches, identity={},
+                      int8_test=torch.cat([x for x, _ in batches]))
     rows, summary, probe = drift.int8_crosscheck(model, data, 8)
     assert probe is other
     for table in (rows, summary):
@@ -287,3 +288,110 @@ def test_dataset_study_figures_take_accuracies_of_0_and_1(right, n):
     for fig in (dataset.figure_accuracy(plt, acc), dataset.figure_variants(plt, variants)):
         fig.savefig(io.BytesIO(), format="png")
         plt.close(fig)
+
+
+def _full_size_fashion(root):
+    """Random images in Fashion-MNIST's split sizes (a torchrun worker cannot see a test's
+    patched sizes), uncompressed so that writing them takes no time."""
+    from qerror import data
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for split, n in data.SIZES.items():
+        img, lbl = data.FILES[split]
+        data.write_idx(root / img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(root / lbl, rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+# Float columns of a two-rank run against one process. Each merged sum is the same float64
+# additions regrouped: it differs by a few ulps of the sum of magnitudes (ε = 2.2e-16). The
+# derived figures subtract sums (variances, debiased drift: cancellation that can amplify
+# the relative error by mean²/variance, here below 1e4) and take logs and square roots,
+# which do not amplify it; 1e-9 covers that amplification with a margin of 1e3.
+SHARD_RTOL = 1e-9
+COUNT_COLUMNS = ("images", "float_only", "quant_only", "layers")
+
+
+def test_two_gloo_ranks_reproduce_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = _full_size_fashion(tmp_path / "fm")
+    # Three measured batches on two ranks (two and one: uneven shares), stochastic rounding
+    # (its stream follows the global batch index), remedies, and the headline accuracy on one
+    # batch (rank 1's share is empty).
+    argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
+            "--bits", "4", "--images", "12", "--calib-images", "8", "--batch-size", "4",
+            "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
+    assert drift.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    repo = Path(drift.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "studies.drift", *argv, "--out", str(tmp_path / "two")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2
+    # Measured times differ between runs; they are named as such and left out.
+    assert manifest["timing_outputs"] == ["timing.csv"]
+    assert "images/s per configuration on cpu on each of 2 ranks" in done.stdout
+    names = sorted(p.name for p in one.glob("*.csv") if p.name != "timing.csv")
+    assert names == sorted(p.name for p in two.glob("*.csv") if p.name != "timing.csv")
+    assert {"sites.csv", "accuracy.csv", "headline.csv", "remedy_sites.csv"} <= set(names)
+    for name in names:
+        a, b = pd.read_csv(one / name), pd.read_csv(two / name)
+        assert list(a.columns) == list(b.columns) and a.shape == b.shape, name
+        for col in a.columns:
+            numeric = pd.api.types.is_numeric_dtype(a[col]) \
+                and not pd.api.types.is_bool_dtype(a[col])
+            if col in COUNT_COLUMNS or not numeric:
+                pd.testing.assert_series_equal(a[col], b[col], check_exact=True)
+            else:
+                np.testing.assert_allclose(b[col], a[col], rtol=SHARD_RTOL, atol=0,
+                                           err_msg=f"{name}:{col}")
+    acc = pd.read_csv(two / "accuracy.csv")
+    assert (acc.images == 12).all()
+    assert (pd.read_csv(two / "headline.csv").images == 4).all()
+
+
+def test_fewer_batches_than_ranks_is_refused_on_every_rank(tmp_path, monkeypatch, capsys):
+    from qerror.nn import training
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    # The check comes before the process group is needed: joining it is replaced by a
+    # placement as torchrun's rank 0 would get.
+    monkeypatch.setattr(drift, "distributed", lambda device: _placement(training, 0, 2))
+    root = _full_size_fashion(tmp_path / "fm")
+    with pytest.raises(SystemExit, match="make fewer batches than the 2 ranks"):
+        drift.main(["--smoke", "--data-root", str(root), "--images", "4", "--batch-size", "4",
+                    "--local-samples", "4", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def _placement(training, rank, world):
+    import contextlib
+
+    @contextlib.contextmanager
+    def placed():
+        yield training.Placement(rank, world, rank, torch.device("cpu"))
+    return placed()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is not refused")
+@pytest.mark.parametrize("study", ["drift", "dataset"])
+def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tmp_path):
+    from studies import dataset
+
+    main = {"drift": drift.main, "dataset": dataset.main}[study]
+    out = tmp_path / study
+    with pytest.raises(SystemExit, match="--device cuda: .*finds no usable GPU"):
+        main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
+              "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob(f".{study}*"))
