@@ -395,3 +395,23 @@ def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tm
         main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
               "--out", str(out)])
     assert not out.exists() and not list(tmp_path.glob(f".{study}*"))
+
+
+def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
+    passes = configs + 3 * remedies
+    return {"device": device, "world_size": world, "probe_images": 8, "probe_s": 8 / rate,
+            "images_per_s_per_config": rate, "images": images, "configurations": configs,
+            "remedy_configurations": remedies, "passes": passes,
+            "estimated_s": passes * -(-images // world) / rate}
+
+
+def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
+    long_cpu = drift.estimate_message(_timing(0.5))
+    # 50,000 images x 57 passes / 0.5 images/s = 5,700,000 s = 66.0 days
+    assert "0.5 images/s per configuration on cpu" in long_cpu and "66.0 days" in long_cpu
+    for way in ("--images", "--modes", "--device cuda", "torchrun --nproc-per-node"):
+        assert way in long_cpu
+    short = drift.estimate_message(_timing(50.0, images=100, configs=2, remedies=0))
+    assert "≈ 4 s" in short and "--device cuda" not in short
+    gpu = drift.estimate_message(_timing(500.0, device="cuda", world=8))
+    assert "on each of 8 ranks" in gpu and "/ 8 ranks" in gpu and "that is long" not in gpu
