@@ -222,8 +222,10 @@ def _load_model(args, data_root):
         if args.weights is not None:
             ckpt = load_checkpoint(args.weights, expected_arch=args.model)
         else:
-            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
-                                         data_root=data_root)
+            # Under torchrun every rank would train its own copy into the same cache:
+            # a missing baseline is trained by one process first (the message says how).
+            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
+                                         and parallel.world()[1] == 1, data_root=data_root)
     except CheckpointError as err:
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),

@@ -15,6 +15,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
   ``--device`` and torchrun data parallelism);
+* :mod:`qerror.nn.parallel`: the collectives that measurement and training share under
+  torchrun (contiguous shares, exact merging of sums, broadcast, gather);
 * :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid.
 """
 

@@ -415,3 +415,26 @@ def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
     assert "≈ 4 s" in short and "--device cuda" not in short
     gpu = drift.estimate_message(_timing(500.0, device="cuda", world=8))
     assert "on each of 8 ranks" in gpu and "/ 8 ranks" in gpu and "that is long" not in gpu
+
+
+def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypatch):
+    import argparse
+
+    from qerror.nn import parallel
+    from qerror.nn.models import CheckpointError
+    from studies import train
+
+    asked = []
+
+    def baseline(arch, *, train_if_missing, data_root):
+        asked.append(train_if_missing)
+        raise CheckpointError("no baseline")
+
+    monkeypatch.setattr(train, "get_or_train_baseline", baseline)
+    args = argparse.Namespace(data=None, smoke=False, weights=None, model="resnet18",
+                              no_train=False, seed=0)
+    for world, trains in ((1, True), (2, False)):
+        monkeypatch.setattr(parallel, "world", lambda w=world: (0, w))
+        with pytest.raises(SystemExit, match="no baseline"):
+            drift._load_model(args, None)
+        assert asked.pop() is trains
