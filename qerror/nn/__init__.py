@@ -15,6 +15,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
   ``--device`` and torchrun data parallelism);
+* :mod:`qerror.nn.parallel`: the collectives that measurement and training share under
+  torchrun (contiguous shares, exact merging of sums, broadcast, gather);
 * :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid;
 * :mod:`qerror.nn.geometry`: map sizes and the kernel taps that see data, per layer.
 """
@@ -25,6 +27,7 @@ from qerror.nn._anatomy import (
     check_model,
     fold_bn,
     layer_names,
+    model_device,
     path_depths,
 )
 from qerror.nn.adaround import (
@@ -135,6 +138,7 @@ __all__ = [
     "layer_geometry",
     "layer_names",
     "live_taps",
+    "model_device",
     "measure",
     "output_key",
     "path_depths",

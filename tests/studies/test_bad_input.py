@@ -77,6 +77,10 @@ STUDY_CASES = {
          r"missing/model\.pt"),
         ("weights-not-a-checkpoint", ["--weights", "{user}/thesis.tex"], SYSTEM_EXIT,
          r"thesis\.tex"),
+        ("labels-without-data", ["--labels", "{user}/thesis.tex"], ARGPARSE,
+         r"--labels: labels an ImageNet folder, so it needs --data"),
+        ("unknown-device", ["--device", "tpu"], ARGPARSE,
+         r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
     "rounding": [
         ("mc-samples-0", ["--mc-samples", "0"], ARGPARSE, r"--mc-samples: must be at least 10"),
@@ -100,6 +104,8 @@ STUDY_CASES = {
         ("scale-error-0", ["--scale-errors", "0"], ARGPARSE, r"--scale-errors must be non-zero"),
         ("checkpoint-missing", ["--checkpoint", "{missing}/model.pt"], SYSTEM_EXIT,
          r"missing/model\.pt"),
+        ("unknown-device", ["--device", "tpu"], ARGPARSE,
+         r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
     "bench": [
         ("pairs-0", ["--pairs", "0"], ARGPARSE, r"--pairs: must be at least 1, got 0"),

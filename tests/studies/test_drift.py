@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 
@@ -116,7 +117,8 @@ def test_int8_report_follows_the_kernel_probe(monkeypatch):
         model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
         batches = [(torch.randn(4, 1, 8, 8) * 3, torch.zeros(4)) for _ in range(2)]
-    data = drift.Data(calib=batches, test=batches, identity={})
+    data = drift.Data(calib=batches, test=batches, identity={},
+                      int8_test=torch.cat([x for x, _ in batches]))
     rows, summary, probe = drift.int8_crosscheck(model, data, 8)
     assert probe is other
     for table in (rows, summary):
@@ -138,7 +140,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
 
     folder = tmp_path / "imagenet"
     rng = np.random.default_rng(1)
-    for cls in ("n01440764", "n01443537"):
+    # Two classes that are not the first two: labelled 1 and 999, not 0 and 1.
+    for cls in ("n01443537", "n15075141"):
         (folder / cls).mkdir(parents=True)
         for i in range(2):
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
@@ -155,6 +158,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["dataset"] == "imagenet-folder"
     assert manifest["data"]["classes"] == 2
+    assert manifest["data"]["classes_present"] == ["n01443537", "n15075141"]
+    assert manifest["data"]["layout"] == "synset-folders"
     sites = pd.read_csv(out / "sites.csv")
     assert sites[sites.kind == "conv"].site.nunique() == 53
     assert sites[sites.kind == "linear"].site.tolist()[0] == "fc"
@@ -180,10 +185,27 @@ def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp
     out = tmp_path / "drift"
     with pytest.raises(SystemExit, match="refusing checkpoint|sidecar"):
         drift.main(["--weights", str(bad), "--data-root", str(fashion_root), "--out", str(out)])
-    folder = tmp_path / "imgs" / "a"
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "n01443537"
     folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
     with pytest.raises(SystemExit, match="not a readable|missing|unexpected|state dict"):
         drift.main(["--data", str(folder.parent), "--weights", str(bad), "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+def test_folders_that_are_not_synsets_are_refused_before_the_model_loads(tmp_path, capsys,
+                                                                          monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "cats"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
+    monkeypatch.setattr(drift, "_load_model", lambda *a: pytest.fail("model loaded"))
+    out = tmp_path / "drift"
+    assert drift.main(["--data", str(folder.parent), "--out", str(out)]) == 2
+    assert "sub-folders are not ILSVRC2012 synset ids: cats" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
 
 
@@ -203,3 +225,220 @@ def test_recovery_is_the_share_of_a_significant_loss_won_back():
     assert out.loc[("a", "fix"), "sqnr_gain_db"] == pytest.approx(3.0)
     assert np.isnan(out.loc[("b", "fix"), "recovered"])  # no significant loss to recover
     assert np.isnan(out.loc[("a", "none"), "recovered"])
+
+
+# (float right, quantized right, images): accuracies 0 and 1, a single image, and counts
+# (0 of 3, 10 of 10, 13 of 13) whose Wilson bounds once missed the estimate by an ulp.
+EDGES = [(0, 0, 1), (1, 0, 1), (0, 1, 1), (0, 0, 3), (10, 10, 10), (0, 13, 13)]
+
+
+@pytest.mark.parametrize("float_right, quant_right, n", EDGES)
+def test_accuracy_edges_go_through_every_table_and_figure(float_right, quant_right, n,
+                                                          tmp_path):
+    from qerror.nn import LogitResult, PropagationResult, QuantConfig
+    from studies._common import RunDir, figure_style
+
+    # The fewest discordant images these totals allow.
+    only_f, only_q = max(float_right - quant_right, 0), max(quant_right - float_right, 0)
+    logits = LogitResult(n=n, float_correct=float_right, quant_correct=quant_right,
+                         agree=n - only_f - only_q, float_only=only_f, quant_only=only_q,
+                         sqnr_db=20.0, drift_rel=0.0)
+    rows = []
+    for mode in ("nearest_even", "toward_zero"):
+        for bits in (8, 4):
+            res = PropagationResult(QuantConfig.make(bits, mode), (), logits, n)
+            cols = {"mode": mode, "bits": bits, "target": "both"}
+            rows.append(drift.accuracy_row(cols, res))
+            if bits == 4:
+                rows += [drift.accuracy_row(cols, res, r) for r in ("bn_reestimation",
+                                                                    "bias_empirical")]
+    acc = drift.recovery(pd.DataFrame(rows))
+    for who in ("float", "quant"):
+        est, lo, hi = acc[f"{who}_acc"], acc[f"{who}_lo"], acc[f"{who}_hi"]
+        assert ((0 <= lo) & (lo <= est) & (est <= hi) & (hi <= 1)).all()
+    assert ((acc.delta_lo <= acc.delta) | (acc.delta == 0)).all()
+    fits = pd.DataFrame([{"mode": "nearest_even", "bits": 8, "target": "both",
+                          "metric": "rms_rel", "exponent": 0.5, "lo_layers": 0.4,
+                          "hi_layers": 0.6, "answer": "sqrt"}])
+    plt = figure_style()
+    with RunDir(tmp_path / "run", "drift", [], {}) as run:
+        drift._tables(run, acc, fits, pd.DataFrame())
+        run.write_macros("macros.tex", drift._macros(acc, fits, pd.DataFrame(columns=[
+            "mode", "bits", "target", "kind", "metric", "value"]), pd.DataFrame(), None, None))
+        for name, fig in (("accuracy", drift.figure_accuracy(plt, acc)),
+                          ("remedies", drift.figure_remedies(plt, acc))):
+            run.save_figure(fig, name)
+            plt.close(fig)
+        out = run.finish()
+    for name in ("accuracy.tex", "remedies.tex", "macros.tex", "accuracy.pdf", "remedies.png"):
+        assert (out / name).stat().st_size > 0
+    assert f"{100 * quant_right / n:.2f}" in (out / "macros.tex").read_text()
+
+
+@pytest.mark.parametrize("right, n", [(0, 1), (1, 1), (0, 3), (10, 10)])
+def test_dataset_study_figures_take_accuracies_of_0_and_1(right, n):
+    from qerror.stats import wilson_ci
+    from studies import dataset
+    from studies._common import figure_style
+
+    w = wilson_ci(right, n, dataset.ALPHA)
+    row = {"accuracy": w.estimate, "ci_low": w.ci[0], "ci_high": w.ci[1]}
+    acc = pd.DataFrame([{**row, "config": "float32", "mode": "none", "bits": 32},
+                        *({**row, "config": f"{m}{b}", "mode": m, "bits": b}
+                          for m in ("nearest_even", "toward_zero") for b in (8, 4))])
+    variants = pd.DataFrame([{**row, "variant": v, "frac_codes_changed": 0.0,
+                              "max_abs_logit_diff": 0.0} for v in ("a_b", "c")])
+    plt = figure_style()
+    for fig in (dataset.figure_accuracy(plt, acc), dataset.figure_variants(plt, variants)):
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
+
+
+def _full_size_fashion(root):
+    """Random images in Fashion-MNIST's split sizes (a torchrun worker cannot see a test's
+    patched sizes), uncompressed so that writing them takes no time."""
+    from qerror import data
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for split, n in data.SIZES.items():
+        img, lbl = data.FILES[split]
+        data.write_idx(root / img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(root / lbl, rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+# Float columns of a two-rank run against one process. Each merged sum is the same float64
+# additions regrouped: it differs by a few ulps of the sum of magnitudes (ε = 2.2e-16). The
+# derived figures subtract sums (variances, debiased drift: cancellation that can amplify
+# the relative error by mean²/variance, here below 1e4) and take logs and square roots,
+# which do not amplify it; 1e-9 covers that amplification with a margin of 1e3.
+SHARD_RTOL = 1e-9
+COUNT_COLUMNS = ("images", "float_only", "quant_only", "layers")
+
+
+def test_two_gloo_ranks_reproduce_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = _full_size_fashion(tmp_path / "fm")
+    # Three measured batches on two ranks (two and one: uneven shares), stochastic rounding
+    # (its stream follows the global batch index), remedies, and the headline accuracy on one
+    # batch (rank 1's share is empty).
+    argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
+            "--bits", "4", "--images", "12", "--calib-images", "8", "--batch-size", "4",
+            "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
+    assert drift.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    repo = Path(drift.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "studies.drift", *argv, "--out", str(tmp_path / "two")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2
+    # Measured times differ between runs; they are named as such and left out.
+    assert manifest["timing_outputs"] == ["timing.csv"]
+    assert "images/s per configuration on cpu on each of 2 ranks" in done.stdout
+    names = sorted(p.name for p in one.glob("*.csv") if p.name != "timing.csv")
+    assert names == sorted(p.name for p in two.glob("*.csv") if p.name != "timing.csv")
+    assert {"sites.csv", "accuracy.csv", "headline.csv", "remedy_sites.csv"} <= set(names)
+    for name in names:
+        a, b = pd.read_csv(one / name), pd.read_csv(two / name)
+        assert list(a.columns) == list(b.columns) and a.shape == b.shape, name
+        for col in a.columns:
+            numeric = pd.api.types.is_numeric_dtype(a[col]) \
+                and not pd.api.types.is_bool_dtype(a[col])
+            if col in COUNT_COLUMNS or not numeric:
+                pd.testing.assert_series_equal(a[col], b[col], check_exact=True)
+            else:
+                np.testing.assert_allclose(b[col], a[col], rtol=SHARD_RTOL, atol=0,
+                                           err_msg=f"{name}:{col}")
+    acc = pd.read_csv(two / "accuracy.csv")
+    assert (acc.images == 12).all()
+    assert (pd.read_csv(two / "headline.csv").images == 4).all()
+
+
+def test_fewer_batches_than_ranks_is_refused_on_every_rank(tmp_path, monkeypatch, capsys):
+    from qerror.nn import training
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    # The check comes before the process group is needed: joining it is replaced by a
+    # placement as torchrun's rank 0 would get.
+    monkeypatch.setattr(drift, "distributed", lambda device: _placement(training, 0, 2))
+    root = _full_size_fashion(tmp_path / "fm")
+    with pytest.raises(SystemExit, match="make fewer batches than the 2 ranks"):
+        drift.main(["--smoke", "--data-root", str(root), "--images", "4", "--batch-size", "4",
+                    "--local-samples", "4", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def _placement(training, rank, world):
+    import contextlib
+
+    @contextlib.contextmanager
+    def placed():
+        yield training.Placement(rank, world, rank, torch.device("cpu"))
+    return placed()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is not refused")
+@pytest.mark.parametrize("study", ["drift", "dataset"])
+def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tmp_path):
+    from studies import dataset
+
+    main = {"drift": drift.main, "dataset": dataset.main}[study]
+    out = tmp_path / study
+    with pytest.raises(SystemExit, match="--device cuda: .*finds no usable GPU"):
+        main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
+              "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob(f".{study}*"))
+
+
+def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
+    passes = configs + 3 * remedies
+    return {"device": device, "world_size": world, "probe_images": 8, "probe_s": 8 / rate,
+            "images_per_s_per_config": rate, "images": images, "configurations": configs,
+            "remedy_configurations": remedies, "passes": passes,
+            "estimated_s": passes * -(-images // world) / rate}
+
+
+def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
+    long_cpu = drift.estimate_message(_timing(0.5))
+    # 50,000 images x 57 passes / 0.5 images/s = 5,700,000 s = 66.0 days
+    assert "0.5 images/s per configuration on cpu" in long_cpu and "66.0 days" in long_cpu
+    for way in ("--images", "--modes", "--device cuda", "torchrun --nproc-per-node"):
+        assert way in long_cpu
+    short = drift.estimate_message(_timing(50.0, images=100, configs=2, remedies=0))
+    assert "≈ 4 s" in short and "--device cuda" not in short
+    gpu = drift.estimate_message(_timing(500.0, device="cuda", world=8))
+    assert "on each of 8 ranks" in gpu and "/ 8 ranks" in gpu and "that is long" not in gpu
+
+
+def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypatch):
+    import argparse
+
+    from qerror.nn import parallel
+    from qerror.nn.models import CheckpointError
+    from studies import train
+
+    asked = []
+
+    def baseline(arch, *, train_if_missing, data_root):
+        asked.append(train_if_missing)
+        raise CheckpointError("no baseline")
+
+    monkeypatch.setattr(train, "get_or_train_baseline", baseline)
+    args = argparse.Namespace(data=None, smoke=False, weights=None, model="resnet18",
+                              no_train=False, seed=0)
+    for world, trains in ((1, True), (2, False)):
+        monkeypatch.setattr(parallel, "world", lambda w=world: (0, w))
+        with pytest.raises(SystemExit, match="no baseline"):
+            drift._load_model(args, None)
+        assert asked.pop() is trains

@@ -276,3 +276,67 @@ def test_bn_and_block_outputs_can_be_quantized_too():
         measure(model, [x], cfg, calibrate_activations(model, [x], cfg.activation))
     with pytest.raises(ValueError, match="activation spec"):
         QuantConfig(QuantSpec(axis=0), None, bn_outputs=True)
+
+
+def test_a_share_of_the_batches_rounds_as_it_does_within_the_whole(setup):
+    """``first_batch``: the second batch measured alone, told its index, draws the stochastic
+    stream it draws within the whole pass, so the two shares add up to the whole."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=3)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    whole = measure(model, test, cfg, act_qp)
+    first = measure(model, test[:1], cfg, act_qp)
+    second = measure(model, test[1:], cfg, act_qp, first_batch=1)
+    misplaced = measure(model, test[1:], cfg, act_qp)
+    for s, a, b, m in zip(whole.sites, first.sites, second.sites, misplaced.sites):
+        if s.drift is None:
+            continue
+        parts = (a.drift * a.elements + b.drift * b.elements) / (a.elements + b.elements)
+        assert s.drift == pytest.approx(parts, rel=RTOL64, abs=1e-15), s.name
+        if s.kind == "conv":
+            # Without its index the share rounds with the first batch's stream.
+            assert m.drift != b.drift, s.name
+    for attr in ("quant_correct", "agree", "quant_only"):
+        assert getattr(whole.logits, attr) == \
+            getattr(first.logits, attr) + getattr(second.logits, attr)
+    with pytest.raises(ValueError, match="first_batch"):
+        measure(model, test, cfg, act_qp, first_batch=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here (torch.cuda.is_available() is False)")
+def test_cuda_measures_what_the_cpu_measures(setup):
+    """The float64 network on a GPU: every figure as on the CPU. Convolutions sum in another
+    order there (float64 round-off, RTOL64); a rounding decision could flip only for a value
+    within that round-off of a step boundary, which Gaussian inputs hit with probability
+    ~1e-13 per element, so the counts are compared exactly."""
+    import copy
+
+    from qerror.nn import correction
+
+    model, calib, test = setup
+    cfg = QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=3)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    cuda = copy.deepcopy(model).cuda()
+    act_qp_cuda = calibrate_activations(cuda, calib, cfg.activation)
+    for name, qp in act_qp.items():
+        assert float(act_qp_cuda[name].scale) == pytest.approx(float(qp.scale), rel=RTOL64)
+    on_cpu = measure(model, test, cfg, act_qp, input_maps=True, image_means=8)
+    on_gpu = measure(cuda, test, cfg, act_qp, input_maps=True, image_means=8)
+    for a, b in zip(on_cpu.sites, on_gpu.sites):
+        for attr in ("drift", "mse", "sqnr_db", "float_std", "local_drift", "saturation_high",
+                     "saturation_low"):
+            va, vb = getattr(a, attr), getattr(b, attr)
+            if va is not None:
+                assert vb == pytest.approx(va, rel=RTOL64, abs=1e-15), (a.name, attr)
+    for attr in ("n", "float_correct", "quant_correct", "agree", "float_only", "quant_only"):
+        assert getattr(on_gpu.logits, attr) == getattr(on_cpu.logits, attr)
+    bn_cpu = correction.reestimate_bn(model, calib, cfg, act_qp)
+    bn_gpu = correction.reestimate_bn(cuda, calib, cfg, act_qp)
+    for name, (mean, var) in bn_cpu.items():
+        torch.testing.assert_close(bn_gpu[name][0].cpu(), mean, rtol=RTOL64, atol=1e-15)
+        torch.testing.assert_close(bn_gpu[name][1].cpu(), var, rtol=RTOL64, atol=1e-15)
+    pred_cpu = correction.predicted_local_drift(model, cfg, on_cpu, act_qp)
+    pred_gpu = correction.predicted_local_drift(cuda, cfg, on_gpu, act_qp)
+    for name, p in pred_cpu.items():
+        np.testing.assert_allclose(pred_gpu[name], p, rtol=RTOL64, atol=1e-15)

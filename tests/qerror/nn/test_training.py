@@ -294,6 +294,12 @@ def test_config_refuses_bad_values(field, value):
         replace(CONFIG, **{field: value})
 
 
+def test_auto_device_is_cuda_exactly_where_a_gpu_is_found():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert training.resolve_device("auto").type == expected
+    assert training.resolve_device(training.Device.AUTO).type == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_a_gpu_is_refused_clearly():
     with pytest.raises(DeviceError, match=r"finds no usable GPU here.*--device cpu"):

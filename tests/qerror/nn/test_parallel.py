@@ -1,0 +1,35 @@
+"""qerror.nn.parallel: shares of work and the collectives outside a process group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qerror.nn import parallel
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 16, 101])
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_shards_take_every_item_once_in_order(n, size):
+    shares = [parallel.shard(n, r, size) for r in range(size)]
+    assert [i for s in shares for i in s] == list(range(n))
+    lengths = [len(s) for s in shares]
+    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_shard_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="0 <= rank < size"):
+        parallel.shard(4, 2, 2)
+    with pytest.raises(ValueError, match="n >= 0"):
+        parallel.shard(-1, 0, 1)
+
+
+def test_outside_a_group_the_collectives_are_the_identity():
+    assert parallel.world() == (0, 1)
+    assert parallel.shard(5) == range(5)
+    t = torch.arange(3, dtype=torch.float64)
+    assert parallel.all_reduce_sum(t) is t
+    value = {"a": t}
+    assert parallel.broadcast_object(value) is value
+    assert parallel.broadcast_object(value, map_location="cpu") is value
+    assert parallel.gather_objects(value) == [value]
