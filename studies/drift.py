@@ -67,6 +67,7 @@ from qerror.nn import (
     empirical_bias_correction,
     layer_geometry,
     measure,
+    model_device,
     parallel,
     predicted_local_drift,
     quantize_weights,
@@ -969,7 +970,9 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         timing["measured_s"] = time.perf_counter() - started
         run.write_csv("timing.csv", pd.DataFrame([timing]), timing=True)
         run.write_csv("sites.csv", sites)
-        geometry = pd.DataFrame([g.record() for g in layer_geometry(model, data.test[0][0][:1])])
+        # One calibration image (rank 0 always holds them) on the model's device.
+        example = data.calib[0][0][:1].to(model_device(model))
+        geometry = pd.DataFrame([g.record() for g in layer_geometry(model, example)])
         run.write_csv("geometry.csv", geometry)
         run.write_latex_table(
             "geometry.tex", geometry[["layer", "in_h", "in_w", "out_h", "out_w", "kernel_h",
