@@ -15,7 +15,9 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.models`: the Fashion-MNIST ResNets, ImageNet weights, checkpoints;
 * :mod:`qerror.nn.training`: the one training loop (resumable, hooks, parameter selection,
   ``--device`` and torchrun data parallelism);
-* :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid.
+* :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid;
+* :mod:`qerror.nn.updown`: random up/down roundings of one layer against nearest (task loss,
+  its Taylor estimate, local MSE).
 """
 
 from qerror.nn._anatomy import (
@@ -84,6 +86,7 @@ from qerror.nn.training import (
     fit,
     tensor_batches,
 )
+from qerror.nn.updown import UpDownResult, middle_layer, updown_experiment
 
 __all__ = [
     "BNInconsistency",
@@ -144,4 +147,7 @@ __all__ = [
     "adaround_weights",
     "apply_rounding",
     "rectified_sigmoid",
+    "UpDownResult",
+    "middle_layer",
+    "updown_experiment",
 ]
