@@ -48,12 +48,16 @@ def letters(text: object) -> str:
 def macro_name(study: str, key: str) -> str:
     """The full name of a study's macro: the study's name, then ``key``.
 
+    A study name of several words joined by ``_`` is written in camel case
+    (``rounding_choice`` → ``\\roundingChoiceAcc...``).
+
     Raises
     ------
     ValueError
         If the result holds anything but letters (build keys with :func:`letters`).
     """
-    name = study + key
+    first, *rest = study.split("_")
+    name = first + "".join(part[:1].upper() + part[1:] for part in rest) + key
     if not name.isalpha():
         raise ValueError(f"LaTeX macro names are letters only, got {name!r}")
     return name

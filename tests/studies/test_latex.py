@@ -29,6 +29,13 @@ def test_macros_carry_the_study_name(tmp_path):
     assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
 
 
+def test_a_study_name_of_several_words_is_camel_case(tmp_path):
+    with RunDir(tmp_path / "m", "rounding_choice", [], {}) as run:
+        run.write_macros("m.tex", {"Acc" + letters("nearest_4"): "91.20"})
+        out = run.finish()
+    assert "\\newcommand{\\roundingChoiceAccNearestFour}{91.20}" in (out / "m.tex").read_text()
+
+
 def test_macro_names_must_be_letters(tmp_path):
     with RunDir(tmp_path / "m", "demo", [], {}) as run:
         with pytest.raises(ValueError, match="letters only"):
