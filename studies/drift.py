@@ -74,6 +74,7 @@ from studies._common import (
     nonnegative_int,
     positive_int,
     study_main,
+    warm_batchnorm,
 )
 from studies._latex import letters
 
@@ -181,19 +182,6 @@ def _load_model(args, data_root):
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
                         "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
-
-
-def _warm_batchnorm(model, batches) -> None:
-    """Give an untrained (smoke) model BatchNorm statistics that fit its own activations."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    model.eval()
 
 
 # --------------------------------------------------------------------------- compute
@@ -640,7 +628,7 @@ def _main(argv: list[str]) -> int:
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
                          headline_images))
     if model_id["model"].endswith("untrained-smoke"):
-        _warm_batchnorm(model, data.calib)
+        warm_batchnorm(model, data.calib)
     model.eval()
 
     outputs = {"bn_outputs": args.quantize_bn_outputs,

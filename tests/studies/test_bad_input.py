@@ -112,6 +112,8 @@ STUDY_CASES = {
          r"--fl-images 17: more than --batch-size 16"),
         ("calib-images-above-split", ["--calib-images", "1001"], ARGPARSE,
          r"--calib-images: must be from 1 to 1000"),
+        ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,
+         r"--ada-images 33: more than --calib-images 32"),
         ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
         ("lam-negative", ["--lam", "-0.1"], ARGPARSE, r"--lam: must be at least 0"),
         ("lam-nan", ["--lam", "nan"], ARGPARSE, r"--lam: must be a finite number"),
@@ -127,6 +129,8 @@ STUDY_CASES = {
     ],
     "train": [
         ("lr-nan", ["--lr", "nan"], ARGPARSE, r"--lr: must be a finite number"),
+        ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,
+         r"--ada-images 33: more than --calib-images 32"),
         ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
         ("lr-inf", ["--lr", "inf"], ARGPARSE, r"--lr: must be a finite number"),
         ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1"),
