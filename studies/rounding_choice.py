@@ -442,8 +442,9 @@ def _parser():
     parser.add_argument("--lam", type=_nonnegative, default=LAM,
                         help=f"AdaRound's regulariser weight (default {LAM}, the paper's)")
     parser.add_argument("--calib-images", type=int_in(1, 1000, "the calibration split"),
-                        default=None, help="calibration images: activation ranges and "
-                                           "AdaRound (default 1000, smoke 32)")
+                        default=None, help="calibration images: activation ranges; "
+                                           "AdaRound and the up/down experiment use the "
+                                           "first of them (default 1000, smoke 32)")
     parser.add_argument("--ada-images", type=int_in(1, 1000, "the calibration split"),
                         default=None,
                         help="calibration images AdaRound reconstructs on, at most "
