@@ -91,6 +91,7 @@ from studies._common import (
     nonnegative_int,
     positive_int,
     study_main,
+    warm_batchnorm,
 )
 from studies._latex import letters, number
 
@@ -232,19 +233,6 @@ def _load_model(args, data_root):
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
                         "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
-
-
-def _warm_batchnorm(model, batches) -> None:
-    """Give an untrained (smoke) model BatchNorm statistics that fit its own activations."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    model.eval()
 
 
 # --------------------------------------------------------------------------- compute
@@ -865,7 +853,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                          "start fewer processes")
     if model_id["model"].endswith("untrained-smoke"):
         if main:
-            _warm_batchnorm(model, data.calib)
+            warm_batchnorm(model, data.calib)
         model.load_state_dict(parallel.broadcast_object(dict(model.named_buffers())),
                               strict=False)
     model.eval()

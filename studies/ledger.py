@@ -88,6 +88,21 @@ CLAIMS: tuple[Claim, ...] = (
         "test_claim_R5_nearest_is_pointwise_closest",
     ),
     Claim(
+        "R5N", "rounding",
+        "Arredondamento minimiza o erro quadrático médio (MSE).",
+        "Rounding each value to nearest minimises the network's loss.",
+        Verdict.FALSE,
+        "Nearest minimises each weight's own error, not the loss: to second order the "
+        "loss grows by ½ΔwᵀHΔw (plus gᵀΔw), and the off-diagonal terms of H reward "
+        "errors that cancel between weights. It holds when the loss is separable in the "
+        "weights (diagonal H, e.g. a linear layer's output error with uncorrelated inputs): "
+        "then nearest is the exact optimum over all up/down choices. With correlated "
+        "inputs another choice is lower, and on networks many random up/down roundings of "
+        "one layer beat nearest (python -m studies.rounding_choice: the fraction with its "
+        "Wilson interval, and learned rounding, AdaRound, against nearest's accuracy).",
+        "test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable",
+    ),
+    Claim(
         "T1", "truncation",
         "truncamento, seria simplesmente cortar a parte decimal: 2.9 → 2 / -2.9 → -2",
         "Truncation drops the fractional part.",

@@ -18,7 +18,9 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 * :mod:`qerror.nn.parallel`: the collectives that measurement and training share under
   torchrun (contiguous shares, exact merging of sums, broadcast, gather);
 * :mod:`qerror.nn.adaround`: learned rounding (AdaRound), layer by layer, on the weight grid;
-* :mod:`qerror.nn.geometry`: map sizes and the kernel taps that see data, per layer.
+* :mod:`qerror.nn.geometry`: map sizes and the kernel taps that see data, per layer;
+* :mod:`qerror.nn.updown`: random up/down roundings of one layer against nearest (task loss,
+  its Taylor estimate, local MSE).
 """
 
 from qerror.nn._anatomy import (
@@ -94,6 +96,7 @@ from qerror.nn.training import (
     fit,
     tensor_batches,
 )
+from qerror.nn.updown import UpDownResult, middle_layer, updown_experiment
 
 __all__ = [
     "BNInconsistency",
@@ -163,4 +166,7 @@ __all__ = [
     "adaround_weights",
     "apply_rounding",
     "rectified_sigmoid",
+    "UpDownResult",
+    "middle_layer",
+    "updown_experiment",
 ]

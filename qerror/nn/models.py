@@ -5,6 +5,8 @@
   classifier width.
 * :func:`plain_chain` is a deep, narrow plain CNN (conv–BN–ReLU layers, no pooling) for
   the ledger's network claims over many seeds.
+* :func:`fashion_small_cnn` is a four-layer CNN for the same input, small enough to train
+  in minutes and to measure in full.
 * :func:`imagenet_resnet50` builds ResNet50 with ImageNet weights from torchvision (torch
   hub cache or a download) or from a local state-dict file.
 * :func:`save_checkpoint` / :func:`load_checkpoint` keep trained weights in a user cache
@@ -136,6 +138,45 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
         # The same initialisation torchvision gives every other convolution.
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def fashion_small_cnn(width: int = 16, num_classes: int = 10, *, seed: int = 0) -> nn.Sequential:
+    """A small CNN for 1-channel 32×32 Fashion-MNIST input, freshly initialised.
+
+    Four conv–BatchNorm–ReLU layers of ``width``, ``2·width``, ``4·width`` and ``4·width``
+    channels (3×3, padding 1), a 2×2 max-pool after each of the first two, global average
+    pooling and a linear classifier: about ``234·width²`` weights (60 000 at the default
+    width), trained on a 2-core CPU in about a minute per epoch. The studies use it beside
+    the ResNets as a network small enough to measure in full.
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first convolution.
+    num_classes : int
+        Width of the final linear layer.
+    seed : int
+        Seed of the initialisation; the global torch generator is left untouched.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        In training mode. Input (N, 1, 32, 32) float32, output (N, num_classes) logits.
+    """
+    for name, v in (("width", width), ("num_classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    chans = [1, width, 2 * width, 4 * width, 4 * width]
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            if i < 2:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], int(num_classes))]
+        return nn.Sequential(*layers)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,21 @@ import torch
 
 from qerror import data
 from qerror.nn.models import DEFAULT_STEM, Arch, fashion_resnet, save_checkpoint
-from studies import bench, dataset, drift, early_exit, ledger, rounding, seeds, train
+from studies import (
+    bench,
+    dataset,
+    drift,
+    early_exit,
+    ledger,
+    rounding,
+    rounding_choice,
+    seeds,
+    train,
+)
 
 MODULES = {"drift": drift, "rounding": rounding, "dataset": dataset, "bench": bench,
-           "train": train, "ledger": ledger, "seeds": seeds, "early_exit": early_exit}
+           "train": train, "ledger": ledger, "seeds": seeds, "early_exit": early_exit,
+           "rounding_choice": rounding_choice}
 ARGPARSE = 2  # argparse's status for a bad argument, also the studies' for a refused input
 REFUSED = 2
 SYSTEM_EXIT = 1  # SystemExit(message): Python prints the message and exits 1
@@ -107,6 +118,28 @@ STUDY_CASES = {
         ("unknown-device", ["--device", "tpu"], ARGPARSE,
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
+    "rounding_choice": [
+        ("bits-1", ["--bits", "1"], ARGPARSE,
+         r"--bits: must be from 2 to 8, got 1 \(AdaRound's weight widths\)"),
+        ("bits-9", ["--bits", "4", "9"], ARGPARSE, r"--bits: must be from 2 to 8, got 9"),
+        ("unknown-model", ["--models", "vgg16"], ARGPARSE, r"--models: invalid choice"),
+        ("fl-roundings-2", ["--fl-roundings", "2"], ARGPARSE,
+         r"--fl-roundings: must be from 3 to 100000, got 2 \(a rank correlation needs 3\)"),
+        ("fl-images-above-batch", ["--fl-images", "17"], ARGPARSE,
+         r"--fl-images 17: more than --batch-size 16"),
+        ("calib-images-above-split", ["--calib-images", "1001"], ARGPARSE,
+         r"--calib-images: must be from 1 to 1000"),
+        ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,
+         r"--ada-images 33: more than --calib-images 32"),
+        ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
+        ("lam-negative", ["--lam", "-0.1"], ARGPARSE, r"--lam: must be at least 0"),
+        ("lam-nan", ["--lam", "nan"], ARGPARSE, r"--lam: must be a finite number"),
+        ("iterations-negative", ["--iterations", "-1"], ARGPARSE,
+         r"--iterations: must be at least 0"),
+        ("curve-0", ["--curve", "0"], ARGPARSE, r"--curve: must be at least 1"),
+        ("stochastic-seeds-0", ["--stochastic-seeds", "0"], ARGPARSE,
+         r"--stochastic-seeds: must be at least 1"),
+    ],
     "bench": [
         ("pairs-0", ["--pairs", "0"], ARGPARSE, r"--pairs: must be at least 1, got 0"),
         ("unknown-group", ["--only", "everything"], ARGPARSE, r"--only: invalid choice"),
@@ -140,6 +173,8 @@ STUDY_CASES = {
     ],
     "train": [
         ("lr-nan", ["--lr", "nan"], ARGPARSE, r"--lr: must be a finite number"),
+        ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,
+         r"--ada-images 33: more than --calib-images 32"),
         ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
         ("lr-inf", ["--lr", "inf"], ARGPARSE, r"--lr: must be a finite number"),
         ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1"),
@@ -171,15 +206,18 @@ SOURCE_CASES = [
     ("data-root-truncated-gzip", ["--data-root", "{trunc}"], r"t10k-labels-idx1-ubyte\.gz"),
     ("env-missing", ["$QERROR_DATA={missing}"], r"QERROR_DATA"),
 ]
-SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds", "early_exit")
+SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds", "early_exit",
+                  "rounding_choice")
 # What each study needs besides the case's own arguments to reach its data.
 SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [], "seeds": [], "early_exit": [],
+                "rounding_choice": [],
                 "rounding": ["--checkpoint", "{ckpt}"]}
 
 
 def _table():
     rows = []
-    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds", "early_exit"):
+    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds", "early_exit",
+                  "rounding_choice"):
         rows += [(study, f"out-{cid}", argv, code, msg) for cid, argv, code, msg in OUT_CASES]
         rows += [(study, *case) for case in STUDY_CASES[study]]
         rows += [(study, cid, argv + SOURCE_EXTRA[study], REFUSED, msg)
@@ -267,7 +305,8 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(
         else:
             args.append(a.format(**places))
     named_data = "--data-root" in args or os.environ.get(data.ENV_VAR)
-    if study in ("drift", "dataset", "train", "seeds", "early_exit") and not named_data:
+    if study in ("drift", "dataset", "train", "seeds", "early_exit", "rounding_choice") \
+            and not named_data:
         args += ["--data-root", str(places["fm"])]
     if "--out" not in args:
         args += ["--out", str(places["new"])]
@@ -332,6 +371,7 @@ RERUNS = {
     "rounding": (rounding, ["--laws", "normal", "--ratios", "2", "--mc-samples", "200"],
                  None),
     "seeds": (seeds, [], (7100, 200)),
+    "rounding_choice": (rounding_choice, ["--no-progress"], (6100, 100)),
 }
 
 

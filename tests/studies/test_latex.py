@@ -30,11 +30,11 @@ def test_macros_carry_the_study_name(tmp_path):
     assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
 
 
-def test_a_study_named_with_underscores_prefixes_in_camel_case(tmp_path):
-    with RunDir(tmp_path / "m", "early_exit", [], {}) as run:
-        run.write_macros("m.tex", {"Smoke": "true"})
+def test_a_study_name_of_several_words_is_camel_case(tmp_path):
+    with RunDir(tmp_path / "m", "rounding_choice", [], {}) as run:
+        run.write_macros("m.tex", {"Acc" + letters("nearest_4"): "91.20"})
         out = run.finish()
-    assert "\\newcommand{\\earlyExitSmoke}{true}" in (out / "m.tex").read_text()
+    assert "\\newcommand{\\roundingChoiceAccNearestFour}{91.20}" in (out / "m.tex").read_text()
 
 
 def test_macro_names_must_be_letters(tmp_path):

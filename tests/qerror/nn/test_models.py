@@ -69,6 +69,26 @@ def test_bad_arch_stem_and_num_classes_are_refused():
         models.fashion_resnet("resnet18", num_classes=0)
 
 
+def test_fashion_small_cnn_shapes_seed_and_checks():
+    from qerror.nn import check_model, layer_names
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = models.fashion_small_cnn(8, seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = models.fashion_small_cnn(8, seed=5)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert a.training and a.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    check_model(a, need_batchnorm=True)
+    assert len(layer_names(a)) == 5  # four convolutions and the classifier
+    weights = sum(m.weight.numel() for m in a.modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert weights == 9 * (1 + 2 * 8 + 8 * 8 + 16 * 8) * 8 + 32 * 10  # 9·(w+2w²+8w²+16w²)+320
+    with pytest.raises(ValueError, match="width"):
+        models.fashion_small_cnn(0)
+
+
 def _resnet50_state_file(tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.resnet50(weights=None).eval()

@@ -1,0 +1,107 @@
+"""Tests of qerror.nn.updown: the Taylor estimate and local MSE against independent
+computations, nearest's weight MSE, reproducibility, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qerror.calibration import calibrate
+from qerror.nn import UnsupportedModelError, middle_layer, updown_experiment
+from qerror.quantizer import QuantSpec, fake_quantize
+from qerror.rounding import RoundingMode
+from qerror.stats import wilson_ci
+from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
+
+
+def _linear_problem(seed=0):
+    """A one-layer softmax classifier (float64): 5 inputs, 3 classes, 15 weights."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(3, 5, generator=g, dtype=torch.float64))
+        model[1].bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+    x = torch.randn(40, 1, 1, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return model, x, y
+
+
+def test_taylor_and_local_mse_match_an_independent_computation():
+    """The Taylor estimate against torch.autograd.functional.hessian of the loss in the 15
+    weights, the local MSE against the layer's output error computed directly, the loss
+    against a plain forward pass: float64 sums in another order, so RTOL64."""
+    model, x, y = _linear_problem()
+    res = updown_experiment(model, "1", [(x, y)], 3, roundings=6, seed=2)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    xf = x.flatten(1)
+
+    def loss(flat):
+        return F.cross_entropy(xf @ flat.reshape(3, 5).T + b, y)
+
+    g = torch.autograd.functional.jacobian(loss, w.flatten())
+    h = torch.autograd.functional.hessian(loss, w.flatten())
+    spec = QuantSpec(3, signed=True, symmetric=True, axis=0, rounding=RoundingMode.STOCHASTIC)
+    qp = calibrate(w, spec)
+    for k in range(6):
+        gen = int(np.random.SeedSequence([2, k]).generate_state(1)[0])
+        wq = fake_quantize(w, spec, qp.scale, generator=gen)
+        dw = (wq - w).flatten()
+        taylor = float(loss(w.flatten()) + g @ dw + 0.5 * dw @ h @ dw)
+        assert res.taylor[k] == pytest.approx(taylor, rel=RTOL64)
+        assert res.loss[k] == pytest.approx(float(loss(wq.flatten())), rel=RTOL64)
+        assert res.local_mse[k] == pytest.approx(float(((xf @ (wq - w).T) ** 2).mean()),
+                                                 rel=RTOL64)
+
+
+def test_nearest_has_the_smallest_weight_error_and_the_counts_add_up():
+    model = tiny_resnet()
+    x = images(32, 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    res = updown_experiment(model, "0", [(x, y)], 4, roundings=20, seed=0, taylor=False)
+    # pointwise closest (ledger R5), so the smallest mean squared weight error
+    assert res.nearest_weight_mse_lsb <= res.weight_mse_lsb.min()
+    assert np.isnan(res.taylor).all() and np.isnan(res.taylor_rho)
+    beat = int((res.loss < res.nearest_loss).sum())
+    assert res.beat.estimate * 20 == beat
+    assert res.beat.ci == wilson_ci(beat, 20, 0.05).ci
+    frame = res.to_frame()
+    assert len(frame) == 21 and frame.rounding.iloc[0] == "nearest"
+    assert int(frame.beats_nearest.sum()) == beat
+    assert res.summary()["beat"] == beat and res.images == 32
+    again = updown_experiment(model, "0", [(x, y)], 4, roundings=20, seed=0, taylor=False)
+    assert np.array_equal(again.loss, res.loss)  # seeded: the same roundings
+
+
+def test_middle_layer_and_model_untouched():
+    model = tiny_resnet()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert middle_layer(model) == names[len(names) // 2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images(8, 2)
+    updown_experiment(model, middle_layer(model), [(x, torch.zeros(8, dtype=torch.long))], 4,
+                      roundings=3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.training
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"layer": "1"}, ValueError, "not a Conv2d or Linear"),
+    ({"bits": 1}, ValueError, "bits must be"),
+    ({"roundings": 0}, ValueError, "roundings must be"),
+    ({"batches": [images(4, 1)]}, ValueError, "labelled batches"),
+    ({"batches": []}, ValueError, "at least one batch"),
+])
+def test_bad_input(kw, err, match):
+    args = {"layer": "0", "batches": [(images(4, 1), torch.zeros(4, dtype=torch.long))],
+            "bits": 4, "roundings": 3, **kw}
+    with pytest.raises(err, match=match):
+        updown_experiment(tiny_resnet(), args.pop("layer"), args.pop("batches"), **args)
+
+
+def test_refused_model():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LSTM(2, 2))
+    with pytest.raises(UnsupportedModelError, match="LSTM"):
+        updown_experiment(model, "0", [(images(4, 1), torch.zeros(4, dtype=torch.long))], 4)

@@ -1,0 +1,73 @@
+"""python -m studies.rounding_choice: smoke run end to end, a refused model, bad input.
+
+The byte-identical rerun and the command-line table are in tests/studies/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from torch import nn
+
+from studies import rounding_choice
+
+
+@pytest.fixture
+def fashion_root(fashion_idx):
+    return fashion_idx(train=6100, test=100)
+
+
+def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
+    out = tmp_path / "rc"
+    assert rounding_choice.main(["--smoke", "--no-progress", "--data-root", str(fashion_root),
+                                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in ("accuracy.csv", "updown.csv", "updown_summary.csv", "sites.csv",
+                 "adaround_layers.csv", "adaround_cost.csv", "goals.csv", "summary.json",
+                 "accuracy.tex", "updown.tex", "goals.tex", "adaround_cost.tex", "macros.tex",
+                 "updown_scatter.pdf", "updown_scatter.png", "accuracy.pdf", "sqnr.pdf",
+                 "curve_iterations.pdf", "curve_seconds.pdf"):
+        assert (out / name).is_file(), name
+        assert name in manifest["outputs"], name
+    assert {"adaround_layers.csv", "adaround_cost.csv", "goals.csv", "goals.tex",
+            "curve_seconds.pdf"} <= set(manifest["timing_outputs"])
+    acc = pd.read_csv(out / "accuracy.csv")
+    fixed = ["nearest", "toward_zero", "floor", "stochastic_0", "stochastic_1"]
+    assert list(acc["method"]) == ["float", *fixed, "adaround", "adaround"]
+    assert acc.images.eq(64).all()  # the smoke preset: the first 64 test images
+    assert sorted(acc[acc.method == "adaround"].iterations) == [5, 20]
+    assert acc[acc.method == "adaround"].headline.tolist() == [True, False]
+    tested = acc[acc.method.isin(fixed[1:] + ["adaround"])]
+    assert tested.p_holm.notna().all() and (tested.p_holm >= tested.p_vs_nearest).all()
+    ud = pd.read_csv(out / "updown.csv")
+    assert sorted(set(ud.place)) == ["first", "middle"]
+    assert (ud.groupby("place").size() == 9).all()  # nearest and 8 stochastic roundings
+    summary = pd.read_csv(out / "updown_summary.csv")
+    assert (summary.beat_lo <= summary.beat_fraction).all()
+    sites = pd.read_csv(out / "sites.csv")
+    assert {"drift_rel", "sqnr_db"} <= set(sites.metric)
+    assert set(sites.method) == set(fixed) | {"adaround"}
+    assert manifest["models"]["small"]["model"] == "fashion-small-cnn"
+    assert manifest["config"]["iterations"] == {"small": 20}
+    rec = json.loads((out / "summary.json").read_text())["adaround"]
+    assert {r["iterations"] for r in rec} == {5, 20}
+    assert all("seconds" not in json.dumps(r) for r in rec)  # timings only in timing outputs
+    assert "\\roundingChoiceAccSmallNearestFour" in (out / "macros.tex").read_text()
+    assert not list(tmp_path.glob(".rc.partial*"))
+
+
+def test_a_model_the_anatomy_module_refuses_leaves_no_output(fashion_root, tmp_path,
+                                                             monkeypatch, capsys):
+    def refused(name, args, data, progress):
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.LSTM(2, 2)), {"model": "lstm"}
+
+    monkeypatch.setattr(rounding_choice, "load_model", refused)
+    out = tmp_path / "rc"
+    code = rounding_choice.main(["--smoke", "--no-progress", "--data-root", str(fashion_root),
+                                 "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot run the rounding_choice study on model 'small'" in err and "LSTM" in err
+    assert not out.exists() and not list(tmp_path.glob(".rc.partial*"))
