@@ -99,6 +99,7 @@ SPARSE_FORMATS = (SparseFormat.BITMASK, SparseFormat.CSR)
 # The share of the fine-tuning steps over which the gradual schedule raises the sparsity;
 # the rest recovers at the final sparsity (Zhu & Gupta prune, then keep training).
 PRUNE_SHARE = 0.75
+PARTS = ("resnet", "wisard", "dwn", "cnn")
 
 
 def sparsity_arg(text: str) -> float:
@@ -252,9 +253,9 @@ def train_cnn(model: nn.Module, data: Data, epochs: int, batch: int, lr: float, 
 # --------------------------------------------------------------------------- the points
 
 
-def resnet_points(model, data, args, folder, bar) -> tuple[list[dict], list[dict], dict]:
-    """Dense, INT8, pruned (float32 and INT8), structured; and the pruned networks for the
-    rounding part."""
+def resnet_points(model, data, args, folder, bar):
+    """Dense, INT8, pruned (float32 and INT8), structured; and, for the rounding part, the
+    pruned networks and which test images each classifies right (sparsity 0: dense)."""
     rows = []
     timing = []
     t0 = time.perf_counter()
@@ -270,7 +271,7 @@ def resnet_points(model, data, args, folder, bar) -> tuple[list[dict], list[dict
                       storage="dense int8"))
     timing.append({"task": "dense", "seconds": time.perf_counter() - t0})
     bar.update(1)
-    pruned = {0.0: model}
+    pruned, correct = {0.0: model}, {0.0: dense}
     for s in args.sparsities:
         t0 = time.perf_counter()
         m = copy.deepcopy(model)
@@ -288,9 +289,11 @@ def resnet_points(model, data, args, folder, bar) -> tuple[list[dict], list[dict
             back, counted, size = stored_network(m, folder, f"pruned_{s}_{values.value}", fmt,
                                                  values)
             method = "pruned" if values is StorageFormat.FLOAT32 else "pruned + INT8"
+            right = correct_of(back, data.x_test, data.y_test)
+            if values is StorageFormat.FLOAT32:
+                correct[s] = right  # float32 reads back exactly: the pruned network's own
             rows.append(point(f"{method} {100 * s:g}", method, "resnet", f"{100 * s:g}% sparse",
-                              counted, size,
-                              correct_of(back, data.x_test, data.y_test), dense, sparsity=reached,
+                              counted, size, right, dense, sparsity=reached,
                               storage=f"{fmt.value} {values.value}"))
         timing.append({"task": f"pruned {s:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
@@ -310,7 +313,7 @@ def resnet_points(model, data, args, folder, bar) -> tuple[list[dict], list[dict
                               sparsity=math.nan, storage=f"dense {values.value}"))
         timing.append({"task": f"channels {f:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
-    return rows, timing, pruned
+    return rows, timing, pruned, correct
 
 
 def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar):
@@ -405,7 +408,7 @@ def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
     return rows, timing
 
 
-def cnn_points(data, args, folder, dense, bar) -> tuple[list[dict], list[dict]]:
+def cnn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
     rows, timing = [], []
     for budget in args.wisard_budgets:
         t0 = time.perf_counter()
@@ -538,6 +541,10 @@ def _main(argv: list[str]) -> int:
         "a 2-core CPU (an estimate from the baseline's training speed and the WNN timings of "
         "issue 13; the fine-tuning prints its own estimate and the bar its ETA). --smoke "
         "takes seconds.")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="which families to measure (default all); without resnet no "
+                             "baseline is needed, and the rounding part (run with resnet) "
+                             "and the sparse goal are left out")
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
                         help="architecture (default resnet50; resnet18 with --smoke)")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -607,15 +614,17 @@ def _main(argv: list[str]) -> int:
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
                      f"{args.finetune_steps}; every mask update needs a step of its own")
+    parts = set(args.parts)
+    if "resnet" not in parts:
+        args.rounding_bits = []
     check_out(args.out, "compression", force=args.force)
     find_fashion_mnist(args.data_root)  # data before the model: a missing baseline trains
 
     started = time.perf_counter()
-    model, model_id = _load_model(args)
+    model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
     data = load_data(args.data_root, test_images, 256 if smoke else None)
-    if model_id["model"].endswith("untrained-smoke"):
+    if str(model_id["model"]).endswith("untrained-smoke"):
         _warm_batchnorm(model, data.x_train[:64])
-    model.eval()
     judged = ("smoke run" if smoke else
               None if data.identity["test_images"] == FASHION_TEST_IMAGES else
               f"{data.identity['test_images']} of {FASHION_TEST_IMAGES} test images")
@@ -623,33 +632,38 @@ def _main(argv: list[str]) -> int:
     config.update(alpha=ALPHA, test_images=test_images, prune_share=PRUNE_SHARE,
                   rounding_modes=[m.value for m in ROUNDING_MODES],
                   int8="weights int8 per output channel (scale max|w|/127), activations float")
-    tasks = (1 + len(args.sparsities) + len(args.channel_fractions)
+    tasks = ((1 + len(args.sparsities) + len(args.channel_fractions)) * ("resnet" in parts)
              + (1 + len(args.sparsities)) * bool(args.rounding_bits)
-             + 2 * len(args.wisard_budgets) + len(args.dwn_luts))
+             + len(args.wisard_budgets) * (("wisard" in parts) + ("cnn" in parts))
+             + len(args.dwn_luts) * ("dwn" in parts))
     plt = figure_style()
     with RunDir(args.out, "compression", argv, config) as run, \
             tempfile.TemporaryDirectory(prefix="qerror-compression-") as tmp:
         run.extra.update(model=model_id, data=data.identity)
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
-        rows, timing, pruned = resnet_points(model, data, args, folder, bar)
-        dense = {s: correct_of(m, data.x_test, data.y_test) for s, m in pruned.items()}
+        rows, timing = [], []
+        if "resnet" in parts:
+            rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar)
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
-                                              dense, bar)
+                                              correct, bar)
             timing.append({"task": "rounding", "seconds": time.perf_counter() - t0})
-        for part in (wisard_points(data, args, folder, bar), dwn_points(data, args, folder, bar),
-                     cnn_points(data, args, folder, dense[0.0], bar)):
-            rows += part[0]
-            timing += part[1]
+        for name, measure in (("wisard", wisard_points), ("dwn", dwn_points),
+                              ("cnn", cnn_points)):
+            if name in parts:
+                part_rows, part_timing = measure(data, args, folder, bar)
+                rows += part_rows
+                timing += part_timing
         bar.close()
         points = pd.DataFrame(rows)
         points["on_front"] = pareto_front(points.bytes, points.acc)
         goal_frame = goals(points, judged=judged, arch=args.model)
-        d0 = points.iloc[0]
-        i = smallest_within(points.bytes, points.acc, d0.acc, 0.01)
-        smallest = None if i < 0 else points.iloc[i].to_dict()
+        smallest = None
+        if "resnet" in parts:  # the dense float network is the first point
+            i = smallest_within(points.bytes, points.acc, points.acc.iloc[0], 0.01)
+            smallest = None if i < 0 else points.iloc[i].to_dict()
         run.write_csv("points.csv", points)
         run.write_csv("goals.csv", goal_frame)
         run.write_csv("timing.csv", pd.DataFrame(timing), timing=True)

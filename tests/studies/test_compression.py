@@ -83,3 +83,17 @@ def test_goals_not_judged_on_smoke_other_models_or_missing_points():
     g = compression.goals(_points(9000, 8900, [(9900, 200_000)], []), judged=None,
                           arch="resnet50")
     assert g.verdict.tolist()[1:] == ["not judged (no model within the budget)"] * 2
+
+
+def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
+    # --no-train and an empty cache: loading a baseline would fail, so none is loaded
+    root = fashion_idx(train=6100, test=100)
+    out = tmp_path / "wnn"
+    assert compression.main(["--smoke", "--parts", "wisard", "--no-train", "--data-root",
+                             str(root), "--out", str(out)]) == 0
+    points = pd.read_csv(out / "points.csv")
+    assert points.method.tolist() == ["WiSARD"]
+    assert not (out / "rounding.csv").exists()
+    assert json.loads((out / "manifest.json").read_text())["model"] == {"model": None}
+    goals = pd.read_csv(out / "goals.csv")
+    assert goals.measured[0] == "no 90%-sparse network in this run"
