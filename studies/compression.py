@@ -75,6 +75,7 @@ from qerror.compress import (
 )
 from qerror.compress.sparse import prunable_weights
 from qerror.data import find_fashion_mnist
+from qerror.nn.bn import estimate_running_stats
 from qerror.nn.training import Schedule, TrainConfig, fit, tensor_batches
 from qerror.stats import mcnemar_test, wilson_ci
 from studies._common import (
@@ -519,18 +520,6 @@ def _load_model(args):
                         "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
 
 
-def _warm_batchnorm(model, x) -> None:
-    """BatchNorm statistics that fit an untrained (smoke) model's own activations."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
 def _main(argv: list[str]) -> int:
     parser = base_parser("compression", __doc__.splitlines()[0], force=True)
     parser.epilog = (
@@ -624,7 +613,7 @@ def _main(argv: list[str]) -> int:
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
     data = load_data(args.data_root, test_images, 256 if smoke else None)
     if str(model_id["model"]).endswith("untrained-smoke"):
-        _warm_batchnorm(model, data.x_train[:64])
+        estimate_running_stats(model, [data.x_train[:64]])
     judged = ("smoke run" if smoke else
               None if data.identity["test_images"] == FASHION_TEST_IMAGES else
               f"{data.identity['test_images']} of {FASHION_TEST_IMAGES} test images")

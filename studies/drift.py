@@ -58,6 +58,7 @@ from qerror.nn import (
     quantized_forward,
     reestimate_bn,
 )
+from qerror.nn.bn import estimate_running_stats
 from qerror.nn.growth import (
     image_bootstrap,
     layer_block_bootstrap,
@@ -181,19 +182,6 @@ def _load_model(args, data_root):
         raise SystemExit(str(err)) from err
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
                         "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
-
-
-def _warm_batchnorm(model, batches) -> None:
-    """Give an untrained (smoke) model BatchNorm statistics that fit its own activations."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    model.eval()
 
 
 # --------------------------------------------------------------------------- compute
@@ -640,7 +628,7 @@ def _main(argv: list[str]) -> int:
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
                          headline_images))
     if model_id["model"].endswith("untrained-smoke"):
-        _warm_batchnorm(model, data.calib)
+        estimate_running_stats(model, (x for x, _ in data.calib))
     model.eval()
 
     outputs = {"bn_outputs": args.quantize_bn_outputs,

@@ -35,7 +35,7 @@ from qerror.nn.adaround import (
     apply_rounding,
     rectified_sigmoid,
 )
-from qerror.nn.bn import BNInconsistency, running_stats
+from qerror.nn.bn import BNInconsistency, estimate_running_stats, running_stats
 from qerror.nn.correction import (
     MeanSource,
     analytic_bias_correction,
@@ -136,6 +136,7 @@ __all__ = [
     "reestimate_bn",
     "run_early_exit",
     "running_stats",
+    "estimate_running_stats",
     "untie_relus",
     "AdaRoundLayer",
     "AdaRoundResult",
