@@ -196,6 +196,19 @@ def stored_network(model: nn.Module, folder: Path, name: str, sparse: SparseForm
     return back, counted, size
 
 
+def stored_wnn(model, folder: Path):
+    """(weightless model read back from its file, counted bytes, file bytes)."""
+    counted = wnn_size(model).total_bytes
+    path = folder / "model.wnn"
+    save_wnn(model, path)
+    size = path.stat().st_size
+    back = load_wnn(path)
+    path.unlink()
+    if size != counted:
+        raise AssertionError(f"the file holds {size} bytes, the count says {counted}")
+    return back, counted, size
+
+
 def smallest_format(model: nn.Module, values: StorageFormat) -> SparseFormat:
     """The sparse format (bitmask or CSR) that stores ``model`` in the fewest bytes."""
     sizes = [model_bytes(model, f, values).total for f in SPARSE_FORMATS]
@@ -367,12 +380,7 @@ def wisard_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
                 best = (model, choice, a)
         if best is not None:
             model, choice, a = best
-            path = folder / "wisard.wnn"
-            save_wnn(model, path)
-            size = path.stat().st_size
-            back = load_wnn(path)
-            path.unlink()
-            counted = wnn_size(model).total_bytes
+            back, counted, size = stored_wnn(model, folder)
             correct = back.predict(data.p_test).numpy() == data.y_test
             rows.append(point(f"wisard {budget / KB:g} kB", "WiSARD", "weightless",
                               f"{budget / KB:g} kB budget: {args.wisard_bits}-bit "
@@ -393,12 +401,7 @@ def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
                       thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
                       batch_size=args.dwn_batch, seed=args.seed,
                       step_size=max(1, (2 * args.dwn_epochs) // 3), progress=True)
-        path = folder / "dwn.wnn"
-        save_wnn(res.model, path)
-        size = path.stat().st_size
-        back = load_wnn(path)
-        path.unlink()
-        counted = wnn_size(res.model).total_bytes
+        back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
         rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
                           f"LUTs {'/'.join(map(str, luts))}, fan-in 6, "
