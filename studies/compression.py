@@ -471,6 +471,20 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def points_table(points: pd.DataFrame) -> pd.DataFrame:
+    """The points for the paper: accuracy and interval in percent, bytes with separators,
+    the difference from dense in points, blanks where a figure does not apply."""
+    delta = points.delta_vs_dense
+    return pd.DataFrame({
+        "method": points.method, "configuration": points.config, "storage": points.storage,
+        "bytes": [f"{int(b):,}" for b in points.bytes],
+        "accuracy (%)": [f"{100 * a:.2f}" for a in points.acc],
+        f"{100 * (1 - ALPHA):g}% CI": [f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+                                        for lo, hi in zip(points.acc_lo, points.acc_hi)],
+        "vs dense (points)": ["" if np.isnan(d) else f"{100 * d:+.2f}" for d in delta],
+        "front": ["yes" if f else "" for f in points.on_front]})
+
+
 def figure_pareto(plt, points: pd.DataFrame, smoke: bool):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, d in points.groupby("method", sort=False):
@@ -660,10 +674,8 @@ def _main(argv: list[str]) -> int:
         run.write_csv("goals.csv", goal_frame)
         run.write_csv("timing.csv", pd.DataFrame(timing), timing=True)
         tag = " SMOKE RUN (tiny untrained models): not results." if smoke else ""
-        cols = ["method", "config", "storage", "bytes", "acc", "acc_lo", "acc_hi",
-                "delta_vs_dense", "on_front"]
         run.write_latex_table(
-            "points.tex", points[cols],
+            "points.tex", points_table(points),
             f"Every model on the first {test_images} Fashion-MNIST test images: honest bytes "
             f"(the file written and read back), accuracy with its {100 * (1 - ALPHA):g}\\% "
             "Wilson interval, the paired difference from the dense network, and whether the "
