@@ -335,13 +335,14 @@ def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar):
     rows, layer_frames = [], []
     for s, m in pruned.items():
         for bits in bits_list:
-            values = StorageFormat.INT8 if bits == 8 else StorageFormat.INT4_PACKED
+            # codes of 5 to 8 bits take a byte each; 2 to 4 bits pack two to a byte
+            values = StorageFormat.INT4_PACKED if bits <= 4 else StorageFormat.INT8
             correct = {}
             for mode in ROUNDING_MODES:
                 q = quantize_survivors(m, QuantSpec(bits=bits, axis=0, rounding=mode), seed=seed)
                 correct[mode] = correct_of(q.model, data.x_test, data.y_test)
                 fmt = SparseFormat.DENSE if s == 0 else smallest_format(q.model, values)
-                counted = model_bytes(q.model, fmt, values).total if bits <= 8 else math.nan
+                counted = model_bytes(q.model, fmt, values).total
                 k, n = int(correct[mode].sum()), correct[mode].size
                 ci = wilson_ci(k, n, ALPHA)
                 row = {"sparsity": s, "bits": bits, "mode": mode.value, "images": n,
@@ -469,6 +470,11 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
                     f"{int(r.bytes):,} B ({r.config})")
         row(name, measured, 100 * int(r.correct) >= target * int(r.images), judged)
     return pd.DataFrame(rows)
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with None where a figure does not apply (JSON has no NaN)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def points_table(points: pd.DataFrame) -> pd.DataFrame:
@@ -669,7 +675,7 @@ def _main(argv: list[str]) -> int:
         smallest = None
         if "resnet" in parts:  # the dense float network is the first point
             i = smallest_within(points.bytes, points.acc, points.acc.iloc[0], 0.01)
-            smallest = None if i < 0 else points.iloc[i].to_dict()
+            smallest = None if i < 0 else records(points.iloc[[i]])[0]
         run.write_csv("points.csv", points)
         run.write_csv("goals.csv", goal_frame)
         run.write_csv("timing.csv", pd.DataFrame(timing), timing=True)
@@ -679,13 +685,14 @@ def _main(argv: list[str]) -> int:
             f"Every model on the first {test_images} Fashion-MNIST test images: honest bytes "
             f"(the file written and read back), accuracy with its {100 * (1 - ALPHA):g}\\% "
             "Wilson interval, the paired difference from the dense network, and whether the "
-            f"model is on the Pareto front. INT8 stores weights only.{tag}",
+            "model is on the Pareto front. INT8 stores the weights only, per output channel; "
+            "the ResNet's first convolution stays float32, as pruning leaves it dense."
+            f"{tag}",
             "tab:compression-points")
         run.write_latex_table("goals.tex", goal_frame,
                               f"The goals of the comparison, judged on the measured figures."
                               f"{tag}", "tab:compression-goals")
-        summary = {"points": points.to_dict(orient="records"),
-                   "goals": goal_frame.to_dict(orient="records"),
+        summary = {"points": records(points), "goals": records(goal_frame),
                    "smallest_within_one_point": smallest, "smoke": smoke}
         if args.rounding_bits:
             run.write_csv("rounding.csv", rounding)
@@ -698,7 +705,7 @@ def _main(argv: list[str]) -> int:
                 "accuracy, McNemar's p against nearest on the same images, the share of "
                 "surviving weights quantized to zero, how far the survivors move toward zero, "
                 f"their MSE and their mean magnitude, in LSB.{tag}", "tab:compression-rounding")
-            summary["rounding"] = rounding.to_dict(orient="records")
+            summary["rounding"] = records(rounding)
         run.write_json("summary.json", summary)
         macros = _macros(points, goal_frame, smallest)
         macros["Run"] = "smoke run, not results" if smoke else "full run"
