@@ -97,3 +97,22 @@ def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["model"] == {"model": None}
     goals = pd.read_csv(out / "goals.csv")
     assert goals.measured[0] == "no 90%-sparse network in this run"
+
+
+def test_stored_network_reads_back_every_entry_of_the_file(tmp_path):
+    import torch
+
+    from qerror.compress import SparseFormat, StorageFormat, TinyCNN, prune_global
+
+    model = TinyCNN(4, seed=1).eval()
+    prune_global(model, 0.75)
+    back, counted, size = compression.stored_network(model, tmp_path, "m", SparseFormat.CSR,
+                                                     StorageFormat.FLOAT32)
+    assert counted == size and not list(tmp_path.iterdir())  # the file is gone again
+    # the blank copy starts at NaN, so an entry the file did not set would show
+    for name, t in model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(back.state_dict()[name], t), name
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
