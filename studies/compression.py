@@ -144,6 +144,11 @@ class Data:
     identity: dict
 
 
+def _flat(images) -> np.ndarray:
+    """uint8 pixels, one row per image: what the weightless models encode."""
+    return images.images.reshape(len(images), -1)
+
+
 def load_data(data_root, test_images: int, train_images: int | None) -> Data:
     from qerror.data import fashion_mnist_splits, to_tensor
 
@@ -151,13 +156,12 @@ def load_data(data_root, test_images: int, train_images: int | None) -> Data:
     train = splits.train if train_images is None else splits.train.subset(
         np.arange(min(train_images, len(splits.train))))
     test = splits.test.subset(np.arange(min(test_images, len(splits.test))))
-    flat = lambda s: s.images.reshape(len(s), -1)  # noqa: E731
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
              "test_images": len(test), "train_images": len(train), "val_images": len(splits.val),
              "train_sha256": train.sha256}
     return Data(to_tensor(train.images), torch.as_tensor(train.labels, dtype=torch.int64),
-                flat(train), flat(splits.val), np.asarray(splits.val.labels),
-                to_tensor(test.images), flat(test), np.asarray(test.labels), ident)
+                _flat(train), _flat(splits.val), np.asarray(splits.val.labels),
+                to_tensor(test.images), _flat(test), np.asarray(test.labels), ident)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -608,8 +612,13 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")
-    pick = lambda v, full, tiny: (list(dict.fromkeys(v)) if isinstance(v, list) else v) \
-        if v is not None else (tiny if smoke else full)  # noqa: E731
+
+    def pick(given, full, tiny):
+        """The option as given (repeats dropped), else the preset's default."""
+        if given is None:
+            return tiny if smoke else full
+        return list(dict.fromkeys(given)) if isinstance(given, list) else given
+
     args.sparsities = sorted(pick(args.sparsities, [0.5, 0.75, 0.9, 0.95], [0.9]))
     args.channel_fractions = pick(args.channel_fractions, [0.5], [0.5])
     args.finetune_steps = pick(args.finetune_steps, 200, 2)
