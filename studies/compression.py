@@ -553,10 +553,11 @@ def _main(argv: list[str]) -> int:
         "Default run: the cached Fashion-MNIST ResNet50 (trained first if missing, about "
         "half an hour), 4 sparsities and 1 channel fraction each fine-tuned 200 steps of 128 "
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 8 epochs, 3 tiny CNNs of 2 "
-        "epochs, and about 30 evaluations of the whole test split: roughly 1.5 to 2 hours on "
-        "a 2-core CPU (an estimate from the baseline's training speed and the WNN timings of "
-        "issue 13; the fine-tuning prints its own estimate and the bar its ETA). --smoke "
-        "takes seconds.")
+        "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
+        "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min, the DWNs "
+        "25 min (--parts wisard cnn, then --parts dwn); the ResNet part is an estimate from "
+        "the baseline's training speed (the fine-tuning prints its own, the bar its ETA). "
+        "--smoke takes under a minute.")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="which families to measure (default all); without resnet no "
                              "baseline is needed, and the rounding part (run with resnet) "
