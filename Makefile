@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 # any torch>=2.3 works with the code.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.qerror-installed
+PEERS  := $(VENV)/.qerror-peers
 JOBS   ?= 2
 
 .PHONY: run test env data bench paper paper-smoke clean
@@ -33,7 +34,14 @@ run: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests
 
-bench: $(STAMP)
+# The bench's peers (the optional extra `peers`): wisardpkg 1.6.3's setup imports pybind11
+# without declaring it, so it builds only without build isolation, pybind11 installed first.
+$(PEERS): $(STAMP)
+	$(BIN)/python -m pip install --quiet pybind11 setuptools wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[peers]'
+	touch $@
+
+bench: $(PEERS)
 	$(BIN)/python -m studies.bench --force
 
 # The paper (paper/main.pdf) from the studies' outputs in runs/<study>; a missing one is named

@@ -489,23 +489,6 @@ class RunDir:
         return False
 
 
-def warm_batchnorm(model, batches) -> None:
-    """Give an untrained (smoke) model BatchNorm statistics that fit its own activations:
-    running statistics reset and recomputed as the plain average over ``batches``
-    (``momentum=None``), then evaluation mode."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    model.eval()
-
-
 def figure_style():
     """Matplotlib with the non-interactive backend and one house style."""
     import matplotlib

@@ -12,6 +12,7 @@ tiny sizes).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -514,6 +515,77 @@ def _early_exit_run(folder):
             f"trained {manifest['config']['arch']} of {folder}")
 
 
+# WiSARD against wisardpkg: image counts (train, test) and the encoding. The peer takes Python
+# lists of ints, 8 bytes a bit, so the full preset stays at 10 000 training images.
+WISARD_PEER = {"smoke": (500, 200), "full": (10_000, 2_000)}
+WISARD_PEER_BITS, WISARD_PEER_ADDRESS = 4, 12
+
+
+def bench_wisard(args) -> list[BenchRow]:
+    """qerror's WiSARD against the ``wisardpkg`` package (an optional extra, ``peers``) on the
+    same thermometer-encoded Fashion-MNIST images: time of training and classifying, and the
+    accuracy of each with its 95% Wilson interval in the note.
+
+    The two share the encoding but not the wiring (each draws its own random mapping) nor
+    the bleaching (ours: the threshold chosen on a validation split; wisardpkg's default:
+    raised per sample until one class wins), so accuracies agree up to those choices, not
+    bit for bit. Without wisardpkg or without the data the row says so and holds no ratio.
+    """
+    from qerror.compress import Thermometer, WiSARD
+    from qerror.data import DataNotFoundError, fashion_mnist_splits
+    from qerror.stats import wilson_ci
+
+    name = (f"WiSARD train + classify, {WISARD_PEER_BITS}-bit thermometer, "
+            f"{WISARD_PEER_ADDRESS}-bit addresses")
+    try:
+        import wisardpkg
+    except ImportError:
+        return [BenchRow("wisard", name, "qerror WiSARD", "wisardpkg", math.nan, math.nan,
+                         math.nan, math.nan, math.nan, None, None, 0,
+                         "not measured: wisardpkg is not installed (pip install pybind11 "
+                         "setuptools wheel, then pip install --no-build-isolation "
+                         "'qerror[peers]'; make bench does it)")]
+    try:
+        splits = fashion_mnist_splits()
+    except DataNotFoundError as err:
+        return [BenchRow("wisard", name, "qerror WiSARD", "wisardpkg", math.nan, math.nan,
+                         math.nan, math.nan, math.nan, None, None, 0,
+                         f"not measured: {str(err).splitlines()[0]}")]
+    n_train, n_test = WISARD_PEER["smoke" if args.smoke else "full"]
+    flat = lambda s, n: s.images[:n].reshape(min(n, len(s)), -1)  # noqa: E731
+    x_train, y_train = flat(splits.train, n_train), np.asarray(splits.train.labels[:n_train])
+    x_val, y_val = flat(splits.val, n_test), np.asarray(splits.val.labels[:n_test])
+    x_test, y_test = flat(splits.test, n_test), np.asarray(splits.test.labels[:n_test])
+    thermo = Thermometer.fit(x_train, WISARD_PEER_BITS, pooled=True)
+    b_train, b_val, b_test = (thermo.encode(x) for x in (x_train, x_val, x_test))
+    # The peer's input, built once outside the timed calls.
+    l_train, l_test = b_train.to(torch.int64).tolist(), b_test.to(torch.int64).tolist()
+    s_train = [str(int(v)) for v in y_train]
+    results = {}
+
+    def ours():
+        w = WiSARD(thermo.out_bits, WISARD_PEER_ADDRESS, 10, seed=args.seed)
+        w.fit(b_train, torch.as_tensor(y_train))
+        w.set_bleach(w.choose_bleach(b_val, y_val))
+        results["ours"] = w.predict(b_test).numpy()
+
+    def peer():
+        w = wisardpkg.Wisard(WISARD_PEER_ADDRESS, verbose=False)
+        w.train(l_train, s_train)
+        results["peer"] = np.array([int(c) for c in w.classify(l_test)])
+
+    pairs = max(1, min(args.pairs, 3))
+    timed = paired_ratio(ours, peer, pairs)
+    notes = []
+    for who in ("ours", "peer"):
+        k = int((results[who] == y_test).sum())
+        ci = wilson_ci(k, len(y_test), 0.05).ci
+        notes.append(f"{who} {100 * k / len(y_test):.2f}% [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]")
+    return [make_row("wisard", name, "qerror WiSARD", f"wisardpkg {wisardpkg.__version__}", None,
+                     *timed, note=f"{len(y_train)} train / {len(y_test)} test images; accuracy "
+                     + ", ".join(notes) + " (95% Wilson)")]
+
+
 GROUPS: dict[str, Callable] = {
     "fake_quantize": bench_fake_quantize,
     "analytic": bench_analytic,
@@ -521,6 +593,7 @@ GROUPS: dict[str, Callable] = {
     "models": bench_models,
     "drift": bench_drift,
     "early_exit": bench_early_exit,
+    "wisard": bench_wisard,
 }
 
 

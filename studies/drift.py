@@ -74,6 +74,7 @@ from qerror.nn import (
     quantized_forward,
     reestimate_bn,
 )
+from qerror.nn.bn import estimate_running_stats
 from qerror.nn.growth import (
     image_bootstrap,
     layer_block_bootstrap,
@@ -91,7 +92,6 @@ from studies._common import (
     nonnegative_int,
     positive_int,
     study_main,
-    warm_batchnorm,
 )
 from studies._latex import letters, number
 
@@ -853,7 +853,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                          "start fewer processes")
     if model_id["model"].endswith("untrained-smoke"):
         if main:
-            warm_batchnorm(model, data.calib)
+            estimate_running_stats(model, (x for x, _ in data.calib))
         model.load_state_dict(parallel.broadcast_object(dict(model.named_buffers())),
                               strict=False)
     model.eval()

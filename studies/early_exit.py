@@ -48,6 +48,7 @@ from qerror.nn import (
     Target,
     UnsupportedModelError,
     calibrate_activations,
+    estimate_running_stats,
     quantized_forward,
 )
 from qerror.nn.early_exit import (
@@ -179,18 +180,6 @@ def build_exit_model(backbone, exit_points, seed: int) -> EarlyExitResNet:
         raise StudyError(f"cannot attach exit heads to this model: {err}") from err
     except ValueError as err:
         raise StudyError(f"--exit-points: {err}") from err
-
-
-def warm_batchnorm(model, x: torch.Tensor) -> None:
-    """Give an untrained (smoke) backbone BatchNorm statistics that fit its activations."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
 
 
 # --------------------------------------------------------------------------- training
@@ -425,7 +414,7 @@ def _main(argv: list[str]) -> int:
     data = load_data(args.data_root, train_images, val_images, calib_images, test_images,
                      args.seed)
     if smoke and args.checkpoint is None:
-        warm_batchnorm(backbone, data.calib.x)
+        estimate_running_stats(backbone, [data.calib.x])
     backbone.eval()
     base = build_exit_model(backbone, exit_points, args.seed)
     config = {"arch": args.arch.value, "stem": args.stem.value, "exit_points": exit_points,

@@ -45,12 +45,14 @@ from tqdm import tqdm
 from qerror import QuantSpec, RoundingMode
 from qerror.data import ImageSet, fashion_mnist_splits, find_fashion_mnist, to_tensor
 from qerror.nn import (
+    LAYERS,
     QuantConfig,
     TrainConfig,
     UnsupportedModelError,
     adaround,
     calibrate_activations,
     check_model,
+    estimate_running_stats,
     fit,
     measure,
     middle_layer,
@@ -59,7 +61,6 @@ from qerror.nn import (
     tensor_batches,
     updown_experiment,
 )
-from qerror.nn._anatomy import LAYERS
 from qerror.nn.models import CheckpointError, fashion_resnet, fashion_small_cnn
 from qerror.stats import holm, mcnemar_from_counts, wilson_ci
 from studies._common import (
@@ -74,7 +75,6 @@ from studies._common import (
     positive_float,
     positive_int,
     study_main,
-    warm_batchnorm,
 )
 from studies._latex import letters
 
@@ -153,7 +153,7 @@ def load_model(name: str, args, data: Data, progress: bool):
                                             "lr": cfg.lr, "seed": cfg.seed}}
     if args.smoke:
         model = fashion_resnet(name, seed=args.seed)
-        warm_batchnorm(model, data.calib)
+        estimate_running_stats(model, (x for x, _ in data.calib))
         return model, {"model": f"fashion-{name}-untrained-smoke", "seed": args.seed}
     try:
         ckpt = get_or_train_baseline(name, train_if_missing=not args.no_train,

@@ -1,5 +1,6 @@
 """Model and data size reduction, and the honest byte counting that compares them."""
 
+from qerror.compress.pareto import best_within, dominated_by, pareto_front, smallest_within
 from qerror.compress.size import (
     ModelBytes,
     ModelSize,
@@ -48,6 +49,8 @@ from qerror.compress.sparse import (
     to_semi_structured,
     zero_count,
 )
+from qerror.compress.survivors import SurvivorQuantization, quantize_survivors
+from qerror.compress.tiny import TinyCNN, tiny_cnn_within
 from qerror.compress.weightless import (
     DWN,
     BleachChoice,
@@ -69,6 +72,14 @@ from qerror.compress.weightless import (
 )
 
 __all__ = [
+    "best_within",
+    "dominated_by",
+    "pareto_front",
+    "smallest_within",
+    "SurvivorQuantization",
+    "quantize_survivors",
+    "TinyCNN",
+    "tiny_cnn_within",
     "StorageFormat",
     "held_bytes",
     "packed_bytes",

@@ -196,6 +196,22 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
 _ENCODABLE = (StorageFormat.FLOAT32, StorageFormat.FLOAT16, StorageFormat.INT8)
 
 
+def _int8_codes(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 codes of a (rows, columns) float32 matrix, symmetric per row, and the scales."""
+    scale = (np.abs(mat).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    return np.clip(np.round(mat / safe[:, None]), -127, 127).astype(np.int8), scale
+
+
+def _stored_nonzeros(t: torch.Tensor, values: StorageFormat) -> int:
+    """Nonzeros a sparse format stores: of the INT8 codes for INT8 values (a small weight
+    whose code is 0 is not stored), of the tensor itself otherwise."""
+    if values is StorageFormat.INT8 and t.ndim:
+        w = t.detach().cpu().numpy().astype(np.float32).reshape(t.shape[0], -1)
+        return int(np.count_nonzero(_int8_codes(w)[0]))
+    return int((t != 0).sum())
+
+
 def _groups(w: np.ndarray) -> np.ndarray:
     # Groups of 4 along the input dimension: a convolution's input channels at a fixed
     # (output, kernel row, kernel column), as NVIDIA's layout and qerror.compress.sparse.
@@ -235,9 +251,7 @@ def encode_tensor(t: torch.Tensor | np.ndarray, sparse: SparseFormat | str = Spa
     mat = w.reshape(rows, -1)
     quant: list[np.ndarray] = []
     if values is StorageFormat.INT8:
-        scale = (np.abs(mat).max(axis=1) / np.float32(127)).astype(np.float32)
-        safe = np.where(scale > 0, scale, np.float32(1))
-        codes = np.clip(np.round(mat / safe[:, None]), -127, 127).astype(np.int8)
+        codes, scale = _int8_codes(mat)
         mat, quant = codes, [scale, np.zeros(rows, np.int8)]
     else:
         mat = mat.astype(values.value)
@@ -382,7 +396,9 @@ def model_bytes(model: nn.Module, sparse: SparseFormat | str = SparseFormat.DENS
     Returns
     -------
     ModelBytes
-        Every state-dict entry counted: the weights as asked; biases, dense weights and
+        Every state-dict entry counted: the weights as asked (with INT8 values a sparse
+        format stores the nonzero codes, so a weight that quantizes to 0 costs nothing);
+        biases, dense weights and
         BatchNorm's weight, bias, running mean and variance as float32. BatchNorm's
         ``num_batches_tracked`` (a training counter) is not stored. :func:`write_model`
         writes exactly :attr:`ModelBytes.total` bytes.
@@ -390,7 +406,7 @@ def model_bytes(model: nn.Module, sparse: SparseFormat | str = SparseFormat.DENS
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     rows, compressed = [], set()
     for name, t, sp, v, chosen in _layout(model, sparse, values, keep_dense):
-        rows.append((name, tensor_bytes(t.shape or (1,), int((t != 0).sum()), sp, v)))
+        rows.append((name, tensor_bytes(t.shape or (1,), _stored_nonzeros(t, v), sp, v)))
         if chosen:
             compressed.add(name)
     return ModelBytes(tuple(rows), frozenset(compressed))

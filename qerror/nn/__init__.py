@@ -24,6 +24,7 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 """
 
 from qerror.nn._anatomy import (
+    LAYERS,
     UnsupportedModelError,
     bn_fed_layers,
     check_model,
@@ -41,7 +42,7 @@ from qerror.nn.adaround import (
     apply_rounding,
     rectified_sigmoid,
 )
-from qerror.nn.bn import BNInconsistency, running_stats
+from qerror.nn.bn import BNInconsistency, estimate_running_stats, running_stats
 from qerror.nn.correction import (
     MeanSource,
     analytic_bias_correction,
@@ -99,6 +100,7 @@ from qerror.nn.training import (
 from qerror.nn.updown import UpDownResult, middle_layer, updown_experiment
 
 __all__ = [
+    "LAYERS",
     "BNInconsistency",
     "Batch",
     "Device",
@@ -158,6 +160,7 @@ __all__ = [
     "exit_result_from_logits",
     "exits_per_class",
     "threshold_sweep",
+    "estimate_running_stats",
     "untie_relus",
     "AdaRoundLayer",
     "AdaRoundResult",

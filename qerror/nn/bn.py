@@ -17,14 +17,14 @@ re-estimating the statistics on the quantized network, is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BNInconsistency", "running_stats"]
+__all__ = ["BNInconsistency", "estimate_running_stats", "running_stats"]
 
 
 def _gmean(x: np.ndarray) -> float:
@@ -105,3 +105,23 @@ def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Te
     """The model's own BatchNorm running statistics, by name."""
     return {n: (m.running_mean.detach(), m.running_var.detach())
             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
+    """Replace every BatchNorm's running statistics, in place, by those of its own input.
+
+    Each ``BatchNorm2d`` is reset and set to a cumulative average (``momentum=None``, which
+    it keeps), the model runs in training mode on each input batch (shape ``(N, C, H, W)``,
+    ``N >= 2``) without gradients, and is left in evaluation mode. An untrained network
+    (a smoke test's) then normalises with statistics that fit its activations instead of
+    the initial 0 and 1, which would let them grow through the depth.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in inputs:
+            model(x)
+    model.eval()

@@ -27,6 +27,7 @@ from qerror import data
 from qerror.nn.models import DEFAULT_STEM, Arch, fashion_resnet, save_checkpoint
 from studies import (
     bench,
+    compression,
     dataset,
     drift,
     early_exit,
@@ -39,7 +40,13 @@ from studies import (
 
 MODULES = {"drift": drift, "rounding": rounding, "dataset": dataset, "bench": bench,
            "train": train, "ledger": ledger, "seeds": seeds, "early_exit": early_exit,
-           "rounding_choice": rounding_choice}
+           "rounding_choice": rounding_choice, "compression": compression}
+# The studies of the bad-input table (the ledger has its own cases below), and those among
+# them that read Fashion-MNIST.
+CLI_STUDIES = ("drift", "rounding", "dataset", "bench", "train", "seeds", "early_exit",
+               "rounding_choice", "compression")
+READS_FASHION = ("drift", "dataset", "train", "seeds", "early_exit", "rounding_choice",
+                 "compression")
 ARGPARSE = 2  # argparse's status for a bad argument, also the studies' for a refused input
 REFUSED = 2
 SYSTEM_EXIT = 1  # SystemExit(message): Python prints the message and exits 1
@@ -171,10 +178,33 @@ STUDY_CASES = {
         ("checkpoint-not-torch", ["--checkpoint", "{user}/thesis.tex"], REFUSED,
          r"refusing checkpoint .*thesis\.tex"),
     ],
+    "compression": [
+        ("sparsity-1", ["--sparsities", "0.5", "1"], ARGPARSE,
+         r"--sparsities: must be in \(0, 1\), got '1'"),
+        ("sparsity-0", ["--sparsities", "0"], ARGPARSE, r"--sparsities: must be in \(0, 1\)"),
+        ("sparsity-nan", ["--sparsities", "nan"], ARGPARSE, r"--sparsities: must be in"),
+        ("sparsity-word", ["--sparsities", "half"], ARGPARSE,
+         r"--sparsities: expected a number, got 'half'"),
+        ("finetune-steps-0", ["--finetune-steps", "0"], ARGPARSE,
+         r"--finetune-steps: must be at least 1, got 0"),
+        ("prune-updates-above-steps", ["--prune-updates", "5"], ARGPARSE,
+         r"--prune-updates 5: more than --finetune-steps 2"),
+        ("address-bits-31", ["--wisard-address-bits", "31"], ARGPARSE,
+         r"--wisard-address-bits: must be from 1 to 30, got 31 \(a RAM of 2\^30"),
+        ("budget-too-small", ["--wisard-budgets", "100"], ARGPARSE,
+         r"--wisard-budgets: must be at least 1024, got 100"),
+        ("dwn-luts-not-class-groups", ["--dwn-luts", "100,55"], ARGPARSE,
+         r"--dwn-luts: .*multiple of the 10 classes.*'100,55'"),
+        ("dwn-luts-not-numbers", ["--dwn-luts", "many"], ARGPARSE, r"--dwn-luts: expected LUTs"),
+        ("rounding-bits-16", ["--rounding-bits", "16"], ARGPARSE,
+         r"--rounding-bits: must be from 2 to 8, got 16"),
+        ("test-images-0", ["--test-images", "0"], ARGPARSE, r"--test-images: must be at least 1"),
+        ("lr-inf", ["--finetune-lr", "inf"], ARGPARSE, r"--finetune-lr: must be a finite"),
+        ("checkpoint-missing", ["--checkpoint", "{missing}/model.pt"], REFUSED,
+         r"missing/model\.pt"),
+    ],
     "train": [
         ("lr-nan", ["--lr", "nan"], ARGPARSE, r"--lr: must be a finite number"),
-        ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,
-         r"--ada-images 33: more than --calib-images 32"),
         ("lr-0", ["--lr", "0"], ARGPARSE, r"--lr: must be above 0"),
         ("lr-inf", ["--lr", "inf"], ARGPARSE, r"--lr: must be a finite number"),
         ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1"),
@@ -206,18 +236,15 @@ SOURCE_CASES = [
     ("data-root-truncated-gzip", ["--data-root", "{trunc}"], r"t10k-labels-idx1-ubyte\.gz"),
     ("env-missing", ["$QERROR_DATA={missing}"], r"QERROR_DATA"),
 ]
-SOURCE_STUDIES = ("drift", "rounding", "dataset", "train", "seeds", "early_exit",
-                  "rounding_choice")
+SOURCE_STUDIES = ("rounding", *READS_FASHION)
 # What each study needs besides the case's own arguments to reach its data.
-SOURCE_EXTRA = {"drift": [], "dataset": [], "train": [], "seeds": [], "early_exit": [],
-                "rounding_choice": [],
+SOURCE_EXTRA = {**{study: [] for study in READS_FASHION},
                 "rounding": ["--checkpoint", "{ckpt}"]}
 
 
 def _table():
     rows = []
-    for study in ("drift", "rounding", "dataset", "bench", "train", "seeds", "early_exit",
-                  "rounding_choice"):
+    for study in CLI_STUDIES:
         rows += [(study, f"out-{cid}", argv, code, msg) for cid, argv, code, msg in OUT_CASES]
         rows += [(study, *case) for case in STUDY_CASES[study]]
         rows += [(study, cid, argv + SOURCE_EXTRA[study], REFUSED, msg)
@@ -305,8 +332,7 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(
         else:
             args.append(a.format(**places))
     named_data = "--data-root" in args or os.environ.get(data.ENV_VAR)
-    if study in ("drift", "dataset", "train", "seeds", "early_exit", "rounding_choice") \
-            and not named_data:
+    if study in READS_FASHION and not named_data:
         args += ["--data-root", str(places["fm"])]
     if "--out" not in args:
         args += ["--out", str(places["new"])]
@@ -365,6 +391,7 @@ def test_ledger_force_replaces_only_its_own_table(world, capsys):
 # --------------------------------------------------------------------------- reruns
 
 RERUNS = {
+    "compression": (compression, [], (6100, 100)),
     "dataset": (dataset, ["--no-progress", "--scale-errors", "0.02"], (300, 200)),
     "drift": (drift, [], (6100, 100)),
     "early_exit": (early_exit, [], (6100, 100)),

@@ -1,7 +1,11 @@
 """python -m studies.bench: the smoke preset measures every row."""
 
 
+import argparse
+import re
+
 import pandas as pd
+import pytest
 
 from studies import bench
 
@@ -12,5 +16,23 @@ def test_bench_smoke(tmp_path):
     frame = pd.read_csv(out / "bench.csv")
     measured = frame.ratio_median.notna()
     assert (frame.ratio_median[measured] > 0).all() and len(frame) >= 15
-    # only a tiny float forward's memory growth may be 0 (a ratio that cannot be formed)
-    assert set(frame[~measured].name) <= {n for n in frame.name if "peak memory" in n}
+    # only a tiny float forward's memory growth may be 0 (a ratio that cannot be formed),
+    # and the wisardpkg peer is absent where the optional extra is not installed
+    unmeasured = frame[~measured]
+    peer = unmeasured.group == "wisard"
+    assert set(unmeasured[~peer].name) <= {n for n in frame.name if "peak memory" in n}
+    assert unmeasured[peer].note.str.startswith("not measured: ").all()
+    assert (frame.group == "wisard").sum() == 1
+
+
+def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
+    pytest.importorskip("wisardpkg")
+    from qerror import data
+
+    monkeypatch.setenv(data.ENV_VAR, str(fashion_idx(train=6100, test=300)))
+    args = argparse.Namespace(smoke=True, pairs=1, seed=0)
+    (row,) = bench.bench_wisard(args)
+    assert row.ratio_median > 0 and row.pairs == 1
+    assert row.baseline == "wisardpkg 1.6.3"
+    assert re.fullmatch(r"100 train / 200 test images; accuracy ours [\d.]+% \[[\d., ]+\], "
+                        r"peer [\d.]+% \[[\d., ]+\] \(95% Wilson\)", row.note), row.note

@@ -283,3 +283,18 @@ def test_elias_fano_round_trips_in_the_counted_bits(universe_bits):
     assert np.array_equal(elias_fano_decode(bits, lengths, universe_bits), values)
     # A set of m values costs at most m·u + 2m + 1 bits (L ≤ u - log2 m, 2^u >> L < 2m).
     assert bits.size <= sum(m * universe_bits + 2 * m + 1 for m in lengths if m)
+
+
+@pytest.mark.parametrize("sparse", ["bitmask", "csr"])
+def test_int8_sparse_count_leaves_out_weights_whose_code_is_zero(tmp_path, sparse):
+    # Row 0: scale 1/127, so 0.001 (0.127 steps) is code 0 and is not stored; 0.5 is code
+    # 64 (63.5 rounds half to even). Row 1 holds one nonzero. 3 codes stored of 4 nonzeros.
+    layer = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.001, 0.0, 0.5], [0.0, 0.0, 2.0, 0.0]]))
+    model = torch.nn.Sequential(layer)
+    count = model_bytes(model, sparse, "int8", keep_dense=())
+    assert count.total == tensor_bytes((2, 4), 3, sparse, "int8").total
+    path = tmp_path / "m.bin"
+    assert write_model(model, path, sparse, "int8", keep_dense=()) == count.total \
+        == path.stat().st_size

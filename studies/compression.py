@@ -1,0 +1,739 @@
+"""Model-size reduction compared honestly: pruning, INT8, weightless networks and a tiny CNN.
+
+Every model is measured on the same Fashion-MNIST test split (the whole split by default),
+its accuracy with a Wilson interval, its size in honest bytes (:mod:`qerror.compress.size`,
+:func:`qerror.compress.wnn_size`): each model is written to a file in exactly the counted
+bytes, the file is read back into a blank model, and the accuracy is that of the model read
+back. The points:
+
+* the ResNet baseline, dense float32 and dense INT8 (weights stored int8 per output
+  channel; activations stay float: these are storage formats, not an integer pipeline);
+* global magnitude pruning at each ``--sparsities`` (first convolution dense, as Gale et
+  al. 2019), reached by Zhu & Gupta's gradual schedule during fine-tuning through
+  :func:`qerror.nn.training.fit`, stored as bitmask or CSR (whichever is smaller), with
+  float32 and with INT8 values;
+* structured channel pruning (:func:`qerror.compress.prune_channels`), a physically smaller
+  dense network, fine-tuned the same way;
+* WiSARD at each ``--wisard-budgets`` (address size chosen on the validation split among
+  those that fit) and DWN-style LUT networks at each ``--dwn-luts``;
+* a small INT8 CNN (:func:`qerror.compress.tiny_cnn_within`) at each WiSARD budget.
+
+The rounding question carried into compression: each pruned network's weights are quantized
+with round-to-nearest and with truncation (:func:`qerror.compress.quantize_survivors`) at
+each ``--rounding-bits``; the table gives accuracy (McNemar, truncation against nearest on
+the same images), the error of the surviving weights in LSB and how many survivors
+truncation zeroes.
+
+Outputs: ``points.csv`` (every model), ``rounding.csv`` and ``rounding_layers.csv``,
+``goals.csv`` (the issue's goals, met or not, with the measured figure; a smoke run or a
+partial test split judges none), ``pareto.{pdf,png}``, LaTeX tables and macros,
+``summary.json``, ``timing.csv`` (seconds per model; the only timing output) and the
+manifest. Latency is not measured here (``studies.bench`` measures kernels); 2:4 kernels
+are CUDA-only. The INT8 early-exit model is not among the points.
+
+Run: ``python -m studies.compression`` (``--smoke`` for the test suite's tiny preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qerror import QuantSpec, RoundingMode
+from qerror.compress import (
+    GradualSchedule,
+    MagnitudePruner,
+    SparseFormat,
+    StorageFormat,
+    best_within,
+    fit_dwn,
+    fit_wisard,
+    load_wnn,
+    model_bytes,
+    pareto_front,
+    prune_channels,
+    quantize_survivors,
+    read_model,
+    save_wnn,
+    smallest_within,
+    sparsity_of,
+    tiny_cnn_within,
+    wnn_size,
+    write_model,
+    zero_count,
+)
+from qerror.compress.sparse import prunable_weights
+from qerror.data import find_fashion_mnist
+from qerror.nn.bn import estimate_running_stats
+from qerror.nn.training import Schedule, TrainConfig, fit, tensor_batches
+from qerror.stats import mcnemar_test, wilson_ci
+from studies._common import (
+    RunDir,
+    base_parser,
+    check_out,
+    figure_style,
+    int_at_least,
+    int_in,
+    positive_float,
+    positive_int,
+    study_main,
+)
+from studies._latex import letters
+
+ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
+FASHION_TEST_IMAGES = 10_000
+CLASSES = 10
+KB = 1000  # the issue's budgets are in kB of 1000 bytes
+ROUNDING_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
+SPARSE_FORMATS = (SparseFormat.BITMASK, SparseFormat.CSR)
+# The share of the fine-tuning steps over which the gradual schedule raises the sparsity;
+# the rest recovers at the final sparsity (Zhu & Gupta prune, then keep training).
+PRUNE_SHARE = 0.75
+PARTS = ("resnet", "wisard", "dwn", "cnn")
+
+
+def sparsity_arg(text: str) -> float:
+    """An argparse ``type=`` for a sparsity in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1), got {text!r}: the fraction of weights removed")
+    return value
+
+
+def luts_arg(text: str) -> tuple[int, ...]:
+    """An argparse ``type=`` for a DWN's LUTs per layer, ``"6000,3000"``."""
+    try:
+        luts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        luts = ()
+    if not luts or min(luts) < 1 or luts[-1] % CLASSES:
+        raise argparse.ArgumentTypeError(
+            f"expected LUTs per layer as integers >= 1 separated by commas, the last a "
+            f"multiple of the {CLASSES} classes (GroupSum splits it into equal class groups), "
+            f"got {text!r}")
+    return luts
+
+
+@dataclass(frozen=True)
+class Data:
+    """Images as ResNet/CNN tensors and as flat uint8 pixels for the weightless models."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    p_train: np.ndarray
+    p_val: np.ndarray
+    y_val: np.ndarray
+    x_test: torch.Tensor
+    p_test: np.ndarray
+    y_test: np.ndarray
+    identity: dict
+
+
+def _flat(images) -> np.ndarray:
+    """uint8 pixels, one row per image: what the weightless models encode."""
+    return images.images.reshape(len(images), -1)
+
+
+def load_data(data_root, test_images: int, train_images: int | None) -> Data:
+    from qerror.data import fashion_mnist_splits, to_tensor
+
+    splits = fashion_mnist_splits(data_root)
+    train = splits.train if train_images is None else splits.train.subset(
+        np.arange(min(train_images, len(splits.train))))
+    test = splits.test.subset(np.arange(min(test_images, len(splits.test))))
+    ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
+             "test_images": len(test), "train_images": len(train), "val_images": len(splits.val),
+             "train_sha256": train.sha256}
+    return Data(to_tensor(train.images), torch.as_tensor(train.labels, dtype=torch.int64),
+                _flat(train), _flat(splits.val), np.asarray(splits.val.labels),
+                to_tensor(test.images), _flat(test), np.asarray(test.labels), ident)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def correct_of(model: nn.Module, x: torch.Tensor, y, batch: int = 500) -> np.ndarray:
+    """Whether the model classifies each image right, bool ``(N,)``."""
+    model.eval()
+    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return (pred.numpy() == np.asarray(y))
+
+
+def _blank(model: nn.Module) -> nn.Module:
+    """A copy with every float entry of the state set to NaN: what a file read into it
+    does not set shows up in the accuracy."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in out.state_dict().values():
+            if t.is_floating_point():
+                t.fill_(math.nan)
+    return out
+
+
+def stored_network(model: nn.Module, folder: Path, name: str, sparse: SparseFormat,
+                   values: StorageFormat, keep_dense=None) -> tuple[nn.Module, int, int]:
+    """(model read back from its file, counted bytes, file bytes)."""
+    counted = model_bytes(model, sparse, values, keep_dense=keep_dense).total
+    path = folder / f"{name}.bin"
+    write_model(model, path, sparse, values, keep_dense=keep_dense)
+    size = path.stat().st_size
+    back = read_model(_blank(model), path, sparse, values, keep_dense=keep_dense)
+    path.unlink()
+    if size != counted:
+        raise AssertionError(f"{name}: the file holds {size} bytes, the count says {counted}")
+    return back, counted, size
+
+
+def stored_wnn(model, folder: Path):
+    """(weightless model read back from its file, counted bytes, file bytes)."""
+    counted = wnn_size(model).total_bytes
+    path = folder / "model.wnn"
+    save_wnn(model, path)
+    size = path.stat().st_size
+    back = load_wnn(path)
+    path.unlink()
+    if size != counted:
+        raise AssertionError(f"the file holds {size} bytes, the count says {counted}")
+    return back, counted, size
+
+
+def smallest_format(model: nn.Module, values: StorageFormat) -> SparseFormat:
+    """The sparse format (bitmask or CSR) that stores ``model`` in the fewest bytes."""
+    sizes = [model_bytes(model, f, values).total for f in SPARSE_FORMATS]
+    return SPARSE_FORMATS[int(np.argmin(sizes))]
+
+
+def point(key: str, method: str, family: str, config: str, counted: int, file_bytes: int,
+          correct: np.ndarray, reference: np.ndarray | None = None, **extra) -> dict:
+    """One model's row: accuracy with its Wilson interval, bytes, and the paired difference
+    from the reference (the dense float network) with McNemar's p; ``key`` names its
+    LaTeX macros."""
+    n, k = int(correct.size), int(correct.sum())
+    ci = wilson_ci(k, n, ALPHA)
+    row = {"key": letters(key), "method": method, "family": family, "config": config,
+           "bytes": int(counted),
+           "file_bytes": int(file_bytes), "images": n, "correct": k, "acc": k / n,
+           "acc_lo": ci.ci[0], "acc_hi": ci.ci[1], "delta_vs_dense": math.nan,
+           "p_vs_dense": math.nan, **extra}
+    if reference is not None:
+        row["delta_vs_dense"] = k / n - float(reference.mean())
+        row["p_vs_dense"] = mcnemar_test(correct, reference, ALPHA).p_value
+    return row
+
+
+# --------------------------------------------------------------------------- training
+
+
+def finetune(model: nn.Module, data: Data, steps: int, batch: int, lr: float, seed: int,
+             after_step=None, desc: str = "fine-tune") -> None:
+    """``steps`` SGD steps at a constant learning rate on a seeded subset of the training
+    split (one epoch of ``steps · batch`` images, or the whole split repeated)."""
+    n = len(data.y_train)
+    per_epoch = max(n // batch, 1)
+    epochs = -(-steps // per_epoch)
+    config = TrainConfig(epochs, batch, lr, seed=seed, schedule=Schedule.CONSTANT)
+    fit(model, tensor_batches(data.x_train, data.y_train), n, config, after_step=after_step,
+        stop_after_steps=steps, progress=True, desc=desc)
+    model.eval()
+
+
+def prune_schedule(sparsity: float, steps: int, updates: int) -> GradualSchedule:
+    """Zhu & Gupta's cubic from 0 to ``sparsity`` in ``updates`` mask updates spread over
+    the first :data:`PRUNE_SHARE` of the steps."""
+    interval = max(1, int(PRUNE_SHARE * steps) // updates)
+    return GradualSchedule(final=sparsity, updates=updates, interval=interval)
+
+
+def train_cnn(model: nn.Module, data: Data, epochs: int, batch: int, lr: float, seed: int,
+              steps: int | None) -> None:
+    config = TrainConfig(epochs, batch, lr, seed=seed)
+    fit(model, tensor_batches(data.x_train, data.y_train), len(data.y_train), config,
+        stop_after_steps=steps, progress=True, desc=f"tiny cnn w={model.width}")
+    model.eval()
+
+
+# --------------------------------------------------------------------------- the points
+
+
+def resnet_points(model, data, args, folder, bar):
+    """Dense, INT8, pruned (float32 and INT8), structured; and, for the rounding part, the
+    pruned networks and which test images each classifies right (sparsity 0: dense)."""
+    rows = []
+    timing = []
+    t0 = time.perf_counter()
+    back, counted, size = stored_network(model, folder, "dense", SparseFormat.DENSE,
+                                         StorageFormat.FLOAT32)
+    dense = correct_of(back, data.x_test, data.y_test)
+    rows.append(point("dense", "dense float32", "resnet", "dense", counted, size, dense, None,
+                      sparsity=0.0, storage="dense float32"))
+    back, counted, size = stored_network(model, folder, "dense_int8", SparseFormat.DENSE,
+                                         StorageFormat.INT8)
+    rows.append(point("dense int8", "dense INT8", "resnet", "dense", counted, size,
+                      correct_of(back, data.x_test, data.y_test), dense, sparsity=0.0,
+                      storage="dense int8"))
+    timing.append({"task": "dense", "seconds": time.perf_counter() - t0})
+    bar.update(1)
+    pruned, correct = {0.0: model}, {0.0: dense}
+    for s in args.sparsities:
+        t0 = time.perf_counter()
+        m = copy.deepcopy(model)
+        pruner = MagnitudePruner(prune_schedule(s, args.finetune_steps, args.prune_updates))
+        finetune(m, data, args.finetune_steps, args.finetune_batch, args.finetune_lr,
+                 args.seed, after_step=pruner, desc=f"prune {s:g}")
+        weights = prunable_weights(m).values()
+        if sum(int((p == 0).sum()) for p in weights) < zero_count(s, sum(p.numel()
+                                                                        for p in weights)):
+            raise AssertionError(f"fine-tuning ended before the schedule reached {s}")
+        reached = sparsity_of(m)
+        pruned[s] = m
+        for values in (StorageFormat.FLOAT32, StorageFormat.INT8):
+            fmt = smallest_format(m, values)
+            back, counted, size = stored_network(m, folder, f"pruned_{s}_{values.value}", fmt,
+                                                 values)
+            method = "pruned" if values is StorageFormat.FLOAT32 else "pruned + INT8"
+            right = correct_of(back, data.x_test, data.y_test)
+            if values is StorageFormat.FLOAT32:
+                correct[s] = right  # float32 reads back exactly: the pruned network's own
+            rows.append(point(f"{method} {100 * s:g}", method, "resnet", f"{100 * s:g}% sparse",
+                              counted, size, right, dense, sparsity=reached,
+                              storage=f"{fmt.value} {values.value}"))
+        timing.append({"task": f"pruned {s:g}", "seconds": time.perf_counter() - t0})
+        bar.update(1)
+    for f in args.channel_fractions:
+        t0 = time.perf_counter()
+        m = prune_channels(model, f)
+        finetune(m, data, args.finetune_steps, args.finetune_batch, args.finetune_lr,
+                 args.seed, desc=f"channels {f:g}")
+        for values in (StorageFormat.FLOAT32, StorageFormat.INT8):
+            back, counted, size = stored_network(m, folder, f"channels_{f}_{values.value}",
+                                                 SparseFormat.DENSE, values)
+            method = "channel-pruned" if values is StorageFormat.FLOAT32 else \
+                "channel-pruned + INT8"
+            rows.append(point(f"{method} {100 * f:g}", method, "resnet",
+                              f"{100 * f:g}% inner channels", counted, size,
+                              correct_of(back, data.x_test, data.y_test), dense,
+                              sparsity=math.nan, storage=f"dense {values.value}"))
+        timing.append({"task": f"channels {f:g}", "seconds": time.perf_counter() - t0})
+        bar.update(1)
+    return rows, timing, pruned, correct
+
+
+def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar):
+    """Nearest against truncation on each (pruned) network's weights."""
+    rows, layer_frames = [], []
+    for s, m in pruned.items():
+        for bits in bits_list:
+            # codes of 5 to 8 bits take a byte each; 2 to 4 bits pack two to a byte
+            values = StorageFormat.INT4_PACKED if bits <= 4 else StorageFormat.INT8
+            correct = {}
+            for mode in ROUNDING_MODES:
+                q = quantize_survivors(m, QuantSpec(bits=bits, axis=0, rounding=mode), seed=seed)
+                correct[mode] = correct_of(q.model, data.x_test, data.y_test)
+                fmt = SparseFormat.DENSE if s == 0 else smallest_format(q.model, values)
+                counted = model_bytes(q.model, fmt, values).total
+                k, n = int(correct[mode].sum()), correct[mode].size
+                ci = wilson_ci(k, n, ALPHA)
+                row = {"sparsity": s, "bits": bits, "mode": mode.value, "images": n,
+                       "acc": k / n, "acc_lo": ci.ci[0], "acc_hi": ci.ci[1],
+                       "delta_vs_float": k / n - float(dense[s].mean()),
+                       "survivors": q.survivors, "zeroed": q.zeroed,
+                       "zeroed_frac": q.zeroed / q.survivors if q.survivors else math.nan,
+                       "bias_lsb": q.pooled("bias_lsb"), "shrink_lsb": q.pooled("shrink_lsb"),
+                       "mse_lsb": q.pooled("mse_lsb"),
+                       "mean_abs_lsb": q.pooled("mean_abs_lsb"), "bytes": counted,
+                       "storage": f"{fmt.value} {values.value}", "p_vs_nearest": math.nan}
+                if mode is not ROUNDING_MODES[0]:
+                    row["p_vs_nearest"] = mcnemar_test(correct[mode],
+                                                       correct[ROUNDING_MODES[0]],
+                                                       ALPHA).p_value
+                rows.append(row)
+                layer_frames.append(q.layers.assign(sparsity=s, bits=bits, mode=mode.value))
+        bar.update(1)
+    return pd.DataFrame(rows), pd.concat(layer_frames, ignore_index=True)
+
+
+def wisard_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+    rows, timing = [], []
+    for budget in args.wisard_budgets:
+        t0 = time.perf_counter()
+        best = None
+        for a in args.wisard_address_bits:
+            try:
+                model, choice = fit_wisard(data.p_train, data.y_train.numpy(), data.p_val,
+                                           data.y_val, thermometer_bits=args.wisard_bits,
+                                           address_bits=a, pooled=True, seed=args.seed,
+                                           max_bytes=budget)
+            except ValueError:
+                continue  # this address size does not fit the budget at any threshold
+            if best is None or choice.accuracy > best[1].accuracy:
+                best = (model, choice, a)
+        if best is not None:
+            model, choice, a = best
+            back, counted, size = stored_wnn(model, folder)
+            correct = back.predict(data.p_test).numpy() == data.y_test
+            rows.append(point(f"wisard {budget / KB:g} kB", "WiSARD", "weightless",
+                              f"{budget / KB:g} kB budget: {args.wisard_bits}-bit "
+                              f"thermometer, {a}-bit addresses, bleach {choice.bleach}",
+                              counted, size, correct, None,
+                              sparsity=math.nan, storage="wnn", budget=budget,
+                              val_acc=choice.accuracy))
+        timing.append({"task": f"wisard {budget}", "seconds": time.perf_counter() - t0})
+        bar.update(1)
+    return rows, timing
+
+
+def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+    rows, timing = [], []
+    for luts in args.dwn_luts:
+        t0 = time.perf_counter()
+        res = fit_dwn(data.p_train, data.y_train.numpy(), data.p_val, data.y_val,
+                      thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
+                      batch_size=args.dwn_batch, seed=args.seed,
+                      step_size=max(1, (2 * args.dwn_epochs) // 3), progress=True)
+        back, counted, size = stored_wnn(res.model, folder)
+        correct = back.predict(data.p_test).numpy() == data.y_test
+        rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
+                          f"LUTs {'/'.join(map(str, luts))}, fan-in 6, "
+                          f"{args.dwn_bits}-bit thermometer", counted, size, correct, None,
+                          sparsity=math.nan, storage="wnn", val_acc=res.val_accuracy[-1]))
+        timing.append({"task": f"dwn {luts}", "seconds": time.perf_counter() - t0})
+        bar.update(1)
+    return rows, timing
+
+
+def cnn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+    rows, timing = [], []
+    for budget in args.wisard_budgets:
+        t0 = time.perf_counter()
+        m = tiny_cnn_within(budget, seed=args.seed)
+        train_cnn(m, data, args.cnn_epochs, args.finetune_batch, args.cnn_lr, args.seed,
+                  args.cnn_steps)
+        back, counted, size = stored_network(m, folder, "cnn", SparseFormat.DENSE,
+                                             StorageFormat.INT8, keep_dense=())
+        rows.append(point(f"cnn {budget / KB:g} kB", "tiny CNN INT8", "cnn",
+                          f"{budget / KB:g} kB budget: width {m.width}",
+                          counted, size, correct_of(back, data.x_test, data.y_test), None,
+                          sparsity=math.nan, storage="dense int8", budget=budget))
+        timing.append({"task": f"cnn {budget}", "seconds": time.perf_counter() - t0})
+        bar.update(1)
+    return rows, timing
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFrame:
+    """The issue's goals with the measured figure; ``judged`` is why none is judged."""
+    rows = []
+    dense = points[points.method == "dense float32"]
+    sparse = points[(points.method == "pruned") & np.isclose(points.sparsity, 0.9,
+                                                             atol=0.005)]
+
+    def row(goal, measured, met, why=None):
+        verdict = ("met" if met else "not met") if why is None else f"not judged ({why})"
+        rows.append({"goal": goal, "measured": measured, "verdict": verdict})
+
+    g1 = "90%-sparse ResNet50 within 1 point of dense after fine-tuning"
+    if len(dense) and len(sparse):
+        d, s = dense.iloc[0], sparse.iloc[0]
+        measured = (f"dense {100 * d.acc:.2f}%, 90% sparse {100 * s.acc:.2f}% "
+                    f"(difference {100 * (s.acc - d.acc):+.2f} points, McNemar p "
+                    f"{s.p_vs_dense:.3g})")
+        # exact in counts: within one point means 100·(dense − sparse) ≤ n
+        met = 100 * (int(d.correct) - int(s.correct)) <= int(s.images)
+        why = judged or (None if arch == "resnet50" else f"model is {arch}")
+        row(g1, measured, met, why)
+    else:
+        row(g1, "no 90%-sparse network in this run", False, judged or "sparsity 0.9 not run")
+    for name, method, budget, target in (("DWN-style >= 89% at <= 100 kB", "DWN", 100 * KB, 89),
+                                         ("WiSARD >= 80% at <= 250 kB", "WiSARD", 250 * KB, 80)):
+        sub = points[points.method == method].reset_index(drop=True)
+        idx = best_within(sub.bytes, sub.acc, [budget])[0] if len(sub) else -1
+        if idx < 0:
+            row(name, f"no {method} model of <= {budget} bytes in this run", False,
+                judged or "no model within the budget")
+            continue
+        r = sub.iloc[idx]
+        measured = (f"{100 * r.acc:.2f}% [{100 * r.acc_lo:.2f}, {100 * r.acc_hi:.2f}] at "
+                    f"{int(r.bytes):,} B ({r.config})")
+        row(name, measured, 100 * int(r.correct) >= target * int(r.images), judged)
+    return pd.DataFrame(rows)
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with None where a figure does not apply (JSON has no NaN)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def points_table(points: pd.DataFrame) -> pd.DataFrame:
+    """The points for the paper: accuracy and interval in percent, bytes with separators,
+    the difference from dense in points, blanks where a figure does not apply."""
+    delta = points.delta_vs_dense
+    return pd.DataFrame({
+        "method": points.method, "configuration": points.config, "storage": points.storage,
+        "bytes": [f"{int(b):,}" for b in points.bytes],
+        "accuracy (%)": [f"{100 * a:.2f}" for a in points.acc],
+        f"{100 * (1 - ALPHA):g}% CI": [f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+                                        for lo, hi in zip(points.acc_lo, points.acc_hi)],
+        "vs dense (points)": ["" if np.isnan(d) else f"{100 * d:+.2f}" for d in delta],
+        "front": ["yes" if f else "" for f in points.on_front]})
+
+
+def figure_pareto(plt, points: pd.DataFrame, smoke: bool):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, d in points.groupby("method", sort=False):
+        ax.errorbar(d.bytes, 100 * d.acc, yerr=[100 * (d.acc - d.acc_lo),
+                                                100 * (d.acc_hi - d.acc)],
+                    fmt="o", ms=4, capsize=2, label=method)
+    front = points[points.on_front].sort_values("bytes")
+    ax.step(front.bytes, 100 * front.acc, where="post", color="k", lw=0.8, ls=":",
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("honest bytes (log scale)")
+    ax.set_ylabel(f"test accuracy, % ({100 * (1 - ALPHA):g}% Wilson CI)")
+    if smoke:
+        ax.set_title("SMOKE RUN: tiny untrained models, not results", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | None) -> dict:
+    m = {}
+    for _, r in points.iterrows():
+        key = r.key
+        m[f"Acc{key}"] = f"{100 * r.acc:.2f}"
+        m[f"Bytes{key}"] = f"{int(r.bytes):,}".replace(",", "{,}")
+    for i, r in goal_frame.iterrows():
+        m[f"Goal{letters(['Sparse', 'Dwn', 'Wisard'][i])}"] = r.verdict
+    if smallest is not None:
+        m["SmallestWithinOnePoint"] = f"{smallest['method']} ({smallest['config']})"
+        m["SmallestWithinOnePointBytes"] = f"{int(smallest['bytes']):,}".replace(",", "{,}")
+    return m
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _load_model(args):
+    from qerror.nn.models import fashion_resnet, load_checkpoint
+    from studies.train import get_or_train_baseline
+
+    if args.smoke and args.checkpoint is None:
+        return fashion_resnet(args.model, seed=args.seed), {
+            "model": f"fashion-{args.model}-untrained-smoke", "seed": args.seed}
+    if args.checkpoint is not None:
+        ckpt = load_checkpoint(args.checkpoint, expected_arch=args.model)
+    else:
+        ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
+                                     data_root=args.data_root)
+    return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
+                        "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
+
+
+def _main(argv: list[str]) -> int:
+    parser = base_parser("compression", __doc__.splitlines()[0], force=True)
+    parser.epilog = (
+        "Default run: the cached Fashion-MNIST ResNet50 (trained first if missing, about "
+        "half an hour), 4 sparsities and 1 channel fraction each fine-tuned 200 steps of 128 "
+        "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 8 epochs, 3 tiny CNNs of 2 "
+        "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
+        "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min, the DWNs "
+        "25 min (--parts wisard cnn, then --parts dwn); the ResNet part is an estimate from "
+        "the baseline's training speed (the fine-tuning prints its own, the bar its ETA). "
+        "--smoke takes under a minute.")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="which families to measure (default all); without resnet no "
+                             "baseline is needed, and the rounding part (run with resnet) "
+                             "and the sparse goal are left out")
+    parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
+                        help="architecture (default resnet50; resnet18 with --smoke)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a qerror checkpoint (default: the cached baseline)")
+    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--no-train", action="store_true",
+                        help="fail instead of training a missing baseline")
+    parser.add_argument("--test-images", type=positive_int, default=None,
+                        help="first images of the test split measured (default all 10000, "
+                             "smoke 64); goals are judged on the whole split only")
+    parser.add_argument("--sparsities", nargs="+", type=sparsity_arg, default=None,
+                        help="global magnitude-pruning sparsities (default 0.5 0.75 0.9 0.95, "
+                             "smoke 0.9)")
+    parser.add_argument("--channel-fractions", nargs="*", type=sparsity_arg, default=None,
+                        help="fractions of the blocks' inner channels removed (default 0.5)")
+    parser.add_argument("--finetune-steps", type=positive_int, default=None,
+                        help="SGD steps of each fine-tuning (default 200, smoke 2)")
+    parser.add_argument("--finetune-batch", type=int_at_least(2), default=None,
+                        help="batch size of fine-tuning and of the tiny CNN (default 128, "
+                             "smoke 16)")
+    parser.add_argument("--finetune-lr", type=positive_float, default=0.01,
+                        help="constant learning rate of the fine-tuning (default 0.01)")
+    parser.add_argument("--prune-updates", type=positive_int, default=None,
+                        help="mask updates of the gradual schedule (default 10, smoke 2); at "
+                             "most --finetune-steps")
+    parser.add_argument("--rounding-bits", nargs="*", default=None,
+                        type=int_in(2, 8, "the byte count stores codes of at most 8 bits"),
+                        help="bit widths of the nearest-vs-truncation part (default 8 4, smoke 4)")
+    parser.add_argument("--wisard-budgets", nargs="*", type=int_at_least(1024), default=None,
+                        help="byte budgets of WiSARD and of the tiny CNN (default 50000 "
+                             "100000 250000, smoke 100000)")
+    parser.add_argument("--wisard-address-bits", nargs="+", default=None,
+                        type=int_in(1, 30, "a RAM of 2^30 entries per class is beyond memory"),
+                        help="address sizes tried at each budget (default 10 12 14, smoke 6)")
+    parser.add_argument("--wisard-bits", type=int_in(1, 32), default=8,
+                        help="thermometer bits per pixel (default 8, pooled thresholds)")
+    parser.add_argument("--dwn-luts", nargs="*", type=luts_arg, default=None,
+                        help="LUTs per layer of each DWN, e.g. 2000,1000 (default 2000,1000 "
+                             "6000,3000, smoke 100,50)")
+    parser.add_argument("--dwn-bits", type=int_in(1, 32), default=7,
+                        help="DWN thermometer bits per pixel (default 7)")
+    parser.add_argument("--dwn-epochs", type=positive_int, default=None,
+                        help="DWN epochs (default 8, smoke 1)")
+    parser.add_argument("--dwn-batch", type=positive_int, default=32, help="DWN batch size")
+    parser.add_argument("--cnn-epochs", type=positive_int, default=None,
+                        help="tiny CNN epochs (default 2, smoke 1)")
+    parser.add_argument("--cnn-lr", type=positive_float, default=0.05,
+                        help="tiny CNN peak learning rate (one-cycle; default 0.05)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.model = args.model or ("resnet18" if smoke else "resnet50")
+
+    def pick(given, full, tiny):
+        """The option as given (repeats dropped), else the preset's default."""
+        if given is None:
+            return tiny if smoke else full
+        return list(dict.fromkeys(given)) if isinstance(given, list) else given
+
+    args.sparsities = sorted(pick(args.sparsities, [0.5, 0.75, 0.9, 0.95], [0.9]))
+    args.channel_fractions = pick(args.channel_fractions, [0.5], [0.5])
+    args.finetune_steps = pick(args.finetune_steps, 200, 2)
+    args.finetune_batch = pick(args.finetune_batch, 128, 16)
+    args.prune_updates = pick(args.prune_updates, 10, 2)
+    args.rounding_bits = pick(args.rounding_bits, [8, 4], [4])
+    args.wisard_budgets = pick(args.wisard_budgets, [50 * KB, 100 * KB, 250 * KB], [100 * KB])
+    args.wisard_address_bits = pick(args.wisard_address_bits, [10, 12, 14], [6])
+    args.dwn_luts = pick(args.dwn_luts, [(2000, 1000), (6000, 3000)], [(100, 50)])
+    args.dwn_epochs = pick(args.dwn_epochs, 8, 1)
+    args.cnn_epochs = pick(args.cnn_epochs, 2, 1)
+    args.cnn_steps = 2 if smoke else None
+    test_images = pick(args.test_images, FASHION_TEST_IMAGES, 64)
+    if args.prune_updates > args.finetune_steps:
+        parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
+                     f"{args.finetune_steps}; every mask update needs a step of its own")
+    parts = set(args.parts)
+    if "resnet" not in parts:
+        args.rounding_bits = []
+    check_out(args.out, "compression", force=args.force)
+    find_fashion_mnist(args.data_root)  # data before the model: a missing baseline trains
+
+    started = time.perf_counter()
+    model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
+    data = load_data(args.data_root, test_images, 256 if smoke else None)
+    if str(model_id["model"]).endswith("untrained-smoke"):
+        estimate_running_stats(model, [data.x_train[:64]])
+    judged = ("smoke run" if smoke else
+              None if data.identity["test_images"] == FASHION_TEST_IMAGES else
+              f"{data.identity['test_images']} of {FASHION_TEST_IMAGES} test images")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
+    config.update(alpha=ALPHA, test_images=test_images, prune_share=PRUNE_SHARE,
+                  rounding_modes=[m.value for m in ROUNDING_MODES],
+                  int8="weights int8 per output channel (scale max|w|/127), activations float")
+    tasks = ((1 + len(args.sparsities) + len(args.channel_fractions)) * ("resnet" in parts)
+             + (1 + len(args.sparsities)) * bool(args.rounding_bits)
+             + len(args.wisard_budgets) * (("wisard" in parts) + ("cnn" in parts))
+             + len(args.dwn_luts) * ("dwn" in parts))
+    plt = figure_style()
+    with RunDir(args.out, "compression", argv, config) as run, \
+            tempfile.TemporaryDirectory(prefix="qerror-compression-") as tmp:
+        run.extra.update(model=model_id, data=data.identity)
+        folder = Path(tmp)
+        bar = tqdm(total=tasks, desc="compression", unit="model")
+        rows, timing = [], []
+        if "resnet" in parts:
+            rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar)
+        if args.rounding_bits:
+            t0 = time.perf_counter()
+            rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
+                                              correct, bar)
+            timing.append({"task": "rounding", "seconds": time.perf_counter() - t0})
+        for name, measure in (("wisard", wisard_points), ("dwn", dwn_points),
+                              ("cnn", cnn_points)):
+            if name in parts:
+                part_rows, part_timing = measure(data, args, folder, bar)
+                rows += part_rows
+                timing += part_timing
+        bar.close()
+        points = pd.DataFrame(rows)
+        points["on_front"] = pareto_front(points.bytes, points.acc)
+        goal_frame = goals(points, judged=judged, arch=args.model)
+        smallest = None
+        if "resnet" in parts:  # the dense float network is the first point
+            i = smallest_within(points.bytes, points.acc, points.acc.iloc[0], 0.01)
+            smallest = None if i < 0 else records(points.iloc[[i]])[0]
+        run.write_csv("points.csv", points)
+        run.write_csv("goals.csv", goal_frame)
+        run.write_csv("timing.csv", pd.DataFrame(timing), timing=True)
+        tag = " SMOKE RUN (tiny untrained models): not results." if smoke else ""
+        run.write_latex_table(
+            "points.tex", points_table(points),
+            f"Every model on the first {test_images} Fashion-MNIST test images: honest bytes "
+            f"(the file written and read back), accuracy with its {100 * (1 - ALPHA):g}\\% "
+            "Wilson interval, the paired difference from the dense network, and whether the "
+            "model is on the Pareto front. INT8 stores the weights only, per output channel; "
+            "the ResNet's first convolution stays float32, as pruning leaves it dense."
+            f"{tag}",
+            "tab:compression-points")
+        run.write_latex_table("goals.tex", goal_frame,
+                              f"The goals of the comparison, judged on the measured figures."
+                              f"{tag}", "tab:compression-goals")
+        summary = {"points": records(points), "goals": records(goal_frame),
+                   "smallest_within_one_point": smallest, "smoke": smoke}
+        if args.rounding_bits:
+            run.write_csv("rounding.csv", rounding)
+            run.write_csv("rounding_layers.csv", rlayers)
+            run.write_latex_table(
+                "rounding.tex", rounding[["sparsity", "bits", "mode", "acc", "acc_lo", "acc_hi",
+                                          "p_vs_nearest", "zeroed_frac", "shrink_lsb",
+                                          "mse_lsb", "mean_abs_lsb"]],
+                "Round-to-nearest against truncation on the weights of each pruned network: "
+                "accuracy, McNemar's p against nearest on the same images, the share of "
+                "surviving weights quantized to zero, how far the survivors move toward zero, "
+                f"their MSE and their mean magnitude, in LSB.{tag}", "tab:compression-rounding")
+            summary["rounding"] = records(rounding)
+        run.write_json("summary.json", summary)
+        macros = _macros(points, goal_frame, smallest)
+        macros["Run"] = "smoke run, not results" if smoke else "full run"
+        run.write_macros("macros.tex", macros)
+        fig = figure_pareto(plt, points, smoke)
+        run.save_figure(fig, "pareto")
+        plt.close(fig)
+        out = run.finish()
+    print(points[["method", "config", "bytes", "acc", "acc_lo", "acc_hi", "on_front"]]
+          .to_string(index=False))
+    print(goal_frame.to_string(index=False))
+    print(f"[compression] {len(points)} models in {time.perf_counter() - started:.0f} s; "
+          f"written to {out}")
+    return 0
+
+
+main = study_main(_main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

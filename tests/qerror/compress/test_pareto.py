@@ -1,0 +1,53 @@
+"""The Pareto front and the budget queries, exact on hand-made sets of models."""
+
+import numpy as np
+import pytest
+
+from qerror.compress import best_within, dominated_by, pareto_front, smallest_within
+
+# (bytes, accuracy) of seven made-up models, chosen so that every rule shows:
+SIZE = [100, 200, 200, 300, 400, 400, 50]
+ACC = [0.80, 0.85, 0.83, 0.85, 0.90, 0.90, 0.70]
+# 0: front (nothing smaller is as accurate)           1: front
+# 2: dominated by 1 (same size, less accurate)        3: dominated by 1 (larger, as accurate)
+# 4 and 5: identical, both on the front (neither strictly better)
+# 6: front (the smallest)
+
+
+def test_front_on_a_hand_made_example():
+    assert dominated_by(SIZE, ACC).tolist() == [0, 0, 1, 1, 0, 0, 0]
+    assert pareto_front(SIZE, ACC).tolist() == [True, True, False, False, True, True, True]
+
+
+def test_a_front_point_dominated_by_several():
+    # the last model is beaten by all three others in both coordinates
+    assert dominated_by([1, 2, 3, 9], [0.5, 0.6, 0.7, 0.1]).tolist() == [0, 0, 0, 3]
+
+
+def test_best_within_each_budget():
+    # 40: nothing fits; 50: only model 6; 250: 1 beats 0 and 2; 10**6: 4 and 5 tie, 4 first
+    assert best_within(SIZE, ACC, [40, 50, 250, 300, 10**6]).tolist() == [-1, 6, 1, 1, 4]
+    # equally accurate: the smaller wins over the earlier
+    assert best_within([300, 200], [0.9, 0.9], [500]).tolist() == [1]
+
+
+def test_smallest_within_a_margin_of_the_reference():
+    assert smallest_within(SIZE, ACC, 0.90, 0.05) == 1     # 0.85 >= 0.85, 200 B
+    assert smallest_within(SIZE, ACC, 0.90, 0.0) == 4      # only 4 and 5; 4 is first
+    assert smallest_within(SIZE, ACC, 0.90, 0.25) == 6
+    assert smallest_within(SIZE, ACC, 0.99, 0.0) == -1
+    # equal size: the more accurate
+    assert smallest_within([10, 10], [0.5, 0.6], 0.6, 0.2) == 1
+
+
+@pytest.mark.parametrize("size, acc, match", [([1, 2], [0.5], "same length"),
+                                              ([1, np.nan], [0.5, 0.6], "finite"),
+                                              ([-1], [0.5], ">= 0")])
+def test_bad_points_are_refused(size, acc, match):
+    with pytest.raises(ValueError, match=match):
+        pareto_front(size, acc)
+
+
+def test_bad_margin_is_refused():
+    with pytest.raises(ValueError, match="margin >= 0"):
+        smallest_within([1], [0.5], 0.5, -0.01)

@@ -1,0 +1,65 @@
+"""Rounding the survivors of pruning: exact on a hand-made layer, and the truncation claims."""
+
+import numpy as np
+import pytest
+import torch
+
+from qerror import QuantSpec, RoundingMode
+from qerror.compress import prune_global, quantize_survivors
+
+
+def _layer(values):
+    layer = torch.nn.Linear(len(values[0]), len(values), bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(values, dtype=torch.float32))
+    return torch.nn.Sequential(layer)
+
+
+def test_hand_made_layer_nearest_and_truncation():
+    # 3-bit symmetric per row: qmax 3, scale = max|w| / 3 = 1 for the row [3, 1.6, -0.7, 0].
+    # Survivors 3, 1.6, -0.7 (the 0 is pruned). In LSB:
+    #   nearest:    3 -> 3, 1.6 -> 2, -0.7 -> -1: errors 0, +0.4, -0.3
+    #   truncation: 3 -> 3, 1.6 -> 1, -0.7 -> 0:  errors 0, -0.6, +0.7 (one survivor zeroed)
+    model = _layer([[3.0, 1.6, -0.7, 0.0]])
+    near = quantize_survivors(model, QuantSpec(bits=3, axis=0))
+    trunc = quantize_survivors(model, QuantSpec(bits=3, axis=0,
+                                                rounding=RoundingMode.TOWARD_ZERO))
+    assert near.model[0].weight.tolist() == [[3.0, 2.0, -1.0, 0.0]]
+    assert trunc.model[0].weight.tolist() == [[3.0, 1.0, 0.0, 0.0]]
+    assert torch.equal(model[0].weight, torch.tensor([[3.0, 1.6, -0.7, 0.0]]))  # untouched
+    r, t = near.layers.iloc[0], trunc.layers.iloc[0]
+    assert (r.n, r.survivors, r.zeroed, t.zeroed) == (4, 3, 0, 1)
+    # float32 inputs: 1.6 and 0.7 are off by up to 2^-24 relative, hence abs=1e-6
+    assert r.bias_lsb == pytest.approx(0.1 / 3, abs=1e-6)
+    assert r.shrink_lsb == pytest.approx((0 - 0.4 - 0.3) / 3, abs=1e-6)
+    assert t.shrink_lsb == pytest.approx((0 + 0.6 + 0.7) / 3, abs=1e-6)
+    assert t.mse_lsb == pytest.approx((0.36 + 0.49) / 3, abs=1e-6)
+    assert r.mean_abs_lsb == pytest.approx(5.3 / 3, abs=1e-6)
+
+
+def test_pruned_zeros_stay_zero_and_truncation_shrinks_by_half_an_lsb():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    masks = prune_global(model, 0.75, keep_dense=())
+    trunc = quantize_survivors(model, QuantSpec(bits=8, axis=0,
+                                                rounding=RoundingMode.TOWARD_ZERO))
+    near = quantize_survivors(model, QuantSpec(bits=8, axis=0))
+    for name, mask in masks.items():
+        layer = name.rpartition(".")[0]
+        for q in (trunc, near):
+            w = q.model.get_submodule(layer).weight
+            assert (w[~mask] == 0).all()
+    # Under the uniform model the survivors' shrink is 1/2 LSB (truncation) and 0
+    # (nearest), each error uniform with variance 1/12. Over the n survivors the mean has
+    # standard error sqrt(1/12/n); 5 standard errors (two-sided α ≈ 6e-7) is the tolerance.
+    n = trunc.survivors
+    tol = 5 * np.sqrt(1 / 12 / n)
+    assert trunc.pooled("shrink_lsb") == pytest.approx(0.5, abs=tol)
+    assert near.pooled("shrink_lsb") == pytest.approx(0.0, abs=tol)
+    assert near.pooled("mse_lsb") < trunc.pooled("mse_lsb")
+
+
+def test_affine_spec_is_refused():
+    with pytest.raises(ValueError, match="symmetric spec"):
+        quantize_survivors(_layer([[1.0]]), QuantSpec(bits=8, symmetric=False))
