@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from studies._latex import macro_name
+
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
 GENERATED = PAPER / "generated"
@@ -39,15 +41,20 @@ MAIN = "main.tex"
 
 # The studies the paper reads, in the order they run, and the command that makes each one's
 # default output folder (runs/<study>) for the error message of a missing one.
-STUDIES = ("rounding", "dataset", "drift")
+STUDIES = ("rounding", "dataset", "drift", "seeds", "rounding_choice", "early_exit",
+           "compression")
 MAKE_COMMAND = {
     "rounding": "python -m studies.rounding --force",
     "dataset": "python -m studies.dataset --force",
     "drift": "make run  (python -m studies.drift --force)",
+    "seeds": "python -m studies.seeds --force",
+    "rounding_choice": "python -m studies.rounding_choice --force",
+    "early_exit": "python -m studies.early_exit --force",
+    "compression": "python -m studies.compression --force",
 }
 # Extra arguments of each study's --smoke run: the studies that read Fashion-MNIST get
 # --data-root when the build is given one.
-NEEDS_DATA = {"dataset", "drift"}
+NEEDS_DATA = {"dataset", "drift", "seeds", "rounding_choice", "early_exit", "compression"}
 
 
 class BuildError(Exception):
@@ -57,7 +64,7 @@ class BuildError(Exception):
 # --------------------------------------------------------------------------- what the paper uses
 
 
-_USE = re.compile(r"\\study(?:figure|table)\*?(?:\[[^\]]*\])?\{([A-Za-z]+)\}\{([^}]+)\}")
+_USE = re.compile(r"\\study(?:figure|table)\*?(?:\[[^\]]*\])?\{([A-Za-z_]+)\}\{([^}]+)\}")
 _MACRO_DEF = re.compile(r"\\newcommand\{\\([A-Za-z]+)\}")
 
 
@@ -83,7 +90,10 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
     and macros (``\\<study>Name``) the sources use, per study."""
     files: dict[str, set[str]] = {s: set() for s in studies}
     macros: dict[str, set[str]] = {s: set() for s in studies}
-    macro = re.compile(r"\\(" + "|".join(studies) + r")([A-Z][A-Za-z]*)")
+    # A study's macros start with its name in camel case (studies._latex.macro_name).
+    prefix = {macro_name(s, ""): s for s in studies}
+    macro = re.compile(r"\\(" + "|".join(sorted(prefix, key=len, reverse=True))
+                       + r")([A-Z][A-Za-z]*)")
     for path in sources:
         text = _strip_comments(path.read_text(encoding="utf-8"))
         for m in _USE.finditer(text):
@@ -94,7 +104,7 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
             is_figure = m[0].startswith("\\studyfigure")
             files[study].add(f"{name}.pdf" if is_figure else name)
         for m in macro.finditer(text):
-            macros[m[1]].add(m[1] + m[2])
+            macros[prefix[m[1]]].add(m[1] + m[2])
     return Uses(files, macros)
 
 

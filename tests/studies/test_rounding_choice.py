@@ -33,6 +33,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
         assert name in manifest["outputs"], name
     assert {"adaround_layers.csv", "adaround_cost.csv", "goals.csv", "goals.tex",
             "curve_seconds.pdf"} <= set(manifest["timing_outputs"])
+    # a smoke run judges no goal
+    assert pd.read_csv(out / "goals.csv").met.str.startswith("not judged (smoke").all()
     acc = pd.read_csv(out / "accuracy.csv")
     fixed = ["nearest", "toward_zero", "floor", "stochastic_0", "stochastic_1"]
     assert list(acc["method"]) == ["float", *fixed, "adaround", "adaround"]
