@@ -330,7 +330,15 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
             "--bits", "4", "--images", "12", "--calib-images", "8", "--batch-size", "4",
             "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
-    assert drift.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    # The float32 forward's convolutions sum in an order set by the thread count, so the
+    # single process runs on one thread, as each rank does (OMP_NUM_THREADS=1 below):
+    # otherwise the logits differ by float32 round-off (~1e-7), not by the merge order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert drift.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     repo = Path(drift.__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
