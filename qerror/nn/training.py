@@ -480,6 +480,16 @@ def _optimizer(params: dict[str, nn.Parameter], config: TrainConfig, total_steps
     opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov)
     if config.schedule is Schedule.ONE_CYCLE:
+        # OneCycleLR ends its warm-up at step warmup_fraction * total_steps - 1 and divides
+        # by that phase's length: a run too short for one warm-up step fails inside it with
+        # a ZeroDivisionError, so it is refused here with what to change.
+        warm = config.warmup_fraction * total_steps
+        if not 1 < warm < total_steps:
+            raise TrainError(
+                f"{total_steps} steps are too few for the one-cycle schedule: its warm-up "
+                f"({config.warmup_fraction:g} of the steps) must span more than one step and "
+                "end before the last; train on more samples or epochs, or use "
+                "Schedule.CONSTANT")
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction,
             anneal_strategy="cos", base_momentum=config.momentum - 0.05,

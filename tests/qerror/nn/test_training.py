@@ -1,6 +1,7 @@
 """The library's training loop: two gloo ranks against one process, resuming, hooks,
 parameter selection, and refusals. Tiny models and synthetic data, fixed seeds."""
 
+import dataclasses
 import math
 import os
 import socket
@@ -277,12 +278,16 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"trainable": {"9.weight"}}, "names 1 parameters the model does not have: 9.weight"),
     ({"trainable": lambda name: False}, "selects none of the model's parameters"),
     ({"n_train": 10}, "batch size 16 exceeds the 10 training samples"),
+    # 4 steps of 16, a quarter of them warm-up: one step, where OneCycleLR divides by zero
+    ({"n_train": 64, "epochs": 1}, "4 steps are too few for the one-cycle schedule"),
 ])
 def test_bad_runs_are_refused(kwargs, message):
     x, y = synthetic()
     n = kwargs.pop("n_train", N_TRAIN)
+    config = dataclasses.replace(CONFIG, epochs=kwargs.pop("epochs")) if "epochs" in kwargs \
+        else CONFIG
     with pytest.raises(TrainError, match=message):
-        fit(tiny_model(), tensor_batches(x, y), n, CONFIG, progress=False, **kwargs)
+        fit(tiny_model(), tensor_batches(x, y), n, config, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("field, value", [
