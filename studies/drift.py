@@ -648,6 +648,12 @@ def figure_prediction(plt, pred: pd.DataFrame):
 
 # --------------------------------------------------------------------------- main
 
+def prediction_error(pred: pd.DataFrame) -> float:
+    """Median over layers of |predicted − measured| mean local error, in float stds."""
+    return float(np.nanmedian(np.abs(pred.predicted_bn - pred.measured)
+                              / pred.float_std.where(pred.float_std > 0)))
+
+
 MACRO_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 
 
@@ -691,8 +697,7 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
         met = "Drift" if r.metric == "drift_rel_rms_channel_debiased" else "Rms"
         m[f"Exp{met}{letters(r['mode'])}"] = number(r.exponent, 3)
     if len(pred):
-        err = np.abs(pred.predicted_bn - pred.measured) / pred.float_std.where(pred.float_std > 0)
-        m["PredictionMedianError"] = number(np.nanmedian(err), 2)
+        m["PredictionMedianError"] = number(prediction_error(pred), 2)
         m["PredictionMedianCorr"] = number(np.nanmedian(pred.channel_corr_bn), 2)
     if xsummary is not None and len(xsummary):
         for act, rows in xsummary.groupby("activations", sort=True):
@@ -1023,9 +1028,7 @@ def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:
          "accuracy": acc.to_dict(orient="records"),
          "growth": fits.to_dict(orient="records")}
     if len(pred):
-        s["prediction_median_abs_error_rel"] = float(
-            np.nanmedian(np.abs(pred.predicted_bn - pred.measured)
-                         / pred.float_std.where(pred.float_std > 0)))
+        s["prediction_median_abs_error_rel"] = prediction_error(pred)
     if xcheck is not None and len(xcheck):
         s["int8"] = xcheck.to_dict(orient="records")  # the per-variant summary
         s["int8_kernel"] = probe
