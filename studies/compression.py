@@ -31,6 +31,9 @@ partial test split judges none), ``pareto.{pdf,png}``, LaTeX tables and macros,
 manifest. Latency is not measured here (``studies.bench`` measures kernels); 2:4 kernels
 are CUDA-only. The INT8 early-exit model is not among the points.
 
+Scale: ``--device cuda`` fine-tunes and evaluates the ResNets, trains the DWNs and the tiny
+CNNs on a GPU (TF32 off); sizes, files and WiSARD stay on the CPU.
+
 Run: ``python -m studies.compression`` (``--smoke`` for the test suite's tiny preset).
 """
 
@@ -76,7 +79,15 @@ from qerror.compress import (
 from qerror.compress.sparse import prunable_weights
 from qerror.data import find_fashion_mnist
 from qerror.nn.bn import estimate_running_stats
-from qerror.nn.training import Schedule, TrainConfig, fit, tensor_batches
+from qerror.nn.training import (
+    Device,
+    Schedule,
+    TrainConfig,
+    disable_tf32,
+    fit,
+    resolve_device,
+    tensor_batches,
+)
 from qerror.stats import mcnemar_test, wilson_ci
 from studies._common import (
     RunDir,
@@ -168,10 +179,14 @@ def load_data(data_root, test_images: int, train_images: int | None) -> Data:
 
 
 @torch.no_grad()
-def correct_of(model: nn.Module, x: torch.Tensor, y, batch: int = 500) -> np.ndarray:
-    """Whether the model classifies each image right, bool ``(N,)``."""
-    model.eval()
-    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+def correct_of(model: nn.Module, x: torch.Tensor, y, batch: int = 500,
+               device: torch.device | str = "cpu") -> np.ndarray:
+    """Whether the model classifies each image right, bool ``(N,)``; the model runs on
+    ``device`` and is left on the CPU, where its files are written."""
+    model.eval().to(device)
+    pred = torch.cat([model(x[i:i + batch].to(device)).argmax(1).cpu()
+                      for i in range(0, len(x), batch)])
+    model.cpu()
     return (pred.numpy() == np.asarray(y))
 
 
@@ -241,16 +256,17 @@ def point(key: str, method: str, family: str, config: str, counted: int, file_by
 
 
 def finetune(model: nn.Module, data: Data, steps: int, batch: int, lr: float, seed: int,
-             after_step=None, desc: str = "fine-tune") -> None:
+             after_step=None, desc: str = "fine-tune", device: str = "cpu") -> None:
     """``steps`` SGD steps at a constant learning rate on a seeded subset of the training
-    split (one epoch of ``steps · batch`` images, or the whole split repeated)."""
+    split (one epoch of ``steps · batch`` images, or the whole split repeated), on
+    ``device``; the model is left on the CPU."""
     n = len(data.y_train)
     per_epoch = max(n // batch, 1)
     epochs = -(-steps // per_epoch)
     config = TrainConfig(epochs, batch, lr, seed=seed, schedule=Schedule.CONSTANT)
     fit(model, tensor_batches(data.x_train, data.y_train), n, config, after_step=after_step,
-        stop_after_steps=steps, progress=True, desc=desc)
-    model.eval()
+        stop_after_steps=steps, progress=True, desc=desc, device=device)
+    model.cpu().eval()
 
 
 def prune_schedule(sparsity: float, steps: int, updates: int) -> GradualSchedule:
@@ -261,11 +277,13 @@ def prune_schedule(sparsity: float, steps: int, updates: int) -> GradualSchedule
 
 
 def train_cnn(model: nn.Module, data: Data, epochs: int, batch: int, lr: float, seed: int,
-              steps: int | None) -> None:
+              steps: int | None, device: str = "cpu") -> None:
+    """One-cycle training on ``device``; the model is left on the CPU."""
     config = TrainConfig(epochs, batch, lr, seed=seed)
     fit(model, tensor_batches(data.x_train, data.y_train), len(data.y_train), config,
-        stop_after_steps=steps, progress=True, desc=f"tiny cnn w={model.width}")
-    model.eval()
+        stop_after_steps=steps, progress=True, desc=f"tiny cnn w={model.width}",
+        device=device)
+    model.cpu().eval()
 
 
 # --------------------------------------------------------------------------- the points
@@ -279,13 +297,14 @@ def resnet_points(model, data, args, folder, bar):
     t0 = time.perf_counter()
     back, counted, size = stored_network(model, folder, "dense", SparseFormat.DENSE,
                                          StorageFormat.FLOAT32)
-    dense = correct_of(back, data.x_test, data.y_test)
+    test = (data.x_test, data.y_test)
+    dense = correct_of(back, *test, device=args.device)
     rows.append(point("dense", "dense float32", "resnet", "dense", counted, size, dense, None,
                       sparsity=0.0, storage="dense float32"))
     back, counted, size = stored_network(model, folder, "dense_int8", SparseFormat.DENSE,
                                          StorageFormat.INT8)
     rows.append(point("dense int8", "dense INT8", "resnet", "dense", counted, size,
-                      correct_of(back, data.x_test, data.y_test), dense, sparsity=0.0,
+                      correct_of(back, *test, device=args.device), dense, sparsity=0.0,
                       storage="dense int8"))
     timing.append({"task": "dense", "seconds": time.perf_counter() - t0})
     bar.update(1)
@@ -295,7 +314,7 @@ def resnet_points(model, data, args, folder, bar):
         m = copy.deepcopy(model)
         pruner = MagnitudePruner(prune_schedule(s, args.finetune_steps, args.prune_updates))
         finetune(m, data, args.finetune_steps, args.finetune_batch, args.finetune_lr,
-                 args.seed, after_step=pruner, desc=f"prune {s:g}")
+                 args.seed, after_step=pruner, desc=f"prune {s:g}", device=args.device)
         weights = prunable_weights(m).values()
         if sum(int((p == 0).sum()) for p in weights) < zero_count(s, sum(p.numel()
                                                                         for p in weights)):
@@ -307,7 +326,7 @@ def resnet_points(model, data, args, folder, bar):
             back, counted, size = stored_network(m, folder, f"pruned_{s}_{values.value}", fmt,
                                                  values)
             method = "pruned" if values is StorageFormat.FLOAT32 else "pruned + INT8"
-            right = correct_of(back, data.x_test, data.y_test)
+            right = correct_of(back, *test, device=args.device)
             if values is StorageFormat.FLOAT32:
                 correct[s] = right  # float32 reads back exactly: the pruned network's own
             rows.append(point(f"{method} {100 * s:g}", method, "resnet", f"{100 * s:g}% sparse",
@@ -319,7 +338,7 @@ def resnet_points(model, data, args, folder, bar):
         t0 = time.perf_counter()
         m = prune_channels(model, f)
         finetune(m, data, args.finetune_steps, args.finetune_batch, args.finetune_lr,
-                 args.seed, desc=f"channels {f:g}")
+                 args.seed, desc=f"channels {f:g}", device=args.device)
         for values in (StorageFormat.FLOAT32, StorageFormat.INT8):
             back, counted, size = stored_network(m, folder, f"channels_{f}_{values.value}",
                                                  SparseFormat.DENSE, values)
@@ -327,14 +346,14 @@ def resnet_points(model, data, args, folder, bar):
                 "channel-pruned + INT8"
             rows.append(point(f"{method} {100 * f:g}", method, "resnet",
                               f"{100 * f:g}% inner channels", counted, size,
-                              correct_of(back, data.x_test, data.y_test), dense,
+                              correct_of(back, *test, device=args.device), dense,
                               sparsity=math.nan, storage=f"dense {values.value}"))
         timing.append({"task": f"channels {f:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     return rows, timing, pruned, correct
 
 
-def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar):
+def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar, device: str = "cpu"):
     """Nearest against truncation on each (pruned) network's weights."""
     rows, layer_frames = [], []
     for s, m in pruned.items():
@@ -344,7 +363,7 @@ def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar):
             correct = {}
             for mode in ROUNDING_MODES:
                 q = quantize_survivors(m, QuantSpec(bits=bits, axis=0, rounding=mode), seed=seed)
-                correct[mode] = correct_of(q.model, data.x_test, data.y_test)
+                correct[mode] = correct_of(q.model, data.x_test, data.y_test, device=device)
                 fmt = SparseFormat.DENSE if s == 0 else smallest_format(q.model, values)
                 counted = model_bytes(q.model, fmt, values).total
                 k, n = int(correct[mode].sum()), correct[mode].size
@@ -405,7 +424,8 @@ def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
         res = fit_dwn(data.p_train, data.y_train.numpy(), data.p_val, data.y_val,
                       thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
                       batch_size=args.dwn_batch, seed=args.seed,
-                      step_size=max(1, (2 * args.dwn_epochs) // 3), progress=True)
+                      step_size=max(1, (2 * args.dwn_epochs) // 3), progress=True,
+                      device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
         rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
@@ -423,12 +443,13 @@ def cnn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
         t0 = time.perf_counter()
         m = tiny_cnn_within(budget, seed=args.seed)
         train_cnn(m, data, args.cnn_epochs, args.finetune_batch, args.cnn_lr, args.seed,
-                  args.cnn_steps)
+                  args.cnn_steps, args.device)
         back, counted, size = stored_network(m, folder, "cnn", SparseFormat.DENSE,
                                              StorageFormat.INT8, keep_dense=())
         rows.append(point(f"cnn {budget / KB:g} kB", "tiny CNN INT8", "cnn",
                           f"{budget / KB:g} kB budget: width {m.width}",
-                          counted, size, correct_of(back, data.x_test, data.y_test), None,
+                          counted, size,
+                          correct_of(back, data.x_test, data.y_test, device=args.device), None,
                           sparsity=math.nan, storage="dense int8", budget=budget))
         timing.append({"task": f"cnn {budget}", "seconds": time.perf_counter() - t0})
         bar.update(1)
@@ -610,6 +631,9 @@ def _main(argv: list[str]) -> int:
                         help="tiny CNN epochs (default 2, smoke 1)")
     parser.add_argument("--cnn-lr", type=positive_float, default=0.05,
                         help="tiny CNN peak learning rate (one-cycle; default 0.05)")
+    parser.add_argument("--device", type=Device.parse, default=Device.CPU,
+                        help="cpu (default), cuda or auto: where the networks are trained and "
+                             "evaluated; sizes, files and WiSARD stay on the CPU")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")
@@ -640,6 +664,8 @@ def _main(argv: list[str]) -> int:
     if "resnet" not in parts:
         args.rounding_bits = []
     check_out(args.out, "compression", force=args.force)
+    device = resolve_device(args.device)  # a GPU asked for and missing: refused here
+    args.device = str(device)
     find_fashion_mnist(args.data_root)  # data before the model: a missing baseline trains
 
     started = time.perf_counter()
@@ -662,6 +688,8 @@ def _main(argv: list[str]) -> int:
     with RunDir(args.out, "compression", argv, config) as run, \
             tempfile.TemporaryDirectory(prefix="qerror-compression-") as tmp:
         run.extra.update(model=model_id, data=data.identity)
+        if device.type == "cuda":  # float32 on the GPU as on the CPU
+            run.extra.update(precision=disable_tf32())
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
         rows, timing = [], []
@@ -670,7 +698,7 @@ def _main(argv: list[str]) -> int:
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
-                                              correct, bar)
+                                              correct, bar, args.device)
             timing.append({"task": "rounding", "seconds": time.perf_counter() - t0})
         for name, measure in (("wisard", wisard_points), ("dwn", dwn_points),
                               ("cnn", cnn_points)):

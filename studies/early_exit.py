@@ -21,6 +21,10 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   INT8 full and INT8 early exit as paired ratios (:func:`studies.bench.early_exit_rows`),
   and the compile time apart.
 
+Scale: ``--device cuda`` trains the heads and runs every FP32 and simulated-INT8 forward pass
+on a GPU (TF32 off, so the FP32 reference is float32 as on the CPU); the real INT8 graphs and
+the latency rows stay on the CPU, whose oneDNN kernels they measure.
+
 ``--smoke`` runs the same code on an untrained ResNet18 and a few images: its outputs say
 that they are smoke and judge no goal.
 
@@ -67,7 +71,15 @@ from qerror.nn.early_exit import (
     threshold_sweep,
 )
 from qerror.nn.models import DEFAULT_STEM, Arch, Stem
-from qerror.nn.training import Schedule, TrainConfig, fit, tensor_batches
+from qerror.nn.training import (
+    Device,
+    Schedule,
+    TrainConfig,
+    disable_tf32,
+    fit,
+    resolve_device,
+    tensor_batches,
+)
 from qerror.stats import mcnemar_from_counts, paired_accuracy_equivalence, wilson_ci
 from studies._common import (
     RunDir,
@@ -192,50 +204,58 @@ def exit_loss(weights):
 
 
 def train_heads(model: EarlyExitResNet, data: Data, epochs: int, batch: int, lr: float,
-                seed: int) -> EarlyExitResNet:
+                seed: int, device: torch.device = torch.device("cpu")) -> EarlyExitResNet:
     """Heads trained on the frozen backbone (its BatchNorms keep their statistics); the
-    last exit is the backbone's own and does not change."""
+    last exit is the backbone's own and does not change. The copy returned is on
+    ``device``."""
     model = copy.deepcopy(model)
     n_early = model.num_exits - 1
     config = TrainConfig(epochs=epochs, batch_size=min(batch, len(data.train.y)), lr=lr,
                          seed=seed, schedule=Schedule.ONE_CYCLE)
     fit(model, tensor_batches(data.train.x, data.train.y), len(data.train.y), config,
         trainable=lambda name: name.startswith("heads."),
-        loss=exit_loss([1.0] * n_early + [0.0]), desc="heads (frozen backbone)")
+        loss=exit_loss([1.0] * n_early + [0.0]), device=device,
+        desc="heads (frozen backbone)")
     return model.eval()
 
 
 def train_joint(model: EarlyExitResNet, data: Data, epochs: int, batch: int, lr: float,
-                weights, seed: int) -> EarlyExitResNet:
+                weights, seed: int, device: torch.device = torch.device("cpu")
+                ) -> EarlyExitResNet:
     """Every parameter fine-tuned from the frozen-backbone solution with the weighted sum
-    of the exits' losses, at a constant learning rate."""
+    of the exits' losses, at a constant learning rate; the copy returned is on ``device``."""
     model = copy.deepcopy(model)
     config = TrainConfig(epochs=epochs, batch_size=min(batch, len(data.train.y)), lr=lr,
                          seed=seed, schedule=Schedule.CONSTANT)
     fit(model, tensor_batches(data.train.x, data.train.y), len(data.train.y), config,
-        loss=exit_loss(weights), desc="joint fine-tuning")
+        loss=exit_loss(weights), device=device, desc="joint fine-tuning")
     return model.eval()
 
 
 # --------------------------------------------------------------------------- evaluation
 
-def all_logits(fn, x: torch.Tensor, batch: int, desc: str) -> list[torch.Tensor]:
-    """Every exit's logits of ``fn`` (a model or INT8 stages) on ``x``, in batches."""
+def all_logits(fn, x: torch.Tensor, batch: int, desc: str,
+               device: torch.device = torch.device("cpu")) -> list[torch.Tensor]:
+    """Every exit's logits of ``fn`` (a model or INT8 stages, on ``device``) on ``x``, in
+    batches; the logits come back as float32 CPU tensors."""
     parts = []
     with torch.no_grad():
         for lo in tqdm(range(0, len(x), batch), desc=desc, unit="batch", leave=False):
-            parts.append([z.float() for z in fn(x[lo:lo + batch])])
+            parts.append([z.float().cpu() for z in fn(x[lo:lo + batch].to(device))])
     return [torch.cat(z) for z in zip(*parts)]
 
 
 def simulated_logits(model, data: Data, mode: RoundingMode, batch: int, seed: int):
     """qerror's fake-quantized 8-bit model (weights per channel, activations per tensor,
-    ``mode`` for both): every exit's logits on the validation and test splits."""
+    ``mode`` for both), on the model's device: every exit's logits on the validation and
+    test splits."""
+    device = next(model.parameters()).device
     cfg = QuantConfig.make(8, mode, Target.BOTH, seed=seed)
-    qp = calibrate_activations(model, [(data.calib.x, data.calib.y)], cfg.activation)
+    qp = calibrate_activations(model, [(data.calib.x.to(device), data.calib.y.to(device))],
+                               cfg.activation)
     with quantized_forward(model, cfg, qp):
-        return (all_logits(model, data.val.x, batch, f"sim {mode.value} val"),
-                all_logits(model, data.test.x, batch, f"sim {mode.value} test"))
+        return (all_logits(model, data.val.x, batch, f"sim {mode.value} val", device),
+                all_logits(model, data.test.x, batch, f"sim {mode.value} test", device))
 
 
 def accuracy_rows(variant: str, split: str, logits, labels, costs) -> list[dict]:
@@ -355,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training and evaluation batch (default 128, smoke 32)")
     parser.add_argument("--head-epochs", type=positive_int, default=None,
                         help="epochs of head training on the frozen backbone (default 3, "
-                             "smoke 1)")
+                             "smoke 3: one-cycle needs more than four steps)")
     parser.add_argument("--joint-epochs", type=nonnegative_int, default=None,
                         help="epochs of joint fine-tuning (default 1, smoke 1; 0 skips it)")
     parser.add_argument("--lr", type=positive_float, default=0.05,
@@ -378,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--smoke): needed for latency, minutes per stage")
     parser.add_argument("--latency-pairs", type=positive_int, default=None,
                         help="alternating timing pairs of the latency rows (default 200)")
+    parser.add_argument("--device", type=Device.parse, default=Device.CPU,
+                        help="cpu (default), cuda or auto: where the heads are trained and "
+                             "the FP32 and simulated INT8 networks run (real INT8 and latency "
+                             "stay on the CPU); the manifest names the one used")
     return parser
 
 
@@ -392,7 +416,7 @@ def _main(argv: list[str]) -> int:
     test_images = pick(args.test_images, 10_000, 64)
     calib_images = pick(args.calib_images, 512, 32)
     batch = pick(args.batch_size, 128, 32)
-    head_epochs = pick(args.head_epochs, 3, 1)
+    head_epochs = pick(args.head_epochs, 3, 3)
     joint_epochs = pick(args.joint_epochs, 1, 1)
     compile_int8 = pick(args.compile, True, False)
     latency_pairs = pick(args.latency_pairs, 200, 20)
@@ -407,6 +431,7 @@ def _main(argv: list[str]) -> int:
     if args.variant == "joint" and joint_epochs == 0:
         parser.error("--variant joint needs --joint-epochs of at least 1")
     check_out(args.out, "early_exit", force=args.force)
+    device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
 
     started = time.perf_counter()
@@ -425,7 +450,7 @@ def _main(argv: list[str]) -> int:
               "variant": args.variant, "thresholds": thresholds,
               "select_margin": args.select_margin, "margin": MARGIN, "alpha": ALPHA,
               "compile": compile_int8, "latency_pairs": latency_pairs, "seed": args.seed,
-              "smoke": smoke,
+              "smoke": smoke, "device": device.type,
               "operating_point_rule": "on the validation split: the fewest average MACs "
                                       "whose accuracy is at least FP32 full's minus "
                                       "select_margin; none: the most accurate point",
@@ -434,7 +459,9 @@ def _main(argv: list[str]) -> int:
     plt = figure_style()
     with RunDir(args.out, "early_exit", argv, config) as run:
         run.extra.update(model=model_id, data=data.identity)
-        results = compute(base, data, args, config)
+        if device.type == "cuda":  # the FP32 reference stays float32 on a GPU
+            run.extra.update(precision=disable_tf32())
+        results = compute(base, data, args, config, device)
         results["whole_test"] = bool(data.identity["test_split_whole"])
         results["seconds_to_results"] = time.perf_counter() - started
         write_outputs(run, plt, results, config)
@@ -443,36 +470,42 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def compute(base: EarlyExitResNet, data: Data, args, config) -> dict:
-    """Train, evaluate, quantize, sweep, choose, compare; returns every table."""
+def compute(base: EarlyExitResNet, data: Data, args, config,
+            device: torch.device = torch.device("cpu")) -> dict:
+    """Train, evaluate, quantize, sweep, choose, compare; returns every table. Training
+    and the FP32 and simulated forward passes run on ``device``, real INT8 on the CPU."""
     costs = exit_costs(base)
     frozen = train_heads(base, data, config["head_epochs"], config["batch_size"], args.lr,
-                         args.seed)
+                         args.seed, device)
     variants = {"frozen": frozen}
     if config["joint_epochs"]:
         variants["joint"] = train_joint(frozen, data, config["joint_epochs"],
                                         config["batch_size"], args.lr / 10,
-                                        config["joint_weights"], args.seed)
+                                        config["joint_weights"], args.seed, device)
     batch = config["batch_size"]
     heads_rows, variant_logits = [], {}
     for name, net in variants.items():
         variant_logits[name] = tuple(all_logits(net, getattr(data, split).x, batch,
-                                                f"{name} {split}") for split in ("val", "test"))
+                                                f"{name} {split}", device)
+                                     for split in ("val", "test"))
         for split, z in zip(("val", "test"), variant_logits[name]):
             heads_rows += accuracy_rows(name, split, z, getattr(data, split).y, costs)
     model = variants[config["variant"]]
 
     logits = {FP32: variant_logits[config["variant"]]}
     # The FP32 full network is the baseline itself: the backbone the heads were put on.
-    full_val = all_logits(lambda x: (base.backbone(x),), data.val.x, batch, "full val")[0]
-    full_test = all_logits(lambda x: (base.backbone(x),), data.test.x, batch, "full test")[0]
+    full = base.backbone if device.type == "cpu" else copy.deepcopy(base.backbone).to(device)
+    full_val = all_logits(lambda x: (full(x),), data.val.x, batch, "full val", device)[0]
+    full_test = all_logits(lambda x: (full(x),), data.test.x, batch, "full test", device)[0]
     for mode in SIM_MODES:
         logits[f"sim_{mode.value}"] = simulated_logits(model, data, mode, batch, args.seed)
 
     from qerror.nn.pt2e import quantize_exit_stages, quantize_pt2e
 
     calib = [data.calib.x[i:i + batch] for i in range(0, len(data.calib.x), batch)]
-    q_stages = quantize_exit_stages(model, calib, compile=config["compile"])
+    # Real INT8 runs oneDNN's CPU kernels: the trained model comes back to the CPU for it.
+    cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+    q_stages = quantize_exit_stages(cpu_model, calib, compile=config["compile"])
     # INT8 full: the baseline quantized as one graph (no exit heads, no stage boundaries).
     q_full = quantize_pt2e(base.backbone, calib, compile=config["compile"])
     logits[INT8] = (all_logits(q_stages, data.val.x, batch, "int8 val"),

@@ -649,8 +649,8 @@ class _EFDLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         n = bits.shape[-1]
-        rows = torch.arange(table.shape[0])
-        addr = (bits.to(torch.int64) << torch.arange(n)).sum(-1)              # (B, L)
+        rows = torch.arange(table.shape[0], device=table.device)
+        addr = (bits.to(torch.int64) << torch.arange(n, device=bits.device)).sum(-1)  # (B, L)
         ctx.save_for_backward(addr, table)
         return (table[rows, addr] > 0).to(table.dtype)
 
@@ -658,11 +658,11 @@ class _EFDLookup(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         addr, table = ctx.saved_tensors
         lut_count, n = table.shape[0], table.shape[1].bit_length() - 1
-        rows = torch.arange(lut_count)
+        rows = torch.arange(lut_count, device=table.device)
         grad_bits = grad_table = None
         if ctx.needs_input_grad[0]:
             # D[l, a, j] = Σ_k M[a, j, k] A[l, k]: the EFD of every LUT at every address.
-            d = torch.einsum("ajk,lk->laj", efd_matrix(n, table.dtype), table)
+            d = torch.einsum("ajk,lk->laj", efd_matrix(n, table.dtype).to(table.device), table)
             grad_bits = d[rows, addr] * grad.unsqueeze(-1)
         if ctx.needs_input_grad[1]:
             grad_table = torch.zeros_like(table).index_put_(
@@ -894,7 +894,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
             mapping: Mapping | str = Mapping.RANDOM, classes: int | None = None,
             tau: float = 1 / 0.3, epochs: int = 30, batch_size: int = 32, lr: float = 1e-2,
             step_size: int = 14, gamma: float = 0.1, seed: int = 0, pooled: bool = False,
-            progress: bool = False) -> DWNFit:
+            progress: bool = False, device: torch.device | str = "cpu") -> DWNFit:
     """Train a DWN with Adam and a step learning-rate schedule.
 
     Parameters
@@ -912,6 +912,10 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         MNIST example (which uses a 3-bit thermometer; 7 bits is the default here).
     progress : bool
         Show a progress bar per epoch.
+    device : torch.device or str
+        Where the model is trained and validated (``"cuda"`` for a GPU); the batches are
+        drawn on the CPU as everywhere, so the same seed draws the same batches, and the
+        model comes back on the CPU.
 
     Notes
     -----
@@ -927,7 +931,9 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
     yb = _as_labels(torch.as_tensor(np.asarray(y_train)), xb.shape[0], classes)
     yv = _as_labels(torch.as_tensor(np.asarray(y_val)), xv.shape[0], classes)
-    model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau, seed=seed)
+    dev = torch.device(device)
+    model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau,
+                seed=seed).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
     gen = torch.Generator().manual_seed(seed & (_MASK64 >> 1))
@@ -939,8 +945,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         total = 0.0
         for idx in progress_bar(batches, progress, "dwn epoch"):
-            scores = model.forward_bits(xb[idx].to(torch.float32))
-            loss = nn.functional.cross_entropy(scores, yb[idx])
+            scores = model.forward_bits(xb[idx].to(dev, torch.float32))
+            loss = nn.functional.cross_entropy(scores, yb[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -951,11 +957,11 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         sched.step()
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model.forward_bits(xv[s:s + 4096].to(torch.float32))
-                              .argmax(1) for s in range(0, xv.shape[0], 4096)])
+            pred = torch.cat([model.forward_bits(xv[s:s + 4096].to(dev, torch.float32))
+                              .argmax(1).cpu() for s in range(0, xv.shape[0], 4096)])
         accs.append(float((pred == yv).double().mean()))
         losses.append(total / xb.shape[0])
-    return DWNFit(model, tuple(accs), tuple(losses), time.perf_counter() - start)
+    return DWNFit(model.cpu(), tuple(accs), tuple(losses), time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- bytes and files

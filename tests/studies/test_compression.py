@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from studies import compression
 
@@ -97,6 +98,30 @@ def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["model"] == {"model": None}
     goals = pd.read_csv(out / "goals.csv")
     assert goals.measured[0] == "no 90%-sparse network in this run"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_any_output(fashion_idx, tmp_path, capsys):
+    root = fashion_idx(train=6100, test=100)
+    out = tmp_path / "run"
+    code = compression.main(["--smoke", "--device", "cuda", "--data-root", str(root),
+                             "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "device cuda was asked for" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_smoke_run_measures_every_family(fashion_idx, tmp_path):
+    root = fashion_idx(train=6100, test=100)
+    out = tmp_path / "run"
+    assert compression.main(["--smoke", "--device", "cuda", "--data-root", str(root),
+                             "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["device"].startswith("cuda")
+    points = pd.read_csv(out / "points.csv")
+    assert {"dense float32", "WiSARD", "DWN", "tiny CNN INT8"} <= set(points.method)
+    assert (points.bytes == points.file_bytes).all()
 
 
 def test_stored_network_reads_back_every_entry_of_the_file(tmp_path):

@@ -196,3 +196,40 @@ def test_goals_are_judged_on_the_whole_test_split_only():
                             whole_test=False)
     assert part.verdict[:3].str.startswith("not judged: 500 test images").all()
     assert part.met.isna().all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_any_output(fashion_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = early_exit.main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
+                            "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "device cuda was asked for" in err and "--device cpu" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_smoke_run_trains_on_the_gpu_and_quantizes_on_the_cpu(fashion_root, tmp_path):
+    out = tmp_path / "run"
+    assert early_exit.main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
+                            "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["device"] == "cuda"
+    assert manifest["precision"] == {"cudnn_allow_tf32": False,
+                                     "cuda_matmul_allow_tf32": False}
+    points = pd.read_csv(out / "operating_points.csv")
+    assert {"fp32_full", "int8_full", "int8_early_exit"} <= set(points.system)
+
+
+def test_too_few_steps_for_the_one_cycle_schedule_is_refused_with_what_to_change(
+        fashion_root, tmp_path, capsys):
+    # 64 images in batches of 32 for one epoch: 2 steps, too few for a one-cycle warm-up
+    out = tmp_path / "run"
+    code = early_exit.main(["--smoke", "--head-epochs", "1", "--data-root", str(fashion_root),
+                            "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "[early_exit] error: 2 steps are too few for the one-cycle schedule" in err
+    assert "train on more samples or epochs" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))

@@ -314,6 +314,23 @@ def test_fit_dwn_learns_a_separable_toy_problem():
     assert fit.val_accuracy[-1] >= 0.9
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_dwn_on_a_gpu_learns_and_its_lookups_match_the_cpu_exactly():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    x = (rng.normal(size=(300, 4)) + 3.0 * y[:, None]).astype(np.float32)
+    fit = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
+                  fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0, device="cuda")
+    assert all(p.device.type == "cpu" for p in fit.model.parameters())
+    assert fit.val_accuracy[-1] >= 0.9
+    # Forward is a table lookup and a sum of 0/1 outputs: the same scores on both devices.
+    bits = fit.model.thermometer.encode(x).to(torch.float32)
+    with torch.no_grad():
+        on_cpu = fit.model.forward_bits(bits)
+        on_gpu = fit.model.to("cuda").forward_bits(bits.cuda()).cpu()
+    assert torch.equal(on_cpu, on_gpu)
+
+
 # --------------------------------------------------------------------------- bytes and files
 
 
