@@ -17,6 +17,10 @@ Then:
 * remedies on a few configurations: BatchNorm re-estimation, analytic bias correction
   (E[ΔW]·E[x] + Ŵ·E[e_x], E[x] from the preceding BN and ReLU) and empirical bias
   correction, and how much of the lost accuracy and drift each recovers;
+* how much each fitted remedy recovers against the number of calibration images it was fitted
+  on (``--calib-curve``, Fashion-MNIST: 100 to 1000 images at the lowest remedy width,
+  accuracy on the first ``--curve-images`` test images by a plain quantized forward), so
+  that the remedies' own sampling noise is seen beside their effect;
 * the predicted mean local error of every layer (the analytic model) against the measured one;
 * a cross-check of the simulation against PyTorch's real INT8 kernels, layer by layer.
 
@@ -104,6 +108,8 @@ REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
 FASHION_TEST_IMAGES = 10_000
+CURVE_SIZES = (100, 250, 500, 1000)  # calibration images of the remedy curve; the split has 1000
+CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class Data:
     first_batch: int = 0
     headline_first: int = 0
     int8_test: torch.Tensor | None = None
+    curve_calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    curve_test: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -136,11 +144,14 @@ def _first_images(batches, n: int) -> torch.Tensor:
 
 
 def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int,
-                 headline_images: int = 0, int8_images: int = 0) -> Data:
+                 headline_images: int = 0, int8_images: int = 0, curve_calib: int = 0,
+                 curve_images: int = 0) -> Data:
     """Calibration images from the calibration split, measured ones from the test split, and
     the first ``headline_images`` of the whole test split (in order) for the headline
     accuracy; under torchrun each rank keeps its share of the measured and headline
-    batches (:func:`qerror.nn.parallel.shard`)."""
+    batches (:func:`qerror.nn.parallel.shard`). Rank 0 also keeps the first ``curve_calib``
+    images of the calibration split and the first ``curve_images`` of the test split for
+    the remedies' calibration curve."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
     splits = fashion_mnist_splits(data_root)
@@ -159,9 +170,17 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
         share = parallel.shard(len(all_headline))
         headline, headline_first = all_headline[share.start:share.stop], share.start
         ident.update(headline_images=len(whole), headline_sha256=whole.sha256)
+    curve = (None, None)
+    if curve_calib and curve_images and parallel.world()[0] == 0:
+        cal = splits.calib.subset(np.arange(min(curve_calib, len(splits.calib))))
+        tst = splits.test.subset(np.arange(min(curve_images, len(splits.test))))
+        curve = (_batched(to_tensor(cal.images), torch.as_tensor(cal.labels), batch),
+                 _batched(to_tensor(tst.images), torch.as_tensor(tst.labels), batch))
+        ident.update(curve_calib_images=len(cal), curve_calib_sha256=cal.sha256,
+                     curve_test_images=len(tst), curve_test_sha256=tst.sha256)
     return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
                 test_batches[mine.start:mine.stop], ident, headline, mine.start,
-                headline_first, _first_images(test_batches, int8_images))
+                headline_first, _first_images(test_batches, int8_images), *curve)
 
 
 def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
@@ -400,6 +419,82 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
     return results, pd.DataFrame(rows)
 
 
+def _first_of(batches, n: int, batch: int):
+    """The first ``n`` images of ``batches``, re-cut into batches of ``batch``."""
+    x = torch.cat([b[0] for b in batches])[:n]
+    y = torch.cat([b[1] for b in batches])[:n]
+    return _batched(x, y, batch)
+
+
+def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
+                      batch: int) -> pd.DataFrame:
+    """Accuracy after BN re-estimation and after empirical bias correction fitted on the
+    first ``n`` calibration images, for each ``n`` in ``sizes``, on the ``test`` batches by a
+    plain quantized forward (no instrumentation).
+
+    Each row: the remedy's accuracy with its Wilson interval, the unremedied and float
+    accuracy on the same images, the share of the lost accuracy recovered, and McNemar's
+    test of the remedy against no remedy (paired, same images). A remedy's own sampling
+    noise shows as the spread of its figures across ``n``.
+    """
+    device = next(model.parameters()).device
+
+    def correct():
+        with torch.inference_mode():
+            return torch.cat([model(x.to(device)).argmax(1).cpu() == y for x, y in test])
+
+    right_float = correct()
+    n_img = int(right_float.numel())
+    rows = []
+    work = [(cfg, n) for cfg in cfgs for n in sizes]
+    base = {}
+    for cfg, n in tqdm(work, desc="calibration curve", unit="fit", leave=False):
+        cols = _config_columns(cfg)
+        qp, w = act_qparams[cols["bits"]], weights_of(cfg)
+        if cfg.label not in base:
+            with quantized_forward(model, cfg, qp, weights=w):
+                base[cfg.label] = correct()
+        none = base[cfg.label]
+        cal = _first_of(calib, n, batch)
+        fixes = {"bn_reestimation": {"bn_stats": reestimate_bn(model, cal, cfg, qp,
+                                                               weights=w)},
+                 "bias_empirical": {"corrections": empirical_bias_correction(
+                     model, cal, cfg, qp, weights=w)}}
+        for remedy, kw in fixes.items():
+            with quantized_forward(model, cfg, qp, weights=w, **kw):
+                ok = correct()
+            ci = wilson_ci(int(ok.sum()), n_img, ALPHA)
+            mc = mcnemar_from_counts(int((ok & ~none).sum()), int((none & ~ok).sum()), n_img,
+                                     ALPHA)
+            acc_none, acc_float = float(none.double().mean()), float(right_float.double().mean())
+            lost = acc_float - acc_none
+            rows.append({**cols, "remedy": remedy, "calib_images": sum(len(y) for _, y in cal),
+                         "images": n_img, "acc": ci.estimate, "acc_lo": ci.ci[0],
+                         "acc_hi": ci.ci[1], "acc_unremedied": acc_none, "float_acc": acc_float,
+                         "recovered": (ci.estimate - acc_none) / lost if lost > 0 else math.nan,
+                         "delta_vs_unremedied": mc.estimate, "delta_lo": mc.ci[0],
+                         "delta_hi": mc.ci[1], "p_vs_unremedied": mc.p_value})
+    return pd.DataFrame(rows)
+
+
+def curve_macros(curve: pd.DataFrame) -> dict:
+    """The calibration curve's ends for the paper: accuracy (%) and recovered share (%) of
+    each remedy and mode at the fewest and at the most calibration images."""
+    least, most = int(curve.calib_images.min()), int(curve.calib_images.max())
+    m = {"CurveImages": f"{int(curve.images.iloc[0]):,}", "CurveLeast": f"{least:,}",
+         "CurveMost": f"{most:,}", "CurveBits": f"{int(curve.bits.iloc[0])}"}
+    for _, r in curve[curve.calib_images.isin([least, most])].iterrows():
+        end = "Least" if r.calib_images == least else "Most"
+        key = letters(f"{r.remedy}_{r['mode']}")
+        m[f"CurveAcc{end}{key}"] = number(100 * r.acc, 3)
+        m[f"CurveRecovered{end}{key}"] = ("n/a" if not np.isfinite(r.recovered)
+                                          else number(100 * r.recovered, 2))
+    for mode, d in curve.groupby("mode"):
+        m[f"CurveUnremedied{letters(mode)}"] = number(100 * d.acc_unremedied.iloc[0], 3)
+    m["CurveFloat"] = number(100 * curve.float_acc.iloc[0], 3)
+    return m
+
+
 def recovery(acc: pd.DataFrame) -> pd.DataFrame:
     """Per remedy: the fraction of the accuracy lost to quantization it wins back, and its
     change of the logits' SQNR (dB), against the same configuration without remedy.
@@ -632,6 +727,26 @@ def figure_remedies(plt, acc: pd.DataFrame):
     return fig
 
 
+def figure_calibration_curve(plt, curve: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (mode, remedy), d in curve.groupby(["mode", "remedy"], sort=False):
+        d = d.sort_values("calib_images")
+        bars = ax.errorbar(d.calib_images, 100 * d.acc, yerr=[100 * (d.acc - d.acc_lo),
+                                                               100 * (d.acc_hi - d.acc)],
+                           marker="o", ms=3, lw=1, capsize=2, label=f"{mode}, {remedy}")
+        ax.axhline(100 * d.acc_unremedied.iloc[0], lw=0.6, ls=":",
+                   color=bars[0].get_color())
+    ax.axhline(100 * curve.float_acc.iloc[0], color="k", lw=0.8, label="float")
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration images the remedy is fitted on")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{int(curve.bits.iloc[0])}-bit weights and activations; dotted: no remedy",
+                 fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 def figure_prediction(plt, pred: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(4.4, 4))
     for (mode, bits), d in pred.groupby(["mode", "bits"], sort=False):
@@ -773,6 +888,14 @@ def _main(argv: list[str]) -> int:
                              "nearest, truncation, floor, stochastic against float by a plain "
                              "quantized forward; default: the whole test split, smoke 32; 0 "
                              "skips it)")
+    parser.add_argument("--calib-curve", nargs="*", type=int_at_least(2), default=None,
+                        help="calibration-image counts at which the remedies are refitted "
+                             "for the calibration curve (Fashion-MNIST only; default "
+                             f"{' '.join(map(str, CURVE_SIZES))}, smoke 4 8; none given: no "
+                             "curve); at the lowest --remedy-bits")
+    parser.add_argument("--curve-images", type=int_at_least(2), default=None,
+                        help="first test images each point of the calibration curve is "
+                             f"evaluated on (default {CURVE_IMAGES}, smoke 16)")
     parser.add_argument("--int8-images", type=nonnegative_int, default=None,
                         help="calibration and test images of the real-INT8 cross-check "
                              "(0 skips it)")
@@ -814,6 +937,15 @@ def _main(argv: list[str]) -> int:
         parser.error("--labels: labels an ImageNet folder, so it needs --data")
     if args.data is not None:
         headline_images = 0  # the headline runs on Fashion-MNIST's whole test split only
+        if args.calib_curve:
+            parser.error("--calib-curve: the calibration curve runs on Fashion-MNIST's "
+                         "calibration split only; leave it out with --data")
+    curve_sizes = sorted(set(args.calib_curve)) if args.calib_curve is not None else (
+        [] if args.data is not None else [4, 8] if smoke else list(CURVE_SIZES))
+    if not remedy_bits:
+        curve_sizes = []  # the curve refits the remedies: none asked for, no curve
+    curve_images = args.curve_images if args.curve_images is not None else (
+        16 if smoke else CURVE_IMAGES)
     check_out(args.out, "drift", force=args.force)
 
     # Data before the model: loading it may mean training a baseline for half an hour, and
@@ -828,13 +960,15 @@ def _main(argv: list[str]) -> int:
         with distributed(args.device) as place:
             return _run(args, argv, place, started, modes, bits_list, targets, images,
                         calib_images, batch, local_samples, remedy_bits, int8_images,
-                        headline_images, None if args.data is None else folder)
+                        headline_images, None if args.data is None else folder,
+                        curve_sizes, curve_images)
     except (DeviceError, TrainError) as err:
         raise SystemExit(f"--device {args.device.value}: {err}") from err
 
 
 def _run(args, argv, place, started, modes, bits_list, targets, images, calib_images, batch,
-         local_samples, remedy_bits, int8_images, headline_images, folder) -> int:
+         local_samples, remedy_bits, int8_images, headline_images, folder, curve_sizes=(),
+         curve_images=0) -> int:
     """Measure on every rank (each its share of the test batches), write on rank 0."""
     main = place.is_main
     smoke = args.smoke
@@ -848,7 +982,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                           int8_images)
             if folder is not None else
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
-                         headline_images, int8_images))
+                         headline_images, int8_images, max(curve_sizes, default=0),
+                         curve_images if curve_sizes else 0))
     # Every rank knows the number of batches, so all of them stop here, or none.
     n_test = data.identity["test_images"]
     if -(-n_test // batch) < place.world_size:
@@ -873,7 +1008,9 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
               "local_samples": local_samples, "remedy_bits": remedy_bits,
-              "int8_images": int8_images, "headline_images": headline_images, **outputs,
+              "int8_images": int8_images, "headline_images": headline_images,
+              "calib_curve": list(curve_sizes), "curve_images": curve_images if curve_sizes
+              else 0, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
@@ -935,6 +1072,12 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                                      first_batch=data.headline_first)
     if not main:
         return 0
+    curve = None
+    if data.curve_calib:  # rank 0 alone: the curve is small beside the measured passes
+        low = min(remedy_bits)
+        curve = calibration_curve(model, data.curve_calib, data.curve_test,
+                                  [c for c in remedy_configs if c.weight.bits == low],
+                                  act_qp, weights_of, curve_sizes, batch)
     sites = pd.concat(frames[:n_base], ignore_index=True)
     fits = pd.DataFrame(fits)
     acc = recovery(pd.DataFrame(acc_rows))
@@ -974,6 +1117,21 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             "kernel's products that multiply data rather than zero padding.", "tab:drift-geometry",
             float_format="%.3g")
         run.write_csv("accuracy.csv", acc)
+        if curve is not None:
+            run.write_csv("calibration_curve.csv", curve)
+            run.write_latex_table(
+                "calibration_curve.tex", curve[["mode", "bits", "remedy", "calib_images",
+                                                "acc", "acc_lo", "acc_hi", "acc_unremedied",
+                                                "recovered", "p_vs_unremedied"]],
+                f"Each remedy refitted on the first $n$ calibration images, evaluated on the "
+                f"first {int(curve.images.iloc[0])} test images by a plain quantized forward "
+                f"(weights and activations): accuracy with its {100 * (1 - ALPHA):g}\\% "
+                "Wilson interval, without the remedy, the share of the lost accuracy it "
+                "recovers, and McNemar's p against no remedy.", "tab:drift-calibration-curve",
+                float_format="%.4g")
+            fig = figure_calibration_curve(plt, curve)
+            run.save_figure(fig, "calibration_curve")
+            plt.close(fig)
         run.write_csv("growth.csv", fits)
         if len(pred):
             run.write_csv("prediction.csv", pred)
@@ -990,6 +1148,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         summary = _summary(acc, fits, pred, sites, xsummary, probe)
         if headline is not None:
             summary["headline"] = headline.to_dict(orient="records")
+        if curve is not None:
+            summary["calibration_curve"] = curve.to_dict(orient="records")
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
         macros = _macros(acc, fits, sites, pred, xsummary, headline)
@@ -997,6 +1157,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         macros["ConvLayers"] = f"{len(convs)}"
         macros["ConvsMostlyPadding"] = f"{int((convs.live_fraction < 0.5).sum())}"
         macros["MinLiveTaps"] = number(100 * convs.live_fraction.min(), 3)
+        if curve is not None:
+            macros.update(curve_macros(curve))
         run.write_macros("macros.tex", macros)
         for bits in bits_list:
             for target in [t.value for t in targets]:

@@ -511,7 +511,7 @@ class _Instrument:
                 self._handles.append(m.register_forward_hook(
                     self._quantize_output(idx, n, "bn" if bn_site else "block")))
             if bn_site:
-                if paired and n in self.bn_stats:
+                if n in self.bn_stats:
                     self._patch(m, self._bn_forward(n, m))
                 if collect and paired:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
@@ -635,8 +635,10 @@ class _Instrument:
         mean_q, var_q = self.bn_stats[name]
 
         def forward(x):
-            half = x.shape[0] // 2
             args = (module.weight, module.bias, False, 0.0, module.eps)
+            if not self.paired:  # the quantized path alone: its own statistics throughout
+                return F.batch_norm(x, mean_q.to(x), var_q.to(x), *args)
+            half = x.shape[0] // 2
             yf = F.batch_norm(x[:half], module.running_mean, module.running_var, *args)
             yq = F.batch_norm(x[half:], mean_q.to(x.dtype), var_q.to(x.dtype), *args)
             return torch.cat([yf, yq])
@@ -990,17 +992,24 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
 def quantized_forward(model: nn.Module, config: QuantConfig,
                       act_qparams: Mapping[str, QParams] | None = None, *,
                       weights: Mapping[str, QuantizedWeights] | None = None,
-                      corrections: Mapping[str, torch.Tensor] | None = None):
+                      corrections: Mapping[str, torch.Tensor] | None = None,
+                      bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """Within the block, ``model(x)`` runs the quantized network alone (no float half).
 
     Used by BatchNorm re-estimation and by anything that needs the simulated model
-    itself; the model's modules are restored on exit, even after an error.
+    itself; the model's modules are restored on exit, even after an error. ``corrections``
+    and ``bn_stats`` (re-estimated BatchNorm statistics, used in eval mode) are the
+    remedies, as in :func:`measure`.
     """
     check_model(model)
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for n in bn_stats or {}:
+        if n not in bns:
+            raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     inst = _Instrument(model, config, act_qparams, weights, paired=False,
-                       corrections=corrections, collect=False)
+                       corrections=corrections, bn_stats=bn_stats, collect=False)
     try:
         yield inst
     finally:

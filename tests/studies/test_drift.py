@@ -37,7 +37,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
                  "geometry.tex",
                  "int8_crosscheck.csv", "depth_8bit_both.pdf", "depth_4bit_both.png",
                  "accuracy.pdf", "remedies.pdf", "prediction.pdf",
-                 "growth_drift_rel_rms_channel_debiased.pdf", "headline.csv", "headline.tex"):
+                 "growth_drift_rel_rms_channel_debiased.pdf", "headline.csv", "headline.tex",
+                 "calibration_curve.csv", "calibration_curve.tex", "calibration_curve.pdf"):
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
     acc = pd.read_csv(out / "accuracy.csv")
@@ -101,6 +102,17 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert macros["BnShiftMedianNearestEvenFour"] == number(bn4.value.median(), 2)
     rem = acc[(acc.remedy == "bn_reestimation") & (acc["mode"] == "toward_zero")].iloc[0]
     assert macros["SqnrGainBnReestimationTowardZeroFour"] == number(rem.sqnr_gain_db, 2)
+    # The calibration curve: both remedies refitted on 4 and 8 calibration images, for each
+    # remedy mode at the lowest remedy width, evaluated on the first 16 test images.
+    curve = pd.read_csv(out / "calibration_curve.csv")
+    assert sorted(set(curve.calib_images)) == [4, 8] and curve.bits.eq(4).all()
+    assert set(curve.remedy) == {"bn_reestimation", "bias_empirical"}
+    assert set(curve["mode"]) == {"nearest_even", "toward_zero"} and len(curve) == 8
+    assert curve.images.eq(16).all() and (curve.acc_lo <= curve.acc).all()
+    assert (curve.acc <= curve.acc_hi).all()
+    assert ((curve.acc - curve.acc_unremedied - curve.delta_vs_unremedied).abs() < 1e-12).all()
+    assert manifest["data"]["curve_calib_images"] == 8
+    assert manifest["data"]["curve_test_images"] == 16
 
 
 def test_int8_report_follows_the_kernel_probe(monkeypatch):

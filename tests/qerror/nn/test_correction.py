@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 from torch import nn
@@ -18,6 +19,7 @@ from qerror.nn import (
     measure,
     predicted_local_drift,
     quantize_weights,
+    quantized_forward,
     reestimate_bn,
 )
 from tests.qerror.nn.nets import images
@@ -64,6 +66,42 @@ def test_bn_reestimation_makes_the_first_batchnorm_consistent(setup):
     np.testing.assert_allclose(after.mean_shift_quant, 0.0, atol=1e-12)
     n = calib[0].shape[0] * 12 * 12  # running_var is unbiased, the batch variance is not
     np.testing.assert_allclose(after.var_ratio_quant, (n - 1) / n, rtol=1e-12)
+
+
+def test_the_plain_quantized_forward_applies_both_remedies_as_measure_does(setup):
+    """quantized_forward(bn_stats=, corrections=) is bit for bit the quantized half of
+    measure() with the same remedies: accuracy with a remedy needs no paired pass."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    w = quantize_weights(model, cfg.weight)
+    stats = reestimate_bn(model, calib, cfg, act_qp, weights=w)
+    corr = empirical_bias_correction(model, calib, cfg, act_qp, weights=w)
+    x = test[0][0]
+    got = {}
+    h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
+    try:
+        measure(model, [x], cfg, act_qp, weights=w, bn_stats=stats, corrections=corr)
+    finally:
+        h.remove()
+    with torch.inference_mode():
+        with quantized_forward(model, cfg, act_qp, weights=w, bn_stats=stats,
+                               corrections=corr):
+            q = model(x)
+        plain = model(x)
+        with quantized_forward(model, cfg, act_qp, weights=w):
+            unremedied = model(x)
+    assert torch.equal(got["out"][x.shape[0]:], q)
+    assert not torch.equal(q, unremedied) and not torch.equal(q, plain)
+
+
+def test_bn_stats_for_a_layer_that_is_not_a_batchnorm_is_refused(setup):
+    model, calib, _ = setup
+    cfg = QuantConfig.make(8, RoundingMode.NEAREST_EVEN, Target.WEIGHTS)
+    bad = {"7": (torch.zeros(10), torch.ones(10))}
+    with pytest.raises(ValueError, match="bn_stats names '7', which is not a BatchNorm2d"):
+        with quantized_forward(model, cfg, bn_stats=bad):
+            pass
 
 
 def test_predicted_drift_is_exact_for_weight_errors(setup):
