@@ -359,7 +359,11 @@ def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str 
             r"\toprule Output & sha256 \\ \midrule \endhead",
         ]
         for name, digest in sorted(m["outputs"].items()):
-            lines.append(_tt(name) + r" & \texttt{" + tex_escape(digest) + r"} \\")
+            # The 64 hex digits in two halves: one line of them beside a long name would
+            # run past the margin.
+            half = len(digest) // 2
+            lines.append(_tt(name) + r" & \texttt{" + tex_escape(digest[:half]) + r"} \\")
+            lines.append(r" & \texttt{" + tex_escape(digest[half:]) + r"} \\")
         timing = m.get("timing_outputs") or []
         lines += [r"\bottomrule", r"\end{longtable}}"]
         if timing:

@@ -131,8 +131,9 @@ def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
     assert "python -{}m studies.drift -{}-{}smoke -{}-{}out" in tex  # "--" stays two hyphens
     assert r"x\_\allowbreak{}y" in tex  # escaped for LaTeX
     assert "ab" * 20 in tex and "c" * 40 in tex
-    for digest in manifest["outputs"].values():
-        assert digest in tex
+    for digest in manifest["outputs"].values():  # in two halves, one line each
+        assert r"\texttt{" + digest[:32] + r"} \\" + "\n" + r" & \texttt{" + digest[32:] + "}" \
+            in tex
     assert r"growth\_\allowbreak{}rms" in tex
 
 
