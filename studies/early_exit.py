@@ -11,8 +11,10 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   oneDNN, :mod:`qerror.nn.pt2e`) and qerror's simulated INT8 with nearest-even and with
   truncation rounding, beside the FP32 full and the INT8 full network;
 * the operating point chosen on the validation split alone (rule: the fewest average MACs
-  whose validation accuracy is at least the FP32 full network's minus ``--select-margin``)
-  and reported on the test split: Wilson intervals, McNemar's test against FP32 full and a
+  whose validation accuracy is at least the FP32 full network's minus ``--select-margin``),
+  with one threshold shared by the early exits and with one per exit (refined from the
+  shared one on the same split, :func:`qerror.nn.early_exit.refine_thresholds`), each
+  reported on the test split: Wilson intervals, McNemar's test against FP32 full and a
   paired equivalence test (TOST) with a ``--margin`` of half a point;
 * exits per class; how the rounding mode of simulated INT8 moves confidences and exit
   decisions; how the simulated decisions agree with the real INT8 ones;
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,7 @@ from qerror.nn.early_exit import (
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
+    refine_thresholds,
     threshold_sweep,
 )
 from qerror.nn.models import DEFAULT_STEM, Arch, Stem
@@ -304,12 +308,12 @@ def figure_sweeps(plt, sweeps: pd.DataFrame, points: pd.DataFrame):
             if len(s):
                 ax.plot(100 * s.macs_fraction, 100 * s.accuracy, ".-", ms=3, lw=1,
                         label=system)
-        for _, r in points[points.policy.isin([policy, "none"])].iterrows():
-            ax.plot(100 * r.macs_fraction, 100 * r.accuracy, "k*" if r.policy != "none"
-                    else "ks", ms=6)
+        marks = {policy: "k*", f"{policy} per exit": "kP", "none": "ks"}
+        for _, r in points[points.policy.isin(list(marks))].iterrows():
+            ax.plot(100 * r.macs_fraction, 100 * r.accuracy, marks[r.policy], ms=6)
         ax.set_xlabel("average MACs (% of the full network)")
-        ax.set_title(f"{policy} thresholds (test split; markers: chosen on validation)",
-                     fontsize=8)
+        ax.set_title(f"{policy} (test split; chosen on validation: * shared threshold, "
+                     "+ one per exit)", fontsize=8)
     axes[0].set_ylabel("top-1 accuracy (%)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -542,32 +546,49 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
                                                       int8_full_val)]
     for name, zt, zv in full_rows:
         row = compare_to_reference(name, zt.argmax(1) == data.test.y, ref_test)
-        row.update(policy="none", threshold=1.0, val_accuracy=float(
-            (zv.argmax(1) == data.val.y).double().mean()), met_rule=True,
+        row.update(policy="none", threshold=1.0, thresholds="", val_accuracy=float(
+            (zv.argmax(1) == data.val.y).double().mean()),
+            val_mean_macs=float(costs.full_macs), met_rule=True,
             macs_fraction=1.0, mean_macs=float(costs.full_macs))
         points.append(row)
+    def operating_row(system, label, rule, met, val_accuracy, val_macs, test):
+        res = exit_result_from_logits(test, rule)
+        row = compare_to_reference(f"{system}_early_exit", res.predictions == data.test.y,
+                                   ref_test)
+        mean = res.mean_macs(costs.macs)
+        shared = len(set(rule.thresholds)) == 1
+        row.update(policy=label, threshold=rule.thresholds[0] if shared else math.nan,
+                   thresholds="/".join(f"{t:g}" for t in rule.thresholds),
+                   val_accuracy=val_accuracy, val_mean_macs=val_macs, met_rule=met,
+                   macs_fraction=mean / costs.full_macs, mean_macs=mean,
+                   **{f"exit{k}": c for k, c in enumerate(res.exit_counts())})
+        points.append(row)
+        return res
+
     for system, (val, test) in logits.items():
         for policy in ExitPolicy:
             sweep_val = threshold_sweep(val, data.val.y, policy, config["thresholds"], costs,
                                         temps[system])
             op = choose_operating_point(sweep_val, ref_acc_val, args.select_margin)
             rule = ExitRule(policy, (op.point.threshold,) * (len(val) - 1), temps[system])
-            res = exit_result_from_logits(test, rule)
-            row = compare_to_reference(f"{system}_early_exit", res.predictions == data.test.y,
-                                       ref_test)
-            mean = res.mean_macs(costs.macs)
-            row.update(policy=policy.value, threshold=op.point.threshold,
-                       val_accuracy=op.point.accuracy, met_rule=op.met,
-                       macs_fraction=mean / costs.full_macs, mean_macs=mean,
-                       **{f"exit{k}": c for k, c in enumerate(res.exit_counts())})
-            points.append(row)
-            chosen[(system, policy.value)] = (rule, res, op)
+            res = operating_row(system, policy.value, rule, op.met, op.point.accuracy,
+                                op.point.mean_macs, test)
+            chosen[(system, policy.value)] = (rule, res, (op.met, op.point.mean_macs))
+            # One threshold per exit, refined on the same validation split from the shared
+            # one: never worse there, reported on the test split like the shared one.
+            fine = refine_thresholds(val, data.val.y, rule, config["thresholds"], costs,
+                                     ref_acc_val, args.select_margin)
+            label = f"{policy.value} per exit"
+            res = operating_row(system, label, fine.rule, fine.met, fine.accuracy,
+                                fine.mean_macs, test)
+            chosen[(system, label)] = (fine.rule, res, (fine.met, fine.mean_macs))
     points = pd.DataFrame(points)
 
-    # Headline policy: the one whose INT8 operating point is cheaper on validation.
-    head_policy = min((p.value for p in ExitPolicy),
-                      key=lambda p: (not chosen[(INT8, p)][2].met,
-                                     chosen[(INT8, p)][2].point.mean_macs))
+    # Headline policy: the INT8 operating point (shared or per-exit thresholds) that is
+    # cheapest on validation among those that met the rule there.
+    labels = [k for s, k in chosen if s == INT8]
+    head_policy = min(labels, key=lambda p: (not chosen[(INT8, p)][2][0],
+                                             chosen[(INT8, p)][2][1]))
     rule8, res8, _ = chosen[(INT8, head_policy)]
     per_class = exits_per_class(res8, data.test.y, int(model.backbone.fc.out_features))
     per_class_rows = [{"system": sys_, "policy": head_policy, "class": c, "exit": k,
@@ -605,7 +626,8 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         sim = exit_result_from_logits(logits[f"sim_{mode.value}"][1], rule8)
         agree = compare_exits(res8, sim)
         sim_rows.append({"simulation": mode.value, "policy": head_policy,
-                         "threshold": rule8.thresholds[0], "images": agree.n,
+                         "thresholds": "/".join(f"{t:g}" for t in rule8.thresholds),
+                         "images": agree.n,
                          "same_exit": agree.same_exit / agree.n,
                          "same_prediction": agree.same_prediction / agree.n,
                          "same_both": agree.same_both / agree.n,
@@ -722,7 +744,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
                       timing=True)
     tag = " (smoke run: not evidence)" if smoke else ""
     pts = r["points"]
-    cols = ["system", "policy", "threshold", "val_accuracy", "accuracy", "acc_lo", "acc_hi",
+    cols = ["system", "policy", "thresholds", "val_accuracy", "accuracy", "acc_lo", "acc_hi",
             "macs_fraction", "delta_vs_fp32_full", "mcnemar_p", "tost_p", "equivalent"]
     run.write_latex_table(
         "operating_points.tex", pts[cols],
@@ -792,7 +814,7 @@ def _macros(r: dict, smoke: bool) -> dict:
 
 def _report(r: dict, out: Path, smoke: bool) -> None:
     pts = r["points"]
-    print(pts[["system", "policy", "threshold", "accuracy", "macs_fraction",
+    print(pts[["system", "policy", "thresholds", "accuracy", "macs_fraction",
                "delta_vs_fp32_full", "tost_p", "equivalent"]].to_string(index=False))
     print(r["sim_vs_real"][["simulation", "same_exit", "same_prediction"]].to_string(
         index=False))

@@ -66,6 +66,8 @@ __all__ = [
     "exits_per_class",
     "expected_calibration_error",
     "fit_temperature",
+    "RefinedRule",
+    "refine_thresholds",
     "run_early_exit",
     "sdn_exit_points",
     "threshold_sweep",
@@ -1074,6 +1076,138 @@ def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: flo
     else:
         best = min(points, key=lambda p: (-p.accuracy, p.mean_macs, -p.threshold))
     return OperatingPoint(best, bool(ok), float(reference_accuracy), float(margin))
+
+
+@dataclass(frozen=True)
+class RefinedRule:
+    """The per-exit thresholds :func:`refine_thresholds` chose, and what they give on the
+    samples they were chosen on.
+
+    Attributes
+    ----------
+    rule : ExitRule
+        One threshold per early exit.
+    correct, n : int
+    mean_macs, macs_fraction : float
+    exit_counts : tuple of int
+    met : bool
+        Whether the accuracy is at least the reference minus the margin.
+    rounds : int
+        Passes over the exits until one changed nothing.
+    """
+
+    rule: ExitRule
+    correct: int
+    n: int
+    mean_macs: float
+    macs_fraction: float
+    exit_counts: tuple[int, ...]
+    met: bool
+    rounds: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+
+def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, start: ExitRule,
+                      candidates: Sequence[float], costs: ExitCosts,
+                      reference_accuracy: float, margin: float, *,
+                      max_rounds: int = 50) -> RefinedRule:
+    """A threshold per early exit, by coordinate descent from ``start`` on the same rule.
+
+    Parameters
+    ----------
+    logits, labels
+        Every exit's (N, C) logits and the (N,) classes of a validation split (never the
+        split reported on), as for :func:`threshold_sweep`.
+    start : ExitRule
+        Policy, temperatures and the thresholds to start from (the shared-threshold
+        operating point of :func:`choose_operating_point`).
+    candidates : sequence of float
+        The thresholds each exit may take, each in [0, 1].
+    costs : ExitCosts
+    reference_accuracy, margin : float
+        As for :func:`choose_operating_point`: a rule qualifies when its accuracy is at
+        least ``reference_accuracy - margin``.
+    max_rounds : int
+        Upper bound on the passes over the exits (each pass that changes something strictly
+        improves the order below, so the search ends before it on any real input).
+
+    Returns
+    -------
+    RefinedRule
+
+    Notes
+    -----
+    Rules are ordered as :func:`choose_operating_point` orders sweep points: qualifying
+    before not, then fewer average MACs (more accurate when none qualifies), then higher
+    accuracy. Each round visits the early exits first to last and moves exit ``k`` to the
+    candidate (others held) that is strictly first in that order, the higher threshold on a
+    tie, keeping its threshold when none is strictly better; so the result is never worse
+    than ``start``. Scores are computed once, in the logits' dtype, as
+    :func:`exit_result_from_logits` computes them, and the decisions are those it takes.
+    A shared threshold treats the exits alike; per-exit thresholds can trade an early exit
+    that is cheap but unreliable against a later one, at the price of being fitted to the
+    validation split more closely (report them on the test split).
+    """
+    logits = _check_exit_logits(logits)
+    if start.num_exits != len(logits):
+        raise ValueError(f"start has {len(start.thresholds)} thresholds but the logits have "
+                         f"{len(logits) - 1} early exits")
+    if len(costs.macs) != len(logits):
+        raise ValueError(f"costs price {len(costs.macs)} exits but the logits have "
+                         f"{len(logits)}")
+    _, y = _check_logits_labels(logits[-1], labels)
+    cands = sorted({_check_threshold(t, "candidates") for t in candidates}, reverse=True)
+    if not cands:
+        raise ValueError("candidates is empty; give at least one threshold")
+    reference_accuracy = _check_threshold(reference_accuracy, "reference_accuracy")
+    margin = _check_threshold(margin, "margin")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
+    # Compared in the logits' dtype, as exit_result_from_logits compares them.
+    scores = [exit_confidence(z, start.policy, start.temperature(k)) for k, z in
+              enumerate(logits)]
+    right = np.stack([(z.argmax(1) == y).numpy() for z in logits])          # (E, N)
+    macs = torch.as_tensor(list(costs.macs), dtype=torch.float64)
+    n, last = len(y), len(logits) - 1
+    floor = reference_accuracy - margin
+
+    def evaluate(thresholds):
+        leave = np.stack([(scores[k] > t).numpy() for k, t in enumerate(thresholds)]
+                         + [np.ones(n, dtype=bool)])
+        exit_index = leave.argmax(axis=0)
+        correct = int(right[exit_index, np.arange(n)].sum())
+        mean = float(macs[torch.from_numpy(exit_index)].mean())  # as ExitResult.mean_macs
+        return correct, mean, exit_index
+
+    def order(result):
+        correct, mean, _ = result
+        acc = correct / n
+        return (0, mean, -acc) if acc >= floor else (1, -acc, mean)
+
+    current = list(start.thresholds)
+    best = evaluate(current)
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        changed = False
+        for k in range(last):
+            for t in cands:
+                if t == current[k]:
+                    continue
+                trial = current.copy()
+                trial[k] = t
+                result = evaluate(trial)
+                if order(result) < order(best):
+                    best, current, changed = result, trial, True
+        if not changed:
+            break
+    correct, mean, exit_index = best
+    counts = tuple(int(c) for c in np.bincount(exit_index, minlength=len(logits)))
+    rule = ExitRule(start.policy, tuple(current), start.temperatures)
+    return RefinedRule(rule, correct, n, mean, mean / costs.full_macs, counts,
+                       correct / n >= floor, rounds)
 
 
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -89,6 +89,24 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert {f"{s}_early_exit" for s in early_exit.SYSTEMS} | {"fp32_full", "int8_full"} \
         == set(points.system)
     assert (points.acc_lo <= points.accuracy).all() and (points.accuracy <= points.acc_hi).all()
+    # Shared and per-exit thresholds for each system and policy; on the validation split
+    # (where both were chosen) the per-exit rule is never worse by the selection order.
+    ee = points[points.system.str.endswith("_early_exit")]
+    policies = [p.value for p in early_exit.ExitPolicy]
+    assert sorted(set(ee.policy)) == sorted(policies + [f"{p} per exit" for p in policies])
+    assert len(ee) == 4 * len(early_exit.SYSTEMS)
+    for (system, policy), d in ee.groupby(["system", "policy"]):
+        assert len(d) == 1 and len(d.thresholds.iloc[0].split("/")) == 3
+    for policy in policies:
+        shared = ee[ee.policy == policy].set_index("system")
+        fine = ee[ee.policy == f"{policy} per exit"].set_index("system")
+        for system in shared.index:
+            a, b = shared.loc[system], fine.loc[system]
+            assert b.met_rule >= a.met_rule
+            if a.met_rule and b.met_rule:
+                assert (b.val_mean_macs, -b.val_accuracy) <= (a.val_mean_macs, -a.val_accuracy)
+            elif not a.met_rule and not b.met_rule:
+                assert b.val_accuracy >= a.val_accuracy
     per_class = pd.read_csv(out / "exits_per_class.csv")
     for _, d in per_class.groupby("system"):
         assert d["count"].sum() == 64

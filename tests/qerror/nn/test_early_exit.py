@@ -25,6 +25,7 @@ from qerror.nn.early_exit import (
     exits_per_class,
     expected_calibration_error,
     fit_temperature,
+    refine_thresholds,
     run_early_exit,
     sdn_exit_points,
     threshold_sweep,
@@ -398,6 +399,76 @@ def test_sweep_and_operating_point_on_a_hand_made_case():
     # nothing qualifies: the most accurate, then the cheapest of those
     op = choose_operating_point(pts[2:], reference_accuracy=1.0, margin=0.0)
     assert not op.met and op.point.threshold == 0.65
+
+
+def test_per_exit_thresholds_beat_a_shared_one_on_a_hand_made_case():
+    # Exit 0 is confidently wrong on samples 0 and 1 (score .9) and right on 2 and 3 (.6);
+    # exit 1 is right on all at .7; the last exit is right on all. A shared threshold must
+    # stay above .9 to spare samples 0 and 1, so nobody leaves before the last (100 MACs);
+    # per exit, exit 0 at 1.0 and exit 1 at .65 send everyone out at exit 1 (50 MACs).
+    from qerror.nn.early_exit import ExitCosts
+
+    e0 = _logits_with_scores([0.9, 0.9, 0.6, 0.6])
+    e0[:2] = e0[:2].flip(1)
+    e1 = _logits_with_scores([0.7] * 4)
+    e2 = _logits_with_scores([0.99] * 4)
+    labels = torch.zeros(4, dtype=torch.int64)
+    costs = ExitCosts(("layer1", "layer2", "fc"), (8, 40, 95), (2, 2, 1), (10, 50, 100), 100)
+    cands = [1.0, 0.95, 0.8, 0.65, 0.5]
+    op = choose_operating_point(threshold_sweep([e0, e1, e2], labels, "max-softmax", cands,
+                                                costs), 1.0, 0.0)
+    assert op.met and op.point.mean_macs == 100 and op.point.threshold == 1.0
+    start = ExitRule("max-softmax", (op.point.threshold,) * 2)
+    got = refine_thresholds([e0, e1, e2], labels, start, cands, costs, 1.0, 0.0)
+    assert got.rule.thresholds == (1.0, 0.65)  # on a tie (0.5 gives the same) the higher
+    assert (got.correct, got.n, got.mean_macs, got.exit_counts) == (4, 4, 50.0, (0, 4, 0))
+    assert got.met and got.macs_fraction == 0.5 and got.rounds == 2
+
+
+@pytest.mark.parametrize("policy", ["max-softmax", "entropy"])
+def test_refined_thresholds_decide_as_the_runner_and_never_lose_to_the_start(policy):
+    from qerror.nn.early_exit import ExitCosts
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (400,), generator=gen)
+    # Later exits see a clearer signal: logits = noise + strength · one-hot(label).
+    logits = [torch.randn(400, 5, generator=gen, dtype=torch.float64)
+              + s * nn.functional.one_hot(labels, 5) for s in (0.5, 1.5, 3.0, 5.0)]
+    costs = ExitCosts(("a", "b", "c", "fc"), (1, 2, 3, 4), (1, 1, 1, 1), (10, 30, 60, 100),
+                      100)
+    cands = [1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
+    temps = (1.3, 1.1, 0.9, 1.0)
+    pts = threshold_sweep(logits, labels, policy, cands, costs, temps)
+    ref = float((logits[-1].argmax(1) == labels).double().mean())
+    op = choose_operating_point(pts, ref, 0.01)
+    start = ExitRule(policy, (op.point.threshold,) * 3, temps)
+    got = refine_thresholds(logits, labels, start, cands, costs, ref, 0.01)
+    res = exit_result_from_logits(logits, got.rule)
+    assert got.correct == int((res.predictions == labels).sum())
+    assert got.mean_macs == res.mean_macs(costs.macs)
+    assert got.exit_counts == res.exit_counts()
+    assert got.rule.temperatures == temps and got.rule.policy is ExitPolicy.parse(policy)
+    assert got.met == op.met
+    assert got.mean_macs <= op.point.mean_macs
+    if got.mean_macs == op.point.mean_macs:
+        assert got.correct >= op.point.correct
+
+
+def test_refine_thresholds_inputs_are_checked():
+    from qerror.nn.early_exit import ExitCosts
+
+    z = _logits_with_scores([0.6, 0.9])
+    costs = ExitCosts(("layer1", "fc"), (8, 95), (2, 1), (10, 98), 95)
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="start has 2 thresholds but the logits have 1"):
+        refine_thresholds([z, z], y, ExitRule("entropy", (0.5, 0.5)), [0.5], costs, 0.9, 0.0)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        refine_thresholds([z, z], y, ExitRule("entropy", (0.5,)), [], costs, 0.9, 0.0)
+    with pytest.raises(ValueError, match="must be a number in"):
+        refine_thresholds([z, z], y, ExitRule("entropy", (0.5,)), [1.5], costs, 0.9, 0.0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        refine_thresholds([z, z], y, ExitRule("entropy", (0.5,)), [0.5], costs, 0.9, 0.0,
+                          max_rounds=0)
 
 
 def test_exits_per_class_and_compare_exits():
