@@ -367,8 +367,9 @@ def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str 
         timing = m.get("timing_outputs") or []
         lines += [r"\bottomrule", r"\end{longtable}}"]
         if timing:
-            lines.append("Outputs holding measured times (differ from run to run): "
-                         + ", ".join(_tt(t) for t in timing) + ".")
+            # Ragged right: a list of unbreakable file names cannot be justified.
+            lines.append(r"{\raggedright Outputs holding measured times (differ from run to "
+                         "run): " + ", ".join(_tt(t) for t in timing) + r".\par}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
