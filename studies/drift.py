@@ -21,6 +21,10 @@ Then:
   on (``--calib-curve``, Fashion-MNIST: 100 to 1000 images at the lowest remedy width,
   accuracy on the first ``--curve-images`` test images by a plain quantized forward), so
   that the remedies' own sampling noise is seen beside their effect;
+* the quantities of the ledger's network claims N1-N4 on this network
+  (:func:`qerror.nn.seeds.statement_values`, weights and activations quantized, nearest,
+  truncation and floor), in ``statements.csv``, as ``studies.seeds`` measures them on its
+  twenty small networks;
 * the predicted mean local error of every layer (the analytic model) against the measured one;
 * a cross-check of the simulation against PyTorch's real INT8 kernels, layer by layer.
 
@@ -84,6 +88,7 @@ from qerror.nn.growth import (
     layer_block_bootstrap,
     linear_or_sqrt,
 )
+from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import mcnemar_from_counts, wilson_ci
 from studies._common import (
@@ -1036,7 +1041,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                       local_samples, place)
     if main:
         print(estimate_message(timing), flush=True)
-    frames, acc_rows, fits, preds = [], [], [], []
+    frames, acc_rows, fits, preds, statements = [], [], [], [], []
     results: dict[tuple, PropagationResult] = {}
     bar = tqdm(configs, desc="drift", unit="config", disable=not main)
     for cfg in bar:
@@ -1051,6 +1056,12 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))
             fits += [{**cols, **row} for row in growth_rows(res, args.seed)]
+            if cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES and \
+                    res.logits.float_correct is not None:
+                # The ledger's network claims on this network (qerror.nn.seeds).
+                statements += [{"bits": cols["bits"], "mode": cols["mode"], "quantity": k,
+                                "value": v}
+                               for k, v in statement_values(res, seed=args.seed).items()]
     n_base = len(frames)
     for cfg in tqdm(remedy_configs, desc="remedies", unit="config", disable=not main):
         cols = _config_columns(cfg)
@@ -1117,6 +1128,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             "kernel's products that multiply data rather than zero padding.", "tab:drift-geometry",
             float_format="%.3g")
         run.write_csv("accuracy.csv", acc)
+        if statements:
+            run.write_csv("statements.csv", pd.DataFrame(statements))
         if curve is not None:
             run.write_csv("calibration_curve.csv", curve)
             run.write_latex_table(

@@ -37,7 +37,7 @@ from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
 from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
-__all__ = ["STATEMENT_MODES", "fraction_holding", "network_statements"]
+__all__ = ["STATEMENT_MODES", "fraction_holding", "network_statements", "statement_values"]
 
 #: The modes the network claims compare: round-to-nearest and the two biased ones.
 STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
@@ -57,6 +57,33 @@ def _bn_worst(res) -> float:
         if ratio.size:
             worst = max(worst, abs(float(np.mean(np.log(ratio)))))
     return worst
+
+
+def statement_values(res, *, seed: int = 0) -> dict[str, float]:
+    """The quantities of the module docstring from one :func:`qerror.nn.propagate.measure`
+    result (weights and activations quantized, labelled batches).
+
+    The growth fit is the moving-block bootstrap over the convolutions
+    (:func:`qerror.nn.growth.layer_block_bootstrap`, 95 %, 1000 resamples, ``seed``).
+    """
+    convs = [s for s in res.layers() if s.kind == "conv"]
+    layers = res.layers()
+    fit = layer_block_bootstrap([s.path_depth for s in convs],
+                                [s.drift_rel_rms_channel_debiased for s in convs],
+                                level=0.95, resamples=1000, seed=seed)
+    logits = res.logits
+    if logits.float_correct is None:
+        raise ValueError("the result has no labels; measure labelled batches for the "
+                         "accuracy quantities")
+    values = {
+        "drift_deep": convs[-1].drift_rel_rms_channel_debiased,
+        "growth": fit.exponent, "growth_lo": fit.lo,
+        "bn_worst": _bn_worst(res),
+        "sat_first": layers[0].saturation_high, "sat_last": layers[-1].saturation_high,
+        "accuracy": logits.quant_correct / logits.n,
+        "float_accuracy": logits.float_correct / logits.n,
+    }
+    return {k: float(v) for k, v in values.items()}
 
 
 def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
@@ -96,22 +123,8 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         for mode in modes:
             mode = RoundingMode.parse(mode)
             res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
-            convs = [s for s in res.layers() if s.kind == "conv"]
-            layers = res.layers()
-            fit = layer_block_bootstrap([s.path_depth for s in convs],
-                                        [s.drift_rel_rms_channel_debiased for s in convs],
-                                        level=0.95, resamples=1000, seed=seed)
-            logits = res.logits
-            values = {
-                "drift_deep": convs[-1].drift_rel_rms_channel_debiased,
-                "growth": fit.exponent, "growth_lo": fit.lo,
-                "bn_worst": _bn_worst(res),
-                "sat_first": layers[0].saturation_high, "sat_last": layers[-1].saturation_high,
-                "accuracy": logits.quant_correct / logits.n,
-                "float_accuracy": logits.float_correct / logits.n,
-            }
-            rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": float(v)}
-                     for k, v in values.items()]
+            rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": v}
+                     for k, v in statement_values(res, seed=seed).items()]
     return pd.DataFrame(rows)
 
 

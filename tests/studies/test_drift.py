@@ -102,6 +102,16 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert macros["BnShiftMedianNearestEvenFour"] == number(bn4.value.median(), 2)
     rem = acc[(acc.remedy == "bn_reestimation") & (acc["mode"] == "toward_zero")].iloc[0]
     assert macros["SqnrGainBnReestimationTowardZeroFour"] == number(rem.sqnr_gain_db, 2)
+    # The network claims' quantities, as studies.seeds measures them, for the modes it
+    # compares that this run has (nearest and truncation), at both widths.
+    st = pd.read_csv(out / "statements.csv")
+    assert set(st["mode"]) == {"nearest_even", "toward_zero"} and set(st.bits) == {8, 4}
+    assert set(st.quantity) == {"drift_deep", "growth", "growth_lo", "bn_worst", "sat_first",
+                                "sat_last", "accuracy", "float_accuracy"}
+    assert len(st) == 2 * 2 * 8 and st.value.notna().all()
+    both = acc[(acc.remedy == "none") & (acc.target == "both")].set_index(["mode", "bits"])
+    for _, r in st[st.quantity == "accuracy"].iterrows():
+        assert r.value == both.loc[(r["mode"], r.bits), "quant_acc"]
     # The calibration curve: both remedies refitted on 4 and 8 calibration images, for each
     # remedy mode at the lowest remedy width, evaluated on the first 16 test images.
     curve = pd.read_csv(out / "calibration_curve.csv")
