@@ -432,6 +432,65 @@ N3_EXPECTED = {8: FEW, 6: FEW, 4: FEW}
 N4_MOST_SEEDS = (6, 4)
 
 
+BASELINE_DIR = Path(__file__).parent / "data" / "baseline"
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """The network claims' quantities on the Fashion-MNIST ResNet50 baseline, and its
+    whole-test-split headline: committed outputs of ``python -m studies.drift`` (checked
+    against their manifest), since the baseline is trained, not shipped."""
+    import json
+
+    import pandas as pd
+
+    from qerror.files import sha256_file
+
+    manifest = json.loads((BASELINE_DIR / "manifest.json").read_text())
+    assert manifest["study"] == "drift" and manifest["model"]["model"] == "fashion-resnet50"
+    tables = {}
+    for name in ("statements.csv", "headline.csv"):
+        assert sha256_file(BASELINE_DIR / name) == manifest["outputs"][name], name
+        tables[name] = pd.read_csv(BASELINE_DIR / name)
+    st = tables["statements.csv"]
+    value = lambda q, mode, bits: float(st[(st.quantity == q) & (st["mode"] == mode.value)
+                                           & (st.bits == bits)].value.iloc[0])
+    return value, tables["headline.csv"].set_index("mode"), manifest
+
+
+# What the ledger's texts say of the baseline (one network: each statement holds or not).
+# N1: (drift above nearest's, grows with depth) for truncation and floor, and nearest grows.
+R50_N1 = {8: {TRUNC: (True, True), FLOOR: (True, True)},
+          6: {TRUNC: (True, True), FLOOR: (True, True)},
+          4: {TRUNC: (True, False), FLOOR: (True, False)}}
+R50_N1_NEAREST_GROWS = {8: True, 6: True, 4: True}
+R50_N2 = {8: (False, True, True), 6: (True, True, True), 4: (True, True, True)}
+R50_N3 = {8: False, 6: False, 4: False}
+
+
+def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
+    value, head, manifest = baseline
+    assert manifest["data"]["test_images"] == 200 and manifest["data"]["headline_images"] \
+        == 10_000
+    for bits, expected in R50_N1.items():
+        for mode in (TRUNC, FLOOR):
+            got = (value("drift_deep", mode, bits) > value("drift_deep", NEAR, bits),
+                   value("growth_lo", mode, bits) > 0)
+            assert got == expected[mode], (bits, mode)
+        assert (value("growth_lo", NEAR, bits) > 0) == R50_N1_NEAREST_GROWS[bits], bits
+    for bits, expected in R50_N2.items():
+        assert tuple(value("bn_worst", m, bits) > 0.1 for m in (NEAR, TRUNC, FLOOR)) \
+            == expected, bits
+    for bits, expected in R50_N3.items():
+        assert (value("sat_last", TRUNC, bits) > value("sat_last", NEAR, bits)) == expected
+    # N4 at eight bits on the whole test split: truncation below nearest, McNemar at
+    # SEED_ALPHA; at six and four bits (the 200 measured images) by tens of points.
+    t = head.loc[TRUNC.value]
+    assert t.images == 10_000 and t.delta_vs_nearest < 0 and t.p_vs_nearest < SEED_ALPHA
+    for bits in (6, 4):
+        assert value("accuracy", NEAR, bits) - value("accuracy", TRUNC, bits) > 0.3
+
+
 @pytest.mark.xdist_group("seeds")
 def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
     assert claim("N1").verdict is Verdict.CONDITIONAL
