@@ -46,7 +46,7 @@ from qerror.data import DataError, DataNotFoundError
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
-from qerror.nn.training import TrainError
+from qerror.nn.training import DivergedError, TrainError
 from studies._latex import macro_name, readable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +168,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     Expected failures become one message on stderr, ``[study] error: ...``, and an exit
     status: :class:`StudyError`, :class:`qerror.data.DataNotFoundError`,
     :class:`qerror.data.DataError`, :class:`qerror.nn.models.CheckpointError` and
-    :class:`qerror.nn.training.TrainError` (a training request that cannot run) give
+    :class:`qerror.nn.training.TrainError` (a training request that cannot run; not
+    :class:`~qerror.nn.training.DivergedError`, a failure of the run itself) give
     :data:`EXIT_REFUSED`, an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
     :data:`EXIT_INTERRUPTED`. ``SystemExit`` passes through as before (argparse's exit 2,
@@ -181,6 +182,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         try:
             with flush_denormal():
                 return body(sys.argv[1:] if argv is None else list(argv))
+        except DivergedError:
+            raise  # the run itself failed: keep its traceback
         except (StudyError, DataNotFoundError, DataError, CheckpointError, TrainError) as err:
             print(f"[{name}] error: {err}", file=sys.stderr)
             return EXIT_REFUSED

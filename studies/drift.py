@@ -165,7 +165,8 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     test = splits.test.subset(pick)
     calib = splits.calib.subset(np.arange(min(calib_images, len(splits.calib))))
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
-             "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib)}
+             "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib),
+             "calib_split_images": len(splits.calib)}
     test_batches = _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch)
     mine = parallel.shard(len(test_batches))
     headline, headline_first = None, 0
@@ -425,10 +426,15 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
 
 
 def _first_of(batches, n: int, batch: int):
-    """The first ``n`` images of ``batches``, re-cut into batches of ``batch``."""
+    """The first ``n`` images of ``batches``, re-cut into batches of ``batch``; a last
+    batch of one image joins the one before it (BatchNorm re-estimation needs two)."""
     x = torch.cat([b[0] for b in batches])[:n]
     y = torch.cat([b[1] for b in batches])[:n]
-    return _batched(x, y, batch)
+    cut = _batched(x, y, batch)
+    if len(cut) > 1 and len(cut[-1][1]) == 1:
+        (xa, ya), (xb, yb) = cut[-2], cut[-1]
+        cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
+    return cut
 
 
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
@@ -947,8 +953,8 @@ def _main(argv: list[str]) -> int:
                          "calibration split only; leave it out with --data")
     curve_sizes = sorted(set(args.calib_curve)) if args.calib_curve is not None else (
         [] if args.data is not None else [4, 8] if smoke else list(CURVE_SIZES))
-    if not remedy_bits:
-        curve_sizes = []  # the curve refits the remedies: none asked for, no curve
+    if not (remedy_bits and Target.BOTH in targets and any(m in modes for m in REMEDY_MODES)):
+        curve_sizes = []  # the curve refits the remedies: where none run, no curve
     curve_images = args.curve_images if args.curve_images is not None else (
         16 if smoke else CURVE_IMAGES)
     check_out(args.out, "drift", force=args.force)
@@ -989,6 +995,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             fashion_data(args.data_root, images, calib_images, batch, args.seed,
                          headline_images, int8_images, max(curve_sizes, default=0),
                          curve_images if curve_sizes else 0))
+    have = data.identity.get("calib_split_images")  # known to every rank: all stop, or none
+    if curve_sizes and have is not None and max(curve_sizes) > have:
+        raise SystemExit(f"--calib-curve {max(curve_sizes)}: the calibration split holds "
+                         f"{have} images; give sizes of at most {have}")
     # Every rank knows the number of batches, so all of them stop here, or none.
     n_test = data.identity["test_images"]
     if -(-n_test // batch) < place.world_size:
@@ -1084,10 +1094,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if not main:
         return 0
     curve = None
-    if data.curve_calib:  # rank 0 alone: the curve is small beside the measured passes
-        low = min(remedy_bits)
-        curve = calibration_curve(model, data.curve_calib, data.curve_test,
-                                  [c for c in remedy_configs if c.weight.bits == low],
+    low = min(remedy_bits, default=None)
+    curve_cfgs = [c for c in remedy_configs if c.weight.bits == low]
+    if data.curve_calib and curve_cfgs:  # rank 0 alone: small beside the measured passes
+        curve = calibration_curve(model, data.curve_calib, data.curve_test, curve_cfgs,
                                   act_qp, weights_of, curve_sizes, batch)
     sites = pd.concat(frames[:n_base], ignore_index=True)
     fits = pd.DataFrame(fits)

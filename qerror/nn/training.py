@@ -350,13 +350,19 @@ def torchrun_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int, 
 
 def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> torch.device:
     """The torch device for ``device`` (``cuda`` becomes ``cuda:<local_rank>``; ``auto``
-    is ``cuda`` where ``torch.cuda.is_available()``, else ``cpu``).
+    is ``cuda`` where ``torch.cuda.is_available()``, else ``cpu``; a ``torch.device`` or a
+    string such as ``"cuda:1"`` keeps its index).
 
     Raises
     ------
     DeviceError
         CUDA asked for where it is not available, or fewer GPUs than ``local_rank + 1``.
     """
+    if isinstance(device, str) and ":" in device:  # "cuda:1", as torch spells a device
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:
+            raise DeviceError(f"device {device!r} is not a device torch knows: {err}") from None
     if isinstance(device, torch.device):
         kind = Device.parse(device.type)
         if kind is Device.CUDA and device.index is not None:

@@ -99,6 +99,12 @@ STUDY_CASES = {
          r"--labels: labels an ImageNet folder, so it needs --data"),
         ("unknown-device", ["--device", "tpu"], ARGPARSE,
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
+        ("calib-curve-beyond-the-split", ["--calib-curve", "4", "5000"], SYSTEM_EXIT,
+         r"--calib-curve 5000: the calibration split holds 1000 images"),
+        ("calib-curve-with-imagenet", ["--data", "{user}", "--calib-curve", "4"], ARGPARSE,
+         r"--calib-curve: the calibration curve runs on Fashion-MNIST's calibration split"),
+        ("curve-images-1", ["--curve-images", "1"], ARGPARSE,
+         r"--curve-images: must be at least 2, got 1"),
     ],
     "rounding": [
         ("mc-samples-0", ["--mc-samples", "0"], ARGPARSE, r"--mc-samples: must be at least 10"),

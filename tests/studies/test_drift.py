@@ -472,3 +472,23 @@ def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypa
         with pytest.raises(SystemExit, match="no baseline"):
             drift._load_model(args, None)
         assert asked.pop() is trains
+
+
+def test_a_run_without_remedy_configurations_has_no_curve_and_finishes(fashion_root, tmp_path):
+    # floor alone: the remedies (nearest and truncation) do not run, so neither does their
+    # calibration curve, and the run writes everything else
+    out = tmp_path / "drift"
+    assert drift.main(["--smoke", "--modes", "floor", "--bits", "4", "--headline-images", "0",
+                       "--int8-images", "0", "--data-root", str(fashion_root),
+                       "--out", str(out)]) == 0
+    assert not (out / "calibration_curve.csv").exists()
+    assert (out / "accuracy.csv").is_file() and (out / "statements.csv").is_file()
+    assert json.loads((out / "manifest.json").read_text())["config"]["calib_curve"] == []
+
+
+def test_the_curve_never_fits_a_remedy_on_a_batch_of_one_image():
+    x, y = torch.arange(9.0).reshape(9, 1, 1, 1), torch.arange(9)
+    cut = drift._first_of([(x[:5], y[:5]), (x[5:], y[5:])], 9, 4)
+    assert [len(b) for _, b in cut] == [4, 5]  # not 4, 4, 1
+    assert torch.equal(torch.cat([b for _, b in cut]), y)
+    assert [len(b) for _, b in drift._first_of([(x, y)], 8, 4)] == [4, 4]

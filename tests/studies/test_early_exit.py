@@ -78,6 +78,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
         assert (pd.read_csv(out / name).evidence == early_exit.SMOKE_NOTE).all()
     assert "smoke run: not evidence" in (out / "goals.tex").read_text()
     assert "\\newcommand{\\earlyExitSmoke}{true}" in (out / "macros.tex").read_text()
+    summary_head = json.loads((out / "summary.json").read_text())["head_policy"]
+    assert f"\\newcommand{{\\earlyExitHeadPolicy}}{{{summary_head}}}" in \
+        (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
     # Both head-training variants, every exit, both splits.

@@ -305,6 +305,18 @@ def test_auto_device_is_cuda_exactly_where_a_gpu_is_found():
     assert training.resolve_device(training.Device.AUTO).type == expected
 
 
+def test_a_device_string_with_an_index_is_read_as_torch_reads_it():
+    assert training.resolve_device("cpu:0") == torch.device("cpu")
+    assert training.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="'cuda:x' is not a device torch knows"):
+        training.resolve_device("cuda:x")
+    if torch.cuda.is_available():
+        assert training.resolve_device("cuda:0") == torch.device("cuda", 0)
+    else:
+        with pytest.raises(DeviceError, match="finds no usable GPU"):
+            training.resolve_device("cuda:0")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_a_gpu_is_refused_clearly():
     with pytest.raises(DeviceError, match=r"finds no usable GPU here.*--device cpu"):
