@@ -753,7 +753,8 @@ def figure_calibration_curve(plt, curve: pd.DataFrame):
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{int(curve.bits.iloc[0])}-bit weights and activations; dotted: no remedy",
                  fontsize=8)
-    ax.legend(fontsize=6)
+    # Below the axes: the lines span the whole width at heights that differ by mode.
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     return fig
 
