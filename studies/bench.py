@@ -234,6 +234,20 @@ def bench_models(args) -> list[BenchRow]:
              f"({train_batch / np.median(cl_s):.0f} vs {train_batch / np.median(contig_s):.0f} "
              f"images/s); each call builds the model, {warmup} warm-up and {steps} timed "
              "step(s), median"))
+    # What each stem costs (the stand-in's geometry, qerror.nn.models.Stem): a training
+    # step of each other stem against the default's, alternating.
+    from qerror.nn.models import DEFAULT_STEM, Stem
+
+    for stem in [s for s in Stem if s is not DEFAULT_STEM]:
+        other, base = np.empty(train_pairs), np.empty(train_pairs)
+        for i in range(train_pairs):
+            for out, st in ((other, stem), (base, DEFAULT_STEM)):
+                out[i] = time_training_step(arch, st, batch_size=train_batch, steps=steps,
+                                            warmup=warmup, seed=args.seed).median_s
+        rows.append(make_row(
+            "models", f"{arch} training step, batch {train_batch}, stem {stem.value}",
+            f"stem {stem.value}", f"stem {DEFAULT_STEM.value}", None, other / base, other,
+            base, note=f"{np.median(other):.3f} vs {np.median(base):.3f} s/step"))
     return rows
 
 
