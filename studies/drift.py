@@ -18,7 +18,7 @@ Then:
   (E[ΔW]·E[x] + Ŵ·E[e_x], E[x] from the preceding BN and ReLU) and empirical bias
   correction, and how much of the lost accuracy and drift each recovers;
 * how much each fitted remedy recovers against the number of calibration images it was fitted
-  on (``--calib-curve``, Fashion-MNIST: 100 to 1000 images at the lowest remedy width,
+  on (``--calib-curve``, Fashion-MNIST: 100 to 1000 images at every remedy width,
   accuracy on the first ``--curve-images`` test images by a plain quantized forward), so
   that the remedies' own sampling noise is seen beside their effect;
 * the quantities of the ledger's network claims N1-N4 on this network
@@ -113,7 +113,7 @@ REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
 FASHION_TEST_IMAGES = 10_000
-CURVE_SIZES = (100, 250, 500, 1000)  # calibration images of the remedy curve; the split has 1000
+CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 
 
@@ -444,17 +444,26 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     plain quantized forward (no instrumentation).
 
     Each row: the remedy's accuracy with its Wilson interval, the unremedied and float
-    accuracy on the same images, the share of the lost accuracy recovered, and McNemar's
-    test of the remedy against no remedy (paired, same images). A remedy's own sampling
-    noise shows as the spread of its figures across ``n``.
+    accuracy on the same images, the share of the lost accuracy recovered, McNemar's test
+    of the remedy against no remedy (paired, same images), and the logits' SQNR against the
+    float network's with and without the remedy (``10 log10(Σ z_f² / Σ (z_q − z_f)²)`` in
+    float64, as :class:`qerror.nn.LogitResult` defines it). A remedy's own sampling noise
+    shows as the spread of its figures across ``n``; where quantization costs little
+    accuracy (eight bits) it shows in the SQNR.
     """
     device = next(model.parameters()).device
 
-    def correct():
+    def forward():
         with torch.inference_mode():
-            return torch.cat([model(x.to(device)).argmax(1).cpu() == y for x, y in test])
+            z = torch.cat([model(x.to(device)).double().cpu() for x, _ in test])
+        return z.argmax(1) == labels, z
 
-    right_float = correct()
+    def sqnr_db(z):
+        noise = float(((z - z_float) ** 2).sum())
+        return math.inf if noise == 0 else 10 * math.log10(float((z_float ** 2).sum()) / noise)
+
+    labels = torch.cat([y for _, y in test])
+    right_float, z_float = forward()
     n_img = int(right_float.numel())
     rows = []
     work = [(cfg, n) for cfg in cfgs for n in sizes]
@@ -464,8 +473,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
         qp, w = act_qparams[cols["bits"]], weights_of(cfg)
         if cfg.label not in base:
             with quantized_forward(model, cfg, qp, weights=w):
-                base[cfg.label] = correct()
-        none = base[cfg.label]
+                base[cfg.label] = forward()
+        none, z_none = base[cfg.label]
         cal = _first_of(calib, n, batch)
         fixes = {"bn_reestimation": {"bn_stats": reestimate_bn(model, cal, cfg, qp,
                                                                weights=w)},
@@ -473,7 +482,7 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
                      model, cal, cfg, qp, weights=w)}}
         for remedy, kw in fixes.items():
             with quantized_forward(model, cfg, qp, weights=w, **kw):
-                ok = correct()
+                ok, z = forward()
             ci = wilson_ci(int(ok.sum()), n_img, ALPHA)
             mc = mcnemar_from_counts(int((ok & ~none).sum()), int((none & ~ok).sum()), n_img,
                                      ALPHA)
@@ -484,25 +493,29 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
                          "acc_hi": ci.ci[1], "acc_unremedied": acc_none, "float_acc": acc_float,
                          "recovered": (ci.estimate - acc_none) / lost if lost > 0 else math.nan,
                          "delta_vs_unremedied": mc.estimate, "delta_lo": mc.ci[0],
-                         "delta_hi": mc.ci[1], "p_vs_unremedied": mc.p_value})
+                         "delta_hi": mc.ci[1], "p_vs_unremedied": mc.p_value,
+                         "logit_sqnr_db": sqnr_db(z), "logit_sqnr_unremedied_db": sqnr_db(z_none)})
     return pd.DataFrame(rows)
 
 
 def curve_macros(curve: pd.DataFrame) -> dict:
-    """The calibration curve's ends for the paper: accuracy (%) and recovered share (%) of
-    each remedy and mode at the fewest and at the most calibration images."""
+    """The calibration curve's ends for the paper, per remedy, mode and width: accuracy (%),
+    recovered share (%) and logit SQNR (dB) at the fewest and at the most calibration
+    images, and the unremedied figures."""
     least, most = int(curve.calib_images.min()), int(curve.calib_images.max())
     m = {"CurveImages": f"{int(curve.images.iloc[0]):,}", "CurveLeast": f"{least:,}",
-         "CurveMost": f"{most:,}", "CurveBits": f"{int(curve.bits.iloc[0])}"}
+         "CurveMost": f"{most:,}", "CurveFloat": number(100 * curve.float_acc.iloc[0], 3)}
     for _, r in curve[curve.calib_images.isin([least, most])].iterrows():
         end = "Least" if r.calib_images == least else "Most"
-        key = letters(f"{r.remedy}_{r['mode']}")
+        key = letters(f"{r.remedy}_{r['mode']}_{r.bits}")
         m[f"CurveAcc{end}{key}"] = number(100 * r.acc, 3)
         m[f"CurveRecovered{end}{key}"] = ("n/a" if not np.isfinite(r.recovered)
                                           else number(100 * r.recovered, 2))
-    for mode, d in curve.groupby("mode"):
-        m[f"CurveUnremedied{letters(mode)}"] = number(100 * d.acc_unremedied.iloc[0], 3)
-    m["CurveFloat"] = number(100 * curve.float_acc.iloc[0], 3)
+        m[f"CurveSqnr{end}{key}"] = number(r.logit_sqnr_db, 3)
+    for (mode, bits), d in curve.groupby(["mode", "bits"]):
+        key = letters(f"{mode}_{bits}")
+        m[f"CurveUnremedied{key}"] = number(100 * d.acc_unremedied.iloc[0], 3)
+        m[f"CurveSqnrUnremedied{key}"] = number(d.logit_sqnr_unremedied_db.iloc[0], 3)
     return m
 
 
@@ -739,23 +752,34 @@ def figure_remedies(plt, acc: pd.DataFrame):
 
 
 def figure_calibration_curve(plt, curve: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for (mode, remedy), d in curve.groupby(["mode", "remedy"], sort=False):
-        d = d.sort_values("calib_images")
-        bars = ax.errorbar(d.calib_images, 100 * d.acc, yerr=[100 * (d.acc - d.acc_lo),
-                                                               100 * (d.acc_hi - d.acc)],
-                           marker="o", ms=3, lw=1, capsize=2, label=f"{mode}, {remedy}")
-        ax.axhline(100 * d.acc_unremedied.iloc[0], lw=0.6, ls=":",
-                   color=bars[0].get_color())
-    ax.axhline(100 * curve.float_acc.iloc[0], color="k", lw=0.8, label="float")
-    ax.set_xscale("log")
-    ax.set_xlabel("calibration images the remedy is fitted on")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{int(curve.bits.iloc[0])}-bit weights and activations; dotted: no remedy",
-                 fontsize=8)
+    """Accuracy (top) and logit SQNR (bottom) after each remedy against the calibration
+    images it was fitted on, one column per width; dotted: the same without a remedy."""
+    widths = sorted(curve.bits.unique(), reverse=True)
+    fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 6.2), squeeze=False,
+                             sharex=True)
+    for col, bits in enumerate(widths):
+        for (mode, remedy), d in curve[curve.bits == bits].groupby(["mode", "remedy"],
+                                                                  sort=False):
+            d = d.sort_values("calib_images")
+            label = f"{mode}, {remedy}"
+            err = [100 * (d.acc - d.acc_lo), 100 * (d.acc_hi - d.acc)]
+            bars = axes[0, col].errorbar(d.calib_images, 100 * d.acc, yerr=err, marker="o",
+                                         ms=3, lw=1, capsize=2, label=label)
+            color = bars[0].get_color()
+            axes[0, col].axhline(100 * d.acc_unremedied.iloc[0], lw=0.6, ls=":", color=color)
+            axes[1, col].plot(d.calib_images, d.logit_sqnr_db, "o-", ms=3, lw=1, color=color)
+            axes[1, col].axhline(d.logit_sqnr_unremedied_db.iloc[0], lw=0.6, ls=":",
+                                 color=color)
+        axes[0, col].axhline(100 * curve.float_acc.iloc[0], color="k", lw=0.8, label="float")
+        axes[0, col].set_title(f"{bits}-bit weights and activations", fontsize=8)
+        axes[1, col].set_xscale("log")
+        axes[1, col].set_xlabel("calibration images the remedy is fitted on")
+    axes[0, 0].set_ylabel("top-1 accuracy (%)")
+    axes[1, 0].set_ylabel("logit SQNR (dB)")
     # Below the axes: the lines span the whole width at heights that differ by mode.
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -889,7 +913,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--remedy-bits", nargs="*", type=int_in(2, 16), default=None,
                         help="bit widths at which the remedies run, each one of --bits (modes "
                              "nearest_even and toward_zero, both quantized; default: 8 4 "
-                             "where in --bits, smoke 4; none given: no remedies)")
+                             "where in --bits; none given: no remedies)")
     parser.add_argument("--quantize-bn-outputs", action="store_true",
                         help="also quantize every BatchNorm's output (with the activation "
                              "spec) wherever activations are quantized")
@@ -904,7 +928,7 @@ def _main(argv: list[str]) -> int:
                         help="calibration-image counts at which the remedies are refitted "
                              "for the calibration curve (Fashion-MNIST only; default "
                              f"{' '.join(map(str, CURVE_SIZES))}, smoke 4 8; none given: no "
-                             "curve); at the lowest --remedy-bits")
+                             "curve); at every --remedy-bits")
     parser.add_argument("--curve-images", type=int_at_least(2), default=None,
                         help="first test images each point of the calibration curve is "
                              f"evaluated on (default {CURVE_IMAGES}, smoke 16)")
@@ -924,7 +948,7 @@ def _main(argv: list[str]) -> int:
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
     if args.remedy_bits is None:
-        remedy_bits = [b for b in ([4] if smoke else [8, 4]) if b in bits_list]
+        remedy_bits = [b for b in [8, 4] if b in bits_list]
     else:
         remedy_bits = list(dict.fromkeys(args.remedy_bits))
         missing = [b for b in remedy_bits if b not in bits_list]
@@ -1095,10 +1119,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if not main:
         return 0
     curve = None
-    low = min(remedy_bits, default=None)
-    curve_cfgs = [c for c in remedy_configs if c.weight.bits == low]
-    if data.curve_calib and curve_cfgs:  # rank 0 alone: small beside the measured passes
-        curve = calibration_curve(model, data.curve_calib, data.curve_test, curve_cfgs,
+    if data.curve_calib and remedy_configs:  # rank 0 alone: small beside the measured passes
+        curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
                                   act_qp, weights_of, curve_sizes, batch)
     sites = pd.concat(frames[:n_base], ignore_index=True)
     fits = pd.DataFrame(fits)
@@ -1146,12 +1168,14 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             run.write_latex_table(
                 "calibration_curve.tex", curve[["mode", "bits", "remedy", "calib_images",
                                                 "acc", "acc_lo", "acc_hi", "acc_unremedied",
-                                                "recovered", "p_vs_unremedied"]],
+                                                "recovered", "p_vs_unremedied",
+                                                "logit_sqnr_db", "logit_sqnr_unremedied_db"]],
                 f"Each remedy refitted on the first $n$ calibration images, evaluated on the "
                 f"first {int(curve.images.iloc[0])} test images by a plain quantized forward "
                 f"(weights and activations): accuracy with its {100 * (1 - ALPHA):g}\\% "
                 "Wilson interval, without the remedy, the share of the lost accuracy it "
-                "recovers, and McNemar's p against no remedy.", "tab:drift-calibration-curve",
+                "recovers, McNemar's p against no remedy, and the logits' SQNR (dB) with and "
+                "without it.", "tab:drift-calibration-curve",
                 float_format="%.4g")
             fig = figure_calibration_curve(plt, curve)
             run.save_figure(fig, "calibration_curve")

@@ -42,8 +42,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
     acc = pd.read_csv(out / "accuracy.csv")
-    # 2 modes x 2 widths, and three remedies for each mode at 4 bits
-    assert (acc.remedy == "none").sum() == 4 and (acc.remedy != "none").sum() == 6
+    # 2 modes x 2 widths, and three remedies for each mode at 8 and 4 bits
+    assert (acc.remedy == "none").sum() == 4 and (acc.remedy != "none").sum() == 12
     assert acc.images.eq(16).all()
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
@@ -100,7 +100,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     bn4 = sites[(sites["mode"] == "nearest_even") & (sites.bits == 4)
                 & (sites.metric == "bn_mean_shift_qf_rms")]
     assert macros["BnShiftMedianNearestEvenFour"] == number(bn4.value.median(), 2)
-    rem = acc[(acc.remedy == "bn_reestimation") & (acc["mode"] == "toward_zero")].iloc[0]
+    rem = acc[(acc.remedy == "bn_reestimation") & (acc["mode"] == "toward_zero")
+              & (acc.bits == 4)].iloc[0]
     assert macros["SqnrGainBnReestimationTowardZeroFour"] == number(rem.sqnr_gain_db, 2)
     # The network claims' quantities, as studies.seeds measures them, for the modes it
     # compares that this run has (nearest and truncation), at both widths.
@@ -113,11 +114,16 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     for _, r in st[st.quantity == "accuracy"].iterrows():
         assert r.value == both.loc[(r["mode"], r.bits), "quant_acc"]
     # The calibration curve: both remedies refitted on 4 and 8 calibration images, for each
-    # remedy mode at the lowest remedy width, evaluated on the first 16 test images.
+    # remedy mode at each remedy width, evaluated on the first 16 test images.
     curve = pd.read_csv(out / "calibration_curve.csv")
-    assert sorted(set(curve.calib_images)) == [4, 8] and curve.bits.eq(4).all()
+    assert sorted(set(curve.calib_images)) == [4, 8] and set(curve.bits) == {8, 4}
+    assert np.isfinite(curve.logit_sqnr_db).all()
+    assert (curve.groupby(["mode", "bits"]).logit_sqnr_unremedied_db.nunique() == 1).all()
+    assert macros["CurveSqnrUnremediedNearestEvenFour"] == number(
+        curve[(curve["mode"] == "nearest_even") & (curve.bits == 4)]
+        .logit_sqnr_unremedied_db.iloc[0], 3)
     assert set(curve.remedy) == {"bn_reestimation", "bias_empirical"}
-    assert set(curve["mode"]) == {"nearest_even", "toward_zero"} and len(curve) == 8
+    assert set(curve["mode"]) == {"nearest_even", "toward_zero"} and len(curve) == 16
     assert curve.images.eq(16).all() and (curve.acc_lo <= curve.acc).all()
     assert (curve.acc <= curve.acc_hi).all()
     assert ((curve.acc - curve.acc_unremedied - curve.delta_vs_unremedied).abs() < 1e-12).all()
