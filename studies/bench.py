@@ -221,12 +221,18 @@ def bench_models(args) -> list[BenchRow]:
         rows.append(_compiled_row(name, eager_model, x, eager, infer, pairs, per_second))
     steps, warmup = (1, 0) if args.smoke else (2, 1)
     train_pairs = max(1, min(args.pairs, 2))
-    cl_s, contig_s = np.empty(train_pairs), np.empty(train_pairs)
-    for i in range(train_pairs):
-        for out, cl in ((cl_s, True), (contig_s, False)):
-            out[i] = time_training_step(arch, batch_size=train_batch, steps=steps,
-                                        warmup=warmup, channels_last=cl,
-                                        seed=args.seed).median_s
+
+    def step_pairs(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Median seconds per training step of two settings, alternating, one pair a row."""
+        times = np.empty((train_pairs, 2))
+        for i in range(train_pairs):
+            for j, kw in enumerate((a, b)):
+                times[i, j] = time_training_step(arch, batch_size=train_batch, steps=steps,
+                                                 warmup=warmup, seed=args.seed,
+                                                 **kw).median_s
+        return times[:, 0], times[:, 1]
+
+    cl_s, contig_s = step_pairs({"channels_last": True}, {"channels_last": False})
     rows.append(make_row(
         "models", f"{arch} training step (forward, backward, SGD), batch {train_batch}",
         "channels_last", "contiguous", None, cl_s / contig_s, cl_s, contig_s,
@@ -239,11 +245,7 @@ def bench_models(args) -> list[BenchRow]:
     from qerror.nn.models import DEFAULT_STEM, Stem
 
     for stem in [s for s in Stem if s is not DEFAULT_STEM]:
-        other, base = np.empty(train_pairs), np.empty(train_pairs)
-        for i in range(train_pairs):
-            for out, st in ((other, stem), (base, DEFAULT_STEM)):
-                out[i] = time_training_step(arch, st, batch_size=train_batch, steps=steps,
-                                            warmup=warmup, seed=args.seed).median_s
+        other, base = step_pairs({"stem": stem}, {"stem": DEFAULT_STEM})
         rows.append(make_row(
             "models", f"{arch} training step, batch {train_batch}, stem {stem.value}",
             f"stem {stem.value}", f"stem {DEFAULT_STEM.value}", None, other / base, other,

@@ -81,6 +81,7 @@ from qerror.nn import (
     quantize_weights,
     quantized_forward,
     reestimate_bn,
+    sqnr_db,
 )
 from qerror.nn.bn import estimate_running_stats
 from qerror.nn.growth import (
@@ -446,8 +447,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     Each row: the remedy's accuracy with its Wilson interval, the unremedied and float
     accuracy on the same images, the share of the lost accuracy recovered, McNemar's test
     of the remedy against no remedy (paired, same images), and the logits' SQNR against the
-    float network's with and without the remedy (``10 log10(Σ z_f² / Σ (z_q − z_f)²)`` in
-    float64, as :class:`qerror.nn.LogitResult` defines it). A remedy's own sampling noise
+    float network's with and without the remedy (:func:`qerror.nn.sqnr_db` of
+    ``Σ z_f²`` and ``Σ (z_q − z_f)²`` in float64, as :class:`qerror.nn.LogitResult` has it). A remedy's own sampling noise
     shows as the spread of its figures across ``n``; where quantization costs little
     accuracy (eight bits) it shows in the SQNR.
     """
@@ -458,9 +459,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
             z = torch.cat([model(x.to(device)).double().cpu() for x, _ in test])
         return z.argmax(1) == labels, z
 
-    def sqnr_db(z):
-        noise = float(((z - z_float) ** 2).sum())
-        return math.inf if noise == 0 else 10 * math.log10(float((z_float ** 2).sum()) / noise)
+    def logit_sqnr(z):
+        return sqnr_db(float((z_float ** 2).sum()), float(((z - z_float) ** 2).sum()))
 
     labels = torch.cat([y for _, y in test])
     right_float, z_float = forward()
@@ -494,7 +494,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
                          "recovered": (ci.estimate - acc_none) / lost if lost > 0 else math.nan,
                          "delta_vs_unremedied": mc.estimate, "delta_lo": mc.ci[0],
                          "delta_hi": mc.ci[1], "p_vs_unremedied": mc.p_value,
-                         "logit_sqnr_db": sqnr_db(z), "logit_sqnr_unremedied_db": sqnr_db(z_none)})
+                         "logit_sqnr_db": logit_sqnr(z),
+                         "logit_sqnr_unremedied_db": logit_sqnr(z_none)})
     return pd.DataFrame(rows)
 
 
@@ -1119,7 +1120,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if not main:
         return 0
     curve = None
-    if data.curve_calib and remedy_configs:  # rank 0 alone: small beside the measured passes
+    if data.curve_calib:  # rank 0 alone, where _main found remedy configurations
         curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
                                   act_qp, weights_of, curve_sizes, batch)
     sites = pd.concat(frames[:n_base], ignore_index=True)

@@ -72,6 +72,7 @@ from qerror.nn.early_exit import (
     exits_per_class,
     expected_calibration_error,
     refine_thresholds,
+    selection_order,
     threshold_sweep,
 )
 from qerror.nn.models import DEFAULT_STEM, Arch, Stem
@@ -282,6 +283,11 @@ def sweep_frame(system: str, split: str, logits, labels, thresholds, costs, temp
                          "mean_macs": p.mean_macs, "macs_fraction": p.macs_fraction,
                          **{f"exit{k}": c for k, c in enumerate(p.exit_counts)}})
     return rows
+
+
+def thresholds_text(rule: ExitRule) -> str:
+    """A rule's thresholds as its tables print them, first exit first: ``0.75/0.55/0.6``."""
+    return "/".join(f"{t:g}" for t in rule.thresholds)
 
 
 def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -563,7 +569,7 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         mean = res.mean_macs(costs.macs)
         shared = len(set(rule.thresholds)) == 1
         row.update(policy=label, threshold=rule.thresholds[0] if shared else math.nan,
-                   thresholds="/".join(f"{t:g}" for t in rule.thresholds),
+                   thresholds=thresholds_text(rule),
                    val_accuracy=val_accuracy, val_mean_macs=val_macs, met_rule=met,
                    macs_fraction=mean / costs.full_macs, mean_macs=mean,
                    **{f"exit{k}": c for k, c in enumerate(res.exit_counts())})
@@ -578,8 +584,8 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             rule = ExitRule(policy, (op.point.threshold,) * (len(val) - 1), temps[system])
             res = operating_row(system, policy.value, rule, op.met, op.point.accuracy,
                                 op.point.mean_macs, test)
-            chosen[(system, policy.value)] = (rule, res, (op.met, op.point.mean_macs,
-                                                          op.point.accuracy))
+            chosen[(system, policy.value)] = (rule, res, (op.point.accuracy,
+                                                          op.point.mean_macs))
             # One threshold per exit, refined on the same validation split from the shared
             # one: never worse there, reported on the test split like the shared one.
             fine = refine_thresholds(val, data.val.y, rule, config["thresholds"], costs,
@@ -587,18 +593,15 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             label = f"{policy.value} per exit"
             res = operating_row(system, label, fine.rule, fine.met, fine.accuracy,
                                 fine.mean_macs, test)
-            chosen[(system, label)] = (fine.rule, res, (fine.met, fine.mean_macs,
-                                                        fine.accuracy))
+            chosen[(system, label)] = (fine.rule, res, (fine.accuracy, fine.mean_macs))
     points = pd.DataFrame(points)
 
     # Headline policy: the INT8 operating point (shared or per-exit thresholds) that is
-    # cheapest on validation among those that met the rule there; when none did, the most
-    # accurate on validation (as choose_operating_point falls back).
-    def head_key(p):
-        met, macs, acc = chosen[(INT8, p)][2]
-        return (0, macs, -acc) if met else (1, -acc, macs)
-
-    head_policy = min((k for s, k in chosen if s == INT8), key=head_key)
+    # first on validation by the order every point was chosen by: the cheapest of those that
+    # met the rule there; when none did, the most accurate.
+    floor = ref_acc_val - args.select_margin
+    head_policy = min((k for s, k in chosen if s == INT8),
+                      key=lambda p: selection_order(*chosen[(INT8, p)][2], floor))
     rule8, res8, _ = chosen[(INT8, head_policy)]
     per_class = exits_per_class(res8, data.test.y, int(model.backbone.fc.out_features))
     per_class_rows = [{"system": sys_, "policy": head_policy, "class": c, "exit": k,
@@ -636,7 +639,7 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         sim = exit_result_from_logits(logits[f"sim_{mode.value}"][1], rule8)
         agree = compare_exits(res8, sim)
         sim_rows.append({"simulation": mode.value, "policy": head_policy,
-                         "thresholds": "/".join(f"{t:g}" for t in rule8.thresholds),
+                         "thresholds": thresholds_text(rule8),
                          "images": agree.n,
                          "same_exit": agree.same_exit / agree.n,
                          "same_prediction": agree.same_prediction / agree.n,

@@ -70,6 +70,7 @@ from qerror.nn.early_exit import (
     fit_temperature,
     refine_thresholds,
     run_early_exit,
+    selection_order,
     threshold_sweep,
 )
 from qerror.nn.geometry import LayerGeometry, layer_geometry, live_taps
@@ -85,6 +86,7 @@ from qerror.nn.propagate import (
     output_key,
     quantize_weights,
     quantized_forward,
+    sqnr_db,
 )
 from qerror.nn.pt2e import Int8ExitStages, quantize_exit_stages, quantize_pt2e, untie_relus
 from qerror.nn.training import (
@@ -159,6 +161,8 @@ __all__ = [
     "refine_thresholds",
     "run_early_exit",
     "running_stats",
+    "selection_order",
+    "sqnr_db",
     "choose_operating_point",
     "compare_exits",
     "exit_result_from_logits",

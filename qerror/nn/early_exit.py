@@ -70,6 +70,7 @@ __all__ = [
     "refine_thresholds",
     "run_early_exit",
     "sdn_exit_points",
+    "selection_order",
     "threshold_sweep",
 ]
 
@@ -909,6 +910,16 @@ def _check_exit_logits(logits) -> list[torch.Tensor]:
     return logits
 
 
+def _first_exit(scores: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """(N,) int64: for every sample, the first exit whose score (``scores``, (E, N)) exceeds
+    its threshold, or the last exit."""
+    leave = torch.zeros_like(scores, dtype=torch.bool)
+    for k, t in enumerate(thresholds):
+        leave[k] = scores[k] > t
+    leave[-1] = True
+    return leave.to(torch.int8).argmax(dim=0).to(torch.int64)  # the first True
+
+
 def exit_result_from_logits(logits: Sequence[torch.Tensor], rule: ExitRule) -> ExitResult:
     """The decisions :func:`run_early_exit` takes, computed from every exit's logits.
 
@@ -938,16 +949,12 @@ def exit_result_from_logits(logits: Sequence[torch.Tensor], rule: ExitRule) -> E
     if rule.num_exits != len(logits):
         raise ValueError(f"the rule has {len(rule.thresholds)} thresholds but the logits "
                          f"have {len(logits) - 1} early exits")
-    n, last = logits[0].shape[0], len(logits) - 1
+    n = logits[0].shape[0]
     # Compared in the logits' dtype, as the runner compares them.
     scores = torch.stack([exit_confidence(z, rule.policy, rule.temperature(k))
                           for k, z in enumerate(logits)])
-    leave = torch.zeros_like(scores, dtype=torch.bool)
-    for k, t in enumerate(rule.thresholds):
-        leave[k] = scores[k] > t
-    leave[last] = True
+    exit_index = _first_exit(scores, rule.thresholds)
     scores = scores.to(torch.float64)
-    exit_index = leave.to(torch.int8).argmax(dim=0).to(torch.int64)  # the first True
     rows = torch.arange(n)
     out = torch.stack(logits)[exit_index, rows]
     rows_per_stage = tuple(int((exit_index >= k).sum()) for k in range(len(logits)))
@@ -1045,6 +1052,17 @@ class OperatingPoint:
     margin: float
 
 
+def selection_order(accuracy: float, mean_macs: float, floor: float) -> tuple:
+    """The key by which operating points are chosen, smallest first: points whose accuracy
+    is at least ``floor`` before the others; among those, fewer average MACs, then higher
+    accuracy; among the others, higher accuracy, then fewer MACs.
+
+    :func:`choose_operating_point` and :func:`refine_thresholds` order by it; so can a
+    caller choosing among their results.
+    """
+    return (0, mean_macs, -accuracy) if accuracy >= floor else (1, -accuracy, mean_macs)
+
+
 def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: float,
                            margin: float) -> OperatingPoint:
     """The cheapest sweep point whose accuracy is within ``margin`` of a reference.
@@ -1061,21 +1079,21 @@ def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: flo
     Returns
     -------
     OperatingPoint
-        Among the qualifying points, the one with the fewest average MACs, ties to the
-        more accurate, then to the higher threshold. When none qualifies, the most
-        accurate point (ties to fewer MACs), with ``met=False``.
+        The first point by :func:`selection_order`, ties to the higher threshold: among
+        the qualifying points, the one with the fewest average MACs, ties to the more
+        accurate. When none qualifies, the most accurate point (ties to fewer MACs), with
+        ``met=False``.
     """
     points = list(points)
     if not points:
         raise ValueError("points is empty; sweep at least one threshold")
     _check_threshold(reference_accuracy, "reference_accuracy")
     _check_threshold(margin, "margin")
-    ok = [p for p in points if p.accuracy >= reference_accuracy - margin]
-    if ok:
-        best = min(ok, key=lambda p: (p.mean_macs, -p.accuracy, -p.threshold))
-    else:
-        best = min(points, key=lambda p: (-p.accuracy, p.mean_macs, -p.threshold))
-    return OperatingPoint(best, bool(ok), float(reference_accuracy), float(margin))
+    floor = reference_accuracy - margin
+    best = min(points, key=lambda p: (*selection_order(p.accuracy, p.mean_macs, floor),
+                                      -p.threshold))
+    return OperatingPoint(best, best.accuracy >= floor, float(reference_accuracy),
+                          float(margin))
 
 
 @dataclass(frozen=True)
@@ -1140,9 +1158,8 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
 
     Notes
     -----
-    Rules are ordered as :func:`choose_operating_point` orders sweep points: qualifying
-    before not, then fewer average MACs (more accurate when none qualifies), then higher
-    accuracy. Each round visits the early exits first to last and moves exit ``k`` to the
+    Rules are ordered by :func:`selection_order`, as :func:`choose_operating_point` orders
+    sweep points. Each round visits the early exits first to last and moves exit ``k`` to the
     candidate (others held) that is strictly first in that order, the higher threshold on a
     tie, keeping its threshold when none is strictly better; so the result is never worse
     than ``start``. Scores are computed once, in the logits' dtype, as
@@ -1166,26 +1183,24 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     margin = _check_threshold(margin, "margin")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
-    # Compared in the logits' dtype, as exit_result_from_logits compares them.
-    scores = [exit_confidence(z, start.policy, start.temperature(k)) for k, z in
-              enumerate(logits)]
-    right = np.stack([(z.argmax(1) == y).numpy() for z in logits])          # (E, N)
+    # The decisions of exit_result_from_logits, from scores computed once.
+    scores = torch.stack([exit_confidence(z, start.policy, start.temperature(k))
+                          for k, z in enumerate(logits)])
+    right = torch.stack([z.argmax(1) == y for z in logits])                # (E, N)
     macs = torch.as_tensor(list(costs.macs), dtype=torch.float64)
     n, last = len(y), len(logits) - 1
+    rows = torch.arange(n)
     floor = reference_accuracy - margin
 
     def evaluate(thresholds):
-        leave = np.stack([(scores[k] > t).numpy() for k, t in enumerate(thresholds)]
-                         + [np.ones(n, dtype=bool)])
-        exit_index = leave.argmax(axis=0)
-        correct = int(right[exit_index, np.arange(n)].sum())
-        mean = float(macs[torch.from_numpy(exit_index)].mean())  # as ExitResult.mean_macs
+        exit_index = _first_exit(scores, thresholds)
+        correct = int(right[exit_index, rows].sum())
+        mean = float(macs[exit_index].mean())  # as ExitResult.mean_macs
         return correct, mean, exit_index
 
     def order(result):
         correct, mean, _ = result
-        acc = correct / n
-        return (0, mean, -acc) if acc >= floor else (1, -acc, mean)
+        return selection_order(correct / n, mean, floor)
 
     current = list(start.thresholds)
     best = evaluate(current)
@@ -1204,7 +1219,7 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
         if not changed:
             break
     correct, mean, exit_index = best
-    counts = tuple(int(c) for c in np.bincount(exit_index, minlength=len(logits)))
+    counts = tuple(int(c) for c in torch.bincount(exit_index, minlength=len(logits)))
     rule = ExitRule(start.policy, tuple(current), start.temperatures)
     return RefinedRule(rule, correct, n, mean, mean / costs.full_macs, counts,
                        correct / n >= floor, rounds)

@@ -73,6 +73,7 @@ __all__ = [
     "output_key",
     "quantize_weights",
     "quantized_forward",
+    "sqnr_db",
 ]
 
 
@@ -809,12 +810,12 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
             drift_rel_rms_channel_debiased=debiased,
             mse=mse, mse_se=err.se_sq(),
             rms_rel=math.sqrt(mse) / std_f if std_f > 0 else math.nan,
-            sqnr_db=_db(power, mse), float_std=std_f, drift_channel=drift_c,
+            sqnr_db=sqnr_db(power, mse), float_std=std_f, drift_channel=drift_c,
             float_std_channel=std_c)
     if acc.local.n:
         kw.update(local_drift=acc.local.mean(), local_drift_se=acc.local.se_mean(),
                   local_mse=acc.local.sq(), local_drift_channel=acc.local.mean_c(),
-                  local_sqnr_db=_db(power, acc.local.sq()))
+                  local_sqnr_db=sqnr_db(power, acc.local.sq()))
     if acc.sat_total:
         kw.update(saturation_low=acc.sat_low / acc.sat_total,
                   saturation_high=acc.sat_high / acc.sat_total,
@@ -836,13 +837,25 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
                       path_depth=path_depth, **kw)
 
 
-def _db(power: float, noise: float) -> float:
+def sqnr_db(power: float, noise: float) -> float:
+    """``10 log10(power / noise)``: the SQNR of a signal of mean square ``power`` under an
+    error of mean square ``noise`` (any common normalisation cancels); ``inf`` without
+    error, ``-inf`` for a zero signal with error."""
     if noise == 0:
         return math.inf
     return 10.0 * math.log10(power / noise) if power > 0 else -math.inf
 
 
 # --------------------------------------------------------------------------- entry points
+
+def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
+    """The model's BatchNorm2d layers by name; ``bn_stats`` may name only those."""
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for n in bn_stats or {}:
+        if n not in bns:
+            raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
+    return bns
+
 
 def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             act_qparams: Mapping[str, QParams] | None = None, *,
@@ -924,11 +937,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
-    bn_ref = {n: (m.running_mean.detach().double().cpu(),
-                  m.running_var.detach().double().cpu()) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    bns = _batchnorms(model, bn_stats)
+    bn_ref = {n: (m.running_mean.detach().double().cpu(), m.running_var.detach().double().cpu())
+              for n, m in bns.items()}
     for n, stats in (bn_stats or {}).items():
-        if n not in bn_ref:
-            raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
         bn_ref[n] = (stats[0].detach().double().cpu(), stats[1].detach().double().cpu())
     inst = None
     n_img = 0
@@ -983,7 +995,7 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     logits = LogitResult(
         n=n_img, float_correct=fc if labelled else None, quant_correct=qc if labelled else None,
         agree=agree, float_only=f_only if labelled else None,
-        quant_only=q_only if labelled else None, sqnr_db=_db(logit_ref.sq(), logit_err.sq()),
+        quant_only=q_only if labelled else None, sqnr_db=sqnr_db(logit_ref.sq(), logit_err.sq()),
         drift_rel=logit_err.mean() / lstd if lstd > 0 else math.nan)
     return PropagationResult(config, tuple(sites), logits, n_img)
 
@@ -1002,10 +1014,7 @@ def quantized_forward(model: nn.Module, config: QuantConfig,
     remedies, as in :func:`measure`.
     """
     check_model(model)
-    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for n in bn_stats or {}:
-        if n not in bns:
-            raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
+    _batchnorms(model, bn_stats)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     inst = _Instrument(model, config, act_qparams, weights, paired=False,
