@@ -28,16 +28,22 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
                  "adaround_layers.csv", "adaround_cost.csv", "goals.csv", "summary.json",
                  "accuracy.tex", "updown.tex", "goals.tex", "adaround_cost.tex", "macros.tex",
                  "updown_scatter.pdf", "updown_scatter.png", "accuracy.pdf", "sqnr.pdf",
-                 "curve_iterations.pdf", "curve_seconds.pdf"):
+                 "curve_iterations.pdf", "curve_seconds.pdf", "timing.csv"):
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
     assert {"adaround_layers.csv", "adaround_cost.csv", "goals.csv", "goals.tex",
-            "curve_seconds.pdf"} <= set(manifest["timing_outputs"])
+            "curve_seconds.pdf", "timing.csv"} <= set(manifest["timing_outputs"])
     # a smoke run judges no goal
     assert pd.read_csv(out / "goals.csv").met.str.startswith("not judged (smoke").all()
     acc = pd.read_csv(out / "accuracy.csv")
     fixed = ["nearest", "toward_zero", "floor", "stochastic_0", "stochastic_1"]
     assert list(acc["method"]) == ["float", *fixed, "adaround", "adaround"]
+    # timing.csv: one test-accuracy row per evaluated configuration, AdaRound per budget
+    timing = pd.read_csv(out / "timing.csv")
+    assert (timing.seconds >= 0).all()
+    evaluated = timing[timing.stage == "test accuracy"]
+    assert list(evaluated.method) == list(acc.method[1:])
+    assert len(timing[timing.stage == "AdaRound"]) == (acc.method == "adaround").sum()
     assert acc.images.eq(64).all()  # the smoke preset: the first 64 test images
     assert sorted(acc[acc.method == "adaround"].iterations) == [5, 20]
     assert acc[acc.method == "adaround"].headline.tolist() == [True, False]
