@@ -200,7 +200,8 @@ def _results(delta_ci, macs_fraction, ece_max, images=10_000):
         "tost_ci_hi": delta_ci[1], "tost_p": 0.01,
         "equivalent": -early_exit.MARGIN < delta_ci[0] and delta_ci[1] < early_exit.MARGIN,
         "macs_fraction": macs_fraction}])
-    calibration = pd.DataFrame([{"system": "int8", "split": "test", "ece_after": e}
+    calibration = pd.DataFrame([{"system": "int8", "split": "test", "objective": "ece",
+                                 "ece_after": e, "ece_after_ece": e, "ece_after_nll": 2 * e}
                                 for e in (ece_max / 2, ece_max)])
     return {"points": points, "head_policy": "max-softmax", "calibration": calibration,
             "latency": None}
@@ -210,6 +211,9 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     met = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015), smoke=False,
                            whole_test=True)
     assert list(met.verdict) == ["met", "met", "met", "not measured", "not measured"]
+    # the calibration goal is judged on the rules' temperatures and names both objectives'
+    assert met.measured[2] == "max 1.50% (T fitted to the validation ECE; NLL's T: max 3.00%, " \
+                              "ECE's T: max 1.50%)"
     missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
                               whole_test=True)
     assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3
