@@ -239,10 +239,12 @@ def smallest_format(model: nn.Module, values: StorageFormat) -> SparseFormat:
 
 
 def point(key: str, method: str, family: str, config: str, counted: int, file_bytes: int,
-          correct: np.ndarray, reference: np.ndarray | None = None, **extra) -> dict:
+          correct: np.ndarray, reference: np.ndarray | None = None,
+          tuned: np.ndarray | None = None, **extra) -> dict:
     """One model's row: accuracy with its Wilson interval, bytes, and the paired difference
-    from the reference (the dense float network) with McNemar's p; ``key`` names its
-    LaTeX macros."""
+    from the reference (the dense float network) with McNemar's p, and McNemar's p against
+    ``tuned`` (the dense network fine-tuned as the pruned ones) where given; ``key`` names
+    its LaTeX macros."""
     n, k = int(correct.size), int(correct.sum())
     ci = wilson_ci(k, n, ALPHA)
     row = {"key": letters(key), "method": method, "family": family, "config": config,
@@ -253,6 +255,8 @@ def point(key: str, method: str, family: str, config: str, counted: int, file_by
     if reference is not None:
         row["delta_vs_dense"] = k / n - float(reference.mean())
         row["p_vs_dense"] = mcnemar_test(correct, reference, ALPHA).p_value
+    row["p_vs_dense_finetuned"] = (math.nan if tuned is None else
+                                   mcnemar_test(correct, tuned, ALPHA).p_value)
     return row
 
 
@@ -318,9 +322,9 @@ def resnet_points(model, data, args, folder, bar):
              args.seed, desc="dense fine-tune", device=args.device)
     back, counted, size = stored_network(tuned, folder, "dense_finetuned", SparseFormat.DENSE,
                                          StorageFormat.FLOAT32)
-    rows.append(point("dense fine-tuned", DENSE_FINETUNED, "resnet", "dense", counted, size,
-                      correct_of(back, *test, device=args.device), dense, sparsity=0.0,
-                      storage="dense float32"))
+    tuned_right = correct_of(back, *test, device=args.device)
+    rows.append(point("dense finetuned", DENSE_FINETUNED, "resnet", "dense", counted, size,
+                      tuned_right, dense, sparsity=0.0, storage="dense float32"))
     timing.append({"task": "dense fine-tuned", "seconds": time.perf_counter() - t0})
     bar.update(1)
     pruned, correct = {0.0: model}, {0.0: dense}
@@ -345,7 +349,7 @@ def resnet_points(model, data, args, folder, bar):
             if values is StorageFormat.FLOAT32:
                 correct[s] = right  # float32 reads back exactly: the pruned network's own
             rows.append(point(f"{method} {100 * s:g}", method, "resnet", f"{100 * s:g}% sparse",
-                              counted, size, right, dense, sparsity=reached,
+                              counted, size, right, dense, tuned_right, sparsity=reached,
                               storage=f"{fmt.value} {values.value}"))
         timing.append({"task": f"pruned {s:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
@@ -490,7 +494,8 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
         verdict = ("met" if met else "not met") if why is None else f"not judged ({why})"
         rows.append({"goal": goal, "measured": measured, "verdict": verdict})
 
-    g1 = "90%-sparse ResNet50 within 1 point of dense after fine-tuning"
+    g1 = ("90%-sparse ResNet50 within 1 point of dense after fine-tuning (the baseline and "
+          "the dense network fine-tuned the same way)")
     if len(dense) and len(sparse):
         d, s = dense.iloc[0], sparse.iloc[0]
         measured = (f"dense {100 * d.acc:.2f}%, 90% sparse {100 * s.acc:.2f}% "
@@ -501,7 +506,8 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
         if len(tuned):
             t = tuned.iloc[0]
             measured += (f"; dense fine-tuned the same way {100 * t.acc:.2f}% (difference "
-                         f"{100 * (s.acc - t.acc):+.2f} points)")
+                         f"{100 * (s.acc - t.acc):+.2f} points, McNemar p "
+                         f"{s.p_vs_dense_finetuned:.3g})")
             met = met and 100 * (int(t.correct) - int(s.correct)) <= int(s.images)
         why = judged or (None if arch == "resnet50" else f"model is {arch}")
         row(g1, measured, met, why)

@@ -5,7 +5,8 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
 * exit heads at the ends of ``layer1``-``layer3`` (:class:`qerror.nn.EarlyExitResNet`)
   trained on the frozen baseline, and the same network fine-tuned jointly with a weighted
   sum of the exits' losses; accuracy per exit of both, on the validation and test splits;
-* a temperature per exit fitted on the validation split, ECE before and after per exit;
+* a temperature per exit fitted on the validation split by minimising the NLL and by
+  minimising the ECE, the test ECE before and after each; the rules use ``--calibration``'s;
 * threshold sweeps (max-softmax and entropy, one threshold at every early exit) giving
   accuracy against average MACs for FP32 early exit, real INT8 early exit (torchao PT2E on
   oneDNN, :mod:`qerror.nn.pt2e`) and qerror's simulated INT8 with nearest-even and with

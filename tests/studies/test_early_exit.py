@@ -83,6 +83,15 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
         (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
+    # Temperatures by both objectives; the rules use --calibration's (default ece).
+    cal = pd.read_csv(out / "calibration.csv")
+    assert manifest["config"]["calibration"] == "ece" and (cal.objective == "ece").all()
+    assert (cal.temperature == cal.temperature_ece).all()
+    assert (cal.ece_after == cal.ece_after_ece).all() and cal.ece_after_nll.notna().all()
+    int8 = cal[(cal.system == "int8") & (cal.split == "val")].sort_values("exit")
+    assert summary["int8_rule"]["temperatures"] == pytest.approx(list(int8.temperature))
+    for macro in ("EceAfterMaxIntNll", "EceAfterMaxIntEce", "CalibrationObjective"):
+        assert f"\\newcommand{{\\earlyExit{macro}}}" in (out / "macros.tex").read_text()
     # Both head-training variants, every exit, both splits.
     heads = pd.read_csv(out / "heads.csv")
     assert set(heads.variant) == {"frozen", "joint"} and set(heads.split) == {"val", "test"}
