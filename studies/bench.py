@@ -502,33 +502,17 @@ def bench_early_exit(args) -> list[BenchRow]:
 
 def _early_exit_run(folder):
     """(model, rule, test images, origin) of a finished early-exit study run, or None."""
-    import json
-
     from qerror.data import fashion_mnist_splits, to_tensor
-    from qerror.nn.early_exit import EarlyExitResNet, ExitRule
     from qerror.nn.models import load_checkpoint
+    from studies._runs import early_exit_run
 
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
+    run = early_exit_run(folder)
+    if run is None or run.smoke or "checkpoint" not in run.manifest.get("model", {}):
         return None
-    if manifest.get("study") != "early_exit" or summary.get("smoke") \
-            or "checkpoint" not in manifest.get("model", {}):
-        return None
-    ckpt = load_checkpoint(manifest["model"]["checkpoint"])
-    model = EarlyExitResNet(ckpt.model, tuple(manifest["config"]["exit_points"]))
-    state = torch.load(folder / "exit_model.pt", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # A frozen-backbone run saves the heads alone; its backbone is the checkpoint's.
-    if unexpected or any(not k.startswith("backbone.") for k in missing):
-        raise ValueError(f"{folder / 'exit_model.pt'} does not fit the network of {folder}")
-    r = summary["int8_rule"]
-    rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))
+    model = run.network(load_checkpoint(run.manifest["model"]["checkpoint"]).model)
     test = fashion_mnist_splits().test
-    return (model.eval(), rule, to_tensor(test.images[:1024]),
-            f"trained {manifest['config']['arch']} of {folder}")
+    return (model, run.rule, to_tensor(test.images[:1024]),
+            f"trained {run.manifest['config']['arch']} of {run.folder}")
 
 
 # WiSARD against wisardpkg: image counts (train, test) and the encoding. The peer takes Python

@@ -19,7 +19,12 @@ back. The points:
   dense network, fine-tuned the same way;
 * WiSARD at each ``--wisard-budgets`` (address size chosen on the validation split among
   those that fit) and DWN-style LUT networks at each ``--dwn-luts``;
-* a small INT8 CNN (:func:`qerror.compress.tiny_cnn_within`) at each WiSARD budget.
+* a small INT8 CNN (:func:`qerror.compress.tiny_cnn_within`) at each WiSARD budget;
+* the INT8 early-exit network of a finished ``python -m studies.early_exit`` run on the same
+  baseline and test split (``--early-exit-run``, default ``early_exit`` beside ``--out``):
+  its bytes counted and written here (backbone and heads, INT8 weights as the dense INT8
+  row), its accuracy the one that run measured with real INT8 kernels (it kept no
+  per-image results, so it has no McNemar test against dense).
 
 The rounding question carried into compression: each pruned network's weights are quantized
 with round-to-nearest and with truncation (:func:`qerror.compress.quantize_survivors`) at
@@ -32,7 +37,7 @@ Outputs: ``points.csv`` (every model), ``rounding.csv`` and ``rounding_layers.cs
 partial test split judges none), ``pareto.{pdf,png}``, LaTeX tables and macros,
 ``summary.json``, ``timing.csv`` (seconds per model; the only timing output) and the
 manifest. Latency is not measured here (``studies.bench`` measures kernels); 2:4 kernels
-are CUDA-only. The INT8 early-exit model is not among the points.
+are CUDA-only.
 
 Scale: ``--device cuda`` fine-tunes and evaluates the ResNets, trains the DWNs and the tiny
 CNNs on a GPU (TF32 off); sizes, files and WiSARD stay on the CPU.
@@ -104,6 +109,7 @@ from studies._common import (
     study_main,
 )
 from studies._latex import letters
+from studies._runs import EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
 FASHION_TEST_IMAGES = 10_000
@@ -583,6 +589,40 @@ def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | Non
 # --------------------------------------------------------------------------- main
 
 
+def early_exit_point(run: EarlyExitRun, model: nn.Module, folder: Path,
+                     dense: np.ndarray) -> dict:
+    """The INT8 early-exit network of ``run`` as a point: bytes of its file written here,
+    accuracy as the run measured it (counts only; the difference from dense unpaired)."""
+    net = run.network(copy.deepcopy(model))
+    _, counted, size = stored_network(net, folder, "early_exit_int8", SparseFormat.DENSE,
+                                      StorageFormat.INT8)
+    h = run.headline
+    n = int(h["images"])
+    k = int(round(h["accuracy"] * n))
+    row = point("int8 early exit", "INT8 early exit", "resnet",
+                f"{h['policy']}, {100 * h['macs_fraction']:.0f}% of the MACs", counted, size,
+                np.arange(n) < k, sparsity=0.0, storage="dense int8")
+    row["delta_vs_dense"] = k / n - float(dense.mean())
+    return row
+
+
+def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
+                        test_images: int, smoke: bool) -> str | None:
+    """Why the early-exit run in ``folder`` cannot be a point of this run (None: it can)."""
+    if run is None:
+        return f"no finished studies.early_exit run in {folder}"
+    if run.smoke != smoke:
+        return f"the early_exit run in {folder} is {'' if run.smoke else 'not '}a smoke run"
+    theirs = run.manifest.get("model", {})
+    if any(theirs.get(k) != model_id.get(k) for k in ("model", "sha256", "seed")):
+        return (f"the early_exit run in {folder} is of another network ({theirs.get('model')}"
+                f", sha256 {theirs.get('sha256')})")
+    if int(run.headline["images"]) != test_images:
+        return (f"the early_exit run in {folder} measured {run.headline['images']} test "
+                f"images, this run {test_images}")
+    return None
+
+
 def _load_model(args):
     from qerror.nn.models import fashion_resnet, load_checkpoint
     from studies.train import get_or_train_baseline
@@ -662,6 +702,11 @@ def _main(argv: list[str]) -> int:
                         help="tiny CNN epochs (default 2, smoke 1)")
     parser.add_argument("--cnn-lr", type=positive_float, default=0.05,
                         help="tiny CNN peak learning rate (one-cycle; default 0.05)")
+    parser.add_argument("--early-exit-run", type=Path, default=None,
+                        help="a finished python -m studies.early_exit run on the same baseline "
+                             "and test split whose INT8 early-exit network becomes a point "
+                             "(default: early_exit beside --out; left out, with the reason "
+                             "printed and in summary.json, when absent or of another network)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda or auto: where the networks are trained and "
                              "evaluated; sizes, files and WiSARD stay on the CPU")
@@ -724,8 +769,17 @@ def _main(argv: list[str]) -> int:
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
         rows, timing = [], []
+        ee_folder = args.early_exit_run or args.out.parent / "early_exit"
+        ee_why = "the ResNet part was not run"
         if "resnet" in parts:
             rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar)
+            ee_run = early_exit_run(ee_folder)
+            ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
+                                         data.identity["test_images"], smoke)
+            if ee_why is None:
+                rows.append(early_exit_point(ee_run, model, folder, correct[0.0]))
+            else:
+                print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
@@ -756,13 +810,17 @@ def _main(argv: list[str]) -> int:
             "Wilson interval, the paired difference from the dense network, and whether the "
             "model is on the Pareto front. INT8 stores the weights only, per output channel; "
             "the ResNet's first convolution stays float32, as pruning leaves it dense."
-            f"{tag}",
+            + (" The INT8 early-exit row's accuracy is the one its studies.early_exit run "
+               "measured with real INT8 kernels (no paired test)." if ee_why is None else "")
+            + tag,
             "tab:compression-points")
         run.write_latex_table("goals.tex", goal_frame,
                               f"The goals of the comparison, judged on the measured figures."
                               f"{tag}", "tab:compression-goals")
         summary = {"points": records(points), "goals": records(goal_frame),
-                   "smallest_within_one_point": smallest, "smoke": smoke}
+                   "smallest_within_one_point": smallest, "smoke": smoke,
+                   "early_exit": {"run": str(ee_folder), "included": ee_why is None,
+                                  "why_not": ee_why}}
         if args.rounding_bits:
             run.write_csv("rounding.csv", rounding)
             run.write_csv("rounding_layers.csv", rlayers)

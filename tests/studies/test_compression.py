@@ -157,3 +157,49 @@ def test_stored_network_reads_back_every_entry_of_the_file(tmp_path):
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, tmp_path):
+    from studies import early_exit
+    from studies._common import StudyError
+    from studies._runs import early_exit_run
+
+    root = fashion_idx(train=6100, test=100)
+    ee_out = tmp_path / "early_exit"
+    assert early_exit.main(["--smoke", "--data-root", str(root), "--out", str(ee_out)]) == 0
+    ee = json.loads((ee_out / "summary.json").read_text())
+    out = tmp_path / "compression"  # finds the early_exit run beside it
+    assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                             "--data-root", str(root), "--out", str(out)]) == 0
+    points = pd.read_csv(out / "points.csv")
+    (row,) = points[points.method == "INT8 early exit"].itertuples()
+    head = next(p for p in ee["operating_points"]
+                if p["system"] == "int8_early_exit" and p["policy"] == ee["head_policy"])
+    assert (row.acc, row.images) == (head["accuracy"], head["images"])
+    assert row.bytes == row.file_bytes  # written here, read back, counted
+    # the backbone's INT8 bytes and the heads' on top
+    assert row.bytes > points.bytes[points.method == "dense INT8"].iloc[0]
+    assert json.loads((out / "summary.json").read_text())["early_exit"]["included"]
+    # An exit model altered after its run is refused, never read.
+    with open(ee_out / "exit_model.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StudyError, match="is not the file the manifest"):
+        early_exit_run(ee_out)
+
+
+def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
+    from types import SimpleNamespace
+
+    ours = {"model": "fashion-resnet50", "sha256": "aa"}
+
+    def run(sha="aa", images=10_000, smoke=False):
+        return SimpleNamespace(smoke=smoke, headline={"images": images},
+                               manifest={"model": {"model": "fashion-resnet50", "sha256": sha}})
+
+    why = compression.early_exit_mismatch
+    assert why(run(), tmp_path, ours, 10_000, False) is None
+    assert "no finished studies.early_exit run" in why(None, tmp_path, ours, 10_000, False)
+    assert "another network" in why(run(sha="bb"), tmp_path, ours, 10_000, False)
+    assert "measured 500 test images, this run 10000" in why(run(images=500), tmp_path, ours,
+                                                              10_000, False)
+    assert "is a smoke run" in why(run(smoke=True), tmp_path, ours, 10_000, False)

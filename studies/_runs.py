@@ -1,0 +1,94 @@
+"""Reading a finished study run's outputs back, for another study that builds on them.
+
+:func:`early_exit_run` gives the network, exit rule and headline operating point of a
+``python -m studies.early_exit`` run: ``studies.bench`` times that network,
+``studies.compression`` prices it in bytes beside the other ways of shrinking the model.
+A folder without a finished run gives None (the caller says what it does without one); a
+run whose files are not the ones its manifest lists, or whose saved exit model does not fit
+its network, is an error, never read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qerror.files import sha256_file
+from qerror.nn.early_exit import EarlyExitResNet, ExitRule
+from studies._common import StudyError, previous_run
+
+__all__ = ["EarlyExitRun", "early_exit_run"]
+
+EARLY_EXIT_FILES = ("summary.json", "exit_model.pt")
+
+
+@dataclass(frozen=True)
+class EarlyExitRun:
+    """A finished early-exit run.
+
+    Attributes
+    ----------
+    folder : Path
+    manifest, summary : dict
+        Its ``manifest.json`` and ``summary.json``.
+    rule : ExitRule
+        The INT8 headline rule (policy, per-exit thresholds, temperatures).
+    headline : dict
+        The INT8 early-exit operating point of that rule as the run measured it on its test
+        images with real INT8 kernels (``accuracy``, ``images``, ``macs_fraction``, ...).
+    """
+
+    folder: Path
+    manifest: dict
+    summary: dict
+    rule: ExitRule
+    headline: dict
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.summary.get("smoke"))
+
+    def network(self, backbone: nn.Module) -> EarlyExitResNet:
+        """The run's early-exit network on ``backbone`` (its baseline, which a frozen run
+        does not save): the saved heads, or the whole saved state of a jointly fine-tuned
+        run, loaded into an :class:`EarlyExitResNet` in eval mode."""
+        model = EarlyExitResNet(backbone, tuple(self.manifest["config"]["exit_points"]))
+        state = torch.load(self.folder / "exit_model.pt", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise StudyError(f"{self.folder / 'exit_model.pt'} does not fit the network of "
+                             f"{self.folder}: unexpected {sorted(unexpected)[:3]}, missing "
+                             f"{sorted(k for k in missing if not k.startswith('backbone.'))[:3]}")
+        return model.eval()
+
+
+def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
+    """The early-exit run in ``folder``; None when the folder holds no finished run of
+    ``studies.early_exit``.
+
+    Raises
+    ------
+    StudyError
+        When a file the run is read by is not the one its manifest lists (altered after the
+        run, or from another run).
+    """
+    folder = Path(folder)
+    manifest = previous_run(folder)
+    if manifest is None or manifest.get("study") != "early_exit":
+        return None
+    for name in EARLY_EXIT_FILES:
+        path = folder / name
+        if name not in manifest["outputs"] or not path.is_file() \
+                or sha256_file(path) != manifest["outputs"][name]:
+            raise StudyError(f"{path} is not the file the manifest of {folder} lists; rerun "
+                             "python -m studies.early_exit --force (or point at another run)")
+    summary = json.loads((folder / "summary.json").read_text())
+    r = summary["int8_rule"]
+    rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))
+    headline = next(p for p in summary["operating_points"]
+                    if p["system"] == "int8_early_exit" and p["policy"] == summary["head_policy"])
+    return EarlyExitRun(folder, manifest, summary, rule, headline)
