@@ -6,7 +6,10 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   trained on the frozen baseline, and the same network fine-tuned jointly with a weighted
   sum of the exits' losses; accuracy per exit of both, on the validation and test splits;
 * a temperature per exit fitted on the validation split by minimising the NLL and by
-  minimising the ECE, the test ECE before and after each; the rules use ``--calibration``'s;
+  minimising the ECE, the test ECE before and after each; the rules use ``--calibration``'s
+  (default NLL), and an isotonic map of the rules' confidences fitted on validation
+  (:func:`qerror.nn.early_exit.fit_isotonic`, monotone, so no exit decision changes) gives
+  the calibrated confidences;
 * threshold sweeps (max-softmax and entropy, one threshold at every early exit) giving
   accuracy against average MACs for FP32 early exit, real INT8 early exit (torchao PT2E on
   oneDNN, :mod:`qerror.nn.pt2e`) and qerror's simulated INT8 with nearest-even and with
@@ -68,11 +71,13 @@ from qerror.nn.early_exit import (
     calibrate_exits,
     choose_operating_point,
     compare_exits,
+    confidence_ece,
     exit_confidence,
     exit_costs,
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
+    fit_isotonic,
     refine_thresholds,
     selection_order,
     threshold_sweep,
@@ -332,10 +337,13 @@ def figure_calibration(plt, calib: pd.DataFrame):
     d = calib[calib.split == "test"]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     x = np.arange(len(d))
-    ax.bar(x - 0.27, 100 * d.ece_before, 0.27, label="T = 1")
+    w = 0.2
+    ax.bar(x - 1.5 * w, 100 * d.ece_before, w, label="T = 1")
     for i, o in enumerate(CALIBRATION_OBJECTIVES):
-        ax.bar(x + 0.27 * i, 100 * d[f"ece_after_{o}"], 0.27,
+        ax.bar(x + (i - 0.5) * w, 100 * d[f"ece_after_{o}"], w,
                label=f"T minimising the validation {o.upper()}")
+    ax.bar(x + 1.5 * w, 100 * d.ece_after_isotonic, w,
+           label="isotonic map on the rules' T (validation)")
     ax.axhline(100 * ECE_GOAL, color="k", ls=":", lw=0.8, label="goal")
     ax.set_xticks(x, list(d.exit_point))
     ax.set_ylabel("ECE on the test split (%)")
@@ -403,11 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", nargs="+", type=unit_interval, default=None,
                         help="thresholds swept, each in [0, 1] (default: 21 even ones and 21 "
                              "near 1; smoke 6 and 6)")
-    parser.add_argument("--calibration", choices=CALIBRATION_OBJECTIVES, default="ece",
+    parser.add_argument("--calibration", choices=CALIBRATION_OBJECTIVES, default="nll",
                         help="what each exit's temperature minimises on the validation split "
-                             "(default ece: the expected calibration error the goal names; "
-                             "nll: Guo et al.'s temperature scaling); both are reported, the "
-                             "rules use this one")
+                             "(default nll: Guo et al.'s temperature scaling; ece: the "
+                             "expected calibration error itself); both are reported, the "
+                             "rules use this one, and an isotonic map fitted on top of it "
+                             "gives the calibrated confidences the goal is judged on")
     parser.add_argument("--select-margin", type=unit_interval, default=MARGIN / 2,
                         help="operating point: fewest MACs with validation accuracy at least "
                              "FP32 full's minus this (default 0.0025, half the equivalence "
@@ -556,6 +565,11 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
                     row[f"temperature_{o}"] = fitted[o][k].temperature
                     row[f"ece_after_{o}"] = expected_calibration_error(z, y,
                                                                        fitted[o][k].temperature)
+                # The isotonic map of the rules' confidences, fitted on validation.
+                conf, pred = torch.softmax(z.double() / row["temperature"], 1).max(1)
+                if split == "val":
+                    iso = fit_isotonic(conf, pred == y)
+                row["ece_after_isotonic"] = confidence_ece(iso(conf), pred == y)
                 calib_rows.append(row)
     calibration = pd.DataFrame(calib_rows)
 
@@ -707,11 +721,11 @@ def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
          "measured": f"{100 * ee.macs_fraction:.1f}% of the full MACs",
          "met": bool(ee.macs_fraction <= MACS_GOAL)},
         {"goal": "ECE at most 2% at every exit after calibration (INT8, test split)",
-         "measured": f"max {100 * cal.ece_after.max():.2f}% (T fitted to the validation "
-                     f"{cal.objective.iloc[0].upper()}; "
-                     + ", ".join(f"{o.upper()}'s T: max {100 * cal[f'ece_after_{o}'].max():.2f}%"
+         "measured": f"max {100 * cal.ece_after_isotonic.max():.2f}% (isotonic map on the "
+                     f"rules' confidences, fitted on validation; temperature alone: "
+                     + ", ".join(f"{o.upper()}'s T max {100 * cal[f'ece_after_{o}'].max():.2f}%"
                                  for o in CALIBRATION_OBJECTIVES) + ")",
-         "met": bool((cal.ece_after <= ECE_GOAL).all())},
+         "met": bool((cal.ece_after_isotonic <= ECE_GOAL).all())},
     ]
     lat = results["latency"]
     speed = {"throughput": "at least 5x the throughput of FP32 eager full at batch 256 "
@@ -800,10 +814,12 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
         "calibration.tex", cal[cal.split == "test"][
             ["system", "exit_point", "ece_before"]
             + [c for o in CALIBRATION_OBJECTIVES for c in (f"temperature_{o}",
-                                                           f"ece_after_{o}")]],
+                                                           f"ece_after_{o}")]
+            + ["ece_after_isotonic"]],
         f"Temperature per exit fitted on the validation split by minimising the NLL (Guo et "
         f"al.) or the ECE, and the ECE (15 bins) on the test split before and after each; "
-        f"the exit rules use the {config['calibration'].upper()}'s{tag}.",
+        f"the exit rules use the {config['calibration'].upper()}'s, and the last column is "
+        f"the ECE after an isotonic map of those confidences, fitted on validation{tag}.",
         "tab:early-exit-calibration")
     run.write_latex_table("goals.tex", goal[["goal", "measured", "verdict"]],
                           f"The issue's goals and what was measured{tag}.",
@@ -850,6 +866,7 @@ def _macros(r: dict, smoke: bool) -> dict:
     for o in CALIBRATION_OBJECTIVES:
         m[f"EceAfterMaxInt{o.capitalize()}"] = f"{100 * worst[f'ece_after_{o}'].max():.2f}"
     m["CalibrationObjective"] = worst.objective.iloc[0].upper()
+    m["EceAfterMaxIntIsotonic"] = f"{100 * worst.ece_after_isotonic.max():.2f}"
     for _, row in r["sim_vs_real"].iterrows():
         m[f"SameExit{letters(row.simulation.replace('_', ' '))}"] = f"{100 * row.same_exit:.1f}"
     return m

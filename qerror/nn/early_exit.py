@@ -11,7 +11,9 @@
   ones of :meth:`EarlyExitResNet.stages` as well as the INT8 compiled ones of
   :func:`qerror.nn.pt2e.quantize_exit_stages`.
 * :func:`fit_temperature`, :func:`expected_calibration_error` and :func:`calibrate_exits`
-  calibrate the confidences of each exit.
+  calibrate the confidences of each exit with a temperature; :func:`fit_isotonic` with a
+  monotone map where one temperature cannot, and :func:`confidence_ece` scores any
+  calibrator's confidences.
 * :func:`exit_result_from_logits` takes the runner's decisions from every exit's logits,
   so :func:`threshold_sweep` prices many thresholds with one forward pass;
   :func:`choose_operating_point`, :func:`exits_per_class` and :func:`compare_exits`
@@ -51,6 +53,7 @@ __all__ = [
     "ExitResult",
     "ExitRule",
     "ExitStage",
+    "IsotonicMap",
     "FinalHead",
     "OperatingPoint",
     "SweepPoint",
@@ -58,6 +61,7 @@ __all__ = [
     "block_mac_fractions",
     "calibrate_exits",
     "check_resnet",
+    "confidence_ece",
     "choose_operating_point",
     "compare_exits",
     "count_macs",
@@ -66,6 +70,7 @@ __all__ = [
     "exit_result_from_logits",
     "exits_per_class",
     "expected_calibration_error",
+    "fit_isotonic",
     "fit_temperature",
     "RefinedRule",
     "refine_thresholds",
@@ -863,17 +868,97 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
     """
     z, y = _check_logits_labels(logits, labels)
     _check_temperature(temperature, "temperature")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     p = torch.softmax(z / temperature, dim=1)
     conf, pred = p.max(dim=1)
-    correct = (pred == y).to(torch.float64)
+    return confidence_ece(conf, pred == y, n_bins)
+
+
+def confidence_ece(confidence, correct, n_bins: int = 15) -> float:
+    """:func:`expected_calibration_error` of given confidences: ``confidence`` in [0, 1]
+    and whether each prediction was right (``correct``, booleans), any calibrator's output.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    conf = torch.as_tensor(confidence, dtype=torch.float64).reshape(-1)
+    correct = torch.as_tensor(correct).reshape(-1)
+    if correct.dtype != torch.bool or len(correct) != len(conf) or not len(conf):
+        raise ValueError("correct must be booleans, one per confidence, and not empty")
+    if not bool(((conf >= 0) & (conf <= 1)).all()):
+        raise ValueError("confidences must lie in [0, 1]")
+    correct = correct.to(torch.float64)
     # Bin b holds (b/M, (b+1)/M]; ceil(conf*M)-1 puts a confidence on an edge in the lower bin.
     # sum_b |B_b|/N |mean conf - mean acc| = sum_b |sum conf - sum acc| / N.
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
-    return float((conf_sum - acc_sum).abs().sum() / len(y))
+    return float((conf_sum - acc_sum).abs().sum() / len(conf))
+
+
+@dataclass(frozen=True)
+class IsotonicMap:
+    """A non-decreasing map of confidences to calibrated ones (:func:`fit_isotonic`).
+
+    Attributes
+    ----------
+    knots, values : tuple of float
+        Increasing distinct confidences of the fitting split and their fitted values;
+        between knots the map interpolates linearly, beyond them it is constant.
+    """
+
+    knots: tuple[float, ...]
+    values: tuple[float, ...]
+
+    def __call__(self, confidence) -> torch.Tensor:
+        conf = torch.as_tensor(confidence, dtype=torch.float64)
+        out = np.interp(conf.numpy(), np.asarray(self.knots), np.asarray(self.values))
+        return torch.from_numpy(out)
+
+
+def fit_isotonic(confidence, correct) -> IsotonicMap:
+    """Isotonic regression of correctness on confidence: a calibrator that keeps the order
+    of the confidences it maps.
+
+    Parameters
+    ----------
+    confidence : tensor or array
+        (N,) confidences in [0, 1] of a held-out (validation) split, e.g. the max-softmax
+        probability after a temperature.
+    correct : tensor or array of bool
+        (N,) whether each prediction was right.
+
+    Returns
+    -------
+    IsotonicMap
+
+    Notes
+    -----
+    Zadrozny and Elkan's calibration by isotonic regression [1]_, compared by Guo et al.
+    [2]_ with temperature scaling: the non-decreasing step function ``g`` that minimises
+    ``sum_i (g(c_i) - y_i)^2`` (pool adjacent violators, :func:`scipy.optimize.isotonic_regression`
+    on the distinct confidences weighted by their counts). Being monotone, it keeps a
+    confidence threshold's decisions: ``g(c) >= g(t)`` holds wherever ``c >= t`` does, so an
+    exit rule can stay on the raw score while the calibrated value is what is reported. Where
+    one scalar temperature cannot remove a miscalibration (label smoothing bends the
+    confidence curve in a way no single T straightens), a monotone map still can; fitted on
+    one split, judge it on another.
+
+    References
+    ----------
+    .. [1] B. Zadrozny, C. Elkan, "Transforming classifier scores into accurate multiclass
+       probability estimates", KDD 2002.
+    .. [2] C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On calibration of modern neural
+       networks", ICML 2017.
+    """
+    conf = torch.as_tensor(confidence, dtype=torch.float64).reshape(-1).numpy()
+    right = torch.as_tensor(correct).reshape(-1)
+    if right.dtype != torch.bool or len(right) != len(conf) or not len(conf):
+        raise ValueError("correct must be booleans, one per confidence, and not empty")
+    if not np.all((conf >= 0) & (conf <= 1)):
+        raise ValueError("confidences must lie in [0, 1] (NaN is not a confidence)")
+    knots, inverse, counts = np.unique(conf, return_inverse=True, return_counts=True)
+    mean_right = np.bincount(inverse, weights=right.numpy().astype(np.float64)) / counts
+    fitted = optimize.isotonic_regression(mean_right, weights=counts.astype(np.float64)).x
+    return IsotonicMap(tuple(float(k) for k in knots), tuple(float(v) for v in fitted))
 
 
 @dataclass(frozen=True)

@@ -83,14 +83,18 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
         (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
-    # Temperatures by both objectives; the rules use --calibration's (default ece).
+    # Temperatures by both objectives; the rules use --calibration's (default nll); the
+    # isotonic map on top is fitted on validation, where it leaves every bin calibrated.
     cal = pd.read_csv(out / "calibration.csv")
-    assert manifest["config"]["calibration"] == "ece" and (cal.objective == "ece").all()
-    assert (cal.temperature == cal.temperature_ece).all()
-    assert (cal.ece_after == cal.ece_after_ece).all() and cal.ece_after_nll.notna().all()
+    assert manifest["config"]["calibration"] == "nll" and (cal.objective == "nll").all()
+    assert (cal.temperature == cal.temperature_nll).all()
+    assert (cal.ece_after == cal.ece_after_nll).all() and cal.ece_after_ece.notna().all()
+    assert (cal[cal.split == "val"].ece_after_isotonic < 1e-9).all()
+    assert cal[cal.split == "test"].ece_after_isotonic.notna().all()
     int8 = cal[(cal.system == "int8") & (cal.split == "val")].sort_values("exit")
     assert summary["int8_rule"]["temperatures"] == pytest.approx(list(int8.temperature))
-    for macro in ("EceAfterMaxIntNll", "EceAfterMaxIntEce", "CalibrationObjective"):
+    for macro in ("EceAfterMaxIntNll", "EceAfterMaxIntEce", "CalibrationObjective",
+                  "EceAfterMaxIntIsotonic"):
         assert f"\\newcommand{{\\earlyExit{macro}}}" in (out / "macros.tex").read_text()
     # Both head-training variants, every exit, both splits.
     heads = pd.read_csv(out / "heads.csv")
@@ -209,8 +213,9 @@ def _results(delta_ci, macs_fraction, ece_max, images=10_000):
         "tost_ci_hi": delta_ci[1], "tost_p": 0.01,
         "equivalent": -early_exit.MARGIN < delta_ci[0] and delta_ci[1] < early_exit.MARGIN,
         "macs_fraction": macs_fraction}])
-    calibration = pd.DataFrame([{"system": "int8", "split": "test", "objective": "ece",
-                                 "ece_after": e, "ece_after_ece": e, "ece_after_nll": 2 * e}
+    calibration = pd.DataFrame([{"system": "int8", "split": "test", "objective": "nll",
+                                 "ece_after_isotonic": e, "ece_after": 2 * e,
+                                 "ece_after_nll": 2 * e, "ece_after_ece": 3 * e}
                                 for e in (ece_max / 2, ece_max)])
     return {"points": points, "head_policy": "max-softmax", "calibration": calibration,
             "latency": None}
@@ -220,9 +225,10 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     met = early_exit.goals(_results((-0.003, 0.002), 0.4, 0.015), smoke=False,
                            whole_test=True)
     assert list(met.verdict) == ["met", "met", "met", "not measured", "not measured"]
-    # the calibration goal is judged on the rules' temperatures and names both objectives'
-    assert met.measured[2] == "max 1.50% (T fitted to the validation ECE; NLL's T: max 3.00%, " \
-                              "ECE's T: max 1.50%)"
+    # the calibration goal is judged on the isotonic map and names both temperatures' ECE
+    assert met.measured[2] == ("max 1.50% (isotonic map on the rules' confidences, fitted on "
+                               "validation; temperature alone: NLL's T max 3.00%, ECE's T max "
+                               "4.50%)")
     missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
                               whole_test=True)
     assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3

@@ -18,12 +18,14 @@ from qerror.nn.early_exit import (
     calibrate_exits,
     choose_operating_point,
     compare_exits,
+    confidence_ece,
     count_macs,
     exit_confidence,
     exit_costs,
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
+    fit_isotonic,
     fit_temperature,
     refine_thresholds,
     run_early_exit,
@@ -276,6 +278,45 @@ def test_fit_temperature_by_ece_recovers_the_true_temperature_and_beats_nll_on_i
     assert by_ece.ece_after < 0.5 * by_nll.ece_after and by_nll.nll_after <= by_ece.nll_after
 
 
+def test_isotonic_map_is_the_monotone_least_squares_fit_and_keeps_the_order():
+    # 1,0,1,0,1 at increasing confidences: the violators pool to 0.5 until the last 1.
+    g = fit_isotonic(torch.tensor([.1, .2, .3, .4, .5], dtype=torch.float64),
+                     torch.tensor([1, 0, 1, 0, 1]).bool())
+    assert g.values == (0.5, 0.5, 0.5, 0.5, 1.0)
+    # equal confidences are one knot holding their mean; between knots linear, beyond flat
+    g = fit_isotonic(torch.tensor([.2, .2, .5, .6], dtype=torch.float64),
+                     torch.tensor([1, 0, 1, 0]).bool())
+    assert g.knots == (.2, .5, .6) and g.values == (0.5, 0.5, 0.5)
+    g = fit_isotonic(torch.tensor([.2, .2, .6], dtype=torch.float64),
+                     torch.tensor([1, 0, 1]).bool())
+    assert g(torch.tensor([0.0, 0.4, 0.9], dtype=torch.float64)).tolist() == [0.5, 0.75, 1.0]
+    # monotone: a threshold on the raw confidence keeps its decisions after the map
+    logits, labels = _overconfident(3000, 2.0, seed=5)
+    conf, pred = torch.softmax(logits, 1).max(1)
+    g = fit_isotonic(conf, pred == labels)
+    mapped = g(conf)
+    order = torch.argsort(conf)
+    assert (mapped[order].diff() >= 0).all() and mapped.min() >= 0 and mapped.max() <= 1
+
+
+def test_isotonic_calibration_beats_any_single_temperature_where_none_fits():
+    # Half the samples calibrated at T = 1, half at T = 4, shuffled; the map is fitted on one
+    # half and judged on the other. On the held-out half the best single T (by the ECE of
+    # the fitting half) leaves 2.6 %, the isotonic map on its confidences 0.7 %.
+    a, b = _overconfident(10000, 1.0, seed=1), _overconfident(10000, 4.0, seed=2)
+    perm = torch.randperm(20000, generator=torch.Generator().manual_seed(3))
+    z, y = torch.cat([a[0], b[0]])[perm], torch.cat([a[1], b[1]])[perm]
+    (zf, yf), (ze, ye) = (z[:10000], y[:10000]), (z[10000:], y[10000:])
+    t = fit_temperature(zf, yf, objective="ece")
+    conf, pred = torch.softmax(zf / t, 1).max(1)
+    g = fit_isotonic(conf, pred == yf)
+    held_conf, held_pred = torch.softmax(ze / t, 1).max(1)
+    assert confidence_ece(g(held_conf), held_pred == ye) < 0.5 * expected_calibration_error(
+        ze, ye, t)
+    # and on the split it was fitted on, every bin's confidence is its accuracy
+    assert confidence_ece(g(conf), pred == yf) < 1e-12
+
+
 def _ece_reference(conf, correct, n_bins):
     edges = np.linspace(0, 1, n_bins + 1)
     idx = np.digitize(conf, edges[1:-1], right=True)  # bin b holds (edge_b, edge_b+1]
@@ -366,6 +407,12 @@ def test_bad_calibration_input_is_refused():
         fit_temperature(torch.full((2, 3), math.nan), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="objective must be one of"):
         fit_temperature(logits, labels, objective="brier")
+    with pytest.raises(ValueError, match="confidences must lie in"):
+        fit_isotonic(torch.tensor([0.5, math.nan]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="correct must be booleans"):
+        fit_isotonic(torch.tensor([0.5, 0.6]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="confidences must lie in"):
+        confidence_ece(torch.tensor([1.5]), torch.tensor([True]))
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(logits, labels, n_bins=0)
 
