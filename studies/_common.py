@@ -413,14 +413,26 @@ class RunDir:
         return p
 
     def write_latex_table(self, name: str, frame, caption: str, label: str,
-                          float_format: str = "%.4g") -> Path:
+                          float_format: str = "%.4g", column_format: str | None = None) -> Path:
         """A booktabs table (needs ``\\usepackage{booktabs}``), with readable headers
-        (:func:`studies._latex.readable`)."""
+        (:func:`studies._latex.readable`); ``column_format`` as LaTeX's (default one ``l``
+        or ``r`` per column, pandas' choice)."""
         body = readable(frame).to_latex(index=False, float_format=float_format.__mod__,
-                                        escape=False, na_rep="--")
+                                        escape=False, na_rep="--", column_format=column_format)
         text = ("\\begin{table}[t]\n\\centering\n\\small\n" + body
                 + f"\\caption{{{caption}}}\n\\label{{{label}}}\n\\end{{table}}\n")
         return self.write_text(name, text)
+
+    def write_goals_table(self, name: str, frame, caption: str, label: str) -> Path:
+        """A study's goals (three columns: the goal, what was measured, the verdict) with
+        the two text columns wrapped at fixed widths, so that the table keeps the text's
+        size at the paper's line width instead of shrinking to fit one line per goal
+        (needs ``\\usepackage{array}``)."""
+        if frame.shape[1] != 3:
+            raise ValueError(f"a goals table has three columns, got {list(frame.columns)}")
+        wrap = r">{\raggedright\arraybackslash}p{%s\linewidth}"
+        return self.write_latex_table(name, frame, caption, label,
+                                      column_format=wrap % "0.34" + wrap % "0.48" + "l")
 
     def write_macros(self, name: str, macros: dict[str, str]) -> Path:
         """``\\newcommand`` definitions, so the paper's text never holds a typed number.

@@ -814,7 +814,7 @@ def _main(argv: list[str]) -> int:
                "measured with real INT8 kernels (no paired test)." if ee_why is None else "")
             + tag,
             "tab:compression-points")
-        run.write_latex_table("goals.tex", goal_frame,
+        run.write_goals_table("goals.tex", goal_frame,
                               f"The goals of the comparison, judged on the measured figures."
                               f"{tag}", "tab:compression-goals")
         summary = {"points": records(points), "goals": records(goal_frame),

@@ -297,6 +297,31 @@ def thresholds_text(rule: ExitRule) -> str:
     return "/".join(f"{t:g}" for t in rule.thresholds)
 
 
+def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
+    """The operating points for the paper: percentages with two decimals, the test accuracy
+    with its interval in one cell, thresholds and p-values to a few digits (the CSV keeps
+    every digit)."""
+    def thresholds(text) -> str:
+        return "/".join(f"{float(t):.3g}" for t in text.split("/")) if \
+            isinstance(text, str) and text else "--"
+
+    def p_value(v) -> str:
+        return "--" if pd.isna(v) else f"{v:.2g}"
+
+    return pd.DataFrame({
+        "system": pts.system, "policy": pts.policy,
+        "thresholds": [thresholds(t) for t in pts.thresholds],
+        "val. acc. (%)": [f"{100 * v:.2f}" for v in pts.val_accuracy],
+        f"test acc. (%), {100 * (1 - ALPHA):g}% CI": [
+            f"{100 * a:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+            for a, lo, hi in zip(pts.accuracy, pts.acc_lo, pts.acc_hi)],
+        "MACs (%)": [f"{100 * m:.1f}" for m in pts.macs_fraction],
+        "vs FP32 full (points)": [f"{100 * d:+.2f}" for d in pts.delta_vs_fp32_full],
+        "McNemar p": [p_value(v) for v in pts.mcnemar_p],
+        "TOST p": [p_value(v) for v in pts.tost_p],
+        "equivalent": ["yes" if e else "no" for e in pts.equivalent]})
+
+
 def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) -> dict:
     """Wilson interval of ``correct``; McNemar and the paired TOST against ``ref``."""
     n = len(correct)
@@ -791,10 +816,8 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
                       timing=True)
     tag = " (smoke run: not evidence)" if smoke else ""
     pts = r["points"]
-    cols = ["system", "policy", "thresholds", "val_accuracy", "accuracy", "acc_lo", "acc_hi",
-            "macs_fraction", "delta_vs_fp32_full", "mcnemar_p", "tost_p", "equivalent"]
     run.write_latex_table(
-        "operating_points.tex", pts[cols],
+        "operating_points.tex", operating_points_table(pts),
         f"Operating points chosen on the validation split (fewest average MACs with "
         f"accuracy at least FP32 full's minus {100 * config['select_margin']:g} points), "
         f"reported on {int(pts.images.iloc[0])} test images: {100 * (1 - ALPHA):g}\\% Wilson "
@@ -821,7 +844,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
         f"the exit rules use the {config['calibration'].upper()}'s, and the last column is "
         f"the ECE after an isotonic map of those confidences, fitted on validation{tag}.",
         "tab:early-exit-calibration")
-    run.write_latex_table("goals.tex", goal[["goal", "measured", "verdict"]],
+    run.write_goals_table("goals.tex", goal[["goal", "measured", "verdict"]],
                           f"The issue's goals and what was measured{tag}.",
                           "tab:early-exit-goals")
     if speed_in_goals:

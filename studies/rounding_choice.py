@@ -642,7 +642,7 @@ def _main(argv: list[str]) -> int:
             "nearest and of the roundings, the fraction that beat nearest with its "
             f"{100 * (1 - ALPHA):g}\\% Wilson interval, and Spearman's correlation of the "
             "layer's local MSE with the loss.", "tab:rchoice-updown")
-        tex = run.write_latex_table(
+        tex = run.write_goals_table(
             "goals.tex", goal, "Goals of the rounding-choice study.", "tab:rchoice-goals")
         run.timing_outputs.add(tex.name)
         cost = curve.assign(minutes=curve.wall_seconds / 60)[

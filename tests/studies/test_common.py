@@ -137,3 +137,17 @@ def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_
     for kept in (live, other_name, not_ours, link):
         assert kept.exists() or kept.is_symlink(), kept
     assert (other_name / "a.csv").read_text() == "1\n"
+
+
+def test_goals_table_wraps_its_two_text_columns_at_fixed_widths(tmp_path):
+    import pandas as pd
+
+    goals = pd.DataFrame({"goal": ["a long goal_name"], "measured": ["1.5% of it"],
+                          "verdict": ["met"]})
+    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+        text = run.write_goals_table("goals.tex", goals, "Goals.", "tab:g").read_text()
+        with pytest.raises(ValueError, match="three columns"):
+            run.write_goals_table("bad.tex", goals.assign(extra=1), "Goals.", "tab:b")
+    assert ("\\begin{tabular}{>{\\raggedright\\arraybackslash}p{0.34\\linewidth}"
+            ">{\\raggedright\\arraybackslash}p{0.48\\linewidth}l}") in text
+    assert "a long goal name & 1.5\\% of it & met" in text  # escaped as every table is
