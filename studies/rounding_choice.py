@@ -310,27 +310,28 @@ def stage_count(models, bits_list, args) -> int:
 # --------------------------------------------------------------------------- outputs
 
 def figure_scatter(plt, ud: pd.DataFrame):
-    """Task loss against the layer's local MSE (top) and against its Taylor estimate
-    (bottom), one column per model and layer; nearest marked."""
+    """Task loss against the layer's local MSE (left) and against its Taylor estimate
+    (right), one row per model and layer (sized for the paper's full text width);
+    nearest marked."""
     keys = list(dict.fromkeys(zip(ud.model, ud.place)))
-    fig, axes = plt.subplots(2, len(keys), figsize=(3.6 * len(keys), 6.4), squeeze=False)
-    for j, (model, place) in enumerate(keys):
+    fig, axes = plt.subplots(len(keys), 2, figsize=(6.4, 2.3 * len(keys)), squeeze=False)
+    for i, (model, place) in enumerate(keys):
         d = ud[(ud.model == model) & (ud.place == place)]
         s, n = d[d.rounding == "stochastic"], d[d.rounding == "nearest"]
-        for ax, xcol, xlabel in ((axes[0, j], "local_mse", "layer's local output MSE"),
-                                 (axes[1, j], "taylor", "second-order Taylor estimate")):
+        for ax, xcol, xlabel in ((axes[i, 0], "local_mse", "layer's local output MSE"),
+                                 (axes[i, 1], "taylor", "second-order Taylor estimate")):
             ax.plot(s[xcol], s.loss, ".", ms=4, label="stochastic")
             ax.plot(n[xcol], n.loss, "r*", ms=10, label="nearest")
             ax.axhline(float(n.loss.iloc[0]), color="r", lw=0.6, ls=":")
             ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel("task loss", fontsize=8)
+            ax.tick_params(labelsize=7)
         if (d.taylor.notna()).any():
             lim = [min(d.taylor.min(), d.loss.min()), max(d.taylor.max(), d.loss.max())]
-            axes[1, j].plot(lim, lim, "k:", lw=0.7)
-        axes[0, j].set_title(f"{model}: {place} layer {d.layer.iloc[0]}, "
-                             f"{int(d.bits.iloc[0])} bits", fontsize=8)
-        axes[0, j].set_ylabel("task loss")
-        axes[1, j].set_ylabel("task loss")
-    axes[0, 0].legend(fontsize=7)
+            axes[i, 1].plot(lim, lim, "k:", lw=0.7)
+        axes[i, 0].set_title(f"{model}: {place} layer {d.layer.iloc[0]}, "
+                             f"{int(d.bits.iloc[0])} bits", fontsize=8, loc="left")
+    axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
