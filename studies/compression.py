@@ -589,11 +589,11 @@ def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | Non
 # --------------------------------------------------------------------------- main
 
 
-def early_exit_point(run: EarlyExitRun, model: nn.Module, folder: Path,
+def early_exit_point(run: EarlyExitRun, net: nn.Module, folder: Path,
                      dense: np.ndarray) -> dict:
-    """The INT8 early-exit network of ``run`` as a point: bytes of its file written here,
-    accuracy as the run measured it (counts only; the difference from dense unpaired)."""
-    net = run.network(copy.deepcopy(model))
+    """The INT8 early-exit network ``net`` of ``run`` as a point: bytes of its file written
+    here, accuracy as the run measured it (counts only: ``correct`` below stands for the
+    count, never for paired per-image results, so the row has no McNemar p)."""
     _, counted, size = stored_network(net, folder, "early_exit_int8", SparseFormat.DENSE,
                                       StorageFormat.INT8)
     h = run.headline
@@ -614,9 +614,13 @@ def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
     if run.smoke != smoke:
         return f"the early_exit run in {folder} is {'' if run.smoke else 'not '}a smoke run"
     theirs = run.manifest.get("model", {})
-    if any(theirs.get(k) != model_id.get(k) for k in ("model", "sha256", "seed")):
+    # A trained network is its checkpoint's bytes (the studies name it differently); an
+    # untrained smoke network is its architecture and seed.
+    keys = ("sha256",) if model_id.get("sha256") else ("model", "seed")
+    if any(theirs.get(k) != model_id.get(k) for k in keys):
         return (f"the early_exit run in {folder} is of another network ({theirs.get('model')}"
-                f", sha256 {theirs.get('sha256')})")
+                f", sha256 {theirs.get('sha256')}; this run's: {model_id.get('model')}, "
+                f"sha256 {model_id.get('sha256')})")
     if int(run.headline["images"]) != test_images:
         return (f"the early_exit run in {folder} measured {run.headline['images']} test "
                 f"images, this run {test_images}")
@@ -760,6 +764,18 @@ def _main(argv: list[str]) -> int:
              + (1 + len(args.sparsities)) * bool(args.rounding_bits)
              + len(args.wisard_budgets) * (("wisard" in parts) + ("cnn" in parts))
              + len(args.dwn_luts) * ("dwn" in parts))
+    # The early-exit run is read and checked now, before hours of fine-tuning: a run that
+    # does not fit is left out with the reason, one whose files were altered is an error.
+    ee_folder = args.early_exit_run or args.out.parent / "early_exit"
+    ee_why, ee_run, ee_net = "the ResNet part was not run", None, None
+    if "resnet" in parts:
+        ee_run = early_exit_run(ee_folder)
+        ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
+                                     data.identity["test_images"], smoke)
+        if ee_why is None:
+            ee_net = ee_run.network(copy.deepcopy(model))
+        else:
+            print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
     plt = figure_style()
     with RunDir(args.out, "compression", argv, config) as run, \
             tempfile.TemporaryDirectory(prefix="qerror-compression-") as tmp:
@@ -769,17 +785,10 @@ def _main(argv: list[str]) -> int:
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
         rows, timing = [], []
-        ee_folder = args.early_exit_run or args.out.parent / "early_exit"
-        ee_why = "the ResNet part was not run"
         if "resnet" in parts:
             rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar)
-            ee_run = early_exit_run(ee_folder)
-            ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
-                                         data.identity["test_images"], smoke)
             if ee_why is None:
-                rows.append(early_exit_point(ee_run, model, folder, correct[0.0]))
-            else:
-                print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
+                rows.append(early_exit_point(ee_run, ee_net, folder, correct[0.0]))
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,

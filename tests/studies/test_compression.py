@@ -190,11 +190,12 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
 def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
     from types import SimpleNamespace
 
+    # compression and early_exit name the same checkpoint differently: its sha256 decides
     ours = {"model": "fashion-resnet50", "sha256": "aa"}
 
     def run(sha="aa", images=10_000, smoke=False):
-        return SimpleNamespace(smoke=smoke, headline={"images": images},
-                               manifest={"model": {"model": "fashion-resnet50", "sha256": sha}})
+        return SimpleNamespace(smoke=smoke, headline={"images": images}, manifest={
+            "model": {"model": "fashion-resnet50-imagenet", "sha256": sha}})
 
     why = compression.early_exit_mismatch
     assert why(run(), tmp_path, ours, 10_000, False) is None
@@ -203,3 +204,10 @@ def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
     assert "measured 500 test images, this run 10000" in why(run(images=500), tmp_path, ours,
                                                               10_000, False)
     assert "is a smoke run" in why(run(smoke=True), tmp_path, ours, 10_000, False)
+    # untrained smoke networks: architecture and seed
+    smoke = {"model": "fashion-resnet18-untrained-smoke", "seed": 0}
+    other = SimpleNamespace(smoke=True, headline={"images": 64}, manifest={
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 1}})
+    assert "another network" in why(other, tmp_path, smoke, 64, True)
+    other.manifest["model"]["seed"] = 0
+    assert why(other, tmp_path, smoke, 64, True) is None
