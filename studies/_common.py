@@ -432,7 +432,7 @@ class RunDir:
             raise ValueError(f"a goals table has three columns, got {list(frame.columns)}")
         wrap = r">{\raggedright\arraybackslash}p{%s\linewidth}"
         return self.write_latex_table(name, frame, caption, label,
-                                      column_format=wrap % "0.34" + wrap % "0.48" + "l")
+                                      column_format=wrap % "0.33" + wrap % "0.45" + wrap % "0.12")
 
     def write_macros(self, name: str, macros: dict[str, str]) -> Path:
         """``\\newcommand`` definitions, so the paper's text never holds a typed number.

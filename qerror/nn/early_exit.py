@@ -894,6 +894,14 @@ def confidence_ece(confidence, correct, n_bins: int = 15) -> float:
     return float((conf_sum - acc_sum).abs().sum() / len(conf))
 
 
+def _float64(values) -> np.ndarray:
+    """A float64 numpy copy of a tensor (any device, with or without grad), array or number;
+    a Python float keeps all its digits (no float32 on the way)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class IsotonicMap:
     """A non-decreasing map of confidences to calibrated ones (:func:`fit_isotonic`).
@@ -908,10 +916,21 @@ class IsotonicMap:
     knots: tuple[float, ...]
     values: tuple[float, ...]
 
+    def __post_init__(self):
+        k, v = np.asarray(self.knots, dtype=np.float64), np.asarray(self.values, dtype=np.float64)
+        if k.ndim != 1 or k.shape != v.shape or not len(k):
+            raise ValueError(f"knots and values must be equally long and not empty, got "
+                             f"{k.shape} and {v.shape}")
+        if not (np.all(np.diff(k) > 0) and np.all(np.diff(v) >= 0)):
+            raise ValueError("knots must increase and values must not decrease")
+        if not (np.all((k >= 0) & (k <= 1)) and np.all((v >= 0) & (v <= 1))):
+            raise ValueError("knots and values must lie in [0, 1]")
+
     def __call__(self, confidence) -> torch.Tensor:
-        conf = torch.as_tensor(confidence, dtype=torch.float64)
-        out = np.interp(conf.numpy(), np.asarray(self.knots), np.asarray(self.values))
-        return torch.from_numpy(out)
+        """The calibrated confidences, float64, of the input's shape (a 0-d tensor for a
+        number)."""
+        out = np.interp(_float64(confidence), np.asarray(self.knots), np.asarray(self.values))
+        return torch.as_tensor(np.asarray(out, dtype=np.float64))
 
 
 def fit_isotonic(confidence, correct) -> IsotonicMap:
@@ -933,11 +952,12 @@ def fit_isotonic(confidence, correct) -> IsotonicMap:
     Notes
     -----
     Zadrozny and Elkan's calibration by isotonic regression [1]_, compared by Guo et al.
-    [2]_ with temperature scaling: the non-decreasing step function ``g`` that minimises
-    ``sum_i (g(c_i) - y_i)^2`` (pool adjacent violators, :func:`scipy.optimize.isotonic_regression`
-    on the distinct confidences weighted by their counts). Being monotone, it keeps a
-    confidence threshold's decisions: ``g(c) >= g(t)`` holds wherever ``c >= t`` does, so an
-    exit rule can stay on the raw score while the calibrated value is what is reported. Where
+    [2]_ with temperature scaling: at the distinct confidences, the non-decreasing values
+    ``g`` that minimise ``sum_i (g(c_i) - y_i)^2`` (pool adjacent violators,
+    :func:`scipy.optimize.isotonic_regression` weighted by the counts), interpolated linearly
+    between them. The map does not decrease, so it never reverses two confidences, but it
+    makes many of them equal: an exit rule stays on the raw score (its decisions unchanged)
+    and the mapped value is what is reported as the confidence. Where
     one scalar temperature cannot remove a miscalibration (label smoothing bends the
     confidence curve in a way no single T straightens), a monotone map still can; fitted on
     one split, judge it on another.
@@ -949,8 +969,8 @@ def fit_isotonic(confidence, correct) -> IsotonicMap:
     .. [2] C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On calibration of modern neural
        networks", ICML 2017.
     """
-    conf = torch.as_tensor(confidence, dtype=torch.float64).reshape(-1).numpy()
-    right = torch.as_tensor(correct).reshape(-1)
+    conf = _float64(confidence).reshape(-1)
+    right = torch.as_tensor(correct).detach().cpu().reshape(-1)
     if right.dtype != torch.bool or len(right) != len(conf) or not len(conf):
         raise ValueError("correct must be booleans, one per confidence, and not empty")
     if not np.all((conf >= 0) & (conf <= 1)):

@@ -14,6 +14,7 @@ from qerror.nn.early_exit import (
     ExitHead,
     ExitPolicy,
     ExitRule,
+    IsotonicMap,
     block_mac_fractions,
     calibrate_exits,
     choose_operating_point,
@@ -290,6 +291,7 @@ def test_isotonic_map_is_the_monotone_least_squares_fit_and_keeps_the_order():
     g = fit_isotonic(torch.tensor([.2, .2, .6], dtype=torch.float64),
                      torch.tensor([1, 0, 1]).bool())
     assert g(torch.tensor([0.0, 0.4, 0.9], dtype=torch.float64)).tolist() == [0.5, 0.75, 1.0]
+    assert g(0.4).item() == 0.75 and g(0.4).shape == ()  # a number gives a 0-d tensor
     # monotone: a threshold on the raw confidence keeps its decisions after the map
     logits, labels = _overconfident(3000, 2.0, seed=5)
     conf, pred = torch.softmax(logits, 1).max(1)
@@ -411,6 +413,8 @@ def test_bad_calibration_input_is_refused():
         fit_isotonic(torch.tensor([0.5, math.nan]), torch.tensor([True, False]))
     with pytest.raises(ValueError, match="correct must be booleans"):
         fit_isotonic(torch.tensor([0.5, 0.6]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="knots must increase"):
+        IsotonicMap((0.5, 0.4), (0.1, 0.2))
     with pytest.raises(ValueError, match="confidences must lie in"):
         confidence_ece(torch.tensor([1.5]), torch.tensor([True]))
     with pytest.raises(ValueError, match="n_bins"):
