@@ -819,8 +819,9 @@ def _main(argv: list[str]) -> int:
             "Wilson interval, the paired difference from the dense network, and whether the "
             "model is on the Pareto front. INT8 stores the weights only, per output channel; "
             "the ResNet's first convolution stays float32, as pruning leaves it dense."
-            + (" The INT8 early-exit row's accuracy is the one its studies.early_exit run "
-               "measured with real INT8 kernels (no paired test)." if ee_why is None else "")
+            + (" The INT8 early-exit row's accuracy is the one its early-exit run "
+               "(\\texttt{studies.early\\_exit}) measured with real INT8 kernels (no paired "
+               "test)." if ee_why is None else "")
             + tag,
             "tab:compression-points")
         run.write_goals_table("goals.tex", goal_frame,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -180,6 +181,9 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
     # the backbone's INT8 bytes and the heads' on top
     assert row.bytes > points.bytes[points.method == "dense INT8"].iloc[0]
     assert json.loads((out / "summary.json").read_text())["early_exit"]["included"]
+    # its caption names the study in LaTeX that compiles: no bare underscore
+    tex = (out / "points.tex").read_text()
+    assert "\\texttt{studies.early\\_exit}" in tex and not re.search(r"(?<!\\)_", tex)
     # An exit model altered after its run is refused, never read.
     with open(ee_out / "exit_model.pt", "ab") as f:
         f.write(b"\0")
