@@ -579,21 +579,24 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         fitted = {o: calibrate_exits(val, data.val.y, objective=o)
                   for o in CALIBRATION_OBJECTIVES}
         temps[system] = tuple(c.temperature for c in fitted[config["calibration"]])
-        for k in range(len(val)):
+        for k, t in enumerate(temps[system]):
+            def rules_confidence(z):
+                return torch.softmax(z.double() / t, 1).max(1)
+
+            # The isotonic map of the rules' confidences, fitted on validation only.
+            conf, pred = rules_confidence(val[k])
+            iso = fit_isotonic(conf, pred == data.val.y)
             for split, z, y in (("val", val[k], data.val.y), ("test", test[k], data.test.y)):
+                ece = {o: expected_calibration_error(z, y, fitted[o][k].temperature)
+                       for o in CALIBRATION_OBJECTIVES}
                 row = {"system": system, "exit": k, "exit_point": costs.exit_points[k],
-                       "split": split, "objective": config["calibration"],
-                       "temperature": temps[system][k],
-                       "ece_before": expected_calibration_error(z, y, 1.0)}
-                row["ece_after"] = expected_calibration_error(z, y, row["temperature"])
+                       "split": split, "objective": config["calibration"], "temperature": t,
+                       "ece_before": expected_calibration_error(z, y, 1.0),
+                       "ece_after": ece[config["calibration"]]}
                 for o in CALIBRATION_OBJECTIVES:
                     row[f"temperature_{o}"] = fitted[o][k].temperature
-                    row[f"ece_after_{o}"] = expected_calibration_error(z, y,
-                                                                       fitted[o][k].temperature)
-                # The isotonic map of the rules' confidences, fitted on validation.
-                conf, pred = torch.softmax(z.double() / row["temperature"], 1).max(1)
-                if split == "val":
-                    iso = fit_isotonic(conf, pred == y)
+                    row[f"ece_after_{o}"] = ece[o]
+                conf, pred = rules_confidence(z)
                 row["ece_after_isotonic"] = confidence_ece(iso(conf), pred == y)
                 calib_rows.append(row)
     calibration = pd.DataFrame(calib_rows)

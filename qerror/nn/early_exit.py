@@ -879,12 +879,7 @@ def confidence_ece(confidence, correct, n_bins: int = 15) -> float:
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    conf = torch.as_tensor(confidence, dtype=torch.float64).reshape(-1)
-    correct = torch.as_tensor(correct).reshape(-1)
-    if correct.dtype != torch.bool or len(correct) != len(conf) or not len(conf):
-        raise ValueError("correct must be booleans, one per confidence, and not empty")
-    if not bool(((conf >= 0) & (conf <= 1)).all()):
-        raise ValueError("confidences must lie in [0, 1]")
+    conf, correct = (torch.from_numpy(a) for a in _check_confidences(confidence, correct))
     correct = correct.to(torch.float64)
     # Bin b holds (b/M, (b+1)/M]; ceil(conf*M)-1 puts a confidence on an edge in the lower bin.
     # sum_b |B_b|/N |mean conf - mean acc| = sum_b |sum conf - sum acc| / N.
@@ -900,6 +895,18 @@ def _float64(values) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().to(torch.float64).numpy()
     return np.asarray(values, dtype=np.float64)
+
+
+def _check_confidences(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) float64 confidences in [0, 1] and (N,) booleans, or ValueError saying which
+    input is wrong; what :func:`confidence_ece` and :func:`fit_isotonic` accept."""
+    conf = _float64(confidence).reshape(-1)
+    right = torch.as_tensor(correct).detach().cpu().reshape(-1)
+    if right.dtype != torch.bool or len(right) != len(conf) or not len(conf):
+        raise ValueError("correct must be booleans, one per confidence, and not empty")
+    if not np.all((conf >= 0) & (conf <= 1)):
+        raise ValueError("confidences must lie in [0, 1] (NaN is not a confidence)")
+    return conf, right.numpy()
 
 
 @dataclass(frozen=True)
@@ -969,14 +976,9 @@ def fit_isotonic(confidence, correct) -> IsotonicMap:
     .. [2] C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On calibration of modern neural
        networks", ICML 2017.
     """
-    conf = _float64(confidence).reshape(-1)
-    right = torch.as_tensor(correct).detach().cpu().reshape(-1)
-    if right.dtype != torch.bool or len(right) != len(conf) or not len(conf):
-        raise ValueError("correct must be booleans, one per confidence, and not empty")
-    if not np.all((conf >= 0) & (conf <= 1)):
-        raise ValueError("confidences must lie in [0, 1] (NaN is not a confidence)")
+    conf, right = _check_confidences(confidence, correct)
     knots, inverse, counts = np.unique(conf, return_inverse=True, return_counts=True)
-    mean_right = np.bincount(inverse, weights=right.numpy().astype(np.float64)) / counts
+    mean_right = np.bincount(inverse, weights=right.astype(np.float64)) / counts
     fitted = optimize.isotonic_regression(mean_right, weights=counts.astype(np.float64)).x
     return IsotonicMap(tuple(float(k) for k in knots), tuple(float(v) for v in fitted))
 
