@@ -15,8 +15,10 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   oneDNN, :mod:`qerror.nn.pt2e`) and qerror's simulated INT8 with nearest-even and with
   truncation rounding, beside the FP32 full and the INT8 full network;
 * the operating point chosen on the validation split alone (rule: the fewest average MACs
-  whose validation accuracy is at least the FP32 full network's minus ``--select-margin``),
-  with one threshold shared by the early exits and with one per exit (refined from the
+  for which a paired non-inferiority test against the FP32 full network, at alpha 0.05,
+  shows the validation accuracy above FP32 full's minus ``--select-margin``, by default the
+  equivalence margin; ``--select estimate`` asks only that the estimate be above it, by
+  default half the margin, :func:`qerror.nn.early_exit.qualifies`), with one threshold shared by the early exits and with one per exit (refined from the
   shared one on the same split, :func:`qerror.nn.early_exit.refine_thresholds`), each
   reported on the test split: Wilson intervals, McNemar's test against FP32 full and a
   paired equivalence test (TOST) with a ``--margin`` of half a point;
@@ -108,6 +110,8 @@ from studies._common import (
 from studies._latex import letters
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
+#: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
+SELECT_RULES = ("paired-test", "estimate")
 MARGIN = 0.005  # the issue's equivalence margin: half a point of accuracy
 ECE_GOAL = 0.02
 MACS_GOAL = 0.5  # at most half the full network's MACs on average
@@ -322,6 +326,16 @@ def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
         "equivalent": ["yes" if e else "no" for e in pts.equivalent]})
 
 
+def selection_text(config: dict) -> str:
+    """How the operating points were chosen on validation, in a phrase (LaTeX-safe)."""
+    margin = f"{100 * config['select_margin']:g} points"
+    if config["select_alpha"] is None:
+        return f"fewest average MACs with accuracy at least FP32 full's minus {margin}"
+    return (f"fewest average MACs for which a paired one-sided test against FP32 full at "
+            f"$\\alpha={config['select_alpha']:g}$ shows the accuracy above FP32 full's "
+            f"minus {margin}")
+
+
 def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) -> dict:
     """Wilson interval of ``correct``; McNemar and the paired TOST against ``ref``."""
     n = len(correct)
@@ -442,10 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "expected calibration error itself); both are reported, the "
                              "rules use this one, and an isotonic map fitted on top of it "
                              "gives the calibrated confidences the goal is judged on")
-    parser.add_argument("--select-margin", type=unit_interval, default=MARGIN / 2,
-                        help="operating point: fewest MACs with validation accuracy at least "
-                             "FP32 full's minus this (default 0.0025, half the equivalence "
-                             "margin, leaving room for the test split's sampling)")
+    parser.add_argument("--select", choices=SELECT_RULES, default="paired-test",
+                        help="when a validation operating point qualifies (the cheapest that "
+                             "does is chosen): paired-test (default), a paired "
+                             "non-inferiority test against FP32 full at alpha 0.05 shows its "
+                             "accuracy above FP32 full's minus --select-margin; estimate, "
+                             "its accuracy is at least that")
+    parser.add_argument("--select-margin", type=unit_interval, default=None,
+                        help="how far below FP32 full's validation accuracy a point may be "
+                             "(default: the equivalence margin, 0.005, with paired-test; "
+                             "half of it, 0.0025, with estimate)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the INT8 graphs with inductor (default on; off with "
                              "--smoke): needed for latency, minutes per stage")
@@ -483,6 +503,14 @@ def _main(argv: list[str]) -> int:
     joint_weights = tuple(args.joint_weights or [1.0] * (len(exit_points) + 1))
     if args.variant == "joint" and joint_epochs == 0:
         parser.error("--variant joint needs --joint-epochs of at least 1")
+    select_margin = args.select_margin if args.select_margin is not None else \
+        (MARGIN if args.select == "paired-test" else MARGIN / 2)
+    if args.select == "paired-test" and select_margin == 0:
+        parser.error("--select-margin must be above 0 with --select paired-test (a "
+                     "non-inferiority test needs a margin)")
+    select_text = ("for which a paired one-sided test against FP32 full (Bonett-Price "
+                   "adjusted Wald, at alpha) shows the accuracy above FP32 full's minus "
+                   "select_margin")
     check_out(args.out, "early_exit", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
@@ -501,13 +529,17 @@ def _main(argv: list[str]) -> int:
               "head_epochs": head_epochs, "joint_epochs": joint_epochs, "lr": args.lr,
               "joint_lr": args.lr / 10, "joint_weights": joint_weights,
               "variant": args.variant, "thresholds": thresholds,
-              "select_margin": args.select_margin, "margin": MARGIN, "alpha": ALPHA,
+              "select": args.select, "select_margin": select_margin,
+              "select_alpha": ALPHA if args.select == "paired-test" else None,
+              "margin": MARGIN, "alpha": ALPHA,
               "calibration": args.calibration,
               "compile": compile_int8, "latency_pairs": latency_pairs, "seed": args.seed,
               "smoke": smoke, "device": device.type,
               "operating_point_rule": "on the validation split: the fewest average MACs "
-                                      "whose accuracy is at least FP32 full's minus "
-                                      "select_margin (none: the most accurate point), with "
+                                      + (select_text if args.select == "paired-test" else
+                                         "whose accuracy is at least FP32 full's minus "
+                                         "select_margin")
+                                      + " (none: the most accurate point), with "
                                       "one threshold shared by the early exits and with one "
                                       "per exit refined from it; the headline (goals, exits "
                                       "per class, simulated vs real) is the INT8 rule of the "
@@ -610,7 +642,6 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
 
     ref_val = full_val.argmax(1) == data.val.y
     ref_test = full_test.argmax(1) == data.test.y
-    ref_acc_val = float(ref_val.double().mean())
     points, chosen = [], {}
     full_rows = [("fp32_full", full_test, full_val), ("int8_full", int8_full_test,
                                                       int8_full_val)]
@@ -635,32 +666,36 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         points.append(row)
         return res
 
+    # Which validation points qualify: the reference's per-sample correctness (the paired
+    # test needs it; the estimate rule uses its accuracy only).
+    select = {"reference": ref_val, "margin": config["select_margin"],
+              "alpha": config["select_alpha"]}
     for system, (val, test) in logits.items():
         for policy in ExitPolicy:
             sweep_val = threshold_sweep(val, data.val.y, policy, config["thresholds"], costs,
                                         temps[system])
-            op = choose_operating_point(sweep_val, ref_acc_val, args.select_margin)
+            op = choose_operating_point(sweep_val, **select)
             rule = ExitRule(policy, (op.point.threshold,) * (len(val) - 1), temps[system])
             res = operating_row(system, policy.value, rule, op.met, op.point.accuracy,
                                 op.point.mean_macs, test)
             chosen[(system, policy.value)] = (rule, res, (op.point.accuracy,
-                                                          op.point.mean_macs))
+                                                          op.point.mean_macs, op.met))
             # One threshold per exit, refined on the same validation split from the shared
             # one: never worse there, reported on the test split like the shared one.
             fine = refine_thresholds(val, data.val.y, rule, config["thresholds"], costs,
-                                     ref_acc_val, args.select_margin)
+                                     **select)
             label = f"{policy.value} per exit"
             res = operating_row(system, label, fine.rule, fine.met, fine.accuracy,
                                 fine.mean_macs, test)
-            chosen[(system, label)] = (fine.rule, res, (fine.accuracy, fine.mean_macs))
+            chosen[(system, label)] = (fine.rule, res, (fine.accuracy, fine.mean_macs,
+                                                        fine.met))
     points = pd.DataFrame(points)
 
     # Headline policy: the INT8 operating point (shared or per-exit thresholds) that is
     # first on validation by the order every point was chosen by: the cheapest of those that
     # met the rule there; when none did, the most accurate.
-    floor = ref_acc_val - args.select_margin
     head_policy = min((k for s, k in chosen if s == INT8),
-                      key=lambda p: selection_order(*chosen[(INT8, p)][2], floor))
+                      key=lambda p: selection_order(*chosen[(INT8, p)][2]))
     rule8, res8, _ = chosen[(INT8, head_policy)]
     per_class = exits_per_class(res8, data.test.y, int(model.backbone.fc.out_features))
     per_class_rows = [{"system": sys_, "policy": head_policy, "class": c, "exit": k,
@@ -821,8 +856,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     pts = r["points"]
     run.write_latex_table(
         "operating_points.tex", operating_points_table(pts),
-        f"Operating points chosen on the validation split (fewest average MACs with "
-        f"accuracy at least FP32 full's minus {100 * config['select_margin']:g} points), "
+        f"Operating points chosen on the validation split ({selection_text(config)}), "
         f"reported on {int(pts.images.iloc[0])} test images: {100 * (1 - ALPHA):g}\\% Wilson "
         f"intervals, the paired difference from FP32 full with McNemar's p, and the paired "
         f"TOST with a margin of {100 * MARGIN:g} points (each one-sided test at "

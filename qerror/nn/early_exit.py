@@ -16,8 +16,9 @@
   calibrator's confidences.
 * :func:`exit_result_from_logits` takes the runner's decisions from every exit's logits,
   so :func:`threshold_sweep` prices many thresholds with one forward pass;
-  :func:`choose_operating_point`, :func:`exits_per_class` and :func:`compare_exits`
-  summarise them.
+  :func:`choose_operating_point` (and :func:`refine_thresholds`, one threshold per exit)
+  choose among them by :func:`qualifies`, on the point estimate or on a paired
+  non-inferiority test; :func:`exits_per_class` and :func:`compare_exits` summarise them.
 * :func:`count_macs`, :func:`exit_costs`, :func:`block_mac_fractions` and
   :func:`sdn_exit_points` count multiply-accumulates from the graph with PyTorch's FLOP
   counter.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError
+from qerror.stats import paired_accuracy_equivalence
 
 __all__ = [
     "CALIBRATION_OBJECTIVES",
@@ -73,6 +75,7 @@ __all__ = [
     "fit_isotonic",
     "fit_temperature",
     "RefinedRule",
+    "qualifies",
     "refine_thresholds",
     "run_early_exit",
     "sdn_exit_points",
@@ -1115,6 +1118,9 @@ class SweepPoint:
         ``mean_macs`` over the plain network's MACs.
     exit_counts : tuple of int
         Samples that left at each exit.
+    right : torch.Tensor or None
+        (n,) bool: which samples it got right (:func:`threshold_sweep` fills it; the paired
+        test of :func:`qualifies` needs it).
     """
 
     policy: ExitPolicy
@@ -1124,6 +1130,7 @@ class SweepPoint:
     mean_macs: float
     macs_fraction: float
     exit_counts: tuple[int, ...]
+    right: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def accuracy(self) -> float:
@@ -1173,45 +1180,125 @@ def threshold_sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor,
         rule = ExitRule(policy, (t,) * (len(logits) - 1), temps)
         res = exit_result_from_logits(logits, rule)
         mean = res.mean_macs(costs.macs)
-        points.append(SweepPoint(rule.policy, float(t), int((res.predictions == y).sum()),
-                                 len(y), mean, mean / costs.full_macs, res.exit_counts()))
+        right = res.predictions == y
+        points.append(SweepPoint(rule.policy, float(t), int(right.sum()), len(y), mean,
+                                 mean / costs.full_macs, res.exit_counts(), right))
     return tuple(points)
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
     """The sweep point :func:`choose_operating_point` chose, and whether it met the rule
-    (``met``; when no point did, the most accurate one is returned with ``met=False``)."""
+    (``met``; when no point did, the most accurate one is returned with ``met=False``).
+    ``alpha`` is the level of the paired test that decided ``met``, None when the point
+    estimate did (:func:`qualifies`)."""
 
     point: SweepPoint
     met: bool
     reference_accuracy: float
     margin: float
+    alpha: float | None = None
 
 
-def selection_order(accuracy: float, mean_macs: float, floor: float) -> tuple:
-    """The key by which operating points are chosen, smallest first: points whose accuracy
-    is at least ``floor`` before the others; among those, fewer average MACs, then higher
-    accuracy; among the others, higher accuracy, then fewer MACs.
+def _reference(reference, n: int | None = None) -> tuple[float, torch.Tensor | None]:
+    """``(accuracy, right or None)`` of a reference given as an accuracy or as its (N,)
+    per-sample correctness."""
+    if isinstance(reference, torch.Tensor) and reference.dim() > 0:
+        if reference.dim() != 1 or reference.dtype != torch.bool:
+            raise ValueError(f"a reference given per sample must be a 1-D bool tensor (which "
+                             f"samples it got right), got {reference.dtype} of shape "
+                             f"{tuple(reference.shape)}")
+        if n is not None and len(reference) != n:
+            raise ValueError(f"the reference scores {len(reference)} samples but the points "
+                             f"{n}; give its correctness on the same samples")
+        return float(reference.double().mean()), reference.cpu()
+    return _check_threshold(reference, "reference"), None
+
+
+def qualifies(right: torch.Tensor, reference, margin: float,
+              alpha: float | None = None) -> bool:
+    """Whether a classifier's accuracy is within ``margin`` of a reference's, on the same
+    samples.
+
+    Parameters
+    ----------
+    right : torch.Tensor
+        (N,) bool: the samples the candidate (an operating point) got right.
+    reference : float or torch.Tensor
+        The reference's accuracy on those samples, or its (N,) bool correctness; the
+        paired test needs the latter.
+    margin : float
+        In [0, 1] (a fraction: 0.005 is half a point); in (0, 1] with ``alpha``.
+    alpha : float, optional
+        None (default): the point estimate decides, ``accuracy >= reference - margin``.
+        A level in (0, 0.5): the candidate qualifies when a paired one-sided test rejects
+        ``accuracy <= reference - margin`` at that level (non-inferiority, the lower half
+        of :func:`qerror.stats.paired_accuracy_equivalence`'s TOST).
+
+    Returns
+    -------
+    bool
+
+    Notes
+    -----
+    Choosing the cheapest point whose *estimate* clears ``reference - margin`` picks, among
+    many thresholds, one whose estimate is as low as the rule allows, so its accuracy on
+    fresh samples is below its estimate more often than not (the winner's curse). Asking
+    instead that the paired test *show* non-inferiority on the selection split keeps a
+    margin of about ``z_{1-alpha}`` standard errors of the paired difference between the
+    estimate and the boundary, sized by the discordant samples of that very point: a
+    point that disagrees with the reference on many samples must be further above the
+    boundary than one that rarely does.
+    """
+    right = torch.as_tensor(right)
+    if right.dim() != 1 or right.dtype != torch.bool or len(right) == 0:
+        raise ValueError(f"right must be a non-empty 1-D bool tensor, got {right.dtype} of "
+                         f"shape {tuple(right.shape)}")
+    ref_accuracy, ref_right = _reference(reference, len(right))
+    margin = _check_threshold(margin, "margin")
+    if alpha is None:
+        return float(right.double().mean()) >= ref_accuracy - margin
+    if ref_right is None:
+        raise ValueError("the paired test (alpha given) needs the reference's per-sample "
+                         "correctness, not only its accuracy")
+    right = right.cpu()
+    only_a = int((right & ~ref_right).sum())
+    only_b = int((ref_right & ~right).sum())
+    test = paired_accuracy_equivalence(only_a, only_b, len(right), margin, alpha)
+    return bool(test.p_low < test.alpha)
+
+
+def selection_order(accuracy: float, mean_macs: float, met: bool) -> tuple:
+    """The key by which operating points are chosen, smallest first: points that qualify
+    (``met``, :func:`qualifies`) before the others; among those, fewer average MACs, then
+    higher accuracy; among the others, higher accuracy, then fewer MACs.
 
     :func:`choose_operating_point` and :func:`refine_thresholds` order by it; so can a
     caller choosing among their results.
     """
-    return (0, mean_macs, -accuracy) if accuracy >= floor else (1, -accuracy, mean_macs)
+    if not isinstance(met, (bool, np.bool_)):
+        raise TypeError(f"met must be a bool (whether the point qualifies), got {met!r}")
+    return (0, mean_macs, -accuracy) if met else (1, -accuracy, mean_macs)
 
 
-def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: float,
-                           margin: float) -> OperatingPoint:
+def choose_operating_point(points: Sequence[SweepPoint], reference, margin: float, *,
+                           alpha: float | None = None) -> OperatingPoint:
     """The cheapest sweep point whose accuracy is within ``margin`` of a reference.
 
     Parameters
     ----------
     points : sequence of SweepPoint
         A sweep on the validation split (never the split reported on).
-    reference_accuracy : float
-        The accuracy to stay near, on the same split (the FP32 full network's).
+    reference : float or torch.Tensor
+        The reference (the FP32 full network) on the same samples: its accuracy, or its
+        (N,) bool per-sample correctness (needed with ``alpha``).
     margin : float
-        In [0, 1]: a point qualifies when ``accuracy >= reference_accuracy - margin``.
+        In [0, 1]: how far below the reference a point may be (:func:`qualifies`).
+    alpha : float, optional
+        None: a point qualifies when its accuracy is at least ``reference - margin``; a
+        level: when a paired non-inferiority test at that level shows it
+        (:func:`qualifies`; each point must carry ``right``, as :func:`threshold_sweep`'s
+        do).
 
     Returns
     -------
@@ -1224,13 +1311,22 @@ def choose_operating_point(points: Sequence[SweepPoint], reference_accuracy: flo
     points = list(points)
     if not points:
         raise ValueError("points is empty; sweep at least one threshold")
-    _check_threshold(reference_accuracy, "reference_accuracy")
-    _check_threshold(margin, "margin")
-    floor = reference_accuracy - margin
-    best = min(points, key=lambda p: (*selection_order(p.accuracy, p.mean_macs, floor),
-                                      -p.threshold))
-    return OperatingPoint(best, best.accuracy >= floor, float(reference_accuracy),
-                          float(margin))
+    ref_accuracy, _ = _reference(reference, points[0].n)
+    margin = _check_threshold(margin, "margin")
+
+    def met(p: SweepPoint) -> bool:
+        if alpha is None:
+            return p.accuracy >= ref_accuracy - margin
+        if p.right is None:
+            raise ValueError("the paired test (alpha given) needs each point's per-sample "
+                             "correctness (SweepPoint.right, as threshold_sweep returns)")
+        return qualifies(p.right, reference, margin, alpha)
+
+    keyed = [(selection_order(p.accuracy, p.mean_macs, met(p)), -p.threshold, i)
+             for i, p in enumerate(points)]
+    key = min(keyed)
+    best = points[key[2]]
+    return OperatingPoint(best, key[0][0] == 0, ref_accuracy, margin, alpha)
 
 
 @dataclass(frozen=True)
@@ -1246,7 +1342,7 @@ class RefinedRule:
     mean_macs, macs_fraction : float
     exit_counts : tuple of int
     met : bool
-        Whether the accuracy is at least the reference minus the margin.
+        Whether it qualifies (:func:`qualifies`, with the reference, margin and alpha given).
     rounds : int
         Passes over the exits until one changed nothing.
     """
@@ -1267,7 +1363,7 @@ class RefinedRule:
 
 def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, start: ExitRule,
                       candidates: Sequence[float], costs: ExitCosts,
-                      reference_accuracy: float, margin: float, *,
+                      reference, margin: float, *, alpha: float | None = None,
                       max_rounds: int = 50) -> RefinedRule:
     """A threshold per early exit, by coordinate descent from ``start`` on the same rule.
 
@@ -1282,9 +1378,8 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     candidates : sequence of float
         The thresholds each exit may take, each in [0, 1].
     costs : ExitCosts
-    reference_accuracy, margin : float
-        As for :func:`choose_operating_point`: a rule qualifies when its accuracy is at
-        least ``reference_accuracy - margin``.
+    reference, margin, alpha
+        As for :func:`choose_operating_point`: when a rule qualifies (:func:`qualifies`).
     max_rounds : int
         Upper bound on the passes over the exits (each pass that changes something strictly
         improves the order below, so the search ends before it on any real input).
@@ -1316,7 +1411,7 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     cands = sorted({_check_threshold(t, "candidates") for t in candidates}, reverse=True)
     if not cands:
         raise ValueError("candidates is empty; give at least one threshold")
-    reference_accuracy = _check_threshold(reference_accuracy, "reference_accuracy")
+    _reference(reference, len(y))
     margin = _check_threshold(margin, "margin")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
@@ -1327,17 +1422,14 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     macs = torch.as_tensor(list(costs.macs), dtype=torch.float64)
     n, last = len(y), len(logits) - 1
     rows = torch.arange(n)
-    floor = reference_accuracy - margin
 
     def evaluate(thresholds):
         exit_index = _first_exit(scores, thresholds)
-        correct = int(right[exit_index, rows].sum())
+        got = right[exit_index, rows]
+        correct = int(got.sum())
         mean = float(macs[exit_index].mean())  # as ExitResult.mean_macs
-        return correct, mean, exit_index
-
-    def order(result):
-        correct, mean, _ = result
-        return selection_order(correct / n, mean, floor)
+        met = qualifies(got, reference, margin, alpha)
+        return (selection_order(correct / n, mean, met), correct, mean, exit_index)
 
     current = list(start.thresholds)
     best = evaluate(current)
@@ -1351,15 +1443,15 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
                 trial = current.copy()
                 trial[k] = t
                 result = evaluate(trial)
-                if order(result) < order(best):
+                if result[0] < best[0]:
                     best, current, changed = result, trial, True
         if not changed:
             break
-    correct, mean, exit_index = best
+    order, correct, mean, exit_index = best
     counts = tuple(int(c) for c in torch.bincount(exit_index, minlength=len(logits)))
     rule = ExitRule(start.policy, tuple(current), start.temperatures)
     return RefinedRule(rule, correct, n, mean, mean / costs.full_macs, counts,
-                       correct / n >= floor, rounds)
+                       order[0] == 0, rounds)
 
 
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:

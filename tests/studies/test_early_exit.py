@@ -69,6 +69,13 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 64 and manifest["config"]["smoke"]
     assert manifest["timing_outputs"] == ["compile_times.csv"]  # uncompiled: no latency
+    # The default selection: a paired non-inferiority test at the equivalence margin.
+    cfg = manifest["config"]
+    assert (cfg["select"], cfg["select_margin"], cfg["select_alpha"]) == \
+        ("paired-test", early_exit.MARGIN, early_exit.ALPHA)
+    assert "paired one-sided test" in cfg["operating_point_rule"]
+    assert "paired one-sided test against FP32 full at $\\alpha=0.05$" in \
+        (out / "operating_points.tex").read_text()
     assert not list(out.parent.glob(".run.partial*"))
     # Smoke outputs say so, and judge no goal.
     goals = pd.read_csv(out / "goals.csv")

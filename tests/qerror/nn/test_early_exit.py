@@ -1,5 +1,6 @@
 """Tests of qerror.nn.early_exit: the runner, exit policies, calibration and MAC counts."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -28,12 +29,15 @@ from qerror.nn.early_exit import (
     expected_calibration_error,
     fit_isotonic,
     fit_temperature,
+    qualifies,
     refine_thresholds,
     run_early_exit,
     sdn_exit_points,
+    selection_order,
     threshold_sweep,
 )
 from qerror.nn.models import fashion_resnet
+from qerror.stats import paired_accuracy_equivalence
 
 
 def images(n, seed=0, dtype=torch.float32):
@@ -461,12 +465,12 @@ def test_sweep_and_operating_point_on_a_hand_made_case():
     assert [p.correct for p in pts] == [4, 4, 3, 2]
     assert [p.mean_macs for p in pts] == [98, (2 * 10 + 2 * 98) / 4, (3 * 10 + 98) / 4, 10]
     assert pts[0].macs_fraction == 98 / 95
-    op = choose_operating_point(pts, reference_accuracy=1.0, margin=0.0)
+    op = choose_operating_point(pts, reference=1.0, margin=0.0)
     assert op.met and op.point.threshold == 0.75  # the cheapest with accuracy 1
-    op = choose_operating_point(pts, reference_accuracy=1.0, margin=0.25)
+    op = choose_operating_point(pts, reference=1.0, margin=0.25)
     assert op.met and op.point.threshold == 0.65
     # nothing qualifies: the most accurate, then the cheapest of those
-    op = choose_operating_point(pts[2:], reference_accuracy=1.0, margin=0.0)
+    op = choose_operating_point(pts[2:], reference=1.0, margin=0.0)
     assert not op.met and op.point.threshold == 0.65
 
 
@@ -574,3 +578,102 @@ def test_sweep_inputs_are_checked():
         exit_result_from_logits([z, z[:1]], ExitRule("entropy", (0.5,)))
     with pytest.raises(ValueError, match="points is empty"):
         choose_operating_point([], 0.9, 0.01)
+
+
+def _paired(n, only_candidate, only_reference, both=0):
+    """Correctness vectors of a candidate and a reference on n samples with the given
+    discordant counts (and ``both`` samples right by both)."""
+    cand, ref = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    cand[:only_candidate] = True
+    ref[only_candidate:only_candidate + only_reference] = True
+    start = only_candidate + only_reference
+    cand[start:start + both] = ref[start:start + both] = True
+    return cand, ref
+
+
+def test_qualifies_by_estimate_and_by_the_paired_test():
+    # 1000 samples; the candidate loses 8 and gains 6 against the reference: -0.2 points.
+    cand, ref = _paired(1000, 6, 8, both=800)
+    assert qualifies(cand, ref, 0.005)                          # -0.2 >= -0.5 points
+    assert qualifies(cand, float(ref.double().mean()), 0.005)   # the accuracy alone
+    assert not qualifies(cand, ref, 0.001)
+    # The paired test decides by the lower one-sided test of the TOST, nothing else.
+    for margin in (0.005, 0.01, 0.02, 0.05):
+        low = paired_accuracy_equivalence(6, 8, 1000, margin, 0.05).p_low
+        assert qualifies(cand, ref, margin, alpha=0.05) == (low < 0.05)
+    # With 14 discordant samples in 1000 the paired standard error is about 0.37 points, so
+    # -0.2 is not shown above -0.5 (the estimate rule accepted it) but is above -1.
+    assert not qualifies(cand, ref, 0.005, alpha=0.05)
+    assert qualifies(cand, ref, 0.01, alpha=0.05)
+
+
+def test_the_paired_test_only_ever_accepts_what_the_estimate_accepts():
+    # Whatever the counts, a point the test accepts has its estimate above the bar (the
+    # pseudo-counts shrink the estimate by less than the test's own distance), so the
+    # paired rule's choice is never cheaper than the estimate rule's.
+    gen = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(gen.integers(20, 400))
+        a, b = (int(v) for v in gen.multinomial(int(gen.integers(0, n + 1)), [0.5, 0.5]))
+        cand, ref = _paired(n, a, b)
+        margin = float(gen.choice([0.005, 0.02, 0.1]))
+        if qualifies(cand, ref, margin, alpha=0.05):
+            assert qualifies(cand, ref, margin)
+
+
+def test_choose_and_refine_under_the_paired_test():
+    from qerror.nn.early_exit import ExitCosts
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (600,), generator=gen)
+    # The last exit (the reference) is right on about 94 % of them, the others less often.
+    logits = [torch.randn(600, 5, generator=gen, dtype=torch.float64)
+              + s * nn.functional.one_hot(labels, 5) for s in (1.0, 2.0, 2.5, 3.0)]
+    costs = ExitCosts(("a", "b", "c", "fc"), (1, 2, 3, 4), (1, 1, 1, 1), (10, 30, 60, 100),
+                      100)
+    cands = [1.0] + [1 - k / 50 for k in range(1, 40)]
+    ref = logits[-1].argmax(1) == labels
+    pts = threshold_sweep(logits, labels, "max-softmax", cands, costs)
+    assert all(torch.equal(p.right, exit_result_from_logits(
+        logits, ExitRule("max-softmax", (p.threshold,) * 3)).predictions == labels)
+        for p in pts)
+    est = choose_operating_point(pts, ref, 0.02)
+    test = choose_operating_point(pts, ref, 0.02, alpha=0.05)
+    assert est.met and test.met and test.alpha == 0.05 and est.alpha is None
+    # the estimate rule's choice equals the one from the accuracy alone
+    assert est.point == choose_operating_point(pts, float(ref.double().mean()), 0.02).point
+    # the paired rule keeps a distance: here it costs strictly more MACs than the estimate's
+    assert test.point.mean_macs > est.point.mean_macs
+    assert qualifies(test.point.right, ref, 0.02, alpha=0.05)
+    cheaper = [p for p in pts if p.mean_macs < test.point.mean_macs]
+    assert cheaper and not any(qualifies(p.right, ref, 0.02, alpha=0.05) for p in cheaper)
+    start = ExitRule("max-softmax", (test.point.threshold,) * 3)
+    got = refine_thresholds(logits, labels, start, cands, costs, ref, 0.02, alpha=0.05)
+    res = exit_result_from_logits(logits, got.rule)
+    assert got.met == qualifies(res.predictions == labels, ref, 0.02, alpha=0.05) is True
+    assert got.mean_macs <= test.point.mean_macs
+
+
+def test_selection_inputs_are_checked():
+    from qerror.nn.early_exit import ExitCosts
+
+    z = _logits_with_scores([0.6, 0.9])
+    y = torch.tensor([0, 1])
+    costs = ExitCosts(("layer1", "fc"), (8, 95), (2, 1), (10, 98), 95)
+    pts = threshold_sweep([z, z], y, "entropy", [0.5], costs)
+    right = torch.tensor([True, False])
+    with pytest.raises(ValueError, match="needs the reference's per-sample correctness"):
+        qualifies(right, 0.5, 0.01, alpha=0.05)
+    with pytest.raises(ValueError, match="needs the reference's per-sample correctness"):
+        choose_operating_point(pts, 0.5, 0.01, alpha=0.05)
+    with pytest.raises(ValueError, match="scores 3 samples but the points 2"):
+        choose_operating_point(pts, torch.ones(3, dtype=torch.bool), 0.01)
+    with pytest.raises(ValueError, match="1-D bool tensor"):
+        qualifies(right, torch.ones(2), 0.01)
+    with pytest.raises(ValueError, match="margin must be in"):
+        qualifies(right, torch.ones(2, dtype=torch.bool), 0.0, alpha=0.05)
+    bare = [dataclasses.replace(pts[0], right=None)]
+    with pytest.raises(ValueError, match="SweepPoint.right"):
+        choose_operating_point(bare, torch.ones(2, dtype=torch.bool), 0.01, alpha=0.05)
+    with pytest.raises(TypeError, match="met must be a bool"):
+        selection_order(0.9, 10.0, 0.85)  # a floor, as the old signature took
