@@ -334,6 +334,19 @@ def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object]
     return ta / tb, ta, tb
 
 
+def alternating_times(fns: list[Callable[[int], object]], rounds: int) -> np.ndarray:
+    """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
+    each ``i`` with the order rotated every round, so that no candidate always runs first
+    (after a cache-warming, or a cache-spoiling, neighbour). Shape (rounds, len(fns))."""
+    times = np.empty((rounds, len(fns)))
+    for i in range(rounds):
+        for j in np.roll(np.arange(len(fns)), -i):
+            t0 = time.perf_counter()
+            fns[j](i)
+            times[i, j] = time.perf_counter() - t0
+    return times
+
+
 def git_identity() -> dict[str, Any]:
     """Commit and whether the work tree differs from it (None outside a git checkout)."""
     try:
@@ -413,15 +426,16 @@ class RunDir:
         return p
 
     def write_latex_table(self, name: str, frame, caption: str, label: str,
-                          float_format: str = "%.4g", column_format: str | None = None) -> Path:
+                          float_format: str = "%.4g", column_format: str | None = None, *,
+                          timing: bool = False) -> Path:
         """A booktabs table (needs ``\\usepackage{booktabs}``), with readable headers
         (:func:`studies._latex.readable`); ``column_format`` as LaTeX's (default one ``l``
-        or ``r`` per column, pandas' choice)."""
+        or ``r`` per column, pandas' choice); ``timing`` as for :meth:`write_text`."""
         body = readable(frame).to_latex(index=False, float_format=float_format.__mod__,
                                         escape=False, na_rep="--", column_format=column_format)
         text = ("\\begin{table}[t]\n\\centering\n\\small\n" + body
                 + f"\\caption{{{caption}}}\n\\label{{{label}}}\n\\end{{table}}\n")
-        return self.write_text(name, text)
+        return self.write_text(name, text, timing=timing)
 
     def write_goals_table(self, name: str, frame, caption: str, label: str) -> Path:
         """A study's goals (three columns: the goal, what was measured, the verdict) with
@@ -444,8 +458,9 @@ class RunDir:
             lines.append(f"\\newcommand{{\\{macro_name(self.study, key)}}}{{{value}}}")
         return self.write_text(name, "\n".join(lines) + "\n")
 
-    def save_figure(self, fig, stem: str) -> list[Path]:
-        """PDF for LaTeX and PNG for a quick look.
+    def save_figure(self, fig, stem: str, *, timing: bool = False) -> list[Path]:
+        """PDF for LaTeX and PNG for a quick look; ``timing`` marks both as drawn from
+        measured times (see Notes).
 
         The PDF carries no creation date, so a rerun writes the same bytes (the PNG has
         none by default).
@@ -455,6 +470,8 @@ class RunDir:
             p = self.path(f"{stem}.{ext}")
             fig.savefig(p, bbox_inches="tight", **kwargs)
             paths.append(p)
+            if timing:
+                self.timing_outputs.add(f"{stem}.{ext}")
         return paths
 
     def finish(self) -> Path:

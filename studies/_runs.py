@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -52,6 +53,21 @@ class EarlyExitRun:
     def smoke(self) -> bool:
         return bool(self.summary.get("smoke"))
 
+    def latency(self) -> pd.DataFrame | None:
+        """The run's latency rows (``latency.csv``: batch-1 latency and batch throughput of
+        FP32 eager full, INT8 full and INT8 early exit); None when the run measured none
+        (INT8 not compiled).
+
+        Raises
+        ------
+        StudyError
+            When the file is not the one the manifest lists.
+        """
+        if "latency.csv" not in self.manifest["outputs"]:
+            return None
+        _check_listed(self.folder, self.manifest, "latency.csv")
+        return pd.read_csv(self.folder / "latency.csv")
+
     def network(self, backbone: nn.Module) -> EarlyExitResNet:
         """The run's early-exit network on ``backbone`` (its baseline, which a frozen run
         does not save): the saved heads, or the whole saved state of a jointly fine-tuned
@@ -64,6 +80,15 @@ class EarlyExitRun:
                              f"{self.folder}: unexpected {sorted(unexpected)[:3]}, missing "
                              f"{sorted(k for k in missing if not k.startswith('backbone.'))[:3]}")
         return model.eval()
+
+
+def _check_listed(folder: Path, manifest: dict, name: str) -> None:
+    """Refuse a file of a run that is not the one its manifest lists."""
+    path = folder / name
+    if name not in manifest["outputs"] or not path.is_file() \
+            or sha256_file(path) != manifest["outputs"][name]:
+        raise StudyError(f"{path} is not the file the manifest of {folder} lists; rerun "
+                         "python -m studies.early_exit --force (or point at another run)")
 
 
 def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
@@ -81,11 +106,7 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     if manifest is None or manifest.get("study") != "early_exit":
         return None
     for name in EARLY_EXIT_FILES:
-        path = folder / name
-        if name not in manifest["outputs"] or not path.is_file() \
-                or sha256_file(path) != manifest["outputs"][name]:
-            raise StudyError(f"{path} is not the file the manifest of {folder} lists; rerun "
-                             "python -m studies.early_exit --force (or point at another run)")
+        _check_listed(folder, manifest, name)
     summary = json.loads((folder / "summary.json").read_text())
     r = summary["int8_rule"]
     rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))

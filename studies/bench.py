@@ -28,6 +28,7 @@ from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
 from studies._common import (
     REPO,
     RunDir,
+    alternating_times,
     base_parser,
     check_out,
     paired_ratio,
@@ -376,19 +377,6 @@ def bench_drift(args) -> list[BenchRow]:
     return rows
 
 
-def _alternating_times(fns: list[Callable[[int], object]], pairs: int) -> np.ndarray:
-    """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
-    each ``i`` with the order rotated every round, so that no candidate always runs first
-    (after a cache-warming, or a cache-spoiling, neighbour). Shape (pairs, len(fns))."""
-    times = np.empty((pairs, len(fns)))
-    for i in range(pairs):
-        for j in np.roll(np.arange(len(fns)), -i):
-            t0 = time.perf_counter()
-            fns[j](i)
-            times[i, j] = time.perf_counter() - t0
-    return times
-
-
 def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tensor, pairs: int,
                     *, seed: int = 0, batch: int = 256, compiled: bool = True
                     ) -> list[BenchRow]:
@@ -433,12 +421,12 @@ def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tenso
     # no_grad, not inference_mode: the graphs were compiled under no_grad, and inference
     # tensors would fail dynamo's guards and compile them again inside the timed calls.
     with torch.no_grad():
-        _alternating_times(run_all(lambda i: one[i]), 1)  # warm-up round, not timed
-        _alternating_times(run_all(lambda i: big), 1)
+        alternating_times(run_all(lambda i: one[i]), 1)  # warm-up round, not timed
+        alternating_times(run_all(lambda i: big), 1)
         graphs = counters["stats"]["unique_graphs"]
-        t1 = _alternating_times(run_all(lambda i: one[i]), pairs)
+        t1 = alternating_times(run_all(lambda i: one[i]), pairs)
         rounds = max(2, min(10, pairs // 20))
-        tb = _alternating_times(run_all(lambda i: big), rounds)
+        tb = alternating_times(run_all(lambda i: big), rounds)
     recompiled = counters["stats"]["unique_graphs"] - graphs
     if recompiled:  # a compile inside a timed call: the row is not a speed
         how += f", {recompiled} graph(s) compiled during the timing"

@@ -35,9 +35,13 @@ truncation zeroes.
 Outputs: ``points.csv`` (every model), ``rounding.csv`` and ``rounding_layers.csv``,
 ``goals.csv`` (the issue's goals, met or not, with the measured figure; a smoke run or a
 partial test split judges none), ``pareto.{pdf,png}``, LaTeX tables and macros,
-``summary.json``, ``timing.csv`` (seconds per model; the only timing output) and the
-manifest. Latency is not measured here (``studies.bench`` measures kernels); 2:4 kernels
-are CUDA-only.
+``summary.json``, the manifest, and the timing outputs: ``timing.csv`` (seconds per model)
+and ``latency.{csv,tex,pdf,png}`` (:class:`LatencyMeter`): each model's batch-1 CPU latency
+on ``--latency-rounds`` test images, every image timed against the dense float32 network in
+alternation, with the kernel that runs it: pruned networks as CSR products
+(:func:`qerror.compress.to_csr`), stored INT8 weights dequantized into float32 (there is no
+INT8 kernel behind a storage format; the early-exit row is the early-exit run's own
+measurement with real INT8 kernels). 2:4 kernels are CUDA-only and not measured.
 
 Scale: ``--device cuda`` fine-tunes and evaluates the ResNets, trains the DWNs and the tiny
 CNNs on a GPU (TF32 off); sizes, files and WiSARD stay on the CPU.
@@ -50,8 +54,10 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +74,7 @@ from qerror.compress import (
     SparseFormat,
     StorageFormat,
     best_within,
+    first_conv,
     fit_dwn,
     fit_wisard,
     load_wnn,
@@ -80,6 +87,7 @@ from qerror.compress import (
     smallest_within,
     sparsity_of,
     tiny_cnn_within,
+    to_csr,
     wnn_size,
     write_model,
     zero_count,
@@ -99,11 +107,13 @@ from qerror.nn.training import (
 from qerror.stats import mcnemar_test, wilson_ci
 from studies._common import (
     RunDir,
+    alternating_times,
     base_parser,
     check_out,
     figure_style,
     int_at_least,
     int_in,
+    nonnegative_int,
     positive_float,
     positive_int,
     study_main,
@@ -266,6 +276,73 @@ def point(key: str, method: str, family: str, config: str, counted: int, file_by
     return row
 
 
+class LatencyMeter:
+    """Batch-1 CPU latency of each point, timed against the dense float32 baseline.
+
+    Each measurement runs the point's own executable on one test image per round,
+    alternating with the baseline network on the same image (the order rotated every
+    round, :func:`studies._common.alternating_times`), after one untimed warm-up round; a
+    row gives the medians and 99th percentiles of both and the median of the per-round
+    ratios, which a shared machine's load moves far less than either time. ``rounds`` 0
+    measures nothing. The rows are a timing output (``latency.csv``), never mixed with the
+    reproducible ones.
+    """
+
+    def __init__(self, rounds: int, images: torch.Tensor, pixels: np.ndarray,
+                 baseline: nn.Module | None):
+        self.rounds = rounds
+        self.images, self.pixels = images, pixels
+        self.baseline = None if baseline is None else baseline.cpu().eval()
+        self.rows: list[dict] = []
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.images[i % len(self.images)][None]
+
+    def pixel_row(self, i: int) -> np.ndarray:
+        return self.pixels[i % len(self.pixels)][None]
+
+    def network(self, row: dict, model: nn.Module, kernel: str) -> None:
+        """Time a network (on the CPU, eval mode) on one image per round."""
+        model = model.cpu().eval()
+        self.measure(row, kernel, lambda i: model(self.image(i)))
+
+    def weightless(self, row: dict, model, kernel: str) -> None:
+        """Time a weightless model's ``predict`` (encoding included) on one image."""
+        self.measure(row, kernel, lambda i: model.predict(self.pixel_row(i)))
+
+    def measure(self, row: dict, kernel: str, run: Callable[[int], object]) -> None:
+        if self.rounds == 0:
+            return
+        fns = [run] if self.baseline is None else \
+            [run, lambda i: self.baseline(self.image(i))]
+        with torch.no_grad():
+            alternating_times(fns, 1)  # warm-up, not timed
+            t = alternating_times(fns, self.rounds)
+        ms = 1e3 * t
+        self.rows.append({
+            "key": row["key"], "method": row["method"], "config": row["config"],
+            "kernel": kernel, "rounds": self.rounds, "threads": torch.get_num_threads(),
+            "latency_ms": float(np.median(ms[:, 0])),
+            "latency_p99_ms": float(np.percentile(ms[:, 0], 99)),
+            "dense_ms": math.nan if self.baseline is None else float(np.median(ms[:, 1])),
+            "dense_p99_ms": math.nan if self.baseline is None else
+            float(np.percentile(ms[:, 1], 99)),
+            "ratio_vs_dense": math.nan if self.baseline is None else
+            float(np.median(t[:, 0] / t[:, 1]))})
+
+
+# Which kernel runs each kind of point at inference here (the latency table's wording).
+KERNEL_DENSE = "dense float32, eager (oneDNN convolutions)"
+KERNEL_DEQUANT = "dense float32, eager, after dequantizing the stored INT8 weights"
+KERNEL_CSR = "CSR sparse x im2col (torch.sparse.mm), first convolution dense"
+KERNEL_CSR_INT8 = KERNEL_CSR + ", after dequantizing the stored INT8 values"
+KERNEL_WISARD = "qerror WiSARD in torch: thermometer encoding, RAM lookups, bleaching"
+KERNEL_DWN = "qerror DWN in torch: thermometer encoding, LUT lookups, GroupSum"
+KERNEL_EARLY_EXIT = ("INT8 oneDNN kernels, compiled (torchao PT2E), exited images skip the "
+                     "later stages; measured by the early-exit run against its own FP32 "
+                     "eager network")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -303,7 +380,7 @@ def train_cnn(model: nn.Module, data: Data, epochs: int, batch: int, lr: float, 
 # --------------------------------------------------------------------------- the points
 
 
-def resnet_points(model, data, args, folder, bar):
+def resnet_points(model, data, args, folder, bar, meter: LatencyMeter):
     """Dense, INT8, pruned (float32 and INT8), structured; and, for the rounding part, the
     pruned networks and which test images each classifies right (sparsity 0: dense)."""
     rows = []
@@ -315,11 +392,13 @@ def resnet_points(model, data, args, folder, bar):
     dense = correct_of(back, *test, device=args.device)
     rows.append(point("dense", "dense float32", "resnet", "dense", counted, size, dense, None,
                       sparsity=0.0, storage="dense float32"))
+    meter.network(rows[-1], back, KERNEL_DENSE)
     back, counted, size = stored_network(model, folder, "dense_int8", SparseFormat.DENSE,
                                          StorageFormat.INT8)
     rows.append(point("dense int8", "dense INT8", "resnet", "dense", counted, size,
                       correct_of(back, *test, device=args.device), dense, sparsity=0.0,
                       storage="dense int8"))
+    meter.network(rows[-1], back, KERNEL_DEQUANT)
     timing.append({"task": "dense", "seconds": time.perf_counter() - t0})
     bar.update(1)
     t0 = time.perf_counter()
@@ -331,6 +410,7 @@ def resnet_points(model, data, args, folder, bar):
     tuned_right = correct_of(back, *test, device=args.device)
     rows.append(point("dense finetuned", DENSE_FINETUNED, "resnet", "dense", counted, size,
                       tuned_right, dense, sparsity=0.0, storage="dense float32"))
+    meter.network(rows[-1], back, KERNEL_DENSE)
     timing.append({"task": "dense fine-tuned", "seconds": time.perf_counter() - t0})
     bar.update(1)
     pruned, correct = {0.0: model}, {0.0: dense}
@@ -357,6 +437,8 @@ def resnet_points(model, data, args, folder, bar):
             rows.append(point(f"{method} {100 * s:g}", method, "resnet", f"{100 * s:g}% sparse",
                               counted, size, right, dense, tuned_right, sparsity=reached,
                               storage=f"{fmt.value} {values.value}"))
+            meter.network(rows[-1], to_csr(back, keep_dense={first_conv(back)} - {None}),
+                          KERNEL_CSR if values is StorageFormat.FLOAT32 else KERNEL_CSR_INT8)
         timing.append({"task": f"pruned {s:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     for f in args.channel_fractions:
@@ -373,6 +455,8 @@ def resnet_points(model, data, args, folder, bar):
                               f"{100 * f:g}% inner channels", counted, size,
                               correct_of(back, *test, device=args.device), dense,
                               sparsity=math.nan, storage=f"dense {values.value}"))
+            meter.network(rows[-1], back, (KERNEL_DENSE if values is StorageFormat.FLOAT32
+                                           else KERNEL_DEQUANT) + ", the smaller network")
         timing.append({"task": f"channels {f:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     return rows, timing, pruned, correct
@@ -412,7 +496,8 @@ def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar, device: str =
     return pd.DataFrame(rows), pd.concat(layer_frames, ignore_index=True)
 
 
-def wisard_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+def wisard_points(data, args, folder, bar,
+                  meter: LatencyMeter) -> tuple[list[dict], list[dict]]:
     rows, timing = [], []
     for budget in args.wisard_budgets:
         t0 = time.perf_counter()
@@ -437,12 +522,14 @@ def wisard_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
                               counted, size, correct, None,
                               sparsity=math.nan, storage="wnn", budget=budget,
                               val_acc=choice.accuracy))
+            meter.weightless(rows[-1], back, KERNEL_WISARD)
         timing.append({"task": f"wisard {budget}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     return rows, timing
 
 
-def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+def dwn_points(data, args, folder, bar,
+               meter: LatencyMeter) -> tuple[list[dict], list[dict]]:
     rows, timing = [], []
     for luts in args.dwn_luts:
         t0 = time.perf_counter()
@@ -457,12 +544,14 @@ def dwn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
                           f"LUTs {'/'.join(map(str, luts))}, fan-in 6, "
                           f"{args.dwn_bits}-bit thermometer", counted, size, correct, None,
                           sparsity=math.nan, storage="wnn", val_acc=res.val_accuracy[-1]))
+        meter.weightless(rows[-1], back, KERNEL_DWN)
         timing.append({"task": f"dwn {luts}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     return rows, timing
 
 
-def cnn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
+def cnn_points(data, args, folder, bar,
+               meter: LatencyMeter) -> tuple[list[dict], list[dict]]:
     rows, timing = [], []
     for budget in args.wisard_budgets:
         t0 = time.perf_counter()
@@ -476,6 +565,7 @@ def cnn_points(data, args, folder, bar) -> tuple[list[dict], list[dict]]:
                           counted, size,
                           correct_of(back, data.x_test, data.y_test, device=args.device), None,
                           sparsity=math.nan, storage="dense int8", budget=budget))
+        meter.network(rows[-1], back, KERNEL_DEQUANT)
         timing.append({"task": f"cnn {budget}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     return rows, timing
@@ -573,6 +663,38 @@ def figure_pareto(plt, points: pd.DataFrame, smoke: bool):
     return fig
 
 
+def latency_table(latency: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """The latency rows for the paper: the model, its kernel, the medians in ms and the
+    ratio to the dense float32 network."""
+    acc = dict(zip(points.key, points.acc))
+    return pd.DataFrame({
+        "method": latency.method, "configuration": latency.config, "kernel": latency.kernel,
+        "accuracy (%)": [f"{100 * acc[k]:.2f}" for k in latency.key],
+        "median (ms)": [f"{v:.2f}" for v in latency.latency_ms],
+        "p99 (ms)": ["" if np.isnan(v) else f"{v:.2f}" for v in latency.latency_p99_ms],
+        "vs dense float32": ["" if np.isnan(v) else f"{v:.3g}x"
+                             for v in latency.ratio_vs_dense]})
+
+
+def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool):
+    """Accuracy against batch-1 latency, one marker per model, labelled by method."""
+    d = latency.merge(points[["key", "acc", "acc_lo", "acc_hi"]], on="key")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, g in d.groupby("method", sort=False):
+        ax.errorbar(g.latency_ms, 100 * g.acc, yerr=[100 * (g.acc - g.acc_lo),
+                                                     100 * (g.acc_hi - g.acc)],
+                    fmt="o", ms=4, capsize=2, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"batch-1 CPU latency, median ms (log scale; {torch.get_num_threads()} "
+                  "thread(s))")
+    ax.set_ylabel(f"test accuracy, % ({100 * (1 - ALPHA):g}% Wilson CI)")
+    if smoke:
+        ax.set_title("SMOKE RUN: tiny untrained models, not results", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | None) -> dict:
     m = {}
     for _, r in points.iterrows():
@@ -605,6 +727,28 @@ def early_exit_point(run: EarlyExitRun, net: nn.Module, folder: Path,
                 np.arange(n) < k, sparsity=0.0, storage="dense int8")
     row["delta_vs_dense"] = k / n - float(dense.mean())
     return row
+
+
+def early_exit_latency(run: EarlyExitRun, row: dict) -> list[dict]:
+    """The early-exit point's latency row, as its run measured it (batch 1, INT8 early exit
+    against FP32 eager full); none when the run measured no latency (uncompiled)."""
+    lat = run.latency()
+    if lat is None:
+        return []
+    mine = lat[lat.name.str.startswith("batch 1,") & (lat.candidate == "int8 early exit")
+               & (lat.baseline == "fp32 eager full")]
+    if not len(mine):
+        return []
+    r = mine.iloc[0]
+    p99 = re.match(r"p99 ([\d.]+) vs ([\d.]+) ms", str(r.note))
+    return [{"key": row["key"], "method": row["method"], "config": row["config"],
+             "kernel": KERNEL_EARLY_EXIT, "rounds": int(r.pairs),
+             "threads": math.nan,  # not recorded by that run
+             "latency_ms": float(r.candidate_ms),
+             "latency_p99_ms": float(p99.group(1)) if p99 else math.nan,
+             "dense_ms": float(r.baseline_ms),
+             "dense_p99_ms": float(p99.group(2)) if p99 else math.nan,
+             "ratio_vs_dense": float(r.ratio_median)}]
 
 
 def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
@@ -707,6 +851,10 @@ def _main(argv: list[str]) -> int:
                         help="tiny CNN epochs (default 2, smoke 1)")
     parser.add_argument("--cnn-lr", type=positive_float, default=0.05,
                         help="tiny CNN peak learning rate (one-cycle; default 0.05)")
+    parser.add_argument("--latency-rounds", type=nonnegative_int, default=None,
+                        help="batch-1 CPU latency: rounds of one test image per point, each "
+                             "alternating with the dense float32 baseline (default 100, "
+                             "smoke 3; 0 measures none)")
     parser.add_argument("--early-exit-run", type=Path, default=None,
                         help="a finished python -m studies.early_exit run on the same baseline "
                              "and test split whose INT8 early-exit network becomes a point "
@@ -737,6 +885,7 @@ def _main(argv: list[str]) -> int:
     args.dwn_epochs = pick(args.dwn_epochs, 8, 1)
     args.cnn_epochs = pick(args.cnn_epochs, 2, 1)
     args.cnn_steps = 2 if smoke else None
+    args.latency_rounds = pick(args.latency_rounds, 100, 3)
     test_images = pick(args.test_images, FASHION_TEST_IMAGES, 64)
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
@@ -786,10 +935,14 @@ def _main(argv: list[str]) -> int:
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
         rows, timing = [], []
+        meter = LatencyMeter(args.latency_rounds, data.x_test, data.p_test, model)
         if "resnet" in parts:
-            rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar)
+            rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar,
+                                                          meter)
             if ee_why is None:
                 rows.append(early_exit_point(ee_run, ee_net, folder, correct[0.0]))
+                if args.latency_rounds:
+                    meter.rows += early_exit_latency(ee_run, rows[-1])
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
@@ -798,7 +951,7 @@ def _main(argv: list[str]) -> int:
         for name, measure in (("wisard", wisard_points), ("dwn", dwn_points),
                               ("cnn", cnn_points)):
             if name in parts:
-                part_rows, part_timing = measure(data, args, folder, bar)
+                part_rows, part_timing = measure(data, args, folder, bar, meter)
                 rows += part_rows
                 timing += part_timing
         bar.close()
@@ -813,6 +966,21 @@ def _main(argv: list[str]) -> int:
         run.write_csv("goals.csv", goal_frame)
         run.write_csv("timing.csv", pd.DataFrame(timing), timing=True)
         tag = " SMOKE RUN (tiny untrained models): not results." if smoke else ""
+        latency = pd.DataFrame(meter.rows)
+        if len(latency):
+            run.write_csv("latency.csv", latency, timing=True)
+            run.write_latex_table(
+                "latency.tex", latency_table(latency, points),
+                f"Batch-1 CPU latency of every model on {args.latency_rounds} test images "
+                f"({torch.get_num_threads()} thread(s)), each image timed against the dense "
+                f"float32 network in alternation: medians and the median of the per-image "
+                f"ratios. The kernel column says what runs: sparse weights run as CSR "
+                f"products, stored INT8 weights are dequantized and run in float32 (no INT8 "
+                f"kernel), the early-exit row is the early-exit run's own measurement.{tag}",
+                "tab:compression-latency", timing=True)
+            fig = figure_latency(plt, latency, points, smoke)
+            run.save_figure(fig, "latency", timing=True)
+            plt.close(fig)
         run.write_latex_table(
             "points.tex", points_table(points),
             f"Every model on the first {test_images} Fashion-MNIST test images: honest bytes "

@@ -18,8 +18,9 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   for which a paired non-inferiority test against the FP32 full network, at alpha 0.05,
   shows the validation accuracy above FP32 full's minus ``--select-margin``, by default the
   equivalence margin; ``--select estimate`` asks only that the estimate be above it, by
-  default half the margin, :func:`qerror.nn.early_exit.qualifies`), with one threshold shared by the early exits and with one per exit (refined from the
-  shared one on the same split, :func:`qerror.nn.early_exit.refine_thresholds`), each
+  default half the margin, :func:`qerror.nn.early_exit.qualifies`), with one threshold
+  shared by the early exits and with one per exit (refined from the shared one on the same
+  split, :func:`qerror.nn.early_exit.refine_thresholds`), each
   reported on the test split: Wilson intervals, McNemar's test against FP32 full and a
   paired equivalence test (TOST) with a ``--margin`` of half a point;
 * exits per class; how the rounding mode of simulated INT8 moves confidences and exit

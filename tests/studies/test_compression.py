@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -13,7 +14,8 @@ from studies import compression
 
 OUTPUTS = ("points.csv", "goals.csv", "timing.csv", "rounding.csv", "rounding_layers.csv",
            "summary.json", "points.tex", "goals.tex", "rounding.tex", "macros.tex",
-           "pareto.pdf", "pareto.png")
+           "pareto.pdf", "pareto.png", "latency.csv", "latency.tex", "latency.pdf",
+           "latency.png")
 
 
 def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
@@ -24,9 +26,25 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     for name in OUTPUTS:
         assert (out / name).is_file(), name
         assert name in manifest["outputs"], name
-    assert manifest["timing_outputs"] == ["timing.csv"]
+    assert manifest["timing_outputs"] == ["latency.csv", "latency.pdf", "latency.png",
+                                          "latency.tex", "timing.csv"]
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     points = pd.read_csv(out / "points.csv")
+    # Every model's batch-1 latency, each timed against the dense float32 network; sparse
+    # weights run as CSR products, stored INT8 weights dequantized.
+    latency = pd.read_csv(out / "latency.csv")
+    assert latency.key.tolist() == points.key.tolist()
+    assert latency.rounds.eq(3).all() and (latency.latency_ms > 0).all()
+    assert (latency.latency_p99_ms >= latency.latency_ms).all()
+    assert (latency.dense_ms > 0).all() and (latency.ratio_vs_dense > 0).all()
+    kernel = dict(zip(points.method, latency.kernel))
+    assert kernel["pruned"] == compression.KERNEL_CSR
+    assert kernel["pruned + INT8"] == compression.KERNEL_CSR_INT8
+    assert kernel["dense INT8"] == kernel["tiny CNN INT8"] == compression.KERNEL_DEQUANT
+    assert (kernel["WiSARD"], kernel["DWN"]) == (compression.KERNEL_WISARD,
+                                                 compression.KERNEL_DWN)
+    tex = (out / "latency.tex").read_text()
+    assert "SMOKE" in tex and not re.search(r"(?<!\\)[_%]", tex.split("\\caption")[0])
     assert list(dict.fromkeys(points.method)) == [
         "dense float32", "dense INT8", compression.DENSE_FINETUNED, "pruned", "pruned + INT8",
         "channel-pruned",
@@ -111,6 +129,8 @@ def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
                              str(root), "--out", str(out)]) == 0
     points = pd.read_csv(out / "points.csv")
     assert points.method.tolist() == ["WiSARD"]
+    latency = pd.read_csv(out / "latency.csv")  # timed, but against no dense network
+    assert latency.key.tolist() == points.key.tolist() and latency.ratio_vs_dense.isna().all()
     assert not (out / "rounding.csv").exists()
     assert json.loads((out / "manifest.json").read_text())["model"] == {"model": None}
     goals = pd.read_csv(out / "goals.csv")
@@ -184,11 +204,42 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
     # its caption names the study in LaTeX that compiles: no bare underscore
     tex = (out / "points.tex").read_text()
     assert "\\texttt{studies.early\\_exit}" in tex and not re.search(r"(?<!\\)_", tex)
+    # An uncompiled run measured no latency; a latency file the manifest does not list as
+    # written is refused.
+    ran = early_exit_run(ee_out)
+    assert ran.latency() is None
+    (ee_out / "latency.csv").write_text("name\n")
+    listed = dict(ran.manifest, outputs={**ran.manifest["outputs"], "latency.csv": "0" * 64})
+    with pytest.raises(StudyError, match="is not the file the manifest"):
+        dataclasses.replace(ran, manifest=listed).latency()
     # An exit model altered after its run is refused, never read.
     with open(ee_out / "exit_model.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(StudyError, match="is not the file the manifest"):
         early_exit_run(ee_out)
+
+
+def test_the_early_exit_latency_is_the_one_its_run_measured():
+    from types import SimpleNamespace
+
+    frame = pd.DataFrame([
+        {"name": "batch 1, latency, compiled", "candidate": "int8 full",
+         "baseline": "fp32 eager full", "ratio_median": 0.29, "candidate_ms": 5.4,
+         "baseline_ms": 19.0, "pairs": 200, "note": "p99 9.32 vs 25.30 ms; 200 images"},
+        {"name": "batch 1, latency, compiled", "candidate": "int8 early exit",
+         "baseline": "fp32 eager full", "ratio_median": 0.098, "candidate_ms": 1.94,
+         "baseline_ms": 19.0, "pairs": 200, "note": "p99 12.26 vs 25.30 ms; 200 images"},
+        {"name": "batch 256, time per batch, compiled", "candidate": "int8 early exit",
+         "baseline": "fp32 eager full", "ratio_median": 0.11, "candidate_ms": 75.2,
+         "baseline_ms": 654.7, "pairs": 10, "note": "3404 vs 391 images/s"}])
+    row = {"key": "IntEarlyExit", "method": "INT8 early exit", "config": "c"}
+    (got,) = compression.early_exit_latency(SimpleNamespace(latency=lambda: frame), row)
+    assert (got["latency_ms"], got["dense_ms"], got["ratio_vs_dense"], got["rounds"]) == \
+        (1.94, 19.0, 0.098, 200)
+    assert (got["latency_p99_ms"], got["dense_p99_ms"]) == (12.26, 25.30)
+    assert got["kernel"] == compression.KERNEL_EARLY_EXIT and got["key"] == "IntEarlyExit"
+    # an uncompiled run measured none
+    assert compression.early_exit_latency(SimpleNamespace(latency=lambda: None), row) == []
 
 
 def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
