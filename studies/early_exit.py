@@ -916,6 +916,13 @@ def _macros(r: dict, smoke: bool) -> dict:
     head = pts[(pts.system == f"{INT8}_early_exit") & (pts.policy == r["head_policy"])].iloc[0]
     m["AccHead"] = f"{100 * head.accuracy:.2f}"
     m["MacsHead"] = f"{100 * head.macs_fraction:.1f}"
+    # Validation against test: how far the headline is from FP32 full on the split it was
+    # chosen on and on the one it is reported on.
+    full = pts[pts.system == "fp32_full"].iloc[0]
+    m["ValAccHead"] = f"{100 * head.val_accuracy:.2f}"
+    m["ValAccFull"] = f"{100 * full.val_accuracy:.2f}"
+    m["ValDeltaHead"] = f"{100 * (head.val_accuracy - full.val_accuracy):+.2f}"
+    m["DeltaHead"] = f"{100 * head.delta_vs_fp32_full:+.2f}"
     for _, row in pts.iterrows():
         key = letters(f"{row.system} {row.policy}".replace("_", " "))
         m[f"Acc{key}"] = f"{100 * row.accuracy:.2f}"

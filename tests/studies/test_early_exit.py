@@ -101,7 +101,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     int8 = cal[(cal.system == "int8") & (cal.split == "val")].sort_values("exit")
     assert summary["int8_rule"]["temperatures"] == pytest.approx(list(int8.temperature))
     for macro in ("EceAfterMaxIntNll", "EceAfterMaxIntEce", "CalibrationObjective",
-                  "EceAfterMaxIntIsotonic"):
+                  "EceAfterMaxIntIsotonic", "ValAccHead", "ValAccFull", "ValDeltaHead",
+                  "DeltaHead"):
         assert f"\\newcommand{{\\earlyExit{macro}}}" in (out / "macros.tex").read_text()
     # Both head-training variants, every exit, both splits.
     heads = pd.read_csv(out / "heads.csv")
