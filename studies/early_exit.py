@@ -337,6 +337,14 @@ def selection_text(config: dict) -> str:
             f"minus {margin}")
 
 
+def paired_delta(correct: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Accuracy of ``correct`` minus the reference's on the same images, and the
+    Bonett-Price standard error of that paired difference (the TOST's)."""
+    only_a, only_b = int((correct & ~ref).sum()), int((ref & ~correct).sum())
+    eq = paired_accuracy_equivalence(only_a, only_b, len(correct), MARGIN, ALPHA)
+    return eq.estimate, eq.se
+
+
 def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) -> dict:
     """Wilson interval of ``correct``; McNemar and the paired TOST against ``ref``."""
     n = len(correct)
@@ -698,6 +706,15 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
     head_policy = min((k for s, k in chosen if s == INT8),
                       key=lambda p: selection_order(*chosen[(INT8, p)][2]))
     rule8, res8, _ = chosen[(INT8, head_policy)]
+    # The headline on the split it was chosen on and on the one it is reported on, each
+    # against FP32 full on the same images: are the two differences further apart than
+    # their sampling allows (independent splits, so the variances add)?
+    head_val = exit_result_from_logits(logits[INT8][0], rule8).predictions == data.val.y
+    (d_val, se_val), (d_test, se_test) = (paired_delta(head_val, ref_val),
+                                          paired_delta(res8.predictions == data.test.y,
+                                                       ref_test))
+    shift = {"val_delta": d_val, "val_se": se_val, "test_delta": d_test, "test_se": se_test,
+             "z": (d_val - d_test) / math.hypot(se_val, se_test)}
     per_class = exits_per_class(res8, data.test.y, int(model.backbone.fc.out_features))
     per_class_rows = [{"system": sys_, "policy": head_policy, "class": c, "exit": k,
                        "exit_point": costs.exit_points[k], "count": int(m[c, k])}
@@ -761,7 +778,7 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             "sweeps": sweeps, "points": points, "head_policy": head_policy,
             "per_class": per_class, "per_class_rows": pd.DataFrame(per_class_rows),
             "rounding": pd.DataFrame(rounding_rows), "sim_vs_real": pd.DataFrame(sim_rows),
-            "times": times, "latency": latency, "rule8": rule8,
+            "times": times, "latency": latency, "rule8": rule8, "shift": shift,
             "lowered": [s.lowered for s in q_stages.stages],
             "exit_points": costs.exit_points, "variant": config["variant"],
             "model": model}
@@ -894,6 +911,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
                "exit_points": list(r["exit_points"]), "full_macs": costs.full_macs,
                "exit_macs": list(costs.macs), "lowered": r["lowered"],
                "operating_points": pts.to_dict(orient="records"),
+               "headline_val_vs_test": r["shift"],
                "sim_vs_real": r["sim_vs_real"].to_dict(orient="records"),
                # the speed goals hold timings: goals.csv (a timing output) has them
                "goals": goal.iloc[:3].to_dict(orient="records")}
@@ -923,6 +941,9 @@ def _macros(r: dict, smoke: bool) -> dict:
     m["ValAccFull"] = f"{100 * full.val_accuracy:.2f}"
     m["ValDeltaHead"] = f"{100 * (head.val_accuracy - full.val_accuracy):+.2f}"
     m["DeltaHead"] = f"{100 * head.delta_vs_fp32_full:+.2f}"
+    m["ShiftZ"] = f"{r['shift']['z']:.1f}"
+    m["ValSeHead"] = f"{100 * r['shift']['val_se']:.2f}"
+    m["SeHead"] = f"{100 * r['shift']['test_se']:.2f}"
     for _, row in pts.iterrows():
         key = letters(f"{row.system} {row.policy}".replace("_", " "))
         m[f"Acc{key}"] = f"{100 * row.accuracy:.2f}"

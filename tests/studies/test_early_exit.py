@@ -8,6 +8,7 @@ three graphs per stage, minutes on a shared CPU.
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -90,6 +91,15 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
         (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
+    # The headline's distance from FP32 full on validation and on test, and how many
+    # standard errors of their difference apart they are.
+    shift = summary["headline_val_vs_test"]
+    assert shift["val_se"] > 0 and shift["test_se"] > 0
+    assert shift["z"] == pytest.approx((shift["val_delta"] - shift["test_delta"])
+                                       / math.hypot(shift["val_se"], shift["test_se"]))
+    (head,) = [p for p in summary["operating_points"] if p["system"] == "int8_early_exit"
+               and p["policy"] == summary["head_policy"]]
+    assert shift["test_delta"] == pytest.approx(head["delta_vs_fp32_full"])
     # Temperatures by both objectives; the rules use --calibration's (default nll); the
     # isotonic map on top is fitted on validation, where it leaves every bin calibrated.
     cal = pd.read_csv(out / "calibration.csv")
@@ -102,7 +112,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert summary["int8_rule"]["temperatures"] == pytest.approx(list(int8.temperature))
     for macro in ("EceAfterMaxIntNll", "EceAfterMaxIntEce", "CalibrationObjective",
                   "EceAfterMaxIntIsotonic", "ValAccHead", "ValAccFull", "ValDeltaHead",
-                  "DeltaHead"):
+                  "DeltaHead", "ShiftZ", "ValSeHead", "SeHead"):
         assert f"\\newcommand{{\\earlyExit{macro}}}" in (out / "macros.tex").read_text()
     # Both head-training variants, every exit, both splits.
     heads = pd.read_csv(out / "heads.csv")
