@@ -285,7 +285,8 @@ class LatencyMeter:
     row gives the medians and 99th percentiles of both and the median of the per-round
     ratios, which a shared machine's load moves far less than either time. ``rounds`` 0
     measures nothing. The rows are a timing output (``latency.csv``), never mixed with the
-    reproducible ones.
+    reproducible ones; the seconds a measurement takes count in its model's row of
+    ``timing.csv``.
     """
 
     def __init__(self, rounds: int, images: torch.Tensor, pixels: np.ndarray,
@@ -301,9 +302,22 @@ class LatencyMeter:
     def pixel_row(self, i: int) -> np.ndarray:
         return self.pixels[i % len(self.pixels)][None]
 
-    def network(self, row: dict, model: nn.Module, kernel: str) -> None:
-        """Time a network (on the CPU, eval mode) on one image per round."""
+    def network(self, row: dict, model: nn.Module, kernel: str,
+                same_as: nn.Module | None = None) -> None:
+        """Time a network (on the CPU, eval mode) on one image per round; ``same_as`` is the
+        model whose accuracy the row reports, when the timed executable is another form of
+        it (CSR), which must then give the same logits on a few test images (to float32
+        summation order: a wrong conversion is an error, not a speed)."""
         model = model.cpu().eval()
+        if self.rounds and same_as is not None:
+            x = self.images[:4]
+            with torch.no_grad():
+                got, want = model(x), same_as.cpu().eval()(x)
+            scale = float(want.abs().max()) or 1.0
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+                raise AssertionError(f"{row['method']} {row['config']}: the executable timed "
+                                     f"({kernel}) does not compute the model measured (max "
+                                     f"logit difference {float((got - want).abs().max()):.3g})")
         self.measure(row, kernel, lambda i: model(self.image(i)))
 
     def weightless(self, row: dict, model, kernel: str) -> None:
@@ -438,7 +452,8 @@ def resnet_points(model, data, args, folder, bar, meter: LatencyMeter):
                               counted, size, right, dense, tuned_right, sparsity=reached,
                               storage=f"{fmt.value} {values.value}"))
             meter.network(rows[-1], to_csr(back, keep_dense={first_conv(back)} - {None}),
-                          KERNEL_CSR if values is StorageFormat.FLOAT32 else KERNEL_CSR_INT8)
+                          KERNEL_CSR if values is StorageFormat.FLOAT32 else KERNEL_CSR_INT8,
+                          same_as=back)
         timing.append({"task": f"pruned {s:g}", "seconds": time.perf_counter() - t0})
         bar.update(1)
     for f in args.channel_fractions:
@@ -664,16 +679,39 @@ def figure_pareto(plt, points: pd.DataFrame, smoke: bool):
 
 
 def latency_table(latency: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
-    """The latency rows for the paper: the model, its kernel, the medians in ms and the
-    ratio to the dense float32 network."""
+    """The latency rows for the paper: the model, its kernel, the medians in ms, the rounds
+    and the ratio to the dense float32 network."""
     acc = dict(zip(points.key, points.acc))
     return pd.DataFrame({
         "method": latency.method, "configuration": latency.config, "kernel": latency.kernel,
         "accuracy (%)": [f"{100 * acc[k]:.2f}" for k in latency.key],
         "median (ms)": [f"{v:.2f}" for v in latency.latency_ms],
         "p99 (ms)": ["" if np.isnan(v) else f"{v:.2f}" for v in latency.latency_p99_ms],
+        "rounds": [f"{int(v)}" for v in latency.rounds],
         "vs dense float32": ["" if np.isnan(v) else f"{v:.3g}x"
                              for v in latency.ratio_vs_dense]})
+
+
+def latency_caption(latency: pd.DataFrame, baseline: bool, test_images: int) -> str:
+    """What the latency table holds, said only of the rows it has (raw LaTeX)."""
+    own = latency[latency.kernel != KERNEL_EARLY_EXIT]
+    rounds = int(own.rounds.iloc[0]) if len(own) else 0
+    text = (f"Batch-1 CPU latency of every model on {min(rounds, test_images)} test images "
+            f"({rounds} rounds, {torch.get_num_threads()} thread(s))")
+    text += (", each image run by the model and by the dense float32 network in "
+             "alternation: medians, 99th percentiles (of so few rounds, near the maximum) "
+             "and the median of the per-image ratios." if baseline else
+             ": medians and 99th percentiles (no dense network in this run to time against).")
+    kernels = set(latency.kernel)
+    if kernels & {KERNEL_CSR, KERNEL_CSR_INT8}:
+        text += " Pruned networks run as CSR products."
+    if any("dequantizing" in k for k in kernels):
+        text += (" Stored INT8 weights are dequantized and run in float32: a storage format "
+                 "has no INT8 kernel behind it.")
+    if KERNEL_EARLY_EXIT in kernels:
+        text += (" The INT8 early-exit row is its own run's measurement (real INT8 kernels, "
+                 "its own rounds, against its own FP32 network), not this run's.")
+    return text
 
 
 def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool):
@@ -681,9 +719,11 @@ def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool
     d = latency.merge(points[["key", "acc", "acc_lo", "acc_hi"]], on="key")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, g in d.groupby("method", sort=False):
+        other = (g.kernel == KERNEL_EARLY_EXIT).all()  # measured by another run
         ax.errorbar(g.latency_ms, 100 * g.acc, yerr=[100 * (g.acc - g.acc_lo),
                                                      100 * (g.acc_hi - g.acc)],
-                    fmt="o", ms=4, capsize=2, label=method)
+                    fmt="o", ms=4, capsize=2, mfc="none" if other else None,
+                    label=f"{method} (its own run)" if other else method)
     ax.set_xscale("log")
     ax.set_xlabel(f"batch-1 CPU latency, median ms (log scale; {torch.get_num_threads()} "
                   "thread(s))")
@@ -729,13 +769,17 @@ def early_exit_point(run: EarlyExitRun, net: nn.Module, folder: Path,
     return row
 
 
-def early_exit_latency(run: EarlyExitRun, row: dict) -> list[dict]:
-    """The early-exit point's latency row, as its run measured it (batch 1, INT8 early exit
-    against FP32 eager full); none when the run measured no latency (uncompiled)."""
-    lat = run.latency()
+EARLY_EXIT_LATENCY_ROW = "batch 1, latency, compiled"
+
+
+def early_exit_latency(lat: pd.DataFrame | None, row: dict) -> list[dict]:
+    """The early-exit point's latency row from its run's latency rows
+    (:meth:`studies._runs.EarlyExitRun.latency`), as that run measured it: batch 1, INT8
+    early exit against FP32 eager full, compiled. None when the run measured none
+    (uncompiled), or when its row is not a speed (a graph compiled during the timing)."""
     if lat is None:
         return []
-    mine = lat[lat.name.str.startswith("batch 1,") & (lat.candidate == "int8 early exit")
+    mine = lat[(lat.name == EARLY_EXIT_LATENCY_ROW) & (lat.candidate == "int8 early exit")
                & (lat.baseline == "fp32 eager full")]
     if not len(mine):
         return []
@@ -917,13 +961,14 @@ def _main(argv: list[str]) -> int:
     # The early-exit run is read and checked now, before hours of fine-tuning: a run that
     # does not fit is left out with the reason, one whose files were altered is an error.
     ee_folder = args.early_exit_run or args.out.parent / "early_exit"
-    ee_why, ee_run, ee_net = "the ResNet part was not run", None, None
+    ee_why, ee_run, ee_net, ee_latency = "the ResNet part was not run", None, None, None
     if "resnet" in parts:
         ee_run = early_exit_run(ee_folder)
         ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
                                      data.identity["test_images"], smoke)
         if ee_why is None:
             ee_net = ee_run.network(copy.deepcopy(model))
+            ee_latency = ee_run.latency()  # checked against its manifest now, not at the end
         else:
             print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
     plt = figure_style()
@@ -942,7 +987,7 @@ def _main(argv: list[str]) -> int:
             if ee_why is None:
                 rows.append(early_exit_point(ee_run, ee_net, folder, correct[0.0]))
                 if args.latency_rounds:
-                    meter.rows += early_exit_latency(ee_run, rows[-1])
+                    meter.rows += early_exit_latency(ee_latency, rows[-1])
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
@@ -971,12 +1016,7 @@ def _main(argv: list[str]) -> int:
             run.write_csv("latency.csv", latency, timing=True)
             run.write_latex_table(
                 "latency.tex", latency_table(latency, points),
-                f"Batch-1 CPU latency of every model on {args.latency_rounds} test images "
-                f"({torch.get_num_threads()} thread(s)), each image timed against the dense "
-                f"float32 network in alternation: medians and the median of the per-image "
-                f"ratios. The kernel column says what runs: sparse weights run as CSR "
-                f"products, stored INT8 weights are dequantized and run in float32 (no INT8 "
-                f"kernel), the early-exit row is the early-exit run's own measurement.{tag}",
+                latency_caption(latency, meter.baseline is not None, len(data.y_test)) + tag,
                 "tab:compression-latency", timing=True)
             fig = figure_latency(plt, latency, points, smoke)
             run.save_figure(fig, "latency", timing=True)

@@ -48,6 +48,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -108,7 +109,7 @@ from studies._common import (
     positive_int,
     study_main,
 )
-from studies._latex import letters
+from studies._latex import letters, signed
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
 #: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
@@ -939,9 +940,17 @@ def _macros(r: dict, smoke: bool) -> dict:
     full = pts[pts.system == "fp32_full"].iloc[0]
     m["ValAccHead"] = f"{100 * head.val_accuracy:.2f}"
     m["ValAccFull"] = f"{100 * full.val_accuracy:.2f}"
-    m["ValDeltaHead"] = f"{100 * (head.val_accuracy - full.val_accuracy):+.2f}"
-    m["DeltaHead"] = f"{100 * head.delta_vs_fp32_full:+.2f}"
-    m["ShiftZ"] = f"{r['shift']['z']:.1f}"
+    m["ValDeltaHead"] = signed(100 * (head.val_accuracy - full.val_accuracy))
+    m["DeltaHead"] = signed(100 * head.delta_vs_fp32_full)
+    z = r["shift"]["z"]
+    m["ShiftZ"] = f"{abs(z):.1f}"
+    # Two-sided at ALPHA: are the validation and test differences further apart than
+    # sampling of the two splits allows?
+    m["ShiftVerdict"] = (
+        "within what the sampling of the two splits produces at "
+        f"$\\alpha={ALPHA:g}$, so not shown to be a shift between them"
+        if abs(z) < NormalDist().inv_cdf(1 - ALPHA / 2) else
+        f"more than the sampling of the two splits produces at $\\alpha={ALPHA:g}$")
     m["ValSeHead"] = f"{100 * r['shift']['val_se']:.2f}"
     m["SeHead"] = f"{100 * r['shift']['test_se']:.2f}"
     for _, row in pts.iterrows():

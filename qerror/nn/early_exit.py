@@ -1249,6 +1249,12 @@ def qualifies(right: torch.Tensor, reference, margin: float,
     estimate and the boundary, sized by the discordant samples of that very point: a
     point that disagrees with the reference on many samples must be further above the
     boundary than one that rarely does.
+
+    At the same ``margin``, a point the test accepts has its estimate above the boundary
+    too whenever ``alpha <= 1 - Phi(sqrt(1.5)) ≈ 0.110`` (the adjusted Wald's pseudo-counts
+    shrink the estimate toward zero by at most ``2/(n + 2)``, less than ``z_{1-alpha}``
+    standard errors there), for every ``n`` and every count; above that level a point with
+    one discordant sample can pass the test and fail the estimate.
     """
     right = torch.as_tensor(right)
     if right.dim() != 1 or right.dtype != torch.bool or len(right) == 0:

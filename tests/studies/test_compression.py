@@ -44,7 +44,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     assert (kernel["WiSARD"], kernel["DWN"]) == (compression.KERNEL_WISARD,
                                                  compression.KERNEL_DWN)
     tex = (out / "latency.tex").read_text()
-    assert "SMOKE" in tex and not re.search(r"(?<!\\)[_%]", tex.split("\\caption")[0])
+    assert "SMOKE" in tex and not re.search(r"(?<!\\)[_%]", tex)
+    assert "Pruned networks run as CSR" in tex and "early-exit" not in tex
     assert list(dict.fromkeys(points.method)) == [
         "dense float32", "dense INT8", compression.DENSE_FINETUNED, "pruned", "pruned + INT8",
         "channel-pruned",
@@ -131,6 +132,8 @@ def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
     assert points.method.tolist() == ["WiSARD"]
     latency = pd.read_csv(out / "latency.csv")  # timed, but against no dense network
     assert latency.key.tolist() == points.key.tolist() and latency.ratio_vs_dense.isna().all()
+    tex = (out / "latency.tex").read_text()
+    assert "no dense network in this run" in tex and "CSR" not in tex
     assert not (out / "rounding.csv").exists()
     assert json.loads((out / "manifest.json").read_text())["model"] == {"model": None}
     goals = pd.read_csv(out / "goals.csv")
@@ -204,8 +207,8 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
     # its caption names the study in LaTeX that compiles: no bare underscore
     tex = (out / "points.tex").read_text()
     assert "\\texttt{studies.early\\_exit}" in tex and not re.search(r"(?<!\\)_", tex)
-    # An uncompiled run measured no latency; a latency file the manifest does not list as
-    # written is refused.
+    # An uncompiled run measured no latency; a latency file whose bytes are not those its
+    # manifest lists is refused.
     ran = early_exit_run(ee_out)
     assert ran.latency() is None
     (ee_out / "latency.csv").write_text("name\n")
@@ -220,7 +223,6 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
 
 
 def test_the_early_exit_latency_is_the_one_its_run_measured():
-    from types import SimpleNamespace
 
     frame = pd.DataFrame([
         {"name": "batch 1, latency, compiled", "candidate": "int8 full",
@@ -233,13 +235,16 @@ def test_the_early_exit_latency_is_the_one_its_run_measured():
          "baseline": "fp32 eager full", "ratio_median": 0.11, "candidate_ms": 75.2,
          "baseline_ms": 654.7, "pairs": 10, "note": "3404 vs 391 images/s"}])
     row = {"key": "IntEarlyExit", "method": "INT8 early exit", "config": "c"}
-    (got,) = compression.early_exit_latency(SimpleNamespace(latency=lambda: frame), row)
+    (got,) = compression.early_exit_latency(frame, row)
     assert (got["latency_ms"], got["dense_ms"], got["ratio_vs_dense"], got["rounds"]) == \
         (1.94, 19.0, 0.098, 200)
     assert (got["latency_p99_ms"], got["dense_p99_ms"]) == (12.26, 25.30)
     assert got["kernel"] == compression.KERNEL_EARLY_EXIT and got["key"] == "IntEarlyExit"
-    # an uncompiled run measured none
-    assert compression.early_exit_latency(SimpleNamespace(latency=lambda: None), row) == []
+    # an uncompiled run measured none; a row with a compile inside its timing is no speed
+    assert compression.early_exit_latency(None, row) == []
+    slow = frame.assign(name=frame.name.str.replace(
+        "compiled", "compiled, 1 graph(s) compiled during the timing"))
+    assert compression.early_exit_latency(slow, row) == []
 
 
 def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
