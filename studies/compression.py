@@ -668,8 +668,14 @@ def figure_pareto(plt, points: pd.DataFrame, smoke: bool):
     front = points[points.on_front].sort_values("bytes")
     ax.step(front.bytes, 100 * front.acc, where="post", color="k", lw=0.8, ls=":",
             label="Pareto front")
+    return _finish_accuracy_figure(fig, ax, "honest bytes (log scale)", smoke)
+
+
+def _finish_accuracy_figure(fig, ax, xlabel: str, smoke: bool):
+    """Log x axis, the accuracy axis, the smoke warning and the legend of the two
+    accuracy-against-cost figures."""
     ax.set_xscale("log")
-    ax.set_xlabel("honest bytes (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test accuracy, % ({100 * (1 - ALPHA):g}% Wilson CI)")
     if smoke:
         ax.set_title("SMOKE RUN: tiny untrained models, not results", fontsize=9)
@@ -724,15 +730,9 @@ def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool
                                                      100 * (g.acc_hi - g.acc)],
                     fmt="o", ms=4, capsize=2, mfc="none" if other else None,
                     label=f"{method} (its own run)" if other else method)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"batch-1 CPU latency, median ms (log scale; {torch.get_num_threads()} "
-                  "thread(s))")
-    ax.set_ylabel(f"test accuracy, % ({100 * (1 - ALPHA):g}% Wilson CI)")
-    if smoke:
-        ax.set_title("SMOKE RUN: tiny untrained models, not results", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    return fig
+    return _finish_accuracy_figure(
+        fig, ax, f"batch-1 CPU latency, median ms (log scale; {torch.get_num_threads()} "
+                 "thread(s))", smoke)
 
 
 def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | None) -> dict:

@@ -498,17 +498,23 @@ def test_per_exit_thresholds_beat_a_shared_one_on_a_hand_made_case():
     assert got.met and got.macs_fraction == 0.5 and got.rounds == 2
 
 
-@pytest.mark.parametrize("policy", ["max-softmax", "entropy"])
-def test_refined_thresholds_decide_as_the_runner_and_never_lose_to_the_start(policy):
+def _four_exits(n: int, strengths):
+    """Seeded labels of 5 classes and four exits' logits, noise + strength · one-hot(label)
+    (a larger strength, a clearer signal), priced 10, 30, 60 and 100 MACs."""
     from qerror.nn.early_exit import ExitCosts
 
     gen = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 5, (400,), generator=gen)
-    # Later exits see a clearer signal: logits = noise + strength · one-hot(label).
-    logits = [torch.randn(400, 5, generator=gen, dtype=torch.float64)
-              + s * nn.functional.one_hot(labels, 5) for s in (0.5, 1.5, 3.0, 5.0)]
+    labels = torch.randint(0, 5, (n,), generator=gen)
+    logits = [torch.randn(n, 5, generator=gen, dtype=torch.float64)
+              + s * nn.functional.one_hot(labels, 5) for s in strengths]
     costs = ExitCosts(("a", "b", "c", "fc"), (1, 2, 3, 4), (1, 1, 1, 1), (10, 30, 60, 100),
                       100)
+    return labels, logits, costs
+
+
+@pytest.mark.parametrize("policy", ["max-softmax", "entropy"])
+def test_refined_thresholds_decide_as_the_runner_and_never_lose_to_the_start(policy):
+    labels, logits, costs = _four_exits(400, (0.5, 1.5, 3.0, 5.0))
     cands = [1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
     temps = (1.3, 1.1, 0.9, 1.0)
     pts = threshold_sweep(logits, labels, policy, cands, costs, temps)
@@ -630,15 +636,8 @@ def test_the_paired_test_only_ever_accepts_what_the_estimate_accepts():
 
 
 def test_choose_and_refine_under_the_paired_test():
-    from qerror.nn.early_exit import ExitCosts
-
-    gen = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 5, (600,), generator=gen)
     # The last exit (the reference) is right on about 94 % of them, the others less often.
-    logits = [torch.randn(600, 5, generator=gen, dtype=torch.float64)
-              + s * nn.functional.one_hot(labels, 5) for s in (1.0, 2.0, 2.5, 3.0)]
-    costs = ExitCosts(("a", "b", "c", "fc"), (1, 2, 3, 4), (1, 1, 1, 1), (10, 30, 60, 100),
-                      100)
+    labels, logits, costs = _four_exits(600, (1.0, 2.0, 2.5, 3.0))
     cands = [1.0] + [1 - k / 50 for k in range(1, 40)]
     ref = logits[-1].argmax(1) == labels
     pts = threshold_sweep(logits, labels, "max-softmax", cands, costs)
