@@ -46,6 +46,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     tex = (out / "latency.tex").read_text()
     assert "SMOKE" in tex and not re.search(r"(?<!\\)[_%]", tex)
     assert "Pruned networks run as CSR" in tex and "early-exit" not in tex
+    assert "runs as" in tex and compression.KERNEL_CSR not in tex  # short labels in the table
+
     assert list(dict.fromkeys(points.method)) == [
         "dense float32", "dense INT8", compression.DENSE_FINETUNED, "pruned", "pruned + INT8",
         "channel-pruned",
@@ -65,6 +67,17 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     assert set(rounding["mode"]) == {"nearest_even", "toward_zero"}
     assert sorted(rounding.sparsity.unique()) == [0.0, 0.9]
     assert not list(tmp_path.glob(".compression.partial*"))
+
+
+def test_every_kernel_has_a_short_label_in_the_table():
+    kernels = [compression.KERNEL_DENSE, compression.KERNEL_DEQUANT, compression.KERNEL_CSR,
+               compression.KERNEL_CSR_INT8, compression.KERNEL_WISARD,
+               compression.KERNEL_DWN, compression.KERNEL_EARLY_EXIT]
+    labels = [compression.kernel_label(k) for k in kernels]
+    assert labels == ["float32", "float32, dequantized", "CSR", "CSR, dequantized", "WiSARD",
+                      "DWN", "INT8 (its own run)"]
+    assert compression.kernel_label(compression.KERNEL_DEQUANT + ", the smaller network") \
+        == "float32, dequantized, smaller network"
 
 
 def _points(dense_correct, sparse_correct, dwn, wisard, n=10_000):
