@@ -706,7 +706,7 @@ def latency_table(latency: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
         "median (ms)": [f"{v:.2f}" for v in latency.latency_ms],
         "p99 (ms)": ["" if np.isnan(v) else f"{v:.2f}" for v in latency.latency_p99_ms],
         "rounds": [f"{int(v)}" for v in latency.rounds],
-        "vs dense float32": ["" if np.isnan(v) else f"{v:.3g}x"
+        "vs dense": ["" if np.isnan(v) else f"{v:.3g}x"
                              for v in latency.ratio_vs_dense]})
 
 
@@ -1031,7 +1031,8 @@ def _main(argv: list[str]) -> int:
                 "latency.tex", latency_table(latency, points),
                 latency_caption(latency, meter.baseline is not None, len(data.y_test)) + tag,
                 "tab:compression-latency", timing=True,
-                column_format=r"l>{\raggedright\arraybackslash}p{0.3\linewidth}lrrrrr")
+                column_format=(r">{\raggedright\arraybackslash}p{%s\linewidth}" * 3
+                               % ("0.15", "0.22", "0.13")) + "rrrrr")
             fig = figure_latency(plt, latency, points, smoke)
             run.save_figure(fig, "latency", timing=True)
             plt.close(fig)
