@@ -347,6 +347,12 @@ def alternating_times(fns: list[Callable[[int], object]], rounds: int) -> np.nda
     return times
 
 
+def wrapped_columns(*widths: float) -> str:
+    """LaTeX column specs of text columns wrapped ragged-right at these fractions of the
+    line width (needs ``\\usepackage{array}``), for ``column_format``."""
+    return "".join(f">{{\\raggedright\\arraybackslash}}p{{{w:g}\\linewidth}}" for w in widths)
+
+
 def git_identity() -> dict[str, Any]:
     """Commit and whether the work tree differs from it (None outside a git checkout)."""
     try:
@@ -444,9 +450,8 @@ class RunDir:
         (needs ``\\usepackage{array}``)."""
         if frame.shape[1] != 3:
             raise ValueError(f"a goals table has three columns, got {list(frame.columns)}")
-        wrap = r">{\raggedright\arraybackslash}p{%s\linewidth}"
         return self.write_latex_table(name, frame, caption, label,
-                                      column_format=wrap % "0.33" + wrap % "0.45" + wrap % "0.12")
+                                      column_format=wrapped_columns(0.33, 0.45, 0.12))
 
     def write_macros(self, name: str, macros: dict[str, str]) -> Path:
         """``\\newcommand`` definitions, so the paper's text never holds a typed number.

@@ -117,6 +117,7 @@ from studies._common import (
     positive_float,
     positive_int,
     study_main,
+    wrapped_columns,
 )
 from studies._latex import letters
 from studies._runs import EarlyExitRun, early_exit_run
@@ -706,19 +707,17 @@ def latency_table(latency: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
         "median (ms)": [f"{v:.2f}" for v in latency.latency_ms],
         "p99 (ms)": ["" if np.isnan(v) else f"{v:.2f}" for v in latency.latency_p99_ms],
         "rounds": [f"{int(v)}" for v in latency.rounds],
-        "vs dense": ["" if np.isnan(v) else f"{v:.3g}x"
-                             for v in latency.ratio_vs_dense]})
+        "vs dense": ["" if np.isnan(v) else f"{v:.3g}x" for v in latency.ratio_vs_dense]})
 
 
-def latency_caption(latency: pd.DataFrame, baseline: bool, test_images: int) -> str:
+def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int) -> str:
     """What the latency table holds, said only of the rows it has (raw LaTeX)."""
-    own = latency[latency.kernel != KERNEL_EARLY_EXIT]
-    rounds = int(own.rounds.iloc[0]) if len(own) else 0
+    rounds = meter.rounds
     text = (f"Batch-1 CPU latency of every model on {min(rounds, test_images)} test images "
             f"({rounds} rounds, {torch.get_num_threads()} thread(s))")
     text += (", each image run by the model and by the dense float32 network in "
              "alternation: medians, 99th percentiles (of so few rounds, near the maximum) "
-             "and the median of the per-image ratios." if baseline else
+             "and the median of the per-image ratios." if meter.baseline is not None else
              ": medians and 99th percentiles (no dense network in this run to time against).")
     kernels = set(latency.kernel)
     text += " The column ``runs as'' names the kernel (the CSV says it in full)."
@@ -1029,10 +1028,9 @@ def _main(argv: list[str]) -> int:
             run.write_csv("latency.csv", latency, timing=True)
             run.write_latex_table(
                 "latency.tex", latency_table(latency, points),
-                latency_caption(latency, meter.baseline is not None, len(data.y_test)) + tag,
+                latency_caption(latency, meter, len(data.y_test)) + tag,
                 "tab:compression-latency", timing=True,
-                column_format=(r">{\raggedright\arraybackslash}p{%s\linewidth}" * 3
-                               % ("0.15", "0.22", "0.13")) + "rrrrr")
+                column_format=wrapped_columns(0.15, 0.22, 0.13) + "rrrrr")
             fig = figure_latency(plt, latency, points, smoke)
             run.save_figure(fig, "latency", timing=True)
             plt.close(fig)

@@ -328,31 +328,32 @@ def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
         "equivalent": ["yes" if e else "no" for e in pts.equivalent]})
 
 
-def selection_text(config: dict) -> str:
-    """How the operating points were chosen on validation, in a phrase (LaTeX-safe)."""
-    margin = f"{100 * config['select_margin']:g} points"
-    if config["select_alpha"] is None:
+def selection_text(select_margin: float, select_alpha: float | None, *,
+                   latex: bool = True) -> str:
+    """How the operating points were chosen on validation, in a phrase: for the captions
+    (LaTeX) and for the manifest (plain)."""
+    margin = f"{100 * select_margin:g} points"
+    if select_alpha is None:
         return f"fewest average MACs with accuracy at least FP32 full's minus {margin}"
+    level = f"$\\alpha={select_alpha:g}$" if latex else f"alpha {select_alpha:g}"
     return (f"fewest average MACs for which a paired one-sided test against FP32 full at "
-            f"$\\alpha={config['select_alpha']:g}$ shows the accuracy above FP32 full's "
-            f"minus {margin}")
+            f"{level} shows the accuracy above FP32 full's minus {margin}")
 
 
-def paired_delta(correct: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """Accuracy of ``correct`` minus the reference's on the same images, and the
-    Bonett-Price standard error of that paired difference (the TOST's)."""
+def paired_test(correct: torch.Tensor, ref: torch.Tensor):
+    """Discordant counts of ``correct`` against ``ref`` on the same images (right only by
+    it, right only by the reference) and the paired TOST of their accuracies."""
     only_a, only_b = int((correct & ~ref).sum()), int((ref & ~correct).sum())
-    eq = paired_accuracy_equivalence(only_a, only_b, len(correct), MARGIN, ALPHA)
-    return eq.estimate, eq.se
+    return only_a, only_b, paired_accuracy_equivalence(only_a, only_b, len(correct), MARGIN,
+                                                       ALPHA)
 
 
 def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) -> dict:
     """Wilson interval of ``correct``; McNemar and the paired TOST against ``ref``."""
     n = len(correct)
     w = wilson_ci(int(correct.sum()), n, ALPHA)
-    only_a, only_b = int((correct & ~ref).sum()), int((ref & ~correct).sum())
+    only_a, only_b, eq = paired_test(correct, ref)
     mc = mcnemar_from_counts(only_a, only_b, n, ALPHA)
-    eq = paired_accuracy_equivalence(only_a, only_b, n, MARGIN, ALPHA)
     return {"system": name, "images": n, "accuracy": w.estimate, "acc_lo": w.ci[0],
             "acc_hi": w.ci[1], "delta_vs_fp32_full": mc.estimate, "delta_lo": mc.ci[0],
             "delta_hi": mc.ci[1], "mcnemar_p": mc.p_value, "tost_p": eq.p_value,
@@ -515,12 +516,10 @@ def _main(argv: list[str]) -> int:
         parser.error("--variant joint needs --joint-epochs of at least 1")
     select_margin = args.select_margin if args.select_margin is not None else \
         (MARGIN if args.select == "paired-test" else MARGIN / 2)
+    select_alpha = ALPHA if args.select == "paired-test" else None
     if args.select == "paired-test" and select_margin == 0:
         parser.error("--select-margin must be above 0 with --select paired-test (a "
                      "non-inferiority test needs a margin)")
-    select_text = ("for which a paired one-sided test against FP32 full (Bonett-Price "
-                   "adjusted Wald, at alpha) shows the accuracy above FP32 full's minus "
-                   "select_margin")
     check_out(args.out, "early_exit", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
@@ -540,15 +539,14 @@ def _main(argv: list[str]) -> int:
               "joint_lr": args.lr / 10, "joint_weights": joint_weights,
               "variant": args.variant, "thresholds": thresholds,
               "select": args.select, "select_margin": select_margin,
-              "select_alpha": ALPHA if args.select == "paired-test" else None,
+              "select_alpha": select_alpha,
               "margin": MARGIN, "alpha": ALPHA,
               "calibration": args.calibration,
               "compile": compile_int8, "latency_pairs": latency_pairs, "seed": args.seed,
               "smoke": smoke, "device": device.type,
-              "operating_point_rule": "on the validation split: the fewest average MACs "
-                                      + (select_text if args.select == "paired-test" else
-                                         "whose accuracy is at least FP32 full's minus "
-                                         "select_margin")
+              "operating_point_rule": "on the validation split: the "
+                                      + selection_text(select_margin, select_alpha,
+                                                       latex=False)
                                       + " (none: the most accurate point), with "
                                       "one threshold shared by the early exits and with one "
                                       "per exit refined from it; the headline (goals, exits "
@@ -711,11 +709,11 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
     # against FP32 full on the same images: are the two differences further apart than
     # their sampling allows (independent splits, so the variances add)?
     head_val = exit_result_from_logits(logits[INT8][0], rule8).predictions == data.val.y
-    (d_val, se_val), (d_test, se_test) = (paired_delta(head_val, ref_val),
-                                          paired_delta(res8.predictions == data.test.y,
-                                                       ref_test))
-    shift = {"val_delta": d_val, "val_se": se_val, "test_delta": d_test, "test_se": se_test,
-             "z": (d_val - d_test) / math.hypot(se_val, se_test)}
+    *_, val_eq = paired_test(head_val, ref_val)
+    *_, test_eq = paired_test(res8.predictions == data.test.y, ref_test)
+    shift = {"val_delta": val_eq.estimate, "val_se": val_eq.se,
+             "test_delta": test_eq.estimate, "test_se": test_eq.se,
+             "z": (val_eq.estimate - test_eq.estimate) / math.hypot(val_eq.se, test_eq.se)}
     per_class = exits_per_class(res8, data.test.y, int(model.backbone.fc.out_features))
     per_class_rows = [{"system": sys_, "policy": head_policy, "class": c, "exit": k,
                        "exit_point": costs.exit_points[k], "count": int(m[c, k])}
@@ -875,7 +873,8 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     pts = r["points"]
     run.write_latex_table(
         "operating_points.tex", operating_points_table(pts),
-        f"Operating points chosen on the validation split ({selection_text(config)}), "
+        f"Operating points chosen on the validation split ("
+        f"{selection_text(config['select_margin'], config['select_alpha'])}), "
         f"reported on {int(pts.images.iloc[0])} test images: {100 * (1 - ALPHA):g}\\% Wilson "
         f"intervals, the paired difference from FP32 full with McNemar's p, and the paired "
         f"TOST with a margin of {100 * MARGIN:g} points (each one-sided test at "
@@ -940,8 +939,8 @@ def _macros(r: dict, smoke: bool) -> dict:
     full = pts[pts.system == "fp32_full"].iloc[0]
     m["ValAccHead"] = f"{100 * head.val_accuracy:.2f}"
     m["ValAccFull"] = f"{100 * full.val_accuracy:.2f}"
-    m["ValDeltaHead"] = signed(100 * (head.val_accuracy - full.val_accuracy))
-    m["DeltaHead"] = signed(100 * head.delta_vs_fp32_full)
+    m["ValDeltaHead"] = signed(100 * r["shift"]["val_delta"])
+    m["DeltaHead"] = signed(100 * r["shift"]["test_delta"])
     z = r["shift"]["z"]
     m["ShiftZ"] = f"{abs(z):.1f}"
     # Two-sided at ALPHA: are the validation and test differences further apart than
