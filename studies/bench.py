@@ -339,34 +339,48 @@ def _peak_growth(what: str, smoke: bool, seed: int, pair_batch: int | None = Non
 
 
 def bench_drift(args) -> list[BenchRow]:
-    """qerror.nn.propagate.measure (float and quantized paths, every statistic) against the
-    bare float forward plus the bare fake-quantized forward on the same batch; its peak
-    memory against the float forward alone; images/s."""
-    from qerror.nn import measure, quantized_forward
+    """qerror.nn.propagate.measure (float and quantized paths, every statistic) against two
+    baselines on the same batch: the bare float forward plus the bare fake-quantized forward
+    (what the two paths cost apart), and the same paired passes without the statistics
+    (``paired_forward``: what the measurements alone cost); its peak memory against the
+    float forward alone, with the default passes and in one pass; images/s."""
+    from qerror.nn import measure, paired_forward, quantized_forward
 
     model, x, y, cfg, act, w, arch = _drift_setup(args.smoke, args.seed)
     pairs = max(1, min(args.pairs, 5))
+    n = x.shape[0]
+    half = -(-n // 2)  # measure's default passes: half the batch each
 
-    def bare():
+    def apart():
         with torch.inference_mode():
             model(x)
             with quantized_forward(model, cfg, act, weights=w):
                 model(x)
 
-    timed = paired_ratio(lambda: measure(model, [(x, y)], cfg, act, weights=w), bare, pairs)
-    n = x.shape[0]
-    rows = [make_row("drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32",
-                     "measure (instrumented)", "float + fake-quantized forward", 1.3, *timed,
-                     note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
-                          f"{n / np.median(timed[2]):.0f} bare (both paths)")]
-    # Peak memory, each in a fresh process: the whole batch in one paired pass, and split
-    # in two (pair_batch = n/2: the paired pass then holds n images, as the float forward).
+    def paired():
+        with torch.inference_mode(), paired_forward(model, cfg, act, weights=w):
+            for i in range(0, n, half):
+                model(torch.cat([x[i:i + half], x[i:i + half]]))
+
+    def instrumented():
+        measure(model, [(x, y)], cfg, act, weights=w)
+
+    rows = []
+    for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
+                             (paired, "paired passes, no statistics", "paired, bare")):
+        timed = paired_ratio(instrumented, base, pairs)
+        rows.append(make_row(
+            "drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32", "measure (instrumented)",
+            name, 1.3, *timed, note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
+                                    f"{n / np.median(timed[2]):.0f} {what}"))
+    # Peak memory, each in a fresh process: measure's default (two paired passes of half the
+    # batch, so a pass holds n images, as the float forward) and the whole batch in one pass.
     float_peak = _peak_growth("float", args.smoke, args.seed)
-    for pair_batch in (None, n // 2):
+    for pair_batch in (None, n):
         peak = _peak_growth("measure", args.smoke, args.seed, pair_batch)
         # A tiny float forward can fit in memory the allocator already holds (growth 0).
         ratio = peak / float_peak if float_peak > 0 else float("nan")
-        how = "whole batch" if pair_batch is None else f"pair_batch={pair_batch}"
+        how = f"default passes of {half}" if pair_batch is None else "one paired pass"
         rows.append(BenchRow(
             "drift", f"{arch} peak memory of one batch of {n}, {how}",
             "measure (instrumented)", "float forward", ratio, ratio, ratio, float("nan"),

@@ -4,7 +4,7 @@ Which modules a network is made of and whether the paired batch can run it
 (:func:`check_model`), where its quantized layers are (:func:`layer_names`, :func:`is_block`,
 :func:`layer_chains` with the BatchNorm and ReLU that follow each layer,
 :func:`bn_fed_layers`), folding a BatchNorm into its convolution (:func:`fold_bn`), the
-batches a network is fed (:func:`iter_batches`, :func:`chunks`, :func:`batch_images`),
+batches a network is fed (:func:`iter_batches`, :func:`batch_images`),
 hooks that are always removed (:func:`pre_hooks`), the evaluation-mode guard
 (:func:`eval_mode`) and the one activation-range observer (:class:`RangeObserver`) that
 calibrates both the simulation (:mod:`qerror.nn.propagate`) and the INT8 cross-check
@@ -131,17 +131,6 @@ def iter_batches(batches, device: torch.device | None = None
             x = x.to(device)
             y = None if y is None else y.to(device)
         yield x, y
-
-
-def chunks(batches, size: int | None):
-    """Each (images, labels) batch, or its consecutive chunks of ``size`` images."""
-    for x, y in batches:
-        if size is None or x.shape[0] <= size:
-            yield x, y
-            continue
-        for i in range(0, x.shape[0], size):
-            yield x[i:i + size], None if y is None else y[i:i + size]
-
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

@@ -8,8 +8,9 @@ fake-quantized input. Every other module of a torchvision-style CNN in evaluatio
 samples independently, so the two halves never mix and each tensor inside the network holds
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
-batch by batch; nothing is kept per image, and memory is that of one float forward pass at
-twice the batch.
+batch by batch; nothing is kept per image. Each batch is measured in two paired passes of
+half its images (``pair_batch``), so measuring a batch holds as many images as its float
+forward does.
 
 Sites (DESIGN §2):
 
@@ -49,7 +50,6 @@ from qerror.nn._anatomy import (
     RangeObserver,
     UnsupportedModelError,
     check_model,
-    chunks,
     eval_mode,
     is_block,
     iter_batches,
@@ -71,6 +71,7 @@ __all__ = [
     "calibrate_activations",
     "measure",
     "output_key",
+    "paired_forward",
     "quantize_weights",
     "quantized_forward",
     "sqnr_db",
@@ -285,6 +286,23 @@ def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, t.ndim))
 
 
+def _sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per (image, channel) of ``t`` (N, C, ...): Σ and Σ² over the remaining dimensions,
+    as float64 CPU tensors (N, C), and the number of elements each sums."""
+    t = t.detach()
+    dims = tuple(range(2, t.ndim))
+    per_channel = int(np.prod(t.shape[2:])) if t.ndim > 2 else 1
+    if per_channel == 1:
+        s = t.reshape(t.shape[0], -1)
+        q = s * s
+    else:
+        # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
+        s = t.sum(dim=dims)
+        q = torch.linalg.vector_norm(t, dim=dims).square_()
+    # Sums leave the device here: (N, C) at most, and the results are numpy arrays.
+    return s.double().cpu(), q.double().cpu(), per_channel
+
+
 class _Moments:
     """Per-channel Σ and Σ² of a quantity, plus per-image Σ of its mean (for standard errors)."""
 
@@ -304,28 +322,22 @@ class _Moments:
         self.kept: list[torch.Tensor] = []
 
     def add(self, t: torch.Tensor, per_image: bool = True) -> None:
-        t = t.detach()
-        dims = tuple(range(2, t.ndim))
-        per_channel = int(np.prod(t.shape[2:])) if t.ndim > 2 else 1
-        if per_channel == 1:
-            s = t.reshape(t.shape[0], -1)
-            q = s * s
-        else:
-            # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
-            s = t.sum(dim=dims)
-            q = torch.linalg.vector_norm(t, dim=dims).square_()
-        # Sums leave the device here: (N, C) at most, and the results are numpy arrays.
-        s, q = s.double().cpu(), q.double().cpu()
+        self.add_sums(*_sums(t), per_image=per_image)
+
+    def add_sums(self, s: torch.Tensor, q: torch.Tensor, per_channel: int,
+                 per_image: bool = True) -> None:
+        """Add images whose per (image, channel) Σ and Σ² over ``per_channel`` elements are
+        ``s`` and ``q`` (float64, CPU, shape (N, C); see :func:`_sums`)."""
         cs, cq = s.sum(0), q.sum(0)
         if self.s1 is None:
             self.s1, self.s2 = cs, cq
         else:
             self.s1, self.s2 = self.s1 + cs, self.s2 + cq
-        self.n += t.shape[0] * per_channel
+        self.n += s.shape[0] * per_channel
         if per_image:
-            m1 = s.sum(1) / (per_channel * t.shape[1])
-            m2 = q.sum(1) / (per_channel * t.shape[1])
-            self.img_n += t.shape[0]
+            m1 = s.sum(1) / (per_channel * s.shape[1])
+            m2 = q.sum(1) / (per_channel * s.shape[1])
+            self.img_n += s.shape[0]
             self.img_s1 += float(m1.sum())
             self.img_s2 += float((m1 * m1).sum())
             self.img_q1 += float(m2.sum())
@@ -488,9 +500,15 @@ class _Instrument:
         self.collect = collect
         self.input_maps = input_maps
         self.batch_index = 0
+        # Within a batch measured in several paired passes: the pass's index (its stochastic
+        # stream), and how many of its images the local error and the quantizer's own error
+        # use (the first ``local_samples`` images of the batch, whichever pass holds them).
+        self.chunk = 0
+        self.local_images = local_samples
+        self.act_err_images = max(1, local_samples)
         self.sites: dict[str, _SiteAcc] = {}
         self.order = 0
-        self._last_output = None  # (tensor, site) of the layer that ran last
+        self._last_output = None  # (tensor, site, quantized half's sums) of the last layer
         self._handles = []
         self._patched = []
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
@@ -550,16 +568,19 @@ class _Instrument:
         if spec is None:
             return x
         qp = self.act_qparams[name]
-        key = _key(self.config.seed, 2, idx, self.batch_index, stream) \
+        chunk = (self.chunk,) if self.chunk else ()
+        key = _key(self.config.seed, 2, idx, self.batch_index, stream, *chunk) \
             if spec.rounding.is_random else None
+        if acc is None:  # nothing measured here: the quantizer alone, no counting
+            return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key)
         xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
                                 return_saturation=True)
-        if acc is not None:
-            acc.sat_low += int(sat.low)
-            acc.sat_high += int(sat.high)
-            acc.sat_total += int(sat.total)
-            # the quantizer's own error, on the images the local error uses
-            m = max(1, min(self.local_samples, x.shape[0]))
+        acc.sat_low += int(sat.low)
+        acc.sat_high += int(sat.high)
+        acc.sat_total += int(sat.total)
+        # the quantizer's own error, on the images the local error uses
+        m = min(self.act_err_images, x.shape[0])
+        if m:
             acc.act_err.add((xq[:m] - x[:m]) / qp.scale, per_image=False)
         return xq
 
@@ -600,17 +621,24 @@ class _Instrument:
             yf = op(xf, module.weight, module.bias)
             acc = self.site(name, "conv" if conv else "linear") if self.collect else None
             yq = op(self._quantize_input(idx, name, xq, acc, 0), w_hat, b_hat)
-            if acc is not None:
+            if acc is not None:  # the error first: its temporary is gone before the cat
                 acc.err.add(yq - yf)
-                acc.ref.add(yf, per_image=False)
-                if self.local_samples:
-                    m = min(self.local_samples, half)
+            out = torch.cat([yf, yq])
+            yf = yq = out[:half]  # the halves themselves are freed: the pass holds one copy
+            q_sums = None
+            if acc is not None:
+                # both halves' sums in one reduction of the pass's output: the float half's
+                # are the site's reference, the quantized half's those of a BatchNorm it feeds
+                s, q, per_channel = _sums(out)
+                acc.ref.add_sums(s[:half], q[:half], per_channel, per_image=False)
+                q_sums = s[half:], q[half:], per_channel
+                m = min(self.local_images, half)
+                if m:
                     xl = self._quantize_input(idx, name, xf[:m], None, 1)
                     acc.local.add(op(xl, w_hat, b_hat) - yf[:m], per_image=True)
                 if self.input_maps:
                     self._input_map(acc, name, xf)
-            out = torch.cat([yf, yq])
-            self._last_output = (out, acc)
+            self._last_output = (out, acc, q_sums)
             return out
 
         return forward
@@ -654,9 +682,11 @@ class _Instrument:
             last = self._last_output
             if last is not None and last[0] is x and last[1] is not None:
                 acc.bn_input_of = last[1]
+                acc.bn_q.add_sums(*last[2], per_image=False)
             else:
-                acc.bn_f.add(x[:half], per_image=False)
-            acc.bn_q.add(x[half:], per_image=False)
+                s, q, per_channel = _sums(x)
+                acc.bn_f.add_sums(s[:half], q[:half], per_channel, per_image=False)
+                acc.bn_q.add_sums(s[half:], q[half:], per_channel, per_image=False)
         return hook
 
     def _out_hook(self, name: str, kind: str) -> Callable:
@@ -664,7 +694,8 @@ class _Instrument:
             half = out.shape[0] // 2
             acc = self.site(name, kind)
             acc.err.add(out[half:] - out[:half])
-            acc.ref.add(out[:half], per_image=False)
+            s, q, per_channel = _sums(out[:half])
+            acc.ref.add_sums(s, q, per_channel, per_image=False)
         return hook
 
 
@@ -857,6 +888,20 @@ def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
     return bns
 
 
+def _passes(batches: Iterable, pair_batch: int | None):
+    """The paired passes over ``batches``: (batch index, pass index within the batch, first
+    image of the pass within the batch, images, labels).
+
+    A batch of ``N`` images is measured in passes of ``pair_batch`` images, by default
+    ``ceil(N / 2)``: a paired pass then holds ``N`` images, as the float forward of the batch
+    does.
+    """
+    for b, (x, y) in enumerate(batches):
+        size = pair_batch if pair_batch is not None else max(1, -(-x.shape[0] // 2))
+        for c, start in enumerate(range(0, x.shape[0], size)):
+            yield b, c, start, x[start:start + size], None if y is None else y[start:start + size]
+
+
 def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             act_qparams: Mapping[str, QParams] | None = None, *,
             weights: Mapping[str, QuantizedWeights] | None = None,
@@ -886,14 +931,19 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         BatchNorm name → (mean, var) that the quantized path normalises with instead of
         the running statistics (see :func:`qerror.nn.correction.reestimate_bn`).
     local_samples : int
-        Images of each batch on which the local error is measured (0: not measured).
+        Images of each batch (its first ones, whichever paired pass holds them) on which
+        the local error is measured (0: not measured).
     input_maps : bool
         Also keep each layer's mean float input map (C, H, W) and the fractions of
         values above and below the quantizer's real zero (for predicted drift).
     pair_batch : int, optional
-        Images per paired forward pass: each batch is split into chunks of this size, so
-        the pass holds the activations of ``2 * pair_batch`` images (half the batch gives
-        the memory of a float forward of the whole batch). Default: the whole batch.
+        Images per paired forward pass: each batch is measured in consecutive passes of
+        this many images, each holding the activations of ``2 * pair_batch`` images.
+        Default: half the batch (rounded up), so that measuring a batch holds as many
+        images as its float forward; at least the batch size measures it in one pass.
+        Stochastic rounding draws each pass's stream from the batch's index and the
+        pass's index within it, so its draws depend on ``pair_batch``; nothing else does
+        (beyond the order of float64 additions).
     image_means : int
         Keep, for every conv/linear output, the per-channel mean drift of each of the first
         ``image_means`` images (``SiteResult.drift_image_channel``, shape (N, C)), so that
@@ -953,9 +1003,12 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
                                corrections=corrections, bn_stats=bn_stats,
                                local_samples=local_samples, input_maps=input_maps,
                                image_means=image_means)
-            inst.batch_index = first_batch
-            for x, y in chunks(iter_batches(progress_bar(batches, progress, config.label),
-                                            model_device(model)), pair_batch):
+            batches = iter_batches(progress_bar(batches, progress, config.label),
+                                   model_device(model))
+            for batch, chunk, start, x, y in _passes(batches, pair_batch):
+                inst.batch_index, inst.chunk = first_batch + batch, chunk
+                inst.local_images = min(max(local_samples - start, 0), x.shape[0])
+                inst.act_err_images = max(inst.local_images, int(start == 0))
                 out = model(torch.cat([x, x]))
                 half = x.shape[0]
                 lf, lq = out[:half], out[half:]
@@ -1001,6 +1054,26 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
 
 
 @contextlib.contextmanager
+def paired_forward(model: nn.Module, config: QuantConfig,
+                   act_qparams: Mapping[str, QParams] | None = None, *,
+                   weights: Mapping[str, QuantizedWeights] | None = None,
+                   corrections: Mapping[str, torch.Tensor] | None = None,
+                   bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Within the block, ``model(torch.cat([x, x]))`` is the paired pass of :func:`measure`
+    without its statistics: the first half of the output is the float network's, the second
+    the quantized network's, on the same images.
+
+    What :func:`measure` costs beyond this pass is the cost of its measurements; the bench
+    (``python -m studies.bench --only drift``) times the two against each other. Arguments
+    as for :func:`quantized_forward`; stochastic rounding draws the stream of each call from
+    the number of calls before it in the block.
+    """
+    with _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats,
+                         paired=True) as inst:
+        yield inst
+
+
+@contextlib.contextmanager
 def quantized_forward(model: nn.Module, config: QuantConfig,
                       act_qparams: Mapping[str, QParams] | None = None, *,
                       weights: Mapping[str, QuantizedWeights] | None = None,
@@ -1013,11 +1086,20 @@ def quantized_forward(model: nn.Module, config: QuantConfig,
     and ``bn_stats`` (re-estimated BatchNorm statistics, used in eval mode) are the
     remedies, as in :func:`measure`.
     """
+    with _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats,
+                         paired=False) as inst:
+        yield inst
+
+
+@contextlib.contextmanager
+def _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats, *,
+                    paired: bool):
+    """The model patched to run the quantized network (paired or alone), measuring nothing."""
     check_model(model)
     _batchnorms(model, bn_stats)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
-    inst = _Instrument(model, config, act_qparams, weights, paired=False,
+    inst = _Instrument(model, config, act_qparams, weights, paired=paired,
                        corrections=corrections, bn_stats=bn_stats, collect=False)
     try:
         yield inst

@@ -81,7 +81,8 @@ def test_the_plain_quantized_forward_applies_both_remedies_as_measure_does(setup
     got = {}
     h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
     try:
-        measure(model, [x], cfg, act_qp, weights=w, bn_stats=stats, corrections=corr)
+        measure(model, [x], cfg, act_qp, weights=w, bn_stats=stats, corrections=corr,
+                pair_batch=x.shape[0])  # one paired pass
     finally:
         h.remove()
     with torch.inference_mode():

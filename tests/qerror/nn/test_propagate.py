@@ -8,6 +8,8 @@ order of float64 additions, hence the relative tolerance of 1e-9.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from qerror.nn import (
     Target,
     calibrate_activations,
     measure,
+    paired_forward,
     quantize_weights,
     quantized_forward,
 )
@@ -132,7 +135,7 @@ def _check_halves(model, x, cfg, act_qp):
     got = {}
     h = model[-1].register_forward_hook(lambda m, a, o: got.__setitem__("out", o.clone()))
     try:
-        res = measure(model, [x], cfg, act_qp)
+        res = measure(model, [x], cfg, act_qp, pair_batch=x.shape[0])  # one paired pass
     finally:
         h.remove()
     with torch.inference_mode():
@@ -143,6 +146,24 @@ def _check_halves(model, x, cfg, act_qp):
     assert torch.equal(got["out"][:n], ref)
     assert torch.equal(got["out"][n:], q)
     return res, q
+
+
+def test_paired_forward_is_the_pass_measure_makes(setup):
+    """paired_forward: measure's paired pass without its statistics, half for half."""
+    model, calib, test = setup
+    x = test[0][0]
+    n = x.shape[0]
+    for cfg in (QuantConfig.make(6, RoundingMode.TOWARD_ZERO),
+                QuantConfig.make(4, RoundingMode.FLOOR, Target.WEIGHTS)):
+        act_qp = calibrate_activations(model, calib, cfg.activation) \
+            if cfg.activation is not None else None
+        _res, q = _check_halves(model, x, cfg, act_qp)
+        with torch.inference_mode(), paired_forward(model, cfg, act_qp):
+            out = model(torch.cat([x, x]))
+        with torch.inference_mode():
+            assert torch.equal(out[:n], model(x))
+        assert torch.equal(out[n:], q)
+        assert _clean(model)
 
 
 def _clean(model) -> bool:
@@ -206,6 +227,35 @@ def test_statistics_stream_across_batches(setup):
     for attr in ("n", "float_correct", "quant_correct", "agree", "float_only", "quant_only"):
         assert getattr(a.logits, attr) == getattr(b.logits, attr)
     assert a.logits.sqnr_db == pytest.approx(b.logits.sqnr_db, rel=RTOL64)
+
+
+def test_a_batch_measured_in_passes_measures_what_one_pass_does(setup):
+    """The default measures each batch in two paired passes of half its images: every figure
+    is that of one pass over the whole batch (float64 sums in another order), the local error
+    included, which uses the first ``local_samples`` images of each batch whichever pass holds
+    them."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    n = test[0][0].shape[0]
+    for local in (0, 3, n // 2 + 2, n):
+        one = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=n)
+        two = measure(model, test, cfg, act_qp, local_samples=local)
+        three = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=3)
+        for sa, sb, sc in zip(one.sites, two.sites, three.sites):
+            assert sa.name == sb.name == sc.name
+            for attr in ("drift", "mse", "local_drift", "local_mse", "input_error_mean_lsb",
+                         "input_error_mse_lsb", "saturation_high", "saturation_low"):
+                va = getattr(sa, attr)
+                for other in (sb, sc):
+                    vo = getattr(other, attr)
+                    if va is None or (isinstance(va, float) and math.isnan(va)):
+                        assert vo is None or math.isnan(vo), (sa.name, attr, local)
+                    else:
+                        assert vo == pytest.approx(va, rel=RTOL64, abs=1e-15), (sa.name, attr)
+        for attr in ("n", "float_correct", "quant_correct", "agree", "float_only", "quant_only"):
+            assert getattr(one.logits, attr) == getattr(two.logits, attr) == \
+                getattr(three.logits, attr)
 
 
 def test_stochastic_rounding_is_reproducible_and_seeded(setup):
