@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import optimize as sopt
 from scipy import stats as sps
 
 from qerror._enums import Choice
@@ -729,6 +730,130 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
         p_value=p, estimate=diff, ci=ci, n=n, alpha=alpha, verdict=verdict,
         only_a=only_a, only_b=only_b, exact=use_exact,
     )
+
+
+@dataclass(frozen=True)
+class McNemarResolution:
+    """:func:`mcnemar_resolution`: what a paired accuracy comparison of ``n`` items resolves.
+
+    ``detectable`` is the smallest accuracy difference (absolute) that McNemar's test at
+    ``alpha`` detects with probability ``power`` on ``n`` items, at the observed discordance;
+    ``images_needed`` the items it needs to detect the observed difference so
+    (``inf`` when the observed difference is 0); ``resolved`` whether the observed
+    difference is significant at ``alpha`` on these ``n`` items.
+    """
+
+    only_a: int
+    only_b: int
+    n: int
+    alpha: float
+    power: float
+    difference: float
+    detectable: float
+    images_needed: float
+    resolved: bool
+
+
+def _mcnemar_items(difference: float, discordance: float, alpha: float, power: float) -> float:
+    """Connor's normal-approximation sample size for McNemar's test (see mcnemar_resolution)."""
+    za = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    zb = float(sps.norm.ppf(power))
+    psi = max(discordance, abs(difference))  # the discordance holds the difference at least
+    return (za * math.sqrt(psi) + zb * math.sqrt(max(psi - difference ** 2, 0.0))) ** 2 \
+        / difference ** 2
+
+
+def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
+                       power: float = 0.8) -> McNemarResolution:
+    """What a paired comparison of two classifiers on ``n`` items can resolve.
+
+    Parameters
+    ----------
+    only_a, only_b, n : int
+        Items right by a only, by b only, and in all (as :func:`mcnemar_from_counts`).
+    alpha : float
+        Level of McNemar's (two-sided) test.
+    power : float
+        Probability of detection asked for, in (0, 1).
+
+    Returns
+    -------
+    McNemarResolution
+
+    Notes
+    -----
+    With discordance ``ψ = P(the two disagree on correctness)`` and difference
+    ``δ = P(a only) - P(b only)``, McNemar's test needs about
+    ``n(δ, ψ) = (z_{1-α/2} √ψ + z_power √(ψ - δ²))² / δ²`` items [1]_. The observed
+    ``ψ̂ = (only_a + only_b) / n`` is the plug-in (a difference needs at least ``|δ|`` of
+    discordance, so ``ψ = max(ψ̂, |δ|)``); ``detectable`` solves ``n(δ, ψ) = n`` for ``δ``,
+    ``images_needed`` is ``n(δ̂, ψ̂)``. Both are plans, not tests: the plug-in carries the
+    sampling error of ``ψ̂``. :func:`mcnemar_power` gives the exact power of the test this
+    module runs: at ``images_needed`` it is slightly below the power asked (0.768 to 0.785
+    for 0.8 at α = 0.05, over ψ from 0.02 to 0.3 and |δ|/ψ from 0.2 to 0.8; the continuity
+    correction costs a little), which the tests check.
+
+    References
+    ----------
+    .. [1] R. J. Connor, "Sample size for testing differences in proportions for the
+       paired-sample design", Biometrics 43(1), 207-211, 1987.
+    """
+    alpha = _check_alpha(alpha)
+    power = _check_real(power, "power")
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    mc = mcnemar_from_counts(only_a, only_b, n, alpha)
+    diff = mc.estimate
+    disc = (mc.only_a + mc.only_b) / n
+    needed = math.inf if diff == 0 else _mcnemar_items(diff, disc, alpha, power)
+    # n(δ) falls as δ grows; the largest difference is 1 (every item right by a only)
+    if _mcnemar_items(1.0, disc, alpha, power) > n:
+        detectable = math.nan  # too few items to detect any difference
+    else:
+        lo, hi = 1e-12, 1.0
+        if _mcnemar_items(lo, disc, alpha, power) <= n:
+            detectable = lo
+        else:
+            detectable = float(sopt.brentq(
+                lambda d: _mcnemar_items(d, disc, alpha, power) - n, lo, hi, xtol=1e-12))
+    return McNemarResolution(mc.only_a, mc.only_b, n, alpha, power, diff, detectable, needed,
+                             bool(mc.p_value < alpha))
+
+
+def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05) -> float:
+    """Exact probability that :func:`mcnemar_from_counts` (default test choice) rejects at
+    ``alpha`` on ``n`` items, when each item is right by a only with probability
+    ``p_a_only`` and by b only with probability ``p_b_only``.
+
+    Notes
+    -----
+    Sums over the number ``D ~ Binomial(n, ψ)`` of discordant items and, given ``D``, over
+    ``only_a ~ Binomial(D, p_a_only / ψ)``, with ``ψ = p_a_only + p_b_only``; the rejection
+    region of each ``D`` is that of the test as run (exact binomial below 25 discordant
+    items, continuity-corrected chi-square above). ``O(n²)`` work.
+    """
+    alpha = _check_alpha(alpha)
+    n = _check_count(n, "n")
+    pa, pb = _check_real(p_a_only, "p_a_only"), _check_real(p_b_only, "p_b_only")
+    if pa < 0 or pb < 0 or pa + pb > 1:
+        raise ValueError(f"need probabilities p_a_only, p_b_only >= 0 with sum <= 1; got "
+                         f"{pa!r}, {pb!r}")
+    psi = pa + pb
+    if psi == 0 or n == 0:
+        return 0.0
+    r = pa / psi
+    total = 0.0
+    weights = sps.binom.pmf(np.arange(n + 1), n, psi)
+    for d in range(1, n + 1):
+        if weights[d] < 1e-300:
+            continue
+        b = np.arange(d + 1)
+        if d < _MCNEMAR_EXACT_BELOW:
+            p = np.minimum(1.0, 2.0 * sps.binom.cdf(np.minimum(b, d - b), d, 0.5))
+        else:
+            p = sps.chi2.sf(np.maximum(np.abs(2 * b - d) - 1, 0) ** 2 / d, 1)
+        total += weights[d] * float(sps.binom.pmf(b, d, r)[p < alpha].sum())
+    return min(total, 1.0)
 
 
 def paired_accuracy_equivalence(only_a: int, only_b: int, n: int, margin: float,

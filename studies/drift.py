@@ -91,7 +91,7 @@ from qerror.nn.growth import (
 )
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
-from qerror.stats import mcnemar_from_counts, wilson_ci
+from qerror.stats import mcnemar_from_counts, mcnemar_resolution, wilson_ci
 from studies._common import (
     RunDir,
     base_parser,
@@ -106,6 +106,7 @@ from studies._common import (
 from studies._latex import letters, number
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
+RESOLVE_POWER = 0.8  # power at which the accuracy table says what its images resolve
 FIT_LEVEL = 0.95  # confidence of the growth exponents
 DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO,
                  RoundingMode.FLOOR, RoundingMode.STOCHASTIC)
@@ -283,11 +284,17 @@ def accuracy_row(cfg_cols: dict, res: PropagationResult, remedy: str = "none") -
     if lg.float_correct is not None:
         wf, wq = wilson_ci(lg.float_correct, lg.n, ALPHA), wilson_ci(lg.quant_correct, lg.n, ALPHA)
         mc = mcnemar_from_counts(lg.float_only, lg.quant_only, lg.n, ALPHA)
+        # what these images can resolve: the smallest drop detected with RESOLVE_POWER, and
+        # the images the observed drop would need (qerror.stats.mcnemar_resolution)
+        res_ = mcnemar_resolution(lg.float_only, lg.quant_only, lg.n, ALPHA, RESOLVE_POWER)
         row.update(float_acc=wf.estimate, float_lo=wf.ci[0], float_hi=wf.ci[1],
                    quant_acc=wq.estimate, quant_lo=wq.ci[0], quant_hi=wq.ci[1],
                    delta=-mc.estimate, delta_lo=-mc.ci[1], delta_hi=-mc.ci[0],
                    float_only=lg.float_only, quant_only=lg.quant_only,
-                   mcnemar_p=mc.p_value, differs=bool(mc.p_value < ALPHA))
+                   mcnemar_p=mc.p_value, differs=bool(mc.p_value < ALPHA),
+                   detectable=res_.detectable,
+                   images_needed=float(math.ceil(res_.images_needed))
+                   if math.isfinite(res_.images_needed) else math.inf)
     return row
 
 
@@ -821,6 +828,15 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
     both = base[base.target == "both"] if "target" in base else base.iloc[:0]
     if "float_acc" in base and len(base):
         m["FloatAccuracy"] = f"{100 * base.float_acc.iloc[0]:.2f}"
+    if "detectable" in base and len(base):
+        # what the measured subset resolves (Table tab:drift-accuracy)
+        m["SubsetImages"] = f"{int(base.images.iloc[0]):,}"
+        m["MeasuredConfigs"] = str(len(base))
+        m["UnresolvedDrops"] = str(int((~base.differs.astype(bool)).sum()))
+        det = base.detectable[np.isfinite(base.detectable)]
+        if len(det):
+            m["DetectableMin"] = number(100 * det.min(), 1)
+            m["DetectableMax"] = number(100 * det.max(), 1)
     for mode in (x.value for x in MACRO_MODES):
         for bits in (8, 4):
             key = letters(f"{mode}_{bits}")
@@ -1249,11 +1265,20 @@ def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:
 def _tables(run, acc, fits, pred) -> None:
     base = acc[acc.remedy == "none"]
     cols = [c for c in ("mode", "bits", "target", "quant_acc", "quant_lo", "quant_hi", "delta",
-                        "mcnemar_p", "agreement", "logit_sqnr_db") if c in base]
+                        "mcnemar_p", "detectable", "images_needed", "logit_sqnr_db")
+            if c in base]
+    n = sorted(set(base["images"])) if "images" in base else []
+    unresolved = int((~base["differs"]).sum()) if "differs" in base else 0
     run.write_latex_table("accuracy.tex", base[cols],
                           f"Accuracy of the fake-quantized network with its "
                           f"{100 * (1 - ALPHA):g}\\% Wilson interval, the drop from float and "
-                          "McNemar's p against float, on the same test images.",
+                          f"McNemar's p against float, on the same "
+                          f"{', '.join(f'{v:,}' for v in n)} test images; "
+                          f"\\texttt{{detectable}}: the smallest drop these images detect "
+                          f"with probability {RESOLVE_POWER:g} at the observed discordance, "
+                          f"\\texttt{{images\\_needed}}: the images the observed drop "
+                          f"would need so (Connor's plan). {unresolved} of {len(base)} drops "
+                          f"are not resolved here (p $\\geq$ {ALPHA:g}).",
                           "tab:drift-accuracy")
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
                          "hi_images", "lo_layers", "hi_layers", "answer") if c in fits]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -15,6 +16,7 @@ import torchvision
 from torch import nn
 
 from qerror.nn import int8
+from qerror.stats import mcnemar_resolution
 from studies import drift
 from studies._latex import letters, number
 
@@ -45,6 +47,16 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     # 2 modes x 2 widths, and three remedies for each mode at 8 and 4 bits
     assert (acc.remedy == "none").sum() == 4 and (acc.remedy != "none").sum() == 12
     assert acc.images.eq(16).all()
+    # what the subset resolves: qerror.stats.mcnemar_resolution of each row's counts
+    base = acc[acc.remedy == "none"]
+    for _, r in base.iterrows():
+        plan = mcnemar_resolution(int(r.float_only), int(r.quant_only), 16, drift.ALPHA,
+                                  drift.RESOLVE_POWER)
+        assert r.detectable == plan.detectable or (np.isnan(r.detectable)
+                                                   and np.isnan(plan.detectable))
+        assert r.images_needed == (math.ceil(plan.images_needed)
+                                   if math.isfinite(plan.images_needed) else math.inf)
+    assert "not resolved here" in (out / "accuracy.tex").read_text()
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
