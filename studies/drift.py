@@ -1167,6 +1167,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         timing["measured_s"] = time.perf_counter() - started
         run.write_csv("timing.csv", pd.DataFrame([timing]), timing=True)
         run.write_csv("sites.csv", sites)
+        base_acc = acc[acc.remedy == "none"]
+        precision_frame = precision_rows(sites, int(base_acc.images.iloc[0])) \
+            if len(base_acc) else pd.DataFrame()
+        run.write_csv("precision.csv", precision_frame)
         # One calibration image (rank 0 always holds them) on the model's device.
         example = data.calib[0][0][:1].to(model_device(model))
         geometry = pd.DataFrame([g.record() for g in layer_geometry(model, example)])
@@ -1219,6 +1223,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         _tables(run, acc, fits, pred)
         macros = _macros(acc, fits, sites, pred, xsummary, headline)
         convs = geometry[geometry.kind == "conv"]
+        macros.update(_precision_macros(precision_frame))
         macros["ConvLayers"] = f"{len(convs)}"
         macros["ConvsMostlyPadding"] = f"{int((convs.live_fraction < 0.5).sum())}"
         macros["MinLiveTaps"] = number(100 * convs.live_fraction.min(), 3)
@@ -1248,6 +1253,56 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         out = run.finish()
     _report(acc, fits, out, time.perf_counter() - started)
     return 0
+
+
+# What a layer's statistic should be known to: a drift to a hundredth of the layer's float
+# standard deviation, an MSE to five per cent of itself.
+PRECISION_TARGETS = {"drift": ("float_std", 0.01), "local_drift": ("float_std", 0.01),
+                     "mse": ("value", 0.05)}
+
+
+def precision_rows(sites: pd.DataFrame, images: int) -> pd.DataFrame:
+    """How well the measured subset pins down each layer's statistics.
+
+    For each configuration and each statistic with a standard error (images as units), the
+    median over the convolution and linear layers of that error, in units of the layer's
+    float standard deviation (drift, local drift) or of the statistic itself (MSE), and the
+    images that would bring the median to :data:`PRECISION_TARGETS` (errors fall as
+    ``1/sqrt(images)``).
+    """
+    layers = sites[sites.kind.isin(["conv", "linear"])]
+    keys = [c for c in ("mode", "bits", "target") if c in layers]
+    std = layers[layers.metric == "float_std"].set_index(keys + ["site"]).value
+    rows = []
+    for metric, (unit, target) in PRECISION_TARGETS.items():
+        part = layers[(layers.metric == metric) & layers.se.notna()]
+        for cfg, g in part.groupby(keys, sort=False):
+            g = g.set_index(keys + ["site"])
+            scale = std.reindex(g.index) if unit == "float_std" else g.value.abs()
+            rel = (g.se / scale.where(scale > 0)).dropna()
+            if not len(rel):
+                continue
+            med = float(rel.median())
+            rows.append({**dict(zip(keys, cfg)), "metric": metric, "images": images,
+                         "unit": unit, "median_se": med, "max_se": float(rel.max()),
+                         "target": target,
+                         "images_for_target": int(math.ceil(images * (med / target) ** 2))})
+    return pd.DataFrame(rows)
+
+
+def _precision_macros(prec: pd.DataFrame) -> dict:
+    """The paper's sentence on the subset's precision: 8-bit weights and activations."""
+    m = {}
+    if not len(prec):
+        return m
+    for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO):
+        r = prec[(prec["mode"] == mode.value) & (prec.bits == 8) & (prec.target == "both")
+                 & (prec.metric == "drift")]
+        if len(r):
+            key = letters(mode.value)
+            m[f"DriftSeMedian{key}"] = number(100 * r.median_se.iloc[0], 2)
+            m[f"DriftImagesForTarget{key}"] = f"{int(r.images_for_target.iloc[0]):,}"
+    return m
 
 
 def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:
