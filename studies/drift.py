@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
@@ -1255,38 +1256,45 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     return 0
 
 
-# What a layer's statistic should be known to: a drift to a hundredth of the layer's float
-# standard deviation, an MSE to five per cent of itself.
-PRECISION_TARGETS = {"drift": ("float_std", 0.01), "local_drift": ("float_std", 0.01),
-                     "mse": ("value", 0.05)}
+# The statistics of each layer that carry a standard error (images as units), and the scale
+# each error is also given in: the layer's float standard deviation, or the statistic itself.
+PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "value"}
 
 
 def precision_rows(sites: pd.DataFrame, images: int) -> pd.DataFrame:
     """How well the measured subset pins down each layer's statistics.
 
-    For each configuration and each statistic with a standard error (images as units), the
-    median over the convolution and linear layers of that error, in units of the layer's
-    float standard deviation (drift, local drift) or of the statistic itself (MSE), and the
-    images that would bring the median to :data:`PRECISION_TARGETS` (errors fall as
-    ``1/sqrt(images)``).
+    For each configuration and each statistic with a standard error (images as units), over
+    the convolution and linear layers: the median error in units of the layer's float
+    standard deviation (drift, local drift) or of the statistic itself (MSE); how many
+    layers' statistics the subset resolves from zero (``|value| >= z_{1-α/2} · se``); and the
+    images with which the median layer's would be resolved so with probability
+    :data:`RESOLVE_POWER` (errors fall as ``1/sqrt(images)``).
     """
     layers = sites[sites.kind.isin(["conv", "linear"])]
     keys = [c for c in ("mode", "bits", "target") if c in layers]
     std = layers[layers.metric == "float_std"].set_index(keys + ["site"]).value
+    za = float(sps.norm.ppf(1 - ALPHA / 2))
+    zb = float(sps.norm.ppf(RESOLVE_POWER))
     rows = []
-    for metric, (unit, target) in PRECISION_TARGETS.items():
+    for metric, unit in PRECISION_UNITS.items():
         part = layers[(layers.metric == metric) & layers.se.notna()]
         for cfg, g in part.groupby(keys, sort=False):
             g = g.set_index(keys + ["site"])
             scale = std.reindex(g.index) if unit == "float_std" else g.value.abs()
-            rel = (g.se / scale.where(scale > 0)).dropna()
-            if not len(rel):
+            in_unit = (g.se / scale.where(scale > 0)).dropna()
+            rel = g.se / g.value.abs()  # inf where the statistic is exactly 0
+            if not len(in_unit):
                 continue
-            med = float(rel.median())
+            med_rel = float(rel.median())
             rows.append({**dict(zip(keys, cfg)), "metric": metric, "images": images,
-                         "unit": unit, "median_se": med, "max_se": float(rel.max()),
-                         "target": target,
-                         "images_for_target": int(math.ceil(images * (med / target) ** 2))})
+                         "layers": len(g), "unit": unit, "median_se": float(in_unit.median()),
+                         "max_se": float(in_unit.max()),
+                         "resolved_layers": int((g.value.abs() >= za * g.se).sum()),
+                         "median_se_rel": med_rel,
+                         "images_to_resolve": float(math.ceil(images * ((za + zb) * med_rel)
+                                                              ** 2))
+                         if math.isfinite(med_rel) else math.inf})
     return pd.DataFrame(rows)
 
 
@@ -1300,8 +1308,12 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                  & (prec.metric == "drift")]
         if len(r):
             key = letters(mode.value)
-            m[f"DriftSeMedian{key}"] = number(100 * r.median_se.iloc[0], 2)
-            m[f"DriftImagesForTarget{key}"] = f"{int(r.images_for_target.iloc[0]):,}"
+            m["PrecisionLayers"] = str(int(r.layers.iloc[0]))
+            m[f"DriftResolved{key}"] = str(int(r.resolved_layers.iloc[0]))
+            m[f"DriftSeMedian{key}"] = number(r.median_se.iloc[0], 2)
+            need = r.images_to_resolve.iloc[0]
+            m[f"DriftImagesToResolve{key}"] = f"{int(need):,}" if np.isfinite(need) else \
+                "no finite number of"
     return m
 
 

@@ -59,14 +59,20 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert "not resolved here" in (out / "accuracy.tex").read_text()
     # how well the subset pins each layer's statistics down, from sites.csv's errors
     prec = pd.read_csv(out / "precision.csv")
-    assert set(prec.metric) == set(drift.PRECISION_TARGETS)
+    assert set(prec.metric) == set(drift.PRECISION_UNITS)
+    assert set(prec.target) == {"both"} and len(prec) == 4 * 3  # 4 configurations
     sites_ = pd.read_csv(out / "sites.csv")
     r = prec[(prec["mode"] == "toward_zero") & (prec.bits == 8) & (prec.metric == "drift")]
     s8 = sites_[(sites_["mode"] == "toward_zero") & (sites_.bits == 8)
                 & sites_.kind.isin(["conv", "linear"])].set_index("site")
-    rel = s8[s8.metric == "drift"].se / s8[s8.metric == "float_std"].value
-    assert r.median_se.iloc[0] == pytest.approx(rel.median(), rel=1e-12)
-    assert r.images_for_target.iloc[0] == math.ceil(16 * (rel.median() / 0.01) ** 2)
+    d8 = s8[s8.metric == "drift"]
+    assert r.median_se.iloc[0] == pytest.approx(
+        (d8.se / s8[s8.metric == "float_std"].value).median(), rel=1e-12)
+    assert r.layers.iloc[0] == len(d8)
+    assert r.resolved_layers.iloc[0] == (d8.value.abs() >= 1.959963984540054 * d8.se).sum()
+    rel = (d8.se / d8.value.abs()).median()
+    assert r.images_to_resolve.iloc[0] == math.ceil(16 * ((1.959963984540054
+                                                            + 0.8416212335729143) * rel) ** 2)
     assert "precision.csv" in manifest["outputs"]
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
