@@ -599,36 +599,71 @@ def int8_caption(probe) -> str:
 # --------------------------------------------------------------------------- time
 
 LONG_S = 600  # an estimate above this on a CPU comes with the ways to shorten the run
+RUN_PHASES = ("instrumented", "remedies", "headline", "curve")  # as estimate() names them
 
 
 def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, local_samples: int,
-             place) -> dict:
-    """Time one instrumented pass over this rank's first batch and extrapolate the run.
+             place, curve_sizes=()) -> dict:
+    """Time one instrumented pass and one plain quantized forward over this rank's first
+    batch and extrapolate every phase of the run.
 
-    The measured passes are images × (configurations + 3 remedies × remedy configurations),
-    each rank doing its share; the calibration passes, the headline accuracy and the INT8
-    cross-check come on top (each a plain or a single pass, cheaper than the instrumented
-    ones).
+    Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations;
+    ``remedies``, per remedy configuration a calibration pass with every image's local
+    error (an instrumented pass plus a plain one per image), a BatchNorm re-estimation pass
+    and three instrumented passes over the test images; ``headline``, five plain forwards
+    (float and four modes) over the headline images; ``curve`` (rank 0), per remedy
+    configuration an unremedied plain forward over the curve's test images and, at each
+    calibration size, both remedies' fits and two plain forwards. ``estimated_s`` is the
+    instrumented passes alone (configurations and the remedies' three), ``estimated_total_s``
+    the sum of the phases; the INT8 cross-check comes on top.
     """
     cfg = configs[0]
     x, y = data.test[0]
     device = place.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    measure(model, [(x, y)], cfg, act_qp[cfg.weight.bits if cfg.weight else cfg.activation.bits],
-            weights=weights_of(cfg), local_samples=min(local_samples, len(y)))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    rate = len(y) / seconds
+    qp = act_qp[cfg.weight.bits if cfg.weight else cfg.activation.bits]
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    seconds = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=weights_of(cfg),
+                                    local_samples=min(local_samples, len(y))))
+
+    def plain():
+        with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=weights_of(cfg)):
+            model(x.to(device))
+
+    plain_s = timed(plain)
+    rate, plain_rate = len(y) / seconds, len(y) / plain_s
+    inst, fwd = 1 / rate, 1 / plain_rate  # seconds per image
     images = data.identity["test_images"]
     passes = len(configs) + 3 * len(remedy_configs)
     share = -(-images // place.world_size)  # the largest share a rank measures, about
+    n_remedy = len(remedy_configs)
+    calib = sum(len(b[1]) for b in data.calib)
+    head = sum(len(b[1]) for b in data.headline) if data.headline else 0
+    curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
+    sizes = list(curve_sizes) if data.curve_calib else []
+    phases = {
+        "instrumented": len(configs) * share * inst,
+        "remedies": n_remedy * (calib * (inst + 2 * fwd) + 3 * share * inst),
+        "headline": 5 * head * fwd,
+        "curve": (n_remedy * curve_test * fwd + curve_test * fwd
+                  + n_remedy * sum(n * (inst + 2 * fwd) + 2 * curve_test * fwd
+                                   for n in sizes)) if sizes else 0.0,
+    }
     return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
-            "probe_s": seconds, "images_per_s_per_config": rate, "images": images,
-            "configurations": len(configs), "remedy_configurations": len(remedy_configs),
-            "passes": passes, "estimated_s": passes * share / rate}
+            "probe_s": seconds, "images_per_s_per_config": rate,
+            "plain_probe_s": plain_s, "plain_images_per_s": plain_rate, "images": images,
+            "configurations": len(configs), "remedy_configurations": n_remedy,
+            "passes": passes, "estimated_s": passes * share / rate,
+            **{f"estimated_{k}_s": v for k, v in phases.items()},
+            "estimated_total_s": sum(phases.values())}
 
 
 def _duration(seconds: float) -> str:
@@ -649,8 +684,15 @@ def estimate_message(t: dict) -> str:
            f"{t['images']} images x {t['passes']} passes ({t['configurations']} "
            f"configurations + 3 remedies x {t['remedy_configurations']}) "
            f"{'/ ' + str(t['world_size']) + ' ranks ' if t['world_size'] > 1 else ''}"
-           f"≈ {_duration(t['estimated_s'])}, plus calibration, headline and INT8 passes")
-    if t["estimated_s"] > LONG_S and t["device"] == "cpu":
+           f"≈ {_duration(t['estimated_s'])}")
+    total = t.get("estimated_total_s")
+    if total is not None:
+        parts = ", ".join(f"{k} {_duration(t[f'estimated_{k}_s'])}" for k in RUN_PHASES
+                          if t.get(f"estimated_{k}_s"))
+        msg += f"; the whole run ≈ {_duration(total)} ({parts}) plus the INT8 cross-check"
+    else:
+        msg += ", plus calibration, headline and INT8 passes"
+    if max(t["estimated_s"], total or 0.0) > LONG_S and t["device"] == "cpu":
         msg += ("\n[drift] that is long: measure fewer images (--images), fewer "
                 "configurations (--modes, --bits, --targets, --remedy-bits with no value), "
                 "run on a GPU (--device cuda), or split the images across processes or "
@@ -1091,9 +1133,22 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                       for b in remedy_bits if Target.BOTH in targets
                       for m in REMEDY_MODES if m in modes]
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
-                      local_samples, place)
+                      local_samples, place, curve_sizes)
     if main:
         print(estimate_message(timing), flush=True)
+    # The whole run in estimated seconds, advanced as each phase ends: its ETA is the
+    # estimate's, corrected by how fast the phases so far went against theirs.
+    run_bar = tqdm(total=round(timing["estimated_total_s"]), desc="whole run", unit="s",
+                   disable=not main)
+    phase_start = time.perf_counter()
+
+    def phase_done(phase: str) -> None:
+        nonlocal phase_start
+        now = time.perf_counter()
+        timing[f"measured_{phase}_s"] = now - phase_start
+        phase_start = now
+        run_bar.update(round(timing[f"estimated_{phase}_s"]))
+
     frames, acc_rows, fits, preds, statements = [], [], [], [], []
     results: dict[tuple, PropagationResult] = {}
     bar = tqdm(configs, desc="drift", unit="config", disable=not main)
@@ -1115,6 +1170,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                 statements += [{"bits": cols["bits"], "mode": cols["mode"], "quantity": k,
                                 "value": v}
                                for k, v in statement_values(res, seed=args.seed).items()]
+    phase_done("instrumented")
     n_base = len(frames)
     for cfg in tqdm(remedy_configs, desc="remedies", unit="config", disable=not main):
         cols = _config_columns(cfg)
@@ -1126,6 +1182,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             if main:
                 acc_rows.append(accuracy_row(cols, res, name))
                 frames.append(res.to_frame().assign(**cols, remedy=name))
+    phase_done("remedies")
     headline = None
     # Known to every rank (a rank's share may be empty), so all of them join or none.
     if data.headline is not None:
@@ -1134,12 +1191,15 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             if main else None, map_location=place.device)
         headline = headline_accuracy(model, data.headline, qp8, args.seed,
                                      first_batch=data.headline_first)
+    phase_done("headline")
     if not main:
         return 0
     curve = None
     if data.curve_calib:  # rank 0 alone, where _main found remedy configurations
         curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
                                   act_qp, weights_of, curve_sizes, batch)
+    phase_done("curve")
+    run_bar.close()
     sites = pd.concat(frames[:n_base], ignore_index=True)
     fits = pd.DataFrame(fits)
     acc = recovery(pd.DataFrame(acc_rows))
@@ -1150,6 +1210,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     cpu_model = model if place.device.type == "cpu" else copy.deepcopy(model).cpu()
     xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images) if int8_images \
         else (None, None, None)
+    timing["measured_int8_s"] = time.perf_counter() - phase_start
     config.update(device=place.device.type, world_size=place.world_size, **precision)
     plt = figure_style()
     with RunDir(args.out, "drift", argv, config) as run:

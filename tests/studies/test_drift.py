@@ -74,6 +74,14 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert r.images_to_resolve.iloc[0] == math.ceil(16 * ((1.959963984540054
                                                             + 0.8416212335729143) * rel) ** 2)
     assert "precision.csv" in manifest["outputs"]
+    # every phase estimated before it ran and measured after; the total is their sum
+    timing = pd.read_csv(out / "timing.csv").iloc[0]
+    phases = [timing[f"estimated_{p}_s"] for p in drift.RUN_PHASES]
+    assert all(v > 0 for v in phases)  # the smoke run has remedies, a headline and a curve
+    assert timing.estimated_total_s == pytest.approx(sum(phases), rel=1e-12)
+    for p in (*drift.RUN_PHASES, "int8"):
+        assert timing[f"measured_{p}_s"] > 0, p
+    assert timing.plain_images_per_s > 0
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
@@ -482,6 +490,12 @@ def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
         assert way in long_cpu
     short = drift.estimate_message(_timing(50.0, images=100, configs=2, remedies=0))
     assert "≈ 4 s" in short and "--device cuda" not in short
+    whole = {**_timing(50.0, images=100, configs=2, remedies=0), "estimated_instrumented_s": 4.0,
+             "estimated_remedies_s": 0.0, "estimated_headline_s": 600.0,
+             "estimated_curve_s": 0.0, "estimated_total_s": 604.0}
+    msg = drift.estimate_message(whole)
+    assert "the whole run ≈ 10 min (instrumented 4 s, headline 10 min)" in msg
+    assert "that is long" in msg  # the whole run, not the instrumented part, decides
     gpu = drift.estimate_message(_timing(500.0, device="cuda", world=8))
     assert "on each of 8 ranks" in gpu and "/ 8 ranks" in gpu and "that is long" not in gpu
 
