@@ -1138,8 +1138,9 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         print(estimate_message(timing), flush=True)
     # The whole run in estimated seconds, advanced as each phase ends: its ETA is the
     # estimate's, corrected by how fast the phases so far went against theirs.
-    run_bar = tqdm(total=round(timing["estimated_total_s"]), desc="whole run", unit="s",
-                   disable=not main)
+    run_bar = tqdm(total=round(timing["estimated_total_s"]), desc="whole run", disable=not main,
+                   bar_format="{l_bar}{bar}| {n}/{total} estimated s "
+                              "[{elapsed} so far, ETA {remaining}]")
     phase_start = time.perf_counter()
 
     def phase_done(phase: str) -> None:
