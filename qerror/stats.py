@@ -788,10 +788,14 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
     ``ψ̂ = (only_a + only_b) / n`` is the plug-in (a difference needs at least ``|δ|`` of
     discordance, so ``ψ = max(ψ̂, |δ|)``); ``detectable`` solves ``n(δ, ψ) = n`` for ``δ``,
     ``images_needed`` is ``n(δ̂, ψ̂)``. Both are plans, not tests: the plug-in carries the
-    sampling error of ``ψ̂``. :func:`mcnemar_power` gives the exact power of the test this
-    module runs: at ``images_needed`` it is slightly below the power asked (0.768 to 0.785
-    for 0.8 at α = 0.05, over ψ from 0.02 to 0.3 and |δ|/ψ from 0.2 to 0.8; the continuity
-    correction costs a little), which the tests check.
+    sampling error of ``ψ̂``. With fewer than ``floor(log2(2/α)) + 1`` items (6 at
+    α = 0.05) the exact test can reject nothing: ``detectable`` is NaN and ``images_needed``
+    at least that. :func:`mcnemar_power` gives the exact power of the test this module
+    runs: at ``images_needed`` it is slightly below the power asked (0.768 to 0.785 for 0.8
+    at α = 0.05 over ψ from 0.02 to 0.3 and |δ|/ψ from 0.2 to 0.8, computed exactly; the
+    continuity correction costs a little; the tests check 0.765 to 0.8 on such a grid of
+    counts). The plan is a normal approximation: below about 50 items take the exact power
+    (e.g. 0.61 at 8 items for the ``detectable`` difference) from :func:`mcnemar_power`.
 
     References
     ----------
@@ -805,9 +809,11 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
     mc = mcnemar_from_counts(only_a, only_b, n, alpha)
     diff = mc.estimate
     disc = (mc.only_a + mc.only_b) / n
-    needed = math.inf if diff == 0 else _mcnemar_items(diff, disc, alpha, power)
+    # The exact test rejects nothing with fewer discordant items than this (2 · 2^-d < alpha).
+    fewest = math.floor(math.log2(2.0 / alpha)) + 1
+    needed = math.inf if diff == 0 else max(_mcnemar_items(diff, disc, alpha, power), fewest)
     # n(δ) falls as δ grows; the largest difference is 1 (every item right by a only)
-    if _mcnemar_items(1.0, disc, alpha, power) > n:
+    if n < fewest or _mcnemar_items(1.0, disc, alpha, power) > n:
         detectable = math.nan  # too few items to detect any difference
     else:
         lo, hi = 1e-12, 1.0

@@ -615,7 +615,10 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     configuration an unremedied plain forward over the curve's test images and, at each
     calibration size, both remedies' fits and two plain forwards. ``estimated_s`` is the
     instrumented passes alone (configurations and the remedies' three), ``estimated_total_s``
-    the sum of the phases; the INT8 cross-check comes on top.
+    the sum of the phases. Not in the estimate: each configuration's analysis on rank 0
+    (growth bootstraps, statements; in the default run about a third of the instrumented
+    phase's time) and the INT8 cross-check; the whole-run bar's ETA absorbs the first as the
+    phases end.
     """
     cfg = configs[0]
     x, y = data.test[0]
@@ -1138,7 +1141,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         print(estimate_message(timing), flush=True)
     # The whole run in estimated seconds, advanced as each phase ends: its ETA is the
     # estimate's, corrected by how fast the phases so far went against theirs.
-    run_bar = tqdm(total=round(timing["estimated_total_s"]), desc="whole run", disable=not main,
+    run_bar = tqdm(total=sum(round(timing[f"estimated_{p}_s"]) for p in RUN_PHASES),
+                   desc="whole run", disable=not main, smoothing=0,
                    bar_format="{l_bar}{bar}| {n}/{total} estimated s "
                               "[{elapsed} so far, ETA {remaining}]")
     phase_start = time.perf_counter()
@@ -1209,9 +1213,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         if len(frames) > n_base else pd.DataFrame()
     # FBGEMM's kernels run on the CPU: the cross-check uses a CPU copy of the model.
     cpu_model = model if place.device.type == "cpu" else copy.deepcopy(model).cpu()
+    int8_start = time.perf_counter()
     xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images) if int8_images \
         else (None, None, None)
-    timing["measured_int8_s"] = time.perf_counter() - phase_start
+    timing["measured_int8_s"] = time.perf_counter() - int8_start if int8_images else math.nan
     config.update(device=place.device.type, world_size=place.world_size, **precision)
     plt = figure_style()
     with RunDir(args.out, "drift", argv, config) as run:
@@ -1231,8 +1236,12 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         run.write_csv("timing.csv", pd.DataFrame([timing]), timing=True)
         run.write_csv("sites.csv", sites)
         base_acc = acc[acc.remedy == "none"]
-        precision_frame = precision_rows(sites, int(base_acc.images.iloc[0])) \
-            if len(base_acc) else pd.DataFrame()
+        measured = int(base_acc.images.iloc[0]) if len(base_acc) else 0
+        # the local error's images: the first local_samples of each batch of the subset
+        local = sum(min(local_samples, len(range(i, min(i + batch, measured))))
+                    for i in range(0, measured, batch))
+        precision_frame = precision_rows(sites, measured, local) if len(base_acc) \
+            else pd.DataFrame()
         run.write_csv("precision.csv", precision_frame)
         # One calibration image (rank 0 always holds them) on the model's device.
         example = data.calib[0][0][:1].to(model_device(model))
@@ -1323,7 +1332,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
 PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "value"}
 
 
-def precision_rows(sites: pd.DataFrame, images: int) -> pd.DataFrame:
+def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.DataFrame:
     """How well the measured subset pins down each layer's statistics.
 
     For each configuration and each statistic with a standard error (images as units), over
@@ -1331,7 +1340,10 @@ def precision_rows(sites: pd.DataFrame, images: int) -> pd.DataFrame:
     standard deviation (drift, local drift) or of the statistic itself (MSE); how many
     layers' statistics the subset resolves from zero (``|value| >= z_{1-α/2} · se``); and the
     images with which the median layer's would be resolved so with probability
-    :data:`RESOLVE_POWER` (errors fall as ``1/sqrt(images)``).
+    :data:`RESOLVE_POWER` (errors fall as ``1/sqrt(images)``). ``se_images`` is the number
+    of images each error comes from: ``images`` for drift and MSE, ``local_images`` (the
+    first ``local_samples`` of each batch) for the local drift, and ``images_to_resolve``
+    counts images of the same kind (local-error images for the local drift).
     """
     layers = sites[sites.kind.isin(["conv", "linear"])]
     keys = [c for c in ("mode", "bits", "target") if c in layers]
@@ -1349,12 +1361,14 @@ def precision_rows(sites: pd.DataFrame, images: int) -> pd.DataFrame:
             if not len(in_unit):
                 continue
             med_rel = float(rel.median())
+            n_se = local_images if metric == "local_drift" else images
             rows.append({**dict(zip(keys, cfg)), "metric": metric, "images": images,
+                         "se_images": n_se,
                          "layers": len(g), "unit": unit, "median_se": float(in_unit.median()),
                          "max_se": float(in_unit.max()),
                          "resolved_layers": int((g.value.abs() >= za * g.se).sum()),
                          "median_se_rel": med_rel,
-                         "images_to_resolve": float(math.ceil(images * ((za + zb) * med_rel)
+                         "images_to_resolve": float(math.ceil(n_se * ((za + zb) * med_rel)
                                                               ** 2))
                          if math.isfinite(med_rel) else math.inf})
     return pd.DataFrame(rows)
@@ -1406,8 +1420,8 @@ def _tables(run, acc, fits, pred) -> None:
                           f"\\texttt{{detectable}}: the smallest drop these images detect "
                           f"with probability {RESOLVE_POWER:g} at the observed discordance, "
                           f"\\texttt{{images\\_needed}}: the images the observed drop "
-                          f"would need so (Connor's plan). {unresolved} of {len(base)} drops "
-                          f"are not resolved here (p $\\geq$ {ALPHA:g}).",
+                          f"would need so (Connor's plan). {unresolved} of {len(base)} differences "
+                          f"from float are not resolved here (p $\\geq$ {ALPHA:g}).",
                           "tab:drift-accuracy")
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
                          "hi_images", "lo_layers", "hi_layers", "answer") if c in fits]

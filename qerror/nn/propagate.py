@@ -9,8 +9,8 @@ samples independently, so the two halves never mix and each tensor inside the ne
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
 batch by batch; nothing is kept per image. Each batch is measured in two paired passes of
-half its images (``pair_batch``), so measuring a batch holds as many images as its float
-forward does.
+half its images (``pair_batch``), so each pass holds as many images as the batch's float
+forward (peak memory about 1.4× the float forward's; ``python -m studies.bench --only drift``).
 
 Sites (DESIGN §2):
 

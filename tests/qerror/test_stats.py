@@ -556,7 +556,13 @@ def test_mcnemar_resolution_plans_what_the_test_detects():
     none = mcnemar_resolution(0, 0, 10_000)
     assert none.detectable == pytest.approx((za + zb) ** 2 / 10_000, rel=0.01)
     assert not none.resolved
-    assert math.isnan(mcnemar_resolution(0, 0, 3).detectable)  # 3 items detect nothing
+    # the exact test rejects nothing below 6 discordant items at alpha 0.05 (2 / 2^5 > 0.05)
+    for n in (3, 4, 5):
+        assert math.isnan(mcnemar_resolution(0, 0, n).detectable), n
+        assert mcnemar_power(1.0, 0.0, n) == 0.0
+    assert mcnemar_power(1.0, 0.0, 6) == 1.0
+    assert not math.isnan(mcnemar_resolution(0, 0, 6).detectable)
+    assert mcnemar_resolution(1, 0, 1).images_needed == 6
     with pytest.raises(ValueError, match="power"):
         mcnemar_resolution(3, 1, 100, power=1.0)
     with pytest.raises(ValueError, match="only_a"):

@@ -474,6 +474,28 @@ def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tm
     assert not out.exists() and not list(tmp_path.glob(f".{study}*"))
 
 
+def test_precision_counts_the_local_error_in_its_own_images():
+    """The local drift's standard error comes from the first local_samples images of each
+    batch: its images to resolve are counted in those, the drift's in all measured ones."""
+    rows = []
+    for site, (drift_v, drift_se, local_v, local_se) in {
+            "a": (0.015, 0.01, 0.01, 0.01), "b": (0.04, 0.01, 0.02, 0.01),
+            "c": (0.03, 0.01, 0.03, 0.02)}.items():
+        for metric, value, se in (("drift", drift_v, drift_se), ("local_drift", local_v, local_se),
+                                  ("mse", 1.0, 0.01), ("float_std", 2.0, math.nan)):
+            rows.append({"site": site, "kind": "conv", "metric": metric, "value": value,
+                         "se": se, "mode": "floor", "bits": 8, "target": "both"})
+    prec = drift.precision_rows(pd.DataFrame(rows), images=200, local_images=32).set_index(
+        "metric")
+    z = 1.959963984540054 + 0.8416212335729143
+    assert prec.loc["drift", "se_images"] == 200 and prec.loc["local_drift", "se_images"] == 32
+    # median se/|value| over the three layers: drift 1/3 (of 2/3, 1/4, 1/3), local 2/3
+    assert prec.loc["drift", "images_to_resolve"] == math.ceil(200 * (z / 3) ** 2)
+    assert prec.loc["local_drift", "images_to_resolve"] == math.ceil(32 * (z * 2 / 3) ** 2)
+    assert prec.loc["drift", "median_se"] == pytest.approx(0.005)  # 0.01 / float std 2
+    assert prec.loc["drift", "resolved_layers"] == 2  # b and c: |value| >= 1.96 x 0.01
+
+
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
     passes = configs + 3 * remedies
     return {"device": device, "world_size": world, "probe_images": 8, "probe_s": 8 / rate,
