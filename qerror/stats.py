@@ -692,6 +692,16 @@ def mcnemar_test(
                                a.size, alpha, exact=exact)
 
 
+def _mcnemar_p(only_a: np.ndarray, disc: int, exact: bool) -> np.ndarray:
+    """McNemar's p-value for each count ``only_a`` of ``disc`` discordant items: exact
+    binomial, or chi-square with Edwards' continuity correction (see :func:`mcnemar_test`)."""
+    if disc == 0:
+        return np.ones(np.shape(only_a))
+    if exact:
+        return np.minimum(1.0, 2.0 * sps.binom.cdf(np.minimum(only_a, disc - only_a), disc, 0.5))
+    return sps.chi2.sf(np.maximum(np.abs(2 * only_a - disc) - 1, 0) ** 2 / disc, 1)
+
+
 def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *,
                         exact: bool | None = None) -> McNemarResult:
     """:func:`mcnemar_test` from its sufficient statistics, for streamed evaluations.
@@ -705,13 +715,12 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
         raise ValueError(f"need n >= 1 and only_a + only_b <= n; got {only_a}, {only_b}, {n}")
     disc = only_a + only_b
     use_exact = disc < _MCNEMAR_EXACT_BELOW if exact is None else bool(exact)
+    p = float(_mcnemar_p(np.asarray(only_a), disc, use_exact))
     if use_exact:
         stat = float(min(only_a, only_b))
-        p = 1.0 if disc == 0 else min(1.0, 2.0 * float(sps.binom.cdf(stat, disc, 0.5)))
         how = "exact binomial"
     else:
         stat = max(abs(only_a - only_b) - 1, 0) ** 2 / disc if disc else 0.0
-        p = float(sps.chi2.sf(stat, 1))
         how = "chi-square with continuity correction"
     z = float(sps.norm.ppf(1.0 - alpha / 2.0))
     pa, pb = (only_a + 1) / (n + 2), (only_b + 1) / (n + 2)
@@ -854,10 +863,7 @@ def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05)
         if weights[d] < 1e-300:
             continue
         b = np.arange(d + 1)
-        if d < _MCNEMAR_EXACT_BELOW:
-            p = np.minimum(1.0, 2.0 * sps.binom.cdf(np.minimum(b, d - b), d, 0.5))
-        else:
-            p = sps.chi2.sf(np.maximum(np.abs(2 * b - d) - 1, 0) ** 2 / d, 1)
+        p = _mcnemar_p(b, d, d < _MCNEMAR_EXACT_BELOW)  # the test as mcnemar_from_counts runs it
         total += weights[d] * float(sps.binom.pmf(b, d, r)[p < alpha].sum())
     return min(total, 1.0)
 

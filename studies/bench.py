@@ -344,12 +344,12 @@ def bench_drift(args) -> list[BenchRow]:
     (what the two paths cost apart), and the same paired passes without the statistics
     (``paired_forward``: what the measurements alone cost); its peak memory against the
     float forward alone, with the default passes and in one pass; images/s."""
-    from qerror.nn import measure, paired_forward, quantized_forward
+    from qerror.nn import default_pair_batch, measure, paired_forward, quantized_forward
 
     model, x, y, cfg, act, w, arch = _drift_setup(args.smoke, args.seed)
     pairs = max(1, min(args.pairs, 5))
     n = x.shape[0]
-    half = -(-n // 2)  # measure's default passes: half the batch each
+    half = default_pair_batch(n)  # the passes measure takes by default
 
     def apart():
         with torch.inference_mode():

@@ -1238,8 +1238,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         base_acc = acc[acc.remedy == "none"]
         measured = int(base_acc.images.iloc[0]) if len(base_acc) else 0
         # the local error's images: the first local_samples of each batch of the subset
-        local = sum(min(local_samples, len(range(i, min(i + batch, measured))))
-                    for i in range(0, measured, batch))
+        local = sum(min(local_samples, batch, measured - i) for i in range(0, measured, batch))
         precision_frame = precision_rows(sites, measured, local) if len(base_acc) \
             else pd.DataFrame()
         run.write_csv("precision.csv", precision_frame)

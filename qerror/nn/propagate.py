@@ -69,6 +69,7 @@ __all__ = [
     "SiteResult",
     "Target",
     "calibrate_activations",
+    "default_pair_batch",
     "measure",
     "output_key",
     "paired_forward",
@@ -496,7 +497,6 @@ class _Instrument:
         self.weights = weights or {}
         self.corrections = corrections or {}
         self.bn_stats = bn_stats or {}
-        self.local_samples = local_samples
         self.collect = collect
         self.input_maps = input_maps
         self.batch_index = 0
@@ -888,16 +888,19 @@ def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
     return bns
 
 
+def default_pair_batch(images: int) -> int:
+    """Images per paired pass that :func:`measure` takes from a batch of ``images`` by default:
+    ``ceil(images / 2)``, so a paired pass holds as many images as the batch's float forward."""
+    return max(1, -(-int(images) // 2))
+
+
 def _passes(batches: Iterable, pair_batch: int | None):
     """The paired passes over ``batches``: (batch index, pass index within the batch, first
-    image of the pass within the batch, images, labels).
-
-    A batch of ``N`` images is measured in passes of ``pair_batch`` images, by default
-    ``ceil(N / 2)``: a paired pass then holds ``N`` images, as the float forward of the batch
-    does.
+    image of the pass within the batch, images, labels); a batch is measured in passes of
+    ``pair_batch`` images, by default :func:`default_pair_batch`.
     """
     for b, (x, y) in enumerate(batches):
-        size = pair_batch if pair_batch is not None else max(1, -(-x.shape[0] // 2))
+        size = pair_batch if pair_batch is not None else default_pair_batch(x.shape[0])
         for c, start in enumerate(range(0, x.shape[0], size)):
             yield b, c, start, x[start:start + size], None if y is None else y[start:start + size]
 
