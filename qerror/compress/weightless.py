@@ -670,6 +670,34 @@ class _EFDLookup(torch.autograd.Function):
         return grad_bits, grad_table
 
 
+class _LearnableSelect(torch.autograd.Function):
+    """DWN's learnable mapping: forward reads ``x[:, argmax_i W[s, i]]`` for every slot ``s``.
+
+    Backward (Bacellar et al., 2024, Sec. 4.1): the weights get ``gᵀ (2x − 1)``, the gradient
+    of a selection that adds ``+W[s, i]`` for a 1 bit and ``−W[s, i]`` for a 0 bit, so every
+    weight of a slot learns whether its input would have helped, whichever input is read; the
+    inputs get ``g softmax(W/τ)``, a soft version of the hard read. ``W`` is stored slot by
+    slot so that the argmax runs along contiguous rows (along columns it took most of a
+    training step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.tau = tau
+        return x[:, weight.argmax(1)]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ torch.softmax(weight / ctx.tau, dim=1)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.T @ (2 * x - 1)
+        return grad_x, grad_w, None
+
+
 class LUTLayer(nn.Module):
     """A layer of ``luts`` lookup tables of ``fan_in`` binary inputs each (DWN style).
 
@@ -689,7 +717,7 @@ class LUTLayer(nn.Module):
     index : torch.Tensor, optional
         Explicit wiring ``(luts, n)`` for ``Mapping.FIXED``.
     tau : float
-        Softmax temperature of the learnable mapping's backward pass.
+        Softmax temperature of the learnable mapping's backward pass to the inputs.
 
     Notes
     -----
@@ -697,9 +725,12 @@ class LUTLayer(nn.Module):
     ``A[l, a]`` and outputs ``1[A[l, a] > 0]``. Backward: the entries get the
     straight-through gradient (the output is treated as ``A[l, a]``; entries are kept in
     ``[-1, 1]`` by the training loop), the inputs the EFD of :func:`efd_matrix` on the
-    real entries. A learnable mapping holds weights ``W`` (in_features × luts·n): the
-    forward reads the input ``argmax_i W[i, s]`` for slot ``s``, the backward is that of the
-    soft selection ``x · softmax(W/τ)`` (a straight-through estimator of the hard choice).
+    real entries. A learnable mapping holds weights ``W`` (luts·n × in_features): the
+    forward reads the input ``argmax_i W[s, i]`` for slot ``s``; the backward gives ``W``
+    the gradient ``gᵀ (2x − 1)`` of the slots' gradient ``g`` and the inputs that of the soft
+    selection ``x · softmax(W/τ)ᵀ`` (the paper's Sec. 4.1). A softmax at the small default
+    ``τ`` is nearly one-hot, so differentiating it for ``W`` too would give the weights
+    almost no gradient: the wiring would not learn.
 
     References
     ----------
@@ -742,13 +773,14 @@ class LUTLayer(nn.Module):
             flat = seeded_mapping(self.in_features, slots, self.seed, self.stream)
             self.register_buffer("_index", flat.reshape(self.luts, self.fan_in))
         else:
-            self.weight = nn.Parameter(torch.randn(self.in_features, slots, generator=gen))
+            self.weight = nn.Parameter(
+                torch.randn(self.in_features, slots, generator=gen).T.contiguous())
 
     @property
     def index(self) -> torch.Tensor:
         """The wiring in use, int64 ``(luts, fan_in)``."""
         if self.mapping is Mapping.LEARNABLE:
-            return self.weight.detach().argmax(0).reshape(self.luts, self.fan_in)
+            return self.weight.detach().argmax(1).reshape(self.luts, self.fan_in)
         return self._index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -757,11 +789,8 @@ class LUTLayer(nn.Module):
             raise ValueError(f"input must have shape (B, {self.in_features}), got "
                              f"{tuple(x.shape)}")
         if self.mapping is Mapping.LEARNABLE:
-            hard = x.detach()[:, self.weight.detach().argmax(0)]
-            if torch.is_grad_enabled():
-                soft = x @ torch.softmax(self.weight / self.tau, dim=0)
-                hard = hard + (soft - soft.detach())   # exactly the hard value forward
-            bits = hard.reshape(-1, self.luts, self.fan_in)
+            bits = _LearnableSelect.apply(x, self.weight, self.tau).reshape(
+                -1, self.luts, self.fan_in)
         else:
             bits = x[:, self._index]
         return _EFDLookup.apply(bits, self.table)

@@ -262,27 +262,55 @@ def test_efd_reduces_to_the_finite_difference_at_distance_zero():
         efd_matrix(11)
 
 
-def test_learnable_mapping_reads_the_argmax_and_trains_through_the_softmax():
+def test_learnable_mapping_reads_the_argmax_and_has_the_papers_backward():
     layer = LUTLayer(7, 3, 2, mapping=Mapping.LEARNABLE, seed=4, tau=0.5)
     x = torch.randint(0, 2, (5, 7), generator=torch.Generator().manual_seed(0)).double()
+    x.requires_grad_()
     layer = layer.double()
     out = layer(x)
     fixed = LUTLayer(7, 3, 2, mapping="fixed", index=layer.index).double()
     with torch.no_grad():
         fixed.table.copy_(layer.table)
     assert torch.equal(out, fixed(x))
-    # Gradient of W: that of the soft selection x·softmax(W/τ) fed the EFD input gradient.
     grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out.backward(grad)
     # The EFD gradient of each of the 6 slots, from a layer that reads the slots in order.
     spread = LUTLayer(6, 3, 2, mapping="fixed", index=torch.arange(6).reshape(3, 2)).double()
     with torch.no_grad():
         spread.table.copy_(layer.table)
-    slots = x[:, layer.index.reshape(-1)].clone().requires_grad_()
+    slots = x.detach()[:, layer.index.reshape(-1)].clone().requires_grad_()
     spread(slots).backward(grad)
-    w = layer.weight.detach().clone().requires_grad_()
-    (x @ torch.softmax(w / 0.5, dim=0)).backward(slots.grad)
-    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-12, atol=1e-12)
+    # Bacellar et al. (2024), Sec. 4.1, with W stored slot by slot: dL/dW = dL/dslots^T
+    # (2x - 1), and the inputs get dL/dslots softmax(W/tau) (a softmax over the inputs).
+    assert layer.weight.shape == (6, 7)
+    torch.testing.assert_close(layer.weight.grad, slots.grad.T @ (2 * x.detach() - 1),
+                               rtol=1e-12, atol=1e-12)
+    soft = torch.softmax(layer.weight.detach() / 0.5, dim=1)
+    torch.testing.assert_close(x.grad, slots.grad @ soft, rtol=1e-12, atol=1e-12)
+
+
+def test_learnable_mapping_finds_the_input_that_decides_the_class():
+    # The class is input bit 5 of 40 random bits. One LUT of one input per class, tables
+    # fixed to "class 0 if the bit is 0" and "class 1 if it is 1", wired at random to wrong
+    # bits, at the default temperature 1e-3: the weights alone must move the wiring to bit 5.
+    # (Differentiating the nearly one-hot softmax for W gives them almost no gradient.)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (512, 40), generator=gen).float()
+    y = x[:, 5].long()
+    t = Thermometer.fit(torch.rand(8, 40, generator=gen), 1)
+    model = DWN(t, [2], 2, fan_in=1, mapping="learnable", seed=1)
+    layer = model.layers[0]
+    assert 5 not in layer.index.reshape(-1).tolist()
+    with torch.no_grad():
+        layer.table.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    layer.table.requires_grad_(False)
+    opt = torch.optim.Adam([layer.weight], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.group_sum(layer(x)), y).backward()
+        opt.step()
+    assert layer.index.reshape(-1).tolist() == [5, 5]
+    assert torch.equal(model.group_sum(layer(x)).argmax(1), y)
 
 
 def test_group_sum_and_dwn_shapes():
