@@ -289,18 +289,30 @@ def _drift_setup(smoke: bool, seed: int, mode: str = "toward_zero"):
     return model, x, y, cfg, act, quantize_weights(model, cfg.weight, seed=seed), arch
 
 
+def _width_setup(model, seed: int, bits: int = 8):
+    """Every mode the drift study measures at one width (weights and activations), and their
+    quantized weights: what :func:`qerror.nn.measure_many` measures in one K-way batch."""
+    from qerror.nn import QuantConfig, quantize_weights
+    from studies.drift import DEFAULT_MODES
+
+    configs = [QuantConfig.make(bits, m, seed=seed) for m in DEFAULT_MODES]
+    return configs, [quantize_weights(model, c.weight, seed=seed) for c in configs]
+
+
 def _memory_child(what: str, smoke: bool, seed: int, pair_batch: int | None = None) -> None:
     """Run one forward in this (fresh) process and print its peak resident memory growth.
 
     The kernel's high-water mark is reset (``/proc/self/clear_refs``) after the set-up, so
-    VmHWM - VmRSS measures the forward pass alone.
+    VmHWM - VmRSS measures the forward pass alone. ``what``: ``float`` (the float forward),
+    ``measure`` (one configuration) or ``many`` (every mode of the width, one K-way batch).
     """
     import json
 
-    from qerror.nn import measure
+    from qerror.nn import measure, measure_many
 
     torch.set_flush_denormal(True)
     model, x, y, cfg, act, w, _ = _drift_setup(smoke, seed)
+    configs, weights = _width_setup(model, seed) if what == "many" else ([], [])
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -321,6 +333,8 @@ def _memory_child(what: str, smoke: bool, seed: int, pair_batch: int | None = No
     with torch.inference_mode():
         if what == "float":
             model(x)
+        elif what == "many":
+            measure_many(model, [(x, y)], configs, act, weights=weights, pair_batch=pair_batch)
         else:
             measure(model, [(x, y)], cfg, act, weights=w, pair_batch=pair_batch)
     print(json.dumps({"peak_bytes": status("VmHWM") - base}))
@@ -342,28 +356,46 @@ def bench_drift(args) -> list[BenchRow]:
     """qerror.nn.propagate.measure (float and quantized paths, every statistic) against two
     baselines on the same batch: the bare float forward plus the bare fake-quantized forward
     (what the two paths cost apart), and the same paired passes without the statistics
-    (``paired_forward``: what the measurements alone cost); its peak memory against the
-    float forward alone, with the default passes and in one pass; images/s."""
-    from qerror.nn import default_pair_batch, measure, paired_forward, quantized_forward
+    (``paired_forward``: what the measurements alone cost); then measure_many over every
+    mode of the width in one K-way batch (one float chunk for all) against each mode's bare
+    paired passes (what measuring the modes one by one costs before any statistic) and
+    against the float forward plus every mode's fake-quantized forward; peak memory of
+    both against the float forward alone, with the default passes (and measure's in one
+    pass); images/s."""
+    from qerror.nn import (
+        default_pair_batch,
+        measure,
+        measure_many,
+        paired_forward,
+        quantized_forward,
+    )
 
     model, x, y, cfg, act, w, arch = _drift_setup(args.smoke, args.seed)
+    configs, weights = _width_setup(model, args.seed)
+    k = len(configs)
     pairs = max(1, min(args.pairs, 5))
     n = x.shape[0]
     half = default_pair_batch(n)  # the passes measure takes by default
 
-    def apart():
+    def apart(cfgs=(cfg,), ws=(w,)):
         with torch.inference_mode():
             model(x)
-            with quantized_forward(model, cfg, act, weights=w):
-                model(x)
+            for c, cw in zip(cfgs, ws):
+                with quantized_forward(model, c, act, weights=cw):
+                    model(x)
 
-    def paired():
-        with torch.inference_mode(), paired_forward(model, cfg, act, weights=w):
-            for i in range(0, n, half):
-                model(torch.cat([x[i:i + half], x[i:i + half]]))
+    def paired(cfgs=(cfg,), ws=(w,)):
+        with torch.inference_mode():
+            for c, cw in zip(cfgs, ws):
+                with paired_forward(model, c, act, weights=cw):
+                    for i in range(0, n, half):
+                        model(torch.cat([x[i:i + half], x[i:i + half]]))
 
     def instrumented():
         measure(model, [(x, y)], cfg, act, weights=w)
+
+    def many():
+        measure_many(model, [(x, y)], configs, act, weights=weights)
 
     rows = []
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
@@ -373,17 +405,34 @@ def bench_drift(args) -> list[BenchRow]:
             "drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32", "measure (instrumented)",
             name, 1.3, *timed, note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
                                     f"{n / np.median(timed[2]):.0f} {what}"))
+    modes = ", ".join(c.rounding.value for c in configs)
+    for base, name, goal in (
+            (lambda: paired(configs, weights), f"each mode's paired passes, no statistics "
+             f"({k} x float + quantized)", 1.3),
+            (lambda: apart(configs, weights), f"float + each mode's fake-quantized forward "
+             f"(1 + {k} forwards)", None)):
+        timed = paired_ratio(many, base, pairs)
+        rows.append(make_row(
+            "drift", f"{arch} 8-bit, {k} modes ({modes}), batch {n}, 1x32x32",
+            f"measure_many ({k}-way batch, one float chunk)", name, goal, *timed,
+            note=f"{k * n / np.median(timed[1]):.0f} image-configurations/s instrumented, "
+                 f"{k * n / np.median(timed[2]):.0f} bare"))
     # Peak memory, each in a fresh process: measure's default (two paired passes of half the
-    # batch, so a pass holds n images, as the float forward) and the whole batch in one pass.
+    # batch, so a pass holds n images, as the float forward), the whole batch in one pass, and
+    # measure_many's default (passes of n / (k + 1) images, k + 1 copies each).
     float_peak = _peak_growth("float", args.smoke, args.seed)
-    for pair_batch in (None, n):
-        peak = _peak_growth("measure", args.smoke, args.seed, pair_batch)
+    for what, pair_batch in (("measure", None), ("measure", n), ("many", None)):
+        peak = _peak_growth(what, args.smoke, args.seed, pair_batch)
         # A tiny float forward can fit in memory the allocator already holds (growth 0).
         ratio = peak / float_peak if float_peak > 0 else float("nan")
-        how = f"default passes of {half}" if pair_batch is None else "one paired pass"
+        if what == "many":
+            how = f"{k} modes, default passes of {default_pair_batch(n, k)}"
+        else:
+            how = f"default passes of {half}" if pair_batch is None else "one paired pass"
         rows.append(BenchRow(
             "drift", f"{arch} peak memory of one batch of {n}, {how}",
-            "measure (instrumented)", "float forward", ratio, ratio, ratio, float("nan"),
+            f"{'measure_many' if what == 'many' else 'measure'} (instrumented)",
+            "float forward", ratio, ratio, ratio, float("nan"),
             float("nan"), 2.0, bool(ratio <= 2.0) if np.isfinite(ratio) else None, 1,
             note=f"peak resident growth {peak / 2**20:.0f} MiB vs {float_peak / 2**20:.0f} MiB "
                  "(a fresh process each; glibc mmap threshold fixed, malloc_trim, then VmHWM "

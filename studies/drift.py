@@ -73,9 +73,11 @@ from qerror.nn import (
     bias_correction,
     calibrate_activations,
     check_model,
+    default_pair_batch,
     empirical_bias_correction,
     layer_geometry,
     measure,
+    measure_many,
     model_device,
     parallel,
     predicted_local_drift,
@@ -271,6 +273,20 @@ def grid(modes, bits_list, targets, seed: int, **outputs) -> list[QuantConfig]:
     return [QuantConfig.make(b, m, t, seed=seed,
                              **(outputs if t is not Target.WEIGHTS else {}))
             for t in targets for b in bits_list for m in modes]
+
+
+def _bits(cfg: QuantConfig) -> int:
+    return (cfg.weight or cfg.activation).bits
+
+
+def width_groups(configs) -> dict[int, list[QuantConfig]]:
+    """The configurations by bit width, each width's in their order: every configuration of
+    a width shares its activation ranges, and is measured with the others in one K-way
+    batch (:func:`qerror.nn.measure_many`, one float chunk for all)."""
+    groups: dict[int, list[QuantConfig]] = {}
+    for cfg in configs:
+        groups.setdefault(_bits(cfg), []).append(cfg)
+    return groups
 
 
 def _config_columns(cfg: QuantConfig) -> dict:
@@ -607,7 +623,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     """Time one instrumented pass and one plain quantized forward over this rank's first
     batch and extrapolate every phase of the run.
 
-    Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations;
+    Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations,
+    at the rate of two K-way passes of the first width's configurations
+    (:func:`qerror.nn.measure_many`, as the run measures them);
     ``remedies``, per remedy configuration a calibration pass with every image's local
     error (an instrumented pass plus a plain one per image), a BatchNorm re-estimation pass
     and three instrumented passes over the test images; ``headline``, five plain forwards
@@ -623,7 +641,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     cfg = configs[0]
     x, y = data.test[0]
     device = place.device
-    qp = act_qp[cfg.weight.bits if cfg.weight else cfg.activation.bits]
+    qp = act_qp[_bits(cfg)]
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -636,6 +654,14 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     seconds = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=weights_of(cfg),
                                     local_samples=min(local_samples, len(y))))
+    # The configurations are measured a width at a time in K-way batches: two of the first
+    # batch's passes of its first width's configurations, the passes the run will make.
+    group = width_groups(configs)[_bits(cfg)]
+    chunk = default_pair_batch(len(y), len(group))
+    probe = min(len(y), 2 * chunk)
+    group_s = timed(lambda: measure_many(
+        model, [(x[:probe], y[:probe])], group, qp, weights=[weights_of(c) for c in group],
+        local_samples=min(local_samples, probe), pair_batch=chunk))
 
     def plain():
         with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=weights_of(cfg)):
@@ -643,6 +669,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     plain_s = timed(plain)
     rate, plain_rate = len(y) / seconds, len(y) / plain_s
+    group_rate = probe * len(group) / group_s  # images x configurations per second
     inst, fwd = 1 / rate, 1 / plain_rate  # seconds per image
     images = data.identity["test_images"]
     passes = len(configs) + 3 * len(remedy_configs)
@@ -653,18 +680,21 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
     sizes = list(curve_sizes) if data.curve_calib else []
     phases = {
-        "instrumented": len(configs) * share * inst,
+        "instrumented": len(configs) * share / group_rate,
         "remedies": n_remedy * (calib * (inst + 2 * fwd) + 3 * share * inst),
         "headline": 5 * head * fwd,
         "curve": (n_remedy * curve_test * fwd + curve_test * fwd
                   + n_remedy * sum(n * (inst + 2 * fwd) + 2 * curve_test * fwd
                                    for n in sizes)) if sizes else 0.0,
     }
-    return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
-            "probe_s": seconds, "images_per_s_per_config": rate,
+    return {"device": device.type, "world_size": place.world_size, "probe_images": probe,
+            "probe_s": group_s, "images_per_s_per_config": group_rate,
+            "single_probe_images": len(y), "single_probe_s": seconds,
+            "single_images_per_s": rate,
             "plain_probe_s": plain_s, "plain_images_per_s": plain_rate, "images": images,
             "configurations": len(configs), "remedy_configurations": n_remedy,
-            "passes": passes, "estimated_s": passes * share / rate,
+            "passes": passes,
+            "estimated_s": len(configs) * share / group_rate + 3 * n_remedy * share / rate,
             **{f"estimated_{k}_s": v for k, v in phases.items()},
             "estimated_total_s": sum(phases.values())}
 
@@ -1156,15 +1186,21 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
 
     frames, acc_rows, fits, preds, statements = [], [], [], [], []
     results: dict[tuple, PropagationResult] = {}
-    bar = tqdm(configs, desc="drift", unit="config", disable=not main)
-    for cfg in bar:
+    bar = tqdm(total=len(configs), desc="drift", unit="config", disable=not main)
+    for bits, group in width_groups(configs).items():
+        bar.set_postfix_str(f"{bits} bits: {len(group)} configurations in one K-way batch")
+        measured = measure_many(model, data.test, group, act_qp[bits],
+                                weights=[weights_of(c) for c in group],
+                                local_samples=local_samples, image_means=images,
+                                first_batch=data.first_batch, across_ranks=True)
+        for cfg, res in zip(group, measured):
+            results[tuple(_config_columns(cfg).values())] = res
+        bar.update(len(group))
+    bar.close()
+    # The analysis in the grid's order, as the outputs list the configurations.
+    for cfg in tqdm(configs, desc="analysis", unit="config", disable=not main):
         cols = _config_columns(cfg)
-        bar.set_postfix_str(cfg.label)
-        w = weights_of(cfg)
-        res = measure(model, data.test, cfg, act_qp[cols["bits"]], weights=w,
-                      local_samples=local_samples, image_means=images,
-                      first_batch=data.first_batch, across_ranks=True)
-        results[tuple(cols.values())] = res
+        res = results[tuple(cols.values())]
         if main:
             frames.append(res.to_frame().assign(**cols))
             acc_rows.append(accuracy_row(cols, res))

@@ -12,6 +12,10 @@ batch by batch; nothing is kept per image. Each batch is measured in two paired 
 half its images (``pair_batch``), so each pass holds as many images as the batch's float
 forward (peak memory about 1.4× the float forward's; ``python -m studies.bench --only drift``).
 
+:func:`measure_many` extends the pair to a *K-way batch*: the float chunk and one chunk per
+configuration (say every rounding mode of a bit width), so one float pass serves them all
+and each configuration's figures are those :func:`measure` gives it alone.
+
 Sites (DESIGN §2):
 
 * every ``Conv2d`` and ``Linear``: the quantizer at its input (per tensor, affine by default),
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +75,7 @@ __all__ = [
     "calibrate_activations",
     "default_pair_batch",
     "measure",
+    "measure_many",
     "output_key",
     "paired_forward",
     "quantize_weights",
@@ -485,18 +490,55 @@ def _key(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
-class _Instrument:
-    """Patches a model for one pass over the data; :meth:`close` restores it."""
+class _Arm:
+    """One quantized network of an instrumented pass: its configuration, what it quantizes
+    with, and the sites it measures against the float chunk that every arm shares."""
 
-    def __init__(self, model: nn.Module, config: QuantConfig, act_qparams, weights,
-                 *, paired: bool, corrections=None, bn_stats=None, local_samples: int = 0,
-                 collect: bool = True, input_maps: bool = False, image_means: int = 0):
-        self.model, self.config, self.paired = model, config, paired
-        self.image_means = image_means
+    def __init__(self, config: QuantConfig, act_qparams, weights, corrections, bn_stats,
+                 image_means: int = 0):
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        self.config = config
         self.act_qparams = act_qparams or {}
         self.weights = weights or {}
         self.corrections = corrections or {}
         self.bn_stats = bn_stats or {}
+        self.image_means = image_means
+        self.sites: dict[str, _SiteAcc] = {}
+        self.order = 0
+        self.last = None  # (tensor, site, this arm's sums) of the last layer's output
+
+    def site(self, name: str, kind: str) -> _SiteAcc:
+        acc = self.sites.get(name)
+        if acc is None:
+            keep = self.image_means if kind in ("conv", "linear") else 0
+            acc = self.sites[name] = _SiteAcc(name, kind, self.order, keep)
+            self.order += 1
+        return acc
+
+    def layer_params(self, name: str, module: nn.Module):
+        """The quantized layer's weight and bias (with this arm's bias correction)."""
+        w = self.weights[name].weight if self.config.weight is not None else module.weight
+        b = module.bias
+        corr = self.corrections.get(name)
+        if corr is not None:
+            corr = corr.to(module.weight.device, module.weight.dtype)
+            b = corr if b is None else b + corr
+        return w, b
+
+
+class _Instrument:
+    """Patches a model for one pass over the data; :meth:`close` restores it.
+
+    Paired, a pass's batch is ``len(arms) + 1`` equal chunks: the float network's, then one
+    per arm; alone (not paired), the batch is the one arm's.
+    """
+
+    def __init__(self, model: nn.Module, arms: list[_Arm], *, paired: bool,
+                 local_samples: int = 0, collect: bool = True, input_maps: bool = False):
+        if not arms or (not paired and len(arms) != 1):
+            raise ValueError("an instrumented pass needs one arm alone, or one or more paired")
+        self.model, self.arms, self.paired = model, arms, paired
         self.collect = collect
         self.input_maps = input_maps
         self.batch_index = 0
@@ -506,31 +548,35 @@ class _Instrument:
         self.chunk = 0
         self.local_images = local_samples
         self.act_err_images = max(1, local_samples)
-        self.sites: dict[str, _SiteAcc] = {}
-        self.order = 0
-        self._last_output = None  # (tensor, site, quantized half's sums) of the last layer
         self._handles = []
         self._patched = []
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
+        for arm in arms:
+            config = arm.config
+            for n, _ in self.layers:
+                if config.activation is not None and n not in arm.act_qparams:
+                    raise ValueError(f"no activation qparams for layer {n!r}; calibrate with "
+                                     "qerror.nn.propagate.calibrate_activations on the same "
+                                     "model")
+                if config.weight is not None and n not in arm.weights:
+                    raise ValueError(f"no quantized weight for layer {n!r}; use "
+                                     "qerror.nn.propagate.quantize_weights on the same model")
         for idx, (n, m) in enumerate(self.layers):
-            if config.activation is not None and n not in self.act_qparams:
-                raise ValueError(f"no activation qparams for layer {n!r}; calibrate with "
-                                 "qerror.nn.propagate.calibrate_activations on the same model")
-            if config.weight is not None and n not in self.weights:
-                raise ValueError(f"no quantized weight for layer {n!r}; use "
-                                 "qerror.nn.propagate.quantize_weights on the same model")
             self._patch(m, self._layer_forward(idx, n, m))
         for idx, (n, m) in enumerate(model.named_modules()):
             bn_site, block_site = isinstance(m, nn.BatchNorm2d), is_block(m)
-            if (bn_site and config.bn_outputs) or (block_site and config.block_outputs):
-                if output_key(n) not in self.act_qparams:
+            outputs = [a for a in arms if (bn_site and a.config.bn_outputs)
+                       or (block_site and a.config.block_outputs)]
+            for a in outputs:
+                if output_key(n) not in a.act_qparams:
                     raise ValueError(f"no output qparams for {n!r}; calibrate with "
                                      "calibrate_activations(..., outputs=True)")
+            if outputs:
                 # registered first: the statistics hooks below see the quantized output
                 self._handles.append(m.register_forward_hook(
-                    self._quantize_output(idx, n, "bn" if bn_site else "block")))
+                    self._quantize_output(idx, n, "bn" if bn_site else "block", outputs)))
             if bn_site:
-                if n in self.bn_stats:
+                if any(n in a.bn_stats for a in arms):
                     self._patch(m, self._bn_forward(n, m))
                 if collect and paired:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
@@ -553,23 +599,20 @@ class _Instrument:
             m.__dict__.pop("forward", None)
         self._handles, self._patched = [], []
 
-    def site(self, name: str, kind: str) -> _SiteAcc:
-        acc = self.sites.get(name)
-        if acc is None:
-            keep = self.image_means if kind in ("conv", "linear") else 0
-            acc = self.sites[name] = _SiteAcc(name, kind, self.order, keep)
-            self.order += 1
-        return acc
+    def chunks(self, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The float chunk and each arm's chunk of a paired tensor (views)."""
+        h = t.shape[0] // (len(self.arms) + 1)
+        return t[:h], [t[h * (k + 1):h * (k + 2)] for k in range(len(self.arms))]
 
     # -- quantization of one layer's input
-    def _quantize_input(self, idx: int, name: str, x: torch.Tensor, acc: _SiteAcc | None,
-                        stream: int):
-        spec = self.config.activation
+    def _quantize_input(self, arm: _Arm, idx: int, name: str, x: torch.Tensor,
+                        acc: _SiteAcc | None, stream: int):
+        spec = arm.config.activation
         if spec is None:
             return x
-        qp = self.act_qparams[name]
+        qp = arm.act_qparams[name]
         chunk = (self.chunk,) if self.chunk else ()
-        key = _key(self.config.seed, 2, idx, self.batch_index, stream, *chunk) \
+        key = _key(arm.config.seed, 2, idx, self.batch_index, stream, *chunk) \
             if spec.rounding.is_random else None
         if acc is None:  # nothing measured here: the quantizer alone, no counting
             return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key)
@@ -584,69 +627,73 @@ class _Instrument:
             acc.act_err.add((xq[:m] - x[:m]) / qp.scale, per_image=False)
         return xq
 
-    def _quantize_output(self, idx: int, name: str, kind: str) -> Callable:
+    def _quantize_output(self, idx: int, name: str, kind: str, arms: list[_Arm]) -> Callable:
         key = output_key(name)
         site = 1_000_000 + idx  # a stochastic stream apart from the layers' inputs
 
         def hook(module, args, out):
             if not self.paired:
-                return self._quantize_input(site, key, out, None, 0)
-            half = out.shape[0] // 2
-            acc = self.site(name, kind) if self.collect else None
-            return torch.cat([out[:half], self._quantize_input(site, key, out[half:], acc, 0)])
+                return self._quantize_input(self.arms[0], site, key, out, None, 0)
+            yf, ys = self.chunks(out)
+            parts = [yf]
+            for arm, y in zip(self.arms, ys):
+                if arm in arms:
+                    acc = arm.site(name, kind) if self.collect else None
+                    y = self._quantize_input(arm, site, key, y, acc, 0)
+                parts.append(y)
+            return torch.cat(parts)
         return hook
 
     def _layer_forward(self, idx: int, name: str, module: nn.Module) -> Callable:
         conv = isinstance(module, nn.Conv2d)
-        config = self.config
+        kind = "conv" if conv else "linear"
 
         def op(x, w, b):
             return module._conv_forward(x, w, b) if conv else F.linear(x, w, b)
 
-        def quant_params():
-            w = self.weights[name].weight if config.weight is not None else module.weight
-            b = module.bias
-            corr = self.corrections.get(name)
-            if corr is not None:
-                corr = corr.to(module.weight.device, module.weight.dtype)
-                b = corr if b is None else b + corr
-            return w, b
-
         def forward(x):
-            w_hat, b_hat = quant_params()
             if not self.paired:
-                return op(self._quantize_input(idx, name, x, None, 0), w_hat, b_hat)
-            half = x.shape[0] // 2
-            xf, xq = x[:half], x[half:]
-            yf = op(xf, module.weight, module.bias)
-            acc = self.site(name, "conv" if conv else "linear") if self.collect else None
-            yq = op(self._quantize_input(idx, name, xq, acc, 0), w_hat, b_hat)
-            if acc is not None:  # the error first: its temporary is gone before the cat
-                acc.err.add(yq - yf)
-            out = torch.cat([yf, yq])
-            yf = yq = out[:half]  # the halves themselves are freed: the pass holds one copy
-            q_sums = None
-            if acc is not None:
-                # both halves' sums in one reduction of the pass's output: the float half's
-                # are the site's reference, the quantized half's those of a BatchNorm it feeds
+                arm = self.arms[0]
+                return op(self._quantize_input(arm, idx, name, x, None, 0),
+                          *arm.layer_params(name, module))
+            xf, xs = self.chunks(x)
+            h = xf.shape[0]
+            parts = [op(xf, module.weight, module.bias)]
+            accs = []
+            for arm, xq in zip(self.arms, xs):
+                acc = arm.site(name, kind) if self.collect else None
+                yq = op(self._quantize_input(arm, idx, name, xq, acc, 0),
+                        *arm.layer_params(name, module))
+                if acc is not None:  # the error first: its temporary is gone before the cat
+                    acc.err.add(yq - parts[0])
+                parts.append(yq)
+                accs.append(acc)
+            out = torch.cat(parts)
+            del parts  # the chunks themselves are freed: the pass holds one copy
+            yf = out[:h]
+            if self.collect:
+                # every chunk's sums in one reduction of the pass's output: the float chunk's
+                # are each arm's reference, an arm's own those of a BatchNorm it feeds
                 s, q, per_channel = _sums(out)
-                acc.ref.add_sums(s[:half], q[:half], per_channel, per_image=False)
-                q_sums = s[half:], q[half:], per_channel
-                m = min(self.local_images, half)
-                if m:
-                    xl = self._quantize_input(idx, name, xf[:m], None, 1)
-                    acc.local.add(op(xl, w_hat, b_hat) - yf[:m], per_image=True)
-                if self.input_maps:
-                    self._input_map(acc, name, xf)
-            self._last_output = (out, acc, q_sums)
+                m = min(self.local_images, h)
+                for k, (arm, acc) in enumerate(zip(self.arms, accs)):
+                    acc.ref.add_sums(s[:h], q[:h], per_channel, per_image=False)
+                    rows = slice(h * (k + 1), h * (k + 2))
+                    arm.last = (out, acc, (s[rows], q[rows], per_channel))
+                    if m:
+                        xl = self._quantize_input(arm, idx, name, xf[:m], None, 1)
+                        acc.local.add(op(xl, *arm.layer_params(name, module)) - yf[:m],
+                                      per_image=True)
+                    if self.input_maps:
+                        self._input_map(arm, acc, name, xf)
             return out
 
         return forward
 
-    def _input_map(self, acc: _SiteAcc, name: str, xf: torch.Tensor) -> None:
+    def _input_map(self, arm: _Arm, acc: _SiteAcc, name: str, xf: torch.Tensor) -> None:
         x = xf.detach()
-        if self.config.activation is not None:
-            qp = self.act_qparams[name]
+        if arm.config.activation is not None:
+            qp = arm.act_qparams[name]
             origin = -float(qp.zero_point) * float(qp.scale)
         else:
             origin = 0.0
@@ -661,41 +708,50 @@ class _Instrument:
         acc.in_n += x.shape[0]
 
     def _bn_forward(self, name: str, module: nn.BatchNorm2d) -> Callable:
-        mean_q, var_q = self.bn_stats[name]
+        def norm(x, stats):
+            mean, var = stats
+            return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), module.weight,
+                                module.bias, False, 0.0, module.eps)
+
+        running = (module.running_mean, module.running_var)
 
         def forward(x):
-            args = (module.weight, module.bias, False, 0.0, module.eps)
             if not self.paired:  # the quantized path alone: its own statistics throughout
-                return F.batch_norm(x, mean_q.to(x), var_q.to(x), *args)
-            half = x.shape[0] // 2
-            yf = F.batch_norm(x[:half], module.running_mean, module.running_var, *args)
-            yq = F.batch_norm(x[half:], mean_q.to(x.dtype), var_q.to(x.dtype), *args)
-            return torch.cat([yf, yq])
+                return norm(x, self.arms[0].bn_stats.get(name, running))
+            xf, xs = self.chunks(x)
+            return torch.cat([norm(xf, running)] + [norm(xq, arm.bn_stats.get(name, running))
+                                                     for arm, xq in zip(self.arms, xs)])
 
         return forward
 
     def _bn_hook(self, name: str) -> Callable:
         def hook(module, args, out):
             x = args[0]
-            half = x.shape[0] // 2
-            acc = self.site(name, "bn")
-            last = self._last_output
-            if last is not None and last[0] is x and last[1] is not None:
-                acc.bn_input_of = last[1]
-                acc.bn_q.add_sums(*last[2], per_image=False)
-            else:
-                s, q, per_channel = _sums(x)
-                acc.bn_f.add_sums(s[:half], q[:half], per_channel, per_image=False)
-                acc.bn_q.add_sums(s[half:], q[half:], per_channel, per_image=False)
+            h = x.shape[0] // (len(self.arms) + 1)
+            sums = None
+            for k, arm in enumerate(self.arms):
+                acc = arm.site(name, "bn")
+                last = arm.last
+                if last is not None and last[0] is x and last[1] is not None:
+                    acc.bn_input_of = last[1]
+                    acc.bn_q.add_sums(*last[2], per_image=False)
+                    continue
+                if sums is None:
+                    sums = _sums(x)
+                s, q, per_channel = sums
+                rows = slice(h * (k + 1), h * (k + 2))
+                acc.bn_f.add_sums(s[:h], q[:h], per_channel, per_image=False)
+                acc.bn_q.add_sums(s[rows], q[rows], per_channel, per_image=False)
         return hook
 
     def _out_hook(self, name: str, kind: str) -> Callable:
         def hook(module, args, out):
-            half = out.shape[0] // 2
-            acc = self.site(name, kind)
-            acc.err.add(out[half:] - out[:half])
-            s, q, per_channel = _sums(out[:half])
-            acc.ref.add_sums(s, q, per_channel, per_image=False)
+            yf, ys = self.chunks(out)
+            s, q, per_channel = _sums(yf)
+            for arm, y in zip(self.arms, ys):
+                acc = arm.site(name, kind)
+                acc.err.add(y - yf)
+                acc.ref.add_sums(s, q, per_channel, per_image=False)
         return hook
 
 
@@ -888,21 +944,53 @@ def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
     return bns
 
 
-def default_pair_batch(images: int) -> int:
-    """Images per paired pass that :func:`measure` takes from a batch of ``images`` by default:
-    ``ceil(images / 2)``, so a paired pass holds as many images as the batch's float forward."""
-    return max(1, -(-int(images) // 2))
+MIN_CHUNK = 16  # images per chunk of a paired pass, at least (see default_pair_batch)
 
 
-def _passes(batches: Iterable, pair_batch: int | None):
+def default_pair_batch(images: int, arms: int = 1) -> int:
+    """Images per paired pass that :func:`measure` (``arms = 1``) and :func:`measure_many`
+    (``arms`` configurations) take from a batch of ``images`` by default.
+
+    ``ceil(images / (arms + 1))``, so that a pass, which holds ``arms + 1`` copies of its
+    images, holds about as many images as the batch's float forward; but at least
+    :data:`MIN_CHUNK` (16) images or the whole batch. Below 16 images a chunk's convolutions
+    are slow: single-threaded PyTorch runs unstrided 1×1 convolutions of fewer than 16
+    images on its slow path, and the per-operation overheads of the statistics grow with
+    the number of chunks (15 configurations of ResNet50 on 200 images took about twice as
+    long in chunks of 13 as in chunks of 16 here). A pass of many configurations then holds
+    more images than the batch.
+    """
+    if isinstance(arms, bool) or not isinstance(arms, int) or arms < 1:
+        raise ValueError(f"arms must be a number of configurations >= 1, got {arms!r}")
+    images = int(images)
+    return max(1, -(-images // (arms + 1)), min(images, MIN_CHUNK))
+
+
+def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
     """The paired passes over ``batches``: (batch index, pass index within the batch, first
     image of the pass within the batch, images, labels); a batch is measured in passes of
     ``pair_batch`` images, by default :func:`default_pair_batch`.
     """
     for b, (x, y) in enumerate(batches):
-        size = pair_batch if pair_batch is not None else default_pair_batch(x.shape[0])
+        size = pair_batch if pair_batch is not None else default_pair_batch(x.shape[0], arms)
         for c, start in enumerate(range(0, x.shape[0], size)):
             yield b, c, start, x[start:start + size], None if y is None else y[start:start + size]
+
+
+def _per_config(value, count: int, what: str, shared: bool = False) -> list:
+    """One ``what`` per configuration: ``value`` is None (none for any), a sequence of one
+    per configuration, or (``shared``) one mapping that every configuration uses."""
+    if value is None:
+        return [None] * count
+    if isinstance(value, Mapping):
+        if shared or count == 1:
+            return [value] * count
+        raise TypeError(f"{what}: give a sequence of one per configuration ({count}), or None")
+    value = list(value)
+    if len(value) != count:
+        raise ValueError(f"{what}: {len(value)} given for {count} configurations; give one "
+                         "per configuration (None where a configuration has none)")
+    return value
 
 
 def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
@@ -943,7 +1031,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         Images per paired forward pass: each batch is measured in consecutive passes of
         this many images, each holding the activations of ``2 * pair_batch`` images.
         Default: half the batch (rounded up), so that measuring a batch holds as many
-        images as its float forward; at least the batch size measures it in one pass.
+        images as its float forward, but at least 16 images (:func:`default_pair_batch`);
+        at least the batch size measures it in one pass.
         Stochastic rounding draws each pass's stream from the batch's index and the
         pass's index within it, so its draws depend on ``pair_batch``; nothing else does
         (beyond the order of float64 additions).
@@ -967,6 +1056,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     -------
     PropagationResult
 
+    See Also
+    --------
+    measure_many : several configurations on the same batches, one float chunk for all.
+
     Notes
     -----
     Batches are moved to the device of the model's parameters; the sums are kept on the
@@ -975,85 +1068,154 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     result up to the order of float64 additions, and the counts (accuracy, agreement,
     McNemar, saturation) exactly.
     """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    return measure_many(model, batches, [config], act_qparams, weights=[weights],
+                        corrections=[corrections], bn_stats=[bn_stats],
+                        local_samples=local_samples, input_maps=input_maps,
+                        pair_batch=pair_batch, image_means=image_means, progress=progress,
+                        first_batch=first_batch, across_ranks=across_ranks)[0]
+
+
+def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantConfig],
+                 act_qparams=None, *, weights=None, corrections=None, bn_stats=None,
+                 local_samples: int = 32, input_maps: bool = False,
+                 pair_batch: int | None = None, image_means: int = 0, progress: bool = False,
+                 first_batch: int = 0, across_ranks: bool = False) -> list[PropagationResult]:
+    """:func:`measure` for several configurations at once: one float chunk serves them all.
+
+    Each pass runs a batch of ``len(configs) + 1`` chunks of the same images: the float
+    network's and one quantized network's per configuration. Every non-layer module treats
+    images independently, so each configuration's chunk meets exactly what it would meet
+    in :func:`measure`; the float network runs once instead of once per configuration.
+
+    Parameters
+    ----------
+    configs : sequence of QuantConfig
+        The configurations, in the order of the results.
+    act_qparams : dict or sequence of dicts, optional
+        One mapping that every configuration uses (e.g. the ranges of one bit width), or
+        one per configuration.
+    weights, corrections, bn_stats : sequence, optional
+        One per configuration (None where a configuration has none), as for
+        :func:`measure`; missing weights are computed from each ``config.weight``.
+    pair_batch : int, optional
+        Images per pass; each pass holds ``(len(configs) + 1) * pair_batch`` images.
+        Default :func:`default_pair_batch` (``images``, ``len(configs)``): a pass holds
+        about as many images as the batch's float forward.
+    local_samples, input_maps, image_means, progress, first_batch, across_ranks
+        As for :func:`measure`.
+
+    Returns
+    -------
+    list of PropagationResult
+        One per configuration, each what :func:`measure` returns for it with the same
+        ``pair_batch`` (equal up to the order of float64 additions; stochastic rounding
+        draws the same streams, keyed by each configuration's seed).
+    """
     check_model(model)
+    if isinstance(configs, QuantConfig):
+        raise TypeError("configs must be a sequence of QuantConfig; measure takes one")
+    configs = list(configs)
+    if not configs:
+        raise ValueError("measure_many needs at least one configuration")
+    for c in configs:
+        if not isinstance(c, QuantConfig):
+            raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
     if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
         raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
     if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
         raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
     if isinstance(image_means, bool) or not isinstance(image_means, int) or image_means < 0:
         raise ValueError(f"image_means must be a number of images >= 0, got {image_means!r}")
+    k = len(configs)
+    act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
+    weights = _per_config(weights, k, "weights")
+    corrections = _per_config(corrections, k, "corrections")
+    bn_stats = _per_config(bn_stats, k, "bn_stats")
     try:
         depths = path_depths(model)
     except ValueError:  # an untraceable model has no path depths; execution order remains
         depths = {}
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    if weights is None and config.weight is not None:
-        weights = quantize_weights(model, config.weight, seed=config.seed)
-    bns = _batchnorms(model, bn_stats)
-    bn_ref = {n: (m.running_mean.detach().double().cpu(), m.running_var.detach().double().cpu())
-              for n, m in bns.items()}
-    for n, stats in (bn_stats or {}).items():
-        bn_ref[n] = (stats[0].detach().double().cpu(), stats[1].detach().double().cpu())
+    weights = [quantize_weights(model, c.weight, seed=c.seed) if w is None and
+               c.weight is not None else w for c, w in zip(configs, weights)]
+    bn_refs = []
+    for stats in bn_stats:
+        bns = _batchnorms(model, stats)
+        ref = {n: (m.running_mean.detach().double().cpu(),
+                   m.running_var.detach().double().cpu()) for n, m in bns.items()}
+        for n, st in (stats or {}).items():
+            ref[n] = (st[0].detach().double().cpu(), st[1].detach().double().cpu())
+        bn_refs.append(ref)
+    arms = [_Arm(c, a, w, corr, st, image_means)
+            for c, a, w, corr, st in zip(configs, act_qparams, weights, corrections, bn_stats)]
     inst = None
-    n_img = 0
-    fc = qc = agree = f_only = q_only = 0
+    n_img = fc = 0
+    counts = [[0, 0, 0, 0] for _ in arms]  # per arm: quant correct, agree, f_only, q_only
     labelled = None
-    logit_err, logit_ref = _Moments(), _Moments()
+    logit_ref = _Moments()
+    logit_err = [_Moments() for _ in arms]
     try:
         with eval_mode(model), torch.inference_mode():
-            inst = _Instrument(model, config, act_qparams, weights, paired=True,
-                               corrections=corrections, bn_stats=bn_stats,
-                               local_samples=local_samples, input_maps=input_maps,
-                               image_means=image_means)
-            batches = iter_batches(progress_bar(batches, progress, config.label),
-                                   model_device(model))
-            for batch, chunk, start, x, y in _passes(batches, pair_batch):
+            inst = _Instrument(model, arms, paired=True, local_samples=local_samples,
+                               input_maps=input_maps)
+            label = configs[0].label if k == 1 else f"{k} configurations"
+            batches = iter_batches(progress_bar(batches, progress, label), model_device(model))
+            for batch, chunk, start, x, y in _passes(batches, pair_batch, k):
                 inst.batch_index, inst.chunk = first_batch + batch, chunk
                 inst.local_images = min(max(local_samples - start, 0), x.shape[0])
                 inst.act_err_images = max(inst.local_images, int(start == 0))
-                out = model(torch.cat([x, x]))
-                half = x.shape[0]
-                lf, lq = out[:half], out[half:]
-                logit_err.add(lq - lf)
+                lf, lqs = inst.chunks(model(torch.cat([x] * (k + 1))))
                 logit_ref.add(lf)
-                pf, pq = lf.argmax(1), lq.argmax(1)
-                agree += int((pf == pq).sum())
+                pf = lf.argmax(1)
                 if labelled is None:
                     labelled = y is not None
                 if (y is not None) != labelled:
                     raise ValueError("some batches have labels and some do not")
-                if y is not None:
-                    cf, cq = pf == y, pq == y
+                cf = None if y is None else pf == y
+                if cf is not None:
                     fc += int(cf.sum())
-                    qc += int(cq.sum())
-                    f_only += int((cf & ~cq).sum())
-                    q_only += int((cq & ~cf).sum())
-                n_img += half
+                for c, err, lq in zip(counts, logit_err, lqs):
+                    err.add(lq - lf)
+                    pq = lq.argmax(1)
+                    c[1] += int((pf == pq).sum())
+                    if cf is not None:
+                        cq = pq == y
+                        c[0] += int(cq.sum())
+                        c[2] += int((cf & ~cq).sum())
+                        c[3] += int((cq & ~cf).sum())
+                n_img += x.shape[0]
     finally:
         if inst is not None:
             inst.close()
     if n_img == 0:
         raise ValueError("measure needs at least one batch")
+    ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
     if across_ranks:
-        n_img, fc, qc, agree, f_only, q_only = _merge_ranks(
-            [logit_err, logit_ref], sorted(inst.sites.values(), key=lambda a: a.order),
-            [n_img, fc, qc, agree, f_only, q_only])
+        merged = _merge_ranks([logit_ref, *logit_err], [s for sites in ordered for s in sites],
+                              [n_img, fc, *(v for c in counts for v in c)])
+        n_img, fc = merged[:2]
+        counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
         if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:
             raise ValueError("some ranks' batches have labels and some do not")
-    sites = []
-    depth = 0
-    for acc in sorted(inst.sites.values(), key=lambda a: a.order):
-        if acc.kind in ("conv", "linear"):
-            depth += 1
-        sites.append(_site_result(acc, depth, weights, bn_ref, depths.get(acc.name)))
     lstd = math.sqrt(max(logit_ref.sq() - logit_ref.mean() ** 2, 0.0))
-    logits = LogitResult(
-        n=n_img, float_correct=fc if labelled else None, quant_correct=qc if labelled else None,
-        agree=agree, float_only=f_only if labelled else None,
-        quant_only=q_only if labelled else None, sqnr_db=sqnr_db(logit_ref.sq(), logit_err.sq()),
-        drift_rel=logit_err.mean() / lstd if lstd > 0 else math.nan)
-    return PropagationResult(config, tuple(sites), logits, n_img)
+    results = []
+    for config, sites_k, w, bn_ref, err, (qc, agree, f_only, q_only) in zip(
+            configs, ordered, weights, bn_refs, logit_err, counts):
+        sites = []
+        depth = 0
+        for acc in sites_k:
+            if acc.kind in ("conv", "linear"):
+                depth += 1
+            sites.append(_site_result(acc, depth, w, bn_ref, depths.get(acc.name)))
+        logits = LogitResult(
+            n=n_img, float_correct=fc if labelled else None,
+            quant_correct=qc if labelled else None, agree=agree,
+            float_only=f_only if labelled else None, quant_only=q_only if labelled else None,
+            sqnr_db=sqnr_db(logit_ref.sq(), err.sq()),
+            drift_rel=err.mean() / lstd if lstd > 0 else math.nan)
+        results.append(PropagationResult(config, tuple(sites), logits, n_img))
+    return results
 
 
 @contextlib.contextmanager
@@ -1102,8 +1264,8 @@ def _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats, 
     _batchnorms(model, bn_stats)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
-    inst = _Instrument(model, config, act_qparams, weights, paired=paired,
-                       corrections=corrections, bn_stats=bn_stats, collect=False)
+    inst = _Instrument(model, [_Arm(config, act_qparams, weights, corrections, bn_stats)],
+                       paired=paired, collect=False)
     try:
         yield inst
     finally:

@@ -230,8 +230,8 @@ def test_statistics_stream_across_batches(setup):
 
 
 def test_a_batch_measured_in_passes_measures_what_one_pass_does(setup):
-    """The default measures each batch in two paired passes of half its images: every figure
-    is that of one pass over the whole batch (float64 sums in another order), the local error
+    """A batch measured in passes (two of half its images, or passes of 3): every figure is
+    that of one pass over the whole batch (float64 sums in another order), the local error
     included, which uses the first ``local_samples`` images of each batch whichever pass holds
     them."""
     model, calib, test = setup
@@ -240,7 +240,7 @@ def test_a_batch_measured_in_passes_measures_what_one_pass_does(setup):
     n = test[0][0].shape[0]
     for local in (0, 3, n // 2 + 2, n):
         one = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=n)
-        two = measure(model, test, cfg, act_qp, local_samples=local)
+        two = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=n // 2)
         three = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=3)
         for sa, sb, sc in zip(one.sites, two.sites, three.sites):
             assert sa.name == sb.name == sc.name
@@ -390,3 +390,90 @@ def test_cuda_measures_what_the_cpu_measures(setup):
     pred_gpu = correction.predicted_local_drift(cuda, cfg, on_gpu, act_qp)
     for name, p in pred_cpu.items():
         np.testing.assert_allclose(pred_gpu[name], p, rtol=RTOL64, atol=1e-15)
+
+
+def _assert_same_result(a, b, where: str) -> None:
+    """Every field of two PropagationResults equal: counts exactly, floats and arrays to the
+    order of float64 additions."""
+    import dataclasses
+
+    def same(va, vb, what):
+        if dataclasses.is_dataclass(va):
+            for f in dataclasses.fields(va):
+                same(getattr(va, f.name), getattr(vb, f.name), f"{what}.{f.name}")
+        elif isinstance(va, np.ndarray):
+            np.testing.assert_allclose(vb, va, rtol=RTOL64, atol=1e-15, err_msg=what)
+        elif isinstance(va, float):
+            if math.isnan(va):
+                assert math.isnan(vb), what
+            else:
+                assert vb == pytest.approx(va, rel=RTOL64, abs=1e-15), what
+        else:
+            assert va == vb, what
+
+    assert a.config == b.config and a.images == b.images
+    assert [s.name for s in a.sites] == [s.name for s in b.sites], where
+    for sa, sb in zip(a.sites, b.sites):
+        same(sa, sb, f"{where} {sa.name}")
+    same(a.logits, b.logits, f"{where} logits")
+
+
+def test_measure_many_measures_each_config_as_measure_does(setup):
+    """One float chunk for every configuration: each result is measure's for that
+    configuration alone (same passes), whatever the others are, for deterministic and
+    stochastic rounding, with remedies, output quantizers, image means and input maps."""
+    from qerror.nn import measure_many
+    from qerror.nn.correction import reestimate_bn
+
+    model, calib, test = setup
+    near = QuantConfig.make(4, RoundingMode.NEAREST_EVEN)
+    trunc = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    stoch = QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=5)
+    outs = QuantConfig.make(4, RoundingMode.FLOOR, bn_outputs=True, block_outputs=True)
+    weights_only = QuantConfig.make(4, RoundingMode.FLOOR, Target.WEIGHTS)
+    act_qp = calibrate_activations(model, calib, near.activation, outputs=True)
+    bn = reestimate_bn(model, calib, trunc, act_qp)
+    corr = {"0": torch.linspace(-0.01, 0.01, 8, dtype=torch.float64)}
+    configs = [near, trunc, stoch, outs, weights_only]
+    kw = {"local_samples": 5, "image_means": 7, "input_maps": True, "pair_batch": 6}
+    many = measure_many(model, test, configs, act_qp, corrections=[None, None, corr, None, None],
+                        bn_stats=[None, bn, None, None, None], **kw)
+    alone = [measure(model, test, near, act_qp, **kw),
+             measure(model, test, trunc, act_qp, bn_stats=bn, **kw),
+             measure(model, test, stoch, act_qp, corrections=corr, **kw),
+             measure(model, test, outs, act_qp, **kw),
+             measure(model, test, weights_only, act_qp, **kw)]
+    assert len(many) == len(configs)
+    for cfg, a, b in zip(configs, alone, many):
+        _assert_same_result(a, b, cfg.label)
+    # the default passes: about the batch's images in k + 1 chunks, but chunks of at least
+    # 16 images (or the whole batch)
+    from qerror.nn import default_pair_batch
+    assert [default_pair_batch(256, k) for k in (1, 5, 15, 20)] == [128, 43, 16, 16]
+    assert default_pair_batch(16, 5) == 16 and default_pair_batch(10) == 10
+    assert default_pair_batch(40) == 20 and default_pair_batch(20) == 16
+    default = measure_many(model, test, [near, trunc], act_qp)
+    for cfg, b in zip((near, trunc), default):
+        _assert_same_result(measure(model, test, cfg, act_qp, pair_batch=16), b, cfg.label)
+    assert _clean(model)
+
+
+def test_measure_many_refuses_what_it_cannot_pair(setup):
+    from qerror.nn import default_pair_batch, measure_many
+
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with pytest.raises(ValueError, match="at least one configuration"):
+        measure_many(model, test, [], act_qp)
+    with pytest.raises(TypeError, match="sequence of QuantConfig"):
+        measure_many(model, test, cfg, act_qp)
+    with pytest.raises(ValueError, match="2 given for 3 configurations"):
+        measure_many(model, test, [cfg] * 3, act_qp, weights=[None, None])
+    with pytest.raises(TypeError, match="one per configuration"):
+        measure_many(model, test, [cfg] * 2, act_qp, bn_stats={})
+    with pytest.raises(ValueError, match="no activation qparams"):
+        measure_many(model, test, [cfg, cfg], [act_qp, {}])
+    with pytest.raises(ValueError, match="arms must be"):
+        default_pair_batch(16, 0)
+    assert _clean(model)
