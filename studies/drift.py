@@ -73,7 +73,6 @@ from qerror.nn import (
     bias_correction,
     calibrate_activations,
     check_model,
-    default_pair_batch,
     empirical_bias_correction,
     layer_geometry,
     measure,
@@ -624,8 +623,10 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     batch and extrapolate every phase of the run.
 
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations,
-    at the rate of two K-way passes of the first width's configurations
-    (:func:`qerror.nn.measure_many`, as the run measures them);
+    each width's configurations in one K-way batch (:func:`qerror.nn.measure_many`): each
+    costs what one configuration's ``measure`` costs less the float forward it shares, for
+    which the plain quantized forward stands in (``images_per_s_per_config``; measure's own
+    rate is ``measure_images_per_s``);
     ``remedies``, per remedy configuration a calibration pass with every image's local
     error (an instrumented pass plus a plain one per image), a BatchNorm re-estimation pass
     and three instrumented passes over the test images; ``headline``, five plain forwards
@@ -654,14 +655,6 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     seconds = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=weights_of(cfg),
                                     local_samples=min(local_samples, len(y))))
-    # The configurations are measured a width at a time in K-way batches: two of the first
-    # batch's passes of its first width's configurations, the passes the run will make.
-    group = width_groups(configs)[_bits(cfg)]
-    chunk = default_pair_batch(len(y), len(group))
-    probe = min(len(y), 2 * chunk)
-    group_s = timed(lambda: measure_many(
-        model, [(x[:probe], y[:probe])], group, qp, weights=[weights_of(c) for c in group],
-        local_samples=min(local_samples, probe), pair_batch=chunk))
 
     def plain():
         with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=weights_of(cfg)):
@@ -669,8 +662,12 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     plain_s = timed(plain)
     rate, plain_rate = len(y) / seconds, len(y) / plain_s
-    group_rate = probe * len(group) / group_s  # images x configurations per second
     inst, fwd = 1 / rate, 1 / plain_rate  # seconds per image
+    # A width's K configurations share one float chunk: each costs its measure less the
+    # share of the float forward it no longer runs (the plain forward stands in for it).
+    widths = [len(g) for g in width_groups(configs).values()]
+    many = sum(k * max(inst - fwd * (k - 1) / k, fwd) for k in widths)  # s per image, all
+    group_rate = len(configs) / many  # images x configurations per second
     images = data.identity["test_images"]
     passes = len(configs) + 3 * len(remedy_configs)
     share = -(-images // place.world_size)  # the largest share a rank measures, about
@@ -687,10 +684,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
                   + n_remedy * sum(n * (inst + 2 * fwd) + 2 * curve_test * fwd
                                    for n in sizes)) if sizes else 0.0,
     }
-    return {"device": device.type, "world_size": place.world_size, "probe_images": probe,
-            "probe_s": group_s, "images_per_s_per_config": group_rate,
-            "single_probe_images": len(y), "single_probe_s": seconds,
-            "single_images_per_s": rate,
+    return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
+            "probe_s": seconds, "images_per_s_per_config": group_rate,
+            "measure_images_per_s": rate,
             "plain_probe_s": plain_s, "plain_images_per_s": plain_rate, "images": images,
             "configurations": len(configs), "remedy_configurations": n_remedy,
             "passes": passes,
@@ -713,7 +709,8 @@ def estimate_message(t: dict) -> str:
     """What :func:`estimate` found, in words, with the ways to shorten a long CPU run."""
     ranks = f" on each of {t['world_size']} ranks" if t["world_size"] > 1 else ""
     msg = (f"[drift] measured {t['images_per_s_per_config']:.3g} images/s per configuration "
-           f"on {t['device']}{ranks} (a first batch of {t['probe_images']}); "
+           f"on {t['device']}{ranks} (each width's configurations in one K-way batch; "
+           f"a first batch of {t['probe_images']}); "
            f"{t['images']} images x {t['passes']} passes ({t['configurations']} "
            f"configurations + 3 remedies x {t['remedy_configurations']}) "
            f"{'/ ' + str(t['world_size']) + ' ranks ' if t['world_size'] > 1 else ''}"
