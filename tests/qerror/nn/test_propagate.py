@@ -447,11 +447,11 @@ def test_measure_many_measures_each_config_as_measure_does(setup):
     for cfg, a, b in zip(configs, alone, many):
         _assert_same_result(a, b, cfg.label)
     # the default passes: about the batch's images in k + 1 chunks, but chunks of at least
-    # 16 images (or the whole batch)
+    # 32 images (or the whole batch)
     from qerror.nn import default_pair_batch
-    assert [default_pair_batch(256, k) for k in (1, 5, 15, 20)] == [128, 43, 16, 16]
+    assert [default_pair_batch(256, k) for k in (1, 5, 7, 15)] == [128, 43, 32, 32]
     assert default_pair_batch(16, 5) == 16 and default_pair_batch(10) == 10
-    assert default_pair_batch(40) == 20 and default_pair_batch(20) == 16
+    assert default_pair_batch(100) == 50 and default_pair_batch(40) == 32
     default = measure_many(model, test, [near, trunc], act_qp)
     for cfg, b in zip((near, trunc), default):
         _assert_same_result(measure(model, test, cfg, act_qp, pair_batch=16), b, cfg.label)
