@@ -290,8 +290,9 @@ def _drift_setup(smoke: bool, seed: int, mode: str = "toward_zero"):
 
 
 def _width_setup(model, seed: int, bits: int = 8):
-    """Every mode the drift study measures at one width (weights and activations), and their
-    quantized weights: what :func:`qerror.nn.measure_many` measures in one K-way batch."""
+    """Every mode the drift study measures at one width, weights and activations quantized,
+    and their quantized weights: five of the fifteen configurations (five modes × three
+    targets) that the study measures in one K-way batch (:func:`qerror.nn.measure_many`)."""
     from qerror.nn import QuantConfig, quantize_weights
     from studies.drift import DEFAULT_MODES
 

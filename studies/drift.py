@@ -708,9 +708,9 @@ def _duration(seconds: float) -> str:
 def estimate_message(t: dict) -> str:
     """What :func:`estimate` found, in words, with the ways to shorten a long CPU run."""
     ranks = f" on each of {t['world_size']} ranks" if t["world_size"] > 1 else ""
-    msg = (f"[drift] measured {t['images_per_s_per_config']:.3g} images/s per configuration "
-           f"on {t['device']}{ranks} (each width's configurations in one K-way batch; "
-           f"a first batch of {t['probe_images']}); "
+    msg = (f"[drift] {t['images_per_s_per_config']:.3g} images/s per configuration "
+           f"on {t['device']}{ranks} (each width's configurations in one K-way batch, from "
+           f"measure's rate on a first batch of {t['probe_images']}); "
            f"{t['images']} images x {t['passes']} passes ({t['configurations']} "
            f"configurations + 3 remedies x {t['remedy_configurations']}) "
            f"{'/ ' + str(t['world_size']) + ' ranks ' if t['world_size'] > 1 else ''}"

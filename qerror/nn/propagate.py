@@ -8,9 +8,10 @@ fake-quantized input. Every other module of a torchvision-style CNN in evaluatio
 samples independently, so the two halves never mix and each tensor inside the network holds
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
-batch by batch; nothing is kept per image. Each batch is measured in two paired passes of
-half its images (``pair_batch``), so each pass holds as many images as the batch's float
-forward (peak memory about 1.4× the float forward's; ``python -m studies.bench --only drift``).
+batch by batch; nothing is kept per image. A batch of at least 64 images is measured in two
+paired passes of half its images (``pair_batch``, :func:`default_pair_batch`), so each pass
+holds as many images as the batch's float forward (peak memory about 1.4× the float
+forward's; ``python -m studies.bench --only drift``).
 
 :func:`measure_many` extends the pair to a *K-way batch*: the float chunk and one chunk per
 configuration (say every rounding mode of a bit width), so one float pass serves them all
@@ -551,26 +552,32 @@ class _Instrument:
         self._handles = []
         self._patched = []
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
-        for arm in arms:
+        # Everything is checked before anything is patched: a refused set-up leaves the
+        # model as it was.
+        modules = list(model.named_modules())
+        for k, arm in enumerate(arms):
             config = arm.config
+            which = f" (configuration {k}, {config.label})" if len(arms) > 1 else ""
             for n, _ in self.layers:
                 if config.activation is not None and n not in arm.act_qparams:
-                    raise ValueError(f"no activation qparams for layer {n!r}; calibrate with "
-                                     "qerror.nn.propagate.calibrate_activations on the same "
-                                     "model")
+                    raise ValueError(f"no activation qparams for layer {n!r}{which}; calibrate "
+                                     "with qerror.nn.propagate.calibrate_activations on the "
+                                     "same model")
                 if config.weight is not None and n not in arm.weights:
-                    raise ValueError(f"no quantized weight for layer {n!r}; use "
+                    raise ValueError(f"no quantized weight for layer {n!r}{which}; use "
                                      "qerror.nn.propagate.quantize_weights on the same model")
+            for n, m in modules:
+                quantized = (isinstance(m, nn.BatchNorm2d) and config.bn_outputs) or \
+                    (is_block(m) and config.block_outputs)
+                if quantized and output_key(n) not in arm.act_qparams:
+                    raise ValueError(f"no output qparams for {n!r}{which}; calibrate with "
+                                     "calibrate_activations(..., outputs=True)")
         for idx, (n, m) in enumerate(self.layers):
             self._patch(m, self._layer_forward(idx, n, m))
-        for idx, (n, m) in enumerate(model.named_modules()):
+        for idx, (n, m) in enumerate(modules):
             bn_site, block_site = isinstance(m, nn.BatchNorm2d), is_block(m)
             outputs = [a for a in arms if (bn_site and a.config.bn_outputs)
                        or (block_site and a.config.block_outputs)]
-            for a in outputs:
-                if output_key(n) not in a.act_qparams:
-                    raise ValueError(f"no output qparams for {n!r}; calibrate with "
-                                     "calibrate_activations(..., outputs=True)")
             if outputs:
                 # registered first: the statistics hooks below see the quantized output
                 self._handles.append(m.register_forward_hook(
@@ -709,9 +716,9 @@ class _Instrument:
 
     def _bn_forward(self, name: str, module: nn.BatchNorm2d) -> Callable:
         def norm(x, stats):
-            mean, var = stats
-            return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), module.weight,
-                                module.bias, False, 0.0, module.eps)
+            mean, var = stats  # re-estimated statistics may live on another device
+            return F.batch_norm(x, mean.to(x), var.to(x), module.weight, module.bias, False,
+                                0.0, module.eps)
 
         running = (module.running_mean, module.running_var)
 
@@ -1108,7 +1115,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     pair_batch : int, optional
         Images per pass; each pass holds ``(len(configs) + 1) * pair_batch`` images.
         Default :func:`default_pair_batch` (``images``, ``len(configs)``): a pass holds
-        about as many images as the batch's float forward.
+        about as many images as the batch's float forward, unless that would make chunks
+        of fewer than 32 images (then more: 16 chunks of 32 for 15 configurations).
     local_samples, input_maps, image_means, progress, first_batch, across_ranks
         As for :func:`measure`.
 

@@ -477,3 +477,76 @@ def test_measure_many_refuses_what_it_cannot_pair(setup):
     with pytest.raises(ValueError, match="arms must be"):
         default_pair_batch(16, 0)
     assert _clean(model)
+
+
+def test_a_refused_set_up_leaves_the_model_as_it_was(setup):
+    """Every arm is checked before anything is patched: output quantizers without output
+    ranges are refused, naming the configuration, and the model runs as before."""
+    from qerror.nn import measure_many
+
+    model, calib, test = setup
+    x = images(4, 7)
+    with torch.no_grad():
+        before = model(x)
+    plain = QuantConfig.make(4)
+    outs = QuantConfig.make(4, RoundingMode.FLOOR, bn_outputs=True)
+    act = calibrate_activations(model, calib, plain.activation)  # no outputs=True
+    with pytest.raises(ValueError, match=r"no output qparams for '1' \(configuration 1"):
+        measure_many(model, test, [plain, outs], act)
+    assert _clean(model)
+    for run in (lambda: measure(model, test, outs, act),
+                lambda: quantized_forward(model, outs, act).__enter__()):
+        with pytest.raises(ValueError, match="no output qparams for '1'; calibrate"):
+            run()
+        assert _clean(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_re_estimated_statistics_follow_the_activations_device():
+    # The meta device stands in for a GPU: statistics kept on the CPU are moved to the
+    # activations' device, alone and paired.
+    from qerror.nn.propagate import QuantizedWeights
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(4, 3)).eval().to("meta")
+    cfg = QuantConfig.make(8, target=Target.WEIGHTS)
+    w = {n: QuantizedWeights(mod.weight, None, 0.0, 0.0, 0.0) for n, mod in m.named_modules()
+         if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    stats = {"1": (torch.zeros(4), torch.ones(4))}
+    x = torch.zeros(2, 1, 6, 6, device="meta")
+    with torch.no_grad(), quantized_forward(m, cfg, weights=w, bn_stats=stats):
+        assert m(x).shape == (2, 3)
+    with torch.no_grad(), paired_forward(m, cfg, weights=w, bn_stats=stats):
+        assert m(torch.cat([x, x])).shape == (4, 3)
+
+
+def test_measure_many_in_float32_with_a_batchnorm_after_a_relu():
+    """float32 (the dtype networks run in) and a BatchNorm that no layer feeds directly, so
+    its input statistics are reduced per arm from the pass's tensor: each configuration as
+    measure gives it alone, one of them with re-estimated statistics."""
+    from qerror.nn import measure_many
+    from qerror.nn.correction import reestimate_bn
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 10)).eval()
+    calib = [images(16, 1, torch.float32)]
+    test = [(images(12, 2, torch.float32), torch.arange(12) % 10),
+            (images(7, 3, torch.float32), torch.arange(7) % 10)]
+    configs = [QuantConfig.make(4, RoundingMode.NEAREST_EVEN),
+               QuantConfig.make(4, RoundingMode.TOWARD_ZERO),
+               QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=2)]
+    act = calibrate_activations(model, calib, configs[0].activation)
+    bn = reestimate_bn(model, calib, configs[1], act)
+    kw = {"local_samples": 3, "pair_batch": 5}
+    many = measure_many(model, test, configs, act, bn_stats=[None, bn, None], **kw)
+    alone = [measure(model, test, configs[0], act, **kw),
+             measure(model, test, configs[1], act, bn_stats=bn, **kw),
+             measure(model, test, configs[2], act, **kw)]
+    for cfg, a, b in zip(configs, alone, many):
+        assert a.site("2").bn is not None
+        _assert_same_result(a, b, cfg.label)
