@@ -24,7 +24,10 @@ Sites (DESIGN §2):
   the float input; measured on the first ``local_samples`` images of each batch) and the
   *accumulated* error at its output;
 * every ``BatchNorm2d``: the batch statistics of its input under both paths against the
-  running statistics it normalises with, and the accumulated error at its output;
+  running statistics it normalises with, and the accumulated error at its output (when a
+  layer feeds it directly, the layer's output sums serve; any module run in between, such
+  as an in-place ReLU, makes it reduce its own input; a functional in-place operation
+  inside a module's own ``forward`` between the two is not seen);
 * every residual block (a module with BatchNorm children and a ``downsample`` attribute or
   named ``*Block``/``Bottleneck``): the accumulated error at its output;
 * the logits: accuracy of both paths, agreement, McNemar counts, SQNR.
@@ -589,7 +592,16 @@ class _Instrument:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
             elif collect and paired and block_site:
                 self._handles.append(m.register_forward_hook(self._out_hook(n, "block")))
+            if collect and paired and not bn_site and not any(True for _ in m.children()):
+                # Any other module between a layer and a BatchNorm (an in-place ReLU, say)
+                # may change the tensor the BatchNorm receives: its statistics are then its
+                # own, not the layer's output's (see _bn_hook).
+                self._handles.append(m.register_forward_pre_hook(self._forget_last))
         self._handles.append(model.register_forward_hook(self._next_batch))
+
+    def _forget_last(self, module, args):
+        for arm in self.arms:
+            arm.last = None
 
     def _next_batch(self, module, args, out):
         # Stochastic rounding draws a fresh stream for every batch.

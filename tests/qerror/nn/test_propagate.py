@@ -550,3 +550,24 @@ def test_measure_many_in_float32_with_a_batchnorm_after_a_relu():
     for cfg, a, b in zip(configs, alone, many):
         assert a.site("2").bn is not None
         _assert_same_result(a, b, cfg.label)
+
+
+def test_a_batchnorm_after_an_in_place_relu_sees_the_relus_output():
+    """The BatchNorm's input statistics come from the layer's output only when nothing ran
+    between them: after an in-place ReLU (same tensor, changed) they are the ReLU's."""
+    def net(inplace):
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(inplace=inplace), nn.BatchNorm2d(6),
+            nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(8, 10)).double().eval()
+
+    calib, test = [images(16, 1)], [(images(12, 2), torch.arange(12) % 10)]
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    res = {}
+    for inplace in (False, True):
+        model = net(inplace)
+        act = calibrate_activations(model, calib, cfg.activation)
+        res[inplace] = measure(model, test, cfg, act, local_samples=4)
+        assert _clean(model)
+    _assert_same_result(res[False], res[True], "in-place ReLU")
