@@ -8,7 +8,7 @@ fake-quantized input. Every other module of a torchvision-style CNN in evaluatio
 samples independently, so the two halves never mix and each tensor inside the network holds
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
-batch by batch; nothing is kept per image. A batch of at least 64 images is measured in two
+batch by batch; nothing is kept per image. A batch of more than 32 images is measured in two
 paired passes of half its images (``pair_batch``, :func:`default_pair_batch`), so each pass
 holds as many images as the batch's float forward (peak memory about 1.4× the float
 forward's; ``python -m studies.bench --only drift``).
@@ -972,18 +972,23 @@ def default_pair_batch(images: int, arms: int = 1) -> int:
 
     ``ceil(images / (arms + 1))``, so that a pass, which holds ``arms + 1`` copies of its
     images, holds about as many images as the batch's float forward; but at least
-    :data:`MIN_CHUNK` (32) images or the whole batch. Each chunk costs its own operations at
-    every site (a convolution, a quantizer, the statistics' reductions), and in small chunks
-    these fixed costs eat what sharing the float chunk saves: 15 configurations of the
-    Fashion-MNIST ResNet50 on 200 images, one thread here, took about as long in chunks of 16
-    as measured one by one, and about a fifth less in chunks of 25 to 50 (below 16 images,
+    :data:`MIN_CHUNK` (32) images or the whole batch; then evened out, so that the passes
+    differ by at most one image (no small last pass: 200 images in 15 configurations' chunks
+    make 7 passes of 29, not 6 of 32 and one of 8). For one configuration that is half the
+    batch above 32 images, the whole batch up to 32. Each chunk costs its own operations at every site (a
+    convolution, a quantizer, the statistics' reductions), and in small chunks these fixed
+    costs eat what sharing the float chunk saves: 15 configurations of the Fashion-MNIST
+    ResNet50 on 200 images, one thread here, took about as long in chunks of 16 as measured
+    one by one, and about a fifth less in chunks of 25 to 50 (below 16 images,
     single-threaded PyTorch also runs unstrided 1×1 convolutions on its slow path). A pass
     of many configurations then holds more images than the batch.
     """
     if isinstance(arms, bool) or not isinstance(arms, int) or arms < 1:
         raise ValueError(f"arms must be a number of configurations >= 1, got {arms!r}")
     images = int(images)
-    return max(1, -(-images // (arms + 1)), min(images, MIN_CHUNK))
+    size = max(1, -(-images // (arms + 1)), min(images, MIN_CHUNK))
+    passes = max(1, -(-images // size))
+    return max(1, -(-images // passes))
 
 
 def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
@@ -1050,9 +1055,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     pair_batch : int, optional
         Images per paired forward pass: each batch is measured in consecutive passes of
         this many images, each holding the activations of ``2 * pair_batch`` images.
-        Default: half the batch (rounded up), so that measuring a batch holds as many
-        images as its float forward, but at least 32 images (:func:`default_pair_batch`);
-        at least the batch size measures it in one pass.
+        Default: half the batch (rounded up) above 32 images, so that measuring a batch
+        holds as many images as its float forward; a smaller batch in one pass
+        (:func:`default_pair_batch`); at least the batch size measures it in one pass.
         Stochastic rounding draws each pass's stream from the batch's index and the
         pass's index within it, so its draws depend on ``pair_batch``. So, slightly, does
         float32 arithmetic: a kernel may round differently at another batch size (oneDNN's
@@ -1128,7 +1133,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         Images per pass; each pass holds ``(len(configs) + 1) * pair_batch`` images.
         Default :func:`default_pair_batch` (``images``, ``len(configs)``): a pass holds
         about as many images as the batch's float forward, unless that would make chunks
-        of fewer than 32 images (then more: 16 chunks of 32 for 15 configurations).
+        of fewer than 32 images (then more: 16 chunks of about 32 for 15 configurations),
+        the passes evened out.
     local_samples, input_maps, image_means, progress, first_batch, across_ranks
         As for :func:`measure`.
 

@@ -447,11 +447,12 @@ def test_measure_many_measures_each_config_as_measure_does(setup):
     for cfg, a, b in zip(configs, alone, many):
         _assert_same_result(a, b, cfg.label)
     # the default passes: about the batch's images in k + 1 chunks, but chunks of at least
-    # 32 images (or the whole batch)
+    # 32 images (or the whole batch), evened out (no small last pass)
     from qerror.nn import default_pair_batch
     assert [default_pair_batch(256, k) for k in (1, 5, 7, 15)] == [128, 43, 32, 32]
+    assert default_pair_batch(200, 15) == 29 and default_pair_batch(100, 5) == 25
     assert default_pair_batch(16, 5) == 16 and default_pair_batch(10) == 10
-    assert default_pair_batch(100) == 50 and default_pair_batch(40) == 32
+    assert [default_pair_batch(n) for n in (31, 32, 33, 40, 63, 100)] == [31, 32, 17, 20, 32, 50]
     default = measure_many(model, test, [near, trunc], act_qp)
     for cfg, b in zip((near, trunc), default):
         _assert_same_result(measure(model, test, cfg, act_qp, pair_batch=16), b, cfg.label)
