@@ -289,8 +289,7 @@ def width_groups(configs) -> dict[int, list[QuantConfig]]:
 
 
 def _config_columns(cfg: QuantConfig) -> dict:
-    spec = cfg.weight or cfg.activation
-    return {"mode": cfg.rounding.value, "bits": spec.bits, "target": cfg.target.value}
+    return {"mode": cfg.rounding.value, "bits": _bits(cfg), "target": cfg.target.value}
 
 
 def accuracy_row(cfg_cols: dict, res: PropagationResult, remedy: str = "none") -> dict:
@@ -690,7 +689,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
             "plain_probe_s": plain_s, "plain_images_per_s": plain_rate, "images": images,
             "configurations": len(configs), "remedy_configurations": n_remedy,
             "passes": passes,
-            "estimated_s": len(configs) * share / group_rate + 3 * n_remedy * share / rate,
+            "estimated_s": phases["instrumented"] + 3 * n_remedy * share * inst,
             **{f"estimated_{k}_s": v for k, v in phases.items()},
             "estimated_total_s": sum(phases.values())}
 

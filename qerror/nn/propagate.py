@@ -679,10 +679,10 @@ class _Instrument:
             h = xf.shape[0]
             parts = [op(xf, module.weight, module.bias)]
             accs = []
-            for arm, xq in zip(self.arms, xs):
+            params = [arm.layer_params(name, module) for arm in self.arms]
+            for arm, xq, wb in zip(self.arms, xs, params):
                 acc = arm.site(name, kind) if self.collect else None
-                yq = op(self._quantize_input(arm, idx, name, xq, acc, 0),
-                        *arm.layer_params(name, module))
+                yq = op(self._quantize_input(arm, idx, name, xq, acc, 0), *wb)
                 if acc is not None:  # the error first: its temporary is gone before the cat
                     acc.err.add(yq - parts[0])
                 parts.append(yq)
@@ -694,15 +694,14 @@ class _Instrument:
                 # every chunk's sums in one reduction of the pass's output: the float chunk's
                 # are each arm's reference, an arm's own those of a BatchNorm it feeds
                 s, q, per_channel = _sums(out)
+                (sf, s_arms), (qf, q_arms) = self.chunks(s), self.chunks(q)
                 m = min(self.local_images, h)
-                for k, (arm, acc) in enumerate(zip(self.arms, accs)):
-                    acc.ref.add_sums(s[:h], q[:h], per_channel, per_image=False)
-                    rows = slice(h * (k + 1), h * (k + 2))
-                    arm.last = (out, acc, (s[rows], q[rows], per_channel))
+                for arm, acc, wb, sa, qa in zip(self.arms, accs, params, s_arms, q_arms):
+                    acc.ref.add_sums(sf, qf, per_channel, per_image=False)
+                    arm.last = (out, acc, (sa, qa, per_channel))
                     if m:
                         xl = self._quantize_input(arm, idx, name, xf[:m], None, 1)
-                        acc.local.add(op(xl, *arm.layer_params(name, module)) - yf[:m],
-                                      per_image=True)
+                        acc.local.add(op(xl, *wb) - yf[:m], per_image=True)
                     if self.input_maps:
                         self._input_map(arm, acc, name, xf)
             return out
@@ -746,7 +745,6 @@ class _Instrument:
     def _bn_hook(self, name: str) -> Callable:
         def hook(module, args, out):
             x = args[0]
-            h = x.shape[0] // (len(self.arms) + 1)
             sums = None
             for k, arm in enumerate(self.arms):
                 acc = arm.site(name, "bn")
@@ -756,11 +754,11 @@ class _Instrument:
                     acc.bn_q.add_sums(*last[2], per_image=False)
                     continue
                 if sums is None:
-                    sums = _sums(x)
-                s, q, per_channel = sums
-                rows = slice(h * (k + 1), h * (k + 2))
-                acc.bn_f.add_sums(s[:h], q[:h], per_channel, per_image=False)
-                acc.bn_q.add_sums(s[rows], q[rows], per_channel, per_image=False)
+                    s, q, per_channel = _sums(x)
+                    sums = self.chunks(s), self.chunks(q), per_channel
+                (sf, s_arms), (qf, q_arms), per_channel = sums
+                acc.bn_f.add_sums(sf, qf, per_channel, per_image=False)
+                acc.bn_q.add_sums(s_arms[k], q_arms[k], per_channel, per_image=False)
         return hook
 
     def _out_hook(self, name: str, kind: str) -> Callable:
@@ -975,9 +973,9 @@ def default_pair_batch(images: int, arms: int = 1) -> int:
     :data:`MIN_CHUNK` (32) images or the whole batch; then evened out, so that the passes
     differ by at most one image (no small last pass: 200 images in 15 configurations' chunks
     make 7 passes of 29, not 6 of 32 and one of 8). For one configuration that is half the
-    batch above 32 images, the whole batch up to 32. Each chunk costs its own operations at every site (a
-    convolution, a quantizer, the statistics' reductions), and in small chunks these fixed
-    costs eat what sharing the float chunk saves: 15 configurations of the Fashion-MNIST
+    batch above 32 images, the whole batch up to 32. Each chunk costs its own operations at
+    every site (a convolution, a quantizer, the statistics' reductions), and in small chunks
+    these fixed costs eat what sharing the float chunk saves: 15 configurations of the Fashion-MNIST
     ResNet50 on 200 images, one thread here, took about as long in chunks of 16 as measured
     one by one, and about a fifth less in chunks of 25 to 50 (below 16 images,
     single-threaded PyTorch also runs unstrided 1×1 convolutions on its slow path). A pass
