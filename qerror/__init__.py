@@ -71,6 +71,7 @@ from qerror.stats import (
     mse_ratio_ci,
     paired_accuracy_equivalence,
     uniformity_test,
+    units_to_resolve,
     wilson_ci,
 )
 
@@ -107,6 +108,7 @@ __all__ = [
     "mcnemar_from_counts",
     "mcnemar_power",
     "mcnemar_resolution",
+    "units_to_resolve",
     "ErrorInterval",
     "ErrorStats",
     "ErrorSummary",

@@ -835,6 +835,63 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
                              bool(mc.p_value < alpha))
 
 
+def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Units with which a mean is resolved from zero, planned from a pilot's relative error.
+
+    Parameters
+    ----------
+    rel_se : float
+        ``se / |mean|`` measured on ``n`` independent units (images, seeds); ``inf`` where the
+        mean was exactly 0.
+    n : int
+        The units ``rel_se`` was measured on.
+    alpha : float
+        Level of the two-sided z-test ``|mean| >= z_{1-α/2} · se``.
+    power : float
+        Probability of resolving asked for, in (0, 1).
+
+    Returns
+    -------
+    float
+        The smallest whole number of units ``m`` with
+        ``|mean| / (se · sqrt(n / m)) >= z_{1-α/2} + z_power``, that is
+        ``ceil(n · ((z_{1-α/2} + z_power) · rel_se)²)`` (at least 1); ``inf`` where
+        ``rel_se`` is infinite.
+
+    Notes
+    -----
+    The standard error falls as ``1/sqrt(units)``; the plan takes the pilot's mean and
+    standard error as the truth, so it carries the pilot's own sampling error (a pilot on
+    ``n`` units estimates ``rel_se`` within about ``rel_se · sqrt(1/(2n) + rel_se²)``). At
+    the size returned, a z-test on a mean whose true value and spread are the pilot's
+    resolves it with probability at least ``power`` (the far tail adds
+    ``Φ(-z_{1-α/2} - δ/se)``, below 1e-3 at the defaults). This is the usual
+    normal-approximation sample size for a one-sample test [1]_.
+
+    References
+    ----------
+    .. [1] S.-C. Chow, J. Shao and H. Wang, "Sample Size Calculations in Clinical
+       Research", 2nd ed., Chapman & Hall/CRC, 2008, Sec. 3.1.
+    """
+    alpha = _check_alpha(alpha)
+    power = _check_real(power, "power")
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    n = _check_count(n, "n")
+    if n < 1:
+        raise ValueError("n must be at least 1 unit")
+    if isinstance(rel_se, bool) or not isinstance(rel_se, numbers.Real):
+        raise TypeError(f"rel_se must be a real number, got {type(rel_se).__name__}")
+    rel = float(rel_se)
+    if math.isnan(rel) or rel < 0:
+        raise ValueError(f"rel_se must be >= 0 (se / |mean|), got {rel_se!r}")
+    if math.isinf(rel):
+        return math.inf
+    za = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    zb = float(sps.norm.ppf(power))
+    return float(max(1, math.ceil(n * ((za + zb) * rel) ** 2)))
+
+
 def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05) -> float:
     """Exact probability that :func:`mcnemar_from_counts` (default test choice) rejects at
     ``alpha`` on ``n`` items, when each item is right by a only with probability

@@ -66,23 +66,29 @@ class StudyError(Exception):
 # --------------------------------------------------------------------------- arguments
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type=`` for integers of at least ``minimum``.
+def int_at_least(minimum: int, word: str | None = None) -> Callable[[str], int | str]:
+    """An argparse ``type=`` for integers of at least ``minimum`` (or the one ``word``, e.g.
+    ``auto``, returned as it is).
 
     The error it raises is shown by argparse with the option's name (``error: argument
     --images: ...``) and exit status 2.
     """
+    also = f" or {word!r}" if word else ""
 
-    def convert(text: str) -> int:
+    def convert(text: str) -> int | str:
+        if word is not None and text == word:
+            return word
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer{also}, got {text!r}") \
+                from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}"
+                                             + (f" (or {word!r})" if word else ""))
         return value
 
-    convert.__name__ = f"integer >= {minimum}"
+    convert.__name__ = f"integer >= {minimum}{also}"
     return convert
 
 

@@ -30,7 +30,11 @@ Then:
 
 Default: the cached Fashion-MNIST ResNet50 baseline (trained first if missing, after saying
 how long that takes), calibration on the calibration split, measurement on a seeded subset
-of the test split. ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
+of the test split whose size a pilot chooses (``--images auto``): every configuration is
+first measured on validation images, and the subset takes the most images any configuration
+needs for its median layer's drift and MSE to be resolved from zero
+(:func:`qerror.stats.units_to_resolve`), between ``--min-images`` and ``--max-images``;
+``pilot.csv`` gives each configuration's need and names those beyond the ceiling. ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
 same on an ImageNet-style folder.
 
 ImageNet folders are labelled with the weights' class indices
@@ -93,7 +97,7 @@ from qerror.nn.growth import (
 )
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
-from qerror.stats import mcnemar_from_counts, mcnemar_resolution, wilson_ci
+from qerror.stats import mcnemar_from_counts, mcnemar_resolution, units_to_resolve, wilson_ci
 from studies._common import (
     RunDir,
     base_parser,
@@ -119,6 +123,12 @@ BOOTSTRAP = 1000  # resamples of each growth interval
 FASHION_TEST_IMAGES = 10_000
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
+# --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
+AUTO = "auto"
+PILOT_IMAGES = 64  # validation images of the pilot
+MIN_IMAGES = 200  # the subset's floor: what its accuracy table had before it was sized
+MAX_IMAGES = 500  # the subset's ceiling: what the default run's time affords
+SIZED_METRICS = ("drift", "mse")  # statistics the subset is sized for (all images' units)
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,20 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
                 test_batches[mine.start:mine.stop], ident, headline, mine.start,
                 headline_first, _first_images(test_batches, int8_images), *curve)
+
+
+def fashion_pilot(data_root, images: int, batch: int, seed: int):
+    """The pilot's images: a seeded sample of the validation split, which the study uses
+    for nothing else, so that the test subset is not sized by looking at itself. Returns
+    ``(batches, identity)``."""
+    from qerror.data import fashion_mnist_splits, to_tensor
+
+    val = fashion_mnist_splits(data_root).val
+    n = min(images, len(val))
+    pick = np.sort(np.random.default_rng([seed, 1]).permutation(len(val))[:n])
+    pilot = val.subset(pick)
+    return (_batched(to_tensor(pilot.images), torch.as_tensor(pilot.labels), batch),
+            {"pilot_split": "val", "pilot_images": len(pilot), "pilot_sha256": pilot.sha256})
 
 
 def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
@@ -458,6 +482,23 @@ def _first_of(batches, n: int, batch: int):
         (xa, ya), (xb, yb) = cut[-2], cut[-1]
         cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
     return cut
+
+
+def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
+              batch: int) -> pd.DataFrame:
+    """Every configuration measured on the pilot's images (each width in one K-way batch) and
+    reduced to :func:`precision_rows`: how well those images pin down each layer's
+    statistics, and the images the median layer needs."""
+    n = sum(len(y) for _, y in batches)
+    frames = []
+    for bits, group in tqdm(width_groups(configs).items(), desc="pilot", unit="width"):
+        measured = measure_many(model, batches, group, act_qp[bits],
+                                weights=[weights_of(c) for c in group],
+                                local_samples=local_samples, image_means=n)
+        frames += [res.to_frame().assign(**_config_columns(cfg))
+                   for cfg, res in zip(group, measured)]
+    return precision_rows(pd.concat(frames, ignore_index=True), n,
+                          local_images(n, batch, local_samples))
 
 
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
@@ -989,8 +1030,22 @@ def _main(argv: list[str]) -> int:
                         help="what is quantized: " + ", ".join(t.value for t in Target))
     # Two images at least: accuracy intervals, BN batch statistics and per-channel spreads
     # need more than one.
-    parser.add_argument("--images", type=int_at_least(2), default=None,
-                        help="test images measured (default 200, smoke 16)")
+    parser.add_argument("--images", type=int_at_least(2, AUTO), default=None,
+                        help="test images measured, or 'auto': sized by a pilot on "
+                             "validation images so that every configuration's median "
+                             "layer's drift and MSE are resolved from zero, within "
+                             "--min-images and --max-images (default auto on Fashion-MNIST, "
+                             "200 with --data, smoke 16)")
+    parser.add_argument("--pilot-images", type=int_at_least(2), default=None,
+                        help="with --images auto: validation images of the pilot (default "
+                             f"{PILOT_IMAGES}, smoke 8)")
+    parser.add_argument("--min-images", type=int_at_least(2), default=None,
+                        help=f"with --images auto: the fewest test images (default "
+                             f"{MIN_IMAGES}, smoke 8)")
+    parser.add_argument("--max-images", type=int_at_least(2), default=None,
+                        help=f"with --images auto: the most test images; configurations "
+                             f"that need more are named, not chased (default {MAX_IMAGES}, "
+                             "smoke 32)")
     parser.add_argument("--calib-images", type=int_at_least(2), default=None,
                         help="calibration images (ranges, BN re-estimation, bias correction; "
                              "default 200, smoke 16)")
@@ -1033,7 +1088,26 @@ def _main(argv: list[str]) -> int:
         [8, 4] if smoke else list(DEFAULT_BITS))
     targets = list(dict.fromkeys(args.targets)) if args.targets is not None \
         else ([Target.BOTH] if smoke else [Target.BOTH, Target.WEIGHTS, Target.ACTIVATIONS])
-    images = args.images if args.images is not None else (16 if smoke else 200)
+    images = args.images if args.images is not None else (
+        16 if smoke else 200 if args.data is not None else AUTO)
+    sizing = {"pilot_images": args.pilot_images, "min_images": args.min_images,
+              "max_images": args.max_images}
+    if images != AUTO:
+        given = [k for k, v in sizing.items() if v is not None]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')}: sizes the subset of --images auto "
+                         f"only; with --images {images} leave it out, or pass --images auto")
+        sizing = {}
+    else:
+        if args.data is not None:
+            parser.error("--images auto: the pilot runs on Fashion-MNIST's validation split; "
+                         "with --data give --images N")
+        sizing = {"pilot_images": args.pilot_images or (8 if smoke else PILOT_IMAGES),
+                  "min_images": args.min_images or (8 if smoke else MIN_IMAGES),
+                  "max_images": args.max_images or (32 if smoke else MAX_IMAGES)}
+        if sizing["min_images"] > sizing["max_images"]:
+            parser.error(f"--min-images {sizing['min_images']} is above --max-images "
+                         f"{sizing['max_images']}; give a floor at most the ceiling")
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
     if args.remedy_bits is None:
@@ -1086,15 +1160,16 @@ def _main(argv: list[str]) -> int:
             return _run(args, argv, place, started, modes, bits_list, targets, images,
                         calib_images, batch, local_samples, remedy_bits, int8_images,
                         headline_images, None if args.data is None else folder,
-                        curve_sizes, curve_images)
+                        curve_sizes, curve_images, sizing)
     except (DeviceError, TrainError) as err:
         raise SystemExit(f"--device {args.device.value}: {err}") from err
 
 
 def _run(args, argv, place, started, modes, bits_list, targets, images, calib_images, batch,
          local_samples, remedy_bits, int8_images, headline_images, folder, curve_sizes=(),
-         curve_images=0) -> int:
-    """Measure on every rank (each its share of the test batches), write on rank 0."""
+         curve_images=0, sizing=None) -> int:
+    """Measure on every rank (each its share of the test batches), write on rank 0; with
+    ``images`` :data:`AUTO`, rank 0 first sizes the test subset by a pilot (``sizing``)."""
     main = place.is_main
     smoke = args.smoke
     model, model_id = _load_model(args, args.data_root)
@@ -1102,13 +1177,18 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
         raise SystemExit(f"cannot run the drift study on this model: {err}") from err
-    # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
-    data = (imagenet_data(folder, images, calib_images, batch, args.seed, args.labels,
-                          int8_images)
-            if folder is not None else
-            fashion_data(args.data_root, images, calib_images, batch, args.seed,
-                         headline_images, int8_images, max(curve_sizes, default=0),
-                         curve_images if curve_sizes else 0))
+
+    def load(n: int) -> Data:
+        # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
+        return (imagenet_data(folder, n, calib_images, batch, args.seed, args.labels,
+                              int8_images)
+                if folder is not None else
+                fashion_data(args.data_root, n, calib_images, batch, args.seed,
+                             headline_images, int8_images, max(curve_sizes, default=0),
+                             curve_images if curve_sizes else 0))
+
+    # Sized by the pilot below; until then the floor (the checks hold for more images too).
+    data = load(sizing["min_images"] if images == AUTO else images)
     have = data.identity.get("calib_split_images")  # known to every rank: all stop, or none
     if curve_sizes and have is not None and max(curve_sizes) > have:
         raise SystemExit(f"--calib-curve {max(curve_sizes)}: the calibration split holds "
@@ -1161,8 +1241,32 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
                       for b in remedy_bits if Target.BOTH in targets
                       for m in REMEDY_MODES if m in modes]
+    pilot = None
+    pilot_start = time.perf_counter()
+    if images == AUTO:
+        chosen = None
+        if main:
+            batches, pilot_id = fashion_pilot(args.data_root, sizing["pilot_images"], batch,
+                                              args.seed)
+            prec = run_pilot(model, batches, configs, act_qp, weights_of, local_samples,
+                             batch)
+            chosen, pilot = choose_images(prec, sizing["min_images"], sizing["max_images"])
+            beyond = pilot[~pilot.within_max]
+            print(f"[drift] pilot on {pilot_id['pilot_images']} validation images: "
+                  f"{chosen} test images resolve the median layer of every configuration "
+                  f"that needs at most {sizing['max_images']}"
+                  + (f"; {len(beyond)} need more and are not chased" if len(beyond) else ""),
+                  flush=True)
+        chosen = parallel.broadcast_object(chosen)
+        if chosen != data.identity["test_images"]:
+            data = load(chosen)
+        if main:
+            data.identity.update(pilot_id)
+        config.update(sizing, chosen_images=chosen)
+    pilot_s = time.perf_counter() - pilot_start if images == AUTO else math.nan
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
                       local_samples, place, curve_sizes)
+    timing["measured_pilot_s"] = pilot_s
     if main:
         print(estimate_message(timing), flush=True)
     # The whole run in estimated seconds, advanced as each phase ends: its ETA is the
@@ -1182,12 +1286,13 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
 
     frames, acc_rows, fits, preds, statements = [], [], [], [], []
     results: dict[tuple, PropagationResult] = {}
+    n_images = data.identity["test_images"]  # every rank's image means over all of them
     bar = tqdm(total=len(configs), desc="drift", unit="config", disable=not main)
     for bits, group in width_groups(configs).items():
         bar.set_postfix_str(f"{bits} bits: {len(group)} configurations in one K-way batch")
         measured = measure_many(model, data.test, group, act_qp[bits],
                                 weights=[weights_of(c) for c in group],
-                                local_samples=local_samples, image_means=images,
+                                local_samples=local_samples, image_means=n_images,
                                 first_batch=data.first_batch, across_ranks=True)
         for cfg, res in zip(group, measured):
             results[tuple(_config_columns(cfg).values())] = res
@@ -1269,11 +1374,12 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         run.write_csv("sites.csv", sites)
         base_acc = acc[acc.remedy == "none"]
         measured = int(base_acc.images.iloc[0]) if len(base_acc) else 0
-        # the local error's images: the first local_samples of each batch of the subset
-        local = sum(min(local_samples, batch, measured - i) for i in range(0, measured, batch))
-        precision_frame = precision_rows(sites, measured, local) if len(base_acc) \
-            else pd.DataFrame()
+        precision_frame = precision_rows(sites, measured,
+                                         local_images(measured, batch, local_samples)) \
+            if len(base_acc) else pd.DataFrame()
         run.write_csv("precision.csv", precision_frame)
+        if pilot is not None:
+            run.write_csv("pilot.csv", pilot)
         # One calibration image (rank 0 always holds them) on the model's device.
         example = data.calib[0][0][:1].to(model_device(model))
         geometry = pd.DataFrame([g.record() for g in layer_geometry(model, example)])
@@ -1327,6 +1433,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         macros = _macros(acc, fits, sites, pred, xsummary, headline)
         convs = geometry[geometry.kind == "conv"]
         macros.update(_precision_macros(precision_frame))
+        if pilot is not None:
+            macros.update(_pilot_macros(pilot, sizing))
         macros["ConvLayers"] = f"{len(convs)}"
         macros["ConvsMostlyPadding"] = f"{int((convs.live_fraction < 0.5).sum())}"
         macros["MinLiveTaps"] = number(100 * convs.live_fraction.min(), 3)
@@ -1380,7 +1488,6 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.Da
     keys = [c for c in ("mode", "bits", "target") if c in layers]
     std = layers[layers.metric == "float_std"].set_index(keys + ["site"]).value
     za = float(sps.norm.ppf(1 - ALPHA / 2))
-    zb = float(sps.norm.ppf(RESOLVE_POWER))
     rows = []
     for metric, unit in PRECISION_UNITS.items():
         part = layers[(layers.metric == metric) & layers.se.notna()]
@@ -1399,10 +1506,44 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.Da
                          "max_se": float(in_unit.max()),
                          "resolved_layers": int((g.value.abs() >= za * g.se).sum()),
                          "median_se_rel": med_rel,
-                         "images_to_resolve": float(math.ceil(n_se * ((za + zb) * med_rel)
-                                                              ** 2))
-                         if math.isfinite(med_rel) else math.inf})
+                         "images_to_resolve": units_to_resolve(med_rel, n_se, ALPHA,
+                                                               RESOLVE_POWER)})
     return pd.DataFrame(rows)
+
+
+def local_images(images: int, batch: int, local_samples: int) -> int:
+    """The local error's images among ``images`` measured in batches of ``batch``: the first
+    ``local_samples`` of each batch."""
+    return sum(min(local_samples, batch, images - i) for i in range(0, images, batch))
+
+
+def choose_images(prec: pd.DataFrame, low: int, high: int) -> tuple[int, pd.DataFrame]:
+    """The test subset's size from a pilot's :func:`precision_rows`.
+
+    Each configuration needs ``need`` images: the most its median layer needs for any of
+    :data:`SIZED_METRICS` to be resolved from zero with :data:`RESOLVE_POWER`. The subset
+    takes the largest need of at most ``high``, and at least ``low`` images; a configuration
+    that needs more than ``high`` (``within_max`` false; infinitely many where the pilot saw
+    no drift at all) is not chased. Returns ``(images, table)``, the table one row per
+    configuration with its needs per statistic, ``need`` and ``within_max``.
+    """
+    if not 2 <= low <= high:
+        raise ValueError(f"need 2 <= low <= high images, got low={low}, high={high}")
+    keys = [c for c in ("mode", "bits", "target") if c in prec]
+    sized = prec[prec.metric.isin(SIZED_METRICS)]
+    if not len(sized):
+        raise ValueError("the pilot's precision table has none of the statistics the subset "
+                         f"is sized for ({', '.join(SIZED_METRICS)})")
+    table = sized.pivot_table(index=keys, columns="metric", values="images_to_resolve",
+                              aggfunc="first", sort=False)
+    table.columns = [f"need_{m}" for m in table.columns]
+    table = table.reset_index()
+    table.insert(len(keys), "pilot_images", int(sized.images.iloc[0]))
+    table["need"] = table[[c for c in table if c.startswith("need_")]].max(axis=1)
+    table["within_max"] = table.need <= high
+    chased = table.need[table.within_max]
+    images = int(min(high, max(low, chased.max() if len(chased) else low)))
+    return images, table.assign(images=images)
 
 
 def _precision_macros(prec: pd.DataFrame) -> dict:
@@ -1422,6 +1563,15 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
             m[f"DriftImagesToResolve{key}"] = f"{int(need):,}" if np.isfinite(need) else \
                 "no finite number of"
     return m
+
+
+def _pilot_macros(pilot: pd.DataFrame, sizing: dict) -> dict:
+    """The paper's sentence on how the subset was sized (``--images auto``)."""
+    return {"PilotImages": f"{int(pilot.pilot_images.iloc[0]):,}",
+            "SubsetMinImages": f"{sizing['min_images']:,}",
+            "SubsetMaxImages": f"{sizing['max_images']:,}",
+            "SubsetBeyondMax": str(int((~pilot.within_max).sum())),
+            "SubsetConfigurations": str(len(pilot))}
 
 
 def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:

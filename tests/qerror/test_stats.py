@@ -31,6 +31,7 @@ from qerror.stats import (
     mcnemar_test,
     mse_ratio_ci,
     uniformity_test,
+    units_to_resolve,
     wilson_ci,
 )
 
@@ -569,6 +570,54 @@ def test_mcnemar_resolution_plans_what_the_test_detects():
         mcnemar_resolution(80, 30, 100)
     with pytest.raises(ValueError, match="p_a_only"):
         mcnemar_power(0.7, 0.4, 10)
+
+
+def test_units_to_resolve_is_the_smallest_size_with_the_power_asked():
+    """The z-test's exact power on a normal mean whose value and spread are the pilot's:
+    at least the power asked at the size returned (both tails), and one unit fewer the
+    near tail alone falls below it (the plan ignores the far tail, Φ(-z_{1-α/2} - δ/se),
+    about 1e-6 at these sizes)."""
+    za = sps.norm.ppf(0.975)
+
+    def power(delta_over_sd, m, tails=2):
+        shift = delta_over_sd * math.sqrt(m)
+        return sps.norm.sf(za - shift) + (tails == 2) * sps.norm.cdf(-za - shift)
+
+    for n in (8, 32, 200, 5000):
+        for rel in (0.01, 0.07, 0.2, 0.41, 1.09, 3.0):
+            m = units_to_resolve(rel, n)
+            d = 1 / (rel * math.sqrt(n))  # |mean| / sd of one unit
+            assert m == int(m) and m >= 1
+            assert power(d, m) >= 0.8 - 1e-12, (n, rel, m)
+            assert m == 1 or power(d, m - 1, tails=1) < 0.8, (n, rel, m)
+    # 99 % level, 90 % power
+    m = units_to_resolve(0.3, 50, alpha=0.01, power=0.9)
+    assert m == math.ceil(50 * ((sps.norm.ppf(0.995) + sps.norm.ppf(0.9)) * 0.3) ** 2)
+    assert units_to_resolve(math.inf, 200) == math.inf
+    assert units_to_resolve(0.0, 200) == 1
+    for bad, match in (({"rel_se": -0.1}, "rel_se"), ({"rel_se": math.nan}, "rel_se"),
+                       ({"n": 0}, "n must"), ({"power": 1.0}, "power"),
+                       ({"alpha": 0.0}, "alpha")):
+        with pytest.raises(ValueError, match=match):
+            units_to_resolve(**{"rel_se": 0.2, "n": 10, **bad})
+    with pytest.raises(TypeError, match="rel_se"):
+        units_to_resolve("0.2", 10)
+
+
+def test_units_to_resolve_plans_what_a_t_test_resolves():
+    """Simulated: a pilot of 40 normal values plans m; 2000 fresh samples of m values are
+    resolved by bias_test (t-test, alpha 0.05) about as often as the plan says. The plan
+    uses the pilot's estimates, so the rate is the power at the pilot's rel_se, not the
+    truth's: the check takes the exact t-test power at m under the truth."""
+    rng = np.random.default_rng(2026)
+    pilot = rng.normal(0.3, 1.0, 40)
+    rel = pilot.std(ddof=1) / math.sqrt(40) / abs(pilot.mean())
+    m = int(units_to_resolve(rel, 40))
+    count = sum(bias_test(rng.normal(0.3, 1.0, m)).significant for _ in range(REPS))
+    nc = 0.3 * math.sqrt(m)
+    crit = sps.t.isf(ALPHA / 2, m - 1)
+    true_power = sps.nct.sf(crit, m - 1, nc) + sps.nct.cdf(-crit, m - 1, nc)
+    assert_rejections_consistent(count, rate=true_power)
 
 
 @pytest.mark.slow

@@ -391,9 +391,11 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     root = _full_size_fashion(tmp_path / "fm")
     # Three measured batches on two ranks (two and one: uneven shares), stochastic rounding
     # (its stream follows the global batch index), remedies, and the headline accuracy on one
-    # batch (rank 1's share is empty).
+    # batch (rank 1's share is empty). The subset is sized by rank 0's pilot (10 to 12
+    # images), which every rank then loads.
     argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
-            "--bits", "4", "--images", "12", "--calib-images", "8", "--batch-size", "4",
+            "--bits", "4", "--images", "auto", "--pilot-images", "4", "--min-images", "10",
+            "--max-images", "12", "--calib-images", "8", "--batch-size", "4",
             "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
     # The float32 forward's convolutions sum in an order set by the thread count, so the
     # single process runs on one thread, as each rank does (OMP_NUM_THREADS=1 below):
@@ -432,7 +434,10 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
                 np.testing.assert_allclose(b[col], a[col], rtol=SHARD_RTOL, atol=0,
                                            err_msg=f"{name}:{col}")
     acc = pd.read_csv(two / "accuracy.csv")
-    assert (acc.images == 12).all()
+    chosen = manifest["config"]["chosen_images"]
+    assert 10 <= chosen <= 12 and (acc.images == chosen).all()
+    assert chosen == json.loads((one / "manifest.json").read_text())["config"]["chosen_images"]
+    assert "pilot.csv" in names
     assert (pd.read_csv(two / "headline.csv").images == 4).all()
 
 
@@ -494,6 +499,66 @@ def test_precision_counts_the_local_error_in_its_own_images():
     assert prec.loc["local_drift", "images_to_resolve"] == math.ceil(32 * (z * 2 / 3) ** 2)
     assert prec.loc["drift", "median_se"] == pytest.approx(0.005)  # 0.01 / float std 2
     assert prec.loc["drift", "resolved_layers"] == 2  # b and c: |value| >= 1.96 x 0.01
+
+
+def _pilot_rows(needs: dict) -> pd.DataFrame:
+    """A pilot's precision table: each configuration's images to resolve, by statistic."""
+    return pd.DataFrame([{"mode": mode, "bits": 8, "target": "both", "metric": metric,
+                          "images": 64, "images_to_resolve": need}
+                         for mode, by_metric in needs.items()
+                         for metric, need in by_metric.items()])
+
+
+def test_choose_images_takes_the_largest_need_within_the_ceiling():
+    needs = {"floor": {"drift": 1.0, "mse": 1.0, "local_drift": 3000.0},
+             "nearest_even": {"drift": 268.0, "mse": 4.0, "local_drift": 22.0},
+             "toward_zero": {"drift": 9.0, "mse": 310.0},
+             "stochastic": {"drift": 1875.0, "mse": 2.0},
+             "nearest_away": {"drift": math.inf, "mse": 1.0}}
+    n, table = drift.choose_images(_pilot_rows(needs), 200, 500)
+    table = table.set_index("mode")
+    # each configuration needs the most of drift and MSE (the local drift is not sized for)
+    assert table.need.to_dict() == {"floor": 1, "nearest_even": 268, "toward_zero": 310,
+                                    "stochastic": 1875, "nearest_away": math.inf}
+    assert n == 310 and (table.images == 310).all() and (table.pilot_images == 64).all()
+    assert not table.within_max["stochastic"] and not table.within_max["nearest_away"]
+    assert table.within_max[["floor", "nearest_even", "toward_zero"]].all()
+    assert drift.choose_images(_pilot_rows(needs), 400, 500)[0] == 400  # the floor
+    assert drift.choose_images(_pilot_rows(needs), 2, 300)[0] == 268  # 310 is beyond 300
+    assert drift.choose_images(_pilot_rows(needs), 2, 5000)[0] == 1875
+    beyond = {"stochastic": {"drift": 900.0, "mse": 1.0}}
+    assert drift.choose_images(_pilot_rows(beyond), 50, 500)[0] == 50  # none chased
+    with pytest.raises(ValueError, match="low <= high"):
+        drift.choose_images(_pilot_rows(needs), 300, 200)
+    with pytest.raises(ValueError, match="none of the statistics"):
+        drift.choose_images(_pilot_rows({"floor": {"local_drift": 3.0}}), 2, 10)
+
+
+def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp_path):
+    """--images auto: the pilot runs on validation images (not the test subset), its table
+    is written, and the run measures exactly the images the rule takes from that table."""
+    out = tmp_path / "drift"
+    assert drift.main(["--smoke", "--images", "auto", "--pilot-images", "8", "--min-images",
+                       "2", "--max-images", "40", "--headline-images", "0", "--int8-images",
+                       "0", "--calib-curve", "--data-root", str(fashion_root),
+                       "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "pilot.csv" in manifest["outputs"]
+    pilot = pd.read_csv(out / "pilot.csv")
+    acc = pd.read_csv(out / "accuracy.csv")
+    config, data = manifest["config"], manifest["data"]
+    assert config["images"] == "auto" and config["pilot_images"] == 8
+    assert (config["min_images"], config["max_images"]) == (2, 40)
+    chased = pilot.need[pilot.need <= 40]
+    chosen = int(min(40, max(2, chased.max() if len(chased) else 2)))
+    assert config["chosen_images"] == chosen == data["test_images"]
+    assert chosen > 2  # above the floor the run first loads: the subset was loaded again
+    assert (pilot.images == chosen).all() and (pilot.pilot_images == 8).all()
+    assert (acc[acc.remedy == "none"].images == chosen).all()
+    assert data["pilot_split"] == "val" and data["pilot_images"] == 8
+    assert data["pilot_sha256"] != data["test_sha256"]
+    assert set(pilot["mode"]) == set(acc["mode"]) and len(pilot) == (acc.remedy == "none").sum()
+    assert pd.read_csv(out / "precision.csv").images.eq(chosen).all()
 
 
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
