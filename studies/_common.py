@@ -84,8 +84,7 @@ def int_at_least(minimum: int, word: str | None = None) -> Callable[[str], int |
             raise argparse.ArgumentTypeError(f"expected an integer{also}, got {text!r}") \
                 from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}"
-                                             + (f" (or {word!r})" if word else ""))
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{also}, got {value}")
         return value
 
     convert.__name__ = f"integer >= {minimum}{also}"

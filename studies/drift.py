@@ -31,10 +31,14 @@ Then:
 Default: the cached Fashion-MNIST ResNet50 baseline (trained first if missing, after saying
 how long that takes), calibration on the calibration split, measurement on a seeded subset
 of the test split whose size a pilot chooses (``--images auto``): every configuration is
-first measured on validation images, and the subset takes the most images any configuration
-needs for its median layer's drift and MSE to be resolved from zero
-(:func:`qerror.stats.units_to_resolve`), between ``--min-images`` and ``--max-images``;
-``pilot.csv`` gives each configuration's need and names those beyond the ceiling. ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
+first measured on validation images, and the subset takes the most images any
+configuration needs for its median layer's drift and MSE to be resolved from zero
+(:func:`qerror.stats.units_to_resolve`), held between ``--min-images`` and
+``--max-images``; ``pilot.csv`` gives each configuration's need and names those beyond the
+ceiling. The plan is rough where it matters: a need of a few hundred images means the
+pilot's own drift is one or two standard errors from zero, so the need is known to within
+a factor of two or three; the rule never gives fewer images for a larger need.
+``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
 same on an ImageNet-style folder.
 
 ImageNet folders are labelled with the weights' class indices
@@ -46,8 +50,10 @@ float32); ``torchrun --nproc-per-node N -m studies.drift ...`` (multi-node throu
 rendezvous arguments) gives each rank a contiguous share of the measured batches, each image
 measured once: rank 0 calibrates and fits the remedies and broadcasts them, the streaming
 sums are merged with ``all_reduce`` (:mod:`qerror.nn.parallel`), and rank 0 alone writes.
-Before it starts the study prints its estimate (images × passes ÷ the throughput measured on
-a first batch) and, when that is long on a CPU, how to shorten it; ``timing.csv`` keeps it.
+After the pilot (which has a progress bar of its own) and before the measurement the study
+prints its estimate (images × passes ÷ the throughput measured on a first batch) and, when
+that is long on a CPU, how to shorten it; ``timing.csv`` keeps it, with the pilot's
+seconds.
 
 Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
 """
@@ -121,6 +127,7 @@ REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
 FASHION_TEST_IMAGES = 10_000
+FASHION_VAL_IMAGES = 5_000  # qerror.data.fashion_mnist_splits' default validation split
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 # --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
@@ -205,8 +212,8 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
 
 def fashion_pilot(data_root, images: int, batch: int, seed: int):
     """The pilot's images: a seeded sample of the validation split, which the study uses
-    for nothing else, so that the test subset is not sized by looking at itself. Returns
-    ``(batches, identity)``."""
+    for nothing else (the baseline's training only reported its accuracy on it), so that
+    the test subset is not sized by looking at itself. Returns ``(batches, identity)``."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
     val = fashion_mnist_splits(data_root).val
@@ -492,9 +499,10 @@ def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
     n = sum(len(y) for _, y in batches)
     frames = []
     for bits, group in tqdm(width_groups(configs).items(), desc="pilot", unit="width"):
+        # the standard errors come from the streaming per-image sums: no means kept
         measured = measure_many(model, batches, group, act_qp[bits],
                                 weights=[weights_of(c) for c in group],
-                                local_samples=local_samples, image_means=n)
+                                local_samples=local_samples)
         frames += [res.to_frame().assign(**_config_columns(cfg))
                    for cfg, res in zip(group, measured)]
     return precision_rows(pd.concat(frames, ignore_index=True), n,
@@ -1096,7 +1104,8 @@ def _main(argv: list[str]) -> int:
         given = [k for k, v in sizing.items() if v is not None]
         if given:
             parser.error(f"--{given[0].replace('_', '-')}: sizes the subset of --images auto "
-                         f"only; with --images {images} leave it out, or pass --images auto")
+                         f"only; with --images {images} leave it out"
+                         + ("" if args.data is not None else ", or pass --images auto"))
         sizing = {}
     else:
         if args.data is not None:
@@ -1108,6 +1117,11 @@ def _main(argv: list[str]) -> int:
         if sizing["min_images"] > sizing["max_images"]:
             parser.error(f"--min-images {sizing['min_images']} is above --max-images "
                          f"{sizing['max_images']}; give a floor at most the ceiling")
+        for key, most, split in (("max_images", FASHION_TEST_IMAGES, "test"),
+                                 ("pilot_images", FASHION_VAL_IMAGES, "validation")):
+            if sizing[key] > most:
+                parser.error(f"--{key.replace('_', '-')} {sizing[key]}: Fashion-MNIST's "
+                             f"{split} split holds {most:,} images; give at most {most}")
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
     if args.remedy_bits is None:
@@ -1193,13 +1207,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if curve_sizes and have is not None and max(curve_sizes) > have:
         raise SystemExit(f"--calib-curve {max(curve_sizes)}: the calibration split holds "
                          f"{have} images; give sizes of at most {have}")
-    # Every rank knows the number of batches, so all of them stop here, or none.
-    n_test = data.identity["test_images"]
-    if -(-n_test // batch) < place.world_size:
-        raise SystemExit(f"{n_test} test images in batches of {batch} make fewer batches than "
-                         f"the {place.world_size} ranks, and each rank measures whole batches; "
-                         f"pass --batch-size at most {max(1, n_test // place.world_size)} or "
-                         "start fewer processes")
+    check_batches(data, batch, place.world_size, auto=images == AUTO)
     if model_id["model"].endswith("untrained-smoke"):
         if main:
             estimate_running_stats(model, (x for x, _ in data.calib))
@@ -1251,15 +1259,17 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             prec = run_pilot(model, batches, configs, act_qp, weights_of, local_samples,
                              batch)
             chosen, pilot = choose_images(prec, sizing["min_images"], sizing["max_images"])
-            beyond = pilot[~pilot.within_max]
-            print(f"[drift] pilot on {pilot_id['pilot_images']} validation images: "
-                  f"{chosen} test images resolve the median layer of every configuration "
-                  f"that needs at most {sizing['max_images']}"
-                  + (f"; {len(beyond)} need more and are not chased" if len(beyond) else ""),
-                  flush=True)
+            beyond = int((~pilot.within_max).sum())
+            print(f"[drift] pilot on {pilot_id['pilot_images']} validation images: the "
+                  f"configurations' median layers need {pilot.need.min():.0f} to "
+                  f"{pilot.need.max():.0f} images; measuring {chosen} test images (the "
+                  f"largest need, held between {sizing['min_images']} and "
+                  f"{sizing['max_images']}); {beyond} of {len(pilot)} configurations need "
+                  "more than that (pilot.csv)", flush=True)
         chosen = parallel.broadcast_object(chosen)
         if chosen != data.identity["test_images"]:
             data = load(chosen)
+            check_batches(data, batch, place.world_size, auto=True)
         if main:
             data.identity.update(pilot_id)
         config.update(sizing, chosen_images=chosen)
@@ -1506,9 +1516,22 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.Da
                          "max_se": float(in_unit.max()),
                          "resolved_layers": int((g.value.abs() >= za * g.se).sum()),
                          "median_se_rel": med_rel,
-                         "images_to_resolve": units_to_resolve(med_rel, n_se, ALPHA,
-                                                               RESOLVE_POWER)})
+                         # 0/0 (no spread and no value anywhere): never resolved
+                         "images_to_resolve": math.inf if math.isnan(med_rel) else
+                         units_to_resolve(med_rel, n_se, ALPHA, RESOLVE_POWER)})
     return pd.DataFrame(rows)
+
+
+def check_batches(data: Data, batch: int, world_size: int, auto: bool = False) -> None:
+    """SystemExit unless every rank gets a batch of the measured images. Every rank knows the
+    number of batches, so all of them stop here, or none."""
+    n_test = data.identity["test_images"]
+    if -(-n_test // batch) < world_size:
+        raise SystemExit(f"{n_test} test images in batches of {batch} make fewer batches than "
+                         f"the {world_size} ranks, and each rank measures whole batches; "
+                         f"pass --batch-size at most {max(1, n_test // world_size)}"
+                         + (", a larger --min-images" if auto else "")
+                         + " or start fewer processes")
 
 
 def local_images(images: int, batch: int, local_samples: int) -> int:
@@ -1522,10 +1545,11 @@ def choose_images(prec: pd.DataFrame, low: int, high: int) -> tuple[int, pd.Data
 
     Each configuration needs ``need`` images: the most its median layer needs for any of
     :data:`SIZED_METRICS` to be resolved from zero with :data:`RESOLVE_POWER`. The subset
-    takes the largest need of at most ``high``, and at least ``low`` images; a configuration
-    that needs more than ``high`` (``within_max`` false; infinitely many where the pilot saw
-    no drift at all) is not chased. Returns ``(images, table)``, the table one row per
-    configuration with its needs per statistic, ``need`` and ``within_max``.
+    takes the largest need, held between ``low`` and ``high`` images: a configuration that
+    needs more than ``high`` (``within_max`` false; infinitely many where the pilot saw no
+    drift at all) gets the ceiling, and is named rather than resolved. The rule is monotone:
+    a larger need never gives fewer images. Returns ``(images, table)``, the table one row
+    per configuration with its needs per statistic, ``need`` and ``within_max``.
     """
     if not 2 <= low <= high:
         raise ValueError(f"need 2 <= low <= high images, got low={low}, high={high}")
@@ -1541,8 +1565,7 @@ def choose_images(prec: pd.DataFrame, low: int, high: int) -> tuple[int, pd.Data
     table.insert(len(keys), "pilot_images", int(sized.images.iloc[0]))
     table["need"] = table[[c for c in table if c.startswith("need_")]].max(axis=1)
     table["within_max"] = table.need <= high
-    chased = table.need[table.within_max]
-    images = int(min(high, max(low, chased.max() if len(chased) else low)))
+    images = int(min(high, max(low, table.need.max())))
     return images, table.assign(images=images)
 
 

@@ -69,7 +69,8 @@ OUT_CASES = [
 
 STUDY_CASES = {
     "drift": [
-        ("images-0", ["--images", "0"], ARGPARSE, r"--images: must be at least 2, got 0"),
+        ("images-0", ["--images", "0"], ARGPARSE,
+         r"--images: must be at least 2 or 'auto', got 0"),
         ("batch-size-0", ["--batch-size", "0"], ARGPARSE, r"--batch-size: must be at least 2"),
         ("calib-images-1", ["--calib-images", "1"], ARGPARSE, r"--calib-images: must be at l"),
         ("local-samples-negative", ["--local-samples", "-1"], ARGPARSE,
@@ -117,6 +118,13 @@ STUDY_CASES = {
          r"--max-images: must be at least 2, got 1"),
         ("auto-with-imagenet", ["--data", "{user}", "--images", "auto"], ARGPARSE,
          r"--images auto: the pilot runs on Fashion-MNIST's validation split"),
+        ("pilot-with-imagenet", ["--data", "{user}", "--pilot-images", "8"], ARGPARSE,
+         r"--pilot-images: sizes the subset of --images auto only; with --images 16 leave "
+         r"it out(?!, or)"),
+        ("max-images-beyond-the-split", ["--images", "auto", "--max-images", "20000"],
+         ARGPARSE, r"--max-images 20000: Fashion-MNIST's test split holds 10,000 images"),
+        ("pilot-beyond-the-split", ["--images", "auto", "--pilot-images", "6000"], ARGPARSE,
+         r"--pilot-images 6000: Fashion-MNIST's validation split holds 5,000 images"),
     ],
     "rounding": [
         ("mc-samples-0", ["--mc-samples", "0"], ARGPARSE, r"--mc-samples: must be at least 10"),

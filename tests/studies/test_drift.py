@@ -391,10 +391,10 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     root = _full_size_fashion(tmp_path / "fm")
     # Three measured batches on two ranks (two and one: uneven shares), stochastic rounding
     # (its stream follows the global batch index), remedies, and the headline accuracy on one
-    # batch (rank 1's share is empty). The subset is sized by rank 0's pilot (10 to 12
-    # images), which every rank then loads.
+    # batch (rank 1's share is empty). The subset is sized by rank 0's pilot: above the
+    # floor of 8 images every rank first loads (two batches), so every rank loads it again.
     argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
-            "--bits", "4", "--images", "auto", "--pilot-images", "4", "--min-images", "10",
+            "--bits", "4", "--images", "auto", "--pilot-images", "4", "--min-images", "8",
             "--max-images", "12", "--calib-images", "8", "--batch-size", "4",
             "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
     # The float32 forward's convolutions sum in an order set by the thread count, so the
@@ -435,7 +435,7 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
                                            err_msg=f"{name}:{col}")
     acc = pd.read_csv(two / "accuracy.csv")
     chosen = manifest["config"]["chosen_images"]
-    assert 10 <= chosen <= 12 and (acc.images == chosen).all()
+    assert 8 < chosen <= 12 and (acc.images == chosen).all()
     assert chosen == json.loads((one / "manifest.json").read_text())["config"]["chosen_images"]
     assert "pilot.csv" in names
     assert (pd.read_csv(two / "headline.csv").images == 4).all()
@@ -520,14 +520,19 @@ def test_choose_images_takes_the_largest_need_within_the_ceiling():
     # each configuration needs the most of drift and MSE (the local drift is not sized for)
     assert table.need.to_dict() == {"floor": 1, "nearest_even": 268, "toward_zero": 310,
                                     "stochastic": 1875, "nearest_away": math.inf}
-    assert n == 310 and (table.images == 310).all() and (table.pilot_images == 64).all()
+    # the largest need is beyond the ceiling (and one infinite): the subset takes the ceiling
+    assert n == 500 and (table.images == 500).all() and (table.pilot_images == 64).all()
     assert not table.within_max["stochastic"] and not table.within_max["nearest_away"]
     assert table.within_max[["floor", "nearest_even", "toward_zero"]].all()
-    assert drift.choose_images(_pilot_rows(needs), 400, 500)[0] == 400  # the floor
-    assert drift.choose_images(_pilot_rows(needs), 2, 300)[0] == 268  # 310 is beyond 300
-    assert drift.choose_images(_pilot_rows(needs), 2, 5000)[0] == 1875
-    beyond = {"stochastic": {"drift": 900.0, "mse": 1.0}}
-    assert drift.choose_images(_pilot_rows(beyond), 50, 500)[0] == 50  # none chased
+    within = {k: v for k, v in needs.items() if k not in ("stochastic", "nearest_away")}
+    assert drift.choose_images(_pilot_rows(within), 200, 500)[0] == 310  # the largest need
+    assert drift.choose_images(_pilot_rows(within), 400, 500)[0] == 400  # the floor
+    assert drift.choose_images(_pilot_rows(within), 2, 300)[0] == 300  # the ceiling
+    assert drift.choose_images(_pilot_rows(needs), 2, 5000)[0] == 5000
+    # monotone: a need one image past the ceiling gives the ceiling, not the floor
+    for x, want in ((499, 499), (500, 500), (501, 500), (10_000, 500)):
+        more = {"a": {"drift": float(x), "mse": 1.0}, "b": {"drift": 150.0, "mse": 1.0}}
+        assert drift.choose_images(_pilot_rows(more), 200, 500)[0] == want, x
     with pytest.raises(ValueError, match="low <= high"):
         drift.choose_images(_pilot_rows(needs), 300, 200)
     with pytest.raises(ValueError, match="none of the statistics"):
@@ -549,8 +554,7 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     config, data = manifest["config"], manifest["data"]
     assert config["images"] == "auto" and config["pilot_images"] == 8
     assert (config["min_images"], config["max_images"]) == (2, 40)
-    chased = pilot.need[pilot.need <= 40]
-    chosen = int(min(40, max(2, chased.max() if len(chased) else 2)))
+    chosen = int(min(40, max(2, pilot.need.max())))
     assert config["chosen_images"] == chosen == data["test_images"]
     assert chosen > 2  # above the floor the run first loads: the subset was loaded again
     assert (pilot.images == chosen).all() and (pilot.pilot_images == 8).all()
