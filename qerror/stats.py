@@ -892,6 +892,43 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
     return float(max(1, math.ceil(n * ((za + zb) * rel) ** 2)))
 
 
+def tail_share(x: SampleLike, k: int = 5) -> float:
+    """Share of a sample's squared deviations from its mean carried by its ``k`` most extreme
+    values: how much a handful of units decide its variance (and its mean's standard error).
+
+    Parameters
+    ----------
+    x : array-like, at least ``k + 1`` values
+        The sample (flattened).
+    k : int
+        How many of the most extreme values (largest ``|x - mean|``).
+
+    Returns
+    -------
+    float
+        ``sum of the k largest (x - mean)² / sum of all (x - mean)²``, in [k/n, 1]; NaN for a
+        constant sample.
+
+    Notes
+    -----
+    A standard error computed from a sample whose variance a few values carry is itself
+    decided by them: plans and normal intervals built on it hold only as far as those few
+    values are typical. For reference, in normal samples of 500 the five most extreme values
+    carry 8.3 % on average (simulated, 2,000 samples: 95 % of them between 6.6 and 10.5 %; a
+    test repeats the simulation); a share near 1 means the sample's spread is those values.
+    """
+    v = _sample(x, "x", min_n=2)
+    k = _check_count(k, "k")
+    if not 1 <= k < len(v):
+        raise ValueError(f"k must be from 1 to {len(v) - 1} (fewer than the {len(v)} values), "
+                         f"got {k}")
+    d2 = (v - v.mean()) ** 2
+    total = d2.sum()
+    if total == 0:
+        return math.nan
+    return float(np.sort(d2)[-k:].sum() / total)
+
+
 def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05) -> float:
     """Exact probability that :func:`mcnemar_from_counts` (default test choice) rejects at
     ``alpha`` on ``n`` items, when each item is right by a only with probability

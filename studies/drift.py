@@ -103,7 +103,13 @@ from qerror.nn.growth import (
 )
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
-from qerror.stats import mcnemar_from_counts, mcnemar_resolution, units_to_resolve, wilson_ci
+from qerror.stats import (
+    mcnemar_from_counts,
+    mcnemar_resolution,
+    tail_share,
+    units_to_resolve,
+    wilson_ci,
+)
 from studies._common import (
     RunDir,
     base_parser,
@@ -136,6 +142,7 @@ PILOT_IMAGES = 64  # validation images of the pilot
 MIN_IMAGES = 200  # the subset's floor: what its accuracy table had before it was sized
 MAX_IMAGES = 500  # the subset's ceiling: what the default run's time affords
 SIZED_METRICS = ("drift", "mse")  # statistics the subset is sized for (all images' units)
+TAIL_TOP = 5  # most extreme images whose share of a layer's drift variance precision.csv gives
 
 
 @dataclass(frozen=True)
@@ -1295,6 +1302,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         run_bar.update(round(timing[f"estimated_{phase}_s"]))
 
     frames, acc_rows, fits, preds, statements = [], [], [], [], []
+    tails: dict[tuple, dict] = {}
     results: dict[tuple, PropagationResult] = {}
     n_images = data.identity["test_images"]  # every rank's image means over all of them
     bar = tqdm(total=len(configs), desc="drift", unit="config", disable=not main)
@@ -1314,6 +1322,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         res = results[tuple(cols.values())]
         if main:
             frames.append(res.to_frame().assign(**cols))
+            tails[tuple(cols.values())] = drift_tails(res)
             acc_rows.append(accuracy_row(cols, res))
             fits += [{**cols, **row} for row in growth_rows(res, args.seed)]
             if cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES and \
@@ -1385,8 +1394,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         base_acc = acc[acc.remedy == "none"]
         measured = int(base_acc.images.iloc[0]) if len(base_acc) else 0
         precision_frame = precision_rows(sites, measured,
-                                         local_images(measured, batch, local_samples)) \
-            if len(base_acc) else pd.DataFrame()
+                                         local_images(measured, batch, local_samples),
+                                         tails) if len(base_acc) else pd.DataFrame()
         run.write_csv("precision.csv", precision_frame)
         if pilot is not None:
             run.write_csv("pilot.csv", pilot)
@@ -1481,7 +1490,31 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
 PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "value"}
 
 
-def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.DataFrame:
+def drift_tails(res: PropagationResult) -> dict:
+    """How much a few images decide each layer's drift: over the convolution and linear
+    layers with kept image means, the median share of the per-image drift's variance that
+    its :data:`TAIL_TOP` most extreme images carry (:func:`qerror.stats.tail_share`; about
+    8 % in a normal sample of 500), the median excess kurtosis of the per-image drift, and the
+    images they come from. NaN where no image means were kept."""
+    shares, kurtosis, n = [], [], 0
+    for site in res.sites:
+        m = site.drift_image_channel
+        if site.kind not in ("conv", "linear") or m is None or len(m) <= TAIL_TOP:
+            continue
+        # every channel has as many elements: the image's drift is its channels' mean
+        per_image = np.asarray(m, dtype=np.float64).mean(axis=1)
+        share = tail_share(per_image, TAIL_TOP)
+        if not math.isnan(share):
+            shares.append(share)
+            kurtosis.append(float(sps.kurtosis(per_image)))
+            n = len(per_image)
+    return {"tail_images": n,
+            "tail_top_share": float(np.median(shares)) if shares else math.nan,
+            "tail_kurtosis": float(np.median(kurtosis)) if kurtosis else math.nan}
+
+
+def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
+                   tails: dict | None = None) -> pd.DataFrame:
     """How well the measured subset pins down each layer's statistics.
 
     For each configuration and each statistic with a standard error (images as units), over
@@ -1493,6 +1526,11 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.Da
     of images each error comes from: ``images`` for drift and MSE, ``local_images`` (the
     first ``local_samples`` of each batch) for the local drift, and ``images_to_resolve``
     counts images of the same kind (local-error images for the local drift).
+
+    ``tails`` (configuration key → :func:`drift_tails`) adds to each drift row how much its
+    most extreme images carry of the per-image drift's variance: where they carry most of
+    it, the normal approximation behind the errors, the resolved counts and the plan rests
+    on those few images (the plan is then optimistic: a larger sample meets more of them).
     """
     layers = sites[sites.kind.isin(["conv", "linear"])]
     keys = [c for c in ("mode", "bits", "target") if c in layers]
@@ -1518,7 +1556,8 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int) -> pd.Da
                          "median_se_rel": med_rel,
                          # 0/0 (no spread and no value anywhere): never resolved
                          "images_to_resolve": math.inf if math.isnan(med_rel) else
-                         units_to_resolve(med_rel, n_se, ALPHA, RESOLVE_POWER)})
+                         units_to_resolve(med_rel, n_se, ALPHA, RESOLVE_POWER),
+                         **(tails.get(cfg, {}) if tails and metric == "drift" else {})})
     return pd.DataFrame(rows)
 
 

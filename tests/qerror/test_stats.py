@@ -30,6 +30,7 @@ from qerror.stats import (
     mcnemar_resolution,
     mcnemar_test,
     mse_ratio_ci,
+    tail_share,
     uniformity_test,
     units_to_resolve,
     wilson_ci,
@@ -620,6 +621,26 @@ def test_units_to_resolve_plans_what_a_t_test_resolves():
     rng = np.random.default_rng(2026)
     count = sum(bias_test(rng.normal(0.3, 1.0, m)).significant for _ in range(REPS))
     assert_rejections_consistent(count, rate=t_power(m))
+
+
+def test_tail_share_counts_the_variance_of_the_most_extreme_values():
+    # deviations -2, -2, -2, -2, 8 from the mean 2: squares 4, 4, 4, 4, 64
+    assert tail_share([0, 0, 0, 0, 10], k=1) == pytest.approx(64 / 80, rel=1e-15)
+    assert tail_share([1, -1, 1, -1], k=2) == 0.5
+    assert math.isnan(tail_share([3.0, 3.0, 3.0], k=1))
+    assert tail_share(torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]), k=1) == pytest.approx(0.8)
+    # one value in 500 far out carries almost all of the spread: 200² of about 200² + 500
+    x = np.random.default_rng(5).normal(size=500)
+    x[17] = 200.0
+    assert tail_share(x) > 0.98
+    # the docstring's normal reference: 8.3 % on average at 500 values (a fresh simulation;
+    # its standard error about 2.2e-4, so 4.5 of them is 0.001)
+    rng = np.random.default_rng(2027)
+    shares = [tail_share(rng.normal(size=500)) for _ in range(2000)]
+    assert abs(np.mean(shares) - 0.0832) < 0.001, np.mean(shares)
+    for bad in ({"k": 0}, {"k": 500}):
+        with pytest.raises(ValueError, match="k must be from 1 to 499"):
+            tail_share(x, **bad)
 
 
 @pytest.mark.slow

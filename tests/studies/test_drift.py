@@ -562,7 +562,31 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     assert data["pilot_split"] == "val" and data["pilot_images"] == 8
     assert data["pilot_sha256"] != data["test_sha256"]
     assert set(pilot["mode"]) == set(acc["mode"]) and len(pilot) == (acc.remedy == "none").sum()
-    assert pd.read_csv(out / "precision.csv").images.eq(chosen).all()
+    prec = pd.read_csv(out / "precision.csv")
+    assert prec.images.eq(chosen).all()
+    # the drift rows say how much the most extreme images carry of each layer's spread
+    d = prec[prec.metric == "drift"]
+    assert d.tail_images.eq(chosen).all()
+    assert d.tail_top_share.between(drift.TAIL_TOP / chosen, 1.0).all()
+    assert prec[prec.metric != "drift"].tail_top_share.isna().all()
+
+
+def test_drift_tails_take_the_median_layer_over_the_images_kept():
+    from types import SimpleNamespace
+
+    one_out = np.zeros((10, 3))
+    one_out[4] = 9.0  # image 4 far out in every channel
+    spread = np.tile(np.arange(10.0)[:, None], (1, 3))
+    site = lambda kind, m: SimpleNamespace(kind=kind, drift_image_channel=m)
+    res = SimpleNamespace(sites=[site("conv", one_out), site("conv", spread),
+                                 site("linear", spread), site("bn", one_out),
+                                 site("conv", None), site("conv", np.ones((10, 3)))])
+    t = drift.drift_tails(res)
+    # conv and linear layers with image means and some spread: one_out, spread, spread
+    share_spread = sum(sorted((np.arange(10.0) - 4.5) ** 2)[-5:]) / 82.5
+    assert t["tail_top_share"] == pytest.approx(share_spread)  # the median of three
+    assert t["tail_images"] == 10
+    assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
 
 
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
