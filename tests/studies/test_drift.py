@@ -586,6 +586,9 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     share_spread = sum(sorted((np.arange(10.0) - 4.5) ** 2)[-5:]) / 82.5
     assert t["tail_top_share"] == pytest.approx(share_spread)  # the median of three
     assert t["tail_images"] == 10
+    # normal samples of 10: the top five carry most of the spread of so few values
+    assert 0.6 < t["tail_top_share_normal"] < 0.95
+    assert drift.normal_tail_share(500) == pytest.approx(0.0832, abs=0.001)
     assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
 
 
