@@ -525,14 +525,20 @@ def test_choose_images_takes_the_largest_need_within_the_ceiling():
     assert not table.within_max["stochastic"] and not table.within_max["nearest_away"]
     assert table.within_max[["floor", "nearest_even", "toward_zero"]].all()
     within = {k: v for k, v in needs.items() if k not in ("stochastic", "nearest_away")}
-    assert drift.choose_images(_pilot_rows(within), 200, 500)[0] == 310  # the largest need
-    assert drift.choose_images(_pilot_rows(within), 400, 500)[0] == 400  # the floor
+    # the largest need, 310, rounded up to one significant figure
+    assert drift.choose_images(_pilot_rows(within), 200, 500)[0] == 400
+    assert drift.choose_images(_pilot_rows(within), 450, 500)[0] == 450  # the floor
     assert drift.choose_images(_pilot_rows(within), 2, 300)[0] == 300  # the ceiling
     assert drift.choose_images(_pilot_rows(needs), 2, 5000)[0] == 5000
-    # monotone: a need one image past the ceiling gives the ceiling, not the floor
-    for x, want in ((499, 499), (500, 500), (501, 500), (10_000, 500)):
+    # monotone: a need past the ceiling gives the ceiling, not the floor; and needs that
+    # differ in their last digits (499 and 512: two CPUs' sums) give the same subset
+    for x, want in ((120, 200), (201, 300), (499, 500), (500, 500), (501, 500), (512, 500),
+                    (10_000, 500)):
         more = {"a": {"drift": float(x), "mse": 1.0}, "b": {"drift": 150.0, "mse": 1.0}}
         assert drift.choose_images(_pilot_rows(more), 200, 500)[0] == want, x
+    assert [drift.round_up_1sf(x) for x in (9.0, 10.0, 43.0, 431.0, 512.0, 1012.0)] == \
+        [9.0, 10.0, 50.0, 500.0, 600.0, 2000.0]
+    assert drift.round_up_1sf(math.inf) == math.inf
     with pytest.raises(ValueError, match="low <= high"):
         drift.choose_images(_pilot_rows(needs), 300, 200)
     with pytest.raises(ValueError, match="none of the statistics"):
@@ -554,7 +560,7 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     config, data = manifest["config"], manifest["data"]
     assert config["images"] == "auto" and config["pilot_images"] == 8
     assert (config["min_images"], config["max_images"]) == (2, 40)
-    chosen = int(min(40, max(2, pilot.need.max())))
+    chosen = int(min(40, max(2, drift.round_up_1sf(pilot.need.max()))))
     assert config["chosen_images"] == chosen == data["test_images"]
     assert chosen > 2  # above the floor the run first loads: the subset was loaded again
     assert (pilot.images == chosen).all() and (pilot.pilot_images == 8).all()
