@@ -929,6 +929,18 @@ def tail_share(x: SampleLike, k: int = 5) -> float:
     return float(np.sort(d2)[-k:].sum() / total)
 
 
+@functools.lru_cache(maxsize=None)
+def tail_share_normal(n: int, k: int = 5, draws: int = 2000, seed: int = 0) -> float:
+    """The reference for :func:`tail_share`: the mean share of the variance that the ``k``
+    most extreme of ``n`` standard normal values carry, over ``draws`` seeded samples (a
+    simulation; at ``n`` = 500 its standard error, about 2e-4, is below 1 % of the value)."""
+    n, k, draws = _check_count(n, "n"), _check_count(k, "k"), _check_count(draws, "draws")
+    if draws < 1:
+        raise ValueError("draws must be at least 1")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([tail_share(rng.standard_normal(n), k) for _ in range(draws)]))
+
+
 def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05) -> float:
     """Exact probability that :func:`mcnemar_from_counts` (default test choice) rejects at
     ``alpha`` on ``n`` items, when each item is right by a only with probability

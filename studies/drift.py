@@ -35,9 +35,10 @@ first measured on validation images, and the subset takes the most images any
 configuration needs for its median layer's drift and MSE to be resolved from zero
 (:func:`qerror.stats.units_to_resolve`), rounded up to one significant figure and held
 between ``--min-images`` and ``--max-images``; ``pilot.csv`` gives each configuration's
-need and names those beyond the ceiling. The plan is rough where it matters: a need of a few hundred images means the
-pilot's own drift is one or two standard errors from zero, so the need is known to within
-a factor of two or three; the rule never gives fewer images for a larger need.
+need and names those beyond the ceiling. The plan is rough where it matters: a need of a
+few hundred images means the pilot's own drift is one or two standard errors from zero, so
+the need is known to within a factor of two or three; the rule never gives fewer images
+for a larger need.
 ``--data PATH --weights IMAGENET1K_V2`` (or a local weights file) runs the
 same on an ImageNet-style folder.
 
@@ -61,7 +62,6 @@ Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -108,6 +108,7 @@ from qerror.stats import (
     mcnemar_from_counts,
     mcnemar_resolution,
     tail_share,
+    tail_share_normal,
     units_to_resolve,
     wilson_ci,
 )
@@ -505,16 +506,29 @@ def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
     reduced to :func:`precision_rows`: how well those images pin down each layer's
     statistics, and the images the median layer needs."""
     n = sum(len(y) for _, y in batches)
-    frames = []
-    for bits, group in tqdm(width_groups(configs).items(), desc="pilot", unit="width"):
+    with tqdm(total=len(configs), desc="pilot", unit="config") as bar:
         # the standard errors come from the streaming per-image sums: no means kept
-        measured = measure_many(model, batches, group, act_qp[bits],
-                                weights=[weights_of(c) for c in group],
-                                local_samples=local_samples)
-        frames += [res.to_frame().assign(**_config_columns(cfg))
-                   for cfg, res in zip(group, measured)]
+        frames = [res.to_frame().assign(**_config_columns(cfg))
+                  for cfg, res in measure_widths(model, batches, configs, act_qp, weights_of,
+                                                 local_samples, bar)]
     return precision_rows(pd.concat(frames, ignore_index=True), n,
                           local_images(n, batch, local_samples))
+
+
+def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: int, bar=None,
+                   **kwargs):
+    """``(configuration, result)`` for every configuration, each width's in one K-way batch
+    (:func:`qerror.nn.measure_many`, with ``kwargs``), width by width; ``bar`` (a tqdm) says
+    which width runs and advances by its configurations."""
+    for bits, group in width_groups(configs).items():
+        if bar is not None:
+            bar.set_postfix_str(f"{bits} bits: {len(group)} configurations in one K-way batch")
+        measured = measure_many(model, batches, group, act_qp[bits],
+                                weights=[weights_of(c) for c in group],
+                                local_samples=local_samples, **kwargs)
+        yield from zip(group, measured)
+        if bar is not None:
+            bar.update(len(group))
 
 
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
@@ -1308,15 +1322,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     results: dict[tuple, PropagationResult] = {}
     n_images = data.identity["test_images"]  # every rank's image means over all of them
     bar = tqdm(total=len(configs), desc="drift", unit="config", disable=not main)
-    for bits, group in width_groups(configs).items():
-        bar.set_postfix_str(f"{bits} bits: {len(group)} configurations in one K-way batch")
-        measured = measure_many(model, data.test, group, act_qp[bits],
-                                weights=[weights_of(c) for c in group],
-                                local_samples=local_samples, image_means=n_images,
-                                first_batch=data.first_batch, across_ranks=True)
-        for cfg, res in zip(group, measured):
-            results[tuple(_config_columns(cfg).values())] = res
-        bar.update(len(group))
+    for cfg, res in measure_widths(model, data.test, configs, act_qp, weights_of,
+                                   local_samples, bar, image_means=n_images,
+                                   first_batch=data.first_batch, across_ranks=True):
+        results[tuple(_config_columns(cfg).values())] = res
     bar.close()
     # The analysis in the grid's order, as the outputs list the configurations.
     for cfg in tqdm(configs, desc="analysis", unit="config", disable=not main):
@@ -1496,9 +1505,9 @@ def drift_tails(res: PropagationResult) -> dict:
     """How much a few images decide each layer's drift: over the convolution and linear
     layers with kept image means, the median share of the per-image drift's variance that
     its :data:`TAIL_TOP` most extreme images carry (:func:`qerror.stats.tail_share`), the
-    same share in normal samples of as many images (:func:`normal_tail_share`), the median
-    excess kurtosis of the per-image drift, and the images they come from. NaN where no
-    image means were kept."""
+    same share in normal samples of as many images (:func:`qerror.stats.tail_share_normal`),
+    the median excess kurtosis of the per-image drift, and the images they come from. NaN
+    where no image means were kept."""
     shares, kurtosis, n = [], [], 0
     for site in res.sites:
         m = site.drift_image_channel
@@ -1513,18 +1522,9 @@ def drift_tails(res: PropagationResult) -> dict:
             n = len(per_image)
     return {"tail_images": n,
             "tail_top_share": float(np.median(shares)) if shares else math.nan,
-            "tail_top_share_normal": normal_tail_share(n) if n > TAIL_TOP else math.nan,
+            "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
+            else math.nan,
             "tail_kurtosis": float(np.median(kurtosis)) if kurtosis else math.nan}
-
-
-@functools.lru_cache(maxsize=None)
-def normal_tail_share(images: int, draws: int = 2000, seed: int = 0) -> float:
-    """The reference for :func:`drift_tails`: the mean share of the variance that the
-    :data:`TAIL_TOP` most extreme of ``images`` normal values carry (seeded simulation;
-    its standard error is below 1 % of the value at 500 images)."""
-    rng = np.random.default_rng(seed)
-    return float(np.mean([tail_share(rng.standard_normal(images), TAIL_TOP)
-                          for _ in range(draws)]))
 
 
 def precision_rows(sites: pd.DataFrame, images: int, local_images: int,

@@ -31,6 +31,7 @@ from qerror.stats import (
     mcnemar_test,
     mse_ratio_ci,
     tail_share,
+    tail_share_normal,
     uniformity_test,
     units_to_resolve,
     wilson_ci,
@@ -638,6 +639,7 @@ def test_tail_share_counts_the_variance_of_the_most_extreme_values():
     rng = np.random.default_rng(2027)
     shares = [tail_share(rng.normal(size=500)) for _ in range(2000)]
     assert abs(np.mean(shares) - 0.0832) < 0.001, np.mean(shares)
+    assert tail_share_normal(500, seed=2027) == pytest.approx(np.mean(shares), rel=1e-12)
     for bad in ({"k": 0}, {"k": 500}):
         with pytest.raises(ValueError, match="k must be from 1 to 499"):
             tail_share(x, **bad)

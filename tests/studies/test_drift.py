@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from qerror.nn import int8
-from qerror.stats import mcnemar_resolution
+from qerror.stats import mcnemar_resolution, tail_share_normal
 from studies import drift
 from studies._latex import letters, number
 
@@ -594,7 +594,7 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     assert t["tail_images"] == 10
     # normal samples of 10: the top five carry most of the spread of so few values
     assert 0.6 < t["tail_top_share_normal"] < 0.95
-    assert drift.normal_tail_share(500) == pytest.approx(0.0832, abs=0.001)
+    assert tail_share_normal(500) == pytest.approx(0.0832, abs=0.001)
     assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
 
 
