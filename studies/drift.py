@@ -1502,29 +1502,58 @@ PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "val
 
 
 def drift_tails(res: PropagationResult) -> dict:
-    """How much a few images decide each layer's drift: over the convolution and linear
-    layers with kept image means, the median share of the per-image drift's variance that
-    its :data:`TAIL_TOP` most extreme images carry (:func:`qerror.stats.tail_share`), the
-    same share in normal samples of as many images (:func:`qerror.stats.tail_share_normal`),
-    the median excess kurtosis of the per-image drift, and the images they come from. NaN
-    where no image means were kept."""
+    """How much a few images decide each layer's drift, and whether clipping is why.
+
+    Over the convolution and linear layers with kept image means, medians over the layers
+    of: the share of the per-image drift's variance that its :data:`TAIL_TOP` most extreme
+    images carry (:func:`qerror.stats.tail_share`), with the same share in normal samples
+    of as many images (:func:`qerror.stats.tail_share_normal`) beside it; the per-image
+    drift's excess kurtosis; and, where the quantized path's inputs were checked against
+    their calibrated ranges (``SiteResult.beyond_range_image``), the fraction of images
+    that left a range by more than half a step at or before the layer (in execution
+    order, a superset of the layer's ancestors), how many of the :data:`TAIL_TOP` were
+    among them, and the tail share among the images that did not (NaN where no more than
+    :data:`TAIL_TOP` remain). NaN where no image means were kept."""
     shares, kurtosis, n = [], [], 0
-    for site in res.sites:
+    clipped, top_clipped, unclipped_shares = [], [], []
+    upstream = None
+    for site in sorted(res.sites, key=lambda s: getattr(s, "order", 0)):
+        flags = getattr(site, "beyond_range_image", None)
+        if flags is not None:
+            flags = np.asarray(flags, dtype=bool)
+            upstream = flags if upstream is None or len(upstream) != len(flags) \
+                else upstream | flags
         m = site.drift_image_channel
         if site.kind not in ("conv", "linear") or m is None or len(m) <= TAIL_TOP:
             continue
         # every channel has as many elements: the image's drift is its channels' mean
         per_image = np.asarray(m, dtype=np.float64).mean(axis=1)
         share = tail_share(per_image, TAIL_TOP)
-        if not math.isnan(share):
-            shares.append(share)
-            kurtosis.append(float(sps.kurtosis(per_image)))
-            n = len(per_image)
+        if math.isnan(share):
+            continue
+        shares.append(share)
+        kurtosis.append(float(sps.kurtosis(per_image)))
+        n = len(per_image)
+        if upstream is not None and len(upstream) == n:
+            clipped.append(float(upstream.mean()))
+            top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
+            top_clipped.append(int(upstream[top].sum()))
+            rest = per_image[~upstream]
+            unclipped_shares.append(tail_share(rest, TAIL_TOP) if len(rest) > TAIL_TOP
+                                    else math.nan)
+
+    def median(v):
+        v = [x for x in v if not math.isnan(x)]
+        return float(np.median(v)) if v else math.nan
+
     return {"tail_images": n,
-            "tail_top_share": float(np.median(shares)) if shares else math.nan,
+            "tail_top_share": median(shares),
             "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
             else math.nan,
-            "tail_kurtosis": float(np.median(kurtosis)) if kurtosis else math.nan}
+            "tail_kurtosis": median(kurtosis),
+            "tail_clipped_share": median(clipped),
+            "tail_top_clipped": median(top_clipped),
+            "tail_top_share_unclipped": median(unclipped_shares)}
 
 
 def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
@@ -1544,7 +1573,10 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
     ``tails`` (configuration key → :func:`drift_tails`) adds to each drift row how much its
     most extreme images carry of the per-image drift's variance: where they carry most of
     it, the normal approximation behind the errors, the resolved counts and the plan rests
-    on those few images (the plan is then optimistic: a larger sample meets more of them).
+    on those few images (the plan is then optimistic: a larger sample meets more of them);
+    and how many images a calibrated range clipped, how many of the extreme ones were
+    among them, and the share without them (``tail_clipped_share``, ``tail_top_clipped``,
+    ``tail_top_share_unclipped``).
     """
     layers = sites[sites.kind.isin(["conv", "linear"])]
     keys = [c for c in ("mode", "bits", "target") if c in layers]
@@ -1654,6 +1686,15 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                 m[f"DriftTailShare{key}"] = f"{100 * r.tail_top_share.iloc[0]:.0f}"
                 m["DriftTailShareNormal"] = f"{100 * r.tail_top_share_normal.iloc[0]:.0f}"
                 m["DriftTailImages"] = f"{int(r.tail_images.iloc[0]):,}"
+            if "tail_clipped_share" in r:
+                clipped, top = r.tail_clipped_share.iloc[0], r.tail_top_clipped.iloc[0]
+                rest = r.tail_top_share_unclipped.iloc[0]
+                m[f"DriftTailClipped{key}"] = number(100 * clipped, 2) \
+                    if np.isfinite(clipped) else "--"
+                m[f"DriftTailTopClipped{key}"] = str(int(round(top))) \
+                    if np.isfinite(top) else "--"
+                m[f"DriftTailShareUnclipped{key}"] = f"{100 * rest:.0f}" \
+                    if np.isfinite(rest) else "--"
     return m
 
 

@@ -408,6 +408,9 @@ class _SiteAcc:
         self.local = _Moments()      # local error (layers)
         self.act_err = _Moments()    # activation quantizer error, in LSB (layers)
         self.sat_low = self.sat_high = self.sat_total = 0
+        # layers, for the images whose error means are kept: whether the quantized path's
+        # input held a value beyond the calibrated range by more than half a step
+        self.beyond: list[torch.Tensor] = []
         self.bn_f = _Moments()       # BatchNorm input, float path
         self.bn_q = _Moments()       # BatchNorm input, quantized path
         # mean maps of the float input, for the predicted drift (layers)
@@ -485,6 +488,10 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
         if m.keep:
             kept = [torch.cat(k) for k in parallel.gather_objects(m.kept) if k]
             m.kept = [torch.cat(kept)[:m.keep]] if kept else []
+    for a in sites:
+        if a.err.keep:
+            beyond = [torch.cat(b) for b in parallel.gather_objects(a.beyond) if b]
+            a.beyond = [torch.cat(beyond)[:a.err.keep]] if beyond else []
     return merged_counts
 
 
@@ -635,6 +642,12 @@ class _Instrument:
             if spec.rounding.is_random else None
         if acc is None:  # nothing measured here: the quantizer alone, no counting
             return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key)
+        room = acc.err.keep - sum(b.shape[0] for b in acc.beyond)
+        if room > 0 and acc.kind in ("conv", "linear"):
+            # per kept image: any input value more than half a step outside the grid's ends
+            s, z = float(qp.scale), float(qp.zero_point)
+            lo, hi = torch.aminmax(x[:room].reshape(min(room, x.shape[0]), -1), dim=1)
+            acc.beyond.append((lo < s * (spec.qmin - z - 0.5)) | (hi > s * (spec.qmax - z + 0.5)))
         xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
                                 return_saturation=True)
         acc.sat_low += int(sat.low)
@@ -806,6 +819,7 @@ class SiteResult:
     local_sqnr_db: float | None = None
     local_drift_channel: np.ndarray | None = field(default=None, repr=False)
     drift_image_channel: np.ndarray | None = field(default=None, repr=False)
+    beyond_range_image: np.ndarray | None = field(default=None, repr=False)
     input_error_mean_lsb: float | None = None
     input_error_mse_lsb: float | None = None
     saturation_low: float | None = None
@@ -906,6 +920,8 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
         debiased = math.nan if var_c is None else debiased_rms(drift_c, var_c, std_c)
         if err.kept:
             kw["drift_image_channel"] = torch.cat(err.kept).numpy()
+        if acc.beyond:
+            kw["beyond_range_image"] = torch.cat(acc.beyond).cpu().numpy()
         mse = err.sq()
         kw.update(
             elements=err.n * err.s1.numel(), drift=err.mean(), drift_se=err.se_mean(),
@@ -1067,7 +1083,11 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     image_means : int
         Keep, for every conv/linear output, the per-channel mean drift of each of the first
         ``image_means`` images (``SiteResult.drift_image_channel``, shape (N, C)), so that
-        statistics can be resampled over images (:mod:`qerror.nn.growth`).
+        statistics can be resampled over images (:mod:`qerror.nn.growth`); and, for every
+        conv/linear input the configuration quantizes, whether each of those images held a
+        value more than half a step outside the grid's ends, ``s·(qmin − z − ½)`` and
+        ``s·(qmax − z + ½)`` (``SiteResult.beyond_range_image``, shape (N,), bool): images
+        the calibrated range clips.
     progress : bool
         Show a progress bar.
     first_batch : int

@@ -575,6 +575,11 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     assert d.tail_images.eq(chosen).all()
     assert d.tail_top_share.between(drift.TAIL_TOP / chosen, 1.0).all()
     assert prec[prec.metric != "drift"].tail_top_share.isna().all()
+    # and how many images left a calibrated range, wherever activations are quantized
+    acts = d[d.target != "weights"]
+    assert len(acts) and acts.tail_clipped_share.between(0.0, 1.0).all()
+    assert acts.tail_top_clipped.between(0, drift.TAIL_TOP).all()
+    assert d[d.target == "weights"].tail_clipped_share.isna().all()
 
 
 def test_drift_tails_take_the_median_layer_over_the_images_kept():
@@ -596,6 +601,38 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     assert 0.6 < t["tail_top_share_normal"] < 0.95
     assert tail_share_normal(500) == pytest.approx(0.0832, abs=0.001)
     assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
+    assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_clipped"])
+
+
+def test_drift_tails_say_which_extreme_images_were_clipped():
+    """Clipping flags accumulate along the layers: an image that left a range at a layer
+    counts as clipped at every later one; the tail share is recomputed without them."""
+    from types import SimpleNamespace
+
+    from qerror.stats import tail_share
+
+    one_out = np.zeros((10, 3))
+    one_out[4] = 9.0
+    spread = np.tile(np.arange(10.0)[:, None], (1, 3))
+    flag = lambda *i: np.isin(np.arange(10), i)
+
+    def site(order, kind, m, flags):
+        return SimpleNamespace(order=order, kind=kind, drift_image_channel=m,
+                               beyond_range_image=flags)
+
+    # listed out of order: the layers are taken in execution order
+    res = SimpleNamespace(sites=[site(2, "linear", spread, flag(9)),
+                                 site(0, "conv", one_out, flag(4)),
+                                 site(1, "conv", spread, None)])
+    t = drift.drift_tails(res)
+    # clipped at or before each layer: {4}, {4}, {4, 9}
+    assert t["tail_clipped_share"] == pytest.approx(0.1)
+    # the five most extreme: image 4 at the first layer, 0 1 7 8 9 at the others (0, then 9)
+    assert t["tail_top_clipped"] == 1
+    # without the clipped images: constant (NaN) at the first, then spread less 4, less 4 and 9
+    v = np.arange(10.0)
+    expected = np.median([tail_share(v[v != 4], 5), tail_share(v[(v != 4) & (v != 9)], 5)])
+    assert t["tail_top_share_unclipped"] == pytest.approx(expected)
 
 
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):

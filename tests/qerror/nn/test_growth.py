@@ -143,4 +143,33 @@ def test_measure_reports_path_depth_and_the_debiased_drift():
     assert res.site("3.conv1").path_depth == 2 and res.site("4.downsample.0").path_depth == 4
     kept = measure(model, [x], cfg, act, image_means=5)
     assert kept.layers()[0].drift_image_channel.shape[0] == 5
-    assert measure(model, [x], cfg, act).layers()[0].drift_image_channel is None
+    assert kept.layers()[0].beyond_range_image.shape == (5,)
+    plain = measure(model, [x], cfg, act).layers()[0]
+    assert plain.drift_image_channel is None and plain.beyond_range_image is None
+
+
+def test_measure_flags_the_images_the_calibrated_range_clips():
+    """Per kept image and layer, whether the quantized path's input left the grid by more
+    than half a step: on the first layer (whose input is the image itself) exactly the
+    images with a pixel beyond the ends, from a range calibrated on other images; none when
+    the range was calibrated on the measured images themselves (deeper inputs carry the
+    quantized path's error and may still leave it); weights alone flag nothing."""
+    model = tiny_resnet()
+    x = images(24, 4)
+    cfg = QuantConfig.make(8)
+    narrow = calibrate_activations(model, [x[:4]], cfg.activation)
+    res = measure(model, [x[:12], x[12:]], cfg, narrow, image_means=20)
+    first = res.layers()[0]
+    qp = narrow[first.name]
+    s, z = float(qp.scale), float(qp.zero_point)
+    flat = x[:20].reshape(20, -1)
+    expected = ((flat < s * (cfg.activation.qmin - z - 0.5))
+                | (flat > s * (cfg.activation.qmax - z + 0.5))).any(1).numpy()
+    assert 0 < expected.sum() < 20  # the case separates the images
+    np.testing.assert_array_equal(first.beyond_range_image, expected)
+    for site in res.layers():
+        assert site.beyond_range_image.dtype == bool and site.beyond_range_image.shape == (20,)
+    own = calibrate_activations(model, [x], cfg.activation)
+    assert not measure(model, [x], cfg, own, image_means=24).layers()[0].beyond_range_image.any()
+    wonly = measure(model, [x], QuantConfig.make(8, target="weights"), own, image_means=24)
+    assert all(s.beyond_range_image is None for s in wonly.layers())

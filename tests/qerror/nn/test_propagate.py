@@ -401,6 +401,8 @@ def _assert_same_result(a, b, where: str) -> None:
         if dataclasses.is_dataclass(va):
             for f in dataclasses.fields(va):
                 same(getattr(va, f.name), getattr(vb, f.name), f"{what}.{f.name}")
+        elif isinstance(va, np.ndarray) and va.dtype == bool:
+            np.testing.assert_array_equal(vb, va, err_msg=what)
         elif isinstance(va, np.ndarray):
             np.testing.assert_allclose(vb, va, rtol=RTOL64, atol=1e-15, err_msg=what)
         elif isinstance(va, float):
