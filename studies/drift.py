@@ -1504,18 +1504,19 @@ PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "val
 def drift_tails(res: PropagationResult) -> dict:
     """How much a few images decide each layer's drift, and whether clipping is why.
 
-    Over the convolution and linear layers with kept image means, medians over the layers
-    of: the share of the per-image drift's variance that its :data:`TAIL_TOP` most extreme
-    images carry (:func:`qerror.stats.tail_share`), with the same share in normal samples
-    of as many images (:func:`qerror.stats.tail_share_normal`) beside it; the per-image
-    drift's excess kurtosis; and, where the quantized path's inputs were checked against
-    their calibrated ranges (``SiteResult.beyond_range_image``), the fraction of images
-    that left a range by more than half a step at or before the layer (in execution
-    order, a superset of the layer's ancestors), how many of the :data:`TAIL_TOP` were
-    among them, and the tail share among the images that did not (NaN where no more than
-    :data:`TAIL_TOP` remain). NaN where no image means were kept."""
-    shares, kurtosis, n = [], [], 0
-    clipped, top_clipped, unclipped_shares = [], [], []
+    Over the convolution and linear layers with kept image means: the median share of the
+    per-image drift's variance that its :data:`TAIL_TOP` most extreme images carry
+    (:func:`qerror.stats.tail_share`), the same share in normal samples of as many images
+    (:func:`qerror.stats.tail_share_normal`), and the median excess kurtosis. Then, at the
+    median layer (the layer whose share is the median, the upper one of an even count),
+    where the quantized path's inputs were checked against their calibrated ranges
+    (``SiteResult.beyond_range_image``): the fraction of images that a range clipped at or
+    before it (in execution order, a superset of the layer's ancestors), how many of its
+    :data:`TAIL_TOP` most extreme images were among them, the tail share among the others
+    and that of normal samples of as many. NaN where no image means were kept, where no
+    inputs were checked (weights alone) and, for the shares, where no more than
+    :data:`TAIL_TOP` unclipped images remain or they are constant."""
+    layers, n = [], 0
     upstream = None
     for site in sorted(res.sites, key=lambda s: getattr(s, "order", 0)):
         flags = getattr(site, "beyond_range_image", None)
@@ -1531,29 +1532,29 @@ def drift_tails(res: PropagationResult) -> dict:
         share = tail_share(per_image, TAIL_TOP)
         if math.isnan(share):
             continue
-        shares.append(share)
-        kurtosis.append(float(sps.kurtosis(per_image)))
         n = len(per_image)
-        if upstream is not None and len(upstream) == n:
-            clipped.append(float(upstream.mean()))
-            top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
-            top_clipped.append(int(upstream[top].sum()))
-            rest = per_image[~upstream]
-            unclipped_shares.append(tail_share(rest, TAIL_TOP) if len(rest) > TAIL_TOP
-                                    else math.nan)
-
-    def median(v):
-        v = [x for x in v if not math.isnan(x)]
-        return float(np.median(v)) if v else math.nan
-
-    return {"tail_images": n,
-            "tail_top_share": median(shares),
-            "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
-            else math.nan,
-            "tail_kurtosis": median(kurtosis),
-            "tail_clipped_share": median(clipped),
-            "tail_top_clipped": median(top_clipped),
-            "tail_top_share_unclipped": median(unclipped_shares)}
+        clipped = upstream.copy() if upstream is not None and len(upstream) == n else None
+        layers.append((share, float(sps.kurtosis(per_image)), per_image, clipped))
+    out = {"tail_images": n, "tail_top_share": math.nan,
+           "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
+           else math.nan, "tail_kurtosis": math.nan, "tail_clipped_share": math.nan,
+           "tail_top_clipped": math.nan, "tail_top_share_unclipped": math.nan,
+           "tail_top_share_unclipped_normal": math.nan}
+    if not layers:
+        return out
+    shares = np.array([row[0] for row in layers])
+    out["tail_top_share"] = float(np.median(shares))
+    out["tail_kurtosis"] = float(np.median([row[1] for row in layers]))
+    _, _, per_image, clipped = layers[int(np.argsort(shares, kind="stable")[len(shares) // 2])]
+    if clipped is not None:
+        out["tail_clipped_share"] = float(clipped.mean())
+        top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
+        out["tail_top_clipped"] = int(clipped[top].sum())
+        rest = per_image[~clipped]
+        if len(rest) > TAIL_TOP:
+            out["tail_top_share_unclipped"] = tail_share(rest, TAIL_TOP)
+            out["tail_top_share_unclipped_normal"] = tail_share_normal(len(rest), TAIL_TOP)
+    return out
 
 
 def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
@@ -1574,9 +1575,10 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
     most extreme images carry of the per-image drift's variance: where they carry most of
     it, the normal approximation behind the errors, the resolved counts and the plan rests
     on those few images (the plan is then optimistic: a larger sample meets more of them);
-    and how many images a calibrated range clipped, how many of the extreme ones were
+    and the share of images a calibrated range clipped, how many of the extreme ones were
     among them, and the share without them (``tail_clipped_share``, ``tail_top_clipped``,
-    ``tail_top_share_unclipped``).
+    ``tail_top_share_unclipped`` beside ``tail_top_share_unclipped_normal``, at the median
+    layer).
     """
     layers = sites[sites.kind.isin(["conv", "linear"])]
     keys = [c for c in ("mode", "bits", "target") if c in layers]
@@ -1691,10 +1693,13 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                 rest = r.tail_top_share_unclipped.iloc[0]
                 m[f"DriftTailClipped{key}"] = number(100 * clipped, 2) \
                     if np.isfinite(clipped) else "--"
-                m[f"DriftTailTopClipped{key}"] = str(int(round(top))) \
+                m[f"DriftTailTopClipped{key}"] = str(int(top)) \
                     if np.isfinite(top) else "--"
                 m[f"DriftTailShareUnclipped{key}"] = f"{100 * rest:.0f}" \
                     if np.isfinite(rest) else "--"
+                rest_normal = r.tail_top_share_unclipped_normal.iloc[0]
+                m[f"DriftTailShareUnclippedNormal{key}"] = f"{100 * rest_normal:.0f}" \
+                    if np.isfinite(rest_normal) else "--"
     return m
 
 

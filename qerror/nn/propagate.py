@@ -409,7 +409,7 @@ class _SiteAcc:
         self.act_err = _Moments()    # activation quantizer error, in LSB (layers)
         self.sat_low = self.sat_high = self.sat_total = 0
         # layers, for the images whose error means are kept: whether the quantized path's
-        # input held a value beyond the calibrated range by more than half a step
+        # input held a value that its quantizer clamps, whatever the rounding draw (CPU)
         self.beyond: list[torch.Tensor] = []
         self.bn_f = _Moments()       # BatchNorm input, float path
         self.bn_q = _Moments()       # BatchNorm input, quantized path
@@ -644,10 +644,13 @@ class _Instrument:
             return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key)
         room = acc.err.keep - sum(b.shape[0] for b in acc.beyond)
         if room > 0 and acc.kind in ("conv", "linear"):
-            # per kept image: any input value more than half a step outside the grid's ends
+            # per kept image: any input that the rounding mode maps beyond the grid's ends
+            # whatever its draw (R(u) - u within the mode's error interval), so clamped
             s, z = float(qp.scale), float(qp.zero_point)
+            bounds = spec.rounding.interval
             lo, hi = torch.aminmax(x[:room].reshape(min(room, x.shape[0]), -1), dim=1)
-            acc.beyond.append((lo < s * (spec.qmin - z - 0.5)) | (hi > s * (spec.qmax - z + 0.5)))
+            acc.beyond.append(((lo < s * (spec.qmin - bounds.negative[1] - z))
+                               | (hi > s * (spec.qmax - bounds.positive[0] - z))).cpu())
         xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
                                 return_saturation=True)
         acc.sat_low += int(sat.low)
@@ -1085,9 +1088,15 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         ``image_means`` images (``SiteResult.drift_image_channel``, shape (N, C)), so that
         statistics can be resampled over images (:mod:`qerror.nn.growth`); and, for every
         conv/linear input the configuration quantizes, whether each of those images held a
-        value more than half a step outside the grid's ends, ``s·(qmin − z − ½)`` and
-        ``s·(qmax − z + ½)`` (``SiteResult.beyond_range_image``, shape (N,), bool): images
-        the calibrated range clips.
+        value that the quantizer clamps whatever its rounding draw: above
+        ``s·(qmax − a − z)`` or below ``s·(qmin − b − z)``, where ``a`` is the mode's lowest
+        error ``R(u) − u`` for positive ``u`` and ``b`` its highest for negative ``u``
+        (:attr:`qerror.RoundingMode.interval`; for round-to-nearest half a step outside the
+        grid's ends, for floor a whole step above and none below), up to float
+        rounding at that boundary (``SiteResult.beyond_range_image``, shape (N,), bool):
+        the images the calibrated range clips there. Inputs clamped by the BatchNorm and
+        block-output quantizers (``bn_outputs``, ``block_outputs``) are not flagged: the next
+        layer's input is then inside the grid already.
     progress : bool
         Show a progress bar.
     first_batch : int

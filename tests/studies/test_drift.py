@@ -605,8 +605,9 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
 
 
 def test_drift_tails_say_which_extreme_images_were_clipped():
-    """Clipping flags accumulate along the layers: an image that left a range at a layer
-    counts as clipped at every later one; the tail share is recomputed without them."""
+    """Clipping flags accumulate along the layers (an image that left a range at a layer
+    counts as clipped at every later one) and are read at the median layer, whose tail
+    share is then recomputed without the clipped images."""
     from types import SimpleNamespace
 
     from qerror.stats import tail_share
@@ -614,26 +615,34 @@ def test_drift_tails_say_which_extreme_images_were_clipped():
     one_out = np.zeros((10, 3))
     one_out[4] = 9.0
     spread = np.tile(np.arange(10.0)[:, None], (1, 3))
+    wide = spread.copy()
+    wide[0] = -5.0  # image 0 further out: a share between the other two layers'
     flag = lambda *i: np.isin(np.arange(10), i)
 
     def site(order, kind, m, flags):
         return SimpleNamespace(order=order, kind=kind, drift_image_channel=m,
                                beyond_range_image=flags)
 
-    # listed out of order: the layers are taken in execution order
-    res = SimpleNamespace(sites=[site(2, "linear", spread, flag(9)),
+    # listed out of order: the layers are taken in execution order, clipped at or before
+    # each: {4}, {4}, {4, 0}
+    res = SimpleNamespace(sites=[site(2, "linear", wide, flag(0)),
                                  site(0, "conv", one_out, flag(4)),
                                  site(1, "conv", spread, None)])
     t = drift.drift_tails(res)
-    # clipped at or before each layer: {4}, {4}, {4, 9}
-    assert t["tail_clipped_share"] == pytest.approx(0.1)
-    # the five most extreme: image 4 at the first layer, 0 1 7 8 9 at the others (0, then 9)
+    shares = [tail_share(one_out.mean(1), 5), tail_share(spread.mean(1), 5),
+              tail_share(wide.mean(1), 5)]
+    assert shares[1] < shares[2] < shares[0]  # the median layer is the linear one
+    assert t["tail_top_share"] == pytest.approx(shares[2])
+    assert t["tail_clipped_share"] == pytest.approx(0.2)
+    # its five most extreme: image 0, then 9, 8, 1 and 7; image 0 is clipped
     assert t["tail_top_clipped"] == 1
-    # without the clipped images: constant (NaN) at the first, then spread less 4, less 4 and 9
-    v = np.arange(10.0)
-    expected = np.median([tail_share(v[v != 4], 5), tail_share(v[(v != 4) & (v != 9)], 5)])
-    assert t["tail_top_share_unclipped"] == pytest.approx(expected)
-
+    v = wide.mean(1)
+    rest = v[~flag(0, 4)]
+    assert t["tail_top_share_unclipped"] == pytest.approx(tail_share(rest, 5))
+    assert t["tail_top_share_unclipped_normal"] == pytest.approx(tail_share_normal(8, 5))
+    # weights alone: nothing checked, so nothing said about clipping
+    t = drift.drift_tails(SimpleNamespace(sites=[site(0, "conv", spread, None)]))
+    assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_share_unclipped"])
 
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
     passes = configs + 3 * remedies

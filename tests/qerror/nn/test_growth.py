@@ -148,28 +148,39 @@ def test_measure_reports_path_depth_and_the_debiased_drift():
     assert plain.drift_image_channel is None and plain.beyond_range_image is None
 
 
-def test_measure_flags_the_images_the_calibrated_range_clips():
-    """Per kept image and layer, whether the quantized path's input left the grid by more
-    than half a step: on the first layer (whose input is the image itself) exactly the
-    images with a pixel beyond the ends, from a range calibrated on other images; none when
-    the range was calibrated on the measured images themselves (deeper inputs carry the
-    quantized path's error and may still leave it); weights alone flag nothing."""
+@pytest.mark.parametrize("mode", ["nearest_even", "floor", "ceil", "toward_zero", "stochastic"])
+def test_measure_flags_the_images_the_calibrated_range_clips(mode):
+    """Per kept image and layer, whether the quantized path's input left the grid by more than
+    the mode's rounding can reach: on the first layer (whose input is the image itself)
+    exactly the images with a pixel the quantizer clamps whatever the draw (for nearest half a
+    step beyond the ends, for floor a whole step above), from a range calibrated on other
+    images, measured in passes of five images; with round-to-nearest none when the range was
+    calibrated on the measured images themselves (deeper inputs carry the quantized path's
+    error and may still leave it); weights alone flag nothing."""
     model = tiny_resnet()
     x = images(24, 4)
-    cfg = QuantConfig.make(8)
+    cfg = QuantConfig.make(8, mode, seed=3)
     narrow = calibrate_activations(model, [x[:4]], cfg.activation)
-    res = measure(model, [x[:12], x[12:]], cfg, narrow, image_means=20)
+    res = measure(model, [x[:12], x[12:]], cfg, narrow, image_means=20, pair_batch=5)
     first = res.layers()[0]
     qp = narrow[first.name]
     s, z = float(qp.scale), float(qp.zero_point)
-    flat = x[:20].reshape(20, -1)
-    expected = ((flat < s * (cfg.activation.qmin - z - 0.5))
-                | (flat > s * (cfg.activation.qmax - z + 0.5))).any(1).numpy()
+    u = x[:20].reshape(20, -1).double() / s + z
+    a, b = {"nearest_even": (-0.5, 0.5), "floor": (-1, 0), "ceil": (0, 1),
+            "toward_zero": (-1, 1), "stochastic": (-1, 1)}[mode]
+    expected = ((u < cfg.activation.qmin - b) | (u > cfg.activation.qmax - a)).any(1).numpy()
     assert 0 < expected.sum() < 20  # the case separates the images
     np.testing.assert_array_equal(first.beyond_range_image, expected)
     for site in res.layers():
         assert site.beyond_range_image.dtype == bool and site.beyond_range_image.shape == (20,)
     own = calibrate_activations(model, [x], cfg.activation)
-    assert not measure(model, [x], cfg, own, image_means=24).layers()[0].beyond_range_image.any()
+    flags = measure(model, [x], cfg, own, image_means=24).layers()[0].beyond_range_image
+    if mode == "nearest_even":
+        assert not flags.any()
+    else:  # the integer zero point can put the minimum just below qmin, where floor clamps
+        s, z = float(own[first.name].scale), float(own[first.name].zero_point)
+        u = x.reshape(24, -1).double() / s + z
+        np.testing.assert_array_equal(
+            flags, ((u < cfg.activation.qmin - b) | (u > cfg.activation.qmax - a)).any(1).numpy())
     wonly = measure(model, [x], QuantConfig.make(8, target="weights"), own, image_means=24)
     assert all(s.beyond_range_image is None for s in wonly.layers())
