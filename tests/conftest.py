@@ -1,5 +1,7 @@
 """Shared test set-up."""
 
+import os
+
 import pytest
 
 # Which INT8 kernel runs is asked of the kernel itself (qerror.nn.int8.kernel_probe), not
@@ -11,7 +13,32 @@ KERNEL_MARKERS = {
 }
 
 
+def share_the_cores(environ=os.environ, cores: int | None = None) -> int | None:
+    """Threads for each of pytest-xdist's workers: the cores this process may use divided
+    among the workers, unless the caller set ``OMP_NUM_THREADS``. Returns the count set
+    (also exported as ``OMP_NUM_THREADS`` for the studies a test starts), or None.
+
+    Each worker's torch would otherwise start a thread per core: with two workers on two
+    cores, four threads meet at every parallel region's barrier and wait in libgomp for a
+    descheduled partner (``make test`` took 38 minutes so on a fresh 2-core Intel machine
+    of this kind, its last twenty mostly spinning in libgomp)."""
+    workers = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers <= 1 or environ.get("OMP_NUM_THREADS"):
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def pytest_configure(config):
+    threads = share_the_cores()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     config.addinivalue_line(
         "markers", "needs_saturating_kernel: the real FBGEMM kernel must saturate int16 "
                    "pair sums (AVX2), as the kernel probe finds")

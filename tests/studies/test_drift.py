@@ -168,6 +168,32 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert manifest["data"]["curve_test_images"] == 16
 
 
+def _small_int8_case():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+        batches = [(torch.randn(4, 1, 8, 8) * 3, torch.zeros(4)) for _ in range(2)]
+    return model, drift.Data(calib=batches, test=batches, identity={},
+                             int8_test=torch.cat([x for x, _ in batches]))
+
+
+def test_int8_crosscheck_names_the_pipeline_the_kernel_follows():
+    """On whatever CPU runs it (``make test-avx2`` runs it on an emulated AVX2 CPU too): the
+    pipeline the study marks faithful reproduces the real kernel on every code, full range
+    and reduced range, and kernel saturation is counted only where the probe found it."""
+    model, data = _small_int8_case()
+    rows, summary, probe = drift.int8_crosscheck(model, data, 8)
+    assert probe.saturates_pairs is not None, probe.describe()
+    faithful = summary[summary.faithful]
+    assert sorted(faithful.activations) == ["full_range", "reduce_range"]
+    assert (faithful.pipeline == probe.faithful.value).all()
+    assert (faithful.equal == faithful.elements).all() and (faithful.min_frac_equal == 1).all()
+    full = summary[summary.activations == "full_range"]
+    assert (full.avx2_saturated > 0).all()  # the case does overflow int16 pair sums
+    assert (summary.saturated == (summary.avx2_saturated if probe.saturates_pairs else 0)).all()
+
+
 def test_int8_report_follows_the_kernel_probe(monkeypatch):
     """Pure logic, valid on any CPU: with the probe's answer turned round, the study's INT8
     summary and caption name the other pipeline, and count kernel saturation only if that
@@ -177,13 +203,7 @@ def test_int8_report_follows_the_kernel_probe(monkeypatch):
         real, saturates_pairs=not real.saturates_pairs,
         faithful=int8.Pipeline.INTEGER if real.saturates_pairs else int8.Pipeline.SATURATING)
     monkeypatch.setattr(int8, "kernel_probe", lambda engine=int8.Engine.FBGEMM: other)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
-        batches = [(torch.randn(4, 1, 8, 8) * 3, torch.zeros(4)) for _ in range(2)]
-    data = drift.Data(calib=batches, test=batches, identity={},
-                      int8_test=torch.cat([x for x, _ in batches]))
+    model, data = _small_int8_case()
     rows, summary, probe = drift.int8_crosscheck(model, data, 8)
     assert probe is other
     for table in (rows, summary):
