@@ -1518,12 +1518,11 @@ def drift_tails(res: PropagationResult) -> dict:
     :data:`TAIL_TOP` unclipped images remain or they are constant."""
     layers, n = [], 0
     upstream = None
-    for site in sorted(res.sites, key=lambda s: getattr(s, "order", 0)):
-        flags = getattr(site, "beyond_range_image", None)
+    for site in sorted(res.sites, key=lambda s: s.order):
+        flags = site.beyond_range_image
         if flags is not None:
             flags = np.asarray(flags, dtype=bool)
-            upstream = flags if upstream is None or len(upstream) != len(flags) \
-                else upstream | flags
+            upstream = flags if upstream is None else upstream | flags
         m = site.drift_image_channel
         if site.kind not in ("conv", "linear") or m is None or len(m) <= TAIL_TOP:
             continue
@@ -1533,8 +1532,8 @@ def drift_tails(res: PropagationResult) -> dict:
         if math.isnan(share):
             continue
         n = len(per_image)
-        clipped = upstream.copy() if upstream is not None and len(upstream) == n else None
-        layers.append((share, float(sps.kurtosis(per_image)), per_image, clipped))
+        # the flags and the image means are kept for the same images (measure's image_means)
+        layers.append((share, float(sps.kurtosis(per_image)), per_image, upstream))
     out = {"tail_images": n, "tail_top_share": math.nan,
            "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
            else math.nan, "tail_kurtosis": math.nan, "tail_clipped_share": math.nan,
@@ -1689,17 +1688,17 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                 m["DriftTailShareNormal"] = f"{100 * r.tail_top_share_normal.iloc[0]:.0f}"
                 m["DriftTailImages"] = f"{int(r.tail_images.iloc[0]):,}"
             if "tail_clipped_share" in r:
-                clipped, top = r.tail_clipped_share.iloc[0], r.tail_top_clipped.iloc[0]
-                rest = r.tail_top_share_unclipped.iloc[0]
-                m[f"DriftTailClipped{key}"] = number(100 * clipped, 2) \
-                    if np.isfinite(clipped) else "--"
-                m[f"DriftTailTopClipped{key}"] = str(int(top)) \
-                    if np.isfinite(top) else "--"
-                m[f"DriftTailShareUnclipped{key}"] = f"{100 * rest:.0f}" \
-                    if np.isfinite(rest) else "--"
-                rest_normal = r.tail_top_share_unclipped_normal.iloc[0]
-                m[f"DriftTailShareUnclippedNormal{key}"] = f"{100 * rest_normal:.0f}" \
-                    if np.isfinite(rest_normal) else "--"
+                def text(column, show):  # "--" where the run could not say (NaN)
+                    v = r[column].iloc[0]
+                    return show(v) if np.isfinite(v) else "--"
+
+                m[f"DriftTailClipped{key}"] = text("tail_clipped_share",
+                                                   lambda v: number(100 * v, 2))
+                m[f"DriftTailTopClipped{key}"] = text("tail_top_clipped", lambda v: str(int(v)))
+                for suffix, column in (("", "tail_top_share_unclipped"),
+                                       ("Normal", "tail_top_share_unclipped_normal")):
+                    m[f"DriftTailShareUnclipped{suffix}{key}"] = text(
+                        column, lambda v: f"{100 * v:.0f}")
     return m
 
 

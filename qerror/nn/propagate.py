@@ -924,7 +924,7 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
         if err.kept:
             kw["drift_image_channel"] = torch.cat(err.kept).numpy()
         if acc.beyond:
-            kw["beyond_range_image"] = torch.cat(acc.beyond).cpu().numpy()
+            kw["beyond_range_image"] = torch.cat(acc.beyond).numpy()  # kept on the CPU
         mse = err.sq()
         kw.update(
             elements=err.n * err.s1.numel(), drift=err.mean(), drift_se=err.se_mean(),

@@ -608,7 +608,9 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     one_out = np.zeros((10, 3))
     one_out[4] = 9.0  # image 4 far out in every channel
     spread = np.tile(np.arange(10.0)[:, None], (1, 3))
-    site = lambda kind, m: SimpleNamespace(kind=kind, drift_image_channel=m)
+    # sites as measure returns them, in execution order, none checked against its range
+    site = lambda kind, m: SimpleNamespace(kind=kind, drift_image_channel=m, order=0,
+                                           beyond_range_image=None)
     res = SimpleNamespace(sites=[site("conv", one_out), site("conv", spread),
                                  site("linear", spread), site("bn", one_out),
                                  site("conv", None), site("conv", np.ones((10, 3)))])
