@@ -46,6 +46,19 @@ def test_numpy_and_torch_agree_bit_for_bit(mode, dtype):
     np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_draws_do_not_depend_on_how_numpy_splits_the_work(dtype):
+    """numpy's kernel works on long arrays in passes; each pass must hash its own flat
+    indices: the same bits as torch's one-pass kernel, for a contiguous array and for a
+    strided view (which numpy rounds in one pass), over several passes and a remainder."""
+    x = (np.random.default_rng(3).standard_normal(2 * 100_003) * 3).astype(dtype)
+    for arr in (x[:100_003], x[::2]):
+        a = apply_rounding(arr, RoundingMode.STOCHASTIC, generator=5)
+        b = apply_rounding(torch.from_numpy(arr.copy()), RoundingMode.STOCHASTIC,
+                           generator=5).numpy()
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_shape_is_kept_and_values_are_integers(mode):
     x = np.linspace(-3.3, 3.3, 24, dtype=np.float32).reshape(2, 3, 4)
