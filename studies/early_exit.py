@@ -16,13 +16,18 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   truncation rounding, beside the FP32 full and the INT8 full network;
 * the operating point chosen on the validation split alone (rule: the fewest average MACs
   for which a paired non-inferiority test against the FP32 full network, at alpha 0.05,
-  shows the validation accuracy above FP32 full's minus ``--select-margin``, by default the
-  equivalence margin; ``--select estimate`` asks only that the estimate be above it, by
-  default half the margin, :func:`qerror.nn.early_exit.qualifies`), with one threshold
-  shared by the early exits and with one per exit (refined from the shared one on the same
-  split, :func:`qerror.nn.early_exit.refine_thresholds`), each
-  reported on the test split: Wilson intervals, McNemar's test against FP32 full and a
-  paired equivalence test (TOST) with a ``--margin`` of half a point;
+  shows the validation accuracy above FP32 full's minus a margin,
+  :func:`qerror.nn.early_exit.qualifies`), with one threshold shared by the early exits and
+  with one per exit (refined from the shared one on the same split,
+  :func:`qerror.nn.early_exit.select_rule`), each reported on the test split: Wilson
+  intervals, McNemar's test against FP32 full and a paired equivalence test (TOST) with a
+  margin of half a point. The margin and the headline policy come from ``--cv-folds``-fold
+  cross-validation of the validation split (``--select cv``, the default,
+  :func:`qerror.nn.early_exit.cross_validate_selection`): the cheapest procedure whose
+  out-of-fold accuracy the paired test shows within the equivalence margin.
+  ``--select paired-test`` fixes the margin (``--select-margin``, by default the
+  equivalence margin); ``--select estimate`` asks only that the estimate be above it, by
+  default half the margin;
 * exits per class; how the rounding mode of simulated INT8 moves confidences and exit
   decisions; how the simulated decisions agree with the real INT8 ones;
 * with compiled INT8 (the default; ``--no-compile`` runs the quantized graphs eagerly),
@@ -72,17 +77,18 @@ from qerror.nn.early_exit import (
     EarlyExitResNet,
     ExitPolicy,
     ExitRule,
+    SelectionProcedure,
     calibrate_exits,
-    choose_operating_point,
     compare_exits,
     confidence_ece,
+    cross_validate_selection,
     exit_confidence,
     exit_costs,
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
     fit_isotonic,
-    refine_thresholds,
+    select_rule,
     selection_order,
     threshold_sweep,
 )
@@ -113,7 +119,10 @@ from studies._latex import letters, signed
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
 #: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
-SELECT_RULES = ("paired-test", "estimate")
+SELECT_RULES = ("cv", "paired-test", "estimate")
+#: --select cv: the inner margins its procedures may aim at, as fractions of MARGIN.
+CV_MARGIN_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2)
+CV_FOLDS = 5
 MARGIN = 0.005  # the issue's equivalence margin: half a point of accuracy
 ECE_GOAL = 0.02
 MACS_GOAL = 0.5  # at most half the full network's MACs on average
@@ -303,6 +312,11 @@ def thresholds_text(rule: ExitRule) -> str:
     return "/".join(f"{t:g}" for t in rule.thresholds)
 
 
+def p_value(v) -> str:
+    """A p-value to two digits for a table ("--" when there is none)."""
+    return "--" if pd.isna(v) else f"{v:.2g}"
+
+
 def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
     """The operating points for the paper: percentages with two decimals, the test accuracy
     with its interval in one cell, thresholds and p-values to a few digits (the CSV keeps
@@ -310,9 +324,6 @@ def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
     def thresholds(text) -> str:
         return "/".join(f"{float(t):.3g}" for t in text.split("/")) if \
             isinstance(text, str) and text else "--"
-
-    def p_value(v) -> str:
-        return "--" if pd.isna(v) else f"{v:.2g}"
 
     return pd.DataFrame({
         "system": pts.system, "policy": pts.policy,
@@ -328,16 +339,35 @@ def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
         "equivalent": ["yes" if e else "no" for e in pts.equivalent]})
 
 
-def selection_text(select_margin: float, select_alpha: float | None, *,
-                   latex: bool = True) -> str:
+def selection_text(select_margin: float | None, select_alpha: float | None, *,
+                   latex: bool = True, cv_folds: int | None = None) -> str:
     """How the operating points were chosen on validation, in a phrase: for the captions
-    (LaTeX) and for the manifest (plain)."""
-    margin = f"{100 * select_margin:g} points"
+    (LaTeX) and for the manifest (plain). With ``cv_folds`` the margin was chosen by
+    cross-validation (None: not yet known, for the manifest written before the run)."""
     if select_alpha is None:
-        return f"fewest average MACs with accuracy at least FP32 full's minus {margin}"
+        return (f"fewest average MACs with accuracy at least FP32 full's minus "
+                f"{100 * select_margin:g} points")
     level = f"$\\alpha={select_alpha:g}$" if latex else f"alpha {select_alpha:g}"
-    return (f"fewest average MACs for which a paired one-sided test against FP32 full at "
-            f"{level} shows the accuracy above FP32 full's minus {margin}")
+    text = (f"fewest average MACs for which a paired one-sided test against FP32 full at "
+            f"{level} shows the accuracy above FP32 full's minus ")
+    if cv_folds is None:
+        return text + f"{100 * select_margin:g} points"
+    chosen = "" if select_margin is None else f" ({100 * select_margin:g} points here)"
+    return (text + f"a margin{chosen} that {cv_folds}-fold cross-validation on the same "
+            f"split chose with the headline policy: the cheapest procedure whose "
+            f"out-of-fold accuracy that test shows above FP32 full's minus "
+            f"{100 * MARGIN:g} points")
+
+
+def cv_row(c, ref: torch.Tensor, chosen: bool) -> dict:
+    """A row of ``selection_cv.csv``: one procedure's out-of-fold accuracy and MACs on the
+    validation split, against FP32 full on the same images."""
+    only_a, only_b, eq = paired_test(c.right, ref)
+    return {"policy": c.procedure.label, "margin": c.procedure.margin,
+            "accuracy": c.accuracy, "delta_vs_fp32_full": eq.estimate, "se": eq.se,
+            "p_noninferior": eq.p_low, "macs_fraction": c.macs_fraction,
+            "only_right": only_a, "only_ref_right": only_b, "met": c.met,
+            "chosen": chosen}
 
 
 def paired_test(correct: torch.Tensor, ref: torch.Tensor):
@@ -467,12 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "expected calibration error itself); both are reported, the "
                              "rules use this one, and an isotonic map fitted on top of it "
                              "gives the calibrated confidences the goal is judged on")
-    parser.add_argument("--select", choices=SELECT_RULES, default="paired-test",
+    parser.add_argument("--select", choices=SELECT_RULES, default="cv",
                         help="when a validation operating point qualifies (the cheapest that "
-                             "does is chosen): paired-test (default), a paired "
-                             "non-inferiority test against FP32 full at alpha 0.05 shows its "
-                             "accuracy above FP32 full's minus --select-margin; estimate, "
-                             "its accuracy is at least that")
+                             "does is chosen): paired-test, a paired non-inferiority test "
+                             "against FP32 full at alpha 0.05 shows its accuracy above FP32 "
+                             "full's minus --select-margin; estimate, its accuracy is at "
+                             "least that; cv (default), the paired test with the margin and "
+                             "the headline policy chosen by --cv-folds-fold cross-validation "
+                             "on the validation split from --cv-margins (the cheapest whose "
+                             "out-of-fold accuracy the test shows within the 0.5-point "
+                             "equivalence margin)")
+    parser.add_argument("--cv-folds", type=int_at_least(2), default=CV_FOLDS,
+                        help=f"folds of --select cv (default {CV_FOLDS})")
+    parser.add_argument("--cv-margins", nargs="+", type=unit_interval, default=None,
+                        help="the margins --select cv tries, as fractions (default: "
+                             + ", ".join(f"{MARGIN * f:g}" for f in CV_MARGIN_FRACTIONS)
+                             + ")")
     parser.add_argument("--select-margin", type=unit_interval, default=None,
                         help="how far below FP32 full's validation accuracy a point may be "
                              "(default: the equivalence margin, 0.005, with paired-test; "
@@ -514,12 +554,23 @@ def _main(argv: list[str]) -> int:
     joint_weights = tuple(args.joint_weights or [1.0] * (len(exit_points) + 1))
     if args.variant == "joint" and joint_epochs == 0:
         parser.error("--variant joint needs --joint-epochs of at least 1")
-    select_margin = args.select_margin if args.select_margin is not None else \
-        (MARGIN if args.select == "paired-test" else MARGIN / 2)
-    select_alpha = ALPHA if args.select == "paired-test" else None
+    if args.select == "cv" and args.select_margin is not None:
+        parser.error("--select-margin applies to --select paired-test and estimate; --select "
+                     "cv chooses the margin from --cv-margins")
+    if args.select != "cv" and args.cv_margins is not None:
+        parser.error("--cv-margins applies to --select cv only")
+    cv_margins = tuple(sorted(set(args.cv_margins), reverse=True)) \
+        if args.cv_margins is not None else tuple(MARGIN * f for f in CV_MARGIN_FRACTIONS)
+    if args.select == "cv" and min(cv_margins) == 0:
+        parser.error("--cv-margins must be above 0 (a non-inferiority test needs a margin)")
+    select_margin = None if args.select == "cv" else (
+        args.select_margin if args.select_margin is not None else
+        (MARGIN if args.select == "paired-test" else MARGIN / 2))
+    select_alpha = None if args.select == "estimate" else ALPHA
     if args.select == "paired-test" and select_margin == 0:
         parser.error("--select-margin must be above 0 with --select paired-test (a "
                      "non-inferiority test needs a margin)")
+    cv_folds = args.cv_folds if args.select == "cv" else None
     check_out(args.out, "early_exit", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
@@ -539,20 +590,23 @@ def _main(argv: list[str]) -> int:
               "joint_lr": args.lr / 10, "joint_weights": joint_weights,
               "variant": args.variant, "thresholds": thresholds,
               "select": args.select, "select_margin": select_margin,
-              "select_alpha": select_alpha,
+              "select_alpha": select_alpha, "cv_folds": cv_folds,
+              "cv_margins": cv_margins if cv_folds else None,
               "margin": MARGIN, "alpha": ALPHA,
               "calibration": args.calibration,
               "compile": compile_int8, "latency_pairs": latency_pairs, "seed": args.seed,
               "smoke": smoke, "device": device.type,
               "operating_point_rule": "on the validation split: the "
                                       + selection_text(select_margin, select_alpha,
-                                                       latex=False)
+                                                       latex=False, cv_folds=cv_folds)
                                       + " (none: the most accurate point), with "
                                       "one threshold shared by the early exits and with one "
                                       "per exit refined from it; the headline (goals, exits "
                                       "per class, simulated vs real) is the INT8 rule of the "
-                                      "four that is cheapest on validation among those that "
-                                      "met the rule",
+                                      "four that "
+                                      + ("cross-validation chose" if cv_folds else
+                                         "is cheapest on validation among those that met "
+                                         "the rule"),
               "equivalence": "paired TOST (Bonett-Price adjusted Wald), each one-sided test "
                              "at alpha, against FP32 full on the test split"}
     plt = figure_style()
@@ -676,34 +730,43 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
 
     # Which validation points qualify: the reference's per-sample correctness (the paired
     # test needs it; the estimate rule uses its accuracy only).
-    select = {"reference": ref_val, "margin": config["select_margin"],
-              "alpha": config["select_alpha"]}
+    margin, cv_rows, cv_head = config["select_margin"], None, None
+    if config["cv_folds"]:
+        # Each procedure (policy, shared or per-exit thresholds, inner margin) run on four
+        # fifths of the validation split and scored on the fifth it did not see; the
+        # cheapest whose out-of-fold accuracy qualifies at the equivalence margin sets the
+        # margin of every rule below and the headline policy.
+        procs = [SelectionProcedure(p, per, m) for p in ExitPolicy for per in (False, True)
+                 for m in config["cv_margins"]]
+        cv = cross_validate_selection(
+            logits[INT8][0], data.val.y, procs, config["thresholds"], costs, ref_val, MARGIN,
+            alpha=ALPHA, folds=config["cv_folds"], seed=args.seed,
+            calibration=config["calibration"])
+        # ties (the same out-of-fold images right at the same MACs) to the first listed
+        best = min(cv, key=lambda c: selection_order(c.accuracy, c.mean_macs, c.met))
+        margin, cv_head = best.procedure.margin, best.procedure.label
+        cv_rows = pd.DataFrame([cv_row(c, ref_val, c is best) for c in cv])
     for system, (val, test) in logits.items():
         for policy in ExitPolicy:
-            sweep_val = threshold_sweep(val, data.val.y, policy, config["thresholds"], costs,
-                                        temps[system])
-            op = choose_operating_point(sweep_val, **select)
-            rule = ExitRule(policy, (op.point.threshold,) * (len(val) - 1), temps[system])
-            res = operating_row(system, policy.value, rule, op.met, op.point.accuracy,
-                                op.point.mean_macs, test)
-            chosen[(system, policy.value)] = (rule, res, (op.point.accuracy,
-                                                          op.point.mean_macs, op.met))
-            # One threshold per exit, refined on the same validation split from the shared
-            # one: never worse there, reported on the test split like the shared one.
-            fine = refine_thresholds(val, data.val.y, rule, config["thresholds"], costs,
-                                     **select)
-            label = f"{policy.value} per exit"
-            res = operating_row(system, label, fine.rule, fine.met, fine.accuracy,
-                                fine.mean_macs, test)
-            chosen[(system, label)] = (fine.rule, res, (fine.accuracy, fine.mean_macs,
-                                                        fine.met))
+            # One threshold shared by the early exits, then one per exit refined on the same
+            # validation split from it: never worse there, reported on the test split too.
+            for per_exit in (False, True):
+                proc = SelectionProcedure(policy, per_exit, margin)
+                fine = select_rule(val, data.val.y, proc, config["thresholds"], costs,
+                                   ref_val, temperatures=temps[system],
+                                   alpha=config["select_alpha"])
+                res = operating_row(system, proc.label, fine.rule, fine.met, fine.accuracy,
+                                    fine.mean_macs, test)
+                chosen[(system, proc.label)] = (fine.rule, res, (fine.accuracy,
+                                                                 fine.mean_macs, fine.met))
     points = pd.DataFrame(points)
 
-    # Headline policy: the INT8 operating point (shared or per-exit thresholds) that is
-    # first on validation by the order every point was chosen by: the cheapest of those that
-    # met the rule there; when none did, the most accurate.
-    head_policy = min((k for s, k in chosen if s == INT8),
-                      key=lambda p: selection_order(*chosen[(INT8, p)][2]))
+    # Headline policy: the one cross-validation chose; without it, the INT8 operating point
+    # (shared or per-exit thresholds) that is first on validation by the order every point
+    # was chosen by: the cheapest of those that met the rule there; when none did, the most
+    # accurate.
+    head_policy = cv_head or min((k for s, k in chosen if s == INT8),
+                                 key=lambda p: selection_order(*chosen[(INT8, p)][2]))
     rule8, res8, _ = chosen[(INT8, head_policy)]
     # The headline on the split it was chosen on and on the one it is reported on, each
     # against FP32 full on the same images: are the two differences further apart than
@@ -775,6 +838,7 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
                                   config["latency_pairs"], seed=args.seed)
     return {"costs": costs, "heads": pd.DataFrame(heads_rows), "calibration": calibration,
             "sweeps": sweeps, "points": points, "head_policy": head_policy,
+            "select_margin": margin, "cv": cv_rows, "cv_folds": config["cv_folds"],
             "per_class": per_class, "per_class_rows": pd.DataFrame(per_class_rows),
             "rounding": pd.DataFrame(rounding_rows), "sim_vs_real": pd.DataFrame(sim_rows),
             "times": times, "latency": latency, "rule8": rule8, "shift": shift,
@@ -852,6 +916,8 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
               "sweeps.csv": r["sweeps"], "operating_points.csv": r["points"],
               "exits_per_class.csv": r["per_class_rows"], "rounding.csv": r["rounding"],
               "sim_vs_real.csv": r["sim_vs_real"]}
+    if r["cv"] is not None:
+        tables["selection_cv.csv"] = r["cv"]
     for name, frame in tables.items():
         run.write_csv(name, frame.assign(evidence=evidence))
     run.write_csv("compile_times.csv", r["times"], timing=True)
@@ -874,7 +940,8 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     run.write_latex_table(
         "operating_points.tex", operating_points_table(pts),
         f"Operating points chosen on the validation split ("
-        f"{selection_text(config['select_margin'], config['select_alpha'])}), "
+        f"{selection_text(r['select_margin'], config['select_alpha'], cv_folds=r['cv_folds'])}"
+        f"), "
         f"reported on {int(pts.images.iloc[0])} test images: {100 * (1 - ALPHA):g}\\% Wilson "
         f"intervals, the paired difference from FP32 full with McNemar's p, and the paired "
         f"TOST with a margin of {100 * MARGIN:g} points (each one-sided test at "
@@ -899,12 +966,33 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
         f"the exit rules use the {config['calibration'].upper()}'s, and the last column is "
         f"the ECE after an isotonic map of those confidences, fitted on validation{tag}.",
         "tab:early-exit-calibration")
+    if r["cv"] is not None:
+        cv = r["cv"]
+        run.write_latex_table(
+            "selection_cv.tex", pd.DataFrame({
+                "policy": cv.policy, "margin (points)": [f"{100 * m:g}" for m in cv.margin],
+                "out-of-fold acc. (%)": [f"{100 * a:.2f}" for a in cv.accuracy],
+                "vs FP32 full (points)": [f"{100 * d:+.2f} ({100 * e:.2f})"
+                                          for d, e in zip(cv.delta_vs_fp32_full, cv.se)],
+                "non-inferiority p": [p_value(v) for v in cv.p_noninferior],
+                "MACs (%)": [f"{100 * f:.1f}" for f in cv.macs_fraction],
+                "qualifies": ["yes" if m else "no" for m in cv.met],
+                "chosen": ["yes" if c else "" for c in cv.chosen]}),
+            f"Each selection procedure for the INT8 early-exit network scored by "
+            f"{config['cv_folds']}-fold cross-validation of the validation split: every "
+            f"image judged by the rule the procedure chose on the other folds (difference "
+            f"from FP32 full with its standard error; paired one-sided test that it is above "
+            f"$-{100 * MARGIN:g}$ points, at $\\alpha={ALPHA:g}$). The cheapest that "
+            f"qualifies (none: the most accurate) is chosen, then run on the whole split"
+            f"{tag}.", "tab:early-exit-cv")
     run.write_goals_table("goals.tex", goal[["goal", "measured", "verdict"]],
                           f"The issue's goals and what was measured{tag}.",
                           "tab:early-exit-goals")
     if speed_in_goals:
         run.timing_outputs.add("goals.tex")
     summary = {"smoke": smoke, "evidence": evidence, "head_policy": r["head_policy"],
+               "select_margin": r["select_margin"],
+               "selection_cv": None if r["cv"] is None else r["cv"].to_dict(orient="records"),
                "int8_rule": {"policy": r["rule8"].policy.value,
                              "thresholds": r["rule8"].thresholds,
                              "temperatures": r["rule8"].temperatures},
@@ -930,7 +1018,12 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
 
 def _macros(r: dict, smoke: bool) -> dict:
     pts = r["points"]
-    m = {"Smoke": "true" if smoke else "false", "HeadPolicy": r["head_policy"]}
+    m = {"Smoke": "true" if smoke else "false", "HeadPolicy": r["head_policy"],
+         "SelectMargin": f"{100 * r['select_margin']:g}"}
+    cv = r["cv"]
+    m["CvFolds"] = "--" if cv is None else str(r["cv_folds"])
+    m["CvProcedures"] = "--" if cv is None else str(len(cv))
+    m["CvQualified"] = "--" if cv is None else str(int(cv.met.sum()))
     head = pts[(pts.system == f"{INT8}_early_exit") & (pts.policy == r["head_policy"])].iloc[0]
     m["AccHead"] = f"{100 * head.accuracy:.2f}"
     m["MacsHead"] = f"{100 * head.macs_fraction:.1f}"

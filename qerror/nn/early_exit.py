@@ -18,7 +18,10 @@
   so :func:`threshold_sweep` prices many thresholds with one forward pass;
   :func:`choose_operating_point` (and :func:`refine_thresholds`, one threshold per exit)
   choose among them by :func:`qualifies`, on the point estimate or on a paired
-  non-inferiority test; :func:`exits_per_class` and :func:`compare_exits` summarise them.
+  non-inferiority test; :func:`select_rule` runs a :class:`SelectionProcedure` (policy,
+  shared or per-exit thresholds, margin) and :func:`cross_validate_selection` scores
+  procedures on samples they did not choose on; :func:`exits_per_class` and
+  :func:`compare_exits` summarise them.
 * :func:`count_macs`, :func:`exit_costs`, :func:`block_mac_fractions` and
   :func:`sdn_exit_points` count multiply-accumulates from the graph with PyTorch's FLOP
   counter.
@@ -55,6 +58,7 @@ __all__ = [
     "ExitResult",
     "ExitRule",
     "ExitStage",
+    "CrossValidated",
     "IsotonicMap",
     "FinalHead",
     "OperatingPoint",
@@ -75,8 +79,11 @@ __all__ = [
     "fit_isotonic",
     "fit_temperature",
     "RefinedRule",
+    "SelectionProcedure",
     "qualifies",
     "refine_thresholds",
+    "cross_validate_selection",
+    "select_rule",
     "run_early_exit",
     "sdn_exit_points",
     "selection_order",
@@ -1458,6 +1465,194 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     rule = ExitRule(start.policy, tuple(current), start.temperatures)
     return RefinedRule(rule, correct, n, mean, mean / costs.full_macs, counts,
                        order[0] == 0, rounds)
+
+
+@dataclass(frozen=True)
+class SelectionProcedure:
+    """A way to choose an exit rule on a selection split (:func:`select_rule`).
+
+    Attributes
+    ----------
+    policy : ExitPolicy
+    per_exit : bool
+        False: one threshold shared by the early exits (:func:`choose_operating_point`);
+        True: one per exit, refined from the shared one (:func:`refine_thresholds`).
+    margin : float
+        In [0, 1]: how far below the reference a rule may be and still qualify
+        (:func:`qualifies`).
+    """
+
+    policy: ExitPolicy
+    per_exit: bool
+    margin: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "policy", ExitPolicy.parse(self.policy))
+        if not isinstance(self.per_exit, (bool, np.bool_)):
+            raise TypeError(f"per_exit must be a bool, got {self.per_exit!r}")
+        object.__setattr__(self, "margin", _check_threshold(self.margin, "margin"))
+
+    @property
+    def label(self) -> str:
+        """The policy, and "per exit" when the thresholds are per exit."""
+        return f"{self.policy.value} per exit" if self.per_exit else self.policy.value
+
+
+def select_rule(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                procedure: SelectionProcedure, candidates: Sequence[float], costs: ExitCosts,
+                reference, *, temperatures: Sequence[float] | None = None,
+                alpha: float | None = None) -> RefinedRule:
+    """The rule ``procedure`` chooses on these samples, and what it gives on them.
+
+    A shared threshold is the one :func:`choose_operating_point` picks from a
+    :func:`threshold_sweep` over ``candidates``; per-exit thresholds are then refined from
+    it by :func:`refine_thresholds` over the same candidates. ``reference`` and ``alpha``
+    are as for :func:`choose_operating_point`, ``procedure.margin`` its margin. A shared
+    threshold's :class:`RefinedRule` has ``rounds = 0``.
+    """
+    if not isinstance(procedure, SelectionProcedure):
+        raise TypeError(f"procedure must be a SelectionProcedure, got "
+                        f"{type(procedure).__name__}")
+    logits = _check_exit_logits(logits)
+    temps = None if temperatures is None else tuple(temperatures)
+    sweep = threshold_sweep(logits, labels, procedure.policy, candidates, costs, temps)
+    op = choose_operating_point(sweep, reference, procedure.margin, alpha=alpha)
+    rule = ExitRule(procedure.policy, (op.point.threshold,) * (len(logits) - 1), temps)
+    if procedure.per_exit:
+        return refine_thresholds(logits, labels, rule, candidates, costs, reference,
+                                 procedure.margin, alpha=alpha)
+    p = op.point
+    return RefinedRule(rule, p.correct, p.n, p.mean_macs, p.macs_fraction, p.exit_counts,
+                       op.met, 0)
+
+
+@dataclass(frozen=True)
+class CrossValidated:
+    """A selection procedure scored out of fold (:func:`cross_validate_selection`).
+
+    Attributes
+    ----------
+    procedure : SelectionProcedure
+    right : torch.Tensor
+        (N,) bool: each sample scored by the rule the procedure chose on the other folds.
+    mean_macs, macs_fraction : float
+        Average MACs of those rules on the samples they did not see (and over the plain
+        network's MACs).
+    met : bool
+        Whether ``right`` qualifies against the reference (:func:`qualifies` at the margin
+        and level :func:`cross_validate_selection` was given).
+    """
+
+    procedure: SelectionProcedure
+    right: torch.Tensor = field(repr=False, compare=False)
+    mean_macs: float
+    macs_fraction: float
+    met: bool
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.right.double().mean())
+
+
+def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                             procedures: Sequence[SelectionProcedure],
+                             candidates: Sequence[float], costs: ExitCosts,
+                             reference: torch.Tensor, margin: float, *,
+                             alpha: float | None = None, folds: int = 5, seed: int = 0,
+                             calibration: str | None = "nll") -> tuple[CrossValidated, ...]:
+    """How each selection procedure does on samples it did not choose on, by K-fold
+    cross-validation of one selection split.
+
+    Parameters
+    ----------
+    logits, labels
+        Every exit's (N, C) logits and the (N,) classes of the selection (validation)
+        split.
+    procedures : sequence of SelectionProcedure
+    candidates : sequence of float
+        The thresholds every procedure chooses from.
+    costs : ExitCosts
+    reference : torch.Tensor
+        (N,) bool: which samples the reference (FP32 full) got right; each fold's rules are
+        chosen against its share.
+    margin, alpha
+        How the pooled out-of-fold correctness qualifies against the reference
+        (:func:`qualifies`); ``alpha`` is also the level of each procedure's own test.
+    folds : int
+        K, at least 2 and at most N.
+    seed : int
+        Of the random assignment of samples to folds (equal sizes within one sample).
+    calibration : {"nll", "ece"} or None
+        The objective of a temperature per exit fitted afresh on each fold's training part
+        (:func:`calibrate_exits`), as the rules use temperatures fitted on the whole split;
+        None: no temperatures.
+
+    Returns
+    -------
+    tuple of CrossValidated
+        One per procedure, in order. Choose among them with :func:`selection_order`
+        (``accuracy``, ``mean_macs``, ``met``), then run the chosen procedure on the whole
+        split (:func:`select_rule`).
+
+    Notes
+    -----
+    A rule chosen as the cheapest of many that qualify on a split is judged on that split
+    by the very samples that made it win, so on fresh samples it is less accurate than it
+    was there (the winner's curse): the more thresholds a procedure may tune (one per exit
+    rather than one shared) and the nearer to the boundary it may go (a wider margin), the
+    larger the fall. Scoring every sample with a rule chosen without it measures each
+    procedure's fall instead of assuming it; asking the pooled out-of-fold correctness to
+    qualify at the margin that matters lets the data say how much closer to the boundary a
+    procedure must aim (its ``margin``) for its choice to hold. The rule finally used is
+    chosen on all N samples, K/(K-1) times those each fold's rules saw, so the estimate is
+    slightly pessimistic (Hastie, Tibshirani and Friedman, *The Elements of Statistical
+    Learning*, 2nd ed., Sec. 7.10). Choosing the cheapest of several procedures this way
+    is itself a selection, a much smaller one: a few procedures instead of every threshold.
+    """
+    logits = _check_exit_logits(logits)
+    _, y = _check_logits_labels(logits[-1], labels)
+    n = len(y)
+    _, ref_right = _reference(reference, n)
+    if ref_right is None:
+        raise ValueError("cross-validation needs the reference's per-sample correctness (an "
+                         "(N,) bool tensor), to choose each fold's rules against its share")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) \
+            or not 2 <= folds <= n:
+        raise ValueError(f"folds must be an int from 2 to the {n} samples, got {folds!r}")
+    procedures = list(procedures)
+    if not procedures or not all(isinstance(p, SelectionProcedure) for p in procedures):
+        raise ValueError("procedures must be a non-empty sequence of SelectionProcedure")
+    if len(costs.macs) != len(logits):
+        raise ValueError(f"costs price {len(costs.macs)} exits but the logits have "
+                         f"{len(logits)}")
+    if calibration is not None and calibration not in CALIBRATION_OBJECTIVES:
+        raise ValueError(f"calibration must be one of {CALIBRATION_OBJECTIVES} or None, got "
+                         f"{calibration!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    fold_of = torch.empty(n, dtype=torch.long)
+    fold_of[torch.randperm(n, generator=gen)] = torch.arange(n) % folds
+    logits = [z.cpu() for z in logits]
+    right = torch.zeros(len(procedures), n, dtype=torch.bool)
+    macs = torch.zeros(len(procedures), n, dtype=torch.float64)
+    prices = torch.as_tensor(list(costs.macs), dtype=torch.float64)
+    for f in range(folds):
+        held = (fold_of == f).nonzero().squeeze(1)
+        seen = (fold_of != f).nonzero().squeeze(1)
+        part = [z[seen] for z in logits]
+        temps = None if calibration is None else tuple(
+            c.temperature for c in calibrate_exits(part, y[seen], objective=calibration))
+        for i, proc in enumerate(procedures):
+            chosen = select_rule(part, y[seen], proc, candidates, costs, ref_right[seen],
+                                 temperatures=temps, alpha=alpha)
+            res = exit_result_from_logits([z[held] for z in logits], chosen.rule)
+            right[i, held] = res.predictions == y[held]
+            macs[i, held] = prices[res.exit_index]
+    out = []
+    for i, proc in enumerate(procedures):
+        mean = float(macs[i].mean())
+        out.append(CrossValidated(proc, right[i], mean, mean / costs.full_macs,
+                                  qualifies(right[i], ref_right, margin, alpha)))
+    return tuple(out)
 
 
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -23,7 +23,8 @@ OUTPUTS = ("macs.csv", "heads.csv", "calibration.csv", "sweeps.csv", "operating_
            "exits_per_class.csv", "rounding.csv", "sim_vs_real.csv", "compile_times.csv",
            "goals.csv", "exit_model.pt", "operating_points.tex", "heads.tex",
            "calibration.tex", "goals.tex", "macros.tex", "summary.json", "sweeps.pdf",
-           "sweeps.png", "calibration.pdf", "exits_per_class.pdf")
+           "sweeps.png", "calibration.pdf", "exits_per_class.pdf", "selection_cv.csv",
+           "selection_cv.tex")
 
 
 @pytest.fixture
@@ -70,13 +71,28 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 64 and manifest["config"]["smoke"]
     assert manifest["timing_outputs"] == ["compile_times.csv"]  # uncompiled: no latency
-    # The default selection: a paired non-inferiority test at the equivalence margin.
+    # The default selection: a paired non-inferiority test whose margin, with the headline
+    # policy, five-fold cross-validation chose: the first procedure by the selection order
+    # of its out-of-fold accuracy and MACs, whether it qualified at the equivalence margin.
     cfg = manifest["config"]
-    assert (cfg["select"], cfg["select_margin"], cfg["select_alpha"]) == \
-        ("paired-test", early_exit.MARGIN, early_exit.ALPHA)
-    assert "paired one-sided test" in cfg["operating_point_rule"]
+    assert (cfg["select"], cfg["select_margin"], cfg["select_alpha"], cfg["cv_folds"]) == \
+        ("cv", None, early_exit.ALPHA, 5)
+    assert cfg["cv_margins"] == pytest.approx([0.005, 0.004, 0.003, 0.002, 0.001])
+    assert "5-fold cross-validation" in cfg["operating_point_rule"]
+    cv = pd.read_csv(out / "selection_cv.csv")
+    assert len(cv) == 4 * 5 and cv.chosen.sum() == 1
+    order = [early_exit.selection_order(a, m, bool(q))
+             for a, m, q in zip(cv.accuracy, cv.macs_fraction, cv.met)]
+    best = cv.iloc[min(range(len(cv)), key=order.__getitem__)]
+    assert best.chosen
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["head_policy"] == best.policy
+    assert summary["select_margin"] == pytest.approx(best.margin)
     assert "paired one-sided test against FP32 full at $\\alpha=0.05$" in \
         (out / "operating_points.tex").read_text()
+    assert f"({100 * best.margin:g} points here)" in (out / "operating_points.tex").read_text()
+    assert f"\\newcommand{{\\earlyExitSelectMargin}}{{{100 * best.margin:g}}}" in \
+        (out / "macros.tex").read_text()
     assert not list(out.parent.glob(".run.partial*"))
     # Smoke outputs say so, and judge no goal.
     goals = pd.read_csv(out / "goals.csv")

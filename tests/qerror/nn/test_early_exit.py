@@ -16,12 +16,14 @@ from qerror.nn.early_exit import (
     ExitPolicy,
     ExitRule,
     IsotonicMap,
+    SelectionProcedure,
     block_mac_fractions,
     calibrate_exits,
     choose_operating_point,
     compare_exits,
     confidence_ece,
     count_macs,
+    cross_validate_selection,
     exit_confidence,
     exit_costs,
     exit_result_from_logits,
@@ -33,6 +35,7 @@ from qerror.nn.early_exit import (
     refine_thresholds,
     run_early_exit,
     sdn_exit_points,
+    select_rule,
     selection_order,
     threshold_sweep,
 )
@@ -660,6 +663,85 @@ def test_choose_and_refine_under_the_paired_test():
     assert got.met == qualifies(res.predictions == labels, ref, 0.02, alpha=0.05) is True
     assert got.mean_macs <= test.point.mean_macs
 
+
+
+@pytest.mark.parametrize("per_exit", [False, True])
+def test_select_rule_is_the_shared_choice_then_its_refinement(per_exit):
+    labels, logits, costs = _four_exits(600, (1.0, 2.0, 2.5, 3.0))
+    cands = [1.0] + [1 - k / 50 for k in range(1, 40)]
+    ref = logits[-1].argmax(1) == labels
+    temps = (1.2, 1.0, 0.9, 1.1)
+    got = select_rule(logits, labels, SelectionProcedure("entropy", per_exit, 0.02), cands,
+                      costs, ref, temperatures=temps, alpha=0.05)
+    op = choose_operating_point(threshold_sweep(logits, labels, "entropy", cands, costs,
+                                                temps), ref, 0.02, alpha=0.05)
+    start = ExitRule("entropy", (op.point.threshold,) * 3, temps)
+    if per_exit:
+        assert got == refine_thresholds(logits, labels, start, cands, costs, ref, 0.02,
+                                        alpha=0.05)
+    else:
+        assert got.rule == start and got.rounds == 0 and got.met == op.met
+        assert (got.correct, got.mean_macs, got.exit_counts) == (
+            op.point.correct, op.point.mean_macs, op.point.exit_counts)
+
+
+def test_cross_validation_scores_each_sample_by_a_rule_chosen_on_the_other_folds():
+    """Against a loop over the folds written out here: the documented fold assignment, a
+    temperature per exit fitted on each training part, each procedure run there and its
+    rule applied to the held-out fold; pooled correctness, MACs and qualification."""
+    labels, logits, costs = _four_exits(500, (1.0, 2.0, 2.5, 3.0))
+    cands = [1.0] + [1 - k / 25 for k in range(1, 20)]
+    ref = logits[-1].argmax(1) == labels
+    procs = [SelectionProcedure(p, per, m) for p in ("max-softmax", "entropy")
+             for per in (False, True) for m in (0.04, 0.01)]
+    got = cross_validate_selection(logits, labels, procs, cands, costs, ref, 0.03,
+                                   alpha=0.05, folds=4, seed=9)
+    fold_of = torch.empty(500, dtype=torch.long)
+    fold_of[torch.randperm(500, generator=torch.Generator().manual_seed(9))] = \
+        torch.arange(500) % 4
+    assert sorted(torch.bincount(fold_of).tolist()) == [125] * 4
+    for proc, cv in zip(procs, got):
+        right = torch.zeros(500, dtype=torch.bool)
+        macs = torch.zeros(500, dtype=torch.float64)
+        for f in range(4):
+            seen, held = fold_of != f, fold_of == f
+            part = [z[seen] for z in logits]
+            temps = tuple(c.temperature for c in calibrate_exits(part, labels[seen]))
+            rule = select_rule(part, labels[seen], proc, cands, costs, ref[seen],
+                               temperatures=temps, alpha=0.05).rule
+            res = exit_result_from_logits([z[held] for z in logits], rule)
+            right[held] = res.predictions == labels[held]
+            macs[held] = torch.tensor(costs.macs, dtype=torch.float64)[res.exit_index]
+        assert cv.procedure == proc and torch.equal(cv.right, right)
+        assert cv.mean_macs == pytest.approx(float(macs.mean()), rel=1e-15)
+        assert cv.macs_fraction == pytest.approx(cv.mean_macs / 100, rel=1e-15)
+        assert cv.met == qualifies(right, ref, 0.03, alpha=0.05)
+    # the procedures differ out of fold (a wider margin is cheaper here), so the
+    # comparison above is not of one rule repeated
+    assert len({cv.mean_macs for cv in got}) > 1
+
+
+def test_cross_validation_inputs_are_checked():
+    labels, logits, costs = _four_exits(20, (1.0, 2.0, 2.5, 3.0))
+    ref = logits[-1].argmax(1) == labels
+    procs = [SelectionProcedure("entropy", False, 0.01)]
+    with pytest.raises(ValueError, match="folds must be an int from 2 to the 20 samples"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, folds=1)
+    with pytest.raises(ValueError, match="folds must be an int from 2 to the 20 samples"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, folds=21)
+    with pytest.raises(ValueError, match="per-sample correctness"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, 0.9, 0.01)
+    with pytest.raises(ValueError, match="non-empty sequence of SelectionProcedure"):
+        cross_validate_selection(logits, labels, [], [0.5], costs, ref, 0.01)
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01,
+                                 calibration="mse")
+    with pytest.raises(ValueError, match="margin must be"):
+        SelectionProcedure("entropy", False, 1.5)
+    with pytest.raises(TypeError, match="per_exit must be a bool"):
+        SelectionProcedure("entropy", "yes", 0.01)
+    with pytest.raises(TypeError, match="procedure must be a SelectionProcedure"):
+        select_rule(logits, labels, ("entropy", False, 0.01), [0.5], costs, ref)
 
 def test_selection_inputs_are_checked():
     from qerror.nn.early_exit import ExitCosts
