@@ -33,6 +33,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -1539,8 +1540,13 @@ class CrossValidated:
         Average MACs of those rules on the samples they did not see (and over the plain
         network's MACs).
     met : bool
-        Whether ``right`` qualifies against the reference (:func:`qualifies` at the margin
-        and level :func:`cross_validate_selection` was given).
+        Whether ``right`` qualifies against the reference (:func:`qualifies` at
+        ``qualifying_margin`` and the level :func:`cross_validate_selection` was given).
+    qualifying_margin : float
+        The margin it qualified by: the one given, or, planned for a split of ``plan_n``
+        images, that margin less ``z_{1-alpha}`` standard errors of the paired difference
+        this procedure's out-of-fold discordance predicts there (0 or less: it cannot
+        qualify).
     """
 
     procedure: SelectionProcedure
@@ -1548,6 +1554,7 @@ class CrossValidated:
     mean_macs: float
     macs_fraction: float
     met: bool
+    qualifying_margin: float
 
     @property
     def accuracy(self) -> float:
@@ -1559,7 +1566,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
                              candidates: Sequence[float], costs: ExitCosts,
                              reference: torch.Tensor, margin: float, *,
                              alpha: float | None = None, folds: int = 5, seed: int = 0,
-                             calibration: str | None = "nll") -> tuple[CrossValidated, ...]:
+                             calibration: str | None = "nll",
+                             plan_n: int | None = None) -> tuple[CrossValidated, ...]:
     """How each selection procedure does on samples it did not choose on, by K-fold
     cross-validation of one selection split.
 
@@ -1586,6 +1594,13 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
         The objective of a temperature per exit fitted afresh on each fold's training part
         (:func:`calibrate_exits`), as the rules use temperatures fitted on the whole split;
         None: no temperatures.
+    plan_n : int, optional
+        The images of the split the chosen rule will be reported on by an equivalence test
+        (TOST) at ``margin`` and ``alpha`` (which it then needs). A procedure then qualifies
+        only when the pooled out-of-fold test shows its accuracy above the reference's minus
+        ``margin - z_{1-alpha} se``, with ``se`` the standard error of the paired difference
+        on ``plan_n`` images that its out-of-fold discordance predicts (Bonett and Price's
+        adjusted proportions, as :func:`qerror.stats.paired_accuracy_equivalence`).
 
     Returns
     -------
@@ -1608,6 +1623,14 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     slightly pessimistic (Hastie, Tibshirani and Friedman, *The Elements of Statistical
     Learning*, 2nd ed., Sec. 7.10). Choosing the cheapest of several procedures this way
     is itself a selection, a much smaller one: a few procedures instead of every threshold.
+
+    Qualifying at the equivalence margin itself asks too little of a rule that an
+    equivalence test will judge: the TOST on ``plan_n`` images passes only when the
+    measured difference lies more than ``z_{1-alpha} se`` inside the margin, so a rule
+    whose true difference sits just inside it fails about half the time or more. With
+    ``plan_n`` a procedure qualifies when the selection split shows, at level ``alpha``,
+    its true difference to lie beyond ``-(margin - z_{1-alpha} se)``, where that test
+    passes at least half the time.
     """
     logits = _check_exit_logits(logits)
     _, y = _check_logits_labels(logits[-1], labels)
@@ -1628,6 +1651,12 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     if calibration is not None and calibration not in CALIBRATION_OBJECTIVES:
         raise ValueError(f"calibration must be one of {CALIBRATION_OBJECTIVES} or None, got "
                          f"{calibration!r}")
+    if plan_n is not None:
+        if isinstance(plan_n, bool) or not isinstance(plan_n, (int, np.integer)) or plan_n < 1:
+            raise ValueError(f"plan_n must be a positive int (the images of the split the "
+                             f"rule will be reported on), got {plan_n!r}")
+        if alpha is None:
+            raise ValueError("plan_n plans for an equivalence test at level alpha; give alpha")
     gen = torch.Generator().manual_seed(int(seed))
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[torch.randperm(n, generator=gen)] = torch.arange(n) % folds
@@ -1647,11 +1676,19 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
             res = exit_result_from_logits([z[held] for z in logits], chosen.rule)
             right[i, held] = res.predictions == y[held]
             macs[i, held] = prices[res.exit_index]
+    margin = _check_threshold(margin, "margin")
     out = []
     for i, proc in enumerate(procedures):
         mean = float(macs[i].mean())
-        out.append(CrossValidated(proc, right[i], mean, mean / costs.full_macs,
-                                  qualifies(right[i], ref_right, margin, alpha)))
+        bar = margin
+        if plan_n is not None:
+            # the spread per image of the TOST's adjusted Wald statistic, on plan_n images
+            spread = paired_accuracy_equivalence(
+                int((right[i] & ~ref_right).sum()), int((ref_right & ~right[i]).sum()), n,
+                margin, alpha).std
+            bar = margin - NormalDist().inv_cdf(1 - alpha) * spread / math.sqrt(plan_n + 2)
+        met = bar > 0 and qualifies(right[i], ref_right, min(bar, 1.0), alpha)
+        out.append(CrossValidated(proc, right[i], mean, mean / costs.full_macs, met, bar))
     return tuple(out)
 
 

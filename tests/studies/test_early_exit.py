@@ -85,6 +85,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
              for a, m, q in zip(cv.accuracy, cv.macs_fraction, cv.met)]
     best = cv.iloc[min(range(len(cv)), key=order.__getitem__)]
     assert best.chosen
+    # each procedure qualified at the margin less what the test split's TOST needs of it
+    assert (cv.qualifying_margin < early_exit.MARGIN).all()
+    assert (cv.met == ((cv.qualifying_margin > 0) & (cv.p_qualifying < early_exit.ALPHA))).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["head_policy"] == best.policy
     assert summary["select_margin"] == pytest.approx(best.margin)

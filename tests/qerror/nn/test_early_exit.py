@@ -716,9 +716,40 @@ def test_cross_validation_scores_each_sample_by_a_rule_chosen_on_the_other_folds
         assert cv.mean_macs == pytest.approx(float(macs.mean()), rel=1e-15)
         assert cv.macs_fraction == pytest.approx(cv.mean_macs / 100, rel=1e-15)
         assert cv.met == qualifies(right, ref, 0.03, alpha=0.05)
+        assert cv.qualifying_margin == 0.03
     # the procedures differ out of fold (a wider margin is cheaper here), so the
     # comparison above is not of one rule repeated
     assert len({cv.mean_macs for cv in got}) > 1
+
+
+def test_planning_for_the_reporting_split_narrows_the_margin_by_its_standard_error():
+    """With plan_n the bar is the margin less z_{1-alpha} standard errors of the paired
+    difference on plan_n images: on plan_n = N that is the standard error of the TOST of
+    the out-of-fold correctness itself; more images, a smaller se, a wider bar."""
+    labels, logits, costs = _four_exits(500, (1.0, 2.0, 2.5, 3.0))
+    cands = [1.0] + [1 - k / 25 for k in range(1, 20)]
+    ref = logits[-1].argmax(1) == labels
+    procs = [SelectionProcedure(p, per, 0.04) for p in ("max-softmax", "entropy")
+             for per in (False, True)]
+    kw = {"alpha": 0.05, "folds": 4, "seed": 9}
+    plain = cross_validate_selection(logits, labels, procs, cands, costs, ref, 0.05, **kw)
+    z = 1.6448536269514722
+    for plan_n in (500, 40_000):
+        got = cross_validate_selection(logits, labels, procs, cands, costs, ref, 0.05,
+                                       plan_n=plan_n, **kw)
+        for a, b in zip(plain, got):
+            assert torch.equal(a.right, b.right) and a.mean_macs == b.mean_macs
+            only_a, only_b = int((b.right & ~ref).sum()), int((ref & ~b.right).sum())
+            se = paired_accuracy_equivalence(only_a, only_b, 500, 0.05, 0.05).se
+            if plan_n == 500:
+                assert b.qualifying_margin == pytest.approx(0.05 - z * se, rel=1e-12)
+            else:
+                assert 0.05 - z * se < b.qualifying_margin < 0.05
+            assert b.met == (b.qualifying_margin > 0 and qualifies(
+                b.right, ref, b.qualifying_margin, alpha=0.05))
+            assert b.met <= a.met  # a narrower bar qualifies no procedure the margin does not
+    assert any(a.met and not b.met for a, b in zip(plain, cross_validate_selection(
+        logits, labels, procs, cands, costs, ref, 0.05, plan_n=500, **kw)))
 
 
 def test_cross_validation_inputs_are_checked():
@@ -733,6 +764,11 @@ def test_cross_validation_inputs_are_checked():
         cross_validate_selection(logits, labels, procs, [0.5], costs, 0.9, 0.01)
     with pytest.raises(ValueError, match="non-empty sequence of SelectionProcedure"):
         cross_validate_selection(logits, labels, [], [0.5], costs, ref, 0.01)
+    with pytest.raises(ValueError, match="plan_n must be a positive int"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, alpha=0.05,
+                                 plan_n=0)
+    with pytest.raises(ValueError, match="give alpha"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, plan_n=100)
     with pytest.raises(ValueError, match="calibration must be one of"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01,
                                  calibration="mse")
