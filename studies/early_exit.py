@@ -576,6 +576,9 @@ def _main(argv: list[str]) -> int:
         parser.error("--select-margin must be above 0 with --select paired-test (a "
                      "non-inferiority test needs a margin)")
     cv_folds = args.cv_folds if args.select == "cv" else None
+    if cv_folds and cv_folds > val_images:
+        parser.error(f"--cv-folds {cv_folds} is more than the {val_images} validation images; "
+                     f"give fewer folds or more images")
     check_out(args.out, "early_exit", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
@@ -748,8 +751,10 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             logits[INT8][0], data.val.y, procs, config["thresholds"], costs, ref_val, MARGIN,
             alpha=ALPHA, folds=config["cv_folds"], seed=args.seed,
             calibration=config["calibration"], plan_n=len(data.test.y))
-        # ties (the same out-of-fold images right at the same MACs) to the first listed
-        best = min(cv, key=lambda c: selection_order(c.accuracy, c.mean_macs, c.met))
+        # ties (the same out-of-fold images right at the same MACs) to the smaller margin,
+        # the more cautious rule on the whole split, then to the first listed
+        best = min(cv, key=lambda c: (selection_order(c.accuracy, c.mean_macs, c.met),
+                                      c.procedure.margin))
         margin, cv_head = best.procedure.margin, best.procedure.label
         cv_rows = pd.DataFrame([cv_row(c, ref_val, c is best) for c in cv])
     for system, (val, test) in logits.items():
@@ -1029,11 +1034,15 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
 def _macros(r: dict, smoke: bool) -> dict:
     pts = r["points"]
     m = {"Smoke": "true" if smoke else "false", "HeadPolicy": r["head_policy"],
-         "SelectMargin": f"{100 * r['select_margin']:g}"}
+         "SelectMargin": f"{100 * r['select_margin']:g}", "Margin": f"{100 * MARGIN:g}"}
     cv = r["cv"]
     m["CvFolds"] = "--" if cv is None else str(r["cv_folds"])
     m["CvProcedures"] = "--" if cv is None else str(len(cv))
     m["CvQualified"] = "--" if cv is None else str(int(cv.met.sum()))
+    margins = [] if cv is None else sorted(set(cv.margin))
+    m["CvMargins"] = str(len(margins)) if margins else "--"
+    m["CvMarginMax"] = f"{100 * margins[-1]:g}" if margins else "--"
+    m["CvMarginMin"] = f"{100 * margins[0]:g}" if margins else "--"
     head = pts[(pts.system == f"{INT8}_early_exit") & (pts.policy == r["head_policy"])].iloc[0]
     m["AccHead"] = f"{100 * head.accuracy:.2f}"
     m["MacsHead"] = f"{100 * head.macs_fraction:.1f}"

@@ -1606,8 +1606,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     -------
     tuple of CrossValidated
         One per procedure, in order. Choose among them with :func:`selection_order`
-        (``accuracy``, ``mean_macs``, ``met``), then run the chosen procedure on the whole
-        split (:func:`select_rule`).
+        (``accuracy``, ``mean_macs``, ``met``; ties to the smaller margin, the more
+        cautious), then run the chosen procedure on the whole split (:func:`select_rule`).
 
     Notes
     -----
@@ -1618,11 +1618,16 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     larger the fall. Scoring every sample with a rule chosen without it measures each
     procedure's fall instead of assuming it; asking the pooled out-of-fold correctness to
     qualify at the margin that matters lets the data say how much closer to the boundary a
-    procedure must aim (its ``margin``) for its choice to hold. The rule finally used is
-    chosen on all N samples, K/(K-1) times those each fold's rules saw, so the estimate is
-    slightly pessimistic (Hastie, Tibshirani and Friedman, *The Elements of Statistical
-    Learning*, 2nd ed., Sec. 7.10). Choosing the cheapest of several procedures this way
-    is itself a selection, a much smaller one: a few procedures instead of every threshold.
+    procedure must aim (its ``margin``) for its choice to hold. Three cautions. The rule
+    finally used is chosen on all N samples, K/(K-1) times those each fold's rules saw;
+    where more samples make a learner better that makes the estimate pessimistic (Hastie,
+    Tibshirani and Friedman, *The Elements of Statistical Learning*, 2nd ed., Sec. 7.10),
+    but here more samples make the paired test more powerful, so the rule chosen on all N
+    may aim nearer the boundary than the folds' rules did and the out-of-fold estimate can
+    flatter it. The pooled correctness comes from K rules, not one, and the paired test
+    treats it as one rule's, so its standard error is somewhat too small. And choosing the
+    cheapest of several procedures is itself a selection, a smaller one: a few procedures
+    instead of every threshold.
 
     Qualifying at the equivalence margin itself asks too little of a rule that an
     equivalence test will judge: the TOST on ``plan_n`` images passes only when the
@@ -1634,6 +1639,7 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     """
     logits = _check_exit_logits(logits)
     _, y = _check_logits_labels(logits[-1], labels)
+    y = y.cpu()
     n = len(y)
     _, ref_right = _reference(reference, n)
     if ref_right is None:

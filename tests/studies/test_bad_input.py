@@ -196,6 +196,8 @@ STUDY_CASES = {
         ("cv-margin-0", ["--cv-margins", "0.005", "0"], ARGPARSE,
          r"--cv-margins must be above 0"),
         ("cv-folds-1", ["--cv-folds", "1"], ARGPARSE, r"--cv-folds: must be at least 2, got 1"),
+        ("cv-folds-above-images", ["--val-images", "3"], ARGPARSE,
+         r"--cv-folds 5 is more than the 3 validation images"),
         ("select-unknown", ["--select", "best"], ARGPARSE, r"--select: invalid choice"),
         ("unknown-arch", ["--arch", "vgg16"], ARGPARSE, r"--arch: .*vgg16"),
         ("train-images-1", ["--train-images", "1"], ARGPARSE,

@@ -73,7 +73,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert manifest["timing_outputs"] == ["compile_times.csv"]  # uncompiled: no latency
     # The default selection: a paired non-inferiority test whose margin, with the headline
     # policy, five-fold cross-validation chose: the first procedure by the selection order
-    # of its out-of-fold accuracy and MACs, whether it qualified at the equivalence margin.
+    # of its out-of-fold accuracy and MACs and whether it qualified.
     cfg = manifest["config"]
     assert (cfg["select"], cfg["select_margin"], cfg["select_alpha"], cfg["cv_folds"]) == \
         ("cv", None, early_exit.ALPHA, 5)
@@ -81,8 +81,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     assert "5-fold cross-validation" in cfg["operating_point_rule"]
     cv = pd.read_csv(out / "selection_cv.csv")
     assert len(cv) == 4 * 5 and cv.chosen.sum() == 1
-    order = [early_exit.selection_order(a, m, bool(q))
-             for a, m, q in zip(cv.accuracy, cv.macs_fraction, cv.met)]
+    # ties to the smaller margin
+    order = [(early_exit.selection_order(a, m, bool(q)), margin)
+             for a, m, q, margin in zip(cv.accuracy, cv.macs_fraction, cv.met, cv.margin)]
     best = cv.iloc[min(range(len(cv)), key=order.__getitem__)]
     assert best.chosen
     # each procedure qualified at the margin less what the test split's TOST needs of it
