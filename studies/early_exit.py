@@ -740,8 +740,8 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
     # test needs it; the estimate rule uses its accuracy only).
     margin, cv_rows, cv_head = config["select_margin"], None, None
     if config["cv_folds"]:
-        # Each procedure (policy, shared or per-exit thresholds, inner margin) run on four
-        # fifths of the validation split and scored on the fifth it did not see; the
+        # Each procedure (policy, shared or per-exit thresholds, inner margin) run on all
+        # folds of the validation split but one and scored on the fold it did not see; the
         # cheapest whose out-of-fold accuracy qualifies, at the equivalence margin less what
         # the test split's TOST needs of it (planned for its size), sets the margin of
         # every rule below and the headline policy.
