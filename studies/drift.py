@@ -1515,7 +1515,17 @@ def drift_tails(res: PropagationResult) -> dict:
     :data:`TAIL_TOP` most extreme images were among them, the tail share among the others
     and that of normal samples of as many. NaN where no image means were kept, where no
     inputs were checked (weights alone) and, for the shares, where no more than
-    :data:`TAIL_TOP` unclipped images remain or they are constant."""
+    :data:`TAIL_TOP` unclipped images remain or they are constant.
+
+    Whether the images' own activation makes the tail: where each kept image's float output
+    power was kept (``SiteResult.float_power_image``), the same median share for the drift
+    divided by the image's float RMS at the layer (``tail_top_share_relative``), and at the
+    median layer the share its most extreme images carry of the float RMS's own variance
+    (``tail_rms_share``) and the Spearman correlation between an image's float RMS and the
+    size of its drift (``tail_rms_spearman``). A systematic error (a weight
+    shrunk toward zero) moves an image's output in proportion to the activation it carries,
+    so images with much more activation than the rest make a heavy tail of drift that the
+    relative drift does not have."""
     layers, n = [], 0
     upstream = None
     for site in sorted(res.sites, key=lambda s: s.order):
@@ -1532,19 +1542,31 @@ def drift_tails(res: PropagationResult) -> dict:
         if math.isnan(share):
             continue
         n = len(per_image)
-        # the flags and the image means are kept for the same images (measure's image_means)
-        layers.append((share, float(sps.kurtosis(per_image)), per_image, upstream))
+        # the flags, the powers and the image means are kept for the same images
+        rms = None if site.float_power_image is None else np.sqrt(
+            np.asarray(site.float_power_image, dtype=np.float64))
+        layers.append((share, float(sps.kurtosis(per_image)), per_image, upstream, rms))
     out = {"tail_images": n, "tail_top_share": math.nan,
            "tail_top_share_normal": tail_share_normal(n, TAIL_TOP) if n > TAIL_TOP
            else math.nan, "tail_kurtosis": math.nan, "tail_clipped_share": math.nan,
            "tail_top_clipped": math.nan, "tail_top_share_unclipped": math.nan,
-           "tail_top_share_unclipped_normal": math.nan}
+           "tail_top_share_unclipped_normal": math.nan, "tail_top_share_relative": math.nan,
+           "tail_rms_share": math.nan, "tail_rms_spearman": math.nan}
     if not layers:
         return out
     shares = np.array([row[0] for row in layers])
     out["tail_top_share"] = float(np.median(shares))
     out["tail_kurtosis"] = float(np.median([row[1] for row in layers]))
-    _, _, per_image, clipped = layers[int(np.argsort(shares, kind="stable")[len(shares) // 2])]
+    relative = [tail_share(row[2] / row[4], TAIL_TOP) for row in layers
+                if row[4] is not None and (row[4] > 0).all()]
+    relative = [v for v in relative if not math.isnan(v)]
+    if relative:
+        out["tail_top_share_relative"] = float(np.median(relative))
+    _, _, per_image, clipped, rms = layers[
+        int(np.argsort(shares, kind="stable")[len(shares) // 2])]
+    if rms is not None:
+        out["tail_rms_share"] = tail_share(rms, TAIL_TOP)
+        out["tail_rms_spearman"] = float(sps.spearmanr(rms, np.abs(per_image)).statistic)
     if clipped is not None:
         out["tail_clipped_share"] = float(clipped.mean())
         top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
@@ -1673,10 +1695,10 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
     if not len(prec):
         return m
     for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO):
+        key = letters(mode.value)
         r = prec[(prec["mode"] == mode.value) & (prec.bits == 8) & (prec.target == "both")
                  & (prec.metric == "drift")]
         if len(r):
-            key = letters(mode.value)
             m["PrecisionLayers"] = str(int(r.layers.iloc[0]))
             m[f"DriftResolved{key}"] = str(int(r.resolved_layers.iloc[0]))
             m[f"DriftSeMedian{key}"] = number(r.median_se.iloc[0], 2)
@@ -1699,6 +1721,20 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                                        ("Normal", "tail_top_share_unclipped_normal")):
                     m[f"DriftTailShareUnclipped{suffix}{key}"] = text(
                         column, lambda v: f"{100 * v:.0f}")
+        # the tail set against each image's own activation, for both targets at 8 bits
+        for target, label in (("both", ""), ("weights", "Weights")):
+            r = prec[(prec["mode"] == mode.value) & (prec.bits == 8)
+                     & (prec.target == target) & (prec.metric == "drift")]
+            # "--" where the run has no such configuration (a smoke run: no weights alone)
+            row = r.iloc[0] if len(r) and "tail_top_share_relative" in r else None
+            for name, column, show in (
+                    ("DriftTailShare", "tail_top_share", lambda v: f"{100 * v:.0f}"),
+                    ("DriftTailShareRelative", "tail_top_share_relative",
+                     lambda v: f"{100 * v:.0f}"),
+                    ("DriftTailRmsShare", "tail_rms_share", lambda v: f"{100 * v:.0f}"),
+                    ("DriftTailRmsSpearman", "tail_rms_spearman", lambda v: number(v, 2))):
+                v = math.nan if row is None else row[column]
+                m[f"{name}{label}{key}"] = show(v) if np.isfinite(v) else "--"
     return m
 
 

@@ -411,6 +411,8 @@ class _SiteAcc:
         # layers, for the images whose error means are kept: whether the quantized path's
         # input held a value that its quantizer clamps, whatever the rounding draw (CPU)
         self.beyond: list[torch.Tensor] = []
+        # layers, for the same images: the mean square of each one's float output (CPU)
+        self.ref_power: list[torch.Tensor] = []
         self.bn_f = _Moments()       # BatchNorm input, float path
         self.bn_q = _Moments()       # BatchNorm input, quantized path
         # mean maps of the float input, for the predicted drift (layers)
@@ -492,6 +494,8 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
         if a.err.keep:
             beyond = [torch.cat(b) for b in parallel.gather_objects(a.beyond) if b]
             a.beyond = [torch.cat(beyond)[:a.err.keep]] if beyond else []
+            power = [torch.cat(p) for p in parallel.gather_objects(a.ref_power) if p]
+            a.ref_power = [torch.cat(power)[:a.err.keep]] if power else []
     return merged_counts
 
 
@@ -714,6 +718,9 @@ class _Instrument:
                 m = min(self.local_images, h)
                 for arm, acc, wb, sa, qa in zip(self.arms, accs, params, s_arms, q_arms):
                     acc.ref.add_sums(sf, qf, per_channel, per_image=False)
+                    room = acc.err.keep - sum(p.shape[0] for p in acc.ref_power)
+                    if room > 0:  # the images whose error means are kept, in their order
+                        acc.ref_power.append(qf[:room].sum(1) / (per_channel * qf.shape[1]))
                     arm.last = (out, acc, (sa, qa, per_channel))
                     if m:
                         xl = self._quantize_input(arm, idx, name, xf[:m], None, 1)
@@ -823,6 +830,7 @@ class SiteResult:
     local_drift_channel: np.ndarray | None = field(default=None, repr=False)
     drift_image_channel: np.ndarray | None = field(default=None, repr=False)
     beyond_range_image: np.ndarray | None = field(default=None, repr=False)
+    float_power_image: np.ndarray | None = field(default=None, repr=False)
     input_error_mean_lsb: float | None = None
     input_error_mse_lsb: float | None = None
     saturation_low: float | None = None
@@ -925,6 +933,8 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
             kw["drift_image_channel"] = torch.cat(err.kept).numpy()
         if acc.beyond:
             kw["beyond_range_image"] = torch.cat(acc.beyond).numpy()  # kept on the CPU
+        if acc.ref_power:
+            kw["float_power_image"] = torch.cat(acc.ref_power).numpy()
         mse = err.sq()
         kw.update(
             elements=err.n * err.s1.numel(), drift=err.mean(), drift_se=err.se_mean(),
@@ -1096,7 +1106,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         rounding at that boundary (``SiteResult.beyond_range_image``, shape (N,), bool):
         the images the calibrated range clips there. Inputs clamped by the BatchNorm and
         block-output quantizers (``bn_outputs``, ``block_outputs``) are not flagged: the next
-        layer's input is then inside the grid already.
+        layer's input is then inside the grid already. Also each of those images' mean
+        square of the float conv/linear output (``SiteResult.float_power_image``, shape
+        (N,)), so that an image's drift can be set against how much activation it carries.
     progress : bool
         Show a progress bar.
     first_batch : int

@@ -610,7 +610,7 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     spread = np.tile(np.arange(10.0)[:, None], (1, 3))
     # sites as measure returns them, in execution order, none checked against its range
     site = lambda kind, m: SimpleNamespace(kind=kind, drift_image_channel=m, order=0,
-                                           beyond_range_image=None)
+                                           beyond_range_image=None, float_power_image=None)
     res = SimpleNamespace(sites=[site("conv", one_out), site("conv", spread),
                                  site("linear", spread), site("bn", one_out),
                                  site("conv", None), site("conv", np.ones((10, 3)))])
@@ -624,6 +624,7 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     assert tail_share_normal(500) == pytest.approx(0.0832, abs=0.001)
     assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
     assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_clipped"])
+    assert math.isnan(t["tail_top_share_relative"]) and math.isnan(t["tail_rms_spearman"])
 
 
 def test_drift_tails_say_which_extreme_images_were_clipped():
@@ -643,7 +644,7 @@ def test_drift_tails_say_which_extreme_images_were_clipped():
 
     def site(order, kind, m, flags):
         return SimpleNamespace(order=order, kind=kind, drift_image_channel=m,
-                               beyond_range_image=flags)
+                               beyond_range_image=flags, float_power_image=None)
 
     # listed out of order: the layers are taken in execution order, clipped at or before
     # each: {4}, {4}, {4, 0}
@@ -665,6 +666,41 @@ def test_drift_tails_say_which_extreme_images_were_clipped():
     # weights alone: nothing checked, so nothing said about clipping
     t = drift.drift_tails(SimpleNamespace(sites=[site(0, "conv", spread, None)]))
     assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_share_unclipped"])
+
+
+def test_drift_tails_set_each_images_drift_against_its_own_activation():
+    """A drift proportional to each image's float RMS (a systematic shrink of the weights):
+    heavy-tailed when a few images carry much more activation, and, divided by that RMS,
+    without a tail; at the median layer the size of the drift follows the RMS."""
+    from types import SimpleNamespace
+
+    from qerror.stats import tail_share
+
+    rng = np.random.default_rng(0)
+    rms = np.concatenate([rng.uniform(0.5, 1.5, 45), [6.0, 7.0, 8.0, 9.0, 10.0]])
+    base = rng.normal(0.0, 0.002, 50)
+
+    def site(order, scale):
+        per_image = -scale * rms + base * rms  # drift ∝ the image's activation, plus noise
+        return SimpleNamespace(order=order, kind="conv", beyond_range_image=None,
+                               drift_image_channel=np.tile(per_image[:, None], (1, 2)),
+                               float_power_image=rms ** 2)
+
+    t = drift.drift_tails(SimpleNamespace(sites=[site(0, 0.01), site(1, 0.02),
+                                                 site(2, 0.03)]))
+    drifts = [(-k * rms + base * rms) for k in (0.01, 0.02, 0.03)]
+    shares = sorted(tail_share(d, 5) for d in drifts)
+    assert t["tail_top_share"] == pytest.approx(shares[1])
+    assert t["tail_top_share"] > 2 * t["tail_top_share_normal"]  # heavy-tailed
+    relative = sorted(tail_share(d / rms, 5) for d in drifts)
+    assert t["tail_top_share_relative"] == pytest.approx(relative[1])
+    assert t["tail_top_share_relative"] < 1.5 * t["tail_top_share_normal"]  # not heavy
+    assert t["tail_rms_share"] == pytest.approx(tail_share(rms, 5))
+    median = drifts[[tail_share(d, 5) for d in drifts].index(shares[1])]
+    from scipy import stats as sps
+    assert t["tail_rms_spearman"] == pytest.approx(
+        sps.spearmanr(rms, np.abs(median)).statistic)
+    assert t["tail_rms_spearman"] > 0.8  # the size of the drift follows the activation
 
 def _timing(rate, device="cpu", world=1, images=50_000, configs=45, remedies=4):
     passes = configs + 3 * remedies

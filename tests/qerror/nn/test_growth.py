@@ -146,6 +146,34 @@ def test_measure_reports_path_depth_and_the_debiased_drift():
     assert kept.layers()[0].beyond_range_image.shape == (5,)
     plain = measure(model, [x], cfg, act).layers()[0]
     assert plain.drift_image_channel is None and plain.beyond_range_image is None
+    assert plain.float_power_image is None
+
+
+def test_measure_keeps_each_images_float_power_beside_its_drift():
+    """Per kept image and conv/linear layer, the mean square of the float output: the float
+    model's own outputs, caught by hooks, in the kept images' order across batches and
+    paired passes."""
+    model = tiny_resnet()
+    x = images(24, 4)
+    cfg = QuantConfig.make(6, "toward_zero", target="weights")
+    act = calibrate_activations(model, [x], QuantConfig.make(6).activation)
+    res = measure(model, [x[:12], x[12:]], cfg, act, image_means=17, pair_batch=5)
+    outputs, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, out, name=name: outputs.__setitem__(name, out.detach())))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert res.layers()
+    for site in res.layers():
+        out = outputs[site.name].double()
+        expected = out.reshape(24, -1).pow(2).mean(1)[:17].numpy()
+        assert site.float_power_image.shape == (17,)
+        np.testing.assert_allclose(site.float_power_image, expected, rtol=1e-5)
+        assert site.drift_image_channel.shape[0] == 17
 
 
 @pytest.mark.parametrize("mode", ["nearest_even", "floor", "ceil", "toward_zero", "stochastic"])
