@@ -1521,8 +1521,11 @@ def drift_tails(res: PropagationResult) -> dict:
     power was kept (``SiteResult.float_power_image``), the same median share for the drift
     divided by the image's float RMS at the layer (``tail_top_share_relative``), and at the
     median layer the share its most extreme images carry of the float RMS's own variance
-    (``tail_rms_share``) and the Spearman correlation between an image's float RMS and the
-    size of its drift (``tail_rms_spearman``). A systematic error (a weight
+    (``tail_rms_share``), and how many of the :data:`TAIL_TOP` images whose drift lies
+    furthest from the mean are among the ``2 * TAIL_TOP`` with the largest float RMS
+    (``tail_top_in_rms_top``; about ``2 * TAIL_TOP**2 / n`` if the two were unrelated). A
+    rank correlation over all images would mostly measure the bulk, whose drift is noise;
+    the tail is a few images. A systematic error (a weight
     shrunk toward zero) moves an image's output in proportion to the activation it carries,
     so images with much more activation than the rest make a heavy tail of drift that the
     relative drift does not have."""
@@ -1551,7 +1554,7 @@ def drift_tails(res: PropagationResult) -> dict:
            else math.nan, "tail_kurtosis": math.nan, "tail_clipped_share": math.nan,
            "tail_top_clipped": math.nan, "tail_top_share_unclipped": math.nan,
            "tail_top_share_unclipped_normal": math.nan, "tail_top_share_relative": math.nan,
-           "tail_rms_share": math.nan, "tail_rms_spearman": math.nan}
+           "tail_rms_share": math.nan, "tail_top_in_rms_top": math.nan}
     if not layers:
         return out
     shares = np.array([row[0] for row in layers])
@@ -1564,12 +1567,13 @@ def drift_tails(res: PropagationResult) -> dict:
         out["tail_top_share_relative"] = float(np.median(relative))
     _, _, per_image, clipped, rms = layers[
         int(np.argsort(shares, kind="stable")[len(shares) // 2])]
+    top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
     if rms is not None:
         out["tail_rms_share"] = tail_share(rms, TAIL_TOP)
-        out["tail_rms_spearman"] = float(sps.spearmanr(rms, np.abs(per_image)).statistic)
+        largest = np.argsort(rms, kind="stable")[-2 * TAIL_TOP:]
+        out["tail_top_in_rms_top"] = int(np.isin(top, largest).sum())
     if clipped is not None:
         out["tail_clipped_share"] = float(clipped.mean())
-        top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
         out["tail_top_clipped"] = int(clipped[top].sum())
         rest = per_image[~clipped]
         if len(rest) > TAIL_TOP:
@@ -1732,7 +1736,7 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
                     ("DriftTailShareRelative", "tail_top_share_relative",
                      lambda v: f"{100 * v:.0f}"),
                     ("DriftTailRmsShare", "tail_rms_share", lambda v: f"{100 * v:.0f}"),
-                    ("DriftTailRmsSpearman", "tail_rms_spearman", lambda v: number(v, 2))):
+                    ("DriftTailTopInRmsTop", "tail_top_in_rms_top", lambda v: str(int(v)))):
                 v = math.nan if row is None else row[column]
                 m[f"{name}{label}{key}"] = show(v) if np.isfinite(v) else "--"
     return m
