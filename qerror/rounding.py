@@ -215,8 +215,7 @@ def _signed64(value: int) -> int:
 # cache; at 2**18 elements they spill and the kernel runs 2.3x slower (measured on an
 # Intel Xeon of this kind, one thread).
 _STOCHASTIC_CHUNK = 1 << 15
-
-
+# i * golden (mod 2**64) for the indices of one pass: the hash's first word less a constant
 _HASH_TABLE = np.arange(_STOCHASTIC_CHUNK, dtype=np.uint64) * np.uint64(_GOLDEN)
 
 

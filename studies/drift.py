@@ -1525,10 +1525,10 @@ def drift_tails(res: PropagationResult) -> dict:
     furthest from the mean are among the ``2 * TAIL_TOP`` with the largest float RMS
     (``tail_top_in_rms_top``; about ``2 * TAIL_TOP**2 / n`` if the two were unrelated). A
     rank correlation over all images would mostly measure the bulk, whose drift is noise;
-    the tail is a few images. A systematic error (a weight
-    shrunk toward zero) moves an image's output in proportion to the activation it carries,
-    so images with much more activation than the rest make a heavy tail of drift that the
-    relative drift does not have."""
+    the tail is a few images. If a systematic error (a weight shrunk toward zero) moves an
+    image's output roughly in step with the activation it carries, images with much more
+    activation than the rest make a heavy tail of drift that the relative drift does not
+    have."""
     layers, n = [], 0
     upstream = None
     for site in sorted(res.sites, key=lambda s: s.order):
@@ -1710,7 +1710,7 @@ def _precision_macros(prec: pd.DataFrame) -> dict:
             m[f"DriftImagesToResolve{key}"] = f"{int(need):,}" if np.isfinite(need) else \
                 "no finite number of"
             if "tail_top_share" in r and np.isfinite(r.tail_top_share.iloc[0]):
-                m[f"DriftTailShare{key}"] = f"{100 * r.tail_top_share.iloc[0]:.0f}"
+                # DriftTailShare{key} itself: with the relative share, below
                 m["DriftTailShareNormal"] = f"{100 * r.tail_top_share_normal.iloc[0]:.0f}"
                 m["DriftTailImages"] = f"{int(r.tail_images.iloc[0]):,}"
             if "tail_clipped_share" in r:

@@ -1657,6 +1657,7 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     if calibration is not None and calibration not in CALIBRATION_OBJECTIVES:
         raise ValueError(f"calibration must be one of {CALIBRATION_OBJECTIVES} or None, got "
                          f"{calibration!r}")
+    margin = _check_threshold(margin, "margin")
     if plan_n is not None:
         if isinstance(plan_n, bool) or not isinstance(plan_n, (int, np.integer)) or plan_n < 1:
             raise ValueError(f"plan_n must be a positive int (the images of the split the "
@@ -1682,7 +1683,6 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
             res = exit_result_from_logits([z[held] for z in logits], chosen.rule)
             right[i, held] = res.predictions == y[held]
             macs[i, held] = prices[res.exit_index]
-    margin = _check_threshold(margin, "margin")
     out = []
     for i, proc in enumerate(procedures):
         mean = float(macs[i].mean())
