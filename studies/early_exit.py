@@ -60,7 +60,6 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qerror import RoundingMode
@@ -86,6 +85,7 @@ from qerror.nn.early_exit import (
     cross_validate_selection,
     exit_confidence,
     exit_costs,
+    exit_loss,
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
@@ -126,6 +126,10 @@ SELECT_RULES = ("cv", "paired-test", "estimate")
 CV_MARGIN_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2)
 CV_FOLDS = 5
 MARGIN = 0.005  # the issue's equivalence margin: half a point of accuracy
+# The early exits' training loss (heads and joint): this share of it distillation from the
+# last exit at this temperature (qerror.nn.early_exit.exit_loss).
+DISTILL = 0.0
+DISTILL_TEMPERATURE = 1.0
 ECE_GOAL = 0.02
 MACS_GOAL = 0.5  # at most half the full network's MACs on average
 SIM_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
@@ -225,39 +229,38 @@ def build_exit_model(backbone, exit_points, seed: int) -> EarlyExitResNet:
 
 # --------------------------------------------------------------------------- training
 
-def exit_loss(weights):
-    """Weighted sum of the exits' cross-entropies (BranchyNet's joint objective)."""
-    def loss(outputs, y):
-        return sum(w * F.cross_entropy(z, y) for w, z in zip(weights, outputs) if w)
-    return loss
-
-
 def train_heads(model: EarlyExitResNet, data: Data, epochs: int, batch: int, lr: float,
-                seed: int, device: torch.device = torch.device("cpu")) -> EarlyExitResNet:
+                seed: int, device: torch.device = torch.device("cpu"), *,
+                distill: float = 0.0, temperature: float = 1.0) -> EarlyExitResNet:
     """Heads trained on the frozen backbone (its BatchNorms keep their statistics); the
-    last exit is the backbone's own and does not change. The copy returned is on
-    ``device``."""
+    last exit is the backbone's own and does not change. ``distill`` and ``temperature``
+    as for :func:`qerror.nn.early_exit.exit_loss`, the last exit the teacher. The copy
+    returned is on ``device``."""
     model = copy.deepcopy(model)
     n_early = model.num_exits - 1
     config = TrainConfig(epochs=epochs, batch_size=min(batch, len(data.train.y)), lr=lr,
                          seed=seed, schedule=Schedule.ONE_CYCLE)
     fit(model, tensor_batches(data.train.x, data.train.y), len(data.train.y), config,
         trainable=lambda name: name.startswith("heads."),
-        loss=exit_loss([1.0] * n_early + [0.0]), device=device,
+        loss=exit_loss([1.0] * n_early + [0.0], distill=distill, temperature=temperature),
+        device=device,
         desc="heads (frozen backbone)")
     return model.eval()
 
 
 def train_joint(model: EarlyExitResNet, data: Data, epochs: int, batch: int, lr: float,
-                weights, seed: int, device: torch.device = torch.device("cpu")
-                ) -> EarlyExitResNet:
+                weights, seed: int, device: torch.device = torch.device("cpu"), *,
+                distill: float = 0.0, temperature: float = 1.0) -> EarlyExitResNet:
     """Every parameter fine-tuned from the frozen-backbone solution with the weighted sum
-    of the exits' losses, at a constant learning rate; the copy returned is on ``device``."""
+    of the exits' losses (``distill`` and ``temperature`` as for
+    :func:`qerror.nn.early_exit.exit_loss`, the last exit, itself trained, the teacher), at
+    a constant learning rate; the copy returned is on ``device``."""
     model = copy.deepcopy(model)
     config = TrainConfig(epochs=epochs, batch_size=min(batch, len(data.train.y)), lr=lr,
                          seed=seed, schedule=Schedule.CONSTANT)
     fit(model, tensor_batches(data.train.x, data.train.y), len(data.train.y), config,
-        loss=exit_loss(weights), device=device, desc="joint fine-tuning")
+        loss=exit_loss(weights, distill=distill, temperature=temperature), device=device,
+        desc="joint fine-tuning")
     return model.eval()
 
 
@@ -468,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="blocks after which an exit is placed (default: "
                              f"{' '.join(DEFAULT_EXIT_POINTS)})")
     parser.add_argument("--train-images", type=int_at_least(2), default=None,
-                        help="training images for the heads (default 20000, smoke 64)")
+                        help="training images for the heads (default 54000, the whole "
+                             "training split; smoke 64)")
     parser.add_argument("--val-images", type=int_at_least(2), default=None,
                         help="validation images: temperatures and the operating point "
                              "(default 5000, the whole split; smoke 64)")
@@ -483,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-epochs", type=positive_int, default=None,
                         help="epochs of head training on the frozen backbone (default 3, "
                              "smoke 3: one-cycle needs more than four steps)")
+    parser.add_argument("--distill", type=unit_interval, default=DISTILL,
+                        help="share of each early exit's training loss that is distillation "
+                             "from the last exit rather than cross-entropy with the labels "
+                             f"(Phuong and Lampert; default {DISTILL:g}; 0: cross-entropy "
+                             "only, BranchyNet's loss)")
+    parser.add_argument("--distill-temperature", type=positive_float,
+                        default=DISTILL_TEMPERATURE,
+                        help="softening temperature of the distillation term (default "
+                             f"{DISTILL_TEMPERATURE:g})")
     parser.add_argument("--joint-epochs", type=nonnegative_int, default=None,
                         help="epochs of joint fine-tuning (default 1, smoke 1; 0 skips it)")
     parser.add_argument("--lr", type=positive_float, default=0.05,
@@ -540,7 +553,7 @@ def _main(argv: list[str]) -> int:
     smoke = args.smoke
     args.arch = args.arch or (Arch.RESNET18 if smoke else Arch.RESNET50)
     pick = lambda value, full, small: value if value is not None else (small if smoke else full)
-    train_images = pick(args.train_images, 20_000, 64)
+    train_images = pick(args.train_images, 54_000, 64)
     val_images = pick(args.val_images, 5000, 64)
     test_images = pick(args.test_images, 10_000, 64)
     calib_images = pick(args.calib_images, 512, 32)
@@ -595,6 +608,7 @@ def _main(argv: list[str]) -> int:
               "train_images": train_images, "val_images": val_images,
               "test_images": test_images, "calib_images": calib_images, "batch_size": batch,
               "head_epochs": head_epochs, "joint_epochs": joint_epochs, "lr": args.lr,
+              "distill": args.distill, "distill_temperature": args.distill_temperature,
               "joint_lr": args.lr / 10, "joint_weights": joint_weights,
               "variant": args.variant, "thresholds": thresholds,
               "select": args.select, "select_margin": select_margin,
@@ -637,12 +651,15 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
     and the FP32 and simulated forward passes run on ``device``, real INT8 on the CPU."""
     costs = exit_costs(base)
     frozen = train_heads(base, data, config["head_epochs"], config["batch_size"], args.lr,
-                         args.seed, device)
+                         args.seed, device, distill=config["distill"],
+                         temperature=config["distill_temperature"])
     variants = {"frozen": frozen}
     if config["joint_epochs"]:
         variants["joint"] = train_joint(frozen, data, config["joint_epochs"],
                                         config["batch_size"], args.lr / 10,
-                                        config["joint_weights"], args.seed, device)
+                                        config["joint_weights"], args.seed, device,
+                                        distill=config["distill"],
+                                        temperature=config["distill_temperature"])
     batch = config["batch_size"]
     heads_rows, variant_logits = [], {}
     for name, net in variants.items():

@@ -74,6 +74,7 @@ __all__ = [
     "count_macs",
     "exit_confidence",
     "exit_costs",
+    "exit_loss",
     "exit_result_from_logits",
     "exits_per_class",
     "expected_calibration_error",
@@ -458,6 +459,91 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+def exit_loss(weights: Sequence[float], *, distill: float = 0.0,
+              temperature: float = 1.0) -> Callable[[Sequence[torch.Tensor], torch.Tensor],
+                                                    torch.Tensor]:
+    """The training loss of a multi-exit network: a weighted sum over its exits.
+
+    Parameters
+    ----------
+    weights : sequence of float
+        One non-negative weight per exit, the last (the network's own classifier)
+        included; an exit of weight 0 is left out of the sum.
+    distill : float
+        In [0, 1]: how much of each *early* exit's loss is distillation from the last
+        exit rather than cross-entropy with the labels. 0 (default) is BranchyNet's joint
+        objective, a weighted sum of cross-entropies [1]_.
+    temperature : float
+        Positive: the softening temperature ``T`` of the distillation term.
+
+    Returns
+    -------
+    callable
+        ``loss(outputs, labels)``: ``outputs`` every exit's (N, C) logits in order,
+        ``labels`` the (N,) classes; a scalar tensor.
+
+    Notes
+    -----
+    Early exit ``k`` with logits ``z_k`` contributes, with ``p = softmax(z_last / T)``
+    detached (the last exit is the teacher, not pulled towards its students),
+
+    .. math:: w_k \\big[(1 - d)\\,\\mathrm{CE}(z_k, y)
+              + d\\, T^2\\, \\mathrm{KL}\\big(p \\,\\|\\, \\mathrm{softmax}(z_k / T)\\big)\\big],
+
+    the last exit ``w_last CE(z_last, y)``. This is the distillation-based training of
+    multi-exit networks of Phuong and Lampert [2]_, with Hinton et al.'s ``T^2`` that keeps
+    the soft term's gradients on the scale of the hard one's as ``T`` grows [3]_. Why it
+    suits an early-exit model judged against its own full network: an early exit's
+    decision changes the model's output only where it disagrees with the last exit, and
+    distillation trains each exit towards the last exit's predictions (the equivalence
+    test's discordant pairs) rather than towards the labels alone.
+
+    References
+    ----------
+    .. [1] S. Teerapittayanon, B. McDanel, H. T. Kung, "BranchyNet: fast inference via
+       early exiting from deep neural networks", ICPR 2016.
+    .. [2] M. Phuong, C. H. Lampert, "Distillation-based training for multi-exit
+       architectures", ICCV 2019.
+    .. [3] G. Hinton, O. Vinyals, J. Dean, "Distilling the knowledge in a neural
+       network", NIPS Deep Learning Workshop 2014.
+    """
+    weights = [float(w) for w in weights]
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or not any(weights):
+        raise ValueError(f"weights must be finite, non-negative and not all 0, one per exit; "
+                         f"got {weights!r}")
+    if isinstance(distill, bool) or not isinstance(distill, (int, float, np.floating)) \
+            or not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be a number in [0, 1], got {distill!r}")
+    if isinstance(temperature, bool) \
+            or not isinstance(temperature, (int, float, np.floating)) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    d, t = float(distill), float(temperature)
+
+    def loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        if len(outputs) != len(weights):
+            raise ValueError(f"the loss has {len(weights)} weights but the network gave "
+                             f"{len(outputs)} exits")
+        teacher = None
+        if d:
+            teacher = F.log_softmax(outputs[-1].detach() / t, 1)
+        total = outputs[-1].new_zeros(())
+        for k, (w, z) in enumerate(zip(weights, outputs)):
+            if not w:
+                continue
+            if k == len(outputs) - 1 or not d:
+                total = total + w * F.cross_entropy(z, labels)
+                continue
+            soft = F.kl_div(F.log_softmax(z / t, 1), teacher, reduction="batchmean",
+                            log_target=True) * t * t
+            hard = F.cross_entropy(z, labels) if d < 1 else z.new_zeros(())
+            total = total + w * ((1 - d) * hard + d * soft)
+        return total
+
+    return loss
 
 
 class FinalHead(nn.Module):

@@ -26,6 +26,7 @@ from qerror.nn.early_exit import (
     cross_validate_selection,
     exit_confidence,
     exit_costs,
+    exit_loss,
     exit_result_from_logits,
     exits_per_class,
     expected_calibration_error,
@@ -802,3 +803,70 @@ def test_selection_inputs_are_checked():
         choose_operating_point(bare, torch.ones(2, dtype=torch.bool), 0.01, alpha=0.05)
     with pytest.raises(TypeError, match="met must be a bool"):
         selection_order(0.9, 10.0, 0.85)  # a floor, as the old signature took
+
+
+# --------------------------------------------------------------------------- exit_loss
+
+def _independent_exit_loss(weights, outputs, labels, distill, temperature):
+    """The Notes' formula written out sample by sample in float64."""
+    z = [o.detach().double() for o in outputs]
+    last = len(z) - 1
+    total = 0.0
+    for i, c in enumerate(labels.tolist()):
+        p = torch.softmax(z[last][i] / temperature, 0)
+        for k, w in enumerate(weights):
+            ce = -torch.log_softmax(z[k][i], 0)[c]
+            if k == last or distill == 0:
+                total += w * ce
+                continue
+            q = torch.log_softmax(z[k][i] / temperature, 0)
+            kl = (p * (p.log() - q)).sum() * temperature ** 2
+            total += w * ((1 - distill) * ce + distill * kl)
+    return float(total) / len(labels)
+
+
+@pytest.mark.parametrize("distill, temperature", [(0.0, 1.0), (0.5, 2.0), (1.0, 1.0),
+                                                  (1.0, 4.0)])
+def test_exit_loss_is_the_documented_weighted_sum(distill, temperature):
+    gen = torch.Generator().manual_seed(3)
+    outputs = [torch.randn(7, 5, generator=gen) * 3 for _ in range(4)]
+    labels = torch.randint(0, 5, (7,), generator=gen)
+    weights = [0.5, 1.0, 0.0, 2.0]
+    got = exit_loss(weights, distill=distill, temperature=temperature)(outputs, labels)
+    want = _independent_exit_loss(weights, outputs, labels, distill, temperature)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+def test_exit_loss_teacher_gets_no_gradient_from_distillation():
+    gen = torch.Generator().manual_seed(4)
+    early = torch.randn(6, 3, generator=gen, requires_grad=True)
+    last = torch.randn(6, 3, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 3, (6,), generator=gen)
+    exit_loss([1.0, 0.0], distill=1.0, temperature=2.0)([early, last], labels).backward()
+    assert last.grad is None or not last.grad.any()
+    assert early.grad.abs().sum() > 0
+    # a student that already equals its teacher has nothing to learn from it
+    same = last.detach().clone().requires_grad_(True)
+    loss = exit_loss([1.0, 0.0], distill=1.0)([same, last.detach()], labels)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-7)
+    assert same.grad.abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weights": []}, "weights"), ({"weights": [1.0, -1.0]}, "weights"),
+    ({"weights": [0.0, 0.0]}, "weights"), ({"weights": [1.0, float("nan")]}, "weights"),
+    ({"weights": [1.0, 1.0], "distill": 1.5}, "distill"),
+    ({"weights": [1.0, 1.0], "distill": True}, "distill"),
+    ({"weights": [1.0, 1.0], "temperature": 0.0}, "temperature"),
+    ({"weights": [1.0, 1.0], "temperature": float("inf")}, "temperature"),
+])
+def test_exit_loss_refuses_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        exit_loss(**kwargs)
+
+
+def test_exit_loss_refuses_outputs_of_another_exit_count():
+    loss = exit_loss([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="3 weights but the network gave 2 exits"):
+        loss([torch.zeros(2, 3), torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long))
