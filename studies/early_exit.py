@@ -117,7 +117,7 @@ from studies._common import (
     positive_int,
     study_main,
 )
-from studies._latex import letters, signed
+from studies._latex import letters, number, signed
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
 #: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
@@ -395,7 +395,23 @@ def compare_to_reference(name: str, correct: torch.Tensor, ref: torch.Tensor) ->
     return {"system": name, "images": n, "accuracy": w.estimate, "acc_lo": w.ci[0],
             "acc_hi": w.ci[1], "delta_vs_fp32_full": mc.estimate, "delta_lo": mc.ci[0],
             "delta_hi": mc.ci[1], "mcnemar_p": mc.p_value, "tost_p": eq.p_value,
+            "tost_p_below": eq.p_low, "tost_p_above": eq.p_high,
             "tost_ci_lo": eq.ci[0], "tost_ci_hi": eq.ci[1], "equivalent": eq.significant}
+
+
+def equivalence_sides(p_below: float, p_above: float) -> str:
+    """Which of the TOST's one-sided tests (H: at least the margin below the reference;
+    H: at least the margin above it) were rejected at ALPHA, in words."""
+    low, high = p_below < ALPHA, p_above < ALPHA
+    if low and high:
+        return "both one-sided tests pass"
+    if low:
+        return ("shown less than the margin below FP32 full, not shown less than the margin "
+                "above it: the early exit may be better by more than the margin")
+    if high:
+        return ("shown less than the margin above FP32 full, not shown less than the margin "
+                "below it")
+    return "neither one-sided test passes"
 
 
 # --------------------------------------------------------------------------- figures
@@ -887,7 +903,9 @@ def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
         {"goal": "INT8 early exit within 0.5 points of FP32 full (test split, paired TOST)",
          "measured": f"{100 * ee.delta_vs_fp32_full:+.2f} points, "
                      f"{100 * (1 - 2 * ALPHA):g}% CI [{100 * ee.tost_ci_lo:+.2f}, "
-                     f"{100 * ee.tost_ci_hi:+.2f}], TOST p={ee.tost_p:.3g}",
+                     f"{100 * ee.tost_ci_hi:+.2f}], TOST p={ee.tost_p:.3g} (one-sided p "
+                     f"{ee.tost_p_below:.3g} below, {ee.tost_p_above:.3g} above: "
+                     f"{equivalence_sides(ee.tost_p_below, ee.tost_p_above)})",
          "met": bool(ee.equivalent)},
         {"goal": "at least 50% fewer average MACs than the full network",
          "measured": f"{100 * ee.macs_fraction:.1f}% of the full MACs",
@@ -1079,6 +1097,13 @@ def _macros(r: dict, smoke: bool) -> dict:
         f"$\\alpha={ALPHA:g}$, so not shown to be a shift between them"
         if abs(z) < NormalDist().inv_cdf(1 - ALPHA / 2) else
         f"more than the sampling of the two splits produces at $\\alpha={ALPHA:g}$")
+    m["TostLevel"] = f"{100 * (1 - 2 * ALPHA):g}"
+    m["TostPHead"] = number(head.tost_p, 2)
+    m["TostPBelowHead"] = number(head.tost_p_below, 2)
+    m["TostPAboveHead"] = number(head.tost_p_above, 2)
+    m["TostCiLoHead"] = signed(100 * head.tost_ci_lo)
+    m["TostCiHiHead"] = signed(100 * head.tost_ci_hi)
+    m["TostSidesHead"] = equivalence_sides(head.tost_p_below, head.tost_p_above)
     m["ValSeHead"] = f"{100 * r['shift']['val_se']:.2f}"
     m["SeHead"] = f"{100 * r['shift']['test_se']:.2f}"
     for _, row in pts.iterrows():

@@ -311,3 +311,24 @@ def test_too_few_steps_for_the_one_cycle_schedule_is_refused_with_what_to_change
     assert "[early_exit] error: 2 steps are too few for the one-cycle schedule" in err
     assert "train on more samples or epochs" in err
     assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_equivalence_sides_name_the_failing_half_of_the_tost():
+    """The goal's words for each outcome of the two one-sided tests, from real counts: an
+    early exit right on 60 more of 10,000 images than the reference passes the lower test
+    and fails the upper one (it may be better by more than half a point)."""
+    n = 10_000
+    better = early_exit.paired_test(torch.tensor([True] * 260 + [False] * 200 + [True] * (n - 460)),
+                                    torch.tensor([False] * 260 + [True] * 200 + [True] * (n - 460)))
+    eq = better[2]
+    assert better[:2] == (260, 200)
+    assert eq.p_low < early_exit.ALPHA <= eq.p_high
+    assert early_exit.equivalence_sides(eq.p_low, eq.p_high).startswith(
+        "shown less than the margin below FP32 full, not shown less than the margin above")
+    assert early_exit.equivalence_sides(0.01, 0.01) == "both one-sided tests pass"
+    assert early_exit.equivalence_sides(0.5, 0.01).startswith(
+        "shown less than the margin above FP32 full, not shown less than the margin below")
+    assert early_exit.equivalence_sides(0.5, 0.5) == "neither one-sided test passes"
+    # the boundary: a p-value equal to alpha does not pass
+    assert early_exit.equivalence_sides(early_exit.ALPHA, early_exit.ALPHA) == \
+        "neither one-sided test passes"
