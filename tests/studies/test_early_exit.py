@@ -248,7 +248,12 @@ def _results(delta_ci, macs_fraction, ece_max, images=10_000):
     points = pd.DataFrame([{
         "system": "int8_early_exit", "policy": "max-softmax", "images": images,
         "delta_vs_fp32_full": sum(delta_ci) / 2, "tost_ci_lo": delta_ci[0],
-        "tost_ci_hi": delta_ci[1], "tost_p": 0.01,
+        "tost_ci_hi": delta_ci[1],
+        # each one-sided p below alpha exactly when its end of the 1 - 2 alpha CI is inside
+        "tost_p_below": 0.01 if delta_ci[0] > -early_exit.MARGIN else 0.3,
+        "tost_p_above": 0.02 if delta_ci[1] < early_exit.MARGIN else 0.4,
+        "tost_p": max(0.01 if delta_ci[0] > -early_exit.MARGIN else 0.3,
+                      0.02 if delta_ci[1] < early_exit.MARGIN else 0.4),
         "equivalent": -early_exit.MARGIN < delta_ci[0] and delta_ci[1] < early_exit.MARGIN,
         "macs_fraction": macs_fraction}])
     calibration = pd.DataFrame([{"system": "int8", "split": "test", "objective": "nll",
@@ -267,6 +272,16 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     assert met.measured[2] == ("max 1.50% (isotonic map on the rules' confidences, fitted on "
                                "validation; temperature alone: NLL's T max 3.00%, ECE's T max "
                                "4.50%)")
+    assert met.measured[0] == ("-0.05 points, 90% CI [-0.30, +0.20], TOST p=0.02 (one-sided p "
+                               "0.01 below, 0.02 above: both one-sided tests pass)")
+    # better than the reference by possibly more than the margin: not met, and said so
+    above = early_exit.goals(_results((0.002, 0.007), 0.4, 0.015), smoke=False,
+                             whole_test=True)
+    assert above.verdict[0] == "not met"
+    assert above.measured[0].endswith(
+        "(one-sided p 0.01 below, 0.4 above: shown less than the margin below FP32 full, not "
+        "shown less than the margin above it: the early exit may be better by more than the "
+        "margin)")
     missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
                               whole_test=True)
     assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3
