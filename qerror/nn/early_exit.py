@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -509,17 +510,20 @@ def exit_loss(weights: Sequence[float], *, distill: float = 0.0,
     .. [3] G. Hinton, O. Vinyals, J. Dean, "Distilling the knowledge in a neural
        network", NIPS Deep Learning Workshop 2014.
     """
+    def real(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+    if isinstance(weights, (str, bytes)) or not all(real(w) for w in weights):
+        raise ValueError(f"weights must be a sequence of numbers, one per exit; got "
+                         f"{weights!r}")
     weights = [float(w) for w in weights]
     if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) \
             or not any(weights):
         raise ValueError(f"weights must be finite, non-negative and not all 0, one per exit; "
                          f"got {weights!r}")
-    if isinstance(distill, bool) or not isinstance(distill, (int, float, np.floating)) \
-            or not 0.0 <= distill <= 1.0:
+    if not real(distill) or not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be a number in [0, 1], got {distill!r}")
-    if isinstance(temperature, bool) \
-            or not isinstance(temperature, (int, float, np.floating)) \
-            or not (math.isfinite(temperature) and temperature > 0):
+    if not real(temperature) or not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     d, t = float(distill), float(temperature)
 
@@ -530,7 +534,9 @@ def exit_loss(weights: Sequence[float], *, distill: float = 0.0,
         teacher = None
         if d:
             teacher = F.log_softmax(outputs[-1].detach() / t, 1)
-        total = outputs[-1].new_zeros(())
+        # summed in at least float32 whatever the outputs' precision
+        total = outputs[-1].new_zeros((), dtype=torch.promote_types(outputs[-1].dtype,
+                                                                    torch.float32))
         for k, (w, z) in enumerate(zip(weights, outputs)):
             if not w:
                 continue

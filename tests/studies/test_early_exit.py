@@ -272,16 +272,16 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     assert met.measured[2] == ("max 1.50% (isotonic map on the rules' confidences, fitted on "
                                "validation; temperature alone: NLL's T max 3.00%, ECE's T max "
                                "4.50%)")
-    assert met.measured[0] == ("-0.05 points, 90% CI [-0.30, +0.20], TOST p=0.02 (one-sided p "
-                               "0.01 below, 0.02 above: both one-sided tests pass)")
+    assert met.measured[0] == ("-0.05 points, 90% CI [-0.30, +0.20], TOST p=0.020 (one-sided "
+                               "p 0.010 below, 0.020 above: both one-sided tests pass)")
     # better than the reference by possibly more than the margin: not met, and said so
     above = early_exit.goals(_results((0.002, 0.007), 0.4, 0.015), smoke=False,
                              whole_test=True)
     assert above.verdict[0] == "not met"
     assert above.measured[0].endswith(
-        "(one-sided p 0.01 below, 0.4 above: shown less than the margin below FP32 full, not "
-        "shown less than the margin above it: the early exit may be better by more than the "
-        "margin)")
+        "(one-sided p 0.010 below, 0.40 above: shown not to be worse than FP32 full by the "
+        "margin, but not shown to be better by less than it: the early exit may be better by "
+        "more than the margin)")
     missed = early_exit.goals(_results((-0.006, 0.001), 0.6, 0.025), smoke=False,
                               whole_test=True)
     assert list(missed.verdict[:3]) == ["not met"] * 3 and list(missed.met[:3]) == [False] * 3
@@ -339,10 +339,11 @@ def test_equivalence_sides_name_the_failing_half_of_the_tost():
     assert better[:2] == (260, 200)
     assert eq.p_low < early_exit.ALPHA <= eq.p_high
     assert early_exit.equivalence_sides(eq.p_low, eq.p_high).startswith(
-        "shown less than the margin below FP32 full, not shown less than the margin above")
+        "shown not to be worse than FP32 full by the margin, but not shown to be better by "
+        "less than it")
     assert early_exit.equivalence_sides(0.01, 0.01) == "both one-sided tests pass"
     assert early_exit.equivalence_sides(0.5, 0.01).startswith(
-        "shown less than the margin above FP32 full, not shown less than the margin below")
+        "shown not to be better than FP32 full by the margin, but not shown to be worse by")
     assert early_exit.equivalence_sides(0.5, 0.5) == "neither one-sided test passes"
     # the boundary: a p-value equal to alpha does not pass
     assert early_exit.equivalence_sides(early_exit.ALPHA, early_exit.ALPHA) == \

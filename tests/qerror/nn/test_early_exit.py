@@ -860,10 +860,22 @@ def test_exit_loss_teacher_gets_no_gradient_from_distillation():
     ({"weights": [1.0, 1.0], "distill": True}, "distill"),
     ({"weights": [1.0, 1.0], "temperature": 0.0}, "temperature"),
     ({"weights": [1.0, 1.0], "temperature": float("inf")}, "temperature"),
+    ({"weights": "12"}, "weights"), ({"weights": [True, 1.0]}, "weights"),
+    ({"weights": [1.0, 1.0], "temperature": np.bool_(True)}, "temperature"),
 ])
 def test_exit_loss_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         exit_loss(**kwargs)
+
+
+def test_exit_loss_takes_numpy_numbers():
+    gen = torch.Generator().manual_seed(5)
+    outputs = [torch.randn(4, 3, generator=gen) for _ in range(2)]
+    labels = torch.randint(0, 3, (4,), generator=gen)
+    got = exit_loss(np.array([1, 2]), distill=np.int64(1), temperature=np.int64(2))(
+        outputs, labels)
+    assert float(got) == pytest.approx(
+        _independent_exit_loss([1, 2], outputs, labels, 1.0, 2.0), rel=1e-6)
 
 
 def test_exit_loss_refuses_outputs_of_another_exit_count():
