@@ -107,7 +107,12 @@ from qerror.nn.training import (
     resolve_device,
     tensor_batches,
 )
-from qerror.stats import mcnemar_from_counts, paired_accuracy_equivalence, wilson_ci
+from qerror.stats import (
+    mcnemar_from_counts,
+    mcnemar_test,
+    paired_accuracy_equivalence,
+    wilson_ci,
+)
 from studies._common import (
     RunDir,
     StudyError,
@@ -303,8 +308,7 @@ def accuracy_rows(variant: str, split: str, logits, labels, costs) -> list[dict]
     for k, z in enumerate(logits):
         right = z.argmax(1) == labels
         w = wilson_ci(int(right.sum()), len(labels), ALPHA)
-        mc = None if k == len(logits) - 1 else mcnemar_from_counts(
-            int((right & ~last).sum()), int((last & ~right).sum()), len(labels), ALPHA)
+        mc = None if k == len(logits) - 1 else mcnemar_test(right, last, ALPHA)
         rows.append({"variant": variant, "split": split, "exit": k,
                      "exit_point": costs.exit_points[k], "macs_fraction": costs.fractions[k],
                      "accuracy": w.estimate, "acc_lo": w.ci[0], "acc_hi": w.ci[1],
@@ -668,8 +672,7 @@ def _main(argv: list[str]) -> int:
         results = compute(base, data, args, config, device)
         results["whole_test"] = bool(data.identity["test_split_whole"])
         results.update(train_images=int(data.identity["train_images"]),
-                       train_whole=bool(data.identity["train_split_whole"]),
-                       distill=config["distill"])
+                       train_whole=bool(data.identity["train_split_whole"]))
         results["seconds_to_results"] = time.perf_counter() - started
         write_outputs(run, plt, results, config)
         out = run.finish()
@@ -1075,7 +1078,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
                # the speed goals hold timings: goals.csv (a timing output) has them
                "goals": goal.iloc[:3].to_dict(orient="records")}
     run.write_json("summary.json", summary)
-    run.write_macros("macros.tex", _macros(r, smoke))
+    run.write_macros("macros.tex", _macros(r, config, smoke))
     fig = figure_sweeps(plt, r["sweeps"], pts)
     run.save_figure(fig, "sweeps")
     plt.close(fig)
@@ -1087,7 +1090,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     plt.close(fig)
 
 
-def _macros(r: dict, smoke: bool) -> dict:
+def _macros(r: dict, config: dict, smoke: bool) -> dict:
     pts = r["points"]
     m = {"Smoke": "true" if smoke else "false", "HeadPolicy": r["head_policy"],
          "SelectMargin": f"{100 * r['select_margin']:g}", "Margin": f"{100 * MARGIN:g}"}
@@ -1121,7 +1124,7 @@ def _macros(r: dict, smoke: bool) -> dict:
     m["TrainImages"] = f"{r['train_images']:,}".replace(",", "{,}")
     m["TrainWhole"] = "the whole training split" if r["train_whole"] else \
         "a subset of the training split"
-    m["Distill"] = f"{r['distill']:g}"
+    m["Distill"] = f"{config['distill']:g}"
     m["TostLevel"] = f"{100 * (1 - 2 * ALPHA):g}"
     m["TostPHead"] = number(head.tost_p, 2)
     m["TostPBelowHead"] = number(head.tost_p_below, 2)
