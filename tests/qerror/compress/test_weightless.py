@@ -250,6 +250,22 @@ def test_lut_layer_equals_the_loop_reference(n, mapping, dtype):
     assert np.all(np.abs(layer.table.grad.double().numpy() - ref_gt) <= tol_t)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32,
+                                   torch.float64])
+def test_lut_addresses_are_exact_at_the_largest_fan_in_in_every_float_type(dtype):
+    # The layer forms addresses as a float dot product with (1, 2, ..., 2^9); bfloat16 holds
+    # integers exactly only up to 256, so its sums must be taken in float32. The reference
+    # forms them with integer shifts.
+    gen = torch.Generator().manual_seed(10)
+    width, luts, batch, n = 12, 40, 64, 10
+    layer = LUTLayer(width, luts, n, seed=3).to(dtype)
+    x = torch.randint(0, 2, (batch, width), generator=gen)
+    addr = (x[:, layer.index] << torch.arange(n)).sum(-1)                 # (B, L), int64
+    expected = (layer.table.detach()[torch.arange(luts), addr] > 0).to(dtype)
+    assert int(addr.max()) >= 512                      # addresses beyond bfloat16's 256
+    assert torch.equal(layer(x.to(dtype)), expected)
+
+
 def test_efd_reduces_to_the_finite_difference_at_distance_zero():
     # n = 1: only the two entries at distance 0 exist, so EFD is A[1] - A[0] exactly.
     assert efd_matrix(1).tolist() == [[[-1.0, 1.0]], [[-1.0, 1.0]]]
