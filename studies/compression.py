@@ -57,7 +57,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -555,22 +555,38 @@ def wisard_points(data, args, folder, bar,
     return rows, timing
 
 
+def dwn_tau(luts: Sequence[int]) -> float:
+    """The default GroupSum temperature of a DWN: ``(L/C)/30`` for ``L`` LUTs in the last
+    layer and ``C`` classes.
+
+    A class score is the count of its group's ``L/C`` LUTs that output 1, divided by ``τ``,
+    so the widest possible gap between two classes' logits is ``(L/C)/τ``; this rule keeps
+    it at 30, as in the authors' MNIST example (100 LUTs per class, ``τ = 1/0.3``). Chosen
+    on the validation split (6000/3000 LUTs, 30 epochs): ``τ = 1/0.3`` reached 88.20 %,
+    ``τ = 10`` (this rule) 88.88 % (89.30 % at its best epoch) and ``τ = 20`` 88.70 %.
+    """
+    return luts[-1] / CLASSES / 30
+
+
 def dwn_points(data, args, folder, bar,
                meter: LatencyMeter) -> tuple[list[dict], list[dict]]:
     rows, timing = [], []
     for luts in args.dwn_luts:
         t0 = time.perf_counter()
+        tau = args.dwn_tau or dwn_tau(luts)
         res = fit_dwn(data.p_train, data.y_train.numpy(), data.p_val, data.y_val,
                       thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
-                      batch_size=args.dwn_batch, seed=args.seed,
-                      step_size=max(1, (2 * args.dwn_epochs) // 3), progress=True,
+                      batch_size=args.dwn_batch, seed=args.seed, tau=tau,
+                      step_size=max(1, (2 * args.dwn_epochs) // 3), keep_best=True,
+                      progress=True,
                       device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
         rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
                           f"LUTs {'/'.join(map(str, luts))}, fan-in 6, "
-                          f"{args.dwn_bits}-bit thermometer", counted, size, correct, None,
-                          sparsity=math.nan, storage="wnn", val_acc=res.val_accuracy[-1]))
+                          f"{args.dwn_bits}-bit thermometer, tau {tau:.3g}",
+                          counted, size, correct, None, sparsity=math.nan, storage="wnn",
+                          val_acc=res.val_accuracy[res.epoch - 1], epoch_kept=res.epoch))
         meter.weightless(rows[-1], back, KERNEL_DWN)
         timing.append({"task": f"dwn {luts}", "seconds": time.perf_counter() - t0})
         bar.update(1)
@@ -903,6 +919,11 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-epochs", type=positive_int, default=None,
                         help="DWN epochs (default 8, smoke 1)")
     parser.add_argument("--dwn-batch", type=positive_int, default=32, help="DWN batch size")
+    parser.add_argument("--dwn-tau", type=positive_float, default=None,
+                        help="GroupSum temperature of every DWN: class scores are counts of "
+                             "the last layer's LUTs divided by it (default: scaled with the "
+                             "LUTs per class, (L/C)/30, which is the authors' 1/0.3 at their "
+                             "MNIST example's 100 per class)")
     parser.add_argument("--cnn-epochs", type=positive_int, default=None,
                         help="tiny CNN epochs (default 2, smoke 1)")
     parser.add_argument("--cnn-lr", type=positive_float, default=0.05,

@@ -921,12 +921,16 @@ class DWNFit:
         Mean cross-entropy of each epoch.
     seconds : float
         Wall time of the training loop.
+    epoch : int
+        The epoch (counted from 1) after which ``model`` was taken: the last, or with
+        ``keep_best`` the first with the highest validation accuracy.
     """
 
     model: DWN
     val_accuracy: tuple[float, ...]
     train_loss: tuple[float, ...]
     seconds: float
+    epoch: int
 
 
 def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
@@ -934,7 +938,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
             mapping: Mapping | str = Mapping.RANDOM, classes: int | None = None,
             tau: float = 1 / 0.3, epochs: int = 30, batch_size: int = 32, lr: float = 1e-2,
             step_size: int = 14, gamma: float = 0.1, seed: int = 0, pooled: bool = False,
-            progress: bool = False, device: torch.device | str = "cpu") -> DWNFit:
+            keep_best: bool = False, progress: bool = False,
+            device: torch.device | str = "cpu") -> DWNFit:
     """Train a DWN with Adam and a step learning-rate schedule.
 
     Parameters
@@ -950,6 +955,9 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         Adam at ``lr``, multiplied by ``gamma`` every ``step_size`` epochs. These defaults,
         the layer sizes, fan-in 6 and ``tau = 1/0.3`` are those of the authors' published
         MNIST example (which uses a 3-bit thermometer; 7 bits is the default here).
+    keep_best : bool
+        Return the model as it was after the first epoch with the highest validation
+        accuracy (early stopping on the validation split) instead of after the last.
     progress : bool
         Show a progress bar per epoch.
     device : torch.device or str
@@ -978,8 +986,9 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
     gen = torch.Generator().manual_seed(seed & (_MASK64 >> 1))
     accs, losses = [], []
+    best_state, best_epoch = None, 0
     start = time.perf_counter()
-    for _ in range(_check_count(epochs, "epochs")):
+    for epoch in range(1, _check_count(epochs, "epochs") + 1):
         model.train()
         order = torch.randperm(xb.shape[0], generator=gen)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -1001,7 +1010,15 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
                               .argmax(1).cpu() for s in range(0, xv.shape[0], 4096)])
         accs.append(float((pred == yv).double().mean()))
         losses.append(total / xb.shape[0])
-    return DWNFit(model.cpu(), tuple(accs), tuple(losses), time.perf_counter() - start)
+        if keep_best and (best_state is None or accs[-1] > accs[best_epoch - 1]):
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_epoch = epoch
+    if keep_best:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(accs)
+    return DWNFit(model.cpu(), tuple(accs), tuple(losses), time.perf_counter() - start,
+                  best_epoch)
 
 
 # --------------------------------------------------------------------------- bytes and files

@@ -59,6 +59,12 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     assert pruned.sparsity == pytest.approx(0.9, abs=1e-6)
     assert pruned.bytes < points.bytes[points.method == "dense float32"].iloc[0]
     assert (points[points.method == "tiny CNN INT8"].bytes <= 100_000).all()
+    # The smoke DWN (100/50 LUTs, one epoch): τ by the default rule, (50/10)/30, named in
+    # its configuration, and the epoch kept with its validation accuracy.
+    dwn = points[points.method == "DWN"].iloc[0]
+    assert compression.dwn_tau((100, 50)) == 50 / 10 / 30
+    assert dwn.config.endswith(f"tau {50 / 10 / 30:.3g}") and dwn.epoch_kept == 1
+    assert 0 <= dwn.val_acc <= 1
     goals = pd.read_csv(out / "goals.csv")
     assert len(goals) == 3 and goals.verdict.eq("not judged (smoke run)").all()
     assert "SMOKE" in (out / "points.tex").read_text()
@@ -284,3 +290,11 @@ def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
     assert "another network" in why(other, tmp_path, smoke, 64, True)
     other.manifest["model"]["seed"] = 0
     assert why(other, tmp_path, smoke, 64, True) is None
+
+
+def test_the_default_dwn_temperature_keeps_the_authors_logit_range():
+    # (L/C)/τ = 30 at every size: the authors' τ = 1/0.3 at 100 LUTs per class.
+    assert compression.dwn_tau((2000, 1000)) == pytest.approx(1 / 0.3, rel=1e-15)
+    for luts in ((6000, 3000), (7000, 3500), (50,)):
+        assert luts[-1] / compression.CLASSES / compression.dwn_tau(luts) == \
+            pytest.approx(30, rel=1e-15)

@@ -358,6 +358,28 @@ def test_fit_dwn_learns_a_separable_toy_problem():
     assert fit.val_accuracy[-1] >= 0.9
 
 
+def test_fit_dwn_keep_best_returns_the_model_of_the_first_best_epoch():
+    # Overlapping classes, so the validation accuracy wanders from epoch to epoch. Training
+    # is deterministic for a seed: the same run stopped after the best epoch k must give
+    # the very parameters keep_best returns.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 400)
+    x = (rng.normal(size=(400, 6)) + 1.0 * y[:, None]).astype(np.float32)
+    kw = dict(thermometer_bits=3, luts=(30, 15), fan_in=3, batch_size=16, step_size=4, seed=2)
+    full = fit_dwn(x[:250], y[:250], x[250:], y[250:], epochs=6, keep_best=True, **kw)
+    k = 1 + int(np.argmax(full.val_accuracy))           # argmax: the first of equal maxima
+    # Here the best epoch is followed by epochs as good and by none better: the first wins.
+    assert full.epoch == k < 6 and full.val_accuracy[-1] == full.val_accuracy[k - 1]
+    short = fit_dwn(x[:250], y[:250], x[250:], y[250:], epochs=k, **kw)
+    assert short.epoch == k and short.val_accuracy == full.val_accuracy[:k]
+    for (name, a), b in zip(full.model.state_dict().items(), short.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert float((full.model.predict(x[250:]).numpy() == y[250:]).mean()) == \
+        max(full.val_accuracy)
+    last = fit_dwn(x[:250], y[:250], x[250:], y[250:], epochs=6, **kw)
+    assert last.epoch == 6 and last.val_accuracy == full.val_accuracy
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_dwn_on_a_gpu_learns_and_its_lookups_match_the_cpu_exactly():
     rng = np.random.default_rng(2)
