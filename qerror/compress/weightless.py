@@ -643,6 +643,24 @@ def efd_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return _efd_matrix64(n).to(dtype)
 
 
+def _scatter_sum(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """``out[i] = Σ values[index == i]``, run to run the same on every device: ``index_add_``
+    on the CPU (the fastest form there), the sorted ``index_put_(accumulate=True)`` on a GPU,
+    where ``index_add_`` adds with atomics in an order that changes between runs."""
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    if values.device.type == "cpu":
+        return out.index_add_(0, index, values)
+    return out.index_put_((index,), values, accumulate=True)
+
+
+def _read_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]``: by ``index_select`` on the CPU, by advanced indexing elsewhere, whose
+    backward accumulates in a fixed order on a GPU (``index_select``'s uses atomics)."""
+    if x.device.type == "cpu":
+        return x.index_select(1, index.reshape(-1)).view(x.shape[0], *index.shape)
+    return x[:, index]
+
+
 class _EFDLookup(torch.autograd.Function):
     """Binary LUT read; backward by EFD for the inputs and straight-through for the table."""
 
@@ -674,9 +692,8 @@ class _EFDLookup(torch.autograd.Function):
             grad_bits = d.reshape(-1, n).index_select(0, flat.reshape(-1)).view(
                 *flat.shape, n) * grad.unsqueeze(-1)
         if ctx.needs_input_grad[1]:
-            grad_table = torch.zeros(table.numel(), dtype=table.dtype,
-                                     device=table.device).index_add_(
-                0, flat.reshape(-1), grad.reshape(-1)).view_as(table)
+            grad_table = _scatter_sum(flat.reshape(-1), grad.reshape(-1),
+                                      table.numel()).view_as(table)
         return grad_bits, grad_table
 
 
@@ -695,7 +712,7 @@ class _LearnableSelect(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.tau = tau
-        return x.index_select(1, weight.argmax(1))
+        return _read_columns(x, weight.argmax(1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -794,16 +811,19 @@ class LUTLayer(nn.Module):
         return self._index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Binary ``(B, in_features)`` float in, binary ``(B, luts)`` float out."""
+        """Binary ``(B, in_features)`` in (every entry exactly 0 or 1, any dtype), binary
+        ``(B, luts)`` float out."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"input must have shape (B, {self.in_features}), got "
                              f"{tuple(x.shape)}")
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError("a LUT layer reads bits: every input must be exactly 0 or 1 "
+                             "(encode real inputs with a Thermometer first)")
         if self.mapping is Mapping.LEARNABLE:
             bits = _LearnableSelect.apply(x, self.weight, self.tau).reshape(
                 -1, self.luts, self.fan_in)
         else:
-            bits = x.index_select(1, self._index.reshape(-1)).view(-1, self.luts,
-                                                                   self.fan_in)
+            bits = _read_columns(x, self._index)
         return _EFDLookup.apply(bits, self.table)
 
     def size_parts(self, name: str) -> list[SizePart]:

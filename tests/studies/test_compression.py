@@ -18,9 +18,17 @@ OUTPUTS = ("points.csv", "goals.csv", "timing.csv", "rounding.csv", "rounding_la
            "latency.png")
 
 
-def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
+def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, monkeypatch):
     root = fashion_idx(train=6100, test=100)
     out = tmp_path / "compression"
+    dwn_calls = []
+
+    def fit_dwn_spy(*args, **kwargs):
+        dwn_calls.append(kwargs)
+        return real_fit_dwn(*args, **kwargs)
+
+    real_fit_dwn = compression.fit_dwn
+    monkeypatch.setattr(compression, "fit_dwn", fit_dwn_spy)
     assert compression.main(["--smoke", "--data-root", str(root), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     for name in OUTPUTS:
@@ -62,9 +70,12 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path):
     # The smoke DWN (100/50 LUTs, one epoch): τ by the default rule, (50/10)/30, named in
     # its configuration, and the epoch kept with its validation accuracy.
     dwn = points[points.method == "DWN"].iloc[0]
-    assert compression.dwn_tau((100, 50)) == 50 / 10 / 30
+    [call] = dwn_calls
+    assert call["keep_best"] is True and call["tau"] == 50 / 10 / 30 == dwn.tau
     assert dwn.config.endswith(f"tau {50 / 10 / 30:.3g}") and dwn.epoch_kept == 1
-    assert 0 <= dwn.val_acc <= 1
+    as_text = pd.read_csv(out / "points.csv", dtype=str, keep_default_na=False)
+    # written as a count, not 1.0, and blank for the other methods
+    assert as_text.epoch_kept.tolist() == ["1" if m == "DWN" else "" for m in points.method]
     goals = pd.read_csv(out / "goals.csv")
     assert len(goals) == 3 and goals.verdict.eq("not judged (smoke run)").all()
     assert "SMOKE" in (out / "points.tex").read_text()

@@ -346,6 +346,10 @@ def test_group_sum_and_dwn_shapes():
         model(torch.rand(5, 3))
     with pytest.raises(ValueError, match="shape"):
         model.layers[0](torch.rand(5, 11))
+    # Not bits: 2 would read the next LUT's row, 0.5 an address between two.
+    for bad in (torch.full((2, 12), 0.5), torch.full((2, 12), 2.0)):
+        with pytest.raises(ValueError, match="exactly 0 or 1"):
+            model.layers[0](bad)
 
 
 def test_fit_dwn_learns_a_separable_toy_problem():
@@ -365,7 +369,8 @@ def test_fit_dwn_keep_best_returns_the_model_of_the_first_best_epoch():
     rng = np.random.default_rng(5)
     y = rng.integers(0, 3, 400)
     x = (rng.normal(size=(400, 6)) + 1.0 * y[:, None]).astype(np.float32)
-    kw = dict(thermometer_bits=3, luts=(30, 15), fan_in=3, batch_size=16, step_size=4, seed=2)
+    kw = {"thermometer_bits": 3, "luts": (30, 15), "fan_in": 3, "batch_size": 16,
+          "step_size": 4, "seed": 2}
     full = fit_dwn(x[:250], y[:250], x[250:], y[250:], epochs=6, keep_best=True, **kw)
     k = 1 + int(np.argmax(full.val_accuracy))           # argmax: the first of equal maxima
     # Here the best epoch is followed by epochs as good and by none better: the first wins.
@@ -389,6 +394,12 @@ def test_fit_dwn_on_a_gpu_learns_and_its_lookups_match_the_cpu_exactly():
                   fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0, device="cuda")
     assert all(p.device.type == "cpu" for p in fit.model.parameters())
     assert fit.val_accuracy[-1] >= 0.9
+    # The same seed trains the same network again: the gradients' sums on the GPU are
+    # taken in a fixed order (no atomics).
+    again = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
+                    fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0, device="cuda")
+    for a, b in zip(fit.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
     # Forward is a table lookup and a sum of 0/1 outputs: the same scores on both devices.
     bits = fit.model.thermometer.encode(x).to(torch.float32)
     with torch.no_grad():
