@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode
 from qerror.compress import (
+    EFDDecay,
     GradualSchedule,
     MagnitudePruner,
     SparseFormat,
@@ -580,6 +581,7 @@ def dwn_points(data, args, folder, bar,
                       thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
                       batch_size=args.dwn_batch, seed=args.seed, tau=tau,
                       step_size=max(1, (2 * args.dwn_epochs) // 3), keep_best=True,
+                      efd=args.dwn_efd,
                       progress=True,
                       device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
@@ -589,7 +591,7 @@ def dwn_points(data, args, folder, bar,
                           f"{args.dwn_bits}-bit thermometer, tau {tau:.3g}",
                           counted, size, correct, None, sparsity=math.nan, storage="wnn",
                           val_acc=res.val_accuracy[res.epoch - 1], epoch_kept=res.epoch,
-                          tau=tau))
+                          tau=tau, efd=args.dwn_efd))
         meter.weightless(rows[-1], back, KERNEL_DWN)
         timing.append({"task": f"dwn {luts}", "seconds": time.perf_counter() - t0})
         bar.update(1)
@@ -871,8 +873,8 @@ def _main(argv: list[str]) -> int:
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
         "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
         "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min (--parts "
-        "wisard cnn). Estimated: the DWNs about 20 min (from their epochs' time on the "
-        "validation split), the ResNet part from the baseline's training speed (the "
+        "wisard cnn); the DWNs 16 min (--parts dwn, one thread of an AMD EPYC beside other "
+        "jobs). The ResNet part is an estimate from the baseline's training speed (the "
         "fine-tuning prints its own, the bar its ETA). "
         "--smoke takes under a minute.")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
@@ -924,6 +926,10 @@ def _main(argv: list[str]) -> int:
                         help="DWN epochs; the model of the epoch best on the validation split "
                              "is kept (default 20, smoke 1)")
     parser.add_argument("--dwn-batch", type=positive_int, default=32, help="DWN batch size")
+    parser.add_argument("--dwn-efd", choices=[d.value for d in EFDDecay],
+                        default=EFDDecay.HARMONIC.value,
+                        help="the DWNs' EFD decay with distance: harmonic 1/(H+1), the "
+                             "paper's (default), or exponential, its authors' code's")
     parser.add_argument("--dwn-tau", type=positive_float, default=None,
                         help="GroupSum temperature of every DWN: class scores are counts of "
                              "the last layer's LUTs divided by it (default: scaled with the "

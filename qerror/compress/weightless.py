@@ -606,27 +606,45 @@ class Mapping(Choice):
 _MAPPING_CODES = {Mapping.RANDOM: 0, Mapping.LEARNABLE: 1, Mapping.FIXED: 2}
 
 
+class EFDDecay(Choice):
+    """How the extended finite difference weighs a LUT entry by its distance ``H`` from the
+    address read (:func:`efd_matrix`).
+
+    HARMONIC: ``1/(H + 1)``, the paper's formula (Bacellar et al., 2024, Sec. 3).
+    EXPONENTIAL: ``α·β^H`` with ``α = 0.5·0.75^(n−1)`` and ``β = 1/3``, the decay the
+    authors' released code uses instead (its README says so); far more local: at ``n = 6``
+    an entry at distance 5 weighs ``β^5 ≈ 0.004`` of one at distance 0, against ``1/6``.
+    """
+
+    HARMONIC = "harmonic"
+    EXPONENTIAL = "exponential"
+
+
 @functools.lru_cache(maxsize=None)
-def _efd_matrix64(n: int) -> torch.Tensor:
+def _efd_matrix64(n: int, decay: EFDDecay) -> torch.Tensor:
     k = torch.arange(1 << n)
     j = torch.arange(n)
     bit_kj = (k[None, :] >> j[:, None]) & 1                              # (n, K)
     diff = k[:, None] ^ k[None, :]                                       # (a, k)
     masked = diff[:, None, :] & ~(1 << j)[None, :, None]                 # (a, j, k)
-    popcount = sum((masked >> i) & 1 for i in range(n))
-    sign = (2 * bit_kj - 1)[None, :, :]
-    return sign.to(torch.float64) / (popcount + 1).to(torch.float64)
+    popcount = sum((masked >> i) & 1 for i in range(n)).to(torch.float64)
+    sign = (2 * bit_kj - 1)[None, :, :].to(torch.float64)
+    if decay is EFDDecay.HARMONIC:
+        return sign / (popcount + 1)
+    return sign * (0.5 * 0.75 ** (n - 1)) * (1 / 3) ** popcount
 
 
-def efd_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def efd_matrix(n: int, dtype: torch.dtype = torch.float32,
+               decay: EFDDecay | str = EFDDecay.HARMONIC) -> torch.Tensor:
     """The extended-finite-difference weights of an ``n``-input LUT, shape
     ``(2^n, n, 2^n)``.
 
     Returns
     -------
     torch.Tensor
-        ``M[a, j, k] = (2·k_j − 1) / (H_j(a, k) + 1)``, ``k_j`` bit ``j`` of ``k`` and
-        ``H_j`` the Hamming distance of ``a`` and ``k`` ignoring bit ``j``.
+        ``M[a, j, k] = (2·k_j − 1)·w(H_j(a, k))``, ``k_j`` bit ``j`` of ``k``, ``H_j`` the
+        Hamming distance of ``a`` and ``k`` ignoring bit ``j``, and ``w`` the ``decay``
+        (:class:`EFDDecay`): ``1/(H + 1)`` by default.
 
     Notes
     -----
@@ -634,13 +652,14 @@ def efd_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     output with respect to input bit ``j`` as ``∂y/∂x_j = Σ_k M[a, j, k] A[k]``
     (Bacellar et al., 2024, Sec. 3): every entry votes, with sign ``+`` where its bit ``j``
     is 1 and ``−`` where it is 0, weighted down by its distance to the address read. The
-    two entries at distance 0 give the plain finite difference ``A[a|2^j] − A[a&~2^j]``.
+    two entries at distance 0 give the plain finite difference ``A[a|2^j] − A[a&~2^j]``
+    (times ``α`` with the exponential decay).
     """
     n = _check_count(n, "n")
     if n > _MAX_FAN_IN:
         raise ValueError(f"fan-in {n} exceeds {_MAX_FAN_IN}: the EFD matrix has 4**n * n "
                          "entries")
-    return _efd_matrix64(n).to(dtype)
+    return _efd_matrix64(n, EFDDecay.parse(decay)).to(dtype)
 
 
 def _scatter_sum(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -665,7 +684,9 @@ class _EFDLookup(torch.autograd.Function):
     """Binary LUT read; backward by EFD for the inputs and straight-through for the table."""
 
     @staticmethod
-    def forward(ctx, bits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, bits: torch.Tensor, table: torch.Tensor,
+                decay: EFDDecay = EFDDecay.HARMONIC) -> torch.Tensor:
+        ctx.decay = decay
         lut_count, size = table.shape
         # The address as a float dot product with (1, 2, 4, ...), a third of the time of
         # integer shifts: exact for 0/1 bits, every partial sum being an integer below
@@ -688,13 +709,14 @@ class _EFDLookup(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # D[l, a, j] = Σ_k M[a, j, k] A[l, k]: the EFD of every LUT at every address,
             # read at each sample's address as row l·2^n + a of D's (L·2^n, n) view.
-            d = torch.einsum("ajk,lk->laj", efd_matrix(n, table.dtype).to(table.device), table)
+            m = efd_matrix(n, table.dtype, ctx.decay).to(table.device)
+            d = torch.einsum("ajk,lk->laj", m, table)
             grad_bits = d.reshape(-1, n).index_select(0, flat.reshape(-1)).view(
                 *flat.shape, n) * grad.unsqueeze(-1)
         if ctx.needs_input_grad[1]:
             grad_table = _scatter_sum(flat.reshape(-1), grad.reshape(-1),
                                       table.numel()).view_as(table)
-        return grad_bits, grad_table
+        return grad_bits, grad_table, None
 
 
 class _LearnableSelect(torch.autograd.Function):
@@ -745,6 +767,9 @@ class LUTLayer(nn.Module):
         Explicit wiring ``(luts, n)`` for ``Mapping.FIXED``.
     tau : float
         Softmax temperature of the learnable mapping's backward pass to the inputs.
+    efd : EFDDecay or str
+        The decay of the inputs' EFD gradient (:func:`efd_matrix`); training only: the
+        forward and the stored model do not depend on it.
 
     Notes
     -----
@@ -766,8 +791,10 @@ class LUTLayer(nn.Module):
 
     def __init__(self, in_features: int, luts: int, fan_in: int = 6, *,
                  mapping: Mapping | str = Mapping.RANDOM, seed: int = 0, stream: int = 0,
-                 index: torch.Tensor | None = None, tau: float = 1e-3):
+                 index: torch.Tensor | None = None, tau: float = 1e-3,
+                 efd: EFDDecay | str = EFDDecay.HARMONIC):
         super().__init__()
+        self.efd = EFDDecay.parse(efd)
         self.in_features = _check_count(in_features, "in_features")
         self.luts = _check_count(luts, "luts")
         self.fan_in = _check_count(fan_in, "fan_in")
@@ -824,7 +851,7 @@ class LUTLayer(nn.Module):
                 -1, self.luts, self.fan_in)
         else:
             bits = _read_columns(x, self._index)
-        return _EFDLookup.apply(bits, self.table)
+        return _EFDLookup.apply(bits, self.table, self.efd)
 
     def size_parts(self, name: str) -> list[SizePart]:
         """The stored parts: the binarised table, and the wiring unless it is seeded."""
@@ -880,11 +907,14 @@ class DWN(nn.Module):
         GroupSum temperature: class score = popcount / tau.
     seed : int
         Seeds every layer's wiring (layer ``i`` is stream ``i``) and initial tables.
+    efd : EFDDecay or str
+        Every layer's EFD decay (training only, :class:`LUTLayer`).
     """
 
     def __init__(self, thermometer: Thermometer, luts: Sequence[int], classes: int, *,
                  fan_in: int = 6, mapping: Mapping | str = Mapping.RANDOM, tau: float = 1.0,
-                 seed: int = 0, mapping_tau: float = 1e-3):
+                 seed: int = 0, mapping_tau: float = 1e-3,
+                 efd: EFDDecay | str = EFDDecay.HARMONIC):
         super().__init__()
         if not isinstance(thermometer, Thermometer):
             raise TypeError("thermometer must be a Thermometer")
@@ -899,7 +929,7 @@ class DWN(nn.Module):
         widths = [thermometer.out_bits] + luts
         self.layers = nn.ModuleList(
             LUTLayer(widths[i], widths[i + 1], fan_in, seed=self.seed, stream=i,
-                     mapping=mapping if i == 0 else Mapping.RANDOM, tau=mapping_tau)
+                     mapping=mapping if i == 0 else Mapping.RANDOM, tau=mapping_tau, efd=efd)
             for i in range(len(luts)))
         self.group_sum = GroupSum(classes, tau)
         if luts[-1] % classes:
@@ -958,8 +988,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
             mapping: Mapping | str = Mapping.RANDOM, classes: int | None = None,
             tau: float = 1 / 0.3, epochs: int = 30, batch_size: int = 32, lr: float = 1e-2,
             step_size: int = 14, gamma: float = 0.1, seed: int = 0, pooled: bool = False,
-            keep_best: bool = False, progress: bool = False,
-            device: torch.device | str = "cpu") -> DWNFit:
+            keep_best: bool = False, efd: EFDDecay | str = EFDDecay.HARMONIC,
+            progress: bool = False, device: torch.device | str = "cpu") -> DWNFit:
     """Train a DWN with Adam and a step learning-rate schedule.
 
     Parameters
@@ -969,7 +999,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         only evaluated, never trained on.
     thermometer_bits, pooled
         The distributive thermometer (:meth:`Thermometer.fit`).
-    luts, fan_in, mapping, tau, seed
+    luts, fan_in, mapping, tau, seed, efd
         The model (:class:`DWN`).
     epochs, batch_size, lr, step_size, gamma
         Adam at ``lr``, multiplied by ``gamma`` every ``step_size`` epochs. These defaults,
@@ -1000,7 +1030,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     yb = _as_labels(torch.as_tensor(np.asarray(y_train)), xb.shape[0], classes)
     yv = _as_labels(torch.as_tensor(np.asarray(y_val)), xv.shape[0], classes)
     dev = torch.device(device)
-    model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau,
+    model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau, efd=efd,
                 seed=seed).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)

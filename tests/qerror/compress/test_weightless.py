@@ -186,8 +186,17 @@ def test_fit_wisard_learns_a_separable_toy_problem():
 # --------------------------------------------------------------------------- LUT layer
 
 
-def _loop_lut(x, index, table, grad):
-    """Forward, EFD input gradient, table gradient and Σ|terms| by plain loops (float64)."""
+def _harmonic(h, n):
+    return 1.0 / (h + 1)
+
+
+def _exponential(h, n):
+    return 0.5 * 0.75 ** (n - 1) * (1 / 3) ** h
+
+
+def _loop_lut(x, index, table, grad, weight=_harmonic):
+    """Forward, EFD input gradient, table gradient and Σ|terms| by plain loops (float64);
+    ``weight(h, n)`` weighs an entry at distance ``h``."""
     x, index, table, grad = (v.double().numpy() if v.is_floating_point() else v.numpy()
                              for v in (x, index, table, grad))
     batch, width = x.shape
@@ -206,7 +215,7 @@ def _loop_lut(x, index, table, grad):
                 d, s = 0.0, 0.0
                 for k in range(2**n):
                     h = sum(1 for i in range(n) if i != j and (k >> i) % 2 != (a >> i) % 2)
-                    term = (1.0 if (k >> j) % 2 else -1.0) * table[lut, k] / (h + 1)
+                    term = (1.0 if (k >> j) % 2 else -1.0) * table[lut, k] * weight(h, n)
                     d += term
                     s += abs(term)
                 gx[b, index[lut, j]] += grad[b, lut] * d
@@ -221,19 +230,21 @@ def _gamma(p, u):
 @pytest.mark.parametrize("n, mapping", [(1, "random"), (3, "random"), (4, "random"),
                                         (3, "fixed")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lut_layer_equals_the_loop_reference(n, mapping, dtype):
+@pytest.mark.parametrize("efd", ["harmonic", "exponential"])
+def test_lut_layer_equals_the_loop_reference(n, mapping, dtype, efd):
     gen = torch.Generator().manual_seed(n)
     width, luts, batch = 9, 5, 6
     kwargs = {}
     if mapping == "fixed":
         kwargs["index"] = torch.randint(0, width, (luts, n), generator=gen)
-    layer = LUTLayer(width, luts, n, mapping=mapping, seed=n, **kwargs).to(dtype)
+    layer = LUTLayer(width, luts, n, mapping=mapping, seed=n, efd=efd, **kwargs).to(dtype)
     x = torch.randint(0, 2, (batch, width), generator=gen).to(dtype).requires_grad_()
     grad = torch.randn(batch, luts, generator=gen, dtype=dtype)
     out = layer(x)
     out.backward(grad)
-    ref_out, ref_gx, ref_gt, absum = _loop_lut(x.detach(), layer.index, layer.table.detach(),
-                                               grad)
+    ref_out, ref_gx, ref_gt, absum = _loop_lut(
+        x.detach(), layer.index, layer.table.detach(), grad,
+        _harmonic if efd == "harmonic" else _exponential)
     assert np.array_equal(out.detach().double().numpy(), ref_out)   # forward: exact
     # Backward: both sides sum the same terms in different orders. A sum of p terms in
     # floating point is off by at most γ_p·Σ|terms| (γ_p = p·u/(1-p·u)); per element there
@@ -276,6 +287,14 @@ def test_efd_reduces_to_the_finite_difference_at_distance_zero():
     assert m.shape == (4, 2, 4)
     with pytest.raises(ValueError, match="fan-in 11"):
         efd_matrix(11)
+    # The exponential decay: α = 0.5·0.75^(n−1) = 0.375 at n = 2, β = 1/3 per unit of
+    # distance (the weights' rounding in float64 bounds the difference).
+    e = efd_matrix(2, torch.float64, "exponential")
+    expected = 0.375 * (-1.0 - 0.5) + 0.375 / 3 * (1.0 - 0.25)
+    assert float(e[0, 0] @ table) == pytest.approx(expected, rel=4 * 2.0**-53)
+    assert efd_matrix(1, decay="exponential").tolist() == [[[-0.5, 0.5]], [[-0.5, 0.5]]]
+    with pytest.raises(ValueError, match="linear"):
+        efd_matrix(2, decay="linear")
 
 
 def test_learnable_mapping_reads_the_argmax_and_has_the_papers_backward():
