@@ -927,9 +927,11 @@ def _main(argv: list[str]) -> int:
                              "is kept (default 20, smoke 1)")
     parser.add_argument("--dwn-batch", type=positive_int, default=32, help="DWN batch size")
     parser.add_argument("--dwn-efd", choices=[d.value for d in EFDDecay],
-                        default=EFDDecay.HARMONIC.value,
+                        default=EFDDecay.EXPONENTIAL.value,
                         help="the DWNs' EFD decay with distance: harmonic 1/(H+1), the "
-                             "paper's (default), or exponential, its authors' code's")
+                             "paper's, or exponential, its authors' code's (default; on the "
+                             "validation split, 7000/3500 LUTs, 20 epochs: 89.58 %% against "
+                             "89.16 %% at the best epoch)")
     parser.add_argument("--dwn-tau", type=positive_float, default=None,
                         help="GroupSum temperature of every DWN: class scores are counts of "
                              "the last layer's LUTs divided by it (default: scaled with the "

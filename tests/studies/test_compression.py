@@ -72,7 +72,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, m
     dwn = points[points.method == "DWN"].iloc[0]
     [call] = dwn_calls
     assert call["keep_best"] is True and call["tau"] == 50 / 10 / 30 == dwn.tau
-    assert call["efd"] == "harmonic" == dwn.efd                    # the paper's, by default
+    assert call["efd"] == "exponential" == dwn.efd          # its authors' code's, by default
     assert dwn.config.endswith(f"tau {50 / 10 / 30:.3g}") and dwn.epoch_kept == 1
     as_text = pd.read_csv(out / "points.csv", dtype=str, keep_default_na=False)
     # written as a count, not 1.0, and blank for the other methods
