@@ -873,9 +873,9 @@ def _main(argv: list[str]) -> int:
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
         "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
         "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min (--parts "
-        "wisard cnn); the DWNs 16 min (--parts dwn, one thread of an AMD EPYC beside other "
-        "jobs). The ResNet part is an estimate from the baseline's training speed (the "
-        "fine-tuning prints its own, the bar its ETA). "
+        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC). The ResNet "
+        "part is an estimate from the baseline's training speed (the fine-tuning prints its "
+        "own, the bar its ETA). "
         "--smoke takes under a minute.")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="which families to measure (default all); without resnet no "
