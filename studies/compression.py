@@ -929,9 +929,10 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-efd", choices=[d.value for d in EFDDecay],
                         default=EFDDecay.EXPONENTIAL.value,
                         help="the DWNs' EFD decay with distance: harmonic 1/(H+1), the "
-                             "paper's, or exponential, its authors' code's (default; on the "
-                             "validation split, 7000/3500 LUTs, 20 epochs: 89.58 %% against "
-                             "89.16 %% at the best epoch)")
+                             "paper's, or exponential, its authors' code's (default: on the "
+                             "validation split, 7000/3500 LUTs, 20 epochs, 89.58 %% against "
+                             "89.16 %% at the best epoch, one seed; tried after the harmonic "
+                             "run's test figure was seen, see the README)")
     parser.add_argument("--dwn-tau", type=positive_float, default=None,
                         help="GroupSum temperature of every DWN: class scores are counts of "
                              "the last layer's LUTs divided by it (default: scaled with the "

@@ -631,7 +631,9 @@ def _efd_matrix64(n: int, decay: EFDDecay) -> torch.Tensor:
     sign = (2 * bit_kj - 1)[None, :, :].to(torch.float64)
     if decay is EFDDecay.HARMONIC:
         return sign / (popcount + 1)
-    return sign * (0.5 * 0.75 ** (n - 1)) * (1 / 3) ** popcount
+    if decay is EFDDecay.EXPONENTIAL:
+        return sign * (0.5 * 0.75 ** (n - 1)) * (1 / 3) ** popcount
+    raise ValueError(f"no EFD weights for decay {decay!r}")
 
 
 def efd_matrix(n: int, dtype: torch.dtype = torch.float32,
@@ -1291,7 +1293,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
 
     Returns a model that predicts the same classes: a WiSARD with binary RAMs (counts 1,
     bleaching 1) or with its counts and threshold; a DWN with tables ``±1`` and a FIXED
-    first layer when its mapping was learned.
+    first layer when its mapping was learned. The file holds what inference needs, not how
+    the model was trained: a DWN comes back with the harmonic EFD decay whatever it was
+    trained with (set each layer's ``efd`` before training it further).
 
     Raises
     ------

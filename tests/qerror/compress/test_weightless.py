@@ -9,6 +9,7 @@ import torch
 
 from qerror.compress import (
     DWN,
+    EFDDecay,
     GroupSum,
     LUTLayer,
     Mapping,
@@ -369,6 +370,28 @@ def test_group_sum_and_dwn_shapes():
     for bad in (torch.full((2, 12), 0.5), torch.full((2, 12), 2.0)):
         with pytest.raises(ValueError, match="exactly 0 or 1"):
             model.layers[0](bad)
+
+
+@pytest.mark.parametrize("mapping", ["random", "learnable"])
+def test_the_efd_decay_reaches_every_layer_and_its_backward(mapping):
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    x = (rng.normal(size=(60, 4)) + 2.0 * y[:, None]).astype(np.float32)
+    fit = fit_dwn(x[:40], y[:40], x[40:], y[40:], thermometer_bits=3, luts=(12, 6), fan_in=3,
+                  mapping=mapping, epochs=1, batch_size=8, seed=0, efd="exponential")
+    assert [layer.efd for layer in fit.model.layers] == [EFDDecay.EXPONENTIAL] * 2
+    # The same network and input: the first layer's table gradient comes through the second
+    # layer's EFD, so it differs between the decays, for either mapping of the first layer.
+    model = fit.model.double()
+    bits = model.thermometer.encode(x[:8]).double()
+    grads = {}
+    for decay in EFDDecay:
+        for layer in model.layers:
+            layer.efd = decay
+        model.zero_grad()
+        model.forward_bits(bits).sum(1).pow(2).sum().backward()
+        grads[decay] = model.layers[0].table.grad.clone()
+    assert not torch.equal(grads[EFDDecay.HARMONIC], grads[EFDDecay.EXPONENTIAL])
 
 
 def test_fit_dwn_learns_a_separable_toy_problem():
