@@ -581,9 +581,7 @@ def dwn_points(data, args, folder, bar,
                       thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
                       batch_size=args.dwn_batch, seed=args.seed, tau=tau,
                       step_size=max(1, (2 * args.dwn_epochs) // 3), keep_best=True,
-                      efd=args.dwn_efd,
-                      progress=True,
-                      device=args.device)
+                      efd=args.dwn_efd, progress=True, device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
         rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",

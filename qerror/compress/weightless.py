@@ -686,8 +686,7 @@ class _EFDLookup(torch.autograd.Function):
     """Binary LUT read; backward by EFD for the inputs and straight-through for the table."""
 
     @staticmethod
-    def forward(ctx, bits: torch.Tensor, table: torch.Tensor,
-                decay: EFDDecay = EFDDecay.HARMONIC) -> torch.Tensor:
+    def forward(ctx, bits: torch.Tensor, table: torch.Tensor, decay: EFDDecay) -> torch.Tensor:
         ctx.decay = decay
         lut_count, size = table.shape
         # The address as a float dot product with (1, 2, 4, ...), a third of the time of
