@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode
 from qerror.compress import (
+    MAX_FAN_IN,
     EFDDecay,
     GradualSchedule,
     MagnitudePruner,
@@ -578,14 +579,15 @@ def dwn_points(data, args, folder, bar,
         t0 = time.perf_counter()
         tau = args.dwn_tau or dwn_tau(luts)
         res = fit_dwn(data.p_train, data.y_train.numpy(), data.p_val, data.y_val,
-                      thermometer_bits=args.dwn_bits, luts=luts, epochs=args.dwn_epochs,
+                      thermometer_bits=args.dwn_bits, luts=luts, fan_in=args.dwn_fan_in,
+                      epochs=args.dwn_epochs,
                       batch_size=args.dwn_batch, seed=args.seed, tau=tau,
                       step_size=max(1, (2 * args.dwn_epochs) // 3), keep_best=True,
                       efd=args.dwn_efd, progress=True, device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
         rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
-                          f"LUTs {'/'.join(map(str, luts))}, fan-in 6, "
+                          f"LUTs {'/'.join(map(str, luts))}, fan-in {args.dwn_fan_in}, "
                           f"{args.dwn_bits}-bit thermometer, tau {tau:.3g}",
                           counted, size, correct, None, sparsity=math.nan, storage="wnn",
                           val_acc=res.val_accuracy[res.epoch - 1], epoch_kept=res.epoch,
@@ -918,6 +920,9 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-luts", nargs="*", type=luts_arg, default=None,
                         help="LUTs per layer of each DWN, e.g. 2000,1000 (default 2000,1000 "
                              "7000,3500, smoke 100,50)")
+    parser.add_argument("--dwn-fan-in", type=int_in(1, MAX_FAN_IN), default=6,
+                        help="inputs per LUT of every DWN layer: a LUT stores 2^fan-in bits "
+                             "(default 6, the authors')")
     parser.add_argument("--dwn-bits", type=int_in(1, 32), default=7,
                         help="DWN thermometer bits per pixel (default 7)")
     parser.add_argument("--dwn-epochs", type=positive_int, default=None,

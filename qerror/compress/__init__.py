@@ -53,6 +53,7 @@ from qerror.compress.survivors import SurvivorQuantization, quantize_survivors
 from qerror.compress.tiny import TinyCNN, tiny_cnn_within
 from qerror.compress.weightless import (
     DWN,
+    MAX_FAN_IN,
     BleachChoice,
     DWNFit,
     EFDDecay,
@@ -130,6 +131,7 @@ __all__ = [
     "DWNFit",
     "GroupSum",
     "LUTLayer",
+    "MAX_FAN_IN",
     "Mapping",
     "RamFormat",
     "Thermometer",

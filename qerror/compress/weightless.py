@@ -75,7 +75,7 @@ _WISARD = struct.Struct("<BBBBHQIQBB")  # n, shuffle, counts, format, classes, s
 #                                          entries, length bits, count bits
 _DWN = struct.Struct("<HBBdQ")          # classes, fan-in, layers, tau, seed
 _DWN_LAYER = struct.Struct("<IB")       # LUTs, mapping code
-_MAX_FAN_IN = 10                        # the EFD matrix has 4**n * n entries
+MAX_FAN_IN = 10  # the largest LUT fan-in: the EFD matrix has 4**n * n entries
 
 
 # --------------------------------------------------------------------------- seeded wiring
@@ -658,8 +658,8 @@ def efd_matrix(n: int, dtype: torch.dtype = torch.float32,
     (times ``α`` with the exponential decay).
     """
     n = _check_count(n, "n")
-    if n > _MAX_FAN_IN:
-        raise ValueError(f"fan-in {n} exceeds {_MAX_FAN_IN}: the EFD matrix has 4**n * n "
+    if n > MAX_FAN_IN:
+        raise ValueError(f"fan-in {n} exceeds {MAX_FAN_IN}: the EFD matrix has 4**n * n "
                          "entries")
     return _efd_matrix64(n, EFDDecay.parse(decay)).to(dtype)
 
@@ -692,7 +692,7 @@ class _EFDLookup(torch.autograd.Function):
         # The address as a float dot product with (1, 2, 4, ...), a third of the time of
         # integer shifts: exact for 0/1 bits, every partial sum being an integer below
         # 2^fan_in ≤ 2^10 (bfloat16, integers, bools are summed in float32).
-        if not bits.is_floating_point() or torch.finfo(bits.dtype).eps > 2.0 ** -_MAX_FAN_IN:
+        if not bits.is_floating_point() or torch.finfo(bits.dtype).eps > 2.0 ** -MAX_FAN_IN:
             bits = bits.to(torch.float32)
         pow2 = (1 << torch.arange(bits.shape[-1], device=bits.device)).to(bits.dtype)
         addr = (bits @ pow2).to(torch.int64)                                   # (B, L)
@@ -802,8 +802,8 @@ class LUTLayer(nn.Module):
         if self.fan_in > self.in_features:
             raise ValueError(f"fan-in (address size) {self.fan_in} bits is larger than the "
                              f"{self.in_features} input bits")
-        if self.fan_in > _MAX_FAN_IN:
-            raise ValueError(f"fan_in {self.fan_in} exceeds {_MAX_FAN_IN}")
+        if self.fan_in > MAX_FAN_IN:
+            raise ValueError(f"fan_in {self.fan_in} exceeds {MAX_FAN_IN}")
         self.mapping = Mapping.parse(mapping)
         self.seed, self.stream = _check_seed(seed), _check_seed(stream)
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):

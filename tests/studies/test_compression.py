@@ -73,6 +73,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, m
     [call] = dwn_calls
     assert call["keep_best"] is True and call["tau"] == 50 / 10 / 30 == dwn.tau
     assert call["efd"] == "exponential" == dwn.efd          # its authors' code's, by default
+    assert call["fan_in"] == 6 and "fan-in 6," in dwn.config
     assert dwn.config.endswith(f"tau {50 / 10 / 30:.3g}") and dwn.epoch_kept == 1
     as_text = pd.read_csv(out / "points.csv", dtype=str, keep_default_na=False)
     # written as a count, not 1.0, and blank for the other methods
@@ -179,6 +180,17 @@ def test_cuda_without_a_gpu_is_refused_before_any_output(fashion_idx, tmp_path, 
                              "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "device cuda was asked for" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_a_dwn_fan_in_beyond_the_layers_limit_is_refused_before_any_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        compression.main(["--smoke", "--dwn-fan-in", str(compression.MAX_FAN_IN + 1),
+                          "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"--dwn-fan-in: must be from 1 to {compression.MAX_FAN_IN}" in err
     assert not out.exists() and not list(tmp_path.glob(".run*"))
 
 
