@@ -1051,8 +1051,9 @@ def _main(argv: list[str]) -> int:
                 timing += part_timing
         bar.close()
         points = pd.DataFrame(rows)
-        if "epoch_kept" in points:  # a count, blank for the other methods (not 1.0)
-            points["epoch_kept"] = points.epoch_kept.astype("Int64")
+        for column in ("epoch_kept", "budget"):  # counts, blank for the other methods
+            if column in points:                # (written 1 and 50000, not 1.0 and 50000.0)
+                points[column] = points[column].astype("Int64")
         points["on_front"] = pareto_front(points.bytes, points.acc)
         goal_frame = goals(points, judged=judged, arch=args.model)
         smallest = None

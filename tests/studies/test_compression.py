@@ -78,6 +78,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, m
     as_text = pd.read_csv(out / "points.csv", dtype=str, keep_default_na=False)
     # written as a count, not 1.0, and blank for the other methods
     assert as_text.epoch_kept.tolist() == ["1" if m == "DWN" else "" for m in points.method]
+    assert as_text.budget.tolist() == ["100000" if m in ("WiSARD", "tiny CNN INT8") else ""
+                                       for m in points.method]
     goals = pd.read_csv(out / "goals.csv")
     assert len(goals) == 3 and goals.verdict.eq("not judged (smoke run)").all()
     assert "SMOKE" in (out / "points.tex").read_text()
