@@ -18,7 +18,8 @@ back. The points:
 * structured channel pruning (:func:`qerror.compress.prune_channels`), a physically smaller
   dense network, fine-tuned the same way;
 * WiSARD at each ``--wisard-budgets`` (address size chosen on the validation split among
-  those that fit) and DWN-style LUT networks at each ``--dwn-luts``;
+  those that fit) and DWN-style LUT networks at each ``--dwn-luts`` (``--dwn-fan-in``
+  inputs per LUT);
 * a small INT8 CNN (:func:`qerror.compress.tiny_cnn_within`) at each WiSARD budget;
 * the INT8 early-exit network of a finished ``python -m studies.early_exit`` run on the same
   baseline and test split (``--early-exit-run``, default ``early_exit`` beside ``--out``):
@@ -873,7 +874,8 @@ def _main(argv: list[str]) -> int:
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
         "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
         "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min (--parts "
-        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC). The ResNet "
+        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC; their default "
+        "six-input LUTs: fewer inputs train slower at the same bytes). The ResNet "
         "part is an estimate from the baseline's training speed (the fine-tuning prints its "
         "own, the bar its ETA). "
         "--smoke takes under a minute.")
@@ -920,7 +922,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-luts", nargs="*", type=luts_arg, default=None,
                         help="LUTs per layer of each DWN, e.g. 2000,1000 (default 2000,1000 "
                              "7000,3500, smoke 100,50)")
-    parser.add_argument("--dwn-fan-in", type=int_in(1, MAX_FAN_IN), default=6,
+    parser.add_argument("--dwn-fan-in", type=int_in(1, MAX_FAN_IN, "the EFD matrix has 4^n·n entries"),
+                        default=6,
                         help="inputs per LUT of every DWN layer: a LUT stores 2^fan-in bits "
                              "(default 6, the authors')")
     parser.add_argument("--dwn-bits", type=int_in(1, 32), default=7,
@@ -987,6 +990,13 @@ def _main(argv: list[str]) -> int:
     parts = set(args.parts)
     if "resnet" not in parts:
         args.rounding_bits = []
+    if "dwn" in parts:  # a LUT reads fan-in distinct outputs of the layer before it
+        for luts in args.dwn_luts:
+            if min(luts[:-1], default=args.dwn_fan_in) < args.dwn_fan_in:
+                parser.error(f"--dwn-luts {','.join(map(str, luts))}: a layer of "
+                             f"{min(luts[:-1])} LUTs cannot feed LUTs of --dwn-fan-in "
+                             f"{args.dwn_fan_in} inputs; give every layer but the last at "
+                             "least as many LUTs as the fan-in")
     check_out(args.out, "compression", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     args.device = str(device)

@@ -46,6 +46,7 @@ __all__ = [
     "DWNFit",
     "GroupSum",
     "LUTLayer",
+    "MAX_FAN_IN",
     "Mapping",
     "RamFormat",
     "Thermometer",

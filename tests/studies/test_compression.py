@@ -18,17 +18,23 @@ OUTPUTS = ("points.csv", "goals.csv", "timing.csv", "rounding.csv", "rounding_la
            "latency.png")
 
 
+def spy_on_fit_dwn(monkeypatch) -> list[dict]:
+    """The keyword arguments of every call of the study's ``fit_dwn``, which still trains."""
+    calls = []
+    real_fit_dwn = compression.fit_dwn
+
+    def fit_dwn_spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_fit_dwn(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "fit_dwn", fit_dwn_spy)
+    return calls
+
+
 def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, monkeypatch):
     root = fashion_idx(train=6100, test=100)
     out = tmp_path / "compression"
-    dwn_calls = []
-
-    def fit_dwn_spy(*args, **kwargs):
-        dwn_calls.append(kwargs)
-        return real_fit_dwn(*args, **kwargs)
-
-    real_fit_dwn = compression.fit_dwn
-    monkeypatch.setattr(compression, "fit_dwn", fit_dwn_spy)
+    dwn_calls = spy_on_fit_dwn(monkeypatch)
     assert compression.main(["--smoke", "--data-root", str(root), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     for name in OUTPUTS:
@@ -194,6 +200,30 @@ def test_a_dwn_fan_in_beyond_the_layers_limit_is_refused_before_any_output(tmp_p
     assert exit_info.value.code == 2
     assert f"--dwn-fan-in: must be from 1 to {compression.MAX_FAN_IN}" in err
     assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_a_dwn_layer_narrower_than_the_fan_in_is_refused_before_any_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        compression.main(["--smoke", "--parts", "dwn", "--dwn-luts", "100,50", "4,10",
+                          "--dwn-fan-in", "5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--dwn-luts 4,10: a layer of 4 LUTs cannot feed LUTs of --dwn-fan-in 5" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_the_dwn_fan_in_reaches_the_training_and_the_points_configuration(
+        fashion_idx, tmp_path, monkeypatch):
+    root = fashion_idx(train=6100, test=100)
+    calls = spy_on_fit_dwn(monkeypatch)
+    out = tmp_path / "run"
+    assert compression.main(["--smoke", "--parts", "dwn", "--dwn-fan-in", "3", "--data-root",
+                             str(root), "--out", str(out)]) == 0
+    [call] = calls
+    assert call["fan_in"] == 3                # not fit_dwn's own default of 6
+    points = pd.read_csv(out / "points.csv")
+    assert points.method.tolist() == ["DWN"] and "fan-in 3," in points.config[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,6 +9,7 @@ import torch
 
 from qerror.compress import (
     DWN,
+    MAX_FAN_IN,
     EFDDecay,
     GroupSum,
     LUTLayer,
@@ -269,7 +270,8 @@ def test_lut_addresses_are_exact_at_the_largest_fan_in_in_every_float_type(dtype
     # integers exactly only up to 256, so its sums must be taken in float32. The reference
     # forms them with integer shifts.
     gen = torch.Generator().manual_seed(10)
-    width, luts, batch, n = 12, 40, 64, 10
+    width, luts, batch, n = 12, 40, 64, MAX_FAN_IN
+    assert n == 10                                     # the comment's 2^9
     layer = LUTLayer(width, luts, n, seed=3).to(dtype)
     x = torch.randint(0, 2, (batch, width), generator=gen)
     addr = (x[:, layer.index] << torch.arange(n)).sum(-1)                 # (B, L), int64
@@ -286,8 +288,10 @@ def test_efd_reduces_to_the_finite_difference_at_distance_zero():
     table = torch.tensor([0.5, -1.0, 0.25, 1.0], dtype=torch.float64)
     assert float(m[0, 0] @ table) == -1.0 - 0.5 + (1.0 - 0.25) / 2
     assert m.shape == (4, 2, 4)
-    with pytest.raises(ValueError, match="fan-in 11"):
-        efd_matrix(11)
+    with pytest.raises(ValueError, match=f"fan-in {MAX_FAN_IN + 1}"):
+        efd_matrix(MAX_FAN_IN + 1)
+    with pytest.raises(ValueError, match=f"fan_in {MAX_FAN_IN + 1} exceeds {MAX_FAN_IN}"):
+        LUTLayer(64, 4, MAX_FAN_IN + 1)
     # The exponential decay: α = 0.5·0.75^(n−1) = 0.375 at n = 2, β = 1/3 per unit of
     # distance (the weights' rounding in float64 bounds the difference).
     e = efd_matrix(2, torch.float64, "exponential")
