@@ -110,6 +110,7 @@ from qerror.nn.training import (
 from qerror.stats import mcnemar_test, wilson_ci
 from studies._common import (
     RunDir,
+    StudyError,
     alternating_times,
     base_parser,
     check_out,
@@ -1060,6 +1061,12 @@ def _main(argv: list[str]) -> int:
                 rows += part_rows
                 timing += part_timing
         bar.close()
+        if not rows:  # only WiSARD asked for, and no address size fits any budget
+            raise StudyError(
+                f"no model to compare: no WiSARD of {args.wisard_bits}-bit thermometer and "
+                f"address bits {', '.join(map(str, args.wisard_address_bits))} fits within "
+                f"--wisard-budgets {' '.join(map(str, args.wisard_budgets))} bytes; give "
+                "larger budgets, other --wisard-address-bits, or more --parts")
         points = pd.DataFrame(rows)
         for column in ("epoch_kept", "budget"):  # counts, blank for the other methods
             if column in points:                # (written 1 and 50000, not 1.0 and 50000.0)

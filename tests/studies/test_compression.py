@@ -213,6 +213,17 @@ def test_a_dwn_layer_narrower_than_the_fan_in_is_refused_before_any_output(tmp_p
     assert not out.exists() and not list(tmp_path.glob(".run*"))
 
 
+def test_a_wisard_only_run_where_nothing_fits_is_refused_and_leaves_no_output(
+        fashion_idx, tmp_path, capsys):
+    root = fashion_idx(train=6100, test=100)
+    out = tmp_path / "run"
+    code = compression.main(["--smoke", "--parts", "wisard", "--wisard-budgets", "1024",
+                             "--data-root", str(root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no model to compare: no WiSARD" in err and "1024 bytes" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
 def test_the_dwn_fan_in_reaches_the_training_and_the_points_configuration(
         fashion_idx, tmp_path, monkeypatch):
     root = fashion_idx(train=6100, test=100)
