@@ -582,8 +582,7 @@ def dwn_points(data, args, folder, bar,
         tau = args.dwn_tau or dwn_tau(luts)
         res = fit_dwn(data.p_train, data.y_train.numpy(), data.p_val, data.y_val,
                       thermometer_bits=args.dwn_bits, luts=luts, fan_in=args.dwn_fan_in,
-                      epochs=args.dwn_epochs,
-                      batch_size=args.dwn_batch, seed=args.seed, tau=tau,
+                      epochs=args.dwn_epochs, batch_size=args.dwn_batch, seed=args.seed, tau=tau,
                       step_size=max(1, (2 * args.dwn_epochs) // 3), keep_best=True,
                       efd=args.dwn_efd, progress=True, device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
@@ -875,8 +874,8 @@ def _main(argv: list[str]) -> int:
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
         "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
         "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min (--parts "
-        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC; their default "
-        "six-input LUTs: fewer inputs train slower at the same bytes). The ResNet "
+        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC, the default "
+        "six-input LUTs). The ResNet "
         "part is an estimate from the baseline's training speed (the fine-tuning prints its "
         "own, the bar its ETA). "
         "--smoke takes under a minute.")
@@ -923,8 +922,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-luts", nargs="*", type=luts_arg, default=None,
                         help="LUTs per layer of each DWN, e.g. 2000,1000 (default 2000,1000 "
                              "7000,3500, smoke 100,50)")
-    parser.add_argument("--dwn-fan-in", type=int_in(1, MAX_FAN_IN, "the EFD matrix has 4^n·n entries"),
-                        default=6,
+    parser.add_argument("--dwn-fan-in", default=6,
+                        type=int_in(1, MAX_FAN_IN, "the EFD matrix has 4^n·n entries"),
                         help="inputs per LUT of every DWN layer: a LUT stores 2^fan-in bits "
                              "(default 6, the authors')")
     parser.add_argument("--dwn-bits", type=int_in(1, 32), default=7,
@@ -993,9 +992,10 @@ def _main(argv: list[str]) -> int:
         args.rounding_bits = []
     if "dwn" in parts:  # a LUT reads fan-in distinct outputs of the layer before it
         for luts in args.dwn_luts:
-            if min(luts[:-1], default=args.dwn_fan_in) < args.dwn_fan_in:
+            narrowest = min(luts[:-1], default=args.dwn_fan_in)
+            if narrowest < args.dwn_fan_in:
                 parser.error(f"--dwn-luts {','.join(map(str, luts))}: a layer of "
-                             f"{min(luts[:-1])} LUTs cannot feed LUTs of --dwn-fan-in "
+                             f"{narrowest} LUTs cannot feed LUTs of --dwn-fan-in "
                              f"{args.dwn_fan_in} inputs; give every layer but the last at "
                              "least as many LUTs as the fan-in")
     check_out(args.out, "compression", force=args.force)
