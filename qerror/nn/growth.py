@@ -167,15 +167,30 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     -------
     numpy.ndarray of shape (B,)
         Equal, up to rounding, to ``channel_rms_debiased(means[idx_b], scale)`` for the
-        index list ``idx_b`` with those counts; two matrix products instead of B copies.
+        index list ``idx_b`` with those counts.
+
+    Notes
+    -----
+    With ``a = m / σ`` over the live channels (C' of them), ``w`` a row of ``counts`` and
+    ``μ_c = Σ_i w_i a_ic / N`` the resample's scaled channel means, the statistic squared is
+    ``(S − V / N) / C'`` with ``S = Σ_c μ_c²`` and ``V = Σ_c Var_c`` the sum of the
+    resample's unbiased channel variances. The variances enter only through their sum over
+    channels, ``V = (w · q − N S) / (N − 1)`` with ``q_i = Σ_c a_ic²``, so one (B, N) × (N, C)
+    matrix product serves every resample (the per-channel variance would take a second).
     """
     m = np.asarray(means, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
     w = np.asarray(counts, dtype=np.float64)
     n = m.shape[0]
-    mean = w @ m / n
-    var = (w @ (m * m) - n * mean * mean) / (n - 1)
-    return debiased_rms(mean, var / n, s)
+    live = s > 0
+    if not live.any():
+        return np.full(w.shape[0], math.nan)
+    a = m[:, live] / s[live]
+    mu = w @ a
+    mu /= n
+    total = np.einsum("bc,bc->b", mu, mu)  # S
+    spread = (w @ np.einsum("ic,ic->i", a, a) - n * total) / (n - 1)  # V
+    return np.sqrt(np.maximum((total - spread / n) / a.shape[1], 0.0))
 
 
 def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray], *,

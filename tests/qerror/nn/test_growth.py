@@ -104,6 +104,27 @@ def test_counts_give_the_statistic_of_the_resampled_rows():
     np.testing.assert_allclose(fast, slow, rtol=RTOL64)
 
 
+def test_counts_on_noise_alone_agree_to_rounding_of_the_terms():
+    """No drift, only noise: the debiased square is a difference of two nearly equal
+    terms, and the one-product form must agree with the row-wise statistic to within the
+    rounding of those terms (float64, sums of N·C products), not merely in relative terms
+    of a result near zero. The dead channel is left out of both."""
+    rng = np.random.default_rng(9)
+    n, c = 200, 64
+    m, s = rng.standard_normal((n, c)), rng.uniform(0.5, 2.0, c)
+    s[5] = 0.0
+    idx = rng.integers(0, n, (50, n))
+    idx[0] = np.arange(n)  # the sample itself: its debiased square is about 0, either sign
+    counts = np.stack([np.bincount(i, minlength=n) for i in idx])
+    fast = debiased_from_counts(m, s, counts) ** 2
+    slow = np.array([channel_rms_debiased(m[i], s) for i in idx]) ** 2
+    live = s > 0
+    term = np.mean((m[:, live] / s[live]) ** 2)  # size of S and of V/N, per channel
+    assert slow.max() < 0.05 * term  # the two terms nearly cancel in every resample
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=n * c * np.finfo(float).eps * term)
+    assert np.all(np.isnan(debiased_from_counts(m, np.zeros(c), counts)))
+
+
 @pytest.mark.parametrize("lo, hi, answer", [(0.8, 1.2, "linear"), (0.3, 0.7, "sqrt"),
                                             (0.4, 1.1, "not separated"), (1.2, 1.5, "neither")])
 def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
