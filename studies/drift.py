@@ -688,31 +688,38 @@ RUN_PHASES = ("instrumented", "remedies", "headline", "curve")  # as estimate() 
 
 
 def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, local_samples: int,
-             place, curve_sizes=()) -> dict:
+             place, curve_sizes=(), kway_rate: float | None = None) -> dict:
     """Time one instrumented pass and one plain quantized forward over this rank's first
-    batch and extrapolate every phase of the run.
+    batch for one configuration of each target, and extrapolate every phase of the run.
+
+    What a configuration costs depends on its target (activations are quantized at every
+    layer, weights once), so the probe times the first configuration of each target among
+    ``configs`` (and the remedies' target) and every configuration is costed at its
+    target's rates; ``measure_images_per_s`` and ``plain_images_per_s`` are those rates
+    averaged over the configurations (images per second per configuration).
 
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations,
-    each width's configurations in one K-way batch (:func:`qerror.nn.measure_many`): each
-    costs what one configuration's ``measure`` costs less the float forward it shares, for
-    which the plain quantized forward stands in (``images_per_s_per_config``; measure's own
-    rate is ``measure_images_per_s``);
+    each width's configurations in one K-way batch (:func:`qerror.nn.measure_many`), at
+    ``kway_rate`` (images × configurations per second) where the pilot measured it on
+    these configurations in the same batches, else modelled: each configuration costs what
+    its own ``measure`` costs less the float forward it shares, for which its plain
+    quantized forward stands in (``images_per_s_per_config``, ``rate_source`` says which;
+    the probe runs each target's first mode, and the modes differ in cost, stochastic
+    rounding most);
     ``remedies``, per remedy configuration a calibration pass with every image's local
     error (an instrumented pass plus a plain one per image), a BatchNorm re-estimation pass
-    and three instrumented passes over the test images; ``headline``, five plain forwards
-    (float and four modes) over the headline images; ``curve`` (rank 0), per remedy
-    configuration an unremedied plain forward over the curve's test images and, at each
-    calibration size, both remedies' fits and two plain forwards. ``estimated_s`` is the
-    instrumented passes alone (configurations and the remedies' three), ``estimated_total_s``
-    the sum of the phases. Not in the estimate: each configuration's analysis on rank 0
-    (growth bootstraps, statements; in the default run about a third of the instrumented
-    phase's time) and the INT8 cross-check; the whole-run bar's ETA absorbs the first as the
-    phases end.
+    and three instrumented passes over the test images; ``headline``, a float forward (for
+    which the weights-only forward stands in, where one was probed) and four quantized ones
+    over the headline images; ``curve`` (rank 0), per remedy configuration an unremedied
+    plain forward over the curve's test images and, at each calibration size, both
+    remedies' fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
+    (configurations and the remedies' three), ``estimated_total_s`` the sum of the phases.
+    Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
+    statements), the pilot, the INT8 cross-check and the outputs; the whole-run bar's ETA
+    absorbs the first as the phases end.
     """
-    cfg = configs[0]
     x, y = data.test[0]
     device = place.device
-    qp = act_qp[_bits(cfg)]
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -723,44 +730,60 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    seconds = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=weights_of(cfg),
-                                    local_samples=min(local_samples, len(y))))
+    def probe(cfg) -> tuple[float, float]:
+        """Seconds per image of ``cfg``'s instrumented pass and of its plain forward."""
+        qp, w = act_qp[_bits(cfg)], weights_of(cfg)
+        inst_s = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=w,
+                                       local_samples=min(local_samples, len(y))))
 
-    def plain():
-        with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=weights_of(cfg)):
-            model(x.to(device))
+        def plain():
+            with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=w):
+                model(x.to(device))
 
-    plain_s = timed(plain)
-    rate, plain_rate = len(y) / seconds, len(y) / plain_s
-    inst, fwd = 1 / rate, 1 / plain_rate  # seconds per image
+        return inst_s / len(y), timed(plain) / len(y)
+
+    probes: dict[Target, tuple[float, float]] = {}
+    for cfg in [*configs, *remedy_configs]:
+        if cfg.target not in probes:
+            probes[cfg.target] = probe(cfg)
+    inst = {c: probes[c.target][0] for c in configs}
+    fwd = {c: probes[c.target][1] for c in configs}
     # A width's K configurations share one float chunk: each costs its measure less the
-    # share of the float forward it no longer runs (the plain forward stands in for it).
-    widths = [len(g) for g in width_groups(configs).values()]
-    many = sum(k * max(inst - fwd * (k - 1) / k, fwd) for k in widths)  # s per image, all
-    group_rate = len(configs) / many  # images x configurations per second
+    # share of the float forward it no longer runs (its plain forward stands in for it).
+    many = sum(max(inst[c] - fwd[c] * (len(g) - 1) / len(g), fwd[c])
+               for g in width_groups(configs).values() for c in g)  # s per image, all
+    group_rate = kway_rate if kway_rate else len(configs) / many  # images x configurations/s
     images = data.identity["test_images"]
     passes = len(configs) + 3 * len(remedy_configs)
     share = -(-images // place.world_size)  # the largest share a rank measures, about
     n_remedy = len(remedy_configs)
+    inst_r, fwd_r = probes[remedy_configs[0].target] if remedy_configs else (0.0, 0.0)
+    fwd_b = probes[Target.BOTH][1] if Target.BOTH in probes else max(fwd.values())
+    fwd_f = probes[Target.WEIGHTS][1] if Target.WEIGHTS in probes else fwd_b
     calib = sum(len(b[1]) for b in data.calib)
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
     sizes = list(curve_sizes) if data.curve_calib else []
     phases = {
         "instrumented": len(configs) * share / group_rate,
-        "remedies": n_remedy * (calib * (inst + 2 * fwd) + 3 * share * inst),
-        "headline": 5 * head * fwd,
-        "curve": (n_remedy * curve_test * fwd + curve_test * fwd
-                  + n_remedy * sum(n * (inst + 2 * fwd) + 2 * curve_test * fwd
+        "remedies": n_remedy * (calib * (inst_r + 2 * fwd_r) + 3 * share * inst_r),
+        "headline": head * (fwd_f + 4 * fwd_b),
+        "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_f
+                  + n_remedy * sum(n * (inst_r + 2 * fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }
+    probe_inst = sum(p[0] for p in probes.values()) * len(y)
+    probe_plain = sum(p[1] for p in probes.values()) * len(y)
     return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
-            "probe_s": seconds, "images_per_s_per_config": group_rate,
-            "measure_images_per_s": rate,
-            "plain_probe_s": plain_s, "plain_images_per_s": plain_rate, "images": images,
+            "probe_targets": " ".join(t.value for t in probes),
+            "probe_s": probe_inst, "images_per_s_per_config": group_rate,
+            "rate_source": "pilot" if kway_rate else "probe",
+            "measure_images_per_s": len(configs) / sum(inst.values()),
+            "plain_probe_s": probe_plain,
+            "plain_images_per_s": len(configs) / sum(fwd.values()), "images": images,
             "configurations": len(configs), "remedy_configurations": n_remedy,
             "passes": passes,
-            "estimated_s": phases["instrumented"] + 3 * n_remedy * share * inst,
+            "estimated_s": phases["instrumented"] + 3 * n_remedy * share * inst_r,
             **{f"estimated_{k}_s": v for k, v in phases.items()},
             "estimated_total_s": sum(phases.values())}
 
@@ -779,8 +802,9 @@ def estimate_message(t: dict) -> str:
     """What :func:`estimate` found, in words, with the ways to shorten a long CPU run."""
     ranks = f" on each of {t['world_size']} ranks" if t["world_size"] > 1 else ""
     msg = (f"[drift] {t['images_per_s_per_config']:.3g} images/s per configuration "
-           f"on {t['device']}{ranks} (each width's configurations in one K-way batch, from "
-           f"measure's rate on a first batch of {t['probe_images']}); "
+           f"on {t['device']}{ranks} (each width's configurations in one K-way batch, "
+           + ("as the pilot measured them" if t.get("rate_source") == "pilot" else
+              f"from measure's rate on a first batch of {t['probe_images']}") + "); "
            f"{t['images']} images x {t['passes']} passes ({t['configurations']} "
            f"configurations + 3 remedies x {t['remedy_configurations']}) "
            f"{'/ ' + str(t['world_size']) + ' ranks ' if t['world_size'] > 1 else ''}"
@@ -1271,15 +1295,20 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     remedy_configs = [QuantConfig.make(b, m, Target.BOTH, seed=args.seed, **outputs)
                       for b in remedy_bits if Target.BOTH in targets
                       for m in REMEDY_MODES if m in modes]
-    pilot = None
+    pilot, kway_rate = None, None
     pilot_start = time.perf_counter()
     if images == AUTO:
         chosen = None
         if main:
             batches, pilot_id = fashion_pilot(args.data_root, sizing["pilot_images"], batch,
                                               args.seed)
+            kway_start = time.perf_counter()
             prec = run_pilot(model, batches, configs, act_qp, weights_of, local_samples,
                              batch)
+            # the pilot ran every configuration in the run's own K-way batches: its rate
+            # is the instrumented phase's, measured
+            kway_rate = len(configs) * sum(len(y) for _, y in batches) / (
+                time.perf_counter() - kway_start)
             chosen, pilot = choose_images(prec, sizing["min_images"], sizing["max_images"])
             beyond = int((~pilot.within_max).sum())
             print(f"[drift] pilot on {pilot_id['pilot_images']} validation images: the "
@@ -1289,7 +1318,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                   f"{sizing['min_images']} and {sizing['max_images']}); {beyond} of "
                   f"{len(pilot)} configurations need more than {sizing['max_images']} "
                   "(pilot.csv)", flush=True)
-        chosen = parallel.broadcast_object(chosen)
+        chosen, kway_rate = parallel.broadcast_object((chosen, kway_rate))
         if chosen != data.identity["test_images"]:
             data = load(chosen)
             check_batches(data, batch, place.world_size, auto=True)
@@ -1298,7 +1327,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         config.update(sizing, chosen_images=chosen)
     pilot_s = time.perf_counter() - pilot_start if images == AUTO else math.nan
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
-                      local_samples, place, curve_sizes)
+                      local_samples, place, curve_sizes, kway_rate=kway_rate)
     timing["measured_pilot_s"] = pilot_s
     if main:
         print(estimate_message(timing), flush=True)

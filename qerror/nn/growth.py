@@ -89,8 +89,9 @@ def fit_exponent(depth, values) -> float:
 def debiased_rms(mean: np.ndarray, var_of_mean: np.ndarray, scale: np.ndarray):
     """``sqrt(max(mean_c (m_c² − Var(m_c)) / σ_c², 0))`` over the channels with ``σ_c > 0``.
 
-    The one formula behind every debiased channel drift (:func:`channel_rms_debiased`,
-    :func:`debiased_from_counts`, :func:`qerror.nn.measure`). ``mean`` and ``var_of_mean``
+    The formula behind the debiased channel drift of one sample (:func:`channel_rms_debiased`,
+    :func:`qerror.nn.measure`); :func:`debiased_from_counts` computes the same statistic for
+    many resamples from the variances' sum over channels. ``mean`` and ``var_of_mean``
     have the channels on their last axis (leading axes are resamples); ``scale`` is (C,).
     Returns a float, or an array over the leading axes; ``nan`` without a live channel.
     """

@@ -82,6 +82,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     for p in (*drift.RUN_PHASES, "int8"):
         assert timing[f"measured_{p}_s"] > 0, p
     assert timing.plain_images_per_s > 0
+    # a fixed subset (no pilot): the K-way rate is modelled from one probe per target
+    assert timing.rate_source == "probe" and timing.probe_targets == "both"
     sites = pd.read_csv(out / "sites.csv")
     assert {"drift_rel", "sqnr_db", "saturation_high", "bn_var_ratio_qf_gmean"} <= set(
         sites.metric)
@@ -586,6 +588,11 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     assert (pilot.images == chosen).all() and (pilot.pilot_images == 8).all()
     assert (acc[acc.remedy == "none"].images == chosen).all()
     assert data["pilot_split"] == "val" and data["pilot_images"] == 8
+    # the instrumented phase is estimated at the rate the pilot's K-way batches ran
+    timing = pd.read_csv(out / "timing.csv").iloc[0]
+    assert timing.rate_source == "pilot" and timing.images_per_s_per_config > 0
+    assert timing.estimated_instrumented_s == pytest.approx(
+        len(pilot) * chosen / timing.images_per_s_per_config, rel=1e-12)
     assert data["pilot_sha256"] != data["test_sha256"]
     assert set(pilot["mode"]) == set(acc["mode"]) and len(pilot) == (acc.remedy == "none").sum()
     prec = pd.read_csv(out / "precision.csv")
