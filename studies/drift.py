@@ -52,9 +52,9 @@ rendezvous arguments) gives each rank a contiguous share of the measured batches
 measured once: rank 0 calibrates and fits the remedies and broadcasts them, the streaming
 sums are merged with ``all_reduce`` (:mod:`qerror.nn.parallel`), and rank 0 alone writes.
 After the pilot (which has a progress bar of its own) and before the measurement the study
-prints its estimate (images × passes ÷ the throughput measured on a first batch) and, when
-that is long on a CPU, how to shorten it; ``timing.csv`` keeps it, with the pilot's
-seconds.
+prints its estimate of every phase (:func:`estimate`: the pilot's own rate for the
+instrumented passes, short timed probes for the rest) and, when that is long on a CPU, how
+to shorten it; ``timing.csv`` keeps it, with the pilot's seconds.
 
 Run: ``python -m studies.drift`` (``--smoke`` for the test suite's tiny preset).
 """
@@ -501,18 +501,23 @@ def _first_of(batches, n: int, batch: int):
 
 
 def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
-              batch: int) -> pd.DataFrame:
+              batch: int) -> tuple[pd.DataFrame, float]:
     """Every configuration measured on the pilot's images (each width in one K-way batch) and
     reduced to :func:`precision_rows`: how well those images pin down each layer's
-    statistics, and the images the median layer needs."""
+    statistics, and the images the median layer needs; and the seconds the K-way batches
+    took (every configuration's weights quantized before, as the run has them cached)."""
     n = sum(len(y) for _, y in batches)
+    for cfg in configs:
+        weights_of(cfg)
     with tqdm(total=len(configs), desc="pilot", unit="config") as bar:
+        start = time.perf_counter()
         # the standard errors come from the streaming per-image sums: no means kept
-        frames = [res.to_frame().assign(**_config_columns(cfg))
-                  for cfg, res in measure_widths(model, batches, configs, act_qp, weights_of,
-                                                 local_samples, bar)]
+        measured = list(measure_widths(model, batches, configs, act_qp, weights_of,
+                                       local_samples, bar))
+        seconds = time.perf_counter() - start
+    frames = [res.to_frame().assign(**_config_columns(cfg)) for cfg, res in measured]
     return precision_rows(pd.concat(frames, ignore_index=True), n,
-                          local_images(n, batch, local_samples))
+                          local_images(n, batch, local_samples)), seconds
 
 
 def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: int, bar=None,
@@ -689,37 +694,39 @@ RUN_PHASES = ("instrumented", "remedies", "headline", "curve")  # as estimate() 
 
 def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, local_samples: int,
              place, curve_sizes=(), kway_rate: float | None = None) -> dict:
-    """Time one instrumented pass and one plain quantized forward over this rank's first
-    batch for one configuration of each target, and extrapolate every phase of the run.
+    """Time what each phase runs on this rank's first batch and extrapolate every phase.
 
-    What a configuration costs depends on its target (activations are quantized at every
-    layer, weights once), so the probe times the first configuration of each target among
-    ``configs`` (and the remedies' target) and every configuration is costed at its
-    target's rates; ``measure_images_per_s`` and ``plain_images_per_s`` are those rates
-    averaged over the configurations (images per second per configuration).
+    The instrumented phase runs at ``kway_rate`` (images × configurations per second) where
+    the pilot measured it (``rate_source`` "pilot"): the same configurations in K-way
+    batches, on a batch of pilot images. That rate errs high in time: half of a 64-image
+    pilot batch carries every layer's local error (``local_samples`` images per batch), an
+    eighth of the run's 256-image batches. Without a pilot (``rate_source`` "probe") the
+    first configuration of each target is timed, one instrumented pass and one plain
+    quantized forward over the first batch, and each configuration is costed at its
+    target's rates less the float forward a width's K-way batch shares, for which its plain
+    forward stands in (the modes differ in cost, stochastic rounding most, and the probe
+    runs each target's first). The remedies' target is probed in either case
+    (``probe_targets``; ``probe_s`` and ``plain_probe_s`` are the probes' summed seconds,
+    ``measure_images_per_s`` and ``plain_images_per_s`` their rates averaged over the probed
+    targets). The headline's float forward and its four modes' plain forwards are timed on
+    up to 64 images of the first batch.
 
-    Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations,
-    each width's configurations in one K-way batch (:func:`qerror.nn.measure_many`), at
-    ``kway_rate`` (images × configurations per second) where the pilot measured it on
-    these configurations in the same batches, else modelled: each configuration costs what
-    its own ``measure`` costs less the float forward it shares, for which its plain
-    quantized forward stands in (``images_per_s_per_config``, ``rate_source`` says which;
-    the probe runs each target's first mode, and the modes differ in cost, stochastic
-    rounding most);
-    ``remedies``, per remedy configuration a calibration pass with every image's local
-    error (an instrumented pass plus a plain one per image), a BatchNorm re-estimation pass
-    and three instrumented passes over the test images; ``headline``, a float forward (for
-    which the weights-only forward stands in, where one was probed) and four quantized ones
-    over the headline images; ``curve`` (rank 0), per remedy configuration an unremedied
-    plain forward over the curve's test images and, at each calibration size, both
-    remedies' fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
+    Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
+    (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
+    calibration pass with every image's local error (an instrumented pass plus a plain one
+    per image), a BatchNorm re-estimation pass and three instrumented passes over the test
+    images; ``headline``, the float forward and the four modes over the headline images;
+    ``curve`` (rank 0), a float forward and per remedy configuration an unremedied plain
+    forward over the curve's test images and, at each calibration size, both remedies'
+    fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
     (configurations and the remedies' three), ``estimated_total_s`` the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
-    statements), the pilot, the INT8 cross-check and the outputs; the whole-run bar's ETA
-    absorbs the first as the phases end.
+    statements), the pilot, these probes, the INT8 cross-check and the outputs; the
+    whole-run bar's ETA absorbs them as the phases end.
     """
     x, y = data.test[0]
     device = place.device
+    source = "pilot" if kway_rate else "probe"
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -730,59 +737,75 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
+    def plain_s(cfg, images, w=None) -> float:
+        """Seconds per image of a plain forward of ``images`` (float where cfg is None)."""
+        def run():
+            with torch.inference_mode():
+                if cfg is None:
+                    model(images.to(device))
+                    return
+                with quantized_forward(model, cfg, act_qp[_bits(cfg)], weights=w):
+                    model(images.to(device))
+
+        return timed(run) / len(images)
+
     def probe(cfg) -> tuple[float, float]:
         """Seconds per image of ``cfg``'s instrumented pass and of its plain forward."""
         qp, w = act_qp[_bits(cfg)], weights_of(cfg)
         inst_s = timed(lambda: measure(model, [(x, y)], cfg, qp, weights=w,
                                        local_samples=min(local_samples, len(y))))
+        return inst_s / len(y), plain_s(cfg, x, w)
 
-        def plain():
-            with torch.inference_mode(), quantized_forward(model, cfg, qp, weights=w):
-                model(x.to(device))
-
-        return inst_s / len(y), timed(plain) / len(y)
-
+    wanted = [*remedy_configs, *(configs if source == "probe" else [])]
     probes: dict[Target, tuple[float, float]] = {}
-    for cfg in [*configs, *remedy_configs]:
+    for cfg in wanted:
         if cfg.target not in probes:
             probes[cfg.target] = probe(cfg)
-    inst = {c: probes[c.target][0] for c in configs}
-    fwd = {c: probes[c.target][1] for c in configs}
-    # A width's K configurations share one float chunk: each costs its measure less the
-    # share of the float forward it no longer runs (its plain forward stands in for it).
-    many = sum(max(inst[c] - fwd[c] * (len(g) - 1) / len(g), fwd[c])
-               for g in width_groups(configs).values() for c in g)  # s per image, all
-    group_rate = kway_rate if kway_rate else len(configs) / many  # images x configurations/s
+    if source == "probe":
+        # A width's K configurations share one float chunk: each costs its measure less the
+        # share of the float forward it no longer runs (its plain forward stands in for it).
+        many = sum(max(probes[c.target][0] - probes[c.target][1] * (len(g) - 1) / len(g),
+                       probes[c.target][1])
+                   for g in width_groups(configs).values() for c in g)  # s per image, all
+        kway_rate = len(configs) / many
     images = data.identity["test_images"]
     passes = len(configs) + 3 * len(remedy_configs)
     share = -(-images // place.world_size)  # the largest share a rank measures, about
     n_remedy = len(remedy_configs)
     inst_r, fwd_r = probes[remedy_configs[0].target] if remedy_configs else (0.0, 0.0)
-    fwd_b = probes[Target.BOTH][1] if Target.BOTH in probes else max(fwd.values())
-    fwd_f = probes[Target.WEIGHTS][1] if Target.WEIGHTS in probes else fwd_b
     calib = sum(len(b[1]) for b in data.calib)
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
     sizes = list(curve_sizes) if data.curve_calib else []
+    few = x[:64]
+    fwd_float = plain_s(None, few) if head or sizes else 0.0
+    fwd_head = 0.0
+    if head and 8 in act_qp:  # the headline's own modes, 8-bit weights and activations
+        for mode in HEADLINE_MODES:
+            cfg = QuantConfig.make(8, mode, Target.BOTH, seed=configs[0].seed)
+            fwd_head += plain_s(cfg, few, weights_of(cfg))
+    elif head:  # ranges of another width stand in (the headline calibrates its own)
+        fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
     phases = {
-        "instrumented": len(configs) * share / group_rate,
+        "instrumented": len(configs) * share / kway_rate,
         "remedies": n_remedy * (calib * (inst_r + 2 * fwd_r) + 3 * share * inst_r),
-        "headline": head * (fwd_f + 4 * fwd_b),
-        "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_f
+        "headline": head * (fwd_float + fwd_head),
+        "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_float
                   + n_remedy * sum(n * (inst_r + 2 * fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }
-    probe_inst = sum(p[0] for p in probes.values()) * len(y)
-    probe_plain = sum(p[1] for p in probes.values()) * len(y)
+    rates = list(probes.values())
     return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
             "probe_targets": " ".join(t.value for t in probes),
-            "probe_s": probe_inst, "images_per_s_per_config": group_rate,
-            "rate_source": "pilot" if kway_rate else "probe",
-            "measure_images_per_s": len(configs) / sum(inst.values()),
-            "plain_probe_s": probe_plain,
-            "plain_images_per_s": len(configs) / sum(fwd.values()), "images": images,
-            "configurations": len(configs), "remedy_configurations": n_remedy,
-            "passes": passes,
+            "probe_s": sum(p[0] for p in rates) * len(y),
+            "images_per_s_per_config": kway_rate,
+            "rate_source": source,
+            "measure_images_per_s": len(rates) / sum(p[0] for p in rates) if rates
+            else math.nan,
+            "plain_probe_s": sum(p[1] for p in rates) * len(y),
+            "plain_images_per_s": len(rates) / sum(p[1] for p in rates) if rates else math.nan,
+            "images": images, "configurations": len(configs),
+            "remedy_configurations": n_remedy, "passes": passes,
             "estimated_s": phases["instrumented"] + 3 * n_remedy * share * inst_r,
             **{f"estimated_{k}_s": v for k, v in phases.items()},
             "estimated_total_s": sum(phases.values())}
@@ -1302,13 +1325,11 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         if main:
             batches, pilot_id = fashion_pilot(args.data_root, sizing["pilot_images"], batch,
                                               args.seed)
-            kway_start = time.perf_counter()
-            prec = run_pilot(model, batches, configs, act_qp, weights_of, local_samples,
-                             batch)
-            # the pilot ran every configuration in the run's own K-way batches: its rate
-            # is the instrumented phase's, measured
-            kway_rate = len(configs) * sum(len(y) for _, y in batches) / (
-                time.perf_counter() - kway_start)
+            prec, kway_s = run_pilot(model, batches, configs, act_qp, weights_of,
+                                     local_samples, batch)
+            # the pilot ran every configuration in K-way batches as the run does: its rate
+            # is the instrumented phase's, measured (see estimate on how it errs)
+            kway_rate = len(configs) * sum(len(y) for _, y in batches) / kway_s
             chosen, pilot = choose_images(prec, sizing["min_images"], sizing["max_images"])
             beyond = int((~pilot.within_max).sum())
             print(f"[drift] pilot on {pilot_id['pilot_images']} validation images: the "

@@ -588,9 +588,11 @@ def test_auto_images_are_sized_by_a_pilot_on_validation_images(fashion_root, tmp
     assert (pilot.images == chosen).all() and (pilot.pilot_images == 8).all()
     assert (acc[acc.remedy == "none"].images == chosen).all()
     assert data["pilot_split"] == "val" and data["pilot_images"] == 8
-    # the instrumented phase is estimated at the rate the pilot's K-way batches ran
+    # the instrumented phase is estimated at the rate the pilot's K-way batches ran, which
+    # were timed within the pilot's seconds
     timing = pd.read_csv(out / "timing.csv").iloc[0]
-    assert timing.rate_source == "pilot" and timing.images_per_s_per_config > 0
+    assert timing.rate_source == "pilot" and timing.probe_targets == "both"
+    assert timing.images_per_s_per_config >= len(pilot) * 8 / timing.measured_pilot_s
     assert timing.estimated_instrumented_s == pytest.approx(
         len(pilot) * chosen / timing.images_per_s_per_config, rel=1e-12)
     assert data["pilot_sha256"] != data["test_sha256"]
@@ -738,6 +740,48 @@ def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
     assert "that is long" in msg  # the whole run, not the instrumented part, decides
     gpu = drift.estimate_message(_timing(500.0, device="cuda", world=8))
     assert "on each of 8 ranks" in gpu and "/ 8 ranks" in gpu and "that is long" not in gpu
+    assert "from measure's rate on a first batch of 8" in short
+    piloted = drift.estimate_message({**_timing(50.0, images=100, configs=2, remedies=0),
+                                      "rate_source": "pilot"})
+    assert "as the pilot measured them" in piloted and "first batch" not in piloted
+
+
+def test_estimate_probes_each_target_or_takes_the_pilots_rate():
+    """Without a pilot every target's first configuration is probed and the K-way rate is
+    modelled from them; with the pilot's rate only the remedies' target is probed and the
+    instrumented phase is images (a rank's share) x configurations at that rate."""
+    from types import SimpleNamespace
+
+    from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(0)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(4, 1, 32, 32), torch.arange(4)
+    configs = drift.grid([drift.RoundingMode.NEAREST_EVEN, drift.RoundingMode.FLOOR], [8],
+                         list(drift.Target), seed=0)
+    remedy = [QuantConfig.make(8, drift.RoundingMode.NEAREST_EVEN, drift.Target.BOTH)]
+    act_qp = {8: calibrate_activations(model, [(x, y)], QuantConfig.make(8).activation)}
+    weights_of = lambda c: quantize_weights(model, c.weight) if c.weight else None
+    data = drift.Data(calib=[(x, y)], test=[(x, y)], identity={"test_images": 7},
+                      headline=[(x, y)], curve_calib=[(x, y)], curve_test=[(x, y)])
+    place = SimpleNamespace(device=torch.device("cpu"), world_size=2)
+    probed = drift.estimate(model, data, configs, remedy, act_qp, weights_of, 2, place, [2])
+    assert probed["rate_source"] == "probe"
+    assert probed["probe_targets"] == " ".join(t.value for t in dict.fromkeys(
+        c.target for c in [*remedy, *configs]))  # both first: the remedies' target
+    assert len(probed["probe_targets"].split()) == 3
+    piloted = drift.estimate(model, data, configs, remedy, act_qp, weights_of, 2, place, [2],
+                             kway_rate=12.5)
+    assert piloted["rate_source"] == "pilot" and piloted["probe_targets"] == "both"
+    assert piloted["images_per_s_per_config"] == 12.5
+    # 7 images on 2 ranks: the larger share is 4
+    assert piloted["estimated_instrumented_s"] == pytest.approx(len(configs) * 4 / 12.5,
+                                                                rel=1e-12)
+    for t in (probed, piloted):
+        phases = [t[f"estimated_{p}_s"] for p in drift.RUN_PHASES]
+        assert all(v > 0 for v in phases)
+        assert t["estimated_total_s"] == pytest.approx(sum(phases), rel=1e-12)
 
 
 def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypatch):
