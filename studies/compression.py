@@ -872,12 +872,12 @@ def _main(argv: list[str]) -> int:
         "Default run: the cached Fashion-MNIST ResNet50 (trained first if missing, about "
         "half an hour), 4 sparsities and 1 channel fraction each fine-tuned 200 steps of 128 "
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
-        "epochs, and about 30 evaluations of the whole test split: about 2 hours on a shared "
-        "2-core CPU. Measured there: the WiSARD part 9 min, the tiny CNNs 32 min (--parts "
-        "wisard cnn); the DWNs 13 min (--parts dwn, one thread of an AMD EPYC, the default "
-        "six-input LUTs). The ResNet "
-        "part is an estimate from the baseline's training speed (the fine-tuning prints its "
-        "own, the bar its ETA). "
+        "epochs, and about 30 evaluations of the whole test split. Measured: 46 minutes on "
+        "one thread of an AMD EPYC of this kind beside another job (commit 765cd35: the "
+        "ResNet part 29 min, WiSARD 2, DWNs 8, tiny CNNs 7; timing.csv); machines of this "
+        "kind differ in speed by up to about three times, and earlier shared runs took 9 "
+        "min for WiSARD and 32 for the tiny CNNs. The fine-tuning prints its own estimate, "
+        "the bar its ETA. "
         "--smoke takes under a minute.")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="which families to measure (default all); without resnet no "
