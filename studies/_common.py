@@ -322,6 +322,19 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     return final
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be given to a new process without swapping
+    (``MemAvailable`` of ``/proc/meminfo``), or None where that is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
                  pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Times of candidate and baseline run alternately, and their per-pair ratios."""

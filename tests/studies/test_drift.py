@@ -825,3 +825,44 @@ def test_the_curve_never_fits_a_remedy_on_a_batch_of_one_image():
     assert [len(b) for _, b in cut] == [4, 5]  # not 4, 4, 1
     assert torch.equal(torch.cat([b for _, b in cut]), y)
     assert [len(b) for _, b in drift._first_of([(x, y)], 8, 4)] == [4, 4]
+
+
+def test_kept_means_bytes_counts_what_measure_keeps():
+    """The memory check's count equals the bytes of every kept per-image channel mean."""
+    from qerror.nn import QuantConfig, calibrate_activations, measure_many
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(0)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(6, 1, 32, 32), torch.arange(6) % 10
+    configs = drift.grid([drift.RoundingMode.NEAREST_EVEN], [8], list(drift.Target), seed=0)
+    qp = calibrate_activations(model, [(x, y)], QuantConfig.make(8).activation)
+    results = measure_many(model, [(x, y)], configs, qp, image_means=6)
+    kept = sum(s.drift_image_channel.nbytes for r in results for s in r.sites
+               if s.drift_image_channel is not None)
+    assert kept == drift.kept_means_bytes(model, configs, 6)
+
+
+def test_memory_verdict_refuses_what_cannot_fit_and_warns_at_half():
+    gib = 2**30
+    assert drift.memory_verdict(4 * gib, None, 500, 45) is None  # unknown: no verdict
+    assert drift.memory_verdict(4 * gib, 8 * gib, 500, 45) is None
+    kind, msg = drift.memory_verdict(5 * gib, 8 * gib, 500, 45)
+    assert kind == "warning" and "4.0 GiB" not in msg and "5.0 GiB" in msg
+    assert "--images 400" in msg  # 400 images take 4 GiB, half of the 8 available
+    kind, msg = drift.memory_verdict(20 * gib, 8 * gib, 2000, 45)
+    assert kind == "error" and "20.0 GiB for 2000 images x 45 configurations" in msg
+    assert "--images 400" in msg and "--modes" in msg
+    kind, msg = drift.memory_verdict(20 * gib, 2**20, 2000, 45)  # not even two images fit
+    assert kind == "error" and "--images" not in msg and "fewer configurations" in msg
+
+
+def test_a_run_whose_kept_means_cannot_fit_stops_before_measuring(fashion_root, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Refused up front with the numbers and the ways out, and no output left behind."""
+    monkeypatch.setattr(drift, "available_memory", lambda: 1024)
+    out = tmp_path / "drift"
+    with pytest.raises(SystemExit, match="more than the 0.0 GiB of memory available here"):
+        drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)])
+    assert "drift:" not in capsys.readouterr().err  # the measurement's bar never started
+    assert not out.exists() and not list(tmp_path.glob(".drift*"))
