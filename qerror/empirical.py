@@ -609,7 +609,9 @@ def _extrema(e3: torch.Tensor, per_channel: bool):
     if not per_channel:
         return torch.aminmax(e3)
     if e3.shape[0] == 1:
-        return torch.aminmax(e3[0], dim=1)
+        # amin and amax along a dimension: torch.aminmax(dim=1) takes about 20x as long on a
+        # CPU (one thread, 32 rows of 2,048 to 16,384), for the same exact values
+        return e3[0].amin(dim=1), e3[0].amax(dim=1)
     return e3.amin(dim=(0, 2)), e3.amax(dim=(0, 2))
 
 

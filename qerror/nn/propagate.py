@@ -652,7 +652,8 @@ class _Instrument:
             # whatever its draw (R(u) - u within the mode's error interval), so clamped
             s, z = float(qp.scale), float(qp.zero_point)
             bounds = spec.rounding.interval
-            lo, hi = torch.aminmax(x[:room].reshape(min(room, x.shape[0]), -1), dim=1)
+            rows = x[:room].reshape(min(room, x.shape[0]), -1)
+            lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # not aminmax(dim=1): ~20x slower
             acc.beyond.append(((lo < s * (spec.qmin - bounds.negative[1] - z))
                                | (hi > s * (spec.qmax - bounds.positive[0] - z))).cpu())
         xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
