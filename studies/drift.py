@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1348,13 +1349,18 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             data.identity.update(pilot_id)
         config.update(sizing, chosen_images=chosen)
     pilot_s = time.perf_counter() - pilot_start if images == AUTO else math.nan
-    # Rank 0 ends up holding every image's kept means: it decides for all ranks.
+    # Every rank ends up holding every image's kept means (the merge is an all-gather), and
+    # each width's results copy theirs once: rank 0 decides for the ranks on its machine.
     n_kept = data.identity["test_images"]
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    kept = kept_means_bytes(model, configs, n_kept)
+    need = local_ranks * (kept + kept // len(width_groups(configs)))
     verdict = parallel.broadcast_object(
-        memory_verdict(kept_means_bytes(model, configs, n_kept), available_memory(), n_kept,
-                       len(configs)) if main else None)
+        memory_verdict(need, available_memory(), n_kept, len(configs), auto=images == AUTO,
+                       min_images=sizing["min_images"] if sizing else MIN_IMAGES)
+        if main else None)
     if verdict is not None and verdict[0] == "error":
-        raise SystemExit(f"[drift] {verdict[1]}")
+        raise SystemExit(verdict[1])
     if verdict is not None and main:
         print(f"[drift] warning: {verdict[1]}", flush=True)
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
@@ -1709,32 +1715,48 @@ def check_batches(data: Data, batch: int, world_size: int, auto: bool = False) -
 def kept_means_bytes(model, configs, images: int) -> int:
     """Bytes of the per-image channel means the run keeps for the growth bootstraps: every
     configuration keeps, at every convolution and linear layer, each measured image's mean
-    drift per output channel in float64, and rank 0 holds all of them once the ranks'
-    shares are merged. Nearly half the default run's peak memory (4.5 of 10.0 GiB resident on
-    the Fashion-MNIST ResNet50 with 45 configurations and 500 images)."""
+    drift per output channel in float64, and every rank holds all of them once the ranks'
+    shares are merged (an all-gather). Nearly half the default run's peak memory (4.5 of 10.0
+    GiB resident on the Fashion-MNIST ResNet50 with 45 configurations and 500 images)."""
     layers = (torch.nn.Conv2d, torch.nn.Linear)
     channels = sum(m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
                    for m in model.modules() if isinstance(m, layers))
     return 8 * int(images) * len(configs) * channels
 
 
-def memory_verdict(need: int, have: int | None, images: int, configs: int
+MEMORY_ERROR_SHARE = 0.75  # of the available memory: the kept means beyond it stop the run
+MEMORY_WARN_SHARE = 0.5  # ... and beyond this they warn
+
+
+def memory_verdict(need: int, have: int | None, images: int, configs: int, *,
+                   auto: bool = False, min_images: int = MIN_IMAGES
                    ) -> tuple[str, str] | None:
-    """("error", message) where the kept per-image means alone (``need`` bytes) exceed the
-    memory available (``have``), ("warning", message) where they take more than half of it,
-    None otherwise or where the available memory is unknown."""
-    if have is None or need <= have / 2:
+    """("error", message) where the kept per-image means (``need`` bytes, with the copy
+    each width's results make of theirs) take more than three quarters of the memory
+    available (``have``): the rest of the run needs the remainder (model, data, the K-way
+    passes: about 5.5 of the default run's 10.0 GiB), so such a run would be killed before it
+    ends; ("warning", message) where they take more than half; None otherwise or where the
+    available memory is unknown. The advice names an image count that keeps them within half:
+    ``--images N``, or with ``--images auto`` (``auto``) ``--max-images N`` (and
+    ``--min-images N`` where N is below ``min_images``)."""
+    if have is None or need <= MEMORY_WARN_SHARE * have:
         return None
     gb = lambda b: f"{b / 2**30:.1f} GiB"
-    fits = max(0, int(images * (have / 2) / need))
+    fits = max(0, int(images * MEMORY_WARN_SHARE * have / need))
+    if fits < 2:
+        fewer = ""
+    elif auto:
+        fewer = (f"fewer images (--max-images {fits}"
+                 + (f" --min-images {fits}" if fits < min_images else "") + ") or ")
+    else:
+        fewer = f"fewer images (--images {fits}) or "
     what = (f"keeping each measured image's per-channel drift for the growth bootstraps takes "
             f"about {gb(need)} for {images} images x {configs} configurations, ")
-    fewer = (f"fewer images (--images {fits} keeps it within half, or --max-images with "
-             "--images auto) or " if fits >= 2 else "")
     ways = f"measure {fewer}fewer configurations (--modes, --bits, --targets)"
-    if need > have:
-        return ("error", what + f"more than the {gb(have)} of memory available here, so the "
-                "run would be killed before it ends; " + ways)
+    if need > MEMORY_ERROR_SHARE * have:
+        return ("error", what + f"more than three quarters of the {gb(have)} of memory "
+                "available here, and the rest of the run needs the remainder, so it would be "
+                "killed before it ends; " + ways)
     return ("warning", what + f"more than half the {gb(have)} available here; the run may "
             "swap or be killed; " + ways)
 

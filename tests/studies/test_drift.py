@@ -853,6 +853,14 @@ def test_memory_verdict_refuses_what_cannot_fit_and_warns_at_half():
     kind, msg = drift.memory_verdict(20 * gib, 8 * gib, 2000, 45)
     assert kind == "error" and "20.0 GiB for 2000 images x 45 configurations" in msg
     assert "--images 400" in msg and "--modes" in msg
+    # beyond three quarters the rest of the run has no room: refused
+    assert drift.memory_verdict(6 * gib, 8 * gib, 500, 45)[0] == "warning"
+    assert drift.memory_verdict(6 * gib + 1, 8 * gib, 500, 45)[0] == "error"
+    # with --images auto the advice is the pilot's ceiling, and its floor where needed
+    auto = drift.memory_verdict(20 * gib, 8 * gib, 2000, 45, auto=True, min_images=200)[1]
+    assert "--max-images 400)" in auto and "--images 400" not in auto
+    low = drift.memory_verdict(20 * gib, 2 * gib, 2000, 45, auto=True, min_images=200)[1]
+    assert "--max-images 100 --min-images 100" in low
     kind, msg = drift.memory_verdict(20 * gib, 2**20, 2000, 45)  # not even two images fit
     assert kind == "error" and "--images" not in msg and "fewer configurations" in msg
 
@@ -862,7 +870,7 @@ def test_a_run_whose_kept_means_cannot_fit_stops_before_measuring(fashion_root, 
     """Refused up front with the numbers and the ways out, and no output left behind."""
     monkeypatch.setattr(drift, "available_memory", lambda: 1024)
     out = tmp_path / "drift"
-    with pytest.raises(SystemExit, match="more than the 0.0 GiB of memory available here"):
+    with pytest.raises(SystemExit, match="more than three quarters of the 0.0 GiB of memory"):
         drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)])
     assert "drift:" not in capsys.readouterr().err  # the measurement's bar never started
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
