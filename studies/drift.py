@@ -1349,12 +1349,11 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             data.identity.update(pilot_id)
         config.update(sizing, chosen_images=chosen)
     pilot_s = time.perf_counter() - pilot_start if images == AUTO else math.nan
-    # Every rank ends up holding every image's kept means (the merge is an all-gather), and
-    # each width's results copy theirs once: rank 0 decides for the ranks on its machine.
+    # Every rank ends up holding every image's kept means (the merge is an all-gather):
+    # rank 0 decides for the ranks on its machine.
     n_kept = data.identity["test_images"]
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    kept = kept_means_bytes(model, configs, n_kept)
-    need = local_ranks * (kept + kept // len(width_groups(configs)))
+    need = local_ranks * kept_means_bytes(model, configs, n_kept)
     verdict = parallel.broadcast_object(
         memory_verdict(need, available_memory(), n_kept, len(configs), auto=images == AUTO,
                        min_images=sizing["min_images"] if sizing else MIN_IMAGES)
@@ -1731,11 +1730,10 @@ MEMORY_WARN_SHARE = 0.5  # ... and beyond this they warn
 def memory_verdict(need: int, have: int | None, images: int, configs: int, *,
                    auto: bool = False, min_images: int = MIN_IMAGES
                    ) -> tuple[str, str] | None:
-    """("error", message) where the kept per-image means (``need`` bytes, with the copy
-    each width's results make of theirs) take more than three quarters of the memory
-    available (``have``): the rest of the run needs the remainder (model, data, the K-way
-    passes: about 5.5 of the default run's 10.0 GiB), so such a run would be killed before it
-    ends; ("warning", message) where they take more than half; None otherwise or where the
+    """("error", message) where the kept per-image means (``need`` bytes) take more than
+    three quarters of the memory available (``have``): the rest of the run needs the
+    remainder (model, data, the K-way passes: about 5.5 of the default run's 10.0 GiB), so
+    such a run would be killed before it ends; ("warning", message) where they take more than half; None otherwise or where the
     available memory is unknown. The advice names an image count that keeps them within half:
     ``--images N``, or with ``--images auto`` (``auto``) ``--max-images N`` (and
     ``--min-images N`` where N is below ``min_images``)."""

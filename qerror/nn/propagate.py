@@ -932,6 +932,7 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
         debiased = math.nan if var_c is None else debiased_rms(drift_c, var_c, std_c)
         if err.kept:
             kw["drift_image_channel"] = torch.cat(err.kept).numpy()
+            err.kept.clear()  # the pieces go as each site is done: one site's copy at a time
         if acc.beyond:
             kw["beyond_range_image"] = torch.cat(acc.beyond).numpy()  # kept on the CPU
         if acc.ref_power:
