@@ -715,9 +715,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
-    calibration pass with every image's local error (an instrumented pass plus a plain one
-    per image), a BatchNorm re-estimation pass and three instrumented passes over the test
-    images; ``headline``, the float forward and the four modes over the headline images;
+    calibration pass with every image's local error (timed on up to 64 images of the first
+    batch), a BatchNorm re-estimation pass (a plain forward) and three instrumented passes
+    over the test images; ``headline``, the float forward and the four modes over the headline images;
     ``curve`` (rank 0), a float forward and per remedy configuration an unremedied plain
     forward over the curve's test images and, at each calibration size, both remedies'
     fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
@@ -775,6 +775,13 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     share = -(-images // place.world_size)  # the largest share a rank measures, about
     n_remedy = len(remedy_configs)
     inst_r, fwd_r = probes[remedy_configs[0].target] if remedy_configs else (0.0, 0.0)
+    fit_r = 0.0  # a calibration image of a fit: every layer's local error measured on it
+    if remedy_configs:
+        cfg = remedy_configs[0]
+        few_x, few_y = x[:64], y[:64]
+        fit_r = timed(lambda: measure(model, [(few_x, few_y)], cfg, act_qp[_bits(cfg)],
+                                      weights=weights_of(cfg), local_samples=len(few_y))
+                      ) / len(few_y)
     calib = sum(len(b[1]) for b in data.calib)
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
@@ -790,10 +797,10 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
         fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
     phases = {
         "instrumented": len(configs) * share / kway_rate,
-        "remedies": n_remedy * (calib * (inst_r + 2 * fwd_r) + 3 * share * inst_r),
+        "remedies": n_remedy * (calib * (fit_r + fwd_r) + 3 * share * inst_r),
         "headline": head * (fwd_float + fwd_head),
         "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_float
-                  + n_remedy * sum(n * (inst_r + 2 * fwd_r) + 2 * curve_test * fwd_r
+                  + n_remedy * sum(n * (fit_r + fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }
     rates = list(probes.values())
