@@ -717,10 +717,10 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
     calibration pass with every image's local error (timed on up to 64 images of the first
     batch), a BatchNorm re-estimation pass (a plain forward) and three instrumented passes
-    over the test images; ``headline``, the float forward and the four modes over the headline images;
-    ``curve`` (rank 0), a float forward and per remedy configuration an unremedied plain
-    forward over the curve's test images and, at each calibration size, both remedies'
-    fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
+    over the test images; ``headline``, the float forward and the four modes over the
+    headline images; ``curve`` (rank 0), a float forward and per remedy configuration an
+    unremedied plain forward over the curve's test images and, at each calibration size,
+    both remedies' fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
     (configurations and the remedies' three), ``estimated_total_s`` the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
     statements), the pilot, these probes, the INT8 cross-check and the outputs; the
@@ -775,10 +775,10 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     share = -(-images // place.world_size)  # the largest share a rank measures, about
     n_remedy = len(remedy_configs)
     inst_r, fwd_r = probes[remedy_configs[0].target] if remedy_configs else (0.0, 0.0)
+    few_x, few_y = x[:64], y[:64]  # the shorter probes' images
     fit_r = 0.0  # a calibration image of a fit: every layer's local error measured on it
     if remedy_configs:
         cfg = remedy_configs[0]
-        few_x, few_y = x[:64], y[:64]
         fit_r = timed(lambda: measure(model, [(few_x, few_y)], cfg, act_qp[_bits(cfg)],
                                       weights=weights_of(cfg), local_samples=len(few_y))
                       ) / len(few_y)
@@ -786,13 +786,12 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
     sizes = list(curve_sizes) if data.curve_calib else []
-    few = x[:64]
-    fwd_float = plain_s(None, few) if head or sizes else 0.0
+    fwd_float = plain_s(None, few_x) if head or sizes else 0.0
     fwd_head = 0.0
     if head and 8 in act_qp:  # the headline's own modes, 8-bit weights and activations
         for mode in HEADLINE_MODES:
             cfg = QuantConfig.make(8, mode, Target.BOTH, seed=configs[0].seed)
-            fwd_head += plain_s(cfg, few, weights_of(cfg))
+            fwd_head += plain_s(cfg, few_x, weights_of(cfg))
     elif head:  # ranges of another width stand in (the headline calibrates its own)
         fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
     phases = {
@@ -1740,10 +1739,11 @@ def memory_verdict(need: int, have: int | None, images: int, configs: int, *,
     """("error", message) where the kept per-image means (``need`` bytes) take more than
     three quarters of the memory available (``have``): the rest of the run needs the
     remainder (model, data, the K-way passes: about 5.5 of the default run's 10.0 GiB), so
-    such a run would be killed before it ends; ("warning", message) where they take more than half; None otherwise or where the
-    available memory is unknown. The advice names an image count that keeps them within half:
-    ``--images N``, or with ``--images auto`` (``auto``) ``--max-images N`` (and
-    ``--min-images N`` where N is below ``min_images``)."""
+    such a run would be killed before it ends; ("warning", message) where they take more
+    than half; None otherwise or where the available memory is unknown. The advice names an
+    image count that keeps them within half: ``--images N``, or with ``--images auto``
+    (``auto``) ``--max-images N`` (and ``--min-images N`` where N is below ``min_images``).
+    """
     if have is None or need <= MEMORY_WARN_SHARE * have:
         return None
     gb = lambda b: f"{b / 2**30:.1f} GiB"
