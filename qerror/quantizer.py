@@ -19,6 +19,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from qerror import _fused
 from qerror._checks import check_finite, check_float_array, check_positive_finite
 from qerror._enums import Choice
 from qerror._exact import exact_codes
@@ -366,6 +367,14 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         np.prod(shape, dtype=np.int64))
     s3 = s.reshape(1, channels, 1)
     z3 = z.reshape(1, channels, 1)
+    if _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT):
+        res = _run_fused(x, spec, s3, z3, (outer, channels, inner), fake, count)
+        if res is not None:
+            out, low, high = res
+            out = out.reshape(shape)
+            if not count:
+                return out
+            return out, _saturation_result(low, high, outer * inner, axis)
     on_cpu = not torch_in or x.device.type == "cpu"
     if torch_in:
         x3 = x.detach().contiguous().view(outer, channels, inner)
@@ -429,6 +438,25 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     if not count:
         return out
     return out, _saturation_result(low, high, outer * inner, axis)
+
+
+def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: bool,
+               count: bool):
+    """:func:`qerror._fused.run` on ``x`` viewed as ``dims`` (outer, channels, inner):
+    the output in ``x``'s kind (numpy or tensor) and, if ``count``, the per-channel
+    saturation counts; None where the fused path is unavailable."""
+    torch_in = isinstance(x, torch.Tensor)
+    x3 = (x.detach() if torch_in else torch.from_numpy(np.ascontiguousarray(x))).reshape(dims)
+    params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+              for a in (s3, z3, spec.qmin - z3, spec.qmax - z3)]
+    with torch.no_grad():
+        res = _fused.run(x3.contiguous(), *params, mode=spec.rounding, fake=fake, count=count)
+    if res is None:
+        return None
+    out, low, high = res
+    if count:
+        low, high = low.numpy().astype(np.int64), high.numpy().astype(np.int64)
+    return (out if torch_in else out.numpy()), low, high
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -130,8 +130,9 @@ class BoundaryRule:
         where they are the integers themselves; in the latter case a stored level
         ``fl(k s)`` is a boundary too, and gets its code ``k``.
     resolve : callable or None
-        ``resolve(n, sign)``: ``R(n + sign * tiny)`` for numpy arrays of boundaries ``n``
-        and signs in {-1, 0, +1} (0: the value is ``n`` exactly). None where only a value
+        ``resolve(n, sign)``: ``R(n + sign * tiny)`` for arrays of boundaries ``n`` and signs
+        in {-1, 0, +1} (0: the value is ``n`` exactly; only the sign is read, so any value of
+        that sign will do), numpy arrays or torch tensors. None where only a value
         exactly on a level is decided (STOCHASTIC: one beside it stays random).
     """
 
@@ -315,26 +316,36 @@ def _stochastic_torch(x, key, offset, out=None):
     return _into(lo + up.to(x.dtype), out)
 
 
+# The boundary rules take numpy arrays (the exact-code engine) and torch tensors (the fused
+# quantizer, traced by torch.compile) alike.
+def _where(cond, a, b):
+    return torch.where(cond, a, b) if isinstance(cond, torch.Tensor) else np.where(cond, a, b)
+
+
+def _rint(n):
+    return torch.round(n) if isinstance(n, torch.Tensor) else np.rint(n)
+
+
 def _resolve_nearest(tie):
     """The half-integer boundary rule of a nearest mode whose true ties go to ``tie(n, down)``."""
     def resolve(n, sign):
         down = n - 0.5
-        return np.where(sign > 0, down + 1, np.where(sign < 0, down, tie(n, down)))
+        return _where(sign > 0, down + 1, _where(sign < 0, down, tie(n, down)))
 
     return resolve
 
 
 def _resolve_floor(n, sign):
-    return np.where(sign < 0, n - 1, n)
+    return _where(sign < 0, n - 1, n)
 
 
 def _resolve_ceil(n, sign):
-    return np.where(sign > 0, n + 1, n)
+    return _where(sign > 0, n + 1, n)
 
 
 def _resolve_toward_zero(n, sign):
     # Floor above zero, ceil below, and 0 for a true value just off 0.
-    return np.where(n > 0, _resolve_floor(n, sign), np.where(n < 0, _resolve_ceil(n, sign), 0.0))
+    return _where(n > 0, _resolve_floor(n, sign), _where(n < 0, _resolve_ceil(n, sign), 0.0))
 
 
 _NEAREST = ErrorInterval(-0.5, 0.5, (-0.5, 0.5), (-0.5, 0.5))
@@ -344,7 +355,7 @@ _NEAREST_MODEL = UniformModel(0.0, 0.0, 1.0 / 12.0, 0.25)
 _FACTS = {
     RoundingMode.NEAREST_EVEN: ModeFacts(
         _ufunc(np.rint, torch.round), _NEAREST, _NEAREST_MODEL,
-        BoundaryRule(0.5, _resolve_nearest(lambda n, down: np.rint(n)))),
+        BoundaryRule(0.5, _resolve_nearest(lambda n, down: _rint(n)))),
     RoundingMode.NEAREST_AWAY: ModeFacts(
         Kernel(_away_numpy, _away_torch), _NEAREST, _NEAREST_MODEL,
         BoundaryRule(0.5, _resolve_nearest(lambda n, down: down + (n > 0)))),

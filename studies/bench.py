@@ -72,8 +72,25 @@ FAKE_QUANTIZE_GOALS = {
 }
 
 
+def on_block_engine(fn):
+    """``fn`` run with the fused exact quantizer turned off (``QERROR_FUSED=0``): the block
+    engine that the fused path replaces for float32 data on the CPU, same codes."""
+    def run():
+        before = os.environ.get("QERROR_FUSED")
+        os.environ["QERROR_FUSED"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["QERROR_FUSED"]
+            else:
+                os.environ["QERROR_FUSED"] = before
+    return run
+
+
 def bench_fake_quantize(args) -> list[BenchRow]:
-    """qerror.fake_quantize vs torch.fake_quantize_per_{tensor,channel}_affine, float32."""
+    """qerror.fake_quantize vs torch.fake_quantize_per_{tensor,channel}_affine, float32; the
+    fused exact quantizer against the block engine, per tensor and per channel."""
     n = (1 << 20) if args.smoke else (1 << 24)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(n, generator=gen)
@@ -103,6 +120,16 @@ def bench_fake_quantize(args) -> list[BenchRow]:
         rows.append(make_row("fake_quantize", f"per-channel {mode.value}, {tuple(w.shape)}",
                              "qerror", "torch nearest", goal,
                              *paired_ratio(cand, base_c, args.pairs)))
+    for mode in RoundingMode:
+        if mode.is_random:
+            continue
+        for data, axis, scales_of, what in ((x, None, scale, f"per-tensor, {n}"),
+                                            (w, 0, scales_np, f"per-channel, {tuple(w.shape)}")):
+            spec = QuantSpec(bits=8, axis=axis, rounding=mode)
+            cand = lambda d=data, spec=spec, sc=scales_of: fake_quantize(d, spec, sc)
+            rows.append(make_row("fake_quantize", f"{what} {mode.value} float32",
+                                 "fused (qerror._fused)", "block engine (QERROR_FUSED=0)", None,
+                                 *paired_ratio(cand, on_block_engine(cand), args.pairs)))
     return rows
 
 
@@ -398,7 +425,18 @@ def bench_drift(args) -> list[BenchRow]:
     def many():
         measure_many(model, [(x, y)], configs, act, weights=weights)
 
-    rows = []
+    def quantized(cfgs=configs, ws=weights):
+        with torch.inference_mode():
+            for c, cw in zip(cfgs, ws):
+                with quantized_forward(model, c, act, weights=cw):
+                    model(x)
+
+    timed = paired_ratio(quantized, on_block_engine(quantized), pairs)
+    rows = [make_row(
+        "drift", f"{arch} 8-bit, {k} modes, batch {n}, 1x32x32: each mode's fake-quantized "
+        "forward", "fused exact quantizer", "block engine (QERROR_FUSED=0)", None, *timed,
+        note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
+             "image-configurations/s")]
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
                              (paired, "paired passes, no statistics", "paired, bare")):
         timed = paired_ratio(instrumented, base, pairs)
