@@ -26,7 +26,8 @@ sign (the engine's own zeros take theirs from numpy's rounding and clipping loop
 STOCHASTIC rounding, the RECIPROCAL arithmetic, float64 and half-precision data, tensors off
 the CPU, small arrays and forked children stay on the block engine. ``QERROR_FUSED=0`` in the environment turns this path
 off (``studies.bench`` times the two against each other); a compiler that fails turns it off
-with one warning, and the block engine gives the same codes.
+with one warning, and the block engine gives the same codes. Compiled code is cached per
+instruction set (``_compile_options``) and per thread count.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import os
 import threading
 import warnings
 
+import numpy as np
 import torch
 
 from qerror.rounding import RoundingMode
@@ -45,7 +47,10 @@ MIN_ELEMENTS = 1 << 14
 
 _LOCK = threading.Lock()
 _COMPILED: dict = {}
-_BROKEN: list[str] = []
+_READY: set = set()  # keys whose compiled code has run
+_FAILED: set = set()  # keys whose first call failed
+_BROKEN: list[str] = []  # why the whole fused path is off, if it is
+_WARNED: list[str] = []
 _FORKED: list[bool] = []
 
 
@@ -122,26 +127,71 @@ def _specialised(mode: RoundingMode, fake: bool, count: bool, units: tuple[bool,
     return kernel
 
 
+def _compile_options() -> dict:
+    """The vector width of the instruction set inductor picked here, stated: the compiled-code
+    cache keys on the options but (torch 2.14) not on the picked instruction set, so code
+    compiled under ``ATEN_CPU_CAPABILITY=avx2`` came back, wrong, to an AVX-512 process."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return {"cpp.simdlen": isa.bit_width()} if isa else {}
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread's floating-point unit flushes subnormal numbers to zero."""
+    return bool(np.float32(1e-45) * np.float32(1.0) == 0)
+
+
 def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
-    """:func:`codes` compiled for this mode and output (once, then cached); None where the
-    compiler fails, after one warning (the caller then takes the block engine)."""
-    # Sizes are symbolic except 0 and 1, which the compiler specialises: one compiled
-    # function per pattern of unit dimensions keeps each within its limit of variants.
-    key = (mode, fake, count, tuple(d == 1 for d in x.shape))
+    """:func:`codes` compiled for this mode and output (once, then cached); None where it
+    cannot be compiled, after one warning (the caller then takes the block engine).
+
+    A key whose compiled code ran once is trusted: an error after that (memory, say) is
+    the caller's. A first call that fails turns this key off (the compiler's limit of
+    variants) or, for any other failure, the whole fused path. Loading compiled code must
+    not switch the thread to flushing subnormals (some compilers' fast-math start-up code
+    does): if it did, the flushing is undone and the fused path turned off.
+    """
+    # Sizes are symbolic except 0 and 1, which the compiler specialises; the thread count
+    # is fixed in the compiled code. One compiled function per pattern of unit dimensions
+    # and thread count keeps each within its limit of variants and its threads right.
+    key = (mode, fake, count, tuple(d == 1 for d in x.shape), torch.get_num_threads())
     with _LOCK:
+        if key in _FAILED:
+            return None
         fn = _COMPILED.get(key)
         if fn is None:
-            fn = torch.compile(_specialised(*key), dynamic=True, fullgraph=True)
+            fn = torch.compile(_specialised(*key[:4]), dynamic=True, fullgraph=True,
+                               options=_compile_options())
             _COMPILED[key] = fn
-    try:
+    if key in _READY:
         return fn(x, s, z, lo, hi)
-    except Exception as err:  # noqa: BLE001 - any compiler failure: same codes without it
-        if _BROKEN:
-            return None
-        _BROKEN.append(f"{type(err).__name__}: {err}")
-        warnings.warn(
-            "qerror: the fused quantizer could not be compiled "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "quantizing with the block engine instead (same codes, slower). Set "
-            "QERROR_FUSED=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+    flushing = _flushes_denormals()
+    try:
+        res = fn(x, s, z, lo, hi)
+    except Exception as err:  # noqa: BLE001 - a first call that fails: the engine instead
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        _FAILED.add(key)
+        if not isinstance(err, FailOnRecompileLimitHit):
+            _BROKEN.append(f"{type(err).__name__}: {err}")
+        _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return None
+    if _flushes_denormals() and not flushing:
+        torch.set_flush_denormal(False)
+        _BROKEN.append("compiled code switched on flushing of subnormals")
+        _warn_once("its compiled code switched the CPU to flushing subnormal numbers, which "
+                   "was undone")
+        return None
+    _READY.add(key)
+    return res
+
+
+def _warn_once(why: str) -> None:
+    if _WARNED:
+        return
+    _WARNED.append(why)
+    warnings.warn(
+        f"qerror: the fused quantizer is not used ({why}); quantizing with the block engine "
+        "instead (same codes, slower). Set QERROR_FUSED=0 to skip the attempt.",
+        RuntimeWarning, stacklevel=5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Union
@@ -440,13 +441,25 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     return out, _saturation_result(low, high, outer * inner, axis)
 
 
+def fused_path_enabled() -> bool:
+    """Whether :func:`quantize` and :func:`fake_quantize` may take the fused exact path here
+    (float32 CPU data, deterministic modes, EXACT arithmetic; :mod:`qerror._fused`): False
+    under ``QERROR_FUSED=0``, after a compiler failure, or in a forked child."""
+    return _fused.enabled()
+
+
 def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: bool,
                count: bool):
     """:func:`qerror._fused.run` on ``x`` viewed as ``dims`` (outer, channels, inner):
     the output in ``x``'s kind (numpy or tensor) and, if ``count``, the per-channel
     saturation counts; None where the fused path is unavailable."""
     torch_in = isinstance(x, torch.Tensor)
-    x3 = (x.detach() if torch_in else torch.from_numpy(np.ascontiguousarray(x))).reshape(dims)
+    if torch_in:
+        x3 = x.detach().reshape(dims)
+    else:
+        with warnings.catch_warnings():  # a read-only array: the kernel only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            x3 = torch.from_numpy(np.ascontiguousarray(x)).reshape(dims)
     params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
               for a in (s3, z3, spec.qmin - z3, spec.qmax - z3)]
     with torch.no_grad():

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
+from qerror.quantizer import fused_path_enabled
 from studies._common import (
     REPO,
     RunDir,
@@ -70,6 +71,12 @@ FAKE_QUANTIZE_GOALS = {
     RoundingMode.TOWARD_ZERO: 1.5,
     RoundingMode.STOCHASTIC: 2.5,
 }
+
+
+def fused_note() -> str:
+    """What a fused-against-engine row measured: the engine twice where the fused path is
+    off here (QERROR_FUSED=0 in the environment, a compiler failure)."""
+    return "" if fused_path_enabled() else "fused path OFF here: the engine against itself"
 
 
 def on_block_engine(fn):
@@ -129,7 +136,8 @@ def bench_fake_quantize(args) -> list[BenchRow]:
             cand = lambda d=data, spec=spec, sc=scales_of: fake_quantize(d, spec, sc)
             rows.append(make_row("fake_quantize", f"{what} {mode.value} float32",
                                  "fused (qerror._fused)", "block engine (QERROR_FUSED=0)", None,
-                                 *paired_ratio(cand, on_block_engine(cand), args.pairs)))
+                                 *paired_ratio(cand, on_block_engine(cand), args.pairs),
+                                 note=fused_note()))
     return rows
 
 
@@ -436,7 +444,8 @@ def bench_drift(args) -> list[BenchRow]:
         "drift", f"{arch} 8-bit, {k} modes, batch {n}, 1x32x32: each mode's fake-quantized "
         "forward", "fused exact quantizer", "block engine (QERROR_FUSED=0)", None, *timed,
         note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
-             "image-configurations/s")]
+             "image-configurations/s; stochastic rounding stays on the engine in both"
+             + (f"; {fused_note()}" if fused_note() else ""))]
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
                              (paired, "paired passes, no statistics", "paired, bare")):
         timed = paired_ratio(instrumented, base, pairs)

@@ -1,23 +1,28 @@
 """The fused exact quantizer (qerror._fused): the same codes as the rational reference and as
 the block engine, on and beside every boundary, per tensor and per channel; its fallback."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from qerror import QuantSpec, _fused, fake_quantize, quantize
+from qerror import QuantSpec, RoundingMode, _fused, fake_quantize, quantize
 from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The number of calls that took the fused path (a list to read after the call)."""
+    """The calls that took the fused path (a list to read after the call); each must have
+    returned the compiled result, not fallen back to the engine."""
     calls = []
     run = _fused.run
 
     def counted(*args, **kwargs):
+        res = run(*args, **kwargs)
+        assert res is not None, "the fused path fell back to the block engine"
         calls.append(kwargs["mode"])
-        return run(*args, **kwargs)
+        return res
 
     monkeypatch.setattr(_fused, "run", counted)
     return calls
@@ -70,8 +75,9 @@ def test_fused_per_channel_equals_the_block_engine(mode, fused_calls, monkeypatc
     scales = np.float32([0.1, 0.0371, 0.37, 0.25, 1.7, 3e-3])
     zps = np.array([0, 3, -5, 7, 100, -128])
     spec = QuantSpec(bits=8, symmetric=False, axis=1, rounding=mode)
-    rows = [boundary_values(float(s), np.float32, count=150)[:900] for s in scales]
-    x = np.ascontiguousarray(np.stack(rows)[None].repeat(4, axis=0))  # (4, 6, 900)
+    # every kind of value of each channel's grid: on, beside and between its boundaries
+    rows = [boundary_values(float(s), np.float32, count=150)[::3] for s in scales]
+    x = np.ascontiguousarray(np.stack(rows)[None].repeat(4, axis=0))  # (4, 6, 901)
     assert x.size >= _fused.MIN_ELEMENTS
     t = torch.from_numpy(x)
     for fn in (quantize, fake_quantize):
@@ -105,7 +111,7 @@ def test_eager_rule_equals_the_compiled_one(mode):
 
 
 def test_small_stochastic_reciprocal_and_float64_inputs_take_the_block_engine(fused_calls):
-    from qerror import RoundingMode, ScaleArithmetic
+    from qerror import ScaleArithmetic
     big = np.linspace(-3, 3, _fused.MIN_ELEMENTS, dtype=np.float32)
     quantize(big[:100], QuantSpec(), 0.1)
     quantize(big, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=0)
@@ -117,18 +123,24 @@ def test_small_stochastic_reciprocal_and_float64_inputs_take_the_block_engine(fu
     assert len(fused_calls) == 1
 
 
+def fresh_state(monkeypatch):
+    """The fused path's state as in a new process, restored after the test."""
+    for name, value in (("_COMPILED", {}), ("_READY", set()), ("_FAILED", set()),
+                        ("_BROKEN", []), ("_WARNED", [])):
+        monkeypatch.setattr(_fused, name, value)
+
+
 def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
     def broken(*args, **kwargs):
         def fail(*a, **k):
             raise RuntimeError("no C++ compiler here")
         return fail
 
-    monkeypatch.setattr(_fused, "_COMPILED", {})
-    monkeypatch.setattr(_fused, "_BROKEN", [])
+    fresh_state(monkeypatch)
     monkeypatch.setattr(torch, "compile", broken)
     x = tiled(boundary_values(0.1, np.float32))
     ref = engine(lambda: quantize(x, QuantSpec(), 0.1), monkeypatch)
-    with pytest.warns(RuntimeWarning, match="could not be compiled.*no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="not used.*no C\\+\\+ compiler"):
         got = quantize(x, QuantSpec(), 0.1)
     np.testing.assert_array_equal(got, ref)
     assert not _fused.enabled()
@@ -156,3 +168,122 @@ def test_fused_unsigned_grid_clamps_negative_values_as_the_engine(mode, fused_ca
         ref = engine(lambda: fn(t, spec, 0.1, 0), monkeypatch)
         assert torch.equal(got, ref)
     assert len(fused_calls) == 2
+
+
+def test_the_compilers_variant_limit_turns_off_one_kernel_only(monkeypatch):
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def limited(fn, **kwargs):
+        def call(*a, **k):
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+        return call if "floor" in fn.__code__.co_name else torch_compile(fn, **kwargs)
+
+    torch_compile = torch.compile
+    fresh_state(monkeypatch)
+    monkeypatch.setattr(torch, "compile", limited)
+    x = tiled(boundary_values(0.1, np.float32))
+    floor = QuantSpec(rounding=RoundingMode.FLOOR)
+    ref = engine(lambda: quantize(x, floor, 0.1), monkeypatch)
+    with pytest.warns(RuntimeWarning, match="not used.*FailOnRecompileLimitHit"):
+        np.testing.assert_array_equal(quantize(x, floor, 0.1), ref)
+    assert _fused.enabled()  # the other kernels go on
+    key = next(iter(_fused._FAILED))
+    assert key[0] is RoundingMode.FLOOR
+    quantize(x, QuantSpec(), 0.1)
+    assert any(k[0] is RoundingMode.NEAREST_EVEN for k in _fused._READY)
+
+
+@pytest.mark.parametrize("bits, signed, zero_point, scale", [
+    (2, True, 0, 0.5), (2, False, 3, 0.1), (16, True, 0, 1e-4), (16, False, 60000, 3e-3),
+    (8, True, 0, 1.2e-38), (8, True, -20, 3e38), (4, False, 15, 7.0)])
+@pytest.mark.parametrize("mode", DETERMINISTIC)
+def test_fused_codes_are_exact_at_the_ends_of_the_range(bits, signed, zero_point, scale, mode,
+                                                        fused_calls):
+    """Values on and beside the boundaries at and past both ends of the integer range, for
+    the narrowest and widest grids and the extreme scales: the clamp to two codes beyond the
+    range changes no code."""
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=False, rounding=mode)
+    s = np.float32(scale)
+    k = np.concatenate([np.arange(spec.qmin - 4, spec.qmin + 4),
+                        np.arange(spec.qmax - 4, spec.qmax + 5)]).astype(np.float64) - zero_point
+    with np.errstate(over="ignore"):
+        exact = np.concatenate([(k + 0.5) * np.float64(s), k * np.float64(s)]).astype(np.float32)
+        base = np.concatenate([exact, (k * s).astype(np.float32)])
+    base = np.concatenate([base, np.nextafter(base, np.float32(np.inf)),
+                           np.nextafter(base, np.float32(-np.inf))])
+    base = base[np.isfinite(base)]
+    expected = [exact_code(v, float(s), zero_point, mode, spec.qmin, spec.qmax, np.float32)
+                for v in base]
+    q = quantize(tiled(base), spec, float(s), zero_point)
+    np.testing.assert_array_equal(q[:base.size], expected)
+    assert len(fused_calls) == 1
+
+
+def test_numpy_per_channel_non_contiguous_and_inference_inputs(fused_calls, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, 3, 3, generator=gen)
+    spec = QuantSpec(bits=4, axis=0, rounding=RoundingMode.FLOOR)
+    scales = (w.abs().amax(dim=(1, 2, 3)) / 7).numpy()
+    for x in (w.numpy(), w.transpose(2, 3), w.contiguous(memory_format=torch.channels_last)):
+        got = fake_quantize(x, spec, scales)
+        ref = engine(lambda: fake_quantize(x, spec, scales), monkeypatch)
+        assert np.array_equal(np.asarray(got), np.asarray(ref))
+    with torch.inference_mode():
+        got = fake_quantize(w, spec, scales)
+    assert torch.equal(got, engine(lambda: fake_quantize(w, spec, scales), monkeypatch))
+    frozen = w.numpy().copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(quantize(frozen, spec, scales), quantize(w, spec, scales).numpy())
+    assert len(fused_calls) == 6
+
+
+AVX2_CHECK = """
+import os, numpy as np, torch
+from qerror import QuantSpec, RoundingMode, fake_quantize, quantize
+from qerror import _fused
+torch.set_num_threads(int(os.environ["THREADS"]))
+gen = torch.Generator().manual_seed(0)
+bad = []
+for shape, axis in (((1, 64, 576), 1), ((100000,), None)):
+    x = torch.randn(*shape, generator=gen) * 0.05
+    scales = 0.05 * 4 / 127 if axis is None else np.linspace(1e-3, 3e-3, shape[1], dtype=np.float32)
+    for mode in RoundingMode:
+        if mode.is_random:
+            continue
+        spec = QuantSpec(bits=8, axis=axis, rounding=mode)
+        for fn in (quantize, fake_quantize):
+            os.environ["QERROR_FUSED"] = "1"
+            got = fn(x, spec, scales, return_saturation=True) if fn is fake_quantize else fn(x, spec, scales)
+            os.environ["QERROR_FUSED"] = "0"
+            ref = fn(x, spec, scales, return_saturation=True) if fn is fake_quantize else fn(x, spec, scales)
+            if fn is fake_quantize:
+                same = torch.equal(got[0], ref[0]) and np.array_equal(got[1].low, ref[1].low) \
+                    and np.array_equal(got[1].high, ref[1].high)
+            else:
+                same = torch.equal(got, ref)
+            if not same:
+                bad.append(f"{shape} {mode.value} {fn.__name__}")
+print("READY", len(_fused._READY), "BAD", bad)
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="needs a CPU with AVX2")
+def test_code_compiled_for_another_instruction_set_is_not_reused(tmp_path):
+    """Inductor's cache once handed code compiled under ATEN_CPU_CAPABILITY=avx2 to an
+    AVX-512 process (and the reverse): wrong codes and a corrupted heap. A process with the
+    AVX2 kernels, then a native one, sharing one cache, both agree with the engine."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "inductor"
+    for capability, threads in (("avx2", 2), ("", 2)):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "THREADS": str(threads)}
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "BAD []" in out.stdout, (capability, threads, out.stdout)
+        assert "READY 0 " not in out.stdout, "the fused path did not run"
