@@ -144,54 +144,62 @@ def _flushes_denormals() -> bool:
 
 def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
     """:func:`codes` compiled for this mode and output (once, then cached); None where it
-    cannot be compiled, after one warning (the caller then takes the block engine).
+    cannot be compiled or run, after one warning (the caller then takes the block engine,
+    which gives the same codes; the compiled function writes only its own outputs).
 
-    A key whose compiled code ran once is trusted: an error after that (memory, say) is
-    the caller's. A first call that fails turns this key off (the compiler's limit of
-    variants) or, for any other failure, the whole fused path. Loading compiled code must
-    not switch the thread to flushing subnormals (some compilers' fast-math start-up code
-    does): if it did, the flushing is undone and the fused path turned off.
+    A call that fails turns off its kernel (the compiler's limit of variants, or a kernel
+    that ran before: a later recompilation failed) or, where a kernel fails the first time
+    for any other reason, the whole fused path. Memory errors are the caller's. Loading
+    compiled code must not switch the thread to flushing subnormals (some compilers'
+    fast-math start-up code does): if it did, the flushing is undone and the path turned off.
     """
     # Sizes are symbolic except 0 and 1, which the compiler specialises; the thread count
     # is fixed in the compiled code. One compiled function per pattern of unit dimensions
     # and thread count keeps each within its limit of variants and its threads right.
     key = (mode, fake, count, tuple(d == 1 for d in x.shape), torch.get_num_threads())
-    with _LOCK:
-        if key in _FAILED:
-            return None
-        fn = _COMPILED.get(key)
-        if fn is None:
-            fn = torch.compile(_specialised(*key[:4]), dynamic=True, fullgraph=True,
-                               options=_compile_options())
-            _COMPILED[key] = fn
-    if key in _READY:
-        return fn(x, s, z, lo, hi)
     flushing = _flushes_denormals()
     try:
+        with _LOCK:
+            if key in _FAILED or _BROKEN:
+                return None
+            fn = _COMPILED.get(key)
+        if fn is None:
+            options = _compile_options()  # may build a probe on first use: outside the lock
+            with _LOCK:
+                fn = _COMPILED.setdefault(key, torch.compile(
+                    _specialised(*key[:4]), dynamic=True, fullgraph=True, options=options))
         res = fn(x, s, z, lo, hi)
-    except Exception as err:  # noqa: BLE001 - a first call that fails: the engine instead
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the engine gives the same codes
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
-        _FAILED.add(key)
-        if not isinstance(err, FailOnRecompileLimitHit):
-            _BROKEN.append(f"{type(err).__name__}: {err}")
+        with _LOCK:
+            _FAILED.add(key)
+            if key not in _READY and not isinstance(err, FailOnRecompileLimitHit):
+                _BROKEN.append(f"{type(err).__name__}: {err}")
         _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return None
-    if _flushes_denormals() and not flushing:
+    if not flushing and _flushes_denormals():
         torch.set_flush_denormal(False)
-        _BROKEN.append("compiled code switched on flushing of subnormals")
-        _warn_once("its compiled code switched the CPU to flushing subnormal numbers, which "
-                   "was undone")
+        with _LOCK:
+            _BROKEN.append("compiled code switched on flushing of subnormals")
+        _warn_once("loading compiled code switched the CPU to flushing subnormal numbers; "
+                   "that was undone")
         return None
-    _READY.add(key)
+    with _LOCK:
+        _READY.add(key)
     return res
 
 
 def _warn_once(why: str) -> None:
-    if _WARNED:
-        return
-    _WARNED.append(why)
+    with _LOCK:
+        if _WARNED:
+            return
+        _WARNED.append(why)
+    # attributed to the caller of quantize/fake_quantize: _warn_once, run, _run_fused,
+    # _run, quantize or fake_quantize, then the caller
     warnings.warn(
         f"qerror: the fused quantizer is not used ({why}); quantizing with the block engine "
         "instead (same codes, slower). Set QERROR_FUSED=0 to skip the attempt.",
-        RuntimeWarning, stacklevel=5)
+        RuntimeWarning, stacklevel=6)

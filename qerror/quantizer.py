@@ -36,7 +36,9 @@ class ScaleArithmetic(Choice):
     integer for the others) the sign of the exact residual ``x - v s``
     (Dekker's error-free product) decides, so no code is ever off by one
     because of the division's own rounding. The error model of DESIGN §2 is
-    stated for this quantizer.
+    stated for this quantizer. For float32 data on the CPU (16,384 elements or
+    more) the same codes come from one compiled loop (:mod:`qerror._fused`;
+    ``QERROR_FUSED=0`` turns it off).
 
     STOCHASTIC rounding is the exception: it rounds ``fl(x/s)`` up with
     probability equal to its fractional part, so its probabilities are those
@@ -443,8 +445,10 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
 
 def fused_path_enabled() -> bool:
     """Whether :func:`quantize` and :func:`fake_quantize` may take the fused exact path here
-    (float32 CPU data, deterministic modes, EXACT arithmetic; :mod:`qerror._fused`): False
-    under ``QERROR_FUSED=0``, after a compiler failure, or in a forked child."""
+    (float32 CPU data of 16,384 elements or more, deterministic modes, EXACT arithmetic;
+    :mod:`qerror._fused`): False under ``QERROR_FUSED=0``, without inductor or with its unsafe
+    floating-point optimisations on, after a compiler failure, or in a forked child. One
+    kernel may still be off (the compiler's limit of variants) while this says True."""
     return _fused.enabled()
 
 
@@ -457,9 +461,13 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
     if torch_in:
         x3 = x.detach().reshape(dims)
     else:
-        with warnings.catch_warnings():  # a read-only array: the kernel only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            x3 = torch.from_numpy(np.ascontiguousarray(x)).reshape(dims)
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:  # torch warns of read-only memory: the kernel only reads
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                x3 = torch.from_numpy(x).reshape(dims)
+        else:
+            x3 = torch.from_numpy(x).reshape(dims)
     params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
               for a in (s3, z3, spec.qmin - z3, spec.qmax - z3)]
     with torch.no_grad():

@@ -2,6 +2,7 @@
 the block engine, on and beside every boundary, per tensor and per channel; its fallback."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -170,13 +171,24 @@ def test_fused_unsigned_grid_clamps_negative_values_as_the_engine(mode, fused_ca
     assert len(fused_calls) == 2
 
 
-def test_the_compilers_variant_limit_turns_off_one_kernel_only(monkeypatch):
+def test_a_kernel_that_fails_after_running_turns_off_alone(monkeypatch):
+    """A trusted kernel whose later call fails (here the compiler's limit of variants, hit
+    when a new input pattern asks for a recompilation) falls back to the engine, warns once
+    and turns off that kernel only."""
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     def limited(fn, **kwargs):
+        compiled = torch_compile(fn, **kwargs)
+        if "floor" not in fn.__code__.co_name:
+            return compiled
+        calls = []
+
         def call(*a, **k):
-            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
-        return call if "floor" in fn.__code__.co_name else torch_compile(fn, **kwargs)
+            calls.append(1)
+            if len(calls) > 1:
+                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+            return compiled(*a, **k)
+        return call
 
     torch_compile = torch.compile
     fresh_state(monkeypatch)
@@ -184,18 +196,32 @@ def test_the_compilers_variant_limit_turns_off_one_kernel_only(monkeypatch):
     x = tiled(boundary_values(0.1, np.float32))
     floor = QuantSpec(rounding=RoundingMode.FLOOR)
     ref = engine(lambda: quantize(x, floor, 0.1), monkeypatch)
-    with pytest.warns(RuntimeWarning, match="not used.*FailOnRecompileLimitHit"):
+    np.testing.assert_array_equal(quantize(x, floor, 0.1), ref)  # compiled, trusted
+    with pytest.warns(RuntimeWarning, match="not used.*FailOnRecompileLimitHit") as caught:
         np.testing.assert_array_equal(quantize(x, floor, 0.1), ref)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert _fused.enabled()  # the other kernels go on
-    key = next(iter(_fused._FAILED))
-    assert key[0] is RoundingMode.FLOOR
+    assert [k[0] for k in _fused._FAILED] == [RoundingMode.FLOOR]
     quantize(x, QuantSpec(), 0.1)
     assert any(k[0] is RoundingMode.NEAREST_EVEN for k in _fused._READY)
 
 
+def test_compiled_code_that_switches_on_flushing_is_undone(monkeypatch):
+    fresh_state(monkeypatch)
+    states = iter([False, True])  # before the first call: not flushing; after: flushing
+    monkeypatch.setattr(_fused, "_flushes_denormals", lambda: next(states))
+    undone = []
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: undone.append(on))
+    x = tiled(boundary_values(0.1, np.float32))
+    ref = engine(lambda: quantize(x, QuantSpec(), 0.1), monkeypatch)
+    with pytest.warns(RuntimeWarning, match="flushing subnormal numbers; that was undone"):
+        np.testing.assert_array_equal(quantize(x, QuantSpec(), 0.1), ref)
+    assert undone == [False] and not _fused.enabled()
+
+
 @pytest.mark.parametrize("bits, signed, zero_point, scale", [
     (2, True, 0, 0.5), (2, False, 3, 0.1), (16, True, 0, 1e-4), (16, False, 60000, 3e-3),
-    (8, True, 0, 1.2e-38), (8, True, -20, 3e38), (4, False, 15, 7.0)])
+    (8, True, 0, 1.2e-38), (8, True, -20, 2e36), (4, False, 15, 7.0)])
 @pytest.mark.parametrize("mode", DETERMINISTIC)
 def test_fused_codes_are_exact_at_the_ends_of_the_range(bits, signed, zero_point, scale, mode,
                                                         fused_calls):
@@ -206,9 +232,9 @@ def test_fused_codes_are_exact_at_the_ends_of_the_range(bits, signed, zero_point
     s = np.float32(scale)
     k = np.concatenate([np.arange(spec.qmin - 4, spec.qmin + 4),
                         np.arange(spec.qmax - 4, spec.qmax + 5)]).astype(np.float64) - zero_point
-    with np.errstate(over="ignore"):
-        exact = np.concatenate([(k + 0.5) * np.float64(s), k * np.float64(s)]).astype(np.float32)
-        base = np.concatenate([exact, (k * s).astype(np.float32)])
+    exact = np.concatenate([(k + 0.5) * np.float64(s), k * np.float64(s)]).astype(np.float32)
+    levels = (k.astype(np.float32) * s).astype(np.float32)  # the stored levels fl32(k s)
+    base = np.concatenate([exact, levels])
     base = np.concatenate([base, np.nextafter(base, np.float32(np.inf)),
                            np.nextafter(base, np.float32(-np.inf))])
     base = base[np.isfinite(base)]
@@ -233,8 +259,15 @@ def test_numpy_per_channel_non_contiguous_and_inference_inputs(fused_calls, monk
     assert torch.equal(got, engine(lambda: fake_quantize(w, spec, scales), monkeypatch))
     frozen = w.numpy().copy()
     frozen.flags.writeable = False
-    np.testing.assert_array_equal(quantize(frozen, spec, scales), quantize(w, spec, scales).numpy())
-    assert len(fused_calls) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning of torch's about read-only memory
+        codes = quantize(frozen, spec, scales)
+    np.testing.assert_array_equal(codes, quantize(w, spec, scales).numpy())
+    with torch.inference_mode():
+        made_there = w * 1.0  # an inference tensor
+    assert torch.equal(fake_quantize(made_there, spec, scales),
+                       engine(lambda: fake_quantize(w, spec, scales), monkeypatch))
+    assert len(fused_calls) == 7
 
 
 AVX2_CHECK = """
@@ -263,12 +296,22 @@ for shape, axis in (((1, 64, 576), 1), ((100000,), None)):
                 same = torch.equal(got, ref)
             if not same:
                 bad.append(f"{shape} {mode.value} {fn.__name__}")
-print("READY", len(_fused._READY), "BAD", bad)
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+print("ISA", pick_vec_isa(), "READY", len(_fused._READY), "BAD", bad)
 """
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="needs a CPU with AVX2")
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f " in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_avx512(), reason="needs a CPU with AVX-512 (and so AVX2) to "
+                                              "compile for two instruction sets")
 def test_code_compiled_for_another_instruction_set_is_not_reused(tmp_path):
     """Inductor's cache once handed code compiled under ATEN_CPU_CAPABILITY=avx2 to an
     AVX-512 process (and the reverse): wrong codes and a corrupted heap. A process with the
@@ -277,13 +320,16 @@ def test_code_compiled_for_another_instruction_set_is_not_reused(tmp_path):
     import sys
 
     cache = tmp_path / "inductor"
-    for capability, threads in (("avx2", 2), ("", 2)):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "THREADS": str(threads)}
-        env.pop("ATEN_CPU_CAPABILITY", None)
-        if capability:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        out = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True,
-                             text=True, timeout=600)
+    isas = []
+    for capability in ("avx2", "avx512"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "THREADS": "2",
+               "ATEN_CPU_CAPABILITY": capability, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+        for name in ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "QERROR_FUSED"):
+            env.pop(name, None)
+        out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", AVX2_CHECK],
+                             env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert "BAD []" in out.stdout, (capability, threads, out.stdout)
-        assert "READY 0 " not in out.stdout, "the fused path did not run"
+        last = out.stdout.strip().splitlines()[-1]
+        assert last.endswith("READY 20 BAD []"), (capability, last)  # every kernel compiled
+        isas.append(last.split(" READY")[0])
+    assert isas[0] != isas[1], isas  # two instruction sets, one cache
