@@ -24,10 +24,10 @@ beside every boundary; so do the fake-quantized values as numbers, whose zeros m
 sign (the engine's own zeros take theirs from numpy's rounding and clipping loops).
 
 STOCHASTIC rounding, the RECIPROCAL arithmetic, float64 and half-precision data, tensors off
-the CPU, small arrays and forked children stay on the block engine. ``QERROR_FUSED=0`` in the environment turns this path
-off (``studies.bench`` times the two against each other); a compiler that fails turns it off
-with one warning, and the block engine gives the same codes. Compiled code is cached per
-instruction set (``_compile_options``) and per thread count.
+the CPU, small arrays and forked children stay on the block engine. ``QERROR_FUSED=0`` in the
+environment turns this path off (``studies.bench`` times the two against each other); a
+compiler that fails turns it off with one warning, and the block engine gives the same codes.
+Compiled code is cached per instruction set (``_compile_options``) and per thread count.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ MIN_ELEMENTS = 1 << 14
 _LOCK = threading.Lock()
 _COMPILED: dict = {}
 _READY: set = set()  # keys whose compiled code has run
-_FAILED: set = set()  # keys whose first call failed
+_FAILED: set = set()  # keys turned off by a failed call
 _BROKEN: list[str] = []  # why the whole fused path is off, if it is
 _WARNED: list[str] = []
 _FORKED: list[bool] = []
@@ -157,7 +157,8 @@ def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
     # is fixed in the compiled code. One compiled function per pattern of unit dimensions
     # and thread count keeps each within its limit of variants and its threads right.
     key = (mode, fake, count, tuple(d == 1 for d in x.shape), torch.get_num_threads())
-    flushing = _flushes_denormals()
+    # compiled code is loaded on a key's first call: only then can it switch on flushing
+    flushing = None if key in _READY else _flushes_denormals()
     try:
         with _LOCK:
             if key in _FAILED or _BROKEN:
@@ -180,7 +181,7 @@ def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
                 _BROKEN.append(f"{type(err).__name__}: {err}")
         _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return None
-    if not flushing and _flushes_denormals():
+    if flushing is False and _flushes_denormals():
         torch.set_flush_denormal(False)
         with _LOCK:
             _BROKEN.append("compiled code switched on flushing of subnormals")

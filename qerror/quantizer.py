@@ -468,8 +468,9 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
                 x3 = torch.from_numpy(x).reshape(dims)
         else:
             x3 = torch.from_numpy(x).reshape(dims)
-    params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-              for a in (s3, z3, spec.qmin - z3, spec.qmax - z3)]
+    # the scale rounded to float32 as the engine rounds it, the range in v units as it has it
+    params = (_as_param(s3, x3, torch.float32), _as_param(z3, x3, torch.float32),
+              *_bounds(spec, z3, x3, torch.float32))
     with torch.no_grad():
         res = _fused.run(x3.contiguous(), *params, mode=spec.rounding, fake=fake, count=count)
     if res is None:

@@ -440,12 +440,13 @@ def bench_drift(args) -> list[BenchRow]:
                     model(x)
 
     timed = paired_ratio(quantized, on_block_engine(quantized), pairs)
+    off = fused_note()
     rows = [make_row(
         "drift", f"{arch} 8-bit, {k} modes, batch {n}, 1x32x32: each mode's fake-quantized "
         "forward", "fused exact quantizer", "block engine (QERROR_FUSED=0)", None, *timed,
         note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
              "image-configurations/s; stochastic rounding stays on the engine in both"
-             + (f"; {fused_note()}" if fused_note() else ""))]
+             + (f"; {off}" if off else ""))]
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
                              (paired, "paired passes, no statistics", "paired, bare")):
         timed = paired_ratio(instrumented, base, pairs)

@@ -286,9 +286,10 @@ for shape, axis in (((1, 64, 576), 1), ((100000,), None)):
         spec = QuantSpec(bits=8, axis=axis, rounding=mode)
         for fn in (quantize, fake_quantize):
             os.environ["QERROR_FUSED"] = "1"
-            got = fn(x, spec, scales, return_saturation=True) if fn is fake_quantize else fn(x, spec, scales)
+            kw = {"return_saturation": True} if fn is fake_quantize else {}
+            got = fn(x, spec, scales, **kw)
             os.environ["QERROR_FUSED"] = "0"
-            ref = fn(x, spec, scales, return_saturation=True) if fn is fake_quantize else fn(x, spec, scales)
+            ref = fn(x, spec, scales, **kw)
             if fn is fake_quantize:
                 same = torch.equal(got[0], ref[0]) and np.array_equal(got[1].low, ref[1].low) \
                     and np.array_equal(got[1].high, ref[1].high)
