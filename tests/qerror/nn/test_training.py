@@ -110,11 +110,13 @@ def _free_port():
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    # Forked ranks inherit the imported modules (a spawned one spends seconds importing
-    # torch and qerror again); each sets one thread, as DataLoader's forked workers do.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # Spawned, not forked: a forked rank inherits the test process's autograd state, and
+    # once any earlier test in this worker has run a compiled backward (torch.compile), the
+    # child's first backward refuses ("autograd's threading in combination with fork-based
+    # multiprocessing"). Which tests ran before depends on xdist's scheduling, so only a
+    # fresh interpreter per rank is order-independent (it costs a few seconds of imports).
     mp.start_processes(_ddp_worker, args=(2, _free_port(), folder), nprocs=2, join=True,
-                       start_method=method)
+                       start_method="spawn")
     return folder, [torch.load(folder / f"out{r}.pt", weights_only=True) for r in (0, 1)]
 
 
