@@ -36,9 +36,9 @@ import os
 import threading
 import warnings
 
-import numpy as np
 import torch
 
+from qerror.cpu import flushing_denormals
 from qerror.rounding import RoundingMode
 
 #: Fewer elements than this go to the block engine: a compiled call's fixed cost (guards,
@@ -137,11 +137,6 @@ def _compile_options() -> dict:
     return {"cpp.simdlen": isa.bit_width()} if isa else {}
 
 
-def _flushes_denormals() -> bool:
-    """Whether this thread's floating-point unit flushes subnormal numbers to zero."""
-    return bool(np.float32(1e-45) * np.float32(1.0) == 0)
-
-
 def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
     """:func:`codes` compiled for this mode and output (once, then cached); None where it
     cannot be compiled or run, after one warning (the caller then takes the block engine,
@@ -158,7 +153,7 @@ def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
     # and thread count keeps each within its limit of variants and its threads right.
     key = (mode, fake, count, tuple(d == 1 for d in x.shape), torch.get_num_threads())
     # compiled code is loaded on a key's first call: only then can it switch on flushing
-    flushing = None if key in _READY else _flushes_denormals()
+    flushing = None if key in _READY else flushing_denormals()
     try:
         with _LOCK:
             if key in _FAILED or _BROKEN:
@@ -181,7 +176,7 @@ def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
                 _BROKEN.append(f"{type(err).__name__}: {err}")
         _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return None
-    if flushing is False and _flushes_denormals():
+    if flushing is False and flushing_denormals():
         torch.set_flush_denormal(False)
         with _LOCK:
             _BROKEN.append("compiled code switched on flushing of subnormals")

@@ -24,6 +24,7 @@ from qerror import _fused
 from qerror._checks import check_finite, check_float_array, check_positive_finite
 from qerror._enums import Choice
 from qerror._exact import exact_codes
+from qerror.cpu import flushing_denormals
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
 
@@ -503,7 +504,10 @@ def _map_blocks(func, blocks, on_cpu: bool):
     thread (ten times slower here). Blocks on separate Python threads (torch and
     numpy release the GIL) keep the cores busy without those barriers. Work on
     an accelerator stays on the caller's thread and stream. The workers run
-    under the caller's inference mode, so they may write into its tensors.
+    under the caller's inference mode, so they may write into its tensors, and
+    with the caller's flushing of subnormals (a per-thread flag, :mod:`qerror.cpu`):
+    a worker created inside a flushing block would otherwise keep flushing after
+    it, and give some blocks of an array the code of 0 for a subnormal input.
     """
     global _POOL
     if len(blocks) == 1 or not on_cpu:
@@ -513,9 +517,10 @@ def _map_blocks(func, blocks, on_cpu: bool):
         if _POOL is None or _POOL._max_workers != workers:
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qerror")
         pool = _POOL
-    inference = torch.is_inference_mode_enabled()
+    inference, flushing = torch.is_inference_mode_enabled(), flushing_denormals()
 
     def in_caller_mode(block):
+        torch.set_flush_denormal(flushing)
         with torch.inference_mode(inference), torch.no_grad():
             return func(block)
 

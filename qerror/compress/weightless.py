@@ -662,7 +662,8 @@ def efd_matrix(n: int, dtype: torch.dtype = torch.float32,
     if n > MAX_FAN_IN:
         raise ValueError(f"fan-in {n} exceeds {MAX_FAN_IN}: the EFD matrix has 4**n * n "
                          "entries")
-    return _efd_matrix64(n, EFDDecay.parse(decay)).to(dtype)
+    # a copy, also in float64: the cached tensor must not be changed by a caller
+    return _efd_matrix64(n, EFDDecay.parse(decay)).to(dtype, copy=True)
 
 
 def _scatter_sum(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
