@@ -1,5 +1,5 @@
-"""The CPU's flushing of subnormal numbers, set for a block in every thread that computes and
-put back after it.
+"""The CPU's flushing of subnormal numbers, set for a block in the calling thread and its
+OpenMP team and put back after it.
 
 Public so that studies and notebooks can run long CPU work under flush-to-zero without
 leaving the process changed.
@@ -13,10 +13,16 @@ region, so with that setter alone they flush inside a block or not depending on 
 existed before it, and those created inside it flush for the rest of the process: an exact
 quantizer reading a subnormal input there gets the code of 0 in some chunks of an array and
 the exact code in others. :func:`set_flush_denormal` also sets the flag in every thread of
-the calling thread's OpenMP team, by a parallel region of the OpenMP runtime torch loaded
-(``GOMP_parallel``, which GNU libgomp, LLVM's libomp and Intel's libiomp5 all export) that
-runs the C library's ``fesetenv`` with the calling thread's environment. qerror's own worker
-threads (:mod:`qerror.quantizer`) take the calling thread's setting with each task.
+the calling thread's OpenMP team, by a parallel region of the OpenMP runtime torch calls
+(``GOMP_parallel``, looked up through ``libtorch_cpu``; GNU libgomp, LLVM's libomp and Intel's
+libiomp5 all export it) that runs the C library's ``fesetenv`` with the calling thread's
+environment. qerror's own worker threads (:mod:`qerror.quantizer`) take the calling thread's
+setting with each task, and their teams too where a task runs torch's parallel kernels.
+
+Not reached: the teams of other Python threads, a forked child's team (the child sets its
+own thread only: a parallel region there can hang), and every team where no runtime is found
+(then :func:`set_flush_denormal` says so). Checked with GNU libgomp
+only; LLVM's libomp shares parked threads among teams, which this module does not track.
 """
 
 from __future__ import annotations
@@ -73,21 +79,21 @@ class _Runtime:
 
 
 def _find_openmp() -> _Runtime | None:
+    # The runtime torch itself calls: symbols looked up through libtorch_cpu's handle are
+    # searched in its own dependencies, so a second OpenMP runtime loaded by another package
+    # (or preloaded) is never mistaken for it.
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps
-                     if any(k in line for k in ("libgomp", "libomp", "libiomp"))}
-        # torch's own runtime first, where another package loaded a second one
-        paths = sorted(paths, key=lambda p: (not p.startswith(os.path.dirname(torch.__file__)),
-                                             p))
+            torch_cpu = sorted({line.split()[-1] for line in maps
+                                if os.path.basename(line.split()[-1]).startswith(
+                                    "libtorch_cpu.")})
+        if not torch_cpu:
+            return None
+        omp = ctypes.CDLL(torch_cpu[0])
         libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        for path in paths:
-            omp = ctypes.CDLL(path)
-            if hasattr(omp, "GOMP_parallel") and hasattr(omp, "omp_get_thread_num"):
-                return _Runtime(omp, libm)
-    except (OSError, AttributeError):  # no /proc (not Linux), no libm, no fenv functions
-        pass
-    return None
+        return _Runtime(omp, libm)
+    except (OSError, AttributeError):  # no /proc (not Linux), no OpenMP, no fenv functions
+        return None
 
 
 def flushing_denormals() -> bool:
@@ -129,8 +135,11 @@ def set_flush_denormal(on: bool) -> bool:
     env = ctypes.create_string_buffer(_FENV_BYTES)
     if found.getenv(env) != 0:
         return False
-    # every thread of the team, the calling one included, takes the calling one's environment
-    found.run(found.setenv, ctypes.addressof(env), torch.get_num_threads())
+    # Every thread of the team, the calling one included, takes the calling one's whole
+    # environment (rounding mode too, as a thread it created would). A team of at least two:
+    # one of a single thread returns at once in libgomp and would leave the threads a larger
+    # count parked (keeping their setting) as they are; a team of two releases them.
+    found.run(found.setenv, ctypes.addressof(env), max(2, torch.get_num_threads()))
     return True
 
 
@@ -164,8 +173,8 @@ def team_flushing() -> tuple[bool, ...] | None:
 
 @contextlib.contextmanager
 def flush_denormal() -> Iterator[None]:
-    """Flush denormals to zero inside the block in every thread that computes, then put the
-    calling thread's setting back in all of them.
+    """Flush denormals to zero inside the block in the calling thread and its OpenMP team,
+    then give them all the calling thread's earlier setting.
 
     Yields
     ------

@@ -24,7 +24,7 @@ from qerror import _fused
 from qerror._checks import check_finite, check_float_array, check_positive_finite
 from qerror._enums import Choice
 from qerror._exact import exact_codes
-from qerror.cpu import flushing_denormals
+from qerror.cpu import flushing_denormals, set_flush_denormal
 from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
 
 
@@ -434,7 +434,9 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         ob[...] = res.reshape(ob.shape)
         return sc, counts
 
-    for sc, counts in _map_blocks(one_block, list(_blocks(outer, channels, inner)), on_cpu):
+    blocks = list(_blocks(outer, channels, inner))
+    for sc, counts in _map_blocks(one_block, blocks, on_cpu,
+                                  torch_kernels=isinstance(xw, torch.Tensor)):
         if counts is not None:
             low[sc] += counts[0]
             high[sc] += counts[1]
@@ -495,7 +497,7 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _map_blocks(func, blocks, on_cpu: bool):
+def _map_blocks(func, blocks, on_cpu: bool, *, torch_kernels: bool = False):
     """Run ``func`` over blocks, on a small thread pool when there are several.
 
     Each block is a short chain of element-wise kernels on cache-resident data.
@@ -508,6 +510,8 @@ def _map_blocks(func, blocks, on_cpu: bool):
     with the caller's flushing of subnormals (a per-thread flag, :mod:`qerror.cpu`):
     a worker created inside a flushing block would otherwise keep flushing after
     it, and give some blocks of an array the code of 0 for a subnormal input.
+    Where the blocks run torch's kernels (``torch_kernels``: bfloat16), which
+    open parallel regions on a team of the worker's own, the team is set too.
     """
     global _POOL
     if len(blocks) == 1 or not on_cpu:
@@ -520,7 +524,10 @@ def _map_blocks(func, blocks, on_cpu: bool):
     inference, flushing = torch.is_inference_mode_enabled(), flushing_denormals()
 
     def in_caller_mode(block):
-        torch.set_flush_denormal(flushing)
+        if torch_kernels:
+            set_flush_denormal(flushing)
+        else:
+            torch.set_flush_denormal(flushing)
         with torch.inference_mode(inference), torch.no_grad():
             return func(block)
 

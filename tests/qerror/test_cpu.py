@@ -15,23 +15,28 @@ from qerror import QuantSpec, RoundingMode, quantize
 from qerror.cpu import flush_denormal, flushing_denormals, set_flush_denormal, team_flushing
 from tests.qerror.test_quantizer import in_forked_child
 
-TEAM = team_flushing() is not None
-needs_team = pytest.mark.skipif(not TEAM, reason="no OpenMP runtime with GOMP_parallel found")
+
+@pytest.fixture
+def team():
+    """Skips where the OpenMP team cannot be reached (no runtime found): asked in the test,
+    not at collection, which would start the team's threads in every worker."""
+    if team_flushing() is None:
+        pytest.skip("no OpenMP runtime with GOMP_parallel found through libtorch_cpu")
 CEIL = QuantSpec(bits=8, rounding=RoundingMode.CEIL)
 
 
-def fresh_python(code: str) -> list[str]:
-    """The lines ``code`` prints in a new interpreter (two intra-op threads): the OpenMP team
-    is created where the code first runs a parallel region, not earlier."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+def fresh_python(code: str, **env) -> list[str]:
+    """The lines ``code`` prints in a new interpreter (two intra-op threads, ``env`` added to
+    the environment): the OpenMP team is created where the code first runs a parallel region,
+    not earlier."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **env}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                          text=True, env=env, timeout=300, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split("\n")
 
 
-@needs_team
-def test_block_flushes_in_every_thread_of_the_team_and_puts_the_setting_back():
+def test_block_flushes_in_every_thread_of_the_team_and_puts_the_setting_back(team):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -44,8 +49,7 @@ def test_block_flushes_in_every_thread_of_the_team_and_puts_the_setting_back():
         torch.set_num_threads(before)
 
 
-@needs_team
-def test_threads_created_in_a_block_stop_flushing_after_it_and_codes_are_exact():
+def test_threads_created_in_a_block_stop_flushing_after_it_and_codes_are_exact(team):
     # Subnormal inputs under CEIL: the exact code is 1; read as 0 (flushed) it is 0. The
     # fused path (float32, OpenMP team) and the block engine (float64, qerror's pool
     # threads) both run their first parallel work inside the block.
@@ -55,32 +59,60 @@ def test_threads_created_in_a_block_stop_flushing_after_it_and_codes_are_exact()
         from qerror.cpu import flush_denormal, team_flushing
         spec = QuantSpec(bits=8, rounding=RoundingMode.CEIL)
         x32, x64 = np.full(1 << 20, 1e-40, np.float32), np.full(1 << 20, 1e-310)
+        x16 = torch.full((1 << 20,), 1e-39, dtype=torch.bfloat16)  # torch kernels, pool teams
+        def codes():
+            return [np.unique(np.asarray(quantize(x, spec, 0.01))).tolist()
+                    for x in (x32, x64, x16)]
         with flush_denormal():
             torch.zeros(1 << 22).add_(1)
             print(team_flushing())
-            print(np.unique(quantize(x32, spec, 0.01)), np.unique(quantize(x64, spec, 0.01)))
+            print(codes())
         print(team_flushing())
-        print(np.unique(quantize(x32, spec, 0.01)), np.unique(quantize(x64, spec, 0.01)))
+        print(codes())
     """)
-    assert lines[:4] == ["(True, True)", "[0] [0]", "(False, False)", "[1] [1]"]
+    assert lines[:4] == ["(True, True)", "[[0], [0], [0]]", "(False, False)", "[[1], [1], [1]]"]
 
 
-@needs_team
-def test_a_block_mends_threads_that_torchs_own_setter_left_flushing():
-    # torch.set_flush_denormal sets the calling thread only: a thread of the team created
-    # while it was on keeps flushing (the test's premise, checked), until a block ends.
-    lines = fresh_python("""
+def test_a_count_lowered_to_one_in_a_block_leaves_no_parked_thread_flushing(team):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with flush_denormal():
+            torch.zeros(1 << 22).add_(1)  # a team of two, flushing
+            torch.set_num_threads(1)  # the second thread parks
+        torch.set_num_threads(2)  # and is used again
+        assert team_flushing() == (False, False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_team_is_the_one_torch_calls_where_two_runtimes_are_loaded(team, tmp_path):
+    # Two copies of torch's libgomp: one preloaded, which torch binds to (same soname), and
+    # one loaded by "another package" first, at a path that sorts before it. A choice by
+    # path would set the other package's threads and leave torch's flushing.
+    maps = open("/proc/self/maps").read().split()
+    ours = next(p for p in maps if os.path.basename(p).startswith("libgomp")
+                and p.startswith(os.path.dirname(torch.__file__)))
+    used, other = tmp_path / "libgomp.so.1", tmp_path / "a" / "libgomp-other.so.1"
+    other.parent.mkdir()
+    for path in (used, other):
+        path.write_bytes(open(ours, "rb").read())
+    lines = fresh_python(f"""
+        import ctypes
+        ctypes.CDLL({str(other)!r})
         import torch
-        from qerror.cpu import flush_denormal, team_flushing
+        from qerror.cpu import flush_denormal
+        loaded = {{l.split()[-1] for l in open("/proc/self/maps")}}
+        assert {{{str(used)!r}, {str(other)!r}}} <= loaded
         torch.set_flush_denormal(True)
         torch.zeros(1 << 22).add_(1)
         torch.set_flush_denormal(False)
-        print(team_flushing())
         with flush_denormal():
             pass
-        print(team_flushing())
-    """)
-    assert lines[:2] == ["(False, True)", "(False, False)"]
+        x = torch.full((1 << 22,), 1e-40)
+        print(int((x * 1.0 == 0).sum()))
+    """, LD_PRELOAD=str(used))
+    assert lines[0] == "0"
 
 
 def test_quantizer_pool_follows_the_calling_threads_setting():
@@ -93,7 +125,7 @@ def test_quantizer_pool_follows_the_calling_threads_setting():
 
 
 def test_setting_reports_whether_the_team_was_reached():
-    assert set_flush_denormal(False) is TEAM
+    assert set_flush_denormal(False) is (team_flushing() is not None)
     assert not flushing_denormals()
 
 
@@ -101,7 +133,6 @@ def _set_in_child(queue):
     queue.put(set_flush_denormal(False))
 
 
-@needs_team
-def test_forked_child_sets_its_own_thread_only():
+def test_forked_child_sets_its_own_thread_only(team):
     torch.zeros(1 << 22).add_(1)  # the parent's team exists
     assert in_forked_child(_set_in_child) is False

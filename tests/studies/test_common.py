@@ -56,21 +56,21 @@ def test_paired_ratio_alternates_and_divides():
 
 
 def test_flush_denormal_restores_the_callers_setting():
-    import torch
-
-    from qerror.cpu import flush_denormal, flushing_denormals
+    from qerror.cpu import flush_denormal, flushing_denormals, set_flush_denormal
 
     assert not flushing_denormals()
     with flush_denormal():
         assert flushing_denormals()
     assert not flushing_denormals()
-    torch.set_flush_denormal(True)
+    set_flush_denormal(True)
     try:
         with flush_denormal():
             assert flushing_denormals()
         assert flushing_denormals()
     finally:
-        torch.set_flush_denormal(False)
+        # qerror's setter, not torch's: the block put the caller's True back in the whole
+        # OpenMP team, and torch's would turn off this thread only
+        set_flush_denormal(False)
 
 
 # --------------------------------------------------------------------------- output folders

@@ -32,7 +32,7 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)]) == 0
     from qerror.cpu import flushing_denormals
 
-    assert not flushing_denormals()  # the study put the process-wide flag back
+    assert not flushing_denormals()  # the study put this thread's flag back
     manifest = json.loads((out / "manifest.json").read_text())
     for name in ("sites.csv", "accuracy.csv", "growth.csv", "prediction.csv", "summary.json",
                  "accuracy.tex", "growth.tex", "remedies.tex", "macros.tex", "int8.tex", "geometry.csv",
