@@ -13,14 +13,30 @@ from tests.qerror.nn.nets import RTOL64
 
 
 def test_bn_inconsistency_float_part_is_the_data_shift(setup):
-    """With 16-bit nearest rounding the quantized BN input is the float one within 1e-3 σ."""
+    """With 16-bit nearest rounding the quantized BN input is the float one within 1e-3 σ,
+    and with 8 bits it is not: the statistic sees rounding.
+
+    The ranges are calibrated on the test images too, so that no value is clipped: calibrated
+    on the 32 calibration images alone, 0.04 % of the test activations fall outside, and the
+    clipping, not the rounding, moves the 16-bit means by up to 7.8e-4 σ on these images and
+    by 3.7e-3 σ on others. Without it the worst 16-bit shift is 3.3e-5 σ and the 8-bit one
+    6.3e-3 σ (rounding error falls about 4x per bit pair: 256x predicted, 190x seen): the
+    bound 1e-3 σ lies between them, a factor of 30 from the first and 6 from the second.
+    """
     model, calib, test = setup
-    cfg = QuantConfig.make(16, RoundingMode.NEAREST_EVEN)
-    res = measure(model, test, cfg, calibrate_activations(model, calib, cfg.activation))
-    for s in res.sites:
-        if s.kind == "bn":
-            np.testing.assert_allclose(s.bn.mean_shift_quant, s.bn.mean_shift_float, atol=1e-3)
-            assert np.all(np.abs(s.bn.mean_shift_quant_vs_float) < 1e-3)
+    images = calib + [x for x, _ in test]
+
+    def worst(bits):
+        cfg = QuantConfig.make(bits, RoundingMode.NEAREST_EVEN)
+        res = measure(model, test, cfg, calibrate_activations(model, images, cfg.activation))
+        bns = [s for s in res.sites if s.kind == "bn"]
+        assert bns and all(s.saturation_low == s.saturation_high == 0 for s in res.layers())
+        for s in bns:
+            np.testing.assert_allclose(s.bn.mean_shift_quant - s.bn.mean_shift_float,
+                                       s.bn.mean_shift_quant_vs_float, atol=1e-12)
+        return max(float(np.abs(s.bn.mean_shift_quant_vs_float).max()) for s in bns)
+
+    assert worst(16) < 1e-3 < worst(8)
 
 
 def test_bn_float_input_statistics_equal_a_direct_computation(setup):
