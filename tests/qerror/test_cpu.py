@@ -91,8 +91,10 @@ def test_the_team_is_the_one_torch_calls_where_two_runtimes_are_loaded(team, tmp
     # one loaded by "another package" first, at a path that sorts before it. A choice by
     # path would set the other package's threads and leave torch's flushing.
     maps = open("/proc/self/maps").read().split()
-    ours = next(p for p in maps if os.path.basename(p).startswith("libgomp")
-                and p.startswith(os.path.dirname(torch.__file__)))
+    ours = next((p for p in maps if os.path.basename(p).startswith("libgomp")
+                 and p.startswith(os.path.dirname(torch.__file__))), None)
+    if ours is None:
+        pytest.skip("this torch does not ship its own GNU libgomp")
     used, other = tmp_path / "libgomp.so.1", tmp_path / "a" / "libgomp-other.so.1"
     other.parent.mkdir()
     for path in (used, other):
