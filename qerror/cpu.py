@@ -61,6 +61,9 @@ def _openmp():
 
 
 class _Runtime:
+    """``GOMP_parallel`` and ``omp_get_thread_num`` of torch's OpenMP runtime, and the C
+    library's ``fegetenv`` and ``fesetenv`` (the latter as an address, to run on a team)."""
+
     def __init__(self, omp, libm):
         self.parallel = omp.GOMP_parallel
         self.parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
@@ -80,8 +83,8 @@ class _Runtime:
 
 def _find_openmp() -> _Runtime | None:
     # The runtime torch itself calls: symbols looked up through libtorch_cpu's handle are
-    # searched in its own dependencies, so a second OpenMP runtime loaded by another package
-    # (or preloaded) is never mistaken for it.
+    # searched in its own dependencies, so the copy torch is bound to is found (its own, or a
+    # preloaded one), never another package's.
     try:
         with open("/proc/self/maps") as maps:
             torch_cpu = sorted({line.split()[-1] for line in maps
