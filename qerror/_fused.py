@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from qerror.cpu import flushing_denormals
+from qerror.cpu import flushing_denormals, in_forked_child
 from qerror.rounding import RoundingMode
 
 #: Fewer elements than this go to the block engine: a compiled call's fixed cost (guards,
@@ -51,16 +51,6 @@ _READY: set = set()  # keys whose compiled code has run
 _FAILED: set = set()  # keys turned off by a failed call
 _BROKEN: list[str] = []  # why the whole fused path is off, if it is
 _WARNED: list[str] = []
-_FORKED: list[bool] = []
-
-
-def _in_forked_child() -> None:
-    # Compiled kernels run OpenMP regions, and a forked child of a process whose OpenMP
-    # threads exist hangs in its first one: a child quantizes on the block engine.
-    _FORKED.append(True)
-
-
-os.register_at_fork(after_in_child=_in_forked_child)
 
 
 def codes(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
@@ -92,7 +82,8 @@ def enabled() -> bool:
     """Whether the fused path may run: not turned off by ``QERROR_FUSED=0``, no earlier
     compiler failure, not a forked child, and inductor not told to use unsafe
     floating-point optimisations (which could rewrite ``x - n s``)."""
-    if os.environ.get("QERROR_FUSED", "1") == "0" or _BROKEN or _FORKED:
+    # compiled kernels run OpenMP regions, which can hang in a forked child
+    if os.environ.get("QERROR_FUSED", "1") == "0" or _BROKEN or in_forked_child():
         return False
     try:
         from torch._inductor import config

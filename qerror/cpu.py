@@ -21,8 +21,8 @@ setting with each task, and their teams too where a task runs torch's parallel k
 
 Not reached: the teams of other Python threads, a forked child's team (the child sets its
 own thread only: a parallel region there can hang), and every team where no runtime is found
-(then :func:`set_flush_denormal` says so). Checked with GNU libgomp
-only; LLVM's libomp shares parked threads among teams, which this module does not track.
+(then :func:`set_flush_denormal` says so). Checked with GNU libgomp only; LLVM's libomp
+shares parked threads among teams, which this module does not track.
 """
 
 from __future__ import annotations
@@ -42,19 +42,36 @@ _RUNTIME: list = []  # [_Runtime] or [None], found on first use
 _FORKED: list[bool] = []
 
 
-def _in_forked_child() -> None:
-    # GNU libgomp's threads do not survive a fork, and a parallel region in the child of a
-    # process that had them can hang: a forked child sets its own thread only.
+def _mark_forked_child() -> None:
     _FORKED.append(True)
 
 
-os.register_at_fork(after_in_child=_in_forked_child)
+os.register_at_fork(after_in_child=_mark_forked_child)
+
+
+def in_forked_child() -> bool:
+    """Whether this process is a forked child of the one that imported qerror.
+
+    Returns
+    -------
+    bool
+        True in a child made by ``os.fork`` (multiprocessing's fork start method).
+
+    Notes
+    -----
+    GNU libgomp's threads do not survive a fork, and a parallel region in the child of a
+    process that had them can hang: such a child sets only its own thread's flushing here,
+    and quantizes on the block engine (:mod:`qerror._fused`).
+    """
+    return bool(_FORKED)
 
 
 def _openmp():
     """The OpenMP runtime this process loaded and the C library's environment functions
-    (:class:`_Runtime`), or None where either is not found (then only the calling thread is
-    set)."""
+    (:class:`_Runtime`), or None where either is not found or in a forked child (then only
+    the calling thread is set)."""
+    if in_forked_child():
+        return None
     if not _RUNTIME:
         _RUNTIME.append(_find_openmp())
     return _RUNTIME[0]
@@ -87,9 +104,8 @@ def _find_openmp() -> _Runtime | None:
     # preloaded one), never another package's.
     try:
         with open("/proc/self/maps") as maps:
-            torch_cpu = sorted({line.split()[-1] for line in maps
-                                if os.path.basename(line.split()[-1]).startswith(
-                                    "libtorch_cpu.")})
+            paths = {line.split()[-1] for line in maps}
+        torch_cpu = sorted(p for p in paths if os.path.basename(p).startswith("libtorch_cpu."))
         if not torch_cpu:
             return None
         omp = ctypes.CDLL(torch_cpu[0])
@@ -132,7 +148,7 @@ def set_flush_denormal(on: bool) -> bool:
         ``torch.set_flush_denormal``.
     """
     torch.set_flush_denormal(bool(on))
-    found = None if _FORKED else _openmp()
+    found = _openmp()
     if found is None:
         return False
     env = ctypes.create_string_buffer(_FENV_BYTES)
@@ -160,7 +176,7 @@ def team_flushing() -> tuple[bool, ...] | None:
     A diagnostic: each thread runs :func:`flushing_denormals` through a Python callback,
     so it takes the interpreter lock in turn.
     """
-    found = None if _FORKED else _openmp()
+    found = _openmp()
     if found is None:
         return None
     threads = max(1, torch.get_num_threads())

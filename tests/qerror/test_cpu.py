@@ -3,9 +3,6 @@ thread and its OpenMP team and put back in all of them; the quantizer's codes fo
 inputs are then the exact ones after a block and consistently the flushed ones inside it."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,7 +10,9 @@ import torch
 
 from qerror import QuantSpec, RoundingMode, quantize
 from qerror.cpu import flush_denormal, flushing_denormals, set_flush_denormal, team_flushing
-from tests.qerror.test_quantizer import in_forked_child
+from tests.qerror.test_quantizer import fresh_python, in_forked_child
+
+CEIL = QuantSpec(bits=8, rounding=RoundingMode.CEIL)
 
 
 @pytest.fixture
@@ -22,18 +21,6 @@ def team():
     not at collection, which would start the team's threads in every worker."""
     if team_flushing() is None:
         pytest.skip("no OpenMP runtime with GOMP_parallel found through libtorch_cpu")
-CEIL = QuantSpec(bits=8, rounding=RoundingMode.CEIL)
-
-
-def fresh_python(code: str, **env) -> list[str]:
-    """The lines ``code`` prints in a new interpreter (two intra-op threads, ``env`` added to
-    the environment): the OpenMP team is created where the code first runs a parallel region,
-    not earlier."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **env}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=env, timeout=300, cwd=os.getcwd())
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.split("\n")
 
 
 def test_block_flushes_in_every_thread_of_the_team_and_puts_the_setting_back(team):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qerror import QuantSpec, RoundingMode, _fused, fake_quantize, quantize
-from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code
+from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code, fresh_python
 
 
 @pytest.fixture
@@ -322,12 +322,7 @@ print("no warning")
 def test_read_only_numpy_input_raises_no_torch_warning():
     # torch warns of read-only memory once per process, and a suppressed warning uses up
     # that once: only a new interpreter shows whether the fused path lets it through.
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", READ_ONLY_CHECK], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "no warning", out.stderr[-2000:]
+    assert fresh_python(READ_ONLY_CHECK)[0] == "no warning"
 
 
 @pytest.mark.slow

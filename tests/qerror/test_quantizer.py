@@ -353,6 +353,22 @@ def in_forked_child(target, timeout: float = 60):
         return None
 
 
+def fresh_python(code: str, **env) -> list[str]:
+    """The lines ``code`` prints in a new interpreter (two intra-op threads, ``env`` added to
+    the environment), which must exit cleanly: the OpenMP team is created where the code
+    first runs a parallel region, and torch's once-per-process warnings are unspent."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **env}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split("\n")
+
+
 def _quantize_in_child(queue):
     queue.put(int(quantize(np.ones(600_000, np.float32), QuantSpec(), 0.05).sum()))
 
