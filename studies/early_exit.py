@@ -10,9 +10,10 @@ From the Fashion-MNIST baseline (the cached ResNet50 by default, trained first i
   test splits, each early exit against the last with McNemar's test;
 * a temperature per exit fitted on the validation split by minimising the NLL and by
   minimising the ECE, the test ECE before and after each; the rules use ``--calibration``'s
-  (default NLL), and an isotonic map of the rules' confidences fitted on validation
-  (:func:`qerror.nn.early_exit.fit_isotonic`, monotone, so no exit decision changes) gives
-  the calibrated confidences;
+  (default NLL), and an isotonic map of each exit's max-softmax confidence at the rules'
+  temperature, fitted on validation (:func:`qerror.nn.early_exit.fit_isotonic`; it only
+  reports confidence, the rules keep their scores, so no exit decision changes, under the
+  entropy policy too), gives the calibrated confidences;
 * threshold sweeps (max-softmax and entropy, one threshold at every early exit) giving
   accuracy against average MACs for FP32 early exit, real INT8 early exit (torchao PT2E on
   oneDNN, :mod:`qerror.nn.pt2e`) and qerror's simulated INT8 with nearest-even and with
@@ -737,7 +738,9 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             def rules_confidence(z):
                 return torch.softmax(z.double() / t, 1).max(1)
 
-            # The isotonic map of the rules' confidences, fitted on validation only.
+            # The isotonic map of the max-softmax confidence at the rules' temperature (the
+            # confidence ECE is defined on, whichever policy the rules use), fitted on
+            # validation only.
             conf, pred = rules_confidence(val[k])
             iso = fit_isotonic(conf, pred == data.val.y)
             for split, z, y in (("val", val[k], data.val.y), ("test", test[k], data.test.y)):
@@ -931,8 +934,8 @@ def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
          "measured": f"{100 * ee.macs_fraction:.1f}% of the full MACs",
          "met": bool(ee.macs_fraction <= MACS_GOAL)},
         {"goal": "ECE at most 2% at every exit after calibration (INT8, test split)",
-         "measured": f"max {100 * cal.ece_after_isotonic.max():.2f}% (isotonic map on the "
-                     f"rules' confidences, fitted on validation; temperature alone: "
+         "measured": f"max {100 * cal.ece_after_isotonic.max():.2f}% (isotonic map of the "
+                     f"max-softmax confidence at the rules' temperatures, fitted on validation; temperature alone: "
                      + ", ".join(f"{o.upper()}'s T max {100 * cal[f'ece_after_{o}'].max():.2f}%"
                                  for o in CALIBRATION_OBJECTIVES) + ")",
          "met": bool((cal.ece_after_isotonic <= ECE_GOAL).all())},

@@ -71,6 +71,8 @@ __all__ = [
     "check_resnet",
     "confidence_ece",
     "choose_operating_point",
+    "clears",
+    "CLEARS_SLACK",
     "compare_exits",
     "count_macs",
     "exit_confidence",
@@ -881,7 +883,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     labels : torch.Tensor
         (N,) integer classes.
     bounds : (float, float)
-        Search interval of T; a result at a bound means the optimum lies beyond it.
+        Search interval of T (a bounded scalar search). A result within the search's
+        tolerance of a bound, not necessarily equal to it (0.050000033 for separable
+        logits), means the optimum lies at or beyond that bound.
     objective : {"nll", "ece"}
         What T minimises on these logits: the negative log-likelihood (Guo et al.'s
         temperature scaling, the default) or :func:`expected_calibration_error` with
@@ -1315,6 +1319,20 @@ def _reference(reference, n: int | None = None) -> tuple[float, torch.Tensor | N
     return _check_threshold(reference, "reference"), None
 
 
+#: Slack of :func:`clears`: far below the 1/N that separates two accuracies of N samples.
+CLEARS_SLACK = 1e-12
+
+
+def clears(accuracy: float, reference: float, margin: float) -> bool:
+    """Whether ``accuracy >= reference - margin`` (the estimate rule of :func:`qualifies`),
+    with a slack of :data:`CLEARS_SLACK` so that a point exactly at the boundary in exact
+    arithmetic qualifies: in floating point ``0.03 >= 0.035 - 0.005`` is False (the right
+    side rounds to 0.030000000000000002). Accuracies of N samples differ by at least 1/N,
+    so the slack changes no other comparison for any N below 10^12.
+    """
+    return accuracy >= reference - margin - CLEARS_SLACK
+
+
 def qualifies(right: torch.Tensor, reference, margin: float,
               alpha: float | None = None) -> bool:
     """Whether a classifier's accuracy is within ``margin`` of a reference's, on the same
@@ -1330,7 +1348,8 @@ def qualifies(right: torch.Tensor, reference, margin: float,
     margin : float
         In [0, 1] (a fraction: 0.005 is half a point); in (0, 1] with ``alpha``.
     alpha : float, optional
-        None (default): the point estimate decides, ``accuracy >= reference - margin``.
+        None (default): the point estimate decides, ``accuracy >= reference - margin``
+        (:func:`clears`).
         A level in (0, 0.5): the candidate qualifies when a paired one-sided test rejects
         ``accuracy <= reference - margin`` at that level (non-inferiority, the lower half
         of :func:`qerror.stats.paired_accuracy_equivalence`'s TOST).
@@ -1363,7 +1382,7 @@ def qualifies(right: torch.Tensor, reference, margin: float,
     ref_accuracy, ref_right = _reference(reference, len(right))
     margin = _check_threshold(margin, "margin")
     if alpha is None:
-        return float(right.double().mean()) >= ref_accuracy - margin
+        return clears(float(right.double().mean()), ref_accuracy, margin)
     if ref_right is None:
         raise ValueError("the paired test (alpha given) needs the reference's per-sample "
                          "correctness, not only its accuracy")
@@ -1422,7 +1441,7 @@ def choose_operating_point(points: Sequence[SweepPoint], reference, margin: floa
 
     def met(p: SweepPoint) -> bool:
         if alpha is None:
-            return p.accuracy >= ref_accuracy - margin
+            return clears(p.accuracy, ref_accuracy, margin)
         if p.right is None:
             raise ValueError("the paired test (alpha given) needs each point's per-sample "
                              "correctness (SweepPoint.right, as threshold_sweep returns)")
@@ -1637,8 +1656,8 @@ class CrossValidated:
     qualifying_margin : float
         The margin it qualified by: the one given, or, planned for a split of ``plan_n``
         images, that margin less ``z_{1-alpha}`` standard errors of the paired difference
-        this procedure's out-of-fold discordance predicts there (0 or less: it cannot
-        qualify).
+        this procedure's out-of-fold discordance predicts there (with a level, 0 or
+        less: it cannot qualify, the paired test needs a positive margin).
     """
 
     procedure: SelectionProcedure
@@ -1727,7 +1746,9 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     whose true difference sits just inside it fails about half the time or more. With
     ``plan_n`` a procedure qualifies when the selection split shows, at level ``alpha``,
     its true difference to lie beyond ``-(margin - z_{1-alpha} se)``, where that test
-    passes at least half the time.
+    passes about half the time: a little less, since both of its one-sided tests must
+    pass and the counts are discrete (0.4995 at a discordance of 1 % on 10,000 images,
+    0.455 at 4 %, computed exactly over the trinomial counts).
     """
     logits = _check_exit_logits(logits)
     _, y = _check_logits_labels(logits[-1], labels)
@@ -1785,7 +1806,9 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
                 int((right[i] & ~ref_right).sum()), int((ref_right & ~right[i]).sum()), n,
                 margin, alpha).std
             bar = margin - NormalDist().inv_cdf(1 - alpha) * spread / math.sqrt(plan_n + 2)
-        met = bar > 0 and qualifies(right[i], ref_right, min(bar, 1.0), alpha)
+        # the paired test needs a positive margin; the estimate rule also takes 0
+        met = (bar > 0 if alpha is not None else bar >= 0) and qualifies(
+            right[i], ref_right, min(bar, 1.0), alpha)
         out.append(CrossValidated(proc, right[i], mean, mean / costs.full_macs, met, bar))
     return tuple(out)
 

@@ -856,3 +856,33 @@ def test_paired_accuracy_equivalence_size_at_the_margin():
     rejected = sum(paired_accuracy_equivalence(int(a), int(b), 4000, 0.01).significant
                    for a, b, _ in cells)
     assert abs(rejected / 2000 - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / 2000)
+
+
+def test_paired_equivalence_exact_size():
+    """The sizes :func:`qerror.stats.paired_accuracy_equivalence`'s Notes state, recomputed
+    exactly: at a true difference of -margin (n = 10,000, margin 0.005, α = 0.05), the
+    probability that the test declares equivalence, summed over every count pair whose
+    probability exceeds 1e-15 (discordant total D ~ Binomial(n, ψ), items right by a only
+    ~ Binomial(D, (ψ - margin) / 2ψ)), with the library's own test deciding each pair. The
+    neglected mass is below 1e-9, so the fourth decimal is exact. The size exceeds α at
+    small discordance (a Wald-type test near the boundary) and falls to it by ψ = 4 %."""
+    from scipy import stats as sps
+
+    from qerror.stats import paired_accuracy_equivalence
+
+    n, margin = 10_000, 0.005
+    stated = {0.006: 0.0588, 0.01: 0.0543, 0.02: 0.0512, 0.04: 0.0498}
+    for psi, size in stated.items():
+        share_a = (psi - margin) / (2 * psi)
+        total = 0.0
+        for d in range(n + 1):
+            w = float(sps.binom.pmf(d, n, psi))
+            if w < 1e-15:
+                if d > n * psi:
+                    break
+                continue
+            pm = sps.binom.pmf(np.arange(d + 1), d, share_a)
+            total += w * sum(float(pm[b]) for b in np.flatnonzero(pm >= 1e-15)
+                             if paired_accuracy_equivalence(int(b), d - int(b), n,
+                                                            margin).significant)
+        assert round(total, 4) == size, (psi, total)

@@ -17,9 +17,11 @@ from qerror.nn.early_exit import (
     ExitRule,
     IsotonicMap,
     SelectionProcedure,
+    SweepPoint,
     block_mac_fractions,
     calibrate_exits,
     choose_operating_point,
+    clears,
     compare_exits,
     confidence_ece,
     count_macs,
@@ -617,6 +619,21 @@ def test_qualifies_by_estimate_and_by_the_paired_test():
     assert qualifies(cand, ref, 0.01, alpha=0.05)
 
 
+def test_a_point_exactly_at_the_boundary_qualifies_by_estimate():
+    # 300 of 10,000 right against 350: exactly the 0.005 margin below, which floating
+    # point puts a hair above 0.03 (0.035 - 0.005 = 0.030000000000000002). Whole counts
+    # decide, so it qualifies and one more loss does not.
+    assert not 300 / 10_000 >= 350 / 10_000 - 0.005  # the rounding the rule must absorb
+    cand, ref = _paired(10_000, 0, 50, both=300)
+    assert qualifies(cand, ref, 0.005) and qualifies(cand, 0.035, 0.005)
+    worse, _ = _paired(10_000, 0, 51, both=299)
+    assert not qualifies(worse, ref, 0.005)
+    # choose_operating_point takes the same comparison
+    pts = [SweepPoint(ExitPolicy.MAX_SOFTMAX, 0.5, 300, 10_000, 1.0, 0.5, (10_000, 0))]
+    assert choose_operating_point(pts, 0.035, 0.005).met
+    assert clears(0.03, 0.035, 0.005) and not clears(0.0299, 0.035, 0.005)
+
+
 def test_the_paired_test_only_ever_accepts_what_the_estimate_accepts():
     # At the same margin and alpha <= 0.11 (qualifies' Notes), a point the test accepts
     # has its estimate above the bar, so the paired rule's choice is never cheaper than the
@@ -751,6 +768,19 @@ def test_planning_for_the_reporting_split_narrows_the_margin_by_its_standard_err
             assert b.met <= a.met  # a narrower bar qualifies no procedure the margin does not
     assert any(a.met and not b.met for a, b in zip(plain, cross_validate_selection(
         logits, labels, procs, cands, costs, ref, 0.05, plan_n=500, **kw)))
+
+
+def test_cross_validation_with_the_estimate_rule_at_margin_zero():
+    # No level and margin 0: a procedure qualifies when its out-of-fold accuracy is at
+    # least the reference's, as qualifies() says (it could not at all before).
+    labels, logits, costs = _four_exits(300, (1.0, 2.0, 2.5, 3.0))
+    cands = [1.0, 0.9, 0.5]
+    ref = logits[-1].argmax(1) == labels
+    procs = [SelectionProcedure("max-softmax", False, 0.0)]
+    got = cross_validate_selection(logits, labels, procs, cands, costs, ref, 0.0, folds=3)
+    assert got[0].met == qualifies(got[0].right, ref, 0.0)
+    # never exiting early (threshold 1.0 is a candidate) matches the reference exactly
+    assert got[0].met and got[0].accuracy >= float(ref.double().mean())
 
 
 def test_cross_validation_inputs_are_checked():
