@@ -151,8 +151,9 @@ def base_parser(study: str, description: str, *, force: bool = False) -> argpars
     parser.add_argument("--out", type=out_path, default=REPO / "runs" / study,
                         help=f"output folder (default: runs/{study} under the repository); "
                              "it must not exist, be empty, or hold a previous run of this study")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
-                        help="seed of every random choice (an integer >= 0)")
+    parser.add_argument("--seed", type=int_in(0, 2 ** 64 - 1, "torch's generators take "
+                                               "64-bit seeds"), default=0,
+                        help="seed of every random choice (an integer from 0 to 2^64 - 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset for the test suite: same code path, small sizes")
     if force:
@@ -180,7 +181,11 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :data:`EXIT_INTERRUPTED`. ``SystemExit`` passes through as before (argparse's exit 2,
     a study's ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
     """
-    name = body.__module__.rpartition(".")[2]
+    module = body.__module__
+    if module == "__main__":  # python -m studies.NAME: the spec keeps the real name
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else Path(sys.argv[0]).stem
+    name = module.rpartition(".")[2]
 
     def main(argv: list[str] | None = None) -> int:
         """Run the study (see the module docstring); ``--help`` lists the arguments."""
@@ -284,6 +289,35 @@ def clean_stale_partials(final: Path) -> list[Path]:
     return removed
 
 
+def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "") -> Path:
+    """The folder that will hold ``target`` (its nearest existing ancestor), checked to be a
+    folder this process can create files in, by creating and removing a probe file there.
+
+    For an option's file or folder, before any work starts: a study that learns only at its
+    first write that it cannot write loses the work before it.
+
+    Raises
+    ------
+    StudyError
+        Naming ``option`` and ``target``; ``why`` follows the reason, ``hint`` ends the
+        message.
+    """
+    parent = Path(target).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StudyError(f"{option} {target}: {parent} is a file, so nothing can be made in "
+                         f"it; pass {option} in a folder{hint}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qerror-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StudyError(f"{option} {target}: cannot write in {parent} ({err.strerror}){why}; "
+                         f"pass {option} in a folder you can write to{hint}") from err
+    return parent
+
+
 def check_out(out: Path, study: str, *, force: bool) -> Path:
     """The resolved output folder of ``study``, checked before any work starts.
 
@@ -302,21 +336,19 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     if final.exists() and not final.is_dir():
         raise StudyError(f"--out {final} is a file, not a folder; it is never replaced. Pass "
                          f"the name of a new folder, e.g. --out {final.parent / study}")
+    if final.is_dir() and os.path.ismount(final):
+        # The run is staged beside --out and moved into place: a mount point (a container's
+        # volume) cannot be moved, and the finished run would have nowhere to go.
+        raise StudyError(f"--out {final} is a mount point; a run is written beside its "
+                         f"folder and then moved into place, which a mount point does not "
+                         f"allow. Pass a folder inside it, e.g. --out {final / study}")
     if final.is_dir():
         _check_replaceable(final, study, force)
-    parent = final.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise StudyError(f"--out {final}: {parent} is a file, so no folder can be made in it; "
-                         "pass --out in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".qerror-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise StudyError(f"--out {final}: cannot write in {parent} ({err.strerror}); pass "
-                         "--out in a folder you can write to") from err
+    inside = (f"; {final} itself is a folder you can write in, so pass a new folder inside "
+              f"it, e.g. --out {final / study}"
+              if final.is_dir() and os.access(final, os.W_OK | os.X_OK) else "")
+    check_writable_parent(final, "--out", why=", where the run is staged before it is moved "
+                          "into place", hint=inside)
     if final.parent.is_dir():
         clean_stale_partials(final)
     return final
@@ -422,6 +454,7 @@ class RunDir:
         self.extra: dict[str, Any] = {}
         self.timing_outputs: set[str] = set()
         self.started = time.time()
+        self.kept = False  # finish() kept a complete run it could not move to --out
 
     def path(self, name: str) -> Path:
         p = self.stage / name
@@ -524,17 +557,31 @@ class RunDir:
             raise StudyError(f"--out {self.final} became a file while the study ran; "
                              "it is left as it is")
         old = None
-        if self.final.is_dir():
-            _check_replaceable(self.final, self.study, force=True)
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            self.final.rename(old)
-        self.stage.rename(self.final)
+        try:
+            if self.final.is_dir():
+                _check_replaceable(self.final, self.study, force=True)
+                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+                self.final.rename(old)
+            self.stage.rename(self.final)
+        except OSError as err:
+            # The run is complete: keep it, under a name no later run removes, and put
+            # back what was at --out.
+            if old is not None and not self.final.exists():
+                old.rename(self.final)
+            kept = self.final.parent / f"{self.final.name}.finished-{os.getpid()}"
+            self.stage.rename(kept)
+            self.stage, self.kept = kept, True
+            raise StudyError(f"the run finished but could not be moved to --out {self.final} "
+                             f"({err.strerror}); it is complete at {kept}: move it where "
+                             f"you want it") from err
         if old is not None:
             shutil.rmtree(old)
         return self.final
 
     def abandon(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        """Remove the staging folder (not a finished run :meth:`finish` had to keep)."""
+        if not self.kept:
+            shutil.rmtree(self.stage, ignore_errors=True)
 
     def __enter__(self) -> "RunDir":
         return self

@@ -29,6 +29,7 @@ from qerror.quantizer import fused_path_enabled
 from studies._common import (
     REPO,
     RunDir,
+    StudyError,
     alternating_times,
     base_parser,
     check_out,
@@ -36,6 +37,8 @@ from studies._common import (
     positive_int,
     study_main,
 )
+
+DEFAULT_EE_RUN = REPO / "runs" / "early_exit"  # the early_exit group's network, when present
 
 
 @dataclass(frozen=True)
@@ -574,7 +577,11 @@ def bench_early_exit(args) -> list[BenchRow]:
     from qerror.nn.models import fashion_resnet
     from qerror.nn.pt2e import quantize_exit_stages, quantize_pt2e
 
-    loaded = None if args.smoke else _early_exit_run(args.early_exit_run)
+    loaded = None if args.smoke else _early_exit_run(args.early_exit_run or DEFAULT_EE_RUN)
+    if loaded is None and args.early_exit_run is not None:  # named: a typo is not a choice
+        raise StudyError(f"--early-exit-run {args.early_exit_run}: not a finished, non-smoke "
+                         "python -m studies.early_exit run with its checkpoint; pass one, or "
+                         "leave the option out to time an untrained network")
     if loaded is not None:
         model, rule, images, origin = loaded
     else:
@@ -715,11 +722,15 @@ def _main(argv: list[str]) -> int:
                         help="run only this group (repeatable)")
     parser.add_argument("--pairs", type=positive_int, default=None,
                         help="alternating timing pairs per row (default 15, smoke 3)")
-    parser.add_argument("--early-exit-run", type=Path, default=REPO / "runs" / "early_exit",
+    parser.add_argument("--early-exit-run", type=Path, default=None,
                         help="a finished python -m studies.early_exit run whose network and "
                              "INT8 exit rule the early_exit group times (default "
-                             "runs/early_exit; without one: an untrained network)")
+                             "runs/early_exit when it holds one, otherwise an untrained "
+                             "network; not with --smoke, which times an untrained one)")
     args = parser.parse_args(argv)
+    if args.smoke and args.early_exit_run is not None:
+        parser.error("--early-exit-run: --smoke times an untrained network and reads no run; "
+                     "leave one of them out")
     if args.pairs is None:
         args.pairs = 3 if args.smoke else 15
     groups = list(dict.fromkeys(args.only)) if args.only is not None else list(GROUPS)

@@ -1030,6 +1030,10 @@ def _main(argv: list[str]) -> int:
         if ee_why is None:
             ee_net = ee_run.network(copy.deepcopy(model))
             ee_latency = ee_run.latency()  # checked against its manifest now, not at the end
+        elif args.early_exit_run is not None:  # named by the user: a typo is not a choice
+            raise StudyError(f"--early-exit-run {ee_folder}: {ee_why}; pass a finished "
+                             "studies.early_exit run on this baseline and test split, or "
+                             "leave the option out")
         else:
             print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
     plt = figure_style()

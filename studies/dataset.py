@@ -72,6 +72,7 @@ from qerror.nn import model_device
 from qerror.nn.training import Device, DeviceError, disable_tf32, resolve_device
 from studies._common import (
     RunDir,
+    StudyError,
     base_parser,
     check_out,
     figure_style,
@@ -696,7 +697,7 @@ def _load_network(args):
             path = default_checkpoint_path("resnet50")
             if not path.exists():
                 if not args.train_if_missing:
-                    raise SystemExit(f"[dataset] no trained baseline at {path}. Train it with "
+                    raise StudyError(f"no trained baseline at {path}. Train it with "
                                      f"`{retrain_command('resnet50')}` (about half an hour on "
                                      "2 CPU cores) or pass --checkpoint PATH.")
                 print(f"[dataset] no trained baseline at {path}: training it now with "
@@ -706,7 +707,7 @@ def _load_network(args):
             ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
                                          data_root=args.data_root, download=args.download)
     except CheckpointError as err:
-        raise SystemExit(f"[dataset] {err}") from err
+        raise StudyError(str(err)) from err
     recipe = ckpt.info.config.get("recipe", {}) if isinstance(ckpt.info.config, dict) else {}
     split = {"val": int(recipe.get("val_split", split["val"])),
              "calib": int(recipe.get("calib_split", split["calib"])),
@@ -729,7 +730,7 @@ def _main(argv: list[str]) -> int:
     try:
         device = resolve_device(args.device)
     except DeviceError as err:
-        raise SystemExit(f"--device {args.device.value}: {err}") from err
+        raise StudyError(f"--device {args.device.value}: {err}") from err
     check_out(args.out, "dataset", force=args.force)
 
     if not args.download:

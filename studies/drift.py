@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torchvision
 from scipy import stats as sps
 from tqdm import tqdm
 
@@ -115,6 +116,7 @@ from qerror.stats import (
 )
 from studies._common import (
     RunDir,
+    StudyError,
     available_memory,
     base_parser,
     check_out,
@@ -241,7 +243,7 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
     calibration images, then measured ones. Each rank reads only its share of the measured
     batches; rank 0 reads the calibration images and the INT8 cross-check's."""
     if len(ds) < 2:
-        raise SystemExit(f"--data {ds.root}: found {len(ds)} images; need at least 2")
+        raise StudyError(f"--data {ds.root}: found {len(ds)} images; need at least 2")
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
     test_index = order[n_cal:n_cal + images]
@@ -281,17 +283,23 @@ def _load_model(args, data_root):
 
     if args.data is not None:
         if args.model != "resnet50":
-            raise SystemExit(f"--data (ImageNet) supports --model resnet50 only, got "
+            raise StudyError(f"--data (ImageNet) supports --model resnet50 only, got "
                              f"{args.model}")
         try:
             model = imagenet_resnet50(args.weights or "IMAGENET1K_V2", download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:
-            raise SystemExit(str(err)) from err
+            raise StudyError(str(err)) from err
         return model, {"model": "resnet50-imagenet", "weights": str(args.weights)}
     if args.smoke and args.weights is None:
         torch.manual_seed(args.seed)
         model = fashion_resnet(args.model)
         return model, {"model": f"fashion-{args.model}-untrained-smoke", "seed": args.seed}
+    if args.weights is not None and not Path(args.weights).exists() \
+            and args.weights in torchvision.models.ResNet50_Weights.__members__:
+        raise StudyError(f"--weights {args.weights} names torchvision's ImageNet weights, "
+                         "which are measured on ImageNet images: pass --data (an ImageNet "
+                         "folder) too. On Fashion-MNIST --weights takes a qerror checkpoint "
+                         "file, or leave it out for the cached baseline")
     try:
         if args.weights is not None:
             ckpt = load_checkpoint(args.weights, expected_arch=args.model)
@@ -301,9 +309,10 @@ def _load_model(args, data_root):
             ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
                                          and parallel.world()[1] == 1, data_root=data_root)
     except CheckpointError as err:
-        raise SystemExit(str(err)) from err
-    return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
-                        "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
+        raise StudyError(str(err)) from err
+    return ckpt.model, {"model": f"fashion-{args.model}", "stem": ckpt.info.stem.value,
+                        "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
+                        "metrics": ckpt.info.metrics}
 
 
 # --------------------------------------------------------------------------- compute
@@ -1233,6 +1242,11 @@ def _main(argv: list[str]) -> int:
     curve_sizes = sorted(set(args.calib_curve)) if args.calib_curve is not None else (
         [] if args.data is not None else [4, 8] if smoke else list(CURVE_SIZES))
     if not (remedy_bits and Target.BOTH in targets and any(m in modes for m in REMEDY_MODES)):
+        if args.calib_curve:  # asked for by name: say why there is none
+            parser.error("--calib-curve: the curve refits the remedies, and this run has none "
+                         "(they need --remedy-bits, --targets both and --modes with "
+                         + " or ".join(m.value for m in REMEDY_MODES) + "); leave it out "
+                         "or ask for the remedies")
         curve_sizes = []  # the curve refits the remedies: where none run, no curve
     curve_images = args.curve_images if args.curve_images is not None else (
         16 if smoke else CURVE_IMAGES)
@@ -1253,7 +1267,7 @@ def _main(argv: list[str]) -> int:
                         headline_images, None if args.data is None else folder,
                         curve_sizes, curve_images, sizing)
     except (DeviceError, TrainError) as err:
-        raise SystemExit(f"--device {args.device.value}: {err}") from err
+        raise StudyError(f"--device {args.device.value}: {err}") from err
 
 
 def _run(args, argv, place, started, modes, bits_list, targets, images, calib_images, batch,
@@ -1267,7 +1281,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     try:
         check_model(model, need_batchnorm=True)
     except UnsupportedModelError as err:
-        raise SystemExit(f"cannot run the drift study on this model: {err}") from err
+        raise StudyError(f"cannot run the drift study on this model: {err}") from err
 
     def load(n: int) -> Data:
         # A missing or corrupt source raises DataNotFoundError/DataError: study_main says so.
@@ -1282,7 +1296,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     data = load(sizing["min_images"] if images == AUTO else images)
     have = data.identity.get("calib_split_images")  # known to every rank: all stop, or none
     if curve_sizes and have is not None and max(curve_sizes) > have:
-        raise SystemExit(f"--calib-curve {max(curve_sizes)}: the calibration split holds "
+        raise StudyError(f"--calib-curve {max(curve_sizes)}: the calibration split holds "
                          f"{have} images; give sizes of at most {have}")
     check_batches(data, batch, place.world_size, auto=images == AUTO)
     if model_id["model"].endswith("untrained-smoke"):
@@ -1365,7 +1379,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                        min_images=sizing["min_images"] if sizing else MIN_IMAGES)
         if main else None)
     if verdict is not None and verdict[0] == "error":
-        raise SystemExit(verdict[1])
+        raise StudyError(verdict[1])
     if verdict is not None and main:
         print(f"[drift] warning: {verdict[1]}", flush=True)
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
@@ -1710,7 +1724,7 @@ def check_batches(data: Data, batch: int, world_size: int, auto: bool = False) -
     number of batches, so all of them stop here, or none."""
     n_test = data.identity["test_images"]
     if -(-n_test // batch) < world_size:
-        raise SystemExit(f"{n_test} test images in batches of {batch} make fewer batches than "
+        raise StudyError(f"{n_test} test images in batches of {batch} make fewer batches than "
                          f"the {world_size} ranks, and each rank measures whole batches; "
                          f"pass --batch-size at most {max(1, n_test // world_size)}"
                          + (", a larger --min-images" if auto else "")

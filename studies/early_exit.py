@@ -935,7 +935,8 @@ def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
          "met": bool(ee.macs_fraction <= MACS_GOAL)},
         {"goal": "ECE at most 2% at every exit after calibration (INT8, test split)",
          "measured": f"max {100 * cal.ece_after_isotonic.max():.2f}% (isotonic map of the "
-                     f"max-softmax confidence at the rules' temperatures, fitted on validation; temperature alone: "
+                     f"max-softmax confidence at the rules' temperatures, fitted on "
+                     f"validation; temperature alone: "
                      + ", ".join(f"{o.upper()}'s T max {100 * cal[f'ece_after_{o}'].max():.2f}%"
                                  for o in CALIBRATION_OBJECTIVES) + ")",
          "met": bool((cal.ece_after_isotonic <= ECE_GOAL).all())},

@@ -36,7 +36,15 @@ from tqdm import tqdm
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, Grid, error_moments, optimal_clip
 from qerror.nonuniform import lloyd_max
-from studies._common import RunDir, base_parser, check_out, figure_style, int_at_least, study_main
+from studies._common import (
+    RunDir,
+    StudyError,
+    base_parser,
+    check_out,
+    figure_style,
+    int_at_least,
+    study_main,
+)
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
 UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
@@ -525,20 +533,32 @@ def _load_baseline(path: Path | None):
         else:
             return None
     if not path.is_file():
-        raise SystemExit(f"--checkpoint {path}: no such file")
+        raise StudyError(f"--checkpoint {path}: no such file")
     if sidecar_path(path).exists():  # a qerror checkpoint: verified, or refused
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as err:
-            raise SystemExit(str(err)) from err
+            raise StudyError(str(err)) from err
         return ckpt.model.state_dict(), ckpt.model, {"path": str(path), "info": ckpt.info}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or foreign file: say so, do not half-read it
-        raise SystemExit(f"--checkpoint {path}: not a readable torch file ({err})") from err
+        raise StudyError(f"--checkpoint {path}: not a readable torch file ({err})") from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"--checkpoint {path}: expected a qerror checkpoint or a state dict")
+        raise StudyError(f"--checkpoint {path}: expected a qerror checkpoint or a state dict")
+    # What the weight sweep will read, checked now rather than after the other sections.
+    weights = {k: v for k, v in state.items()
+               if k.endswith("weight") and v.ndim >= 2 and v.dtype.is_floating_point}
+    if not weights:
+        raise StudyError(f"--checkpoint {path}: its state dict holds no conv or linear weights "
+                         "(floating-point tensors of 2 or more dimensions named *weight); pass "
+                         "a network's state dict or a qerror checkpoint")
+    bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise StudyError(f"--checkpoint {path}: {len(bad)} weight tensor(s) hold NaN or "
+                         f"infinite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+                         "; quantization error is not defined for them")
     return state, None, {"path": str(path)}
 
 

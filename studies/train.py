@@ -81,6 +81,7 @@ from studies._common import (
     StudyError,
     base_parser,
     check_out,
+    check_writable_parent,
     figure_style,
     positive_float,
     positive_int,
@@ -385,6 +386,9 @@ def _check_checkpoint_target(path: Path, *, force: bool) -> None:
     if path.is_dir():
         raise StudyError(f"--checkpoint {path} is a folder; pass the name of a file, e.g. "
                          f"--checkpoint {path / 'model.pt'}")
+    # Its folder also holds the resumable state, written from the first checkpoint step on.
+    check_writable_parent(path, "--checkpoint", why=", where the checkpoint and the training "
+                          "state are written")
     if not path.exists():
         return
     if not sidecar_path(path).is_file():

@@ -623,19 +623,26 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     stem_hint = expected_stem
 
     def refuse(reason: str) -> CheckpointError:
+        # Reached only with a sidecar beside the file: one of ours, damaged or replaced.
         return CheckpointError(
-            f"refusing checkpoint {path}: {reason}\nDelete it and {sidecar_path(path).name}, "
-            f"then retrain with `{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` "
+            f"refusing checkpoint {path}: {reason}\nIt cannot be used as it is. Delete it and "
+            f"{sidecar_path(path).name}, then retrain with "
+            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` "
             "(or without --checkpoint for the default cache path).")
 
     if not path.is_file():
         raise CheckpointNotFoundError(
-            f"no checkpoint at {path}. Train one with `{retrain_command(arch_hint, stem_hint)}`, "
-            "(any study that needs the baseline offers to train it first).")
+            f"no checkpoint at {path}. Train one there with "
+            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` (a study that "
+            "needs the default baseline offers to train it into the cache first).")
     side = sidecar_path(path)
     if not side.is_file():
-        raise refuse(f"its sidecar {side.name} (sha256 and metadata) is missing, so the file "
-                     "cannot be verified")
+        # Perhaps a user's own model file: never advise deleting it.
+        raise CheckpointError(
+            f"refusing {path}: it is not a qerror checkpoint (there is no sidecar {side.name} "
+            "beside it with its sha256 and metadata, so it cannot be verified). It is left as "
+            "it is. Pass a checkpoint written by `python -m studies.train`, e.g. train one "
+            f"with `{retrain_command(arch_hint, stem_hint)} --checkpoint NEW_FILE`.")
     try:
         sidecar = json.loads(side.read_text())
         expected_sha, expected_bytes = sidecar["sha256"], int(sidecar["bytes"])
@@ -697,10 +704,15 @@ def _other_model(path: Path, arch: Arch, stem: Stem, num_classes: int,
                        for k, (exp, got) in wrong.items())
     want_arch = wrong.get("arch", (arch,))[0]
     want_stem = wrong.get("stem", (stem,))[0]
+    # Only the options for what differs: not every study has --stem (drift and compression
+    # take a checkpoint of any stem and ask only for an architecture).
+    options = ([f"the study's --arch/--model {arch.value}"] if "arch" in wrong else []) + \
+        ([f"--stem {stem.value}"] if "stem" in wrong else [])
+    asked = " and ".join(options) if options else "the same settings"
     return CheckpointError(
         f"{path} is a valid checkpoint (its sha256 matches) of another model: "
         f"{arch.value} with the {stem.value} stem and {num_classes} classes; {differ}.\n"
-        f"To use it, ask for its model: pass --arch/--model {arch.value} --stem {stem.value} "
+        f"To use it, ask for its model: {asked} "
         f"(expected_arch={arch.value!r}, expected_stem={stem.value!r} in Python). "
         f"A {want_arch.value}/{want_stem.value} checkpoint is made by "
         f"`{retrain_command(want_arch, want_stem)}` and goes to "

@@ -637,7 +637,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     ------
     TrainError
         Fewer training samples than one batch, a global batch that the ranks cannot share
-        equally, an empty or unknown parameter selection.
+        equally, one image per rank for BatchNorm layers that train, an empty or unknown
+        parameter selection.
     ResumeError
         The state file is unreadable or was written by a different recipe.
     DivergedError
@@ -684,6 +685,12 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     requires = {n: p.requires_grad for n, p in named.items()}
     selected = set(chosen)
     frozen_bn = _frozen_batchnorms(model, None if trainable is None else selected)
+    if shard_size < 2 and any(isinstance(m, _BATCHNORMS) and not any(m is f for f in frozen_bn)
+                              for m in model.modules()):
+        raise TrainError(f"each step computes {shard_size} image per rank ({config.batch_size} "
+                         f"over {world}), and the model's BatchNorm layers train on batch "
+                         f"statistics, which one image does not have; pick a batch size of at "
+                         f"least {2 * world}")
     model.to(dev)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

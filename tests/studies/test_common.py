@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,43 @@ def test_goals_table_wraps_its_two_text_columns_at_fixed_widths(tmp_path):
     wrap = ">{\\raggedright\\arraybackslash}p{%s\\linewidth}"
     assert f"\\begin{{tabular}}{{{wrap % 0.33}{wrap % 0.45}{wrap % 0.12}}}" in text
     assert "a long goal name & 1.5\\% of it & met" in text  # escaped as every table is
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A container's volume given as --out cannot be moved into place; refused up front
+    (it used to fail only after the whole run, which then deleted its output)."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(_common.os.path, "ismount", lambda p: Path(p) == vol or real(p))
+    with pytest.raises(_common.StudyError, match=f"is a mount point.*--out {vol / 'demo'}"):
+        _common.check_out(vol, "demo", force=False)
+    assert _common.check_out(vol / "demo", "demo", force=False) == vol / "demo"
+
+
+def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeypatch):
+    """When the last move fails (a mount point, a vanished parent), the complete run stays,
+    under a name no later run removes, and the previous run at --out is put back."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}) as run:
+        run.write_text("x.csv", "old\n")
+        run.finish()
+    before = _files(out)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and ".partial-" in self.name:
+            raise OSError(16, "Device or resource busy")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    kept = tmp_path / f"run.finished-{os.getpid()}"
+    with pytest.raises(_common.StudyError, match=f"it is complete at {kept}"):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("x.csv", "new\n")
+            run.finish()
+    assert _files(out) == before  # the previous run is back in place
+    assert (kept / "x.csv").read_text() == "new\n"
+    assert json.loads((kept / "manifest.json").read_text())["outputs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", kept.name]
+    assert _common.clean_stale_partials(out) == []  # not a stale staging folder

@@ -18,6 +18,7 @@ from torch import nn
 from qerror.nn import int8
 from qerror.stats import mcnemar_resolution, tail_share_normal
 from studies import drift
+from studies._common import StudyError
 from studies._latex import letters, number
 
 
@@ -266,19 +267,22 @@ def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
 
 
-def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp_path):
+def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp_path,
+                                                                capsys):
     bad = tmp_path / "bad.pt"
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
     out = tmp_path / "drift"
-    with pytest.raises(SystemExit, match="refusing checkpoint|sidecar"):
-        drift.main(["--weights", str(bad), "--data-root", str(fashion_root), "--out", str(out)])
+    assert drift.main(["--weights", str(bad), "--data-root", str(fashion_root),
+                       "--out", str(out)]) == 2
+    assert re.search("refusing checkpoint|sidecar", capsys.readouterr().err)
     from PIL import Image
 
     folder = tmp_path / "imgs" / "n01443537"
     folder.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(folder / "0.jpg")
-    with pytest.raises(SystemExit, match="not a readable|missing|unexpected|state dict"):
-        drift.main(["--data", str(folder.parent), "--weights", str(bad), "--out", str(out)])
+    assert drift.main(["--data", str(folder.parent), "--weights", str(bad),
+                       "--out", str(out)]) == 2
+    assert re.search("not a readable|missing|unexpected|state dict", capsys.readouterr().err)
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
 
 
@@ -473,9 +477,9 @@ def test_fewer_batches_than_ranks_is_refused_on_every_rank(tmp_path, monkeypatch
     # placement as torchrun's rank 0 would get.
     monkeypatch.setattr(drift, "distributed", lambda device: _placement(training, 0, 2))
     root = _full_size_fashion(tmp_path / "fm")
-    with pytest.raises(SystemExit, match="make fewer batches than the 2 ranks"):
-        drift.main(["--smoke", "--data-root", str(root), "--images", "4", "--batch-size", "4",
-                    "--local-samples", "4", "--out", str(tmp_path / "out")])
+    assert drift.main(["--smoke", "--data-root", str(root), "--images", "4", "--batch-size",
+                       "4", "--local-samples", "4", "--out", str(tmp_path / "out")]) == 2
+    assert "make fewer batches than the 2 ranks" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -490,14 +494,14 @@ def _placement(training, rank, world):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is not refused")
 @pytest.mark.parametrize("study", ["drift", "dataset"])
-def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tmp_path):
+def test_cuda_without_a_gpu_is_refused_before_any_output(study, fashion_root, tmp_path, capsys):
     from studies import dataset
 
     main = {"drift": drift.main, "dataset": dataset.main}[study]
     out = tmp_path / study
-    with pytest.raises(SystemExit, match="--device cuda: .*finds no usable GPU"):
-        main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
-              "--out", str(out)])
+    assert main(["--smoke", "--device", "cuda", "--data-root", str(fashion_root),
+                 "--out", str(out)]) == 2
+    assert re.search("--device cuda: .*finds no usable GPU", capsys.readouterr().err)
     assert not out.exists() and not list(tmp_path.glob(f".{study}*"))
 
 
@@ -802,7 +806,7 @@ def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypa
                               no_train=False, seed=0)
     for world, trains in ((1, True), (2, False)):
         monkeypatch.setattr(parallel, "world", lambda w=world: (0, w))
-        with pytest.raises(SystemExit, match="no baseline"):
+        with pytest.raises(StudyError, match="no baseline"):
             drift._load_model(args, None)
         assert asked.pop() is trains
 
@@ -870,7 +874,8 @@ def test_a_run_whose_kept_means_cannot_fit_stops_before_measuring(fashion_root, 
     """Refused up front with the numbers and the ways out, and no output left behind."""
     monkeypatch.setattr(drift, "available_memory", lambda: 1024)
     out = tmp_path / "drift"
-    with pytest.raises(SystemExit, match="more than three quarters of the 0.0 GiB of memory"):
-        drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)])
-    assert "drift:" not in capsys.readouterr().err  # the measurement's bar never started
+    assert drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "more than three quarters of the 0.0 GiB of memory" in err
+    assert "drift:" not in err  # the measurement's bar never started
     assert not out.exists() and not list(tmp_path.glob(".drift*"))

@@ -270,8 +270,8 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     assert list(met.verdict) == ["met", "met", "met", "not measured", "not measured"]
     # the calibration goal is judged on the isotonic map and names both temperatures' ECE
     assert met.measured[2] == ("max 1.50% (isotonic map of the max-softmax confidence at the "
-                               "rules' temperatures, fitted on validation; temperature alone: NLL's T max 3.00%, ECE's T max "
-                               "4.50%)")
+                               "rules' temperatures, fitted on validation; temperature "
+                               "alone: NLL's T max 3.00%, ECE's T max 4.50%)")
     assert met.measured[0] == ("-0.05 points, 90% CI [-0.30, +0.20], TOST p=0.020 (one-sided "
                                "p 0.010 below, 0.020 above: both one-sided tests pass)")
     # better than the reference by possibly more than the margin: not met, and said so

@@ -1,6 +1,7 @@
 """python -m studies.rounding: smoke run, weights and activations parts, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,29 @@ def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, m
     raw = bytearray(ckpt.read_bytes())
     raw[len(raw) // 2] ^= 1
     ckpt.write_bytes(bytes(raw))
-    with pytest.raises(SystemExit):
-        rounding.main(argv[:-1] + [str(tmp_path / "r2")])
+    assert rounding.main(argv[:-1] + [str(tmp_path / "r2")]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"n": "int"}, r"holds no conv or linear weights"),
+    ({}, r"holds no conv or linear weights"),
+    ({"fc.weight": "nan"}, r"1 weight tensor\(s\) hold NaN or infinite values \(fc\.weight\)"),
+])
+def test_an_unusable_state_dict_is_refused_before_the_sweep(state, message, tmp_path, capsys,
+                                                            monkeypatch):
+    """A bare state dict the weight section cannot use is refused when it is loaded, naming
+    --checkpoint, before any section runs (it used to fail with a traceback at the end)."""
+    import torch
+
+    values = {"int": torch.tensor(3), "nan": torch.tensor([[1.0, float("nan")]])}
+    path = tmp_path / "state.pt"
+    torch.save({k: values[v] for k, v in state.items()}, path)
+    ran = []
+    monkeypatch.setattr(rounding, "weight_errors", lambda *a, **k: ran.append(1))
+    out = tmp_path / "r"
+    assert rounding.main(["--smoke", "--checkpoint", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and f"--checkpoint {path}" in err and "Traceback" not in err
+    assert not ran and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["state.pt"]

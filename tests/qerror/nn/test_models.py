@@ -243,8 +243,13 @@ def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
     # Without a readable sidecar the architecture is unknown, so the command is generic.
     side.write_text("{not json")
     _refused(saved_checkpoint, "sidecar .* is not valid", retrain="python -m studies.train")
+    # Without a sidecar it may be a user's own model file: refused, never to be deleted.
     side.unlink()
-    _refused(saved_checkpoint, "sidecar .* is missing", retrain="python -m studies.train")
+    with pytest.raises(CheckpointError, match="is not a qerror checkpoint") as info:
+        models.load_checkpoint(saved_checkpoint)
+    msg = str(info.value)
+    assert "It is left as it is" in msg and "Delete" not in msg and ".json" in msg
+    assert "`python -m studies.train --checkpoint NEW_FILE`" in msg
 
 
 def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
@@ -264,7 +269,7 @@ def test_another_model_is_named_and_not_condemned(saved_checkpoint):
     msg = str(info.value)
     for phrase in (f"{saved_checkpoint} is a valid checkpoint", "resnet18 with the imagenet stem",
                    "its arch is resnet18, resnet50 was asked for",
-                   "pass --arch/--model resnet18 --stem imagenet",
+                   "the study's --arch/--model resnet18 (expected_arch='resnet18'",
                    "`python -m studies.train --arch resnet50 --stem imagenet`",
                    str(models.default_checkpoint_path("resnet50", "imagenet")), "keep this file"):
         assert phrase in msg
@@ -274,8 +279,15 @@ def test_another_model_is_named_and_not_condemned(saved_checkpoint):
     assert saved_checkpoint.read_bytes() == before
     assert models.load_checkpoint(saved_checkpoint, expected_arch="resnet18").info.arch \
         is Arch.RESNET18
-    with pytest.raises(CheckpointNotFoundError, match="python -m studies.train"):
-        models.load_checkpoint(saved_checkpoint.with_name("absent.pt"))
+    assert "--stem" not in msg.split("(expected_arch")[0]  # only the arch differs
+    absent = saved_checkpoint.with_name("absent.pt")
+    with pytest.raises(CheckpointNotFoundError,
+                       match=f"Train one there with `python -m studies.train --checkpoint "
+                             f"{absent}`"):
+        models.load_checkpoint(absent)
+    with pytest.raises(CheckpointError, match="--stem conv3-pool") as info:
+        models.load_checkpoint(saved_checkpoint, expected_stem="conv3-pool")
+    assert "--arch" not in str(info.value).split("(expected_arch")[0]
 
 
 def _rewrite_payload(path, change):

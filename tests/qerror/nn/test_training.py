@@ -292,6 +292,20 @@ def test_bad_runs_are_refused(kwargs, message):
         fit(tiny_model(), tensor_batches(x, y), n, config, progress=False, **kwargs)
 
 
+def test_one_image_per_step_is_refused_only_where_batchnorm_trains():
+    """A BatchNorm in training mode has no statistics of one image: refused up front with
+    the batch size to pick, instead of torch's error at the first step. Without BatchNorm,
+    or with every BatchNorm frozen (not trained), batches of one are fine."""
+    x, y = synthetic()
+    one = dataclasses.replace(CONFIG, batch_size=1, epochs=1)
+    with pytest.raises(TrainError, match=r"1 image per rank \(1 over 1\).*at least 2"):
+        fit(tiny_model(batchnorm=True), tensor_batches(x, y), N_TRAIN, one, progress=False)
+    assert fit(tiny_model(), tensor_batches(x, y), N_TRAIN, one, progress=False).complete
+    frozen = fit(tiny_model(batchnorm=True), tensor_batches(x, y), N_TRAIN, one,
+                 progress=False, trainable=lambda name: not name.startswith("1."))
+    assert frozen.complete
+
+
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("batch_size", 2.5), ("lr", math.nan), ("lr", 0.0), ("momentum", 0.97),
     ("warmup_fraction", 0.0), ("seed", -1), ("schedule", "cosine"),
