@@ -47,6 +47,8 @@ FILES = {
 # Images in each split of the published data set. Every loaded file is checked against
 # these; tests that write small synthetic files declare their sizes by patching this dict.
 SIZES = {"train": 60_000, "test": 10_000}
+# fashion_mnist_splits' default validation and calibration splits, taken from the training file.
+VAL_IMAGES, CALIB_IMAGES = 5_000, 1_000
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Sneaker", "Bag", "Ankle boot")
 # Mean and standard deviation of the training images' pixels in [0, 1].
@@ -342,8 +344,20 @@ class Splits:
     test: ImageSet
 
 
-def fashion_mnist_splits(data_root: Path | str | None = None, *, val: int = 5000,
-                         calib: int = 1000, seed: int = 0, download: bool = False) -> Splits:
+def split_images(split: str) -> int:
+    """Images in a split of :func:`fashion_mnist_splits` with its default sizes: ``"train"``
+    (what the validation and calibration splits leave of the training file), ``"val"``,
+    ``"calib"`` or ``"test"``."""
+    sizes = {"train": SIZES["train"] - VAL_IMAGES - CALIB_IMAGES, "val": VAL_IMAGES,
+             "calib": CALIB_IMAGES, "test": SIZES["test"]}
+    if split not in sizes:
+        raise ValueError(f"split must be one of {sorted(sizes)}, got {split!r}")
+    return sizes[split]
+
+
+def fashion_mnist_splits(data_root: Path | str | None = None, *, val: int = VAL_IMAGES,
+                         calib: int = CALIB_IMAGES, seed: int = 0,
+                         download: bool = False) -> Splits:
     """Deterministic train/validation/calibration/test splits (same seed, same split).
 
     Raises

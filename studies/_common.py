@@ -35,14 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qerror.cpu import flush_denormal
-from qerror.data import DataError, DataNotFoundError
+from qerror.data import DataError, DataNotFoundError, split_images
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
@@ -113,6 +113,22 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+SPLIT_WORDS = {"train": "training", "val": "validation", "calib": "calibration", "test": "test"}
+
+
+def refuse_beyond_splits(parser: argparse.ArgumentParser,
+                         requests: Mapping[str, tuple[int | None, str]]) -> None:
+    """``parser.error`` for an image count asked for by name that is larger than its
+    Fashion-MNIST split (:func:`qerror.data.split_images`): ``requests`` maps an option to
+    (its value, None when not given; the split). A study would otherwise measure the whole
+    split while its manifest recorded the larger request."""
+    for option, (value, split) in requests.items():
+        most = split_images(split)
+        if value is not None and value > most:
+            parser.error(f"{option} {value}: Fashion-MNIST's {SPLIT_WORDS[split]} split holds "
+                         f"{most:,} images; give at most {most}")
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type=`` for finite floats (``nan`` and ``inf`` are refused)."""
     try:
@@ -141,16 +157,20 @@ def out_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def base_parser(study: str, description: str, *, force: bool = False) -> argparse.ArgumentParser:
+def base_parser(study: str, description: str, *, force: bool = False,
+                out_default: str | None = None) -> argparse.ArgumentParser:
     """The arguments every study takes: --out, --seed, --smoke; with ``force``, --force.
 
     A study that passes ``force=True`` calls :func:`check_out` with ``args.force`` before
-    its work starts.
+    its work starts. ``out_default``: a study that chooses its own output folder (``--out``
+    then defaults to None) says here, for the help, which one.
     """
     parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
-    parser.add_argument("--out", type=out_path, default=REPO / "runs" / study,
-                        help=f"output folder (default: runs/{study} under the repository); "
-                             "it must not exist, be empty, or hold a previous run of this study")
+    parser.add_argument("--out", type=out_path,
+                        default=REPO / "runs" / study if out_default is None else None,
+                        help=f"output folder (default: {out_default or f'runs/{study}'} under "
+                             "the repository); it must not exist, be empty, or hold a previous "
+                             "run of this study")
     parser.add_argument("--seed", type=int_in(0, 2 ** 64 - 1, "torch's generators take "
                                                "64-bit seeds"), default=0,
                         help="seed of every random choice (an integer from 0 to 2^64 - 1)")

@@ -120,6 +120,7 @@ from studies._common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    refuse_beyond_splits,
     study_main,
     wrapped_columns,
 )
@@ -983,6 +984,7 @@ def _main(argv: list[str]) -> int:
     args.cnn_epochs = pick(args.cnn_epochs, 2, 1)
     args.cnn_steps = 2 if smoke else None
     args.latency_rounds = pick(args.latency_rounds, 100, 3)
+    refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
     test_images = pick(args.test_images, FASHION_TEST_IMAGES, 64)
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "

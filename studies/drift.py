@@ -125,6 +125,7 @@ from studies._common import (
     int_in,
     nonnegative_int,
     positive_int,
+    refuse_beyond_splits,
     study_main,
 )
 from studies._latex import letters, number
@@ -139,7 +140,6 @@ REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
 FASHION_TEST_IMAGES = 10_000
-FASHION_VAL_IMAGES = 5_000  # qerror.data.fashion_mnist_splits' default validation split
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 # --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
@@ -1203,11 +1203,15 @@ def _main(argv: list[str]) -> int:
         if sizing["min_images"] > sizing["max_images"]:
             parser.error(f"--min-images {sizing['min_images']} is above --max-images "
                          f"{sizing['max_images']}; give a floor at most the ceiling")
-        for key, most, split in (("max_images", FASHION_TEST_IMAGES, "test"),
-                                 ("pilot_images", FASHION_VAL_IMAGES, "validation")):
-            if sizing[key] > most:
-                parser.error(f"--{key.replace('_', '-')} {sizing[key]}: Fashion-MNIST's "
-                             f"{split} split holds {most:,} images; give at most {most}")
+        refuse_beyond_splits(parser, {"--max-images": (sizing["max_images"], "test"),
+                                      "--pilot-images": (sizing["pilot_images"], "val")})
+    if args.data is None:  # Fashion-MNIST: a count beyond its split is refused, not clamped
+        refuse_beyond_splits(parser, {
+            "--images": (None if args.images in (None, AUTO) else args.images, "test"),
+            "--headline-images": (args.headline_images, "test"),
+            "--int8-images": (args.int8_images, "test"),
+            "--curve-images": (args.curve_images, "test"),
+            "--calib-images": (args.calib_images, "calib")})
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
     if args.remedy_bits is None:

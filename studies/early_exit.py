@@ -67,7 +67,7 @@ import torch
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror.data import find_fashion_mnist
+from qerror.data import find_fashion_mnist, split_images
 from qerror.nn import (
     QuantConfig,
     Target,
@@ -124,6 +124,7 @@ from studies._common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    refuse_beyond_splits,
     study_main,
 )
 from studies._latex import letters, number, signed
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the INT8 graphs with inductor (default on; off with "
                              "--smoke): needed for latency, minutes per stage")
     parser.add_argument("--latency-pairs", type=positive_int, default=None,
-                        help="alternating timing pairs of the latency rows (default 200)")
+                        help="alternating timing pairs of the latency rows (default 200, smoke 20)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda or auto: where the heads are trained and "
                              "the FP32 and simulated INT8 networks run (real INT8 and latency "
@@ -587,7 +588,11 @@ def _main(argv: list[str]) -> int:
     smoke = args.smoke
     args.arch = args.arch or (Arch.RESNET18 if smoke else Arch.RESNET50)
     pick = lambda value, full, small: value if value is not None else (small if smoke else full)
-    train_images = pick(args.train_images, 54_000, 64)
+    refuse_beyond_splits(parser, {"--train-images": (args.train_images, "train"),
+                                  "--val-images": (args.val_images, "val"),
+                                  "--test-images": (args.test_images, "test"),
+                                  "--calib-images": (args.calib_images, "calib")})
+    train_images = pick(args.train_images, split_images("train"), 64)
     val_images = pick(args.val_images, 5000, 64)
     test_images = pick(args.test_images, 10_000, 64)
     calib_images = pick(args.calib_images, 512, 32)

@@ -409,7 +409,7 @@ def _main(argv: list[str]) -> int:
                         help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
     parser.add_argument("--ratios", type=int_at_least(2), default=None,
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
-    parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all)")
+    parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all; smoke: normal half_normal)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a qerror checkpoint (weights and activations) or a bare state "
                              "dict (weights) to analyse; default: the cached baseline if any")

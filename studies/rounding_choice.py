@@ -74,6 +74,7 @@ from studies._common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    refuse_beyond_splits,
     study_main,
 )
 from studies._latex import letters, number
@@ -524,6 +525,8 @@ def _main(argv: list[str]) -> int:
     def pick(value, default, small):
         return value if value is not None else (small if smoke else default)
 
+    refuse_beyond_splits(parser, {"--calib-images": (args.calib_images, "calib"),
+                                  "--test-images": (args.test_images, "test")})
     models = list(dict.fromkeys(pick(args.models, ["resnet50", "small"], ["small"])))
     bits_list = list(dict.fromkeys(pick(args.bits, [4, 3], [4])))
     args.stochastic_seeds = pick(args.stochastic_seeds, 3, 2)

@@ -265,8 +265,8 @@ def _budget_minutes(text: str) -> float:
 
 
 def build_parser():
-    parser = base_parser("train", __doc__.splitlines()[0], force=True)
-    parser.set_defaults(out=None)
+    parser = base_parser("train", __doc__.splitlines()[0], force=True,
+                         out_default="runs/train/ARCH-STEM, with -smoke for --smoke,")
     parser.add_argument("--arch", type=Arch.parse, default=Arch.RESNET50,
                         help="resnet50 (default) or resnet18")
     parser.add_argument("--stem", type=Stem.parse, default=DEFAULT_STEM,
@@ -277,7 +277,7 @@ def build_parser():
                         + "; smoke 2")
     parser.add_argument("--batch-size", type=positive_int, help="default 128 (smoke 32)")
     parser.add_argument("--lr", type=positive_float,
-                        help="peak one-cycle learning rate, finite and above 0 (default 0.1)")
+                        help="peak one-cycle learning rate, finite and above 0 (default 0.1, smoke 0.05)")
     parser.add_argument("--data-root", type=Path, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")

@@ -567,7 +567,11 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     Notes
     -----
     Both files are written atomically, the weights first. A crash between the two leaves a
-    sidecar whose sha256 does not match, which :func:`load_checkpoint` refuses.
+    sidecar whose sha256 does not match, which :func:`load_checkpoint` refuses. On a first
+    write (no sidecar yet) a provisional sidecar (``"pending": true``) goes first, so the
+    weights are never a file without a sidecar, which would look like somebody else's file
+    that a rerun must not replace; :func:`load_checkpoint` refuses a pending one as an
+    interrupted write.
     """
     arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
     num_classes = int(model.fc.out_features)
@@ -581,6 +585,10 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if not sidecar_path(path).exists():
+        pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
+                             sort_keys=True) + "\n"
+        atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
     atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": state}, tmp))
     sha = sha256_file(path)
     sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
@@ -645,6 +653,10 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             f"with `{retrain_command(arch_hint, stem_hint)} --checkpoint NEW_FILE`.")
     try:
         sidecar = json.loads(side.read_text())
+        if isinstance(sidecar, dict) and sidecar.get("pending") is True:
+            raise refuse(f"its sidecar {side.name} is provisional: the write that made it was "
+                         "interrupted before it finished (a studies.train run whose state file "
+                         "is kept finishes it when the same command runs again)")
         expected_sha, expected_bytes = sidecar["sha256"], int(sidecar["bytes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise refuse(f"its sidecar {side.name} is not valid ({type(exc).__name__}: {exc})") \

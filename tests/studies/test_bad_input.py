@@ -69,6 +69,12 @@ OUT_CASES = [
 
 STUDY_CASES = {
     "drift": [
+        ("headline-images-beyond-the-split", ["--headline-images", "101"], ARGPARSE,
+         r"--headline-images 101: Fashion-MNIST's test split holds 100 images; give at most"),
+        ("calib-images-beyond-the-split", ["--calib-images", "1001"], ARGPARSE,
+         r"--calib-images 1001: Fashion-MNIST's calibration split holds 1,000 images"),
+        ("fixed-images-beyond-the-split", ["--images", "101"], ARGPARSE,
+         r"--images 101: Fashion-MNIST's test split holds 100 images"),
         ("weights-torchvision-name-without-data", ["--weights", "IMAGENET1K_V2"], REFUSED,
          r"--weights IMAGENET1K_V2 names torchvision's ImageNet weights.*pass --data"),
         ("images-0", ["--images", "0"], ARGPARSE,
@@ -130,7 +136,7 @@ STUDY_CASES = {
          r"--pilot-images: sizes the subset of --images auto only; with --images 16 leave "
          r"it out(?!, or)"),
         ("max-images-beyond-the-split", ["--images", "auto", "--max-images", "20000"],
-         ARGPARSE, r"--max-images 20000: Fashion-MNIST's test split holds 10,000 images"),
+         ARGPARSE, r"--max-images 20000: Fashion-MNIST's test split holds 100 images"),
         ("pilot-beyond-the-split", ["--images", "auto", "--pilot-images", "6000"], ARGPARSE,
          r"--pilot-images 6000: Fashion-MNIST's validation split holds 5,000 images"),
     ],
@@ -160,6 +166,8 @@ STUDY_CASES = {
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
     "rounding_choice": [
+        ("test-images-beyond-the-split", ["--test-images", "101"], ARGPARSE,
+         r"--test-images 101: Fashion-MNIST's test split holds 100 images"),
         ("bits-1", ["--bits", "1"], ARGPARSE,
          r"--bits: must be from 2 to 8, got 1 \(AdaRound's weight widths\)"),
         ("bits-9", ["--bits", "4", "9"], ARGPARSE, r"--bits: must be from 2 to 8, got 9"),
@@ -188,6 +196,8 @@ STUDY_CASES = {
         ("unknown-group", ["--only", "everything"], ARGPARSE, r"--only: invalid choice"),
     ],
     "early_exit": [
+        ("train-images-beyond-the-split", ["--train-images", "101"], ARGPARSE,
+         r"--train-images 101: Fashion-MNIST's training split holds 100 images"),
         ("threshold-above-1", ["--thresholds", "0.5", "1.5"], ARGPARSE,
          r"--thresholds: must be in \[0, 1\], got '1.5'"),
         ("threshold-negative", ["--thresholds", "-0.1"], ARGPARSE,
@@ -228,6 +238,8 @@ STUDY_CASES = {
          r"refusing .*thesis\.tex: it is not a qerror checkpoint.*left as it is"),
     ],
     "compression": [
+        ("test-images-beyond-the-split", ["--test-images", "101"], ARGPARSE,
+         r"--test-images 101: Fashion-MNIST's test split holds 100 images"),
         ("early-exit-run-missing", ["--parts", "resnet", "--early-exit-run", "{missing}"],
          REFUSED, r"--early-exit-run .*missing: no finished studies\.early_exit run"),
         ("sparsity-1", ["--sparsities", "0.5", "1"], ARGPARSE,

@@ -1,6 +1,7 @@
 """Models: the Fashion-MNIST ResNets, ImageNet weights from a local file, the checkpoint cache."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,33 @@ def test_get_baseline_loads_or_refuses_with_the_training_command():
     assert got.info.path == path and got.info.metrics == METRICS
     with pytest.raises(CheckpointError, match="valid checkpoint .* of another model"):
         models.get_baseline("resnet50", path=path)  # another architecture's file
+
+def test_a_first_write_cut_before_its_sidecar_leaves_a_provisional_one(tmp_path, monkeypatch):
+    """On a first write the weights never stand without a sidecar: cut after them, the file
+    has a provisional sidecar, so it is refused as an interrupted write (not as a foreign
+    file: studies.train replaces a file with a sidecar when it resumes), and the next write
+    finishes it."""
+    path = tmp_path / "first.pt"
+    calls = []
+    real = models.atomic_write
+
+    def cut(target, write):
+        calls.append(Path(target).name)
+        if len(calls) == 3:  # the provisional sidecar, the weights, then the final sidecar
+            raise KeyboardInterrupt
+        return real(target, write)
+
+    monkeypatch.setattr(models, "atomic_write", cut)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                               config=CONFIG, metrics=METRICS)
+    monkeypatch.setattr(models, "atomic_write", real)
+    assert calls == ["first.pt.json", "first.pt", "first.pt.json"]
+    assert json.loads(models.sidecar_path(path).read_text())["pending"] is True
+    with pytest.raises(CheckpointError, match="provisional: the write that made it was "
+                                              "interrupted"):
+        models.load_checkpoint(path)
+    info = models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                                  config=CONFIG, metrics=METRICS)
+    assert models.load_checkpoint(path).info.sha256 == info.sha256
+    assert "pending" not in json.loads(models.sidecar_path(path).read_text())
