@@ -572,31 +572,48 @@ class RunDir:
             **self.extra,
         }
         self.write_json(MANIFEST, manifest)
-        # The destination may have changed while the study ran.
-        if self.final.exists() and not self.final.is_dir():
-            raise StudyError(f"--out {self.final} became a file while the study ran; "
-                             "it is left as it is")
         old = None
         try:
+            # The destination may have changed while the study ran.
+            if self.final.exists() and not self.final.is_dir():
+                raise StudyError(f"--out {self.final} became a file while the study ran; it is "
+                                 "left as it is")
             if self.final.is_dir():
                 _check_replaceable(self.final, self.study, force=True)
                 old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
                 self.final.rename(old)
             self.stage.rename(self.final)
-        except OSError as err:
-            # The run is complete: keep it, under a name no later run removes, and put
-            # back what was at --out.
-            if old is not None and not self.final.exists():
-                old.rename(self.final)
-            kept = self.final.parent / f"{self.final.name}.finished-{os.getpid()}"
-            self.stage.rename(kept)
-            self.stage, self.kept = kept, True
-            raise StudyError(f"the run finished but could not be moved to --out {self.final} "
-                             f"({err.strerror}); it is complete at {kept}: move it where "
-                             f"you want it") from err
+        except (OSError, StudyError) as err:
+            self._keep_unplaced(err, old)
         if old is not None:
             shutil.rmtree(old)
         return self.final
+
+    def _keep_unplaced(self, err: Exception, old: Path | None) -> None:
+        """The run is complete but cannot go to ``--out``: keep it under a name no later run
+        removes (or, failing that, where it is), put back what was at ``--out``, and raise a
+        StudyError that says where both are."""
+        restored = old is None
+        if old is not None and not self.final.exists():
+            try:
+                old.rename(self.final)
+                restored = True
+            except OSError:
+                pass
+        kept = self.final.parent / f"{self.final.name}.finished-{os.getpid()}"
+        try:
+            self.stage.rename(kept)
+            where = f"it is complete at {kept}: move it where you want it"
+        except OSError:
+            kept = self.stage
+            where = (f"it is complete at {kept}: move it away before the next run aimed at "
+                     f"--out {self.final}, which would remove this staging folder")
+        self.stage, self.kept = kept, True
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        back = "" if restored else (f"; the previous run at --out was moved to {old} and "
+                                    "could not be put back")
+        raise StudyError(f"the run finished but could not be moved to --out {self.final} "
+                         f"({reason}); {where}{back}") from err
 
     def abandon(self) -> None:
         """Remove the staging folder (not a finished run :meth:`finish` had to keep)."""

@@ -1203,17 +1203,28 @@ def _main(argv: list[str]) -> int:
         if sizing["min_images"] > sizing["max_images"]:
             parser.error(f"--min-images {sizing['min_images']} is above --max-images "
                          f"{sizing['max_images']}; give a floor at most the ceiling")
-        refuse_beyond_splits(parser, {"--max-images": (sizing["max_images"], "test"),
-                                      "--pilot-images": (sizing["pilot_images"], "val")})
+        refuse_beyond_splits(parser, {"--max-images": (args.max_images, "test"),
+                                      "--pilot-images": (args.pilot_images, "val")})
     if args.data is None:  # Fashion-MNIST: a count beyond its split is refused, not clamped
         refuse_beyond_splits(parser, {
             "--images": (None if args.images in (None, AUTO) else args.images, "test"),
             "--headline-images": (args.headline_images, "test"),
             "--int8-images": (args.int8_images, "test"),
             "--curve-images": (args.curve_images, "test"),
-            "--calib-images": (args.calib_images, "calib")})
+            "--calib-images": (args.calib_images, "calib"),
+            "--calib-curve": (max(args.calib_curve or [], default=None), "calib")})
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
+    if args.int8_images is not None:
+        # The cross-check takes its images from the calibration images and the measured
+        # test subset (with --images auto, at least --min-images of them).
+        measured = sizing["min_images"] if images == AUTO else images
+        if args.int8_images > min(calib_images, measured):
+            parser.error(f"--int8-images {args.int8_images}: the INT8 cross-check takes its "
+                         f"images from the {calib_images} calibration images and the "
+                         f"{measured} measured test images"
+                         + (" (--min-images under --images auto)" if images == AUTO else "")
+                         + f"; give at most {min(calib_images, measured)}")
     if args.remedy_bits is None:
         remedy_bits = [b for b in [8, 4] if b in bits_list]
     else:

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode
-from qerror.data import ImageSet, fashion_mnist_splits, find_fashion_mnist, to_tensor
+from qerror.data import ImageSet, fashion_mnist_splits, find_fashion_mnist, split_images, to_tensor
 from qerror.nn import (
     LAYERS,
     QuantConfig,
@@ -538,7 +538,8 @@ def _main(argv: list[str]) -> int:
     args.fl_images = pick(args.fl_images, 128, 16)
     args.small_width = pick(args.small_width, 16, 4)
     args.small_epochs = pick(args.small_epochs, 2, 1)
-    args.small_train_images = pick(args.small_train_images, 60_000, 512)
+    refuse_beyond_splits(parser, {"--small-train-images": (args.small_train_images, "train")})
+    args.small_train_images = pick(args.small_train_images, split_images("train"), 512)
     args.batch_size = pick(args.batch_size, 500, 16)
     if smoke:
         args.iterations = pick(args.iterations, None, 20)
@@ -546,6 +547,9 @@ def _main(argv: list[str]) -> int:
     if args.ada_images > args.calib_images:
         parser.error(f"--ada-images {args.ada_images}: more than --calib-images "
                      f"{args.calib_images}; AdaRound uses the first calibration images")
+    if args.drift_images > args.test_images:
+        parser.error(f"--drift-images {args.drift_images}: more than --test-images "
+                     f"{args.test_images}; the drift images are drawn from the test images")
     if args.fl_images > args.batch_size:
         parser.error(f"--fl-images {args.fl_images}: more than --batch-size "
                      f"{args.batch_size}; the up/down experiment takes its images from the "

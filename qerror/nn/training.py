@@ -494,8 +494,9 @@ def _optimizer(params: dict[str, nn.Parameter], config: TrainConfig, total_steps
             raise TrainError(
                 f"{total_steps} steps are too few for the one-cycle schedule: its warm-up "
                 f"({config.warmup_fraction:g} of the steps) must span more than one step and "
-                "end before the last; train on more samples or epochs, or use "
-                "Schedule.CONSTANT")
+                "end before the last; train on more samples or epochs or with a smaller "
+                "batch size (the studies' --epochs, --batch-size and image-count options), "
+                "or, in Python, use Schedule.CONSTANT")
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction,
             anneal_strategy="cos", base_momentum=config.momentum - 0.05,
@@ -637,8 +638,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     ------
     TrainError
         Fewer training samples than one batch, a global batch that the ranks cannot share
-        equally, one image per rank for BatchNorm layers that train, an empty or unknown
-        parameter selection.
+        equally, one value per channel at a BatchNorm that trains (one image per rank
+        where its map is 1x1), an empty or unknown parameter selection.
     ResumeError
         The state file is unreadable or was written by a different recipe.
     DivergedError
@@ -685,12 +686,6 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     requires = {n: p.requires_grad for n, p in named.items()}
     selected = set(chosen)
     frozen_bn = _frozen_batchnorms(model, None if trainable is None else selected)
-    if shard_size < 2 and any(isinstance(m, _BATCHNORMS) and not any(m is f for f in frozen_bn)
-                              for m in model.modules()):
-        raise TrainError(f"each step computes {shard_size} image per rank ({config.batch_size} "
-                         f"over {world}), and the model's BatchNorm layers train on batch "
-                         f"statistics, which one image does not have; pick a batch size of at "
-                         f"least {2 * world}")
     model.to(dev)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -827,7 +822,16 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             lr = sched.get_last_lr()[0]
             opt.zero_grad(set_to_none=True)
             train_mode()
-            out = net(x)
+            try:
+                out = net(x)
+            except ValueError as exc:  # torch's words for a BatchNorm without statistics
+                if "more than 1 value per channel when training" not in str(exc):
+                    raise
+                raise TrainError(
+                    f"a BatchNorm layer that trains got one value per channel at step "
+                    f"{step + 1} ({len(x)} image(s) per rank and a 1x1 map or a vector "
+                    f"there), which has no batch statistics; pick a batch size of at least "
+                    f"{2 * world}") from exc
             loss = criterion(out, y)
             logits = out[-1] if isinstance(out, list | tuple) else out
             correct = (logits.argmax(1) == y).sum()

@@ -114,8 +114,11 @@ STUDY_CASES = {
          r"--labels: labels an ImageNet folder, so it needs --data"),
         ("unknown-device", ["--device", "tpu"], ARGPARSE,
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
-        ("calib-curve-beyond-the-split", ["--calib-curve", "4", "5000"], REFUSED,
-         r"--calib-curve 5000: the calibration split holds 1000 images"),
+        ("calib-curve-beyond-the-split", ["--calib-curve", "4", "5000"], ARGPARSE,
+         r"--calib-curve 5000: Fashion-MNIST's calibration split holds 1,000 images"),
+        ("int8-images-beyond-the-measured", ["--images", "16", "--int8-images", "17"],
+         ARGPARSE, r"--int8-images 17: the INT8 cross-check takes its images from the 16 "
+         r"calibration images and the 16 measured test images; give at most 16"),
         ("calib-curve-with-imagenet", ["--data", "{user}", "--calib-curve", "4"], ARGPARSE,
          r"--calib-curve: the calibration curve runs on Fashion-MNIST's calibration split"),
         ("curve-images-1", ["--curve-images", "1"], ARGPARSE,
@@ -166,6 +169,10 @@ STUDY_CASES = {
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
     "rounding_choice": [
+        ("drift-images-above-test-images", ["--test-images", "20", "--drift-images", "21"],
+         ARGPARSE, r"--drift-images 21: more than --test-images 20"),
+        ("small-train-images-beyond-the-split", ["--small-train-images", "101"], ARGPARSE,
+         r"--small-train-images 101: Fashion-MNIST's training split holds 100 images"),
         ("test-images-beyond-the-split", ["--test-images", "101"], ARGPARSE,
          r"--test-images 101: Fashion-MNIST's test split holds 100 images"),
         ("bits-1", ["--bits", "1"], ARGPARSE,
@@ -282,6 +289,9 @@ STUDY_CASES = {
         ("checkpoint-a-folder", ["--checkpoint", "{user}"], REFUSED, r"is a folder"),
     ],
     "seeds": [
+        ("seed-overflows-with-seeds", ["--seed", str(2 ** 64 - 1), "--seeds", "2"], ARGPARSE,
+         r"--seed 18446744073709551615 with --seeds 2: .*give --seed at most "
+         r"18446744073709551614"),
         ("seeds-1", ["--seeds", "1"], ARGPARSE, r"--seeds: must be at least 2, got 1"),
         ("epochs-0", ["--epochs", "0"], ARGPARSE, r"--epochs: must be at least 1, got 0"),
         ("test-images-1", ["--test-images", "1"], ARGPARSE, r"--test-images: must be at least"),

@@ -106,15 +106,19 @@ def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
     before = _files(tmp_path)
     with pytest.raises(_common.StudyError, match=r"1 file\(s\) its manifest does not list"):
         _common.check_out(tmp_path / "run", "demo", force=True)
-    # Also when the file appears while a run is under way: finish refuses, nothing moves.
-    with pytest.raises(_common.StudyError, match="not a run of a study"):
+    # Also when the file appears while a run is under way: finish refuses to replace it,
+    # and keeps the finished run beside it, named in the message.
+    kept = tmp_path / f"run2.finished-{os.getpid()}"
+    with pytest.raises(_common.StudyError, match=f"not a run of a study.*complete at {kept}"):
         with RunDir(tmp_path / "run2", "demo", [], {}) as run:
             run.write_text("y.csv", "2\n")
             (tmp_path / "run2").mkdir()
             (tmp_path / "run2" / "notes.md").write_text("typed meanwhile")
             run.finish()
-    assert _files(tmp_path) == {**before, "run2/notes.md": b"typed meanwhile"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run2"]
+    assert {k: v for k, v in _files(tmp_path).items() if not k.startswith(kept.name)} == \
+        {**before, "run2/notes.md": b"typed meanwhile"}
+    assert (kept / "y.csv").read_text() == "2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run2", kept.name]
 
 
 def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_path):
@@ -192,3 +196,23 @@ def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeyp
     assert json.loads((kept / "manifest.json").read_text())["outputs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", kept.name]
     assert _common.clean_stale_partials(out) == []  # not a stale staging folder
+
+
+def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_path, monkeypatch):
+    """A parent that refuses every rename (read-only, full): the run stays where it was
+    staged, is not removed on the way out, and the message says to move it before the next
+    run (which would clean up a dead process's staging folder)."""
+    out = tmp_path / "run"
+
+    def refuse(self, target):
+        raise OSError(30, "Read-only file system")
+
+    with pytest.raises(_common.StudyError, match="move it away before the next run"):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("x.csv", "1\n")
+            stage = run.stage
+            monkeypatch.setattr(Path, "rename", refuse)
+            run.finish()
+    monkeypatch.undo()
+    assert (stage / "x.csv").read_text() == "1\n" and (stage / "manifest.json").exists()
+    assert not out.exists()

@@ -292,14 +292,21 @@ def test_bad_runs_are_refused(kwargs, message):
         fit(tiny_model(), tensor_batches(x, y), n, config, progress=False, **kwargs)
 
 
-def test_one_image_per_step_is_refused_only_where_batchnorm_trains():
-    """A BatchNorm in training mode has no statistics of one image: refused up front with
-    the batch size to pick, instead of torch's error at the first step. Without BatchNorm,
-    or with every BatchNorm frozen (not trained), batches of one are fine."""
+def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
+    """A BatchNorm that trains on one value per channel (one image, a vector or a 1x1 map)
+    has no batch statistics: a TrainError naming the batch size to pick, instead of torch's
+    ValueError. One image with larger maps, no BatchNorm, or every BatchNorm frozen: fine."""
     x, y = synthetic()
     one = dataclasses.replace(CONFIG, batch_size=1, epochs=1)
-    with pytest.raises(TrainError, match=r"1 image per rank \(1 over 1\).*at least 2"):
+    with pytest.raises(TrainError, match=r"one value per channel at step 1 \(1 image\(s\) "
+                                         r"per rank.*at least 2"):
         fit(tiny_model(batchnorm=True), tensor_batches(x, y), N_TRAIN, one, progress=False)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8, N_CLASSES))
+    images = x.reshape(N_TRAIN, 1, 1, N_FEATURES).expand(-1, 1, 4, -1)[:, :, :, :2] \
+        .reshape(N_TRAIN, 1, 4, 2).contiguous()
+    assert fit(conv, tensor_batches(images, y), N_TRAIN, one, progress=False).complete
     assert fit(tiny_model(), tensor_batches(x, y), N_TRAIN, one, progress=False).complete
     frozen = fit(tiny_model(batchnorm=True), tensor_batches(x, y), N_TRAIN, one,
                  progress=False, trainable=lambda name: not name.startswith("1."))
