@@ -932,7 +932,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--dwn-epochs", type=positive_int, default=None,
                         help="DWN epochs; the model of the epoch best on the validation split "
                              "is kept (default 20, smoke 1)")
-    parser.add_argument("--dwn-batch", type=positive_int, default=32, help="DWN batch size")
+    parser.add_argument("--dwn-batch", type=positive_int, default=32,
+                        help="DWN batch size (default 32, the authors')")
     parser.add_argument("--dwn-efd", choices=[d.value for d in EFDDecay],
                         default=EFDDecay.EXPONENTIAL.value,
                         help="the DWNs' EFD decay with distance: harmonic 1/(H+1), the "

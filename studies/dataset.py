@@ -657,7 +657,7 @@ def build_parser():
     parser.add_argument("--test-images", type=positive_int, default=None,
                         help="test images used (default: all; smoke 200)")
     parser.add_argument("--batch-size", type=positive_int, default=256,
-                        help="inference batch size")
+                        help="inference batch size (default 256)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,

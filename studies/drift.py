@@ -1117,11 +1117,14 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing Fashion-MNIST baseline")
     parser.add_argument("--modes", nargs="+", type=RoundingMode.parse, default=None,
-                        help="rounding modes")
+                        help="rounding modes (default: "
+                             + " ".join(m.value for m in DEFAULT_MODES)
+                             + "; smoke nearest_even toward_zero)")
     parser.add_argument("--bits", nargs="+", type=int_in(2, 16), default=None,
                         help="bit widths, 2 to 16 (default: 8 6 4; smoke 8 4)")
     parser.add_argument("--targets", nargs="+", type=Target.parse, default=None,
-                        help="what is quantized: " + ", ".join(t.value for t in Target))
+                        help="what is quantized: " + ", ".join(t.value for t in Target)
+                             + " (default: both weights activations; smoke both)")
     # Two images at least: accuracy intervals, BN batch statistics and per-channel spreads
     # need more than one.
     parser.add_argument("--images", type=int_at_least(2, AUTO), default=None,
@@ -1172,7 +1175,7 @@ def _main(argv: list[str]) -> int:
                              f"evaluated on (default {CURVE_IMAGES}, smoke 16)")
     parser.add_argument("--int8-images", type=nonnegative_int, default=None,
                         help="calibration and test images of the real-INT8 cross-check "
-                             "(0 skips it)")
+                             "(default 32, smoke 8; 0 skips it)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")

@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--joint-epochs", type=nonnegative_int, default=None,
                         help="epochs of joint fine-tuning (default 1, smoke 1; 0 skips it)")
     parser.add_argument("--lr", type=positive_float, default=0.05,
-                        help="peak learning rate of head training (joint: a tenth of it)")
+                        help="peak learning rate of head training (default 0.05; joint: a "
+                             "tenth of it)")
     parser.add_argument("--joint-weights", nargs="+", type=positive_float, default=None,
                         help="loss weight of each exit in joint fine-tuning, last exit "
                              "included (default: 1 each)")
