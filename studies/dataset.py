@@ -682,7 +682,6 @@ def _load_network(args):
                                        "init_seed": args.seed},
                 {"val": 100, "calib": 100, "seed": 0})
     from qerror.nn.models import (
-        CheckpointError,
         default_checkpoint_path,
         load_checkpoint,
         retrain_command,
@@ -690,24 +689,22 @@ def _load_network(args):
     from studies.train import get_or_train_baseline
 
     split = {"val": 5000, "calib": 1000, "seed": 0}  # studies.train's defaults
-    try:
-        if args.checkpoint is not None:
-            ckpt = load_checkpoint(args.checkpoint)
-        else:
-            path = default_checkpoint_path("resnet50")
-            if not path.exists():
-                if not args.train_if_missing:
-                    raise StudyError(f"no trained baseline at {path}. Train it with "
-                                     f"`{retrain_command('resnet50')}` (about half an hour on "
-                                     "2 CPU cores) or pass --checkpoint PATH.")
-                print(f"[dataset] no trained baseline at {path}: training it now with "
-                      f"`{retrain_command('resnet50')}`. That takes about half an hour on 2 CPU "
-                      "cores (the training study prints its own estimate after timing its first "
-                      "steps, and resumes if interrupted); this study follows.", flush=True)
-            ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
-                                         data_root=args.data_root, download=args.download)
-    except CheckpointError as err:
-        raise StudyError(str(err)) from err
+    # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
+    if args.checkpoint is not None:
+        ckpt = load_checkpoint(args.checkpoint)
+    else:
+        path = default_checkpoint_path("resnet50")
+        if not path.exists():
+            if not args.train_if_missing:
+                raise StudyError(f"no trained baseline at {path}. Train it with "
+                                 f"`{retrain_command('resnet50')}` (about half an hour on "
+                                 "2 CPU cores) or pass --checkpoint PATH.")
+            print(f"[dataset] no trained baseline at {path}: training it now with "
+                  f"`{retrain_command('resnet50')}`. That takes about half an hour on 2 CPU "
+                  "cores (the training study prints its own estimate after timing its first "
+                  "steps, and resumes if interrupted); this study follows.", flush=True)
+        ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
+                                     data_root=args.data_root, download=args.download)
     recipe = ckpt.info.config.get("recipe", {}) if isinstance(ckpt.info.config, dict) else {}
     split = {"val": int(recipe.get("val_split", split["val"])),
              "calib": int(recipe.get("calib_split", split["calib"])),

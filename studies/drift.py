@@ -272,7 +272,6 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
 def _load_model(args, data_root):
     """(model, identity) for the arguments; SystemExit with the reason when it cannot."""
     from qerror.nn.models import (
-        CheckpointError,
         StateDictMismatchError,
         WeightsNotFoundError,
         fashion_resnet,
@@ -300,16 +299,14 @@ def _load_model(args, data_root):
                          "which are measured on ImageNet images: pass --data (an ImageNet "
                          "folder) too. On Fashion-MNIST --weights takes a qerror checkpoint "
                          "file, or leave it out for the cached baseline")
-    try:
-        if args.weights is not None:
-            ckpt = load_checkpoint(args.weights, expected_arch=args.model)
-        else:
-            # Under torchrun every rank would train its own copy into the same cache:
-            # a missing baseline is trained by one process first (the message says how).
-            ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
-                                         and parallel.world()[1] == 1, data_root=data_root)
-    except CheckpointError as err:
-        raise StudyError(str(err)) from err
+    # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
+    if args.weights is not None:
+        ckpt = load_checkpoint(args.weights, expected_arch=args.model)
+    else:
+        # Under torchrun every rank would train its own copy into the same cache:
+        # a missing baseline is trained by one process first (the message says how).
+        ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
+                                     and parallel.world()[1] == 1, data_root=data_root)
     return ckpt.model, {"model": f"fashion-{args.model}", "stem": ckpt.info.stem.value,
                         "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
                         "metrics": ckpt.info.metrics}
@@ -1212,7 +1209,6 @@ def _main(argv: list[str]) -> int:
         refuse_beyond_splits(parser, {
             "--images": (None if args.images in (None, AUTO) else args.images, "test"),
             "--headline-images": (args.headline_images, "test"),
-            "--int8-images": (args.int8_images, "test"),
             "--curve-images": (args.curve_images, "test"),
             "--calib-images": (args.calib_images, "calib"),
             "--calib-curve": (max(args.calib_curve or [], default=None), "calib")})

@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the INT8 graphs with inductor (default on; off with "
                              "--smoke): needed for latency, minutes per stage")
     parser.add_argument("--latency-pairs", type=positive_int, default=None,
-                        help="alternating timing pairs of the latency rows (default 200, smoke 20)")
+                        help="alternating timing pairs of the latency rows (default 200, "
+                             "smoke 20)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda or auto: where the heads are trained and "
                              "the FP32 and simulated INT8 networks run (real INT8 and latency "

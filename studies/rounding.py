@@ -221,6 +221,13 @@ def error_samples(modes, ratios, n, seed) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def swept_weights(state_dict: dict) -> dict:
+    """The tensors :func:`weight_errors` sweeps: floating-point conv and linear weights
+    (named ``*weight``, 2 dimensions or more)."""
+    return {k: v for k, v in state_dict.items()
+            if k.endswith("weight") and v.ndim >= 2 and v.dtype.is_floating_point}
+
+
 def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
     """Exact error moments in LSB of every conv/linear weight, per-channel symmetric.
 
@@ -231,8 +238,7 @@ def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
         axis 0, scale ``max|w| / qmax`` per output channel.
     """
     rows = []
-    weights = {k: v for k, v in state_dict.items()
-               if k.endswith("weight") and v.ndim >= 2 and v.dtype.is_floating_point}
+    weights = swept_weights(state_dict)
     if not weights:
         raise ValueError("the state dict holds no conv or linear weights (2-D or more)")
     for name, w in weights.items():
@@ -409,7 +415,8 @@ def _main(argv: list[str]) -> int:
                         help="Monte-Carlo samples per configuration (default 20000, smoke 2000)")
     parser.add_argument("--ratios", type=int_at_least(2), default=None,
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
-    parser.add_argument("--laws", nargs="+", default=None, help="input laws (default: all; smoke: normal half_normal)")
+    parser.add_argument("--laws", nargs="+", default=None,
+                        help="input laws (default: all; smoke: normal half_normal)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a qerror checkpoint (weights and activations) or a bare state "
                              "dict (weights) to analyse; default: the cached baseline if any")
@@ -518,7 +525,6 @@ def _load_baseline(path: Path | None):
     """
     from qerror.nn.models import (
         Arch,
-        CheckpointError,
         default_checkpoint_path,
         load_checkpoint,
         sidecar_path,
@@ -535,10 +541,7 @@ def _load_baseline(path: Path | None):
     if not path.is_file():
         raise StudyError(f"--checkpoint {path}: no such file")
     if sidecar_path(path).exists():  # a qerror checkpoint: verified, or refused
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as err:
-            raise StudyError(str(err)) from err
+        ckpt = load_checkpoint(path)  # a CheckpointError is study_main's refusal
         return ckpt.model.state_dict(), ckpt.model, {"path": str(path), "info": ckpt.info}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -548,17 +551,17 @@ def _load_baseline(path: Path | None):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StudyError(f"--checkpoint {path}: expected a qerror checkpoint or a state dict")
     # What the weight sweep will read, checked now rather than after the other sections.
-    weights = {k: v for k, v in state.items()
-               if k.endswith("weight") and v.ndim >= 2 and v.dtype.is_floating_point}
+    weights = swept_weights(state)
     if not weights:
         raise StudyError(f"--checkpoint {path}: its state dict holds no conv or linear weights "
                          "(floating-point tensors of 2 or more dimensions named *weight); pass "
                          "a network's state dict or a qerror checkpoint")
     bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise StudyError(f"--checkpoint {path}: {len(bad)} weight tensor(s) hold NaN or "
-                         f"infinite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
-                         "; quantization error is not defined for them")
+                         f"infinite values ({shown}); quantization error is not defined for "
+                         "them")
     return state, None, {"path": str(path)}
 
 

@@ -43,7 +43,13 @@ import torch
 from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode
-from qerror.data import ImageSet, fashion_mnist_splits, find_fashion_mnist, split_images, to_tensor
+from qerror.data import (
+    ImageSet,
+    fashion_mnist_splits,
+    find_fashion_mnist,
+    split_images,
+    to_tensor,
+)
 from qerror.nn import (
     LAYERS,
     QuantConfig,

@@ -277,7 +277,8 @@ def build_parser():
                         + "; smoke 2")
     parser.add_argument("--batch-size", type=positive_int, help="default 128 (smoke 32)")
     parser.add_argument("--lr", type=positive_float,
-                        help="peak one-cycle learning rate, finite and above 0 (default 0.1, smoke 0.05)")
+                        help="peak one-cycle learning rate, finite and above 0 (default 0.1, "
+                             "smoke 0.05)")
     parser.add_argument("--data-root", type=Path, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
