@@ -15,10 +15,10 @@ another study) is refused before any work starts, ``--force`` or not. Stale stag
 of killed runs next to the destination are removed when their process is gone.
 
 Command-line numbers are checked by the argparse converters here (:func:`positive_int`,
-:func:`int_at_least`, :func:`int_in`, :func:`finite_float`, :func:`positive_float`), so a bad value is refused by
-argparse with the option's name. :func:`study_main` turns the expected failures
-(:class:`StudyError`, missing data, refused checkpoints, OS errors, Ctrl-C) into one
-message and a non-zero exit; a traceback means a bug.
+:func:`int_at_least`, :func:`int_in`, :func:`finite_float`, :func:`positive_float`), so a
+bad value is refused by argparse with the option's name. :func:`study_main` turns the
+expected failures (:class:`StudyError`, missing data, refused checkpoints, OS errors,
+Ctrl-C) into one message and a non-zero exit; a traceback means a bug.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ from qerror.compress import (
     zero_count,
 )
 from qerror.compress.sparse import prunable_weights
-from qerror.data import find_fashion_mnist
+from qerror.data import find_fashion_mnist, split_images
 from qerror.nn.bn import estimate_running_stats
 from qerror.nn.training import (
     Device,
@@ -128,7 +128,6 @@ from studies._latex import letters
 from studies._runs import EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
-FASHION_TEST_IMAGES = 10_000
 CLASSES = 10
 KB = 1000  # the budgets are in kB of 1000 bytes
 DENSE_FINETUNED = "dense float32, fine-tuned"  # the method of the fine-tuned dense point
@@ -892,7 +891,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing baseline")
     parser.add_argument("--test-images", type=positive_int, default=None,
-                        help="first images of the test split measured (default all 10000, "
+                        help="first images of the test split measured (default all "
+                             f"{split_images('test')}, "
                              "smoke 64); goals are judged on the whole split only")
     parser.add_argument("--sparsities", nargs="+", type=sparsity_arg, default=None,
                         help="global magnitude-pruning sparsities (default 0.5 0.75 0.9 0.95, "
@@ -986,7 +986,7 @@ def _main(argv: list[str]) -> int:
     args.cnn_steps = 2 if smoke else None
     args.latency_rounds = pick(args.latency_rounds, 100, 3)
     refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
-    test_images = pick(args.test_images, FASHION_TEST_IMAGES, 64)
+    test_images = pick(args.test_images, split_images("test"), 64)
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
                      f"{args.finetune_steps}; every mask update needs a step of its own")
@@ -1012,8 +1012,8 @@ def _main(argv: list[str]) -> int:
     if str(model_id["model"]).endswith("untrained-smoke"):
         estimate_running_stats(model, [data.x_train[:64]])
     judged = ("smoke run" if smoke else
-              None if data.identity["test_images"] == FASHION_TEST_IMAGES else
-              f"{data.identity['test_images']} of {FASHION_TEST_IMAGES} test images")
+              None if data.identity["test_images"] == split_images("test") else
+              f"{data.identity['test_images']} of {split_images('test')} test images")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
     config.update(alpha=ALPHA, test_images=test_images, prune_share=PRUNE_SHARE,
                   rounding_modes=[m.value for m in ROUNDING_MODES],

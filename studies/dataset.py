@@ -688,7 +688,8 @@ def _load_network(args):
     )
     from studies.train import get_or_train_baseline
 
-    split = {"val": 5000, "calib": 1000, "seed": 0}  # studies.train's defaults
+    # studies.train's defaults
+    split = {"val": qdata.VAL_IMAGES, "calib": qdata.CALIB_IMAGES, "seed": 0}
     # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
     if args.checkpoint is not None:
         ckpt = load_checkpoint(args.checkpoint)

@@ -76,7 +76,7 @@ from scipy import stats as sps
 from tqdm import tqdm
 
 from qerror import RoundingMode
-from qerror.data import find_fashion_mnist, imagenet_folder
+from qerror.data import find_fashion_mnist, imagenet_folder, split_images
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -139,7 +139,6 @@ DEFAULT_BITS = (8, 6, 4)
 REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
-FASHION_TEST_IMAGES = 10_000
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 # --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
@@ -554,9 +553,9 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     accuracy on the same images, the share of the lost accuracy recovered, McNemar's test
     of the remedy against no remedy (paired, same images), and the logits' SQNR against the
     float network's with and without the remedy (:func:`qerror.nn.sqnr_db` of
-    ``Σ z_f²`` and ``Σ (z_q − z_f)²`` in float64, as :class:`qerror.nn.LogitResult` has it). A remedy's own sampling noise
-    shows as the spread of its figures across ``n``; where quantization costs little
-    accuracy (eight bits) it shows in the SQNR.
+    ``Σ z_f²`` and ``Σ (z_q − z_f)²`` in float64, as :class:`qerror.nn.LogitResult` has
+    it). A remedy's own sampling noise shows as the spread of its figures across ``n``;
+    where quantization costs little accuracy (eight bits) it shows in the SQNR.
     """
     device = next(model.parameters()).device
 
@@ -1245,7 +1244,7 @@ def _main(argv: list[str]) -> int:
                      "most the batch size")
     int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
     headline_images = args.headline_images if args.headline_images is not None else (
-        32 if smoke else FASHION_TEST_IMAGES)
+        32 if smoke else split_images("test"))
     if args.labels is not None and args.data is None:
         parser.error("--labels: labels an ImageNet folder, so it needs --data")
     if args.data is not None:

@@ -506,14 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="blocks after which an exit is placed (default: "
                              f"{' '.join(DEFAULT_EXIT_POINTS)})")
     parser.add_argument("--train-images", type=int_at_least(2), default=None,
-                        help="training images for the heads (default 54000, the whole "
-                             "training split; smoke 64)")
+                        help=f"training images for the heads (default {split_images('train')}, "
+                             "the whole training split; smoke 64)")
     parser.add_argument("--val-images", type=int_at_least(2), default=None,
                         help="validation images: temperatures and the operating point "
-                             "(default 5000, the whole split; smoke 64)")
+                             f"(default {split_images('val')}, the whole split; smoke 64)")
     parser.add_argument("--test-images", type=int_at_least(2), default=None,
-                        help="test images reported on (default 10000, the whole split; "
-                             "smoke 64)")
+                        help=f"test images reported on (default {split_images('test')}, the "
+                             "whole split; smoke 64)")
     parser.add_argument("--calib-images", type=int_at_least(2), default=None,
                         help="INT8 calibration images from the calibration split (default "
                              "512, smoke 32)")
@@ -595,8 +595,8 @@ def _main(argv: list[str]) -> int:
                                   "--test-images": (args.test_images, "test"),
                                   "--calib-images": (args.calib_images, "calib")})
     train_images = pick(args.train_images, split_images("train"), 64)
-    val_images = pick(args.val_images, 5000, 64)
-    test_images = pick(args.test_images, 10_000, 64)
+    val_images = pick(args.val_images, split_images("val"), 64)
+    test_images = pick(args.test_images, split_images("test"), 64)
     calib_images = pick(args.calib_images, 512, 32)
     batch = pick(args.batch_size, 128, 32)
     head_epochs = pick(args.head_epochs, 3, 3)

@@ -162,8 +162,9 @@ def load_model(name: str, args, data: Data, progress: bool):
         res = fit(model, tensor_batches(x, y), len(y), cfg, progress=progress,
                   desc="train small")
         return res.model.eval(), {"model": "fashion-small-cnn", "width": args.small_width,
-                                  "train": {"images": len(y), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                                            "lr": cfg.lr, "seed": cfg.seed}}
+                                  "train": {"images": len(y), "epochs": cfg.epochs,
+                                            "batch_size": cfg.batch_size, "lr": cfg.lr,
+                                            "seed": cfg.seed}}
     if args.smoke:
         model = fashion_resnet(name, seed=args.seed)
         estimate_running_stats(model, (x for x, _ in data.calib))
@@ -492,7 +493,7 @@ def _parser():
                              "double the cost of collecting each layer's inputs)")
     parser.add_argument("--test-images", type=positive_int, default=None,
                         help="test images for accuracy, the first of the split (default: "
-                             "all 10000; smoke 64)")
+                             f"all {split_images('test')}; smoke 64)")
     parser.add_argument("--drift-images", type=positive_int, default=None,
                         help="test images for the per-layer drift and SQNR (default 500, "
                              "smoke 16)")
@@ -538,7 +539,7 @@ def _main(argv: list[str]) -> int:
     args.stochastic_seeds = pick(args.stochastic_seeds, 3, 2)
     args.calib_images = pick(args.calib_images, 1000, 32)
     args.ada_images = pick(args.ada_images, 512, 32)
-    args.test_images = pick(args.test_images, 10_000, 64)
+    args.test_images = pick(args.test_images, split_images("test"), 64)
     args.drift_images = pick(args.drift_images, 500, 16)
     args.fl_roundings = pick(args.fl_roundings, 100, 8)
     args.fl_images = pick(args.fl_images, 128, 16)

@@ -118,8 +118,8 @@ class Recipe:
     warmup_fraction: float = 0.25
     crop_pad: int = 2
     flip: bool = True
-    val_split: int = 5000
-    calib_split: int = 1000
+    val_split: int = data.VAL_IMAGES
+    calib_split: int = data.CALIB_IMAGES
     train_images: int | None = None
     test_images: int | None = None
     eval_batch_size: int = 500

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qerror._enums import Choice
+from qerror.files import atomic_write
 
 
 class StorageFormat(Choice):
@@ -203,13 +204,50 @@ def _int8_codes(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(mat / safe[:, None]), -127, 127).astype(np.int8), scale
 
 
-def _stored_nonzeros(t: torch.Tensor, values: StorageFormat) -> int:
-    """Nonzeros a sparse format stores: of the INT8 codes for INT8 values (a small weight
-    whose code is 0 is not stored), of the tensor itself otherwise."""
-    if values is StorageFormat.INT8 and t.ndim:
-        w = t.detach().cpu().numpy().astype(np.float32).reshape(t.shape[0], -1)
-        return int(np.count_nonzero(_int8_codes(w)[0]))
-    return int((t != 0).sum())
+def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: StorageFormat,
+              name: str = "the tensor") -> np.ndarray:
+    """``t`` as the float32 array the formats store, after the checks that a format can hold
+    it: some elements, finite values, float16's range for float16 values, integers that
+    float32 holds exactly (a state dict's integer buffers are stored as float32), and at most
+    2 nonzeros in each group of 4 for 2:4. ValueError naming ``name`` otherwise."""
+    w = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if w.size == 0:
+        raise ValueError(f"{name} has no elements (shape {tuple(w.shape)}): nothing to store; "
+                         "remove the empty layer")
+    if w.dtype.kind in "iub":
+        as32 = w.astype(np.float32)
+        if not np.array_equal(as32.astype(w.dtype), w):
+            raise ValueError(f"{name} holds integers that float32 cannot hold exactly (largest "
+                             f"|value| {np.abs(w).max()}); the format stores every entry "
+                             "that is not a weight as float32")
+        w = as32
+    elif w.dtype.kind != "f":
+        raise ValueError(f"{name} has dtype {w.dtype}: only real numbers can be stored")
+    w = w.astype(np.float32).reshape(w.shape)
+    if not np.isfinite(w).all():
+        raise ValueError(f"{name} holds {int((~np.isfinite(w)).sum())} NaN or infinite values: "
+                         "a broken model cannot be stored (its INT8 scale, for one, would be "
+                         "undefined)")
+    if values is StorageFormat.FLOAT16 and np.abs(w).max() > np.finfo(np.float16).max:
+        raise ValueError(f"{name} holds values beyond float16's range (largest |value| "
+                         f"{np.abs(w).max():.6g} > {float(np.finfo(np.float16).max):g}); "
+                         "store it as float32")
+    if sparse is SparseFormat.TWO_FOUR and w.ndim >= 2 and w.shape[1] % 4 == 0:
+        stored = _int8_codes(w.reshape(w.shape[0], -1))[0].reshape(w.shape) \
+            if values is StorageFormat.INT8 else w.astype(values.value)
+        if ((_groups(stored) != 0).sum(axis=1) > 2).any():
+            raise ValueError(f"{name}: a group of 4 has more than 2 nonzeros: the tensor is "
+                             "not 2:4 sparse")
+    return w
+
+
+def _stored_nonzeros(w: np.ndarray, values: StorageFormat) -> int:
+    """Nonzeros a sparse format stores of a :func:`_storable` array: of the values as
+    stored (INT8 codes, float16 values: a weight that rounds to 0 there is not stored)."""
+    if values is StorageFormat.INT8 and w.ndim:
+        return int(np.count_nonzero(_int8_codes(w.reshape(w.shape[0], -1))[0]))
+    return int(np.count_nonzero(w.astype(values.value) if values is StorageFormat.FLOAT16
+                                else w))
 
 
 def _groups(w: np.ndarray) -> np.ndarray:
@@ -239,14 +277,15 @@ def encode_tensor(t: torch.Tensor | np.ndarray, sparse: SparseFormat | str = Spa
     Raises
     ------
     ValueError
-        ``values`` is not float32, float16 or int8; or a 2:4 group has more than 2 nonzeros.
+        ``values`` is not float32, float16 or int8; ``t`` has no elements, a NaN or an
+        infinity, values beyond float16's range (float16 values), integers float32 cannot
+        hold; or a 2:4 group has more than 2 nonzeros.
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     if values not in _ENCODABLE:
         raise ValueError(f"encoding supports {[f.value for f in _ENCODABLE]} values, got "
                          f"{values.value} (tensor_bytes counts every format)")
-    w = (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
-    w = w.astype(np.float32).reshape(w.shape)
+    w = _storable(t, sparse, values)
     shape, rows = w.shape, w.shape[0]
     mat = w.reshape(rows, -1)
     quant: list[np.ndarray] = []
@@ -268,9 +307,7 @@ def encode_tensor(t: torch.Tensor | np.ndarray, sparse: SparseFormat | str = Spa
                 cols.astype(index_dtype(max(mat.shape[1] - 1, 0))), mat[keep], *quant]
     tensor_bytes(shape, 0, sparse, values)  # checks the shape admits 2:4
     g = _groups(mat.reshape(shape))
-    nonzero = g != 0
-    if (nonzero.sum(axis=1) > 2).any():
-        raise ValueError("a group of 4 has more than 2 nonzeros: the tensor is not 2:4 sparse")
+    nonzero = g != 0  # at most 2 per group: checked by _storable
     # Kept positions: the nonzeros, completed with the first zero positions, in order.
     pos = np.sort(np.argsort(~nonzero, axis=1, kind="stable")[:, :2], axis=1)
     meta = np.zeros(-(-pos.size // 4) * 4, np.uint8)
@@ -312,14 +349,26 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
         mat[keep] = take(vdt, int(keep.sum()))
     elif sparse is SparseFormat.CSR:
         ptr = take(index_dtype(n), rows + 1).astype(np.int64)
+        per_row = np.diff(ptr)
+        if ptr[0] != 0 or (per_row < 0).any() or (per_row > cols).any():
+            raise ValueError("its CSR row pointers do not start at 0 and grow by at most a "
+                             "row's length: not a file of this layout")
         nnz = int(ptr[-1])
         idx = take(index_dtype(max(cols - 1, 0)), nnz).astype(np.int64)
+        inside = np.ones(nnz, bool)
+        inside[ptr[:-1][per_row > 0]] = False  # each row's first index has no predecessor
+        if nnz and ((idx >= cols).any() or (np.diff(idx, prepend=-1)[inside] <= 0).any()):
+            raise ValueError("its CSR column indices are out of range or not increasing "
+                             "within a row: not a file of this layout")
         mat = np.zeros((rows, cols), vdt)
         mat[np.repeat(np.arange(rows), np.diff(ptr)), idx] = take(vdt, nnz)
     else:
         half = n // 2
         packed = take(np.uint8, packed_bytes(half, 2))
         pos = ((packed[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:half]
+        if (pos.reshape(-1, 2)[:, 0] >= pos.reshape(-1, 2)[:, 1]).any():
+            raise ValueError("its 2:4 metadata repeats a position within a group: not a file "
+                             "of this layout")
         g = np.zeros((n // 4, 4), vdt)
         np.put_along_axis(g, pos.reshape(-1, 2).astype(np.int64), take(vdt, half).reshape(-1, 2),
                           axis=1)
@@ -364,7 +413,8 @@ def _layout(model: nn.Module, sparse: SparseFormat, values: StorageFormat,
     unknown = sorted(dense - set(layers))
     if unknown:
         raise ValueError(f"keep_dense names {unknown}, which are not Conv2d or Linear layers")
-    compressed = {f"{n}.weight" for n in layers if n not in dense}
+    # the model itself may be the layer: its weight is "weight", not ".weight"
+    compressed = {f"{n}.weight" if n else "weight" for n in layers if n not in dense}
     out = []
     for name, t in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
@@ -406,7 +456,8 @@ def model_bytes(model: nn.Module, sparse: SparseFormat | str = SparseFormat.DENS
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     rows, compressed = [], set()
     for name, t, sp, v, chosen in _layout(model, sparse, values, keep_dense):
-        rows.append((name, tensor_bytes(t.shape or (1,), _stored_nonzeros(t, v), sp, v)))
+        w = _storable(t.reshape(t.shape or (1,)), sp, v, name)
+        rows.append((name, tensor_bytes(w.shape, _stored_nonzeros(w, v), sp, v)))
         if chosen:
             compressed.add(name)
     return ModelBytes(tuple(rows), frozenset(compressed))
@@ -426,14 +477,25 @@ def write_model(model: nn.Module, path: str | Path,
     -------
     int
         Bytes written; equal to ``model_bytes(...).total`` and to the file's size.
+
+    Raises
+    ------
+    ValueError
+        An entry the format cannot hold (see :func:`encode_tensor`; the message names it).
+        Every entry is encoded before the file is written, and the file replaces ``path`` in
+        one rename (:func:`qerror.files.atomic_write`): a refused model leaves ``path`` as it
+        was.
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
-    written = 0
-    with open(path, "wb") as f:
-        for _, t, sp, v, _ in _layout(model, sparse, values, keep_dense):
-            for arr in encode_tensor(t.reshape(t.shape or (1,)), sp, v):
-                written += f.write(np.ascontiguousarray(arr).tobytes())
-    return written
+    chunks = []
+    for name, t, sp, v, _ in _layout(model, sparse, values, keep_dense):
+        try:
+            chunks += [np.ascontiguousarray(a).tobytes()
+                       for a in encode_tensor(t.reshape(t.shape or (1,)), sp, v)]
+        except ValueError as exc:
+            raise ValueError(f"cannot store {name} in {sp.value} {v.value}: {exc}") from exc
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(chunks)))
+    return sum(len(c) for c in chunks)
 
 
 def read_model(model: nn.Module, path: str | Path,
@@ -446,7 +508,11 @@ def read_model(model: nn.Module, path: str | Path,
     Raises
     ------
     ValueError
-        The file is shorter or longer than the layout it should hold.
+        The file is shorter or longer than the layout it should hold, or its sparse
+        structure is impossible (CSR row pointers or column indices, 2:4 positions). The
+        file has no header: a file of the right size whose structure is possible decodes,
+        so which model and format a file holds is the caller's to know (the compression
+        study writes and reads each file in one run).
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     data = memoryview(Path(path).read_bytes())
@@ -457,8 +523,9 @@ def read_model(model: nn.Module, path: str | Path,
             state[name] = torch.from_numpy(arr.copy()).reshape(t.shape).to(t.dtype)
             at += used
     except ValueError as exc:
-        raise ValueError(f"{path} is shorter than the layout of this model in {sparse.value} "
-                         f"{values.value}: {exc}") from exc
+        raise ValueError(f"{path} does not decode as this model in {sparse.value} "
+                         f"{values.value} (shorter than its layout, or not such a file): "
+                         f"{exc}") from exc
     if at != len(data):
         raise ValueError(f"{path} holds {len(data) - at} bytes past the layout of this model "
                          f"in {sparse.value} {values.value}: another model or format")

@@ -26,11 +26,13 @@ weight.
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,8 @@ class SparseKernelError(RuntimeError):
 
 
 def _check_sparsity(sparsity: float) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) \
+    # numbers.Real takes numpy's floats and integers too; bool (numpy's included) is refused
+    if isinstance(sparsity, bool | np.bool_) or not isinstance(sparsity, numbers.Real) \
             or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}: it is the "
                          "fraction of weights set to zero, and 1 would remove every weight")
@@ -168,6 +171,10 @@ def prune_global(model: nn.Module, sparsity: float, *,
     if torch.isnan(mags).any():
         raise PruningError("the model has NaN weights; magnitude pruning cannot order them")
     k = zero_count(sparsity, mags.numel())
+    if k == mags.numel():
+        raise PruningError(f"sparsity {sparsity!r} of {k} prunable weights rounds to all "
+                           f"{k}: no weight would be left; pass a sparsity below "
+                           f"{(k - 0.5) / k:.6g}")
     keep = torch.ones(mags.numel(), dtype=torch.bool)
     if k:
         threshold = torch.kthvalue(mags, k).values

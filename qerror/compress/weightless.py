@@ -521,6 +521,12 @@ class WisardClassifier:
     thermometer: Thermometer
     wisard: WiSARD
 
+    def __post_init__(self):
+        if self.thermometer.out_bits != self.wisard.input_bits:
+            raise ValueError(f"the thermometer gives {self.thermometer.out_bits} bits per "
+                             f"sample and the WiSARD reads {self.wisard.input_bits}: build "
+                             "the WiSARD with input_bits=thermometer.out_bits")
+
     def predict(self, x) -> torch.Tensor:
         """Classes, int64 ``(N,)``, of real inputs ``x`` (shape ``(N, F)`` or
         ``(N, *feature_shape)``)."""
@@ -1102,8 +1108,8 @@ _RAM_CODES = {RamFormat.LIST: 0, RamFormat.DENSE: 1, RamFormat.ELIAS_FANO: 2}
 
 
 def _ram_layout(w: WiSARD, counts: bool) -> dict:
-    """How a WiSARD's RAMs are stored: the smallest of the :class:`RamFormat` layouts (ties
-    in the order DENSE, LIST, ELIAS_FANO)."""
+    """How a WiSARD's RAMs are stored: the :class:`RamFormat` layout of fewest bytes in the
+    file (ties in the order DENSE, LIST, ELIAS_FANO)."""
     cls, keys, cnt = w.stored_entries(counts)
     group = cls * w.rams + (keys >> w.address_bits)
     lengths = torch.bincount(group, minlength=w.classes * w.rams)
@@ -1113,9 +1119,13 @@ def _ram_layout(w: WiSARD, counts: bool) -> dict:
     lengths_cost = w.classes * w.rams * length_bits
     counts_cost = cnt.numel() * count_bits if counts else 0
     ef_bits = elias_fano_bits(lengths.numpy(), w.address_bits)
-    costs = {RamFormat.DENSE: dense_bits * (count_bits if counts else 1),
-             RamFormat.LIST: lengths_cost + cnt.numel() * w.address_bits + counts_cost,
-             RamFormat.ELIAS_FANO: lengths_cost + ef_bits + counts_cost}
+    # in bytes, as the file pays them: each part is padded to a whole byte (_wisard_parts)
+    lengths_bytes = packed_bytes(lengths_cost, 1)
+    counts_bytes = packed_bytes(counts_cost, 1)
+    costs = {RamFormat.DENSE: packed_bytes(dense_bits, count_bits if counts else 1),
+             RamFormat.LIST: lengths_bytes + packed_bytes(cnt.numel(), w.address_bits)
+             + counts_bytes,
+             RamFormat.ELIAS_FANO: lengths_bytes + packed_bytes(ef_bits, 1) + counts_bytes}
     return {"cls": cls, "keys": keys, "cnt": cnt, "lengths": lengths, "count_bits": count_bits,
             "length_bits": length_bits, "format": min(costs, key=costs.get),
             "dense_bits": dense_bits, "ef_bits": ef_bits}
@@ -1208,6 +1218,24 @@ def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = 
     stored class by class, RAM by RAM, addresses ascending; a DWN's tables as the bits
     ``A > 0``, layer by layer, LUT-major.
     """
+    try:
+        data, parts = _serialise(model, counts)
+    except struct.error as exc:
+        raise ValueError(f"cannot write this model in the WNN file format: a header field is "
+                         f"beyond its width ({exc}); the format holds up to 65535 classes and "
+                         "65535 thermometer bits per feature") from exc
+    expected = ModelSize(tuple(parts)).total_bytes
+    if len(data) != expected:
+        raise AssertionError(f"serialised {len(data)} bytes, counted {expected}")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return atomic_write(path, write)
+
+
+def _serialise(model: WisardClassifier | DWN, counts: bool) -> tuple[bytes, list[SizePart]]:
+    """The bytes :func:`save_wnn` writes and the parts they were counted as."""
     chunks = []
     if isinstance(model, WisardClassifier):
         w, t = model.wisard, model.thermometer
@@ -1248,15 +1276,7 @@ def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = 
                 chunks.append(pack_bits(layer.index.numpy(), index_bits(layer.in_features)))
     else:
         raise TypeError(f"need a WisardClassifier or a DWN, got {type(model).__name__}")
-    data = b"".join(chunks)
-    expected = ModelSize(tuple(parts)).total_bytes
-    if len(data) != expected:
-        raise AssertionError(f"serialised {len(data)} bytes, counted {expected}")
-
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    return atomic_write(path, write)
+    return b"".join(chunks), parts
 
 
 class _Reader:
@@ -1286,6 +1306,11 @@ def _read_thermometer(r: _Reader, header: tuple) -> Thermometer:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
     arr = np.frombuffer(r.take(rows * bits * itemsize), dtype=np_dtype).reshape(rows, bits)
+    # compared, not differenced: a difference of unsigned thresholds wraps around
+    if (arr.dtype.kind == "f" and not np.isfinite(arr).all()) \
+            or (arr[:, 1:] < arr[:, :-1]).any():
+        raise ValueError("its thermometer thresholds are not finite and ascending: not a file "
+                         "save_wnn wrote, or a damaged one")
     return Thermometer(torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))), features)
 
 
@@ -1301,7 +1326,11 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
     Raises
     ------
     ValueError
-        Not such a file, a version this code does not read, or truncated or trailing data.
+        Not such a file, a version this code does not read, truncated or trailing data, or
+        contents the format rules out (RAM entries other than the header's count, thresholds
+        that are not finite and ascending, wiring beyond a layer's inputs, an unknown RAM
+        format). The file has no checksum: a damaged byte elsewhere (a table bit, the seed)
+        still loads, as another model.
     """
     r = _Reader(Path(path).read_bytes())
     magic, version, kind = r.unpack(_PREFIX)
@@ -1320,6 +1349,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         if formats[code] is RamFormat.DENSE:
             flat = torch.from_numpy(r.bits(groups << n, count_bits if counts else 1))
             where = torch.nonzero(flat).squeeze(1)
+            if where.numel() != entries:
+                raise ValueError(f"{path}: its RAMs hold {where.numel()} entries, the header "
+                                 f"says {entries}")
             cnt = flat[where]
             group, addr = where >> n, where & ((1 << n) - 1)
         else:
@@ -1355,6 +1387,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
             if specs[i][1] != _MAPPING_CODES[Mapping.RANDOM]:
                 index = torch.from_numpy(r.bits(layer.luts * fan_in,
                                                 index_bits(layer.in_features)))
+                if int(index.max()) >= layer.in_features:
+                    raise ValueError(f"{path}: layer {i} wires an input beyond its "
+                                     f"{layer.in_features}")
                 layer = LUTLayer(layer.in_features, layer.luts, fan_in, mapping=Mapping.FIXED,
                                  index=index.reshape(layer.luts, fan_in), seed=seed, stream=i)
                 model.layers[i] = layer

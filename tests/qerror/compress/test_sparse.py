@@ -3,6 +3,7 @@ pruning against its masked equivalent, CSR layers against dense ones, bad input.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -236,7 +237,8 @@ def test_csr_linear_and_conv_equal_the_dense_masked_layers():
         torch.testing.assert_close(to_csr(model)(xm), model(xm), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, np.bool_(True),
+                                 np.float32(1.0)])
 def test_sparsity_outside_the_unit_interval_is_refused(bad):
     model = tiny_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -245,6 +247,21 @@ def test_sparsity_outside_the_unit_interval_is_refused(bad):
     with pytest.raises(ValueError, match="sparsity"):
         channel_plan(model, bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_numpy_sparsities_are_numbers_and_none_removes_every_weight():
+    # numpy's floats are taken as the numbers they are
+    a, b = nn.Linear(10, 1, bias=False), nn.Linear(10, 1, bias=False)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(prune_global(a, np.float32(0.5), keep_dense=())["weight"],
+                       prune_global(b, 0.5, keep_dense=())["weight"])
+    # a sparsity below 1 that rounds to every weight (0.96 of 10 is 9.6, rounded to 10) is
+    # refused before the model is touched, with the largest sparsity that leaves one
+    before = a.weight.detach().clone()
+    with pytest.raises(PruningError, match="below 0.95"):
+        prune_global(a, 0.96, keep_dense=())
+    assert torch.equal(a.weight, before)
+    assert int((prune_global(a, 0.94, keep_dense=())["weight"]).sum()) == 1
 
 
 def test_models_without_prunable_layers_are_refused():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qerror.compress import TinyCNN, model_bytes, tiny_cnn_within, write_model
+from qerror.compress import TinyCNN, model_bytes, read_model, tiny_cnn_within, write_model
 
 
 def _params(w, c=1, k=10):
@@ -21,10 +21,37 @@ def test_parameter_count_and_output_shape(width):
 @pytest.mark.parametrize("budget", [5_000, 45_000, 100_000, 250_000])
 def test_widest_within_budget(budget, tmp_path):
     m = tiny_cnn_within(budget)
+    gen = torch.Generator().manual_seed(budget)
+    with torch.no_grad():  # BatchNorm as trained, not at its defaults
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
     size = model_bytes(m, "dense", "int8", keep_dense=()).total
     assert size <= budget < model_bytes(TinyCNN(m.width + 1), "dense", "int8",
                                         keep_dense=()).total
-    assert write_model(m, tmp_path / "m.bin", "dense", "int8", keep_dense=()) == size
+    path = tmp_path / "m.bin"
+    assert write_model(m, path, "dense", "int8", keep_dense=()) == size == path.stat().st_size
+    # By hand from the shapes: an int8 per weight of each convolution and linear layer, with
+    # a float32 scale and an int8 zero point per output channel; float32 for every other
+    # entry (biases, BatchNorm); BatchNorm's batch counter is not stored.
+    layers = {f"{n}.weight" for n, mod in m.named_modules()
+              if isinstance(mod, torch.nn.Conv2d | torch.nn.Linear)}
+    by_hand = sum(t.numel() + 5 * t.shape[0] if name in layers else 4 * t.numel()
+                  for name, t in m.state_dict().items()
+                  if not name.endswith("num_batches_tracked"))
+    assert size == by_hand
+    # The file holds the model: read into another seed's network (tiny_cnn_within's is
+    # 0), every entry comes back
+    # (the weights within half an INT8 step of their channel).
+    back = read_model(TinyCNN(m.width, seed=1), path, "dense", "int8", keep_dense=())
+    for name, t in m.state_dict().items():
+        got = back.state_dict()[name]
+        if name in layers:
+            step = t.reshape(t.shape[0], -1).abs().amax(dim=1) / 127
+            err = (got - t).reshape(t.shape[0], -1).abs().amax(dim=1)
+            assert (err <= step / 2 * (1 + 2 ** -20)).all(), name
+        elif not name.endswith("num_batches_tracked"):
+            assert torch.equal(got, t), name
 
 
 def test_same_seed_same_weights_and_global_generator_untouched():
