@@ -437,7 +437,10 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
                 depth, per_image, [s.float_std_channel for s in layers], level=FIT_LEVEL,
                 resamples=BOOTSTRAP, seed=seed))
         widest = max(fits, key=lambda f: (f.hi - f.lo) if np.isfinite(f.hi - f.lo) else -1)
-        row = {"metric": metric, "layers": len(layers), "exponent": fits[0].exponent,
+        # residual_ac1: near 0 the layer bootstrap's interval holds its level, well above 0
+        # it is too narrow (qerror.nn.growth.layer_block_bootstrap)
+        row = {"metric": metric, "layers": len(layers), "layers_fitted": fits[0].layers,
+               "exponent": fits[0].exponent, "residual_ac1": fits[0].residual_ac1,
                "answer": linear_or_sqrt(widest)}
         for f in fits:
             tag = "images" if f.method.startswith("image") else "layers"

@@ -130,7 +130,7 @@ def test_claim_T4_truncation_pulls_toward_minus_z_s():
     assert np.mean(np.abs(w_aff[between]) > np.abs(w[between])) > 0.99
 
 
-# --------------------------------------------------------------------------- statistics of the error
+# ------------------------------------------------------------------ statistics of the error
 # Each claim is decided by the exact engine (no sampling) and confirmed by a Monte-Carlo
 # test at a stated level; both must agree with the verdict.
 
@@ -331,7 +331,8 @@ def _chain(depth: int = 10, width: int = 16, seed: int = 0):
 
 
 def _net_images(n: int, seed: int):
-    return torch.randn(n, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, 1, 8, 8, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +407,9 @@ def _convs(res):
 # Decided on the trained seeds: each statement is checked on every seed, and a claim holds
 # at a width where the fraction of seeds it holds on has its 95% Wilson interval above one
 # half ("most seeds"), fails where the interval lies below one half, and is undecided
-# otherwise. The verdict texts in studies/ledger.py say which, per width.
+# otherwise. The verdict texts in studies/ledger.py say which, per width. A text that says
+# "at every width" claims a conjunction: it holds only if each width's decision does (an
+# intersection-union test), which needs no adjustment of the level for the widths.
 SEED_ALPHA = 0.05
 
 
@@ -490,6 +493,7 @@ def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
     # SEED_ALPHA; at six and four bits (the 200 measured images) by tens of points.
     t = head.loc[TRUNC.value]
     assert t.images == 10_000 and t.delta_vs_nearest < 0 and t.p_vs_nearest < SEED_ALPHA
+    assert 0.005 < -t.delta_vs_nearest < 0.015  # "about a point"
     for bits in (6, 4):
         assert value("accuracy", NEAR, bits) - value("accuracy", TRUNC, bits) > 0.3
 
@@ -498,6 +502,14 @@ def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
 def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
     assert claim("N1").verdict is Verdict.CONDITIONAL
     st = seed_statements
+    # The block bootstrap's interval holds its level only where the layers' deviations from
+    # the power law are nearly independent (qerror.nn.growth.layer_block_bootstrap: 94-96 %
+    # coverage at lag-1 autocorrelation 0, 86-87 % at 0.5). On these seeds the residuals'
+    # median autocorrelation stays below 0.3 at every width and mode, so the intervals
+    # below are read at their level.
+    for bits in N1_EXPECTED:
+        for mode in (NEAR, TRUNC, FLOOR):
+            assert _on_seeds(st, "growth_ac1", mode, bits).median() < 0.3, (bits, mode)
     for bits, expected in N1_EXPECTED.items():
         for mode in (TRUNC, FLOOR):
             # the deepest conv's per-channel drift (noise removed) exceeds nearest's ...
@@ -548,7 +560,8 @@ def test_claim_N3_saturation_follows_the_drift(chain_runs, seed_statements):
     near = chain_runs[(RoundingMode.NEAREST_EVEN, "wide")]
     trunc = chain_runs[(RoundingMode.TOWARD_ZERO, "wide")]
     # At the first quantizer both see the same input: truncation clamps |u| beyond the range
-    # by a whole step or more, nearest by half a step: a subset, exactly.
+    # by a whole step or more, nearest by half a step, so truncation's clamped elements are
+    # a subset of nearest's; here their counts (fewer at the top, no more at the bottom).
     f_n, f_t = near.layers()[0], trunc.layers()[0]
     assert f_n.saturation_high + f_n.saturation_low > 0
     assert f_t.saturation_high < f_n.saturation_high
@@ -576,9 +589,13 @@ def test_claim_N4_truncation_costs_accuracy(seed_statements):
         t = sps.t.ppf(1 - SEED_ALPHA, diff.size - 1)
         lower = diff.mean() - t * diff.std(ddof=1) / np.sqrt(diff.size)
         assert lower > 0, (bits, diff.mean(), lower)
-        # and it is on most seeds where the loss is large (six and four bits)
+        # and it is on most seeds where the loss is large (six and four bits); at eight bits
+        # the mean loss is under a point and some seeds gain (the count of losing seeds is
+        # left undecided in the text: it sits where a seed's image or two decide it)
         if bits in N4_MOST_SEEDS:
             assert _decide(diff > 0) == MOST, bits
+        else:
+            assert diff.mean() < 0.01 and (diff < 0).any(), (bits, diff)
 
 
 def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():

@@ -39,6 +39,7 @@ __all__ = [
     "image_bootstrap",
     "layer_block_bootstrap",
     "linear_or_sqrt",
+    "residual_autocorrelation",
 ]
 
 
@@ -58,7 +59,13 @@ class GrowthFit:
     method : str
         What was resampled.
     layers : int
-        Layers in the fit.
+        Layers in the point fit: those with a finite, positive value (a debiased drift of 0,
+        no drift distinguishable from noise, has no logarithm and is left out).
+    residual_ac1 : float
+        Lag-1 autocorrelation, in depth order, of the point fit's residuals (log y minus
+        the fitted line): how far the layers' deviations from the power law follow each
+        other. The layer bootstrap's interval is too narrow when it is large (see
+        :func:`layer_block_bootstrap`); ``nan`` with fewer than 3 layers.
     """
 
     exponent: float
@@ -68,22 +75,43 @@ class GrowthFit:
     resamples: int
     method: str
     layers: int
+    residual_ac1: float = math.nan
+
+
+def _usable(depth, values) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(depth, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(y) & (y > 0) & (d > 0)
+    return d[ok], y[ok]
 
 
 def fit_exponent(depth, values) -> float:
     """Least-squares slope of log(values) on log(depth) over the finite, positive values.
 
-    ``nan`` when fewer than three distinct depths remain.
+    ``nan`` when fewer than three distinct depths remain. A value of 0 (a debiased drift
+    indistinguishable from noise) has no logarithm and is left out, so the fit speaks of
+    the layers where the drift shows; :attr:`GrowthFit.layers` counts them.
     """
-    d = np.asarray(depth, dtype=np.float64)
-    y = np.asarray(values, dtype=np.float64)
-    ok = np.isfinite(y) & (y > 0) & (d > 0)
-    d, y = d[ok], y[ok]
+    d, y = _usable(depth, values)
     if np.unique(d).size < 3:
         return math.nan
     x, ly = np.log(d), np.log(y)
     x = x - x.mean()
     return float(x @ (ly - ly.mean()) / (x @ x))
+
+
+def residual_autocorrelation(depth, values) -> float:
+    """Lag-1 autocorrelation, in depth order, of the residuals of :func:`fit_exponent`'s
+    line (over the same finite, positive values); ``nan`` with fewer than 3 of them."""
+    d, y = _usable(depth, values)
+    if np.unique(d).size < 3:
+        return math.nan
+    order = np.argsort(d, kind="stable")
+    x, ly = np.log(d[order]), np.log(y[order])
+    xc = x - x.mean()
+    r = ly - ly.mean() - (xc @ (ly - ly.mean()) / (xc @ xc)) * xc
+    denom = float(r @ r)
+    return float(r[1:] @ r[:-1] / denom) if denom > 0 else math.nan
 
 
 def debiased_rms(mean: np.ndarray, var_of_mean: np.ndarray, scale: np.ndarray):
@@ -133,14 +161,21 @@ def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
     return debiased_rms(m.mean(axis=0), m.var(axis=0, ddof=1) / m.shape[0], s)
 
 
-def _interval(point: float, boot: np.ndarray, level: float, method: str, layers: int
+def _interval(point: float, boot: np.ndarray, level: float, method: str, depth, values
               ) -> GrowthFit:
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return GrowthFit(point, math.nan, math.nan, level, 0, method, layers)
+    """The percentile interval of the defined resamples; ``nan`` ends when more than
+    ``(1 - level) / 2`` of them are undefined (fewer than 3 distinct usable depths): those
+    could lie anywhere, so no percentile of the rest can stand for the interval's end."""
+    layers = int(_usable(depth, values)[0].size)
+    ac1 = residual_autocorrelation(depth, values)
     a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boot, [a, 1.0 - a])
-    return GrowthFit(point, float(lo), float(hi), level, int(boot.size), method, layers)
+    defined = boot[np.isfinite(boot)]
+    if defined.size == 0 or boot.size - defined.size > a * boot.size:
+        return GrowthFit(point, math.nan, math.nan, level, int(defined.size), method, layers,
+                         ac1)
+    lo, hi = np.quantile(defined, [a, 1.0 - a])
+    return GrowthFit(point, float(lo), float(hi), level, int(defined.size), method, layers,
+                     ac1)
 
 
 def _check(level: float, resamples: int) -> None:
@@ -231,7 +266,9 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     values = np.stack([debiased_from_counts(v, c, counts) for v, c in zip(per_image, scales)],
                       axis=1)  # (B, L)
     boot = np.array([fit_exponent(depth, row) for row in values])
-    return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth.size)
+    layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
+    return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth,
+                     layer_values)
 
 
 def layer_block_bootstrap(depth, values, *, block: int | None = None, level: float = 0.95,
@@ -240,7 +277,20 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
 
     Layers are sorted by depth; a resample joins ``ceil(L / block)`` blocks of ``block``
     consecutive layers, each starting at a uniformly drawn layer, cut to L layers. The
-    default block is ``round(L ** (1/3))`` (Künsch's rate), at least 2.
+    default block is ``round(L ** (1/3))`` (Künsch's rate), at least 2. An explicit block
+    must leave at least two places to start one (``block <= L - 1``).
+
+    Notes
+    -----
+    The interval holds its level when the layers' deviations from the power law are
+    nearly independent, and is too narrow when they follow each other: with log-deviations
+    an AR(1) series of coefficient ρ (σ 0.2, p = 1/2, 10 and 54 layers, 400 simulated fits
+    each), the 95 % interval covered p in 94–96 % of the fits at ρ = 0, 86–87 % at ρ = 0.5
+    and 67–76 % at ρ = 0.8 (tests/qerror/nn/test_growth.py checks the two ends on 10
+    layers). So every fit reports its residuals' lag-1 autocorrelation
+    (:attr:`GrowthFit.residual_ac1`): near 0 the interval can be read at its level, well
+    above 0 it is optimistic. The network claims' test checks it on the trained seeds of
+    ``studies.seeds`` before reading their intervals.
     """
     _check(level, resamples)
     d = np.asarray(depth, dtype=np.float64)
@@ -251,8 +301,9 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     d, y = d[order], y[order]
     L = d.size
     block = max(2, round(L ** (1 / 3))) if block is None else int(block)
-    if not 1 <= block <= L:
-        raise ValueError(f"block must be from 1 to the {L} layers, got {block}")
+    if not 1 <= block <= max(L - 1, 1):
+        raise ValueError(f"block must be from 1 to {max(L - 1, 1)} (one less than the {L} "
+                         f"layers, so that resamples differ), got {block}")
     point = fit_exponent(d, y)
     rng = np.random.default_rng(seed)
     starts = np.arange(L - block + 1)
@@ -262,7 +313,7 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
         idx = (rng.choice(starts, k)[:, None] + np.arange(block)).ravel()[:L]
         boot[b] = fit_exponent(d[idx], y[idx])
     return _interval(point, boot, level, f"moving-block bootstrap over layers, block={block}, "
-                     f"B={resamples}", L)
+                     f"B={resamples}", d, y)
 
 
 def linear_or_sqrt(fit: GrowthFit) -> str:

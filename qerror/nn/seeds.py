@@ -10,10 +10,11 @@ The quantities, per width ``b`` and mode ``m`` (weights and activations quantize
 
 ``drift_deep``
     the per-channel mean error relative to the float activation's std, sampling noise
-    removed (``drift_rel_rms_channel_debiased``), at the deepest convolution's input (N1);
-``growth_lo``, ``growth``
-    the exponent ``p`` of ``drift ∝ depth^p`` over the convolutions, and the lower end of
-    its moving-block bootstrap interval (N1);
+    removed (``drift_rel_rms_channel_debiased``), at the deepest convolution's output (N1);
+``growth_lo``, ``growth``, ``growth_ac1``
+    the exponent ``p`` of ``drift ∝ depth^p`` over the convolutions, the lower end of its
+    moving-block bootstrap interval, and the lag-1 autocorrelation of the fit's residuals
+    (the interval holds its level when that is near 0; N1);
 ``bn_worst``
     the largest BatchNorm inconsistency caused by quantization, over layers: the RMS over
     channels of ``(μ_q − μ_f)/σ_run`` or ``|log|`` of the geometric mean of ``σ²_q/σ²_f``,
@@ -77,7 +78,7 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
                          "accuracy quantities")
     values = {
         "drift_deep": convs[-1].drift_rel_rms_channel_debiased,
-        "growth": fit.exponent, "growth_lo": fit.lo,
+        "growth": fit.exponent, "growth_lo": fit.lo, "growth_ac1": fit.residual_ac1,
         "bn_worst": _bn_worst(res),
         "sat_first": layers[0].saturation_high, "sat_last": layers[-1].saturation_high,
         "accuracy": logits.quant_correct / logits.n,

@@ -100,6 +100,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     deb = growth[growth.metric == "drift_rel_rms_channel_debiased"]
     assert deb.method_images.str.startswith("image bootstrap, N=16").all()
     assert (growth.method_layers.str.startswith("moving-block bootstrap")).all()
+    # every fit says how far its residuals follow each other, and on how many layers it ran
+    assert growth.residual_ac1.between(-1, 1).all()
+    assert (growth.layers_fitted <= growth.layers).all()
     # Whatever CPU runs this, the pipeline the study calls faithful (the kernel probe's)
     # agrees with the real kernel on every code, full range and reduced range alike.
     probe = int8.kernel_probe()
@@ -146,9 +149,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     # compares that this run has (nearest and truncation), at both widths.
     st = pd.read_csv(out / "statements.csv")
     assert set(st["mode"]) == {"nearest_even", "toward_zero"} and set(st.bits) == {8, 4}
-    assert set(st.quantity) == {"drift_deep", "growth", "growth_lo", "bn_worst", "sat_first",
-                                "sat_last", "accuracy", "float_accuracy"}
-    assert len(st) == 2 * 2 * 8 and st.value.notna().all()
+    assert set(st.quantity) == {"drift_deep", "growth", "growth_lo", "growth_ac1", "bn_worst",
+                                "sat_first", "sat_last", "accuracy", "float_accuracy"}
+    assert len(st) == 2 * 2 * 9 and st.value.notna().all()
     both = acc[(acc.remedy == "none") & (acc.target == "both")].set_index(["mode", "bits"])
     for _, r in st[st.quantity == "accuracy"].iterrows():
         assert r.value == both.loc[(r["mode"], r.bits), "quant_acc"]

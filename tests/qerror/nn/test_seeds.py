@@ -30,11 +30,15 @@ def test_every_quantity_for_every_width_and_mode():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     st = network_statements(model, calib, test, labels, bits=(8, 4), batch=32)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    quantities = {"drift_deep", "growth", "growth_lo", "bn_worst", "sat_first", "sat_last",
-                  "accuracy", "float_accuracy"}
+    quantities = {"drift_deep", "growth", "growth_lo", "growth_ac1", "bn_worst", "sat_first",
+                  "sat_last", "accuracy", "float_accuracy"}
     assert len(st) == 2 * len(STATEMENT_MODES) * len(quantities)
     assert set(st.quantity) == quantities
-    assert np.isfinite(st.value).all()
+    # every quantity is measured; the interval's end alone may be undefined (nan), where
+    # too many resamples of this untrained network's layers leave under three usable depths
+    interval = st.quantity == "growth_lo"
+    assert np.isfinite(st.value[~interval]).all()
+    assert not np.isinf(st.value[interval]).any()
     acc = st[st.quantity.isin(["accuracy", "float_accuracy"])].value
     # accuracies are counts over the 96 images
     assert np.allclose(acc * 96, np.round(acc * 96)) and acc.between(0, 1).all()
