@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.qerror-installed
 PEERS  := $(VENV)/.qerror-peers
 JOBS   ?= 2
 
-.PHONY: run test test-avx2 env data bench paper paper-smoke clean
+.PHONY: run test test-avx2 env data bench paper paper-smoke readme clean
 
 env: $(STAMP)
 
@@ -71,6 +71,11 @@ paper: $(STAMP)
 
 paper-smoke: $(STAMP) data
 	$(BIN)/python paper/build.py --smoke
+
+# The README's measured passages, rendered from the runs recorded in paper/record (copies of
+# their manifests and outputs, checked by sha256); the test suite fails when one is stale.
+readme: $(STAMP)
+	$(BIN)/python paper/readme.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,346 @@
+"""The README's measured figures, rendered from the runs that measured them.
+
+A passage of ``README.md`` that reports what a run measured sits between two markers,
+
+    <!-- record: NAME -->
+    ...
+    <!-- /record -->
+
+and is written by the renderer ``NAME`` here (:data:`RENDERERS`) from *records*: folders
+``paper/record/<run>/`` holding a copy of a finished run's ``manifest.json``, copies of the
+outputs the passage reads (each must match the sha256 its manifest gives it, so a record is
+what the study wrote, not a number typed in), and ``record.json``, the words a manifest
+cannot know (the command line as run, the machine and what else ran on it).
+
+``python paper/readme.py`` rewrites the passages in place; ``--check`` changes nothing and
+exits 1 naming every passage that differs from its rendering and every record that does not
+match its manifest (``tests/test_readme.py`` runs the same check). ``--add NAME=RUN FILE ...``
+copies a finished run's manifest and the named outputs into ``paper/record/NAME`` (then
+write its ``record.json`` and render).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from qerror.files import atomic_write, sha256_file
+
+PAPER = Path(__file__).resolve().parent
+REPO = PAPER.parent
+RECORDS = PAPER / "record"
+README = REPO / "README.md"
+
+_BLOCK = re.compile(r"(<!-- record: ([a-z0-9-]+) -->\n)(.*?)(<!-- /record -->)", re.S)
+
+
+class RecordError(Exception):
+    """A record that is missing, incomplete, or does not match its manifest."""
+
+
+class Record:
+    """One record folder: its manifest, its ``record.json`` and its verified outputs."""
+
+    def __init__(self, name: str, root: Path = RECORDS):
+        self.name, self.folder = name, root / name
+        if not (self.folder / "manifest.json").is_file():
+            raise RecordError(f"record {name}: no {self.folder / 'manifest.json'}")
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        about = self.folder / "record.json"
+        self.about = json.loads(about.read_text()) if about.is_file() else {}
+        outputs = self.manifest.get("outputs", {})
+        for path in sorted(self.folder.iterdir()):
+            if path.name in ("manifest.json", "record.json"):
+                continue
+            if path.name not in outputs:
+                raise RecordError(f"record {name}: {path.name} is not an output of its run "
+                                  "(its manifest does not list it)")
+            if sha256_file(path) != outputs[path.name]:
+                raise RecordError(f"record {name}: {path.name} differs from the output its "
+                                  "manifest lists (sha256): copy the run's file unchanged")
+
+    def csv(self, file: str) -> pd.DataFrame:
+        return pd.read_csv(self._path(file))
+
+    def json(self, file: str):
+        return json.loads(self._path(file).read_text())
+
+    def _path(self, file: str) -> Path:
+        path = self.folder / file
+        if not path.is_file():
+            raise RecordError(f"record {self.name}: needs {file}; copy it from the run "
+                              f"(python paper/readme.py --add {self.name}=RUN {file})")
+        return path
+
+    @property
+    def commit(self) -> str:
+        return self.manifest["git"]["commit"][:7]
+
+
+# --------------------------------------------------------------------------- numbers in words
+
+
+def pct(x: float) -> str:
+    """A share as percent with two decimals: 0.8881 -> "88.81"."""
+    return f"{100 * x:.2f}"
+
+
+def points(x: float) -> str:
+    """A difference of shares in percentage points, signed: 0.005 -> "+0.50"."""
+    return f"{100 * x:+.2f}"
+
+
+def pvalue(p: float) -> str:
+    """Two significant digits: 0.015, 7.4e-08, 1."""
+    return f"{p:.2g}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def compression_table(records) -> str:
+    rec = records("compression")
+    pts = rec.csv("points.csv").sort_values("bytes", ascending=False, kind="stable")
+    lines = [
+        f"**The default run, measured** (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.manifest['seconds'] / 60:.0f} minutes on {rec.about['machine']}; "
+        f"{rec.about['early_exit']}): every model on the whole test split, largest first "
+        "(`points.csv`; \"vs dense\": percentage points against the baseline with McNemar's "
+        "p, none for the early exit, whose run kept no per-image results; \"front\": on the "
+        "Pareto front of accuracy against bytes).",
+        "",
+        "| model | configuration | bytes | accuracy % [95% CI] | vs dense (points, McNemar p) "
+        "| front |",
+        "|---|---|---:|---|---|:-:|",
+    ]
+    for r in pts.itertuples():
+        delta = "" if pd.isna(r.delta_vs_dense) else points(r.delta_vs_dense)
+        if delta and not pd.isna(r.p_vs_dense):
+            delta += f" (p {pvalue(r.p_vs_dense)})"
+        lines.append(f"| {r.method} | {r.config} | {int(r.bytes):,} | {pct(r.acc)} "
+                     f"[{pct(r.acc_lo)}, {pct(r.acc_hi)}] | {delta} | "
+                     f"{'•' if r.on_front else ''} |")
+    return "\n".join(lines)
+
+
+def compression_goals(records) -> str:
+    rec = records("compression")
+    goals = rec.csv("goals.csv")
+    pts = rec.csv("points.csv")
+    best = rec.json("summary.json")["smallest_within_one_point"]
+    items = [f"- {g.goal}: **{g.verdict}** ({g.measured})." for g in goals.itertuples()]
+    within = pts[pts.bytes <= 100_000].sort_values("acc", ascending=False)
+    by_family = within.groupby("method", sort=False).head(1)
+    top = pts.sort_values("acc", ascending=False).iloc[0]
+    items.append(f"- The smallest model within one point of the dense baseline: {best['method']}"
+                 f" ({best['config']}), {int(best['bytes']):,} bytes, {pct(best['acc'])} % "
+                 "(`summary.json`).")
+    items.append("- Within 100 kB, the most accurate of each kind: " + "; ".join(
+        f"{r.method} {pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}] ({int(r.bytes):,} "
+        "bytes)" for r in by_family.itertuples()) + " (no test between them here).")
+    vs = "" if pd.isna(top.p_vs_dense) else (f", {points(top.delta_vs_dense)} points against "
+                                             f"the dense baseline, McNemar p "
+                                             f"{pvalue(top.p_vs_dense)}")
+    items.append(f"- The most accurate model of all: {top.method} ({top.config}), "
+                 f"{pct(top.acc)} %{vs}.")
+    return "At these defaults (`goals.csv`):\n\n" + "\n".join(items)
+
+
+def _phases(timing: pd.Series) -> dict[str, float]:
+    return {p: float(timing[f"measured_{p}_s"]) for p in
+            ("pilot", "instrumented", "remedies", "headline", "curve")}
+
+
+def drift_time(records) -> str:
+    rec, block = records("drift"), records("drift-block-engine")
+    t = rec.csv("timing.csv").iloc[0]
+    tb = block.csv("timing.csv").iloc[0]
+    ph = _phases(t)
+    configs = int(t.configurations)
+    widths = len(rec.manifest["config"]["bits"])
+    timing = set(rec.manifest.get("timing_outputs", [])) | {"timing.csv"}
+    results = sorted(n for n in rec.manifest["outputs"] if n.endswith(".csv") and n not in timing)
+    differ = [n for n in results if rec.manifest["outputs"][n]
+              != block.manifest["outputs"].get(n)]
+    same = ("every result file (`*.csv` but `timing.csv`) of the two is byte for byte the same"
+            if not differ else f"{len(differ)} of its {len(results)} result files differ "
+            f"({', '.join(differ)})")
+    return (
+        f"With the baseline cached the default run took {minutes(t.measured_s)} minutes "
+        f"(`timing.csv`: `measured_s` {t.measured_s:.0f}, commit {rec.commit}, the fused exact "
+        f"quantizer compiled on first use) on {rec.about['machine']} and {rec.about['kernels']} "
+        f"(`{rec.about['environment']}`): {minutes(ph['pilot'])} minutes for the pilot that "
+        f"sizes the subset ({rec.manifest['config']['chosen_images']} images, below), "
+        f"{minutes(ph['instrumented'])} for the {configs} instrumented configurations (each "
+        f"width's {configs // widths} in one K-way batch) and their analysis, "
+        f"{minutes(ph['remedies'])} for the remedies, {minutes(ph['headline'])} for the "
+        f"whole-test-split headline, {minutes(ph['curve'])} for the remedies' calibration "
+        "curve (which `--calib-curve` with no value leaves out). The same run with the block "
+        f"quantizer (`QERROR_FUSED=0`, commit {block.commit}) took {tb.measured_s:.0f} s, and "
+        f"{same}.")
+
+
+def drift_fused_gain(records) -> str:
+    fused = records("drift").csv("timing.csv").iloc[0].measured_s
+    block = records("drift-block-engine").csv("timing.csv").iloc[0].measured_s
+    return (f"In a whole study the gain is smaller: the default drift run took {fused:.0f} s "
+            f"with it and {block:.0f} s without (above).")
+
+
+def rounding_choice_time(records) -> str:
+    rec = records("rounding_choice")
+    goals = rec.csv("goals.csv")
+    timing = rec.csv("timing.csv")
+    stage = timing.groupby("stage", sort=False).seconds.sum()
+    whole = goals[goals.goal.str.startswith("whole run")].iloc[0].measured
+    updown = stage[[s for s in stage.index if s.startswith("up or down")]].sum()
+    ada = {g.goal.split(":")[0]: g.measured for g in goals.itertuples()
+           if "AdaRound" in g.goal}
+    return (
+        f"The default run took {whole.replace(' min', ' minutes')} (`goals.csv`, commit "
+        f"{rec.commit}) on {rec.about['machine']}, {rec.about['kernels']} "
+        f"(`{rec.about['environment']}`): {minutes(stage['test accuracy'])} of them for the "
+        f"whole-test-split accuracies, {minutes(stage['AdaRound'])} for AdaRound, "
+        f"{minutes(updown)} for the up/down experiment, {minutes(stage['training'])} for "
+        f"training the small CNN. 4-bit AdaRound against float (`goals.csv`): "
+        + "; ".join(f"{model}, {text}" for model, text in ada.items()) + ".")
+
+
+RENDERERS: dict[str, Callable] = {
+    "compression-table": compression_table,
+    "compression-goals": compression_goals,
+    "drift-time": drift_time,
+    "drift-fused-gain": drift_fused_gain,
+    "rounding-choice-time": rounding_choice_time,
+}
+
+
+# --------------------------------------------------------------------------- the README
+
+WIDTH = 95  # the README's prose is wrapped at about this width
+
+
+def wrap(body: str) -> str:
+    """Prose paragraphs and list items wrapped at :data:`WIDTH`; tables left as they are."""
+    out = []
+    for para in body.split("\n\n"):
+        if para.startswith("|"):
+            out.append(para)
+        elif para.startswith("- "):
+            items = ("\n" + para).split("\n- ")[1:]
+            out.append("\n".join(textwrap.fill(
+                "- " + " ".join(item.split()), WIDTH, subsequent_indent="  ",
+                break_long_words=False, break_on_hyphens=False) for item in items))
+        else:
+            out.append(textwrap.fill(" ".join(para.split()), WIDTH, break_long_words=False,
+                                     break_on_hyphens=False))
+    return "\n\n".join(out)
+
+
+def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
+    """``text`` with every record passage rendered, and the problems found (unknown
+    renderers, renderers without a passage, records that fail their manifest)."""
+    cache: dict[str, Record] = {}
+    problems: list[str] = []
+
+    def records(name: str) -> Record:
+        if name not in cache:
+            cache[name] = Record(name, root)
+        return cache[name]
+
+    seen = []
+
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        seen.append(name)
+        if name not in RENDERERS:
+            problems.append(f"README passage '{name}' has no renderer in paper/readme.py")
+            return m.group(0)
+        try:
+            body = wrap(RENDERERS[name](records))
+        except RecordError as err:
+            problems.append(str(err))
+            return m.group(0)
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    out = _BLOCK.sub(one, text)
+    problems += [f"renderer '{n}' has no passage in the README (<!-- record: {n} -->)"
+                 for n in RENDERERS if n not in seen]
+    return out, problems
+
+
+def differing(old: str, new: str) -> list[str]:
+    """Names of the passages whose text differs between two versions of the README."""
+    a = {m.group(2): m.group(3) for m in _BLOCK.finditer(old)}
+    b = {m.group(2): m.group(3) for m in _BLOCK.finditer(new)}
+    return sorted(n for n in b if a.get(n) != b[n])
+
+
+def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
+    """Copy a finished run's manifest and outputs into ``root/NAME`` (``spec`` NAME=RUN)."""
+    name, _, run = spec.partition("=")
+    run_dir = Path(run)
+    if not name or not run or not (run_dir / "manifest.json").is_file():
+        raise RecordError(f"--add {spec}: give NAME=RUN with RUN a finished run's folder "
+                          "(it holds manifest.json)")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for f in files:
+        if f not in manifest.get("outputs", {}):
+            raise RecordError(f"--add: {f} is not an output of {run_dir} (its manifest)")
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ["manifest.json", *files]:
+        shutil.copyfile(run_dir / f, folder / f)
+    Record(name, root)  # the copies match the manifest
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python paper/readme.py", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if a passage differs from its rendering")
+    parser.add_argument("--add", metavar="NAME=RUN", default=None,
+                        help="copy RUN's manifest and the FILES into paper/record/NAME")
+    parser.add_argument("files", nargs="*", help="outputs to copy with --add")
+    args = parser.parse_args(argv)
+    try:
+        if args.add is not None:
+            print(f"[readme] record written: {add(args.add, args.files)}")
+            return 0
+        if args.files:
+            parser.error("FILES go with --add")
+        old = README.read_text(encoding="utf-8")
+        new, problems = render(old)
+    except RecordError as err:
+        print(f"[readme] error: {err}", file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"[readme] {p}", file=sys.stderr)
+    changed = differing(old, new)
+    if args.check:
+        for n in changed:
+            print(f"[readme] passage '{n}' differs from its rendering: run python "
+                  "paper/readme.py", file=sys.stderr)
+        return 1 if changed or problems else 0
+    if new != old:
+        atomic_write(README, lambda tmp: tmp.write_text(new, encoding="utf-8"))
+    print(f"[readme] {len(changed)} passage(s) rewritten" if changed else
+          "[readme] every passage is current")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
