@@ -218,10 +218,22 @@ def rounding_choice_time(records) -> str:
         + "; ".join(f"{model}, {text}" for model, text in ada.items()) + ".")
 
 
+def early_exit_run(records) -> str:
+    rec = records("early_exit")
+    goals = rec.csv("goals.csv")
+    cpu = rec.manifest.get("cpu", {}).get("cpu_capability")
+    items = [f"- {g.goal}: **{g.verdict}** ({g.measured})." for g in goals.itertuples()]
+    return (f"A default run took {minutes(rec.manifest['seconds'])} minutes "
+            f"({rec.manifest['seconds']:.0f} s, `{rec.about['command']}`, commit {rec.commit}) "
+            f"on {rec.about['machine']}" + (f" (ATen's {cpu} kernels)" if cpu else "")
+            + ". Its goals (`goals.csv`):\n\n" + "\n".join(items))
+
+
 RENDERERS: dict[str, Callable] = {
     "compression-table": compression_table,
     "compression-goals": compression_goals,
     "drift-time": drift_time,
+    "early-exit-run": early_exit_run,
     "drift-fused-gain": drift_fused_gain,
     "rounding-choice-time": rounding_choice_time,
 }
