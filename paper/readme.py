@@ -103,6 +103,13 @@ def pvalue(p: float) -> str:
     return f"{p:.2g}"
 
 
+def span(values) -> str:
+    """The range of ratios to two decimals, "0.60–0.67", or one figure where both ends
+    read the same."""
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}"
 
@@ -192,6 +199,22 @@ def drift_time(records) -> str:
         f"{same}.")
 
 
+def bench_fused(records) -> str:
+    rec = records("bench-fake-quantize")
+    b = rec.csv("bench.csv")
+    fused = b[b.candidate.str.startswith("fused")]
+    away = fused.name.str.contains("nearest_away")
+    exact = b[(b.candidate == "qerror") & ~b.name.str.contains("stochastic|reciprocal")]
+    size = int(fused.name.str.extract(r"per-tensor, (\d+) ")[0].dropna().iloc[0])
+    return (f"`{rec.about['command']}` ({rec.about['machine']}, commit {rec.commit}, "
+            f"2^{size.bit_length() - 1} float32 values, medians of paired timings) times it "
+            f"at {span(fused[~away].ratio_median)} of the block engine per mode "
+            f"({span(fused[away].ratio_median)} for nearest-away), and the exact "
+            "deterministic modes (nearest-away included, per tensor and per channel) at "
+            f"{span(exact.ratio_median)} of PyTorch's own nearest-even fake-quantize kernel, "
+            "which is not exact.")
+
+
 def drift_fused_gain(records) -> str:
     fused = records("drift").csv("timing.csv").iloc[0].measured_s
     block = records("drift-block-engine").csv("timing.csv").iloc[0].measured_s
@@ -235,6 +258,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time": drift_time,
     "early-exit-run": early_exit_run,
     "drift-fused-gain": drift_fused_gain,
+    "bench-fused": bench_fused,
     "rounding-choice-time": rounding_choice_time,
 }
 

@@ -76,3 +76,4 @@ def test_numbers_in_words():
     assert readme.pct(0.8881) == "88.81" and readme.points(0.005) == "+0.50"
     assert readme.pvalue(7.4e-8) == "7.4e-08" and readme.pvalue(1.0) == "1"
     assert readme.pvalue(0.0149) == "0.015" and readme.minutes(399) == "6.7"
+    assert readme.span([0.601, 0.666]) == "0.60–0.67" and readme.span([0.329, 0.331]) == "0.33"
