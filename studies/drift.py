@@ -1932,11 +1932,15 @@ def _tables(run, acc, fits, pred) -> None:
                           f"from float are not resolved here (p $\\geq$ {ALPHA:g}).",
                           "tab:drift-accuracy")
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
-                         "hi_images", "lo_layers", "hi_layers", "answer") if c in fits]
+                         "hi_images", "lo_layers", "hi_layers", "residual_ac1", "answer")
+             if c in fits]
     run.write_latex_table("growth.tex", fits[fits.target == "both"][fcols],
                           f"Growth of the error with path depth: exponent p of depth$^p$ with "
                           f"{100 * FIT_LEVEL:g}\\% bootstrap intervals over images and over "
-                          "blocks of layers, and whether they separate linear from "
+                          "blocks of layers, the lag-1 autocorrelation of the fit's residuals "
+                          "along depth (near 0 the interval over layers holds its level, well "
+                          "above 0 it is too narrow), and whether the intervals separate "
+                          "linear from "
                           "$\\sqrt{\\text{depth}}$.", "tab:drift-growth")
     rem = acc[acc.remedy != "none"]
     if len(rem):
@@ -1954,7 +1958,7 @@ def _report(acc, fits, out, seconds) -> None:
     print(base[cols].to_string(index=False))
     f = fits[(fits.target == "both")]
     fc = [c for c in ("mode", "bits", "metric", "exponent", "lo_images", "hi_images",
-                      "lo_layers", "hi_layers", "answer") if c in f]
+                      "lo_layers", "hi_layers", "residual_ac1", "answer") if c in f]
     print(f[fc].to_string(index=False))
     print(f"[drift] {len(base)} configurations in {seconds:.0f} s; written to {out}")
 
