@@ -28,6 +28,7 @@ import importlib.resources
 import json
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -239,9 +240,19 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
 
     named = named_data_root(data_root)
     root = named[0] if named is not None else cache_dir() / "data"
-    torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-    torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
-    return root / "FashionMNIST" / "raw"
+    target = root / "FashionMNIST"
+    existed = target.exists()
+    try:
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+    except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError
+        if not existed:  # what this call created, and nothing else, goes again
+            shutil.rmtree(target, ignore_errors=True)
+        raise DataNotFoundError(
+            f"downloading Fashion-MNIST into {root} failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); no internet here? "
+            + _ways_to_get_it()) from err
+    return target / "raw"
 
 
 @dataclass(frozen=True)

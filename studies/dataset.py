@@ -39,6 +39,7 @@ import argparse
 import hashlib
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,6 @@ from qerror import (
     RoundingMode,
     calibrate,
     dequantize,
-    fake_quantize,
     holm,
     mcnemar_test,
     on_codes,
@@ -168,11 +168,18 @@ def equivalence(net: nn.Module, x: torch.Tensor, qparams: QParams, float_logits:
     inputs of both paths.
     """
     codes = quantize_offline(x, INT8, qparams)
-    logits_q = predict(with_input_quantizer(net, INT8, qparams), x, batch_size,
-                       "input quantizer in the model", progress)
-    logits_c = predict(on_codes(net, qparams), codes, batch_size, "offline int8 codes", progress)
-    input_q = fake_quantize(x, INT8, qparams.scale, qparams.zero_point)
-    input_c = dequantize(codes, qparams.scale, qparams.zero_point)
+    model_q, model_c = with_input_quantizer(net, INT8, qparams), on_codes(net, qparams)
+    # the input each network actually receives: the output of its first module
+    seen: dict[str, list] = {"q": [], "c": []}
+    hooks = [model_q[0].register_forward_hook(lambda m, a, out: seen["q"].append(out.cpu())),
+             model_c[0].register_forward_hook(lambda m, a, out: seen["c"].append(out.cpu()))]
+    try:
+        logits_q = predict(model_q, x, batch_size, "input quantizer in the model", progress)
+        logits_c = predict(model_c, codes, batch_size, "offline int8 codes", progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    input_q, input_c = torch.cat(seen["q"]), torch.cat(seen["c"])
     rows = []
 
     def add(comparison, a, b, in_a=None, in_b=None):
@@ -231,18 +238,27 @@ def pixel_levels(qparams_by_bits: dict[int, QParams], test_pixels: np.ndarray) -
     return pd.concat(rows, ignore_index=True)
 
 
-def pixel_summary(levels: pd.DataFrame) -> pd.DataFrame:
+def exact_ties(values, qparams: QParams) -> int:
+    """How many of ``values`` (float32) sit exactly half-way between two codes: ``x/s + z``
+    a half-integer in exact rational arithmetic (the scale rounded to float32, as the
+    quantizer takes it). Round-half-to-even and round-half-away differ at half of them."""
+    s = Fraction(float(np.float32(qparams.scale)))
+    z = Fraction(int(qparams.zero_point))
+    return sum((Fraction(float(v)) / s + z).denominator == 2
+               for v in np.asarray(values, dtype=np.float32))
+
+
+def pixel_summary(levels: pd.DataFrame, qparams_by_bits: dict[int, QParams]) -> pd.DataFrame:
     """Per bit width and mode: are the 256 levels kept apart, and how far are they moved.
 
     Bias and MSE are weighted by each level's count among the test pixels. ``ties`` counts
-    levels whose shifted value is exactly half-way between codes (where round-half-to-even
-    and round-half-away differ).
+    levels whose shifted value is exactly half-way between codes (:func:`exact_ties`),
+    where the nearest modes' tie rules decide.
     """
     out = []
     for bits, g in levels.groupby("bits", sort=False):
         by_mode = {m: d.sort_values("pixel") for m, d in g.groupby("mode", sort=False)}
-        ties = int((by_mode["nearest_even"].code.to_numpy()
-                    != by_mode["nearest_away"].code.to_numpy()).sum())
+        ties = exact_ties(by_mode["nearest_even"].value.to_numpy(), qparams_by_bits[bits])
         for mode, d in by_mode.items():
             w = d.test_count.to_numpy(dtype=float)
             e = d.error_lsb.to_numpy()
@@ -779,7 +795,7 @@ def _main(argv: list[str]) -> int:
         acc, mcnemar, qparams = offline_rounding(cache, x, labels, calib_x, modes, bit_list,
                                                  float_logits, float_ran, args.seed)
         levels = pixel_levels(qparams, test.images)
-        pixels = pixel_summary(levels)
+        pixels = pixel_summary(levels, qparams)
         storage = storage_table(measured_sizes(test.images, x, paths["codes"]))
         throughput = conversion_throughput(test.images, x, paths["codes"], model_qp,
                                            args.batch_size, 3 if args.smoke else 15)

@@ -323,8 +323,8 @@ CLAIMS += (
         "input on the fly.",
         Verdict.TRUE,
         "With the same spec, scale and zero point, a model that quantizes its float input "
-        "itself and the same model fed codes stored offline see bit-identical input and give "
-        "bit-identical outputs.",
+        "itself and the same model fed codes stored offline see the same input values (ties "
+        "between codes included) and give bit-identical outputs.",
         "test_claim_D1_input_quantizer_equals_offline_codes",
     ),
     Claim(
@@ -367,7 +367,8 @@ CLAIMS += (
         Verdict.CONDITIONAL,
         "Four times less than float32 tensors (one byte per value against four), but nothing "
         "against data that are already 8-bit: Fashion-MNIST's and most images' pixels are "
-        "uint8 on disk, and their INT8 codes take the same bytes.",
+        "uint8 on disk, and their INT8 codes of the same image size take the same bytes "
+        "(codes of the zero-padded model input take more than the raw pixels).",
         "test_claim_D5_int8_storage_saves_against_float_only",
     ),
     Claim(
@@ -377,9 +378,12 @@ CLAIMS += (
         Verdict.CONDITIONAL,
         "When the stored codes use the model's own scale and zero point the model sees the "
         "same input (D1), so nothing about the model changes. Codes made with another "
-        "calibration (another subset, a percentile range, a scale off by a few percent) feed "
-        "the model different input, and its predictions change: then it is an ML decision "
-        "too (python -m studies.dataset measures by how much).",
+        "calibration (a percentile range, a scale off by a few percent, or another subset "
+        "whose extremes differ from the calibration set's) feed the model different input, "
+        "which can change its predictions: then it is an ML decision too (python -m "
+        "studies.dataset counts the codes and predictions that change). On Fashion-MNIST "
+        "another subset's min-max is the calibration split's: every image holds a pixel of "
+        "0 and nearly every one a pixel of 255.",
         "test_claim_D6_other_offline_scales_change_what_the_model_sees",
     ),
 )

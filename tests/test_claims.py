@@ -761,4 +761,18 @@ def test_claim_D6_other_offline_scales_change_what_the_model_sees():
         seen = dequantize(quantize_offline(x, spec, qp), qp.scale, qp.zero_point)
         mine = dequantize(quantize_offline(x, spec, own), own.scale, own.zero_point)
         assert not torch.equal(seen, mine)
+    # On Fashion-MNIST another subset does not arise: every image holds a 0 and nearly
+    # every one a 255, so the validation split's first thousand images calibrate as the
+    # calibration split does.
+    from qerror.data import DataNotFoundError, fashion_mnist_splits, to_tensor
+
+    try:
+        splits = fashion_mnist_splits()
+    except DataNotFoundError as err:
+        pytest.fail(f"the dataset claims are decided on Fashion-MNIST: {err} (make data)")
+    for part in (splits.train, splits.val, splits.calib, splits.test):
+        flat = part.images.reshape(len(part.images), -1)
+        assert (flat.min(axis=1) == 0).all() and (flat.max(axis=1) == 255).mean() > 0.9
+    assert calibrate(to_tensor(splits.val.images[:1000]), spec) == \
+        calibrate(to_tensor(splits.calib.images), spec)
 

@@ -3,7 +3,8 @@
 A model can take float images and quantize them itself (:class:`InputQuantizer` as its
 first op), or take integer codes quantized beforehand and stored one per byte
 (:func:`quantize_offline`), which it dequantizes on load (:class:`Dequantizer`). With the
-same spec, scale and zero point the two give the model bit-identical input.
+same spec, scale and zero point the two give the model the same input values, ties between
+codes included (a zero may differ in sign where the quantizer's block engine runs).
 """
 
 from __future__ import annotations

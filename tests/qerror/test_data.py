@@ -381,3 +381,20 @@ def test_imagenet_folder_without_images_is_refused(tmp_path):
         data.imagenet_folder(tmp_path / "empty")
     with pytest.raises(data.DataNotFoundError, match="is not a folder"):
         data.imagenet_folder(tmp_path / "absent")
+
+
+def test_a_failed_download_is_a_clear_refusal_and_leaves_nothing(tmp_path, monkeypatch):
+    """No network: torchvision raises after creating its folders; the study gets a
+    DataNotFoundError naming the other ways, and the folders this call made are gone."""
+    import torchvision
+
+    def offline(root, train, download):
+        (tmp_path / "FashionMNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    with pytest.raises(data.DataNotFoundError, match="downloading Fashion-MNIST into .* failed"
+                       r"(.|\n)*apt-get install dataset-fashion-mnist"):
+        data.download_fashion_mnist(tmp_path)
+    assert list(tmp_path.iterdir()) == []

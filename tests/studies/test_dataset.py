@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qerror import RoundingMode, calibrate, quantize
+from qerror import QParams, RoundingMode, calibrate, quantize
 from qerror import data as qdata
 from studies import dataset
 from studies._common import sha256_file
@@ -57,7 +57,7 @@ def test_calibrated_int8_quantizer_keeps_pixel_levels_and_truncation_merges_two(
     pixels[1] = 255
     qp = calibrate(qdata.to_tensor(pixels), dataset.INT8)
     levels = dataset.pixel_levels({8: qp}, pixels)
-    summary = dataset.pixel_summary(levels).set_index("mode")
+    summary = dataset.pixel_summary(levels, {8: qp}).set_index("mode")
     # The arithmetic is float32: the error is −f to within a few float32 ulps of 255.
     tol = 8 * 255 * np.finfo(np.float32).eps
     for mode in ("nearest_even", "nearest_away", "floor"):
@@ -170,3 +170,15 @@ def test_missing_data_is_reported_before_anything_is_written(tmp_path, monkeypat
                          "--out", str(out)]) == 2
     assert "Fashion-MNIST was not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_exact_ties_counts_every_half_way_value():
+    """Levels on quarter steps of a scale of 1: every other one is half-way between codes,
+    including those where round-half-to-even and round-half-away agree (±3.5 round to ±4
+    both ways), which a comparison of the two modes misses."""
+    levels = np.arange(-80, 80) * 0.25  # -20 .. 19.75: 160 values, 40 half-integers
+    assert dataset.exact_ties(levels, QParams(1.0, 0)) == 40
+    # with a zero point of 1 (still an integer) the same values are ties
+    assert dataset.exact_ties(levels, QParams(1.0, 1)) == 40
+    # a scale of 0.5 makes the quarter steps halves of a step: the odd quarters are ties
+    assert dataset.exact_ties(levels, QParams(0.5, 0)) == 80

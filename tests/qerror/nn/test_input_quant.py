@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from qerror import (
+    InputQuantizer,
+    QParams,
     QuantSpec,
     RoundingMode,
     calibrate,
@@ -43,6 +45,30 @@ def test_input_quantizer_in_the_model_equals_offline_codes_bit_for_bit(mode, bit
         in_model = with_input_quantizer(net, spec, qp)(x)
         offline = on_codes(net, qp)(codes)
     assert torch.equal(in_model, offline)
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC, ids=lambda m: m.value)
+def test_in_model_and_offline_agree_on_ties(mode):
+    """Half the inputs lie exactly half-way between two codes (a power-of-two scale makes
+    x/s exact), where the nearest modes' tie rules decide: the model sees the same input
+    values either way, and a model that rounded its ties by another rule would not."""
+    net = small_net()
+    spec = SPEC.replace(rounding=mode)
+    qp = QParams(0.125, -3)
+    k = torch.arange(-120, 120, dtype=torch.float32)
+    x = ((k / 2 - qp.zero_point) * qp.scale).reshape(10, 1, 4, 6)  # x/s + z = k/2
+    assert float((x / qp.scale + qp.zero_point).frac().abs().eq(0.5).float().mean()) == 0.5
+    codes = quantize_offline(x, spec, qp)
+    seen_in_model = InputQuantizer(spec, qp)(x)
+    seen_offline = on_codes(nn.Identity(), qp)(codes)
+    assert torch.equal(seen_in_model, seen_offline)
+    other = {RoundingMode.NEAREST_EVEN: RoundingMode.NEAREST_AWAY,
+             RoundingMode.NEAREST_AWAY: RoundingMode.NEAREST_EVEN}.get(mode)
+    if other is not None:  # the tie rule shows: another one gives other input
+        assert not torch.equal(InputQuantizer(spec.replace(rounding=other), qp)(x),
+                               seen_offline)
+    with torch.inference_mode():
+        assert torch.equal(with_input_quantizer(net, spec, qp)(x), on_codes(net, qp)(codes))
 
 
 def test_unsigned_codes_are_stored_as_uint8():
