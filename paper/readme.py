@@ -252,9 +252,33 @@ def early_exit_run(records) -> str:
             + ". Its goals (`goals.csv`):\n\n" + "\n".join(items))
 
 
+def dataset_equivalence(records) -> str:
+    rec = records("dataset")
+    eq = rec.csv("equivalence.csv")
+    m = {r.metric: r.value for r in eq[eq.comparison
+                                       == "quantizer_in_model_vs_offline_codes"].itertuples()}
+    var = rec.csv("offline_variants.csv")
+    own = var[var.variant == "model"].iloc[0]
+    others = "; ".join(
+        f"{v.how}: {100 * v.frac_codes_changed:.2f} % of the codes changed, "
+        f"{int(v.prediction_changes)} predictions changed, accuracy {pct(v.accuracy)} % "
+        f"(Holm-adjusted McNemar p {pvalue(v.mcnemar_p_holm)} against the model's own)"
+        for v in var[var.variant != "model"].itertuples())
+    return (
+        f"In the default run (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.manifest['seconds']:.0f} s on {rec.about['machine']}) the two networks "
+        f"received different values in {int(m['differing_input_elements']):,} of the "
+        f"{int(m['input_elements']):,} input elements of the {int(m['images']):,} test images "
+        f"and gave different logits in {int(m['differing_logit_elements']):,} of "
+        f"{int(m['logit_elements']):,} (`equivalence.csv`). With the model's own parameters "
+        f"the accuracy is {pct(own.accuracy)} %; offline codes made otherwise "
+        f"(`offline_variants.csv`): {others}.")
+
+
 RENDERERS: dict[str, Callable] = {
     "compression-table": compression_table,
     "compression-goals": compression_goals,
+    "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
     "early-exit-run": early_exit_run,
     "drift-fused-gain": drift_fused_gain,
