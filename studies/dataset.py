@@ -80,6 +80,7 @@ from studies._common import (
     int_in,
     paired_ratio,
     positive_int,
+    refuse_beyond_splits,
     study_main,
 )
 from studies._latex import letters
@@ -740,6 +741,7 @@ def _main(argv: list[str]) -> int:
     scale_errors = list(DEFAULT_SCALE_ERRORS if args.scale_errors is None else args.scale_errors)
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
+    refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
     try:
         device = resolve_device(args.device)

@@ -157,6 +157,8 @@ STUDY_CASES = {
     ],
     "dataset": [
         ("test-images-0", ["--test-images", "0"], ARGPARSE, r"--test-images: must be at least 1"),
+        ("test-images-beyond-the-split", ["--test-images", "101"], ARGPARSE,
+         r"--test-images 101: Fashion-MNIST's test split holds 100 images"),
         ("batch-size-0", ["--batch-size", "0"], ARGPARSE, r"--batch-size: must be at least 1"),
         ("bits-9", ["--bits", "9"], ARGPARSE,
          r"--bits: must be from 2 to 8, got 9 \(offline codes are stored one per int8 byte\)"),
