@@ -12,20 +12,24 @@ outputs the passage reads (each must match the sha256 its manifest gives it, so 
 what the study wrote, not a number typed in), and ``record.json``, the words a manifest
 cannot know (the command line as run, the machine and what else ran on it).
 
-``python paper/readme.py`` rewrites the passages in place; ``--check`` changes nothing and
-exits 1 naming every passage that differs from its rendering and every record that does not
-match its manifest (``tests/test_readme.py`` runs the same check). ``--add NAME=RUN FILE ...``
-copies a finished run's manifest and the named outputs into ``paper/record/NAME`` (then
-write its ``record.json`` and render).
+``python paper/readme.py`` rewrites the passages in place, and writes nothing when a
+passage or a record is not sound; ``--check`` changes nothing and exits 1 naming every
+passage that differs from its rendering and every record that does not match its manifest
+(``tests/studies/test_readme.py`` runs the same check). ``--add NAME=RUN FILE ...`` copies a
+finished run's manifest and the named outputs into ``paper/record/NAME``, replacing that
+record whole only once the copies check out (a new record gets a ``record.json`` to
+complete), then render.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +50,17 @@ class RecordError(Exception):
     """A record that is missing, incomplete, or does not match its manifest."""
 
 
+class _About(dict):
+    """``record.json``'s words; a missing one is a :class:`RecordError` naming the record."""
+
+    def __init__(self, record: str, words: dict):
+        super().__init__(words)
+        self.record = record
+
+    def __missing__(self, key):
+        raise RecordError(f"record {self.record}: its record.json has no {key!r}")
+
+
 class Record:
     """One record folder: its manifest, its ``record.json`` and its verified outputs."""
 
@@ -55,7 +70,10 @@ class Record:
             raise RecordError(f"record {name}: no {self.folder / 'manifest.json'}")
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         about = self.folder / "record.json"
-        self.about = json.loads(about.read_text()) if about.is_file() else {}
+        if not about.is_file():
+            raise RecordError(f"record {name}: no record.json (the command as run and the "
+                              "machine, which the manifest cannot say): write it")
+        self.about = _About(name, json.loads(about.read_text()))
         outputs = self.manifest.get("outputs", {})
         for path in sorted(self.folder.iterdir()):
             if path.name in ("manifest.json", "record.json"):
@@ -88,19 +106,26 @@ class Record:
 # --------------------------------------------------------------------------- numbers in words
 
 
+def _finite(x) -> float:
+    x = float(x)
+    if not math.isfinite(x):
+        raise RecordError(f"a figure a passage states is {x}: the record does not hold it")
+    return x
+
+
 def pct(x: float) -> str:
     """A share as percent with two decimals: 0.8881 -> "88.81"."""
-    return f"{100 * x:.2f}"
+    return f"{100 * _finite(x):.2f}"
 
 
 def points(x: float) -> str:
     """A difference of shares in percentage points, signed: 0.005 -> "+0.50"."""
-    return f"{100 * x:+.2f}"
+    return f"{100 * _finite(x):+.2f}"
 
 
 def pvalue(p: float) -> str:
     """Two significant digits: 0.015, 7.4e-08, 1."""
-    return f"{p:.2g}"
+    return f"{_finite(p):.2g}"
 
 
 def span(values) -> str:
@@ -111,7 +136,7 @@ def span(values) -> str:
 
 
 def minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f}"
+    return f"{_finite(seconds) / 60:.1f}"
 
 
 # --------------------------------------------------------------------------- renderers
@@ -325,6 +350,10 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
     def one(m: re.Match) -> str:
         name = m.group(2)
         seen.append(name)
+        if "<!-- record:" in m.group(3):
+            problems.append(f"README passage '{name}' has no <!-- /record --> before the next "
+                            "passage opens: close it")
+            return m.group(0)
         if name not in RENDERERS:
             problems.append(f"README passage '{name}' has no renderer in paper/readme.py")
             return m.group(0)
@@ -360,10 +389,25 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
         if f not in manifest.get("outputs", {}):
             raise RecordError(f"--add: {f} is not an output of {run_dir} (its manifest)")
     folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in ["manifest.json", *files]:
-        shutil.copyfile(run_dir / f, folder / f)
-    Record(name, root)  # the copies match the manifest
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        for f in ["manifest.json", *files]:
+            shutil.copyfile(run_dir / f, staging / f)
+        about = folder / "record.json"
+        if about.is_file():  # the words stay with the record they describe
+            shutil.copyfile(about, staging / "record.json")
+        else:
+            (staging / "record.json").write_text(json.dumps(
+                {"command": " ".join(["python -m studies." + manifest.get("study", "?"),
+                                      *manifest.get("argv", [])]),
+                 "machine": "(describe the machine and what else ran)"}, indent=2) + "\n")
+        Record(staging.name, root)  # the copies match the manifest
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -395,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[readme] passage '{n}' differs from its rendering: run python "
                   "paper/readme.py", file=sys.stderr)
         return 1 if changed or problems else 0
+    if problems:  # nothing is written from a README or records that are not sound
+        return 1
     if new != old:
         atomic_write(README, lambda tmp: tmp.write_text(new, encoding="utf-8"))
     print(f"[readme] {len(changed)} passage(s) rewritten" if changed else
           "[readme] every passage is current")
-    return 1 if problems else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -200,9 +200,10 @@ CLAIMS += (
         "round-to-nearest growth is not decided at any width. On the Fashion-MNIST ResNet50 "
         "baseline (studies.drift, 200 test images, tests/data/baseline) truncation and floor "
         "leave the larger deepest drift at every width, and it grows with path depth at "
-        "eight and six bits (where the fit's residuals follow each other little, "
-        "autocorrelation below 0.5, so the layer bootstrap's interval is near its level); at "
-        "four bits the exponent's interval reaches below 0, so growth is not shown there. "
+        "eight and six bits, by the layer bootstrap's interval, which is somewhat too narrow "
+        "there (the fit's residuals follow each other moderately: lag-1 autocorrelation "
+        "below 0.4; qerror.nn.growth); at four bits the exponent's interval reaches below 0, "
+        "so growth is not shown there. "
         "Round-to-nearest's drift stays below both at the deepest convolution; its interval "
         "lies above 0 at every width, but its residuals' autocorrelation is about two thirds, "
         "where that interval is too narrow (qerror.nn.growth), so its growth is not shown.",

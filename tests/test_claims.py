@@ -483,10 +483,10 @@ def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
             got = (value("drift_deep", mode, bits) > value("drift_deep", NEAR, bits),
                    value("growth_lo", mode, bits) > 0)
             assert got == expected[mode], (bits, mode)
-            # where growth is claimed, the interval is near its level (qerror.nn.growth:
-            # about 86-87 % coverage of a nominal 95 % at autocorrelation 0.5)
+            # where growth is claimed, the residuals' autocorrelation is what the text says
+            # (below 0.4: the interval somewhat too narrow, qerror.nn.growth)
             if expected[mode][1]:
-                assert value("growth_ac1", mode, bits) < 0.5, (bits, mode)
+                assert value("growth_ac1", mode, bits) < 0.4, (bits, mode)
         # nearest's interval lies above 0, but its residuals follow each other too much for
         # that to show growth (the text says so)
         assert (value("growth_lo", NEAR, bits) > 0) == R50_N1_NEAREST_GROWS[bits], bits
@@ -512,11 +512,12 @@ def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
     # The block bootstrap's interval holds its level only where the layers' deviations from
     # the power law are nearly independent (qerror.nn.growth.layer_block_bootstrap: 94-96 %
     # coverage at lag-1 autocorrelation 0, 86-87 % at 0.5). On these seeds the residuals'
-    # median autocorrelation stays below 0.3 at every width and mode, so the intervals
-    # below are read at their level.
+    # autocorrelation is below 0.5 on nine seeds in ten at every width and mode (its median
+    # below 0.3), so the intervals below are read at their level.
     for bits in N1_EXPECTED:
         for mode in (NEAR, TRUNC, FLOOR):
-            assert _on_seeds(st, "growth_ac1", mode, bits).median() < 0.3, (bits, mode)
+            ac = _on_seeds(st, "growth_ac1", mode, bits)
+            assert ac.median() < 0.3 and ac.quantile(0.9) < 0.5, (bits, mode, ac.describe())
     for bits, expected in N1_EXPECTED.items():
         for mode in (TRUNC, FLOOR):
             # the deepest conv's per-channel drift (noise removed) exceeds nearest's ...

@@ -210,7 +210,12 @@ def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: Storag
     it: some elements, finite values, float16's range for float16 values, integers that
     float32 holds exactly (a state dict's integer buffers are stored as float32), and at most
     2 nonzeros in each group of 4 for 2:4. ValueError naming ``name`` otherwise."""
-    w = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        w = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    else:
+        w = np.asarray(t)
     if w.size == 0:
         raise ValueError(f"{name} has no elements (shape {tuple(w.shape)}): nothing to store; "
                          "remove the empty layer")

@@ -193,10 +193,11 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
 
 
 def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, label: str
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Every BatchNorm's input statistics over all the images of one pass of ``clone``
     (whatever mode its BatchNorms are in): per channel, the mean and the unbiased variance
-    over every image and position, merged across batches exactly (Chan et al.), in float64."""
+    over every image and position, merged across batches exactly (Chan et al.), in float64;
+    and the batches seen. A BatchNorm the forward pass never calls keeps its statistics."""
     acc: dict[str, list] = {n: [0, None, None] for n in bns}  # count, mean, M2
 
     def hook(name):
@@ -231,12 +232,13 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
         raise ValueError("BN re-estimation needs at least one batch")
     out = {}
     for name, (count, mu, m2) in acc.items():
-        if mu is None:
-            raise ValueError(f"BatchNorm {name!r} saw no input: it is not on the forward path")
         ref = bns[name].running_mean
+        if mu is None:  # not on the forward path (an unused head): nothing to re-estimate
+            out[name] = (ref.detach().clone(), bns[name].running_var.detach().clone())
+            continue
         out[name] = (mu.to(ref.device, ref.dtype), (m2 / max(count - 1, 1)).to(ref.device,
                                                                                ref.dtype))
-    return out
+    return out, seen
 
 
 def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_qparams=None,
@@ -283,9 +285,20 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
                            corrections=corrections):
         for m in bns.values():
             m.train()
-        first = _population_stats(clone, bns, batches, progress, "BN re-estimation (1/2)")
+        first, seen = _population_stats(clone, bns, batches, progress,
+                                        "BN re-estimation (1/2)")
     with quantized_forward(clone, config, act_qparams, weights=weights,
                            corrections=corrections, bn_stats=first):
         for m in bns.values():
             m.eval()
-        return _population_stats(clone, bns, batches, progress, "BN re-estimation (2/2)")
+        try:
+            second, again = _population_stats(clone, bns, batches, progress,
+                                              "BN re-estimation (2/2)")
+        except ValueError as err:
+            if "at least one batch" not in str(err):
+                raise
+            again = 0
+    if again != seen:
+        raise TypeError(f"batches is read twice: it gave {seen} batches the first time and "
+                        f"{again} the second; pass a sequence (a list of batches)")
+    return second

@@ -300,7 +300,7 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     order = np.argsort(d, kind="stable")
     d, y = d[order], y[order]
     L = d.size
-    block = max(2, round(L ** (1 / 3))) if block is None else int(block)
+    block = min(max(2, round(L ** (1 / 3))), max(L - 1, 1)) if block is None else int(block)
     if not 1 <= block <= max(L - 1, 1):
         raise ValueError(f"block must be from 1 to {max(L - 1, 1)} (one less than the {L} "
                          f"layers, so that resamples differ), got {block}")

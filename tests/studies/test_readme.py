@@ -45,6 +45,7 @@ def test_a_record_must_be_the_runs_own_output(tmp_path):
     run = _run(tmp_path / "run", {"a.csv": "x\n1\n", "b.csv": "y\n2\n"})
     root = tmp_path / "record"
     readme.add(f"r={run}", ["a.csv"], root)
+    assert "command" in json.loads((root / "r" / "record.json").read_text())
     rec = readme.Record("r", root)
     assert rec.csv("a.csv").x.tolist() == [1] and rec.commit == "abababa"
     # a copy edited by hand (a number typed in) no longer matches the run's manifest
@@ -77,3 +78,51 @@ def test_numbers_in_words():
     assert readme.pvalue(7.4e-8) == "7.4e-08" and readme.pvalue(1.0) == "1"
     assert readme.pvalue(0.0149) == "0.015" and readme.minutes(399) == "6.7"
     assert readme.span([0.601, 0.666]) == "0.60–0.67" and readme.span([0.329, 0.331]) == "0.33"
+
+
+def test_adding_again_replaces_a_record_whole_or_not_at_all(tmp_path):
+    root = tmp_path / "record"
+    first = _run(tmp_path / "run1", {"a.csv": "x\n1\n", "b.csv": "y\n2\n"})
+    readme.add(f"r={first}", ["a.csv", "b.csv"], root)
+    (root / "r" / "record.json").write_text(json.dumps({"command": "c", "machine": "m"}))
+    # a later run with fewer outputs: the record is that run's alone, its words kept
+    second = _run(tmp_path / "run2", {"a.csv": "x\n3\n"})
+    readme.add(f"r={second}", ["a.csv"], root)
+    rec = readme.Record("r", root)
+    assert sorted(p.name for p in (root / "r").iterdir()) == ["a.csv", "manifest.json",
+                                                              "record.json"]
+    assert rec.csv("a.csv").x.tolist() == [3] and rec.about["machine"] == "m"
+    # a run whose output was edited after it finished: refused, the record as it was
+    third = _run(tmp_path / "run3", {"a.csv": "x\n4\n"})
+    (third / "a.csv").write_text("x\n5\n")
+    with pytest.raises(readme.RecordError, match="differs from the output"):
+        readme.add(f"r={third}", ["a.csv"], root)
+    assert readme.Record("r", root).csv("a.csv").x.tolist() == [3]
+    assert sorted(p.name for p in root.iterdir()) == ["r"]  # no staging folder left
+
+
+def test_records_without_words_or_figures_are_named(tmp_path):
+    root = tmp_path / "record"
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"})
+    readme.add(f"r={run}", ["a.csv"], root)
+    (root / "r" / "record.json").unlink()
+    with pytest.raises(readme.RecordError, match="no record.json"):
+        readme.Record("r", root)
+    (root / "r" / "record.json").write_text("{}")
+    with pytest.raises(readme.RecordError, match="has no 'machine'"):
+        readme.Record("r", root).about["machine"]
+    with pytest.raises(readme.RecordError, match="does not hold it"):
+        readme.pct(float("nan"))
+
+
+def test_an_unclosed_passage_is_named_and_nothing_is_written(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    first = text.index("<!-- /record -->")
+    broken = text[:first] + text[first + len("<!-- /record -->"):]  # the first left open
+    _, problems = readme.render(broken)
+    assert any("has no <!-- /record --> before the next passage" in p for p in problems)
+    target = tmp_path / "README.md"
+    target.write_text(broken, encoding="utf-8")
+    monkeypatch.setattr(readme, "README", target)
+    assert readme.main([]) == 1
+    assert target.read_text(encoding="utf-8") == broken

@@ -398,3 +398,11 @@ def test_impossible_sparse_structure_is_refused(tmp_path, sparse, corrupt, match
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(ValueError, match=match):
         read_model(torch.nn.Linear(8, 2, bias=False), path, sparse, keep_dense=())
+
+
+def test_bfloat16_models_are_counted_and_written(tmp_path):
+    lin = torch.nn.Linear(8, 4).bfloat16()
+    count = model_bytes(lin)
+    assert count.total == 4 * (32 + 4)  # float32 storage of every value, as bfloat16 fits
+    path = tmp_path / "m.bin"
+    assert write_model(lin, path) == count.total == path.stat().st_size

@@ -292,3 +292,6 @@ def test_residual_autocorrelation_and_undefined_intervals():
     # so no percentile of the rest stands for the interval
     few = layer_block_bootstrap([1, 2, 3], [1.0, 1.5, 1.6], resamples=1000)
     assert math.isnan(few.lo) and math.isnan(few.hi) and few.resamples < 975
+    # two layers: no exponent at all (three depths are needed), and no error
+    two = layer_block_bootstrap([1, 2], [1.0, 2.0], resamples=100)
+    assert math.isnan(two.exponent) and math.isnan(two.lo)
