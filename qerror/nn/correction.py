@@ -196,16 +196,19 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Every BatchNorm's input statistics over all the images of one pass of ``clone``
     (whatever mode its BatchNorms are in): per channel, the mean and the unbiased variance
-    over every image and position, merged across batches exactly (Chan et al.), in float64;
-    and the batches seen. A BatchNorm the forward pass never calls keeps its statistics."""
+    over every image and position, each batch's in the activations' precision and the
+    batches merged exactly (Chan et al.) in float64; and the batches seen. A BatchNorm the
+    forward pass never calls keeps its statistics."""
     acc: dict[str, list] = {n: [0, None, None] for n in bns}  # count, mean, M2
 
     def hook(name):
         def pre(module, args):
-            x = args[0].detach().double()
+            x = args[0].detach()
             n = x.numel() // x.shape[1]
-            mean = x.mean(dim=(0, 2, 3))
-            m2 = ((x - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
+            # one batch's moments in the activations' own precision (as BatchNorm computes
+            # them), merged across batches in float64
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            mean, m2 = mean.double(), var.double() * n
             count, mu, s2 = acc[name]
             if mu is None:
                 acc[name] = [n, mean, m2]
