@@ -366,17 +366,17 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
             raise ValueError("its CSR column indices are out of range or not increasing "
                              "within a row: not a file of this layout")
         mat = np.zeros((rows, cols), vdt)
-        mat[np.repeat(np.arange(rows), np.diff(ptr)), idx] = take(vdt, nnz)
+        mat[np.repeat(np.arange(rows), per_row), idx] = take(vdt, nnz)
     else:
         half = n // 2
         packed = take(np.uint8, packed_bytes(half, 2))
-        pos = ((packed[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:half]
-        if (pos.reshape(-1, 2)[:, 0] >= pos.reshape(-1, 2)[:, 1]).any():
+        pos = ((packed[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1, 2)[
+            :n // 4]
+        if (pos[:, 0] >= pos[:, 1]).any():
             raise ValueError("its 2:4 metadata repeats a position within a group: not a file "
                              "of this layout")
         g = np.zeros((n // 4, 4), vdt)
-        np.put_along_axis(g, pos.reshape(-1, 2).astype(np.int64), take(vdt, half).reshape(-1, 2),
-                          axis=1)
+        np.put_along_axis(g, pos.astype(np.int64), take(vdt, half).reshape(-1, 2), axis=1)
         grouped = _ungroup(g, shape)
         mat = np.ascontiguousarray(grouped).reshape(rows, cols)
     out = mat.astype(np.float32)

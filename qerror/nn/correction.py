@@ -197,8 +197,9 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
     """Every BatchNorm's input statistics over all the images of one pass of ``clone``
     (whatever mode its BatchNorms are in): per channel, the mean and the unbiased variance
     over every image and position, each batch's in the activations' precision and the
-    batches merged exactly (Chan et al.) in float64; and the batches seen. A BatchNorm the
-    forward pass never calls keeps its statistics."""
+    batches merged exactly (Chan et al.) in float64; and the batches seen (none: the
+    statistics are the BatchNorms' own). A BatchNorm the forward pass never calls keeps its
+    statistics."""
     acc: dict[str, list] = {n: [0, None, None] for n in bns}  # count, mean, M2
 
     def hook(name):
@@ -231,8 +232,6 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
     finally:
         for h in handles:
             h.remove()
-    if seen == 0:
-        raise ValueError("BN re-estimation needs at least one batch")
     out = {}
     for name, (count, mu, m2) in acc.items():
         ref = bns[name].running_mean
@@ -290,17 +289,14 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
             m.train()
         first, seen = _population_stats(clone, bns, batches, progress,
                                         "BN re-estimation (1/2)")
+    if seen == 0:
+        raise ValueError("BN re-estimation needs at least one batch")
     with quantized_forward(clone, config, act_qparams, weights=weights,
                            corrections=corrections, bn_stats=first):
         for m in bns.values():
             m.eval()
-        try:
-            second, again = _population_stats(clone, bns, batches, progress,
-                                              "BN re-estimation (2/2)")
-        except ValueError as err:
-            if "at least one batch" not in str(err):
-                raise
-            again = 0
+        second, again = _population_stats(clone, bns, batches, progress,
+                                          "BN re-estimation (2/2)")
     if again != seen:
         raise TypeError(f"batches is read twice: it gave {seen} batches the first time and "
                         f"{again} the second; pass a sequence (a list of batches)")

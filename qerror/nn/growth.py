@@ -85,6 +85,16 @@ def _usable(depth, values) -> tuple[np.ndarray, np.ndarray]:
     return d[ok], y[ok]
 
 
+def _log_line(d: np.ndarray, y: np.ndarray):
+    """(centred log depth, centred log y, slope) of the least-squares line of usable
+    values, in their order; None with fewer than three distinct depths."""
+    if np.unique(d).size < 3:
+        return None
+    x, ly = np.log(d), np.log(y)
+    x, ly = x - x.mean(), ly - ly.mean()
+    return x, ly, x @ ly / (x @ x)
+
+
 def fit_exponent(depth, values) -> float:
     """Least-squares slope of log(values) on log(depth) over the finite, positive values.
 
@@ -92,24 +102,20 @@ def fit_exponent(depth, values) -> float:
     indistinguishable from noise) has no logarithm and is left out, so the fit speaks of
     the layers where the drift shows; :attr:`GrowthFit.layers` counts them.
     """
-    d, y = _usable(depth, values)
-    if np.unique(d).size < 3:
-        return math.nan
-    x, ly = np.log(d), np.log(y)
-    x = x - x.mean()
-    return float(x @ (ly - ly.mean()) / (x @ x))
+    line = _log_line(*_usable(depth, values))
+    return math.nan if line is None else float(line[2])
 
 
 def residual_autocorrelation(depth, values) -> float:
     """Lag-1 autocorrelation, in depth order, of the residuals of :func:`fit_exponent`'s
     line (over the same finite, positive values); ``nan`` with fewer than 3 of them."""
     d, y = _usable(depth, values)
-    if np.unique(d).size < 3:
-        return math.nan
     order = np.argsort(d, kind="stable")
-    x, ly = np.log(d[order]), np.log(y[order])
-    xc = x - x.mean()
-    r = ly - ly.mean() - (xc @ (ly - ly.mean()) / (xc @ xc)) * xc
+    line = _log_line(d[order], y[order])
+    if line is None:
+        return math.nan
+    x, ly, slope = line
+    r = ly - slope * x
     denom = float(r @ r)
     return float(r[1:] @ r[:-1] / denom) if denom > 0 else math.nan
 
@@ -260,13 +266,13 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     if len(n) != 1:
         raise ValueError(f"every layer needs values on the same images, got counts {sorted(n)}")
     n = n.pop()
-    point = fit_exponent(depth, [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)])
+    layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
+    point = fit_exponent(depth, layer_values)
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
     values = np.stack([debiased_from_counts(v, c, counts) for v, c in zip(per_image, scales)],
                       axis=1)  # (B, L)
     boot = np.array([fit_exponent(depth, row) for row in values])
-    layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
     return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth,
                      layer_values)
 
@@ -300,9 +306,10 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     order = np.argsort(d, kind="stable")
     d, y = d[order], y[order]
     L = d.size
-    block = min(max(2, round(L ** (1 / 3))), max(L - 1, 1)) if block is None else int(block)
-    if not 1 <= block <= max(L - 1, 1):
-        raise ValueError(f"block must be from 1 to {max(L - 1, 1)} (one less than the {L} "
+    most = max(L - 1, 1)  # at least two places to start a block, so that resamples differ
+    block = min(max(2, round(L ** (1 / 3))), most) if block is None else int(block)
+    if not 1 <= block <= most:
+        raise ValueError(f"block must be from 1 to {most} (one less than the {L} "
                          f"layers, so that resamples differ), got {block}")
     point = fit_exponent(d, y)
     rng = np.random.default_rng(seed)

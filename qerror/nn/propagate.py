@@ -1002,10 +1002,10 @@ def _check_corrections(model: nn.Module, corrections) -> None:
                              f"model (its layers: {', '.join(list(layers)[:6])}, …)")
         m = layers[n]
         out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        if tuple(torch.as_tensor(c).shape) != (out,):
-            raise ValueError(f"corrections[{n!r}] has shape {tuple(torch.as_tensor(c).shape)}; "
-                             f"the layer has {out} outputs, so give one value per output "
-                             f"({out},)")
+        shape = tuple(torch.as_tensor(c).shape)
+        if shape != (out,):
+            raise ValueError(f"corrections[{n!r}] has shape {shape}; the layer has {out} "
+                             f"outputs, so give one value per output ({out},)")
 
 
 MIN_CHUNK = 32  # images per chunk of a paired pass, at least (see default_pair_batch)
