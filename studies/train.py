@@ -225,6 +225,8 @@ def train_recipe(recipe: Recipe, splits: data.Splits, state_path: Path, *,
 
     config = recipe.train_config()
     identity = {k: v for k, v in jsonable(recipe).items() if k not in jsonable(config)}
+    # the images themselves: a state resumes only on the data it was trained on
+    identity["data"] = {"train_sha256": train.sha256, "val_sha256": val.sha256}
     model = fashion_resnet(recipe.arch, recipe.stem, seed=recipe.seed)
     return fit(model, batch, len(train), config, state_path=state_path, resume=resume,
                val=validate, val_size=len(val), identity=identity, device=device,

@@ -8,18 +8,26 @@ identity, so the same code runs on one process or many.
   item on exactly one rank, no padding;
 * :func:`all_reduce_sum`: exact merging of streaming sums;
 * :func:`broadcast_object`: rank 0's value (a calibration, a loaded state) on every rank;
-* :func:`gather_objects`: every rank's value, in rank order.
+* :func:`gather_objects`: every rank's value, in rank order;
+* :func:`global_batchnorm`: BatchNorm that trains on the statistics of the whole global
+  batch, on any device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
 
-__all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "shard", "world"]
+__all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "global_batchnorm", "shard",
+           "world"]
 
 
 def world() -> tuple[int, int]:
@@ -70,7 +78,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world()[1] == 1:
         return tensor
-    t = tensor.detach().to(_collective_device()).contiguous()
+    # a copy: .to() and .contiguous() hand back the caller's own tensor when they can
+    t = tensor.detach().to(_collective_device()).clone(memory_format=torch.contiguous_format)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu()
 
@@ -104,3 +113,73 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * size
     dist.all_gather_object(out, value)
     return out
+
+
+# words torch uses for the same refusal, which callers (qerror.nn.training.fit) recognise
+_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn``'s forward in training mode with the mean and variance of the global batch.
+
+    Each channel's sum over this rank's positions, then the sum of squared deviations from
+    the global mean, are summed over the ranks by an all-reduce that autograd
+    differentiates (its backward sums the ranks' gradients), so outputs, gradients and the
+    running statistics are those of one process holding the whole batch, up to the order of
+    the float additions.
+    """
+    if not bn.training:  # running statistics, or a per-rank batch in eval (as torch does)
+        return type(bn).forward(bn, x)
+    bn._check_input_dim(x)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64,
+                         device=_collective_device())
+    dist.all_reduce(count)
+    n = int(count.item())
+    if n < 2:
+        raise ValueError(f"{_ONE_VALUE} (the global batch holds {n} value per channel)")
+    total = dist_fn.all_reduce(x.sum(dims).to(_collective_device()))
+    mean = (total / n).to(x.device)
+    centred = x - mean.view(shape)
+    m2 = dist_fn.all_reduce((centred * centred).sum(dims).to(_collective_device()))
+    var = (m2 / n).to(x.device)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                      else bn.momentum)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype),
+                                 factor)
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+@contextlib.contextmanager
+def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every BatchNorm of ``model`` in training mode normalises by the
+    statistics of the global batch (all ranks' samples), on CPU (gloo) and GPU (NCCL) alike.
+
+    Plain DistributedDataParallel normalises each rank's share by its own statistics, so
+    W ranks do not train the network one process would on the same global batches; torch's
+    ``SyncBatchNorm`` fixes that on GPUs only. Here each BatchNorm module keeps its
+    parameters and buffers (the model's state dict is unchanged); only its forward is
+    replaced while the block runs, and in eval mode it is the module's own. Outside a
+    process group this does nothing.
+
+    Every rank must run the same BatchNorms in the same order (as DDP requires anyway).
+    """
+    if world()[1] == 1:
+        yield model
+        return
+    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in patched:
+        m.forward = functools.partial(_global_batch_norm, m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward

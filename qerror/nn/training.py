@@ -7,10 +7,13 @@ backbone (``trainable=``) and pruning fine-tuning (``after_step=`` re-applies th
 
 * **Deterministic**: the batch order is a function of (seed, epoch) and each batch's random
   generator of (seed, epoch, step in epoch), so a resumed run repeats an uninterrupted one
-  step for step, and a rerun writes the same weights.
+  step for step, and a rerun writes the same weights. A network that draws from torch's
+  global generator itself (dropout) resumes step for step in one process, whose generator
+  the state keeps; under several ranks only rank 0's would be, so it is not restored.
 * **Resumable**: every ``checkpoint_every`` steps, at each epoch's end and when stopping
-  early the model, optimizer, scheduler, step counter and history go to ``state_path``
-  (atomically). A state file resumes only under the configuration that wrote it.
+  early the model, optimizer, scheduler, step counter, history and global generator go to
+  ``state_path`` (atomically). A state file resumes only under the configuration that
+  wrote it, into a network it fits (checked before anything is loaded).
 * **Bounded**: ``stop_after_steps`` and ``time_budget_s`` stop with the state saved; Ctrl-C
   (KeyboardInterrupt) saves the state at the last completed step; a non-finite loss or
   weights stop with the step (:class:`DivergedError`), saving nothing past the last finite
@@ -43,7 +46,7 @@ from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable
 from qerror.nn import parallel
-from qerror.nn.models import non_finite_tensors
+from qerror.nn.models import StateDictMismatchError, check_state_dict, non_finite_tensors
 from qerror.stats import wilson_ci
 
 STATE_FORMAT = "qerror-train-state"
@@ -638,10 +641,11 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     ------
     TrainError
         Fewer training samples than one batch, a global batch that the ranks cannot share
-        equally, one value per channel at a BatchNorm that trains (one image per rank
-        where its map is 1x1), an empty or unknown parameter selection.
+        equally, one value per channel at a BatchNorm that trains (one image in the
+        global batch where its map is 1x1), an empty or unknown parameter selection.
     ResumeError
-        The state file is unreadable or was written by a different recipe.
+        The state file is unreadable, was written by a different recipe, or holds the
+        weights of another network (nothing of it is then loaded).
     DivergedError
         The loss or the weights became NaN or infinite; no state is saved past the last
         finite one.
@@ -654,11 +658,12 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     each global batch of B; DistributedDataParallel averages the ranks' gradients, which
     for a loss that is a mean over samples equals the gradient of the global batch. The
     trajectory is therefore the single-process one up to the order of float32 additions
-    (the all-reduce sums W partial means instead of one mean over B), except for layers
-    whose output depends on the batch: BatchNorm in training mode normalises by the
-    statistics of each rank's B/W samples, as plain DistributedDataParallel does, and the
-    running statistics kept are rank 0's (DDP broadcasts rank 0's buffers before every
-    forward pass; they are broadcast once more at the end so all ranks end equal).
+    (the all-reduce sums W partial means instead of one mean over B). BatchNorm in training
+    mode normalises by the statistics of the whole global batch
+    (:func:`qerror.nn.parallel.global_batchnorm`, on CPU and GPU), not by each rank's B/W
+    samples as plain DistributedDataParallel does, so it too follows the single-process
+    run, running statistics included (they are broadcast from rank 0 at the end so all
+    ranks end bit for bit equal).
 
     **Interruption under torchrun.** Ctrl-C reaches every rank; rank 0 saves its state if
     it is between steps, and otherwise the run resumes from the last periodic save.
@@ -666,9 +671,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     state_path = None if state_path is None else Path(state_path)
     rank, world = parallel.world()
     main = rank == 0
-    dev = resolve_device(device)
-    if dist.is_initialized() and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = resolve_device(device, _local_gpu() if dist.is_initialized() else 0)
     per_epoch = n_train // config.batch_size
     if per_epoch < 1:
         raise TrainError(f"batch size {config.batch_size} exceeds the {n_train} training "
@@ -698,7 +701,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
             m.eval()
 
     try:
-        with flush_denormal() if dev.type == "cpu" else contextlib.nullcontext():
+        with flush_denormal() if dev.type == "cpu" else contextlib.nullcontext(), \
+                parallel.global_batchnorm(model):
             return _run(model, batches, n_train, config, recipe, state_path, resume, val,
                         val_size, {n: named[n] for n in chosen}, after_step, on_epoch, loss,
                         dev, checkpoint_every, stop_after_steps, time_budget_s,
@@ -707,6 +711,14 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     finally:
         for n, p in named.items():
             p.requires_grad_(requires[n])
+
+
+def _local_gpu() -> int:
+    """The GPU "cuda" means for this rank of a process group: LOCAL_RANK under torchrun (as
+    in :func:`distributed`), else the current device its launcher set."""
+    if any(k in os.environ for k in _TORCHRUN_ENV):
+        return torchrun_ranks()[2]
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_size, params,
@@ -729,11 +741,20 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     if isinstance(loaded, Exception):
         raise loaded
     if loaded is not None:
+        try:  # before anything is copied: a state of another network loads nothing
+            check_state_dict(model, loaded["model"], f"the training state {state_path}")
+        except StateDictMismatchError as exc:
+            raise ResumeError(f"{exc} Delete {state_path} or start over without resuming"
+                              ) from None
         model.load_state_dict(loaded["model"])
         opt.load_state_dict(loaded["optimizer"])
         sched.load_state_dict(loaded["scheduler"])
         step = int(loaded["step"])
         history = _history(loaded["history"])
+        if world == 1 and "rng" in loaded:  # the global generator, for dropout and the like
+            torch.set_rng_state(loaded["rng"]["cpu"])
+            if dev.type == "cuda" and "cuda" in loaded["rng"]:
+                torch.cuda.set_rng_state(loaded["rng"]["cuda"], dev)
         if main:
             print(f"[train] resuming {state_path.name} at step {step} of {total}", flush=True)
     history.sessions += 1
@@ -769,7 +790,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
                                + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
             if main:
-                _save_state(state_path, recipe, step, model, opt, sched, history)
+                _save_state(state_path, recipe, step, model, opt, sched, history, dev)
             saved = step
 
     def record_epoch_if_due() -> None:
@@ -829,9 +850,9 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                     raise
                 raise TrainError(
                     f"a BatchNorm layer that trains got one value per channel at step "
-                    f"{step + 1} ({len(x)} image(s) per rank and a 1x1 map or a vector "
-                    f"there), which has no batch statistics; pick a batch size of at least "
-                    f"{2 * world}") from exc
+                    f"{step + 1} ({len(x) * world} image(s) in the global batch and a 1x1 "
+                    "map or a vector there), which has no batch statistics; pick a batch "
+                    f"size of at least {max(2, world)}") from exc
             loss = criterion(out, y)
             logits = out[-1] if isinstance(out, list | tuple) else out
             correct = (logits.argmax(1) == y).sum()
@@ -877,10 +898,14 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     return FitResult(model, history, step, total, interrupted)
 
 
-def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history: History) -> None:
+def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history: History,
+                dev: torch.device) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "recipe": recipe,
              "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(),
+             "scheduler": sched.state_dict(), "rng": rng,
              "history": {"steps": [asdict(r) for r in history.steps],
                          "epochs": [asdict(r) for r in history.epochs],
                          "train_seconds": history.train_seconds,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,23 @@ def test_resume_refuses_another_recipe_and_no_resume_starts_over(idx_root, tmp_p
     assert _main(idx_root, tmp_path, "--no-resume", "--stop-after-steps", "1") \
         == train.EXIT_INCOMPLETE
     assert _state_step(tmp_path) == 1
+
+
+def test_resume_refuses_other_training_images(idx_root, tmp_path, capsys):
+    """A state resumes only on the images it was trained on: another folder with other
+    labels is refused, not trained on and recorded as if it had been there throughout."""
+    other = tmp_path / "other-data"
+    other.mkdir()
+    for f in idx_root.iterdir():
+        shutil.copyfile(f, other / f.name)
+    labels = data.read_idx(idx_root / f"{data.FILES['train'][1]}.gz")
+    data.write_idx(other / f"{data.FILES['train'][1]}.gz", ((labels + 1) % 10).astype(np.uint8))
+    assert _main(idx_root, tmp_path, "--stop-after-steps", "3") == train.EXIT_INCOMPLETE
+    capsys.readouterr()
+    assert train.main([*SMOKE, "--data-root", str(other), "--out", str(tmp_path / "run"),
+                       "--checkpoint", str(tmp_path / "ckpt.pt"), "--no-progress"]) == 2
+    assert "different recipe (data:" in capsys.readouterr().err
+    assert _state_step(tmp_path) == 3 and not (tmp_path / "ckpt.pt").exists()
 
 
 def test_time_budget_stops_with_the_state_saved(idx_root, tmp_path, capsys):

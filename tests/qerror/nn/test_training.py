@@ -80,9 +80,19 @@ def _ddp_worker(rank, world, port, folder):
     out = {}
     with training.distributed("cpu") as place:
         out["placement"] = (place.rank, place.world_size, str(place.device))
-        full = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+        seen = []  # the dataset rows this rank computed, one list a step
+
+        def recorded(b: Batch):
+            seen.append(b.indices[b.shard].tolist())
+            return noisy_batches(x, y)(b)
+
+        full = fit(tiny_model(), recorded, N_TRAIN, CONFIG, progress=False)
         out["full"] = _weights(full.model)
         out["losses"] = [r.loss for r in full.history.steps]
+        out["rows"] = seen
+        bn = fit(tiny_model(batchnorm=True), noisy_batches(x, y), N_TRAIN, CONFIG,
+                 progress=False)
+        out["bn"] = _weights(bn.model)
         # Each rank names its own state file, as on machines without a shared disk: only
         # rank 0 writes, and the resumed state reaches rank 1 from rank 0.
         state = folder / f"rank{rank}" / "state.pt"
@@ -138,6 +148,54 @@ def test_two_gloo_ranks_end_equal_and_match_one_process(two_ranks):
                 progress=False)
     far = max(float((other.model.state_dict()[k] - ref[k]).abs().max()) for k in ref)
     assert far > 1e-2
+
+
+def test_two_ranks_share_every_global_batch_without_overlap(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert len(r0["rows"]) == len(r1["rows"]) == STEPS
+    for a, b in zip(r0["rows"], r1["rows"]):
+        assert len(a) == len(b) == CONFIG.batch_size // 2 and not set(a) & set(b)
+    # together, the single process's batches, in its order
+    expect = []
+    batches = noisy_batches(*synthetic())
+    fit(tiny_model(), lambda b: expect.append(b.indices.tolist()) or batches(b), N_TRAIN,
+        CONFIG, progress=False)
+    assert [a + b for a, b in zip(r0["rows"], r1["rows"])] == expect
+
+
+def test_two_ranks_train_batchnorm_on_the_global_batch(two_ranks):
+    # Each rank's BatchNorm normalises by the statistics of the whole global batch, so the
+    # run follows one process, running statistics included, within the bound derived at
+    # RTOL above (the statistics are sums over the global batch, added in another order).
+    _, (r0, r1) = two_ranks
+    assert all(torch.equal(r0["bn"][k], r1["bn"][k]) for k in r0["bn"])
+    x, y = synthetic()
+    single = fit(tiny_model(batchnorm=True), noisy_batches(x, y), N_TRAIN, CONFIG,
+                 progress=False)
+    ref = _weights(single.model)
+    assert set(ref) == set(r0["bn"])
+    for k in ref:
+        torch.testing.assert_close(r0["bn"][k], ref[k], rtol=RTOL, atol=ATOL)
+    # Each rank's own statistics (plain DDP) would not: normalising the two halves of every
+    # batch apart, in one process, moves the weights far beyond the tolerance.
+    ghost = tiny_model(batchnorm=True)
+    ghost[1] = _TwoHalves(ghost[1])
+    halves = fit(ghost, noisy_batches(x, y), N_TRAIN, CONFIG, progress=False).model
+    far = max(float((halves[i].weight - single.model[i].weight).detach().abs().max()) for i in (0, 3))
+    assert far > 1e-2
+
+
+class _TwoHalves(nn.Module):
+    """A BatchNorm applied to each half of the batch apart: plain DDP's two ranks, in one
+    process."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        h = len(x) // 2
+        return torch.cat([self.bn(x[:h]), self.bn(x[h:])])
 
 
 def test_two_ranks_resume_from_rank_0s_state_exactly(two_ranks):
@@ -299,7 +357,7 @@ def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
     x, y = synthetic()
     one = dataclasses.replace(CONFIG, batch_size=1, epochs=1)
     with pytest.raises(TrainError, match=r"one value per channel at step 1 \(1 image\(s\) "
-                                         r"per rank.*at least 2"):
+                                         r"in the global batch.*at least 2"):
         fit(tiny_model(batchnorm=True), tensor_batches(x, y), N_TRAIN, one, progress=False)
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -357,3 +415,49 @@ def test_torchrun_environment_is_read_whole_or_not_at_all():
         training.torchrun_ranks({"RANK": "0"})
     with pytest.raises(TrainError, match="out of range"):
         training.torchrun_ranks({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+def test_a_network_with_dropout_resumes_step_for_step(tmp_path):
+    # Dropout draws from torch's global generator, which the state keeps (one process).
+    def dropout_model(seed=0):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.Tanh(), nn.Dropout(0.3),
+                             nn.Linear(32, N_CLASSES))
+
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    torch.manual_seed(11)
+    full = fit(dropout_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    torch.manual_seed(11)
+    fit(dropout_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=7, progress=False)
+    torch.manual_seed(12345)  # whatever the generator holds when the run resumes
+    rest = fit(dropout_model(seed=5), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+               progress=False)
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_of_another_network_is_refused_before_anything_is_loaded(tmp_path):
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(N_FEATURES, 32), nn.Tanh(), nn.Linear(32, N_CLASSES + 1))
+    before = _weights(other)
+    with pytest.raises(ResumeError, match=r"does not fit Sequential; nothing was loaded"):
+        fit(other, noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_cuda_under_torchrun_means_this_ranks_gpu(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert training._local_gpu() == 1
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert training._local_gpu() == 2  # a launcher that set the device itself
