@@ -195,6 +195,21 @@ def _phases(timing: pd.Series) -> dict[str, float]:
             ("pilot", "instrumented", "remedies", "headline", "curve")}
 
 
+def baseline_train(records) -> str:
+    rec = records("baseline-train")
+    s, t = rec.json("summary.json"), rec.json("timing.json")
+    lo, hi = s["test_ci"]
+    batch = s["recipe"]["batch_size"]
+    return (
+        f"A recorded run of `{rec.about['command']}` (commit {rec.commit}) trained for "
+        f"{minutes(t['train_seconds'])} minutes (`timing.json`: `train_seconds` "
+        f"{t['train_seconds']:.0f}; {s['steps']:,} steps of {batch} images, median step "
+        f"{t['median_step_seconds']:.2f} s, {t['torch_threads']} torch thread"
+        f"{'s' if t['torch_threads'] != 1 else ''}) on {rec.about['machine']}, and reached "
+        f"{pct(s['test_accuracy'])} % [{pct(lo)}, {pct(hi)}] on the {s['test_n']:,} test "
+        "images (`summary.json`, 95 % Wilson interval).")
+
+
 def drift_time(records) -> str:
     rec, block = records("drift"), records("drift-block-engine")
     t = rec.csv("timing.csv").iloc[0]
@@ -301,6 +316,7 @@ def dataset_equivalence(records) -> str:
 
 
 RENDERERS: dict[str, Callable] = {
+    "baseline-train": baseline_train,
     "compression-table": compression_table,
     "compression-goals": compression_goals,
     "dataset-equivalence": dataset_equivalence,

@@ -407,12 +407,18 @@ class ModelBytes:
         return sum(b.total for name, b in self.tensors if name in self.compressed)
 
 
+def first_conv(model: nn.Module) -> str | None:
+    """Name of the first ``Conv2d`` in module order (``"conv1"`` for a ResNet), or None: the
+    layer kept dense by default, in the byte counts here and in
+    :func:`qerror.compress.sparse.prune_global`."""
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
 def _layout(model: nn.Module, sparse: SparseFormat, values: StorageFormat,
             keep_dense: Iterable[str] | None):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     if keep_dense is None:
-        first = next((n for n, m in layers.items() if isinstance(m, nn.Conv2d)), None)
-        dense = {first} - {None}
+        dense = {first_conv(model)} - {None}
     else:
         dense = set(keep_dense)
     unknown = sorted(dense - set(layers))

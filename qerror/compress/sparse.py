@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from qerror.compress.size import first_conv
+
 Masks = dict[str, torch.Tensor]
 
 #: The layers whose weights pruning considers.
@@ -61,11 +63,6 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def first_conv(model: nn.Module) -> str | None:
-    """Name of the first ``Conv2d`` in module order (``"conv1"`` for a ResNet), or None."""
-    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
 def prunable_weights(model: nn.Module, *,
                      keep_dense: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
     """The weights pruning acts on: those of every ``Conv2d`` and ``Linear`` not kept dense.
@@ -75,7 +72,7 @@ def prunable_weights(model: nn.Module, *,
     model : torch.nn.Module
     keep_dense : iterable of str, optional
         Module names left dense. None (the default): the first convolution
-        (:func:`first_conv`), as Gale et al. [1]_ do; ``()`` prunes every layer.
+        (:func:`qerror.compress.size.first_conv`), as Gale et al. [1]_ do; ``()`` prunes every layer.
 
     Returns
     -------
@@ -718,7 +715,7 @@ def prune_channels(model: nn.Module, fraction: float) -> nn.Module:
 __all__ = [
     "CSRConv2d", "CSRLinear", "GradualSchedule", "MagnitudePruner", "Masks", "PRUNABLE",
     "PruningError", "SemiStructuredLinear", "SparseKernelError", "apply_masks",
-    "channel_masks", "channel_plan", "first_conv", "is_two_four", "mask_hook",
+    "channel_masks", "channel_plan", "is_two_four", "mask_hook",
     "prunable_weights", "prune_channels", "prune_global", "semi_structured_masks",
     "shrink_channels", "sparsity_of", "to_csr", "to_semi_structured", "zero_count",
 ]
