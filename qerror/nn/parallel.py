@@ -176,6 +176,10 @@ def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    own = [n for n, m in model.named_modules() if m in patched and "forward" in m.__dict__]
+    if own:  # restoring the class's forward afterwards would delete theirs
+        raise ValueError(f"BatchNorm {own[0]!r} replaces forward on the module itself; "
+                         "global statistics would bypass it: train a copy without it")
     for m in patched:
         m.forward = functools.partial(_global_batch_norm, m)
     try:

@@ -24,16 +24,18 @@ Sites (DESIGN §2):
   the float input; measured on the first ``local_samples`` images of each batch) and the
   *accumulated* error at its output;
 * every ``BatchNorm2d``: the batch statistics of its input under both paths against the
-  running statistics it normalises with, and the accumulated error at its output (when a
-  layer feeds it directly, the layer's output sums serve; any module run in between, such
-  as an in-place ReLU, makes it reduce its own input; a functional in-place operation
-  inside a module's own ``forward`` between the two is not seen);
+  running statistics it normalises with (when a layer feeds it directly, the layer's
+  output sums serve; any module run in between, such as an in-place ReLU, makes it reduce
+  its own input; a functional in-place operation inside a module's own ``forward`` between
+  the two is not seen). Its site holds these statistics only, no error figures: the error
+  after it is the next layer's input error or its block's output error;
 * every residual block (a module with BatchNorm children and a ``downsample`` attribute or
   named ``*Block``/``Bottleneck``): the accumulated error at its output;
 * the logits: accuracy of both paths, agreement, McNemar counts, SQNR.
 
 Hooks and patched ``forward`` attributes are removed in ``finally`` blocks, so a failing
-forward pass leaves the model as it was.
+forward pass leaves the model as it was; a module that already replaces its ``forward``
+(another measurement still open on the model) is refused before anything is patched.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ __all__ = [
     "measure_many",
     "output_key",
     "paired_forward",
+    "paired_forward_many",
     "quantize_weights",
     "quantized_forward",
     "sqnr_db",
@@ -586,6 +589,13 @@ class _Instrument:
                 if quantized and output_key(n) not in arm.act_qparams:
                     raise ValueError(f"no output qparams for {n!r}{which}; calibrate with "
                                      "calibrate_activations(..., outputs=True)")
+        own = [repr(n) if n else "the model" for n, m in modules if "forward" in m.__dict__]
+        if own:  # restoring the class's forward on closing would delete theirs
+            raise ValueError(
+                f"{', '.join(own[:3])}{' and more' if len(own) > 3 else ''} already "
+                "replace(s) forward on the module itself (another measurement still open on "
+                "this model, or a wrapper of your own); close the other block first, or "
+                "measure a copy (copy.deepcopy(model))")
         for idx, (n, m) in enumerate(self.layers):
             self._patch(m, self._layer_forward(idx, n, m))
         for idx, (n, m) in enumerate(modules):
@@ -1349,15 +1359,40 @@ def quantized_forward(model: nn.Module, config: QuantConfig,
 
 
 @contextlib.contextmanager
-def _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats, *,
+def paired_forward_many(model: nn.Module, configs: Sequence[QuantConfig], act_qparams=None, *,
+                        weights=None, corrections=None, bn_stats=None):
+    """Within the block, ``model(torch.cat([x] * (len(configs) + 1)))`` is the K-way pass of
+    :func:`measure_many` without its statistics: the first chunk of the output is the float
+    network's, chunk ``k + 1`` the quantized network of ``configs[k]``, on the same images.
+
+    What :func:`measure_many` costs beyond this pass is the cost of its measurements; the
+    bench times the two against each other. Arguments as for :func:`measure_many`.
+    """
+    with _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
+                         paired=True) as inst:
+        yield inst
+
+
+@contextlib.contextmanager
+def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats, *,
                     paired: bool):
-    """The model patched to run the quantized network (paired or alone), measuring nothing."""
+    """The model patched to run the quantized network(s) (paired or alone), measuring
+    nothing; one configuration, or (paired) several, each with its own chunk."""
     check_model(model)
-    _batchnorms(model, bn_stats)
-    _check_corrections(model, corrections)
-    if weights is None and config.weight is not None:
-        weights = quantize_weights(model, config.weight, seed=config.seed)
-    inst = _Instrument(model, [_Arm(config, act_qparams, weights, corrections, bn_stats)],
+    configs = [configs] if isinstance(configs, QuantConfig) else list(configs)
+    k = len(configs)
+    if not configs or not all(isinstance(c, QuantConfig) for c in configs):
+        raise TypeError("configs must be one QuantConfig or a non-empty sequence of them")
+    act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
+    weights, corrections, bn_stats = (_per_config(v, k, what) for v, what in (
+        (weights, "weights"), (corrections, "corrections"), (bn_stats, "bn_stats")))
+    for corr, stats in zip(corrections, bn_stats):
+        _batchnorms(model, stats)
+        _check_corrections(model, corr)
+    weights = [quantize_weights(model, c.weight, seed=c.seed) if w is None and
+               c.weight is not None else w for c, w in zip(configs, weights)]
+    inst = _Instrument(model, [_Arm(*arm) for arm in zip(configs, act_qparams, weights,
+                                                        corrections, bn_stats)],
                        paired=paired, collect=False)
     try:
         yield inst

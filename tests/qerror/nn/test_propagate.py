@@ -581,3 +581,52 @@ def test_a_batchnorm_after_an_in_place_relu_sees_the_relus_output():
         res[inplace] = measure(model, test, cfg, act, local_samples=4)
         assert _clean(model)
     _assert_same_result(res[False], res[True], "in-place ReLU")
+
+
+def test_a_measurement_inside_another_is_refused_and_leaves_the_outer_one(setup):
+    """Closing restores each module's own forward by deleting the patch: a module that
+    already has one (an open paired_forward, a user's wrapper) is refused, not stripped."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    x = test[0][0]
+    n = x.shape[0]
+    with torch.inference_mode(), paired_forward(model, cfg, act_qp):
+        before = model(torch.cat([x, x]))
+        with pytest.raises(ValueError, match="already replace.*forward on the module itself"):
+            measure(model, test, cfg, act_qp)
+        after = model(torch.cat([x, x]))
+    assert torch.equal(before, after) and not torch.equal(after[:n], after[n:])
+    assert _clean(model)
+    wrapped = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    own = wrapped[0].forward
+    wrapped[0].forward = lambda t: own(t)
+    with pytest.raises(ValueError, match="'0' already replace"):
+        measure(wrapped, [torch.randn(2, 1, 6, 6)], QuantConfig.make(8, target=Target.WEIGHTS))
+    assert "forward" in vars(wrapped[0])
+
+
+def test_paired_forward_many_is_the_k_way_pass_chunk_for_chunk(setup):
+    """paired_forward_many: measure_many's pass without statistics; each chunk is what
+    paired_forward gives for its configuration alone, bit for bit (deterministic modes)."""
+    from qerror.nn import paired_forward_many
+
+    model, calib, test = setup
+    x = test[0][0]
+    n = x.shape[0]
+    configs = [QuantConfig.make(6, RoundingMode.TOWARD_ZERO),
+               QuantConfig.make(6, RoundingMode.FLOOR, Target.WEIGHTS),
+               QuantConfig.make(6, RoundingMode.NEAREST_EVEN)]
+    act_qp = calibrate_activations(model, calib, configs[0].activation)
+    with torch.inference_mode(), paired_forward_many(model, configs, act_qp):
+        out = model(torch.cat([x] * (len(configs) + 1)))
+    assert _clean(model)
+    with torch.inference_mode():
+        assert torch.equal(out[:n], model(x))
+    for k, cfg in enumerate(configs):
+        with torch.inference_mode(), paired_forward(model, cfg, act_qp):
+            alone = model(torch.cat([x, x]))
+        assert torch.equal(out[n * (k + 1):n * (k + 2)], alone[n:]), cfg.label
+    with pytest.raises(ValueError, match="2 given for 3 configurations"):
+        paired_forward_many(model, configs, act_qp, weights=[None, None]).__enter__()
+    assert _clean(model)
