@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from qerror.cpu import flush_denormal
-from qerror.data import DataError, DataNotFoundError, split_images
+from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
@@ -114,6 +114,21 @@ nonnegative_int = int_at_least(0)
 
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "calib": "calibration", "test": "test"}
+
+
+def held_out(info) -> dict[str, int]:
+    """The validation and calibration split sizes a checkpoint's network was trained beside,
+    as keywords of :func:`qerror.data.fashion_mnist_splits`.
+
+    ``studies.train`` holds out ``val_split`` and ``calib_split`` images of the training
+    file (split seed 0, as every study) and records them in its recipe; a study that holds
+    out the same never validates or calibrates on images the network trained on. The
+    library's defaults for a checkpoint whose recipe records none.
+    """
+    config = info.config if isinstance(info.config, dict) else {}
+    recipe = config.get("recipe") or {}
+    return {"val": int(recipe.get("val_split", VAL_IMAGES)),
+            "calib": int(recipe.get("calib_split", CALIB_IMAGES))}
 
 
 def refuse_beyond_splits(parser: argparse.ArgumentParser,

@@ -115,6 +115,7 @@ from studies._common import (
     base_parser,
     check_out,
     figure_style,
+    held_out,
     int_at_least,
     int_in,
     nonnegative_int,
@@ -185,10 +186,14 @@ def _flat(images) -> np.ndarray:
     return images.images.reshape(len(images), -1)
 
 
-def load_data(data_root, test_images: int, train_images: int | None) -> Data:
+def load_data(data_root, test_images: int, train_images: int | None,
+              held: dict[str, int] | None = None) -> Data:
+    """The training split (or its first ``train_images``), the validation split and the
+    first ``test_images`` of the test split; ``held``: the held-out split sizes the baseline
+    was trained beside (:func:`studies._common.held_out`)."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
-    splits = fashion_mnist_splits(data_root)
+    splits = fashion_mnist_splits(data_root, **(held or {}))
     train = splits.train if train_images is None else splits.train.subset(
         np.arange(min(train_images, len(splits.train))))
     test = splits.test.subset(np.arange(min(test_images, len(splits.test))))
@@ -863,7 +868,8 @@ def _load_model(args):
         ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
                                      data_root=args.data_root)
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
-                        "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
+                        "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics,
+                        "held_out": held_out(ckpt.info)}
 
 
 def _main(argv: list[str]) -> int:
@@ -1008,7 +1014,8 @@ def _main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
-    data = load_data(args.data_root, test_images, 256 if smoke else None)
+    data = load_data(args.data_root, test_images, 256 if smoke else None,
+                     model_id.get("held_out"))
     if str(model_id["model"]).endswith("untrained-smoke"):
         estimate_running_stats(model, [data.x_train[:64]])
     judged = ("smoke run" if smoke else

@@ -77,6 +77,7 @@ from studies._common import (
     check_out,
     figure_style,
     finite_float,
+    held_out,
     int_in,
     paired_ratio,
     positive_int,
@@ -697,7 +698,7 @@ def _load_network(args):
     if args.checkpoint is None and args.smoke:
         return (smoke_net(args.seed), {"arch": "smoke CNN", "weights": "untrained",
                                        "init_seed": args.seed},
-                {"val": 100, "calib": 100, "seed": 0})
+                {"val": 100, "calib": 100})
     from qerror.nn.models import (
         default_checkpoint_path,
         load_checkpoint,
@@ -705,8 +706,6 @@ def _load_network(args):
     )
     from studies.train import get_or_train_baseline
 
-    # studies.train's defaults
-    split = {"val": qdata.VAL_IMAGES, "calib": qdata.CALIB_IMAGES, "seed": 0}
     # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
     if args.checkpoint is not None:
         ckpt = load_checkpoint(args.checkpoint)
@@ -723,14 +722,11 @@ def _load_network(args):
                   "steps, and resumes if interrupted); this study follows.", flush=True)
         ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
                                      data_root=args.data_root, download=args.download)
-    recipe = ckpt.info.config.get("recipe", {}) if isinstance(ckpt.info.config, dict) else {}
-    split = {"val": int(recipe.get("val_split", split["val"])),
-             "calib": int(recipe.get("calib_split", split["calib"])),
-             "seed": int(recipe.get("seed", split["seed"]))}
     identity = {"arch": ckpt.info.arch.value, "stem": ckpt.info.stem.value,
                 "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
                 "metrics": ckpt.info.metrics}
-    return ckpt.model, identity, split
+    # the held-out images of its training (split seed 0, whatever its training seed)
+    return ckpt.model, identity, held_out(ckpt.info)
 
 
 def _main(argv: list[str]) -> int:
@@ -758,9 +754,7 @@ def _main(argv: list[str]) -> int:
             return 2
     net, model_identity, split = _load_network(args)
     try:
-        splits = qdata.fashion_mnist_splits(args.data_root, val=split["val"],
-                                            calib=split["calib"], seed=split["seed"],
-                                            download=args.download)
+        splits = qdata.fashion_mnist_splits(args.data_root, **split, download=args.download)
     except (qdata.DataNotFoundError, ValueError) as err:
         print(f"[dataset] error: {err}", file=sys.stderr)
         return 2

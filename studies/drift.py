@@ -121,6 +121,7 @@ from studies._common import (
     base_parser,
     check_out,
     figure_style,
+    held_out,
     int_at_least,
     int_in,
     nonnegative_int,
@@ -183,16 +184,17 @@ def _first_images(batches, n: int) -> torch.Tensor:
 
 def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: int,
                  headline_images: int = 0, int8_images: int = 0, curve_calib: int = 0,
-                 curve_images: int = 0) -> Data:
+                 curve_images: int = 0, held: dict[str, int] | None = None) -> Data:
     """Calibration images from the calibration split, measured ones from the test split, and
     the first ``headline_images`` of the whole test split (in order) for the headline
     accuracy; under torchrun each rank keeps its share of the measured and headline
     batches (:func:`qerror.nn.parallel.shard`). Rank 0 also keeps the first ``curve_calib``
     images of the calibration split and the first ``curve_images`` of the test split for
-    the remedies' calibration curve."""
+    the remedies' calibration curve. ``held``: the held-out split sizes the model was
+    trained beside (:func:`studies._common.held_out`)."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
-    splits = fashion_mnist_splits(data_root)
+    splits = fashion_mnist_splits(data_root, **(held or {}))
     n_test = min(images, len(splits.test))
     pick = np.sort(np.random.default_rng(seed).permutation(len(splits.test))[:n_test])
     test = splits.test.subset(pick)
@@ -222,13 +224,14 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
                 headline_first, _first_images(test_batches, int8_images), *curve)
 
 
-def fashion_pilot(data_root, images: int, batch: int, seed: int):
+def fashion_pilot(data_root, images: int, batch: int, seed: int,
+                  held: dict[str, int] | None = None):
     """The pilot's images: a seeded sample of the validation split, which the study uses
     for nothing else (the baseline's training only reported its accuracy on it), so that
     the test subset is not sized by looking at itself. Returns ``(batches, identity)``."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
-    val = fashion_mnist_splits(data_root).val
+    val = fashion_mnist_splits(data_root, **(held or {})).val
     n = min(images, len(val))
     pick = np.sort(np.random.default_rng([seed, 1]).permutation(len(val))[:n])
     pilot = val.subset(pick)
@@ -308,7 +311,7 @@ def _load_model(args, data_root):
                                      and parallel.world()[1] == 1, data_root=data_root)
     return ckpt.model, {"model": f"fashion-{args.model}", "stem": ckpt.info.stem.value,
                         "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
-                        "metrics": ckpt.info.metrics}
+                        "metrics": ckpt.info.metrics, "held_out": held_out(ckpt.info)}
 
 
 # --------------------------------------------------------------------------- compute
@@ -1306,7 +1309,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                 if folder is not None else
                 fashion_data(args.data_root, n, calib_images, batch, args.seed,
                              headline_images, int8_images, max(curve_sizes, default=0),
-                             curve_images if curve_sizes else 0))
+                             curve_images if curve_sizes else 0, model_id.get("held_out")))
 
     # Sized by the pilot below; until then the floor (the checks hold for more images too).
     data = load(sizing["min_images"] if images == AUTO else images)
@@ -1362,7 +1365,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         chosen = None
         if main:
             batches, pilot_id = fashion_pilot(args.data_root, sizing["pilot_images"], batch,
-                                              args.seed)
+                                              args.seed, model_id.get("held_out"))
             prec, kway_s = run_pilot(model, batches, configs, act_qp, weights_of,
                                      local_samples, batch)
             # the pilot ran every configuration in K-way batches as the run does: its rate

@@ -81,6 +81,7 @@ from qerror.nn.early_exit import (
     DEFAULT_EXIT_POINTS,
     EarlyExitResNet,
     ExitPolicy,
+    ExitResult,
     ExitRule,
     SelectionProcedure,
     calibrate_exits,
@@ -120,6 +121,7 @@ from studies._common import (
     base_parser,
     check_out,
     figure_style,
+    held_out,
     int_at_least,
     nonnegative_int,
     positive_float,
@@ -185,13 +187,14 @@ class Data:
 
 
 def load_data(data_root, train_images: int, val_images: int, calib_images: int,
-              test_images: int, seed: int) -> Data:
+              test_images: int, seed: int, held: dict[str, int] | None = None) -> Data:
     """A seeded subset of the training split (head training; all of it when
     ``train_images`` is at least its size), the first images of the validation,
-    calibration and test splits; the test split is never used to choose."""
+    calibration and test splits; the test split is never used to choose. ``held``: the
+    held-out split sizes the backbone was trained beside (:func:`studies._common.held_out`)."""
     from qerror.data import fashion_mnist_splits, to_tensor
 
-    splits = fashion_mnist_splits(data_root)
+    splits = fashion_mnist_splits(data_root, **(held or {}))
     parts = {}
     ident = {"dataset": "fashion-mnist", "source": splits.test.source}
     rng = np.random.default_rng(seed)
@@ -226,7 +229,7 @@ def load_backbone(args, data_root):
                                      data_root=data_root)
     return ckpt.model, {"model": f"fashion-{ckpt.info.arch.value}-{ckpt.info.stem.value}",
                         "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
-                        "metrics": ckpt.info.metrics}
+                        "metrics": ckpt.info.metrics, "held_out": held_out(ckpt.info)}
 
 
 def build_exit_model(backbone, exit_points, seed: int) -> EarlyExitResNet:
@@ -640,7 +643,7 @@ def _main(argv: list[str]) -> int:
     started = time.perf_counter()
     backbone, model_id = load_backbone(args, args.data_root)
     data = load_data(args.data_root, train_images, val_images, calib_images, test_images,
-                     args.seed)
+                     args.seed, model_id.get("held_out"))
     if smoke and args.checkpoint is None:
         estimate_running_stats(backbone, [data.calib.x])
     backbone.eval()
@@ -881,11 +884,19 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
         rounding_rows.append(row)
 
     # Simulated against real INT8 under the real INT8 operating rule.
+    # Two reference rows: the float network under the same rule (what a simulation must
+    # beat to be informative), and the real INT8 runner itself, which drops exited samples
+    # between stages, against the figures above, computed from every stage on whole batches
+    # (they agree where the compiled stages give the same output at every batch size).
+    runner = ExitResult.concat([q_stages.run(data.test.x[i:i + batch], rule8)
+                                for i in range(0, len(data.test.x), batch)])
     sim_rows = []
-    for mode in SIM_MODES:
-        sim = exit_result_from_logits(logits[f"sim_{mode.value}"][1], rule8)
+    for name, sim in ([(f"{mode.value}", exit_result_from_logits(
+            logits[f"sim_{mode.value}"][1], rule8)) for mode in SIM_MODES]
+            + [("fp32", exit_result_from_logits(logits[FP32][1], rule8)),
+               ("int8_runner", runner)]):
         agree = compare_exits(res8, sim)
-        sim_rows.append({"simulation": mode.value, "policy": head_policy,
+        sim_rows.append({"simulation": name, "policy": head_policy,
                          "thresholds": thresholds_text(rule8),
                          "images": agree.n,
                          "same_exit": agree.same_exit / agree.n,

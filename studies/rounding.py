@@ -42,6 +42,7 @@ from studies._common import (
     base_parser,
     check_out,
     figure_style,
+    held_out,
     int_at_least,
     study_main,
 )
@@ -445,7 +446,7 @@ def _main(argv: list[str]) -> int:
                      "baseline); pass one, or leave --data-root out")
     # Read before the work starts: a named folder that fails stops the run here.
     images = None if baseline is None or baseline[1] is None else _calibration_images(
-        args.data_root, 64 if smoke else 256)
+        args.data_root, 64 if smoke else 256, held_out(baseline[2]["info"]))
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
@@ -565,9 +566,11 @@ def _load_baseline(path: Path | None):
     return state, None, {"path": str(path)}
 
 
-def _calibration_images(data_root, count: int) -> torch.Tensor | None:
+def _calibration_images(data_root, count: int, held: dict[str, int] | None = None
+                        ) -> torch.Tensor | None:
     """The first ``count`` calibration images, or None when no data was named and none
-    is found.
+    is found; ``held``: the held-out split sizes the network was trained beside
+    (:func:`studies._common.held_out`).
 
     Raises
     ------
@@ -578,7 +581,7 @@ def _calibration_images(data_root, count: int) -> torch.Tensor | None:
     from qerror.data import DataNotFoundError, fashion_mnist_splits, named_data_root, to_tensor
 
     try:
-        calib = fashion_mnist_splits(data_root).calib
+        calib = fashion_mnist_splits(data_root, **(held or {})).calib
     except DataNotFoundError as err:
         if named_data_root(data_root) is not None:
             raise

@@ -253,6 +253,19 @@ class ExitResult:
         """(N,) int64 top-1 classes."""
         return self.logits.argmax(dim=1)
 
+    @classmethod
+    def concat(cls, parts: Sequence[ExitResult]) -> ExitResult:
+        """One result from the results of consecutive batches, in their order; each
+        stage's row count is the sum of the batches'."""
+        parts = list(parts)
+        if not parts or len({len(p.rows_per_stage) for p in parts}) != 1:
+            raise ValueError("concat needs at least one result, all of networks with the "
+                             "same number of exits")
+        return cls(torch.cat([p.logits for p in parts]),
+                   torch.cat([p.exit_index for p in parts]),
+                   torch.cat([p.confidence for p in parts]),
+                   tuple(int(sum(r)) for r in zip(*(p.rows_per_stage for p in parts))))
+
     def exit_counts(self) -> tuple[int, ...]:
         """Samples that left at each exit."""
         n = len(self.rows_per_stage)
@@ -601,8 +614,10 @@ class EarlyExitResNet(nn.Module):
         exit.
     width, pool : int
         Of each :class:`ExitHead`.
-    input_shape : tuple of int
-        (C, H, W) of one input image, used once to find the channels at each exit point.
+    input_shape : tuple of int, optional
+        (C, H, W) of one input image, used to find the channels at each exit point and kept
+        as :attr:`input_shape` (the default of :func:`exit_costs`). None (the default): the
+        backbone's ``conv1`` channels at 32×32, the Fashion-MNIST baselines' shape.
     seed : int
         Seed of the heads' initialisation; the global generator is left untouched.
 
@@ -616,10 +631,12 @@ class EarlyExitResNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, exit_points: Sequence[str] = DEFAULT_EXIT_POINTS,
-                 *, width: int = 64, pool: int = 2, input_shape: tuple[int, ...] = (1, 32, 32),
+                 *, width: int = 64, pool: int = 2, input_shape: tuple[int, ...] | None = None,
                  seed: int = 0):
         super().__init__()
         check_resnet(backbone)
+        if input_shape is None:
+            input_shape = (backbone.conv1.in_channels, 32, 32)
         if isinstance(exit_points, str):
             exit_points = (exit_points,)
         positions = _resolve_exit_points(backbone, exit_points)
@@ -627,6 +644,7 @@ class EarlyExitResNet(nn.Module):
         self.exit_points = tuple(exit_points)
         self._cuts = tuple(p + 1 for p in positions)
         channels = self._exit_channels(input_shape)
+        self.input_shape = tuple(input_shape)
         num_classes = self.backbone.fc.out_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -728,7 +746,8 @@ class ExitCosts:
     exit_points : tuple of str
         Where the exits are; the last is ``"fc"``.
     backbone_macs : tuple of int
-        Cumulative MACs of the backbone up to each exit (the last: the whole ResNet).
+        Cumulative MACs of the backbone up to each exit (the last: the whole ResNet but its
+        ``fc``, which is the last exit's head).
     head_macs : tuple of int
         MACs of each exit's head alone (the last: the ResNet's ``fc``).
     macs : tuple of int
@@ -755,8 +774,9 @@ class ExitCosts:
         return tuple(m / self.full_macs for m in self.macs)
 
 
-def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] = (1, 32, 32)) -> ExitCosts:
-    """Count the MACs per image (C, H, W) at each exit of ``model`` (see :func:`count_macs`).
+def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = None) -> ExitCosts:
+    """Count the MACs per image (C, H, W) at each exit of ``model`` (see :func:`count_macs`);
+    ``input_shape`` defaults to the one the model was built for (its :attr:`input_shape`).
 
     Returns
     -------
@@ -773,6 +793,8 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] = (1, 32, 32
     """
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
+    if input_shape is None:
+        input_shape = model.input_shape
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
     was_training = model.training

@@ -292,8 +292,8 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         convolutions padded (:func:`pad_single_channel_convs`) and put in evaluation mode;
         the given module is left alone.
     calibration : iterable of torch.Tensor
-        Float32 input batches the activation observers see. The first one is also the
-        example input of the export.
+        Float32 input batches the activation observers see. The first of two or more
+        images is also the example input of the export; at least two images in all.
     compile : bool
         Compile the converted graph with ``torch.compile`` (inductor, freezing on). Off,
         ``fn`` is the converted graph run eagerly, which computes the same quantized
@@ -340,7 +340,15 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         raise ValueError(f"warmup_sizes must be batch sizes in [1, {max_batch}], got "
                          f"{list(warmup_sizes)}")
     model = pad_single_channel_convs(untie_relus(module)).eval()
-    example = batches[0]
+    # A batch of one would specialise the exported batch dimension to 1: the example is
+    # the first batch of two or more (or the first two single images together).
+    example = next((b for b in batches if b.shape[0] >= 2), None)
+    if example is None:
+        if len(batches) < 2:
+            raise ValueError("calibration holds a single image; give at least two (the "
+                             "export's example batch needs two or more to keep its batch "
+                             "size dynamic)")
+        example = torch.cat(batches[:2])
     with torch.no_grad():
         t0 = time.perf_counter()
         batch = torch.export.Dim("batch", min=1, max=max_batch)

@@ -216,3 +216,27 @@ def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_pat
     monkeypatch.undo()
     assert (stage / "x.csv").read_text() == "1\n" and (stage / "manifest.json").exists()
     assert not out.exists()
+
+
+def test_held_out_is_the_split_a_checkpoint_was_trained_beside():
+    """The recipe's held-out sizes (a smoke checkpoint holds out 64 and 32 images), the
+    library's defaults where none are recorded; never the training seed, since
+    studies.train splits with seed 0 whatever it trains with."""
+    from types import SimpleNamespace
+
+    from qerror import data
+    from qerror.files import jsonable
+    from qerror.nn.models import Arch, Stem
+    from studies.train import default_recipe
+
+    smoke = jsonable(default_recipe(Arch.RESNET18, Stem.IMAGENET, smoke=True, seed=7))
+    assert _common.held_out(SimpleNamespace(config={"recipe": smoke})) == {"val": 64,
+                                                                            "calib": 32}
+    default = jsonable(default_recipe(Arch.RESNET50, Stem.IMAGENET, seed=1))
+    assert _common.held_out(SimpleNamespace(config={"recipe": default})) == {
+        "val": data.VAL_IMAGES, "calib": data.CALIB_IMAGES}
+    for config in ({}, None, {"recipe": None}):
+        assert _common.held_out(SimpleNamespace(config=config)) == {
+            "val": data.VAL_IMAGES, "calib": data.CALIB_IMAGES}
+    # The held-out images are those training held out: the same split, whatever the seed.
+    assert "seed" not in _common.held_out(SimpleNamespace(config={"recipe": default}))

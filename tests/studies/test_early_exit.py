@@ -164,6 +164,14 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     per_class = pd.read_csv(out / "exits_per_class.csv")
     for _, d in per_class.groupby("system"):
         assert d["count"].sum() == 64
+    # Each simulation against real INT8, beside the float network (the baseline a
+    # simulation must beat) and the real runner that drops exited samples.
+    sim = pd.read_csv(out / "sim_vs_real.csv").set_index("simulation")
+    assert list(sim.index) == ["nearest_even", "toward_zero", "fp32", "int8_runner"]
+    assert (sim.images == 64).all()
+    assert (sim.filter(like="exits_").sum(axis=1) == 64).all()
+    for name in ("Fp", "IntEightRunner"):
+        assert f"\\newcommand{{\\earlyExitSameExit{name}" in (out / "macros.tex").read_text()
 
 
 def test_threshold_one_is_the_full_model(smoke_run):

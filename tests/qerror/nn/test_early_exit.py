@@ -14,6 +14,7 @@ from qerror.nn.early_exit import (
     EarlyExitResNet,
     ExitHead,
     ExitPolicy,
+    ExitResult,
     ExitRule,
     IsotonicMap,
     SelectionProcedure,
@@ -912,3 +913,32 @@ def test_exit_loss_refuses_outputs_of_another_exit_count():
     loss = exit_loss([1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="3 weights but the network gave 2 exits"):
         loss([torch.zeros(2, 3), torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long))
+
+
+def test_the_model_keeps_the_input_shape_it_was_built_for():
+    """A three-channel torchvision ResNet50 builds without being told its channels, and
+    exit_costs counts at the shape the model was built for."""
+    from torchvision.models import resnet50
+
+    rgb = EarlyExitResNet(resnet50(num_classes=10))
+    assert rgb.input_shape == (3, 32, 32)
+    big = EarlyExitResNet(resnet50(num_classes=10), input_shape=(3, 224, 224))
+    costs = exit_costs(big)
+    assert costs.full_macs == exit_costs(big, (3, 224, 224)).full_macs
+    assert costs.full_macs > 40 * exit_costs(rgb).full_macs  # 224² against 32² pixels
+
+
+def test_results_of_consecutive_batches_concatenate_to_the_whole_run():
+    gen = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(20, 4, generator=gen)
+    stages = [lambda h: (h, h), lambda h: (h, h.flip(1)), lambda h: (h, -h)]
+    rule = ExitRule("max-softmax", (0.8, 0.7))
+    whole = run_early_exit(stages, logits, rule)
+    parts = ExitResult.concat([run_early_exit(stages, logits[a:b], rule)
+                               for a, b in ((0, 7), (7, 8), (8, 20))])
+    for f in ("logits", "exit_index", "confidence"):
+        assert torch.equal(getattr(parts, f), getattr(whole, f))
+    assert parts.rows_per_stage == whole.rows_per_stage and whole.rows_per_stage[-1] < 20
+    with pytest.raises(ValueError, match="same number of exits"):
+        ExitResult.concat([whole, run_early_exit(stages[:2], logits, ExitRule("max-softmax",
+                                                                              (0.8,)))])

@@ -188,5 +188,20 @@ def test_bad_input_is_refused():
         quantize_pt2e(nn.Linear(2, 2), [torch.zeros(3, 2, dtype=torch.float64)])
     with pytest.raises(TypeError, match="EarlyExitResNet"):
         quantize_exit_stages(nn.Linear(2, 2), [torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match="calibration holds a single image; give at least two"):
+        quantize_pt2e(nn.Linear(2, 2), [torch.zeros(1, 2)])
+
+
+def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
+    """A first batch of one image would fix the exported batch size to 1: the example is
+    the first batch of two or more, or the first two single images together."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    gen = torch.Generator().manual_seed(1)
+    for calib in ([torch.randn(1, 4, generator=gen), torch.randn(5, 4, generator=gen)],
+                  [torch.randn(1, 4, generator=gen), torch.randn(1, 4, generator=gen)]):
+        q = quantize_pt2e(net, calib, compile=False)
+        x = torch.randn(6, 4, generator=gen)
+        assert q(x).shape == (6, 3) and q(x[:1]).shape == (1, 3)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         untie_relus("resnet50")
