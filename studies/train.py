@@ -50,6 +50,7 @@ from torch import nn
 
 from qerror import data, wilson_ci
 from qerror.files import jsonable
+from qerror.nn import parallel
 from qerror.nn.models import (
     DEFAULT_STEM,
     Arch,
@@ -319,8 +320,16 @@ def _main(argv: list[str]) -> int:
         with distributed(args.device) as place:
             # Both destinations are checked before hours of training, not after; rank 0
             # writes, so it checks (and tidies) the output folder.
+            refusal = None
             if place.is_main:
-                check_out(out, "train", force=args.force)
+                try:
+                    check_out(out, "train", force=args.force)
+                except StudyError as exc:
+                    refusal = str(exc)
+            # every rank stops with rank 0's words, not in the collective it would wait in
+            refusal = parallel.broadcast_object(refusal)
+            if refusal is not None:
+                raise StudyError(refusal)
             # A run cut while writing its results has saved the checkpoint but kept its
             # state: rerunning the command finishes it and may replace that checkpoint.
             _check_checkpoint_target(checkpoint, force=args.force or (args.resume and
@@ -357,7 +366,9 @@ def _main(argv: list[str]) -> int:
 
 def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: list[str],
             checkpoint: Path, state_path: Path, out: Path, world_size: int) -> int:
-    command = shlex.join(["python", "-m", "studies.train", *argv])
+    launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc-per-node={world_size}"]
+    command = shlex.join([*launcher, "-m", "studies.train", *argv]) + (
+        "" if world_size == 1 else " (with your other torchrun options)")
     if result.interrupted:
         print(f"[train] interrupted at step {result.step} of {result.total_steps}; the state is "
               f"saved in {state_path}. To continue, run the same command: {command}",
