@@ -74,6 +74,11 @@ class Record:
             raise RecordError(f"record {name}: no record.json (the command as run and the "
                               "machine, which the manifest cannot say): write it")
         self.about = _About(name, json.loads(about.read_text()))
+        git = self.manifest.get("git") or {}
+        if not git.get("commit") or git.get("dirty") or "at_finish" in git:
+            raise RecordError(f"record {name}: its run did not come from one clean commit "
+                              f"(manifest git: {git}); rerun it from a checkout that stays "
+                              "at one commit (a git worktree) and record that run")
         outputs = self.manifest.get("outputs", {})
         for path in sorted(self.folder.iterdir()):
             if path.name in ("manifest.json", "record.json"):

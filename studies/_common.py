@@ -224,6 +224,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
 
     def main(argv: list[str] | None = None) -> int:
         """Run the study (see the module docstring); ``--help`` lists the arguments."""
+        global _GIT_AT_START
+        outer, _GIT_AT_START = _GIT_AT_START, git_identity()
         try:
             with flush_denormal():
                 return body(sys.argv[1:] if argv is None else list(argv))
@@ -239,6 +241,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
             print(f"[{name}] interrupted: nothing was published (its staging folder was "
                   "removed)", file=sys.stderr)
             return EXIT_INTERRUPTED
+        finally:
+            _GIT_AT_START = outer
 
     return main
 
@@ -438,6 +442,11 @@ def wrapped_columns(*widths: float) -> str:
     return "".join(f">{{\\raggedright\\arraybackslash}}p{{{w:g}\\linewidth}}" for w in widths)
 
 
+# The commit a running study started from (set by study_main): the code that ran is that
+# commit's, whatever the checkout holds by the time the results are written.
+_GIT_AT_START: dict[str, Any] | None = None
+
+
 def git_identity() -> dict[str, Any]:
     """Commit and whether the work tree differs from it (None outside a git checkout)."""
     try:
@@ -489,6 +498,7 @@ class RunDir:
         self.extra: dict[str, Any] = {}
         self.timing_outputs: set[str] = set()
         self.started = time.time()
+        self.git = dict(_GIT_AT_START) if _GIT_AT_START is not None else git_identity()
         self.kept = False  # finish() kept a complete run it could not move to --out
 
     def path(self, name: str) -> Path:
@@ -565,6 +575,12 @@ class RunDir:
                 self.timing_outputs.add(f"{stem}.{ext}")
         return paths
 
+    def _git(self) -> dict[str, Any]:
+        """The commit the run started from (its study's start, else this folder's), and the
+        checkout's state at the end where it differs: code changed under a running study."""
+        now = git_identity()
+        return self.git if now == self.git else {**self.git, "at_finish": now}
+
     def finish(self) -> Path:
         """Write the manifest and move the staged folder to its destination."""
         outputs = {str(p.relative_to(self.stage)): sha256_file(p)
@@ -573,7 +589,7 @@ class RunDir:
             "study": self.study,
             "argv": self.argv,
             "config": self.config,
-            "git": git_identity(),
+            "git": self._git(),
             "packages": package_versions(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),

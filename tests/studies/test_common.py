@@ -240,3 +240,23 @@ def test_held_out_is_the_split_a_checkpoint_was_trained_beside():
             "val": data.VAL_IMAGES, "calib": data.CALIB_IMAGES}
     # The held-out images are those training held out: the same split, whatever the seed.
     assert "seed" not in _common.held_out(SimpleNamespace(config={"recipe": default}))
+
+
+def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
+    """The code that ran is the commit checked out when the study started; a commit made
+    while it ran is recorded beside it, not in its place."""
+    states = iter([{"commit": "a" * 40, "dirty": False}] + [{"commit": "b" * 40,
+                                                            "dirty": False}] * 5)
+    monkeypatch.setattr(_common, "git_identity", lambda: next(states))
+
+    def body(argv):
+        with RunDir(tmp_path / "run", "demo", argv, {}) as run:
+            run.write_text("x.txt", "x\n")
+            run.finish()
+        return 0
+
+    assert _common.study_main(body)([]) == 0
+    git = json.loads((tmp_path / "run" / "manifest.json").read_text())["git"]
+    assert git == {"commit": "a" * 40, "dirty": False,
+                   "at_finish": {"commit": "b" * 40, "dirty": False}}
+    assert _common._GIT_AT_START is None

@@ -126,3 +126,17 @@ def test_an_unclosed_passage_is_named_and_nothing_is_written(tmp_path, monkeypat
     monkeypatch.setattr(readme, "README", target)
     assert readme.main([]) == 1
     assert target.read_text(encoding="utf-8") == broken
+
+
+@pytest.mark.parametrize("git", [{"commit": "ab" * 20, "dirty": True}, {"commit": None},
+                                 {"commit": "ab" * 20, "dirty": False,
+                                  "at_finish": {"commit": "cd" * 20, "dirty": False}}])
+def test_a_record_comes_from_one_clean_commit(tmp_path, git):
+    """A run made from uncommitted changes, outside git, or while the checkout moved on
+    cannot name the code that produced it: refused, with the way out."""
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"})
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "git": git}))
+    with pytest.raises(readme.RecordError, match="did not come from one clean commit"):
+        readme.add(f"r={run}", ["a.csv"], tmp_path / "record")
+    assert not (tmp_path / "record" / "r").exists()
