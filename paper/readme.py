@@ -260,6 +260,45 @@ def bench_fused(records) -> str:
             "which is not exact.")
 
 
+def bench_drift(records) -> str:
+    rec = records("bench-drift")
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+
+    def row(name_has: str, baseline_has: str):
+        hit = b[b.name.str.contains(name_has, regex=False)
+                & b.baseline.str.contains(baseline_has, regex=False)]
+        if len(hit) != 1:
+            raise RecordError(f"record bench-drift: {len(hit)} rows of {name_has!r} against "
+                              f"{baseline_has!r}, expected one")
+        return hit.iloc[0]
+
+    def mib(r, which: int) -> str:
+        return re.findall(r"(\d+) MiB", r.note)[which]
+
+    def goal(r) -> str:
+        return "met" if str(r.meets_goal) == "True" else "not met"
+
+    mem = row("default passes of 128", "float forward")
+    one = row("one paired pass", "float forward")
+    many_mem = row("modes, default passes", "float forward")
+    inst = row("8-bit toward_zero", "paired passes, no statistics")
+    many = row("modes (", "the same")
+    k = int(re.search(r"(\d+) modes", many["name"]).group(1))
+    return (
+        f"`{rec.about['command']}` ({rec.about['machine']}, commit {rec.commit}, ResNet50, a "
+        f"batch of 256 images at 1×32×32): the peak resident memory of `measure` with its "
+        f"default passes is {mem.ratio_median:.2f}× the float forward's ({mib(mem, 0)} MiB "
+        f"against {mib(mem, 1)}), {one.ratio_median:.2f}× in one paired pass, and that of "
+        f"`measure_many` over the {k} modes of a width {many_mem.ratio_median:.2f}× (goal "
+        f"2×). The instrumented pass took {inst.ratio_median:.2f}× the same paired passes "
+        f"without statistics (median of {int(inst.pairs)} paired timings, "
+        f"{inst.ratio_min:.2f}–{inst.ratio_max:.2f}), and `measure_many` "
+        f"{many.ratio_median:.2f}× the same {k}-way passes without statistics "
+        f"({many.ratio_min:.2f}–{many.ratio_max:.2f}); the goal of at most 1.3×: {goal(inst)} "
+        f"and {goal(many)}.")
+
+
 def drift_fused_gain(records) -> str:
     fused = records("drift").csv("timing.csv").iloc[0].measured_s
     block = records("drift-block-engine").csv("timing.csv").iloc[0].measured_s
@@ -329,6 +368,7 @@ RENDERERS: dict[str, Callable] = {
     "early-exit-run": early_exit_run,
     "drift-fused-gain": drift_fused_gain,
     "bench-fused": bench_fused,
+    "bench-drift": bench_drift,
     "rounding-choice-time": rounding_choice_time,
 }
 

@@ -125,10 +125,19 @@ def held_out(info) -> dict[str, int]:
     out the same never validates or calibrates on images the network trained on. The
     library's defaults for a checkpoint whose recipe records none.
     """
-    config = info.config if isinstance(info.config, dict) else {}
-    recipe = config.get("recipe") or {}
-    return {"val": int(recipe.get("val_split", VAL_IMAGES)),
-            "calib": int(recipe.get("calib_split", CALIB_IMAGES))}
+    config = info.config if isinstance(info.config, Mapping) else {}
+    recipe = config.get("recipe")
+    recipe = recipe if isinstance(recipe, Mapping) else {}  # not a training recipe
+    sizes = {}
+    for key, field, default in (("val", "val_split", VAL_IMAGES),
+                                ("calib", "calib_split", CALIB_IMAGES)):
+        value = recipe.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StudyError(f"checkpoint {getattr(info, 'path', '')}: its recipe's {field} is "
+                             f"{value!r}, not a number of images; the images it was trained "
+                             "beside are unknown. Retrain it with python -m studies.train")
+        sizes[key] = value
+    return sizes
 
 
 def refuse_beyond_splits(parser: argparse.ArgumentParser,

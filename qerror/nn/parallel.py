@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 __all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "global_batchnorm", "shard",
@@ -119,31 +118,47 @@ def gather_objects(value: Any) -> list[Any]:
 _ONE_VALUE = "Expected more than 1 value per channel when training"
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
+    (each rank's loss depends on every rank's tensor through the sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
 def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """``bn``'s forward in training mode with the mean and variance of the global batch.
 
-    Each channel's sum over this rank's positions, then the sum of squared deviations from
-    the global mean, are summed over the ranks by an all-reduce that autograd
-    differentiates (its backward sums the ranks' gradients), so outputs, gradients and the
-    running statistics are those of one process holding the whole batch, up to the order of
-    the float additions.
+    Each channel's sum over this rank's positions (with the count of positions), then the
+    sum of squared deviations from the global mean, are summed over the ranks by an
+    all-reduce that autograd differentiates, so outputs, gradients and the running
+    statistics are those of one process holding the whole batch, up to the order of the
+    float additions.
     """
     if not bn.training:  # running statistics, or a per-rank batch in eval (as torch does)
         return type(bn).forward(bn, x)
     bn._check_input_dim(x)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64,
-                         device=_collective_device())
-    dist.all_reduce(count)
-    n = int(count.item())
+    dev = _collective_device()
+    # in float64, where a count of positions stays exact
+    local = torch.full((1,), float(x.numel() // x.shape[1]), dtype=torch.float64, device=dev)
+    sums = _SumOverRanks.apply(torch.cat([x.sum(dims).to(dev, torch.float64), local]))
+    n = int(sums[-1].item())
     if n < 2:
         raise ValueError(f"{_ONE_VALUE} (the global batch holds {n} value per channel)")
-    total = dist_fn.all_reduce(x.sum(dims).to(_collective_device()))
-    mean = (total / n).to(x.device)
+    mean = (sums[:-1] / n).to(x.device, x.dtype)
     centred = x - mean.view(shape)
-    m2 = dist_fn.all_reduce((centred * centred).sum(dims).to(_collective_device()))
-    var = (m2 / n).to(x.device)
+    var = (_SumOverRanks.apply((centred * centred).sum(dims).to(dev)) / n).to(x.device)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -170,20 +185,24 @@ def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
     replaced while the block runs, and in eval mode it is the module's own. Outside a
     process group this does nothing.
 
-    Every rank must run the same BatchNorms in the same order (as DDP requires anyway).
+    Every rank must run the same forward passes inside the block (each BatchNorm in training
+    mode meets the others in a collective): hold it around the training step's forward only
+    (:func:`qerror.nn.training.fit` does), never around work that one rank does alone.
+    The backward pass may run after the block: its collectives are in the autograd graph.
     """
     if world()[1] == 1:
         yield model
         return
-    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    own = [n for n, m in model.named_modules() if m in patched and "forward" in m.__dict__]
+    patched = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    own = [n for n, m in patched if "forward" in m.__dict__]
     if own:  # restoring the class's forward afterwards would delete theirs
         raise ValueError(f"BatchNorm {own[0]!r} replaces forward on the module itself; "
                          "global statistics would bypass it: train a copy without it")
-    for m in patched:
+    for _, m in patched:
         m.forward = functools.partial(_global_batch_norm, m)
     try:
         yield model
     finally:
-        for m in patched:
+        for _, m in patched:
             del m.forward

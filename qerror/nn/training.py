@@ -50,7 +50,9 @@ from qerror.nn.models import StateDictMismatchError, check_state_dict, non_finit
 from qerror.stats import wilson_ci
 
 STATE_FORMAT = "qerror-train-state"
-STATE_VERSION = 2
+STATE_VERSION = 3
+# A state of the version before, which resumes in one process (see _load_state).
+_OLDER_STATE = 2
 # Independent random streams derived from the one seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 # Steps timed (after the first, which includes kernel selection) before the estimate.
@@ -522,25 +524,39 @@ def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
     return {**recipe, **extra}
 
 
-def _load_state(path: Path, recipe: dict[str, Any]) -> dict:
+def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
     hint = f"delete {path} or start over without resuming"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or truncated files
         raise ResumeError(f"the training state {path} is unreadable ({type(exc).__name__}: "
                           f"{exc}); {hint}") from exc
+    version = state.get("version") if isinstance(state, dict) else None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT \
-            or state.get("version") != STATE_VERSION:
+            or version not in (_OLDER_STATE, STATE_VERSION):
         raise ResumeError(f"{path} is not a version-{STATE_VERSION} training state; {hint}")
     saved = state.get("recipe")
     if not isinstance(saved, dict):
         raise ResumeError(f"the training state {path} records no recipe; {hint}")
+    unrecorded = []
+    if version == _OLDER_STATE:
+        if world > 1:
+            raise ResumeError(
+                f"the training state {path} was written before BatchNorm trained on the "
+                "statistics of the whole global batch under torchrun; resuming it on several "
+                f"ranks would switch halfway. Resume it in one process, or {hint}")
+        # what a later version records and this one did not (the training images) cannot
+        # be compared: said, not refused
+        unrecorded = [k for k in recipe if k not in saved]
     differ = [f"{k}: {saved.get(k)!r} saved, {v!r} now" for k, v in recipe.items()
-              if saved.get(k) != v]
+              if saved.get(k) != v and k not in unrecorded]
     differ += [f"{k}: {saved[k]!r} saved, absent now" for k in saved if k not in recipe]
     if differ:
         raise ResumeError(f"the training state {path} was written by a different recipe ("
                           + "; ".join(differ) + f"). Rerun with the same arguments, or {hint}")
+    if unrecorded:
+        print(f"[train] {path.name} was written by an older qerror, which did not record "
+              f"{', '.join(unrecorded)}: not checked", flush=True)
     return state
 
 
@@ -701,8 +717,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
             m.eval()
 
     try:
-        with flush_denormal() if dev.type == "cpu" else contextlib.nullcontext(), \
-                parallel.global_batchnorm(model):
+        with flush_denormal() if dev.type == "cpu" else contextlib.nullcontext():
             return _run(model, batches, n_train, config, recipe, state_path, resume, val,
                         val_size, {n: named[n] for n in chosen}, after_step, on_epoch, loss,
                         dev, checkpoint_every, stop_after_steps, time_budget_s,
@@ -732,7 +747,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     loaded: dict | Exception | None = None
     if main and resume and state_path is not None and state_path.is_file():
         try:
-            loaded = _load_state(state_path, recipe)
+            loaded = _load_state(state_path, recipe, world)
         except ResumeError as exc:
             loaded = exc
     elif main and state_path is not None and state_path.is_file():
@@ -844,7 +859,10 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             opt.zero_grad(set_to_none=True)
             train_mode()
             try:
-                out = net(x)
+                # every rank runs this forward: its BatchNorms may meet in collectives (not
+                # in validation or on_epoch, which rank 0 runs alone)
+                with parallel.global_batchnorm(model):
+                    out = net(x)
             except ValueError as exc:  # torch's words for a BatchNorm without statistics
                 if "more than 1 value per channel when training" not in str(exc):
                     raise

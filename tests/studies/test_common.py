@@ -260,3 +260,16 @@ def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
     assert git == {"commit": "a" * 40, "dirty": False,
                    "at_finish": {"commit": "b" * 40, "dirty": False}}
     assert _common._GIT_AT_START is None
+
+
+@pytest.mark.parametrize("recipe", [{"val_split": None}, {"calib_split": "64"},
+                                    {"val_split": -1}, {"val_split": True}])
+def test_held_out_refuses_a_recipe_it_cannot_read(recipe):
+    from types import SimpleNamespace
+
+    with pytest.raises(_common.StudyError, match="not a number of images"):
+        _common.held_out(SimpleNamespace(config={"recipe": recipe}, path="m.pt"))
+    # a config that holds no training recipe at all: the defaults
+    for config in ({"recipe": "foo"}, {"recipe": [1]}, "foo"):
+        assert _common.held_out(SimpleNamespace(config=config)) == _common.held_out(
+            SimpleNamespace(config={}))

@@ -90,9 +90,12 @@ def _ddp_worker(rank, world, port, folder):
         out["full"] = _weights(full.model)
         out["losses"] = [r.loss for r in full.history.steps]
         out["rows"] = seen
+        patched = []  # rank 0 alone runs on_epoch: no BatchNorm may wait in a collective there
         bn = fit(tiny_model(batchnorm=True), noisy_batches(x, y), N_TRAIN, CONFIG,
-                 progress=False)
+                 progress=False, on_epoch=lambda rec, m: patched.append(
+                     any("forward" in vars(mod) for mod in m.modules())))
         out["bn"] = _weights(bn.model)
+        out["patched_in_on_epoch"] = patched
         # Each rank names its own state file, as on machines without a shared disk: only
         # rank 0 writes, and the resumed state reaches rank 1 from rank 0.
         state = folder / f"rank{rank}" / "state.pt"
@@ -169,6 +172,7 @@ def test_two_ranks_train_batchnorm_on_the_global_batch(two_ranks):
     # RTOL above (the statistics are sums over the global batch, added in another order).
     _, (r0, r1) = two_ranks
     assert all(torch.equal(r0["bn"][k], r1["bn"][k]) for k in r0["bn"])
+    assert r0["patched_in_on_epoch"] == [False, False] and r1["patched_in_on_epoch"] == []
     x, y = synthetic()
     single = fit(tiny_model(batchnorm=True), noisy_batches(x, y), N_TRAIN, CONFIG,
                  progress=False)
@@ -461,3 +465,30 @@ def test_cuda_under_torchrun_means_this_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     assert training._local_gpu() == 2  # a launcher that set the device itself
+
+
+def test_a_state_of_the_version_before_resumes_in_one_process_only(tmp_path, capsys):
+    """Version 2 recorded less of the recipe (no training images) and trained BatchNorm on
+    each rank's share under torchrun: it resumes in one process, saying what it cannot
+    check, and is refused on several ranks."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    identity = {"data": {"train_sha256": "f" * 64}}
+    full = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, identity=identity,
+               progress=False)
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        identity=identity, stop_after_steps=7, progress=False)
+    old = torch.load(state, weights_only=True)
+    old["version"] = 2
+    del old["recipe"]["data"], old["rng"]
+    torch.save(old, state)
+    recipe = training._recipe(CONFIG, identity, None)
+    with pytest.raises(ResumeError, match="Resume it in one process"):
+        training._load_state(state, recipe, world=2)
+    capsys.readouterr()
+    rest = fit(tiny_model(seed=5), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+               identity=identity, progress=False)
+    assert "written by an older qerror, which did not record data: not checked" in \
+        capsys.readouterr().out
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
