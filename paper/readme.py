@@ -215,6 +215,34 @@ def baseline_train(records) -> str:
         "images (`summary.json`, 95 % Wilson interval).")
 
 
+def stem_frontier(records) -> str:
+    bench, c3, base = records("bench-models"), records("train-conv3-pool"), \
+        records("baseline-train")
+    b = bench.csv("bench.csv")
+    steps = {}
+    for stem in ("conv3-pool", "cifar"):
+        hit = b[(b.group == "models") & b.name.str.endswith(f"stem {stem}")]
+        if len(hit) != 1:
+            raise RecordError(f"record bench-models: {len(hit)} rows for stem {stem}")
+        r = hit.iloc[0]
+        steps[stem] = (r.ratio_median, float(re.match(r"([\d.]+) vs", r.note).group(1)))
+    s, t = c3.json("summary.json"), c3.json("timing.json")
+    s0 = base.json("summary.json")
+    lo, hi = s["test_ci"]
+    gap = s["test_accuracy"] - s0["test_accuracy"]
+    return (
+        f"Measured with `{bench.about['command']}` ({bench.about['machine']}, commit "
+        f"{bench.commit}), a ResNet50 training step of 128 images takes "
+        f"{steps['conv3-pool'][0]:.2f}× the default's with `conv3-pool` "
+        f"({steps['conv3-pool'][1]:.1f} s) and {steps['cifar'][0]:.1f}× with `cifar` "
+        f"({steps['cifar'][1]:.1f} s). Trained, `{c3.about['command']}` (the default recipe, "
+        f"three epochs; {c3.about['machine']}, commit {c3.commit}) reached "
+        f"{pct(s['test_accuracy'])} % [{pct(lo)}, {pct(hi)}] test accuracy after "
+        f"{minutes(t['train_seconds'])} minutes of training (`summary.json`), "
+        f"{points(gap)} points against the default's {pct(s0['test_accuracy'])} %"
+        + (", and below 92 %." if s["test_accuracy"] < 0.92 else ", and above 92 %."))
+
+
 def drift_time(records) -> str:
     rec, block = records("drift"), records("drift-block-engine")
     t = rec.csv("timing.csv").iloc[0]
@@ -336,6 +364,65 @@ def early_exit_run(records) -> str:
             + ". Its goals (`goals.csv`):\n\n" + "\n".join(items))
 
 
+_EE_RUNS = (("early_exit", "default (seed 0)"), ("early-exit-seed1", "seed 1"),
+            ("early-exit-seed2", "seed 2"))
+
+
+def early_exit_seeds(records) -> str:
+    heads_text, joint_gain, rows, lows, deltas = [], [], [], [], []
+    commits = sorted({records(n).commit for n, _ in _EE_RUNS})
+    for name, label in _EE_RUNS:
+        rec = records(name)
+        summary = rec.json("summary.json")
+        pts = rec.csv("operating_points.csv")
+        head = pts[(pts.system == "int8_early_exit")
+                   & (pts.policy == summary["head_policy"])].iloc[0]
+        goals = rec.csv("goals.csv")
+        heads = rec.csv("heads.csv")
+        test = heads[heads.split == "test"].set_index(["variant", "exit"]).accuracy
+        variant = rec.manifest["config"]["variant"]
+        last = int(heads.exit.max())
+        mid = [test[(variant, k)] for k in (last - 2, last - 1)]
+        heads_text.append((label, mid, test[(variant, last)]))
+        if ("joint", last) in test.index and ("frozen", last) in test.index:
+            joint_gain.append((test[("frozen", last)], test[("joint", last)]))
+        others = goals.iloc[1:]
+        met = "met" if others.met.astype(str).eq("True").all() else \
+            f"{int(others.met.astype(str).eq('True').sum())} of {len(others)} met"
+        lows.append(head.tost_ci_lo)
+        deltas.append(head.delta_vs_fp32_full)
+        rows.append(f"| {label} | {points(head.delta_vs_fp32_full)} "
+                    f"[{points(head.tost_ci_lo)}, {points(head.tost_ci_hi)}] | "
+                    f"{head.tost_p:.3f} | {100 * head.macs_fraction:.1f} % | {met} |")
+    better = sum(all(m > lastacc for m in mid) for _, mid, lastacc in heads_text)
+    listing = "; ".join(f"{label}: {pct(mid[0])} % and {pct(mid[1])} % against {pct(lastacc)} %"
+                        for label, mid, lastacc in heads_text)
+    gains = [b - a for a, b in joint_gain]
+    lo_gain, hi_gain = points(min(gains or [0])), points(max(gains or [0]))
+    joint = (f" One epoch of joint fine-tuning moves the last exit by {lo_gain}"
+             + ("" if lo_gain == hi_gain else f" to {hi_gain}")
+             + f" points ({pct(joint_gain[0][0])} → {pct(joint_gain[0][1])} % on the default "
+             "baseline)." if gains else "")
+    within = sum(lo > -0.005 for lo in lows)
+    return (
+        f"What the runs found (`python -m studies.early_exit`, and with `--checkpoint` for two "
+        "more baselines trained the same way, `python -m studies.train --seed 1` and `--seed "
+        f"2`; commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}, "
+        f"{records(_EE_RUNS[0][0]).about['machine']}; each run's `heads.csv`, "
+        "`operating_points.csv` and `goals.csv`). The heads at the ends of the two stages "
+        f"before the last score higher on the test split than the backbone's own last layer "
+        f"on {better} of the {len(_EE_RUNS)} baselines ({listing}; point estimates, with "
+        f"McNemar's test against the last exit in `heads.csv`).{joint} The INT8 early-exit "
+        "network against FP32 full (paired, 90 % interval of the TOST) and the other four "
+        "goals:\n\n"
+        "| baseline | INT8 early exit − FP32 full (90 % CI), points | TOST p | MACs | other "
+        "four goals |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"The lower end of the interval is above −0.5 points on {within} of the "
+        f"{len(_EE_RUNS)} baselines (lowest {points(min(lows))}): non-inferiority at the "
+        f"0.5-point margin; the estimates range from {points(min(deltas))} to "
+        f"{points(max(deltas))} points.")
+
+
 def dataset_equivalence(records) -> str:
     rec = records("dataset")
     eq = rec.csv("equivalence.csv")
@@ -361,11 +448,13 @@ def dataset_equivalence(records) -> str:
 
 RENDERERS: dict[str, Callable] = {
     "baseline-train": baseline_train,
+    "stem-frontier": stem_frontier,
     "compression-table": compression_table,
     "compression-goals": compression_goals,
     "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
     "early-exit-run": early_exit_run,
+    "early-exit-seeds": early_exit_seeds,
     "drift-fused-gain": drift_fused_gain,
     "bench-fused": bench_fused,
     "bench-drift": bench_drift,
