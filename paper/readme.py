@@ -436,6 +436,7 @@ def dataset_equivalence(records) -> str:
 
 RENDERERS: dict[str, Callable] = {
     "baseline-train": baseline_train,
+    "stem-frontier": stem_frontier,
     "compression-table": compression_table,
     "compression-goals": compression_goals,
     "dataset-equivalence": dataset_equivalence,
