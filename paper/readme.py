@@ -379,7 +379,7 @@ def early_exit_seeds(records) -> str:
             f"{int(others.met.astype(str).eq('True').sum())} of {len(others)} met"
         lows.append(head.tost_ci_lo)
         deltas.append(head.delta_vs_fp32_full)
-        rows.append(f"| {label} | {points(head.delta_vs_fp32_full)} "
+        rows.append(f"| {label} | {rec.commit} | {points(head.delta_vs_fp32_full)} "
                     f"[{points(head.tost_ci_lo)}, {points(head.tost_ci_hi)}] | "
                     f"{head.tost_p:.3f} | {100 * head.macs_fraction:.1f} % | {met} |")
     better = sum(all(m > lastacc for m in mid) for _, mid, lastacc in heads_text)
@@ -403,8 +403,8 @@ def early_exit_seeds(records) -> str:
         f"McNemar's test against the last exit in `heads.csv`).{joint} The INT8 early-exit "
         "network against FP32 full (paired, 90 % interval of the TOST) and the other four "
         "goals:\n\n"
-        "| baseline | INT8 early exit − FP32 full (90 % CI), points | TOST p | MACs | other "
-        "four goals |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "| baseline | commit | INT8 early exit − FP32 full (90 % CI), points | TOST p | MACs | "
+        "other four goals |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         f"The lower end of the interval is above −0.5 points on {within} of the "
         f"{len(_EE_RUNS)} baselines (lowest {points(min(lows))}): non-inferiority at the "
         f"0.5-point margin; the estimates range from {points(min(deltas))} to "
@@ -442,6 +442,7 @@ RENDERERS: dict[str, Callable] = {
     "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
     "early-exit-run": early_exit_run,
+    "early-exit-seeds": early_exit_seeds,
     "drift-fused-gain": drift_fused_gain,
     "bench-fused": bench_fused,
     "bench-drift": bench_drift,
