@@ -289,8 +289,7 @@ def bench_fused(records) -> str:
 
 
 def bench_drift(records) -> str:
-    """The drift bench's memory rows (peak resident growth, which other jobs on the machine
-    do not change, unlike its timings)."""
+    """The drift bench's memory rows and its instrumentation overhead against like work."""
     rec = records("bench-drift")
     b = rec.csv("bench.csv")
     b = b[b.group == "drift"]
@@ -306,13 +305,28 @@ def bench_drift(records) -> str:
         row("modes, default passes")
     mib = [re.findall(r"(\d+) MiB", r.note) for r in (mem, one, many)]
     k = int(re.search(r"(\d+) modes", many["name"]).group(1))
+
+    def timed(name_has: str, baseline: str):
+        hit = b[b.name.str.contains(name_has, regex=False) & (b.baseline == baseline)]
+        if len(hit) != 1:
+            raise RecordError(f"record bench-drift: {len(hit)} rows of {name_has!r} against "
+                              f"{baseline!r}, expected one")
+        r = hit.iloc[0]
+        verdict = "met" if str(r.meets_goal) == "True" else "not met"
+        return (f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f} over "
+                f"{int(r.pairs)} paired timings; goal 1.3×: {verdict})")
     return (
         f"`{rec.about['command']}` ({rec.about['machine']}, commit {rec.commit}, ResNet50, a "
         f"batch of 256 images at 1×32×32, each in a fresh process, measured on a second "
         f"call): the peak resident memory of `measure` with its default passes grows by "
         f"{mem.ratio_median:.2f}× the float forward's ({mib[0][0]} MiB against {mib[0][1]}), "
         f"by {one.ratio_median:.2f}× in one paired pass, and that of `measure_many` over the "
-        f"{k} modes of a width by {many.ratio_median:.2f}× (goal: at most 2×).")
+        f"{k} modes of a width by {many.ratio_median:.2f}× (goal: at most 2×). The "
+        f"instrumented pass took "
+        f"{timed('8-bit toward_zero', 'paired passes, no statistics')} the time of the same "
+        f"paired passes without statistics, and `measure_many` "
+        f"{timed('modes (', f'the same {k}-way passes, no statistics')} that of the same "
+        f"{k}-way passes without statistics.")
 
 
 def drift_fused_gain(records) -> str:
