@@ -221,10 +221,8 @@ def stem_frontier(records) -> str:
     b = bench.csv("bench.csv")
     steps = {}
     for stem in ("conv3-pool", "cifar"):
-        hit = b[(b.group == "models") & b.name.str.endswith(f"stem {stem}")]
-        if len(hit) != 1:
-            raise RecordError(f"record bench-models: {len(hit)} rows for stem {stem}")
-        r = hit.iloc[0]
+        r = _one_row(bench, b, (b.group == "models") & b.name.str.endswith(f"stem {stem}"),
+                     f"stem {stem}")
         steps[stem] = (r.ratio_median, float(re.match(r"([\d.]+) vs", r.note).group(1)))
     s, t = c3.json("summary.json"), c3.json("timing.json")
     s0 = base.json("summary.json")
@@ -288,40 +286,42 @@ def bench_fused(records) -> str:
             "which is not exact.")
 
 
+def _one_row(rec: Record, frame: pd.DataFrame, mask, what: str) -> pd.Series:
+    """The one row of ``frame`` that ``mask`` selects; a RecordError naming ``what`` when the
+    record holds none or several."""
+    hit = frame[mask]
+    if len(hit) != 1:
+        raise RecordError(f"record {rec.name}: {len(hit)} rows of {what}, expected one")
+    return hit.iloc[0]
+
+
 def bench_drift(records) -> str:
     """The drift bench's memory rows and its instrumentation overhead against like work."""
     rec = records("bench-drift")
     b = rec.csv("bench.csv")
     b = b[b.group == "drift"]
 
-    def row(name_has: str):
-        hit = b[b.name.str.contains(name_has, regex=False) & (b.baseline == "float forward")]
-        if len(hit) != 1:
-            raise RecordError(f"record bench-drift: {len(hit)} memory rows of {name_has!r}, "
-                              "expected one")
-        return hit.iloc[0]
+    def row(name_has: str, baseline: str) -> pd.Series:
+        return _one_row(rec, b, b.name.str.contains(name_has, regex=False)
+                        & (b.baseline == baseline), f"{name_has!r} against {baseline!r}")
 
-    mem, one, many = row("default passes of 128"), row("one paired pass"), \
-        row("modes, default passes")
-    mib = [re.findall(r"(\d+) MiB", r.note) for r in (mem, one, many)]
+    mem, one, many = (row(name, "float forward") for name in (
+        "default passes of 128", "one paired pass", "modes, default passes"))
+    mib = re.findall(r"(\d+) MiB", mem.note)
     k = int(re.search(r"(\d+) modes", many["name"]).group(1))
 
-    def timed(name_has: str, baseline: str):
-        hit = b[b.name.str.contains(name_has, regex=False) & (b.baseline == baseline)]
-        if len(hit) != 1:
-            raise RecordError(f"record bench-drift: {len(hit)} rows of {name_has!r} against "
-                              f"{baseline!r}, expected one")
-        r = hit.iloc[0]
+    def timed(name_has: str, baseline: str) -> str:
+        r = row(name_has, baseline)
         verdict = "met" if str(r.meets_goal) == "True" else "not met"
         return (f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f} over "
-                f"{int(r.pairs)} paired timings; goal 1.3×: {verdict})")
+                f"{int(r.pairs)} paired timings; goal {r.goal:g}×: {verdict})")
     return (
         f"`{rec.about['command']}` ({rec.about['machine']}, commit {rec.commit}, ResNet50, a "
         f"batch of 256 images at 1×32×32, each in a fresh process, measured on a second "
         f"call): the peak resident memory of `measure` with its default passes grows by "
-        f"{mem.ratio_median:.2f}× the float forward's ({mib[0][0]} MiB against {mib[0][1]}), "
+        f"{mem.ratio_median:.2f}× the float forward's ({mib[0]} MiB against {mib[1]}), "
         f"by {one.ratio_median:.2f}× in one paired pass, and that of `measure_many` over the "
-        f"{k} modes of a width by {many.ratio_median:.2f}× (goal: at most 2×). The "
+        f"{k} modes of a width by {many.ratio_median:.2f}× (goal: at most {mem.goal:g}×). The "
         f"instrumented pass took "
         f"{timed('8-bit toward_zero', 'paired passes, no statistics')} the time of the same "
         f"paired passes without statistics, and `measure_many` "
