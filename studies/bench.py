@@ -342,8 +342,9 @@ def _memory_child(what: str, smoke: bool, seed: int, pair_batch: int | None = No
     """Run one forward in this (fresh) process and print its peak resident memory growth.
 
     The forward runs once unmeasured, then the kernel's high-water mark is reset
-    (``/proc/self/clear_refs``), so VmHWM - VmRSS measures the second, warm pass alone. ``what``: ``float`` (the float forward),
-    ``measure`` (one configuration) or ``many`` (every mode of the width, one K-way batch).
+    (``/proc/self/clear_refs``), so VmHWM - VmRSS measures the second, warm pass alone.
+    ``what``: ``float`` (the float forward), ``measure`` (one configuration) or ``many``
+    (every mode of the width, one K-way batch).
     """
     import json
 

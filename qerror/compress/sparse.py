@@ -72,7 +72,8 @@ def prunable_weights(model: nn.Module, *,
     model : torch.nn.Module
     keep_dense : iterable of str, optional
         Module names left dense. None (the default): the first convolution
-        (:func:`qerror.compress.size.first_conv`), as Gale et al. [1]_ do; ``()`` prunes every layer.
+        (:func:`qerror.compress.size.first_conv`), as Gale et al. [1]_ do; ``()`` prunes
+        every layer.
 
     Returns
     -------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,13 @@ def is_block(module: nn.Module) -> bool:
     """Whether the module is a residual block (torchvision's names, or ``*Block``)."""
     name = type(module).__name__
     return name in ("Bottleneck", "BasicBlock") or name.endswith("Block")
+
+
+def own_forwards(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the modules that replace ``forward`` on the module itself (an instance
+    attribute, as an open measurement or a user's wrapper does): code that patches
+    ``forward`` and deletes the patch afterwards must refuse them, or it deletes theirs."""
+    return [n for n, m in modules if "forward" in vars(m)]
 
 
 def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qerror.nn._anatomy import own_forwards
+
 __all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "global_batchnorm", "shard",
            "world"]
 
@@ -195,7 +197,7 @@ def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
         return
     patched = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    own = [n for n, m in patched if "forward" in m.__dict__]
+    own = own_forwards(patched)
     if own:  # restoring the class's forward afterwards would delete theirs
         raise ValueError(f"BatchNorm {own[0]!r} replaces forward on the module itself; "
                          "global statistics would bypass it: train a copy without it")

@@ -64,6 +64,7 @@ from qerror.nn._anatomy import (
     is_block,
     iter_batches,
     model_device,
+    own_forwards,
     path_depths,
 )
 from qerror.nn.bn import BNInconsistency
@@ -589,7 +590,7 @@ class _Instrument:
                 if quantized and output_key(n) not in arm.act_qparams:
                     raise ValueError(f"no output qparams for {n!r}{which}; calibrate with "
                                      "calibrate_activations(..., outputs=True)")
-        own = [repr(n) if n else "the model" for n, m in modules if "forward" in m.__dict__]
+        own = [repr(n) if n else "the model" for n in own_forwards(modules)]
         if own:  # restoring the class's forward on closing would delete theirs
             raise ValueError(
                 f"{', '.join(own[:3])}{' and more' if len(own) > 3 else ''} already "
