@@ -448,11 +448,122 @@ def dataset_equivalence(records) -> str:
         f"(`offline_variants.csv`): {others}.")
 
 
+def compression_sparse_long(records) -> str:
+    """The sparse goal judged on a run with ten times the default fine-tuning."""
+    rec = records("compression-sparse-2000")
+    pts = rec.csv("points.csv")
+    config = rec.manifest["config"]
+    steps = int(config["finetune_steps"])
+    default_steps = int(records("compression").manifest["config"]["finetune_steps"])
+    if config["sparsities"] != [0.9]:
+        raise RecordError(f"record {rec.name}: expected the 90 % sparsity alone, got "
+                          f"{config['sparsities']}")
+
+    def one(method, cfg):
+        return _one_row(rec, pts, (pts.method == method) & (pts.config == cfg),
+                        f"{method} ({cfg})")
+
+    base, tuned = one("dense float32", "dense"), one("dense float32, fine-tuned", "dense")
+    sparse, sparse8 = one("pruned", "90% sparse"), one("pruned + INT8", "90% sparse")
+    goal = rec.csv("goals.csv")
+    verdict = goal[goal.goal.str.startswith("90%-sparse")].verdict.iloc[0]
+    vs_tuned = sparse.acc - tuned.acc
+    better = (sparse.delta_vs_dense > 0 and sparse.p_vs_dense < 0.05 and vs_tuned > 0
+              and sparse.p_vs_dense_finetuned < 0.05)
+    timing = rec.csv("timing.csv").set_index("task").seconds
+    tune_s, prune_s = timing["dense fine-tuned"], timing["pruned 0.9"]
+    six_hours = 6 * (tune_s + prune_s) / 2 / 3600
+    return (
+        f"**The sparse goal, measured** on the test split with {steps / default_steps:g} "
+        f"times the default fine-tuning (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.manifest['seconds'] / 60:.0f} minutes on {rec.about['machine']}): the "
+        f"90 %-sparse network reaches {pct(sparse.acc)} % [{pct(sparse.acc_lo)}, "
+        f"{pct(sparse.acc_hi)}] against the baseline's {pct(base.acc)} % "
+        f"({points(sparse.delta_vs_dense)} points, McNemar p {pvalue(sparse.p_vs_dense)}) and "
+        f"the dense network fine-tuned the same {steps} steps {pct(tuned.acc)} % "
+        f"({points(vs_tuned)} points, p {pvalue(sparse.p_vs_dense_finetuned)}); with its "
+        f"surviving weights in INT8, {pct(sparse8.acc)} % in {int(sparse8.bytes):,} bytes "
+        f"against the dense file's {int(base.bytes):,}. The goal (within one point of both) "
+        f"is {verdict}" + ("; the pruned network is better than either (McNemar, above)"
+                           if better else "") + ". "
+        f"Fine-tuning alone adds {points(tuned.acc - base.acc)} points to the baseline. The "
+        f"default run keeps {default_steps} steps, since at {steps} its six fine-tunings "
+        f"would take about {six_hours:.0f} hours of one thread ({tune_s / 60:.0f} and "
+        f"{prune_s / 60:.0f} minutes for the two here, each with its test-split evaluation "
+        f"and latency): it judges the goal at {default_steps} steps, this run at {steps}.")
+
+
+def _dwn_rows(rec: Record) -> pd.DataFrame:
+    """The DWN points of a compression run, largest first."""
+    pts = rec.csv("points.csv")
+    dwn = pts[pts.method == "DWN"].sort_values("bytes", ascending=False)
+    if dwn.empty:
+        raise RecordError(f"record {rec.name}: no DWN point in points.csv")
+    return dwn
+
+
+def _dwn_point(r) -> str:
+    return f"{pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}]"
+
+
+def compression_dwn(records) -> str:
+    """The DWN goal on the default (exponential EFD) run, set against the paper's harmonic
+    decay run from the same commit, and the validation-to-test gap."""
+    rec, harm = records("compression-dwn"), records("compression-dwn-harmonic")
+    dwn, hdwn = _dwn_rows(rec), _dwn_rows(harm)
+    for run, frame in ((rec, dwn), (harm, hdwn)):
+        efd = set(frame.efd)
+        if len(efd) != 1:
+            raise RecordError(f"record {run.name}: its DWN points mix EFD decays {efd}")
+    if dwn.efd.iloc[0] != "exponential" or hdwn.efd.iloc[0] != "harmonic":
+        raise RecordError("records compression-dwn and compression-dwn-harmonic: expected "
+                          "the exponential and the harmonic EFD decay")
+    big, small = dwn.iloc[0], dwn.iloc[-1]
+    hbig, hsmall = hdwn.iloc[0], hdwn.iloc[-1]
+    goal = rec.csv("goals.csv")
+    verdict = goal[goal.goal.str.startswith("DWN")].verdict.iloc[0]
+    within = dwn[dwn.bytes <= 100_000]
+    why = ""
+    if verdict == "not met" and (within.acc_hi < 0.89).all():
+        why = ": the interval's upper end is below it"
+    neither = "neither meets the goal" if max(big.acc, hbig.acc) < 0.89 else \
+        "one meets the goal" if min(big.acc, hbig.acc) < 0.89 else "both meet the goal"
+    base = records("compression").manifest["model"]["metrics"]
+    gap, base_gap = big.val_acc - big.acc, base["val_accuracy"] - base["test_accuracy"]
+    return (
+        f"**The DWN goal, measured** (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.about['machine']}, {minutes(rec.manifest['seconds'])} minutes for both "
+        f"networks): the DWN of {big.config.split(',')[0].removeprefix('LUTs ')} LUTs "
+        f"({int(big.bytes):,} bytes) reaches {_dwn_point(big)} on the test split, the one of "
+        f"{small.config.split(',')[0].removeprefix('LUTs ')} LUTs ({int(small.bytes):,} "
+        f"bytes) {_dwn_point(small)}. The goal (at least 89 % within 100 kB) is {verdict}"
+        f"{why}. The sizes, the temperature rule and the epochs were chosen on the validation "
+        "split; so was the EFD decay, but only after a test figure had been seen: the "
+        "paper's harmonic decay was run first and its test accuracy read, then the "
+        "exponential decay of the authors' code was written and chosen on validation alone. "
+        + (f"Both from one commit ({harm.commit}, `{harm.about['command']}` for the paper's): "
+           if harm.commit == rec.commit else
+           f"The paper's from commit {harm.commit} (`{harm.about['command']}`): ") + "the "
+        f"larger network {pct(big.val_acc)} % on validation with the exponential decay "
+        f"against {pct(hbig.val_acc)} % with the harmonic, {_dwn_point(big)} against "
+        f"{_dwn_point(hbig)} on test; the smaller {pct(small.val_acc)} % against "
+        f"{pct(hsmall.val_acc)} % on validation, {_dwn_point(small)} against "
+        f"{_dwn_point(hsmall)} on test (one seed each, the best of "
+        f"{rec.manifest['config']['dwn_epochs']} epochs by validation accuracy). Both test "
+        f"results are reported; {neither}. The test split sits {100 * gap:.2f} points below "
+        f"the validation split for the larger network, and {100 * base_gap:.2f} for the ResNet "
+        f"baseline (its metrics in the default compression run's manifest: "
+        f"{pct(base['val_accuracy'])} % against {pct(base['test_accuracy'])} %), so 89 % on "
+        f"test would need about {89 + 100 * gap:.0f} % on validation.")
+
+
 RENDERERS: dict[str, Callable] = {
     "baseline-train": baseline_train,
     "stem-frontier": stem_frontier,
     "compression-table": compression_table,
     "compression-goals": compression_goals,
+    "compression-dwn": compression_dwn,
+    "compression-sparse-2000": compression_sparse_long,
     "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
     "early-exit-run": early_exit_run,

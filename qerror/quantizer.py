@@ -349,21 +349,38 @@ def _blocks(outer: int, channels: int, inner: int):
                            o * row + c * inner + i)
 
 
-def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
+#: The largest flat element index of a stochastic draw (torch's counters are int64).
+_MAX_INDEX = 2**63 - 1
+
+
+def _check_offset(offset) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise ValueError(f"offset must be a flat element index >= 0 (an int), got {offset!r}")
+    return int(offset)
+
+
+def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offset: int = 0):
     """Shared engine of :func:`quantize` and :func:`fake_quantize`.
 
     Returns the codes (int32) or the fake-quantized values (input dtype) and, if
     ``count``, the :class:`Saturation`.
     """
     check_float_array(x, "x")  # before x.ndim: a list must get a TypeError, not AttributeError
+    offset = _check_offset(offset)
+    size = x.numel() if isinstance(x, torch.Tensor) else x.size
+    if offset + size > _MAX_INDEX:
+        raise ValueError(f"offset {offset} and the part's {size} elements pass the largest "
+                         f"flat index the draws are hashed from ({_MAX_INDEX}); give the "
+                         "part's index within a smaller array")
     if x.ndim == 0 and spec.axis is None:
         # One code path for every shape: a scalar is quantized as a 1-element array.
-        res = _run(x.reshape(1), spec, scale, zero_point, generator, fake=fake, count=count)
+        res = _run(x.reshape(1), spec, scale, zero_point, generator, fake=fake, count=count,
+                   offset=offset)
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
     torch_in = isinstance(x, torch.Tensor)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
-        return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count)
+        return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count, offset=offset)
     shape = tuple(x.shape)
     channels = shape[axis] if axis is not None else 1
     outer = int(np.prod(shape[:axis], dtype=np.int64)) if axis is not None else 1
@@ -399,7 +416,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
     dims = None if axis is None else (0, 2)
 
     def one_block(block):
-        so, sc, si, offset = block
+        so, sc, si, at = block
         xb, ob = xw[so, sc, si], outw[so, sc, si]
         if axis is None:
             # One scale: flat blocks and scalar parameters take the fastest kernels.
@@ -411,7 +428,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool):
         # The quotient goes straight into the output block where it has the working dtype;
         # the codes, scaled, overwrite it at the end.
         scratch = ob.reshape(xb.shape) if not on_torch and fake and ob.dtype == cdt else None
-        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset, scratch)
+        r, scale_b = _shifted_codes(xb, spec, sb, zb, key, offset + at, scratch)
         lo, hi = _bounds(spec, zb, r, cdt)
         counts = None
         if count and on_torch:
@@ -540,9 +557,9 @@ def _saturation_result(low, high, per_channel_total, axis) -> Saturation:
     return Saturation(low, high, np.full(low.shape, per_channel_total))
 
 
-def _run_autograd(x, spec, s, z, key, axis, *, fake: bool, count: bool):
+def _run_autograd(x, spec, s, z, key, axis, *, fake: bool, count: bool, offset: int = 0):
     """Whole-tensor path for tensors that require grad (quantization-aware training)."""
-    r, scale_c = _shifted_codes(x, spec, s, z, key)
+    r, scale_c = _shifted_codes(x, spec, s, z, key, offset)
     cdt = _compute_dtype(x)
     lo, hi = _bounds(spec, z, x, cdt)
     sat = None
@@ -568,6 +585,7 @@ def quantize(
     *,
     generator: Generator | None = None,
     return_saturation: bool = False,
+    offset: int = 0,
 ):
     """Quantize ``x`` to integer codes ``q = clamp(R(x/s + z), qmin, qmax)``.
 
@@ -585,6 +603,15 @@ def quantize(
     return_saturation : bool
         Also return a :class:`Saturation`: the elements with ``R(u) < qmin`` and
         with ``R(u) > qmax``, per tensor or per channel.
+    offset : int
+        STOCHASTIC rounding: the flat index, in C order whatever the memory layout, of
+        ``x``'s first element in a larger array quantized with the same integer seed (or a
+        generator in the same state: a generator object advances on every call), when
+        ``x`` is a run of consecutive elements of it (a slice along the first dimension,
+        say, with ``scale`` and ``zero_point`` sliced too where that is the channel axis):
+        each element then draws what it draws in the whole array, so quantizing an array
+        in non-empty parts gives its codes however it is split. At most ``2**63 - 1`` with
+        the part's elements. No effect on the other modes.
 
     Returns
     -------
@@ -597,7 +624,8 @@ def quantize(
     float64 inputs; the scale is first rounded to that precision, and it is that
     rounded scale the codes are exact for. Work proceeds in cache-sized blocks.
     """
-    return _run(x, spec, scale, zero_point, generator, fake=False, count=return_saturation)
+    return _run(x, spec, scale, zero_point, generator, fake=False, count=return_saturation,
+                offset=offset)
 
 
 def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
@@ -661,6 +689,7 @@ def fake_quantize(
     *,
     generator: Generator | None = None,
     return_saturation: bool = False,
+    offset: int = 0,
 ):
     """Quantize then dequantize: ``x̂ = s · clamp(R(x/s + z) - z, qmin - z, qmax - z)``.
 
@@ -675,4 +704,5 @@ def fake_quantize(
     PyTorch's ``torch.fake_quantize_per_tensor_affine`` and
     ``torch.fake_quantize_per_channel_affine`` bit for bit.
     """
-    return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation)
+    return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation,
+                offset=offset)

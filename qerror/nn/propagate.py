@@ -561,10 +561,12 @@ class _Instrument:
         self.collect = collect
         self.input_maps = input_maps
         self.batch_index = 0
-        # Within a batch measured in several paired passes: the pass's index (its stochastic
-        # stream), and how many of its images the local error and the quantizer's own error
-        # use (the first ``local_samples`` images of the batch, whichever pass holds them).
-        self.chunk = 0
+        # Within a batch measured in several paired passes: the index of the pass's first
+        # image in the batch (stochastic rounding draws each element the number it has in
+        # the whole batch's stream, so the draws do not depend on how the batch is split),
+        # and how many of its images the local error and the quantizer's own error use (the
+        # first ``local_samples`` images of the batch, whichever pass holds them).
+        self.first_image = 0
         self.local_images = local_samples
         self.act_err_images = max(1, local_samples)
         self._handles = []
@@ -652,11 +654,16 @@ class _Instrument:
         if spec is None:
             return x
         qp = arm.act_qparams[name]
-        chunk = (self.chunk,) if self.chunk else ()
-        key = _key(arm.config.seed, 2, idx, self.batch_index, stream, *chunk) \
-            if spec.rounding.is_random else None
+        key, offset = None, 0
+        if spec.rounding.is_random:
+            # x holds images first_image, first_image + 1, ... of the batch (a pass's chunk,
+            # or its first images for the local error): their elements' indices in the
+            # batch's tensor
+            key = _key(arm.config.seed, 2, idx, self.batch_index, stream)
+            offset = self.first_image * x[0].numel()
         if acc is None:  # nothing measured here: the quantizer alone, no counting
-            return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key)
+            return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
+                                 offset=offset)
         room = acc.err.keep - sum(b.shape[0] for b in acc.beyond)
         if room > 0 and acc.kind in ("conv", "linear"):
             # per kept image: any input that the rounding mode maps beyond the grid's ends
@@ -668,7 +675,7 @@ class _Instrument:
             acc.beyond.append(((lo < s * (spec.qmin - bounds.negative[1] - z))
                                | (hi > s * (spec.qmax - bounds.positive[0] - z))).cpu())
         xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
-                                return_saturation=True)
+                                return_saturation=True, offset=offset)
         acc.sat_low += int(sat.low)
         acc.sat_high += int(sat.high)
         acc.sat_total += int(sat.total)
@@ -1048,14 +1055,14 @@ def default_pair_batch(images: int, arms: int = 1) -> int:
 
 
 def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
-    """The paired passes over ``batches``: (batch index, pass index within the batch, first
-    image of the pass within the batch, images, labels); a batch is measured in passes of
-    ``pair_batch`` images, by default :func:`default_pair_batch`.
+    """The paired passes over ``batches``: (batch index, first image of the pass within the
+    batch, images, labels); a batch is measured in passes of ``pair_batch`` images, by
+    default :func:`default_pair_batch`.
     """
     for b, (x, y) in enumerate(batches):
         size = pair_batch if pair_batch is not None else default_pair_batch(x.shape[0], arms)
-        for c, start in enumerate(range(0, x.shape[0], size)):
-            yield b, c, start, x[start:start + size], None if y is None else y[start:start + size]
+        for start in range(0, x.shape[0], size):
+            yield b, start, x[start:start + size], None if y is None else y[start:start + size]
 
 
 def _per_config(value, count: int, what: str, shared: bool = False) -> list:
@@ -1114,14 +1121,14 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         Default: half the batch (rounded up) above 32 images, so that measuring a batch
         holds as many images as its float forward; a smaller batch in one pass
         (:func:`default_pair_batch`); at least the batch size measures it in one pass.
-        Stochastic rounding draws each pass's stream from the batch's index and the
-        pass's index within it, so its draws depend on ``pair_batch``. So, slightly, does
-        float32 arithmetic: a kernel may round differently at another batch size (oneDNN's
-        1×1 convolution of the Fashion-MNIST ResNet50's layer1.1.conv1 on 200 images against
-        16: up to 4e-6 apart), which moves the values that sit on a rounding boundary; the
-        figures then differ by far less than their standard errors (the drift study's
-        deterministic figures between passes of 100 and of 16 images: accuracies equal,
-        SQNR within 0.02 dB).
+        Stochastic rounding keys its stream by the batch's index and hashes each element's
+        uniform from its flat index in the batch's tensor, so its draws do not depend on
+        ``pair_batch``. Float32 arithmetic may, slightly: a kernel may round differently at
+        another batch size (oneDNN's 1×1 convolution of the Fashion-MNIST ResNet50's
+        layer1.1.conv1 on 200 images against 16: up to 4e-6 apart), which moves the values
+        that sit on a rounding boundary; the figures then differ by far less than their
+        standard errors (the drift study's deterministic figures between passes of 100 and
+        of 16 images: accuracies equal, SQNR within 0.02 dB).
     image_means : int
         Keep, for every conv/linear output, the per-channel mean drift of each of the first
         ``image_means`` images (``SiteResult.drift_image_channel``, shape (N, C)), so that
@@ -1211,7 +1218,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     list of PropagationResult
         One per configuration, each what :func:`measure` returns for it with the same
         ``pair_batch`` (equal up to the order of float64 additions; stochastic rounding
-        draws the same streams, keyed by each configuration's seed). With another
+        draws the same numbers, keyed by each configuration's seed). With another
         ``pair_batch`` (measure's default differs), see :func:`measure` on pass sizes.
     """
     check_model(model)
@@ -1264,8 +1271,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                                input_maps=input_maps)
             label = configs[0].label if k == 1 else f"{k} configurations"
             batches = iter_batches(progress_bar(batches, progress, label), model_device(model))
-            for batch, chunk, start, x, y in _passes(batches, pair_batch, k):
-                inst.batch_index, inst.chunk = first_batch + batch, chunk
+            for batch, start, x, y in _passes(batches, pair_batch, k):
+                inst.batch_index, inst.first_image = first_batch + batch, start
                 inst.local_images = min(max(local_samples - start, 0), x.shape[0])
                 inst.act_err_images = max(inst.local_images, int(start == 0))
                 lf, lqs = inst.chunks(model(torch.cat([x] * (k + 1))))

@@ -245,6 +245,51 @@ def test_large_tensors_are_processed_in_blocks_identically():
         np.testing.assert_array_equal(torch_out, whole)
 
 
+@pytest.mark.parametrize("axis", [None, 1, 2])
+def test_stochastic_offset_quantizes_parts_as_the_whole(axis):
+    """Parts of an array along its first dimension, each given the flat index of its first
+    element: every element draws what it draws in the whole array (numpy, torch, codes and
+    fake values, one block and many, and with straight-through gradients); without the
+    offsets the parts draw other numbers."""
+    rng = np.random.default_rng(9)
+    for shape in ((7, 3, 20), (3, 5, 70_000)):
+        x = (rng.standard_normal(shape) * 2).astype(np.float32)
+        spec = QuantSpec(bits=4, axis=axis, rounding=RoundingMode.STOCHASTIC)
+        scale = 0.3 if axis is None else np.full(x.shape[axis], 0.3)
+        per = x[0].size
+        cuts = ((0, 1), (1, 2), (2, shape[0]))
+        for fn in (quantize, fake_quantize):
+            whole = fn(x, spec, scale, generator=11)
+            parts = [fn(x[a:b], spec, scale, generator=11, offset=a * per) for a, b in cuts]
+            np.testing.assert_array_equal(np.concatenate(parts), whole)
+            t = torch.from_numpy(x)
+            got = torch.cat([fn(t[a:b], spec, scale, generator=11, offset=a * per)
+                             for a, b in cuts])
+            np.testing.assert_array_equal(got.numpy(), whole)
+            plain = np.concatenate([fn(x[a:b], spec, scale, generator=11) for a, b in cuts])
+            assert not np.array_equal(plain, whole)
+        g = torch.from_numpy(x[2:]).requires_grad_()
+        with torch.enable_grad():
+            part = fake_quantize(g, spec, scale, generator=11, offset=2 * per)
+        np.testing.assert_array_equal(part.detach().numpy(),
+                                      fake_quantize(x, spec, scale, generator=11)[2:])
+
+
+@pytest.mark.parametrize("offset, why", [
+    (-1, "offset must be a flat element index"), (True, "offset must be a flat element index"),
+    (1.5, "offset must be a flat element index"), ("3", "offset must be a flat element index"),
+    (2**63 - 4, "pass the largest flat index")])
+def test_a_bad_offset_is_refused(offset, why):
+    """Negative, not an integer, or so large that the part's last index passes the int64
+    counters that torch hashes the draws from (numpy's would wrap: the two would differ)."""
+    for x in (np.zeros(4, np.float32), torch.zeros(4)):
+        with pytest.raises(ValueError, match=why):
+            fake_quantize(x, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=1,
+                          offset=offset)
+    fake_quantize(np.zeros(4, np.float32), QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1,
+                  generator=1, offset=2**63 - 5)  # the last index is 2**63 - 2: allowed
+
+
 def test_straight_through_gradient_with_clipping():
     x = torch.tensor([0.1, 0.26, -0.3, 5.0, -5.0], requires_grad=True)
     y = fake_quantize(x, QuantSpec(bits=4), 0.1)

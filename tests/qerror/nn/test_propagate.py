@@ -229,14 +229,18 @@ def test_statistics_stream_across_batches(setup):
     assert a.logits.sqnr_db == pytest.approx(b.logits.sqnr_db, rel=RTOL64)
 
 
-def test_a_batch_measured_in_passes_measures_what_one_pass_does(setup):
+@pytest.mark.parametrize("mode, outputs", [(RoundingMode.TOWARD_ZERO, False),
+                                           (RoundingMode.STOCHASTIC, False),
+                                           (RoundingMode.STOCHASTIC, True)])
+def test_a_batch_measured_in_passes_measures_what_one_pass_does(setup, mode, outputs):
     """A batch measured in passes (two of half its images, or passes of 3): every figure is
     that of one pass over the whole batch (float64 sums in another order), the local error
     included, which uses the first ``local_samples`` images of each batch whichever pass holds
-    them."""
+    them; stochastic rounding too, whose every element draws the number of its place in the
+    whole batch."""
     model, calib, test = setup
-    cfg = QuantConfig.make(6, RoundingMode.TOWARD_ZERO)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
+    cfg = QuantConfig.make(6, mode, seed=4, bn_outputs=outputs, block_outputs=outputs)
+    act_qp = calibrate_activations(model, calib, cfg.activation, outputs=outputs)
     n = test[0][0].shape[0]
     for local in (0, 3, n // 2 + 2, n):
         one = measure(model, test, cfg, act_qp, local_samples=local, pair_batch=n)
