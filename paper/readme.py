@@ -144,6 +144,11 @@ def minutes(seconds: float) -> str:
     return f"{_finite(seconds) / 60:.1f}"
 
 
+def accuracy_ci(r) -> str:
+    """A point's accuracy with its interval: "88.31 % [87.67, 88.93]"."""
+    return f"{pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}]"
+
+
 # --------------------------------------------------------------------------- renderers
 
 
@@ -185,7 +190,7 @@ def compression_goals(records) -> str:
                  f" ({best['config']}), {int(best['bytes']):,} bytes, {pct(best['acc'])} % "
                  "(`summary.json`).")
     items.append("- Within 100 kB, the most accurate of each kind: " + "; ".join(
-        f"{r.method} {pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}] ({int(r.bytes):,} "
+        f"{r.method} {accuracy_ci(r)} ({int(r.bytes):,} "
         "bytes)" for r in by_family.itertuples()) + " (no test between them here).")
     vs = "" if pd.isna(top.p_vs_dense) else (f", {points(top.delta_vs_dense)} points against "
                                              f"the dense baseline, McNemar p "
@@ -454,7 +459,10 @@ def compression_sparse_long(records) -> str:
     pts = rec.csv("points.csv")
     config = rec.manifest["config"]
     steps = int(config["finetune_steps"])
-    default_steps = int(records("compression").manifest["config"]["finetune_steps"])
+    default = records("compression").manifest["config"]
+    default_steps = int(default["finetune_steps"])
+    # the default run fine-tunes the dense network, each sparsity and each channel fraction
+    tunings = 1 + len(default["sparsities"]) + len(default["channel_fractions"])
     if config["sparsities"] != [0.9]:
         raise RecordError(f"record {rec.name}: expected the 90 % sparsity alone, got "
                           f"{config['sparsities']}")
@@ -468,17 +476,18 @@ def compression_sparse_long(records) -> str:
     goal = rec.csv("goals.csv")
     verdict = goal[goal.goal.str.startswith("90%-sparse")].verdict.iloc[0]
     vs_tuned = sparse.acc - tuned.acc
-    better = (sparse.delta_vs_dense > 0 and sparse.p_vs_dense < 0.05 and vs_tuned > 0
-              and sparse.p_vs_dense_finetuned < 0.05)
+    alpha = float(config["alpha"])
+    better = (sparse.delta_vs_dense > 0 and sparse.p_vs_dense < alpha and vs_tuned > 0
+              and sparse.p_vs_dense_finetuned < alpha)
     timing = rec.csv("timing.csv").set_index("task").seconds
     tune_s, prune_s = timing["dense fine-tuned"], timing["pruned 0.9"]
-    six_hours = 6 * (tune_s + prune_s) / 2 / 3600
+    hours = tunings * (tune_s + prune_s) / 2 / 3600
     return (
         f"**The sparse goal, measured** on the test split with {steps / default_steps:g} "
         f"times the default fine-tuning (`{rec.about['command']}`, commit {rec.commit}, "
         f"{rec.manifest['seconds'] / 60:.0f} minutes on {rec.about['machine']}): the "
-        f"90 %-sparse network reaches {pct(sparse.acc)} % [{pct(sparse.acc_lo)}, "
-        f"{pct(sparse.acc_hi)}] against the baseline's {pct(base.acc)} % "
+        f"90 %-sparse network reaches {accuracy_ci(sparse)} against the baseline's "
+        f"{pct(base.acc)} % "
         f"({points(sparse.delta_vs_dense)} points, McNemar p {pvalue(sparse.p_vs_dense)}) and "
         f"the dense network fine-tuned the same {steps} steps {pct(tuned.acc)} % "
         f"({points(vs_tuned)} points, p {pvalue(sparse.p_vs_dense_finetuned)}); with its "
@@ -487,8 +496,8 @@ def compression_sparse_long(records) -> str:
         f"is {verdict}" + ("; the pruned network is better than either (McNemar, above)"
                            if better else "") + ". "
         f"Fine-tuning alone adds {points(tuned.acc - base.acc)} points to the baseline. The "
-        f"default run keeps {default_steps} steps, since at {steps} its six fine-tunings "
-        f"would take about {six_hours:.0f} hours of one thread ({tune_s / 60:.0f} and "
+        f"default run keeps {default_steps} steps, since at {steps} its {tunings} "
+        f"fine-tunings would take about {hours:.0f} hours of one thread ({tune_s / 60:.0f} and "
         f"{prune_s / 60:.0f} minutes for the two here, each with its test-split evaluation "
         f"and latency): it judges the goal at {default_steps} steps, this run at {steps}.")
 
@@ -500,10 +509,6 @@ def _dwn_rows(rec: Record) -> pd.DataFrame:
     if dwn.empty:
         raise RecordError(f"record {rec.name}: no DWN point in points.csv")
     return dwn
-
-
-def _dwn_point(r) -> str:
-    return f"{pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}]"
 
 
 def compression_dwn(records) -> str:
@@ -534,9 +539,9 @@ def compression_dwn(records) -> str:
         f"**The DWN goal, measured** (`{rec.about['command']}`, commit {rec.commit}, "
         f"{rec.about['machine']}, {minutes(rec.manifest['seconds'])} minutes for both "
         f"networks): the DWN of {big.config.split(',')[0].removeprefix('LUTs ')} LUTs "
-        f"({int(big.bytes):,} bytes) reaches {_dwn_point(big)} on the test split, the one of "
+        f"({int(big.bytes):,} bytes) reaches {accuracy_ci(big)} on the test split, the one of "
         f"{small.config.split(',')[0].removeprefix('LUTs ')} LUTs ({int(small.bytes):,} "
-        f"bytes) {_dwn_point(small)}. The goal (at least 89 % within 100 kB) is {verdict}"
+        f"bytes) {accuracy_ci(small)}. The goal (at least 89 % within 100 kB) is {verdict}"
         f"{why}. The sizes, the temperature rule and the epochs were chosen on the validation "
         "split; so was the EFD decay, but only after a test figure had been seen: the "
         "paper's harmonic decay was run first and its test accuracy read, then the "
@@ -545,10 +550,10 @@ def compression_dwn(records) -> str:
            if harm.commit == rec.commit else
            f"The paper's from commit {harm.commit} (`{harm.about['command']}`): ") + "the "
         f"larger network {pct(big.val_acc)} % on validation with the exponential decay "
-        f"against {pct(hbig.val_acc)} % with the harmonic, {_dwn_point(big)} against "
-        f"{_dwn_point(hbig)} on test; the smaller {pct(small.val_acc)} % against "
-        f"{pct(hsmall.val_acc)} % on validation, {_dwn_point(small)} against "
-        f"{_dwn_point(hsmall)} on test (one seed each, the best of "
+        f"against {pct(hbig.val_acc)} % with the harmonic, {accuracy_ci(big)} against "
+        f"{accuracy_ci(hbig)} on test; the smaller {pct(small.val_acc)} % against "
+        f"{pct(hsmall.val_acc)} % on validation, {accuracy_ci(small)} against "
+        f"{accuracy_ci(hsmall)} on test (one seed each, the best of "
         f"{rec.manifest['config']['dwn_epochs']} epochs by validation accuracy). Both test "
         f"results are reported; {neither}. The test split sits {100 * gap:.2f} points below "
         f"the validation split for the larger network, and {100 * base_gap:.2f} for the ResNet "
