@@ -34,6 +34,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from qerror.files import atomic_write, sha256_file
@@ -205,8 +206,11 @@ def _phases(timing: pd.Series) -> dict[str, float]:
             ("pilot", "instrumented", "remedies", "headline", "curve")}
 
 
-def baseline_train(records) -> str:
-    rec = records("baseline-train")
+TRAIN_MINUTES_GOAL = 45  # the training budget on the slowest machine of this kind, minutes
+
+
+def baseline_train(records, name: str = "baseline-train") -> str:
+    rec = records(name)
     s, t = rec.json("summary.json"), rec.json("timing.json")
     lo, hi = s["test_ci"]
     batch = s["recipe"]["batch_size"]
@@ -218,6 +222,17 @@ def baseline_train(records) -> str:
         f"{'s' if t['torch_threads'] != 1 else ''}) on {rec.about['machine']}, and reached "
         f"{pct(s['test_accuracy'])} % [{pct(lo)}, {pct(hi)}] on the {s['test_n']:,} test "
         "images (`summary.json`, 95 % Wilson interval).")
+
+
+def baseline_train_avx2(records) -> str:
+    """The same training on a CPU without AVX-512, against the training budget."""
+    rec = records("baseline-train-avx2")
+    t = rec.json("timing.json")["train_seconds"]
+    return (baseline_train(records, "baseline-train-avx2").replace("A recorded run", "A run")
+            + f" That is {'within' if t <= TRAIN_MINUTES_GOAL * 60 else 'beyond'} the "
+            f"{TRAIN_MINUTES_GOAL}-minute training budget on the slowest machine of this kind; "
+            "the float sums of AVX2 and AVX-512 kernels differ, so the two runs "
+            "train two different networks from the same seed.")
 
 
 def stem_frontier(records) -> str:
@@ -246,6 +261,9 @@ def stem_frontier(records) -> str:
         + (", and below 92 %." if s["test_accuracy"] < 0.92 else ", and above 92 %."))
 
 
+DRIFT_MINUTES_GOAL = 10  # the drift issue's goal for the warm default run, minutes
+
+
 def drift_time(records) -> str:
     rec, block = records("drift"), records("drift-block-engine")
     t = rec.csv("timing.csv").iloc[0]
@@ -260,11 +278,14 @@ def drift_time(records) -> str:
     same = ("every result file (`*.csv` but `timing.csv`) of the two is byte for byte the same"
             if not differ else f"{len(differ)} of its {len(results)} result files differ "
             f"({', '.join(differ)})")
+    env = rec.about.get("environment")
+    where = ("That is the AVX2 code on a fast core; a CPU that has only AVX2 is slower "
+             "(next).")
     return (
         f"With the baseline cached the default run took {minutes(t.measured_s)} minutes "
         f"(`timing.csv`: `measured_s` {t.measured_s:.0f}, commit {rec.commit}, the fused exact "
-        f"quantizer compiled on first use) on {rec.about['machine']} and {rec.about['kernels']} "
-        f"(`{rec.about['environment']}`): {minutes(ph['pilot'])} minutes for the pilot that "
+        f"quantizer compiled on first use) on {rec.about['machine']} and {rec.about['kernels']}"
+        + (f" (`{env}`)" if env else "") + f": {minutes(ph['pilot'])} minutes for the pilot that "
         f"sizes the subset ({rec.manifest['config']['chosen_images']} images, below), "
         f"{minutes(ph['instrumented'])} for the {configs} instrumented configurations (each "
         f"width's {configs // widths} in one K-way batch) and their analysis, "
@@ -272,8 +293,128 @@ def drift_time(records) -> str:
         f"whole-test-split headline, {minutes(ph['curve'])} for the remedies' calibration "
         "curve (which `--calib-curve` with no value leaves out). The same run with the block "
         f"quantizer (`QERROR_FUSED=0`, commit {block.commit}) took {tb.measured_s:.0f} s, and "
-        f"{same}.")
+        f"{same}. " + where)
 
+
+
+def drift_time_avx2(records) -> str:
+    """The default run on a CPU without AVX-512, against the goal for the warm run."""
+    rec, train = records("drift-avx2"), records("baseline-train-avx2")
+    t = rec.csv("timing.csv").iloc[0]
+    ph, cpu = _phases(t), rec.manifest["cpu"]
+    if "avx512f" in cpu.get("cpu_flags", []):
+        raise RecordError("record drift-avx2: its CPU has AVX-512; record a run from a CPU "
+                          "without it")
+    verdict = "within" if t.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
+    return (
+        f"On a CPU with AVX2 and no AVX-512 (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.about['machine']}; {cpu['cpu_capability']} kernels, FBGEMM "
+        + ("saturating" if cpu.get("saturates_pairs") else "not saturating")
+        + f" its int16 pair sums) the warm default run took {minutes(t.measured_s)} minutes "
+        f"(`measured_s` {t.measured_s:.0f}; pilot {minutes(ph['pilot'])}, instrumented "
+        f"{minutes(ph['instrumented'])}, remedies {minutes(ph['remedies'])}, headline "
+        f"{minutes(ph['headline'])}, calibration curve {minutes(ph['curve'])}), "
+        f"{rec.manifest['config']['chosen_images']} images: {verdict} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal for it on the slowest machine of this kind. Its "
+        f"baseline trained there in {minutes(train.json('timing.json')['train_seconds'])} "
+        "minutes (above).")
+
+_MODE_WORDS = {"nearest_even": "round-to-nearest-even", "nearest_away": "round-half-away",
+               "toward_zero": "truncation", "floor": "floor", "stochastic": "stochastic rounding"}
+_TARGET_WORDS = {"both": "weights and activations", "weights": "the weights alone",
+                 "activations": "the activations alone"}
+
+
+def _config(r) -> str:
+    """"8-bit truncation of the weights alone"."""
+    mode, target = _MODE_WORDS.get(r["mode"], r["mode"]), _TARGET_WORDS.get(r.target, r.target)
+    return f"{int(r.bits)}-bit {mode} of {target}"
+
+
+def _drift_row(prec: pd.DataFrame, rec: Record, mode: str, bits: int, target: str):
+    frame = prec[prec.metric == "drift"]
+    return _one_row(rec, frame, (frame["mode"] == mode) & (frame.bits == bits)
+                    & (frame.target == target), f"drift row {mode} {bits} {target}")
+
+
+def drift_subset(records) -> str:
+    """What the pilot planned, what the chosen subset resolves, and how heavy the tail of one
+    image's drift is (the drift record's ``pilot.csv``, ``precision.csv``, ``accuracy.csv``)."""
+    rec = records("drift-avx2")
+    pilot, prec, acc = rec.csv("pilot.csv"), rec.csv("precision.csv"), rec.csv("accuracy.csv")
+    cfg = rec.manifest["config"]
+    n, low = int(cfg["chosen_images"]), int(cfg["min_images"])
+    model = rec.manifest["model"]["metrics"]
+    beyond = pilot[~pilot.within_max.astype(bool)]
+    finite = pilot.need[np.isfinite(pilot.need)]
+    top = pilot.loc[pilot.need.idxmax()]
+    if len(beyond):
+        chose = (f"{len(beyond)} configuration{'s' if len(beyond) > 1 else ''} ("
+                 + "; ".join(f"{_config(r)}, {r.need:,.0f}" for _, r in beyond.iterrows())
+                 + f") above the ceiling, so the subset took the ceiling, {n:,}")
+    elif n == low:
+        chose = f"so the subset took the floor, {n:,}"
+    else:
+        chose = (f"the largest {_config(top)}'s, rounded up to one significant figure: "
+                 f"the subset took {n:,}")
+    drift = prec[prec.metric == "drift"]
+    more = drift[drift.images_to_resolve > n].sort_values("images_to_resolve")
+    within = len(drift) - len(more)
+    more_text = ("; those that need more: " + "; ".join(
+        f"{_config(r)} ({r.images_to_resolve:,.0f})" for _, r in more.iterrows())
+        if len(more) else "")
+    parts = [
+        f"In the recorded default run (commit {rec.commit}, the run timed above, its own "
+        f"baseline at {pct(model['test_accuracy'])} % test accuracy; `pilot.csv`, "
+        f"`precision.csv`, `accuracy.csv`) the pilot's needs ran from {finite.min():,.0f} to "
+        f"{pilot.need.max():,.0f} images, {chose}. Measured on those {n:,}, the median "
+        f"layer's drift needs at most {n:,} images for 80 % power in {within} of the "
+        f"{len(drift)} configurations{more_text}."]
+    near, trunc = (_drift_row(drift, rec, m, 8, "both") for m in ("nearest_even",
+                                                                    "toward_zero"))
+    plan = _one_row(rec, pilot, (pilot["mode"] == "nearest_even") & (pilot.bits == 8)
+                    & (pilot.target == "both"), "pilot row nearest_even 8 both")
+    four = drift[drift.bits == 4].tail_top_share
+    parts.append(
+        f"\n\nThe pilot planned {plan.need_drift:,.0f} images for 8-bit round-to-nearest-even "
+        f"of weights and activations, against {near.images_to_resolve:,.0f} measured on the "
+        f"subset, and `precision.csv` shows how heavy the tail of one image's drift is: at the "
+        f"median layer of that configuration the five most extreme of the {n:,} images carry "
+        f"{100 * near.tail_top_share:.0f} % of the per-image drift's variance (excess kurtosis "
+        f"{near.tail_kurtosis:.0f}), where five normal values of {n:,} carry "
+        f"{100 * near.tail_top_share_normal:.0f} %; under 8-bit truncation "
+        f"{100 * trunc.tail_top_share:.0f} %, and at 4 bits {100 * four.min():.0f} to "
+        f"{100 * four.max():.0f} % across modes and targets.")
+    weights = _drift_row(drift, rec, "toward_zero", 8, "weights")
+    rows = ((near, "round-to-nearest-even"), (trunc, "truncation"))
+    clipped = "; ".join(
+        f"{label}: {100 * r.tail_clipped_share:.1f} % of the images clamped at or before the "
+        f"median layer, {int(r.tail_top_clipped)} of its five most extreme among them, and "
+        f"without the clamped images the five most extreme of the rest carry "
+        f"{100 * r.tail_top_share_unclipped:.0f} % (normal: "
+        f"{100 * r.tail_top_share_unclipped_normal:.0f} %)" for r, label in rows)
+    parts.append(
+        f" Clamping by a calibrated range (`tail_clipped_share`, `tail_top_clipped`, "
+        f"`tail_top_share_unclipped`), weights and activations at 8 bits: {clipped}. "
+        f"Truncating the weights alone, which clamps nothing: "
+        f"{100 * weights.tail_top_share:.0f} % (excess kurtosis {weights.tail_kurtosis:.0f}).")
+    rel = "; ".join(
+        f"{label} {100 * r.tail_top_share:.0f} % to {100 * r.tail_top_share_relative:.0f} %, "
+        f"{int(r.tail_top_in_rms_top)} of five" for r, label in
+        ((weights, "truncating the weights alone"), (trunc, "truncating both"),
+         (near, "round-to-nearest-even of both")))
+    parts.append(
+        f" Divided by each image's float RMS at the layer (`tail_top_share_relative`), and "
+        f"how many of the five most extreme images are among the ten with the largest float "
+        f"RMS (`tail_top_in_rms_top`; about {2 * 25 / n:.1f} if the two were unrelated): {rel}.")
+    base = acc[acc.remedy == "none"]
+    unresolved = int((~base.differs.astype(bool)).sum())
+    parts.append(
+        f"\n\nThe accuracy table resolves differences from float of "
+        f"{100 * base.detectable.min():.1f} to {100 * base.detectable.max():.1f} points on "
+        f"the {n:,} images, and {unresolved} of its {len(base)} are not resolved there: the "
+        "eight-bit comparisons run on the whole test split instead (`headline.csv`).")
+    return "".join(parts)
 
 def bench_fused(records) -> str:
     rec = records("bench-fake-quantize")
@@ -564,6 +705,7 @@ def compression_dwn(records) -> str:
 
 RENDERERS: dict[str, Callable] = {
     "baseline-train": baseline_train,
+    "baseline-train-avx2": baseline_train_avx2,
     "stem-frontier": stem_frontier,
     "compression-table": compression_table,
     "compression-goals": compression_goals,
@@ -571,6 +713,8 @@ RENDERERS: dict[str, Callable] = {
     "compression-sparse-2000": compression_sparse_long,
     "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
+    "drift-time-avx2": drift_time_avx2,
+    "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
     "early-exit-seeds": early_exit_seeds,
     "drift-fused-gain": drift_fused_gain,
