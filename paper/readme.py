@@ -279,8 +279,6 @@ def drift_time(records) -> str:
             if not differ else f"{len(differ)} of its {len(results)} result files differ "
             f"({', '.join(differ)})")
     env = rec.about.get("environment")
-    where = ("That is the AVX2 code on a fast core; a CPU that has only AVX2 is slower "
-             "(next).")
     return (
         f"With the baseline cached the default run took {minutes(t.measured_s)} minutes "
         f"(`timing.csv`: `measured_s` {t.measured_s:.0f}, commit {rec.commit}, the fused exact "
@@ -293,9 +291,8 @@ def drift_time(records) -> str:
         f"whole-test-split headline, {minutes(ph['curve'])} for the remedies' calibration "
         "curve (which `--calib-curve` with no value leaves out). The same run with the block "
         f"quantizer (`QERROR_FUSED=0`, commit {block.commit}) took {tb.measured_s:.0f} s, and "
-        f"{same}. " + where)
-
-
+        f"{same}. That is the AVX2 code on a fast core; a CPU that has only AVX2 is slower "
+        "(next).")
 
 def drift_time_avx2(records) -> str:
     """The default run on a CPU without AVX-512, against the goal for the warm run."""
@@ -318,6 +315,13 @@ def drift_time_avx2(records) -> str:
         f"{DRIFT_MINUTES_GOAL}-minute goal for it on the slowest machine of this kind. Its "
         f"baseline trained there in {minutes(train.json('timing.json')['train_seconds'])} "
         "minutes (above).")
+
+
+# The drift study's constants that its tail and precision columns are defined by
+# (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
+# without this renderer importing torch).
+DRIFT_TAIL_TOP = 5
+DRIFT_RESOLVE_POWER = 0.8
 
 _MODE_WORDS = {"nearest_even": "round-to-nearest-even", "nearest_away": "round-half-away",
                "toward_zero": "truncation", "floor": "floor", "stochastic": "stochastic rounding"}
@@ -368,7 +372,8 @@ def drift_subset(records) -> str:
         f"baseline at {pct(model['test_accuracy'])} % test accuracy; `pilot.csv`, "
         f"`precision.csv`, `accuracy.csv`) the pilot's needs ran from {finite.min():,.0f} to "
         f"{pilot.need.max():,.0f} images, {chose}. Measured on those {n:,}, the median "
-        f"layer's drift needs at most {n:,} images for 80 % power in {within} of the "
+        f"layer's drift needs at most {n:,} images for {100 * DRIFT_RESOLVE_POWER:.0f} % "
+        f"power in {within} of the "
         f"{len(drift)} configurations{more_text}."]
     near, trunc = (_drift_row(drift, rec, m, 8, "both") for m in ("nearest_even",
                                                                     "toward_zero"))
@@ -379,9 +384,10 @@ def drift_subset(records) -> str:
         f"\n\nThe pilot planned {plan.need_drift:,.0f} images for 8-bit round-to-nearest-even "
         f"of weights and activations, against {near.images_to_resolve:,.0f} measured on the "
         f"subset, and `precision.csv` shows how heavy the tail of one image's drift is: at the "
-        f"median layer of that configuration the five most extreme of the {n:,} images carry "
+        f"median layer of that configuration the {DRIFT_TAIL_TOP} most extreme of the {n:,} "
+        f"images carry "
         f"{100 * near.tail_top_share:.0f} % of the per-image drift's variance (excess kurtosis "
-        f"{near.tail_kurtosis:.0f}), where five normal values of {n:,} carry "
+        f"{near.tail_kurtosis:.0f}), where {DRIFT_TAIL_TOP} normal values of {n:,} carry "
         f"{100 * near.tail_top_share_normal:.0f} %; under 8-bit truncation "
         f"{100 * trunc.tail_top_share:.0f} %, and at 4 bits {100 * four.min():.0f} to "
         f"{100 * four.max():.0f} % across modes and targets.")
@@ -389,8 +395,9 @@ def drift_subset(records) -> str:
     rows = ((near, "round-to-nearest-even"), (trunc, "truncation"))
     clipped = "; ".join(
         f"{label}: {100 * r.tail_clipped_share:.1f} % of the images clamped at or before the "
-        f"median layer, {int(r.tail_top_clipped)} of its five most extreme among them, and "
-        f"without the clamped images the five most extreme of the rest carry "
+        f"median layer, {int(r.tail_top_clipped)} of its {DRIFT_TAIL_TOP} most extreme among "
+        f"them, and "
+        f"without the clamped images the {DRIFT_TAIL_TOP} most extreme of the rest carry "
         f"{100 * r.tail_top_share_unclipped:.0f} % (normal: "
         f"{100 * r.tail_top_share_unclipped_normal:.0f} %)" for r, label in rows)
     parts.append(
@@ -400,13 +407,14 @@ def drift_subset(records) -> str:
         f"{100 * weights.tail_top_share:.0f} % (excess kurtosis {weights.tail_kurtosis:.0f}).")
     rel = "; ".join(
         f"{label} {100 * r.tail_top_share:.0f} % to {100 * r.tail_top_share_relative:.0f} %, "
-        f"{int(r.tail_top_in_rms_top)} of five" for r, label in
+        f"{int(r.tail_top_in_rms_top)} of {DRIFT_TAIL_TOP}" for r, label in
         ((weights, "truncating the weights alone"), (trunc, "truncating both"),
          (near, "round-to-nearest-even of both")))
     parts.append(
         f" Divided by each image's float RMS at the layer (`tail_top_share_relative`), and "
-        f"how many of the five most extreme images are among the ten with the largest float "
-        f"RMS (`tail_top_in_rms_top`; about {2 * 25 / n:.1f} if the two were unrelated): {rel}.")
+        f"how many of the {DRIFT_TAIL_TOP} most extreme images are among the "
+        f"{2 * DRIFT_TAIL_TOP} with the largest float RMS (`tail_top_in_rms_top`; about "
+        f"{2 * DRIFT_TAIL_TOP**2 / n:.1f} if the two were unrelated): {rel}.")
     base = acc[acc.remedy == "none"]
     unresolved = int((~base.differs.astype(bool)).sum())
     parts.append(
@@ -415,6 +423,7 @@ def drift_subset(records) -> str:
         f"the {n:,} images, and {unresolved} of its {len(base)} are not resolved there: the "
         "eight-bit comparisons run on the whole test split instead (`headline.csv`).")
     return "".join(parts)
+
 
 def bench_fused(records) -> str:
     rec = records("bench-fake-quantize")

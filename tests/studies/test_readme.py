@@ -140,3 +140,12 @@ def test_a_record_comes_from_one_clean_commit(tmp_path, git):
     with pytest.raises(readme.RecordError, match="did not come from one clean commit"):
         readme.add(f"r={run}", ["a.csv"], tmp_path / "record")
     assert not (tmp_path / "record" / "r").exists()
+
+
+def test_the_drift_constants_are_the_studys():
+    """The tail and precision passage names the drift study's constants without importing
+    the study (torch); they must be its own."""
+    from studies import drift
+
+    assert readme.DRIFT_TAIL_TOP == drift.TAIL_TOP
+    assert readme.DRIFT_RESOLVE_POWER == drift.RESOLVE_POWER
