@@ -248,7 +248,8 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     make = f"make it with: {MAKE_COMMAND[study]}"
     if folder.is_dir() is False:
         raise BuildError(f"no output of the {study} study at {folder}; {make} "
-                         f"(or pass --run {study}=PATH, or build the smoke paper: make paper-smoke)")
+                         f"(or pass --run {study}=PATH, or build the smoke paper: "
+                         "make paper-smoke)")
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as err:

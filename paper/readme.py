@@ -510,15 +510,33 @@ def rounding_choice_time(records) -> str:
         + "; ".join(f"{model}, {text}" for model, text in ada.items()) + ".")
 
 
-def early_exit_run(records) -> str:
-    rec = records("early_exit")
+def early_exit_run(records, name: str = "early_exit", lead: str = "A default run") -> str:
+    rec = records(name)
     goals = rec.csv("goals.csv")
     cpu = rec.manifest.get("cpu", {}).get("cpu_capability")
     items = [f"- {g.goal}: **{g.verdict}** ({g.measured})." for g in goals.itertuples()]
-    return (f"A default run took {minutes(rec.manifest['seconds'])} minutes "
+    return (f"{lead} took {minutes(rec.manifest['seconds'])} minutes "
             f"({rec.manifest['seconds']:.0f} s, `{rec.about['command']}`, commit {rec.commit}) "
             f"on {rec.about['machine']}" + (f" (ATen's {cpu} kernels)" if cpu else "")
             + ". Its goals (`goals.csv`):\n\n" + "\n".join(items))
+
+
+def early_exit_avx2(records) -> str:
+    """The default early-exit run on an AVX2-only CPU, and how its simulated and real INT8
+    networks agree there."""
+    rec = records("early-exit-avx2")
+    sim = rec.csv("sim_vs_real.csv").set_index("simulation")
+    real = sim.loc["int8_runner"] if "int8_runner" in sim.index else None
+    near = sim.loc["nearest_even"]
+    agree = ("" if real is None else
+             f" The real INT8 runner, which drops exited images between its compiled "
+             f"stages, made the same exit decision as every stage run on whole batches on "
+             f"{pct(real.same_exit)} % of the test images and the same prediction on "
+             f"{pct(real.same_prediction)} %; the simulated 8-bit nearest-even network "
+             f"agreed with the real INT8 one on {pct(near.same_exit)} % of exits and "
+             f"{pct(near.same_prediction)} % of predictions (`sim_vs_real.csv`).")
+    return early_exit_run(records, "early-exit-avx2",
+                          "On a CPU with AVX2 only, a default run") + "\n\n" + agree.strip()
 
 
 _EE_RUNS = (("early_exit", "default (seed 0)"), ("early-exit-seed1", "seed 1"),
@@ -725,6 +743,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time-avx2": drift_time_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
+    "early-exit-avx2": early_exit_avx2,
     "early-exit-seeds": early_exit_seeds,
     "drift-fused-gain": drift_fused_gain,
     "bench-fused": bench_fused,
