@@ -526,17 +526,18 @@ def early_exit_avx2(records) -> str:
     networks agree there."""
     rec = records("early-exit-avx2")
     sim = rec.csv("sim_vs_real.csv").set_index("simulation")
-    real = sim.loc["int8_runner"] if "int8_runner" in sim.index else None
-    near = sim.loc["nearest_even"]
-    agree = ("" if real is None else
-             f" The real INT8 runner, which drops exited images between its compiled "
-             f"stages, made the same exit decision as every stage run on whole batches on "
+    if not {"int8_runner", "nearest_even"} <= set(sim.index):
+        raise RecordError(f"record {rec.name}: sim_vs_real.csv lacks the int8_runner or the "
+                          "nearest_even row")
+    real, near = sim.loc["int8_runner"], sim.loc["nearest_even"]
+    agree = (f"The real INT8 runner, which drops exited images between its compiled stages, "
+             f"made the same exit decision as every stage run on whole batches on "
              f"{pct(real.same_exit)} % of the test images and the same prediction on "
-             f"{pct(real.same_prediction)} %; the simulated 8-bit nearest-even network "
-             f"agreed with the real INT8 one on {pct(near.same_exit)} % of exits and "
+             f"{pct(real.same_prediction)} %; the simulated 8-bit nearest-even network agreed "
+             f"with the real INT8 one on {pct(near.same_exit)} % of exits and "
              f"{pct(near.same_prediction)} % of predictions (`sim_vs_real.csv`).")
     return early_exit_run(records, "early-exit-avx2",
-                          "On a CPU with AVX2 only, a default run") + "\n\n" + agree.strip()
+                          "On a CPU with AVX2 only, a default run") + "\n\n" + agree
 
 
 _EE_RUNS = (("early_exit", "default (seed 0)"), ("early-exit-seed1", "seed 1"),
