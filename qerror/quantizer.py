@@ -377,6 +377,24 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
         res = _run(x.reshape(1), spec, scale, zero_point, generator, fake=fake, count=count,
                    offset=offset)
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
+    if isinstance(x, torch.Tensor) and isinstance(spec, QuantSpec) and not (
+            x.requires_grad and torch.is_grad_enabled()):
+        # layouts first (checked once, by the call on the C-ordered view); a bad axis is
+        # refused before it picks a dimension
+        _normalise_axis(x, spec)
+        if not x.is_contiguous():
+            order = _dense_order(x)
+            if order is not None:
+                return _run_in_layout(x, order, spec, scale, zero_point, generator, fake=fake,
+                                      count=count, offset=offset)
+        elif x.stride() != _c_strides(x.shape):
+            # contiguous, with other strides on unit dimensions (a one-channel image batch in
+            # channels_last): the result gets the input's strides, which tell a convolution
+            # that follows which layout the batch is in
+            res = _run(x.as_strided(x.shape, _c_strides(x.shape)), spec, scale, zero_point,
+                       generator, fake=fake, count=count, offset=offset)
+            out = (res[0] if count else res).as_strided(x.shape, x.stride())
+            return (out, res[1]) if count else out
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
     torch_in = isinstance(x, torch.Tensor)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
@@ -470,6 +488,46 @@ def fused_path_enabled() -> bool:
     floating-point optimisations on, after a compiler failure, or in a forked child. One
     kernel may still be off (the compiler's limit of variants) while this says True."""
     return _fused.enabled()
+
+
+def _c_strides(shape) -> tuple[int, ...]:
+    """The strides of a C-contiguous tensor of ``shape``, as torch gives them."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(int(d), 1)
+    return tuple(reversed(strides))
+
+
+def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count, offset):
+    """:func:`_run` on a tensor stored densely in another order than C's (channels_last, a
+    transpose): the result in the input's layout, so that a convolution that follows runs on
+    the layout it was given. A deterministic code depends on its element and its channel
+    alone: the memory is quantized in the order it lies, without a copy to C order or back.
+    Random draws are hashed from the element's C-order index (as if the tensor were
+    contiguous): STOCHASTIC quantizes a C-ordered copy, whose result is copied back."""
+    if not spec.rounding.is_random:
+        res = _run(x.permute(order), spec.replace(axis=None if spec.axis is None else
+                                                  order.index(spec.axis % x.ndim)),
+                   scale, zero_point, None, fake=fake, count=count)
+        back = tuple(int(d) for d in np.argsort(order))
+        out = (res[0] if count else res).permute(back)
+    else:
+        res = _run(x.contiguous(), spec, scale, zero_point, generator, fake=fake, count=count,
+                   offset=offset)
+        c = res[0] if count else res
+        out = torch.empty_like(x, dtype=c.dtype).copy_(c)
+    return (out, res[1]) if count else out
+
+
+def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The order of ``x``'s dimensions in which a non-contiguous ``x`` is C-contiguous
+    (``(0, 2, 3, 1)`` for a channels_last NCHW tensor), or None: contiguous already, or not
+    dense (a slice with gaps, overlapping or zero strides)."""
+    if x.is_contiguous():
+        return None
+    order = tuple(sorted(range(x.ndim), key=lambda d: (-x.stride(d), d)))
+    return order if x.permute(order).is_contiguous() else None
 
 
 def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: bool,

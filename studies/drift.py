@@ -104,6 +104,7 @@ from qerror.nn.growth import (
     layer_block_bootstrap,
     linear_or_sqrt,
 )
+from qerror.nn.models import forward_layout, memory_format
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import (
@@ -379,6 +380,7 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
     """
     device = next(model.parameters()).device
     main = parallel.world()[0] == 0
+
     def predictions():
         return torch.cat([model(x.to(device)).argmax(1) for x, _ in batches]
                          + [torch.empty(0, dtype=torch.long, device=device)])
@@ -386,11 +388,13 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
     with torch.inference_mode():
         labels = torch.cat([y for _, y in batches] + [torch.empty(0, dtype=torch.long)])
         labels = labels.to(device)
-        right = {"float": predictions() == labels}
+        with memory_format(model, forward_layout()):
+            right = {"float": predictions() == labels}
         for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode",
                          disable=not main):
             cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
-            with quantized_forward(model, cfg, act_qparams) as inst:
+            with memory_format(model, forward_layout(mode)), \
+                    quantized_forward(model, cfg, act_qparams) as inst:
                 inst.batch_index = first_batch
                 pred = predictions()
             right[mode.value] = pred == labels
@@ -574,7 +578,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
         return sqnr_db(float((z_float ** 2).sum()), float(((z - z_float) ** 2).sum()))
 
     labels = torch.cat([y for _, y in test])
-    right_float, z_float = forward()
+    with memory_format(model, forward_layout()):
+        right_float, z_float = forward()
     n_img = int(right_float.numel())
     rows = []
     work = [(cfg, n) for cfg in cfgs for n in sizes]
@@ -582,17 +587,20 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     for cfg, n in tqdm(work, desc="calibration curve", unit="fit", leave=False):
         cols = _config_columns(cfg)
         qp, w = act_qparams[cols["bits"]], weights_of(cfg)
+        layout = forward_layout(cfg.rounding)  # plain passes; bias correction measures
         if cfg.label not in base:
-            with quantized_forward(model, cfg, qp, weights=w):
+            with memory_format(model, layout), quantized_forward(model, cfg, qp, weights=w):
                 base[cfg.label] = forward()
         none, z_none = base[cfg.label]
         cal = _first_of(calib, n, batch)
-        fixes = {"bn_reestimation": {"bn_stats": reestimate_bn(model, cal, cfg, qp,
-                                                               weights=w)},
+        with memory_format(model, layout):
+            stats = reestimate_bn(model, cal, cfg, qp, weights=w)
+        fixes = {"bn_reestimation": {"bn_stats": stats},
                  "bias_empirical": {"corrections": empirical_bias_correction(
                      model, cal, cfg, qp, weights=w)}}
         for remedy, kw in fixes.items():
-            with quantized_forward(model, cfg, qp, weights=w, **kw):
+            with memory_format(model, layout), \
+                    quantized_forward(model, cfg, qp, weights=w, **kw):
                 ok, z = forward()
             ci = wilson_ci(int(ok.sum()), n_img, ALPHA)
             mc = mcnemar_from_counts(int((ok & ~none).sum()), int((none & ~ok).sum()), n_img,

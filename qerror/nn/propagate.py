@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -291,6 +291,24 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
         e = (wq.double() - w.double()) / s
         out[name] = QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()),
                                      float((sat.low.sum() + sat.high.sum()) / sat.total.sum()))
+    return out
+
+
+def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] | None
+                     ) -> Mapping[str, QuantizedWeights] | None:
+    """``weights`` with each quantized weight stored as its layer's weight is (channels_last
+    under :func:`qerror.nn.models.memory_format`): the same values, and a convolution that
+    does not convert its weight on every call."""
+    if weights is None:
+        return None
+    layers = dict(model.named_modules())
+    out = dict(weights)
+    for name, qw in weights.items():
+        m = layers.get(name)
+        if m is not None and isinstance(qw, QuantizedWeights) and \
+                qw.weight.shape == m.weight.shape and qw.weight.stride() != m.weight.stride():
+            out[name] = replace(
+                qw, weight=torch.empty_like(m.weight, dtype=qw.weight.dtype).copy_(qw.weight))
     return out
 
 
@@ -1245,8 +1263,9 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         depths = path_depths(model)
     except ValueError:  # an untraceable model has no path depths; execution order remains
         depths = {}
-    weights = [quantize_weights(model, c.weight, seed=c.seed) if w is None and
-               c.weight is not None else w for c, w in zip(configs, weights)]
+    weights = [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
+                                if w is None and c.weight is not None else w)
+               for c, w in zip(configs, weights)]
     for corr in corrections:
         _check_corrections(model, corr)
     bn_refs = []
@@ -1397,8 +1416,9 @@ def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
     for corr, stats in zip(corrections, bn_stats):
         _batchnorms(model, stats)
         _check_corrections(model, corr)
-    weights = [quantize_weights(model, c.weight, seed=c.seed) if w is None and
-               c.weight is not None else w for c, w in zip(configs, weights)]
+    weights = [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
+                                if w is None and c.weight is not None else w)
+               for c, w in zip(configs, weights)]
     inst = _Instrument(model, [_Arm(*arm) for arm in zip(configs, act_qparams, weights,
                                                         corrections, bn_stats)],
                        paired=paired, collect=False)

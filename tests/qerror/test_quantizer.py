@@ -245,6 +245,51 @@ def test_large_tensors_are_processed_in_blocks_identically():
         np.testing.assert_array_equal(torch_out, whole)
 
 
+def _layouts(x: torch.Tensor):
+    """``x`` (N, C, H, W) stored in other orders: channels_last, a transpose of H and W, a
+    batch of one channel in channels_last (contiguous, other strides), and a slice with gaps
+    (not dense)."""
+    one = x[:, :1].contiguous(memory_format=torch.channels_last)
+    return {"channels_last": x.contiguous(memory_format=torch.channels_last),
+            "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+            "one_channel": one, "gaps": x[:, :, ::2]}
+
+
+@pytest.mark.parametrize("mode, axis, size", [
+    *[(m, a, (2, 3, 4, 5)) for m in RoundingMode for a in (None, 1, 0)],  # the block engine
+    # the fused path (deterministic modes, 16,384 elements or more); the block engine's blocks
+    (RoundingMode.NEAREST_EVEN, None, (8, 16, 16, 16)), (RoundingMode.FLOOR, 1, (8, 16, 16, 16)),
+    (RoundingMode.TOWARD_ZERO, 0, (8, 16, 16, 16)), (RoundingMode.STOCHASTIC, 1, (8, 16, 16, 16))])
+def test_other_layouts_quantize_as_their_contiguous_copy(mode, axis, size):
+    """A tensor in another memory layout gets, element for element, the codes, fake values
+    and saturation counts of its C-contiguous copy (STOCHASTIC draws included: they follow
+    the element's C-order index); a dense result keeps the input's strides, so that a
+    convolution after it runs in the layout it was given."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(size, generator=gen) * 3
+    for name, x in _layouts(base).items():
+        spec = QuantSpec(bits=4, axis=axis, rounding=mode)
+        scale = 0.4 if axis is None else np.linspace(0.2, 0.6, x.shape[axis])
+        key = 5 if mode.is_random else None
+        c = x.contiguous()
+        for fn in (quantize, fake_quantize):
+            got, sat = fn(x, spec, scale, generator=key, return_saturation=True)
+            ref, sat_ref = fn(c, spec, scale, generator=key, return_saturation=True)
+            assert torch.equal(got, ref), (name, fn.__name__)
+            assert np.array_equal(sat.low, sat_ref.low) and \
+                np.array_equal(sat.high, sat_ref.high), name
+            assert np.array_equal(sat.total, sat_ref.total), name
+            if name != "gaps":
+                assert got.stride() == x.stride(), (name, fn.__name__)
+            assert torch.equal(fn(x, spec, scale, generator=key), ref)
+
+
+def test_a_bad_axis_is_refused_in_any_layout():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="axis=4 is out of range"):
+        fake_quantize(x, QuantSpec(bits=8, axis=4), np.ones(3))
+
+
 @pytest.mark.parametrize("axis", [None, 1, 2])
 def test_stochastic_offset_quantizes_parts_as_the_whole(axis):
     """Parts of an array along its first dimension, each given the flat index of its first

@@ -16,7 +16,11 @@ from qerror.nn.models import (
     StateDictMismatchError,
     Stem,
     WeightsNotFoundError,
+    fashion_resnet,
+    forward_layout,
+    memory_format,
 )
+from qerror.rounding import RoundingMode
 
 
 @pytest.fixture(autouse=True)
@@ -389,3 +393,40 @@ def test_a_first_write_cut_before_its_sidecar_leaves_a_provisional_one(tmp_path,
                                   config=CONFIG, metrics=METRICS)
     assert models.load_checkpoint(path).info.sha256 == info.sha256
     assert "pending" not in json.loads(models.sidecar_path(path).read_text())
+
+
+def test_memory_format_switches_the_layout_and_restores_each_tensor():
+    """Inside the block every 4-D parameter and buffer is channels_last with the same values
+    (the same Parameter objects); on exit each is back in its own memory, with what was
+    written inside kept; the network's outputs agree with the contiguous ones to float
+    rounding (other kernels, other summation orders). A STOCHASTIC forward is laid out
+    contiguously, the others channels_last."""
+    model = fashion_resnet("resnet18", seed=3).eval()
+    params = dict(model.named_parameters())
+    before = {n: (p.data_ptr(), p.stride(), p.detach().clone()) for n, p in params.items()}
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        with memory_format(model) as m:
+            assert m is model
+            conv = [p for p in model.parameters() if p.dim() == 4]
+            assert conv and all(p.is_contiguous(memory_format=torch.channels_last)
+                                for p in conv)
+            # 1x1 kernels and one input channel are both layouts at once; the others moved
+            assert all(not p.is_contiguous() for p in conv if p.shape[1] > 1 and
+                       p.shape[2:].numel() > 1)
+            assert all(torch.equal(p, before[n][2]) for n, p in params.items())
+            got = model(x)
+            assert got.shape == ref.shape
+            model.conv1.weight.mul_(2)  # a value written inside the block
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+    for n, p in params.items():
+        assert (p.data_ptr(), p.stride()) == before[n][:2], n
+        want = before[n][2] * 2 if n == "conv1.weight" else before[n][2]
+        assert torch.equal(p, want), n
+    assert forward_layout() is torch.channels_last
+    assert forward_layout(RoundingMode.TOWARD_ZERO) is torch.channels_last
+    assert forward_layout("stochastic") is torch.contiguous_format
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        with memory_format("resnet"):
+            pass

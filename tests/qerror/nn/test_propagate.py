@@ -25,6 +25,7 @@ from qerror.nn import (
     quantize_weights,
     quantized_forward,
 )
+from qerror.nn.models import memory_format
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
 
 
@@ -146,6 +147,33 @@ def _check_halves(model, x, cfg, act_qp):
     assert torch.equal(got["out"][:n], ref)
     assert torch.equal(got["out"][n:], q)
     return res, q
+
+
+def test_a_channels_last_model_runs_quantized_in_its_layout(setup):
+    """Under qerror.nn.models.memory_format, weights quantized beforehand (contiguous) are
+    handed to the convolutions in the model's channels_last layout, and the quantized
+    network computes what it computes contiguous: same predictions, logits equal to the
+    float64 rounding of other summation orders (a code moved across a rounding boundary
+    would differ by a whole step, about 1e-2 of these logits)."""
+    model, calib, test = setup
+    x = test[0][0]
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.STOCHASTIC):
+        cfg = QuantConfig.make(6, mode, seed=4)
+        act_qp = calibrate_activations(model, calib, cfg.activation)
+        w = quantize_weights(model, cfg.weight, seed=4)
+        with torch.inference_mode():
+            with quantized_forward(model, cfg, act_qp, weights=w):
+                ref = model(x)
+            with memory_format(model), quantized_forward(model, cfg, act_qp, weights=w) as inst:
+                got = model(x)
+                for name, m in model.named_modules():
+                    if isinstance(m, nn.Conv2d) and m.in_channels > 1:
+                        qw = inst.arms[0].weights[name].weight
+                        assert qw.is_contiguous(memory_format=torch.channels_last), name
+                        assert torch.equal(qw, w[name].weight), name
+        assert torch.equal(got.argmax(1), ref.argmax(1))
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12), mode
+        assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_paired_forward_is_the_pass_measure_makes(setup):
