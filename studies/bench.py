@@ -488,6 +488,8 @@ def bench_drift(args) -> list[BenchRow]:
             f"measure_many ({k}-way batch, one float chunk)", name, goal, *timed,
             note=f"{k * n / np.median(timed[1]):.0f} image-configurations/s instrumented, "
                  f"{k * n / np.median(timed[2]):.0f} bare"))
+    rows += plain_layout_rows(model, x, act, [(None, None), (cfg, w)] + [
+        (c, cw) for c, cw in zip(configs, weights) if c.rounding.is_random], arch, pairs)
     # Peak memory, each in a fresh process: measure's default (two paired passes of half the
     # batch, so a pass holds n images, as the float forward), the whole batch in one pass, and
     # measure_many's default (passes of n / (k + 1) images, k + 1 copies each).
@@ -508,6 +510,43 @@ def bench_drift(args) -> list[BenchRow]:
             note=f"peak resident growth {peak / 2**20:.0f} MiB vs {float_peak / 2**20:.0f} MiB "
                  "(a fresh process each; glibc mmap threshold fixed, malloc_trim, then VmHWM "
                  "after clear_refs)"))
+    return rows
+
+
+def plain_layout_rows(model, x, act, arms, arch: str, pairs: int) -> list[BenchRow]:
+    """The plain forward (float, or one fake-quantized configuration with its weights) of a
+    copy of ``model`` held channels_last (:func:`qerror.nn.models.memory_format`) against
+    ``model`` contiguous, on batch ``x``, alternating; each row says which layout
+    :func:`qerror.nn.models.forward_layout` picks for it (what the drift study's plain
+    passes use)."""
+    import contextlib
+
+    from qerror.nn import quantized_forward
+    from qerror.nn.models import forward_layout, memory_format
+
+    cl_model = copy.deepcopy(model)
+    n = x.shape[0]
+    rows = []
+    for c, cw in arms:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(memory_format(cl_model))
+            if c is not None:
+                stack.enter_context(quantized_forward(cl_model, c, act, weights=cw))
+                stack.enter_context(quantized_forward(model, c, act, weights=cw))
+
+            def run(m):
+                with torch.inference_mode():
+                    m(x)
+
+            timed = paired_ratio(lambda: run(cl_model), lambda: run(model), pairs)
+        what = "float" if c is None else f"8-bit {c.rounding.value}"
+        picked = forward_layout(None if c is None else c.rounding)
+        rows.append(make_row(
+            "drift", f"{arch} plain {what} forward, batch {n}, 1x32x32", "channels_last",
+            "contiguous", None, *timed,
+            note=f"{n / np.median(timed[1]):.0f} vs {n / np.median(timed[2]):.0f} images/s; "
+                 f"forward_layout picks "
+                 f"{'channels_last' if picked is torch.channels_last else 'contiguous'}"))
     return rows
 
 
