@@ -370,14 +370,15 @@ HEADLINE_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingM
 
 
 def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
-                      first_batch: int = 0) -> pd.DataFrame | None:
+                      first_batch: int = 0, weights_of=None) -> pd.DataFrame | None:
     """Accuracy of float and of each headline mode (``bits``, weights and activations), on
     the same images, by a plain quantized forward (no instrumentation).
 
     Each row: Wilson intervals, the paired difference from float and from round-to-nearest
     (even) with McNemar's test on the same images. Under torchrun each rank passes its share
     of the batches (``first_batch`` the index of its first) and rank 0 returns the table of
-    all of them, the other ranks None.
+    all of them, the other ranks None. ``weights_of`` (configuration → quantized weights),
+    where given, supplies the weights the run has already quantized.
     """
     device = next(model.parameters()).device
     main = parallel.world()[0] == 0
@@ -394,8 +395,9 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
         for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode",
                          disable=not main):
             cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
+            weights = None if weights_of is None else weights_of(cfg)
             with memory_format(model, forward_layout(mode)), \
-                    quantized_forward(model, cfg, act_qparams) as inst:
+                    quantized_forward(model, cfg, act_qparams, weights=weights) as inst:
                 inst.batch_index = first_batch
                 pred = predictions()
             right[mode.value] = pred == labels
@@ -1498,7 +1500,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             calibrate_activations(model, data.calib, QuantConfig.make(8).activation)
             if main else None, map_location=place.device)
         headline = headline_accuracy(model, data.headline, qp8, args.seed,
-                                     first_batch=data.headline_first)
+                                     first_batch=data.headline_first, weights_of=weights_of)
     phase_done("headline")
     if not main:
         return 0

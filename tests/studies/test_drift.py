@@ -870,6 +870,28 @@ def test_the_curve_takes_the_remedies_fits_on_the_same_images_as_its_own(monkeyp
     assert (at.xs(6, level="calib_images") != at.xs(8, level="calib_images")).any()
 
 
+def test_the_headline_with_the_runs_weights_is_the_headline():
+    """headline_accuracy given the weights the run quantized (weights_of) gives the table it
+    gives quantizing them itself."""
+    from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(1)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(12, 1, 32, 32), torch.arange(12) % 10
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    qp = calibrate_activations(model, batches, QuantConfig.make(8).activation)
+    asked = []
+
+    def weights_of(cfg):
+        asked.append(cfg.rounding)
+        return quantize_weights(model, cfg.weight, seed=cfg.seed)
+
+    got = drift.headline_accuracy(model, batches, qp, 3, weights_of=weights_of)
+    pd.testing.assert_frame_equal(got, drift.headline_accuracy(model, batches, qp, 3))
+    assert asked == list(drift.HEADLINE_MODES)
+
+
 def test_kept_means_bytes_counts_what_measure_keeps():
     """The memory check's count equals the bytes of every kept per-image channel mean."""
     from qerror.nn import QuantConfig, calibrate_activations, measure_many
