@@ -317,6 +317,50 @@ def drift_time_avx2(records) -> str:
         "minutes (above).")
 
 
+def drift_speed_avx2(records) -> str:
+    """The default run before and after its plain passes went channels_last, on one
+    AVX2-only machine, phase by phase, against the goal; which results moved and by how
+    much (summation order)."""
+    old, new = records("drift-avx2-before"), records("drift-avx2-after")
+    for rec in (old, new):
+        if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
+            raise RecordError(f"record {rec.name}: its CPU has AVX-512; record a run from a "
+                              "CPU without it")
+    if old.about["machine"] != new.about["machine"]:
+        raise RecordError("records drift-avx2-before and drift-avx2-after: not run on one "
+                          "machine (their record.json machine texts differ)")
+    to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
+    po, pn = _phases(to), _phases(tn)
+    timing = set(new.manifest.get("timing_outputs", [])) | {"timing.csv"}
+    results = sorted(n for n in new.manifest["outputs"] if n.endswith(".csv")
+                     and n not in timing)
+    differ = [n for n in results if new.manifest["outputs"][n]
+              != old.manifest["outputs"].get(n)]
+    ho, hn = old.csv("headline.csv").set_index("mode"), new.csv("headline.csv").set_index("mode")
+    moved = (hn.acc - ho.acc).abs()
+    half = (hn.acc_hi - hn.acc_lo) / 2
+    verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
+    steps = ", ".join(f"{what} {minutes(po[p])} → {minutes(pn[p])}" for p, what in (
+        ("headline", "headline"), ("curve", "calibration curve"), ("remedies", "remedies"),
+        ("instrumented", "instrumented"), ("pilot", "pilot")))
+    return (
+        "Since then the plain passes (the headline, the calibration curve, BatchNorm "
+        "re-estimation) run channels_last in the deterministic modes "
+        "(`qerror.nn.models.memory_format` and `forward_layout`; the quantizer now keeps a "
+        "channels_last activation's layout instead of copying it to C order), and the "
+        "headline takes the weights the run has quantized. Both commits' default runs on one "
+        f"machine ({new.about['machine']}; `{new.about['command']}`): "
+        f"{minutes(to.measured_s)} minutes at commit {old.commit}, {minutes(tn.measured_s)} "
+        f"at commit {new.commit} ({steps} minutes; the instrumented phase's code did not "
+        f"change, so its difference is this machine's own spread): {verdict} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal. A channels_last convolution sums in another "
+        f"order, so {len(differ)} of the {len(results)} result files differ "
+        f"({', '.join(differ) if differ else 'none'}); the largest change of a headline "
+        f"accuracy is {100 * moved.max():.2f} points ({moved.idxmax()}), "
+        + ("less than" if moved.max() < half.loc[moved.idxmax()] else "not less than")
+        + f" its interval's half-width ({100 * half.loc[moved.idxmax()]:.2f}).")
+
+
 # The drift study's constants that its tail and precision columns are defined by
 # (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
 # without this renderer importing torch).
@@ -742,6 +786,7 @@ RENDERERS: dict[str, Callable] = {
     "dataset-equivalence": dataset_equivalence,
     "drift-time": drift_time,
     "drift-time-avx2": drift_time_avx2,
+    "drift-speed-avx2": drift_speed_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
     "early-exit-avx2": early_exit_avx2,

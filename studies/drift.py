@@ -459,13 +459,9 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
     return rows
 
 
-def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: PropagationResult,
-             fits: dict | None = None) -> tuple[list[tuple[str, PropagationResult]], pd.DataFrame]:
+def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: PropagationResult
+             ) -> tuple[list[tuple[str, PropagationResult]], pd.DataFrame]:
     """Measure BN re-estimation and both bias corrections; predicted vs measured drift.
-
-    ``fits``, where given, receives on rank 0 the BatchNorm statistics and the empirical
-    corrections fitted on ``data.calib`` under ``cfg.label``: the calibration curve's point
-    on the same images (:func:`calibration_curve`), without fitting them again.
 
     The remedies are fitted on the calibration images by rank 0 and broadcast; every rank
     measures them on its share of the test batches. Rank 0 gets the prediction rows, the
@@ -488,8 +484,6 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
                 model, data.calib, cfg, act_qparams, weights=weights, calibration=calib)},
         }
         fitted = fixes, preds
-        if fits is not None:
-            fits[cfg.label] = (data.calib, {k: fixes[k] for k in CURVE_REMEDIES})
     fixes, preds = parallel.broadcast_object(fitted, map_location=device)
     results = [(name, measure(model, data.test, cfg, act_qparams, weights=weights,
                               local_samples=0, first_batch=data.first_batch,
@@ -563,17 +557,8 @@ def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: i
             bar.update(len(group))
 
 
-CURVE_REMEDIES = ("bn_reestimation", "bias_empirical")  # the remedies the curve fits
-
-
-def _same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(
-        xa.shape == xb.shape and torch.equal(xa, xb) and torch.equal(ya, yb)
-        for (xa, ya), (xb, yb) in zip(a, b))
-
-
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
-                      batch: int, fits: dict | None = None) -> pd.DataFrame:
+                      batch: int) -> pd.DataFrame:
     """Accuracy after BN re-estimation and after empirical bias correction fitted on the
     first ``n`` calibration images, for each ``n`` in ``sizes``, on the ``test`` batches by a
     plain quantized forward (no instrumentation).
@@ -585,9 +570,6 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     ``Σ z_f²`` and ``Σ (z_q − z_f)²`` in float64, as :class:`qerror.nn.LogitResult` has
     it). A remedy's own sampling noise shows as the spread of its figures across ``n``;
     where quantization costs little accuracy (eight bits) it shows in the SQNR.
-
-    ``fits`` (``label → (calibration batches, remedies)``, what :func:`remedies` fitted):
-    a point whose calibration batches are those is not fitted again.
     """
     device = next(model.parameters()).device
 
@@ -615,15 +597,11 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
                 base[cfg.label] = forward()
         none, z_none = base[cfg.label]
         cal = _first_of(calib, n, batch)
-        done = (fits or {}).get(cfg.label)
-        if done is not None and _same_batches(done[0], cal):
-            fixes = done[1]  # remedies() fitted these on the same batches
-        else:
-            with memory_format(model, layout):
-                stats = reestimate_bn(model, cal, cfg, qp, weights=w)
-            fixes = {"bn_reestimation": {"bn_stats": stats},
-                     "bias_empirical": {"corrections": empirical_bias_correction(
-                         model, cal, cfg, qp, weights=w)}}
+        with memory_format(model, layout):
+            stats = reestimate_bn(model, cal, cfg, qp, weights=w)
+        fixes = {"bn_reestimation": {"bn_stats": stats},
+                 "bias_empirical": {"corrections": empirical_bias_correction(
+                     model, cal, cfg, qp, weights=w)}}
         for remedy, kw in fixes.items():
             with memory_format(model, layout), \
                     quantized_forward(model, cfg, qp, weights=w, **kw):
@@ -1481,12 +1459,11 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                                for k, v in statement_values(res, seed=args.seed).items()]
     phase_done("instrumented")
     n_base = len(frames)
-    remedy_fits: dict = {}  # the curve's points on the whole calibration set
     for cfg in tqdm(remedy_configs, desc="remedies", unit="config", disable=not main):
         cols = _config_columns(cfg)
         res_list, pred = remedies(model, data, cfg, act_qp[cols["bits"]],
                                   weight_cache.get((cols["bits"], cols["mode"])),
-                                  results[tuple(cols.values())], fits=remedy_fits)
+                                  results[tuple(cols.values())])
         preds.append(pred)
         for name, res in res_list:
             if main:
@@ -1507,7 +1484,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     curve = None
     if data.curve_calib:  # rank 0 alone, where _main found remedy configurations
         curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
-                                  act_qp, weights_of, curve_sizes, batch, fits=remedy_fits)
+                                  act_qp, weights_of, curve_sizes, batch)
     phase_done("curve")
     run_bar.close()
     sites = pd.concat(frames[:n_base], ignore_index=True)

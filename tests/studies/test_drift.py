@@ -833,43 +833,6 @@ def test_the_curve_never_fits_a_remedy_on_a_batch_of_one_image():
     assert [len(b) for _, b in drift._first_of([(x, y)], 8, 4)] == [4, 4]
 
 
-def test_the_curve_takes_the_remedies_fits_on_the_same_images_as_its_own(monkeypatch):
-    """The calibration curve's point on the whole calibration set reuses what remedies()
-    fitted there, and its rows equal those of a curve that fits every point itself; a point
-    on other images is fitted (a fit on 8 images differs from one on 6)."""
-    from qerror.nn import QuantConfig, Target, calibrate_activations, measure, quantize_weights
-    from qerror.nn.models import fashion_resnet
-
-    torch.manual_seed(0)
-    model = fashion_resnet("resnet18").eval()
-    x, y = torch.rand(20, 1, 32, 32), torch.arange(20) % 10
-    calib, test = [(x[:4], y[:4]), (x[4:8], y[4:8])], [(x[8:14], y[8:14]), (x[14:], y[14:])]
-    data = drift.Data(calib, test, {})
-    fits, curves = {}, []
-    cfgs = [QuantConfig.make(8, drift.RoundingMode.NEAREST_EVEN, Target.BOTH, seed=0),
-            QuantConfig.make(4, drift.RoundingMode.TOWARD_ZERO, Target.BOTH, seed=0)]
-    act = {b: calibrate_activations(model, calib, QuantConfig.make(b).activation) for b in (8, 4)}
-    weights = {c.label: quantize_weights(model, c.weight, seed=0) for c in cfgs}
-    for cfg in cfgs:
-        qp, w = act[cfg.weight.bits], weights[cfg.label]
-        drift.remedies(model, data, cfg, qp, w, measure(model, test, cfg, qp, weights=w),
-                       fits=fits)
-    assert set(fits) == {c.label for c in cfgs}
-    refits = []
-    real = drift.reestimate_bn
-    monkeypatch.setattr(drift, "reestimate_bn",
-                        lambda m, cal, *a, **k: refits.append(cal) or real(m, cal, *a, **k))
-    for given in (fits, None):
-        curves.append(drift.calibration_curve(model, calib, test, cfgs, act,
-                                              lambda c: weights[c.label], [6, 8], 4,
-                                              fits=given))
-    pd.testing.assert_frame_equal(curves[0], curves[1])
-    # with the remedies' fits only the 6-image points were fitted; without, all four
-    assert [sum(len(b) for _, b in cal) for cal in refits] == [6, 6, 6, 8, 6, 8]
-    at = curves[0].set_index(["mode", "remedy", "calib_images"]).logit_sqnr_db
-    assert (at.xs(6, level="calib_images") != at.xs(8, level="calib_images")).any()
-
-
 def test_the_headline_with_the_runs_weights_is_the_headline():
     """headline_accuracy given the weights the run quantized (weights_of) gives the table it
     gives quantizing them itself."""
