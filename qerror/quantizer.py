@@ -674,6 +674,9 @@ def quantize(
     Returns
     -------
     q : int32 array or tensor, same shape as ``x``
+        A tensor stored densely in another layout (channels_last, a transpose) gets its
+        result in that layout, with the codes of its C-contiguous copy; a tensor with gaps
+        (a strided slice) gets a C-contiguous result.
     saturation : Saturation, only if ``return_saturation``
 
     Notes
@@ -752,9 +755,10 @@ def fake_quantize(
     """Quantize then dequantize: ``x̂ = s · clamp(R(x/s + z) - z, qmin - z, qmax - z)``.
 
     Same arguments and arithmetic as :func:`quantize`. Returns an array of the
-    input's dtype (and the :class:`Saturation` if asked). For a torch tensor
-    that requires grad, the gradient is straight-through inside the range and
-    zero where the value was clamped.
+    input's dtype, and a dense tensor's layout (channels_last in, channels_last out:
+    a convolution that follows runs on the layout it was given), and the
+    :class:`Saturation` if asked. For a torch tensor that requires grad, the gradient is
+    straight-through inside the range and zero where the value was clamped.
 
     Notes
     -----
