@@ -277,9 +277,8 @@ def memory_format(model: nn.Module, fmt: torch.memory_format = torch.channels_la
 
     The values are copies, bit for bit, so the network computes the same function; only the
     kernels that a layout selects, and their order of summation, change. On this kind of
-    CPU a ResNet50's convolutions run about twice as fast channels_last as contiguous
-    (``studies.bench`` measures it), so plain forward passes over many images are run
-    this way. The instrumented passes of :mod:`qerror.nn.propagate` are not: their
+    CPU a ResNet50's plain forward runs faster channels_last (:func:`forward_layout`), so
+    plain passes over many images are run this way. The instrumented passes of :mod:`qerror.nn.propagate` are not: their
     per-channel reductions over the spatial dimensions are slower on that layout than the
     convolutions gain.
     """
@@ -307,10 +306,10 @@ def forward_layout(rounding: RoundingMode | None = None) -> torch.memory_format:
     channels_last, except for random rounding: a deterministic quantizer quantizes a
     channels_last activation in place of its layout (:func:`qerror.quantizer.fake_quantize`
     keeps the input's layout without a copy), while STOCHASTIC draws follow the element's
-    C-order index and so copy the activation to C order and back, which costs more than the
-    convolutions gain. Measured on a 2-core AVX2 CPU, the baseline at batch 256: float
-    about 1.8×, 8-bit toward-zero about 1.5× faster channels_last, stochastic about 10 %
-    slower (``studies.bench`` times the float forward both ways on each machine).
+    C-order index and so copy the activation to C order and back, which takes what the
+    convolutions gain. ``studies.bench`` (drift group) times each both ways; on a 2-core
+    AVX2-only CPU, a ResNet50 at batch 256: float 1.5× and 8-bit toward-zero 1.24× faster
+    channels_last, stochastic the same (ratios 0.714, 0.807 and 1.00).
     """
     if rounding is not None and RoundingMode(rounding).is_random:
         return torch.contiguous_format
