@@ -361,6 +361,43 @@ def drift_speed_avx2(records) -> str:
         + f" its interval's half-width ({100 * half.loc[moved.idxmax()]:.2f}).")
 
 
+def bench_layout_avx2(records) -> str:
+    """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
+    machine of the drift-speed records."""
+    rec = records("bench-drift-avx2")
+    if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
+        raise RecordError("record bench-drift-avx2: its CPU has AVX-512; record a bench run "
+                          "from a CPU without it")
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+
+    def row(name_has: str, baseline: str) -> pd.Series:
+        return _one_row(rec, b, b.name.str.contains(name_has, regex=False)
+                        & (b.baseline == baseline), f"{name_has!r} against {baseline!r}")
+
+    plain = [row(f"plain {what} forward", "contiguous") for what in
+             ("float", "8-bit toward_zero", "8-bit stochastic")]
+    rates = [re.match(r"(\d+) vs (\d+) images/s", r.note) for r in plain]
+    if not all(rates):
+        raise RecordError("record bench-drift-avx2: a layout row's note lacks its images/s")
+    one = row("8-bit toward_zero", "paired passes, no statistics")
+    many = b[b.candidate.str.startswith("measure_many") & b.baseline.str.startswith("the same")]
+    if len(many) != 1:
+        raise RecordError("record bench-drift-avx2: expected one measure_many row against its "
+                          "bare passes")
+    many = many.iloc[0]
+    words = ("float", "8-bit truncation", "8-bit stochastic rounding")
+    return (
+        f"The layouts, benched on that machine (`{rec.about['command']}`, commit "
+        f"{rec.commit}, ResNet50, batch 256, alternating paired timings): the plain forward "
+        "ran channels_last against contiguous at "
+        + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
+                    f"{r.ratio_median:.3f})" for w, r, m in zip(words, plain, rates))
+        + ". The instrumentation's overhead there: `measure` "
+        f"{one.ratio_median:.2f}× its bare paired passes and `measure_many` "
+        f"{many.ratio_median:.2f}× its bare K-way passes (goal {one.goal:g}×).")
+
+
 # The drift study's constants that its tail and precision columns are defined by
 # (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
 # without this renderer importing torch).
@@ -787,6 +824,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time": drift_time,
     "drift-time-avx2": drift_time_avx2,
     "drift-speed-avx2": drift_speed_avx2,
+    "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
     "early-exit-avx2": early_exit_avx2,
