@@ -340,9 +340,13 @@ def drift_speed_avx2(records) -> str:
     moved = (hn.acc - ho.acc).abs()
     half = (hn.acc_hi - hn.acc_lo) / 2
     verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
-    steps = ", ".join(f"{what} {minutes(po[p])} → {minutes(pn[p])}" for p, what in (
-        ("headline", "headline"), ("curve", "calibration curve"), ("remedies", "remedies"),
-        ("instrumented", "instrumented"), ("pilot", "pilot")))
+    names = {"headline": "headline", "curve": "calibration curve", "remedies": "remedies",
+             "instrumented": "instrumented", "pilot": "pilot"}
+    steps = ", ".join(f"{names[p]} {minutes(po[p])} → {minutes(pn[p])}" for p in names)
+    change = {p: pn[p] / po[p] - 1 for p in names}
+    spread = abs(change["instrumented"])  # code unchanged: the runs' own spread
+    beyond = [names[p] for p in ("headline", "curve", "remedies") if -change[p] > spread]
+    within = [names[p] for p in ("headline", "curve", "remedies") if -change[p] <= spread]
     return (
         "Since then the plain passes (the headline, the calibration curve, BatchNorm "
         "re-estimation) run channels_last in the deterministic modes "
@@ -351,9 +355,15 @@ def drift_speed_avx2(records) -> str:
         "headline takes the weights the run has quantized. Both commits' default runs on one "
         f"machine ({new.about['machine']}; `{new.about['command']}`): "
         f"{minutes(to.measured_s)} minutes at commit {old.commit}, {minutes(tn.measured_s)} "
-        f"at commit {new.commit} ({steps} minutes; the instrumented phase's code did not "
-        f"change, so its difference is this machine's own spread): {verdict} the "
-        f"{DRIFT_MINUTES_GOAL}-minute goal. A channels_last convolution sums in another "
+        f"at commit {new.commit} ({steps} minutes): {verdict} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal. The instrumented phase's code did not change, so "
+        f"its {100 * change['instrumented']:+.0f} % is the spread between two runs here; "
+        + (f"the gain of the {' and the '.join(beyond)} "
+           f"({', '.join(f'{100 * change[p]:+.0f} %' for p in names if names[p] in beyond)}) "
+           "is beyond it" if beyond else "no phase's gain is beyond it")
+        + (f", that of the {' and the '.join(within)} is not (one run each; the bench's "
+           "paired timings below measure the layouts themselves)" if within else "")
+        + ". A channels_last convolution sums in another "
         f"order, so {len(differ)} of the {len(results)} result files differ "
         f"({', '.join(differ) if differ else 'none'}); the largest change of a headline "
         f"accuracy is {100 * moved.max():.2f} points ({moved.idxmax()}), "

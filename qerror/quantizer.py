@@ -305,14 +305,19 @@ def _bounds(spec: QuantSpec, z: np.ndarray, like, cdt):
     return _as_param(lo, like, cdt), _as_param(hi, like, cdt)
 
 
-def _prepare(x, spec, scale, zero_point, generator):
+def _prepare(x, spec, scale, zero_point, generator, *, finite_checked: bool = False,
+             draw_key: bool = True):
+    """Check the arguments; return the normalised axis, the scales and zero points as
+    arrays, and the STOCHASTIC key (drawn from ``generator``, which a generator object
+    advances: ``draw_key=False`` checks without drawing, for a call that draws later)."""
     check_float_array(x, "x")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     axis = _normalise_axis(x, spec)
     s, z = _check_params(x, spec, scale, zero_point, axis)
-    check_finite(x, "x")
-    key = stochastic_key(generator) if spec.rounding.is_random else None
+    if not finite_checked:
+        check_finite(x, "x")
+    key = stochastic_key(generator) if spec.rounding.is_random and draw_key else None
     return axis, s, z, key
 
 
@@ -359,11 +364,13 @@ def _check_offset(offset) -> int:
     return int(offset)
 
 
-def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offset: int = 0):
+def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offset: int = 0,
+         finite_checked: bool = False):
     """Shared engine of :func:`quantize` and :func:`fake_quantize`.
 
     Returns the codes (int32) or the fake-quantized values (input dtype) and, if
-    ``count``, the :class:`Saturation`.
+    ``count``, the :class:`Saturation`. ``finite_checked``: ``x`` is a view of data already
+    found finite (a layout's call on its C-ordered view), not scanned again.
     """
     check_float_array(x, "x")  # before x.ndim: a list must get a TypeError, not AttributeError
     offset = _check_offset(offset)
@@ -379,9 +386,11 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
     if isinstance(x, torch.Tensor) and isinstance(spec, QuantSpec) and not (
             x.requires_grad and torch.is_grad_enabled()):
-        # layouts first (checked once, by the call on the C-ordered view); a bad axis is
-        # refused before it picks a dimension
-        _normalise_axis(x, spec)
+        # another layout: every argument checked here, on the input as given (errors name
+        # its axes and indices), then quantized through its C-ordered view
+        if not x.is_contiguous() or x.stride() != _c_strides(x.shape):
+            _prepare(x, spec, scale, zero_point, generator, draw_key=False)
+            finite_checked = True
         if not x.is_contiguous():
             order = _dense_order(x)
             if order is not None:
@@ -392,10 +401,11 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             # channels_last): the result gets the input's strides, which tell a convolution
             # that follows which layout the batch is in
             res = _run(x.as_strided(x.shape, _c_strides(x.shape)), spec, scale, zero_point,
-                       generator, fake=fake, count=count, offset=offset)
+                       generator, fake=fake, count=count, offset=offset, finite_checked=True)
             out = (res[0] if count else res).as_strided(x.shape, x.stride())
             return (out, res[1]) if count else out
-    axis, s, z, key = _prepare(x, spec, scale, zero_point, generator)
+    axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
+                               finite_checked=finite_checked)
     torch_in = isinstance(x, torch.Tensor)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
         return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count, offset=offset)
@@ -509,12 +519,12 @@ def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count,
     if not spec.rounding.is_random:
         res = _run(x.permute(order), spec.replace(axis=None if spec.axis is None else
                                                   order.index(spec.axis % x.ndim)),
-                   scale, zero_point, None, fake=fake, count=count)
+                   scale, zero_point, None, fake=fake, count=count, finite_checked=True)
         back = tuple(int(d) for d in np.argsort(order))
         out = (res[0] if count else res).permute(back)
     else:
         res = _run(x.contiguous(), spec, scale, zero_point, generator, fake=fake, count=count,
-                   offset=offset)
+                   offset=offset, finite_checked=True)
         c = res[0] if count else res
         out = torch.empty_like(x, dtype=c.dtype).copy_(c)
     return (out, res[1]) if count else out

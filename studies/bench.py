@@ -539,7 +539,7 @@ def plain_layout_rows(model, x, act, arms, arch: str, pairs: int) -> list[BenchR
                     m(x)
 
             timed = paired_ratio(lambda: run(cl_model), lambda: run(model), pairs)
-        what = "float" if c is None else f"8-bit {c.rounding.value}"
+        what = "float" if c is None else f"{c.activation.bits}-bit {c.rounding.value}"
         picked = forward_layout(None if c is None else c.rounding)
         rows.append(make_row(
             "drift", f"{arch} plain {what} forward, batch {n}, 1x32x32", "channels_last",

@@ -304,11 +304,11 @@ def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] |
     layers = dict(model.named_modules())
     out = dict(weights)
     for name, qw in weights.items():
-        m = layers.get(name)
-        if m is not None and isinstance(qw, QuantizedWeights) and \
-                qw.weight.shape == m.weight.shape and qw.weight.stride() != m.weight.stride():
+        w = getattr(layers.get(name), "weight", None)
+        if isinstance(w, torch.Tensor) and isinstance(qw, QuantizedWeights) and \
+                qw.weight.shape == w.shape and qw.weight.stride() != w.stride():
             out[name] = replace(
-                qw, weight=torch.empty_like(m.weight, dtype=qw.weight.dtype).copy_(qw.weight))
+                qw, weight=torch.empty_like(w, dtype=qw.weight.dtype).copy_(qw.weight))
     return out
 
 

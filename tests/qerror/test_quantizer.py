@@ -255,39 +255,61 @@ def _layouts(x: torch.Tensor):
             "one_channel": one, "gaps": x[:, :, ::2]}
 
 
-@pytest.mark.parametrize("mode, axis, size", [
-    *[(m, a, (2, 3, 4, 5)) for m in RoundingMode for a in (None, 1, 0)],  # the block engine
-    # the fused path (deterministic modes, 16,384 elements or more); the block engine's blocks
-    (RoundingMode.NEAREST_EVEN, None, (8, 16, 16, 16)), (RoundingMode.FLOOR, 1, (8, 16, 16, 16)),
-    (RoundingMode.TOWARD_ZERO, 0, (8, 16, 16, 16)), (RoundingMode.STOCHASTIC, 1, (8, 16, 16, 16))])
-def test_other_layouts_quantize_as_their_contiguous_copy(mode, axis, size):
+@pytest.mark.parametrize("mode, axis, size, dtype", [
+    # small tensors: the block engine; negative axes as the user gives them
+    *[(m, a, (2, 3, 4, 5), torch.float32) for m in RoundingMode for a in (None, 1, 0, -1)],
+    (RoundingMode.NEAREST_EVEN, -3, (2, 3, 4, 5), torch.float64),
+    (RoundingMode.STOCHASTIC, None, (2, 3, 4, 5), torch.float16),
+    # 16,384 elements or more: the fused path for the deterministic modes
+    (RoundingMode.NEAREST_EVEN, None, (8, 16, 16, 16), torch.float32),
+    (RoundingMode.FLOOR, 1, (8, 16, 16, 16), torch.float32),
+    (RoundingMode.TOWARD_ZERO, 0, (8, 16, 16, 16), torch.float32),
+    (RoundingMode.STOCHASTIC, 1, (8, 16, 16, 16), torch.float32)])
+def test_other_layouts_quantize_as_their_contiguous_copy(mode, axis, size, dtype):
     """A tensor in another memory layout gets, element for element, the codes, fake values
     and saturation counts of its C-contiguous copy (STOCHASTIC draws included: they follow
-    the element's C-order index); a dense result keeps the input's strides, so that a
+    the element's C-order index, with an offset, from an integer seed or from a generator
+    object, which is drawn from once); a dense result keeps the input's strides, so that a
     convolution after it runs in the layout it was given."""
     gen = torch.Generator().manual_seed(11)
-    base = torch.randn(size, generator=gen) * 3
+    base = (torch.randn(size, generator=gen) * 3).to(dtype)
     for name, x in _layouts(base).items():
         spec = QuantSpec(bits=4, axis=axis, rounding=mode)
         scale = 0.4 if axis is None else np.linspace(0.2, 0.6, x.shape[axis])
-        key = 5 if mode.is_random else None
         c = x.contiguous()
-        for fn in (quantize, fake_quantize):
-            got, sat = fn(x, spec, scale, generator=key, return_saturation=True)
-            ref, sat_ref = fn(c, spec, scale, generator=key, return_saturation=True)
+        for fn, seeded in ((quantize, False), (fake_quantize, False), (fake_quantize, True)):
+            def key():  # a fresh generator object in the same state for each call
+                if not mode.is_random:
+                    return None
+                return torch.Generator().manual_seed(5) if seeded else 5
+            kw = {"offset": 1000} if mode.is_random else {}
+            got, sat = fn(x, spec, scale, generator=key(), return_saturation=True, **kw)
+            ref, sat_ref = fn(c, spec, scale, generator=key(), return_saturation=True, **kw)
             assert torch.equal(got, ref), (name, fn.__name__)
             assert np.array_equal(sat.low, sat_ref.low) and \
                 np.array_equal(sat.high, sat_ref.high), name
             assert np.array_equal(sat.total, sat_ref.total), name
             if name != "gaps":
                 assert got.stride() == x.stride(), (name, fn.__name__)
-            assert torch.equal(fn(x, spec, scale, generator=key), ref)
+            assert torch.equal(fn(x, spec, scale, generator=key(), **kw), ref)
 
 
-def test_a_bad_axis_is_refused_in_any_layout():
-    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+def test_bad_input_in_another_layout_is_named_as_given():
+    """Errors about a channels_last tensor name its axes and indices as the caller sees
+    them (not those of the C-ordered view it is quantized through)."""
+    x = torch.randn(2, 3, 4, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="axis=4 is out of range"):
-        fake_quantize(x, QuantSpec(bits=8, axis=4), np.ones(3))
+        fake_quantize(cl, QuantSpec(bits=8, axis=4), np.ones(3))
+    for t in (x, cl):
+        with pytest.raises(ValueError, match="axis 1 of the input has 3 channels"):
+            fake_quantize(t, QuantSpec(bits=8, axis=1), np.ones(4))
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    bad[1, 0, 0, 0] = float("inf")
+    for t in (bad, bad.contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(ValueError, match=r"index \(0, 1, 2, 3\)"):
+            quantize(t, QuantSpec(bits=8), 0.1)
 
 
 @pytest.mark.parametrize("axis", [None, 1, 2])

@@ -833,9 +833,9 @@ def test_the_curve_never_fits_a_remedy_on_a_batch_of_one_image():
     assert [len(b) for _, b in drift._first_of([(x, y)], 8, 4)] == [4, 4]
 
 
-def test_the_headline_with_the_runs_weights_is_the_headline():
-    """headline_accuracy given the weights the run quantized (weights_of) gives the table it
-    gives quantizing them itself."""
+def test_the_headline_with_the_runs_weights_is_the_headline(monkeypatch):
+    """headline_accuracy given the weights the run quantized (weights_of) runs each mode on
+    them, and gives the table it gives quantizing them itself."""
     from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
     from qerror.nn.models import fashion_resnet
 
@@ -845,14 +845,26 @@ def test_the_headline_with_the_runs_weights_is_the_headline():
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]
     qp = calibrate_activations(model, batches, QuantConfig.make(8).activation)
     asked = []
+    given, handed = {}, []
+    real = drift.quantized_forward
+
+    def spy(model, cfg, qp, **kw):
+        handed.append((cfg.rounding, kw.get("weights")))
+        return real(model, cfg, qp, **kw)
 
     def weights_of(cfg):
         asked.append(cfg.rounding)
-        return quantize_weights(model, cfg.weight, seed=cfg.seed)
+        given[cfg.rounding] = quantize_weights(model, cfg.weight, seed=cfg.seed)
+        return given[cfg.rounding]
 
+    monkeypatch.setattr(drift, "quantized_forward", spy)
     got = drift.headline_accuracy(model, batches, qp, 3, weights_of=weights_of)
+    # each mode's forward ran on the very weights weights_of gave for it
+    assert [m for m, _ in handed] == asked == list(drift.HEADLINE_MODES)
+    assert all(w is given[m] for m, w in handed)
+    handed.clear()
     pd.testing.assert_frame_equal(got, drift.headline_accuracy(model, batches, qp, 3))
-    assert asked == list(drift.HEADLINE_MODES)
+    assert all(w is None for _, w in handed)  # without weights_of each mode quantizes its own
 
 
 def test_kept_means_bytes_counts_what_measure_keeps():

@@ -426,7 +426,17 @@ def test_memory_format_switches_the_layout_and_restores_each_tensor():
         assert torch.equal(p, want), n
     assert forward_layout() is torch.channels_last
     assert forward_layout(RoundingMode.TOWARD_ZERO) is torch.channels_last
-    assert forward_layout("stochastic") is torch.contiguous_format
+    assert forward_layout("stochastic") is forward_layout(" STOCHASTIC") \
+        is torch.contiguous_format
     with pytest.raises(TypeError, match="torch.nn.Module"):
         with memory_format("resnet"):
             pass
+    with pytest.raises(ValueError, match="4-D layouts"):
+        with memory_format(model, torch.channels_last_3d):
+            pass
+    # an error inside the block: every tensor is back in its own memory all the same
+    with pytest.raises(RuntimeError, match="inside"):
+        with memory_format(model):
+            raise RuntimeError("inside")
+    for n, p in params.items():
+        assert (p.data_ptr(), p.stride()) == before[n][:2], n

@@ -174,6 +174,11 @@ def test_a_channels_last_model_runs_quantized_in_its_layout(setup):
         assert torch.equal(got.argmax(1), ref.argmax(1))
         assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12), mode
         assert all(p.is_contiguous() for p in model.parameters())
+    # a weights mapping with a key that names no weighted layer is passed over, as before
+    extra = dict(w)
+    extra["2"] = next(iter(w.values()))  # model[2] is a ReLU
+    with memory_format(model), quantized_forward(model, cfg, act_qp, weights=extra):
+        pass
 
 
 def test_paired_forward_is_the_pass_measure_makes(setup):
