@@ -764,13 +764,16 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     def plain_s(cfg, images, w=None) -> float:
         """Seconds per image of a plain forward of ``images`` (float where cfg is None), in
-        the layout the run's plain passes take (:func:`qerror.nn.models.forward_layout`)."""
+        the layout the run's plain passes take (:func:`qerror.nn.models.forward_layout`);
+        the second of two calls (the first sets up that layout's kernels, which the run's
+        passes pay once)."""
         with torch.inference_mode(), contextlib.ExitStack() as stack:
             stack.enter_context(memory_format(model, forward_layout(
                 None if cfg is None else cfg.rounding)))
             if cfg is not None:
                 stack.enter_context(quantized_forward(model, cfg, act_qp[_bits(cfg)],
                                                       weights=w))
+            model(images.to(device))
             return timed(lambda: model(images.to(device))) / len(images)
 
     def probe(cfg) -> tuple[float, float]:
