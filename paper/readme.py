@@ -264,6 +264,28 @@ def stem_frontier(records) -> str:
 DRIFT_MINUTES_GOAL = 10  # the drift issue's goal for the warm default run, minutes
 
 
+def _differing_results(rec: Record, other: Record) -> tuple[list[str], list[str]]:
+    """``rec``'s result files (its ``*.csv`` outputs but the timing ones) and those of them
+    whose sha256 differs from ``other``'s."""
+    timing = set(rec.manifest.get("timing_outputs", [])) | {"timing.csv"}
+    results = sorted(n for n in rec.manifest["outputs"] if n.endswith(".csv") and n not in timing)
+    return results, [n for n in results
+                     if rec.manifest["outputs"][n] != other.manifest["outputs"].get(n)]
+
+
+def _require_no_avx512(rec: Record, what: str = "a run") -> None:
+    """Refuse a record made on a CPU with AVX-512 where a passage speaks of one without."""
+    if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
+        raise RecordError(f"record {rec.name}: its CPU has AVX-512; record {what} from a CPU "
+                          "without it")
+
+
+def _bench_row(rec: Record, bench: pd.DataFrame, name_has: str, baseline: str) -> pd.Series:
+    """The one row of ``bench`` whose name contains ``name_has``, against ``baseline``."""
+    return _one_row(rec, bench, bench.name.str.contains(name_has, regex=False)
+                    & (bench.baseline == baseline), f"{name_has!r} against {baseline!r}")
+
+
 def drift_time(records) -> str:
     rec, block = records("drift"), records("drift-block-engine")
     t = rec.csv("timing.csv").iloc[0]
@@ -271,10 +293,7 @@ def drift_time(records) -> str:
     ph = _phases(t)
     configs = int(t.configurations)
     widths = len(rec.manifest["config"]["bits"])
-    timing = set(rec.manifest.get("timing_outputs", [])) | {"timing.csv"}
-    results = sorted(n for n in rec.manifest["outputs"] if n.endswith(".csv") and n not in timing)
-    differ = [n for n in results if rec.manifest["outputs"][n]
-              != block.manifest["outputs"].get(n)]
+    results, differ = _differing_results(rec, block)
     same = ("every result file (`*.csv` but `timing.csv`) of the two is byte for byte the same"
             if not differ else f"{len(differ)} of its {len(results)} result files differ "
             f"({', '.join(differ)})")
@@ -299,9 +318,7 @@ def drift_time_avx2(records) -> str:
     rec, train = records("drift-avx2"), records("baseline-train-avx2")
     t = rec.csv("timing.csv").iloc[0]
     ph, cpu = _phases(t), rec.manifest["cpu"]
-    if "avx512f" in cpu.get("cpu_flags", []):
-        raise RecordError("record drift-avx2: its CPU has AVX-512; record a run from a CPU "
-                          "without it")
+    _require_no_avx512(rec)
     verdict = "within" if t.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
     return (
         f"On a CPU with AVX2 and no AVX-512 (`{rec.about['command']}`, commit {rec.commit}, "
@@ -323,19 +340,13 @@ def drift_speed_avx2(records) -> str:
     much (summation order)."""
     old, new = records("drift-avx2-before"), records("drift-avx2-after")
     for rec in (old, new):
-        if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
-            raise RecordError(f"record {rec.name}: its CPU has AVX-512; record a run from a "
-                              "CPU without it")
+        _require_no_avx512(rec)
     if old.about["machine"] != new.about["machine"]:
         raise RecordError("records drift-avx2-before and drift-avx2-after: not run on one "
                           "machine (their record.json machine texts differ)")
     to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
     po, pn = _phases(to), _phases(tn)
-    timing = set(new.manifest.get("timing_outputs", [])) | {"timing.csv"}
-    results = sorted(n for n in new.manifest["outputs"] if n.endswith(".csv")
-                     and n not in timing)
-    differ = [n for n in results if new.manifest["outputs"][n]
-              != old.manifest["outputs"].get(n)]
+    results, differ = _differing_results(new, old)
     ho, hn = old.csv("headline.csv").set_index("mode"), new.csv("headline.csv").set_index("mode")
     moved = (hn.acc - ho.acc).abs()
     half = (hn.acc_hi - hn.acc_lo) / 2
@@ -375,22 +386,15 @@ def bench_layout_avx2(records) -> str:
     """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
     machine of the drift-speed records."""
     rec = records("bench-drift-avx2")
-    if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
-        raise RecordError("record bench-drift-avx2: its CPU has AVX-512; record a bench run "
-                          "from a CPU without it")
+    _require_no_avx512(rec, "a bench run")
     b = rec.csv("bench.csv")
     b = b[b.group == "drift"]
-
-    def row(name_has: str, baseline: str) -> pd.Series:
-        return _one_row(rec, b, b.name.str.contains(name_has, regex=False)
-                        & (b.baseline == baseline), f"{name_has!r} against {baseline!r}")
-
-    plain = [row(f"plain {what} forward", "contiguous") for what in
+    plain = [_bench_row(rec, b, f"plain {what} forward", "contiguous") for what in
              ("float", "8-bit toward_zero", "8-bit stochastic")]
     rates = [re.match(r"(\d+) vs (\d+) images/s", r.note) for r in plain]
     if not all(rates):
         raise RecordError("record bench-drift-avx2: a layout row's note lacks its images/s")
-    one = row("8-bit toward_zero", "paired passes, no statistics")
+    one = _bench_row(rec, b, "8-bit toward_zero", "paired passes, no statistics")
     many = b[b.candidate.str.startswith("measure_many") & b.baseline.str.startswith("the same")]
     if len(many) != 1:
         raise RecordError("record bench-drift-avx2: expected one measure_many row against its "
@@ -548,8 +552,7 @@ def bench_drift(records) -> str:
     b = b[b.group == "drift"]
 
     def row(name_has: str, baseline: str) -> pd.Series:
-        return _one_row(rec, b, b.name.str.contains(name_has, regex=False)
-                        & (b.baseline == baseline), f"{name_has!r} against {baseline!r}")
+        return _bench_row(rec, b, name_has, baseline)
 
     mem, one, many = (row(name, "float forward") for name in (
         "default passes of 128", "one paired pass", "modes, default passes"))

@@ -386,24 +386,25 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
         return (res[0].reshape(()), res[1]) if count else res.reshape(())
     if isinstance(x, torch.Tensor) and isinstance(spec, QuantSpec) and not (
             x.requires_grad and torch.is_grad_enabled()):
-        # another layout: every argument checked here, on the input as given (errors name
-        # its axes and indices), then quantized through its C-ordered view
-        if not x.is_contiguous() or x.stride() != _c_strides(x.shape):
+        c_strides = _c_strides(x.shape)
+        if x.stride() != c_strides:
+            # another layout: every argument checked here, on the input as given (errors
+            # name its axes and indices), then quantized through its C-ordered view
             _prepare(x, spec, scale, zero_point, generator, draw_key=False)
             finite_checked = True
-        if not x.is_contiguous():
+            if x.is_contiguous():
+                # other strides on unit dimensions only (a one-channel image batch in
+                # channels_last): the result gets the input's strides, which tell a
+                # convolution that follows which layout the batch is in
+                res = _run(x.as_strided(x.shape, c_strides), spec, scale, zero_point,
+                           generator, fake=fake, count=count, offset=offset,
+                           finite_checked=True)
+                out = (res[0] if count else res).as_strided(x.shape, x.stride())
+                return (out, res[1]) if count else out
             order = _dense_order(x)
             if order is not None:
                 return _run_in_layout(x, order, spec, scale, zero_point, generator, fake=fake,
                                       count=count, offset=offset)
-        elif x.stride() != _c_strides(x.shape):
-            # contiguous, with other strides on unit dimensions (a one-channel image batch in
-            # channels_last): the result gets the input's strides, which tell a convolution
-            # that follows which layout the batch is in
-            res = _run(x.as_strided(x.shape, _c_strides(x.shape)), spec, scale, zero_point,
-                       generator, fake=fake, count=count, offset=offset, finite_checked=True)
-            out = (res[0] if count else res).as_strided(x.shape, x.stride())
-            return (out, res[1]) if count else out
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
                                finite_checked=finite_checked)
     torch_in = isinstance(x, torch.Tensor)
@@ -532,10 +533,8 @@ def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count,
 
 def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """The order of ``x``'s dimensions in which a non-contiguous ``x`` is C-contiguous
-    (``(0, 2, 3, 1)`` for a channels_last NCHW tensor), or None: contiguous already, or not
-    dense (a slice with gaps, overlapping or zero strides)."""
-    if x.is_contiguous():
-        return None
+    (``(0, 2, 3, 1)`` for a channels_last NCHW tensor), or None where ``x`` is not dense (a
+    slice with gaps, overlapping or zero strides)."""
     order = tuple(sorted(range(x.ndim), key=lambda d: (-x.stride(d), d)))
     return order if x.permute(order).is_contiguous() else None
 

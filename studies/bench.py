@@ -11,6 +11,7 @@ tiny sizes).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -519,8 +520,6 @@ def plain_layout_rows(model, x, act, arms, arch: str, pairs: int) -> list[BenchR
     ``model`` contiguous, on batch ``x``, alternating; each row says which layout
     :func:`qerror.nn.models.forward_layout` picks for it (what the drift study's plain
     passes use)."""
-    import contextlib
-
     from qerror.nn import quantized_forward
     from qerror.nn.models import forward_layout, memory_format
 

@@ -312,6 +312,14 @@ def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] |
     return out
 
 
+def _arm_weights(model: nn.Module, configs, weights) -> list:
+    """Each configuration's quantized weights: those given, or quantized here where it
+    quantizes weights and none were given; in the model's layout (:func:`_in_model_layout`)."""
+    return [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
+                             if w is None and c.weight is not None else w)
+            for c, w in zip(configs, weights)]
+
+
 # --------------------------------------------------------------------------- accumulators
 
 def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -1263,9 +1271,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         depths = path_depths(model)
     except ValueError:  # an untraceable model has no path depths; execution order remains
         depths = {}
-    weights = [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
-                                if w is None and c.weight is not None else w)
-               for c, w in zip(configs, weights)]
+    weights = _arm_weights(model, configs, weights)
     for corr in corrections:
         _check_corrections(model, corr)
     bn_refs = []
@@ -1416,9 +1422,7 @@ def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
     for corr, stats in zip(corrections, bn_stats):
         _batchnorms(model, stats)
         _check_corrections(model, corr)
-    weights = [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
-                                if w is None and c.weight is not None else w)
-               for c, w in zip(configs, weights)]
+    weights = _arm_weights(model, configs, weights)
     inst = _Instrument(model, [_Arm(*arm) for arm in zip(configs, act_qparams, weights,
                                                         corrections, bn_stats)],
                        paired=paired, collect=False)
