@@ -14,6 +14,7 @@ from qerror.nn.growth import (
     channel_rms_debiased,
     debiased_from_counts,
     fit_exponent,
+    fit_exponents,
     image_bootstrap,
     layer_block_bootstrap,
     linear_or_sqrt,
@@ -51,6 +52,112 @@ def test_exponent_of_an_exact_power_law():
     d = np.arange(1, 30)
     assert fit_exponent(d, 0.3 * d ** 0.73) == pytest.approx(0.73, abs=1e-13)
     assert math.isnan(fit_exponent([1, 1, 2], [1.0, 2.0, 3.0]))  # two distinct depths
+
+
+def _rounding_bound(depth, values) -> float:
+    """About how far two summation orders of :func:`fit_exponent`'s sums can put its slope:
+    n ε (Σ|xc·zc| / Σ xc² + |p|) over the n usable values (Higham's γ_n per sum)."""
+    d, y = np.asarray(depth, dtype=float), np.asarray(values, dtype=float)
+    ok = np.isfinite(y) & (y > 0) & (d > 0)
+    x, z = np.log(d[ok]), np.log(y[ok])
+    x, z = x - x.mean(), z - z.mean()
+    return ok.sum() * np.finfo(float).eps * (np.abs(x * z).sum() / (x @ x) + abs(x @ z / (x @ x)))
+
+
+def test_vectorised_fit_equals_the_row_wise_fit():
+    """Row by row, fit_exponents is fit_exponent up to the rounding of its sums, with the
+    same rule for what is usable (finite, > 0, depth > 0) and the same nan (fewer than three
+    distinct usable depths, repeats counted once), for depths shared or per row."""
+    rng = np.random.default_rng(11)
+    b, n = 300, 25
+    shared = np.repeat(np.arange(1, 14), 2)[:n].astype(float)  # every depth twice
+    per_row = rng.integers(-1, 12, (b, n)).astype(float)  # repeats, and depths <= 0
+    y = np.exp(rng.normal(rng.uniform(-15, 15, (b, 1)), rng.uniform(0, 4, (b, 1)), (b, n)))
+    y *= np.arange(1, n + 1) ** rng.uniform(-2, 2, (b, 1))
+    bad = rng.random((b, n)) < 0.2
+    y[bad] = rng.choice([0.0, -2.0, np.nan, np.inf, -np.inf], bad.sum())
+    # rows left with too few distinct usable depths: many values, two depths
+    y[0] = np.nan
+    y[1, :] = np.nan
+    y[1, [0, 1, 2, 3]] = 1.0, 2.0, 3.0, 4.0  # shared depths 1, 1, 2, 2: two distinct
+    y[2, :] = 0.0
+    y[2, [0, 2, 4]] = 1.0, 2.0, 5.0  # shared depths 1, 2, 3: three distinct, defined
+    per_row[3] = np.where(np.arange(n) % 2, 4.0, 7.0)  # two distinct depths in the row
+    for depth in (shared, per_row):
+        rows = [depth if depth.ndim == 1 else depth[i] for i in range(b)]
+        fast = fit_exponents(depth, y)
+        slow = np.array([fit_exponent(d, v) for d, v in zip(rows, y)])
+        assert fast.shape == (b,)
+        np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
+        defined = ~np.isnan(slow)
+        assert 50 < defined.sum() < b  # both kinds of row occur
+        tol = np.array([_rounding_bound(d, v) if ok else 0.0
+                        for d, v, ok in zip(rows, y, defined)])
+        assert np.all(np.abs(fast - slow)[defined] <= tol[defined])
+    assert np.isnan(fit_exponents(shared, y)[[0, 1]]).all()
+    assert not np.isnan(fit_exponents(shared, y)[2])
+    assert np.isnan(fit_exponents(per_row, y)[3])
+
+
+def _old_block_boot(depth, values, block, resamples, seed):
+    """The block bootstrap's resamples as the loop before fit_exponents fitted them."""
+    order = np.argsort(depth, kind="stable")
+    d, y = np.asarray(depth, dtype=float)[order], np.asarray(values, dtype=float)[order]
+    L = d.size
+    rng = np.random.default_rng(seed)
+    starts = np.arange(L - block + 1)
+    k = math.ceil(L / block)
+    boot = np.empty(resamples)
+    for b in range(resamples):
+        idx = (rng.choice(starts, k)[:, None] + np.arange(block)).ravel()[:L]
+        boot[b] = fit_exponent(d[idx], y[idx])
+    return boot
+
+
+def _assert_interval_of(fit, boot, level=0.95):
+    a = (1 - level) / 2
+    defined = boot[np.isfinite(boot)]
+    assert fit.resamples == defined.size
+    if boot.size - defined.size > a * boot.size:
+        assert math.isnan(fit.lo) and math.isnan(fit.hi)
+        return
+    lo, hi = np.quantile(defined, [a, 1 - a])
+    # each resample's slope agrees to about 1e-14 (_rounding_bound), so do its quantiles
+    assert fit.lo == pytest.approx(lo, rel=0, abs=1e-12)
+    assert fit.hi == pytest.approx(hi, rel=0, abs=1e-12)
+
+
+@pytest.mark.parametrize("layers, block, zeros", [(54, None, ()), (10, 3, (2, 7)),
+                                                  (3, None, ())])
+def test_block_bootstrap_draws_and_fits_as_the_row_wise_loop(layers, block, zeros):
+    """The same starts from the same stream, and the same interval to rounding: with and
+    without values left out, and with most resamples undefined (three layers)."""
+    rng = np.random.default_rng(layers)
+    d = rng.permutation(np.arange(1, layers + 1)).astype(float)  # sorted inside
+    y = d ** 0.6 * np.exp(rng.normal(0, 0.3, layers))
+    y[list(zeros)] = 0.0
+    fit = layer_block_bootstrap(d, y, block=block, resamples=1000, seed=4)
+    used = min(max(2, round(layers ** (1 / 3))), layers - 1) if block is None else block
+    assert f"block={used}," in fit.method
+    assert fit.exponent == fit_exponent(d, y)
+    _assert_interval_of(fit, _old_block_boot(d, y, used, 1000, 4))
+
+
+def test_image_bootstrap_fits_as_the_row_wise_loop():
+    rng = np.random.default_rng(6)
+    depth = np.arange(1, 13)
+    per_image = [0.03 * d ** 0.5 + rng.standard_normal((40, 5)) for d in depth]
+    per_image[4][:] = rng.standard_normal((40, 5))  # noise alone: some resamples give 0
+    scales = [np.ones(5)] * len(depth)
+    fit = image_bootstrap(depth, per_image, scales, resamples=500, seed=2)
+    layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
+    counts = np.random.default_rng(2).multinomial(40, np.full(40, 1 / 40), size=500)
+    values = np.stack([debiased_from_counts(v, c, counts)
+                       for v, c in zip(per_image, scales)], axis=1)
+    assert (values == 0).any()
+    boot = np.array([fit_exponent(depth, row) for row in values])
+    assert fit.exponent == fit_exponent(depth, layer_values)
+    _assert_interval_of(fit, boot)
 
 
 def test_block_bootstrap_of_an_exact_power_law_is_a_point():
@@ -143,6 +250,8 @@ def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: channel_rms_debiased(np.ones((1, 3)), np.ones(3)), "N >= 2"),
+    (lambda: fit_exponents([1, 2], np.ones((4, 3))), "depth"),
+    (lambda: fit_exponents([1, 2, 3], np.ones(3)), "values must be"),
     (lambda: layer_block_bootstrap([1, 2], [1.0], resamples=100), "one length"),
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=5, resamples=100), "block"),
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=3, resamples=100),
