@@ -23,10 +23,15 @@ and the rational reference's element for element, which the tests check on value
 beside every boundary; so do the fake-quantized values as numbers, whose zeros may differ in
 sign (the engine's own zeros take theirs from numpy's rounding and clipping loops).
 
-STOCHASTIC rounding, the RECIPROCAL arithmetic, float64 and half-precision data, tensors off
-the CPU, small arrays and forked children stay on the block engine. ``QERROR_FUSED=0`` in the
-environment turns this path off (``studies.bench`` times the two against each other); a
-compiler that fails turns it off with one warning, and the block engine gives the same codes.
+STOCHASTIC rounding takes the same quotient ``v`` and goes up from ``floor(v)`` where the
+element's draw ``k / 2**53`` (the splitmix64 hash of its flat index, :func:`qerror.rounding.
+hash_draws`, computed in the loop from the stream's start) is below ``v - floor(v)``, compared
+in float64 as the block engine compares them; a stored level ``fl(n s)`` gets code ``n``. Its
+codes are the block engine's bit for bit (the same draws, the same fractions), which the tests
+check with offsets, per channel and past the range's ends. The RECIPROCAL arithmetic, float64
+and half-precision data, tensors off the CPU, small arrays and forked children stay on the
+block engine. ``QERROR_FUSED=0`` in the environment turns this path off (``studies.bench``
+times the two against each other); a compiler that fails turns it off with one warning, and the block engine gives the same codes.
 Compiled code is cached per instruction set (``_compile_options``) and per thread count.
 """
 
@@ -39,7 +44,7 @@ import warnings
 import torch
 
 from qerror.cpu import flushing_denormals, in_forked_child
-from qerror.rounding import RoundingMode
+from qerror.rounding import RoundingMode, hash_draws
 
 #: Fewer elements than this go to the block engine: a compiled call's fixed cost (guards,
 #: dispatch) is larger than the whole work of a small array.
@@ -53,21 +58,31 @@ _BROKEN: list[str] = []  # why the whole fused path is off, if it is
 _WARNED: list[str] = []
 
 
-def codes(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
+def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
     """The fused quantizer in eager torch (what :func:`run` compiles).
 
     ``x`` is float32 of shape ``(outer, channels, inner)``; ``s``, ``z``, ``lo`` and ``hi``
     float32 of shape ``(1, channels, 1)``: the scale, the zero point and the code range
-    ``qmin - z .. qmax - z``. Returns the fake-quantized values (float32) or the integer
-    codes with the zero point added (int32), and, if ``count``, the per-channel counts of
-    codes below and above the range before the clamp (int64; else None).
+    ``qmin - z .. qmax - z``; ``start`` (STOCHASTIC only) the int64 first word of the draws'
+    stream at ``x``'s first element (:func:`qerror.rounding.stream_start`). Returns the
+    fake-quantized values (float32) or the integer codes with the zero point added (int32),
+    and, if ``count``, the per-channel counts of codes below and above the range before the
+    clamp (int64; else None).
     """
     rule = mode.boundary
     v = torch.clamp(x / s, lo - 2.0, hi + 2.0)
-    n = torch.floor(v) + rule.offset if rule.offset else torch.round(v)
-    # the residual itself serves as the sign: the rules only compare it with 0
-    residual = x.double() - n.double() * s.double()
-    code = rule.resolve(n + z, residual) - z
+    if mode.is_random:
+        # up with probability frac(v), compared as k < frac * 2**53 in float64 (both exact),
+        # as the block engine does on the same quotient; the clamp leaves in-range v alone
+        down = torch.floor(v)
+        frac = (v.double() - down.double()) * 2.0**53
+        code = down + (hash_draws(x, start).double() < frac).to(v.dtype)
+        n = torch.round(v)
+    else:
+        n = torch.floor(v) + rule.offset if rule.offset else torch.round(v)
+        # the residual itself serves as the sign: the rules only compare it with 0
+        residual = x.double() - n.double() * s.double()
+        code = rule.resolve(n + z, residual) - z
     if rule.on_levels:
         code = torch.where(n * s == x, n, code)
     low = high = None
@@ -94,7 +109,7 @@ def enabled() -> bool:
 
 def eligible(x, mode: RoundingMode, exact: bool) -> bool:
     """Whether ``x`` (numpy array or tensor) goes through the fused path."""
-    if not exact or mode.is_random:
+    if not exact:
         return False
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < MIN_ELEMENTS:
@@ -108,8 +123,8 @@ def _specialised(mode: RoundingMode, fake: bool, count: bool, units: tuple[bool,
     """:func:`codes` for one mode, output, counting and pattern of unit dimensions, with a
     code object of its own: compiled code is cached per code object, with a limit on its
     variants."""
-    def kernel(x, s, z, lo, hi):
-        return codes(x, s, z, lo, hi, mode=mode, fake=fake, count=count)
+    def kernel(x, s, z, lo, hi, start):
+        return codes(x, s, z, lo, hi, start, mode=mode, fake=fake, count=count)
 
     shape = "x".join("1" if u else "n" for u in units)
     kernel.__code__ = kernel.__code__.replace(
@@ -128,7 +143,7 @@ def _compile_options() -> dict:
     return {"cpp.simdlen": isa.bit_width()} if isa else {}
 
 
-def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
+def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
     """:func:`codes` compiled for this mode and output (once, then cached); None where it
     cannot be compiled or run, after one warning (the caller then takes the block engine,
     which gives the same codes; the compiled function writes only its own outputs).
@@ -155,7 +170,7 @@ def run(x, s, z, lo, hi, *, mode: RoundingMode, fake: bool, count: bool = True):
             with _LOCK:
                 fn = _COMPILED.setdefault(key, torch.compile(
                     _specialised(*key[:4]), dynamic=True, fullgraph=True, options=options))
-        res = fn(x, s, z, lo, hi)
+        res = fn(x, s, z, lo, hi, start)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - the engine gives the same codes

@@ -25,7 +25,14 @@ from qerror._checks import check_finite, check_float_array, check_positive_finit
 from qerror._enums import Choice
 from qerror._exact import exact_codes
 from qerror.cpu import flushing_denormals, set_flush_denormal
-from qerror.rounding import ArrayLike, Generator, RoundingMode, round_values, stochastic_key
+from qerror.rounding import (
+    ArrayLike,
+    Generator,
+    RoundingMode,
+    round_values,
+    stochastic_key,
+    stream_start,
+)
 
 
 class ScaleArithmetic(Choice):
@@ -418,7 +425,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     s3 = s.reshape(1, channels, 1)
     z3 = z.reshape(1, channels, 1)
     if _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT):
-        res = _run_fused(x, spec, s3, z3, (outer, channels, inner), fake, count)
+        res = _run_fused(x, spec, s3, z3, (outer, channels, inner), fake, count, key, offset)
         if res is not None:
             out, low, high = res
             out = out.reshape(shape)
@@ -494,7 +501,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
 
 def fused_path_enabled() -> bool:
     """Whether :func:`quantize` and :func:`fake_quantize` may take the fused exact path here
-    (float32 CPU data of 16,384 elements or more, deterministic modes, EXACT arithmetic;
+    (float32 CPU data of 16,384 elements or more, EXACT arithmetic;
     :mod:`qerror._fused`): False under ``QERROR_FUSED=0``, without inductor or with its unsafe
     floating-point optimisations on, after a compiler failure, or in a forked child. One
     kernel may still be off (the compiler's limit of variants) while this says True."""
@@ -540,10 +547,11 @@ def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: bool,
-               count: bool):
+               count: bool, key: int | None = None, offset: int = 0):
     """:func:`qerror._fused.run` on ``x`` viewed as ``dims`` (outer, channels, inner):
     the output in ``x``'s kind (numpy or tensor) and, if ``count``, the per-channel
-    saturation counts; None where the fused path is unavailable."""
+    saturation counts; None where the fused path is unavailable. ``key`` and ``offset``:
+    STOCHASTIC's hash key and the flat index of ``x``'s first element."""
     torch_in = isinstance(x, torch.Tensor)
     if torch_in:
         x3 = x.detach().reshape(dims)
@@ -559,7 +567,9 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
     params = (_as_param(s3, x3, torch.float32), _as_param(z3, x3, torch.float32),
               *_bounds(spec, z3, x3, torch.float32))
     with torch.no_grad():
-        res = _fused.run(x3.contiguous(), *params, mode=spec.rounding, fake=fake, count=count)
+        start = None if key is None else torch.tensor([stream_start(key, offset)])
+        res = _fused.run(x3.contiguous(), *params, start, mode=spec.rounding, fake=fake,
+                         count=count)
     if res is None:
         return None
     out, low, high = res

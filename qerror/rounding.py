@@ -249,14 +249,33 @@ def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
+def stream_start(key: int, offset: int = 0) -> int:
+    """The first word of the stochastic hash at flat index ``offset`` for ``key``, as a
+    signed 64-bit integer: index ``offset + i`` hashes ``start + i * golden`` (mod 2**64).
+
+    With :func:`hash_draws` it gives the draws of a part of an array that begins at flat
+    index ``offset``, in code that ``torch.compile`` traces (the start as a tensor, so that
+    a new key needs no new compilation)."""
+    return _signed64((offset * _GOLDEN + key + _GOLDEN) & _MASK64)
+
+
+def hash_draws(like: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The 53-bit integers ``k`` (int64, of ``like``'s shape) of the uniforms ``k / 2**53``
+    drawn for the elements of ``like`` in C order from the stream beginning at ``start``
+    (:func:`stream_start`, an int64 tensor of one element): the bits of the numpy kernel,
+    in two's-complement int64 arithmetic."""
+    z = torch.arange(like.numel(), dtype=torch.int64, device=like.device).view(like.shape)
+    z = z * _signed64(_GOLDEN) + start
+    z = (z ^ _srl(z, 30)) * _signed64(_MIX1)
+    z = (z ^ _srl(z, 27)) * _signed64(_MIX2)
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11)
+
+
 def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """The draws of :func:`_hash_numpy` as floats, in two's-complement int64 arithmetic."""
-    z = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    z.mul_(_signed64(_GOLDEN)).add_(_signed64((key + _GOLDEN) & _MASK64))
-    z = (z ^ _srl(z, 30)).mul_(_signed64(_MIX1))
-    z = (z ^ _srl(z, 27)).mul_(_signed64(_MIX2))
-    z ^= _srl(z, 31)
-    return _srl(z, 11).to(torch.float64).mul_(2.0**-53)
+    """The draws of :func:`_hash_numpy` as floats."""
+    start = torch.tensor(stream_start(key, offset), dtype=torch.int64, device=device)
+    return hash_draws(torch.empty(n, device=device), start).to(torch.float64).mul_(2.0**-53)
 
 
 def _into(result, out):

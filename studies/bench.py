@@ -132,12 +132,11 @@ def bench_fake_quantize(args) -> list[BenchRow]:
                              "qerror", "torch nearest", goal,
                              *paired_ratio(cand, base_c, args.pairs)))
     for mode in RoundingMode:
-        if mode.is_random:
-            continue
         for data, axis, scales_of, what in ((x, None, scale, f"per-tensor, {n}"),
                                             (w, 0, scales_np, f"per-channel, {tuple(w.shape)}")):
             spec = QuantSpec(bits=8, axis=axis, rounding=mode)
-            cand = lambda d=data, spec=spec, sc=scales_of: fake_quantize(d, spec, sc)
+            cand = lambda d=data, spec=spec, sc=scales_of: fake_quantize(d, spec, sc,
+                                                                         generator=args.seed)
             rows.append(make_row("fake_quantize", f"{what} {mode.value} float32",
                                  "fused (qerror._fused)", "block engine (QERROR_FUSED=0)", None,
                                  *paired_ratio(cand, on_block_engine(cand), args.pairs),

@@ -110,17 +110,102 @@ def test_eager_rule_equals_the_compiled_one(mode):
             assert torch.equal(a, b)
 
 
-def test_small_stochastic_reciprocal_and_float64_inputs_take_the_block_engine(fused_calls):
+def test_small_reciprocal_and_float64_inputs_take_the_block_engine(fused_calls):
     from qerror import ScaleArithmetic
     big = np.linspace(-3, 3, _fused.MIN_ELEMENTS, dtype=np.float32)
     quantize(big[:100], QuantSpec(), 0.1)
-    quantize(big, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=0)
+    quantize(big[:100], QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=0)
     quantize(big, QuantSpec(arithmetic=ScaleArithmetic.RECIPROCAL), 0.1)
     quantize(big.astype(np.float64), QuantSpec(), 0.1)
     quantize(torch.from_numpy(big).half(), QuantSpec(), 0.1)
     assert fused_calls == []
     quantize(big, QuantSpec(), 0.1)
-    assert len(fused_calls) == 1
+    quantize(big, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=0)
+    assert len(fused_calls) == 2
+
+
+STOCHASTIC = RoundingMode.STOCHASTIC
+
+
+@pytest.mark.parametrize("scale, zero_point", [(0.1, 0), (0.0371, 3), (0.37, -5), (1e35, 0),
+                                               (3e-30, 0)])
+def test_fused_stochastic_draws_are_the_block_engines(scale, zero_point, fused_calls,
+                                                      monkeypatch):
+    """STOCHASTIC on the fused path: every code, fake value and saturation count equal the
+    block engine's for the same key and offset (the same hash of the same flat index, the
+    same comparison with the same quotient's fraction, levels fl(k s) given code k), on and
+    beside every boundary and past the range's ends, for an integer seed, a generator (drawn
+    from once per call), and parts of a larger array (offsets)."""
+    spec = QuantSpec(bits=8, symmetric=zero_point == 0, rounding=STOCHASTIC)
+    base = boundary_values(scale, np.float32)
+    base = np.concatenate([base[np.isfinite(base)], np.float32([3e38, -3e38, -0.0])])
+    rng = np.random.default_rng(5)
+    # between the boundaries too: fractions of every size, so both draws' outcomes occur
+    between = (rng.uniform(-140, 140, 4000) * np.float64(scale)).astype(np.float32)
+    x = np.concatenate([tiled(base, 3 * _fused.MIN_ELEMENTS), between])
+    t = torch.from_numpy(x)
+    for gen, offset in ((7, 0), (7, 12345), (np.random.default_rng(1), 0)):
+        kw = {"generator": gen, "offset": offset}
+        ref_gen = np.random.default_rng(1) if isinstance(gen, np.random.Generator) else gen
+        ref_kw = {"generator": ref_gen, "offset": offset}
+        q = quantize(x, spec, scale, zero_point, **kw)
+        ref = engine(lambda: quantize(x, spec, scale, zero_point, **ref_kw), monkeypatch)
+        np.testing.assert_array_equal(q, ref)
+        if isinstance(gen, np.random.Generator):
+            continue
+        fq, sat = fake_quantize(t, spec, scale, zero_point, return_saturation=True, **kw)
+        ref_fq, ref_sat = engine(lambda: fake_quantize(t, spec, scale, zero_point,
+                                                       return_saturation=True, **ref_kw),
+                                 monkeypatch)
+        assert torch.equal(fq, ref_fq)
+        assert (int(sat.low), int(sat.high)) == (int(ref_sat.low), int(ref_sat.high))
+    assert fused_calls == [STOCHASTIC] * 5
+    # a level fl(k s) is code k; a draw decides the rest, both ways
+    levels = (np.arange(-50, 50) * np.float32(scale)).astype(np.float32)
+    on = quantize(tiled(levels), spec, scale, zero_point, generator=3)[:levels.size]
+    expected = [exact_code(v, scale, zero_point, STOCHASTIC, spec.qmin, spec.qmax, np.float32)
+                for v in levels]
+    np.testing.assert_array_equal(on, expected)
+    if scale < 1:
+        q = quantize(x, spec, scale, zero_point, generator=7)[-between.size:]
+        lower = np.floor(between.astype(np.float64) / np.float32(scale)) + zero_point
+        inside = (lower > spec.qmin) & (lower + 1 < spec.qmax)
+        ups = q[inside] - lower[inside]
+        assert set(np.unique(ups)) == {0, 1}
+
+
+def test_fused_stochastic_per_channel_and_parts_equal_the_block_engine(fused_calls,
+                                                                      monkeypatch):
+    """Per-channel scales and zero points (channel axis in the middle); the draws of a batch
+    quantized in two parts (each with its offset) equal the whole batch's."""
+    scales = np.float32([0.1, 0.0371, 0.37, 0.25, 1.7, 3e-3])
+    zps = np.array([0, 3, -5, 7, 100, -128])
+    spec = QuantSpec(bits=8, symmetric=False, axis=1, rounding=STOCHASTIC)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 6, 40, 40, generator=gen) * torch.from_numpy(scales)[:, None, None]
+         * 60)
+    for fn in (quantize, fake_quantize):
+        got = fn(x, spec, scales, zps, generator=11)
+        ref = engine(lambda: fn(x, spec, scales, zps, generator=11), monkeypatch)
+        assert torch.equal(got, ref)
+        half = x[:4].numel()
+        parts = torch.cat([fn(x[:4], spec, scales, zps, generator=11),
+                           fn(x[4:], spec, scales, zps, generator=11, offset=half)])
+        assert torch.equal(parts, got)
+    assert fused_calls == [STOCHASTIC] * 6
+
+
+def test_eager_stochastic_rule_equals_the_compiled_one():
+    from qerror.rounding import stream_start
+    x = torch.from_numpy(tiled(boundary_values(0.0371, np.float32))).reshape(1, 1, -1)
+    params = [torch.full((1, 1, 1), v, dtype=torch.float32)
+              for v in (np.float32(0.0371), 3.0, -128.0 - 3.0, 127.0 - 3.0)]
+    start = torch.tensor([stream_start(2**63 + 12345, 999)])
+    for fake in (True, False):
+        eager = _fused.codes(x, *params, start, mode=STOCHASTIC, fake=fake)
+        compiled = _fused.run(x, *params, start, mode=STOCHASTIC, fake=fake)
+        for a, b in zip(eager, compiled):
+            assert torch.equal(a, b)
 
 
 def fresh_state(monkeypatch):
