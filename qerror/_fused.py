@@ -67,7 +67,9 @@ def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count:
     stream at ``x``'s first element (:func:`qerror.rounding.stream_start`). Returns the
     fake-quantized values (float32) or the integer codes with the zero point added (int32),
     and, if ``count``, the per-channel counts of codes below and above the range before the
-    clamp (int64; else None).
+    clamp (int64; else None), and the per-channel counts of non-finite values in ``x``
+    (int64): the caller's finiteness check, made in the same loop (where it is not 0 the
+    other outputs are meaningless).
     """
     rule = mode.boundary
     v = torch.clamp(x / s, lo - 2.0, hi + 2.0)
@@ -88,9 +90,10 @@ def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count:
     low = high = None
     if count:
         low, high = (code < lo).sum(dim=(0, 2)), (code > hi).sum(dim=(0, 2))
+    bad = torch.isfinite(x).logical_not().sum(dim=(0, 2))
     code = torch.clamp(code, lo, hi)
     out = code * s if fake else (code + z).to(torch.int32)
-    return out, low, high
+    return out, low, high, bad
 
 
 def enabled() -> bool:

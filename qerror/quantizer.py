@@ -372,12 +372,15 @@ def _check_offset(offset) -> int:
 
 
 def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offset: int = 0,
-         finite_checked: bool = False):
+         finite_checked: bool = False, unchecked=None):
     """Shared engine of :func:`quantize` and :func:`fake_quantize`.
 
     Returns the codes (int32) or the fake-quantized values (input dtype) and, if
     ``count``, the :class:`Saturation`. ``finite_checked``: ``x`` is a view of data already
-    found finite (a layout's call on its C-ordered view), not scanned again.
+    found finite (a layout's call on its C-ordered view), not scanned again. Data that
+    takes the fused path is not scanned first: the fused loop counts its non-finite values,
+    and where there are any, :func:`check_finite` raises on ``unchecked``, the input as the
+    caller gave it (a layout's call passes it on), so the error names the caller's indices.
     """
     check_float_array(x, "x")  # before x.ndim: a list must get a TypeError, not AttributeError
     offset = _check_offset(offset)
@@ -396,22 +399,33 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
         c_strides = _c_strides(x.shape)
         if x.stride() != c_strides:
             # another layout: every argument checked here, on the input as given (errors
-            # name its axes and indices), then quantized through its C-ordered view
-            _prepare(x, spec, scale, zero_point, generator, draw_key=False)
-            finite_checked = True
+            # name its axes and indices), then quantized through its C-ordered view; the
+            # fused path checks finiteness in its loop, and names x's indices if it fails
+            fused = _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)
+            _prepare(x, spec, scale, zero_point, generator, draw_key=False,
+                     finite_checked=fused)
+            finite_checked, unchecked = True, (x if fused else None)
             if x.is_contiguous():
                 # other strides on unit dimensions only (a one-channel image batch in
                 # channels_last): the result gets the input's strides, which tell a
                 # convolution that follows which layout the batch is in
                 res = _run(x.as_strided(x.shape, c_strides), spec, scale, zero_point,
                            generator, fake=fake, count=count, offset=offset,
-                           finite_checked=True)
+                           finite_checked=True, unchecked=unchecked)
                 out = (res[0] if count else res).as_strided(x.shape, x.stride())
                 return (out, res[1]) if count else out
             order = _dense_order(x)
             if order is not None:
                 return _run_in_layout(x, order, spec, scale, zero_point, generator, fake=fake,
-                                      count=count, offset=offset)
+                                      count=count, offset=offset, unchecked=unchecked)
+            if unchecked is not None:  # strided with gaps: a copy goes to the engine
+                check_finite(unchecked, "x")
+                unchecked = None
+    fused = isinstance(spec, QuantSpec) and not (
+        isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()) and \
+        _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)
+    if fused and not finite_checked:
+        finite_checked, unchecked = True, x
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
                                finite_checked=finite_checked)
     torch_in = isinstance(x, torch.Tensor)
@@ -424,14 +438,18 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
         np.prod(shape, dtype=np.int64))
     s3 = s.reshape(1, channels, 1)
     z3 = z.reshape(1, channels, 1)
-    if _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT):
+    if fused:
         res = _run_fused(x, spec, s3, z3, (outer, channels, inner), fake, count, key, offset)
         if res is not None:
-            out, low, high = res
+            out, low, high, bad = res
+            if bad and unchecked is not None:
+                check_finite(unchecked, "x")  # raises, naming the first non-finite value
             out = out.reshape(shape)
             if not count:
                 return out
             return out, _saturation_result(low, high, outer * inner, axis)
+    if unchecked is not None:  # the block engine: scanned before it runs
+        check_finite(unchecked, "x")
     on_cpu = not torch_in or x.device.type == "cpu"
     if torch_in:
         x3 = x.detach().contiguous().view(outer, channels, inner)
@@ -517,7 +535,8 @@ def _c_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count, offset):
+def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count, offset,
+                   unchecked=None):
     """:func:`_run` on a tensor stored densely in another order than C's (channels_last, a
     transpose): the result in the input's layout, so that a convolution that follows runs on
     the layout it was given. A deterministic code depends on its element and its channel
@@ -527,12 +546,13 @@ def _run_in_layout(x, order, spec, scale, zero_point, generator, *, fake, count,
     if not spec.rounding.is_random:
         res = _run(x.permute(order), spec.replace(axis=None if spec.axis is None else
                                                   order.index(spec.axis % x.ndim)),
-                   scale, zero_point, None, fake=fake, count=count, finite_checked=True)
+                   scale, zero_point, None, fake=fake, count=count, finite_checked=True,
+                   unchecked=unchecked)
         back = tuple(int(d) for d in np.argsort(order))
         out = (res[0] if count else res).permute(back)
     else:
         res = _run(x.contiguous(), spec, scale, zero_point, generator, fake=fake, count=count,
-                   offset=offset, finite_checked=True)
+                   offset=offset, finite_checked=True, unchecked=unchecked)
         c = res[0] if count else res
         out = torch.empty_like(x, dtype=c.dtype).copy_(c)
     return (out, res[1]) if count else out
@@ -550,8 +570,9 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
                count: bool, key: int | None = None, offset: int = 0):
     """:func:`qerror._fused.run` on ``x`` viewed as ``dims`` (outer, channels, inner):
     the output in ``x``'s kind (numpy or tensor) and, if ``count``, the per-channel
-    saturation counts; None where the fused path is unavailable. ``key`` and ``offset``:
-    STOCHASTIC's hash key and the flat index of ``x``'s first element."""
+    saturation counts, and the number of non-finite values in ``x``; None where the fused
+    path is unavailable. ``key`` and ``offset``: STOCHASTIC's hash key and the flat index of
+    ``x``'s first element."""
     torch_in = isinstance(x, torch.Tensor)
     if torch_in:
         x3 = x.detach().reshape(dims)
@@ -572,10 +593,10 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
                          count=count)
     if res is None:
         return None
-    out, low, high = res
+    out, low, high, bad = res
     if count:
         low, high = low.numpy().astype(np.int64), high.numpy().astype(np.int64)
-    return (out if torch_in else out.numpy()), low, high
+    return (out if torch_in else out.numpy()), low, high, int(bad.sum())
 
 
 _POOL: ThreadPoolExecutor | None = None

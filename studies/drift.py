@@ -89,6 +89,7 @@ from qerror.nn import (
     check_model,
     empirical_bias_correction,
     layer_geometry,
+    local_error_means,
     measure,
     measure_many,
     model_device,
@@ -464,8 +465,10 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
     """Measure BN re-estimation and both bias corrections; predicted vs measured drift.
 
     The remedies are fitted on the calibration images by rank 0 and broadcast; every rank
-    measures them on its share of the test batches. Rank 0 gets the prediction rows, the
-    other ranks an empty frame.
+    measures them on its share of the test batches, the three remedied networks in one
+    K-way batch (:func:`qerror.nn.measure_many`: each result is what :func:`qerror.nn.measure`
+    gives it, up to float rounding). Rank 0 gets the prediction rows, the other ranks an
+    empty frame.
     """
     device = next(model.parameters()).device
     main = parallel.world()[0] == 0
@@ -485,10 +488,14 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
         }
         fitted = fixes, preds
     fixes, preds = parallel.broadcast_object(fitted, map_location=device)
-    results = [(name, measure(model, data.test, cfg, act_qparams, weights=weights,
-                              local_samples=0, first_batch=data.first_batch,
-                              across_ranks=True, **kw))
-               for name, kw in fixes.items()]
+    # the three remedied networks in one K-way batch: one float chunk serves them all
+    names = list(fixes)
+    measured = measure_many(model, data.test, [cfg] * len(names), act_qparams,
+                            weights=[weights] * len(names),
+                            corrections=[fixes[n].get("corrections") for n in names],
+                            bn_stats=[fixes[n].get("bn_stats") for n in names],
+                            local_samples=0, first_batch=data.first_batch, across_ranks=True)
+    results = list(zip(names, measured))
     rows = []
     if not main:
         return results, pd.DataFrame()
@@ -739,12 +746,14 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
     calibration pass with every image's local error (timed on up to 64 images of the first
-    batch), a BatchNorm re-estimation pass (a plain forward) and three instrumented passes
-    over the test images; ``headline``, the float forward and the four modes over the
-    headline images; ``curve`` (rank 0), a float forward and per remedy configuration an
-    unremedied plain forward over the curve's test images and, at each calibration size,
-    both remedies' fits and two plain forwards. ``estimated_s`` is the instrumented passes alone
-    (configurations and the remedies' three), ``estimated_total_s`` the sum of the phases.
+    batch), a BatchNorm re-estimation pass (a plain forward) and a K-way instrumented pass of
+    the three remedied networks over the test images; ``headline``, the float forward and
+    the four modes over the headline images; ``curve`` (rank 0), a float forward and per
+    remedy configuration an unremedied plain forward over the curve's test images and, at
+    each calibration size, both remedies' fits (the bias correction's timed on up to 64
+    images: :func:`qerror.nn.local_error_means`) and two plain forwards. ``estimated_s`` is
+    the instrumented passes alone (configurations and the remedies'), ``estimated_total_s``
+    the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
     statements), the pilot, these probes, the INT8 cross-check and the outputs; the
     whole-run bar's ETA absorbs them as the phases end.
@@ -801,12 +810,17 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     n_remedy = len(remedy_configs)
     inst_r, fwd_r = probes[remedy_configs[0].target] if remedy_configs else (0.0, 0.0)
     few_x, few_y = x[:64], y[:64]  # the shorter probes' images
-    fit_r = 0.0  # a calibration image of a fit: every layer's local error measured on it
+    # a calibration image of the remedies' fit (an instrumented pass measuring every image's
+    # local error) and of the curve's (each layer's local error beside the float forward)
+    calib_r = fit_r = 0.0
     if remedy_configs:
         cfg = remedy_configs[0]
-        fit_r = timed(lambda: measure(model, [(few_x, few_y)], cfg, act_qp[_bits(cfg)],
-                                      weights=weights_of(cfg), local_samples=len(few_y))
-                      ) / len(few_y)
+        qp, w = act_qp[_bits(cfg)], weights_of(cfg)
+        calib_r = timed(lambda: measure(model, [(few_x, few_y)], cfg, qp, weights=w,
+                                        local_samples=len(few_y))) / len(few_y)
+        if data.curve_calib:
+            fit_r = timed(lambda: local_error_means(model, [(few_x, few_y)], cfg, qp,
+                                                    weights=w)) / len(few_y)
     calib = sum(len(b[1]) for b in data.calib)
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
@@ -819,9 +833,12 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
             fwd_head += plain_s(cfg, few_x, weights_of(cfg))
     elif head:  # ranges of another width stand in (the headline calibrates its own)
         fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
+    # the three remedied networks' K-way pass: three measures less the two float chunks they
+    # share (a plain forward stands in for a float chunk), as for the configurations above
+    remedy_kway = max(3 * inst_r - 2 * fwd_r, 3 * fwd_r)
     phases = {
         "instrumented": len(configs) * share / kway_rate,
-        "remedies": n_remedy * (calib * (fit_r + fwd_r) + 3 * share * inst_r),
+        "remedies": n_remedy * (calib * (calib_r + fwd_r) + share * remedy_kway),
         "headline": head * (fwd_float + fwd_head),
         "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_float
                   + n_remedy * sum(n * (fit_r + fwd_r) + 2 * curve_test * fwd_r
@@ -839,7 +856,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
             "plain_images_per_s": len(rates) / sum(p[1] for p in rates) if rates else math.nan,
             "images": images, "configurations": len(configs),
             "remedy_configurations": n_remedy, "passes": passes,
-            "estimated_s": phases["instrumented"] + 3 * n_remedy * share * inst_r,
+            "estimated_s": phases["instrumented"] + n_remedy * share * remedy_kway,
             **{f"estimated_{k}_s": v for k, v in phases.items()},
             "estimated_total_s": sum(phases.values())}
 

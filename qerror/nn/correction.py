@@ -49,7 +49,7 @@ from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
     QuantizedWeights,
-    measure,
+    local_error_means,
     quantize_weights,
     quantized_forward,
 )
@@ -179,13 +179,16 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
     """Minus the measured mean local error of each layer on calibration ``batches``.
 
     Each layer's local error (its quantized version minus its float version, both fed the
-    float input) is averaged over every image and position of the calibration set; the
-    corrections are independent of each other. Pass a ``calibration`` result measured
-    with ``local_samples`` at least the batch size to reuse it instead of a new pass.
+    float input) is averaged over every image and position of the calibration set
+    (:func:`qerror.nn.propagate.local_error_means`: the float forward alone, each layer's
+    quantized version beside it); the corrections are independent of each other. Pass a
+    ``calibration`` result of :func:`qerror.nn.propagate.measure` with ``local_samples`` at
+    least the batch size to reuse it instead of a new pass (the same means, up to float
+    rounding).
     """
     if calibration is None:
-        calibration = measure(model, batches, config, act_qparams, weights=weights,
-                              local_samples=1 << 30, progress=progress)
+        return bias_correction(local_error_means(model, batches, config, act_qparams,
+                                                 weights=weights, progress=progress))
     for s in calibration.layers():
         if s.local_drift_channel is None:
             raise ValueError(f"the calibration result has no local error for {s.name!r}")

@@ -434,3 +434,34 @@ def test_code_compiled_for_another_instruction_set_is_not_reused(tmp_path):
         assert last.endswith("READY 20 BAD []"), (capability, last)  # every kernel compiled
         isas.append(last.split(" READY")[0])
     assert isas[0] != isas[1], isas  # two instruction sets, one cache
+
+
+@pytest.mark.parametrize("mode", [RoundingMode.NEAREST_EVEN, RoundingMode.STOCHASTIC])
+def test_non_finite_input_on_the_fused_path_gets_the_engines_error(mode, fused_calls,
+                                                                   monkeypatch):
+    """The fused loop counts non-finite values instead of a scan before it: an input with
+    NaN or ±inf, in C order or another layout, per tensor or per channel, gets the error the
+    block engine gives (count, first value, its index in the input as given), and no
+    result."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 8, 32, 32, generator=gen)
+    cases = []
+    for bad_at, value in (((1, 3, 5, 7), float("nan")), ((3, 7, 31, 0), float("inf")),
+                          ((0, 0, 0, 0), -float("inf"))):
+        x = base.clone()
+        x[bad_at] = value
+        x[2, 1, 0, 0] = float("nan")
+        cases += [x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)]
+    for x in cases:
+        assert x.numel() >= _fused.MIN_ELEMENTS
+        for axis, scale in ((None, 0.05), (1, np.full(8, 0.05))):
+            spec = QuantSpec(bits=8, axis=axis, rounding=mode)
+            for fn in (quantize, fake_quantize):
+                with pytest.raises(ValueError) as engine_err:
+                    engine(lambda: fn(x, spec, scale, generator=1), monkeypatch)
+                before = len(fused_calls)
+                with pytest.raises(ValueError) as fused_err:
+                    fn(x, spec, scale, generator=1)
+                assert len(fused_calls) == before + 1  # the fused loop found it
+                assert str(fused_err.value) == str(engine_err.value)
+                assert "non-finite" in str(fused_err.value)

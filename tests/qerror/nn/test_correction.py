@@ -302,3 +302,53 @@ def test_corrections_must_name_layers_with_one_value_per_output(setup):
                 pass
         with pytest.raises(ValueError, match=match):
             measure(model, calib, cfg, corrections=bad)
+
+
+@pytest.mark.parametrize("mode, target", [(RoundingMode.FLOOR, Target.BOTH),
+                                          (RoundingMode.STOCHASTIC, Target.BOTH),
+                                          (RoundingMode.NEAREST_EVEN, Target.ACTIVATIONS),
+                                          (RoundingMode.TOWARD_ZERO, Target.WEIGHTS)])
+def test_local_error_means_are_measures_local_drift(setup, mode, target):
+    """The float forward with each layer's quantized version beside it gives measure's mean
+    local error per channel: the same draws for stochastic rounding (batches measured in
+    passes of 5 images by measure, whole here; batch indices from first_batch), the same
+    values up to float64 rounding; the model is left as it was."""
+    from qerror.nn import local_error_means
+
+    model, calib, test = setup
+    batches = calib + [x for x, _ in test]
+    cfg = QuantConfig.make(4, mode, target, seed=3)
+    act_qp = calibrate_activations(model, calib, QuantConfig.make(4, mode).activation)
+    w = quantize_weights(model, QuantConfig.make(4, mode).weight, seed=3)
+    got = local_error_means(model, batches, cfg, act_qp, weights=w, first_batch=2)
+    res = measure(model, batches, cfg, act_qp, weights=w, local_samples=1 << 20,
+                  pair_batch=5, first_batch=2)
+    assert list(got) == [s.name for s in res.layers()]
+    for s in res.layers():
+        scale = float(np.abs(s.local_drift_channel).max()) + 1e-300
+        np.testing.assert_allclose(got[s.name], s.local_drift_channel, rtol=0,
+                                   atol=RTOL64 * scale, err_msg=s.name)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    first = local_error_means(model, batches, cfg, act_qp, weights=w)
+    corr = empirical_bias_correction(model, batches, cfg, act_qp, weights=w)
+    assert all(torch.equal(corr[n], -torch.as_tensor(v)) for n, v in first.items())
+    if mode is RoundingMode.STOCHASTIC:  # other batch indices draw other numbers
+        assert any(not np.array_equal(first[n], got[n]) for n in got)
+
+
+def test_local_error_means_refuses_bad_input_and_leaves_the_model(setup):
+    from qerror.nn import local_error_means
+
+    model, calib, _ = setup
+    cfg = QuantConfig.make(4, RoundingMode.FLOOR)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with pytest.raises(ValueError, match="no activation qparams"):
+        local_error_means(model, calib, cfg, {})
+    with pytest.raises(ValueError, match="at least one batch"):
+        local_error_means(model, [], cfg, act_qp)
+    with pytest.raises(ValueError, match="first_batch"):
+        local_error_means(model, calib, cfg, act_qp, first_batch=-1)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        local_error_means(model, calib, "floor", act_qp)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not model._forward_hooks and not model._forward_pre_hooks
