@@ -371,7 +371,8 @@ HEADLINE_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingM
 
 
 def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
-                      first_batch: int = 0, weights_of=None) -> pd.DataFrame | None:
+                      first_batch: int = 0, weights_of=None, logits: dict | None = None,
+                      keep: int = 0) -> pd.DataFrame | None:
     """Accuracy of float and of each headline mode (``bits``, weights and activations), on
     the same images, by a plain quantized forward (no instrumentation).
 
@@ -379,20 +380,26 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
     (even) with McNemar's test on the same images. Under torchrun each rank passes its share
     of the batches (``first_batch`` the index of its first) and rank 0 returns the table of
     all of them, the other ranks None. ``weights_of`` (configuration → quantized weights),
-    where given, supplies the weights the run has already quantized.
+    where given, supplies the weights the run has already quantized. ``logits``, a dict,
+    receives the logits (float64, CPU) of this rank's first ``keep`` images with their
+    labels: key "float" and each mode's configuration, value (labels, logits), for a later
+    phase that runs the same networks on those images (the calibration curve).
     """
     device = next(model.parameters()).device
     main = parallel.world()[0] == 0
 
-    def predictions():
-        return torch.cat([model(x.to(device)).argmax(1) for x, _ in batches]
+    def predictions(key):
+        z = [model(x.to(device)) for x, _ in batches]
+        if logits is not None and keep > 0 and z:
+            logits[key] = (labels[:keep].cpu(), torch.cat(z)[:keep].double().cpu())
+        return torch.cat([t.argmax(1) for t in z]
                          + [torch.empty(0, dtype=torch.long, device=device)])
 
     with torch.inference_mode():
         labels = torch.cat([y for _, y in batches] + [torch.empty(0, dtype=torch.long)])
         labels = labels.to(device)
         with memory_format(model, forward_layout()):
-            right = {"float": predictions() == labels}
+            right = {"float": predictions("float") == labels}
         for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode",
                          disable=not main):
             cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
@@ -400,7 +407,7 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
             with memory_format(model, forward_layout(mode)), \
                     quantized_forward(model, cfg, act_qparams, weights=weights) as inst:
                 inst.batch_index = first_batch
-                pred = predictions()
+                pred = predictions(cfg)
             right[mode.value] = pred == labels
     shares = parallel.gather_objects({k: v.cpu() for k, v in right.items()})
     if not main:
@@ -565,7 +572,7 @@ def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: i
 
 
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
-                      batch: int) -> pd.DataFrame:
+                      batch: int, known: dict | None = None) -> pd.DataFrame:
     """Accuracy after BN re-estimation and after empirical bias correction fitted on the
     first ``n`` calibration images, for each ``n`` in ``sizes``, on the ``test`` batches by a
     plain quantized forward (no instrumentation).
@@ -577,6 +584,11 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     ``Σ z_f²`` and ``Σ (z_q − z_f)²`` in float64, as :class:`qerror.nn.LogitResult` has
     it). A remedy's own sampling noise shows as the spread of its figures across ``n``;
     where quantization costs little accuracy (eight bits) it shows in the SQNR.
+
+    ``known`` (:func:`headline_accuracy`'s ``logits``: "float" or a configuration → labels
+    and logits of the first images of the same split) stands in for the float network's
+    forward and for a configuration's unremedied one where it covers every image of
+    ``test`` with the same labels: the same networks on the same images, computed once.
     """
     device = next(model.parameters()).device
 
@@ -585,12 +597,23 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
             z = torch.cat([model(x.to(device)).double().cpu() for x, _ in test])
         return z.argmax(1) == labels, z
 
+    def reused(key):
+        """(right, logits) from ``known`` where it holds every image of ``test``."""
+        got = (known or {}).get(key)
+        if got is None or len(got[0]) < len(labels) or \
+                not torch.equal(got[0][:len(labels)], labels):
+            return None
+        z = got[1][:len(labels)]
+        return z.argmax(1) == labels, z
+
     def logit_sqnr(z):
         return sqnr_db(float((z_float ** 2).sum()), float(((z - z_float) ** 2).sum()))
 
     labels = torch.cat([y for _, y in test])
-    with memory_format(model, forward_layout()):
-        right_float, z_float = forward()
+    right_float, z_float = reused("float") or (None, None)
+    if z_float is None:
+        with memory_format(model, forward_layout()):
+            right_float, z_float = forward()
     n_img = int(right_float.numel())
     rows = []
     work = [(cfg, n) for cfg in cfgs for n in sizes]
@@ -600,6 +623,8 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
         qp, w = act_qparams[cols["bits"]], weights_of(cfg)
         layout = forward_layout(cfg.rounding)  # plain passes; bias correction measures
         if cfg.label not in base:
+            base[cfg.label] = reused(cfg)
+        if base[cfg.label] is None:
             with memory_format(model, layout), quantized_forward(model, cfg, qp, weights=w):
                 base[cfg.label] = forward()
         none, z_none = base[cfg.label]
@@ -836,11 +861,16 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     # the three remedied networks' K-way pass: three measures less the two float chunks they
     # share (a plain forward stands in for a float chunk), as for the configurations above
     remedy_kway = max(3 * inst_r - 2 * fwd_r, 3 * fwd_r)
+    reused = sum(1 for c in remedy_configs if head and _bits(c) == 8
+                 and c.target is Target.BOTH and c.rounding in HEADLINE_MODES)
     phases = {
         "instrumented": len(configs) * share / kway_rate,
         "remedies": n_remedy * (calib * (calib_r + fwd_r) + share * remedy_kway),
         "headline": head * (fwd_float + fwd_head),
-        "curve": (n_remedy * curve_test * fwd_r + curve_test * fwd_float
+        # the headline's forwards stand in for the float and the unremedied forwards of the
+        # configurations it runs (calibration_curve's ``known``)
+        "curve": ((n_remedy - reused) * curve_test * fwd_r
+                  + (0.0 if head else curve_test * fwd_float)
                   + n_remedy * sum(n * (fit_r + fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }
@@ -1491,20 +1521,23 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                 frames.append(res.to_frame().assign(**cols, remedy=name))
     phase_done("remedies")
     headline = None
+    known: dict = {}  # the headline's logits of the curve's images (rank 0's first ones)
     # Known to every rank (a rank's share may be empty), so all of them join or none.
     if data.headline is not None:
         qp8 = act_qp.get(8) or parallel.broadcast_object(
             calibrate_activations(model, data.calib, QuantConfig.make(8).activation)
             if main else None, map_location=place.device)
         headline = headline_accuracy(model, data.headline, qp8, args.seed,
-                                     first_batch=data.headline_first, weights_of=weights_of)
+                                     first_batch=data.headline_first, weights_of=weights_of,
+                                     logits=known, keep=curve_images if data.curve_calib
+                                     else 0)
     phase_done("headline")
     if not main:
         return 0
     curve = None
     if data.curve_calib:  # rank 0 alone, where _main found remedy configurations
         curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
-                                  act_qp, weights_of, curve_sizes, batch)
+                                  act_qp, weights_of, curve_sizes, batch, known=known)
     phase_done("curve")
     run_bar.close()
     sites = pd.concat(frames[:n_base], ignore_index=True)

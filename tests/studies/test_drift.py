@@ -867,6 +867,54 @@ def test_the_headline_with_the_runs_weights_is_the_headline(monkeypatch):
     assert all(w is None for _, w in handed)  # without weights_of each mode quantizes its own
 
 
+def test_the_curve_reuses_the_headlines_forwards_of_its_images(monkeypatch):
+    """The calibration curve takes the float and unremedied logits of its images from the
+    headline's forwards of the same networks (here two fewer quantized forwards) and gives
+    the table it gives computing them; logits of other images are not used."""
+    from qerror import RoundingMode
+    from qerror.nn import QuantConfig, Target, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(2)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(16, 1, 32, 32), torch.arange(16) % 10
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    calib = [(torch.rand(8, 1, 32, 32), torch.arange(8) % 10)]
+    qp = calibrate_activations(model, calib, QuantConfig.make(8).activation)
+    cache = {}
+
+    def weights_of(cfg):
+        if cfg not in cache:
+            cache[cfg] = quantize_weights(model, cfg.weight, seed=cfg.seed)
+        return cache[cfg]
+
+    cfgs = [QuantConfig.make(8, m, Target.BOTH, seed=3)
+            for m in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)]
+    known = {}
+    drift.headline_accuracy(model, batches, qp, 3, weights_of=weights_of, logits=known,
+                            keep=12)
+    assert len(known) == 1 + len(drift.HEADLINE_MODES) and {"float", *cfgs} <= set(known)
+    assert all(len(v[0]) == len(v[1]) == 12 for v in known.values())
+    test = [(x[:6], y[:6]), (x[6:12], y[6:12])]  # the first 12 of the same images
+    calls = []
+    real_qf = drift.quantized_forward
+    monkeypatch.setattr(drift, "quantized_forward",
+                        lambda *a, **k: (calls.append("q"), real_qf(*a, **k))[1])
+    args = (model, calib, test, cfgs, {8: qp}, weights_of, [4, 8], 4)
+    plain = drift.calibration_curve(*args)
+    n_plain = len(calls)
+    calls.clear()
+    reused = drift.calibration_curve(*args, known=known)
+    assert len(calls) == n_plain - 2
+    pd.testing.assert_frame_equal(reused, plain, rtol=1e-12)
+    # logits of other images (labels that differ) are computed again, not reused
+    other = {k: (v[0].roll(1), v[1]) for k, v in known.items()}
+    calls.clear()
+    pd.testing.assert_frame_equal(drift.calibration_curve(*args, known=other), plain,
+                                  rtol=1e-12)
+    assert len(calls) == n_plain
+
+
 def test_kept_means_bytes_counts_what_measure_keeps():
     """The memory check's count equals the bytes of every kept per-image channel mean."""
     from qerror.nn import QuantConfig, calibrate_activations, measure_many
