@@ -382,6 +382,41 @@ def drift_speed_avx2(records) -> str:
         + f" its interval's half-width ({100 * half.loc[moved.idxmax()]:.2f}).")
 
 
+def drift_speed_avx2_next(records) -> str:
+    """The default run after the next round of speed work, on the same AVX2-only machine
+    kind, phase by phase against the run before it; which result files moved."""
+    before = records("drift-avx2-before")
+    old, new = records("drift-avx2-after"), records("drift-avx2-next")
+    _require_no_avx512(new)
+    to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
+    # the instrumented phase's code was the same in the two runs before: their spread
+    spread = abs(_phases(to)["instrumented"]
+                 / _phases(before.csv("timing.csv").iloc[0])["instrumented"] - 1)
+    po, pn = _phases(to), _phases(tn)
+    results, differ = _differing_results(new, old)
+    verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
+    names = {"headline": "headline", "curve": "calibration curve", "remedies": "remedies",
+             "instrumented": "instrumented (with each configuration's analysis)",
+             "pilot": "pilot"}
+    steps = ", ".join(f"{names[p]} {minutes(po[p])} → {minutes(pn[p])}" for p in names)
+    return (
+        "Then stochastic rounding joined the fused quantizer (the same draws, code for code), "
+        "empirical bias correction came from the float forward with each layer's quantized "
+        "version beside it (`qerror.nn.local_error_means`) instead of an instrumented pass, "
+        "the remedies' three networks shared one K-way batch, the calibration curve took its "
+        "float and unremedied logits from the headline's forwards, the fused quantizer "
+        "counted non-finite values in its own loop, and the instrumented pass's small sums "
+        "moved to numpy. "
+        f"The default run at commit {new.commit} ({new.about['machine']}; "
+        f"`{new.about['command']}`) took {minutes(tn.measured_s)} minutes against "
+        f"{minutes(to.measured_s)} at commit {old.commit} ({steps} minutes): {verdict} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal. One run each (a phase whose code had not changed "
+        f"differed by {100 * spread:.0f} % between the two runs before); "
+        f"{len(differ)} of the {len(results)} result files differ "
+        f"({', '.join(differ) if differ else 'none'}): float sums in another order and "
+        "another batch size for the remedies' passes.")
+
+
 def bench_layout_avx2(records) -> str:
     """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
     machine of the drift-speed records."""
@@ -837,6 +872,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time": drift_time,
     "drift-time-avx2": drift_time_avx2,
     "drift-speed-avx2": drift_speed_avx2,
+    "drift-speed-avx2-next": drift_speed_avx2_next,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,

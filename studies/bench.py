@@ -464,8 +464,7 @@ def bench_drift(args) -> list[BenchRow]:
         "drift", f"{arch} 8-bit, {k} modes, batch {n}, 1x32x32: each mode's fake-quantized "
         "forward", "fused exact quantizer", "block engine (QERROR_FUSED=0)", None, *timed,
         note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
-             "image-configurations/s; stochastic rounding stays on the engine in both"
-             + (f"; {off}" if off else ""))]
+             "image-configurations/s" + (f"; {off}" if off else ""))]
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
                              (paired, "paired passes, no statistics", "paired, bare")):
         timed = paired_ratio(instrumented, base, pairs)
