@@ -447,6 +447,60 @@ def bench_layout_avx2(records) -> str:
         f"{many.ratio_median:.2f}× its bare K-way passes (goal {one.goal:g}×).")
 
 
+def _overheads(rec: Record) -> tuple[pd.Series, pd.Series]:
+    """``measure``'s row against its bare paired passes and ``measure_many``'s against its
+    bare K-way passes, from a bench record's drift group."""
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+    one = _bench_row(rec, b, "8-bit toward_zero", "paired passes, no statistics")
+    many = b[b.candidate.str.startswith("measure_many") & b.baseline.str.startswith("the same")]
+    if len(many) != 1:
+        raise RecordError(f"record {rec.name}: expected one measure_many row against its "
+                          "bare passes")
+    return one, many.iloc[0]
+
+
+def bench_drift_avx2_next(records) -> str:
+    """The drift group benched again after this round of speed work, beside the earlier
+    bench on the same kind of machine: the stochastic plain forward (fused now), the
+    instrumentation's overhead (with each ratio's range over the pairs) and peak memory."""
+    old, new = records("bench-drift-avx2"), records("bench-drift-avx2-next")
+    _require_no_avx512(new, "a bench run")
+    rates = []
+    for rec in (old, new):
+        b = rec.csv("bench.csv")
+        row = _bench_row(rec, b[b.group == "drift"], "plain 8-bit stochastic forward",
+                         "contiguous")
+        m = re.match(r"(\d+) vs (\d+) images/s", row.note)
+        if not m:
+            raise RecordError(f"record {rec.name}: the stochastic row's note lacks its "
+                              "images/s")
+        rates.append(int(m.group(2)))  # contiguous: the layout the run uses for it
+    (o1, om), (n1, nm) = _overheads(old), _overheads(new)
+    b = new.csv("bench.csv")
+    mem = b[(b.group == "drift") & b.name.str.contains("peak memory", regex=False)]
+    if len(mem) != 3:
+        raise RecordError(f"record {new.name}: expected three peak-memory rows")
+
+    def span(r):
+        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f} over the pairs)"
+
+    return (
+        f"Benched again after it (`{new.about['command']}`, commit {new.commit}, "
+        f"{new.about['machine']}): the plain 8-bit stochastic forward ran at {rates[1]} "
+        f"images/s against {rates[0]} before (fused now); `measure_many` {span(nm)} its bare "
+        f"K-way passes (before {om.ratio_median:.2f}×), `measure` {span(n1)} its bare paired "
+        f"passes (before {o1.ratio_median:.2f}×): the goal of {n1.goal:g}× is "
+        + ("met by both" if max(n1.ratio_median, nm.ratio_median) <= n1.goal else "not met")
+        + "; `measure`'s figure moved "
+        + ("less" if abs(n1.ratio_median - o1.ratio_median) < n1.ratio_max - n1.ratio_min
+           else "more")
+        + " than its own range over the pairs. Peak memory "
+        + " / ".join(f"{r.ratio_median:.2f}×" for r in mem.itertuples())
+        + " the float forward (default passes / one paired pass / 5-way default; goal "
+        f"{mem.goal.iloc[0]:g}×).")
+
+
 # The drift study's constants that its tail and precision columns are defined by
 # (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
 # without this renderer importing torch).
@@ -873,6 +927,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time-avx2": drift_time_avx2,
     "drift-speed-avx2": drift_speed_avx2,
     "drift-speed-avx2-next": drift_speed_avx2_next,
+    "bench-drift-avx2-next": bench_drift_avx2_next,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
