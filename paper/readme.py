@@ -388,6 +388,9 @@ def drift_speed_avx2_next(records) -> str:
     before = records("drift-avx2-before")
     old, new = records("drift-avx2-after"), records("drift-avx2-next")
     _require_no_avx512(new)
+    if old.manifest["cpu"] != new.manifest["cpu"]:
+        raise RecordError("records drift-avx2-after and drift-avx2-next: not run on one kind "
+                          "of CPU (their manifests' cpu entries differ)")
     to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
     # the instrumented phase's code was the same in the two runs before: their spread
     spread = abs(_phases(to)["instrumented"]
@@ -399,22 +402,27 @@ def drift_speed_avx2_next(records) -> str:
              "instrumented": "instrumented (with each configuration's analysis)",
              "pilot": "pilot"}
     steps = ", ".join(f"{names[p]} {minutes(po[p])} → {minutes(pn[p])}" for p in names)
+    change = {p: pn[p] / po[p] - 1 for p in names}
+    beyond = [p for p in names if abs(change[p]) > spread]
     return (
         "Then stochastic rounding joined the fused quantizer (the same draws, code for code), "
         "empirical bias correction came from the float forward with each layer's quantized "
         "version beside it (`qerror.nn.local_error_means`) instead of an instrumented pass, "
         "the remedies' three networks shared one K-way batch, the calibration curve took its "
         "float and unremedied logits from the headline's forwards, the fused quantizer "
-        "counted non-finite values in its own loop, and the instrumented pass's small sums "
-        "moved to numpy. "
+        "counted non-finite values in its own loop, the instrumented pass's small sums "
+        "moved to numpy, and the growth bootstraps fit all their resamples at once. "
         f"The default run at commit {new.commit} ({new.about['machine']}; "
         f"`{new.about['command']}`) took {minutes(tn.measured_s)} minutes against "
         f"{minutes(to.measured_s)} at commit {old.commit} ({steps} minutes): {verdict} the "
-        f"{DRIFT_MINUTES_GOAL}-minute goal. One run each (a phase whose code had not changed "
-        f"differed by {100 * spread:.0f} % between the two runs before); "
-        f"{len(differ)} of the {len(results)} result files differ "
-        f"({', '.join(differ) if differ else 'none'}): float sums in another order and "
-        "another batch size for the remedies' passes.")
+        f"{DRIFT_MINUTES_GOAL}-minute goal. One run each: a phase whose code had not changed "
+        f"differed by {100 * spread:.0f} % between the two runs before, and "
+        + (f"only the change of the {' and the '.join(names[p] for p in beyond)} ("
+           + ", ".join(f"{100 * change[p]:+.0f} %" for p in beyond) + ") is beyond that"
+           if beyond else "no phase changed by more than that")
+        + f". {len(differ)} of the {len(results)} result files differ "
+        f"({', '.join(differ) if differ else 'none'}): float sums in another order (the "
+        "remedies' passes in another batch size, the bootstraps' fits vectorised).")
 
 
 def bench_layout_avx2(records) -> str:

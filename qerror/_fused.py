@@ -24,14 +24,16 @@ beside every boundary; so do the fake-quantized values as numbers, whose zeros m
 sign (the engine's own zeros take theirs from numpy's rounding and clipping loops).
 
 STOCHASTIC rounding takes the same quotient ``v`` and goes up from ``floor(v)`` where the
-element's draw ``k / 2**53`` (the splitmix64 hash of its flat index, :func:`qerror.rounding.
-hash_draws`, computed in the loop from the stream's start) is below ``v - floor(v)``, compared
-in float64 as the block engine compares them; a stored level ``fl(n s)`` gets code ``n``. Its
-codes are the block engine's bit for bit (the same draws, the same fractions), which the tests
-check with offsets, per channel and past the range's ends. The RECIPROCAL arithmetic, float64
+element's draw ``k / 2**53`` (the splitmix64 hash of its flat index,
+:func:`qerror.rounding.hash_draws`, computed in the loop from the stream's start) is below
+``v - floor(v)``, compared in float64 as the block engine compares them; a stored level
+``fl(n s)`` gets code ``n``. Its codes and fake values are the block engine's bit for bit,
+zeros' signs included (the same draws, the same fractions), which the tests check with
+offsets, per channel and past the range's ends. The RECIPROCAL arithmetic, float64
 and half-precision data, tensors off the CPU, small arrays and forked children stay on the
 block engine. ``QERROR_FUSED=0`` in the environment turns this path off (``studies.bench``
-times the two against each other); a compiler that fails turns it off with one warning, and the block engine gives the same codes.
+times the two against each other); a compiler that fails turns it off with one warning, and
+the block engine gives the same codes.
 Compiled code is cached per instruction set (``_compile_options``) and per thread count.
 """
 
@@ -80,6 +82,8 @@ def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count:
         frac = (v.double() - down.double()) * 2.0**53
         code = down + (hash_draws(x, start).double() < frac).to(v.dtype)
         n = torch.round(v)
+        # as the engine: a zero is no level of its own (its code +0, not round(-0.) = -0.)
+        n = torch.where(x == 0, code, n)
     else:
         n = torch.floor(v) + rule.offset if rule.offset else torch.round(v)
         # the residual itself serves as the sign: the rules only compare it with 0
@@ -152,8 +156,9 @@ def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: b
     which gives the same codes; the compiled function writes only its own outputs).
 
     A call that fails turns off its kernel (the compiler's limit of variants, or a kernel
-    that ran before: a later recompilation failed) or, where a kernel fails the first time
-    for any other reason, the whole fused path. Memory errors are the caller's. Loading
+    that ran before: a later recompilation failed) or, where a deterministic kernel fails the
+    first time for any other reason, the whole fused path (a STOCHASTIC kernel's failure
+    turns off that kernel alone). Memory errors are the caller's. Loading
     compiled code must not switch the thread to flushing subnormals (some compilers'
     fast-math start-up code does): if it did, the flushing is undone and the path turned off.
     """
@@ -181,7 +186,10 @@ def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: b
 
         with _LOCK:
             _FAILED.add(key)
-            if key not in _READY and not isinstance(err, FailOnRecompileLimitHit):
+            # a first failure turns off the whole path, unless it is the stochastic kernel's
+            # (its integer hash is the newest code the compiler meets): that kernel alone
+            if key not in _READY and not isinstance(err, FailOnRecompileLimitHit) and \
+                    not mode.is_random:
                 _BROKEN.append(f"{type(err).__name__}: {err}")
         _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return None

@@ -10,6 +10,7 @@ follows. How a grid's scale and zero point are found from data is
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import warnings
@@ -401,10 +402,10 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             # another layout: every argument checked here, on the input as given (errors
             # name its axes and indices), then quantized through its C-ordered view; the
             # fused path checks finiteness in its loop, and names x's indices if it fails
-            fused = _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)
+            defer = _defer_finite_scan(x, spec, generator)
             _prepare(x, spec, scale, zero_point, generator, draw_key=False,
-                     finite_checked=fused)
-            finite_checked, unchecked = True, (x if fused else None)
+                     finite_checked=defer)
+            finite_checked, unchecked = True, (x if defer else None)
             if x.is_contiguous():
                 # other strides on unit dimensions only (a one-channel image batch in
                 # channels_last): the result gets the input's strides, which tell a
@@ -418,13 +419,11 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             if order is not None:
                 return _run_in_layout(x, order, spec, scale, zero_point, generator, fake=fake,
                                       count=count, offset=offset, unchecked=unchecked)
-            if unchecked is not None:  # strided with gaps: a copy goes to the engine
-                check_finite(unchecked, "x")
-                unchecked = None
+            # strided with gaps: quantized below as a C-ordered copy, x named if it fails
     fused = isinstance(spec, QuantSpec) and not (
         isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()) and \
         _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)
-    if fused and not finite_checked:
+    if fused and not finite_checked and _defer_finite_scan(x, spec, generator):
         finite_checked, unchecked = True, x
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
                                finite_checked=finite_checked)
@@ -515,6 +514,18 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     if not count:
         return out
     return out, _saturation_result(low, high, outer * inner, axis)
+
+
+def _defer_finite_scan(x, spec: QuantSpec, generator) -> bool:
+    """Whether the scan for non-finite values may be left to the fused loop's count: ``x``
+    takes the fused path, and the call draws nothing that a call refused for bad data must
+    leave as it was (deterministic modes, or STOCHASTIC from an integer seed; a generator
+    object is drawn from only after the scan, and a missing one is named after it)."""
+    if not (isinstance(spec, QuantSpec) and _fused.eligible(
+            x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)):
+        return False
+    return not spec.rounding.is_random or (
+        isinstance(generator, numbers.Integral) and not isinstance(generator, (bool, np.bool_)))
 
 
 def fused_path_enabled() -> bool:

@@ -226,7 +226,7 @@ def _hash_numpy(n: int, key: int, offset: int = 0) -> np.ndarray:
     # temporaries for each would double the memory traffic. The first word of index i is
     # i*golden + key + golden (mod 2**64) = (i - offset)*golden + (offset*golden + key +
     # golden): one add to a product table made once, instead of arange, multiply and add.
-    start = (offset * _GOLDEN + key + _GOLDEN) & _MASK64
+    start = stream_start(key, offset) & _MASK64
     if n <= _HASH_TABLE.size:
         z = np.add(_HASH_TABLE[:n], np.uint64(start))
     else:
@@ -275,7 +275,8 @@ def hash_draws(like: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
     """The draws of :func:`_hash_numpy` as floats."""
     start = torch.tensor(stream_start(key, offset), dtype=torch.int64, device=device)
-    return hash_draws(torch.empty(n, device=device), start).to(torch.float64).mul_(2.0**-53)
+    shape_of = torch.empty((), device=device).expand(n)  # n elements, no memory of its own
+    return hash_draws(shape_of, start).to(torch.float64).mul_(2.0**-53)
 
 
 def _into(result, out):

@@ -588,7 +588,10 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     ``known`` (:func:`headline_accuracy`'s ``logits``: "float" or a configuration → labels
     and logits of the first images of the same split) stands in for the float network's
     forward and for a configuration's unremedied one where it covers every image of
-    ``test`` with the same labels: the same networks on the same images, computed once.
+    ``test`` with the same labels: the same networks on the same images, computed once (up
+    to float rounding where the headline's batches cut the images elsewhere). The caller
+    vouches that they are the same images (both the split's first, in order); the labels
+    only catch a mismatch of order or length.
     """
     device = next(model.parameters()).device
 
@@ -861,8 +864,11 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     # the three remedied networks' K-way pass: three measures less the two float chunks they
     # share (a plain forward stands in for a float chunk), as for the configurations above
     remedy_kway = max(3 * inst_r - 2 * fwd_r, 3 * fwd_r)
-    reused = sum(1 for c in remedy_configs if head and _bits(c) == 8
-                 and c.target is Target.BOTH and c.rounding in HEADLINE_MODES)
+    # as calibration_curve decides it: the headline's share holds the curve's images, and a
+    # configuration is one the headline runs
+    covers = bool(head) and head >= sum(len(b[1]) for b in data.curve_test or [])
+    reused = sum(1 for c in remedy_configs if covers and c in {
+        QuantConfig.make(8, m, Target.BOTH, seed=c.seed) for m in HEADLINE_MODES})
     phases = {
         "instrumented": len(configs) * share / kway_rate,
         "remedies": n_remedy * (calib * (calib_r + fwd_r) + share * remedy_kway),
@@ -870,7 +876,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
         # the headline's forwards stand in for the float and the unremedied forwards of the
         # configurations it runs (calibration_curve's ``known``)
         "curve": ((n_remedy - reused) * curve_test * fwd_r
-                  + (0.0 if head else curve_test * fwd_float)
+                  + (0.0 if covers else curve_test * fwd_float)
                   + n_remedy * sum(n * (fit_r + fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }

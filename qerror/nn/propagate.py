@@ -597,7 +597,8 @@ class _Instrument:
                  local_samples: int = 0, collect: bool = True, input_maps: bool = False,
                  local_only: bool = False):
         if not arms or (not paired and len(arms) != 1) or (local_only and paired):
-            raise ValueError("an instrumented pass needs one arm alone, or one or more paired")
+            raise ValueError("an instrumented pass needs one arm alone (local_only: not "
+                             "paired), or one or more paired")
         self.model, self.arms, self.paired = model, arms, paired
         # the float network alone, each layer's local error measured beside it
         self.local_only = local_only
@@ -760,8 +761,9 @@ class _Instrument:
                 arm = self.arms[0]
                 yf = op(x, module.weight, module.bias)
                 xl = self._quantize_input(arm, idx, name, x, None, 1)
+                # the channel means alone are read (local_error_means): no per-image figures
                 arm.site(name, kind).local.add(op(xl, *arm.layer_params(name, module)) - yf,
-                                               per_image=True)
+                                               per_image=False)
                 return yf
             if not self.paired:
                 arm = self.arms[0]

@@ -465,3 +465,90 @@ def test_non_finite_input_on_the_fused_path_gets_the_engines_error(mode, fused_c
                 assert len(fused_calls) == before + 1  # the fused loop found it
                 assert str(fused_err.value) == str(engine_err.value)
                 assert "non-finite" in str(fused_err.value)
+
+
+def test_fused_stochastic_zeros_keep_the_engines_sign(fused_calls, monkeypatch):
+    """-0.0 and +0.0 (and tiny values either side) get the engine's fake values with their
+    signs: a zero is not taken for the level fl(0 s)."""
+    base = np.float32([-0.0, 0.0, -1e-45, 1e-45, -1e-30, 1e-30, 0.05, -0.05])
+    t = torch.from_numpy(tiled(base))
+    for zero_point, sym in ((0, True), (3, False)):
+        spec = QuantSpec(bits=8, symmetric=sym, rounding=STOCHASTIC)
+        got = fake_quantize(t, spec, 0.1, zero_point, generator=4)
+        ref = engine(lambda: fake_quantize(t, spec, 0.1, zero_point, generator=4), monkeypatch)
+        assert torch.equal(got, ref)
+        assert torch.equal(torch.signbit(got), torch.signbit(ref))
+    assert len(fused_calls) == 2
+
+
+def test_a_refused_stochastic_call_draws_nothing_from_a_generator(fused_calls, monkeypatch):
+    """Non-finite data with a generator object: the error comes before the draw (the
+    generator is left as it was), as on the engine; without a generator, the non-finite
+    error comes first, as on the engine."""
+    x = torch.from_numpy(tiled(np.float32([0.1, -0.3, np.nan])))
+    spec = QuantSpec(rounding=STOCHASTIC)
+    for make in (lambda: np.random.default_rng(9), lambda: torch.Generator().manual_seed(9)):
+        gen = make()
+        with pytest.raises(ValueError, match="non-finite"):
+            quantize(x, spec, 0.1, generator=gen)
+        fresh = make()
+        if isinstance(gen, np.random.Generator):
+            assert gen.integers(0, 1 << 62) == fresh.integers(0, 1 << 62)
+        else:
+            assert torch.equal(torch.randint(0, 1 << 62, (1,), generator=gen),
+                               torch.randint(0, 1 << 62, (1,), generator=fresh))
+    with pytest.raises(ValueError) as fused_err:
+        quantize(x, spec, 0.1)
+    with pytest.raises(ValueError) as engine_err:
+        engine(lambda: quantize(x, spec, 0.1), monkeypatch)
+    assert str(fused_err.value) == str(engine_err.value)
+    assert "non-finite" in str(fused_err.value)
+
+
+def test_non_finite_values_in_gapped_one_channel_and_fallback_inputs_are_refused(monkeypatch):
+    """The other ways into the fused path refuse non-finite data with the engine's error:
+    a strided tensor with gaps (quantized as a copy), a one-channel channels_last batch,
+    numpy input, and a fused call that falls back to the engine."""
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(4, 8, 32, 64, generator=gen)
+    wide[1, 2, 3, 10] = float("nan")
+    one = torch.randn(64, 1, 32, 32, generator=gen)
+    one[5, 0, 7, 9] = float("inf")
+    one = one.contiguous(memory_format=torch.channels_last)
+    arr = tiled(np.float32([0.2, np.inf, 0.1]))
+    spec = QuantSpec(rounding=RoundingMode.FLOOR)
+    cases = [wide[:, :, :, ::2], one, arr]
+    for x in cases:
+        with pytest.raises(ValueError) as engine_err:
+            engine(lambda: fake_quantize(x, spec, 0.1), monkeypatch)
+        with pytest.raises(ValueError) as fused_err:
+            fake_quantize(x, spec, 0.1)
+        assert str(fused_err.value) == str(engine_err.value)
+    monkeypatch.setattr(_fused, "run", lambda *a, **k: None)  # the compiled path unavailable
+    for x in cases:
+        with pytest.raises(ValueError, match="non-finite"):
+            fake_quantize(x, spec, 0.1)
+
+
+def test_a_failing_stochastic_kernel_turns_off_alone(monkeypatch):
+    """The stochastic kernel's first failure falls back to the engine (same codes, one
+    warning) and leaves the deterministic kernels on."""
+    def picky(fn, **kwargs):
+        if "stochastic" in fn.__code__.co_name:
+            def fail(*a, **k):
+                raise RuntimeError("cannot compile the hash")
+            return fail
+        return torch_compile(fn, **kwargs)
+
+    torch_compile = torch.compile
+    fresh_state(monkeypatch)
+    monkeypatch.setattr(torch, "compile", picky)
+    x = tiled(boundary_values(0.1, np.float32))
+    spec = QuantSpec(rounding=STOCHASTIC)
+    ref = engine(lambda: quantize(x, spec, 0.1, generator=2), monkeypatch)
+    with pytest.warns(RuntimeWarning, match="not used.*cannot compile the hash"):
+        np.testing.assert_array_equal(quantize(x, spec, 0.1, generator=2), ref)
+    assert _fused.enabled()
+    assert [k[0] for k in _fused._FAILED] == [STOCHASTIC]
+    quantize(x, QuantSpec(), 0.1)
+    assert any(k[0] is RoundingMode.NEAREST_EVEN for k in _fused._READY)

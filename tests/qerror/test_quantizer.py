@@ -260,7 +260,7 @@ def _layouts(x: torch.Tensor):
     *[(m, a, (2, 3, 4, 5), torch.float32) for m in RoundingMode for a in (None, 1, 0, -1)],
     (RoundingMode.NEAREST_EVEN, -3, (2, 3, 4, 5), torch.float64),
     (RoundingMode.STOCHASTIC, None, (2, 3, 4, 5), torch.float16),
-    # 16,384 elements or more: the fused path for the deterministic modes
+    # 16,384 elements or more: the fused path
     (RoundingMode.NEAREST_EVEN, None, (8, 16, 16, 16), torch.float32),
     (RoundingMode.FLOOR, 1, (8, 16, 16, 16), torch.float32),
     (RoundingMode.TOWARD_ZERO, 0, (8, 16, 16, 16), torch.float32),
