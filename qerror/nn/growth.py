@@ -272,6 +272,11 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     resample's unbiased channel variances. The variances enter only through their sum over
     channels, ``V = (w · q − N S) / (N − 1)`` with ``q_i = Σ_c a_ic²``, so one (B, N) × (N, C)
     matrix product serves every resample (the per-channel variance would take a second).
+    A layer with more live channels than images takes ``S = wᵀ (a aᵀ) w / N²`` from the
+    images' (N, N) Gram matrix instead, fewer operations for the same sum: measured with
+    N = 500 and B = 1000, 14 against 29 ms at 2048 channels, 12 against 17 at 1024, the two
+    forms 2e-15 apart relative to S. Float counts (``counts`` converted once by the caller)
+    are used without a copy.
     """
     m = np.asarray(means, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
@@ -281,9 +286,12 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     if not live.any():
         return np.full(w.shape[0], math.nan)
     a = m[:, live] / s[live]
-    mu = w @ a
-    mu /= n
-    total = np.einsum("bc,bc->b", mu, mu)  # S
+    if a.shape[1] > n:
+        total = np.einsum("bi,bi->b", w @ (a @ a.T), w) / (n * n)  # S, by the Gram matrix
+    else:
+        mu = w @ a
+        mu /= n
+        total = np.einsum("bc,bc->b", mu, mu)  # S
     spread = (w @ np.einsum("ic,ic->i", a, a) - n * total) / (n - 1)  # V
     return np.sqrt(np.maximum((total - spread / n) / a.shape[1], 0.0))
 
@@ -322,7 +330,8 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
     point = fit_exponent(depth, layer_values)
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    # float once for every layer's products
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
     values = np.stack([debiased_from_counts(v, c, counts) for v, c in zip(per_image, scales)],
                       axis=1)  # (B, L)
     boot = fit_exponents(depth, values)

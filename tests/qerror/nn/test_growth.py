@@ -201,16 +201,20 @@ def test_image_bootstrap_is_reproducible_and_holds_the_point_estimate():
     assert "image bootstrap, N=50" in a.method
 
 
-def test_counts_give_the_statistic_of_the_resampled_rows():
-    """The matrix form equals the statistic on the rows an index resample draws."""
+@pytest.mark.parametrize("channels", [6, 45])
+def test_counts_give_the_statistic_of_the_resampled_rows(channels):
+    """The matrix form equals the statistic on the rows an index resample draws, with fewer
+    channels than images (channel means) and more (the images' Gram matrix)."""
     rng = np.random.default_rng(8)
-    m, s = rng.standard_normal((30, 6)) + 0.5, rng.uniform(0.5, 2.0, 6)
+    m = rng.standard_normal((30, channels)) + 0.5
+    s = rng.uniform(0.5, 2.0, channels)
     s[2] = 0.0  # a dead channel is left out by both
     idx = rng.integers(0, 30, (20, 30))
     counts = np.stack([np.bincount(i, minlength=30) for i in idx])
     fast = debiased_from_counts(m, s, counts)
     slow = [channel_rms_debiased(m[i], s) for i in idx]
     np.testing.assert_allclose(fast, slow, rtol=RTOL64)
+    np.testing.assert_array_equal(debiased_from_counts(m, s, counts.astype(np.float64)), fast)
 
 
 def test_counts_on_noise_alone_agree_to_rounding_of_the_terms():
