@@ -392,10 +392,10 @@ def drift_speed_avx2_next(records) -> str:
         raise RecordError("records drift-avx2-after and drift-avx2-next: not run on one kind "
                           "of CPU (their manifests' cpu entries differ)")
     to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
-    # the instrumented phase's code was the same in the two runs before: their spread
-    spread = abs(_phases(to)["instrumented"]
-                 / _phases(before.csv("timing.csv").iloc[0])["instrumented"] - 1)
     po, pn = _phases(to), _phases(tn)
+    # the instrumented phase's code was the same in the two runs before: their spread
+    spread = abs(po["instrumented"] / _phases(before.csv("timing.csv").iloc[0])["instrumented"]
+                 - 1)
     results, differ = _differing_results(new, old)
     verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
     names = {"headline": "headline", "curve": "calibration curve", "remedies": "remedies",
@@ -425,34 +425,15 @@ def drift_speed_avx2_next(records) -> str:
         "remedies' passes in another batch size, the bootstraps' fits vectorised).")
 
 
-def bench_layout_avx2(records) -> str:
-    """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
-    machine of the drift-speed records."""
-    rec = records("bench-drift-avx2")
-    _require_no_avx512(rec, "a bench run")
+def _layout_row(rec: Record, what: str) -> tuple[pd.Series, re.Match]:
+    """A bench record's plain ``what`` forward, channels_last against contiguous, and the
+    match of its note's "channels_last vs contiguous images/s"."""
     b = rec.csv("bench.csv")
-    b = b[b.group == "drift"]
-    plain = [_bench_row(rec, b, f"plain {what} forward", "contiguous") for what in
-             ("float", "8-bit toward_zero", "8-bit stochastic")]
-    rates = [re.match(r"(\d+) vs (\d+) images/s", r.note) for r in plain]
-    if not all(rates):
-        raise RecordError("record bench-drift-avx2: a layout row's note lacks its images/s")
-    one = _bench_row(rec, b, "8-bit toward_zero", "paired passes, no statistics")
-    many = b[b.candidate.str.startswith("measure_many") & b.baseline.str.startswith("the same")]
-    if len(many) != 1:
-        raise RecordError("record bench-drift-avx2: expected one measure_many row against its "
-                          "bare passes")
-    many = many.iloc[0]
-    words = ("float", "8-bit truncation", "8-bit stochastic rounding")
-    return (
-        f"The layouts, benched on that machine (`{rec.about['command']}`, commit "
-        f"{rec.commit}, ResNet50, batch 256, alternating paired timings): the plain forward "
-        "ran channels_last against contiguous at "
-        + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
-                    f"{r.ratio_median:.3f})" for w, r, m in zip(words, plain, rates))
-        + ". The instrumentation's overhead there: `measure` "
-        f"{one.ratio_median:.2f}× its bare paired passes and `measure_many` "
-        f"{many.ratio_median:.2f}× its bare K-way passes (goal {one.goal:g}×).")
+    row = _bench_row(rec, b[b.group == "drift"], f"plain {what} forward", "contiguous")
+    rates = re.match(r"(\d+) vs (\d+) images/s", row.note)
+    if not rates:
+        raise RecordError(f"record {rec.name}: a layout row's note lacks its images/s")
+    return row, rates
 
 
 def _overheads(rec: Record) -> tuple[pd.Series, pd.Series]:
@@ -468,22 +449,34 @@ def _overheads(rec: Record) -> tuple[pd.Series, pd.Series]:
     return one, many.iloc[0]
 
 
+def bench_layout_avx2(records) -> str:
+    """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
+    machine of the drift-speed records."""
+    rec = records("bench-drift-avx2")
+    _require_no_avx512(rec, "a bench run")
+    plain, rates = zip(*(_layout_row(rec, what) for what in
+                         ("float", "8-bit toward_zero", "8-bit stochastic")))
+    one, many = _overheads(rec)
+    words = ("float", "8-bit truncation", "8-bit stochastic rounding")
+    return (
+        f"The layouts, benched on that machine (`{rec.about['command']}`, commit "
+        f"{rec.commit}, ResNet50, batch 256, alternating paired timings): the plain forward "
+        "ran channels_last against contiguous at "
+        + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
+                    f"{r.ratio_median:.3f})" for w, r, m in zip(words, plain, rates))
+        + ". The instrumentation's overhead there: `measure` "
+        f"{one.ratio_median:.2f}× its bare paired passes and `measure_many` "
+        f"{many.ratio_median:.2f}× its bare K-way passes (goal {one.goal:g}×).")
+
+
 def bench_drift_avx2_next(records) -> str:
     """The drift group benched again after this round of speed work, beside the earlier
     bench on the same kind of machine: the stochastic plain forward (fused now), the
     instrumentation's overhead (with each ratio's range over the pairs) and peak memory."""
     old, new = records("bench-drift-avx2"), records("bench-drift-avx2-next")
     _require_no_avx512(new, "a bench run")
-    rates = []
-    for rec in (old, new):
-        b = rec.csv("bench.csv")
-        row = _bench_row(rec, b[b.group == "drift"], "plain 8-bit stochastic forward",
-                         "contiguous")
-        m = re.match(r"(\d+) vs (\d+) images/s", row.note)
-        if not m:
-            raise RecordError(f"record {rec.name}: the stochastic row's note lacks its "
-                              "images/s")
-        rates.append(int(m.group(2)))  # contiguous: the layout the run uses for it
+    # contiguous: the layout the run uses for stochastic rounding
+    rates = [int(_layout_row(rec, "8-bit stochastic")[1].group(2)) for rec in (old, new)]
     (o1, om), (n1, nm) = _overheads(old), _overheads(new)
     b = new.csv("bench.csv")
     mem = b[(b.group == "drift") & b.name.str.contains("peak memory", regex=False)]

@@ -402,7 +402,8 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             # another layout: every argument checked here, on the input as given (errors
             # name its axes and indices), then quantized through its C-ordered view; the
             # fused path checks finiteness in its loop, and names x's indices if it fails
-            defer = _defer_finite_scan(x, spec, generator)
+            defer = _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT) \
+                and _draws_nothing_first(spec, generator)
             _prepare(x, spec, scale, zero_point, generator, draw_key=False,
                      finite_checked=defer)
             finite_checked, unchecked = True, (x if defer else None)
@@ -423,7 +424,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     fused = isinstance(spec, QuantSpec) and not (
         isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()) and \
         _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)
-    if fused and not finite_checked and _defer_finite_scan(x, spec, generator):
+    if fused and not finite_checked and _draws_nothing_first(spec, generator):
         finite_checked, unchecked = True, x
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
                                finite_checked=finite_checked)
@@ -516,14 +517,11 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     return out, _saturation_result(low, high, outer * inner, axis)
 
 
-def _defer_finite_scan(x, spec: QuantSpec, generator) -> bool:
-    """Whether the scan for non-finite values may be left to the fused loop's count: ``x``
-    takes the fused path, and the call draws nothing that a call refused for bad data must
-    leave as it was (deterministic modes, or STOCHASTIC from an integer seed; a generator
-    object is drawn from only after the scan, and a missing one is named after it)."""
-    if not (isinstance(spec, QuantSpec) and _fused.eligible(
-            x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT)):
-        return False
+def _draws_nothing_first(spec: QuantSpec, generator) -> bool:
+    """Whether a call on the fused path may leave the scan for non-finite values to the
+    fused loop's count: it draws nothing that a call refused for bad data must leave as it
+    was (deterministic modes, or STOCHASTIC from an integer seed; a generator object is
+    drawn from only after the scan, and a missing one is named after it)."""
     return not spec.rounding.is_random or (
         isinstance(generator, numbers.Integral) and not isinstance(generator, (bool, np.bool_)))
 

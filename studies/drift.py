@@ -866,7 +866,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     remedy_kway = max(3 * inst_r - 2 * fwd_r, 3 * fwd_r)
     # as calibration_curve decides it: the headline's share holds the curve's images, and a
     # configuration is one the headline runs
-    covers = bool(head) and head >= sum(len(b[1]) for b in data.curve_test or [])
+    covers = bool(head) and head >= curve_test
     reused = sum(1 for c in remedy_configs if covers and c in {
         QuantConfig.make(8, m, Target.BOTH, seed=c.seed) for m in HEADLINE_MODES})
     phases = {

@@ -1120,6 +1120,11 @@ def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
             yield b, start, x[start:start + size], None if y is None else y[start:start + size]
 
 
+def _check_first_batch(first_batch) -> None:
+    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
+        raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
+
+
 def _per_config(value, count: int, what: str, shared: bool = False) -> list:
     """One ``what`` per configuration: ``value`` is None (none for any), a sequence of one
     per configuration, or (``shared``) one mapping that every configuration uses."""
@@ -1285,8 +1290,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     for c in configs:
         if not isinstance(c, QuantConfig):
             raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
-    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
-        raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
+    _check_first_batch(first_batch)
     if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
         raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
     if isinstance(image_means, bool) or not isinstance(image_means, int) or image_means < 0:
@@ -1412,8 +1416,7 @@ def local_error_means(model: nn.Module, batches: Iterable, config: QuantConfig,
     check_model(model)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
-        raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
+    _check_first_batch(first_batch)
     arm = _Arm(config, act_qparams, _arm_weights(model, [config], [weights])[0], None, None)
     inst = None
     seen = 0

@@ -16,6 +16,7 @@ from qerror.nn import (
     analytic_bias_correction,
     calibrate_activations,
     empirical_bias_correction,
+    local_error_means,
     measure,
     predicted_local_drift,
     quantize_weights,
@@ -313,8 +314,6 @@ def test_local_error_means_are_measures_local_drift(setup, mode, target):
     local error per channel: the same draws for stochastic rounding (batches measured in
     passes of 5 images by measure, whole here; batch indices from first_batch), the same
     values up to float64 rounding; the model is left as it was."""
-    from qerror.nn import local_error_means
-
     model, calib, test = setup
     batches = calib + [x for x, _ in test]
     cfg = QuantConfig.make(4, mode, target, seed=3)
@@ -337,8 +336,6 @@ def test_local_error_means_are_measures_local_drift(setup, mode, target):
 
 
 def test_local_error_means_refuses_bad_input_and_leaves_the_model(setup):
-    from qerror.nn import local_error_means
-
     model, calib, _ = setup
     cfg = QuantConfig.make(4, RoundingMode.FLOOR)
     act_qp = calibrate_activations(model, calib, cfg.activation)
