@@ -48,6 +48,7 @@ from qerror.nn.input_quant import (
     with_input_quantizer,
 )
 from qerror.quantizer import (
+    PreparedQuantizer,
     QParams,
     QuantSpec,
     Saturation,
@@ -135,6 +136,7 @@ __all__ = [
     "paired_accuracy_equivalence",
     "uniformity_test",
     "wilson_ci",
+    "PreparedQuantizer",
     "QParams",
     "QuantSpec",
     "RangeMethod",

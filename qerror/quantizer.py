@@ -10,6 +10,7 @@ follows. How a grid's scale and zero point are found from data is
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import threading
@@ -817,3 +818,140 @@ def fake_quantize(
     """
     return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation,
                 offset=offset)
+
+
+def _snapshot(value) -> np.ndarray:
+    """A read-only copy of a scale or zero point as a numpy array (its dtype kept)."""
+    arr = value.detach().cpu().numpy().copy() if isinstance(value, torch.Tensor) else \
+        np.array(value)
+    arr.setflags(write=False)
+    return arr
+
+
+class PreparedQuantizer:
+    """:func:`quantize` and :func:`fake_quantize` for one spec, scale and zero point, with
+    the checks and conversions of the parameters made once instead of on every call.
+
+    Parameters
+    ----------
+    spec : QuantSpec
+        Grid and rounding.
+    scale, zero_point
+        As for :func:`quantize`. They are copied when the quantizer is made: later changes
+        to the arrays passed do not reach it. They are checked on the first call, against
+        its input's dtype and axis, with the errors :func:`quantize` gives.
+
+    Notes
+    -----
+    A call gives what the module function gives with the same arguments: the same codes or
+    fake-quantized values (zeros' signs included), the same layout, :class:`Saturation` and
+    errors. Float32 CPU tensors that :mod:`qerror._fused` takes (16,384 elements or more,
+    EXACT arithmetic, dense in any order, a deterministic mode or STOCHASTIC from an integer
+    seed) go to the same compiled loop with the scale, zero point and range already as its
+    float32 tensors (made once per channel count); every other input goes through the module
+    function. What this saves is the module function's per-call checking of its arguments,
+    which in a network's forward pass is most of a small activation's quantization time
+    (``studies.bench``, drift group: the fused loop's own time against a whole call).
+    """
+
+    def __init__(self, spec: QuantSpec, scale, zero_point=0):
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.scale = _snapshot(scale)
+        self.zero_point = _snapshot(zero_point)
+        # channel count (None: per tensor) -> the fused loop's scale, zero point and range
+        self._params: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"PreparedQuantizer({self.spec!r}, scale={self.scale!r}, "
+                f"zero_point={self.zero_point!r})")
+
+    def quantize(self, x: ArrayLike, *, generator: Generator | None = None,
+                 return_saturation: bool = False, offset: int = 0):
+        """:func:`quantize` of ``x`` with this spec, scale and zero point."""
+        return self._call(x, generator, fake=False, count=return_saturation, offset=offset)
+
+    def fake_quantize(self, x: ArrayLike, *, generator: Generator | None = None,
+                      return_saturation: bool = False, offset: int = 0):
+        """:func:`fake_quantize` of ``x`` with this spec, scale and zero point."""
+        return self._call(x, generator, fake=True, count=return_saturation, offset=offset)
+
+    def _call(self, x, generator, *, fake: bool, count: bool, offset: int):
+        res = self._fused(x, generator, fake, count, offset)
+        if res is None:
+            return _run(x, self.spec, self.scale, self.zero_point, generator, fake=fake,
+                        count=count, offset=offset)
+        return res
+
+    def _loop_params(self, x, axis):
+        """The fused loop's float32 scale, zero point and code range for ``x`` (checked the
+        first time for its channel count); None where the parameters do not fit ``x``."""
+        channels = None if axis is None else int(x.shape[axis])
+        params = self._params.get(channels)
+        if params is None:
+            try:
+                s, z = _check_params(x, self.spec, self.scale, self.zero_point, axis)
+            except (TypeError, ValueError):
+                return None  # the module function raises it, with its own message
+            c = 1 if channels is None else channels
+            s3, z3 = s.reshape(1, c, 1), z.reshape(1, c, 1)
+            like = torch.empty(0)
+            params = self._params[channels] = (
+                _as_param(s3, like, torch.float32), _as_param(z3, like, torch.float32),
+                *_bounds(self.spec, z3, like, torch.float32))
+        return params
+
+    def _fused(self, x, generator, fake: bool, count: bool, offset: int):
+        """The fused loop's result for ``x``, as :func:`_run` gives it; None where ``x`` or
+        the arguments are not the fused loop's (or it is off): :func:`_run` then decides."""
+        spec = self.spec
+        if not (isinstance(x, torch.Tensor) and x.ndim > 0 and type(offset) is int
+                and 0 <= offset <= _MAX_INDEX - x.numel()
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and _draws_nothing_first(spec, generator)
+                and _fused.eligible(x, spec.rounding,
+                                    spec.arithmetic is ScaleArithmetic.EXACT)):
+            return None
+        if spec.axis is not None and not -x.ndim <= spec.axis < x.ndim:
+            return None
+        random = spec.rounding.is_random
+        order = None
+        if x.stride() != _c_strides(x.shape):
+            if x.is_contiguous():  # other strides on unit dimensions only: _run's case
+                return None
+            order = _dense_order(x)
+            if order is None:  # gaps: quantized as a C-ordered copy by _run
+                return None
+        # As _run_in_layout: a deterministic mode quantizes the memory in the order it
+        # lies; random draws follow the C-order index, so STOCHASTIC takes a C-ordered copy.
+        view = x if order is None else (x.contiguous() if random else x.permute(order))
+        axis = None if spec.axis is None else spec.axis % x.ndim
+        if axis is not None and order is not None and not random:
+            axis = order.index(axis)
+        params = self._loop_params(view, axis)
+        if params is None:
+            return None
+        shape = tuple(view.shape)
+        if axis is None:
+            dims = (1, 1, view.numel())
+        else:
+            dims = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+        start = torch.tensor([stream_start(stochastic_key(generator), offset)]) if random \
+            else None
+        with torch.no_grad():
+            res = _fused.run(view.detach().reshape(dims), *params, start,
+                             mode=spec.rounding, fake=fake, count=count)
+        if res is None:
+            return None
+        out, low, high, bad = res
+        if bool(bad.any()):
+            check_finite(x, "x")  # raises, naming the first non-finite value
+        out = out.reshape(shape)
+        if order is not None:
+            out = torch.empty_like(x, dtype=out.dtype).copy_(out) if random else \
+                out.permute(tuple(int(d) for d in np.argsort(order)))
+        if not count:
+            return out
+        return out, _saturation_result(low.numpy().astype(np.int64),
+                                       high.numpy().astype(np.int64), dims[0] * dims[2], axis)

@@ -69,7 +69,7 @@ from qerror.nn._anatomy import (
 )
 from qerror.nn.bn import BNInconsistency
 from qerror.nn.growth import debiased_rms
-from qerror.quantizer import QParams, QuantSpec, fake_quantize
+from qerror.quantizer import PreparedQuantizer, QParams, QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 
 __all__ = [
@@ -566,6 +566,17 @@ class _Arm:
         self.sites: dict[str, _SiteAcc] = {}
         self.order = 0
         self.last = None  # (tensor, site, this arm's sums) of the last layer's output
+        self._quantizers: dict[str, PreparedQuantizer] = {}
+
+    def quantizer(self, name: str) -> PreparedQuantizer:
+        """The activation quantizer of ``name`` (a layer's input or an output key), its
+        parameters checked once for the pass."""
+        q = self._quantizers.get(name)
+        if q is None:
+            qp = self.act_qparams[name]
+            q = self._quantizers[name] = PreparedQuantizer(self.config.activation, qp.scale,
+                                                           qp.zero_point)
+        return q
 
     def site(self, name: str, kind: str) -> _SiteAcc:
         acc = self.sites.get(name)
@@ -708,9 +719,9 @@ class _Instrument:
             # batch's tensor
             key = _key(arm.config.seed, 2, idx, self.batch_index, stream)
             offset = self.first_image * x[0].numel()
+        quantizer = arm.quantizer(name)
         if acc is None:  # nothing measured here: the quantizer alone, no counting
-            return fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
-                                 offset=offset)
+            return quantizer.fake_quantize(x, generator=key, offset=offset)
         room = acc.err.keep - sum(b.shape[0] for b in acc.beyond)
         if room > 0 and acc.kind in ("conv", "linear"):
             # per kept image: any input that the rounding mode maps beyond the grid's ends
@@ -721,8 +732,8 @@ class _Instrument:
             lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # not aminmax(dim=1): ~20x slower
             acc.beyond.append(((lo < s * (spec.qmin - bounds.negative[1] - z))
                                | (hi > s * (spec.qmax - bounds.positive[0] - z))).cpu())
-        xq, sat = fake_quantize(x, spec, qp.scale, qp.zero_point, generator=key,
-                                return_saturation=True, offset=offset)
+        xq, sat = quantizer.fake_quantize(x, generator=key, return_saturation=True,
+                                          offset=offset)
         acc.sat_low += int(sat.low)
         acc.sat_high += int(sat.high)
         acc.sat_total += int(sat.total)
@@ -1084,7 +1095,7 @@ def _check_corrections(model: nn.Module, corrections) -> None:
 MIN_CHUNK = 32  # images per chunk of a paired pass, at least (see default_pair_batch)
 
 
-def default_pair_batch(images: int, arms: int = 1) -> int:
+def default_pair_batch(images: int, arms: int = 1, min_chunk: int = MIN_CHUNK) -> int:
     """Images per paired pass that :func:`measure` (``arms = 1``) and :func:`measure_many`
     (``arms`` configurations) take from a batch of ``images`` by default.
 
@@ -1099,12 +1110,16 @@ def default_pair_batch(images: int, arms: int = 1) -> int:
     ResNet50 on 200 images, one thread here, took about as long in chunks of 16 as measured
     one by one, and about a fifth less in chunks of 25 to 50 (below 16 images,
     single-threaded PyTorch also runs unstrided 1×1 convolutions on its slow path). A pass
-    of many configurations then holds more images than the batch.
+    of many configurations then holds more images than the batch. ``min_chunk`` replaces
+    the floor of 32 where memory allows larger passes (``studies.drift`` takes 64 for its
+    small images).
     """
     if isinstance(arms, bool) or not isinstance(arms, int) or arms < 1:
         raise ValueError(f"arms must be a number of configurations >= 1, got {arms!r}")
+    if isinstance(min_chunk, bool) or not isinstance(min_chunk, int) or min_chunk < 1:
+        raise ValueError(f"min_chunk must be a number of images >= 1, got {min_chunk!r}")
     images = int(images)
-    size = max(1, -(-images // (arms + 1)), min(images, MIN_CHUNK))
+    size = max(1, -(-images // (arms + 1)), min(images, min_chunk))
     passes = max(1, -(-images // size))
     return max(1, -(-images // passes))
 

@@ -1,0 +1,170 @@
+"""PreparedQuantizer: the module functions' results (values, zeros' signs, layout,
+saturation, errors) with the parameters checked once; which inputs take its own path to the
+fused loop and which go through the module functions."""
+
+import numpy as np
+import pytest
+import torch
+
+from qerror import PreparedQuantizer, QuantSpec, RoundingMode, fake_quantize, quantize
+from qerror import quantizer as quantizer_module
+from tests.qerror.test_fused import fused_calls  # noqa: F401 - a fixture
+from tests.qerror.test_quantizer import boundary_values
+
+MODES = list(RoundingMode)
+
+
+@pytest.fixture
+def module_calls(monkeypatch):
+    """How many calls went through the module functions' engine (``_run``)."""
+    calls = []
+    run = quantizer_module._run
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(quantizer_module, "_run", counted)
+    return calls
+
+
+def activations(scale: float, shape=(4, 6, 33, 33)) -> torch.Tensor:
+    """Values on, beside and between the boundaries of a grid of ``scale``, past both ends
+    of an 8-bit range, zeros of both signs, laid out as an NCHW batch (C-contiguous)."""
+    base = boundary_values(scale, np.float32, count=150)
+    base = np.concatenate([base[np.isfinite(base)], np.float32([0.0, -0.0, 3e38, -3e38])])
+    n = int(np.prod(shape))
+    flat = np.resize(np.random.default_rng(0).permutation(base), n)
+    return torch.from_numpy(flat.reshape(shape))
+
+
+def same(got, want):
+    """Equal values with equal zeros' signs, dtype and strides; equal saturation counts."""
+    if isinstance(want, tuple):
+        (g, gs), (w, ws) = got, want
+        for f in ("low", "high", "total"):
+            np.testing.assert_array_equal(getattr(gs, f), getattr(ws, f))
+        got, want = g, w
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.stride() == want.stride()
+    assert torch.equal(got, want)
+    if got.is_floating_point():
+        assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "transposed": x.transpose(2, 3)}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("axis", [None, 1, -3])
+def test_prepared_calls_equal_the_module_functions(mode, axis, fused_calls, module_calls):
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, axis=axis, rounding=mode)
+    if axis is None:
+        scale, zp = torch.tensor(0.0371), torch.tensor(3)
+    else:
+        scale = torch.tensor([0.0371, 0.1, 0.37, 0.25, 1.7, 3e-3])
+        zp = torch.tensor([3, 0, 5, 7, 100, 128])
+    prepared = PreparedQuantizer(spec, scale, zp)
+    x = activations(0.0371)
+    seed = 12345 if mode.is_random else None
+    for name, xl in layouts(x).items():
+        for offset in (0, 7 * xl.numel() + 3):
+            for count in (False, True):
+                want = fake_quantize(xl, spec, scale, zp, generator=seed, offset=offset,
+                                     return_saturation=count)
+                before = (len(fused_calls), len(module_calls))
+                got = prepared.fake_quantize(xl, generator=seed, offset=offset,
+                                             return_saturation=count)
+                # its own way to the fused loop: one loop call, no module function
+                assert (len(fused_calls), len(module_calls)) == (before[0] + 1, before[1]), name
+                same(got, want)
+            same(prepared.quantize(xl, generator=seed, offset=offset, return_saturation=True),
+                 quantize(xl, spec, scale, zp, generator=seed, offset=offset,
+                          return_saturation=True))
+
+
+@pytest.mark.parametrize("mode", [RoundingMode.TOWARD_ZERO, RoundingMode.STOCHASTIC])
+def test_other_inputs_go_through_the_module_functions(mode, module_calls):
+    spec = QuantSpec(bits=8, signed=True, rounding=mode)
+    prepared = PreparedQuantizer(spec, 0.05)
+    x = activations(0.05)
+    seed = 7 if mode.is_random else None
+    cases = {
+        "small": x[:1, :1, :4],
+        "float64": x.double(),
+        "numpy": x.numpy(),
+        "gapped": x[:, ::2],
+        "one channel, channels_last": x[:, :1].contiguous(memory_format=torch.channels_last),
+        "requires grad": x.clone().requires_grad_(True),
+    }
+    for name, xi in cases.items():
+        before = len(module_calls)
+        got = prepared.fake_quantize(xi, generator=seed, return_saturation=True)
+        assert len(module_calls) > before, name
+        want = fake_quantize(xi, spec, 0.05, generator=seed, return_saturation=True)
+        if isinstance(xi, np.ndarray):
+            np.testing.assert_array_equal(got[0], want[0])
+        else:
+            same((got[0].detach(), got[1]), (want[0].detach(), want[1]))
+    if mode.is_random:  # a generator object: drawn from as the module function draws
+        before = len(module_calls)
+        got = prepared.fake_quantize(x, generator=np.random.default_rng(3))
+        assert len(module_calls) > before
+        same(got, fake_quantize(x, spec, 0.05, generator=np.random.default_rng(3)))
+
+
+def test_scale_and_zero_point_are_read_when_made():
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    scale, zp = torch.tensor(0.02), torch.tensor(3)
+    prepared = PreparedQuantizer(spec, scale, zp)
+    x = activations(0.02).abs()
+    want = fake_quantize(x, spec, 0.02, 3)
+    scale.mul_(2)
+    zp.add_(1)
+    same(prepared.fake_quantize(x), want)
+    assert not prepared.scale.flags.writeable
+
+
+@pytest.mark.parametrize("mode", [RoundingMode.NEAREST_EVEN, RoundingMode.STOCHASTIC])
+def test_non_finite_input_gets_the_module_functions_error(mode):
+    spec = QuantSpec(bits=8, rounding=mode)
+    prepared = PreparedQuantizer(spec, 0.05)
+    x = activations(0.05).contiguous(memory_format=torch.channels_last)
+    x[2, 4, 5, 6] = float("nan")
+    seed = 1 if mode.is_random else None
+    with pytest.raises(ValueError) as want:
+        fake_quantize(x, spec, 0.05, generator=seed)
+    with pytest.raises(ValueError) as got:
+        prepared.fake_quantize(x, generator=seed)
+    assert str(got.value) == str(want.value)
+    assert "index (2, 4, 5, 6)" in str(got.value)
+
+
+@pytest.mark.parametrize("scale, zero_point, match", [
+    (-0.1, 0, "scale must be positive"),
+    (0.1, 300, "zero_point 300 is outside"),
+    (torch.tensor([0.1, 0.2]), 0, "scale has 2 values but the spec is per-tensor"),
+])
+def test_bad_parameters_get_the_module_functions_error_on_every_call(scale, zero_point, match):
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    prepared = PreparedQuantizer(spec, scale, zero_point)
+    x = activations(0.1).abs()
+    for _ in range(2):  # a refusal is not cached as checked
+        with pytest.raises(ValueError, match=match):
+            prepared.fake_quantize(x)
+
+
+def test_per_channel_parameters_must_fit_each_input():
+    spec = QuantSpec(bits=8, axis=1)
+    prepared = PreparedQuantizer(spec, torch.full((6,), 0.1))
+    prepared.fake_quantize(activations(0.1))  # six channels: checked and kept
+    with pytest.raises(ValueError, match="axis 1 of the input has 5 channels"):
+        prepared.fake_quantize(activations(0.1, shape=(4, 5, 33, 33)))
+
+
+def test_spec_must_be_a_quantspec():
+    with pytest.raises(TypeError, match="spec must be a QuantSpec"):
+        PreparedQuantizer("int8", 0.1)
