@@ -499,6 +499,10 @@ def test_measure_many_measures_each_config_as_measure_does(setup):
     assert default_pair_batch(200, 15) == 29 and default_pair_batch(100, 5) == 25
     assert default_pair_batch(16, 5) == 16 and default_pair_batch(10) == 10
     assert [default_pair_batch(n) for n in (31, 32, 33, 40, 63, 100)] == [31, 32, 17, 20, 32, 50]
+    # another floor (studies.drift's 64): 256 images in 16 chunks of 64, 500 in passes of 63
+    assert [default_pair_batch(256, k, min_chunk=64) for k in (1, 5, 15)] == [128, 64, 64]
+    assert default_pair_batch(500, 15, min_chunk=64) == 63
+    assert default_pair_batch(40, 15, min_chunk=64) == 40
     default = measure_many(model, test, [near, trunc], act_qp)
     for cfg, b in zip((near, trunc), default):
         _assert_same_result(measure(model, test, cfg, act_qp, pair_batch=16), b, cfg.label)
@@ -523,6 +527,9 @@ def test_measure_many_refuses_what_it_cannot_pair(setup):
         measure_many(model, test, [cfg, cfg], [act_qp, {}])
     with pytest.raises(ValueError, match="arms must be"):
         default_pair_batch(16, 0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="min_chunk must be"):
+            default_pair_batch(16, 2, min_chunk=bad)
     assert _clean(model)
 
 
