@@ -382,47 +382,72 @@ def drift_speed_avx2(records) -> str:
         + f" its interval's half-width ({100 * half.loc[moved.idxmax()]:.2f}).")
 
 
+_PHASE_NAMES = {"headline": "headline", "curve": "calibration curve", "remedies": "remedies",
+                "instrumented": "instrumented (with each configuration's analysis)",
+                "pilot": "pilot"}
+
+
+def _drift_speed_step(records, before: str, old: str, new: str, what: str, why: str) -> str:
+    """Default run ``new`` against ``old`` on the same AVX2-only CPU kind, phase by phase:
+    which phases changed by more than the spread of the unchanged instrumented phase between
+    ``before`` and ``old``; which result files moved (``why``: in what way)."""
+    o, n = records(old), records(new)
+    _require_no_avx512(n)
+    if o.manifest["cpu"] != n.manifest["cpu"]:
+        raise RecordError(f"records {old} and {new}: not run on one kind of CPU (their "
+                          "manifests' cpu entries differ)")
+    to, tn = o.csv("timing.csv").iloc[0], n.csv("timing.csv").iloc[0]
+    po, pn = _phases(to), _phases(tn)
+    # the instrumented phase's code was the same in the two runs before the first step
+    spread = abs(_phases(records("drift-avx2-after").csv("timing.csv").iloc[0])["instrumented"]
+                 / _phases(records(before).csv("timing.csv").iloc[0])["instrumented"] - 1)
+    results, differ = _differing_results(n, o)
+    verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
+    steps = ", ".join(f"{_PHASE_NAMES[p]} {minutes(po[p])} → {minutes(pn[p])}"
+                      for p in _PHASE_NAMES)
+    change = {p: pn[p] / po[p] - 1 for p in _PHASE_NAMES}
+    beyond = [p for p in _PHASE_NAMES if abs(change[p]) > spread]
+    return (
+        f"{what} The default run at commit {n.commit} ({n.about['machine']}; "
+        f"`{n.about['command']}`) took {minutes(tn.measured_s)} minutes against "
+        f"{minutes(to.measured_s)} at commit {o.commit} ({steps} minutes): {verdict} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal. One run each: a phase whose code had not changed "
+        f"differed by {100 * spread:.0f} % between the two runs before the first of these "
+        "steps, and "
+        + (f"only the change of the {' and the '.join(_PHASE_NAMES[p] for p in beyond)} ("
+           + ", ".join(f"{100 * change[p]:+.0f} %" for p in beyond) + ") is beyond that"
+           if beyond else "no phase changed by more than that")
+        + f". {len(differ)} of the {len(results)} result files differ "
+        f"({', '.join(differ) if differ else 'none'}){why}.")
+
+
 def drift_speed_avx2_next(records) -> str:
     """The default run after the next round of speed work, on the same AVX2-only machine
     kind, phase by phase against the run before it; which result files moved."""
-    before = records("drift-avx2-before")
-    old, new = records("drift-avx2-after"), records("drift-avx2-next")
-    _require_no_avx512(new)
-    if old.manifest["cpu"] != new.manifest["cpu"]:
-        raise RecordError("records drift-avx2-after and drift-avx2-next: not run on one kind "
-                          "of CPU (their manifests' cpu entries differ)")
-    to, tn = old.csv("timing.csv").iloc[0], new.csv("timing.csv").iloc[0]
-    po, pn = _phases(to), _phases(tn)
-    # the instrumented phase's code was the same in the two runs before: their spread
-    spread = abs(po["instrumented"] / _phases(before.csv("timing.csv").iloc[0])["instrumented"]
-                 - 1)
-    results, differ = _differing_results(new, old)
-    verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
-    names = {"headline": "headline", "curve": "calibration curve", "remedies": "remedies",
-             "instrumented": "instrumented (with each configuration's analysis)",
-             "pilot": "pilot"}
-    steps = ", ".join(f"{names[p]} {minutes(po[p])} → {minutes(pn[p])}" for p in names)
-    change = {p: pn[p] / po[p] - 1 for p in names}
-    beyond = [p for p in names if abs(change[p]) > spread]
-    return (
+    return _drift_speed_step(
+        records, "drift-avx2-before", "drift-avx2-after", "drift-avx2-next",
         "Then stochastic rounding joined the fused quantizer (the same draws, code for code), "
         "empirical bias correction came from the float forward with each layer's quantized "
         "version beside it (`qerror.nn.local_error_means`) instead of an instrumented pass, "
         "the remedies' three networks shared one K-way batch, the calibration curve took its "
         "float and unremedied logits from the headline's forwards, the fused quantizer "
         "counted non-finite values in its own loop, the instrumented pass's small sums "
-        "moved to numpy, and the growth bootstraps fit all their resamples at once. "
-        f"The default run at commit {new.commit} ({new.about['machine']}; "
-        f"`{new.about['command']}`) took {minutes(tn.measured_s)} minutes against "
-        f"{minutes(to.measured_s)} at commit {old.commit} ({steps} minutes): {verdict} the "
-        f"{DRIFT_MINUTES_GOAL}-minute goal. One run each: a phase whose code had not changed "
-        f"differed by {100 * spread:.0f} % between the two runs before, and "
-        + (f"only the change of the {' and the '.join(names[p] for p in beyond)} ("
-           + ", ".join(f"{100 * change[p]:+.0f} %" for p in beyond) + ") is beyond that"
-           if beyond else "no phase changed by more than that")
-        + f". {len(differ)} of the {len(results)} result files differ "
-        f"({', '.join(differ) if differ else 'none'}): float sums in another order (the "
-        "remedies' passes in another batch size, the bootstraps' fits vectorised).")
+        "moved to numpy, and the growth bootstraps fit all their resamples at once.",
+        ": float sums in another order (the remedies' passes in another batch size, the "
+        "bootstraps' fits vectorised)")
+
+
+def drift_speed_avx2_prepared(records) -> str:
+    """The default run with prepared activation quantizers and larger K-way chunks, against
+    the run before it on the same machine kind."""
+    return _drift_speed_step(
+        records, "drift-avx2-before", "drift-avx2-next", "drift-avx2-prepared",
+        "Then the instrumented passes quantized each layer's input with a "
+        "`qerror.PreparedQuantizer` (its scale and zero point checked once per pass instead "
+        "of on every call: the bench's row below), and the study's K-way passes took chunks "
+        "of at least 64 images instead of 32 (`studies.drift.KWAY_CHUNK`; the bench's row "
+        "below).",
+        ": float sums in another order (the passes' statistics added in other chunks)")
 
 
 def _layout_row(rec: Record, what: str) -> tuple[pd.Series, re.Match]:
@@ -928,6 +953,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-time-avx2": drift_time_avx2,
     "drift-speed-avx2": drift_speed_avx2,
     "drift-speed-avx2-next": drift_speed_avx2_next,
+    "drift-speed-avx2-prepared": drift_speed_avx2_prepared,
     "bench-drift-avx2-next": bench_drift_avx2_next,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,

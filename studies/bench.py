@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qerror import QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
+from qerror import PreparedQuantizer, QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
 from qerror.quantizer import fused_path_enabled
 from studies._common import (
     REPO,
@@ -487,6 +487,7 @@ def bench_drift(args) -> list[BenchRow]:
             f"measure_many ({k}-way batch, one float chunk)", name, goal, *timed,
             note=f"{k * n / np.median(timed[1]):.0f} image-configurations/s instrumented, "
                  f"{k * n / np.median(timed[2]):.0f} bare"))
+    rows += prepared_rows(model, x, act, cfg, arch, args.seed, args.smoke, pairs)
     rows += plain_layout_rows(model, x, act, [(None, None), (cfg, w)] + [
         (c, cw) for c, cw in zip(configs, weights) if c.rounding.is_random], arch, pairs)
     # Peak memory, each in a fresh process: measure's default (two paired passes of half the
@@ -509,6 +510,77 @@ def bench_drift(args) -> list[BenchRow]:
             note=f"peak resident growth {peak / 2**20:.0f} MiB vs {float_peak / 2**20:.0f} MiB "
                  "(a fresh process each; glibc mmap threshold fixed, malloc_trim, then VmHWM "
                  "after clear_refs)"))
+    return rows
+
+
+def prepared_rows(model, x, act, cfg, arch: str, seed: int, smoke: bool, pairs: int
+                  ) -> list[BenchRow]:
+    """What the drift study's instrumented passes gained: one layer input's activation
+    quantized (with its saturation counts) by a :class:`qerror.PreparedQuantizer` against
+    the module function with the same arguments, on the batch's input of ``layer2``'s first
+    convolution (contiguous, as in those passes), 20 calls a timing; and the study's K-way
+    batch (every mode and target of one width, :func:`qerror.nn.measure_many`) in chunks of
+    at least :data:`studies.drift.KWAY_CHUNK` images against the library's default."""
+    from qerror.nn import (
+        QuantConfig,
+        Target,
+        default_pair_batch,
+        measure_many,
+        quantize_weights,
+    )
+    from studies.drift import DEFAULT_MODES, KWAY_CHUNK
+
+    name = "layer2.0.conv1"
+    layer = dict(model.named_modules())[name]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    a = seen[0].clone()
+    qp = act[name]
+    spec = cfg.activation
+    prepared = PreparedQuantizer(spec, qp.scale, qp.zero_point)
+    calls = 20
+
+    def module_fn():
+        for _ in range(calls):
+            fake_quantize(a, spec, qp.scale, qp.zero_point, return_saturation=True)
+
+    def prepared_fn():
+        for _ in range(calls):
+            prepared.fake_quantize(a, return_saturation=True)
+
+    timed = paired_ratio(prepared_fn, module_fn, max(pairs, 5))
+    rows = [make_row(
+        "drift", f"{arch} 8-bit {cfg.rounding.value} activation {tuple(a.shape)} "
+        f"(input of {name}), with saturation counts", "PreparedQuantizer.fake_quantize",
+        "fake_quantize (same arguments)", None, *timed,
+        note=f"{1e6 * np.median(timed[1]) / calls:.0f} vs {1e6 * np.median(timed[2]) / calls:.0f}"
+             " µs a call")]
+    configs = [QuantConfig.make(8, m, t, seed=seed) for m in DEFAULT_MODES for t in Target]
+    weights = {}
+    for c in configs:
+        if c.weight is not None and c.weight not in weights:
+            weights[c.weight] = quantize_weights(model, c.weight, seed=seed)
+    arm_weights = [weights.get(c.weight) for c in configs]
+    n, k = x.shape[0], len(configs)
+    wide = default_pair_batch(n, k, min_chunk=KWAY_CHUNK)
+    narrow = default_pair_batch(n, k)
+    if smoke or wide == narrow:  # nothing to compare on the smoke batch
+        return rows
+
+    def chunks(size):
+        return lambda: measure_many(model, [(x, None)], configs, act, weights=arm_weights,
+                                    pair_batch=size)
+
+    timed = paired_ratio(chunks(wide), chunks(narrow), min(pairs, 3))
+    rows.append(make_row(
+        "drift", f"{arch} 8-bit, {k} configurations (every mode and target), batch {n}",
+        f"measure_many in chunks of {wide} (studies.drift's KWAY_CHUNK)",
+        f"measure_many in chunks of {narrow} (the library's default)", None, *timed,
+        note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
+             "image-configurations/s"))
     return rows
 
 
