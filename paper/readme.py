@@ -527,6 +527,38 @@ def bench_drift_avx2_next(records) -> str:
         f"{mem.goal.iloc[0]:g}×).")
 
 
+def bench_drift_avx2_prepared(records) -> str:
+    """The drift group benched after the prepared quantizers and the study's larger K-way
+    chunks: their own rows, and the instrumentation's overhead beside the bench before."""
+    old, new = records("bench-drift-avx2-next"), records("bench-drift-avx2-prepared")
+    _require_no_avx512(new, "a bench run")
+    b = new.csv("bench.csv")
+    b = b[b.group == "drift"]
+    prep = _bench_row(new, b, "activation", "fake_quantize (same arguments)")
+    chunk = _one_row(new, b, b.candidate.str.contains("KWAY_CHUNK", regex=False),
+                     "the K-way chunk row")
+    calls = re.match(r"(\d+) vs (\d+) µs a call", prep.note)
+    if not calls:
+        raise RecordError(f"record {new.name}: the PreparedQuantizer row's note lacks its µs")
+    (o1, om), (n1, nm) = _overheads(old), _overheads(new)
+
+    def span(r):
+        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
+
+    return (
+        f"Benched after them (`{new.about['command']}`, commit {new.commit}, same machine "
+        f"kind): a `PreparedQuantizer` call took {span(prep)} the time of `fake_quantize` "
+        f"with the same arguments on {prep['name'].split(' activation ')[1]} "
+        f"({calls.group(1)} against {calls.group(2)} µs a call: what a call saves does not "
+        "grow with its input, so on the K-way passes' chunks of 64 images it is a larger "
+        "share of each call); the study's 15-configuration "
+        f"K-way batch in chunks of 64 took {span(chunk)} the time of chunks of 32. "
+        f"`measure_many` {span(nm)} its bare K-way passes (before {om.ratio_median:.2f}×) and "
+        f"`measure` {span(n1)} its bare paired passes (before {o1.ratio_median:.2f}×): the "
+        f"quantizer's saving is in both sides of these ratios; the goal of {n1.goal:g}× is "
+        + ("met by both." if max(n1.ratio_median, nm.ratio_median) <= n1.goal else "not met."))
+
+
 # The drift study's constants that its tail and precision columns are defined by
 # (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
 # without this renderer importing torch).
@@ -955,6 +987,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-speed-avx2-next": drift_speed_avx2_next,
     "drift-speed-avx2-prepared": drift_speed_avx2_prepared,
     "bench-drift-avx2-next": bench_drift_avx2_next,
+    "bench-drift-avx2-prepared": bench_drift_avx2_prepared,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
