@@ -438,16 +438,24 @@ def drift_speed_avx2_next(records) -> str:
 
 
 def drift_speed_avx2_prepared(records) -> str:
-    """The default run with prepared activation quantizers and larger K-way chunks, against
-    the run before it on the same machine kind."""
+    """The default run with prepared activation quantizers and larger K-way chunks against
+    the commit before them, run one after the other on one machine; the first run of the
+    new code, earlier that day, beside them."""
+    first = records("drift-avx2-prepared")
+    _require_no_avx512(first)
+    t = first.csv("timing.csv").iloc[0]
     return _drift_speed_step(
-        records, "drift-avx2-before", "drift-avx2-next", "drift-avx2-prepared",
+        records, "drift-avx2-before", "drift-avx2-pair-old", "drift-avx2-pair-new",
         "Then the instrumented passes quantized each layer's input with a "
         "`qerror.PreparedQuantizer` (its scale and zero point checked once per pass instead "
         "of on every call: the bench's row below), and the study's K-way passes took chunks "
         "of at least 64 images instead of 32 (`studies.drift.KWAY_CHUNK`; the bench's row "
-        "below).",
-        ": float sums in another order (the passes' statistics added in other chunks)")
+        "below). The two commits were run one after the other on one machine, the old "
+        "first.",
+        ": float sums in another order (the passes' statistics added in other chunks, and "
+        "convolutions over other batch sizes). A first run of the new code, earlier the same "
+        f"day on the same machine (commit {first.commit}), took {minutes(t.measured_s)} "
+        "minutes")
 
 
 def _layout_row(rec: Record, what: str) -> tuple[pd.Series, re.Match]:
@@ -549,9 +557,8 @@ def bench_drift_avx2_prepared(records) -> str:
         f"Benched after them (`{new.about['command']}`, commit {new.commit}, same machine "
         f"kind): a `PreparedQuantizer` call took {span(prep)} the time of `fake_quantize` "
         f"with the same arguments on {prep['name'].split(' activation ')[1]} "
-        f"({calls.group(1)} against {calls.group(2)} µs a call: what a call saves does not "
-        "grow with its input, so on the K-way passes' chunks of 64 images it is a larger "
-        "share of each call); the study's 15-configuration "
+        f"({calls.group(1)} against {calls.group(2)} µs a call); the study's "
+        "15-configuration "
         f"K-way batch in chunks of 64 took {span(chunk)} the time of chunks of 32. "
         f"`measure_many` {span(nm)} its bare K-way passes (before {om.ratio_median:.2f}×) and "
         f"`measure` {span(n1)} its bare paired passes (before {o1.ratio_median:.2f}×): the "

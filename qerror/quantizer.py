@@ -10,6 +10,7 @@ follows. How a grid's scale and zero point are found from data is
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -820,12 +821,15 @@ def fake_quantize(
                 offset=offset)
 
 
-def _snapshot(value) -> np.ndarray:
-    """A read-only copy of a scale or zero point as a numpy array (its dtype kept)."""
-    arr = value.detach().cpu().numpy().copy() if isinstance(value, torch.Tensor) else \
-        np.array(value)
-    arr.setflags(write=False)
-    return arr
+def _snapshot(value):
+    """A copy of a scale or zero point of the kind given (a tensor stays a tensor on its
+    device, an array an array, a number a number), so that the module functions see, and
+    name in their errors, what the caller passed."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return copy.deepcopy(value)
 
 
 class PreparedQuantizer:
@@ -838,8 +842,9 @@ class PreparedQuantizer:
         Grid and rounding.
     scale, zero_point
         As for :func:`quantize`. They are copied when the quantizer is made: later changes
-        to the arrays passed do not reach it. They are checked on the first call, against
-        its input's dtype and axis, with the errors :func:`quantize` gives.
+        to the tensors or arrays passed do not reach it (the attributes are read-only and
+        give copies). They are checked on each call until they fit its input (once per
+        channel count), with the errors :func:`quantize` gives.
 
     Notes
     -----
@@ -850,24 +855,37 @@ class PreparedQuantizer:
     seed) go to the same compiled loop with the scale, zero point and range already as its
     float32 tensors (made once per channel count); every other input goes through the module
     function. What this saves is the module function's checking and conversion of its
-    arguments on every call, the same on any size of input: about half a millisecond a call
-    on a 2-core AVX2 machine (``studies.bench``, drift group: a call against the module
-    function's), which an instrumented pass over small chunks of images pays at every layer
-    and configuration.
+    arguments on every call (``studies.bench``, drift group: a call against the module
+    function's on one layer's input), which an instrumented pass pays at every layer and
+    configuration.
     """
 
     def __init__(self, spec: QuantSpec, scale, zero_point=0):
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-        self.spec = spec
-        self.scale = _snapshot(scale)
-        self.zero_point = _snapshot(zero_point)
+        self._spec = spec
+        self._scale = _snapshot(scale)
+        self._zero_point = _snapshot(zero_point)
         # channel count (None: per tensor) -> the fused loop's scale, zero point and range
         self._params: dict = {}
 
+    @property
+    def spec(self) -> QuantSpec:
+        return self._spec
+
+    @property
+    def scale(self):
+        """A copy of the scale the quantizer was made with."""
+        return _snapshot(self._scale)
+
+    @property
+    def zero_point(self):
+        """A copy of the zero point the quantizer was made with."""
+        return _snapshot(self._zero_point)
+
     def __repr__(self) -> str:
-        return (f"PreparedQuantizer({self.spec!r}, scale={self.scale!r}, "
-                f"zero_point={self.zero_point!r})")
+        return (f"PreparedQuantizer({self._spec!r}, scale={self._scale!r}, "
+                f"zero_point={self._zero_point!r})")
 
     def quantize(self, x: ArrayLike, *, generator: Generator | None = None,
                  return_saturation: bool = False, offset: int = 0):
@@ -882,7 +900,7 @@ class PreparedQuantizer:
     def _call(self, x, generator, *, fake: bool, count: bool, offset: int):
         res = self._fused(x, generator, fake, count, offset)
         if res is None:
-            return _run(x, self.spec, self.scale, self.zero_point, generator, fake=fake,
+            return _run(x, self._spec, self._scale, self._zero_point, generator, fake=fake,
                         count=count, offset=offset)
         return res
 
@@ -893,7 +911,7 @@ class PreparedQuantizer:
         params = self._params.get(channels)
         if params is None:
             try:
-                s, z = _check_params(x, self.spec, self.scale, self.zero_point, axis)
+                s, z = _check_params(x, self._spec, self._scale, self._zero_point, axis)
             except (TypeError, ValueError):
                 return None  # the module function raises it, with its own message
             c = 1 if channels is None else channels
@@ -901,13 +919,13 @@ class PreparedQuantizer:
             like = torch.empty(0)
             params = self._params[channels] = (
                 _as_param(s3, like, torch.float32), _as_param(z3, like, torch.float32),
-                *_bounds(self.spec, z3, like, torch.float32))
+                *_bounds(self._spec, z3, like, torch.float32))
         return params
 
     def _fused(self, x, generator, fake: bool, count: bool, offset: int):
         """The fused loop's result for ``x``, as :func:`_run` gives it; None where ``x`` or
         the arguments are not the fused loop's (or it is off): :func:`_run` then decides."""
-        spec = self.spec
+        spec = self._spec
         if not (isinstance(x, torch.Tensor) and x.ndim > 0 and type(offset) is int
                 and 0 <= offset <= _MAX_INDEX - x.numel()
                 and not (x.requires_grad and torch.is_grad_enabled())
@@ -928,6 +946,8 @@ class PreparedQuantizer:
         # As _run_in_layout: a deterministic mode quantizes the memory in the order it
         # lies; random draws follow the C-order index, so STOCHASTIC takes a C-ordered copy.
         view = x if order is None else (x.contiguous() if random else x.permute(order))
+        if order is not None and not random and view.stride() != _c_strides(view.shape):
+            return None  # other strides on its unit dimensions: _run keeps them, as given
         axis = None if spec.axis is None else spec.axis % x.ndim
         if axis is not None and order is not None and not random:
             axis = order.index(axis)

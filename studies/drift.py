@@ -151,10 +151,11 @@ AUTO = "auto"
 PILOT_IMAGES = 64  # validation images of the pilot
 MIN_IMAGES = 200  # the subset's floor: what its accuracy table had before it was sized
 MAX_IMAGES = 500  # the subset's ceiling: what the default run's time affords
-# Images per chunk of a K-way pass, at least (qerror.nn.default_pair_batch's min_chunk): 15
-# configurations of the Fashion-MNIST ResNet50 on 256 images, both cores of an AVX2-only
-# machine, took a median 0.85 of the time in chunks of 64 as in the library's 32 (three
-# alternating pairs), no less in chunks of 128; the peak memory rose from 4.2 to 4.5 GB.
+# Images per chunk of a K-way pass, at least (qerror.nn.default_pair_batch's min_chunk):
+# larger than the library's 32, which keeps a pass's memory down for large images. The 15
+# configurations of one width on 256 images: studies.bench's drift group times chunks of 64
+# against 32 (the README's bench-drift-avx2-prepared record: 0.91 of the time on an
+# AVX2-only machine); chunks of 128 were no faster there (three alternating pairs, not kept).
 KWAY_CHUNK = 64
 SIZED_METRICS = ("drift", "mse")  # statistics the subset is sized for (all images' units)
 TAIL_TOP = 5  # most extreme images whose share of a layer's drift variance precision.csv gives
@@ -1851,7 +1852,8 @@ def memory_verdict(need: int, have: int | None, images: int, configs: int, *,
                    ) -> tuple[str, str] | None:
     """("error", message) where the kept per-image means (``need`` bytes) take more than
     three quarters of the memory available (``have``): the rest of the run needs the
-    remainder (model, data, the K-way passes: about 5.5 of the default run's 10.0 GiB), so
+    remainder (model, data, the K-way passes: about 5.5 of the default run's 10.0 GiB,
+    measured when the passes took chunks of 32 images; :data:`KWAY_CHUNK` doubles them), so
     such a run would be killed before it ends; ("warning", message) where they take more
     than half; None otherwise or where the available memory is unknown. The advice names an
     image count that keeps them within half: ``--images N``, or with ``--images auto``

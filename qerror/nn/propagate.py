@@ -566,17 +566,17 @@ class _Arm:
         self.sites: dict[str, _SiteAcc] = {}
         self.order = 0
         self.last = None  # (tensor, site, this arm's sums) of the last layer's output
-        self._quantizers: dict[str, PreparedQuantizer] = {}
+        self._quantizers: dict[str, tuple[QParams, PreparedQuantizer]] = {}
 
     def quantizer(self, name: str) -> PreparedQuantizer:
         """The activation quantizer of ``name`` (a layer's input or an output key), its
-        parameters checked once for the pass."""
-        q = self._quantizers.get(name)
-        if q is None:
-            qp = self.act_qparams[name]
-            q = self._quantizers[name] = PreparedQuantizer(self.config.activation, qp.scale,
-                                                           qp.zero_point)
-        return q
+        parameters checked once for as long as its qparams are the same object."""
+        qp = self.act_qparams[name]
+        held = self._quantizers.get(name)
+        if held is None or held[0] is not qp:
+            held = self._quantizers[name] = (qp, PreparedQuantizer(
+                self.config.activation, qp.scale, qp.zero_point))
+        return held[1]
 
     def site(self, name: str, kind: str) -> _SiteAcc:
         acc = self.sites.get(name)

@@ -11,23 +11,6 @@ from qerror import QuantSpec, RoundingMode, _fused, fake_quantize, quantize
 from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code, fresh_python
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The calls that took the fused path (a list to read after the call); each must have
-    returned the compiled result, not fallen back to the engine."""
-    calls = []
-    run = _fused.run
-
-    def counted(*args, **kwargs):
-        res = run(*args, **kwargs)
-        assert res is not None, "the fused path fell back to the block engine"
-        calls.append(kwargs["mode"])
-        return res
-
-    monkeypatch.setattr(_fused, "run", counted)
-    return calls
-
-
 def tiled(values: np.ndarray, at_least: int = _fused.MIN_ELEMENTS) -> np.ndarray:
     """``values`` repeated into a float32 array large enough for the fused path."""
     reps = -(-at_least // values.size)

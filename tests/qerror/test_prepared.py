@@ -8,7 +8,6 @@ import torch
 
 from qerror import PreparedQuantizer, QuantSpec, RoundingMode, fake_quantize, quantize
 from qerror import quantizer as quantizer_module
-from tests.qerror.test_fused import fused_calls  # noqa: F401 - a fixture
 from tests.qerror.test_quantizer import boundary_values
 
 MODES = list(RoundingMode)
@@ -88,19 +87,26 @@ def test_prepared_calls_equal_the_module_functions(mode, axis, fused_calls, modu
 
 @pytest.mark.parametrize("mode", [RoundingMode.TOWARD_ZERO, RoundingMode.STOCHASTIC])
 def test_other_inputs_go_through_the_module_functions(mode, module_calls):
+    fused_min = quantizer_module._fused.MIN_ELEMENTS
     spec = QuantSpec(bits=8, signed=True, rounding=mode)
     prepared = PreparedQuantizer(spec, 0.05)
     x = activations(0.05)
     seed = 7 if mode.is_random else None
+    wide = activations(0.05, shape=(4, 12, 33, 33))
     cases = {
         "small": x[:1, :1, :4],
         "float64": x.double(),
         "numpy": x.numpy(),
-        "gapped": x[:, ::2],
-        "one channel, channels_last": x[:, :1].contiguous(memory_format=torch.channels_last),
+        "gapped": wide[:, ::2],
+        "one channel, channels_last": activations(0.05, shape=(16, 1, 33, 33)).contiguous(
+            memory_format=torch.channels_last),
+        # a transpose with a unit dimension: dense, but its strides there are not C's
+        "transposed, unit dimension": activations(0.05, shape=(128, 129)).t().unsqueeze(0),
         "requires grad": x.clone().requires_grad_(True),
     }
     for name, xi in cases.items():
+        if name not in ("small", "float64", "numpy"):
+            assert xi.numel() >= fused_min, name  # large enough for the fused loop
         before = len(module_calls)
         got = prepared.fake_quantize(xi, generator=seed, return_saturation=True)
         assert len(module_calls) > before, name
@@ -125,7 +131,11 @@ def test_scale_and_zero_point_are_read_when_made():
     scale.mul_(2)
     zp.add_(1)
     same(prepared.fake_quantize(x), want)
-    assert not prepared.scale.flags.writeable
+    # the attributes give copies: changing one changes nothing
+    prepared.scale.mul_(3)
+    same(prepared.fake_quantize(x), want)
+    with pytest.raises(AttributeError):
+        prepared.scale = torch.tensor(0.5)
 
 
 @pytest.mark.parametrize("mode", [RoundingMode.NEAREST_EVEN, RoundingMode.STOCHASTIC])
@@ -141,6 +151,42 @@ def test_non_finite_input_gets_the_module_functions_error(mode):
         prepared.fake_quantize(x, generator=seed)
     assert str(got.value) == str(want.value)
     assert "index (2, 4, 5, 6)" in str(got.value)
+
+
+def test_integer_seeds_of_numpy_type_inference_mode_and_codes(fused_calls, module_calls):
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, rounding=RoundingMode.STOCHASTIC)
+    prepared = PreparedQuantizer(spec, 0.03, 2)
+    x = activations(0.03).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = prepared.fake_quantize(x, generator=np.int64(9), offset=5)
+    assert (len(fused_calls), len(module_calls)) == (1, 0)
+    same(got, fake_quantize(x, spec, 0.03, 2, generator=9, offset=5))
+    # an offset of numpy's integer type: the module function's path, its result
+    same(prepared.fake_quantize(x, generator=9, offset=np.int64(5)), got)
+    assert len(module_calls) == 1
+    codes = prepared.quantize(x, generator=9, return_saturation=True)
+    assert (len(fused_calls), len(module_calls)) == (4, 1)
+    same(codes, quantize(x, spec, 0.03, 2, generator=9, return_saturation=True))
+
+
+def test_a_scalar_scale_per_channel_fits_every_channel_count(fused_calls):
+    spec = QuantSpec(bits=8, axis=1)
+    prepared = PreparedQuantizer(spec, 0.1)
+    for shape in [(4, 6, 33, 33), (4, 5, 33, 33)]:
+        x = activations(0.1, shape=shape)
+        same(prepared.fake_quantize(x, return_saturation=True),
+             fake_quantize(x, spec, 0.1, return_saturation=True))
+
+
+@pytest.mark.parametrize("zero_point", [1.5, torch.tensor(2.5), 300])
+def test_bad_zero_points_get_the_module_functions_message(zero_point):
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    x = activations(0.1).abs()
+    with pytest.raises((TypeError, ValueError)) as want:
+        fake_quantize(x, spec, 0.1, zero_point)
+    with pytest.raises(type(want.value)) as got:
+        PreparedQuantizer(spec, 0.1, zero_point).fake_quantize(x)
+    assert str(got.value) == str(want.value)
 
 
 @pytest.mark.parametrize("scale, zero_point, match", [
