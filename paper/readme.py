@@ -409,8 +409,9 @@ def _drift_speed_step(records, before: str, old: str, new: str, what: str, why: 
     beyond = [p for p in _PHASE_NAMES if abs(change[p]) > spread]
     return (
         f"{what} The default run at commit {n.commit} ({n.about['machine']}; "
-        f"`{n.about['command']}`) took {minutes(tn.measured_s)} minutes against "
-        f"{minutes(to.measured_s)} at commit {o.commit} ({steps} minutes): {verdict} the "
+        f"`{n.about['command']}`) took {minutes(tn.measured_s)} minutes "
+        f"({tn.measured_s:.0f} s) against {minutes(to.measured_s)} ({to.measured_s:.0f} s) at "
+        f"commit {o.commit} ({steps} minutes): {verdict} the "
         f"{DRIFT_MINUTES_GOAL}-minute goal. One run each: a phase whose code had not changed "
         f"differed by {100 * spread:.0f} % between the two runs before the first of these "
         "steps, and "
