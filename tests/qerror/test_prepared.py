@@ -98,8 +98,10 @@ def test_other_inputs_go_through_the_module_functions(mode, module_calls):
         "float64": x.double(),
         "numpy": x.numpy(),
         "gapped": wide[:, ::2],
-        "one channel, channels_last": activations(0.05, shape=(16, 1, 33, 33)).contiguous(
-            memory_format=torch.channels_last),
+        # channels_last strides on a one-channel batch (torch keeps C strides there when
+        # asked to convert, so they are made here)
+        "one channel, channels_last": torch.empty_strided(
+            (16, 1, 33, 33), (1089, 1, 33, 1)).copy_(activations(0.05, shape=(16, 1, 33, 33))),
         # a transpose with a unit dimension: dense, but its strides there are not C's
         "transposed, unit dimension": activations(0.05, shape=(128, 129)).t().unsqueeze(0),
         "requires grad": x.clone().requires_grad_(True),
@@ -109,7 +111,10 @@ def test_other_inputs_go_through_the_module_functions(mode, module_calls):
             assert xi.numel() >= fused_min, name  # large enough for the fused loop
         before = len(module_calls)
         got = prepared.fake_quantize(xi, generator=seed, return_saturation=True)
-        assert len(module_calls) > before, name
+        # stochastic rounding quantizes a C-ordered copy of a dense input, whatever its
+        # strides, and copies the result back into them: its own path, as _run_in_layout
+        own = mode.is_random and name == "transposed, unit dimension"
+        assert (len(module_calls) > before) != own, name
         want = fake_quantize(xi, spec, 0.05, generator=seed, return_saturation=True)
         if isinstance(xi, np.ndarray):
             np.testing.assert_array_equal(got[0], want[0])
@@ -162,10 +167,12 @@ def test_integer_seeds_of_numpy_type_inference_mode_and_codes(fused_calls, modul
     assert (len(fused_calls), len(module_calls)) == (1, 0)
     same(got, fake_quantize(x, spec, 0.03, 2, generator=9, offset=5))
     # an offset of numpy's integer type: the module function's path, its result
+    before = len(module_calls)
     same(prepared.fake_quantize(x, generator=9, offset=np.int64(5)), got)
-    assert len(module_calls) == 1
+    assert len(module_calls) > before
+    before = (len(fused_calls), len(module_calls))
     codes = prepared.quantize(x, generator=9, return_saturation=True)
-    assert (len(fused_calls), len(module_calls)) == (4, 1)
+    assert (len(fused_calls), len(module_calls)) == (before[0] + 1, before[1])
     same(codes, quantize(x, spec, 0.03, 2, generator=9, return_saturation=True))
 
 
