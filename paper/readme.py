@@ -387,10 +387,12 @@ _PHASE_NAMES = {"headline": "headline", "curve": "calibration curve", "remedies"
                 "pilot": "pilot"}
 
 
-def _drift_speed_step(records, before: str, old: str, new: str, what: str, why: str) -> str:
+def _drift_speed_step(records, old: str, new: str, what: str, why: str) -> str:
     """Default run ``new`` against ``old`` on the same AVX2-only CPU kind, phase by phase:
-    which phases changed by more than the spread of the unchanged instrumented phase between
-    ``before`` and ``old``; which result files moved (``why``: in what way)."""
+    which phases changed by more than the spread of the instrumented phase between the runs
+    before and after the first speed step (records drift-avx2-before and drift-avx2-after,
+    whose instrumented code was the same); which result files moved (``why``: in what
+    way)."""
     o, n = records(old), records(new)
     _require_no_avx512(n)
     if o.manifest["cpu"] != n.manifest["cpu"]:
@@ -398,9 +400,9 @@ def _drift_speed_step(records, before: str, old: str, new: str, what: str, why: 
                           "manifests' cpu entries differ)")
     to, tn = o.csv("timing.csv").iloc[0], n.csv("timing.csv").iloc[0]
     po, pn = _phases(to), _phases(tn)
-    # the instrumented phase's code was the same in the two runs before the first step
     spread = abs(_phases(records("drift-avx2-after").csv("timing.csv").iloc[0])["instrumented"]
-                 / _phases(records(before).csv("timing.csv").iloc[0])["instrumented"] - 1)
+                 / _phases(records("drift-avx2-before").csv("timing.csv").iloc[0])[
+                     "instrumented"] - 1)
     results, differ = _differing_results(n, o)
     verdict = "within" if tn.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
     steps = ", ".join(f"{_PHASE_NAMES[p]} {minutes(po[p])} → {minutes(pn[p])}"
@@ -426,7 +428,7 @@ def drift_speed_avx2_next(records) -> str:
     """The default run after the next round of speed work, on the same AVX2-only machine
     kind, phase by phase against the run before it; which result files moved."""
     return _drift_speed_step(
-        records, "drift-avx2-before", "drift-avx2-after", "drift-avx2-next",
+        records, "drift-avx2-after", "drift-avx2-next",
         "Then stochastic rounding joined the fused quantizer (the same draws, code for code), "
         "empirical bias correction came from the float forward with each layer's quantized "
         "version beside it (`qerror.nn.local_error_means`) instead of an instrumented pass, "
@@ -446,7 +448,7 @@ def drift_speed_avx2_prepared(records) -> str:
     _require_no_avx512(first)
     t = first.csv("timing.csv").iloc[0]
     return _drift_speed_step(
-        records, "drift-avx2-before", "drift-avx2-pair-old", "drift-avx2-pair-new",
+        records, "drift-avx2-pair-old", "drift-avx2-pair-new",
         "Then the instrumented passes quantized each layer's input with a "
         "`qerror.PreparedQuantizer` (its scale and zero point checked once per pass instead "
         "of on every call: the bench's row below), and the study's K-way passes took chunks "

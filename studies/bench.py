@@ -521,14 +521,8 @@ def prepared_rows(model, x, act, cfg, arch: str, seed: int, smoke: bool, pairs: 
     convolution (contiguous, as in those passes), 20 calls a timing; and the study's K-way
     batch (every mode and target of one width, :func:`qerror.nn.measure_many`) in chunks of
     at least :data:`studies.drift.KWAY_CHUNK` images against the library's default."""
-    from qerror.nn import (
-        QuantConfig,
-        Target,
-        default_pair_batch,
-        measure_many,
-        quantize_weights,
-    )
-    from studies.drift import DEFAULT_MODES, KWAY_CHUNK
+    from qerror.nn import Target, default_pair_batch, measure_many, quantize_weights
+    from studies.drift import DEFAULT_MODES, KWAY_CHUNK, grid
 
     name = "layer2.0.conv1"
     layer = dict(model.named_modules())[name]
@@ -558,7 +552,7 @@ def prepared_rows(model, x, act, cfg, arch: str, seed: int, smoke: bool, pairs: 
         "fake_quantize (same arguments)", None, *timed,
         note=f"{1e6 * np.median(timed[1]) / calls:.0f} vs {1e6 * np.median(timed[2]) / calls:.0f}"
              " µs a call")]
-    configs = [QuantConfig.make(8, m, t, seed=seed) for m in DEFAULT_MODES for t in Target]
+    configs = grid(DEFAULT_MODES, [8], list(Target), seed)  # the study's width of 8 bits
     weights = {}
     for c in configs:
         if c.weight is not None and c.weight not in weights:
