@@ -34,30 +34,24 @@ and half-precision data, tensors off the CPU, small arrays and forked children s
 block engine. ``QERROR_FUSED=0`` in the environment turns this path off (``studies.bench``
 times the two against each other); a compiler that fails turns it off with one warning, and
 the block engine gives the same codes.
-Compiled code is cached per instruction set (``_compile_options``) and per thread count.
+Compiled code is cached per instruction set and per thread count (:mod:`qerror._compiled`).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
-
 import torch
 
-from qerror.cpu import flushing_denormals, in_forked_child
+from qerror._compiled import Kernels, named
 from qerror.rounding import RoundingMode, hash_draws
 
 #: Fewer elements than this go to the block engine: a compiled call's fixed cost (guards,
 #: dispatch) is larger than the whole work of a small array.
 MIN_ELEMENTS = 1 << 14
 
-_LOCK = threading.Lock()
-_COMPILED: dict = {}
-_READY: set = set()  # keys whose compiled code has run
-_FAILED: set = set()  # keys turned off by a failed call
-_BROKEN: list[str] = []  # why the whole fused path is off, if it is
-_WARNED: list[str] = []
+#: The compiled quantizers. A warning of theirs is attributed to the caller of quantize or
+#: fake_quantize: past _warn_once, call, run, _run_fused, _run and the function itself.
+KERNELS = Kernels("the fused quantizer", "quantizing with the block engine instead (same "
+                  "codes, slower)", stacklevel=7)
 
 
 def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
@@ -101,17 +95,11 @@ def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count:
 
 
 def enabled() -> bool:
-    """Whether the fused path may run: not turned off by ``QERROR_FUSED=0``, no earlier
-    compiler failure, not a forked child, and inductor not told to use unsafe
-    floating-point optimisations (which could rewrite ``x - n s``)."""
-    # compiled kernels run OpenMP regions, which can hang in a forked child
-    if os.environ.get("QERROR_FUSED", "1") == "0" or _BROKEN or in_forked_child():
-        return False
-    try:
-        from torch._inductor import config
-    except ImportError:  # a torch without inductor
-        return False
-    return not config.cpp.enable_unsafe_math_opt_flag
+    """Whether the fused path may run: compiled kernels allowed
+    (:func:`qerror._compiled.allowed`: not turned off by ``QERROR_FUSED=0``, not a forked
+    child, inductor not told to use unsafe floating-point optimisations, which could rewrite
+    ``x - n s``) and no earlier compiler failure."""
+    return KERNELS.enabled()
 
 
 def eligible(x, mode: RoundingMode, exact: bool) -> bool:
@@ -128,26 +116,13 @@ def eligible(x, mode: RoundingMode, exact: bool) -> bool:
 
 def _specialised(mode: RoundingMode, fake: bool, count: bool, units: tuple[bool, ...]):
     """:func:`codes` for one mode, output, counting and pattern of unit dimensions, with a
-    code object of its own: compiled code is cached per code object, with a limit on its
-    variants."""
+    code object of its own (:func:`qerror._compiled.named`)."""
     def kernel(x, s, z, lo, hi, start):
         return codes(x, s, z, lo, hi, start, mode=mode, fake=fake, count=count)
 
     shape = "x".join("1" if u else "n" for u in units)
-    kernel.__code__ = kernel.__code__.replace(
-        co_name=f"quantize_{mode.value}_{'fake' if fake else 'codes'}"
-                f"{'_counted' if count else ''}_{shape}")
-    return kernel
-
-
-def _compile_options() -> dict:
-    """The vector width of the instruction set inductor picked here, stated: the compiled-code
-    cache keys on the options but (torch 2.14) not on the picked instruction set, so code
-    compiled under ``ATEN_CPU_CAPABILITY=avx2`` came back, wrong, to an AVX-512 process."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    isa = pick_vec_isa()
-    return {"cpp.simdlen": isa.bit_width()} if isa else {}
+    return named(kernel, f"quantize_{mode.value}_{'fake' if fake else 'codes'}"
+                         f"{'_counted' if count else ''}_{shape}")
 
 
 def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
@@ -158,61 +133,11 @@ def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: b
     A call that fails turns off its kernel (the compiler's limit of variants, or a kernel
     that ran before: a later recompilation failed) or, where a deterministic kernel fails the
     first time for any other reason, the whole fused path (a STOCHASTIC kernel's failure
-    turns off that kernel alone). Memory errors are the caller's. Loading
-    compiled code must not switch the thread to flushing subnormals (some compilers'
-    fast-math start-up code does): if it did, the flushing is undone and the path turned off.
+    turns off that kernel alone: its integer hash is the newest code the compiler meets).
+    Memory errors are the caller's. The guards of :class:`qerror._compiled.Kernels` apply.
     """
-    # Sizes are symbolic except 0 and 1, which the compiler specialises; the thread count
-    # is fixed in the compiled code. One compiled function per pattern of unit dimensions
-    # and thread count keeps each within its limit of variants and its threads right.
-    key = (mode, fake, count, tuple(d == 1 for d in x.shape), torch.get_num_threads())
-    # compiled code is loaded on a key's first call: only then can it switch on flushing
-    flushing = None if key in _READY else flushing_denormals()
-    try:
-        with _LOCK:
-            if key in _FAILED or _BROKEN:
-                return None
-            fn = _COMPILED.get(key)
-        if fn is None:
-            options = _compile_options()  # may build a probe on first use: outside the lock
-            with _LOCK:
-                fn = _COMPILED.setdefault(key, torch.compile(
-                    _specialised(*key[:4]), dynamic=True, fullgraph=True, options=options))
-        res = fn(x, s, z, lo, hi, start)
-    except MemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the engine gives the same codes
-        from torch._dynamo.exc import FailOnRecompileLimitHit
-
-        with _LOCK:
-            _FAILED.add(key)
-            # a first failure turns off the whole path, unless it is the stochastic kernel's
-            # (its integer hash is the newest code the compiler meets): that kernel alone
-            if key not in _READY and not isinstance(err, FailOnRecompileLimitHit) and \
-                    not mode.is_random:
-                _BROKEN.append(f"{type(err).__name__}: {err}")
-        _warn_once(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        return None
-    if flushing is False and flushing_denormals():
-        torch.set_flush_denormal(False)
-        with _LOCK:
-            _BROKEN.append("compiled code switched on flushing of subnormals")
-        _warn_once("loading compiled code switched the CPU to flushing subnormal numbers; "
-                   "that was undone")
-        return None
-    with _LOCK:
-        _READY.add(key)
-    return res
-
-
-def _warn_once(why: str) -> None:
-    with _LOCK:
-        if _WARNED:
-            return
-        _WARNED.append(why)
-    # attributed to the caller of quantize/fake_quantize: _warn_once, run, _run_fused,
-    # _run, quantize or fake_quantize, then the caller
-    warnings.warn(
-        f"qerror: the fused quantizer is not used ({why}); quantizing with the block engine "
-        "instead (same codes, slower). Set QERROR_FUSED=0 to skip the attempt.",
-        RuntimeWarning, stacklevel=6)
+    # Sizes are symbolic except 0 and 1, which the compiler specialises: one compiled
+    # function per pattern of unit dimensions keeps each within its limit of variants.
+    key = (mode, fake, count, tuple(d == 1 for d in x.shape))
+    return KERNELS.call(key, lambda: _specialised(*key), (x, s, z, lo, hi, start),
+                        breaks_all=not mode.is_random)

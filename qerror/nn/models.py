@@ -278,9 +278,10 @@ def memory_format(model: nn.Module, fmt: torch.memory_format = torch.channels_la
     The values are copies, bit for bit, so the network computes the same function; only the
     kernels that a layout selects, and their order of summation, change. On this kind of
     CPU a ResNet50's plain forward runs faster channels_last (:func:`forward_layout`), so
-    plain passes over many images are run this way. The instrumented passes of
-    :mod:`qerror.nn.propagate` are not: their per-channel reductions over the spatial
-    dimensions are slower on that layout than the convolutions gain.
+    plain passes over many images are run this way. The drift study's instrumented passes
+    (:mod:`qerror.nn.propagate`) are not; since their per-channel sums are compiled for both
+    layouts (:mod:`qerror.nn._moments`) they could be, for less than the plain passes gain
+    (their stochastic arms copy to C order and back): not measured in the bench yet.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

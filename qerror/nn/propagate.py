@@ -8,7 +8,10 @@ fake-quantized input. Every other module of a torchvision-style CNN in evaluatio
 samples independently, so the two halves never mix and each tensor inside the network holds
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
-batch by batch; nothing is kept per image. A batch of more than 32 images is measured in two
+batch by batch; nothing is kept per image. Each layer's output is reduced once, as it is
+made: one compiled pass over the quantized and the float output gives every (image,
+channel)'s sums of the error, of its square and of both outputs and their squares
+(:mod:`qerror.nn._moments`). A batch of more than 32 images is measured in two
 paired passes of half its images (``pair_batch``, :func:`default_pair_batch`), so each pass
 holds as many images as the batch's float forward (peak memory about 1.4× the float
 forward's; ``python -m studies.bench --only drift``).
@@ -67,6 +70,7 @@ from qerror.nn._anatomy import (
     own_forwards,
     path_depths,
 )
+from qerror.nn._moments import channel_sums, difference_sums
 from qerror.nn.bn import BNInconsistency
 from qerror.nn.growth import debiased_rms
 from qerror.quantizer import PreparedQuantizer, QParams, QuantSpec, fake_quantize
@@ -327,23 +331,6 @@ def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, t.ndim))
 
 
-def _sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per (image, channel) of ``t`` (N, C, ...): Σ and Σ² over the remaining dimensions,
-    as float64 CPU tensors (N, C), and the number of elements each sums."""
-    t = t.detach()
-    dims = tuple(range(2, t.ndim))
-    per_channel = int(np.prod(t.shape[2:])) if t.ndim > 2 else 1
-    if per_channel == 1:
-        s = t.reshape(t.shape[0], -1)
-        q = s * s
-    else:
-        # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
-        s = t.sum(dim=dims)
-        q = torch.linalg.vector_norm(t, dim=dims).square_()
-    # Sums leave the device here: (N, C) at most, and the results are numpy arrays.
-    return s.double().cpu(), q.double().cpu(), per_channel
-
-
 def _add_into(total: torch.Tensor, part: np.ndarray) -> None:
     """``total += part`` in place, through numpy (``total`` a float64 CPU tensor of ours)."""
     arr = total.numpy()
@@ -369,22 +356,23 @@ class _Moments:
         self.kept: list[torch.Tensor] = []
 
     def add(self, t: torch.Tensor, per_image: bool = True) -> None:
-        self.add_sums(*_sums(t), per_image=per_image)
+        self.add_sums(*channel_sums(t), per_image=per_image)
 
     def add_sums(self, s: torch.Tensor, q: torch.Tensor, per_channel: int,
                  per_image: bool = True) -> None:
         """Add images whose per (image, channel) Σ and Σ² over ``per_channel`` elements are
-        ``s`` and ``q`` (float64, CPU, shape (N, C); see :func:`_sums`).
+        ``s`` and ``q`` (float64, CPU, shape (N, C); see :func:`channel_sums`).
 
         The arithmetic is numpy's on the tensors' memory: these are small arrays, met once
         per site, chunk and pass, where torch's fixed cost per operation was most of the
         work (measured on (32, 256) sums with per-image figures: 151 µs a call in torch, 58
         in numpy)."""
         sn, qn = s.numpy(), q.numpy()
+        s0 = sn.sum(0)
         if self.s1 is None:  # sums of our own, added to in place from here on
-            self.s1, self.s2 = torch.from_numpy(sn.sum(0)), torch.from_numpy(qn.sum(0))
+            self.s1, self.s2 = torch.from_numpy(s0), torch.from_numpy(qn.sum(0))
         else:
-            _add_into(self.s1, sn.sum(0))
+            _add_into(self.s1, s0)
             _add_into(self.s2, qn.sum(0))
         self.n += s.shape[0] * per_channel
         if per_image:
@@ -395,16 +383,18 @@ class _Moments:
             self.img_s2 += float(m1 @ m1)
             self.img_q1 += float(m2.sum())
             self.img_q2 += float(m2 @ m2)
-            mc = sn / per_channel  # (N, C): each image's channel means
-            c1, c2 = mc.sum(0), np.square(mc).sum(0)
+            # per channel, Σ and Σ² over images of each image's channel mean sn / L, from
+            # the sums already taken (Σ) and one pass without a temporary (Σ²)
+            c1 = s0 / per_channel
+            c2 = np.einsum("nc,nc->c", sn, sn) / (per_channel * per_channel)
             if self.img_c1 is None:
                 self.img_c1, self.img_c2 = torch.from_numpy(c1), torch.from_numpy(c2)
             else:
                 _add_into(self.img_c1, c1)
                 _add_into(self.img_c2, c2)
             room = self.keep - sum(k.shape[0] for k in self.kept)
-            if room > 0:
-                self.kept.append(torch.from_numpy(mc[:room].copy()))
+            if room > 0:  # the first images' channel means themselves
+                self.kept.append(torch.from_numpy(sn[:room] / per_channel))
 
     # per channel
     def mean_c(self) -> np.ndarray:
@@ -740,7 +730,10 @@ class _Instrument:
         # the quantizer's own error, on the images the local error uses
         m = min(self.act_err_images, x.shape[0])
         if m:
-            acc.act_err.add((xq[:m] - x[:m]) / qp.scale, per_image=False)
+            # in LSB: the sums of (xq - x) / s, divided after summing (the scale is one number)
+            sd, qd, per_channel = difference_sums(xq[:m], x[:m])
+            step = float(qp.scale)
+            acc.act_err.add_sums(sd / step, qd / (step * step), per_channel, per_image=False)
         return xq
 
     def _quantize_output(self, idx: int, name: str, kind: str, arms: list[_Arm]) -> Callable:
@@ -773,8 +766,9 @@ class _Instrument:
                 yf = op(x, module.weight, module.bias)
                 xl = self._quantize_input(arm, idx, name, x, None, 1)
                 # the channel means alone are read (local_error_means): no per-image figures
-                arm.site(name, kind).local.add(op(xl, *arm.layer_params(name, module)) - yf,
-                                               per_image=False)
+                arm.site(name, kind).local.add_sums(
+                    *difference_sums(op(xl, *arm.layer_params(name, module)), yf),
+                    per_image=False)
                 return yf
             if not self.paired:
                 arm = self.arms[0]
@@ -782,34 +776,41 @@ class _Instrument:
                           *arm.layer_params(name, module))
             xf, xs = self.chunks(x)
             h = xf.shape[0]
-            parts = [op(xf, module.weight, module.bias)]
-            accs = []
+            yf = op(xf, module.weight, module.bias)
+            parts = [yf]
+            accs, own = [], []
+            ref = None
             params = [arm.layer_params(name, module) for arm in self.arms]
             for arm, xq, wb in zip(self.arms, xs, params):
                 acc = arm.site(name, kind) if self.collect else None
                 yq = op(self._quantize_input(arm, idx, name, xq, acc, 0), *wb)
-                if acc is not None:  # the error first: its temporary is gone before the cat
-                    acc.err.add(yq - parts[0])
+                if acc is not None:
+                    # in one pass over yq and yf, before the cat (the chunk is freed with
+                    # it): the error's sums, the arm's own (those of a BatchNorm it feeds)
+                    # and the float output's (each arm's reference: taken from the first)
+                    sd, qd, sa, qa, sf, qf, per_channel = difference_sums(yq, yf, of_both=True)
+                    acc.err.add_sums(sd, qd, per_channel)
+                    own.append((sa, qa, per_channel))
+                    if ref is None:
+                        ref = (sf, qf, per_channel)
                 parts.append(yq)
                 accs.append(acc)
             out = torch.cat(parts)
-            del parts  # the chunks themselves are freed: the pass holds one copy
+            del parts, yf  # the chunks themselves are freed: the pass holds one copy
             yf = out[:h]
             if self.collect:
-                # every chunk's sums in one reduction of the pass's output: the float chunk's
-                # are each arm's reference, an arm's own those of a BatchNorm it feeds
-                s, q, per_channel = _sums(out)
-                (sf, s_arms), (qf, q_arms) = self.chunks(s), self.chunks(q)
+                sf, qf, per_channel = ref
                 m = min(self.local_images, h)
-                for arm, acc, wb, sa, qa in zip(self.arms, accs, params, s_arms, q_arms):
+                for arm, acc, wb, sums in zip(self.arms, accs, params, own):
                     acc.ref.add_sums(sf, qf, per_channel, per_image=False)
                     room = acc.err.keep - sum(p.shape[0] for p in acc.ref_power)
                     if room > 0:  # the images whose error means are kept, in their order
                         acc.ref_power.append(qf[:room].sum(1) / (per_channel * qf.shape[1]))
-                    arm.last = (out, acc, (sa, qa, per_channel))
+                    arm.last = (out, acc, sums)
                     if m:
                         xl = self._quantize_input(arm, idx, name, xf[:m], None, 1)
-                        acc.local.add(op(xl, *wb) - yf[:m], per_image=True)
+                        acc.local.add_sums(*difference_sums(op(xl, *wb), yf[:m]),
+                                           per_image=True)
                     if self.input_maps:
                         self._input_map(arm, acc, name, xf)
             return out
@@ -862,7 +863,7 @@ class _Instrument:
                     acc.bn_q.add_sums(*last[2], per_image=False)
                     continue
                 if sums is None:
-                    s, q, per_channel = _sums(x)
+                    s, q, per_channel = channel_sums(x)
                     sums = self.chunks(s), self.chunks(q), per_channel
                 (sf, s_arms), (qf, q_arms), per_channel = sums
                 acc.bn_f.add_sums(sf, qf, per_channel, per_image=False)
@@ -872,10 +873,10 @@ class _Instrument:
     def _out_hook(self, name: str, kind: str) -> Callable:
         def hook(module, args, out):
             yf, ys = self.chunks(out)
-            s, q, per_channel = _sums(yf)
+            s, q, per_channel = channel_sums(yf)
             for arm, y in zip(self.arms, ys):
                 acc = arm.site(name, kind)
-                acc.err.add(y - yf)
+                acc.err.add_sums(*difference_sums(y, yf))
                 acc.ref.add_sums(s, q, per_channel, per_image=False)
         return hook
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from qerror import QuantSpec, RoundingMode, _fused, fake_quantize, quantize
+from qerror import QuantSpec, RoundingMode, _compiled, _fused, fake_quantize, quantize
+from qerror._compiled import Kernels
 from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code, fresh_python
 
 
@@ -193,9 +194,8 @@ def test_eager_stochastic_rule_equals_the_compiled_one():
 
 def fresh_state(monkeypatch):
     """The fused path's state as in a new process, restored after the test."""
-    for name, value in (("_COMPILED", {}), ("_READY", set()), ("_FAILED", set()),
-                        ("_BROKEN", []), ("_WARNED", [])):
-        monkeypatch.setattr(_fused, name, value)
+    old = _fused.KERNELS
+    monkeypatch.setattr(_fused, "KERNELS", Kernels(old.what, old.instead, old.stacklevel))
 
 
 def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
@@ -268,15 +268,15 @@ def test_a_kernel_that_fails_after_running_turns_off_alone(monkeypatch):
         np.testing.assert_array_equal(quantize(x, floor, 0.1), ref)
     assert caught[0].filename == __file__  # the warning points at the caller's line
     assert _fused.enabled()  # the other kernels go on
-    assert [k[0] for k in _fused._FAILED] == [RoundingMode.FLOOR]
+    assert [k[0][0] for k in _fused.KERNELS.failed] == [RoundingMode.FLOOR]
     quantize(x, QuantSpec(), 0.1)
-    assert any(k[0] is RoundingMode.NEAREST_EVEN for k in _fused._READY)
+    assert any(k[0][0] is RoundingMode.NEAREST_EVEN for k in _fused.KERNELS.ready)
 
 
 def test_compiled_code_that_switches_on_flushing_is_undone(monkeypatch):
     fresh_state(monkeypatch)
     states = iter([False, True])  # before the first call: not flushing; after: flushing
-    monkeypatch.setattr(_fused, "flushing_denormals", lambda: next(states))
+    monkeypatch.setattr(_compiled, "flushing_denormals", lambda: next(states))
     undone = []
     monkeypatch.setattr(torch, "set_flush_denormal", lambda on: undone.append(on))
     x = tiled(boundary_values(0.1, np.float32))
@@ -362,7 +362,7 @@ for shape, axis in (((1, 64, 576), 1), ((100000,), None)):
             if not same:
                 bad.append(f"{shape} {mode.value} {fn.__name__}")
 from torch._inductor.cpu_vec_isa import pick_vec_isa
-print("ISA", pick_vec_isa(), "READY", len(_fused._READY), "BAD", bad)
+print("ISA", pick_vec_isa(), "READY", len(_fused.KERNELS.ready), "BAD", bad)
 """
 
 
@@ -532,6 +532,6 @@ def test_a_failing_stochastic_kernel_turns_off_alone(monkeypatch):
     with pytest.warns(RuntimeWarning, match="not used.*cannot compile the hash"):
         np.testing.assert_array_equal(quantize(x, spec, 0.1, generator=2), ref)
     assert _fused.enabled()
-    assert [k[0] for k in _fused._FAILED] == [STOCHASTIC]
+    assert [k[0][0] for k in _fused.KERNELS.failed] == [STOCHASTIC]
     quantize(x, QuantSpec(), 0.1)
-    assert any(k[0] is RoundingMode.NEAREST_EVEN for k in _fused._READY)
+    assert any(k[0][0] is RoundingMode.NEAREST_EVEN for k in _fused.KERNELS.ready)

@@ -1,0 +1,147 @@
+"""Compiled CPU kernels with an eager twin: compiled once per key, trusted once they have run,
+turned off (with one warning) where compiling or running them fails.
+
+The fused quantizer (:mod:`qerror._fused`) and the instrument's channel sums
+(:mod:`qerror.nn._moments`) each keep one :class:`Kernels`. A caller asks for a kernel's result
+with :meth:`Kernels.call`; ``None`` means "compute it yourself": the caller's eager code gives
+the same result (bit for bit for the quantizer, up to float summation order for the sums).
+
+Guards, for every kernel:
+
+* ``QERROR_FUSED=0`` in the environment, a forked child (compiled kernels run OpenMP regions,
+  which can hang there), or inductor told to use unsafe floating-point optimisations: no
+  compiled code at all (:func:`allowed`);
+* compiled code is cached per instruction set: the vector width inductor picked is stated in
+  the options (:func:`compile_options`), and the thread count is part of every key (it is
+  fixed in the compiled code);
+* loading compiled code must not switch the thread to flushing subnormals (some compilers'
+  fast-math start-up code does): if it did, the flushing is undone and the kernels turned off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable, Hashable
+
+import torch
+
+from qerror.cpu import flushing_denormals, in_forked_child
+
+
+def allowed() -> bool:
+    """Whether compiled kernels may run at all: not turned off by ``QERROR_FUSED=0``, not a
+    forked child, and inductor present and not told to use unsafe floating-point
+    optimisations (which could rewrite the exact quantizer's ``x - n s``)."""
+    if os.environ.get("QERROR_FUSED", "1") == "0" or in_forked_child():
+        return False
+    try:
+        from torch._inductor import config
+    except ImportError:  # a torch without inductor
+        return False
+    return not config.cpp.enable_unsafe_math_opt_flag
+
+
+def compile_options() -> dict:
+    """The vector width of the instruction set inductor picked here, stated: the compiled-code
+    cache keys on the options but (torch 2.14) not on the picked instruction set, so code
+    compiled under ``ATEN_CPU_CAPABILITY=avx2`` came back, wrong, to an AVX-512 process."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return {"cpp.simdlen": isa.bit_width()} if isa else {}
+
+
+class Kernels:
+    """One family of compiled kernels and its state.
+
+    Parameters
+    ----------
+    what : str
+        The family's name in the warning ("the fused quantizer").
+    instead : str
+        What the caller does instead, in the warning ("quantizing with the block engine
+        instead (same codes, slower)").
+    stacklevel : int
+        The warning's stack level from :meth:`call`, so that it points at the user's line.
+    """
+
+    def __init__(self, what: str, instead: str, stacklevel: int):
+        self.what, self.instead, self.stacklevel = what, instead, stacklevel
+        self.lock = threading.Lock()
+        self.compiled: dict = {}
+        self.ready: set = set()    # keys whose compiled code has run
+        self.failed: set = set()   # keys turned off by a failed call
+        self.broken: list[str] = []  # why the whole family is off, if it is
+        self.warned: list[str] = []
+
+    def enabled(self) -> bool:
+        """Whether this family's kernels may run: :func:`allowed`, and no failure that
+        turned the whole family off."""
+        return not self.broken and allowed()
+
+    def call(self, key: Hashable, make: Callable[[], Callable], args: tuple, *,
+             breaks_all: bool = False):
+        """The compiled kernel of ``key`` (``make()`` compiled on first use, with dynamic
+        sizes and the whole graph) on ``args``; None where it cannot be compiled or run,
+        after one warning. The key should hold everything the compiled code depends on
+        beyond the symbolic sizes (the thread count is added here).
+
+        A call that fails turns off its key; where the key's kernel had never run and
+        ``breaks_all`` (a failure that says the compiler cannot serve this family: not the
+        compiler's limit of variants), the whole family. Memory errors are the caller's.
+        """
+        key = (key, torch.get_num_threads())
+        # compiled code is loaded on a key's first call: only then can it switch on flushing
+        flushing = None if key in self.ready else flushing_denormals()
+        try:
+            with self.lock:
+                if key in self.failed or self.broken:
+                    return None
+                fn = self.compiled.get(key)
+            if fn is None:
+                options = compile_options()  # may build a probe on first use: outside the lock
+                with self.lock:
+                    fn = self.compiled.setdefault(key, torch.compile(
+                        make(), dynamic=True, fullgraph=True, options=options))
+            res = fn(*args)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the caller's eager code gives the result
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            with self.lock:
+                self.failed.add(key)
+                if breaks_all and key not in self.ready and \
+                        not isinstance(err, FailOnRecompileLimitHit):
+                    self.broken.append(f"{type(err).__name__}: {err}")
+            self._warn_once(f"{type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}")
+            return None
+        if flushing is False and flushing_denormals():
+            torch.set_flush_denormal(False)
+            with self.lock:
+                self.broken.append("compiled code switched on flushing of subnormals")
+            self._warn_once("loading compiled code switched the CPU to flushing subnormal "
+                            "numbers; that was undone")
+            return None
+        with self.lock:
+            self.ready.add(key)
+        return res
+
+    def _warn_once(self, why: str) -> None:
+        with self.lock:
+            if self.warned:
+                return
+            self.warned.append(why)
+        warnings.warn(f"qerror: {self.what} is not used ({why}); {self.instead}. Set "
+                      "QERROR_FUSED=0 to skip the attempt.", RuntimeWarning,
+                      stacklevel=self.stacklevel)
+
+
+def named(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own named ``name``: compiled code is cached per code
+    object, with a limit on its variants, so each specialisation gets its own."""
+    fn.__code__ = fn.__code__.replace(co_name=name)
+    return fn

@@ -1,0 +1,139 @@
+"""Per (image, channel) sums and sums of squares of an activation, and of the difference of two,
+in one pass over the data: the statistics the instrument (:mod:`qerror.nn.propagate`) takes
+at every site.
+
+Every figure the drift measurement reports is a function of these sums, taken on every layer
+output of every chunk of every pass. Computed with torch's own reductions, a sum and a sum of
+squares read the tensor twice, and an error ``yq - yf`` is first written out and then read
+twice; on the small maps of a 32×32 network (2×2 and 4×4) torch's reduction over so short an
+inner dimension is also slow for its size. Here one compiled loop
+(:class:`qerror._compiled.Kernels`) reads ``a`` and ``b`` once and gives ``Σ(a-b)``,
+``Σ(a-b)²``, ``Σa``, ``Σa²``, ``Σb`` and ``Σb²`` for every (image, channel); ``studies.bench`` (drift group)
+times the instrument with it against the same passes without statistics.
+
+Notes
+-----
+Float32 data is summed in float32, as torch's reductions sum it, and the per (image, channel)
+sums returned in float64 (the caller accumulates them over images in float64). Whatever the
+order of the additions, a float32 sum of ``L`` terms is within ``(L - 1) u Σ|x|`` of the exact
+one (``u = 2**-24``), a sum of squares within ``L u Σx²`` (each square rounded once) and a
+sum of differences within ``L u Σ|a - b|`` (each difference rounded once): the tests check the
+compiled and the eager sums against float64 references with these bounds. The compiled loop
+adds in the order its vectorisation takes (lane-wise, then across lanes), torch's in a
+pairwise order, whose typical error is smaller; so the compiled loop takes maps of at most
+:data:`MAX_INNER` positions (32×32), where the bound is at most ``2**-14`` of ``Σ|x|`` and the
+typical error about ``√L u``, far below the sampling error of any figure built on the sums.
+Larger maps, other layouts, float64 data, tensors off the CPU and small tensors take torch's
+reductions, which give the same sums up to that rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qerror._compiled import Kernels, named
+
+#: Maps with more positions than this are summed by torch's reductions (see Notes).
+MAX_INNER = 1024
+#: Tensors with fewer elements than this per image are summed by torch's reductions: a
+#: compiled call's fixed cost (guards, dispatch) is larger than the whole work of a few such
+#: images. Per image, not per tensor, so that an image's sums do not depend on how many
+#: images are summed with it (a pass of measure against one of measure_many).
+MIN_IMAGE_ELEMENTS = 1 << 10
+
+#: The compiled sums. A warning of theirs is attributed to the line that called the
+#: instrument's hook or forward: past _warn_once, call, _compiled and the public function.
+KERNELS = Kernels("the compiled channel sums", "summing with torch's reductions instead "
+                  "(the same sums up to float rounding)", stacklevel=5)
+
+
+def _make(two: bool, dim: int, units: tuple[bool, ...]):
+    """The kernel: the sums over ``dim`` of ``x`` and ``x²``, or of ``a - b``, ``(a - b)²``,
+    ``a``, ``a²``, ``b`` and ``b²`` (all six in the one pass that reads ``a`` and ``b``)."""
+    if two:
+        def kernel(a, b):
+            d = a - b
+            return (d.sum(dim), (d * d).sum(dim), a.sum(dim), (a * a).sum(dim), b.sum(dim),
+                    (b * b).sum(dim))
+    else:
+        def kernel(a):
+            return a.sum(dim), (a * a).sum(dim)
+    shape = "x".join("1" if u else "n" for u in units)
+    return named(kernel, f"channel_sums_{'difference' if two else 'one'}_dim{dim}_{shape}")
+
+
+def _per_channel(t: torch.Tensor) -> int:
+    n = 1
+    for d in t.shape[2:]:
+        n *= d
+    return n
+
+
+def _view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``t`` (N, C, ...) as a 3-D view on its own memory and the dimension of its positions:
+    (N, C, L) reduced over 2 for C order, (N, L, C) over 1 for channels_last; None where
+    the compiled loop does not take it."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim < 3 or t.shape[0] < 1:
+        return None
+    n, c, length = t.shape[0], t.shape[1], _per_channel(t)
+    if not 2 <= length <= MAX_INNER or c * length < MIN_IMAGE_ELEMENTS:
+        return None
+    if t.is_contiguous():
+        return t.view(n, c, length), 2
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(n, length, c), 1  # a view: NHWC memory
+    return None
+
+
+def _compiled(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    views = [_view(t) for t in tensors]
+    if any(v is None for v in views) or len({(v[0].shape, v[1]) for v in views}) != 1 \
+            or not KERNELS.enabled():
+        return None
+    dim = views[0][1]
+    two = len(tensors) == 2
+    # sizes are symbolic except 0 and 1, which the compiler specialises: one kernel per
+    # pattern of unit dimensions keeps each within its limit of variants
+    units = tuple(d == 1 for d in views[0][0].shape)
+    res = KERNELS.call((two, dim, units), lambda: _make(two, dim, units),
+                       tuple(v[0] for v in views))
+    return None if res is None else tuple(r.double() for r in res)
+
+
+def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = tuple(range(2, t.ndim))
+    if _per_channel(t) == 1:
+        s = t.reshape(t.shape[0], -1)
+        q = s * s
+    else:
+        # one pass for the sum of squares, no temporary (half the cost of (t*t).sum)
+        s = t.sum(dim=dims)
+        q = torch.linalg.vector_norm(t, dim=dims).square_()
+    return s.double(), q.double()
+
+
+def channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per (image, channel) of ``t`` (N, C, ...): Σ and Σ² over the remaining dimensions,
+    as float64 CPU tensors (N, C), and the number of elements each sums."""
+    t = t.detach()
+    got = _compiled(t)
+    s, q = got if got is not None else _eager(t)
+    # Sums leave the device here: (N, C) at most, and the results are numpy arrays.
+    return s.cpu(), q.cpu(), _per_channel(t)
+
+
+def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_both: bool = False
+                    ) -> tuple[torch.Tensor, ...]:
+    """Per (image, channel) of ``d = a - b`` (both (N, C, ...), of one shape): Σd and Σd² as
+    :func:`channel_sums` gives them, then, if ``of_both``, Σa, Σa², Σb and Σb², then the
+    number of elements each sums; ``a - b`` is not written out, and ``a`` and ``b`` are read
+    once for all six, where the compiled loop takes them."""
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape:
+        raise ValueError(f"difference_sums needs two tensors of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    got = _compiled(a, b)
+    if got is None:
+        got = _eager(a - b) + (_eager(a) + _eager(b) if of_both else ())
+    got = tuple(g.cpu() for g in got[:6 if of_both else 2])
+    return got + (_per_channel(a),)

@@ -1,0 +1,192 @@
+"""The instrument's per (image, channel) sums: the compiled loop and torch's reductions against
+float64 references, within the bounds that float32 summation in any order allows."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from qerror.nn import _moments
+from qerror.nn._moments import MAX_INNER, channel_sums, difference_sums
+
+U = 2.0 ** -24  # float32 unit roundoff
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Each call of the compiled loop, by its key (the kernels' state as in a new process)."""
+    old = _moments.KERNELS
+    kernels = _moments.Kernels(old.what, old.instead, old.stacklevel)
+    monkeypatch.setattr(_moments, "KERNELS", kernels)
+    calls = []
+    call = kernels.call
+
+    def counted(key, make, args, **kw):
+        calls.append(key)
+        return call(key, make, args, **kw)
+    monkeypatch.setattr(kernels, "call", counted)
+    return calls
+
+
+def eager(monkeypatch):
+    """A context in which the compiled loop is off (QERROR_FUSED=0)."""
+    class Off:
+        def __enter__(self):
+            monkeypatch.setenv("QERROR_FUSED", "0")
+
+        def __exit__(self, *exc):
+            monkeypatch.delenv("QERROR_FUSED")
+    return Off()
+
+
+def data(shape, seed, layout=torch.contiguous_format):
+    """Values of many magnitudes and both signs (sums that cancel, sums of squares that
+    do not), in the layout asked for."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape, generator=gen))
+    return x.contiguous(memory_format=layout)
+
+
+def reference(t: torch.Tensor):
+    """Exact enough: float64 sums of float32 values (float64 sums of at most 1024 terms
+    are within 1024 * 2**-53 of the exact, far inside the float32 bounds)."""
+    d = t.double().flatten(2) if t.ndim > 2 else t.double()[:, :, None]
+    return d.sum(2), (d * d).sum(2), d.abs().sum(2)
+
+
+#: The bounds below are first order in u; this covers the second-order terms (L u² and
+#: below) and the float64 reference's own rounding (L 2**-53).
+SLACK = 1 + 1e-5
+
+
+def within_bounds(got_s, got_q, t: torch.Tensor, length: int, extra: float = 0.0,
+                  norm: bool = False):
+    """Σ within (L - 1 + extra) u Σ|x| and Σ² within (L + 2 extra) u Σx² of the exact: any
+    order of float32 additions, each square rounded once; ``extra`` 1 where each term is
+    itself a rounded difference of the exact ``t`` (u |d| for the term, 2u d² for its
+    square). ``norm``: Σ² taken as the square of a float32 norm (torch's reductions), 3u
+    more: the norm's square root rounded (doubled by the squaring) and the squaring."""
+    s, q, a = reference(t)
+    assert torch.all((got_s - s).abs() <= SLACK * (length - 1 + extra) * U * a)
+    assert torch.all((got_q - q).abs() <= SLACK * (length + 2 * extra + 3 * norm) * U * q)
+
+
+SHAPES = [(3, 256, 2, 2), (5, 64, 4, 4), (2, 16, 8, 8), (2, 8, 32, 32), (4, 300, 3, 5),
+          (3, 40, 30)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_sums_are_within_the_float32_bound_compiled_and_eager(shape, layout,
+                                                                     compiled_calls,
+                                                                     monkeypatch):
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is a 4-D layout")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    t = data(shape, 0, fmt)
+    length = int(np.prod(shape[2:]))
+    s, q, per = channel_sums(t)
+    assert per == length and s.dtype == q.dtype == torch.float64
+    assert s.shape == q.shape == shape[:2] and s.device.type == "cpu"
+    assert len(compiled_calls) == 1  # the compiled loop took it
+    within_bounds(s, q, t, length)
+    with eager(monkeypatch):
+        se, qe, _ = channel_sums(t)
+    assert len(compiled_calls) == 1  # not asked again
+    within_bounds(se, qe, t, length, norm=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_difference_sums_are_within_the_float32_bound(shape, layout, compiled_calls,
+                                                      monkeypatch):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    a, b = data(shape, 1, fmt), data(shape, 2, fmt)
+    b = a + 1e-3 * b  # a small difference of large values: the error of a layer
+    length = int(np.prod(shape[2:]))
+    sd, qd, sa, qa, sb, qb, per = difference_sums(a, b, of_both=True)
+    assert per == length and len(compiled_calls) == 1
+    d = (a.double() - b.double()).float()  # the rounded differences the sums add
+    within_bounds(sd, qd, a.double() - b.double(), length, extra=1.0)
+    within_bounds(sa, qa, a, length)
+    within_bounds(sb, qb, b, length)
+    with eager(monkeypatch):
+        got = difference_sums(a, b, of_both=True)
+        only = difference_sums(a, b)
+    within_bounds(got[0], got[1], d, length, norm=True)  # torch's own differences, summed
+    within_bounds(got[2], got[3], a, length, norm=True)
+    within_bounds(got[4], got[5], b, length, norm=True)
+    assert len(got) == 7 and len(only) == 3 and torch.equal(only[0], got[0]) and torch.equal(only[1], got[1])
+
+
+def test_an_images_sums_do_not_depend_on_the_images_beside_it(compiled_calls):
+    """measure and measure_many sum the same images in tensors of other sizes (passes of
+    2 and of K + 1 chunks): every image's sums are the same bits whatever else is summed."""
+    t = data((9, 64, 4, 4), 3)
+    s, q, _ = channel_sums(t)
+    for first, stop in ((0, 1), (2, 3), (1, 6), (4, 9)):
+        sp, qp, _ = channel_sums(t[first:stop].clone())
+        assert torch.equal(sp, s[first:stop]) and torch.equal(qp, q[first:stop])
+    a, b = data((9, 64, 4, 4), 4), data((9, 64, 4, 4), 5)
+    whole = difference_sums(a, b, of_both=True)
+    one = difference_sums(a[3:4].clone(), b[3:4].clone(), of_both=True)
+    for w, o in zip(whole[:6], one[:6]):
+        assert torch.equal(o, w[3:4])
+
+
+@pytest.mark.parametrize("case", ["one position", "long map", "float64", "few elements",
+                                  "gapped", "two dimensions"])
+def test_what_the_compiled_loop_does_not_take_is_summed_by_torch(case, compiled_calls):
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"one position": (4, 600, 1, 1), "long map": (2, 3, 40, 40),
+              "float64": (4, 64, 4, 4), "few elements": (4, 8, 4, 4),
+              "gapped": (4, 64, 4, 8), "two dimensions": (4, 600)}
+    t = torch.randn(shapes[case], generator=gen)
+    if case == "float64":
+        t = t.double()
+    if case == "gapped":
+        t = t[..., ::2]
+    other = t + 1
+    assert (case == "long map") == (np.prod(t.shape[2:]) > MAX_INNER)
+    s, q, per = channel_sums(t)
+    sd, qd, _ = difference_sums(t, other)
+    assert compiled_calls == []
+    length = int(np.prod(t.shape[2:])) if t.ndim > 2 else 1
+    assert per == length
+    within_bounds(s, q, t, length, norm=length > 1)
+    within_bounds(sd, qd, t.double() - other.double(), length, extra=1.0, norm=length > 1)
+
+
+def test_a_difference_of_two_layouts_is_summed_by_torch(compiled_calls):
+    t = data((4, 64, 4, 4), 7)
+    other = data((4, 64, 4, 4), 8, torch.channels_last)
+    sd, qd, _ = difference_sums(t, other)
+    assert compiled_calls == []
+    within_bounds(sd, qd, t.double() - other.double(), 16, extra=1.0, norm=True)
+
+
+def test_tensors_of_two_shapes_are_refused():
+    with pytest.raises(ValueError, match="two tensors of one shape"):
+        difference_sums(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5))
+
+
+def test_a_compiler_failure_warns_once_and_gives_torchs_sums(monkeypatch, compiled_calls):
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    t = data((4, 64, 4, 4), 9)
+    with eager(monkeypatch):
+        ref = channel_sums(t)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="compiled channel sums is not used.*no C\\+\\+"):
+        got = channel_sums(t)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], ref[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        again = channel_sums(t)
+    assert all(torch.equal(a, b) for a, b in zip(again[:2], ref[:2]))
