@@ -569,6 +569,52 @@ def bench_drift_avx2_prepared(records) -> str:
         + ("met by both." if max(n1.ratio_median, nm.ratio_median) <= n1.goal else "not met."))
 
 
+def drift_speed_avx2_sums(records) -> str:
+    """The default run with the instrument's sums compiled against the commit before them,
+    run one after the other on one machine; how far the old commit's time here is from the
+    earlier run of nearly the same code (the machine's own drift between sessions)."""
+    before = records("drift-avx2-pair-new").csv("timing.csv").iloc[0].measured_s
+    old = records("drift-avx2-sums-old").csv("timing.csv").iloc[0].measured_s
+    second = records("drift-avx2-sums-second")
+    _require_no_avx512(second)
+    again = second.csv("timing.csv").iloc[0].measured_s
+    return _drift_speed_step(
+        records, "drift-avx2-sums-old", "drift-avx2-sums-new",
+        "Then the instrumented passes summed each layer's output as it was made, in one "
+        "compiled pass over the quantized and the float output (`qerror.nn._moments`: the "
+        "error's, both outputs' and their squares' sums per image and channel), instead of "
+        "writing the error out and reducing it and the whole pass's output with torch, two "
+        "passes each. The two commits were run one after the other on one machine, the old "
+        "first.",
+        ": float sums in another order (float32 sums of each image's channel added in the "
+        f"compiled loop's order). The old commit's run took {abs(100 * (old / before - 1)):.0f} "
+        f"% {'less' if old < before else 'more'} time than the previous passage's run of "
+        "nearly the same code, earlier the same day on a machine of the same kind: a whole "
+        "run's "
+        "time moves by that much between hours. A second run of the new code, right after "
+        f"(commit {second.commit}), took {minutes(again)} minutes ({again:.0f} s)")
+
+
+def bench_drift_avx2_sums(records) -> str:
+    """The instrumentation's overhead benched after the compiled sums, beside the bench
+    before them."""
+    old, new = records("bench-drift-avx2-prepared"), records("bench-drift-avx2-sums")
+    _require_no_avx512(new, "a bench run")
+    (o1, om), (n1, nm) = _overheads(old), _overheads(new)
+
+    def span(r):
+        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
+
+    met = [w for w, r in (("`measure`", n1), ("`measure_many`", nm)) if r.ratio_median <= n1.goal]
+    return (
+        f"Benched after them (`{new.about['command']}`, commit {new.commit}, same machine "
+        f"kind): `measure_many` {span(nm)} its bare K-way passes (before {om.ratio_median:.2f}×"
+        f"), `measure` {span(n1)} its bare paired passes (before {o1.ratio_median:.2f}×); the "
+        f"goal of {n1.goal:g}× is "
+        + ("met by both." if len(met) == 2 else f"met by {met[0]} alone." if met
+           else "not met."))
+
+
 # The drift study's constants that its tail and precision columns are defined by
 # (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
 # without this renderer importing torch).
@@ -998,6 +1044,8 @@ RENDERERS: dict[str, Callable] = {
     "drift-speed-avx2-prepared": drift_speed_avx2_prepared,
     "bench-drift-avx2-next": bench_drift_avx2_next,
     "bench-drift-avx2-prepared": bench_drift_avx2_prepared,
+    "drift-speed-avx2-sums": drift_speed_avx2_sums,
+    "bench-drift-avx2-sums": bench_drift_avx2_sums,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
