@@ -31,9 +31,9 @@ element's draw ``k / 2**53`` (the splitmix64 hash of its flat index,
 zeros' signs included (the same draws, the same fractions), which the tests check with
 offsets, per channel and past the range's ends. The RECIPROCAL arithmetic, float64
 and half-precision data, tensors off the CPU, small arrays and forked children stay on the
-block engine. ``QERROR_FUSED=0`` in the environment turns this path off (``studies.bench``
-times the two against each other); a compiler that fails turns it off with one warning, and
-the block engine gives the same codes.
+block engine. ``QERROR_FUSED=0`` in the environment turns this path off, with every other
+compiled kernel of qerror's (``studies.bench`` times the two against each other); a compiler
+that fails turns it off with one warning, and the block engine gives the same codes.
 Compiled code is cached per instruction set and per thread count (:mod:`qerror._compiled`).
 """
 

@@ -85,7 +85,9 @@ def fused_note() -> str:
 
 def on_block_engine(fn):
     """``fn`` run with the fused exact quantizer turned off (``QERROR_FUSED=0``): the block
-    engine that the fused path replaces for float32 data on the CPU, same codes."""
+    engine that the fused path replaces for float32 data on the CPU, same codes. The switch
+    turns off every compiled kernel, the instrument's sums (:mod:`qerror.nn._moments`) too:
+    the rows that use it time plain fake-quantized forwards, which take no sums."""
     def run():
         before = os.environ.get("QERROR_FUSED")
         os.environ["QERROR_FUSED"] = "0"

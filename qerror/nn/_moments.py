@@ -15,16 +15,22 @@ Notes
 -----
 Float32 data is summed in float32, as torch's reductions sum it, and the per (image, channel)
 sums returned in float64 (the caller accumulates them over images in float64). Whatever the
-order of the additions, a float32 sum of ``L`` terms is within ``(L - 1) u Σ|x|`` of the exact
-one (``u = 2**-24``), a sum of squares within ``L u Σx²`` (each square rounded once) and a
-sum of differences within ``L u Σ|a - b|`` (each difference rounded once): the tests check the
+order of the additions, a float32 sum of ``L`` terms is within ``γ(L - 1) Σ|x|`` of the
+exact one, a sum of squares within ``γ(L) Σx²`` (each square rounded once) and a sum of
+differences within ``γ(L) Σ|a - b|`` (each difference rounded once), where
+``γ(k) = k u / (1 - k u)`` and ``u = 2**-24`` (to first order ``k u``): the tests check the
 compiled and the eager sums against float64 references with these bounds. The compiled loop
 adds in the order its vectorisation takes (lane-wise, then across lanes), torch's in a
 pairwise order, whose typical error is smaller; so the compiled loop takes maps of at most
 :data:`MAX_INNER` positions (32×32), where the bound is at most ``2**-14`` of ``Σ|x|`` and the
 typical error about ``√L u``, far below the sampling error of any figure built on the sums.
-Larger maps, other layouts, float64 data, tensors off the CPU and small tensors take torch's
-reductions, which give the same sums up to that rounding.
+Larger maps, maps of one channel, other layouts, float64 data, tensors off the CPU and
+images of fewer than :data:`MIN_IMAGE_ELEMENTS` elements take torch's reductions, which give
+the same sums up to that rounding. Which of the two sums a tensor depends on its images'
+shape and layout alone, never on how many images it holds, so an image's sums are the same
+bits in a pass of :func:`~qerror.nn.measure` and in one of :func:`~qerror.nn.measure_many`
+(tested). ``QERROR_FUSED=0`` turns the compiled loop off with the fused quantizer
+(:func:`qerror._compiled.allowed`); a compiler that fails turns it off after one warning.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ MAX_INNER = 1024
 #: images are summed with it (a pass of measure against one of measure_many).
 MIN_IMAGE_ELEMENTS = 1 << 10
 
-#: The compiled sums. A warning of theirs is attributed to the line that called the
-#: instrument's hook or forward: past _warn_once, call, _compiled and the public function.
+#: The compiled sums. A warning of theirs points at the line of qerror.nn.propagate that called
+#: channel_sums or difference_sums (past _warn_once, call, _compiled and that function): the
+#: sums are the instrument's, met inside the model's forward.
 KERNELS = Kernels("the compiled channel sums", "summing with torch's reductions instead "
                   "(the same sums up to float rounding)", stacklevel=5)
 
@@ -76,7 +83,10 @@ def _view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim < 3 or t.shape[0] < 1:
         return None
     n, c, length = t.shape[0], t.shape[1], _per_channel(t)
-    if not 2 <= length <= MAX_INNER or c * length < MIN_IMAGE_ELEMENTS:
+    # one channel: the compiled loop has only the map to reduce and splits it across threads
+    # where the map is long (1024 positions over 2 threads, say), in another order than the
+    # loop for many channels: an image's sums would depend on the images beside it
+    if c == 1 or not 2 <= length <= MAX_INNER or c * length < MIN_IMAGE_ELEMENTS:
         return None
     if t.is_contiguous():
         return t.view(n, c, length), 2
@@ -96,7 +106,7 @@ def _compiled(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     # pattern of unit dimensions keeps each within its limit of variants
     units = tuple(d == 1 for d in views[0][0].shape)
     res = KERNELS.call((two, dim, units), lambda: _make(two, dim, units),
-                       tuple(v[0] for v in views))
+                       tuple(v[0] for v in views), breaks_all=True)
     return None if res is None else tuple(r.double() for r in res)
 
 
@@ -122,18 +132,20 @@ def channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return s.cpu(), q.cpu(), _per_channel(t)
 
 
-def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_both: bool = False
-                    ) -> tuple[torch.Tensor, ...]:
+def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_a: bool = False,
+                    of_b: bool = False) -> tuple[torch.Tensor, ...]:
     """Per (image, channel) of ``d = a - b`` (both (N, C, ...), of one shape): Σd and Σd² as
-    :func:`channel_sums` gives them, then, if ``of_both``, Σa, Σa², Σb and Σb², then the
-    number of elements each sums; ``a - b`` is not written out, and ``a`` and ``b`` are read
-    once for all six, where the compiled loop takes them."""
+    :func:`channel_sums` gives them, then Σa and Σa² if ``of_a``, then Σb and Σb² if
+    ``of_b``, then the number of elements each sums. Where the compiled loop takes them,
+    ``a - b`` is not written out and ``a`` and ``b`` are read once for all six sums; torch's
+    reductions take only those asked for."""
     a, b = a.detach(), b.detach()
     if a.shape != b.shape:
         raise ValueError(f"difference_sums needs two tensors of one shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     got = _compiled(a, b)
     if got is None:
-        got = _eager(a - b) + (_eager(a) + _eager(b) if of_both else ())
-    got = tuple(g.cpu() for g in got[:6 if of_both else 2])
-    return got + (_per_channel(a),)
+        got = _eager(a - b) + (_eager(a) if of_a else (None, None)) \
+            + (_eager(b) if of_b else (None, None))
+    keep = (True, True, of_a, of_a, of_b, of_b)
+    return tuple(g.cpu() for g, k in zip(got, keep) if k) + (_per_channel(a),)

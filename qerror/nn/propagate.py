@@ -8,10 +8,10 @@ fake-quantized input. Every other module of a torchvision-style CNN in evaluatio
 samples independently, so the two halves never mix and each tensor inside the network holds
 the float activation and its quantized counterpart at once. Accumulated error, drift, SQNR,
 saturation and BatchNorm inconsistency are then reductions of the two halves, streamed
-batch by batch; nothing is kept per image. Each layer's output is reduced once, as it is
-made: one compiled pass over the quantized and the float output gives every (image,
-channel)'s sums of the error, of its square and of both outputs and their squares
-(:mod:`qerror.nn._moments`). A batch of more than 32 images is measured in two
+batch by batch; nothing is kept per image. Each layer's output is reduced as it is made:
+for float32 maps on the CPU, one compiled pass over the quantized and the float output gives
+every (image, channel)'s sums of the error, of its square and of both outputs and their
+squares (:mod:`qerror.nn._moments`; other tensors take torch's reductions). A batch of more than 32 images is measured in two
 paired passes of half its images (``pair_batch``, :func:`default_pair_batch`), so each pass
 holds as many images as the batch's float forward (peak memory about 1.4× the float
 forward's; ``python -m studies.bench --only drift``).
@@ -784,15 +784,18 @@ class _Instrument:
             for arm, xq, wb in zip(self.arms, xs, params):
                 acc = arm.site(name, kind) if self.collect else None
                 yq = op(self._quantize_input(arm, idx, name, xq, acc, 0), *wb)
+                sums = None
                 if acc is not None:
                     # in one pass over yq and yf, before the cat (the chunk is freed with
                     # it): the error's sums, the arm's own (those of a BatchNorm it feeds)
-                    # and the float output's (each arm's reference: taken from the first)
-                    sd, qd, sa, qa, sf, qf, per_channel = difference_sums(yq, yf, of_both=True)
+                    # and, for the first arm, the float output's (each arm's reference)
+                    sd, qd, sa, qa, *sf_qf, per_channel = difference_sums(
+                        yq, yf, of_a=True, of_b=ref is None)
                     acc.err.add_sums(sd, qd, per_channel)
-                    own.append((sa, qa, per_channel))
+                    sums = (sa, qa, per_channel)
                     if ref is None:
-                        ref = (sf, qf, per_channel)
+                        ref = (*sf_qf, per_channel)
+                own.append(sums)  # one per arm, in the arms' order
                 parts.append(yq)
                 accs.append(acc)
             out = torch.cat(parts)
