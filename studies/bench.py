@@ -490,6 +490,7 @@ def bench_drift(args) -> list[BenchRow]:
             note=f"{k * n / np.median(timed[1]):.0f} image-configurations/s instrumented, "
                  f"{k * n / np.median(timed[2]):.0f} bare"))
     rows += prepared_rows(model, x, act, cfg, arch, args.seed, args.smoke, pairs)
+    rows += sums_rows(model, x, act, cfg, w, arch, pairs)
     rows += plain_layout_rows(model, x, act, [(None, None), (cfg, w)] + [
         (c, cw) for c, cw in zip(configs, weights) if c.rounding.is_random], arch, pairs)
     # Peak memory, each in a fresh process: measure's default (two paired passes of half the
@@ -577,6 +578,44 @@ def prepared_rows(model, x, act, cfg, arch: str, seed: int, smoke: bool, pairs: 
         f"measure_many in chunks of {narrow} (the library's default)", None, *timed,
         note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
              "image-configurations/s"))
+    return rows
+
+
+def sums_rows(model, x, act, cfg, w, arch: str, pairs: int) -> list[BenchRow]:
+    """The instrument's sums of one layer's outputs (:func:`qerror.nn.difference_sums`: per
+    (image, channel) Σ and Σ² of the error ``yq - yf`` and of both outputs), by its compiled
+    loop against torch's reductions (``QERROR_FUSED=0``), on the float and the quantized
+    output of a layer with an 8×8 map and of one with a 2×2 map on the batch (the first
+    conv of layer2 and the second of layer3's second block), 20 calls a timing."""
+    from qerror.nn import difference_sums, quantized_forward
+
+    rows = []
+    modules = dict(model.named_modules())
+    for name in ("layer2.0.conv1", "layer3.1.conv2"):
+        if name not in modules:
+            continue
+        outs = []
+        handle = modules[name].register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+        try:
+            with torch.inference_mode():
+                model(x)
+                with quantized_forward(model, cfg, act, weights=w):
+                    model(x)
+        finally:
+            handle.remove()
+        yf, yq = (o.clone() for o in outs)
+        calls = 20
+
+        def sums():
+            for _ in range(calls):
+                difference_sums(yq, yf, of_a=True, of_b=True)
+
+        timed = paired_ratio(sums, on_block_engine(sums), max(pairs, 5))
+        rows.append(make_row(
+            "drift", f"{arch} 8-bit {cfg.rounding.value}, output {tuple(yf.shape)} of {name}",
+            "difference_sums, compiled loop", "torch's reductions (QERROR_FUSED=0)", None,
+            *timed, note=f"{1e6 * np.median(timed[1]) / calls:.0f} vs "
+                         f"{1e6 * np.median(timed[2]) / calls:.0f} µs a call"))
     return rows
 
 

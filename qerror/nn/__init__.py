@@ -5,7 +5,9 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 (:mod:`qerror.rounding`, :mod:`qerror.quantizer`, :mod:`qerror.calibration`,
 :mod:`qerror.analytic`, ...), never the other way round.
 
-* :mod:`qerror.nn.propagate`: the paired batch, drift, SQNR, saturation along depth;
+* :mod:`qerror.nn.propagate`: the paired batch, drift, SQNR, saturation along depth; its
+  per (image, channel) sums in one compiled pass (:func:`channel_sums`,
+  :func:`difference_sums`, from the private :mod:`qerror.nn._moments`);
 * :mod:`qerror.nn.bn`: BatchNorm inconsistency;
 * :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
 * :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
@@ -33,6 +35,7 @@ from qerror.nn._anatomy import (
     model_device,
     path_depths,
 )
+from qerror.nn._moments import channel_sums, difference_sums
 from qerror.nn.adaround import (
     AdaRoundLayer,
     AdaRoundResult,
@@ -147,8 +150,10 @@ __all__ = [
     "bn_fed_layers",
     "calibrate_activations",
     "calibrate_exits",
+    "channel_sums",
     "check_model",
     "count_macs",
+    "difference_sums",
     "empirical_bias_correction",
     "exit_costs",
     "expected_calibration_error",

@@ -23,6 +23,8 @@ def test_bench_smoke(tmp_path):
     assert set(unmeasured[~peer].name) <= {n for n in frame.name if "peak memory" in n}
     assert unmeasured[peer].note.str.startswith("not measured: ").all()
     assert (frame.group == "wisard").sum() == 1
+    # the instrument's compiled sums against torch's, on an 8×8 and a 2×2 map
+    assert (frame.candidate == "difference_sums, compiled loop").sum() == 2
 
 
 def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
