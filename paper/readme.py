@@ -280,6 +280,11 @@ def _require_no_avx512(rec: Record, what: str = "a run") -> None:
                           "without it")
 
 
+def _ratio_span(row, over: str = "") -> str:
+    """A bench row's median ratio and its range over the pairs, "1.41× (1.26–1.83)"."""
+    return f"{row.ratio_median:.2f}× ({row.ratio_min:.2f}–{row.ratio_max:.2f}{over})"
+
+
 def _bench_row(rec: Record, bench: pd.DataFrame, name_has: str, baseline: str) -> pd.Series:
     """The one row of ``bench`` whose name contains ``name_has``, against ``baseline``."""
     return _one_row(rec, bench, bench.name.str.contains(name_has, regex=False)
@@ -520,7 +525,7 @@ def bench_drift_avx2_next(records) -> str:
         raise RecordError(f"record {new.name}: expected three peak-memory rows")
 
     def span(r):
-        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f} over the pairs)"
+        return _ratio_span(r, " over the pairs")
 
     return (
         f"Benched again after it (`{new.about['command']}`, commit {new.commit}, "
@@ -541,6 +546,7 @@ def bench_drift_avx2_next(records) -> str:
 def bench_drift_avx2_prepared(records) -> str:
     """The drift group benched after the prepared quantizers and the study's larger K-way
     chunks: their own rows, and the instrumentation's overhead beside the bench before."""
+    span = _ratio_span  # the median and its range over the pairs
     old, new = records("bench-drift-avx2-next"), records("bench-drift-avx2-prepared")
     _require_no_avx512(new, "a bench run")
     b = new.csv("bench.csv")
@@ -553,8 +559,6 @@ def bench_drift_avx2_prepared(records) -> str:
         raise RecordError(f"record {new.name}: the PreparedQuantizer row's note lacks its µs")
     (o1, om), (n1, nm) = _overheads(old), _overheads(new)
 
-    def span(r):
-        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
 
     return (
         f"Benched after them (`{new.about['command']}`, commit {new.commit}, same machine "
@@ -599,6 +603,7 @@ def bench_drift_avx2_sums(records) -> str:
     """The instrumentation's overhead benched twice after the compiled sums, beside the bench
     before them; the sums' own rows (compiled loop against torch's reductions) from the
     second."""
+    span = _ratio_span  # the median and its range over the pairs
     old = records("bench-drift-avx2-prepared")
     new, again = records("bench-drift-avx2-sums"), records("bench-drift-avx2-sums2")
     for rec in (new, again):
@@ -618,8 +623,6 @@ def bench_drift_avx2_sums(records) -> str:
                     f"output {shape.group(1)} of {shape.group(2)} ({calls.group(1)} against "
                     f"{calls.group(2)} µs a call)")
 
-    def span(r):
-        return f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
 
     met = [w for w, r in (("`measure`", a1), ("`measure_many`", am)) if r.ratio_median <= a1.goal]
     return (

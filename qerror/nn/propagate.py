@@ -11,10 +11,10 @@ saturation and BatchNorm inconsistency are then reductions of the two halves, st
 batch by batch; nothing is kept per image. Each layer's output is reduced as it is made:
 for float32 maps on the CPU, one compiled pass over the quantized and the float output gives
 every (image, channel)'s sums of the error, of its square and of both outputs and their
-squares (:mod:`qerror.nn._moments`; other tensors take torch's reductions). A batch of more than 32 images is measured in two
-paired passes of half its images (``pair_batch``, :func:`default_pair_batch`), so each pass
-holds as many images as the batch's float forward (peak memory about 1.4× the float
-forward's; ``python -m studies.bench --only drift``).
+squares (:mod:`qerror.nn._moments`; other tensors take torch's reductions). A batch of more
+than 32 images is measured in two paired passes of half its images (``pair_batch``,
+:func:`default_pair_batch`), so each pass holds as many images as the batch's float forward
+(peak memory about 1.4× the float forward's; ``python -m studies.bench --only drift``).
 
 :func:`measure_many` extends the pair to a *K-way batch*: the float chunk and one chunk per
 configuration (say every rounding mode of a bit width), so one float pass serves them all
