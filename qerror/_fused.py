@@ -25,16 +25,17 @@ sign (the engine's own zeros take theirs from numpy's rounding and clipping loop
 
 STOCHASTIC rounding takes the same quotient ``v`` and goes up from ``floor(v)`` where the
 element's draw ``k / 2**53`` (the splitmix64 hash of its flat index,
-:func:`qerror.rounding.hash_draws`, computed in the loop from the stream's start) is below
-``v - floor(v)``, compared in float64 as the block engine compares them; a stored level
-``fl(n s)`` gets code ``n``. Its codes and fake values are the block engine's bit for bit,
-zeros' signs included (the same draws, the same fractions), which the tests check with
-offsets, per channel and past the range's ends. The RECIPROCAL arithmetic, float64
-and half-precision data, tensors off the CPU, small arrays and forked children stay on the
-block engine. ``QERROR_FUSED=0`` in the environment turns this path off, with every other
-compiled kernel of qerror's (``studies.bench`` times the two against each other); a compiler
-that fails turns it off with one warning, and the block engine gives the same codes.
-Compiled code is cached per instruction set and per thread count (:mod:`qerror._compiled`).
+:func:`qerror.rounding.hash_draws`, computed in the loop from the stream's first word and step,
+:func:`qerror.rounding.hash_stream`) is below ``v - floor(v)``, compared in float64 as the
+block engine compares them; a stored level ``fl(n s)`` gets code ``n``. Its codes and fake
+values are the block engine's bit for bit, zeros' signs included (the same draws, the same
+fractions), which the tests check with offsets, per channel and past the range's ends. The
+RECIPROCAL arithmetic, float64 and half-precision data, tensors off the CPU, small arrays and
+forked children stay on the block engine. ``QERROR_FUSED=0`` in the environment turns this path
+off, with every other compiled kernel of qerror's (``studies.bench`` times the two against each
+other); a compiler that fails turns it off with one warning, and the block engine gives the
+same codes. Compiled code is cached per instruction set and per thread count
+(:mod:`qerror._compiled`).
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ KERNELS = Kernels("the fused quantizer", "quantizing with the block engine inste
                   "codes, slower)", stacklevel=7)
 
 
-def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
+def codes(x, s, z, lo, hi, stream=None, *, mode: RoundingMode, fake: bool, count: bool = True):
     """The fused quantizer in eager torch (what :func:`run` compiles).
 
     ``x`` is float32 of shape ``(outer, channels, inner)``; ``s``, ``z``, ``lo`` and ``hi``
     float32 of shape ``(1, channels, 1)``: the scale, the zero point and the code range
-    ``qmin - z .. qmax - z``; ``start`` (STOCHASTIC only) the int64 first word of the draws'
-    stream at ``x``'s first element (:func:`qerror.rounding.stream_start`). Returns the
+    ``qmin - z .. qmax - z``; ``stream`` (STOCHASTIC only) the draws' stream from ``x``'s
+    first element (:func:`qerror.rounding.hash_stream`: its first word and step). Returns the
     fake-quantized values (float32) or the integer codes with the zero point added (int32),
     and, if ``count``, the per-channel counts of codes below and above the range before the
     clamp (int64; else None), and the per-channel counts of non-finite values in ``x``
@@ -74,7 +75,7 @@ def codes(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count:
         # as the block engine does on the same quotient; the clamp leaves in-range v alone
         down = torch.floor(v)
         frac = (v.double() - down.double()) * 2.0**53
-        code = down + (hash_draws(x, start).double() < frac).to(v.dtype)
+        code = down + (hash_draws(x, stream).double() < frac).to(v.dtype)
         n = torch.round(v)
         # as the engine: a zero is no level of its own (its code +0, not round(-0.) = -0.)
         n = torch.where(x == 0, code, n)
@@ -117,15 +118,15 @@ def eligible(x, mode: RoundingMode, exact: bool) -> bool:
 def _specialised(mode: RoundingMode, fake: bool, count: bool, units: tuple[bool, ...]):
     """:func:`codes` for one mode, output, counting and pattern of unit dimensions, with a
     code object of its own (:func:`qerror._compiled.named`)."""
-    def kernel(x, s, z, lo, hi, start):
-        return codes(x, s, z, lo, hi, start, mode=mode, fake=fake, count=count)
+    def kernel(x, s, z, lo, hi, stream):
+        return codes(x, s, z, lo, hi, stream, mode=mode, fake=fake, count=count)
 
     shape = "x".join("1" if u else "n" for u in units)
     return named(kernel, f"quantize_{mode.value}_{'fake' if fake else 'codes'}"
                          f"{'_counted' if count else ''}_{shape}")
 
 
-def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: bool = True):
+def run(x, s, z, lo, hi, stream=None, *, mode: RoundingMode, fake: bool, count: bool = True):
     """:func:`codes` compiled for this mode and output (once, then cached); None where it
     cannot be compiled or run, after one warning (the caller then takes the block engine,
     which gives the same codes; the compiled function writes only its own outputs).
@@ -139,5 +140,5 @@ def run(x, s, z, lo, hi, start=None, *, mode: RoundingMode, fake: bool, count: b
     # Sizes are symbolic except 0 and 1, which the compiler specialises: one compiled
     # function per pattern of unit dimensions keeps each within its limit of variants.
     key = (mode, fake, count, tuple(d == 1 for d in x.shape))
-    return KERNELS.call(key, lambda: _specialised(*key), (x, s, z, lo, hi, start),
+    return KERNELS.call(key, lambda: _specialised(*key), (x, s, z, lo, hi, stream),
                         breaks_all=not mode.is_random)

@@ -32,9 +32,9 @@ from qerror.rounding import (
     ArrayLike,
     Generator,
     RoundingMode,
+    hash_stream,
     round_values,
     stochastic_key,
-    stream_start,
 )
 
 
@@ -599,7 +599,7 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
     params = (_as_param(s3, x3, torch.float32), _as_param(z3, x3, torch.float32),
               *_bounds(spec, z3, x3, torch.float32))
     with torch.no_grad():
-        start = None if key is None else torch.tensor([stream_start(key, offset)])
+        start = None if key is None else hash_stream(key, offset)
         res = _fused.run(x3.contiguous(), *params, start, mode=spec.rounding, fake=fake,
                          count=count)
     if res is None:
@@ -959,7 +959,7 @@ class PreparedQuantizer:
             dims = (1, 1, view.numel())
         else:
             dims = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
-        start = torch.tensor([stream_start(stochastic_key(generator), offset)]) if random \
+        start = hash_stream(stochastic_key(generator), offset) if random \
             else None
         with torch.no_grad():
             res = _fused.run(view.detach().reshape(dims), *params, start,

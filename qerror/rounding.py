@@ -253,19 +253,35 @@ def stream_start(key: int, offset: int = 0) -> int:
     """The first word of the stochastic hash at flat index ``offset`` for ``key``, as a
     signed 64-bit integer: index ``offset + i`` hashes ``start + i * golden`` (mod 2**64).
 
-    With :func:`hash_draws` it gives the draws of a part of an array that begins at flat
-    index ``offset``, in code that ``torch.compile`` traces (the start as a tensor, so that
-    a new key needs no new compilation)."""
+    :func:`hash_stream` gives it, with the step, as the tensor that :func:`hash_draws` takes."""
     return _signed64((offset * _GOLDEN + key + _GOLDEN) & _MASK64)
 
 
-def hash_draws(like: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def hash_stream(key: int, offset: int = 0, device: torch.device | str | None = None
+           ) -> torch.Tensor:
+    """The stochastic hash's stream for ``key`` from flat index ``offset``, as
+    :func:`hash_draws` takes it: an int64 tensor of two elements, the first word
+    (:func:`stream_start`) and the step between consecutive indices' words (the golden-ratio
+    constant, as a signed 64-bit integer).
+
+    Both are data, not constants of the traced code: a new key needs no new compilation,
+    and the step is multiplied into the indices as a tensor. Written as a constant, inductor
+    (torch 2.14) folds ``arange * step`` into its index arithmetic, where a product that
+    overflows int64 is undefined in C++; the code compiled on an AVX-512 CPU gave wrong
+    words from the 25th element on (seen on an AMD EPYC with AVX512-VNNI, one thread and
+    two; AVX2 code happened to give the right ones)."""
+    return torch.tensor([stream_start(key, offset), _signed64(_GOLDEN)], dtype=torch.int64,
+                        device=device)
+
+
+def hash_draws(like: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     """The 53-bit integers ``k`` (int64, of ``like``'s shape) of the uniforms ``k / 2**53``
-    drawn for the elements of ``like`` in C order from the stream beginning at ``start``
-    (:func:`stream_start`, an int64 tensor of one element): the bits of the numpy kernel,
-    in two's-complement int64 arithmetic."""
+    drawn for the elements of ``like`` in C order from ``stream`` (:func:`hash_stream`: the
+    first word and the step, an int64 tensor of two elements): the bits of the numpy
+    kernel, in two's-complement int64 arithmetic (which wraps in torch's integer kernels and
+    in the vector instructions inductor emits for them)."""
     z = torch.arange(like.numel(), dtype=torch.int64, device=like.device).view(like.shape)
-    z = z * _signed64(_GOLDEN) + start
+    z = z * stream[1] + stream[0]
     z = (z ^ _srl(z, 30)) * _signed64(_MIX1)
     z = (z ^ _srl(z, 27)) * _signed64(_MIX2)
     z = z ^ _srl(z, 31)
@@ -274,9 +290,8 @@ def hash_draws(like: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 def _uniform_torch(n: int, key: int, device: torch.device, offset: int = 0) -> torch.Tensor:
     """The draws of :func:`_hash_numpy` as floats."""
-    start = torch.tensor(stream_start(key, offset), dtype=torch.int64, device=device)
     shape_of = torch.empty((), device=device).expand(n)  # n elements, no memory of its own
-    return hash_draws(shape_of, start).to(torch.float64).mul_(2.0**-53)
+    return hash_draws(shape_of, hash_stream(key, offset, device)).to(torch.float64).mul_(2.0**-53)
 
 
 def _into(result, out):

@@ -180,16 +180,36 @@ def test_fused_stochastic_per_channel_and_parts_equal_the_block_engine(fused_cal
 
 
 def test_eager_stochastic_rule_equals_the_compiled_one():
-    from qerror.rounding import stream_start
+    from qerror.rounding import hash_stream
     x = torch.from_numpy(tiled(boundary_values(0.0371, np.float32))).reshape(1, 1, -1)
     params = [torch.full((1, 1, 1), v, dtype=torch.float32)
               for v in (np.float32(0.0371), 3.0, -128.0 - 3.0, 127.0 - 3.0)]
-    start = torch.tensor([stream_start(2**63 + 12345, 999)])
+    stream = hash_stream(2**63 + 12345, 999)
     for fake in (True, False):
-        eager = _fused.codes(x, *params, start, mode=STOCHASTIC, fake=fake)
-        compiled = _fused.run(x, *params, start, mode=STOCHASTIC, fake=fake)
+        eager = _fused.codes(x, *params, stream, mode=STOCHASTIC, fake=fake)
+        compiled = _fused.run(x, *params, stream, mode=STOCHASTIC, fake=fake)
         for a, b in zip(eager, compiled):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_hash_draws_are_the_numpy_kernels(threads):
+    # The hash's int64 products wrap; compiled with the step as a constant, inductor folded
+    # arange * step into C++ index arithmetic, where the overflow is undefined, and the
+    # AVX-512 code gave wrong words from the 25th element on (hash_stream). Compiled here
+    # alone, at both thread counts (the thread count is fixed in compiled code), against the
+    # numpy kernel, on lengths with and without a vector tail.
+    from qerror.rounding import _hash_numpy, hash_draws, hash_stream
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn = torch.compile(hash_draws, dynamic=True, fullgraph=True)
+        for n, offset in ((1000, 0), (53956, 999), (1 << 17, 3)):
+            got = fn(torch.empty(n), hash_stream(2**63 + 12345, offset))
+            np.testing.assert_array_equal(got.numpy().view(np.uint64),
+                                          _hash_numpy(n, 2**63 + 12345, offset))
+    finally:
+        torch.set_num_threads(before)
 
 
 def fresh_state(monkeypatch):
