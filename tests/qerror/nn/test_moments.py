@@ -80,7 +80,7 @@ def within_bounds(got_s, got_q, t: torch.Tensor, length: int, extra: float = 0.0
 
 
 SHAPES = [(3, 256, 2, 2), (5, 64, 4, 4), (2, 16, 8, 8), (2, 8, 32, 32), (4, 300, 3, 5),
-          (3, 40, 30)]
+          (3, 40, 30), (4, 400, 1, 3), (3, 600, 2, 1)]
 
 
 @pytest.mark.parametrize("shape, layout", [
@@ -133,7 +133,8 @@ def test_difference_sums_are_within_the_float32_bound(shape, layout, compiled_ca
     assert len(compiled) == 5 and torch.equal(compiled[2], sb) and torch.equal(compiled[3], qb)
 
 
-@pytest.mark.parametrize("shape", [(9, 64, 4, 4), (5, 3, 32, 32), (5, 2, 32, 16)])
+@pytest.mark.parametrize("shape", [(9, 64, 4, 4), (5, 3, 32, 32), (5, 2, 32, 16), (7, 512, 2, 2),
+                                   (6, 700, 1, 3)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_an_images_sums_do_not_depend_on_the_images_beside_it(shape, layout, compiled_calls):
     """measure and measure_many sum the same images in tensors of other sizes (passes of
