@@ -66,12 +66,14 @@ def _make(two: bool, dim: int, units: tuple[bool, ...], inner: int | None):
     """The kernel: the sums over ``dim`` of ``x`` and ``x²``, or of ``a - b``, ``(a - b)²``,
     ``a``, ``a²``, ``b`` and ``b²`` (all six in the one pass that reads ``a`` and ``b``),
     each summed in float32 and written as float64. ``inner``: the size of ``dim`` where it
-    is fixed in the compiled code (``None``: symbolic)."""
+    is fixed in the compiled code (``None``: symbolic). Of two, ``a`` has one more leading
+    dimension than ``b`` (its chunks, each of ``b``'s shape), reduced over ``dim + 1``."""
     if two:
         def kernel(a, b):
             d = a - b
-            return tuple(r.double() for r in (d.sum(dim), (d * d).sum(dim), a.sum(dim),
-                                              (a * a).sum(dim), b.sum(dim), (b * b).sum(dim)))
+            return tuple(r.double() for r in (
+                d.sum(dim + 1), (d * d).sum(dim + 1), a.sum(dim + 1), (a * a).sum(dim + 1),
+                b.sum(dim), (b * b).sum(dim)))
     else:
         def kernel(a):
             return a.sum(dim).double(), (a * a).sum(dim).double()
@@ -106,26 +108,36 @@ def _view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return None
 
 
-def _compiled(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+def _compiled(*tensors: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, ...] | None:
+    """The compiled sums of one tensor, or of ``a - b``, ``a`` and ``b`` where ``a`` holds
+    ``chunks`` consecutive chunks of ``b``'s shape; None where the loop does not take them."""
     views = [_view(t) for t in tensors]
-    if any(v is None for v in views) or len({(v[0].shape, v[1]) for v in views}) != 1 \
+    if any(v is None for v in views) or len({v[1] for v in views}) != 1 \
             or not KERNELS.enabled():
         return None
     dim = views[0][1]
     two = len(tensors) == 2
+    args = tuple(v[0] for v in views)
+    if two:
+        a, b = args
+        if a.shape[0] != chunks * b.shape[0] or a.shape[1:] != b.shape[1:]:
+            return None
+        args = (a.view(chunks, *b.shape), b)
     # sizes are symbolic except 0 and 1, which the compiler specialises, and a short map's
     # (STATIC_INNER): one kernel per pattern of unit dimensions and short map keeps each
     # within its limit of variants
-    args = tuple(v[0] for v in views)
     units = tuple(d == 1 for d in args[0].shape)
-    inner = args[0].shape[dim]
+    inner = args[-1].shape[dim]
     if inner <= STATIC_INNER:
-        for a in args:  # a view of the caller's tensor: the mark is the view's alone
-            torch._dynamo.mark_static(a, dim)
+        for t in args:  # views of the caller's tensors: the mark is the view's alone
+            torch._dynamo.mark_static(t, t.ndim - 3 + dim)
     else:
         inner = None
-    return KERNELS.call((two, dim, units, inner), lambda: _make(two, dim, units, inner), args,
-                        breaks_all=True)
+    res = KERNELS.call((two, dim, units, inner), lambda: _make(two, dim, units, inner), args,
+                       breaks_all=True)
+    if res is None or not two:
+        return res
+    return tuple(r.reshape(-1, r.shape[-1]) for r in res[:4]) + tuple(res[4:])
 
 
 def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,19 +163,28 @@ def channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_a: bool = False,
-                    of_b: bool = False) -> tuple[torch.Tensor, ...]:
+                    of_b: bool = False, chunks: int = 1) -> tuple[torch.Tensor, ...]:
     """Per (image, channel) of ``d = a - b`` (both (N, C, ...), of one shape): Σd and Σd² as
     :func:`channel_sums` gives them, then Σa and Σa² if ``of_a``, then Σb and Σb² if
     ``of_b``, then the number of elements each sums. Where the compiled loop takes them,
     ``a - b`` is not written out and ``a`` and ``b`` are read once for all six sums; torch's
-    reductions take only those asked for."""
+    reductions take only those asked for.
+
+    With ``chunks`` K, ``a`` holds K consecutive chunks of ``b``'s shape (K·N images: several
+    quantized networks' outputs beside one float output) and ``d`` is each chunk less ``b``:
+    the sums of ``d`` and ``a`` are (K·N, C), those of ``b`` (N, C), in one call; each
+    image's sums are the bits that a call on its chunk alone gives (tested)."""
     a, b = a.detach(), b.detach()
-    if a.shape != b.shape:
-        raise ValueError(f"difference_sums needs two tensors of one shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    got = _compiled(a, b)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive number of chunks, got {chunks!r}")
+    if a.shape[1:] != b.shape[1:] or a.shape[0] != chunks * b.shape[0]:
+        raise ValueError(f"difference_sums needs two tensors of one shape"
+                         f"{f' ({chunks} chunks of the second in the first)' if chunks > 1 else ''}"
+                         f", got {tuple(a.shape)} and {tuple(b.shape)}")
+    got = _compiled(a, b, chunks=chunks)
     if got is None:
-        got = _eager(a - b) + (_eager(a) if of_a else (None, None)) \
+        d = (a.reshape(chunks, *b.shape) - b).reshape(a.shape) if chunks > 1 else a - b
+        got = _eager(d) + (_eager(a) if of_a else (None, None)) \
             + (_eager(b) if of_b else (None, None))
     keep = (True, True, of_a, of_a, of_b, of_b)
     return tuple(g.cpu() for g, k in zip(got, keep) if k) + (_per_channel(a),)

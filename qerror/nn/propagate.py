@@ -361,40 +361,56 @@ class _Moments:
     def add_sums(self, s: torch.Tensor, q: torch.Tensor, per_channel: int,
                  per_image: bool = True) -> None:
         """Add images whose per (image, channel) Σ and Σ² over ``per_channel`` elements are
-        ``s`` and ``q`` (float64, CPU, shape (N, C); see :func:`channel_sums`).
+        ``s`` and ``q`` (float64, CPU, shape (N, C); see :func:`channel_sums`)."""
+        _Moments.add_chunks([self], s, q, per_channel, per_image)
+
+    @staticmethod
+    def add_chunks(moments: Sequence[_Moments], s: torch.Tensor, q: torch.Tensor,
+                   per_channel: int, per_image: bool = True) -> None:
+        """:meth:`add_sums` for each of ``moments``, whose images are the consecutive equal
+        chunks of ``s`` and ``q`` (K·N, C) in order (one quantized network's each: see
+        :func:`difference_sums`' ``chunks``), every reduction made once for all K.
 
         The arithmetic is numpy's on the tensors' memory: these are small arrays, met once
         per site, chunk and pass, where torch's fixed cost per operation was most of the
         work (measured on (32, 256) sums with per-image figures: 151 µs a call in torch, 58
-        in numpy)."""
-        sn, qn = s.numpy(), q.numpy()
-        s0 = sn.sum(0)
-        if self.s1 is None:  # sums of our own, added to in place from here on
-            self.s1, self.s2 = torch.from_numpy(s0), torch.from_numpy(qn.sum(0))
-        else:
-            _add_into(self.s1, s0)
-            _add_into(self.s2, qn.sum(0))
-        self.n += s.shape[0] * per_channel
+        in numpy); for the same reason the K networks' sums are reduced together."""
+        k = len(moments)
+        sn = s.numpy().reshape(k, -1, s.shape[1])
+        qn = q.numpy().reshape(k, -1, q.shape[1])
+        images = sn.shape[1]
+        s0, q0 = sn.sum(1), qn.sum(1)
         if per_image:
-            m1 = sn.sum(1) / (per_channel * s.shape[1])
-            m2 = qn.sum(1) / (per_channel * s.shape[1])
-            self.img_n += s.shape[0]
-            self.img_s1 += float(m1.sum())
-            self.img_s2 += float(m1 @ m1)
-            self.img_q1 += float(m2.sum())
-            self.img_q2 += float(m2 @ m2)
+            m1 = sn.sum(2) / (per_channel * sn.shape[2])
+            m2 = qn.sum(2) / (per_channel * sn.shape[2])
+            img = np.stack([m1.sum(1), np.einsum("kn,kn->k", m1, m1), m2.sum(1),
+                            np.einsum("kn,kn->k", m2, m2)], axis=1).tolist()
             # per channel, Σ and Σ² over images of each image's channel mean sn / L, from
             # the sums already taken (Σ) and one pass without a temporary (Σ²)
             c1 = s0 / per_channel
-            c2 = np.einsum("nc,nc->c", sn, sn) / (per_channel * per_channel)
-            if self.img_c1 is None:
-                self.img_c1, self.img_c2 = torch.from_numpy(c1), torch.from_numpy(c2)
+            c2 = np.einsum("knc,knc->kc", sn, sn) / (per_channel * per_channel)
+        for i, m in enumerate(moments):
+            if m.s1 is None:  # sums of our own, added to in place from here on
+                m.s1, m.s2 = torch.from_numpy(s0[i].copy()), torch.from_numpy(q0[i].copy())
             else:
-                _add_into(self.img_c1, c1)
-                _add_into(self.img_c2, c2)
-            room = self.keep - sum(k.shape[0] for k in self.kept)
+                _add_into(m.s1, s0[i])
+                _add_into(m.s2, q0[i])
+            m.n += images * per_channel
+            if not per_image:
+                continue
+            m.img_n += images
+            m.img_s1 += img[i][0]
+            m.img_s2 += img[i][1]
+            m.img_q1 += img[i][2]
+            m.img_q2 += img[i][3]
+            if m.img_c1 is None:
+                m.img_c1, m.img_c2 = torch.from_numpy(c1[i].copy()), torch.from_numpy(c2[i].copy())
+            else:
+                _add_into(m.img_c1, c1[i])
+                _add_into(m.img_c2, c2[i])
+            room = m.keep - sum(t.shape[0] for t in m.kept)
             if room > 0:  # the first images' channel means themselves
-                self.kept.append(torch.from_numpy(sn[:room] / per_channel))
+                m.kept.append(torch.from_numpy(sn[i, :room] / per_channel))
 
     # per channel
     def mean_c(self) -> np.ndarray:
@@ -778,38 +794,29 @@ class _Instrument:
             h = xf.shape[0]
             yf = op(xf, module.weight, module.bias)
             parts = [yf]
-            accs, own = [], []
-            ref = None
             params = [arm.layer_params(name, module) for arm in self.arms]
-            for arm, xq, wb in zip(self.arms, xs, params):
-                acc = arm.site(name, kind) if self.collect else None
-                yq = op(self._quantize_input(arm, idx, name, xq, acc, 0), *wb)
-                sums = None
-                if acc is not None:
-                    # in one pass over yq and yf, before the cat (the chunk is freed with
-                    # it): the error's sums, the arm's own (those of a BatchNorm it feeds)
-                    # and, for the first arm, the float output's (each arm's reference)
-                    sd, qd, sa, qa, *sf_qf, per_channel = difference_sums(
-                        yq, yf, of_a=True, of_b=ref is None)
-                    acc.err.add_sums(sd, qd, per_channel)
-                    sums = (sa, qa, per_channel)
-                    if ref is None:
-                        ref = (*sf_qf, per_channel)
-                own.append(sums)  # one per arm, in the arms' order
-                parts.append(yq)
-                accs.append(acc)
+            accs = [arm.site(name, kind) if self.collect else None for arm in self.arms]
+            for arm, xq, wb, acc in zip(self.arms, xs, params, accs):
+                parts.append(op(self._quantize_input(arm, idx, name, xq, acc, 0), *wb))
             out = torch.cat(parts)
             del parts, yf  # the chunks themselves are freed: the pass holds one copy
             yf = out[:h]
             if self.collect:
-                sf, qf, per_channel = ref
+                # one pass over every arm's output and the float output: each arm's error
+                # sums, its own (those of a BatchNorm it feeds) and the float output's (each
+                # arm's reference), every reduction once for all arms
+                k = len(self.arms)
+                sd, qd, sa, qa, sf, qf, per_channel = difference_sums(
+                    out[h:], yf, of_a=True, of_b=True, chunks=k)
+                _Moments.add_chunks([acc.err for acc in accs], sd, qd, per_channel)
                 m = min(self.local_images, h)
-                for arm, acc, wb, sums in zip(self.arms, accs, params, own):
+                for j, (arm, acc, wb) in enumerate(zip(self.arms, accs, params)):
                     acc.ref.add_sums(sf, qf, per_channel, per_image=False)
                     room = acc.err.keep - sum(p.shape[0] for p in acc.ref_power)
                     if room > 0:  # the images whose error means are kept, in their order
                         acc.ref_power.append(qf[:room].sum(1) / (per_channel * qf.shape[1]))
-                    arm.last = (out, acc, sums)
+                    arm.last = (out, acc, (sa[j * h:(j + 1) * h], qa[j * h:(j + 1) * h],
+                                           per_channel))
                     if m:
                         xl = self._quantize_input(arm, idx, name, xf[:m], None, 1)
                         acc.local.add_sums(*difference_sums(op(xl, *wb), yf[:m]),
@@ -875,11 +882,12 @@ class _Instrument:
 
     def _out_hook(self, name: str, kind: str) -> Callable:
         def hook(module, args, out):
-            yf, ys = self.chunks(out)
-            s, q, per_channel = channel_sums(yf)
-            for arm, y in zip(self.arms, ys):
-                acc = arm.site(name, kind)
-                acc.err.add_sums(*difference_sums(y, yf))
+            h = out.shape[0] // (len(self.arms) + 1)
+            sd, qd, s, q, per_channel = difference_sums(out[h:], out[:h], of_b=True,
+                                                        chunks=len(self.arms))
+            accs = [arm.site(name, kind) for arm in self.arms]
+            _Moments.add_chunks([acc.err for acc in accs], sd, qd, per_channel)
+            for acc in accs:
                 acc.ref.add_sums(s, q, per_channel, per_image=False)
         return hook
 

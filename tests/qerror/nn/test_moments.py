@@ -3,6 +3,7 @@ float64 references, within the bounds that float32 summation in any order allows
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -200,6 +201,45 @@ def test_a_difference_of_two_layouts_is_summed_by_torch(compiled_calls):
     sd, qd, _ = difference_sums(t, other)
     assert compiled_calls == []
     within_bounds(sd, qd, t.double() - other.double(), 16, extra=1.0, norm=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 64, 4, 4), (5, 256, 2, 2), (4, 40, 8, 8), (3, 700, 1, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_chunks_are_summed_as_each_chunk_alone(shape, layout, compiled, compiled_calls,
+                                               monkeypatch):
+    """K quantized networks' outputs beside one float output (the instrument's pass): in
+    one call, every chunk's sums are the bits of a call on that chunk alone, and the float
+    output's those of a one-chunk call; compiled (a kernel for K = 1 and one for K > 1) and
+    by torch's reductions."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    k = 3
+    b = data(shape, 12, fmt)
+    a = torch.cat([data(shape, 13 + j, fmt) for j in range(k)])
+    with contextlib.ExitStack() as stack:
+        if not compiled:
+            stack.enter_context(eager(monkeypatch))
+        whole = difference_sums(a, b, of_a=True, of_b=True, chunks=k)
+        n = shape[0]
+        assert [t.shape for t in whole[:6]] == [(k * n, shape[1])] * 4 + [shape[:2]] * 2
+        for j in range(k):
+            one = difference_sums(a[j * n:(j + 1) * n].clone(), b, of_a=True, of_b=True)
+            assert all(torch.equal(o, w[j * n:(j + 1) * n]) for o, w in zip(one[:4], whole[:4]))
+            assert all(torch.equal(o, w) for o, w in zip(one[4:6], whole[4:6]))
+        # fewer images in each chunk: each image's sums the same bits
+        few = difference_sums(torch.cat([a[j * n + 1:j * n + 3] for j in range(k)]),
+                              b[1:3].clone(), of_a=True, of_b=True, chunks=k)
+        for j in range(k):
+            assert all(torch.equal(f[2 * j:2 * j + 2], w[j * n + 1:j * n + 3])
+                       for f, w in zip(few[:4], whole[:4]))
+    assert bool(compiled_calls) == compiled
+
+
+@pytest.mark.parametrize("chunks, a_shape", [(2, (3, 4, 4, 4)), (0, (4, 4, 4, 4)),
+                                             (1.5, (4, 4, 4, 4)), (True, (2, 4, 4, 4))])
+def test_chunks_that_do_not_fit_are_refused(chunks, a_shape):
+    with pytest.raises(ValueError, match="chunks|two tensors of one shape"):
+        difference_sums(torch.zeros(a_shape), torch.zeros(2, 4, 4, 4), chunks=chunks)
 
 
 def test_tensors_of_two_shapes_are_refused():
