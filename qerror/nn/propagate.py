@@ -383,8 +383,6 @@ class _Moments:
         if per_image:
             m1 = sn.sum(2) / (per_channel * sn.shape[2])
             m2 = qn.sum(2) / (per_channel * sn.shape[2])
-            img = np.stack([m1.sum(1), np.einsum("kn,kn->k", m1, m1), m2.sum(1),
-                            np.einsum("kn,kn->k", m2, m2)], axis=1).tolist()
             # per channel, Σ and Σ² over images of each image's channel mean sn / L, from
             # the sums already taken (Σ) and one pass without a temporary (Σ²)
             c1 = s0 / per_channel
@@ -399,10 +397,11 @@ class _Moments:
             if not per_image:
                 continue
             m.img_n += images
-            m.img_s1 += img[i][0]
-            m.img_s2 += img[i][1]
-            m.img_q1 += img[i][2]
-            m.img_q2 += img[i][3]
+            r1, r2 = m1[i], m2[i]
+            m.img_s1 += float(r1.sum())
+            m.img_s2 += float(r1 @ r1)
+            m.img_q1 += float(r2.sum())
+            m.img_q2 += float(r2 @ r2)
             if m.img_c1 is None:
                 m.img_c1, m.img_c2 = torch.from_numpy(c1[i].copy()), torch.from_numpy(c2[i].copy())
             else:
