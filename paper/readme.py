@@ -599,6 +599,59 @@ def drift_speed_avx2_sums(records) -> str:
         f"(commit {second.commit}), took {minutes(again)} minutes ({again:.0f} s)")
 
 
+def _require_avx512(rec: Record, what: str = "a run") -> None:
+    """Refuse a record made on a CPU without AVX-512 where a passage speaks of one with it."""
+    if "avx512f" not in rec.manifest["cpu"].get("cpu_flags", []):
+        raise RecordError(f"record {rec.name}: its CPU has no AVX-512; record {what} from a "
+                          "CPU with it")
+
+
+def _sums_call(rec: Record, map_of: str) -> tuple[str, str]:
+    """The µs a call of the compiled sums and of torch's reductions on the output of layer
+    ``map_of``, from a bench record's sums rows."""
+    b = rec.csv("bench.csv")
+    row = _one_row(rec, b, (b.group == "drift") & (b.candidate == "difference_sums, compiled "
+                                                   "loop") & b.name.str.endswith(f"of {map_of}"),
+                   f"the compiled sums of {map_of}'s output")
+    calls = re.match(r"(\d+) vs (\d+) µs a call", row.note)
+    if not calls:
+        raise RecordError(f"record {rec.name}: the compiled-sums row of {map_of} lacks its µs")
+    return calls.group(1), calls.group(2)
+
+
+def bench_drift_avx512(records) -> str:
+    """The instrumentation's overhead benched on a CPU with AVX-512: the commit before the
+    short maps' kernels and the one-call-per-site sums, and the commit after them, one after
+    the other on one machine; the 2×2 map's sums before and after; measure_many's memory."""
+    span = _ratio_span
+    old, new = records("bench-drift-avx512-old"), records("bench-drift-avx512-new")
+    for rec in (old, new):
+        _require_avx512(rec, "a bench run")
+    (o1, om), (n1, nm) = _overheads(old), _overheads(new)
+    (oc, ot), (nc, nt) = _sums_call(old, "layer3.1.conv2"), _sums_call(new, "layer3.1.conv2")
+    b = new.csv("bench.csv")
+    mem = _one_row(new, b, (b.group == "drift") & b.candidate.str.startswith("measure_many")
+                   & b.name.str.contains("peak memory", regex=False), "measure_many's memory")
+    met = [w for w, r in (("`measure`", n1), ("`measure_many`", nm)) if r.ratio_median <= n1.goal]
+    return (
+        f"On a CPU with AVX-512 (`{new.about['command']}`, {new.about['machine']}), the commit "
+        f"before the next two changes ({old.commit}) and the commit after them ({new.commit}), "
+        "one after the other: maps of at most four positions summed by a kernel of their own "
+        "per size, which inductor unrolls (with a symbolic size it looped over the 2 or 4 "
+        "positions of every image and channel), and every quantized network's sums of a pass "
+        "in one call per site (`difference_sums(..., chunks=K)`) instead of one per network. "
+        f"`measure` {span(o1)} → {span(n1)} its bare paired passes, `measure_many` "
+        f"{span(om)} → {span(nm)} its bare K-way passes; the goal of {n1.goal:g}× is "
+        + ("met by both" if len(met) == 2 else f"met by {met[0]} alone" if met else "not met")
+        + (f"; `measure`'s two medians each lie within the other's range over its "
+           f"{int(n1.pairs)} pairs, which do not resolve the change there"
+           if o1.ratio_min <= n1.ratio_median <= o1.ratio_max
+           and n1.ratio_min <= o1.ratio_median <= n1.ratio_max else "")
+        + f". The compiled sums of layer3.1.conv2's 2×2 output took {oc} µs a call before "
+        f"and {nc} after (torch's reductions {ot} and {nt}); `measure_many`'s peak memory "
+        f"{mem.ratio_median:.2f}× the float forward's (goal {mem.goal:g}×).")
+
+
 def bench_drift_avx2_sums(records) -> str:
     """The instrumentation's overhead benched twice after the compiled sums, beside the bench
     before them; the sums' own rows (compiled loop against torch's reductions) from the
@@ -1070,6 +1123,7 @@ RENDERERS: dict[str, Callable] = {
     "bench-drift-avx2-prepared": bench_drift_avx2_prepared,
     "drift-speed-avx2-sums": drift_speed_avx2_sums,
     "bench-drift-avx2-sums": bench_drift_avx2_sums,
+    "bench-drift-avx512": bench_drift_avx512,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
