@@ -424,6 +424,9 @@ def bench_drift(args) -> list[BenchRow]:
     configs, weights = _width_setup(model, args.seed)
     k = len(configs)
     pairs = max(1, min(args.pairs, 5))
+    # The goal's rows (each measurement against the same passes bare) take more pairs: five
+    # left medians of two commits within each other's ranges (README, bench-drift-avx512).
+    goal_pairs = max(1, min(args.pairs, 11))
     n = x.shape[0]
     half = default_pair_batch(n)  # the passes measure takes by default
 
@@ -469,7 +472,7 @@ def bench_drift(args) -> list[BenchRow]:
              "image-configurations/s" + (f"; {off}" if off else ""))]
     for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
                              (paired, "paired passes, no statistics", "paired, bare")):
-        timed = paired_ratio(instrumented, base, pairs)
+        timed = paired_ratio(instrumented, base, goal_pairs if base is paired else pairs)
         rows.append(make_row(
             "drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32", "measure (instrumented)",
             name, 1.3, *timed, note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
@@ -483,7 +486,7 @@ def bench_drift(args) -> list[BenchRow]:
              f"({k} x float + quantized)", None),
             (lambda: apart(configs, weights), f"float + each mode's fake-quantized forward "
              f"(1 + {k} forwards)", None)):
-        timed = paired_ratio(many, base, pairs)
+        timed = paired_ratio(many, base, goal_pairs if base is many_bare else pairs)
         rows.append(make_row(
             "drift", f"{arch} 8-bit, {k} modes ({modes}), batch {n}, 1x32x32",
             f"measure_many ({k}-way batch, one float chunk)", name, goal, *timed,
