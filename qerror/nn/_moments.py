@@ -38,6 +38,8 @@ pass of :func:`~qerror.nn.measure` and in one of :func:`~qerror.nn.measure_many`
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from qerror._compiled import Kernels, named
@@ -175,7 +177,10 @@ def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_a: bool = False,
     the sums of ``d`` and ``a`` are (K·N, C), those of ``b`` (N, C), in one call; each
     image's sums are the bits that a call on its chunk alone gives (tested)."""
     a, b = a.detach(), b.detach()
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+    if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral):
+        raise TypeError(f"chunks must be a whole number of chunks, got {chunks!r}")
+    chunks = int(chunks)
+    if chunks < 1:
         raise ValueError(f"chunks must be a positive number of chunks, got {chunks!r}")
     if a.shape[1:] != b.shape[1:] or a.shape[0] != chunks * b.shape[0]:
         raise ValueError(f"difference_sums needs two tensors of one shape"

@@ -235,11 +235,19 @@ def test_chunks_are_summed_as_each_chunk_alone(shape, layout, compiled, compiled
     assert bool(compiled_calls) == compiled
 
 
-@pytest.mark.parametrize("chunks, a_shape", [(2, (3, 4, 4, 4)), (0, (4, 4, 4, 4)),
-                                             (1.5, (4, 4, 4, 4)), (True, (2, 4, 4, 4))])
-def test_chunks_that_do_not_fit_are_refused(chunks, a_shape):
-    with pytest.raises(ValueError, match="chunks|two tensors of one shape"):
+@pytest.mark.parametrize("chunks, a_shape, error", [
+    (2, (3, 4, 4, 4), ValueError), (0, (4, 4, 4, 4), ValueError), (1.5, (4, 4, 4, 4), TypeError),
+    (True, (2, 4, 4, 4), TypeError)])
+def test_chunks_that_do_not_fit_are_refused(chunks, a_shape, error):
+    with pytest.raises(error, match="chunks|two tensors of one shape"):
         difference_sums(torch.zeros(a_shape), torch.zeros(2, 4, 4, 4), chunks=chunks)
+
+
+def test_chunks_of_numpy_integer_type_are_taken():
+    a, b = torch.randn(6, 64, 4, 4), torch.randn(2, 64, 4, 4)
+    got = difference_sums(a, b, chunks=np.int64(3))
+    want = difference_sums(a, b, chunks=3)
+    assert all(torch.equal(x, y) for x, y in zip(got[:2], want[:2]))
 
 
 def test_tensors_of_two_shapes_are_refused():
