@@ -273,11 +273,12 @@ def _differing_results(rec: Record, other: Record) -> tuple[list[str], list[str]
                      if rec.manifest["outputs"][n] != other.manifest["outputs"].get(n)]
 
 
-def _require_no_avx512(rec: Record, what: str = "a run") -> None:
-    """Refuse a record made on a CPU with AVX-512 where a passage speaks of one without."""
-    if "avx512f" in rec.manifest["cpu"].get("cpu_flags", []):
-        raise RecordError(f"record {rec.name}: its CPU has AVX-512; record {what} from a CPU "
-                          "without it")
+def _require_avx512(rec: Record, what: str = "a run", *, present: bool = True) -> None:
+    """Refuse a record made on a CPU with AVX-512 where a passage speaks of one without it
+    (``present=False``), or on one without where the passage speaks of one with it."""
+    if ("avx512f" in rec.manifest["cpu"].get("cpu_flags", [])) != present:
+        raise RecordError(f"record {rec.name}: its CPU has {'no ' if present else ''}AVX-512; "
+                          f"record {what} from a CPU {'with' if present else 'without'} it")
 
 
 def _ratio_span(row, over: str = "") -> str:
@@ -323,7 +324,7 @@ def drift_time_avx2(records) -> str:
     rec, train = records("drift-avx2"), records("baseline-train-avx2")
     t = rec.csv("timing.csv").iloc[0]
     ph, cpu = _phases(t), rec.manifest["cpu"]
-    _require_no_avx512(rec)
+    _require_avx512(rec, present=False)
     verdict = "within" if t.measured_s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
     return (
         f"On a CPU with AVX2 and no AVX-512 (`{rec.about['command']}`, commit {rec.commit}, "
@@ -345,7 +346,7 @@ def drift_speed_avx2(records) -> str:
     much (summation order)."""
     old, new = records("drift-avx2-before"), records("drift-avx2-after")
     for rec in (old, new):
-        _require_no_avx512(rec)
+        _require_avx512(rec, present=False)
     if old.about["machine"] != new.about["machine"]:
         raise RecordError("records drift-avx2-before and drift-avx2-after: not run on one "
                           "machine (their record.json machine texts differ)")
@@ -399,7 +400,7 @@ def _drift_speed_step(records, old: str, new: str, what: str, why: str) -> str:
     whose instrumented code was the same); which result files moved (``why``: in what
     way)."""
     o, n = records(old), records(new)
-    _require_no_avx512(n)
+    _require_avx512(n, present=False)
     if o.manifest["cpu"] != n.manifest["cpu"]:
         raise RecordError(f"records {old} and {new}: not run on one kind of CPU (their "
                           "manifests' cpu entries differ)")
@@ -450,7 +451,7 @@ def drift_speed_avx2_prepared(records) -> str:
     the commit before them, run one after the other on one machine; the first run of the
     new code, earlier that day, beside them."""
     first = records("drift-avx2-prepared")
-    _require_no_avx512(first)
+    _require_avx512(first, present=False)
     t = first.csv("timing.csv").iloc[0]
     return _drift_speed_step(
         records, "drift-avx2-pair-old", "drift-avx2-pair-new",
@@ -494,7 +495,7 @@ def bench_layout_avx2(records) -> str:
     """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
     machine of the drift-speed records."""
     rec = records("bench-drift-avx2")
-    _require_no_avx512(rec, "a bench run")
+    _require_avx512(rec, "a bench run", present=False)
     plain, rates = zip(*(_layout_row(rec, what) for what in
                          ("float", "8-bit toward_zero", "8-bit stochastic")))
     one, many = _overheads(rec)
@@ -515,7 +516,7 @@ def bench_drift_avx2_next(records) -> str:
     bench on the same kind of machine: the stochastic plain forward (fused now), the
     instrumentation's overhead (with each ratio's range over the pairs) and peak memory."""
     old, new = records("bench-drift-avx2"), records("bench-drift-avx2-next")
-    _require_no_avx512(new, "a bench run")
+    _require_avx512(new, "a bench run", present=False)
     # contiguous: the layout the run uses for stochastic rounding
     rates = [int(_layout_row(rec, "8-bit stochastic")[1].group(2)) for rec in (old, new)]
     (o1, om), (n1, nm) = _overheads(old), _overheads(new)
@@ -548,7 +549,7 @@ def bench_drift_avx2_prepared(records) -> str:
     chunks: their own rows, and the instrumentation's overhead beside the bench before."""
     span = _ratio_span  # the median and its range over the pairs
     old, new = records("bench-drift-avx2-next"), records("bench-drift-avx2-prepared")
-    _require_no_avx512(new, "a bench run")
+    _require_avx512(new, "a bench run", present=False)
     b = new.csv("bench.csv")
     b = b[b.group == "drift"]
     prep = _bench_row(new, b, "activation", "fake_quantize (same arguments)")
@@ -580,7 +581,7 @@ def drift_speed_avx2_sums(records) -> str:
     before = records("drift-avx2-pair-new").csv("timing.csv").iloc[0].measured_s
     old = records("drift-avx2-sums-old").csv("timing.csv").iloc[0].measured_s
     second = records("drift-avx2-sums-second")
-    _require_no_avx512(second)
+    _require_avx512(second, present=False)
     again = second.csv("timing.csv").iloc[0].measured_s
     return _drift_speed_step(
         records, "drift-avx2-sums-old", "drift-avx2-sums-new",
@@ -597,13 +598,6 @@ def drift_speed_avx2_sums(records) -> str:
         "run's "
         "time moves by that much between hours. A second run of the new code, right after "
         f"(commit {second.commit}), took {minutes(again)} minutes ({again:.0f} s)")
-
-
-def _require_avx512(rec: Record, what: str = "a run") -> None:
-    """Refuse a record made on a CPU without AVX-512 where a passage speaks of one with it."""
-    if "avx512f" not in rec.manifest["cpu"].get("cpu_flags", []):
-        raise RecordError(f"record {rec.name}: its CPU has no AVX-512; record {what} from a "
-                          "CPU with it")
 
 
 def _sums_call(rec: Record, map_of: str) -> tuple[str, str]:
@@ -663,7 +657,7 @@ def bench_drift_avx2_sums(records) -> str:
     old = records("bench-drift-avx2-prepared")
     new, again = records("bench-drift-avx2-sums"), records("bench-drift-avx2-sums2")
     for rec in (new, again):
-        _require_no_avx512(rec, "a bench run")
+        _require_avx512(rec, "a bench run", present=False)
     (o1, om), (n1, nm), (a1, am) = _overheads(old), _overheads(new), _overheads(again)
     b = again.csv("bench.csv")
     b = b[(b.group == "drift") & (b.candidate == "difference_sums, compiled loop")]

@@ -599,8 +599,8 @@ def _run_fused(x, spec: QuantSpec, s3: np.ndarray, z3: np.ndarray, dims, fake: b
     params = (_as_param(s3, x3, torch.float32), _as_param(z3, x3, torch.float32),
               *_bounds(spec, z3, x3, torch.float32))
     with torch.no_grad():
-        start = None if key is None else hash_stream(key, offset)
-        res = _fused.run(x3.contiguous(), *params, start, mode=spec.rounding, fake=fake,
+        stream = None if key is None else hash_stream(key, offset)
+        res = _fused.run(x3.contiguous(), *params, stream, mode=spec.rounding, fake=fake,
                          count=count)
     if res is None:
         return None
@@ -959,10 +959,9 @@ class PreparedQuantizer:
             dims = (1, 1, view.numel())
         else:
             dims = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
-        start = hash_stream(stochastic_key(generator), offset) if random \
-            else None
+        stream = hash_stream(stochastic_key(generator), offset) if random else None
         with torch.no_grad():
-            res = _fused.run(view.detach().reshape(dims), *params, start,
+            res = _fused.run(view.detach().reshape(dims), *params, stream,
                              mode=spec.rounding, fake=fake, count=count)
         if res is None:
             return None

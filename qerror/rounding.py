@@ -257,8 +257,8 @@ def stream_start(key: int, offset: int = 0) -> int:
     return _signed64((offset * _GOLDEN + key + _GOLDEN) & _MASK64)
 
 
-def hash_stream(key: int, offset: int = 0, device: torch.device | str | None = None
-           ) -> torch.Tensor:
+def hash_stream(key: int, offset: int = 0,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """The stochastic hash's stream for ``key`` from flat index ``offset``, as
     :func:`hash_draws` takes it: an int64 tensor of two elements, the first word
     (:func:`stream_start`) and the step between consecutive indices' words (the golden-ratio

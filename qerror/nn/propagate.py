@@ -331,10 +331,14 @@ def _channel_dims(t: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, t.ndim))
 
 
-def _add_into(total: torch.Tensor, part: np.ndarray) -> None:
-    """``total += part`` in place, through numpy (``total`` a float64 CPU tensor of ours)."""
+def _add_into(total: torch.Tensor | None, part: np.ndarray) -> torch.Tensor:
+    """``total + part``: added in place through numpy into ``total`` (a float64 CPU tensor of
+    ours), or, where there is none yet, a tensor of its own holding a copy of ``part``."""
+    if total is None:
+        return torch.from_numpy(part.copy())
     arr = total.numpy()
     np.add(arr, part, out=arr)
+    return total
 
 
 class _Moments:
@@ -388,11 +392,7 @@ class _Moments:
             c1 = s0 / per_channel
             c2 = np.einsum("knc,knc->kc", sn, sn) / (per_channel * per_channel)
         for i, m in enumerate(moments):
-            if m.s1 is None:  # sums of our own, added to in place from here on
-                m.s1, m.s2 = torch.from_numpy(s0[i].copy()), torch.from_numpy(q0[i].copy())
-            else:
-                _add_into(m.s1, s0[i])
-                _add_into(m.s2, q0[i])
+            m.s1, m.s2 = _add_into(m.s1, s0[i]), _add_into(m.s2, q0[i])
             m.n += images * per_channel
             if not per_image:
                 continue
@@ -402,11 +402,7 @@ class _Moments:
             m.img_s2 += float(r1 @ r1)
             m.img_q1 += float(r2.sum())
             m.img_q2 += float(r2 @ r2)
-            if m.img_c1 is None:
-                m.img_c1, m.img_c2 = torch.from_numpy(c1[i].copy()), torch.from_numpy(c2[i].copy())
-            else:
-                _add_into(m.img_c1, c1[i])
-                _add_into(m.img_c2, c2[i])
+            m.img_c1, m.img_c2 = _add_into(m.img_c1, c1[i]), _add_into(m.img_c2, c2[i])
             room = m.keep - sum(t.shape[0] for t in m.kept)
             if room > 0:  # the first images' channel means themselves
                 m.kept.append(torch.from_numpy(sn[i, :room] / per_channel))
@@ -881,7 +877,7 @@ class _Instrument:
 
     def _out_hook(self, name: str, kind: str) -> Callable:
         def hook(module, args, out):
-            h = out.shape[0] // (len(self.arms) + 1)
+            h = self.chunks(out)[0].shape[0]
             sd, qd, s, q, per_channel = difference_sums(out[h:], out[:h], of_b=True,
                                                         chunks=len(self.arms))
             accs = [arm.site(name, kind) for arm in self.arms]
