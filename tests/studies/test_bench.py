@@ -25,6 +25,11 @@ def test_bench_smoke(tmp_path):
     assert (frame.group == "wisard").sum() == 1
     # the instrument's compiled sums against torch's, on an 8×8 and a 2×2 map
     assert (frame.candidate == "difference_sums, compiled loop").sum() == 2
+    # the goal's two rows again without the local error, against the same bare passes
+    local = frame[frame.candidate.str.endswith("(local_samples=0)")]
+    assert sorted(local.candidate) == ["measure (local_samples=0)",
+                                       "measure_many (local_samples=0)"]
+    assert local.goal.isna().all() and (local.ratio_median > 0).all()
 
 
 def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
