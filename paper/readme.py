@@ -649,6 +649,37 @@ def bench_drift_avx512(records) -> str:
         f"{mem.ratio_median:.2f}× the float forward's (goal {mem.goal:g}×).")
 
 
+def bench_drift_local(records) -> str:
+    """The instrumentation's overhead with and without the local error, from one bench run:
+    how much of what is left above the goal the local error's own work is."""
+    rec = records("bench-drift-avx512-local")
+    _require_avx512(rec, "a bench run")
+    one, many = _overheads(rec)
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+    less = {what: _one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
+                           f"{what} without the local error")
+            for what in ("measure", "measure_many")}
+    met = [w for w, r in (("`measure`", less["measure"]), ("`measure_many`", less["measure_many"]))
+           if r.ratio_median <= one.goal]
+    return (
+        f"Where the rest lies (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.about['machine']}; {int(one.pairs)} pairs a row): `measure` {_ratio_span(one)} "
+        f"its bare paired passes and `measure_many` {_ratio_span(many)} its bare K-way passes; "
+        f"the same measurements without the local error (`local_samples=0`), against the same "
+        f"bare passes, {_ratio_span(less['measure'])} and {_ratio_span(less['measure_many'])}. "
+        "The local error is each layer's quantized version run again on the first images of "
+        "its float input (the first `local_samples` of each batch), for each quantized "
+        "network: a quantizer call, a convolution and its sums per layer and network, work "
+        "the bare passes do not do (the activation quantizer's own error, taken on as many "
+        "images of the quantized path, is then taken on one); it adds {one.ratio_median - less['measure'].ratio_median:.2f} and "
+        f"{many.ratio_median - less['measure_many'].ratio_median:.2f} to the medians. Without "
+        "it the goal of " f"{one.goal:g}× is "
+        + ("met by both" if len(met) == 2 else f"met by {met[0]} alone" if met else "not met")
+        + "; with it, " + ("met" if max(one.ratio_median, many.ratio_median) <= one.goal
+                           else "not met") + ".")
+
+
 def bench_drift_avx2_sums(records) -> str:
     """The instrumentation's overhead benched twice after the compiled sums, beside the bench
     before them; the sums' own rows (compiled loop against torch's reductions) from the
@@ -1121,6 +1152,7 @@ RENDERERS: dict[str, Callable] = {
     "drift-speed-avx2-sums": drift_speed_avx2_sums,
     "bench-drift-avx2-sums": bench_drift_avx2_sums,
     "bench-drift-avx512": bench_drift_avx512,
+    "bench-drift-local": bench_drift_local,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
