@@ -408,8 +408,9 @@ def bench_drift(args) -> list[BenchRow]:
     (``paired_forward``: what the measurements alone cost); then measure_many over every
     mode of the width in one K-way batch (one float chunk for all) against each mode's bare
     paired passes (what measuring the modes one by one costs before any statistic) and
-    against the float forward plus every mode's fake-quantized forward; peak memory of
-    both against the float forward alone, with the default passes (and measure's in one
+    against the float forward plus every mode's fake-quantized forward; both against their
+    bare passes again without the local error (``local_samples=0``: what its convolutions,
+    quantizer and sums add); peak memory of both against the float forward alone, with the default passes (and measure's in one
     pass); images/s."""
     from qerror.nn import (
         default_pair_batch,
