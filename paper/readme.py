@@ -661,10 +661,9 @@ def bench_drift_local(records) -> str:
     less = {what: _one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
                            f"{what} without the local error")
             for what in ("measure", "measure_many")}
-    met = [w for w, r in (("`measure`", less["measure"]), ("`measure_many`", less["measure_many"]))
-           if r.ratio_median <= one.goal]
-    held = [w for w, r in (("`measure`", less["measure"]), ("`measure_many`", less["measure_many"]))
-            if r.ratio_min <= one.goal <= r.ratio_max]
+    rows = [(f"`{what}`", r) for what, r in less.items()]
+    met = [w for w, r in rows if r.ratio_median <= one.goal]
+    held = [w for w, r in rows if r.ratio_min <= one.goal <= r.ratio_max]
     straddle = ("both rows' ranges over their pairs contain it" if len(held) == 2 else
                 f"{held[0]}'s range over its pairs contains it" if held else "")
     return (

@@ -410,8 +410,8 @@ def bench_drift(args) -> list[BenchRow]:
     paired passes (what measuring the modes one by one costs before any statistic) and
     against the float forward plus every mode's fake-quantized forward; both against their
     bare passes again without the local error (``local_samples=0``: what its convolutions,
-    quantizer and sums add); peak memory of both against the float forward alone, with the default passes (and measure's in one
-    pass); images/s."""
+    quantizer and sums add); peak memory of both against the float forward alone, with the
+    default passes (and measure's in one pass); images/s."""
     from qerror.nn import (
         default_pair_batch,
         measure,
@@ -450,12 +450,6 @@ def bench_drift(args) -> list[BenchRow]:
 
     def many():
         measure_many(model, [(x, y)], configs, act, weights=weights)
-
-    def without_local(what):  # every statistic but the local error (its own convolutions)
-        if what == "many":
-            return lambda: measure_many(model, [(x, y)], configs, act, weights=weights,
-                                        local_samples=0)
-        return lambda: measure(model, [(x, y)], cfg, act, weights=w, local_samples=0)
 
     many_half = default_pair_batch(n, k)  # the passes measure_many takes by default
 
@@ -502,16 +496,18 @@ def bench_drift(args) -> list[BenchRow]:
     # What the local error adds to the goal's rows: the same measurements without it, against
     # the same bare passes (the local error is each layer's quantized version run on the first
     # local_samples images of its float input: a convolution per layer and network)
-    for what, base, label in (
-            ("measure", paired, "paired passes, no statistics"),
-            ("many", many_bare, f"the same {k}-way passes, no statistics")):
-        timed = paired_ratio(without_local(what), base, goal_pairs)
+    for what, setting, cand, base, label in (
+            ("measure", " toward_zero", lambda: measure(model, [(x, y)], cfg, act, weights=w,
+                                                       local_samples=0),
+             paired, "paired passes, no statistics"),
+            ("measure_many", f", {k} modes", lambda: measure_many(
+                model, [(x, y)], configs, act, weights=weights, local_samples=0),
+             many_bare, f"the same {k}-way passes, no statistics")):
         rows.append(make_row(
-            "drift", f"{arch} 8-bit{' toward_zero' if what == 'measure' else f', {k} modes'}, "
-            f"batch {n}, 1x32x32: every statistic but the local error",
-            f"{'measure_many' if what == 'many' else 'measure'} (local_samples=0)", label,
-            None, *timed, note="the goal's row less the local error's convolutions, "
-                               "quantizer and sums"))
+            "drift", f"{arch} 8-bit{setting}, batch {n}, 1x32x32: every statistic but the "
+            "local error", f"{what} (local_samples=0)", label, None,
+            *paired_ratio(cand, base, goal_pairs),
+            note="the goal's row less the local error's convolutions, quantizer and sums"))
     rows += prepared_rows(model, x, act, cfg, arch, args.seed, args.smoke, pairs)
     rows += sums_rows(model, x, act, cfg, w, arch, pairs)
     rows += plain_layout_rows(model, x, act, [(None, None), (cfg, w)] + [
