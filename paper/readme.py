@@ -309,7 +309,8 @@ def drift_time(records) -> str:
         f"(`timing.csv`: `measured_s` {t.measured_s:.0f}, commit {rec.commit}, the fused exact "
         f"quantizer compiled on first use) on {rec.about['machine']} and {rec.about['kernels']}"
         + (f" (`{env}`)" if env else "") + f": {minutes(ph['pilot'])} minutes for the pilot that "
-        f"sizes the subset ({rec.manifest['config']['chosen_images']} images, below), "
+        f"sizes the subset ({rec.manifest['config']['chosen_images']} images, as \"How many "
+        "images, and what they resolve\" says), "
         f"{minutes(ph['instrumented'])} for the {configs} instrumented configurations (each "
         f"width's {configs // widths} in one K-way batch) and their analysis, "
         f"{minutes(ph['remedies'])} for the remedies, {minutes(ph['headline'])} for the "
@@ -777,8 +778,8 @@ def drift_subset(records) -> str:
         f"{_config(r)} ({r.images_to_resolve:,.0f})" for _, r in more.iterrows())
         if len(more) else "")
     parts = [
-        f"In the recorded default run (commit {rec.commit}, the run timed above, its own "
-        f"baseline at {pct(model['test_accuracy'])} % test accuracy; `pilot.csv`, "
+        f"In the recorded default run (commit {rec.commit}, the run timed in the last section, "
+        f"its own baseline at {pct(model['test_accuracy'])} % test accuracy; `pilot.csv`, "
         f"`precision.csv`, `accuracy.csv`) the pilot's needs ran from {finite.min():,.0f} to "
         f"{pilot.need.max():,.0f} images, {chose}. Measured on those {n:,}, the median "
         f"layer's drift needs at most {n:,} images for {100 * DRIFT_RESOLVE_POWER:.0f} % "
@@ -896,7 +897,7 @@ def drift_fused_gain(records) -> str:
     fused = records("drift").csv("timing.csv").iloc[0].measured_s
     block = records("drift-block-engine").csv("timing.csv").iloc[0].measured_s
     return (f"In a whole study the gain is smaller: the default drift run took {fused:.0f} s "
-            f"with it and {block:.0f} s without (above).")
+            f"with it and {block:.0f} s without (timed in the last section).")
 
 
 def rounding_choice_time(records) -> str:
