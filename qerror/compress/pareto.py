@@ -11,6 +11,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# Below the bar of smallest_within by float rounding alone (see its Notes).
+_SLACK = 1e-12
+
 
 def _points(size, accuracy) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(size, dtype=np.float64).reshape(-1)
@@ -77,6 +80,8 @@ def best_within(size, accuracy, budgets: Iterable[float]) -> np.ndarray:
     s, a = _points(size, accuracy)
     out = []
     for budget in budgets:
+        if not np.isfinite(float(budget)) or float(budget) < 0:
+            raise ValueError(f"a byte budget is a finite number >= 0, got {budget!r}")
         fits = np.nonzero(s <= float(budget))[0]
         if fits.size == 0:
             out.append(-1)
@@ -103,12 +108,19 @@ def smallest_within(size, accuracy, reference: float, margin: float) -> int:
     int
         The index, or -1 when no model qualifies; ties in size go to the more accurate,
         then the earlier.
+
+    Notes
+    -----
+    Accuracies are fractions of counts, ``k/n``: a model exactly ``margin`` below the
+    reference qualifies, though ``reference - margin`` in floating point can land an ulp
+    above it (``0.5097 - 0.01 > 0.4997``). The bar is lowered by :data:`_SLACK` (1e-12),
+    far below the step of any accuracy a test split gives (``1/n``).
     """
     s, a = _points(size, accuracy)
     if not (np.isfinite(reference) and np.isfinite(margin) and margin >= 0):
         raise ValueError(f"need a finite reference and a finite margin >= 0, got "
                          f"{reference!r} and {margin!r}")
-    ok = np.nonzero(a >= reference - margin)[0]
+    ok = np.nonzero(a >= reference - margin - _SLACK)[0]
     if ok.size == 0:
         return -1
     order = np.lexsort((ok, -a[ok], s[ok]))

@@ -238,21 +238,25 @@ def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: Storag
                          f"{np.abs(w).max():.6g} > {float(np.finfo(np.float16).max):g}); "
                          "store it as float32")
     if sparse is SparseFormat.TWO_FOUR and w.ndim >= 2 and w.shape[1] % 4 == 0:
-        stored = _int8_codes(w.reshape(w.shape[0], -1))[0].reshape(w.shape) \
-            if values is StorageFormat.INT8 else w.astype(values.value)
-        if ((_groups(stored) != 0).sum(axis=1) > 2).any():
+        if ((_groups(_as_stored(w, values)) != 0).sum(axis=1) > 2).any():
             raise ValueError(f"{name}: a group of 4 has more than 2 nonzeros: the tensor is "
                              "not 2:4 sparse")
     return w
 
 
+def _as_stored(w: np.ndarray, values: StorageFormat) -> np.ndarray:
+    """A float32 array ``w`` as ``values`` stores it, where that decides which elements are
+    zero: INT8 codes (symmetric per row), float16 values; ``w`` itself for the other formats,
+    whose codes the count does not model (a weight below one step is not taken for 0)."""
+    if values is StorageFormat.INT8 and w.ndim:
+        return _int8_codes(w.reshape(w.shape[0], -1))[0].reshape(w.shape)
+    return w.astype(np.float16) if values is StorageFormat.FLOAT16 else w
+
+
 def _stored_nonzeros(w: np.ndarray, values: StorageFormat) -> int:
     """Nonzeros a sparse format stores of a :func:`_storable` array: of the values as
     stored (INT8 codes, float16 values: a weight that rounds to 0 there is not stored)."""
-    if values is StorageFormat.INT8 and w.ndim:
-        return int(np.count_nonzero(_int8_codes(w.reshape(w.shape[0], -1))[0]))
-    return int(np.count_nonzero(w.astype(values.value) if values is StorageFormat.FLOAT16
-                                else w))
+    return int(np.count_nonzero(_as_stored(w, values)))
 
 
 def _groups(w: np.ndarray) -> np.ndarray:
@@ -331,9 +335,18 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
     -------
     (numpy.ndarray, int)
         The float32 tensor of ``shape`` (dequantized for INT8) and the bytes consumed.
+
+    Raises
+    ------
+    ValueError
+        ``values`` is not one that :func:`encode_tensor` writes (float32, float16, int8), or
+        the buffer does not hold this layout.
     """
     shape = tuple(int(d) for d in shape)
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
+    if values not in _ENCODABLE:
+        raise ValueError(f"decoding supports {[f.value for f in _ENCODABLE]} values, got "
+                         f"{values.value} (encode_tensor writes no other)")
     vdt = np.dtype(values.value)
     n, rows = int(np.prod(shape)), shape[0]
     cols = n // rows if rows else 0
@@ -414,16 +427,28 @@ def first_conv(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def dense_layers(model: nn.Module, keep_dense: Iterable[str] | str | None,
+                 error: type[ValueError] = ValueError) -> set[str]:
+    """The names of the ``Conv2d`` and ``Linear`` layers of ``model`` that ``keep_dense``
+    keeps dense: ``None`` the first convolution (:func:`first_conv`), a string that one
+    layer, an iterable those layers. ``error`` (ValueError or a subclass) when a name is not
+    such a layer of the model."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    if keep_dense is None:
+        return {first_conv(model)} - {None}
+    dense = {keep_dense} if isinstance(keep_dense, str) else set(keep_dense)
+    unknown = sorted(dense - layers)
+    if unknown:
+        raise error(f"keep_dense names {unknown}, which are not Conv2d or Linear layers of the "
+                    f"model; its layers are {sorted(layers)[:8]}" + ("…" if len(layers) > 8
+                                                                    else ""))
+    return dense
+
+
 def _layout(model: nn.Module, sparse: SparseFormat, values: StorageFormat,
             keep_dense: Iterable[str] | None):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
-    if keep_dense is None:
-        dense = {first_conv(model)} - {None}
-    else:
-        dense = set(keep_dense)
-    unknown = sorted(dense - set(layers))
-    if unknown:
-        raise ValueError(f"keep_dense names {unknown}, which are not Conv2d or Linear layers")
+    dense = dense_layers(model, keep_dense)
     # the model itself may be the layer: its weight is "weight", not ".weight"
     compressed = {f"{n}.weight" if n else "weight" for n in layers if n not in dense}
     out = []

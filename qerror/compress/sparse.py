@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from qerror.compress.size import first_conv
+from qerror.compress.size import dense_layers
 
 Masks = dict[str, torch.Tensor]
 
@@ -100,14 +100,7 @@ def prunable_weights(model: nn.Module, *,
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     if not layers:
         raise PruningError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
-    if keep_dense is None:
-        dense = {first_conv(model)} - {None}
-    else:
-        dense = {keep_dense} if isinstance(keep_dense, str) else set(keep_dense)
-        unknown = sorted(dense - set(layers))
-        if unknown:
-            raise PruningError(f"keep_dense names {unknown}, which are not Conv2d or Linear "
-                               f"layers of the model; its layers are {sorted(layers)[:8]}…")
+    dense = dense_layers(model, keep_dense, PruningError)
     out = {f"{n}.weight" if n else "weight": m.weight for n, m in layers.items()
            if n not in dense}
     if not out:
@@ -400,7 +393,14 @@ def semi_structured_masks(model: nn.Module, *, keep_dense: Iterable[str] | None 
 
 
 def is_two_four(w: torch.Tensor) -> bool:
-    """Whether every group of 4 along the input dimension has at most 2 nonzeros."""
+    """Whether every group of 4 along the input dimension has at most 2 nonzeros.
+
+    PruningError for a weight in which such groups cannot be formed (not a 2-D or 4-D
+    weight, or an input dimension that is not a multiple of 4), as
+    :func:`semi_structured_masks` refuses it."""
+    if w.dim() not in (2, 4) or w.shape[1] % 4:
+        raise PruningError(f"a weight of shape {tuple(w.shape)} has no groups of 4 along its "
+                           "input dimension (2-D or 4-D, input dimension a multiple of 4)")
     return bool(((_groups_of_four(w.detach()) != 0).sum(1) <= 2).all())
 
 
@@ -526,14 +526,20 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
     module : torch.nn.Module
         An ``nn.Linear`` or ``nn.Conv2d`` (returns :class:`CSRLinear` / :class:`CSRConv2d`),
         or a model: a deep copy in which every such layer not in ``keep_dense`` is replaced.
-    keep_dense : iterable of str
-        Module names left as dense layers (default: none).
+    keep_dense : iterable of str, or str
+        Module names left as dense layers (a string: one name; default: none).
 
     Returns
     -------
     torch.nn.Module
         Inference only (the CSR weight is no parameter): equal to the dense masked module
         up to float summation order.
+
+    Raises
+    ------
+    PruningError
+        A name in ``keep_dense`` is not a ``Conv2d`` or ``Linear`` of the model, or no such
+        layer is left to convert.
 
     Notes
     -----
@@ -545,7 +551,7 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
         return CSRLinear(module)
     if isinstance(module, nn.Conv2d):
         return CSRConv2d(module)
-    dense = set(keep_dense or ())
+    dense = dense_layers(module, () if keep_dense is None else keep_dense, PruningError)
     out = copy.deepcopy(module)
     names = [n for n, m in out.named_modules() if isinstance(m, PRUNABLE) and n not in dense]
     if not names:
@@ -687,7 +693,8 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
     Raises
     ------
     PruningError
-        A plan entry names no inner convolution of a ResNet block, or keeps no channel.
+        A plan entry names no inner convolution of a ResNet block, keeps no channel, or
+        names a channel twice or one the convolution does not have.
     """
     inner = {f"{b}.{c}" if b else c for b, _, convs in _blocks(model) for c in convs}
     out = copy.deepcopy(model)
@@ -699,7 +706,11 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
             raise PruningError(f"the plan keeps no channel of {conv}")
         block = out.get_submodule(conv.rpartition(".")[0]) if "." in conv else out
         leaf = conv.rpartition(".")[2]
-        idx = torch.as_tensor(kept, dtype=torch.long)
+        idx = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
+        channels = getattr(block, leaf).out_channels
+        if len(idx.unique()) != len(idx) or idx.min() < 0 or idx.max() >= channels:
+            raise PruningError(f"the plan for {conv} keeps channels {idx.tolist()}: each must "
+                               f"be named once and lie in 0..{channels - 1}")
         bn, nxt = _bn_of(leaf), _next_conv(leaf)
         setattr(block, leaf, _slice_conv(getattr(block, leaf), out_idx=idx))
         setattr(block, bn, _slice_bn(getattr(block, bn), idx))

@@ -52,10 +52,12 @@ class SurvivorQuantization:
         return int(self.layers.zeroed.sum())
 
     def pooled(self, column: str) -> float:
-        """A per-layer mean column pooled over all survivors (weighted by their count)."""
+        """A per-layer mean column pooled over all survivors (weighted by their count); a
+        layer without survivors (its mean NaN) adds nothing, NaN when no layer has any."""
         w = self.layers.survivors.to_numpy(np.float64)
-        return float(np.sum(self.layers[column].to_numpy() * w) / w.sum()) if w.sum() else \
-            float("nan")
+        alive = w > 0
+        return float(np.sum(self.layers[column].to_numpy()[alive] * w[alive]) / w.sum()) \
+            if w.sum() else float("nan")
 
 
 def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
@@ -105,7 +107,8 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
         wq = fake_quantize(w, spec, qp.scale, qp.zero_point, generator=key)
         scale = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float64)
         if spec.axis is not None:
-            scale = scale.reshape([-1 if d == spec.axis else 1 for d in range(w.ndim)])
+            axis = spec.axis % w.ndim  # QuantSpec takes a negative axis too
+            scale = scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
         scale = scale.expand_as(w)
         alive = w != 0
         e = ((wq.double() - w.double()) / scale)[alive]

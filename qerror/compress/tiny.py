@@ -88,7 +88,7 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     The size grows strictly with the width, so the widest fit is found by doubling then
     bisection on the exact byte count.
     """
-    keep = tuple(keep_dense)
+    keep = keep_dense if isinstance(keep_dense, str) else tuple(keep_dense)
 
     def size(w: int) -> int:
         m = TinyCNN(w, in_channels, num_classes, seed=seed)

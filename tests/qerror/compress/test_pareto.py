@@ -51,3 +51,21 @@ def test_bad_points_are_refused(size, acc, match):
 def test_bad_margin_is_refused():
     with pytest.raises(ValueError, match="margin >= 0"):
         smallest_within([1], [0.5], 0.5, -0.01)
+
+
+def test_a_model_exactly_the_margin_below_qualifies_whatever_the_float_rounding():
+    # Accuracies k/n: a model 100 correct answers of 10,000 below the reference is exactly
+    # one point below it. In floating point k/n - 0.01 lands an ulp above (k-100)/n for
+    # hundreds of k; every one of them must still qualify.
+    n = 10_000
+    missed = [k for k in range(100, n + 1)
+              if smallest_within([100, 10], [k / n, (k - 100) / n], k / n, 0.01) != 1]
+    assert missed == []
+    # one answer fewer is beyond the margin
+    assert smallest_within([100, 10], [0.5097, 0.4996], 0.5097, 0.01) == 0
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
+def test_a_budget_that_is_no_byte_count_is_refused(budget):
+    with pytest.raises(ValueError, match="byte budget"):
+        best_within([10, 20], [0.5, 0.6], [budget])

@@ -162,6 +162,24 @@ def test_two_four_encoding_refuses_dense_groups():
         encode_tensor(torch.ones(2, 8), "2:4")
     with pytest.raises(ValueError, match="encoding supports"):
         encode_tensor(torch.ones(2, 8), "dense", "int4_packed")
+    for values in ("uint8", "int4_packed"):  # decoding refuses what encoding never writes
+        with pytest.raises(ValueError, match="decoding supports"):
+            decode_tensor(bytes(64), (2, 8), "dense", values)
+
+
+@pytest.mark.parametrize("values", ["uint8", "int4_packed", "float16", "float32"])
+def test_two_four_count_checks_the_groups_whatever_the_value_format(values):
+    # Groups of 4 with three nonzeros below 1 in magnitude: a cast to uint8 once read them
+    # as zeros (and int4_packed, no numpy type, raised numpy's TypeError).
+    w = torch.tensor([[0.3, -0.2, 0.1, 0.0, 0.5, 0.0, 0.0, 0.0]])
+    layer = torch.nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        model_bytes(torch.nn.Sequential(layer), "2:4", values)
+    with torch.no_grad():
+        layer.weight[0, 2] = 0.0  # now 2:4: counted in every format
+    assert model_bytes(torch.nn.Sequential(layer), "2:4", values).total > 0
 
 
 def _small_cnn(seed: int = 0):

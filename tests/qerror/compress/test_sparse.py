@@ -264,6 +264,34 @@ def test_numpy_sparsities_are_numbers_and_none_removes_every_weight():
     assert int((prune_global(a, 0.94, keep_dense=())["weight"]).sum()) == 1
 
 
+def test_a_channel_plan_naming_a_channel_twice_or_none_there_is_refused():
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kept, what in (([0, 0, 1], "named once"), ([0, 8], "lie in 0..7"), ([-1, 2], "0..7")):
+        with pytest.raises(PruningError, match=what):
+            shrink_channels(model, {"layer1.0.conv1": torch.tensor(kept)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_to_csr_takes_one_name_as_a_string_and_refuses_unknown_names():
+    model = tiny_resnet()
+    prune_global(model, 0.5)
+    kept = to_csr(model, keep_dense="conv1")
+    assert isinstance(kept.conv1, nn.Conv2d) and not isinstance(kept.conv1, CSRConv2d)
+    assert isinstance(kept.fc, CSRLinear)
+    assert isinstance(to_csr(model).conv1, CSRConv2d)  # default: none kept dense
+    with pytest.raises(PruningError, match=r"keep_dense names \['nope'\]"):
+        to_csr(model, keep_dense=["conv1", "nope"])
+
+
+@pytest.mark.parametrize("shape", [(2, 6), (3, 3), (4,), (2, 4, 3)])
+def test_is_two_four_refuses_weights_without_groups_of_four(shape):
+    with pytest.raises(PruningError, match="no groups of 4"):
+        is_two_four(torch.zeros(shape))
+    assert is_two_four(torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    assert not is_two_four(torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
+
+
 def test_models_without_prunable_layers_are_refused():
     with pytest.raises(PruningError, match="no Conv2d or Linear"):
         prune_global(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 0.5)

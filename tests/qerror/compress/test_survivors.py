@@ -1,6 +1,7 @@
 """Rounding the survivors of pruning: exact on a hand-made layer, and the truncation claims."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -63,3 +64,28 @@ def test_pruned_zeros_stay_zero_and_truncation_shrinks_by_half_an_lsb():
 def test_affine_spec_is_refused():
     with pytest.raises(ValueError, match="symmetric spec"):
         quantize_survivors(_layer([[1.0]]), QuantSpec(bits=8, symmetric=False))
+
+
+def test_a_layer_without_survivors_adds_nothing_to_the_pooled_means():
+    # Row [3, 1.6, -0.7, 0] as in the hand-made test, then a layer pruned away entirely:
+    # the pooled figures are the first layer's, not NaN.
+    model = _layer([[3.0, 1.6, -0.7, 0.0]])
+    model.append(torch.nn.Linear(1, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    q = quantize_survivors(model, QuantSpec(bits=3, axis=0))
+    assert q.layers.survivors.tolist() == [3, 0]
+    assert np.isnan(q.layers.bias_lsb.iloc[1])
+    assert q.pooled("bias_lsb") == q.layers.bias_lsb.iloc[0]
+    none = quantize_survivors(_layer([[0.0, 0.0]]), QuantSpec(bits=3, axis=0))
+    assert np.isnan(none.pooled("bias_lsb"))
+
+
+def test_a_negative_channel_axis_is_the_same_as_its_positive_twin():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    for rounding in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO):
+        pos = quantize_survivors(model, QuantSpec(bits=4, axis=1, rounding=rounding))
+        neg = quantize_survivors(model, QuantSpec(bits=4, axis=-1, rounding=rounding))
+        assert torch.equal(pos.model[0].weight, neg.model[0].weight)
+        pd.testing.assert_frame_equal(pos.layers, neg.layers)
