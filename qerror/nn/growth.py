@@ -278,14 +278,26 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     forms 2e-15 apart relative to S. Float counts (``counts`` converted once by the caller)
     are used without a copy.
     """
+    w = np.asarray(counts, dtype=np.float64)
+    a = _scaled_live(means, scale)
+    if a is None:
+        return np.full(w.shape[0], math.nan)
+    return np.sqrt(np.maximum(_squares_from_counts(a, w), 0.0))
+
+
+def _scaled_live(means, scale) -> np.ndarray | None:
+    """``means / scale`` over the channels with ``scale > 0``, float64 (N, C'); None when
+    no channel is live."""
     m = np.asarray(means, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
-    w = np.asarray(counts, dtype=np.float64)
-    n = m.shape[0]
     live = s > 0
-    if not live.any():
-        return np.full(w.shape[0], math.nan)
-    a = m[:, live] / s[live]
+    return m[:, live] / s[live] if live.any() else None
+
+
+def _squares_from_counts(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``(S − V / N) / C'`` of every resample (rows of the float counts ``w``) of the scaled
+    live means ``a`` (N, C'), before the clip at 0 (:func:`debiased_from_counts`)."""
+    n = a.shape[0]
     if a.shape[1] > n:
         total = np.einsum("bi,bi->b", w @ (a @ a.T), w) / (n * n)  # S, by the Gram matrix
     else:
@@ -293,7 +305,7 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
         mu /= n
         total = np.einsum("bc,bc->b", mu, mu)  # S
     spread = (w @ np.einsum("ic,ic->i", a, a) - n * total) / (n - 1)  # V
-    return np.sqrt(np.maximum((total - spread / n) / a.shape[1], 0.0))
+    return (total - spread / n) / a.shape[1]
 
 
 def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray], *,
@@ -315,8 +327,26 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     Notes
     -----
     One resample draws N images with replacement and uses them at every layer, so the
-    dependence between layers through shared images is kept; each layer's figure is
-    :func:`channel_rms_debiased` on the resample (:func:`debiased_from_counts`).
+    dependence between layers through shared images is kept. Each layer's figure on a
+    resample is :func:`channel_rms_debiased`'s mean of squares on it, less the sample's own
+    noise term ``Σ_c Var(m̂_c) / C'``, then the square root (0 below 0).
+
+    Why the second subtraction: in the bootstrap's world the sample is the population, and
+    the mean of squares the resamples estimate without bias is the sample's *plain* one,
+    ``Σ_c m̂_c² / C'``, which lies that noise term above the debiased point estimate. Taken
+    as they come, the resamples' debiased figures centre on the plain, upward-biased RMS
+    that the debiasing removed, and the interval follows them: most at the noisy layers, so
+    the exponent's interval was pulled toward 0 and missed the true exponent from below.
+    Less the sample's noise term, each resample's deviation from the bootstrap world's value
+    is set on the point estimate, as the bootstrap principle reads it (Efron & Tibshirani
+    [1]_, ch. 10 on bias). Measured with the simulation of tests/qerror/nn/test_growth.py
+    (``_image_coverage``: 200 networks of 10 layers sharing N images, per-channel drift
+    ``k √depth`` plus unit image noise correlated across layers, true exponent 1/2, 300
+    resamples each): coverage of the 95 % interval without the second subtraction 0.785,
+    0.92 and 0.17 at (N, C, k) = (100, 16, 0.1), (200, 32, 0.3) and (500, 64, 0.05), and
+    with it 1.0, 0.965 and 0.99 (standard errors at most 0.03). Where the drift is near its
+    noise the interval errs wide: a resample whose figure falls to 0 leaves that layer out
+    of its fit.
     """
     _check(level, resamples)
     depth = np.asarray(depth, dtype=np.float64)
@@ -332,8 +362,15 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     rng = np.random.default_rng(seed)
     # float once for every layer's products
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
-    values = np.stack([debiased_from_counts(v, c, counts) for v, c in zip(per_image, scales)],
-                      axis=1)  # (B, L)
+    columns = []
+    for v, c in zip(per_image, scales):
+        a = _scaled_live(v, c)
+        if a is None:
+            columns.append(np.full(resamples, math.nan))
+            continue
+        noise = a.var(axis=0, ddof=1).sum() / n / a.shape[1]  # the sample's own noise term
+        columns.append(np.sqrt(np.maximum(_squares_from_counts(a, counts) - noise, 0.0)))
+    values = np.stack(columns, axis=1)  # (B, L)
     boot = fit_exponents(depth, values)
     return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth,
                      layer_values)
