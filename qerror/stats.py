@@ -802,10 +802,10 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
     sampling error of ``ψ̂``. With fewer than ``floor(log2(2/α)) + 1`` items (6 at
     α = 0.05) the exact test can reject nothing: ``detectable`` is NaN and ``images_needed``
     at least that. :func:`mcnemar_power` gives the exact power of the test this module
-    runs: at ``images_needed`` it is slightly below the power asked (0.768 to 0.785 for 0.8
-    at α = 0.05 over ψ from 0.02 to 0.3 and |δ|/ψ from 0.2 to 0.8, computed exactly; the
-    continuity correction costs a little; the tests check 0.765 to 0.8 on such a grid of
-    counts). The plan is a normal approximation: below about 50 items take the exact power
+    runs: at ``images_needed`` it is slightly below the power asked (0.761 to 0.786 for 0.8
+    at α = 0.05 over a grid of 8 values of ψ from 0.02 to 0.3 and 7 of |δ|/ψ from 0.2 to
+    0.8, computed exactly, the lowest near |δ|/ψ = 0.5; the continuity correction costs a
+    little; the tests check 0.76 to 0.8 on a grid of counts). The plan is a normal approximation: below about 50 items take the exact power
     (e.g. 0.61 at 8 items for the ``detectable`` difference) from :func:`mcnemar_power`.
 
     References
