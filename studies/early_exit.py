@@ -927,6 +927,8 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
             "rounding": pd.DataFrame(rounding_rows), "sim_vs_real": pd.DataFrame(sim_rows),
             "times": times, "latency": latency, "rule8": rule8, "shift": shift,
             "lowered": [s.lowered for s in q_stages.stages],
+            "lowered_by_size": [{str(k): v for k, v in s.lowered_by_size.items()}
+                                for s in q_stages.stages],
             "exit_points": costs.exit_points, "variant": config["variant"],
             "model": model}
 
@@ -1094,6 +1096,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
                              "temperatures": r["rule8"].temperatures},
                "exit_points": list(r["exit_points"]), "full_macs": costs.full_macs,
                "exit_macs": list(costs.macs), "lowered": r["lowered"],
+               "lowered_by_size": r["lowered_by_size"],
                "operating_points": pts.to_dict(orient="records"),
                "headline_val_vs_test": r["shift"],
                "sim_vs_real": r["sim_vs_real"].to_dict(orient="records"),

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from qerror._enums import Choice
-from qerror.nn._anatomy import UnsupportedModelError
+from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
 
 __all__ = [
@@ -334,8 +334,10 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             if out_logits is None:
                 out_logits = torch.empty((n, logits.shape[1]), dtype=logits.dtype)
             score = exit_confidence(logits, rule.policy, rule.temperature(k))
+            # in float64: a threshold is a Python float, which torch would round to the
+            # score's dtype first (1 - 1e-8 to 1.0 in float32, 0.999 to 1.0 in bfloat16)
             leave = (torch.ones_like(score, dtype=torch.bool) if k == last
-                     else score > rule.thresholds[k])
+                     else score.double() > rule.thresholds[k])
             idx = alive[leave]
             out_logits[idx] = logits[leave]
             exit_index[idx] = k
@@ -667,18 +669,13 @@ class EarlyExitResNet(nn.Module):
                 and all(isinstance(d, int) and d > 0 for d in input_shape)):
             raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
                              f"{input_shape!r}")
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                dtype = next(self.backbone.parameters()).dtype
-                h = torch.zeros((1, *input_shape), dtype=dtype)
-                channels = []
-                for body in self._bodies()[:-1]:
-                    h = body(h)
-                    channels.append(h.shape[1])
-        finally:
-            self.backbone.train(was_training)
+        with eval_mode(self.backbone), torch.no_grad():
+            dtype = next(self.backbone.parameters()).dtype
+            h = torch.zeros((1, *input_shape), dtype=dtype)
+            channels = []
+            for body in self._bodies()[:-1]:
+                h = body(h)
+                channels.append(h.shape[1])
         return channels
 
     @property
@@ -797,9 +794,7 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = Non
         input_shape = model.input_shape
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
         full = count_macs(model.backbone, x)
         backbone, heads = [], []
         h = x
@@ -808,8 +803,6 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = Non
             with torch.no_grad():
                 h = stage.body(h)
             heads.append(count_macs(stage.head, h))
-    finally:
-        model.train(was_training)
     head_sums = np.cumsum(heads)
     macs = tuple(int(b + s) for b, s in zip(backbone, head_sums))
     return ExitCosts((*model.exit_points, "fc"), tuple(backbone), tuple(heads), macs, full)
@@ -822,9 +815,7 @@ def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] = (1, 32,
     check_resnet(model)
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         full = count_macs(model, x)
         stem = nn.Sequential(*(getattr(model, n) for n in _STEM))
         done = count_macs(stem, x)
@@ -838,8 +829,6 @@ def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] = (1, 32,
             with torch.no_grad():
                 h = block(h)
             out[name] = done / full
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -1181,7 +1170,7 @@ def _first_exit(scores: torch.Tensor, thresholds: Sequence[float]) -> torch.Tens
     its threshold, or the last exit."""
     leave = torch.zeros_like(scores, dtype=torch.bool)
     for k, t in enumerate(thresholds):
-        leave[k] = scores[k] > t
+        leave[k] = scores[k].double() > t  # exactly, as run_early_exit compares
     leave[-1] = True
     return leave.to(torch.int8).argmax(dim=0).to(torch.int64)  # the first True
 

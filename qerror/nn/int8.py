@@ -1025,7 +1025,9 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     reduce_range : bool
         Calibrate every layer's input range onto half the codes (0..127), as PyTorch's
         x86/FBGEMM observers do with ``reduce_range=True``: the AVX2 kernel's int16 pair
-        sums then cannot saturate on calibration-range inputs.
+        sums then cannot saturate on calibration-range inputs. Unsigned ``act_spec`` only
+        (ValueError otherwise): a signed one's halved codes (-64..63) reach the kernel as
+        64..191, which can saturate.
     seed : int
         Seed of the calibration samples (PERCENTILE and MSE ranges).
     progress : bool
@@ -1055,6 +1057,10 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     out_spec = act_spec if out_spec is None else out_spec
     _check_spec(act_spec, "act_spec")
     _check_spec(out_spec, "out_spec")
+    if reduce_range and act_spec.signed:
+        raise ValueError("reduce_range maps each input onto the kernel's codes 0..127, which a "
+                         "signed act_spec's halved codes (-64..63, run as 64..191) are not: "
+                         "pass an unsigned act_spec (signed=False), as the default is")
     if not isinstance(act_range, RangePolicy):
         raise TypeError(f"act_range must be a RangePolicy, got {type(act_range).__name__}")
     if not isinstance(model, nn.Module):

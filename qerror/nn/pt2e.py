@@ -13,7 +13,9 @@ torchao is imported on first use (it takes seconds), so ``import qerror`` stays 
 
 Measured (PyTorch 2.14.1, torchao 0.18.0, one thread, a Xeon with AMX): every convolution
 and linear layer of the stages is lowered to oneDNN's quantized kernels
-(:attr:`Int8Module.lowered`). On briefly trained tiny ResNets like the tests' one, top-1
+(:attr:`Int8Module.lowered`), but for the linear layers of the graph of a batch of one,
+which inductor leaves as a float product of dequantized weights
+(:attr:`Int8Module.lowered_by_size`). On briefly trained tiny ResNets like the tests' one, top-1
 agreed with float32 on 100% of 200 images at every exit at least 90% accurate, with
 oneDNN on AMX, capped at AVX512-VNNI and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``). AMX and
 VNNI gave the same largest logit errors to four digits, AVX2 other ones: its int8
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from qerror.nn._anatomy import eval_mode
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
 
 __all__ = [
@@ -234,12 +237,20 @@ class Int8Module:
         without ReLU, ``qconv2d_binary`` one with a fused residual add, ``qlinear_*``
         the linear layers); summed over the graphs of every warm-up size. Empty when not
         compiled.
+    lowered_by_size : dict of int to dict
+        The same counts for each warm-up size's call, which compiles the graph that serves
+        that size (zeros where an earlier size's graph served it). At a batch of one, which
+        dynamo specialises, inductor (PyTorch 2.14.1) leaves the linear layers as a float
+        matrix product of dequantized weights (measured: no ``qlinear`` count at size 1,
+        one per linear layer at sizes 2 and 16), so batch-1 latency times float linear
+        layers beside INT8 convolutions.
     """
 
     fn: object = field(repr=False)
     converted: torch.fx.GraphModule = field(repr=False)
     times: Pt2eTimes
     lowered: dict = field(default_factory=dict)
+    lowered_by_size: dict = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor):
         with torch.no_grad():
@@ -323,7 +334,9 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     which lets inductor's quantization passes fold the weights and replace each
     dequantize-convolution-quantize pattern (with its ReLU and residual add) by a oneDNN
     quantized convolution (``onednn.qconv_pointwise``, ``qconv2d_pointwise.binary``) and
-    each linear layer by ``onednn.qlinear_pointwise``.
+    each linear layer by ``onednn.qlinear_pointwise``, in the graphs of two or more images;
+    in the graph of one image the linear layers stay a float matrix product of dequantized
+    weights (:attr:`Int8Module.lowered_by_size` records what each size's graph got).
 
     References
     ----------
@@ -362,7 +375,7 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         converted = convert_pt2e(prepared)
         t4 = time.perf_counter()
         fn = converted
-        before = dict(counters["inductor"])
+        by_size: dict[int, dict[str, int]] = {}
         if compile:
             with _freezing(), warnings.catch_warnings():
                 # PyTorch's own oneDNN lowering copies a tensor with torch.tensor(); harmless.
@@ -373,12 +386,17 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
                     x = example[:1].expand(size, *example.shape[1:]).contiguous()
                     if size > 1:
                         torch._dynamo.maybe_mark_dynamic(x, 0)
+                    before = dict(counters["inductor"])
                     fn(x)
+                    counts = {k: counters["inductor"][k] - before.get(k, 0)
+                              for k in LOWERING_COUNTERS}
+                    by_size[size] = {k: by_size.get(size, {}).get(k, 0) + v
+                                     for k, v in counts.items()}
         t5 = time.perf_counter()
     times = Pt2eTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
-    lowered = ({k: counters["inductor"][k] - before.get(k, 0) for k in LOWERING_COUNTERS}
+    lowered = ({k: sum(c[k] for c in by_size.values()) for k in LOWERING_COUNTERS}
                if compile else {})
-    return Int8Module(fn, converted, times, lowered)
+    return Int8Module(fn, converted, times, lowered, by_size)
 
 
 @dataclass(frozen=True)
@@ -450,9 +468,7 @@ def quantize_exit_stages(model: EarlyExitResNet, calibration: Iterable[torch.Ten
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("the model must be float32 (call .float()) to be quantized")
     batches = _check_batches(calibration, "calibration")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
         stages = []
         inputs = batches
         for stage in model.stages():
@@ -460,6 +476,4 @@ def quantize_exit_stages(model: EarlyExitResNet, calibration: Iterable[torch.Ten
                                         warmup_sizes=warmup_sizes, max_batch=max_batch))
             with torch.no_grad():
                 inputs = [stage.body(b) for b in inputs]
-    finally:
-        model.train(was_training)
     return Int8ExitStages(tuple(stages))

@@ -140,6 +140,46 @@ def test_threshold_one_holds_even_for_saturated_softmax():
     assert result.exit_index.tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("dtype, threshold", [(torch.float32, 1 - 1e-8),
+                                              (torch.bfloat16, 0.999), (torch.float16, 0.9999)])
+def test_a_score_above_its_threshold_exits_whatever_the_logits_dtype(dtype, threshold):
+    """Saturated softmax scores of exactly 1.0 exceed a threshold just below 1 that the
+    logits' dtype would round up to 1.0 (and 1.0 itself is still never exceeded)."""
+    logits = torch.tensor([[20.0, 0.0], [0.0, 20.0]], dtype=dtype)
+    assert exit_confidence(logits, "max-softmax").tolist() == [1.0, 1.0]
+    assert torch.tensor(threshold, dtype=dtype).item() == 1.0  # what rounding would compare
+    stages = [lambda h: (h, logits[:len(h)]), lambda h: (h, torch.zeros(len(h), 2, dtype=dtype))]
+    for t, exits in ((threshold, [0, 0]), (1.0, [1, 1])):
+        rule = ExitRule("max-softmax", (t,))
+        assert run_early_exit(stages, torch.zeros(2, 3, dtype=dtype), rule).exit_index.tolist() \
+            == exits
+        both = [logits, torch.zeros(2, 2, dtype=dtype)]
+        assert exit_result_from_logits(both, rule).exit_index.tolist() == exits
+
+
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_counting_macs_gives_every_module_its_own_mode_back():
+    """A frozen backbone under training heads (the pattern fit sets up for frozen
+    BatchNorms) keeps its BatchNorms in evaluation mode through exit_costs and
+    block_mac_fractions; a model-wide train(True) afterwards would have turned them on."""
+    model = EarlyExitResNet(fashion_resnet("resnet18", seed=1).eval(), seed=0)
+    model.train()
+    model.backbone.eval()
+    before = _modes(model)
+    assert not before["backbone.bn1"] and before["heads.0"]
+    exit_costs(model)
+    assert _modes(model) == before
+    backbone = model.backbone
+    backbone.train()
+    backbone.layer1.eval()
+    inner = _modes(backbone)
+    block_mac_fractions(backbone)
+    assert _modes(backbone) == inner
+
+
 def _counting_hooks(model):
     seen = {}
     modules = {"layer1": model.backbone.layer1[0], "layer2": model.backbone.layer2[0],

@@ -621,3 +621,16 @@ def test_bad_models_raise_clearly():
         crosscheck_model(grouped, batches, batches)
     assert isinstance(crosscheck_model(model, batches, batches), CrossCheck)
     assert int8.__all__ and all(hasattr(int8, n) for n in int8.__all__)
+
+
+def test_reduce_range_refuses_a_signed_activation_quantizer():
+    """Halving a signed range gives codes -64..63, which the kernel runs as 64..191: the
+    int16 pair sums reduce_range promises to keep clear could saturate. Refused before any
+    calibration; the unsigned default is accepted."""
+    model = _small_model()
+    batches = [torch.randn(2, 1, 8, 8, generator=_gen(7))]
+    signed = ACTIVATION_SPEC.replace(signed=True)
+    with pytest.raises(ValueError, match="reduce_range .* signed act_spec"):
+        crosscheck_model(model, batches, batches, act_spec=signed, reduce_range=True)
+    assert _hooks(model) == 0
+    crosscheck_model(model, batches, batches, reduce_range=True)

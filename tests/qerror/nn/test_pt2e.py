@@ -131,6 +131,17 @@ def _check_agreement(ref, got, labels):
     return agreement
 
 
+def test_quantizing_the_stages_gives_every_module_its_own_mode_back():
+    """The frozen-backbone pattern (heads training, backbone BatchNorms in evaluation mode)
+    survives quantize_exit_stages, which runs the stages in evaluation mode."""
+    model = EarlyExitResNet(fashion_resnet("resnet18", seed=1).eval(), seed=0)
+    model.train()
+    model.backbone.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    quantize_exit_stages(model, [torch.randn(4, 1, 32, 32)], compile=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def test_pt2e_quantized_stages_agree_with_fp32_uncompiled(trained):
     """The fast check: each stage exported, quantized and converted (not compiled); the
     quantized graphs agree with float32 top-1 on at least 99% of 200 images (see
@@ -155,6 +166,13 @@ def test_int8_compiled_early_exit_agrees_with_fp32_and_runs_any_batch(trained):
         assert stage.lowered["qconv_unary_lower_count"] > 0
     assert q.stages[0].lowered["qconv2d_binary_lower_count"] > 0  # conv + residual add
     assert all(s.lowered["qlinear_unary_lower_count"] > 0 for s in q.stages)
+    # the per-size record adds up to the total, and the graphs of two or more images have
+    # their linear layers on oneDNN (Int8Module.lowered_by_size: not so at one image)
+    for s in q.stages:
+        assert set(s.lowered_by_size) == {1, 2, 16}
+        assert {k: sum(c[k] for c in s.lowered_by_size.values()) for k in LOWERING_COUNTERS} \
+            == s.lowered
+        assert s.lowered_by_size[2]["qlinear_unary_lower_count"] > 0
     assert q.compile_seconds + q.quantize_seconds == pytest.approx(wall, rel=0.05)
 
     with torch.no_grad():
