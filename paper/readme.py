@@ -851,6 +851,33 @@ def bench_fused(records) -> str:
             "which is not exact.")
 
 
+IMAGENET_VAL_IMAGES = 50_000  # ILSVRC2012's validation split
+
+
+def imagenet_throughput(records) -> str:
+    """The drift study's rates at ImageNet size (scripts/imagenet-throughput.sh's run), and
+    what the whole validation split at the default configurations would take at them."""
+    rec = records("imagenet-throughput")
+    t = rec.csv("timing.csv").iloc[0]
+    default = int(records("drift-avx2").csv("timing.csv").iloc[0].configurations)
+    cfg = rec.manifest["config"]
+    local = ("each of which carries the local error" if cfg["local_samples"] >= t.probe_images
+             else f"{cfg['local_samples']} of which carry the local error")
+    days = IMAGENET_VAL_IMAGES * default / t.images_per_s_per_config / 86400
+    return (f"`{rec.about['command']}` (commit {rec.commit}, {rec.about['machine']}) ran the "
+            f"study on that folder: the instrumented paired pass of one configuration at "
+            f"{t.measure_images_per_s:.3g} images/s and its plain quantized forward at "
+            f"{t.plain_images_per_s:.3g} images/s (`measure_images_per_s`, "
+            f"`plain_images_per_s` in `timing.csv`, timed on a first batch of "
+            f"{int(t.probe_images)} images, {local}), and the estimate's "
+            f"rate for each configuration with a width's configurations in one K-way batch, "
+            f"{t.images_per_s_per_config:.3g} images/s (`images_per_s_per_config`, modelled "
+            f"from those rates with a fixed `--images`). At that rate the "
+            f"{IMAGENET_VAL_IMAGES:,} validation images × the {default} default "
+            f"configurations would take about {days:.0f} days on one such CPU, hence "
+            "`--images`, a GPU and torchrun.")
+
+
 def _one_row(rec: Record, frame: pd.DataFrame, mask, what: str) -> pd.Series:
     """The one row of ``frame`` that ``mask`` selects; a RecordError naming ``what`` when the
     record holds none or several."""
@@ -1167,6 +1194,7 @@ RENDERERS: dict[str, Callable] = {
     "early-exit-seeds": early_exit_seeds,
     "drift-fused-gain": drift_fused_gain,
     "bench-fused": bench_fused,
+    "imagenet-throughput": imagenet_throughput,
     "bench-drift": bench_drift,
     "rounding-choice-time": rounding_choice_time,
 }
