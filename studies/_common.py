@@ -56,6 +56,11 @@ EXIT_OS_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
+class PublishedInterrupt(KeyboardInterrupt):
+    """Ctrl-C after a run was moved to ``--out``: the run is complete; the message says
+    what was left undone."""
+
+
 class StudyError(Exception):
     """An expected failure whose message tells the user what is wrong and what to do.
 
@@ -246,6 +251,9 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         except OSError as err:
             print(f"[{name}] error: {err}", file=sys.stderr)
             return EXIT_OS_ERROR
+        except PublishedInterrupt as err:
+            print(f"[{name}] interrupted after the run was published: {err}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         except KeyboardInterrupt:
             print(f"[{name}] interrupted: nothing was published (its staging folder was "
                   "removed)", file=sys.stderr)
@@ -322,14 +330,15 @@ def _alive(pid: int) -> bool:
 def clean_stale_partials(final: Path) -> list[Path]:
     """Remove the staging folders that killed runs aimed at ``final`` left behind.
 
-    Only folders named ``.NAME.partial-PID`` (NAME being ``final``'s name) in ``final``'s
-    parent, not symbolic links, and only when no process ``PID`` is alive: a run in
-    progress keeps its folder. Returns the folders removed.
+    Only folders named ``.NAME.partial-PID`` (a staged run) or ``.NAME.old-PID`` (a run it
+    replaced, whose removal was cut short) in ``final``'s parent (NAME being ``final``'s
+    name), not symbolic links, and only when no process ``PID`` is alive: a run in progress
+    keeps its folders. Returns the folders removed.
     """
     final = Path(final)
-    pattern = re.compile(re.escape(f".{final.name}.partial-") + r"([0-9]+)")
+    pattern = re.compile(re.escape(f".{final.name}.") + r"(?:partial|old)-([0-9]+)")
     removed = []
-    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.partial-*")):
+    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
         m = pattern.fullmatch(p.name)
         if m and p.is_dir() and not p.is_symlink() and not _alive(int(m[1])):
             shutil.rmtree(p)
@@ -496,6 +505,10 @@ class RunDir:
 
     def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any]):
         self.final = check_out(out, study, force=True)
+        # A previous run at --out now was allowed by the study's own check_out (--force);
+        # one that appears while this run works (another run aimed at the same folder) was
+        # not, and is never replaced by finish().
+        self.replaces = self.final.is_dir() and any(self.final.iterdir())
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
         if self.stage.exists():
@@ -620,13 +633,22 @@ class RunDir:
                                  "left as it is")
             if self.final.is_dir():
                 _check_replaceable(self.final, self.study, force=True)
+                if not self.replaces and any(self.final.iterdir()):
+                    raise StudyError(f"another run was written to --out {self.final} while "
+                                     "this one ran; it is left as it is (a run replaces "
+                                     "only what was there when it started, with --force)")
                 old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
                 self.final.rename(old)
             self.stage.rename(self.final)
         except (OSError, StudyError) as err:
             self._keep_unplaced(err, old)
         if old is not None:
-            shutil.rmtree(old)
+            try:
+                shutil.rmtree(old)
+            except KeyboardInterrupt:
+                raise PublishedInterrupt(
+                    f"it is complete at {self.final}; the previous run's copy at {old} was "
+                    "not fully removed (the next run aimed at this --out removes it)") from None
         return self.final
 
     def _keep_unplaced(self, err: Exception, old: Path | None) -> None:

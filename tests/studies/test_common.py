@@ -170,6 +170,58 @@ def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, monkeypatch):
     assert _common.check_out(vol / "demo", "demo", force=False) == vol / "demo"
 
 
+def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
+    """Two runs aimed at a new --out, neither forced: the one that finishes second finds
+    the first's run there and keeps its own beside it, named, instead of replacing it."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", ["--seed", "2"], {}) as second:
+        with RunDir(out, "demo", ["--seed", "1"], {}) as first:
+            first.write_text("x.csv", "first\n")
+            first.finish()
+        second.write_text("x.csv", "second\n")
+        kept = tmp_path / f"run.finished-{os.getpid()}"
+        with pytest.raises(_common.StudyError, match="another run was written to --out"):
+            second.finish()
+    assert (out / "x.csv").read_text() == "first\n"
+    assert (kept / "x.csv").read_text() == "second\n"
+    # a run that found a previous one when it started (the study checked --force) replaces it
+    with RunDir(out, "demo", ["--seed", "3"], {}) as third:
+        third.write_text("x.csv", "third\n")
+        third.finish()
+    assert (out / "x.csv").read_text() == "third\n"
+
+
+def test_ctrl_c_while_the_replaced_run_is_removed_says_the_new_one_is_published(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}) as run:
+        run.write_text("x.csv", "old\n")
+        run.finish()
+    real_rmtree = _common.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if ".old-" in Path(path).name:
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    def body(argv):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("x.csv", "new\n")
+            run.finish()
+        return 0
+
+    monkeypatch.setattr(_common.shutil, "rmtree", rmtree)
+    assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted after the run was published" in err and "nothing was" not in err
+    assert (out / "x.csv").read_text() == "new\n"
+    old = tmp_path / f".run.old-{os.getpid()}"
+    assert old.is_dir()
+    monkeypatch.setattr(_common.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(_common, "_alive", lambda pid: False)  # as after this process ends
+    assert _common.clean_stale_partials(out) == [old]
+
+
 def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeypatch):
     """When the last move fails (a mount point, a vanished parent), the complete run stays,
     under a name no later run removes, and the previous run at --out is put back."""
