@@ -60,6 +60,7 @@ from qerror.nn.models import (
     default_checkpoint_path,
     fashion_resnet,
     get_baseline,
+    has_checkpoint_sidecar,
     save_checkpoint,
     sidecar_path,
 )
@@ -330,6 +331,13 @@ def _main(argv: list[str]) -> int:
             refusal = parallel.broadcast_object(refusal)
             if refusal is not None:
                 raise StudyError(refusal)
+            # The run folder is staged and published as a whole: a checkpoint (and its
+            # state) inside it would be written there by training and refused after it.
+            inside = Path(out).expanduser().resolve()
+            if checkpoint.expanduser().resolve().is_relative_to(inside):
+                raise StudyError(f"--checkpoint {checkpoint} lies inside --out {out}, which "
+                                 "holds the run's own outputs only (it is staged and replaced "
+                                 "as a whole); pass a --checkpoint outside it")
             # A run cut while writing its results has saved the checkpoint but kept its
             # state: rerunning the command finishes it and may replace that checkpoint.
             _check_checkpoint_target(checkpoint, force=args.force or (args.resume and
@@ -405,10 +413,11 @@ def _check_checkpoint_target(path: Path, *, force: bool) -> None:
                           "state are written")
     if not path.exists():
         return
-    if not sidecar_path(path).is_file():
+    if not has_checkpoint_sidecar(path):
         raise StudyError(f"--checkpoint {path} is an existing file that is not a qerror "
-                         f"checkpoint (it has no {sidecar_path(path).name} beside it); it is "
-                         "never replaced, with --force neither. Pass the name of a new file")
+                         f"checkpoint (there is no qerror sidecar {sidecar_path(path).name} "
+                         "beside it); it is never replaced, with --force neither. Pass the name "
+                         "of a new file")
     if not force:
         raise StudyError(f"--checkpoint {path} already holds a trained checkpoint; pass --force "
                          "to replace it with the one this run trains, or another --checkpoint")

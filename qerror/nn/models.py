@@ -567,6 +567,18 @@ def sidecar_path(path: Path | str) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def has_checkpoint_sidecar(path: Path | str) -> bool:
+    """Whether ``path`` has a qerror checkpoint's sidecar beside it (JSON whose ``format`` is
+    :data:`CHECKPOINT_FORMAT`, a provisional one included): the mark of a file that
+    ``python -m studies.train --force`` may replace. Whether the checkpoint verifies is
+    :func:`load_checkpoint`'s question."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT
+
+
 def default_checkpoint_path(arch: Arch | str, stem: Stem | str = DEFAULT_STEM, *,
                             tag: str | None = None) -> Path:
     """Where the Fashion-MNIST baseline of ``arch`` and ``stem`` is cached.
@@ -706,9 +718,18 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             "beside it with its sha256 and metadata, so it cannot be verified). It is left as "
             "it is. Pass a checkpoint written by `python -m studies.train`, e.g. train one "
             f"with `{retrain_command(arch_hint, stem_hint)} --checkpoint NEW_FILE`.")
+    if not has_checkpoint_sidecar(path):
+        # Someone's own X and X.json (sidecars are written atomically: one that does not
+        # read as ours is not ours): never advise deleting them.
+        raise CheckpointError(
+            f"refusing {path}: {side.name} beside it is not a qerror checkpoint's sidecar (its "
+            f"format is not {CHECKPOINT_FORMAT!r}), so {path.name} is no qerror checkpoint. "
+            "Both are left as they are. Pass a checkpoint written by `python -m studies."
+            f"train`, e.g. train one with `{retrain_command(arch_hint, stem_hint)} "
+            "--checkpoint NEW_FILE`.")
     try:
         sidecar = json.loads(side.read_text())
-        if isinstance(sidecar, dict) and sidecar.get("pending") is True:
+        if sidecar.get("pending") is True:
             raise refuse(f"its sidecar {side.name} is provisional: the write that made it was "
                          "interrupted before it finished (a studies.train run whose state file "
                          "is kept finishes it when the same command runs again)")

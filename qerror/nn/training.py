@@ -524,6 +524,21 @@ def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
     return {**recipe, **extra}
 
 
+def _not_a_state(path: Path) -> str | None:
+    """Why ``path`` is not a training state this loop wrote (a file of another kind, a
+    folder, a link), or None. States are written atomically, so one that does not read as a
+    state is not one."""
+    if path.is_symlink() or not path.is_file():
+        return "is not a regular file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for foreign files
+        return f"does not read as a qerror training state ({type(exc).__name__})"
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        return f"is not a qerror training state (no format {STATE_FORMAT!r})"
+    return None
+
+
 def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
     hint = f"delete {path} or start over without resuming"
     try:
@@ -745,7 +760,14 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     opt, sched = _optimizer(params, config, total)
     history, step = History(), 0
     loaded: dict | Exception | None = None
-    if main and resume and state_path is not None and state_path.is_file():
+    foreign = (_not_a_state(state_path) if main and state_path is not None
+               and (state_path.exists() or state_path.is_symlink()) else None)
+    if foreign is not None:
+        # a file this loop did not write: never loaded, replaced or deleted
+        loaded = TrainError(f"state_path {state_path} exists and {foreign}; it is left as it "
+                            "is. Pass another path for the training state (studies.train "
+                            "keeps it beside --checkpoint: pass another --checkpoint)")
+    elif main and resume and state_path is not None and state_path.is_file():
         try:
             loaded = _load_state(state_path, recipe, world)
         except ResumeError as exc:

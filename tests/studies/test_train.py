@@ -157,6 +157,36 @@ def test_resume_refuses_another_recipe_and_no_resume_starts_over(idx_root, tmp_p
     assert _state_step(tmp_path) == 1
 
 
+def test_a_users_files_where_the_state_and_checkpoint_would_go_are_never_touched(
+        idx_root, tmp_path, capsys):
+    """A file of someone else's at the state's path is refused, resuming or not (--no-resume
+    once deleted it); so is a model.pt whose model.pt.json is not a qerror sidecar, even
+    with --force (it once counted as a checkpoint and was overwritten)."""
+    state = tmp_path / "ckpt.train-state.pt"
+    state.write_bytes(b"my own notes")
+    for extra in ((), ("--no-resume",)):
+        assert _main(idx_root, tmp_path, *extra) == 2
+        err = capsys.readouterr().err
+        assert "is left as it is" in err and "Traceback" not in err
+        assert state.read_bytes() == b"my own notes"
+    state.unlink()
+    (tmp_path / "ckpt.pt").write_bytes(b"weights")
+    (tmp_path / "ckpt.pt.json").write_text('{"note": "mine"}')
+    assert _main(idx_root, tmp_path, "--force") == 2
+    assert "is not a qerror checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.json"]
+
+
+def test_a_checkpoint_inside_out_is_refused_before_training(idx_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(out),
+                       "--checkpoint", str(out / "model.pt"), "--no-progress"])
+    assert code == 2
+    assert "lies inside --out" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_resume_refuses_other_training_images(idx_root, tmp_path, capsys):
     """A state resumes only on the images it was trained on: another folder with other
     labels is refused, not trained on and recorded as if it had been there throughout."""

@@ -245,9 +245,21 @@ def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
     _refused(saved_checkpoint, "does not match")
     side.write_text(json.dumps({**meta, "num_classes": 11}))
     _refused(saved_checkpoint, "disagree on num_classes")
-    # Without a readable sidecar the architecture is unknown, so the command is generic.
-    side.write_text("{not json")
-    _refused(saved_checkpoint, "sidecar .* is not valid", retrain="python -m studies.train")
+    # A sidecar without the format's mark, or not JSON at all (qerror writes its sidecars
+    # atomically, so it never leaves a cut one), is someone's own X.json beside their own
+    # X: refused, and neither file is to be deleted.
+    before = saved_checkpoint.read_bytes()
+    for text in ("{not json", json.dumps({"sha256": meta["sha256"], "bytes": meta["bytes"]}),
+                 json.dumps([1, 2])):
+        side.write_text(text)
+        with pytest.raises(CheckpointError, match="not a qerror checkpoint's sidecar") as info:
+            models.load_checkpoint(saved_checkpoint)
+        msg = str(info.value)
+        assert "Both are left as they are" in msg and "Delete" not in msg
+        assert not models.has_checkpoint_sidecar(saved_checkpoint)
+        assert saved_checkpoint.read_bytes() == before and side.read_text() == text
+    side.write_text(json.dumps(meta))
+    assert models.has_checkpoint_sidecar(saved_checkpoint)
     # Without a sidecar it may be a user's own model file: refused, never to be deleted.
     side.unlink()
     with pytest.raises(CheckpointError, match="is not a qerror checkpoint") as info:
@@ -260,7 +272,8 @@ def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
 def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
     path = tmp_path / "fake.pt"
     path.write_bytes(b"\x00" * 1000)
-    meta = {"sha256": sha256_file(path), "bytes": 1000, "arch": "resnet18", "stem": "imagenet"}
+    meta = {"format": models.CHECKPOINT_FORMAT, "sha256": sha256_file(path), "bytes": 1000,
+            "arch": "resnet18", "stem": "imagenet"}
     models.sidecar_path(path).write_text(json.dumps(meta))
     _refused(path, "not a readable torch file")
 
