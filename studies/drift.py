@@ -78,6 +78,7 @@ from tqdm import tqdm
 
 from qerror import RoundingMode
 from qerror.data import find_fashion_mnist, imagenet_folder, split_images
+from qerror.files import sha256_file
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -300,7 +301,10 @@ def _load_model(args, data_root):
             model = imagenet_resnet50(args.weights or "IMAGENET1K_V2", download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:
             raise StudyError(str(err)) from err
-        return model, {"model": "resnet50-imagenet", "weights": str(args.weights)}
+        identity = {"model": "resnet50-imagenet", "weights": str(args.weights)}
+        if args.weights is not None and Path(args.weights).is_file():  # a local file: its bytes
+            identity["weights_sha256"] = sha256_file(Path(args.weights))
+        return model, identity
     if args.smoke and args.weights is None:
         torch.manual_seed(args.seed)
         model = fashion_resnet(args.model)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, Grid, error_moments, optimal_clip
+from qerror.files import sha256_file
 from qerror.nonuniform import lloyd_max
 from studies._common import (
     RunDir,
@@ -445,14 +446,17 @@ def _main(argv: list[str]) -> int:
                      "part, which needs a qerror checkpoint (--checkpoint, or a cached "
                      "baseline); pass one, or leave --data-root out")
     # Read before the work starts: a named folder that fails stops the run here.
-    images = None if baseline is None or baseline[1] is None else _calibration_images(
+    calib = None if baseline is None or baseline[1] is None else _calibration_images(
         args.data_root, 64 if smoke else 256, held_out(baseline[2]["info"]))
+    images, data_identity = (None, None) if calib is None else calib
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
               "baseline": None if baseline is None else baseline[2]}
     plt = figure_style()
     with RunDir(args.out, "rounding", argv, config) as run:
+        if data_identity is not None:  # what the activations were computed from
+            run.extra["data"] = data_identity
         regime = regime_sweep(law_list, modes, ratios, bit_list, mc_n, args.seed)
         validity = uniform_validity(regime)
         curves = clipping_curves(clip_laws, bit_list, clip_modes, alpha_grid)
@@ -527,8 +531,8 @@ def _load_baseline(path: Path | None):
     from qerror.nn.models import (
         Arch,
         default_checkpoint_path,
+        has_checkpoint_sidecar,
         load_checkpoint,
-        sidecar_path,
     )
 
     if path is None:
@@ -541,7 +545,7 @@ def _load_baseline(path: Path | None):
             return None
     if not path.is_file():
         raise StudyError(f"--checkpoint {path}: no such file")
-    if sidecar_path(path).exists():  # a qerror checkpoint: verified, or refused
+    if has_checkpoint_sidecar(path):  # a qerror checkpoint: verified, or refused
         ckpt = load_checkpoint(path)  # a CheckpointError is study_main's refusal
         return ckpt.model.state_dict(), ckpt.model, {"path": str(path), "info": ckpt.info}
     try:
@@ -563,13 +567,14 @@ def _load_baseline(path: Path | None):
         raise StudyError(f"--checkpoint {path}: {len(bad)} weight tensor(s) hold NaN or "
                          f"infinite values ({shown}); quantization error is not defined for "
                          "them")
-    return state, None, {"path": str(path)}
+    return state, None, {"path": str(path), "sha256": sha256_file(path)}
 
 
 def _calibration_images(data_root, count: int, held: dict[str, int] | None = None
-                        ) -> torch.Tensor | None:
-    """The first ``count`` calibration images, or None when no data was named and none
-    is found; ``held``: the held-out split sizes the network was trained beside
+                        ) -> tuple[torch.Tensor, dict] | None:
+    """The first ``count`` calibration images and what a manifest records of them (the
+    folder read and the calibration split's sha256), or None when no data was named and
+    none is found; ``held``: the held-out split sizes the network was trained beside
     (:func:`studies._common.held_out`).
 
     Raises
@@ -587,7 +592,9 @@ def _calibration_images(data_root, count: int, held: dict[str, int] | None = Non
             raise
         print(f"[rounding] activations skipped: {err}")
         return None
-    return to_tensor(calib.images[:count])
+    identity = {"dataset": "fashion-mnist", "source": calib.source,
+                "calib_sha256": calib.sha256, "calib_images_used": min(count, len(calib.labels))}
+    return to_tensor(calib.images[:count]), identity
 
 
 main = study_main(_main)

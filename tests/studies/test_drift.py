@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from qerror.files import sha256_file
 from qerror.nn import int8
 from qerror.stats import mcnemar_resolution, tail_share_normal
 from studies import drift
@@ -250,6 +251,7 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     assert manifest["data"]["classes"] == 2
     assert manifest["data"]["classes_present"] == ["n01443537", "n15075141"]
     assert manifest["data"]["layout"] == "synset-folders"
+    assert manifest["model"]["weights_sha256"] == sha256_file(weights)  # a file: its bytes
     sites = pd.read_csv(out / "sites.csv")
     assert sites[sites.kind == "conv"].site.nunique() == 53
     assert sites[sites.kind == "linear"].site.tolist()[0] == "fc"

@@ -101,6 +101,11 @@ def test_rounding_with_a_checkpoint_measures_weights_and_activations(tmp_path, m
     weights = pd.read_csv(out / "weights.csv")
     acts = pd.read_csv(out / "activations.csv")
     assert weights.layer.nunique() == 21 and acts.layer.nunique() == 21  # 20 convs + fc
+    # the manifest names what the activations were computed from
+    manifest = json.loads((out / "manifest.json").read_text())
+    calib = data.fashion_mnist_splits(root).calib
+    assert manifest["data"]["source"] == calib.source
+    assert manifest["data"]["calib_sha256"] == calib.sha256
     # A tampered checkpoint is refused, and nothing is written.
     raw = bytearray(ckpt.read_bytes())
     raw[len(raw) // 2] ^= 1
@@ -131,3 +136,22 @@ def test_an_unusable_state_dict_is_refused_before_the_sweep(state, message, tmp_
     assert re.search(message, err) and f"--checkpoint {path}" in err and "Traceback" not in err
     assert not ran and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == \
         ["state.pt"]
+
+
+def test_a_bare_state_dict_is_named_by_its_hash_in_the_manifest(tmp_path):
+    """A --checkpoint that is a plain state dict (no qerror sidecar; an unrelated JSON file
+    beside it does not make it one) is read as one, and the manifest records its sha256,
+    not only its path."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    path = tmp_path / "state.pt"
+    torch.save(net.state_dict(), path)
+    path.with_name("state.pt.json").write_text('{"note": "my training log"}')
+    out = tmp_path / "r"
+    argv = ["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples", "100",
+            "--checkpoint", str(path), "--out", str(out)]
+    assert rounding.main(argv) == 0
+    baseline = json.loads((out / "manifest.json").read_text())["config"]["baseline"]
+    assert baseline == {"path": str(path), "sha256": sha256_file(path)}
