@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import importlib.resources
 import json
+import math
 import os
 import re
 import shutil
@@ -124,7 +125,8 @@ def read_idx(path: Path | str) -> np.ndarray:
                         "inside it; the file is truncated or corrupt")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     dtype = np.dtype(_IDX_DTYPES[kind])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    # Python integers: a damaged header's product can pass 2^63, where int64 wraps (to 0)
+    expected = math.prod(int(d) for d in dims) * dtype.itemsize
     body = len(raw) - 4 - 4 * ndim
     if body != expected:
         raise DataError(f"{path}: header says {tuple(dims.tolist())} ({expected} bytes) but the "
@@ -565,11 +567,27 @@ class ImageNetFolder(torch.utils.data.Dataset):
                 "classes_present": [synsets[c] for c in self.classes]}
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _folder_key(folder: Path | str) -> tuple[int, int]:
+    st = os.stat(folder)
+    return st.st_dev, st.st_ino
+
+
+def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> list[Path]:
+    """The image files under ``folder``, following links to folders but walking each folder
+    once (by device and inode), so that a link back up the tree (a loop) or two links to
+    one folder do not repeat its images; below ``folder``, the folders in ``skip`` (the
+    dataset's root and its class folders) are not walked either."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    found = [Path(d) / f for d, _, files in os.walk(folder, followlinks=True) for f in files
-             if f.lower().endswith(IMG_EXTENSIONS)]
+    seen = set(skip) - {_folder_key(folder)}
+    found = []
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        key = _folder_key(d)
+        if key in seen:
+            dirs[:] = []  # walked already (or elsewhere): not it, nor what lies under it
+            continue
+        seen.add(key)
+        found += [Path(d) / f for f in files if f.lower().endswith(IMG_EXTENSIONS)]
     return sorted(found)
 
 
@@ -612,7 +630,10 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         labels = read_label_map(labels)
     folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     loose = [f for f in _images_in(path) if f.parent == path]
-    per_folder = {d.name: _images_in(d) for d in folders}
+    # each class folder walked from its own top only: a link to the root or to another
+    # class folder does not bring that folder's images in again
+    tops = frozenset(_folder_key(d) for d in (path, *folders))
+    per_folder = {d.name: _images_in(d, tops) for d in folders}
     per_folder = {k: v for k, v in per_folder.items() if v}
     if per_folder and loose:
         raise DataError(f"{path} holds class sub-folders and also {len(loose)} images directly "

@@ -55,6 +55,12 @@ def test_truncated_or_foreign_file_is_refused(idx_root):
     path.write_bytes(gzip.compress(b"\x1f\x8b" + raw[2:]))
     with pytest.raises(ValueError, match="not an IDX file"):
         data.load_fashion_mnist("train", idx_root)
+    # a damaged header whose dimensions multiply past 2^63 (int64 wrapped it to 0 bytes,
+    # and the reshape failed with numpy's error instead of this one)
+    header = bytes([0, 0, 0x08, 3]) + np.asarray([2**31, 2**31, 4], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header))
+    with pytest.raises(data.DataError, match=r"header says \(2147483648, 2147483648, 4\)"):
+        data.load_fashion_mnist("train", idx_root)
 
 
 def test_splits_are_deterministic_and_disjoint(idx_root):
@@ -308,6 +314,19 @@ def test_synset_subset_gets_the_weights_indices(tmp_path):
     assert x.shape == (3, 224, 224) and y == 999
     ident = ds.identity()
     assert ident["classes_present"] == list(SUBSET) and ident["images_found"] == 6
+
+
+def test_a_link_back_up_the_tree_does_not_repeat_images(tmp_path):
+    """A synset folder holding a link to itself (a loop) or a second link to a folder
+    already walked: each image is found once."""
+    root = _image_folder(tmp_path, tuple(SUBSET))
+    first = root / list(SUBSET)[0]
+    (first / "again").symlink_to(first, target_is_directory=True)
+    (first / "up").symlink_to(root, target_is_directory=True)
+    (first / "next").symlink_to(root / list(SUBSET)[1], target_is_directory=True)
+    ds = data.imagenet_folder(root)
+    assert [label for _, label in ds.samples] == [1, 1, 207, 207, 999, 999]
+    assert ds.identity()["images_found"] == 6
 
 
 def test_flat_validation_folder_is_labelled_from_the_published_table(tmp_path):
