@@ -20,6 +20,7 @@ from torch import nn
 
 from qerror.files import sha256_file
 from qerror.nn.early_exit import EarlyExitResNet, ExitRule
+from qerror.nn.models import load_checkpoint
 from studies._common import StudyError, previous_run
 
 __all__ = ["EarlyExitRun", "early_exit_run"]
@@ -68,13 +69,43 @@ class EarlyExitRun:
         _check_listed(self.folder, self.manifest, "latency.csv")
         return pd.read_csv(self.folder / "latency.csv")
 
+    def backbone(self) -> nn.Module:
+        """The baseline the run was measured on: the checkpoint its manifest names, checked
+        to be the same bytes (its sha256), not whatever was trained at that path since.
+
+        Raises
+        ------
+        StudyError
+            The run names no checkpoint (an untrained smoke network), or the file is gone
+            or another one now.
+        CheckpointError
+            The file does not verify (:func:`qerror.nn.models.load_checkpoint`).
+        """
+        ident = self.manifest.get("model", {})
+        path = ident.get("checkpoint")
+        if path is None:
+            raise StudyError(f"the early-exit run in {self.folder} names no checkpoint (its "
+                             "network was untrained); point at a run on a trained baseline")
+        if not Path(path).is_file() or sha256_file(path) != ident.get("sha256"):
+            raise StudyError(f"{path}, the baseline the early-exit run in {self.folder} was "
+                             "measured on, is gone or another file now (its sha256 differs "
+                             "from the run's manifest); rerun python -m studies.early_exit "
+                             "--force on it, or point at another run")
+        return load_checkpoint(path).model
+
     def network(self, backbone: nn.Module) -> EarlyExitResNet:
         """The run's early-exit network on ``backbone`` (its baseline, which a frozen run
-        does not save): the saved heads, or the whole saved state of a jointly fine-tuned
-        run, loaded into an :class:`EarlyExitResNet` in eval mode."""
+        does not save: :meth:`backbone`): the saved heads, or the whole saved state of a
+        jointly fine-tuned run, loaded into an :class:`EarlyExitResNet` in eval mode."""
         model = EarlyExitResNet(backbone, tuple(self.manifest["config"]["exit_points"]))
         state = torch.load(self.folder / "exit_model.pt", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes that differ: another backbone's heads
+            lines = str(err).splitlines()
+            why = next((s.strip() for s in lines if "size mismatch" in s), lines[0])
+            raise StudyError(f"{self.folder / 'exit_model.pt'} does not fit this backbone "
+                             f"({why}); pass the run's own baseline") from err
         if unexpected or any(not k.startswith("backbone.") for k in missing):
             raise StudyError(f"{self.folder / 'exit_model.pt'} does not fit the network of "
                              f"{self.folder}: unexpected {sorted(unexpected)[:3]}, missing "

@@ -791,13 +791,12 @@ def bench_early_exit(args) -> list[BenchRow]:
 def _early_exit_run(folder):
     """(model, rule, test images, origin) of a finished early-exit study run, or None."""
     from qerror.data import fashion_mnist_splits, to_tensor
-    from qerror.nn.models import load_checkpoint
     from studies._runs import early_exit_run
 
     run = early_exit_run(folder)
     if run is None or run.smoke or "checkpoint" not in run.manifest.get("model", {}):
         return None
-    model = run.network(load_checkpoint(run.manifest["model"]["checkpoint"]).model)
+    model = run.network(run.backbone())  # the baseline the run measured, by its sha256
     test = fashion_mnist_splits().test
     return (model, run.rule, to_tensor(test.images[:1024]),
             f"trained {run.manifest['config']['arch']} of {run.folder}")

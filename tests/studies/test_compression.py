@@ -365,3 +365,34 @@ def test_the_default_dwn_temperature_keeps_the_authors_logit_range():
     for luts in ((6000, 3000), (7000, 3500), (50,)):
         assert luts[-1] / compression.CLASSES / compression.dwn_tau(luts) == \
             pytest.approx(30, rel=1e-15)
+
+
+def test_an_early_exit_runs_backbone_is_the_checkpoint_it_measured(tmp_path):
+    """EarlyExitRun.backbone loads the checkpoint the run's manifest names only while it is
+    the same bytes (bench once loaded whatever had been trained at that path since), and
+    heads of another backbone are refused with a StudyError, not torch's RuntimeError."""
+    from qerror.files import sha256_file
+    from qerror.nn.early_exit import EarlyExitResNet
+    from qerror.nn.models import fashion_resnet, save_checkpoint
+    from studies._common import StudyError
+    from studies._runs import EarlyExitRun
+
+    ckpt = tmp_path / "r18.pt"
+    save_checkpoint(fashion_resnet("resnet18", seed=0), ckpt, arch="resnet18", stem="imagenet",
+                    config={}, metrics={})
+    points = ("layer1", "layer2", "layer3")
+    torch.save(EarlyExitResNet(fashion_resnet("resnet18", seed=0), points).state_dict(),
+               tmp_path / "exit_model.pt")
+    manifest = {"config": {"exit_points": list(points)},
+                "model": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)}}
+    run = EarlyExitRun(tmp_path, manifest, {}, None, {})
+    assert isinstance(run.network(run.backbone()), EarlyExitResNet)
+    save_checkpoint(fashion_resnet("resnet18", seed=1), ckpt, arch="resnet18", stem="imagenet",
+                    config={}, metrics={})  # trained again at the same path
+    with pytest.raises(StudyError, match="is gone or another file now"):
+        run.backbone()
+    untrained = EarlyExitRun(tmp_path, {**manifest, "model": {}}, {}, None, {})
+    with pytest.raises(StudyError, match="names no checkpoint"):
+        untrained.backbone()
+    with pytest.raises(StudyError, match="does not fit this backbone.*size mismatch"):
+        run.network(fashion_resnet("resnet50", seed=0))
