@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from importlib import metadata
@@ -41,6 +42,20 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write) -> Path:
     """Call ``write(tmp_path)``, then move the file into place with one ``os.replace``.
 
@@ -59,7 +74,9 @@ def atomic_write(path: Path | str, write) -> Path:
     Notes
     -----
     The temporary file lives in the destination folder, so the rename never crosses a file
-    system, and a crash leaves either the old file or the new one, never a mixture.
+    system, and a crash leaves either the old file or the new one, never a mixture. The
+    file gets the permissions of the one it replaces, or those a new file gets under the
+    process's umask (``mkstemp`` makes its temporary file readable by its owner only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +86,11 @@ def atomic_write(path: Path | str, write) -> Path:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

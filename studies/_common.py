@@ -24,6 +24,7 @@ Ctrl-C) into one message and a non-zero exit; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -31,9 +32,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -212,6 +215,32 @@ def base_parser(study: str, description: str, *, force: bool = False,
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_as_sigint():
+    """For the block, a SIGTERM (``timeout``, a batch system, torchrun shutting down) is
+    taken as Ctrl-C: raised as SIGINT in this process, so the staging folder and temporary
+    files are removed and a training run saves its state, as Ctrl-C does (and an optimizer
+    update holds it until it ends). Without this, SIGTERM ends the process at once, and
+    temporary files of a checkpoint being written stay behind. Only from the main thread,
+    and only where SIGTERM has its default action (someone else's handler is theirs)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    def on_sigterm(signum, frame):
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Ctrl-C ignored (a background job of a shell): SIGTERM's own action, at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """A study's ``main(argv=None) -> int`` from its body.
 
@@ -227,7 +256,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :class:`~qerror.nn.training.DivergedError`, a failure of the run itself) give
     :data:`EXIT_REFUSED`, an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
-    :data:`EXIT_INTERRUPTED`. ``SystemExit`` passes through as before (argparse's exit 2,
+    :data:`EXIT_INTERRUPTED`, and so does SIGTERM, taken as Ctrl-C
+    (:func:`_sigterm_as_sigint`). ``SystemExit`` passes through as before (argparse's exit 2,
     a study's ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
     """
     module = body.__module__
@@ -241,7 +271,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         global _GIT_AT_START
         outer, _GIT_AT_START = _GIT_AT_START, git_identity()
         try:
-            with flush_denormal():
+            with flush_denormal(), _sigterm_as_sigint():
                 return body(sys.argv[1:] if argv is None else list(argv))
         except DivergedError:
             raise  # the run itself failed: keep its traceback

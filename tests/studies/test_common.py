@@ -325,3 +325,39 @@ def test_held_out_refuses_a_recipe_it_cannot_read(recipe):
     for config in ({"recipe": "foo"}, {"recipe": [1]}, "foo"):
         assert _common.held_out(SimpleNamespace(config=config)) == _common.held_out(
             SimpleNamespace(config={}))
+
+
+def test_sigterm_is_taken_as_ctrl_c_and_leaves_no_temporary_file(tmp_path):
+    """A study killed with SIGTERM (timeout, a batch system) while it writes a file cleans up
+    as Ctrl-C does: its temporary file is removed, nothing published, exit status 130. With
+    Ctrl-C ignored (a shell's background job) SIGTERM keeps its own action."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from qerror.files import atomic_write
+from studies import _common
+
+def body(argv):
+    def write(tmp):
+        tmp.write_bytes(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    atomic_write(Path({str(tmp_path)!r}) / "ckpt.pt", write)
+    return 0
+
+if sys.argv[1] == "ignore":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.exit(_common.study_main(body)([]))
+"""
+    run = subprocess.run([sys.executable, "-c", script, "default"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == _common.EXIT_INTERRUPTED, run.stderr
+    assert "interrupted" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+    run = subprocess.run([sys.executable, "-c", script, "ignore"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == -signal.SIGTERM
