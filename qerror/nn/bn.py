@@ -49,11 +49,14 @@ class BNInconsistency:
     Attributes
     ----------
     mean_shift_float, mean_shift_quant : ndarray
-        ``(μ − μ_run)/σ_run`` of the float and of the quantized input.
+        ``(μ − μ_run)/σ_run`` of the float and of the quantized input, each against the
+        running statistics its own path normalises with (the float path always the model's;
+        the quantized path re-estimated ones where they were given).
     var_ratio_float, var_ratio_quant : ndarray
-        ``σ² / σ²_run`` of the float and of the quantized input.
+        ``σ² / σ²_run`` of the float and of the quantized input, likewise.
     mean_shift_quant_vs_float : ndarray
-        ``(μ_q − μ_f)/σ_run``: the shift due to quantization alone.
+        ``(μ_q − μ_f)/σ_run``: the shift due to quantization alone, in the quantized path's
+        ``σ_run``.
     var_ratio_quant_vs_float : ndarray
         ``σ²_q / σ²_f``.
     """
@@ -66,23 +69,32 @@ class BNInconsistency:
     var_ratio_quant_vs_float: np.ndarray = field(repr=False)
 
     @classmethod
-    def from_stats(cls, mean_f, var_f, mean_q, var_q, mean_run, var_run) -> BNInconsistency:
-        """From per-channel batch means and (population) variances of both inputs."""
+    def from_stats(cls, mean_f, var_f, mean_q, var_q, mean_run, var_run, mean_run_f=None,
+                   var_run_f=None) -> BNInconsistency:
+        """From per-channel batch means and (population) variances of both inputs, against
+        the running statistics the quantized path normalises with (``mean_run``,
+        ``var_run``) and those of the float path (``mean_run_f``, ``var_run_f``; the same
+        unless given, e.g. after BatchNorm re-estimation of the quantized path only)."""
+        if mean_run_f is None:
+            mean_run_f, var_run_f = mean_run, var_run
         arrs = [np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-                for a in (mean_f, var_f, mean_q, var_q, mean_run, var_run)]
-        mean_f, var_f, mean_q, var_q, mean_run, var_run = arrs
-        sd = np.sqrt(var_run)
+                for a in (mean_f, var_f, mean_q, var_q, mean_run, var_run, mean_run_f,
+                          var_run_f)]
+        mean_f, var_f, mean_q, var_q, mean_run, var_run, mean_run_f, var_run_f = arrs
+        sd, sd_f = np.sqrt(var_run), np.sqrt(var_run_f)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return cls((mean_f - mean_run) / sd, (mean_q - mean_run) / sd, var_f / var_run,
-                       var_q / var_run, (mean_q - mean_f) / sd, var_q / var_f)
+            return cls((mean_f - mean_run_f) / sd_f, (mean_q - mean_run) / sd,
+                       var_f / var_run_f, var_q / var_run, (mean_q - mean_f) / sd,
+                       var_q / var_f)
 
     @classmethod
-    def from_sums(cls, moments_f, moments_q, mean_run, var_run) -> BNInconsistency:
+    def from_sums(cls, moments_f, moments_q, mean_run, var_run, mean_run_f=None,
+                  var_run_f=None) -> BNInconsistency:
         """From the streamed per-channel moments of :mod:`qerror.nn.propagate`."""
         mf, mq = moments_f.mean_c(), moments_q.mean_c()
         vf = np.maximum(moments_f.sq_c() - mf * mf, 0.0)
         vq = np.maximum(moments_q.sq_c() - mq * mq, 0.0)
-        return cls.from_stats(mf, vf, mq, vq, mean_run, var_run)
+        return cls.from_stats(mf, vf, mq, vq, mean_run, var_run, mean_run_f, var_run_f)
 
     def summary(self) -> dict[str, float]:
         """Channel summaries: RMS and mean of the shifts, geometric means of the ratios.

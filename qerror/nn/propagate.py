@@ -1052,8 +1052,9 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
                   weight_saturation=w.saturation)
     if acc.bn_q.n:
         bn_f = acc.bn_input_of.ref if acc.bn_input_of is not None else acc.bn_f
-        mean_run, var_run = bn_ref[acc.name]
-        kw["bn"] = BNInconsistency.from_sums(bn_f, acc.bn_q, mean_run, var_run)
+        (mean_f_run, var_f_run), (mean_run, var_run) = bn_ref[acc.name]
+        kw["bn"] = BNInconsistency.from_sums(bn_f, acc.bn_q, mean_run, var_run,
+                                             mean_f_run, var_f_run)
         kw["elements"] = acc.bn_q.n * acc.bn_q.s1.numel()
     if acc.in_sum is not None:
         kw.update(input_mean_map=(acc.in_sum / acc.in_n).numpy(),
@@ -1329,14 +1330,18 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     weights = _arm_weights(model, configs, weights)
     for corr in corrections:
         _check_corrections(model, corr)
+    # Each path's BatchNorm inputs are compared with the statistics that path normalises
+    # with: the float path always with the model's running statistics, a quantized arm with
+    # its re-estimated ones where given (bn_stats).
     bn_refs = []
     for stats in bn_stats:
         bns = _batchnorms(model, stats)
-        ref = {n: (m.running_mean.detach().double().cpu(),
+        own = {n: (m.running_mean.detach().double().cpu(),
                    m.running_var.detach().double().cpu()) for n, m in bns.items()}
+        ref = dict(own)
         for n, st in (stats or {}).items():
             ref[n] = (st[0].detach().double().cpu(), st[1].detach().double().cpu())
-        bn_refs.append(ref)
+        bn_refs.append({n: (own[n], ref[n]) for n in own})
     arms = [_Arm(c, a, w, corr, st, image_means)
             for c, a, w, corr, st in zip(configs, act_qparams, weights, corrections, bn_stats)]
     inst = None

@@ -164,6 +164,15 @@ def test_bn_reestimation_makes_the_first_batchnorm_consistent(setup):
     np.testing.assert_allclose(after.mean_shift_quant, 0.0, atol=1e-12)
     n = calib[0].shape[0] * 12 * 12  # running_var is unbiased, the batch variance is not
     np.testing.assert_allclose(after.var_ratio_quant, (n - 1) / n, rtol=1e-12)
+    # The float path still normalises with the model's own statistics: its figures are the
+    # same with the quantized path's re-estimated ones (they were measured against those)
+    np.testing.assert_array_equal(after.mean_shift_float, before.mean_shift_float)
+    np.testing.assert_array_equal(after.var_ratio_float, before.var_ratio_float)
+    bn = model.get_submodule("1")
+    sd = np.sqrt(stats["1"][1].numpy())
+    np.testing.assert_allclose(after.mean_shift_quant_vs_float,
+                               before.mean_shift_quant_vs_float
+                               * np.sqrt(bn.running_var.double().numpy()) / sd, rtol=1e-12)
 
 
 def test_the_plain_quantized_forward_applies_both_remedies_as_measure_does(setup):
