@@ -63,7 +63,7 @@ from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches
 from qerror.nn.propagate import QuantizedWeights
-from qerror.quantizer import QParams, QuantSpec, fake_quantize
+from qerror.quantizer import QParams, QuantSpec, fake_quantize, quantize
 from qerror.rounding import RoundingMode
 
 __all__ = [
@@ -219,8 +219,26 @@ class AdaRoundResult:
 
 
 def _scale_tensor(qp: QParams, w: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(np.asarray(qp.scale, dtype=np.float64), dtype=torch.float64)
-    return s.reshape((-1,) + (1,) * (w.ndim - 1))
+    """The per-channel scale the quantizer applies to ``w`` (rounded to float32 unless
+    ``w`` is float64: :func:`qerror.fake_quantize`'s working precision), held in float64 and
+    shaped to broadcast over ``w``. With it, ``floor(w / s)`` decides on the grid the weights
+    end up on: the float64 quotient of two float32 numbers never rounds across an integer
+    (their exact quotient is either an integer or at least 2^-48 of it away from one)."""
+    s = np.asarray(qp.scale, dtype=np.float64)
+    if w.dtype != torch.float64:
+        s = s.astype(np.float32).astype(np.float64)
+    return torch.as_tensor(s, dtype=torch.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def _floor_codes(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """``floor(w / s)`` as float64 codes, decided as :func:`qerror.quantize` decides FLOOR
+    on the grid the weights are dequantized to: exactly, and a weight that equals a
+    dequantized level ``fl(k·s)`` gets ``k`` (so the weight the calibration puts at ``qmax``
+    stays there instead of going a step down). Within ``[qmin, qmax]`` for a symmetric
+    min-max scale, where ``floor`` needs no clamp."""
+    codes = quantize(w.detach(), spec.replace(rounding=RoundingMode.FLOOR), qp.scale,
+                     qp.zero_point)
+    return codes.to(torch.float64)
 
 
 def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
@@ -243,7 +261,8 @@ def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
         raise ValueError(f"up has shape {tuple(up.shape)}, the weight {tuple(weight.shape)}")
     w = weight.detach()
     s = _scale_tensor(qparams, w)
-    codes = torch.clamp(torch.floor(w.double() / s) + up.to(torch.float64), spec.qmin, spec.qmax)
+    codes = torch.clamp(_floor_codes(w, qparams, spec) + up.to(torch.float64), spec.qmin,
+                        spec.qmax)
     on_grid = (codes * s).to(w.dtype)  # code·s: exactly `codes` again after rounding w/s
     return fake_quantize(on_grid, spec, qparams.scale, qparams.zero_point)
 
@@ -319,7 +338,7 @@ def _quantized(w: torch.Tensor, qp: QParams, up: torch.Tensor, spec: QuantSpec
                ) -> QuantizedWeights:
     wq = apply_rounding(w, qp, up, spec)
     s = _scale_tensor(qp, w)
-    raw = torch.floor(w.double() / s) + up.double()
+    raw = _floor_codes(w, qp, spec) + up.double()
     e = (wq.double() - w.double()) / s
     sat = float(((raw < spec.qmin) | (raw > spec.qmax)).double().mean())
     return QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()), sat)
@@ -387,8 +406,9 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             qp = calibrate(w, spec)
             s = _scale_tensor(qp, w)
             u = w.double() / s
-            floor = torch.floor(u)
-            v0 = _inverse_h(u - floor).to(w.dtype)
+            floor = _floor_codes(w, qp, spec)
+            # a weight on a level (fl(k·s) = w) gets k with w/s an ulp below k: fraction 0
+            v0 = _inverse_h(torch.clamp(u - floor, 0.0, 1.0)).to(w.dtype)
             x = _layer_inputs(model, name, layer, x_all, chunk, {})
             xq = _layer_inputs(model, name, layer, x_all, chunk, done) \
                 if cfg.asymmetric and done else x

@@ -22,7 +22,10 @@ def learned():
 
 
 def _scale(qp, w):
-    return torch.as_tensor(qp.scale, dtype=torch.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+    # the grid the weights are dequantized to: the scale rounded to float32 (fake_quantize's
+    # working precision for float32 weights)
+    s = torch.as_tensor(qp.scale, dtype=torch.float64).float().double()
+    return s.reshape((-1,) + (1,) * (w.ndim - 1))
 
 
 def test_weights_on_floor_ceil_grid(learned):
@@ -35,8 +38,10 @@ def test_weights_on_floor_ceil_grid(learned):
         assert isinstance(qw, QuantizedWeights)
         w = mods[name].weight.detach()
         s = _scale(qw.qparams, w)
-        floor = torch.floor(w.double() / s)
-        codes = torch.round(qw.weight.double() / s)
+        # qerror's exact floor on that grid (a weight on a level fl(k·s) has floor k)
+        floor = fake_quantize(w, spec.replace(rounding=RoundingMode.FLOOR),
+                              qw.qparams.scale).double() / s
+        floor, codes = torch.round(floor), torch.round(qw.weight.double() / s)
         # every weight is exactly code·s as fake_quantize writes it, and code is floor or ceil
         assert torch.equal(fake_quantize(qw.weight, spec, qw.qparams.scale), qw.weight)
         up = res.layers[name].up
@@ -60,6 +65,26 @@ def test_record_and_propagate(learned):
     cfg = QuantConfig.make(4, target="weights")
     out = measure(model, [images(16, 2)], cfg, weights=res.weights)
     assert out.logits.sqnr_db > 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_down_is_the_quantizers_floor_on_the_grid_the_weights_land_on(bits):
+    """All down gives fake_quantize's FLOOR, on the float32 scale the weights are stored
+    with: exact, and a weight on a level keeps it. With the float64 scale's quotient the
+    choice was made on another grid: weights left their floor/ceil pair on their own (the
+    review's 147,456-weight layer: 27 at 8 bits), some extremes a code outside the range."""
+    spec = QuantSpec(bits, signed=True, symmetric=True, axis=0,
+                     rounding=RoundingMode.NEAREST_EVEN)
+    w = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+    qp = calibrate(w, spec)
+    down = apply_rounding(w, qp, torch.zeros_like(w, dtype=torch.bool), spec)
+    floor = spec.replace(rounding=RoundingMode.FLOOR)
+    assert torch.equal(down, fake_quantize(w, floor, qp.scale))
+    up = apply_rounding(w, qp, torch.ones_like(w, dtype=torch.bool), spec)
+    s = _scale(qp, w)
+    step = torch.round((up.double() - down.double()) / s)
+    # up is one step above down but at the range's end
+    assert bool(((step == 1) | ((step == 0) & (down.double() / s > spec.qmax - 0.5))).all())
 
 
 def test_zero_iterations_is_nearest_on_tie_free_data():
