@@ -246,7 +246,9 @@ def _as_param(arr: np.ndarray, like, dtype):
     if isinstance(like, torch.Tensor):
         if arr.ndim == 0:
             return arr.item()
-        return torch.as_tensor(arr, dtype=dtype, device=like.device)
+        # a read-only array (a frozen QParams') would make torch warn: copy it
+        return torch.as_tensor(arr if arr.flags.writeable else arr.copy(), dtype=dtype,
+                               device=like.device)
     if arr.ndim == 0:
         return dtype(arr.item()) if dtype in (np.float32, np.float64) else arr.item()
     return arr.astype(dtype)

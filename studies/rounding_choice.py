@@ -557,10 +557,12 @@ def _main(argv: list[str]) -> int:
     if args.drift_images > args.test_images:
         parser.error(f"--drift-images {args.drift_images}: more than --test-images "
                      f"{args.test_images}; the drift images are drawn from the test images")
-    if args.fl_images > args.batch_size:
-        parser.error(f"--fl-images {args.fl_images}: more than --batch-size "
-                     f"{args.batch_size}; the up/down experiment takes its images from the "
-                     "first calibration batch")
+    first_batch = min(args.batch_size, args.calib_images)
+    if args.fl_images > first_batch:
+        parser.error(f"--fl-images {args.fl_images}: more than the first calibration batch "
+                     f"holds ({first_batch}: the smaller of --batch-size {args.batch_size} and "
+                     f"--calib-images {args.calib_images}); the up/down experiment takes its "
+                     "images from that batch")
     check_out(args.out, "rounding_choice", force=args.force)
     find_fashion_mnist(args.data_root)
     started = time.perf_counter()

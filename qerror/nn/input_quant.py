@@ -49,18 +49,21 @@ class Dequantizer(nn.Module):
     ----------
     qparams : QParams
         Scale and zero point the codes were made with.
+    axis : int, optional
+        The channel axis of per-channel ``qparams`` (the spec's ``axis``); None for one
+        scale and zero point.
 
     Notes
     -----
     Input: integer codes of any shape; output: float32 ``s·(q − z)``.
     """
 
-    def __init__(self, qparams: QParams):
+    def __init__(self, qparams: QParams, axis: int | None = None):
         super().__init__()
-        self.qparams = qparams
+        self.qparams, self.axis = qparams, axis
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return dequantize(q, self.qparams.scale, self.qparams.zero_point)
+        return dequantize(q, self.qparams.scale, self.qparams.zero_point, axis=self.axis)
 
 
 def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:
@@ -68,9 +71,10 @@ def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> n
     return nn.Sequential(InputQuantizer(spec, qparams), net).eval()
 
 
-def on_codes(net: nn.Module, qparams: QParams) -> nn.Module:
-    """``net`` preceded by a :class:`Dequantizer`, in evaluation mode: fed offline codes."""
-    return nn.Sequential(Dequantizer(qparams), net).eval()
+def on_codes(net: nn.Module, qparams: QParams, axis: int | None = None) -> nn.Module:
+    """``net`` preceded by a :class:`Dequantizer`, in evaluation mode: fed offline codes
+    (``axis``: the channel axis of per-channel ``qparams``, as the spec that made them)."""
+    return nn.Sequential(Dequantizer(qparams, axis), net).eval()
 
 
 def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,

@@ -184,7 +184,12 @@ STUDY_CASES = {
         ("fl-roundings-2", ["--fl-roundings", "2"], ARGPARSE,
          r"--fl-roundings: must be from 3 to 100000, got 2 \(a rank correlation needs 3\)"),
         ("fl-images-above-batch", ["--fl-images", "17"], ARGPARSE,
-         r"--fl-images 17: more than --batch-size 16"),
+         r"--fl-images 17: more than the first calibration batch holds \(16: the smaller "
+         r"of --batch-size 16 and --calib-images 32\)"),
+        ("fl-images-above-calib", ["--calib-images", "4", "--ada-images", "4", "--fl-images",
+                                   "16"], ARGPARSE,
+         r"--fl-images 16: more than the first calibration batch holds \(4: the smaller "
+         r"of --batch-size 16 and --calib-images 4\)"),
         ("calib-images-above-split", ["--calib-images", "1001"], ARGPARSE,
          r"--calib-images: must be from 1 to 1000"),
         ("ada-images-above-calib", ["--ada-images", "33"], ARGPARSE,

@@ -91,3 +91,20 @@ def test_quantize_offline_refuses_codes_wider_than_a_byte():
     with pytest.raises(ValueError, match="int8"):
         quantize_offline(torch.zeros(4), QuantSpec(bits=9, symmetric=False),
                          calibrate(torch.arange(4.0), QuantSpec(bits=9, symmetric=False)))
+
+
+def test_per_channel_input_codes_give_the_model_the_same_input():
+    """A per-channel input spec (one scale per image channel): the offline codes, read with
+    the spec's axis, feed the network what the in-model quantizer does (the Dequantizer once
+    took no axis and refused them)."""
+    from qerror import calibrate
+
+    spec = QuantSpec(8, signed=True, symmetric=False, axis=1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([1.0, 5.0, 0.1]).reshape(1, 3, 1, 1)
+    qp = calibrate(x, spec)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()).eval()
+    codes = quantize_offline(x, spec, qp)
+    with torch.inference_mode():
+        assert torch.equal(with_input_quantizer(net, spec, qp)(x),
+                           on_codes(net, qp, axis=spec.axis)(codes))
