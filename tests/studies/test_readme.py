@@ -149,3 +149,35 @@ def test_the_drift_constants_are_the_studys():
 
     assert readme.DRIFT_TAIL_TOP == drift.TAIL_TOP
     assert readme.DRIFT_RESOLVE_POWER == drift.RESOLVE_POWER
+
+
+def test_a_stale_twin_or_a_misspelt_marker_fails_the_check(tmp_path, monkeypatch, capsys):
+    """--check compares the whole README, not one passage per name: a stale copy of a
+    passage before the current one failed nothing, nor did a marker the pattern cannot read
+    (an underscore), whose hand-typed text was never rendered."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("<!-- record: drift-fused-gain -->")
+    end = text.index("<!-- /record -->", start) + len("<!-- /record -->")
+    passage = text[start:end]
+    stale = passage.replace("with it and", "with it (stale) and")
+    target = tmp_path / "README.md"
+    monkeypatch.setattr(readme, "README", target)
+    for broken in (text[:start] + stale + "\n" + text[start:],
+                   text + "\n<!-- record: early_exit -->\nmet every goal\n<!-- /record -->\n"):
+        target.write_text(broken, encoding="utf-8")
+        assert readme.main(["--check"]) == 1
+        assert target.read_text(encoding="utf-8") == broken
+    err = capsys.readouterr().err
+    assert "appears 2 times" in err and "'<!-- record: early_exit -->' is not a passage" in err
+
+
+def test_a_smoke_run_is_never_a_record(tmp_path):
+    folder = _run(tmp_path / "r", {"a.csv": "x\n"})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "record.json").write_text(json.dumps({"command": "c", "machine": "m"}))
+    for smoke in ({"argv": ["--smoke"]}, {"config": {"smoke": True}}):
+        (folder / "manifest.json").write_text(json.dumps({**manifest, **smoke}))
+        with pytest.raises(readme.RecordError, match="is of a --smoke run"):
+            readme.Record("r", tmp_path)
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "config": {"smoke": False}}))
+    readme.Record("r", tmp_path)
