@@ -660,11 +660,10 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
             mc = mcnemar_from_counts(int((ok & ~none).sum()), int((none & ~ok).sum()), n_img,
                                      ALPHA)
             acc_none, acc_float = float(none.double().mean()), float(right_float.double().mean())
-            lost = acc_float - acc_none
             rows.append({**cols, "remedy": remedy, "calib_images": sum(len(y) for _, y in cal),
                          "images": n_img, "acc": ci.estimate, "acc_lo": ci.ci[0],
                          "acc_hi": ci.ci[1], "acc_unremedied": acc_none, "float_acc": acc_float,
-                         "recovered": (ci.estimate - acc_none) / lost if lost > 0 else math.nan,
+                         "recovered": recovered_share(right_float, none, ok),
                          "delta_vs_unremedied": mc.estimate, "delta_lo": mc.ci[0],
                          "delta_hi": mc.ci[1], "p_vs_unremedied": mc.p_value,
                          "logit_sqnr_db": logit_sqnr(z),
@@ -691,6 +690,23 @@ def curve_macros(curve: pd.DataFrame) -> dict:
         m[f"CurveUnremedied{key}"] = number(100 * d.acc_unremedied.iloc[0], 3)
         m[f"CurveSqnrUnremedied{key}"] = number(d.logit_sqnr_unremedied_db.iloc[0], 3)
     return m
+
+
+def recovered_share(right_float: torch.Tensor, unremedied: torch.Tensor,
+                    remedied: torch.Tensor) -> float:
+    """The share of the accuracy lost to quantization that a remedy wins back, from each
+    image's correctness (bool tensors) under the float, the unremedied and the remedied
+    network; NaN unless the loss is significant (McNemar against float at ALPHA on these
+    images), as :func:`recovery` gives it: a share of a loss indistinguishable from 0 means
+    nothing (a loss of one image in a few thousand once gave shares of several hundred
+    per cent)."""
+    n = int(right_float.numel())
+    mc = mcnemar_from_counts(int((right_float & ~unremedied).sum()),
+                             int((unremedied & ~right_float).sum()), n, ALPHA)
+    lost = float(right_float.double().mean() - unremedied.double().mean())
+    if mc.p_value >= ALPHA or lost <= 0:
+        return math.nan
+    return float(remedied.double().mean() - unremedied.double().mean()) / lost
 
 
 def recovery(acc: pd.DataFrame) -> pd.DataFrame:
@@ -789,12 +805,13 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
     calibration pass with every image's local error (timed on up to 64 images of the first
-    batch), a BatchNorm re-estimation pass (a plain forward) and a K-way instrumented pass of
+    batch), a BatchNorm re-estimation (two plain forwards) and a K-way instrumented pass of
     the three remedied networks over the test images; ``headline``, the float forward and
     the four modes over the headline images; ``curve`` (rank 0), a float forward and per
     remedy configuration an unremedied plain forward over the curve's test images and, at
     each calibration size, both remedies' fits (the bias correction's timed on up to 64
-    images: :func:`qerror.nn.local_error_means`) and two plain forwards. ``estimated_s`` is
+    images: :func:`qerror.nn.local_error_means`), BatchNorm re-estimation's two plain
+    forwards over the calibration images and two plain forwards. ``estimated_s`` is
     the instrumented passes alone (configurations and the remedies'), ``estimated_total_s``
     the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
@@ -886,13 +903,15 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
         QuantConfig.make(8, m, Target.BOTH, seed=c.seed) for m in HEADLINE_MODES})
     phases = {
         "instrumented": len(configs) * share / kway_rate,
-        "remedies": n_remedy * (calib * (calib_r + fwd_r) + share * remedy_kway),
+        # BatchNorm re-estimation runs two plain passes over the calibration images
+        # (qerror.nn.correction.reestimate_bn)
+        "remedies": n_remedy * (calib * (calib_r + 2 * fwd_r) + share * remedy_kway),
         "headline": head * (fwd_float + fwd_head),
         # the headline's forwards stand in for the float and the unremedied forwards of the
         # configurations it runs (calibration_curve's ``known``)
         "curve": ((n_remedy - reused) * curve_test * fwd_r
                   + (0.0 if covers else curve_test * fwd_float)
-                  + n_remedy * sum(n * (fit_r + fwd_r) + 2 * curve_test * fwd_r
+                  + n_remedy * sum(n * (fit_r + 2 * fwd_r) + 2 * curve_test * fwd_r
                                    for n in sizes)) if sizes else 0.0,
     }
     rates = list(probes.values())
@@ -1693,8 +1712,9 @@ PRECISION_UNITS = {"drift": "float_std", "local_drift": "float_std", "mse": "val
 def drift_tails(res: PropagationResult) -> dict:
     """How much a few images decide each layer's drift, and whether clipping is why.
 
-    Over the convolution and linear layers with kept image means: the median share of the
-    per-image drift's variance that its :data:`TAIL_TOP` most extreme images carry
+    Over the convolution and linear layers with kept image means: the median (the upper
+    middle one of an even count, one layer's own figure) share of the per-image drift's
+    variance that its :data:`TAIL_TOP` most extreme images carry
     (:func:`qerror.stats.tail_share`), the same share in normal samples of as many images
     (:func:`qerror.stats.tail_share_normal`), and the median excess kurtosis. Then, at the
     median layer (the layer whose share is the median, the upper one of an even count),
@@ -1747,15 +1767,17 @@ def drift_tails(res: PropagationResult) -> dict:
     if not layers:
         return out
     shares = np.array([row[0] for row in layers])
-    out["tail_top_share"] = float(np.median(shares))
+    # the median layer: the upper middle one when the count is even, and every column below
+    # is read at that one layer (an average of two middle layers is no layer's share)
+    middle = int(np.argsort(shares, kind="stable")[len(shares) // 2])
+    out["tail_top_share"] = float(shares[middle])
     out["tail_kurtosis"] = float(np.median([row[1] for row in layers]))
     relative = [tail_share(row[2] / row[4], TAIL_TOP) for row in layers
                 if row[4] is not None and (row[4] > 0).all()]
     relative = [v for v in relative if not math.isnan(v)]
     if relative:
         out["tail_top_share_relative"] = float(np.median(relative))
-    _, _, per_image, clipped, rms = layers[
-        int(np.argsort(shares, kind="stable")[len(shares) // 2])]
+    _, _, per_image, clipped, rms = layers[middle]
     top = np.argsort(np.abs(per_image - per_image.mean()), kind="stable")[-TAIL_TOP:]
     if rms is not None:
         out["tail_rms_share"] = tail_share(rms, TAIL_TOP)

@@ -644,6 +644,25 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     assert math.isnan(t["tail_top_share_relative"]) and math.isnan(t["tail_top_in_rms_top"])
 
 
+def test_drift_tails_read_every_column_at_one_layer_when_the_count_is_even():
+    """With an even number of layers (ResNet50 has 54) the top share was the mean of the two
+    middle layers' shares while the other columns read the upper one: with nothing clipped,
+    tail_top_share and tail_top_share_unclipped must then be the same layer's figure."""
+    from types import SimpleNamespace
+
+    one_out = np.zeros((10, 3))
+    one_out[4] = 9.0
+    spread = np.tile(np.arange(10.0)[:, None], (1, 3))
+    flags = np.zeros(10, dtype=bool)  # checked against the range, none clipped
+    site = lambda m: SimpleNamespace(kind="conv", drift_image_channel=m, order=0,
+                                     beyond_range_image=flags, float_power_image=None)
+    t = drift.drift_tails(SimpleNamespace(sites=[site(spread), site(one_out)]))
+    assert t["tail_clipped_share"] == 0.0
+    # one_out's share (the upper middle): 8.1² + 4 · 0.9² of 8.1² + 9 · 0.9²
+    assert t["tail_top_share"] == t["tail_top_share_unclipped"]
+    assert t["tail_top_share"] == pytest.approx((8.1**2 + 4 * 0.81) / (8.1**2 + 9 * 0.81))
+
+
 def test_drift_tails_say_which_extreme_images_were_clipped():
     """Clipping flags accumulate along the layers (an image that left a range at a layer
     counts as clipped at every later one) and are read at the median layer, whose tail
@@ -915,6 +934,22 @@ def test_the_curve_reuses_the_headlines_forwards_of_its_images(monkeypatch):
     pd.testing.assert_frame_equal(drift.calibration_curve(*args, known=other), plain,
                                   rtol=1e-12)
     assert len(calls) == n_plain
+
+
+def test_a_share_recovered_is_given_only_of_a_significant_loss():
+    """The calibration curve's 'recovered' as recovery() gives the tables': NaN where
+    McNemar does not show the unremedied loss (it was reported for any loss above 0)."""
+    n = 400
+    right_f = torch.ones(n, dtype=torch.bool)
+    one_lost = right_f.clone()
+    one_lost[0] = False  # one image of 400: p = 1
+    assert math.isnan(drift.recovered_share(right_f, one_lost, right_f))
+    many_lost = right_f.clone()
+    many_lost[:40] = False  # 40 of 400, none gained: p far below ALPHA
+    half = right_f.clone()
+    half[:20] = False
+    assert drift.recovered_share(right_f, many_lost, half) == pytest.approx(0.5)
+    assert math.isnan(drift.recovered_share(right_f, right_f, right_f))  # nothing lost
 
 
 def test_kept_means_bytes_counts_what_measure_keeps():
