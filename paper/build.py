@@ -122,7 +122,11 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
 #   counts are written in words ("eight-bit"). A digit run that follows a letter is part of a
 #   name (ResNet50, INT8, float32, AVX512) and is allowed; "10k" or "3rd" are refused.
 # * In mathematics ($...$, \(...\), \[...\], equation/align/gather/multline), integers are
-#   formulas (2^b, 1/12, 10 log10) and allowed; a decimal number (0.5, .5, 1{,}000) is refused.
+#   formulas (2^b, 1/12, 10 log10) and allowed; a decimal number (0.5, .5, 1{,}000, 0{.}5) is
+#   refused, and so is a formula that is a bare integer of two or more digits ($45$).
+# * Definitions (\newcommand, \renewcommand, \def, in the preamble too) are checked in their
+#   bodies: a macro holding a typed result is a typed result; LaTeX's float parameters
+#   (LATEX_PARAMETERS) are set by number and left alone.
 # * Arguments of commands that take names or dimensions, not prose (labels, references,
 #   citations, file names and the study commands, environment names and column specs, lengths),
 #   and dimensions anywhere (0.85\linewidth, 1ex) are not prose.
@@ -130,15 +134,26 @@ NON_PROSE_COMMANDS = (
     "label", "ref", "eqref", "pageref", "autoref", "cref", "Cref", "cite", "citep", "citet",
     "nocite", "input", "include", "includegraphics", "studyfigure", "studytable",
     "longstudytable", "url", "href", "hypersetup", "setlength", "addtolength", "setcounter",
-    "vspace", "hspace", "begin", "end", "bibitem", "newcommand", "renewcommand", "usepackage",
-    "documentclass", "\\",
+    "vspace", "hspace", "begin", "end", "bibitem", "usepackage", "documentclass", "\\",
 )
+# \newcommand, \renewcommand and \def: the name and the argument count are not prose, the
+# body is (a macro that holds a typed result is a typed result), in the preamble too. LaTeX's
+# float-placement parameters are set by number and are not results.
+LATEX_PARAMETERS = ("topfraction", "bottomfraction", "textfraction", "floatpagefraction",
+                    "dbltopfraction", "dblfloatpagefraction", "arraystretch",
+                    "baselinestretch")
+_DEFINITION = re.compile(r"\\(?:(?:re)?newcommand\*?\s*\{\\([A-Za-z@]+)\}(?:\s*\[\d\])?"
+                         r"|def\s*\\([A-Za-z@]+)(?:#\d)*"
+                         r"|(?:re)?newenvironment\*?\s*\{([A-Za-z*]+)\}(?:\s*\[\d\])?)")
 MATH_ENVIRONMENTS = ("equation", "equation*", "align", "align*", "gather", "gather*",
                      "multline", "multline*", "displaymath")
-_LENGTH = re.compile(r"\d*\.?\d+\s*(?:pt|em|ex|cm|mm|in|bp|sp|pc)\b"
-                     r"|\d*\.?\d+\s*\\(?:line|text|column|paper)(?:width|height)")
+# a dimension is the number with its unit right after it (2mm, 0.5em, 1ex): with a space
+# between, "1.25 in accuracy" or "3 pt wide" is prose
+_LENGTH = re.compile(r"\d*\.?\d+(?:pt|em|ex|cm|mm|in|bp|sp|pc)(?![A-Za-z])"
+                     r"|\d*\.?\d+\s*\\[A-Za-z]*(?:width|height|sep|rule|skip|indent)"
+                     r"(?![A-Za-z])")
 _PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9])\d+(?:[.,]\d+)*")
-_MATH_DECIMAL = re.compile(r"\d*(?:\.|\{,\})\d+")
+_MATH_DECIMAL = re.compile(r"\d*(?:\.|\{,\}|\{\.\})\d+")
 
 
 @dataclass(frozen=True)
@@ -184,20 +199,49 @@ def _math_spans(text: str) -> list[tuple[int, int]]:
 def hand_typed_numbers(source: str) -> list[HandTyped]:
     """Every number in ``source`` (a LaTeX file) that breaks the rule above."""
     text = re.sub(r"(?<!\\)%[^\n]*", lambda m: " " * len(m[0]), source)
+    # each definition: its head blanked, its body kept as prose (or blanked whole for the
+    # parameters LaTeX sets by number)
+    bodies: list[tuple[int, int]] = []
+    for m in reversed(list(_DEFINITION.finditer(text))):
+        end = m.end()
+        while end < len(text) and text[end] in " \t":
+            end += 1
+        body_end = _group_end(text, end) if end < len(text) and text[end] in "{[" else end
+        while body_end < len(text) and text[body_end] == "{" and end < body_end \
+                and text[end] == "[":  # [default]{body}
+            body_end = _group_end(text, body_end)
+        if (m[1] or m[2]) in LATEX_PARAMETERS:
+            text = _blank(text, m.start(), body_end)
+        else:
+            text = _blank(text, m.start(), m.end())
+            bodies.append((m.end(), body_end))
     begin = text.find(r"\begin{document}")
     if begin >= 0:
+        kept = [(s, e, text[s:e]) for s, e in bodies if s < begin]
         text = _blank(text, 0, begin + len(r"\begin{document}"))
+        for s, e, body in kept:  # definitions in the preamble are checked as the body is
+            text = text[:s] + body + text[e:]
     for m in re.finditer(r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", text, re.S):
         text = _blank(text, *m.span())
     found: list[tuple[int, str]] = []
     for start, end in _math_spans(text):
         found += [(start + m.start(), m[0]) for m in _MATH_DECIMAL.finditer(text[start:end])]
+        # a formula that is nothing but an integer of two or more digits ($45$) is a count
+        # typed in math ($0$ and $1$ are the theory's constants)
+        bare = re.fullmatch(r"(\$\$?|\\[(\[])\s*(\d{2,})\s*(\$\$?|\\[)\]])",
+                            text[start:end])
+        if bare:
+            found.append((start + bare.start(2), bare[2]))
         text = _blank(text, start, end)
     names = "|".join(re.escape(c) for c in sorted(NON_PROSE_COMMANDS, key=len, reverse=True))
     for m in reversed(list(re.finditer(r"\\(?:" + names + r")(?![A-Za-z])\*?", text))):
         end = m.end()
+        groups = 0
         while end < len(text) and text[end] in "{[":
+            if m[0] == "\\href" and groups == 1:
+                break  # \href{url}{text}: the text is prose
             end = _group_end(text, end)
+            groups += 1
         text = _blank(text, m.start(), end)
     for m in reversed(list(_LENGTH.finditer(text))):
         text = _blank(text, *m.span())
@@ -284,16 +328,25 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     return manifest
 
 
-def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED) -> dict[str, dict]:
+def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED, *,
+            smoke: bool = False) -> dict[str, dict]:
     """Check every study's folder, then copy each into ``generated/<study>/``.
 
     Every folder is checked before anything is copied, and all problems are reported at once.
+    Unless ``smoke`` (the smoke paper), a ``--smoke`` run is refused: its test-sized figures
+    are not the paper's.
     Returns each study's manifest.
     """
     manifests, problems = {}, []
     for study, folder in runs.items():
         try:
             manifests[study] = check_run(study, folder, uses)
+            m = manifests[study]
+            if not smoke and ("--smoke" in (m.get("argv") or [])
+                              or (m.get("config") or {}).get("smoke") is True):
+                problems.append(f"{folder}: a --smoke run of the {study} study; the paper "
+                                f"takes full runs ({MAKE_COMMAND[study]}), the smoke paper is "
+                                "make paper-smoke")
         except BuildError as err:
             problems.append(str(err))
     if problems:
@@ -350,6 +403,11 @@ def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str 
         state = ""
         if git.get("dirty"):
             state = " (with uncommitted changes)"
+        if git.get("at_finish"):  # the checkout moved while the study ran
+            end = git["at_finish"]
+            state += (" to " + _tt(end.get("commit") or "unknown")
+                      + (" with uncommitted changes" if end.get("dirty") else "")
+                      + " (the checkout changed while it ran)")
         lines += [
             rf"\subsection*{{Study \texttt{{{tex_escape(study)}}}}}",
             r"{\raggedright",
@@ -532,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runs = {s: args.runs / s for s in STUDIES}
             runs.update(dict(args.run))
-            manifests = collect(runs, uses)
+            manifests = collect(runs, uses, smoke=args.smoke)
         ledger = write_ledger(GENERATED)
         (GENERATED / "provenance.tex").write_text(
             provenance_tex(manifests, ledger, git_commit()), encoding="utf-8")

@@ -92,13 +92,30 @@ def test_collect_copies_every_output_and_the_manifest(tmp_path):
             for s in build.STUDIES}
     gen = tmp_path / "generated"
     (gen / "stale").mkdir(parents=True)
-    manifests = build.collect(runs, uses(), gen)
+    manifests = build.collect(runs, uses(), gen, smoke=True)
     assert set(manifests) == set(build.STUDIES)
     assert not (gen / "stale").exists()
     for s in build.STUDIES:
         assert (gen / s / "macros.tex").read_text() == f"% {s}\n"
         assert (gen / s / "sub" / "t.tex").read_text() == "x"
         assert (gen / s / "manifest.json").exists()
+
+
+def test_the_full_paper_refuses_a_smoke_run(tmp_path):
+    runs = {"drift": fake_run(tmp_path / "drift", "drift", {"macros.tex": "%\n"})}
+    with pytest.raises(build.BuildError, match="a --smoke run of the drift study"):
+        build.collect(runs, uses(), tmp_path / "generated")
+    assert not (tmp_path / "generated").exists()
+    full = {"drift": fake_run(tmp_path / "full", "drift", {"macros.tex": "%\n"}, argv=[])}
+    assert set(build.collect(full, uses(), tmp_path / "generated")) == {"drift"}
+
+
+def test_provenance_says_when_the_checkout_moved_during_a_run(tmp_path):
+    run = fake_run(tmp_path / "d", "drift", {"macros.tex": "m"}, argv=[])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["git"]["at_finish"] = {"commit": "cd" * 20, "dirty": False}
+    tex = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex", "c" * 40)
+    assert "cd" * 20 in tex and "the checkout changed while it ran" in tex
 
 
 def test_paper_uses_reads_figures_tables_and_macros(tmp_path):
@@ -198,6 +215,12 @@ def numbers(body: str, preamble: str = "") -> list[str]:
     ("\\[ \\mathrm{MSE} = 0.25 \\]", ["0.25"]),
     ("\\begin{equation} b = 0.5 \\end{equation}", ["0.5"]),
     ("\\placeholder{about 15 minutes}", ["15"]),
+    # ways around the check a review found
+    ("Truncation loses 1.25 in accuracy; the gap is 3 pt wide, and 7 ex-ante runs.",
+     ["1.25", "3", "7"]),
+    ("$24$ of the $45$ differences, $0{.}5$", ["24", "45", "0{.}5"]),
+    ("\\href{http://example.org/run1}{the 88.81\\,\\% run}", ["88.81"]),
+    ("\\newcommand{\\myacc}{88.81} and \\def\\other{12}", ["88.81", "12"]),
 ])
 def test_hand_typed_numbers_are_found(body, found):
     assert numbers(body) == found
@@ -225,6 +248,12 @@ def test_allowed_digits_are_not_flagged(body):
 def test_preamble_and_bibliography_are_not_prose():
     assert numbers("text", preamble="\\usepackage[margin=2.3cm]{geometry}\n"
                                     "\\setcounter{topnumber}{3}\n") == []
+    # but a definition there is checked: it could replace a study's macro by a typed number
+    assert numbers("text", preamble="\\renewcommand{\\driftFloatAccuracy}{99.99}\n") \
+        == ["99.99"]
+    assert numbers("text", preamble="\\renewcommand{\\topfraction}{0.9}\n"
+                   "\\newcommand{\\box}[1]{\\parbox{\\dimexpr\\linewidth-2\\fboxsep}{#1}}\n"
+                   "\\renewenvironment{table}[1][]{\\par}{\\par}\n") == []
     assert numbers("Since 1996 it holds.") == ["1996"]  # a year in prose is still typed
 
 
