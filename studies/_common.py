@@ -533,8 +533,13 @@ class RunDir:
     seed.
     """
 
-    def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any]):
-        self.final = check_out(out, study, force=True)
+    def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any], *,
+                 force: bool = True):
+        # force=True: the study's own check_out, before its work, has decided (with its
+        # --force) whether a previous run may be replaced; a study that makes its RunDir
+        # after long work passes its --force here, so that a run that appeared meanwhile is
+        # not replaced without it
+        self.final = check_out(out, study, force=force)
         # A previous run at --out now was allowed by the study's own check_out (--force);
         # one that appears while this run works (another run aimed at the same folder) was
         # not, and is never replaced by finish().

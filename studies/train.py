@@ -392,7 +392,7 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
         return EXIT_INCOMPLETE
     try:
         return _write_results(recipe, splits, result, checkpoint, state_path, out, argv,
-                              args.smoke, world_size)
+                              args.smoke, world_size, force=args.force)
     except KeyboardInterrupt:
         print(f"[train] interrupted while writing the results; the trained state is kept in "
               f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
@@ -425,7 +425,7 @@ def _check_checkpoint_target(path: Path, *, force: bool) -> None:
 
 def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, checkpoint: Path,
                    state_path: Path, out: Path, argv: list[str], smoke: bool,
-                   world_size: int) -> int:
+                   world_size: int, force: bool = False) -> int:
     """Test once, then write the checkpoint, the run folder and its manifest; the state
     file goes last, so an interrupted write is finished by rerunning the command."""
     test = splits.test if recipe.test_images is None else \
@@ -451,7 +451,8 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
               "state": str(state_path), "smoke": smoke, "world_size": world_size,
               "device": str(next(result.model.parameters()).device.type)}
     timing_keys = ("train_seconds", "median_step_seconds", "torch_threads")
-    with RunDir(out, "train", argv, config) as run:
+    # made after training: --force decides again whether a run now at --out is replaced
+    with RunDir(out, "train", argv, config, force=force) as run:
         # Measured times go to files of their own, named in the manifest, so a rerun of the
         # same command writes the other outputs byte for byte. The checkpoint's sha256 is
         # in the manifest: the checkpoint records when it was made and how long it took.

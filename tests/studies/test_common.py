@@ -184,6 +184,11 @@ def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
             second.finish()
     assert (out / "x.csv").read_text() == "first\n"
     assert (kept / "x.csv").read_text() == "second\n"
+    # a study that makes its RunDir after long work (train) passes its --force: without it
+    # a run now at --out is refused before anything is staged
+    with pytest.raises(_common.StudyError, match="holds a previous run"):
+        RunDir(out, "demo", [], {}, force=False)
+    assert not list(tmp_path.glob(".run.partial-*"))
     # a run that found a previous one when it started (the study checked --force) replaces it
     with RunDir(out, "demo", ["--seed", "3"], {}) as third:
         third.write_text("x.csv", "third\n")
