@@ -680,7 +680,9 @@ def _run_autograd(x, spec, s, z, key, axis, *, fake: bool, count: bool, offset: 
         high = (r > hi).sum(dim=dims).reshape(-1).cpu().numpy()
         channels = x.shape[axis] if axis is not None else 1
         sat = _saturation_result(low, high, x.numel() // channels, axis)
-    r = torch.clamp(r, lo, hi)
+    # straight through wherever the code was not clamped, the rails qmin and qmax included
+    # (torch.clamp's own backward is 0 at its bounds too); 0 where it was
+    r = torch.where((r >= lo) & (r <= hi), r, torch.clamp(r, lo, hi).detach())
     if fake:
         out = (r * scale_c).to(x.dtype)
     else:

@@ -365,6 +365,21 @@ def test_straight_through_gradient_with_clipping():
     assert torch.equal(y.detach(), fake_quantize(x.detach(), QuantSpec(bits=4), 0.1))
 
 
+def test_straight_through_gradient_reaches_the_rails():
+    """A value whose code is qmin or qmax was not clamped: gradient 1, as torch's own
+    fake-quantize gives it (torch.clamp's backward is 0 at its bounds, which left a half-LSB
+    band at each end of the range without gradient); 0 only where it was clamped."""
+    u = torch.tensor([-128.0, -127.8, 126.8, 127.0, 127.4, 50.0, 127.6, 130.0, -128.6])
+    x = (u * 0.1).requires_grad_(True)
+    y, sat = fake_quantize(x, QuantSpec(bits=8), 0.1, return_saturation=True)
+    y.sum().backward()
+    assert x.grad.tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0]
+    assert (int(sat.low), int(sat.high)) == (1, 2)  # the gradient is 0 just where it counts
+    ref = x.detach().clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(ref, 0.1, 0, -128, 127).sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+
+
 def test_float16_input_keeps_its_dtype():
     x = torch.tensor([0.1, 0.26, -0.3], dtype=torch.float16)
     y = fake_quantize(x, QuantSpec(), 0.01)
