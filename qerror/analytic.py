@@ -662,6 +662,12 @@ def _law_of(dist):
         return _Normal(loc, scale)
     if isinstance(family, type(stats.laplace)):
         return _Laplace(loc, scale)
+    if loc + scale == loc:
+        # no float64 number between loc and loc + scale: the uniform law's ends coincide
+        # and the generic integration's panels cannot hold the mass (NaN or 0 came back);
+        # the normal and Laplace laws above have closed forms and are exact there
+        raise ValueError(f"dist has scale {scale} at loc {loc}: narrower than float64 resolves "
+                         "there (a point mass at loc); quantize loc itself for its error")
     if isinstance(family, type(stats.uniform)):
         return _Uniform(loc, loc + scale)
     return _Generic.build(dist, loc, scale)

@@ -8,6 +8,7 @@ keep a quantizer's configuration apart from its observers.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -49,7 +50,8 @@ class RangePolicy:
 
     def __post_init__(self):
         object.__setattr__(self, "method", RangeMethod.parse(self.method))
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+        if isinstance(self.percentile, (bool, np.bool_)) \
+                or not isinstance(self.percentile, numbers.Real) \
                 or not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
         if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, (int, np.integer)) \
@@ -99,7 +101,7 @@ def observed_range(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePol
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(lo, hi)`` of ``x`` by ``policy`` (MSE uses min-max as its start).
 
-    Per tensor the results are 0-d arrays; per channel 1-D of length C.
+    Per tensor the results are numpy float64 scalars; per channel 1-D arrays of length C.
     """
     check_float_array(x, "x")
     check_finite(x, "x")

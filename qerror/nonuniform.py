@@ -145,10 +145,16 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
                         f"scipy.stats.norm(0, 1), got {type(dist).__name__}")
     if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 2:
         raise ValueError(f"levels must be an int of at least 2, got {levels!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) \
+            or max_iter < 1:
+        raise ValueError(f"max_iter must be an int of at least 1, got {max_iter!r}")
+    shapes, loc, scale = family._parse_args(*dist.args, **dist.kwds)
+    if not (math.isfinite(float(loc)) and math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"dist needs a finite loc and a finite scale > 0, got loc {loc} and "
+                         f"scale {scale}")
     var = float(dist.var())
     if not math.isfinite(var):
         raise ValueError("dist has infinite variance: every quantizer's MSE is infinite")
-    shapes, loc, scale = family._parse_args(*dist.args, **dist.kwds)
     kind = family.name if family.name in ("norm", "halfnorm", "laplace") and not shapes else None
     loc, scale = float(loc), float(scale)
     sd = math.sqrt(var)

@@ -760,9 +760,13 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
         float32 otherwise, then rounded to ``dtype``; so both give the same values.
     """
     if isinstance(q, torch.Tensor):
-        if q.dtype.is_floating_point or q.dtype == torch.bool:
+        if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")
         dtype = dtype or torch.float32
+        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        if dtype not in floats:
+            raise TypeError(f"dtype must be one of torch's {', '.join(map(str, floats))} for "
+                            f"codes in a tensor, got {dtype!r}")
         work = torch.float64 if dtype == torch.float64 else torch.float32
     elif isinstance(q, np.ndarray):
         if q.dtype.kind not in "iu":

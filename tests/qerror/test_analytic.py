@@ -519,10 +519,19 @@ def test_no_variance_gives_inf_with_warning():
     (np.zeros(3), TypeError, "frozen scipy.stats continuous"),
     (stats.norm([0.0, 1.0], 1.0), ValueError, "array-valued"),
     (stats.norm(0.0, -1.0), ValueError, "scale > 0"),
+    # narrower than float64 resolves at loc: NaN (uniform) or 0 (generic) came back silently
+    (stats.uniform(0.3, 1e-20), ValueError, "narrower than float64"),
+    (stats.logistic(0.3, 1e-20), ValueError, "narrower than float64"),
 ])
 def test_bad_distribution(dist, exc, match):
     with pytest.raises(exc, match=match):
         error_moments(dist, QuantSpec(), 0.1)
+
+
+def test_a_point_like_normal_law_keeps_its_closed_form():
+    # the normal law's closed forms hold where float64 cannot split loc from loc + scale
+    em = error_moments(stats.norm(0.3, 1e-20), QuantSpec(), 1.0)
+    assert em.bias == pytest.approx(-0.3) and em.mse == pytest.approx(0.09)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

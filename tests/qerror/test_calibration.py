@@ -122,6 +122,14 @@ def test_bad_policy_is_refused(kwargs, error, match):
         RangePolicy(**kwargs)
 
 
+def test_numpy_percentiles_are_numbers():
+    # np.float32(99.9) was refused as "not in (0, 100]"
+    assert RangePolicy(percentile=np.float32(99.9)).percentile == np.float32(99.9)
+    assert RangePolicy(percentile=np.int64(99)).percentile == 99
+    with pytest.raises(ValueError, match="percentile must be in"):
+        RangePolicy(percentile=np.bool_(True))
+
+
 def test_percentile_at_or_below_50_is_refused_on_an_affine_grid():
     policy = RangePolicy("percentile", percentile=30)
     observed_range(np.ones(3), QuantSpec(), policy)  # symmetric: |x|'s 30th percentile is fine

@@ -102,6 +102,11 @@ def test_no_uniform_grid_beats_lloyd_max(law, bits):
         (lambda: lloyd_max(stats.norm(), 4.0), ValueError, "levels must be an int"),
         (lambda: lloyd_max(stats.t(2), 4), ValueError, "infinite variance"),
         (lambda: lloyd_max(stats.norm(), 16, max_iter=3), RuntimeError, "did not converge"),
+        # a review's: max_iter 0 raised UnboundLocalError, a zero scale blamed the variance,
+        # an infinite loc iterated on NaN to the end
+        (lambda: lloyd_max(stats.norm(), 4, max_iter=0), ValueError, "max_iter must be"),
+        (lambda: lloyd_max(stats.norm(0, 0), 4), ValueError, "finite scale > 0"),
+        (lambda: lloyd_max(stats.norm(np.inf, 1), 4), ValueError, "finite loc"),
     ],
 )
 def test_bad_input_is_refused(call, error, match):

@@ -448,6 +448,15 @@ def test_bad_dequantize_input_is_refused():
         dequantize(np.array([1]), 0.0)
     with pytest.raises(ValueError, match="channels"):
         dequantize(np.zeros((2, 3), dtype=np.int32), [0.1, 0.2], axis=1)
+    # codes in a tensor: an integer output dtype gave zeros, a numpy one torch's own error,
+    # complex codes were taken with a warning
+    codes = torch.tensor([3, -7])
+    for bad in (torch.int32, np.float64):
+        with pytest.raises(TypeError, match="dtype must be one of torch's"):
+            dequantize(codes, 0.1, dtype=bad)
+    with pytest.raises(TypeError, match="integer codes"):
+        dequantize(torch.tensor([1 + 0j]), 0.1)
+    assert dequantize(codes, 0.1, dtype=torch.float64).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------- regressions from review
