@@ -637,8 +637,8 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
     rows = []
     dense = points[points.method == "dense float32"]
     tuned = points[points.method == DENSE_FINETUNED]
-    sparse = points[(points.method == "pruned") & np.isclose(points.sparsity, 0.9,
-                                                             atol=0.005)]
+    # the network pruned for the 90 % asked for (its key), not any within reach of it
+    sparse = points[(points.method == "pruned") & (points.key == letters("pruned 90"))]
 
     def row(goal, measured, met, why=None):
         verdict = ("met" if met else "not met") if why is None else f"not judged ({why})"
@@ -835,8 +835,11 @@ def early_exit_latency(lat: pd.DataFrame | None, row: dict) -> list[dict]:
 
 
 def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
-                        test_images: int, smoke: bool) -> str | None:
-    """Why the early-exit run in ``folder`` cannot be a point of this run (None: it can)."""
+                        test_images: int, smoke: bool, test_sha256: str | None = None
+                        ) -> str | None:
+    """Why the early-exit run in ``folder`` cannot be a point of this run (None: it can):
+    another network, smoke preset, number of test images or test images (``test_sha256``,
+    this run's, against the one the early-exit run's manifest records)."""
     if run is None:
         return f"no finished studies.early_exit run in {folder}"
     if run.smoke != smoke:
@@ -852,6 +855,10 @@ def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
     if int(run.headline["images"]) != test_images:
         return (f"the early_exit run in {folder} measured {run.headline['images']} test "
                 f"images, this run {test_images}")
+    theirs_test = (run.manifest.get("data") or {}).get("test_sha256")
+    if test_sha256 is not None and theirs_test != test_sha256:
+        return (f"the early_exit run in {folder} measured other test images (sha256 "
+                f"{theirs_test}; this run's: {test_sha256})")
     return None
 
 
@@ -997,6 +1004,11 @@ def _main(argv: list[str]) -> int:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
                      f"{args.finetune_steps}; every mask update needs a step of its own")
     parts = set(args.parts)
+    for option, values, needs in (("--dwn-luts", args.dwn_luts, {"dwn"}),
+                                  ("--wisard-budgets", args.wisard_budgets, {"wisard", "cnn"})):
+        if not values and parts & needs:  # an empty list: the part would make no model
+            parser.error(f"{option}: give at least one (it is empty, and --parts "
+                         f"{' '.join(sorted(parts & needs))} needs it)")
     if "resnet" not in parts:
         args.rounding_bits = []
     if "dwn" in parts:  # a LUT reads fan-in distinct outputs of the layer before it
@@ -1036,7 +1048,8 @@ def _main(argv: list[str]) -> int:
     if "resnet" in parts:
         ee_run = early_exit_run(ee_folder)
         ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
-                                     data.identity["test_images"], smoke)
+                                     data.identity["test_images"], smoke,
+                                     data.identity.get("test_sha256"))
         if ee_why is None:
             ee_net = ee_run.network(copy.deepcopy(model))
             ee_latency = ee_run.latency()  # checked against its manifest now, not at the end

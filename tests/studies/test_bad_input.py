@@ -254,6 +254,10 @@ STUDY_CASES = {
     "compression": [
         ("test-images-beyond-the-split", ["--test-images", "101"], ARGPARSE,
          r"--test-images 101: Fashion-MNIST's test split holds 100 images"),
+        ("dwn-luts-empty", ["--parts", "dwn", "--dwn-luts"], ARGPARSE,
+         r"--dwn-luts: give at least one \(it is empty, and --parts dwn needs it\)"),
+        ("wisard-budgets-empty", ["--parts", "wisard", "--wisard-budgets"], ARGPARSE,
+         r"--wisard-budgets: give at least one"),
         ("early-exit-run-missing", ["--parts", "resnet", "--early-exit-run", "{missing}"],
          REFUSED, r"--early-exit-run .*missing: no finished studies\.early_exit run"),
         ("sparsity-1", ["--sparsities", "0.5", "1"], ARGPARSE,

@@ -30,6 +30,8 @@ def test_bench_smoke(tmp_path):
     assert sorted(local.candidate) == ["measure (local_samples=0)",
                                        "measure_many (local_samples=0)"]
     assert local.goal.isna().all() and (local.ratio_median > 0).all()
+    # a smoke run judges no goal (its problems are smaller than the goals are stated for)
+    assert frame.goal.notna().any() and frame.meets_goal.isna().all()
 
 
 def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
@@ -43,3 +45,24 @@ def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
     assert row.baseline == "wisardpkg 1.6.3"
     assert re.fullmatch(r"100 train / 200 test images; accuracy ours [\d.]+% \[[\d., ]+\], "
                         r"peer [\d.]+% \[[\d., ]+\] \(95% Wilson\)", row.note), row.note
+
+
+def test_a_named_early_exit_run_is_checked_before_any_timing(tmp_path, capsys):
+    """--early-exit-run named with groups that do not read it, or naming no run, is refused
+    before any group runs (it was ignored, or refused after the other groups' timings)."""
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--only", "empirical", "--early-exit-run", str(tmp_path / "none"),
+                    "--out", str(out)])
+    assert info.value.code == 2
+    assert "only the early_exit group reads it" in capsys.readouterr().err
+    ran = []
+    real = bench.GROUPS["empirical"]
+    bench.GROUPS["empirical"] = lambda args: ran.append(1) or real(args)
+    try:
+        code = bench.main(["--only", "empirical", "--only", "early_exit", "--early-exit-run",
+                           str(tmp_path / "none"), "--out", str(out)])
+    finally:
+        bench.GROUPS["empirical"] = real
+    assert code == 2 and not ran and not out.exists()
+    assert "not a finished, non-smoke" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from studies import compression
+from studies._latex import letters
 
 OUTPUTS = ("points.csv", "goals.csv", "timing.csv", "rounding.csv", "rounding_layers.csv",
            "summary.json", "points.tex", "goals.tex", "rounding.tex", "macros.tex",
@@ -108,8 +109,10 @@ def test_every_kernel_has_a_short_label_in_the_table():
 
 
 def _points(dense_correct, sparse_correct, dwn, wisard, n=10_000):
-    rows = [{"method": "dense float32", "sparsity": 0.0, "correct": dense_correct},
-            {"method": "pruned", "sparsity": 0.9, "correct": sparse_correct}]
+    rows = [{"method": "dense float32", "sparsity": 0.0, "correct": dense_correct,
+             "key": letters("dense float32")},
+            {"method": "pruned", "sparsity": 0.9, "correct": sparse_correct,
+             "key": letters("pruned 90")}]
     rows += [{"method": "DWN", "sparsity": float("nan"), "correct": c, "bytes": b}
              for c, b in dwn]
     rows += [{"method": "WiSARD", "sparsity": float("nan"), "correct": c, "bytes": b}
@@ -160,6 +163,14 @@ def test_goals_not_judged_on_smoke_other_models_or_missing_points():
     g = compression.goals(_points(9000, 8900, [(9900, 200_000)], []), judged=None,
                           arch="resnet50")
     assert g.verdict.tolist()[1:] == ["not judged (no model within the budget)"] * 2
+
+
+def test_the_sparse_goal_is_the_network_pruned_for_ninety_percent():
+    # a network pruned for 89.51 % reaches 0.8951: it was once judged as the 90 % goal
+    p = _points(9000, 8900, [(8900, 100_000)], [(8000, 250_000)])
+    p.loc[1, ["sparsity", "key"]] = [0.8951, letters("pruned 89.51")]
+    g = compression.goals(p, judged=None, arch="resnet50")
+    assert g.verdict[0].startswith("not judged")
 
 
 def test_weightless_parts_alone_need_no_baseline(fashion_idx, tmp_path):
@@ -339,9 +350,10 @@ def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
     # compression and early_exit name the same checkpoint differently: its sha256 decides
     ours = {"model": "fashion-resnet50", "sha256": "aa"}
 
-    def run(sha="aa", images=10_000, smoke=False):
+    def run(sha="aa", images=10_000, smoke=False, test="tt"):
         return SimpleNamespace(smoke=smoke, headline={"images": images}, manifest={
-            "model": {"model": "fashion-resnet50-imagenet", "sha256": sha}})
+            "model": {"model": "fashion-resnet50-imagenet", "sha256": sha},
+            "data": {"test_sha256": test}})
 
     why = compression.early_exit_mismatch
     assert why(run(), tmp_path, ours, 10_000, False) is None
@@ -350,6 +362,10 @@ def test_an_early_exit_run_of_another_network_or_split_is_not_a_point(tmp_path):
     assert "measured 500 test images, this run 10000" in why(run(images=500), tmp_path, ours,
                                                               10_000, False)
     assert "is a smoke run" in why(run(smoke=True), tmp_path, ours, 10_000, False)
+    # as many test images, but other ones (another data folder): not a point
+    assert why(run(), tmp_path, ours, 10_000, False, "tt") is None
+    assert "measured other test images" in why(run(test="xx"), tmp_path, ours, 10_000, False,
+                                                 "tt")
     # untrained smoke networks: architecture and seed
     smoke = {"model": "fashion-resnet18-untrained-smoke", "seed": 0}
     other = SimpleNamespace(smoke=True, headline={"images": 64}, manifest={
