@@ -619,6 +619,7 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         not validation images; the message names them.
     """
     from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     path = Path(path)
     hint = ("Pass an ImageNet-style folder: one sub-folder per class named by synset id "
@@ -629,7 +630,9 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     if labels is not None and not isinstance(labels, Mapping):
         labels = read_label_map(labels)
     folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [f for f in _images_in(path) if f.parent == path]
+    # the images directly inside (a listing, not a walk of the whole tree)
+    loose = sorted(f for f in path.iterdir()
+                   if not f.is_dir() and f.name.lower().endswith(IMG_EXTENSIONS))
     # each class folder walked from its own top only: a link to the root or to another
     # class folder does not bring that folder's images in again
     tops = frozenset(_folder_key(d) for d in (path, *folders))

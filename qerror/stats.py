@@ -805,8 +805,9 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
     runs: at ``images_needed`` it is slightly below the power asked (0.761 to 0.786 for 0.8
     at α = 0.05 over a grid of 8 values of ψ from 0.02 to 0.3 and 7 of |δ|/ψ from 0.2 to
     0.8, computed exactly, the lowest near |δ|/ψ = 0.5; the continuity correction costs a
-    little; the tests check 0.76 to 0.8 on a grid of counts). The plan is a normal approximation: below about 50 items take the exact power
-    (e.g. 0.61 at 8 items for the ``detectable`` difference) from :func:`mcnemar_power`.
+    little; the tests check 0.76 to 0.8 on a grid of counts). The plan is a normal
+    approximation: below about 50 items take the exact power (e.g. 0.61 at 8 items for the
+    ``detectable`` difference) from :func:`mcnemar_power`.
 
     References
     ----------

@@ -761,9 +761,7 @@ def bench_early_exit(args) -> list[BenchRow]:
 
     loaded = None if args.smoke else _early_exit_run(args.early_exit_run or DEFAULT_EE_RUN)
     if loaded is None and args.early_exit_run is not None:  # named: a typo is not a choice
-        raise StudyError(f"--early-exit-run {args.early_exit_run}: not a finished, non-smoke "
-                         "python -m studies.early_exit run with its checkpoint; pass one, or "
-                         "leave the option out to time an untrained network")
+        _refuse_named_run(args.early_exit_run)
     if loaded is not None:
         model, rule, images, origin = loaded
     else:
@@ -789,13 +787,29 @@ def bench_early_exit(args) -> list[BenchRow]:
                         else r.note}) for r in rows]
 
 
-def _early_exit_run(folder):
-    """(model, rule, test images, origin) of a finished early-exit study run, or None."""
-    from qerror.data import fashion_mnist_splits, to_tensor
+def _timeable_run(folder):
+    """The finished, non-smoke early-exit study run in ``folder`` that names its
+    checkpoint (:class:`studies._runs.EarlyExitRun`), or None."""
     from studies._runs import early_exit_run
 
     run = early_exit_run(folder)
     if run is None or run.smoke or "checkpoint" not in run.manifest.get("model", {}):
+        return None
+    return run
+
+
+def _refuse_named_run(folder) -> None:
+    raise StudyError(f"--early-exit-run {folder}: not a finished, non-smoke python -m "
+                     "studies.early_exit run with its checkpoint; pass one, or leave the "
+                     "option out to time an untrained network")
+
+
+def _early_exit_run(folder):
+    """(model, rule, test images, origin) of a finished early-exit study run, or None."""
+    from qerror.data import fashion_mnist_splits, to_tensor
+
+    run = _timeable_run(folder)
+    if run is None:
         return None
     model = run.network(run.backbone())  # the baseline the run measured, by its sha256
     test = fashion_mnist_splits().test
@@ -919,13 +933,8 @@ def _main(argv: list[str]) -> int:
         if "early_exit" not in groups:
             parser.error("--early-exit-run: only the early_exit group reads it; add --only "
                          "early_exit, or leave it out")
-        from studies._runs import early_exit_run
-
-        named = early_exit_run(args.early_exit_run)
-        if named is None or named.smoke or "checkpoint" not in named.manifest.get("model", {}):
-            raise StudyError(f"--early-exit-run {args.early_exit_run}: not a finished, "
-                             "non-smoke python -m studies.early_exit run with its checkpoint; "
-                             "pass one, or leave the option out to time an untrained network")
+        if _timeable_run(args.early_exit_run) is None:
+            _refuse_named_run(args.early_exit_run)
     check_out(args.out, "bench", force=args.force)
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
               "torch_threads": torch.get_num_threads()}

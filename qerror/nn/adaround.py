@@ -260,11 +260,17 @@ def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
     if up.shape != weight.shape:
         raise ValueError(f"up has shape {tuple(up.shape)}, the weight {tuple(weight.shape)}")
     w = weight.detach()
-    s = _scale_tensor(qparams, w)
-    codes = torch.clamp(_floor_codes(w, qparams, spec) + up.to(torch.float64), spec.qmin,
-                        spec.qmax)
+    return _on_grid(w, qparams, spec, _floor_codes(w, qparams, spec), up)
+
+
+def _on_grid(w: torch.Tensor, qp: QParams, spec: QuantSpec, floor: torch.Tensor,
+             up: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rounding` given ``w``'s floor codes (:func:`_floor_codes`), which
+    :func:`adaround` computes once per layer."""
+    s = _scale_tensor(qp, w)
+    codes = torch.clamp(floor + up.to(torch.float64), spec.qmin, spec.qmax)
     on_grid = (codes * s).to(w.dtype)  # code·s: exactly `codes` again after rounding w/s
-    return fake_quantize(on_grid, spec, qparams.scale, qparams.zero_point)
+    return fake_quantize(on_grid, spec, qp.scale, qp.zero_point)
 
 
 class _Stop(Exception):
@@ -334,11 +340,11 @@ def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.
     return v.detach()
 
 
-def _quantized(w: torch.Tensor, qp: QParams, up: torch.Tensor, spec: QuantSpec
-               ) -> QuantizedWeights:
-    wq = apply_rounding(w, qp, up, spec)
+def _quantized(w: torch.Tensor, qp: QParams, floor: torch.Tensor, up: torch.Tensor,
+               spec: QuantSpec) -> QuantizedWeights:
+    wq = _on_grid(w, qp, spec, floor, up)
     s = _scale_tensor(qp, w)
-    raw = _floor_codes(w, qp, spec) + up.double()
+    raw = floor + up.double()
     e = (wq.double() - w.double()) / s
     sat = float(((raw < spec.qmin) | (raw > spec.qmax)).double().mean())
     return QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()), sat)
@@ -414,7 +420,7 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
                 if cfg.asymmetric and done else x
             v = _optimise(layer, s, floor, v0, x, xq, spec, cfg, gen)
             up, up0 = v >= 0, v0 >= 0
-            qw = _quantized(w, qp, up, spec)
+            qw = _quantized(w, qp, floor, up, spec)
             with torch.no_grad():
                 b = layer.bias
                 conv = isinstance(layer, nn.Conv2d)
@@ -423,7 +429,7 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
                     return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
 
                 target = op(x, w)
-                l0 = float(_reconstruction(op(xq, apply_rounding(w, qp, up0, spec)), target))
+                l0 = float(_reconstruction(op(xq, _on_grid(w, qp, spec, floor, up0)), target))
                 l1 = float(_reconstruction(op(xq, qw.weight), target))
             weights[name] = qw
             done[name] = qw.weight

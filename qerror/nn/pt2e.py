@@ -382,16 +382,14 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
                 warnings.filterwarnings("ignore", "To copy construct from a tensor",
                                         UserWarning)
                 fn = torch.compile(converted)
-                for size in warmup_sizes:
+                for size in dict.fromkeys(warmup_sizes):  # a size again compiles nothing
                     x = example[:1].expand(size, *example.shape[1:]).contiguous()
                     if size > 1:
                         torch._dynamo.maybe_mark_dynamic(x, 0)
                     before = dict(counters["inductor"])
                     fn(x)
-                    counts = {k: counters["inductor"][k] - before.get(k, 0)
-                              for k in LOWERING_COUNTERS}
-                    by_size[size] = {k: by_size.get(size, {}).get(k, 0) + v
-                                     for k, v in counts.items()}
+                    by_size[size] = {k: counters["inductor"][k] - before.get(k, 0)
+                                     for k in LOWERING_COUNTERS}
         t5 = time.perf_counter()
     times = Pt2eTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
     lowered = ({k: sum(c[k] for c in by_size.values()) for k in LOWERING_COUNTERS}
