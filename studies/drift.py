@@ -103,6 +103,7 @@ from qerror.nn import (
     sqnr_db,
 )
 from qerror.nn.bn import estimate_running_stats
+from qerror.nn.correction import BN_REESTIMATION_PASSES
 from qerror.nn.growth import (
     image_bootstrap,
     layer_block_bootstrap,
@@ -805,12 +806,12 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
     calibration pass with every image's local error (timed on up to 64 images of the first
-    batch), a BatchNorm re-estimation (two plain forwards) and a K-way instrumented pass of
-    the three remedied networks over the test images; ``headline``, the float forward and
+    batch), a BatchNorm re-estimation (``BN_REESTIMATION_PASSES`` plain forwards) and a
+    K-way instrumented pass of the three remedied networks over the test images; ``headline``, the float forward and
     the four modes over the headline images; ``curve`` (rank 0), a float forward and per
     remedy configuration an unremedied plain forward over the curve's test images and, at
     each calibration size, both remedies' fits (the bias correction's timed on up to 64
-    images: :func:`qerror.nn.local_error_means`), BatchNorm re-estimation's two plain
+    images: :func:`qerror.nn.local_error_means`), BatchNorm re-estimation's plain
     forwards over the calibration images and two plain forwards. ``estimated_s`` is
     the instrumented passes alone (configurations and the remedies'), ``estimated_total_s``
     the sum of the phases.
@@ -903,15 +904,16 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
         QuantConfig.make(8, m, Target.BOTH, seed=c.seed) for m in HEADLINE_MODES})
     phases = {
         "instrumented": len(configs) * share / kway_rate,
-        # BatchNorm re-estimation runs two plain passes over the calibration images
-        # (qerror.nn.correction.reestimate_bn)
-        "remedies": n_remedy * (calib * (calib_r + 2 * fwd_r) + share * remedy_kway),
+        # BatchNorm re-estimation's plain passes over the calibration images
+        "remedies": n_remedy * (calib * (calib_r + BN_REESTIMATION_PASSES * fwd_r)
+                                + share * remedy_kway),
         "headline": head * (fwd_float + fwd_head),
         # the headline's forwards stand in for the float and the unremedied forwards of the
         # configurations it runs (calibration_curve's ``known``)
         "curve": ((n_remedy - reused) * curve_test * fwd_r
                   + (0.0 if covers else curve_test * fwd_float)
-                  + n_remedy * sum(n * (fit_r + 2 * fwd_r) + 2 * curve_test * fwd_r
+                  + n_remedy * sum(n * (fit_r + BN_REESTIMATION_PASSES * fwd_r)
+                                   + 2 * curve_test * fwd_r  # both remedies evaluated
                                    for n in sizes)) if sizes else 0.0,
     }
     rates = list(probes.values())

@@ -55,6 +55,7 @@ from qerror.nn.propagate import (
 )
 
 __all__ = [
+    "BN_REESTIMATION_PASSES",
     "MeanSource",
     "analytic_bias_correction",
     "bias_correction",
@@ -62,6 +63,11 @@ __all__ = [
     "predicted_local_drift",
     "reestimate_bn",
 ]
+
+
+#: Plain forward passes :func:`reestimate_bn` runs over its calibration images (what a
+#: time estimate of it multiplies by).
+BN_REESTIMATION_PASSES = 2
 
 
 class MeanSource(Choice):

@@ -151,6 +151,26 @@ def test_a_batchnorm_off_the_forward_path_keeps_its_statistics(setup):
     assert not torch.equal(stats["body.1"][0], model.body[1].running_mean)
 
 
+def test_bn_reestimation_reads_its_batches_as_often_as_the_time_estimate_counts(setup):
+    """The drift study's time estimate prices a BatchNorm re-estimation at
+    ``BN_REESTIMATION_PASSES`` plain forwards over the calibration images: that is how often
+    :func:`reestimate_bn` reads them."""
+    from qerror.nn.correction import BN_REESTIMATION_PASSES
+
+    class Counted(list):
+        reads = 0
+
+        def __iter__(self):
+            Counted.reads += 1
+            return super().__iter__()
+
+    model, calib, _ = setup
+    cfg = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    reestimate_bn(model, Counted([calib[0][:4], calib[0][4:8]]), cfg, act_qp)
+    assert Counted.reads == BN_REESTIMATION_PASSES
+
+
 def test_bn_reestimation_makes_the_first_batchnorm_consistent(setup):
     """On the data it was estimated from, the first BN (no BN before it) has zero mean shift."""
     model, calib, _ = setup
