@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from studies._common import is_smoke_run
 from studies._latex import macro_name
 
 PAPER = Path(__file__).resolve().parent
@@ -342,8 +343,7 @@ def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED, *,
         try:
             manifests[study] = check_run(study, folder, uses)
             m = manifests[study]
-            if not smoke and ("--smoke" in (m.get("argv") or [])
-                              or (m.get("config") or {}).get("smoke") is True):
+            if not smoke and is_smoke_run(m):
                 problems.append(f"{folder}: a --smoke run of the {study} study; the paper "
                                 f"takes full runs ({MAKE_COMMAND[study]}), the smoke paper is "
                                 "make paper-smoke")

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from qerror.files import atomic_write, sha256_file
+from studies._common import is_smoke_run
 
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
@@ -100,8 +101,7 @@ class Record:
 
     def _not_smoke(self) -> None:
         """A README figure is never a smoke preset's (a test-sized run)."""
-        argv = self.manifest.get("argv") or []
-        if "--smoke" in argv or (self.manifest.get("config") or {}).get("smoke") is True:
+        if is_smoke_run(self.manifest):
             raise RecordError(f"record {self.name} is of a --smoke run; the README states "
                               "figures of real runs only")
 

@@ -308,6 +308,13 @@ def previous_run(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def is_smoke_run(manifest: dict[str, Any]) -> bool:
+    """Whether a study's manifest is of a ``--smoke`` run (a test-sized preset, whose
+    figures are never reported): its command line says so, or its configuration does."""
+    return ("--smoke" in (manifest.get("argv") or [])
+            or (manifest.get("config") or {}).get("smoke") is True)
+
+
 def _check_replaceable(final: Path, study: str, force: bool) -> None:
     """StudyError unless the existing folder ``final`` may become the output of ``study``."""
     entries = sorted(p.name for p in final.iterdir())
