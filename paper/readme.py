@@ -10,7 +10,8 @@ and is written by the renderer ``NAME`` here (:data:`RENDERERS`) from *records*:
 ``paper/record/<run>/`` holding a copy of a finished run's ``manifest.json``, copies of the
 outputs the passage reads (each must match the sha256 its manifest gives it, so a record is
 what the study wrote, not a number typed in), and ``record.json``, the words a manifest
-cannot know (the command line as run, the machine and what else ran on it).
+cannot know (the command line as run, checked against the manifest's study and
+``argv``, the machine and what else ran on it).
 
 ``python paper/readme.py`` rewrites the passages in place, and writes nothing when a
 passage or a record is not sound; ``--check`` changes nothing and exits 1 naming every
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -63,6 +65,25 @@ class _About(dict):
         raise RecordError(f"record {self.record}: its record.json has no {key!r}")
 
 
+# Options a record's command may leave out: where its run wrote, and how it showed progress.
+_UNSTATED = ("--out", "--force", "--no-progress")
+_UNSTATED_BY_STUDY = {"train": ("--checkpoint",)}  # the trained network's file
+
+
+def _options(words: list[str]) -> dict[str, list[str]]:
+    """A command line's options, each with the words that follow it up to the next."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for w in words:
+        if w.startswith("--"):
+            current = out.setdefault(w, [])
+        elif current is None:
+            raise RecordError(f"a record's command has {w!r} before any option")
+        else:
+            current.append(w)
+    return out
+
+
 class Record:
     """One record folder: its manifest, its ``record.json`` and its verified outputs."""
 
@@ -82,6 +103,7 @@ class Record:
                               f"(manifest git: {git}); rerun it from a checkout that stays "
                               "at one commit (a git worktree) and record that run")
         self._not_smoke()
+        self._command_is_the_runs()
         outputs = self.manifest.get("outputs", {})
         for path in sorted(self.folder.iterdir()):
             if path.name in ("manifest.json", "record.json"):
@@ -104,6 +126,41 @@ class Record:
         if is_smoke_run(self.manifest):
             raise RecordError(f"record {self.name} is of a --smoke run; the README states "
                               "figures of real runs only")
+
+    def _command_is_the_runs(self) -> None:
+        """``record.json``'s command is the run's: ``python -m studies.<study>`` with the
+        options its manifest's ``argv`` holds (values in capitals stand for a path the text
+        explains; where a run wrote and how it showed progress may be left out), or a script
+        of this repository that runs that study."""
+        study = self.manifest.get("study")
+        words = shlex.split(self.about["command"])
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words.pop(0)  # an environment variable set for the run
+        if words[:1] in (["sh"], ["bash"]) and len(words) > 1:
+            script = REPO / words[1]
+            if not script.is_file() or f"studies.{study}" not in script.read_text():
+                raise RecordError(f"record {self.name}: its command runs {words[1]}, which is "
+                                  f"not a script of this repository that runs the {study} "
+                                  "study")
+            return
+        if words[:2] != ["python", "-m"] or len(words) < 3 or words[2] != f"studies.{study}":
+            raise RecordError(f"record {self.name}: its command ({self.about['command']}) is "
+                              f"not the run's (python -m studies.{study} ...)")
+        stated = _options(next((words[3:i] for i, w in enumerate(words) if w.startswith("(")),
+                               words[3:]))
+        ran = _options(self.manifest.get("argv") or [])
+        unstated = {*_UNSTATED, *_UNSTATED_BY_STUDY.get(study, ())}
+        for option, values in stated.items():
+            if option not in ran or len(ran[option]) != len(values) or not all(
+                    v == r or re.fullmatch(r"[A-Z][A-Z0-9_]*", v)
+                    for v, r in zip(values, ran[option])):
+                raise RecordError(f"record {self.name}: its command gives {option} "
+                                  f"{' '.join(values)}, its run {option} "
+                                  f"{' '.join(ran.get(option, ['(nothing)']))}")
+        left = sorted(set(ran) - set(stated) - unstated)
+        if left:
+            raise RecordError(f"record {self.name}: its run had {', '.join(left)}, which its "
+                              "command leaves out: write the command as run")
 
     def _path(self, file: str) -> Path:
         path = self.folder / file

@@ -84,7 +84,7 @@ def test_adding_again_replaces_a_record_whole_or_not_at_all(tmp_path):
     root = tmp_path / "record"
     first = _run(tmp_path / "run1", {"a.csv": "x\n1\n", "b.csv": "y\n2\n"})
     readme.add(f"r={first}", ["a.csv", "b.csv"], root)
-    (root / "r" / "record.json").write_text(json.dumps({"command": "c", "machine": "m"}))
+    (root / "r" / "record.json").write_text(json.dumps({"command": "python -m studies.x", "machine": "m"}))
     # a later run with fewer outputs: the record is that run's alone, its words kept
     second = _run(tmp_path / "run2", {"a.csv": "x\n3\n"})
     readme.add(f"r={second}", ["a.csv"], root)
@@ -109,6 +109,9 @@ def test_records_without_words_or_figures_are_named(tmp_path):
     with pytest.raises(readme.RecordError, match="no record.json"):
         readme.Record("r", root)
     (root / "r" / "record.json").write_text("{}")
+    with pytest.raises(readme.RecordError, match="has no 'command'"):
+        readme.Record("r", root)
+    (root / "r" / "record.json").write_text('{"command": "python -m studies.x"}')
     with pytest.raises(readme.RecordError, match="has no 'machine'"):
         readme.Record("r", root).about["machine"]
     with pytest.raises(readme.RecordError, match="does not hold it"):
@@ -174,10 +177,45 @@ def test_a_stale_twin_or_a_misspelt_marker_fails_the_check(tmp_path, monkeypatch
 def test_a_smoke_run_is_never_a_record(tmp_path):
     folder = _run(tmp_path / "r", {"a.csv": "x\n"})
     manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "record.json").write_text(json.dumps({"command": "c", "machine": "m"}))
+    (folder / "record.json").write_text(json.dumps({"command": "python -m studies.x", "machine": "m"}))
     for smoke in ({"argv": ["--smoke"]}, {"config": {"smoke": True}}):
         (folder / "manifest.json").write_text(json.dumps({**manifest, **smoke}))
         with pytest.raises(readme.RecordError, match="is of a --smoke run"):
             readme.Record("r", tmp_path)
     (folder / "manifest.json").write_text(json.dumps({**manifest, "config": {"smoke": False}}))
     readme.Record("r", tmp_path)
+
+
+def test_a_records_command_is_the_one_its_run_had(tmp_path):
+    """record.json's command is checked against the manifest's study and argv: the options
+    must be the run's (a value in capitals stands for a path the text explains), only where
+    the run wrote and how it showed progress may be left out, and a script must be one of
+    this repository's that runs the study."""
+    folder = _run(tmp_path / "r", {"a.csv": "x\n"})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(study="drift", argv=["--bits", "8", "4", "--weights", "/tmp/w.pt",
+                                         "--out", "/tmp/o", "--force"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    def check(command):
+        (folder / "record.json").write_text(json.dumps({"command": command, "machine": "m"}))
+        return readme.Record("r", tmp_path)
+
+    for good in ("python -m studies.drift --bits 8 4 --weights /tmp/w.pt",
+                 "OMP_NUM_THREADS=1 python -m studies.drift --weights W --bits 8 4 "
+                 "(W from python -m studies.train)",
+                 "python -m studies.drift --bits 8 4 --weights W --out OUT",
+                 "sh scripts/imagenet-throughput.sh"):
+        check(good)
+    for bad, why in (("python -m studies.bench --bits 8 4 --weights W", "not the run's"),
+                     ("python -m studies.drift --bits 8 --weights W", "gives --bits 8, its"),
+                     ("python -m studies.drift --bits 8 4 --weights W --smoke-like 1",
+                      "gives --smoke-like"),
+                     ("python -m studies.drift --bits 8 4", "had --weights"),
+                     ("sh scripts/nowhere.sh", "not a script of this repository"),
+                     ("drift with defaults", "not the run's")):
+        with pytest.raises(readme.RecordError, match=why):
+            check(bad)
+    manifest.update(study="train", argv=["--checkpoint", "/tmp/c.pt", "--no-progress"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    check("python -m studies.train")  # where the trained network was written
