@@ -15,7 +15,10 @@ stochastic rounding, with the values that sit exactly on the grid (a ReLU's zero
 
 ``E[x]`` and ``P(u > 0)`` are taken either from the preceding BatchNorm and ReLU
 (``source="bn"``: the BN output is taken as normal with mean β and std |γ|, so
-``E[x] = β Φ(β/|γ|) + |γ| φ(β/|γ|)`` and ``P(x > 0) = Φ(β/|γ|)``; Nagel et al. 2019) where
+``E[x] = β Φ(β/|γ|) + |γ| φ(β/|γ|)`` and, for the quantizer's real zero ``o = −z·s``,
+``P(u > 0) = Φ((β − max(o, 0))/|γ|)`` and ``P(u < 0) = Φ(β/|γ|) − Φ((β − o)/|γ|)`` where
+``o > 0`` (an affine grid's zero point below its codes' zero), the ReLU's zeros exempt;
+with ``z = 0``, ``P(u > 0) = Φ(β/|γ|)``; Nagel et al. 2019) where
 a layer is fed by one, or from mean maps measured on calibration images
 (``source="measured"``, and the fallback for layers fed by a residual sum, the image or a
 pooling).
@@ -91,6 +94,25 @@ def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, 
     return mean, p
 
 
+def _relu_normal_sides(beta: np.ndarray, gamma: np.ndarray, origin: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``P(x > o, x ≠ 0)`` and ``P(x < o, x ≠ 0)`` for ``x = ReLU(y)``, ``y ~ N(β, γ²)``:
+    the fractions of a ReLU's output above and below the quantizer's real zero ``o = −z·s``
+    (``u = x/s + z`` positive or negative), its zeros, which sit on the grid (``u = z``),
+    in neither. A channel with ``γ = 0`` is the constant ``β``."""
+    sd = np.abs(gamma)
+
+    def above(t: float) -> np.ndarray:  # P(y > t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(sd > 0, special.ndtr((beta - t) / np.where(sd > 0, sd, 1.0)),
+                            (beta > t).astype(float))
+
+    p_above = above(max(origin, 0.0))
+    p_below = np.maximum(above(0.0) - above(origin), 0.0) if origin > 0 else np.zeros_like(
+        p_above)
+    return p_above, p_below
+
+
 def _apply(layer: nn.Module, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The layer's linear map with another kernel and no bias."""
     if isinstance(layer, nn.Linear):
@@ -142,12 +164,18 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
                 bn = feeders[name]
-                mean_c, p_c = _relu_normal_mean(bn.bias.detach().double().cpu().numpy(),
-                                                bn.weight.detach().double().cpu().numpy())
+                beta = bn.bias.detach().double().cpu().numpy()
+                gamma = bn.weight.detach().double().cpu().numpy()
+                mean_c, _ = _relu_normal_mean(beta, gamma)
+                origin = 0.0
+                if config.activation is not None:  # the quantizer's real zero, -z s
+                    qp = act_qparams[name]
+                    origin = -float(qp.zero_point) * float(qp.scale)
+                above, below = _relu_normal_sides(beta, gamma, origin)
                 shape = (-1,) + (1,) * (mu.ndim - 1)
                 mu = np.broadcast_to(mean_c.reshape(shape), mu.shape)
-                p_pos = np.broadcast_to(p_c.reshape(shape), mu.shape)
-                p_neg = np.zeros(mu.shape)
+                p_pos = np.broadcast_to(above.reshape(shape), mu.shape)
+                p_neg = np.broadcast_to(below.reshape(shape), mu.shape)
             w = m.weight.detach().double()
             w_hat = weights[name].weight.double() if config.weight is not None else w
             if config.activation is not None:

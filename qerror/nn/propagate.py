@@ -830,7 +830,10 @@ class _Instrument:
         else:
             origin = 0.0
         s = x.sum(0).double().cpu()
-        p, n = (x > origin).sum(0).double().cpu(), (x < origin).sum(0).double().cpu()
+        # a real zero (a ReLU's) is on the grid whatever the zero point: no error, in neither
+        off = x != 0
+        p = ((x > origin) & off).sum(0).double().cpu()
+        n = ((x < origin) & off).sum(0).double().cpu()
         if acc.in_sum is None:
             acc.in_sum, acc.in_pos, acc.in_neg = s, p, n
         else:
@@ -1197,7 +1200,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         the local error is measured (0: not measured).
     input_maps : bool
         Also keep each layer's mean float input map (C, H, W) and the fractions of
-        values above and below the quantizer's real zero (for predicted drift).
+        values above and below the quantizer's real zero (for predicted drift; the value 0,
+        on the grid whatever the zero point, in neither).
     pair_batch : int, optional
         Images per paired forward pass: each batch is measured in consecutive passes of
         this many images, each holding the activations of ``2 * pair_batch`` images.

@@ -278,6 +278,82 @@ def test_predicted_activation_drift_of_truncation_within_its_sampling_error(setu
         assert abs(p - s.local_drift) <= z * s.local_drift_se + model_error, s.name
 
 
+def test_predicted_drift_with_a_zero_point_below_the_relus_zeros(setup):
+    """A signed affine grid on post-ReLU inputs puts the real zero at code z = −128: the
+    ReLU's zeros sit on the grid (no error) and the positive inputs below ``o = −z·s`` have
+    ``u < 0``, which truncation rounds *up*. Both sources count them so: the measured one
+    within the bound of the test above (α = 0.001 per layer); the BN one (a normal model of
+    the BatchNorm's output, no bound of its own) with the measured drift's sign wherever the
+    measurement resolves a sign at that α. Before, the BN source took every positive input
+    as truncated down (the opposite sign) and the measured one counted the zeros as below."""
+    from qerror import QuantSpec
+    from qerror.nn._anatomy import bn_fed_layers
+
+    model, calib, _ = setup
+    spec = QuantSpec(bits=8, signed=True, symmetric=False, rounding=RoundingMode.TOWARD_ZERO)
+    cfg = QuantConfig(weight=None, activation=spec)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    x = images(256, 11)
+    res = measure(model, [x], cfg, act_qp, local_samples=1 << 20, input_maps=True)
+    modules = dict(model.named_modules())
+    z = stats.norm.ppf(1 - 0.001 / 2)
+    fed = bn_fed_layers(model)
+    assert fed and all(int(act_qp[n].zero_point) == -128 for n in fed)
+    inputs = {}
+    hooks = [modules[n].register_forward_pre_hook(
+        lambda m, a, n=n: inputs.__setitem__(n, a[0].detach())) for n in fed]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name in fed:  # the measured fractions: the zeros, on the grid, in neither
+        xin, qp = inputs[name], act_qp[name]
+        origin = -float(qp.zero_point) * float(qp.scale)
+        for got, side in ((res.site(name).input_pos_map, xin > origin),
+                          (res.site(name).input_neg_map, (xin < origin) & (xin != 0))):
+            np.testing.assert_array_equal(got, side.double().mean(0).numpy())
+    measured_pred = predicted_local_drift(model, cfg, res, act_qp, source=MeanSource.MEASURED)
+    bn_pred = predicted_local_drift(model, cfg, res, act_qp, source=MeanSource.BN)
+    resolved = 0
+    for name in fed:
+        s = res.site(name)
+        assert s.input_error_mean_lsb > 0.2  # rounded up on these inputs
+        model_bias_lsb = float(np.mean(-0.5 * (s.input_pos_map - s.input_neg_map)))
+        w = modules[name].weight.detach()
+        weight_l1 = float(w.abs().reshape(w.shape[0], -1).sum(1).mean())
+        model_error = act_qp[name].scale * abs(s.input_error_mean_lsb - model_bias_lsb) \
+            * weight_l1
+        p = float(np.mean(measured_pred[name]))
+        assert abs(p - s.local_drift) <= z * s.local_drift_se + model_error, name
+        if abs(s.local_drift) > z * s.local_drift_se:
+            resolved += 1
+            assert np.sign(np.mean(bn_pred[name])) == np.sign(s.local_drift), name
+    assert resolved >= 1
+
+
+def test_relu_of_a_normal_above_and_below_the_grids_zero_against_quadrature():
+    """The BN source's fractions of a ReLU's output above and below the real zero ``o``
+    (its zeros in neither), against numerical integration, for ``o`` below, at and above 0;
+    a channel with γ = 0 is the constant β."""
+    from scipy import integrate
+
+    from qerror.nn.correction import _relu_normal_sides
+
+    beta = np.array([0.3, -0.7, 1.5, 0.0, 0.4, 0.0, -0.2, 0.9])
+    gamma = np.array([0.8, 0.5, -1.2, 1.0, 0.0, 0.0, 0.0, 0.0])
+    for origin in (-0.5, 0.0, 0.6):
+        above, below = _relu_normal_sides(beta, gamma, origin)
+        for b, g, a, lo in zip(beta, gamma, above, below):
+            if g == 0:
+                assert a == float(b > max(origin, 0.0)) and lo == float(0.0 < b < origin)
+                continue
+            law = stats.norm(b, abs(g))
+            want_a, _ = integrate.quad(law.pdf, max(origin, 0.0), np.inf, epsabs=1e-14)
+            want_b = integrate.quad(law.pdf, 0.0, origin, epsabs=1e-14)[0] if origin > 0 \
+                else 0.0
+            assert abs(a - want_a) < 1e-10 and abs(lo - want_b) < 1e-10
+
+
 def test_empirical_bias_correction_zeroes_the_local_mean_error_on_its_data(setup):
     model, calib, _ = setup
     cfg = QuantConfig.make(4, RoundingMode.FLOOR)
