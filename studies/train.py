@@ -234,7 +234,7 @@ def train_recipe(recipe: Recipe, splits: data.Splits, state_path: Path, *,
                val=validate, val_size=len(val), identity=identity, device=device,
                checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps,
                time_budget_s=time_budget_s, progress=progress,
-               desc=f"{recipe.arch.value} train")
+               desc=f"{recipe.arch.value} train", return_interrupted=True)
 
 
 def _figure(run: RunDir, steps: pd.DataFrame, epochs: pd.DataFrame, per_epoch: int,

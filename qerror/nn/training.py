@@ -53,6 +53,8 @@ STATE_FORMAT = "qerror-train-state"
 STATE_VERSION = 3
 # A state of the version before, which resumes in one process (see _load_state).
 _OLDER_STATE = 2
+# Recipe entries states of this version did not record at first.
+_RECORDED_SINCE_V3 = ("n_train",)
 # Independent random streams derived from the one seed.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 # Steps timed (after the first, which includes kernel selection) before the estimate.
@@ -159,9 +161,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be a finite number in "
                                  f"{'[' if closed else '('}{lo}, {hi}), got {value!r}")
-        if self.schedule is Schedule.ONE_CYCLE and self.momentum + 0.05 >= 1:
+        if self.schedule is Schedule.ONE_CYCLE and not 0.05 <= self.momentum < 0.95:
             raise ValueError(f"TrainConfig.momentum={self.momentum} leaves no room for the "
-                             "one-cycle range momentum ± 0.05 below 1")
+                             "one-cycle range momentum ± 0.05 within [0, 1): pick a momentum "
+                             "in [0.05, 0.95), or schedule=Schedule.CONSTANT")
         if self.nesterov and self.momentum == 0:
             raise ValueError("Nesterov momentum needs TrainConfig.momentum > 0")
 
@@ -283,7 +286,9 @@ class FitResult:
 
     @property
     def complete(self) -> bool:
-        return self.step >= self.total_steps
+        """Every step done and nothing interrupted (an interrupted last epoch's validation
+        leaves its record missing)."""
+        return self.step >= self.total_steps and not self.interrupted
 
 
 class TrainError(ValueError):
@@ -512,15 +517,15 @@ def _optimizer(params: dict[str, nn.Parameter], config: TrainConfig, total_steps
 
 
 def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
-            trainable: list[str] | None) -> dict[str, Any]:
-    recipe = jsonable(config)
+            trainable: list[str] | None, n_train: int) -> dict[str, Any]:
+    recipe = {**jsonable(config), "n_train": int(n_train)}  # it sets the schedule's length
     extra = dict(jsonable(dict(identity or {})))
     if trainable is not None:
         extra["trainable"] = trainable
     clash = sorted(set(recipe) & set(extra))
     if clash:
-        raise ValueError(f"identity repeats TrainConfig fields ({', '.join(clash)}); leave "
-                         "them to the config")
+        raise ValueError(f"identity repeats TrainConfig fields or n_train "
+                         f"({', '.join(clash)}); leave them to the config and fit")
     return {**recipe, **extra}
 
 
@@ -553,7 +558,8 @@ def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
     saved = state.get("recipe")
     if not isinstance(saved, dict):
         raise ResumeError(f"the training state {path} records no recipe; {hint}")
-    unrecorded = []
+    # recorded since: a state written before compares without them (said, not refused)
+    unrecorded = [k for k in _RECORDED_SINCE_V3 if k in recipe and k not in saved]
     if version == _OLDER_STATE:
         if world > 1:
             raise ResumeError(
@@ -607,7 +613,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         identity: Mapping[str, Any] | None = None,
         device: Device | str | torch.device = Device.CPU, checkpoint_every: int = 100,
         stop_after_steps: int | None = None, time_budget_s: float | None = None,
-        progress: bool = True, desc: str = "train") -> FitResult:
+        progress: bool = True, desc: str = "train",
+        return_interrupted: bool = False) -> FitResult:
     """Train (or continue training) ``model`` in place, validating after each epoch.
 
     Parameters
@@ -660,19 +667,28 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         A progress bar with the ETA (rank 0), and a time estimate after the first steps.
     desc : str
         The progress bar's label.
+    return_interrupted : bool
+        On a Ctrl-C (KeyboardInterrupt), return a :class:`FitResult` with ``interrupted``
+        instead of raising it again (``studies.train``, which says how to resume). Either
+        way the state of the last completed step is saved first (when ``state_path``).
 
     Returns
     -------
     FitResult
-        ``complete`` is false when the run stopped early or was interrupted; the state at
-        the last completed step is then saved. The history is complete on rank 0 (other
-        ranks hold its steps but not its epochs).
+        ``complete`` is false when the run stopped early (``stop_after_steps``,
+        ``time_budget_s``) or was interrupted; the state at the last completed step is then
+        saved. The history is complete on rank 0 (other ranks hold its steps but not its
+        epochs).
 
     Raises
     ------
+    KeyboardInterrupt
+        Ctrl-C, after the state is saved, unless ``return_interrupted``: a caller that goes
+        on with the model would use a half-trained network.
     TrainError
         Fewer training samples than one batch, a global batch that the ranks cannot share
-        equally, one value per channel at a BatchNorm that trains (one image in the
+        equally, a ``checkpoint_every`` or ``stop_after_steps`` below 1, a
+        ``time_budget_s`` that is not a positive number, one value per channel at a BatchNorm that trains (one image in the
         global batch where its map is 1x1), an empty or unknown parameter selection.
     ResumeError
         The state file is unreadable, was written by a different recipe, or holds the
@@ -696,9 +712,23 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     run, running statistics included (they are broadcast from rank 0 at the end so all
     ranks end bit for bit equal).
 
-    **Interruption under torchrun.** Ctrl-C reaches every rank; rank 0 saves its state if
-    it is between steps, and otherwise the run resumes from the last periodic save.
+    **Interruption.** A Ctrl-C during a step's forward or backward pass (where it usually
+    lands) finds the BatchNorms' running statistics and the global random generator
+    (dropout's) already moved by the unfinished step: both are put back as they were before
+    it, so the saved state is the last completed step's and a resumed run repeats that
+    step exactly. The optimizer update and what follows it hold a Ctrl-C until the step
+    counts. Under torchrun Ctrl-C reaches every rank; rank 0 saves its state.
     """
+    for name, value in (("checkpoint_every", checkpoint_every),
+                        ("stop_after_steps", stop_after_steps)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise TrainError(f"{name} must be an integer >= 1, got {value!r}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, int | float)
+                                          and math.isfinite(time_budget_s)
+                                          and time_budget_s > 0):
+        raise TrainError(f"time_budget_s must be a positive number of seconds (or None for "
+                         f"no budget), got {time_budget_s!r}")
     state_path = None if state_path is None else Path(state_path)
     rank, world = parallel.world()
     main = rank == 0
@@ -714,7 +744,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     shard = slice(rank * shard_size, (rank + 1) * shard_size)
     total = per_epoch * config.epochs
     chosen = _select(model, trainable)
-    recipe = _recipe(config, identity, None if trainable is None else chosen)
+    recipe = _recipe(config, identity, None if trainable is None else chosen, n_train)
 
     named = dict(model.named_parameters())
     requires = {n: p.requires_grad for n, p in named.items()}
@@ -737,7 +767,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
                         val_size, {n: named[n] for n in chosen}, after_step, on_epoch, loss,
                         dev, checkpoint_every, stop_after_steps, time_budget_s,
                         progress and main, desc, rank, world, shard, per_epoch, total,
-                        train_mode)
+                        train_mode, return_interrupted)
     finally:
         for n, p in named.items():
             p.requires_grad_(requires[n])
@@ -754,7 +784,7 @@ def _local_gpu() -> int:
 def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_size, params,
          after_step, on_epoch, loss_fn, dev, checkpoint_every, stop_after_steps,
          time_budget_s, progress, desc, rank, world, shard, per_epoch, total,
-         train_mode) -> FitResult:
+         train_mode, return_interrupted) -> FitResult:
     main = rank == 0
     train_mode()
     opt, sched = _optimizer(params, config, total)
@@ -855,6 +885,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
         return bool(flag.item())
 
     interrupted = False
+    before = None
     try:
         record_epoch_if_due()
         while step < total:
@@ -867,6 +898,8 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                               f"spent at step {step} of {total}")
                     break
             t0 = time.perf_counter()
+            # what an unfinished step moves before its update: put back on a Ctrl-C
+            before = _step_snapshot(model, dev)
             epoch, i = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order = np.random.default_rng([config.seed, _ORDER_STREAM, epoch]) \
@@ -913,6 +946,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                     after_step(model)
                 sched.step()
                 step += 1
+                before = None
                 dt = time.perf_counter() - t0
                 history.train_seconds += dt
                 history.steps.append(StepRecord(step, epoch, lr, loss_value, n_correct,
@@ -929,13 +963,35 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 save()
     except KeyboardInterrupt:
         interrupted = True
+        if before is not None:  # in a step that did not count: as it was before it
+            _restore_step(model, dev, before)
     finally:
         bar.close()
     save()
+    if interrupted and not return_interrupted:
+        raise KeyboardInterrupt
     if world > 1 and not interrupted:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     return FitResult(model, history, step, total, interrupted)
+
+
+def _step_snapshot(model: nn.Module, dev: torch.device) -> tuple:
+    """The buffers (BatchNorms' running statistics) and the global random generators a
+    training step's forward pass moves before its update."""
+    rng = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+    return [b.detach().clone() for b in model.buffers()], rng, cuda
+
+
+def _restore_step(model: nn.Module, dev: torch.device, snapshot: tuple) -> None:
+    buffers, rng, cuda = snapshot
+    with torch.no_grad():
+        for b, old in zip(model.buffers(), buffers):
+            b.copy_(old)
+    torch.set_rng_state(rng)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, dev)
 
 
 def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history: History,

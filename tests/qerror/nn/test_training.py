@@ -344,6 +344,11 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"n_train": 10}, "batch size 16 exceeds the 10 training samples"),
     # 4 steps of 16, a quarter of them warm-up: one step, where OneCycleLR divides by zero
     ({"n_train": 64, "epochs": 1}, "4 steps are too few for the one-cycle schedule"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1, got 0"),
+    ({"checkpoint_every": -4}, "checkpoint_every must be an integer >= 1"),
+    ({"stop_after_steps": -3}, "stop_after_steps must be an integer >= 1"),
+    ({"time_budget_s": math.nan}, "time_budget_s must be a positive number"),
+    ({"time_budget_s": -1}, "time_budget_s must be a positive number"),
 ])
 def test_bad_runs_are_refused(kwargs, message):
     x, y = synthetic()
@@ -377,6 +382,7 @@ def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
 
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("batch_size", 2.5), ("lr", math.nan), ("lr", 0.0), ("momentum", 0.97),
+    ("momentum", 0.0), ("momentum", 0.02),  # one-cycle would run at momentum - 0.05 < 0
     ("warmup_fraction", 0.0), ("seed", -1), ("schedule", "cosine"),
 ])
 def test_config_refuses_bad_values(field, value):
@@ -482,7 +488,7 @@ def test_a_state_of_the_version_before_resumes_in_one_process_only(tmp_path, cap
     old["version"] = 2
     del old["recipe"]["data"], old["rng"]
     torch.save(old, state)
-    recipe = training._recipe(CONFIG, identity, None)
+    recipe = training._recipe(CONFIG, identity, None, N_TRAIN)
     with pytest.raises(ResumeError, match="Resume it in one process"):
         training._load_state(state, recipe, world=2)
     capsys.readouterr()
@@ -492,3 +498,67 @@ def test_a_state_of_the_version_before_resumes_in_one_process_only(tmp_path, cap
         capsys.readouterr().out
     a, b = full.model.state_dict(), rest.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _CtrlCAt(nn.Module):
+    """Raises KeyboardInterrupt inside the forward pass of the ``at``-th training call, after
+    the layers before it have run (BatchNorm statistics moved, dropout drawn): where a
+    Ctrl-C usually lands."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+        return x
+
+
+def _bn_dropout_model(seed=0, stop_at=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.BatchNorm1d(32), nn.Tanh(),
+                         nn.Dropout(0.3), _CtrlCAt(stop_at), nn.Linear(32, N_CLASSES))
+
+
+def test_a_ctrl_c_inside_a_step_resumes_exactly_and_is_raised_again(tmp_path):
+    """Ctrl-C in step 8's forward pass, after its BatchNorm updated its running statistics
+    and its dropout drew: the state saved is step 7's as it was (statistics and generator
+    put back), so the resumed run equals the uninterrupted one bit for bit. fit raises the
+    KeyboardInterrupt again (a caller must not go on with a half-trained network) unless
+    return_interrupted, which reports it as not complete."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    torch.manual_seed(11)
+    full = fit(_bn_dropout_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    torch.manual_seed(11)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_bn_dropout_model(stop_at=8), noisy_batches(x, y), N_TRAIN, CONFIG,
+            state_path=state, progress=False)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 7 and int(saved["model"]["1.num_batches_tracked"]) == 7
+    torch.manual_seed(12345)
+    rest = fit(_bn_dropout_model(seed=5), noisy_batches(x, y), N_TRAIN, CONFIG,
+               state_path=state, progress=False)
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(11)
+    told = fit(_bn_dropout_model(stop_at=8), noisy_batches(x, y), N_TRAIN, CONFIG,
+               progress=False, return_interrupted=True)
+    assert told.interrupted and told.step == 7 and not told.complete
+    assert int(told.model[1].num_batches_tracked) == 7  # the model is step 7's too
+
+
+def test_a_state_of_another_training_set_size_is_refused(tmp_path):
+    """The number of training samples sets the schedule's length and the batches: a state
+    resumes only under the same n_train, even when the steps per epoch stay the same."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=5, progress=False)
+    for n in (N_TRAIN + 4, N_TRAIN - 16):  # the same 6 steps an epoch, then 5
+        with pytest.raises(ResumeError, match=f"n_train: {N_TRAIN} saved, {n} now"):
+            fit(tiny_model(), tensor_batches(x, y), n, CONFIG, state_path=state,
+                progress=False)
