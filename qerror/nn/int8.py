@@ -80,7 +80,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -707,6 +707,8 @@ class _Plan:
         the zero point, as in FBGEMM's im2col.
         """
         top = int(xu8.max())
+        if self.conv and any(self.padding):  # the padding's codes multiply too
+            top = max(top, int(self.zx + self.x_shift))
         live = (pairs.pos * top > _INT16_MAX) | (pairs.neg * top < _INT16_MIN)
         if not bool(live.any()):
             return None
@@ -843,9 +845,10 @@ def _cpu_flags() -> tuple[str, ...]:
     return ()
 
 
-def _probe_case() -> tuple[nn.Linear, torch.Tensor, LayerQParams]:
-    """A linear layer on which every int16 pair sum leaves int16, and the two integer
-    pipelines give codes far apart.
+def _probe_case(conv: bool = False) -> tuple[nn.Linear | nn.Conv2d, torch.Tensor,
+                                               LayerQParams]:
+    """A linear layer (or the same as a 1x1 convolution on a 1x1 map) on which every int16
+    pair sum leaves int16, and the two integer pipelines give codes far apart.
 
     Activation codes 255 against weight codes 127 (channel 0) and -127 (channel 1): each
     of the 32 pairs sums to ±64770, which AVX2 saturates to 32767 / -32768. The exact
@@ -855,21 +858,39 @@ def _probe_case() -> tuple[nn.Linear, torch.Tensor, LayerQParams]:
     # The layer's random initialisation must not move torch's global generator, which the
     # studies seed: a probe run between two seeded draws would change the second.
     with torch.random.fork_rng(devices=[]):
-        layer = nn.Linear(k, 2)
+        layer = nn.Conv2d(k, 2, 1) if conv else nn.Linear(k, 2)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[1.0], [-1.0]]).expand(2, k))
+        layer.weight.copy_(torch.tensor([[1.0], [-1.0]]).expand(2, k)
+                           .reshape(layer.weight.shape))
         layer.bias.zero_()
     sx, sw = np.float32(1 / _UINT8_MAX), np.float32(1 / 127)
     # The exact accumulator k·255·127, times the kernel's multiplier fl(sx·sw), is 120 LSB.
     so = k * _UINT8_MAX * 127 * float(sx * sw) / 120
     qp = LayerQParams(QParams(float(sx), 0), QParams(np.full(2, float(sw)), 0),
                       QParams(so, 128))
-    return layer, torch.ones(1, k), qp
+    return layer, torch.ones((1, k, 1, 1) if conv else (1, k)), qp
 
 
 @functools.cache
 def _probe(engine: Engine) -> KernelProbe:
-    layer, x, qp = _probe_case()
+    linear = _probe_kind(engine, conv=False)
+    if linear.faithful is None:
+        return linear
+    # The x86 engine runs convolutions in oneDNN and linear layers in FBGEMM: two libraries
+    # that pick their instructions apart (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA).
+    conv = _probe_kind(engine, conv=True)
+    if conv.faithful is linear.faithful:
+        return linear
+    what = "does not run" if conv.faithful is None else f"follows {conv.faithful.value}"
+    return replace(linear, saturates_pairs=None, faithful=None, problem=(
+        f"its linear kernel follows the {linear.faithful.value} pipeline but its "
+        f"convolution kernel {what} (codes {conv.real_codes} on the same probe): the "
+        "engine's libraries run different instruction sets (see FBGEMM_ENABLE_INSTRUCTIONS "
+        "and ONEDNN_MAX_CPU_ISA); no one simulation models both"))
+
+
+def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
+    layer, x, qp = _probe_case(conv)
     plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
                  out_spec=ACTIVATION_SPEC, name="probe", engine=None)
     with torch.inference_mode():
@@ -903,7 +924,10 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
 
     Runs the kernel once per process and engine (later calls return the cached answer)
     on a 64-input linear layer whose int16 pair sums all saturate under AVX2, and compares
-    its codes with the INTEGER and SATURATING simulations. Takes milliseconds; never
+    its codes with the INTEGER and SATURATING simulations; then the same as a 1x1
+    convolution, which must follow the same pipeline (the ``x86`` engine runs convolutions
+    in oneDNN, linear layers in FBGEMM: held to different instruction sets, they differ,
+    and no pipeline is then marked faithful). Takes milliseconds; never
     raises for a missing engine or a kernel that fails (the result says why instead).
 
     Parameters

@@ -2,6 +2,7 @@
 arithmetic is reproduced, a one-LSB bound where it is not, BN folding, the model sweep."""
 
 import dataclasses
+import os
 import warnings
 
 import numpy as np
@@ -250,6 +251,23 @@ def test_saturating_pipeline_exact_on_random_convolutions(seed, cin, cout, k, st
     assert row.equal == row.elements
 
 
+@pytest.mark.needs_saturating_kernel
+def test_saturation_counts_the_padding_when_its_zero_point_is_above_every_code():
+    """A padded convolution of inputs below the zero point (a mostly negative range, as
+    before a ReLU): the padding holds the zero point, the largest code the kernel
+    multiplies, and the pairs that read it saturate too (they were left out)."""
+    layer = _layer("conv", 5, in_channels=2, out_channels=2, kernel_size=3, padding=1,
+                   bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    x = -5 - torch.rand(1, 2, 5, 5, generator=_gen(5)) * 5
+    qi = qparams_from_range(-10.0, 0.05, ACTIVATION_SPEC)
+    assert int(quantize(x, ACTIVATION_SPEC, qi.scale, qi.zero_point).max()) < qi.zero_point
+    qp = LayerQParams(qi, QParams(np.full(2, 1 / 127), 0), QParams(1.0, 255))
+    row = crosscheck_layer(layer, x, qp).get("layer", RECIPROCAL, Pipeline.SATURATING)
+    assert row.equal == row.elements and row.saturated > 0
+
+
 # --------------------------------------------------------------------------- results
 
 def test_rows_counts_and_batches_accumulate():
@@ -319,6 +337,45 @@ def test_kernel_probe_matching_neither_pipeline_is_flagged(monkeypatch):
     assert all(r.saturated is None and r.avx2_saturated > 0 for r in result.rows)
     summary = result.summary()
     assert not summary.faithful.any() and summary.saturated.isna().all()
+
+
+def test_a_probe_whose_convolution_and_linear_kernels_differ_marks_nothing(monkeypatch):
+    """The x86 engine runs convolutions in oneDNN and linear layers in FBGEMM, which pick
+    their instructions apart: when the two disagree on the probe, neither pipeline is
+    faithful for the engine (each layer kind would need its own), and the problem says so."""
+    real = int8.real_int8
+
+    def mixed(layer, x, qp, **kw):
+        if isinstance(layer, nn.Conv2d):  # the convolution kernel: no saturation
+            return simulate_int8(layer, x, qp, pipeline=Pipeline.INTEGER)
+        return simulate_int8(layer, x, qp, pipeline=Pipeline.SATURATING)
+
+    monkeypatch.setattr(int8, "real_int8", mixed)
+    probe = int8._probe.__wrapped__(Engine.FBGEMM)
+    assert probe.faithful is None and probe.saturates_pairs is None
+    assert "linear kernel follows the saturating pipeline but its convolution kernel " \
+           "follows integer" in probe.problem
+    monkeypatch.setattr(int8, "real_int8", real)
+    same = int8._probe.__wrapped__(Engine.FBGEMM)
+    assert same.faithful is not None and same.problem == ""
+
+
+def test_the_x86_probe_with_fbgemm_alone_held_to_avx2():
+    """With FBGEMM alone held to AVX2 (oneDNN, which runs the x86 engine's convolutions,
+    left to the CPU), the x86 probe is faithful only where both kernels agree: a
+    saturating answer on an AVX2 CPU, none on an AVX512-VNNI one."""
+    import subprocess
+    import sys
+
+    code = ("from qerror.nn import int8; e = int8.Engine.X86; "
+            "k = [int8._probe_kind(e, c).faithful for c in (False, True)]; "
+            "p = int8.kernel_probe(e); print(k[0], k[1], p.faithful)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                              "OMP_NUM_THREADS": "1"}, check=True).stdout.split()
+    linear, conv, faithful = out
+    assert linear == "Pipeline.SATURATING"
+    assert faithful == (linear if conv == linear else "None")
 
 
 def test_summary_and_rows_mark_the_faithful_pipeline():
