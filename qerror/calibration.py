@@ -8,6 +8,7 @@ keep a quantizer's configuration apart from its observers.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -133,7 +134,13 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     Symmetric: ``s = max(|lo|, |hi|) / qmax`` and ``z = 0`` (for an unsigned
     spec this covers ``[0, hi]``: negative values clamp to 0). Affine: the range
     is widened to contain 0 so that 0 is exactly representable, then
-    ``s = (hi - lo) / (qmax - qmin)`` and ``z = qmin - round(lo / s)``.
+    ``s = (hi - lo) / (qmax - qmin)`` and ``z = qmin - round(lo / s)``, as PyTorch's
+    observers compute them: rounding ``z`` shifts the grid
+    ``[s (qmin - z), s (qmax - z)]`` against ``[lo, hi]`` by less than half a step, so one
+    end of the range can lie up to half a step beyond the grid. Round-to-nearest maps it
+    onto the grid's last code; a directed mode (floor at the lower end, ceiling at the
+    upper, stochastic rounding at either) can step past it and clamp, counted as
+    saturation.
     A zero-width range gets ``s = 1``: any scale represents it exactly. A scale
     below ``min_scale`` (the smallest normal float32 by default) is raised to it,
     so that it survives rounding to the working precision.
@@ -151,8 +158,12 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     else:
         lo0 = np.minimum(lo, 0.0)
         hi0 = np.maximum(hi, 0.0)
-        width = hi0 - lo0
-        scale = np.where(width > 0, np.maximum(width / (spec.qmax - spec.qmin), min_scale), 1.0)
+        steps = spec.qmax - spec.qmin
+        with np.errstate(over="ignore"):
+            width = hi0 - lo0
+        # a width beyond float64 (a range near ±1.8e308) divided before subtracting
+        per_step = np.where(np.isfinite(width), width / steps, hi0 / steps - lo0 / steps)
+        scale = np.where(width > 0, np.maximum(per_step, min_scale), 1.0)
         zp = np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin, spec.qmax).astype(np.int64)
     if scale.ndim == 0:
         return QParams(float(scale), int(zp))
@@ -178,13 +189,17 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     if policy.method is not RangeMethod.MSE:
         return qparams_from_range(lo, hi, spec, min_scale=min_scale)
     dims = _reduce_dims(data, axis) if axis is not None else None
+    # Squared errors of data near float64's range overflow: there they are compared in units
+    # of a power of two (an exact rescaling, which leaves every comparison as it was).
+    amax = float(np.max(np.abs(data))) if data.size else 0.0
+    unit = 2.0 ** -math.frexp(amax)[1] if amax > 1e150 else 1.0
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
     for c in np.linspace(1.0, 1.0 / policy.mse_grid, policy.mse_grid):
         params = qparams_from_range(lo * c, hi * c, spec, min_scale=min_scale)
         xq = fake_quantize(data, spec, params.scale, params.zero_point, generator=generator)
-        err = np.mean((xq - data) ** 2, axis=dims)
+        err = np.mean(((xq - data) * unit) ** 2, axis=dims)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, params.scale, best_scale)

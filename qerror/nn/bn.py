@@ -114,8 +114,9 @@ class BNInconsistency:
 
 
 def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The model's own BatchNorm running statistics, by name."""
-    return {n: (m.running_mean.detach(), m.running_var.detach())
+    """A copy of the model's own BatchNorm running statistics, by name (copies: a later
+    re-estimation, which writes the buffers in place, leaves them as they were)."""
+    return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
 
 
@@ -123,17 +124,42 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> 
     """Replace every BatchNorm's running statistics, in place, by those of its own input.
 
     Each ``BatchNorm2d`` is reset and set to a cumulative average (``momentum=None``, which
-    it keeps), the model runs in training mode on each input batch (shape ``(N, C, H, W)``,
-    ``N >= 2``) without gradients, and is left in evaluation mode. An untrained network
-    (a smoke test's) then normalises with statistics that fit its activations instead of
-    the initial 0 and 1, which would let them grow through the depth.
+    it keeps), and the model runs on each input batch (shape ``(N, C, H, W)``, ``N >= 2``)
+    without gradients with those BatchNorms alone in training mode (dropout and any other
+    layer as in evaluation), and is left in evaluation mode. An untrained network (a smoke
+    test's) then normalises with statistics that fit its activations instead of the initial
+    0 and 1, which would let them grow through the depth.
+
+    Raises
+    ------
+    ValueError
+        ``inputs`` holds no batch. Then, or when a batch fails, the model is left as it
+        was (statistics, momenta and modes).
     """
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.state_dict().items()})
+             for m in bns]
+    modes = [(m, m.training) for m in model.modules()]
+    seen = 0
+    try:
+        for m in bns:
             m.reset_running_stats()
             m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in inputs:
-            model(x)
+        model.eval()
+        for m in bns:
+            m.train()
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+                seen += 1
+        if not seen:
+            raise ValueError("estimate_running_stats needs at least one input batch; the "
+                             "model's statistics are left as they were")
+    except BaseException:
+        for m, momentum, state in saved:
+            m.load_state_dict(state)
+            m.momentum = momentum
+        for m, mode in modes:
+            m.training = mode
+        raise
     model.eval()

@@ -226,6 +226,13 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
     for s in calibration.layers():
         if s.local_drift_channel is None:
             raise ValueError(f"the calibration result has no local error for {s.name!r}")
+        if s.local_images < calibration.images:
+            raise ValueError(
+                f"the calibration result measured the local error of {s.name!r} on "
+                f"{s.local_images} of its {calibration.images} images (measure's "
+                "local_samples counts per batch): its means would be those of the batches' "
+                "first images. Measure with local_samples at least the batch size, or "
+                "leave calibration out")
     return bias_correction({s.name: s.local_drift_channel for s in calibration.layers()})
 
 

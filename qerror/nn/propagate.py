@@ -923,6 +923,7 @@ class SiteResult:
     local_mse: float | None = None
     local_sqnr_db: float | None = None
     local_drift_channel: np.ndarray | None = field(default=None, repr=False)
+    local_images: int = 0
     drift_image_channel: np.ndarray | None = field(default=None, repr=False)
     beyond_range_image: np.ndarray | None = field(default=None, repr=False)
     float_power_image: np.ndarray | None = field(default=None, repr=False)
@@ -1044,7 +1045,7 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
     if acc.local.n:
         kw.update(local_drift=acc.local.mean(), local_drift_se=acc.local.se_mean(),
                   local_mse=acc.local.sq(), local_drift_channel=acc.local.mean_c(),
-                  local_sqnr_db=sqnr_db(power, acc.local.sq()))
+                  local_sqnr_db=sqnr_db(power, acc.local.sq()), local_images=acc.local.img_n)
     if acc.sat_total:
         kw.update(saturation_low=acc.sat_low / acc.sat_total,
                   saturation_high=acc.sat_high / acc.sat_total,

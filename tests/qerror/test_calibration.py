@@ -135,3 +135,39 @@ def test_percentile_at_or_below_50_is_refused_on_an_affine_grid():
     observed_range(np.ones(3), QuantSpec(), policy)  # symmetric: |x|'s 30th percentile is fine
     with pytest.raises(ValueError, match="above 50"):
         calibrate(np.ones(3), QuantSpec(symmetric=False), policy)
+
+
+def test_a_range_spanning_float64_gets_a_finite_affine_scale():
+    """[-1.5e308, 1.5e308] is finite but its width is not: the scale is still the width
+    over the steps (computed apart), and the data quantize onto the grid; every method."""
+    x = np.array([-1.5e308, 0.0, 1.5e308])
+    spec = QuantSpec(bits=8, signed=True, symmetric=False)
+    for method in (RangeMethod.MINMAX, RangeMethod.PERCENTILE, RangeMethod.MSE):
+        qp = calibrate(x, spec, RangePolicy(method=method))
+        assert np.isfinite(qp.scale) and qp.scale > 0, method
+        assert qp.scale == pytest.approx(2 * (1.5e308 / 255), rel=1e-2), method
+        codes = quantize(x, spec, qp.scale, qp.zero_point)
+        assert codes.min() >= spec.qmin and codes.max() <= spec.qmax
+
+
+def test_an_affine_range_overhangs_its_grid_by_less_than_half_a_step():
+    """Rounding the zero point shifts the grid against [min, max] (PyTorch's observers do the
+    same): one end lies at most half a step beyond it, where round-to-nearest still maps it
+    to the last code and floor or ceiling can clamp (saturation), as the docstring says."""
+    from qerror import RoundingMode
+
+    rng = np.random.default_rng(0)
+    spec = QuantSpec(bits=4, signed=False, symmetric=False)
+    clamped = {RoundingMode.FLOOR: 0, RoundingMode.CEIL: 0}
+    for _ in range(300):
+        x = rng.normal(rng.uniform(-1, 1), rng.uniform(0.1, 2), 50)
+        qp = calibrate(x, spec)
+        u = np.array([min(x.min(), 0.0), max(x.max(), 0.0)]) / qp.scale + qp.zero_point
+        assert u[0] > spec.qmin - 0.5 and u[1] < spec.qmax + 0.5
+        assert np.array_equal(quantize(x, spec, qp.scale, qp.zero_point).astype(float),
+                              np.clip(np.rint(x / qp.scale + qp.zero_point), 0, 15))
+        for mode in clamped:
+            _, sat = quantize(x, spec.replace(rounding=mode), qp.scale, qp.zero_point,
+                              return_saturation=True)
+            clamped[mode] += int(sat.total) > 0
+    assert all(n > 0 for n in clamped.values())

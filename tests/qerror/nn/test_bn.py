@@ -80,3 +80,34 @@ def test_estimate_running_stats_gives_the_inputs_own_mean_and_variance():
                              for b in batches]).mean(0)
     torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var, variances, rtol=1e-5, atol=1e-6)
+
+
+def test_estimate_running_stats_trains_batchnorm_alone_and_fails_without_a_trace():
+    """Only the BatchNorm2d layers run in training mode (dropout stays off, a BatchNorm1d
+    keeps its statistics); no batch, or a batch that fails, leaves the model as it was;
+    running_stats returns copies that a re-estimation does not overwrite."""
+    import pytest
+
+    from qerror.nn.bn import running_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Linear(4 * 9, 6), nn.BatchNorm1d(6))
+    with torch.no_grad():
+        model[2].running_mean.fill_(0.7)
+        model[5].running_mean.fill_(0.3)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    snapshot = running_stats(model)
+    for bad in ([], [torch.randn(4, 5, 3, 3)]):  # nothing; the wrong channel count
+        with pytest.raises((ValueError, RuntimeError)):
+            estimate_running_stats(model, bad)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(m.training for m in model.modules()) and model[2].momentum == 0.1
+    x = torch.randn(8, 3, 3, 3)
+    estimate_running_stats(model, [x])
+    assert not model.training and torch.equal(model[5].running_mean, before["5.running_mean"])
+    with torch.no_grad():  # the dropout was off: the statistics of the plain convolution
+        y = model[0](x)
+    torch.testing.assert_close(model[2].running_mean, y.mean(dim=(0, 2, 3)))
+    assert torch.equal(snapshot["2"][0], before["2.running_mean"])

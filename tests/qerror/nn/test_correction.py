@@ -454,3 +454,26 @@ def test_local_error_means_refuses_bad_input_and_leaves_the_model(setup):
         local_error_means(model, calib, "floor", act_qp)
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_empirical_bias_correction_reuses_a_measure_only_over_all_its_images(setup):
+    """A measure() result serves as the calibration pass only if its local error covers
+    every image: with local_samples below the batch size it averaged the batches' first
+    images alone, and is refused; with every image, the same means as a pass of its own."""
+    model, calib, _ = setup
+    cfg = QuantConfig.make(4, RoundingMode.FLOOR)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    w = quantize_weights(model, cfg.weight)
+    batches = [calib[0][:16], calib[0][16:]]
+    part = measure(model, batches, cfg, act_qp, weights=w, local_samples=4)
+    assert part.layers()[0].local_images == 8 and part.images == 32
+    with pytest.raises(ValueError, match="on 8 of its 32 images"):
+        empirical_bias_correction(model, batches, cfg, act_qp, weights=w, calibration=part)
+    whole = measure(model, batches, cfg, act_qp, weights=w, local_samples=16)
+    reused = empirical_bias_correction(model, batches, cfg, act_qp, weights=w,
+                                       calibration=whole)
+    direct = empirical_bias_correction(model, batches, cfg, act_qp, weights=w)
+    # float64 sums of the same float32 terms in another order: at most n·eps64 of their
+    # magnitudes apart, n <= 32 images x 256 positions, about 1e-12 of terms below 1
+    for name, v in direct.items():
+        torch.testing.assert_close(reused[name], v, rtol=0, atol=1e-12)
