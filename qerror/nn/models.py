@@ -342,6 +342,10 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     return found
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "integer"
+
+
 def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "state dict") -> None:
     """Raise :class:`StateDictMismatchError` unless ``state`` fits ``model`` exactly and is finite.
 
@@ -353,7 +357,9 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     Raises
     ------
     StateDictMismatchError
-        Naming the missing keys, the unexpected keys and every shape mismatch.
+        Naming the missing keys, the unexpected keys, every shape mismatch and every tensor
+        of another kind (complex, floating or integer) than the model's; another width of
+        the same kind (float64 for float32) is cast by ``load_state_dict``.
     NonFiniteWeightsError
         Naming every floating-point tensor that holds NaN or Inf, with the counts.
     """
@@ -370,7 +376,11 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: {tuple(state[k].shape)} given, {tuple(v.shape)} expected"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
+    # another width of the same kind is cast on loading; another kind would lose values
+    # (complex to real) or be meant for another tensor (integers for a weight)
+    kinds = [f"{k}: {state[k].dtype} given, {v.dtype} expected"
+             for k, v in own.items() if k in state and _kind(state[k]) != _kind(v)]
+    if missing or unexpected or shapes or kinds:
         parts = [f"{what} does not fit {type(model).__name__}; nothing was loaded."]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
@@ -378,6 +388,8 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
             parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 5)}")
+        if kinds:
+            parts.append(f"dtypes of another kind ({len(kinds)}): {_listing(kinds, 5)}")
         raise StateDictMismatchError("\n  ".join(parts))
     non_finite = non_finite_tensors(state)
     if non_finite:

@@ -146,6 +146,25 @@ def test_a_mismatched_state_dict_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_state_dict_of_another_dtype_kind_is_refused_and_a_wider_float_loads():
+    """A complex tensor (its imaginary part would be dropped with a warning) or integers for
+    a float weight (cast silently) are refused, nothing loaded; float64 for a float32
+    weight is the same kind and is cast."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in (("0.weight", torch.ones(2, 3, dtype=torch.complex64)),
+                       ("0.weight", torch.ones(2, 3, dtype=torch.int64)),
+                       ("1.num_batches_tracked", torch.tensor(1.5))):
+        state = {**before, key: value}
+        with pytest.raises(StateDictMismatchError, match=f"{key}: {value.dtype} given"):
+            models.load_state_dict_exactly(model, state)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in before.items()}
+    models.load_state_dict_exactly(model, wide)
+    assert model[0].weight.dtype == torch.float32
+
+
 def test_foreign_file_and_missing_weights_are_refused(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
