@@ -261,11 +261,14 @@ CLAIMS += (
         "(studies.seeds, true labels): truncation's test accuracy is lower on average at "
         "eight, six and four bits (one-sided t-interval over the seeds above 0), and lower "
         "on most seeds at six and four bits, where the loss is large. At eight bits the "
-        "mean loss is under a point and some seeds gain accuracy; how many seeds lose is not "
+        "loss is small (the upper end of the other one-sided t-interval is under two "
+        "points) and some seeds gain accuracy; how many seeds lose is not "
         "decided there, since a seed's loss of an image or two can change sides with "
         "another CPU's float rounding (the seeds figure of studies.seeds). On the ResNet50 "
         "baseline, eight-bit truncation of weights and activations loses about a point "
-        "against round-to-nearest on the whole test split (McNemar p < 0.05; studies.drift's "
+        "against round-to-nearest on the whole test split (the paired difference's 95 % "
+        "interval between half a point and a point and a half, McNemar p < 0.05; "
+        "studies.drift's "
         "headline, tests/data/baseline), and tens of points at six and four bits.",
         "test_claim_N4_truncation_costs_accuracy",
     ),

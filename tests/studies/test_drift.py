@@ -386,6 +386,18 @@ def test_dataset_study_figures_take_accuracies_of_0_and_1(right, n):
     plt = figure_style()
     for fig in (dataset.figure_accuracy(plt, acc), dataset.figure_variants(plt, variants)):
         fig.savefig(io.BytesIO(), format="png")
+        # every error bar spans the Wilson interval (in per cent), none inverted
+        from matplotlib.container import ErrorbarContainer
+
+        bars = [c for ax in fig.axes for c in ax.containers
+                if isinstance(c, ErrorbarContainer)]
+        assert bars
+        for container in bars:
+            along = 1 if container.has_yerr else 0
+            for segments in container.lines[2]:
+                for a, b in segments.get_segments():
+                    assert (min(a[along], b[along]), max(a[along], b[along])) == \
+                        pytest.approx((100 * w.ci[0], 100 * w.ci[1]), abs=1e-9)
         plt.close(fig)
 
 
@@ -638,7 +650,12 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     assert t["tail_images"] == 10
     # normal samples of 10: the top five carry most of the spread of so few values
     assert 0.6 < t["tail_top_share_normal"] < 0.95
-    assert tail_share_normal(500) == pytest.approx(0.0832, abs=0.001)
+    # 2000 draws (standard deviation 0.0099) against the 40,000-draw reference of
+    # tests/qerror/test_stats.py, z = 3.29 of their combined standard error
+    from tests.qerror.test_stats import TAIL_SHARE_500, TAIL_SHARE_500_SE
+
+    se = math.hypot(0.00993 / math.sqrt(2000), TAIL_SHARE_500_SE)
+    assert abs(tail_share_normal(500) - TAIL_SHARE_500) < 3.29 * se
     assert drift.drift_tails(SimpleNamespace(sites=[site("conv", None)]))["tail_images"] == 0
     assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_clipped"])
     assert math.isnan(t["tail_top_share_relative"]) and math.isnan(t["tail_top_in_rms_top"])
