@@ -74,18 +74,15 @@ def _standard_moments(family: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return above(a) - above(b)
 
 
-def _cell_moments(dist, kind, origin: float, unit: float, a: np.ndarray, b: np.ndarray
-                  ) -> np.ndarray:
-    """``∫ z^k f`` for k = 0, 1, 2 over each cell ``(a_i, b_i)`` of ``z = (x - origin)/unit``:
-    the moments of the law in its own units (a law far from 0 loses no digits to its
-    offset). For the closed-form families ``origin, unit`` are the law's loc and scale."""
+def _cell_moments(family, shapes, kind, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``∫ z^k f(z) dz`` for k = 0, 1, 2 over each cell ``(a_i, b_i)`` of the law in its
+    standard form (loc 0, scale 1): a law far from 0 loses no digits to its offset."""
     if kind is not None:
         return _standard_moments(kind, a, b)
     out = np.empty((3, a.size))
     for i, (lo, hi) in enumerate(zip(a, b)):
         for k in range(3):
-            out[k, i] = integrate.quad(lambda x, k=k: ((x - origin) / unit) ** k * dist.pdf(x),
-                                       origin + unit * lo, origin + unit * hi,
+            out[k, i] = integrate.quad(lambda z, k=k: z ** k * family.pdf(z, *shapes), lo, hi,
                                        epsabs=0.0, epsrel=1e-13, limit=200)[0]
     return out
 
@@ -122,9 +119,8 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     to the midpoint of its two levels and each level to its cell's centroid
     ``∫x f / ∫f``, until the levels stop moving. Each step cannot raise the MSE, and for a
     log-concave density (normal, Laplace) the optimum is unique (Fleischer 1964), so the
-    fixed point is the global optimum. The iteration runs in the law's own units
-    (``z = (x − loc)/scale``, or about the mean in standard deviations for other laws), so
-    the result does not depend on where the law sits: the MSE is summed per cell as
+    fixed point is the global optimum. The iteration runs on the standard law
+    (``z = (x − loc)/scale``), so the result does not depend on where the law sits: the MSE is summed per cell as
     ``∫z² f - 2 y ∫z f + y² ∫f`` around the cell's level, times ``scale²``. Measured: for the standard
     normal the two-level MSE is ``1 - 2/π`` to within 1e-16; the 4-, 8- and 16-level
     MSEs (0.117482, 0.034548, 0.0095010) are within 5e-4 relative of Max's table (0.1175,
@@ -160,16 +156,15 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
         raise ValueError("dist has infinite variance: every quantizer's MSE is infinite")
     kind = family.name if family.name in ("norm", "halfnorm", "laplace") and not shapes else None
     sd = math.sqrt(var)
-    # The iteration runs in the law's own units, z = (x - origin)/unit: in x, a law far from 0
-    # would lose its MSE to cancellation (x² moments of size loc² summed to a residue of
-    # size scale²).
-    origin, unit = (float(loc), float(scale)) if kind is not None else (float(dist.mean()), sd)
-    y = (np.asarray(dist.ppf((np.arange(levels) + 0.5) / levels), dtype=np.float64)
-         - origin) / unit
-    lo, hi = ((float(v) - origin) / unit for v in dist.support())
+    # The iteration runs on the standard law (loc 0, scale 1), z = (x - loc)/scale: in x, a
+    # law far from 0 would lose its MSE to cancellation (x² moments of size loc² summed to a
+    # residue of size scale²).
+    origin, unit = float(loc), float(scale)
+    y = np.asarray(family.ppf((np.arange(levels) + 0.5) / levels, *shapes), dtype=np.float64)
+    lo, hi = (float(v) for v in family.support(*shapes))
     for it in range(1, max_iter + 1):
         t = 0.5 * (y[1:] + y[:-1])
-        m = _cell_moments(dist, kind, origin, unit, np.r_[lo, t], np.r_[t, hi])
+        m = _cell_moments(family, shapes, kind, np.r_[lo, t], np.r_[t, hi])
         new = m[1] / m[0]
         moved = float(np.max(np.abs(new - y))) * unit
         y = new
@@ -179,7 +174,7 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
         raise RuntimeError(f"Lloyd's iteration did not converge in {max_iter} steps "
                            f"(last move {moved:.3g}); raise max_iter or tol")
     t = 0.5 * (y[1:] + y[:-1])
-    m = _cell_moments(dist, kind, origin, unit, np.r_[lo, t], np.r_[t, hi])
+    m = _cell_moments(family, shapes, kind, np.r_[lo, t], np.r_[t, hi])
     mse = unit * unit * float(np.sum(m[2] - 2 * y * m[1] + y * y * m[0]))
     return LloydMax(levels=origin + unit * y, thresholds=origin + unit * t, mse=mse,
                     iterations=it)

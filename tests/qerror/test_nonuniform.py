@@ -95,14 +95,12 @@ def test_location_and_scale_carry_through():
 def test_a_law_far_from_zero_keeps_its_mse(family):
     """The MSE does not depend on where the law sits: at loc 1e7 it is the standard law's
     (in x the x² moments, of size 1e14, cancelled down to a residue of size 1, and the
-    4-level normal MSE came out 0.1191 instead of 0.1175). Closed-form laws to the last
-    bits; the quad path (logistic) evaluates the density at points x near 1e7, which float64
-    resolves to np.spacing(1e7) = 1.9e-9 of the law's scale, so its moments hold to a few
-    such spacings (eight allowed)."""
+    4-level normal MSE came out 0.1191 instead of 0.1175). Every law, the quad path's
+    (logistic) included, iterates on its standard form, so the MSE is the standard law's
+    times scale², to the last bits."""
     base = lloyd_max(family(), 4)
     far = lloyd_max(family(1e7, 1.0), 4)
-    rel = 1e-12 if family is not stats.logistic else 8 * np.spacing(1e7)
-    assert far.mse == pytest.approx(base.mse, rel=rel)
+    assert far.mse == pytest.approx(base.mse, rel=1e-14)
     np.testing.assert_allclose(far.levels - 1e7, base.levels, atol=1e-8)
 
 
