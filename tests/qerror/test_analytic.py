@@ -606,3 +606,32 @@ def test_aciq_on_its_own_grid_never_beats_the_exact_optimum_there(law_name):
         exact = optimal_clip(dist, bits, "exact", grid="midrise")
         assert aciq.mse_exact == error_moments(dist, aciq.spec, aciq.scale, grid="midrise").mse
         assert exact.mse_exact <= aciq.mse_exact * (1 + 1e-12)
+
+
+def test_a_density_infinite_at_a_support_end_away_from_zero_gives_finite_moments():
+    """The arcsine law (beta ½, ½) on [-1.4, 1.4]: scipy standardises a node one ulp inside
+    an end onto the end, where the density is infinite (NaN and inf came back). Its moments
+    are finite, and by symmetry floor's bias is exactly -1/2 (E[frac u] = 1/2 for a law
+    symmetric about a grid point, nothing clipped); the end is resolved to about 1e-8
+    (the docstring's accuracy there)."""
+    law = stats.beta(0.5, 0.5, loc=-1.4, scale=2.8)
+    for mode in RoundingMode:
+        m = error_moments(law, QuantSpec(bits=4, rounding=mode), 0.25)
+        assert all(math.isfinite(v) for v in (m.bias, m.mse, m.mae)), mode
+    floor = error_moments(law, QuantSpec(bits=4, rounding=RoundingMode.FLOOR), 0.25)
+    assert abs(floor.bias_lsb + 0.5) < 1e-7
+
+
+def test_a_generic_law_too_narrow_for_its_quadrature_is_refused():
+    """Far narrower than a step, the generic quadrature's panels (measured from grid points)
+    lost the law: floor's bias on Student t(3) at 1e-13 of a step was 3e-7 off, at 1e-20 of
+    it -1020 instead of -1/2. Below 1e-8 of a step it is refused; at 1e-8 it holds (floor's
+    bias on a law symmetric about 0 is exactly -1/2)."""
+    spec = QuantSpec(bits=8, rounding=RoundingMode.FLOOR)
+    for sd in (1e-8, 1e-6):
+        m = error_moments(stats.t(3, 0.0, sd), spec, 1.0)
+        assert abs(m.bias_lsb + 0.5) < 1e-12, sd
+    for sd in (1e-9, 1e-20):
+        with pytest.raises(ValueError, match="below 1e-08 of the step"):
+            error_moments(stats.t(3, 0.0, sd), spec, 1.0)
+    assert error_moments(stats.norm(0.0, 1e-20), spec, 1.0).bias_lsb == -0.5  # closed form
