@@ -819,7 +819,7 @@ def _drift_row(prec: pd.DataFrame, rec: Record, mode: str, bits: int, target: st
 def drift_subset(records) -> str:
     """What the pilot planned, what the chosen subset resolves, and how heavy the tail of one
     image's drift is (the drift record's ``pilot.csv``, ``precision.csv``, ``accuracy.csv``)."""
-    rec = records("drift-avx2")
+    rec = records("drift-subset")
     pilot, prec, acc = rec.csv("pilot.csv"), rec.csv("precision.csv"), rec.csv("accuracy.csv")
     cfg = rec.manifest["config"]
     n, low = int(cfg["chosen_images"]), int(cfg["min_images"])
@@ -843,8 +843,9 @@ def drift_subset(records) -> str:
         f"{_config(r)} ({r.images_to_resolve:,.0f})" for _, r in more.iterrows())
         if len(more) else "")
     parts = [
-        f"In the recorded default run (commit {rec.commit}, the run timed in the last section, "
-        f"its own baseline at {pct(model['test_accuracy'])} % test accuracy; `pilot.csv`, "
+        f"In a recorded default run (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.about['machine']}, at {pct(model['test_accuracy'])} % test accuracy; "
+        f"`pilot.csv`, "
         f"`precision.csv`, `accuracy.csv`) the pilot's needs ran from {finite.min():,.0f} to "
         f"{pilot.need.max():,.0f} images, {chose}. Measured on those {n:,}, the median "
         f"layer's drift needs at most {n:,} images for {100 * DRIFT_RESOLVE_POWER:.0f} % "
