@@ -992,9 +992,9 @@ def error_moments(dist, spec: QuantSpec, scale, zero_point=0, *,
     1e-13 relative, but a bias that nearly cancels (absolute, about 1e-16 of the MAE,
     as above) and the variance of a law much narrower than a step (a difference of
     nearly equal terms). A density infinite at a finite end of its support (beta with
-    a < 1) holds to about 1e-8 (``_Generic``). Cost: every bin at once, so O(2^bits) array work; about
-    0.2-0.5 ms per call at 8 bits for the closed-form laws, ~10 ms at 16 bits,
-    and ~5 ms at 8 bits for a generic law. ``variance = mse - bias**2``
+    a < 1) holds to about 1e-8 (``_Generic``). Cost: every bin at once, so O(2^bits)
+    array work; about 0.2-0.5 ms per call at 8 bits for the closed-form laws, ~10 ms
+    at 16 bits, and ~5 ms at 8 bits for a generic law. ``variance = mse - bias**2``
     (clamped at 0), which loses relative accuracy when the error is nearly
     constant (a law much narrower than a step).
 

@@ -807,7 +807,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
     calibration pass with every image's local error (timed on up to 64 images of the first
     batch), a BatchNorm re-estimation (``BN_REESTIMATION_PASSES`` plain forwards) and a
-    K-way instrumented pass of the three remedied networks over the test images; ``headline``, the float forward and
+    K-way instrumented pass of the three remedied networks over the test images;
+    ``headline``, the float forward and
     the four modes over the headline images; ``curve`` (rank 0), a float forward and per
     remedy configuration an unremedied plain forward over the curve's test images and, at
     each calibration size, both remedies' fits (the bias correction's timed on up to 64

@@ -5,9 +5,10 @@ small input size a deep stage can run on maps so small that most of a 3×3 kerne
 land in the zero padding: on the 32×32 Fashion-MNIST ResNet50 with the ImageNet stem,
 layer4's last two blocks run on 1×1 maps, where only the centre tap of each 3×3 kernel
 ever multiplies data (eight of nine weights cannot contribute quantization error), and
-its first block's strided 3×3 convolution reads a 2×2 map with four of nine taps live. :func:`layer_geometry`
-reports, for every convolution and linear layer, its input and output map sizes and the
-exact fraction of kernel taps that multiply input rather than padding.
+its first block's strided 3×3 convolution reads a 2×2 map with four of nine taps live.
+:func:`layer_geometry` reports, for every convolution and linear layer, its input and
+output map sizes and the exact fraction of kernel taps that multiply input rather than
+padding.
 
 Notes
 -----

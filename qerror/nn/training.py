@@ -688,8 +688,9 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     TrainError
         Fewer training samples than one batch, a global batch that the ranks cannot share
         equally, a ``checkpoint_every`` or ``stop_after_steps`` below 1, a
-        ``time_budget_s`` that is not a positive number, one value per channel at a BatchNorm that trains (one image in the
-        global batch where its map is 1x1), an empty or unknown parameter selection.
+        ``time_budget_s`` that is not a positive number, one value per channel at a
+        BatchNorm that trains (one image in the global batch where its map is 1x1), an
+        empty or unknown parameter selection.
     ResumeError
         The state file is unreadable, was written by a different recipe, or holds the
         weights of another network (nothing of it is then loaded).

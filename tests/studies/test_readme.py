@@ -177,7 +177,8 @@ def test_a_stale_twin_or_a_misspelt_marker_fails_the_check(tmp_path, monkeypatch
 def test_a_smoke_run_is_never_a_record(tmp_path):
     folder = _run(tmp_path / "r", {"a.csv": "x\n"})
     manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "record.json").write_text(json.dumps({"command": "python -m studies.x", "machine": "m"}))
+    (folder / "record.json").write_text(json.dumps({"command": "python -m studies.x",
+                                                    "machine": "m"}))
     for smoke in ({"argv": ["--smoke"]}, {"config": {"smoke": True}}):
         (folder / "manifest.json").write_text(json.dumps({**manifest, **smoke}))
         with pytest.raises(readme.RecordError, match="is of a --smoke run"):
