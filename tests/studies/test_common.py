@@ -354,8 +354,10 @@ def body(argv):
     atomic_write(Path({str(tmp_path)!r}) / "ckpt.pt", write)
     return 0
 
-if sys.argv[1] == "ignore":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# each case sets Ctrl-C's action itself: a test run launched as a background job inherits
+# it ignored, and Python then leaves it so
+signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == "ignore"
+              else signal.default_int_handler)
 sys.exit(_common.study_main(body)([]))
 """
     run = subprocess.run([sys.executable, "-c", script, "default"], capture_output=True,
