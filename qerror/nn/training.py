@@ -968,7 +968,11 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             _restore_step(model, dev, before)
     finally:
         bar.close()
-    save()
+    try:
+        with _sigint_held():  # the last state is written whole before a Ctrl-C is taken
+            save()
+    except KeyboardInterrupt:
+        interrupted = True
     if interrupted and not return_interrupted:
         raise KeyboardInterrupt
     if world > 1 and not interrupted:

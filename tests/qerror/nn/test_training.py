@@ -562,3 +562,29 @@ def test_a_state_of_another_training_set_size_is_refused(tmp_path):
         with pytest.raises(ResumeError, match=f"n_train: {N_TRAIN} saved, {n} now"):
             fit(tiny_model(), tensor_batches(x, y), n, CONFIG, state_path=state,
                 progress=False)
+
+
+def test_a_ctrl_c_during_the_last_save_is_held_until_the_state_is_written(tmp_path,
+                                                                          monkeypatch):
+    """A Ctrl-C while the final state is written (after stop_after_steps) waits for the write
+    and is then reported as an interruption at that step (it escaped fit as a bare
+    KeyboardInterrupt, which studies.train took for one before training started)."""
+    import signal
+
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    real = training._save_state
+
+    def save_with_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_save_state", save_with_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                     stop_after_steps=5, progress=False, return_interrupted=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert result.interrupted and result.step == 5 and not result.complete
+    assert torch.load(state, weights_only=True)["step"] == 5
