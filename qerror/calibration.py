@@ -190,8 +190,9 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
         return qparams_from_range(lo, hi, spec, min_scale=min_scale)
     dims = _reduce_dims(data, axis) if axis is not None else None
     # Squared errors of data near float64's range overflow: there they are compared in units
-    # of a power of two (an exact rescaling, which leaves every comparison as it was).
-    amax = float(np.max(np.abs(data))) if data.size else 0.0
+    # of a power of two (an exact rescaling, which leaves every comparison as it was). The
+    # min-max range MSE starts from gives the largest magnitude.
+    amax = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
     unit = 2.0 ** -math.frexp(amax)[1] if amax > 1e150 else 1.0
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
