@@ -693,40 +693,49 @@ def curve_macros(curve: pd.DataFrame) -> dict:
     return m
 
 
+def recovered_fraction(float_acc, unremedied_acc, remedied_acc, lost_significant):
+    """The share of the accuracy lost to quantization that a remedy wins back:
+    ``(remedied - unremedied) / (float - unremedied)``, NaN unless the loss is positive and
+    significant (McNemar against float at ALPHA, ``lost_significant``): a share of a loss
+    indistinguishable from 0 means nothing (a loss of one image in a few thousand once gave
+    shares of several hundred per cent). Scalars or arrays of one length."""
+    lost = np.asarray(float_acc, dtype=float) - np.asarray(unremedied_acc, dtype=float)
+    real = np.asarray(lost_significant, dtype=bool) & (lost > 0)
+    share = np.where(real, (np.asarray(remedied_acc, dtype=float)
+                            - np.asarray(unremedied_acc, dtype=float))
+                     / np.where(lost > 0, lost, 1.0), np.nan)
+    return float(share) if share.ndim == 0 else share
+
+
 def recovered_share(right_float: torch.Tensor, unremedied: torch.Tensor,
                     remedied: torch.Tensor) -> float:
-    """The share of the accuracy lost to quantization that a remedy wins back, from each
-    image's correctness (bool tensors) under the float, the unremedied and the remedied
-    network; NaN unless the loss is significant (McNemar against float at ALPHA on these
-    images), as :func:`recovery` gives it: a share of a loss indistinguishable from 0 means
-    nothing (a loss of one image in a few thousand once gave shares of several hundred
-    per cent)."""
+    """:func:`recovered_fraction` from each image's correctness (bool tensors) under the
+    float, the unremedied and the remedied network, the loss's McNemar test on these
+    images."""
     n = int(right_float.numel())
     mc = mcnemar_from_counts(int((right_float & ~unremedied).sum()),
                              int((unremedied & ~right_float).sum()), n, ALPHA)
-    lost = float(right_float.double().mean() - unremedied.double().mean())
-    if mc.p_value >= ALPHA or lost <= 0:
-        return math.nan
-    return float(remedied.double().mean() - unremedied.double().mean()) / lost
+    return recovered_fraction(right_float.double().mean().item(),
+                              unremedied.double().mean().item(),
+                              remedied.double().mean().item(), mc.p_value < ALPHA)
 
 
 def recovery(acc: pd.DataFrame) -> pd.DataFrame:
-    """Per remedy: the fraction of the accuracy lost to quantization it wins back, and its
-    change of the logits' SQNR (dB), against the same configuration without remedy.
-
-    The fraction is given only where the loss itself is significant (McNemar against float
-    at level ALPHA): a fraction of a loss indistinguishable from 0 means nothing.
+    """Per remedy: the fraction of the accuracy lost to quantization it wins back
+    (:func:`recovered_fraction`, the loss's significance from the unremedied row's
+    ``differs``), and its change of the logits' SQNR (dB), against the same configuration
+    without remedy.
     """
     if "quant_acc" not in acc:
         return acc
     keys = ["mode", "bits", "target"]
     base = acc.loc[acc.remedy == "none", [*keys, "quant_acc", "logit_sqnr_db", "differs"]]
     joined = acc.merge(base, on=keys, how="left", suffixes=("", "_unremedied"))
-    lost = joined.float_acc - joined.quant_acc_unremedied
-    real = (joined.remedy != "none") & joined.differs_unremedied.astype(bool) & (lost > 0)
-    joined["recovered"] = np.where(
-        real, (joined.quant_acc - joined.quant_acc_unremedied) / lost.where(lost > 0), np.nan)
-    joined["sqnr_gain_db"] = np.where(joined.remedy != "none",
+    remedied = (joined.remedy != "none").to_numpy()
+    joined["recovered"] = recovered_fraction(
+        joined.float_acc, joined.quant_acc_unremedied, joined.quant_acc,
+        remedied & joined.differs_unremedied.fillna(False).astype(bool).to_numpy())
+    joined["sqnr_gain_db"] = np.where(remedied,
                                       joined.logit_sqnr_db - joined.logit_sqnr_db_unremedied,
                                       np.nan)
     return joined.drop(columns=["quant_acc_unremedied", "logit_sqnr_db_unremedied",

@@ -325,23 +325,15 @@ def _main(argv: list[str]) -> int:
             if place.is_main:
                 try:
                     check_out(out, "train", force=args.force)
+                    _check_targets(checkpoint, out, force=args.force or (
+                        args.resume and state_path.is_file()))
                 except StudyError as exc:
                     refusal = str(exc)
             # every rank stops with rank 0's words, not in the collective it would wait in
+            # (rank 0 alone looks at the files: ranks need not share a disk)
             refusal = parallel.broadcast_object(refusal)
             if refusal is not None:
                 raise StudyError(refusal)
-            # The run folder is staged and published as a whole: a checkpoint (and its
-            # state) inside it would be written there by training and refused after it.
-            inside = Path(out).expanduser().resolve()
-            if checkpoint.expanduser().resolve().is_relative_to(inside):
-                raise StudyError(f"--checkpoint {checkpoint} lies inside --out {out}, which "
-                                 "holds the run's own outputs only (it is staged and replaced "
-                                 "as a whole); pass a --checkpoint outside it")
-            # A run cut while writing its results has saved the checkpoint but kept its
-            # state: rerunning the command finishes it and may replace that checkpoint.
-            _check_checkpoint_target(checkpoint, force=args.force or (args.resume and
-                                                                      state_path.is_file()))
             splits = data.fashion_mnist_splits(args.data_root, val=recipe.val_split,
                                                calib=recipe.calib_split,
                                                download=args.download)
@@ -397,6 +389,22 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
         print(f"[train] interrupted while writing the results; the trained state is kept in "
               f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _check_targets(checkpoint: Path, out: Path | str, *, force: bool) -> None:
+    """StudyError unless the checkpoint may be written where asked (below) outside ``out``.
+
+    The run folder is staged and published as a whole: a checkpoint (and its state) inside
+    it would be written there by training and refused after it. ``force`` also holds for a
+    run cut while writing its results, which has saved the checkpoint but kept its state:
+    rerunning the command finishes it and may replace that checkpoint.
+    """
+    inside = Path(out).expanduser().resolve()
+    if checkpoint.expanduser().resolve().is_relative_to(inside):
+        raise StudyError(f"--checkpoint {checkpoint} lies inside --out {out}, which holds the "
+                         "run's own outputs only (it is staged and replaced as a whole); pass "
+                         "a --checkpoint outside it")
+    _check_checkpoint_target(checkpoint, force=force)
 
 
 def _check_checkpoint_target(path: Path, *, force: bool) -> None:

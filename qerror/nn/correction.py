@@ -80,18 +80,17 @@ class MeanSource(Choice):
     MEASURED = "measured"
 
 
-def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``E[ReLU(y)]`` and ``P(y > 0)`` for ``y ~ N(β, γ²)``; a channel with ``γ = 0`` is the
-    constant ``β`` (mean ``max(β, 0)``, probability 1 if ``β > 0`` else 0, a dead channel
-    ``β = γ = 0`` included)."""
+def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """``E[ReLU(y)]`` for ``y ~ N(β, γ²)``; a channel with ``γ = 0`` is the constant ``β``
+    (mean ``max(β, 0)``, a dead channel ``β = γ = 0`` included). Its sides of the grid's
+    zero: :func:`_relu_normal_sides`."""
     sd = np.abs(gamma)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(sd > 0, beta / np.where(sd > 0, sd, 1.0), np.sign(beta) * np.inf)
-    p = np.where(sd > 0, special.ndtr(np.where(sd > 0, t, 0.0)), (beta > 0).astype(float))
+    p = np.where(sd > 0, special.ndtr(np.where(sd > 0, t, 0.0)), 0.0)
     pdf = np.where(np.isfinite(t), np.exp(-0.5 * np.where(np.isfinite(t), t, 0.0) ** 2)
                    / np.sqrt(2 * np.pi), 0.0)
-    mean = np.where(sd > 0, beta * p + sd * pdf, np.maximum(beta, 0.0))
-    return mean, p
+    return np.where(sd > 0, beta * p + sd * pdf, np.maximum(beta, 0.0))
 
 
 def _relu_normal_sides(beta: np.ndarray, gamma: np.ndarray, origin: float
@@ -166,7 +165,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                 bn = feeders[name]
                 beta = bn.bias.detach().double().cpu().numpy()
                 gamma = bn.weight.detach().double().cpu().numpy()
-                mean_c, _ = _relu_normal_mean(beta, gamma)
+                mean_c = _relu_normal_mean(beta, gamma)
                 origin = 0.0
                 if config.activation is not None:  # the quantizer's real zero, -z s
                     qp = act_qparams[name]

@@ -584,11 +584,16 @@ def has_checkpoint_sidecar(path: Path | str) -> bool:
     :data:`CHECKPOINT_FORMAT`, a provisional one included): the mark of a file that
     ``python -m studies.train --force`` may replace. Whether the checkpoint verifies is
     :func:`load_checkpoint`'s question."""
+    return _our_sidecar(path) is not None
+
+
+def _our_sidecar(path: Path | str) -> dict | None:
+    """The sidecar beside ``path`` read once, if it is a qerror checkpoint's; else None."""
     try:
         meta = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
 
 
 def default_checkpoint_path(arch: Arch | str, stem: Stem | str = DEFAULT_STEM, *,
@@ -730,7 +735,8 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             "beside it with its sha256 and metadata, so it cannot be verified). It is left as "
             "it is. Pass a checkpoint written by `python -m studies.train`, e.g. train one "
             f"with `{retrain_command(arch_hint, stem_hint)} --checkpoint NEW_FILE`.")
-    if not has_checkpoint_sidecar(path):
+    sidecar = _our_sidecar(path)  # read once: what is checked is what is used
+    if sidecar is None:
         # Someone's own X and X.json (sidecars are written atomically: one that does not
         # read as ours is not ours): never advise deleting them.
         raise CheckpointError(
@@ -740,7 +746,6 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             f"train`, e.g. train one with `{retrain_command(arch_hint, stem_hint)} "
             "--checkpoint NEW_FILE`.")
     try:
-        sidecar = json.loads(side.read_text())
         if sidecar.get("pending") is True:
             raise refuse(f"its sidecar {side.name} is provisional: the write that made it was "
                          "interrupted before it finished (a studies.train run whose state file "

@@ -967,6 +967,17 @@ def test_a_share_recovered_is_given_only_of_a_significant_loss():
     half[:20] = False
     assert drift.recovered_share(right_f, many_lost, half) == pytest.approx(0.5)
     assert math.isnan(drift.recovered_share(right_f, right_f, right_f))  # nothing lost
+    # The tables' recovery() applies the same rule to the same figures.
+    for unremedied, remedied in ((one_lost, right_f), (many_lost, half), (right_f, right_f)):
+        mc = drift.mcnemar_from_counts(int((right_f & ~unremedied).sum()),
+                                       int((unremedied & ~right_f).sum()), n, drift.ALPHA)
+        rows = [{"mode": "m", "bits": 8, "target": "t", "remedy": name, "float_acc": 1.0,
+                 "quant_acc": float(right.double().mean()), "logit_sqnr_db": 0.0,
+                 "differs": mc.p_value < drift.ALPHA}
+                for name, right in (("none", unremedied), ("fix", remedied))]
+        got = drift.recovery(pd.DataFrame(rows)).set_index("remedy").recovered["fix"]
+        want = drift.recovered_share(right_f, unremedied, remedied)
+        assert (math.isnan(got) and math.isnan(want)) or got == want
 
 
 def test_kept_means_bytes_counts_what_measure_keeps():

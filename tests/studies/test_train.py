@@ -459,21 +459,29 @@ def test_a_rerun_writes_the_same_bytes_but_for_its_timing_files(idx_root, tmp_pa
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
-def test_under_torchrun_a_refused_out_stops_every_rank_with_its_reason(tmp_path):
-    """Rank 0 checks --out; the other ranks stop with its words instead of failing inside
-    the collective they would wait in."""
-    out = tmp_path / "not-a-run"
-    out.mkdir()
-    (out / "file.txt").write_text("a user's file\n")
+@pytest.mark.parametrize("refused", ["out", "checkpoint"])
+def test_under_torchrun_a_refused_out_stops_every_rank_with_its_reason(tmp_path, refused):
+    """Rank 0 checks --out and --checkpoint (ranks need not share a disk); the other ranks
+    stop with its words instead of failing inside the collective they would wait in."""
+    out = tmp_path / ("not-a-run" if refused == "out" else "run")
+    ckpt = tmp_path / "m.pt"
+    if refused == "out":
+        out.mkdir()
+        (out / "file.txt").write_text("a user's file\n")
+    else:
+        ckpt.write_text("a user's file\n")  # no sidecar: never replaced
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
          "2", "-m", "studies.train", *SMOKE, "--out", str(out), "--checkpoint",
-         str(tmp_path / "m.pt"), "--no-progress"],
+         str(ckpt), "--no-progress"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert done.stderr.count("[train] error: --out") == 2, done.stderr[-3000:]
+    assert done.stderr.count(f"[train] error: --{refused}") == 2, done.stderr[-3000:]
     assert "broadcast_object_list" not in done.stderr and "gloo" not in done.stderr.lower()
+    if refused == "checkpoint":
+        assert ckpt.read_text() == "a user's file\n" and not out.exists()
+        return
     assert (out / "file.txt").read_text() == "a user's file\n"
     assert not (tmp_path / "m.pt").exists()

@@ -371,11 +371,12 @@ def test_relu_of_a_normal_mean_and_probability_against_quadrature():
     the constant β, a dead one (β = γ = 0) gives 0 and 0, not NaN."""
     from scipy import integrate
 
-    from qerror.nn.correction import _relu_normal_mean
+    from qerror.nn.correction import _relu_normal_mean, _relu_normal_sides
 
     beta = np.array([0.3, -0.7, 1.5, 0.0, -2.0, 0.4, 0.0, -0.2])
     gamma = np.array([0.8, 0.5, -1.2, 1.0, 0.3, 0.0, 0.0, 0.0])
-    mean, p = _relu_normal_mean(beta, gamma)
+    mean, (p, below) = _relu_normal_mean(beta, gamma), _relu_normal_sides(beta, gamma, 0.0)
+    assert not below.any()  # nothing lies between 0 and a real zero at 0
     for b, g, m, pp in zip(beta, gamma, mean, p):
         if g == 0:
             assert m == max(b, 0.0) and pp == float(b > 0)
