@@ -223,6 +223,9 @@ class Thermometer:
             raise ValueError("thresholds must be a tensor of shape (features, T) or (1, T)")
         if t.dtype not in _DTYPE_CODES:
             raise TypeError(f"thresholds dtype {t.dtype} cannot be stored")
+        if not _ascending_thresholds(t):
+            raise ValueError("thresholds must be finite and ascending along each row (a "
+                             "thermometer code sets bit t when the value exceeds threshold t)")
 
     @property
     def bits(self) -> int:
@@ -295,6 +298,14 @@ def _as_labels(y, n: int, classes: int) -> torch.Tensor:
         raise ValueError(f"labels must lie in [0, {classes}), got [{int(y.min())}, "
                          f"{int(y.max())}]")
     return y.to(torch.int64)
+
+
+def _ascending_thresholds(t: torch.Tensor) -> bool:
+    """Whether every row of thresholds is finite and non-decreasing (compared, not
+    differenced: a difference of unsigned thresholds wraps around)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return False
+    return not bool((t[:, 1:] < t[:, :-1]).any())
 
 
 def _check_count(value, name: str, low: int = 1) -> int:
@@ -825,7 +836,10 @@ class LUTLayer(nn.Module):
         if (index is not None) != (self.mapping is Mapping.FIXED):
             raise ValueError("pass index exactly when mapping is FIXED")
         if self.mapping is Mapping.FIXED:
-            index = torch.as_tensor(index, dtype=torch.int64)
+            index = torch.as_tensor(index)
+            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+                raise TypeError(f"index must hold integers (input positions), got {index.dtype}")
+            index = index.to(torch.int64)
             if index.shape != (self.luts, self.fan_in):
                 raise ValueError(f"index must have shape ({self.luts}, {self.fan_in}), got "
                                  f"{tuple(index.shape)}")
@@ -856,7 +870,10 @@ class LUTLayer(nn.Module):
             raise ValueError("a LUT layer reads bits: every input must be exactly 0 or 1 "
                              "(encode real inputs with a Thermometer first)")
         if self.mapping is Mapping.LEARNABLE:
-            bits = _LearnableSelect.apply(x, self.weight, self.tau).reshape(
+            # in the wiring's float dtype: bits of bool or integer dtype would carry no
+            # gradient to the wiring, which would then never learn
+            bits = _LearnableSelect.apply(x.to(self.weight.dtype), self.weight,
+                                          self.tau).reshape(
                 -1, self.luts, self.fan_in)
         else:
             bits = _read_columns(x, self._index)
@@ -1031,6 +1048,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     drawn from a generator seeded with ``seed``.
     """
     seed = _check_seed(seed)
+    batch_size = _check_count(batch_size, "batch_size")
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     # Bits stay bool (1 byte each) until a batch needs them as floats.
     xb, xv = thermo.encode(x_train), thermo.encode(x_val)
@@ -1306,12 +1324,11 @@ def _read_thermometer(r: _Reader, header: tuple) -> Thermometer:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
     arr = np.frombuffer(r.take(rows * bits * itemsize), dtype=np_dtype).reshape(rows, bits)
-    # compared, not differenced: a difference of unsigned thresholds wraps around
-    if (arr.dtype.kind == "f" and not np.isfinite(arr).all()) \
-            or (arr[:, 1:] < arr[:, :-1]).any():
+    t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("=")))
+    if not _ascending_thresholds(t):
         raise ValueError("its thermometer thresholds are not finite and ascending: not a file "
                          "save_wnn wrote, or a damaged one")
-    return Thermometer(torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))), features)
+    return Thermometer(t, features)
 
 
 def load_wnn(path: Path | str) -> WisardClassifier | DWN:

@@ -80,6 +80,20 @@ def test_thermometer_fit_refuses_bad_bits_and_nan():
         Thermometer.fit(torch.tensor([[0.0], [float("nan")]]), 2)
 
 
+@pytest.mark.parametrize("thresholds, match", [
+    (torch.tensor([[3.0, 1.0]]), "ascending"),
+    (torch.tensor([[0.0, float("nan")]]), "finite"),
+    (torch.tensor([[1, 2], [5, 4]], dtype=torch.uint8), "ascending"),
+])
+def test_thermometer_refuses_thresholds_it_could_not_save_and_read(thresholds, match):
+    """Thresholds out of order (codes that are not thermometer codes) or NaN were taken, and
+    save_wnn wrote a file load_wnn then refused."""
+    with pytest.raises(ValueError, match=match):
+        Thermometer(thresholds, 2)
+    Thermometer(thresholds.sort(dim=1).values if not thresholds.isnan().any()
+                else torch.tensor([[0.0, 1.0]]), 2)  # in order: taken
+
+
 # --------------------------------------------------------------------------- seeded wiring
 
 
@@ -675,3 +689,35 @@ def test_loads_refuse_contents_the_format_rules_out(tmp_path):
     (tmp_path / "wiring").write_bytes(bad)
     with pytest.raises(ValueError, match="wires an input beyond"):
         load_wnn(tmp_path / "wiring")
+
+
+def test_a_fixed_wiring_must_hold_integers():
+    """A float index was truncated toward zero into another wiring, silently."""
+    for bad in (torch.tensor([[0.9, 1.5], [2.2, 3.7]]), torch.ones(2, 2, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="integers"):
+            LUTLayer(4, 2, 2, mapping="fixed", index=bad)
+    layer = LUTLayer(4, 2, 2, mapping="fixed", index=np.array([[0, 1], [2, 3]], np.int32))
+    assert layer.index.tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+def test_a_learnable_wiring_learns_from_bits_of_any_dtype(dtype):
+    """Bits of bool or integer dtype (Thermometer.encode gives bool) reached the wiring
+    with no gradient: the table trained, the wiring silently never did."""
+    layer = LUTLayer(8, 3, 2, mapping="learnable", seed=1)
+    bits = (torch.arange(40).reshape(5, 8) % 3 == 0).to(dtype)
+    layer(bits).sum().backward()
+    reference = LUTLayer(8, 3, 2, mapping="learnable", seed=1)
+    reference(bits.to(torch.float32)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+    assert torch.equal(layer.table.grad, reference.table.grad)
+
+
+@pytest.mark.parametrize("batch_size", [0, -16, 2.5])
+def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size):
+    """A negative batch size ran epochs of no step and returned the untrained model."""
+    x, y = torch.rand(20, 4), torch.arange(20) % 2
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_dwn(x, y, x, y, thermometer_bits=2, luts=(4, 2), fan_in=2, epochs=1,
+                batch_size=batch_size)
