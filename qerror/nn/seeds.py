@@ -20,13 +20,15 @@ The quantities, per width ``b`` and mode ``m`` (weights and activations quantize
     channels of ``(μ_q − μ_f)/σ_run`` or ``|log|`` of the geometric mean of ``σ²_q/σ²_f``,
     whichever is larger (N2);
 ``sat_first``, ``sat_last``
-    the share of elements on the top code at the first and at the last quantized layer's
-    input (N3);
+    the share of elements clamped at the top of the range (their rounded value beyond the
+    top code) at the first and at the last quantized layer's input (N3);
 ``accuracy``
     top-1 accuracy against the true labels, and ``float_accuracy`` (N4).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -45,19 +47,26 @@ STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, Rounding
 
 
 def _bn_worst(res) -> float:
-    worst = 0.0
+    """The largest BatchNorm inconsistency over the result's BatchNorm sites (module
+    docstring); a channel whose quantized variance collapsed to 0 or blew up counts as
+    inconsistent without bound (inf); NaN where no BatchNorm figure could be measured."""
+    worst, seen = 0.0, False
     for s in res.sites:
         if s.kind != "bn" or s.bn is None:
             continue
         shift = s.bn.mean_shift_quant_vs_float
         ratio = s.bn.var_ratio_quant_vs_float
         shift = shift[np.isfinite(shift)]
-        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+        ratio = ratio[~np.isnan(ratio)]
         if shift.size:
+            seen = True
             worst = max(worst, float(np.sqrt(np.mean(shift * shift))))
         if ratio.size:
+            seen = True
+            if ((ratio <= 0) | np.isinf(ratio)).any():
+                return math.inf
             worst = max(worst, abs(float(np.mean(np.log(ratio)))))
-    return worst
+    return worst if seen else math.nan
 
 
 def statement_values(res, *, seed: int = 0) -> dict[str, float]:
@@ -143,7 +152,10 @@ def fraction_holding(holds, alpha: float = 0.05):
     qerror.stats.StatResult
         :func:`qerror.stats.wilson_ci` of ``sum(holds)`` of ``len(holds)``.
     """
-    h = np.asarray(holds, dtype=bool)
+    h = np.asarray(holds)
     if h.ndim != 1 or h.size == 0:
         raise ValueError(f"holds must be a non-empty 1-D array of booleans, got shape {h.shape}")
+    if h.dtype != bool:  # a NaN would read as True
+        raise TypeError(f"holds must be booleans (one per seed), got dtype {h.dtype}; compare "
+                        "the seeds' values first, deciding what a NaN means")
     return wilson_ci(int(h.sum()), int(h.size), alpha)

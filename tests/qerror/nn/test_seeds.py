@@ -68,3 +68,32 @@ def test_fraction_holding_is_the_wilson_interval():
     assert r.ci == pytest.approx((centre - half, centre + half), rel=1e-12)
     with pytest.raises(ValueError, match="non-empty"):
         fraction_holding([])
+
+
+def test_fraction_holding_refuses_values_that_are_not_booleans():
+    """A NaN seed read as True (15 NaN and 5 False gave 'most')."""
+    with pytest.raises(TypeError, match="booleans"):
+        fraction_holding(np.array([np.nan] * 15 + [0.0] * 5))
+    with pytest.raises(TypeError, match="booleans"):
+        fraction_holding([1, 0, 1])
+    assert fraction_holding(np.array([True, False])).estimate == 0.5
+
+
+def test_bn_worst_counts_a_collapsed_variance_and_says_when_nothing_was_measured():
+    """A channel whose quantized variance collapsed to 0 was dropped (0.0, 'consistent');
+    no BatchNorm measured gave 0.0 too, which N2 counted as consistent."""
+    from types import SimpleNamespace
+
+    from qerror.nn.bn import BNInconsistency
+    from qerror.nn.seeds import _bn_worst
+
+    def worst(var_q, var_f=(1.0, 1.0)):
+        one = np.ones(2)
+        bn = BNInconsistency.from_stats(one, np.array(var_f), one, np.array(var_q), one, one)
+        return _bn_worst(SimpleNamespace(sites=[SimpleNamespace(kind="bn", bn=bn)]))
+
+    assert worst([1.0, 0.0]) == np.inf  # |log 0|
+    assert worst([1.0, 2.0], var_f=(1.0, 0.0)) == np.inf  # variance where float had none
+    assert worst([1.0, 0.0], var_f=(1.0, 0.0)) == 0.0  # 0/0 in one channel: not measured
+    assert worst([np.e, np.e]) == pytest.approx(1.0)  # |log| of the geometric mean
+    assert np.isnan(_bn_worst(SimpleNamespace(sites=[])))
