@@ -73,7 +73,7 @@ CLAIMS: tuple[Claim, ...] = (
         "(the bias is then exactly 0), or is wide against the step: for a normal law of "
         "standard deviation σ steps, whatever its mean, |bias| ≤ Σ_k e^(−2π²k²σ²)/(πk), "
         "which is e^(−2π²σ²)/π to nine digits from σ = 1/2 on (0.0023 LSB at σ = 1/2, "
-        "8e-10 at σ = 1). A narrow input that sits between grid points is biased: "
+        "8.5e-10 at σ = 1). A narrow input that sits between grid points is biased: "
         "N(0.3 s, 0.1 s) rounds to 0 almost always, a bias of about -0.3 LSB.",
         "test_claim_R4_rounding_bias_needs_a_wide_input",
     ),
@@ -95,11 +95,14 @@ CLAIMS: tuple[Claim, ...] = (
         "Nearest minimises each weight's own error, not the loss: to second order the "
         "loss grows by ½ΔwᵀHΔw (plus gᵀΔw), and the off-diagonal terms of H reward "
         "errors that cancel between weights. It holds when the loss is separable in the "
-        "weights (diagonal H, e.g. a linear layer's output error with uncorrelated inputs): "
-        "then nearest is the exact optimum over all up/down choices. With correlated "
-        "inputs another choice is lower, and on networks many random up/down roundings of "
-        "one layer beat nearest (python -m studies.rounding_choice: the fraction with its "
-        "Wilson interval, and learned rounding, AdaRound, against nearest's accuracy).",
+        "weights (diagonal H, e.g. a linear layer's output error when the inputs' second "
+        "moments E[xxᵀ] are diagonal: uncorrelated and of zero mean, which a ReLU's outputs "
+        "are not): then nearest is the exact optimum over all up/down choices. With "
+        "correlated inputs another choice is lower, and on networks random up/down "
+        "roundings of one layer often beat nearest (on the tests' small network a share of "
+        "twenty whose 95 % Wilson interval lies above a quarter; python -m "
+        "studies.rounding_choice: the fraction with its Wilson interval, and learned "
+        "rounding, AdaRound, against nearest's accuracy).",
         "test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable",
     ),
     Claim(

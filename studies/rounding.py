@@ -16,7 +16,8 @@ Three parts, each written as tidy data, figures and LaTeX tables:
 With a trained baseline in the cache (``python -m studies.train``), or with
 ``--checkpoint PATH``, a fourth part quantizes the real weights of every conv and linear
 layer per channel with each mode and reports their exact error moments (a finite set of
-weights: no sampling) beside the uniform model.
+weights: no sampling; for stochastic rounding, the expectation over its draws) beside the
+uniform model.
 
 Run: ``python -m studies.rounding`` (``--smoke`` for the test suite's tiny preset).
 """
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, Grid, error_moments, optimal_clip
 from qerror.files import sha256_file
+from qerror.nn import eval_mode
 from qerror.nonuniform import lloyd_max
 from studies._common import (
     RunDir,
@@ -223,6 +225,32 @@ def error_samples(modes, ratios, n, seed) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _error_parts(x: torch.Tensor, spec: QuantSpec, scale) -> dict[str, np.ndarray]:
+    """Per element of ``x``: the error in LSB (``e``), its square and absolute value, and
+    whether the magnitude shrank, grew or became 0, under ``spec``; for stochastic
+    rounding each is its expectation over the draws (the value goes to the code above with
+    probability its distance above the code below, in steps), so the moments of a finite
+    set are exact for every mode."""
+    shape = (-1,) + (1,) * (x.ndim - 1) if spec.axis is not None else ()
+    step = torch.as_tensor(scale, dtype=x.dtype).reshape(shape)
+
+    def parts(q):
+        e = (q - x) / step
+        return {"e": e, "e2": e * e, "ae": e.abs(), "shrunk": (q.abs() < x.abs()).double(),
+                "grown": (q.abs() > x.abs()).double(),
+                "zeroed": ((q == 0) & (x != 0)).double()}
+
+    if not spec.rounding.is_random:
+        got = parts(fake_quantize(x, spec, np.asarray(scale)))
+    else:
+        lo = fake_quantize(x, spec.replace(rounding=RoundingMode.FLOOR), np.asarray(scale))
+        hi = fake_quantize(x, spec.replace(rounding=RoundingMode.CEIL), np.asarray(scale))
+        up = torch.where(hi > lo, (x - lo) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
+        down, at_hi = parts(lo), parts(hi)
+        got = {k: up * at_hi[k] + (1 - up) * down[k] for k in down}
+    return {k: v.reshape(-1).numpy() for k, v in got.items()}
+
+
 def swept_weights(state_dict: dict) -> dict:
     """The tensors :func:`weight_errors` sweeps: floating-point conv and linear weights
     (named ``*weight``, 2 dimensions or more)."""
@@ -231,7 +259,8 @@ def swept_weights(state_dict: dict) -> dict:
 
 
 def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
-    """Exact error moments in LSB of every conv/linear weight, per-channel symmetric.
+    """Exact error moments in LSB of every conv/linear weight, per-channel symmetric (for
+    stochastic rounding, the expectation over its draws).
 
     Parameters
     ----------
@@ -249,18 +278,15 @@ def weight_errors(state_dict: dict, modes, bits: int = 8) -> pd.DataFrame:
         for mode in modes:
             spec = QuantSpec(bits=bits, axis=0, rounding=mode)
             scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
-            shape = (-1,) + (1,) * (w.ndim - 1)
-            wq = fake_quantize(w, spec, scale.numpy(), generator=0)
-            e = ((wq - w) / scale.reshape(shape)).reshape(-1).numpy()
-            test = bias_test(e, alpha=ALPHA)
-            wf, wqf = w.reshape(-1).numpy(), wq.reshape(-1).numpy()
-            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": e.size,
-                         "bias_lsb": float(e.mean()), "bias_ci_low": test.ci[0],
-                         "bias_ci_high": test.ci[1], "mse_lsb": float(np.mean(e * e)),
-                         "mae_lsb": float(np.mean(np.abs(e))),
-                         "frac_shrunk": float(np.mean(np.abs(wqf) < np.abs(wf))),
-                         "frac_grown": float(np.mean(np.abs(wqf) > np.abs(wf))),
-                         "frac_zeroed": float(np.mean((wqf == 0) & (wf != 0)))})
+            p = _error_parts(w, spec, scale.numpy())
+            test = bias_test(p["e"], alpha=ALPHA)
+            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": p["e"].size,
+                         "bias_lsb": float(p["e"].mean()), "bias_ci_low": test.ci[0],
+                         "bias_ci_high": test.ci[1], "mse_lsb": float(p["e2"].mean()),
+                         "mae_lsb": float(p["ae"].mean()),
+                         "frac_shrunk": float(p["shrunk"].mean()),
+                         "frac_grown": float(p["grown"].mean()),
+                         "frac_zeroed": float(p["zeroed"].mean())})
     return pd.DataFrame(rows)
 
 
@@ -271,7 +297,8 @@ def activation_errors(model: torch.nn.Module, images: torch.Tensor, modes,
     One forward pass in float captures each layer's input; each is then quantized per
     tensor with a min-max range (unsigned with zero point 0 when it holds no negative
     value, as after a ReLU; signed symmetric otherwise). The moments are those of this
-    finite set of activations, so no sampling error enters.
+    finite set of activations, so no sampling error enters (for stochastic rounding, the
+    expectation over its draws); the model's training flag is left as it was.
     """
     from qerror import calibrate
 
@@ -289,8 +316,8 @@ def activation_errors(model: torch.nn.Module, images: torch.Tensor, modes,
                 hooks.append(module.register_forward_pre_hook(keep(name)))
         if not hooks:
             raise ValueError("the model has no conv or linear layer to take activations from")
-        with torch.no_grad():
-            model.eval()(images)
+        with torch.no_grad(), eval_mode(model):
+            model(images)
     finally:
         for h in hooks:
             h.remove()
@@ -299,12 +326,10 @@ def activation_errors(model: torch.nn.Module, images: torch.Tensor, modes,
         one_sided = bool((a >= 0).all())
         for mode in modes:
             spec = QuantSpec(bits=bits, signed=not one_sided, rounding=mode)
-            p = calibrate(a, spec)
-            e = ((fake_quantize(a, spec, p.scale, generator=0) - a) / p.scale).reshape(-1)
-            e = e.numpy()
-            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": e.size,
-                         "one_sided": one_sided, "bias_lsb": float(e.mean()),
-                         "mse_lsb": float(np.mean(e * e)), "mae_lsb": float(np.mean(np.abs(e))),
+            p = _error_parts(a, spec, calibrate(a, spec).scale)
+            rows.append({"layer": name, "mode": mode.value, "bits": bits, "n": p["e"].size,
+                         "one_sided": one_sided, "bias_lsb": float(p["e"].mean()),
+                         "mse_lsb": float(p["e2"].mean()), "mae_lsb": float(p["ae"].mean()),
                          "frac_zero_input": float(np.mean(a.numpy() == 0))})
     return pd.DataFrame(rows)
 
@@ -497,7 +522,7 @@ def _main(argv: list[str]) -> int:
             "clipping_optima.tex", optima[optima["mode"] == "nearest_even"][cols],
             "MSE-optimal clipping (σ = 1, nearest rounding): ACIQ and the exact optimum on "
             "ACIQ's mid-rise grid, the exact optimum on the integer grid, and the Lloyd–Max "
-            "floor with as many levels (blank: not computed).", "tab:clipping-optima")
+            "floor with as many levels (--: not computed).", "tab:clipping-optima")
         run.write_macros("macros.tex", _macros(regime, validity))
         for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
                               ("mae_lsb", "MAE (LSB)")):

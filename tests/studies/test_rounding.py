@@ -155,3 +155,38 @@ def test_a_bare_state_dict_is_named_by_its_hash_in_the_manifest(tmp_path):
     assert rounding.main(argv) == 0
     baseline = json.loads((out / "manifest.json").read_text())["config"]["baseline"]
     assert baseline == {"path": str(path), "sha256": sha256_file(path)}
+
+
+def test_stochastic_rows_are_the_expectation_over_the_draws():
+    """One seeded draw was reported as exact (a bias of +0.02 LSB where the expectation is
+    0); each weight w = (k + f) steps rounds up with probability f: error 1 - f or -f, so
+    bias 0, MSE f(1 - f), MAE 2f(1 - f), shrunk with probability 1 - f (w > 0)."""
+    import torch
+
+    # one output channel, largest weight 127 steps of 0.01: the fractions are exact binary
+    w = torch.tensor([[1.27, 0.0025, 0.0050, 0.0075, 0.3125, -0.0025, 0.5]],
+                     dtype=torch.float64).reshape(1, 7, 1, 1)
+    frame = rounding.weight_errors({"w.weight": w}, [rounding.RoundingMode.STOCHASTIC])
+    row = frame.iloc[0]
+    f = np.array([0.0, 0.25, 0.5, 0.75, 0.25, 0.25, 0.0])  # -0.25 steps: f of |w| below
+    assert row.bias_lsb == pytest.approx(0.0, abs=1e-12)
+    assert row.mse_lsb == pytest.approx(np.mean(f * (1 - f)), rel=1e-12)
+    assert row.mae_lsb == pytest.approx(np.mean(2 * f * (1 - f)), rel=1e-12)
+    # w = -0.25 steps: to 0 (shrunk, zeroed) with probability 0.75, to -1 with 0.25
+    shrunk = [0, 0.75, 0.5, 0.25, 0.75, 0.75, 0]
+    zeroed = [0, 0.75, 0.5, 0.25, 0, 0.75, 0]
+    assert row.frac_shrunk == pytest.approx(np.mean(shrunk), rel=1e-12)
+    assert row.frac_grown == pytest.approx(np.mean([0, 0.25, 0.5, 0.75, 0.25, 0.25, 0]),
+                                           rel=1e-12)
+    assert row.frac_zeroed == pytest.approx(np.mean(zeroed), rel=1e-12)
+
+
+def test_activations_part_leaves_the_model_in_its_mode():
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 3))
+    net.train()
+    net[1].eval()
+    rounding.activation_errors(net, torch.randn(4, 1, 8, 8), [rounding.RoundingMode.FLOOR])
+    assert net.training and net[0].training and not net[1].training
