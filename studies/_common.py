@@ -148,6 +148,44 @@ def held_out(info) -> dict[str, int]:
     return sizes
 
 
+def check_trained_on(info, data_root, *, download: bool = False) -> None:
+    """StudyError unless ``data_root`` holds the data the checkpoint's network was trained,
+    validated and tested on, as ``studies.train`` recorded them (each split's sha256).
+
+    A copy of other images in Fashion-MNIST's format (another data set, an altered one)
+    would otherwise be measured against a network that never saw its kind, and its
+    held-out splits could hold images the network trained on. A checkpoint that records no
+    data is not checked; data that cannot be read is left to the study's own loading,
+    which reports it.
+    """
+    from qerror.data import fashion_mnist_splits
+
+    config = info.config if isinstance(info.config, Mapping) else {}
+    recorded = config.get("data")
+    if not isinstance(recorded, Mapping):
+        return
+    try:
+        splits = fashion_mnist_splits(data_root, **held_out(info), download=download)
+    except (DataNotFoundError, DataError, ValueError):
+        return
+    recipe = config.get("recipe") if isinstance(config.get("recipe"), Mapping) else {}
+    n_test = recipe.get("test_images")
+    test = splits.test if not isinstance(n_test, int) or isinstance(n_test, bool) \
+        else splits.test.subset(np.arange(min(n_test, len(splits.test))))
+    differ = [name for name, key, split in (("train", "train_sha256", splits.train),
+                                            ("validation", "val_sha256", splits.val),
+                                            ("test", "test_sha256", test))
+              if isinstance(recorded.get(key), str) and recorded[key] != split.sha256]
+    if differ:
+        raise StudyError(
+            f"checkpoint {getattr(info, 'path', '')} was trained on other data than the "
+            f"Fashion-MNIST folder read here ({splits.test.source}): its {', '.join(differ)} "
+            f"split{'s' if len(differ) > 1 else ''} differ from those it recorded (read from "
+            f"{recorded.get('source', 'an unrecorded folder')}). Pass --data-root with the "
+            "data it was trained on, or train a baseline on this folder with python -m "
+            "studies.train --data-root FOLDER --checkpoint NEW_FILE")
+
+
 def refuse_beyond_splits(parser: argparse.ArgumentParser,
                          requests: Mapping[str, tuple[int | None, str]]) -> None:
     """``parser.error`` for an image count asked for by name that is larger than its

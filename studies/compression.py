@@ -114,6 +114,7 @@ from studies._common import (
     alternating_times,
     base_parser,
     check_out,
+    check_trained_on,
     figure_style,
     held_out,
     int_at_least,
@@ -874,6 +875,7 @@ def _load_model(args):
     else:
         ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
                                      data_root=args.data_root)
+    check_trained_on(ckpt.info, args.data_root)
     return ckpt.model, {"model": f"fashion-{args.model}", "checkpoint": str(ckpt.info.path),
                         "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics,
                         "held_out": held_out(ckpt.info)}

@@ -75,6 +75,7 @@ from studies._common import (
     StudyError,
     base_parser,
     check_out,
+    check_trained_on,
     figure_style,
     finite_float,
     held_out,
@@ -170,7 +171,7 @@ def equivalence(net: nn.Module, x: torch.Tensor, qparams: QParams, float_logits:
     inputs of both paths.
     """
     codes = quantize_offline(x, INT8, qparams)
-    model_q, model_c = with_input_quantizer(net, INT8, qparams), on_codes(net, qparams)
+    model_q, model_c = with_input_quantizer(net, INT8, qparams), on_codes(net, INT8, qparams)
     # the input each network actually receives: the output of its first module
     seen: dict[str, list] = {"q": [], "c": []}
     hooks = [model_q[0].register_forward_hook(lambda m, a, out: seen["q"].append(out.cpu())),
@@ -638,6 +639,8 @@ def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
         m[f"P{letters(r.config.replace('@', '_'))}Vs{versus}"] = f"{r.p_holm:.2g}"
     for r in pixels.itertuples():
         m[f"DistinctCodes{letters(f'{r.mode}_{r.bits}')}"] = str(int(r.distinct_codes))
+        # the 28x28 pixels' bias (weighted by the test pixels), the pixel table's column
+        m[f"PixelBiasLsb{letters(f'{r.mode}_{r.bits}')}"] = f"{r.bias_lsb:.3f}"
     eight = pixels[(pixels.bits == 8) & (pixels["mode"] == "nearest_even")]
     if len(eight):
         m["PixelOffsetLsb"] = f"{eight.bias_lsb.iloc[0]:.3f}"
@@ -722,6 +725,7 @@ def _load_network(args):
                   "steps, and resumes if interrupted); this study follows.", flush=True)
         ckpt = get_or_train_baseline("resnet50", train_if_missing=args.train_if_missing,
                                      data_root=args.data_root, download=args.download)
+    check_trained_on(ckpt.info, args.data_root, download=args.download)
     identity = {"arch": ckpt.info.arch.value, "stem": ckpt.info.stem.value,
                 "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
                 "metrics": ckpt.info.metrics}
@@ -734,7 +738,8 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     modes = list(dict.fromkeys(args.modes or DEFAULT_MODES))
     bit_list = list(dict.fromkeys(args.bits or DEFAULT_BITS))
-    scale_errors = list(DEFAULT_SCALE_ERRORS if args.scale_errors is None else args.scale_errors)
+    scale_errors = list(dict.fromkeys(DEFAULT_SCALE_ERRORS if args.scale_errors is None
+                                      else args.scale_errors))
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
     refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})

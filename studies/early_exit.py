@@ -120,6 +120,7 @@ from studies._common import (
     StudyError,
     base_parser,
     check_out,
+    check_trained_on,
     figure_style,
     held_out,
     int_at_least,
@@ -227,6 +228,7 @@ def load_backbone(args, data_root):
     else:
         ckpt = get_or_train_baseline(args.arch, args.stem, train_if_missing=not args.no_train,
                                      data_root=data_root)
+    check_trained_on(ckpt.info, data_root)
     return ckpt.model, {"model": f"fashion-{ckpt.info.arch.value}-{ckpt.info.stem.value}",
                         "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
                         "metrics": ckpt.info.metrics, "held_out": held_out(ckpt.info)}

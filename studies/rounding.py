@@ -44,6 +44,7 @@ from studies._common import (
     StudyError,
     base_parser,
     check_out,
+    check_trained_on,
     figure_style,
     held_out,
     int_at_least,
@@ -471,6 +472,8 @@ def _main(argv: list[str]) -> int:
                      "part, which needs a qerror checkpoint (--checkpoint, or a cached "
                      "baseline); pass one, or leave --data-root out")
     # Read before the work starts: a named folder that fails stops the run here.
+    if baseline is not None and baseline[1] is not None:
+        check_trained_on(baseline[2]["info"], args.data_root)
     calib = None if baseline is None or baseline[1] is None else _calibration_images(
         args.data_root, 64 if smoke else 256, held_out(baseline[2]["info"]))
     images, data_identity = (None, None) if calib is None else calib

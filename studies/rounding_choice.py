@@ -44,6 +44,8 @@ from tqdm import tqdm
 
 from qerror import QuantSpec, RoundingMode
 from qerror.data import (
+    CALIB_IMAGES,
+    VAL_IMAGES,
     ImageSet,
     fashion_mnist_splits,
     find_fashion_mnist,
@@ -74,8 +76,10 @@ from studies._common import (
     StudyError,
     base_parser,
     check_out,
+    check_trained_on,
     figure_style,
     finite_float,
+    held_out,
     int_in,
     nonnegative_int,
     positive_float,
@@ -174,6 +178,14 @@ def load_model(name: str, args, data: Data, progress: bool):
                                      data_root=args.data_root)
     except CheckpointError as err:
         raise StudyError(str(err)) from err
+    check_trained_on(ckpt.info, args.data_root)
+    if held_out(ckpt.info) != {"val": VAL_IMAGES, "calib": CALIB_IMAGES}:
+        # this study calibrates on the library's default held-out split
+        raise StudyError(f"checkpoint {ckpt.info.path} was trained beside held-out splits of "
+                         f"{held_out(ckpt.info)} images, not the {VAL_IMAGES} validation and "
+                         f"{CALIB_IMAGES} calibration images this study holds out: some of "
+                         "its calibration images could be images the network trained on. "
+                         "Use a baseline trained with the default splits")
     return ckpt.model.eval(), {"model": f"fashion-{name}", "checkpoint": str(ckpt.info.path),
                                "sha256": ckpt.info.sha256, "metrics": ckpt.info.metrics}
 

@@ -708,18 +708,31 @@ def _input_model():
 
 
 def test_claim_D1_input_quantizer_equals_offline_codes():
+    """Bit-identical outputs from float input quantized in the model and from its offline
+    codes, on values that include exact ties between codes (a power-of-two scale makes
+    (k + ½)·s exact; half-even and half-away give other codes there, so the tie rule is
+    exercised) and values beyond the range, for a float32 and a float64 model."""
+    from qerror import QParams
     from qerror.nn.input_quant import on_codes, quantize_offline, with_input_quantizer
 
     assert claim("D1").verdict is Verdict.TRUE
-    net = _input_model().float()
-    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(4))
-    net(x)  # materialise the lazy layer
     spec = QuantSpec(bits=8, signed=False, symmetric=False)
-    qp = calibrate(x, spec)
-    codes = quantize_offline(x, spec, qp)  # the dataset as stored: one byte per value
-    assert codes.dtype == torch.uint8
-    with torch.no_grad():
-        assert torch.equal(with_input_quantizer(net, spec, qp)(x), on_codes(net, qp)(codes))
+    qp = QParams(scale=2.0 ** -8, zero_point=3)
+    g = torch.Generator().manual_seed(4)
+    u = torch.round(torch.rand(32, 1, 8, 8, generator=g) * 300 * 16) / 16 - 20  # 1/16ths
+    u[:, :, 0, :] = torch.floor(u[:, :, 0, :]) + 0.5  # a row of exact ties per image
+    for dtype in (torch.float32, torch.float64):
+        x = ((u - qp.zero_point) * qp.scale).to(dtype)  # exact: u has few bits
+        assert torch.equal(x / qp.scale + qp.zero_point, u.to(dtype))
+        away = spec.replace(rounding=RoundingMode.NEAREST_AWAY)
+        assert not torch.equal(quantize_offline(x, spec, qp), quantize_offline(x, away, qp))
+        net = _input_model().to(dtype)
+        net(x)  # materialise the lazy layer
+        codes = quantize_offline(x, spec, qp)  # the dataset as stored: one byte per value
+        assert codes.dtype == torch.uint8
+        with torch.no_grad():
+            assert torch.equal(with_input_quantizer(net, spec, qp)(x),
+                               on_codes(net, spec, qp, dtype=dtype)(codes))
 
 
 def test_claim_D2_a_quantized_kernel_refuses_float_input():
@@ -744,16 +757,22 @@ def test_claim_D3_qat_trains_on_float_data():
     w = torch.randn(4, 8, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(64, 8, dtype=torch.float64, generator=g)  # float data, never quantized
     spec = QuantSpec(bits=4, axis=0)
-    scale = (w.detach().abs().amax(1) / spec.qmax)
+    # channel 0's range is half its weights' largest magnitude: some of them are clamped
+    scale = (w.detach().abs().amax(1) / spec.qmax) * torch.tensor([0.5, 1.0, 1.0, 1.0],
+                                                                   dtype=torch.float64)
     xq = fake_quantize(x, QuantSpec(bits=8), float(x.abs().max()) / 127)
     wq = fake_quantize(w, spec, scale)
     loss = (xq @ wq.T).square().mean()
     loss.backward()
     # the straight-through gradient: the float weights get the loss's gradient with respect
-    # to their quantized values (every weight lies within its channel's range, the largest
-    # on its rail), computed here in closed form: 2/(64·4) (xq wq^T)^T xq
+    # to their quantized values inside the range (the other channels' largest weights on
+    # their rails), zero where a weight was clamped, computed here in closed form:
+    # 2/(64·4) (xq wq^T)^T xq, masked
+    u = w.detach() / scale[:, None]
+    inside = (torch.round(u) >= spec.qmin) & (torch.round(u) <= spec.qmax)
+    assert 0 < int((~inside).sum()) and bool(inside[1:].all())
     y = (xq @ wq.T).detach()
-    expected = 2 / y.numel() * y.T @ xq
+    expected = 2 / y.numel() * y.T @ xq * inside
     torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=0)
 
 

@@ -3,8 +3,8 @@
 A model can take float images and quantize them itself (:class:`InputQuantizer` as its
 first op), or take integer codes quantized beforehand and stored one per byte
 (:func:`quantize_offline`), which it dequantizes on load (:class:`Dequantizer`). With the
-same spec, scale and zero point the two give the model the same input values, ties between
-codes included (a zero may differ in sign where the quantizer's block engine runs).
+same spec, scale and zero point (and the dequantizer's output in the float input's dtype) the
+two give the model the same input values, ties between codes included (a zero may differ in sign where the quantizer's block engine runs).
 """
 
 from __future__ import annotations
@@ -47,23 +47,40 @@ class Dequantizer(nn.Module):
 
     Parameters
     ----------
+    spec : QuantSpec
+        The spec the codes were made with (:func:`quantize_offline`): its grid bounds the
+        codes, its ``axis`` is the channel axis of per-channel ``qparams``.
     qparams : QParams
         Scale and zero point the codes were made with.
-    axis : int, optional
-        The channel axis of per-channel ``qparams`` (the spec's ``axis``); None for one
-        scale and zero point.
+    dtype : torch.dtype
+        Output dtype (default float32): that of the float input the codes stand for, to
+        equal :class:`InputQuantizer` on it.
 
     Notes
     -----
-    Input: integer codes of any shape; output: float32 ``s·(q − z)``.
+    Input: integer codes of any shape, within the spec's ``[qmin, qmax]``; codes stored one
+    per byte must be int8 for a signed spec and uint8 otherwise (the same bytes read with
+    the other sign are other values). Output: ``s·(q − z)`` in ``dtype``.
     """
 
-    def __init__(self, qparams: QParams, axis: int | None = None):
+    def __init__(self, spec: QuantSpec, qparams: QParams, *, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.qparams, self.axis = qparams, axis
+        self.spec, self.qparams, self.dtype = spec, qparams, dtype
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return dequantize(q, self.qparams.scale, self.qparams.zero_point, axis=self.axis)
+        spec = self.spec
+        if q.dtype in (torch.int8, torch.uint8) and (q.dtype == torch.int8) != spec.signed:
+            kind, stored = ("signed", "int8") if spec.signed else ("unsigned", "uint8")
+            raise TypeError(f"codes of dtype {q.dtype} for a {kind} spec: its codes are "
+                            f"stored as {stored}; read them as such")
+        if q.numel() and not (q.dtype.is_floating_point or q.dtype.is_complex
+                              or q.dtype == torch.bool):
+            lo, hi = int(q.min()), int(q.max())
+            if lo < spec.qmin or hi > spec.qmax:
+                raise ValueError(f"codes span [{lo}, {hi}], beyond the spec's grid [{spec.qmin}, "
+                                 f"{spec.qmax}]: not codes this spec made")
+        return dequantize(q, self.qparams.scale, self.qparams.zero_point, axis=spec.axis,
+                          dtype=self.dtype)
 
 
 def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:
@@ -71,10 +88,11 @@ def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> n
     return nn.Sequential(InputQuantizer(spec, qparams), net).eval()
 
 
-def on_codes(net: nn.Module, qparams: QParams, axis: int | None = None) -> nn.Module:
-    """``net`` preceded by a :class:`Dequantizer`, in evaluation mode: fed offline codes
-    (``axis``: the channel axis of per-channel ``qparams``, as the spec that made them)."""
-    return nn.Sequential(Dequantizer(qparams, axis), net).eval()
+def on_codes(net: nn.Module, spec: QuantSpec, qparams: QParams, *,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``net`` preceded by a :class:`Dequantizer`, in evaluation mode: fed offline codes made
+    with ``spec`` and ``qparams``, dequantized to ``dtype`` (that of the float input)."""
+    return nn.Sequential(Dequantizer(spec, qparams, dtype=dtype), net).eval()
 
 
 def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,

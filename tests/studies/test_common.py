@@ -368,3 +368,53 @@ sys.exit(_common.study_main(body)([]))
     run = subprocess.run([sys.executable, "-c", script, "ignore"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == -signal.SIGTERM
+
+
+def test_check_trained_on_refuses_other_data_than_the_checkpoint_recorded(tmp_path,
+                                                                          monkeypatch):
+    """Another copy of images in Fashion-MNIST's format was measured against the baseline
+    without a word (and its held-out splits could hold training images): each split's
+    sha256 is compared with what studies.train recorded."""
+    from types import SimpleNamespace
+
+    from qerror import data
+
+    sizes = {"train": 120, "test": 30}
+    monkeypatch.setattr(data, "SIZES", sizes)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    rng = np.random.default_rng(3)
+    arrays = {split: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                      rng.integers(0, 10, n, dtype=np.uint8)) for split, n in sizes.items()}
+
+    def folder(name, change=None):
+        root = tmp_path / name
+        root.mkdir()
+        for split, (images, labels) in arrays.items():
+            images = images.copy()
+            if split == change:
+                images[-1, 0, 0] ^= 1  # one pixel of the last image
+            data.write_idx(root / f"{data.FILES[split][0]}.gz", images)
+            data.write_idx(root / f"{data.FILES[split][1]}.gz", labels)
+        return root
+
+    same = folder("same")
+    recipe = {"val_split": 20, "calib_split": 10, "test_images": None}
+    splits = data.fashion_mnist_splits(same, val=20, calib=10)
+    recorded = {"source": str(same), "train_sha256": splits.train.sha256,
+                "val_sha256": splits.val.sha256, "test_sha256": splits.test.sha256}
+    info = SimpleNamespace(config={"recipe": recipe, "data": recorded}, path="m.pt")
+    _common.check_trained_on(info, same)  # the data it was trained on
+    _common.check_trained_on(info, folder("copy"))  # the same images elsewhere
+    with pytest.raises(_common.StudyError, match=r"its test split differ.*--data-root"):
+        _common.check_trained_on(info, folder("test", change="test"))
+    # the last training image lies in the training split or in a held-out one
+    with pytest.raises(_common.StudyError, match="train|validation"):
+        _common.check_trained_on(info, folder("train", change="train"))
+    # a smoke checkpoint tested on the first images: those are compared
+    first = {**recorded, "test_sha256": splits.test.subset(np.arange(5)).sha256}
+    _common.check_trained_on(SimpleNamespace(config={"recipe": {**recipe, "test_images": 5},
+                                                     "data": first}, path="m.pt"), same)
+    # nothing recorded, or nothing to read: not this check's to refuse
+    _common.check_trained_on(SimpleNamespace(config={"recipe": recipe}, path="m.pt"),
+                             folder("none", change="test"))
+    _common.check_trained_on(info, tmp_path / "missing")

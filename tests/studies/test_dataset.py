@@ -106,7 +106,7 @@ def test_storage_bytes_are_shape_times_element_size():
 def test_smoke_run_end_to_end(idx_root, tmp_path):
     out = tmp_path / "dataset"
     argv = ["--smoke", "--data-root", str(idx_root), "--out", str(out), "--no-progress",
-            "--scale-errors", "0.02"]
+            "--scale-errors", "0.02", "0.02"]  # a value named twice is one variant
     assert dataset.main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
@@ -136,6 +136,7 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     assert len(mcnemar) == len(bits) * (2 * len(modes) - 1)
 
     variants = pd.read_csv(out / "offline_variants.csv").set_index("variant")
+    assert variants.index.is_unique
     own = variants.loc["model"]  # requantizing with the model's own parameters changes nothing
     assert own.frac_codes_changed == 0 and own.max_abs_logit_diff == 0 and own.images_evaluated == 0
     assert variants.loc["scale_+2pct", "frac_codes_changed"] > 0

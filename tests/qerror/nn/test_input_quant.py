@@ -43,7 +43,7 @@ def test_input_quantizer_in_the_model_equals_offline_codes_bit_for_bit(mode, bit
     assert codes.dtype == torch.int8
     with torch.inference_mode():
         in_model = with_input_quantizer(net, spec, qp)(x)
-        offline = on_codes(net, qp)(codes)
+        offline = on_codes(net, spec, qp)(codes)
     assert torch.equal(in_model, offline)
 
 
@@ -60,7 +60,7 @@ def test_in_model_and_offline_agree_on_ties(mode):
     assert float((x / qp.scale + qp.zero_point).frac().abs().eq(0.5).float().mean()) == 0.5
     codes = quantize_offline(x, spec, qp)
     seen_in_model = InputQuantizer(spec, qp)(x)
-    seen_offline = on_codes(nn.Identity(), qp)(codes)
+    seen_offline = on_codes(nn.Identity(), spec, qp)(codes)
     assert torch.equal(seen_in_model, seen_offline)
     other = {RoundingMode.NEAREST_EVEN: RoundingMode.NEAREST_AWAY,
              RoundingMode.NEAREST_AWAY: RoundingMode.NEAREST_EVEN}.get(mode)
@@ -68,7 +68,7 @@ def test_in_model_and_offline_agree_on_ties(mode):
         assert not torch.equal(InputQuantizer(spec.replace(rounding=other), qp)(x),
                                seen_offline)
     with torch.inference_mode():
-        assert torch.equal(with_input_quantizer(net, spec, qp)(x), on_codes(net, qp)(codes))
+        assert torch.equal(with_input_quantizer(net, spec, qp)(x), on_codes(net, spec, qp)(codes))
 
 
 def test_unsigned_codes_are_stored_as_uint8():
@@ -107,4 +107,42 @@ def test_per_channel_input_codes_give_the_model_the_same_input():
     codes = quantize_offline(x, spec, qp)
     with torch.inference_mode():
         assert torch.equal(with_input_quantizer(net, spec, qp)(x),
-                           on_codes(net, qp, axis=spec.axis)(codes))
+                           on_codes(net, spec, qp)(codes))
+
+
+def test_codes_read_with_the_other_sign_or_beyond_the_grid_are_refused():
+    """int8 bytes read as uint8 (other values), or codes a spec cannot make, reached the
+    model without a word."""
+    spec = SPEC  # signed 8-bit: int8 codes in [-128, 127]
+    x = images(6, 2)
+    qp = calibrate(x, spec)
+    codes = quantize_offline(x, spec, qp)
+    with pytest.raises(TypeError, match="int8"):
+        on_codes(nn.Identity(), spec, qp)(codes.view(torch.uint8))
+    with pytest.raises(ValueError, match="beyond the spec's grid"):
+        on_codes(nn.Identity(), spec, qp)(codes.to(torch.int32) * 3)
+    unsigned = SPEC.replace(signed=False)
+    with pytest.raises(TypeError, match="uint8"):
+        on_codes(nn.Identity(), unsigned, calibrate(x, unsigned))(codes)
+    four = SPEC.replace(bits=4)
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        on_codes(nn.Identity(), four, qp)(torch.tensor([-9, 0, 7], dtype=torch.int8))
+    assert torch.equal(on_codes(nn.Identity(), spec, qp)(codes.to(torch.int64)),
+                       on_codes(nn.Identity(), spec, qp)(codes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_offline_codes_feed_a_model_of_another_dtype_the_same_input(dtype):
+    """The dequantizer gave float32 whatever the model: a float64 model refused it, and
+    the values differed from the in-model quantizer's on float64 or float16 input."""
+    spec = SPEC
+    x = images(7, 4).to(dtype)
+    qp = calibrate(x, spec)
+    codes = quantize_offline(x, spec, qp)
+    assert torch.equal(InputQuantizer(spec, qp)(x),
+                       on_codes(nn.Identity(), spec, qp, dtype=dtype)(codes))
+    if dtype == torch.float64:
+        net = small_net().double()
+        with torch.inference_mode():
+            assert torch.equal(with_input_quantizer(net, spec, qp)(x),
+                               on_codes(net, spec, qp, dtype=dtype)(codes))
