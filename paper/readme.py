@@ -68,6 +68,24 @@ class _About(dict):
 # Options a record's command may leave out: where its run wrote, and how it showed progress.
 _UNSTATED = ("--out", "--force", "--no-progress")
 _UNSTATED_BY_STUDY = {"train": ("--checkpoint",)}  # the trained network's file
+# Options whose values are paths: a value in capitals may stand for one (the text explains
+# it); any other option is stated as run.
+_PATH_OPTIONS = ("--out", "--data", "--data-root", "--weights", "--checkpoint",
+                 "--early-exit-run")
+
+
+def _script_study_line(script: Path, study: str) -> list[str] | None:
+    """The words after ``-m studies.<study>`` in a shell script of this repository (its
+    backslash continuations joined, ``"$@"`` dropped), or None if it runs no such study."""
+    if not script.is_file() or not script.resolve().is_relative_to(REPO):
+        return None
+    text = script.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if f"studies.{study}" in words:
+            rest = words[words.index(f"studies.{study}") + 1:]
+            return [w for w in rest if w != "$@"]
+    return None
 
 
 def _options(words: list[str]) -> dict[str, list[str]]:
@@ -136,23 +154,30 @@ class Record:
         words = shlex.split(self.about["command"])
         while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
             words.pop(0)  # an environment variable set for the run
+        words = next((words[:i] for i, w in enumerate(words) if w.startswith("(")), words)
+        placeholder = r"[A-Z][A-Z0-9_]*"  # in a python -m command: a path the text explains
         if words[:1] in (["sh"], ["bash"]) and len(words) > 1:
             script = REPO / words[1]
-            if not script.is_file() or f"studies.{study}" not in script.read_text():
+            line = _script_study_line(script, study)
+            if line is None:
                 raise RecordError(f"record {self.name}: its command runs {words[1]}, which is "
                                   f"not a script of this repository that runs the {study} "
                                   "study")
-            return
-        if words[:2] != ["python", "-m"] or len(words) < 3 or words[2] != f"studies.{study}":
+            # the script's own options, then those the command adds after its first
+            # argument (the script's output folder)
+            extra = words[3:] if len(words) > 2 and not words[2].startswith("-") else words[2:]
+            stated_words, placeholder = line + extra, r"\S*\$\S*"  # a shell variable
+        elif words[:2] != ["python", "-m"] or len(words) < 3 or words[2] != f"studies.{study}":
             raise RecordError(f"record {self.name}: its command ({self.about['command']}) is "
                               f"not the run's (python -m studies.{study} ...)")
-        stated = _options(next((words[3:i] for i, w in enumerate(words) if w.startswith("(")),
-                               words[3:]))
+        else:
+            stated_words = words[3:]
+        stated = _options(stated_words)
         ran = _options(self.manifest.get("argv") or [])
         unstated = {*_UNSTATED, *_UNSTATED_BY_STUDY.get(study, ())}
         for option, values in stated.items():
             if option not in ran or len(ran[option]) != len(values) or not all(
-                    v == r or re.fullmatch(r"[A-Z][A-Z0-9_]*", v)
+                    v == r or (option in _PATH_OPTIONS and re.fullmatch(placeholder, v))
                     for v, r in zip(values, ran[option])):
                 raise RecordError(f"record {self.name}: its command gives {option} "
                                   f"{' '.join(values)}, its run {option} "
@@ -189,9 +214,16 @@ def pct(x: float) -> str:
     return f"{100 * _finite(x):.2f}"
 
 
+def plus(x: float, places: int) -> str:
+    """``x`` with ``places`` decimals and its sign, none on a value that rounds to zero:
+    1.234 -> "+1.23", -0.003 -> "0.00" at two places (never "-0.00")."""
+    text = f"{abs(_finite(x)):.{places}f}"
+    return text if float(text) == 0 else ("-" if x < 0 else "+") + text
+
+
 def points(x: float) -> str:
     """A difference of shares in percentage points, signed: 0.005 -> "+0.50"."""
-    return f"{100 * _finite(x):+.2f}"
+    return plus(100 * _finite(x), 2)
 
 
 def pvalue(p: float) -> str:
@@ -440,9 +472,9 @@ def drift_speed_avx2(records) -> str:
         f"{minutes(to.measured_s)} minutes at commit {old.commit}, {minutes(tn.measured_s)} "
         f"at commit {new.commit} ({steps} minutes): {verdict} the "
         f"{DRIFT_MINUTES_GOAL}-minute goal. The instrumented phase's code did not change, so "
-        f"its {100 * change['instrumented']:+.0f} % is the spread between two runs here; "
+        f"its {plus(100 * change['instrumented'], 0)} % is the spread between two runs here; "
         + (f"the gain of the {' and the '.join(beyond)} "
-           f"({', '.join(f'{100 * change[p]:+.0f} %' for p in names if names[p] in beyond)}) "
+           f"({', '.join(f'{plus(100 * change[p], 0)} %' for p in names if names[p] in beyond)}) "
            "is beyond it" if beyond else "no phase's gain is beyond it")
         + (f", that of the {' and the '.join(within)} is not (one run each; the bench's "
            "paired timings below measure the layouts themselves)" if within else "")
@@ -490,7 +522,7 @@ def _drift_speed_step(records, old: str, new: str, what: str, why: str) -> str:
         f"differed by {100 * spread:.0f} % between the two runs before the first of these "
         "steps, and "
         + (f"only the change of the {' and the '.join(_PHASE_NAMES[p] for p in beyond)} ("
-           + ", ".join(f"{100 * change[p]:+.0f} %" for p in beyond) + ") is beyond that"
+           + ", ".join(f"{plus(100 * change[p], 0)} %" for p in beyond) + ") is beyond that"
            if beyond else "no phase changed by more than that")
         + f". {len(differ)} of the {len(results)} result files differ "
         f"({', '.join(differ) if differ else 'none'}){why}.")
@@ -1336,10 +1368,20 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
     # capital) would hold text that is never rendered nor checked
     bare = re.sub(r"`[^`\n]*`", "", text)  # markers quoted as code are prose
     opened = re.findall(r"<!--\s*record:\s*(.*?)\s*-->", bare)
+    # ... and written exactly so, on a line of its own: a stray space opens a passage the
+    # pattern above never reads
+    problems += [f"README marker {m.group(0).strip()!r} is not written as '<!-- record: "
+                 f"{m.group(1)} -->' at the end of its line: its passage is never rendered "
+                 "nor checked" for m in re.finditer(r"<!--\s*record:\s*(.*?)\s*-->[^\n]*\n?",
+                                                    bare)
+                 if m.group(0) != f"<!-- record: {m.group(1)} -->\n"]
     closed = len(re.findall(r"<!--\s*/record\s*-->", bare))
     problems += [f"README marker '<!-- record: {n} -->' is not a passage name (lower-case "
                  "letters, digits and hyphens)" for n in opened if not re.fullmatch(
                      r"[a-z0-9-]+", n)]
+    if closed != bare.count("<!-- /record -->"):
+        problems.append("a README marker closing a passage is not written as "
+                        "'<!-- /record -->': the passage before it runs on into the next")
     if len(opened) != closed:
         problems.append(f"the README opens {len(opened)} record passages and closes {closed}")
     return out, problems

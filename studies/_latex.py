@@ -72,11 +72,14 @@ def number(value: float, digits: int = 3) -> str:
     """
     if not math.isfinite(value):
         raise ValueError(f"a macro needs a finite number, got {value!r}")
-    if value == 0:
+    # rounded to its significant digits first: the places follow the rounded value, so
+    # 9.996 is 10.0 (not 10.00) and 1036.2 is 1040 (not 1036)
+    rounded = float(f"{abs(value):.{digits - 1}e}")
+    if rounded == 0:
         text = "0"
     else:
-        places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-        text = f"{abs(value):.{places}f}"
+        places = max(0, digits - 1 - math.floor(math.log10(rounded)))
+        text = f"{rounded:.{places}f}"
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
 
 

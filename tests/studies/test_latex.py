@@ -52,6 +52,12 @@ def test_macro_names_must_be_letters(tmp_path):
     (-0.0001, 2, "\\ensuremath{-}0.00010"),
     (0.0, 3, "0"),
     (2.0, 3, "2.00"),
+    # rounding up to the next power of ten keeps the digits asked for
+    (9.996, 3, "10.0"),
+    (0.09996, 3, "0.100"),
+    (-0.9996, 2, "\\ensuremath{-}1.0"),
+    (1036.2, 3, "1040"),                 # three significant digits, as 1039.5's 1040
+    (99999.0, 2, "100000"),
 ])
 def test_number_for_running_text(value, digits, text):
     assert number(value, digits) == text

@@ -148,6 +148,12 @@ def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
     assert "python -{}m studies.drift -{}-{}smoke -{}-{}out" in tex  # "--" stays two hyphens
     assert r"x\_\allowbreak{}y" in tex  # escaped for LaTeX
     assert "ab" * 20 in tex and "c" * 40 in tex
+    # the ledger comes from the working tree: a dirty one is said, as a run's is
+    claims = tex[tex.index("Claims ledger"):].split("\n")[0]
+    assert "uncommitted" not in claims
+    dirty = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex",
+                                 "c" * 40, dirty=True)
+    assert "with uncommitted changes" in dirty[dirty.index("Claims ledger"):].split("\n")[0]
     for digest in manifest["outputs"].values():  # in two halves, one line each
         assert r"\texttt{" + digest[:32] + r"} \\" + "\n" + r" & \texttt{" + digest[32:] + "}" \
             in tex
@@ -221,6 +227,10 @@ def numbers(body: str, preamble: str = "") -> list[str]:
     ("$24$ of the $45$ differences, $0{.}5$", ["24", "45", "0{.}5"]),
     ("\\href{http://example.org/run1}{the 88.81\\,\\% run}", ["88.81"]),
     ("\\newcommand{\\myacc}{88.81} and \\def\\other{12}", ["88.81", "12"]),
+    # the other ways to define a macro, and counts typed in math with a sign or a percent
+    ("\\providecommand{\\a}{88.81} \\DeclareRobustCommand{\\b}{12} \\gdef\\c{13} "
+     "\\edef\\d{14} \\newcommand\\e{15}", ["88.81", "12", "13", "14", "15"]),
+    ("$88\\%$, $-45$ and $+12$, but $-1$ and $0$", ["88\\%", "-45", "+12"]),
 ])
 def test_hand_typed_numbers_are_found(body, found):
     assert numbers(body) == found

@@ -78,6 +78,9 @@ def test_numbers_in_words():
     assert readme.pvalue(7.4e-8) == "7.4e-08" and readme.pvalue(1.0) == "1"
     assert readme.pvalue(0.0149) == "0.015" and readme.minutes(399) == "6.7"
     assert readme.span([0.601, 0.666]) == "0.60–0.67" and readme.span([0.329, 0.331]) == "0.33"
+    # no negative zero: a change that rounds to nothing carries no sign
+    assert readme.points(-0.00004) == "0.00" and readme.plus(-0.3, 0) == "0"
+    assert readme.plus(-0.6, 0) == "-1" and readme.plus(12.345, 1) == "+12.3"
 
 
 def test_adding_again_replaces_a_record_whole_or_not_at_all(tmp_path):
@@ -165,13 +168,18 @@ def test_a_stale_twin_or_a_misspelt_marker_fails_the_check(tmp_path, monkeypatch
     stale = passage.replace("with it and", "with it (stale) and")
     target = tmp_path / "README.md"
     monkeypatch.setattr(readme, "README", target)
+    loose = [stale.replace("<!-- record: drift-fused-gain -->", marker)
+             for marker in ("<!-- record: drift-fused-gain --> ",
+                            "<!-- record:drift-fused-gain -->")]
     for broken in (text[:start] + stale + "\n" + text[start:],
-                   text + "\n<!-- record: early_exit -->\nmet every goal\n<!-- /record -->\n"):
+                   text + "\n<!-- record: early_exit -->\nmet every goal\n<!-- /record -->\n",
+                   *(text[:start] + twin + "\n" + text[start:] for twin in loose)):
         target.write_text(broken, encoding="utf-8")
         assert readme.main(["--check"]) == 1
         assert target.read_text(encoding="utf-8") == broken
     err = capsys.readouterr().err
     assert "appears 2 times" in err and "'<!-- record: early_exit -->' is not a passage" in err
+    assert err.count("its passage is never rendered nor checked") == 2
 
 
 def test_a_smoke_run_is_never_a_record(tmp_path):
@@ -205,10 +213,13 @@ def test_a_records_command_is_the_one_its_run_had(tmp_path):
     for good in ("python -m studies.drift --bits 8 4 --weights /tmp/w.pt",
                  "OMP_NUM_THREADS=1 python -m studies.drift --weights W --bits 8 4 "
                  "(W from python -m studies.train)",
-                 "python -m studies.drift --bits 8 4 --weights W --out OUT",
-                 "sh scripts/imagenet-throughput.sh"):
+                 "python -m studies.drift --bits 8 4 --weights W --out OUT"):
         check(good)
     for bad, why in (("python -m studies.bench --bits 8 4 --weights W", "not the run's"),
+                     # capitals stand for a path, not for any value
+                     ("python -m studies.drift --bits B 4 --weights W", "gives --bits B 4"),
+                     # a script's own options are compared with the run's too
+                     ("sh scripts/imagenet-throughput.sh", "gives --data"),
                      ("python -m studies.drift --bits 8 --weights W", "gives --bits 8, its"),
                      ("python -m studies.drift --bits 8 4 --weights W --smoke-like 1",
                       "gives --smoke-like"),
@@ -217,6 +228,24 @@ def test_a_records_command_is_the_one_its_run_had(tmp_path):
                      ("drift with defaults", "not the run's")):
         with pytest.raises(readme.RecordError, match=why):
             check(bad)
+    # the script's run: its own options (shell variables stand for its paths), and what
+    # the command adds after its output folder
+    script_argv = ["--data", "/tmp/x/images", "--weights", "/tmp/x/resnet50-random.pt",
+                   "--images", "16", "--calib-images", "16", "--batch-size", "8", "--modes",
+                   "nearest_even", "toward_zero", "--bits", "8", "--targets", "both",
+                   "--remedy-bits", "--int8-images", "0", "--out", "/tmp/o", "--force"]
+    manifest.update(argv=script_argv)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    check("sh scripts/imagenet-throughput.sh")
+    with pytest.raises(readme.RecordError, match="had --device"):
+        manifest.update(argv=script_argv + ["--device", "cuda"])
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        check("sh scripts/imagenet-throughput.sh")
+    check("sh scripts/imagenet-throughput.sh OUT --device cuda")
+    manifest.update(argv=script_argv[:5] + ["5000"] + script_argv[6:])  # --images 5000
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(readme.RecordError, match="gives --images 16, its run --images 5000"):
+        check("sh scripts/imagenet-throughput.sh")
     manifest.update(study="train", argv=["--checkpoint", "/tmp/c.pt", "--no-progress"])
     (folder / "manifest.json").write_text(json.dumps(manifest))
     check("python -m studies.train")  # where the trained network was written
