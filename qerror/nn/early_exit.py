@@ -1162,6 +1162,9 @@ def _check_exit_logits(logits) -> list[torch.Tensor]:
             raise ValueError(f"logits[{k}] must be a non-empty floating-point (N, C) tensor "
                              f"with C >= 2, of the shape of logits[0] {tuple(first.shape)}, "
                              f"got {getattr(z, 'shape', type(z).__name__)}")
+        if not bool(torch.isfinite(z).all()):
+            # a NaN score never exits: the sample would go on silently, counts and MACs off
+            raise ValueError(f"logits[{k}] hold NaN or Inf values")
     return logits
 
 
@@ -1826,7 +1829,10 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
 
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """(num_classes, num_exits) counts: samples of each true class that left at each exit."""
-    labels = torch.as_tensor(labels).long()
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.long()
     if labels.shape != result.exit_index.shape:
         raise ValueError(f"labels must have shape {tuple(result.exit_index.shape)}, got "
                          f"{tuple(labels.shape)}")

@@ -982,3 +982,35 @@ def test_results_of_consecutive_batches_concatenate_to_the_whole_run():
     with pytest.raises(ValueError, match="same number of exits"):
         ExitResult.concat([whole, run_early_exit(stages[:2], logits, ExitRule("max-softmax",
                                                                               (0.8,)))])
+
+
+def test_non_finite_logits_at_any_exit_are_refused():
+    """A NaN or Inf at an early exit gave a NaN score that never exits (counts, MACs and
+    the chosen rule silently off); only the last exit's were refused."""
+    from qerror.nn.early_exit import ExitCosts
+
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(6, 3, generator=g) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    costs = ExitCosts(("layer1", "layer2", "fc"), (8, 40, 95), (2, 2, 1), (10, 42, 98), 95)
+    for bad in (float("nan"), float("inf")):
+        z = [t.clone() for t in logits]
+        z[0][2, 1] = bad
+        with pytest.raises(ValueError, match=r"logits\[0\] hold NaN or Inf"):
+            exit_result_from_logits(z, ExitRule("max-softmax", (0.0, 0.0)))
+        with pytest.raises(ValueError, match=r"logits\[0\] hold NaN or Inf"):
+            threshold_sweep(z, labels, "max-softmax", [0.0, 0.5], costs)
+    # at threshold 0 every sample leaves at the first exit
+    assert exit_result_from_logits(logits, ExitRule("max-softmax", (0.0, 0.0))).exit_index \
+        .eq(0).all()
+
+
+def test_exits_per_class_refuses_labels_that_are_not_class_indices():
+    g = torch.Generator().manual_seed(4)
+    result = exit_result_from_logits([torch.randn(4, 3, generator=g) for _ in range(2)],
+                                     ExitRule("max-softmax", (0.5,)))
+    for bad in (torch.tensor([0.0, 1.7, 2.9, 0.5]), torch.tensor([-0.5, 0.0, 1.0, 2.0]),
+                torch.tensor([True, False, True, False])):
+        with pytest.raises(TypeError, match="integer class indices"):
+            exits_per_class(result, bad, 3)
+    assert exits_per_class(result, torch.tensor([0, 1, 2, 0]), 3).sum() == 4
