@@ -456,8 +456,7 @@ N1_EXPECTED = {8: {TRUNC: (MOST, MOST), FLOOR: (MOST, MOST)},
 N1_NEAREST_GROWS = {8: UNDECIDED, 6: UNDECIDED, 4: UNDECIDED}
 # N2: worst inconsistency above a tenth, for (nearest, truncation, floor).
 N2_EXPECTED = {8: (FEW, MOST, MOST), 6: (FEW, MOST, MOST), 4: (MOST, MOST, MOST)}
-# N3: truncation clamps more (on all seeds, on the seeds where the counts differ).
-N3_EXPECTED = {8: (FEW, UNDECIDED), 6: (FEW, FEW), 4: (FEW, FEW)}
+N3_EXPECTED = {8: FEW, 6: FEW, 4: FEW}
 N4_MOST_SEEDS = (6, 4)
 
 
@@ -603,12 +602,18 @@ def test_claim_N3_saturation_follows_the_drift(chain_runs, seed_statements):
     # at the top of its range than round-to-nearest? On the seeds (ties, mostly nothing
     # clamped under either mode, count as "not more") and, for the direction alone, on the
     # seeds where the two counts differ.
+    # On the seeds where they differ, truncation clamps more on fewer than half at every
+    # width, and significantly fewer at four bits; at eight and six bits whether the share
+    # is significantly below one half depends on the seeds (20 seeds trained on another
+    # machine decide the other of the two widths), so it is not claimed there.
     st = seed_statements
-    for bits, (expected, differing) in N3_EXPECTED.items():
+    for bits, expected in N3_EXPECTED.items():
         trunc, near = _on_seeds(st, "sat_last", TRUNC, bits), _on_seeds(st, "sat_last", NEAR,
                                                                          bits)
         assert _decide((trunc > near).to_numpy()) == expected, bits
-        assert _decide((trunc > near)[trunc != near].to_numpy()) == differing, bits
+        differ = (trunc > near)[trunc != near].to_numpy()
+        assert differ.mean() < 0.5 and _decide(differ) != MOST, bits
+        assert bits != 4 or _decide(differ) == FEW
 
 
 @pytest.mark.xdist_group("seeds")
