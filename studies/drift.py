@@ -453,8 +453,9 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
     ``drift_rel_rms_channel_debiased`` gets an image bootstrap (every layer's figure
     recomputed from a resample of the images' per-channel drift) and a moving-block
     bootstrap over layers; ``rms_rel`` the block bootstrap only (its per-image values are
-    not kept). ``answer`` says linear or √depth only where the widest interval excludes
-    the other (:func:`qerror.nn.growth.linear_or_sqrt`).
+    not kept). ``answer`` says linear or √depth only where every interval is defined and
+    together they exclude the other (:func:`qerror.nn.growth.linear_or_sqrt` of all of
+    them).
     """
     layers = [s for s in res.layers() if s.path_depth is not None]
     depth = np.array([s.path_depth for s in layers], dtype=float)
@@ -468,12 +469,11 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
             fits.insert(0, image_bootstrap(
                 depth, per_image, [s.float_std_channel for s in layers], level=FIT_LEVEL,
                 resamples=BOOTSTRAP, seed=seed))
-        widest = max(fits, key=lambda f: (f.hi - f.lo) if np.isfinite(f.hi - f.lo) else -1)
         # residual_ac1: near 0 the layer bootstrap's interval holds its level, well above 0
         # it is too narrow (qerror.nn.growth.layer_block_bootstrap)
         row = {"metric": metric, "layers": len(layers), "layers_fitted": fits[0].layers,
                "exponent": fits[0].exponent, "residual_ac1": fits[0].residual_ac1,
-               "answer": linear_or_sqrt(widest)}
+               "answer": linear_or_sqrt(*fits)}
         for f in fits:
             tag = "images" if f.method.startswith("image") else "layers"
             row.update({f"lo_{tag}": f.lo, f"hi_{tag}": f.hi, f"method_{tag}": f.method})

@@ -282,6 +282,8 @@ def path_depths(model: nn.Module) -> dict[str, int]:
     ------
     ValueError
         The model cannot be traced by ``torch.fx.symbolic_trace``.
+    UnsupportedModelError
+        A layer is called more than once (one depth per module cannot hold both calls).
     """
     modules = dict(model.named_modules())
     try:
@@ -297,6 +299,12 @@ def path_depths(model: nn.Module) -> dict[str, int]:
         here = below + isinstance(layer, LAYERS)
         depth[node] = here
         if isinstance(layer, LAYERS):
+            if node.target in out:
+                # one module called twice: its statistics would be pooled under one depth
+                raise UnsupportedModelError(
+                    f"layer {node.target!r} is called more than once in the forward pass; "
+                    "path depth (and the statistics measured per layer) needs one module per "
+                    "call: give each call its own module")
             out[node.target] = here
     return out
 

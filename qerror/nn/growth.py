@@ -229,7 +229,9 @@ def _interval(point: float, boot: np.ndarray, level: float, method: str, depth, 
     ac1 = residual_autocorrelation(depth, values)
     a = (1.0 - level) / 2.0
     defined = boot[np.isfinite(boot)]
-    if defined.size == 0 or boot.size - defined.size > a * boot.size:
+    # no point exponent (fewer than 3 usable depths), no interval around it: resamples
+    # recentred by the bootstrap principle can still reach 3 depths where the sample does not
+    if not math.isfinite(point) or defined.size == 0 or boot.size - defined.size > a * boot.size:
         return GrowthFit(point, math.nan, math.nan, level, int(defined.size), method, layers,
                          ac1)
     lo, hi = np.quantile(defined, [a, 1.0 - a])
@@ -406,6 +408,9 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     d, y = d[order], y[order]
     L = d.size
     most = max(L - 1, 1)  # at least two places to start a block, so that resamples differ
+    if block is not None and (isinstance(block, bool)
+                              or not isinstance(block, (int, np.integer))):
+        raise ValueError(f"block must be an int (layers per block), got {block!r}")
     block = min(max(2, round(L ** (1 / 3))), most) if block is None else int(block)
     if not 1 <= block <= most:
         raise ValueError(f"block must be from 1 to {most} (one less than the {L} "
@@ -425,16 +430,22 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
                      f"B={resamples}", d, y)
 
 
-def linear_or_sqrt(fit: GrowthFit) -> str:
-    """"linear", "sqrt", "neither" or "not separated", read from the interval alone.
+def linear_or_sqrt(*fits: GrowthFit) -> str:
+    """"linear", "sqrt", "neither" or "not separated", read from the intervals alone.
 
     "linear" when the interval holds 1 and not 1/2, "sqrt" the other way round, "neither"
-    when it holds neither, "not separated" when it holds both (or is undefined).
+    when it holds neither, "not separated" when it holds both (or is undefined). Given
+    several fits of one exponent (an image and a layer bootstrap), the answer is that of
+    the smallest interval holding all of them, and "not separated" if any is undefined:
+    intervals that disagree (one holding 1 only, the other 1/2 only) separate nothing.
     """
-    if not (math.isfinite(fit.lo) and math.isfinite(fit.hi)):
+    if not fits:
+        raise ValueError("give at least one fit")
+    if not all(math.isfinite(f.lo) and math.isfinite(f.hi) for f in fits):
         return "not separated"
-    has_one = fit.lo <= 1.0 <= fit.hi
-    has_half = fit.lo <= 0.5 <= fit.hi
+    lo, hi = min(f.lo for f in fits), max(f.hi for f in fits)
+    has_one = lo <= 1.0 <= hi
+    has_half = lo <= 0.5 <= hi
     if has_one and not has_half:
         return "linear"
     if has_half and not has_one:

@@ -1330,6 +1330,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     bn_stats = _per_config(bn_stats, k, "bn_stats")
     try:
         depths = path_depths(model)
+    except UnsupportedModelError:  # a layer called twice: its statistics would be pooled
+        raise
     except ValueError:  # an untraceable model has no path depths; execution order remains
         depths = {}
     weights = _arm_weights(model, configs, weights)

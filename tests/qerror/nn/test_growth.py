@@ -445,3 +445,66 @@ def test_residual_autocorrelation_and_undefined_intervals():
     # two layers: no exponent at all (three depths are needed), and no error
     two = layer_block_bootstrap([1, 2], [1.0, 2.0], resamples=100)
     assert math.isnan(two.exponent) and math.isnan(two.lo)
+
+
+def test_several_intervals_answer_together():
+    """The drift study read the widest interval alone: an undefined one counted as narrowest
+    and two that disagreed still gave an answer."""
+    from qerror.nn.growth import GrowthFit
+
+    def fit(lo, hi):
+        return GrowthFit(0.9, lo, hi, 0.95, 100, "x", 10)
+
+    assert linear_or_sqrt(fit(math.nan, math.nan), fit(0.8, 1.2)) == "not separated"
+    assert linear_or_sqrt(fit(0.55, 1.25), fit(0.45, 0.95)) == "not separated"
+    assert linear_or_sqrt(fit(0.3, 0.75), fit(0.8, 1.2)) == "not separated"
+    assert linear_or_sqrt(fit(0.8, 1.1), fit(0.7, 1.2)) == "linear"
+    assert linear_or_sqrt(fit(0.6, 0.8), fit(0.62, 0.85)) == "neither"
+    with pytest.raises(ValueError, match="at least one"):
+        linear_or_sqrt()
+
+
+def test_no_interval_around_an_undefined_exponent():
+    """Two layers with drift, thirty whose sample means are exactly 0: the point exponent is
+    undefined, yet recentred resamples reached three depths and gave a finite interval."""
+    rng = np.random.default_rng(0)
+    depth = np.arange(1, 33, dtype=float)
+    per = []
+    for d in depth:
+        x = rng.standard_normal((50, 1))
+        x -= x.mean(0)
+        per.append(x + (d if d <= 2 else 0.0))
+    fit = image_bootstrap(depth, per, [np.ones(1)] * 32, resamples=1000, seed=0)
+    assert math.isnan(fit.exponent) and math.isnan(fit.lo) and math.isnan(fit.hi)
+    assert linear_or_sqrt(fit) == "not separated"
+
+
+@pytest.mark.parametrize("block", [2.9, True, "2"])
+def test_block_bootstrap_refuses_a_block_that_is_not_an_int(block):
+    d = np.arange(1.0, 11.0)
+    with pytest.raises(ValueError, match="block must be an int"):
+        layer_block_bootstrap(d, d ** 0.5, block=block, resamples=100, seed=0)
+
+
+def test_a_layer_called_twice_is_refused():
+    """path_depths kept the last call's depth and measure pooled both calls' statistics
+    under it."""
+    from torch import nn
+
+    from qerror.nn import UnsupportedModelError
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    model = Twice().eval()
+    with pytest.raises(UnsupportedModelError, match="called more than once"):
+        path_depths(model)
+    x = torch.randn(8, 4)
+    with pytest.raises(UnsupportedModelError, match="called more than once"):
+        measure(model, [(x, None)], QuantConfig.make(8),
+                calibrate_activations(model, [x], QuantConfig.make(8).activation))
