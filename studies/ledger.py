@@ -248,8 +248,8 @@ CLAIMS += (
         "round-to-nearest clamps (a value just beyond an end of the range is truncated back "
         "onto it). Not downstream either on trained networks: on twenty trained seeds "
         "(studies.seeds) truncation clamps more of the classifier's input at the top of its "
-        "range than round-to-nearest on few seeds at eight, six and four bits (on many seeds "
-        "the two clamp equally, most of them nothing); among the seeds where the two differ, "
+        "range than round-to-nearest on few seeds at eight, six and four bits (a seed where "
+        "the two clamp equally counts as not more); among the seeds where the two differ, "
         "on fewer than half at every width, significantly fewer at four bits (at eight and "
         "six bits that depends on the seeds). It can rise only where "
         "the accumulated drift pushes activations past the range calibrated on the float "
@@ -316,7 +316,7 @@ CLAIMS += (
         "Their means move, under truncation and floor: at the most-shifted convolution "
         "of the tests' ten-layer network at six bits, by more than three times "
         "round-to-nearest's largest shift (relative to the float std) and well beyond its "
-        "standard error; not detectably at every layer. The direction is not always down: a "
+        "standard error (a claim read at that layer). The direction is not always down: a "
         "convolution's output mean moves by what the shrunken weights and inputs do "
         "together, which depends on their signs.",
         "test_claim_A1_biased_modes_shift_the_layer_means",

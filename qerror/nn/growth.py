@@ -435,15 +435,19 @@ def linear_or_sqrt(*fits: GrowthFit) -> str:
 
     "linear" when the interval holds 1 and not 1/2, "sqrt" the other way round, "neither"
     when it holds neither, "not separated" when it holds both (or is undefined). Given
-    several fits of one exponent (an image and a layer bootstrap), the answer is that of
-    the smallest interval holding all of them, and "not separated" if any is undefined:
-    intervals that disagree (one holding 1 only, the other 1/2 only) separate nothing.
+    several fits of one exponent (an image and a layer bootstrap), the answer they all
+    give, else "not separated": intervals that disagree separate nothing.
     """
     if not fits:
         raise ValueError("give at least one fit")
-    if not all(math.isfinite(f.lo) and math.isfinite(f.hi) for f in fits):
+    answers = {_answer(f) for f in fits}
+    return answers.pop() if len(answers) == 1 else "not separated"
+
+
+def _answer(fit: GrowthFit) -> str:
+    if not (math.isfinite(fit.lo) and math.isfinite(fit.hi)):
         return "not separated"
-    lo, hi = min(f.lo for f in fits), max(f.hi for f in fits)
+    lo, hi = fit.lo, fit.hi
     has_one = lo <= 1.0 <= hi
     has_half = lo <= 0.5 <= hi
     if has_one and not has_half:

@@ -472,11 +472,25 @@ def test_under_torchrun_a_refused_out_stops_every_rank_with_its_reason(tmp_path,
         ckpt.write_text("a user's file\n")  # no sidecar: never replaced
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    # rank 0 alone looks at the files (ranks need not share a disk): a check on another
+    # rank fails loudly
+    guard = tmp_path / "guarded_train.py"
+    guard.write_text(
+        "import os, sys\n"
+        "from studies import train\n"
+        "for name in ('check_out', '_check_checkpoint_target'):\n"
+        "    def only_rank0(*a, _f=getattr(train, name), _n=name, **k):\n"
+        "        assert os.environ.get('RANK', '0') == '0', f'{_n} ran on rank '"
+        " + os.environ['RANK']\n"
+        "        return _f(*a, **k)\n"
+        "    setattr(train, name, only_rank0)\n"
+        "sys.exit(train.main(sys.argv[1:]))\n")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", "-m", "studies.train", *SMOKE, "--out", str(out), "--checkpoint",
+         "2", str(guard), *SMOKE, "--out", str(out), "--checkpoint",
          str(ckpt), "--no-progress"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "ran on rank" not in done.stderr, done.stderr[-3000:]
     assert done.returncode != 0
     assert done.stderr.count(f"[train] error: --{refused}") == 2, done.stderr[-3000:]
     assert "broadcast_object_list" not in done.stderr and "gloo" not in done.stderr.lower()

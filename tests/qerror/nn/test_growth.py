@@ -460,6 +460,10 @@ def test_several_intervals_answer_together():
     assert linear_or_sqrt(fit(0.3, 0.75), fit(0.8, 1.2)) == "not separated"
     assert linear_or_sqrt(fit(0.8, 1.1), fit(0.7, 1.2)) == "linear"
     assert linear_or_sqrt(fit(0.6, 0.8), fit(0.62, 0.85)) == "neither"
+    # two intervals on either side of 1/2 (or of 1) are not an interval around it: each
+    # excludes both, and so do they together
+    assert linear_or_sqrt(fit(0.30, 0.45), fit(0.55, 0.80)) == "neither"
+    assert linear_or_sqrt(fit(0.85, 0.95), fit(1.05, 1.20)) == "neither"
     with pytest.raises(ValueError, match="at least one"):
         linear_or_sqrt()
 
