@@ -256,7 +256,10 @@ def compression_table(records) -> str:
     lines = [
         f"**The default run, measured** (`{rec.about['command']}`, commit {rec.commit}, "
         f"{rec.manifest['seconds'] / 60:.0f} minutes on {rec.about['machine']}; "
-        f"{rec.about['early_exit']}): every model on the whole test split, largest first "
+        f"{rec.about['early_exit']}; the baseline: the checkpoint the run found, sha256 "
+        f"{rec.manifest['model']['sha256'][:12]}, "
+        f"{pct(rec.manifest['model']['metrics']['test_accuracy'])} % on test when it was "
+        "trained): every model on the whole test split, largest first "
         "(`points.csv`; \"vs dense\": percentage points against the baseline with McNemar's "
         "p, none for the early exit, whose run kept no per-image results; \"front\": on the "
         "Pareto front of accuracy against bytes).",
