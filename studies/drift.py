@@ -454,8 +454,7 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
     recomputed from a resample of the images' per-channel drift) and a moving-block
     bootstrap over layers; ``rms_rel`` the block bootstrap only (its per-image values are
     not kept). ``answer`` says linear or √depth only where every interval is defined and
-    together they exclude the other (:func:`qerror.nn.growth.linear_or_sqrt` of all of
-    them).
+    gives that answer (:func:`qerror.nn.growth.linear_or_sqrt` of all of them).
     """
     layers = [s for s in res.layers() if s.path_depth is not None]
     depth = np.array([s.path_depth for s in layers], dtype=float)
@@ -2066,8 +2065,8 @@ def _tables(run, acc, fits, pred) -> None:
                           "blocks of layers, the lag-1 autocorrelation of the fit's residuals "
                           "along depth (near 0 the interval over layers holds its level, well "
                           "above 0 it is too narrow), and whether the intervals separate "
-                          "linear from "
-                          "$\\sqrt{\\text{depth}}$.", "tab:drift-growth")
+                          "linear from $\\sqrt{\\text{depth}}$ (an answer only where every "
+                          "interval gives it).", "tab:drift-growth")
     rem = acc[acc.remedy != "none"]
     if len(rem):
         rcols = [c for c in ("mode", "bits", "remedy", "quant_acc", "quant_lo", "quant_hi",
