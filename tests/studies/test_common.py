@@ -405,7 +405,7 @@ def test_check_trained_on_refuses_other_data_than_the_checkpoint_recorded(tmp_pa
     info = SimpleNamespace(config={"recipe": recipe, "data": recorded}, path="m.pt")
     _common.check_trained_on(info, same)  # the data it was trained on
     _common.check_trained_on(info, folder("copy"))  # the same images elsewhere
-    with pytest.raises(_common.StudyError, match=r"its test split differ.*--data-root"):
+    with pytest.raises(_common.StudyError, match=r"its test split differs.*--data-root"):
         _common.check_trained_on(info, folder("test", change="test"))
     # the last training image lies in the training split or in a held-out one
     with pytest.raises(_common.StudyError, match="train|validation"):
