@@ -11,6 +11,11 @@ _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether a torch dtype holds integers (bool, floats and complex do not)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_float_array(x, name: str) -> None:
     """Require a non-empty floating-point numpy array or torch tensor."""
     if isinstance(x, np.ma.MaskedArray):

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qerror._checks import check_finite, check_float_array, check_positive_finite
+from qerror._checks import (
+    check_finite,
+    check_float_array,
+    check_positive_finite,
+    is_integer_dtype,
+)
 from qerror.quantizer import Saturation
 from qerror.rounding import ArrayLike
 
@@ -683,7 +688,7 @@ def _int_tensor(x, name: str, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
         x = _numpy_to_torch(x)
     elif isinstance(x, torch.Tensor):
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        if not is_integer_dtype(x.dtype):
             raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
     else:
         raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from qerror import _fused
-from qerror._checks import check_finite, check_float_array, check_positive_finite
+from qerror._checks import (
+    check_finite,
+    check_float_array,
+    check_positive_finite,
+    is_integer_dtype,
+)
 from qerror._enums import Choice
 from qerror._exact import exact_codes
 from qerror.cpu import flushing_denormals, set_flush_denormal
@@ -760,7 +765,7 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
         float32 otherwise, then rounded to ``dtype``; so both give the same values.
     """
     if isinstance(q, torch.Tensor):
-        if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        if not is_integer_dtype(q.dtype):
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")
         dtype = dtype or torch.float32
         floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_finite
+from qerror._checks import check_finite, is_integer_dtype
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.compress.size import (
@@ -837,7 +837,7 @@ class LUTLayer(nn.Module):
             raise ValueError("pass index exactly when mapping is FIXED")
         if self.mapping is Mapping.FIXED:
             index = torch.as_tensor(index)
-            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            if not is_integer_dtype(index.dtype):
                 raise TypeError(f"index must hold integers (input positions), got {index.dtype}")
             index = index.to(torch.int64)
             if index.shape != (self.luts, self.fan_in):

@@ -43,6 +43,7 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from qerror._checks import is_integer_dtype
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -1830,7 +1831,7 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """(num_classes, num_exits) counts: samples of each true class that left at each exit."""
     labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if not is_integer_dtype(labels.dtype):
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.long()
     if labels.shape != result.exit_index.shape:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qerror._checks import is_integer_dtype
 from qerror.quantizer import QParams, QuantSpec, dequantize, fake_quantize, quantize
 
 # Offline codes are stored one per byte (int8 or uint8).
@@ -73,8 +74,7 @@ class Dequantizer(nn.Module):
             kind, stored = ("signed", "int8") if spec.signed else ("unsigned", "uint8")
             raise TypeError(f"codes of dtype {q.dtype} for a {kind} spec: its codes are "
                             f"stored as {stored}; read them as such")
-        if q.numel() and not (q.dtype.is_floating_point or q.dtype.is_complex
-                              or q.dtype == torch.bool):
+        if q.numel() and is_integer_dtype(q.dtype):  # others: dequantize's TypeError
             lo, hi = int(q.min()), int(q.max())
             if lo < spec.qmin or hi > spec.qmax:
                 raise ValueError(f"codes span [{lo}, {hi}], beyond the spec's grid [{spec.qmin}, "
