@@ -180,10 +180,10 @@ def check_trained_on(info, data_root, *, download: bool = False) -> None:
         raise StudyError(
             f"checkpoint {getattr(info, 'path', '')} was trained on other data than the "
             f"Fashion-MNIST folder read here ({splits.test.source}): its {', '.join(differ)} "
-            f"split{'s differ' if len(differ) > 1 else ' differs'} from what it recorded (read from "
-            f"{recorded.get('source', 'an unrecorded folder')}). Pass --data-root with the "
-            "data it was trained on, or train a baseline on this folder with python -m "
-            "studies.train --data-root FOLDER --checkpoint NEW_FILE")
+            f"split{'s differ' if len(differ) > 1 else ' differs'} from what it recorded "
+            f"(read from {recorded.get('source', 'an unrecorded folder')}). Pass --data-root "
+            "with the data it was trained on, or train a baseline on this folder with "
+            "python -m studies.train --data-root FOLDER --checkpoint NEW_FILE")
 
 
 def refuse_beyond_splits(parser: argparse.ArgumentParser,

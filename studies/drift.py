@@ -1170,8 +1170,8 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             s = sites[(sites["mode"] == mode) & (sites.bits == bits) & (sites.target == "both")]
             sat = s[(s.kind == "conv") & (s.metric == "saturation_high")].value
             if len(sat):
-                # Fractions of each conv input's elements clamped at qmax (the DESIGN's saturation at
-                # the top: rounded beyond the top code), in percent.
+                # Fractions of each conv input's elements clamped at qmax (the DESIGN's
+                # saturation at the top: rounded beyond the top code), in percent.
                 m[f"SatHighMax{key}"] = f"{100 * sat.max():.2f}"
                 m[f"SatHighMean{key}"] = f"{100 * sat.mean():.2f}"
             bn = s[(s.kind == "bn") & (s.metric == "bn_mean_shift_qf_rms")].value

@@ -1083,8 +1083,9 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
             f"bar: the {100 * MARGIN:g}-point equivalence margin less $z_{{1-\\alpha}}$ "
             f"standard errors of the difference its discordance predicts on the "
             f"{int(r['points'].images.iloc[0])} test images, so that the test split's TOST "
-            f"would pass about half the time (a little less). The cheapest that qualifies (none: the most "
-            f"accurate) is chosen, then run on the whole split{tag}.", "tab:early-exit-cv")
+            f"would pass about half the time (a little less). The cheapest that qualifies "
+            f"(none: the most accurate) is chosen, then run on the whole split{tag}.",
+            "tab:early-exit-cv")
     run.write_goals_table("goals.tex", goal[["goal", "measured", "verdict"]],
                           f"The issue's goals and what was measured{tag}.",
                           "tab:early-exit-goals")

@@ -179,10 +179,11 @@ def load_model(name: str, args, data: Data, progress: bool):
     except CheckpointError as err:
         raise StudyError(str(err)) from err
     check_trained_on(ckpt.info, args.data_root)
-    if held_out(ckpt.info) != {"val": VAL_IMAGES, "calib": CALIB_IMAGES}:
+    held = held_out(ckpt.info)
+    if held != {"val": VAL_IMAGES, "calib": CALIB_IMAGES}:
         # this study calibrates on the library's default held-out split
         raise StudyError(f"checkpoint {ckpt.info.path} was trained beside held-out splits of "
-                         f"{held_out(ckpt.info)} images, not the {VAL_IMAGES} validation and "
+                         f"{held} images, not the {VAL_IMAGES} validation and "
                          f"{CALIB_IMAGES} calibration images this study holds out: some of "
                          "its calibration images could be images the network trained on. "
                          "Use a baseline trained with the default splits")

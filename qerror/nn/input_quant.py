@@ -3,8 +3,9 @@
 A model can take float images and quantize them itself (:class:`InputQuantizer` as its
 first op), or take integer codes quantized beforehand and stored one per byte
 (:func:`quantize_offline`), which it dequantizes on load (:class:`Dequantizer`). With the
-same spec, scale and zero point (and the dequantizer's output in the float input's dtype) the
-two give the model the same input values, ties between codes included (a zero may differ in sign where the quantizer's block engine runs).
+same spec, scale and zero point (and the dequantizer's output in the float input's dtype)
+the two give the model the same input values, ties between codes included (a zero may
+differ in sign where the quantizer's block engine runs).
 """
 
 from __future__ import annotations
