@@ -41,6 +41,7 @@ import pandas as pd
 
 from qerror.files import atomic_write, sha256_file
 from studies._common import is_smoke_run
+from studies._latex import signed
 
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
@@ -216,9 +217,9 @@ def pct(x: float) -> str:
 
 def plus(x: float, places: int) -> str:
     """``x`` with ``places`` decimals and its sign, none on a value that rounds to zero:
-    1.234 -> "+1.23", -0.003 -> "0.00" at two places (never "-0.00")."""
-    text = f"{abs(_finite(x)):.{places}f}"
-    return text if float(text) == 0 else ("-" if x < 0 else "+") + text
+    1.234 -> "+1.23", -0.003 -> "0.00" at two places (never "-0.00"); the paper's
+    :func:`studies._latex.signed` with a Markdown minus."""
+    return signed(_finite(x), places, minus="-")
 
 
 def points(x: float) -> str:

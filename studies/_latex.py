@@ -83,16 +83,16 @@ def number(value: float, digits: int = 3) -> str:
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
 
 
-def signed(value: float, places: int = 2) -> str:
+def signed(value: float, places: int = 2, minus: str = "\\ensuremath{-}") -> str:
     """``value`` with ``places`` decimals and its sign, for a difference set in running text:
-    a true minus sign (:func:`number`), a plus sign above zero, none on a value that rounds
-    to zero."""
+    a true minus sign (:func:`number`; ``minus`` for text that is not LaTeX), a plus sign
+    above zero, none on a value that rounds to zero."""
     if not math.isfinite(value):
         raise ValueError(f"a macro needs a finite number, got {value!r}")
     text = f"{abs(value):.{places}f}"
     if float(text) == 0:
         return text
-    return ("\\ensuremath{-}" if value < 0 else "+") + text
+    return (minus if value < 0 else "+") + text
 
 
 # Column headers of the studies' LaTeX tables: a reader sees words and symbols, never a
