@@ -32,6 +32,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# Run as a script, this file's own checkout supplies qerror and studies, not the one the
+# environment installed in editable mode (another checkout's git_identity would name its
+# commit in the provenance).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from studies._common import git_identity, is_smoke_run
 from studies._latex import macro_name
 

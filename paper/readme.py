@@ -39,6 +39,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# Run as a script, this file's own checkout supplies qerror and studies, not the one the
+# environment installed in editable mode (another checkout's git_identity would name its
+# commit in the provenance).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from qerror.files import atomic_write, sha256_file
 from studies._common import is_smoke_run
 from studies._latex import signed

@@ -4,6 +4,7 @@ records are the runs' own outputs (each file's sha256 is its manifest's)."""
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -249,3 +250,20 @@ def test_a_records_command_is_the_one_its_run_had(tmp_path):
     manifest.update(study="train", argv=["--checkpoint", "/tmp/c.pt", "--no-progress"])
     (folder / "manifest.json").write_text(json.dumps(manifest))
     check("python -m studies.train")  # where the trained network was written
+
+
+def test_the_scripts_use_their_own_checkouts_code(tmp_path):
+    """Run as scripts, readme.py and build.py imported studies from whichever checkout the
+    environment had installed in editable mode (another checkout's git_identity named its
+    commit in the paper's provenance); a foreign studies package first on the path must not
+    be the one they use."""
+    import subprocess
+
+    foreign = tmp_path / "studies"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("raise ImportError('a foreign studies package')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for argv in (["paper/readme.py", "--check"], ["paper/build.py", "--help"]):
+        done = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
