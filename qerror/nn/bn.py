@@ -28,8 +28,10 @@ __all__ = ["BNInconsistency", "estimate_running_stats", "running_stats"]
 
 
 def _gmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x) & (x > 0)]
-    return float(np.exp(np.mean(np.log(x)))) if x.size else math.nan
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return math.nan
+    return 0.0 if (x <= 0).any() else float(np.exp(np.mean(np.log(x))))
 
 
 def _mean(x: np.ndarray) -> float:
@@ -100,7 +102,9 @@ class BNInconsistency:
         """Channel summaries: RMS and mean of the shifts, geometric means of the ratios.
 
         Channels whose running variance is 0 (dead channels) give no finite figure and are
-        left out of every summary.
+        left out of every summary. A channel whose variance collapsed to 0 (a finite ratio
+        of 0) is kept: it makes the geometric mean 0, so that a channel that lost its
+        spread shows in the summary instead of being hidden by it.
         """
         return {
             "bn_mean_shift_float_rms": _rms(self.mean_shift_float),

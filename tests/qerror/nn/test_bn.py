@@ -111,3 +111,23 @@ def test_estimate_running_stats_trains_batchnorm_alone_and_fails_without_a_trace
         y = model[0](x)
     torch.testing.assert_close(model[2].running_mean, y.mean(dim=(0, 2, 3)))
     assert torch.equal(snapshot["2"][0], before["2.running_mean"])
+
+
+def test_bn_summary_shows_a_collapsed_channel_and_leaves_out_dead_ones():
+    from qerror.nn.bn import BNInconsistency
+
+    ones = np.ones(3)
+    # channel 0 collapsed under quantization (variance 0), channel 2 dead (running variance 0)
+    res = BNInconsistency.from_stats(mean_f=np.zeros(3), var_f=np.array([4.0, 1.0, 0.0]),
+                                     mean_q=np.zeros(3), var_q=np.array([0.0, 2.0, 0.0]),
+                                     mean_run=np.zeros(3), var_run=np.array([4.0, 1.0, 0.0]))
+    summary = res.summary()
+    assert summary["bn_var_ratio_quant_gmean"] == 0.0
+    assert summary["bn_var_ratio_qf_gmean"] == 0.0
+    assert summary["bn_var_ratio_float_gmean"] == 1.0  # the dead channel left out
+    healthy = BNInconsistency.from_stats(np.zeros(3), 2 * ones, np.zeros(3), 8 * ones,
+                                         np.zeros(3), ones)
+    assert healthy.summary()["bn_var_ratio_qf_gmean"] == 4.0
+    dead = BNInconsistency.from_stats(np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1),
+                                      np.zeros(1), np.zeros(1))
+    assert np.isnan(dead.summary()["bn_var_ratio_quant_gmean"])
