@@ -186,9 +186,9 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
         return TensorBytes(storage_bytes(values, nnz),
                            row_pointers=(rows + 1) * index_dtype(n).itemsize,
                            indices=nnz * index_dtype(max(cols - 1, 0)).itemsize, **quant)
-    if len(shape) < 2 or shape[1] % 4:
-        raise ValueError(f"2:4 needs an input dimension (shape[1]) that is a multiple of 4, "
-                         f"got shape {shape}")
+    if len(shape) not in (2, 4) or shape[1] % 4:
+        raise ValueError(f"2:4 needs a 2-D or 4-D weight whose input dimension (shape[1]) is a "
+                         f"multiple of 4, got shape {shape}")
     if nnz > n // 2:
         raise ValueError(f"2:4 keeps at most half the elements ({n // 2}), got nnz={nnz}")
     return TensorBytes(storage_bytes(values, n // 2), mask=packed_bytes(n // 2, 2), **quant)
@@ -237,7 +237,7 @@ def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: Storag
         raise ValueError(f"{name} holds values beyond float16's range (largest |value| "
                          f"{np.abs(w).max():.6g} > {float(np.finfo(np.float16).max):g}); "
                          "store it as float32")
-    if sparse is SparseFormat.TWO_FOUR and w.ndim >= 2 and w.shape[1] % 4 == 0:
+    if sparse is SparseFormat.TWO_FOUR and w.ndim in (2, 4) and w.shape[1] % 4 == 0:
         if ((_groups(_as_stored(w, values)) != 0).sum(axis=1) > 2).any():
             raise ValueError(f"{name}: a group of 4 has more than 2 nonzeros: the tensor is "
                              "not 2:4 sparse")

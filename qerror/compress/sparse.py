@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from qerror._checks import is_integer_dtype
 from qerror.compress.size import dense_layers
 
 Masks = dict[str, torch.Tensor]
@@ -109,10 +110,13 @@ def prunable_weights(model: nn.Module, *,
     return out
 
 
-def zero_count(sparsity: float, n: int) -> int:
+def zero_count(sparsity: float | Fraction, n: int) -> int:
     """Weights zeroed to reach ``sparsity`` among ``n``: ``⌊s·n + 1/2⌋``, computed exactly on
-    the binary value of ``s`` (round half up; no float product to round first)."""
-    return int(Fraction(_check_sparsity(sparsity)) * int(n) + Fraction(1, 2))
+    the binary value of ``s``, or on ``s`` itself when it is a :class:`fractions.Fraction`
+    (round half up; no float product to round first)."""
+    _check_sparsity(sparsity)
+    s = sparsity if isinstance(sparsity, Fraction) else Fraction(float(sparsity))
+    return int(s * int(n) + Fraction(1, 2))
 
 
 def prune_global(model: nn.Module, sparsity: float, *,
@@ -126,8 +130,9 @@ def prune_global(model: nn.Module, sparsity: float, *,
     ----------
     model : torch.nn.Module
         Pruned in place when ``apply``.
-    sparsity : float
-        Fraction of the prunable weights to zero, in [0, 1) (e.g. 0.5, 0.75, 0.9, 0.95).
+    sparsity : float or fractions.Fraction
+        Fraction of the prunable weights to zero, in [0, 1) (e.g. 0.5, 0.75, 0.9, 0.95);
+        a ``Fraction`` is taken exactly (:func:`zero_count`).
     keep_dense : iterable of str, optional
         See :func:`prunable_weights` (default: the first convolution stays dense).
     apply : bool
@@ -151,7 +156,8 @@ def prune_global(model: nn.Module, sparsity: float, *,
     (``|w|``, index in the concatenation of the flattened tensors in module order), so the
     mask, and its count of zeros, is a deterministic function of the weights. Weights that
     are already zero have the smallest magnitude and are pruned first: in gradual pruning
-    a pruned weight stays pruned as the sparsity grows. The weights' own count of zeros
+    (:class:`MagnitudePruner`, which zeroes the pruned weights again before each update) a
+    pruned weight stays pruned as the sparsity grows. The weights' own count of zeros
     equals ``k`` unless more than ``k`` were zero before.
     """
     k = zero_count(sparsity, 1)  # validates before the model is touched
@@ -267,19 +273,30 @@ class GradualSchedule:
             raise ValueError(f"initial sparsity {self.initial} exceeds final {self.final}")
         for name, low in (("updates", 1), ("interval", 1), ("start", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) \
+                    or v < low:
                 raise ValueError(f"GradualSchedule.{name} must be an integer >= {low}, "
                                  f"got {v!r}")
+            object.__setattr__(self, name, int(v))
 
     @property
     def end(self) -> int:
         """Step of the last update, ``t0 + n·Δt``."""
         return self.start + self.updates * self.interval
 
+    def exact_sparsity(self, step: int) -> Fraction:
+        """s_t at optimizer step ``step`` (clamped to [s_i, s_f] outside the window), exactly,
+        on the binary values of ``initial`` and ``final``; the pruner counts its zeros from
+        it (:func:`zero_count`)."""
+        frac = min(max(Fraction(int(step) - self.start, self.updates * self.interval),
+                       Fraction(0)), Fraction(1))
+        final = Fraction(self.final)
+        return final + (Fraction(self.initial) - final) * (1 - frac) ** 3
+
     def sparsity(self, step: int) -> float:
-        """s_t at optimizer step ``step`` (clamped to [s_i, s_f] outside the window)."""
-        frac = min(max((step - self.start) / (self.updates * self.interval), 0.0), 1.0)
-        return self.final + (self.initial - self.final) * (1.0 - frac) ** 3
+        """s_t at optimizer step ``step`` (clamped to [s_i, s_f] outside the window), the float
+        nearest to :meth:`exact_sparsity` (so never outside [s_i, s_f])."""
+        return float(self.exact_sparsity(step))
 
     def is_update(self, step: int) -> bool:
         """Whether the masks are recomputed at ``step``."""
@@ -291,16 +308,23 @@ class MagnitudePruner:
     :func:`qerror.nn.training.fit`.
 
     Each call counts one optimizer step; at the schedule's update steps the masks are
-    recomputed by :func:`prune_global` at ``schedule.sparsity(step)``, and at every step the
-    current masks are re-applied.
+    recomputed by :func:`prune_global` at ``schedule.exact_sparsity(step)``, and at every
+    step the current masks are re-applied. Before an update the current masks are applied
+    first: the optimizer's update has moved the pruned weights off zero, and they would
+    otherwise compete with the kept ones; so a pruned weight stays pruned as the sparsity
+    grows.
 
     Parameters
     ----------
     schedule : GradualSchedule
-    keep_dense : iterable of str, optional
+    keep_dense : str or iterable of str, optional
         See :func:`prunable_weights`.
     step : int
-        Steps already done (set it when resuming a run from its saved state).
+        Steps already done, for a run resumed without the pruner's saved state: the masks
+        of the last update are then rebuilt from the weights after the first step, which
+        that step has moved, so the run is close to the uninterrupted one but not equal.
+        :func:`qerror.nn.training.fit` saves the pruner's state (:meth:`state_dict`) with
+        its own and restores it on resuming, which repeats the uninterrupted run exactly.
 
     Attributes
     ----------
@@ -310,10 +334,11 @@ class MagnitudePruner:
         Steps counted so far.
     """
 
-    def __init__(self, schedule: GradualSchedule, *, keep_dense: Iterable[str] | None = None,
-                 step: int = 0):
+    def __init__(self, schedule: GradualSchedule, *,
+                 keep_dense: Iterable[str] | str | None = None, step: int = 0):
         self.schedule = schedule
-        self.keep_dense = None if keep_dense is None else tuple(keep_dense)
+        self.keep_dense = (None if keep_dense is None else keep_dense
+                           if isinstance(keep_dense, str) else tuple(keep_dense))
         self.step = int(step)
         self.masks: Masks = {}
 
@@ -321,13 +346,39 @@ class MagnitudePruner:
         self.step += 1
         sched = self.schedule
         if sched.is_update(self.step) or (not self.masks and self.step > sched.start):
-            # A resumed pruner rebuilds the masks of the last update before this step.
+            if self.masks:
+                apply_masks(model, self.masks)
+            # A resumed pruner without its state rebuilds the masks of the last update.
             last = min(self.step, sched.end)
             last -= (last - sched.start) % sched.interval
-            self.masks = prune_global(model, sched.sparsity(last), keep_dense=self.keep_dense,
-                                      apply=False)
+            self.masks = prune_global(model, sched.exact_sparsity(last),
+                                      keep_dense=self.keep_dense, apply=False)
         if self.masks:
             apply_masks(model, self.masks)
+
+    def state_dict(self) -> dict:
+        """The steps counted and the current masks (copies), for a training state."""
+        return {"step": self.step,
+                "masks": {n: m.detach().to("cpu", torch.bool).clone()
+                          for n, m in self.masks.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises
+        ------
+        PruningError
+            ``state`` is not such a state (a step count and bool masks by name).
+        """
+        step, masks = state.get("step"), state.get("masks")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 \
+                or not isinstance(masks, Mapping) or not all(
+                    isinstance(n, str) and isinstance(m, torch.Tensor) and m.dtype == torch.bool
+                    for n, m in masks.items()):
+            raise PruningError("not a MagnitudePruner state: expected a step count and bool "
+                               "masks by parameter name")
+        self.step = step
+        self.masks = {n: m.clone() for n, m in masks.items()}
 
 
 # --------------------------------------------------------------------------- 2:4
@@ -706,7 +757,11 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
             raise PruningError(f"the plan keeps no channel of {conv}")
         block = out.get_submodule(conv.rpartition(".")[0]) if "." in conv else out
         leaf = conv.rpartition(".")[2]
-        idx = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
+        given = torch.as_tensor(kept)
+        if given.dim() != 1 or not is_integer_dtype(given.dtype):
+            raise PruningError(f"the plan for {conv} must list channel indices as a flat "
+                               f"sequence of integers, got {kept!r}")
+        idx = given.to(torch.long)
         channels = getattr(block, leaf).out_channels
         if len(idx.unique()) != len(idx) or idx.min() < 0 or idx.max() >= channels:
             raise PruningError(f"the plan for {conv} keeps channels {idx.tolist()}: each must "

@@ -7,8 +7,11 @@ convolutional network and a weightless one can be compared at the same storage.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,13 +84,17 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     Raises
     ------
     ValueError
-        Not even width 1 fits.
+        ``max_bytes`` is not a positive finite number, or not even width 1 fits.
 
     Notes
     -----
     The size grows strictly with the width, so the widest fit is found by doubling then
     bisection on the exact byte count.
     """
+    if isinstance(max_bytes, bool | np.bool_) or not isinstance(max_bytes, numbers.Real) \
+            or not math.isfinite(max_bytes) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive finite number of bytes, got "
+                         f"{max_bytes!r}")
     keep = keep_dense if isinstance(keep_dense, str) else tuple(keep_dense)
 
     def size(w: int) -> int:

@@ -645,7 +645,10 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         as frozen under a selection). None: every parameter.
     after_step : callable, optional
         ``after_step(model)`` after each optimizer update, before the step counts (pruning
-        re-applies its masks here); a Ctrl-C waits for it.
+        re-applies its masks here); a Ctrl-C waits for it. A hook with state (one that has
+        ``state_dict`` and ``load_state_dict``, as
+        :class:`qerror.compress.sparse.MagnitudePruner`) has it saved with the training
+        state and restored on resuming.
     on_epoch : callable, optional
         ``on_epoch(record, model)`` after each epoch's record (rank 0 only).
     loss : callable, optional
@@ -814,7 +817,16 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
         except StateDictMismatchError as exc:
             raise ResumeError(f"{exc} Delete {state_path} or start over without resuming"
                               ) from None
+        hook_state = loaded.get("after_step")
+        if hook_state is not None and not callable(getattr(after_step, "load_state_dict",
+                                                           None)):
+            raise ResumeError(f"the training state {state_path} holds the state of an "
+                              "after_step hook (e.g. a pruner's masks), and this run passes "
+                              f"{'none' if after_step is None else 'one without state'}: pass "
+                              "the same kind of hook to resume, or start over without resuming")
         model.load_state_dict(loaded["model"])
+        if hook_state is not None:
+            after_step.load_state_dict(hook_state)
         opt.load_state_dict(loaded["optimizer"])
         sched.load_state_dict(loaded["scheduler"])
         step = int(loaded["step"])
@@ -858,7 +870,8 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
                                + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
             if main:
-                _save_state(state_path, recipe, step, model, opt, sched, history, dev)
+                _save_state(state_path, recipe, step, model, opt, sched, history, dev,
+                            after_step)
             saved = step
 
     def record_epoch_if_due() -> None:
@@ -1000,7 +1013,7 @@ def _restore_step(model: nn.Module, dev: torch.device, snapshot: tuple) -> None:
 
 
 def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history: History,
-                dev: torch.device) -> None:
+                dev: torch.device, hook=None) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if dev.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(dev)
@@ -1011,6 +1024,8 @@ def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history:
                          "epochs": [asdict(r) for r in history.epochs],
                          "train_seconds": history.train_seconds,
                          "sessions": history.sessions}}
+    if callable(getattr(hook, "state_dict", None)):
+        state["after_step"] = hook.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

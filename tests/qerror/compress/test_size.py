@@ -110,6 +110,13 @@ def test_sparse_counts_from_shapes_and_element_sizes():
 def test_sparse_count_errors():
     with pytest.raises(ValueError, match="multiple of 4"):
         tensor_bytes((4, 6), 4, "2:4")
+    # a 3-D weight has no groups along its input dimension in this layout (as
+    # qerror.compress.sparse.is_two_four): refused, not grouped in memory order
+    w = torch.zeros(1, 4, 3)
+    w[0, :2] = 1.0  # 2 of 4 along the inputs at every kernel position
+    for call in (lambda: tensor_bytes((1, 4, 3), 6, "2:4"), lambda: encode_tensor(w, "2:4")):
+        with pytest.raises(ValueError, match="2-D or 4-D weight"):
+            call()
     with pytest.raises(ValueError, match="at most half"):
         tensor_bytes((4, 8), 17, "2:4")
     with pytest.raises(ValueError, match="nnz must be in"):

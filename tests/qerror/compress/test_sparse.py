@@ -105,6 +105,25 @@ def test_gradual_schedule_endpoints_and_monotonicity():
     assert [t for t in range(100) if s.is_update(t)] == list(range(20, 71, 5))
 
 
+def test_gradual_schedule_is_exact_and_stays_within_its_endpoints():
+    from fractions import Fraction
+
+    # 0.9 + (0.1 - 0.9) is 0.09999999999999998 in floats, below s_i
+    s = GradualSchedule(final=0.9, updates=6, interval=3, initial=0.1, start=2)
+    assert s.sparsity(0) == s.sparsity(2) == 0.1 and s.sparsity(20) == 0.9
+    assert s.exact_sparsity(2) == Fraction(0.1) and s.exact_sparsity(20) == Fraction(0.9)
+    mid = Fraction(0.9) + (Fraction(0.1) - Fraction(0.9)) * Fraction(1, 8)
+    assert s.exact_sparsity(11) == mid and s.sparsity(11) == float(mid)
+    # 15 weights at s_i: ⌊0.1·15 + 1/2⌋ = 2 zeros (1 from the float formula)
+    assert zero_count(s.exact_sparsity(2), 15) == 2
+    # a Fraction is counted on its own value: 1/2 of 3 rounds half up to 2, and s·n of a
+    # half-integer below a float's reach is not rounded first
+    assert zero_count(Fraction(1, 2), 3) == 2
+    assert zero_count(Fraction(1, 3), 3) == 1 and zero_count(1 / 3, 3) == 1
+    assert zero_count(Fraction(1, 6), 3) == 1  # exactly 0.5 + 0.5
+    assert GradualSchedule(final=0.5, updates=np.int64(2), interval=np.int32(1)).end == 2
+
+
 def test_masks_survive_fit_steps():
     model = tiny_resnet()
     gen = torch.Generator().manual_seed(0)
@@ -136,9 +155,89 @@ def test_gradual_pruner_through_fit_reaches_the_final_sparsity():
     config = TrainConfig(epochs=1, batch_size=16, lr=0.05, schedule=Schedule.CONSTANT)
     fit(model, tensor_batches(x, y), 96, config, after_step=after_step, progress=False)
     n = sum(p.numel() for p in prunable_weights(model).values())
-    expected = [0.0] + [zero_count(schedule.sparsity(t), n) / n for t in (2, 3, 4, 4, 4)]
+    expected = [0.0] + [zero_count(schedule.exact_sparsity(t), n) / n for t in (2, 3, 4, 4, 4)]
     assert seen == pytest.approx(expected, abs=0)
     assert all(b >= a for a, b in zip(seen, seen[1:]))
+
+
+def _pruning_run(state_path=None, pruner=None, stop=None, lr=0.2):
+    model = tiny_resnet()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    schedule = GradualSchedule(final=0.9, updates=4, interval=3)
+    pruner = pruner or MagnitudePruner(schedule)
+    config = TrainConfig(epochs=3, batch_size=16, lr=lr, seed=0, schedule=Schedule.CONSTANT)
+    fit(model, tensor_batches(x, y), 96, config, state_path=state_path, after_step=pruner,
+        progress=False, stop_after_steps=stop)
+    return model, pruner
+
+
+def test_a_pruned_weight_stays_pruned_as_the_sparsity_grows():
+    """At a high learning rate the update moves the pruned weights far from zero; the
+    pruner zeroes them again before it chooses the next masks, so none comes back."""
+    schedule = GradualSchedule(final=0.9, updates=4, interval=3)
+    pruner, history = MagnitudePruner(schedule), []
+
+    def hook(model):
+        pruner(model)
+        history.append({n: m.clone() for n, m in pruner.masks.items()})
+
+    model = tiny_resnet()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    config = TrainConfig(epochs=3, batch_size=16, lr=3.0, seed=0, schedule=Schedule.CONSTANT)
+    fit(model, tensor_batches(x, y), 96, config, after_step=hook, progress=False)
+    revived = sum(int((~a[n] & b[n]).sum()) for a, b in zip(history, history[1:]) if a
+                  for n in a)
+    # masks at s_i = 0 after the first step, then the updates at steps 3, 6, 9 and 12
+    assert len({int(sum((~m).sum() for m in h.values())) for h in history}) == 5
+    assert revived == 0
+
+
+def test_a_resumed_pruning_run_repeats_the_uninterrupted_one(tmp_path):
+    whole, _ = _pruning_run()
+    state = tmp_path / "state.pt"
+    _pruning_run(state, stop=4)  # between two updates (3 and 6)
+    resumed, pruner = _pruning_run(state)
+    assert pruner.step == 18
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a pruner without the saved state, told the step, rebuilds the masks from the weights
+    # after the next update: the run is close, not the same (documented)
+    _pruning_run(state2 := tmp_path / "again.pt", stop=4)
+    loaded = torch.load(state2, weights_only=True)
+    del loaded["after_step"]
+    torch.save(loaded, state2)
+    approx, _ = _pruning_run(state2, pruner=MagnitudePruner(GradualSchedule(
+        final=0.9, updates=4, interval=3), step=4))
+    assert sparsity_of(approx) == sparsity_of(whole)
+
+
+def test_a_state_with_a_pruner_refuses_to_resume_without_one(tmp_path):
+    from qerror.nn.training import ResumeError
+
+    state = tmp_path / "state.pt"
+    _pruning_run(state, stop=4)
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.2, seed=0, schedule=Schedule.CONSTANT)
+    for hook in (None, mask_hook({})):
+        with pytest.raises(ResumeError, match="state of an after_step hook"):
+            fit(model, tensor_batches(x, y), 96, config, state_path=state, after_step=hook,
+                progress=False)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(PruningError, match="not a MagnitudePruner state"):
+        MagnitudePruner(GradualSchedule(final=0.5, updates=1)).load_state_dict(
+            {"step": 1, "masks": {"w": torch.ones(2)}})
+
+
+def test_the_pruner_takes_one_dense_layer_by_name():
+    model = tiny_resnet()
+    pruner = MagnitudePruner(GradualSchedule(final=0.5, updates=1), keep_dense="fc")
+    pruner(model)
+    assert "fc.weight" not in pruner.masks and "conv1.weight" in pruner.masks
 
 
 def test_two_four_keeps_the_two_largest_of_every_group():
@@ -267,7 +366,10 @@ def test_numpy_sparsities_are_numbers_and_none_removes_every_weight():
 def test_a_channel_plan_naming_a_channel_twice_or_none_there_is_refused():
     model = tiny_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kept, what in (([0, 0, 1], "named once"), ([0, 8], "lie in 0..7"), ([-1, 2], "0..7")):
+    for kept, what in (([0, 0, 1], "named once"), ([0, 8], "lie in 0..7"), ([-1, 2], "0..7"),
+                       ([0.9, 1.9, 2.2], "flat sequence of integers"),
+                       ([[0, 1], [2, 3]], "flat sequence of integers"),
+                       ([True, False], "flat sequence of integers")):
         with pytest.raises(PruningError, match=what):
             shrink_channels(model, {"layer1.0.conv1": torch.tensor(kept)})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -66,5 +66,8 @@ def test_same_seed_same_weights_and_global_generator_untouched():
 def test_bad_budget_and_width():
     with pytest.raises(ValueError, match="width 1 takes"):
         tiny_cnn_within(100)
+    for bad in (float("nan"), float("inf"), 0, -5, True, "5000"):  # NaN gave width 1
+        with pytest.raises(ValueError, match="positive finite number of bytes"):
+            tiny_cnn_within(bad)
     with pytest.raises(ValueError, match="width must be an integer >= 1"):
         TinyCNN(0)
