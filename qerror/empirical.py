@@ -643,6 +643,7 @@ def _reduce_batch(e3: torch.Tensor, original, per_channel: bool, sw, bins: Histo
     # Shifting by -low/w + 1 makes underflow index 0; float->int truncation is
     # floor here because the clamp has made every value non-negative.
     offset = 1.0 - bins.low / bins.width
+    whole_offset = offset == math.floor(offset)
     offset_t = torch.tensor(offset, dtype=torch.float64, device=dev)
     sw_t = sw if isinstance(sw, torch.Tensor) else torch.tensor(sw, dtype=torch.float64,
                                                                   device=dev)
@@ -658,8 +659,12 @@ def _reduce_batch(e3: torch.Tensor, original, per_channel: bool, sw, bins: Histo
         acc["sq"] += _sum_squares(x, tmp, dims)
         # abs into the scratch, then a plain sum: 10 % faster than vector_norm(x, 1)
         acc["abs"] += _sum(torch.abs(x, out=tmp), dims)
-        # offset + x / sw in one pass: addcdiv divides, then adds, as div and add_ would
-        torch.addcdiv(offset_t, x, sw_t, out=tmp).clamp_(0, bins.count + 1)
+        if whole_offset:
+            # floor(x / sw) + offset: exact where s·w is a power of two (the division then
+            # only moves the exponent, and the floor comes before the integer is added)
+            torch.div(x, sw_t, out=tmp).floor_().add_(offset_t).clamp_(0, bins.count + 1)
+        else:  # offset + x / sw in one pass: addcdiv divides, then adds
+            torch.addcdiv(offset_t, x, sw_t, out=tmp).clamp_(0, bins.count + 1)
         idx = index[:m]
         idx.copy_(tmp.view(-1))
         hist += torch.bincount(idx, minlength=bins.count + 2)

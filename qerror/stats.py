@@ -925,10 +925,10 @@ def tail_share(x: SampleLike, k: int = 5) -> float:
     if not 1 <= k < len(v):
         raise ValueError(f"k must be from 1 to {len(v) - 1} (fewer than the {len(v)} values), "
                          f"got {k}")
+    if v.min() == v.max():  # no spread (a float mean of equal values can miss them)
+        return math.nan
     d2 = (v - v.mean()) ** 2
     total = d2.sum()
-    if total == 0:
-        return math.nan
     return float(np.sort(d2)[-k:].sum() / total)
 
 
@@ -1370,6 +1370,8 @@ def _moments(data, channel) -> tuple[int, float, float]:
     if channel is not None:
         raise ValueError("channel= applies to an ErrorStats only")
     arr = _sample(data, "data", min_n=2)
+    if arr.min() == arr.max():  # exactly: a float mean of copies of 0.7 is not 0.7
+        return arr.size, float(arr[0]), 0.0
     return arr.size, float(arr.mean()), float(arr.var(ddof=1))
 
 

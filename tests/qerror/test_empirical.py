@@ -277,6 +277,22 @@ def test_histogram_bins_are_half_open_and_exact_on_the_grid():
     assert stats.histogram.sum() + stats.underflow + stats.overflow == eps.size
 
 
+def test_histogram_bins_are_exact_next_to_an_edge():
+    """A value just below an edge, or a tiny negative error (a tiny positive value rounded
+    to 0), belongs to the bin below; floor(ε/w) then the integer offset keeps it there,
+    where a float sum of the offset first rounded it up onto the edge."""
+    from fractions import Fraction
+
+    eps = np.array([-1e-20, -3e-15, -1e-300, 1 / 64 - 2.0**-58, 0.5 - 2.0**-52,
+                    -0.5 - 2.0**-50, 0.0, -0.0, 2.0**-60])
+    for s in (1.0, 2.0**-7):
+        stats = ErrorStats().update(eps * s, scale=s)
+        k = [int((Fraction(float(v)) + Fraction(3, 2)) * 64 // 1) for v in eps]
+        np.testing.assert_array_equal(stats.histogram, np.bincount(k, minlength=192))
+    tiny = ErrorStats().update(np.array([-1e-30], np.float32), scale=1.0)
+    assert tiny.histogram[95] == 1  # [-1/64, 0)
+
+
 def test_histogram_counts_match_an_independent_reference():
     rng = np.random.default_rng(10)
     s = 0.0371

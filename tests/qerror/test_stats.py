@@ -647,6 +647,22 @@ def test_units_to_resolve_plans_what_a_t_test_resolves():
 TAIL_SHARE_500, TAIL_SHARE_500_SE = 0.082835, 4.96e-5
 
 
+@pytest.mark.parametrize("value,n", [(0.7, 1000), (-0.3, 50), (0.1, 3)])
+def test_a_constant_sample_has_no_bias_and_no_spread(value, n):
+    """A float mean of n copies of 0.7 misses 0.7 by an ulp and leaves a variance of 1e-33,
+    which read t = -31.6 and "bias differs"; a constant sample has exactly its value and no
+    variance."""
+    x = np.full(n, value)
+    res = bias_test(x, mu0=value)
+    assert (res.statistic, res.p_value) == (0.0, 1.0)
+    assert res.ci[0] == res.ci[1] == value
+    assert equivalence_test(x, value - 0.01, value + 0.01).p_value == 0.0
+    # on the margin's edge the mean is not inside the open interval, whatever the ulp
+    assert equivalence_test(x, value, value + 0.01).p_value == 1.0
+    assert equivalence_test(x, value - 0.01, value).p_value == 1.0
+    assert math.isnan(tail_share(x, 1))
+
+
 def test_tail_share_counts_the_variance_of_the_most_extreme_values():
     # deviations -2, -2, -2, -2, 8 from the mean 2: squares 4, 4, 4, 4, 64
     assert tail_share([0, 0, 0, 0, 10], k=1) == pytest.approx(64 / 80, rel=1e-15)
