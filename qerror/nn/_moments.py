@@ -38,8 +38,10 @@ pass of :func:`~qerror.nn.measure` and in one of :func:`~qerror.nn.measure_many`
 
 from __future__ import annotations
 
+import math
 import numbers
 
+import numpy as np
 import torch
 
 from qerror._compiled import Kernels, named
@@ -150,6 +152,35 @@ def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = t.sum(dim=dims)
         q = torch.linalg.vector_norm(t, dim=dims).square_()
     return s.double(), q.double()
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u`` of the per (image, channel) sums :func:`channel_sums` takes of data in ``dtype``
+    (float32's ``2**-24``, float64's ``2**-53``; a half-precision sum ends rounded to its
+    own dtype, whose ``u`` it is)."""
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def resolved_variance(mean, sq, length: int, images: int, u: float) -> np.ndarray:
+    """``E[x²] − E[x]²`` from the sums' means, and 0 where it lies within their rounding.
+
+    ``mean`` and ``sq`` are ``E[x]`` and ``E[x²]`` over ``images`` images of ``length``
+    elements each (arrays, per channel, or scalars), from per (image, channel) sums taken with
+    unit roundoff ``u`` and added over images in float64. By the bounds of the module's Notes
+    each mean is within ``γ(L) E[x²]`` (``E[x²]``) or ``γ(L) E|x|`` (``E[x]``) of its exact
+    value, ``γ(k) ≈ k u``, plus ``γ₆₄(N)`` of the float64 sum over ``N`` images; so the
+    difference is within ``3 (γ(L) + γ₆₄(N)) E[x²]`` of the exact variance (``|E[x]| E|x| ≤
+    E[x²]``). A variance no larger than that is not resolved from the rounding (a constant
+    channel, whose exact variance is 0, gives one of that size) and is returned as 0.
+    """
+    mean, sq = np.asarray(mean, dtype=np.float64), np.asarray(sq, dtype=np.float64)
+    var = np.maximum(sq - mean * mean, 0.0)
+    bound = 3.0 * (_gamma(length, u) + _gamma(images, 2.0**-53)) * sq
+    return np.where(var > bound, var, 0.0)
+
+
+def _gamma(k: int, u: float) -> float:
+    return k * u / (1.0 - k * u) if k * u < 1.0 else math.inf
 
 
 def channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

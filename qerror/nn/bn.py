@@ -28,10 +28,8 @@ __all__ = ["BNInconsistency", "estimate_running_stats", "running_stats"]
 
 
 def _gmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    if not x.size:
-        return math.nan
-    return 0.0 if (x <= 0).any() else float(np.exp(np.mean(np.log(x))))
+    x = x[np.isfinite(x) & (x > 0)]
+    return float(np.exp(np.mean(np.log(x)))) if x.size else math.nan
 
 
 def _mean(x: np.ndarray) -> float:
@@ -89,22 +87,14 @@ class BNInconsistency:
                        var_f / var_run_f, var_q / var_run, (mean_q - mean_f) / sd,
                        var_q / var_f)
 
-    @classmethod
-    def from_sums(cls, moments_f, moments_q, mean_run, var_run, mean_run_f=None,
-                  var_run_f=None) -> BNInconsistency:
-        """From the streamed per-channel moments of :mod:`qerror.nn.propagate`."""
-        mf, mq = moments_f.mean_c(), moments_q.mean_c()
-        vf = np.maximum(moments_f.sq_c() - mf * mf, 0.0)
-        vq = np.maximum(moments_q.sq_c() - mq * mq, 0.0)
-        return cls.from_stats(mf, vf, mq, vq, mean_run, var_run, mean_run_f, var_run_f)
-
     def summary(self) -> dict[str, float]:
         """Channel summaries: RMS and mean of the shifts, geometric means of the ratios.
 
         Channels whose running variance is 0 (dead channels) give no finite figure and are
-        left out of every summary. A channel whose variance collapsed to 0 (a finite ratio
-        of 0) is kept: it makes the geometric mean 0, so that a channel that lost its
-        spread shows in the summary instead of being hidden by it.
+        left out of every summary; so are ratios of 0 from the geometric means, which they
+        would make 0 whatever the other channels do. The channels whose variance
+        quantization collapsed (``σ²_q = 0 < σ²_f``) are counted instead
+        (``bn_var_collapsed_qf_count``), so that they show in the summary.
         """
         return {
             "bn_mean_shift_float_rms": _rms(self.mean_shift_float),
@@ -114,6 +104,7 @@ class BNInconsistency:
             "bn_var_ratio_float_gmean": _gmean(self.var_ratio_float),
             "bn_var_ratio_quant_gmean": _gmean(self.var_ratio_quant),
             "bn_var_ratio_qf_gmean": _gmean(self.var_ratio_quant_vs_float),
+            "bn_var_collapsed_qf_count": float(np.sum(self.var_ratio_quant_vs_float == 0)),
         }
 
 
@@ -125,14 +116,22 @@ def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Te
 
 
 def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
-    """Replace every BatchNorm's running statistics, in place, by those of its own input.
+    """Replace every BatchNorm's running statistics, in place, by estimates from its input
+    (PyTorch's ``update_bn`` procedure).
 
     Each ``BatchNorm2d`` is reset and set to a cumulative average (``momentum=None``, which
     it keeps), and the model runs on each input batch (shape ``(N, C, H, W)``, ``N >= 2``)
     without gradients with those BatchNorms alone in training mode (dropout and any other
-    layer as in evaluation), and is left in evaluation mode. An untrained network (a smoke
-    test's) then normalises with statistics that fit its activations instead of the initial
-    0 and 1, which would let them grow through the depth.
+    layer as in evaluation), and is left in evaluation mode. The running mean is then the
+    average of the batches' means and the running variance the average of their unbiased
+    variances: every batch weighs the same whatever its size, the spread of the batch means
+    is left out, and each BatchNorm's input is taken with the earlier ones normalising by
+    their batch's statistics. That is close to the statistics of the whole input for large
+    batches of one size, and not equal to them. An untrained network (a smoke test's, what
+    this serves) then normalises with statistics that fit its activations instead of the
+    initial 0 and 1, which would let them grow through the depth; for measurements,
+    :func:`qerror.nn.correction.reestimate_bn` gives the statistics of the whole input,
+    merged exactly across batches.
 
     Raises
     ------

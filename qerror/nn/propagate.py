@@ -70,7 +70,12 @@ from qerror.nn._anatomy import (
     own_forwards,
     path_depths,
 )
-from qerror.nn._moments import channel_sums, difference_sums
+from qerror.nn._moments import (
+    channel_sums,
+    difference_sums,
+    resolved_variance,
+    unit_roundoff,
+)
 from qerror.nn.bn import BNInconsistency
 from qerror.nn.growth import debiased_rms
 from qerror.quantizer import PreparedQuantizer, QParams, QuantSpec, fake_quantize
@@ -345,10 +350,11 @@ class _Moments:
     """Per-channel Σ and Σ² of a quantity, plus per-image Σ of its mean (for standard errors)."""
 
     __slots__ = ("img_c1", "img_c2", "img_n", "img_q1", "img_q2", "img_s1", "img_s2", "keep",
-                 "kept", "n", "s1", "s2")
+                 "kept", "length", "n", "s1", "s2")
 
     def __init__(self, keep: int = 0):
         self.n = 0
+        self.length = 1  # elements per (image, channel): the longest summed
         self.s1 = self.s2 = None
         self.img_n = 0
         self.img_s1 = self.img_s2 = 0.0
@@ -394,6 +400,7 @@ class _Moments:
         for i, m in enumerate(moments):
             m.s1, m.s2 = _add_into(m.s1, s0[i]), _add_into(m.s2, q0[i])
             m.n += images * per_channel
+            m.length = max(m.length, per_channel)
             if not per_image:
                 continue
             m.img_n += images
@@ -413,6 +420,19 @@ class _Moments:
 
     def sq_c(self) -> np.ndarray:
         return (self.s2 / self.n).numpy()
+
+    def var_c(self, u: float) -> np.ndarray:
+        """Per channel, the variance over every image and position, 0 where the rounding
+        of sums taken with unit roundoff ``u`` does not resolve it
+        (:func:`~qerror.nn._moments.resolved_variance`)."""
+        return resolved_variance(self.mean_c(), self.sq_c(), self.length,
+                                 self.n // self.length, u)
+
+    def var(self, u: float) -> float:
+        """The variance over every image, position and channel, resolved as :meth:`var_c`
+        (the sum over channels is one more float64 sum)."""
+        return float(resolved_variance(self.mean(), self.sq(), self.length,
+                                       self.n // self.length + self.s1.numel(), u))
 
     # whole tensor
     def mean(self) -> float:
@@ -658,6 +678,13 @@ class _Instrument:
                 "measure a copy (copy.deepcopy(model))")
         for idx, (n, m) in enumerate(self.layers):
             self._patch(m, self._layer_forward(idx, n, m))
+        # sites that gather statistics, counted per forward pass: a module called twice
+        # would pool both calls' figures under one site (refused where it is met, whether
+        # or not torch.fx can trace the model for path_depths)
+        self._calls: set[str] = set()
+        if collect and (paired or local_only):
+            self._handles.append(model.register_forward_pre_hook(
+                lambda module, args: self._calls.clear()))
         if local_only:
             return
         for idx, (n, m) in enumerate(modules):
@@ -681,6 +708,14 @@ class _Instrument:
                 # own, not the layer's output's (see _bn_hook).
                 self._handles.append(m.register_forward_pre_hook(self._forget_last))
         self._handles.append(model.register_forward_hook(self._next_batch))
+
+    def _called(self, name: str) -> None:
+        if name in self._calls:
+            raise UnsupportedModelError(
+                f"{name!r} is called more than once in one forward pass; the statistics "
+                "measured per layer and per BatchNorm would pool the calls under one site: "
+                "give each call its own module")
+        self._calls.add(name)
 
     def _forget_last(self, module, args):
         for arm in self.arms:
@@ -772,6 +807,8 @@ class _Instrument:
             return module._conv_forward(x, w, b) if conv else F.linear(x, w, b)
 
         def forward(x):
+            if self.collect and (self.paired or self.local_only):
+                self._called(name)
             if self.local_only:  # the float layer, and its quantized version beside it
                 arm = self.arms[0]
                 yf = op(x, module.weight, module.bias)
@@ -861,6 +898,7 @@ class _Instrument:
 
     def _bn_hook(self, name: str) -> Callable:
         def hook(module, args, out):
+            self._called(name)
             x = args[0]
             sums = None
             for k, arm in enumerate(self.arms):
@@ -898,6 +936,12 @@ class SiteResult:
 
     Whole-tensor figures are floats; per-channel figures are arrays of shape (C,).
     ``None`` where a figure does not apply to the site's kind or was not measured.
+
+    Variances (``float_std``, ``float_std_channel``, the BatchNorm inputs' variances) are
+    0 where the float rounding of the sums they come from does not resolve them
+    (:func:`qerror.nn._moments.resolved_variance`: a constant channel's, or one whose mean is
+    some hundreds of standard deviations in float32); such a channel is not live, and the
+    per-channel figures relative to the float std leave it out.
     """
 
     name: str
@@ -1011,15 +1055,15 @@ class PropagationResult:
 
 
 def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
-                 path_depth: int | None = None) -> SiteResult:
-
+                 path_depth: int | None = None, u: float = 2.0**-24) -> SiteResult:
+    """One site's figures; ``u``: the unit roundoff of the sums (the activations' dtype's)."""
     err, ref = acc.err, acc.ref
     kw = {}
     power = ref.sq() if ref.n else math.nan
     if err.n:
-        mean_f = ref.mean()
-        std_f = math.sqrt(max(power - mean_f**2, 0.0))
-        std_c = np.sqrt(np.maximum(ref.sq_c() - ref.mean_c() ** 2, 0.0))
+        # a constant channel's float variance is rounding, not spread: 0, so not live
+        std_f = math.sqrt(ref.var(u))
+        std_c = np.sqrt(ref.var_c(u))
         drift_c = err.mean_c()
         live = std_c > 0
         rel_c = drift_c[live] / std_c[live]
@@ -1057,8 +1101,9 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
     if acc.bn_q.n:
         bn_f = acc.bn_input_of.ref if acc.bn_input_of is not None else acc.bn_f
         (mean_f_run, var_f_run), (mean_run, var_run) = bn_ref[acc.name]
-        kw["bn"] = BNInconsistency.from_sums(bn_f, acc.bn_q, mean_run, var_run,
-                                             mean_f_run, var_f_run)
+        kw["bn"] = BNInconsistency.from_stats(bn_f.mean_c(), bn_f.var_c(u), acc.bn_q.mean_c(),
+                                              acc.bn_q.var_c(u), mean_run, var_run,
+                                              mean_f_run, var_f_run)
         kw["elements"] = acc.bn_q.n * acc.bn_q.s1.numel()
     if acc.in_sum is not None:
         kw.update(input_mean_map=(acc.in_sum / acc.in_n).numpy(),
@@ -1249,6 +1294,13 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     -------
     PropagationResult
 
+    Raises
+    ------
+    UnsupportedModelError
+        A layer (``Conv2d``, ``Linear``) or a BatchNorm is called more than once in one
+        forward pass: its statistics would pool the calls under one site (refused from the
+        graph where torch.fx traces the model, else where the second call is met).
+
     See Also
     --------
     measure_many : several configurations on the same batches, one float chunk for all.
@@ -1353,6 +1405,10 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             for c, a, w, corr, st in zip(configs, act_qparams, weights, corrections, bn_stats)]
     inst = None
     n_img = fc = 0
+    # the unit roundoff of the activations' sums: the coarsest of the parameters' and the
+    # images' floating dtypes (a float32 network on float64 images computes in float32)
+    u = max((unit_roundoff(p.dtype) for p in model.parameters() if p.is_floating_point()),
+            default=0.0)
     counts = [[0, 0, 0, 0] for _ in arms]  # per arm: quant correct, agree, f_only, q_only
     labelled = None
     logit_ref = _Moments()
@@ -1364,6 +1420,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             label = configs[0].label if k == 1 else f"{k} configurations"
             batches = iter_batches(progress_bar(batches, progress, label), model_device(model))
             for batch, start, x, y in _passes(batches, pair_batch, k):
+                if x.is_floating_point():
+                    u = max(u, unit_roundoff(x.dtype))
                 inst.batch_index, inst.first_image = first_batch + batch, start
                 inst.local_images = min(max(local_samples - start, 0), x.shape[0])
                 inst.act_err_images = max(inst.local_images, int(start == 0))
@@ -1400,7 +1458,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
         if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:
             raise ValueError("some ranks' batches have labels and some do not")
-    lstd = math.sqrt(max(logit_ref.sq() - logit_ref.mean() ** 2, 0.0))
+    lstd = math.sqrt(logit_ref.var(u))
     results = []
     for config, sites_k, w, bn_ref, err, (qc, agree, f_only, q_only) in zip(
             configs, ordered, weights, bn_refs, logit_err, counts):
@@ -1409,7 +1467,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         for acc in sites_k:
             if acc.kind in ("conv", "linear"):
                 depth += 1
-            sites.append(_site_result(acc, depth, w, bn_ref, depths.get(acc.name)))
+            sites.append(_site_result(acc, depth, w, bn_ref, depths.get(acc.name), u))
         logits = LogitResult(
             n=n_img, float_correct=fc if labelled else None,
             quant_correct=qc if labelled else None, agree=agree,

@@ -113,7 +113,7 @@ def test_estimate_running_stats_trains_batchnorm_alone_and_fails_without_a_trace
     assert torch.equal(snapshot["2"][0], before["2.running_mean"])
 
 
-def test_bn_summary_shows_a_collapsed_channel_and_leaves_out_dead_ones():
+def test_bn_summary_counts_a_collapsed_channel_and_leaves_out_dead_ones():
     from qerror.nn.bn import BNInconsistency
 
     ones = np.ones(3)
@@ -122,12 +122,14 @@ def test_bn_summary_shows_a_collapsed_channel_and_leaves_out_dead_ones():
                                      mean_q=np.zeros(3), var_q=np.array([0.0, 2.0, 0.0]),
                                      mean_run=np.zeros(3), var_run=np.array([4.0, 1.0, 0.0]))
     summary = res.summary()
-    assert summary["bn_var_ratio_quant_gmean"] == 0.0
-    assert summary["bn_var_ratio_qf_gmean"] == 0.0
+    assert summary["bn_var_collapsed_qf_count"] == 1.0
+    assert summary["bn_var_ratio_qf_gmean"] == 2.0  # the other live channel's ratio
     assert summary["bn_var_ratio_float_gmean"] == 1.0  # the dead channel left out
     healthy = BNInconsistency.from_stats(np.zeros(3), 2 * ones, np.zeros(3), 8 * ones,
                                          np.zeros(3), ones)
     assert healthy.summary()["bn_var_ratio_qf_gmean"] == 4.0
+    assert healthy.summary()["bn_var_collapsed_qf_count"] == 0.0
     dead = BNInconsistency.from_stats(np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1),
                                       np.zeros(1), np.zeros(1))
     assert np.isnan(dead.summary()["bn_var_ratio_quant_gmean"])
+    assert dead.summary()["bn_var_collapsed_qf_count"] == 0.0  # 0/0: not a collapse

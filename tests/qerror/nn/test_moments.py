@@ -272,3 +272,17 @@ def test_a_compiler_failure_warns_once_and_gives_torchs_sums(monkeypatch, compil
         warnings.simplefilter("error")  # no second warning
         again = channel_sums(t)
     assert all(torch.equal(a, b) for a, b in zip(again[:2], ref[:2]))
+
+
+def test_a_variance_within_the_sums_rounding_is_zero():
+    """resolved_variance: E[x²] − E[x]² below 3 (γ(L) + γ₆₄(N)) E[x²] is rounding."""
+    from qerror.nn._moments import resolved_variance, unit_roundoff
+
+    u = unit_roundoff(torch.float32)
+    assert u == 2.0**-24 and unit_roundoff(torch.float64) == 2.0**-53
+    bound = 3 * (64 * u / (1 - 64 * u) + 10 * 2.0**-53 / (1 - 10 * 2.0**-53))
+    assert resolved_variance(0.0, 1.0, 64, 10, u) == 1.0
+    assert resolved_variance(np.sqrt(1 - 0.99 * bound), 1.0, 64, 10, u) == 0.0
+    assert resolved_variance(np.sqrt(1 - 1.01 * bound), 1.0, 64, 10, u) > 0.0
+    got = resolved_variance(np.array([0.0, 2.0]), np.array([1.0, 4.0]), 64, 10, u)
+    np.testing.assert_array_equal(got, [1.0, 0.0])  # a constant 2: its variance is 0

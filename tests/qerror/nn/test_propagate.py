@@ -21,6 +21,7 @@ from qerror.nn import (
     Target,
     calibrate_activations,
     measure,
+    measure_many,
     paired_forward,
     quantize_weights,
     quantized_forward,
@@ -674,3 +675,88 @@ def test_paired_forward_many_is_the_k_way_pass_chunk_for_chunk(setup):
     with pytest.raises(ValueError, match="2 given for 3 configurations"):
         paired_forward_many(model, configs, act_qp, weights=[None, None]).__enter__()
     assert _clean(model)
+
+
+class _Untraceable(nn.Module):
+    """A layer called twice behind a data-dependent branch, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        if float(y.sum()) > -1e9:  # data-dependent control flow
+            y = self.c(self.c(y))
+        return y.mean(dim=(2, 3))
+
+
+class _SharedBN(nn.Module):
+    """One BatchNorm normalising two convolutions' outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.b(torch.relu(self.bn(self.a(x))))).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("net", [_Untraceable, _SharedBN])
+def test_a_site_called_twice_is_refused_where_it_is_met(net):
+    """Path depth refuses a layer called twice from the traced graph; an untraceable model
+    (here) had its two calls pooled under one site, and a BatchNorm called twice compared
+    the pooled quantized input with the float input of its last call."""
+    from qerror.nn import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(8, 1, 6, 6)
+    config = QuantConfig.make(8)
+    aq = calibrate_activations(model, [x], config.activation)
+    with pytest.raises(UnsupportedModelError, match="called more than once in one forward"):
+        measure(model, [x], config, aq)
+    with pytest.raises(UnsupportedModelError, match="called more than once in one forward"):
+        measure_many(model, [x], [config, QuantConfig.make(8, RoundingMode.TOWARD_ZERO)], aq)
+    assert not any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks
+                   for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_channel_is_not_live(dtype):
+    """A channel whose float output is constant has variance 0; the sums' E[y²] − E[y]²
+    left rounding (std 1e-4 in float32, 2e-8 in float64), and its drift over that "std"
+    swamped the per-channel RMS (91 and 286,600 against about 0.1); its BatchNorm ratios
+    were ratios of rounding."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.bn(self.c2(torch.relu(self.c1(x))))
+            return self.fc(y.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().to(dtype)
+    with torch.no_grad():
+        net.c1.weight[0], net.c1.bias[0] = 0.0, 0.7137  # a constant input channel
+        net.c2.weight[2] = 0.0
+        net.c2.weight[2, 0], net.c2.bias[2] = 0.4321, 0.1  # output 2 reads it alone
+    net.eval()
+    x = images(64, 2, dtype)
+    config = QuantConfig.make(4)
+    r = measure(net, [x], config, calibrate_activations(net, [images(64, 1, dtype)],
+                                                        config.activation), local_samples=0)
+    site = r.site("c2")
+    assert site.float_std_channel[2] == 0.0 and (np.delete(site.float_std_channel, 2) > 0).all()
+    assert site.drift_channel[2] != 0.0  # quantization does shift it
+    others = np.delete(site.drift_channel, 2) / np.delete(site.float_std_channel, 2)
+    assert site.drift_rel_rms_channel == pytest.approx(np.sqrt(np.mean(others ** 2)), rel=1e-12)
+    bn = r.site("bn").bn
+    assert bn.var_ratio_float[2] == 0.0 and np.isnan(bn.var_ratio_quant_vs_float[2])
