@@ -1543,7 +1543,9 @@ def paired_forward(model: nn.Module, config: QuantConfig,
     What :func:`measure` costs beyond this pass is the cost of its measurements; the bench
     (``python -m studies.bench --only drift``) times the two against each other. Arguments
     as for :func:`quantized_forward`; stochastic rounding draws the stream of each call from
-    the number of calls before it in the block.
+    the number of calls before it in the block. The model's BatchNorms must be in
+    evaluation mode (ValueError otherwise): in training mode they would normalise the two
+    halves together.
     """
     with _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats,
                          paired=True) as inst:
@@ -1599,6 +1601,12 @@ def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
     for corr, stats in zip(corrections, bn_stats):
         _batchnorms(model, stats)
         _check_corrections(model, corr)
+    training = [n or "the model" for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if paired and training:
+        raise ValueError(f"{training[0]!r} is a BatchNorm in training mode: the paired pass "
+                         "runs the float and quantized networks in one batch, which it would "
+                         "normalise together; call model.eval() first (measure does)")
     weights = _arm_weights(model, configs, weights)
     inst = _Instrument(model, [_Arm(*arm) for arm in zip(configs, act_qparams, weights,
                                                         corrections, bn_stats)],

@@ -760,3 +760,18 @@ def test_a_constant_channel_is_not_live(dtype):
     assert site.drift_rel_rms_channel == pytest.approx(np.sqrt(np.mean(others ** 2)), rel=1e-12)
     bn = r.site("bn").bn
     assert bn.var_ratio_float[2] == 0.0 and np.isnan(bn.var_ratio_quant_vs_float[2])
+
+
+def test_the_paired_pass_refuses_a_batchnorm_in_training_mode():
+    """In training mode a BatchNorm would normalise the float and the quantized halves of
+    the paired batch together."""
+    model = tiny_resnet(0, torch.float32).train()
+    config = QuantConfig.make(8, target=Target.WEIGHTS)
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        with paired_forward(model, config):
+            pass
+    assert not any("forward" in vars(m) for m in model.modules())
+    with quantized_forward(model, config):
+        pass  # the quantized network alone (BatchNorm re-estimation) may train them
+    with paired_forward(model.eval(), config):
+        pass
