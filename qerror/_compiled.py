@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from qerror.cpu import flushing_denormals, in_forked_child
+from qerror.interrupts import interrupts
 
 
 def allowed() -> bool:
@@ -95,6 +96,7 @@ class Kernels:
         key = (key, torch.get_num_threads())
         # compiled code is loaded on a key's first call: only then can it switch on flushing
         flushing = None if key in self.ready else flushing_denormals()
+        seen = interrupts()
         try:
             with self.lock:
                 if key in self.failed or self.broken:
@@ -109,6 +111,10 @@ class Kernels:
         except MemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - the caller's eager code gives the result
+            if interrupts() != seen:
+                # a Ctrl-C that torch turned into another error while compiling (qerror.
+                # interrupts): the user's, not the compiler's failure
+                raise KeyboardInterrupt from err
             from torch._dynamo.exc import FailOnRecompileLimitHit
 
             with self.lock:

@@ -82,8 +82,9 @@ def _ways_to_get_it() -> str:
             "  - as root on Debian/Ubuntu: apt-get install dataset-fashion-mnist\n"
             f"  - put the four IDX files ({', '.join(_ALL_STEMS)}, .gz or not; from {_SOURCE}) "
             f"in a folder and pass --data-root FOLDER or set {ENV_VAR}=FOLDER\n"
-            "  - download them with torchvision: pass --download to a study, or call "
-            "qerror.data.load_fashion_mnist(download=True)")
+            "  - download them with torchvision: python -m studies.train --download (or "
+            "studies.dataset --download) downloads them into the cache every study reads, "
+            "and so does qerror.data.load_fashion_mnist(download=True)")
 
 
 def read_idx(path: Path | str) -> np.ndarray:

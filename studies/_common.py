@@ -47,6 +47,7 @@ import numpy as np
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import jsonable, package_versions, sha256_file
+from qerror.interrupts import interrupts, sigint_counted
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
 from qerror.nn.training import DivergedError, TrainError
@@ -295,8 +296,12 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :data:`EXIT_REFUSED`, an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
     :data:`EXIT_INTERRUPTED`, and so does SIGTERM, taken as Ctrl-C
-    (:func:`_sigterm_as_sigint`). ``SystemExit`` passes through as before (argparse's exit 2,
-    a study's ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
+    (:func:`_sigterm_as_sigint`). A Ctrl-C that something swallowed on its way (a weak
+    reference's callback, torch's compiler; :mod:`qerror.interrupts` counts each) is found
+    before a run is published (:meth:`RunDir.finish` refuses to) and when the body returns:
+    the exit is then :data:`EXIT_INTERRUPTED` too, saying whether a run was published.
+    ``SystemExit`` passes through as before (argparse's exit 2, a study's
+    ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
     """
     module = body.__module__
     if module == "__main__":  # python -m studies.NAME: the spec keeps the real name
@@ -306,11 +311,19 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
 
     def main(argv: list[str] | None = None) -> int:
         """Run the study (see the module docstring); ``--help`` lists the arguments."""
-        global _GIT_AT_START
-        outer, _GIT_AT_START = _GIT_AT_START, git_identity()
+        global _GIT_AT_START, _INTERRUPTS_AT_START
+        outer = _GIT_AT_START, _INTERRUPTS_AT_START, len(_PUBLISHED)
+        _GIT_AT_START, _INTERRUPTS_AT_START = git_identity(), interrupts()
         try:
-            with flush_denormal(), _sigterm_as_sigint():
-                return body(sys.argv[1:] if argv is None else list(argv))
+            with flush_denormal(), sigint_counted(), _sigterm_as_sigint():
+                status = body(sys.argv[1:] if argv is None else list(argv))
+                # a Ctrl-C that something swallowed (qerror.interrupts) is still the user's,
+                # unless the body took it and said so itself
+                if interrupts() != _INTERRUPTS_AT_START and status != EXIT_INTERRUPTED:
+                    if len(_PUBLISHED) > outer[2]:
+                        raise PublishedInterrupt(f"it is complete at {_PUBLISHED[-1]}")
+                    raise KeyboardInterrupt
+                return status
         except DivergedError:
             raise  # the run itself failed: keep its traceback
         except (StudyError, DataNotFoundError, DataError, CheckpointError, TrainError) as err:
@@ -327,7 +340,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
                   "removed)", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
-            _GIT_AT_START = outer
+            _GIT_AT_START, _INTERRUPTS_AT_START = outer[:2]
+            del _PUBLISHED[outer[2]:]
 
     return main
 
@@ -365,8 +379,8 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise StudyError(
             f"--out {final} is a folder that holds {len(entries)} entries ({shown}) and is "
-            f"not a run of a study (it has no {MANIFEST}); it is never replaced, with --force "
-            f"neither. Pass a new or empty folder, e.g. {elsewhere}")
+            f"not a run of a study (it has no study's {MANIFEST}); it is never replaced, with "
+            f"--force neither. Pass a new or empty folder, e.g. {elsewhere}")
     if manifest.get("study") != study:
         raise StudyError(
             f"--out {final} holds a run of the {manifest.get('study')!r} study, not of "
@@ -499,33 +513,48 @@ def available_memory() -> int | None:
     return None
 
 
+def _timing_bar(total: int, unit: str):
+    """A progress bar over timing rounds, updated between them (never inside a timed call),
+    gone once they are done."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="timing", unit=unit, leave=False, mininterval=1.0)
+
+
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
                  pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Times of candidate and baseline run alternately, and their per-pair ratios."""
-    for _ in range(warmup):
-        candidate()
-        baseline()
-    ta, tb = np.empty(pairs), np.empty(pairs)
-    for i in range(pairs):
-        t0 = time.perf_counter()
-        candidate()
-        t1 = time.perf_counter()
-        baseline()
-        t2 = time.perf_counter()
-        ta[i], tb[i] = t1 - t0, t2 - t1
+    """Times of candidate and baseline run alternately, and their per-pair ratios (with a
+    progress bar over the pairs)."""
+    with _timing_bar(warmup + pairs, "pair") as bar:
+        for _ in range(warmup):
+            candidate()
+            baseline()
+            bar.update(1)
+        ta, tb = np.empty(pairs), np.empty(pairs)
+        for i in range(pairs):
+            t0 = time.perf_counter()
+            candidate()
+            t1 = time.perf_counter()
+            baseline()
+            t2 = time.perf_counter()
+            ta[i], tb[i] = t1 - t0, t2 - t1
+            bar.update(1)
     return ta / tb, ta, tb
 
 
 def alternating_times(fns: list[Callable[[int], object]], rounds: int) -> np.ndarray:
     """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
     each ``i`` with the order rotated every round, so that no candidate always runs first
-    (after a cache-warming, or a cache-spoiling, neighbour). Shape (rounds, len(fns))."""
+    (after a cache-warming, or a cache-spoiling, neighbour). Shape (rounds, len(fns)); a
+    progress bar over the rounds."""
     times = np.empty((rounds, len(fns)))
-    for i in range(rounds):
-        for j in np.roll(np.arange(len(fns)), -i):
-            t0 = time.perf_counter()
-            fns[j](i)
-            times[i, j] = time.perf_counter() - t0
+    with _timing_bar(rounds, "round") as bar:
+        for i in range(rounds):
+            for j in np.roll(np.arange(len(fns)), -i):
+                t0 = time.perf_counter()
+                fns[j](i)
+                times[i, j] = time.perf_counter() - t0
+            bar.update(1)
     return times
 
 
@@ -538,6 +567,11 @@ def wrapped_columns(*widths: float) -> str:
 # The commit a running study started from (set by study_main): the code that ran is that
 # commit's, whatever the checkout holds by the time the results are written.
 _GIT_AT_START: dict[str, Any] | None = None
+# The SIGINTs counted when it started (qerror.interrupts): one more by the time a run would
+# be published was swallowed somewhere, and the run is not published.
+_INTERRUPTS_AT_START: int | None = None
+# The runs published since (their folders), for a Ctrl-C found after one was.
+_PUBLISHED: list[Path] = []
 
 
 def git_identity() -> dict[str, Any]:
@@ -601,6 +635,8 @@ class RunDir:
         self.timing_outputs: set[str] = set()
         self.started = time.time()
         self.git = dict(_GIT_AT_START) if _GIT_AT_START is not None else git_identity()
+        self.interrupts = (_INTERRUPTS_AT_START if _INTERRUPTS_AT_START is not None
+                           else interrupts())
         self.kept = False  # finish() kept a complete run it could not move to --out
 
     def path(self, name: str) -> Path:
@@ -684,7 +720,12 @@ class RunDir:
         return self.git if now == self.git else {**self.git, "at_finish": now}
 
     def finish(self) -> Path:
-        """Write the manifest and move the staged folder to its destination."""
+        """Write the manifest and move the staged folder to its destination.
+
+        Raises ``KeyboardInterrupt`` (the staging folder is then removed on leaving the
+        ``with`` block) when a Ctrl-C came since the study started and something swallowed
+        it (:mod:`qerror.interrupts`): a run the user interrupted is not published."""
+        self._check_interrupts()
         outputs = {str(p.relative_to(self.stage)): sha256_file(p)
                    for p in sorted(self.stage.rglob("*")) if p.is_file()}
         manifest = {
@@ -705,6 +746,7 @@ class RunDir:
             **self.extra,
         }
         self.write_json(MANIFEST, manifest)
+        self._check_interrupts()
         old = None
         try:
             # The destination may have changed while the study ran.
@@ -720,6 +762,7 @@ class RunDir:
                 old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
                 self.final.rename(old)
             self.stage.rename(self.final)
+            _PUBLISHED.append(self.final)
         except (OSError, StudyError) as err:
             self._keep_unplaced(err, old)
         if old is not None:
@@ -730,6 +773,10 @@ class RunDir:
                     f"it is complete at {self.final}; the previous run's copy at {old} was "
                     "not fully removed (the next run aimed at this --out removes it)") from None
         return self.final
+
+    def _check_interrupts(self) -> None:
+        if interrupts() != self.interrupts:
+            raise KeyboardInterrupt
 
     def _keep_unplaced(self, err: Exception, old: Path | None) -> None:
         """The run is complete but cannot go to ``--out``: keep it under a name no later run

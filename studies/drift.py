@@ -297,8 +297,9 @@ def _load_model(args, data_root):
 
     if args.data is not None:
         if args.model != "resnet50":
+            given = " (--smoke's default model is resnet18)" if args.smoke else ""
             raise StudyError(f"--data (ImageNet) supports --model resnet50 only, got "
-                             f"{args.model}")
+                             f"{args.model}{given}; pass --model resnet50")
         try:
             model = imagenet_resnet50(args.weights or "IMAGENET1K_V2", download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:

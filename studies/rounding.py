@@ -571,6 +571,8 @@ def _load_baseline(path: Path | None):
                 break
         else:
             return None
+    if path.is_dir():
+        raise StudyError(f"--checkpoint {path} is a folder; name a checkpoint file in it")
     if not path.is_file():
         raise StudyError(f"--checkpoint {path}: no such file")
     if has_checkpoint_sidecar(path):  # a qerror checkpoint: verified, or refused

@@ -503,7 +503,11 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     Raises
     ------
     CheckpointError
-        Also when training stopped before the end; the message says how to resume.
+        Also when training stopped before the end (a time budget or a step limit); the
+        message says how to resume.
+    KeyboardInterrupt
+        The training was interrupted (Ctrl-C): its state is saved, and the printed command
+        resumes it.
     """
     arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
@@ -519,7 +523,11 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
         print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
               f"`{command}`", flush=True)
         code = main(argv)
-        if code in (EXIT_INCOMPLETE, EXIT_INTERRUPTED):
+        if code == EXIT_INTERRUPTED:  # a Ctrl-C, the caller's too: not an error
+            print(f"[qerror] training the {arch.value}/{stem.value} baseline was interrupted; "
+                  f"run the same command again to resume it: {command}", file=sys.stderr)
+            raise KeyboardInterrupt
+        if code == EXIT_INCOMPLETE:
             raise CheckpointError(
                 f"training the {arch.value}/{stem.value} baseline stopped with exit code "
                 f"{code}; run the same command again to resume it: {command}")

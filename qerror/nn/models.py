@@ -722,6 +722,9 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` "
             "(or without --checkpoint for the default cache path).")
 
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; --checkpoint names a checkpoint file "
+                              f"(e.g. {path / 'baseline.pt'})")
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}. Train one there with "

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable
+from qerror.interrupts import note_interrupt, raises_keyboard_interrupt
 from qerror.nn import parallel
 from qerror.nn.models import StateDictMismatchError, check_state_dict, non_finite_tensors
 from qerror.stats import wilson_ci
@@ -454,16 +455,22 @@ def _sigint_held():
     half-way would leave weights, momenta and step counter out of step with each other."""
     # Only the main thread can set handlers, and a handler someone else installed (or
     # SIG_IGN) is theirs to keep; in both cases the block runs as it is.
+    previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            or not raises_keyboard_interrupt(previous):
         yield
         return
     pending = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+
+    def hold(signum, frame):
+        note_interrupt()
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
 

@@ -555,3 +555,36 @@ def test_a_failing_stochastic_kernel_turns_off_alone(monkeypatch):
     assert [k[0][0] for k in _fused.KERNELS.failed] == [STOCHASTIC]
     quantize(x, QuantSpec(), 0.1)
     assert any(k[0][0] is RoundingMode.NEAREST_EVEN for k in _fused.KERNELS.ready)
+
+
+def test_a_ctrl_c_torch_turned_into_another_error_is_raised_not_taken_for_a_failure(
+        monkeypatch):
+    """Inside a torch.compile trace, torch's C++ argument parsing turns a KeyboardInterrupt
+    into a TypeError ("failed to unpack the object ... KeyboardInterrupt"); the fallback took
+    it for a compiler failure, turned the kernels off and went on, and the Ctrl-C was lost.
+    An interrupt counted during the call (qerror.interrupts) is raised again instead."""
+    from qerror.interrupts import note_interrupt
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(_compiled, "compile_options", lambda: {})
+    kernels = Kernels("the demo kernel", "eager instead", stacklevel=2)
+
+    def interrupted():
+        def fn(x):
+            note_interrupt()  # what the counting SIGINT handler does before it raises
+            raise TypeError('failed to unpack the object at pos 1 with error '
+                            '"KeyboardInterrupt: <EMPTY MESSAGE>"')
+        return fn
+
+    with pytest.raises(KeyboardInterrupt):
+        kernels.call("a", interrupted, (1,), breaks_all=True)
+    assert not kernels.broken and not kernels.failed and not kernels.warned
+
+    def broken():
+        def fn(x):
+            raise TypeError("an operator the compiler does not take")
+        return fn
+
+    with pytest.warns(RuntimeWarning, match="demo kernel is not used"):
+        assert kernels.call("b", broken, (1,), breaks_all=True) is None
+    assert kernels.broken  # a real failure still turns the family off

@@ -418,3 +418,54 @@ def test_check_trained_on_refuses_other_data_than_the_checkpoint_recorded(tmp_pa
     _common.check_trained_on(SimpleNamespace(config={"recipe": recipe}, path="m.pt"),
                              folder("none", change="test"))
     _common.check_trained_on(info, tmp_path / "missing")
+
+
+def _python_handles_sigint() -> bool:
+    import signal
+    import threading
+
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
+@pytest.mark.skipif(not _python_handles_sigint(),
+                    reason="counted only in the main thread under Python's own handler")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
+    """A SIGINT whose KeyboardInterrupt Python drops (raised in a weak-reference callback:
+    "Exception ignored in ...") let an early_exit run go on, publish and exit 0. Counted, it
+    stops the run before it is published; after publishing, the exit says so."""
+    import signal
+    import weakref
+
+    out = tmp_path / "run"
+
+    class Thing:
+        pass
+
+    def swallowed():
+        thing = Thing()
+        ref = weakref.ref(thing, lambda r: signal.raise_signal(signal.SIGINT))
+        del thing  # the callback raises KeyboardInterrupt, which Python prints and drops
+        return ref
+
+    def body(argv):
+        with RunDir(out, "demo", [], {}) as run:
+            run.write_text("x.csv", "x\n")
+            if when == "before":
+                swallowed()
+            run.finish()
+        if when == "after":
+            swallowed()
+        return 0
+
+    assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    if when == "before":
+        assert "nothing was published" in err and not out.exists()
+        assert not list(tmp_path.glob(".run.partial-*"))
+    else:
+        assert f"interrupted after the run was published: it is complete at {out}" in err
+        assert (out / "x.csv").read_text() == "x\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

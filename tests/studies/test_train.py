@@ -15,7 +15,7 @@ import torch
 
 from qerror import data, wilson_ci
 from qerror.nn import models
-from studies import train
+from studies import _common, train
 from studies._common import REPO, sha256_file
 
 SMOKE = ["--smoke", "--arch", "resnet18"]
@@ -271,6 +271,14 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "main", lambda argv: 2)  # e.g. no data: nothing to resume
     with pytest.raises(models.CheckpointError, match="failed with exit code 2 for the reason"):
         train.get_or_train_baseline("resnet50", train_if_missing=True)
+    # a Ctrl-C in the training is the calling study's too: it exits as interrupted (130),
+    # not as refused (2)
+    monkeypatch.setattr(train, "main", lambda argv: train.EXIT_INTERRUPTED)
+    with pytest.raises(KeyboardInterrupt):
+        train.get_or_train_baseline("resnet50", train_if_missing=True)
+    study = _common.study_main(
+        lambda argv: train.get_or_train_baseline("resnet50", train_if_missing=True) and 0)
+    assert study([]) == train.EXIT_INTERRUPTED
 
 
 # --------------------------------------------------------------------------- bad inputs
