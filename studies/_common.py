@@ -244,7 +244,8 @@ def base_parser(study: str, description: str, *, force: bool = False,
                              "run of this study")
     parser.add_argument("--seed", type=int_in(0, 2 ** 64 - 1, "torch's generators take "
                                                "64-bit seeds"), default=0,
-                        help="seed of every random choice (an integer from 0 to 2^64 - 1)")
+                        help="seed of every random choice (an integer from 0 to 2^64 - 1; "
+                             "default 0)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset for the test suite: same code path, small sizes")
     if force:
@@ -511,6 +512,11 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+#: The help of every study's ``--data-root``.
+DATA_ROOT_HELP = ("folder with the Fashion-MNIST IDX files (default: $QERROR_DATA if set, else "
+                  "the user cache's data folder, else /usr/share/datasets/fashion-mnist)")
 
 
 def _timing_bar(total: int, unit: str):

@@ -109,6 +109,7 @@ from qerror.nn.training import (
 )
 from qerror.stats import mcnemar_test, wilson_ci
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     alternating_times,
@@ -902,7 +903,7 @@ def _main(argv: list[str]) -> int:
                         help="architecture (default resnet50; resnet18 with --smoke)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a qerror checkpoint (default: the cached baseline)")
-    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing baseline")
     parser.add_argument("--test-images", type=positive_int, default=None,

@@ -71,6 +71,7 @@ from qerror.compress import StorageFormat, held_bytes, storage_bytes
 from qerror.nn import model_device
 from qerror.nn.training import Device, DeviceError, disable_tf32, resolve_device
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     base_parser,
@@ -663,8 +664,7 @@ def build_parser():
     parser.add_argument("--train-if-missing", action=argparse.BooleanOptionalAction, default=True,
                         help="train the baseline (about half an hour on 2 cores) when it is "
                              "not in the cache (default: yes)")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--modes", nargs="+", type=RoundingMode.parse, default=None,

@@ -121,6 +121,7 @@ from qerror.stats import (
     wilson_ci,
 )
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     available_memory,
@@ -1225,7 +1226,7 @@ def _main(argv: list[str]) -> int:
                         help="with --data: a file of 'FOLDER CLASS' lines (CLASS an index "
                              "0..999 or a synset id) labelling sub-folders that are not named "
                              "by synset id")
-    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda (cuda:LOCAL_RANK under torchrun) or auto "
                              "(cuda where a GPU is found); the statistics agree to float "

@@ -116,6 +116,7 @@ from qerror.stats import (
     wilson_ci,
 )
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     base_parser,
@@ -506,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "baseline, trained first if missing)")
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing baseline")
-    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--exit-points", nargs="+", default=None,
                         help="blocks after which an exit is placed (default: "
                              f"{' '.join(DEFAULT_EXIT_POINTS)})")

@@ -40,6 +40,7 @@ from qerror.files import sha256_file
 from qerror.nn import eval_mode
 from qerror.nonuniform import lloyd_max
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     base_parser,
@@ -449,7 +450,7 @@ def _main(argv: list[str]) -> int:
                         help="a qerror checkpoint (weights and activations) or a bare state "
                              "dict (weights) to analyse; default: the cached baseline if any")
     parser.add_argument("--data-root", type=Path, default=None,
-                        help="Fashion-MNIST folder for the activations part")
+                        help="for the activations part: " + DATA_ROOT_HELP)
     args = parser.parse_args(argv)
     smoke = args.smoke
     mc_n = args.mc_samples if args.mc_samples is not None else (2000 if smoke else 20_000)

@@ -72,6 +72,7 @@ from qerror.nn import (
 from qerror.nn.models import CheckpointError, fashion_resnet, fashion_small_cnn
 from qerror.stats import holm, mcnemar_from_counts, wilson_ci
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     StudyError,
     base_parser,
@@ -474,7 +475,7 @@ def _parser():
                         help="networks: the cached ResNet baselines (trained first when "
                              "missing) and the small CNN trained here (default: resnet50 "
                              "small; smoke: small)")
-    parser.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing ResNet baseline")
     parser.add_argument("--bits", nargs="+",

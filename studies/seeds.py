@@ -36,6 +36,7 @@ from qerror.nn.models import plain_chain
 from qerror.nn.seeds import network_statements
 from qerror.nn.training import TrainConfig, fit, tensor_batches
 from studies._common import (
+    DATA_ROOT_HELP,
     RunDir,
     base_parser,
     check_out,
@@ -95,7 +96,7 @@ def _main(argv: list[str]) -> int:
                         help=f"training images per network (default {TRAIN_IMAGES:,}; smoke 1,024)")
     parser.add_argument("--test-images", type=int_at_least(2), default=None,
                         help=f"test images measured (default {TEST_IMAGES}; smoke 128)")
-    parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     args = parser.parse_args(argv)
     smoke = args.smoke
     seeds = args.seeds or (2 if smoke else 20)

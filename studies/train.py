@@ -78,6 +78,7 @@ from qerror.nn.training import (
     fit,
 )
 from studies._common import (
+    DATA_ROOT_HELP,
     REPO,
     RunDir,
     StudyError,
@@ -283,7 +284,7 @@ def build_parser():
     parser.add_argument("--lr", type=positive_float,
                         help="peak one-cycle learning rate, finite and above 0 (default 0.1, "
                              "smoke 0.05)")
-    parser.add_argument("--data-root", type=Path, help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -299,7 +300,8 @@ def build_parser():
                         help="where the trained model goes (default: the cache, "
                              "qerror.nn.models.default_checkpoint_path)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
-                        help="cpu (default) or cuda; under torchrun, one GPU per local rank")
+                        help="cpu (default), cuda or auto (cuda where a GPU is found); under "
+                             "torchrun, one GPU per local rank")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
     return parser
