@@ -82,7 +82,6 @@ from studies._common import (
     finite_float,
     held_out,
     int_in,
-    nonnegative_int,
     positive_float,
     positive_int,
     refuse_beyond_splits,
@@ -483,8 +482,10 @@ def _parser():
                         help="weight bits (default 4 3; smoke 4); activations are 8-bit")
     parser.add_argument("--stochastic-seeds", type=positive_int, default=None,
                         help="stochastic roundings of the whole network (default 3, smoke 2)")
-    parser.add_argument("--iterations", type=nonnegative_int, default=None,
-                        help="AdaRound iterations per layer (default: resnet50 "
+    parser.add_argument("--iterations", type=positive_int, default=None,
+                        help="AdaRound iterations per layer, at least 1 (0 would be its "
+                             "initial rounding, nearest, under AdaRound's name; default: "
+                             "resnet50 "
                              f"{ITERATIONS['resnet50']}, small {ITERATIONS['small']}; "
                              "smoke 20)")
     parser.add_argument("--curve", nargs="*", type=positive_int, default=None,

@@ -180,6 +180,9 @@ STUDY_CASES = {
         ("bits-1", ["--bits", "1"], ARGPARSE,
          r"--bits: must be from 2 to 8, got 1 \(AdaRound's weight widths\)"),
         ("bits-9", ["--bits", "4", "9"], ARGPARSE, r"--bits: must be from 2 to 8, got 9"),
+        # 0 iterations is AdaRound's initial rounding, nearest, under AdaRound's name
+        ("iterations-0", ["--iterations", "0"], ARGPARSE,
+         r"--iterations: must be at least 1, got 0"),
         ("unknown-model", ["--models", "vgg16"], ARGPARSE, r"--models: invalid choice"),
         ("fl-roundings-2", ["--fl-roundings", "2"], ARGPARSE,
          r"--fl-roundings: must be from 3 to 100000, got 2 \(a rank correlation needs 3\)"),
