@@ -201,7 +201,7 @@ STUDY_CASES = {
         ("lam-negative", ["--lam", "-0.1"], ARGPARSE, r"--lam: must be at least 0"),
         ("lam-nan", ["--lam", "nan"], ARGPARSE, r"--lam: must be a finite number"),
         ("iterations-negative", ["--iterations", "-1"], ARGPARSE,
-         r"--iterations: must be at least 0"),
+         r"--iterations: must be at least 1"),
         ("curve-0", ["--curve", "0"], ARGPARSE, r"--curve: must be at least 1"),
         ("stochastic-seeds-0", ["--stochastic-seeds", "0"], ARGPARSE,
          r"--stochastic-seeds: must be at least 1"),
