@@ -61,10 +61,12 @@ __all__ = ["UpDownResult", "middle_layer", "updown_experiment"]
 
 
 def middle_layer(model: nn.Module) -> str:
-    """The name of the conv/linear layer in the middle of the execution order.
+    """The name of the conv/linear layer in the middle of the model's layers.
 
     ``layers[len(layers) // 2]`` among the model's conv/linear layers in registration
-    order (that of :func:`qerror.nn.layer_names`).
+    order (that of :func:`qerror.nn.layer_names`), which is the execution order in a
+    torchvision-style network that registers its layers in the order it runs them; a model
+    that runs them in another order gets the middle of its registration, not of its run.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
     if not names:
@@ -243,6 +245,10 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
                 float_loss = float(task_loss(w))
         finally:
             handle.remove()
+        if not got:
+            raise ValueError(f"layer {layer!r} is never called in the model's forward pass: "
+                             "there is no input to measure its local error on; pick a layer "
+                             "the forward pass runs")
         x_in = got[0]
         if taylor:
             w_req = w.clone().requires_grad_(True)

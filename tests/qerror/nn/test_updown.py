@@ -105,3 +105,18 @@ def test_refused_model():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LSTM(2, 2))
     with pytest.raises(UnsupportedModelError, match="LSTM"):
         updown_experiment(model, "0", [(images(4, 1), torch.zeros(4, dtype=torch.long))], 4)
+
+
+def test_a_layer_the_forward_pass_never_calls_is_refused():
+    """It has no input to measure a local error on (an IndexError before)."""
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x.flatten(1))
+
+    x, y = torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="'b' is never called"):
+        updown_experiment(Unused(), "b", [(x, y)], 4, roundings=3)
