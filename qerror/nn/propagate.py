@@ -295,7 +295,7 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
             if spec.rounding.is_random else None
         wq, sat = fake_quantize(w, spec, qp.scale, qp.zero_point, generator=key,
                                 return_saturation=True)
-        s = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float64)
+        s = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float64, device=w.device)
         if spec.axis is not None:
             s = s.reshape((-1,) + (1,) * (w.ndim - 1))
         e = (wq.double() - w.double()) / s

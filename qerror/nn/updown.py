@@ -52,7 +52,7 @@ from torch import nn
 
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
-from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches
+from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches, model_device
 from qerror.quantizer import QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 from qerror.stats import StatResult, wilson_ci
@@ -149,9 +149,9 @@ class UpDownResult:
                 "taylor_rho": self.taylor_rho}
 
 
-def _labelled(batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+def _labelled(batches: Iterable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
-    for x, y in iter_batches(batches):
+    for x, y in iter_batches(batches, device):
         if y is None:
             raise ValueError("updown_experiment needs labelled batches (images, labels): the "
                              "task loss is the cross-entropy")
@@ -214,12 +214,12 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):
         raise ValueError(f"{layer!r} is not a Conv2d or Linear layer of the model")
-    x, y = _labelled(batches)
+    x, y = _labelled(batches, model_device(model))
     spec = QuantSpec(bits=int(bits), signed=True, symmetric=True, axis=0,
                      rounding=RoundingMode.NEAREST_EVEN)
     w = module.weight.detach()
     qp = calibrate(w, spec)
-    scale = torch.as_tensor(np.asarray(qp.scale, dtype=np.float64)).reshape(
+    scale = torch.as_tensor(np.asarray(qp.scale, dtype=np.float64), device=w.device).reshape(
         (-1,) + (1,) * (w.ndim - 1))
     key = f"{layer}.weight"
     params = {k: v.detach() for k, v in model.named_parameters()}
