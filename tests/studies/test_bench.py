@@ -66,3 +66,28 @@ def test_a_named_early_exit_run_is_checked_before_any_timing(tmp_path, capsys):
         bench.GROUPS["empirical"] = real
     assert code == 2 and not ran and not out.exists()
     assert "not a finished, non-smoke" in capsys.readouterr().err
+
+
+def test_a_compile_failure_is_a_row_and_a_ctrl_c_inside_it_is_not(monkeypatch):
+    """torch.compile's trace can turn a Ctrl-C into another error (qerror.interrupts): that
+    is raised again, not recorded as the backend's failure."""
+    import torch
+
+    from qerror.interrupts import note_interrupt
+
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+
+    def fails(*args, **kwargs):
+        raise TypeError("the backend cannot take this")
+
+    monkeypatch.setattr(torch, "compile", fails)
+    row = bench._compiled_row("demo", model, x, lambda: None, lambda m, t: m(t), 1, None)
+    assert "torch.compile failed on this machine: TypeError" in row.note
+
+    def interrupted(*args, **kwargs):
+        note_interrupt()
+        raise TypeError('failed to unpack the object with error "KeyboardInterrupt"')
+
+    monkeypatch.setattr(torch, "compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench._compiled_row("demo", model, x, lambda: None, lambda m, t: m(t), 1, None)
