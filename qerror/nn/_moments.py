@@ -155,9 +155,10 @@ def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """``u`` of the per (image, channel) sums :func:`channel_sums` takes of data in ``dtype``
-    (float32's ``2**-24``, float64's ``2**-53``; a half-precision sum ends rounded to its
-    own dtype, whose ``u`` it is)."""
+    """``u`` of the dtype in which :func:`channel_sums` returns the per (image, channel) sums
+    of data in ``dtype`` before they become float64 (float32's ``2**-24``, float64's
+    ``2**-53``, float16's ``2**-11``: a half-precision tensor is summed in float32 by torch's
+    reductions and its sums rounded to its own dtype)."""
     return float(torch.finfo(dtype).eps) / 2
 
 
@@ -165,17 +166,21 @@ def resolved_variance(mean, sq, length: int, images: int, u: float) -> np.ndarra
     """``E[x²] − E[x]²`` from the sums' means, and 0 where it lies within their rounding.
 
     ``mean`` and ``sq`` are ``E[x]`` and ``E[x²]`` over ``images`` images of ``length``
-    elements each (arrays, per channel, or scalars), from per (image, channel) sums taken with
-    unit roundoff ``u`` and added over images in float64. By the bounds of the module's Notes
-    each mean is within ``γ(L) E[x²]`` (``E[x²]``) or ``γ(L) E|x|`` (``E[x]``) of its exact
-    value, ``γ(k) ≈ k u``, plus ``γ₆₄(N)`` of the float64 sum over ``N`` images; so the
-    difference is within ``3 (γ(L) + γ₆₄(N)) E[x²]`` of the exact variance (``|E[x]| E|x| ≤
-    E[x²]``). A variance no larger than that is not resolved from the rounding (a constant
-    channel, whose exact variance is 0, gives one of that size) and is returned as 0.
+    elements each (arrays, per channel, or scalars), from per (image, channel) sums returned
+    in a dtype of unit roundoff ``u`` (:func:`unit_roundoff`) and added over images in
+    float64. By the bounds of the module's Notes each mean is within ``γ(L) E[x²]``
+    (``E[x²]``) or ``γ(L) E|x|`` (``E[x]``) of its exact value, ``γ(k) = k v / (1 − k v)``
+    with ``v`` the unit roundoff of the accumulation (``u``, float32's for half-precision
+    data), plus at most three roundings to ``u`` of the returned sums and ``γ₆₄(N)`` of the
+    float64 sum over ``N`` images; so the difference is within ``3 (γ(L) + 3u + γ₆₄(N))
+    E[x²]`` of the exact variance (``|E[x]| E|x| ≤ E[x²]``). A variance no larger than that is
+    not resolved from the rounding (a constant channel, whose exact variance is 0, gives one
+    of that size) and is returned as 0.
     """
     mean, sq = np.asarray(mean, dtype=np.float64), np.asarray(sq, dtype=np.float64)
     var = np.maximum(sq - mean * mean, 0.0)
-    bound = 3.0 * (_gamma(length, u) + _gamma(images, 2.0**-53)) * sq
+    accumulate = min(u, 2.0**-24)  # torch sums half-precision data in float32
+    bound = 3.0 * (_gamma(length, accumulate) + 3.0 * u + _gamma(images, 2.0**-53)) * sq
     return np.where(var > bound, var, 0.0)
 
 

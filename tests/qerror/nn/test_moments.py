@@ -280,9 +280,14 @@ def test_a_variance_within_the_sums_rounding_is_zero():
 
     u = unit_roundoff(torch.float32)
     assert u == 2.0**-24 and unit_roundoff(torch.float64) == 2.0**-53
-    bound = 3 * (64 * u / (1 - 64 * u) + 10 * 2.0**-53 / (1 - 10 * 2.0**-53))
+    bound = 3 * (64 * u / (1 - 64 * u) + 3 * u + 10 * 2.0**-53 / (1 - 10 * 2.0**-53))
     assert resolved_variance(0.0, 1.0, 64, 10, u) == 1.0
     assert resolved_variance(np.sqrt(1 - 0.99 * bound), 1.0, 64, 10, u) == 0.0
     assert resolved_variance(np.sqrt(1 - 1.01 * bound), 1.0, 64, 10, u) > 0.0
     got = resolved_variance(np.array([0.0, 2.0]), np.array([1.0, 4.0]), 64, 10, u)
     np.testing.assert_array_equal(got, [1.0, 0.0])  # a constant 2: its variance is 0
+    # half precision: summed in float32, rounded once more to its own dtype; a map of
+    # 1024 positions still resolves a channel whose mean is a few standard deviations
+    half = unit_roundoff(torch.float16)
+    assert resolved_variance(5.0, 26.0, 1024, 10, half) == pytest.approx(1.0)
+    assert resolved_variance(0.0, 1.0, 1024, 10, half) == 1.0
