@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from qerror.cpu import flushing_denormals, in_forked_child
-from qerror.interrupts import interrupts
+from qerror.interrupts import interrupt_reraised
 
 
 def allowed() -> bool:
@@ -96,25 +96,23 @@ class Kernels:
         key = (key, torch.get_num_threads())
         # compiled code is loaded on a key's first call: only then can it switch on flushing
         flushing = None if key in self.ready else flushing_denormals()
-        seen = interrupts()
         try:
-            with self.lock:
-                if key in self.failed or self.broken:
-                    return None
-                fn = self.compiled.get(key)
-            if fn is None:
-                options = compile_options()  # may build a probe on first use: outside the lock
+            # a Ctrl-C that torch turned into another error while compiling is the user's,
+            # not the compiler's failure
+            with interrupt_reraised():
                 with self.lock:
-                    fn = self.compiled.setdefault(key, torch.compile(
-                        make(), dynamic=True, fullgraph=True, options=options))
-            res = fn(*args)
+                    if key in self.failed or self.broken:
+                        return None
+                    fn = self.compiled.get(key)
+                if fn is None:
+                    options = compile_options()  # may build a probe: outside the lock
+                    with self.lock:
+                        fn = self.compiled.setdefault(key, torch.compile(
+                            make(), dynamic=True, fullgraph=True, options=options))
+                res = fn(*args)
         except MemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - the caller's eager code gives the result
-            if interrupts() != seen:
-                # a Ctrl-C that torch turned into another error while compiling (qerror.
-                # interrupts): the user's, not the compiler's failure
-                raise KeyboardInterrupt from err
             from torch._dynamo.exc import FailOnRecompileLimitHit
 
             with self.lock:

@@ -10,8 +10,10 @@ the run went on, published its results and exited 0.
 
 Under :func:`sigint_counted` each SIGINT is counted before it is raised as Python's handler
 raises it, so :func:`interrupts` tells code that survived a swallowed one that it came:
-:class:`qerror._compiled.Kernels` raises it again instead of falling back (and keeps its
-kernels on), a study refuses to publish, and its ``main`` exits as interrupted.
+a fallback that catches errors (:class:`qerror._compiled.Kernels`, the bench's compiled rows)
+raises it again under :func:`interrupt_reraised` instead of taking it for a failure, a study
+refuses to publish, and its ``main`` exits as interrupted. :func:`sigint_held` holds a
+Ctrl-C over a block that must not be cut (an optimizer update), counting it too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import contextlib
 import signal
 import threading
 
-__all__ = ["interrupts", "note_interrupt", "raises_keyboard_interrupt", "sigint_counted"]
+__all__ = ["interrupt_reraised", "interrupts", "note_interrupt", "sigint_counted",
+           "sigint_held"]
 
 _COUNT = 0
 
@@ -42,10 +45,10 @@ def _counting_handler(signum, frame):
     raise KeyboardInterrupt
 
 
-def raises_keyboard_interrupt(handler) -> bool:
+def _raises_keyboard_interrupt(handler) -> bool:
     """Whether a SIGINT handler is Python's own or the counting one: both raise
-    ``KeyboardInterrupt`` where the main thread is (code that holds a Ctrl-C for a while may
-    replace either and put it back; a handler someone else installed is theirs)."""
+    ``KeyboardInterrupt`` where the main thread is (:func:`sigint_held` may replace either
+    and put it back; a handler someone else installed is theirs)."""
     return handler is signal.default_int_handler or handler is _counting_handler
 
 
@@ -64,3 +67,44 @@ def sigint_counted():
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def sigint_held():
+    """Hold a Ctrl-C until the block ends, then raise it (an optimizer update interrupted
+    half-way would leave weights, momenta and step counter out of step with each other);
+    the held SIGINT is counted (:func:`interrupts`). Only the main thread can set handlers,
+    and a handler someone else installed (or SIG_IGN) is theirs to keep: in both cases the
+    block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() \
+            or not _raises_keyboard_interrupt(previous):
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        note_interrupt()
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_reraised():
+    """For a block whose errors a caller catches and survives (a fallback): an ``Exception``
+    raised after a SIGINT was counted in the block is raised as the ``KeyboardInterrupt`` it
+    was (torch turns one into a ``TypeError`` inside a compile trace), the error chained."""
+    seen = _COUNT
+    try:
+        yield
+    except Exception as err:
+        if _COUNT != seen:
+            raise KeyboardInterrupt from err
+        raise

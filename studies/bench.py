@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from qerror import PreparedQuantizer, QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
-from qerror.interrupts import interrupts
+from qerror.interrupts import interrupt_reraised
 from qerror.quantizer import fused_path_enabled
 from studies._common import (
     REPO,
@@ -298,17 +298,15 @@ def bench_models(args) -> list[BenchRow]:
 
 def _compiled_row(name, model, x, eager, infer, pairs, per_second) -> BenchRow:
     """torch.compile (default mode) against eager; a failure becomes a row with its reason."""
-    seen = interrupts()
     try:
-        t0 = time.perf_counter()
-        compiled = torch.compile(model)
-        reference = infer(model, x)
-        first = infer(compiled, x)  # compiles
-        compile_s = time.perf_counter() - t0
-        timed = paired_ratio(lambda: infer(compiled, x), eager, pairs)
+        with interrupt_reraised():  # a Ctrl-C torch turned into another error is not a row
+            t0 = time.perf_counter()
+            compiled = torch.compile(model)
+            reference = infer(model, x)
+            first = infer(compiled, x)  # compiles
+            compile_s = time.perf_counter() - t0
+            timed = paired_ratio(lambda: infer(compiled, x), eager, pairs)
     except Exception as exc:  # noqa: BLE001 - a backend fails in many ways; record why
-        if interrupts() != seen:  # a Ctrl-C torch turned into another error (qerror.interrupts)
-            raise KeyboardInterrupt from exc
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         return BenchRow("models", name, "torch.compile", "eager (contiguous)", float("nan"),
                         float("nan"), float("nan"), float("nan"), float("nan"), None, None, 0,

@@ -114,8 +114,8 @@ def zero_count(sparsity: float | Fraction, n: int) -> int:
     """Weights zeroed to reach ``sparsity`` among ``n``: ``⌊s·n + 1/2⌋``, computed exactly on
     the binary value of ``s``, or on ``s`` itself when it is a :class:`fractions.Fraction`
     (round half up; no float product to round first)."""
-    _check_sparsity(sparsity)
-    s = sparsity if isinstance(sparsity, Fraction) else Fraction(float(sparsity))
+    checked = _check_sparsity(sparsity)
+    s = sparsity if isinstance(sparsity, Fraction) else Fraction(checked)
     return int(s * int(n) + Fraction(1, 2))
 
 
@@ -337,8 +337,9 @@ class MagnitudePruner:
     def __init__(self, schedule: GradualSchedule, *,
                  keep_dense: Iterable[str] | str | None = None, step: int = 0):
         self.schedule = schedule
-        self.keep_dense = (None if keep_dense is None else keep_dense
-                           if isinstance(keep_dense, str) else tuple(keep_dense))
+        if keep_dense is not None and not isinstance(keep_dense, str):
+            keep_dense = tuple(keep_dense)  # read at every update: an iterator only once
+        self.keep_dense = keep_dense
         self.step = int(step)
         self.masks: Masks = {}
 

@@ -1054,8 +1054,8 @@ class PropagationResult:
         return pd.DataFrame(rows)
 
 
-def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref,
-                 path_depth: int | None = None, u: float = 2.0**-24) -> SiteResult:
+def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref, path_depth: int | None, *,
+                 u: float) -> SiteResult:
     """One site's figures; ``u``: the unit roundoff of the sums (the activations' dtype's)."""
     err, ref = acc.err, acc.ref
     kw = {}
@@ -1467,7 +1467,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         for acc in sites_k:
             if acc.kind in ("conv", "linear"):
                 depth += 1
-            sites.append(_site_result(acc, depth, w, bn_ref, depths.get(acc.name), u))
+            sites.append(_site_result(acc, depth, w, bn_ref, depths.get(acc.name), u=u))
         logits = LogitResult(
             n=n_img, float_correct=fc if labelled else None,
             quant_correct=qc if labelled else None, agree=agree,

@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -45,7 +43,7 @@ from tqdm import tqdm
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable
-from qerror.interrupts import note_interrupt, raises_keyboard_interrupt
+from qerror.interrupts import sigint_held
 from qerror.nn import parallel
 from qerror.nn.models import StateDictMismatchError, check_state_dict, non_finite_tensors
 from qerror.stats import wilson_ci
@@ -447,32 +445,6 @@ def distributed(device: Device | str = Device.CPU) -> Iterator[Placement]:
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-@contextlib.contextmanager
-def _sigint_held():
-    """Hold a Ctrl-C until the block ends, then raise it: an optimizer update interrupted
-    half-way would leave weights, momenta and step counter out of step with each other."""
-    # Only the main thread can set handlers, and a handler someone else installed (or
-    # SIG_IGN) is theirs to keep; in both cases the block runs as it is.
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() \
-            or not raises_keyboard_interrupt(previous):
-        yield
-        return
-    pending = []
-
-    def hold(signum, frame):
-        note_interrupt()
-        pending.append(signum)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
 
 
 def _select(model: nn.Module, trainable) -> list[str]:
@@ -961,7 +933,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             if not math.isfinite(loss_value):
                 raise diverged(f"the loss became {loss_value}", step + 1)
             loss.backward()
-            with _sigint_held():
+            with sigint_held():
                 opt.step()
                 if after_step is not None:
                     after_step(model)
@@ -989,7 +961,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     finally:
         bar.close()
     try:
-        with _sigint_held():  # the last state is written whole before a Ctrl-C is taken
+        with sigint_held():  # the last state is written whole before a Ctrl-C is taken
             save()
     except KeyboardInterrupt:
         interrupted = True
