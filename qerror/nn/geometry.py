@@ -27,6 +27,7 @@ A linear layer has every tap live.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,7 +80,8 @@ class LayerGeometry:
         return {**asdict(self), "live_fraction": self.live_fraction}
 
 
-def live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+def live_taps(size: int, kernel: int, stride: int, padding: int | tuple[int, int],
+              dilation: int = 1) -> int:
     """Count the (output position, tap) pairs of one axis that read inside the input.
 
     Parameters
@@ -88,36 +90,73 @@ def live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int =
         Input length along the axis (≥ 1).
     kernel, stride, dilation : int
         ≥ 1.
-    padding : int
-        Zero padding on each side (≥ 0).
+    padding : int or (int, int)
+        Zero padding on each side (≥ 0), or ``(before, after)`` when the two sides differ
+        (PyTorch's ``padding="same"`` with an even kernel span pads one more after).
 
     Returns
     -------
     int
-        ``Σ_o Σ_k [0 ≤ o·stride − padding + k·dilation < size]`` over the output positions
+        ``Σ_o Σ_k [0 ≤ o·stride − before + k·dilation < size]`` over the output positions
         ``o`` PyTorch's convolution produces.
 
     Raises
     ------
     ValueError
         A non-positive size, kernel, stride or dilation, a negative padding, or a kernel
-        that does not fit the padded input.
+        that does not fit the padded input. Any integer type is taken (numpy's too);
+        booleans and floats are refused.
     """
-    for name, v, low in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
-                         ("dilation", dilation, 1), ("padding", padding, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    before, after = (padding, padding) if not isinstance(padding, tuple | list) \
+        else tuple(padding) if len(padding) == 2 else (None, None)
+    if before is None:
+        raise ValueError(f"padding must be an integer or a (before, after) pair, got {padding!r}")
+    size, kernel, stride, dilation, before, after = (
+        _integer(name, v, low) for name, v, low in (
+            ("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
+            ("dilation", dilation, 1), ("padding", before, 0), ("padding", after, 0)))
     span = dilation * (kernel - 1) + 1
-    out = (size + 2 * padding - span) // stride + 1
+    out = (size + before + after - span) // stride + 1
     if out < 1:
+        pad = before if before == after else (before, after)
         raise ValueError(f"a kernel spanning {span} does not fit an input of {size} padded "
-                         f"by {padding} on each side")
+                         f"by {pad} on each side")
     return sum(1 for o in range(out) for k in range(kernel)
-               if 0 <= o * stride - padding + k * dilation < size)
+               if 0 <= o * stride - before + k * dilation < size)
+
+
+def _integer(name: str, v, low: int) -> int:
+    if not isinstance(v, bool):
+        try:
+            v = operator.index(v)
+        except TypeError:
+            pass
+        else:
+            if v >= low:
+                return v
+    raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
 
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _axis_padding(module: nn.Conv2d, name: str) -> list[tuple[int, int]]:
+    """``(before, after)`` zero padding of each spatial axis, as PyTorch pads."""
+    kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
+    if module.padding == "valid":
+        return [(0, 0), (0, 0)]
+    if module.padding == "same":
+        # PyTorch pads d·(k − 1) in all, half before and the odd one after
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                for k, d in zip(kernel, dilation)]
+    pads = _pair(module.padding)
+    if any(pads) and module.padding_mode != "zeros":
+        raise ValueError(f"{name}: padding {module.padding!r} with mode "
+                         f"{module.padding_mode!r} fills the border with input values, not "
+                         "zeros; live taps are defined for zero padding only (every tap of "
+                         "such a layer reads data)")
+    return [(p, p) for p in pads]
 
 
 def layer_geometry(model: nn.Module, example: torch.Tensor) -> list[LayerGeometry]:
@@ -138,8 +177,9 @@ def layer_geometry(model: nn.Module, example: torch.Tensor) -> list[LayerGeometr
     Raises
     ------
     ValueError
-        A convolution with string or non-zero-mode padding (``padding_mode`` other than
-        ``"zeros"``), whose taps all read data, is reported as such rather than counted.
+        A convolution that pads with input values (``padding_mode`` other than ``"zeros"``
+        and a non-zero padding), whose taps all read data, is reported as such rather than
+        counted. ``padding="valid"`` and ``"same"`` are counted as PyTorch pads them.
     """
     seen: dict[str, LayerGeometry] = {}
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
@@ -152,12 +192,9 @@ def layer_geometry(model: nn.Module, example: torch.Tensor) -> list[LayerGeometr
         if isinstance(module, nn.Linear):
             seen[name] = LayerGeometry(name, "linear", 1, 1, 1, 1, 1, 1, 1, 1)
             return
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding {module.padding!r} with mode "
-                             f"{module.padding_mode!r} is not zero padding by a number; "
-                             "live taps are defined for zero padding only")
         (kh, kw), (sh, sw) = _pair(module.kernel_size), _pair(module.stride)
-        (ph, pw), (dh, dw) = _pair(module.padding), _pair(module.dilation)
+        ph, pw = _axis_padding(module, name)
+        dh, dw = _pair(module.dilation)
         h, w = int(x.shape[-2]), int(x.shape[-1])
         oh, ow = int(output.shape[-2]), int(output.shape[-1])
         live = live_taps(h, kh, sh, ph, dh) * live_taps(w, kw, sw, pw, dw)

@@ -11,7 +11,8 @@ seeded stochastic roundings and nearest are compared by
 * its second-order Taylor estimate ``L(w) + gᵀΔw + ½ ΔwᵀHΔw`` (gradient and exact
   Hessian-vector products by double back-propagation on the same images);
 * the layer's local output MSE ``E[(W̃x − Wx)²]`` on its float input ``x`` (the error the
-  layer adds itself) and the weights' own MSE in LSB²;
+  layer adds itself; over every call when the forward pass calls the layer more than
+  once) and the weights' own MSE in LSB²;
 
 and reports the fraction of roundings that beat nearest with its Wilson interval and
 Spearman's rank correlation between the local MSE and the loss (with its p-value): a weak
@@ -230,9 +231,15 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         # float64 mean: the differences between roundings can be far below the loss itself
         return F.cross_entropy(logits.double(), y)
 
-    def local_out(weight: torch.Tensor) -> torch.Tensor:
-        # the bias cancels in the difference, so the layer's error is the layer of Δw
-        return module._conv_forward(x_in, weight, None) if conv else F.linear(x_in, weight)
+    def local_mse(dw: torch.Tensor) -> float:
+        # the bias cancels in the difference, so the layer's error is the layer of Δw; a
+        # layer the forward pass calls more than once adds it at every call, all counted
+        total, count = 0.0, 0
+        for x_in in got:
+            e = module._conv_forward(x_in, dw, None) if conv else F.linear(x_in, dw)
+            total += float(e.double().pow(2).sum())
+            count += e.numel()
+        return total / count
 
     def weight_mse(wq: torch.Tensor) -> float:
         return float((((wq.double() - w.double()) / scale) ** 2).mean())
@@ -249,7 +256,6 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
             raise ValueError(f"layer {layer!r} is never called in the model's forward pass: "
                              "there is no input to measure its local error on; pick a layer "
                              "the forward pass runs")
-        x_in = got[0]
         if taylor:
             w_req = w.clone().requires_grad_(True)
             grad, = torch.autograd.grad(task_loss(w_req), w_req, create_graph=True)
@@ -258,7 +264,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
             dw = (wq - w).detach()
             with torch.no_grad():
                 loss = float(task_loss(wq))
-                local = float(local_out(dw).double().pow(2).mean())
+                local = local_mse(dw)
             est = math.nan
             if taylor:
                 first = (grad * dw).sum()

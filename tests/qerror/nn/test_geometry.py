@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -74,6 +75,44 @@ def test_non_zero_padding_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="zero padding"):
         layer_geometry(model, torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("kernel, dilation", [((3, 4), (1, 1)), ((2, 5), (2, 1)),
+                                               ((1, 4), (1, 3))])
+def test_same_and_valid_padding_are_counted_as_pytorch_pads(kernel, dilation):
+    # "same" pads d(k - 1) in all, the odd one after: brute force on ones with torch's own
+    # "same" convolution, and "valid" (no padding) against the count by numbers.
+    for padding in ("same", "valid"):
+        conv = nn.Conv2d(1, 1, kernel, padding=padding, dilation=dilation, bias=False)
+        nn.init.ones_(conv.weight)
+        geo, = layer_geometry(nn.Sequential(conv), torch.zeros(1, 1, 9, 11))
+        with torch.no_grad():
+            y = conv(torch.ones(1, 1, 9, 11))
+        assert (geo.out_h, geo.out_w) == tuple(y.shape[-2:]), padding
+        assert geo.live_taps == int(round(float(y.sum()))), padding
+        assert geo.taps == y.shape[-2] * y.shape[-1] * kernel[0] * kernel[1], padding
+    assert geo.live_fraction == 1.0  # "valid" reads data only
+
+
+def test_live_taps_takes_a_before_after_pair():
+    # one axis, size 6, kernel 4, padded 1 before and 2 after: brute force with F.pad
+    x = torch.nn.functional.pad(torch.ones(1, 1, 6, 1), (0, 0, 1, 2))
+    y = torch.nn.functional.conv2d(x, torch.ones(1, 1, 4, 1))
+    assert live_taps(6, 4, 1, (1, 2)) == int(y.sum()) == 3 + 4 + 4 + 4 + 3 + 2
+    assert live_taps(6, 4, 1, (1, 1)) == live_taps(6, 4, 1, 1)
+    with pytest.raises(ValueError, match="before, after"):
+        live_taps(6, 4, 1, (1, 2, 3))
+
+
+def test_non_zero_padding_mode_without_padding_is_counted():
+    # nothing is padded, so the mode never acts: every tap reads data
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=0, padding_mode="reflect"))
+    geo, = layer_geometry(model, torch.zeros(1, 1, 5, 5))
+    assert (geo.live_taps, geo.taps) == (81, 81)
+
+
+def test_live_taps_takes_numpy_integers():
+    assert live_taps(np.int64(4), np.int32(3), np.int8(1), np.uint8(1)) == live_taps(4, 3, 1, 1)
 
 
 @pytest.mark.parametrize("bad", [dict(size=0), dict(kernel=0), dict(stride=0),

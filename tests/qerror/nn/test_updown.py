@@ -120,3 +120,31 @@ def test_a_layer_the_forward_pass_never_calls_is_refused():
     x, y = torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))
     with pytest.raises(ValueError, match="'b' is never called"):
         updown_experiment(Unused(), "b", [(x, y)], 4, roundings=3)
+
+
+def test_a_layer_called_twice_has_its_local_error_counted_at_both_calls():
+    """The local MSE averages the layer's output error over every call (the first call's
+    input alone before), checked against the two calls computed directly."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(torch.tanh(self.a(x.flatten(1))))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x, y = torch.randn(10, 1, 2, 2, dtype=torch.float64), torch.randint(0, 3, (10,))
+    res = updown_experiment(model, "a", [(x, y)], 3, roundings=3, seed=1, taylor=False)
+    w = model.a.weight.detach()
+    x1 = x.flatten(1)
+    x2 = torch.tanh(model.a(x1)).detach()
+    spec = QuantSpec(3, signed=True, symmetric=True, axis=0, rounding=RoundingMode.STOCHASTIC)
+    qp = calibrate(w, spec)
+    for k in range(3):
+        gen = int(np.random.SeedSequence([1, k]).generate_state(1)[0])
+        dw = fake_quantize(w, spec, qp.scale, generator=gen) - w
+        both = torch.cat([x1 @ dw.T, x2 @ dw.T])
+        assert res.local_mse[k] == pytest.approx(float((both ** 2).mean()), rel=RTOL64)
+        assert res.local_mse[k] != pytest.approx(float(((x1 @ dw.T) ** 2).mean()), rel=1e-6)
