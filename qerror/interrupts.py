@@ -9,7 +9,9 @@ failure. Both were seen here with a study's ``--smoke`` run interrupted at the w
 the run went on, published its results and exited 0.
 
 Under :func:`sigint_counted` each SIGINT is counted before it is raised as Python's handler
-raises it, so :func:`interrupts` tells code that survived a swallowed one that it came:
+raises it, and one that Python drops as unraisable (the first place) is sent again from
+another thread as soon as the report of it is printed, so that it lands in ordinary code. :func:`interrupts` tells code
+that survived a swallowed one (the second place) that it came:
 a fallback that catches errors (:class:`qerror._compiled.Kernels`, the bench's compiled rows)
 raises it again under :func:`interrupt_reraised` instead of taking it for a failure, a study
 refuses to publish, and its ``main`` exits as interrupted. :func:`sigint_held` holds a
@@ -18,14 +20,21 @@ Ctrl-C over a block that must not be cut (an optimizer update), counting it too.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
+import sys
 import threading
+import time
 
 __all__ = ["interrupt_reraised", "interrupts", "note_interrupt", "sigint_counted",
            "sigint_held"]
 
 _COUNT = 0
+_REDELIVERED = 0  # SIGINTs sent again (_send_again_soon), counted once already
+_IN_HOOK = False  # the unraisable hook is running
+_ACTIVE = False  # a sigint_counted block is running (SIGINTs may be sent again)
+_LOCK = threading.Lock()
 
 
 def interrupts() -> int:
@@ -40,9 +49,61 @@ def note_interrupt() -> None:
     _COUNT += 1
 
 
+def _count_arrival() -> None:
+    """Count a SIGINT that arrives, unless it is one :func:`_send_again_soon` sent again."""
+    global _REDELIVERED
+    if _REDELIVERED:
+        _REDELIVERED -= 1
+    else:
+        note_interrupt()
+
+
 def _counting_handler(signum, frame):
-    note_interrupt()
+    _count_arrival()
+    if _IN_HOOK:  # raised here, it would be dropped as the one being reported was
+        _send_again_soon()
+        return
     raise KeyboardInterrupt
+
+
+def _send_again_soon() -> None:
+    """Send SIGINT to the main thread from another thread once the unraisable hook has
+    returned (raised in the hook, it would be dropped as the one being reported was)."""
+    global _REDELIVERED
+    _REDELIVERED += 1
+    threading.Thread(target=_send_again, name="qerror-sigint", daemon=True).start()
+
+
+def _send_again() -> None:
+    while True:
+        with _LOCK:
+            if not _ACTIVE:  # the block ended: the study finds the count itself
+                return
+            if not _IN_HOOK:
+                if hasattr(signal, "pthread_kill"):  # wakes the main thread from a wait
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                else:
+                    _thread.interrupt_main(signal.SIGINT)
+                return
+        time.sleep(0.001)
+
+
+def _redelivering_hook(previous):
+    """An unraisable-exception hook that reports as ``previous`` does and has a dropped
+    ``KeyboardInterrupt`` sent to the main thread again (:func:`_send_again_soon`)."""
+
+    def hook(unraisable):
+        global _IN_HOOK
+        _IN_HOOK = True
+        try:
+            previous(unraisable)
+        finally:
+            if unraisable.exc_type is not None \
+                    and issubclass(unraisable.exc_type, KeyboardInterrupt):
+                _send_again_soon()
+            _IN_HOOK = False
+
+    return hook
 
 
 def _raises_keyboard_interrupt(handler) -> bool:
@@ -55,18 +116,33 @@ def _raises_keyboard_interrupt(handler) -> bool:
 @contextlib.contextmanager
 def sigint_counted():
     """For the block, SIGINT raises ``KeyboardInterrupt`` as under Python's own handler and is
-    counted first (:func:`interrupts`). Only from the main thread and where Python's own
-    handler is installed (SIG_IGN, a background job's, or someone else's handler is left
-    alone); the previous handler is put back after the block."""
+    counted first (:func:`interrupts`); one that Python drops as unraisable (raised in a
+    weak-reference callback or a ``__del__``) is reported as before and sent again to the
+    main thread (``sys.unraisablehook``, put back after the block unless someone replaced it
+    meanwhile; none is sent after the block). Only from the main thread and where
+    Python's own handler is installed (SIG_IGN, a background job's, or someone else's
+    handler is left alone); the previous handler is put back after the block."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
+    global _ACTIVE, _REDELIVERED
+    previous_hook = sys.unraisablehook
+    hook = _redelivering_hook(previous_hook)
+    with _LOCK:
+        _ACTIVE, _REDELIVERED = True, 0
     signal.signal(signal.SIGINT, _counting_handler)
+    sys.unraisablehook = hook
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with _LOCK:  # no SIGINT is sent again after this (one sent now still lands)
+                _ACTIVE, _REDELIVERED = False, 0
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if sys.unraisablehook is hook:
+                sys.unraisablehook = previous_hook
 
 
 @contextlib.contextmanager
@@ -84,7 +160,7 @@ def sigint_held():
     pending = []
 
     def hold(signum, frame):
-        note_interrupt()
+        _count_arrival()
         pending.append(signum)
 
     signal.signal(signal.SIGINT, hold)

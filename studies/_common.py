@@ -299,8 +299,9 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :data:`EXIT_INTERRUPTED`, and so does SIGTERM, taken as Ctrl-C
     (:func:`_sigterm_as_sigint`). A Ctrl-C that something swallowed on its way (a weak
     reference's callback, torch's compiler; :mod:`qerror.interrupts` counts each) is found
-    before a run is published (:meth:`RunDir.finish` refuses to) and when the body returns:
-    the exit is then :data:`EXIT_INTERRUPTED` too, saying whether a run was published.
+    before a run is published (:meth:`RunDir.finish` refuses to) and when the body returns
+    (one Python dropped as unraisable is raised again where it was dropped): the exit is then
+    :data:`EXIT_INTERRUPTED` too. Every interrupted exit says whether a run was published.
     ``SystemExit`` passes through as before (argparse's exit 2, a study's
     ``SystemExit(message)``). Anything else is a bug and keeps its traceback.
     """
@@ -321,8 +322,6 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
                 # a Ctrl-C that something swallowed (qerror.interrupts) is still the user's,
                 # unless the body took it and said so itself
                 if interrupts() != _INTERRUPTS_AT_START and status != EXIT_INTERRUPTED:
-                    if len(_PUBLISHED) > outer[2]:
-                        raise PublishedInterrupt(f"it is complete at {_PUBLISHED[-1]}")
                     raise KeyboardInterrupt
                 return status
         except DivergedError:
@@ -337,8 +336,12 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
             print(f"[{name}] interrupted after the run was published: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except KeyboardInterrupt:
-            print(f"[{name}] interrupted: nothing was published (its staging folder was "
-                  "removed)", file=sys.stderr)
+            if len(_PUBLISHED) > outer[2]:  # a Ctrl-C in the body's work after publishing
+                print(f"[{name}] interrupted after the run was published: it is complete at "
+                      f"{_PUBLISHED[-1]}", file=sys.stderr)
+            else:
+                print(f"[{name}] interrupted: nothing was published (its staging folder was "
+                      "removed)", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
             _GIT_AT_START, _INTERRUPTS_AT_START = outer[:2]

@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -450,18 +452,26 @@ def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
         del thing  # the callback raises KeyboardInterrupt, which Python prints and drops
         return ref
 
+    went_on = []
+
     def body(argv):
         with RunDir(out, "demo", [], {}) as run:
             run.write_text("x.csv", "x\n")
             if when == "before":
                 swallowed()
+                time.sleep(30)  # the dropped Ctrl-C is sent again and cuts this short
+                went_on.append(True)
             run.finish()
         if when == "after":
             swallowed()
+            time.sleep(30)
+            went_on.append(True)
         return 0
 
+    hook = sys.unraisablehook
     assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
     err = capsys.readouterr().err
+    assert not went_on  # stopped at once (before: ran on to the publishing step)
     if when == "before":
         assert "nothing was published" in err and not out.exists()
         assert not list(tmp_path.glob(".run.partial-*"))
@@ -469,3 +479,4 @@ def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
         assert f"interrupted after the run was published: it is complete at {out}" in err
         assert (out / "x.csv").read_text() == "x\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook is hook
