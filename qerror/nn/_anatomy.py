@@ -333,20 +333,39 @@ def pre_hooks(sites: list[Site], fn) -> Iterator[None]:
 
 
 def bn_fed_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    """Layers fed directly by ``relu(bn(...))`` inside a residual block.
+    """Layers whose input is ``relu(bn(...))``, each with that BatchNorm.
 
-    torchvision's blocks compute ``conv{k}(relu(bn{k-1}(...)))`` for k ≥ 2; those convs map
-    to their BatchNorm. Other layers (the stem, each block's first conv and downsample,
-    fed by the previous block's ReLU'd residual sum, and the classifier) are absent.
+    Read from the ``torch.fx`` graph: a Conv2d or Linear whose input is a ReLU (module,
+    function or method) of a BatchNorm2d's output. In torchvision's blocks these are
+    ``conv{k}`` for k ≥ 2 (fed by ``relu(bn{k-1}(...))``); the stem, each block's first
+    conv and downsample (fed by the previous block's ReLU'd residual sum), the classifier and
+    a layer fed by a BatchNorm without a ReLU are absent.
+
+    Raises
+    ------
+    ValueError
+        The model cannot be traced by ``torch.fx.symbolic_trace``.
     """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
+        raise ValueError(f"which BatchNorm feeds which layer is read from the torch.fx graph, "
+                         f"and symbolic_trace failed on this model ({type(exc).__name__}: "
+                         f"{exc}); take the layers' input means from measured maps instead "
+                         "(source='measured')") from exc
     out = {}
-    for name, block in model.named_modules():
-        for k in range(2, 10):
-            conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k - 1}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                out[f"{name}.conv{k}" if name else f"conv{k}"] = bn
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], LAYERS) \
+                or not node.args:
+            continue
+        feed = node.args[0]
+        if isinstance(feed, torch.fx.Node) and is_relu(feed, modules) and feed.args:
+            bn = feed.args[0]
+            if isinstance(bn, torch.fx.Node) and bn.op == "call_module" \
+                    and isinstance(modules[bn.target], nn.BatchNorm2d):
+                out[node.target] = modules[bn.target]
     return out
-
 
 
 class RangeObserver:

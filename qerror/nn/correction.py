@@ -47,7 +47,13 @@ from torch import nn
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.analytic import uniform_bias_lsb
-from qerror.nn._anatomy import bn_fed_layers, check_model, iter_batches, model_device
+from qerror.nn._anatomy import (
+    UnsupportedModelError,
+    bn_fed_layers,
+    check_model,
+    iter_batches,
+    model_device,
+)
 from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
@@ -145,26 +151,39 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     Returns
     -------
     dict
-        Layer name → array (C_out,) of ``E[Δy]`` averaged over output positions.
+        Layer name → array (C_out,) of ``E[Δy]`` averaged over output positions, for every
+        layer of the calibration result (a layer the forward pass never calls has none).
+
+    Raises
+    ------
+    ValueError
+        The calibration result has no input maps or names a layer the model has not;
+        ``source="bn"`` on a model ``torch.fx`` cannot trace.
     """
     source = MeanSource.parse(source)
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}
+    modules = dict(model.named_modules())
     out = {}
     with torch.no_grad():
-        for name, m in model.named_modules():
+        for site in calibration.layers():
+            name, m = site.name, modules.get(site.name)
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
-                continue
-            site = calibration.site(name)
+                raise ValueError(f"the calibration result has a layer {name!r} that this model "
+                                 "has no Conv2d or Linear of; measure the calibration on this "
+                                 "model")
             if site.input_mean_map is None:
                 raise ValueError("the calibration result has no input maps; run "
                                  "qerror.nn.propagate.measure(..., input_maps=True)")
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
                 bn = feeders[name]
-                beta = bn.bias.detach().double().cpu().numpy()
-                gamma = bn.weight.detach().double().cpu().numpy()
+                if bn.affine:
+                    beta = bn.bias.detach().double().cpu().numpy()
+                    gamma = bn.weight.detach().double().cpu().numpy()
+                else:  # normalised output, no affine map: N(0, 1)
+                    beta, gamma = np.zeros(bn.num_features), np.ones(bn.num_features)
                 mean_c = _relu_normal_mean(beta, gamma)
                 origin = 0.0
                 if config.activation is not None:  # the quantizer's real zero, -z s
@@ -217,11 +236,16 @@ def empirical_bias_correction(model: nn.Module, batches: Iterable, config: Quant
     quantized version beside it); the corrections are independent of each other. Pass a
     ``calibration`` result of :func:`qerror.nn.propagate.measure` with ``local_samples`` at
     least the batch size to reuse it instead of a new pass (the same means, up to float
-    rounding).
+    rounding): it must have been measured with ``config`` (checked) and with the same
+    ``weights``, ``act_qparams`` and no corrections (which it does not record).
     """
     if calibration is None:
         return bias_correction(local_error_means(model, batches, config, act_qparams,
                                                  weights=weights, progress=progress))
+    if calibration.config != config:
+        raise ValueError(f"the calibration result was measured with {calibration.config}, not "
+                         f"with the config asked for ({config}): its local errors are another "
+                         "quantizer's. Measure it with this config, or leave calibration out")
     for s in calibration.layers():
         if s.local_drift_channel is None:
             raise ValueError(f"the calibration result has no local error for {s.name!r}")
@@ -244,9 +268,16 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
     statistics are the BatchNorms' own). A BatchNorm the forward pass never calls keeps its
     statistics."""
     acc: dict[str, list] = {n: [0, None, None] for n in bns}  # count, mean, M2
+    called: set[str] = set()  # in the current forward pass
 
     def hook(name):
         def pre(module, args):
+            if name in called:
+                raise UnsupportedModelError(
+                    f"BatchNorm {name!r} is called more than once in the forward pass: its "
+                    "re-estimated statistics would pool different tensors; give each call "
+                    "its own BatchNorm")
+            called.add(name)
             x = args[0].detach()
             n = x.numel() // x.shape[1]
             # one batch's moments in the activations' own precision (as BatchNorm computes
@@ -270,6 +301,7 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
             for x, _ in iter_batches(progress_bar(batches, progress, label), model_device(clone)):
                 if x.shape[0] < 2:
                     raise ValueError("BN re-estimation needs batches of at least 2 images")
+                called.clear()
                 clone(x)
                 seen += 1
     finally:
@@ -319,6 +351,13 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
     dict
         BatchNorm name → (running mean, running variance), to pass as ``bn_stats`` to
         :func:`qerror.nn.propagate.measure`.
+
+    Raises
+    ------
+    UnsupportedModelError
+        No BatchNorm2d, or one called more than once in a forward pass.
+    ValueError
+        No batch, or a batch of one image.
     """
     check_model(model, need_batchnorm=True)
     if isinstance(batches, Iterator):

@@ -18,7 +18,8 @@ from qerror.nn import (
 
 def test_bn_fed_layers_follow_torchvision_blocks(setup):
     model, _, _ = setup
-    assert sorted(bn_fed_layers(model)) == ["3.conv2", "4.conv2"]
+    # 3.conv1 reads the stem's relu(bn) directly (the block has no downsample)
+    assert sorted(bn_fed_layers(model)) == ["3.conv1", "3.conv2", "4.conv2"]
     r50 = torchvision.models.resnet50()
     fed = bn_fed_layers(r50)
     assert len(fed) == 2 * 16 and fed["layer1.0.conv3"] is r50.layer1[0].bn2

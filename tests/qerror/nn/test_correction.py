@@ -478,3 +478,132 @@ def test_empirical_bias_correction_reuses_a_measure_only_over_all_its_images(set
     # magnitudes apart, n <= 32 images x 256 positions, about 1e-12 of terms below 1
     for name, v in direct.items():
         torch.testing.assert_close(reused[name], v, rtol=0, atol=1e-12)
+
+
+class _LinearBottleneck(nn.Module):
+    """bn1 feeds conv2 without a ReLU (a linear bottleneck): conv2's input is N(β, γ²)-like,
+    not a ReLU of it; the names alone read like torchvision's conv{k}(relu(bn{k-1}))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+def _block_model(block):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), block,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+        model.train()(torch.randn(64, 3, 6, 6, dtype=torch.float64))
+    return model.eval()
+
+
+def test_the_bn_source_needs_a_relu_between_batchnorm_and_layer():
+    """A BatchNorm that feeds a layer with no ReLU between is not a ReLU'd normal: the layer
+    takes the measured maps, so weights-only prediction is exact for it (it took
+    E[ReLU(N(β, γ²))] before, off by up to 0.12 on channel means of 0.01–0.1)."""
+    from qerror.nn import bn_fed_layers
+
+    model = _block_model(_LinearBottleneck(8))
+    assert "2.conv2" not in bn_fed_layers(model)
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig.make(3, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
+    w = quantize_weights(model, cfg.weight)
+    res = measure(model, [x], cfg, weights=w, local_samples=1 << 20, input_maps=True)
+    pred = predicted_local_drift(model, cfg, res, weights=w, source="bn")["2.conv2"]
+    np.testing.assert_allclose(pred, res.site("2.conv2").local_drift_channel, rtol=RTOL64,
+                               atol=1e-15)
+
+
+def test_the_bn_source_takes_a_batchnorm_without_affine_as_unit_normal():
+    """affine=False (γ = 1, β = 0 in effect) crashed on its missing weight; now it predicts
+    what the same BatchNorm with γ = 1, β = 0 stored predicts."""
+    import copy
+
+    import torchvision
+
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    block.bn1 = nn.BatchNorm2d(8, affine=False)
+    model = _block_model(block)
+    twin = copy.deepcopy(model)
+    plain = nn.BatchNorm2d(8).double()
+    plain.load_state_dict(model[2].bn1.state_dict(), strict=False)  # γ = 1, β = 0
+    twin[2].bn1 = plain.eval()
+    x = torch.randn(32, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO, Target.BOTH)
+    preds = []
+    for m in (model, twin):
+        act = calibrate_activations(m, [x], cfg.activation)
+        w = quantize_weights(m, cfg.weight)
+        res = measure(m, [x], cfg, act, weights=w, input_maps=True)
+        preds.append(predicted_local_drift(m, cfg, res, act, weights=w, source="bn"))
+    assert preds[0].keys() == preds[1].keys() and "2.conv2" in preds[0]
+    for name in preds[0]:
+        np.testing.assert_array_equal(preds[0][name], preds[1][name])
+
+
+def test_predicted_drift_leaves_out_a_layer_the_forward_pass_never_calls(setup):
+    """An unused head (in the model, never called) raised KeyError from the calibration."""
+    model, calib, _ = setup
+    model = nn.Sequential(*model)
+    model.add_module("unused", nn.Linear(3, 3).double())  # after the classifier: never reached
+
+    class Skip(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            for layer in list(self.body)[:-1]:
+                x = layer(x)
+            return x
+
+    wrapped = Skip(model)
+    # weights only: activation calibration refuses a layer that is never called
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
+    res = measure(wrapped, calib, cfg, input_maps=True)
+    for source in ("bn", "measured"):
+        pred = predicted_local_drift(wrapped, cfg, res, source=source)
+        assert sorted(pred) == sorted(s.name for s in res.layers())
+        assert "body.unused" not in pred
+
+
+def test_empirical_bias_correction_refuses_a_calibration_of_another_config(setup):
+    model, calib, _ = setup
+    cfg8 = QuantConfig.make(8, target=Target.WEIGHTS)
+    cfg3 = QuantConfig.make(3, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
+    res = measure(model, calib, cfg8, local_samples=1 << 20)
+    with pytest.raises(ValueError, match="measured with .* not with the config asked for"):
+        empirical_bias_correction(model, calib, cfg3, calibration=res)
+    assert empirical_bias_correction(model, calib, cfg8, calibration=res).keys() \
+        == {s.name for s in res.layers()}
+
+
+def test_bn_reestimation_refuses_a_batchnorm_called_twice():
+    from qerror.nn import UnsupportedModelError
+
+    class TwiceBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.c1(x)))
+            x = torch.relu(self.bn(self.c2(x) * 5 + 3))  # the same BatchNorm, other data
+            return self.fc(x.mean((2, 3)))
+
+    model = TwiceBN().eval()
+    x = torch.randn(16, 3, 6, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="'bn' is called more than once"):
+        reestimate_bn(model, [x[:8], x[8:]], QuantConfig.make(8, target=Target.WEIGHTS))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
