@@ -61,7 +61,7 @@ from torch import nn
 
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
-from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches
+from qerror.nn._anatomy import LAYERS, UnsupportedModelError, check_model, eval_mode, iter_batches
 from qerror.nn.propagate import QuantizedWeights
 from qerror.quantizer import QParams, QuantSpec, fake_quantize, quantize
 from qerror.rounding import RoundingMode
@@ -234,11 +234,16 @@ def _floor_codes(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     """``floor(w / s)`` as float64 codes, decided as :func:`qerror.quantize` decides FLOOR
     on the grid the weights are dequantized to: exactly, and a weight that equals a
     dequantized level ``fl(k·s)`` gets ``k`` (so the weight the calibration puts at ``qmax``
-    stays there instead of going a step down). Within ``[qmin, qmax]`` for a symmetric
-    min-max scale, where ``floor`` needs no clamp."""
-    codes = quantize(w.detach(), spec.replace(rounding=RoundingMode.FLOOR), qp.scale,
-                     qp.zero_point)
-    return codes.to(torch.float64)
+    stays there instead of going a step down). A weight below the level of ``qmin`` (scales
+    that clip: never a symmetric min-max one) gets ``qmin − 1``, whatever it is below, so
+    that ``clamp(floor + up, qmin, qmax)`` is ``qmin`` for either choice, as with its exact
+    floor; one above ``qmax``'s level gets ``qmax``, which the clamp treats alike."""
+    w = w.detach()
+    codes = quantize(w, spec.replace(rounding=RoundingMode.FLOOR), qp.scale,
+                     qp.zero_point).to(torch.float64)
+    lowest = _on_grid(w, qp, spec, torch.full_like(codes, float(spec.qmin)),
+                      torch.zeros_like(codes))
+    return torch.where(w < lowest, codes - 1, codes)
 
 
 def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
@@ -275,6 +280,33 @@ def _on_grid(w: torch.Tensor, qp: QParams, spec: QuantSpec, floor: torch.Tensor,
 
 class _Stop(Exception):
     pass
+
+
+def _calls_per_forward(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                       x: torch.Tensor) -> None:
+    """Refuse, before any layer is optimised, a layer the forward pass of ``x`` does not call
+    exactly once: its input would be that of its first call alone."""
+    calls = {name: 0 for name, _ in layers}
+
+    def counter(name):
+        def pre(module, args):
+            calls[name] += 1
+        return pre
+
+    handles = [layer.register_forward_pre_hook(counter(name)) for name, layer in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrong = [f"{name!r} ({n} calls)" for name, n in calls.items() if n != 1]
+    if wrong:
+        raise UnsupportedModelError(
+            f"adaround learns each layer's rounding on its input, and needs every conv/linear "
+            f"layer called exactly once per forward pass: {', '.join(wrong[:5])}"
+            f"{' ...' if len(wrong) > 5 else ''}; give each call its own module (or remove "
+            "the unused ones)")
 
 
 def _layer_inputs(model: nn.Module, name: str, layer: nn.Module, x: torch.Tensor,
@@ -380,10 +412,10 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     Raises
     ------
     ValueError
-        Bits outside 2..8, a bad setting, no calibration images, or a layer not called once
-        per forward pass.
+        Bits outside 2..8, a bad setting or no calibration images.
     qerror.nn.UnsupportedModelError
-        A model :func:`qerror.nn.check_model` refuses.
+        A model :func:`qerror.nn.check_model` refuses, or a conv/linear layer not called
+        exactly once per forward pass (checked on one image before any layer is learned).
     """
     cfg = AdaRoundSettings(bits=bits, iterations=iterations, batch=batch, images=images,
                            lam=lam, beta=tuple(beta), warmup=warmup, lr=lr,
@@ -405,7 +437,10 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     done: dict[str, torch.Tensor] = {}
     weights: dict[str, QuantizedWeights] = {}
     details: dict[str, AdaRoundLayer] = {}
-    with eval_mode(model):
+    # gradients are needed for V whatever the caller's mode (no_grad, inference_mode)
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        x_all = x_all.clone()  # a tensor made under inference mode cannot be saved for backward
+        _calls_per_forward(model, layers, x_all[:1])
         for name, layer in progress_bar(layers, progress, "adaround"):
             t0 = time.perf_counter()
             w = layer.weight.detach()

@@ -181,3 +181,54 @@ def test_model_untouched(learned):
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     assert not model.training
+
+
+def test_a_layer_called_twice_or_never_is_refused_before_any_layer_is_learned():
+    """It was learned on its first call's input alone (twice), or refused only when reached
+    after every earlier layer had been optimised (never)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(torch.relu(self.conv(x))))
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match=r"'conv' \(2 calls\), 'unused' \(0 calls\)"):
+        adaround(Twice(), [torch.randn(4, 2, 5, 5)], 4, iterations=2, batch=2)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_runs_under_the_callers_no_grad_and_inference_mode(mode):
+    """Evaluation code often holds one of these; backward failed in torch's words. The
+    result is the one a plain call gives."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    plain = adaround(model, [x], 4, iterations=5, batch=4)
+    with mode():
+        got = adaround(model, [x.clone()], 4, iterations=5, batch=4)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    for name in plain.weights:
+        assert torch.equal(plain.weights[name].weight, got.weights[name].weight)
+
+
+def test_apply_rounding_is_its_formula_when_the_scale_clips():
+    """s·clamp(floor(w/s) + up, qmin, qmax): a weight below qmin's level with up gave qmin + 1
+    (the floor was clamped before up was added)."""
+    spec = QuantSpec(4, signed=True, symmetric=True, axis=0, rounding=RoundingMode.NEAREST_EVEN)
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    qp = calibrate(w, spec)
+    qp = type(qp)(qp.scale * 0.5, qp.zero_point)  # half the min-max scale: the tails clip
+    s = torch.as_tensor(qp.scale, dtype=torch.float64)[:, None]
+    for up in (torch.ones_like(w, dtype=torch.bool), torch.zeros_like(w, dtype=torch.bool)):
+        got = apply_rounding(w, qp, up, spec)
+        # powers of two are not the point here; the float64 quotient decides every floor
+        want = s * torch.clamp(torch.floor(w / s) + up.double(), spec.qmin, spec.qmax)
+        assert ((w / s) < spec.qmin).sum() > 0
+        assert torch.equal(got, want)
