@@ -545,10 +545,14 @@ class ImageNetFolder(torch.utils.data.Dataset):
     layout : Layout
     classes : tuple of int
         The sorted class indices present.
+    resize, crop : int
+        The preprocessing's sizes (short side resized to, centre crop).
     """
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], layout: Layout, transform):
+    def __init__(self, root: Path, samples: list[tuple[str, int]], layout: Layout, transform,
+                 sizes: tuple[int, int] = (256, 224)):
         self.root, self.samples, self.layout, self.transform = root, samples, layout, transform
+        self.resize, self.crop = sizes
         self.targets = [label for _, label in samples]
         self.classes = tuple(sorted(set(self.targets)))
 
@@ -565,7 +569,8 @@ class ImageNetFolder(torch.utils.data.Dataset):
         synsets = imagenet_synsets()
         return {"source": str(self.root.resolve()), "layout": self.layout.value,
                 "images_found": len(self), "classes": len(self.classes),
-                "classes_present": [synsets[c] for c in self.classes]}
+                "classes_present": [synsets[c] for c in self.classes],
+                "resize": self.resize, "crop": self.crop}
 
 
 def _folder_key(folder: Path | str) -> tuple[int, int]:
@@ -592,10 +597,13 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> 
     return sorted(found)
 
 
-def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | None = None
-                    ) -> ImageNetFolder:
+def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | None = None,
+                    *, resize: int = 256, crop: int = 224) -> ImageNetFolder:
     """An ImageNet folder labelled with the class indices of torchvision's ImageNet weights,
-    with their standard evaluation preprocessing: resize 256, centre crop 224, normalise.
+    with an evaluation preprocessing: resize the short side to ``resize`` (bilinear,
+    antialiased), centre crop ``crop``, normalise. The weights' own sizes are what their
+    published accuracy was measured with: 256/224 for torchvision's ``IMAGENET1K_V1``,
+    232/224 for ``IMAGENET1K_V2`` (:func:`qerror.nn.models.imagenet_eval_sizes`).
 
     Three layouts are read:
 
@@ -616,12 +624,18 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         ``path`` is not a folder, or holds no image.
     DataError
         Sub-folders that are not ILSVRC2012 synset ids (without ``labels``), sub-folders
-        ``labels`` does not map, image files beside class folders, or flat files that are
-        not validation images; the message names them.
+        ``labels`` does not map, two class folders that are one (links), image files beside
+        class folders, or flat files that are not validation images; the message names
+        them.
     """
     from torchvision import transforms
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    for name, v in (("resize", resize), ("crop", crop)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer (pixels), got {v!r}")
+    if crop > resize:
+        raise ValueError(f"crop {crop} is larger than the resized short side {resize}")
     path = Path(path)
     hint = ("Pass an ImageNet-style folder: one sub-folder per class named by synset id "
             "(n01440764, ...), or the flat ILSVRC2012 validation folder "
@@ -636,7 +650,15 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
                    if not f.is_dir() and f.name.lower().endswith(IMG_EXTENSIONS))
     # each class folder walked from its own top only: a link to the root or to another
     # class folder does not bring that folder's images in again
-    tops = frozenset(_folder_key(d) for d in (path, *folders))
+    keys: dict[tuple[int, int], list[str]] = {}
+    for d in folders:
+        keys.setdefault(_folder_key(d), []).append(d.name)
+    twins = [names for names in keys.values() if len(names) > 1]
+    if twins:
+        raise DataError(f"{path}: the class folders {' and '.join(twins[0])} are one folder "
+                        "(links to the same place): its images would be counted under each "
+                        "class. Keep one of them")
+    tops = frozenset(keys) | {_folder_key(path)}
     per_folder = {d.name: _images_in(d, tops) for d in folders}
     per_folder = {k: v for k, v in per_folder.items() if v}
     if per_folder and loose:
@@ -679,10 +701,10 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     else:
         raise DataNotFoundError(f"{path} holds no image, directly or in a sub-folder. {hint}")
     tf = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop),
+        transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
-    return ImageNetFolder(path, samples, layout, tf)
+    return ImageNetFolder(path, samples, layout, tf, (resize, crop))
 
 
 def _first(names: list[str], shown: int = 5) -> str:

@@ -109,7 +109,7 @@ from qerror.nn.growth import (
     layer_block_bootstrap,
     linear_or_sqrt,
 )
-from qerror.nn.models import forward_layout, memory_format
+from qerror.nn.models import forward_layout, imagenet_eval_sizes, memory_format
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import (
@@ -150,6 +150,7 @@ GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
 BOOTSTRAP = 1000  # resamples of each growth interval
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
+IMAGENET_WEIGHTS = "IMAGENET1K_V2"  # --data's default --weights
 # --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
 AUTO = "auto"
 PILOT_IMAGES = 64  # validation images of the pilot
@@ -192,6 +193,16 @@ def _batched(x: torch.Tensor, y: torch.Tensor, batch: int):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
+def _calibration_batches(x: torch.Tensor, y: torch.Tensor, batch: int):
+    """Batches of ``batch`` images, a last batch of one image joined to the one before it
+    (BatchNorm statistics, estimated or re-estimated, need two images a batch)."""
+    cut = _batched(x, y, batch)
+    if len(cut) > 1 and len(cut[-1][1]) == 1:
+        (xa, ya), (xb, yb) = cut[-2], cut[-1]
+        cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
+    return cut
+
+
 def _first_images(batches, n: int) -> torch.Tensor:
     return torch.cat([b[0] for b in batches])[:n] if batches else torch.empty(0)
 
@@ -229,11 +240,12 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     if curve_calib and curve_images and parallel.world()[0] == 0:
         cal = splits.calib.subset(np.arange(min(curve_calib, len(splits.calib))))
         tst = splits.test.subset(np.arange(min(curve_images, len(splits.test))))
-        curve = (_batched(to_tensor(cal.images), torch.as_tensor(cal.labels), batch),
+        curve = (_calibration_batches(to_tensor(cal.images), torch.as_tensor(cal.labels), batch),
                  _batched(to_tensor(tst.images), torch.as_tensor(tst.labels), batch))
         ident.update(curve_calib_images=len(cal), curve_calib_sha256=cal.sha256,
                      curve_test_images=len(tst), curve_test_sha256=tst.sha256)
-    return Data(_batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
+    return Data(_calibration_batches(to_tensor(calib.images), torch.as_tensor(calib.labels),
+                                     batch),
                 test_batches[mine.start:mine.stop], ident, headline, mine.start,
                 headline_first, _first_images(test_batches, int8_images), *curve)
 
@@ -258,8 +270,9 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
     """A seeded split of an ImageNet folder (a :class:`qerror.data.ImageNetFolder`):
     calibration images, then measured ones. Each rank reads only its share of the measured
     batches; rank 0 reads the calibration images and the INT8 cross-check's."""
-    if len(ds) < 2:
-        raise StudyError(f"--data {ds.root}: found {len(ds)} images; need at least 2")
+    if len(ds) < 4:  # half of them, at most, calibrate: BatchNorm statistics need two
+        raise StudyError(f"--data {ds.root}: found {len(ds)} images; need at least 4 (two "
+                         "calibration images and two measured)")
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
     test_index = order[n_cal:n_cal + images]
@@ -267,14 +280,15 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
     mine = parallel.shard(len(starts))
     main = parallel.world()[0] == 0
 
-    def load(index, what):
+    def load(index, what, cut=_batched):
         if not len(index):
             return []
         xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc=what, unit="img", leave=False,
                                                   disable=not main)))
-        return _batched(torch.stack(xs), torch.as_tensor(ys), batch)
+        return cut(torch.stack(xs), torch.as_tensor(ys), batch)
 
-    calib = load(order[:n_cal], "load calibration images") if main else []
+    calib = load(order[:n_cal], "load calibration images", _calibration_batches) \
+        if main else []
     lo = starts[mine.start] if len(mine) else len(test_index)
     hi = starts[mine.stop] if mine.stop < len(starts) else len(test_index)
     test = load(test_index[lo:hi], "load test images")
@@ -302,7 +316,7 @@ def _load_model(args, data_root):
             raise StudyError(f"--data (ImageNet) supports --model resnet50 only, got "
                              f"{args.model}{given}; pass --model resnet50")
         try:
-            model = imagenet_resnet50(args.weights or "IMAGENET1K_V2", download=args.download)
+            model = imagenet_resnet50(args.weights or IMAGENET_WEIGHTS, download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:
             raise StudyError(str(err)) from err
         identity = {"model": "resnet50-imagenet", "weights": str(args.weights)}
@@ -543,11 +557,7 @@ def _first_of(batches, n: int, batch: int):
     batch of one image joins the one before it (BatchNorm re-estimation needs two)."""
     x = torch.cat([b[0] for b in batches])[:n]
     y = torch.cat([b[1] for b in batches])[:n]
-    cut = _batched(x, y, batch)
-    if len(cut) > 1 and len(cut[-1][1]) == 1:
-        (xa, ya), (xb, yb) = cut[-2], cut[-1]
-        cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
-    return cut
+    return _calibration_batches(x, y, batch)
 
 
 def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
@@ -1393,7 +1403,9 @@ def _main(argv: list[str]) -> int:
     if args.data is None:
         find_fashion_mnist(args.data_root)
     else:
-        folder = imagenet_folder(args.data, args.labels)
+        # the weights' own evaluation preprocessing (V2's short side is 232, not 256)
+        folder = imagenet_folder(args.data, args.labels,
+                                 **imagenet_eval_sizes(args.weights or IMAGENET_WEIGHTS))
 
     started = time.perf_counter()
     try:

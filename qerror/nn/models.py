@@ -471,6 +471,21 @@ def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
         return nn.Sequential(*layers)
 
 
+def imagenet_eval_sizes(weights: str | Path | torchvision.models.ResNet50_Weights
+                        ) -> dict[str, int]:
+    """``resize`` and ``crop`` of the evaluation preprocessing the weights were published
+    with (their ``transforms()``: 256/224 for ``IMAGENET1K_V1``, 232/224 for
+    ``IMAGENET1K_V2`` and ``DEFAULT``), for :func:`qerror.data.imagenet_folder`; a local
+    file, whose recipe is unknown, gets the classic 256/224."""
+    enum_cls = torchvision.models.ResNet50_Weights
+    if isinstance(weights, str) and weights in enum_cls.__members__:
+        weights = enum_cls[weights]
+    if not isinstance(weights, enum_cls):
+        return {"resize": 256, "crop": 224}
+    tf = weights.transforms()
+    return {"resize": int(tf.resize_size[0]), "crop": int(tf.crop_size[0])}
+
+
 def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights, *,
                       download: bool = False, progress: bool = True) -> torchvision.models.ResNet:
     """torchvision's ResNet50 with ImageNet weights, in evaluation mode.

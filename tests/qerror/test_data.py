@@ -4,6 +4,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from qerror import data
 
@@ -417,3 +418,32 @@ def test_a_failed_download_is_a_clear_refusal_and_leaves_nothing(tmp_path, monke
                        r"(.|\n)*apt-get install dataset-fashion-mnist"):
         data.download_fashion_mnist(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_class_folders_that_are_one_are_refused(tmp_path):
+    """A class folder linked to another repeated its images under a second label."""
+    root = _image_folder(tmp_path, ("n01440764",))
+    (root / "n01443537").symlink_to(root / "n01440764", target_is_directory=True)
+    with pytest.raises(data.DataError, match="n01440764 and n01443537 are one folder"):
+        data.imagenet_folder(root)
+
+
+@pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT"])
+def test_the_preprocessing_is_the_weights_own(tmp_path, weights):
+    """V2's published accuracy is measured with the short side resized to 232, not 256: the
+    images equal what torchvision's transforms of those weights give."""
+    from PIL import Image
+    from torchvision.models import ResNet50_Weights
+
+    from qerror.nn.models import imagenet_eval_sizes
+
+    root = tmp_path / "imagenet"
+    path = root / "n01443537" / "0.png"
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    ds = data.imagenet_folder(root, **imagenet_eval_sizes(weights))
+    want = ResNet50_Weights[weights].transforms()(Image.open(path).convert("RGB"))
+    assert ds.identity()["resize"] == ResNet50_Weights[weights].transforms().resize_size[0]
+    torch.testing.assert_close(ds[0][0], want, rtol=0, atol=0)
+    assert imagenet_eval_sizes(tmp_path / "local.pt") == {"resize": 256, "crop": 224}

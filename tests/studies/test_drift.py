@@ -1028,3 +1028,14 @@ def test_a_run_whose_kept_means_cannot_fit_stops_before_measuring(fashion_root, 
     assert "more than three quarters of the 0.0 GiB of memory" in err
     assert "drift:" not in err  # the measurement's bar never started
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+def test_calibration_batches_never_end_in_one_image(fashion_root):
+    """--calib-images 17 --batch-size 16 left a last calibration batch of one image: the run
+    crashed with a traceback in BatchNorm's estimation (--smoke) or re-estimation."""
+    data = drift.fashion_data(fashion_root, images=8, calib_images=17, batch=16, seed=0,
+                              curve_calib=17, curve_images=8)
+    assert [len(y) for _, y in data.calib] == [17]
+    assert [len(y) for _, y in data.curve_calib] == [17]
+    assert [len(y) for _, y in drift.fashion_data(fashion_root, images=8, calib_images=18,
+                                                  batch=16, seed=0).calib] == [16, 2]
