@@ -101,7 +101,7 @@ DEFAULT_SCALE_ERRORS: tuple[float, ...] = ()
 PERCENTILES = (99.9, 99.0)  # percentile ranges of the "another calibration" variants
 LEVELS = 256  # uint8 pixel levels
 # ILSVRC2012 (ImageNet-1k): images in the validation and training sets, and the input shape
-# of torchvision's evaluation preprocessing (resize 256, centre crop 224).
+# of torchvision's evaluation preprocessing (centre crop 224, after resizing the short side).
 IMAGENET_VAL, IMAGENET_TRAIN, IMAGENET_SHAPE = 50_000, 1_281_167, (3, 224, 224)
 
 
