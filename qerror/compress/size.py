@@ -447,14 +447,34 @@ def dense_layers(model: nn.Module, keep_dense: Iterable[str] | str | None,
 
 def _layout(model: nn.Module, sparse: SparseFormat, values: StorageFormat,
             keep_dense: Iterable[str] | None):
+    """``(name, tensor, sparse, values, compressed)`` of every state-dict entry stored; a
+    tensor held under several names (a module or parameter used twice) once, at its first."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     dense = dense_layers(model, keep_dense)
     # the model itself may be the layer: its weight is "weight", not ".weight"
     compressed = {f"{n}.weight" if n else "weight" for n in layers if n not in dense}
-    out = []
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    reparametrized = [n for n in state if n.endswith("_orig") and f"{n[:-5]}_mask" in state
+                      or ".parametrizations." in f".{n}"]
+    if reparametrized:
+        raise ValueError(f"{reparametrized[0]} is a reparametrization's tensor "
+                         "(torch.nn.utils.prune or parametrize), not the weight the model "
+                         "uses: make it permanent first (torch.nn.utils.prune.remove, or "
+                         "torch.nn.utils.parametrize.remove_parametrizations)")
+    out, stored = [], {}
+    for name, t in state.items():
         if name.endswith("num_batches_tracked"):
             continue  # a training counter, not needed for inference
+        if t.numel():
+            where = (t.untyped_storage().data_ptr(), t.dtype)
+            view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if where in stored:
+                first, first_view = stored[where]
+                if view == first_view:
+                    continue  # the same tensor again: stored once, at its first name
+                raise ValueError(f"{name} and {first} share memory as different views; "
+                                 "store a model whose state-dict entries are separate tensors")
+            stored[where] = (name, view)
         if name in compressed:
             out.append((name, t, sparse, values, True))
         else:
@@ -486,8 +506,17 @@ def model_bytes(model: nn.Module, sparse: SparseFormat | str = SparseFormat.DENS
         format stores the nonzero codes, so a weight that quantizes to 0 costs nothing);
         biases, dense weights and
         BatchNorm's weight, bias, running mean and variance as float32. BatchNorm's
-        ``num_batches_tracked`` (a training counter) is not stored. :func:`write_model`
+        ``num_batches_tracked`` (a training counter) is not stored. A tensor the state
+        dict holds under several names (a module or parameter used twice) is counted, and
+        written, once: under its first name, in that name's format. :func:`write_model`
         writes exactly :attr:`ModelBytes.total` bytes.
+
+    Raises
+    ------
+    ValueError
+        A reparametrized weight (``torch.nn.utils.prune``'s ``weight_orig`` and
+        ``weight_mask``, or a parametrization), or entries that are different views of one
+        memory.
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     rows, compressed = [], set()

@@ -431,3 +431,60 @@ def test_bfloat16_models_are_counted_and_written(tmp_path):
     assert count.total == 4 * (32 + 4)  # float32 storage of every value, as bfloat16 fits
     path = tmp_path / "m.bin"
     assert write_model(lin, path) == count.total == path.stat().st_size
+
+
+class _Tied(torch.nn.Module):
+    """One Linear under two names (``dec`` is ``enc``), and a bias-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(64, 64, bias=False)
+        self.dec = self.enc
+        self.head = torch.nn.Linear(64, 3)
+
+
+@pytest.mark.parametrize("values", ["float32", "int8"])
+def test_a_tensor_under_two_names_is_counted_and_stored_once(tmp_path, values):
+    """It was counted twice (INT8 under its first name, float32 under its second), and
+    read back the float32 copy last, over the INT8 one."""
+    import copy
+
+    torch.manual_seed(0)
+    tied = _Tied()
+    single = torch.nn.Module()
+    single.enc, single.head = tied.enc, tied.head  # the same tensors, each under one name
+    got, want = model_bytes(tied, values=values, keep_dense=[]), \
+        model_bytes(single, values=values, keep_dense=[])
+    assert [n for n, _ in got.tensors] == ["enc.weight", "head.weight", "head.bias"]
+    assert got.total == want.total
+    path = tmp_path / "tied.bin"
+    assert write_model(tied, path, values=values, keep_dense=[]) == got.total \
+        == path.stat().st_size
+    blank = copy.deepcopy(tied)
+    with torch.no_grad():
+        blank.enc.weight.fill_(float("nan"))
+    back = read_model(blank, path, values=values, keep_dense=[])
+    ref = read_model(copy.deepcopy(single), _written(single, tmp_path, values), values=values,
+                     keep_dense=[])
+    assert back.dec.weight is back.enc.weight
+    assert torch.equal(back.enc.weight, ref.enc.weight)
+    if values == "int8":
+        assert not torch.equal(back.enc.weight, tied.enc.weight)  # dequantized, not float32
+
+
+def _written(model, tmp_path, values):
+    path = tmp_path / "single.bin"
+    write_model(model, path, values=values, keep_dense=[])
+    return path
+
+
+def test_a_reparametrized_weight_is_refused():
+    """prune's weight_orig and weight_mask were counted as two dense float32 tensors."""
+    from torch.nn.utils import prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"0.weight_orig is a reparametrization.*prune.remove"):
+        model_bytes(model, "csr", keep_dense=[])
+    prune.remove(model[0], "weight")
+    assert model_bytes(model, "csr", keep_dense=[]).total > 0
