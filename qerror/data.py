@@ -27,6 +27,7 @@ import hashlib
 import importlib.resources
 import json
 import math
+import operator
 import os
 import re
 import shutil
@@ -593,7 +594,9 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> 
             dirs[:] = []  # walked already (or elsewhere): not it, nor what lies under it
             continue
         seen.add(key)
-        found += [Path(d) / f for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+        # a hidden file (macOS's "._x.JPEG" resource forks) is not an image of the set
+        found += [Path(d) / f for f in files
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
     return sorted(found)
 
 
@@ -646,8 +649,8 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         labels = read_label_map(labels)
     folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     # the images directly inside (a listing, not a walk of the whole tree)
-    loose = sorted(f for f in path.iterdir()
-                   if not f.is_dir() and f.name.lower().endswith(IMG_EXTENSIONS))
+    loose = sorted(f for f in path.iterdir() if not f.is_dir() and not f.name.startswith(".")
+                   and f.name.lower().endswith(IMG_EXTENSIONS))
     # each class folder walked from its own top only: a link to the root or to another
     # class folder does not bring that folder's images in again
     keys: dict[tuple[int, int], list[str]] = {}
@@ -672,7 +675,16 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
             if unmapped:
                 raise DataError(f"{path}: --labels maps no class to {len(unmapped)} sub-"
                                 f"folder(s): {_first(unmapped)}; add a line for each")
-            layout, label_of = Layout.MAPPING, {n: int(labels[n]) for n in names}
+            label_of = {}
+            for n in names:
+                try:
+                    if isinstance(labels[n], bool):
+                        raise TypeError
+                    label_of[n] = operator.index(labels[n])
+                except TypeError:
+                    raise DataError(f"{path}: labels maps {n!r} to {labels[n]!r}, not a class "
+                                    "index (an integer 0..999)") from None
+            layout = Layout.MAPPING
         else:
             index = {s: i for i, s in enumerate(imagenet_synsets())}
             foreign = [n for n in names if n not in index]

@@ -797,15 +797,21 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             raise ResumeError(f"{exc} Delete {state_path} or start over without resuming"
                               ) from None
         hook_state = loaded.get("after_step")
-        if hook_state is not None and not callable(getattr(after_step, "load_state_dict",
-                                                           None)):
+        stateful = callable(getattr(after_step, "load_state_dict", None))
+        if hook_state is not None and not stateful:
             raise ResumeError(f"the training state {state_path} holds the state of an "
                               "after_step hook (e.g. a pruner's masks), and this run passes "
                               f"{'none' if after_step is None else 'one without state'}: pass "
                               "the same kind of hook to resume, or start over without resuming")
+        if hook_state is not None:  # before the weights: a refused state leaves them as they are
+            try:
+                after_step.load_state_dict(hook_state)
+            except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+                raise ResumeError(f"the training state {state_path} holds an after_step "
+                                  f"hook's state this run's hook refuses ({exc}); pass the same "
+                                  "hook as the run that wrote it, or start over without "
+                                  "resuming") from exc
         model.load_state_dict(loaded["model"])
-        if hook_state is not None:
-            after_step.load_state_dict(hook_state)
         opt.load_state_dict(loaded["optimizer"])
         sched.load_state_dict(loaded["scheduler"])
         step = int(loaded["step"])

@@ -447,3 +447,20 @@ def test_the_preprocessing_is_the_weights_own(tmp_path, weights):
     assert ds.identity()["resize"] == ResNet50_Weights[weights].transforms().resize_size[0]
     torch.testing.assert_close(ds[0][0], want, rtol=0, atol=0)
     assert imagenet_eval_sizes(tmp_path / "local.pt") == {"resize": 256, "crop": 224}
+
+
+def test_a_label_map_to_something_not_an_index_is_a_data_error(tmp_path):
+    root = _image_folder(tmp_path, ("dogs",))
+    for bad in ("two hundred", 2.5, True):
+        with pytest.raises(data.DataError, match="labels maps 'dogs' to .* not a class index"):
+            data.imagenet_folder(root, {"dogs": bad})
+    assert data.imagenet_folder(root, {"dogs": np.int64(207)}).classes == (207,)
+
+
+def test_hidden_files_are_not_images_of_the_set(tmp_path):
+    """macOS's "._x.JPEG" beside each image was listed, and failed when read."""
+    root = _image_folder(tmp_path, ("n01443537",))
+    (root / "n01443537" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (root / "._n01443537.jpg").write_bytes(b"\x00\x05\x16\x07")
+    ds = data.imagenet_folder(root)
+    assert len(ds) == 2 and all(not p.split("/")[-1].startswith(".") for p, _ in ds.samples)

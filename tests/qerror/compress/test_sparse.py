@@ -233,6 +233,39 @@ def test_a_state_with_a_pruner_refuses_to_resume_without_one(tmp_path):
             {"step": 1, "masks": {"w": torch.ones(2)}})
 
 
+def test_a_hook_state_the_hook_refuses_leaves_the_weights_and_says_resume(tmp_path):
+    """The hook's state was loaded after the weights: a pruner refusing another hook's state
+    raised its own PruningError with the caller's weights already replaced."""
+    from qerror.nn.training import ResumeError
+
+    class Counter:
+        def __init__(self):
+            self.k = 0
+
+        def __call__(self, model):
+            self.k += 1
+
+        def state_dict(self):
+            return {"k": self.k}
+
+        def load_state_dict(self, state):
+            self.k = state["k"]
+
+    state = tmp_path / "state.pt"
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 1, 8, 8, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.2, seed=0, schedule=Schedule.CONSTANT)
+    fit(tiny_resnet(), tensor_batches(x, y), 96, config, state_path=state, after_step=Counter(),
+        stop_after_steps=4, progress=False)
+    model = tiny_resnet(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ResumeError, match="hook's state this run's hook refuses") as err:
+        fit(model, tensor_batches(x, y), 96, config, state_path=state, progress=False,
+            after_step=MagnitudePruner(GradualSchedule(final=0.5, updates=1)))
+    assert isinstance(err.value.__cause__, PruningError)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_the_pruner_takes_one_dense_layer_by_name():
     model = tiny_resnet()
     pruner = MagnitudePruner(GradualSchedule(final=0.5, updates=1), keep_dense="fc")
