@@ -105,13 +105,18 @@ class QuantSpec:
             raise TypeError(f"bits must be an int, got {self.bits!r}")
         if not 2 <= int(self.bits) <= 16:
             raise ValueError(f"bits must be between 2 and 16, got {self.bits}")
+        # numpy integers kept as Python ints: 2 ** (bits - 1) in int8 overflowed (levels 0)
+        object.__setattr__(self, "bits", int(self.bits))
         for name in ("signed", "symmetric", "narrow"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.axis is not None and (
             isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer))
         ):
             raise TypeError(f"axis must be an int or None, got {self.axis!r}")
+        if self.axis is not None:
+            object.__setattr__(self, "axis", int(self.axis))
         object.__setattr__(self, "rounding", RoundingMode.parse(self.rounding))
         object.__setattr__(self, "arithmetic",
                            ScaleArithmetic.parse(self.arithmetic))

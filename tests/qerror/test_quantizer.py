@@ -602,3 +602,14 @@ def test_stochastic_rounding_keeps_stored_levels_on_their_codes():
     np.testing.assert_array_equal(quantize(levels, spec, scale, zp, generator=seed), codes)
     got = quantize(torch.from_numpy(levels), spec, scale, zp, generator=seed)
     np.testing.assert_array_equal(got.numpy(), codes)
+
+
+@pytest.mark.parametrize("kind", [np.int8, np.uint8, np.int64])
+@pytest.mark.parametrize("signed", [True, False])
+def test_numpy_integer_bits_are_the_same_spec(kind, signed):
+    """bits=np.int8(8) kept the numpy scalar: 2 ** (bits - 1) overflowed, levels 0, unsigned
+    qmax -1; np.uint8 gave qmin 128 > qmax 127."""
+    spec = QuantSpec(bits=kind(8), signed=np.bool_(signed), axis=np.int64(0))
+    assert spec == QuantSpec(bits=8, signed=signed, axis=0)
+    assert (spec.qmin, spec.qmax, spec.levels) == ((-128, 127, 256) if signed else (0, 255, 256))
+    assert type(spec.bits) is int and type(spec.signed) is bool and type(spec.axis) is int
