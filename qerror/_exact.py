@@ -144,8 +144,10 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
     -----
     Where the mode's boundaries are integers a value equal to a dequantized level
     ``fl(b s)`` gets code ``b``, so that quantize∘dequantize is the identity on codes
-    although ``fl(b s)`` differs from ``b s``; for STOCHASTIC that is the only decision,
-    and a value beside a level keeps its random code.
+    although ``fl(b s)`` differs from ``b s``; where two levels are one value (half
+    precision holds ``fl(b s)`` and ``fl((b+1) s)`` alike), the one the mode's exact rule
+    gives. For STOCHASTIC the level rule is the only decision, and a value beside a level
+    keeps its random code.
     """
     torch_in = isinstance(v, torch.Tensor)
     rule = mode.boundary
@@ -153,9 +155,10 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
     unit = np.finfo(np.float32 if v.dtype in (np.float32, torch.float32) else np.float64).eps
     margin = 4.0 * float(unit) * reach
     # A dequantized level stored in half precision sits up to half a half-precision ulp
-    # from k s: the directed modes must find it to give it code k.
+    # from k s: every mode that keeps levels (stochastic rounding too) must find it to give
+    # it code k.
     half_eps = 0.0
-    if x.dtype in _HALF_DTYPES and rule.on_levels and rule.resolve is not None:
+    if x.dtype in _HALF_DTYPES and rule.on_levels:
         half_eps = float(torch.finfo(torch.bfloat16 if x.dtype == torch.bfloat16
                                      else torch.float16).eps)
     find = _torch_candidates if torch_in else _numpy_candidates
@@ -184,6 +187,11 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
                 return r
             r_sub = r.detach()[idx].cpu().numpy() if torch_in else r[idx]
             return _write_back(r, idx, np.where(on_level, b, r_sub), torch_in)
-        sign = np.where(on_level, 0.0, residual_sign(x_sub, b, s_sub))
+        sign = residual_sign(x_sub, b, s_sub)
+        # the level rule gives b, unless the mode's own exact code is a level equal to x
+        # too (two levels that round to one half-precision value): then that code, which
+        # keeps both the level and the mode's direction
+        exact = rule.resolve(b + z_sub, sign) - z_sub
+        sign = np.where(on_level & (_level(exact, s_sub, x.dtype) != x_sub), 0.0, sign)
     fixed = (rule.resolve(b + z_sub, sign) - z_sub).astype(ref_sub.dtype)
     return _write_back(r, idx, fixed, torch_in)

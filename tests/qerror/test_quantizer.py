@@ -613,3 +613,34 @@ def test_numpy_integer_bits_are_the_same_spec(kind, signed):
     assert spec == QuantSpec(bits=8, signed=signed, axis=0)
     assert (spec.qmin, spec.qmax, spec.levels) == ((-128, 127, 256) if signed else (0, 255, 256))
     assert type(spec.bits) is int and type(spec.signed) is bool and type(spec.axis) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_keeps_levels_stored_in_half_precision(dtype):
+    """A level dequantized to half precision sits up to half a half-precision ulp from k s;
+    the directed modes found it, stochastic rounding moved 18 of 256 (bfloat16) and 1
+    (float16) at seed 0, so fake_quantize was not idempotent."""
+    spec = QuantSpec(bits=8, rounding="stochastic")
+    codes = torch.arange(-128, 128, dtype=torch.int32)
+    levels = dequantize(codes, 0.1, dtype=dtype)
+    for seed in range(5):
+        assert torch.equal(quantize(levels, spec, 0.1, generator=seed), codes)
+        assert torch.equal(fake_quantize(levels, spec, 0.1, generator=seed), levels)
+
+
+@pytest.mark.parametrize("mode", ["floor", "ceil", "toward_zero", "nearest_even",
+                                  "nearest_away"])
+def test_two_levels_that_are_one_bfloat16_value_take_the_modes_own_code(mode):
+    """s = 1/3, z = -128: the levels of codes 125 and 126 (u = 253, 254) are both 84.5 in
+    bfloat16, and u = 84.5/s = 253.49999... exactly. FLOOR gave 126 (ceil's code): the
+    level rule picked the nearer integer; now the mode's exact code, itself a level equal to
+    84.5, so both the level and the direction hold."""
+    x = torch.tensor([84.5], dtype=torch.bfloat16)
+    spec = QuantSpec(bits=8, signed=True, symmetric=False, rounding=mode)
+    s = Fraction(float(np.float32(1 / 3)))  # the scale in float32, the working precision
+    u = Fraction(84.5) / s
+    want = {"floor": floor(u), "ceil": ceil(u), "toward_zero": floor(u),
+            "nearest_even": round(u), "nearest_away": floor(u + Fraction(1, 2))}[mode] - 128
+    got = int(quantize(x, spec, 1 / 3, -128)[0])
+    assert got == want
+    assert float(dequantize(torch.tensor([got]), 1 / 3, -128, dtype=torch.bfloat16)[0]) == 84.5
