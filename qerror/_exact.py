@@ -144,10 +144,10 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
     -----
     Where the mode's boundaries are integers a value equal to a dequantized level
     ``fl(b s)`` gets code ``b``, so that quantize∘dequantize is the identity on codes
-    although ``fl(b s)`` differs from ``b s``; where two levels are one value (half
-    precision holds ``fl(b s)`` and ``fl((b+1) s)`` alike), the one the mode's exact rule
-    gives. For STOCHASTIC the level rule is the only decision, and a value beside a level
-    keeps its random code.
+    although ``fl(b s)`` differs from ``b s``; ``b`` is the integer nearest the exact
+    ``x/s`` (ties to even), which decides where several levels are one value (half
+    precision holds ``fl(b s)`` and ``fl((b+1) s)`` alike). For STOCHASTIC the level rule
+    is the only decision, and a value beside a level keeps its random code.
     """
     torch_in = isinstance(v, torch.Tensor)
     rule = mode.boundary
@@ -181,17 +181,35 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
         sign = residual_sign(x_sub, b, s_sub)
     else:
         b = ref_sub
-        on_level = _level(b, s_sub, x.dtype) == x_sub
+        n = _exact_nearest(x_sub, v_sub, b, s_sub, margin)
+        on_level = _level(n, s_sub, x.dtype) == x_sub
         if rule.resolve is None:
             if not on_level.any():
                 return r
             r_sub = r.detach()[idx].cpu().numpy() if torch_in else r[idx]
-            return _write_back(r, idx, np.where(on_level, b, r_sub), torch_in)
+            return _write_back(r, idx, np.where(on_level, n, r_sub), torch_in)
         sign = residual_sign(x_sub, b, s_sub)
-        # the level rule gives b, unless the mode's own exact code is a level equal to x
-        # too (two levels that round to one half-precision value): then that code, which
-        # keeps both the level and the mode's direction
-        exact = rule.resolve(b + z_sub, sign) - z_sub
-        sign = np.where(on_level & (_level(exact, s_sub, x.dtype) != x_sub), 0.0, sign)
+        fixed = np.where(on_level, n, rule.resolve(b + z_sub, sign) - z_sub).astype(b.dtype)
+        return _write_back(r, idx, fixed, torch_in)
     fixed = (rule.resolve(b + z_sub, sign) - z_sub).astype(ref_sub.dtype)
     return _write_back(r, idx, fixed, torch_in)
+
+
+def _exact_nearest(x: np.ndarray, v: np.ndarray, b: np.ndarray, s: np.ndarray,
+                   margin: float) -> np.ndarray:
+    """The integer nearest the exact ``x/s`` (ties to even), given ``b = rint(v)``: ``b``
+    itself unless ``v`` lies within ``margin`` of ``b ± ½``, where the exact residual at
+    that half-integer decides (``fl(x/s)`` can round onto or across it: 84.5/fl32(1/3) is
+    253.49999..., its float32 quotient 253.5)."""
+    d = v - b
+    near = np.abs(d) >= 0.5 - margin
+    if not near.any():
+        return b
+    step = np.where(d >= 0, 1.0, -1.0).astype(b.dtype)
+    half = b[near] + 0.5 * step[near]
+    side = residual_sign(x[near], half, s[near]) * step[near]  # > 0: beyond the half
+    other = b[near] + step[near]
+    tie_even = np.where(np.fmod(other, 2) == 0, other, b[near])
+    n = b.copy()
+    n[near] = np.where(side > 0, other, np.where(side == 0, tie_even, b[near]))
+    return n

@@ -630,17 +630,16 @@ def test_stochastic_rounding_keeps_levels_stored_in_half_precision(dtype):
 
 @pytest.mark.parametrize("mode", ["floor", "ceil", "toward_zero", "nearest_even",
                                   "nearest_away"])
-def test_two_levels_that_are_one_bfloat16_value_take_the_modes_own_code(mode):
+def test_the_level_rule_takes_the_integer_nearest_the_exact_quotient(mode):
     """s = 1/3, z = -128: the levels of codes 125 and 126 (u = 253, 254) are both 84.5 in
-    bfloat16, and u = 84.5/s = 253.49999... exactly. FLOOR gave 126 (ceil's code): the
-    level rule picked the nearer integer; now the mode's exact code, itself a level equal to
-    84.5, so both the level and the direction hold."""
+    bfloat16, and 84.5/s = 253.49999... exactly, whose float32 quotient is 253.5: the level
+    rule (a value equal to a level gets its code) took rint(253.5) = 254, so FLOOR gave code
+    126, above its exact floor. It takes the integer nearest the exact quotient, 253."""
     x = torch.tensor([84.5], dtype=torch.bfloat16)
     spec = QuantSpec(bits=8, signed=True, symmetric=False, rounding=mode)
     s = Fraction(float(np.float32(1 / 3)))  # the scale in float32, the working precision
     u = Fraction(84.5) / s
-    want = {"floor": floor(u), "ceil": ceil(u), "toward_zero": floor(u),
-            "nearest_even": round(u), "nearest_away": floor(u + Fraction(1, 2))}[mode] - 128
+    assert u < Fraction(507, 2) and float(np.float32(84.5) / np.float32(1 / 3)) == 253.5
     got = int(quantize(x, spec, 1 / 3, -128)[0])
-    assert got == want
+    assert got == round(u) - 128 == 125
     assert float(dequantize(torch.tensor([got]), 1 / 3, -128, dtype=torch.bfloat16)[0]) == 84.5
