@@ -12,9 +12,10 @@ the output integer codes are computed four ways:
   :func:`~qerror.quantizer.fake_quantize` of input and weight, a float32 convolution
   plus the float bias (and ReLU), then :func:`~qerror.quantizer.quantize` of the result;
 * :attr:`Pipeline.INTEGER`: qerror's codes of input and weight, their exact integer
-  accumulation, and FBGEMM's float32 bias and requantization step;
+  accumulation, and the float32 bias and requantization step of the kernel's library
+  (:class:`Library`: FBGEMM's or oneDNN's);
 * :attr:`Pipeline.SATURATING`: :attr:`Pipeline.INTEGER` plus the int16 saturation of the
-  AVX2 instruction FBGEMM multiplies with.
+  AVX2 instruction the library multiplies with, in the library's own pairing.
 
 Each simulation runs with qerror's :attr:`~qerror.quantizer.ScaleArithmetic.EXACT` and
 :attr:`~qerror.quantizer.ScaleArithmetic.RECIPROCAL` arithmetic, and its codes are
@@ -46,8 +47,12 @@ Where the codes differ, and why (FBGEMM, PyTorch 2.x)
    observers use ``reduce_range=True`` (7-bit activations, which cannot saturate).
    :attr:`Pipeline.SATURATING` reproduces it: the reduction index of the convolution is
    ordered as FBGEMM's im2col orders it (kernel row, kernel column, input channel), and
-   pairs ``(2j, 2j+1)`` of it saturate. On a CPU with AVX512-VNNI FBGEMM multiplies with
-   ``vpdpbusd`` instead, which accumulates the products in int32 and never saturates.
+   pairs ``(2j, 2j+1)`` of it saturate, the padding's zero-point codes included. One
+   exception: for ``groups=1`` FBGEMM runs a 3x3 convolution with padding 1, dilation 1,
+   stride 1 or 2 and ``C_in == C_out`` of 8 or 16 through its groupwise kernel
+   (``fbgemmOptimizedGConv``), which on AVX2 does not saturate; SATURATING does not
+   saturate there either. On a CPU with AVX512-VNNI FBGEMM multiplies with ``vpdpbusd``
+   instead, which accumulates the products in int32 and never saturates.
 
 The INTEGER pipeline with RECIPROCAL codes reproduces items 1–3 and SATURATING item 4
 too: with FBGEMM on an AVX2 CPU the former differs from the real codes only where the
@@ -57,16 +62,30 @@ RECIPROCAL codes differs through items 2–4; where nothing saturates, by at mos
 since two values less than one apart round to integers at most one apart. EXACT
 arithmetic adds item 1.
 
+oneDNN (:attr:`Library.ONEDNN`) differs from FBGEMM in two places, both modelled:
+
+5. *Its requantization* is ``nearbyint(fl(fl(fl(fl(a · s_x) · s_w[c]) + b) · fl(1/s_y))
+   + z_y)`` in float32: the zero point is added *before* rounding, so at a tie with an
+   odd ``z_y`` it rounds to the other neighbour than FBGEMM's ``nearbyint(v) + z_y``
+   (one LSB), and its products round elsewhere.
+6. *Its AVX2 pairs* lie within one kernel tap: the input channels of each tap are paired
+   ``(2j, 2j+1)`` (an odd count padded with a zero weight), and the taps that fall on the
+   padding are skipped rather than multiplied by the zero point, so they never saturate.
+
 Which kernel ran is measured, not guessed from CPU flags: :func:`kernel_probe` runs the
-real kernel once per process and engine on a tiny input whose int16 pair sums saturate
-(255 · 127 · 2) and reports which of INTEGER and SATURATING it agreed with, or that it
-agreed with neither. :class:`CrossCheck` carries that answer, marks the faithful
+real kernel once per process and engine on tiny inputs that tell the candidates apart:
+int16 pair sums that saturate (255 · 127 · 2), requantization ties with an odd output
+zero point, a padded 3x3 convolution with an odd channel count whose border pairs the two
+libraries saturate differently, and FBGEMM's groupwise shapes. It reports which library's
+arithmetic the linear and the convolution kernels follow, and which of INTEGER and
+SATURATING reproduced them on every probe, or that nothing did. :class:`CrossCheck`
+carries that answer, simulates each layer with its kind's library, marks the faithful
 pipeline, and counts kernel saturation only where the probe says the kernel saturates.
 
-Engines: ``fbgemm`` is what this module models. ``x86`` (PyTorch's default on x86) runs
-FBGEMM on CPUs without AVX512-VNNI and, for symmetric weights, oneDNN on CPUs with it,
-whose arithmetic differs (VNNI does not saturate; the requantization is oneDNN's own):
-``kernel_probe(engine)`` says whether either integer pipeline models the engine's kernel.
+Engines: ``fbgemm`` runs FBGEMM throughout; ``onednn`` runs oneDNN throughout; ``x86``
+(PyTorch's default on x86) runs FBGEMM for linear layers and, on CPUs with AVX512-VNNI,
+oneDNN for convolutions (measured: also when oneDNN is held to AVX2 there).
+``kernel_probe(engine)`` says which, and whether one pipeline models both kinds.
 Every engine takes quint8 activations only: an INT8 activation quantizer is run on the
 real kernel as the UINT8 quantizer with the same grid (codes and zero point + 128), which
 represents the same real values.
@@ -119,6 +138,7 @@ __all__ = [
     "KernelProbe",
     "KernelProbeWarning",
     "LayerQParams",
+    "Library",
     "Pipeline",
     "crosscheck_layer",
     "crosscheck_model",
@@ -154,6 +174,22 @@ class Engine(Choice):
     ONEDNN = "onednn"
 
 
+class Library(Choice):
+    """Whose integer arithmetic a real kernel follows (see the module notes).
+
+    ``FBGEMM``
+        Requantizes as ``nearbyint((fl(a) + fl(b/m)) · fl(m/s_y)) + z_y``; on AVX2 pairs
+        the reduction in im2col order, padding (the zero point) included, and does not
+        saturate on its groupwise path.
+    ``ONEDNN``
+        Requantizes as ``nearbyint(fl(fl(fl(a·s_x)·s_w) + b) · fl(1/s_y)) + z_y)``; on AVX2
+        pairs the input channels within each kernel tap and skips the padded taps.
+    """
+
+    FBGEMM = "fbgemm"
+    ONEDNN = "onednn"
+
+
 class Pipeline(Choice):
     """How the simulated output codes are computed (see the module notes).
 
@@ -161,11 +197,11 @@ class Pipeline(Choice):
         qerror's fake quantization, float32 layer, then quantization of the output:
         what a fake-quantized network computes.
     ``INTEGER``
-        qerror's integer codes accumulated exactly, then FBGEMM's float32 bias and
-        requantization.
+        qerror's integer codes accumulated exactly, then the float32 bias and
+        requantization of the kernel's :class:`Library`.
     ``SATURATING``
-        ``INTEGER`` with the int16 saturation of adjacent product pairs that FBGEMM's
-        AVX2 kernels incur.
+        ``INTEGER`` with the int16 saturation of adjacent product pairs that the
+        library's AVX2 kernels incur.
     """
 
     FLOAT = "float"
@@ -274,8 +310,9 @@ class KernelProbeWarning(UserWarning):
 class KernelProbe:
     """Which integer pipeline is the faithful model of the real kernel on this machine.
 
-    Found by :func:`kernel_probe` from the kernel's own output on an input whose int16
-    pair sums saturate, not from CPU flags.
+    Found by :func:`kernel_probe` from the kernel's own output on inputs that tell the
+    candidate models apart (int16 pair sums that saturate, requantization ties, padded and
+    groupwise convolutions), not from CPU flags.
 
     Attributes
     ----------
@@ -287,8 +324,12 @@ class KernelProbe:
         tell (see ``problem``).
     faithful : Pipeline or None
         :attr:`Pipeline.SATURATING` or :attr:`Pipeline.INTEGER`, whichever reproduced the
-        kernel's codes with RECIPROCAL arithmetic; None if neither did, or the kernel could
-        not run.
+        kernel's codes with RECIPROCAL arithmetic on every probe input, for linear layers
+        and convolutions alike; None if neither did, or the kernel could not run.
+    linear_library, conv_library : Library or None
+        Whose arithmetic the engine's linear and convolution kernels followed on the probe
+        (the ``x86`` engine runs the two kinds in different libraries); None where the
+        probe found none (or did not get to that kind).
     cpu_capability : str
         ``torch.backends.cpu.get_cpu_capability()``: the vector ISA PyTorch dispatches to
         (FBGEMM picks its own kernels, so this is context, not the answer).
@@ -305,6 +346,8 @@ class KernelProbe:
     engine: Engine
     saturates_pairs: bool | None
     faithful: Pipeline | None
+    linear_library: Library | None
+    conv_library: Library | None
     cpu_capability: str
     cpu_flags: tuple[str, ...]
     real_codes: tuple[int, ...]
@@ -318,8 +361,21 @@ class KernelProbe:
         if self.faithful is None:
             return f"{self.engine.value} on this CPU ({cpu}): {self.problem}"
         how = "saturates" if self.saturates_pairs else "does not saturate"
+        if self.linear_library is self.conv_library:
+            libraries = f"{self.linear_library.value}'s arithmetic"
+        else:
+            libraries = (f"{self.linear_library.value}'s arithmetic for linear layers and "
+                         f"{self.conv_library.value}'s for convolutions")
         return (f"{self.engine.value} on this CPU ({cpu}) {how} int16 pair sums; "
-                f"the {self.faithful.value} pipeline models it")
+                f"the {self.faithful.value} pipeline with {libraries} models it")
+
+    def library(self, conv: bool) -> Library:
+        """The library a layer of this kind is simulated with: the probe's answer, else
+        the engine's own (FBGEMM for ``fbgemm`` and ``x86``, oneDNN for ``onednn``)."""
+        found = self.conv_library if conv else self.linear_library
+        if found is not None:
+            return found
+        return Library.ONEDNN if self.engine is Engine.ONEDNN else Library.FBGEMM
 
 
 @dataclass(frozen=True)
@@ -337,18 +393,28 @@ class CrossCheck:
     probe : KernelProbe
         What :func:`kernel_probe` found about ``engine`` on this machine: which pipeline
         is faithful to the kernel that ran, and whether it saturates.
+    unmodelled : frozenset of str
+        Layers whose kernel does something no pipeline models (see :meth:`faithful`): no
+        row of theirs is faithful.
     """
 
     rows: tuple[Agreement, ...]
     engine: Engine
     qparams: Mapping[str, LayerQParams] = field(repr=False)
     probe: KernelProbe
+    unmodelled: frozenset = frozenset()
 
     def faithful(self, row: Agreement) -> bool:
         """Whether ``row`` is the probe's faithful pipeline on PyTorch's own (RECIPROCAL)
-        codes: the simulation that should agree with the kernel on every code."""
+        codes: the simulation that should agree with the kernel on every code.
+
+        Never for a layer in ``unmodelled``: oneDNN with a fused ReLU, whose fused kernel
+        rounds a few near-ties otherwise than its plain requantization (measured: one code
+        in about 10⁶ off by one LSB), and a oneDNN convolution with one input channel whose
+        windows can lie wholly in the padding (those outputs differ by many LSB); no
+        pipeline models either, and the probe does not show them."""
         return (row.arithmetic is ScaleArithmetic.RECIPROCAL
-                and row.pipeline is self.probe.faithful)
+                and row.pipeline is self.probe.faithful and row.layer not in self.unmodelled)
 
     def get(self, layer: str, arithmetic: ScaleArithmetic | str,
             pipeline: Pipeline | str) -> Agreement:
@@ -567,17 +633,23 @@ class _Pairs:
     neg: torch.Tensor       # (P,) sum of the negative weights of the pair
 
 
-def _risky_pairs(codes: torch.Tensor) -> _Pairs:
-    """Pairs ``(2j, 2j+1)`` of FBGEMM's reduction index that can leave int16.
+def _risky_pairs(codes: torch.Tensor, per_tap: bool) -> _Pairs:
+    """Pairs ``(2j, 2j+1)`` of the library's reduction index that can leave int16.
 
-    FBGEMM's im2col orders the reduction index as (kernel row, kernel column, input
-    channel), and pads it with zero weights to an even length. With activations in
-    ``[0, 255]`` a pair sum lies in ``[255 Σ w⁻, 255 Σ w⁺]``; only pairs where that range
-    leaves int16 are kept.
+    Both libraries order the reduction index as (kernel row, kernel column, input
+    channel). FBGEMM's im2col pads the whole index with zero weights to an even length
+    (``per_tap`` False), so with an odd channel count a pair can straddle two taps;
+    oneDNN pads each tap's channels (``per_tap`` True). With activations in ``[0, 255]``
+    a pair sum lies in ``[255 Σ w⁻, 255 Σ w⁺]``; only pairs where that range leaves int16
+    are kept.
     """
     out_ch, in_ch, _, kw = codes.shape
     # int16 holds every pair sum of int8 codes, and halves the traffic of int32.
-    b = codes.to(torch.int16).permute(0, 2, 3, 1).reshape(out_ch, -1)
+    b = codes.to(torch.int16).permute(0, 2, 3, 1)
+    if per_tap and in_ch % 2:
+        b = F.pad(b, (0, 1))
+    width = b.shape[-1]  # channels per tap in the padded index
+    b = b.reshape(out_ch, -1)
     k = b.shape[1]
     if k % 2:
         b = F.pad(b, (0, 1))
@@ -589,16 +661,34 @@ def _risky_pairs(codes: torch.Tensor) -> _Pairs:
         as_tuple=True)
     idx = torch.stack([2 * j, torch.clamp(2 * j + 1, max=k - 1)])
     weight = torch.stack([b0[o, j], b1[o, j]]).to(torch.int32)
-    return _Pairs(out=o, chan=idx % in_ch, row=idx // (in_ch * kw), col=(idx // in_ch) % kw,
+    # A padding member has weight 0; any real channel of its tap stands in for it.
+    chan = torch.clamp(idx % width, max=in_ch - 1)
+    return _Pairs(out=o, chan=chan, row=idx // (width * kw), col=(idx // width) % kw,
                   weight=weight, pos=pos[o, j].to(torch.int32),
                   neg=neg[o, j].to(torch.int32))
+
+
+def _fbgemm_groupwise(layer) -> bool:
+    """Whether FBGEMM runs this convolution through its groupwise kernel.
+
+    ``fbgemmOptimizedGConv`` takes ``C_in/G == C_out/G`` in {2, 4, 8, 16}, a 3x3 kernel,
+    padding 1, dilation 1 and stride 1 or 2 in both directions, when ``G`` reaches the
+    number of groups its AVX2 kernel packs together: 4, 2, 1 and 1 for those widths, so
+    for ``groups=1`` only widths 8 and 16 qualify. That kernel does not saturate int16
+    pair sums (measured on AVX2, and checked by :func:`kernel_probe`).
+    """
+    return (isinstance(layer, nn.Conv2d) and layer.in_channels == layer.out_channels
+            and layer.in_channels in (8, 16) and tuple(layer.kernel_size) == (3, 3)
+            and tuple(layer.padding) == (1, 1) and tuple(layer.dilation) == (1, 1)
+            and tuple(layer.stride) in ((1, 1), (2, 2)))
 
 
 class _Plan:
     """One layer, prepared: folded float weight, quantized weights, packed real weights."""
 
     def __init__(self, layer, qparams: LayerQParams, *, relu: bool, act_spec: QuantSpec,
-                 out_spec: QuantSpec, name: str, kind: str, engine: Engine | None):
+                 out_spec: QuantSpec, name: str, kind: str, engine: Engine | None,
+                 library: Library):
         _check_layer(layer)
         _check_spec(act_spec, "act_spec")
         _check_spec(out_spec, "out_spec")
@@ -606,6 +696,14 @@ class _Plan:
             raise TypeError(f"qparams must be a LayerQParams, got {type(qparams).__name__}")
         self.name, self.kind, self.relu = name, kind, bool(relu)
         self.conv = isinstance(layer, nn.Conv2d)
+        self.library = Library.parse(library)
+        # What oneDNN does that no pipeline models (CrossCheck.faithful says what).
+        self.modelled = self.library is Library.FBGEMM or not (relu or (
+            self.conv and layer.in_channels == 1 and any(
+                p >= (k - 1) * d + 1 for p, k, d in zip(layer.padding, layer.kernel_size,
+                                                        layer.dilation))))
+        # FBGEMM's groupwise kernel does not saturate: no pair of it is at risk.
+        saturates = not (self.library is Library.FBGEMM and _fbgemm_groupwise(layer))
         self.act_spec, self.out_spec = act_spec, out_spec
         weight = layer.weight.detach().contiguous()
         self.out_channels = weight.shape[0]
@@ -628,12 +726,17 @@ class _Plan:
             self.w_fake[arith] = fake_quantize(weight, spec, self.sw, 0)
             codes = quantize(weight, spec, self.sw, 0)
             self.w_codes[arith] = codes.to(torch.int8)
-            self.pairs[arith] = _risky_pairs(codes if self.conv else codes[:, :, None, None])
-        # FBGEMM's requantization constants, each one float32 operation as in the kernel.
-        sw32 = torch.from_numpy(self.sw.astype(np.float32))
-        m = torch.tensor(self.sx, dtype=torch.float32) * sw32
-        self.multiplier = m / torch.tensor(self.so, dtype=torch.float32)
+            self.pairs[arith] = None if not saturates else _risky_pairs(
+                codes if self.conv else codes[:, :, None, None],
+                per_tap=self.library is Library.ONEDNN)
+        # The requantization constants, each one float32 operation as in the kernels.
+        self.sx32 = torch.tensor(self.sx, dtype=torch.float32)
+        self.sw32 = torch.from_numpy(self.sw.astype(np.float32))
+        so32 = torch.tensor(self.so, dtype=torch.float32)
+        m = self.sx32 * self.sw32
+        self.multiplier = m / so32                        # FBGEMM
         self.bias_units = None if self.bias is None else self.bias / m
+        self.inv_so = torch.tensor(1.0, dtype=torch.float32) / so32   # oneDNN
         self.packed = None
         if engine is not None:
             self._pack(engine)
@@ -686,7 +789,8 @@ class _Plan:
         # layer accumulates them exactly, in any order.
         acc = self._op((xq - self.zx).to(torch.float64), self.w_codes[arith].to(torch.float64))
         plain = self._requantize(acc)
-        corr = self._saturation(xq + self.x_shift, self.pairs[arith], acc.shape)
+        pairs = self.pairs[arith]
+        corr = None if pairs is None else self._saturation(xq + self.x_shift, pairs, acc.shape)
         if corr is None:
             return plain, plain, None
         return plain, self._requantize(acc + corr), corr != 0
@@ -694,28 +798,40 @@ class _Plan:
     def _requantize(self, acc: torch.Tensor) -> torch.Tensor:
         # int32 → float32 and float64 → float32 both round the exact integer to nearest even.
         raw = acc.to(torch.float32)
-        if self.bias_units is not None:
-            raw = raw + self._channel_view(self.bias_units)
-        v = torch.round(raw * self._channel_view(self.multiplier))
+        if self.library is Library.ONEDNN:
+            t = raw * self.sx32 * self._channel_view(self.sw32)
+            if self.bias is not None:
+                t = t + self._channel_view(self.bias)
+            # The zero point is added in float32 before rounding, on the kernel's uint8 grid
+            # (the float sum rounds at that magnitude); a fused ReLU clamps before the
+            # scaling, which after rounding is the clamp at the zero point below.
+            zo = torch.tensor(self.zo + self.y_shift, dtype=torch.float32)
+            v = torch.round(t * self.inv_so + zo) - self.y_shift
+        else:
+            if self.bias_units is not None:
+                raw = raw + self._channel_view(self.bias_units)
+            v = torch.round(raw * self._channel_view(self.multiplier)) + self.zo
         lo = self.zo if self.relu else self.out_spec.qmin
-        return (v + self.zo).clamp_(lo, self.out_spec.qmax).to(torch.int32)
+        return v.clamp_(lo, self.out_spec.qmax).to(torch.int32)
 
     def _saturation(self, xu8: torch.Tensor, pairs: _Pairs, out_shape) -> torch.Tensor | None:
-        """What FBGEMM's int16 saturation adds to the accumulator (float64), or None.
+        """What the library's int16 saturation adds to the accumulator (float64), or None.
 
-        ``xu8`` are the raw uint8 activation codes the kernel multiplies; padding holds
-        the zero point, as in FBGEMM's im2col.
+        ``xu8`` are the raw uint8 activation codes the kernel multiplies; FBGEMM's im2col
+        fills the padding with the zero point, oneDNN skips the padded taps (a code of 0
+        here: their pairs add nothing).
         """
+        pad_code = self.zx + self.x_shift if self.library is Library.FBGEMM else 0
         top = int(xu8.max())
         if self.conv and any(self.padding):  # the padding's codes multiply too
-            top = max(top, int(self.zx + self.x_shift))
+            top = max(top, pad_code)
         live = (pairs.pos * top > _INT16_MAX) | (pairs.neg * top < _INT16_MIN)
         if not bool(live.any()):
             return None
         sel = live.nonzero(as_tuple=True)[0]
         if self.conv:
             ph, pw = self.padding
-            xpad = F.pad(xu8, (pw, pw, ph, ph), value=self.zx + self.x_shift)
+            xpad = F.pad(xu8, (pw, pw, ph, ph), value=pad_code)
             (sh, sw), (dh, dw) = self.stride, self.dilation
             ho, wo = out_shape[2], out_shape[3]
         else:
@@ -761,7 +877,8 @@ def _kind(layer, bn: bool, relu: bool) -> str:
     return base + ("+bn" if bn else "") + ("+relu" if relu else "")
 
 
-def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine) -> _Plan:
+def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine,
+          library=Library.FBGEMM) -> _Plan:
     kind = _kind(layer, bn is not None, relu)
     if bn is not None:
         if not isinstance(layer, nn.Conv2d):
@@ -769,7 +886,7 @@ def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine) -> _Pla
                             f"{type(layer).__name__}")
         layer = fold_bn(layer, bn)
     return _Plan(layer, qparams, relu=relu, act_spec=act_spec, out_spec=out_spec, name=name,
-                 kind=kind, engine=engine)
+                 kind=kind, engine=engine, library=library)
 
 
 def real_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQParams, *,
@@ -812,17 +929,21 @@ def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQ
                   pipeline: Pipeline | str = Pipeline.FLOAT,
                   bn: nn.BatchNorm2d | None = None, relu: bool = False,
                   act_spec: QuantSpec = ACTIVATION_SPEC,
-                  out_spec: QuantSpec = ACTIVATION_SPEC) -> torch.Tensor:
+                  out_spec: QuantSpec = ACTIVATION_SPEC,
+                  library: Library | str = Library.FBGEMM) -> torch.Tensor:
     """Output codes of one layer as qerror simulates them (see :class:`Pipeline`).
 
     Same arguments as :func:`real_int8`, plus the ``arithmetic`` of the simulation's
-    quantizers (their own ``arithmetic`` field is overridden) and the ``pipeline``.
+    quantizers (their own ``arithmetic`` field is overridden), the ``pipeline``, and the
+    ``library`` whose requantization and int16 pairing the INTEGER and SATURATING
+    pipelines follow (:attr:`KernelProbe.linear_library` and
+    :attr:`KernelProbe.conv_library` say which one an engine's kernels follow).
     Returns int32 codes in ``out_spec``'s range.
     """
     arithmetic = ScaleArithmetic.parse(arithmetic)
     pipeline = Pipeline.parse(pipeline)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
-                 name="layer", engine=None)
+                 name="layer", engine=None, library=Library.parse(library))
     _check_input(layer, x)
     with torch.inference_mode():
         if pipeline is Pipeline.FLOAT:
@@ -871,6 +992,75 @@ def _probe_case(conv: bool = False) -> tuple[nn.Linear | nn.Conv2d, torch.Tensor
     return layer, torch.ones((1, k, 1, 1) if conv else (1, k)), qp
 
 
+def _probe_layer(codes: torch.Tensor, sw: float, bias: float, conv: bool,
+                 **conv_kw) -> nn.Linear | nn.Conv2d:
+    """A layer whose weights are ``codes · sw`` exactly and whose bias is ``bias``."""
+    out_ch, in_ch = codes.shape[:2]
+    # The layer's random initialisation must not move torch's global generator, which the
+    # studies seed: a probe run between two seeded draws would change the second.
+    with torch.random.fork_rng(devices=[]):
+        layer = (nn.Conv2d(in_ch, out_ch, codes.shape[2:], **conv_kw) if conv
+                 else nn.Linear(in_ch, out_ch))
+    with torch.no_grad():
+        layer.weight.copy_((codes * sw).reshape(layer.weight.shape))
+        layer.bias.fill_(bias)
+    return layer
+
+
+def _tie_case(conv: bool) -> tuple[nn.Linear | nn.Conv2d, torch.Tensor, LayerQParams]:
+    """Every output an exact tie of the requantization, with the odd output zero point 129.
+
+    ``s_x = 2⁻⁴``, ``s_w = 2⁻⁷``, ``s_y = s_x s_w`` and a bias of half an accumulator unit:
+    every value rounded is ``a + 1/2`` exactly, in both libraries' float32 arithmetic.
+    FBGEMM rounds it to even and then adds 129; oneDNN adds 129 first and rounds
+    ``a + 129.5`` to even: the codes differ by one everywhere. Small codes (activations 0
+    and 1, weights -3..3, a 3x3 convolution with padding 1 or a 4-input linear layer) keep
+    every pair sum far inside int16 and every output inside 0..255.
+    """
+    sx, sw = 2.0**-4, 2.0**-7
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 4, 3, 3) if conv else (2, 4)
+    codes = torch.randint(-3, 4, shape, generator=g).to(torch.float32)
+    layer = _probe_layer(codes, sw, 0.5 * sx * sw, conv, padding=1)
+    x = torch.randint(0, 2, (2, 4, 4, 4) if conv else (6, 4), generator=g) * sx
+    qp = LayerQParams(QParams(sx, 0), QParams(np.full(2, sw), 0), QParams(sx * sw, 129))
+    return layer, x.to(torch.float32), qp
+
+
+def _saturating_conv(in_ch: int, out_ch: int, stride: int, size: int
+                     ) -> tuple[nn.Conv2d, torch.Tensor, LayerQParams]:
+    """A 3x3 convolution with padding 1 whose every in-map pair sum leaves int16.
+
+    Activation codes 255 with zero point 128 against weight codes 127 (even output
+    channels) and -127 (odd ones); the padding holds the zero point 128 (or is skipped),
+    whose pairs do not saturate (128 · 127 · 2 < 32767). An interior output's exact
+    accumulator maps to 120 LSB from the output zero point 128.
+    """
+    sign = torch.tensor([1.0, -1.0]).repeat(out_ch)[:out_ch].reshape(-1, 1, 1, 1)
+    codes = (127 * sign).expand(out_ch, in_ch, 3, 3)
+    sx, sw = np.float32(1 / _UINT8_MAX), np.float32(1 / 127)
+    layer = _probe_layer(codes, float(sw), 0.0, True, padding=1, stride=stride)
+    so = 9 * in_ch * 127 * 127 * float(sx * sw) / 120
+    qp = LayerQParams(QParams(float(sx), 128), QParams(np.full(out_ch, float(sw)), 0),
+                      QParams(so, 128))
+    return layer, torch.full((1, in_ch, size, size), 127 * float(sx)), qp
+
+
+def _probe_cases(conv: bool) -> dict[str, tuple]:
+    """The probe's inputs for one layer kind, by name. On each, the simulations of the
+    candidate models (:class:`Library` × saturating or not) give different codes."""
+    cases = {"saturation": _probe_case(conv), "requantization tie": _tie_case(conv)}
+    if conv:
+        # Three channels: FBGEMM's pairs straddle taps, oneDNN's do not, and at the border
+        # FBGEMM multiplies the padding where oneDNN skips it.
+        cases["padded 3-channel 3x3"] = _saturating_conv(3, 2, 1, 4)
+        # FBGEMM's groupwise path, for both of its widths and strides.
+        cases["8-channel 3x3 (FBGEMM's groupwise path)"] = _saturating_conv(8, 8, 1, 4)
+        cases["16-channel 3x3 stride 2 (FBGEMM's groupwise path)"] = _saturating_conv(
+            16, 16, 2, 5)
+    return cases
+
+
 @functools.cache
 def _probe(engine: Engine) -> KernelProbe:
     linear = _probe_kind(engine, conv=False)
@@ -880,55 +1070,90 @@ def _probe(engine: Engine) -> KernelProbe:
     # that pick their instructions apart (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA).
     conv = _probe_kind(engine, conv=True)
     if conv.faithful is linear.faithful:
-        return linear
-    what = "does not run" if conv.faithful is None else f"follows {conv.faithful.value}"
+        return replace(linear, conv_library=conv.conv_library)
+    if conv.faithful is None:
+        return replace(linear, saturates_pairs=None, faithful=None,
+                       problem=f"its convolution kernel: {conv.problem}")
     return replace(linear, saturates_pairs=None, faithful=None, problem=(
         f"its linear kernel follows the {linear.faithful.value} pipeline but its "
-        f"convolution kernel {what} (codes {conv.real_codes} on the same probe): the "
+        f"convolution kernel follows {conv.faithful.value} (codes {conv.real_codes} on the "
+        "same probe): the "
         "engine's libraries run different instruction sets (see FBGEMM_ENABLE_INSTRUCTIONS "
         "and ONEDNN_MAX_CPU_ISA); no one simulation models both"))
 
 
+def _candidate_codes(cases: dict) -> dict[tuple[Library, Pipeline], list[tuple[int, ...]]]:
+    """Each candidate model's codes on every probe case, in the order of ``cases``."""
+    codes: dict = {(lib, p): [] for lib in Library
+                   for p in (Pipeline.INTEGER, Pipeline.SATURATING)}
+    for layer, x, qp in cases.values():
+        for lib in Library:
+            plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
+                         out_spec=ACTIVATION_SPEC, name="probe", engine=None, library=lib)
+            with torch.inference_mode():
+                plain, saturating, _ = plan.integer_codes(x, ScaleArithmetic.RECIPROCAL)
+            codes[(lib, Pipeline.INTEGER)].append(tuple(plain.flatten().tolist()))
+            codes[(lib, Pipeline.SATURATING)].append(tuple(saturating.flatten().tolist()))
+    return codes
+
+
 def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
-    layer, x, qp = _probe_case(conv)
-    plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
-                 out_spec=ACTIVATION_SPEC, name="probe", engine=None)
-    with torch.inference_mode():
-        plain, saturating, _ = plan.integer_codes(x, ScaleArithmetic.RECIPROCAL)
-    integer_codes, saturating_codes = tuple(plain.flatten().tolist()), tuple(
-        saturating.flatten().tolist())
+    cases = _probe_cases(conv)
+    candidates = _candidate_codes(cases)
     machine = (torch.backends.cpu.get_cpu_capability(), _cpu_flags())
+    default = KernelProbe(engine, None, None, None, None, *machine, (), (), (), "")
+    # The saturation case's codes are reported with the library found (else the engine's).
+    lib = default.library(conv)
+    integer_codes = candidates[(lib, Pipeline.INTEGER)][0]
+    saturating_codes = candidates[(lib, Pipeline.SATURATING)][0]
     try:
-        real = real_int8(layer, x, qp, engine=engine)
+        real = [tuple(real_int8(layer, x, qp, engine=engine).flatten().tolist())
+                for layer, x, qp in cases.values()]
     except RuntimeError as err:
         # A PyTorch build without the engine, or a kernel that refuses to run: recorded,
         # so that a manifest can say why there is no answer.
-        return KernelProbe(engine, None, None, *machine, (), integer_codes, saturating_codes,
-                           f"the {engine.value} kernel could not run: {err}")
-    real_codes = tuple(real.flatten().tolist())
-    if real_codes == saturating_codes:
-        saturates, faithful, problem = True, Pipeline.SATURATING, ""
-    elif real_codes == integer_codes:
-        saturates, faithful, problem = False, Pipeline.INTEGER, ""
-    else:
-        saturates, faithful, problem = None, None, (
-            f"on the probe its codes {real_codes} match neither the integer pipeline's "
-            f"{integer_codes} nor the saturating pipeline's {saturating_codes}; no "
-            "simulation models this kernel")
-    return KernelProbe(engine, saturates, faithful, *machine, real_codes, integer_codes,
-                       saturating_codes, problem)
+        return replace(default, integer_codes=integer_codes, saturating_codes=saturating_codes,
+                       problem=f"the {engine.value} kernel could not run: {err}")
+    # The cases tell every candidate apart (a test checks it), so at most one matches.
+    match = next((key for key, codes in candidates.items() if codes == real), None)
+    if match is None:
+        names = list(cases)
+
+        def first_miss(codes: list) -> str:
+            return names[next(i for i, (c, r) in enumerate(zip(codes, real)) if c != r)]
+
+        failed = "; ".join(f"{key[0].value}/{key[1].value} fails the {first_miss(codes)} case"
+                           for key, codes in candidates.items())
+        return replace(default, real_codes=real[0], integer_codes=integer_codes,
+                       saturating_codes=saturating_codes, problem=(
+            f"on the probe its codes match neither pipeline with either library's "
+            f"arithmetic ({failed}); on the saturation case its codes {real[0]} against the "
+            f"integer pipeline's {integer_codes} and the saturating pipeline's "
+            f"{saturating_codes} ({lib.value}'s arithmetic); no simulation models this kernel"))
+    lib, pipeline = match
+    kind = {"conv_library" if conv else "linear_library": lib}
+    return replace(default, saturates_pairs=pipeline is Pipeline.SATURATING,
+                   faithful=pipeline, real_codes=real[0],
+                   integer_codes=candidates[(lib, Pipeline.INTEGER)][0],
+                   saturating_codes=candidates[(lib, Pipeline.SATURATING)][0], **kind)
 
 
 def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     """Which integer pipeline reproduces the real kernel of ``engine`` on this machine.
 
     Runs the kernel once per process and engine (later calls return the cached answer)
-    on a 64-input linear layer whose int16 pair sums all saturate under AVX2, and compares
-    its codes with the INTEGER and SATURATING simulations; then the same as a 1x1
-    convolution, which must follow the same pipeline (the ``x86`` engine runs convolutions
-    in oneDNN, linear layers in FBGEMM: held to different instruction sets, they differ,
-    and no pipeline is then marked faithful). Takes milliseconds; never
-    raises for a missing engine or a kernel that fails (the result says why instead).
+    on a few tiny inputs per layer kind and compares its codes with the INTEGER and
+    SATURATING simulations in each :class:`Library`'s arithmetic: a 64-input linear layer
+    whose int16 pair sums all saturate under AVX2 (and the same as a 1x1 convolution),
+    requantization ties with an odd output zero point (which FBGEMM and oneDNN round to
+    different neighbours), and for convolutions a padded 3x3 one with three input channels
+    (where the two libraries' AVX2 pairs differ) and FBGEMM's groupwise shapes (8 and 16
+    channels in and out, which FBGEMM's AVX2 groupwise kernel does not saturate). The
+    one candidate that reproduces every case is the answer, for each kind; both kinds must
+    follow the same pipeline (the ``x86`` engine runs convolutions in oneDNN, linear layers
+    in FBGEMM: held to different instruction sets, they differ, and no pipeline is then
+    marked faithful). Takes milliseconds; never raises for a missing engine or a kernel
+    that fails (the result says why instead).
 
     Parameters
     ----------
@@ -938,7 +1163,7 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     -------
     KernelProbe
         ``faithful`` is None, and ``problem`` says why, when the engine is missing, its
-        kernel fails, or its codes match neither simulation.
+        kernel fails, or its codes match no candidate on every case.
 
     Notes
     -----
@@ -995,9 +1220,9 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     at most one apart. See the module notes for every source of difference.
     """
     engine = Engine.parse(engine)
-    plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
-                 name=name, engine=engine)
     probe = _probed(engine)
+    plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
+                 name=name, engine=engine, library=probe.library(isinstance(layer, nn.Conv2d)))
     tallies = _tallies()
     batches = [x] if isinstance(x, torch.Tensor) else x
     seen = False
@@ -1009,7 +1234,8 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     if not seen:
         raise ValueError("x holds no batches")
     return CrossCheck(tuple(plan.results(tallies, probe.saturates_pairs)), engine,
-                      MappingProxyType({name: plan.qparams}), probe)
+                      MappingProxyType({name: plan.qparams}), probe,
+                      frozenset() if plan.modelled else frozenset({name}))
 
 
 # --------------------------------------------------------------------------- a model
@@ -1118,6 +1344,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
                          "every layer")
     # reduce_range: the input range maps onto half the codes (0..127 for uint8)
     input_spec = act_spec.replace(bits=act_spec.bits - 1) if reduce_range else act_spec
+    probe = _probed(engine)
     plans: dict[str, _Plan] = {}
     for s in sites:
         w = calibrate(folded[s.name].weight.detach(), WEIGHT_SPEC)
@@ -1126,9 +1353,9 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
                           _float32_scale(outputs[s.name].qparams()))
         plans[s.name] = _Plan(folded[s.name], qp, relu=s.relu, act_spec=act_spec,
                               out_spec=out_spec, name=s.name,
-                              kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine)
+                              kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine,
+                              library=probe.library(isinstance(s.layer, nn.Conv2d)))
     tallies = {s.name: _tallies() for s in sites}
-    probe = _probed(engine)
 
     def check(site: Site, x: torch.Tensor) -> None:
         plans[site.name].compare(x.contiguous(), tallies[site.name], probe.saturates_pairs)
@@ -1141,4 +1368,5 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     rows = [row for s in sites
             for row in plans[s.name].results(tallies[s.name], probe.saturates_pairs)]
     return CrossCheck(tuple(rows), engine,
-                      MappingProxyType({s.name: plans[s.name].qparams for s in sites}), probe)
+                      MappingProxyType({s.name: plans[s.name].qparams for s in sites}), probe,
+                      frozenset(s.name for s in sites if not plans[s.name].modelled))

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,6 +32,7 @@ from qerror.nn.int8 import (
     Engine,
     KernelProbeWarning,
     LayerQParams,
+    Library,
     Pipeline,
     crosscheck_layer,
     crosscheck_model,
@@ -42,6 +44,10 @@ from qerror.nn.models import fashion_resnet
 
 EXACT, RECIPROCAL = ScaleArithmetic.EXACT, ScaleArithmetic.RECIPROCAL
 SIGNED_ACT = QuantSpec(bits=8, signed=True, symmetric=False)
+ENGINES = [pytest.param(e, marks=pytest.mark.skipif(
+    e not in torch.backends.quantized.supported_engines,
+    reason=f"this PyTorch build has no {e} quantized engine"))
+    for e in ("fbgemm", "x86", "onednn")]
 
 pytestmark = pytest.mark.skipif(
     "fbgemm" not in torch.backends.quantized.supported_engines,
@@ -95,8 +101,16 @@ CASES = {
 }
 
 
+# FBGEMM's groupwise path, which it takes for groups=1 too (C_in == C_out of 8 or 16, 3x3,
+# padding 1, stride 1 or 2) and whose AVX2 kernel does not saturate.
+GROUPWISE_CASES = {
+    f"groupwise{c}-stride{s}": ("conv", {"in_channels": c, "out_channels": c, "kernel_size": 3,
+                                         "padding": 1, "stride": s}, (3, c, 10, 10))
+    for c in (8, 16) for s in (1, 2)}
+
+
 def _case(name: str, seed: int = 0):
-    kind, kw, shape = CASES[name]
+    kind, kw, shape = {**CASES, **GROUPWISE_CASES}[name]
     layer = _layer(kind, seed, **kw)
     x = torch.randn(shape, generator=_gen(seed + 1))
     return layer, x
@@ -312,6 +326,69 @@ def test_kernel_probe_is_cached_and_is_the_kernel_s_own_answer():
     assert probe.faithful is not None and probe.problem == ""
     assert probe.real_codes == codes[probe.faithful]
     assert probe.saturates_pairs is (probe.faithful is Pipeline.SATURATING)
+    assert probe.linear_library is probe.conv_library is Library.FBGEMM
+
+
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_kernel_probe_names_each_kind_s_library(engine):
+    """oneDNN runs the onednn engine throughout and the x86 engine's convolutions where
+    the CPU has VNNI (else FBGEMM does); FBGEMM runs the x86 engine's linear layers."""
+    probe = kernel_probe(engine)
+    assert probe.faithful is not None, probe.describe()
+    if engine == "onednn":
+        assert probe.linear_library is probe.conv_library is Library.ONEDNN
+    else:
+        assert probe.linear_library is Library.FBGEMM
+        assert probe.conv_library in (Library.FBGEMM, Library.ONEDNN)
+    assert f"{probe.conv_library.value}'s" in probe.describe()
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_probe_cases_tell_every_candidate_apart(conv):
+    """Whatever the CPU: on the probe's cases each candidate (library × pipeline) gives
+    other codes than every other one, so a kernel can match one at most; the saturation
+    case parts the pipelines, the tie case the libraries, and for convolutions the padded
+    3-channel case parts the libraries' saturating pairs and the groupwise cases FBGEMM's
+    groupwise kernel (not saturating) from its im2col kernel."""
+    cases = int8._probe_cases(conv)
+    codes = int8._candidate_codes(cases)
+    keys = list(codes)
+    assert len(keys) == 4
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert codes[a] != codes[b], (a, b)
+    names = list(cases)
+    at = {name: {key: codes[key][i] for key in keys} for i, name in enumerate(names)}
+    F_, O_ = Library.FBGEMM, Library.ONEDNN
+    for lib in Library:
+        assert at["saturation"][(lib, Pipeline.INTEGER)] != \
+            at["saturation"][(lib, Pipeline.SATURATING)]
+    for pipe in (Pipeline.INTEGER, Pipeline.SATURATING):
+        tie = at["requantization tie"]
+        assert all(abs(a - b) == 1 for a, b in zip(tie[(F_, pipe)], tie[(O_, pipe)]))
+    if conv:
+        padded = at["padded 3-channel 3x3"]
+        assert padded[(F_, Pipeline.SATURATING)] != padded[(O_, Pipeline.SATURATING)]
+        for name in names[3:]:
+            assert "groupwise" in name
+            assert at[name][(F_, Pipeline.SATURATING)] == at[name][(F_, Pipeline.INTEGER)]
+            assert at[name][(O_, Pipeline.SATURATING)] != at[name][(O_, Pipeline.INTEGER)]
+
+
+def test_the_probe_exercises_fbgemm_s_groupwise_path(monkeypatch):
+    """A kernel that saturated FBGEMM's groupwise shapes as its im2col kernel does is
+    matched by no candidate: the probe certifies the groupwise rule only because the real
+    kernel showed it."""
+    def im2col_everywhere(layer, x, qp, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(int8, "_fbgemm_groupwise", lambda layer: False)
+            return simulate_int8(layer, x, qp, pipeline=Pipeline.SATURATING)
+
+    monkeypatch.setattr(int8, "real_int8", im2col_everywhere)
+    probe = int8._probe.__wrapped__(Engine.FBGEMM)
+    assert probe.faithful is None and probe.saturates_pairs is None
+    assert "fbgemm/saturating fails the 8-channel 3x3 (FBGEMM's groupwise path) case" in \
+        probe.problem
 
 
 def test_kernel_probe_says_why_when_the_engine_is_missing(monkeypatch):
@@ -329,6 +406,7 @@ def test_kernel_probe_matching_neither_pipeline_is_flagged(monkeypatch):
     probe = int8._probe.__wrapped__(Engine.FBGEMM)
     assert probe.faithful is None and probe.saturates_pairs is None
     assert "match neither" in probe.problem and "(1, 2)" in probe.problem
+    assert "fbgemm/integer fails the saturation case" in probe.problem
     monkeypatch.setattr(int8, "kernel_probe", lambda engine=Engine.FBGEMM: probe)
     layer, x = _case("conv3x3")
     with pytest.warns(KernelProbeWarning, match="match neither"):
@@ -429,6 +507,116 @@ def test_integer_pipeline_reproduces_a_nonsaturating_kernel_exactly(name):
     row = result.get("layer", RECIPROCAL, Pipeline.INTEGER)
     assert row.avx2_saturated > 0 and row.saturated == 0
     assert row.equal == row.elements
+
+
+@pytest.mark.parametrize("name", list(GROUPWISE_CASES))
+def test_fbgemm_s_groupwise_path_does_not_saturate(name):
+    """FBGEMM runs these shapes through its groupwise kernel, whose AVX2 code does not
+    saturate int16 pair sums: no element counts as saturated, and the faithful row is
+    exact on every CPU. The same weights and input with padding 2 (FBGEMM's im2col kernel)
+    do saturate under AVX2, so the input is one that would show saturation."""
+    layer, x = _case(name, seed=3)
+    result = crosscheck_layer(layer, x, _qparams(layer, x))
+    faithful = [r for r in result.rows if result.faithful(r)]
+    assert len(faithful) == 1 and faithful[0].equal == faithful[0].elements
+    assert all(r.avx2_saturated == 0 and r.saturated == 0 for r in result.rows)
+    wide = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=2, stride=layer.stride)
+    wide.load_state_dict(layer.state_dict())
+    control = crosscheck_layer(wide, x, _qparams(wide, x))
+    row = control.get("layer", RECIPROCAL, control.probe.faithful)
+    assert row.avx2_saturated > 0 and row.equal == row.elements
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("name", list(CASES) + list(GROUPWISE_CASES))
+def test_the_faithful_pipeline_is_exact_on_every_engine(engine, name, relu):
+    """Whichever library runs each layer kind of the engine (oneDNN pairs the channels of
+    each kernel tap and skips the padding under AVX2; FBGEMM's groupwise kernel does not
+    saturate), the row the probe marks faithful reproduces every code, with full-range
+    activations that saturate the AVX2 kernels' pair sums. oneDNN with a fused ReLU is
+    marked faithful nowhere (its rounding of rare near-ties is not modelled)."""
+    layer, x = _case(name)
+    result = crosscheck_layer(layer, x, _qparams(layer, x, relu=relu), relu=relu,
+                              engine=engine)
+    faithful = [r for r in result.rows if result.faithful(r)]
+    library = result.probe.library(isinstance(layer, nn.Conv2d))
+    if relu and library is Library.ONEDNN:
+        assert faithful == [] and result.unmodelled == {"layer"}
+        return
+    assert len(faithful) == 1, result.probe.describe()
+    assert faithful[0].equal == faithful[0].elements, result.probe.describe()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cin=st.integers(1, 12), cout=st.integers(1, 12),
+       k=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 2),
+       relu=st.booleans())
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_faithful_pipeline_is_exact_on_random_convolutions(engine, seed, cin, cout, k,
+                                                               stride, pad, relu):
+    layer = _layer("conv", seed, in_channels=cin, out_channels=cout, kernel_size=k,
+                   stride=stride, padding=pad)
+    x = torch.randn(2, cin, 9, 9, generator=_gen(seed)) * 3
+    result = crosscheck_layer(layer, x, _qparams(layer, x, relu=relu), relu=relu,
+                              engine=engine)
+    row = result.get("layer", RECIPROCAL, result.probe.faithful)
+    if "layer" in result.unmodelled:
+        assert not result.faithful(row)
+    else:
+        assert result.faithful(row) and row.equal == row.elements
+
+
+def _tie_layer(kind: str, zo: int):
+    """A layer whose every requantized value is an exact tie: ``s_x = 2⁻⁴``, ``s_w = 2⁻⁷``,
+    ``s_y = s_x s_w`` and a bias of half an accumulator unit, so the value rounded is
+    ``a + 1/2`` for an integer accumulator ``a`` (all exact in float32)."""
+    sx, sw = 2.0**-4, 2.0**-7
+    g = _gen(7)
+    if kind == "linear":
+        layer = _layer("linear", 7, in_features=5, out_features=3)
+        x = torch.randint(0, 2, (8, 5), generator=g) * sx
+    else:
+        layer = _layer("conv", 7, in_channels=5, out_channels=3, kernel_size=3, padding=1)
+        x = torch.randint(0, 2, (2, 5, 5, 5), generator=g) * sx
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-3, 4, layer.weight.shape, generator=g) * sw)
+        layer.bias.fill_(0.5 * sx * sw)
+    qp = LayerQParams(QParams(sx, 0), QParams(np.full(3, sw), 0), QParams(sx * sw, zo))
+    return layer, x.to(torch.float32), qp
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("zo", [127, 128])
+def test_the_libraries_round_requantization_ties_to_their_own_neighbours(kind, zo):
+    """Against integer arithmetic: FBGEMM rounds ``a + 1/2`` half to even, then adds the
+    zero point; oneDNN adds the zero point first and rounds ``a + 1/2 + z_y``. With an
+    even ``z_y`` the two agree, with an odd one they differ by one on every code."""
+    layer, x, qp = _tie_layer(kind, zo)
+    sx, sw = qp.input.scale, float(qp.weight.scale[0])
+    xq, wq = (x / sx).double(), (layer.weight.detach() / sw).double()
+    acc = (F.linear(xq, wq) if kind == "linear" else F.conv2d(xq, wq, padding=1)).numpy()
+    expected = {Library.FBGEMM: np.rint(acc + 0.5) + zo, Library.ONEDNN: np.rint(acc + 0.5 + zo)}
+    for lib, want in expected.items():
+        got = simulate_int8(layer, x, qp, pipeline=Pipeline.INTEGER, library=lib)
+        assert np.array_equal(got.numpy(), np.clip(want, 0, 255).astype(np.int32)), lib
+    inside = (expected[Library.FBGEMM] >= 0) & (expected[Library.FBGEMM] <= 255)
+    differ = expected[Library.FBGEMM] != expected[Library.ONEDNN]
+    assert inside.sum() > inside.size // 2
+    assert (differ[inside] == bool(zo % 2)).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("zo", [127, 128, 129])
+def test_the_faithful_pipeline_is_exact_at_requantization_ties(engine, kind, zo):
+    """Every output a requantization tie, with odd and even output zero points: the row
+    the probe marks faithful (in the library it found for the layer's kind) reproduces
+    every code of every engine."""
+    layer, x, qp = _tie_layer(kind, zo)
+    result = crosscheck_layer(layer, x, qp, engine=engine)
+    row = result.get("layer", RECIPROCAL, result.probe.faithful)
+    assert row.equal == row.elements, result.probe.describe()
 
 
 # --------------------------------------------------------------------------- folding
