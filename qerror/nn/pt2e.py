@@ -239,7 +239,10 @@ class Int8Module:
         compiled.
     lowered_by_size : dict of int to dict
         The same counts for each warm-up size's call, which compiles the graph that serves
-        that size (zeros where an earlier size's graph served it). At a batch of one, which
+        that size (zeros where an earlier size's graph served it), plus those of any graph a
+        later call compiles (a size no warm-up graph serves, a channels-last input), added
+        under that call's batch size and to ``lowered``: every call runs under inductor
+        freezing, so a graph compiled late is lowered as the warm-up ones are. At a batch of one, which
         dynamo specialises, inductor (PyTorch 2.14.1) leaves the linear layers as a float
         matrix product of dequantized weights (measured: no ``qlinear`` count at size 1,
         one per linear layer at sizes 2 and 16), so batch-1 latency times float linear
@@ -254,7 +257,31 @@ class Int8Module:
 
     def __call__(self, x: torch.Tensor):
         with torch.no_grad():
-            return self.fn(x)
+            if self.fn is self.converted:
+                return self.fn(x)
+            return _compiled_call(self.fn, x, self.lowered, self.lowered_by_size)
+
+
+def _compiled_call(fn, x: torch.Tensor, lowered: dict, by_size: dict):
+    """Call a compiled module under inductor freezing (without it a graph compiled now would
+    lower no quantized pattern: dequantize, float op, quantize), and add what a graph
+    compiled by this call lowered to ``by_size[batch]`` and to ``lowered``."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    before = dict(counters["inductor"])
+    with _freezing(), warnings.catch_warnings():
+        # PyTorch's own oneDNN lowering copies a tensor with torch.tensor(); harmless.
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+        out = fn(x)
+    if counters["stats"]["unique_graphs"] != graphs:
+        size = int(x.shape[0])
+        counts = by_size.setdefault(size, dict.fromkeys(LOWERING_COUNTERS, 0))
+        for k in LOWERING_COUNTERS:
+            new = counters["inductor"][k] - before.get(k, 0)
+            counts[k] += new
+            lowered[k] += new
+    return out
 
 
 def _check_batches(batches, what: str) -> list[torch.Tensor]:

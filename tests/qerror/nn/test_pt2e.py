@@ -199,6 +199,38 @@ def test_int8_compiled_early_exit_agrees_with_fp32_and_runs_any_batch(trained):
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled every graph
 
 
+@pytest.mark.slow
+def test_graphs_compiled_after_the_warm_up_are_lowered_and_recorded():
+    """A batch size no warm-up graph serves, and a channels-last input, compile new graphs
+    on their first call: under inductor freezing, as the warm-up's, so their convolutions
+    and linear layer are lowered to oneDNN, and the lowering is recorded under the call's
+    batch size."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            torchvision.models.resnet.BasicBlock(8, 8),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    q = quantize_pt2e(net, [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)],
+                      warmup_sizes=(2,))
+    warm = dict(q.lowered_by_size[2])
+    assert warm["qconv_unary_lower_count"] > 0 and warm["qlinear_unary_lower_count"] > 0
+    x = torch.randn(20, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        ref = q.converted(x)
+    graphs = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(q(x), ref, rtol=0, atol=0.1)
+    assert counters["stats"]["unique_graphs"] > graphs  # 16 and up: a graph of its own
+    assert q.lowered_by_size[20] == warm  # the same patterns, lowered as in the warm-up
+    graphs = counters["stats"]["unique_graphs"]
+    q(x[:2].contiguous(memory_format=torch.channels_last))
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert q.lowered_by_size[2]["qconv_unary_lower_count"] == \
+        2 * warm["qconv_unary_lower_count"]
+    assert q.lowered == {k: sum(c[k] for c in q.lowered_by_size.values())
+                         for k in LOWERING_COUNTERS}
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="calibration is empty"):
         quantize_pt2e(nn.Linear(2, 2), [])
