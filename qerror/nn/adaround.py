@@ -61,7 +61,14 @@ from torch import nn
 
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
-from qerror.nn._anatomy import LAYERS, UnsupportedModelError, check_model, eval_mode, iter_batches
+from qerror.nn._anatomy import (
+    LAYERS,
+    UnsupportedModelError,
+    check_model,
+    eval_mode,
+    iter_batches,
+    model_device,
+)
 from qerror.nn.propagate import QuantizedWeights
 from qerror.quantizer import QParams, QuantSpec, fake_quantize, quantize
 from qerror.rounding import RoundingMode
@@ -227,7 +234,8 @@ def _scale_tensor(qp: QParams, w: torch.Tensor) -> torch.Tensor:
     s = np.asarray(qp.scale, dtype=np.float64)
     if w.dtype != torch.float64:
         s = s.astype(np.float32).astype(np.float64)
-    return torch.as_tensor(s, dtype=torch.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+    return torch.as_tensor(s, dtype=torch.float64, device=w.device).reshape(
+        (-1,) + (1,) * (w.ndim - 1))
 
 
 def _floor_codes(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
@@ -334,9 +342,10 @@ def _layer_inputs(model: nn.Module, name: str, layer: nn.Module, x: torch.Tensor
     return torch.cat(got)
 
 
-def _reconstruction(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over the rest."""
-    return (out - target).pow(2).sum(1).mean()
+def _reconstruction(out: torch.Tensor, target: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Squared error summed over the output channels (dim 1 of a convolution's output, the
+    last dim of a linear layer's, whatever its leading dims), averaged over the rest."""
+    return (out - target).pow(2).sum(1 if conv else -1).mean()
 
 
 def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.Tensor,
@@ -362,7 +371,7 @@ def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.
             target = op(x[idx], w)
         h = rectified_sigmoid(v)
         soft = s_w * torch.clamp(floor_w + h, spec.qmin, spec.qmax)
-        loss = _reconstruction(op(xq[idx], soft), target)
+        loss = _reconstruction(op(xq[idx], soft), target, conv)
         beta = cfg.beta_at(step)
         if beta is not None and cfg.lam > 0:
             loss = loss + cfg.lam * (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -423,7 +432,7 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     check_model(model)
     spec = cfg.spec
     xs, have = [], 0
-    for x, _ in iter_batches(batches):
+    for x, _ in iter_batches(batches, model_device(model)):
         xs.append(x[:cfg.images - have])
         have += xs[-1].shape[0]
         if have >= cfg.images:
@@ -464,8 +473,9 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
                     return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
 
                 target = op(x, w)
-                l0 = float(_reconstruction(op(xq, _on_grid(w, qp, spec, floor, up0)), target))
-                l1 = float(_reconstruction(op(xq, qw.weight), target))
+                l0 = float(_reconstruction(op(xq, _on_grid(w, qp, spec, floor, up0)), target,
+                                           conv))
+                l1 = float(_reconstruction(op(xq, qw.weight), target, conv))
             weights[name] = qw
             done[name] = qw.weight
             details[name] = AdaRoundLayer(name, up, rectified_sigmoid(v), l0, l1,

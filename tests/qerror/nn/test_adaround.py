@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qerror.calibration import calibrate
@@ -232,3 +233,17 @@ def test_apply_rounding_is_its_formula_when_the_scale_clips():
         want = s * torch.clamp(torch.floor(w / s) + up.double(), spec.qmin, spec.qmax)
         assert ((w / s) < spec.qmin).sum() > 0
         assert torch.equal(got, want)
+
+
+def test_a_linear_layer_on_a_map_sums_its_error_over_its_outputs():
+    """A Linear applied along the last dim of a (N, C, H, W) map: the reconstruction summed
+    over dim 1 (C, not the layer's outputs), which changes the loss's weight against the
+    regulariser. loss_learned is the squared error summed over the outputs, averaged over
+    every other position."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 3, 2))
+    x = torch.randn(16, 2, 4, 5, generator=torch.Generator().manual_seed(1))
+    res = adaround(model, [x], 4, iterations=10, batch=8)
+    layer, qw = model[0], res.weights["0"].weight
+    want = (F.linear(x, qw, layer.bias) - layer(x)).pow(2).sum(-1).mean()
+    assert res.layers["0"].loss_learned == pytest.approx(float(want), rel=1e-5)  # float32 sums
