@@ -242,8 +242,8 @@ class Int8Module:
         that size (zeros where an earlier size's graph served it), plus those of any graph a
         later call compiles (a size no warm-up graph serves, a channels-last input), added
         under that call's batch size and to ``lowered``: every call runs under inductor
-        freezing, so a graph compiled late is lowered as the warm-up ones are. At a batch of one, which
-        dynamo specialises, inductor (PyTorch 2.14.1) leaves the linear layers as a float
+        freezing, so a graph compiled late is lowered as the warm-up ones are. At a batch of
+        one, which dynamo specialises, inductor (PyTorch 2.14.1) leaves the linear layers as a float
         matrix product of dequantized weights (measured: no ``qlinear`` count at size 1,
         one per linear layer at sizes 2 and 16), so batch-1 latency times float linear
         layers beside INT8 convolutions.
