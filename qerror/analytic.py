@@ -25,6 +25,7 @@ from scipy import optimize, special, stats
 
 from qerror._checks import check_positive_finite
 from qerror._enums import Choice
+from qerror._exact import _veltkamp
 from qerror.quantizer import QuantSpec
 from qerror.rounding import RoundingMode
 
@@ -256,11 +257,85 @@ class ClipResult:
     grid: Grid = Grid.INTEGER
 
 
+# --------------------------------------------------------------------------- the grid frame
+
+# The narrowest closed-form law, in steps: its pieces' partial moments reach (w/σ)**3 in
+# standardised units, which overflows float64 near 1e-103 of a step.
+_CLOSED_NARROWEST = 1e-100
+# The farthest law centre, in steps: its squared error in LSB² overflows beyond 1e154.
+_CLOSED_FARTHEST = 1e150
+
+
+def _two_sum(a, b):
+    """``a + b = s + e`` exactly (Knuth's two-sum), elementwise."""
+    s = a + b
+    bv = s - a
+    return s, (a - (s - bv)) + (b - bv)
+
+
+class _Frame:
+    """The quantizer's grid, for placing a law's real-unit points against it exactly.
+
+    The grid point ``u`` (in steps; a half-integer of the engine, or any float) stands at
+    the real value ``(u - z) s``; :meth:`residual` forms ``x - (u - z) s`` exactly
+    (Dekker's product, Knuth's sum, ``u - z`` exact) and rounds it once, to within two
+    ulps, so the law's position is never carried as ``fl(x/s + z)``, whose rounding (an ulp
+    of ``|x/s + z|``) a narrow law would see. Everything is first scaled by the power of two
+    ``2**-e`` that brings ``s`` to ``m`` in [0.5, 1): exact, and it keeps Dekker's split
+    clear of overflow. ``z`` may be a half-integer (the mid-rise grid's shift).
+    """
+
+    def __init__(self, s: float, z: float):
+        self.s, self.z = s, z
+        _, self.e = math.frexp(s)
+        self.m = math.ldexp(s, -self.e)
+        self._mh, self._ml = _veltkamp(np.float64(self.m))
+
+    def scaled(self, x: float) -> float:
+        """``x 2**-e``: real units in which the step is ``m``."""
+        return math.ldexp(x, -self.e)
+
+    def residual(self, u, x: float, extra: float = 0.0):
+        """``fl((x + extra - (u - z) s) 2**-e)`` for grid points ``u`` (array or float)."""
+        k = np.asarray(u, dtype=np.float64) - self.z
+        p = k * self.m
+        kh, kl = _veltkamp(k)
+        err = ((kh * self._mh - p) + kh * self._ml + kl * self._mh) + kl * self._ml
+        d, f = _two_sum(self.scaled(x), -p)
+        if extra:
+            d, g = _two_sum(d, self.scaled(extra))
+            f = f + g
+        return d + (f - err)
+
+    def steps(self, u, x: float, extra: float = 0.0):
+        """``(x + extra)/s + z - u`` in steps, rounded about once."""
+        return self.residual(u, x, extra) / self.m
+
+
+_UNIT_FRAME = _Frame(1.0, 0.0)
+
+
+def _check_frame(loc: float, width: float, s: float, what: str) -> None:
+    """Refuse a closed-form law outside the range its formulas hold in float64."""
+    ratio = width / s
+    if not ratio >= _CLOSED_NARROWEST:
+        raise ValueError(
+            f"dist's {what} is {width:g}/{s:g} = {ratio:.3g} steps, below "
+            f"{_CLOSED_NARROWEST:g}: its closed forms overflow float64 there. A law that "
+            "narrow is a point mass to the quantizer: quantize loc itself for its error")
+    if not abs(loc) / s <= _CLOSED_FARTHEST:
+        raise ValueError(
+            f"dist's loc {loc:g} is {abs(loc) / s:.3g} steps of {s:g} from zero, beyond "
+            f"{_CLOSED_FARTHEST:g}: its squared error in LSB overflows float64; "
+            "choose a step that covers the law")
+
+
 # --------------------------------------------------------------------------- normal law
 
 
 def _phi(t):
-    return np.exp(-0.5 * np.square(t)) * _INV_SQRT_2PI
+    # φ is 0 in float64 beyond |t| = 38.6; the clip keeps t² from overflowing
+    return np.exp(-0.5 * np.square(np.minimum(np.abs(t), 40.0))) * _INV_SQRT_2PI
 
 
 def _normal_upper(g, jmax: int) -> np.ndarray:
@@ -275,7 +350,8 @@ def _normal_upper(g, jmax: int) -> np.ndarray:
     out[1] = ph - g * out[0]
     for j in range(1, jmax):
         out[j + 1] = j * out[j - 1] - g * out[j]
-    far = g >= _LAG_FROM
+    # Beyond 40, φ and the tail are 0 and the recurrence gives 0 (g**(j+1) would overflow).
+    far = (g >= _LAG_FROM) & (g < 40.0)
     if far.any():
         gf = g[far]
         # T_j = φ(g)/g^(j+1) ∫_0^∞ s^j e^{-s} e^{-s²/(2g²)} ds (s = g t'): smooth for g >= 2.
@@ -285,14 +361,18 @@ def _normal_upper(g, jmax: int) -> np.ndarray:
     return out
 
 
-def _normal_pieces(alpha, w: float, pmax: int) -> np.ndarray:
-    """``G_p(α, w) = ∫_α^{α+w} (t - α)^p φ(t) dt`` for p = 0..pmax, vectorised over α."""
-    beta = alpha + w
+def _normal_pieces(alpha, beta, w: float, pmax: int) -> np.ndarray:
+    """``G_p(α, w) = ∫_α^β (t - α)^p φ(t) dt`` for p = 0..pmax, vectorised over α.
+
+    ``β = α + w``, but each end is passed as computed from the exact grid (:class:`_Frame`):
+    formed as ``α + w``, an end near the law's centre would carry the rounding of the
+    other, an ulp of ``w`` (``1/(2σ)`` steps).
+    """
     out = np.zeros((pmax + 1,) + alpha.shape)
     # φ underflows to 0 beyond |t| = 38.6: pieces entirely past 40 have no mass.
     live = (alpha < 40.0) & (beta > -40.0)
-    spread = np.maximum(np.abs(alpha), np.abs(beta)) * w
-    quad = live & (spread <= _GL_SPREAD)
+    # spread = max(|α|, |β|) w <= _GL_SPREAD, without forming a product that can overflow
+    quad = live & (np.maximum(np.abs(alpha), np.abs(beta)) <= _GL_SPREAD / w)
     if quad.any():
         f = _phi(alpha[quad][:, None] + w * _GL_X) * _GL_W
         for p in range(pmax + 1):
@@ -334,31 +414,55 @@ class _Normal:
     mean_finite = var_finite = True
     lower_unbounded = upper_unbounded = True
 
-    def __init__(self, mu: float, sigma: float):
+    def __init__(self, mu: float, sigma: float, frame: _Frame = _UNIT_FRAME):
         self.mu = mu
         self.sigma = sigma
+        self.frame = frame
+        # σ in steps, and σ in the frame's scaled real units (exact: a power of two)
+        self.w = sigma / frame.s
+        self._sigma_scaled = frame.scaled(sigma)
 
-    def lsb(self, s: float, z: int) -> _Normal:
-        return _Normal(self.mu / s + z, self.sigma / s)
+    def lsb(self, s: float, z: float) -> _Normal:
+        _check_frame(self.mu, self.sigma, s, "scale (σ)")
+        return _Normal(self.mu, self.sigma, _Frame(s, z))
+
+    def _t(self, u):
+        """Standardised position ``(u - c)/w`` of grid points ``u``, ``c = μ/s + z``."""
+        return -self.frame.residual(u, self.mu) / self._sigma_scaled
 
     def cdf(self, u: float) -> float:
-        return float(special.ndtr((u - self.mu) / self.sigma))
+        return float(special.ndtr(self._t(u)))
 
     def sf(self, u: float) -> float:
-        return float(special.ndtr((self.mu - u) / self.sigma))
+        return float(special.ndtr(-self._t(u)))
 
     def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
         # Mirror right-anchored pieces (t -> -t) so that every piece is anchored on its left.
-        t_left = (left - self.mu) / self.sigma
-        t_right = (left + 0.5 - self.mu) / self.sigma
+        # Both ends of every piece are placed from the exact grid.
+        t = self._t(np.append(left, left[-1] + 0.5))
+        t_left, t_right = t[:-1], t[1:]
         alpha = np.where(anchor_left, t_left, -t_right)
-        g = _normal_pieces(alpha, 0.5 / self.sigma, pmax)
-        return g * (self.sigma ** np.arange(pmax + 1))[:, None]
+        beta = np.where(anchor_left, t_right, -t_left)
+        g = _normal_pieces(alpha, beta, 0.5 / self.w, pmax)
+        return g * (self.w ** np.arange(pmax + 1))[:, None]
 
     def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
-        g = (a - self.mu) / self.sigma
-        t = _normal_upper(np.array([g if upper else -g]), jmax)[:, 0]
-        return t * self.sigma ** np.arange(jmax + 1)
+        # d = c - a in steps; g = (a - c)/w for the upper tail, (c - a)/w for the lower.
+        d = float(self.frame.steps(a, self.mu))
+        big_g = -d if upper else d
+        g = float(self._t(a)) * (1.0 if upper else -1.0)
+        if g >= 0:
+            t = _normal_upper(np.array([g]), jmax)[:, 0]
+            return t * self.w ** np.arange(jmax + 1)
+        # Most of the mass beyond a: U_j = w^j T_j(g) by U_{j+1} = j w² U_{j-1} - G U_j
+        # (G = g w, in steps), all terms >= 0, with no power of g to overflow.
+        out = np.empty(jmax + 1)
+        out[0] = special.ndtr(-g)
+        if jmax >= 1:
+            out[1] = self.w * math.exp(-0.5 * g * g) * _INV_SQRT_2PI - big_g * out[0]
+        for j in range(1, jmax):
+            out[j + 1] = j * self.w * self.w * out[j - 1] - big_g * out[j]
+        return out
 
 
 # --------------------------------------------------------------------------- Laplace law
@@ -390,9 +494,11 @@ def _laplace_falling(a, w, pmax: int) -> np.ndarray:
                      for p in range(pmax + 1)])
 
 
-def _laplace_pieces(alpha, w: float, pmax: int) -> np.ndarray:
-    """``∫_α^{α+w} (t - α)^p ½e^{-|t|} dt`` for p = 0..pmax, vectorised over α."""
-    beta = alpha + w
+def _laplace_pieces(alpha, beta, w: float, pmax: int) -> np.ndarray:
+    """``∫_α^β (t - α)^p ½e^{-|t|} dt`` for p = 0..pmax, vectorised over α.
+
+    ``β = α + w``, each end passed as placed from the exact grid (see :func:`_normal_pieces`).
+    """
     out = np.empty((pmax + 1,) + alpha.shape)
     right = alpha >= 0
     if right.any():
@@ -419,80 +525,127 @@ class _Laplace:
     mean_finite = var_finite = True
     lower_unbounded = upper_unbounded = True
 
-    def __init__(self, mu: float, b: float):
+    def __init__(self, mu: float, b: float, frame: _Frame = _UNIT_FRAME):
         self.mu = mu
-        self.b = b
+        self.scale = b
+        self.frame = frame
+        self.b = b / frame.s  # in steps
+        self._b_scaled = frame.scaled(b)
 
-    def lsb(self, s: float, z: int) -> _Laplace:
-        return _Laplace(self.mu / s + z, self.b / s)
+    def lsb(self, s: float, z: float) -> _Laplace:
+        _check_frame(self.mu, self.scale, s, "scale (b)")
+        return _Laplace(self.mu, self.scale, _Frame(s, z))
+
+    def _t(self, u):
+        """Standardised position ``(u - c)/b`` of grid points ``u`` (see :class:`_Normal`)."""
+        return -self.frame.residual(u, self.mu) / self._b_scaled
 
     def cdf(self, u: float) -> float:
-        t = (u - self.mu) / self.b
+        t = float(self._t(u))
         return 0.5 * math.exp(t) if t <= 0 else 1.0 - 0.5 * math.exp(-t)
 
     def sf(self, u: float) -> float:
-        return self.cdf(2.0 * self.mu - u)
+        t = -float(self._t(u))
+        return 0.5 * math.exp(t) if t <= 0 else 1.0 - 0.5 * math.exp(-t)
 
     def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
-        t_left = (left - self.mu) / self.b
-        t_right = (left + 0.5 - self.mu) / self.b
+        t = self._t(np.append(left, left[-1] + 0.5))
+        t_left, t_right = t[:-1], t[1:]
         alpha = np.where(anchor_left, t_left, -t_right)
-        g = _laplace_pieces(alpha, 0.5 / self.b, pmax)
+        beta = np.where(anchor_left, t_right, -t_left)
+        g = _laplace_pieces(alpha, beta, 0.5 / self.b, pmax)
         return g * (self.b ** np.arange(pmax + 1))[:, None]
 
     def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
-        g = (a - self.mu) / self.b
-        g = g if upper else -g
+        d = float(self.frame.steps(a, self.mu))  # c - a, in steps
+        g = float(self._t(a)) * (1.0 if upper else -1.0)
+        b = self.b
         if g >= 0:
-            t = np.array([0.5 * math.exp(-g) * math.factorial(j) for j in range(jmax + 1)])
+            return np.array([0.5 * math.exp(-g) * math.factorial(j) * b**j
+                             for j in range(jmax + 1)])
+        # Most of the mass beyond a, at distance big = |c - a| steps: the rising side
+        # b^j E_j(-g) and the falling side, with powers of big (steps), not of g.
+        big = d if upper else -d
+        if -g <= 1.0:
+            rise = 0.5 * _rising_exp(np.array([-g]), jmax)[:, 0] * b ** np.arange(jmax + 1)
         else:
-            rise = 0.5 * _rising_exp(np.array([-g]), jmax)[:, 0]
-            t = np.array([rise[j] + 0.5 * sum(math.comb(j, i) * (-g) ** (j - i) * math.factorial(i)
-                                             for i in range(j + 1))
-                          for j in range(jmax + 1)])
-        return t * self.b ** np.arange(jmax + 1)
+            ew = math.exp(g)
+            rise = np.array([0.5 * math.factorial(j) * (-1) ** (j + 1)
+                             * (ew * b**j - sum((-big) ** i * b ** (j - i) / math.factorial(i)
+                                                for i in range(j + 1)))
+                             for j in range(jmax + 1)])
+        return np.array([rise[j] + 0.5 * sum(math.comb(j, i) * big ** (j - i) * b**i
+                                             * math.factorial(i) for i in range(j + 1))
+                         for j in range(jmax + 1)])
 
 
 # --------------------------------------------------------------------------- uniform law
 
 
-def _power_diff(d1, d2, p: int):
-    """``(d2^(p+1) - d1^(p+1)) / (p+1)`` without cancellation for 0 <= d1 <= d2."""
-    return (d2 - d1) * sum(d2**i * d1 ** (p - i) for i in range(p + 1)) / (p + 1)
+def _power_diff(d1, d2, p: int, length):
+    """``(d2^(p+1) - d1^(p+1)) / (p+1)`` without cancellation for 0 <= d1 <= d2, given
+    ``length = d2 - d1`` computed on its own (it may be far smaller than either)."""
+    return length * sum(d2**i * d1 ** (p - i) for i in range(p + 1)) / (p + 1)
 
 
 class _Uniform:
-    """Uniform law on ``[lo, hi]``."""
+    """Uniform law on ``[loc, loc + scale]`` (scipy's, both ends exact real numbers).
+
+    The ends are never formed in floating point (``loc + scale`` rounds, and so do
+    ``loc/s + z``): every distance from a grid point to an end is placed by
+    :class:`_Frame`, and every length of mass inside a piece is one of those distances,
+    the law's width ``scale/s`` or half a step, so that a law narrower than an ulp of its
+    ends keeps its mass and position.
+    """
 
     mean_finite = var_finite = True
     lower_unbounded = upper_unbounded = False
 
-    def __init__(self, lo: float, hi: float):
-        self.lo = lo
-        self.hi = hi
+    def __init__(self, loc: float, scale: float, frame: _Frame = _UNIT_FRAME):
+        self.loc = loc
+        self.scale = scale
+        self.frame = frame
+        self.width = scale / frame.s  # in steps
 
-    def lsb(self, s: float, z: int) -> _Uniform:
-        return _Uniform(self.lo / s + z, self.hi / s + z)
+    def lsb(self, s: float, z: float) -> _Uniform:
+        _check_frame(self.loc, self.scale, s, "scale")
+        return _Uniform(self.loc, self.scale, _Frame(s, z))
+
+    def _ends(self, u):
+        """``(lo - u, hi - u)`` in steps for grid points ``u``."""
+        return (self.frame.steps(u, self.loc),
+                self.frame.steps(u, self.loc, self.scale))
 
     def cdf(self, u: float) -> float:
-        return min(max((u - self.lo) / (self.hi - self.lo), 0.0), 1.0)
+        lo, _ = self._ends(u)
+        return min(max(-float(lo) / self.width, 0.0), 1.0)
 
     def sf(self, u: float) -> float:
-        return min(max((self.hi - u) / (self.hi - self.lo), 0.0), 1.0)
+        _, hi = self._ends(u)
+        return min(max(float(hi) / self.width, 0.0), 1.0)
 
     def pieces(self, left, anchor_left, pmax: int) -> np.ndarray:
-        lo = np.clip(left, self.lo, self.hi)
-        hi = np.clip(left + 0.5, self.lo, self.hi)
-        d1 = np.where(anchor_left, lo - left, left + 0.5 - hi)
-        d2 = np.where(anchor_left, hi - left, left + 0.5 - lo)
-        return np.stack([_power_diff(d1, d2, p) for p in range(pmax + 1)]) / (self.hi - self.lo)
+        lo, hi = self._ends(np.append(left, left[-1] + 0.5))
+        lo_l, lo_r, hi_l, hi_r = lo[:-1], lo[1:], hi[:-1], hi[1:]
+        # The mass of [left, left + 1/2] lies between max(lo, left) and min(hi, left + 1/2).
+        lo_in, hi_in = lo_l > 0, hi_r < 0
+        length = np.where(lo_in, np.where(hi_in, self.width, -lo_r),
+                          np.where(hi_in, hi_l, 0.5))
+        length = np.where((hi_l <= 0) | (lo_r >= 0), 0.0, length)
+        d1 = np.where(anchor_left, np.where(lo_in, lo_l, 0.0), np.where(hi_in, -hi_r, 0.0))
+        d2 = np.where(anchor_left, np.where(hi_in, hi_l, 0.5), np.where(lo_in, -lo_r, 0.5))
+        d1, d2 = np.clip(d1, 0.0, 0.5), np.clip(d2, 0.0, 0.5)
+        return np.stack([_power_diff(d1, d2, p, length) for p in range(pmax + 1)]) / self.width
 
     def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
+        lo, hi = (float(v) for v in self._ends(a))
         if upper:
-            d1, d2 = max(self.lo - a, 0.0), max(self.hi - a, 0.0)
+            d1, d2 = max(lo, 0.0), max(hi, 0.0)
+            length = 0.0 if hi <= 0 else (self.width if lo >= 0 else hi)
         else:
-            d1, d2 = max(a - self.hi, 0.0), max(a - self.lo, 0.0)
-        return np.array([_power_diff(d1, d2, j) for j in range(jmax + 1)]) / (self.hi - self.lo)
+            d1, d2 = max(-hi, 0.0), max(-lo, 0.0)
+            length = 0.0 if lo >= 0 else (self.width if hi <= 0 else -lo)
+        return np.array([_power_diff(d1, d2, j, length) for j in range(jmax + 1)]) / self.width
 
 
 # --------------------------------------------------------------------------- any other law
@@ -561,7 +714,8 @@ class _Generic:
                 f"dist's scale {self.scale_x:g} is below {_GENERIC_NARROWEST:g} of the step "
                 f"{s:g}: the quadrature for this law cannot resolve it against the grid. "
                 "Quantize loc itself for a law that narrow (it is a point mass to the "
-                "quantizer), or use scipy.stats.norm, whose moments are exact at any width")
+                "quantizer), or use scipy.stats.norm, whose closed forms hold down to "
+                f"{_CLOSED_NARROWEST:g} of a step")
         return _Generic(self.dist, self.breaks_x, self.finite, self.support, self.scale_x, s, z)
 
     def cdf(self, u: float) -> float:
@@ -687,14 +841,15 @@ def _law_of(dist):
         return _Normal(loc, scale)
     if isinstance(family, type(stats.laplace)):
         return _Laplace(loc, scale)
+    if isinstance(family, type(stats.uniform)):
+        # placed against the grid exactly, however narrow (see _Uniform)
+        return _Uniform(loc, scale)
     if loc + scale == loc:
-        # no float64 number between loc and loc + scale: the uniform law's ends coincide
-        # and the generic integration's panels cannot hold the mass (NaN or 0 came back);
-        # the normal and Laplace laws above have closed forms and are exact there
+        # no float64 number between loc and loc + scale: the generic integration's panels
+        # cannot hold the mass (0 came back); the closed-form laws above place their ends
+        # exactly and hold there
         raise ValueError(f"dist has scale {scale} at loc {loc}: narrower than float64 resolves "
                          "there (a point mass at loc); quantize loc itself for its error")
-    if isinstance(family, type(stats.uniform)):
-        return _Uniform(loc, loc + scale)
     return _Generic.build(dist, loc, scale)
 
 
@@ -716,7 +871,14 @@ def _check_scale(scale) -> float:
         raise ValueError(
             f"scale has {s.size} values; error_moments is per tensor: pass one scalar"
         )
-    return float(s.reshape(()))
+    s = float(s.reshape(()))
+    if s < np.finfo(np.float64).tiny:
+        # the step's significand lost bits, and σ/s or μ/s can overflow: NaN came back
+        raise ValueError(
+            f"scale {s!r} is subnormal (below {np.finfo(np.float64).tiny:.3g}): float64 does "
+            "not hold it to full precision. The moments in LSB depend only on the law "
+            "measured in steps: rescale the law and the step together (e.g. both by 2**600)")
+    return s
 
 
 def _check_zero_point(zero_point, spec: QuantSpec) -> int:
@@ -947,7 +1109,9 @@ def error_moments(dist, spec: QuantSpec, scale, zero_point=0, *,
         Per-channel spec, non-positive or non-finite scale, zero point out of
         range (or non-zero for a symmetric spec), array-valued law parameters; a law
         other than the normal, Laplace and uniform narrower than 1e-8 of a step (its
-        quadrature cannot resolve it against the grid).
+        quadrature cannot resolve it against the grid); a normal, Laplace or uniform
+        law narrower than 1e-100 of a step or centred beyond 1e150 steps (its closed
+        forms overflow float64); a subnormal scale.
 
     Warns
     -----
@@ -993,10 +1157,31 @@ def error_moments(dist, spec: QuantSpec, scale, zero_point=0, *,
     as above) and the variance of a law much narrower than a step (a difference of
     nearly equal terms). A density infinite at a finite end of its support (beta with
     a < 1) holds to about 1e-8 (``_Generic``). Cost: every bin at once, so O(2^bits)
-    array work; about 0.2-0.5 ms per call at 8 bits for the closed-form laws, ~10 ms
+    array work; about 0.2-0.5 ms per call at 8 bits for the closed-form laws, 7-25 ms
     at 16 bits, and ~5 ms at 8 bits for a generic law. ``variance = mse - bias**2``
     (clamped at 0), which loses relative accuracy when the error is nearly
-    constant (a law much narrower than a step).
+    constant (a law much narrower than a step): its absolute error is about 1e-16 of
+    the MSE.
+
+    Placement. For the normal, Laplace and uniform laws the engine never forms the
+    law's centre ``μ/s + z`` in steps (nor the uniform law's ends ``loc + scale`` or
+    ``loc/s + z``) in floating point, where its rounding (an ulp of ``|μ/s + z|``) would
+    move a narrow law along the grid or across a rounding boundary. Every piece end
+    ``u`` is placed by the residual ``μ - (u - z) s`` formed exactly (Dekker's product,
+    Knuth's sum; ``u - z`` is exact, so ``z`` acts only through the integer clipping
+    bounds) and rounded once, then divided by ``σ``: each end of each piece is known in
+    standard units to a few ulps of itself, however narrow the law, far from 0 or large
+    the zero point, and the law's centre falls on the side of a boundary that
+    :func:`qerror.quantize` decides exactly. Measured against 60-digit mpmath closed
+    forms (normal, Laplace, uniform; every mode; widths 1e-10 to 10 steps; centres 0.7
+    of the scale beside a rounding boundary and at random; steps 1, 0.2 and 0.037; zero
+    points 0, 3 and ±30000 on 3 and 16 bits) the bias is within 1e-15 of the MAE and the
+    MSE and MAE within 1e-15 relative (at worst 4.5e-16, 9.1e-16 and 8.5e-16), and the
+    clamping probabilities within 2e-13 relative (1.4e-13 at worst: tail values of Φ). These closed forms hold for a width ``σ/s`` (``b/s``,
+    ``scale/s``) of at least 1e-100 and a centre within 1e150 steps of 0, on a normal
+    (not subnormal) float64 step; outside that range they would overflow float64, and
+    the law is refused (a law that narrow is a point mass to the quantizer: quantize
+    ``loc``).
 
     The uniform-noise model (Widrow & Kollár 2008) gives, per LSB: nearest
     bias 0, MSE 1/12, MAE 1/4; FLOOR -1/2, 1/3, 1/2; CEIL +1/2, 1/3, 1/2;
