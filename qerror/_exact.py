@@ -4,7 +4,9 @@ rounding boundary on the exact value ``x/s`` instead.
 Candidates are found in floating point with a margin wider than the division's error; each
 is then decided by the sign of the exact residual ``x - b s`` (Dekker's error-free product),
 ``b`` the boundary, under the mode's :class:`~qerror.rounding.BoundaryRule`, and written
-back. Only the few candidates ever leave the vectorised pass.
+back. Only the few candidates ever leave the vectorised pass. The error-free
+transformations it rests on (:func:`veltkamp_split`, :func:`two_sum`) also place a law's
+points against the grid in :mod:`qerror.analytic`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ from qerror.rounding import RoundingMode
 _HALF_DTYPES = (np.float16, torch.float16, torch.bfloat16)
 
 
-def _veltkamp(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``a`` into ``hi + lo`` with half-width significands (exact)."""
+def veltkamp_split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``a`` into ``hi + lo`` with half-width significands (exact; Veltkamp)."""
     factor = a.dtype.type(4097.0 if a.dtype == np.float32 else 134217729.0)
     c = factor * a
     hi = c - (c - a)
     return hi, a - hi
+
+
+def two_sum(a, b):
+    """``a + b = s + e`` exactly, elementwise (Knuth's two-sum)."""
+    s = a + b
+    bv = s - a
+    return s, (a - (s - bv)) + (b - bv)
 
 
 def residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -39,8 +48,8 @@ def residual_sign(x: np.ndarray, v: np.ndarray, s: np.ndarray) -> np.ndarray:
     xs = np.ldexp(x, -e)
     ss = np.ldexp(s, -e)
     p = v * ss
-    vh, vl = _veltkamp(v)
-    sh, sl = _veltkamp(ss)
+    vh, vl = veltkamp_split(v)
+    sh, sl = veltkamp_split(ss)
     err = ((vh * sh - p) + vh * sl + vl * sh) + vl * sl
     return np.where(v == 0, np.sign(x), np.sign((xs - p) - err))
 

@@ -25,7 +25,7 @@ from scipy import optimize, special, stats
 
 from qerror._checks import check_positive_finite
 from qerror._enums import Choice
-from qerror._exact import _veltkamp
+from qerror._exact import two_sum, veltkamp_split
 from qerror.quantizer import QuantSpec
 from qerror.rounding import RoundingMode
 
@@ -266,13 +266,6 @@ _CLOSED_NARROWEST = 1e-100
 _CLOSED_FARTHEST = 1e150
 
 
-def _two_sum(a, b):
-    """``a + b = s + e`` exactly (Knuth's two-sum), elementwise."""
-    s = a + b
-    bv = s - a
-    return s, (a - (s - bv)) + (b - bv)
-
-
 class _Frame:
     """The quantizer's grid, for placing a law's real-unit points against it exactly.
 
@@ -289,7 +282,7 @@ class _Frame:
         self.s, self.z = s, z
         _, self.e = math.frexp(s)
         self.m = math.ldexp(s, -self.e)
-        self._mh, self._ml = _veltkamp(np.float64(self.m))
+        self._mh, self._ml = veltkamp_split(np.float64(self.m))
 
     def scaled(self, x: float) -> float:
         """``x 2**-e``: real units in which the step is ``m``."""
@@ -299,11 +292,11 @@ class _Frame:
         """``fl((x + extra - (u - z) s) 2**-e)`` for grid points ``u`` (array or float)."""
         k = np.asarray(u, dtype=np.float64) - self.z
         p = k * self.m
-        kh, kl = _veltkamp(k)
+        kh, kl = veltkamp_split(k)
         err = ((kh * self._mh - p) + kh * self._ml + kl * self._mh) + kl * self._ml
-        d, f = _two_sum(self.scaled(x), -p)
+        d, f = two_sum(self.scaled(x), -p)
         if extra:
-            d, g = _two_sum(d, self.scaled(extra))
+            d, g = two_sum(d, self.scaled(extra))
             f = f + g
         return d + (f - err)
 
