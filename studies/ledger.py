@@ -69,12 +69,15 @@ CLAIMS: tuple[Claim, ...] = (
         "Então nosso erro médio ≈ 0 e não há tendência sistemática para cima ou para baixo.",
         "Round-to-nearest has mean error about 0: no systematic bias.",
         Verdict.CONDITIONAL,
-        "Holds when the input law is symmetric about a grid point or about a half-integer "
-        "(the bias is then exactly 0), or is wide against the step: for a normal law of "
-        "standard deviation σ steps, whatever its mean, |bias| ≤ Σ_k e^(−2π²k²σ²)/(πk), "
-        "which is e^(−2π²σ²)/π to nine digits from σ = 1/2 on (0.0023 LSB at σ = 1/2, "
-        "8.5e-10 at σ = 1). A narrow input that sits between grid points is biased: "
-        "N(0.3 s, 0.1 s) rounds to 0 almost always, a bias of about -0.3 LSB.",
+        "Holds for the granular error, no value clipped, when the input law is symmetric "
+        "about a grid point or about a half-integer (the bias is then exactly 0), or is wide "
+        "against the step: for a normal law of standard deviation σ steps, whatever its "
+        "mean, |bias| ≤ Σ_k e^(−2π²k²σ²)/(πk), whose first term e^(−2π²σ²)/π is all but "
+        "2e-7 of it from σ = 1/2 on (0.0023 LSB at σ = 1/2, 8.5e-10 at σ = 1). A narrow "
+        "input that sits between grid points is biased: N(0.3 s, 0.1 s) rounds to 0 almost "
+        "always, a bias of about -0.3 LSB. Clipping breaks both: the signed range [-2^(b-1), "
+        "2^(b-1) - 1] is not symmetric, and a law that reaches it is clamped on one side "
+        "more than the other.",
         "test_claim_R4_rounding_bias_needs_a_wide_input",
     ),
     Claim(
@@ -93,16 +96,18 @@ CLAIMS: tuple[Claim, ...] = (
         "Rounding each value to nearest minimises the network's loss.",
         Verdict.FALSE,
         "Nearest minimises each weight's own error, not the loss: to second order the "
-        "loss grows by ½ΔwᵀHΔw (plus gᵀΔw), and the off-diagonal terms of H reward "
-        "errors that cancel between weights. It holds when the loss is separable in the "
-        "weights (diagonal H, e.g. a linear layer's output error when the inputs' second "
-        "moments E[xxᵀ] are diagonal: uncorrelated and of zero mean, which a ReLU's outputs "
-        "are not): then nearest is the exact optimum over all up/down choices. With "
-        "correlated inputs another choice is lower, and on networks random up/down "
-        "roundings of one layer often beat nearest (on the tests' small network a share of "
-        "twenty whose 95 % Wilson interval lies above a quarter; python -m "
-        "studies.rounding_choice: the fraction with its Wilson interval, and learned "
-        "rounding, AdaRound, against nearest's accuracy).",
+        "loss grows by gᵀΔw + ½ΔwᵀHΔw; a gradient g ≠ 0 (weights away from the loss's "
+        "minimum) moves each weight's best choice off nearest, and the off-diagonal terms of "
+        "H reward errors that cancel between weights. It holds when g = 0 and the loss is "
+        "separable in the weights (diagonal H, e.g. a linear layer's output error when the "
+        "inputs' second moments E[xxᵀ] are diagonal: uncorrelated and of zero mean, which a "
+        "ReLU's outputs are not): then nearest is the exact optimum over all up/down "
+        "choices. With correlated inputs, or with a gradient, another choice is lower, and "
+        "on networks random up/down roundings of one layer often beat nearest (on the "
+        "tests' small untrained network, whose gradient is not 0, a share of twenty whose "
+        "95 % Wilson interval lies above a quarter; python -m studies.rounding_choice: the "
+        "fraction with its Wilson interval on trained networks, and learned rounding, "
+        "AdaRound, against nearest's accuracy).",
         "test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable",
     ),
     Claim(
@@ -154,8 +159,10 @@ CLAIMS += (
         Verdict.CONDITIONAL,
         "For symmetric zero-mean data and zero point 0 the mean truncation error is 0: the "
         "-1/2 LSB of positive values and +1/2 LSB of negative values cancel (the error is "
-        "biased toward zero in magnitude, not in sign). For one-signed data, such as a "
-        "post-ReLU activation, the bias is about -1/2 LSB. And the truncation integer "
+        "biased toward zero in magnitude, not in sign). For one-signed data with no mass at "
+        "zero, wide against the step (the half-normal law), the bias is about -1/2 LSB; a "
+        "post-ReLU activation holds a share p0 of exact zeros, which have no error, so its "
+        "bias is about -(1 - p0)/2 LSB. And the truncation integer "
         "hardware performs when it requantizes an accumulator, the arithmetic right shift, "
         "is floor, not toward zero: biased by -(2^k - 1)/2^(k+1) LSB (about -1/2) even for "
         "symmetric data.",
@@ -167,8 +174,9 @@ CLAIMS += (
         "Truncation increases the MSE and the MAE.",
         Verdict.TRUE,
         "Never smaller than round-to-nearest's, on any input. For wide inputs the MSE is close "
-        "to 4× (1/3 vs 1/12 LSB²) and the MAE 2×; for inputs narrow against the step both "
-        "send almost everything to 0 and the ratio falls toward 1.",
+        "to 4× (1/3 vs 1/12 LSB²) and the MAE 2×; for inputs narrow against the step and "
+        "within half a step of 0 both send almost everything to 0 and the ratio falls "
+        "toward 1, while a narrow input centred elsewhere can be far above 4×.",
         "test_claim_T6_truncation_mse_and_mae_are_larger",
     ),
     Claim(
@@ -176,7 +184,8 @@ CLAIMS += (
         "Prejudica mais valores pequenos (próximos de zero)",
         "Truncation hurts small values (near zero) most.",
         Verdict.CONDITIONAL,
-        "In relative error, yes: every value below one step in magnitude becomes 0 (100% "
+        "In relative error, yes (zero point 0): every value below one step in magnitude "
+        "becomes 0 (100% "
         "relative error), twice the zeroed range of round-to-nearest. In absolute error, no: "
         "the error of a value in [k, k+1) steps has the same law for every k.",
         "test_claim_T7_small_values_suffer_in_relative_error_only",

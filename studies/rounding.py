@@ -3,7 +3,7 @@
 Three parts, each written as tidy data, figures and LaTeX tables:
 
 1. Regime sweep: every rounding mode × input law (uniform, normal, Laplace, Student-t with
-   5 degrees of freedom, and the one-sided half-normal of a post-ReLU activation) × σ/step
+   5 degrees of freedom, and the one-sided half-normal, no mass at zero) × σ/step
    from 0.05 to 10 × 2–8 and 16 bits. The exact moments (:func:`qerror.analytic.error_moments`)
    beside the uniform-noise model and beside a Monte-Carlo estimate with its confidence
    interval; where the uniform model fails and by how much.
@@ -415,8 +415,13 @@ def figure_histograms(plt, samples: pd.DataFrame):
 # --------------------------------------------------------------------------- main
 
 
-def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
-    """Numbers the paper's text quotes, under letter-only names (those the run has data for)."""
+def _macros(regime: pd.DataFrame, validity: pd.DataFrame,
+            activations: pd.DataFrame | None = None) -> dict:
+    """Numbers the paper's text quotes, under letter-only names (those the run has data for).
+
+    From the baseline's activations, when measured: over the one-signed layer inputs (after a
+    ReLU), truncation's bias at 8 bits (median) and its largest distance from
+    ``-(1 - p0)/2``, ``p0`` the input's share of exact zeros, which carry no error."""
     wide = float(regime.ratio.max())
     at8 = regime[(regime.bits == 8) & (regime.ratio == wide)]
     wanted = {
@@ -434,6 +439,14 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame) -> dict:
                  & (validity.bits == 8)]
     if len(v):
         macros["UniformHoldsFromNormalNearest"] = f"{float(v.holds_from_ratio.iloc[0]):.2g}"
+    if activations is not None:
+        relu = activations[activations.one_sided.astype(bool) & (activations.bits == 8)
+                           & (activations["mode"] == "toward_zero")]
+        if len(relu):
+            gap = (relu.bias_lsb + (1 - relu.frac_zero_input) / 2).abs().max()
+            macros.update(ReluLayers=f"{len(relu)}",
+                          TruncBiasReluMedian=f"{float(relu.bias_lsb.median()):.3f}",
+                          TruncBiasReluZerosGap=f"{float(gap):.3f}")
     return macros
 
 
@@ -488,13 +501,15 @@ def _main(argv: list[str]) -> int:
             run.extra["data"] = data_identity
         regime = regime_sweep(law_list, modes, ratios, bit_list, mc_n, args.seed)
         validity = uniform_validity(regime)
-        curves = clipping_curves(clip_laws, bit_list, clip_modes, alpha_grid)
-        optima = clipping_optima(clip_laws, [b for b in bit_list if b <= 8], clip_modes)
+        if clip_laws:  # the uniform law has no tails: nothing to clip
+            curves = clipping_curves(clip_laws, bit_list, clip_modes, alpha_grid)
+            optima = clipping_optima(clip_laws, [b for b in bit_list if b <= 8], clip_modes)
         samples = error_samples(modes, [0.3, 10.0], 2000 if smoke else 50_000, args.seed)
         run.write_csv("regime.csv", regime)
         run.write_csv("uniform_validity.csv", validity)
-        run.write_csv("clipping_curves.csv", curves)
-        run.write_csv("clipping_optima.csv", optima)
+        if clip_laws:
+            run.write_csv("clipping_curves.csv", curves)
+            run.write_csv("clipping_optima.csv", optima)
         outside = regime.mc_z.abs() > sps.norm.ppf(1 - ALPHA / 2)
         valid = regime.mc_valid.astype(bool)
         n_out, n_valid = int((outside & valid).sum()), int(valid.sum())
@@ -504,6 +519,7 @@ def _main(argv: list[str]) -> int:
                    "expected_outside_ci_under_agreement": ALPHA * n_valid,
                    "mc_outside_ci_rare_clipping": int((outside & ~valid).sum()),
                    "mc_comparisons_rare_clipping": int((~valid).sum())}
+        aerr = None  # the baseline's activation errors, where measured
         if baseline is not None:
             werr = weight_errors(baseline[0], modes)
             run.write_csv("weights.csv", werr)
@@ -522,19 +538,20 @@ def _main(argv: list[str]) -> int:
             f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits).", "tab:uniform-validity")
         cols = ["law", "bits", "mode", "alpha_aciq", "alpha_exact_midrise",
                 "mse_aciq_midrise", "mse_exact_midrise", "mse_exact_integer", "mse_lloyd_max"]
-        run.write_latex_table(
-            "clipping_optima.tex", optima[optima["mode"] == "nearest_even"][cols],
-            "MSE-optimal clipping (σ = 1, nearest rounding): ACIQ and the exact optimum on "
-            "ACIQ's mid-rise grid, the exact optimum on the integer grid, and the Lloyd–Max "
-            "floor with as many levels (--: not computed).", "tab:clipping-optima")
-        run.write_macros("macros.tex", _macros(regime, validity))
+        if clip_laws:
+            run.write_latex_table(
+                "clipping_optima.tex", optima[optima["mode"] == "nearest_even"][cols],
+                "MSE-optimal clipping (σ = 1, nearest rounding): ACIQ and the exact optimum on "
+                "ACIQ's mid-rise grid, the exact optimum on the integer grid, and the "
+                "Lloyd–Max floor with as many levels (--: not computed).", "tab:clipping-optima")
+        run.write_macros("macros.tex", _macros(regime, validity, aerr))
         for metric, label in (("mse_lsb", "MSE (LSB²)"), ("bias_lsb", "bias (LSB)"),
                               ("mae_lsb", "MAE (LSB)")):
             for bits in sorted({4, 8} & set(bit_list)):
                 fig = figure_regime(plt, regime, metric, label, bits)
                 run.save_figure(fig, f"regime_{metric}_{bits}bit")
                 plt.close(fig)
-        for mode in clip_modes:
+        for mode in clip_modes if clip_laws else ():
             fig = figure_clipping(plt, curves, optima, mode.value)
             run.save_figure(fig, f"clipping_{mode.value}")
             plt.close(fig)
@@ -543,6 +560,9 @@ def _main(argv: list[str]) -> int:
         plt.close(fig)
         out = run.finish()
     print(validity.to_string(index=False))
+    if not clip_laws:
+        print("[rounding] clipping part skipped: the uniform law has no tails to clip (add a "
+              "law with tails to --laws for it)")
     print(f"[rounding] Monte Carlo outside its {100 * (1 - ALPHA):g}% CI: {n_out} of "
           f"{n_valid} comparisons (about {ALPHA * n_valid:.1f} expected by chance); "
           f"{summary['mc_outside_ci_rare_clipping']} more of {len(regime) - n_valid} where "

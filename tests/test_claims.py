@@ -173,6 +173,13 @@ def test_claim_R4_rounding_bias_needs_a_wide_input():
         assert max(abs(m.bias_lsb) for m in moments) >= 0.99 * lead, sigma
         for mu in (0.0, 0.5, 3.0, 3.5):
             assert abs(error_moments(sps.norm(mu, sigma), spec, 1.0).bias_lsb) <= tol
+        # "whose first term is all but 2e-7 of it from σ = 1/2 on"
+        assert (bound - lead) / bound < 2e-7
+    # Granular error only: clipping breaks symmetry (the signed range [-128, 127] is not
+    # symmetric about 0), so a wide law centred on a grid point that reaches it is biased,
+    # by far more than the engine's accuracy.
+    clipped = error_moments(sps.norm(0.0, 100.0), QuantSpec(bits=8), 1.0)
+    assert clipped.p_low + clipped.p_high > 0.1 and clipped.bias_lsb < -0.05
 
 
 def test_claim_R5_nearest_is_pointwise_closest():
@@ -187,10 +194,10 @@ def test_claim_R5_nearest_is_pointwise_closest():
         assert np.all(nearest <= other + 1e-12 * np.abs(x))
 
 
-def _updown_losses(cov: np.ndarray, w: np.ndarray, bits: int):
-    """Loss Δwᵀ Σ Δw of every up/down choice of the weights w on the symmetric grid of
-    ``bits`` (scale max|w|/qmax), and the choice of nearest; a linear layer's output error
-    E[(Δw·x)²] for inputs of second moment Σ, exactly quadratic (g = 0, H = 2Σ)."""
+def _updown_losses(cov: np.ndarray, w: np.ndarray, bits: int, grad=None):
+    """Loss gᵀΔw + Δwᵀ Σ Δw of every up/down choice of the weights w on the symmetric grid
+    of ``bits`` (scale max|w|/qmax), and the choice of nearest; with g = 0 a linear layer's
+    output error E[(Δw·x)²] for inputs of second moment Σ, exactly quadratic (H = 2Σ)."""
     import itertools
 
     spec = QuantSpec(bits=bits)
@@ -199,6 +206,8 @@ def _updown_losses(cov: np.ndarray, w: np.ndarray, bits: int):
     choices = np.array(list(itertools.product([0.0, 1.0], repeat=w.size)))
     dw = s * np.clip(floor + choices, spec.qmin, spec.qmax) - w
     losses = np.einsum("ki,ij,kj->k", dw, cov, dw)
+    if grad is not None:
+        losses = losses + dw @ grad
     nearest = quantize(w, spec, s) - floor  # 0 = down, 1 = up
     return losses, int(np.flatnonzero((choices == nearest).all(1))[0])
 
@@ -211,8 +220,13 @@ def test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable():
     w = rng.standard_normal(8)
     # Separable (diagonal Σ, any variances): Σᵢ Σᵢᵢ Δwᵢ² is minimised term by term, so
     # nearest is the optimum (exactly: the same codes give the same float64 sum).
-    losses, near = _updown_losses(np.diag(rng.uniform(0.1, 10.0, 8)), w, 3)
+    diag = np.diag(rng.uniform(0.1, 10.0, 8))
+    losses, near = _updown_losses(diag, w, 3)
     assert losses[near] == losses.min()
+    # Separable but with a gradient (weights away from the minimum): each term's best choice
+    # moves off nearest, so g = 0 is part of the condition.
+    losses, near = _updown_losses(diag, w, 3, grad=rng.standard_normal(8) * 2.0)
+    assert losses.min() < losses[near] - 1e-6 * np.abs(losses).max()
     # Correlated inputs: the same weights have a choice with a lower loss than nearest, by
     # far more than float64 rounding of these sums (relative 1e-12).
     a = rng.standard_normal((8, 8))
@@ -241,6 +255,9 @@ def test_claim_T5_truncation_bias_needs_one_signed_data():
     one_signed = error_moments(sps.halfnorm(0, 1), trunc.replace(signed=False), s)
     assert abs(symmetric.bias_lsb) < 256 * np.finfo(float).eps  # as R4's: rounding alone
     assert -0.5 <= one_signed.bias_lsb < -0.45
+    # "wide against the step": the same law 0.05 steps wide is truncated to 0 almost whole,
+    # an error of -x, whose mean is far from -1/2
+    assert error_moments(sps.halfnorm(0, 1), trunc.replace(signed=False), 20.0).bias_lsb > -0.1
     # about -1/2: floor's -1/2 plus the kink at 0, Euler-Maclaurin's f(0)/12 - f''(0)/720
     # for the density f of u = x/s (half-normal, sd 10 steps), the next term's twice bound
     f0, f2, f4 = (2 * sps.norm.pdf(0) / 10 * c / 10 ** k for c, k in ((1, 0), (-1, 2), (3, 4)))
@@ -256,6 +273,13 @@ def test_claim_T5_truncation_bias_needs_one_signed_data():
     xr = np.abs(x)
     er = (fake_quantize(xr, trunc.replace(signed=False), s) - xr) / s
     assert bias_test(er, alpha=ALPHA).p_value < ALPHA and er.mean() < -0.45
+    # A post-ReLU activation: a share p0 = 1/2 of exact zeros, which have no error, and the
+    # half-normal beside them: bias (1 - p0) times the half-normal's exact one, about -1/4
+    # (TOST within ±0.01 LSB of it at level ALPHA; the mean's standard error is about 0.001)
+    relu = np.maximum(x, 0.0)
+    e_relu = (fake_quantize(relu, trunc.replace(signed=False), s) - relu) / s
+    expected = 0.5 * one_signed.bias_lsb
+    assert equivalence_test(e_relu - expected, -0.01, 0.01, alpha=ALPHA).p_value < ALPHA
     # The truncation integer hardware does when it requantizes an accumulator, a right
     # shift by k bits, is floor: over every a in a symmetric range [-2^m, 2^m) its mean
     # error is exactly -(2^k - 1)/2^(k+1) output LSB.
@@ -295,6 +319,11 @@ def test_claim_T6_truncation_mse_and_mae_are_larger():
     # narrow (sigma = 0.05 steps): both send everything within half a step to 0, and the
     # same values are nonzero under neither, so the ratio is 1
     assert ratios[0] == pytest.approx(1.0, rel=1e-12)
+    # ... but only within half a step of 0: centred at 0.7 steps, nearest sends it to 1
+    # (error 0.3) and truncation to 0 (error 0.7), a ratio near (0.7/0.3)² ≈ 5.4
+    off = sps.norm(0.7 * 0.05, 0.05 * 0.05)
+    far = error_moments(off, trunc, 0.05).mse / error_moments(off, near, 0.05).mse
+    assert far > 4
     rng = np.random.default_rng(4)
     x = rng.standard_normal(100_000)
     ea, eb = fake_quantize(x, trunc, 0.05) - x, fake_quantize(x, near, 0.05) - x

@@ -190,3 +190,28 @@ def test_activations_part_leaves_the_model_in_its_mode():
     net[1].eval()
     rounding.activation_errors(net, torch.randn(4, 1, 8, 8), [rounding.RoundingMode.FLOOR])
     assert net.training and net[0].training and not net[1].training
+
+
+def test_the_uniform_law_alone_runs_without_the_clipping_part(tmp_path, capsys):
+    """--laws uniform crashed with a KeyError after all its work: the uniform law has no
+    tails, so no clipping curves, and the empty table was indexed."""
+    out = tmp_path / "r"
+    assert rounding.main(["--smoke", "--laws", "uniform", "--ratios", "2", "--mc-samples",
+                          "100", "--out", str(out)]) == 0
+    assert "clipping part skipped" in capsys.readouterr().out
+    assert (out / "regime.csv").is_file() and not (out / "clipping_optima.csv").exists()
+
+
+def test_the_relu_macros_are_the_activations_table(tmp_path):
+    """Truncation's bias on post-ReLU inputs, as the paper quotes it: the median over the
+    one-signed inputs at 8 bits, and the largest distance from -(1 - p0)/2."""
+    acts = pd.DataFrame({
+        "layer": ["a", "b", "c", "a", "d"], "mode": ["toward_zero"] * 4 + ["nearest_even"],
+        "bits": [8, 8, 8, 4, 8], "one_sided": [True, True, False, True, True],
+        "bias_lsb": [-0.24, -0.45, -0.01, -0.3, 0.0], "frac_zero_input": [0.5, 0.2, 0, 0, 0]})
+    m = rounding._macros(pd.DataFrame({"ratio": [1.0], "bits": [8], "law": ["x"],
+                                       "mode": ["x"], "metric": ["x"], "exact": [0.0]}),
+                         pd.DataFrame({"law": [], "mode": [], "bits": []}), acts)
+    assert m["ReluLayers"] == "2"
+    assert m["TruncBiasReluMedian"] == "-0.345"  # (-0.24 - 0.45) / 2
+    assert m["TruncBiasReluZerosGap"] == "0.050"  # |-0.45 + 0.40|, beside |-0.24 + 0.25|
