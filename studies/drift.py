@@ -402,7 +402,7 @@ HEADLINE_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingM
 
 def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
                       first_batch: int = 0, weights_of=None, logits: dict | None = None,
-                      keep: int = 0) -> pd.DataFrame | None:
+                      keep: int = 0, outputs: dict | None = None) -> pd.DataFrame | None:
     """Accuracy of float and of each headline mode (``bits``, weights and activations), on
     the same images, by a plain quantized forward (no instrumentation).
 
@@ -413,7 +413,10 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
     where given, supplies the weights the run has already quantized. ``logits``, a dict,
     receives the logits (float64, CPU) of this rank's first ``keep`` images with their
     labels: key "float" and each mode's configuration, value (labels, logits), for a later
-    phase that runs the same networks on those images (the calibration curve).
+    phase that runs the same networks on those images (the calibration curve). ``outputs``
+    (``bn_outputs``, ``block_outputs``) are the run's, so that the headline's networks are
+    the ones every other table of the run measures (``act_qparams`` then holds the outputs'
+    ranges too).
     """
     device = next(model.parameters()).device
     main = parallel.world()[0] == 0
@@ -432,7 +435,7 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
             right = {"float": predictions("float") == labels}
         for mode in tqdm(HEADLINE_MODES, desc="headline accuracy", unit="mode",
                          disable=not main):
-            cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed)
+            cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed, **(outputs or {}))
             weights = None if weights_of is None else weights_of(cfg)
             with memory_format(model, forward_layout(mode)), \
                     quantized_forward(model, cfg, act_qparams, weights=weights) as inst:
@@ -845,6 +848,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     x, y = data.test[0]
     device = place.device
     source = "pilot" if kway_rate else "probe"
+    # the run's output quantizers (the headline's networks are those of the run)
+    outputs = next(({"bn_outputs": c.bn_outputs, "block_outputs": c.block_outputs}
+                    for c in configs if c.activation is not None), {})
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -913,7 +919,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     fwd_head = 0.0
     if head and 8 in act_qp:  # the headline's own modes, 8-bit weights and activations
         for mode in HEADLINE_MODES:
-            cfg = QuantConfig.make(8, mode, Target.BOTH, seed=configs[0].seed)
+            cfg = QuantConfig.make(8, mode, Target.BOTH, seed=configs[0].seed, **outputs)
             fwd_head += plain_s(cfg, few_x, weights_of(cfg))
     elif head:  # ranges of another width stand in (the headline calibrates its own)
         fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
@@ -924,7 +930,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     # configuration is one the headline runs
     covers = bool(head) and head >= curve_test
     reused = sum(1 for c in remedy_configs if covers and c in {
-        QuantConfig.make(8, m, Target.BOTH, seed=c.seed) for m in HEADLINE_MODES})
+        QuantConfig.make(8, m, Target.BOTH, seed=c.seed, **outputs) for m in HEADLINE_MODES})
     phases = {
         "instrumented": len(configs) * share / kway_rate,
         # BatchNorm re-estimation's plain passes over the calibration images
@@ -1077,12 +1083,15 @@ def figure_remedies(plt, acc: pd.DataFrame):
     d = acc[acc.target == "both"]
     d = d[d.set_index(["mode", "bits"]).index.isin(
         d[d.remedy != "none"].set_index(["mode", "bits"]).index)]
-    labels = [f"{m}\n{b} bit" for m, b in dict.fromkeys(zip(d["mode"], d.bits))]
+    configs = list(dict.fromkeys(zip(d["mode"], d.bits)))
+    labels = [f"{m}\n{b} bit" for m, b in configs]
     remedies_ = list(dict.fromkeys(d.remedy))
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.6))
     for j, rem in enumerate(remedies_):
         dr = d[d.remedy == rem]
-        x = np.arange(len(dr)) + (j - len(remedies_) / 2) * 0.18
+        # each point over its own configuration's label, whatever order the rows came in
+        x = np.array([configs.index(c) for c in zip(dr["mode"], dr.bits)]) \
+            + (j - len(remedies_) / 2) * 0.18
         ax.errorbar(x, dr.quant_acc, yerr=[dr.quant_acc - dr.quant_lo, dr.quant_hi - dr.quant_acc],
                     fmt="o", ms=4, capsize=2, label=rem)
     if len(d):
@@ -1170,8 +1179,10 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
         m["UnresolvedDrops"] = str(int((~base.differs.astype(bool)).sum()))
         det = base.detectable[np.isfinite(base.detectable)]
         if len(det):
-            m["DetectableMin"] = number(100 * det.min(), 1)
-            m["DetectableMax"] = number(100 * det.max(), 1)
+            # in points to a tenth, as the table prints them (one significant digit made
+            # 11.5 read 10)
+            m["DetectableMin"] = f"{100 * det.min():.1f}"
+            m["DetectableMax"] = f"{100 * det.max():.1f}"
     for mode in (x.value for x in MACRO_MODES):
         for bits in (8, 4):
             key = letters(f"{mode}_{bits}")
@@ -1346,10 +1357,11 @@ def _main(argv: list[str]) -> int:
             "--calib-curve": (max(args.calib_curve or [], default=None), "calib")})
     calib_images = args.calib_images if args.calib_images is not None else (16 if smoke else 200)
     batch = args.batch_size if args.batch_size is not None else (16 if smoke else 256)
+    # The cross-check takes its images from the calibration images and the measured test
+    # subset (with --images auto, at least --min-images of them): its default is cut to
+    # them (and recorded so), a value asked for beyond them refused.
+    measured = sizing["min_images"] if images == AUTO else images
     if args.int8_images is not None:
-        # The cross-check takes its images from the calibration images and the measured
-        # test subset (with --images auto, at least --min-images of them).
-        measured = sizing["min_images"] if images == AUTO else images
         if args.int8_images > min(calib_images, measured):
             parser.error(f"--int8-images {args.int8_images}: the INT8 cross-check takes its "
                          f"images from the {calib_images} calibration images and the "
@@ -1375,7 +1387,8 @@ def _main(argv: list[str]) -> int:
         parser.error(f"--local-samples {args.local_samples}: more than --batch-size {batch}; the "
                      "local error is measured on that many images of each batch, so pass at "
                      "most the batch size")
-    int8_images = args.int8_images if args.int8_images is not None else (8 if smoke else 32)
+    int8_images = args.int8_images if args.int8_images is not None else min(
+        8 if smoke else 32, calib_images, measured)
     headline_images = args.headline_images if args.headline_images is not None else (
         32 if smoke else split_images("test"))
     if args.labels is not None and args.data is None:
@@ -1593,12 +1606,13 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     # Known to every rank (a rank's share may be empty), so all of them join or none.
     if data.headline is not None:
         qp8 = act_qp.get(8) or parallel.broadcast_object(
-            calibrate_activations(model, data.calib, QuantConfig.make(8).activation)
+            calibrate_activations(model, data.calib, QuantConfig.make(8).activation,
+                                  outputs=any(outputs.values()))
             if main else None, map_location=place.device)
         headline = headline_accuracy(model, data.headline, qp8, args.seed,
                                      first_batch=data.headline_first, weights_of=weights_of,
                                      logits=known, keep=curve_images if data.curve_calib
-                                     else 0)
+                                     else 0, outputs=outputs)
     phase_done("headline")
     if not main:
         return 0
@@ -1864,7 +1878,9 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
                          "se_images": n_se,
                          "layers": len(g), "unit": unit, "median_se": float(in_unit.median()),
                          "max_se": float(in_unit.max()),
-                         "resolved_layers": int((g.value.abs() >= za * g.se).sum()),
+                         # exactly 0 with no spread (0 >= 0) is not told apart from 0
+                         "resolved_layers": int(((g.value.abs() >= za * g.se)
+                                                 & (g.value != 0)).sum()),
                          "median_se_rel": med_rel,
                          # 0/0 (no spread and no value anywhere): never resolved
                          "images_to_resolve": math.inf if math.isnan(med_rel) else
@@ -2073,7 +2089,10 @@ def _tables(run, acc, fits, pred) -> None:
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
                          "hi_images", "lo_layers", "hi_layers", "residual_ac1", "answer")
              if c in fits]
-    run.write_latex_table("growth.tex", fits[fits.target == "both"][fcols],
+    # weights and activations quantized; a run that measured no such configuration shows
+    # every target it measured (the table was empty)
+    shown = fits[fits.target == "both"] if (fits.target == "both").any() else fits
+    run.write_latex_table("growth.tex", shown[fcols],
                           f"Growth of the error with path depth: exponent p of depth$^p$ with "
                           f"{100 * FIT_LEVEL:g}\\% bootstrap intervals over images and over "
                           "blocks of layers, the lag-1 autocorrelation of the fit's residuals "

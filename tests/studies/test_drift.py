@@ -70,7 +70,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert r.median_se.iloc[0] == pytest.approx(
         (d8.se / s8[s8.metric == "float_std"].value).median(), rel=1e-12)
     assert r.layers.iloc[0] == len(d8)
-    assert r.resolved_layers.iloc[0] == (d8.value.abs() >= 1.959963984540054 * d8.se).sum()
+    assert r.resolved_layers.iloc[0] == ((d8.value.abs() >= 1.959963984540054 * d8.se)
+                                         & (d8.value != 0)).sum()
     rel = (d8.se / d8.value.abs()).median()
     assert r.images_to_resolve.iloc[0] == math.ceil(16 * ((1.959963984540054
                                                             + 0.8416212335729143) * rel) ** 2)
@@ -1039,3 +1040,129 @@ def test_calibration_batches_never_end_in_one_image(fashion_root):
     assert [len(y) for _, y in data.curve_calib] == [17]
     assert [len(y) for _, y in drift.fashion_data(fashion_root, images=8, calib_images=18,
                                                   batch=16, seed=0).calib] == [16, 2]
+
+
+def _acc_rows(order, remedy_order, correct):
+    """accuracy rows of the none configurations in ``order`` and their remedies in
+    ``remedy_order``; ``correct[(mode, bits, remedy)]`` images right of 100."""
+    from qerror.nn import LogitResult, PropagationResult, QuantConfig
+
+    rows = []
+    for key, remedies in ((order, ("none",)), (remedy_order, ("bn_reestimation",
+                                                               "bias_empirical"))):
+        for mode, bits in key:
+            for r in remedies:
+                right = correct[(mode, bits, r)]
+                logits = LogitResult(n=100, float_correct=90, quant_correct=right,
+                                     agree=100 - abs(90 - right), float_only=max(90 - right, 0),
+                                     quant_only=max(right - 90, 0), sqnr_db=20.0,
+                                     drift_rel=0.0)
+                res = PropagationResult(QuantConfig.make(bits, mode), (), logits, 100)
+                cols = {"mode": mode, "bits": bits, "target": "both"}
+                rows.append(drift.accuracy_row(cols, res, r))
+    return drift.recovery(pd.DataFrame(rows))
+
+
+def test_the_remedies_figure_puts_each_point_over_its_configuration():
+    """The remedies' points were placed in their own rows' order while the labels followed
+    the unremedied rows' (--bits 4 8 put every remedy point over another label)."""
+    from studies._common import figure_style
+
+    order = [("toward_zero", 4), ("toward_zero", 8), ("nearest_even", 4), ("nearest_even", 8)]
+    remedy_order = [("nearest_even", 8), ("nearest_even", 4), ("toward_zero", 8),
+                    ("toward_zero", 4)]
+    correct = {(m, b, r): 40 + 10 * i + j for i, (m, b) in enumerate(order)
+               for j, r in enumerate(("none", "bn_reestimation", "bias_empirical"))}
+    plt = figure_style()
+    fig = drift.figure_remedies(plt, _acc_rows(order, remedy_order, correct))
+    ax = fig.axes[0]
+    labels = [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()]
+    seen = 0
+    for container in ax.containers:
+        rem = container.get_label()
+        xs, ys = container.lines[0].get_xdata(), container.lines[0].get_ydata()
+        for x, y in zip(xs, ys):
+            mode, bits = labels[int(round(x))].rsplit(" ", 2)[0], int(labels[int(round(x))]
+                                                                       .split()[1])
+            assert y == pytest.approx(correct[(mode, bits, rem)] / 100), (rem, x)
+            seen += 1
+    plt.close(fig)
+    assert seen == 12
+
+
+def test_the_growth_table_shows_the_targets_a_run_measured(tmp_path):
+    """Without --targets both the table had a header and no rows."""
+    from studies._common import RunDir
+
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    fits = pd.DataFrame([{"mode": "nearest_even", "bits": 8, "target": "weights",
+                          "metric": "rms_rel", "exponent": 0.5, "lo_layers": 0.4,
+                          "hi_layers": 0.6, "answer": "sqrt"}])
+    with RunDir(tmp_path / "run", "drift", [], {}) as run:
+        drift._tables(run, acc, fits, pd.DataFrame())
+        out = run.finish()
+    assert "weights" in (out / "growth.tex").read_text()
+
+
+def test_an_exactly_zero_statistic_is_not_resolved_from_zero():
+    sites = pd.DataFrame([
+        {"mode": "nearest_even", "bits": 8, "target": "both", "site": s, "kind": "conv",
+         "metric": m, "value": v, "se": se}
+        for s, (v, se) in {"a": (0.0, 0.0), "b": (0.5, 0.01), "c": (-0.3, 0.01)}.items()
+        for m, v, se in (("drift", v, se), ("float_std", 1.0, math.nan))])
+    prec = drift.precision_rows(sites, 16, 16).set_index("metric")
+    assert prec.loc["drift", "resolved_layers"] == 2  # b and c, not a's 0 >= 0
+
+
+def test_the_default_int8_images_are_cut_to_the_images_they_come_from(fashion_root, tmp_path,
+                                                                     monkeypatch):
+    """--smoke --images 4: the default 8 was kept (and recorded) while the cross-check ran
+    on the 4 measured images."""
+    import inspect
+
+    seen = {}
+    real = drift._run
+
+    def capture(*args, **kwargs):
+        seen.update(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return 0
+
+    monkeypatch.setattr(drift, "_run", capture)
+    assert drift.main(["--smoke", "--images", "4", "--data-root", str(fashion_root),
+                       "--out", str(tmp_path / "d")]) == 0
+    assert seen["int8_images"] == 4
+    assert drift.main(["--smoke", "--data-root", str(fashion_root),
+                       "--out", str(tmp_path / "e")]) == 0
+    assert seen["int8_images"] == 8
+
+
+def test_the_headline_quantizes_the_outputs_the_run_quantizes():
+    """--quantize-bn-outputs: every table but the headline quantized BatchNorm outputs."""
+    from qerror.nn import QuantConfig, calibrate_activations
+    from tests.qerror.nn.nets import images, tiny_resnet
+
+    model = tiny_resnet(dtype=torch.float32)
+    x = images(8, 1, dtype=torch.float32)
+    batches = [(x, torch.arange(8) % 10)]
+    outputs = {"bn_outputs": True, "block_outputs": False}
+    qp = calibrate_activations(model, batches, QuantConfig.make(8).activation, outputs=True)
+    asked = []
+
+    def weights_of(cfg):
+        asked.append(cfg)
+        return None
+
+    table = drift.headline_accuracy(model, batches, qp, 0, weights_of=weights_of,
+                                    outputs=outputs)
+    assert len(table) and asked and all(c.bn_outputs and not c.block_outputs for c in asked)
+
+
+def test_the_detectable_range_macros_keep_a_tenth_of_a_point():
+    """One significant digit printed a range of 1.56 to 11.48 points as 2 to 10."""
+    acc = _acc_rows([("nearest_even", 8), ("toward_zero", 8)], [],
+                    {("nearest_even", 8, "none"): 88, ("toward_zero", 8, "none"): 80})
+    acc["detectable"] = [0.0156, 0.1148]
+    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
+                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
+                                            "value"]), pd.DataFrame(), None, None)
+    assert (m["DetectableMin"], m["DetectableMax"]) == ("1.6", "11.5")
