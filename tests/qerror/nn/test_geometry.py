@@ -77,6 +77,7 @@ def test_non_zero_padding_is_refused():
         layer_geometry(model, torch.zeros(1, 1, 4, 4))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, on speed
 @pytest.mark.parametrize("kernel, dilation", [((3, 4), (1, 1)), ((2, 5), (2, 1)),
                                                ((1, 4), (1, 3))])
 def test_same_and_valid_padding_are_counted_as_pytorch_pads(kernel, dilation):
