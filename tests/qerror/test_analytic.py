@@ -776,3 +776,11 @@ def test_a_generic_law_too_narrow_for_its_quadrature_is_refused():
         with pytest.raises(ValueError, match="below 1e-08 of the step"):
             error_moments(stats.t(3, 0.0, sd), spec, 1.0)
     assert error_moments(stats.norm(0.0, 1e-20), spec, 1.0).bias_lsb == -0.5  # closed form
+
+
+def test_optimal_clip_takes_numpy_integer_bits():
+    """np.int8(8) bits overflowed 2**bits in int8: ACIQ returned scale and MSE inf."""
+    want = optimal_clip(stats.norm(), 8, "aciq")
+    for bits in (np.int8(8), np.int64(8)):
+        got = optimal_clip(stats.norm(), bits, "aciq")
+        assert (got.alpha, got.scale, got.mse) == (want.alpha, want.scale, want.mse)
