@@ -42,6 +42,7 @@ from qerror.files import atomic_write
 
 __all__ = [
     "BleachChoice",
+    "BudgetError",
     "DWN",
     "DWNFit",
     "GroupSum",
@@ -60,6 +61,10 @@ __all__ = [
     "seeded_mapping",
     "wnn_size",
 ]
+
+class BudgetError(ValueError):
+    """No model of the asked shape fits the byte budget (:func:`fit_wisard`'s ``max_bytes``)."""
+
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -574,7 +579,8 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
     Raises
     ------
     ValueError
-        No threshold up to ``max_bleach`` fits ``max_bytes``.
+        Bad input. :class:`BudgetError` (a ValueError): no threshold up to ``max_bleach``
+        fits ``max_bytes``.
 
     Notes
     -----
@@ -593,8 +599,8 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
         lo, hi = choice.bleach, len(choice.accuracies)
         wisard.bleach = hi
         if wnn_size(model).total_bytes > max_bytes:
-            raise ValueError(f"even bleaching threshold {hi} leaves "
-                             f"{wnn_size(model).total_bytes} bytes, over max_bytes={max_bytes}")
+            raise BudgetError(f"even bleaching threshold {hi} leaves "
+                              f"{wnn_size(model).total_bytes} bytes, over max_bytes={max_bytes}")
         while hi - lo > 1:                      # size(lo) > budget >= size(hi)
             wisard.bleach = (lo + hi) // 2
             if wnn_size(model).total_bytes <= max_bytes:
