@@ -81,6 +81,12 @@ class EarlyExitRun:
         CheckpointError
             The file does not verify (:func:`qerror.nn.models.load_checkpoint`).
         """
+        return load_checkpoint(self.backbone_path()).model
+
+    def backbone_path(self) -> str:
+        """The path of the checkpoint :meth:`backbone` loads, checked (its sha256) without
+        loading it: a caller can refuse a run before any other work. Raises as
+        :meth:`backbone` does (StudyError)."""
         ident = self.manifest.get("model", {})
         path = ident.get("checkpoint")
         if path is None:
@@ -91,7 +97,7 @@ class EarlyExitRun:
                              "measured on, is gone or another file now (its sha256 differs "
                              "from the run's manifest); rerun python -m studies.early_exit "
                              "--force on it, or point at another run")
-        return load_checkpoint(path).model
+        return path
 
     def network(self, backbone: nn.Module) -> EarlyExitResNet:
         """The run's early-exit network on ``backbone`` (its baseline, which a frozen run

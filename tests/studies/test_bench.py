@@ -68,6 +68,41 @@ def test_a_named_early_exit_run_is_checked_before_any_timing(tmp_path, capsys):
     assert "not a finished, non-smoke" in capsys.readouterr().err
 
 
+def test_a_named_run_whose_baseline_changed_is_refused_before_any_timing(tmp_path, capsys):
+    """Its checkpoint's sha256 was checked only inside the early_exit group, after the other
+    groups had been timed."""
+    import hashlib
+    import json
+
+    import torch
+
+    run = tmp_path / "ee"
+    run.mkdir()
+    ckpt = tmp_path / "baseline.pt"
+    ckpt.write_text("a baseline retrained since the run")
+    (run / "summary.json").write_text(json.dumps({
+        "smoke": False, "head_policy": "frozen",
+        "int8_rule": {"policy": "max_softmax", "thresholds": [0.9], "temperatures": [1, 1]},
+        "operating_points": [{"system": "int8_early_exit", "policy": "frozen"}]}))
+    torch.save({}, run / "exit_model.pt")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    (run / "manifest.json").write_text(json.dumps({
+        "study": "early_exit", "argv": [], "config": {"arch": "resnet50", "smoke": False},
+        "model": {"checkpoint": str(ckpt), "sha256": "0" * 64},
+        "outputs": {n: sha(run / n) for n in ("summary.json", "exit_model.pt")}}))
+    ran = []
+    real = bench.GROUPS["empirical"]
+    bench.GROUPS["empirical"] = lambda args: ran.append(1) or real(args)
+    out = tmp_path / "bench"
+    try:
+        code = bench.main(["--only", "empirical", "--only", "early_exit", "--early-exit-run",
+                           str(run), "--out", str(out)])
+    finally:
+        bench.GROUPS["empirical"] = real
+    assert code == 2 and not ran and not out.exists()
+    assert "is gone or another file now" in capsys.readouterr().err
+
+
 def test_a_compile_failure_is_a_row_and_a_ctrl_c_inside_it_is_not(monkeypatch):
     """torch.compile's trace can turn a Ctrl-C into another error (qerror.interrupts): that
     is raised again, not recorded as the backend's failure."""
