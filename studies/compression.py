@@ -777,15 +777,19 @@ def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int
 
 
 def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool):
-    """Accuracy against batch-1 latency, one marker per model, labelled by method."""
+    """Accuracy against batch-1 latency, one marker per model, labelled by method and by
+    what ran it where that is not the method's own arithmetic (an INT8 model timed with
+    its weights dequantized into float32: no INT8 kernel ran)."""
     d = latency.merge(points[["key", "acc", "acc_lo", "acc_hi"]], on="key")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, g in d.groupby("method", sort=False):
-        other = (g.kernel == KERNEL_EARLY_EXIT).all()  # measured by another run
+    for (method, kernel), g in d.groupby(["method", "kernel"], sort=False):
+        other = kernel == KERNEL_EARLY_EXIT  # measured by another run
+        runs_as = kernel_label(kernel)
+        label = (f"{method} (its own run)" if other else
+                 f"{method} (runs as {runs_as})" if "dequantized" in runs_as else method)
         ax.errorbar(g.latency_ms, 100 * g.acc, yerr=[100 * (g.acc - g.acc_lo),
                                                      100 * (g.acc_hi - g.acc)],
-                    fmt="o", ms=4, capsize=2, mfc="none" if other else None,
-                    label=f"{method} (its own run)" if other else method)
+                    fmt="o", ms=4, capsize=2, mfc="none" if other else None, label=label)
     return _finish_accuracy_figure(
         fig, ax, f"batch-1 CPU latency, median ms (log scale; {torch.get_num_threads()} "
                  "thread(s))", smoke)
@@ -1052,6 +1056,18 @@ def _main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
+    if model is not None:  # a sparsity that would prune every weight, refused before the work
+        n = sum(p.numel() for p in prunable_weights(model).values())
+        whole = [s for s in args.sparsities if zero_count(s, n) == n]
+        if whole:
+            raise StudyError(f"--sparsities {whole[0]!r}: of the model's {n:,} prunable "
+                             f"weights it prunes all; pass a sparsity below {(n - 0.5) / n!r}")
+    # sparsities that read alike name the same rows and macros
+    labels = [f"{100 * s:g}" for s in args.sparsities]
+    if len(set(labels)) < len(labels):
+        raise StudyError(f"--sparsities {' '.join(map(repr, args.sparsities))}: two of them "
+                         f"read alike as percentages ({', '.join(labels)}) and would name the "
+                         "same rows; pass sparsities that differ in their first six digits")
     data = load_data(args.data_root, test_images, 256 if smoke else None,
                      model_id.get("held_out"))
     if str(model_id["model"]).endswith("untrained-smoke"):

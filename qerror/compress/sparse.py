@@ -171,7 +171,7 @@ def prune_global(model: nn.Module, sparsity: float, *,
     if k == mags.numel():
         raise PruningError(f"sparsity {sparsity!r} of {k} prunable weights rounds to all "
                            f"{k}: no weight would be left; pass a sparsity below "
-                           f"{(k - 0.5) / k:.6g}")
+                           f"{(k - 0.5) / k!r}")
     keep = torch.ones(mags.numel(), dtype=torch.bool)
     if k:
         threshold = torch.kthvalue(mags, k).values

@@ -463,3 +463,37 @@ def test_the_paper_quotes_the_smallest_model_the_paired_test_shows():
     m = compression._macros(p, goals, est, {"method": "pruned + INT8", "config": "90% sparse",
                                             "bytes": 5_949_756})
     assert m["SmallestShownWithinOnePoint"] == "pruned + INT8 (90% sparse), at 5{,}949{,}756 bytes"
+
+
+@pytest.mark.parametrize("sparsities, message", [
+    (["0.99999999"], r"prunes all; pass a sparsity below 0\.99999"),
+    (["0.9", "0.9000001"], r"read alike as percentages \(90, 90\)")])
+def test_sparsities_that_cannot_be_told_apart_or_prune_all_are_refused_before_any_work(
+        fashion_idx, tmp_path, capsys, sparsities, message):
+    """0.99999999 passed the parser and crashed after the dense parts with a traceback whose
+    bound read 'below 1'; 0.9 and 0.9000001 named the same rows and macros."""
+    root = fashion_idx(train=6100, test=100)
+    out = tmp_path / "c"
+    assert compression.main(["--smoke", "--parts", "resnet", "--sparsities", *sparsities,
+                             "--data-root", str(root), "--out", str(out)]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_the_latency_figure_says_which_int8_models_ran_dequantized():
+    """The markers of INT8 models timed as float32 products of dequantized weights read
+    'dense INT8' and 'tiny CNN INT8' alone."""
+    from studies._common import figure_style
+
+    points = pd.DataFrame({"key": ["a", "b", "c"], "acc": [0.9, 0.89, 0.88],
+                           "acc_lo": [0.89, 0.88, 0.87], "acc_hi": [0.91, 0.9, 0.89]})
+    latency = pd.DataFrame({"key": ["a", "b", "c"],
+                            "method": ["dense float32", "dense INT8", "INT8 early exit"],
+                            "kernel": [compression.KERNEL_DENSE, compression.KERNEL_DEQUANT,
+                                       compression.KERNEL_EARLY_EXIT],
+                            "latency_ms": [5.0, 5.1, 1.0]})
+    plt = figure_style()
+    fig = compression.figure_latency(plt, latency, points, smoke=False)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert "dense INT8 (runs as float32, dequantized)" in labels
+    assert "dense float32" in labels and "INT8 early exit (its own run)" in labels
