@@ -15,7 +15,9 @@ Measured (PyTorch 2.14.1, torchao 0.18.0, one thread, a Xeon with AMX): every co
 and linear layer of the stages is lowered to oneDNN's quantized kernels
 (:attr:`Int8Module.lowered`), but for the linear layers of the graph of a batch of one,
 which inductor leaves as a float product of dequantized weights
-(:attr:`Int8Module.lowered_by_size`). On briefly trained tiny ResNets like the tests' one, top-1
+(:attr:`Int8Module.lowered_by_size`). On an AMD EPYC with AVX512-VNNI and no AMX the
+batch-one graphs' linear layers were lowered too (the early-exit study's recorded
+``lowered_by_size``): which it is depends on the machine, and is recorded, not assumed. On briefly trained tiny ResNets like the tests' one, top-1
 agreed with float32 on 100% of 200 images at every exit at least 90% accurate, with
 oneDNN on AMX, capped at AVX512-VNNI and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``). AMX and
 VNNI gave the same largest logit errors to four digits, AVX2 other ones: its int8
@@ -243,9 +245,10 @@ class Int8Module:
         later call compiles (a size no warm-up graph serves, a channels-last input), added
         under that call's batch size and to ``lowered``: every call runs under inductor
         freezing, so a graph compiled late is lowered as the warm-up ones are. At a batch of
-        one, which dynamo specialises, inductor (PyTorch 2.14.1) leaves the linear layers as a float
-        matrix product of dequantized weights (measured: no ``qlinear`` count at size 1,
-        one per linear layer at sizes 2 and 16), so batch-1 latency times float linear
+        one, which dynamo specialises, inductor (PyTorch 2.14.1) can leave the linear layers
+        as a float matrix product of dequantized weights (measured on a Xeon with AMX: no
+        ``qlinear`` count at size 1, one per linear layer at sizes 2 and 16; on an AMD EPYC
+        with AVX512-VNNI one at every size), and batch-1 latency then times float linear
         layers beside INT8 convolutions.
     """
 
