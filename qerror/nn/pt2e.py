@@ -364,9 +364,9 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     which lets inductor's quantization passes fold the weights and replace each
     dequantize-convolution-quantize pattern (with its ReLU and residual add) by a oneDNN
     quantized convolution (``onednn.qconv_pointwise``, ``qconv2d_pointwise.binary``) and
-    each linear layer by ``onednn.qlinear_pointwise``, in the graphs of two or more images;
-    in the graph of one image the linear layers stay a float matrix product of dequantized
-    weights (:attr:`Int8Module.lowered_by_size` records what each size's graph got).
+    each linear layer by ``onednn.qlinear_pointwise``; in the graph of one image the linear
+    layers can stay a float matrix product of dequantized weights, depending on the machine
+    (:attr:`Int8Module.lowered_by_size` records what each size's graph got).
 
     References
     ----------
