@@ -10,7 +10,11 @@ round-to-nearest, truncation and floor; and writes:
 
 * ``chains.pt``: the trained weights of every seed (``{seed: state_dict}``), which the test
   suite's claims tests load (a copy is committed under ``tests/data/seeds``) so that pytest
-  decides the claims on trained networks without training them;
+  decides the claims on trained networks without training them. The same seed gives the same
+  weights on one machine; another CPU's kernels (AMX, AVX-512, AVX2) round differently and
+  train other weights (retrained on an AMD EPYC, seed 0's weights differed from the committed
+  ones by up to 0.50 and its float accuracy by 0.58 points; every N1–N4 decision held on
+  the twenty retrained there);
 * ``training.csv``: each seed's float test accuracy;
 * ``statements.csv``: the measured quantities, one row per seed, width, mode and quantity;
 * ``seeds.pdf``/``.png``: the deepest drift, the worst BatchNorm inconsistency and the

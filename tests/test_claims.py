@@ -564,9 +564,12 @@ def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
     st = seed_statements
     # The block bootstrap's interval holds its level only where the layers' deviations from
     # the power law are nearly independent (qerror.nn.growth.layer_block_bootstrap: 94-96 %
-    # coverage at lag-1 autocorrelation 0, 86-87 % at 0.5). On these seeds the residuals'
-    # autocorrelation is below 0.5 on nine seeds in ten at every width and mode (its median
-    # below 0.3), so the intervals below are read at their level.
+    # coverage at a true lag-1 autocorrelation of 0, 86-87 % at 0.5). This check is a screen,
+    # not a proof of that level: the sample autocorrelation of ten residuals runs low (in the
+    # growth module's own AR(1) model, true 0.5 gives a median of about 0.07 and passes this
+    # check in about 97 % of twenty-seed batches, where coverage is about 0.89). It refuses
+    # seeds whose residuals follow each other plainly; a verdict that hangs on an interval's
+    # last few percent of level is not claimed (nearest's growth is left undecided).
     for bits in N1_EXPECTED:
         for mode in (NEAR, TRUNC, FLOOR):
             ac = _on_seeds(st, "growth_ac1", mode, bits)
