@@ -219,11 +219,12 @@ def positive_float(text: str) -> float:
     return value
 
 
-def out_path(text: str) -> Path:
-    """An argparse ``type=`` for ``--out``: ``~`` expands to the home folder.
+def user_path(text: str) -> Path:
+    """An argparse ``type=`` for every path option: ``~`` expands to the home folder.
 
     A quoted ``~`` is meant as the home folder, not as a folder named ``~`` in the current
-    one; :func:`check_out` then refuses it like any folder of the user's.
+    one (``train --checkpoint '~/x.pt'`` made one); :func:`check_out` then refuses an
+    ``--out`` of the user's like any folder of theirs.
     """
     return Path(text).expanduser()
 
@@ -237,7 +238,7 @@ def base_parser(study: str, description: str, *, force: bool = False,
     then defaults to None) says here, for the help, which one.
     """
     parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
-    parser.add_argument("--out", type=out_path,
+    parser.add_argument("--out", type=user_path,
                         default=REPO / "runs" / study if out_default is None else None,
                         help=f"output folder (default: {out_default or f'runs/{study}'} under "
                              "the repository); it must not exist, be empty, or hold a previous "

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,6 +38,7 @@ from studies._common import (
     paired_ratio,
     positive_int,
     study_main,
+    user_path,
 )
 
 DEFAULT_EE_RUN = REPO / "runs" / "early_exit"  # the early_exit group's network, when present
@@ -930,7 +930,7 @@ def _main(argv: list[str]) -> int:
                              "rows 11, training steps 2, WiSARD 3, memory 1) and the "
                              "prepared and channel-sums rows take at least 5: each row's "
                              "pairs column says how many it ran")
-    parser.add_argument("--early-exit-run", type=Path, default=None,
+    parser.add_argument("--early-exit-run", type=user_path, default=None,
                         help="a finished python -m studies.early_exit run whose network and "
                              "INT8 exit rule the early_exit group times (default "
                              "runs/early_exit when it holds one, otherwise an untrained "

@@ -126,6 +126,7 @@ from studies._common import (
     positive_int,
     refuse_beyond_splits,
     study_main,
+    user_path,
     wrapped_columns,
 )
 from studies._latex import letters
@@ -928,9 +929,9 @@ def _main(argv: list[str]) -> int:
                              "and the sparse goal are left out")
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
                         help="architecture (default resnet50; resnet18 with --smoke)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=user_path, default=None,
                         help="a qerror checkpoint (default: the cached baseline)")
-    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing baseline")
     parser.add_argument("--test-images", type=positive_int, default=None,
@@ -997,7 +998,7 @@ def _main(argv: list[str]) -> int:
                         help="batch-1 CPU latency: rounds of one test image per point, each "
                              "alternating with the dense float32 baseline (default 100, "
                              "smoke 3; 0 measures none)")
-    parser.add_argument("--early-exit-run", type=Path, default=None,
+    parser.add_argument("--early-exit-run", type=user_path, default=None,
                         help="a finished python -m studies.early_exit run on the same baseline "
                              "and test split whose INT8 early-exit network becomes a point "
                              "(default: early_exit beside --out; left out, with the reason "

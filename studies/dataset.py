@@ -40,7 +40,6 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,6 +84,7 @@ from studies._common import (
     positive_int,
     refuse_beyond_splits,
     study_main,
+    user_path,
 )
 from studies._latex import letters
 
@@ -658,13 +658,13 @@ def _macros(equiv, pixels, variants, acc, mcnemar, storage) -> dict[str, str]:
 
 def build_parser():
     parser = base_parser("dataset", __doc__.splitlines()[0], force=True)
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=user_path, default=None,
                         help="a qerror checkpoint to evaluate (default: the cached ResNet50 "
                              "baseline; with --smoke, a small untrained CNN)")
     parser.add_argument("--train-if-missing", action=argparse.BooleanOptionalAction, default=True,
                         help="train the baseline (about half an hour on 2 cores) when it is "
                              "not in the cache (default: yes)")
-    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--modes", nargs="+", type=RoundingMode.parse, default=None,

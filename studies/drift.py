@@ -136,6 +136,7 @@ from studies._common import (
     positive_int,
     refuse_beyond_splits,
     study_main,
+    user_path,
 )
 from studies._latex import letters, number
 
@@ -1239,15 +1240,15 @@ def _main(argv: list[str]) -> int:
                         help="Fashion-MNIST: a qerror checkpoint file (default: the cached "
                              "baseline). ImageNet (--data): IMAGENET1K_V1, IMAGENET1K_V2 or a "
                              "local state-dict file (default IMAGENET1K_V2)")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=user_path, default=None,
                         help="an ImageNet folder: sub-folders named by synset id (all 1000 "
                              "classes or any subset), the flat ILSVRC2012 validation folder, "
                              "or any sub-folders with --labels; default: Fashion-MNIST")
-    parser.add_argument("--labels", type=Path, default=None,
+    parser.add_argument("--labels", type=user_path, default=None,
                         help="with --data: a file of 'FOLDER CLASS' lines (CLASS an index "
                              "0..999 or a synset id) labelling sub-folders that are not named "
                              "by synset id")
-    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda (cuda:LOCAL_RANK under torchrun) or auto "
                              "(cuda where a GPU is found); the statistics agree to float "

@@ -130,6 +130,7 @@ from studies._common import (
     positive_int,
     refuse_beyond_splits,
     study_main,
+    user_path,
 )
 from studies._latex import letters, number, signed
 
@@ -502,12 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="backbone architecture (default resnet50; resnet18 with --smoke)")
     parser.add_argument("--stem", type=Stem.parse, default=DEFAULT_STEM,
                         help=f"the baseline's stem (default {DEFAULT_STEM.value})")
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=user_path, default=None,
                         help="a qerror checkpoint of --arch/--stem (default: the cached "
                              "baseline, trained first if missing)")
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing baseline")
-    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--exit-points", nargs="+", default=None,
                         help="blocks after which an exit is placed (default: "
                              f"{' '.join(DEFAULT_EXIT_POINTS)})")

@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--latex", action="store_true",
                         help="a booktabs LaTeX table for the paper (default: Markdown)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=lambda text: Path(text).expanduser(), default=None,
                         help="write the table to this new file (atomically) instead of "
                              "printing it")
     parser.add_argument("--force", action="store_true",

@@ -50,6 +50,7 @@ from studies._common import (
     held_out,
     int_at_least,
     study_main,
+    user_path,
 )
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
@@ -459,10 +460,10 @@ def _main(argv: list[str]) -> int:
                         help="number of σ/step values from 0.05 to 10 (default 25, smoke 4)")
     parser.add_argument("--laws", nargs="+", default=None,
                         help="input laws (default: all; smoke: normal half_normal)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=user_path, default=None,
                         help="a qerror checkpoint (weights and activations) or a bare state "
                              "dict (weights) to analyse; default: the cached baseline if any")
-    parser.add_argument("--data-root", type=Path, default=None,
+    parser.add_argument("--data-root", type=user_path, default=None,
                         help="for the activations part: " + DATA_ROOT_HELP)
     args = parser.parse_args(argv)
     smoke = args.smoke

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -86,6 +85,7 @@ from studies._common import (
     positive_int,
     refuse_beyond_splits,
     study_main,
+    user_path,
 )
 from studies._latex import letters, number
 
@@ -474,7 +474,7 @@ def _parser():
                         help="networks: the cached ResNet baselines (trained first when "
                              "missing) and the small CNN trained here (default: resnet50 "
                              "small; smoke: small)")
-    parser.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training a missing ResNet baseline")
     parser.add_argument("--bits", nargs="+",

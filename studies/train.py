@@ -89,6 +89,7 @@ from studies._common import (
     positive_float,
     positive_int,
     study_main,
+    user_path,
 )
 
 # Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
@@ -284,7 +285,7 @@ def build_parser():
     parser.add_argument("--lr", type=positive_float,
                         help="peak one-cycle learning rate, finite and above 0 (default 0.1, "
                              "smoke 0.05)")
-    parser.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, help=DATA_ROOT_HELP)
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST if it is not found")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -296,7 +297,7 @@ def build_parser():
                         help="stop (state saved) once this many steps are done in total")
     parser.add_argument("--checkpoint-every", type=positive_int, default=100,
                         help="steps between state saves (also saved at each epoch's end)")
-    parser.add_argument("--checkpoint", type=Path,
+    parser.add_argument("--checkpoint", type=user_path,
                         help="where the trained model goes (default: the cache, "
                              "qerror.nn.models.default_checkpoint_path)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
@@ -317,7 +318,8 @@ def _main(argv: list[str]) -> int:
     tag = f"{recipe.arch.value}-{recipe.stem.value}" + ("-smoke" if args.smoke else "")
     checkpoint = args.checkpoint or default_checkpoint_path(
         recipe.arch, recipe.stem, tag="smoke" if args.smoke else None)
-    state_path = checkpoint.with_name(checkpoint.stem + ".train-state.pt")
+    # the whole file name: x.pt and x.pth are two checkpoints, with two training states
+    state_path = checkpoint.with_name(checkpoint.name + ".train-state.pt")
     out = args.out or REPO / "runs" / "train" / tag
     try:
         with distributed(args.device) as place:
@@ -421,6 +423,11 @@ def _check_checkpoint_target(path: Path, *, force: bool) -> None:
     # Its folder also holds the resumable state, written from the first checkpoint step on.
     check_writable_parent(path, "--checkpoint", why=", where the checkpoint and the training "
                           "state are written")
+    sidecar = sidecar_path(path)
+    if (sidecar.exists() or sidecar.is_symlink()) and not has_checkpoint_sidecar(path):
+        raise StudyError(f"--checkpoint {path}: {sidecar}, where its sidecar would be written, "
+                         "exists and is not a qerror checkpoint's sidecar; it is never "
+                         "replaced, with --force neither. Pass the name of a new file")
     if not path.exists():
         return
     if not has_checkpoint_sidecar(path):
@@ -514,8 +521,11 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
     if not path.exists() and train_if_missing:
-        # --force replaces only a previous training run in this study's default folder.
-        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path), "--force"]
+        # The run's folder lies beside the checkpoint, not at the trainer's default --out,
+        # where a user's own training run would be replaced: --force replaces only an
+        # earlier run of this baseline there (the checkpoint itself is missing).
+        argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path),
+                "--out", str(path.with_name(path.name + ".run")), "--force"]
         if data_root is not None:
             argv += ["--data-root", str(data_root)]
         if download:

@@ -662,6 +662,9 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         The model is not a ``fashion_resnet(arch, stem)``; nothing is written.
     NonFiniteWeightsError
         A weight or buffer is NaN or infinite (training diverged); nothing is written.
+    CheckpointError
+        ``<path>.json`` exists and is not a qerror sidecar (a user's file or a folder); nothing
+        is written.
 
     Notes
     -----
@@ -684,6 +687,11 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    side = sidecar_path(path)
+    if (side.exists() or side.is_symlink()) and _our_sidecar(path) is None:
+        raise CheckpointError(f"{side}, where the checkpoint's sidecar goes, exists and is not "
+                              "a qerror checkpoint's sidecar: nothing was written. Move it away, "
+                              "or save the checkpoint under another name")
     if not sidecar_path(path).exists():
         pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
                              sort_keys=True) + "\n"

@@ -100,7 +100,7 @@ def test_smoke_cli_end_to_end(reference_run):
     assert loaded.info.metrics["test_accuracy"] == summary["test_accuracy"]
     assert loaded.info.config["recipe"]["train_images"] == 256
     # The finished run leaves no state behind, so the next run starts afresh.
-    assert not checkpoint.with_name(checkpoint.stem + ".train-state.pt").exists()
+    assert not checkpoint.with_name(checkpoint.name + ".train-state.pt").exists()
     epochs = pd.read_csv(out / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2] and epochs["step"].tolist() == [8, 16]
 
@@ -124,7 +124,7 @@ def _main(idx_root, tmp_path, *extra):
 
 
 def _state_step(tmp_path):
-    return torch.load(tmp_path / "ckpt.train-state.pt", weights_only=True)["step"]
+    return torch.load(tmp_path / "ckpt.pt.train-state.pt", weights_only=True)["step"]
 
 
 def test_interrupted_run_resumes_exactly(reference_run, idx_root, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_interrupted_run_resumes_exactly(reference_run, idx_root, tmp_path, caps
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt.pt").exists()
     capsys.readouterr()
     assert _main(idx_root, tmp_path) == 0
-    assert "resuming ckpt.train-state.pt at step 5 of 16" in capsys.readouterr().out
+    assert "resuming ckpt.pt.train-state.pt at step 5 of 16" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["steps"], summary["sessions"]) == (16, 2)
     # Order and augmentation depend on (seed, epoch, step) only, so the resumed run repeats
@@ -162,7 +162,7 @@ def test_a_users_files_where_the_state_and_checkpoint_would_go_are_never_touched
     """A file of someone else's at the state's path is refused, resuming or not (--no-resume
     once deleted it); so is a model.pt whose model.pt.json is not a qerror sidecar, even
     with --force (it once counted as a checkpoint and was overwritten)."""
-    state = tmp_path / "ckpt.train-state.pt"
+    state = tmp_path / "ckpt.pt.train-state.pt"
     state.write_bytes(b"my own notes")
     for extra in ((), ("--no-resume",)):
         assert _main(idx_root, tmp_path, *extra) == 2
@@ -259,8 +259,11 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "main", fake_main)
     got = train.get_or_train_baseline("resnet18", train_if_missing=True,
                                       data_root=tmp_path / "fm", train_args=("--seed", "1"))
+    # its run folder beside the checkpoint: the trainer's default --out may hold a user's
+    # own training run, which --force would replace
     assert calls == [["--arch", "resnet18", "--stem", "imagenet", "--checkpoint", str(path),
-                      "--force", "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
+                      "--out", str(path.with_name(path.name + ".run")), "--force",
+                      "--data-root", str(tmp_path / "fm"), "--seed", "1"]]
     assert got.info.path == path
     assert train.get_or_train_baseline("resnet18", train_if_missing=True).info.sha256 == \
         got.info.sha256
@@ -411,7 +414,7 @@ def test_ctrl_c_saves_the_state_and_the_same_command_resumes(reference_run, idx_
     assert "run the same command: python -m studies.train --smoke --arch resnet18" in err
     assert _state_step(tmp_path) == 5 and not (tmp_path / "ckpt.pt").exists()
     assert _main(idx_root, tmp_path) == 0
-    assert "resuming ckpt.train-state.pt at step 5 of 16" in capsys.readouterr().out
+    assert "resuming ckpt.pt.train-state.pt at step 5 of 16" in capsys.readouterr().out
     _same_as_reference(reference_run, tmp_path)
 
 
@@ -444,7 +447,7 @@ def test_a_real_sigint_inside_an_update_lands_after_it(idx_root, tmp_path, monke
     monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", step_with_sigint)
     assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
     assert "interrupted at step 3 of 16" in capsys.readouterr().err
-    state = torch.load(tmp_path / "ckpt.train-state.pt", weights_only=True)
+    state = torch.load(tmp_path / "ckpt.pt.train-state.pt", weights_only=True)
     assert state["step"] == 3 and len(state["history"]["steps"]) == 3
     assert state["scheduler"]["last_epoch"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -507,3 +510,54 @@ def test_under_torchrun_a_refused_out_stops_every_rank_with_its_reason(tmp_path,
         return
     assert (out / "file.txt").read_text() == "a user's file\n"
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_users_file_where_the_sidecar_would_go_is_refused_before_training(idx_root, tmp_path,
+                                                                         capsys):
+    """--checkpoint X with X missing and X.json someone's file: the run trained, then wrote
+    its sidecar over X.json (or, X.json a folder, failed after training and could never be
+    finished)."""
+    for make in (lambda p: p.write_text('{"note": "mine"}'), lambda p: p.mkdir()):
+        side = tmp_path / "ckpt.pt.json"
+        make(side)
+        assert _main(idx_root, tmp_path) == 2
+        assert "is not a qerror checkpoint's sidecar" in capsys.readouterr().err
+        assert not (tmp_path / "ckpt.pt").exists()
+        assert not (tmp_path / "ckpt.pt.train-state.pt").exists()  # nothing trained
+        if side.is_dir():
+            side.rmdir()
+        else:
+            assert side.read_text() == '{"note": "mine"}'
+            side.unlink()
+    # and the library's writer refuses it too, writing nothing
+    (tmp_path / "m.pt.json").write_text("mine")
+    with pytest.raises(models.CheckpointError, match="not a qerror checkpoint's sidecar"):
+        models.save_checkpoint(models.fashion_resnet("resnet18"), tmp_path / "m.pt",
+                               arch="resnet18", stem="imagenet", config={}, metrics={})
+    assert not (tmp_path / "m.pt").exists() and (tmp_path / "m.pt.json").read_text() == "mine"
+
+
+def test_checkpoints_differing_in_suffix_keep_their_own_training_states(idx_root, tmp_path,
+                                                                        capsys):
+    """x.pt and x.pth shared x.train-state.pt: an interrupted x.pt run's state let a
+    refused --checkpoint x.pth resume it and overwrite x.pth without --force."""
+    other = tmp_path / "ckpt.pth"
+    assert train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(tmp_path / "r0"),
+                       "--checkpoint", str(other), "--no-progress"]) == 0
+    before = other.read_bytes()
+    assert _main(idx_root, tmp_path, "--stop-after-steps", "3") == train.EXIT_INCOMPLETE
+    assert (tmp_path / "ckpt.pt.train-state.pt").is_file()
+    capsys.readouterr()
+    assert train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(tmp_path / "r1"),
+                       "--checkpoint", str(other), "--no-progress"]) == 2
+    assert "already holds a trained checkpoint" in capsys.readouterr().err
+    assert other.read_bytes() == before and _state_step(tmp_path) == 3
+
+
+def test_path_options_expand_the_home_folder(tmp_path, monkeypatch):
+    """--checkpoint '~/x.pt' made a folder named '~' in the current one (--out expanded)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train.build_parser().parse_args(["--checkpoint", "~/x.pt", "--out", "~/run",
+                                            "--data-root", "~/fm"])
+    assert (args.checkpoint, args.out, args.data_root) == (tmp_path / "x.pt", tmp_path / "run",
+                                                           tmp_path / "fm")
