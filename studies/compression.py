@@ -893,14 +893,15 @@ def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
 
 
 def _load_model(args):
-    from qerror.nn.models import fashion_resnet, load_checkpoint
+    from qerror.nn.models import FASHION_CLASSES, fashion_resnet, load_checkpoint
     from studies.train import get_or_train_baseline
 
     if args.smoke and args.checkpoint is None:
         return fashion_resnet(args.model, seed=args.seed), {
             "model": f"fashion-{args.model}-untrained-smoke", "seed": args.seed}
     if args.checkpoint is not None:
-        ckpt = load_checkpoint(args.checkpoint, expected_arch=args.model)
+        ckpt = load_checkpoint(args.checkpoint, expected_arch=args.model,
+                               expected_num_classes=FASHION_CLASSES)
     else:
         ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train,
                                      data_root=args.data_root)

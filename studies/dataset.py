@@ -703,6 +703,7 @@ def _load_network(args):
                                        "init_seed": args.seed},
                 {"val": 100, "calib": 100})
     from qerror.nn.models import (
+        FASHION_CLASSES,
         default_checkpoint_path,
         load_checkpoint,
         retrain_command,
@@ -711,7 +712,7 @@ def _load_network(args):
 
     # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
     if args.checkpoint is not None:
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(args.checkpoint, expected_num_classes=FASHION_CLASSES)
     else:
         path = default_checkpoint_path("resnet50")
         if not path.exists():

@@ -303,6 +303,7 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
 def _load_model(args, data_root):
     """(model, identity) for the arguments; SystemExit with the reason when it cannot."""
     from qerror.nn.models import (
+        FASHION_CLASSES,
         StateDictMismatchError,
         WeightsNotFoundError,
         fashion_resnet,
@@ -336,7 +337,8 @@ def _load_model(args, data_root):
                          "file, or leave it out for the cached baseline")
     # A refused checkpoint is a CheckpointError, which study_main reports as a refusal.
     if args.weights is not None:
-        ckpt = load_checkpoint(args.weights, expected_arch=args.model)
+        ckpt = load_checkpoint(args.weights, expected_arch=args.model,
+                               expected_num_classes=FASHION_CLASSES)
     else:
         # Under torchrun every rank would train its own copy into the same cache:
         # a missing baseline is trained by one process first (the message says how).

@@ -218,12 +218,13 @@ def load_data(data_root, train_images: int, val_images: int, calib_images: int,
 def load_backbone(args, data_root):
     """(model, identity): the checkpoint given, the cached baseline (trained first if
     missing), or for ``--smoke`` without ``--checkpoint`` an untrained ResNet."""
-    from qerror.nn.models import fashion_resnet, load_checkpoint
+    from qerror.nn.models import FASHION_CLASSES, fashion_resnet, load_checkpoint
     from studies.train import get_or_train_baseline
 
     if args.checkpoint is not None:
         ckpt = load_checkpoint(args.checkpoint, expected_arch=args.arch,
-                               expected_stem=args.stem)
+                               expected_stem=args.stem,
+                               expected_num_classes=FASHION_CLASSES)
     elif args.smoke:
         model = fashion_resnet(args.arch, args.stem, seed=args.seed)
         return model, {"model": f"fashion-{args.arch.value}-untrained-smoke", "seed": args.seed}

@@ -35,13 +35,14 @@ from torch import nn
 
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
-from qerror.data import cache_dir
+from qerror.data import CLASSES, cache_dir
 from qerror.files import atomic_write, jsonable, package_versions, sha256_file
 from qerror.rounding import RoundingMode
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
+FASHION_CLASSES = len(CLASSES)  # what a Fashion-MNIST baseline's classifier gives
 
 
 class Arch(Choice):
@@ -871,8 +872,10 @@ def get_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_ST
     CheckpointNotFoundError
         No checkpoint there; the message gives the training command.
     CheckpointError
-        A corrupt or mismatched checkpoint (it is never retrained over silently).
+        A corrupt or mismatched checkpoint, or one with another number of classes than
+        Fashion-MNIST's ten (it is never retrained over silently).
     """
     arch, stem = Arch.parse(arch), Stem.parse(stem)
     path = Path(path) if path is not None else default_checkpoint_path(arch, stem)
-    return load_checkpoint(path, expected_arch=arch, expected_stem=stem)
+    return load_checkpoint(path, expected_arch=arch, expected_stem=stem,
+                           expected_num_classes=FASHION_CLASSES)

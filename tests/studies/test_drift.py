@@ -1166,3 +1166,18 @@ def test_the_detectable_range_macros_keep_a_tenth_of_a_point():
                       pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
                                             "value"]), pd.DataFrame(), None, None)
     assert (m["DetectableMin"], m["DetectableMax"]) == ("1.6", "11.5")
+
+
+def test_a_checkpoint_of_another_number_of_classes_is_refused(fashion_root, tmp_path, capsys):
+    """A verified 5-class checkpoint ran, scoring 5 logits against 10-class labels."""
+    from qerror.nn import models
+
+    five = tmp_path / "five.pt"
+    models.save_checkpoint(models.fashion_resnet("resnet18", num_classes=5), five,
+                           arch="resnet18", stem="imagenet", config={}, metrics={})
+    out = tmp_path / "d"
+    assert drift.main(["--smoke", "--weights", str(five), "--data-root", str(fashion_root),
+                       "--out", str(out)]) == 2
+    assert "num_classes" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(models.CheckpointError, match="num_classes"):
+        models.get_baseline("resnet18", path=five)
