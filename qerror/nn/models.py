@@ -638,6 +638,15 @@ def retrain_command(arch: Arch | str | None = None, stem: Stem | str | None = No
     return cmd
 
 
+def _stem_layout(model: nn.Module) -> tuple:
+    """What a ResNet's stem does that its state dict does not say: the first convolution's
+    kernel, stride and padding, and the max-pool (or its absence)."""
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    return (None if conv is None else (tuple(conv.kernel_size), tuple(conv.stride),
+                                       tuple(conv.padding)),
+            type(pool).__name__)
+
+
 def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, stem: Stem | str,
                     config: Any, metrics: Any) -> CheckpointInfo:
     """Write a Fashion-MNIST model's weights and metadata, and a sidecar with their sha256.
@@ -678,11 +687,19 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     """
     arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
     num_classes = int(model.fc.out_features)
+    reference = fashion_resnet(arch, stem, num_classes)
     try:
-        check_state_dict(fashion_resnet(arch, stem, num_classes), model.state_dict(),
+        check_state_dict(reference, model.state_dict(),
                          f"the model given as a {arch.value}/{stem.value}")
     except StateDictMismatchError as exc:
         raise type(exc)(f"{exc}\nRefusing to save it: nothing was written to {path}.") from exc
+    # the CIFAR and conv3-pool stems have the same keys (a max-pool has none): the layers
+    # that tell them apart are compared too
+    if _stem_layout(model) != _stem_layout(reference):
+        raise StateDictMismatchError(
+            f"the model given as a {arch.value}/{stem.value} has the stem "
+            f"{_stem_layout(model)}, not that stem's {_stem_layout(reference)}; pass its own "
+            f"stem. Refusing to save it: nothing was written to {path}.")
     meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "arch": arch.value, "stem": stem.value, "num_classes": num_classes,
             "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),

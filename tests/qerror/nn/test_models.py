@@ -481,3 +481,15 @@ def test_a_folder_given_as_a_checkpoint_is_named_a_folder(tmp_path):
                                                      "checkpoint file") as caught:
         models.load_checkpoint(tmp_path)
     assert not isinstance(caught.value, CheckpointNotFoundError)
+
+
+def test_a_stem_its_state_dict_cannot_tell_is_refused_by_save(tmp_path):
+    """A CIFAR-stem network saved as conv3-pool (the same keys: a max-pool has none) loaded
+    with a max-pool, and gave other logits."""
+    cifar = models.fashion_resnet("resnet18", "cifar")
+    with pytest.raises(models.StateDictMismatchError, match="stem"):
+        models.save_checkpoint(cifar, tmp_path / "m.pt", arch="resnet18", stem="conv3-pool",
+                               config={}, metrics={})
+    assert not list(tmp_path.iterdir())
+    models.save_checkpoint(cifar, tmp_path / "m.pt", arch="resnet18", stem="cifar",
+                           config={}, metrics={})
