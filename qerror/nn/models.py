@@ -396,6 +396,14 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     if non_finite:
         raise NonFiniteWeightsError(f"{what} holds non-finite values (NaN or Inf), which no "
                                     f"quantization range can cover: {_listing(non_finite, 5)}")
+    # a variance below zero is no BatchNorm's: its normalisation would take a square root
+    # of a negative number (the network's output is not finite)
+    negative = [k for k, v in state.items() if k.endswith("running_var")
+                and v.is_floating_point() and bool((v < 0).any())]
+    if negative:
+        raise StateDictMismatchError(f"{what} holds BatchNorm running variances below zero, "
+                                     f"which no BatchNorm computes: {_listing(negative, 5)}; "
+                                     "nothing was loaded")
 
 
 def load_state_dict_exactly(model: nn.Module, state: Mapping[str, Any],

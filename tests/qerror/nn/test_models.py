@@ -493,3 +493,13 @@ def test_a_stem_its_state_dict_cannot_tell_is_refused_by_save(tmp_path):
     assert not list(tmp_path.iterdir())
     models.save_checkpoint(cifar, tmp_path / "m.pt", arch="resnet18", stem="cifar",
                            config={}, metrics={})
+
+
+def test_a_negative_batchnorm_variance_is_refused():
+    """It was loaded, and the network's output was not finite."""
+    model = models.fashion_resnet("resnet18")
+    state = model.state_dict()
+    state["bn1.running_var"] = state["bn1.running_var"].clone()
+    state["bn1.running_var"][3] = -1.0
+    with pytest.raises(models.StateDictMismatchError, match="bn1.running_var"):
+        models.check_state_dict(models.fashion_resnet("resnet18"), state, "the file")
