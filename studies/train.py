@@ -469,26 +469,32 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
               "device": str(next(result.model.parameters()).device.type)}
     timing_keys = ("train_seconds", "median_step_seconds", "torch_threads")
     # made after training: --force decides again whether a run now at --out is replaced
-    with RunDir(out, "train", argv, config, force=force) as run:
-        # Measured times go to files of their own, named in the manifest, so a rerun of the
-        # same command writes the other outputs byte for byte. The checkpoint's sha256 is
-        # in the manifest: the checkpoint records when it was made and how long it took.
-        run.write_csv("epochs.csv", epochs.drop(columns="train_seconds"))
-        run.write_csv("steps.csv", steps.drop(columns="seconds"))
-        run.write_csv("step_seconds.csv", steps[["step", "seconds"]], timing=True)
-        run.write_json("timing.json", {**{k: metrics[k] for k in timing_keys},
-                                       "epoch_train_seconds": epochs["train_seconds"].tolist()},
-                       timing=True)
-        run.write_json("summary.json", {"recipe": recipe, "checkpoint": str(checkpoint),
-                                        **{k: v for k, v in metrics.items()
-                                           if k not in timing_keys}})
-        _figure(run, steps, epochs, result.total_steps // recipe.epochs,
-                metrics["test_accuracy"], test_ci.ci,
-                f"{recipe.arch.value}, {recipe.stem.value} stem, Fashion-MNIST")
-        run.extra = {"model": {"arch": recipe.arch.value, "stem": recipe.stem.value,
-                               "checkpoint": str(checkpoint), "sha256": info.sha256},
-                     "data": data_identity}
-        final = run.finish()
+    try:
+        with RunDir(out, "train", argv, config, force=force) as run:
+            # Measured times go to files of their own, named in the manifest, so a rerun of the
+            # same command writes the other outputs byte for byte. The checkpoint's sha256 is
+            # in the manifest: the checkpoint records when it was made and how long it took.
+            run.write_csv("epochs.csv", epochs.drop(columns="train_seconds"))
+            run.write_csv("steps.csv", steps.drop(columns="seconds"))
+            run.write_csv("step_seconds.csv", steps[["step", "seconds"]], timing=True)
+            run.write_json("timing.json",
+                           {**{k: metrics[k] for k in timing_keys},
+                            "epoch_train_seconds": epochs["train_seconds"].tolist()},
+                           timing=True)
+            run.write_json("summary.json", {"recipe": recipe, "checkpoint": str(checkpoint),
+                                            **{k: v for k, v in metrics.items()
+                                               if k not in timing_keys}})
+            _figure(run, steps, epochs, result.total_steps // recipe.epochs,
+                    metrics["test_accuracy"], test_ci.ci,
+                    f"{recipe.arch.value}, {recipe.stem.value} stem, Fashion-MNIST")
+            run.extra = {"model": {"arch": recipe.arch.value, "stem": recipe.stem.value,
+                                   "checkpoint": str(checkpoint), "sha256": info.sha256},
+                         "data": data_identity}
+            final = run.finish()
+    except StudyError as exc:  # the work is not lost: say so, and how to finish it
+        raise StudyError(f"{exc}. The trained checkpoint is written ({checkpoint}) and the "
+                         f"training state kept ({state_path}): the same command with a free "
+                         "--out finishes the run in seconds") from exc
     state_path.unlink(missing_ok=True)
     print(f"[train] {recipe.arch.value}/{recipe.stem.value}: test accuracy "
           f"{metrics['test_accuracy']:.4f} [{test_ci.ci[0]:.4f}, {test_ci.ci[1]:.4f}] "

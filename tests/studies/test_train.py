@@ -561,3 +561,19 @@ def test_path_options_expand_the_home_folder(tmp_path, monkeypatch):
                                             "--data-root", "~/fm"])
     assert (args.checkpoint, args.out, args.data_root) == (tmp_path / "x.pt", tmp_path / "run",
                                                            tmp_path / "fm")
+
+
+def test_an_out_taken_during_training_says_the_work_is_kept(idx_root, tmp_path, capsys,
+                                                            monkeypatch):
+    """The refusal came after hours of training and said nothing of the checkpoint written
+    and the state kept; the same command with a free --out finishes from them."""
+    from studies._common import StudyError
+
+    def taken(*args, **kwargs):
+        raise StudyError("another run was written to --out while this one ran")
+
+    monkeypatch.setattr(train, "RunDir", taken)
+    assert _main(idx_root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "The trained checkpoint is written" in err and "training state kept" in err
+    assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "ckpt.pt.train-state.pt").is_file()
