@@ -401,27 +401,36 @@ def _normal_pieces(alpha, beta, w: float, pmax: int) -> np.ndarray:
     return out
 
 
-class _Normal:
-    """Normal law with mean ``mu`` and standard deviation ``sigma`` (in whatever units)."""
+class _LocationScale:
+    """A law of location ``mu`` and width ``width`` (real units) placed against the grid.
+
+    ``w`` is the width in steps; :meth:`_t` the standardised position ``(u - c)/w`` of grid
+    points ``u``, ``c = μ/s + z``, formed from the exact frame (:class:`_Frame`), never from
+    ``fl(μ/s + z)``.
+    """
 
     mean_finite = var_finite = True
     lower_unbounded = upper_unbounded = True
+    _WIDTH = "scale"  # the width's name in messages
 
-    def __init__(self, mu: float, sigma: float, frame: _Frame = _UNIT_FRAME):
-        self.mu = mu
-        self.sigma = sigma
-        self.frame = frame
-        # σ in steps, and σ in the frame's scaled real units (exact: a power of two)
-        self.w = sigma / frame.s
-        self._sigma_scaled = frame.scaled(sigma)
+    def __init__(self, mu: float, width: float, frame: _Frame = _UNIT_FRAME):
+        self.mu, self.width, self.frame = mu, width, frame
+        # the width in steps, and in the frame's scaled real units (exact: a power of two)
+        self.w = width / frame.s
+        self._width_scaled = frame.scaled(width)
 
-    def lsb(self, s: float, z: float) -> _Normal:
-        _check_frame(self.mu, self.sigma, s, "scale (σ)")
-        return _Normal(self.mu, self.sigma, _Frame(s, z))
+    def lsb(self, s: float, z: float):
+        _check_frame(self.mu, self.width, s, self._WIDTH)
+        return type(self)(self.mu, self.width, _Frame(s, z))
 
     def _t(self, u):
-        """Standardised position ``(u - c)/w`` of grid points ``u``, ``c = μ/s + z``."""
-        return -self.frame.residual(u, self.mu) / self._sigma_scaled
+        return -self.frame.residual(u, self.mu) / self._width_scaled
+
+
+class _Normal(_LocationScale):
+    """Normal law with mean ``mu`` and standard deviation ``width`` (σ)."""
+
+    _WIDTH = "scale (σ)"
 
     def cdf(self, u: float) -> float:
         return float(special.ndtr(self._t(u)))
@@ -512,26 +521,10 @@ def _laplace_pieces(alpha, beta, w: float, pmax: int) -> np.ndarray:
     return out
 
 
-class _Laplace:
-    """Laplace law with location ``mu`` and scale ``b``."""
+class _Laplace(_LocationScale):
+    """Laplace law with location ``mu`` and scale ``width`` (b; ``w`` in steps)."""
 
-    mean_finite = var_finite = True
-    lower_unbounded = upper_unbounded = True
-
-    def __init__(self, mu: float, b: float, frame: _Frame = _UNIT_FRAME):
-        self.mu = mu
-        self.scale = b
-        self.frame = frame
-        self.b = b / frame.s  # in steps
-        self._b_scaled = frame.scaled(b)
-
-    def lsb(self, s: float, z: float) -> _Laplace:
-        _check_frame(self.mu, self.scale, s, "scale (b)")
-        return _Laplace(self.mu, self.scale, _Frame(s, z))
-
-    def _t(self, u):
-        """Standardised position ``(u - c)/b`` of grid points ``u`` (see :class:`_Normal`)."""
-        return -self.frame.residual(u, self.mu) / self._b_scaled
+    _WIDTH = "scale (b)"
 
     def cdf(self, u: float) -> float:
         t = float(self._t(u))
@@ -546,13 +539,13 @@ class _Laplace:
         t_left, t_right = t[:-1], t[1:]
         alpha = np.where(anchor_left, t_left, -t_right)
         beta = np.where(anchor_left, t_right, -t_left)
-        g = _laplace_pieces(alpha, beta, 0.5 / self.b, pmax)
-        return g * (self.b ** np.arange(pmax + 1))[:, None]
+        g = _laplace_pieces(alpha, beta, 0.5 / self.w, pmax)
+        return g * (self.w ** np.arange(pmax + 1))[:, None]
 
     def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
         d = float(self.frame.steps(a, self.mu))  # c - a, in steps
         g = float(self._t(a)) * (1.0 if upper else -1.0)
-        b = self.b
+        b = self.w
         if g >= 0:
             return np.array([0.5 * math.exp(-g) * math.factorial(j) * b**j
                              for j in range(jmax + 1)])
