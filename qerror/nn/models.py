@@ -480,16 +480,21 @@ def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
         return nn.Sequential(*layers)
 
 
+def _named_weights(weights):
+    """torchvision's ResNet50 weights member a name stands for (``"IMAGENET1K_V2"``,
+    ``"DEFAULT"``), else ``weights`` as given (a member, or a local file's path)."""
+    members = torchvision.models.ResNet50_Weights.__members__
+    return members[weights] if isinstance(weights, str) and weights in members else weights
+
+
 def imagenet_eval_sizes(weights: str | Path | torchvision.models.ResNet50_Weights
                         ) -> dict[str, int]:
     """``resize`` and ``crop`` of the evaluation preprocessing the weights were published
     with (their ``transforms()``: 256/224 for ``IMAGENET1K_V1``, 232/224 for
     ``IMAGENET1K_V2`` and ``DEFAULT``), for :func:`qerror.data.imagenet_folder`; a local
     file, whose recipe is unknown, gets the classic 256/224."""
-    enum_cls = torchvision.models.ResNet50_Weights
-    if isinstance(weights, str) and weights in enum_cls.__members__:
-        weights = enum_cls[weights]
-    if not isinstance(weights, enum_cls):
+    weights = _named_weights(weights)
+    if not isinstance(weights, torchvision.models.ResNet50_Weights):
         return {"resize": 256, "crop": 224}
     tf = weights.transforms()
     return {"resize": int(tf.resize_size[0]), "crop": int(tf.crop_size[0])}
@@ -527,8 +532,7 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
         shapes); no model is returned, so none is ever half-loaded.
     """
     enum_cls = torchvision.models.ResNet50_Weights
-    if isinstance(weights, str) and weights in enum_cls.__members__:
-        weights = enum_cls[weights]
+    weights = _named_weights(weights)
     if isinstance(weights, enum_cls):
         if not _hub_file(weights).is_file() and not download:
             raise WeightsNotFoundError(
