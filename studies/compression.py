@@ -276,8 +276,6 @@ def point(key: str, method: str, family: str, config: str, counted: int, file_by
     from the reference (the dense float network) with McNemar's p, and McNemar's p against
     ``tuned`` (the dense network fine-tuned as the pruned ones) where given; ``key`` names
     its LaTeX macros."""
-    correct = np.asarray(correct, dtype=bool)
-    reference = None if reference is None else np.asarray(reference, dtype=bool)
     n, k = int(correct.size), int(correct.sum())
     ci = wilson_ci(k, n, ALPHA)
     row = {"key": letters(key), "method": method, "family": family, "config": config,
@@ -287,11 +285,12 @@ def point(key: str, method: str, family: str, config: str, counted: int, file_by
            "p_vs_dense": math.nan, "p_within_one_point": math.nan, **extra}
     if reference is not None:
         row["delta_vs_dense"] = k / n - float(reference.mean())
-        row["p_vs_dense"] = mcnemar_test(correct, reference, ALPHA).p_value
-        # non-inferiority at one point: the lower one-sided test of the paired TOST
-        only_a, only_b = int((correct & ~reference).sum()), int((reference & ~correct).sum())
+        paired = mcnemar_test(correct, reference, ALPHA)
+        row["p_vs_dense"] = paired.p_value
+        # non-inferiority at one point: the lower one-sided test of the paired TOST, on the
+        # same discordant counts
         row["p_within_one_point"] = paired_accuracy_equivalence(
-            only_a, only_b, n, ONE_POINT, ALPHA).p_low
+            paired.only_a, paired.only_b, n, ONE_POINT, ALPHA).p_low
     row["p_vs_dense_finetuned"] = (math.nan if tuned is None else
                                    mcnemar_test(correct, tuned, ALPHA).p_value)
     return row
