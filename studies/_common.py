@@ -391,19 +391,66 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
             f"--out {final} holds a run of the {manifest.get('study')!r} study, not of "
             f"{study!r}; it is never replaced by another study, with --force neither. Pass a "
             f"new or empty folder, e.g. {elsewhere}")
-    listed = set(manifest["outputs"]) | {MANIFEST}
-    extra = sorted(str(p.relative_to(final)) for p in final.rglob("*")
-                   if (p.is_file() or p.is_symlink()) and str(p.relative_to(final)) not in listed)
+    extra = _unlisted(final, set(manifest["outputs"]) | {MANIFEST})
     if extra:
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         raise StudyError(
-            f"--out {final} holds a run of the {study} study and also {len(extra)} file(s) "
+            f"--out {final} holds a run of the {study} study and also {len(extra)} item(s) "
             f"its manifest does not list ({shown}); they would be lost, so it is not "
             f"replaced, with --force neither. Move them away or pass another --out")
     if not force:
         raise StudyError(
             f"--out {final} holds a previous run of the {study} study; pass --force to "
             f"replace it when this run finishes, or another --out")
+
+
+def _unlisted(final: Path, listed: set[str]) -> list[str]:
+    """The entries of the run folder ``final`` that replacing it would lose and its manifest
+    does not list: files and links it does not name, anything that is not a plain file or a
+    link (a named pipe, a socket), and folders that hold none of its files (an empty one
+    too); paths relative to ``final``, sorted. Links are not followed."""
+    keep = {str(parent) for name in listed for parent in Path(name).parents}
+    extra = []
+    for root, dirs, files in os.walk(final):
+        for name in (*dirs, *files):
+            p = Path(root, name)
+            rel = str(p.relative_to(final))
+            if p.is_symlink():
+                if rel not in listed:
+                    extra.append(rel)
+            elif p.is_dir():
+                if rel not in keep:
+                    extra.append(rel + "/")
+                    dirs.remove(name)  # what it holds goes with it, named once
+            elif rel not in listed or not p.is_file():
+                extra.append(rel)
+    return sorted(extra)
+
+
+def _manifest_sha(folder: Path) -> str | None:
+    """The sha256 of the manifest of the run in ``folder`` (None: it has none): which run
+    it is."""
+    try:
+        return sha256_file(Path(folder) / MANIFEST)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """For the block, SIGINT and SIGTERM wait (they are delivered, and Ctrl-C raised, when
+    it ends): a few renames that must happen together. From the main thread only; elsewhere
+    (and where signals cannot be masked) the block runs as it is."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _alive(pid: int) -> bool:
@@ -440,7 +487,8 @@ def clean_stale_partials(final: Path) -> list[Path]:
     return removed
 
 
-def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "") -> Path:
+def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "",
+                          instead: str | None = None) -> Path:
     """The folder that will hold ``target`` (its nearest existing ancestor), checked to be a
     folder this process can create files in, by creating and removing a probe file there.
 
@@ -451,21 +499,22 @@ def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str
     ------
     StudyError
         Naming ``option`` and ``target``; ``why`` follows the reason, ``hint`` ends the
-        message.
+        message; ``instead`` replaces its advice (to pass ``option`` in another folder).
     """
     parent = Path(target).parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise StudyError(f"{option} {target}: {parent} is a file, so nothing can be made in "
-                         f"it; pass {option} in a folder{hint}")
+                         f"it; {instead or f'pass {option} in a folder'}{hint}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".qerror-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise StudyError(f"{option} {target}: cannot write in {parent} ({err.strerror}){why}; "
-                         f"pass {option} in a folder you can write to{hint}") from err
+                         f"{instead or f'pass {option} in a folder you can write to'}{hint}"
+                         ) from err
     return parent
 
 
@@ -633,6 +682,9 @@ class RunDir:
         # one that appears while this run works (another run aimed at the same folder) was
         # not, and is never replaced by finish().
         self.replaces = self.final.is_dir() and any(self.final.iterdir())
+        # ... and which run it is: another run aimed at the same folder with --force may
+        # replace it first, and its run is not this one's to replace
+        self.replaced = _manifest_sha(self.final) if self.replaces else None
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
         if self.stage.exists():
@@ -757,7 +809,7 @@ class RunDir:
         }
         self.write_json(MANIFEST, manifest)
         self._check_interrupts()
-        old = None
+        old, published, interrupted = None, False, False
         try:
             # The destination may have changed while the study ran.
             if self.final.exists() and not self.final.is_dir():
@@ -765,16 +817,26 @@ class RunDir:
                                  "left as it is")
             if self.final.is_dir():
                 _check_replaceable(self.final, self.study, force=True)
-                if not self.replaces and any(self.final.iterdir()):
+                if any(self.final.iterdir()) and (
+                        not self.replaces or _manifest_sha(self.final) != self.replaced):
                     raise StudyError(f"another run was written to --out {self.final} while "
                                      "this one ran; it is left as it is (a run replaces "
                                      "only what was there when it started, with --force)")
                 old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-                self.final.rename(old)
-            self.stage.rename(self.final)
-            _PUBLISHED.append(self.final)
+            with _signals_held():
+                # a Ctrl-C between the two renames would leave neither run at --out (the
+                # previous one in a folder the next run removes): it waits for both
+                if old is not None:
+                    self.final.rename(old)
+                self.stage.rename(self.final)
+                _PUBLISHED.append(self.final)
+                published = True
         except (OSError, StudyError) as err:
             self._keep_unplaced(err, old)
+        except KeyboardInterrupt:
+            if not published:
+                raise
+            interrupted = True  # held while the run moved into place: it is there
         if old is not None:
             try:
                 shutil.rmtree(old)
@@ -782,6 +844,8 @@ class RunDir:
                 raise PublishedInterrupt(
                     f"it is complete at {self.final}; the previous run's copy at {old} was "
                     "not fully removed (the next run aimed at this --out removes it)") from None
+        if interrupted:
+            raise PublishedInterrupt(f"it is complete at {self.final}")
         return self.final
 
     def _check_interrupts(self) -> None:
@@ -792,8 +856,8 @@ class RunDir:
         """The run is complete but cannot go to ``--out``: keep it under a name no later run
         removes (or, failing that, where it is), put back what was at ``--out``, and raise a
         StudyError that says where both are."""
-        restored = old is None
-        if old is not None and not self.final.exists():
+        restored = old is None or not old.exists()  # (the previous run was never moved)
+        if not restored and not self.final.exists():
             try:
                 old.rename(self.final)
                 restored = True

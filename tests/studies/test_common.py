@@ -106,7 +106,8 @@ def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
     (tmp_path / "run" / "sub").mkdir()
     (tmp_path / "run" / "sub" / "mine.txt").write_text("keep me")
     before = _files(tmp_path)
-    with pytest.raises(_common.StudyError, match=r"1 file\(s\) its manifest does not list"):
+    with pytest.raises(_common.StudyError,
+                       match=r"1 item\(s\) its manifest does not list \(sub/\)"):
         _common.check_out(tmp_path / "run", "demo", force=True)
     # Also when the file appears while a run is under way: finish refuses to replace it,
     # and keeps the finished run beside it, named in the message.
@@ -480,3 +481,85 @@ def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
         assert (out / "x.csv").read_text() == "x\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert sys.unraisablehook is hook
+
+
+def test_two_forced_runs_at_one_out_never_replace_each_others_run(tmp_path):
+    """Two runs started with --force while one previous run was at --out: the first to
+    finish replaces it; the second finds another run than the one it was allowed to replace,
+    leaves it, and keeps its own beside it, named."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", ["--seed", "0"], {}) as run:
+        run.write_text("x.csv", "previous\n")
+        run.finish()
+    with RunDir(out, "demo", ["--seed", "2"], {}) as second:
+        with RunDir(out, "demo", ["--seed", "1"], {}) as first:
+            first.write_text("x.csv", "first\n")
+            first.finish()
+        second.write_text("x.csv", "second\n")
+        with pytest.raises(_common.StudyError, match="another run was written to --out"):
+            second.finish()
+    assert (out / "x.csv").read_text() == "first\n"
+    assert (tmp_path / f"run.finished-{os.getpid()}" / "x.csv").read_text() == "second\n"
+
+
+@pytest.mark.parametrize("what", ["empty folder", "named pipe"])
+def test_a_previous_run_is_not_replaced_over_a_folder_or_pipe_it_does_not_list(tmp_path, what):
+    """Replacing a run removes its whole folder: an empty folder, or a named pipe, that the
+    user put there is as much theirs as a file, and refused as one."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}) as run:
+        run.write_text("sub/x.csv", "1\n")
+        run.finish()
+    _common.check_out(out, "demo", force=True)  # the run's own folders are its own
+    if what == "empty folder":
+        (out / "sub" / "mine").mkdir()
+        shown = "sub/mine/"
+    else:
+        os.mkfifo(out / "pipe")
+        shown = "pipe"
+    with pytest.raises(_common.StudyError, match=rf"1 item\(s\) its manifest does not list "
+                                                 rf"\({shown}\)"):
+        _common.check_out(out, "demo", force=True)
+
+
+def test_ctrl_c_between_the_two_renames_leaves_the_new_run_published(tmp_path):
+    """A Ctrl-C that arrives after the previous run was moved aside and before the new one
+    took its place waits for the move: the new run is at --out, complete, the previous
+    one removed, and the exit says it was published."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}) as run:
+        run.write_text("x.csv", "old\n")
+        run.finish()
+    script = f"""
+import os, signal, sys
+from pathlib import Path
+from studies import _common
+
+out = Path({str(out)!r})
+real_rename = Path.rename
+
+def rename(self, target):
+    moved = real_rename(self, target)
+    if self == out:  # the previous run, moved aside
+        os.kill(os.getpid(), signal.SIGINT)
+    return moved
+
+def body(argv):
+    with _common.RunDir(out, "demo", [], {{}}) as run:
+        run.write_text("x.csv", "new\\n")
+        Path.rename = rename
+        run.finish()
+    return 0
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(_common.study_main(body)([]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == _common.EXIT_INTERRUPTED, done.stderr
+    assert "interrupted after the run was published: it is complete at" in done.stderr
+    assert (out / "x.csv").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
