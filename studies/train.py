@@ -80,6 +80,7 @@ from qerror.nn.training import (
 from studies._common import (
     DATA_ROOT_HELP,
     REPO,
+    PublishedInterrupt,
     RunDir,
     StudyError,
     base_parser,
@@ -330,7 +331,7 @@ def _main(argv: list[str]) -> int:
                 try:
                     check_out(out, "train", force=args.force)
                     _check_targets(checkpoint, out, force=args.force or (
-                        args.resume and state_path.is_file()))
+                        args.resume and state_path.is_file()), cache=args.checkpoint is None)
                 except StudyError as exc:
                     refusal = str(exc)
             # every rank stops with rank 0's words, not in the collective it would wait in
@@ -389,55 +390,71 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
     try:
         return _write_results(recipe, splits, result, checkpoint, state_path, out, argv,
                               args.smoke, world_size, force=args.force)
+    except PublishedInterrupt as exc:
+        print(f"[train] interrupted after the run was published: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"[train] interrupted while writing the results; the trained state is kept in "
               f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _check_targets(checkpoint: Path, out: Path | str, *, force: bool) -> None:
+def _check_targets(checkpoint: Path, out: Path | str, *, force: bool, cache: bool = False
+                   ) -> None:
     """StudyError unless the checkpoint may be written where asked (below) outside ``out``.
 
     The run folder is staged and published as a whole: a checkpoint (and its state) inside
     it would be written there by training and refused after it. ``force`` also holds for a
     run cut while writing its results, which has saved the checkpoint but kept its state:
-    rerunning the command finishes it and may replace that checkpoint.
+    rerunning the command finishes it and may replace that checkpoint. ``cache``: the
+    checkpoint is the cache's (no ``--checkpoint`` given), and the messages say so.
     """
     inside = Path(out).expanduser().resolve()
     if checkpoint.expanduser().resolve().is_relative_to(inside):
         raise StudyError(f"--checkpoint {checkpoint} lies inside --out {out}, which holds the "
                          "run's own outputs only (it is staged and replaced as a whole); pass "
                          "a --checkpoint outside it")
-    _check_checkpoint_target(checkpoint, force=force)
+    _check_checkpoint_target(checkpoint, force=force, cache=cache)
 
 
-def _check_checkpoint_target(path: Path, *, force: bool) -> None:
+def _check_checkpoint_target(path: Path, *, force: bool, cache: bool = False) -> None:
     """StudyError unless ``path`` may receive the trained checkpoint.
 
     A missing file may; a qerror checkpoint (it has its sidecar) may with ``force``; any
-    other file is never replaced, nor is a folder.
+    other file is never replaced, nor is a folder. ``cache``: ``path`` is the cache's
+    checkpoint, not one the user named with ``--checkpoint``, and the messages say so (and
+    how to choose another place).
     """
+    what = "the cache's checkpoint" if cache else "--checkpoint"
+    elsewhere = (" (or set XDG_CACHE_HOME to another cache folder, or pass --checkpoint with "
+                 "a file of your own)" if cache else "")
     if path.is_dir():
-        raise StudyError(f"--checkpoint {path} is a folder; pass the name of a file, e.g. "
-                         f"--checkpoint {path / 'model.pt'}")
+        raise StudyError(f"{what} {path} is a folder; it is never replaced: "
+                         + ("move it away" if cache else "pass the name of a file, e.g. "
+                            f"--checkpoint {path / 'model.pt'}") + elsewhere)
     # Its folder also holds the resumable state, written from the first checkpoint step on.
-    check_writable_parent(path, "--checkpoint", why=", where the checkpoint and the training "
-                          "state are written")
+    check_writable_parent(path, what, why=", where the checkpoint and the training state are "
+                          "written", instead="set XDG_CACHE_HOME to a folder you can write in, "
+                          "or pass --checkpoint with a file of your own" if cache else None)
     sidecar = sidecar_path(path)
     if (sidecar.exists() or sidecar.is_symlink()) and not has_checkpoint_sidecar(path):
-        raise StudyError(f"--checkpoint {path}: {sidecar}, where its sidecar would be written, "
+        raise StudyError(f"{what} {path}: {sidecar}, where its sidecar would be written, "
                          "exists and is not a qerror checkpoint's sidecar; it is never "
-                         "replaced, with --force neither. Pass the name of a new file")
+                         "replaced, with --force neither. "
+                         + ("Move it away" + elsewhere if cache else "Pass the name of a new file"))
     if not path.exists():
         return
     if not has_checkpoint_sidecar(path):
-        raise StudyError(f"--checkpoint {path} is an existing file that is not a qerror "
+        raise StudyError(f"{what} {path} is an existing file that is not a qerror "
                          f"checkpoint (there is no qerror sidecar {sidecar_path(path).name} "
-                         "beside it); it is never replaced, with --force neither. Pass the name "
-                         "of a new file")
+                         "beside it); it is never replaced, with --force neither. "
+                         + ("Move it away" + elsewhere if cache else
+                            "Pass the name of a new file"))
     if not force:
-        raise StudyError(f"--checkpoint {path} already holds a trained checkpoint; pass --force "
-                         "to replace it with the one this run trains, or another --checkpoint")
+        raise StudyError(f"{what} {path} already holds a trained checkpoint; pass --force "
+                         "to replace it with the one this run trains, or "
+                         + ("--checkpoint with a file of your own" if cache
+                            else "another --checkpoint"))
 
 
 def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, checkpoint: Path,
@@ -490,7 +507,12 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
             run.extra = {"model": {"arch": recipe.arch.value, "stem": recipe.stem.value,
                                    "checkpoint": str(checkpoint), "sha256": info.sha256},
                          "data": data_identity}
-            final = run.finish()
+            try:
+                final = run.finish()
+            except PublishedInterrupt:
+                # the run is at --out, complete: the state has nothing left to finish
+                state_path.unlink(missing_ok=True)
+                raise
     except StudyError as exc:  # the work is not lost: say so, and how to finish it
         raise StudyError(f"{exc}. The trained checkpoint is written ({checkpoint}) and the "
                          f"training state kept ({state_path}): the same command with a free "

@@ -577,3 +577,43 @@ def test_an_out_taken_during_training_says_the_work_is_kept(idx_root, tmp_path, 
     err = capsys.readouterr().err
     assert "The trained checkpoint is written" in err and "training state kept" in err
     assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "ckpt.pt.train-state.pt").is_file()
+
+
+def test_a_cache_that_cannot_hold_the_checkpoint_is_named_as_the_cache(idx_root, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Without --checkpoint the model goes to the cache: a cache folder that cannot be made
+    is refused before training, in words that name the cache and the two ways out
+    (XDG_CACHE_HOME, --checkpoint), not an option the user never passed."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    code = train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(tmp_path / "run"),
+                       "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"the cache's checkpoint {blocker}/qerror/checkpoints/" in err
+    assert "set XDG_CACHE_HOME to a folder you can write in, or pass --checkpoint" in err
+    assert "pass --checkpoint in a folder" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_after_the_run_was_published_says_so_and_leaves_no_state(
+        idx_root, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C held while the run moved into place (or while the run it replaced was being
+    removed) comes after the run is complete at --out: the exit says so, and the training
+    state, which has nothing left to finish, is removed, instead of advice to rerun a
+    command that --out's now-complete run would refuse."""
+    real_finish = _common.RunDir.finish
+
+    def finish(self):
+        final = real_finish(self)
+        raise _common.PublishedInterrupt(f"it is complete at {final}")
+
+    monkeypatch.setattr(_common.RunDir, "finish", finish)
+    assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert f"interrupted after the run was published: it is complete at {tmp_path / 'run'}" \
+        in err and "To write them" not in err
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["study"] == "train"
+    assert (tmp_path / "ckpt.pt").is_file()
+    assert not (tmp_path / "ckpt.pt.train-state.pt").exists()
