@@ -106,6 +106,7 @@ HEADERS = {
     "mcnemar_p": r"McNemar $p$", "p_vs_float": r"$p$ vs float",
     "p_vs_nearest": r"$p$ vs nearest", "p_value": r"$p$", "p_holm": r"$p$ (Holm)",
     "mcnemar_p_holm": r"McNemar $p$ (Holm)",
+    "p_vs_float_holm": r"$p$ vs float (Holm)", "p_vs_nearest_holm": r"$p$ vs nearest (Holm)",
     "logit_sqnr_db": "logit SQNR (dB)", "sqnr_gain_db": r"$\Delta$SQNR (dB)",
     "agreement": "top-1 agreement", "agreement_with_float": "top-1 agreement",
     "recovered": "loss recovered",

@@ -113,6 +113,7 @@ from qerror.nn.models import forward_layout, imagenet_eval_sizes, memory_format
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import (
+    holm,
     mcnemar_from_counts,
     mcnemar_resolution,
     tail_share,
@@ -466,7 +467,26 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
                         f"delta_vs_{ref_name}_hi": -mc.ci[0],
                         f"p_vs_{ref_name}": mc.p_value})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return holm_columns(pd.DataFrame(rows), ["p_vs_float", "p_vs_nearest"])
+
+
+def holm_columns(frame: pd.DataFrame, columns: list[str],
+                 rows: pd.Series | None = None) -> pd.DataFrame:
+    """``frame`` with a column ``C_holm`` beside each p-value column ``C``: the p-values of
+    those columns in ``rows`` (default all), every one a test of one family, adjusted
+    together by Holm's step-down procedure (:func:`qerror.stats.holm`: the family-wise
+    error rate at α under any dependence between the tests); NaN where ``C`` is (no test)
+    or outside ``rows``. Columns that ``frame`` lacks are left out."""
+    columns = [c for c in columns if c in frame]
+    frame = frame.copy()
+    keep = np.ones(len(frame), bool) if rows is None else rows.to_numpy(bool)
+    values = frame[columns].to_numpy(float).copy()
+    tested = np.isfinite(values) & keep[:, None]
+    values[tested] = holm(values[tested])
+    values[~tested] = np.nan
+    for j, c in enumerate(columns):
+        frame[f"{c}_holm"] = values[:, j]
+    return frame
 
 
 def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
@@ -1180,6 +1200,8 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
         m["SubsetImages"] = f"{int(base.images.iloc[0]):,}"
         m["MeasuredConfigs"] = str(len(base))
         m["UnresolvedDrops"] = str(int((~base.differs.astype(bool)).sum()))
+        if (k := _unresolved_holm(base)) is not None:
+            m["UnresolvedDropsHolm"] = str(k)
         det = base.detectable[np.isfinite(base.detectable)]
         if len(det):
             # in points to a tenth, as the table prints them (one significant digit made
@@ -1627,7 +1649,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     run_bar.close()
     sites = pd.concat(frames[:n_base], ignore_index=True)
     fits = pd.DataFrame(fits)
+    # the grid's differences from float are one family of tests, adjusted together
     acc = recovery(pd.DataFrame(acc_rows))
+    if len(acc):
+        acc = holm_columns(acc, ["mcnemar_p"], acc.remedy == "none")
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     remedy_sites = pd.concat(frames[n_base:], ignore_index=True) \
         if len(frames) > n_base else pd.DataFrame()
@@ -1643,15 +1668,18 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
         run.extra.update(model=model_id, data=data.identity)
         if headline is not None:
             run.write_csv("headline.csv", headline)
+            tests = int(headline.filter(regex=r"^p_vs_\w+_holm$").notna().to_numpy().sum())
             run.write_latex_table(
                 "headline.tex", headline[[c for c in ("mode", "images", "acc", "acc_lo",
-                                                      "acc_hi", "delta_vs_float", "p_vs_float",
-                                                      "delta_vs_nearest", "p_vs_nearest")
+                                                      "acc_hi", "delta_vs_float",
+                                                      "p_vs_float_holm", "delta_vs_nearest",
+                                                      "p_vs_nearest_holm")
                                           if c in headline]],
                 f"Headline accuracy on {int(headline.images.iloc[0])} test "
                 f"images, 8-bit weights and activations: {100 * (1 - ALPHA):g}\\% Wilson "
                 "intervals, and the paired difference from float and from round-to-nearest "
-                "with McNemar's p.", "tab:drift-headline", float_format="%.4g")
+                f"with McNemar's p, Holm-adjusted over the table's {tests} tests (each "
+                "unadjusted in headline.csv).", "tab:drift-headline", float_format="%.4g")
         timing["measured_s"] = time.perf_counter() - started
         run.write_csv("timing.csv", pd.DataFrame([timing]), timing=True)
         run.write_csv("sites.csv", sites)
@@ -2071,13 +2099,23 @@ def _summary(acc, fits, pred, sites, xcheck, probe) -> dict:
     return s
 
 
+def _unresolved_holm(base: pd.DataFrame) -> int | None:
+    """How many of the grid's differences from float the family-wise test does not resolve
+    (Holm-adjusted McNemar p at or above ALPHA); None for a table without the column."""
+    if "mcnemar_p_holm" not in base:
+        return None
+    return int((~(base.mcnemar_p_holm < ALPHA)).sum())
+
+
 def _tables(run, acc, fits, pred) -> None:
     base = acc[acc.remedy == "none"]
     cols = [c for c in ("mode", "bits", "target", "quant_acc", "quant_lo", "quant_hi", "delta",
-                        "mcnemar_p", "detectable", "images_needed", "logit_sqnr_db")
+                        "mcnemar_p", "mcnemar_p_holm", "detectable", "images_needed",
+                        "logit_sqnr_db")
             if c in base]
     n = sorted(set(base["images"])) if "images" in base else []
     unresolved = int((~base["differs"]).sum()) if "differs" in base else 0
+    holm_unresolved = _unresolved_holm(base)
     run.write_latex_table("accuracy.tex", base[cols],
                           f"Accuracy of the fake-quantized network with its "
                           f"{100 * (1 - ALPHA):g}\\% Wilson interval, the drop from float and "
@@ -2087,7 +2125,10 @@ def _tables(run, acc, fits, pred) -> None:
                           f"with probability {RESOLVE_POWER:g} at the observed discordance, "
                           f"\\texttt{{images\\_needed}}: the images the observed drop "
                           f"would need so (Connor's plan). {unresolved} of {len(base)} differences "
-                          f"from float are not resolved here (p $\\geq$ {ALPHA:g}).",
+                          f"from float are not resolved here (p $\\geq$ {ALPHA:g})"
+                          + ("" if holm_unresolved is None else
+                             f", {holm_unresolved} when Holm's procedure adjusts the "
+                             f"{len(base)} tests together") + ".",
                           "tab:drift-accuracy")
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
                          "hi_images", "lo_layers", "hi_layers", "residual_ac1", "answer")

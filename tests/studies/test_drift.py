@@ -95,6 +95,11 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert head.images.eq(32).all() and (head.acc_lo <= head.acc).all()
     assert head.loc[head["mode"] == "float", "delta_vs_float"].isna().all()
     assert head.loc[head["mode"] == "floor", "p_vs_nearest"].notna().all()
+    # the table's seven tests adjusted together: never below the unadjusted p
+    for c in ("p_vs_float", "p_vs_nearest"):
+        assert (head[f"{c}_holm"].isna() == head[c].isna()).all()
+        assert (head[f"{c}_holm"].dropna() >= head[c].dropna()).all()
+    assert "Holm-adjusted over the table's 7 tests" in (out / "headline.tex").read_text()
     assert manifest["data"]["headline_images"] == 32
     growth = pd.read_csv(out / "growth.csv")
     assert set(growth.metric) == set(drift.GROWTH_METRICS)
@@ -1181,3 +1186,28 @@ def test_a_checkpoint_of_another_number_of_classes_is_refused(fashion_root, tmp_
     assert "num_classes" in capsys.readouterr().err and not out.exists()
     with pytest.raises(models.CheckpointError, match="num_classes"):
         models.get_baseline("resnet18", path=five)
+
+
+def test_the_grids_and_the_headlines_tests_are_adjusted_as_one_family_each():
+    """Holm's adjustment over the tests of a table, computed here from its definition: the
+    k-th smallest of m p-values times (m - k + 1), made non-decreasing, capped at 1; no test
+    (NaN) and rows outside the family keep NaN."""
+    frame = pd.DataFrame({"remedy": ["none", "none", "bn", "none", "none"],
+                          "mcnemar_p": [0.01, 0.04, 0.001, 0.03, math.nan]})
+    got = drift.holm_columns(frame, ["mcnemar_p"], frame.remedy == "none")
+    # the family: 0.01, 0.04, 0.03 (m = 3): 0.01*3, 0.03*2, 0.04*1, then non-decreasing
+    expected = {0.01: 0.03, 0.03: 0.06, 0.04: 0.06}
+    assert got.mcnemar_p_holm.iloc[[0, 1, 3]].tolist() == pytest.approx(
+        [expected[p] for p in (0.01, 0.04, 0.03)], rel=1e-15)
+    assert got.mcnemar_p_holm.iloc[[2, 4]].isna().all()
+    # two columns, one family: every finite p of both
+    head = pd.DataFrame({"p_vs_float": [math.nan, 0.2, 0.001], "p_vs_nearest": [math.nan,
+                                                                                 math.nan, 0.5]})
+    got = drift.holm_columns(head, ["p_vs_float", "p_vs_nearest"])
+    assert got.p_vs_float_holm.tolist()[1:] == pytest.approx([0.4, 0.003], rel=1e-15)
+    assert got.p_vs_nearest_holm.tolist()[2] == 0.5
+    assert got.p_vs_float_holm.isna().tolist() == [True, False, False]
+    # the accuracy table and its macro say how many the family-wise test leaves unresolved
+    acc = pd.DataFrame({"remedy": ["none"] * 3, "differs": [True, True, False],
+                        "mcnemar_p_holm": [0.03, 0.06, 0.06]})
+    assert drift._unresolved_holm(acc) == 2
