@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qerror.files import atomic_write, sha256_file
 from studies._common import is_smoke_run
 from studies._latex import signed
+from studies.bench import MEDIAN_LEVEL
 
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
@@ -1032,6 +1033,12 @@ def bench_drift(records) -> str:
     def timed(name_has: str, baseline: str) -> str:
         r = row(name_has, baseline)
         verdict = "met" if str(r.meets_goal) == "True" else "not met"
+        if isinstance(r.get("goal_verdict"), str):  # a record from after the bench decided
+            # its goals on the interval of the median
+            verdict = (f"{r.goal_verdict} (the median's {100 * MEDIAN_LEVEL:g} % interval "
+                       f"{r.median_lo:.2f}–{r.median_hi:.2f})" if r.goal_verdict != "not "
+                       "resolved" or math.isfinite(r.median_lo) else
+                       f"{r.goal_verdict} (too few pairs for an interval of the median)")
         return (f"{r.ratio_median:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f} over "
                 f"{int(r.pairs)} paired timings; goal {r.goal:g}×: {verdict})")
     return (

@@ -3,8 +3,11 @@
 Timings on a shared machine drift, so every row times its two candidates alternately
 (A, B, A, B, ...) on the same data and reports the median of the per-pair ratios with
 their range. Nothing here is a pass/fail test; the ``meets_goal`` column only compares
-the median with the goal that the issue states (left empty by ``--smoke``, whose problems
-are smaller than the goals are stated for).
+the median with the goal that the issue states, and ``goal_verdict`` says whether the pairs
+decide it: the distribution-free interval of the median (``median_lo``, ``median_hi``, at
+least :data:`MEDIAN_LEVEL`) lies below the goal ("met"), above it ("not met"), or around it
+("not resolved", also with fewer than five pairs, where no such interval exists). Both are
+left empty by ``--smoke``, whose problems are smaller than the goals are stated for.
 
 Run: ``python -m studies.bench`` (``--only fake_quantize`` for one group, ``--smoke`` for
 tiny sizes).
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import quantile_test
 
 from qerror import PreparedQuantizer, QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
 from qerror.interrupts import interrupt_reraised
@@ -59,13 +63,44 @@ class BenchRow:
     meets_goal: bool | None
     pairs: int
     note: str = ""
+    median_lo: float = math.nan
+    median_hi: float = math.nan
+    goal_verdict: str | None = None
+
+
+#: Coverage of the interval of a row's median ratio that decides its goal: each side of the
+#: goal at 5 %, as the studies' one-sided tests.
+MEDIAN_LEVEL = 0.90
+
+
+def median_interval(ratios: np.ndarray) -> tuple[float, float]:
+    """The distribution-free interval of the median of ``ratios`` with coverage at least
+    :data:`MEDIAN_LEVEL`: two order statistics, chosen from the binomial law of how many
+    ratios fall below the true median (the sign test's interval, :func:`scipy.stats.
+    quantile_test`); NaN for fewer than five ratios, where even the widest (their minimum
+    and maximum, coverage 1 - 2^(1-n)) falls short of it."""
+    ci = quantile_test(np.asarray(ratios, float), q=float(np.median(ratios)), p=0.5
+                       ).confidence_interval(MEDIAN_LEVEL)
+    return float(ci.low), float(ci.high)
+
+
+def goal_verdict(lo: float, hi: float, goal: float | None) -> str | None:
+    """"met" when the interval of the median lies at or below ``goal``, "not met" when it
+    lies above, "not resolved" otherwise (and without an interval); None without a goal."""
+    if goal is None:
+        return None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not resolved"
+    return "met" if hi <= goal else "not met" if lo > goal else "not resolved"
 
 
 def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow:
     med = float(np.median(ratios))
+    lo, hi = median_interval(ratios)
     return BenchRow(group, name, cand, base, med, float(ratios.min()), float(ratios.max()),
                     float(np.median(ta) * 1e3), float(np.median(tb) * 1e3), goal,
-                    None if goal is None else bool(med <= goal), len(ratios), note)
+                    None if goal is None else bool(med <= goal), len(ratios), note,
+                    lo, hi, goal_verdict(lo, hi, goal))
 
 
 # Issue #9 part 6: exact fake-quantization against PyTorch's nearest-even kernel, per tensor
@@ -910,7 +945,8 @@ GROUPS: dict[str, Callable] = {
 
 def to_markdown(frame: pd.DataFrame) -> str:
     cols = ["group", "name", "candidate", "baseline", "ratio_median", "ratio_min", "ratio_max",
-            "candidate_ms", "baseline_ms", "goal", "meets_goal", "note"]
+            "median_lo", "median_hi", "candidate_ms", "baseline_ms", "goal", "meets_goal",
+            "goal_verdict", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in frame[cols].iterrows():
         cells = [f"{v:.3g}" if isinstance(v, float) and not pd.isna(v) else
@@ -961,6 +997,7 @@ def _main(argv: list[str]) -> int:
         frame = pd.DataFrame([asdict(r) for r in rows])
         if args.smoke:  # test-sized problems: a goal stated for the real ones is not judged
             frame["meets_goal"] = None
+            frame["goal_verdict"] = None
         # Every row is a measured time ratio: none of it is the same bytes on a rerun.
         run.write_csv("bench.csv", frame, timing=True)
         table = to_markdown(frame)

@@ -2,8 +2,10 @@
 
 
 import argparse
+import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -32,6 +34,7 @@ def test_bench_smoke(tmp_path):
     assert local.goal.isna().all() and (local.ratio_median > 0).all()
     # a smoke run judges no goal (its problems are smaller than the goals are stated for)
     assert frame.goal.notna().any() and frame.meets_goal.isna().all()
+    assert frame.goal_verdict.isna().all()
 
 
 def test_wisard_peer_row_when_wisardpkg_is_installed(fashion_idx, monkeypatch):
@@ -126,3 +129,28 @@ def test_a_compile_failure_is_a_row_and_a_ctrl_c_inside_it_is_not(monkeypatch):
     monkeypatch.setattr(torch, "compile", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bench._compiled_row("demo", model, x, lambda: None, lambda m, t: m(t), 1, None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 11, 15, 40])
+def test_a_goal_is_decided_by_the_interval_of_the_median(n):
+    """The interval of the median ratio is the pair of order statistics x_(k), x_(n-k+1)
+    with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) <= k - 1) reaches the level
+    (worked out here from binomial coefficients); none below five pairs. The verdict is
+    "met" only when the whole interval lies at or below the goal."""
+    ratios = np.random.default_rng(n).lognormal(0.2, 0.1, n)
+    cover = [1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n for k in range(n + 1)]
+    ks = [k for k in range(1, (n + 1) // 2 + 1) if cover[k] >= bench.MEDIAN_LEVEL]
+    lo, hi = bench.median_interval(ratios)
+    if not ks:
+        assert n < 5 and math.isnan(lo) and math.isnan(hi)
+        assert bench.goal_verdict(lo, hi, 1.3) == "not resolved"
+        return
+    k, x = max(ks), np.sort(ratios)
+    assert (lo, hi) == (x[k - 1], x[n - k])
+    assert bench.goal_verdict(lo, hi, hi) == "met"
+    assert bench.goal_verdict(lo, hi, np.nextafter(lo, 0)) == "not met"
+    assert bench.goal_verdict(lo, hi, float(np.median(ratios))) == "not resolved"
+    assert bench.goal_verdict(lo, hi, None) is None
+    row = bench.make_row("g", "r", "a", "b", 1.0, ratios, ratios, np.ones(n))
+    assert (row.median_lo, row.median_hi) == (lo, hi)
+    assert row.goal_verdict == bench.goal_verdict(lo, hi, 1.0)
