@@ -267,8 +267,9 @@ class GradualSchedule:
     start: int = 0
 
     def __post_init__(self):
-        _check_sparsity(self.final)
-        _check_sparsity(self.initial)
+        # kept as Python floats: Fraction (exact_sparsity) refuses numpy's
+        object.__setattr__(self, "final", _check_sparsity(self.final))
+        object.__setattr__(self, "initial", _check_sparsity(self.initial))
         if self.initial > self.final:
             raise ValueError(f"initial sparsity {self.initial} exceeds final {self.final}")
         for name, low in (("updates", 1), ("interval", 1), ("start", 0)):

@@ -93,6 +93,42 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> _U64(31))
 
 
+def _tie_keys(words: np.ndarray, classes: np.ndarray) -> torch.Tensor:
+    """Keys that break ties between classes, int64 ``(N, C)`` in ``[0, 2^63)``: a hash of
+    each sample's own content ``words`` (``(N, W)`` integers; their positions are mixed in
+    here) with each class's identity ``classes`` (``(C,)`` uint64, :func:`_class_numbers`).
+    A pseudo-random order of the classes for each input, the same whatever the batch or the
+    sample's place in it: over inputs, each tied class wins equally often, where the lowest
+    class number won every tie."""
+    w = np.ascontiguousarray(words).astype(_U64, copy=False)
+    pos = np.arange(w.shape[1], dtype=_U64) * _U64(0xD1B54A32D192ED03)
+    h = _splitmix64(w + pos).sum(axis=1, dtype=_U64)  # wraps mod 2^64
+    return torch.from_numpy((_splitmix64(h[:, None] + classes[None, :]) >> _U64(1))
+                            .astype(np.int64))
+
+
+def _class_numbers(classes: int) -> np.ndarray:
+    """Identities ``(C,)`` uint64 of classes known by their number alone."""
+    return np.arange(1, classes + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15)
+
+
+def _bit_words(bits: torch.Tensor) -> np.ndarray:
+    """The 0/1 rows ``(N, B)`` packed into uint64 words ``(N, ceil(B/64))``."""
+    packed = np.packbits(bits.detach().cpu().numpy().astype(bool), axis=1)
+    pad = -packed.shape[1] % 8
+    packed = np.pad(packed, ((0, 0), (0, pad)))
+    return packed.view(">u8").astype(_U64)
+
+
+def _fair_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The class (dim 1) with the largest score, a tie going to the tied class with the
+    largest key (:func:`_tie_keys`); trailing dimensions of ``scores`` (one per bleaching
+    threshold) share the keys."""
+    top = scores == scores.amax(1, keepdim=True)
+    k = keys.reshape(keys.shape + (1,) * (scores.dim() - 2)).to(scores.device)
+    return torch.where(top, k, torch.tensor(-1, device=scores.device)).argmax(1)
+
+
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -373,9 +409,10 @@ class WiSARD:
     the address ``a_r = Σ_j bit_{r,j} 2^j`` of RAM ``r``. Training adds one to
     ``count_c[r, a_r]`` for each RAM of the sample's class ``c``. With bleaching threshold
     ``b ≥ 1`` the response of class ``c`` is ``Σ_r [count_c[r, a_r] ≥ b]``, and the predicted
-    class the first with the largest response. ``b = 1`` is the classic WiSARD (a RAM fires
+    class the one with the largest response. ``b = 1`` is the classic WiSARD (a RAM fires
     for any address seen in training); a larger ``b`` ignores addresses seen fewer than
-    ``b`` times, which is what saturated discriminators need. The counts are held sparse:
+    ``b`` times, which is what saturated discriminators need. A tie between classes goes to
+    the tied class a hash of the sample ranks first (:meth:`predict`). The counts are held sparse:
     sorted keys ``r·2^n + a`` with a count per class, looked up by binary search, so the
     memory grows with the addresses seen, not with ``2^n``.
 
@@ -470,9 +507,19 @@ class WiSARD:
         return torch.cat([(self._lookup(keys[s:s + step]) >= b).sum(1)
                           for s in range(0, keys.shape[0], step)])
 
+    def tie_keys(self, bits) -> torch.Tensor:
+        """Each sample's order of the classes for ties, int64 ``(N, C)``: a hash of its RAM
+        addresses (:meth:`keys_of`) with each class's number, so the same input breaks a
+        tie the same way anywhere (a file read back included: the addresses are the
+        input's) and no class is favoured by its number."""
+        return _tie_keys(self.keys_of(bits).numpy(), _class_numbers(self.classes))
+
     def predict(self, bits, bleach: int | None = None) -> torch.Tensor:
-        """Predicted classes, int64 ``(N,)``: the first class with the largest response."""
-        return self.responses(bits, bleach).argmax(1)
+        """Predicted classes, int64 ``(N,)``: the class with the largest response; a tie goes
+        to the tied class the sample's own hash ranks first (:meth:`tie_keys`), not to the
+        lowest class number, which would favour class 0 (responses are small integers and
+        tie on a few percent of Fashion-MNIST's images)."""
+        return _fair_argmax(self.responses(bits, bleach), self.tie_keys(bits))
 
     def choose_bleach(self, bits, labels, max_bleach: int | None = None) -> BleachChoice:
         """Set :attr:`bleach` to the threshold most accurate on a validation split.
@@ -489,7 +536,8 @@ class WiSARD:
         -----
         For each sample and class, a histogram of ``min(count, max_bleach+1)`` over the RAMs,
         summed from the top, gives the response at every ``b`` at once, so the search
-        costs one lookup of the validation set. Ties go to the smallest ``b``.
+        costs one lookup of the validation set. Ties between classes are broken as
+        :meth:`predict` breaks them; ties between thresholds go to the smallest ``b``.
         """
         bits = _as_bits(bits, self.input_bits, "bits")
         labels = _as_labels(labels, bits.shape[0], self.classes)
@@ -497,6 +545,7 @@ class WiSARD:
         cap = min(max(top, 1), 4096) if max_bleach is None else _check_count(max_bleach,
                                                                              "max_bleach")
         keys = self.keys_of(bits)
+        ties = _tie_keys(keys.numpy(), _class_numbers(self.classes))
         bins = cap + 2
         step = max(1, (1 << 22) // (self.classes * bins + self.rams * self.classes))
         correct = torch.zeros(cap, dtype=torch.int64)
@@ -507,7 +556,7 @@ class WiSARD:
             flat = (counts + offsets + (torch.arange(m) * self.classes * bins)[:, None, None])
             hist = torch.bincount(flat.reshape(-1), minlength=m * self.classes * bins)
             at_least = hist.reshape(m, self.classes, bins).flip(-1).cumsum(-1).flip(-1)
-            pred = at_least[:, :, 1:cap + 1].argmax(1)
+            pred = _fair_argmax(at_least[:, :, 1:cap + 1], ties[s:s + step])
             correct += (pred == labels[s:s + step, None]).sum(0)
         return self.set_bleach(BleachChoice.best((correct.to(torch.float64)
                                                   / bits.shape[0]).numpy(), bits.shape[0]))
@@ -588,6 +637,10 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
     smallest threshold within budget is found by bisection, and the choice is made among
     the thresholds above it.
     """
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(
+            max_bytes, (int, float, np.integer, np.floating)) or not max_bytes >= 0
+            or math.isinf(max_bytes)):
+        raise ValueError(f"max_bytes must be a finite number of bytes >= 0, got {max_bytes!r}")
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     if classes is None:
         classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
@@ -984,10 +1037,21 @@ class DWN(nn.Module):
 
     @torch.no_grad()
     def predict(self, x, batch_size: int = 4096) -> torch.Tensor:
-        """Classes, int64 ``(N,)``: the first class with the largest score."""
+        """Classes, int64 ``(N,)``: the class with the largest score; a tie (the scores are
+        popcounts) goes to the tied class a hash of the sample's encoded bits ranks first,
+        not to the lowest class number (:meth:`WiSARD.predict`)."""
+        batch_size = _check_count(batch_size, "batch_size")
         bits = self.thermometer.encode(x).to(self.layers[0].table.dtype)
-        return torch.cat([self.forward_bits(bits[s:s + batch_size]).argmax(1)
-                          for s in range(0, bits.shape[0], batch_size)])
+        return self.predict_bits(bits, batch_size)
+
+    @torch.no_grad()
+    def predict_bits(self, bits: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """:meth:`predict` of encoded inputs ``(N, F·T)`` (0/1), on their device."""
+        ties = _tie_keys(_bit_words(bits), _class_numbers(self.classes))
+        return torch.cat([_fair_argmax(self.forward_bits(bits[s:s + batch_size]),
+                                       ties[s:s + batch_size])
+                          for s in range(0, bits.shape[0], batch_size)]
+                         + [torch.empty(0, dtype=torch.int64, device=bits.device)])
 
 
 @dataclass(frozen=True)
@@ -1055,6 +1119,11 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     """
     seed = _check_seed(seed)
     batch_size = _check_count(batch_size, "batch_size")
+    epochs, step_size = _check_count(epochs, "epochs"), _check_count(step_size, "step_size")
+    for name, v in (("lr", lr), ("gamma", gamma)):  # checked before an epoch is spent
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not 0 < v < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     # Bits stay bool (1 byte each) until a batch needs them as floats.
     xb, xv = thermo.encode(x_train), thermo.encode(x_val)
@@ -1071,7 +1140,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     accs, losses = [], []
     best_state, best_epoch = None, 0
     start = time.perf_counter()
-    for epoch in range(1, _check_count(epochs, "epochs") + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(xb.shape[0], generator=gen)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -1089,8 +1158,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
         sched.step()
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model.forward_bits(xv[s:s + 4096].to(dev, torch.float32))
-                              .argmax(1).cpu() for s in range(0, xv.shape[0], 4096)])
+            pred = model.predict_bits(xv.to(dev, torch.float32)).cpu()
         accs.append(float((pred == yv).double().mean()))
         losses.append(total / xb.shape[0])
         if keep_best and (best_state is None or accs[-1] > accs[best_epoch - 1]):

@@ -122,6 +122,11 @@ def test_gradual_schedule_is_exact_and_stays_within_its_endpoints():
     assert zero_count(Fraction(1, 3), 3) == 1 and zero_count(1 / 3, 3) == 1
     assert zero_count(Fraction(1, 6), 3) == 1  # exactly 0.5 + 0.5
     assert GradualSchedule(final=0.5, updates=np.int64(2), interval=np.int32(1)).end == 2
+    # numpy's floats are accepted and kept as the float they are (Fraction refused them at
+    # the first pruning step)
+    g = GradualSchedule(final=np.float32(0.5), updates=2, initial=np.float64(0.25))
+    assert type(g.final) is float and g.final == 0.5 and g.initial == 0.25
+    assert g.exact_sparsity(1) == Fraction(0.5) + Fraction(-0.25) * Fraction(1, 8)
 
 
 def test_masks_survive_fit_steps():

@@ -137,13 +137,54 @@ def test_wisard_counts_and_bleaching_on_a_hand_made_example():
     assert w.responses(val, 2).tolist() == [[1, 0], [0, 2]]
     assert w.responses(val, 3).tolist() == [[1, 0], [0, 0]]
     assert w.predict(val, 1).tolist() == [1, 1]
-    assert w.predict(val, 3).tolist() == [0, 0]      # a tie goes to the first class
+    # 0011 at b = 3: a tie (no RAM fires), which the sample's own hash breaks
+    tie = int(w.tie_keys(val)[1].argmax())
+    assert w.predict(val, 3).tolist() == [0, tie]
     choice = w.choose_bleach(val, torch.tensor([0, 1]), max_bleach=3)
-    assert choice.accuracies.tolist() == [0.5, 1.0, 0.5]
+    assert choice.accuracies.tolist() == [0.5, 1.0, 0.5 + 0.5 * (tie == 1)]
     assert (choice.bleach, choice.accuracy, choice.n, w.bleach) == (2, 1.0, 2, 2)
     assert w.predict(val).tolist() == [0, 1]
     # The default candidate range (up to the largest count, 3) finds the same.
     assert _hand_wisard().choose_bleach(val, torch.tensor([0, 1])).bleach == 2
+
+
+def test_ties_favour_no_class_number_and_follow_the_input_not_its_place():
+    """Two discriminators trained on the same images tie on every input: each should win
+    about half of them (ties once all went to class 0). Under the hash acting as a fair coin
+    the count of class 0 among 400 distinct inputs is Binomial(400, 1/2); it must lie within
+    that law's two-sided 99.9 % interval. A sample breaks its tie the same way alone as
+    inside a batch, and choose_bleach breaks it as predict does."""
+    from scipy.stats import binom
+
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, (400, 24)).astype(np.uint8)
+    w = WiSARD(24, 4, 2, seed=1).fit(np.concatenate([bits[:50], bits[:50]]),
+                                     np.r_[np.zeros(50, int), np.ones(50, int)])
+    resp = w.responses(bits, 1)
+    assert torch.equal(resp[:, 0], resp[:, 1])  # every input a tie
+    pred = w.predict(bits, 1)
+    lo, hi = binom.interval(0.999, 400, 0.5)
+    assert lo <= int((pred == 0).sum()) <= hi
+    assert [int(w.predict(bits[i:i + 1], 1)) for i in range(0, 400, 37)] == \
+        pred[::37].tolist()
+    labels = torch.zeros(400, dtype=torch.int64)
+    choice = w.choose_bleach(bits, labels, max_bleach=2)
+    assert choice.accuracies[0] == float((pred == 0).double().mean())
+    # DWN: with every LUT firing, every class scores the same on every input; class 0 must
+    # win about a fifth of 400 distinct inputs (Binomial(400, 1/5), 99.9 % interval)
+    t = Thermometer.fit(rng.random((100, 40)).astype(np.float32), 1)
+    net = DWN(t, [10], 5, fan_in=2)
+    x = torch.from_numpy(rng.random((400, 40)).astype(np.float32))
+    assert len({tuple(r) for r in t.encode(x).tolist()}) == 400
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.table.fill_(1.0)
+    scores = net(x)
+    assert torch.equal(scores, scores[:, :1].expand_as(scores))
+    got = net.predict(x)
+    lo, hi = binom.interval(0.999, 400, 0.2)
+    assert lo <= int((got == 0).sum()) <= hi
+    assert net.predict(x[7:8]).item() == got[7].item()
 
 
 def test_wisard_training_accumulates_and_follows_its_mapping():
@@ -497,6 +538,10 @@ def _format_of(size):
 def test_wisard_file_is_exactly_its_byte_count_and_reads_back(tmp_path, address_bits, counts,
                                                                fmt):
     model, x = _toy_wisard(address_bits)
+    if fmt is RamFormat.LIST:
+        # the highest threshold keeps the few most-seen addresses: a list is the smallest
+        # layout for them (the validation's choice keeps enough to make it dense here)
+        model.wisard.bleach = int(model.wisard.counts.max())
     size = wnn_size(model, counts=counts)
     assert _format_of(size) is fmt
     path = save_wnn(model, tmp_path / "w.qwnn", counts=counts)
@@ -721,3 +766,33 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         fit_dwn(x, y, x, y, thermometer_bits=2, luts=(4, 2), fan_in=2, epochs=1,
                 batch_size=batch_size)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
+                             max_bytes=float("nan")), "max_bytes must be a finite number"),
+    (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
+                             max_bytes=-1), "max_bytes must be a finite number"),
+    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1, step_size=0),
+     "step_size must be an int >= 1"),
+    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1, gamma=0.0),
+     "gamma must be a finite number > 0"),
+    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
+                          lr=float("nan")), "lr must be a finite number > 0"),
+    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1.5),
+     "epochs must be an int >= 1"),
+])
+def test_training_arguments_are_refused_before_any_training(call, match):
+    """A NaN budget was ignored (every model 'fitted' it); a step size of 0 crashed after a
+    whole epoch; a DWN's batch size of 0 failed inside range()."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    with pytest.raises(ValueError, match=match):
+        call(x, y)
+
+
+def test_dwn_predict_refuses_a_batch_size_it_cannot_use():
+    t = Thermometer.fit(np.arange(12, dtype=np.float32).reshape(4, 3), 2)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            DWN(t, [6], 3, fan_in=2).predict(torch.zeros(2, 3), batch_size=bad)
