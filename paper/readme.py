@@ -307,13 +307,19 @@ def compression_goals(records) -> str:
                     f"{pct(best['acc'])} %")
     if "smallest_shown_within_one_point" in summary:
         shown = summary["smallest_shown_within_one_point"]
+        holm_ = shown is not None and "p_within_one_point_holm" in shown
         tested = ("none" if shown is None else
                   f"{shown['method']} ({shown['config']}), {int(shown['bytes']):,} bytes, "
                   f"{pct(shown['acc'])} %, non-inferiority p "
-                  f"{pvalue(shown['p_within_one_point'])}")
+                  f"{pvalue(shown['p_within_one_point'])}"
+                  + (f", {pvalue(shown['p_within_one_point_holm'])} Holm-adjusted over the "
+                     f"{int(pts.p_within_one_point.notna().sum())} models tested"
+                     if holm_ else ""))
         items.append("- The smallest model shown within one point of the dense baseline "
-                     f"(paired non-inferiority test at a one-point margin): {tested}; on the "
-                     f"point estimates alone: {on_estimates} (`summary.json`).")
+                     "(paired non-inferiority test at a one-point margin"
+                     + (", Holm-adjusted" if holm_ else "")
+                     + f"): {tested}; on the point estimates alone: {on_estimates} "
+                     "(`summary.json`).")
     else:
         items.append("- The smallest model within one point of the dense baseline on the point "
                      f"estimates (this record has no paired test of it): {on_estimates} "
