@@ -451,6 +451,22 @@ def seed_statements():
     return st
 
 
+@pytest.mark.xdist_group("seeds")
+def test_the_committed_seed_statements_are_what_the_code_measures(seed_statements):
+    """tests/data/seeds/statements.csv is the study's output for the committed weights: the
+    same statements (a quantity the code measures and the file lacks means a stale copy:
+    growth_ac1 once was) and the same values, to a millionth (measured: within 1e-9 between
+    two commits' float32 sums in different orders)."""
+    import pandas as pd
+
+    keys = ["bits", "mode", "quantity", "seed"]
+    stored = pd.read_csv(SEEDS_DIR / "statements.csv").sort_values(keys, ignore_index=True)
+    now = seed_statements.sort_values(keys, ignore_index=True)
+    assert set(stored.quantity) == set(now.quantity)
+    assert stored[keys].equals(now[keys].astype(stored[keys].dtypes.to_dict()))
+    assert np.allclose(stored.value, now.value, rtol=1e-6, atol=0, equal_nan=True)
+
+
 def _convs(res):
     return [s for s in res.layers() if s.kind == "conv"]
 
