@@ -175,7 +175,11 @@ def resolved_variance(mean, sq, length: int, images: int, u: float) -> np.ndarra
     float64 sum over ``N`` images; so the difference is within ``3 (γ(L) + 3u + γ₆₄(N))
     E[x²]`` of the exact variance (``|E[x]| E|x| ≤ E[x²]``). A variance no larger than that is
     not resolved from the rounding (a constant channel, whose exact variance is 0, gives one
-    of that size) and is returned as 0.
+    of that size) and is returned as 0. In float32 that is a channel whose mean lies beyond
+    about ``1/√(3 L u)`` standard deviations (21 on a 112×112 map, 330 on 7×7): the bound is
+    the worst case of any order of the additions, and such a channel's variance is often
+    resolved by the sums in fact (summing ``x − m`` with ``m`` near the mean would resolve
+    it; not done).
     """
     mean, sq = np.asarray(mean, dtype=np.float64), np.asarray(sq, dtype=np.float64)
     var = np.maximum(sq - mean * mean, 0.0)

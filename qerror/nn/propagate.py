@@ -324,7 +324,14 @@ def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] |
 
 def _arm_weights(model: nn.Module, configs, weights) -> list:
     """Each configuration's quantized weights: those given, or quantized here where it
-    quantizes weights and none were given; in the model's layout (:func:`_in_model_layout`)."""
+    quantizes weights and none were given; in the model's layout (:func:`_in_model_layout`).
+    Weights given for a configuration that quantizes none are refused: they would not be
+    used, and their error would still be reported."""
+    for i, (c, w) in enumerate(zip(configs, weights)):
+        if w is not None and c.weight is None:
+            raise ValueError(
+                f"weights were given for configuration {i} ({c.label}), which quantizes no "
+                "weights (activations only): they would not be used; pass None for it")
     return [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
                              if w is None and c.weight is not None else w)
             for c, w in zip(configs, weights)]
@@ -939,9 +946,13 @@ class SiteResult:
 
     Variances (``float_std``, ``float_std_channel``, the BatchNorm inputs' variances) are
     0 where the float rounding of the sums they come from does not resolve them
-    (:func:`qerror.nn._moments.resolved_variance`: a constant channel's, or one whose mean is
-    some hundreds of standard deviations in float32); such a channel is not live, and the
-    per-channel figures relative to the float std leave it out.
+    (:func:`qerror.nn._moments.resolved_variance`: a constant channel's, or one whose mean
+    lies more than about ``1/√(3 L u)`` standard deviations from 0 on a map of ``L``
+    positions, summed in float32 (``u = 2⁻²⁴``): 330 on a 7×7 map, 84 on 28×28, 21 on
+    112×112; the bound holds for every order of the additions, and the sums usually resolve
+    such a channel's variance to a few digits, so this errs towards calling a live channel
+    constant); such a channel is not live, and the per-channel figures relative to the float
+    std leave it out.
     """
 
     name: str
@@ -1192,6 +1203,13 @@ def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
             yield b, start, x[start:start + size], None if y is None else y[start:start + size]
 
 
+def _check_images(value, name: str, low: int) -> None:
+    """A number of images: an integer (numpy's too, not a bool) of at least ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < low:
+        raise ValueError(f"{name} must be a number of images >= {low}, got {value!r}")
+
+
 def _check_first_batch(first_batch) -> None:
     if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
         raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
@@ -1371,10 +1389,10 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         if not isinstance(c, QuantConfig):
             raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
     _check_first_batch(first_batch)
-    if pair_batch is not None and (isinstance(pair_batch, bool) or int(pair_batch) < 1):
-        raise ValueError(f"pair_batch must be a positive number of images, got {pair_batch!r}")
-    if isinstance(image_means, bool) or not isinstance(image_means, int) or image_means < 0:
-        raise ValueError(f"image_means must be a number of images >= 0, got {image_means!r}")
+    if pair_batch is not None:
+        _check_images(pair_batch, "pair_batch", 1)
+    _check_images(image_means, "image_means", 0)
+    _check_images(local_samples, "local_samples", 0)
     k = len(configs)
     act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
     weights = _per_config(weights, k, "weights")

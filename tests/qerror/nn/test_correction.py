@@ -424,7 +424,7 @@ def test_local_error_means_are_measures_local_drift(setup, mode, target):
     batches = calib + [x for x, _ in test]
     cfg = QuantConfig.make(4, mode, target, seed=3)
     act_qp = calibrate_activations(model, calib, QuantConfig.make(4, mode).activation)
-    w = quantize_weights(model, QuantConfig.make(4, mode).weight, seed=3)
+    w = None if cfg.weight is None else quantize_weights(model, cfg.weight, seed=3)
     got = local_error_means(model, batches, cfg, act_qp, weights=w, first_batch=2)
     res = measure(model, batches, cfg, act_qp, weights=w, local_samples=1 << 20,
                   pair_batch=5, first_batch=2)

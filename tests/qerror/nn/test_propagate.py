@@ -345,6 +345,44 @@ def test_configs_that_cannot_run_are_refused(setup):
     assert _clean(model)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"local_samples": -5}, "local_samples must be a number of images >= 0"),
+    ({"local_samples": 2.5}, "local_samples must be a number of images >= 0"),
+    ({"local_samples": True}, "local_samples must be a number of images >= 0"),
+    ({"local_samples": None}, "local_samples must be a number of images >= 0"),
+    ({"pair_batch": 2.5}, "pair_batch must be a number of images >= 1"),
+    ({"pair_batch": "4"}, "pair_batch must be a number of images >= 1"),
+    ({"image_means": np.int64(-1)}, "image_means must be a number of images >= 0"),
+])
+def test_counts_of_images_are_refused_unless_they_are_counts(setup, kwargs, match):
+    """A negative local_samples measured no local error and said nothing; 2.5 failed in a
+    slice, "4" in range()."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with pytest.raises(ValueError, match=match):
+        measure(model, test, cfg, act_qp, **kwargs)
+    assert _clean(model)
+
+
+def test_weights_for_a_configuration_that_quantizes_none_are_refused(setup):
+    """An activations-only configuration runs with the float weights: weights given for it
+    were not used, yet their error (mean, MSE, saturation) was reported beside the run."""
+    model, calib, test = setup
+    acts = QuantConfig.make(8, target=Target.ACTIVATIONS)
+    act_qp = calibrate_activations(model, calib, acts.activation)
+    w3 = quantize_weights(model, QuantConfig.make(3, RoundingMode.FLOOR).weight)
+    with pytest.raises(ValueError, match=r"configuration 0 \(.*\), which quantizes no weights"):
+        measure(model, test, acts, act_qp, weights=w3)
+    both = QuantConfig.make(3, RoundingMode.FLOOR)
+    with pytest.raises(ValueError, match="configuration 1"):
+        measure_many(model, test, [both, acts], act_qp, weights=[w3, w3])
+    with pytest.raises(ValueError, match="quantizes no weights"), \
+            paired_forward(model, acts, act_qp, weights=w3):
+        pass
+    assert _clean(model)
+
+
 def test_bn_and_block_outputs_can_be_quantized_too():
     model = tiny_resnet(dtype=torch.float32)
     x = images(8, 5, torch.float32)
