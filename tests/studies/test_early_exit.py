@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -356,3 +357,37 @@ def test_equivalence_sides_name_the_failing_half_of_the_tost():
     # the boundary: a p-value equal to alpha does not pass
     assert early_exit.equivalence_sides(early_exit.ALPHA, early_exit.ALPHA) == \
         "neither one-sided test passes"
+
+
+def test_speed_goals_are_decided_on_the_interval_of_the_median():
+    """The throughput and batch-1 latency goals take the bench's verdict on the median
+    ratio's distribution-free interval: met, not met, or not resolved by the pairs (the
+    median alone once decided them)."""
+    from studies import bench
+
+    rng = np.random.default_rng(0)
+
+    def rows(batch_ratios, one_ratios):
+        out = []
+        for name, cand, base, goal, r in (
+                ("batch 256, time per batch, x", "int8 early exit", "fp32 eager full", 0.2,
+                 batch_ratios),
+                ("batch 1, latency, x", "int8 early exit", "int8 full", 1.0, one_ratios)):
+            out.append(bench.make_row("early_exit", name, cand, base, goal, np.asarray(r),
+                                      np.asarray(r), np.ones(len(r))))
+        return out
+
+    res = _results((-0.003, 0.002), 0.4, 0.015)
+    clear = rows([0.10, 0.11, 0.09, 0.10, 0.12, 0.10], rng.uniform(0.5, 0.6, 50))
+    got = early_exit.goals({**res, "latency": clear}, smoke=False, whole_test=True)
+    assert list(got.verdict[3:]) == ["met", "met"] and list(got.met[3:]) == [True, True]
+    assert "median's 90% interval 8.33x to 11.11x" in got.measured[3]
+    # medians below the goal, intervals across it: not resolved, and not called met
+    across = rows([0.1, 0.3, 0.15, 0.25, 0.18], rng.uniform(0.8, 1.15, 50))
+    got = early_exit.goals({**res, "latency": across}, smoke=False, whole_test=True)
+    assert list(got.verdict[3:]) == ["not resolved", "not resolved"]
+    assert got.met[3:].isna().all()
+    few = rows([0.1, 0.1], [0.5, 0.5, 0.5])
+    got = early_exit.goals({**res, "latency": few}, smoke=False, whole_test=True)
+    assert list(got.verdict[3:]) == ["not resolved"] * 2
+    assert "too few pairs for an interval of the median" in got.measured[3]
