@@ -207,6 +207,10 @@ class ExitRule:
         object.__setattr__(self, "thresholds", tuple(
             _check_threshold(t, f"thresholds[{i}]") for i, t in enumerate(self.thresholds)))
         if self.temperatures is not None:
+            if isinstance(self.temperatures, (str, bytes)) \
+                    or not isinstance(self.temperatures, Sequence):
+                raise TypeError("temperatures must be a sequence of positive numbers, one per "
+                                f"exit, got {type(self.temperatures).__name__}")
             if len(self.temperatures) != len(self.thresholds) + 1:
                 raise ValueError(
                     f"temperatures needs one value per exit ({len(self.thresholds) + 1}: the "
@@ -332,6 +336,10 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
         for k, stage in enumerate(stages):
             rows.append(int(alive.numel()))
             h, logits = stage(h)
+            if not bool(torch.isfinite(logits).all()):
+                # as the logits path refuses them: a NaN score never exits, and the sample
+                # would go on silently (counts and MACs off)
+                raise ValueError(f"stage {k} gave NaN or Inf logits")
             if out_logits is None:
                 out_logits = torch.empty((n, logits.shape[1]), dtype=logits.dtype)
             score = exit_confidence(logits, rule.policy, rule.temperature(k))
@@ -809,11 +817,14 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = Non
     return ExitCosts((*model.exit_points, "fc"), tuple(backbone), tuple(heads), macs, full)
 
 
-def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] = (1, 32, 32)
+def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] | None = None
                         ) -> dict[str, float]:
     """The cumulative fraction of a ResNet's MACs at the end of each block (stem included in
-    the first), per image of shape (C, H, W)."""
+    the first), per image of shape (C, H, W) (default: the stem's input channels at 32×32,
+    as :class:`EarlyExitResNet`)."""
     check_resnet(model)
+    if input_shape is None:
+        input_shape = (model.conv1.in_channels, 32, 32)
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
     with eval_mode(model):
@@ -834,7 +845,7 @@ def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] = (1, 32,
 
 
 def sdn_exit_points(model: nn.Module, fractions: Sequence[float] = SDN_FRACTIONS,
-                    input_shape: tuple[int, ...] = (1, 32, 32)) -> tuple[str, ...]:
+                    input_shape: tuple[int, ...] | None = None) -> tuple[str, ...]:
     """The block ends nearest to given fractions of a ResNet's MACs (Shallow-Deep Networks'
     placement by default), usable as ``exit_points`` of :class:`EarlyExitResNet`.
 

@@ -1014,3 +1014,34 @@ def test_exits_per_class_refuses_labels_that_are_not_class_indices():
         with pytest.raises(TypeError, match="integer class indices"):
             exits_per_class(result, bad, 3)
     assert exits_per_class(result, torch.tensor([0, 1, 2, 0]), 3).sum() == 4
+
+
+def test_stage_runner_refuses_nan_logits_as_the_logits_path_does():
+    """A NaN score never clears a threshold: the runner once sent such a sample on to the
+    last exit silently (counts, MACs and confidence off) where the logits path refuses."""
+    good = torch.tensor([[4.0, 0.0], [3.0, 0.0], [5.0, 0.0]])
+    bad = good.clone()
+    bad[1, 0] = float("nan")
+
+    def stage(logits):
+        return lambda h: (h, logits[h[:, 0].long()])
+
+    x = torch.arange(3.0).reshape(3, 1)
+    rule = ExitRule("max-softmax", (0.0,))
+    assert run_early_exit([stage(good), stage(good)], x, rule).exit_index.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="stage 0 gave NaN or Inf logits"):
+        run_early_exit([stage(bad), stage(good)], x, rule)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        exit_result_from_logits([bad, good], rule)
+
+
+def test_mac_fractions_default_to_the_stems_channels():
+    """A torchvision ResNet reads 3 channels: the default input follows its stem, as
+    EarlyExitResNet's does (a 1-channel default failed inside a convolution)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    assert block_mac_fractions(model) == block_mac_fractions(model, (3, 32, 32))
+    assert sdn_exit_points(model) == sdn_exit_points(model, input_shape=(3, 32, 32))
+    with pytest.raises(TypeError, match="temperatures must be a sequence"):
+        ExitRule("max-softmax", (0.5, 0.5), temperatures=2.0)
