@@ -8,7 +8,6 @@ keep a quantizer's configuration apart from its observers.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -36,8 +35,10 @@ class RangePolicy:
     Parameters
     ----------
     method : RangeMethod or str
-        MINMAX: the extremes. PERCENTILE: the ``percentile`` of ``|x|`` (symmetric grids)
-        or of each tail (affine grids). MSE: the shrink of the min-max range whose
+        MINMAX: the extremes. PERCENTILE: the ``percentile`` of ``|x|`` (signed symmetric
+        grids), of ``max(x, 0)`` over all elements (unsigned symmetric grids: a negative
+        value counts as 0, so it moves the percentile down without setting the range), or
+        of each tail (affine grids). MSE: the shrink of the min-max range whose
         fake-quantization MSE on the data is smallest.
     percentile : float
         In (0, 100]; above 50 for affine grids (the lower end is the (100 − p)th).
@@ -189,18 +190,21 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     if policy.method is not RangeMethod.MSE:
         return qparams_from_range(lo, hi, spec, min_scale=min_scale)
     dims = _reduce_dims(data, axis) if axis is not None else None
-    # Squared errors of data near float64's range overflow: there they are compared in units
-    # of a power of two (an exact rescaling, which leaves every comparison as it was). The
-    # min-max range MSE starts from gives the largest magnitude.
-    amax = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
-    unit = 2.0 ** -math.frexp(amax)[1] if amax > 1e150 else 1.0
+    # Squared errors of data near float64's ends overflow (above 1e154) or underflow to 0
+    # (below 1e-162, where every shrink tied and the min-max range won): each channel's are
+    # compared in units of a power of two near its largest magnitude (an exact rescaling,
+    # which leaves every comparison as it was). The min-max range MSE starts from gives it.
+    amax = np.maximum(np.abs(lo), np.abs(hi))
+    shift = -np.frexp(amax)[1]  # 0 for a channel of zeros
+    if dims is not None:
+        shift = np.expand_dims(shift, dims)
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
     for c in np.linspace(1.0, 1.0 / policy.mse_grid, policy.mse_grid):
         params = qparams_from_range(lo * c, hi * c, spec, min_scale=min_scale)
         xq = fake_quantize(data, spec, params.scale, params.zero_point, generator=generator)
-        err = np.mean(((xq - data) * unit) ** 2, axis=dims)
+        err = np.mean(np.ldexp(xq - data, shift) ** 2, axis=dims)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, params.scale, best_scale)

@@ -50,6 +50,25 @@ def test_mse_calibration_beats_minmax_on_heavy_tails():
     assert mse(best) < mse(mm)
 
 
+@pytest.mark.parametrize("k", [-540, -1000, 0, 900])
+def test_mse_search_is_the_same_at_every_power_of_two(k):
+    """Data scaled by 2^k quantize to the same codes at the scale scaled by 2^k, so the MSE
+    search must choose the same shrink: below 1e-162 every squared error underflowed to 0,
+    every shrink tied, and the min-max range won. Per channel alike, with channels 2^k
+    apart."""
+    x = np.random.default_rng(9).laplace(size=4000)
+    spec = QuantSpec(bits=4)
+    policy = RangePolicy(RangeMethod.MSE)
+    ref = calibrate(x, spec, policy).scale / calibrate(x, spec).scale
+    assert ref < 0.9
+    got = calibrate(np.ldexp(x, k), spec, policy).scale / calibrate(np.ldexp(x, k), spec).scale
+    assert got == ref
+    two = np.stack([x, np.ldexp(x, k)], axis=1)
+    per = calibrate(two, QuantSpec(bits=4, axis=1), policy)
+    mm = calibrate(two, QuantSpec(bits=4, axis=1))
+    assert (per.scale / mm.scale).tolist() == [ref, ref]
+
+
 def test_per_channel_calibration_shapes():
     w = np.random.default_rng(8).standard_normal((4, 3, 2))
     p = calibrate(w, QuantSpec(axis=1, symmetric=False))
