@@ -86,7 +86,11 @@ class Grid(Choice):
     ``(q + 1/2) s`` for codes ``q`` in ``[qmin, qmax]``, so that ``2**bits`` cells of width
     ``s`` tile ``[qmin s, (qmax + 1) s]`` exactly (``[-α, α]`` with ``α = s 2**(bits-1)``
     for a signed grid); zero is a cell boundary, not a level. ACIQ's error model assumes
-    this grid (Banner et al. 2019).
+    this grid (Banner et al. 2019). A rounding mode acts on the code ``x/s - 1/2``: nearest
+    rounding picks the nearest level, but truncation toward zero truncates that shifted
+    code, so the level ``s/2`` takes the whole cell ``(-s/2, 3s/2)`` and the error is not
+    symmetric about zero (a mid-rise grid has no level at 0 to truncate toward): N(0, 1)
+    at its 2-bit optimum has a truncation bias of about +0.105, not 0.
     """
 
     INTEGER = "integer"
