@@ -501,11 +501,14 @@ class WiSARD:
     def responses(self, bits, bleach: int | None = None) -> torch.Tensor:
         """Number of firing RAMs per class, int64 ``(N, C)``, at threshold ``bleach``
         (default: the model's :attr:`bleach`)."""
+        return self._responses(self.keys_of(bits), bleach)
+
+    def _responses(self, keys: torch.Tensor, bleach: int | None) -> torch.Tensor:
         b = self.bleach if bleach is None else _check_count(bleach, "bleach")
-        keys = self.keys_of(bits)
         step = max(1, (1 << 24) // (self.rams * self.classes))
         return torch.cat([(self._lookup(keys[s:s + step]) >= b).sum(1)
-                          for s in range(0, keys.shape[0], step)])
+                          for s in range(0, keys.shape[0], step)]
+                         + [torch.empty(0, self.classes, dtype=torch.int64)])
 
     def tie_keys(self, bits) -> torch.Tensor:
         """Each sample's order of the classes for ties, int64 ``(N, C)``: a hash of its RAM
@@ -519,7 +522,9 @@ class WiSARD:
         to the tied class the sample's own hash ranks first (:meth:`tie_keys`), not to the
         lowest class number, which would favour class 0 (responses are small integers and
         tie on a few percent of Fashion-MNIST's images)."""
-        return _fair_argmax(self.responses(bits, bleach), self.tie_keys(bits))
+        keys = self.keys_of(bits)
+        return _fair_argmax(self._responses(keys, bleach),
+                            _tie_keys(keys.numpy(), _class_numbers(self.classes)))
 
     def choose_bleach(self, bits, labels, max_bleach: int | None = None) -> BleachChoice:
         """Set :attr:`bleach` to the threshold most accurate on a validation split.
