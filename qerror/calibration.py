@@ -2,20 +2,24 @@
 
 A :class:`~qerror.quantizer.QuantSpec` is the grid (width, sign, symmetry, axis, rounding);
 a :class:`RangePolicy` is the separate choice of how the range is found from data (min-max,
-a percentile, or the MSE-optimal shrink of the min-max range), as quantization toolkits
-keep a quantizer's configuration apart from its observers.
+a percentile, the MSE-optimal shrink of the min-max range, or ACIQ's clipping value for a
+Laplace or normal law fitted to the data), as quantization toolkits keep a quantizer's
+configuration apart from its observers.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy import stats
 
 from qerror._checks import check_finite, check_float_array
 from qerror._enums import Choice
+from qerror.analytic import ClipMethod, optimal_clip
 from qerror.quantizer import QParams, QuantSpec, fake_quantize
 from qerror.rounding import ArrayLike, Generator
 
@@ -26,6 +30,12 @@ class RangeMethod(Choice):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+    ACIQ = "aciq"
+
+
+#: The laws ACIQ's range can be fitted with: each one's scale estimate and its law (and the
+#: law of its values above 0, for an unsigned grid), in standard form.
+ACIQ_LAWS = ("laplace", "normal")
 
 
 @dataclass(frozen=True)
@@ -39,16 +49,39 @@ class RangePolicy:
         grids), of ``max(x, 0)`` over all elements (unsigned symmetric grids: a negative
         value counts as 0, so it moves the percentile down without setting the range), or
         of each tail (affine grids). MSE: the shrink of the min-max range whose
-        fake-quantization MSE on the data is smallest.
+        fake-quantization MSE on the data is smallest. ACIQ: Banner et al.'s clipping
+        value for ``aciq_law`` fitted to the data (see Notes), never beyond the min-max
+        range.
     percentile : float
         In (0, 100]; above 50 for affine grids (the lower end is the (100 − p)th).
     mse_grid : int
         Number of shrink factors the MSE search tries (at least 2).
+    aciq_law : {"laplace", "normal"}
+        The law ACIQ assumes (Banner et al. recommend the Laplace law for activations).
+
+    Notes
+    -----
+    ACIQ's range scales the law's optimal clipping value for the spec's width and rounding
+    mode (:func:`qerror.analytic.optimal_clip`, ``ClipMethod.ACIQ``: Banner et al.'s
+    objective; computed once per law, width and mode for the standard law, since the
+    optimum scales with the law's scale) by the data's scale estimate, per channel where
+    the spec is: on a signed symmetric grid ``[-α, α]`` about 0 with the Laplace scale
+    ``mean |x|`` or the normal ``sqrt(mean x²)``; on an unsigned grid ``[0, α]`` from the
+    values above 0 alone (a ReLU's zeros are exact), one-sided, with the exponential law's
+    ``mean x`` or the half-normal's ``sqrt(mean x²)`` of those values; on an affine grid
+    ``[μ - α, μ + α]`` about the mean ``μ``, with the spread about it. The range is then
+    cut to the data's own extremes: levels beyond them would never be used.
+
+    References
+    ----------
+    .. [1] R. Banner, Y. Nahshan, D. Soudry, "Post training 4-bit quantization of
+       convolutional networks for rapid-deployment", NeurIPS 2019.
     """
 
     method: RangeMethod = RangeMethod.MINMAX
     percentile: float = 99.99
     mse_grid: int = 100
+    aciq_law: str = "laplace"
 
     def __post_init__(self):
         object.__setattr__(self, "method", RangeMethod.parse(self.method))
@@ -59,6 +92,9 @@ class RangePolicy:
         if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, (int, np.integer)) \
                 or int(self.mse_grid) < 2:
             raise ValueError(f"mse_grid must be an int of at least 2, got {self.mse_grid!r}")
+        if self.aciq_law not in ACIQ_LAWS:
+            raise ValueError(f"aciq_law must be one of {', '.join(ACIQ_LAWS)}, got "
+                             f"{self.aciq_law!r}")
 
     def check(self, spec: QuantSpec) -> None:
         """Refuse a policy that cannot give a range on ``spec``'s grid."""
@@ -125,7 +161,46 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
             return np.zeros_like(hi), hi
         return (np.percentile(data, 100.0 - p, axis=dims),
                 np.percentile(data, p, axis=dims))
-    return np.min(data, axis=dims), np.max(data, axis=dims)
+    lo, hi = np.min(data, axis=dims), np.max(data, axis=dims)
+    if policy.method is RangeMethod.ACIQ:
+        return _aciq_range(data, spec, policy.aciq_law, dims, lo, hi)
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=None)
+def _aciq_unit(law: str, bits: int, rounding, one_sided: bool) -> float:
+    """ACIQ's clipping value for the standard law (scale 1) of ``law``: two-sided for the
+    Laplace or normal law, one-sided for its values above 0 (exponential, half-normal)."""
+    if one_sided:
+        dist = stats.expon() if law == "laplace" else stats.halfnorm()
+    else:
+        dist = stats.laplace() if law == "laplace" else stats.norm()
+    return optimal_clip(dist, bits, ClipMethod.ACIQ, rounding, one_sided).alpha
+
+
+def _aciq_range(data: np.ndarray, spec: QuantSpec, law: str, dims, lo, hi):
+    """ACIQ's range (:class:`RangePolicy`'s Notes), cut to the data's extremes ``lo``,
+    ``hi``."""
+    def spread(d, weight=None):  # the law's scale estimate about 0
+        if weight is None:
+            weight = np.ones_like(d)
+        n = np.maximum(np.sum(weight, axis=dims), 1.0)
+        if law == "laplace":
+            return np.sum(np.abs(d) * weight, axis=dims) / n
+        return np.sqrt(np.sum(d * d * weight, axis=dims) / n)
+
+    if spec.symmetric and spec.signed:
+        alpha = _aciq_unit(law, spec.bits, spec.rounding, False) * spread(data)
+        a = np.minimum(alpha, np.maximum(np.abs(lo), np.abs(hi)))
+        return -a, a
+    if spec.symmetric:  # unsigned, zero point 0: the values above 0, one-sided
+        alpha = _aciq_unit(law, spec.bits, spec.rounding, True) * spread(
+            data, (data > 0).astype(np.float64))
+        return np.zeros_like(hi), np.minimum(alpha, np.maximum(hi, 0.0))
+    mu = np.mean(data, axis=dims)
+    centred = data - (mu if dims is None else np.expand_dims(mu, dims))
+    alpha = _aciq_unit(law, spec.bits, spec.rounding, False) * spread(centred)
+    return np.maximum(mu - alpha, lo), np.minimum(mu + alpha, hi)
 
 
 def qparams_from_range(lo, hi, spec: QuantSpec, *,

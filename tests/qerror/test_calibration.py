@@ -1,4 +1,4 @@
-"""Calibration: ranges by policy (min-max, percentile, MSE), scales and zero points, bad input."""
+"""Calibration: ranges by policy (min-max, percentile, MSE, ACIQ), scales and zero points, bad input."""
 
 import numpy as np
 import pytest
@@ -194,3 +194,51 @@ def test_an_affine_range_overhangs_its_grid_by_less_than_half_a_step():
                               return_saturation=True)
             clamped[mode] += int(sat.total) > 0
     assert all(n > 0 for n in clamped.values())
+
+
+@pytest.mark.parametrize("law, dist, published", [
+    ("laplace", "laplace", {2: 2.83, 3: 3.89, 4: 5.03, 8: 9.89}),
+    ("normal", "standard_normal", {2: 1.71, 3: 2.15, 4: 2.55, 8: 3.92}),
+])
+def test_aciq_range_is_banners_alpha_times_the_fitted_scale(law, dist, published):
+    """Signed symmetric: alpha/b is Banner et al.'s published value for the width (to its
+    two decimals), b the law's estimate from the data (mean |x| or sqrt(mean x^2)), that
+    product, and per channel the same as per tensor on each channel."""
+    x = getattr(np.random.default_rng(3), dist)(size=(20_000, 3)) * np.array([1.0, 0.1, 7.0])
+    b = np.mean(np.abs(x), axis=0) if law == "laplace" else np.sqrt(np.mean(x * x, axis=0))
+    policy = RangePolicy(RangeMethod.ACIQ, aciq_law=law)
+    for bits, alpha in published.items():
+        lo, hi = observed_range(x[:, 0], QuantSpec(bits=bits), policy)
+        assert abs(hi / b[0] - alpha) <= 0.01 and lo == -hi
+        per = observed_range(x, QuantSpec(bits=bits, axis=1), policy)[1]
+        for c in range(3):  # the same sums in another order: float64 rounding apart
+            assert per[c] == pytest.approx(
+                observed_range(x[:, c], QuantSpec(bits=bits), policy)[1], rel=1e-12)
+        np.testing.assert_allclose(per / b, hi / b[0], rtol=1e-12)
+
+
+def test_aciq_range_one_sided_affine_and_within_the_data():
+    rng = np.random.default_rng(4)
+    relu = np.maximum(rng.laplace(size=50_000), 0.0)  # half zeros, half exponential
+    pos = relu[relu > 0]
+    lo, hi = observed_range(relu, QuantSpec(bits=4, signed=False), RangePolicy("aciq"))
+    # the exponential law's one-sided alpha (= the Laplace's two-sided at one bit more,
+    # 6.2048 at 5 bits) times the mean of the values above 0: the zeros do not shrink it
+    assert lo == 0.0 and 6.19 <= hi / pos.mean() <= 6.21
+    # affine: about the mean, with the spread about it
+    shifted = rng.laplace(size=50_000) + 3.0
+    lo, hi = observed_range(shifted, QuantSpec(bits=4, symmetric=False), RangePolicy("aciq"))
+    b = np.mean(np.abs(shifted - shifted.mean()))
+    assert hi - shifted.mean() == pytest.approx(shifted.mean() - lo, rel=1e-12)
+    assert (hi - shifted.mean()) / b == pytest.approx(5.0286, abs=1e-3)
+    # never beyond the data: few samples of a narrow law at 8 bits
+    small = rng.uniform(-1, 1, 50)
+    lo, hi = observed_range(small, QuantSpec(bits=8), RangePolicy("aciq"))
+    assert hi == np.abs(small).max()
+    # and ACIQ beats min-max in MSE on heavy tails at 4 bits
+    x = rng.laplace(size=20_000)
+    spec = QuantSpec(bits=4)
+    mse = lambda p: np.mean((fake_quantize(x, spec, p.scale, p.zero_point) - x) ** 2)  # noqa: E731
+    assert mse(calibrate(x, spec, RangePolicy("aciq"))) < mse(calibrate(x, spec))
+    with pytest.raises(ValueError, match="aciq_law must be one of laplace, normal"):
+        RangePolicy("aciq", aciq_law="cauchy")
