@@ -438,19 +438,31 @@ def _manifest_sha(folder: Path) -> str | None:
 
 @contextlib.contextmanager
 def _signals_held():
-    """For the block, SIGINT and SIGTERM wait (they are delivered, and Ctrl-C raised, when
-    it ends): a few renames that must happen together. From the main thread only; elsewhere
-    (and where signals cannot be masked) the block runs as it is."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread() \
-            or not hasattr(signal, "pthread_sigmask"):
+    """For the block, SIGINT and SIGTERM wait: their handlers are replaced by one that notes
+    them, and on leaving the block the previous handlers are put back and each noted signal
+    is raised again for them (a Ctrl-C then raises KeyboardInterrupt there). For a few
+    renames that must happen together. A handler, not a signal mask: a process-directed
+    signal that the main thread masks is taken by another of its threads (torch's), whose
+    C handler flags it for the main thread all the same. From the main thread only (where
+    Python runs its handlers); signals ignored, or whose handler Python did not install,
+    keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None and handler is not signal.SIG_IGN:
+            previous[sig] = handler
+            signal.signal(sig, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
 
 
 def _alive(pid: int) -> bool:
@@ -809,7 +821,10 @@ class RunDir:
         }
         self.write_json(MANIFEST, manifest)
         self._check_interrupts()
-        old, published, interrupted = None, False, False
+        old, published, interrupted, failure = None, False, False, None
+        another = StudyError(f"another run was written to --out {self.final} while this one "
+                             "ran; it is left as it is (a run replaces only what was there "
+                             "when it started, with --force)")
         try:
             # The destination may have changed while the study ran.
             if self.final.exists() and not self.final.is_dir():
@@ -817,26 +832,42 @@ class RunDir:
                                  "left as it is")
             if self.final.is_dir():
                 _check_replaceable(self.final, self.study, force=True)
-                if any(self.final.iterdir()) and (
-                        not self.replaces or _manifest_sha(self.final) != self.replaced):
-                    raise StudyError(f"another run was written to --out {self.final} while "
-                                     "this one ran; it is left as it is (a run replaces "
-                                     "only what was there when it started, with --force)")
+                if any(self.final.iterdir()) and not self.replaces:
+                    raise another
                 old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        except (OSError, StudyError) as err:
+            self._keep_unplaced(err, None)
+        try:
             with _signals_held():
                 # a Ctrl-C between the two renames would leave neither run at --out (the
-                # previous one in a folder the next run removes): it waits for both
-                if old is not None:
-                    self.final.rename(old)
-                self.stage.rename(self.final)
-                _PUBLISHED.append(self.final)
-                published = True
-        except (OSError, StudyError) as err:
-            self._keep_unplaced(err, old)
+                # previous one in a folder the next run removes): it waits for both, and for
+                # the rescue of a run that cannot be placed
+                try:
+                    if old is not None:
+                        # moved aside first, then checked: no other run can be published over
+                        # it between the check and the move (another --force run)
+                        self.final.rename(old)
+                        if any(old.iterdir()) and _manifest_sha(old) != self.replaced:
+                            old.rename(self.final)
+                            old = None
+                            raise another
+                    self.stage.rename(self.final)
+                    _PUBLISHED.append(self.final)
+                    published = True
+                except (OSError, StudyError) as err:
+                    try:
+                        self._keep_unplaced(err, old)
+                    except StudyError as kept:
+                        failure = kept
+                    old = None  # put back where it could be: not this run's to remove
         except KeyboardInterrupt:
+            if failure is not None:  # the run is kept and the previous one back: say where
+                raise failure from None
             if not published:
                 raise
             interrupted = True  # held while the run moved into place: it is there
+        if failure is not None:
+            raise failure
         if old is not None:
             try:
                 shutil.rmtree(old)

@@ -522,44 +522,109 @@ def test_a_previous_run_is_not_replaced_over_a_folder_or_pipe_it_does_not_list(t
         _common.check_out(out, "demo", force=True)
 
 
-def test_ctrl_c_between_the_two_renames_leaves_the_new_run_published(tmp_path):
-    """A Ctrl-C that arrives after the previous run was moved aside and before the new one
-    took its place waits for the move: the new run is at --out, complete, the previous
-    one removed, and the exit says it was published."""
+def _publish_with_rename(tmp_path, rename: str):
+    """A run (x.csv = "old") at ``tmp_path / "run"``, then, in a fresh Python process under
+    study_main with Ctrl-C's default handler, a study that writes x.csv = "new" there after
+    ``Path.rename`` is replaced by the function ``rename`` (its source: ``real_rename``,
+    ``out``, ``os`` and ``signal`` are there); ``out`` and the finished process."""
     import subprocess
     import sys
+    import textwrap
 
     out = tmp_path / "run"
     with RunDir(out, "demo", [], {}) as run:
         run.write_text("x.csv", "old\n")
         run.finish()
-    script = f"""
-import os, signal, sys
-from pathlib import Path
-from studies import _common
 
-out = Path({str(out)!r})
-real_rename = Path.rename
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        from studies import _common
 
+        out = Path(OUT)
+        real_rename = Path.rename
+        RENAME
+
+        def body(argv):
+            with _common.RunDir(out, "demo", [], {}) as run:
+                run.write_text("x.csv", "new\\n")
+                Path.rename = rename
+                run.finish()
+            return 0
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.exit(_common.study_main(body)([]))
+        """).replace("OUT", repr(str(out))).replace("RENAME", textwrap.dedent(rename).strip())
+    return out, subprocess.run([sys.executable, "-c", script], capture_output=True,
+                               text=True, timeout=120)
+
+
+def test_ctrl_c_between_the_two_renames_leaves_the_new_run_published(tmp_path):
+    """A Ctrl-C that arrives after the previous run was moved aside and before the new one
+    took its place waits for the move: the new run is at --out, complete, the previous
+    one removed, and the exit says it was published."""
+    out, done = _publish_with_rename(tmp_path, """
 def rename(self, target):
     moved = real_rename(self, target)
     if self == out:  # the previous run, moved aside
         os.kill(os.getpid(), signal.SIGINT)
     return moved
-
-def body(argv):
-    with _common.RunDir(out, "demo", [], {{}}) as run:
-        run.write_text("x.csv", "new\\n")
-        Path.rename = rename
-        run.finish()
-    return 0
-
-signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.exit(_common.study_main(body)([]))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+""")
     assert done.returncode == _common.EXIT_INTERRUPTED, done.stderr
     assert "interrupted after the run was published: it is complete at" in done.stderr
     assert (out / "x.csv").read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_forced_run_published_just_before_the_move_is_never_removed(tmp_path, monkeypatch):
+    """Two --force runs: the first publishes in the instant between the second's check and
+    its move of --out aside. The second moves first, then checks what it moved: not the run
+    it was allowed to replace, so it puts it back and keeps its own beside it (it once
+    removed the first's run with the previous one's copy)."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}) as run:
+        run.write_text("x.csv", "previous\n")
+        run.finish()
+    pid = {"now": 222}
+    monkeypatch.setattr(_common.os, "getpid", lambda: pid["now"])
+    monkeypatch.setattr(_common, "_alive", lambda p: True)  # both runs' folders are live
+    second = RunDir(out, "demo", [], {})
+    second.write_text("x.csv", "second\n")
+    pid["now"] = 111
+    first = RunDir(out, "demo", [], {})
+    first.write_text("x.csv", "first\n")
+    pid["now"] = 222
+    real_rename = Path.rename
+    raced = []
+
+    def rename(self, target):
+        if self == out and ".old-222" in Path(target).name and not raced:
+            raced.append(1)
+            pid["now"] = 111
+            first.finish()  # the other run publishes now
+            pid["now"] = 222
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(_common.StudyError, match="another run was written to --out"):
+        second.finish()
+    assert raced and (out / "x.csv").read_text() == "first\n"
+    assert (tmp_path / "run.finished-222" / "x.csv").read_text() == "second\n"
+
+
+def test_a_held_ctrl_c_does_not_hide_a_failed_move(tmp_path):
+    """The last rename fails (a full disk) while a Ctrl-C is held: the finished run is kept
+    beside --out and the previous run put back, and the message says where, instead of the
+    held Ctrl-C replacing the failure (both runs were then lost)."""
+    out, done = _publish_with_rename(tmp_path, """
+def rename(self, target):
+    if ".partial-" in self.name and Path(target) == out:
+        os.kill(os.getpid(), signal.SIGINT)
+        raise OSError(28, "No space left on device")
+    return real_rename(self, target)
+""")
+    assert done.returncode == _common.EXIT_REFUSED, done.stderr
+    assert "could not be moved to --out" in done.stderr and "complete at" in done.stderr
+    assert (out / "x.csv").read_text() == "old\n"
+    kept = [p for p in tmp_path.iterdir() if ".finished-" in p.name]
+    assert len(kept) == 1 and (kept[0] / "x.csv").read_text() == "new\n"
