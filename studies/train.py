@@ -517,11 +517,15 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
         raise StudyError(f"{exc}. The trained checkpoint is written ({checkpoint}) and the "
                          f"training state kept ({state_path}): the same command with a free "
                          "--out finishes the run in seconds") from exc
-    state_path.unlink(missing_ok=True)
-    print(f"[train] {recipe.arch.value}/{recipe.stem.value}: test accuracy "
-          f"{metrics['test_accuracy']:.4f} [{test_ci.ci[0]:.4f}, {test_ci.ci[1]:.4f}] "
-          f"(n={len(test)}) after {history.train_seconds / 60:.1f} min of training; "
-          f"checkpoint {checkpoint}; run {final}")
+    try:
+        state_path.unlink(missing_ok=True)
+        print(f"[train] {recipe.arch.value}/{recipe.stem.value}: test accuracy "
+              f"{metrics['test_accuracy']:.4f} [{test_ci.ci[0]:.4f}, {test_ci.ci[1]:.4f}] "
+              f"(n={len(test)}) after {history.train_seconds / 60:.1f} min of training; "
+              f"checkpoint {checkpoint}; run {final}")
+    except KeyboardInterrupt:  # the run is published: nothing is left to finish
+        state_path.unlink(missing_ok=True)
+        raise PublishedInterrupt(f"it is complete at {final}") from None
     return 0
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -616,4 +617,27 @@ def test_a_ctrl_c_after_the_run_was_published_says_so_and_leaves_no_state(
         in err and "To write them" not in err
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["study"] == "train"
     assert (tmp_path / "ckpt.pt").is_file()
+    assert not (tmp_path / "ckpt.pt.train-state.pt").exists()
+
+
+def test_a_ctrl_c_just_after_publishing_says_the_run_is_published(idx_root, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A Ctrl-C after finish() returned, as the state is removed or the summary printed,
+    once gave the advice for an unwritten run (rerun the command) though the run was at
+    --out and its state gone."""
+    real_unlink = Path.unlink
+    hit = []
+
+    def unlink(self, *args, **kwargs):
+        if self.name.endswith(".train-state.pt") and not hit and (tmp_path / "run").is_dir():
+            hit.append(1)
+            real_unlink(self, *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert _main(idx_root, tmp_path) == train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert hit and f"interrupted after the run was published: it is complete at " \
+        f"{tmp_path / 'run'}" in err and "To write them" not in err
     assert not (tmp_path / "ckpt.pt.train-state.pt").exists()
