@@ -61,16 +61,20 @@ class RangePolicy:
 
     Notes
     -----
-    ACIQ's range scales the law's optimal clipping value for the spec's width and rounding
+    ACIQ's clipping value ``α`` is the law's optimal one for the spec's width and rounding
     mode (:func:`qerror.analytic.optimal_clip`, ``ClipMethod.ACIQ``: Banner et al.'s
     objective; computed once per law, width and mode for the standard law, since the
-    optimum scales with the law's scale) by the data's scale estimate, per channel where
-    the spec is: on a signed symmetric grid ``[-α, α]`` about 0 with the Laplace scale
-    ``mean |x|`` or the normal ``sqrt(mean x²)``; on an unsigned grid ``[0, α]`` from the
-    values above 0 alone (a ReLU's zeros are exact), one-sided, with the exponential law's
-    ``mean x`` or the half-normal's ``sqrt(mean x²)`` of those values; on an affine grid
-    ``[μ - α, μ + α]`` about the mean ``μ``, with the spread about it. The range is then
-    cut to the data's own extremes: levels beyond them would never be used.
+    optimum scales with the law's scale) times the data's scale estimate, per channel where
+    the spec is: on a signed symmetric grid about 0 with the Laplace scale ``mean |x|`` or
+    the normal ``sqrt(mean x²)``; on an unsigned grid from the values above 0 alone (a
+    ReLU's zeros are exact), one-sided, with the exponential law's ``mean x`` or the
+    half-normal's ``sqrt(mean x²)`` of those values; on an affine grid about the mean ``μ``,
+    with the spread about it. The quantizer gets ACIQ's step, ``2α/2^b`` (one-sided
+    ``α/2^b``), the ``2^b`` cells of its mid-rise grid over ``[-α, α]``: the range is that
+    step times the integer grid's codes (signed: ``[-α, α - step]`` as levels, the range
+    ``±step·qmax``), as :func:`~qerror.analytic.optimal_clip` evaluates ACIQ on the integer
+    grid; a range ``α`` with step ``α/qmax`` would be twice ACIQ's step at 2 bits. The
+    range is then cut to the data's own extremes: levels beyond them would never be used.
 
     References
     ----------
@@ -189,18 +193,20 @@ def _aciq_range(data: np.ndarray, spec: QuantSpec, law: str, dims, lo, hi):
             return np.sum(np.abs(d) * weight, axis=dims) / n
         return np.sqrt(np.sum(d * d * weight, axis=dims) / n)
 
+    cells = 2 ** spec.bits  # ACIQ's step: 2α / 2^b, one-sided α / 2^b
     if spec.symmetric and spec.signed:
-        alpha = _aciq_unit(law, spec.bits, spec.rounding, False) * spread(data)
-        a = np.minimum(alpha, np.maximum(np.abs(lo), np.abs(hi)))
+        step = 2 * _aciq_unit(law, spec.bits, spec.rounding, False) * spread(data) / cells
+        a = np.minimum(step * spec.qmax, np.maximum(np.abs(lo), np.abs(hi)))
         return -a, a
     if spec.symmetric:  # unsigned, zero point 0: the values above 0, one-sided
-        alpha = _aciq_unit(law, spec.bits, spec.rounding, True) * spread(
-            data, (data > 0).astype(np.float64))
-        return np.zeros_like(hi), np.minimum(alpha, np.maximum(hi, 0.0))
+        step = _aciq_unit(law, spec.bits, spec.rounding, True) * spread(
+            data, (data > 0).astype(np.float64)) / cells
+        return np.zeros_like(hi), np.minimum(step * spec.qmax, np.maximum(hi, 0.0))
     mu = np.mean(data, axis=dims)
     centred = data - (mu if dims is None else np.expand_dims(mu, dims))
-    alpha = _aciq_unit(law, spec.bits, spec.rounding, False) * spread(centred)
-    return np.maximum(mu - alpha, lo), np.minimum(mu + alpha, hi)
+    step = 2 * _aciq_unit(law, spec.bits, spec.rounding, False) * spread(centred) / cells
+    half = step * (spec.qmax - spec.qmin) / 2
+    return np.maximum(mu - half, lo), np.minimum(mu + half, hi)
 
 
 def qparams_from_range(lo, hi, spec: QuantSpec, *,
