@@ -2104,7 +2104,8 @@ def _unresolved_holm(base: pd.DataFrame) -> int | None:
     (Holm-adjusted McNemar p at or above ALPHA); None for a table without the column."""
     if "mcnemar_p_holm" not in base:
         return None
-    return int((~(base.mcnemar_p_holm < ALPHA)).sum())
+    tested = base.mcnemar_p_holm.notna()
+    return int((tested & ~(base.mcnemar_p_holm < ALPHA)).sum())
 
 
 def _tables(run, acc, fits, pred) -> None:
@@ -2128,7 +2129,8 @@ def _tables(run, acc, fits, pred) -> None:
                           f"from float are not resolved here (p $\\geq$ {ALPHA:g})"
                           + ("" if holm_unresolved is None else
                              f", {holm_unresolved} when Holm's procedure adjusts the "
-                             f"{len(base)} tests together") + ".",
+                             f"{int(base.mcnemar_p_holm.notna().sum())} tests together")
+                          + ".",
                           "tab:drift-accuracy")
     fcols = [c for c in ("mode", "bits", "target", "metric", "exponent", "lo_images",
                          "hi_images", "lo_layers", "hi_layers", "residual_ac1", "answer")
