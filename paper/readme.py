@@ -1120,7 +1120,8 @@ def early_exit_avx2(records) -> str:
 
 
 _EE_RUNS = (("early_exit", "default (seed 0)"), ("early-exit-seed1", "seed 1"),
-            ("early-exit-seed2", "seed 2"), ("early-exit-retrained", "default, trained again"))
+            ("early-exit-seed2", "seed 2"), ("early-exit-retrained", "default, trained again"),
+            ("early-exit-fresh", "default, trained on a fresh machine"))
 
 
 def early_exit_seeds(records) -> str:
@@ -1169,13 +1170,16 @@ def early_exit_seeds(records) -> str:
                else f"non-inferiority at the {m}-point margin not shown on "
                f"{len(lows) - within} of them")
     again = records("early-exit-retrained").manifest["model"]
+    fresh = records("early-exit-fresh").manifest["model"]
     return (
         f"What the runs found (`python -m studies.early_exit`, and with `--checkpoint` for two "
         "more baselines trained the same way, `python -m studies.train --seed 1` and `--seed "
         "2`; then on the default baseline trained again by a later commit, the cached one of "
         f"the last run ({pct(again['metrics']['test_accuracy'])} % test accuracy against the "
         f"first's {pct(records('early_exit').manifest['model']['metrics']['test_accuracy'])} "
-        f"%; checkpoint sha256 {again['sha256'][:12]}); commit"
+        f"%; checkpoint sha256 {again['sha256'][:12]}), and once more on a machine that had "
+        f"no baseline cached, which trained it first ({pct(fresh['metrics']['test_accuracy'])}"
+        f" %; sha256 {fresh['sha256'][:12]}); commit"
         f"{'s' if len(commits) > 1 else ''} {', '.join(commits)}, "
         f"{records(_EE_RUNS[0][0]).about['machine']}; each run's `heads.csv`, "
         "`operating_points.csv` and `goals.csv`). The heads at the ends of the two stages "
