@@ -1,4 +1,5 @@
-"""Shared plumbing of the studies: run folders, manifests, atomic writes, figures, LaTeX.
+"""Shared plumbing of the studies: run folders, manifests, atomic writes, figures, LaTeX,
+and the family-wise adjustment of a table's tests (:func:`holm_columns`).
 
 A study writes everything into a :class:`RunDir`. Files go to a hidden staging folder
 next to the destination; :meth:`RunDir.finish` writes ``manifest.json`` (argv, config,
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
@@ -51,6 +53,7 @@ from qerror.interrupts import interrupts, sigint_counted
 from qerror.nn.int8 import kernel_probe
 from qerror.nn.models import CheckpointError
 from qerror.nn.training import DivergedError, TrainError
+from qerror.stats import holm
 from studies._latex import macro_name, readable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -564,6 +567,27 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     if final.parent.is_dir():
         clean_stale_partials(final)
     return final
+
+
+# --------------------------------------------------------------------------- analysis
+
+def holm_columns(frame: pd.DataFrame, columns: list[str],
+                 rows: pd.Series | None = None) -> pd.DataFrame:
+    """``frame`` with a column ``C_holm`` beside each p-value column ``C``: the p-values of
+    those columns in ``rows`` (default all), every one a test of one family, adjusted
+    together by Holm's step-down procedure (:func:`qerror.stats.holm`: the family-wise
+    error rate at α under any dependence between the tests); NaN where ``C`` is (no test)
+    or outside ``rows``. Columns that ``frame`` lacks are left out."""
+    columns = [c for c in columns if c in frame]
+    frame = frame.copy()
+    keep = np.ones(len(frame), bool) if rows is None else rows.to_numpy(bool)
+    values = frame[columns].to_numpy(float).copy()
+    tested = np.isfinite(values) & keep[:, None]
+    values[tested] = holm(values[tested])
+    values[~tested] = np.nan
+    for j, c in enumerate(columns):
+        frame[f"{c}_holm"] = values[:, j]
+    return frame
 
 
 def available_memory() -> int | None:

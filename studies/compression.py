@@ -108,7 +108,7 @@ from qerror.nn.training import (
     resolve_device,
     tensor_batches,
 )
-from qerror.stats import holm, mcnemar_test, paired_accuracy_equivalence, wilson_ci
+from qerror.stats import mcnemar_test, paired_accuracy_equivalence, wilson_ci
 from studies._common import (
     DATA_ROOT_HELP,
     RunDir,
@@ -119,6 +119,7 @@ from studies._common import (
     check_trained_on,
     figure_style,
     held_out,
+    holm_columns,
     int_at_least,
     int_in,
     nonnegative_int,
@@ -798,20 +799,14 @@ def figure_latency(plt, latency: pd.DataFrame, points: pd.DataFrame, smoke: bool
 def shown_within_one_point(points: pd.DataFrame) -> pd.DataFrame:
     """``points`` with ``p_within_one_point_holm``: every model's one-point non-inferiority
     p-value against the dense network, adjusted by Holm's procedure over all the models
-    tested (:func:`qerror.stats.holm`); NaN where none was tested.
+    tested (:func:`studies._common.holm_columns`); NaN where none was tested.
 
     The smallest model "shown within one point" is chosen among many tests, and taking the
     smallest that passes favours the chance passes: with fifteen models each exactly one
     point below dense, one or more passes its unadjusted test in about half of all runs.
     Holm's adjustment keeps the chance that any model a point or more below dense is shown
     within it at ``ALPHA``."""
-    points = points.copy()
-    p = points.p_within_one_point.to_numpy(float)
-    adjusted = np.full(p.shape, np.nan)
-    tested = np.isfinite(p)
-    adjusted[tested] = holm(p[tested])
-    points["p_within_one_point_holm"] = adjusted
-    return points
+    return holm_columns(points, ["p_within_one_point"])
 
 
 def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | None,

@@ -113,7 +113,6 @@ from qerror.nn.models import forward_layout, imagenet_eval_sizes, memory_format
 from qerror.nn.seeds import STATEMENT_MODES, statement_values
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import (
-    holm,
     mcnemar_from_counts,
     mcnemar_resolution,
     tail_share,
@@ -131,6 +130,7 @@ from studies._common import (
     check_trained_on,
     figure_style,
     held_out,
+    holm_columns,
     int_at_least,
     int_in,
     nonnegative_int,
@@ -468,25 +468,6 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
                         f"p_vs_{ref_name}": mc.p_value})
         rows.append(row)
     return holm_columns(pd.DataFrame(rows), ["p_vs_float", "p_vs_nearest"])
-
-
-def holm_columns(frame: pd.DataFrame, columns: list[str],
-                 rows: pd.Series | None = None) -> pd.DataFrame:
-    """``frame`` with a column ``C_holm`` beside each p-value column ``C``: the p-values of
-    those columns in ``rows`` (default all), every one a test of one family, adjusted
-    together by Holm's step-down procedure (:func:`qerror.stats.holm`: the family-wise
-    error rate at α under any dependence between the tests); NaN where ``C`` is (no test)
-    or outside ``rows``. Columns that ``frame`` lacks are left out."""
-    columns = [c for c in columns if c in frame]
-    frame = frame.copy()
-    keep = np.ones(len(frame), bool) if rows is None else rows.to_numpy(bool)
-    values = frame[columns].to_numpy(float).copy()
-    tested = np.isfinite(values) & keep[:, None]
-    values[tested] = holm(values[tested])
-    values[~tested] = np.nan
-    for j, c in enumerate(columns):
-        frame[f"{c}_holm"] = values[:, j]
-    return frame
 
 
 def growth_rows(res: PropagationResult, seed: int) -> list[dict]:

@@ -1192,9 +1192,11 @@ def test_the_grids_and_the_headlines_tests_are_adjusted_as_one_family_each():
     """Holm's adjustment over the tests of a table, computed here from its definition: the
     k-th smallest of m p-values times (m - k + 1), made non-decreasing, capped at 1; no test
     (NaN) and rows outside the family keep NaN."""
+    from studies._common import holm_columns
+
     frame = pd.DataFrame({"remedy": ["none", "none", "bn", "none", "none"],
                           "mcnemar_p": [0.01, 0.04, 0.001, 0.03, math.nan]})
-    got = drift.holm_columns(frame, ["mcnemar_p"], frame.remedy == "none")
+    got = holm_columns(frame, ["mcnemar_p"], frame.remedy == "none")
     # the family: 0.01, 0.04, 0.03 (m = 3): 0.01*3, 0.03*2, 0.04*1, then non-decreasing
     expected = {0.01: 0.03, 0.03: 0.06, 0.04: 0.06}
     assert got.mcnemar_p_holm.iloc[[0, 1, 3]].tolist() == pytest.approx(
@@ -1203,7 +1205,7 @@ def test_the_grids_and_the_headlines_tests_are_adjusted_as_one_family_each():
     # two columns, one family: every finite p of both
     head = pd.DataFrame({"p_vs_float": [math.nan, 0.2, 0.001], "p_vs_nearest": [math.nan,
                                                                                  math.nan, 0.5]})
-    got = drift.holm_columns(head, ["p_vs_float", "p_vs_nearest"])
+    got = holm_columns(head, ["p_vs_float", "p_vs_nearest"])
     assert got.p_vs_float_holm.tolist()[1:] == pytest.approx([0.4, 0.003], rel=1e-15)
     assert got.p_vs_nearest_holm.tolist()[2] == 0.5
     assert got.p_vs_float_holm.isna().tolist() == [True, False, False]
