@@ -93,23 +93,18 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> _U64(31))
 
 
-def _tie_keys(words: np.ndarray, classes: np.ndarray) -> torch.Tensor:
-    """Keys that break ties between classes, int64 ``(N, C)`` in ``[0, 2^63)``: a hash of
-    each sample's own content ``words`` (``(N, W)`` integers; their positions are mixed in
-    here) with each class's identity ``classes`` (``(C,)`` uint64, :func:`_class_numbers`).
-    A pseudo-random order of the classes for each input, the same whatever the batch or the
-    sample's place in it: over inputs, each tied class wins equally often, where the lowest
-    class number won every tie."""
+def _tie_keys(words: np.ndarray, classes: int) -> torch.Tensor:
+    """Keys that break ties between classes, int64 ``(N, classes)`` in ``[0, 2^63)``: a hash
+    of each sample's own content ``words`` (``(N, W)`` integers; their positions are mixed
+    in here) with each class's number. A pseudo-random order of the classes for each input,
+    the same whatever the batch or the sample's place in it: over inputs, each tied class
+    wins equally often, where the lowest class number won every tie."""
     w = np.ascontiguousarray(words).astype(_U64, copy=False)
     pos = np.arange(w.shape[1], dtype=_U64) * _U64(0xD1B54A32D192ED03)
     h = _splitmix64(w + pos).sum(axis=1, dtype=_U64)  # wraps mod 2^64
-    return torch.from_numpy((_splitmix64(h[:, None] + classes[None, :]) >> _U64(1))
+    numbers = np.arange(1, classes + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15)
+    return torch.from_numpy((_splitmix64(h[:, None] + numbers[None, :]) >> _U64(1))
                             .astype(np.int64))
-
-
-def _class_numbers(classes: int) -> np.ndarray:
-    """Identities ``(C,)`` uint64 of classes known by their number alone."""
-    return np.arange(1, classes + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15)
 
 
 def _bit_words(bits: torch.Tensor) -> np.ndarray:
@@ -412,8 +407,8 @@ class WiSARD:
     class the one with the largest response. ``b = 1`` is the classic WiSARD (a RAM fires
     for any address seen in training); a larger ``b`` ignores addresses seen fewer than
     ``b`` times, which is what saturated discriminators need. A tie between classes goes to
-    the tied class a hash of the sample ranks first (:meth:`predict`). The counts are held sparse:
-    sorted keys ``r·2^n + a`` with a count per class, looked up by binary search, so the
+    the tied class a hash of the sample ranks first (:meth:`predict`). The counts are held
+    sparse: sorted keys ``r·2^n + a`` with a count per class, looked up by binary search, so the
     memory grows with the addresses seen, not with ``2^n``.
 
     References
@@ -515,7 +510,7 @@ class WiSARD:
         addresses (:meth:`keys_of`) with each class's number, so the same input breaks a
         tie the same way anywhere (a file read back included: the addresses are the
         input's) and no class is favoured by its number."""
-        return _tie_keys(self.keys_of(bits).numpy(), _class_numbers(self.classes))
+        return _tie_keys(self.keys_of(bits).numpy(), self.classes)
 
     def predict(self, bits, bleach: int | None = None) -> torch.Tensor:
         """Predicted classes, int64 ``(N,)``: the class with the largest response; a tie goes
@@ -524,7 +519,7 @@ class WiSARD:
         tie on a few percent of Fashion-MNIST's images)."""
         keys = self.keys_of(bits)
         return _fair_argmax(self._responses(keys, bleach),
-                            _tie_keys(keys.numpy(), _class_numbers(self.classes)))
+                            _tie_keys(keys.numpy(), self.classes))
 
     def choose_bleach(self, bits, labels, max_bleach: int | None = None) -> BleachChoice:
         """Set :attr:`bleach` to the threshold most accurate on a validation split.
@@ -550,7 +545,7 @@ class WiSARD:
         cap = min(max(top, 1), 4096) if max_bleach is None else _check_count(max_bleach,
                                                                              "max_bleach")
         keys = self.keys_of(bits)
-        ties = _tie_keys(keys.numpy(), _class_numbers(self.classes))
+        ties = _tie_keys(keys.numpy(), self.classes)
         bins = cap + 2
         step = max(1, (1 << 22) // (self.classes * bins + self.rams * self.classes))
         correct = torch.zeros(cap, dtype=torch.int64)
@@ -1052,7 +1047,7 @@ class DWN(nn.Module):
     @torch.no_grad()
     def predict_bits(self, bits: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """:meth:`predict` of encoded inputs ``(N, F·T)`` (0/1), on their device."""
-        ties = _tie_keys(_bit_words(bits), _class_numbers(self.classes))
+        ties = _tie_keys(_bit_words(bits), self.classes)
         return torch.cat([_fair_argmax(self.forward_bits(bits[s:s + batch_size]),
                                        ties[s:s + batch_size])
                           for s in range(0, bits.shape[0], batch_size)]
