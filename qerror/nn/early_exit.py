@@ -177,6 +177,12 @@ def _check_threshold(t, name: str) -> float:
     return float(t)
 
 
+def _check_sequence(value, what: str) -> None:
+    """TypeError ``"{what}, got {type}"`` unless ``value`` is a sequence (not a string)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what}, got {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class ExitRule:
     """When a sample leaves an early-exit network.
@@ -201,16 +207,13 @@ class ExitRule:
 
     def __post_init__(self):
         object.__setattr__(self, "policy", ExitPolicy.parse(self.policy))
-        if isinstance(self.thresholds, (str, bytes)) or not isinstance(self.thresholds, Sequence):
-            raise TypeError("thresholds must be a sequence of numbers in [0, 1], one per early "
-                            f"exit, got {type(self.thresholds).__name__}")
+        _check_sequence(self.thresholds, "thresholds must be a sequence of numbers in [0, 1], "
+                        "one per early exit")
         object.__setattr__(self, "thresholds", tuple(
             _check_threshold(t, f"thresholds[{i}]") for i, t in enumerate(self.thresholds)))
         if self.temperatures is not None:
-            if isinstance(self.temperatures, (str, bytes)) \
-                    or not isinstance(self.temperatures, Sequence):
-                raise TypeError("temperatures must be a sequence of positive numbers, one per "
-                                f"exit, got {type(self.temperatures).__name__}")
+            _check_sequence(self.temperatures, "temperatures must be a sequence of positive "
+                            "numbers, one per exit")
             if len(self.temperatures) != len(self.thresholds) + 1:
                 raise ValueError(
                     f"temperatures needs one value per exit ({len(self.thresholds) + 1}: the "
