@@ -229,6 +229,12 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     """
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
+    if lo.size == 0 or hi.size == 0:
+        raise ValueError(f"range bounds are empty (lo has shape {lo.shape}, hi {hi.shape}): "
+                         "give one bound per tensor or one per channel")
+    if lo.shape != hi.shape and lo.ndim and hi.ndim:
+        raise ValueError(f"range bounds of different shapes: lo {lo.shape}, hi {hi.shape}; give "
+                         "one (lo, hi) pair per channel, or a scalar for every channel")
     if np.any(~np.isfinite(lo)) or np.any(~np.isfinite(hi)):
         raise ValueError("range bounds must be finite")
     if np.any(lo > hi):

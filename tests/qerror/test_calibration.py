@@ -82,6 +82,26 @@ def test_qparams_from_range_unsigned_symmetric_covers_zero_to_hi():
     assert p.scale == 2.55 / 255 and p.zero_point == 0
 
 
+@pytest.mark.parametrize("lo, hi, message", [
+    ([], [], "empty"),
+    (np.zeros((0, 3)), 1.0, "empty"),
+    ([-1.0, -2.0], [1.0, 2.0, 3.0], "different shapes"),
+    ([-1.0, np.nan], [1.0, 2.0], "finite"),
+    (-np.inf, 1.0, "finite"),
+    ([0.5, -1.0], [0.0, 1.0], "lo > hi"),
+])
+def test_qparams_from_range_refuses_ranges_it_cannot_map(lo, hi, message):
+    with pytest.raises(ValueError, match=message):
+        qparams_from_range(lo, hi, QuantSpec(bits=8))
+
+
+def test_qparams_from_range_takes_a_scalar_bound_for_every_channel():
+    p = qparams_from_range(0.0, [1.0, 2.0], QuantSpec(bits=8, symmetric=False))
+    q = qparams_from_range([0.0, 0.0], [1.0, 2.0], QuantSpec(bits=8, symmetric=False))
+    np.testing.assert_array_equal(p.scale, q.scale)
+    np.testing.assert_array_equal(p.zero_point, q.zero_point)
+
+
 def test_calibration_never_makes_a_scale_the_quantizer_refuses():
     x = np.array([[1.0, -0.5, 0.0], [1e-44, -3e-45, 0.0]], np.float32)
     spec = QuantSpec(axis=0)
