@@ -108,6 +108,19 @@ class RangePolicy:
                 f"percentile {self.percentile} gives an empty affine range: the lower end is "
                 "the (100 - p)th percentile, so p must be above 50 (e.g. 99.99)")
 
+    @property
+    def label(self) -> str:
+        """The policy in words, for a run's configuration: ``"min-max"``, ``"99.99th
+        percentile"``, ``"MSE-optimal shrink of min-max (100 factors)"``, ``"ACIQ
+        (laplace)"``."""
+        if self.method is RangeMethod.PERCENTILE:
+            return f"{float(self.percentile):g}th percentile"
+        if self.method is RangeMethod.MSE:
+            return f"MSE-optimal shrink of min-max ({int(self.mse_grid)} factors)"
+        if self.method is RangeMethod.ACIQ:
+            return f"ACIQ ({self.aciq_law})"
+        return "min-max"
+
     def replace(self, **changes) -> "RangePolicy":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

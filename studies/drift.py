@@ -76,7 +76,8 @@ import torchvision
 from scipy import stats as sps
 from tqdm import tqdm
 
-from qerror import RoundingMode
+from qerror import RangeMethod, RangePolicy, RoundingMode
+from qerror.calibration import ACIQ_LAWS
 from qerror.data import find_fashion_mnist, imagenet_folder, split_images
 from qerror.files import sha256_file
 from qerror.nn import (
@@ -353,12 +354,28 @@ def _load_model(args, data_root):
 
 # --------------------------------------------------------------------------- compute
 
-def grid(modes, bits_list, targets, seed: int, **outputs) -> list[QuantConfig]:
-    """Every mode × width × target; ``outputs`` (bn_outputs, block_outputs) where the
-    target quantizes activations."""
+def grid(modes, bits_list, targets, seed: int, act_range: RangePolicy = RangePolicy(),
+         **outputs) -> list[QuantConfig]:
+    """Every mode × width × target; ``outputs`` (bn_outputs, block_outputs) and the
+    activation range policy where the target quantizes activations."""
     return [QuantConfig.make(b, m, t, seed=seed,
-                             **(outputs if t is not Target.WEIGHTS else {}))
+                             **(dict(outputs, activation_range=act_range)
+                                if t is not Target.WEIGHTS else {}))
             for t in targets for b in bits_list for m in modes]
+
+
+def act_range_policy(method: RangeMethod, percentile: float | None,
+                     aciq_law: str | None) -> RangePolicy:
+    """The activation range policy of ``--act-range``, ``--act-percentile`` and
+    ``--aciq-law`` (each of the last two only with its method; ValueError otherwise)."""
+    if percentile is not None and method is not RangeMethod.PERCENTILE:
+        raise ValueError("--act-percentile sets the percentile of --act-range percentile; "
+                         f"this run's range is {method.value}")
+    if aciq_law is not None and method is not RangeMethod.ACIQ:
+        raise ValueError(f"--aciq-law sets the law of --act-range aciq; this run's range is "
+                         f"{method.value}")
+    extra = {"percentile": percentile} if percentile is not None else {}
+    return RangePolicy(method, aciq_law=aciq_law or "laplace", **extra)
 
 
 def _bits(cfg: QuantConfig) -> int:
@@ -762,7 +779,7 @@ def recovery(acc: pd.DataFrame) -> pd.DataFrame:
                                 "differs_unremedied"])
 
 
-def int8_crosscheck(model, data: Data, images: int):
+def int8_crosscheck(model, data: Data, images: int, act_range: RangePolicy = RangePolicy()):
     """Per-layer agreement of the simulation with PyTorch's real INT8 kernels.
 
     Every conv (BatchNorm folded, ReLU fused) and the classifier run on their float inputs
@@ -783,7 +800,8 @@ def int8_crosscheck(model, data: Data, images: int):
     calib, test = split(_first_images(data.calib, images)), split(data.int8_test[:images])
     frames, summaries = [], []
     for label, reduce_range in (("full_range", False), ("reduce_range", True)):
-        check = int8.crosscheck_model(model, calib, test, reduce_range=reduce_range)
+        check = int8.crosscheck_model(model, calib, test, reduce_range=reduce_range,
+                                      act_range=act_range)
         frames.append(check.to_frame().assign(activations=label))
         summaries.append(check.summary().assign(activations=label))
     return (pd.concat(frames, ignore_index=True), pd.concat(summaries, ignore_index=True),
@@ -1292,6 +1310,21 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--calib-images", type=int_at_least(2), default=None,
                         help="calibration images (ranges, BN re-estimation, bias correction; "
                              "default 200, smoke 16)")
+    parser.add_argument("--act-range", type=RangeMethod.parse, default=RangeMethod.MINMAX,
+                        metavar="{" + ",".join(m.value for m in RangeMethod) + "}",
+                        help="how each activation quantizer's range is found on the "
+                             "calibration images: minmax (the extremes; default), percentile "
+                             "(--act-percentile), mse (the shrink of min-max with the least "
+                             "fake-quantization MSE) or aciq (Banner et al.'s clipping value "
+                             "for --aciq-law fitted to the data); computed for "
+                             "round-to-nearest and shared by every mode of a width, as the "
+                             "ranges are")
+    parser.add_argument("--act-percentile", type=float, default=None,
+                        help="with --act-range percentile: the percentile of each tail, in "
+                             "(50, 100] (default 99.99)")
+    parser.add_argument("--aciq-law", choices=ACIQ_LAWS, default=None,
+                        help="with --act-range aciq: the law fitted (default laplace, as "
+                             "Banner et al. recommend for activations)")
     parser.add_argument("--batch-size", type=int_at_least(2), default=None,
                         help="default 256, smoke 16")
     parser.add_argument("--local-samples", type=positive_int, default=None,
@@ -1325,6 +1358,11 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")
+    try:
+        args.act_policy = act_range_policy(args.act_range, args.act_percentile, args.aciq_law)
+        args.act_policy.check(QuantConfig.make(8).activation)
+    except ValueError as err:
+        parser.error(str(err))
     modes = list(dict.fromkeys(args.modes)) if args.modes is not None else (
         [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO] if smoke else list(DEFAULT_MODES))
     bits_list = list(dict.fromkeys(args.bits)) if args.bits is not None else (
@@ -1478,7 +1516,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
 
     outputs = {"bn_outputs": args.quantize_bn_outputs,
                "block_outputs": args.quantize_block_outputs}
-    configs = grid(modes, bits_list, targets, args.seed, **outputs)
+    act_range = args.act_policy
+    configs = grid(modes, bits_list, targets, args.seed, act_range, **outputs)
     config = {"modes": [m.value for m in modes], "bits": bits_list,
               "targets": [t.value for t in targets], "images": images,
               "calib_images": calib_images, "batch_size": batch,
@@ -1488,11 +1527,17 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
               else 0, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
-              "activation_spec": "unsigned affine per tensor, min-max on calibration images"}
+              "activation_spec": f"unsigned affine per tensor, {act_range.label} on "
+                                 "calibration images",
+              "act_range": act_range.method.value, "act_percentile":
+                  float(act_range.percentile) if act_range.method is RangeMethod.PERCENTILE
+                  else None,
+              "aciq_law": act_range.aciq_law if act_range.method is RangeMethod.ACIQ
+              else None}
     # Calibrated once, on rank 0, so that every rank quantizes with the same ranges.
     act_qp = parallel.broadcast_object(
         {b: calibrate_activations(model, data.calib, QuantConfig.make(b).activation,
-                                  outputs=any(outputs.values()))
+                                  act_range, outputs=any(outputs.values()), seed=args.seed)
          for b in bits_list} if main else None, map_location=place.device)
     weight_cache: dict = {}
 
@@ -1613,7 +1658,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if data.headline is not None:
         qp8 = act_qp.get(8) or parallel.broadcast_object(
             calibrate_activations(model, data.calib, QuantConfig.make(8).activation,
-                                  outputs=any(outputs.values()))
+                                  act_range, outputs=any(outputs.values()), seed=args.seed)
             if main else None, map_location=place.device)
         headline = headline_accuracy(model, data.headline, qp8, args.seed,
                                      first_batch=data.headline_first, weights_of=weights_of,
@@ -1640,7 +1685,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     # FBGEMM's kernels run on the CPU: the cross-check uses a CPU copy of the model.
     cpu_model = model if place.device.type == "cpu" else copy.deepcopy(model).cpu()
     int8_start = time.perf_counter()
-    xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images) if int8_images \
+    xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images, act_range) if int8_images \
         else (None, None, None)
     timing["measured_int8_s"] = time.perf_counter() - int8_start if int8_images else math.nan
     config.update(device=place.device.type, world_size=place.world_size, **precision)

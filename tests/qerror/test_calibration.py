@@ -287,3 +287,10 @@ def test_aciq_policy_one_sided_affine_and_within_the_data():
     assert hi == np.abs(small).max()
     with pytest.raises(ValueError, match="aciq_law must be one of laplace, normal"):
         RangePolicy("aciq", aciq_law="cauchy")
+
+
+def test_range_policy_label_names_each_method_and_its_setting():
+    assert RangePolicy().label == "min-max"
+    assert RangePolicy("percentile", percentile=99.9).label == "99.9th percentile"
+    assert RangePolicy("mse", mse_grid=40).label == "MSE-optimal shrink of min-max (40 factors)"
+    assert RangePolicy("aciq", aciq_law="normal").label == "ACIQ (normal)"

@@ -267,6 +267,11 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     (["--modes", "bogus"], "--modes"),
     (["--bits", "1"], "--bits"),
     (["--images", "1"], "at least 2"),
+    (["--act-range", "bogus"], "--act-range"),
+    (["--act-percentile", "99"], "--act-percentile sets"),
+    (["--act-range", "percentile", "--act-percentile", "30"], "above 50"),
+    (["--act-range", "percentile", "--act-percentile", "nan"], "percentile must be"),
+    (["--act-range", "mse", "--aciq-law", "normal"], "--aciq-law sets"),
 ])
 def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
     out = tmp_path / "drift"
@@ -867,6 +872,39 @@ def test_a_run_without_remedy_configurations_has_no_curve_and_finishes(fashion_r
     assert not (out / "calibration_curve.csv").exists()
     assert (out / "accuracy.csv").is_file() and (out / "statements.csv").is_file()
     assert json.loads((out / "manifest.json").read_text())["config"]["calib_curve"] == []
+
+
+def test_the_activation_range_policy_reaches_every_calibration(fashion_root, tmp_path,
+                                                               monkeypatch):
+    # --act-range aciq --aciq-law normal: the grid's ranges, the headline's and the INT8
+    # cross-check's are all found by that policy, and the manifest names it
+    from qerror import RangePolicy
+    from qerror.nn import int8
+
+    seen = []
+    real_calibrate, real_crosscheck = drift.calibrate_activations, int8.crosscheck_model
+
+    def calibrate(model, batches, spec, policy=RangePolicy(), **kw):
+        seen.append(("calibrate", policy))
+        return real_calibrate(model, batches, spec, policy, **kw)
+
+    def crosscheck(*a, **kw):
+        seen.append(("crosscheck", kw.get("act_range")))
+        return real_crosscheck(*a, **kw)
+
+    monkeypatch.setattr(drift, "calibrate_activations", calibrate)
+    monkeypatch.setattr(int8, "crosscheck_model", crosscheck)
+    out = tmp_path / "drift"
+    assert drift.main(["--smoke", "--modes", "floor", "--bits", "4", "--headline-images", "8",
+                       "--int8-images", "4", "--act-range", "aciq", "--aciq-law", "normal",
+                       "--data-root", str(fashion_root), "--out", str(out)]) == 0
+    want = RangePolicy("aciq", aciq_law="normal")
+    assert {what for what, _ in seen} == {"calibrate", "crosscheck"}
+    assert all(policy == want for _, policy in seen), seen
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["act_range"], config["aciq_law"], config["act_percentile"]) == \
+        ("aciq", "normal", None)
+    assert "ACIQ (normal)" in config["activation_spec"]
 
 
 def test_the_curve_never_fits_a_remedy_on_a_batch_of_one_image():
