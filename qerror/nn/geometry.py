@@ -148,15 +148,16 @@ def _axis_padding(module: nn.Conv2d, name: str) -> list[tuple[int, int]]:
         return [(0, 0), (0, 0)]
     if module.padding == "same":
         # PyTorch pads d·(k − 1) in all, half before and the odd one after
-        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
                 for k, d in zip(kernel, dilation)]
-    pads = _pair(module.padding)
-    if any(pads) and module.padding_mode != "zeros":
+    else:
+        pads = [(p, p) for p in _pair(module.padding)]
+    if any(sum(p) for p in pads) and module.padding_mode != "zeros":
         raise ValueError(f"{name}: padding {module.padding!r} with mode "
                          f"{module.padding_mode!r} fills the border with input values, not "
                          "zeros; live taps are defined for zero padding only (every tap of "
                          "such a layer reads data)")
-    return [(p, p) for p in pads]
+    return pads
 
 
 def layer_geometry(model: nn.Module, example: torch.Tensor) -> list[LayerGeometry]:

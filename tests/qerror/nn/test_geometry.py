@@ -71,10 +71,18 @@ def test_model_mode_is_restored_and_hooks_removed():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_non_zero_padding_is_refused():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_non_zero_padding_is_refused(padding):
+    # "same" pads too (a 3x3 kernel: one on each side), so a reflect mode fills it with data
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=padding, padding_mode="reflect"))
     with pytest.raises(ValueError, match="zero padding"):
         layer_geometry(model, torch.zeros(1, 1, 4, 4))
+
+
+def test_same_padding_of_a_one_tap_kernel_pads_nothing_whatever_the_mode():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, padding="same", padding_mode="reflect"))
+    geo, = layer_geometry(model, torch.zeros(1, 1, 4, 4))
+    assert geo.live_taps == geo.taps == 16
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, on speed
