@@ -90,11 +90,15 @@ class BNInconsistency:
     def summary(self) -> dict[str, float]:
         """Channel summaries: RMS and mean of the shifts, geometric means of the ratios.
 
-        Channels whose running variance is 0 (dead channels) give no finite figure and are
-        left out of every summary; so are ratios of 0 from the geometric means, which they
-        would make 0 whatever the other channels do. The channels whose variance
-        quantization collapsed (``σ²_q = 0 < σ²_f``) are counted instead
-        (``bn_var_collapsed_qf_count``), so that they show in the summary.
+        Channels whose running variance is 0 (dead channels) give no finite figure against
+        the running statistics and are left out of those summaries (the shifts, and the
+        float and quantized variance ratios); the quantized-vs-float variance ratio
+        ``σ²_q/σ²_f`` does not use the running statistics and keeps them. Ratios of 0 or
+        infinity are left out of the geometric means, which they would make 0 or infinite
+        whatever the other channels do, and counted instead, so that they show in the
+        summary: the channels whose variance quantization collapsed (``σ²_q = 0 < σ²_f``,
+        ``bn_var_collapsed_qf_count``) and those whose variance it created from a constant
+        float input (``σ²_f = 0 < σ²_q``, ``bn_var_created_qf_count``).
         """
         return {
             "bn_mean_shift_float_rms": _rms(self.mean_shift_float),
@@ -105,6 +109,7 @@ class BNInconsistency:
             "bn_var_ratio_quant_gmean": _gmean(self.var_ratio_quant),
             "bn_var_ratio_qf_gmean": _gmean(self.var_ratio_quant_vs_float),
             "bn_var_collapsed_qf_count": float(np.sum(self.var_ratio_quant_vs_float == 0)),
+            "bn_var_created_qf_count": float(np.sum(np.isposinf(self.var_ratio_quant_vs_float))),
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -133,3 +134,20 @@ def test_bn_summary_counts_a_collapsed_channel_and_leaves_out_dead_ones():
                                       np.zeros(1), np.zeros(1))
     assert np.isnan(dead.summary()["bn_var_ratio_quant_gmean"])
     assert dead.summary()["bn_var_collapsed_qf_count"] == 0.0  # 0/0: not a collapse
+    assert dead.summary()["bn_var_created_qf_count"] == 0.0  # nor a creation
+
+
+def test_bn_summary_counts_a_channel_whose_variance_quantization_created():
+    # channel 1's float input is constant (σ²_f = 0), its quantized input varies: the ratio
+    # is infinite, left out of the geometric mean and counted; channel 2 is dead in the
+    # running statistics (σ²_run = 0) yet its σ²_q/σ²_f = 3 stays in the qf figure
+    from qerror.nn.bn import BNInconsistency
+
+    res = BNInconsistency.from_stats(mean_f=np.zeros(3), var_f=np.array([1.0, 0.0, 1.0]),
+                                     mean_q=np.zeros(3), var_q=np.array([1.0, 4.0, 3.0]),
+                                     mean_run=np.zeros(3), var_run=np.array([1.0, 1.0, 0.0]))
+    summary = res.summary()
+    assert summary["bn_var_created_qf_count"] == 1.0
+    assert summary["bn_var_collapsed_qf_count"] == 0.0
+    assert summary["bn_var_ratio_qf_gmean"] == pytest.approx(3.0 ** 0.5, rel=1e-15)
+    assert summary["bn_var_ratio_quant_gmean"] == pytest.approx(2.0, rel=1e-15)  # 1 and 4
