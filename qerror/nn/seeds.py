@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qerror.nn._anatomy import eval_mode
 from qerror.nn.growth import layer_block_bootstrap
 from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
 from qerror.rounding import RoundingMode
@@ -76,7 +77,11 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
     The growth fit is the moving-block bootstrap over the convolutions
     (:func:`qerror.nn.growth.layer_block_bootstrap`, 95 %, 1000 resamples, ``seed``).
     """
-    convs = [s for s in res.layers() if s.kind == "conv"]
+    convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
+    if not convs:
+        raise ValueError("the claims' drift and growth quantities are those of the "
+                         "convolutions, and the result has none with a path depth; measure "
+                         "a convolutional network that torch.fx can trace")
     layers = res.layers()
     fit = layer_block_bootstrap([s.path_depth for s in convs],
                                 [s.drift_rel_rms_channel_debiased for s in convs],
@@ -127,14 +132,14 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         raise ValueError(f"{len(test)} test images but {len(labels)} labels")
     batches = [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
     rows = []
-    model.eval()
-    for b in bits:
-        act = calibrate_activations(model, [calib], QuantConfig.make(b).activation)
-        for mode in modes:
-            mode = RoundingMode.parse(mode)
-            res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
-            rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": v}
-                     for k, v in statement_values(res, seed=seed).items()]
+    with eval_mode(model):
+        for b in bits:
+            act = calibrate_activations(model, [calib], QuantConfig.make(b).activation)
+            for mode in modes:
+                mode = RoundingMode.parse(mode)
+                res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
+                rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": v}
+                         for k, v in statement_values(res, seed=seed).items()]
     return pd.DataFrame(rows)
 
 

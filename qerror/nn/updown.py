@@ -95,7 +95,7 @@ class UpDownResult:
         MSE and weight MSE (LSB²) of each stochastic rounding.
     beat : StatResult
         Fraction of stochastic roundings whose loss is below nearest's, with its Wilson
-        interval at level ``alpha``.
+        interval of confidence ``1 − alpha``.
     spearman_rho, spearman_p : float
         Spearman's rank correlation of ``local_mse`` with ``loss`` across the stochastic
         roundings, and its two-sided p-value (NaN for fewer than 3 roundings).
@@ -190,7 +190,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         rounding; the graph of the gradient is kept, so memory is that of a training step
         on all the images).
     alpha : float
-        Level of the Wilson interval.
+        One minus the Wilson interval's confidence (0.05: a 95 % interval); in (0, 1).
     progress : bool
         A progress bar over the roundings.
 

@@ -50,6 +50,26 @@ def test_every_quantity_for_every_width_and_mode():
     assert d["floor"] > d["nearest_even"]
 
 
+def test_the_models_own_mode_is_left_as_it_was():
+    # measured in evaluation mode, and a model that was training is training again after
+    model = _warmed().train()
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    st = network_statements(model, x, x, labels, bits=(8,), modes=("nearest_even",))
+    assert all(m.training for m in model.modules())
+    evaluated = network_statements(model.eval(), x, x, labels, bits=(8,),
+                                   modes=("nearest_even",))
+    assert st.equals(evaluated)
+
+
+def test_a_network_without_convolutions_is_refused_with_the_reason():
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="convolutions"):
+        network_statements(mlp, x, x, torch.zeros(8, dtype=torch.long), bits=(8,))
+
+
 def test_labels_must_match_images():
     model = _warmed()
     with pytest.raises(ValueError, match="3 test images but 2 labels"):
