@@ -690,14 +690,18 @@ class RunDir:
     out : Path
         Final destination: it must not exist, be empty, or hold a previous run of the same
         study (:func:`check_out`; nothing else is ever replaced). A previous run is
-        replaced only when the new one finishes. Whether replacing a previous run needs
-        ``--force`` is the study's call to :func:`check_out` before its work starts.
+        replaced only when the new one finishes, and only with ``force``.
     study : str
         Study name, recorded in the manifest.
     argv : list of str
         The command-line arguments, recorded verbatim.
     config : dict
         Resolved configuration (dataclasses and enums are serialised).
+    force : bool
+        The study's ``--force``: whether a previous run of the study at ``out`` may be
+        replaced. The study checks it with :func:`check_out` before its work too (a
+        refusal then costs nothing); this check finds a run that appeared at ``out`` while
+        the study worked.
 
     Notes
     -----
@@ -708,11 +712,11 @@ class RunDir:
     """
 
     def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any], *,
-                 force: bool = True):
-        # force=True: the study's own check_out, before its work, has decided (with its
-        # --force) whether a previous run may be replaced; a study that makes its RunDir
-        # after long work passes its --force here, so that a run that appeared meanwhile is
-        # not replaced without it
+                 force: bool):
+        # force: the study's --force, checked again here (its own check_out, before its
+        # work, found --out as it was then): a run that appeared at --out meanwhile (another
+        # run aimed at the same folder) is not replaced without it. No default, so that no
+        # study can forget to pass it.
         self.final = check_out(out, study, force=force)
         # A previous run at --out now was allowed by the study's own check_out (--force);
         # one that appears while this run works (another run aimed at the same folder) was

@@ -989,7 +989,7 @@ def _main(argv: list[str]) -> int:
     check_out(args.out, "bench", force=args.force)
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
               "torch_threads": torch.get_num_threads()}
-    with RunDir(args.out, "bench", argv, config) as run:
+    with RunDir(args.out, "bench", argv, config, force=args.force) as run:
         rows = []
         for group in groups:
             print(f"[bench] {group} ...", flush=True)

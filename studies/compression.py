@@ -1118,7 +1118,7 @@ def _main(argv: list[str]) -> int:
         else:
             print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
     plt = figure_style()
-    with RunDir(args.out, "compression", argv, config) as run, \
+    with RunDir(args.out, "compression", argv, config, force=args.force) as run, \
             tempfile.TemporaryDirectory(prefix="qerror-compression-") as tmp:
         run.extra.update(model=model_id, data=data.identity)
         if device.type == "cuda":  # float32 on the GPU as on the CPU

@@ -783,7 +783,7 @@ def _main(argv: list[str]) -> int:
               "seed": args.seed, "smoke": args.smoke, "device": device.type, **precision,
               "torch_threads": torch.get_num_threads()}
     plt = figure_style()
-    with RunDir(args.out, "dataset", argv, config) as run:
+    with RunDir(args.out, "dataset", argv, config, force=args.force) as run:
         run.extra = {"model": model_identity, "data": data_identity}
         model_qp = calibrate(calib_x, INT8)
         cache = LogitCache(net, args.batch_size, args.progress)

@@ -1690,7 +1690,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     timing["measured_int8_s"] = time.perf_counter() - int8_start if int8_images else math.nan
     config.update(device=place.device.type, world_size=place.world_size, **precision)
     plt = figure_style()
-    with RunDir(args.out, "drift", argv, config) as run:
+    with RunDir(args.out, "drift", argv, config, force=args.force) as run:
         run.extra.update(model=model_id, data=data.identity)
         if headline is not None:
             run.write_csv("headline.csv", headline)

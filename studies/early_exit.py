@@ -681,7 +681,7 @@ def _main(argv: list[str]) -> int:
               "equivalence": "paired TOST (Bonett-Price adjusted Wald), each one-sided test "
                              "at alpha, against FP32 full on the test split"}
     plt = figure_style()
-    with RunDir(args.out, "early_exit", argv, config) as run:
+    with RunDir(args.out, "early_exit", argv, config, force=args.force) as run:
         run.extra.update(model=model_id, data=data.identity)
         if device.type == "cuda":  # the FP32 reference stays float32 on a GPU
             run.extra.update(precision=disable_tf32())

@@ -497,7 +497,7 @@ def _main(argv: list[str]) -> int:
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
               "baseline": None if baseline is None else baseline[2]}
     plt = figure_style()
-    with RunDir(args.out, "rounding", argv, config) as run:
+    with RunDir(args.out, "rounding", argv, config, force=args.force) as run:
         if data_identity is not None:  # what the activations were computed from
             run.extra["data"] = data_identity
         regime = regime_sweep(law_list, modes, ratios, bit_list, mc_n, args.seed)

@@ -620,7 +620,7 @@ def _main(argv: list[str]) -> int:
               "activation_spec": "8-bit unsigned affine per tensor, min-max on the "
                                  "calibration images, round to nearest"}
     plt = figure_style()
-    with RunDir(args.out, "rounding_choice", argv, config) as run:
+    with RunDir(args.out, "rounding_choice", argv, config, force=args.force) as run:
         run.extra.update(models={n: ident for n, (_, ident) in loaded.items()},
                          data=data.identity)
         results = {}

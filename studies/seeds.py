@@ -130,7 +130,7 @@ def _main(argv: list[str]) -> int:
               "calib_images": CALIB_IMAGES, "lr": LR, "batch_size": BATCH, "seed": args.seed,
               "smoke": smoke, "network": "plain_chain(depth=10, width=16), 8x8 input"}
     started = time.perf_counter()
-    with RunDir(args.out, "seeds", argv, config) as run:
+    with RunDir(args.out, "seeds", argv, config, force=args.force) as run:
         run.extra.update(data={"source": splits.train.source, "train_sha256": splits.train.sha256,
                                "test_sha256": splits.test.sha256})
         weights, frames = {}, []

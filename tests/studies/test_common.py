@@ -16,7 +16,7 @@ from studies._common import RunDir
 def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "study"
     with pytest.raises(RuntimeError):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("part.csv", "a,b\n")
             raise RuntimeError("interrupted")
     assert not out.exists()
@@ -25,11 +25,11 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
 
 def test_finished_run_replaces_the_old_one_only_when_complete(tmp_path):
     out = tmp_path / "study"
-    with RunDir(out, "demo", ["--x"], {"k": 1}) as run:
+    with RunDir(out, "demo", ["--x"], {"k": 1}, force=True) as run:
         run.write_text("a.txt", "first")
         run.finish()
     with pytest.raises(RuntimeError):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("a.txt", "second")
             raise RuntimeError
     assert (out / "a.txt").read_text() == "first"
@@ -89,7 +89,7 @@ def test_check_out_accepts_new_empty_and_forced_previous_runs(tmp_path):
     assert not (tmp_path / "a").exists()  # checked, not created
     (tmp_path / "empty").mkdir()
     assert _common.check_out(tmp_path / "empty", "demo", force=False) == tmp_path / "empty"
-    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+    with RunDir(tmp_path / "run", "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "1\n")
         run.finish()
     with pytest.raises(_common.StudyError, match="previous run of the demo study; pass --force"):
@@ -100,7 +100,7 @@ def test_check_out_accepts_new_empty_and_forced_previous_runs(tmp_path):
 
 
 def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
-    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+    with RunDir(tmp_path / "run", "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "1\n")
         run.finish()
     (tmp_path / "run" / "sub").mkdir()
@@ -113,7 +113,7 @@ def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
     # and keeps the finished run beside it, named in the message.
     kept = tmp_path / f"run2.finished-{os.getpid()}"
     with pytest.raises(_common.StudyError, match=f"not a run of a study.*complete at {kept}"):
-        with RunDir(tmp_path / "run2", "demo", [], {}) as run:
+        with RunDir(tmp_path / "run2", "demo", [], {}, force=True) as run:
             run.write_text("y.csv", "2\n")
             (tmp_path / "run2").mkdir()
             (tmp_path / "run2" / "notes.md").write_text("typed meanwhile")
@@ -152,7 +152,7 @@ def test_goals_table_wraps_its_two_text_columns_at_fixed_widths(tmp_path):
 
     goals = pd.DataFrame({"goal": ["a long goal_name"], "measured": ["1.5% of it"],
                           "verdict": ["met"]})
-    with RunDir(tmp_path / "run", "demo", [], {}) as run:
+    with RunDir(tmp_path / "run", "demo", [], {}, force=True) as run:
         text = run.write_goals_table("goals.tex", goals, "Goals.", "tab:g").read_text()
         with pytest.raises(ValueError, match="three columns"):
             run.write_goals_table("bad.tex", goals.assign(extra=1), "Goals.", "tab:b")
@@ -177,8 +177,8 @@ def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
     """Two runs aimed at a new --out, neither forced: the one that finishes second finds
     the first's run there and keeps its own beside it, named, instead of replacing it."""
     out = tmp_path / "run"
-    with RunDir(out, "demo", ["--seed", "2"], {}) as second:
-        with RunDir(out, "demo", ["--seed", "1"], {}) as first:
+    with RunDir(out, "demo", ["--seed", "2"], {}, force=False) as second:
+        with RunDir(out, "demo", ["--seed", "1"], {}, force=False) as first:
             first.write_text("x.csv", "first\n")
             first.finish()
         second.write_text("x.csv", "second\n")
@@ -187,13 +187,13 @@ def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
             second.finish()
     assert (out / "x.csv").read_text() == "first\n"
     assert (kept / "x.csv").read_text() == "second\n"
-    # a study that makes its RunDir after long work (train) passes its --force: without it
+    # every study passes its --force (a study makes its RunDir after its work): without it
     # a run now at --out is refused before anything is staged
     with pytest.raises(_common.StudyError, match="holds a previous run"):
         RunDir(out, "demo", [], {}, force=False)
     assert not list(tmp_path.glob(".run.partial-*"))
     # a run that found a previous one when it started (the study checked --force) replaces it
-    with RunDir(out, "demo", ["--seed", "3"], {}) as third:
+    with RunDir(out, "demo", ["--seed", "3"], {}, force=True) as third:
         third.write_text("x.csv", "third\n")
         third.finish()
     assert (out / "x.csv").read_text() == "third\n"
@@ -202,7 +202,7 @@ def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
 def test_ctrl_c_while_the_replaced_run_is_removed_says_the_new_one_is_published(
         tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    with RunDir(out, "demo", [], {}) as run:
+    with RunDir(out, "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "old\n")
         run.finish()
     real_rmtree = _common.shutil.rmtree
@@ -213,7 +213,7 @@ def test_ctrl_c_while_the_replaced_run_is_removed_says_the_new_one_is_published(
         return real_rmtree(path, *args, **kwargs)
 
     def body(argv):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("x.csv", "new\n")
             run.finish()
         return 0
@@ -234,7 +234,7 @@ def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeyp
     """When the last move fails (a mount point, a vanished parent), the complete run stays,
     under a name no later run removes, and the previous run at --out is put back."""
     out = tmp_path / "run"
-    with RunDir(out, "demo", [], {}) as run:
+    with RunDir(out, "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "old\n")
         run.finish()
     before = _files(out)
@@ -248,7 +248,7 @@ def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeyp
     monkeypatch.setattr(Path, "rename", rename)
     kept = tmp_path / f"run.finished-{os.getpid()}"
     with pytest.raises(_common.StudyError, match=f"it is complete at {kept}"):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("x.csv", "new\n")
             run.finish()
     assert _files(out) == before  # the previous run is back in place
@@ -268,7 +268,7 @@ def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_pat
         raise OSError(30, "Read-only file system")
 
     with pytest.raises(_common.StudyError, match="move it away before the next run"):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("x.csv", "1\n")
             stage = run.stage
             monkeypatch.setattr(Path, "rename", refuse)
@@ -310,7 +310,7 @@ def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
     monkeypatch.setattr(_common, "git_identity", lambda: next(states))
 
     def body(argv):
-        with RunDir(tmp_path / "run", "demo", argv, {}) as run:
+        with RunDir(tmp_path / "run", "demo", argv, {}, force=True) as run:
             run.write_text("x.txt", "x\n")
             run.finish()
         return 0
@@ -456,7 +456,7 @@ def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
     went_on = []
 
     def body(argv):
-        with RunDir(out, "demo", [], {}) as run:
+        with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("x.csv", "x\n")
             if when == "before":
                 swallowed()
@@ -488,11 +488,11 @@ def test_two_forced_runs_at_one_out_never_replace_each_others_run(tmp_path):
     finish replaces it; the second finds another run than the one it was allowed to replace,
     leaves it, and keeps its own beside it, named."""
     out = tmp_path / "run"
-    with RunDir(out, "demo", ["--seed", "0"], {}) as run:
+    with RunDir(out, "demo", ["--seed", "0"], {}, force=True) as run:
         run.write_text("x.csv", "previous\n")
         run.finish()
-    with RunDir(out, "demo", ["--seed", "2"], {}) as second:
-        with RunDir(out, "demo", ["--seed", "1"], {}) as first:
+    with RunDir(out, "demo", ["--seed", "2"], {}, force=True) as second:
+        with RunDir(out, "demo", ["--seed", "1"], {}, force=True) as first:
             first.write_text("x.csv", "first\n")
             first.finish()
         second.write_text("x.csv", "second\n")
@@ -507,7 +507,7 @@ def test_a_previous_run_is_not_replaced_over_a_folder_or_pipe_it_does_not_list(t
     """Replacing a run removes its whole folder: an empty folder, or a named pipe, that the
     user put there is as much theirs as a file, and refused as one."""
     out = tmp_path / "run"
-    with RunDir(out, "demo", [], {}) as run:
+    with RunDir(out, "demo", [], {}, force=True) as run:
         run.write_text("sub/x.csv", "1\n")
         run.finish()
     _common.check_out(out, "demo", force=True)  # the run's own folders are its own
@@ -532,7 +532,7 @@ def _publish_with_rename(tmp_path, rename: str):
     import textwrap
 
     out = tmp_path / "run"
-    with RunDir(out, "demo", [], {}) as run:
+    with RunDir(out, "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "old\n")
         run.finish()
 
@@ -546,7 +546,7 @@ def _publish_with_rename(tmp_path, rename: str):
         RENAME
 
         def body(argv):
-            with _common.RunDir(out, "demo", [], {}) as run:
+            with _common.RunDir(out, "demo", [], {}, force=True) as run:
                 run.write_text("x.csv", "new\\n")
                 Path.rename = rename
                 run.finish()
@@ -582,16 +582,16 @@ def test_a_forced_run_published_just_before_the_move_is_never_removed(tmp_path, 
     it was allowed to replace, so it puts it back and keeps its own beside it (it once
     removed the first's run with the previous one's copy)."""
     out = tmp_path / "run"
-    with RunDir(out, "demo", [], {}) as run:
+    with RunDir(out, "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "previous\n")
         run.finish()
     pid = {"now": 222}
     monkeypatch.setattr(_common.os, "getpid", lambda: pid["now"])
     monkeypatch.setattr(_common, "_alive", lambda p: True)  # both runs' folders are live
-    second = RunDir(out, "demo", [], {})
+    second = RunDir(out, "demo", [], {}, force=True)
     second.write_text("x.csv", "second\n")
     pid["now"] = 111
-    first = RunDir(out, "demo", [], {})
+    first = RunDir(out, "demo", [], {}, force=True)
     first.write_text("x.csv", "first\n")
     pid["now"] = 222
     real_rename = Path.rename

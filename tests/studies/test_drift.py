@@ -367,7 +367,7 @@ def test_accuracy_edges_go_through_every_table_and_figure(float_right, quant_rig
                           "metric": "rms_rel", "exponent": 0.5, "lo_layers": 0.4,
                           "hi_layers": 0.6, "answer": "sqrt"}])
     plt = figure_style()
-    with RunDir(tmp_path / "run", "drift", [], {}) as run:
+    with RunDir(tmp_path / "run", "drift", [], {}, force=True) as run:
         drift._tables(run, acc, fits, pd.DataFrame())
         run.write_macros("macros.tex", drift._macros(acc, fits, pd.DataFrame(columns=[
             "mode", "bits", "target", "kind", "metric", "value"]), pd.DataFrame(), None, None))
@@ -1141,7 +1141,7 @@ def test_the_growth_table_shows_the_targets_a_run_measured(tmp_path):
     fits = pd.DataFrame([{"mode": "nearest_even", "bits": 8, "target": "weights",
                           "metric": "rms_rel", "exponent": 0.5, "lo_layers": 0.4,
                           "hi_layers": 0.6, "answer": "sqrt"}])
-    with RunDir(tmp_path / "run", "drift", [], {}) as run:
+    with RunDir(tmp_path / "run", "drift", [], {}, force=True) as run:
         drift._tables(run, acc, fits, pd.DataFrame())
         out = run.finish()
     assert "weights" in (out / "growth.tex").read_text()

@@ -24,21 +24,21 @@ def test_macro_name_parts_are_spelled_in_letters(text, expected):
 
 
 def test_macros_carry_the_study_name(tmp_path):
-    with RunDir(tmp_path / "m", "drift", [], {}) as run:
+    with RunDir(tmp_path / "m", "drift", [], {}, force=True) as run:
         run.write_macros("m.tex", {"Acc" + letters("nearest_even_8"): "91.20"})
         out = run.finish()
     assert "\\newcommand{\\driftAccNearestEvenEight}{91.20}" in (out / "m.tex").read_text()
 
 
 def test_a_study_name_of_several_words_is_camel_case(tmp_path):
-    with RunDir(tmp_path / "m", "rounding_choice", [], {}) as run:
+    with RunDir(tmp_path / "m", "rounding_choice", [], {}, force=True) as run:
         run.write_macros("m.tex", {"Acc" + letters("nearest_4"): "91.20"})
         out = run.finish()
     assert "\\newcommand{\\roundingChoiceAccNearestFour}{91.20}" in (out / "m.tex").read_text()
 
 
 def test_macro_names_must_be_letters(tmp_path):
-    with RunDir(tmp_path / "m", "demo", [], {}) as run:
+    with RunDir(tmp_path / "m", "demo", [], {}, force=True) as run:
         with pytest.raises(ValueError, match="letters only"):
             run.write_macros("m.tex", {"bad_name1": "1"})
     assert _common.package_versions(["numpy"])["numpy"]
@@ -71,7 +71,7 @@ def test_number_refuses_non_finite():
 def test_tables_read_as_words_with_escaped_cells(tmp_path):
     frame = pd.DataFrame({"mode": ["nearest_even", "50%_a&b"], "quant_acc": [0.5, -0.0],
                           "mcnemar_p": [float("nan"), 0.25], "odd_name": [1, 2]})
-    with RunDir(tmp_path / "t", "drift", [], {}) as run:
+    with RunDir(tmp_path / "t", "drift", [], {}, force=True) as run:
         run.write_latex_table("t.tex", frame, "caption", "tab:t")
         out = run.finish()
     tex = (out / "t.tex").read_text()

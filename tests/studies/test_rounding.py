@@ -226,3 +226,33 @@ def test_the_relu_macros_are_the_activations_table(tmp_path):
     assert m["ReluLayers"] == "2"
     assert m["TruncBiasReluMedian"] == "-0.345"  # (-0.24 - 0.45) / 2
     assert m["TruncBiasReluZerosGap"] == "0.050"  # |-0.45 + 0.40|, beside |-0.24 + 0.25|
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_run_published_at_out_while_this_one_works_needs_force(tmp_path, monkeypatch,
+                                                                  capsys, force):
+    """--out was free when the run started; another run of the study is published there
+    while it works (a second terminal). Without --force it is left alone (the run refused
+    before staging anything); with --force it is replaced, as a previous run would be. The
+    study once made its output folder with force always on: it replaced the other run."""
+    from studies._common import RunDir
+
+    out = tmp_path / "r"
+    real_style = rounding.figure_style
+
+    def other_run_then_style():
+        with RunDir(out, "rounding", ["--the-other-run"], {}, force=False) as other:
+            other.write_text("other.txt", "the other run's\n")
+            other.finish()
+        return real_style()
+
+    monkeypatch.setattr(rounding, "figure_style", other_run_then_style)
+    code = rounding.main(["--smoke", "--laws", "uniform", "--ratios", "2", "--mc-samples",
+                          "100", "--out", str(out)] + (["--force"] if force else []))
+    argv = json.loads((out / "manifest.json").read_text())["argv"]
+    if force:
+        assert code == 0 and "--the-other-run" not in argv and (out / "regime.csv").is_file()
+    else:
+        assert code == 2 and "holds a previous run" in capsys.readouterr().err
+        assert argv == ["--the-other-run"] and (out / "other.txt").is_file()
+        assert not list(tmp_path.glob(".r.*"))
