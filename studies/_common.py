@@ -58,6 +58,10 @@ from studies._latex import macro_name, readable
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
+#: A file that marks a staging folder (``.NAME.partial-PID``) or a replaced run's copy
+#: (``.NAME.old-PID``) as one a study made: only folders that hold it are ever removed as
+#: left behind (a user's folder of the same name is not a run's).
+STAGING_MARK = ".qerror-staging"
 EXIT_REFUSED = 2  # bad input or destination, as argparse's own errors
 EXIT_OS_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -488,18 +492,30 @@ def clean_stale_partials(final: Path) -> list[Path]:
 
     Only folders named ``.NAME.partial-PID`` (a staged run) or ``.NAME.old-PID`` (a run it
     replaced, whose removal was cut short) in ``final``'s parent (NAME being ``final``'s
-    name), not symbolic links, and only when no process ``PID`` is alive: a run in progress
-    keeps its folders. Returns the folders removed.
+    name), not symbolic links, that hold the :data:`STAGING_MARK` a study puts in the
+    folders it makes (a user's folder of the same name is left alone), and only when no
+    process ``PID`` is alive: a run in progress keeps its folders. Returns the folders
+    removed.
     """
     final = Path(final)
     pattern = re.compile(re.escape(f".{final.name}.") + r"(?:partial|old)-([0-9]+)")
     removed = []
     for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m[1])):
+        if m and p.is_dir() and not p.is_symlink() and _marked(p) and not _alive(int(m[1])):
             shutil.rmtree(p)
             removed.append(p)
     return removed
+
+
+def _marked(folder: Path) -> bool:
+    """Whether ``folder`` holds the :data:`STAGING_MARK` (a plain file, not a link)."""
+    mark = folder / STAGING_MARK
+    return mark.is_file() and not mark.is_symlink()
+
+
+def _mark(folder: Path) -> None:
+    (folder / STAGING_MARK).write_text(f"made by a qerror study, process {os.getpid()}\n")
 
 
 def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "",
@@ -727,9 +743,14 @@ class RunDir:
         self.replaced = _manifest_sha(self.final) if self.replaces else None
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
-        if self.stage.exists():
-            shutil.rmtree(self.stage)
+        if self.stage.exists() and not self.stage.is_symlink() and _marked(self.stage):
+            shutil.rmtree(self.stage)  # this process's own, from an earlier RunDir
+        elif self.stage.exists() or self.stage.is_symlink():
+            raise StudyError(f"{self.stage} is in the way of this run's staging folder and "
+                             "was not made by a study; move or rename it, or choose another "
+                             "--out")
         self.stage.mkdir()
+        _mark(self.stage)
         self.study = study
         self.argv = list(argv)
         self.config = config
@@ -828,6 +849,9 @@ class RunDir:
         ``with`` block) when a Ctrl-C came since the study started and something swallowed
         it (:mod:`qerror.interrupts`): a run the user interrupted is not published."""
         self._check_interrupts()
+        # unmarked from here: the folder becomes the run (a run killed before it is
+        # published leaves an unmarked staging folder, which no later run removes)
+        (self.stage / STAGING_MARK).unlink(missing_ok=True)
         outputs = {str(p.relative_to(self.stage)): sha256_file(p)
                    for p in sorted(self.stage.rglob("*")) if p.is_file()}
         manifest = {
@@ -879,6 +903,7 @@ class RunDir:
                             old.rename(self.final)
                             old = None
                             raise another
+                        _mark(old)  # removable as left behind if this run dies now
                     self.stage.rename(self.final)
                     _PUBLISHED.append(self.final)
                     published = True
@@ -918,6 +943,7 @@ class RunDir:
         restored = old is None or not old.exists()  # (the previous run was never moved)
         if not restored and not self.final.exists():
             try:
+                (old / STAGING_MARK).unlink(missing_ok=True)  # it is a run again
                 old.rename(self.final)
                 restored = True
             except OSError:

@@ -135,16 +135,38 @@ def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_
     live = tmp_path / f".run.partial-{os.getppid()}"  # our parent is alive
     other_name = tmp_path / f".other.partial-{dead_pid}"
     not_ours = tmp_path / f".run.partial-{dead_pid}x"
-    for folder in (stale, live, other_name, not_ours):
+    # a user's own folder that happens to have a staging folder's name: no study made it
+    users = tmp_path / f".run.old-{dead_pid}"
+    for folder in (stale, live, other_name, not_ours, users):
         folder.mkdir()
         (folder / "a.csv").write_text("1\n")
+        if folder is not users:
+            (folder / _common.STAGING_MARK).write_text("made by a study\n")
     link = tmp_path / f".run.partial-{dead_pid + 1}"
     link.symlink_to(other_name, target_is_directory=True)
     assert _common.clean_stale_partials(tmp_path / "run") == [stale]
     assert not stale.exists()
-    for kept in (live, other_name, not_ours, link):
+    for kept in (live, other_name, not_ours, link, users):
         assert kept.exists() or kept.is_symlink(), kept
     assert (other_name / "a.csv").read_text() == "1\n"
+    assert (users / "a.csv").read_text() == "1\n"
+
+
+def test_a_staging_folder_is_marked_until_it_becomes_the_run(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}, force=False) as run:
+        assert (run.stage / _common.STAGING_MARK).is_file()
+        run.write_text("x.csv", "1\n")
+        run.finish()
+    assert not (out / _common.STAGING_MARK).exists()
+    assert _common.STAGING_MARK not in json.loads((out / "manifest.json").read_text())["outputs"]
+    # a user's folder in the way of this process's staging folder is not removed
+    mine = tmp_path / f".other.partial-{os.getpid()}"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    with pytest.raises(_common.StudyError, match="not made by a study"):
+        RunDir(tmp_path / "other", "demo", [], {}, force=False)
+    assert (mine / "notes.txt").read_text() == "mine\n"
 
 
 def test_goals_table_wraps_its_two_text_columns_at_fixed_widths(tmp_path):
