@@ -580,7 +580,8 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint says about itself (its sidecar JSON holds the same)."""
+    """What a checkpoint says about itself (its sidecar JSON holds the same); ``path`` is
+    absolute, so that a record of it names the file from any working folder."""
 
     path: Path
     sha256: str
@@ -731,8 +732,8 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
-    return CheckpointInfo(path, sha, arch, stem, num_classes, meta["config"], meta["metrics"],
-                          meta["versions"], meta["created"])
+    return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],
+                          meta["metrics"], meta["versions"], meta["created"])
 
 
 _META_KEYS = ("format", "format_version", "arch", "stem", "num_classes")
@@ -852,7 +853,8 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     wrong = {k: (exp, got) for k, (exp, got) in wanted.items() if exp is not None and exp != got}
     if wrong:
         raise _other_model(path, arch, stem, num_classes, wrong)
-    info = CheckpointInfo(path, sha, arch, stem, num_classes, payload.get("config", {}),
+    info = CheckpointInfo(path.absolute(), sha, arch, stem, num_classes,
+                          payload.get("config", {}),
                           payload.get("metrics", {}), payload.get("versions", {}),
                           payload.get("created", ""))
     return Checkpoint(model.eval(), info)

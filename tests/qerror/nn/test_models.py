@@ -226,6 +226,17 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".json"]
 
 
+def test_a_checkpoint_named_relatively_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    # a run's manifest records info.path; read back from another working folder, a relative
+    # path named another file (or none)
+    monkeypatch.chdir(tmp_path)
+    saved = models.save_checkpoint(_trained_like_model(), "ckpt.pt", arch="resnet18",
+                                   stem="imagenet", config=CONFIG, metrics=METRICS)
+    loaded = models.load_checkpoint("ckpt.pt")
+    assert saved.path == loaded.info.path == tmp_path / "ckpt.pt"
+    assert loaded.info.path.is_absolute()
+
+
 @pytest.fixture
 def saved_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
