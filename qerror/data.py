@@ -588,7 +588,13 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> 
 
     seen = set(skip) - {_folder_key(folder)}
     found = []
-    for d, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(err: OSError):  # os.walk leaves such a folder out silently
+        raise DataError(f"{err.filename}: cannot be read ({err.strerror}); its images would be "
+                        "left out of the data set. Give this user read access to it, or move "
+                        "it out of the data folder") from err
+
+    for d, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         key = _folder_key(d)
         if key in seen:
             dirs[:] = []  # walked already (or elsewhere): not it, nor what lies under it

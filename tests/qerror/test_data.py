@@ -395,6 +395,26 @@ def test_imagenet_folder_names_a_broken_image(tmp_path):
         assert str(path) in str(info.value) and "cannot read this image" in str(info.value)
 
 
+def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, monkeypatch):
+    # as a user without read access meets it (root reads every folder, so the refusal of the
+    # kernel is played by os.scandir, which os.walk lists each folder with): the folder's
+    # images were left out silently, and a study measured the rest
+    import os
+
+    root = _image_folder(tmp_path)
+    locked = root / "n02099601"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(data.DataError, match="n02099601: cannot be read"):
+        data.imagenet_folder(root)
+
+
 def test_imagenet_folder_without_images_is_refused(tmp_path):
     (tmp_path / "empty" / "n01443537").mkdir(parents=True)
     with pytest.raises(data.DataNotFoundError, match="holds no image"):
