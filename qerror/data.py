@@ -504,7 +504,9 @@ def read_label_map(path: Path | str) -> dict[str, int]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (as editors on Windows write) is not part of the
+        # first folder's name
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--labels {path}: cannot read it ({exc})") from exc
     index = {s: i for i, s in enumerate(imagenet_synsets())}
@@ -521,7 +523,7 @@ def read_label_map(path: Path | str) -> dict[str, int]:
         name, cls = parts
         if cls in index:
             label = index[cls]
-        elif cls.isdigit() and int(cls) < 1000:
+        elif re.fullmatch(r"[0-9]+", cls) and int(cls) < 1000:  # not isdigit: "2²" is one
             label = int(cls)
         else:
             raise DataError(f"{where}: {cls!r} is neither a class index 0..999 nor one of "

@@ -367,12 +367,20 @@ def test_non_synset_folders_need_an_explicit_mapping(tmp_path):
     ("dogs n99999999\n", "neither a class index 0..999 nor one of"),
     ("dogs 1\ndogs 2\n", "line 2.*mapped twice"),
     ("# nothing\n", "maps no folder"),
+    ("dogs 2\u00b2\n", "'2\u00b2' is neither a class index"),  # a digit to isdigit, not int
+    ("dogs \u0662\n", "neither a class index"),  # an Arabic-Indic two
 ])
 def test_bad_label_file_is_refused(tmp_path, text, message):
     path = tmp_path / "labels.txt"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(data.DataError, match=message):
         data.read_label_map(path)
+
+
+def test_a_label_file_with_a_byte_order_mark_reads_its_first_folder(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("cats 281\r\ndogs n02099601\r\n".encode("utf-8-sig"))
+    assert data.read_label_map(path) == {"cats": 281, "dogs": 207}
 
 
 def test_images_beside_class_folders_are_refused(tmp_path):
