@@ -563,7 +563,11 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     StudyError
         With what is wrong and what to pass instead.
     """
-    final = Path(out).expanduser().resolve()
+    try:
+        final = Path(out).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # a loop of symbolic links (RuntimeError <3.13)
+        raise StudyError(f"--out {out}: cannot follow it to a folder ({err}); pass a folder "
+                         "that is not a loop of symbolic links") from err
     if final.exists() and not final.is_dir():
         raise StudyError(f"--out {final} is a file, not a folder; it is never replaced. Pass "
                          f"the name of a new folder, e.g. --out {final.parent / study}")

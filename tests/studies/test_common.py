@@ -195,6 +195,13 @@ def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, monkeypatch):
     assert _common.check_out(vol / "demo", "demo", force=False) == vol / "demo"
 
 
+def test_an_out_that_is_a_loop_of_links_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(_common.StudyError, match="loop of symbolic links"):
+        _common.check_out(tmp_path / "a", "demo", force=False)
+
+
 def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
     """Two runs aimed at a new --out, neither forced: the one that finishes second finds
     the first's run there and keeps its own beside it, named, instead of replacing it."""
