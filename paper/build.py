@@ -566,7 +566,7 @@ def _run_arg(text: str) -> tuple[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python paper/build.py",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=REPO / "runs",
+    parser.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=REPO / "runs",
                         help="folder holding one output folder per study (default: runs/)")
     parser.add_argument("--run", type=_run_arg, action="append", default=[],
                         metavar="STUDY=PATH", help="one study's output folder, elsewhere")

@@ -364,6 +364,12 @@ def grid(modes, bits_list, targets, seed: int, act_range: RangePolicy = RangePol
             for t in targets for b in bits_list for m in modes]
 
 
+def weights_arg(text: str) -> str:
+    """``--weights``: a file's ``~`` expanded as :func:`studies._common.user_path` does; a
+    name of torchvision's weights (``IMAGENET1K_V2``) as it is."""
+    return str(user_path(text)) if text.startswith("~") else text
+
+
 def act_range_policy(method: RangeMethod, percentile: float | None,
                      aciq_law: str | None) -> RangePolicy:
     """The activation range policy of ``--act-range``, ``--act-percentile`` and
@@ -1259,7 +1265,7 @@ def _main(argv: list[str]) -> int:
     parser = base_parser("drift", __doc__.splitlines()[0], force=True)
     parser.add_argument("--model", choices=["resnet50", "resnet18"], default=None,
                         help="architecture (default resnet50; resnet18 with --smoke)")
-    parser.add_argument("--weights", default=None,
+    parser.add_argument("--weights", type=weights_arg, default=None,
                         help="Fashion-MNIST: a qerror checkpoint file (default: the cached "
                              "baseline). ImageNet (--data): IMAGENET1K_V1, IMAGENET1K_V2 or a "
                              "local state-dict file (default IMAGENET1K_V2)")

@@ -48,6 +48,7 @@ from studies._common import (
     int_at_least,
     positive_int,
     study_main,
+    user_path,
 )
 
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES, CALIB_IMAGES, LR, BATCH = 3, 10_000, 512, 256, 0.05, 128
@@ -100,7 +101,7 @@ def _main(argv: list[str]) -> int:
                         help=f"training images per network (default {TRAIN_IMAGES:,}; smoke 1,024)")
     parser.add_argument("--test-images", type=int_at_least(2), default=None,
                         help=f"test images measured (default {TEST_IMAGES}; smoke 128)")
-    parser.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+    parser.add_argument("--data-root", type=user_path, default=None, help=DATA_ROOT_HELP)
     args = parser.parse_args(argv)
     smoke = args.smoke
     seeds = args.seeds or (2 if smoke else 20)

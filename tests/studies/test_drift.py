@@ -1251,3 +1251,10 @@ def test_the_grids_and_the_headlines_tests_are_adjusted_as_one_family_each():
     acc = pd.DataFrame({"remedy": ["none"] * 4, "differs": [True, True, False, False],
                         "mcnemar_p_holm": [0.03, 0.06, 0.06, math.nan]})
     assert drift._unresolved_holm(acc) == 2  # of the three tested
+
+
+def test_weights_under_home_are_expanded_and_torchvision_names_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert drift.weights_arg("~/ckpt.pt") == str(tmp_path / "ckpt.pt")
+    assert drift.weights_arg("IMAGENET1K_V2") == "IMAGENET1K_V2"
+    assert drift.weights_arg("ckpt.pt") == "ckpt.pt"

@@ -35,3 +35,11 @@ def test_smoke_run_trains_each_seed_and_measures_it(fashion_idx, tmp_path):
     fl = st[(st.quantity == "float_accuracy")].groupby("seed").value.first()
     assert (train.set_index("seed").float_accuracy == fl).all()
     assert manifest["config"]["test_images"] == 128
+
+
+def test_a_data_root_under_home_is_expanded(tmp_path, monkeypatch, capsys):
+    # '~/fm' (quoted, as a shell leaves it) is the home folder's fm, not a folder named '~'
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert seeds.main(["--smoke", "--data-root", "~/fm", "--out", str(tmp_path / "out")]) != 0
+    assert f"{tmp_path / 'fm'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
