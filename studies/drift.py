@@ -582,12 +582,19 @@ def remedies(model, data: Data, cfg: QuantConfig, act_qparams, weights, base: Pr
     return results, pd.DataFrame(rows)
 
 
-def _first_of(batches, n: int, batch: int):
-    """The first ``n`` images of ``batches``, re-cut into batches of ``batch``; a last
-    batch of one image joins the one before it (BatchNorm re-estimation needs two)."""
-    x = torch.cat([b[0] for b in batches])[:n]
-    y = torch.cat([b[1] for b in batches])[:n]
+def _first_of(batches, n: int, batch: int, start: int = 0):
+    """Images ``start`` to ``start + n`` of ``batches`` (the first ``n`` by default), re-cut
+    into batches of ``batch``; a last batch of one image joins the one before it (BatchNorm
+    re-estimation needs two)."""
+    x = torch.cat([b[0] for b in batches])[start:start + n]
+    y = torch.cat([b[1] for b in batches])[start:start + n]
     return _calibration_batches(x, y, batch)
+
+
+def draws_at(size: int, available: int, draws: int) -> int:
+    """How many disjoint subsets of ``size`` calibration images the curve fits a remedy on:
+    ``draws``, or as many as ``available`` images hold (at least one)."""
+    return max(1, min(draws, available // size))
 
 
 def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
@@ -631,10 +638,13 @@ def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: i
 
 
 def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
-                      batch: int, known: dict | None = None) -> pd.DataFrame:
+                      batch: int, known: dict | None = None, draws: int = 1) -> pd.DataFrame:
     """Accuracy after BN re-estimation and after empirical bias correction fitted on the
     first ``n`` calibration images, for each ``n`` in ``sizes``, on the ``test`` batches by a
-    plain quantized forward (no instrumentation).
+    plain quantized forward (no instrumentation); with ``draws`` above 1, also on the next
+    disjoint blocks of ``n`` images, up to ``draws`` blocks in all where the calibration
+    images hold them (:func:`draws_at`; column ``draw``, 0 for the first images), so
+    that a remedy's own sampling noise at one size shows as the spread between its fits.
 
     Each row: the remedy's accuracy with its Wilson interval, the unremedied and float
     accuracy on the same images, the share of the lost accuracy recovered, McNemar's test
@@ -678,9 +688,11 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
             right_float, z_float = forward()
     n_img = int(right_float.numel())
     rows = []
-    work = [(cfg, n) for cfg in cfgs for n in sizes]
+    available = sum(len(y) for _, y in calib)
+    work = [(cfg, n, d) for cfg in cfgs for n in sizes
+            for d in range(draws_at(n, available, draws))]
     base = {}
-    for cfg, n in tqdm(work, desc="calibration curve", unit="fit", leave=False):
+    for cfg, n, draw in tqdm(work, desc="calibration curve", unit="fit", leave=False):
         cols = _config_columns(cfg)
         qp, w = act_qparams[cols["bits"]], weights_of(cfg)
         layout = forward_layout(cfg.rounding)  # plain passes; bias correction measures
@@ -690,7 +702,7 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
             with memory_format(model, layout), quantized_forward(model, cfg, qp, weights=w):
                 base[cfg.label] = forward()
         none, z_none = base[cfg.label]
-        cal = _first_of(calib, n, batch)
+        cal = _first_of(calib, n, batch, start=draw * n)
         with memory_format(model, layout):
             stats = reestimate_bn(model, cal, cfg, qp, weights=w)
         fixes = {"bn_reestimation": {"bn_stats": stats},
@@ -705,6 +717,7 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
                                      ALPHA)
             acc_none, acc_float = float(none.double().mean()), float(right_float.double().mean())
             rows.append({**cols, "remedy": remedy, "calib_images": sum(len(y) for _, y in cal),
+                         "draw": draw,
                          "images": n_img, "acc": ci.estimate, "acc_lo": ci.ci[0],
                          "acc_hi": ci.ci[1], "acc_unremedied": acc_none, "float_acc": acc_float,
                          "recovered": recovered_share(right_float, none, ok),
@@ -715,10 +728,25 @@ def calibration_curve(model, calib, test, cfgs, act_qparams, weights_of, sizes,
     return pd.DataFrame(rows)
 
 
+def curve_spread(curve: pd.DataFrame) -> pd.DataFrame:
+    """Per remedy, configuration and size fitted on more than one disjoint draw of
+    calibration images: the draws, the mean and the standard deviation across them
+    (``ddof=1``) of the accuracy and of the logit SQNR. Every draw is evaluated on the same
+    test images, so the spread is the remedy's own sampling noise at that size (the test
+    images' is in each draw's Wilson interval). Empty where no size had two draws."""
+    keys = ["mode", "bits", "target", "remedy", "calib_images"]
+    g = curve.groupby(keys, sort=False)
+    out = g.agg(draws=("draw", "size"), acc_mean=("acc", "mean"), acc_sd=("acc", "std"),
+                logit_sqnr_mean_db=("logit_sqnr_db", "mean"),
+                logit_sqnr_sd_db=("logit_sqnr_db", "std")).reset_index()
+    return out[out.draws > 1].reset_index(drop=True)
+
+
 def curve_macros(curve: pd.DataFrame) -> dict:
     """The calibration curve's ends for the paper, per remedy, mode and width: accuracy (%),
     recovered share (%) and logit SQNR (dB) at the fewest and at the most calibration
-    images, and the unremedied figures."""
+    images, and the unremedied figures; of the first draw (the split's first images)."""
+    curve = curve[curve.draw == 0]
     least, most = int(curve.calib_images.min()), int(curve.calib_images.max())
     m = {"CurveImages": f"{int(curve.images.iloc[0]):,}", "CurveLeast": f"{least:,}",
          "CurveMost": f"{most:,}", "CurveFloat": number(100 * curve.float_acc.iloc[0], 3)}
@@ -838,7 +866,8 @@ RUN_PHASES = ("instrumented", "remedies", "headline", "curve")  # as estimate() 
 
 
 def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, local_samples: int,
-             place, curve_sizes=(), kway_rate: float | None = None) -> dict:
+             place, curve_sizes=(), kway_rate: float | None = None, curve_draws: int = 1
+             ) -> dict:
     """Time what each phase runs on this rank's first batch and extrapolate every phase.
 
     The instrumented phase runs at ``kway_rate`` (images × configurations per second) where
@@ -943,6 +972,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     head = sum(len(b[1]) for b in data.headline) if data.headline else 0
     curve_test = sum(len(b[1]) for b in data.curve_test) if data.curve_test else 0
     sizes = list(curve_sizes) if data.curve_calib else []
+    # each size fitted on as many disjoint draws as the curve's calibration images hold
+    drawn = sum(len(b[1]) for b in data.curve_calib) if data.curve_calib else 0
+    fits = {n: draws_at(n, drawn, curve_draws) for n in sizes}
     fwd_float = plain_s(None, few_x) if head or sizes else 0.0
     fwd_head = 0.0
     if head and 8 in act_qp:  # the headline's own modes, 8-bit weights and activations
@@ -969,8 +1001,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
         # configurations it runs (calibration_curve's ``known``)
         "curve": ((n_remedy - reused) * curve_test * fwd_r
                   + (0.0 if covers else curve_test * fwd_float)
-                  + n_remedy * sum(n * (fit_r + BN_REESTIMATION_PASSES * fwd_r)
-                                   + 2 * curve_test * fwd_r  # both remedies evaluated
+                  + n_remedy * sum(fits[n] * (n * (fit_r + BN_REESTIMATION_PASSES * fwd_r)
+                                               + 2 * curve_test * fwd_r)  # both remedies
                                    for n in sizes)) if sizes else 0.0,
     }
     rates = list(probes.values())
@@ -1133,19 +1165,26 @@ def figure_remedies(plt, acc: pd.DataFrame):
 
 def figure_calibration_curve(plt, curve: pd.DataFrame):
     """Accuracy (top) and logit SQNR (bottom) after each remedy against the calibration
-    images it was fitted on, one column per width; dotted: the same without a remedy."""
+    images it was fitted on, one column per width; dotted: the same without a remedy; open
+    markers: the fits on further disjoint draws of as many images."""
     widths = sorted(curve.bits.unique(), reverse=True)
     fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 6.2), squeeze=False,
                              sharex=True)
     for col, bits in enumerate(widths):
         for (mode, remedy), d in curve[curve.bits == bits].groupby(["mode", "remedy"],
                                                                   sort=False):
-            d = d.sort_values("calib_images")
+            more = d[d.draw > 0]  # other disjoint draws: open markers at their sizes
+            d = d[d.draw == 0].sort_values("calib_images")
             label = f"{mode}, {remedy}"
             err = [100 * (d.acc - d.acc_lo), 100 * (d.acc_hi - d.acc)]
             bars = axes[0, col].errorbar(d.calib_images, 100 * d.acc, yerr=err, marker="o",
                                          ms=3, lw=1, capsize=2, label=label)
             color = bars[0].get_color()
+            if len(more):
+                axes[0, col].plot(more.calib_images, 100 * more.acc, "o", ms=3, mfc="none",
+                                  mew=0.6, color=color)
+                axes[1, col].plot(more.calib_images, more.logit_sqnr_db, "o", ms=3, mfc="none",
+                                  mew=0.6, color=color)
             axes[0, col].axhline(100 * d.acc_unremedied.iloc[0], lw=0.6, ls=":", color=color)
             axes[1, col].plot(d.calib_images, d.logit_sqnr_db, "o-", ms=3, lw=1, color=color)
             axes[1, col].axhline(d.logit_sqnr_unremedied_db.iloc[0], lw=0.6, ls=":",
@@ -1355,6 +1394,12 @@ def _main(argv: list[str]) -> int:
                              "for the calibration curve (Fashion-MNIST only; default "
                              f"{' '.join(map(str, CURVE_SIZES))}, smoke 4 8; none given: no "
                              "curve); at every --remedy-bits")
+    parser.add_argument("--curve-draws", type=int_at_least(1), default=1,
+                        help="disjoint subsets of calibration images each size of the curve "
+                             "fits the remedies on, where the calibration split holds them "
+                             "(default 1: the split's first images; more show a remedy's own "
+                             "sampling noise, in calibration_spread.csv, at that many times "
+                             "the curve's time)")
     parser.add_argument("--curve-images", type=int_at_least(2), default=None,
                         help="first test images each point of the calibration curve is "
                              f"evaluated on (default {CURVE_IMAGES}, smoke 16)")
@@ -1457,6 +1502,9 @@ def _main(argv: list[str]) -> int:
                          + " or ".join(m.value for m in REMEDY_MODES) + "); leave it out "
                          "or ask for the remedies")
         curve_sizes = []  # the curve refits the remedies: where none run, no curve
+    if args.curve_draws > 1 and not curve_sizes:
+        parser.error("--curve-draws: this run has no calibration curve (it runs on "
+                     "Fashion-MNIST with the remedies and --calib-curve sizes); leave it out")
     curve_images = args.curve_images if args.curve_images is not None else (
         16 if smoke else CURVE_IMAGES)
     check_out(args.out, "drift", force=args.force)
@@ -1500,7 +1548,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                               int8_images)
                 if folder is not None else
                 fashion_data(args.data_root, n, calib_images, batch, args.seed,
-                             headline_images, int8_images, max(curve_sizes, default=0),
+                             headline_images, int8_images,
+                             max((n * args.curve_draws for n in curve_sizes), default=0),
                              curve_images if curve_sizes else 0, model_id.get("held_out")))
 
     # Sized by the pilot below; until then the floor (the checks hold for more images too).
@@ -1530,7 +1579,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
               "local_samples": local_samples, "remedy_bits": remedy_bits,
               "int8_images": int8_images, "headline_images": headline_images,
               "calib_curve": list(curve_sizes), "curve_images": curve_images if curve_sizes
-              else 0, **outputs,
+              else 0, "curve_draws": args.curve_draws if curve_sizes else 0, **outputs,
               "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": f"unsigned affine per tensor, {act_range.label} on "
@@ -1601,7 +1650,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     if verdict is not None and main:
         print(f"[drift] warning: {verdict[1]}", flush=True)
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
-                      local_samples, place, curve_sizes, kway_rate=kway_rate)
+                      local_samples, place, curve_sizes, kway_rate=kway_rate,
+                      curve_draws=args.curve_draws)
     timing["measured_pilot_s"] = pilot_s
     if main:
         print(estimate_message(timing), flush=True)
@@ -1676,7 +1726,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     curve = None
     if data.curve_calib:  # rank 0 alone, where _main found remedy configurations
         curve = calibration_curve(model, data.curve_calib, data.curve_test, remedy_configs,
-                                  act_qp, weights_of, curve_sizes, batch, known=known)
+                                  act_qp, weights_of, curve_sizes, batch, known=known,
+                                  draws=args.curve_draws)
     phase_done("curve")
     run_bar.close()
     sites = pd.concat(frames[:n_base], ignore_index=True)
@@ -1691,8 +1742,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     # FBGEMM's kernels run on the CPU: the cross-check uses a CPU copy of the model.
     cpu_model = model if place.device.type == "cpu" else copy.deepcopy(model).cpu()
     int8_start = time.perf_counter()
-    xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images, act_range) if int8_images \
-        else (None, None, None)
+    xcheck, xsummary, probe = int8_crosscheck(cpu_model, data, int8_images, act_range) \
+        if int8_images else (None, None, None)
     timing["measured_int8_s"] = time.perf_counter() - int8_start if int8_images else math.nan
     config.update(device=place.device.type, world_size=place.world_size, **precision)
     plt = figure_style()
@@ -1738,14 +1789,17 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             run.write_csv("statements.csv", pd.DataFrame(statements))
         if curve is not None:
             run.write_csv("calibration_curve.csv", curve)
+            drawn = bool((curve.draw > 0).any())
+            columns = ["mode", "bits", "remedy", "calib_images"] + (["draw"] if drawn else [])
+            more = " and on the next disjoint blocks of $n$ (draw 1, 2, ...)" if drawn else ""
             run.write_latex_table(
-                "calibration_curve.tex", curve[["mode", "bits", "remedy", "calib_images",
-                                                "acc", "acc_lo", "acc_hi", "acc_unremedied",
-                                                "recovered", "p_vs_unremedied",
-                                                "logit_sqnr_db", "logit_sqnr_unremedied_db"]],
-                f"Each remedy refitted on the first $n$ calibration images, evaluated on the "
-                f"first {int(curve.images.iloc[0])} test images by a plain quantized forward "
-                f"(weights and activations): accuracy with its {100 * (1 - ALPHA):g}\\% "
+                "calibration_curve.tex", curve[columns + [
+                    "acc", "acc_lo", "acc_hi", "acc_unremedied", "recovered", "p_vs_unremedied",
+                    "logit_sqnr_db", "logit_sqnr_unremedied_db"]],
+                f"Each remedy refitted on the first $n$ calibration images{more}, evaluated "
+                f"on the first {int(curve.images.iloc[0])} test images by a plain quantized "
+                f"forward (weights and activations): accuracy with its "
+                f"{100 * (1 - ALPHA):g}\\% "
                 "Wilson interval, without the remedy, the share of the lost accuracy it "
                 "recovers, McNemar's p against no remedy, and the logits' SQNR (dB) with and "
                 "without it.", "tab:drift-calibration-curve",
@@ -1753,6 +1807,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             fig = figure_calibration_curve(plt, curve)
             run.save_figure(fig, "calibration_curve")
             plt.close(fig)
+            if drawn:
+                run.write_csv("calibration_spread.csv", curve_spread(curve))
         run.write_csv("growth.csv", fits)
         if len(pred):
             run.write_csv("prediction.csv", pred)

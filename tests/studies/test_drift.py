@@ -272,6 +272,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     (["--act-range", "percentile", "--act-percentile", "30"], "above 50"),
     (["--act-range", "percentile", "--act-percentile", "nan"], "percentile must be"),
     (["--act-range", "mse", "--aciq-law", "normal"], "--aciq-law sets"),
+    (["--curve-draws", "0"], "--curve-draws"),
+    (["--curve-draws", "2", "--calib-curve"], "no calibration curve"),
 ])
 def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
     out = tmp_path / "drift"
@@ -995,6 +997,54 @@ def test_the_curve_reuses_the_headlines_forwards_of_its_images(monkeypatch):
     pd.testing.assert_frame_equal(drift.calibration_curve(*args, known=other), plain,
                                   rtol=1e-12)
     assert len(calls) == n_plain
+
+
+def test_the_curves_draws_are_disjoint_blocks_and_the_first_is_the_curve(monkeypatch):
+    # draws=3 at sizes 4 and 8 of 12 calibration images: size 4 on images 0-3, 4-7, 8-11;
+    # size 8 once (12 images hold one block of 8); draw 0 is the curve without draws
+    from qerror import RoundingMode
+    from qerror.nn import QuantConfig, Target, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(4)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(8, 1, 32, 32), torch.arange(8) % 10
+    calib_x = torch.rand(12, 1, 32, 32)
+    calib = [(calib_x[:5], torch.arange(5)), (calib_x[5:], torch.arange(7))]
+    qp = calibrate_activations(model, calib, QuantConfig.make(8).activation)
+    cfgs = [QuantConfig.make(8, RoundingMode.NEAREST_EVEN, Target.BOTH, seed=3)]
+    w = quantize_weights(model, cfgs[0].weight, seed=3)
+    fitted = []
+    real = drift.reestimate_bn
+
+    def reestimate(model, cal, *a, **k):
+        fitted.append(torch.cat([b[0] for b in cal]))
+        return real(model, cal, *a, **k)
+
+    monkeypatch.setattr(drift, "reestimate_bn", reestimate)
+    args = (model, calib, [(x, y)], cfgs, {8: qp}, lambda cfg: w, [4, 8], 4)
+    one = drift.calibration_curve(*args)
+    n_one = len(fitted)
+    drawn = drift.calibration_curve(*args, draws=3)
+    blocks = fitted[n_one:]
+    assert [len(b) for b in blocks] == [4, 4, 4, 8]
+    for got, want in zip(blocks, (calib_x[:4], calib_x[4:8], calib_x[8:], calib_x[:8])):
+        assert torch.equal(got, want)
+    assert drawn.groupby("calib_images").draw.apply(list).to_dict() == {
+        4: [0, 0, 1, 1, 2, 2], 8: [0, 0]}
+    pd.testing.assert_frame_equal(drawn[drawn.draw == 0].reset_index(drop=True), one)
+    spread = drift.curve_spread(drawn)
+    assert set(spread.calib_images) == {4} and spread.draws.eq(3).all()
+    for _, r in spread.iterrows():
+        accs = drawn[(drawn.calib_images == 4) & (drawn.remedy == r.remedy)].acc
+        assert r.acc_sd == pytest.approx(float(np.std(accs, ddof=1)), rel=1e-12, abs=0)
+    # the paper's macros read the first draw alone: the same as without draws
+    assert drift.curve_macros(drawn) == drift.curve_macros(one)
+
+
+def test_draws_at_counts_the_blocks_the_images_hold():
+    assert [drift.draws_at(n, 1000, 5) for n in (100, 300, 1000)] == [5, 3, 1]
+    assert drift.draws_at(400, 300, 2) == 1  # fewer images than one block: the first ones
 
 
 def test_a_share_recovered_is_given_only_of_a_significant_loss():
