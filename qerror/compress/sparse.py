@@ -102,8 +102,23 @@ def prunable_weights(model: nn.Module, *,
     if not layers:
         raise PruningError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     dense = dense_layers(model, keep_dense, PruningError)
-    out = {f"{n}.weight" if n else "weight": m.weight for n, m in layers.items()
-           if n not in dense}
+    # A weight two layers share is one tensor: pruned once, under the first layer's name
+    # (as named_parameters gives it), and kept dense only if every layer sharing it is.
+    first: dict[int, str] = {}
+    for n, m in layers.items():
+        other = first.setdefault(id(m.weight), n)
+        if other != n and (other in dense) != (n in dense):
+            raise PruningError(f"layers {other!r} and {n!r} share one weight tensor, and "
+                               "keep_dense names one of them: name both or neither")
+    out = {}
+    for n, m in layers.items():
+        if first[id(m.weight)] != n or n in dense:
+            continue
+        if m.weight.numel() == 0:
+            raise PruningError(f"layer {n!r} has no weights ({tuple(m.weight.shape)}): "
+                               "magnitude pruning has nothing to rank there; remove the "
+                               "empty layer, or name it in keep_dense")
+        out[f"{n}.weight" if n else "weight"] = m.weight
     if not out:
         raise PruningError(f"every prunable layer is kept dense ({sorted(dense)}): nothing "
                            "to prune")
@@ -437,6 +452,8 @@ def semi_structured_masks(model: nn.Module, *, keep_dense: Iterable[str] | None 
             raise PruningError(f"{name} has input dimension {p.shape[1]}, not a multiple of 4: "
                                "2:4 groups cannot be formed; name its layer in keep_dense")
         g = _groups_of_four(p.detach().abs())
+        if torch.isnan(g).any():
+            raise PruningError(f"{name} has NaN weights; magnitude pruning cannot order them")
         order = torch.sort(g, dim=1, descending=True, stable=True).indices
         keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order[:, :2], True)
         masks[name] = _ungroup(keep, p.shape).contiguous()
@@ -530,10 +547,11 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.sparse.mm(self.weight, x.reshape(-1, x.shape[-1]).T).T
+        # reshape by the known width: an empty batch has no -1 to infer
+        y = torch.sparse.mm(self.weight, x.reshape(-1, self.weight.shape[1]).T).T
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, -1)
+        return y.reshape(*lead, self.weight.shape[0])
 
 
 class CSRConv2d(nn.Module):
@@ -557,6 +575,8 @@ class CSRConv2d(nn.Module):
         self.padding, self.dilation = layer.padding, layer.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # one unbatched image, as Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         n, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
                         stride=self.stride)  # (N, in·kh·kw, L)

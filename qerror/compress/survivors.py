@@ -83,7 +83,7 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     Raises
     ------
     ValueError
-        An affine spec, or a model without conv/linear layers.
+        An affine or unsigned spec, or a model without conv/linear layers.
 
     Notes
     -----
@@ -94,6 +94,10 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     if not spec.symmetric:
         raise ValueError("quantize_survivors needs a symmetric spec: with a zero point a "
                          "pruned zero is no longer on the grid")
+    if not spec.signed:
+        raise ValueError("quantize_survivors needs a signed spec: weights take both signs, "
+                         "and an unsigned grid [0, qmax] clamps every negative survivor to "
+                         "0; pass signed=True")
     out = copy.deepcopy(model)
     rows = []
     layers = [(n, m) for n, m in out.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]

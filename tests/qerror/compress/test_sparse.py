@@ -432,6 +432,53 @@ def test_is_two_four_refuses_weights_without_groups_of_four(shape):
     assert not is_two_four(torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
 
 
+def test_a_weight_two_layers_share_is_pruned_once():
+    # b.weight is a.weight: 16 distinct weights, so a quarter of them is 4 zeros, under the
+    # first layer's name (the model's own for the tensor); it was counted twice (8 zeros of
+    # a 32-weight pool, or a mask naming no parameter)
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    b.weight = a.weight
+    with torch.no_grad():
+        a.weight.copy_(torch.arange(16.0).reshape(4, 4) - 7.5)
+    model = nn.Sequential(a, b)
+    assert list(prunable_weights(model, keep_dense=())) == ["0.weight"]
+    masks = prune_global(model, 0.25, keep_dense=())
+    assert list(masks) == ["0.weight"] and int((~masks["0.weight"]).sum()) == 4
+    assert int((a.weight == 0).sum()) == 4 and sparsity_of(model, keep_dense=()) == 0.25
+    c = nn.Linear(8, 4, bias=False)
+    tied = nn.Sequential(c, nn.Linear(8, 4, bias=False))
+    tied[1].weight = c.weight
+    assert list(semi_structured_masks(tied, keep_dense=())) == ["0.weight"]
+    with pytest.raises(PruningError, match="share one weight tensor"):
+        prune_global(model, 0.25, keep_dense=("1",))
+
+
+def test_an_empty_layer_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(0, 3))
+    for call in (lambda: prune_global(model, 0.5, keep_dense=()),
+                 lambda: sparsity_of(model, keep_dense=())):
+        with pytest.raises(PruningError, match="layer '1' has no weights"):
+            call()
+
+
+def test_two_four_refuses_nan_weights():
+    layer = nn.Linear(8, 2)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+    with pytest.raises(PruningError, match="NaN"):
+        semi_structured_masks(layer, keep_dense=())
+
+
+def test_csr_layers_take_what_the_dense_layers_take():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    prune_global(conv, 0.5, keep_dense=())
+    x = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(5))  # unbatched
+    torch.testing.assert_close(to_csr(conv)(x), conv(x), rtol=1e-5, atol=1e-6)
+    lin = nn.Linear(13, 4)
+    empty = torch.zeros(0, 13)
+    assert to_csr(lin)(empty).shape == lin(empty).shape == (0, 4)
+
+
 def test_models_without_prunable_layers_are_refused():
     with pytest.raises(PruningError, match="no Conv2d or Linear"):
         prune_global(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), 0.5)

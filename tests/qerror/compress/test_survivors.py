@@ -66,6 +66,12 @@ def test_affine_spec_is_refused():
         quantize_survivors(_layer([[1.0]]), QuantSpec(bits=8, symmetric=False))
 
 
+def test_unsigned_spec_is_refused():
+    # an unsigned grid clamps every negative survivor to 0: "zeroed" would count them
+    with pytest.raises(ValueError, match="signed spec"):
+        quantize_survivors(_layer([[1.0, -0.5]]), QuantSpec(bits=4, signed=False, axis=0))
+
+
 def test_a_layer_without_survivors_adds_nothing_to_the_pooled_means():
     # Row [3, 1.6, -0.7, 0] as in the hand-made test, then a layer pruned away entirely:
     # the pooled figures are the first layer's, not NaN.
