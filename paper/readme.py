@@ -1077,15 +1077,19 @@ def rounding_choice_time(records) -> str:
     stage = timing.groupby("stage", sort=False).seconds.sum()
     whole = goals[goals.goal.str.startswith("whole run")].iloc[0].measured
     updown = stage[[s for s in stage.index if s.startswith("up or down")]].sum()
-    ada = {g.goal.split(":")[0]: g.measured for g in goals.itertuples()
-           if "AdaRound" in g.goal}
+    # goals.csv's figure is float's accuracy minus AdaRound's (and nearest's): a loss, which
+    # is negative where AdaRound is above float
+    ada = {g.goal.split(":")[0]: f"{g.measured}, {'met' if str(g.met) == 'True' else 'not met'}"
+           for g in goals.itertuples() if "AdaRound" in g.goal}
     return (
         f"The default run took {whole.replace(' min', ' minutes')} (`goals.csv`, commit "
         f"{rec.commit}) on {rec.about['machine']}, {rec.about['kernels']} "
         f"(`{rec.about['environment']}`): {minutes(stage['test accuracy'])} of them for the "
         f"whole-test-split accuracies, {minutes(stage['AdaRound'])} for AdaRound, "
         f"{minutes(updown)} for the up/down experiment, {minutes(stage['training'])} for "
-        f"training the small CNN. 4-bit AdaRound against float (`goals.csv`): "
+        f"training the small CNN. 4-bit AdaRound's loss against float (`goals.csv`: float's "
+        f"accuracy minus AdaRound's, negative where AdaRound is the more accurate; the goal "
+        f"at most one point): "
         + "; ".join(f"{model}, {text}" for model, text in ada.items()) + ".")
 
 

@@ -928,16 +928,12 @@ def _load_model(args):
 def _main(argv: list[str]) -> int:
     parser = base_parser("compression", __doc__.splitlines()[0], force=True)
     parser.epilog = (
-        "Default run: the cached Fashion-MNIST ResNet50 (trained first if missing, about "
-        "half an hour), 4 sparsities and 1 channel fraction each fine-tuned 200 steps of 128 "
+        "Default run: the cached Fashion-MNIST ResNet50 (trained first if missing; the "
+        "README gives the recorded training's time), 4 sparsities and 1 channel fraction each fine-tuned 200 steps of 128 "
         "images, 3 WiSARD budgets × 3 address sizes, 2 DWNs of 20 epochs, 3 tiny CNNs of 2 "
-        "epochs, and about 30 evaluations of the whole test split. Measured: 46 minutes on "
-        "one thread of an AMD EPYC of this kind beside another job (commit 765cd35: the "
-        "ResNet part 29 min, WiSARD 2, DWNs 8, tiny CNNs 7; timing.csv); machines of this "
-        "kind differ in speed by up to about three times, and earlier shared runs took 9 "
-        "min for WiSARD and 32 for the tiny CNNs. The fine-tuning prints its own estimate, "
-        "the bar its ETA. "
-        "--smoke takes under a minute.")
+        "epochs, and about 30 evaluations of the whole test split: an hour or more on one "
+        "thread (the README gives the recorded run's time; a run's own is in its "
+        "timing.csv). The fine-tuning prints its own estimate, the bar its ETA.")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="which families to measure (default all); without resnet no "
                              "baseline is needed, and the rounding part (run with resnet) "

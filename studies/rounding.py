@@ -52,6 +52,7 @@ from studies._common import (
     study_main,
     user_path,
 )
+from studies._latex import signed
 
 ALPHA = 0.001  # two-sided level of every Monte-Carlo interval in this study
 UNIFORM_TOLERANCE = 0.01  # "the uniform model holds": |exact/model - 1| below this, for MSE
@@ -425,17 +426,23 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame,
     ``-(1 - p0)/2``, ``p0`` the input's share of exact zeros, which carry no error."""
     wide = float(regime.ratio.max())
     at8 = regime[(regime.bits == 8) & (regime.ratio == wide)]
+    def bias(v: float) -> str:  # a true minus sign, and none on a bias that rounds to 0
+        return signed(v, 3)
+
+    def mse(v: float) -> str:
+        return f"{v:.4f}"
+
     wanted = {
-        "TruncBiasHalfNormalWide": ("half_normal", "toward_zero", "bias_lsb", "{:.3f}"),
-        "TruncBiasNormalWide": ("normal", "toward_zero", "bias_lsb", "{:.3f}"),
-        "TruncMseNormalWide": ("normal", "toward_zero", "mse_lsb", "{:.4f}"),
-        "NearestMseNormalWide": ("normal", "nearest_even", "mse_lsb", "{:.4f}"),
+        "TruncBiasHalfNormalWide": ("half_normal", "toward_zero", "bias_lsb", bias),
+        "TruncBiasNormalWide": ("normal", "toward_zero", "bias_lsb", bias),
+        "TruncMseNormalWide": ("normal", "toward_zero", "mse_lsb", mse),
+        "NearestMseNormalWide": ("normal", "nearest_even", "mse_lsb", mse),
     }
     macros = {"WideRatio": f"{wide:g}"}
     for key, (law, mode, metric, fmt) in wanted.items():
         row = at8[(at8.law == law) & (at8["mode"] == mode) & (at8.metric == metric)]
         if len(row):
-            macros[key] = fmt.format(float(row.exact.iloc[0]))
+            macros[key] = fmt(float(row.exact.iloc[0]))
     v = validity[(validity.law == "normal") & (validity["mode"] == "nearest_even")
                  & (validity.bits == 8)]
     if len(v):
@@ -446,7 +453,7 @@ def _macros(regime: pd.DataFrame, validity: pd.DataFrame,
         if len(relu):
             gap = (relu.bias_lsb + (1 - relu.frac_zero_input) / 2).abs().max()
             macros.update(ReluLayers=f"{len(relu)}",
-                          TruncBiasReluMedian=f"{float(relu.bias_lsb.median()):.3f}",
+                          TruncBiasReluMedian=bias(float(relu.bias_lsb.median())),
                           TruncBiasReluZerosGap=f"{float(gap):.3f}")
     return macros
 

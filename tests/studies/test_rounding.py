@@ -224,7 +224,7 @@ def test_the_relu_macros_are_the_activations_table(tmp_path):
                                        "mode": ["x"], "metric": ["x"], "exact": [0.0]}),
                          pd.DataFrame({"law": [], "mode": [], "bits": []}), acts)
     assert m["ReluLayers"] == "2"
-    assert m["TruncBiasReluMedian"] == "-0.345"  # (-0.24 - 0.45) / 2
+    assert m["TruncBiasReluMedian"] == "\\ensuremath{-}0.345"  # (-0.24 - 0.45) / 2, a minus
     assert m["TruncBiasReluZerosGap"] == "0.050"  # |-0.45 + 0.40|, beside |-0.24 + 0.25|
 
 
@@ -256,3 +256,14 @@ def test_a_run_published_at_out_while_this_one_works_needs_force(tmp_path, monke
         assert code == 2 and "holds a previous run" in capsys.readouterr().err
         assert argv == ["--the-other-run"] and (out / "other.txt").is_file()
         assert not list(tmp_path.glob(".r.*"))
+
+
+def test_a_bias_macro_that_rounds_to_zero_has_no_sign():
+    # truncation's bias on the wide normal law is 0 to far beyond three places: it printed
+    # "-0.000"; the half-normal's is negative, with a true minus sign
+    regime = pd.DataFrame({
+        "ratio": [10.0] * 2, "bits": [8] * 2, "law": ["normal", "half_normal"],
+        "mode": ["toward_zero"] * 2, "metric": ["bias_lsb"] * 2, "exact": [-1e-12, -0.4931]})
+    m = rounding._macros(regime, pd.DataFrame({"law": [], "mode": [], "bits": []}))
+    assert m["TruncBiasNormalWide"] == "0.000"
+    assert m["TruncBiasHalfNormalWide"] == "\\ensuremath{-}0.493"
