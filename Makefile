@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 data:
-	sh scripts/get-fashion-mnist.sh
+	QERROR_PYTHON=$(BIN)/python sh scripts/get-fashion-mnist.sh
 
 # The main job: rounding error propagated through the Fashion-MNIST ResNet50 baseline
 # (trained into the user cache first if it is not there; the study says how long that takes).

@@ -9,6 +9,28 @@ have_all() {
     for f in $FILES; do [ -f "$1/$f" ] || return 1; done
 }
 
+# The library's own search first, where its environment exists (make passes it): every place
+# and layout a study looks in (the user cache, torchvision's FashionMNIST/raw/, .gz or not).
+if [ -n "${QERROR_PYTHON:-}" ] && [ -x "$QERROR_PYTHON" ]; then
+    search='
+import sys
+from qerror.data import DataNotFoundError, find_fashion_mnist
+try:
+    print(find_fashion_mnist())
+except DataNotFoundError as err:
+    sys.exit(str(err))
+'
+    if found=$("$QERROR_PYTHON" -c "$search" 2>/dev/null); then
+        echo "Fashion-MNIST found in $found"
+        exit 0
+    fi
+    if [ -n "${QERROR_DATA:-}" ]; then
+        # a named folder is the only one a study looks in: installing elsewhere would not help
+        "$QERROR_PYTHON" -c "$search" >/dev/null
+        exit 1
+    fi
+fi
+
 for dir in "${QERROR_DATA:-}" "${QERROR_DATA:+$QERROR_DATA/fashion-mnist}" "$DEBIAN_DIR"; do
     if [ -n "$dir" ] && have_all "$dir"; then
         echo "Fashion-MNIST found in $dir"

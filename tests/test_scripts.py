@@ -1,0 +1,41 @@
+"""scripts/get-fashion-mnist.sh (make data): it finds the files where a study finds them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qerror import data
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "get-fashion-mnist.sh"
+
+
+def _run(env_extra: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != data.ENV_VAR}
+    env.update(QERROR_PYTHON=sys.executable, **env_extra)
+    return subprocess.run(["sh", str(SCRIPT)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_uncompressed_files_in_torchvisions_layout_are_found(tmp_path):
+    # torchvision's download leaves FashionMNIST/raw/ with the files uncompressed beside the
+    # .gz; the library reads that layout, and the script once refused it (make run stopped)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for img, lbl in data.FILES.values():
+        (raw / img).write_bytes(b"")
+        (raw / lbl).write_bytes(b"")
+    got = _run({data.ENV_VAR: str(tmp_path)})
+    assert got.returncode == 0, got.stderr
+    assert f"found in {raw}" in got.stdout
+
+
+def test_a_named_folder_without_the_files_stops_with_the_librarys_reasons(tmp_path):
+    # a folder named by QERROR_DATA is the only one a study reads: finding the files
+    # elsewhere (or installing them) would not help, and the reasons are the library's
+    got = _run({data.ENV_VAR: str(tmp_path / "absent")})
+    assert got.returncode == 1
+    assert f"{tmp_path / 'absent'} does not exist" in got.stderr
+    assert "Installing" not in got.stdout
