@@ -11,7 +11,10 @@ have_all() {
 
 # The library's own search first, where its environment exists (make passes it): every place
 # and layout a study looks in (the user cache, torchvision's FashionMNIST/raw/, .gz or not).
-if [ -n "${QERROR_PYTHON:-}" ] && [ -x "$QERROR_PYTHON" ]; then
+# (Only where it imports the package: an environment still being made, or one whose install
+# was cut short, says nothing about the data.)
+if [ -n "${QERROR_PYTHON:-}" ] && [ -x "$QERROR_PYTHON" ] \
+        && "$QERROR_PYTHON" -c 'import qerror.data' >/dev/null 2>&1; then
     search='
 import sys
 from qerror.data import DataNotFoundError, find_fashion_mnist

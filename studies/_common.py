@@ -518,6 +518,19 @@ def _mark(folder: Path) -> None:
     (folder / STAGING_MARK).write_text(f"made by a qerror study, process {os.getpid()}\n")
 
 
+def _remove_marked(folder: Path) -> None:
+    """Remove a marked folder, its mark last: cut short (Ctrl-C, a kill), what is left is
+    still marked, and the next run aimed at the same ``--out`` removes it."""
+    for child in folder.iterdir():
+        if child.name == STAGING_MARK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    shutil.rmtree(folder)
+
+
 def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "",
                           instead: str | None = None) -> Path:
     """The folder that will hold ``target`` (its nearest existing ancestor), checked to be a
@@ -853,11 +866,11 @@ class RunDir:
         ``with`` block) when a Ctrl-C came since the study started and something swallowed
         it (:mod:`qerror.interrupts`): a run the user interrupted is not published."""
         self._check_interrupts()
-        # unmarked from here: the folder becomes the run (a run killed before it is
-        # published leaves an unmarked staging folder, which no later run removes)
-        (self.stage / STAGING_MARK).unlink(missing_ok=True)
+        # the mark is not an output: it stays until the folder is published (a run killed
+        # before then leaves a marked staging folder, which the next run removes)
         outputs = {str(p.relative_to(self.stage)): sha256_file(p)
-                   for p in sorted(self.stage.rglob("*")) if p.is_file()}
+                   for p in sorted(self.stage.rglob("*"))
+                   if p.is_file() and p != self.stage / STAGING_MARK}
         manifest = {
             "study": self.study,
             "argv": self.argv,
@@ -908,6 +921,9 @@ class RunDir:
                             old = None
                             raise another
                         _mark(old)  # removable as left behind if this run dies now
+                    # unmarked: the folder becomes the run (killed between the two steps,
+                    # a complete run is left unmarked, never removed)
+                    (self.stage / STAGING_MARK).unlink(missing_ok=True)
                     self.stage.rename(self.final)
                     _PUBLISHED.append(self.final)
                     published = True
@@ -927,7 +943,7 @@ class RunDir:
             raise failure
         if old is not None:
             try:
-                shutil.rmtree(old)
+                _remove_marked(old)
             except KeyboardInterrupt:
                 raise PublishedInterrupt(
                     f"it is complete at {self.final}; the previous run's copy at {old} was "
@@ -945,9 +961,12 @@ class RunDir:
         removes (or, failing that, where it is), put back what was at ``--out``, and raise a
         StudyError that says where both are."""
         restored = old is None or not old.exists()  # (the previous run was never moved)
+        # both are runs again, put back or kept or not: never removed as left behind
+        for folder in ([] if restored else [old]) + [self.stage]:
+            with contextlib.suppress(OSError):
+                (folder / STAGING_MARK).unlink(missing_ok=True)
         if not restored and not self.final.exists():
             try:
-                (old / STAGING_MARK).unlink(missing_ok=True)  # it is a run again
                 old.rename(self.final)
                 restored = True
             except OSError:
@@ -958,8 +977,8 @@ class RunDir:
             where = f"it is complete at {kept}: move it where you want it"
         except OSError:
             kept = self.stage
-            where = (f"it is complete at {kept}: move it away before the next run aimed at "
-                     f"--out {self.final}, which would remove this staging folder")
+            where = (f"it is complete at {kept} (under its staging folder's name, which no "
+                     "later run removes): move it where you want it")
         self.stage, self.kept = kept, True
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         back = "" if restored else (f"; the previous run at --out was moved to {old} and "

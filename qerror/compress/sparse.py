@@ -102,8 +102,11 @@ def prunable_weights(model: nn.Module, *,
     if not layers:
         raise PruningError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     dense = dense_layers(model, keep_dense, PruningError)
-    # A weight two layers share is one tensor: pruned once, under the first layer's name
-    # (as named_parameters gives it), and kept dense only if every layer sharing it is.
+    # A weight two modules share is one tensor: pruned once, under the model's own name for
+    # it (named_parameters', that of the first module holding it, which need not be a
+    # prunable layer: an embedding tied to a classifier), and kept dense only if every layer
+    # sharing it is.
+    own = {id(p): name for name, p in model.named_parameters()}
     first: dict[int, str] = {}
     for n, m in layers.items():
         other = first.setdefault(id(m.weight), n)
@@ -118,7 +121,7 @@ def prunable_weights(model: nn.Module, *,
             raise PruningError(f"layer {n!r} has no weights ({tuple(m.weight.shape)}): "
                                "magnitude pruning has nothing to rank there; remove the "
                                "empty layer, or name it in keep_dense")
-        out[f"{n}.weight" if n else "weight"] = m.weight
+        out[own[id(m.weight)]] = m.weight
     if not out:
         raise PruningError(f"every prunable layer is kept dense ({sorted(dense)}): nothing "
                            "to prune")

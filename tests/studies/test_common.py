@@ -289,14 +289,14 @@ def test_a_finished_run_that_cannot_be_moved_is_kept_and_named(tmp_path, monkeyp
 
 def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_path, monkeypatch):
     """A parent that refuses every rename (read-only, full): the run stays where it was
-    staged, is not removed on the way out, and the message says to move it before the next
-    run (which would clean up a dead process's staging folder)."""
+    staged, is not removed on the way out, unmarked (no later run removes it), and the
+    message says where it is."""
     out = tmp_path / "run"
 
     def refuse(self, target):
         raise OSError(30, "Read-only file system")
 
-    with pytest.raises(_common.StudyError, match="move it away before the next run"):
+    with pytest.raises(_common.StudyError, match="which no later run removes"):
         with RunDir(out, "demo", [], {}, force=True) as run:
             run.write_text("x.csv", "1\n")
             stage = run.stage
@@ -305,6 +305,8 @@ def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_pat
     monkeypatch.undo()
     assert (stage / "x.csv").read_text() == "1\n" and (stage / "manifest.json").exists()
     assert not out.exists()
+    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    assert _common.clean_stale_partials(out) == [] and stage.is_dir()
 
 
 def test_held_out_is_the_split_a_checkpoint_was_trained_beside():
@@ -657,3 +659,92 @@ def rename(self, target):
     assert (out / "x.csv").read_text() == "old\n"
     kept = [p for p in tmp_path.iterdir() if ".finished-" in p.name]
     assert len(kept) == 1 and (kept[0] / "x.csv").read_text() == "new\n"
+
+
+def test_a_run_killed_while_it_finishes_leaves_a_folder_the_next_run_removes(tmp_path):
+    """Killed (SIGKILL, out of memory) while finish() hashes and writes the manifest, the
+    staging folder keeps its mark, and the next run aimed at --out removes it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "results"
+    child = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from studies import _common
+        _common.kernel_probe = lambda *a, **k: os._exit(9)  # killed mid-finish
+        with _common.RunDir(Path({str(out)!r}), "demo", [], {{}}, force=False) as run:
+            run.write_text("a.txt", "x")
+            run.finish()
+    """)
+    got = subprocess.run([sys.executable, "-c", child], cwd=Path(__file__).parents[2])
+    assert got.returncode == 9
+    left, = tmp_path.glob(".results.partial-*")
+    assert (left / _common.STAGING_MARK).is_file()
+    assert _common.clean_stale_partials(out) == [left]
+
+
+def test_a_previous_run_that_cannot_be_put_back_is_never_removed_as_left_behind(
+        tmp_path, monkeypatch):
+    """The previous run moved aside, then another run published at --out before this one:
+    the previous run stays where the message says, unmarked, and the next run leaves it."""
+    out = tmp_path / "results"
+    with RunDir(out, "demo", ["--prev"], {}, force=False) as run:
+        run.write_text("prev.txt", "previous\n")
+        run.finish()
+    real = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".results.partial") and Path(target) == out:
+            out.mkdir()
+            (out / "other.txt").write_text("x")  # another run published at this moment
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(_common.StudyError, match="moved to .*could not be put back"):
+        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
+            run.write_text("new.txt", "new\n")
+            run.finish()
+    monkeypatch.setattr(Path, "rename", real)
+    old, = tmp_path.glob(".results.old-*")
+    monkeypatch.setattr(_common, "_alive", lambda pid: False)  # as after this process ends
+    assert _common.clean_stale_partials(out) == []
+    assert (old / "prev.txt").read_text() == "previous\n"
+    assert not (tmp_path / f"results.finished-{os.getpid()}" / _common.STAGING_MARK).exists()
+
+
+def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Ctrl-C after some of the previous run's copy is removed: its mark goes last, so the
+    next run removes the rest, as the message says."""
+    out = tmp_path / "results"
+    with RunDir(out, "demo", [], {}, force=False) as run:
+        for i in range(5):
+            run.write_text(f"f{i}.txt", "x\n")
+        run.finish()
+    real = Path.unlink
+    calls = []
+
+    def unlink(self, *a, **k):
+        if ".old-" in str(self.parent) and self.name.startswith("f"):
+            calls.append(self.name)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    def body(argv):
+        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
+            run.write_text("new.txt", "new\n")
+            run.finish()
+        return 0
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
+    assert "the next run aimed at this --out removes it" in capsys.readouterr().err
+    monkeypatch.setattr(Path, "unlink", real)
+    old, = tmp_path.glob(".results.old-*")
+    assert (old / _common.STAGING_MARK).is_file()
+    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    assert _common.clean_stale_partials(out) == [old]
+    assert (out / "new.txt").read_text() == "new\n"

@@ -453,6 +453,27 @@ def test_a_weight_two_layers_share_is_pruned_once():
         prune_global(model, 0.25, keep_dense=("1",))
 
 
+def test_a_weight_tied_to_an_embedding_is_named_as_the_model_names_it():
+    # an output layer tied to an input embedding: the tensor's name is the embedding's
+    # (named_parameters'), and the masks name it so (they named the Linear's, no parameter)
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.hidden = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 6, bias=False)
+            self.out.weight = self.emb.weight
+
+    model = Tied()
+    assert list(prunable_weights(model, keep_dense=())) == ["hidden.weight", "emb.weight"]
+    masks = prune_global(model, 0.5, keep_dense=())
+    assert set(masks) == {"hidden.weight", "emb.weight"}
+    assert int((model.emb.weight == 0).sum()) + int((model.hidden.weight == 0).sum()) == 20
+    pruner = MagnitudePruner(GradualSchedule(final=0.5, updates=1), keep_dense=())
+    pruner(model)
+    assert set(pruner.masks) == {"hidden.weight", "emb.weight"}
+
+
 def test_an_empty_layer_is_refused_naming_it():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(0, 3))
     for call in (lambda: prune_global(model, 0.5, keep_dense=()),
