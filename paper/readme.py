@@ -807,6 +807,48 @@ def bench_drift_avx512(records) -> str:
         f"{mem.ratio_median:.2f}× the float forward's (goal {mem.goal:g}×).")
 
 
+def bench_drift_amx(records) -> str:
+    """The drift group on an Intel CPU with AMX: the instrumentation's overhead with and
+    without the local error, each goal row's verdict on its median's interval, and the
+    layouts, which there run the other way than on the AVX2 machines."""
+    rec = records("bench-drift-amx")
+    if "amx_int8" not in rec.manifest["cpu"].get("cpu_flags", []):
+        raise RecordError(f"record {rec.name}: its CPU has no AMX; record a bench run from one "
+                          "with it")
+    one, many = _overheads(rec)
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+    less = [_one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
+                     f"{what} without the local error") for what in ("measure", "measure_many")]
+    layouts = [(w, *_layout_row(rec, what)) for w, what in (
+        ("float", "float"), ("8-bit truncation", "8-bit toward_zero"),
+        ("8-bit stochastic rounding", "8-bit stochastic"))]
+    slower = [w for w, r, _ in layouts[:2] if r.median_lo > 1]
+
+    def judged(r) -> str:
+        return (f"{r.ratio_median:.2f}× (its median's {100 * MEDIAN_LEVEL:g} % interval "
+                f"{r.median_lo:.2f}–{r.median_hi:.2f}: {r.goal_verdict})")
+
+    return (
+        f"On an Intel CPU with AMX (`{rec.about['command']}`, commit {rec.commit}, "
+        f"{rec.about['machine']}; {int(one.pairs)} pairs a goal row): `measure` {judged(one)} "
+        f"its bare paired passes and `measure_many` {judged(many)} its bare K-way passes, "
+        f"against the goal of {one.goal:g}×; without the local error "
+        f"{_ratio_span(less[0], ' over the pairs')} and {_ratio_span(less[1])}. The plain forward "
+        "ran channels_last against contiguous at "
+        + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
+                    f"{r.ratio_median:.3f}, {100 * MEDIAN_LEVEL:g} % interval "
+                    f"{r.median_lo:.3f}–{r.median_hi:.3f})" for w, r, m in layouts)
+        + (f": channels_last, the default for float and deterministic passes (the AVX2 "
+           f"machines' choice, above), is the slower layout here for "
+           f"{' and '.join(slower)}; `QERROR_LAYOUT=contiguous` "
+           "(`qerror.nn.models.forward_layout`) runs them contiguous." if slower else
+           f": neither layout is shown the slower here for the float and truncation passes "
+           f"({int(layouts[0][1].pairs)} pairs); `QERROR_LAYOUT=contiguous` "
+           "(`qerror.nn.models.forward_layout`) runs them contiguous where a bench of one's own "
+           "machine shows that faster."))
+
+
 def bench_drift_local(records) -> str:
     """The instrumentation's overhead with and without the local error, from one bench run:
     how much of what is left above the goal the local error's own work is."""
@@ -1389,6 +1431,7 @@ RENDERERS: dict[str, Callable] = {
     "bench-drift-avx2-sums": bench_drift_avx2_sums,
     "bench-drift-avx512": bench_drift_avx512,
     "bench-drift-local": bench_drift_local,
+    "bench-drift-amx": bench_drift_amx,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,

@@ -880,6 +880,10 @@ class RunDir:
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "machine": {"cpus": os.cpu_count()},
+            # the package's switches (QERROR_FUSED, QERROR_LAYOUT, ...) and QERROR_DATA:
+            # some change a result's last bits, so a run says which it ran with
+            "qerror_environment": {k: os.environ[k] for k in sorted(os.environ)
+                                   if k.startswith("QERROR_")},
             # Which INT8 kernel FBGEMM runs here decides which simulation is exact.
             "cpu": kernel_probe(),
             "started_unix": self.started,

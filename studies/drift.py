@@ -1412,6 +1412,7 @@ def _main(argv: list[str]) -> int:
     try:
         args.act_policy = act_range_policy(args.act_range, args.act_percentile, args.aciq_law)
         args.act_policy.check(QuantConfig.make(8).activation)
+        forward_layout()  # QERROR_LAYOUT, read by every plain pass: refused before any work
     except ValueError as err:
         parser.error(str(err))
     modes = list(dict.fromkeys(args.modes)) if args.modes is not None else (

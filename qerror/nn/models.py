@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -304,11 +305,18 @@ def memory_format(model: nn.Module, fmt: torch.memory_format = torch.channels_la
                 t.data = old
 
 
+#: The environment variable that sets :func:`forward_layout` for float and deterministic
+#: passes: ``channels_last`` (the default) or ``contiguous``.
+LAYOUT_ENV = "QERROR_LAYOUT"
+_LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 def forward_layout(rounding: RoundingMode | None = None) -> torch.memory_format:
     """The layout for plain forward passes of a ResNet, float (``rounding`` None) or
     fake-quantized with ``rounding``, under :func:`memory_format`.
 
-    channels_last, except for random rounding: a deterministic quantizer quantizes a
+    channels_last (or what ``QERROR_LAYOUT`` says: ``channels_last`` or ``contiguous``),
+    except for random rounding, always contiguous: a deterministic quantizer quantizes a
     channels_last activation in place of its layout (:func:`qerror.quantizer.fake_quantize`
     keeps the input's layout without a copy), while STOCHASTIC draws follow the element's
     C-order index and so copy the activation to C order and back, which takes what the
@@ -318,10 +326,30 @@ def forward_layout(rounding: RoundingMode | None = None) -> torch.memory_format:
     (medians of paired time ratios 0.714, 0.807 and 1.00); with stochastic rounding on the
     fused quantizer since, 582 against 423, 462 against 401 and 367 against 359 (0.726,
     0.798 and 1.03: the README's bench passages).
+
+    Which layout is faster depends on the CPU: the same bench gave channels_last medians of
+    0.93–0.99 of contiguous's time on an AMD EPYC with AVX-512, and above 1 on an Intel Xeon
+    with AMX (the README's bench passages, with the intervals they resolve). The default is
+    the slowest kind's choice, where the time goals are set; ``QERROR_LAYOUT=contiguous`` is
+    the other one, for a machine whose bench (``python -m studies.bench --only drift``, its
+    layout rows) shows it faster. The layout changes the convolutions' order of float
+    additions, so a run's result files differ in their last bits between the two (the run's
+    manifest records the variable).
+
+    Raises
+    ------
+    ValueError
+        ``QERROR_LAYOUT`` set to anything else than the two names.
     """
     if rounding is not None and RoundingMode.parse(rounding).is_random:
         return torch.contiguous_format
-    return torch.channels_last
+    chosen = os.environ.get(LAYOUT_ENV, "").strip()
+    if not chosen:
+        return torch.channels_last
+    if chosen not in _LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={chosen!r}: expected one of "
+                         f"{', '.join(_LAYOUTS)} (or unset, for channels_last)")
+    return _LAYOUTS[chosen]
 
 
 def _listing(items: list[str], limit: int = 8) -> str:

@@ -152,6 +152,16 @@ def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_
     assert (users / "a.csv").read_text() == "1\n"
 
 
+def test_the_manifest_records_the_packages_environment_switches(tmp_path, monkeypatch):
+    monkeypatch.setenv("QERROR_LAYOUT", "contiguous")
+    monkeypatch.setenv("QERROR_FUSED", "0")
+    with RunDir(tmp_path / "run", "demo", [], {}, force=False) as run:
+        run.finish()
+    env = json.loads((tmp_path / "run" / "manifest.json").read_text())["qerror_environment"]
+    assert env["QERROR_LAYOUT"] == "contiguous" and env["QERROR_FUSED"] == "0"
+    assert all(k.startswith("QERROR_") for k in env)
+
+
 def test_a_staging_folder_is_marked_until_it_becomes_the_run(tmp_path):
     out = tmp_path / "run"
     with RunDir(out, "demo", [], {}, force=False) as run:

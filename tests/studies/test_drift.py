@@ -1308,3 +1308,13 @@ def test_weights_under_home_are_expanded_and_torchvision_names_kept(tmp_path, mo
     assert drift.weights_arg("~/ckpt.pt") == str(tmp_path / "ckpt.pt")
     assert drift.weights_arg("IMAGENET1K_V2") == "IMAGENET1K_V2"
     assert drift.weights_arg("ckpt.pt") == "ckpt.pt"
+
+
+def test_a_layout_the_library_does_not_know_is_refused_before_any_output(tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("QERROR_LAYOUT", "nhwc")
+    out = tmp_path / "drift"
+    with pytest.raises(SystemExit):
+        drift.main(["--smoke", "--out", str(out)])
+    assert "QERROR_LAYOUT='nhwc'" in capsys.readouterr().err
+    assert not out.exists()

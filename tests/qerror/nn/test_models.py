@@ -514,3 +514,20 @@ def test_a_negative_batchnorm_variance_is_refused():
     state["bn1.running_var"][3] = -1.0
     with pytest.raises(models.StateDictMismatchError, match="bn1.running_var"):
         models.check_state_dict(models.fashion_resnet("resnet18"), state, "the file")
+
+
+def test_forward_layout_follows_qerror_layout_for_deterministic_passes(monkeypatch):
+    from qerror import RoundingMode
+
+    monkeypatch.delenv(models.LAYOUT_ENV, raising=False)
+    assert models.forward_layout() is torch.channels_last
+    assert models.forward_layout(RoundingMode.TOWARD_ZERO) is torch.channels_last
+    monkeypatch.setenv(models.LAYOUT_ENV, "contiguous")
+    assert models.forward_layout() is torch.contiguous_format
+    assert models.forward_layout(RoundingMode.FLOOR) is torch.contiguous_format
+    monkeypatch.setenv(models.LAYOUT_ENV, "channels_last")
+    # random rounding copies a channels_last activation to C order and back: never
+    assert models.forward_layout(RoundingMode.STOCHASTIC) is torch.contiguous_format
+    monkeypatch.setenv(models.LAYOUT_ENV, "nhwc")
+    with pytest.raises(ValueError, match="QERROR_LAYOUT='nhwc': expected one of"):
+        models.forward_layout()
