@@ -474,6 +474,7 @@ def test_a_weight_tied_to_an_embedding_is_named_as_the_model_names_it():
     assert set(pruner.masks) == {"hidden.weight", "emb.weight"}
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # torch's, on Linear(0, 3)
 def test_an_empty_layer_is_refused_naming_it():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(0, 3))
     for call in (lambda: prune_global(model, 0.5, keep_dense=()),
