@@ -137,6 +137,32 @@ class QuantSpec:
     def levels(self) -> int:
         return self.qmax - self.qmin + 1
 
+    def check_zero_point(self, zero_point) -> np.ndarray:
+        """``zero_point`` (a scalar or array, integers or integral floats) as an int64 array,
+        or ValueError/TypeError if this grid cannot have it: outside ``[qmin, qmax]``, or
+        not 0 on a symmetric grid."""
+        src = zero_point.detach().cpu() if isinstance(zero_point, torch.Tensor) else zero_point
+        z = np.asarray(src)
+        if z.dtype.kind == "f":
+            if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
+                raise ValueError(f"zero_point must hold integers, got {zero_point!r}")
+        elif z.dtype.kind not in "iu":
+            raise TypeError(f"zero_point must be an integer or integer array, got "
+                            f"{zero_point!r}")
+        if np.any(z < self.qmin) or np.any(z > self.qmax):
+            bad = z[(z < self.qmin) | (z > self.qmax)].reshape(-1)[0]
+            raise ValueError(
+                f"zero_point {bad} is outside the integer range [{self.qmin}, {self.qmax}] "
+                f"of a {self.bits}-bit {'signed' if self.signed else 'unsigned'} spec"
+            )
+        z = z.astype(np.int64)
+        if self.symmetric and np.any(z != 0):
+            raise ValueError(
+                f"zero_point must be 0 for a symmetric spec, got {zero_point!r}; "
+                "use QuantSpec(symmetric=False) for an affine quantizer"
+            )
+        return z
+
     def replace(self, **changes) -> "QuantSpec":
         """A copy with some fields changed (validated again)."""
         from dataclasses import replace
@@ -210,25 +236,7 @@ def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
             f"scale {bad!r} is not a normal {working.name} number, the precision this input "
             f"is quantized in; use a scale in [{info.tiny:.3g}, {info.max:.3g}] (or float64 data)"
         )
-    zp_src = zero_point.detach().cpu() if isinstance(zero_point, torch.Tensor) else zero_point
-    z = np.asarray(zp_src)
-    if z.dtype.kind == "f":
-        if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
-            raise ValueError(f"zero_point must hold integers, got {zero_point!r}")
-    elif z.dtype.kind not in "iu":
-        raise TypeError(f"zero_point must be an integer or integer array, got {zero_point!r}")
-    if np.any(z < spec.qmin) or np.any(z > spec.qmax):
-        bad = z[(z < spec.qmin) | (z > spec.qmax)].reshape(-1)[0]
-        raise ValueError(
-            f"zero_point {bad} is outside the integer range [{spec.qmin}, {spec.qmax}] "
-            f"of a {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} spec"
-        )
-    z = z.astype(np.int64)
-    if spec.symmetric and np.any(z != 0):
-        raise ValueError(
-            f"zero_point must be 0 for a symmetric spec, got {zero_point!r}; "
-            "use QuantSpec(symmetric=False) for an affine quantizer"
-        )
+    z = spec.check_zero_point(zero_point)
     shape = _param_shape(x, axis)
     if axis is None:
         for name, arr in (("scale", s), ("zero_point", z)):

@@ -67,6 +67,9 @@ class Dequantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, qparams: QParams, *, dtype: torch.dtype = torch.float32):
         super().__init__()
+        # parameters no quantizer of this spec could have made the codes with are refused
+        # here, as quantize refuses them (dequantize alone would turn them into floats)
+        spec.check_zero_point(qparams.zero_point)
         self.spec, self.qparams, self.dtype = spec, qparams, dtype
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,12 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     own = variants.loc["model"]  # requantizing with the model's own parameters changes nothing
     assert own.frac_codes_changed == 0 and own.max_abs_logit_diff == 0 and own.images_evaluated == 0
     assert variants.loc["scale_+2pct", "frac_codes_changed"] > 0
+    # the model's own row is a check, outside the Holm family of the others
+    from qerror.stats import holm
+
+    others = variants.drop(index="model")
+    assert np.isnan(own.mcnemar_p_holm) and not own.differs
+    np.testing.assert_array_equal(others.mcnemar_p_holm, holm(others.mcnemar_p.to_numpy()))
 
     storage = pd.read_csv(out / "storage.csv")
     held = storage.dropna(subset=["measured_bytes_per_image"])

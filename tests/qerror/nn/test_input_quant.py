@@ -131,6 +131,17 @@ def test_codes_read_with_the_other_sign_or_beyond_the_grid_are_refused():
                        on_codes(nn.Identity(), spec, qp)(codes))
 
 
+def test_parameters_no_quantizer_of_the_spec_could_have_used_are_refused():
+    # a zero point beyond the grid, or one on a symmetric grid: quantize refuses them, and
+    # the codes' side turned them into plausible floats (0.01 * (1 - 500) = -4.99)
+    with pytest.raises(ValueError, match="zero_point 500 is outside the integer range"):
+        on_codes(nn.Identity(), SPEC, QParams(0.01, 500))
+    with pytest.raises(ValueError, match="must be 0 for a symmetric spec"):
+        on_codes(nn.Identity(), QuantSpec(bits=8), QParams(0.01, 3))
+    with pytest.raises(ValueError, match="outside the integer range"):
+        quantize_offline(images(7, 1), SPEC, QParams(0.01, 500))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_offline_codes_feed_a_model_of_another_dtype_the_same_input(dtype):
     """The dequantizer gave float32 whatever the model: a float64 model refused it, and
