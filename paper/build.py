@@ -37,7 +37,7 @@ from pathlib import Path
 # commit in the provenance).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studies._common import git_identity, is_smoke_run
+from studies._common import git_identity, is_smoke_run, user_path
 from studies._latex import macro_name
 
 PAPER = Path(__file__).resolve().parent
@@ -566,7 +566,7 @@ def _run_arg(text: str) -> tuple[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python paper/build.py",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=REPO / "runs",
+    parser.add_argument("--runs", type=user_path, default=REPO / "runs",
                         help="folder holding one output folder per study (default: runs/)")
     parser.add_argument("--run", type=_run_arg, action="append", default=[],
                         metavar="STUDY=PATH", help="one study's output folder, elsewhere")

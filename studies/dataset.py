@@ -79,6 +79,7 @@ from studies._common import (
     figure_style,
     finite_float,
     held_out,
+    holm_columns,
     int_in,
     paired_ratio,
     positive_int,
@@ -358,10 +359,7 @@ def double_quantization(cache: LogitCache, x: torch.Tensor, labels: torch.Tensor
     # The model's own parameters requantize to the same codes by construction: a check, not
     # a test, left out of the family (it made the family one larger, and every adjusted p
     # larger with it); its adjusted p is NaN.
-    tested = (frame.variant != "model").to_numpy()
-    adjusted = np.full(len(frame), np.nan)
-    adjusted[tested] = holm(frame.mcnemar_p.to_numpy()[tested])
-    frame["mcnemar_p_holm"] = adjusted
+    frame = holm_columns(frame, ["mcnemar_p"], frame.variant != "model")
     frame["differs"] = frame.mcnemar_p_holm < ALPHA
     return frame
 
