@@ -647,15 +647,30 @@ def _overheads(rec: Record) -> tuple[pd.Series, pd.Series]:
     return one, many.iloc[0]
 
 
+def _layouts(rec: Record) -> list[tuple[str, pd.Series, re.Match]]:
+    """The bench record's three layout rows (:func:`_layout_row`), each with its words:
+    float, 8-bit truncation, 8-bit stochastic rounding."""
+    return [(words, *_layout_row(rec, what)) for words, what in (
+        ("float", "float"), ("8-bit truncation", "8-bit toward_zero"),
+        ("8-bit stochastic rounding", "8-bit stochastic"))]
+
+
+def _without_local(rec: Record) -> dict[str, pd.Series]:
+    """``measure``'s and ``measure_many``'s rows without the local error
+    (``local_samples=0``) from a bench record's drift group, by name."""
+    b = rec.csv("bench.csv")
+    b = b[b.group == "drift"]
+    return {what: _one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
+                           f"{what} without the local error")
+            for what in ("measure", "measure_many")}
+
+
 def bench_layout_avx2(records) -> str:
     """The plain forward's layouts and the instrumentation overhead, benched on the AVX2-only
     machine of the drift-speed records."""
     rec = records("bench-drift-avx2")
     _require_avx512(rec, "a bench run", present=False)
-    plain, rates = zip(*(_layout_row(rec, what) for what in
-                         ("float", "8-bit toward_zero", "8-bit stochastic")))
     one, many = _overheads(rec)
-    words = ("float", "8-bit truncation", "8-bit stochastic rounding")
     return (
         f"The layouts, benched on that machine (`{rec.about['command']}`, commit "
         f"{rec.commit}, ResNet50, batch 256, alternating paired timings; images/s from each "
@@ -663,7 +678,7 @@ def bench_layout_avx2(records) -> str:
         "can point different ways where the layouts differ by less than the pairs' spread): "
         "the plain forward ran channels_last against contiguous at "
         + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
-                    f"{r.ratio_median:.3f})" for w, r, m in zip(words, plain, rates))
+                    f"{r.ratio_median:.3f})" for w, r, m in _layouts(rec))
         + ". The instrumentation's overhead there: `measure` "
         f"{one.ratio_median:.2f}× its bare paired passes and `measure_many` "
         f"{many.ratio_median:.2f}× its bare K-way passes (goal {one.goal:g}×).")
@@ -816,13 +831,8 @@ def bench_drift_amx(records) -> str:
         raise RecordError(f"record {rec.name}: its CPU has no AMX; record a bench run from one "
                           "with it")
     one, many = _overheads(rec)
-    b = rec.csv("bench.csv")
-    b = b[b.group == "drift"]
-    less = [_one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
-                     f"{what} without the local error") for what in ("measure", "measure_many")]
-    layouts = [(w, *_layout_row(rec, what)) for w, what in (
-        ("float", "float"), ("8-bit truncation", "8-bit toward_zero"),
-        ("8-bit stochastic rounding", "8-bit stochastic"))]
+    less = list(_without_local(rec).values())
+    layouts = _layouts(rec)
     slower = [w for w, r, _ in layouts[:2] if r.median_lo > 1]
 
     def judged(r) -> str:
@@ -855,11 +865,7 @@ def bench_drift_local(records) -> str:
     rec = records("bench-drift-avx512-local")
     _require_avx512(rec, "a bench run")
     one, many = _overheads(rec)
-    b = rec.csv("bench.csv")
-    b = b[b.group == "drift"]
-    less = {what: _one_row(rec, b, b.candidate == f"{what} (local_samples=0)",
-                           f"{what} without the local error")
-            for what in ("measure", "measure_many")}
+    less = _without_local(rec)
     rows = [(f"`{what}`", r) for what, r in less.items()]
     met = [w for w, r in rows if r.ratio_median <= one.goal]
     held = [w for w, r in rows if r.ratio_min <= one.goal <= r.ratio_max]
