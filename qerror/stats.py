@@ -197,17 +197,7 @@ def bias_test(
     n, mean, var = _moments(data, channel)
     df = n - 1
     se = math.sqrt(var / n)
-    tq = float(sps.t.ppf(1.0 - alpha / 2.0, df))
-    stat, p = _t_two_sided(mean - mu0, se, df)
-    ci = (mean - tq * se, mean + tq * se)
-    conf = _pct(1.0 - alpha)
-    u = f" {unit}" if unit else ""
-    what = f"mean error {_num(mean)}{u}, {conf} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
-    if p < alpha:
-        verdict = f"bias differs from {_num(mu0)}{u} ({_p(p)} < α={alpha:g}): {what}"
-    else:
-        verdict = (f"no evidence that the bias differs from {_num(mu0)}{u} "
-                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+    stat, p, ci, verdict = _t_verdict(mean, se, df, mu0, alpha, unit, ("bias", "mean error"))
     return BiasResult(
         test=f"mean error = {mu0:g}", method=f"one-sample t-test (df={df})",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha,
@@ -288,6 +278,95 @@ def equivalence_test(
         test=f"{low:g} < mean < {high:g}", method=f"TOST, two one-sided t-tests (df={df})",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha, verdict=verdict,
         df=df, std=math.sqrt(var), se=se, low=low, high=high, p_low=p_low, p_high=p_high,
+    )
+
+
+def crossed_mean_test(
+    table: SampleLike,
+    mu0: float = 0.0,
+    alpha: float = 0.05,
+    *,
+    unit: str = "",
+) -> BiasResult:
+    """t-test that the mean of a table equals ``mu0`` when its rows and its columns are
+    both samples (seeds × test images, say), with its CI.
+
+    Parameters
+    ----------
+    table : array-like, shape (R, C)
+        One value per (row, column) pair: for instance, per trained seed and test image,
+        1, 0 or −1 as one rounding mode's prediction is right and the other's wrong. At
+        least two rows and two columns, all finite.
+    mu0 : float
+        Hypothesised mean.
+    alpha : float
+        Significance level; the CI has confidence ``1 - alpha``.
+    unit : str
+        Appended to numbers in the verdict.
+
+    Returns
+    -------
+    BiasResult
+        ``statistic`` is t, ``estimate`` the table's mean, ``se`` its standard error below,
+        ``df`` Satterthwaite's degrees of freedom (rounded down), ``std`` the standard
+        deviation of all values, ``n`` the number of values ``R·C``.
+
+    Notes
+    -----
+    A t-interval over the rows' means (seeds) treats the columns (the test images) as
+    fixed: it says what other seeds would give on these images. With both random, as in
+    the additive model ``x_rc = μ + a_r + b_c + e_rc`` (independent, variances ``σ_a²``,
+    ``σ_b²``, ``σ_e²``), the mean's variance is ``σ_a²/R + σ_b²/C + σ_e²/(RC)``, and
+
+    .. math:: \\widehat{V} = s_{\\text{rows}}^2 / R + s_{\\text{cols}}^2 / C,
+
+    with ``s²`` the sample variances of the row means and of the column means, has
+    expectation ``σ_a²/R + σ_b²/C + 2σ_e²/(RC)``: it is conservative by ``σ_e²/(RC)``,
+    which is small beside the other terms when both ``R`` and ``C`` are more than a few
+    (resampling rows and columns independently, Owen's pigeonhole bootstrap [1]_, has the
+    same bias). The t law's degrees of freedom are Satterthwaite's [2]_ for the sum of the
+    two terms, ``V̂² / ((s_rows²/R)²/(R−1) + (s_cols²/C)²/(C−1))``; with the rows' term
+    dominant they approach ``R − 1``, the seeds' own t-interval's. A table whose values are
+    all equal has zero variance: the statistic is 0 (p = 1) at that value and ±inf (p = 0)
+    elsewhere, as in :func:`bias_test`.
+
+    References
+    ----------
+    .. [1] A. B. Owen, "The pigeonhole bootstrap", Ann. Appl. Stat. 1(2), 386–411, 2007.
+    .. [2] F. E. Satterthwaite, "An approximate distribution of estimates of variance
+       components", Biometrics Bulletin 2(6), 110–114, 1946.
+    """
+    alpha = _check_alpha(alpha)
+    mu0 = _check_real(mu0, "mu0")
+    if isinstance(table, ErrorStats):
+        raise TypeError("table must hold the values themselves (rows × columns), not an "
+                        "ErrorStats")
+    shape = _flat_shape(table)
+    if len(shape) != 2 or shape[0] < 2 or shape[1] < 2:
+        raise ValueError(f"table must be 2-D with at least two rows and two columns (rows "
+                         f"and columns the two samples, e.g. seeds × images), got shape "
+                         f"{tuple(shape)}")
+    rows, cols = int(shape[0]), int(shape[1])
+    x = _sample(table, "table").reshape(rows, cols)
+    mean = float(x.mean())
+    if x.min() == x.max():  # exactly, as in _moments
+        mean, v_rows, v_cols = float(x[0, 0]), 0.0, 0.0
+    else:
+        v_rows = float(x.mean(axis=1).var(ddof=1)) / rows
+        v_cols = float(x.mean(axis=0).var(ddof=1)) / cols
+    var = v_rows + v_cols
+    se = math.sqrt(var)
+    denom = v_rows ** 2 / (rows - 1) + v_cols ** 2 / (cols - 1)
+    df = int(var * var / denom) if denom > 0 else rows - 1
+    df = max(df, 1)
+    stat, p, ci, verdict = _t_verdict(
+        mean, se, df, mu0, alpha, unit,
+        ("mean", f"mean over {rows} rows × {cols} columns, both random,"))
+    return BiasResult(
+        test=f"mean = {mu0:g}, rows and columns random",
+        method=f"crossed two-way t-test, Satterthwaite df={df}",
+        statistic=stat, p_value=p, estimate=mean, ci=ci, n=rows * cols, alpha=alpha,
+        verdict=verdict, df=df, std=float(x.std(ddof=1)), se=se,
     )
 
 
@@ -1373,6 +1452,24 @@ def _moments(data, channel) -> tuple[int, float, float]:
     if arr.min() == arr.max():  # exactly: a float mean of copies of 0.7 is not 0.7
         return arr.size, float(arr[0]), 0.0
     return arr.size, float(arr.mean()), float(arr.var(ddof=1))
+
+
+def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: str,
+               words: tuple[str, str]) -> tuple[float, float, tuple[float, float], str]:
+    """The two-sided t-test of ``mean = mu0`` with its ``1 - alpha`` CI, and its verdict:
+    ``words`` name what differs (``"bias"``) and what is reported (``"mean error"``)."""
+    tq = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    stat, p = _t_two_sided(mean - mu0, se, df)
+    ci = (mean - tq * se, mean + tq * se)
+    u = f" {unit}" if unit else ""
+    what = (f"{words[1]} {_num(mean)}{u}, {_pct(1.0 - alpha)} CI "
+            f"[{_num(ci[0])}, {_num(ci[1])}]{u}")
+    if p < alpha:
+        verdict = f"{words[0]} differs from {_num(mu0)}{u} ({_p(p)} < α={alpha:g}): {what}"
+    else:
+        verdict = (f"no evidence that the {words[0]} differs from {_num(mu0)}{u} "
+                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+    return stat, p, ci, verdict
 
 
 def _t_two_sided(diff: float, se: float, df: int) -> tuple[float, float]:

@@ -24,6 +24,10 @@ The quantities, per width ``b`` and mode ``m`` (weights and activations quantize
     top code) at the first and at the last quantized layer's input (N3);
 ``accuracy``
     top-1 accuracy against the true labels, and ``float_accuracy`` (N4).
+
+:func:`image_outcomes` gives, for the same widths and modes, which test images the quantized
+network classifies correctly, so that an accuracy difference can be decided with the test
+images random as well as the seeds (:func:`qerror.stats.crossed_mean_test`).
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from torch import nn
 
 from qerror.nn._anatomy import eval_mode
 from qerror.nn.growth import layer_block_bootstrap
-from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
+from qerror.nn.propagate import QuantConfig, calibrate_activations, measure, paired_forward
 from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
-__all__ = ["STATEMENT_MODES", "fraction_holding", "network_statements", "statement_values"]
+__all__ = ["STATEMENT_MODES", "fraction_holding", "image_outcomes", "network_statements",
+           "statement_values"]
 
 #: The modes the network claims compare: round-to-nearest and the two biased ones.
 STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
@@ -128,19 +133,70 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         One row per (bits, mode, quantity): columns ``bits``, ``mode``, ``quantity``,
         ``value``; quantities as in the module docstring.
     """
-    if len(test) != len(labels):
-        raise ValueError(f"{len(test)} test images but {len(labels)} labels")
-    batches = [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
+    batches = _batches(test, labels, batch)
     rows = []
     with eval_mode(model):
         for b in bits:
-            act = calibrate_activations(model, [calib], QuantConfig.make(b).activation)
+            act = _ranges(model, calib, b)
             for mode in modes:
                 mode = RoundingMode.parse(mode)
                 res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
                 rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": v}
                          for k, v in statement_values(res, seed=seed).items()]
     return pd.DataFrame(rows)
+
+
+def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
+                   labels: torch.Tensor, *, bits=(8, 6, 4), modes=STATEMENT_MODES,
+                   batch: int = 256, seed: int = 0) -> pd.DataFrame:
+    """Which test images the quantized network classifies correctly, per width and mode.
+
+    The quantized networks are those :func:`network_statements` measures with the same
+    arguments (activation ranges calibrated on ``calib`` per width, weights and activations
+    quantized, ``seed`` for stochastic rounding), run by
+    :func:`qerror.nn.propagate.paired_forward`, the paired pass of
+    :func:`qerror.nn.propagate.measure` without its statistics: each width and mode's count
+    of correct images is its ``accuracy`` times the number of images (tested).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (bits, mode, image): columns ``bits``, ``mode``, ``image`` (the index in
+        ``test``) and ``correct`` (bool); the float network's own row per image under
+        ``mode`` ``"float"`` (once, with ``bits`` 0).
+    """
+    batches = _batches(test, labels, batch)
+    frames, float_correct = [], []
+    with eval_mode(model), torch.no_grad():
+        for b in bits:
+            act = _ranges(model, calib, b)
+            for mode in modes:
+                mode = RoundingMode.parse(mode)
+                correct, first = [], not frames  # the float half: once is enough
+                with paired_forward(model, QuantConfig.make(b, mode, seed=seed), act):
+                    for x, y in batches:
+                        out = model(torch.cat([x, x]))
+                        correct.append(out[len(x):].argmax(1) == y)
+                        if first:
+                            float_correct.append(out[:len(x)].argmax(1) == y)
+                frames.append(_outcome_frame(int(b), mode.value, correct))
+    return pd.concat([_outcome_frame(0, "float", float_correct), *frames], ignore_index=True)
+
+
+def _outcome_frame(bits: int, mode: str, correct: list[torch.Tensor]) -> pd.DataFrame:
+    c = torch.cat(correct).cpu().numpy().astype(bool)
+    return pd.DataFrame({"bits": bits, "mode": mode, "image": np.arange(c.size), "correct": c})
+
+
+def _batches(test: torch.Tensor, labels: torch.Tensor, batch: int) -> list:
+    if len(test) != len(labels):
+        raise ValueError(f"{len(test)} test images but {len(labels)} labels")
+    return [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
+
+
+def _ranges(model: nn.Module, calib: torch.Tensor, bits: int):
+    """The activation ranges of ``bits``-wide activations, calibrated on ``calib``."""
+    return calibrate_activations(model, [calib], QuantConfig.make(bits).activation)
 
 
 def fraction_holding(holds, alpha: float = 0.05):

@@ -919,3 +919,74 @@ def test_paired_equivalence_exact_size():
                              if paired_accuracy_equivalence(int(b), d - int(b), n,
                                                             margin).significant)
         assert round(total, 4) == size, (psi, total)
+
+
+# --------------------------------------------------------------------------- crossed mean
+
+
+def test_crossed_mean_test_by_hand():
+    """Row means' and column means' variances over their counts, Satterthwaite's df."""
+    from qerror.stats import crossed_mean_test
+
+    x = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, -1.0], [1.0, 1.0, 1.0, 0.0]])
+    vr = x.mean(1).var(ddof=1) / 3  # rows' means: 0.75, 0, 0.75
+    vc = x.mean(0).var(ddof=1) / 4  # columns' means: 2/3, 1/3, 1, 0
+    df = int((vr + vc) ** 2 / (vr ** 2 / 2 + vc ** 2 / 3))
+    res = crossed_mean_test(x, 0.1, 0.2)
+    se = math.sqrt(vr + vc)
+    assert res.estimate == pytest.approx(0.5, rel=1e-15) and res.se == pytest.approx(se)
+    assert res.df == df and res.n == 12 and res.alpha == 0.2
+    assert res.statistic == pytest.approx(0.4 / se, rel=1e-12)
+    assert res.p_value == pytest.approx(2 * sps.t.sf(0.4 / se, df), rel=1e-12)
+    tq = sps.t.ppf(0.9, df)
+    assert res.ci == pytest.approx((0.5 - tq * se, 0.5 + tq * se), rel=1e-12)
+
+
+def test_crossed_mean_test_is_the_rows_t_test_when_the_columns_do_not_differ():
+    """Every row constant (the columns repeat one another): the columns add no variance and
+    the test is the one-sample t-test of the rows' means, R − 1 degrees of freedom."""
+    from qerror.stats import crossed_mean_test
+
+    rows = np.random.default_rng(3).normal(0.3, 1.0, 7)
+    res, ref = crossed_mean_test(np.repeat(rows[:, None], 5, axis=1)), bias_test(rows)
+    assert res.df == ref.df == 6
+    assert res.statistic == pytest.approx(ref.statistic, rel=1e-12)
+    assert res.p_value == pytest.approx(ref.p_value, rel=1e-12)
+    assert res.ci == pytest.approx(ref.ci, rel=1e-12)
+    same = crossed_mean_test(np.full((3, 4), 0.25), 0.25)
+    assert same.statistic == 0.0 and same.p_value == 1.0 and same.ci == (0.25, 0.25)
+
+
+@pytest.mark.slow
+def test_crossed_mean_test_holds_its_level_where_the_rows_t_test_does_not():
+    """Seeds × images with both random (x = a_r + b_c + e, unit variances, 20 × 50): the
+    crossed test rejects the true mean no more often than a level-α test (it is
+    conservative by σ_e²/(RC), so its exact rate is below α and only the upper end of the
+    acceptance region is asserted), while the t-test over the rows' means, which treats the
+    images as fixed, rejects it more often than a level-α test can (the images' own
+    variance, σ_b²/C, is missing from its standard error)."""
+    from qerror.stats import crossed_mean_test
+
+    rng = np.random.default_rng(800)
+    crossed = rows = 0
+    for _ in range(REPS):
+        x = rng.normal(size=(20, 1)) + rng.normal(size=(1, 50)) + rng.normal(size=(20, 50))
+        crossed += crossed_mean_test(x).significant
+        rows += bias_test(x.mean(axis=1)).significant
+    lo, hi = acceptance_region(REPS, ALPHA)
+    assert crossed <= hi, (crossed, hi)
+    assert rows > hi, (rows, hi)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (np.zeros(5), ValueError, "2-D"),
+    (np.zeros((1, 5)), ValueError, "two rows"),
+    (np.zeros((5, 1)), ValueError, "two columns"),
+    (np.array([[0.0, np.nan], [1.0, 0.0]]), ValueError, "NaN"),
+    (ErrorStats(), TypeError, "values themselves"),
+])
+def test_crossed_mean_test_refuses_what_is_not_a_table(bad, error, message):
+    from qerror.stats import crossed_mean_test
+
+    with pytest.raises(error, match=message):
+        crossed_mean_test(bad)

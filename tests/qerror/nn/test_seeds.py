@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from qerror.nn.models import plain_chain
-from qerror.nn.seeds import STATEMENT_MODES, fraction_holding, network_statements
+from qerror.nn.seeds import (
+    STATEMENT_MODES,
+    fraction_holding,
+    image_outcomes,
+    network_statements,
+)
 
 
 def _warmed(depth=4, width=4, seed=0):
@@ -70,11 +75,41 @@ def test_a_network_without_convolutions_is_refused_with_the_reason():
         network_statements(mlp, x, x, torch.zeros(8, dtype=torch.long), bits=(8,))
 
 
+def test_image_outcomes_are_the_images_behind_the_accuracies():
+    """Per width and mode, the images image_outcomes calls correct number the accuracy
+    network_statements measures (the same quantized network, image by image), and the float
+    rows its float accuracy; the model's state and mode are left as they were."""
+    model = _warmed().train()
+    g = torch.Generator().manual_seed(5)
+    calib, test = torch.randn(64, 1, 8, 8, generator=g), torch.randn(80, 1, 8, 8, generator=g)
+    labels = torch.randint(0, 10, (80,), generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = image_outcomes(model, calib, test, labels, bits=(8, 4), batch=32)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    st = network_statements(model, calib, test, labels, bits=(8, 4), batch=32)
+    assert len(out) == (1 + 2 * len(STATEMENT_MODES)) * 80
+    for (bits, mode), d in out.groupby(["bits", "mode"]):
+        assert d.image.tolist() == list(range(80)) and d.correct.dtype == bool
+        if mode == "float":
+            want = st[st.quantity == "float_accuracy"].value.iloc[0]
+        else:
+            want = st[(st.quantity == "accuracy") & (st.bits == bits)
+                      & (st["mode"] == mode)].value.item()
+        assert int(d.correct.sum()) == round(want * 80), (bits, mode)
+    # the counts alone could agree by chance: truncation at four bits changes which images
+    q4 = out[out.bits == 4].pivot(index="image", columns="mode", values="correct")
+    assert (q4["nearest_even"] != q4["toward_zero"]).any()
+
+
 def test_labels_must_match_images():
     model = _warmed()
     with pytest.raises(ValueError, match="3 test images but 2 labels"):
         network_statements(model, torch.zeros(4, 1, 8, 8), torch.zeros(3, 1, 8, 8),
                            torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 test images but 2 labels"):
+        image_outcomes(model, torch.zeros(4, 1, 8, 8), torch.zeros(3, 1, 8, 8),
+                       torch.zeros(2, dtype=torch.long))
 
 
 def test_fraction_holding_is_the_wilson_interval():
