@@ -47,6 +47,8 @@ class TinyCNN(nn.Module):
                         ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.width = width
         widths = [in_channels, width, 2 * width, 4 * width]
         layers: list[nn.Module] = []
@@ -65,7 +67,7 @@ class TinyCNN(nn.Module):
 
 
 def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageFormat.INT8,
-                    keep_dense: Iterable[str] = (), in_channels: int = 1,
+                    keep_dense: Iterable[str] | str | None = (), in_channels: int = 1,
                     num_classes: int = 10, seed: int = 0) -> TinyCNN:
     """The widest :class:`TinyCNN` whose honest bytes fit ``max_bytes``.
 
@@ -76,8 +78,9 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
         ``values``, per-channel scales and zero points, biases and BatchNorm in float32).
     values : StorageFormat or str
         Format of the convolution and linear weights (default INT8).
-    keep_dense : iterable of str
-        Layers stored float32 (default none: every weight in ``values``).
+    keep_dense : iterable of str, str or None
+        Layers stored float32 (default none: every weight in ``values``); ``None`` the
+        first convolution, as in :func:`~qerror.compress.size.model_bytes`.
     in_channels, num_classes, seed
         As :class:`TinyCNN`.
 
@@ -95,7 +98,7 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
             or not math.isfinite(max_bytes) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive finite number of bytes, got "
                          f"{max_bytes!r}")
-    keep = keep_dense if isinstance(keep_dense, str) else tuple(keep_dense)
+    keep = keep_dense if keep_dense is None or isinstance(keep_dense, str) else tuple(keep_dense)
 
     def size(w: int) -> int:
         m = TinyCNN(w, in_channels, num_classes, seed=seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import struct
 import time
 from dataclasses import dataclass, field
@@ -182,7 +183,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "iuf":
             raise TypeError(f"{name} must hold integers or floats, got dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        # in the machine's byte order: torch takes no other
+        x = torch.from_numpy(np.ascontiguousarray(x.astype(x.dtype.newbyteorder("="),
+                                                           copy=False)))
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
                         f"{type(x).__name__}")
@@ -254,6 +257,7 @@ class Thermometer:
         return cls(ordered[ranks].T.contiguous(), features)
 
     def __post_init__(self):
+        _check_count(self.features, "features")
         t = self.thresholds
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] not in (1, self.features):
             raise ValueError("thresholds must be a tensor of shape (features, T) or (1, T)")
@@ -293,7 +297,8 @@ class Thermometer:
         if x.shape[1] != self.features:
             raise ValueError(f"x has {x.shape[1]} features per sample, the thermometer was "
                              f"fitted on {self.features}")
-        return (x.unsqueeze(-1) > self.thresholds).reshape(x.shape[0], -1)
+        x, t = _comparable(x, self.thresholds)
+        return (x.unsqueeze(-1) > t).reshape(x.shape[0], -1)
 
     def size_parts(self) -> list[SizePart]:
         """The thresholds as one stored part (the input encoder's cost)."""
@@ -302,12 +307,53 @@ class Thermometer:
                          f"{'pooled' if self.pooled else 'per-feature'}, {t.dtype}")]
 
 
+# Significand bits of the dtypes a thermometer compares (an integer's magnitude bits).
+_DIGITS = {torch.uint8: 8, torch.int8: 7, torch.int16: 15, torch.int32: 31, torch.int64: 63,
+           torch.float16: 11, torch.float32: 24, torch.float64: 53}
+
+
+def _comparable(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and the thresholds ``t`` in dtypes whose comparison is exact.
+
+    torch compares in the promoted dtype, which can round one side: a float16 threshold
+    2048 against the int64 value 2049 compares 2048 > 2048. Where the promoted dtype holds
+    both exactly (integers with integers, uint8 pixels with any float, a float with a wider
+    one) they are compared as they are; otherwise in float64, which holds every value of
+    these dtypes but integers beyond 2⁵³ (refused).
+    """
+    p = torch.promote_types(x.dtype, t.dtype)
+    if not p.is_floating_point or all(_DIGITS[v.dtype] <= _DIGITS[p] for v in (x, t)):
+        return x, t
+    for v, name in ((x, "x"), (t, "the thresholds")):
+        if not v.is_floating_point() and max(-int(v.min()), int(v.max())) > 2 ** 53:
+            raise ValueError(f"{name} hold integers beyond 2**53, which a comparison with "
+                             f"{'x' if name != 'x' else 'the thresholds'} (floats) would "
+                             "round; give both as integers")
+    return x.double(), t.double()
+
+
 # --------------------------------------------------------------------------- WiSARD
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _integers(x, name: str):
+    """``x`` as a tensor (numpy arrays converted, anything else as it is), unsigned integers
+    wider than a byte as int64 (torch's reductions and comparisons do not take them)."""
+    if isinstance(x, torch.Tensor) and x.dtype in _WIDE_UNSIGNED:
+        x = x.cpu().numpy()
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind == "u" and x.dtype.itemsize > 1:
+            if x.size and int(x.max()) > np.iinfo(np.int64).max:
+                raise ValueError(f"{name} holds values beyond int64 ({int(x.max())})")
+            x = x.astype(np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    return x
+
 
 def _as_bits(x, width: int, name: str) -> torch.Tensor:
     """A bool or integer 0/1 array of shape (N, width), as a bool tensor."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+    x = _integers(x, name)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
                         f"{type(x).__name__}")
@@ -324,8 +370,7 @@ def _as_bits(x, width: int, name: str) -> torch.Tensor:
 
 
 def _as_labels(y, n: int, classes: int) -> torch.Tensor:
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(np.ascontiguousarray(y))
+    y = _integers(y, "labels")
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
         raise TypeError("labels must be an integer numpy array or tensor")
     if y.shape != (n,):
@@ -336,12 +381,29 @@ def _as_labels(y, n: int, classes: int) -> torch.Tensor:
     return y.to(torch.int64)
 
 
+def _inferred_classes(y) -> int:
+    """One more than the largest training label (the labels are checked where they are
+    used)."""
+    y = _integers(np.asarray(y), "labels")
+    if y.numel() == 0 or y.is_floating_point() or y.dtype == torch.bool:
+        raise TypeError("labels must be a non-empty integer numpy array or tensor")
+    return int(y.max()) + 1
+
+
 def _ascending_thresholds(t: torch.Tensor) -> bool:
     """Whether every row of thresholds is finite and non-decreasing (compared, not
     differenced: a difference of unsigned thresholds wraps around)."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         return False
     return not bool((t[:, 1:] < t[:, :-1]).any())
+
+
+def _check_tau(tau) -> float:
+    """A GroupSum temperature: a positive finite real number (numpy's too, not a bool)."""
+    if isinstance(tau, bool | np.bool_) or not isinstance(tau, numbers.Real) \
+            or not 0 < tau < math.inf:
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    return float(tau)
 
 
 def _check_count(value, name: str, low: int = 1) -> int:
@@ -643,7 +705,7 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
         raise ValueError(f"max_bytes must be a finite number of bytes >= 0, got {max_bytes!r}")
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     if classes is None:
-        classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
+        classes = _inferred_classes(y_train)
     wisard = WiSARD(thermo.out_bits, address_bits, classes, seed=seed, shuffle=shuffle)
     wisard.fit(thermo.encode(x_train), y_train)
     choice = wisard.choose_bleach(thermo.encode(x_val), y_val, max_bleach)
@@ -687,7 +749,9 @@ class EFDDecay(Choice):
     """How the extended finite difference weighs a LUT entry by its distance ``H`` from the
     address read (:func:`efd_matrix`).
 
-    HARMONIC: ``1/(H + 1)``, the paper's formula (Bacellar et al., 2024, Sec. 3).
+    HARMONIC: ``1/(H + 1)``, the paper's weighting (Bacellar et al., 2024, Sec. 3),
+    applied, as both decays are here, to the LUT's real entries rather than to its 0/1
+    outputs (:class:`LUTLayer`'s Notes): an entry's distance from the sign threshold counts.
     EXPONENTIAL: ``α·β^H`` with ``α = 0.5·0.75^(n−1)`` and ``β = 1/3``, the decay the
     authors' released code uses instead (its README says so); far more local: at ``n = 6``
     an entry at distance 5 weighs ``β^5 ≈ 0.004`` of one at distance 0, against ``1/6``.
@@ -884,9 +948,7 @@ class LUTLayer(nn.Module):
             raise ValueError(f"fan_in {self.fan_in} exceeds {MAX_FAN_IN}")
         self.mapping = Mapping.parse(mapping)
         self.seed, self.stream = _check_seed(seed), _check_seed(stream)
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be positive and finite, got {tau!r}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
         gen = torch.Generator().manual_seed(
             (self.seed ^ (self.stream * 0x9E3779B97F4A7C15)) & _MASK64)
         self.table = nn.Parameter(torch.rand(self.luts, 1 << self.fan_in, generator=gen)
@@ -960,9 +1022,7 @@ class GroupSum(nn.Module):
     def __init__(self, classes: int, tau: float = 1.0):
         super().__init__()
         self.classes = _check_count(classes, "classes")
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be positive and finite, got {tau!r}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` → ``(B, classes)``."""
@@ -1128,9 +1188,9 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     # Bits stay bool (1 byte each) until a batch needs them as floats.
     xb, xv = thermo.encode(x_train), thermo.encode(x_val)
     if classes is None:
-        classes = int(torch.as_tensor(np.asarray(y_train)).max()) + 1
-    yb = _as_labels(torch.as_tensor(np.asarray(y_train)), xb.shape[0], classes)
-    yv = _as_labels(torch.as_tensor(np.asarray(y_val)), xv.shape[0], classes)
+        classes = _inferred_classes(y_train)
+    yb = _as_labels(_integers(np.asarray(y_train), "labels"), xb.shape[0], classes)
+    yv = _as_labels(_integers(np.asarray(y_val), "labels"), xv.shape[0], classes)
     dev = torch.device(device)
     model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau, efd=efd,
                 seed=seed).to(dev)
@@ -1314,8 +1374,10 @@ def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = 
         data, parts = _serialise(model, counts)
     except struct.error as exc:
         raise ValueError(f"cannot write this model in the WNN file format: a header field is "
-                         f"beyond its width ({exc}); the format holds up to 65535 classes and "
-                         "65535 thermometer bits per feature") from exc
+                         f"beyond its width ({exc}); the format holds up to 2**32 - 1 "
+                         "features, 65535 thermometer bits per feature, 65535 classes, a "
+                         "WiSARD bleaching threshold up to 2**32 - 1, and up to 255 DWN "
+                         "layers of up to 2**32 - 1 LUTs each") from exc
     expected = ModelSize(tuple(parts)).total_bytes
     if len(data) != expected:
         raise AssertionError(f"serialised {len(data)} bytes, counted {expected}")

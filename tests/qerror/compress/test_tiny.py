@@ -71,3 +71,18 @@ def test_bad_budget_and_width():
             tiny_cnn_within(bad)
     with pytest.raises(ValueError, match="width must be an integer >= 1"):
         TinyCNN(0)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        TinyCNN(4, seed=1.7)  # torch.manual_seed(1.7) seeds 1: the same weights as seed 1
+
+
+def test_keep_dense_none_is_the_first_convolution_as_in_model_bytes():
+    """None crashed ('NoneType' object is not iterable); model_bytes reads it as the first
+    convolution kept float32, and the widest model within the budget is found on those
+    bytes."""
+    budget = 6000
+    m = tiny_cnn_within(budget, keep_dense=None)
+    first = model_bytes(m, "dense", "int8", keep_dense=None).total
+    assert first <= budget < model_bytes(TinyCNN(m.width + 1), "dense", "int8",
+                                          keep_dense=None).total
+    assert model_bytes(m, "dense", "int8", keep_dense=()).total < first  # first conv float32
+

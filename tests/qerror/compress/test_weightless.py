@@ -73,6 +73,60 @@ def test_thermometer_refuses_what_it_cannot_encode(bad, error, match):
         t.encode(bad)
 
 
+@pytest.mark.parametrize("thresholds, x, want", [
+    # float16's 2048 against int64's 2049: torch compares in float16, 2049 rounds to 2048
+    (torch.tensor([[2048.0]], dtype=torch.float16), np.array([[2049]]), True),
+    (torch.tensor([[2048.0]], dtype=torch.float16), np.array([[2048]]), False),
+    # int64 thresholds against float32 values: 16777219 rounds to 16777220 in float32
+    (torch.tensor([[16777219]]), np.array([[16777220.0]], dtype=np.float32), True),
+    (torch.tensor([[16777217]]), np.array([[16777216.0]], dtype=np.float32), False),
+    (torch.tensor([[200]], dtype=torch.uint8), np.array([[200.5]], dtype=np.float16), True),
+])
+def test_thermometer_compares_exactly_whatever_the_dtypes(thresholds, x, want):
+    assert Thermometer(thresholds, 1).encode(x).tolist() == [[want]]
+
+
+def test_thermometer_refuses_integers_no_float_comparison_can_hold():
+    t = Thermometer(torch.tensor([[0.5]], dtype=torch.float32), 1)
+    with pytest.raises(ValueError, match="beyond 2\\*\\*53"):
+        t.encode(np.array([[2 ** 60]], dtype=np.int64))
+
+
+def test_thermometer_takes_data_in_either_byte_order():
+    x = np.array([[3.0, 1.0], [4.0, 5.0], [2.0, 9.0]])
+    big = Thermometer.fit(x.astype(">f8"), 2)
+    assert torch.equal(big.thresholds, Thermometer.fit(x, 2).thresholds)
+    assert torch.equal(big.encode(x.astype(">f8")), big.encode(x))
+
+
+@pytest.mark.parametrize("features", [-2, 0, 2.5, True])
+def test_thermometer_refuses_a_feature_count_that_is_not_one(features):
+    with pytest.raises(ValueError, match="features must be an int >= 1"):
+        Thermometer(torch.tensor([[1.0, 2.0]]), features)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_labels_and_bits_of_any_width_are_taken(dtype):
+    """torch has no min/max for uint16/32/64: these labels raised NotImplementedError."""
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 255, (40, 4)).astype(np.uint8), np.arange(40) % 2
+    ref, _ = fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=2)
+    got, _ = fit_wisard(x, y.astype(dtype), x, y.astype(dtype), thermometer_bits=2,
+                        address_bits=2)
+    assert torch.equal(got.predict(x), ref.predict(x))
+    want = fit_dwn(x, y, x, y, thermometer_bits=2, luts=(4,), fan_in=2, epochs=1)
+    got = fit_dwn(x, y.astype(dtype), x, y.astype(dtype), thermometer_bits=2, luts=(4,),
+                  fan_in=2, epochs=1)
+    assert got.model.classes == 2 and got.val_accuracy == want.val_accuracy
+    bits = rng.integers(0, 2, (4, 8))
+    a, b = WiSARD(8, 2, 2), WiSARD(8, 2, 2)
+    a.fit(bits, np.array([0, 1, 0, 1]))
+    b.fit(bits.astype(dtype), np.array([0, 1, 0, 1], dtype=dtype))
+    assert torch.equal(a.responses(bits), b.responses(bits.astype(dtype)))
+    with pytest.raises(ValueError, match="beyond int64"):
+        WiSARD(8, 2, 2).fit(bits, np.array([0, 1, 0, 2 ** 64 - 1], dtype=np.uint64))
+
+
 def test_thermometer_fit_refuses_bad_bits_and_nan():
     with pytest.raises(ValueError, match="bits"):
         Thermometer.fit(torch.zeros(4, 2), 0)
@@ -414,6 +468,12 @@ def test_group_sum_and_dwn_shapes():
     gs = GroupSum(2, tau=0.5)
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
     assert gs(x).tolist() == [[4.0, 4.0]]       # (1+0+1)/0.5 and (1+1+0)/0.5
+    # numpy's reals are temperatures too (np.float32 was refused as not "positive and
+    # finite"); a bool is not one (True was taken as 1)
+    assert GroupSum(2, tau=np.float32(0.5))(x).tolist() == [[4.0, 4.0]]
+    for bad in (True, 0.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="tau must be a positive finite number"):
+            GroupSum(2, tau=bad)
     with pytest.raises(ValueError, match="divisible by 2"):
         gs(torch.zeros(1, 5))
     t = Thermometer.fit(torch.rand(20, 4, generator=torch.Generator().manual_seed(0)), 3)
@@ -622,6 +682,11 @@ def test_bad_files_and_objects_are_refused_and_leave_no_output(tmp_path):
     with pytest.raises(TypeError):
         wnn_size(model.wisard)
     assert not (tmp_path / "nothing").exists()
+    # a DWN deeper than the header's one byte of layers: the message names that limit (it
+    # named the classes' and the thermometer's only)
+    t = Thermometer.fit(np.arange(8, dtype=np.float32).reshape(4, 2), 1)
+    with pytest.raises(ValueError, match="up to 255 DWN layers"):
+        save_wnn(DWN(t, [2] * 256, 2, fan_in=1), tmp_path / "deep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "other", "short", "w.qwnn"]
 
 
