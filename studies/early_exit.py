@@ -150,7 +150,11 @@ MACS_GOAL = 0.5  # at most half the full network's MACs on average
 SIM_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 FP32, INT8 = "fp32", "int8"
 SYSTEMS = (FP32, INT8, *(f"sim_{m.value}" for m in SIM_MODES))
-SMOKE_NOTE = "smoke: untrained tiny model on a few images; not evidence for any goal"
+def smoke_note(trained: bool, test_images: int) -> str:
+    """What a smoke run's outputs say they are (``trained``: a checkpoint was given)."""
+    model = "the given checkpoint" if trained else "an untrained model"
+    return (f"smoke: {model}, smoke-sized head training and sweeps, {test_images} test "
+            "images; not evidence for any goal")
 
 
 def unit_interval(text: str) -> float:
@@ -535,8 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "from the last exit rather than cross-entropy with the labels "
                              f"(Phuong and Lampert; default {DISTILL:g}; 0: cross-entropy "
                              "only, BranchyNet's loss)")
-    parser.add_argument("--distill-temperature", type=positive_float,
-                        default=DISTILL_TEMPERATURE,
+    parser.add_argument("--distill-temperature", type=positive_float, default=None,
                         help="softening temperature of the distillation term (default "
                              f"{DISTILL_TEMPERATURE:g})")
     parser.add_argument("--joint-epochs", type=nonnegative_int, default=None,
@@ -569,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "on the validation split from --cv-margins (the cheapest whose "
                              "out-of-fold accuracy the test shows within the 0.5-point "
                              "equivalence margin)")
-    parser.add_argument("--cv-folds", type=int_at_least(2), default=CV_FOLDS,
+    parser.add_argument("--cv-folds", type=int_at_least(2), default=None,
                         help=f"folds of --select cv (default {CV_FOLDS})")
     parser.add_argument("--cv-margins", nargs="+", type=unit_interval, default=None,
                         help="the margins --select cv tries, as fractions (default: "
@@ -583,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the INT8 graphs with inductor (default on; off with "
                              "--smoke): needed for latency, minutes per stage")
     parser.add_argument("--latency-pairs", type=positive_int, default=None,
-                        help="alternating timing pairs of the latency rows (default 200, "
-                             "smoke 20)")
+                        help="alternating timing pairs of the latency rows, which need "
+                             "--compile (default 200, smoke 20)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,
                         help="cpu (default), cuda or auto: where the heads are trained and "
                              "the FP32 and simulated INT8 networks run (real INT8 and latency "
@@ -610,7 +613,22 @@ def _main(argv: list[str]) -> int:
     head_epochs = pick(args.head_epochs, 3, 3)
     joint_epochs = pick(args.joint_epochs, 1, 1)
     compile_int8 = pick(args.compile, True, False)
-    latency_pairs = pick(args.latency_pairs, 200, 20)
+    # An option that would change nothing is refused, not recorded as if it had been used.
+    unused = [(args.latency_pairs, "--latency-pairs", not compile_int8,
+               "latency is measured on compiled graphs only (--compile)"),
+              (args.distill_temperature, "--distill-temperature", args.distill == 0,
+               "--distill 0 trains without distillation"),
+              (args.joint_weights, "--joint-weights", joint_epochs == 0,
+               "--joint-epochs 0 skips joint fine-tuning"),
+              (args.cv_folds, "--cv-folds", args.select != "cv",
+               f"--select {args.select} does not cross-validate")]
+    for value, flag, idle, why in unused:
+        if value is not None and idle:
+            parser.error(f"{flag} would change nothing: {why}")
+    latency_pairs = pick(args.latency_pairs, 200, 20) if compile_int8 else None
+    distill_temperature = None if args.distill == 0 else (
+        args.distill_temperature if args.distill_temperature is not None
+        else DISTILL_TEMPERATURE)
     thresholds = sorted(set(args.thresholds)) if args.thresholds is not None else \
         default_thresholds(6 if smoke else 21)
     exit_points = tuple(args.exit_points) if args.exit_points else DEFAULT_EXIT_POINTS
@@ -618,7 +636,8 @@ def _main(argv: list[str]) -> int:
         parser.error(f"--joint-weights: give one weight per exit, {len(exit_points) + 1} "
                      f"(the {len(exit_points)} early exits and the last), got "
                      f"{len(args.joint_weights)}")
-    joint_weights = tuple(args.joint_weights or [1.0] * (len(exit_points) + 1))
+    joint_weights = tuple(args.joint_weights or [1.0] * (len(exit_points) + 1)) \
+        if joint_epochs else None
     if args.variant == "joint" and joint_epochs == 0:
         parser.error("--variant joint needs --joint-epochs of at least 1")
     if args.select == "cv" and args.select_margin is not None:
@@ -637,7 +656,7 @@ def _main(argv: list[str]) -> int:
     if args.select == "paired-test" and select_margin == 0:
         parser.error("--select-margin must be above 0 with --select paired-test (a "
                      "non-inferiority test needs a margin)")
-    cv_folds = args.cv_folds if args.select == "cv" else None
+    cv_folds = (args.cv_folds or CV_FOLDS) if args.select == "cv" else None
     if cv_folds and cv_folds > val_images:
         parser.error(f"--cv-folds {cv_folds} is more than the {val_images} validation images; "
                      f"give fewer folds or more images")
@@ -657,7 +676,7 @@ def _main(argv: list[str]) -> int:
               "train_images": train_images, "val_images": val_images,
               "test_images": test_images, "calib_images": calib_images, "batch_size": batch,
               "head_epochs": head_epochs, "joint_epochs": joint_epochs, "lr": args.lr,
-              "distill": args.distill, "distill_temperature": args.distill_temperature,
+              "distill": args.distill, "distill_temperature": distill_temperature,
               "joint_lr": args.lr / 10, "joint_weights": joint_weights,
               "variant": args.variant, "thresholds": thresholds,
               "select": args.select, "select_margin": select_margin,
@@ -667,6 +686,8 @@ def _main(argv: list[str]) -> int:
               "calibration": args.calibration,
               "compile": compile_int8, "latency_pairs": latency_pairs, "seed": args.seed,
               "smoke": smoke, "device": device.type,
+              "evidence": smoke_note(args.checkpoint is not None, test_images) if smoke
+              else "measured",
               "operating_point_rule": "on the validation split: the "
                                       + selection_text(select_margin, select_alpha,
                                                        latex=False, cv_folds=cv_folds)
@@ -692,7 +713,7 @@ def _main(argv: list[str]) -> int:
         results["seconds_to_results"] = time.perf_counter() - started
         write_outputs(run, plt, results, config)
         out = run.finish()
-    _report(results, out, smoke)
+    _report(results, out, config["evidence"] if smoke else None)
     return 0
 
 
@@ -703,14 +724,14 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
     costs = exit_costs(base)
     frozen = train_heads(base, data, config["head_epochs"], config["batch_size"], args.lr,
                          args.seed, device, distill=config["distill"],
-                         temperature=config["distill_temperature"])
+                         temperature=config["distill_temperature"] or DISTILL_TEMPERATURE)
     variants = {"frozen": frozen}
     if config["joint_epochs"]:
         variants["joint"] = train_joint(frozen, data, config["joint_epochs"],
                                         config["batch_size"], args.lr / 10,
                                         config["joint_weights"], args.seed, device,
                                         distill=config["distill"],
-                                        temperature=config["distill_temperature"])
+                                        temperature=config["distill_temperature"] or DISTILL_TEMPERATURE)
     batch = config["batch_size"]
     heads_rows, variant_logits = [], {}
     for name, net in variants.items():
@@ -949,7 +970,7 @@ def _interval_words(row, show, inverted: bool) -> str:
     return f"median's {100 * MEDIAN_LEVEL:g}% interval {show(lo)} to {show(hi)}"
 
 
-def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
+def goals(results: dict, smoke: str | None, whole_test: bool) -> pd.DataFrame:
     """Each goal of the issue with its measured figure; nothing is judged on smoke data, and
     the accuracy, MAC and calibration goals only on the whole test split."""
     pts = results["points"]
@@ -1014,14 +1035,14 @@ def goals(results: dict, smoke: bool, whole_test: bool) -> pd.DataFrame:
                                       "whole test split")
         frame.loc[part, "met"] = None
     if smoke:
-        frame["verdict"] = "not judged: " + SMOKE_NOTE
+        frame["verdict"] = "not judged: " + smoke
         frame["met"] = None
     return frame
 
 
 def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     smoke = config["smoke"]
-    evidence = SMOKE_NOTE if smoke else "measured"
+    evidence = config["evidence"]
     costs = r["costs"]
     macs = pd.DataFrame({"exit": range(len(costs.macs)), "exit_point": costs.exit_points,
                          "backbone_macs": costs.backbone_macs, "head_macs": costs.head_macs,
@@ -1036,7 +1057,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     for name, frame in tables.items():
         run.write_csv(name, frame.assign(evidence=evidence))
     run.write_csv("compile_times.csv", r["times"], timing=True)
-    goal = goals(r, smoke, r["whole_test"])
+    goal = goals(r, smoke and evidence, r["whole_test"])
     speed_in_goals = r["latency"] is not None
     run.write_csv("goals.csv", goal, timing=speed_in_goals)
     # The network the sweeps and INT8 used, for studies.bench: the heads alone when the
@@ -1069,9 +1090,11 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
         p_value(v) for v in vs_last.set_index("exit_point").mcnemar_p_vs_last[heads.index]]
     run.write_latex_table(
         "heads.tex", heads.reset_index(),
-        f"Top-1 accuracy per exit: heads trained on the frozen baseline against joint "
-        f"fine-tuning with weights {', '.join(f'{w:g}' for w in config['joint_weights'])}, "
-        f"and McNemar's p of each frozen-backbone exit against the last exit on the same "
+        "Top-1 accuracy per exit: heads trained on the frozen baseline"
+        + (f" against joint fine-tuning with weights "
+           f"{', '.join(f'{w:g}' for w in config['joint_weights'])}"
+           if config["joint_weights"] else " (no joint fine-tuning)")
+        + f", and McNemar's p of each frozen-backbone exit against the last exit on the same "
         f"test images{tag}.", "tab:early-exit-heads")
     cal = r["calibration"]
     run.write_latex_table(
@@ -1202,14 +1225,14 @@ def _macros(r: dict, config: dict, smoke: bool) -> dict:
     return m
 
 
-def _report(r: dict, out: Path, smoke: bool) -> None:
+def _report(r: dict, out: Path, smoke: str | None) -> None:
     pts = r["points"]
     print(pts[["system", "policy", "thresholds", "accuracy", "macs_fraction",
                "delta_vs_fp32_full", "tost_p", "equivalent"]].to_string(index=False))
     print(r["sim_vs_real"][["simulation", "same_exit", "same_prediction"]].to_string(
         index=False))
     if smoke:
-        print(f"[early_exit] {SMOKE_NOTE}")
+        print(f"[early_exit] {smoke}")
     print(f"[early_exit] results in {r['seconds_to_results']:.0f} s; written to {out}")
 
 

@@ -291,6 +291,11 @@ class ExitResult:
 
 StageFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+# Modules whose output depends on the other samples of the batch, or on chance, in training
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+_TRAINING_MODE = ("call .eval() before running the early-exit network: in training mode "
+                  "BatchNorm mixes the samples of a batch, and early exit changes the batch")
+
 
 def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -> ExitResult:
     """Evaluate an early-exit network stage by stage, dropping the samples that leave.
@@ -310,6 +315,12 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
     -------
     ExitResult
 
+    Raises
+    ------
+    RuntimeError
+        A stage holds a BatchNorm or dropout in training mode (a sample's output would
+        depend on which others are still in the batch).
+
     Notes
     -----
     After each early exit the rows that leave are removed from the features, so every
@@ -327,6 +338,9 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             or x.shape[0] == 0:
         raise ValueError("x must be a non-empty floating-point batch (N, ...), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
+    if any(isinstance(s, nn.Module) and any(
+            m.training for m in s.modules() if isinstance(m, _MODE_DEPENDENT)) for s in stages):
+        raise RuntimeError(_TRAINING_MODE)
     n = x.shape[0]
     alive = torch.arange(n)
     out_logits: torch.Tensor | None = None
@@ -663,6 +677,8 @@ class EarlyExitResNet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.heads = nn.ModuleList(ExitHead(c, num_classes, width, pool) for c in channels)
+        first = next(self.backbone.parameters())  # the heads live where the backbone does
+        self.heads.to(device=first.device, dtype=first.dtype)
         self.train(self.backbone.training)
 
     def _blocks(self) -> list[nn.Module]:
@@ -681,14 +697,29 @@ class EarlyExitResNet(nn.Module):
                 and all(isinstance(d, int) and d > 0 for d in input_shape)):
             raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
                              f"{input_shape!r}")
+        first = next(self.backbone.parameters())
         with eval_mode(self.backbone), torch.no_grad():
-            dtype = next(self.backbone.parameters()).dtype
-            h = torch.zeros((1, *input_shape), dtype=dtype)
-            channels = []
-            for body in self._bodies()[:-1]:
+            probe = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0),
+                                dtype=first.dtype).to(first.device)
+            h, channels = probe, []
+            for body in self._bodies():
                 h = body(h)
                 channels.append(h.shape[1])
-        return channels
+            chained = FinalHead(self.backbone.avgpool, self.backbone.fc)(h)
+            whole = self.backbone(probe)
+        # The stages run the ResNet's modules in torchvision's order; a forward of its own
+        # (a subclass normalising its input, say) would be lost, and threshold 1.0 would not
+        # be the given network. The same operations on the same input give the same values
+        # (the tolerance is float rounding's, not a network's difference).
+        if whole.shape != chained.shape or not torch.allclose(
+                whole, chained, rtol=1e-4, atol=1e-5 * float(whole.abs().max().clamp(min=1))):
+            raise UnsupportedModelError(
+                f"{type(self.backbone).__name__}'s forward is not torchvision ResNet's (stem, "
+                "layer1 to layer4, avgpool, flatten, fc): its output differs from those "
+                "modules run in that order, which is what an early-exit network runs; move "
+                "the extra work into a module of that chain (e.g. an input normalisation "
+                "before conv1) or into the data")
+        return channels[:-1]
 
     @property
     def num_exits(self) -> int:
@@ -720,8 +751,11 @@ class EarlyExitResNet(nn.Module):
             a sample's output would depend on which others are still in the batch.
         """
         if self.training:
-            raise RuntimeError("call .eval() before run(): in training mode BatchNorm mixes "
-                               "the samples of a batch, and early exit changes the batch")
+            raise RuntimeError(_TRAINING_MODE)
+        first = next(self.parameters())
+        if isinstance(x, torch.Tensor) and (x.dtype != first.dtype or x.device != first.device):
+            raise ValueError(f"x is {x.dtype} on {x.device}, the network {first.dtype} on "
+                             f"{first.device}: convert one to the other first")
         return run_early_exit(self.stages(), x, rule)
 
 

@@ -259,6 +259,11 @@ class Int8Module:
     lowered_by_size: dict = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError("an INT8 module takes float32 CPU tensors (it quantizes them "
+                             "itself), got "
+                             + (f"{x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
+                                else type(x).__name__) + "; convert with .float().cpu()")
         with torch.no_grad():
             if self.fn is self.converted:
                 return self.fn(x)

@@ -103,15 +103,18 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     goals = pd.read_csv(out / "goals.csv")
     assert len(goals) == 5 and goals.met.isna().all()
     assert goals.verdict.str.startswith("not judged: smoke").all()
+    note = early_exit.smoke_note(False, 64)
+    assert note.startswith("smoke: an untrained model") and "64 test images" in note
+    assert manifest["config"]["evidence"] == note
     for name in ("sweeps.csv", "operating_points.csv", "heads.csv"):
-        assert (pd.read_csv(out / name).evidence == early_exit.SMOKE_NOTE).all()
+        assert (pd.read_csv(out / name).evidence == note).all()
     assert "smoke run: not evidence" in (out / "goals.tex").read_text()
     assert "\\newcommand{\\earlyExitSmoke}{true}" in (out / "macros.tex").read_text()
     summary_head = json.loads((out / "summary.json").read_text())["head_policy"]
     assert f"\\newcommand{{\\earlyExitHeadPolicy}}{{{summary_head}}}" in \
         (out / "macros.tex").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["smoke"] and summary["evidence"] == early_exit.SMOKE_NOTE
+    assert summary["smoke"] and summary["evidence"] == note
     # The headline's distance from FP32 full on validation and on test, and how many
     # standard errors of their difference apart they are.
     shift = summary["headline_val_vs_test"]
@@ -217,6 +220,34 @@ def test_a_checkpoint_of_another_architecture_is_refused(fashion_root, tmp_path,
     assert code == 2
     assert "valid checkpoint (its sha256 matches) of another model: resnet18" in err
     assert not out.exists()
+
+
+def test_a_smoke_run_on_a_checkpoint_does_not_say_untrained():
+    """--smoke --checkpoint F ran the trained model and wrote "untrained tiny model" into
+    every table's evidence column."""
+    note = early_exit.smoke_note(True, 300)
+    assert "untrained" not in note and "the given checkpoint" in note
+    assert "300 test images" in note and note.endswith("not evidence for any goal")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latency-pairs", "5"], "--latency-pairs would change nothing: latency is measured "
+                               "on compiled graphs only"),
+    (["--distill", "0", "--distill-temperature", "3"],
+     "--distill-temperature would change nothing: --distill 0"),
+    (["--joint-epochs", "0", "--joint-weights", "2", "2", "2", "2"],
+     "--joint-weights would change nothing: --joint-epochs 0"),
+    (["--select", "estimate", "--cv-folds", "7"],
+     "--cv-folds would change nothing: --select estimate does not cross-validate"),
+])
+def test_options_that_would_change_nothing_are_refused(args, message, tmp_path, capsys):
+    """They were accepted, ignored, and (but for --cv-folds) written to the manifest as if
+    used."""
+    with pytest.raises(SystemExit) as exc:
+        early_exit.main(["--smoke", *args, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])

@@ -269,6 +269,55 @@ def test_forward_gives_every_exit_and_training_mode_run_is_refused(resnet18):
         model.run(images(3), ExitRule("entropy", (0.5, 0.5, 0.5)))
 
 
+def test_heads_take_the_backbones_dtype_and_inputs_of_another_dtype_are_refused():
+    """The heads were float32 whatever the backbone: a float64 ResNet's forward, run and
+    exit_costs failed ("expected scalar type Double but found Float"); an input of another
+    dtype than the network's failed inside torch."""
+    model = EarlyExitResNet(fashion_resnet("resnet18", seed=2).double().eval()).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    x = images(4, dtype=torch.float64)
+    rule = ExitRule("max-softmax", (1.0, 1.0, 1.0))
+    assert torch.equal(model.run(x, rule).logits, model.backbone(x))
+    assert exit_costs(model).macs[-1] > 0
+    with pytest.raises(ValueError, match="x is torch.float32 on cpu, the network "
+                                         "torch.float64 on cpu"):
+        model.run(images(4), rule)
+
+
+def test_a_resnet_whose_forward_does_more_than_its_modules_is_refused():
+    """A subclass normalising its input in forward was taken; the early-exit network runs
+    the modules alone, so threshold 1.0 was silently another network."""
+
+    class Normalised(torchvision.models.ResNet):
+        def forward(self, x):
+            return super().forward((x - 0.3) / 0.35)
+
+    net = Normalised(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    with pytest.raises(UnsupportedModelError, match="Normalised's forward is not torchvision "
+                                                    "ResNet's"):
+        EarlyExitResNet(net.eval())
+    plain = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                      num_classes=10)
+    plain.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    plain.load_state_dict(net.state_dict())
+    EarlyExitResNet(plain.eval())  # the same modules without the extra step: taken
+
+
+def test_the_runner_refuses_stages_in_training_mode(resnet18):
+    """run_early_exit ran stages whose BatchNorms were training: a sample's output depended
+    on which others were still in the batch, and the running statistics moved."""
+    model = EarlyExitResNet(resnet18).eval()
+    stages = model.stages()
+    rule = ExitRule("max-softmax", (0.5, 0.5, 0.5))
+    run_early_exit(stages, images(4), rule)  # evaluation mode: runs
+    model.heads[1].train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="call .eval\\(\\) before running"):
+        run_early_exit(model.stages(), images(4), rule)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Policies
 

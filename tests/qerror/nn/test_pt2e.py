@@ -240,6 +240,13 @@ def test_bad_input_is_refused():
         quantize_exit_stages(nn.Linear(2, 2), [torch.zeros(3, 2)])
     with pytest.raises(ValueError, match="calibration holds a single image; give at least two"):
         quantize_pt2e(nn.Linear(2, 2), [torch.zeros(1, 2)])
+    # running: float64 or half inputs failed inside torchao ("Expecting input to have dtype
+    # torch.float32") or, compiled, with a dynamo trace
+    q = quantize_pt2e(nn.Linear(2, 2), [torch.randn(4, 2)], compile=False)
+    assert q(torch.zeros(3, 2)).shape == (3, 2)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"takes float32 CPU tensors .* got {dtype}"):
+            q(torch.zeros(3, 2, dtype=dtype))
 
 
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
