@@ -10,6 +10,10 @@ backbone (``trainable=``) and pruning fine-tuning (``after_step=`` re-applies th
   step for step, and a rerun writes the same weights. A network that draws from torch's
   global generator itself (dropout) resumes step for step in one process, whose generator
   the state keeps; under several ranks only rank 0's would be, so it is not restored.
+  Step for step means bit for bit only in the same environment (torch's thread count and
+  version, the device, the CPU's vector kernels, the number of ranks): each session's is
+  recorded in the state, and resuming in another warns
+  (:class:`EnvironmentChangedWarning`).
 * **Resumable**: every ``checkpoint_every`` steps, at each epoch's end and when stopping
   early the model, optimizer, scheduler, step counter, history and global generator go to
   ``state_path`` (atomically). A state file resumes only under the configuration that
@@ -17,7 +21,7 @@ backbone (``trainable=``) and pruning fine-tuning (``after_step=`` re-applies th
 * **Bounded**: ``stop_after_steps`` and ``time_budget_s`` stop with the state saved; Ctrl-C
   (KeyboardInterrupt) saves the state at the last completed step; a non-finite loss or
   weights stop with the step (:class:`DivergedError`), saving nothing past the last finite
-  state.
+  state, and returning no network with non-finite weights.
 * **Scaled out**: under ``torchrun`` (:func:`distributed`), DistributedDataParallel with
   gloo on CPUs and NCCL on GPUs; each rank computes its contiguous share of every global
   batch, rank 0 alone writes the state and shows progress.
@@ -29,6 +33,8 @@ import contextlib
 import math
 import os
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,6 +128,13 @@ class TrainConfig:
     The run-control arguments of :func:`fit` (how often to save, when to stop, whether to
     show progress) are not here: they do not change the weights, so changing them never
     stops a run from resuming.
+
+    The config and the seed fix the weights bit for bit only together with the environment
+    that computes them: torch's intra-op thread count (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``), the torch version, the device, the CPU's vector kernels
+    (``torch.backends.cpu.get_cpu_capability()``: AVX2 and AVX-512 sum in other orders) and
+    the number of ranks all change float round-off, which training then amplifies. A rerun
+    or a resumed run elsewhere trains the same recipe, but not the same bits.
 
     References
     ----------
@@ -249,7 +262,9 @@ class StepRecord:
 @dataclass(frozen=True)
 class EpochRecord:
     """Training means over an epoch's steps and the validation metrics after it (loss, top-1
-    accuracy with its 95% Wilson interval; NaN when no validation was given)."""
+    accuracy with its 95% Wilson interval; NaN when no validation was given).
+    ``train_seconds`` is :attr:`History.train_seconds` after this epoch's validation: the
+    wall time of every session so far, steps and validations, not this epoch's alone."""
 
     epoch: int
     step: int
@@ -264,12 +279,33 @@ class EpochRecord:
 
 @dataclass
 class History:
-    """What a run has done so far, across interrupted sessions (it travels in the state)."""
+    """What a run has done so far, across interrupted sessions (it travels in the state).
+
+    Attributes
+    ----------
+    steps, epochs : list
+        A :class:`StepRecord` per step and an :class:`EpochRecord` per epoch.
+    train_seconds : float
+        Wall time of the steps and the validations of every session (rank 0's clock):
+        what ``time_budget_s`` counts.
+    sessions : int
+        Calls of :func:`fit` that trained or resumed the run.
+    environments : list of dict or None
+        One per session, in order: what besides the recipe decides the float round-off
+        (``torch_version``, ``device_type``, ``gpu`` on CUDA, ``cpu_capability``,
+        ``torch_threads``, ``world_size``; rank 0's). None for the sessions of a state
+        written before they were recorded.
+    val_seconds : list of float
+        Wall time of each validation (rank 0), in order; a state written before they were
+        recorded starts it empty.
+    """
 
     steps: list[StepRecord] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
     sessions: int = 0
+    environments: list[dict[str, Any] | None] = field(default_factory=list)
+    val_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -309,6 +345,12 @@ class DivergedError(TrainError):
 
 class DeviceError(TrainError):
     """The requested device is not available here."""
+
+
+class EnvironmentChangedWarning(UserWarning):
+    """A run resumed in another environment (torch threads or version, device, CPU kernels,
+    ranks) than the sessions that wrote its state: it goes on, but its weights will not be
+    the uninterrupted run's bit for bit."""
 
 
 # --------------------------------------------------------------------------- distribution
@@ -508,28 +550,60 @@ def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
     return {**recipe, **extra}
 
 
-def _not_a_state(path: Path) -> str | None:
-    """Why ``path`` is not a training state this loop wrote (a file of another kind, a
-    folder, a link), or None. States are written atomically, so one that does not read as a
-    state is not one."""
+def _state_file_problem(path: Path) -> TrainError | None:
+    """Why the file at ``path`` cannot be taken as a training state this loop wrote, or
+    None when it reads as one. Such a file is never loaded, replaced or deleted.
+
+    A file of another kind, a folder or a link is not ours. A torch archive that does not
+    read is one cut short or corrupted after it was written (states are written whole, by
+    atomic rename): a copy that stopped, a full disk. At the state path that is most likely
+    a damaged state, and the message says so and how to start over."""
+    where = ("Pass another path for the training state (studies.train keeps it beside "
+             "--checkpoint: pass another --checkpoint)")
     if path.is_symlink() or not path.is_file():
-        return "is not a regular file"
+        return TrainError(f"state_path {path} exists and is not a regular file; it is left as "
+                          f"it is. {where}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for foreign files
-        return f"does not read as a qerror training state ({type(exc).__name__})"
+    except Exception as exc:  # torch raises many types for foreign or damaged files
+        if _damaged_torch_archive(path):
+            return TrainError(
+                f"the training state {path} is damaged: it is a torch archive that does not "
+                f"read ({type(exc).__name__}: {exc}), cut short or corrupted after it was "
+                "written (a copy that stopped, a full disk), so it cannot be resumed. It is "
+                f"left as it is: delete {path} to start over from the first step")
+        return TrainError(f"state_path {path} exists and does not read as a qerror training "
+                          f"state ({type(exc).__name__}); it is left as it is. {where}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        return f"is not a qerror training state (no format {STATE_FORMAT!r})"
+        return TrainError(f"state_path {path} exists and is not a qerror training state (no "
+                          f"format {STATE_FORMAT!r}); it is left as it is. {where}")
     return None
 
 
-def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
-    hint = f"delete {path} or start over without resuming"
+def _damaged_torch_archive(path: Path) -> bool:
+    """Whether ``path`` begins as torch.save's zip archive does (a first member named
+    ``<name>/data.pkl``) and is not a whole one: no readable directory at its end (cut
+    short) or a member that fails its checksum. A whole archive that does not load holds
+    something else than a state (not damaged: foreign)."""
+    with path.open("rb") as f:
+        head = f.read(30 + 256)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return False
+    name_length = int.from_bytes(head[26:28], "little")
+    if not head[30:30 + name_length].endswith(b"/data.pkl"):
+        return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign or truncated files
-        raise ResumeError(f"the training state {path} is unreadable ({type(exc).__name__}: "
-                          f"{exc}); {hint}") from exc
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return True
+
+
+def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
+    """The state at ``path`` if it resumes under ``recipe`` on ``world`` ranks. ``path``
+    reads as a state (:func:`_state_file_problem` said so)."""
+    hint = f"delete {path} or start over without resuming"
+    state = torch.load(path, map_location="cpu", weights_only=True)
     version = state.get("version") if isinstance(state, dict) else None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT \
             or version not in (_OLDER_STATE, STATE_VERSION):
@@ -561,8 +635,38 @@ def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
 
 
 def _history(h: dict) -> History:
+    sessions = int(h["sessions"])
+    # states written before environments and validation times were recorded have none
+    environments = list(h.get("environments", []))
+    environments = [None] * (sessions - len(environments)) + environments
     return History([StepRecord(**r) for r in h["steps"]], [EpochRecord(**r) for r in h["epochs"]],
-                   float(h["train_seconds"]), int(h["sessions"]))
+                   float(h["train_seconds"]), sessions, environments,
+                   [float(t) for t in h.get("val_seconds", [])])
+
+
+def _environment(dev: torch.device, world: int) -> dict[str, Any]:
+    """What, besides the recipe, decides a session's float round-off (see
+    :attr:`History.environments`)."""
+    env: dict[str, Any] = {"torch_version": str(torch.__version__), "device_type": dev.type}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(),
+               torch_threads=torch.get_num_threads(), world_size=world)
+    return env
+
+
+def _environment_changes(before: list[dict[str, Any] | None], now: dict[str, Any]) -> list[str]:
+    """``"<key>: <earlier values> before, <value> now"`` for each entry of ``now`` that some
+    recorded earlier session had otherwise (sessions not recorded are not compared)."""
+    changes = []
+    for key, value in now.items():
+        earlier = []
+        for env in before:
+            if env is not None and env.get(key) != value and env.get(key) not in earlier:
+                earlier.append(env.get(key))
+        if earlier:
+            changes.append(f"{key}: {' then '.join(map(repr, earlier))} before, {value!r} now")
+    return changes
 
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -612,7 +716,9 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         Resumable state, written (by rank 0) every ``checkpoint_every`` steps, at each
         epoch's end and when stopping early. None: nothing is saved.
     resume : bool
-        Continue from ``state_path`` if it exists (else start over, replacing it).
+        Continue from ``state_path`` if it exists (else start over, replacing it). A state
+        written in another environment (:attr:`History.environments`) resumes with an
+        :class:`EnvironmentChangedWarning`: see Notes.
     val : callable, optional
         ``val(model) -> Evaluation`` after each epoch (rank 0 only; it should put the model
         in eval mode and back). ``val_size``, its sample count, feeds the time estimate.
@@ -643,8 +749,11 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     stop_after_steps : int, optional
         Stop once this many steps are done in total.
     time_budget_s : float, optional
-        Stop before a step that would take the accumulated training time of all sessions
-        (rank 0's clock) past this.
+        Stop before a step that would take the accumulated time of all sessions, steps and
+        validations (:attr:`History.train_seconds`, rank 0's clock), past this. The step
+        ahead is foreseen to take as long as the last one, and when it ends an epoch, its
+        validation as long as the last validation (before any, ``val_size`` samples at a
+        third of a step's time per sample).
     progress : bool
         A progress bar with the ETA (rank 0), and a time estimate after the first steps.
     desc : str
@@ -668,17 +777,19 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         Ctrl-C, after the state is saved, unless ``return_interrupted``: a caller that goes
         on with the model would use a half-trained network.
     TrainError
-        Fewer training samples than one batch, a global batch that the ranks cannot share
-        equally, a ``checkpoint_every`` or ``stop_after_steps`` below 1, a
-        ``time_budget_s`` that is not a positive number, one value per channel at a
-        BatchNorm that trains (one image in the global batch where its map is 1x1), an
-        empty or unknown parameter selection.
+        A file at ``state_path`` that is not a training state (left as it is), or a damaged
+        one (a torch archive cut short: deleting it starts over); fewer training samples
+        than one batch, a global batch that the ranks cannot share equally, a
+        ``checkpoint_every`` or ``stop_after_steps`` below 1, a ``time_budget_s`` that is not
+        a positive number, one value per channel at a BatchNorm that trains (one image in
+        the global batch where its map is 1x1), an empty or unknown parameter selection.
     ResumeError
-        The state file is unreadable, was written by a different recipe, or holds the
-        weights of another network (nothing of it is then loaded).
+        The state file was written by a different recipe, or holds the weights of another
+        network (nothing of it is then loaded).
     DivergedError
         The loss or the weights became NaN or infinite; no state is saved past the last
-        finite one.
+        finite one. The weights are checked at each save, at each epoch's end (before
+        validation and ``on_epoch``) and before returning, with or without ``state_path``.
     DeviceError
         CUDA asked for where there is none.
 
@@ -701,6 +812,14 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     it, so the saved state is the last completed step's and a resumed run repeats that
     step exactly. The optimizer update and what follows it hold a Ctrl-C until the step
     counts. Under torchrun Ctrl-C reaches every rank; rank 0 saves its state.
+
+    **Bit for bit.** A resumed run repeats the uninterrupted one, and a rerun the first run,
+    bit for bit only in the same environment: torch's thread count and version, the device,
+    the CPU's vector kernels and the number of ranks change the order of float additions
+    (:class:`TrainConfig`, Notes). Each session's environment is kept in the history
+    (:attr:`History.environments`, saved with the state); resuming where any of it differs
+    from an earlier session's warns (:class:`EnvironmentChangedWarning`) and goes on, as
+    resuming on another machine may be what was meant.
     """
     for name, value in (("checkpoint_every", checkpoint_every),
                         ("stop_after_steps", stop_after_steps)):
@@ -773,13 +892,10 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     opt, sched = _optimizer(params, config, total)
     history, step = History(), 0
     loaded: dict | Exception | None = None
-    foreign = (_not_a_state(state_path) if main and state_path is not None
+    problem = (_state_file_problem(state_path) if main and state_path is not None
                and (state_path.exists() or state_path.is_symlink()) else None)
-    if foreign is not None:
-        # a file this loop did not write: never loaded, replaced or deleted
-        loaded = TrainError(f"state_path {state_path} exists and {foreign}; it is left as it "
-                            "is. Pass another path for the training state (studies.train "
-                            "keeps it beside --checkpoint: pass another --checkpoint)")
+    if problem is not None:
+        loaded = problem
     elif main and resume and state_path is not None and state_path.is_file():
         try:
             loaded = _load_state(state_path, recipe, world)
@@ -822,6 +938,17 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 torch.cuda.set_rng_state(loaded["rng"]["cuda"], dev)
         if main:
             print(f"[train] resuming {state_path.name} at step {step} of {total}", flush=True)
+    environment = _environment(dev, world)
+    changes = _environment_changes(history.environments, environment)
+    if main and changes:
+        warnings.warn(
+            f"resuming {state_path} in another environment than the session(s) that wrote it "
+            f"({'; '.join(changes)}): the run goes on, but float round-off follows the "
+            "environment, so its weights will not be the uninterrupted run's bit for bit. "
+            "To continue it exactly, resume where it ran before (e.g. the same "
+            "torch.set_num_threads or OMP_NUM_THREADS)", EnvironmentChangedWarning,
+            stacklevel=3)
+    history.environments.append(environment)
     history.sessions += 1
     net = model
     if world > 1:
@@ -833,6 +960,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     bar = tqdm(total=total, initial=step, unit="step", desc=desc, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     saved = step
+    checked = step  # the weights of this step are known finite (a loaded state is)
 
     def diverged(what: str, at_step: int) -> DivergedError:
         kept = (f"; the state of step {saved} stays in {state_path}"
@@ -844,16 +972,23 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             f"written{kept}. Start over with a lower learning rate, without resuming.",
             step=at_step, epoch=epoch)
 
+    def check_finite() -> None:
+        # Every rank checks (the weights are the same), so all stop together.
+        nonlocal checked
+        if checked == step:
+            return
+        bad = non_finite_tensors(model.state_dict())
+        if bad:
+            raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
+                           + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
+        checked = step
+
     def save() -> None:
         nonlocal saved
         if state_path is None:
             return
         if saved != step or (main and not state_path.is_file()):
-            # Every rank checks (the weights are the same), so all stop together.
-            bad = non_finite_tensors(model.state_dict())
-            if bad:
-                raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
-                               + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
+            check_finite()
             if main:
                 _save_state(state_path, recipe, step, model, opt, sched, history, dev,
                             after_step)
@@ -866,7 +1001,10 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             t1 = time.perf_counter()
             evaluation = val(model) if val is not None else None
             train_mode()
-            history.train_seconds += time.perf_counter() - t1
+            val_s = time.perf_counter() - t1
+            history.train_seconds += val_s
+            if val is not None:
+                history.val_seconds.append(val_s)
             history.epochs.append(_epoch_record(history, epoch, step, evaluation))
             e = history.epochs[-1]
             bar.write(f"[train] epoch {epoch + 1}/{config.epochs}: train loss "
@@ -892,9 +1030,13 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 break
             if time_budget_s is not None:
                 last_s = history.steps[-1].seconds if history.steps else 0.0
-                if agreed_stop(history.train_seconds + last_s > time_budget_s):
-                    bar.write(f"[train] the time budget of {time_budget_s / 60:.1f} min is "
-                              f"spent at step {step} of {total}")
+                # the step ahead, and the validation after it when it ends an epoch
+                ahead = last_s + (_validation_ahead(history, config, val_size, last_s)
+                                  if val is not None and (step + 1) % per_epoch == 0 else 0.0)
+                if agreed_stop(history.train_seconds + ahead > time_budget_s):
+                    if main:  # tqdm.write prints whatever the bar's disable says
+                        bar.write(f"[train] the time budget of {_duration(time_budget_s)} is "
+                                  f"spent at step {step} of {total}")
                     break
             t0 = time.perf_counter()
             # what an unfinished step moves before its update: put back on a Ctrl-C
@@ -957,6 +1099,8 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
                 _print_estimate(bar, config, session_times[1:], total - step,
                                 total // per_epoch - epoch, val_size, time_budget_s,
                                 history.train_seconds)
+            if step % per_epoch == 0:  # neither validation nor on_epoch sees non-finite weights
+                check_finite()
             record_epoch_if_due()
             if step % per_epoch == 0 or step % checkpoint_every == 0:
                 save()
@@ -968,6 +1112,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
         bar.close()
     try:
         with sigint_held():  # the last state is written whole before a Ctrl-C is taken
+            check_finite()  # with no state_path too: never a network with non-finite weights
             save()
     except KeyboardInterrupt:
         interrupted = True
@@ -1008,7 +1153,9 @@ def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history:
              "history": {"steps": [asdict(r) for r in history.steps],
                          "epochs": [asdict(r) for r in history.epochs],
                          "train_seconds": history.train_seconds,
-                         "sessions": history.sessions}}
+                         "sessions": history.sessions,
+                         "environments": history.environments,
+                         "val_seconds": history.val_seconds}}
     if callable(getattr(hook, "state_dict", None)):
         state["after_step"] = hook.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -1027,25 +1174,45 @@ def _epoch_record(history: History, epoch: int, step: int,
                        history.train_seconds)
 
 
+def _validation_estimate(n_val: int, config: TrainConfig, step_s: float) -> float:
+    """Seconds of a validation of ``n_val`` samples, from a training step's: a forward pass
+    costs about a third of a training step per sample."""
+    return n_val / config.batch_size * step_s / 3
+
+
+def _validation_ahead(history: History, config: TrainConfig, n_val: int,
+                      step_s: float) -> float:
+    """The seconds the time budget foresees for the next validation: the last one's, or
+    before any was measured the estimate from ``n_val`` (0 when it is not given)."""
+    if history.val_seconds:
+        return history.val_seconds[-1]
+    return _validation_estimate(n_val, config, step_s)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a message: in minutes from one minute on, else in seconds (three
+    significant digits), so that a time above 0 never reads as 0."""
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.3g} s"
+
+
 def _print_estimate(bar, config: TrainConfig, times: list[float], steps_left: int,
                     epochs_left: int, n_val: int, budget_s: float | None,
                     spent_s: float) -> None:
     step_s = float(np.median(times))
-    # A forward pass costs about a third of a training step per sample.
-    val_s = epochs_left * n_val / config.batch_size * step_s / 3
+    val_s = epochs_left * _validation_estimate(n_val, config, step_s)
     total_s = steps_left * step_s + val_s
     msg = (f"[train] {step_s:.2f} s/step over {len(times)} steps: the {steps_left} steps left "
-           f"take about {steps_left * step_s / 60:.1f} min, plus {val_s / 60:.1f} min of "
-           f"validation, about {(spent_s + total_s) / 60:.1f} min in all")
+           f"take about {_duration(steps_left * step_s)}, plus {_duration(val_s)} of "
+           f"validation, about {_duration(spent_s + total_s)} in all")
     if budget_s is not None and spent_s + total_s > budget_s:
-        msg += (f"; that exceeds the budget of {budget_s / 60:.1f} min, so the run will stop at "
+        msg += (f"; that exceeds the budget of {_duration(budget_s)}, so the run will stop at "
                 "the budget with its state saved (raise the budget or lower the epochs)")
     bar.write(msg)
 
 
 __all__ = [
-    "Batch", "BatchFn", "Device", "DeviceError", "DivergedError", "EpochRecord", "Evaluation",
-    "FitResult", "History", "Placement", "ResumeError", "Schedule", "StepRecord", "TrainConfig",
-    "TrainError", "disable_tf32", "distributed", "fit", "resolve_device", "tensor_batches",
-    "torchrun_ranks",
+    "Batch", "BatchFn", "Device", "DeviceError", "DivergedError", "EnvironmentChangedWarning",
+    "EpochRecord", "Evaluation", "FitResult", "History", "Placement", "ResumeError", "Schedule",
+    "StepRecord", "TrainConfig", "TrainError", "disable_tf32", "distributed", "fit",
+    "resolve_device", "tensor_batches", "torchrun_ranks",
 ]

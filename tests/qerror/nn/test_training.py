@@ -1,10 +1,15 @@
 """The library's training loop: two gloo ranks against one process, resuming, hooks,
 parameter selection, and refusals. Tiny models and synthetic data, fixed seeds."""
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
+import re
 import socket
+import types
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -17,8 +22,10 @@ from qerror.nn import training
 from qerror.nn.training import (
     Batch,
     DeviceError,
+    DivergedError,
     Evaluation,
     ResumeError,
+    Schedule,
     TrainConfig,
     TrainError,
     fit,
@@ -111,6 +118,13 @@ def _ddp_worker(rank, world, port, folder):
                 progress=False)
         except TrainError as exc:
             out["unequal"] = str(exc)
+        # a budget below one step's time: the run stops after its first step, and says so
+        # once (tqdm's write prints whatever its bar's disable says)
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            budget = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False,
+                         time_budget_s=1e-9)
+        out["budget"] = (budget.step, said.getvalue())
     torch.save(out, folder / f"out{rank}.pt")
 
 
@@ -216,6 +230,12 @@ def test_a_global_batch_the_ranks_cannot_share_is_refused(two_ranks):
     _, (r0, r1) = two_ranks
     assert "global batch of 15 cannot be shared equally by 2 ranks" in r0["unequal"]
     assert r1["unequal"] == r0["unequal"]
+
+
+def test_under_two_ranks_rank_0_alone_says_the_time_budget_is_spent(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r0["budget"] == (1, "[train] the time budget of 1e-09 s is spent at step 1 of 12\n")
+    assert r1["budget"] == (1, "")
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -588,3 +608,161 @@ def test_a_ctrl_c_during_the_last_save_is_held_until_the_state_is_written(tmp_pa
         signal.signal(signal.SIGINT, before)
     assert result.interrupted and result.step == 5 and not result.complete
     assert torch.load(state, weights_only=True)["step"] == 5
+
+
+def test_resuming_in_another_environment_warns_and_every_session_is_recorded(tmp_path):
+    """The weights are bitwise the uninterrupted run's only under the same torch threads,
+    version, device, CPU kernels and ranks: each session's are kept in the state, and a
+    resume under other ones goes on with a warning that says so (one under the same ones
+    says nothing)."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", training.EnvironmentChangedWarning)
+            fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                stop_after_steps=3, progress=False)
+            fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                stop_after_steps=6, progress=False)
+        torch.set_num_threads(2)
+        with pytest.warns(training.EnvironmentChangedWarning,
+                          match=r"torch_threads: 1 before, 2 now\): the run goes on, but .*"
+                                r"not be the uninterrupted run's bit for bit"):
+            rest = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert rest.complete and rest.history.sessions == 3
+    first = {"torch_version": str(torch.__version__), "device_type": "cpu",
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": 1,
+             "world_size": 1}
+    assert rest.history.environments == [first, first, {**first, "torch_threads": 2}]
+    assert torch.load(state, weights_only=True)["history"]["environments"] == \
+        rest.history.environments
+
+
+def test_a_state_that_recorded_no_environments_resumes_without_a_warning(tmp_path):
+    """States written before environments and validation times were recorded load; their
+    sessions count as not recorded (None), not as differing."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    full = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=7, val=lambda m: Evaluation(1.0, 1, 2), progress=False)
+    old = torch.load(state, weights_only=True)
+    assert len(old["history"]["val_seconds"]) == 1
+    del old["history"]["environments"], old["history"]["val_seconds"]
+    torch.save(old, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", training.EnvironmentChangedWarning)
+        rest = fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                   val=lambda m: Evaluation(1.0, 1, 2), progress=False)
+    assert rest.history.environments[0] is None and rest.history.environments[1] is not None
+    assert len(rest.history.val_seconds) == 1  # the second epoch's
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nan_gradient(out, target):
+    """A finite loss whose gradient is NaN (0 times the infinite slope of sqrt|z| at 0)."""
+    return nn.functional.cross_entropy(out, target) \
+        + 0.0 * torch.sqrt((out - out.detach()).abs()).sum()
+
+
+@pytest.mark.parametrize("n_train, stop", [(CONFIG.batch_size, None), (N_TRAIN, 1)])
+def test_non_finite_weights_after_the_last_update_raise_without_a_state_path(n_train, stop):
+    """The last update makes the weights NaN: with no state to save they were returned as a
+    complete run, after validation and on_epoch had used them. Checked at the epoch's end
+    (one step an epoch) and at the end of a run stopped mid-epoch."""
+    x, y = synthetic()
+    config = replace(CONFIG, epochs=1, schedule=Schedule.CONSTANT)
+    used = []
+    with pytest.raises(DivergedError, match=r"the weights became non-finite \(0.weight holds "
+                                            rf"\d+ NaN.* at step 1 of {n_train // 16} "):
+        fit(tiny_model(), tensor_batches(x, y), n_train, config, loss=_nan_gradient,
+            val=lambda m: used.append("val") or Evaluation(1.0, 1, 2),
+            on_epoch=lambda record, m: used.append("on_epoch"), stop_after_steps=stop,
+            progress=False)
+    assert used == []
+
+
+class _Clock:
+    """A perf_counter that the batches and the validation move by set amounts."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_the_time_budget_foresees_the_validation_after_an_epochs_last_step(monkeypatch):
+    """Steps of 1 s, 6 an epoch, and 5 s of validation after each: 11 s after epoch 1 and
+    16 s after step 11. Step 12 would take the run to 17 s and its validation to 22 s, past
+    a budget of 20 s: the run stops before it (it ran it and ended at 22 s)."""
+    clock = _Clock()
+    monkeypatch.setattr(training, "time", clock)
+    x, y = synthetic()
+    plain = tensor_batches(x, y)
+
+    def one_second(b):
+        clock.now += 1.0
+        return plain(b)
+
+    def five_seconds(model):
+        clock.now += 5.0
+        return Evaluation(1.0, 1, 2)
+
+    result = fit(tiny_model(), one_second, N_TRAIN, CONFIG, val=five_seconds,
+                 time_budget_s=20, progress=False)
+    assert (result.step, result.history.train_seconds) == (11, 16.0)
+    assert result.history.val_seconds == [5.0]
+    # Before any validation was measured, val_size samples at a third of a step's time each:
+    # 576 samples, 36 batches of 16, 12 s foreseen after step 6, past 5 + 1 + 12 > 17 s.
+    early = fit(tiny_model(), one_second, N_TRAIN, CONFIG, val=five_seconds, val_size=576,
+                time_budget_s=17, progress=False)
+    assert (early.step, early.history.train_seconds) == (5, 5.0)
+
+
+def test_budgets_below_a_minute_are_shown_in_seconds(capsys):
+    """A budget of 3 s read "0.1 min" in the estimate, one of 1e-9 s "0.0 min" when spent."""
+    x, y = synthetic()
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, progress=False,
+        time_budget_s=1e-9)
+    assert "[train] the time budget of 1e-09 s is spent at step 1 of 12" in \
+        capsys.readouterr().out
+    said = []
+    training._print_estimate(types.SimpleNamespace(write=said.append), CONFIG, [0.5] * 3,
+                             steps_left=10, epochs_left=1, n_val=0, budget_s=3.0, spent_s=0.0)
+    assert "take about 5 s, plus 0 s of validation, about 5 s in all; that exceeds the " \
+        "budget of 3 s" in said[0]
+    training._print_estimate(types.SimpleNamespace(write=said.append), CONFIG, [30.0] * 3,
+                             steps_left=100, epochs_left=0, n_val=0, budget_s=2700.0,
+                             spent_s=0.0)
+    assert "about 50.0 min in all; that exceeds the budget of 45.0 min" in said[1]
+
+
+def test_a_damaged_state_is_named_as_such_and_left_as_it_is(tmp_path):
+    """A state cut short (a copy that stopped) read as someone else's file ("pass another
+    --checkpoint"): it is called damaged, kept, and deleting it is how to start over,
+    resuming or not. A whole torch file of another kind is still someone else's."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+    cut = state.read_bytes()[:state.stat().st_size // 2]
+    state.write_bytes(cut)
+    for resume in (True, False):
+        with pytest.raises(TrainError, match=rf"the training state {re.escape(str(state))} "
+                                             r"is damaged: it is a torch archive that does not "
+                                             r"read .* delete " + re.escape(str(state))
+                                             + " to start over"):
+            fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                resume=resume, progress=False)
+        assert state.read_bytes() == cut
+    torch.save({"weights": torch.zeros(3)}, state)
+    with pytest.raises(TrainError, match="is not a qerror training state.*another --checkpoint"):
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+            progress=False)
