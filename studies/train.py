@@ -1,22 +1,32 @@
 """Train the Fashion-MNIST baseline ResNets that the quantization studies start from.
 
-The recipe is made for a 2-core CPU and a 30-minute budget: torchvision's ResNet with the
-ImageNet stem (:data:`qerror.nn.models.DEFAULT_STEM`), SGD with Nesterov momentum on a one-cycle
-learning rate, label smoothing, a small random shift and horizontal flips, channels-last
-tensors. ``--epochs`` defaults per architecture (:data:`DEFAULT_EPOCHS`) so that epochs ×
-steps per epoch × seconds per step fits the budget; the run times its first steps and prints
-how long the rest will take, and a progress bar shows the ETA.
+The recipe is made for the 45-minute training budget on the slowest machine of this project's
+kind (2 cores; the README's baseline-train-avx2 record is a measured run there): torchvision's
+ResNet with the ImageNet stem (:data:`qerror.nn.models.DEFAULT_STEM`), SGD with Nesterov
+momentum on a one-cycle learning rate, label smoothing, a small random shift and horizontal
+flips, channels-last tensors. ``--epochs`` defaults per architecture (:data:`DEFAULT_EPOCHS`)
+so that epochs × steps per epoch × seconds per step fits the budget; the run times its first
+steps and prints how long the rest will take, and a progress bar shows the ETA.
 
 The run is resumable. Every ``--checkpoint-every`` steps and at each epoch's end the model,
 optimizer, scheduler, step counter and history go to a state file next to the checkpoint.
 Every random choice (initialisation, batch order, augmentation) is a function of the seed,
-the epoch and the step, so a resumed run continues exactly as an uninterrupted one would.
-Rerunning the same command resumes; ``--no-resume`` starts over.
+the epoch and the step, so a resumed run continues exactly as an uninterrupted one would, bit
+for bit where it resumes in the same environment (torch threads and version, device, CPU
+kernels, ranks; a resume elsewhere goes on with a warning). Rerunning the same command
+resumes; ``--no-resume`` starts over.
 
 The validation split is evaluated after every epoch; nothing is chosen on the test split,
 whose accuracy (with a Wilson interval) is computed once, at the end. The trained model goes
 into the checkpoint cache (:func:`qerror.nn.models.save_checkpoint`) and the run folder gets
 ``epochs.csv``, ``steps.csv``, ``summary.json``, ``training_curve.{pdf,png}`` and the manifest.
+What a rerun measures otherwise is in ``step_seconds.csv`` and ``timing.json``:
+``train_seconds`` (the wall time of all sessions, steps and validations, rank 0's clock; what
+``--time-budget-min`` counts), ``cumulative_seconds_at_epoch_end`` (``train_seconds`` as it
+stood after each epoch's validation), ``validation_seconds`` (each validation's),
+``median_step_seconds``, ``torch_threads`` (the last session's) and ``session_environments``
+(each session's torch threads and version, device, CPU capability and ranks; also in the
+manifest, as ``training_sessions``).
 
 A loss that becomes NaN or infinite stops the run at that step; no checkpoint is written.
 Ctrl-C (SIGINT) saves the state at the last completed step, so the same command continues.
@@ -93,8 +103,9 @@ from studies._common import (
     user_path,
 )
 
-# Epochs that fit 30 minutes on a 2-core CPU at the step times of the default stem
-# (measure them with qerror.nn.models.time_training_step; see qerror.nn.models.DEFAULT_STEM).
+# Epochs that fit the 45-minute training budget on the slowest machine of this kind (2 cores)
+# at the step times of the default stem (measure them with
+# qerror.nn.models.time_training_step; the README's baseline-train-avx2 record is a run there).
 DEFAULT_EPOCHS = {Arch.RESNET50: 3, Arch.RESNET18: 5}
 EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -476,7 +487,8 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
                "val_n": len(splits.val), "train_seconds": history.train_seconds,
                "median_step_seconds": step_s, "steps": result.step,
                "sessions": history.sessions, "world_size": world_size,
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(),
+               "session_environments": history.environments}
     data_identity = {"source": splits.train.source, "train_sha256": splits.train.sha256,
                      "val_sha256": splits.val.sha256, "test_sha256": test.sha256}
     info = save_checkpoint(result.model, checkpoint, arch=recipe.arch, stem=recipe.stem,
@@ -484,7 +496,8 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
     config = {"recipe": jsonable(recipe), "checkpoint": str(checkpoint),
               "state": str(state_path), "smoke": smoke, "world_size": world_size,
               "device": str(next(result.model.parameters()).device.type)}
-    timing_keys = ("train_seconds", "median_step_seconds", "torch_threads")
+    timing_keys = ("train_seconds", "median_step_seconds", "torch_threads",
+                   "session_environments")
     # made after training: --force decides again whether a run now at --out is replaced
     try:
         with RunDir(out, "train", argv, config, force=force) as run:
@@ -496,7 +509,9 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
             run.write_csv("step_seconds.csv", steps[["step", "seconds"]], timing=True)
             run.write_json("timing.json",
                            {**{k: metrics[k] for k in timing_keys},
-                            "epoch_train_seconds": epochs["train_seconds"].tolist()},
+                            "cumulative_seconds_at_epoch_end":
+                                epochs["train_seconds"].tolist(),
+                            "validation_seconds": history.val_seconds},
                            timing=True)
             run.write_json("summary.json", {"recipe": recipe, "checkpoint": str(checkpoint),
                                             **{k: v for k, v in metrics.items()
@@ -506,7 +521,9 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
                     f"{recipe.arch.value}, {recipe.stem.value} stem, Fashion-MNIST")
             run.extra = {"model": {"arch": recipe.arch.value, "stem": recipe.stem.value,
                                    "checkpoint": str(checkpoint), "sha256": info.sha256},
-                         "data": data_identity}
+                         "data": data_identity,
+                         # every session's, which decide the weights' last bits with the seed
+                         "training_sessions": history.environments}
             try:
                 final = run.finish()
             except PublishedInterrupt:
@@ -572,14 +589,38 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
                   f"run the same command again to resume it: {command}", file=sys.stderr)
             raise KeyboardInterrupt
         if code == EXIT_INCOMPLETE:
+            # the limits count every session: with them, the same command stops at once
+            rest = shlex.join(["python", "-m", "studies.train", *_without_limits(argv)])
             raise CheckpointError(
-                f"training the {arch.value}/{stem.value} baseline stopped with exit code "
-                f"{code}; run the same command again to resume it: {command}")
+                f"training the {arch.value}/{stem.value} baseline stopped early (exit code "
+                f"{code}: --stop-after-steps or --time-budget-min), its state saved; to "
+                f"continue it, run the command without that limit (or with a larger one): "
+                f"{rest}")
         if code != 0:
             raise CheckpointError(
                 f"training the {arch.value}/{stem.value} baseline failed with exit code {code} "
                 f"for the reason printed above; correct it, then run: {command}")
     return get_baseline(arch, stem, path=path)
+
+
+def _without_limits(argv: list[str]) -> list[str]:
+    """``argv`` without --stop-after-steps and --time-budget-min and their values (also as
+    ``--option=value`` or abbreviated as argparse takes them)."""
+    limits = ("--stop-after-steps", "--time-budget-min")
+    # argparse lists a parser's option strings in no public attribute
+    options = [o for o in build_parser()._option_string_actions if o.startswith("--")]
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        named = [o for o in options if o == name] or [o for o in options if o.startswith(name)]
+        if arg.startswith("--") and len(named) == 1 and named[0] in limits:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 main = study_main(_main)

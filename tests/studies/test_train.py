@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qerror import data, wilson_ci
-from qerror.nn import models
+from qerror.nn import models, training
 from studies import _common, train
 from studies._common import REPO, sha256_file
 
@@ -209,7 +209,10 @@ def test_time_budget_stops_with_the_state_saved(idx_root, tmp_path, capsys):
     # A budget far below one step's time: the run stops after its first step.
     assert _main(idx_root, tmp_path, "--time-budget-min", "1e-6") == train.EXIT_INCOMPLETE
     assert _state_step(tmp_path) == 1
-    assert "run the same command with a larger --time-budget-min" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "run the same command with a larger --time-budget-min" in out
+    # in seconds below a minute: it read "0.0 min"
+    assert "[train] the time budget of 6e-05 s is spent at step 1 of 16" in out
 
 
 def test_augmentation_is_a_background_filled_shift_and_a_flip():
@@ -270,7 +273,7 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
         got.info.sha256
     assert len(calls) == 1  # cached: not trained again
     monkeypatch.setattr(train, "main", lambda argv: 3)
-    with pytest.raises(models.CheckpointError, match="exit code 3; run the same command again"):
+    with pytest.raises(models.CheckpointError, match="stopped early .*to continue it, run"):
         train.get_or_train_baseline("resnet50", train_if_missing=True)
     monkeypatch.setattr(train, "main", lambda argv: 2)  # e.g. no data: nothing to resume
     with pytest.raises(models.CheckpointError, match="failed with exit code 2 for the reason"):
@@ -283,6 +286,21 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     study = _common.study_main(
         lambda argv: train.get_or_train_baseline("resnet50", train_if_missing=True) and 0)
     assert study([]) == train.EXIT_INTERRUPTED
+
+
+def test_a_baseline_stopped_by_a_limit_is_continued_by_a_command_without_it(monkeypatch):
+    """The limits count every session, so the same command would stop again at once: the
+    command given to continue leaves them out, in each of argparse's spellings."""
+    monkeypatch.setattr(train, "main", lambda argv: train.EXIT_INCOMPLETE)
+    limits = ("--smoke", "--stop-after-steps", "2", "--no-progress", "--time-budget-min=5",
+              "--seed", "3", "--stop-after", "4", "--time-b", "1")
+    with pytest.raises(models.CheckpointError) as info:
+        train.get_or_train_baseline("resnet18", train_if_missing=True, train_args=limits)
+    message = str(info.value)
+    assert "stopped early (exit code 3: --stop-after-steps or --time-budget-min)" in message
+    assert message.endswith(" --force --smoke --no-progress --seed 3")
+    assert "--stop-after" not in message.split(": ", 2)[-1] and "--time-b" not in \
+        message.split(": ", 2)[-1]
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -641,3 +659,29 @@ def test_a_ctrl_c_just_after_publishing_says_the_run_is_published(idx_root, tmp_
     assert hit and f"interrupted after the run was published: it is complete at " \
         f"{tmp_path / 'run'}" in err and "To write them" not in err
     assert not (tmp_path / "ckpt.pt.train-state.pt").exists()
+
+
+def test_every_sessions_environment_is_recorded_and_a_change_is_warned(idx_root, tmp_path):
+    """A run stopped under one torch thread and resumed under two is not the uninterrupted
+    run bit for bit: the resume warns, and timing.json and the manifest keep both sessions'
+    environments (torch_threads alone is the last session's)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _main(idx_root, tmp_path, "--stop-after-steps", "3") == train.EXIT_INCOMPLETE
+        torch.set_num_threads(2)
+        with pytest.warns(training.EnvironmentChangedWarning, match="torch_threads: 1 before"):
+            assert _main(idx_root, tmp_path) == 0
+    finally:
+        torch.set_num_threads(threads)
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    sessions = timing["session_environments"]
+    assert [e["torch_threads"] for e in sessions] == [1, 2] and timing["torch_threads"] == 2
+    assert {e["device_type"] for e in sessions} == {"cpu"}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["training_sessions"] == sessions
+    # cumulative: the second epoch's total holds the first's, and the validations
+    totals = timing["cumulative_seconds_at_epoch_end"]
+    assert len(totals) == 2 and 0 < totals[0] < totals[1] <= timing["train_seconds"]
+    assert len(timing["validation_seconds"]) == 2
+    assert "epoch_train_seconds" not in timing
