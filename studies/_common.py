@@ -207,6 +207,17 @@ def refuse_beyond_splits(parser: argparse.ArgumentParser,
                          f"{most:,} images; give at most {most}")
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str],
+                  parsed: argparse.Namespace) -> set[str]:
+    """The destinations of the options ``argv`` gives (``parsed`` is its parse): argv parsed
+    again into a namespace that already holds every destination, where argparse sets only
+    what the command line gives. Lets a study refuse an option that would change nothing,
+    whatever its default."""
+    unset = object()
+    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parsed), unset)))
+    return {k for k, v in vars(again).items() if v is not unset}
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type=`` for finite floats (``nan`` and ``inf`` are refused)."""
     try:

@@ -31,7 +31,10 @@ The rounding question carried into compression: each pruned network's weights ar
 with round-to-nearest and with truncation (:func:`qerror.compress.quantize_survivors`) at
 each ``--rounding-bits``; the table gives accuracy (McNemar, truncation against nearest on
 the same images), the error of the surviving weights in LSB and how many survivors
-truncation zeroes.
+truncation zeroes. Its ``counted_bytes`` are :func:`qerror.compress.model_bytes`'s count of
+the codes in the smallest layout (two 4-bit codes to a byte at 2 to 4 bits, a byte each above):
+a count, not a file written and read back as the points' bytes are (the model files hold
+float32, float16 or INT8 weights; an INT8 file of 5- to 7-bit codes would requantize them).
 
 Outputs: ``points.csv`` (every model), ``rounding.csv`` and ``rounding_layers.csv``,
 ``goals.csv`` (the issue's goals, met or not, with the measured figure; a smoke run or a
@@ -118,6 +121,7 @@ from studies._common import (
     check_out,
     check_trained_on,
     figure_style,
+    given_options,
     held_out,
     holm_columns,
     int_at_least,
@@ -139,11 +143,24 @@ CLASSES = 10
 KB = 1000  # the issue's budgets are in kB of 1000 bytes
 DENSE_FINETUNED = "dense float32, fine-tuned"  # the method of the fine-tuned dense point
 ROUNDING_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
-SPARSE_FORMATS = (SparseFormat.BITMASK, SparseFormat.CSR)
+# What a network's weights may be stored as; dense first, so that a tie stays dense.
+STORAGE_LAYOUTS = (SparseFormat.DENSE, SparseFormat.BITMASK, SparseFormat.CSR)
 # The share of the fine-tuning steps over which the gradual schedule raises the sparsity;
 # the rest recovers at the final sparsity (Zhu & Gupta prune, then keep training).
 PRUNE_SHARE = 0.75
 PARTS = ("resnet", "wisard", "dwn", "cnn")
+# The options that only some families read (argparse destinations): the parts that read each.
+OPTION_PARTS = {
+    # (--no-train, a safeguard that nothing trains a baseline, holds whatever the parts)
+    **dict.fromkeys(("model", "checkpoint", "sparsities", "channel_fractions",
+                     "finetune_steps", "finetune_lr", "prune_updates", "rounding_bits",
+                     "early_exit_run"), {"resnet"}),
+    "finetune_batch": {"resnet", "cnn"}, "wisard_budgets": {"wisard", "cnn"},
+    **dict.fromkeys(("wisard_address_bits", "wisard_bits"), {"wisard"}),
+    **dict.fromkeys(("dwn_luts", "dwn_fan_in", "dwn_bits", "dwn_epochs", "dwn_batch", "dwn_efd",
+                     "dwn_tau"), {"dwn"}),
+    **dict.fromkeys(("cnn_epochs", "cnn_lr"), {"cnn"}),
+}
 
 
 def sparsity_arg(text: str) -> float:
@@ -265,9 +282,11 @@ def stored_wnn(model, folder: Path):
 
 
 def smallest_format(model: nn.Module, values: StorageFormat) -> SparseFormat:
-    """The sparse format (bitmask or CSR) that stores ``model`` in the fewest bytes."""
-    sizes = [model_bytes(model, f, values).total for f in SPARSE_FORMATS]
-    return SPARSE_FORMATS[int(np.argmin(sizes))]
+    """The layout (dense, bitmask or CSR) that stores ``model`` in the fewest bytes: a
+    lightly pruned network (10 %) is smaller dense than with its sparsity's metadata, and a
+    truncated one may be smaller as a bitmask for the zeros its rounding made."""
+    sizes = [model_bytes(model, f, values).total for f in STORAGE_LAYOUTS]
+    return STORAGE_LAYOUTS[int(np.argmin(sizes))]
 
 
 def point(key: str, method: str, family: str, config: str, counted: int, file_bytes: int,
@@ -501,7 +520,8 @@ def resnet_points(model, data, args, folder, bar, meter: LatencyMeter):
             rows.append(point(f"{method} {100 * f:g}", method, "resnet",
                               f"{100 * f:g}% inner channels", counted, size,
                               correct_of(back, *test, device=args.device), dense,
-                              sparsity=math.nan, storage=f"dense {values.value}"))
+                              tuned_right, sparsity=math.nan,
+                              storage=f"dense {values.value}"))
             meter.network(rows[-1], back, (KERNEL_DENSE if values is StorageFormat.FLOAT32
                                            else KERNEL_DEQUANT) + ", the smaller network")
         timing.append({"task": f"channels {f:g}", "seconds": time.perf_counter() - t0})
@@ -520,7 +540,7 @@ def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar, device: str =
             for mode in ROUNDING_MODES:
                 q = quantize_survivors(m, QuantSpec(bits=bits, axis=0, rounding=mode), seed=seed)
                 correct[mode] = correct_of(q.model, data.x_test, data.y_test, device=device)
-                fmt = SparseFormat.DENSE if s == 0 else smallest_format(q.model, values)
+                fmt = smallest_format(q.model, values)
                 counted = model_bytes(q.model, fmt, values).total
                 k, n = int(correct[mode].sum()), correct[mode].size
                 ci = wilson_ci(k, n, ALPHA)
@@ -531,7 +551,7 @@ def rounding_rows(pruned: dict, data, bits_list, seed, dense, bar, device: str =
                        "zeroed_frac": q.zeroed / q.survivors if q.survivors else math.nan,
                        "bias_lsb": q.pooled("bias_lsb"), "shrink_lsb": q.pooled("shrink_lsb"),
                        "mse_lsb": q.pooled("mse_lsb"),
-                       "mean_abs_lsb": q.pooled("mean_abs_lsb"), "bytes": counted,
+                       "mean_abs_lsb": q.pooled("mean_abs_lsb"), "counted_bytes": counted,
                        "storage": f"{fmt.value} {values.value}", "p_vs_nearest": math.nan}
                 if mode is not ROUNDING_MODES[0]:
                     row["p_vs_nearest"] = mcnemar_test(correct[mode],
@@ -673,8 +693,10 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
             measured += (f"; dense fine-tuned the same way {100 * t.acc:.2f}% (difference "
                          f"{100 * (s.acc - t.acc):+.2f} points, McNemar p "
                          f"{s.p_vs_dense_finetuned:.3g})")
-        # exact in counts: within one point means 100·(reference − sparse) ≤ n
+        # on the point estimates, exact in counts: within one point means
+        # 100·(reference − sparse) ≤ n; whether the paired test shows it is said beside
         met = all(100 * (int(r.correct) - int(s.correct)) <= int(s.images) for r in refs)
+        measured += point_estimates_note(s.p_within_one_point)
         why = judged or (None if arch == "resnet50" else f"model is {arch}")
         row(g1, measured, met, why)
     else:
@@ -695,6 +717,15 @@ def goals(points: pd.DataFrame, *, judged: str | None, arch: str) -> pd.DataFram
                     f"the budget, {100 * r.val_acc:.2f}%)")
         row(name, measured, 100 * int(r.correct) >= target * int(r.images), judged)
     return pd.DataFrame(rows)
+
+
+def point_estimates_note(p_within_one_point: float) -> str:
+    """What the sparse goal's verdict rests on, beside the test it does not rest on: the
+    tail of its ``measured`` text."""
+    shown = "shown" if p_within_one_point < ALPHA else "not shown"
+    return (f"; decided on the point estimates: the paired one-point non-inferiority test "
+            f"against the baseline has p {p_within_one_point:.3g} ({shown} within one point "
+            f"at α = {ALPHA:g})")
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
@@ -1018,6 +1049,15 @@ def _main(argv: list[str]) -> int:
                         help="cpu (default), cuda or auto: where the networks are trained and "
                              "evaluated; sizes, files and WiSARD stay on the CPU")
     args = parser.parse_args(argv)
+    given = given_options(parser, argv, args)
+    parts = set(args.parts)
+    # An option of a family --parts leaves out would change nothing: refused, not recorded
+    # in the manifest as if it had been used.
+    for dest, needs in OPTION_PARTS.items():
+        if dest in given and not parts & needs:
+            parser.error(f"--{dest.replace('_', '-')} would change nothing: it is for --parts "
+                         f"{' or '.join(sorted(needs))}, and this run's --parts is "
+                         f"{' '.join(p for p in PARTS if p in parts)}")
     smoke = args.smoke
     args.model = args.model or ("resnet18" if smoke else "resnet50")
 
@@ -1041,11 +1081,19 @@ def _main(argv: list[str]) -> int:
     args.cnn_steps = 2 if smoke else None
     args.latency_rounds = pick(args.latency_rounds, 100, 3)
     refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
+    # values that read alike in their rows' keys would name the same rows and macros
+    for option, values, label in (
+            ("--wisard-budgets", args.wisard_budgets, lambda b: f"{b / KB:g} kB"),
+            ("--channel-fractions", args.channel_fractions, lambda f: f"{100 * f:g}%")):
+        labels = [label(v) for v in values]
+        if len(set(labels)) < len(labels):
+            parser.error(f"{option} {' '.join(map(str, values))}: two of them read alike "
+                         f"({', '.join(labels)}) and would name the same rows; pass values "
+                         "that differ in their first six digits")
     test_images = pick(args.test_images, split_images("test"), 64)
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "
                      f"{args.finetune_steps}; every mask update needs a step of its own")
-    parts = set(args.parts)
     for option, values, needs in (("--dwn-luts", args.dwn_luts, {"dwn"}),
                                   ("--wisard-budgets", args.wisard_budgets, {"wisard", "cnn"})):
         if not values and parts & needs:  # an empty list: the part would make no model

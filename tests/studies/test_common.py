@@ -758,3 +758,17 @@ def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, mon
     monkeypatch.setattr(_common, "_alive", lambda pid: False)
     assert _common.clean_stale_partials(out) == [old]
     assert (out / "new.txt").read_text() == "new\n"
+
+
+def test_given_options_are_those_the_command_line_gives_whatever_their_defaults():
+    import argparse
+
+    from studies._common import given_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=int, default=6)
+    parser.add_argument("--names", nargs="*", default=None)
+    parser.add_argument("--flag", action="store_true")
+    for argv, given in (([], set()), (["--width", "6"], {"width"}),  # a default given counts
+                        (["--names"], {"names"}), (["--flag", "--width=3"], {"flag", "width"})):
+        assert given_options(parser, argv, parser.parse_args(argv)) == given, argv

@@ -92,6 +92,10 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, m
     # every model but the dense network is compared with it on the same images
     others = points[points.method != "dense float32"]
     assert others.p_vs_dense.notna().all() and others.p_within_one_point.notna().all()
+    # and every network fine-tuned as the pruned ones, with the dense one fine-tuned so
+    # (the channel-pruned rows lacked it)
+    tuned = points[points.method.str.contains("pruned")]
+    assert len(tuned) == 4 and tuned.p_vs_dense_finetuned.notna().all()
     summary = json.loads((out / "summary.json").read_text())
     assert "smallest_shown_within_one_point" in summary
     assert summary["wisard_unfit_budgets"] == []
@@ -102,6 +106,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_idx, tmp_path, m
     rounding = pd.read_csv(out / "rounding.csv")
     assert set(rounding["mode"]) == {"nearest_even", "toward_zero"}
     assert sorted(rounding.sparsity.unique()) == [0.0, 0.9]
+    # counts of the codes, named so (no file of them is written); each in its smallest layout
+    assert "bytes" not in rounding and (rounding.counted_bytes > 0).all()
     assert not list(tmp_path.glob(".compression.partial*"))
 
 
@@ -129,7 +135,7 @@ def _points(dense_correct, sparse_correct, dwn, wisard, n=10_000):
     p["images"] = n
     p["acc"] = p.correct / n
     p["acc_lo"], p["acc_hi"] = p.acc - 0.01, p.acc + 0.01
-    p["p_vs_dense"] = p["p_vs_dense_finetuned"] = 0.5
+    p["p_vs_dense"] = p["p_vs_dense_finetuned"] = p["p_within_one_point"] = 0.5
     p["val_acc"] = p.acc  # the validation split ranks the candidates as the test split does
     p["config"] = "hand-made"
     p["bytes"] = p.bytes.fillna(10**6)
@@ -146,6 +152,62 @@ def test_goals_are_judged_exactly_at_their_boundaries():
     p = _points(9000, 8899, [(8899, 100_000)], [(8000, 250_000)])
     g = compression.goals(p, judged=None, arch="resnet50")
     assert g.verdict.tolist() == ["not met", "not met", "met"]
+
+
+def test_the_sparse_goal_says_it_rests_on_the_point_estimates():
+    """Exactly one point below dense is 'met' on the counts while the paired one-point
+    non-inferiority test cannot show it (p 0.5): the measured text said neither."""
+    p = _points(9000, 8900, [(8900, 100_000)], [(8000, 250_000)])
+    g = compression.goals(p, judged=None, arch="resnet50")
+    assert g.verdict[0] == "met"
+    assert g.measured[0].endswith("; decided on the point estimates: the paired one-point "
+                                  "non-inferiority test against the baseline has p 0.5 (not "
+                                  "shown within one point at α = 0.05)")
+    p.loc[p.method == "pruned", "p_within_one_point"] = 0.001
+    assert compression.goals(p, judged=None, arch="resnet50").measured[0].endswith(
+        "has p 0.001 (shown within one point at α = 0.05)")
+
+
+def test_the_smallest_layout_includes_dense():
+    """Only bitmask and CSR were candidates: a lightly pruned network was stored with
+    sparsity metadata that made it larger than dense."""
+    from qerror.compress import SparseFormat, StorageFormat, model_bytes
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        m[0].weight[0, :6] = 0  # under 1 % zeros
+    fmt = compression.smallest_format(m, StorageFormat.INT8)
+    sizes = {f: model_bytes(m, f, StorageFormat.INT8).total for f in SparseFormat
+             if f in compression.STORAGE_LAYOUTS}
+    assert fmt is SparseFormat.DENSE and sizes[fmt] == min(sizes.values())
+    with torch.no_grad():
+        m[0].weight[:, :60] = 0  # mostly zeros: a sparse layout is smaller
+    assert compression.smallest_format(m, StorageFormat.INT8) is not SparseFormat.DENSE
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "wisard", "--sparsities", "0.5"],
+     "--sparsities would change nothing: it is for --parts resnet, and this run's --parts is "
+     "wisard"),
+    (["--parts", "wisard", "--early-exit-run", "/nonexistent/run"], "--early-exit-run would"),
+    (["--parts", "resnet", "--dwn-fan-in", "4"], "--dwn-fan-in would change nothing"),
+    (["--parts", "dwn", "--cnn-lr", "0.1"], "--cnn-lr would change nothing: it is for --parts "
+                                             "cnn"),
+    (["--parts", "dwn", "--finetune-batch", "8"], "it is for --parts cnn or resnet"),
+    (["--parts", "wisard", "--wisard-budgets", "1000000", "1000001"],
+     r"--wisard-budgets 1000000 1000001: two of them read alike"),
+    (["--parts", "resnet", "--channel-fractions", "0.5", "0.5000001"],
+     "--channel-fractions 0.5 0.5000001: two of them read alike"),
+])
+def test_options_that_would_change_nothing_or_name_the_same_rows_are_refused(
+        args, message, tmp_path, capsys):
+    """--smoke --parts wisard --early-exit-run /nonexistent ... ran, and recorded every
+    option in the manifest as used; budgets of 1000000 and 1000001 bytes named one row."""
+    out = tmp_path / "c"
+    with pytest.raises(SystemExit) as exc:
+        compression.main(["--smoke", *args, "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    assert message in capsys.readouterr().err
 
 
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
