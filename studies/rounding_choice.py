@@ -79,6 +79,7 @@ from studies._common import (
     check_trained_on,
     figure_style,
     finite_float,
+    given_options,
     held_out,
     int_in,
     positive_float,
@@ -550,6 +551,11 @@ def _main(argv: list[str]) -> int:
     refuse_beyond_splits(parser, {"--calib-images": (args.calib_images, "calib"),
                                   "--test-images": (args.test_images, "test")})
     models = list(dict.fromkeys(pick(args.models, ["resnet50", "small"], ["small"])))
+    if "small" not in models:  # the small CNN's options would change nothing: refused
+        for dest in sorted(given_options(parser, argv, args)
+                           & {"small_width", "small_epochs", "small_train_images"}):
+            parser.error(f"--{dest.replace('_', '-')} would change nothing: it is for the "
+                         f"small CNN, and --models is {' '.join(models)}")
     bits_list = list(dict.fromkeys(pick(args.bits, [4, 3], [4])))
     args.stochastic_seeds = pick(args.stochastic_seeds, 3, 2)
     args.calib_images = pick(args.calib_images, 1000, 32)

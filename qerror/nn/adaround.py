@@ -9,12 +9,15 @@ and learns, layer by layer, which of the two each weight takes:
   ``w̃ = s · clamp(floor(w/s) + h(V), qmin, qmax)``; ``V`` starts where ``h(V) = frac(w/s)``,
   so the soft weight starts at ``w`` itself;
 * ``V`` minimises, with Adam, the reconstruction loss ``‖W x + b − (W̃ x̃ + b)‖²`` on
-  calibration images plus ``λ Σ (1 − |2h(V) − 1|^β)``, a regulariser that pushes every
+  calibration images (the layer's output before its activation: the paper's asymmetric
+  loss, its eq. 25, applies the activation function to both sides, which this one does not)
+  plus ``λ Σ (1 − |2h(V) − 1|^β)``, a regulariser that pushes every
   ``h`` to 0 or 1 as ``β`` anneals from 20 to 2 after a warm-up without it;
 * ``x`` is the layer's input in the float network, ``x̃`` its input in the network whose
   earlier layers already carry their learned rounding (*asymmetric* reconstruction, so a
   layer corrects part of the error it inherits); ``asymmetric=False`` uses ``x̃ = x``;
-* the hard choice is ``h(V) ≥ 1/2`` (``V ≥ 0``); layers are processed in registration order
+* the hard choice is ``V ≥ 0`` (``h(V) ≥ 1/2`` in exact arithmetic; ``h`` rounded to float32
+  reads 1/2 for ``V`` within a few 1e-8 below 0); layers are processed in registration order
   (the order of :func:`qerror.nn.layer_names`).
 
 The result's :attr:`AdaRoundResult.weights` has the type of
@@ -30,9 +33,10 @@ output channel) and the scale of :func:`qerror.calibrate` (min-max), as
 reconstruction (weights-only AdaRound); the bias stays float.
 
 The reconstruction loss is summed over output channels (features) and averaged over images
-and spatial positions, the convention of the authors' later code [2]_; ``λ`` is read against
-that scale. ``β`` decays linearly from ``beta[0]`` to ``beta[1]`` over the iterations after the
-warm-up; during the warm-up the regulariser is off.
+and spatial positions, the convention of BRECQ's released code [2]_ (other authors', after
+the paper); ``λ`` is read against that scale. ``β`` decays linearly from ``beta[0]`` to
+``beta[1]`` over the iterations after the warm-up (``round(warmup · iterations)`` steps; a
+single step after it takes ``beta[1]``); during the warm-up the regulariser is off.
 
 With zero iterations the hard choice is ``frac(w/s) ≥ 1/2``: round half *up*, which equals
 :attr:`qerror.RoundingMode.NEAREST_EVEN` everywhere except at exact ties ``frac = 1/2``.
@@ -50,6 +54,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -150,13 +155,21 @@ class AdaRoundSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be finite and >= 0, got {self.lam!r}")
-        if len(self.beta) != 2 or not all(math.isfinite(b) and b > 0 for b in self.beta):
-            raise ValueError(f"beta must be two positive numbers (start, end), got {self.beta!r}")
-        if not 0.0 <= self.warmup < 1.0:
+        if not _real(self.lam) or not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
+        # |2h − 1|^β has an infinite slope at h = 1/2 for β < 1: a weight there would give
+        # V a NaN gradient, and its output channel NaN choices (read as down)
+        if len(self.beta) != 2 or not all(_real(b) and math.isfinite(b) and b >= 1
+                                          for b in self.beta):
+            raise ValueError(f"beta must be two numbers >= 1 (start, end; the paper's 20 and "
+                             f"2), got {self.beta!r}")
+        if not isinstance(self.asymmetric, bool | np.bool_):
+            raise ValueError(f"asymmetric must be True or False, got {self.asymmetric!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not _real(self.warmup) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if not _real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
 
     @property
@@ -166,12 +179,14 @@ class AdaRoundSettings:
                          rounding=RoundingMode.NEAREST_EVEN)
 
     def beta_at(self, step: int) -> float | None:
-        """``β`` of step ``step`` (0-based), or ``None`` during the warm-up."""
-        start = int(self.warmup * self.iterations)
+        """``β`` of step ``step`` (0-based), or ``None`` during the warm-up: the first
+        ``round(warmup · iterations)`` steps. Then linear from ``beta[0]`` to ``beta[1]`` at
+        the last step; a single step after the warm-up is the last and takes ``beta[1]``."""
+        start = round(self.warmup * self.iterations)
         if step < start:
             return None
-        span = max(self.iterations - 1 - start, 1)
-        rel = min((step - start) / span, 1.0)
+        span = self.iterations - 1 - start
+        rel = 1.0 if span <= 0 else min((step - start) / span, 1.0)
         return self.beta[0] + (self.beta[1] - self.beta[0]) * rel
 
 
@@ -182,9 +197,12 @@ class AdaRoundLayer:
     Attributes
     ----------
     up : torch.Tensor
-        Boolean, the weight's shape: ``True`` where the weight is ``floor(w/s) + 1``.
+        Boolean, the weight's shape: ``True`` where the weight is ``floor(w/s) + 1``
+        (``V ≥ 0``).
     soft : torch.Tensor
-        ``h(V)`` after the last step (in ``[0, 1]``).
+        ``h(V)`` after the last step (in ``[0, 1]``), in the weight's dtype: ``soft ≥ 1/2``
+        wherever ``up``, and also where ``V`` is negative by so little that ``h`` rounds
+        to 1/2.
     loss_nearest, loss_learned : float
         Reconstruction loss on all calibration images with the initial choice (round half
         up) and with the learned one (both hard, both on ``x̃``).
@@ -265,13 +283,17 @@ def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
     Raises
     ------
     ValueError
-        ``up`` does not have the weight's shape, or ``spec`` is not symmetric per channel.
+        ``up`` does not have the weight's shape or holds other values than 0 and 1, or
+        ``spec`` is not symmetric per channel.
     """
     if not spec.symmetric or spec.axis != 0:
         raise ValueError("apply_rounding expects a symmetric per-output-channel spec (axis=0)")
     up = torch.as_tensor(up)
     if up.shape != weight.shape:
         raise ValueError(f"up has shape {tuple(up.shape)}, the weight {tuple(weight.shape)}")
+    if up.dtype != torch.bool and not bool(((up == 0) | (up == 1)).all()):
+        # 2 or -1 put a weight off its floor/ceil pair, which is no rounding of it
+        raise ValueError("up must hold up/down choices: booleans, or 0 and 1")
     w = weight.detach()
     return _on_grid(w, qparams, spec, _floor_codes(w, qparams, spec), up)
 
@@ -284,6 +306,11 @@ def _on_grid(w: torch.Tensor, qp: QParams, spec: QuantSpec, floor: torch.Tensor,
     codes = torch.clamp(floor + up.to(torch.float64), spec.qmin, spec.qmax)
     on_grid = (codes * s).to(w.dtype)  # code·s: exactly `codes` again after rounding w/s
     return fake_quantize(on_grid, spec, qp.scale, qp.zero_point)
+
+
+def _real(v) -> bool:
+    """A real number that is not a bool (numpy's too)."""
+    return not isinstance(v, bool | np.bool_) and isinstance(v, numbers.Real)
 
 
 class _Stop(Exception):
@@ -450,6 +477,11 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x_all = x_all.clone()  # a tensor made under inference mode cannot be saved for backward
         _calls_per_forward(model, layers, x_all[:1])
+        for name, layer in layers:  # before hours of earlier layers' optimisation
+            bad = int((~torch.isfinite(layer.weight.detach())).sum())
+            if bad:
+                raise ValueError(f"layer {name!r} holds {bad} non-finite weight(s); AdaRound "
+                                 "rounds finite weights only: fix or reload the model")
         for name, layer in progress_bar(layers, progress, "adaround"):
             t0 = time.perf_counter()
             w = layer.weight.detach()
@@ -463,6 +495,10 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             xq = _layer_inputs(model, name, layer, x_all, chunk, done) \
                 if cfg.asymmetric and done else x
             v = _optimise(layer, s, floor, v0, x, xq, spec, cfg, gen)
+            if not bool(torch.isfinite(v).all()):
+                raise FloatingPointError(f"layer {name!r}: the rounding variables became "
+                                         "non-finite during the optimisation (a NaN reads as "
+                                         "'down'); lower lr or lam")
             up, up0 = v >= 0, v0 >= 0
             qw = _quantized(w, qp, floor, up, spec)
             with torch.no_grad():

@@ -184,6 +184,10 @@ STUDY_CASES = {
         ("iterations-0", ["--iterations", "0"], ARGPARSE,
          r"--iterations: must be at least 1, got 0"),
         ("unknown-model", ["--models", "vgg16"], ARGPARSE, r"--models: invalid choice"),
+        # accepted, ignored and recorded in the manifest as used
+        ("small-width-without-small", ["--models", "resnet18", "--small-width", "8"], ARGPARSE,
+         r"--small-width would change nothing: it is for the small CNN, and --models is "
+         r"resnet18"),
         ("fl-roundings-2", ["--fl-roundings", "2"], ARGPARSE,
          r"--fl-roundings: must be from 3 to 100000, got 2 \(a rank correlation needs 3\)"),
         ("fl-images-above-batch", ["--fl-images", "17"], ARGPARSE,

@@ -165,10 +165,47 @@ def test_refused_model():
 @pytest.mark.parametrize("kw,match", [({"iterations": -1}, "iterations"),
                                       ({"warmup": 1.0}, "warmup"),
                                       ({"beta": (20.0, 0.0)}, "beta"),
-                                      ({"lam": -1.0}, "lam")])
+                                      # below 1 the regulariser's slope at h = 1/2 is
+                                      # infinite: NaN choices, read as down, were the result
+                                      ({"beta": (0.9, 0.9)}, "beta must be two numbers >= 1"),
+                                      ({"lam": -1.0}, "lam"),
+                                      ({"lam": True}, "lam"),
+                                      ({"asymmetric": "False"}, "asymmetric must be True or"),
+                                      ({"seed": 1.5}, "seed must be an integer")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaRoundSettings(bits=4, **kw)
+
+
+def test_beta_reaches_its_end_and_the_warm_up_is_rounded():
+    """One step after the warm-up stayed at beta[0] (never 2); 0.29 × 100 gave 28 warm-up
+    steps (int of 28.999...)."""
+    assert AdaRoundSettings(bits=4, iterations=1, warmup=0.0).beta_at(0) == 2.0
+    five = AdaRoundSettings(bits=4, iterations=5, warmup=0.8)
+    assert [five.beta_at(k) for k in range(5)] == [None] * 4 + [2.0]
+    cfg = AdaRoundSettings(bits=4, iterations=100, warmup=0.29)
+    assert cfg.beta_at(28) is None and cfg.beta_at(29) == 20.0 and cfg.beta_at(99) == 2.0
+
+
+def test_a_non_finite_weight_is_refused_naming_its_layer_before_any_layer_is_learned():
+    """It was refused only when its layer was reached, after every earlier layer's
+    optimisation, in words that named no layer."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2))
+    with torch.no_grad():
+        model[3].weight[0, 5] = float("inf")
+    with pytest.raises(ValueError, match="layer '3' holds 1 non-finite weight"):
+        adaround(model, [torch.randn(4, 1, 8, 8)], 4, iterations=50, batch=2)
+
+
+def test_apply_rounding_takes_up_down_choices_only():
+    spec = QuantSpec(4, signed=True, symmetric=True, axis=0, rounding=RoundingMode.NEAREST_EVEN)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    qp = calibrate(w, spec)
+    assert torch.equal(apply_rounding(w, qp, torch.ones(2, 8, dtype=torch.int64), spec),
+                       apply_rounding(w, qp, torch.ones(2, 8, dtype=torch.bool), spec))
+    for bad in (2, -1):  # off the weight's floor/ceil pair
+        with pytest.raises(ValueError, match="up must hold up/down choices"):
+            apply_rounding(w, qp, torch.full((2, 8), bad), spec)
 
 
 def test_no_images():
