@@ -4,9 +4,11 @@
 ``runs/<study>``; ``--run STUDY=PATH`` points one elsewhere), checks each against its
 ``manifest.json`` (the study it names, the sha256 of every output) and against what the
 paper uses (every ``\\studyfigure``/``\\studytable`` file and every ``\\<study>Name``
-result macro the ``.tex`` sources name), copies it into ``paper/generated/<study>/``, writes
+result macro the ``.tex`` sources name), copies it into ``generated/<study>/``, writes
 the claims ledger table (``python -m studies.ledger --latex``) and the provenance appendix
-(each study's command, git commit and outputs' sha256), then compiles ``paper/main.tex``
+(each study's command, git commit and outputs' sha256), all in a staging folder beside
+``paper/generated/`` that then replaces it whole (a failed or interrupted build leaves the
+previous one), then compiles ``paper/main.tex``
 with latexmk and fails on what the log says went wrong (undefined references, citations or
 control sequences, missing files, LaTeX errors).
 
@@ -37,7 +39,15 @@ from pathlib import Path
 # commit in the provenance).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studies._common import git_identity, is_smoke_run, user_path
+from studies._common import (
+    StudyError,
+    clean_stale_partials,
+    git_identity,
+    is_smoke_run,
+    publish_folder,
+    staging_folder,
+    user_path,
+)
 from studies._latex import macro_name
 
 PAPER = Path(__file__).resolve().parent
@@ -336,14 +346,16 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     return manifest
 
 
-def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED, *,
-            smoke: bool = False) -> dict[str, dict]:
-    """Check every study's folder, then copy each into ``generated/<study>/``.
+def check_runs(runs: dict[str, Path], uses: Uses, *, smoke: bool = False) -> dict[str, dict]:
+    """Check every study's folder (:func:`check_run`) and return each one's manifest.
 
-    Every folder is checked before anything is copied, and all problems are reported at once.
-    Unless ``smoke`` (the smoke paper), a ``--smoke`` run is refused: its test-sized figures
-    are not the paper's.
-    Returns each study's manifest.
+    All problems are reported at once. Unless ``smoke`` (the smoke paper), a ``--smoke`` run
+    is refused: its test-sized figures are not the paper's.
+
+    Raises
+    ------
+    BuildError
+        Naming every folder that is not usable, what is wrong and the command that makes it.
     """
     manifests, problems = {}, []
     for study, folder in runs.items():
@@ -358,9 +370,11 @@ def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED, *,
             problems.append(str(err))
     if problems:
         raise BuildError("\n".join(problems))
-    if generated.exists():
-        shutil.rmtree(generated)
-    generated.mkdir(parents=True)
+    return manifests
+
+
+def _copy_runs(runs: dict[str, Path], manifests: dict[str, dict], generated: Path) -> None:
+    """Copy each checked run's outputs and manifest into ``generated/<study>/``."""
     for study, folder in runs.items():
         dest = generated / study
         dest.mkdir()
@@ -369,6 +383,61 @@ def collect(runs: dict[str, Path], uses: Uses, generated: Path = GENERATED, *,
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / name, target)
         shutil.copyfile(folder / "manifest.json", dest / "manifest.json")
+
+
+def runs_inside(runs: dict[str, Path], generated: Path) -> list[str]:
+    """The study folders of ``runs`` that lie in ``generated`` (or are it), each as a
+    problem to report: the build replaces that folder, so it would delete its own input."""
+    where = generated.resolve()
+    return [f"the {study} run {folder} is inside {generated}, the folder this build "
+            f"replaces with the runs it copies: build from the runs' own folders (--runs "
+            f"DIR, --run {study}=PATH; default runs/{study}), not from the build's copies"
+            for study, folder in runs.items()
+            if folder.resolve() == where or folder.resolve().is_relative_to(where)]
+
+
+def write_generated(runs: dict[str, Path], uses: Uses, generated: Path | None = None, *,
+                    smoke: bool = False) -> dict[str, dict]:
+    """Write the whole generated tree (each study's run, the claims ledger, the provenance
+    appendix) into a staging folder beside ``generated`` (default :data:`GENERATED`), then
+    put it in place by renames (:func:`studies._common.publish_folder`).
+
+    A failure or an interruption before the swap leaves the previous ``generated`` as it
+    was (the staging folder is removed, or, if the process is killed, left marked for the
+    next build to remove): never a partial tree where the paper reads one. Returns each
+    study's manifest.
+
+    Raises
+    ------
+    BuildError
+        A run is unusable (:func:`check_runs`) or lies inside ``generated``, the ledger
+        fails, or the staging folder cannot be made.
+    """
+    generated = GENERATED if generated is None else generated
+    inside = runs_inside(runs, generated)
+    if inside:
+        raise BuildError("\n".join(inside))
+    manifests = check_runs(runs, uses, smoke=smoke)
+    try:
+        if generated.parent.is_dir():
+            clean_stale_partials(generated)
+        stage = staging_folder(generated, "the paper's generated parts")
+    except (OSError, StudyError) as err:
+        raise BuildError(f"cannot stage the generated parts beside {generated}: {err}") from err
+    try:
+        _copy_runs(runs, manifests, stage)
+        ledger_git = git_identity()  # the checkout the ledger is generated from
+        ledger = write_ledger(stage)
+        (stage / "provenance.tex").write_text(
+            provenance_tex(manifests, ledger, ledger_git["commit"], ledger_git["dirty"]),
+            encoding="utf-8")
+        publish_folder(stage, generated)
+    except (OSError, StudyError) as err:
+        raise BuildError(f"the generated parts could not be written to {generated}: {err}"
+                         ) from err
+    finally:
+        if stage.exists():  # not published
+            shutil.rmtree(stage, ignore_errors=True)
     return manifests
 
 
@@ -593,12 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runs = {s: args.runs / s for s in STUDIES}
             runs.update(dict(args.run))
-            manifests = collect(runs, uses, smoke=args.smoke)
-        ledger_git = git_identity()  # the checkout the ledger is generated from
-        ledger = write_ledger(GENERATED)
-        (GENERATED / "provenance.tex").write_text(
-            provenance_tex(manifests, ledger, ledger_git["commit"], ledger_git["dirty"]),
-            encoding="utf-8")
+            write_generated(runs, uses, GENERATED, smoke=args.smoke)
         if args.no_compile:
             print(f"[paper] generated parts written to {GENERATED}")
             return 0

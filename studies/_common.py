@@ -542,6 +542,75 @@ def _remove_marked(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def staging_folder(final: Path, whose: str = "this folder", hint: str = "") -> Path:
+    """A new, empty staging folder ``.NAME.partial-PID`` beside ``final``, marked with
+    :data:`STAGING_MARK`: killed before it is published, it is removed by the next
+    :func:`clean_stale_partials` aimed at ``final``. This process's own earlier one is
+    replaced.
+
+    Raises
+    ------
+    StudyError
+        When something not made by a study is in the way (``whose`` names what is staged,
+        ``hint`` ends the message).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = final.parent / f".{final.name}.partial-{os.getpid()}"
+    if stage.exists() and not stage.is_symlink() and _marked(stage):
+        shutil.rmtree(stage)  # this process's own, from an earlier one
+    elif stage.exists() or stage.is_symlink():
+        raise StudyError(f"{stage} is in the way of {whose}'s staging folder and was not "
+                         f"made by a study; move or rename it{', ' + hint if hint else ''}")
+    stage.mkdir()
+    _mark(stage)
+    return stage
+
+
+def publish_folder(stage: Path, final: Path) -> Path:
+    """Put the complete staging folder ``stage`` (from :func:`staging_folder`) at ``final``,
+    replacing what is there, by renames: the previous ``final`` is moved aside (to
+    ``.NAME.old-PID``, marked) before ``stage`` takes its place, and removed only then.
+
+    Ctrl-C and SIGTERM wait for both renames (:func:`_signals_held`), so an interruption
+    leaves either the previous folder or the new one at ``final``, never a mixture; a
+    process killed outright between them leaves nothing at ``final`` and the previous
+    folder marked beside it (removed by the next :func:`clean_stale_partials`). If
+    ``stage`` cannot be moved, the previous folder is put back and the error raised.
+    Returns ``final``.
+
+    Raises
+    ------
+    StudyError
+        When ``final`` is a file or a symbolic link (never replaced).
+    """
+    stage, final = Path(stage), Path(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise StudyError(f"{final} is a file or a symbolic link, not a folder; it is never "
+                         "replaced. Move it away and run again")
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    moved = False
+    with _signals_held():
+        try:
+            if final.exists() or final.is_symlink():
+                final.rename(old)
+                moved = True
+                _mark(old)
+            (stage / STAGING_MARK).unlink(missing_ok=True)
+            stage.rename(final)
+        except BaseException:
+            if not (stage / STAGING_MARK).exists() and stage.is_dir():
+                _mark(stage)  # not published: removable as left behind
+            if moved and not final.exists():
+                (old / STAGING_MARK).unlink(missing_ok=True)
+                old.rename(final)
+                moved = False
+            raise
+    if moved:
+        _remove_marked(old)
+    return final
+
+
 def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str = "",
                           instead: str | None = None) -> Path:
     """The folder that will hold ``target`` (its nearest existing ancestor), checked to be a
@@ -769,16 +838,7 @@ class RunDir:
         # ... and which run it is: another run aimed at the same folder with --force may
         # replace it first, and its run is not this one's to replace
         self.replaced = _manifest_sha(self.final) if self.replaces else None
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
-        if self.stage.exists() and not self.stage.is_symlink() and _marked(self.stage):
-            shutil.rmtree(self.stage)  # this process's own, from an earlier RunDir
-        elif self.stage.exists() or self.stage.is_symlink():
-            raise StudyError(f"{self.stage} is in the way of this run's staging folder and "
-                             "was not made by a study; move or rename it, or choose another "
-                             "--out")
-        self.stage.mkdir()
-        _mark(self.stage)
+        self.stage = staging_folder(self.final, "this run", "or choose another --out")
         self.study = study
         self.argv = list(argv)
         self.config = config

@@ -772,3 +772,36 @@ def test_given_options_are_those_the_command_line_gives_whatever_their_defaults(
     for argv, given in (([], set()), (["--width", "6"], {"width"}),  # a default given counts
                         (["--names"], {"names"}), (["--flag", "--width=3"], {"flag", "width"})):
         assert given_options(parser, argv, parser.parse_args(argv)) == given, argv
+
+
+def test_publish_folder_swaps_a_staged_folder_in_whole(tmp_path, monkeypatch):
+    final = tmp_path / "generated"
+    final.mkdir()
+    (final / "old.txt").write_text("old\n")
+    stage = _common.staging_folder(final)
+    assert stage.name == f".generated.partial-{os.getpid()}"
+    assert (stage / _common.STAGING_MARK).is_file()
+    (stage / "new.txt").write_text("new\n")
+    assert _common.publish_folder(stage, final) == final
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]  # unmarked: published
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated"]  # the old one gone
+    # the second rename fails: the previous folder is put back, the stage stays marked
+    stage = _common.staging_folder(final)
+    real = Path.rename
+
+    def rename(self, target):
+        if self == stage:
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError):
+        _common.publish_folder(stage, final)
+    monkeypatch.setattr(Path, "rename", real)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert (stage / _common.STAGING_MARK).is_file()
+    # a link is never replaced
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(_common.StudyError, match="symbolic link"):
+        _common.publish_folder(stage, link)

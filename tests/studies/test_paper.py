@@ -4,10 +4,13 @@ checker, and the rule against numbers typed by hand into the paper."""
 import hashlib
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from studies._common import STAGING_MARK
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("paper_build", REPO / "paper" / "build.py")
@@ -87,27 +90,125 @@ def test_altered_output_or_other_study_is_refused(tmp_path):
         build.check_run("dataset", other, uses())
 
 
-def test_collect_copies_every_output_and_the_manifest(tmp_path):
-    runs = {s: fake_run(tmp_path / s, s, {"macros.tex": f"% {s}\n", "sub/t.tex": "x"})
+def fake_ledger(monkeypatch, fail: bool = False):
+    """build.write_ledger without the ledger's own run (seconds): a claims table, or the
+    error a failed ledger gives."""
+    def write(generated, python=sys.executable):
+        if fail:
+            raise build.BuildError("python -m studies.ledger --latex failed: (a test)")
+        (generated / "claims.tex").write_text("% claims\n")
+        return "python -m studies.ledger --latex"
+    monkeypatch.setattr(build, "write_ledger", write)
+
+
+def all_runs(folder: Path, argv=None) -> dict[str, Path]:
+    return {s: fake_run(folder / s, s, {"macros.tex": f"% {s}\n", "sub/t.tex": "x"}, argv)
             for s in build.STUDIES}
-    gen = tmp_path / "generated"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_write_generated_copies_every_output_the_manifest_ledger_and_provenance(
+        tmp_path, monkeypatch):
+    fake_ledger(monkeypatch)
+    runs = all_runs(tmp_path / "runs")
+    gen = tmp_path / "paper" / "generated"
     (gen / "stale").mkdir(parents=True)
-    manifests = build.collect(runs, uses(), gen, smoke=True)
+    manifests = build.write_generated(runs, uses(), gen, smoke=True)
     assert set(manifests) == set(build.STUDIES)
     assert not (gen / "stale").exists()
     for s in build.STUDIES:
         assert (gen / s / "macros.tex").read_text() == f"% {s}\n"
         assert (gen / s / "sub" / "t.tex").read_text() == "x"
         assert (gen / s / "manifest.json").exists()
+    assert (gen / "claims.tex").exists() and (gen / "provenance.tex").exists()
+    assert not (gen / STAGING_MARK).exists()
+    assert sorted(p.name for p in gen.parent.iterdir()) == ["generated"]  # nothing left
 
 
 def test_the_full_paper_refuses_a_smoke_run(tmp_path):
     runs = {"drift": fake_run(tmp_path / "drift", "drift", {"macros.tex": "%\n"})}
     with pytest.raises(build.BuildError, match="a --smoke run of the drift study"):
-        build.collect(runs, uses(), tmp_path / "generated")
-    assert not (tmp_path / "generated").exists()
+        build.check_runs(runs, uses())
     full = {"drift": fake_run(tmp_path / "full", "drift", {"macros.tex": "%\n"}, argv=[])}
-    assert set(build.collect(full, uses(), tmp_path / "generated")) == {"drift"}
+    assert set(build.check_runs(full, uses())) == {"drift"}
+
+
+@pytest.mark.parametrize("failure", ["ledger", "interrupt", "bad run"])
+def test_a_failed_or_interrupted_build_leaves_the_previous_generated_parts(
+        tmp_path, monkeypatch, failure):
+    # the generated tree was rebuilt in place: a failing ledger left it without claims.tex
+    # and provenance.tex, a Ctrl-C while copying left half the studies
+    fake_ledger(monkeypatch)
+    gen = tmp_path / "paper" / "generated"
+    build.write_generated(all_runs(tmp_path / "old"), uses(), gen, smoke=True)
+    before = tree(gen)
+    runs = all_runs(tmp_path / "new", argv=["--smoke", "--seed", "1"])
+    if failure == "ledger":
+        fake_ledger(monkeypatch, fail=True)
+    elif failure == "interrupt":
+        real, copied = shutil.copyfile, []
+
+        def copy_then_interrupt(src, dst, *args, **kwargs):
+            copied.append(src)
+            if len(copied) == 5:  # Ctrl-C part-way through the copies
+                raise KeyboardInterrupt
+            return real(src, dst, *args, **kwargs)
+        monkeypatch.setattr(shutil, "copyfile", copy_then_interrupt)
+    else:
+        (runs["seeds"] / "macros.tex").write_text("% edited\n")
+    with pytest.raises((build.BuildError, KeyboardInterrupt)):
+        build.write_generated(runs, uses(), gen, smoke=True)
+    assert tree(gen) == before
+    assert sorted(p.name for p in gen.parent.iterdir()) == ["generated"]  # no staging left
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    fake_ledger(monkeypatch)
+    gen = tmp_path / "paper" / "generated"
+    gen.parent.mkdir()
+    dead = 2 ** 22 + 1  # above Linux's largest process id: no process has it
+    left = gen.parent / f".generated.partial-{dead}"
+    (left / "drift").mkdir(parents=True)
+    (left / STAGING_MARK).write_text("made by a qerror study\n")
+    build.write_generated(all_runs(tmp_path / "runs"), uses(), gen, smoke=True)
+    assert sorted(p.name for p in gen.parent.iterdir()) == ["generated"]
+
+
+@pytest.mark.parametrize("how", ["--runs", "--run"])
+def test_runs_inside_the_generated_folder_are_refused(tmp_path, monkeypatch, capsys, how):
+    # --runs paper/generated: the build deleted its own sources and crashed
+    fake_ledger(monkeypatch)
+    gen = tmp_path / "paper" / "generated"
+    build.write_generated(all_runs(tmp_path / "runs"), uses(), gen, smoke=True)
+    before = tree(gen)
+    monkeypatch.setattr(build, "GENERATED", gen)
+    monkeypatch.setattr(build, "paper_uses", lambda sources, studies=build.STUDIES: uses())
+    monkeypatch.setattr(build, "is_smoke_run", lambda manifest: False)
+    argv = ["--runs", str(gen)] if how == "--runs" else \
+        ["--runs", str(tmp_path / "runs"), "--run", f"drift={gen / 'drift'}"]
+    assert build.main([*argv, "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert f"is inside {gen}" in err and "the drift run" in err
+    assert tree(gen) == before
+
+
+def test_main_writes_where_generated_points(tmp_path, monkeypatch):
+    # collect's default folder was bound when the module loaded: a test that pointed
+    # GENERATED elsewhere still had the real paper/generated written
+    fake_ledger(monkeypatch)
+    gen = tmp_path / "generated"
+    real = build.PAPER / "generated"
+    real_before = tree(real) if real.exists() else None
+    monkeypatch.setattr(build, "GENERATED", gen)
+    monkeypatch.setattr(build, "paper_uses", lambda sources, studies=build.STUDIES: uses())
+    all_runs(tmp_path / "runs", argv=[])
+    assert build.main(["--runs", str(tmp_path / "runs"), "--no-compile"]) == 0
+    assert set(build.STUDIES) <= {p.name for p in gen.iterdir()}
+    assert (tree(real) if real.exists() else None) == real_before
 
 
 def test_provenance_says_when_the_checkout_moved_during_a_run(tmp_path):
