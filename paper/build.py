@@ -370,7 +370,39 @@ def check_runs(runs: dict[str, Path], uses: Uses, *, smoke: bool = False) -> dic
             problems.append(str(err))
     if problems:
         raise BuildError("\n".join(problems))
+    check_one_baseline(manifests, runs)
     return manifests
+
+
+def checkpoints(manifest: dict) -> list[dict]:
+    """The trained networks a run loaded from a checkpoint file: the model identities its
+    manifest records (``model``, or each of ``models``) that carry the file's sha256."""
+    found = [manifest.get("model")] + list((manifest.get("models") or {}).values())
+    return [m for m in found if isinstance(m, dict) and m.get("sha256")]
+
+
+def check_one_baseline(manifests: dict[str, dict], runs: dict[str, Path]) -> None:
+    """BuildError unless every run that loaded a trained checkpoint loaded the same one
+    (by sha256): the paper's studies measure one baseline network, and numbers of two
+    networks side by side would read as one's.
+
+    Raises
+    ------
+    BuildError
+        Naming each run, its folder and its checkpoint.
+    """
+    used = {study: checkpoints(m) for study, m in manifests.items()}
+    digests = {c["sha256"] for found in used.values() for c in found}
+    if len(digests) <= 1:
+        return
+    lines = [f"{study} ({runs[study]}): "
+             + "; ".join(f"sha256 {c['sha256'][:12]} ({c.get('checkpoint', 'no path')})"
+                         for c in found)
+             for study, found in used.items() if found]
+    raise BuildError("the runs used different baseline checkpoints, so the paper would "
+                     "report " + str(len(digests)) + " networks as one:\n  " + "\n  ".join(lines)
+                     + "\nrerun the studies that differ on one checkpoint (their --checkpoint, "
+                     "or the cached baseline), or point --run STUDY=PATH at runs of one")
 
 
 def _copy_runs(runs: dict[str, Path], manifests: dict[str, dict], generated: Path) -> None:
@@ -495,6 +527,7 @@ def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str 
             r"\item[Command] " + _tt(study_command(m)),
             r"\item[Commit] " + _tt(git.get("commit") or "unknown") + state,
             r"\item[Seed] " + _tt(str((m.get("config") or {}).get("seed", "unrecorded"))),
+            *([r"\item[Model] " + model] if (model := _model_words(m)) else []),
             r"\end{description}\par}",
             r"{\scriptsize",
             r"\begin{longtable}{@{}l l@{}}",
@@ -514,6 +547,23 @@ def provenance_tex(manifests: dict[str, dict], ledger_command: str, commit: str 
                          "run): " + ", ".join(_tt(t) for t in timing) + r".\par}")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _model_words(manifest: dict) -> str:
+    """The networks a run measured, as the provenance names them: each checkpoint's sha256
+    and file, or the name of a network with no checkpoint file (a smoke run's untrained
+    one); empty for a run of no network."""
+    loaded = checkpoints(manifest)
+    if loaded:
+        return "; ".join(
+            (tex_escape(str(c["model"])) + ", " if c.get("model") else "") + "checkpoint "
+            + r"\texttt{" + c["sha256"] + "}"
+            + (" (" + _tt(str(c["checkpoint"])) + ")" if c.get("checkpoint") else "")
+            for c in loaded)
+    model = manifest.get("model")
+    if isinstance(model, dict) and (name := model.get("model") or model.get("arch")):
+        return tex_escape(str(name)) + " (no checkpoint file)"
+    return ""
 
 
 def write_ledger(generated: Path, python: str = sys.executable) -> str:

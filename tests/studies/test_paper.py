@@ -211,6 +211,54 @@ def test_main_writes_where_generated_points(tmp_path, monkeypatch):
     assert (tree(real) if real.exists() else None) == real_before
 
 
+def with_model(run: Path, model: dict | None = None, models: dict | None = None) -> Path:
+    """``run`` with the model identity a study records in its manifest."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update({k: v for k, v in (("model", model), ("models", models)) if v})
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def baseline(digest: str) -> dict:
+    return {"model": "fashion-resnet50", "sha256": digest,
+            "checkpoint": "/cache/fashion-resnet50-imagenet.pt", "metrics": {}}
+
+
+def test_runs_of_different_baseline_checkpoints_are_refused(tmp_path):
+    # runs made on two baselines (a retrained cache) were mixed into one paper silently
+    a, b = "21a73d40" + "0" * 56, "e304f348" + "1" * 56
+    runs = {
+        "drift": with_model(fake_run(tmp_path / "drift", "drift", {}), baseline(a)),
+        "dataset": with_model(fake_run(tmp_path / "dataset", "dataset", {}), baseline(b)),
+        "rounding_choice": with_model(fake_run(tmp_path / "rc", "rounding_choice", {}),
+                                      models={"resnet50": baseline(a),
+                                              "small": {"model": "fashion-small-cnn"}}),
+        "rounding": fake_run(tmp_path / "rounding", "rounding", {}),
+    }
+    with pytest.raises(build.BuildError, match="different baseline checkpoints") as err:
+        build.check_runs(runs, uses(), smoke=True)
+    msg = str(err.value)
+    for study, digest in (("drift", a), ("dataset", b), ("rounding_choice", a)):
+        assert f"{study} ({runs[study]}): sha256 {digest[:12]}" in msg
+    assert "rounding (" not in msg  # a run of no checkpoint is not in the mix
+    with_model(runs["dataset"], baseline(a))
+    assert set(build.check_runs(runs, uses(), smoke=True)) == set(runs)
+
+
+def test_provenance_names_each_runs_checkpoint(tmp_path):
+    digest = "21a73d40" + "0" * 56
+    drift = with_model(fake_run(tmp_path / "d", "drift", {}), baseline(digest))
+    smoke = with_model(fake_run(tmp_path / "e", "early_exit", {}),
+                       {"model": "fashion-resnet18-untrained-smoke", "seed": 0})
+    manifests = {s: json.loads((r / "manifest.json").read_text())
+                 for s, r in (("drift", drift), ("early_exit", smoke))}
+    tex = build.provenance_tex(manifests, "python -m studies.ledger --latex", "c" * 40)
+    drift_part = tex[tex.index("Study \\texttt{drift}"):tex.index("Study \\texttt{early")]
+    assert r"\item[Model] fashion-resnet50, checkpoint \texttt{" + digest + "}" in drift_part
+    assert "/\\allowbreak{}fashion-{}resnet50-{}imagenet.pt" in drift_part  # its file
+    assert r"\item[Model] fashion-resnet18-untrained-smoke (no checkpoint file)" in tex
+
+
 def test_provenance_says_when_the_checkout_moved_during_a_run(tmp_path):
     run = fake_run(tmp_path / "d", "drift", {"macros.tex": "m"}, argv=[])
     manifest = json.loads((run / "manifest.json").read_text())
