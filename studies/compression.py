@@ -134,7 +134,7 @@ from studies._common import (
     user_path,
     wrapped_columns,
 )
-from studies._latex import letters
+from studies._latex import escape, letters
 from studies._runs import EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
@@ -852,13 +852,15 @@ def _macros(points: pd.DataFrame, goal_frame: pd.DataFrame, smallest: dict | Non
         key = r.key
         m[f"Acc{key}"] = f"{100 * r.acc:.2f}"
         m[f"Bytes{key}"] = f"{int(r.bytes):,}".replace(",", "{,}")
+    # the verdicts, methods and configurations are plain text (90% sparse): escaped, or a
+    # % would end the macro's definition
     for i, r in goal_frame.iterrows():
-        m[f"Goal{letters(['Sparse', 'Dwn', 'Wisard'][i])}"] = r.verdict
+        m[f"Goal{letters(['Sparse', 'Dwn', 'Wisard'][i])}"] = escape(r.verdict)
     if smallest is not None:
-        m["SmallestWithinOnePoint"] = f"{smallest['method']} ({smallest['config']})"
+        m["SmallestWithinOnePoint"] = escape(f"{smallest['method']} ({smallest['config']})")
         m["SmallestWithinOnePointBytes"] = f"{int(smallest['bytes']):,}".replace(",", "{,}")
         m["SmallestShownWithinOnePoint"] = "no model" if shown is None else (
-            f"{shown['method']} ({shown['config']}), at "
+            escape(f"{shown['method']} ({shown['config']})") + ", at "
             + f"{int(shown['bytes']):,}".replace(",", "{,}") + " bytes")
     return m
 

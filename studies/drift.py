@@ -140,7 +140,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import letters, number
+from studies._latex import escape, letters, number
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
 RESOLVE_POWER = 0.8  # power at which the accuracy table says what its images resolve
@@ -1289,7 +1289,7 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             faithful = rows[rows.faithful.astype(bool)]
             if len(faithful):
                 f = faithful.iloc[0]
-                m[f"IntEightPipeline{key}"] = f"{f.arithmetic}/{f.pipeline}"
+                m[f"IntEightPipeline{key}"] = escape(f"{f.arithmetic}/{f.pipeline}")
                 m[f"IntEightEqual{key}"] = f"{100 * f.equal / f.elements:.4g}"
             m[f"IntEightAvxSaturated{key}"] = f"{int(rows.avx2_saturated.iloc[0]):,}"
             m[f"IntEightElements{key}"] = f"{int(rows.elements.iloc[0]):,}"

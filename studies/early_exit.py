@@ -132,7 +132,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import letters, number, signed
+from studies._latex import escape, letters, number, signed
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
 #: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
@@ -1166,7 +1166,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
 
 def _macros(r: dict, config: dict, smoke: bool) -> dict:
     pts = r["points"]
-    m = {"Smoke": "true" if smoke else "false", "HeadPolicy": r["head_policy"],
+    m = {"Smoke": "true" if smoke else "false", "HeadPolicy": escape(r["head_policy"]),
          "SelectMargin": f"{100 * r['select_margin']:g}", "Margin": f"{100 * MARGIN:g}"}
     cv = r["cv"]
     m["CvFolds"] = "--" if cv is None else str(r["cv_folds"])
@@ -1218,7 +1218,7 @@ def _macros(r: dict, config: dict, smoke: bool) -> dict:
     m["EceBeforeMaxInt"] = f"{100 * worst.ece_before.max():.2f}"
     for o in CALIBRATION_OBJECTIVES:
         m[f"EceAfterMaxInt{o.capitalize()}"] = f"{100 * worst[f'ece_after_{o}'].max():.2f}"
-    m["CalibrationObjective"] = worst.objective.iloc[0].upper()
+    m["CalibrationObjective"] = escape(worst.objective.iloc[0].upper())
     m["EceAfterMaxIntIsotonic"] = f"{100 * worst.ece_after_isotonic.max():.2f}"
     for _, row in r["sim_vs_real"].iterrows():
         m[f"SameExit{letters(row.simulation.replace('_', ' '))}"] = f"{100 * row.same_exit:.1f}"

@@ -525,7 +525,25 @@ def test_the_paper_quotes_the_smallest_model_the_paired_test_shows():
     assert m["SmallestShownWithinOnePoint"] == "no model"
     m = compression._macros(p, goals, est, {"method": "pruned + INT8", "config": "90% sparse",
                                             "bytes": 5_949_756})
-    assert m["SmallestShownWithinOnePoint"] == "pruned + INT8 (90% sparse), at 5{,}949{,}756 bytes"
+    assert m["SmallestShownWithinOnePoint"] == \
+        r"pruned + INT8 (90\% sparse), at 5{,}949{,}756 bytes"
+
+
+def test_the_macros_escape_the_text_they_quote():
+    """'90% sparse' went into a macro as it was: the % ended the definition and pdflatex
+    stopped ('File ended while scanning use of \\@argdef')."""
+    p = _points(9000, 8900, [(8900, 100_000)], [(8000, 250_000)])
+    p["key"] = p.key.fillna("x")
+    goals = compression.goals(p, judged=None, arch="resnet50")
+    goals["verdict"] = "not judged (50% & more_than #1)"
+    odd = {"method": "pruned & INT8_x", "config": "90% sparse #2", "bytes": 1000}
+    m = compression._macros(p, goals, odd, odd)
+    assert m["SmallestWithinOnePoint"] == r"pruned \& INT8\_x (90\% sparse \#2)"
+    assert m["SmallestShownWithinOnePoint"] == \
+        r"pruned \& INT8\_x (90\% sparse \#2), at 1{,}000 bytes"
+    assert m["GoalSparse"] == r"not judged (50\% \& more\_than \#1)"
+    for value in m.values():  # no special character left bare in any macro
+        assert not re.search(r"(?<!\\)[%&#_]", value), value
 
 
 @pytest.mark.parametrize("sparsities, message", [

@@ -1318,3 +1318,16 @@ def test_a_layout_the_library_does_not_know_is_refused_before_any_output(tmp_pat
         drift.main(["--smoke", "--out", str(out)])
     assert "QERROR_LAYOUT='nhwc'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_int8_pipeline_macro_is_escaped():
+    """The cross-check's words went into a macro as they were: an underscore or a % in them
+    would stop pdflatex."""
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    xsummary = pd.DataFrame([{"activations": "full_range", "arithmetic": "float_32",
+                              "pipeline": "integer 50%", "faithful": True, "equal": 10,
+                              "elements": 10, "avx2_saturated": 0}])
+    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
+                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
+                                            "value"]), pd.DataFrame(), xsummary, None)
+    assert m["IntEightPipelineFullRange"] == r"float\_32/integer 50\%"
