@@ -46,6 +46,13 @@ def letters(text: object) -> str:
     return "".join(out)
 
 
+def count(n: int) -> str:
+    """A small count as the paper's prose writes it: a word below twenty (``4`` →
+    ``"four"``), digits from twenty on."""
+    n = int(n)
+    return _ONES[n].lower() if 0 <= n < 20 else str(n)
+
+
 def macro_name(study: str, key: str) -> str:
     """The full name of a study's macro: the study's name, then ``key``.
 

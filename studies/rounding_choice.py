@@ -88,7 +88,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import letters, number
+from studies._latex import count, letters, number
 
 ALPHA = 0.05  # level of every interval and test in this study (McNemar after Holm)
 ACT_BITS = 8
@@ -450,7 +450,15 @@ def goals(acc: pd.DataFrame, seconds: float, resnet50: bool, smoke: bool = False
 
 
 def macros(acc: pd.DataFrame, ud: pd.DataFrame) -> dict:
+    """The numbers the paper quotes: accuracies, and the up-or-down experiment's shares,
+    intervals and correlations with its weight width (``UpdownBits``, a word: the run's
+    first ``--bits``)."""
     m = {}
+    widths = sorted({int(b) for b in ud.bits}) if len(ud) else []
+    if len(widths) > 1:
+        raise ValueError(f"the up-or-down experiment runs at one width, got {widths}")
+    if widths:
+        m["UpdownBits"] = count(widths[0])
     for _, r in acc.iterrows():
         if r.method == "adaround" and not r.headline:
             continue

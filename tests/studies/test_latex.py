@@ -6,7 +6,7 @@ import pytest
 
 from studies import _common
 from studies._common import RunDir
-from studies._latex import HEADERS, escape, header, letters, number
+from studies._latex import HEADERS, count, escape, header, letters, number
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -87,3 +87,9 @@ def test_every_header_is_valid_latex_text():
         assert text.count("{") == text.count("}"), column
     assert header("some_new_column") == "some new column"
     assert escape("a_b%c") == r"a\_b\%c"
+
+
+@pytest.mark.parametrize("n, text", [(0, "zero"), (4, "four"), (19, "nineteen"), (20, "20"),
+                                     (128, "128")])
+def test_counts_in_words(n, text):
+    assert count(n) == text

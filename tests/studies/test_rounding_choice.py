@@ -6,6 +6,7 @@ The byte-identical rerun and the command-line table are in tests/studies/test_ba
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -79,3 +80,17 @@ def test_a_model_the_anatomy_module_refuses_leaves_no_output(fashion_root, tmp_p
     err = capsys.readouterr().err
     assert "cannot run the rounding_choice study on model 'small'" in err and "LSTM" in err
     assert not out.exists() and not list(tmp_path.glob(".rc.partial*"))
+
+
+def test_the_updown_width_is_a_macro():
+    """The paper said the up-or-down experiment quantized a layer 'to four bits', whatever
+    the run's first --bits was (--bits 3 4 measured at three)."""
+    acc = pd.DataFrame([{"model": "small", "bits": 32, "method": "float", "headline": False,
+                         "acc": 0.9}])
+    ud = pd.DataFrame([{"model": "small", "place": p, "bits": 3, "beat_fraction": 0.5,
+                        "beat_lo": 0.4, "beat_hi": 0.6, "spearman_rho": 0.1}
+                       for p in ("first", "middle")])
+    assert rounding_choice.macros(acc, ud)["UpdownBits"] == "three"
+    assert rounding_choice.macros(acc, ud.assign(bits=4))["UpdownBits"] == "four"
+    main_tex = (Path(rounding_choice.__file__).parents[1] / "paper" / "main.tex").read_text()
+    assert "\\roundingChoiceUpdownBits{} bits" in main_tex and "to four bits" not in main_tex
