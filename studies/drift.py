@@ -229,7 +229,7 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     calib = splits.calib.subset(np.arange(min(calib_images, len(splits.calib))))
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
              "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib),
-             "calib_split_images": len(splits.calib)}
+             "calib_split_images": len(splits.calib), "test_split_images": len(splits.test)}
     test_batches = _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch)
     mine = parallel.shard(len(test_batches))
     headline, headline_first = None, 0
@@ -1228,11 +1228,14 @@ MACRO_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 
 
 def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd.DataFrame,
-            xsummary: pd.DataFrame | None, headline: pd.DataFrame | None) -> dict:
+            xsummary: pd.DataFrame | None, headline: pd.DataFrame | None,
+            test_split: int | None = None) -> dict:
     """The numbers the paper quotes, each from this run's tables.
 
     A macro is written only when its configuration was measured, so a run with fewer modes
     or widths gives fewer macros and the paper's build names the missing ones.
+    ``test_split``: the images of the test split the headline's first images come from;
+    ``HeadlineScope`` says, in words, whether the headline read all of them.
     """
     m = {}
     base = acc[acc.remedy == "none"]
@@ -1294,7 +1297,12 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             m[f"IntEightAvxSaturated{key}"] = f"{int(rows.avx2_saturated.iloc[0]):,}"
             m[f"IntEightElements{key}"] = f"{int(rows.elements.iloc[0]):,}"
     if headline is not None and len(headline):
-        m["HeadlineImages"] = f"{int(headline.images.iloc[0]):,}"
+        images = int(headline.images.iloc[0])
+        m["HeadlineImages"] = f"{images:,}"
+        m["HeadlineScope"] = (
+            "the whole test split" if images == test_split
+            else f"the first {images:,} of the test split's {test_split:,} images" if test_split
+            else f"the first {images:,} test images")
         for _, r in headline.iterrows():
             m[f"Headline{letters(r['mode'])}"] = f"{100 * r.acc:.2f}"
     return m
@@ -1830,7 +1838,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             summary["calibration_curve"] = curve.to_dict(orient="records")
         run.write_json("summary.json", summary)
         _tables(run, acc, fits, pred)
-        macros = _macros(acc, fits, sites, pred, xsummary, headline)
+        macros = _macros(acc, fits, sites, pred, xsummary, headline,
+                         data.identity.get("test_split_images"))
         convs = geometry[geometry.kind == "conv"]
         macros.update(_precision_macros(precision_frame))
         if pilot is not None:

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     for _, row in head.iterrows():
         assert macros["Headline" + letters(row["mode"])] == f"{100 * row.acc:.2f}"
     assert macros["HeadlineImages"] == "32"
+    split = manifest["data"]["test_split_images"]
+    assert macros["HeadlineScope"] == f"the first 32 of the test split's {split:,} images"
     full = faithful[faithful.activations == "full_range"].iloc[0]
     assert macros["IntEightPipelineFullRange"] == f"reciprocal/{probe.faithful.value}"
     assert macros["IntEightEqualFullRange"] == "100"
@@ -1331,3 +1334,20 @@ def test_the_int8_pipeline_macro_is_escaped():
                       pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
                                             "value"]), pd.DataFrame(), xsummary, None)
     assert m["IntEightPipelineFullRange"] == r"float\_32/integer 50\%"
+
+
+@pytest.mark.parametrize("images, split, scope", [
+    (10_000, 10_000, "the whole test split"),
+    (500, 10_000, "the first 500 of the test split's 10,000 images"),
+    (32, None, "the first 32 test images")])
+def test_the_headline_says_whether_it_read_the_whole_test_split(images, split, scope):
+    """The paper said the eight-bit comparisons were repeated 'on the whole split', also
+    for a smoke run or --headline-images below the test split."""
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    headline = pd.DataFrame([{"mode": "float", "images": images, "acc": 0.9}])
+    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
+                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
+                                            "value"]), pd.DataFrame(), None, headline, split)
+    assert m["HeadlineScope"] == scope
+    main_tex = (Path(drift.__file__).parents[1] / "paper" / "main.tex").read_text()
+    assert "repeated on \\driftHeadlineScope{} above" in main_tex
