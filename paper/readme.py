@@ -19,7 +19,8 @@ passage that differs from its rendering and every record that does not match its
 (``tests/studies/test_readme.py`` runs the same check). ``--add NAME=RUN FILE ...`` copies a
 finished run's manifest and the named outputs into ``paper/record/NAME``, replacing that
 record whole only once the copies check out (a new record gets a ``record.json`` to
-complete), then render.
+complete; a replaced one keeps its own, with a warning when the new run's commit or machine
+differs), then render. A record's run is of a commit of this repository.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -45,7 +47,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qerror.files import atomic_write, sha256_file
-from studies._common import is_smoke_run
+from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import signed
 from studies.bench import MEDIAN_LEVEL
 from studies.compression import point_estimates_note
@@ -1551,17 +1553,88 @@ def differing(old: str, new: str) -> list[str]:
     return sorted(n for n in b if a.get(n) != b[n])
 
 
+#: A record's name: a folder of paper/record, never a path that leads out of it.
+_RECORD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def commit_in_repo(commit: str, repo: Path = REPO) -> bool:
+    """Whether ``commit`` is a commit of the git repository at ``repo``
+    (``git cat-file -e COMMIT^{commit}``).
+
+    Raises
+    ------
+    RecordError
+        When git cannot be run there (not installed, or ``repo`` is not a repository), so
+        the commit cannot be checked.
+    """
+    try:
+        done = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo,
+                              capture_output=True, text=True)
+        inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo,
+                                capture_output=True, text=True)
+    except OSError as err:
+        raise RecordError(f"cannot run git to check the run's commit {commit} ({err}); "
+                          "records are added from a git checkout of this repository") from err
+    if inside.returncode != 0:
+        raise RecordError(f"{repo} is not a git repository ({inside.stderr.strip()}), so the "
+                          f"run's commit {commit} cannot be checked; add records from a git "
+                          "checkout of this repository")
+    return done.returncode == 0
+
+
+_MACHINE_FIELDS = (("commit", lambda m: (m.get("git") or {}).get("commit")),
+                   ("platform", lambda m: m.get("platform")),
+                   ("cpus", lambda m: (m.get("machine") or {}).get("cpus")),
+                   ("CPU kernels", lambda m: (m.get("cpu") or {}).get("cpu_capability")))
+
+
+def _what_differs(old: dict, new: dict) -> list[str]:
+    """How the runs of two manifests differ in what a record.json's words describe."""
+    out = []
+    for what, get in _MACHINE_FIELDS:
+        a, b = get(old), get(new)
+        if a != b:
+            out.append(f"{what} {a} → {b}" if what != "commit" else
+                       f"commit {str(a)[:7]} → {str(b)[:7]}")
+    return out
+
+
 def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
-    """Copy a finished run's manifest and outputs into ``root/NAME`` (``spec`` NAME=RUN)."""
+    """Copy a finished run's manifest and outputs into ``root/NAME`` (``spec`` NAME=RUN).
+
+    NAME is lower-case letters, digits, ``-`` and ``_``; RUN a finished run of a commit of
+    this repository that holds every FILE its manifest lists (top-level outputs). A record
+    replaced keeps its ``record.json``; when the new run is of another commit or machine, a
+    warning on stderr names what differs, so that its words are checked.
+
+    Raises
+    ------
+    RecordError
+        Naming what is wrong with NAME, RUN or a FILE; nothing is written then.
+    """
     name, _, run = spec.partition("=")
     run_dir = Path(run)
     if not name or not run or not (run_dir / "manifest.json").is_file():
         raise RecordError(f"--add {spec}: give NAME=RUN with RUN a finished run's folder "
                           "(it holds manifest.json)")
+    if not _RECORD_NAME.fullmatch(name):
+        raise RecordError(f"--add {spec}: the record's name {name!r} is not lower-case "
+                          "letters, digits, '-' and '_' (it names a folder of paper/record, "
+                          "never a path), e.g. --add early-exit-seed3=RUN")
+    if (run_dir / STAGING_MARK).exists():
+        raise RecordError(f"--add {spec}: {run_dir} is a study's staging folder (it holds "
+                          f"{STAGING_MARK}): that run has not finished; add the folder it "
+                          "publishes")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for f in files:
         if f not in manifest.get("outputs", {}):
             raise RecordError(f"--add: {f} is not an output of {run_dir} (its manifest)")
+        if Path(f).name != f:
+            raise RecordError(f"--add: {f} is in a subfolder of the run; a record holds the "
+                              "run's top-level outputs only")
+        if not (run_dir / f).is_file():
+            raise RecordError(f"--add: {f}, listed in {run_dir}'s manifest, is not in that "
+                              "folder (the run was moved or cut short); add a complete run")
     folder = root / name
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -1576,12 +1649,28 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
                 {"command": " ".join(["python -m studies." + manifest.get("study", "?"),
                                       *manifest.get("argv", [])]),
                  "machine": "(describe the machine and what else ran)"}, indent=2) + "\n")
-        Record(staging.name, root)  # the copies match the manifest
+        Record(staging.name, root)  # the copies match the manifest, of one clean commit
+        commit = manifest["git"]["commit"]
+        if not commit_in_repo(commit):
+            raise RecordError(f"--add {spec}: the run's commit {commit} is not in this "
+                              "repository, so a reader could not check out the code that "
+                              "measured it; record a run of a commit of this repository "
+                              "(fetch or push it first)")
+        differs = []
+        if about.is_file() and (folder / "manifest.json").is_file():
+            differs = _what_differs(json.loads((folder / "manifest.json").read_text()),
+                                    manifest)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if differs:
+        words = json.loads((folder / "record.json").read_text())
+        print(f"[readme] warning: record {name} keeps its record.json (machine: "
+              f"{words.get('machine')!r}), written for the run it replaced; the new run "
+              f"differs in {', '.join(differs)}: check its command and machine",
+              file=sys.stderr)
     return folder
 
 

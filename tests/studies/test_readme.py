@@ -6,10 +6,13 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from studies._common import STAGING_MARK
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("paper_readme", REPO / "paper" / "readme.py")
@@ -31,14 +34,22 @@ def test_the_command_line_check_agrees(capsys):
     assert readme.main(["--check"]) == 0
 
 
-def _run(folder: Path, files: dict[str, str]) -> Path:
+def _commit(rev: str = "HEAD") -> str:
+    """A commit of this repository (a record's run must be of one)."""
+    return subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _run(folder: Path, files: dict[str, str], **manifest) -> Path:
     folder.mkdir(parents=True)
     outputs = {}
     for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
         outputs[name] = hashlib.sha256(text.encode()).hexdigest()
     (folder / "manifest.json").write_text(json.dumps({"study": "x", "outputs": outputs,
-                                                      "git": {"commit": "ab" * 20}}))
+                                                      "git": {"commit": _commit()},
+                                                      **manifest}))
     return folder
 
 
@@ -48,7 +59,7 @@ def test_a_record_must_be_the_runs_own_output(tmp_path):
     readme.add(f"r={run}", ["a.csv"], root)
     assert "command" in json.loads((root / "r" / "record.json").read_text())
     rec = readme.Record("r", root)
-    assert rec.csv("a.csv").x.tolist() == [1] and rec.commit == "abababa"
+    assert rec.csv("a.csv").x.tolist() == [1] and rec.commit == _commit()[:7]
     # a copy edited by hand (a number typed in) no longer matches the run's manifest
     (root / "r" / "a.csv").write_text("x\n2\n")
     with pytest.raises(readme.RecordError, match="differs from the output"):
@@ -267,3 +278,58 @@ def test_the_scripts_use_their_own_checkouts_code(tmp_path):
         done = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", "Upper", ".hidden", ""])
+def test_a_record_name_is_a_folder_name(tmp_path, name):
+    """A NAME with / or .. raised FileNotFoundError (or wrote beside paper/record)."""
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"})
+    root = tmp_path / "record"
+    with pytest.raises(readme.RecordError, match="NAME=RUN|lower-case letters"):
+        readme.add(f"{name}={run}", ["a.csv"], root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_of_a_commit_not_in_this_repository_is_refused(tmp_path):
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"}, git={"commit": "f" * 40})
+    with pytest.raises(readme.RecordError, match=f"commit {'f' * 40} is not in this repo"):
+        readme.add(f"r={run}", ["a.csv"], tmp_path / "record")
+    assert not (tmp_path / "record" / "r").exists()
+
+
+def test_a_run_that_lacks_a_listed_output_or_is_staged_is_refused(tmp_path):
+    """A missing output raised FileNotFoundError; a subfolder's too; a staging folder was
+    taken as a finished run."""
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n", "b.csv": "y\n2\n", "sub/c.csv": "z"})
+    (run / "b.csv").unlink()
+    root = tmp_path / "record"
+    with pytest.raises(readme.RecordError, match="b.csv, listed in .* is not in that folder"):
+        readme.add(f"r={run}", ["a.csv", "b.csv"], root)
+    with pytest.raises(readme.RecordError, match="sub/c.csv is in a subfolder"):
+        readme.add(f"r={run}", ["sub/c.csv"], root)
+    (run / STAGING_MARK).write_text("made by a qerror study\n")
+    with pytest.raises(readme.RecordError, match="staging folder"):
+        readme.add(f"r={run}", ["a.csv"], root)
+    assert not (root / "r").exists()
+
+
+def test_re_adding_a_run_of_another_commit_or_machine_warns_that_the_words_stay(
+        tmp_path, capsys):
+    """The record.json written for one machine stayed, silently, with a run of another."""
+    root = tmp_path / "record"
+    first = _run(tmp_path / "a", {"a.csv": "1"}, platform="Linux-x86_64", machine={"cpus": 2},
+                 git={"commit": _commit("HEAD~1")})
+    readme.add(f"r={first}", ["a.csv"], root)
+    (root / "r" / "record.json").write_text(json.dumps({"command": "python -m studies.x",
+                                                        "machine": "an EPYC, one thread"}))
+    same = _run(tmp_path / "b", {"a.csv": "2"}, platform="Linux-x86_64", machine={"cpus": 2},
+                git={"commit": _commit("HEAD~1")})
+    readme.add(f"r={same}", ["a.csv"], root)
+    assert capsys.readouterr().err == ""  # the same machine and commit: nothing to say
+    other = _run(tmp_path / "c", {"a.csv": "3"}, platform="Linux-aarch64", machine={"cpus": 64})
+    readme.add(f"r={other}", ["a.csv"], root)
+    err = capsys.readouterr().err
+    assert "record r keeps its record.json (machine: 'an EPYC, one thread')" in err
+    assert f"commit {_commit('HEAD~1')[:7]} → {_commit()[:7]}" in err
+    assert "platform Linux-x86_64 → Linux-aarch64" in err and "cpus 2 → 64" in err
+    assert readme.Record("r", root).about["machine"] == "an EPYC, one thread"
