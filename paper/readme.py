@@ -36,6 +36,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1219,15 +1220,56 @@ _EE_RUNS = (("early_exit", "default (seed 0)"), ("early-exit-seed1", "seed 1"),
             ("early-exit-fresh", "default, trained on a fresh machine"))
 
 
+@dataclass(frozen=True)
+class EarlyExitVerdict:
+    """The INT8 early exit against FP32 full across the early-exit records
+    (:data:`_EE_RUNS`): how many baselines, the TOST margin (a fraction), on how many the
+    interval's lower end is above minus the margin (non-inferior), on how many both
+    one-sided tests pass (equivalent), and whether every failed equivalence failed on its
+    upper side alone (the early exit possibly better than FP32 full by more than the
+    margin). ``records``: each record's name and commit."""
+
+    baselines: int
+    margin: float
+    non_inferior: int
+    equivalent: int
+    fails_upper_only: bool
+    lowest: float
+    records: tuple[tuple[str, str], ...]
+
+
+def _ee_head(rec: Record) -> pd.Series:
+    """The early-exit record's headline operating point: the INT8 early exit under the
+    rule its run chose."""
+    summary = rec.json("summary.json")
+    pts = rec.csv("operating_points.csv")
+    return pts[(pts.system == "int8_early_exit")
+               & (pts.policy == summary["head_policy"])].iloc[0]
+
+
+def early_exit_verdict(records) -> EarlyExitVerdict:
+    """:class:`EarlyExitVerdict` of the early-exit records, read through ``records``
+    (:func:`record_reader`)."""
+    margin = {float(records(n).manifest["config"]["margin"]) for n, _ in _EE_RUNS}
+    if len(margin) != 1:
+        raise RecordError(f"the early-exit records disagree on the TOST margin: {sorted(margin)}")
+    margin = margin.pop()
+    heads = [(records(n), _ee_head(records(n))) for n, _ in _EE_RUNS]
+    lows = [h.tost_ci_lo for _, h in heads]
+    passes = [h.tost_p < float(rec.manifest["config"]["alpha"]) for rec, h in heads]
+    return EarlyExitVerdict(
+        baselines=len(heads), margin=margin, non_inferior=sum(lo > -margin for lo in lows),
+        equivalent=sum(passes),
+        fails_upper_only=all(ok or lo > -margin for ok, lo in zip(passes, lows)),
+        lowest=min(lows), records=tuple((rec.name, rec.commit) for rec, _ in heads))
+
+
 def early_exit_seeds(records) -> str:
-    heads_text, joint_gain, rows, lows, deltas, passes = [], [], [], [], [], []
+    heads_text, joint_gain, rows, deltas = [], [], [], []
     commits = sorted({records(n).commit for n, _ in _EE_RUNS})
     for name, label in _EE_RUNS:
         rec = records(name)
-        summary = rec.json("summary.json")
-        pts = rec.csv("operating_points.csv")
-        head = pts[(pts.system == "int8_early_exit")
-                   & (pts.policy == summary["head_policy"])].iloc[0]
+        head = _ee_head(rec)
         goals = rec.csv("goals.csv")
         heads = rec.csv("heads.csv")
         test = heads[heads.split == "test"].set_index(["variant", "exit"]).accuracy
@@ -1240,9 +1282,7 @@ def early_exit_seeds(records) -> str:
         others = goals.iloc[1:]
         met = "met" if others.met.astype(str).eq("True").all() else \
             f"{int(others.met.astype(str).eq('True').sum())} of {len(others)} met"
-        lows.append(head.tost_ci_lo)
         deltas.append(head.delta_vs_fp32_full)
-        passes.append(head.tost_p < float(rec.manifest["config"]["alpha"]))
         rows.append(f"| {label} | {rec.commit} | {points(head.delta_vs_fp32_full)} "
                     f"[{points(head.tost_ci_lo)}, {points(head.tost_ci_hi)}] | "
                     f"{head.tost_p:.3f} | {100 * head.macs_fraction:.1f} % | {met} |")
@@ -1255,15 +1295,12 @@ def early_exit_seeds(records) -> str:
              + ("" if lo_gain == hi_gain else f" to {hi_gain}")
              + f" points ({pct(joint_gain[0][0])} → {pct(joint_gain[0][1])} % on the default "
              "baseline)." if gains else "")
-    margin = {float(records(n).manifest["config"]["margin"]) for n, _ in _EE_RUNS}
-    if len(margin) != 1:
-        raise RecordError(f"the early-exit records disagree on the TOST margin: {sorted(margin)}")
-    margin = margin.pop()
-    within = sum(lo > -margin for lo in lows)
-    m = f"{100 * margin:g}"
-    verdict = (f"non-inferiority at the {m}-point margin on every one" if within == len(lows)
+    v = early_exit_verdict(records)
+    m = f"{100 * v.margin:g}"
+    verdict = (f"non-inferiority at the {m}-point margin on every one"
+               if v.non_inferior == v.baselines
                else f"non-inferiority at the {m}-point margin not shown on "
-               f"{len(lows) - within} of them")
+               f"{v.baselines - v.non_inferior} of them")
     again = records("early-exit-retrained").manifest["model"]
     fresh = records("early-exit-fresh").manifest["model"]
     return (
@@ -1285,14 +1322,13 @@ def early_exit_seeds(records) -> str:
         "goals:\n\n"
         "| baseline | commit | INT8 early exit − FP32 full (90 % CI), points | TOST p | MACs | "
         "other four goals |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        f"The lower end of the interval is above −{m} points on {within} of the "
-        f"{len(_EE_RUNS)} baselines (lowest {points(min(lows))}): {verdict}; the estimates "
+        f"The lower end of the interval is above −{m} points on {v.non_inferior} of the "
+        f"{v.baselines} baselines (lowest {points(v.lowest)}): {verdict}; the estimates "
         f"range from {points(min(deltas))} to {points(max(deltas))} points. The equivalence "
-        f"test itself (both one-sided tests) passes on {sum(passes)} of the {len(passes)}"
+        f"test itself (both one-sided tests) passes on {v.equivalent} of the {v.baselines}"
         + (": where it fails, its upper side does, the early exit possibly better than FP32 "
-           "full by more than the margin." if all(ok or lo > -margin for ok, lo in
-                                                  zip(passes, lows)) and not all(passes)
-           else "."))
+           "full by more than the margin." if v.fails_upper_only
+           and v.equivalent < v.baselines else "."))
 
 
 def dataset_equivalence(records) -> str:
@@ -1488,17 +1524,23 @@ def wrap(body: str) -> str:
     return "\n\n".join(out)
 
 
-def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
-    """``text`` with every record passage rendered, and the problems found (unknown
-    renderers, renderers without a passage, records that fail their manifest)."""
+def record_reader(root: Path = RECORDS) -> Callable[[str], Record]:
+    """``records(name)``: the :class:`Record` ``name`` of ``root``, each read and checked
+    once (what the renderers take)."""
     cache: dict[str, Record] = {}
-    problems: list[str] = []
 
     def records(name: str) -> Record:
         if name not in cache:
             cache[name] = Record(name, root)
         return cache[name]
+    return records
 
+
+def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
+    """``text`` with every record passage rendered, and the problems found (unknown
+    renderers, renderers without a passage, records that fail their manifest)."""
+    problems: list[str] = []
+    records = record_reader(root)
     seen = []
 
     def one(m: re.Match) -> str:

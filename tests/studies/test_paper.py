@@ -284,6 +284,44 @@ def test_the_paper_uses_only_outputs_of_known_studies():
     assert all(u.files[s] for s in build.STUDIES)  # every study has its place in the paper
 
 
+# --------------------------------------------------------------------------- README records
+
+
+def test_the_readme_records_verdict_is_read_from_the_records():
+    """main.tex stated by hand what the README's early-exit records show ('non-inferior ...
+    on every one; where it fails it fails on its upper side')."""
+    readme = build._readme()
+    verdict = readme.early_exit_verdict(readme.record_reader())
+    tex, records = build.readme_tex()
+    assert records == verdict.records and len(records) == verdict.baselines
+    assert "\\newcommand{\\readmeEarlyExitVerdict}{" \
+        + build.early_exit_records_sentence(verdict) + "}" in tex
+    main = (build.PAPER / "main.tex").read_text(encoding="utf-8")
+    assert "\\readmeEarlyExitVerdict" in main and "\\input{generated/readme.tex}" in main
+    assert "non-inferior to FP32 full at the half-point margin on\nevery one" not in main
+
+
+@pytest.mark.parametrize("non_inferior, equivalent, upper, says", [
+    (5, 5, True, "on every one, and the equivalence test passes on every one"),
+    (5, 2, True, "on every one, and where the equivalence test fails (three of them) it "
+                 "fails on its upper side"),
+    (4, 2, False, "margin on four of them, and the equivalence test fails on three of them"),
+])
+def test_the_readme_records_sentence_follows_the_verdict(non_inferior, equivalent, upper, says):
+    verdict = build._readme().EarlyExitVerdict(
+        baselines=5, margin=0.005, non_inferior=non_inferior, equivalent=equivalent,
+        fails_upper_only=upper, lowest=-0.01, records=(("early_exit", "abcdef1"),))
+    sentence = build.early_exit_records_sentence(verdict)
+    assert sentence.startswith("the INT8 early exit is non-inferior to FP32 full at the "
+                               "0.5-point margin")
+    assert says in sentence
+
+
+def test_a_broken_readme_record_stops_the_build(tmp_path):
+    with pytest.raises(build.BuildError, match="the README's records: record early_exit"):
+        build.readme_tex(tmp_path)
+
+
 # --------------------------------------------------------------------------- provenance
 
 
@@ -307,6 +345,11 @@ def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
         assert r"\texttt{" + digest[:32] + r"} \\" + "\n" + r" & \texttt{" + digest[32:] + "}" \
             in tex
     assert r"growth\_\allowbreak{}rms" in tex
+    assert "README records" not in tex
+    tex = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex",
+                               "c" * 40, records=(("early_exit", "765cd35"),))
+    assert r"\paragraph{README records.}" in tex
+    assert r"record/\allowbreak{}early\_\allowbreak{}exit} (commit \texttt{765cd35})" in tex
 
 
 def test_study_command_quotes_arguments():
