@@ -142,7 +142,12 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
 #   name (ResNet50, INT8, float32, AVX512) and is allowed; "10k" or "3rd" are refused.
 # * In mathematics ($...$, \(...\), \[...\], equation/align/gather/multline), integers are
 #   formulas (2^b, 1/12, 10 log10) and allowed; a decimal number (0.5, .5, 1{,}000, 0{.}5) is
-#   refused, and so is a formula that is a bare integer of two or more digits ($45$).
+#   refused, and so is a formula that is a bare integer of two or more digits ($45$). A
+#   formula of numbers alone (digits, operators, \approx, \times, spacing: no variable) is a
+#   result when it holds a percent sign ($88\,\%$) or is followed by one or by a unit
+#   ($\approx 88$\,\%, $-3$ points, $4$ bits, $2 \times 250$ images, $42$\,dB: UNITS);
+#   so is a sample size, n = an integer ($n = 500$). A formula with a variable
+#   ($-(1-p_0)/2$\,LSB) or with no unit after it ($1/12$, $32\times32$ input) is not.
 # * Definitions (\newcommand, \renewcommand, \def, in the preamble too) are checked in their
 #   bodies: a macro holding a typed result is a typed result; LaTeX's float parameters
 #   (LATEX_PARAMETERS) are set by number and left alone.
@@ -174,6 +179,27 @@ _LENGTH = re.compile(r"\d*\.?\d+(?:pt|em|ex|cm|mm|in|bp|sp|pc)(?![A-Za-z])"
                      r"(?![A-Za-z])")
 _PROSE_NUMBER = re.compile(r"(?<![A-Za-z0-9])\d+(?:[.,]\d+)*")
 _MATH_DECIMAL = re.compile(r"\d*(?:\.|\{,\}|\{\.\})\d+")
+# What follows a count or a measurement: a number in front of one is a result.
+UNITS = ("points", "point", "pp", "percent", "bits", "bit", "bytes", "byte", "kB", "MB", "GB",
+         "KiB", "MiB", "GiB", "dB", "LSB", "images", "image", "layers", "layer", "samples",
+         "runs", "seeds", "steps", "epochs", "iterations", "MACs", "s", "ms", "seconds",
+         "minutes", "hours", "times")
+_SPACING = r"(?:\s|~|\\[,;:! ]|\\quad\b|\{\})*"
+_UNIT_AFTER = re.compile(_SPACING + r"(?:\\%|-?(?:" + "|".join(UNITS) + r")(?![A-Za-z]))")
+# The signs and relations a formula of numbers alone may hold besides digits.
+_NUMERIC_COMMANDS = re.compile(r"\\(?:times|cdot|approx|sim|simeq|le|leq|ge|geq|pm|mp|lesssim"
+                               r"|gtrsim|%|[,;:! ]|quad|left|right|mathrm|text)(?![A-Za-z])")
+_MATH_NUMBER = re.compile(r"[-+]?\d+(?:(?:[.,]|\{,\}|\{\.\})\d+)*")
+_SAMPLE_SIZE = re.compile(r"(?<![A-Za-z\\])[nN](?:_(?:\{(?:[^{}]|\{[^{}]*\})*\}|\w))?\s*=\s*"
+                          r"(\d+(?:(?:[.,]|\{,\}|\{\.\})\d+)*)")
+
+
+def _numeric_formula(body: str) -> bool:
+    """Whether a formula (without its delimiters) is numbers alone: digits, signs,
+    relations, spacing, no variable."""
+    rest = _NUMERIC_COMMANDS.sub(" ", body).replace("{", " ").replace("}", " ")
+    return bool(re.search(r"\d", rest)) and re.fullmatch(r"[\d\s.,+\-*/=<>()^_~|]*", rest) \
+        is not None
 
 
 @dataclass(frozen=True)
@@ -253,6 +279,12 @@ def hand_typed_numbers(source: str) -> list[HandTyped]:
                             r"(\$\$?|\\[)\]])", text[start:end])
         if bare:
             found.append((start + bare.start(2), bare[2]))
+        body = re.sub(r"^(\$\$?|\\[(\[])|(\$\$?|\\[)\]])$", "", text[start:end])
+        offset = start + (len(text[start:end]) - len(text[start:end].lstrip("$\\[(")))
+        if not bare and _numeric_formula(body) and (
+                "\\%" in body or _UNIT_AFTER.match(text, end)):
+            found += [(offset + m.start(), m[0]) for m in _MATH_NUMBER.finditer(body)]
+        found += [(offset + m.start(1), m[1]) for m in _SAMPLE_SIZE.finditer(body)]
         text = _blank(text, start, end)
     names = "|".join(re.escape(c) for c in sorted(NON_PROSE_COMMANDS, key=len, reverse=True))
     for m in reversed(list(re.finditer(r"\\(?:" + names + r")(?![A-Za-z])\*?", text))):
@@ -268,8 +300,11 @@ def hand_typed_numbers(source: str) -> list[HandTyped]:
         text = _blank(text, *m.span())
     text = re.sub(r"#\d", "  ", text)
     found += [(m.start(), m[0]) for m in _PROSE_NUMBER.finditer(text)]
-    out = []
-    for pos, number in sorted(found):
+    out, taken = [], -1
+    for pos, number in sorted(found, key=lambda f: (f[0], -len(f[1]))):
+        if pos < taken:  # a number two rules found (a decimal in a formula with a unit)
+            continue
+        taken = pos + len(number)
         line = source.count("\n", 0, pos) + 1
         out.append(HandTyped(line, number, source.splitlines()[line - 1].strip()))
     return out

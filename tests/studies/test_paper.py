@@ -423,6 +423,15 @@ def numbers(body: str, preamble: str = "") -> list[str]:
     ("\\providecommand{\\a}{88.81} \\DeclareRobustCommand{\\b}{12} \\gdef\\c{13} "
      "\\edef\\d{14} \\newcommand\\e{15}", ["88.81", "12", "13", "14", "15"]),
     ("$88\\%$, $-45$ and $+12$, but $-1$ and $0$", ["88\\%", "-45", "+12"]),
+    # results typed in math with a percent sign, a unit or as a sample size (a review)
+    ("The network reaches $88\\,\\%$ in float.", ["88"]),
+    ("The network reaches $\\approx 88$\\,\\% in float.", ["88"]),
+    ("On $n = 500$ test images the drop is $3$ points.", ["500", "3"]),
+    ("The drop is $-3$ points, at $p < 10^{-3}$.", ["-3"]),
+    ("Truncation loses $7$ points at $4$ bits.", ["7", "4"]),
+    ("The subset holds $2 \\times 250$ images.", ["2", "250"]),
+    ("the SQNR is $4\\cdot 10 + 2$\\,dB, $3$~s and $5$-bit", ["4", "10", "2", "3", "5"]),
+    ("$N_{\\mathrm{test}} = 250$, $n=1{,}000$ and $0.5$ points", ["250", "1{,}000", "0.5"]),
 ])
 def test_hand_typed_numbers_are_found(body, found):
     assert numbers(body) == found
@@ -442,6 +451,10 @@ def test_hand_typed_numbers_are_found(body, found):
     "\\begin{figure}[t] \\includegraphics[width=0.8\\textwidth]{a1.pdf} \\end{figure}",
     "\\begin{thebibliography}{99}\\bibitem{a} A. Title. 45(2):353--361, 1996."
     "\\end{thebibliography}",
+    # formulas with a variable, or with no unit after them, are the theory's constants
+    "bias $-(1-p_0)/2$\\,LSB, MSE $1/12$ \\& $1/3$, about $f(0)/6$, a $32\\times32$ input",
+    "$0$ & $1/6$ & $1/3$ \\\\ and $b$ bits, $2^b$ codes, $z \\neq 0$ points away",
+    "\\driftAccNearestEvenEight\\,\\% at $\\alpha$ and $(-1, 1)$ (a value)",
 ])
 def test_allowed_digits_are_not_flagged(body):
     assert numbers(body) == []
