@@ -284,6 +284,25 @@ def test_the_paper_uses_only_outputs_of_known_studies():
     assert all(u.files[s] for s in build.STUDIES)  # every study has its place in the paper
 
 
+def test_a_smoke_build_says_so_on_every_page(tmp_path, monkeypatch):
+    """The smoke paper looked like the paper: no page before the early-exit section's own
+    note said its numbers came from --smoke runs."""
+    fake_ledger(monkeypatch)
+    gen = tmp_path / "generated"
+    build.write_generated(all_runs(tmp_path / "smoke"), uses(), gen, smoke=True)
+    assert "\\smokebuildtrue" in (gen / "build.tex").read_text()
+    build.write_generated(all_runs(tmp_path / "full", argv=[]), uses(), gen)
+    assert "\\smokebuildtrue" not in (gen / "build.tex").read_text()
+    main = (build.PAPER / "main.tex").read_text(encoding="utf-8")
+    assert "\\input{generated/build.tex}" in main
+    preamble, body = main.split("\\begin{document}")
+    # the running header of every page (the title page's plain style too) and a box under
+    # the title
+    assert "\\ifsmokebuild" in preamble and "\\fancypagestyle{plain}" in preamble
+    assert body.lstrip().startswith("\n\\maketitle\n\\ifsmokebuild".lstrip())
+    assert "\\smokenote" in body.split("\\begin{abstract}")[0]
+
+
 # --------------------------------------------------------------------------- README records
 
 
