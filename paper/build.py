@@ -529,9 +529,12 @@ def tex_escape(text: str) -> str:
 
 def _tt(text: str) -> str:
     # Breakable typewriter text: long paths and commands may wrap after / and _ and spaces;
-    # "-{}" keeps "--smoke" two hyphens (T1 fonts make an en dash of "--").
+    # "-{}" keeps "--smoke" two hyphens (T1 fonts make an en dash of "--"); quotes stay
+    # straight, as the shell needs them (T1 typewriter curls ' and `; upquote straightens
+    # verbatim only, not \texttt).
     out = tex_escape(text).replace("-", "-{}").replace("/", r"/\allowbreak{}") \
-        .replace(r"\_", r"\_\allowbreak{}")
+        .replace(r"\_", r"\_\allowbreak{}").replace("'", r"\textquotesingle{}") \
+        .replace("`", r"\textasciigrave{}")
     return r"\texttt{" + out + "}"
 
 

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -369,6 +370,26 @@ def test_provenance_lists_command_commit_and_every_sha256(tmp_path):
                                "c" * 40, records=(("early_exit", "765cd35"),))
     assert r"\paragraph{README records.}" in tex
     assert r"record/\allowbreak{}early\_\allowbreak{}exit} (commit \texttt{765cd35})" in tex
+
+
+@pytest.mark.skipif(not (shutil.which("pdflatex") and shutil.which("pdftotext")),
+                    reason="needs pdflatex and pdftotext")
+def test_provenance_commands_print_straight_quotes(tmp_path):
+    """A command's quoted argument printed with curly quotes in T1 typewriter ('~/x y' as
+    ’~/x y’): copied from the PDF, it is not the command that ran."""
+    manifest = {"study": "drift", "argv": ["--data-root", "~/x y"], "config": {"seed": 0},
+                "git": {"commit": "ab" * 20}, "outputs": {}}
+    tex = build.provenance_tex({"drift": manifest}, "python -m studies.ledger --latex", None)
+    main = (build.PAPER / "main.tex").read_text(encoding="utf-8")
+    preamble = main[:main.index("% The studies' numbers")]  # the packages, before any input
+    (tmp_path / "p.tex").write_text(preamble + "\\begin{document}\n" + tex
+                                    + "\\end{document}\n", encoding="utf-8")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "p.tex"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    text = subprocess.run(["pdftotext", str(tmp_path / "p.pdf"), "-"], capture_output=True,
+                          text=True).stdout
+    assert "--data-root '~/x y'" in text and "\u2019" not in text
 
 
 def test_study_command_quotes_arguments():
