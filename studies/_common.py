@@ -1076,6 +1076,11 @@ class RunDir:
         return False
 
 
+#: The paper's text width in inches (A4 less 2.3 cm margins): a figure drawn at this width
+#: prints its text at the sizes it sets; a wider one shrinks it in proportion.
+PRINT_WIDTH = 6.3
+
+
 def figure_style():
     """Matplotlib with the non-interactive backend and one house style."""
     import matplotlib

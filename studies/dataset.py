@@ -578,10 +578,10 @@ def figure_storage(plt, storage: pd.DataFrame):
         y = np.arange(len(labels)) + j * height
         ax.barh(y, d.bytes, height=height, color=f"C{j}", label=fmt)
         for yi, b in zip(y, d.bytes):
-            ax.text(b * 1.1, yi, _human(b), va="center", fontsize=5)
+            ax.text(b * 1.1, yi, _human(b), va="center", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlim(right=ax.get_xlim()[1] * 8)
-    ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2, labels, fontsize=7)
+    ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("bytes (from shape × element size)")
     ax.legend(fontsize=7, frameon=False)

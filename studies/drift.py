@@ -65,6 +65,7 @@ import contextlib
 import copy
 import math
 import os
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,7 @@ from qerror.stats import (
 )
 from studies._common import (
     DATA_ROOT_HELP,
+    PRINT_WIDTH,
     RunDir,
     StudyError,
     available_memory,
@@ -1068,7 +1070,8 @@ def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
               ("bn_mean_shift_qf_mean", "BN mean shift from quantization (σ_run)"),
               ("bn_var_ratio_qf_gmean", "BN variance ratio σ²_q/σ²_f")]
     d = sites[(sites.bits == bits) & (sites.target == target)]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+    # near the paper's text width (printed at 7/8 of this): its text prints at 6 to 8 points
+    fig, axes = plt.subplots(2, 3, figsize=(1.15 * PRINT_WIDTH, 5.4), sharex=True)
     modes = list(dict.fromkeys(d["mode"]))
     colors = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (metric, label) in zip(axes.flat, panels):
@@ -1082,13 +1085,15 @@ def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
                 continue
             s = dm[dm.metric == metric].sort_values("order")
             ax.plot(s.order, s.value, "-", color=colors[mode], label=mode, lw=1)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(textwrap.fill(label, 28), fontsize=8)
+        ax.tick_params(labelsize=7)
         if metric == "drift_rel_rms_channel_debiased":
             ax.set_yscale("symlog", linthresh=1e-4)
     for ax in axes[1]:
-        ax.set_xlabel("site (execution order)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{bits}-bit, {target}: quantized minus float network along depth")
+        ax.set_xlabel("site (execution order)", fontsize=8)
+    axes[0, 0].legend(fontsize=6.5)
+    fig.suptitle(f"{bits}-bit, {target}: quantized minus float network along depth",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

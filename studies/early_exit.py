@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ from qerror.stats import (
 )
 from studies._common import (
     DATA_ROOT_HELP,
+    PRINT_WIDTH,
     RunDir,
     StudyError,
     base_parser,
@@ -448,7 +450,8 @@ def equivalence_sides(p_below: float, p_above: float) -> str:
 # --------------------------------------------------------------------------- figures
 
 def figure_sweeps(plt, sweeps: pd.DataFrame, points: pd.DataFrame):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    # near the paper's text width (printed at 0.9 of it): its text prints at 6.5 to 8 points
+    fig, axes = plt.subplots(1, 2, figsize=(1.1 * PRINT_WIDTH, 3.6), sharey=True)
     for ax, policy in zip(axes, [p.value for p in ExitPolicy]):
         d = sweeps[(sweeps.split == "test") & (sweeps.policy == policy)]
         for system in SYSTEMS:
@@ -460,8 +463,8 @@ def figure_sweeps(plt, sweeps: pd.DataFrame, points: pd.DataFrame):
         for _, r in points[points.policy.isin(list(marks))].iterrows():
             ax.plot(100 * r.macs_fraction, 100 * r.accuracy, marks[r.policy], ms=6)
         ax.set_xlabel("average MACs (% of the full network)")
-        ax.set_title(f"{policy} (test split; chosen on validation: * shared threshold, "
-                     "+ one per exit)", fontsize=8)
+        ax.set_title(textwrap.fill(f"{policy} (test split; chosen on validation: * shared "
+                                   "threshold, + one per exit)", 48), fontsize=8)
     axes[0].set_ylabel("top-1 accuracy (%)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

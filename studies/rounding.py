@@ -41,6 +41,7 @@ from qerror.nn import eval_mode
 from qerror.nonuniform import lloyd_max
 from studies._common import (
     DATA_ROOT_HELP,
+    PRINT_WIDTH,
     RunDir,
     StudyError,
     base_parser,
@@ -395,14 +396,18 @@ def figure_clipping(plt, curves: pd.DataFrame, optima: pd.DataFrame, mode: str):
 def figure_histograms(plt, samples: pd.DataFrame):
     ratios = sorted(samples.ratio.unique())
     modes = list(dict.fromkeys(samples["mode"]))
-    fig, axes = plt.subplots(len(ratios), len(modes), figsize=(2.0 * len(modes),
-                             1.8 * len(ratios)), sharex=True, squeeze=False)
+    # drawn at the paper's text width, so that its 6- and 7-point text prints at that size
+    fig, axes = plt.subplots(len(ratios), len(modes), figsize=(PRINT_WIDTH,
+                             1.6 * len(ratios)), sharex=True, squeeze=False)
     bins = np.linspace(-1.0, 1.0, 81)
     for i, ratio in enumerate(ratios):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
             e = samples[(samples.ratio == ratio) & (samples["mode"] == mode)].error_lsb
-            ax.hist(np.clip(e, -1, 1), bins=bins, density=True, color=f"C{j}")
+            # one filled outline: bars of 80 bins with the style's white edges vanish at
+            # this size
+            ax.hist(np.clip(e, -1, 1), bins=bins, density=True, color=f"C{j}",
+                    histtype="stepfilled", linewidth=0)
             if i == 0:
                 ax.set_title(mode, fontsize=7)
             if j == 0:

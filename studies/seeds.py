@@ -28,6 +28,7 @@ minute a seed on one core of this kind of machine) and measures them on 512 test
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 import numpy as np
@@ -41,6 +42,7 @@ from qerror.nn.seeds import network_statements
 from qerror.nn.training import TrainConfig, fit, tensor_batches
 from studies._common import (
     DATA_ROOT_HELP,
+    PRINT_WIDTH,
     RunDir,
     base_parser,
     check_out,
@@ -71,7 +73,8 @@ FIGURE_QUANTITIES = (("drift_deep", "deepest conv: per-channel drift / float std
 
 def figure_seeds(plt, statements: pd.DataFrame):
     """Each quantity across seeds: one point per seed, by width and mode."""
-    fig, axes = plt.subplots(1, len(FIGURE_QUANTITIES), figsize=(4.2 * len(FIGURE_QUANTITIES), 3.4))
+    # at the paper's text width: its text prints at the sizes set here
+    fig, axes = plt.subplots(1, len(FIGURE_QUANTITIES), figsize=(PRINT_WIDTH, 2.9))
     modes = list(dict.fromkeys(statements["mode"]))
     widths = sorted(statements.bits.unique(), reverse=True)
     for ax, (quantity, title, log) in zip(axes, FIGURE_QUANTITIES):
@@ -85,8 +88,9 @@ def figure_seeds(plt, statements: pd.DataFrame):
         ax.set_xticks(range(len(widths)), [f"{b} bits" for b in widths])
         if log:
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
+        ax.set_title(textwrap.fill(title, 30), fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6.5)
     fig.tight_layout()
     return fig
 
