@@ -1081,6 +1081,13 @@ class RunDir:
 PRINT_WIDTH = 6.3
 
 
+def row_width(panels: int, per_panel: float, share: float = 1.0) -> float:
+    """Width in inches of a figure of ``panels`` panels side by side, ``per_panel`` each, at
+    most 1.15 times the width it prints at (``share`` of :data:`PRINT_WIDTH`): however many
+    panels a run draws, its text prints at no less than 1/1.15 (0.87) of the size it is set at."""
+    return min(panels * per_panel, 1.15 * share * PRINT_WIDTH)
+
+
 def figure_style():
     """Matplotlib with the non-interactive backend and one house style."""
     import matplotlib

@@ -84,6 +84,7 @@ from studies._common import (
     paired_ratio,
     positive_int,
     refuse_beyond_splits,
+    row_width,
     study_main,
     user_path,
 )
@@ -525,7 +526,7 @@ def figure_accuracy(plt, acc: pd.DataFrame):
     flt = acc[acc.config == "float32"].iloc[0]
     offline = acc[acc.config != "float32"]
     bit_list = sorted(offline.bits.unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(bit_list), figsize=(3.2 * len(bit_list), 2.8), sharey=True,
+    fig, axes = plt.subplots(1, len(bit_list), figsize=(row_width(len(bit_list), 3.2, 0.85), 2.8), sharey=True,
                              squeeze=False)
     for ax, bits in zip(axes[0], bit_list):
         d = offline[offline.bits == bits].reset_index(drop=True)
@@ -545,7 +546,7 @@ def figure_accuracy(plt, acc: pd.DataFrame):
 
 def figure_pixel_error(plt, levels: pd.DataFrame):
     bit_list = sorted(levels.bits.unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(bit_list), figsize=(3.4 * len(bit_list), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(bit_list), figsize=(row_width(len(bit_list), 3.4, 0.85), 2.8), squeeze=False)
     styles = ("-", "--", ":", "-.", (0, (1, 3)))
     for ax, bits in zip(axes[0], bit_list):
         d = levels[levels.bits == bits]

@@ -139,6 +139,7 @@ from studies._common import (
     nonnegative_int,
     positive_int,
     refuse_beyond_splits,
+    row_width,
     study_main,
     user_path,
 )
@@ -1100,7 +1101,7 @@ def figure_depth(plt, sites: pd.DataFrame, bits: int, target: str):
 
 def figure_accuracy(plt, acc: pd.DataFrame):
     targets = list(dict.fromkeys(acc.target))
-    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.4), sharey=True,
+    fig, axes = plt.subplots(1, len(targets), figsize=(row_width(len(targets), 4.0), 3.4), sharey=True,
                              squeeze=False)
     for ax, target in zip(axes[0], targets):
         d = acc[(acc.target == target) & (acc.remedy == "none")]
@@ -1123,7 +1124,7 @@ def figure_accuracy(plt, acc: pd.DataFrame):
 
 def figure_growth(plt, sites: pd.DataFrame, target: str, metric: str):
     bits_list = sorted(sites.bits.unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(bits_list), figsize=(4.2 * len(bits_list), 3.6),
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(row_width(len(bits_list), 4.2, 0.85), 3.6),
                              squeeze=False, sharey=True)
     for ax, bits in zip(axes[0], bits_list):
         d = sites[(sites.bits == bits) & (sites.target == target) & (sites.metric == metric)
@@ -1173,7 +1174,7 @@ def figure_calibration_curve(plt, curve: pd.DataFrame):
     images it was fitted on, one column per width; dotted: the same without a remedy; open
     markers: the fits on further disjoint draws of as many images."""
     widths = sorted(curve.bits.unique(), reverse=True)
-    fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 6.2), squeeze=False,
+    fig, axes = plt.subplots(2, len(widths), figsize=(row_width(len(widths), 4.2, 0.85), 6.2), squeeze=False,
                              sharex=True)
     for col, bits in enumerate(widths):
         for (mode, remedy), d in curve[curve.bits == bits].groupby(["mode", "remedy"],

@@ -50,6 +50,7 @@ from studies._common import (
     figure_style,
     held_out,
     int_at_least,
+    row_width,
     study_main,
     user_path,
 )
@@ -345,7 +346,7 @@ def activation_errors(model: torch.nn.Module, images: torch.Tensor, modes,
 def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str, bits: int):
     data = regime[(regime.metric == metric) & (regime.bits == bits)]
     law_names = list(dict.fromkeys(data.law))
-    fig, axes = plt.subplots(1, len(law_names), figsize=(3.0 * len(law_names), 2.8),
+    fig, axes = plt.subplots(1, len(law_names), figsize=(row_width(len(law_names), 3.0), 2.8),
                              sharey=True, squeeze=False)
     for ax, law in zip(axes[0], law_names):
         d = data[data.law == law]
@@ -369,7 +370,7 @@ def figure_regime(plt, regime: pd.DataFrame, metric: str, ylabel: str, bits: int
 def figure_clipping(plt, curves: pd.DataFrame, optima: pd.DataFrame, mode: str):
     data = curves[curves["mode"] == mode]
     law_names = list(dict.fromkeys(data.law))
-    fig, axes = plt.subplots(1, len(law_names), figsize=(3.0 * len(law_names), 2.8),
+    fig, axes = plt.subplots(1, len(law_names), figsize=(row_width(len(law_names), 3.0, 0.9), 2.8),
                              squeeze=False)
     for ax, law in zip(axes[0], law_names):
         d = data[data.law == law]

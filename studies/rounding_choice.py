@@ -85,6 +85,7 @@ from studies._common import (
     positive_float,
     positive_int,
     refuse_beyond_splits,
+    row_width,
     study_main,
     user_path,
 )
@@ -361,7 +362,7 @@ def figure_scatter(plt, ud: pd.DataFrame):
 
 def figure_accuracy(plt, acc: pd.DataFrame):
     models = list(dict.fromkeys(acc.model))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(row_width(len(models), 5.0), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         d = acc[(acc.model == model) & (acc.method != "float")]
         d = d[(d.method != "adaround") | d.headline]
@@ -384,7 +385,7 @@ def figure_accuracy(plt, acc: pd.DataFrame):
 def figure_curve(plt, acc: pd.DataFrame, curve: pd.DataFrame, x: str):
     """AdaRound accuracy against iterations per layer (or against seconds: a timing figure)."""
     models = list(dict.fromkeys(curve.model))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(row_width(len(models), 4.2, 0.8), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models):
         c = curve[curve.model == model]
         bits = int(c.bits.iloc[0])
@@ -409,7 +410,7 @@ def figure_curve(plt, acc: pd.DataFrame, curve: pd.DataFrame, x: str):
 
 def figure_sqnr(plt, sites: pd.DataFrame):
     keys = list(dict.fromkeys(zip(sites.model, sites.bits)))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(row_width(len(keys), 4.4), 3.4), squeeze=False)
     for ax, (model, bits) in zip(axes[0], keys):
         d = sites[(sites.model == model) & (sites.bits == bits) & (sites.metric == "sqnr_db")]
         for method in dict.fromkeys(d.method):

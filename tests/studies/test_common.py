@@ -805,3 +805,13 @@ def test_publish_folder_swaps_a_staged_folder_in_whole(tmp_path, monkeypatch):
     link.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(_common.StudyError, match="symbolic link"):
         _common.publish_folder(stage, link)
+
+
+def test_a_row_of_panels_is_never_drawn_much_wider_than_it_prints():
+    """Three 4.2-inch panels printed at 0.85 of the text width were 12.6 inches wide, and
+    their text printed at under half its size."""
+    from studies._common import PRINT_WIDTH, row_width
+
+    assert row_width(1, 4.2, 0.85) == 4.2
+    assert row_width(3, 4.2, 0.85) == pytest.approx(1.15 * 0.85 * PRINT_WIDTH)
+    assert 0.85 * PRINT_WIDTH / row_width(6, 3.0, 0.85) >= 1 / 1.15 - 1e-12
