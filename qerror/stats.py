@@ -322,13 +322,19 @@ def crossed_mean_test(
 
     with ``s²`` the sample variances of the row means and of the column means, has
     expectation ``σ_a²/R + σ_b²/C + 2σ_e²/(RC)``: it is conservative by ``σ_e²/(RC)``,
-    which is small beside the other terms when both ``R`` and ``C`` are more than a few
-    (resampling rows and columns independently, Owen's pigeonhole bootstrap [1]_, has the
-    same bias). The t law's degrees of freedom are Satterthwaite's [2]_ for the sum of the
-    two terms, ``V̂² / ((s_rows²/R)²/(R−1) + (s_cols²/C)²/(C−1))``; with the rows' term
-    dominant they approach ``R − 1``, the seeds' own t-interval's. A table whose values are
-    all equal has zero variance: the statistic is 0 (p = 1) at that value and ±inf (p = 0)
-    elsewhere, as in :func:`bias_test`.
+    which matters where the residual dominates (on the N4 table of tests/test_claims.py at
+    eight bits it makes the variance about 1.4 times an unbiased estimate's). Resampling
+    rows and columns independently, Owen's pigeonhole bootstrap [1]_, is conservative in
+    the same way, by more. Where the rows' and the columns' means all agree while the values
+    differ, both terms are 0; the estimate is then never below the residual's own share,
+    ``MS_e/(RC)`` (``MS_e`` the interaction's mean square, ``(R−1)(C−1)`` degrees of
+    freedom). The t law's degrees of freedom are Satterthwaite's [2]_ for the sum of the two
+    terms, ``V̂² / ((s_rows²/R)²/(R−1) + (s_cols²/C)²/(C−1))``, rounded down; with the rows'
+    term dominant they approach ``R − 1``, the seeds' own t-interval's. In simulation (2000
+    tables of unit seed, image and residual variances) the test rejected a true mean 4.75 %
+    of the time at α = 0.05 with 20 rows and 50 columns, but 6.65 % with 3 rows: give it
+    enough rows. A table whose values are all equal has zero variance: the statistic is 0
+    (p = 1) at that value and ±inf (p = 0) elsewhere, as in :func:`bias_test`.
 
     References
     ----------
@@ -355,10 +361,19 @@ def crossed_mean_test(
         v_rows = float(x.mean(axis=1).var(ddof=1)) / rows
         v_cols = float(x.mean(axis=0).var(ddof=1)) / cols
     var = v_rows + v_cols
-    se = math.sqrt(var)
     denom = v_rows ** 2 / (rows - 1) + v_cols ** 2 / (cols - 1)
-    df = int(var * var / denom) if denom > 0 else rows - 1
-    df = max(df, 1)
+    # rounded down, but not below a whole number the quotient misses by its rounding
+    # (identical columns give R - 1 exactly, as the rows' own t-test)
+    df = max(math.floor(var * var / denom * (1 + 1e-12)), 1) if denom > 0 else rows - 1
+    # the residual's share, σ_e²/(RC), which the two terms' estimate holds too: where the
+    # rows' and columns' means all agree while the values differ (an interaction alone)
+    # the terms are 0 and it is the estimate, with the residual's degrees of freedom
+    if x.min() != x.max():
+        resid = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + mean
+        floor = float((resid * resid).sum()) / ((rows - 1) * (cols - 1)) / (rows * cols)
+        if floor > var:
+            var, df = floor, (rows - 1) * (cols - 1)
+    se = math.sqrt(var)
     stat, p, ci, verdict = _t_verdict(
         mean, se, df, mu0, alpha, unit,
         ("mean", f"mean over {rows} rows × {cols} columns, both random,"))

@@ -35,8 +35,9 @@ reconstruction (weights-only AdaRound); the bias stays float.
 The reconstruction loss is summed over output channels (features) and averaged over images
 and spatial positions, the convention of BRECQ's released code [2]_ (other authors', after
 the paper); ``λ`` is read against that scale. ``β`` decays linearly from ``beta[0]`` to
-``beta[1]`` over the iterations after the warm-up (``round(warmup · iterations)`` steps; a
-single step after it takes ``beta[1]``); during the warm-up the regulariser is off.
+``beta[1]`` over the iterations after the warm-up (``round(warmup · iterations)`` steps, at
+most all but the last; a single step after it takes ``beta[1]``); during the warm-up the
+regulariser is off.
 
 With zero iterations the hard choice is ``frac(w/s) ≥ 1/2``: round half *up*, which equals
 :attr:`qerror.RoundingMode.NEAREST_EVEN` everywhere except at exact ties ``frac = 1/2``.
@@ -180,9 +181,10 @@ class AdaRoundSettings:
 
     def beta_at(self, step: int) -> float | None:
         """``β`` of step ``step`` (0-based), or ``None`` during the warm-up: the first
-        ``round(warmup · iterations)`` steps. Then linear from ``beta[0]`` to ``beta[1]`` at
+        ``round(warmup · iterations)`` steps, at most all but the last. Then linear from ``beta[0]`` to ``beta[1]`` at
         the last step; a single step after the warm-up is the last and takes ``beta[1]``."""
-        start = round(self.warmup * self.iterations)
+        # rounded, but leaving at least one regularised step (0.95 of 10 rounds to all 10)
+        start = min(round(self.warmup * self.iterations), max(self.iterations - 1, 0))
         if step < start:
             return None
         span = self.iterations - 1 - start

@@ -292,9 +292,17 @@ class ExitResult:
 StageFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Modules whose output depends on the other samples of the batch, or on chance, in training
+# (a BatchNorm without running statistics does in evaluation mode too)
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _mixes_samples(m: nn.Module) -> bool:
+    return isinstance(m, _MODE_DEPENDENT) and (
+        m.training or (isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and not m.track_running_stats))
 _TRAINING_MODE = ("call .eval() before running the early-exit network: in training mode "
-                  "BatchNorm mixes the samples of a batch, and early exit changes the batch")
+                  "BatchNorm mixes the samples of a batch (and one without running "
+                  "statistics does in any mode), and early exit changes the batch")
 
 
 def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -> ExitResult:
@@ -338,8 +346,8 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             or x.shape[0] == 0:
         raise ValueError("x must be a non-empty floating-point batch (N, ...), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
-    if any(isinstance(s, nn.Module) and any(
-            m.training for m in s.modules() if isinstance(m, _MODE_DEPENDENT)) for s in stages):
+    if any(isinstance(s, nn.Module) and any(_mixes_samples(m) for m in s.modules())
+           for s in stages):
         raise RuntimeError(_TRAINING_MODE)
     n = x.shape[0]
     alive = torch.arange(n)
@@ -698,6 +706,15 @@ class EarlyExitResNet(nn.Module):
             raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
                              f"{input_shape!r}")
         first = next(self.backbone.parameters())
+        batch_mixing = [n for n, m in self.backbone.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        and not m.track_running_stats]
+        if batch_mixing:
+            raise UnsupportedModelError(
+                f"{batch_mixing[0]!r} is a BatchNorm without running statistics: it normalises "
+                "with the batch's own even in evaluation mode, so a sample's output would "
+                "depend on which others have not exited yet; use BatchNorms that track "
+                "running statistics (torchvision's default)")
         with eval_mode(self.backbone), torch.no_grad():
             probe = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0),
                                 dtype=first.dtype).to(first.device)
@@ -711,6 +728,10 @@ class EarlyExitResNet(nn.Module):
         # (a subclass normalising its input, say) would be lost, and threshold 1.0 would not
         # be the given network. The same operations on the same input give the same values
         # (the tolerance is float rounding's, not a network's difference).
+        if not (bool(torch.isfinite(whole).all()) and bool(torch.isfinite(chained).all())):
+            raise ValueError(f"{type(self.backbone).__name__} gives NaN or Inf logits on a "
+                             "random input: its weights or statistics are not finite; load "
+                             "a sound checkpoint")
         if whole.shape != chained.shape or not torch.allclose(
                 whole, chained, rtol=1e-4, atol=1e-5 * float(whole.abs().max().clamp(min=1))):
             raise UnsupportedModelError(

@@ -577,6 +577,13 @@ def _state_file_problem(path: Path) -> TrainError | None:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         return TrainError(f"state_path {path} exists and is not a qerror training state (no "
                           f"format {STATE_FORMAT!r}); it is left as it is. {where}")
+    # torch reads a tensor's bytes without their checksum: a state whose data were changed
+    # after it was written loads, and would resume with them
+    if _damaged_torch_archive(path):
+        return TrainError(
+            f"the training state {path} is damaged: a member of its archive fails its "
+            "checksum (its bytes changed after it was written), so it cannot be resumed. It "
+            f"is left as it is: delete {path} to start over from the first step")
     return None
 
 

@@ -185,6 +185,10 @@ def test_beta_reaches_its_end_and_the_warm_up_is_rounded():
     assert [five.beta_at(k) for k in range(5)] == [None] * 4 + [2.0]
     cfg = AdaRoundSettings(bits=4, iterations=100, warmup=0.29)
     assert cfg.beta_at(28) is None and cfg.beta_at(29) == 20.0 and cfg.beta_at(99) == 2.0
+    # rounding never leaves the regulariser no step (0.95 of 10 rounds to all ten)
+    for iterations, warmup in ((10, 0.95), (1, 0.6), (3, 0.9)):
+        cfg = AdaRoundSettings(bits=4, iterations=iterations, warmup=warmup)
+        assert cfg.beta_at(iterations - 1) == 2.0, (iterations, warmup)
 
 
 def test_a_non_finite_weight_is_refused_naming_its_layer_before_any_layer_is_learned():

@@ -304,6 +304,22 @@ def test_a_resnet_whose_forward_does_more_than_its_modules_is_refused():
     EarlyExitResNet(plain.eval())  # the same modules without the extra step: taken
 
 
+def test_a_backbone_with_non_finite_weights_or_batch_statistics_is_refused_clearly():
+    """A NaN weight crashed the probe inside torch.allclose ('atol must be greater than or
+    equal to zero, but got -nan'); BatchNorms without running statistics failed on the
+    probe's batch of one, and would mix the samples of a batch in evaluation mode too."""
+    net = fashion_resnet("resnet18", seed=4).eval()
+    with torch.no_grad():
+        net.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf logits on a random input"):
+        EarlyExitResNet(net)
+    plain = torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: nn.BatchNorm2d(
+        c, track_running_stats=False))
+    with pytest.raises(UnsupportedModelError, match="'bn1' is a BatchNorm without running "
+                                                    "statistics"):
+        EarlyExitResNet(plain.eval())
+
+
 def test_the_runner_refuses_stages_in_training_mode(resnet18):
     """run_early_exit ran stages whose BatchNorms were training: a sample's output depended
     on which others were still in the batch, and the running statistics moved."""

@@ -766,3 +766,28 @@ def test_a_damaged_state_is_named_as_such_and_left_as_it_is(tmp_path):
     with pytest.raises(TrainError, match="is not a qerror training state.*another --checkpoint"):
         fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
             progress=False)
+
+
+def test_a_state_whose_bytes_changed_is_damaged_though_torch_loads_it(tmp_path):
+    """A byte flipped in a tensor's data: torch.load reads it without the zip checksum, and
+    the run resumed to the end with the changed weights."""
+    import zipfile
+
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+    with zipfile.ZipFile(state) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    raw = bytearray(state.read_bytes())
+    name = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    extra = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    raw[info.header_offset + 30 + name + extra + 5] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    torch.load(state, map_location="cpu", weights_only=True)  # loads: no checksum read
+    with pytest.raises(TrainError, match="is damaged: a member of its archive fails its "
+                                         "checksum"):
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+            progress=False)
+    assert state.read_bytes() == bytes(raw)
