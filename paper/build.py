@@ -194,6 +194,12 @@ _SAMPLE_SIZE = re.compile(r"(?<![A-Za-z\\])[nN](?:_(?:\{(?:[^{}]|\{[^{}]*\})*\}|
                           r"(\d+(?:(?:[.,]|\{,\}|\{\.\})\d+)*)")
 
 
+# A fraction of one- or two-digit integers, signed or not ($1/12$\,LSB$^2$, $-1/2$\,LSB,
+# \frac{1}{3}): the uniform-noise model's constants, which a unit may follow
+_CONSTANT_FRACTION = re.compile(
+    r"\s*[-+]?\s*(?:\d{1,2}\s*/\s*\d{1,2}|\\frac\{\d{1,2}\}\{\d{1,2}\})\s*")
+
+
 def _numeric_formula(body: str) -> bool:
     """Whether a formula (without its delimiters) is numbers alone: digits, signs,
     relations, spacing, no variable."""
@@ -281,8 +287,8 @@ def hand_typed_numbers(source: str) -> list[HandTyped]:
             found.append((start + bare.start(2), bare[2]))
         body = re.sub(r"^(\$\$?|\\[(\[])|(\$\$?|\\[)\]])$", "", text[start:end])
         offset = start + (len(text[start:end]) - len(text[start:end].lstrip("$\\[(")))
-        if not bare and _numeric_formula(body) and (
-                "\\%" in body or _UNIT_AFTER.match(text, end)):
+        if not bare and _numeric_formula(body) and not _CONSTANT_FRACTION.fullmatch(body) \
+                and ("\\%" in body or _UNIT_AFTER.match(text, end)):
             found += [(offset + m.start(), m[0]) for m in _MATH_NUMBER.finditer(body)]
         found += [(offset + m.start(1), m[1]) for m in _SAMPLE_SIZE.finditer(body)]
         text = _blank(text, start, end)
@@ -420,9 +426,11 @@ def checkpoints(manifest: dict) -> list[dict]:
 
 
 def check_one_baseline(manifests: dict[str, dict], runs: dict[str, Path]) -> None:
-    """BuildError unless every run that loaded a trained checkpoint loaded the same one
-    (by sha256): the paper's studies measure one baseline network, and numbers of two
-    networks side by side would read as one's.
+    """BuildError unless the runs that loaded a trained checkpoint of one network (by its
+    name: architecture and stem) loaded the same file (by sha256): the paper's studies
+    measure one baseline network, and numbers of two trainings of it side by side would read
+    as one's. Different networks (rounding_choice's ResNet18 beside the ResNet50) are not a
+    mix.
 
     Raises
     ------
@@ -430,15 +438,22 @@ def check_one_baseline(manifests: dict[str, dict], runs: dict[str, Path]) -> Non
         Naming each run, its folder and its checkpoint.
     """
     used = {study: checkpoints(m) for study, m in manifests.items()}
-    digests = {c["sha256"] for found in used.values() for c in found}
-    if len(digests) <= 1:
+    # per network (its name: architecture and stem): a run that measures two architectures
+    # (rounding_choice --models resnet18 resnet50 small) is no mix, two files of one is
+    by_network: dict[str, set[str]] = {}
+    for found in used.values():
+        for c in found:
+            by_network.setdefault(str(c.get("model", "unnamed network")), set()).add(c["sha256"])
+    mixed = {name: digests for name, digests in by_network.items() if len(digests) > 1}
+    if not mixed:
         return
     lines = [f"{study} ({runs[study]}): "
-             + "; ".join(f"sha256 {c['sha256'][:12]} ({c.get('checkpoint', 'no path')})"
-                         for c in found)
+             + "; ".join(f"{c.get('model', 'unnamed network')} sha256 {c['sha256'][:12]} "
+                         f"({c.get('checkpoint', 'no path')})" for c in found)
              for study, found in used.items() if found]
-    raise BuildError("the runs used different baseline checkpoints, so the paper would "
-                     "report " + str(len(digests)) + " networks as one:\n  " + "\n  ".join(lines)
+    raise BuildError("the runs used different checkpoints of one network ("
+                     + ", ".join(f"{name}: {len(d)} files" for name, d in mixed.items())
+                     + "), so the paper would report them as one:\n  " + "\n  ".join(lines)
                      + "\nrerun the studies that differ on one checkpoint (their --checkpoint, "
                      "or the cached baseline), or point --run STUDY=PATH at runs of one")
 

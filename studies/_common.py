@@ -212,9 +212,16 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str],
     """The destinations of the options ``argv`` gives (``parsed`` is its parse): argv parsed
     again into a namespace that already holds every destination, where argparse sets only
     what the command line gives. Lets a study refuse an option that would change nothing,
-    whatever its default."""
+    whatever its default. For options that store a value (``store``, ``store_true``, ...,
+    ``nargs``); an ``append``, ``count`` or ``extend`` option, which builds on the value
+    already there, is refused with a TypeError."""
     unset = object()
-    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parsed), unset)))
+    try:
+        again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parsed),
+                                                                         unset)))
+    except (TypeError, AttributeError) as err:
+        raise TypeError("given_options reads options that store a value; this parser has an "
+                        f"append, count or extend option ({err})") from err
     return {k for k, v in vars(again).items() if v is not unset}
 
 
@@ -507,13 +514,21 @@ def clean_stale_partials(final: Path) -> list[Path]:
     folders it makes (a user's folder of the same name is left alone), and only when no
     process ``PID`` is alive: a run in progress keeps its folders. Returns the folders
     removed.
+
+    A replaced run's copy (``.NAME.old-PID``) while nothing is at ``final`` is the previous
+    run of a process killed between its two renames (the new one then lies unmarked under
+    its staging name, never removed): it is put back at ``final``, not removed.
     """
     final = Path(final)
-    pattern = re.compile(re.escape(f".{final.name}.") + r"(?:partial|old)-([0-9]+)")
+    pattern = re.compile(re.escape(f".{final.name}.") + r"(partial|old)-([0-9]+)")
     removed = []
     for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and _marked(p) and not _alive(int(m[1])):
+        if m and p.is_dir() and not p.is_symlink() and _marked(p) and not _alive(int(m[2])):
+            if m[1] == "old" and not (final.exists() or final.is_symlink()):
+                (p / STAGING_MARK).unlink()
+                p.rename(final)
+                continue
             shutil.rmtree(p)
             removed.append(p)
     return removed

@@ -772,6 +772,9 @@ def test_given_options_are_those_the_command_line_gives_whatever_their_defaults(
     for argv, given in (([], set()), (["--width", "6"], {"width"}),  # a default given counts
                         (["--names"], {"names"}), (["--flag", "--width=3"], {"flag", "width"})):
         assert given_options(parser, argv, parser.parse_args(argv)) == given, argv
+    parser.add_argument("-v", action="count", default=0)
+    with pytest.raises(TypeError, match="append, count or extend option"):
+        given_options(parser, ["-v"], parser.parse_args(["-v"]))
 
 
 def test_publish_folder_swaps_a_staged_folder_in_whole(tmp_path, monkeypatch):
@@ -815,3 +818,21 @@ def test_a_row_of_panels_is_never_drawn_much_wider_than_it_prints():
     assert row_width(1, 4.2, 0.85) == 4.2
     assert row_width(3, 4.2, 0.85) == pytest.approx(1.15 * 0.85 * PRINT_WIDTH)
     assert 0.85 * PRINT_WIDTH / row_width(6, 3.0, 0.85) >= 1 / 1.15 - 1e-12
+
+
+def test_a_previous_run_left_aside_by_a_killed_publish_is_put_back_not_removed(tmp_path,
+                                                                               monkeypatch):
+    """Killed between its two renames, a publish left the previous folder marked beside
+    --out and nothing at --out: the next run's clean-up deleted it."""
+    final = tmp_path / "results"
+    old = tmp_path / ".results.old-99999"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    (old / _common.STAGING_MARK).write_text("")
+    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    assert _common.clean_stale_partials(final) == []
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"] and not old.exists()
+    # with a folder at --out the copy is a replaced run's, removed as before
+    old.mkdir()
+    (old / _common.STAGING_MARK).write_text("")
+    assert _common.clean_stale_partials(final) == [old] and not old.exists()

@@ -236,13 +236,19 @@ def test_runs_of_different_baseline_checkpoints_are_refused(tmp_path):
                                               "small": {"model": "fashion-small-cnn"}}),
         "rounding": fake_run(tmp_path / "rounding", "rounding", {}),
     }
-    with pytest.raises(build.BuildError, match="different baseline checkpoints") as err:
+    with pytest.raises(build.BuildError, match=r"different checkpoints of one network "
+                                               r"\(fashion-resnet50: 2 files\)") as err:
         build.check_runs(runs, uses(), smoke=True)
     msg = str(err.value)
     for study, digest in (("drift", a), ("dataset", b), ("rounding_choice", a)):
-        assert f"{study} ({runs[study]}): sha256 {digest[:12]}" in msg
+        assert f"{study} ({runs[study]}): fashion-resnet50 sha256 {digest[:12]}" in msg
     assert "rounding (" not in msg  # a run of no checkpoint is not in the mix
     with_model(runs["dataset"], baseline(a))
+    assert set(build.check_runs(runs, uses(), smoke=True)) == set(runs)
+    # two networks in one run (rounding_choice --models resnet18 resnet50 small) are no mix
+    r18 = {"model": "fashion-resnet18", "sha256": "8d9ed2" + "2" * 58, "checkpoint": "r18.pt"}
+    with_model(runs["rounding_choice"], models={"resnet18": r18, "resnet50": baseline(a),
+                                                "small": {"model": "fashion-small-cnn"}})
     assert set(build.check_runs(runs, uses(), smoke=True)) == set(runs)
 
 
@@ -495,6 +501,8 @@ def test_hand_typed_numbers_are_found(body, found):
     "bias $-(1-p_0)/2$\\,LSB, MSE $1/12$ \\& $1/3$, about $f(0)/6$, a $32\\times32$ input",
     "$0$ & $1/6$ & $1/3$ \\\\ and $b$ bits, $2^b$ codes, $z \\neq 0$ points away",
     "\\driftAccNearestEvenEight\\,\\% at $\\alpha$ and $(-1, 1)$ (a value)",
+    # the model's constants with their units (they were flagged as typed results)
+    "MSE $1/12$\\,LSB$^2$, bias $-1/2$\\,LSB, $1/3$\\,LSB$^2$, $\\frac{1}{4}$\\,LSB",
 ])
 def test_allowed_digits_are_not_flagged(body):
     assert numbers(body) == []
