@@ -372,15 +372,16 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             # score's dtype first (1 - 1e-8 to 1.0 in float32, 0.999 to 1.0 in bfloat16)
             leave = (torch.ones_like(score, dtype=torch.bool) if k == last
                      else score.double() > rule.thresholds[k])
-            idx = alive[leave]
-            out_logits[idx] = logits[leave]
+            # the bookkeeping stays on the CPU whatever device the stages run on
+            gone = leave.cpu()
+            idx = alive[gone]
+            out_logits[idx] = logits[leave].cpu()
             exit_index[idx] = k
-            confidence[idx] = score[leave].to(torch.float64)
-            if k == last or bool(leave.all()):
+            confidence[idx] = score[leave].to(torch.float64).cpu()
+            if k == last or bool(gone.all()):
                 break
-            if bool(leave.any()):
-                stay = ~leave
-                h, alive = h[stay], alive[stay]
+            if bool(gone.any()):
+                h, alive = h[~leave], alive[~gone]
     rows += [0] * (len(stages) - len(rows))
     return ExitResult(out_logits, exit_index, confidence, tuple(rows))
 
@@ -1283,10 +1284,12 @@ def exit_result_from_logits(logits: Sequence[torch.Tensor], rule: ExitRule) -> E
                           for k, z in enumerate(logits)])
     exit_index = _first_exit(scores, rule.thresholds)
     scores = scores.to(torch.float64)
-    rows = torch.arange(n)
+    rows = torch.arange(n, device=exit_index.device)
     out = torch.stack(logits)[exit_index, rows]
     rows_per_stage = tuple(int((exit_index >= k).sum()) for k in range(len(logits)))
-    return ExitResult(out, exit_index, scores[exit_index, rows], rows_per_stage)
+    # on the CPU, as the runner's: a result's exits index the CPU's MAC counts
+    return ExitResult(out.cpu(), exit_index.cpu(), scores[exit_index, rows].cpu(),
+                      rows_per_stage)
 
 
 @dataclass(frozen=True)
