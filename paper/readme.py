@@ -1691,7 +1691,15 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
                 {"command": " ".join(["python -m studies." + manifest.get("study", "?"),
                                       *manifest.get("argv", [])]),
                  "machine": "(describe the machine and what else ran)"}, indent=2) + "\n")
-        Record(staging.name, root)  # the copies match the manifest, of one clean commit
+        try:
+            Record(staging.name, root)  # the copies match the manifest, of one clean commit
+        except RecordError as err:
+            why = str(err).replace(f"record {staging.name}", f"record {name}")
+            if about.is_file():  # the words kept from the record this run would replace
+                why += (f" (the record.json kept from the record it replaces, {about}, "
+                        "describes that run: write the new run's command there, or remove "
+                        f"{folder} first to start from the run's own)")
+            raise RecordError(why) from None
         commit = manifest["git"]["commit"]
         if not commit_in_repo(commit):
             raise RecordError(f"--add {spec}: the run's commit {commit} is not in this "

@@ -333,3 +333,19 @@ def test_re_adding_a_run_of_another_commit_or_machine_warns_that_the_words_stay(
     assert f"commit {_commit('HEAD~1')[:7]} → {_commit()[:7]}" in err
     assert "platform Linux-x86_64 → Linux-aarch64" in err and "cpus 2 → 64" in err
     assert readme.Record("r", root).about["machine"] == "an EPYC, one thread"
+
+
+def test_re_adding_a_run_of_another_command_names_the_kept_words(tmp_path):
+    """The refusal named the hidden staging folder ('record .r.bmd8i1zz: its command gives
+    ...') and not the record.json kept from the record it replaces, whose command it was."""
+    root = tmp_path / "record"
+    first = _run(tmp_path / "a", {"a.csv": "1"}, argv=["--bits", "8"])
+    readme.add(f"r={first}", ["a.csv"], root)
+    other = _run(tmp_path / "b", {"a.csv": "2"}, argv=["--bits", "4"])
+    with pytest.raises(readme.RecordError) as err:
+        readme.add(f"r={other}", ["a.csv"], root)
+    msg = str(err.value)
+    assert msg.startswith("record r: its command gives --bits 8, its run --bits 4")
+    assert f"the record.json kept from the record it replaces, {root / 'r' / 'record.json'}" \
+        in msg
+    assert readme.Record("r", root).manifest["argv"] == ["--bits", "8"]  # left as it was
