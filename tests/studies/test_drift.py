@@ -277,6 +277,15 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     (["--act-range", "mse", "--aciq-law", "normal"], "--aciq-law sets"),
     (["--curve-draws", "0"], "--curve-draws"),
     (["--curve-draws", "2", "--calib-curve"], "no calibration curve"),
+    # options that would change nothing, accepted and recorded as used before
+    (["--curve-images", "8", "--calib-curve"], "--curve-images: this run has no calibration"),
+    (["--targets", "weights", "--headline-images", "0", "--int8-images", "0", "--act-range",
+      "percentile"], "--act-range would change nothing: this run quantizes no activations"),
+    (["--targets", "weights", "--headline-images", "0", "--int8-images", "0",
+      "--quantize-bn-outputs"], "--quantize-bn-outputs would change nothing"),
+    (["--download"], "--download allows downloading the ImageNet weights"),
+    (["--data", "/nonexistent", "--images", "4", "--headline-images", "5"],
+     "--headline-images: the headline runs on Fashion-MNIST's test split only"),
 ])
 def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
     out = tmp_path / "drift"
@@ -876,7 +885,27 @@ def test_a_run_without_remedy_configurations_has_no_curve_and_finishes(fashion_r
                        "--out", str(out)]) == 0
     assert not (out / "calibration_curve.csv").exists()
     assert (out / "accuracy.csv").is_file() and (out / "statements.csv").is_file()
-    assert json.loads((out / "manifest.json").read_text())["config"]["calib_curve"] == []
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    # no remedy ran: none recorded (the default's [8] was)
+    assert config["calib_curve"] == [] and config["remedy_bits"] == []
+
+
+def test_a_calibration_split_smaller_than_asked_is_refused(fashion_root, tmp_path, capsys,
+                                                           monkeypatch):
+    """A checkpoint trained with a smaller calibration split passed the parser's check
+    (against the default split), and the study calibrated on fewer images than the
+    manifest said."""
+    from qerror import data
+
+    real = data.fashion_mnist_splits
+    monkeypatch.setattr(data, "fashion_mnist_splits",
+                        lambda *a, **kw: real(*a, **{**kw, "calib": 10}))
+    out = tmp_path / "drift"
+    assert drift.main(["--smoke", "--calib-images", "16", "--data-root", str(fashion_root),
+                       "--out", str(out)]) == 2
+    assert "--calib-images 16: the data hold 10 such images; give at most 10" in \
+        capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_the_activation_range_policy_reaches_every_calibration(fashion_root, tmp_path,
