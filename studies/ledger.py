@@ -176,7 +176,8 @@ CLAIMS += (
         "Never smaller than round-to-nearest's, on any input. For wide inputs the MSE is close "
         "to 4× (1/3 vs 1/12 LSB²) and the MAE 2×; for inputs narrow against the step and "
         "within half a step of 0 both send almost everything to 0 and the ratio falls "
-        "toward 1, while a narrow input centred elsewhere can be far above 4×.",
+        "toward 1, while a narrow input centred elsewhere can be above 4×: centred 0.7 of a "
+        "step from 0 with σ = 0.05 step, (0.7² + σ²)/(0.3² + σ²), about 5.3.",
         "test_claim_T6_truncation_mse_and_mae_are_larger",
     ),
     Claim(
@@ -209,15 +210,17 @@ CLAIMS += (
         "(sampling noise removed) on most seeds, and under truncation it grows with path depth "
         "(bootstrap interval of the exponent above 0) on most seeds at every width; under "
         "floor it does at eight and six bits, and at four bits the seeds do not decide. Under "
-        "round-to-nearest growth is not decided at any width. On the Fashion-MNIST ResNet50 "
-        "baseline (studies.drift, 200 test images, tests/data/baseline) truncation and floor "
+        "round-to-nearest growth is not decided at any width. In the committed run on the "
+        "Fashion-MNIST ResNet50 baseline (studies.drift, one draw of 200 test images, "
+        "tests/data/baseline; point comparisons, no interval over images: another draw of "
+        "200 images changed four of them on a retrained baseline) truncation and floor "
         "leave the larger deepest drift at every width, and it grows with path depth at "
         "eight and six bits, by the layer bootstrap's interval, which is somewhat too narrow "
         "there (the fit's residuals follow each other moderately: lag-1 autocorrelation "
         "below 0.4; qerror.nn.growth); at four bits the exponent's interval reaches below 0, "
         "so growth is not shown there. "
         "Round-to-nearest's drift stays below both at the deepest convolution; its interval "
-        "lies above 0 at every width, but its residuals' autocorrelation is about two thirds, "
+        "lies above 0 at every width, but its residuals' autocorrelation is above a half, "
         "where that interval is too narrow (qerror.nn.growth), so its growth is not shown.",
         "test_claim_N1_drift_grows_with_depth_for_biased_modes",
     ),
@@ -231,9 +234,10 @@ CLAIMS += (
         "those of its float input by more than a tenth: the RMS over its channels of the "
         "mean's shift in running standard deviations, or the log of the geometric mean of "
         "the variance ratio. Under round-to-nearest that happens on few seeds "
-        "at eight and six bits and on most at four bits. On the ResNet50 baseline (studies."
-        "drift, tests/data/baseline) the same holds under truncation and floor at every "
-        "width, and under round-to-nearest at six and four bits but not at eight.",
+        "at eight and six bits and on most at four bits. In the committed run on the ResNet50 "
+        "baseline (studies.drift, one draw of 200 test images, tests/data/baseline; point "
+        "comparisons, no interval over images) the same holds under truncation and floor at "
+        "every width, and under round-to-nearest at six and four bits but not at eight.",
         "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
     ),
     Claim(
@@ -279,13 +283,14 @@ CLAIMS += (
         "and lower on most seeds at six and four bits, where the loss is large. At eight "
         "bits the loss is small (the other one-sided interval's upper end is under two "
         "points) and some seeds gain accuracy; how many seeds lose is not "
-        "decided there, since a seed's loss of an image or two can change sides with "
+        "decided by the test there (on these seeds most do), since a seed's loss of an image or two can change sides with "
         "another CPU's float rounding (the seeds figure of studies.seeds). On the ResNet50 "
         "baseline, eight-bit truncation of weights and activations loses about a point "
         "against round-to-nearest on the whole test split (the paired difference's 95 % "
         "interval between half a point and a point and a half, McNemar p < 0.05; "
         "studies.drift's "
-        "headline, tests/data/baseline), and tens of points at six and four bits.",
+        "headline, tests/data/baseline), and tens of points at six and four bits (on the "
+        "run's 200 images; the headline is eight-bit only).",
         "test_claim_N4_truncation_costs_accuracy",
     ),
 )
@@ -311,7 +316,7 @@ CLAIMS += (
         "Truncating the weights looks like regularisation, but an uncontrolled one.",
         Verdict.TRUE,
         "In the mean it shrinks every weight's magnitude by about half a step whatever its "
-        "size (0.46 to 0.49 steps from 1 to 9 steps, for weights of σ = 4 steps), as "
+        "size (between 0.45 and 0.5 steps from 1 to 9 steps, for weights of σ = 4 steps), as "
         "an L1 penalty's soft threshold does and unlike weight decay's shrink in proportion "
         "to the weight; but its strength is the quantization step of each channel, not a "
         "chosen coefficient, and each weight's shrink is its own fractional part, anywhere "
@@ -402,7 +407,8 @@ CLAIMS += (
         "same input (D1), so nothing about the model changes. Codes made with another "
         "calibration (a percentile range, a scale off by a few percent, or another subset "
         "whose extremes differ from the calibration set's) feed the model different input, "
-        "which can change its predictions: then it is an ML decision too (python -m "
+        "which can change its predictions (an affine classifier fed the codes of a scale 2 % "
+        "off decides some inputs otherwise): then it is an ML decision too (python -m "
         "studies.dataset counts the codes and predictions that change). On Fashion-MNIST "
         "another subset's min-max is the calibration split's: every image holds a pixel of "
         "0 and nearly every one a pixel of 255.",
@@ -472,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="replace --out when it is a table this command wrote before")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.force and args.out is None:
+        parser.error("--force replaces the file --out names; without --out the table is "
+                     "printed and nothing is replaced")
     table = to_latex() if args.latex else to_markdown()
     if args.out is None:
         sys.stdout.write(table)

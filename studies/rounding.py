@@ -416,6 +416,8 @@ def figure_histograms(plt, samples: pd.DataFrame):
             ax.tick_params(labelsize=6)
     for ax in axes[-1]:
         ax.set_xlabel("error (LSB)", fontsize=7)
+    # the law is the normal whatever --laws says (error_samples): the figure says so
+    fig.suptitle("error of a normal input, by σ/step and rounding mode", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -323,7 +323,18 @@ def test_claim_T6_truncation_mse_and_mae_are_larger():
     # (error 0.3) and truncation to 0 (error 0.7), a ratio near (0.7/0.3)² ≈ 5.4
     off = sps.norm(0.7 * 0.05, 0.05 * 0.05)
     far = error_moments(off, trunc, 0.05).mse / error_moments(off, near, 0.05).mse
-    assert far > 4
+    # in steps: truncation sends the values (all within (0, 1), 14 σ from both ends) to 0,
+    # nearest those above half a step to 1 and the 4-σ tail below it to 0; by quadrature,
+    # near (0.7² + σ²)/(0.3² + σ²), the ledger's "about 5.3"
+    from scipy import integrate
+
+    law = sps.norm(0.7, 0.05)
+    mse_t = integrate.quad(lambda u: u * u * law.pdf(u), 0.0, 1.0, epsabs=0, epsrel=1e-13)[0]
+    mse_n = (integrate.quad(lambda u: u * u * law.pdf(u), 0.0, 0.5, epsabs=0, epsrel=1e-13)[0]
+             + integrate.quad(lambda u: (u - 1) ** 2 * law.pdf(u), 0.5, 1.5, epsabs=0,
+                              epsrel=1e-13)[0])
+    assert far > 4 and far == pytest.approx(mse_t / mse_n, rel=1e-9)
+    assert abs(far - (0.7**2 + 0.05**2) / (0.3**2 + 0.05**2)) < 1e-4 and round(far, 1) == 5.3
     rng = np.random.default_rng(4)
     x = rng.standard_normal(100_000)
     ea, eb = fake_quantize(x, trunc, 0.05) - x, fake_quantize(x, near, 0.05) - x
@@ -899,6 +910,21 @@ def test_claim_D6_other_offline_scales_change_what_the_model_sees():
         seen = dequantize(quantize_offline(x, spec, qp), qp.scale, qp.zero_point)
         mine = dequantize(quantize_offline(x, spec, own), own.scale, own.zero_point)
         assert not torch.equal(seen, mine)
+    # ... and that can change predictions: an affine classifier of these inputs, fed the
+    # codes of a scale 2 % off, decides some of 4096 of them otherwise, each by a margin far
+    # above float64's rounding (so on every CPU)
+    many = torch.rand(4096, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    own = calibrate(many, spec)
+    off = QParams(own.scale * 1.02, own.zero_point)
+    w = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    b = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    logits = [dequantize(quantize_offline(many, spec, qp), qp.scale, qp.zero_point).double()
+              @ w + b for qp in (own, off)]
+    flipped = logits[0].argmax(1) != logits[1].argmax(1)
+    assert flipped.any()
+    for z in logits:
+        top = z[flipped].sort(dim=1).values
+        assert float((top[:, -1] - top[:, -2]).min()) > 1e-6
     # On Fashion-MNIST another subset does not arise: every image holds a 0 and nearly
     # every one a 255, so the validation split's first thousand images calibrate as the
     # calibration split does.

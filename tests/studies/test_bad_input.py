@@ -456,6 +456,8 @@ LEDGER_CASES = [
      r"claims table written before; pass --force"),
     ("out-under-a-file", ["--out", "{user}/thesis.tex/claims.md"], 1, r"cannot write --out"),
     ("unknown-option", ["--markdown"], ARGPARSE, r"unrecognized arguments: --markdown"),
+    # accepted and ignored: the table was printed and nothing replaced
+    ("force-without-out", ["--force"], ARGPARSE, r"--force replaces the file --out names"),
 ]
 
 
