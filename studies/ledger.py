@@ -307,7 +307,8 @@ CLAIMS += (
         "Not in what it can represent: truncation uses the same grid of codes as "
         "round-to-nearest. What it changes is where weights land: the zero bin is twice as "
         "wide (|w| < s against |w| ≤ s/2), so about twice as many small weights become 0, and "
-        "every other weight loses on average half a step of magnitude.",
+        "every other weight loses on average a little under half a step of magnitude "
+        "(between 0.45 and 0.5 steps, W2).",
         "test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights",
     ),
     Claim(

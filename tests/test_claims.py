@@ -86,6 +86,13 @@ def test_claim_T2_int_cast_truncates_in_range():
     assert claim("T2").verdict is Verdict.CONDITIONAL
     x = torch.linspace(-1000.5, 1000.5, 40001)
     assert torch.equal(x.to(torch.int32).float(), torch.trunc(x))
+    # ... and across the whole int32 range, to its ends (float64 holds their fractions)
+    lo, hi = -(2.0 ** 31), 2.0 ** 31
+    wide = torch.cat([torch.tensor([lo + 0.5, hi - 1.5, hi - 0.25, -1e9 - 0.7, 1e9 + 0.7],
+                                   dtype=torch.float64),
+                      torch.empty(100_000, dtype=torch.float64).uniform_(
+                          lo, hi, generator=torch.Generator().manual_seed(3))])
+    assert torch.equal(wide.to(torch.int32).double(), torch.trunc(wide))
     # Out of int32 range the cast has no defined value; truncation then clamping does.
     big = torch.tensor([3e9, -3e9])
     spec = QuantSpec(bits=16, rounding=RoundingMode.TOWARD_ZERO)
@@ -680,6 +687,14 @@ def test_claim_N3_saturation_follows_the_drift(chain_runs, seed_statements):
     assert f_n.saturation_high + f_n.saturation_low > 0
     assert f_t.saturation_high < f_n.saturation_high
     assert f_t.saturation_low <= f_n.saturation_low
+    # the subset itself, element by element, on scaled values u around both ends of an
+    # unsigned affine and a signed symmetric grid: every u truncation rounds outside the
+    # codes, nearest rounds outside too (and nearest some more)
+    for spec in (QuantSpec(bits=8, signed=False, symmetric=False), QuantSpec(bits=8)):
+        u = torch.linspace(spec.qmin - 3, spec.qmax + 3, 200_001, dtype=torch.float64)
+        out = {m: (r < spec.qmin) | (r > spec.qmax)
+               for m, r in ((m, apply_rounding(u, m)) for m in (NEAR, TRUNC))}
+        assert not (out[TRUNC] & ~out[NEAR]).any() and out[TRUNC].sum() < out[NEAR].sum()
     # Downstream, on the trained seeds: does truncation clamp more of the classifier's input
     # at the top of its range than round-to-nearest? On the seeds (ties, mostly nothing
     # clamped under either mode, count as "not more") and, for the direction alone, on the
@@ -751,6 +766,12 @@ def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():
              for m, spec in (("near", near), ("trunc", trunc))}
     for m, p in (("near", p_near), ("trunc", p_trunc)):  # binomial, z at NET_ALPHA
         assert abs(zeros[m] - p) <= 3.29 * math.sqrt(p * (1 - p) / w.numel())
+    # every other weight (|w| >= s) loses a little under half a step of magnitude on
+    # average: inside W2's band of 0.45 to 0.5 steps, by more than 3.29 standard errors
+    kept = w.abs() >= s
+    shrink = ((w.abs() - fake_quantize(w, trunc, s).abs()) / s)[kept]
+    se = float(shrink.std()) / math.sqrt(int(kept.sum()))
+    assert 0.45 + 3.29 * se < float(shrink.mean()) < 0.5 - 3.29 * se
 
 
 def test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size():
