@@ -355,7 +355,8 @@ def crossed_mean_test(
     rows, cols = int(shape[0]), int(shape[1])
     x = _sample(table, "table").reshape(rows, cols)
     mean = float(x.mean())
-    if x.min() == x.max():  # exactly, as in _moments
+    constant = x.min() == x.max()
+    if constant:  # exactly, as in _moments
         mean, v_rows, v_cols = float(x[0, 0]), 0.0, 0.0
     else:
         v_rows = float(x.mean(axis=1).var(ddof=1)) / rows
@@ -368,7 +369,7 @@ def crossed_mean_test(
     # the residual's share, σ_e²/(RC), which the two terms' estimate holds too: where the
     # rows' and columns' means all agree while the values differ (an interaction alone)
     # the terms are 0 and it is the estimate, with the residual's degrees of freedom
-    if x.min() != x.max():
+    if not constant:
         resid = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + mean
         floor = float((resid * resid).sum()) / ((rows - 1) * (cols - 1)) / (rows * cols)
         if floor > var:

@@ -1189,8 +1189,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     xb, xv = thermo.encode(x_train), thermo.encode(x_val)
     if classes is None:
         classes = _inferred_classes(y_train)
-    yb = _as_labels(_integers(np.asarray(y_train), "labels"), xb.shape[0], classes)
-    yv = _as_labels(_integers(np.asarray(y_val), "labels"), xv.shape[0], classes)
+    yb = _as_labels(np.asarray(y_train), xb.shape[0], classes)  # (it takes wide unsigned)
+    yv = _as_labels(np.asarray(y_val), xv.shape[0], classes)
     dev = torch.device(device)
     model = DWN(thermo, luts, classes, fan_in=fan_in, mapping=mapping, tau=tau, efd=efd,
                 seed=seed).to(dev)
