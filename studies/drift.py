@@ -24,7 +24,9 @@ Then:
 * the quantities of the ledger's network claims N1-N4 on this network
   (:func:`qerror.nn.seeds.statement_values`, weights and activations quantized, nearest,
   truncation and floor), in ``statements.csv``, as ``studies.seeds`` measures them on its
-  twenty small networks;
+  twenty small networks, and beside them what decides them on this one network with the
+  images random (:func:`image_statements`: the deepest drift's gap to round-to-nearest,
+  the growth exponent and the BatchNorm inconsistency, each with a bootstrap over images);
 * the predicted mean local error of every layer (the analytic model) against the measured one;
 * a cross-check of the simulation against PyTorch's real INT8 kernels, layer by layer.
 
@@ -104,7 +106,7 @@ from qerror.nn import (
     reestimate_bn,
     sqnr_db,
 )
-from qerror.nn.bn import estimate_running_stats
+from qerror.nn.bn import estimate_running_stats, inconsistency_bounds
 from qerror.nn.correction import BN_REESTIMATION_PASSES
 from qerror.nn.growth import (
     image_bootstrap,
@@ -112,7 +114,12 @@ from qerror.nn.growth import (
     linear_or_sqrt,
 )
 from qerror.nn.models import forward_layout, imagenet_eval_sizes, memory_format
-from qerror.nn.seeds import STATEMENT_MODES, statement_values
+from qerror.nn.seeds import (
+    STATEMENT_MODES,
+    bn_image_moments,
+    deepest_drift_gap,
+    statement_values,
+)
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
 from qerror.stats import (
     mcnemar_from_counts,
@@ -621,6 +628,39 @@ def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
                           local_images(n, batch, local_samples)), seconds
 
 
+def _states(cfg: QuantConfig, results: dict) -> bool:
+    """Whether the ledger's network claims are measured on ``cfg``: weights and activations
+    quantized in one of their modes, on labelled images."""
+    res = results[tuple(_config_columns(cfg).values())]
+    return cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES \
+        and res.logits.float_correct is not None
+
+
+def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, grown: list,
+                     bounds, seed: int) -> dict[str, float]:
+    """The quantities that decide the network claims on this network with the images random.
+
+    ``growth_image_lo``: the lower end of the image bootstrap's interval for the growth
+    exponent of the debiased drift (:func:`growth_rows`); ``bn_some_lo`` and ``bn_all_hi``:
+    ``bounds`` (:func:`qerror.nn.bn.inconsistency_bounds`) — some BatchNorm's figure exceeds
+    a threshold below ``bn_some_lo``, every one's lies under a threshold above
+    ``bn_all_hi``; and for a mode other than round-to-nearest, ``drift_deep_gap``,
+    ``drift_deep_gap_lo`` and ``drift_deep_gap_hi``: its ``drift_deep`` less
+    round-to-nearest's at the same width, with the image bootstrap's interval
+    (:func:`qerror.nn.seeds.deepest_drift_gap`), where round-to-nearest was measured too.
+    """
+    debiased = next(r for r in grown if r["metric"] == "drift_rel_rms_channel_debiased")
+    out = {"growth_image_lo": debiased.get("lo_images", math.nan),
+           "bn_some_lo": bounds.some_lo, "bn_all_hi": bounds.all_hi}
+    near = {**_config_columns(cfg), "mode": RoundingMode.NEAREST_EVEN.value}
+    reference = results.get(tuple(near.values()))
+    if cfg.rounding is not RoundingMode.NEAREST_EVEN and reference is not None:
+        gap = deepest_drift_gap(res, reference, level=FIT_LEVEL, resamples=BOOTSTRAP,
+                                seed=seed)
+        out.update(drift_deep_gap=gap.gap, drift_deep_gap_lo=gap.lo, drift_deep_gap_hi=gap.hi)
+    return out
+
+
 def measure_widths(model, batches, configs, act_qp, weights_of, local_samples: int, bar=None,
                    **kwargs):
     """``(configuration, result)`` for every configuration, each width's in one K-way batch
@@ -903,7 +943,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     the instrumented passes alone (configurations and the remedies'), ``estimated_total_s``
     the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
-    statements), the pilot, these probes, the INT8 cross-check and the outputs; the
+    statements), the statement configurations' passes for their BatchNorm moments (a plain
+    paired pass each: :func:`qerror.nn.seeds.bn_image_moments`), the pilot, these probes, the INT8 cross-check and the outputs; the
     whole-run bar's ETA absorbs them as the phases end.
     """
     x, y = data.test[0]
@@ -1732,6 +1773,17 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                                    first_batch=data.first_batch, across_ranks=True):
         results[tuple(_config_columns(cfg).values())] = res
     bar.close()
+    # The network claims with the images random on this one network: each statement
+    # configuration's BatchNorm inputs, image by image (every rank its images), bounded.
+    bn_bounds = {}
+    for cfg in tqdm([c for c in configs if _states(c, results)], desc="BatchNorm over images",
+                    unit="config", disable=not main):
+        moments = bn_image_moments(model, data.test, cfg, act_qp[_bits(cfg)],
+                                   weights=weights_of(cfg), across_ranks=True)
+        if main:
+            bn_bounds[tuple(_config_columns(cfg).values())] = inconsistency_bounds(
+                moments, alpha=ALPHA, resamples=BOOTSTRAP, seed=args.seed)
+        del moments
     # The analysis in the grid's order, as the outputs list the configurations.
     for cfg in tqdm(configs, desc="analysis", unit="config", disable=not main):
         cols = _config_columns(cfg)
@@ -1740,13 +1792,16 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             frames.append(res.to_frame().assign(**cols))
             tails[tuple(cols.values())] = drift_tails(res)
             acc_rows.append(accuracy_row(cols, res))
-            fits += [{**cols, **row} for row in growth_rows(res, args.seed)]
-            if cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES and \
-                    res.logits.float_correct is not None:
-                # The ledger's network claims on this network (qerror.nn.seeds).
+            grown = growth_rows(res, args.seed)
+            fits += [{**cols, **row} for row in grown]
+            if _states(cfg, results):
+                # The ledger's network claims on this network (qerror.nn.seeds), and what
+                # decides them with the images random
+                values = statement_values(res, seed=args.seed)
+                values.update(image_statements(cfg, res, results, grown,
+                                               bn_bounds[tuple(cols.values())], args.seed))
                 statements += [{"bits": cols["bits"], "mode": cols["mode"], "quantity": k,
-                                "value": v}
-                               for k, v in statement_values(res, seed=args.seed).items()]
+                                "value": v} for k, v in values.items()]
     phase_done("instrumented")
     n_base = len(frames)
     for cfg in tqdm(remedy_configs, desc="remedies", unit="config", disable=not main):

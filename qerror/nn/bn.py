@@ -12,6 +12,15 @@ plain data shift (the float figures: test images are not the training images) is
 from the part due to quantization (``(μ_q − μ_f)/σ_run`` and ``σ²_q/σ²_f``). The remedy,
 re-estimating the statistics on the quantized network, is
 :func:`qerror.nn.correction.reestimate_bn`.
+
+Whether quantization makes some BatchNorm inconsistent by more than a threshold is decided with
+the images random by :func:`inconsistency_bounds`, from each image's moments of every
+BatchNorm's input (:class:`BNImageMoments`, taken by :func:`qerror.nn.seeds.bn_image_moments`).
+
+References
+----------
+.. [1] B. Efron and R. J. Tibshirani, *An Introduction to the Bootstrap*, Chapman & Hall,
+   1993 (ch. 6, the bootstrap standard error; ch. 12, the standard interval).
 """
 
 from __future__ import annotations
@@ -22,9 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import stats as sps
 from torch import nn
 
-__all__ = ["BNInconsistency", "estimate_running_stats", "running_stats"]
+from qerror.nn._moments import resolved_variance
+
+__all__ = ["BNBounds", "BNImageMoments", "BNInconsistency", "estimate_running_stats",
+           "inconsistency_bounds", "running_stats"]
 
 
 def _gmean(x: np.ndarray) -> float:
@@ -171,3 +184,184 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> 
             m.training = mode
         raise
     model.eval()
+
+
+@dataclass(frozen=True)
+class BNImageMoments:
+    """Each image's moments of one BatchNorm's input on the float and the quantized path.
+
+    Attributes
+    ----------
+    mean_f, sq_f, mean_q, sq_q : ndarray (N, C)
+        Per image and channel, the mean and the mean square over the map's positions of the
+        float input and of the quantized input (row ``i`` the same image in all four).
+    running_mean, running_var : ndarray (C,)
+        The running statistics the layer normalises with.
+    length : int
+        Positions per (image, channel).
+    u : float
+        Unit roundoff of the sums the moments come from
+        (:func:`qerror.nn._moments.unit_roundoff`), for their resolved variances.
+    """
+
+    mean_f: np.ndarray = field(repr=False)
+    sq_f: np.ndarray = field(repr=False)
+    mean_q: np.ndarray = field(repr=False)
+    sq_q: np.ndarray = field(repr=False)
+    running_mean: np.ndarray = field(repr=False)
+    running_var: np.ndarray = field(repr=False)
+    length: int
+    u: float
+
+    @property
+    def images(self) -> int:
+        return int(self.mean_f.shape[0])
+
+    def figures(self, weights: np.ndarray) -> np.ndarray:
+        """The layer's inconsistency figure for each row of ``weights`` (B, N): how often a
+        resample draws each image (a row of ones: the sample itself).
+
+        The figure is the larger of the RMS over channels of ``(μ_q − μ_f)/σ_run`` and
+        ``|mean_c log(σ²_q/σ²_f)|`` (the channels' log geometric-mean variance ratio), with
+        the moments over every drawn image and position and the variances resolved from
+        their rounding as the instrument resolves them; ``inf`` where some channel's
+        quantized variance collapsed to 0 or came from a constant float input, ``nan``
+        where no channel gives a figure. Equal, for a row of ones, to the layer's figure in
+        :func:`qerror.nn.seeds.statement_values`' ``bn_worst`` (tested).
+        """
+        w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        n = self.images
+        total = w.sum(axis=1, keepdims=True)
+        mf, ef, mq, eq = ((w @ a) / total for a in (self.mean_f, self.sq_f, self.mean_q,
+                                                     self.sq_q))
+        var_f = resolved_variance(mf, ef, self.length, n, self.u)
+        var_q = resolved_variance(mq, eq, self.length, n, self.u)
+        sd = np.sqrt(np.asarray(self.running_var, dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = (mq - mf) / sd
+            ratio = var_q / var_f
+            log_ratio = np.log(ratio)
+        finite = np.isfinite(shift)
+        count = finite.sum(axis=1)
+        rms = np.sqrt(np.where(finite, shift * shift, 0.0).sum(axis=1) / np.maximum(count, 1))
+        rms = np.where(count > 0, rms, np.nan)
+        defined = ~np.isnan(ratio)
+        broken = (defined & ((ratio <= 0) | np.isinf(ratio))).any(axis=1)
+        count = defined.sum(axis=1)
+        with np.errstate(invalid="ignore"):  # a broken row's -inf + inf: inf below
+            logs = np.abs(np.where(defined, log_ratio, 0.0).sum(axis=1) / np.maximum(count, 1))
+        out = np.fmax(rms, np.where(count > 0, logs, np.nan))
+        return np.where(broken, np.inf, out)
+
+
+@dataclass(frozen=True)
+class BNBounds:
+    """Whether quantization moves some BatchNorm's input statistics by more than a threshold,
+    decided with the images random (:func:`inconsistency_bounds`).
+
+    Attributes
+    ----------
+    worst : float
+        The largest layer figure on the sample (``bn_worst``).
+    some_lo : float
+        The largest simultaneous lower bound: the layers' figures less ``z(1 − α/K)``
+        bootstrap standard errors (Bonferroni over the K layers). Above a threshold, some
+        layer's figure exceeds it at familywise level α.
+    all_hi : float
+        The largest upper bound at level ``1 − α`` each: the layers' figures plus
+        ``z(1 − α)`` standard errors. Below a threshold, every layer's figure is under it
+        (an intersection–union test: each layer tested at α, no adjustment needed).
+    layers : int
+    alpha : float
+    resamples : int
+    """
+
+    worst: float
+    some_lo: float
+    all_hi: float
+    layers: int
+    alpha: float
+    resamples: int
+
+    def exceeds(self, threshold: float) -> bool | None:
+        """True where some layer's figure exceeds ``threshold`` (``some_lo`` above it), False
+        where every layer's is under it (``all_hi`` below), None where the images do not
+        decide."""
+        if self.some_lo > threshold:
+            return True
+        if self.all_hi < threshold:
+            return False
+        return None
+
+
+def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float = 0.05,
+                         resamples: int = 1000, seed: int = 0) -> BNBounds:
+    """Bounds on the BatchNorm inconsistency figures of many layers, the images random.
+
+    Parameters
+    ----------
+    moments : mapping of layer name to BNImageMoments
+        Every BatchNorm's per-image moments, on the same N images.
+    alpha : float
+        Level of both decisions of :class:`BNBounds`.
+    resamples : int
+        Bootstrap resamples ``B`` (at least 100) for each layer's standard error.
+    seed : int
+
+    Returns
+    -------
+    BNBounds
+
+    Notes
+    -----
+    One set of resamples draws N images with replacement and serves every layer. Each
+    layer's standard error is the standard deviation of its figure over the resamples, and
+    its bounds the standard interval ``figure ∓ z·se`` ([1]_, ch. 12): percentile ends at
+    ``α/K`` would need far more resamples than the standard error does. A layer whose
+    figure is infinite on the sample (a variance collapsed by quantization) is infinite
+    on every resample and bounds at infinity; one that is finite on the sample but not on
+    some resample gets an infinite standard error, which decides nothing about it. The
+    mean shift's RMS carries the sampling noise of the channel means (``E[m̂²] = m² +
+    Var m̂``) and is not debiased here: it is the figure ``bn_worst`` reports, and the
+    noise is small beside a threshold of 0.1 on the measured networks (it can make a
+    noiseless network look inconsistent only where ``√(mean_c Var m̂_c)/σ_run`` nears the
+    threshold).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) \
+            or resamples < 100:
+        raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
+    layers = list(moments.values())
+    if not layers:
+        raise ValueError("no BatchNorm moments to bound; measure a network with BatchNorm")
+    n = {m.images for m in layers}
+    if len(n) != 1 or n == {0}:
+        raise ValueError(f"every layer needs moments on the same images, got counts {sorted(n)}")
+    n = n.pop()
+    if n < 2:
+        raise ValueError("the bounds resample images: give at least 2")
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
+                                                     size=resamples).astype(np.float64)
+    ones = np.ones((1, n))
+    k = len(layers)
+    z_some = float(sps.norm.ppf(1.0 - alpha / k))
+    z_all = float(sps.norm.ppf(1.0 - alpha))
+    points, lows, highs = [], [], []
+    for m in layers:
+        point = float(m.figures(ones)[0])
+        if math.isnan(point):
+            continue
+        boot = m.figures(counts)
+        if math.isinf(point):
+            se = 0.0
+        elif np.isfinite(boot).all():
+            se = float(np.std(boot, ddof=1))
+        else:
+            se = math.inf
+        points.append(point)
+        lows.append(point - z_some * se if se < math.inf else -math.inf)
+        highs.append(point + z_all * se)
+    if not points:
+        return BNBounds(math.nan, math.nan, math.nan, k, alpha, resamples)
+    return BNBounds(max(points), max(lows), max(highs), k, alpha, resamples)

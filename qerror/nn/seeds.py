@@ -28,6 +28,11 @@ The quantities, per width ``b`` and mode ``m`` (weights and activations quantize
 :func:`image_outcomes` gives, for the same widths and modes, which test images the quantized
 network classifies correctly, so that an accuracy difference can be decided with the test
 images random as well as the seeds (:func:`qerror.stats.crossed_mean_test`).
+
+On one network alone (the ResNet50 baseline, too slow to train twenty times) only the images
+are random: :func:`bn_image_moments` keeps each image's moments of every BatchNorm's input, from
+which :func:`qerror.nn.bn.inconsistency_bounds` decides ``bn_worst`` against a threshold over
+images, as :func:`qerror.nn.growth.debiased_gap` decides ``drift_deep`` between two modes.
 """
 
 from __future__ import annotations
@@ -39,14 +44,17 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qerror.nn import parallel
 from qerror.nn._anatomy import eval_mode
-from qerror.nn.growth import layer_block_bootstrap
+from qerror.nn._moments import channel_sums, unit_roundoff
+from qerror.nn.bn import BNImageMoments
+from qerror.nn.growth import GapInterval, debiased_gap, layer_block_bootstrap
 from qerror.nn.propagate import QuantConfig, calibrate_activations, measure, paired_forward
 from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
-__all__ = ["STATEMENT_MODES", "fraction_holding", "image_outcomes", "network_statements",
-           "statement_values"]
+__all__ = ["STATEMENT_MODES", "bn_image_moments", "deepest_drift_gap", "fraction_holding",
+           "image_outcomes", "network_statements", "statement_values"]
 
 #: The modes the network claims compare: round-to-nearest and the two biased ones.
 STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
@@ -75,6 +83,39 @@ def _bn_worst(res) -> float:
     return worst if seen else math.nan
 
 
+def _deepest(res):
+    convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
+    if not convs:
+        raise ValueError("the claims' drift and growth quantities are those of the "
+                         "convolutions, and the result has none with a path depth; measure "
+                         "a convolutional network that torch.fx can trace")
+    return convs
+
+
+def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1000,
+                      seed: int = 0) -> GapInterval:
+    """``drift_deep`` of ``res`` less that of ``reference``, with an interval over images.
+
+    Both are :func:`qerror.nn.propagate.measure` results of one network on the same images
+    (two rounding modes, say), measured with ``image_means`` covering every image: the
+    deepest convolution's per-image channel drifts are resampled together
+    (:func:`qerror.nn.growth.debiased_gap`). ``lo > 0`` decides that ``res`` leaves the
+    larger deepest drift with the images random.
+    """
+    a, b = _deepest(res)[-1], _deepest(reference)[-1]
+    if a.name != b.name:
+        raise ValueError(f"the two results' deepest convolutions differ ({a.name!r} and "
+                         f"{b.name!r}): measure one network for both")
+    for r, site in ((res, a), (reference, b)):
+        kept = 0 if site.drift_image_channel is None else len(site.drift_image_channel)
+        if kept != r.logits.n:
+            raise ValueError(f"a result keeps the drift of {kept} of its {r.logits.n} images: "
+                             "measure with image_means set to the number of images, so that "
+                             "none is left out of the resampling")
+    return debiased_gap(a.drift_image_channel, a.float_std_channel, b.drift_image_channel,
+                        b.float_std_channel, level=level, resamples=resamples, seed=seed)
+
+
 def statement_values(res, *, seed: int = 0) -> dict[str, float]:
     """The quantities of the module docstring from one :func:`qerror.nn.propagate.measure`
     result (weights and activations quantized, labelled batches).
@@ -82,11 +123,7 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
     The growth fit is the moving-block bootstrap over the convolutions
     (:func:`qerror.nn.growth.layer_block_bootstrap`, 95 %, 1000 resamples, ``seed``).
     """
-    convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
-    if not convs:
-        raise ValueError("the claims' drift and growth quantities are those of the "
-                         "convolutions, and the result has none with a path depth; measure "
-                         "a convolutional network that torch.fx can trace")
+    convs = _deepest(res)
     layers = res.layers()
     fit = layer_block_bootstrap([s.path_depth for s in convs],
                                 [s.drift_rel_rms_channel_debiased for s in convs],
@@ -181,6 +218,84 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
                             float_correct.append(out[:len(x)].argmax(1) == y)
                 frames.append(_outcome_frame(int(b), mode.value, correct))
     return pd.concat([_outcome_frame(0, "float", float_correct), *frames], ignore_index=True)
+
+
+def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams, *,
+                     weights=None, across_ranks: bool = False) -> dict[str, BNImageMoments]:
+    """Each image's moments of every BatchNorm's input, float and quantized
+    (:class:`qerror.nn.bn.BNImageMoments`), for :func:`qerror.nn.bn.inconsistency_bounds`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A network with ``BatchNorm2d`` layers (evaluation mode is used).
+    batches : iterable of (images, labels)
+        The test batches (labels unused).
+    config, act_qparams, weights
+        The quantized network, as for :func:`qerror.nn.propagate.paired_forward` (the drift
+        study passes those it measured with).
+    across_ranks : bool
+        Under ``torchrun``, gather every rank's images in rank order (every rank calls).
+
+    Returns
+    -------
+    dict
+        By BatchNorm name, in the order the layers run.
+
+    Notes
+    -----
+    The quantized network is run by :func:`qerror.nn.propagate.paired_forward`, the paired
+    pass of :func:`qerror.nn.propagate.measure` without its statistics, and each
+    BatchNorm's input is summed per (image, channel) by the instrument's own sums
+    (:func:`qerror.nn._moments.channel_sums`), so the moments give the figures of
+    ``measure``'s BatchNorm sites (tested against ``bn_worst``). Stochastic rounding draws
+    another stream here than in ``measure``. Memory: four float64 values per image and
+    BatchNorm channel (the Fashion-MNIST ResNet50's 26,560 channels: 0.85 MB an image).
+    """
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm inconsistency "
+                         "to measure")
+    parts: dict[str, list] = {n: [] for n, _ in norms}
+    roundoff: dict[str, float] = {}
+
+    def hook_of(name):
+        def hook(module, args):
+            x = args[0]
+            h = x.shape[0] // 2
+            s, q, length = channel_sums(x)
+            parts[name].append((s[:h] / length, q[:h] / length, s[h:] / length,
+                                q[h:] / length, length))
+            roundoff[name] = unit_roundoff(x.dtype)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
+    try:
+        with eval_mode(model), torch.no_grad(), \
+                paired_forward(model, config, act_qparams, weights=weights):
+            for x, *_ in batches:
+                model(torch.cat([x, x]))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, m in norms:
+        got = parts[name]
+        c = m.num_features
+        arrays = [torch.cat([g[j] for g in got]).numpy() if got else np.zeros((0, c))
+                  for j in range(4)]
+        length = max((g[4] for g in got), default=0)
+        if across_ranks:  # a rank's share may be empty
+            gathered = parallel.gather_objects((arrays, length))
+            arrays = [np.concatenate(a) for a in zip(*(g[0] for g in gathered))]
+            length = max(g[1] for g in gathered)
+        if not length:
+            raise ValueError(f"BatchNorm {name!r} did not run on the batches; give some "
+                             "images, and a model whose every BatchNorm2d is in its forward")
+        out[name] = BNImageMoments(*arrays, m.running_mean.detach().double().cpu().numpy(),
+                                   m.running_var.detach().double().cpu().numpy(), length,
+                                   roundoff.get(name, unit_roundoff(torch.float32)))
+    return out
 
 
 def _outcome_frame(bits: int, mode: str, correct: list[torch.Tensor]) -> pd.DataFrame:

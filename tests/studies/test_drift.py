@@ -159,9 +159,24 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     # compares that this run has (nearest and truncation), at both widths.
     st = pd.read_csv(out / "statements.csv")
     assert set(st["mode"]) == {"nearest_even", "toward_zero"} and set(st.bits) == {8, 4}
-    assert set(st.quantity) == {"drift_deep", "growth", "growth_lo", "growth_ac1", "bn_worst",
-                                "sat_first", "sat_last", "accuracy", "float_accuracy"}
-    assert len(st) == 2 * 2 * 9 and st.value.notna().all()
+    common = {"drift_deep", "growth", "growth_lo", "growth_ac1", "bn_worst", "sat_first",
+              "sat_last", "accuracy", "float_accuracy", "growth_image_lo", "bn_some_lo",
+              "bn_all_hi"}
+    gaps = {"drift_deep_gap", "drift_deep_gap_lo", "drift_deep_gap_hi"}
+    assert set(st[st["mode"] == "nearest_even"].quantity) == common
+    assert set(st[st["mode"] == "toward_zero"].quantity) == common | gaps
+    assert len(st) == 2 * (2 * len(common) + len(gaps)) and st.value.notna().all()
+    value = st.set_index(["mode", "bits", "quantity"]).value.sort_index()
+    for bits in (8, 4):
+        # the gap is the two deepest drifts' difference (from per-image means here, from the
+        # instrument's sums there: equal up to float64 rounding), inside its interval; the
+        # BatchNorm bounds hold the worst layer's figure between them
+        t, n = value["toward_zero", bits], value["nearest_even", bits]
+        assert t.drift_deep_gap == pytest.approx(t.drift_deep - n.drift_deep, rel=1e-9,
+                                                 abs=1e-12)
+        assert t.drift_deep_gap_lo <= t.drift_deep_gap <= t.drift_deep_gap_hi
+        for v in (t, n):
+            assert v.bn_some_lo <= v.bn_worst <= v.bn_all_hi
     both = acc[(acc.remedy == "none") & (acc.target == "both")].set_index(["mode", "bits"])
     for _, r in st[st.quantity == "accuracy"].iterrows():
         assert r.value == both.loc[(r["mode"], r.bits), "quant_acc"]
