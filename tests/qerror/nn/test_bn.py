@@ -151,3 +151,72 @@ def test_bn_summary_counts_a_channel_whose_variance_quantization_created():
     assert summary["bn_var_collapsed_qf_count"] == 0.0
     assert summary["bn_var_ratio_qf_gmean"] == pytest.approx(3.0 ** 0.5, rel=1e-15)
     assert summary["bn_var_ratio_quant_gmean"] == pytest.approx(2.0, rel=1e-15)  # 1 and 4
+
+
+def _moments_layer(rng, n: int, c: int, shift: np.ndarray, noise: float):
+    """One BatchNorm's per-image moments on 1×1 maps: float inputs N(2, 1) per channel,
+    quantized ones shifted by ``shift`` plus independent noise of std ``noise``; running
+    statistics those of the float input's law (mean 2, variance 1)."""
+    from qerror.nn.bn import BNImageMoments
+
+    f = 2.0 + rng.standard_normal((n, c))
+    q = f + shift + noise * rng.standard_normal((n, c))
+    return BNImageMoments(f, f * f, q, q * q, np.full(c, 2.0), np.ones(c), 1, 2.0**-53)
+
+
+def test_inconsistency_bounds_hold_their_level_at_the_threshold():
+    """Four layers whose true mean shift's RMS is exactly the threshold 0.1 (the log
+    variance ratio, log(1.09) ≈ 0.086, below it): ``some_lo`` above 0.1 is a false claim
+    that some layer exceeds it. Over 1200 simulated sets at α = 0.05 its count stays in the
+    binomial acceptance region of level α at META = 1e-3 (z = 3.09); measured 5.7 %
+    (qerror.nn.bn.inconsistency_bounds' Notes). ``all_hi`` under 0.1 is a false claim too
+    and is asserted likewise. Without the debiasing the plain RMS, biased upward by the
+    channel means' noise, lies above the threshold on average, and the bounds around it
+    would claim more often."""
+    from qerror.nn.bn import inconsistency_bounds
+
+    rng = np.random.default_rng(7)
+    sets, alpha, z = 1200, 0.05, 3.09
+    some = under = 0
+    plain = []
+    for r in range(sets):
+        shift = np.full(16, 0.1) * rng.choice([-1.0, 1.0], 16)
+        layers = {f"bn{j}": _moments_layer(rng, 100, 16, shift, 0.3) for j in range(4)}
+        b = inconsistency_bounds(layers, alpha=alpha, resamples=200, seed=r)
+        some += b.some_lo > 0.1
+        under += b.all_hi < 0.1
+        plain.append(b.worst)
+    top = sets * alpha + z * np.sqrt(sets * alpha * (1 - alpha))
+    assert some <= top and under <= top
+    assert np.mean(plain) > 0.1 + z * np.std(plain, ddof=1) / np.sqrt(sets)
+
+
+def test_inconsistency_bounds_find_a_shift_and_its_absence():
+    """A shift of 0.5 float std in every channel of one layer of four is found (some_lo far
+    above 0.1), and four layers without any shift are all under 0.1: each decided on the
+    images (seeded), with the figure's sample value between the bounds."""
+    from qerror.nn.bn import inconsistency_bounds
+
+    rng = np.random.default_rng(11)
+    none = np.zeros(32)
+    layers = {f"bn{j}": _moments_layer(rng, 400, 32, none, 0.05) for j in range(3)}
+    layers["bn3"] = _moments_layer(rng, 400, 32, np.full(32, 0.5), 0.05)
+    b = inconsistency_bounds(layers, resamples=300)
+    assert b.exceeds(0.1) is True and b.some_lo > 0.4
+    quiet = {f"bn{j}": _moments_layer(rng, 400, 32, none, 0.05) for j in range(4)}
+    assert inconsistency_bounds(quiet, resamples=300).exceeds(0.1) is False
+
+
+def test_inconsistency_bounds_refuse_what_they_cannot_resample():
+    from qerror.nn.bn import inconsistency_bounds
+
+    rng = np.random.default_rng(0)
+    a, b = _moments_layer(rng, 10, 4, 0.0, 0.1), _moments_layer(rng, 12, 4, 0.0, 0.1)
+    with pytest.raises(ValueError, match="same images"):
+        inconsistency_bounds({"a": a, "b": b})
+    with pytest.raises(ValueError, match="no BatchNorm moments"):
+        inconsistency_bounds({})
+    with pytest.raises(ValueError, match="resamples"):
+        inconsistency_bounds({"a": a}, resamples=10)
+    with pytest.raises(ValueError, match="alpha"):
+        inconsistency_bounds({"a": a}, alpha=1.5)

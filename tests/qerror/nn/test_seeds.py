@@ -152,3 +152,57 @@ def test_bn_worst_counts_a_collapsed_variance_and_says_when_nothing_was_measured
     assert worst([1.0, 0.0], var_f=(1.0, 0.0)) == 0.0  # 0/0 in one channel: not measured
     assert worst([np.e, np.e]) == pytest.approx(1.0)  # |log| of the geometric mean
     assert np.isnan(_bn_worst(SimpleNamespace(sites=[])))
+
+
+def test_bn_image_moments_give_the_instruments_bn_worst_and_bounds_around_it():
+    """The per-image moments taken beside a paired pass give, for the sample itself, the
+    figure statement_values' bn_worst takes from measure's sums (two summation routes of
+    the same float32 sums: equal to float64 rounding), and bounds on either side
+    of it (set on the debiased figure, at most the plain one); the deepest drift's gap is the difference of two drift_deep figures."""
+    from qerror.nn.bn import inconsistency_bounds
+    from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
+    from qerror.nn.seeds import bn_image_moments, deepest_drift_gap, statement_values
+    from qerror.rounding import RoundingMode
+
+    model = _warmed(depth=5, width=6)
+    g = torch.Generator().manual_seed(4)
+    calib, test = torch.randn(64, 1, 8, 8, generator=g), torch.randn(80, 1, 8, 8, generator=g)
+    labels = torch.randint(0, 10, (80,), generator=g)
+    batches = [(test[:48], labels[:48]), (test[48:], labels[48:])]
+    act = calibrate_activations(model, [calib], QuantConfig.make(4).activation)
+    res = {}
+    for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO):
+        cfg = QuantConfig.make(4, mode)
+        res[mode] = r = measure(model, batches, cfg, act, image_means=80)
+        moments = bn_image_moments(model, batches, cfg, act)
+        assert list(moments) == [n for n, m in model.named_modules()
+                                 if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(m.images == 80 for m in moments.values())
+        worst = statement_values(r)["bn_worst"]
+        ones = np.ones((1, 80))
+        assert max(float(m.figures(ones)[0]) for m in moments.values()) == pytest.approx(
+            worst, rel=1e-9)
+        b = inconsistency_bounds(moments, resamples=200)
+        assert b.worst == pytest.approx(worst, rel=1e-9) and b.layers == len(moments)
+        # the bounds are set on the debiased figure, at most the plain one
+        assert b.some_lo <= b.worst and b.some_lo <= b.all_hi
+        assert b.exceeds(b.some_lo - 0.01) is True and b.exceeds(b.all_hi + 0.01) is False
+        assert b.exceeds((b.some_lo + b.all_hi) / 2) is None
+    n, t = (statement_values(res[m])["drift_deep"] for m in res)  # nearest, truncation
+    gap = deepest_drift_gap(res[RoundingMode.TOWARD_ZERO], res[RoundingMode.NEAREST_EVEN],
+                            resamples=200)
+    assert gap.gap == pytest.approx(t - n, rel=1e-9, abs=1e-12)
+    assert gap.lo <= gap.gap <= gap.hi
+    # a result that kept fewer images than it measured cannot be resampled honestly
+    short = measure(model, batches, QuantConfig.make(4), act, image_means=40)
+    with pytest.raises(ValueError, match="keeps the drift of 40 of its 80 images"):
+        deepest_drift_gap(short, res[RoundingMode.NEAREST_EVEN], resamples=200)
+
+
+def test_bn_image_moments_refuse_a_model_without_batchnorm():
+    from qerror.nn.propagate import QuantConfig
+    from qerror.nn.seeds import bn_image_moments
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        bn_image_moments(model, [(torch.zeros(2, 1, 5, 5), None)], QuantConfig.make(8), {})
