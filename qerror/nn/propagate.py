@@ -28,10 +28,12 @@ Sites (DESIGN §2):
   *accumulated* error at its output;
 * every ``BatchNorm2d``: the batch statistics of its input under both paths against the
   running statistics it normalises with (when a layer feeds it directly, the layer's
-  output sums serve; any module run in between, such as an in-place ReLU, makes it reduce
-  its own input; a functional in-place operation inside a module's own ``forward`` between
-  the two is not seen). Its site holds these statistics only, no error figures: the error
-  after it is the next layer's input error or its block's output error;
+  output sums serve; any module run in between, such as an in-place ReLU, or the return of
+  a module that called the layer, such as a pre-activation block that adds its shortcut in
+  place to its last convolution's output, makes it reduce its own input; a functional
+  in-place operation between the two within one module's ``forward`` is not seen). Its
+  site holds these statistics only, no error figures: the error after it is the next
+  layer's input error or its block's output error;
 * every residual block (a module with BatchNorm children and a ``downsample`` attribute or
   named ``*Block``/``Bottleneck``): the accumulated error at its output;
 * the logits: accuracy of both paths, agreement, McNemar counts, SQNR.
@@ -709,11 +711,18 @@ class _Instrument:
                     self._handles.append(m.register_forward_hook(self._bn_hook(n)))
             elif collect and paired and block_site:
                 self._handles.append(m.register_forward_hook(self._out_hook(n, "block")))
-            if collect and paired and not bn_site and not any(True for _ in m.children()):
+            if collect and paired and not bn_site:
                 # Any other module between a layer and a BatchNorm (an in-place ReLU, say)
                 # may change the tensor the BatchNorm receives: its statistics are then its
-                # own, not the layer's output's (see _bn_hook).
-                self._handles.append(m.register_forward_pre_hook(self._forget_last))
+                # own, not the layer's output's (see _bn_hook). So may the rest of the
+                # forward of a module that called the layer: a pre-activation block adds its
+                # shortcut in place to its last convolution's output (``out += x``), and the
+                # next block's first BatchNorm receives that sum; a container's return ends
+                # the layer's sums' claim too.
+                if any(True for _ in m.children()):
+                    self._handles.append(m.register_forward_hook(self._forget_after))
+                else:
+                    self._handles.append(m.register_forward_pre_hook(self._forget_last))
         self._handles.append(model.register_forward_hook(self._next_batch))
 
     def _called(self, name: str) -> None:
@@ -727,6 +736,9 @@ class _Instrument:
     def _forget_last(self, module, args):
         for arm in self.arms:
             arm.last = None
+
+    def _forget_after(self, module, args, out):
+        self._forget_last(module, args)
 
     def _next_batch(self, module, args, out):
         # Stochastic rounding draws a fresh stream for every batch.

@@ -666,6 +666,61 @@ def test_a_batchnorm_after_an_in_place_relu_sees_the_relus_output():
     _assert_same_result(res[False], res[True], "in-place ReLU")
 
 
+class _PreActBlock(nn.Module):
+    """A pre-activation residual block: BatchNorm first, shortcut added in place to the last
+    convolution's output, which the next block's first BatchNorm then receives."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(torch.relu(self.bn1(x)))
+        out = self.conv2(torch.relu(self.bn2(out)))
+        out += x
+        return out
+
+
+def test_a_batchnorm_after_a_block_that_adds_in_place_sees_the_sum():
+    """The BatchNorm after a pre-activation block receives its last convolution's output
+    with the shortcut added in place: its input statistics are those of the sum (the
+    paired pass's own BatchNorm inputs, caught by hooks), not the convolution's sums,
+    which they were (0.3 σ off in the mean shift on this network)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _PreActBlock(8), _PreActBlock(8),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).double()
+    with torch.no_grad():
+        model.train()
+        model(images(64, 5))
+    model.eval()
+    x = images(16, 2)
+    cfg = QuantConfig.make(4)
+    act = calibrate_activations(model, [x], cfg.activation)
+    res = measure(model, [x], cfg, act, local_samples=0)
+    assert _clean(model)
+    seen, bns = {}, {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0]))
+             for n, m in bns.items()]
+    try:
+        with paired_forward(model, cfg, act), torch.no_grad():
+            model(torch.cat([x, x]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name in ("2.bn1", "3"):
+        sd = bns[name].running_var.sqrt()
+        bn = res.site(name).bn
+        for got, half in ((bn.mean_shift_float, seen[name][:16]),
+                          (bn.mean_shift_quant, seen[name][16:])):
+            want = (half.mean((0, 2, 3)) - bns[name].running_mean) / sd
+            np.testing.assert_allclose(got, want.numpy(), rtol=RTOL64, atol=1e-12)
+        var = seen[name][16:].var((0, 2, 3), unbiased=False)
+        np.testing.assert_allclose(bn.var_ratio_quant, (var / bns[name].running_var).numpy(),
+                                   rtol=1e-8)
+
+
 def test_a_measurement_inside_another_is_refused_and_leaves_the_outer_one(setup):
     """Closing restores each module's own forward by deleting the patch: a module that
     already has one (an open paired_forward, a user's wrapper) is refused, not stripped."""
