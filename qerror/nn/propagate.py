@@ -1148,11 +1148,24 @@ def sqnr_db(power: float, noise: float) -> float:
 # --------------------------------------------------------------------------- entry points
 
 def _batchnorms(model: nn.Module, bn_stats) -> dict[str, nn.BatchNorm2d]:
-    """The model's BatchNorm2d layers by name; ``bn_stats`` may name only those."""
+    """The model's BatchNorm2d layers by name; ``bn_stats`` may name only those, each with a
+    finite mean and a finite, non-negative variance per channel (a NaN there would surface
+    as non-finite data at the next quantizer, as if the images held it)."""
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for n in bn_stats or {}:
+    for n, stats in (bn_stats or {}).items():
         if n not in bns:
             raise ValueError(f"bn_stats names {n!r}, which is not a BatchNorm2d of the model")
+        if not isinstance(stats, (tuple, list)) or len(stats) != 2:
+            raise ValueError(f"bn_stats[{n!r}] must be a (mean, var) pair")
+        c = bns[n].num_features
+        for what, t in zip(("mean", "var"), stats):
+            t = torch.as_tensor(t)
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"bn_stats[{n!r}] {what} has shape {tuple(t.shape)}; the "
+                                 f"BatchNorm has {c} channels, so give ({c},)")
+            if not bool(torch.isfinite(t).all()) or (what == "var" and bool((t < 0).any())):
+                raise ValueError(f"bn_stats[{n!r}] {what} holds "
+                                 f"{'negative or ' if what == 'var' else ''}non-finite values")
     return bns
 
 
@@ -1170,6 +1183,8 @@ def _check_corrections(model: nn.Module, corrections) -> None:
         if shape != (out,):
             raise ValueError(f"corrections[{n!r}] has shape {shape}; the layer has {out} "
                              f"outputs, so give one value per output ({out},)")
+        if not bool(torch.isfinite(torch.as_tensor(c)).all()):
+            raise ValueError(f"corrections[{n!r}] holds non-finite values")
 
 
 MIN_CHUNK = 32  # images per chunk of a paired pass, at least (see default_pair_batch)

@@ -365,6 +365,30 @@ def test_counts_of_images_are_refused_unless_they_are_counts(setup, kwargs, matc
     assert _clean(model)
 
 
+_NAN8 = torch.full((8,), float("nan"), dtype=torch.float64)
+_ZERO8 = torch.zeros(8, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bn_stats": {"1": (_ZERO8, -torch.ones(8, dtype=torch.float64))}},
+     r"bn_stats\['1'\] var holds negative"),
+    ({"bn_stats": {"1": (_NAN8, torch.ones(8, dtype=torch.float64))}},
+     r"bn_stats\['1'\] mean holds non-finite"),
+    ({"bn_stats": {"1": (torch.zeros(3), torch.ones(3))}}, r"bn_stats\['1'\] mean has shape"),
+    ({"corrections": {"0": _NAN8}}, r"corrections\['0'\] holds non-finite"),
+])
+def test_remedies_that_are_not_finite_statistics_are_refused_by_name(setup, kwargs, match):
+    """A NaN or negative variance in re-estimated statistics, or a NaN bias correction, was
+    met as non-finite data by the next layer's quantizer, whose message blamed the images
+    ('x holds ... non-finite value(s)'); a wrong shape failed inside F.batch_norm."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with pytest.raises(ValueError, match=match):
+        measure(model, test, cfg, act_qp, **kwargs)
+    assert _clean(model)
+
+
 def test_weights_for_a_configuration_that_quantizes_none_are_refused(setup):
     """An activations-only configuration runs with the float weights: weights given for it
     were not used, yet their error (mean, MSE, saturation) was reported beside the run."""
