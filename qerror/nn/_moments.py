@@ -19,8 +19,11 @@ sums returned in float64 (the caller accumulates them over images in float64). W
 order of the additions, a float32 sum of ``L`` terms is within ``γ(L - 1) Σ|x|`` of the exact
 one, a sum of squares within ``γ(L) Σx²`` (each square rounded once) and a sum of differences
 within ``γ(L) Σ|a - b|`` (each difference rounded once), where ``γ(k) = k u / (1 - k u)`` and
-``u = 2**-24`` (to first order ``k u``): the tests check the compiled and the eager sums
-against float64 references with these bounds. The compiled loop adds in the order its
+``u = 2**-24`` (to first order ``k u``). Torch's reductions take a sum of squares as the
+square of a float32 norm, three roundings more (the square root, doubled by the squaring,
+and the squaring): within ``γ(L + 3) Σx²``, which a map of 2 positions reaches (1.8 γ(2)
+measured on random data). The tests check the compiled and the eager sums against float64
+references with these bounds. The compiled loop adds in the order its
 vectorisation takes (lane-wise, then across lanes), torch's in a pairwise order, whose typical
 error is smaller; so the compiled loop takes maps of at most :data:`MAX_INNER` positions
 (32×32), where the bound is at most ``2**-14`` of ``Σ|x|`` and the typical error about
