@@ -97,16 +97,21 @@ CLAIMS: tuple[Claim, ...] = (
         Verdict.FALSE,
         "Nearest minimises each weight's own error, not the loss: to second order the "
         "loss grows by gᵀΔw + ½ΔwᵀHΔw; a gradient g ≠ 0 (weights away from the loss's "
-        "minimum) moves each weight's best choice off nearest, and the off-diagonal terms of "
-        "H reward errors that cancel between weights. It holds when g = 0 and the loss is "
+        "minimum) moves the threshold between rounding a weight down and up off the middle "
+        "of its step s (by g/(Hs) of a step, for a weight of gradient g and curvature H in a "
+        "separable loss), so a weight lying between the two is best rounded the other way, "
+        "and the off-diagonal terms of H reward errors that cancel between weights. It "
+        "holds when g = 0 and the loss is "
         "separable in the weights (diagonal H, e.g. a linear layer's output error when the "
         "inputs' second moments E[xxᵀ] are diagonal: uncorrelated and of zero mean, which a "
         "ReLU's outputs are not): then nearest is the exact optimum over all up/down "
         "choices. With correlated inputs, or with a gradient, another choice is lower, and "
         "on networks random up/down roundings of one layer often beat nearest (on the "
-        "tests' small untrained network, whose gradient is not 0, a share of twenty whose "
-        "95 % Wilson interval lies above a quarter; python -m studies.rounding_choice: the "
-        "fraction with its Wilson interval on trained networks, and learned rounding, "
+        "tests' small untrained network, a share of twenty whose 95 % Wilson interval lies "
+        "above a quarter; its gradient is not 0: for nearest's rounding of that layer the "
+        "first-order term gᵀΔw is larger than the second-order one; python -m "
+        "studies.rounding_choice: the fraction with its Wilson interval on trained networks, "
+        "and learned rounding, "
         "AdaRound, against nearest's accuracy).",
         "test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable",
     ),
@@ -332,9 +337,14 @@ CLAIMS += (
         "Their means move, under truncation and floor: at the most-shifted convolution "
         "of the tests' ten-layer network at six bits, by more than three times "
         "round-to-nearest's largest shift (relative to the float std) and well beyond its "
-        "standard error (a claim read at that layer). The direction is not always down: a "
-        "convolution's output mean moves by what the shrunken weights and inputs do "
-        "together, which depends on their signs.",
+        "standard error (a claim read at that layer). The direction is not always down: "
+        "under both modes some convolutions' means move up and others down, each beyond its "
+        "standard error. A convolution's output mean moves by what the rounded weights and "
+        "inputs do together, which depends on their signs: at the first convolution, whose "
+        "inputs (the images, of mean about 0) lose half a step on average under both modes, "
+        "the mean moves by minus half that step times the rounded weights' sum: up, since "
+        "that sum is negative there, and by as much as this predicts within the standard "
+        "error.",
         "test_claim_A1_biased_modes_shift_the_layer_means",
     ),
 )
@@ -362,9 +372,11 @@ CLAIMS += (
         "The runtime converts FP32 input to INT8 automatically.",
         Verdict.CONDITIONAL,
         "Only when the converted model carries its input quantizer. In PyTorch's eager flow "
-        "that is a QuantStub the user inserts: a quantized convolution given a float tensor "
-        "refuses it. PT2E inserts the quantize op at the input. A TFLite model converted "
-        "with an int8 input type expects the caller to quantize (not tested here).",
+        "that is a QuantStub the user inserts: without one, the converted model's quantized "
+        "convolution refuses a float tensor. PT2E inserts the quantize op itself: the "
+        "converted graph takes the float input and quantizes it first. A TFLite model "
+        "converted with an int8 input type expects the caller to quantize (not tested "
+        "here).",
         "test_claim_D2_a_quantized_kernel_refuses_float_input",
     ),
     Claim(
@@ -394,9 +406,9 @@ CLAIMS += (
         "Storing the dataset in INT8 saves memory and bandwidth on constrained hardware.",
         Verdict.CONDITIONAL,
         "Four times less than float32 tensors (one byte per value against four), but nothing "
-        "against data that are already 8-bit: Fashion-MNIST's and most images' pixels are "
-        "uint8 on disk, and their INT8 codes of the same image size take the same bytes "
-        "(codes of the zero-padded model input take more than the raw pixels).",
+        "against data that are already 8-bit, as Fashion-MNIST's pixels are on disk (uint8): "
+        "their INT8 codes at the images' own size take the same bytes, and codes of the "
+        "zero-padded 32×32 model input take more than the 28×28 pixels.",
         "test_claim_D5_int8_storage_saves_against_float_only",
     ),
     Claim(

@@ -230,10 +230,39 @@ def test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable():
     diag = np.diag(rng.uniform(0.1, 10.0, 8))
     losses, near = _updown_losses(diag, w, 3)
     assert losses[near] == losses.min()
-    # Separable but with a gradient (weights away from the minimum): each term's best choice
-    # moves off nearest, so g = 0 is part of the condition.
-    losses, near = _updown_losses(diag, w, 3, grad=rng.standard_normal(8) * 2.0)
+    # Separable but with a gradient (weights away from the minimum): weight i's term
+    # Σᵢᵢ Δ² + gᵢ Δ (H = 2Σ) prefers up to down exactly when its fractional part r (in steps s)
+    # exceeds ½ + gᵢ/(Hᵢᵢ s), so the gradient moves the threshold off the midpoint and the
+    # weights whose r lies between the two are best rounded the other way: g = 0 is part of
+    # the condition.
+    grad = rng.standard_normal(8) * 2.0
+    losses, near = _updown_losses(diag, w, 3, grad=grad)
     assert losses.min() < losses[near] - 1e-6 * np.abs(losses).max()
+    spec = QuantSpec(bits=3)
+    s = np.abs(w).max() / spec.qmax
+    r = w / s - np.floor(w / s)
+    h = 2 * np.diag(diag)
+    # the helper's order of choices (itertools.product): the last weight varies fastest
+    choices = np.array(list(np.ndindex(*(2,) * 8)))
+    best = choices[np.argmin(losses)]
+    # the largest weight sits on qmax: its up is clamped back onto its down, one code
+    one_code = np.floor(w / s) + 1 > spec.qmax
+    assert one_code.sum() == 1
+    threshold = 0.5 + grad / (h * s)
+    assert np.array_equal(best[~one_code], (r > threshold)[~one_code])
+    moved = (best != (r > 0.5)) & ~one_code
+    assert moved.any()
+    assert np.array_equal(moved, ~one_code & (np.minimum(threshold, 0.5) < r)
+                          & (r < np.maximum(threshold, 0.5)))
+    # ... and the threshold is exactly there: each weight whose threshold lies inside its
+    # step, moved to a millionth of a step below it and then above it (the grid unchanged),
+    # is rounded down and then up.
+    inside = ~one_code & (threshold > 1e-3) & (threshold < 1 - 1e-3)
+    assert inside.sum() >= 4
+    for side in (-1e-6, 1e-6):
+        w_side = np.where(inside, s * (np.floor(w / s) + threshold + side), w)
+        losses, _ = _updown_losses(diag, w_side, 3, grad=grad)
+        assert np.all(choices[np.argmin(losses)][inside] == (side > 0)), side
     # Correlated inputs: the same weights have a choice with a lower loss than nearest, by
     # far more than float64 rounding of these sums (relative 1e-12).
     a = rng.standard_normal((8, 8))
@@ -252,6 +281,21 @@ def test_claim_R5N_nearest_minimises_the_loss_only_when_it_is_separable():
     # "often": the share that beats nearest, its Wilson interval above a quarter
     assert res.beat.ci[0] > 0.25, res.beat
     assert res.nearest_weight_mse_lsb <= res.weight_mse_lsb.min()  # yet nearest is closest
+    # Its gradient is not 0, and matters: for nearest's rounding of the layer, the loss's
+    # first-order term gᵀΔw is larger than its second-order one ½ΔwᵀHΔw (exact
+    # Hessian-vector product): in that expansion nearest's loss is mostly the gradient's.
+    import torch.nn.functional as F
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    w0 = params["0.weight"].clone().requires_grad_(True)
+    logits = torch.func.functional_call(model, {**params, "0.weight": w0}, (x,))
+    g, = torch.autograd.grad(F.cross_entropy(logits, y), w0, create_graph=True)
+    spec = QuantSpec(bits=4, axis=0)  # updown_experiment's grid: per channel, max|w|/qmax
+    dw = fake_quantize(w0.detach(), spec, calibrate(w0.detach(), spec).scale) - w0.detach()
+    first = (g * dw).sum()
+    hv, = torch.autograd.grad(first, w0)
+    first, second = float(first.detach()), float((hv * dw).sum()) / 2
+    assert first > abs(second) > 0, (first, second)
 
 
 def test_claim_T5_truncation_bias_needs_one_signed_data():
@@ -654,8 +698,9 @@ def test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding(seed_stat
 
 
 def test_claim_N2L_layernorm_has_nothing_to_be_inconsistent_with():
-    """No stored statistics; a truncated linear layer's error common to a sample's features
-    is removed by the LayerNorm after it, to float64 rounding."""
+    """No stored statistics; after a truncated linear layer, LayerNorm removes the error
+    common to a sample's features and a scale common to them (exactly without ε, as its ε
+    says with it), to float64 rounding, and passes the rest on over the sample's std."""
     from torch import nn
 
     assert claim("N2L").verdict is Verdict.FALSE
@@ -673,6 +718,21 @@ def test_claim_N2L_layernorm_has_nothing_to_be_inconsistent_with():
     assert abs(float(common.mean())) > 10 * float(common.std()) / 512 ** 0.5
     # ... which LayerNorm removes: normalising yq and yq minus that part agree to rounding
     torch.testing.assert_close(ln(yq), ln(yq - common), rtol=1e-12, atol=1e-12)
+    # A scale c > 0 common to a sample's features gives (y − μ)/√(σ² + ε/c²): without ε it
+    # is removed exactly, with ε it leaves what ε's share of the variance says, and no more.
+    c = 0.5 + 1.5 * torch.rand(512, 1, dtype=torch.float64, generator=g)
+    mu, var = yq.mean(dim=1, keepdim=True), yq.var(dim=1, unbiased=False, keepdim=True)
+    no_eps = nn.LayerNorm(64, eps=0.0, elementwise_affine=False).double()
+    torch.testing.assert_close(no_eps(c * yq), no_eps(yq), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ln(c * yq), (yq - mu) / (var + ln.eps / c ** 2).sqrt(),
+                               rtol=1e-12, atol=1e-12)
+    assert float((ln(c * yq) - ln(yq)).abs().max()) > 1e-6  # ε's share: not rounding
+    # Error that differs across features (here most of truncation's) passes through, over
+    # the sample's std: yq's deviation from its mean is the float one plus that error.
+    dev = (yq - yf) - common
+    torch.testing.assert_close(ln(yq), (yf - yf.mean(dim=1, keepdim=True) + dev)
+                               / (var + ln.eps).sqrt(), rtol=1e-12, atol=1e-12)
+    assert float(dev.square().mean()) > 0.5 * float((yq - yf).square().mean())
 
 
 @pytest.mark.xdist_group("seeds")
@@ -799,7 +859,9 @@ def test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size():
 
 def test_claim_A1_biased_modes_shift_the_layer_means(chain_runs):
     """The largest |mean shift| / float std over the convolutions, at 6 bits: truncation's
-    and floor's at least 3× round-to-nearest's, and each significant (z at NET_ALPHA)."""
+    and floor's at least 3× round-to-nearest's, and each significant (z at NET_ALPHA). Their
+    direction: some convolutions' means move up and others down, and the first one's moves
+    as its rounded weights and inputs predict."""
     assert claim("A1").verdict is Verdict.CONDITIONAL
 
     def worst(res):
@@ -812,6 +874,37 @@ def test_claim_A1_biased_modes_shift_the_layer_means(chain_runs):
         site = worst(chain_runs[(mode, 6)])
         assert abs(site.drift) / site.float_std > 3 * abs(near.drift) / near.float_std, mode
         assert abs(site.drift) > 3.29 * site.drift_se, mode
+    # Not always down: under both modes some convolutions' means move up and others down,
+    # each beyond its standard error (two-sided at NET_ALPHA / 10 each: Bonferroni over the
+    # ten convolutions).
+    z_c = sps.norm.isf(NET_ALPHA / 2 / 10)
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+        z = [c.drift / c.drift_se for c in _convs(chain_runs[(mode, 6)])]
+        assert max(z) > z_c and min(z) < -z_c, (mode, z)
+    # Which way is what the rounded weights Ŵ and inputs do together: E[ŷ − y] =
+    # E[ΔW]·E[x] + Ŵ·E[e_x]. The first convolution's input, the images, is on an unsigned
+    # affine grid that holds all but 3e-5 of them, where truncation is floor: every input
+    # loses half a step s on average in both modes (σ is 7 steps, where the uniform model is
+    # exact far below the standard error). The images' mean is about 0, so the mean moves by
+    # −s/2 times Ŵ's sum over the taps inside the image (the zero padding is exact): up here,
+    # since that sum is negative, and by as much as predicted (z at NET_ALPHA).
+    import torch.nn.functional as F
+
+    from qerror.nn import QuantConfig, calibrate_activations
+    from qerror.nn.propagate import quantize_weights
+
+    model = _chain()  # chain_runs' network, calibration and test images
+    s = calibrate_activations(model, [_net_images(256, 1)],
+                              QuantConfig.make(6).activation)["0"].scale
+    mean_x = _net_images(1024, 2).mean(dim=0, keepdim=True)
+    w = model[0].weight.detach()
+    for mode in (RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR):
+        wq = quantize_weights(model, QuantConfig.make(6, mode).weight)["0"].weight
+        taps = F.conv2d(torch.ones_like(mean_x), wq, padding=1)
+        predicted = float((F.conv2d(mean_x, wq - w, padding=1) - s / 2 * taps).mean())
+        first = _convs(chain_runs[(mode, 6)])[0]
+        assert float(taps.mean()) < 0 and predicted > 0, mode
+        assert abs(first.drift - predicted) <= 3.29 * first.drift_se, (mode, first, predicted)
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -853,19 +946,51 @@ def test_claim_D1_input_quantizer_equals_offline_codes():
 
 
 def test_claim_D2_a_quantized_kernel_refuses_float_input():
+    """Eager mode: a quantized convolution refuses a float tensor, and a converted model
+    quantizes its float input only where the user put a QuantStub. PT2E: the converted
+    graph takes the float tensor and quantizes it, the first op on its input."""
     import warnings
 
+    import torch.ao.quantization as tq
+    from torch import nn
     from torch.ao.nn.quantized import Conv2d
 
+    from qerror.nn.pt2e import quantize_pt2e
+
     assert claim("D2").verdict is Verdict.CONDITIONAL
+    x = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(5))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated
+        # quantized tensors and the eager flow are deprecated in favour of PT2E (below)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         conv = Conv2d(1, 2, 3)
-        x = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(5))
         with pytest.raises(NotImplementedError):
             conv(x)  # no input quantizer: the float tensor is refused, not converted
         q = torch.quantize_per_tensor(x, 0.05, 64, torch.quint8)  # what a QuantStub does
         assert conv(q).dtype == torch.quint8
+        for stub in (tq.QuantStub(), nn.Identity()):
+            torch.manual_seed(5)
+            model = nn.Sequential(stub, nn.Conv2d(1, 2, 3), tq.DeQuantStub()).eval()
+            model.qconfig = tq.get_default_qconfig(torch.backends.quantized.engine)
+            prepared = tq.prepare(model)
+            prepared(x)  # calibration
+            converted = tq.convert(prepared)
+            if isinstance(stub, tq.QuantStub):
+                assert converted(x).dtype == torch.float32
+            else:
+                with pytest.raises(NotImplementedError):
+                    converted(x)
+    # Three input channels, as images have: qerror's flow gives a single-channel
+    # convolution a zero channel (pad_single_channel_convs), an op before the quantizer.
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3))
+    g = torch.Generator().manual_seed(5)
+    graph = quantize_pt2e(net, [torch.randn(4, 3, 5, 5, generator=g) for _ in range(2)],
+                          compile=False).converted
+    image = next(n for n in graph.graph.nodes if n.op == "placeholder")
+    ops = {str(n.target) for n in image.users if n.op == "call_function"}
+    assert ops == {"quantized_decomposed.quantize_per_tensor.default"}, ops
+    assert graph(torch.randn(2, 3, 5, 5, generator=g)).dtype == torch.float32
 
 
 def test_claim_D3_qat_trains_on_float_data():
@@ -911,12 +1036,32 @@ def test_claim_D4_ptq_calibrates_on_float_data():
 
 
 def test_claim_D5_int8_storage_saves_against_float_only():
-    from qerror.compress.size import storage_bytes
+    """Counted, and held: the bytes of Fashion-MNIST's pixels as read from its files, of the
+    float32 model input made from them, and of its INT8 codes, at 28×28 and padded to 32×32."""
+    from qerror.compress.size import held_bytes, storage_bytes
+    from qerror.data import DataNotFoundError, load_fashion_mnist, to_tensor
+    from qerror.nn.input_quant import quantize_offline
 
     assert claim("D5").verdict is Verdict.CONDITIONAL
     n = 10_000 * 28 * 28  # Fashion-MNIST's test split
     assert storage_bytes("float32", n) == 4 * storage_bytes("int8", n)
     assert storage_bytes("uint8", n) == storage_bytes("int8", n)  # the pixels as shipped
+    try:
+        pixels = load_fashion_mnist("test").images[:256]
+    except DataNotFoundError as err:
+        pytest.fail(f"the dataset claims are decided on Fashion-MNIST: {err} (make data)")
+    # uint8 on disk: read_idx returns the element type the IDX header declares, and refuses
+    # a file that does not hold exactly one such element per pixel
+    assert pixels.dtype == np.uint8
+    spec = QuantSpec(bits=8, signed=True, symmetric=False)  # studies.dataset's INT8 codes
+    for size in (28, 32):  # the images' own size, and the zero-padded model input
+        x = to_tensor(pixels, size)
+        codes = quantize_offline(x, spec, calibrate(x, spec))
+        assert x.dtype == torch.float32 and held_bytes(x) == 4 * held_bytes(codes)
+        if size == 28:
+            assert held_bytes(codes) == held_bytes(pixels)
+        else:  # 32² bytes an image against 28²
+            assert held_bytes(codes) * 28 ** 2 == held_bytes(pixels) * 32 ** 2
 
 
 def test_claim_D6_other_offline_scales_change_what_the_model_sees():
