@@ -215,18 +215,19 @@ CLAIMS += (
         "(sampling noise removed) on most seeds, and under truncation it grows with path depth "
         "(bootstrap interval of the exponent above 0) on most seeds at every width; under "
         "floor it does at eight and six bits, and at four bits the seeds do not decide. Under "
-        "round-to-nearest growth is not decided at any width. In the committed run on the "
-        "Fashion-MNIST ResNet50 baseline (studies.drift, one draw of 200 test images, "
-        "tests/data/baseline; point comparisons, no interval over images: another draw of "
-        "200 images changed four of them on a retrained baseline) truncation and floor "
-        "leave the larger deepest drift at every width, and it grows with path depth at "
-        "eight and six bits, by the layer bootstrap's interval, which is somewhat too narrow "
-        "there (the fit's residuals follow each other moderately: lag-1 autocorrelation "
-        "below 0.4; qerror.nn.growth); at four bits the exponent's interval reaches below 0, "
-        "so growth is not shown there. "
-        "Round-to-nearest's drift stays below both at the deepest convolution; its interval "
-        "lies above 0 at every width, but its residuals' autocorrelation is above a half, "
-        "where that interval is too narrow (qerror.nn.growth), so its growth is not shown.",
+        "round-to-nearest growth is not decided at any width. On the Fashion-MNIST ResNet50 "
+        "baseline (studies.drift's committed run, tests/data/baseline; one network, each "
+        "statement decided with the run's 200 test images random, by bootstrap intervals "
+        "over them) truncation and floor leave the larger deepest drift at eight and six "
+        "bits, and round-to-nearest the larger at four bits (the interval of the gap lies "
+        "above 0, then below). Under truncation and floor the drift grows with path depth "
+        "at eight and six bits, by the image bootstrap's interval of the exponent and by "
+        "the layer bootstrap's, which is somewhat too narrow there (the fit's residuals "
+        "follow each other moderately: lag-1 autocorrelation below 0.4; qerror.nn.growth); "
+        "at four bits the layer bootstrap's interval reaches below 0, so growth is not "
+        "shown there. Under round-to-nearest both intervals lie above 0 at every width, but "
+        "the residuals' autocorrelation is above a half, where the layer interval is too "
+        "narrow (qerror.nn.growth), so its growth is not shown.",
         "test_claim_N1_drift_grows_with_depth_for_biased_modes",
     ),
     Claim(
@@ -239,10 +240,13 @@ CLAIMS += (
         "those of its float input by more than a tenth: the RMS over its channels of the "
         "mean's shift in running standard deviations, or the log of the geometric mean of "
         "the variance ratio. Under round-to-nearest that happens on few seeds "
-        "at eight and six bits and on most at four bits. In the committed run on the ResNet50 "
-        "baseline (studies.drift, one draw of 200 test images, tests/data/baseline; point "
-        "comparisons, no interval over images) the same holds under truncation and floor at "
-        "every width, and under round-to-nearest at six and four bits but not at eight.",
+        "at eight and six bits and on most at four bits. On the ResNet50 baseline "
+        "(studies.drift's committed run, tests/data/baseline; its 200 test images random: "
+        "some BatchNorm's figure above a tenth by bounds simultaneous over the 53 layers, "
+        "every one's under it by each layer's bound, both at 5 %; "
+        "qerror.nn.bn.inconsistency_bounds) the same holds under truncation and floor at "
+        "every width, and under round-to-nearest at six and four bits; at eight bits every "
+        "BatchNorm's figure lies under a tenth.",
         "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
     ),
     Claim(
@@ -287,12 +291,13 @@ CLAIMS += (
         "the test images random as well as the seeds: qerror.stats.crossed_mean_test), "
         "and lower on most seeds at six and four bits, where the loss is large. At eight "
         "bits the loss is small (the other one-sided interval's upper end is under two "
-        "points) and some seeds gain accuracy; how many seeds lose is not "
-        "decided by the test there (on these seeds most do), since a seed's loss of an image or two can change sides with "
-        "another CPU's float rounding (the seeds figure of studies.seeds). On the ResNet50 "
-        "baseline, eight-bit truncation of weights and activations loses about a point "
+        "points) and some seeds gain accuracy; how many seeds lose is not decided by the "
+        "test there (on these seeds most do), since a seed's loss of an image or two can "
+        "change sides with another CPU's float rounding (the seeds figure of "
+        "studies.seeds). On the ResNet50 "
+        "baseline, eight-bit truncation of weights and activations loses about two points "
         "against round-to-nearest on the whole test split (the paired difference's 95 % "
-        "interval between half a point and a point and a half, McNemar p < 0.05; "
+        "interval between one point and two and a half, McNemar p < 0.05; "
         "studies.drift's "
         "headline, tests/data/baseline), and tens of points at six and four bits (on the "
         "run's 200 images; the headline is eight-bit only).",

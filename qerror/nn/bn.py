@@ -280,8 +280,9 @@ class BNBounds:
         debiased).
     some_lo : float
         The largest simultaneous lower bound: the layers' debiased figures less
-        ``t(1 − α/K)`` bootstrap standard errors (t with N − 1 degrees of freedom) (Bonferroni over the K layers). Above a
-        threshold, some layer's figure exceeds it at familywise level α.
+        ``t(1 − α/K)`` bootstrap standard errors (Student's t with N − 1 degrees of
+        freedom; Bonferroni over the K layers). Above a threshold, some layer's figure
+        exceeds it at familywise level α.
     all_hi : float
         The largest upper bound at level ``1 − α`` each: the layers' debiased figures plus
         ``t(1 − α)`` standard errors. Below a threshold, every layer's figure is under it
