@@ -20,6 +20,9 @@ _SIGNS = {".": "Point", "+": "Plus", "-": "Minus", "@": "At"}
 
 def _number(digits: str) -> str:
     n = int(digits)
+    if len(digits) > 1 and digits[0] == "0":
+        # leading zeros are spelled: the decimals of 0.05 are not those of 0.5
+        return "".join(_ONES[int(d)] for d in digits)
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -32,7 +35,8 @@ def letters(text: object) -> str:
     """A macro-name part in letters only, each word capitalised.
 
     ``"toward_zero_4"`` → ``"TowardZeroFour"``, ``"other_p99.9"`` →
-    ``"OtherPNinetyNinePointNine"``, ``"float32"`` → ``"FloatThirtyTwo"``. Characters
+    ``"OtherPNinetyNinePointNine"``, ``"float32"`` → ``"FloatThirtyTwo"``, ``"0.05"`` →
+    ``"ZeroPointZeroFive"`` (a run of digits with a leading zero digit by digit). Characters
     other than letters, digits and ``. + - @`` separate words and are dropped.
     """
     out = []

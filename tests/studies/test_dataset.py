@@ -189,3 +189,22 @@ def test_exact_ties_counts_every_half_way_value():
     assert dataset.exact_ties(levels, QParams(1.0, 1)) == 40
     # a scale of 0.5 makes the quarter steps halves of a step: the odd quarters are ties
     assert dataset.exact_ties(levels, QParams(0.5, 0)) == 80
+
+
+def test_scale_errors_a_leading_zero_apart_get_macros_of_their_own():
+    """0.5 % and 0.05 % were both spelled ...ZeroPointFive...: the second variant's numbers
+    overwrote the first's macros without a word."""
+    base = QParams(0.01, -3)
+    variants = dataset.offline_params(base, small_images(8, 4), [0.005, 0.0005])[-2:]
+    frame = pd.DataFrame({"variant": [v.name for v in variants],
+                          "frac_codes_changed": [0.30, 0.01], "prediction_changes": [40, 1]})
+    equiv = pd.DataFrame({"comparison": "quantizer_in_model_vs_offline_codes",
+                          "metric": ["images", "logit_elements", "differing_logit_elements",
+                                     "max_abs_logit_diff", "differing_input_elements"],
+                          "value": [1, 10, 0, 0.0, 0]})
+    none = pd.DataFrame(columns=["config", "mode", "bits", "versus", "p_holm", "accuracy",
+                                 "ci_low", "ci_high", "input_bias_lsb", "distinct_codes",
+                                 "bias_lsb"])
+    macros = dataset._macros(equiv, none, frame, none, none, dataset.storage_table())
+    changed = {k: v for k, v in macros.items() if k.startswith("CodesChanged")}
+    assert sorted(changed.values()) == ["1.00", "30.00"]

@@ -14,6 +14,8 @@ from studies._latex import HEADERS, count, escape, header, letters, number
     ("other_p99.9", "OtherPNinetyNinePointNine"),
     ("float32", "FloatThirtyTwo"),
     ("scale_+2pct", "ScalePlusTwoPct"),
+    ("scale_+0.5pct", "ScalePlusZeroPointFivePct"),
+    ("scale_+0.05pct", "ScalePlusZeroPointZeroFivePct"),  # not 0.5's name
     ("nearest_even@8", "NearestEvenAtEight"),
     ("3x224x224", "ThreeXTwoTwoFourXTwoTwoFour"),
     ("one image", "OneImage"),
