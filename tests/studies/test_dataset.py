@@ -208,3 +208,37 @@ def test_scale_errors_a_leading_zero_apart_get_macros_of_their_own():
     macros = dataset._macros(equiv, none, frame, none, none, dataset.storage_table())
     changed = {k: v for k, v in macros.items() if k.startswith("CodesChanged")}
     assert sorted(changed.values()) == ["1.00", "30.00"]
+
+
+def test_configurations_with_the_same_input_are_one_test_in_the_holm_family():
+    """Round-half-away gives round-half-to-even's codes where no value is a tie: its tests
+    repeated the same comparison on the same data, and its test against round-half-to-even
+    compared two identical inputs, yet all counted in Holm's family, inflating every
+    adjusted p (on the baseline 0.42 for truncation against rounding at 8 bits, 0.24 over
+    the distinct tests)."""
+    from qerror.stats import holm
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (600, 28, 28), dtype=np.uint8)
+    x = qdata.to_tensor(pixels)
+    net = dataset.smoke_net(seed=0)
+    cache = dataset.LogitCache(net, batch_size=256, progress=False)
+    float_logits, ran = cache(x, "float")
+    labels = float_logits.argmax(1)  # right on float input: quantized inputs lose images
+    modes = [RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO]
+    acc, mc, qparams = dataset.offline_rounding(cache, x, labels, x[:100], modes, [3], float_logits,
+                                                ran, seed=0)
+    # the premise: no tie, so half-away's input is half-even's
+    assert dataset.exact_ties(dataset.pixel_level_values().numpy(), qparams[3]) == 0
+    assert acc.set_index("config").images_evaluated["nearest_away@3"] == 0
+    mc = mc.set_index(["config", "versus"])
+    distinct = [("nearest_even@3", "float32"), ("toward_zero@3", "float32"),
+                ("toward_zero@3", "nearest_even@3")]
+    expected = holm(mc.loc[distinct, "p_value"].to_numpy())
+    assert expected.min() < dataset.ALPHA < 1  # the family's size shows in the adjusted p
+    np.testing.assert_array_equal(mc.loc[distinct, "p_holm"].to_numpy(), expected)
+    assert mc.loc[("nearest_away@3", "float32"), "p_holm"] == expected[0]
+    assert mc.loc[("nearest_away@3", "float32"), "same_test_as"] == "nearest_even@3 vs float32"
+    check = mc.loc[("nearest_away@3", "nearest_even@3")]
+    assert np.isnan(check.p_holm) and not check.differs and not check.in_family
+    assert mc.in_family.sum() == 3
