@@ -143,9 +143,9 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     # the model's own row is a check, outside the Holm family of the others
     from qerror.stats import holm
 
-    others = variants.drop(index="model")
-    assert np.isnan(own.mcnemar_p_holm) and not own.differs
-    np.testing.assert_array_equal(others.mcnemar_p_holm, holm(others.mcnemar_p.to_numpy()))
+    family = variants[variants.in_family]
+    assert np.isnan(own.mcnemar_p_holm) and not own.differs and not own.in_family
+    np.testing.assert_array_equal(family.mcnemar_p_holm, holm(family.mcnemar_p.to_numpy()))
 
     storage = pd.read_csv(out / "storage.csv")
     held = storage.dropna(subset=["measured_bytes_per_image"])
@@ -242,3 +242,38 @@ def test_configurations_with_the_same_input_are_one_test_in_the_holm_family():
     check = mc.loc[("nearest_away@3", "nearest_even@3")]
     assert np.isnan(check.p_holm) and not check.differs and not check.in_family
     assert mc.in_family.sum() == 3
+
+
+def test_variants_with_the_model_codes_are_checks_outside_the_holm_family():
+    """Another subset whose min-max is the calibration split's requantizes to the model's own
+    codes (on the baseline, the other subset's min-max and 99.9th percentile do): its
+    McNemar test compared two identical inputs, yet counted in Holm's family."""
+    from qerror.stats import holm
+
+    rng = np.random.default_rng(2)
+    x = qdata.to_tensor(rng.integers(0, 256, (600, 28, 28), dtype=np.uint8))
+    calib = x[:100]
+    model_qp = calibrate(calib, dataset.INT8)
+    net = dataset.smoke_net(seed=0)
+    cache = dataset.LogitCache(net, batch_size=256, progress=False)
+    with torch.inference_mode():
+        single_input = dataset.InputQuantizer(dataset.INT8, model_qp)(x)
+    single, _ = cache(single_input, "single")
+    labels = single.argmax(1)  # right on every image once quantized: other codes lose some
+    # "another subset" that is the calibration split: its min-max is the model's
+    variants = dataset.offline_params(model_qp, calib, [-0.6, 3.0, -0.60001])
+    frame = dataset.double_quantization(cache, x, labels, model_qp, variants, single)
+    frame = frame.set_index("variant")
+    assert frame.frac_codes_changed["other_minmax"] == 0  # the premise
+    # the variants whose codes differ from the model's, each once (-60.001 % gives -60 %'s)
+    assert frame.frac_codes_changed["scale_-60.001pct"] == frame.frac_codes_changed["scale_-60pct"]
+    tested = ["other_p99", "scale_-60pct", "scale_+300pct"]
+    assert (frame.drop(index=tested).frac_codes_changed[:-1] == 0).all()
+    expected = holm(frame.mcnemar_p[tested].to_numpy())
+    assert expected.min() < dataset.ALPHA < 1  # the family's size shows in the adjusted p
+    np.testing.assert_array_equal(frame.mcnemar_p_holm[tested].to_numpy(), expected)
+    assert frame.mcnemar_p_holm["scale_-60.001pct"] == frame.mcnemar_p_holm["scale_-60pct"]
+    assert frame.same_test_as["scale_-60.001pct"] == "scale_-60pct"
+    for name in ("model", "other_minmax"):
+        assert not frame.in_family[name] and np.isnan(frame.mcnemar_p_holm[name])
+    assert list(frame.index[frame.in_family]) == tested
