@@ -297,6 +297,11 @@ class OfflineParams:
     qparams: QParams
 
 
+def scale_variant(err: float) -> str:
+    """The name of the variant whose scale is the model's times ``1 + err``."""
+    return f"scale_{100 * err:+g}pct"
+
+
 def offline_params(model_qp: QParams, other: torch.Tensor,
                    scale_errors) -> list[OfflineParams]:
     """The model's own parameters, calibrations on another subset, and scale errors."""
@@ -307,7 +312,7 @@ def offline_params(model_qp: QParams, other: torch.Tensor,
         out.append(OfflineParams(f"other_p{p:g}", f"another subset, {p:g}th percentile range",
                                  calibrate(other, INT8, policy)))
     for err in scale_errors:
-        out.append(OfflineParams(f"scale_{100 * err:+g}pct",
+        out.append(OfflineParams(scale_variant(err),
                                  f"the model's scale times {1 + err:g}, its zero point",
                                  QParams(model_qp.scale * (1 + err), model_qp.zero_point)))
     return out
@@ -793,6 +798,13 @@ def _main(argv: list[str]) -> int:
                                       else args.scale_errors))
     if any(not -1.0 < e < 10.0 or e == 0.0 for e in scale_errors):
         parser.error("--scale-errors must be non-zero and within (-1, 10)")
+    named: dict[str, float] = {}
+    for e in scale_errors:
+        if named.setdefault(scale_variant(e), e) != e:
+            # one name for two rows: tables, summary and macros could not tell them apart
+            parser.error(f"--scale-errors {named[scale_variant(e)]!r} and {e!r} are the same "
+                         f"to six significant digits (both {scale_variant(e)}); give values "
+                         "that differ within them")
     refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
     try:

@@ -158,6 +158,8 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     (["--bits", "1"], "must be from 2 to 8, got 1 (offline codes are stored one per int8"),
     (["--bits", "eight"], "--bits: expected an integer, got 'eight'"),
     (["--scale-errors", "0"], "--scale-errors must be non-zero"),
+    (["--scale-errors", "0.02", "0.0200000001"],  # were two variants named scale_+2pct
+     "--scale-errors 0.02 and 0.0200000001 are the same to six significant digits"),
 ])
 def test_bad_arguments_are_refused_before_any_output(argv, message, tmp_path, capsys):
     out = tmp_path / "dataset"
