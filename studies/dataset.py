@@ -78,6 +78,7 @@ from studies._common import (
     check_trained_on,
     figure_style,
     finite_float,
+    given_options,
     held_out,
     holm_columns,
     int_in,
@@ -805,6 +806,13 @@ def _main(argv: list[str]) -> int:
             parser.error(f"--scale-errors {named[scale_variant(e)]!r} and {e!r} are the same "
                          f"to six significant digits (both {scale_variant(e)}); give values "
                          "that differ within them")
+    if "train_if_missing" in given_options(parser, argv, args) and (
+            args.checkpoint is not None or args.smoke):
+        # the network is --checkpoint's or the smoke preset's: nothing is ever trained
+        parser.error("--train-if-missing/--no-train-if-missing would change nothing: it is "
+                     "for the cached baseline, and this run's network is "
+                     + ("--checkpoint's" if args.checkpoint is not None
+                        else "the smoke preset's untrained CNN") + "; leave it out")
     refuse_beyond_splits(parser, {"--test-images": (args.test_images, "test")})
     n_test = args.test_images if args.test_images is not None else (200 if args.smoke else None)
     try:

@@ -158,6 +158,10 @@ def test_smoke_run_end_to_end(idx_root, tmp_path):
     (["--bits", "1"], "must be from 2 to 8, got 1 (offline codes are stored one per int8"),
     (["--bits", "eight"], "--bits: expected an integer, got 'eight'"),
     (["--scale-errors", "0"], "--scale-errors must be non-zero"),
+    (["--no-train-if-missing"],  # the smoke CNN is never trained: it was ignored
+     "--train-if-missing/--no-train-if-missing would change nothing"),
+    (["--train-if-missing", "--checkpoint", "model.pt"],
+     "this run's network is --checkpoint's"),
     (["--scale-errors", "0.02", "0.0200000001"],  # were two variants named scale_+2pct
      "--scale-errors 0.02 and 0.0200000001 are the same to six significant digits"),
 ])
