@@ -30,12 +30,33 @@ import torch
 from qerror.cpu import flushing_denormals, in_forked_child
 from qerror.interrupts import interrupt_reraised
 
+#: The switch of every compiled kernel: ``0`` turns them off, ``1`` (or unset) on.
+FUSED_ENV = "QERROR_FUSED"
+
+
+def fused_switch() -> bool:
+    """Whether ``QERROR_FUSED`` leaves the compiled kernels on: unset, empty or ``1``; off
+    for ``0``.
+
+    Raises
+    ------
+    ValueError
+        Any other value (``false``, ``off``: read as "on" before, so that a run asked to
+        take the block engine took the compiled path while its manifest said otherwise).
+    """
+    value = os.environ.get(FUSED_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_ENV}={value!r}: expected 0 (compiled kernels off) or 1 "
+                         "(on; also when unset)")
+    return value != "0"
+
 
 def allowed() -> bool:
-    """Whether compiled kernels may run at all: not turned off by ``QERROR_FUSED=0``, not a
-    forked child, and inductor present and not told to use unsafe floating-point
-    optimisations (which could rewrite the exact quantizer's ``x - n s``)."""
-    if os.environ.get("QERROR_FUSED", "1") == "0" or in_forked_child():
+    """Whether compiled kernels may run at all: not turned off by ``QERROR_FUSED=0``
+    (:func:`fused_switch`, which refuses other values), not a forked child, and inductor
+    present and not told to use unsafe floating-point optimisations (which could rewrite
+    the exact quantizer's ``x - n s``)."""
+    if not fused_switch() or in_forked_child():
         return False
     try:
         from torch._inductor import config

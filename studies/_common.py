@@ -810,6 +810,42 @@ def git_identity() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+#: Environment variables that set how many threads run, or cap which instruction set a
+#: library's kernels use (ATen, oneDNN, FBGEMM, MKL): a timing or a float sum depends on them,
+#: and the CPU's flags alone do not say they were set (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes
+#: FBGEMM saturate its int16 pair sums on a CPU with AVX512-VNNI).
+THREAD_AND_ISA_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                            "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                            "FBGEMM_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_AVX512_256",
+                            "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_DEFAULT_FPMATH_MODE")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def machine_identity() -> dict[str, Any]:
+    """The manifest's ``machine``: CPUs, the CPU's model, torch's intra- and inter-op thread
+    counts at the end of the run, and the thread and instruction-set variables set in the
+    environment (:data:`THREAD_AND_ISA_VARIABLES`: oneDNN's cap to AVX2 kernels on an AVX-512
+    CPU, unlike ATen's, shows nowhere else in the manifest)."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "environment": {k: os.environ[k] for k in THREAD_AND_ISA_VARIABLES
+                            if k in os.environ}}
+
+
 class RunDir:
     """A study's output folder, staged and published atomically.
 
@@ -965,7 +1001,7 @@ class RunDir:
             "packages": package_versions(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
-            "machine": {"cpus": os.cpu_count()},
+            "machine": machine_identity(),
             # the package's switches (QERROR_FUSED, QERROR_LAYOUT, ...) and QERROR_DATA:
             # some change a result's last bits, so a run says which it ran with
             "qerror_environment": {k: os.environ[k] for k in sorted(os.environ)

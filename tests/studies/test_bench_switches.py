@@ -1,0 +1,39 @@
+"""The environment switches that studies.bench times (QERROR_FUSED): a value they do not
+know is refused, not read as the default."""
+
+import numpy as np
+import pytest
+
+from qerror import QuantSpec, fake_quantize
+from qerror._compiled import allowed, fused_switch
+from studies import bench
+
+
+@pytest.mark.parametrize("value", ["false", "off", "no", "2"])
+def test_an_unknown_fused_switch_is_refused_not_read_as_on(value, monkeypatch):
+    """QERROR_FUSED=false (or off) left the compiled kernels on, while a run's manifest
+    recorded the variable as if it had turned them off."""
+    monkeypatch.setenv("QERROR_FUSED", value)
+    with pytest.raises(ValueError, match="QERROR_FUSED"):
+        fused_switch()
+    with pytest.raises(ValueError, match="QERROR_FUSED"):
+        fake_quantize(np.linspace(-1, 1, 1 << 15, dtype=np.float32), QuantSpec(), 0.01)
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("1", True), ("", True), (" 0 ", False)])
+def test_the_fused_switch_values(value, on, monkeypatch):
+    monkeypatch.setenv("QERROR_FUSED", value)
+    assert fused_switch() is on
+    if not on:
+        assert not allowed()
+
+
+def test_bench_refuses_an_unknown_fused_switch_before_any_work(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setitem(bench.GROUPS, "empirical", lambda args: ran.append(1) or [])
+    monkeypatch.setenv("QERROR_FUSED", "false")
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--only", "empirical", "--out", str(out)])
+    assert info.value.code == 2 and not ran and not out.exists()
+    assert "QERROR_FUSED='false'" in capsys.readouterr().err
