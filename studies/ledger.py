@@ -226,8 +226,9 @@ CLAIMS += (
         "at eight and six bits, by the image bootstrap's interval of the exponent and by "
         "the layer bootstrap's, which is somewhat too narrow there (the fit's residuals "
         "follow each other moderately: lag-1 autocorrelation below 0.4; qerror.nn.growth); "
-        "at four bits the layer bootstrap's interval reaches below 0, so growth is not "
-        "shown there. Under round-to-nearest both intervals lie above 0 at every width, but "
+        "growth is shown only where both intervals lie above 0: at four bits the layer "
+        "bootstrap's reaches below 0 (the image bootstrap's does not), so it is not shown "
+        "there. Under round-to-nearest both intervals lie above 0 at every width, but "
         "the residuals' autocorrelation is above a half, where the layer interval is too "
         "narrow (qerror.nn.growth), so its growth is not shown.",
         "test_claim_N1_drift_grows_with_depth_for_biased_modes",
@@ -243,11 +244,13 @@ CLAIMS += (
         "mean's shift in running standard deviations, or the log of the geometric mean of "
         "the variance ratio. Under round-to-nearest that happens on few seeds "
         "at eight and six bits and on most at four bits. On the ResNet50 baseline "
-        "(studies.drift's committed run, tests/data/baseline; its 200 test images random: "
-        "some BatchNorm's figure above a tenth by bounds simultaneous over the 53 layers, "
-        "every one's under it by each layer's bound, both at 5 %; "
-        "qerror.nn.bn.inconsistency_bounds) the same holds under truncation and floor at "
-        "every width, and under round-to-nearest at six and four bits; at eight bits every "
+        "(studies.drift's committed run, tests/data/baseline; its 200 test images random, "
+        "the mean shift's sampling noise removed from the figure: some BatchNorm's figure "
+        "above a tenth by bounds simultaneous over the layers, every one's under it by each "
+        "layer's bound, both at 5 %; qerror.nn.bn.inconsistency_bounds) the same holds under "
+        "truncation and floor at every width (at four bits without resampling: there "
+        "quantization collapses some channel's variance to 0, an unbounded figure on every "
+        "resample), and under round-to-nearest at six and four bits; at eight bits every "
         "BatchNorm's figure lies under a tenth.",
         "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
     ),

@@ -429,7 +429,11 @@ def debiased_gap(means_a: np.ndarray, scale_a: np.ndarray, means_b: np.ndarray,
     mean of squares less the sample's own noise term, then the square root (0 below 0).
     The interval is the percentile interval of the resampled differences; ``lo > 0`` says
     the first drift is the larger with the images random, at one-sided level
-    ``(1 + level) / 2``.
+    ``(1 + level) / 2`` nominally. Simulated at a true gap of 0 with both drifts well above
+    their noise (N = 200 images, 16 or 64 channels, 600 draws each), each end's one-sided
+    error was 2.7–4.0 % at ``level`` 0.95 against 2.5 % nominal; where the drifts are near
+    their noise the interval errs wide (coverage 0.95–1.0). The test
+    ``test_debiased_gap_covers_the_true_gap`` asserts the two-sided coverage.
     """
     _check(level, resamples)
     arrays = [np.asarray(m, dtype=np.float64) for m in (means_a, means_b)]

@@ -164,31 +164,53 @@ def _moments_layer(rng, n: int, c: int, shift: np.ndarray, noise: float):
     return BNImageMoments(f, f * f, q, q * q, np.full(c, 2.0), np.ones(c), 1, 2.0**-53)
 
 
-def test_inconsistency_bounds_hold_their_level_at_the_threshold():
-    """Four layers whose true mean shift's RMS is exactly the threshold 0.1 (the log
-    variance ratio, log(1.09) ≈ 0.086, below it): ``some_lo`` above 0.1 is a false claim
-    that some layer exceeds it. Over 1200 simulated sets at α = 0.05 its count stays in the
-    binomial acceptance region of level α at META = 1e-3 (z = 3.09); measured 5.7 %
-    (qerror.nn.bn.inconsistency_bounds' Notes). ``all_hi`` under 0.1 is a false claim too
-    and is asserted likewise. Without the debiasing the plain RMS, biased upward by the
-    channel means' noise, lies above the threshold on average, and the bounds around it
-    would claim more often."""
+def _false_claims(sets: int, at_threshold: int, seed: int):
+    """Over ``sets`` simulated sets of four layers (100 images, 16 channels, 1×1 maps), of
+    which ``at_threshold`` have a true mean shift's RMS exactly 0.1 (image noise 0.3 of the
+    float std: log variance ratio log(1.09) ≈ 0.086, under it) and the rest none (noise
+    0.05): how often ``some_lo`` and ``all_hi`` make a false claim about 0.1, and per set
+    one threshold layer's plain figure and its mean shift's squared RMS, less the noise
+    term (:meth:`qerror.nn.bn.BNImageMoments.shift_noise`)."""
     from qerror.nn.bn import inconsistency_bounds
 
-    rng = np.random.default_rng(7)
-    sets, alpha, z = 1200, 0.05, 3.09
+    rng = np.random.default_rng(seed)
     some = under = 0
-    plain = []
+    plain, debiased = [], []
     for r in range(sets):
-        shift = np.full(16, 0.1) * rng.choice([-1.0, 1.0], 16)
-        layers = {f"bn{j}": _moments_layer(rng, 100, 16, shift, 0.3) for j in range(4)}
-        b = inconsistency_bounds(layers, alpha=alpha, resamples=200, seed=r)
+        layers = {}
+        for j in range(4):
+            sign = rng.choice([-1.0, 1.0], 16)
+            if j < at_threshold:
+                layers[f"bn{j}"] = _moments_layer(rng, 100, 16, 0.1 * sign, 0.3)
+            else:
+                layers[f"bn{j}"] = _moments_layer(rng, 100, 16, 0.0 * sign, 0.05)
+        b = inconsistency_bounds(layers, alpha=0.05, resamples=200, seed=r)
         some += b.some_lo > 0.1
         under += b.all_hi < 0.1
-        plain.append(b.worst)
+        first = layers["bn0"]
+        plain.append(float(first.figures(np.ones((1, 100)))[0]))
+        shift = (first.mean_q - first.mean_f).mean(axis=0)  # σ_run = 1
+        debiased.append(float(np.mean(shift * shift)) - first.shift_noise())
+    return some, under, np.array(plain), np.array(debiased)
+
+
+def test_inconsistency_bounds_hold_their_level_at_the_threshold():
+    """False claims about the threshold 0.1 at α = 0.05, each count asserted inside the
+    binomial acceptance region of level α at META = 1e-3 (z = 3.09): ``some_lo`` above 0.1
+    with all four layers exactly at it (its worst case: measured 5.7 % of 1200 sets,
+    qerror.nn.bn.inconsistency_bounds' Notes) and ``all_hi`` under 0.1 with one layer at it
+    and three far under (its worst case). The debiasing is what holds the first: a
+    threshold layer's plain figure lies above 0.1 on average by more than z standard
+    errors, while its mean shift's squared RMS less the noise term is 0.01 within them
+    (without the debiasing 208 of 1200 sets claimed)."""
+    sets, alpha, z = 1200, 0.05, 3.09
     top = sets * alpha + z * np.sqrt(sets * alpha * (1 - alpha))
-    assert some <= top and under <= top
-    assert np.mean(plain) > 0.1 + z * np.std(plain, ddof=1) / np.sqrt(sets)
+    some, under, plain, debiased = _false_claims(sets, 4, seed=7)
+    assert some <= top and under == 0
+    assert plain.mean() > 0.1 + z * np.std(plain, ddof=1) / np.sqrt(sets)
+    assert abs(debiased.mean() - 0.01) <= z * np.std(debiased, ddof=1) / np.sqrt(sets)
+    _, under, _, _ = _false_claims(sets, 1, seed=8)
+    assert under <= top
 
 
 def test_inconsistency_bounds_find_a_shift_and_its_absence():
@@ -220,3 +242,19 @@ def test_inconsistency_bounds_refuse_what_they_cannot_resample():
         inconsistency_bounds({"a": a}, resamples=10)
     with pytest.raises(ValueError, match="alpha"):
         inconsistency_bounds({"a": a}, alpha=1.5)
+
+
+def test_inconsistency_bounds_of_layers_without_a_figure_decide_nothing():
+    """A layer whose every channel is dead (running variance 0) and constant has no figure:
+    it is left out of both claims, and bounds over such layers alone are NaN (exceeds says
+    None); beside a layer with a figure, that layer alone is bounded."""
+    from qerror.nn.bn import BNImageMoments, inconsistency_bounds
+
+    x = np.full((30, 3), 0.7)
+    dead = BNImageMoments(x, x * x, x, x * x, np.zeros(3), np.zeros(3), 4, 2.0**-53)
+    b = inconsistency_bounds({"a": dead, "b": dead}, resamples=100)
+    assert np.isnan([b.worst, b.some_lo, b.all_hi]).all() and b.bounded == 0
+    assert b.exceeds(0.1) is None
+    live = _moments_layer(np.random.default_rng(1), 30, 3, np.full(3, 0.5), 0.05)
+    b = inconsistency_bounds({"a": dead, "b": live}, resamples=100)
+    assert b.bounded == 1 and b.layers == 2 and b.exceeds(0.1) is True
