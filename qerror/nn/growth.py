@@ -420,6 +420,8 @@ def debiased_gap(means_a: np.ndarray, scale_a: np.ndarray, means_b: np.ndarray,
     Returns
     -------
     GapInterval
+        All ``nan`` where a layer has no live channel (every float std 0), as
+        :func:`channel_rms_debiased` gives ``nan`` there: no drift relative to a std.
 
     Notes
     -----
@@ -445,12 +447,11 @@ def debiased_gap(means_a: np.ndarray, scale_a: np.ndarray, means_b: np.ndarray,
     point = channel_rms_debiased(arrays[0], scale_a) - channel_rms_debiased(arrays[1], scale_b)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
                                                      size=resamples).astype(np.float64)
+    if not math.isfinite(point):  # a layer without a live channel (every float std 0)
+        return GapInterval(math.nan, math.nan, math.nan, level, resamples)
     figures = []
     for m, s in zip(arrays, (scale_a, scale_b)):
         a = _scaled_live(m, s)
-        if a is None:
-            raise ValueError("a layer without a live channel (every float std 0) has no "
-                             "drift relative to its std to compare")
         noise = a.var(axis=0, ddof=1).sum() / n / a.shape[1]
         figures.append(np.sqrt(np.maximum(_squares_from_counts(a, counts) - noise, 0.0)))
     a = (1.0 - level) / 2.0

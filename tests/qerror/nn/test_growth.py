@@ -539,10 +539,13 @@ def test_debiased_gap_covers_the_true_gap():
     assert held / sims >= 0.95 - z * math.sqrt(0.95 * 0.05 / sims)
 
 
-def test_debiased_gap_refuses_other_images():
+def test_debiased_gap_refuses_other_images_and_has_no_figure_without_live_channels():
     from qerror.nn.growth import debiased_gap
 
     with pytest.raises(ValueError, match="same N images"):
         debiased_gap(np.zeros((5, 3)), np.ones(3), np.zeros((6, 3)), np.ones(3))
-    with pytest.raises(ValueError, match="without a live channel"):
-        debiased_gap(np.ones((5, 3)), np.zeros(3), np.ones((5, 3)), np.ones(3))
+    # a layer without a live channel has no drift relative to its std (channel_rms_debiased
+    # says nan): nothing to compare, and nothing decided (the paper's smoke drift run, an
+    # untrained network on a few images, stopped here when this raised)
+    g = debiased_gap(np.ones((5, 3)), np.zeros(3), np.ones((5, 3)), np.ones(3))
+    assert math.isnan(g.gap) and math.isnan(g.lo) and math.isnan(g.hi)
