@@ -151,7 +151,10 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
     * CSR: ``(R + 1)·w(n) + nnz·w(C − 1) + bytes(nnz)``, ``w(m)`` the byte width of
       :func:`index_dtype` (m): real index widths, not a fixed int64. Row pointers are sized
       for any nonzero count up to ``n`` (not for this ``nnz``) so that a reader knows their
-      width from the shape alone; it costs at most ``R + 1`` extra bytes per doubling;
+      width from the shape alone; that costs ``(R + 1)`` times the difference of the two
+      widths in bytes where ``nnz`` would fit a narrower one (a (2048, 512, 1, 1) weight at
+      95 % sparsity: uint32 pointers where uint16 would do, 4,098 bytes, 1.3 % of its float32
+      CSR bytes);
     * bitmask: ``⌈n / 8⌉ + bytes(nnz)``;
     * 2:4: ``bytes(n / 2) + ⌈(n / 2)·2 / 8⌉`` (the metadata is 4 bits per group of 4, as
       NVIDIA's sparse tensor cores store it);
