@@ -525,7 +525,10 @@ def model_bytes(model: nn.Module, sparse: SparseFormat | str = SparseFormat.DENS
     rows, compressed = [], set()
     for name, t, sp, v, chosen in _layout(model, sparse, values, keep_dense):
         w = _storable(t.reshape(t.shape or (1,)), sp, v, name)
-        rows.append((name, tensor_bytes(w.shape, _stored_nonzeros(w, v), sp, v)))
+        try:
+            rows.append((name, tensor_bytes(w.shape, _stored_nonzeros(w, v), sp, v)))
+        except ValueError as exc:  # a shape the format cannot take: say which tensor
+            raise ValueError(f"cannot store {name} in {sp.value} {v.value}: {exc}") from exc
         if chosen:
             compressed.add(name)
     return ModelBytes(tuple(rows), frozenset(compressed))

@@ -331,7 +331,11 @@ class MagnitudePruner:
     step the current masks are re-applied. Before an update the current masks are applied
     first: the optimizer's update has moved the pruned weights off zero, and they would
     otherwise compete with the kept ones; so a pruned weight stays pruned as the sparsity
-    grows.
+    grows. The first call is step 1, after the first optimizer step: with the schedule's
+    ``start`` at 0 its update at step 0 would come before any step and is not made, and the
+    first masks are those of step 1's sparsity — ``s_i`` where updates are more than one step
+    apart, the schedule's value at step 1 with an update every step (no difference at the
+    default ``s_i = 0``).
 
     Parameters
     ----------

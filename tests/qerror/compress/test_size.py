@@ -488,3 +488,18 @@ def test_a_reparametrized_weight_is_refused():
         model_bytes(model, "csr", keep_dense=[])
     prune.remove(model[0], "weight")
     assert model_bytes(model, "csr", keep_dense=[]).total > 0
+
+
+def test_a_shape_2_4_cannot_take_is_named_by_counting_as_by_writing(tmp_path):
+    """A linear layer of 6 inputs cannot be 2:4 (groups of 4 along the input): writing the
+    model named the layer, counting its bytes did not (a helper's review); both do now."""
+    from torch import nn
+
+    from qerror.compress.size import model_bytes, write_model
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"cannot store 2\.weight in 2:4 float32: 2:4 needs"):
+        model_bytes(model, "2:4")
+    with pytest.raises(ValueError, match=r"cannot store 2\.weight in 2:4 float32: 2:4 needs"):
+        write_model(model, tmp_path / "model.bin", "2:4")
+    assert not (tmp_path / "model.bin").exists()
