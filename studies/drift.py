@@ -944,8 +944,9 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     the sum of the phases.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
     statements), the statement configurations' passes for their BatchNorm moments (a plain
-    paired pass each: :func:`qerror.nn.seeds.bn_image_moments`), the pilot, these probes, the INT8 cross-check and the outputs; the
-    whole-run bar's ETA absorbs them as the phases end.
+    paired pass each: :func:`qerror.nn.seeds.bn_image_moments`), the pilot, these probes,
+    the INT8 cross-check and the outputs; the whole-run bar's ETA absorbs them as the
+    phases end.
     """
     x, y = data.test[0]
     device = place.device

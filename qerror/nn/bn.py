@@ -35,6 +35,7 @@ from scipy import stats as sps
 from torch import nn
 
 from qerror.nn._moments import resolved_variance
+from qerror.nn.growth import check_resamples, resample_counts
 
 __all__ = ["BNBounds", "BNImageMoments", "BNInconsistency", "estimate_running_stats",
            "inconsistency_bounds", "running_stats"]
@@ -363,9 +364,7 @@ def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float 
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) \
-            or resamples < 100:
-        raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
+    check_resamples(resamples)
     layers = list(moments.values())
     if not layers:
         raise ValueError("no BatchNorm moments to bound; measure a network with BatchNorm")
@@ -375,8 +374,7 @@ def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float 
     n = n.pop()
     if n < 2:
         raise ValueError("the bounds resample images: give at least 2")
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
-                                                     size=resamples).astype(np.float64)
+    counts = resample_counts(n, resamples, seed)
     ones = np.ones((1, n))
     k = len(layers)
     z_some = float(sps.t.ppf(1.0 - alpha / k, n - 1))

@@ -34,6 +34,7 @@ __all__ = [
     "GapInterval",
     "GrowthFit",
     "channel_rms_debiased",
+    "check_resamples",
     "debiased_from_counts",
     "debiased_gap",
     "debiased_rms",
@@ -42,6 +43,7 @@ __all__ = [
     "image_bootstrap",
     "layer_block_bootstrap",
     "linear_or_sqrt",
+    "resample_counts",
     "residual_autocorrelation",
 ]
 
@@ -244,9 +246,30 @@ def _interval(point: float, boot: np.ndarray, level: float, method: str, depth, 
 def _check(level: float, resamples: int) -> None:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    check_resamples(resamples)
+
+
+def check_resamples(resamples: int) -> None:
+    """ValueError unless ``resamples`` is an int of at least 100 (the bootstraps' floor)."""
     if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) \
             or resamples < 100:
         raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """How often each of ``resamples`` bootstrap resamples draws each of ``n`` images, as
+    float64 ``(resamples, n)`` (rows sum to ``n``): the draws every image bootstrap here
+    takes, float once for the matrix products they feed."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
+                                                   size=resamples).astype(np.float64)
+
+
+def _resampled_debiased(a: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each resample's debiased figure of the scaled live means ``a`` (N, C'), set on the
+    point estimate: its mean of squares less the sample's own noise term, then the square
+    root (0 below 0); see :func:`image_bootstrap`'s Notes."""
+    noise = a.var(axis=0, ddof=1).sum() / a.shape[0] / a.shape[1]  # the sample's noise term
+    return np.sqrt(np.maximum(_squares_from_counts(a, counts) - noise, 0.0))
 
 
 def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarray
@@ -363,17 +386,12 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     n = n.pop()
     layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
     point = fit_exponent(depth, layer_values)
-    rng = np.random.default_rng(seed)
-    # float once for every layer's products
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    counts = resample_counts(n, resamples, seed)
     columns = []
     for v, c in zip(per_image, scales):
         a = _scaled_live(v, c)
-        if a is None:
-            columns.append(np.full(resamples, math.nan))
-            continue
-        noise = a.var(axis=0, ddof=1).sum() / n / a.shape[1]  # the sample's own noise term
-        columns.append(np.sqrt(np.maximum(_squares_from_counts(a, counts) - noise, 0.0)))
+        columns.append(np.full(resamples, math.nan) if a is None
+                       else _resampled_debiased(a, counts))
     values = np.stack(columns, axis=1)  # (B, L)
     boot = fit_exponents(depth, values)
     return _interval(point, boot, level, f"image bootstrap, N={n}, B={resamples}", depth,
@@ -445,17 +463,13 @@ def debiased_gap(means_a: np.ndarray, scale_a: np.ndarray, means_b: np.ndarray,
                          f"{arrays[0].shape} and {arrays[1].shape}")
     n = arrays[0].shape[0]
     point = channel_rms_debiased(arrays[0], scale_a) - channel_rms_debiased(arrays[1], scale_b)
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
-                                                     size=resamples).astype(np.float64)
     if not math.isfinite(point):  # a layer without a live channel (every float std 0)
         return GapInterval(math.nan, math.nan, math.nan, level, resamples)
-    figures = []
-    for m, s in zip(arrays, (scale_a, scale_b)):
-        a = _scaled_live(m, s)
-        noise = a.var(axis=0, ddof=1).sum() / n / a.shape[1]
-        figures.append(np.sqrt(np.maximum(_squares_from_counts(a, counts) - noise, 0.0)))
+    counts = resample_counts(n, resamples, seed)
+    fa, fb = (_resampled_debiased(_scaled_live(m, s), counts)
+              for m, s in zip(arrays, (scale_a, scale_b)))
     a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(figures[0] - figures[1], [a, 1.0 - a])
+    lo, hi = np.quantile(fa - fb, [a, 1.0 - a])
     return GapInterval(float(point), float(lo), float(hi), level, resamples)
 
 

@@ -345,6 +345,17 @@ def test_configs_that_cannot_run_are_refused(setup):
     assert _clean(model)
 
 
+def _refused_and_clean(setup, kwargs, match):
+    """measure with ``kwargs`` raises a ValueError matching ``match`` and leaves the model
+    unpatched."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with pytest.raises(ValueError, match=match):
+        measure(model, test, cfg, act_qp, **kwargs)
+    assert _clean(model)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"local_samples": -5}, "local_samples must be a number of images >= 0"),
     ({"local_samples": 2.5}, "local_samples must be a number of images >= 0"),
@@ -357,12 +368,7 @@ def test_configs_that_cannot_run_are_refused(setup):
 def test_counts_of_images_are_refused_unless_they_are_counts(setup, kwargs, match):
     """A negative local_samples measured no local error and said nothing; 2.5 failed in a
     slice, "4" in range()."""
-    model, calib, test = setup
-    cfg = QuantConfig.make(8)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    with pytest.raises(ValueError, match=match):
-        measure(model, test, cfg, act_qp, **kwargs)
-    assert _clean(model)
+    _refused_and_clean(setup, kwargs, match)
 
 
 _NAN8 = torch.full((8,), float("nan"), dtype=torch.float64)
@@ -381,12 +387,7 @@ def test_remedies_that_are_not_finite_statistics_are_refused_by_name(setup, kwar
     """A NaN or negative variance in re-estimated statistics, or a NaN bias correction, was
     met as non-finite data by the next layer's quantizer, whose message blamed the images
     ('x holds ... non-finite value(s)'); a wrong shape failed inside F.batch_norm."""
-    model, calib, test = setup
-    cfg = QuantConfig.make(8)
-    act_qp = calibrate_activations(model, calib, cfg.activation)
-    with pytest.raises(ValueError, match=match):
-        measure(model, test, cfg, act_qp, **kwargs)
-    assert _clean(model)
+    _refused_and_clean(setup, kwargs, match)
 
 
 def test_weights_for_a_configuration_that_quantizes_none_are_refused(setup):
