@@ -846,6 +846,23 @@ def machine_identity() -> dict[str, Any]:
                             if k in os.environ}}
 
 
+def machine_load() -> dict[str, float]:
+    """What else the machine runs now: ``load_average`` (the last minute's run-queue length,
+    NaN where the system does not say) and ``usable_cpus`` (the CPUs this process may run
+    on). A load above the CPUs means the timings taken now are longer than a quiet
+    machine's, by a factor that changes from moment to moment: small-batch passes suffer
+    most (each multi-threaded kernel waits for its slowest thread)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = math.nan
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return {"load_average": float(load), "usable_cpus": float(cpus)}
+
+
 class RunDir:
     """A study's output folder, staged and published atomically.
 

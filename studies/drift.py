@@ -144,6 +144,7 @@ from studies._common import (
     holm_columns,
     int_at_least,
     int_in,
+    machine_load,
     nonnegative_int,
     positive_int,
     refuse_beyond_splits,
@@ -942,6 +943,11 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     forwards over the calibration images and two plain forwards. ``estimated_s`` is
     the instrumented passes alone (configurations and the remedies'), ``estimated_total_s``
     the sum of the phases.
+    ``load_average`` and ``usable_cpus`` (:func:`studies._common.machine_load`, taken before
+    the probes) say whether other work shared the CPUs while they ran: on a busy machine
+    every figure above may be several times a quiet one's (a ResNet50's 64-image 8-bit
+    forward measured here 2.2 ms an image quiet and 40 ms beside four other processes on
+    two CPUs), and :func:`estimate_message` says so.
     Not in the estimate: each configuration's analysis on rank 0 (growth bootstraps,
     statements), the statement configurations' passes for their BatchNorm moments (a plain
     paired pass each: :func:`qerror.nn.seeds.bn_image_moments`), the pilot, these probes,
@@ -951,6 +957,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     x, y = data.test[0]
     device = place.device
     source = "pilot" if kway_rate else "probe"
+    load = machine_load()  # before the probes add their own
     # the run's output quantizers (the headline's networks are those of the run)
     outputs = next(({"bn_outputs": c.bn_outputs, "block_outputs": c.block_outputs}
                     for c in configs if c.activation is not None), {})
@@ -967,8 +974,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     def plain_s(cfg, images, w=None) -> float:
         """Seconds per image of a plain forward of ``images`` (float where cfg is None), in
         the layout the run's plain passes take (:func:`qerror.nn.models.forward_layout`);
-        the second of two calls (the first sets up that layout's kernels, which the run's
-        passes pay once)."""
+        the shorter of two calls after a first (which sets up that layout's kernels, which
+        the run's passes pay once): a call that another process stalled is not taken."""
         with torch.inference_mode(), contextlib.ExitStack() as stack:
             stack.enter_context(memory_format(model, forward_layout(
                 None if cfg is None else cfg.rounding)))
@@ -976,7 +983,7 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
                 stack.enter_context(quantized_forward(model, cfg, act_qp[_bits(cfg)],
                                                       weights=w))
             model(images.to(device))
-            return timed(lambda: model(images.to(device))) / len(images)
+            return min(timed(lambda: model(images.to(device))) for _ in range(2)) / len(images)
 
     def probe(cfg) -> tuple[float, float]:
         """Seconds per image of ``cfg``'s instrumented pass and of its plain forward."""
@@ -1052,7 +1059,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
                                    for n in sizes)) if sizes else 0.0,
     }
     rates = list(probes.values())
-    return {"device": device.type, "world_size": place.world_size, "probe_images": len(y),
+    return {"device": device.type, "world_size": place.world_size, **load,
+            "probe_images": len(y),
             "probe_targets": " ".join(t.value for t in probes),
             "probe_s": sum(p[0] for p in rates) * len(y),
             "images_per_s_per_config": kway_rate,
@@ -1096,6 +1104,11 @@ def estimate_message(t: dict) -> str:
         msg += f"; the whole run ≈ {_duration(total)} ({parts}) plus the INT8 cross-check"
     else:
         msg += ", plus calibration, headline and INT8 passes"
+    if t["device"] == "cpu" and t.get("load_average", 0.0) > t.get("usable_cpus", math.inf):
+        msg += (f"\n[drift] the machine was busy while these were timed (load average "
+                f"{t['load_average']:.1f} on {t['usable_cpus']:.0f} usable CPUs): each "
+                "figure may be several times what a quiet machine takes; the whole-run bar's "
+                "ETA follows the phases as they end")
     if max(t["estimated_s"], total or 0.0) > LONG_S and t["device"] == "cpu":
         msg += ("\n[drift] that is long: measure fewer images (--images), fewer "
                 "configurations (--modes, --bits, --targets, --remedy-bits with no value), "

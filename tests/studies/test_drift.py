@@ -828,6 +828,13 @@ def test_estimate_says_how_long_and_how_to_shorten_a_long_cpu_run():
     piloted = drift.estimate_message({**_timing(50.0, images=100, configs=2, remedies=0),
                                       "rate_source": "pilot"})
     assert "as the pilot measured them" in piloted and "first batch" not in piloted
+    # timed while other work shared the CPUs: said, since every figure is then too long
+    busy = drift.estimate_message({**_timing(50.0, images=100, configs=2, remedies=0),
+                                   "load_average": 5.06, "usable_cpus": 2.0})
+    assert "busy while these were timed (load average 5.1 on 2 usable CPUs)" in busy
+    for quiet in ({"load_average": 1.9, "usable_cpus": 2.0}, {}):
+        assert "busy" not in drift.estimate_message(
+            {**_timing(50.0, images=100, configs=2, remedies=0), **quiet})
 
 
 def test_estimate_probes_each_target_or_takes_the_pilots_rate():
@@ -863,6 +870,8 @@ def test_estimate_probes_each_target_or_takes_the_pilots_rate():
     assert piloted["estimated_instrumented_s"] == pytest.approx(len(configs) * 4 / 12.5,
                                                                 rel=1e-12)
     for t in (probed, piloted):
+        # the machine's load when the probes began (NaN where the system does not say)
+        assert t["usable_cpus"] >= 1 and not t["load_average"] < 0
         phases = [t[f"estimated_{p}_s"] for p in drift.RUN_PHASES]
         assert all(v > 0 for v in phases)
         assert t["estimated_total_s"] == pytest.approx(sum(phases), rel=1e-12)
