@@ -30,6 +30,7 @@ backbone (``trainable=``) and pruning fine-tuning (``after_step=`` re-applies th
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import time
@@ -550,9 +551,13 @@ def _recipe(config: TrainConfig, identity: Mapping[str, Any] | None,
     return {**recipe, **extra}
 
 
-def _state_file_problem(path: Path) -> TrainError | None:
-    """Why the file at ``path`` cannot be taken as a training state this loop wrote, or
-    None when it reads as one. Such a file is never loaded, replaced or deleted.
+def _read_state(path: Path) -> dict | TrainError:
+    """The training state at ``path``, or why the file cannot be taken as one this loop
+    wrote (such a file is never loaded, replaced or deleted).
+
+    The file is read once: its checksums are tested on the very bytes that are loaded, so
+    what resumes is what was checked, and a state of hundreds of megabytes is not read
+    again for each check.
 
     A file of another kind, a folder or a link is not ours. A torch archive that does not
     read is one cut short or corrupted after it was written (states are written whole, by
@@ -563,10 +568,16 @@ def _state_file_problem(path: Path) -> TrainError | None:
     if path.is_symlink() or not path.is_file():
         return TrainError(f"state_path {path} exists and is not a regular file; it is left as "
                           f"it is. {where}")
+    with path.open("rb") as f:
+        head = f.read(_ARCHIVE_HEAD)
+    if not _torch_archive(head):  # every state is one: a foreign file is not read whole
+        return TrainError(f"state_path {path} exists and is not a qerror training state (not "
+                          f"a torch archive); it is left as it is. {where}")
+    raw = path.read_bytes()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files
-        if _damaged_torch_archive(path):
+        if _damaged_torch_archive(raw):
             return TrainError(
                 f"the training state {path} is damaged: it is a torch archive that does not "
                 f"read ({type(exc).__name__}: {exc}), cut short or corrupted after it was "
@@ -579,38 +590,45 @@ def _state_file_problem(path: Path) -> TrainError | None:
                           f"format {STATE_FORMAT!r}); it is left as it is. {where}")
     # torch reads a tensor's bytes without their checksum: a state whose data were changed
     # after it was written loads, and would resume with them
-    if _damaged_torch_archive(path):
+    if _damaged_torch_archive(raw):
         return TrainError(
             f"the training state {path} is damaged: a member of its archive fails its "
             "checksum (its bytes changed after it was written), so it cannot be resumed. It "
             f"is left as it is: delete {path} to start over from the first step")
-    return None
+    return state
 
 
-def _damaged_torch_archive(path: Path) -> bool:
-    """Whether ``path`` begins as torch.save's zip archive does (a first member named
-    ``<name>/data.pkl``) and is not a whole one: no readable directory at its end (cut
-    short) or a member that fails its checksum. A whole archive that does not load holds
-    something else than a state (not damaged: foreign)."""
-    with path.open("rb") as f:
-        head = f.read(30 + 256)
+# a zip member's local header (30 bytes) and room for its name
+_ARCHIVE_HEAD = 30 + 256
+
+
+def _torch_archive(head: bytes) -> bool:
+    """Whether ``head``, a file's first bytes, begins as torch.save's zip archive does: a
+    first member named ``<name>/data.pkl``."""
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
         return False
     name_length = int.from_bytes(head[26:28], "little")
-    if not head[30:30 + name_length].endswith(b"/data.pkl"):
+    return head[30:30 + name_length].endswith(b"/data.pkl")
+
+
+def _damaged_torch_archive(raw: bytes) -> bool:
+    """Whether ``raw`` begins as torch.save's zip archive does (:func:`_torch_archive`)
+    and is not a whole one: no readable directory at its end (cut short) or a member that
+    fails its checksum. A whole archive that does not load holds
+    something else than a state (not damaged: foreign)."""
+    if not _torch_archive(raw[:_ARCHIVE_HEAD]):
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
             return archive.testzip() is not None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return True
 
 
-def _load_state(path: Path, recipe: dict[str, Any], world: int) -> dict:
-    """The state at ``path`` if it resumes under ``recipe`` on ``world`` ranks. ``path``
-    reads as a state (:func:`_state_file_problem` said so)."""
+def _load_state(path: Path, state: dict, recipe: dict[str, Any], world: int) -> dict:
+    """``state``, read from ``path`` (by :func:`_read_state`), if it resumes under ``recipe``
+    on ``world`` ranks."""
     hint = f"delete {path} or start over without resuming"
-    state = torch.load(path, map_location="cpu", weights_only=True)
     version = state.get("version") if isinstance(state, dict) else None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT \
             or version not in (_OLDER_STATE, STATE_VERSION):
@@ -899,17 +917,17 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     opt, sched = _optimizer(params, config, total)
     history, step = History(), 0
     loaded: dict | Exception | None = None
-    problem = (_state_file_problem(state_path) if main and state_path is not None
-               and (state_path.exists() or state_path.is_symlink()) else None)
-    if problem is not None:
-        loaded = problem
-    elif main and resume and state_path is not None and state_path.is_file():
-        try:
-            loaded = _load_state(state_path, recipe, world)
-        except ResumeError as exc:
-            loaded = exc
-    elif main and state_path is not None and state_path.is_file():
-        state_path.unlink()
+    if main and state_path is not None and (state_path.exists() or state_path.is_symlink()):
+        read = _read_state(state_path)
+        if isinstance(read, TrainError):  # not a state of ours, or a damaged one: kept
+            loaded = read
+        elif resume:
+            try:
+                loaded = _load_state(state_path, read, recipe, world)
+            except ResumeError as exc:
+                loaded = exc
+        else:
+            state_path.unlink()
     loaded = parallel.broadcast_object(loaded)
     if isinstance(loaded, Exception):
         raise loaded
