@@ -529,6 +529,29 @@ def test_the_paper_quotes_the_smallest_model_the_paired_test_shows():
         r"pruned + INT8 (90\% sparse), at 5{,}949{,}756 bytes"
 
 
+def test_the_papers_sparse_verdict_says_it_rests_on_the_point_estimates():
+    """The recorded run's 90 %-sparse network is exactly one point below dense (-1.00, the
+    paired one-point non-inferiority test p 0.5): goals.csv said 'decided on the point
+    estimates ... not shown', while the paper printed \\compressionGoalSparse as a bare
+    'met', beside the smallest model the paired test shows within one point."""
+    p = _points(9000, 8900, [(8900, 100_000)], [(8000, 250_000)])
+    p["key"] = p.key.fillna("x")
+    goals = compression.goals(p, judged=None, arch="resnet50")
+    m = compression._macros(p, goals, None)
+    assert m["GoalSparse"] == (
+        "met, decided on the point estimates: the paired one-point non-inferiority test "
+        "against the baseline has p 0.5 (not shown within one point at α = 0.05)")
+    assert goals.measured[0].endswith(m["GoalSparse"].removeprefix("met, "))
+    assert (m["GoalDwn"], m["GoalWisard"]) == ("met", "met")
+    p.loc[p.method == "pruned", "p_within_one_point"] = 0.001
+    assert compression._macros(p, compression.goals(p, judged=None, arch="resnet50"),
+                               None)["GoalSparse"].endswith("has p 0.001 (shown within one "
+                                                            "point at α = 0.05)")
+    # a goal not judged has no test to name
+    unjudged = compression.goals(p, judged="smoke run", arch="resnet50")
+    assert compression._macros(p, unjudged, None)["GoalSparse"] == "not judged (smoke run)"
+
+
 def test_the_macros_escape_the_text_they_quote():
     """'90% sparse' went into a macro as it was: the % ended the definition and pdflatex
     stopped ('File ended while scanning use of \\@argdef')."""
