@@ -454,9 +454,13 @@ def test_ece_matches_an_independent_computation_and_puts_edges_in_the_lower_bin(
         assert expected_calibration_error(logits, labels, n_bins=n_bins) == pytest.approx(
             _ece_reference(conf.numpy(), (pred == labels).numpy().astype(float), n_bins),
             abs=1e-12)
-    # Confidence exactly 0.6 with 5 bins lies in (0.4, 0.6]; right once out of two: ECE 0.1.
-    z = torch.tensor([[math.log(1.5), 0.0], [math.log(1.5), 0.0]], dtype=torch.float64)
-    assert expected_calibration_error(z, torch.tensor([0, 1]), n_bins=5) == pytest.approx(0.1)
+    # An edge must share a bin with the confidences below it: 0.5 (exact in binary, the edge
+    # of bins 4 and 5 of 10) right and 0.45 wrong are one bin in (0.4, 0.5], ECE
+    # |0.95 - 1| / 2 = 0.025; were the edge put in the upper bin, (0.5 + 0.45) / 2 = 0.475.
+    # (The tolerance: a few float64 roundings of numbers below 1.)
+    conf = torch.tensor([0.5, 0.45], dtype=torch.float64)
+    assert confidence_ece(conf, torch.tensor([True, False]), 10) == pytest.approx(0.025,
+                                                                                 abs=1e-15)
 
 
 def test_calibrate_exits_lowers_ece_and_nll_on_overconfident_exits():
