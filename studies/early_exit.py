@@ -454,14 +454,20 @@ def figure_sweeps(plt, sweeps: pd.DataFrame, points: pd.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(1.1 * PRINT_WIDTH, 3.6), sharey=True)
     for ax, policy in zip(axes, [p.value for p in ExitPolicy]):
         d = sweeps[(sweeps.split == "test") & (sweeps.policy == policy)]
+        colors = {}
         for system in SYSTEMS:
             s = d[d.system == system].sort_values("mean_macs")
             if len(s):
-                ax.plot(100 * s.macs_fraction, 100 * s.accuracy, ".-", ms=3, lw=1,
-                        label=system)
-        marks = {policy: "k*", f"{policy} per exit": "kP", "none": "ks"}
+                (line,) = ax.plot(100 * s.macs_fraction, 100 * s.accuracy, ".-", ms=3, lw=1,
+                                  label=system)
+                colors[system] = line.get_color()
+        # each system's operating points (and its full network's) in its curve's colour:
+        # in black, the marks of the four systems could not be told apart
+        marks = {policy: "*", f"{policy} per exit": "P", "none": "s"}
         for _, r in points[points.policy.isin(list(marks))].iterrows():
-            ax.plot(100 * r.macs_fraction, 100 * r.accuracy, marks[r.policy], ms=6)
+            system = r.system.removesuffix("_early_exit").removesuffix("_full")
+            ax.plot(100 * r.macs_fraction, 100 * r.accuracy, marks[r.policy], ms=6,
+                    color=colors.get(system, "k"), mec="k", mew=0.5)
         ax.set_xlabel("average MACs (% of the full network)")
         ax.set_title(textwrap.fill(f"{policy} (test split; chosen on validation: * shared "
                                    "threshold, + one per exit)", 48), fontsize=8)

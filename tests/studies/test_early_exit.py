@@ -422,3 +422,41 @@ def test_speed_goals_are_decided_on_the_interval_of_the_median():
     got = early_exit.goals({**res, "latency": few}, smoke=False, whole_test=True)
     assert list(got.verdict[3:]) == ["not resolved"] * 2
     assert "too few pairs for an interval of the median" in got.measured[3]
+
+
+def test_each_operating_point_of_the_sweeps_figure_has_its_systems_colour():
+    """Every system's operating points were drawn in black, so the figure's four stars (and
+    four crosses, two squares) could not be told apart; each now takes the colour of its
+    system's curve (the full networks' squares, that of fp32 and int8)."""
+    from matplotlib.colors import to_hex
+
+    from studies._common import figure_style
+
+    policies = [p.value for p in early_exit.ExitPolicy]
+    sweeps = pd.DataFrame([{"system": s, "policy": p, "split": "test", "threshold": t,
+                            "accuracy": 0.8 + 0.01 * i + 0.1 * t, "mean_macs": t,
+                            "macs_fraction": t}
+                           for i, s in enumerate(early_exit.SYSTEMS) for p in policies
+                           for t in (0.5, 1.0)])
+    points = pd.DataFrame(
+        [{"system": f"{s}_early_exit", "policy": p + extra, "accuracy": 0.85 + 0.01 * i,
+          "macs_fraction": 0.6 + 0.05 * i}
+         for i, s in enumerate(early_exit.SYSTEMS) for p in policies
+         for extra in ("", " per exit")]
+        + [{"system": f"{s}_full", "policy": "none", "accuracy": 0.9, "macs_fraction": 1.0}
+           for s in (early_exit.FP32, early_exit.INT8)])
+    plt = figure_style()
+    fig = early_exit.figure_sweeps(plt, sweeps, points)
+    try:
+        for ax, policy in zip(fig.axes, policies):
+            curves = {line.get_label(): to_hex(line.get_color()) for line in ax.lines
+                      if line.get_linestyle() == "-"}
+            assert set(curves) == set(early_exit.SYSTEMS)
+            marks = [line for line in ax.lines if line.get_linestyle() in ("None", "")]
+            mine = points[points.policy.isin([policy, f"{policy} per exit", "none"])]
+            assert len(marks) == len(mine)
+            for line, system in zip(marks, mine.system):
+                owner = system.removesuffix("_early_exit").removesuffix("_full")
+                assert to_hex(line.get_color()) == curves[owner], system
+    finally:
+        plt.close(fig)
