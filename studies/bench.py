@@ -528,13 +528,18 @@ def bench_drift(args) -> list[BenchRow]:
         "forward", "fused exact quantizer", "block engine (QERROR_FUSED=0)", None, *timed,
         note=f"{k * n / np.median(timed[1]):.0f} vs {k * n / np.median(timed[2]):.0f} "
              "image-configurations/s" + (f"; {off}" if off else ""))]
-    for base, name, what in ((apart, "float + fake-quantized forward", "both paths apart"),
-                             (paired, "paired passes, no statistics", "paired, bare")):
+    # The goal (issue #11: at most 1.3x) is the same passes' without statistics: the paired
+    # row's. Against the two paths run apart the ratio is another question (what the
+    # paired batch saves or costs), over fewer pairs, and judges no goal: it gave a second
+    # verdict that could disagree with the goal's.
+    for base, name, what, goal in (
+            (apart, "float + fake-quantized forward", "both paths apart", None),
+            (paired, "paired passes, no statistics", "paired, bare", 1.3)):
         timed = paired_ratio(instrumented, base, goal_pairs if base is paired else pairs)
         rows.append(make_row(
             "drift", f"{arch} 8-bit toward_zero, batch {n}, 1x32x32", "measure (instrumented)",
-            name, 1.3, *timed, note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
-                                    f"{n / np.median(timed[2]):.0f} {what}"))
+            name, goal, *timed, note=f"{n / np.median(timed[1]):.0f} images/s instrumented, "
+                                     f"{n / np.median(timed[2]):.0f} {what}"))
     modes = ", ".join(c.rounding.value for c in configs)
     # The goal's row: the same K-way passes without statistics (the same work but the
     # measurements). The others: what measuring the modes one by one would cost bare.

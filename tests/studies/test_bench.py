@@ -32,6 +32,11 @@ def test_bench_smoke(tmp_path):
     assert sorted(local.candidate) == ["measure (local_samples=0)",
                                        "measure_many (local_samples=0)"]
     assert local.goal.isna().all() and (local.ratio_median > 0).all()
+    # the instrument's goal (1.3x) on one row each for measure and measure_many: against
+    # the same passes bare, not also against both paths run apart
+    instrumented = frame[(frame.group == "drift") & frame.goal.eq(1.3)]
+    assert sorted(instrumented.baseline) == ["paired passes, no statistics",
+                                             "the same 5-way passes, no statistics"]
     # a smoke run judges no goal (its problems are smaller than the goals are stated for)
     assert frame.goal.notna().any() and frame.meets_goal.isna().all()
     assert frame.goal_verdict.isna().all()
