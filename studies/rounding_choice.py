@@ -389,6 +389,7 @@ def figure_curve(plt, acc: pd.DataFrame, curve: pd.DataFrame, x: str):
     for ax, model in zip(axes[0], models):
         c = curve[curve.model == model]
         bits = int(c.bits.iloc[0])
+        c = c[c.bits == bits]  # the curve's width: the others' headline runs are no point of it
         a = acc[(acc.model == model) & (acc.bits == bits) & (acc.method == "adaround")]
         d = c.merge(a[["iterations", "acc", "acc_lo", "acc_hi"]], on="iterations")
         d = d.sort_values(x)

@@ -94,3 +94,28 @@ def test_the_updown_width_is_a_macro():
     assert rounding_choice.macros(acc, ud.assign(bits=4))["UpdownBits"] == "four"
     main_tex = (Path(rounding_choice.__file__).parents[1] / "paper" / "main.tex").read_text()
     assert "\\roundingChoiceUpdownBits{} bits" in main_tex and "to four bits" not in main_tex
+
+
+def test_the_curve_plots_the_first_widths_runs_only():
+    """adaround_cost.csv holds every AdaRound run, the other widths' headline runs too: with
+    --bits 4 3 the 3-bit run's seconds were drawn on the 4-bit curve, at the 4-bit accuracy
+    of the same iteration budget (and its iterations as a second point at that budget)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(bits, method, it, a):
+        return {"model": "small", "bits": bits, "method": method, "iterations": it, "acc": a,
+                "acc_lo": a - 0.01, "acc_hi": a + 0.01}
+
+    acc = pd.DataFrame([row(32, "float", None, 0.90), row(4, "nearest", None, 0.88),
+                        row(3, "nearest", None, 0.80), row(4, "adaround", 1000, 0.895),
+                        row(4, "adaround", 50, 0.885), row(3, "adaround", 1000, 0.85)])
+    curve = pd.DataFrame([{"model": "small", "bits": b, "iterations": it, "wall_seconds": s}
+                          for b, it, s in ((4, 1000, 100.0), (4, 50, 10.0), (3, 1000, 300.0))])
+    for x, want in (("iterations", [(50, 0.885), (1000, 0.895)]),
+                    ("wall_seconds", [(10.0, 0.885), (100.0, 0.895)])):
+        fig = rounding_choice.figure_curve(plt, acc, curve, x)
+        line = fig.axes[0].lines[0]
+        assert list(zip(line.get_xdata().tolist(), line.get_ydata().tolist())) == want, x
+        plt.close(fig)
