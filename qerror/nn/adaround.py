@@ -160,8 +160,8 @@ class AdaRoundSettings:
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
         # |2h − 1|^β has an infinite slope at h = 1/2 for β < 1: a weight there would give
         # V a NaN gradient, and its output channel NaN choices (read as down)
-        if len(self.beta) != 2 or not all(_real(b) and math.isfinite(b) and b >= 1
-                                          for b in self.beta):
+        if not isinstance(self.beta, tuple) or len(self.beta) != 2 \
+                or not all(_real(b) and math.isfinite(b) and b >= 1 for b in self.beta):
             raise ValueError(f"beta must be two numbers >= 1 (start, end; the paper's 20 and "
                              f"2), got {self.beta!r}")
         if not isinstance(self.asymmetric, bool | np.bool_):
@@ -456,8 +456,8 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
         exactly once per forward pass (checked on one image before any layer is learned).
     """
     cfg = AdaRoundSettings(bits=bits, iterations=iterations, batch=batch, images=images,
-                           lam=lam, beta=tuple(beta), warmup=warmup, lr=lr,
-                           asymmetric=asymmetric, seed=seed)
+                           lam=lam, beta=tuple(beta) if isinstance(beta, Iterable) else beta,
+                           warmup=warmup, lr=lr, asymmetric=asymmetric, seed=seed)
     check_model(model)
     spec = cfg.spec
     xs, have = [], 0

@@ -168,6 +168,8 @@ def test_refused_model():
                                       # below 1 the regulariser's slope at h = 1/2 is
                                       # infinite: NaN choices, read as down, were the result
                                       ({"beta": (0.9, 0.9)}, "beta must be two numbers >= 1"),
+                                      # one number (the end alone): torch's TypeError
+                                      ({"beta": 2.0}, "beta must be two numbers >= 1"),
                                       ({"lam": -1.0}, "lam"),
                                       ({"lam": True}, "lam"),
                                       ({"asymmetric": "False"}, "asymmetric must be True or"),
@@ -175,6 +177,12 @@ def test_refused_model():
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaRoundSettings(bits=4, **kw)
+
+
+def test_one_beta_given_to_adaround_is_refused_in_words():
+    """beta=2.0 gave "'float' object is not iterable"."""
+    with pytest.raises(ValueError, match=r"beta must be two numbers >= 1 .*got 2\.0"):
+        adaround(tiny_resnet(), [images(4, 1)], 4, iterations=1, beta=2.0)
 
 
 def test_beta_reaches_its_end_and_the_warm_up_is_rounded():
