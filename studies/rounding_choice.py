@@ -94,7 +94,8 @@ from studies._latex import count, letters, number
 ALPHA = 0.05  # level of every interval and test in this study (McNemar after Holm)
 ACT_BITS = 8
 FIXED = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
-PAPER_LR_TIMES_ITERATIONS = 1e-3 * 10_000  # Adam's lr × iterations in Nagel et al.
+PAPER_LR, PAPER_ITERATIONS = 1e-3, 10_000  # Adam's lr and iterations per layer in Nagel et al.
+PAPER_LR_TIMES_ITERATIONS = PAPER_LR * PAPER_ITERATIONS
 LAM = 0.01  # the paper's regulariser weight
 MODELS = ("resnet50", "resnet18", "small")
 # AdaRound iterations per layer, headline and accuracy-vs-iterations curve, per model. The
@@ -451,11 +452,20 @@ def goals(acc: pd.DataFrame, seconds: float, resnet50: bool, smoke: bool = False
     return frame
 
 
-def macros(acc: pd.DataFrame, ud: pd.DataFrame) -> dict:
+def macros(acc: pd.DataFrame, ud: pd.DataFrame, curve: pd.DataFrame | None = None) -> dict:
     """The numbers the paper quotes: accuracies, and the up-or-down experiment's shares,
     intervals and correlations with its weight width (``UpdownBits``, a word: the run's
-    first ``--bits``)."""
+    first ``--bits``); with ``curve`` (adaround_cost.csv's frame), each model's headline
+    AdaRound budget and learning rate beside the paper's."""
     m = {}
+    if curve is not None and len(curve):
+        m["AdaroundPaperIterations"] = f"{PAPER_ITERATIONS:,}".replace(",", "{,}")
+        m["AdaroundPaperLr"] = number(PAPER_LR, 1)
+        headline = acc[acc.headline.astype(bool)].groupby("model").iterations.first()
+        for model, it in headline.items():
+            lr = curve[(curve.model == model) & (curve.iterations == it)].lr.iloc[0]
+            m[f"AdaroundIterations{letters(model)}"] = f"{int(it):,}".replace(",", "{,}")
+            m[f"AdaroundLr{letters(model)}"] = number(float(lr), 2)
     widths = sorted({int(b) for b in ud.bits}) if len(ud) else []
     if len(widths) > 1:
         raise ValueError(f"the up-or-down experiment runs at one width, got {widths}")
@@ -702,7 +712,7 @@ def _main(argv: list[str]) -> int:
             "and the fraction of soft choices still undecided (more than $10^{-3}$ from 0 "
             "and 1) at the end.", "tab:rchoice-cost")
         run.timing_outputs.add(tex.name)
-        run.write_macros("macros.tex", macros(acc, uds))
+        run.write_macros("macros.tex", macros(acc, uds, curve))
         figures = [("updown_scatter", figure_scatter(plt, ud), False),
                    ("accuracy", figure_accuracy(plt, acc), False),
                    ("sqnr", figure_sqnr(plt, sites), False)]

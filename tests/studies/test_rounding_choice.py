@@ -119,3 +119,22 @@ def test_the_curve_plots_the_first_widths_runs_only():
         line = fig.axes[0].lines[0]
         assert list(zip(line.get_xdata().tolist(), line.get_ydata().tolist())) == want, x
         plt.close(fig)
+
+
+def test_the_paper_quotes_adarounds_budget_beside_the_papers():
+    """The paper called the run AdaRound and said nothing of its budget: 1000 Adam steps per
+    layer at lr 0.01 on the small CNN (50 at 0.2 on the ResNet50), not Nagel et al.'s 10 000
+    at 1e-3. The headline budget and its rate come from the run."""
+    acc = pd.DataFrame([{"model": m, "bits": 4, "method": "adaround", "iterations": it,
+                         "headline": h, "acc": 0.9}
+                        for m, it, h in (("small", 1000, True), ("small", 50, False),
+                                         ("resnet50", 50, True))])
+    curve = pd.DataFrame([{"model": m, "bits": 4, "iterations": it, "lr": 10 / it}
+                          for m, it in (("small", 1000), ("small", 50), ("resnet50", 50))])
+    m = rounding_choice.macros(acc, pd.DataFrame(), curve)
+    assert (m["AdaroundIterationsSmall"], m["AdaroundLrSmall"]) == ("1{,}000", "0.010")
+    assert (m["AdaroundIterationsResnetFifty"], m["AdaroundLrResnetFifty"]) == ("50", "0.20")
+    assert (m["AdaroundPaperIterations"], m["AdaroundPaperLr"]) == ("10{,}000", "0.001")
+    main_tex = (Path(rounding_choice.__file__).parents[1] / "paper" / "main.tex").read_text()
+    for key in ("IterationsSmall", "LrSmall", "PaperIterations", "PaperLr"):
+        assert f"\\roundingChoiceAdaround{key}{{}}" in main_tex, key
