@@ -542,14 +542,28 @@ def test_the_papers_sparse_verdict_says_it_rests_on_the_point_estimates():
         "met, decided on the point estimates: the paired one-point non-inferiority test "
         "against the baseline has p 0.5 (not shown within one point at α = 0.05)")
     assert goals.measured[0].endswith(m["GoalSparse"].removeprefix("met, "))
-    assert (m["GoalDwn"], m["GoalWisard"]) == ("met", "met")
+    # the accuracy goals say where their intervals lie (_points: the estimate ± 1 point),
+    # in macros whose % signs are escaped
+    m = {k: v.replace("\\%", "%") for k, v in m.items()}
+    assert m["GoalDwn"] == "met on the point estimate: its 95 % interval [88.00, 90.00] % " \
+                           "reaches across 89 %"
+    assert m["GoalWisard"] == "met on the point estimate: its 95 % interval [79.00, 81.00] % " \
+                              "reaches across 80 %"
+    wide = _points(9000, 8900, [(9100, 100_000)], [(7800, 250_000)])
+    wide["key"] = wide.key.fillna("x")
+    m = {k: v.replace("\\%", "%") for k, v in compression._macros(
+        wide, compression.goals(wide, judged=None, arch="resnet50"), None).items()}
+    assert m["GoalDwn"].endswith("[90.00, 92.00] % lies above 89 %")
+    assert m["GoalWisard"].startswith("not met") and m["GoalWisard"].endswith(
+        "[77.00, 79.00] % lies below 80 %")
     p.loc[p.method == "pruned", "p_within_one_point"] = 0.001
     assert compression._macros(p, compression.goals(p, judged=None, arch="resnet50"),
                                None)["GoalSparse"].endswith("has p 0.001 (shown within one "
                                                             "point at α = 0.05)")
     # a goal not judged has no test to name
     unjudged = compression.goals(p, judged="smoke run", arch="resnet50")
-    assert compression._macros(p, unjudged, None)["GoalSparse"] == "not judged (smoke run)"
+    m = compression._macros(p, unjudged, None)
+    assert m["GoalSparse"] == "not judged (smoke run)" == m["GoalWisard"]
 
 
 def test_the_macros_escape_the_text_they_quote():
