@@ -46,6 +46,7 @@ forward pass leaves the model as it was; a module that already replaces its ``fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -219,9 +220,70 @@ def output_key(name: str) -> str:
     return name + OUTPUT_SUFFIX
 
 
+class MadeFor(dict):
+    """Per-layer quantization parameters (a dict: layer name → :class:`QParams` from
+    :func:`calibrate_activations`, → :class:`QuantizedWeights` from :func:`quantize_weights`)
+    and the :class:`QuantSpec` they were made for (``spec``).
+
+    A scale is a range divided by a grid's steps, so ranges made for one grid quantize
+    wrongly on another, silently: 8-bit ranges on a 4-bit grid after a ReLU (zero point 0,
+    valid on both) clamp every activation above 15 of the 8-bit steps, about 6 % of the
+    range. And weights quantized with one rounding, given to a configuration of another,
+    measure the one under the other's name. A pass refuses activation ranges made for
+    another grid (bits, signedness, symmetry, narrow range: the rounding does not enter a
+    range, and one calibration serves every mode of a width) and weights made by another
+    quantizer (any field of the spec) (:func:`check_made_for`); a plain dict (learned
+    weights, ranges of the user's) is taken as it is.
+    """
+
+    def __init__(self, items, spec: QuantSpec):
+        super().__init__(items)
+        self.spec = spec
+
+    def __reduce__(self):  # pickled (broadcast to other ranks) with its spec
+        return (type(self), (dict(self), self.spec))
+
+
+#: The fields of a QuantSpec that activation ranges depend on (:func:`check_made_for`).
+GRID_FIELDS = ("bits", "signed", "symmetric", "narrow")
+
+
+def check_made_for(params, spec: QuantSpec | None, what: str, where: str = "") -> None:
+    """Refuse ``params`` (a :class:`MadeFor`) made for another quantizer than ``spec``.
+
+    ``what`` is "activation ranges" (compared on :data:`GRID_FIELDS`) or "quantized weights"
+    (every field); ``where`` names the configuration. A mapping that does not say what it
+    was made for passes, as does any where ``spec`` is None (nothing quantized).
+
+    Raises
+    ------
+    ValueError
+        They differ: the message names the fields and how to make the right ones.
+    """
+    made = getattr(params, "spec", None)
+    if made is None or spec is None:
+        return
+    weights = what == "quantized weights"
+    fields = [f.name for f in dataclasses.fields(QuantSpec)] if weights else GRID_FIELDS
+
+    def word(v):
+        return getattr(v, "value", v)
+
+    differ = [f"{f} {word(getattr(made, f))}, not {word(getattr(spec, f))}" for f in fields
+              if getattr(made, f) != getattr(spec, f)]
+    if differ:
+        how = ("quantize_weights(model, config.weight)" if weights else
+               "calibrate_activations(model, batches, config.activation)")
+        harm = ("the pass would measure them under its name" if weights
+                else "their scales would be wrong")
+        raise ValueError(f"{what} were made for another quantizer than the configuration"
+                         f"{where} quantizes with ({'; '.join(differ)}): {harm}; make them "
+                         f"for it with {how}")
+
+
 def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
                           policy: RangePolicy = RangePolicy(), *, outputs: bool = False, sample_per_batch: int = 1 << 15,
-                          seed: int = 0, progress: bool = False) -> dict[str, QParams]:
+                          seed: int = 0, progress: bool = False) -> MadeFor:
     """Per-tensor scale and zero point for the input of every conv/linear layer.
 
     With ``outputs=True`` also for the output of every BatchNorm and residual block, under
@@ -235,8 +297,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
 
     Returns
     -------
-    dict
-        Layer name → :class:`QParams`.
+    MadeFor
+        Layer name → :class:`QParams`, with ``spec`` (a pass on another grid refuses them).
     """
     check_model(model)
     if spec.axis is not None:
@@ -271,7 +333,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
     never = [n for n, obs in observers.items() if obs.batches == 0]
     if never:
         raise UnsupportedModelError(f"layer {never[0]!r} was never called in the forward pass")
-    return {n: obs.qparams() for n, obs in observers.items()}
+    return MadeFor({n: obs.qparams() for n, obs in observers.items()}, spec)
 
 
 @dataclass(frozen=True)
@@ -285,9 +347,9 @@ class QuantizedWeights:
     saturation: float
 
 
-def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
-                     ) -> dict[str, QuantizedWeights]:
-    """Fake-quantize every conv/linear weight with scales calibrated on the weight itself."""
+def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> MadeFor:
+    """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
+    layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`)."""
     out = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):
@@ -303,7 +365,7 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0
         e = (wq.double() - w.double()) / s
         out[name] = QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()),
                                      float((sat.low.sum() + sat.high.sum()) / sat.total.sum()))
-    return out
+    return MadeFor(out, spec)
 
 
 def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] | None
@@ -334,6 +396,7 @@ def _arm_weights(model: nn.Module, configs, weights) -> list:
             raise ValueError(
                 f"weights were given for configuration {i} ({c.label}), which quantizes no "
                 "weights (activations only): they would not be used; pass None for it")
+        check_made_for(w, c.weight, "quantized weights", f" {i} ({c.label})")
     return [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
                              if w is None and c.weight is not None else w)
             for c, w in zip(configs, weights)]
@@ -588,6 +651,8 @@ class _Arm:
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
         self.config = config
+        check_made_for(act_qparams, config.activation, "activation ranges",
+                       f" ({config.label})")
         self.act_qparams = act_qparams or {}
         self.weights = weights or {}
         self.corrections = corrections or {}

@@ -893,3 +893,50 @@ def test_the_paired_pass_refuses_a_batchnorm_in_training_mode():
         pass  # the quantized network alone (BatchNorm re-estimation) may train them
     with paired_forward(model.eval(), config):
         pass
+
+
+def test_ranges_and_weights_made_for_another_grid_are_refused(setup):
+    """8-bit activation ranges given to a 4-bit pass were taken as they were: after a ReLU
+    the zero point (0) is valid on both grids, so the 4-bit quantizer clamped everything above
+    15 of the 8-bit steps (a ResNet18's layer with 93.8 % of its inputs at qmax against 0.05 %
+    with its own ranges: /work/runs/s39/est/madefor.py); weights quantized with one rounding
+    measured under another's name. What calibrate_activations and quantize_weights return
+    says the spec it was made for, and a pass refuses ranges of another grid and weights of
+    another quantizer before patching anything; a plain mapping says nothing and passes."""
+    import io
+
+    from qerror.nn import MadeFor
+
+    model, calib, test = setup
+    four = QuantConfig.make(4)
+    a8 = calibrate_activations(model, calib, QuantConfig.make(8).activation)
+    w8 = quantize_weights(model, QuantConfig.make(8).weight)
+    assert isinstance(a8, MadeFor) and a8.spec == QuantConfig.make(8).activation
+    a4 = calibrate_activations(model, calib, four.activation)
+    floor4 = QuantConfig.make(4, RoundingMode.FLOOR)
+    for kwargs, what in (({"act_qparams": a8}, r"activation ranges were made for another "
+                          r"quantizer than the configuration \(nearest_even-4b-both\) quantizes "
+                          r"with \(bits 8, not 4\): their scales would be wrong"),
+                         ({"act_qparams": a4, "weights": w8}, r"quantized weights .*\(bits 8, "
+                          r"not 4\): the pass would measure them under its name"),
+                         ({"act_qparams": a4, "weights": quantize_weights(model, floor4.weight)},
+                          r"quantized weights .*\(rounding floor, not nearest_even\)")):
+        for run in (lambda: measure(model, test, four, **kwargs),
+                    lambda: measure_many(model, test, [four], **kwargs),
+                    lambda: paired_forward(model, four, **kwargs).__enter__(),
+                    lambda: quantized_forward(model, four, **kwargs).__enter__()):
+            with pytest.raises(ValueError, match=what):
+                run()
+            assert _clean(model)
+    # ranges serve every rounding of their grid (the drift study calibrates each width once
+    # for all its modes); a plain dict (learned weights, say) is taken as it is
+    w_floor = quantize_weights(model, floor4.weight)
+    res = measure(model, test, floor4, a4, weights=w_floor)
+    plain = measure(model, test, floor4, dict(a4), weights=dict(w_floor))
+    assert res.layers()[-1].sqnr_db == plain.layers()[-1].sqnr_db
+    measure(model, test, four, a4, weights=dict(w_floor))
+    # the spec travels with the ranges to other ranks (broadcast_object pickles them)
+    buf = io.BytesIO()
+    torch.save(a8, buf)
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert isinstance(back, MadeFor) and back.spec == a8.spec and back.keys() == a8.keys()
