@@ -306,6 +306,17 @@ def test_claim_T5_truncation_bias_needs_one_signed_data():
     one_signed = error_moments(sps.halfnorm(0, 1), trunc.replace(signed=False), s)
     assert abs(symmetric.bias_lsb) < 256 * np.finfo(float).eps  # as R4's: rounding alone
     assert -0.5 <= one_signed.bias_lsb < -0.45
+    # ... on a grid with zero point 0 only: the same one-signed law on a signed affine grid
+    # calibrated min-max (zero point -128) is truncated on u = x/s - 128, negative for most
+    # values, which move up (T3): the bias changes sign, exactly, so the text names the
+    # zero point
+    aff = trunc.replace(symmetric=False)
+    qp = qparams_from_range(0.0, float(sps.halfnorm.ppf(1 - 1e-4)), aff)
+    assert int(qp.zero_point) == aff.qmin
+    assert error_moments(sps.halfnorm(0, 1), aff, float(qp.scale), int(qp.zero_point)
+                         ).bias_lsb > 0
+    assert "zero point 0 (unsigned), the bias is about -1/2" in claim("T5").condition
+    assert "the bias is positive" in claim("T5").condition
     # "wide against the step": the same law 0.05 steps wide is truncated to 0 almost whole,
     # an error of -x, whose mean is far from -1/2
     assert error_moments(sps.halfnorm(0, 1), trunc.replace(signed=False), 20.0).bias_lsb > -0.1
