@@ -323,17 +323,22 @@ CLAIMS += (
         "Truncating the weights makes the network less expressive.",
         Verdict.CONDITIONAL,
         "Not in what it can represent: truncation uses the same grid of codes as "
-        "round-to-nearest. What it changes is where weights land: the zero bin is twice as "
+        "round-to-nearest. What it changes is where weights land, with zero point 0 (symmetric "
+        "quantization, as weights usually are): the zero bin is twice as "
         "wide (|w| < s against |w| ≤ s/2), so about twice as many small weights become 0, and "
         "every other weight loses on average a little under half a step of magnitude "
-        "(between 0.45 and 0.5 steps, W2).",
+        "(between 0.45 and 0.5 steps, W2). With a zero point z truncation pulls toward -z·s "
+        "(T4): the bin that becomes 0 is one step wide, as round-to-nearest's, and the "
+        "magnitudes between 0 and -z·s grow.",
         "test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights",
     ),
     Claim(
         "W2", "network",
         "Pode parecer uma regularização, mas não controlada",
         "Truncating the weights looks like regularisation, but an uncontrolled one.",
-        Verdict.TRUE,
+        Verdict.CONDITIONAL,
+        "With zero point 0 (symmetric quantization, as weights usually are; with a zero point "
+        "z truncation pulls toward -z·s instead, T4). "
         "In the mean it shrinks every weight's magnitude by about half a step whatever its "
         "size (between 0.45 and 0.5 steps from 1 to 9 steps, for weights of σ = 4 steps), as "
         "an L1 penalty's soft threshold does and unlike weight decay's shrink in proportion "

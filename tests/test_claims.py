@@ -860,6 +860,20 @@ def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():
     shrink = ((w.abs() - fake_quantize(w, trunc, s).abs()) / s)[kept]
     se = float(shrink.std()) / math.sqrt(int(kept.sum()))
     assert 0.45 + 3.29 * se < float(shrink.mean()) < 0.5 - 3.29 * se
+    # ... with zero point 0 only: on an affine grid (z = -20) truncation's codes land on the
+    # real 0 for w in (-s, 0], one step as nearest's [-s/2, s/2], so no more weights become
+    # 0 (exactly, and on the sample: binomial, z at NET_ALPHA), and the magnitudes of the
+    # weights between 0 and -z·s grow (T4)
+    z = -20
+    aff = near.replace(symmetric=False)
+    p_aff = {"near": law.cdf(s / 2) - law.cdf(-s / 2), "trunc": law.cdf(0) - law.cdf(-s)}
+    assert p_aff["trunc"] <= p_aff["near"]
+    for m, spec in (("near", aff), ("trunc", aff.replace(rounding=RoundingMode.TOWARD_ZERO))):
+        p = p_aff[m]
+        got = float((quantize(w, spec, s, z) == z).double().mean())
+        assert abs(got - p) <= 3.29 * math.sqrt(p * (1 - p) / w.numel()), (m, got, p)
+    for c in ("W1", "W2"):
+        assert "with a zero point z truncation pulls toward -z·s" in claim(c).condition.lower()
 
 
 def test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size():
@@ -869,7 +883,7 @@ def test_claim_W2_truncation_shrinks_by_half_a_step_whatever_the_size():
     sample agrees within its standard error (z at NET_ALPHA); each shrink lies in [0, s)."""
     from scipy import integrate
 
-    assert claim("W2").verdict is Verdict.TRUE
+    assert claim("W2").verdict is Verdict.CONDITIONAL  # zero point 0: W1's test
     s, law = 0.01, sps.norm(0.0, 0.04)
     trunc = QuantSpec(bits=8, rounding=RoundingMode.TOWARD_ZERO)
     w = torch.as_tensor(law.rvs(size=1_000_000, random_state=13))
