@@ -184,7 +184,10 @@ CLAIMS += (
         "Never smaller than round-to-nearest's, on any input. For wide inputs the MSE is close "
         "to 4× (1/3 vs 1/12 LSB²) and the MAE 2×; for inputs narrow against the step and "
         "within half a step of 0 both send almost everything to 0 and the ratio falls "
-        "toward 1, while a narrow input centred elsewhere can be above 4×: centred 0.7 of a "
+        "toward 1 (with zero point 0: with a zero point z truncation acts on u = x/s + z and "
+        "sends the half of such an input that lies between 0 and -z·s a whole code away, "
+        "toward -z·s, a ratio far above 4×), while a narrow input centred elsewhere can be "
+        "above 4×: centred 0.7 of a "
         "step from 0 with σ = 0.05 step, (0.7² + σ²)/(0.3² + σ²), about 5.3.",
         "test_claim_T6_truncation_mse_and_mae_are_larger",
     ),

@@ -381,6 +381,18 @@ def test_claim_T6_truncation_mse_and_mae_are_larger():
     # narrow (sigma = 0.05 steps): both send everything within half a step to 0, and the
     # same values are nonzero under neither, so the ratio is 1
     assert ratios[0] == pytest.approx(1.0, rel=1e-12)
+    # ... with zero point 0: on an affine grid (z = -20) the same law's positive half has
+    # u in (-20, -19.5), truncated to -19, a whole step up; in steps (σ = 0.05, nothing
+    # within 10 σ of a half step) truncation's MSE is P(x > 0) - 2 E[x; x > 0] + σ² and
+    # nearest's σ², a ratio of about 185
+    aff_near = near.replace(symmetric=False)
+    aff_trunc = aff_near.replace(rounding=RoundingMode.TOWARD_ZERO)
+    sg = 0.05
+    aff = (error_moments(sps.norm(), aff_trunc, 1 / sg, -20).mse
+           / error_moments(sps.norm(), aff_near, 1 / sg, -20).mse)
+    assert aff == pytest.approx((0.5 - 2 * sg / math.sqrt(2 * math.pi) + sg**2) / sg**2,
+                                rel=1e-9) and aff > 4
+    assert "with zero point 0: with a zero point z" in claim("T6").condition
     # ... but only within half a step of 0: centred at 0.7 steps, nearest sends it to 1
     # (error 0.3) and truncation to 0 (error 0.7), a ratio near (0.7/0.3)² ≈ 5.4
     off = sps.norm(0.7 * 0.05, 0.05 * 0.05)
