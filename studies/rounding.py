@@ -551,7 +551,8 @@ def _main(argv: list[str]) -> int:
         run.write_latex_table(
             "uniform_validity.tex", validity[validity.bits == 8].drop(columns="bits"),
             "Where the uniform-noise model's MSE is within "
-            f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits).", "tab:uniform-validity")
+            f"{100 * UNIFORM_TOLERANCE:g}\\% of the exact MSE (8 bits): from the ratio given "
+            "on, at every larger swept ratio (--: at none).", "tab:uniform-validity")
         cols = ["law", "bits", "mode", "alpha_aciq", "alpha_exact_midrise",
                 "mse_aciq_midrise", "mse_exact_midrise", "mse_exact_integer", "mse_lloyd_max"]
         if clip_laws:

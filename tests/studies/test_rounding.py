@@ -280,3 +280,19 @@ def test_a_bias_macro_that_rounds_to_zero_has_no_sign():
     m = rounding._macros(regime, pd.DataFrame({"law": [], "mode": [], "bits": []}))
     assert m["TruncBiasNormalWide"] == "0.000"
     assert m["TruncBiasHalfNormalWide"] == "\\ensuremath{-}0.493"
+
+
+def test_the_uniform_validity_table_says_what_its_dashes_mean(tmp_path):
+    """Truncation's row of uniform_validity.tex reads '--' (the model holds at no swept
+    ratio: the kink at 0 keeps its MSE 2 % off at 10 steps), where the caption said nothing
+    of it and the clipping table's '--' means 'not computed'."""
+    import torch
+
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "w.pt")  # no activations part
+    out = tmp_path / "r"
+    assert rounding.main(["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples", "100",
+                          "--checkpoint", str(tmp_path / "w.pt"), "--out", str(out)]) == 0
+    tex = (out / "uniform_validity.tex").read_text()
+    assert re.search(r"^normal & toward zero & -- &", tex, re.M)
+    caption = re.search(r"\\caption\{(.*)\}", tex)[1]
+    assert "--: at none" in caption and "every larger swept ratio" in caption
