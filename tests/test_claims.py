@@ -499,9 +499,12 @@ SEEDS_DIR = Path(__file__).parent / "data" / "seeds"
 
 @pytest.fixture(scope="module")
 def seed_networks():
-    """Every trained seed of the plain chain, and the images the study measured them on.
+    """Every trained seed of the plain chain, and the images the study measured them on."""
+    return _seed_networks(SEEDS_DIR)
 
-    The weights are the committed output of ``python -m studies.seeds`` (tests/data/seeds,
+
+def _seed_networks(directory):
+    """:func:`seed_networks` from ``directory``. The weights are the committed output of ``python -m studies.seeds`` (tests/data/seeds,
     checked against its manifest); the images are Fashion-MNIST's (calibration images, and
     test images with their true labels), as the study took them.
     """
@@ -510,25 +513,54 @@ def seed_networks():
     from qerror.data import DataNotFoundError, fashion_mnist_splits, to_small_tensor
     from qerror.files import sha256_file
     from qerror.nn.models import plain_chain
-    from studies.seeds import CALIB_IMAGES
+    from studies.seeds import BATCH, CALIB_IMAGES, EPOCHS, LR, TEST_IMAGES, TRAIN_IMAGES
 
-    manifest = json.loads((SEEDS_DIR / "manifest.json").read_text())
-    assert sha256_file(SEEDS_DIR / "chains.pt") == manifest["outputs"]["chains.pt"]
+    manifest = json.loads((directory / "manifest.json").read_text())
     cfg = manifest["config"]
+    # the default run (the ledger's texts say twenty seeds): a smoke run's weights, or any
+    # other run's, match their own manifest's checksum as well
+    default = {"seeds": 20, "epochs": EPOCHS, "train_images": TRAIN_IMAGES,
+               "test_images": TEST_IMAGES, "calib_images": CALIB_IMAGES, "lr": LR,
+               "batch_size": BATCH, "smoke": False}
+    got = {k: cfg.get(k) for k in default}
+    assert manifest.get("study") == "seeds" and got == default, (
+        f"{directory}: {manifest.get('study')} run with {got}, not the default run of "
+        f"python -m studies.seeds ({default}) on which the ledger decides N1-N4")
+    assert sha256_file(directory / "chains.pt") == manifest["outputs"]["chains.pt"]
     try:
         splits = fashion_mnist_splits(seed=cfg["seed"])
     except DataNotFoundError as err:
         pytest.fail(f"the network claims are decided on Fashion-MNIST: {err} (make data)")
     assert splits.test.sha256 == manifest["data"]["test_sha256"]
     models = {}
-    for seed, state in torch.load(SEEDS_DIR / "chains.pt", weights_only=True).items():
+    for seed, state in torch.load(directory / "chains.pt", weights_only=True).items():
         models[seed] = plain_chain()
         models[seed].load_state_dict(state)
         models[seed].eval()
-    assert len(models) >= 20
+    assert sorted(models) == list(range(cfg["seed"], cfg["seed"] + cfg["seeds"])), (
+        f"{directory}: seeds {sorted(models)}, not the default run's")
     return {"models": models, "calib": to_small_tensor(splits.calib.images[:CALIB_IMAGES]),
             "x": to_small_tensor(splits.test.images[:cfg["test_images"]]),
             "y": torch.from_numpy(splits.test.labels[:cfg["test_images"]])}
+
+
+@pytest.mark.parametrize("change", [{"smoke": True, "epochs": 2, "train_images": 1024},
+                                    {"epochs": 1}, {"study": "drift"}, {"seeds": 21}])
+def test_seed_weights_other_than_the_studys_default_run_are_refused(tmp_path, change):
+    """The claims are decided on the weights of ``python -m studies.seeds`` as run by default
+    (twenty seeds, the ledger's texts say): a smoke run's weights, whose float accuracy is
+    chance (8 to 10 % for twenty smoke seeds), matched their manifest's checksum and were
+    used; here a copy of the committed weights under an edited manifest."""
+    import json
+    import shutil
+
+    manifest = json.loads((SEEDS_DIR / "manifest.json").read_text())
+    for key, value in change.items():
+        (manifest if key == "study" else manifest["config"])[key] = value
+    shutil.copy(SEEDS_DIR / "chains.pt", tmp_path / "chains.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AssertionError, match="not the default run"):
+        _seed_networks(tmp_path)
 
 
 @pytest.fixture(scope="module")
