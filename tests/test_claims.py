@@ -847,6 +847,8 @@ def test_claim_N3_saturation_follows_the_drift(chain_runs, seed_statements):
 
 @pytest.mark.xdist_group("seeds")
 def test_claim_N4_truncation_costs_accuracy(seed_statements, seed_outcomes):
+    import pandas as pd
+
     from qerror.stats import crossed_mean_test
 
     assert claim("N4").verdict is Verdict.TRUE
@@ -878,6 +880,13 @@ def test_claim_N4_truncation_costs_accuracy(seed_statements, seed_outcomes):
             assert _decide(diff > 0) == MOST, bits
         else:
             assert r.ci[1] < 0.02 and (diff < 0).any(), (bits, diff, r.verdict)
+            # "(on these seeds most do)": on the committed seeds as the study measured them
+            # (tests/data/seeds/statements.csv), not as recomputed here, where another CPU's
+            # rounding can move a seed's image or two (15 of 20 lose: one seed less is 14,
+            # undecided)
+            stored = pd.read_csv(SEEDS_DIR / "statements.csv")
+            assert _decide(_on_seeds(stored, "accuracy", NEAR, bits)
+                           > _on_seeds(stored, "accuracy", TRUNC, bits)) == MOST, bits
 
 
 def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():
