@@ -244,8 +244,8 @@ CLAIMS += (
         "BatchNorm / LayerNorm ficam inconsistentes",
         "BatchNorm becomes inconsistent.",
         Verdict.TRUE,
-        "Under truncation and floor, at every width: on most of twenty trained seeds "
-        "(studies.seeds) the statistics of some BatchNorm's quantized input move away from "
+        "Under truncation and floor, at every width: on most of twenty trained seeds of a "
+        "ten-layer plain CNN (studies.seeds) the statistics of some BatchNorm's quantized input move away from "
         "those of its float input by more than a tenth: the RMS over its channels of the "
         "mean's shift in running standard deviations, or the log of the geometric mean of "
         "the variance ratio. Under round-to-nearest that happens on few seeds "
@@ -279,8 +279,8 @@ CLAIMS += (
         Verdict.FALSE,
         "Not at the quantizer itself: on the same input, truncation clamps a subset of what "
         "round-to-nearest clamps (a value just beyond an end of the range is truncated back "
-        "onto it). Not downstream either on trained networks: on twenty trained seeds "
-        "(studies.seeds) truncation clamps more of the classifier's input at the top of its "
+        "onto it). Not downstream either on trained networks: on twenty trained seeds of a "
+        "ten-layer plain CNN (studies.seeds) truncation clamps more of the classifier's input at the top of its "
         "range than round-to-nearest on few seeds at eight, six and four bits (a seed where "
         "the two clamp equally counts as not more); among the seeds where the two differ, "
         "on fewer than half at every width, significantly fewer at four bits (at eight and "
@@ -296,8 +296,8 @@ CLAIMS += (
         "Perda de acurácia",
         "Truncation costs accuracy.",
         Verdict.TRUE,
-        "Against round-to-nearest at the same width, over twenty trained seeds "
-        "(studies.seeds, true labels): truncation's test accuracy is lower on average at "
+        "Against round-to-nearest at the same width, over twenty trained seeds of a "
+        "ten-layer plain CNN (studies.seeds, true labels): truncation's test accuracy is lower on average at "
         "eight, six and four bits (the mean loss's one-sided 95 % interval above 0, with "
         "the test images random as well as the seeds: qerror.stats.crossed_mean_test), "
         "and lower on most seeds at six and four bits, where the loss is large. At eight "

@@ -731,6 +731,15 @@ def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
         assert value("accuracy", NEAR, bits) - value("accuracy", TRUNC, bits) > 0.3
 
 
+def test_the_network_claims_name_both_networks_they_are_decided_on():
+    """Each of N1-N4's texts is read alone (a row of the ledger's table): each names the
+    seeds' network as well as the ResNet50 baseline (N2-N4 named the study only)."""
+    for cid in ("N1", "N2", "N3", "N4"):
+        text = claim(cid).condition
+        assert "twenty trained seeds of a ten-layer plain CNN" in text, cid
+        assert "ResNet50" in text, cid
+
+
 @pytest.mark.xdist_group("seeds")
 def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
     assert claim("N1").verdict is Verdict.CONDITIONAL
