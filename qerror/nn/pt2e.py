@@ -22,6 +22,15 @@ agreed with float32 on 100% of 200 images at every exit at least 90% accurate, w
 oneDNN on AMX, capped at AVX512-VNNI and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``). AMX and
 VNNI gave the same largest logit errors to four digits, AVX2 other ones: its int8
 kernels compute differently.
+
+oneDNN's AVX2 kernels (and AVX-512 ones without VNNI) add the products of adjacent
+(uint8 activation, int8 weight) pairs in int16 with saturation, as FBGEMM's do
+(:mod:`qerror.nn.int8`), and the default config's activations use the full range 0..255
+(torchao advises ``reduce_range`` on CPUs without VNNI; this module keeps the default on
+every CPU): there the compiled module computes another function than ``converted``, by
+many steps wherever a pair sum leaves int16. Which kernel ran is asked of oneDNN at run
+time (:func:`~qerror.nn.int8.kernel_probe` on the ``onednn`` engine, the same library
+under the same ``ONEDNN_MAX_CPU_ISA``) and recorded in :attr:`Int8Module.saturates_pairs`.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from torch import nn
 
 from qerror.nn._anatomy import eval_mode
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
+from qerror.nn.int8 import Engine, kernel_probe
 
 __all__ = [
     "LOWERING_COUNTERS",
@@ -250,6 +260,13 @@ class Int8Module:
         ``qlinear`` count at size 1, one per linear layer at sizes 2 and 16; on an AMD EPYC
         with AVX512-VNNI one at every size), and batch-1 latency then times float linear
         layers beside INT8 convolutions.
+    saturates_pairs : bool or None
+        Whether ``fn``'s INT8 kernels add adjacent product pairs in int16 with saturation
+        (oneDNN on AVX2, or on AVX-512 without VNNI; not with VNNI or AMX), as
+        :func:`~qerror.nn.int8.kernel_probe` finds oneDNN's kernels on this machine: then
+        ``fn`` and ``converted`` differ by many steps wherever a pair sum leaves int16.
+        None where the probe could not tell; False when not compiled (``converted`` runs
+        float ops only).
     """
 
     fn: object = field(repr=False)
@@ -257,6 +274,7 @@ class Int8Module:
     times: Pt2eTimes
     lowered: dict = field(default_factory=dict)
     lowered_by_size: dict = field(default_factory=dict)
+    saturates_pairs: bool | None = None
 
     def __call__(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -342,8 +360,9 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         images is also the example input of the export; at least two images in all.
     compile : bool
         Compile the converted graph with ``torch.compile`` (inductor, freezing on). Off,
-        ``fn`` is the converted graph run eagerly, which computes the same quantized
-        function with float ops and is slow.
+        ``fn`` is the converted graph run eagerly, which computes the quantized function
+        with float ops and is slow; it is the compiled module's function only where
+        oneDNN's kernels do not saturate int16 pair sums (:attr:`Int8Module.saturates_pairs`).
     warmup_sizes : sequence of int
         Batch sizes the compiled module is first called with, so that compilation
         happens here and is timed in :attr:`Pt2eTimes.compile` rather than in the first
@@ -429,7 +448,10 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     times = Pt2eTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
     lowered = ({k: sum(c[k] for c in by_size.values()) for k in LOWERING_COUNTERS}
                if compile else {})
-    return Int8Module(fn, converted, times, lowered, by_size)
+    # The compiled graph runs oneDNN's kernels, which saturate int16 pair sums or not
+    # depending on the instructions oneDNN picks here: asked of oneDNN, not the CPU flags.
+    saturates = kernel_probe(Engine.ONEDNN).saturates_pairs if compile else False
+    return Int8Module(fn, converted, times, lowered, by_size, saturates)
 
 
 @dataclass(frozen=True)
@@ -455,6 +477,13 @@ class Int8ExitStages:
             h, logits = stage(h)
             out.append(logits)
         return tuple(out)
+
+    @property
+    def saturates_pairs(self) -> bool | None:
+        """Whether any stage's kernels saturate int16 pair sums
+        (:attr:`Int8Module.saturates_pairs`); None if a stage's probe could not tell."""
+        answers = [s.saturates_pairs for s in self.stages]
+        return True if True in answers else None if None in answers else False
 
     @property
     def compile_seconds(self) -> float:

@@ -152,6 +152,7 @@ def test_pt2e_quantized_stages_agree_with_fp32_uncompiled(trained):
         ref, got = model(x), q(x)
     _check_agreement(ref, got, y)
     assert all(s.lowered == {} for s in q.stages)
+    assert q.saturates_pairs is False  # float ops only
 
 
 @pytest.mark.slow
@@ -262,3 +263,99 @@ def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
         assert q(x).shape == (6, 3) and q(x[:1]).shape == (1, 3)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         untie_relus("resnet50")
+
+
+def test_an_uncompiled_module_saturates_nothing():
+    """The converted graph runs float ops only: no int16 pair sum to saturate."""
+    q = quantize_pt2e(nn.Linear(2, 2), [torch.randn(4, 2)], compile=False)
+    assert q.saturates_pairs is False
+
+
+# A child process, since oneDNN reads ONEDNN_MAX_CPU_ISA once: a compiled convolution whose
+# activations use the full range 0..255 against weights of both signs near the channel's
+# maximum, so that many adjacent (uint8, int8) pair sums leave int16 (255 * 127 * 2 > 32767).
+# Its float output is held against two accumulators computed from the converted graph's own
+# codes and scales: the exact one, and the one with the int16 saturation of qerror's oneDNN
+# model (qerror.nn.int8, Library.ONEDNN). oneDNN turns the exact int32 accumulator a into
+# a * s_x * s_w[c] + b in float32: from int32 (exact below 2**24), s_x to float32, two
+# products and a sum, each rounding once, so the kernel's value lies within 8u (|a s_x s_w| +
+# |b|) of the model it follows (u = 2**-24), and each difference is given in those bounds.
+_SATURATION_CHILD = r"""
+import functools, json, warnings
+import numpy as np, torch
+import torch.nn.functional as F
+from torch import nn
+from qerror import QParams
+from qerror.nn import int8
+from qerror.nn.pt2e import quantize_pt2e
+
+warnings.filterwarnings("ignore")
+g = torch.Generator().manual_seed(0)
+net = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1)).eval()
+with torch.no_grad():
+    net[0].weight.copy_(torch.sign(torch.randn(16, 32, 3, 3, generator=g))
+                        * (0.5 + 0.5 * torch.rand(16, 32, 3, 3, generator=g)))
+calib = torch.rand(4, 32, 6, 6, generator=g) * 4
+q = quantize_pt2e(net, [calib], warmup_sizes=(2,))
+gm = q.converted
+attr = lambda node: functools.reduce(getattr, node.target.split("."), gm)
+ops = torch.ops.quantized_decomposed
+qx = next(n for n in gm.graph.nodes if n.target == ops.quantize_per_tensor.default)
+dw = next(n for n in gm.graph.nodes if n.target == ops.dequantize_per_channel.default)
+conv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+sx, zx = float(qx.args[1]), int(qx.args[2])
+wq, sw = attr(dw.args[0]).to(torch.float64), attr(dw.args[1]).to(torch.float64)
+b = attr(conv.args[2]).detach().to(torch.float64).reshape(1, -1, 1, 1)
+# Inputs on code centres (no code depends on how the graph rounds x / s_x), all codes used.
+codes = torch.clamp(torch.round(calib[:2].double() / sx) + zx, 0, 255)
+x = ((codes - zx) * sx).float()
+assert torch.equal(torch.round(x.double() / sx) + zx, codes)
+acc = F.conv2d(codes - zx, wq, padding=1)
+layer = nn.Conv2d(32, 16, 3, padding=1)
+with torch.no_grad():
+    layer.weight.copy_(wq * sw.reshape(-1, 1, 1, 1))
+qp = int8.LayerQParams(QParams(sx, zx), QParams(sw.numpy(), 0), QParams(1.0, 0))
+plan = int8._plan(layer, qp, bn=None, relu=False, act_spec=int8.ACTIVATION_SPEC,
+                  out_spec=int8.ACTIVATION_SPEC, name="conv", engine=None,
+                  library=int8.Library.ONEDNN)
+corr = plan._saturation(codes.to(torch.int32), plan.pairs[int8.ScaleArithmetic.RECIPROCAL],
+                        acc.shape)
+scale = sx * sw.reshape(1, -1, 1, 1)
+with torch.no_grad():
+    y = q(x).double()
+out = {"recorded": q.saturates_pairs, "probe": int8.kernel_probe("onednn").saturates_pairs,
+       "pairs_saturated": int((corr != 0).sum())}
+for name, a in (("exact", acc), ("saturating", acc + corr)):
+    bound = 8 * 2.0**-24 * ((a * scale).abs() + b.abs())
+    out[name] = float(((y - (a * scale + b)).abs() / bound).max())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_the_compiled_module_records_whether_its_kernels_saturate(cap):
+    """Int8Module.saturates_pairs is the answer of oneDNN's kernels, not of the CPU: with
+    oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA, on any CPU of this kind) it saturates and the
+    compiled convolution follows the saturating accumulator; left to the CPU, it follows
+    whichever the record names (exact on AVX512-VNNI and AMX, saturating on AVX2), and the
+    other accumulator is far outside the float32 bound."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cap is not None:
+        env["ONEDNN_MAX_CPU_ISA"] = cap
+    run = subprocess.run([sys.executable, "-c", _SATURATION_CHILD], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["recorded"] is out["probe"] is not None
+    if cap == "AVX2":
+        assert out["recorded"] is True
+    assert out["pairs_saturated"] > 0
+    follows, other = ("saturating", "exact") if out["recorded"] else ("exact", "saturating")
+    assert out[follows] <= 1, out
+    assert out[other] > 1000, out
