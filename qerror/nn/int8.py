@@ -164,6 +164,9 @@ _DEPRECATION = r".*quantized tensor creation functions.* deprecated"
 # /proc/cpuinfo flags that decide which int8 dot-product instructions a kernel can use.
 _KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile",
                  "amx_int8")
+# The best int8 dot-product instructions a CPU has, by the flag that shows them.
+_INT8_ISA = (("amx_int8", "AMX"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
+             ("avx512bw", "AVX-512 without VNNI"), ("avx2", "AVX2"))
 
 
 class Engine(Choice):
@@ -356,8 +359,14 @@ class KernelProbe:
     problem: str
 
     def describe(self) -> str:
-        """One sentence for captions and reports."""
-        cpu = f"CPU capability {self.cpu_capability}"
+        """One sentence for captions and reports.
+
+        The CPU is named by the best int8 instructions its flags list; ATen's capability
+        is named as ATen's (``ATEN_CPU_CAPABILITY`` caps it, and the quantized kernels
+        pick their own instructions)."""
+        best = next((name for flag, name in _INT8_ISA if flag in self.cpu_flags),
+                    "flags unknown" if not self.cpu_flags else "no AVX2")
+        cpu = f"{best}; ATen's CPU capability {self.cpu_capability}"
         if self.faithful is None:
             return f"{self.engine.value} on this CPU ({cpu}): {self.problem}"
         how = "saturates" if self.saturates_pairs else "does not saturate"

@@ -329,6 +329,22 @@ def test_kernel_probe_is_cached_and_is_the_kernel_s_own_answer():
     assert probe.linear_library is probe.conv_library is Library.FBGEMM
 
 
+def test_describe_names_the_cpu_by_its_flags_and_aten_s_capability_as_aten_s():
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX512-VNNI CPU caps ATen's dispatch, not the CPU
+    nor the quantized kernels: the sentence must not call the CPU AVX2 beside a kernel that
+    does not saturate, nor AVX-512 beside one held to AVX2 that does."""
+    probe = kernel_probe()
+    vnni = ("avx2", "avx512f", "avx512bw", "avx512_vnni")
+    for cap, flags, saturates, cpu in (("AVX2", vnni, False, "AVX512-VNNI"),
+                                       ("AVX512", vnni, True, "AVX512-VNNI"),
+                                       ("AVX2", ("avx2",), True, "AVX2"),
+                                       ("AVX512", vnni[:3], True, "AVX-512 without VNNI"),
+                                       ("DEFAULT", (), None, "flags unknown")):
+        text = dataclasses.replace(probe, cpu_capability=cap, cpu_flags=flags,
+                                   saturates_pairs=saturates).describe()
+        assert f"this CPU ({cpu}; ATen's CPU capability {cap})" in text, text
+
+
 @pytest.mark.parametrize("engine", ENGINES[1:])
 def test_kernel_probe_names_each_kind_s_library(engine):
     """oneDNN runs the onednn engine throughout and the x86 engine's convolutions where
