@@ -15,8 +15,10 @@ JOBS   ?= 2
 
 env: $(STAMP)
 
+# A .venv whose python has no pip is made again: what `python3 -m venv` leaves behind on
+# Debian/Ubuntu without python3-venv (it prints the apt command) or when cut short.
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

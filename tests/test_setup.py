@@ -4,6 +4,8 @@ without deprecated configuration and declares every package the code imports."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -88,3 +90,19 @@ def test_every_third_party_import_is_declared(area):
         if not names & declared:
             missing[module] = sorted(files)
     assert not missing, f"{area}: imported but not declared in pyproject.toml: {missing}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_env_step_makes_a_venv_without_pip_again(tmp_path):
+    # python3 -m venv on Debian/Ubuntu without python3-venv stops at ensurepip and leaves
+    # .venv/bin/python behind; the env step once took that for a venv, and every later
+    # `make run` stopped at "No module named pip" until the user removed .venv
+    pytest.importorskip("ensurepip")
+    venv = tmp_path / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    plan = subprocess.run(["make", "-n", "-s", "env", f"VENV={venv}", f"PYTHON={sys.executable}"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["sh", "-c", plan.splitlines()[0]], cwd=ROOT, check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
