@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.qerror-installed
 PEERS  := $(VENV)/.qerror-peers
 JOBS   ?= 2
 
-.PHONY: run test test-avx2 env data bench paper paper-smoke readme clean
+.PHONY: run test test-avx2 lint env data bench paper paper-smoke readme clean
 
 env: $(STAMP)
 
@@ -36,6 +36,10 @@ run: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests
 	$(MAKE) --no-print-directory test-avx2
+
+# pyflakes and import order (pyproject.toml's [tool.ruff]); .ci/run runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check qerror studies tests paper
 
 # The tests whose outcome depends on the CPU's INT8 kernel (FBGEMM and oneDNN saturate int16
 # pair sums with AVX2, not with AVX512-VNNI), run on AVX2's kernels whatever the CPU: both
