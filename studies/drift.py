@@ -892,11 +892,11 @@ def int8_caption(probe) -> str:
     found faithful on this CPU (or that it found none)."""
     engine = probe.engine.value.upper()
     if probe.faithful is None:
-        found = ("The kernel probe matched neither integer pipeline on this CPU (capability "
-                 f"{probe.cpu_capability}), so no row is faithful; summary.json says why.")
+        found = ("The kernel probe matched neither integer pipeline on this CPU "
+                 f"({probe.cpu_words}), so no row is faithful; summary.json says why.")
     else:
         how = "saturates" if probe.saturates_pairs else "does not saturate"
-        found = (f"On this CPU (capability {probe.cpu_capability}) the kernel probe found "
+        found = (f"On this CPU ({probe.cpu_words}) the kernel probe found "
                  f"that {engine} {how} int16 pair sums: the faithful model is the "
                  f"{probe.faithful.value} pipeline with reciprocal arithmetic.")
     return (f"qerror's simulation against PyTorch's {engine} INT8 kernels, layer by layer on "

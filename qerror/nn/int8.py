@@ -358,15 +358,18 @@ class KernelProbe:
     saturating_codes: tuple[int, ...]
     problem: str
 
-    def describe(self) -> str:
-        """One sentence for captions and reports.
-
-        The CPU is named by the best int8 instructions its flags list; ATen's capability
-        is named as ATen's (``ATEN_CPU_CAPABILITY`` caps it, and the quantized kernels
-        pick their own instructions)."""
+    @property
+    def cpu_words(self) -> str:
+        """The CPU in words: the best int8 instructions its flags list, then ATen's
+        capability named as ATen's (``ATEN_CPU_CAPABILITY`` caps it, and the quantized
+        kernels pick their own instructions), e.g. "AMX; ATen's CPU capability AVX512"."""
         best = next((name for flag, name in _INT8_ISA if flag in self.cpu_flags),
                     "flags unknown" if not self.cpu_flags else "no AVX2")
-        cpu = f"{best}; ATen's CPU capability {self.cpu_capability}"
+        return f"{best}; ATen's CPU capability {self.cpu_capability}"
+
+    def describe(self) -> str:
+        """One sentence for captions and reports (the CPU as :attr:`cpu_words`)."""
+        cpu = self.cpu_words
         if self.faithful is None:
             return f"{self.engine.value} on this CPU ({cpu}): {self.problem}"
         how = "saturates" if self.saturates_pairs else "does not saturate"

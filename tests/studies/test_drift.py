@@ -247,7 +247,13 @@ def test_int8_report_follows_the_kernel_probe(monkeypatch):
     caption = drift.int8_caption(probe)
     assert f"the {other.faithful.value} pipeline" in caption
     assert ("does not saturate" in caption) is not other.saturates_pairs
-    assert probe.cpu_capability in caption
+    # the CPU by its best int8 instructions, ATen's capability as ATen's (under
+    # ATEN_CPU_CAPABILITY=avx2 an AMX CPU read "On this CPU (capability AVX2)")
+    assert f"On this CPU ({probe.cpu_words})" in caption
+    assert f"ATen's CPU capability {probe.cpu_capability}" in caption
+    amx = dataclasses.replace(other, cpu_flags=("avx2", "avx512f", "avx512_vnni", "amx_int8"),
+                  cpu_capability="AVX2")
+    assert "On this CPU (AMX; ATen's CPU capability AVX2)" in drift.int8_caption(amx)
 
 
 def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
