@@ -50,7 +50,7 @@ from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import jsonable, package_versions, sha256_file
 from qerror.interrupts import interrupts, sigint_counted
-from qerror.nn.int8 import kernel_probe
+from qerror.nn.int8 import Engine, kernel_probe
 from qerror.nn.models import CheckpointError
 from qerror.nn.training import DivergedError, TrainError
 from qerror.stats import holm
@@ -1023,8 +1023,11 @@ class RunDir:
             # some change a result's last bits, so a run says which it ran with
             "qerror_environment": {k: os.environ[k] for k in sorted(os.environ)
                                    if k.startswith("QERROR_")},
-            # Which INT8 kernel FBGEMM runs here decides which simulation is exact.
+            # Which INT8 kernel FBGEMM runs here decides which simulation is exact; oneDNN's
+            # (PT2E's compiled INT8, the x86 engine's convolutions) may differ under a cap
+            # such as ONEDNN_MAX_CPU_ISA=AVX2, which saturates oneDNN's pair sums alone.
             "cpu": kernel_probe(),
+            "cpu_onednn": kernel_probe(Engine.ONEDNN),
             "started_unix": self.started,
             "seconds": round(time.time() - self.started, 3),
             "outputs": outputs,

@@ -128,6 +128,11 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
         assert recorded["saturates_pairs"] == probe.saturates_pairs
         assert recorded["cpu_capability"] == probe.cpu_capability
         assert recorded["cpu_flags"] == list(probe.cpu_flags)
+    # oneDNN's kernels (PT2E's compiled INT8) are probed on their own: a cap such as
+    # ONEDNN_MAX_CPU_ISA=AVX2 saturates them alone
+    onednn = int8.kernel_probe(int8.Engine.ONEDNN)
+    assert manifest["cpu_onednn"]["engine"] == "onednn"
+    assert manifest["cpu_onednn"]["saturates_pairs"] == onednn.saturates_pairs
     assert manifest["model"]["model"] == "fashion-resnet18-untrained-smoke"
     assert manifest["data"]["test_images"] == 16
     assert not list(tmp_path.glob(".drift.partial*"))
