@@ -83,9 +83,14 @@ def _ways_to_get_it() -> str:
             "  - as root on Debian/Ubuntu: apt-get install dataset-fashion-mnist\n"
             f"  - put the four IDX files ({', '.join(_ALL_STEMS)}, .gz or not; from {_SOURCE}) "
             f"in a folder and pass --data-root FOLDER or set {ENV_VAR}=FOLDER\n"
-            "  - download them with torchvision: python -m studies.train --download (or "
-            "studies.dataset --download) downloads them into the cache every study reads, "
-            "and so does qerror.data.load_fashion_mnist(download=True)")
+            f"  - download them with torchvision into the cache every study reads: {FETCH}"
+            " (a study's --download does so too, before its own work: studies.train's then "
+            "trains the baseline)")
+
+
+#: A command that downloads Fashion-MNIST into :func:`cache_dir` and does nothing else.
+FETCH = ('python -c "from qerror.data import load_fashion_mnist as f; '
+         "f('train', download=True); f('test', download=True)\"")
 
 
 def read_idx(path: Path | str) -> np.ndarray:
