@@ -626,8 +626,13 @@ SEED_ALPHA = 0.05
 
 
 def _on_seeds(st, quantity, mode, bits):
+    """One statement's value per seed. A NaN is refused: compared with > it would read as
+    'does not hold', which leans a 'few' or 'undecided' decision (N3, nearest's growth in
+    N1) toward what the text says; a seed's NaN must be decided explicitly."""
     d = st[(st.quantity == quantity) & (st["mode"] == mode.value) & (st.bits == bits)]
-    return d.set_index("seed").value.sort_index()
+    v = d.set_index("seed").value.sort_index()
+    assert len(v) and not v.isna().any(), (quantity, mode, bits, v[v.isna()].index.tolist())
+    return v
 
 
 def _decide(holds):
