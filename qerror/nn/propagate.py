@@ -1030,6 +1030,12 @@ class SiteResult:
     such a channel's variance to a few digits, so this errs towards calling a live channel
     constant); such a channel is not live, and the per-channel figures relative to the float
     std leave it out.
+
+    The local figures (``local_drift``, ``local_mse``) are taken on the ``local_images``
+    that carry the local error (the first ``local_samples`` of the measured images), while
+    ``local_sqnr_db`` divides the float output's power over every measured image by
+    ``local_mse``: two estimates over nested sets of the same random images, each unbiased
+    for its expectation, the ratio consistent, and its noise mostly the local error's.
     """
 
     name: str
