@@ -1032,7 +1032,7 @@ class SiteResult:
     std leave it out.
 
     The local figures (``local_drift``, ``local_mse``) are taken on the ``local_images``
-    that carry the local error (the first ``local_samples`` of the measured images), while
+    that carry the local error (the first ``local_samples`` of each batch), while
     ``local_sqnr_db`` divides the float output's power over every measured image by
     ``local_mse``: two estimates over nested sets of the same random images, each unbiased
     for its expectation, the ratio consistent, and its noise mostly the local error's.
