@@ -158,11 +158,33 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     ------
     ValueError
         The calibration result has no input maps or names a layer the model has not;
-        ``source="bn"`` on a model ``torch.fx`` cannot trace.
+        activations quantized and the calibration measured with another activation spec,
+        or ``act_qparams`` (or ``weights``) missing a layer; ``source="bn"`` on a model
+        ``torch.fx`` cannot trace.
     """
     source = MeanSource.parse(source)
+    if config.activation is not None:
+        if calibration.config.activation != config.activation:
+            # the maps' sides of the grid's zero were counted about that quantizer's zero
+            raise ValueError(
+                f"the calibration result was measured with activations "
+                f"{calibration.config.activation}, not with the config's "
+                f"({config.activation}): its input maps count the "
+                "inputs above and below another quantizer's zero. Measure it with this "
+                "config's activation spec and the same act_qparams")
+        missing = [s.name for s in calibration.layers()
+                   if not isinstance(act_qparams, Mapping) or s.name not in act_qparams]
+        if missing:
+            raise ValueError(f"no activation qparams for layer {missing[0]!r}: activations are "
+                             "quantized, so pass the act_qparams the calibration was measured "
+                             "with (qerror.nn.propagate.calibrate_activations)")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
+    elif config.weight is not None:
+        missing = [s.name for s in calibration.layers() if s.name not in weights]
+        if missing:
+            raise ValueError(f"no quantized weight for layer {missing[0]!r}; use "
+                             "qerror.nn.propagate.quantize_weights on the same model")
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}
     modules = dict(model.named_modules())
     out = {}

@@ -607,3 +607,33 @@ def test_bn_reestimation_refuses_a_batchnorm_called_twice():
     with pytest.raises(UnsupportedModelError, match="'bn' is called more than once"):
         reestimate_bn(model, [x[:8], x[8:]], QuantConfig.make(8, target=Target.WEIGHTS))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_predicted_drift_refuses_missing_qparams_and_another_quantizers_maps(setup):
+    """Activations quantized with act_qparams left out gave "'NoneType' object is not
+    subscriptable" (a KeyError for a missing layer); a calibration measured with another
+    activation spec (weights only: the maps' sides counted about a zero at 0) flipped the
+    prediction's sign on a signed affine grid without a word."""
+    from qerror import QuantSpec
+
+    model, calib, _ = setup
+    spec = QuantSpec(bits=8, signed=True, symmetric=False, rounding=RoundingMode.TOWARD_ZERO)
+    cfg = QuantConfig(weight=None, activation=spec)
+    act_qp = calibrate_activations(model, calib, spec)
+    res = measure(model, calib, cfg, act_qp, input_maps=True)
+    for source in ("bn", "measured"):
+        for bad in (None, {k: v for k, v in act_qp.items() if k != "3.conv2"}):
+            with pytest.raises(ValueError, match="no activation qparams for layer"):
+                predicted_local_drift(model, cfg, res, bad, source=source)
+    other = measure(model, calib, QuantConfig.make(8, target=Target.WEIGHTS), input_maps=True)
+    with pytest.raises(ValueError, match="measured with activations None"):
+        predicted_local_drift(model, cfg, other, act_qp, source="measured")
+    both = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    act4 = calibrate_activations(model, calib, both.activation)
+    w = quantize_weights(model, both.weight)
+    res4 = measure(model, calib, both, act4, weights=w, input_maps=True)
+    with pytest.raises(ValueError, match="no quantized weight for layer '3.conv1'"):
+        predicted_local_drift(model, both, res4, act4,
+                              weights={k: v for k, v in w.items() if k != "3.conv1"})
+    assert predicted_local_drift(model, both, res4, act4, weights=w).keys() == \
+        {s.name for s in res4.layers()}
