@@ -201,8 +201,8 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     Raises
     ------
     ValueError
-        ``layer`` is not a conv/linear of the model, bad ``bits`` or ``roundings``,
-        unlabelled or no batches.
+        ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings`` or
+        ``alpha``, unlabelled or no batches.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """
@@ -212,6 +212,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     if isinstance(roundings, bool) or not isinstance(roundings, (int, np.integer)) \
             or roundings < 1:
         raise ValueError(f"roundings must be an integer >= 1, got {roundings!r}")
+    wilson_ci(0, 1, alpha)  # refuses a bad alpha now, not after every rounding has run
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):
         raise ValueError(f"{layer!r} is not a Conv2d or Linear layer of the model")

@@ -93,12 +93,20 @@ def test_middle_layer_and_model_untouched():
     ({"roundings": 0}, ValueError, "roundings must be"),
     ({"batches": [images(4, 1)]}, ValueError, "labelled batches"),
     ({"batches": []}, ValueError, "at least one batch"),
+    ({"alpha": 1.5}, ValueError, "alpha must be in"),
+    ({"alpha": "0.05"}, TypeError, "alpha must be a number"),
 ])
 def test_bad_input(kw, err, match):
+    """Refused before any forward pass (a bad alpha was refused only after every rounding
+    had run: 53 forward passes for 50 roundings)."""
     args = {"layer": "0", "batches": [(images(4, 1), torch.zeros(4, dtype=torch.long))],
             "bits": 4, "roundings": 3, **kw}
+    model = tiny_resnet()
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(err, match=match):
-        updown_experiment(tiny_resnet(), args.pop("layer"), args.pop("batches"), **args)
+        updown_experiment(model, args.pop("layer"), args.pop("batches"), **args)
+    assert not calls
 
 
 def test_refused_model():
