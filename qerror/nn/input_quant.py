@@ -34,10 +34,22 @@ class InputQuantizer(nn.Module):
     Notes
     -----
     Input and output: float tensors of any shape; the output holds ``s·(q − z)``.
+
+    Raises
+    ------
+    ValueError
+        A random rounding (STOCHASTIC): the quantizer holds no seed, so it would draw other
+        codes on every call; quantize stochastically offline (:func:`quantize_offline` with
+        a seed) instead.
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams):
         super().__init__()
+        if spec.rounding.is_random:
+            raise ValueError(f"an input quantizer rounds deterministically; {spec.rounding.value} "
+                             "rounding needs a seed per call. Make stochastic codes offline "
+                             "with quantize_offline(x, spec, qparams, seed=...) and feed them "
+                             "through on_codes")
         self.spec, self.qparams = spec, qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

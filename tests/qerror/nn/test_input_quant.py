@@ -157,3 +157,14 @@ def test_offline_codes_feed_a_model_of_another_dtype_the_same_input(dtype):
         with torch.inference_mode():
             assert torch.equal(with_input_quantizer(net, spec, qp)(x),
                                on_codes(net, spec, qp, dtype=dtype)(codes))
+
+
+def test_a_stochastic_input_quantizer_is_refused_where_it_is_made():
+    """It was accepted, and its first forward failed with "STOCHASTIC rounding needs
+    generator=: pass an integer seed ...", an argument the InputQuantizer does not take."""
+    spec = SPEC.replace(rounding=RoundingMode.STOCHASTIC)
+    qp = calibrate(images(8, 4), SPEC)
+    for make in (lambda: InputQuantizer(spec, qp),
+                 lambda: with_input_quantizer(small_net(), spec, qp)):
+        with pytest.raises(ValueError, match="quantize_offline"):
+            make()
