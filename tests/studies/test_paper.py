@@ -531,3 +531,18 @@ def test_the_paper_has_no_hand_typed_number():
     assert sources, "paper/*.tex not found"
     for path in sources:
         assert build.hand_typed_numbers(path.read_text(encoding="utf-8")) == [], path.name
+
+
+def test_the_papers_predicted_drift_carries_the_quantized_weights():
+    """E[Δy] = ΔW·E[x] + Ŵ·E[e_x] exactly (qerror.nn.correction, which computes it so); the
+    section on predicted drift wrote W·E[e_x], the float weights, which at 3 bits moves the
+    first layer's prediction from the measured +0.075 to +0.111
+    (/work/runs/s39/review-nn-misc/probe_paper_what.py)."""
+    import re
+
+    from qerror.nn import correction
+
+    assert "Ŵ · E[e_x]" in correction.__doc__
+    text = (REPO / "paper" / "main.tex").read_text()
+    terms = re.findall(r"(\\hat W|[^\s$]*)\\,E\[e_x\]", text)
+    assert terms and all(t == r"\hat W" for t in terms), terms
