@@ -387,7 +387,13 @@ def test_relu_of_a_normal_mean_and_probability_against_quadrature():
 
 
 def test_a_dead_channel_gives_a_finite_analytic_correction(setup):
-    model, calib, _ = setup
+    """On a copy: the fixture's model is shared by the module's later tests (it was made dead
+    in place, so that their network depended on whether this test ran first)."""
+    import copy
+
+    shared, calib, _ = setup
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    model = copy.deepcopy(shared)
     with torch.no_grad():  # channel 0 of the BatchNorm that feeds 3.conv2 made dead: γ = β = 0
         model[3].bn1.weight[0] = 0.0
         model[3].bn1.bias[0] = 0.0
@@ -397,6 +403,7 @@ def test_a_dead_channel_gives_a_finite_analytic_correction(setup):
     res = measure(model, calib, cfg, act_qp, weights=w, input_maps=True)
     corr = analytic_bias_correction(model, cfg, res, act_qp, weights=w, source=MeanSource.BN)
     assert all(torch.isfinite(c).all() for c in corr.values())
+    assert all(torch.equal(v, before[k]) for k, v in shared.state_dict().items())
 
 
 def test_corrections_must_name_layers_with_one_value_per_output(setup):
