@@ -84,8 +84,9 @@ def _ways_to_get_it() -> str:
             f"  - put the four IDX files ({', '.join(_ALL_STEMS)}, .gz or not; from {_SOURCE}) "
             f"in a folder and pass --data-root FOLDER or set {ENV_VAR}=FOLDER\n"
             f"  - download them with torchvision into the cache every study reads: {FETCH}"
-            " (a study's --download does so too, before its own work: studies.train's then "
-            "trains the baseline)")
+            " (the --download of studies.train and of studies.dataset does so too, before "
+            "the study's own work: studies.train's then trains the baseline, studies.dataset's "
+            "trains it first where it is not cached)")
 
 
 #: A command that downloads Fashion-MNIST into :func:`cache_dir` and does nothing else.

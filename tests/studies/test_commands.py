@@ -152,3 +152,20 @@ def test_every_study_answers_help(study):
     """The README: `python -m studies.<name> --help` for each study."""
     assert f"usage: python -m studies.{study}" in study_help(study)
 
+
+def test_the_missing_data_message_names_the_studies_whose_download_fetches_it(monkeypatch,
+                                                                             tmp_path):
+    """Fashion-MNIST not found: the message said "a study's --download does so too", but
+    only studies.train's and studies.dataset's fetch it; drift's (the main job's) is for
+    ImageNet weights and is refused without --data, and the other studies have none."""
+    from qerror import data
+
+    message = data._ways_to_get_it()
+    said = message[message.index(data.FETCH) + len(data.FETCH):]
+    named = set(re.findall(r"studies\.([a-z_]+)", said))
+    fetching = {study for study in STUDIES
+                if re.search(r"--download\s+download Fashion-MNIST", study_help(study))}
+    assert named == fetching == {"train", "dataset"}
+    for study in sorted(named):
+        assert run_until_work(study, ["--download"], monkeypatch, tmp_path) == ""
+    assert "--download allows" in run_until_work("drift", ["--download"], monkeypatch, tmp_path)
