@@ -169,3 +169,34 @@ def test_the_missing_data_message_names_the_studies_whose_download_fetches_it(mo
     for study in sorted(named):
         assert run_until_work(study, ["--download"], monkeypatch, tmp_path) == ""
     assert "--download allows" in run_until_work("drift", ["--download"], monkeypatch, tmp_path)
+
+
+def _readme_pieces() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return [" ".join(p.split()) for p in
+            [line for block in _FENCE.findall(text) for line in block.splitlines()]
+            + _SPAN.findall(_FENCE.sub("", text))]
+
+
+def test_the_make_targets_paths_and_tests_the_readme_names_exist():
+    """`make X`, a path in the repository (a build output: git-ignored) and a test named
+    in the README are there to run or read."""
+    import subprocess
+
+    pieces = _readme_pieces()
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    named = {m.group(1) for p in pieces if (m := re.match(r"make ([\w-]+)", p))}
+    assert {"run", "test", "paper", "bench"} <= named and named - targets == set()
+    paths = {m.group(1) for p in pieces for m in re.finditer(
+        r"(?<![\w./-])((?:qerror|studies|tests|paper|scripts|\.ci)/[\w./-]*)", p)}
+    missing = [p for p in sorted(paths) if not (REPO / p).exists()
+               and subprocess.run(["git", "check-ignore", "-q", p], cwd=REPO).returncode != 0]
+    assert len(paths) > 20 and missing == []
+    tests = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("test_*.py"))
+    names = {m for p in pieces for m in re.findall(r"^test_\w+$|(?<=::)test_\w+", p)}
+    assert names and [n for n in sorted(names) if f"def {n}(" not in tests] == []
+    # the Makefile's own test paths (test-avx2's KERNEL_TESTS)
+    for path, _, name in re.findall(r"(tests/[\w/]+\.py)(::)?(\w*)", makefile):
+        assert (REPO / path).is_file() and f"def {name}(" in (REPO / path).read_text() \
+            if name else (REPO / path).is_file(), path
