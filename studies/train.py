@@ -580,7 +580,7 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
         if download:
             argv.append("--download")
         argv += list(train_args)
-        command = f"python -m studies.train {' '.join(argv)}"
+        command = shlex.join(["python", "-m", "studies.train", *argv])
         print(f"[qerror] no {arch.value}/{stem.value} baseline at {path}; training it with "
               f"`{command}`", flush=True)
         code = main(argv)

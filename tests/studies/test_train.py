@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -301,6 +302,24 @@ def test_a_baseline_stopped_by_a_limit_is_continued_by_a_command_without_it(monk
     assert message.endswith(" --force --smoke --no-progress --seed 3")
     assert "--stop-after" not in message.split(": ", 2)[-1] and "--time-b" not in \
         message.split(": ", 2)[-1]
+
+
+@pytest.mark.parametrize("code", [train.EXIT_INTERRUPTED, 2, train.EXIT_INCOMPLETE])
+def test_the_command_to_train_again_works_as_written_with_a_space_in_a_path(
+        code, tmp_path, monkeypatch, capsys):
+    """The interrupted and the failed baseline training said 'run the same command' with the
+    arguments joined by spaces: a cache (or --data-root) path with a space in it became two
+    words of the shell's, and the command named another checkpoint."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "My Cache"))
+    given = []
+    monkeypatch.setattr(train, "main", lambda argv: given.append(argv) or code)
+    with pytest.raises((KeyboardInterrupt, models.CheckpointError)) as info:
+        train.get_or_train_baseline("resnet18", train_if_missing=True,
+                                    data_root=tmp_path / "fashion mnist")
+    said = capsys.readouterr().err + str(info.value)
+    command = said.rstrip().rsplit(": ", 1)[-1]
+    assert shlex.split(command) == ["python", "-m", "studies.train", *given[0]]
+    assert str(tmp_path / "My Cache") in given[0][given[0].index("--checkpoint") + 1]
 
 
 # --------------------------------------------------------------------------- bad inputs
