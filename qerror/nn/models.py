@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -803,7 +804,7 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
         return CheckpointError(
             f"refusing checkpoint {path}: {reason}\nIt cannot be used as it is. Delete it and "
             f"{sidecar_path(path).name}, then retrain with "
-            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` "
+            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {shlex.quote(str(path))}` "
             "(or without --checkpoint for the default cache path).")
 
     if path.is_dir():
@@ -812,8 +813,9 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}. Train one there with "
-            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {path}` (a study that "
-            "needs the default baseline offers to train it into the cache first).")
+            f"`{retrain_command(arch_hint, stem_hint)} --checkpoint {shlex.quote(str(path))}` "
+            "(a study that needs the default baseline offers to train it into the cache "
+            "first).")
     side = sidecar_path(path)
     if not side.is_file():
         # Perhaps a user's own model file: never advise deleting it.

@@ -1,6 +1,8 @@
 """Models: the Fashion-MNIST ResNets, ImageNet weights from a local file, the checkpoint cache."""
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -531,3 +533,21 @@ def test_forward_layout_follows_qerror_layout_for_deterministic_passes(monkeypat
     monkeypatch.setenv(models.LAYOUT_ENV, "nhwc")
     with pytest.raises(ValueError, match="QERROR_LAYOUT='nhwc': expected one of"):
         models.forward_layout()
+
+
+def test_the_command_a_refusal_gives_names_the_checkpoint_with_a_space_in_its_path(tmp_path):
+    """A missing or damaged checkpoint is answered with `python -m studies.train ...
+    --checkpoint PATH` to run; the path went in unquoted, and with a space in it the command
+    named another file."""
+    folder = tmp_path / "My Models"
+    folder.mkdir()
+    damaged = folder / "damaged.pt"
+    models.save_checkpoint(models.fashion_resnet("resnet18"), damaged, arch="resnet18",
+                           stem="imagenet", config={}, metrics={})
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    for path in (folder / "missing.pt", damaged):
+        with pytest.raises(models.CheckpointError) as info:
+            models.load_checkpoint(path, expected_arch="resnet18")
+        argv = shlex.split(re.search(r"`(python -m studies\.train[^`]*)`",
+                                     str(info.value)).group(1))
+        assert argv[argv.index("--checkpoint") + 1] == str(path)
