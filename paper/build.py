@@ -57,6 +57,8 @@ PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
 GENERATED = PAPER / "generated"
 MAIN = "main.tex"
+#: Where a PDF that LaTeX wrote in a build that failed its checks goes (never main.pdf).
+FAILED_PDF = "main.failed.pdf"
 
 # The studies the paper reads, in the order they run, and the command that makes each one's
 # default output folder (runs/<study>) for the error message of a missing one.
@@ -754,6 +756,11 @@ def check_log(text: str) -> LogReport:
 def compile_pdf(paper: Path = PAPER) -> LogReport:
     """Run latexmk on ``main.tex`` and check its log.
 
+    ``main.pdf`` is there afterwards only when this build passed: the previous one is removed
+    first (it is of the generated parts just replaced), and a PDF that LaTeX wrote in a
+    failed or interrupted build is moved to ``main.failed.pdf`` for a look, never left where
+    the paper is read.
+
     Raises
     ------
     BuildError
@@ -764,17 +771,27 @@ def compile_pdf(paper: Path = PAPER) -> LogReport:
         raise BuildError("latexmk is not installed; on Debian/Ubuntu: apt-get install -y "
                          "--no-install-recommends latexmk texlive-latex-recommended "
                          "texlive-latex-extra texlive-fonts-recommended texlive-science lmodern")
+    pdf, failed = paper / "main.pdf", paper / FAILED_PDF
+    failed.unlink(missing_ok=True)
+    pdf.unlink(missing_ok=True)
     env = dict(os.environ, max_print_line="100000", error_line="254", half_error_line="238")
-    done = subprocess.run([latexmk, "-pdf", "-g", "-interaction=nonstopmode", "-halt-on-error",
-                           MAIN], cwd=paper, env=env, capture_output=True, text=True)
-    log = paper / "main.log"
-    report = check_log(log.read_text(encoding="utf-8", errors="replace")) if log.exists() \
-        else LogReport(["no main.log was written"], [])
-    if done.returncode != 0 or report.problems:
-        tail = "\n".join(done.stdout.splitlines()[-15:])
-        raise BuildError("LaTeX failed:\n  " + "\n  ".join(
-            report.problems or [f"latexmk exited with {done.returncode}"])
-            + f"\n(see {log}; latexmk's last lines:)\n{tail}")
+    try:
+        done = subprocess.run([latexmk, "-pdf", "-g", "-interaction=nonstopmode",
+                               "-halt-on-error", MAIN], cwd=paper, env=env, capture_output=True,
+                              text=True)
+        log = paper / "main.log"
+        report = check_log(log.read_text(encoding="utf-8", errors="replace")) if log.exists() \
+            else LogReport(["no main.log was written"], [])
+        if done.returncode != 0 or report.problems:
+            tail = "\n".join(done.stdout.splitlines()[-15:])
+            kept = (f"; the PDF it wrote is {failed}, not main.pdf" if pdf.exists() else "")
+            raise BuildError("LaTeX failed:\n  " + "\n  ".join(
+                report.problems or [f"latexmk exited with {done.returncode}"])
+                + f"\n(see {log}{kept}; latexmk's last lines:)\n{tail}")
+    except BaseException:
+        if pdf.exists():
+            pdf.rename(failed)
+        raise
     return report
 
 
@@ -848,6 +865,10 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as err:
         print(f"[paper] error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"[paper] interrupted: no {PAPER / 'main.pdf'} was written; run the build again",
+              file=sys.stderr)
+        return 130
     for note in report.notes:
         print(f"[paper] note: {note}")
     print(f"[paper] written to {PAPER / 'main.pdf'}")

@@ -441,6 +441,61 @@ def test_missing_latexmk_is_a_clear_error(monkeypatch):
         build.compile_pdf()
 
 
+FAILED_PDF = "main.failed.pdf"  # where a failed build's PDF goes
+
+
+def _fake_latexmk(monkeypatch, log: str, returncode: int = 0, writes_pdf: bool = True):
+    """latexmk as found on PATH, replaced by one that writes ``log`` (and a PDF)."""
+    def run(argv, cwd, **kwargs):
+        if writes_pdf:
+            (Path(cwd) / "main.pdf").write_bytes(b"%PDF-1.5 this build's\n")
+        (Path(cwd) / "main.log").write_text(log)
+        return subprocess.CompletedProcess(argv, returncode, stdout="", stderr="")
+
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/latexmk")
+    monkeypatch.setattr(build.subprocess, "run", run)
+
+
+@pytest.mark.parametrize("log, returncode, writes_pdf", [
+    ("LaTeX Warning: Reference `fig:x' on page 3 undefined on input line 9.\n", 0, True),
+    ("! LaTeX Error: File `generated/x.tex' not found.\n", 12, False),
+])
+def test_a_failed_compile_leaves_no_main_pdf(tmp_path, monkeypatch, log, returncode,
+                                            writes_pdf):
+    # the previous build's PDF is of the generated parts this build replaced: neither it nor
+    # a PDF with undefined references may be left where the paper is read
+    (tmp_path / "main.pdf").write_bytes(b"%PDF-1.5 the previous build's\n")
+    _fake_latexmk(monkeypatch, log, returncode, writes_pdf)
+    with pytest.raises(build.BuildError) as err:
+        build.compile_pdf(tmp_path)
+    assert not (tmp_path / "main.pdf").exists()
+    assert (tmp_path / FAILED_PDF).exists() == writes_pdf
+    assert (FAILED_PDF in str(err.value)) == writes_pdf
+
+
+def test_a_passing_compile_writes_main_pdf_and_drops_a_failed_ones(tmp_path, monkeypatch):
+    (tmp_path / FAILED_PDF).write_bytes(b"%PDF-1.5 an earlier failure\n")
+    _fake_latexmk(monkeypatch, "Output written on main.pdf (1 page, 1 bytes).\n")
+    build.compile_pdf(tmp_path)
+    assert (tmp_path / "main.pdf").read_bytes() == b"%PDF-1.5 this build's\n"
+    assert not (tmp_path / FAILED_PDF).exists()
+
+
+def test_an_interrupted_build_says_so_and_leaves_no_main_pdf(tmp_path, monkeypatch, capsys):
+    def interrupted(argv, cwd, **kwargs):
+        (Path(cwd) / "main.pdf").write_bytes(b"%PDF-1.5 cut short")
+        raise KeyboardInterrupt
+
+    compile_pdf = build.compile_pdf
+    monkeypatch.setattr(build, "compile_pdf", lambda: compile_pdf(tmp_path))
+    monkeypatch.setattr(build, "write_generated", lambda *a, **k: {})
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/latexmk")
+    monkeypatch.setattr(build.subprocess, "run", interrupted)
+    assert build.main([]) == 130
+    assert "interrupted: no " in capsys.readouterr().err
+    assert not (tmp_path / "main.pdf").exists() and (tmp_path / FAILED_PDF).exists()
+
+
 # --------------------------------------------------------------------------- hand-typed numbers
 
 
