@@ -616,10 +616,17 @@ def _load_baseline(path: Path | None):
     if has_checkpoint_sidecar(path):  # a qerror checkpoint: verified, or refused
         ckpt = load_checkpoint(path)  # a CheckpointError is study_main's refusal
         return ckpt.model.state_dict(), ckpt.model, {"path": str(path), "info": ckpt.info}
+    expected = ("; pass a qerror checkpoint (python -m studies.train --checkpoint FILE) or a "
+                "state dict saved by torch.save(model.state_dict(), FILE)")
+    if path.stat().st_size == 0:
+        raise StudyError(f"--checkpoint {path}: the file is empty{expected}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or foreign file: say so, do not half-read it
-        raise StudyError(f"--checkpoint {path}: not a readable torch file ({err})") from err
+        # torch's own words can be bare internals (a KeyError's '101' for a text file)
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise StudyError(f"--checkpoint {path}: not a readable torch file ({detail})"
+                         f"{expected}") from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StudyError(f"--checkpoint {path}: expected a qerror checkpoint or a state dict")

@@ -162,6 +162,24 @@ def test_an_unusable_state_dict_is_refused_before_the_sweep(state, message, tmp_
         ["state.pt"]
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", r"the file is empty; pass a qerror checkpoint"),
+    (b"hello, not a checkpoint\n", r"not a readable torch file \(KeyError: .*\); pass a qerror "
+     r"checkpoint \(python -m studies\.train --checkpoint FILE\) or a state dict saved by "
+     r"torch\.save"),
+])
+def test_an_unreadable_checkpoint_says_what_to_pass(content, message, tmp_path, capsys):
+    """A --checkpoint that is empty or not a torch file is refused with what to pass instead
+    (it said 'not a readable torch file (101)' and '... ()', torch's bare internals)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    out = tmp_path / "r"
+    assert rounding.main(["--smoke", "--checkpoint", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not out.exists() and path.read_bytes() == content
+
+
 def test_a_bare_state_dict_is_named_by_its_hash_in_the_manifest(tmp_path):
     """A --checkpoint that is a plain state dict (no qerror sidecar; an unrelated JSON file
     beside it does not make it one) is read as one, and the manifest records its sha256,
