@@ -808,8 +808,9 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             "(or without --checkpoint for the default cache path).")
 
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; --checkpoint names a checkpoint file "
-                              f"(e.g. {path / 'baseline.pt'})")
+        # no option named: the callers' options differ (drift's is --weights)
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; name a checkpoint "
+                              f"file (e.g. {path / 'baseline.pt'})")
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}. Train one there with "

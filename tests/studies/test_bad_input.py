@@ -110,6 +110,9 @@ STUDY_CASES = {
          r"missing/model\.pt"),
         ("weights-not-a-checkpoint", ["--weights", "{user}/thesis.tex"], REFUSED,
          r"thesis\.tex"),
+        # the message named --checkpoint, an option drift does not have
+        ("weights-a-folder", ["--weights", "{user}"], REFUSED,
+         r"user is a folder, not a checkpoint file(?!.*--checkpoint)"),
         ("labels-without-data", ["--labels", "{user}/thesis.tex"], ARGPARSE,
          r"--labels: labels an ImageNet folder, so it needs --data"),
         ("unknown-device", ["--device", "tpu"], ARGPARSE,

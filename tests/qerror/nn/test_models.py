@@ -490,8 +490,8 @@ def test_memory_format_switches_the_layout_and_restores_each_tensor():
 def test_a_folder_given_as_a_checkpoint_is_named_a_folder(tmp_path):
     """The advice for a missing file ("train one there with --checkpoint FOLDER") is
     refused by the training study when the path is a folder."""
-    with pytest.raises(models.CheckpointError, match="is a folder; --checkpoint names a "
-                                                     "checkpoint file") as caught:
+    with pytest.raises(models.CheckpointError, match="is a folder, not a checkpoint file; "
+                                                     "name a checkpoint file") as caught:
         models.load_checkpoint(tmp_path)
     assert not isinstance(caught.value, CheckpointNotFoundError)
 
