@@ -952,15 +952,18 @@ def early_exit_latency(lat: pd.DataFrame | None, row: dict) -> list[dict]:
 
 
 def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
-                        test_images: int, smoke: bool, test_sha256: str | None = None
-                        ) -> str | None:
+                        test_images: int, smoke: bool, test_sha256: str | None = None, *,
+                        only_run: bool = False) -> str | None:
     """Why the early-exit run in ``folder`` cannot be a point of this run (None: it can):
     another network, smoke preset, number of test images or test images (``test_sha256``,
-    this run's, against the one the early-exit run's manifest records)."""
+    this run's, against the one the early-exit run's manifest records). ``only_run``: the
+    checks that need neither the model nor the data (no run, another preset) alone."""
     if run is None:
         return f"no finished studies.early_exit run in {folder}"
     if run.smoke != smoke:
         return f"the early_exit run in {folder} is {'' if run.smoke else 'not '}a smoke run"
+    if only_run:
+        return None
     theirs = run.manifest.get("model", {})
     # A trained network is its checkpoint's bytes (the studies name it differently); an
     # untrained smoke network is its architecture and seed.
@@ -977,6 +980,11 @@ def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
         return (f"the early_exit run in {folder} measured other test images (sha256 "
                 f"{theirs_test}; this run's: {test_sha256})")
     return None
+
+
+def _refuse_named_early_exit_run(folder: Path, why: str) -> None:
+    raise StudyError(f"--early-exit-run {folder}: {why}; pass a finished studies.early_exit "
+                     "run on this baseline and test split, or leave the option out")
 
 
 def _load_model(args):
@@ -1156,6 +1164,15 @@ def _main(argv: list[str]) -> int:
     args.device = str(device)
     find_fashion_mnist(args.data_root)  # data before the model: a missing baseline trains
 
+    if "resnet" in parts and args.early_exit_run is not None:
+        # a named folder that holds no run of the right kind is refused before the model,
+        # which a missing baseline trains first (most of an hour); what needs the model
+        # (its network, test images) is checked below
+        named = early_exit_run(args.early_exit_run)
+        why = early_exit_mismatch(named, args.early_exit_run, {}, 0, smoke, only_run=True)
+        if why is not None:
+            _refuse_named_early_exit_run(args.early_exit_run, why)
+
     started = time.perf_counter()
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
     if model is not None:  # a sparsity that would prune every weight, refused before the work
@@ -1198,9 +1215,7 @@ def _main(argv: list[str]) -> int:
             ee_net = ee_run.network(copy.deepcopy(model))
             ee_latency = ee_run.latency()  # checked against its manifest now, not at the end
         elif args.early_exit_run is not None:  # named by the user: a typo is not a choice
-            raise StudyError(f"--early-exit-run {ee_folder}: {ee_why}; pass a finished "
-                             "studies.early_exit run on this baseline and test split, or "
-                             "leave the option out")
+            _refuse_named_early_exit_run(ee_folder, ee_why)
         else:
             print(f"[compression] the INT8 early-exit model is not a point: {ee_why}")
     plt = figure_style()

@@ -210,6 +210,36 @@ def test_options_that_would_change_nothing_or_name_the_same_rows_are_refused(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("what", ["a-text-file", "a-smoke-run-for-a-full-run"])
+def test_a_named_early_exit_run_that_is_none_is_refused_before_the_baseline(
+        what, fashion_idx, tmp_path, monkeypatch, capsys):
+    """--early-exit-run naming no early-exit run (a typo, a file) or a smoke run for a full
+    run was refused only after the model was loaded: a missing cached baseline is trained
+    first, most of an hour, and left in the cache."""
+    root = fashion_idx(train=6100, test=100)
+    if what == "a-text-file":
+        named = tmp_path / "notes.txt"
+        named.write_text("not a run\n")
+        message = f"--early-exit-run {named}: no finished studies.early_exit run"
+    else:
+        named = tmp_path / "ee"
+        named.mkdir()
+        (named / "summary.json").write_text(json.dumps({"smoke": True}))
+        (named / "exit_model.pt").write_bytes(b"x")
+        monkeypatch.setattr(compression, "early_exit_run", lambda folder: (
+            compression.EarlyExitRun(named, {}, {"smoke": True}, None, {})))
+        message = f"--early-exit-run {named}: the early_exit run in {named} is a smoke run"
+    def load_model(args):
+        raise AssertionError("the baseline was loaded (trained, were it missing) first")
+
+    monkeypatch.setattr(compression, "_load_model", load_model)
+    out = tmp_path / "c"
+    assert compression.main(["--parts", "resnet", "--data-root", str(root), "--early-exit-run",
+                             str(named), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
