@@ -100,7 +100,7 @@ from qerror.nn.early_exit import (
     selection_order,
     threshold_sweep,
 )
-from qerror.nn.models import DEFAULT_STEM, Arch, Stem
+from qerror.nn.models import DEFAULT_STEM, Arch, Stem, fashion_resnet
 from qerror.nn.training import (
     Device,
     Schedule,
@@ -224,7 +224,7 @@ def load_data(data_root, train_images: int, val_images: int, calib_images: int,
 def load_backbone(args, data_root):
     """(model, identity): the checkpoint given, the cached baseline (trained first if
     missing), or for ``--smoke`` without ``--checkpoint`` an untrained ResNet."""
-    from qerror.nn.models import FASHION_CLASSES, fashion_resnet, load_checkpoint
+    from qerror.nn.models import FASHION_CLASSES, load_checkpoint
     from studies.train import get_or_train_baseline
 
     if args.checkpoint is not None:
@@ -672,6 +672,9 @@ def _main(argv: list[str]) -> int:
     check_out(args.out, "early_exit", force=args.force)
     device = resolve_device(args.device)  # a GPU asked for and missing: refused here
     find_fashion_mnist(args.data_root)  # the data before the model, which may mean training
+    # --exit-points checked on an untrained network of --arch/--stem (a second): the baseline
+    # may be trained first, most of an hour
+    build_exit_model(fashion_resnet(args.arch, args.stem), exit_points, args.seed)
 
     started = time.perf_counter()
     backbone, model_id = load_backbone(args, args.data_root)

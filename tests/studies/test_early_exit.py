@@ -460,3 +460,18 @@ def test_each_operating_point_of_the_sweeps_figure_has_its_systems_colour():
                 assert to_hex(line.get_color()) == curves[owner], system
     finally:
         plt.close(fig)
+
+
+def test_an_unknown_exit_point_is_refused_before_the_baseline(fashion_root, tmp_path,
+                                                              monkeypatch, capsys):
+    """--exit-points naming no block was refused only once the backbone was loaded: with no
+    cached baseline, after training ResNet50 (most of an hour) into the cache."""
+    def load_backbone(args, data_root):
+        raise AssertionError("the baseline was loaded (trained, were it missing) first")
+
+    monkeypatch.setattr(early_exit, "load_backbone", load_backbone)
+    out = tmp_path / "ee"
+    assert early_exit.main(["--exit-points", "layer9", "--data-root", str(fashion_root),
+                            "--out", str(out)]) == 2
+    assert "--exit-points: exit point 'layer9' is not a block" in capsys.readouterr().err
+    assert not out.exists()
