@@ -70,6 +70,24 @@ def test_bn_reestimation_matches_float_statistics_at_high_precision_and_spares_t
         np.testing.assert_allclose(stats[name][1], var, rtol=1e-3, atol=1e-4)
 
 
+def _per_batch_average(model, batches, cfg, act_qp, w):
+    """The BatchNorm re-estimation reestimate_bn replaced: one pass in training mode over
+    ``batches`` on a copy, the running statistics a cumulative average of per-batch ones."""
+    import copy
+
+    old = copy.deepcopy(model)
+    for m in old.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad(), quantized_forward(old, cfg, act_qp, weights=w):
+        old.train()
+        for xb in batches:
+            old(xb)
+    return {n: (m.running_mean, m.running_var) for n, m in old.named_modules()
+            if isinstance(m, nn.BatchNorm2d)}
+
+
 def test_bn_reestimation_is_the_whole_sets_statistics_in_batches_of_any_size(setup):
     """Batches of 5, 7 and 20 images: a BatchNorm with at most one BatchNorm before it gets
     exactly the sequential estimate (the mean and unbiased variance of its input over all
@@ -91,19 +109,7 @@ def test_bn_reestimation_is_the_whole_sets_statistics_in_batches_of_any_size(set
         torch.testing.assert_close(got[name][0], seq[name][0], rtol=RTOL64, atol=1e-12)
         torch.testing.assert_close(got[name][1], seq[name][1], rtol=RTOL64, atol=0)
     # the procedure it replaced: one pass in training mode, a cumulative average of batches
-    import copy
-
-    old = copy.deepcopy(model)
-    for m in old.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad(), quantized_forward(old, cfg, act_qp, weights=w):
-        old.train()
-        for xb in ragged:
-            old(xb)
-    old_stats = {n: (m.running_mean, m.running_var) for n, m in old.named_modules()
-                 if isinstance(m, nn.BatchNorm2d)}
+    old_stats = _per_batch_average(model, ragged, cfg, act_qp, w)
 
     def worst(stats):  # the largest miss of the deeper BatchNorms, in std and in log-variance
         return max(max(float(((stats[n][0] - mean).abs() / var.sqrt()).max()),
@@ -652,7 +658,6 @@ def test_the_measured_misses_reestimate_bn_states_hold(setup):
     replaced, in % of a standard deviation in a mean and relative in a variance: rerun
     here, each to the stated digit. It said the replaced average was off by 3.1 % and 6.9 %
     with batches of 4, where it is 3.0 % and 6.4 % (2.1 % and 6.9 % are batches of 2's)."""
-    import copy
     import re
 
     from qerror.nn import correction
@@ -662,19 +667,6 @@ def test_the_measured_misses_reestimate_bn_states_hold(setup):
     cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
     act_qp = calibrate_activations(model, calib, cfg.activation)
     w = quantize_weights(model, cfg.weight)
-
-    def per_batch_average(batches):
-        old = copy.deepcopy(model)
-        for m in old.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        with torch.no_grad(), quantized_forward(old, cfg, act_qp, weights=w):
-            old.train()
-            for xb in batches:
-                old(xb)
-        return {n: (m.running_mean, m.running_var) for n, m in old.named_modules()
-                if isinstance(m, nn.BatchNorm2d)}
 
     def misses(got, seq):
         mean = max(float(((got[n][0] - m).abs() / v.sqrt()).max()) for n, (m, v) in seq.items())
@@ -689,8 +681,8 @@ def test_the_measured_misses_reestimate_bn_states_hold(setup):
     assert re.search(r"at most 2\.0 % of a standard deviation in a mean and 1\.6 % in a "
                      r"variance with batches of 5, 7 and 20", doc)
     new_2 = misses(reestimate_bn(model, pairs, cfg, act_qp, weights=w), seq["2"])
-    old_r = misses(per_batch_average(ragged), seq["r"])
-    old_2 = misses(per_batch_average(pairs), seq["2"])
+    old_r = misses(_per_batch_average(model, ragged, cfg, act_qp, w), seq["r"])
+    old_2 = misses(_per_batch_average(model, pairs, cfg, act_qp, w), seq["2"])
     assert f"{new_2} with batches of 2 (the per-batch" in doc
     assert f"off by up to {old_r} with batches of 5, 7 and 20, {old_2} with batches of 2)" \
         in doc
