@@ -407,8 +407,9 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
     manifest = previous_run(final)
     if manifest is None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        held = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
         raise StudyError(
-            f"--out {final} is a folder that holds {len(entries)} entries ({shown}) and is "
+            f"--out {final} is a folder that holds {held} ({shown}) and is "
             f"not a run of a study (it has no study's {MANIFEST}); it is never replaced, with "
             f"--force neither. Pass a new or empty folder, e.g. {elsewhere}")
     if manifest.get("study") != study:

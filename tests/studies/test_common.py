@@ -836,3 +836,17 @@ def test_a_previous_run_left_aside_by_a_killed_publish_is_put_back_not_removed(t
     old.mkdir()
     (old / _common.STAGING_MARK).write_text("")
     assert _common.clean_stale_partials(final) == [old] and not old.exists()
+
+
+def test_a_folder_of_one_entry_is_named_in_the_singular(tmp_path):
+    """'--out ... holds 1 entries' (the safety review's note): the count takes its noun's
+    number."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "thesis.tex").write_text("mine")
+    with pytest.raises(_common.StudyError, match=r"holds 1 entry \(thesis\.tex\) and is not"):
+        _common.check_out(one, "demo", force=False)
+    (one / "notes.txt").write_text("mine")
+    with pytest.raises(_common.StudyError, match=r"holds 2 entries \(notes\.txt, thesis\.tex\)"):
+        _common.check_out(one, "demo", force=False)
+    assert (one / "thesis.tex").read_text() == "mine"
