@@ -58,6 +58,7 @@ from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
     QuantizedWeights,
+    check_layer_params,
     local_error_means,
     quantize_weights,
     quantized_forward,
@@ -172,19 +173,9 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                 f"({config.activation}): its input maps count the "
                 "inputs above and below another quantizer's zero. Measure it with this "
                 "config's activation spec and the same act_qparams")
-        missing = [s.name for s in calibration.layers()
-                   if not isinstance(act_qparams, Mapping) or s.name not in act_qparams]
-        if missing:
-            raise ValueError(f"no activation qparams for layer {missing[0]!r}: activations are "
-                             "quantized, so pass the act_qparams the calibration was measured "
-                             "with (qerror.nn.propagate.calibrate_activations)")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
-    elif config.weight is not None:
-        missing = [s.name for s in calibration.layers() if s.name not in weights]
-        if missing:
-            raise ValueError(f"no quantized weight for layer {missing[0]!r}; use "
-                             "qerror.nn.propagate.quantize_weights on the same model")
+    check_layer_params(config, (s.name for s in calibration.layers()), act_qparams, weights)
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}
     modules = dict(model.named_modules())
     out = {}

@@ -281,6 +281,27 @@ def check_made_for(params, spec: QuantSpec | None, what: str, where: str = "") -
                          f"for it with {how}")
 
 
+def check_layer_params(config: QuantConfig, names: Iterable[str], act_qparams, weights,
+                       where: str = "") -> None:
+    """Refuse quantizing the layers ``names`` under ``config`` without a layer's activation
+    ranges (``act_qparams``, where it quantizes activations) or its quantized weight
+    (``weights``, where it quantizes weights); ``where`` names the configuration.
+
+    Raises
+    ------
+    ValueError
+        The first layer without them, and how to make them.
+    """
+    for n in names:
+        if config.activation is not None and (not isinstance(act_qparams, Mapping)
+                                              or n not in act_qparams):
+            raise ValueError(f"no activation qparams for layer {n!r}{where}; calibrate with "
+                             "qerror.nn.propagate.calibrate_activations on the same model")
+        if config.weight is not None and (not isinstance(weights, Mapping) or n not in weights):
+            raise ValueError(f"no quantized weight for layer {n!r}{where}; use "
+                             "qerror.nn.propagate.quantize_weights on the same model")
+
+
 def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
                           policy: RangePolicy = RangePolicy(), *, outputs: bool = False, sample_per_batch: int = 1 << 15,
                           seed: int = 0, progress: bool = False) -> MadeFor:
@@ -728,14 +749,8 @@ class _Instrument:
         for k, arm in enumerate(arms):
             config = arm.config
             which = f" (configuration {k}, {config.label})" if len(arms) > 1 else ""
-            for n, _ in self.layers:
-                if config.activation is not None and n not in arm.act_qparams:
-                    raise ValueError(f"no activation qparams for layer {n!r}{which}; calibrate "
-                                     "with qerror.nn.propagate.calibrate_activations on the "
-                                     "same model")
-                if config.weight is not None and n not in arm.weights:
-                    raise ValueError(f"no quantized weight for layer {n!r}{which}; use "
-                                     "qerror.nn.propagate.quantize_weights on the same model")
+            check_layer_params(config, (n for n, _ in self.layers), arm.act_qparams,
+                               arm.weights, which)
             for n, m in modules:
                 quantized = not local_only and (
                     (isinstance(m, nn.BatchNorm2d) and config.bn_outputs)
