@@ -80,6 +80,7 @@ from qerror.nn.training import (
     DivergedError,
     Evaluation,
     FitResult,
+    Placement,
     ResumeError,
     Schedule,
     TrainConfig,
@@ -204,6 +205,33 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray,
         correct += int((out.argmax(1) == y).sum())
     model.train(was_training)
     return loss / len(labels), correct
+
+
+def load_splits(args, recipe: Recipe, place: Placement) -> data.Splits:
+    """The recipe's Fashion-MNIST splits, downloaded first if ``--download`` asks and they
+    are missing.
+
+    Under torchrun one process per machine (local rank 0) looks and downloads while the
+    others wait; then every rank reads the files. Ranks downloading at once would write the
+    same files together, and one rank's failure would delete the folder another is filling.
+    A failed download stops every rank with its message."""
+    def splits(download: bool) -> data.Splits:
+        return data.fashion_mnist_splits(args.data_root, val=recipe.val_split,
+                                         calib=recipe.calib_split, download=download)
+
+    if not args.download or place.world_size == 1:
+        return splits(args.download)
+    got, failure = None, None
+    if place.local_rank == 0:
+        try:
+            got = splits(True)
+        except (data.DataNotFoundError, data.DataError) as exc:
+            failure = exc
+    # every rank waits here for the downloads: all stop, or all read
+    failures = [f for f in parallel.gather_objects(failure) if f is not None]
+    if failures:
+        raise failures[0]
+    return got if got is not None else splits(False)
 
 
 def train_recipe(recipe: Recipe, splits: data.Splits, state_path: Path, *,
@@ -350,9 +378,7 @@ def _main(argv: list[str]) -> int:
             refusal = parallel.broadcast_object(refusal)
             if refusal is not None:
                 raise StudyError(refusal)
-            splits = data.fashion_mnist_splits(args.data_root, val=recipe.val_split,
-                                               calib=recipe.calib_split,
-                                               download=args.download)
+            splits = load_splits(args, recipe, place)
             result = train_recipe(recipe, splits, state_path, device=place.device,
                                   resume=args.resume, checkpoint_every=args.checkpoint_every,
                                   stop_after_steps=args.stop_after_steps,

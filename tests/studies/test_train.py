@@ -704,3 +704,39 @@ def test_every_sessions_environment_is_recorded_and_a_change_is_warned(idx_root,
     assert len(totals) == 2 and 0 < totals[0] < totals[1] <= timing["train_seconds"]
     assert len(timing["validation_seconds"]) == 2
     assert "epoch_train_seconds" not in timing
+
+
+@pytest.mark.parametrize("rank,local,others_fail", [(0, 0, False), (1, 0, False), (1, 1, False),
+                                                    (1, 1, True)])
+def test_under_torchrun_one_process_per_machine_downloads_and_the_others_wait(
+        rank, local, others_fail, monkeypatch):
+    # Ranks downloading at once would write the same files together: local rank 0 alone
+    # downloads, before the rendezvous; the others read afterwards, without downloading,
+    # and a failed download stops them with its message instead of a second try.
+    events = []
+    monkeypatch.setattr(data, "fashion_mnist_splits",
+                        lambda *a, download, **k: events.append(("load", download)) or "splits")
+
+    def gather(value):
+        events.append(("rendezvous", value))
+        return [data.DataNotFoundError("no internet on rank 0") if others_fail else None,
+                value]
+    monkeypatch.setattr(train.parallel, "gather_objects", gather)
+    args = train.build_parser().parse_args([*SMOKE, "--download"])
+    recipe = train.default_recipe(models.Arch.RESNET18, models.Stem.IMAGENET, smoke=True)
+    place = training.Placement(rank, 2, local, torch.device("cpu"))
+    if others_fail:
+        with pytest.raises(data.DataNotFoundError, match="no internet on rank 0"):
+            train.load_splits(args, recipe, place)
+        assert events == [("rendezvous", None)]
+        return
+    assert train.load_splits(args, recipe, place) == "splits"
+    if local == 0:
+        assert events == [("load", True), ("rendezvous", None)]
+    else:
+        assert events == [("rendezvous", None), ("load", False)]
+    # one process alone, or no --download: one load as asked, no rendezvous
+    events.clear()
+    assert train.load_splits(args, recipe, training.Placement(0, 1, 0, place.device)) == "splits"
+    assert events == [("load", True)]
+
