@@ -1,7 +1,7 @@
 """Exact error moments of uniform quantization for a continuous input law.
 
 For an input ``X`` with a continuous law and a per-tensor quantizer
-``x̂ = s (clamp(R(x/s + z), qmin, qmax) - z)`` (DESIGN §2) this module computes,
+``x̂ = s (clamp(R(x/s + z), qmin, qmax) - z)`` (the README's Conventions) this module computes,
 without sampling, the bias, variance, mean squared and mean absolute error of
 ``e = x̂ - x``, the probabilities of clamping at each end, the split of the MSE
 into its granular and clipping parts, and beside them the uniform-noise

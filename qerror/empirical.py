@@ -1,6 +1,6 @@
 """Streaming, mergeable accumulators for quantization-error statistics.
 
-:class:`ErrorStats` sees the error ``e = x̂ - x`` (DESIGN §2) batch by batch and
+:class:`ErrorStats` sees the error ``e = x̂ - x`` (the README's Conventions) batch by batch and
 keeps, in O(bins + channels) memory: the count, mean and centred second moment
 (Welford/Chan), the sums of ``|e|`` and ``e²``, min and max, a fixed-bin
 histogram of ``e/s`` in LSB units with under- and overflow, and the counts

@@ -1,6 +1,6 @@
 """Uniform (affine) quantization: the grid (``QuantSpec``), quantize/dequantize/fake-quantize.
 
-Conventions (DESIGN §2): ``u = x/s + z``, ``q = clamp(R(u), qmin, qmax)``,
+Conventions (the README's): ``u = x/s + z``, ``q = clamp(R(u), qmin, qmax)``,
 ``x̂ = s (q - z)`` and the error is ``e = x̂ - x``. Rounding and clipping are
 separate parts: the rounding mode acts on the shifted value ``u`` exactly (the
 integer ``z`` is never added in floating point before rounding), and the clamp
@@ -51,7 +51,7 @@ class ScaleArithmetic(Choice):
     exactly on a rounding boundary (a half-integer for the nearest modes, an
     integer for the others) the sign of the exact residual ``x - v s``
     (Dekker's error-free product) decides, so no code is ever off by one
-    because of the division's own rounding. The error model of DESIGN §2 is
+    because of the division's own rounding. The README's error model is
     stated for this quantizer. For float32 data on the CPU (16,384 elements or
     more) the same codes come from one compiled loop (:mod:`qerror._fused`;
     ``QERROR_FUSED=0`` turns it off).

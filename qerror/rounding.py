@@ -61,7 +61,7 @@ class RoundingMode(Choice):
 
     @property
     def uniform(self) -> UniformModel:
-        """Bias, MSE and MAE per LSB under the uniform-noise model (DESIGN §2)."""
+        """Bias, MSE and MAE per LSB under the uniform-noise model (Widrow's)."""
         return _FACTS[self].uniform
 
     @property
@@ -386,7 +386,7 @@ def _resolve_toward_zero(n, sign):
 _NEAREST = ErrorInterval(-0.5, 0.5, (-0.5, 0.5), (-0.5, 0.5))
 _NEAREST_MODEL = UniformModel(0.0, 0.0, 1.0 / 12.0, 0.25)
 
-# The one table of rounding modes (DESIGN §2 for the uniform-noise column).
+# The one table of rounding modes (the uniform-noise column is Widrow's model).
 _FACTS = {
     RoundingMode.NEAREST_EVEN: ModeFacts(
         _ufunc(np.rint, torch.round), _NEAREST, _NEAREST_MODEL,

@@ -5,7 +5,7 @@ activations, both), the float and the fake-quantized network run on the same tes
 (:func:`qerror.nn.propagate.measure`) and every conv/linear layer, BatchNorm and residual block
 reports the accumulated error (drift raw and relative to the float activation's std, MSE,
 SQNR), the local error it adds itself, the saturation of its input quantizer at qmin and at
-qmax, and the BatchNorm inconsistency of its input (DESIGN §2). At the output: accuracy of
+qmax, and the BatchNorm inconsistency of its input (as the README's Conventions define it). At the output: accuracy of
 both networks with Wilson intervals and McNemar's test of quantized against float.
 
 Then:
@@ -1327,7 +1327,7 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             s = sites[(sites["mode"] == mode) & (sites.bits == bits) & (sites.target == "both")]
             sat = s[(s.kind == "conv") & (s.metric == "saturation_high")].value
             if len(sat):
-                # Fractions of each conv input's elements clamped at qmax (the DESIGN's
+                # Fractions of each conv input's elements clamped at qmax (the README's
                 # saturation at the top: rounded beyond the top code), in percent.
                 m[f"SatHighMax{key}"] = f"{100 * sat.max():.2f}"
                 m[f"SatHighMean{key}"] = f"{100 * sat.mean():.2f}"

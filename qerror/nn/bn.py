@@ -2,7 +2,7 @@
 
 A BatchNorm layer in evaluation mode normalises with running statistics estimated on float
 activations. When the layers before it are quantized, the statistics of its input move; the
-layer keeps normalising with the old ones. DESIGN §2 measures this per channel ``c``:
+layer keeps normalising with the old ones. The README's Conventions measure this per channel ``c``:
 
 * normalised mean shift ``(μ_c − μ_run,c) / σ_run,c``,
 * variance ratio ``σ²_c / σ²_run,c``,

@@ -20,7 +20,7 @@ than 32 images is measured in two paired passes of half its images (``pair_batch
 configuration (say every rounding mode of a bit width), so one float pass serves them all
 and each configuration's figures are those :func:`measure` gives it alone.
 
-Sites (DESIGN §2):
+Sites (the quantities as the README's Conventions define them):
 
 * every ``Conv2d`` and ``Linear``: the quantizer at its input (per tensor, affine by default),
   its weights (per channel), the *local* error (quantized layer minus float layer, both fed
