@@ -29,7 +29,8 @@ An image whose model input is bit-identical to one already evaluated is not run 
 network again: its logits are the ones computed for that input (the network in evaluation
 mode is a function of its input). The tidy data say how many images each configuration ran.
 
-Run: ``python -m studies.dataset`` (about three minutes on 2 CPU cores; ``--smoke`` for the
+Run: ``python -m studies.dataset`` (the run's wall time is its manifest's ``seconds``; the
+paper's record, ``paper/record/dataset``, has the one it was made with; ``--smoke`` for the
 test suite's tiny preset, a small untrained CNN on a few hundred images).
 """
 
