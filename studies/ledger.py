@@ -1,6 +1,7 @@
 """The claims ledger: each claim of the research notes, its verdict, and the test that decides it.
 
-The notes (``shared/notes/research-notes.md``, in Portuguese) make claims about rounding,
+The research notes (in Portuguese, kept beside the project, not in this repository; each
+claim's ``notes`` field quotes their words) make claims about rounding,
 truncation and their effect on a network. Every claim here is decided by a named test in
 ``tests/test_claims.py``; that test asserts the verdict, so a wrong verdict fails the suite.
 Studies and the paper print this table; nothing in it is measured here.
