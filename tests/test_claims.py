@@ -446,13 +446,22 @@ def test_claim_T7_small_values_suffer_in_relative_error_only():
     # Absolute error: a value uniform in [k, k+1) steps has the same MSE for every k.
     mses = [error_moments(sps.uniform(k, 1), trunc, 1.0).mse for k in range(0, 20)]
     np.testing.assert_allclose(mses, 1 / 3, rtol=1e-12)
-    # Relative error: E[(e/x)^2] falls with the magnitude.
+    # Relative error: E[(e/x)^2] falls with the magnitude. Exactly, for x uniform on
+    # [k, k+1) (k >= 1) truncation's e/x is k/x - 1, so E[(e/x)^2] = k/(k+1) - 2k ln(1 + 1/k)
+    # + 1 and E[(e/x)^4] = ∫ (k/x - 1)^4 dx; each sample mean is that value within z
+    # standard errors, three comparisons each at ALPHA / 3 (Bonferroni).
+    from scipy import integrate
+
     rng = np.random.default_rng(5)
-    rel = []
+    exact = []
     for k in (1, 4, 16):
+        exact.append(k / (k + 1) - 2 * k * math.log1p(1 / k) + 1)
+        fourth = integrate.quad(lambda v: (k / v - 1) ** 4, k, k + 1, epsabs=0,
+                                epsrel=1e-13)[0]
         x = rng.uniform(k, k + 1, 50_000)
-        rel.append(np.mean(((fake_quantize(x, trunc, 1.0) - x) / x) ** 2))
-    assert rel[0] > rel[1] > rel[2]
+        _within_se(((fake_quantize(x, trunc, 1.0) - x) / x) ** 2, exact[-1],
+                   fourth - exact[-1] ** 2, ALPHA / 3)
+    assert exact[0] > exact[1] > exact[2]
     # Zeroed range: |u| < 1 for truncation, |u| < 1/2 for nearest.
     x = np.linspace(-2, 2, 40_001)
     zero_t = int(np.sum(quantize(x, trunc, 1.0) == 0))
