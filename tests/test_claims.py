@@ -778,6 +778,15 @@ def test_the_network_claims_name_both_networks_they_are_decided_on():
         assert "ResNet50" in text, cid
 
 
+def test_the_network_claims_state_the_levels_their_tests_use():
+    """A row says "most seeds", "few seeds" or "significantly" (N1-N4) or "beyond its standard
+    error" (A1): each names the level its test decides at (the rows said none)."""
+    wilson = f"{100 * (1 - SEED_ALPHA):g} % Wilson interval"
+    for cid in ("N1", "N2", "N3", "N4"):
+        assert wilson in claim(cid).condition, cid
+    assert "95 % bootstrap interval" in claim("N1").condition  # qerror.nn.seeds' level 0.95
+    assert claim("A1").condition.count(f"α = {NET_ALPHA:g}") == 2
+
 
 @pytest.mark.xdist_group("seeds")
 def test_claim_N1_drift_grows_with_depth_for_biased_modes(seed_statements):
