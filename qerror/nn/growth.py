@@ -215,12 +215,25 @@ def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
     the unbiased estimate of ``Var(m̂_c)`` (the variance across images over N) makes the
     mean of squares unbiased; its square root is reported, 0 when the difference is
     negative (no drift distinguishable from noise).
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes, fewer than 2 images, a mean that is not finite (a broken measurement:
+        it would take its channel's figure, or the layer's, to ``nan``) or a scale that is
+        not finite or is negative.
     """
     m = np.asarray(means, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] < 2 or m.shape[1] != s.shape[0]:
+    if m.ndim != 2 or m.shape[0] < 2 or s.ndim != 1 or m.shape[1] != s.shape[0]:
         raise ValueError(f"means must be (N >= 2, C) and scale (C,), got {m.shape} and "
                          f"{s.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"means hold {int(np.sum(~np.isfinite(m)))} values that are not "
+                         "finite (nan or inf): the per-image drift of a broken measurement")
+    if not (np.isfinite(s) & (s >= 0)).all():
+        raise ValueError("scale must be finite and >= 0 (a float standard deviation; 0 marks "
+                         f"a dead channel), got {s[~(np.isfinite(s) & (s >= 0))][:5]}")
     return debiased_rms(m.mean(axis=0), m.var(axis=0, ddof=1) / m.shape[0], s)
 
 
@@ -377,14 +390,22 @@ def image_bootstrap(depth, per_image: list[np.ndarray], scales: list[np.ndarray]
     """
     _check(level, resamples)
     depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 1 or depth.size == 0:
+        raise ValueError(f"depth must be 1-D with a depth per layer, got shape {depth.shape}")
     if len(per_image) != depth.size or len(scales) != depth.size:
         raise ValueError(f"{len(per_image)} layers of per-image values and {len(scales)} "
                          f"scales for {depth.size} depths")
-    n = {v.shape[0] for v in per_image}
+    per_image = [np.asarray(v, dtype=np.float64) for v in per_image]
+    n = {v.shape[0] if v.ndim else 0 for v in per_image}
     if len(n) != 1:
         raise ValueError(f"every layer needs values on the same images, got counts {sorted(n)}")
     n = n.pop()
-    layer_values = [channel_rms_debiased(v, c) for v, c in zip(per_image, scales)]
+    layer_values = []
+    for i, (v, c) in enumerate(zip(per_image, scales)):
+        try:
+            layer_values.append(channel_rms_debiased(v, c))
+        except ValueError as exc:
+            raise ValueError(f"layer {i} (depth {depth[i]:g}): {exc}") from exc
     point = fit_exponent(depth, layer_values)
     counts = resample_counts(n, resamples, seed)
     columns = []

@@ -549,3 +549,33 @@ def test_debiased_gap_refuses_other_images_and_has_no_figure_without_live_channe
     # untrained network on a few images, stopped here when this raised)
     g = debiased_gap(np.ones((5, 3)), np.zeros(3), np.ones((5, 3)), np.ones(3))
     assert math.isnan(g.gap) and math.isnan(g.lo) and math.isnan(g.hi)
+
+
+def test_a_broken_measurement_is_refused_not_left_out():
+    """One nan among a layer's per-image drifts (or a nan float std) made the layer's figure
+    nan, and the fits left the layer out as if its drift were below noise: the image
+    bootstrap gave another exponent on the other layers without a word (and debiased_gap a
+    nan gap, as for a layer without live channels). A 2-D depth raised an IndexError."""
+    from qerror.nn.growth import debiased_gap
+
+    rng = np.random.default_rng(1)
+    depth = np.arange(1, 11)
+    per = [0.1 * d + rng.standard_normal((40, 4)) for d in depth]
+    scales = [np.ones(4)] * 10
+    broken = [p.copy() for p in per]
+    broken[3][5, 1] = np.nan
+    with pytest.raises(ValueError, match=r"layer 3 \(depth 4\): means hold 1 values that are "
+                                         "not finite"):
+        image_bootstrap(depth, broken, scales, resamples=100)
+    nan_scale = list(scales)
+    nan_scale[2] = np.array([1.0, np.nan, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"layer 2 .*scale must be finite"):
+        image_bootstrap(depth, per, nan_scale, resamples=100)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        channel_rms_debiased(per[0], -np.ones(4))
+    with pytest.raises(ValueError, match="not finite"):
+        debiased_gap(broken[3], np.ones(4), per[3], np.ones(4), resamples=100)
+    with pytest.raises(ValueError, match="depth must be 1-D"):
+        image_bootstrap(depth[:, None], per, scales, resamples=100)
+    with pytest.raises(ValueError, match="depth must be 1-D"):
+        image_bootstrap([], [], [], resamples=100)
