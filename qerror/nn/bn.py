@@ -214,6 +214,25 @@ class BNImageMoments:
     length: int
     u: float
 
+    def __post_init__(self):
+        """Refuse moments that cannot be one layer's (a nan moment read as a collapsed
+        variance: the layer's figure infinite, "exceeds" at any threshold)."""
+        moments = {n: np.asarray(getattr(self, n)) for n in ("mean_f", "sq_f", "mean_q", "sq_q")}
+        shapes = {a.shape for a in moments.values()}
+        run = [np.asarray(self.running_mean), np.asarray(self.running_var)]
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 \
+                or any(r.shape != next(iter(shapes))[1:] for r in run):
+            raise ValueError("the four moments must be (N, C) and the running statistics (C,), "
+                             f"got {[a.shape for a in moments.values()]} and "
+                             f"{[r.shape for r in run]}")
+        for name, a in moments.items():
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} holds {int(np.sum(~np.isfinite(a)))} values that "
+                                 "are not finite (nan or inf): a broken measurement")
+        if not (np.isfinite(run[0]).all() and np.isfinite(run[1]).all()
+                and (run[1] >= 0).all()):
+            raise ValueError("the running statistics must be finite, the variance >= 0")
+
     @property
     def images(self) -> int:
         return int(self.mean_f.shape[0])

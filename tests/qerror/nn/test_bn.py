@@ -258,3 +258,28 @@ def test_inconsistency_bounds_of_layers_without_a_figure_decide_nothing():
     live = _moments_layer(np.random.default_rng(1), 30, 3, np.full(3, 0.5), 0.05)
     b = inconsistency_bounds({"a": dead, "b": live}, resamples=100)
     assert b.bounded == 1 and b.layers == 2 and b.exceeds(0.1) is True
+
+
+def test_image_moments_refuse_a_broken_measurement_and_wrong_shapes():
+    """One nan image moment was resolved as a variance of 0, a collapsed channel: the layer's
+    figure infinite and inconsistency_bounds claiming at any threshold that it exceeds; running
+    statistics of another channel count failed in a broadcast deep inside."""
+    from qerror.nn.bn import BNImageMoments, inconsistency_bounds
+
+    rng = np.random.default_rng(0)
+    f = 2.0 + rng.standard_normal((50, 4))
+    q = f + 0.05 * rng.standard_normal((50, 4))
+    ok = BNImageMoments(f, f * f, q, q * q, np.full(4, 2.0), np.ones(4), 1, 2.0**-53)
+    assert inconsistency_bounds({"a": ok}, resamples=200).exceeds(0.5) is False
+    broken = q.copy()
+    broken[7, 3] = np.nan
+    with pytest.raises(ValueError, match="mean_q holds 1 values that are not finite"):
+        BNImageMoments(f, f * f, broken, broken * broken, np.full(4, 2.0), np.ones(4), 1,
+                       2.0**-53)
+    with pytest.raises(ValueError, match=r"running statistics \(C,\)"):
+        BNImageMoments(f, f * f, q, q * q, np.full(3, 2.0), np.ones(3), 1, 2.0**-53)
+    with pytest.raises(ValueError, match=r"must be \(N, C\)"):
+        BNImageMoments(f, f * f, q[:, :3], q[:, :3] ** 2, np.full(4, 2.0), np.ones(4), 1,
+                       2.0**-53)
+    with pytest.raises(ValueError, match="variance >= 0"):
+        BNImageMoments(f, f * f, q, q * q, np.full(4, 2.0), -np.ones(4), 1, 2.0**-53)
