@@ -86,6 +86,9 @@ class GrowthFit:
 def _usable(depth, values) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(depth, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
+    if d.ndim != 1 or d.shape != y.shape:
+        raise ValueError(f"depth and values must be 1-D of one length, got {d.shape} and "
+                         f"{y.shape}")
     ok = np.isfinite(y) & (y > 0) & (d > 0)
     return d[ok], y[ok]
 
@@ -319,6 +322,10 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     are used without a copy.
     """
     w = np.asarray(counts, dtype=np.float64)
+    n = np.shape(means)[0] if np.ndim(means) == 2 else -1
+    if w.ndim != 2 or w.shape[1] != n or np.shape(scale) != np.shape(means)[1:]:
+        raise ValueError(f"means must be (N, C), scale (C,) and counts (B, N), got "
+                         f"{np.shape(means)}, {np.shape(scale)} and {w.shape}")
     a = _scaled_live(means, scale)
     if a is None:
         return np.full(w.shape[0], math.nan)
@@ -523,6 +530,8 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     y = np.asarray(values, dtype=np.float64)
     if d.shape != y.shape or d.ndim != 1:
         raise ValueError(f"depth and values must be 1-D of one length, got {d.shape}, {y.shape}")
+    if d.size == 0:
+        raise ValueError("no layers to resample: depth and values are empty")
     order = np.argsort(d, kind="stable")
     d, y = d[order], y[order]
     L = d.size

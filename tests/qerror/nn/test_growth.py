@@ -300,6 +300,11 @@ def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], resamples=10), "at least 100"),
     (lambda: image_bootstrap([1, 2], [np.ones((3, 1)), np.ones((4, 1))], [np.ones(1)] * 2,
                              resamples=100), "same images"),
+    # these three failed inside numpy (a broadcast, a matmul) or, on no layers, gave a fit
+    (lambda: fit_exponent([1, 2, 3, 4], [1.0, 2, 3]), "1-D of one length"),
+    (lambda: debiased_from_counts(np.ones((5, 2)), np.ones(2), np.ones((3, 4))),
+     r"counts \(B, N\)"),
+    (lambda: layer_block_bootstrap([], [], resamples=100), "no layers"),
 ])
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
