@@ -182,13 +182,17 @@ def resolved_variance(mean, sq, length: int, images: int, u: float) -> np.ndarra
     about ``1/√(3 L u)`` standard deviations (21 on a 112×112 map, 330 on 7×7): the bound is
     the worst case of any order of the additions, and such a channel's variance is often
     resolved by the sums in fact (summing ``x − m`` with ``m`` near the mean would resolve
-    it; not done).
+    it; not done). A moment that is not finite (an activation that overflowed) gives
+    ``nan``, never 0: it is no variance quantization collapsed.
     """
     mean, sq = np.asarray(mean, dtype=np.float64), np.asarray(sq, dtype=np.float64)
-    var = np.maximum(sq - mean * mean, 0.0)
     accumulate = min(u, 2.0**-24)  # torch sums half-precision data in float32
     bound = 3.0 * (_gamma(length, accumulate) + 3.0 * u + _gamma(images, 2.0**-53)) * sq
-    return np.where(var > bound, var, 0.0)
+    with np.errstate(invalid="ignore"):  # inf − inf: nan, returned as nan below
+        var = np.maximum(sq - mean * mean, 0.0)
+        unresolved = var <= bound
+    broken = ~(np.isfinite(mean) & np.isfinite(sq))
+    return np.where(broken, np.nan, np.where(unresolved, 0.0, var))
 
 
 def _gamma(k: int, u: float) -> float:

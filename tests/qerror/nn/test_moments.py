@@ -286,6 +286,10 @@ def test_a_variance_within_the_sums_rounding_is_zero():
     assert resolved_variance(np.sqrt(1 - 1.01 * bound), 1.0, 64, 10, u) > 0.0
     got = resolved_variance(np.array([0.0, 2.0]), np.array([1.0, 4.0]), 64, 10, u)
     np.testing.assert_array_equal(got, [1.0, 0.0])  # a constant 2: its variance is 0
+    # moments of an overflowed activation are no collapsed variance: nan, not 0
+    got = resolved_variance(np.array([1.0, np.nan, np.inf, 1.0]),
+                            np.array([2.0, 1.0, np.inf, np.inf]), 64, 10, u)
+    np.testing.assert_array_equal(got, [1.0, np.nan, np.nan, np.nan])
     # half precision: summed in float32, rounded once more to its own dtype; a map of
     # 1024 positions still resolves a channel whose mean is a few standard deviations
     half = unit_roundoff(torch.float16)
