@@ -46,6 +46,7 @@ from studies._common import (
     paired_ratio,
     positive_int,
     study_main,
+    tail_note,
     user_path,
 )
 
@@ -803,7 +804,8 @@ def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tenso
     -----
     Every round times the three candidates on the same input, in an order rotated from
     round to round; a row's ratio is the median of the per-round ratios, with their range,
-    and its note gives the 99th percentiles of both latencies. The ``goal`` of the early
+    and its note gives the 99th percentiles of both latencies (their maxima, for fewer than
+    :data:`~studies._common.P99_MIN_TIMINGS` pairs: :func:`~studies._common.tail_note`). The ``goal`` of the early
     exit against INT8 full at batch 1 is a median ratio of at most 1; against FP32 eager at
     batch ``batch``, at most 0.2 (5x the throughput). Compilation happened before (the
     callers report it apart); where a graph is compiled during the timed calls anyway
@@ -849,8 +851,7 @@ def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tenso
         rows.append(make_row(
             "early_exit", f"batch 1, latency, {how}", names[cand], names[base],
             goal if compiled else None,
-            a / b, a, b, note=f"p99 {1e3 * np.percentile(a, 99):.2f} vs "
-                              f"{1e3 * np.percentile(b, 99):.2f} ms; {pairs} images"))
+            a / b, a, b, note=f"{tail_note(a, b)}; {pairs} images"))
     for cand, base, goal in ((1, 0, None), (2, 0, 0.2)):
         a, b = tb[:, cand], tb[:, base]
         rows.append(make_row(

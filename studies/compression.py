@@ -127,6 +127,7 @@ from studies._common import (
     int_at_least,
     int_in,
     nonnegative_int,
+    p99,
     positive_float,
     positive_int,
     refuse_beyond_splits,
@@ -377,10 +378,9 @@ class LatencyMeter:
             "key": row["key"], "method": row["method"], "config": row["config"],
             "kernel": kernel, "rounds": self.rounds, "threads": torch.get_num_threads(),
             "latency_ms": float(np.median(ms[:, 0])),
-            "latency_p99_ms": float(np.percentile(ms[:, 0], 99)),
+            "latency_p99_ms": p99(ms[:, 0]),  # NaN for fewer than P99_MIN_TIMINGS rounds
             "dense_ms": math.nan if self.baseline is None else float(np.median(ms[:, 1])),
-            "dense_p99_ms": math.nan if self.baseline is None else
-            float(np.percentile(ms[:, 1], 99)),
+            "dense_p99_ms": math.nan if self.baseline is None else p99(ms[:, 1]),
             "ratio_vs_dense": math.nan if self.baseline is None else
             float(np.median(t[:, 0] / t[:, 1]))})
 
@@ -940,14 +940,14 @@ def early_exit_latency(lat: pd.DataFrame | None, row: dict) -> list[dict]:
     if not len(mine):
         return []
     r = mine.iloc[0]
-    p99 = re.match(r"p99 ([\d.]+) vs ([\d.]+) ms", str(r.note))
+    tail = re.match(r"p99 ([\d.]+) vs ([\d.]+) ms", str(r.note))  # "max ...": fewer pairs
     return [{"key": row["key"], "method": row["method"], "config": row["config"],
              "kernel": KERNEL_EARLY_EXIT, "rounds": int(r.pairs),
              "threads": math.nan,  # not recorded by that run
              "latency_ms": float(r.candidate_ms),
-             "latency_p99_ms": float(p99.group(1)) if p99 else math.nan,
+             "latency_p99_ms": float(tail.group(1)) if tail else math.nan,
              "dense_ms": float(r.baseline_ms),
-             "dense_p99_ms": float(p99.group(2)) if p99 else math.nan,
+             "dense_p99_ms": float(tail.group(2)) if tail else math.nan,
              "ratio_vs_dense": float(r.ratio_median)}]
 
 
