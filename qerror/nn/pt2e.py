@@ -28,7 +28,13 @@ oneDNN's AVX2 kernels (and AVX-512 ones without VNNI) add the products of adjace
 (:mod:`qerror.nn.int8`), and the default config's activations use the full range 0..255
 (torchao advises ``reduce_range`` on CPUs without VNNI; this module keeps the default on
 every CPU): there the compiled module computes another function than ``converted``, by
-many steps wherever a pair sum leaves int16. Which kernel ran is asked of oneDNN at run
+many steps wherever a pair sum leaves int16. Measured on the Fashion-MNIST ResNet50
+baseline (2,000 test images, 512 calibration images, one AMX machine with oneDNN capped at
+AVX2 and not): saturation changed 0.30 % of top-1 predictions against ``converted`` (0.05 %
+uncapped) and moved accuracy by no more than sampling does (89.95 % against 89.75 %), while
+``reduce_range`` (7-bit activations) cost about a point on both (89.00 % capped, 89.35 %
+against 90.30 % uncapped) and doubled or more the disagreement with float32 (3.05 % of
+predictions capped, 2.65 % uncapped, against 1.05 % and 0.90 %): the full range is kept. Which kernel ran is asked of oneDNN at run
 time (:func:`~qerror.nn.int8.kernel_probe` on the ``onednn`` engine, the same library
 under the same ``ONEDNN_MAX_CPU_ISA``) and recorded in :attr:`Int8Module.saturates_pairs`.
 """
