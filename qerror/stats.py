@@ -555,7 +555,8 @@ def mse_ratio_ci(
         DELTA (default): normal interval on the log ratio. BOOTSTRAP: percentile
         interval of the log ratio over resamples (pairs resampled jointly).
     n_resamples : int
-        Bootstrap resamples.
+        Bootstrap resamples, at least ``2/alpha - 1`` (39 at α = 0.05), so that both ends
+        of the interval are resamples.
     generator : int, numpy.random.Generator or torch.Generator
         Required for BOOTSTRAP.
 
@@ -609,7 +610,7 @@ def mse_ratio_ci(
         how = f"delta method on log ratio ({'paired' if paired else 'independent'})"
     else:
         rng = _rng(generator)
-        b_count = _check_resamples(n_resamples)
+        b_count = _check_resamples(n_resamples, alpha)
         boot = _bootstrap_log_ratio(a2, b2, paired, b_count, rng)
         if not np.all(np.isfinite(boot)):
             raise ValueError("some bootstrap resamples have zero MSE; use method='delta' "
@@ -1248,7 +1249,9 @@ def bootstrap_ci(
     generator : int, numpy.random.Generator or torch.Generator
         Source of the resampling; same seed, same interval.
     n_resamples : int
-        Number of bootstrap resamples ``B``.
+        Number of bootstrap resamples ``B``, at least ``2/alpha - 1`` (39 at α = 0.05):
+        with fewer, the interval's ends would be the smallest and largest resample, of
+        confidence ``(B - 1)/(B + 1)``, below ``1 - alpha``.
     alpha : float
         The interval has confidence ``1 - alpha``.
     null : float, optional
@@ -1281,7 +1284,7 @@ def bootstrap_ci(
     if not callable(statistic):
         raise TypeError(f"statistic must be callable, got {type(statistic).__name__}")
     rng = _rng(generator)
-    count = _check_resamples(n_resamples)
+    count = _check_resamples(n_resamples, alpha)
     arrays = _bootstrap_inputs(samples)
     n = arrays[0].size
     if vectorized:
@@ -1390,10 +1393,17 @@ def _check_count(value, name: str) -> int:
     return value
 
 
-def _check_resamples(n_resamples) -> int:
+def _check_resamples(n_resamples, alpha: float) -> int:
     count = _check_count(n_resamples, "n_resamples")
     if count < 2:
         raise ValueError(f"n_resamples must be at least 2, got {count}")
+    # The percentile ends are the resamples at ranks α/2 (B + 1) and (1 - α/2)(B + 1); below
+    # rank 1 they would be the smallest and largest resample, an interval of confidence
+    # (B - 1)/(B + 1) < 1 - α, and the p-value could not go below 2/(B + 1) > α.
+    if alpha * (count + 1) < 2.0 * (1.0 - 1e-12):
+        raise ValueError(f"n_resamples={count} is too few for a {_pct(1.0 - alpha)} percentile "
+                         f"interval: it needs at least 2/alpha - 1 = "
+                         f"{math.ceil(2.0 / alpha - 1.0 - 1e-9)} resamples")
     return count
 
 

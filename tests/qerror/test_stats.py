@@ -779,9 +779,29 @@ def test_other_bad_arguments_raise():
     with pytest.raises(ValueError, match="channel="):
         bias_test(ErrorStats(axis=0).update(np.ones((2, 5))))
     with pytest.raises(ValueError, match="vectorized statistic"):
-        bootstrap_ci(x, lambda v, axis: np.mean(v), generator=0, n_resamples=9, vectorized=True)
+        bootstrap_ci(x, lambda v, axis: np.mean(v), generator=0, n_resamples=39, vectorized=True)
     with pytest.raises(ValueError, match="NaN/Inf"):
-        bootstrap_ci(x, lambda v: np.nan, generator=0, n_resamples=9)
+        bootstrap_ci(x, lambda v: np.nan, generator=0, n_resamples=39)
+
+
+def test_bootstrap_refuses_too_few_resamples_for_its_level():
+    """With B < 2/α - 1 the percentile ranks α/2 (B + 1) fall below 1: the "95 %" interval
+    was the smallest and largest of B resamples (confidence (B - 1)/(B + 1), 0.82 at B = 10)
+    and the p-value could not go below 2/(B + 1) > α, so an interval that excluded the null
+    came with "no evidence". B = 2/α - 1 is the fewest whose ends are resamples."""
+    x = np.random.default_rng(0).normal(size=100)
+    for alpha, fewest in ((0.05, 39), (0.1, 19), (0.01, 199)):
+        with pytest.raises(ValueError, match=f"needs at least 2/alpha - 1 = {fewest}"):
+            bootstrap_ci(x, np.mean, generator=0, n_resamples=fewest - 1, alpha=alpha,
+                         vectorized=True)
+        with pytest.raises(ValueError, match=f"needs at least 2/alpha - 1 = {fewest}"):
+            mse_ratio_ci(x, 1.3 * x, paired=True, method="bootstrap", generator=0,
+                         n_resamples=fewest - 1, alpha=alpha)
+        res = bootstrap_ci(x, np.mean, generator=0, n_resamples=fewest, alpha=alpha,
+                           vectorized=True)
+        boot = np.sort(x[np.random.default_rng(0).integers(0, 100, size=(fewest, 100))]
+                       .mean(axis=1))
+        assert res.ci == (boot[0], boot[-1])  # ranks exactly 1 and B
 
 
 # --------------------------------------------------------------------------- Holm
