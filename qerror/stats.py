@@ -1433,13 +1433,22 @@ def _sample(x, name: str, min_n: int = 1) -> np.ndarray:
     """``x`` as a flat float64 array, non-empty and finite."""
     if isinstance(x, ErrorStats):
         raise TypeError(f"{name} must hold the samples themselves, not an ErrorStats")
+    if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask, keeping the values
+        raise TypeError(f"{name} is a masked array, whose mask would be ignored; pass "
+                        f"{name}.compressed() or {name}.filled(value)")
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} must be real, got a tensor of dtype {x.dtype}")
         arr = x.detach().cpu().to(torch.float64).numpy().reshape(-1)
     else:
         try:
-            arr = np.asarray(x, dtype=np.float64).reshape(-1)
+            raw = np.asarray(x)
+            is_complex = raw.dtype.kind == "c"  # float64 would drop the imaginary part
+            arr = None if is_complex else raw.astype(np.float64, copy=False).reshape(-1)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be numeric array-like, got {type(x).__name__}") from exc
+        if is_complex:
+            raise TypeError(f"{name} must be real, got dtype {raw.dtype}")
     if arr.size < min_n:
         what = "is empty" if arr.size == 0 else f"has {arr.size} value(s)"
         raise ValueError(f"{name} {what}; need at least {min_n}")

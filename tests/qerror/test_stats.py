@@ -733,6 +733,24 @@ def test_empty_and_non_finite_samples_raise():
         bias_test(["a", "b"])
 
 
+def test_complex_and_masked_samples_raise():
+    """np.asarray(x, dtype=float64) dropped a complex sample's imaginary part (a warning at
+    most) and a masked array's mask, so the tests ran on other values than the caller's:
+    bias_test of [0.1, -0.2, 0.05, 0.3, 50] with 50 masked had mean 10.05, not 0.0625."""
+    z = np.array([0.1 + 3j, -0.2 + 3j, 0.05 + 3j])
+    for bad in (z, torch.tensor(z), list(z)):
+        with pytest.raises(TypeError, match="must be real"):
+            bias_test(bad)
+    masked = np.ma.masked_array([0.1, -0.2, 0.05, 0.3, 50.0], mask=[0, 0, 0, 0, 1])
+    with pytest.raises(TypeError, match="masked array"):
+        bias_test(masked)
+    assert bias_test(masked.compressed()).estimate == pytest.approx(0.0625, rel=1e-15)
+    with pytest.raises(TypeError, match="masked array"):
+        mcnemar_test(np.ma.masked_array([1, 1, 0], mask=[0, 0, 1]), np.array([0, 0, 1]))
+    with pytest.raises(TypeError, match="must be real"):
+        holm(np.array([0.01 + 0j, 0.2]))
+
+
 def test_mismatched_lengths_raise():
     a, b = np.zeros(10) + 0.1, np.zeros(11) + 0.1
     with pytest.raises(ValueError, match="same shape"):
