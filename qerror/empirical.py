@@ -15,6 +15,7 @@ both give bit-identical statistics for the same values.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -221,7 +222,7 @@ class ErrorStats:
         Raises
         ------
         TypeError
-            A non-float error, non-integer codes or non-boolean masks.
+            A non-float error, non-integer codes, qmin or qmax, or non-boolean masks.
         ValueError
             NaN/Inf in ``error``, an empty batch, mismatched shapes or channel
             counts, a non-positive scale, codes outside ``[qmin, qmax]``, or more
@@ -745,6 +746,10 @@ def _saturation_counts(e, shape3, per_channel, codes, qmin, qmax, low_mask, high
     if codes is not None:
         if qmin is None or qmax is None:
             raise ValueError("codes need both qmin and qmax")
+        for name, v in (("qmin", qmin), ("qmax", qmax)):
+            # int() would truncate 1.5 to 1 and count the codes below 1.5 as saturated
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         qmin, qmax = int(qmin), int(qmax)
         if qmin >= qmax:
             raise ValueError(f"need qmin < qmax, got qmin={qmin}, qmax={qmax}")
