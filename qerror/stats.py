@@ -1475,6 +1475,8 @@ def _moments(data, channel) -> tuple[int, float, float]:
             if channel is None:
                 raise ValueError(f"the ErrorStats is per channel ({data.channels} channels); "
                                  "pass channel= to pick one")
+            if isinstance(channel, bool) or not isinstance(channel, numbers.Integral):
+                raise TypeError(f"channel must be an integer, got {channel!r}")
             if not -data.channels <= channel < data.channels:
                 raise ValueError(f"channel {channel} out of range for {data.channels} channels")
             mean, var = mean[channel], var[channel]

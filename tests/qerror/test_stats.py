@@ -796,6 +796,12 @@ def test_other_bad_arguments_raise():
         mse_ratio_ci(x, x, paired=True, method="jackknife")
     with pytest.raises(ValueError, match="channel="):
         bias_test(ErrorStats(axis=0).update(np.ones((2, 5))))
+    # numpy's own indexing errors answered these, without naming the argument
+    for channel in (1.5, True, "0", np.float64(1.0)):
+        with pytest.raises(TypeError, match="channel must be an integer"):
+            bias_test(ErrorStats(axis=0).update(np.ones((2, 5))), channel=channel)
+    assert bias_test(ErrorStats(axis=1).update(np.arange(10.0).reshape(5, 2)),
+                     channel=np.int64(-1)).estimate == 5.0
     with pytest.raises(ValueError, match="vectorized statistic"):
         bootstrap_ci(x, lambda v, axis: np.mean(v), generator=0, n_resamples=39, vectorized=True)
     with pytest.raises(ValueError, match="NaN/Inf"):
