@@ -225,8 +225,8 @@ class ErrorStats:
             A non-float error, non-integer codes, qmin or qmax, or non-boolean masks.
         ValueError
             NaN/Inf in ``error``, an empty batch, mismatched shapes or channel
-            counts, a non-positive scale, codes outside ``[qmin, qmax]``, or more
-            than one saturation source.
+            counts, a non-positive scale, codes outside ``[qmin, qmax]``, an element
+            in both masks, or more than one saturation source.
         """
         e = _as_tensor(error, "error")
         stat_axis = _normalise_axis(self._axis, e.ndim, "axis")
@@ -769,6 +769,10 @@ def _saturation_counts(e, shape3, per_channel, codes, qmin, qmax, low_mask, high
             raise ValueError("low_mask and high_mask must be given together")
         lm = _bool_tensor(low_mask, "low_mask", e).reshape(shape3)
         hm = _bool_tensor(high_mask, "high_mask", e).reshape(shape3)
+        both = int(torch.count_nonzero(lm & hm))
+        if both:  # a value is clamped at one end at most
+            raise ValueError(f"low_mask and high_mask both mark {both} element(s); a value is "
+                             "clamped at qmin or at qmax, not both")
         return _count(lm, per_channel), _count(hm, per_channel), observed
     if saturation is not None:
         if not isinstance(saturation, Saturation):

@@ -453,6 +453,9 @@ def test_invalid_saturation_input_leaves_the_state_alone():
          "qmin must be an integer"),
         ({"low_mask": np.zeros(4, dtype=bool)}, ValueError, "together"),
         ({"low_mask": np.zeros(4), "high_mask": np.zeros(4)}, TypeError, "boolean"),
+        # counted in both, the saturation fractions summed to 1.5 on [T, T, T, F] twice
+        ({"low_mask": np.array([True, True, True, False]),
+          "high_mask": np.array([True, True, True, False])}, ValueError, "both mark 3"),
         ({"codes": np.zeros(4, dtype=np.int32), "qmin": 0, "qmax": 7,
               "low_mask": np.zeros(4, dtype=bool), "high_mask": np.zeros(4, dtype=bool)},
          ValueError, "one way"),
