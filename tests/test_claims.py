@@ -948,7 +948,8 @@ def test_claim_N4_truncation_costs_accuracy(seed_statements, seed_outcomes):
 
 def test_claim_W1_truncation_keeps_the_grid_and_zeroes_twice_as_many_weights():
     """Same codes reachable; zeros: P(|w| < s) against P(|w| <= s/2), exactly, for a normal
-    law of weights with σ = 4 steps, and on a sample."""
+    law of weights with σ = 4 steps, and on a sample (five sampled comparisons, each at
+    NET_ALPHA: a false failure has probability at most 5 NET_ALPHA, by Bonferroni)."""
     assert claim("W1").verdict is Verdict.CONDITIONAL
     s, sigma = 0.01, 0.04
     near = QuantSpec(bits=6)

@@ -140,7 +140,8 @@ def test_stochastic_rounds_up_with_probability_frac(frac):
 
 
 def test_stochastic_error_is_unbiased_with_variance_f_one_minus_f():
-    """Uniform x on [0, 1): E[e] = 0 and E[e^2] = E[f(1-f)] = 1/6; z-tests at alpha = 1e-3."""
+    """Uniform x on [0, 1): E[e] = 0 and E[e^2] = E[f(1-f)] = 1/6; two z-tests, each at
+    alpha = 1e-3, so a false failure of the test has probability at most 2e-3 (Bonferroni)."""
     n = 400_000
     x = np.random.default_rng(8).random(n)
     e = apply_rounding(x, RoundingMode.STOCHASTIC, generator=99) - x

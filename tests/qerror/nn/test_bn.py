@@ -202,7 +202,9 @@ def test_inconsistency_bounds_hold_their_level_at_the_threshold():
     and three far under (its worst case). The debiasing is what holds the first: a
     threshold layer's plain figure lies above 0.1 on average by more than z standard
     errors, while its mean shift's squared RMS less the noise term is 0.01 within them
-    (without the debiasing 208 of 1200 sets claimed)."""
+    (without the debiasing 208 of 1200 sets claimed). Four sampled comparisons, three
+    one-sided at META and one two-sided at 2 META: a false failure has probability at most
+    5 META (Bonferroni)."""
     sets, alpha, z = 1200, 0.05, 3.09
     top = sets * alpha + z * np.sqrt(sets * alpha * (1 - alpha))
     some, under, plain, debiased = _false_claims(sets, 4, seed=7)
