@@ -1162,9 +1162,12 @@ def figure_accuracy(plt, acc: pd.DataFrame):
     for ax, target in zip(axes[0], targets):
         d = acc[(acc.target == target) & (acc.remedy == "none")]
         modes = list(dict.fromkeys(d["mode"]))
-        for j, bits in enumerate(sorted(d.bits.unique(), reverse=True)):
+        widths = sorted(d.bits.unique(), reverse=True)
+        # the widths side by side, centred on their mode's tick and within ±0.4 of it
+        step = min(0.25, 0.8 / len(widths))
+        for j, bits in enumerate(widths):
             db = d[d.bits == bits].set_index("mode").reindex(modes)
-            x = np.arange(len(modes)) + (j - 1) * 0.25
+            x = np.arange(len(modes)) + (j - (len(widths) - 1) / 2) * step
             ax.errorbar(x, db.quant_acc, yerr=[db.quant_acc - db.quant_lo,
                                                db.quant_hi - db.quant_acc],
                         fmt="o", ms=4, capsize=2, label=f"{bits} bits")

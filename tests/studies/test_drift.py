@@ -1250,6 +1250,33 @@ def test_the_remedies_figure_puts_each_point_over_its_configuration():
     assert seen == 12
 
 
+@pytest.mark.parametrize("bits", [[8], [8, 4], [8, 6, 4], [8, 7, 6, 5, 4],
+                                  list(range(16, 1, -1))])
+def test_the_accuracy_figure_puts_every_width_over_its_own_mode(bits):
+    """The widths' points were offset by (j - 1) * 0.25 whatever their count: with five
+    (--bits 8 7 6 5 4) the 5-bit points sat halfway to the next mode's tick and the 4-bit
+    ones over it. Every point must lie nearer its own mode's tick than any other's."""
+    from studies._common import figure_style
+
+    modes = ["nearest_even", "toward_zero", "floor"]
+    rows = [dict(mode=m, bits=b, target="both", remedy="none", quant_acc=0.5 + 0.01 * i,
+                 quant_lo=0.4, quant_hi=0.7, float_lo=0.6, float_hi=0.8)
+            for b in bits for i, m in enumerate(modes)]
+    plt = figure_style()
+    fig = drift.figure_accuracy(plt, pd.DataFrame(rows))
+    ax = fig.axes[0]
+    ticks = {t.get_text(): x for t, x in zip(ax.get_xticklabels(), ax.get_xticks())}
+    seen = 0
+    for container in ax.containers:
+        for x, y in zip(container.lines[0].get_xdata(), container.lines[0].get_ydata()):
+            mode = modes[int(round((y - 0.5) / 0.01))]  # the row's own mode, from its value
+            # strictly nearer its own tick than the neighbours' (half the spacing of 1)
+            assert abs(x - ticks[mode]) < 0.5, (container.get_label(), mode, x)
+            seen += 1
+    plt.close(fig)
+    assert seen == len(bits) * len(modes)
+
+
 def test_the_growth_table_shows_the_targets_a_run_measured(tmp_path):
     """Without --targets both the table had a header and no rows."""
     from studies._common import RunDir
