@@ -2334,7 +2334,8 @@ def _tables(run, acc, fits, pred) -> None:
     holm_unresolved = _unresolved_holm(base)
     run.write_latex_table("accuracy.tex", base[cols],
                           f"Accuracy of the fake-quantized network with its "
-                          f"{100 * (1 - ALPHA):g}\\% Wilson interval, the drop from float and "
+                          f"{100 * (1 - ALPHA):g}\\% Wilson interval, its difference from float "
+                          f"(quantized minus float: negative where accuracy is lost) and "
                           f"McNemar's p against float, on the same "
                           f"{', '.join(f'{v:,}' for v in n)} test images; "
                           f"\\texttt{{detectable}}: the smallest drop these images detect "

@@ -1291,6 +1291,22 @@ def test_the_growth_table_shows_the_targets_a_run_measured(tmp_path):
     assert "weights" in (out / "growth.tex").read_text()
 
 
+def test_the_accuracy_caption_gives_the_sign_of_its_difference(tmp_path):
+    """The caption called the difference column 'the drop from float' while it holds
+    quantized minus float (negative for a loss): a drop of 10 points read as a gain."""
+    from studies._common import RunDir
+
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 80})
+    assert acc.delta.iloc[0] == pytest.approx(acc.quant_acc.iloc[0] - acc.float_acc.iloc[0])
+    assert acc.delta.iloc[0] < 0
+    with RunDir(tmp_path / "run", "drift", [], {}, force=True) as run:
+        drift._tables(run, acc, pd.DataFrame(columns=["target"]), pd.DataFrame())
+        out = run.finish()
+    caption = " ".join((out / "accuracy.tex").read_text().split())
+    assert "drop from float" not in caption
+    assert "quantized minus float" in caption
+
+
 def test_an_exactly_zero_statistic_is_not_resolved_from_zero():
     sites = pd.DataFrame([
         {"mode": "nearest_even", "bits": 8, "target": "both", "site": s, "kind": "conv",
