@@ -1599,6 +1599,17 @@ def _main(argv: list[str]) -> int:
                              "quantizes no activations (--targets weights, --headline-images "
                              "0, --int8-images 0)")
         args.act_policy = None
+    # the BatchNorm and block output quantizers act in the network's own quantized passes
+    # (an activation or both target, the headline): the INT8 cross-check quantizes each
+    # layer's own input and output, not those
+    if not (headline_images or any(t in (Target.ACTIVATIONS, Target.BOTH) for t in targets)):
+        for dest in ("quantize_bn_outputs", "quantize_block_outputs"):
+            if dest in given:
+                parser.error(f"--{dest.replace('_', '-')} would change nothing: this run "
+                             "quantizes no activations in the network's own passes "
+                             "(--targets weights, --headline-images 0), and the INT8 "
+                             "cross-check quantizes each layer's input and output, not "
+                             "BatchNorm or block outputs")
     if "download" in given and args.data is None:
         parser.error("--download allows downloading the ImageNet weights that --data runs "
                      "with; without --data the study measures the Fashion-MNIST baseline, "

@@ -309,6 +309,12 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
       "percentile"], "--act-range would change nothing: this run quantizes no activations"),
     (["--targets", "weights", "--headline-images", "0", "--int8-images", "0",
       "--quantize-bn-outputs"], "--quantize-bn-outputs would change nothing"),
+    # the INT8 cross-check takes the activation range, not the output quantizers: with it
+    # alone the flags were accepted, recorded as on, and every table was the same
+    (["--targets", "weights", "--headline-images", "0", "--quantize-bn-outputs"],
+     "--quantize-bn-outputs would change nothing"),
+    (["--targets", "weights", "--headline-images", "0", "--quantize-block-outputs"],
+     "--quantize-block-outputs would change nothing"),
     (["--download"], "--download allows downloading the ImageNet weights"),
     (["--data", "/nonexistent", "--images", "4", "--headline-images", "5"],
      "--headline-images: the headline runs on Fashion-MNIST's test split only"),
