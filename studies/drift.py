@@ -331,11 +331,12 @@ def _load_model(args, data_root):
             given = " (--smoke's default model is resnet18)" if args.smoke else ""
             raise StudyError(f"--data (ImageNet) supports --model resnet50 only, got "
                              f"{args.model}{given}; pass --model resnet50")
+        weights = args.weights or IMAGENET_WEIGHTS
         try:
-            model = imagenet_resnet50(args.weights or IMAGENET_WEIGHTS, download=args.download)
+            model = imagenet_resnet50(weights, download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:
             raise StudyError(str(err)) from err
-        identity = {"model": "resnet50-imagenet", "weights": str(args.weights)}
+        identity = {"model": "resnet50-imagenet", "weights": str(weights)}
         if args.weights is not None and Path(args.weights).is_file():  # a local file: its bytes
             identity["weights_sha256"] = sha256_file(Path(args.weights))
         return model, identity

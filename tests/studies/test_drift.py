@@ -1420,6 +1420,22 @@ def test_the_grids_and_the_headlines_tests_are_adjusted_as_one_family_each():
     assert drift._unresolved_holm(acc) == 2  # of the three tested
 
 
+def test_the_imagenet_identity_names_the_default_weights_it_loaded(monkeypatch):
+    """--data without --weights loads IMAGENET1K_V2, and the manifest's model identity
+    said its weights were 'None'."""
+    from types import SimpleNamespace
+
+    import qerror.nn.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "imagenet_resnet50",
+                        lambda weights, download=False: loaded.append(weights) or nn.Identity())
+    args = SimpleNamespace(data=Path("imagenet"), model="resnet50", smoke=False, weights=None,
+                           download=False)
+    _, identity = drift._load_model(args, None)
+    assert loaded == [drift.IMAGENET_WEIGHTS] == [identity["weights"]]
+
+
 def test_weights_under_home_are_expanded_and_torchvision_names_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert drift.weights_arg("~/ckpt.pt") == str(tmp_path / "ckpt.pt")
