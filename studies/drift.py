@@ -109,6 +109,7 @@ from qerror.nn import (
 from qerror.nn.bn import estimate_running_stats, inconsistency_bounds
 from qerror.nn.correction import BN_REESTIMATION_PASSES
 from qerror.nn.growth import (
+    RESIDUAL_AC1_LIMIT,
     image_bootstrap,
     layer_block_bootstrap,
     linear_or_sqrt,
@@ -513,7 +514,8 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
     recomputed from a resample of the images' per-channel drift) and a moving-block
     bootstrap over layers; ``rms_rel`` the block bootstrap only (its per-image values are
     not kept). ``answer`` says linear or √depth only where every interval is defined and
-    gives that answer (:func:`qerror.nn.growth.linear_or_sqrt` of all of them).
+    gives that answer, the layer bootstrap's only where its residuals do not follow each
+    other (:func:`qerror.nn.growth.linear_or_sqrt` of all of them).
     """
     layers = [s for s in res.layers() if s.path_depth is not None]
     depth = np.array([s.path_depth for s in layers], dtype=float)
@@ -2373,7 +2375,9 @@ def _tables(run, acc, fits, pred) -> None:
                           "along depth (near 0 the interval over layers holds its level, well "
                           "above 0 it is too narrow), and whether the intervals separate "
                           "linear from $\\sqrt{\\text{depth}}$ (an answer only where every "
-                          "interval gives it).", "tab:drift-growth")
+                          "interval gives it, and none from the interval over layers where "
+                          f"that autocorrelation exceeds {RESIDUAL_AC1_LIMIT:g}).",
+                          "tab:drift-growth")
     rem = acc[acc.remedy != "none"]
     if len(rem):
         rcols = [c for c in ("mode", "bits", "remedy", "quant_acc", "quant_lo", "quant_hi",

@@ -290,6 +290,26 @@ def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
     assert linear_or_sqrt(GrowthFit(1.0, lo, hi, 0.95, 100, "x", 10)) == answer
 
 
+def test_a_layer_interval_whose_residuals_follow_each_other_gives_no_answer():
+    """The drift study's table answered "linear" from a layer bootstrap whose residuals'
+    lag-1 autocorrelation was 0.67 (nearest, 8 bits, rms_rel), an interval the growth
+    module's own Notes call too narrow; an image bootstrap's interval does not depend on it."""
+    from qerror.nn.growth import LAYER_METHOD, RESIDUAL_AC1_LIMIT, GrowthFit
+
+    def fit(method, ac1):
+        return GrowthFit(1.0, 0.8, 1.2, 0.95, 100, method, 54, ac1)
+
+    layers = f"{LAYER_METHOD}, block=4, B=100"
+    assert linear_or_sqrt(fit(layers, 0.67)) == "not separated"
+    assert linear_or_sqrt(fit(layers, RESIDUAL_AC1_LIMIT)) == "linear"
+    assert linear_or_sqrt(fit(layers, 0.3)) == "linear"
+    assert linear_or_sqrt(fit("image bootstrap, N=200, B=100", 0.67)) == "linear"
+    assert linear_or_sqrt(fit("image bootstrap, N=200, B=100", 0.67), fit(layers, 0.67)) \
+        == "not separated"
+    d = np.arange(1, 41)
+    assert layer_block_bootstrap(d, 2.0 * d, resamples=100).method.startswith(LAYER_METHOD)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: channel_rms_debiased(np.ones((1, 3)), np.ones(3)), "N >= 2"),
     (lambda: fit_exponents([1, 2], np.ones((4, 3))), "depth"),
