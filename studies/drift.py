@@ -2103,8 +2103,10 @@ def precision_rows(sites: pd.DataFrame, images: int, local_images: int,
     the convolution and linear layers: the median error in units of the layer's float
     standard deviation (drift, local drift) or of the statistic itself (MSE); how many
     layers' statistics the subset resolves from zero (``|value| >= z_{1-α/2} · se``); and the
-    images with which the median layer's would be resolved so with probability
-    :data:`RESOLVE_POWER` (errors fall as ``1/sqrt(images)``). ``se_images`` is the number
+    images with which a statistic of the layers' median relative error (``se / |value|``;
+    with an even count of layers the mean of the two middle ones', unlike
+    :func:`drift_tails`' median layer, the upper middle one) would be resolved so with
+    probability :data:`RESOLVE_POWER` (errors fall as ``1/sqrt(images)``). ``se_images`` is the number
     of images each error comes from: ``images`` for drift and MSE, ``local_images`` (the
     first ``local_samples`` of each batch) for the local drift, and ``images_to_resolve``
     counts images of the same kind (local-error images for the local drift).
