@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 # Run as a script, this file's own checkout supplies qerror and studies, not the one the
 # environment installed in editable mode (another checkout's git_identity would name its
@@ -48,6 +50,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qerror.files import atomic_write, sha256_file
+from qerror.stats import wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import signed
 from studies.bench import MEDIAN_LEVEL
@@ -253,6 +256,55 @@ def minutes(seconds: float) -> str:
     return f"{_finite(seconds) / 60:.1f}"
 
 
+def level(confidence: float) -> str:
+    """A confidence level in percent: 0.95 -> "95", 0.9 -> "90"."""
+    return f"{round(100 * confidence, 6):g}"
+
+
+def run_alpha(rec: Record) -> float:
+    """The level of the tests and intervals of ``rec``'s run: its manifest's
+    ``config.alpha`` (what a passage's "95 %" or "90 %" is derived from)."""
+    alpha = (rec.manifest.get("config") or {}).get("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise RecordError(f"record {rec.name}: its manifest's config.alpha is {alpha!r}, not "
+                          "a level in (0, 0.5): the level its intervals were computed at is "
+                          "unknown")
+    return float(alpha)
+
+
+def common_alpha(recs) -> float:
+    """The one :func:`run_alpha` of several records a passage states together."""
+    alphas = {rec.name: run_alpha(rec) for rec in recs}
+    if len(set(alphas.values())) != 1:
+        raise RecordError(f"records {', '.join(alphas)} disagree on the level of their tests "
+                          f"(config.alpha {sorted(set(alphas.values()))}): one label cannot "
+                          "name their intervals")
+    return next(iter(alphas.values()))
+
+
+def wilson_level(rec: Record, accuracy: float, n: int, ci) -> float:
+    """The confidence of ``ci``, the Wilson interval of an ``accuracy`` over ``n`` items
+    from a run that does not record its level (``studies.train``): the one that reproduces
+    both ends; a RecordError where none does."""
+    k = round(_finite(accuracy) * n)
+    lo, hi = (_finite(v) for v in ci)
+
+    def half(z: float) -> float:
+        p = k / n
+        return z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+
+    width = (hi - lo) / 2
+    if not 0 < width < half(40.0):
+        raise RecordError(f"record {rec.name}: [{lo}, {hi}] is not a Wilson interval of "
+                          f"{k} of {n}")
+    z = brentq(lambda z: half(z) - width, 1e-9, 40.0, xtol=1e-14)
+    confidence = round(1 - 2 * float(norm.sf(z)), 6)
+    if not np.allclose(wilson_ci(k, n, 1 - confidence).ci, (lo, hi), rtol=0, atol=1e-9):
+        raise RecordError(f"record {rec.name}: [{lo}, {hi}] is not the Wilson interval of "
+                          f"{k} of {n} at any level of six decimals")
+    return confidence
+
+
 def accuracy_ci(r) -> str:
     """A point's accuracy with its interval: "88.31 % [87.67, 88.93]"."""
     return f"{pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}]"
@@ -283,7 +335,8 @@ def compression_table(records) -> str:
         f"p, none for the early exit, whose run kept no per-image results{not_tested}; "
         "\"front\": on the Pareto front of accuracy against bytes).",
         "",
-        "| model | configuration | bytes | accuracy % [95% CI] | vs dense (points, McNemar p) "
+        f"| model | configuration | bytes | accuracy % [{level(1 - run_alpha(rec))}% CI] "
+        "| vs dense (points, McNemar p) "
         "| front |",
         "|---|---|---:|---|---|:-:|",
     ]
@@ -297,15 +350,16 @@ def compression_table(records) -> str:
     return "\n".join(lines)
 
 
-def _sparse_goal_measured(goal, pts: pd.DataFrame) -> str:
+def _sparse_goal_measured(goal, pts: pd.DataFrame, alpha: float) -> str:
     """A goal's measured text; the sparse goal's with what its verdict rests on, which a
-    record made before the study said so lacks (taken from its points.csv)."""
+    record made before the study said so lacks (taken from its points.csv, at ``alpha``,
+    the level of the record's run)."""
     if not goal.goal.startswith("90%-sparse") or "point estimates" in goal.measured:
         return goal.measured
     row = pts[(pts.method == "pruned") & (pts.config == "90% sparse")]
     if row.empty or pd.isna(row.p_within_one_point.iloc[0]):
         return goal.measured
-    return goal.measured + point_estimates_note(float(row.p_within_one_point.iloc[0]))
+    return goal.measured + point_estimates_note(float(row.p_within_one_point.iloc[0]), alpha)
 
 
 def compression_goals(records) -> str:
@@ -314,7 +368,8 @@ def compression_goals(records) -> str:
     pts = rec.csv("points.csv")
     summary = rec.json("summary.json")
     best = summary["smallest_within_one_point"]
-    items = [f"- {g.goal}: **{g.verdict}** ({_sparse_goal_measured(g, pts)})."
+    alpha = run_alpha(rec)
+    items = [f"- {g.goal}: **{g.verdict}** ({_sparse_goal_measured(g, pts, alpha)})."
              for g in goals.itertuples()]
     within = pts[pts.bytes <= 100_000].sort_values("acc", ascending=False)
     by_family = within.groupby("method", sort=False).head(1)
@@ -372,7 +427,9 @@ def baseline_train(records, name: str = "baseline-train") -> str:
         f"{t['median_step_seconds']:.2f} s, {t['torch_threads']} torch thread"
         f"{'s' if t['torch_threads'] != 1 else ''}) on {rec.about['machine']}, and reached "
         f"{pct(s['test_accuracy'])} % [{pct(lo)}, {pct(hi)}] on the {s['test_n']:,} test "
-        "images (`summary.json`, 95 % Wilson interval).")
+        f"images (`summary.json`, "
+        f"{level(wilson_level(rec, s['test_accuracy'], s['test_n'], (lo, hi)))} % Wilson "
+        "interval).")
 
 
 def baseline_train_avx2(records) -> str:
@@ -1297,6 +1354,7 @@ def early_exit_seeds(records) -> str:
              "baseline)." if gains else "")
     v = early_exit_verdict(records)
     m = f"{100 * v.margin:g}"
+    tost = level(1 - 2 * common_alpha(records(n) for n, _ in _EE_RUNS))  # its CI's level
     verdict = (f"non-inferiority at the {m}-point margin on every one"
                if v.non_inferior == v.baselines
                else f"non-inferiority at the {m}-point margin not shown on "
@@ -1318,10 +1376,10 @@ def early_exit_seeds(records) -> str:
         f"before the last score higher on the test split than the backbone's own last layer "
         f"on {better} of the {len(_EE_RUNS)} baselines ({listing}; point estimates, with "
         f"McNemar's test against the last exit in `heads.csv`).{joint} The INT8 early-exit "
-        "network against FP32 full (paired, 90 % interval of the TOST) and the other four "
-        "goals:\n\n"
-        "| baseline | commit | INT8 early exit − FP32 full (90 % CI), points | TOST p | MACs | "
-        "other four goals |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"network against FP32 full (paired, {tost} % interval of the TOST) and the other "
+        "four goals:\n\n"
+        f"| baseline | commit | INT8 early exit − FP32 full ({tost} % CI), points | TOST p | "
+        "MACs | other four goals |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         f"The lower end of the interval is above −{m} points on {v.non_inferior} of the "
         f"{v.baselines} baselines (lowest {points(v.lowest)}): {verdict}; the estimates "
         f"range from {points(min(deltas))} to {points(max(deltas))} points. The equivalence "

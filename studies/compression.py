@@ -742,17 +742,18 @@ def _sparse_ninety(points: pd.DataFrame) -> pd.DataFrame:
     return points[(points.method == "pruned") & (points.key == letters("pruned 90"))]
 
 
-def point_estimates_basis(p_within_one_point: float) -> str:
-    """What the sparse goal's verdict rests on, beside the test it does not rest on."""
-    shown = "shown" if p_within_one_point < ALPHA else "not shown"
+def point_estimates_basis(p_within_one_point: float, alpha: float = ALPHA) -> str:
+    """What the sparse goal's verdict rests on, beside the test it does not rest on, at
+    ``alpha`` (the level of the run the p-value is from)."""
+    shown = "shown" if p_within_one_point < alpha else "not shown"
     return (f"decided on the point estimates: the paired one-point non-inferiority test "
             f"against the baseline has p {p_within_one_point:.3g} ({shown} within one point "
-            f"at α = {ALPHA:g})")
+            f"at α = {alpha:g})")
 
 
-def point_estimates_note(p_within_one_point: float) -> str:
+def point_estimates_note(p_within_one_point: float, alpha: float = ALPHA) -> str:
     """:func:`point_estimates_basis` as the tail of the sparse goal's ``measured`` text."""
-    return "; " + point_estimates_basis(p_within_one_point)
+    return "; " + point_estimates_basis(p_within_one_point, alpha)
 
 
 def records(frame: pd.DataFrame) -> list[dict]:

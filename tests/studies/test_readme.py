@@ -349,3 +349,82 @@ def test_re_adding_a_run_of_another_command_names_the_kept_words(tmp_path):
     assert f"the record.json kept from the record it replaces, {root / 'r' / 'record.json'}" \
         in msg
     assert readme.Record("r", root).manifest["argv"] == ["--bits", "8"]  # left as it was
+
+
+def _records_at(tmp_path: Path, alpha: float) -> Path:
+    """A copy of the records whose runs used ``alpha`` (their manifests' config.alpha)."""
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    for folder in root.iterdir():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if "alpha" in manifest.get("config", {}):
+            manifest["config"]["alpha"] = alpha
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_the_level_labels_are_the_records_alpha(tmp_path):
+    """The compression table's "95% CI", the early-exit passage's "90 % interval of the
+    TOST" and the sparse goal's "α = 0.05" were typed in: a run at another level was
+    labelled with this one's."""
+    records = readme.record_reader(_records_at(tmp_path, 0.1))
+    assert "accuracy % [90% CI]" in readme.compression_table(records)
+    assert "(not shown within one point at α = 0.1)" in readme.compression_goals(records)
+    seeds = readme.early_exit_seeds(records)
+    assert "(paired, 80 % interval of the TOST)" in seeds and "(80 % CI), points" in seeds
+    assert "90 %" not in seeds
+    # today's records: alpha 0.05
+    records = readme.record_reader()
+    assert "accuracy % [95% CI]" in readme.compression_table(records)
+    assert "(paired, 90 % interval of the TOST)" in readme.early_exit_seeds(records)
+
+
+def test_records_that_disagree_on_their_level_or_lack_it_are_refused(tmp_path):
+    root = _records_at(tmp_path, 0.05)
+    path = root / "early-exit-seed1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["alpha"] = 0.1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(readme.RecordError, match="disagree on the level"):
+        readme.early_exit_seeds(readme.record_reader(root))
+    path = root / "compression" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["alpha"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(readme.RecordError, match="record compression: .*config.alpha is None"):
+        readme.compression_table(readme.record_reader(root))
+
+
+def _train_summary_at(root: Path, name: str, ci) -> None:
+    """Record ``name``'s summary.json with ``ci`` as its test interval (its sha256 in its
+    manifest, as a run would have written it)."""
+    folder = root / name
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["test_ci"] = list(ci)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["outputs"]["summary.json"] = hashlib.sha256(
+        (folder / "summary.json").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_trained_baselines_level_is_its_intervals(tmp_path):
+    """studies.train records no level: the "95 % Wilson interval" was typed in. The level is
+    the one that reproduces the recorded interval; an interval no Wilson level gives is
+    refused."""
+    from qerror.stats import wilson_ci
+
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    summary = json.loads((root / "baseline-train" / "summary.json").read_text())
+    k, n = round(summary["test_accuracy"] * summary["test_n"]), summary["test_n"]
+    _train_summary_at(root, "baseline-train", wilson_ci(k, n, 0.1).ci)
+    text = readme.baseline_train(readme.record_reader(root))
+    assert "90 % Wilson interval" in text and "95 %" not in text
+    _train_summary_at(root, "baseline-train", wilson_ci(k, n, 0.01).ci)
+    assert "99 % Wilson interval" in readme.baseline_train(readme.record_reader(root))
+    lo, hi = wilson_ci(k, n, 0.05).ci
+    _train_summary_at(root, "baseline-train", (lo - 0.001, hi))  # not centred as Wilson's
+    with pytest.raises(readme.RecordError, match="not the Wilson interval"):
+        readme.baseline_train(readme.record_reader(root))
+    assert "95 % Wilson interval" in readme.baseline_train(readme.record_reader())
