@@ -53,7 +53,6 @@ from qerror.files import atomic_write, sha256_file
 from qerror.stats import wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import signed
-from studies.bench import MEDIAN_LEVEL
 from studies.compression import point_estimates_note
 
 PAPER = Path(__file__).resolve().parent
@@ -508,6 +507,23 @@ def _require_avx512(rec: Record, what: str = "a run", *, present: bool = True) -
                           f"record {what} from a CPU {'with' if present else 'without'} it")
 
 
+# studies.bench.MEDIAN_LEVEL from the commit that introduced the interval of the median
+# (ce47fed) until its runs recorded it as config.median_level; tests/studies/test_readme.py
+# checks it against each such record's commit.
+MEDIAN_LEVEL_UNRECORDED = 0.90
+
+
+def median_level(rec: Record) -> float:
+    """The coverage of a bench record's ``median_lo``/``median_hi``: its manifest's
+    ``config.median_level``, or :data:`MEDIAN_LEVEL_UNRECORDED` for a run from before the
+    bench recorded it."""
+    value = (rec.manifest.get("config") or {}).get("median_level", MEDIAN_LEVEL_UNRECORDED)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise RecordError(f"record {rec.name}: its manifest's config.median_level is "
+                          f"{value!r}, not a coverage in (0, 1)")
+    return float(value)
+
+
 def _ratio_span(row, over: str = "") -> str:
     """A bench row's median ratio and its range over the pairs, "1.41× (1.26–1.83)"."""
     return f"{row.ratio_median:.2f}× ({row.ratio_min:.2f}–{row.ratio_max:.2f}{over})"
@@ -909,7 +925,7 @@ def bench_drift_amx(records) -> str:
     slower = [w for w, r, _ in layouts[:2] if r.median_lo > 1]
 
     def judged(r) -> str:
-        return (f"{r.ratio_median:.2f}× (its median's {100 * MEDIAN_LEVEL:g} % interval "
+        return (f"{r.ratio_median:.2f}× (its median's {level(median_level(rec))} % interval "
                 f"{r.median_lo:.2f}–{r.median_hi:.2f}: {r.goal_verdict})")
 
     return (
@@ -920,7 +936,7 @@ def bench_drift_amx(records) -> str:
         f"{_ratio_span(less[0], ' over the pairs')} and {_ratio_span(less[1])}. The plain forward "
         "ran channels_last against contiguous at "
         + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
-                    f"{r.ratio_median:.3f}, {100 * MEDIAN_LEVEL:g} % interval "
+                    f"{r.ratio_median:.3f}, {level(median_level(rec))} % interval "
                     f"{r.median_lo:.3f}–{r.median_hi:.3f})" for w, r, m in layouts)
         + (f": channels_last, the default for float and deterministic passes (the AVX2 "
            f"machines' choice, above), is the slower layout here for "
@@ -1184,7 +1200,7 @@ def bench_drift(records) -> str:
         verdict = "met" if str(r.meets_goal) == "True" else "not met"
         if isinstance(r.get("goal_verdict"), str):  # a record from after the bench decided
             # its goals on the interval of the median
-            verdict = (f"{r.goal_verdict} (the median's {100 * MEDIAN_LEVEL:g} % interval "
+            verdict = (f"{r.goal_verdict} (the median's {level(median_level(rec))} % interval "
                        f"{r.median_lo:.2f}–{r.median_hi:.2f})" if r.goal_verdict != "not "
                        "resolved" or math.isfinite(r.median_lo) else
                        f"{r.goal_verdict} (too few pairs for an interval of the median)")

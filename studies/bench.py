@@ -1077,8 +1077,10 @@ def _main(argv: list[str]) -> int:
             _refuse_named_run(args.early_exit_run)
         named.backbone_path()  # its baseline still the file it measured (sha256)
     check_out(args.out, "bench", force=args.force)
+    # median_level: the coverage of median_lo/median_hi, which a reader of bench.csv (the
+    # README's passages) names from the run, not from the code of the day
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "median_level": MEDIAN_LEVEL}
     with RunDir(args.out, "bench", argv, config, force=args.force) as run:
         rows = []
         for group in groups:

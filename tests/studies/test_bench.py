@@ -278,6 +278,9 @@ def test_bench_manifest_records_the_cpu_and_thread_settings(tmp_path, monkeypatc
     assert machine["torch_interop_threads"] == torch.get_num_interop_threads()
     assert machine["environment"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert machine["environment"]["OMP_NUM_THREADS"] == str(torch.get_num_threads())
+    # the coverage of median_lo/median_hi, which the README names from the run
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["median_level"] == bench.MEDIAN_LEVEL
 
 
 def test_memory_rows_repeat_and_decide_their_goal_as_the_timed_rows(monkeypatch):

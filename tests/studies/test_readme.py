@@ -428,3 +428,42 @@ def test_the_trained_baselines_level_is_its_intervals(tmp_path):
     with pytest.raises(readme.RecordError, match="not the Wilson interval"):
         readme.baseline_train(readme.record_reader(root))
     assert "95 % Wilson interval" in readme.baseline_train(readme.record_reader())
+
+
+def test_the_bench_intervals_level_is_the_records(tmp_path):
+    """The median's "90 % interval" was studies.bench.MEDIAN_LEVEL of the day, whatever the
+    recorded run used."""
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    path = root / "bench-drift-amx" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["median_level"] = 0.95
+    path.write_text(json.dumps(manifest))
+    text = readme.bench_drift_amx(readme.record_reader(root))
+    assert "its median's 95 % interval" in text and "90 %" not in text
+    manifest["config"]["median_level"] = 95
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(readme.RecordError, match="median_level is 95"):
+        readme.bench_drift_amx(readme.record_reader(root))
+
+
+def test_bench_records_without_their_level_ran_at_the_unrecorded_one():
+    """A bench record from before the bench recorded config.median_level is named at
+    MEDIAN_LEVEL_UNRECORDED: what its commit's studies.bench said, where its bench.csv has
+    the interval at all."""
+    import re
+
+    checked = 0
+    for folder in sorted(readme.RECORDS.iterdir()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest.get("study") != "bench" or "median_level" in manifest["config"]:
+            continue
+        if "median_lo" not in (folder / "bench.csv").read_text().splitlines()[0].split(","):
+            continue
+        source = subprocess.run(
+            ["git", "show", f"{manifest['git']['commit']}:studies/bench.py"], cwd=REPO,
+            capture_output=True, text=True, check=True).stdout
+        level = re.search(r"^MEDIAN_LEVEL = ([\d.]+)", source, re.M)
+        assert level and float(level.group(1)) == readme.MEDIAN_LEVEL_UNRECORDED, folder.name
+        checked += 1
+    assert checked  # bench-drift-amx
