@@ -95,7 +95,11 @@ FETCH = ('python -c "from qerror.data import load_fashion_mnist as f; '
 
 
 def read_idx(path: Path | str) -> np.ndarray:
-    """Read an IDX file (gzip-compressed if the name ends in .gz) into a numpy array.
+    """Read an IDX file, gzip-compressed or not, into a numpy array.
+
+    Whether it is compressed is read from its first bytes (gzip's magic number ``1f 8b``;
+    an IDX file starts with two zero bytes), not from its name: a browser that undoes a
+    server's gzip encoding saves the raw file under the ``.gz`` name.
 
     Returns
     -------
@@ -109,10 +113,10 @@ def read_idx(path: Path | str) -> np.ndarray:
         magic number, the element type or the size does not match the header.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
     except PermissionError as exc:
         raise DataError(f"{path} cannot be read ({exc.strerror}); give the user read "
                         "permission or copy the file somewhere readable") from exc

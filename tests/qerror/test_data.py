@@ -82,6 +82,20 @@ def test_truncated_or_foreign_file_is_refused(idx_root):
         data.load_fashion_mnist("train", idx_root)
 
 
+def test_compression_is_read_from_the_bytes_not_the_name(idx_root):
+    """A browser that undoes a server's gzip encoding saves the raw IDX file under its .gz
+    name: it was refused as 'truncated or corrupt; delete it and get it again' (which gets
+    the same file again), and a gzip file without .gz as 'bad magic number 1f8b0808'."""
+    want = data.load_fashion_mnist("train", idx_root)
+    gz = idx_root / f"{TRAIN_IMG}.gz"
+    packed = gz.read_bytes()
+    gz.write_bytes(gzip.decompress(packed))
+    assert data.load_fashion_mnist("train", idx_root).sha256 == want.sha256
+    gz.unlink()
+    (idx_root / TRAIN_IMG).write_bytes(packed)
+    assert data.load_fashion_mnist("train", idx_root).sha256 == want.sha256
+
+
 def test_splits_are_deterministic_and_disjoint(idx_root):
     a = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
     b = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
