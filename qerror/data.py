@@ -9,8 +9,8 @@ Where Fashion-MNIST is read from:
   (``$XDG_CACHE_HOME/qerror/data`` or ``~/.cache/qerror/data``) and Debian's
   ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
 
-In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``),
-directly inside, in ``fashion-mnist/`` or in torchvision's ``FashionMNIST/raw/``. Data is
+In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``;
+both only when they hold the same data), directly inside, in ``fashion-mnist/`` or in torchvision's ``FashionMNIST/raw/``. Data is
 downloaded only when asked (``download=True``).
 
 Every file is checked against what its format defines before it is used: IDX magic
@@ -313,6 +313,20 @@ def _check_split(split: str, img_path: Path, images: np.ndarray, lbl_path: Path,
                         f"classes. The file is corrupt or not Fashion-MNIST; {again}")
 
 
+def _read_the_copy(path: Path) -> np.ndarray:
+    """:func:`read_idx` of ``path`` (``NAME.gz`` when there is one, see :func:`_find_file`);
+    an uncompressed ``NAME`` beside it must hold the same data, else which copy was meant is
+    not known and neither is read."""
+    array = read_idx(path)
+    twin = path.with_suffix("") if path.suffix == ".gz" else None
+    if twin is not None and twin.is_file():
+        other = read_idx(twin)
+        if other.shape != array.shape or not np.array_equal(other, array):
+            raise DataError(f"{path} and {twin} beside it hold different data; which one is "
+                            "meant is not known. Remove or rename the one not to use")
+    return array
+
+
 def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
                        download: bool = False) -> ImageSet:
     """Fashion-MNIST's ``"train"`` (60,000) or ``"test"`` (10,000) images and labels.
@@ -349,7 +363,7 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
     img_path = _find_file(folder, FILES[split][0])
     lbl_path = _find_file(folder, FILES[split][1])
     try:
-        images, labels = read_idx(img_path), read_idx(lbl_path)
+        images, labels = _read_the_copy(img_path), _read_the_copy(lbl_path)
         _check_split(split, img_path, images, lbl_path, labels)
     except DataError as exc:
         raise DataError(f"{exc}\n{_ways_to_get_it()}") from exc

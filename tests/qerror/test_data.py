@@ -96,6 +96,18 @@ def test_compression_is_read_from_the_bytes_not_the_name(idx_root):
     assert data.load_fashion_mnist("train", idx_root).sha256 == want.sha256
 
 
+def test_an_uncompressed_copy_beside_the_gz_must_hold_the_same_data(idx_root):
+    """NAME.gz was read and a different NAME beside it (a corrected copy, say) ignored
+    without a word."""
+    want = data.load_fashion_mnist("train", idx_root)
+    data.write_idx(idx_root / TRAIN_LBL, want.labels.astype(np.uint8))  # gunzip -k
+    assert data.load_fashion_mnist("train", idx_root).sha256 == want.sha256
+    data.write_idx(idx_root / TRAIN_LBL, np.full(len(want), 3, np.uint8))
+    with pytest.raises(data.DataError, match=rf"{TRAIN_LBL}.gz and .*{TRAIN_LBL} beside it "
+                                             "hold different data"):
+        data.load_fashion_mnist("train", idx_root)
+
+
 def test_splits_are_deterministic_and_disjoint(idx_root):
     a = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
     b = data.fashion_mnist_splits(idx_root, val=40, calib=20, seed=3)
