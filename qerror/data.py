@@ -448,19 +448,28 @@ def load_image(path: str):
     ------
     DataError
         Naming the file, when PIL cannot open or decode it (broken, truncated, not an
-        image, unreadable, or a decompression bomb).
+        image, unreadable, or a decompression bomb), or when its samples are wider than 8
+        bits (16-bit, 32-bit integer or floating point): PIL's conversion to RGB clips such
+        values at 255 instead of scaling them (a 16-bit ramp comes out nearly all white, a
+        float one in 0..1 all black).
     """
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            mode = image.mode
+            if not (mode in ("I", "F") or mode.startswith("I;")):
+                return image.convert("RGB")
     # PIL signals unreadable and undecodable files with OSError (UnidentifiedImageError,
     # "image file is truncated"), SyntaxError or ValueError from some decoders, and
     # DecompressionBombError.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read this image ({type(exc).__name__}: {exc}); "
                         "replace the file or remove it from the folder") from exc
+    raise DataError(f"{path}: its samples are wider than 8 bits (PIL mode {mode}), which the "
+                    "conversion to 8-bit RGB would clip at 255, not scale; save it as an 8-bit "
+                    "image or remove it from the folder")
 
 
 # --------------------------------------------------------------------------- ImageNet

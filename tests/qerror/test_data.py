@@ -447,6 +447,26 @@ def test_imagenet_folder_names_a_broken_image(tmp_path):
         assert str(path) in str(info.value) and "cannot read this image" in str(info.value)
 
 
+@pytest.mark.parametrize("name, array", [
+    ("gray16.png", np.full((8, 8), 65535 // 3, np.uint16)),  # PIL mode I;16
+    ("float.tiff", np.full((8, 8), 1 / 3, np.float32)),  # mode F
+    ("int32.tiff", np.full((8, 8), 65535 // 3, np.int32)),  # mode I
+])
+def test_an_image_wider_than_8_bits_is_refused_not_clipped(tmp_path, name, array):
+    """PIL's convert("RGB") clips such samples at 255: a 16-bit third of full scale (21845,
+    85 in 8 bits) was read as 255, a float 1/3 as 0, and measured without a word."""
+    from PIL import Image
+
+    root = _image_folder(tmp_path)
+    path = root / "n01443537" / name
+    Image.fromarray(array).save(path)
+    ds = data.imagenet_folder(root)
+    index = [p for p, _ in ds.samples].index(str(path))
+    with pytest.raises(data.DataError, match=rf"{name}: its samples are wider than 8 bits"):
+        ds[index]
+    assert np.asarray(data.load_image(str(root / "n01443537" / "0.jpg"))).dtype == np.uint8
+
+
 def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, monkeypatch):
     # as a user without read access meets it (root reads every folder, so the refusal of the
     # kernel is played by os.scandir, which os.walk lists each folder with): the folder's
