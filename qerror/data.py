@@ -527,7 +527,9 @@ def read_label_map(path: Path | str) -> dict[str, int]:
     """An explicit folder → class mapping (the studies' ``--labels FILE``).
 
     Each non-empty line that does not start with ``#`` holds a sub-folder name and its class,
-    separated by white space: a class index 0..999 or a synset id (``n02102040``).
+    separated by white space: a class index 0..999 or a synset id (``n02102040``). The class
+    is the line's last field and the name all before it, so a name may hold spaces
+    (``golden retriever 207``).
 
     Raises
     ------
@@ -548,7 +550,7 @@ def read_label_map(path: Path | str) -> dict[str, int]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
+        parts = line.rsplit(None, 1)
         where = f"--labels {path}, line {number} ({line!r})"
         if len(parts) != 2:
             raise DataError(f"{where}: expected a folder name and its class (an index "

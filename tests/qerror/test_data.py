@@ -399,10 +399,13 @@ def test_non_synset_folders_need_an_explicit_mapping(tmp_path):
     mapping.write_text("# folder class\ndogs n02099601\nn01443537 1\n")
     with pytest.raises(data.DataError, match="maps no class to 1 sub-folder.*toilet paper"):
         data.imagenet_folder(root, mapping)
-    # A folder name with a space cannot be written in the file; a dict maps it.
     ds = data.imagenet_folder(root, {"dogs": 207, "n01443537": 1, "toilet paper": 999})
     assert ds.layout is data.Layout.MAPPING
     assert [label for _, label in ds.samples] == [207, 207, 1, 1, 999, 999]
+    # a folder name with a space: the class is the line's last field (the line was refused
+    # as 'expected a folder name and its class', and --labels could not map the folder)
+    mapping.write_text("dogs n02099601\nn01443537 1\ntoilet paper\tn15075141\n")
+    assert data.imagenet_folder(root, mapping).samples == ds.samples
 
 
 @pytest.mark.parametrize("text, message", [
