@@ -585,11 +585,15 @@ class ImageNetFolder(torch.utils.data.Dataset):
         The sorted class indices present.
     resize, crop : int
         The preprocessing's sizes (short side resized to, centre crop).
+    not_read : tuple of str
+        The files found that are not images of a type read (not hidden; paths relative to
+        ``root``), sorted.
     """
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], layout: Layout, transform,
-                 sizes: tuple[int, int] = (256, 224)):
+                 sizes: tuple[int, int] = (256, 224), not_read: tuple[str, ...] = ()):
         self.root, self.samples, self.layout, self.transform = root, samples, layout, transform
+        self.not_read = tuple(not_read)
         self.resize, self.crop = sizes
         self.targets = [label for _, label in samples]
         self.classes = tuple(sorted(set(self.targets)))
@@ -602,12 +606,13 @@ class ImageNetFolder(torch.utils.data.Dataset):
         return self.transform(load_image(path)), label
 
     def identity(self) -> dict:
-        """What a manifest records: folder, layout, image count and the classes present
-        (as synset ids, in class-index order)."""
+        """What a manifest records: folder, layout, image count, the classes present (as
+        synset ids, in class-index order) and the files not read (count, the first five)."""
         synsets = imagenet_synsets()
         return {"source": str(self.root.resolve()), "layout": self.layout.value,
                 "images_found": len(self), "classes": len(self.classes),
                 "classes_present": [synsets[c] for c in self.classes],
+                "files_not_read": len(self.not_read), "first_not_read": list(self.not_read[:5]),
                 "resize": self.resize, "crop": self.crop}
 
 
@@ -616,15 +621,17 @@ def _folder_key(folder: Path | str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> list[Path]:
-    """The image files under ``folder``, following links to folders but walking each folder
-    once (by device and inode), so that a link back up the tree (a loop) or two links to
-    one folder do not repeat its images; below ``folder``, the folders in ``skip`` (the
-    dataset's root and its class folders) are not walked either."""
+def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()
+               ) -> tuple[list[Path], list[Path]]:
+    """The image files under ``folder`` and the other (not hidden) files, each sorted,
+    following links to folders but walking each folder once (by device and inode), so that
+    a link back up the tree (a loop) or two links to one folder do not repeat its images;
+    below ``folder``, the folders in ``skip`` (the dataset's root and its class folders) are
+    not walked either."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     seen = set(skip) - {_folder_key(folder)}
-    found = []
+    found, others = [], []
 
     def unreadable(err: OSError):  # os.walk leaves such a folder out silently
         raise DataError(f"{err.filename}: cannot be read ({err.strerror}); its images would be "
@@ -638,9 +645,10 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()) -> 
             continue
         seen.add(key)
         # a hidden file (macOS's "._x.JPEG" resource forks) is not an image of the set
-        found += [Path(d) / f for f in files
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
-    return sorted(found)
+        for f in files:
+            if not f.startswith("."):
+                (found if f.lower().endswith(IMG_EXTENSIONS) else others).append(Path(d) / f)
+    return sorted(found), sorted(others)
 
 
 def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | None = None,
@@ -662,7 +670,8 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
       (a :func:`read_label_map` file, or a dict name → index).
 
     Images are read by :func:`load_image`, so a broken one raises a :class:`DataError`
-    naming it when it is read.
+    naming it when it is read. Files of other types than torchvision's ``IMG_EXTENSIONS``
+    (``.gif``, ``.avif``, a ``.txt``) are not read; the dataset's ``not_read`` lists them.
 
     Raises
     ------
@@ -671,8 +680,8 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     DataError
         Sub-folders that are not ILSVRC2012 synset ids (without ``labels``), sub-folders
         ``labels`` does not map, two class folders that are one (links), image files beside
-        class folders, or flat files that are not validation images; the message names
-        them.
+        class folders, a class folder whose files are none of a type read (its class would be
+        left out), or flat files that are not validation images; the message names them.
     """
     from torchvision import transforms
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -692,8 +701,9 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         labels = read_label_map(labels)
     folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     # the images directly inside (a listing, not a walk of the whole tree)
-    loose = sorted(f for f in path.iterdir() if not f.is_dir() and not f.name.startswith(".")
-                   and f.name.lower().endswith(IMG_EXTENSIONS))
+    loose, loose_others = [], []
+    for f in sorted(f for f in path.iterdir() if not f.is_dir() and not f.name.startswith(".")):
+        (loose if f.name.lower().endswith(IMG_EXTENSIONS) else loose_others).append(f)
     # each class folder walked from its own top only: a link to the root or to another
     # class folder does not bring that folder's images in again
     keys: dict[tuple[int, int], list[str]] = {}
@@ -705,8 +715,17 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
                         "(links to the same place): its images would be counted under each "
                         "class. Keep one of them")
     tops = frozenset(keys) | {_folder_key(path)}
-    per_folder = {d.name: _images_in(d, tops) for d in folders}
-    per_folder = {k: v for k, v in per_folder.items() if v}
+    walked = {d.name: _images_in(d, tops) for d in folders}
+    per_folder = {k: images for k, (images, _) in walked.items() if images}
+    not_read = sorted(loose_others + [f for _, others in walked.values() for f in others])
+    not_read = tuple(f.relative_to(path).as_posix() for f in not_read)
+    without = [k for k, (images, others) in walked.items() if not images and others]
+    if per_folder and without:
+        raise DataError(f"{path}: {len(without)} class sub-folder(s) hold files but no image of "
+                        f"a type read ({' '.join(IMG_EXTENSIONS)}): {_first(without)} (the "
+                        f"first file: {walked[without[0]][1][0].relative_to(path)}); their class "
+                        "would be left out. Convert the images to one of those types, or move "
+                        "the folder out")
     if per_folder and loose:
         raise DataError(f"{path} holds class sub-folders and also {len(loose)} images directly "
                         f"inside (the first: {loose[0].name}); an image outside a class folder "
@@ -759,7 +778,7 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
         transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop),
         transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
-    return ImageNetFolder(path, samples, layout, tf, (resize, crop))
+    return ImageNetFolder(path, samples, layout, tf, (resize, crop), not_read)
 
 
 def _first(names: list[str], shown: int = 5) -> str:

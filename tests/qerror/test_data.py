@@ -490,6 +490,28 @@ def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, monkeyp
         data.imagenet_folder(root)
 
 
+def test_files_of_a_type_not_read_are_said(tmp_path):
+    """A class folder of GIFs was left out without a word (its class absent), and a GIF
+    beside JPEGs skipped with nothing recorded."""
+    from PIL import Image
+
+    root = _image_folder(tmp_path, ("n01443537", "n02099601", "n15075141"))
+    for cls in ("n01443537", "n15075141"):
+        for f in (root / cls).iterdir():
+            Image.open(f).save(f.with_suffix(".gif"))
+    for f in (root / "n15075141").glob("*.jpg"):
+        f.unlink()
+    with pytest.raises(data.DataError, match=r"1 class sub-folder\(s\) hold files but no image "
+                                             r"of a type read.*n15075141 \(the first file: "
+                                             r"n15075141/0.gif\); their class would be left out"):
+        data.imagenet_folder(root)
+    (root / "n15075141" / "0.gif").rename(root / "n15075141" / "0.png")
+    ident = data.imagenet_folder(root).identity()
+    assert ident["images_found"] == 5 and ident["classes"] == 3
+    assert ident["files_not_read"] == 3
+    assert ident["first_not_read"] == ["n01443537/0.gif", "n01443537/1.gif", "n15075141/1.gif"]
+
+
 def test_imagenet_folder_without_images_is_refused(tmp_path):
     (tmp_path / "empty" / "n01443537").mkdir(parents=True)
     with pytest.raises(data.DataNotFoundError, match="holds no image"):
