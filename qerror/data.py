@@ -10,8 +10,8 @@ Where Fashion-MNIST is read from:
   ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
 
 In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``;
-both only when they hold the same data), directly inside, in ``fashion-mnist/`` or in torchvision's ``FashionMNIST/raw/``. Data is
-downloaded only when asked (``download=True``).
+both only when they hold the same data), directly inside, in ``fashion-mnist/`` or in
+torchvision's ``FashionMNIST/raw/``. Data is downloaded only when asked (``download=True``).
 
 Every file is checked against what its format defines before it is used: IDX magic
 number, element type uint8, dimensions (images N×28×28, labels N), Fashion-MNIST's split
