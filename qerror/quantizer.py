@@ -223,19 +223,27 @@ def _normalise_axis(x, spec: QuantSpec) -> int | None:
     return spec.axis % ndim
 
 
-def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
-    """Validate scale and zero point; return them as float64/int64 numpy arrays shaped
-    to broadcast against ``x``."""
+def _check_scale(scale, working: np.dtype, done: str, wider: str) -> np.ndarray:
+    """``scale`` as float64 numpy, refused unless positive, finite and a normal number of the
+    ``working`` precision (below it the scale rounds to a subnormal or 0, above it to inf);
+    ``done`` and ``wider`` word the message."""
     s = check_positive_finite(scale, "scale")
-    wide = x.dtype == torch.float64 if isinstance(x, torch.Tensor) else x.dtype == np.float64
-    working = np.dtype(np.float64 if wide else np.float32)
     info = np.finfo(working)
     if np.any(s < info.tiny) or np.any(s > info.max):
         bad = s[(s < info.tiny) | (s > info.max)].reshape(-1)[0]
         raise ValueError(
-            f"scale {bad!r} is not a normal {working.name} number, the precision this input "
-            f"is quantized in; use a scale in [{info.tiny:.3g}, {info.max:.3g}] (or float64 data)"
+            f"scale {bad!r} is not a normal {working.name} number, the precision this {done} "
+            f"in; use a scale in [{info.tiny:.3g}, {info.max:.3g}] (or {wider})"
         )
+    return s
+
+
+def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
+    """Validate scale and zero point; return them as float64/int64 numpy arrays shaped
+    to broadcast against ``x``."""
+    wide = x.dtype == torch.float64 if isinstance(x, torch.Tensor) else x.dtype == np.float64
+    s = _check_scale(scale, np.dtype(np.float64 if wide else np.float32), "input is quantized",
+                     "float64 data")
     z = spec.check_zero_point(zero_point)
     shape = _param_shape(x, axis)
     if axis is None:
@@ -776,6 +784,9 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
         Output float dtype (default float32). The arithmetic is that of
         :func:`fake_quantize` for data of this dtype: float64 for float64,
         float32 otherwise, then rounded to ``dtype``; so both give the same values.
+        As there, the scale must be a normal number of that precision (a float32 scale
+        above 3.4e38 or below 1.2e-38 is refused, not turned into inf or 0), and a zero
+        point a finite integer.
     """
     if isinstance(q, torch.Tensor):
         if not is_integer_dtype(q.dtype):
@@ -798,10 +809,12 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
     if axis is not None and not -q.ndim <= axis < q.ndim:
         raise ValueError(f"axis={axis} is out of range for codes of shape {tuple(q.shape)}")
     ax = None if axis is None else axis % q.ndim
-    s = check_positive_finite(scale, "scale")
+    s = _check_scale(scale, np.dtype(np.float64 if work in (np.float64, torch.float64)
+                                     else np.float32), "dequantization computes", "dtype=float64")
     z = np.asarray(zero_point.detach().cpu() if isinstance(zero_point, torch.Tensor)
                    else zero_point)
-    if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.all(z == np.round(z))):
+    if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.all(np.isfinite(z))
+                                         and np.all(z == np.round(z))):
         raise TypeError(f"zero_point must hold integers, got {zero_point!r}")
     shape = _param_shape(q, ax)
     params = []

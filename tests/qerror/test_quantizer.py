@@ -459,6 +459,24 @@ def test_bad_dequantize_input_is_refused():
     assert dequantize(codes, 0.1, dtype=torch.float64).dtype == torch.float64
 
 
+@pytest.mark.parametrize("codes", [np.array([1, 2, -3], dtype=np.int32),
+                                   torch.tensor([1, 2, -3], dtype=torch.int32)])
+def test_dequantize_refuses_what_fake_quantize_refuses(codes):
+    """A scale no float32 normal number holds came back as inf (1e39) or 0 (1e-46) for every
+    code, and an infinite zero point as -inf: refused as fake_quantize refuses them; float64
+    output (float64 arithmetic) takes such scales."""
+    for scale in (1e39, 1e-46, 1e-40):
+        with pytest.raises(ValueError, match="not a normal float32 number.*dtype=float64"):
+            dequantize(codes, scale)
+        with pytest.raises(ValueError, match="not a normal float32 number"):
+            fake_quantize(np.ones(3, np.float32), QuantSpec(), scale)
+        wide = torch.float64 if isinstance(codes, torch.Tensor) else np.float64
+        assert float(dequantize(codes, scale, dtype=wide)[0]) == scale
+    for z in (np.inf, -np.inf, np.nan):
+        with pytest.raises(TypeError, match="zero_point must hold integers"):
+            dequantize(codes, 0.1, z)
+
+
 # --------------------------------------------------------------------------- regressions from review
 
 
