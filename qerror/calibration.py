@@ -10,6 +10,7 @@ configuration apart from its observers.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -237,9 +238,13 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     upper, stochastic rounding at either) can step past it and clamp, counted as
     saturation.
     A zero-width range gets ``s = 1``: any scale represents it exactly. A scale
-    below ``min_scale`` (the smallest normal float32 by default) is raised to it,
-    so that it survives rounding to the working precision.
+    below ``min_scale`` (the smallest normal float32 by default; a positive finite
+    number) is raised to it, so that it survives rounding to the working precision.
     """
+    if isinstance(min_scale, (bool, np.bool_)) or not isinstance(min_scale, numbers.Real) \
+            or not (math.isfinite(float(min_scale)) and float(min_scale) > 0.0):
+        raise ValueError(f"min_scale must be a positive finite number (the smallest scale "
+                         f"to give), got {min_scale!r}")
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     if lo.size == 0 or hi.size == 0:

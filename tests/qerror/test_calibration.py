@@ -95,6 +95,16 @@ def test_qparams_from_range_refuses_ranges_it_cannot_map(lo, hi, message):
         qparams_from_range(lo, hi, QuantSpec(bits=8))
 
 
+@pytest.mark.parametrize("min_scale", [np.nan, np.inf, 0.0, -1.0, "1e-38", True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_qparams_from_range_refuses_a_min_scale_that_is_no_scale(min_scale, symmetric):
+    """NaN gave scale NaN and, affine, zero point -2**63; inf gave scale inf; 0 and -1 let a
+    tiny range through unfloored; a string raised numpy's ufunc error."""
+    with pytest.raises(ValueError, match="min_scale must be a positive finite number"):
+        qparams_from_range(-1e-300, 1e-300, QuantSpec(bits=8, symmetric=symmetric),
+                           min_scale=min_scale)
+
+
 def test_qparams_from_range_takes_a_scalar_bound_for_every_channel():
     p = qparams_from_range(0.0, [1.0, 2.0], QuantSpec(bits=8, symmetric=False))
     q = qparams_from_range([0.0, 0.0], [1.0, 2.0], QuantSpec(bits=8, symmetric=False))
