@@ -62,7 +62,8 @@ class ScaleArithmetic(Choice):
 
     RECIPROCAL multiplies by ``1/s`` rounded to the working precision and rounds
     that product, as PyTorch's fake-quantize and the FBGEMM/oneDNN kernels do;
-    use it to reproduce those engines bit for bit.
+    use it to reproduce those engines bit for bit (for float32 and half-precision
+    data: see :func:`fake_quantize`).
     """
 
     EXACT = "exact"
@@ -498,6 +499,8 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     low = np.zeros(channels, dtype=np.int64)
     high = np.zeros(channels, dtype=np.int64)
     dims = None if axis is None else (0, 2)
+    # RECIPROCAL reproduces PyTorch's fake-quantize, whose (q - z) s has no negative zero
+    plus_zero = fake and spec.arithmetic is ScaleArithmetic.RECIPROCAL
 
     def one_block(block):
         so, sc, si, at = block
@@ -524,14 +527,20 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             r.clamp_(lo, hi)
             res = r.mul_(scale_b) if fake else r.to(torch.int32).add_(
                 _as_param(zb, r, torch.int32))
+            if plus_zero:
+                res.add_(0.0)
         elif scratch is not None:
             np.clip(r, lo, hi, out=r)
             np.multiply(r, scale_b, out=scratch)
+            if plus_zero:
+                np.add(scratch, 0.0, out=scratch)
             return sc, counts
         else:
             np.clip(r, lo, hi, out=r)
             res = np.multiply(r, scale_b, out=r) if fake else (
                 r.astype(np.int32) + zb.astype(np.int32))
+            if plus_zero:
+                np.add(res, 0.0, out=res)
         ob[...] = res.reshape(ob.shape)
         return sc, counts
 
@@ -711,6 +720,8 @@ def _run_autograd(x, spec, s, z, key, axis, *, fake: bool, count: bool, offset: 
     r = torch.where((r >= lo) & (r <= hi), r, torch.clamp(r, lo, hi).detach())
     if fake:
         out = (r * scale_c).to(x.dtype)
+        if spec.arithmetic is ScaleArithmetic.RECIPROCAL:
+            out = out + 0.0  # no negative zero, as PyTorch's fake-quantize (see _run)
     else:
         out = r.detach().to(torch.int32) + _as_param(z, x, torch.int32)
     return (out, sat) if count else out
@@ -854,7 +865,11 @@ def fake_quantize(
     -----
     With ``ScaleArithmetic.RECIPROCAL`` and NEAREST_EVEN the result equals
     PyTorch's ``torch.fake_quantize_per_tensor_affine`` and
-    ``torch.fake_quantize_per_channel_affine`` bit for bit.
+    ``torch.fake_quantize_per_channel_affine`` bit for bit (zeros are +0, as PyTorch's
+    ``(q - z) s`` gives them) for float32, float16 and bfloat16 data. Not for float64 data,
+    whose scale PyTorch rounds to float32 and qerror keeps in float64; nor, per channel,
+    where ``|x/s|`` passes 2**63: PyTorch casts the quotient to int64 before clamping, an
+    overflow that gives some code (seen: qmin for 3e38), where qerror clamps to qmax.
     """
     return _run(x, spec, scale, zero_point, generator, fake=True, count=return_saturation,
                 offset=offset)

@@ -127,6 +127,35 @@ def test_reciprocal_arithmetic_matches_pytorch_per_channel(axis):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero_point, signed", [(0, True), (3, False), (-7, True)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_reciprocal_arithmetic_matches_pytorch_in_the_bits(dtype, zero_point, signed, grad):
+    """torch.equal took -0.0 for 0.0: RECIPROCAL kept the sign of R(u) - z (-0.0 for -0.0 and
+    for small negative values), PyTorch's (q - z) s is +0.0; per tensor and per channel,
+    block engine and autograd path."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.tensor([-0.0, 0.0, -0.01, 0.01, -1e-30]),
+                   torch.randn(4000, generator=gen)]).to(dtype)
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    spec = QuantSpec(bits=8, signed=signed, symmetric=False, arithmetic=RECIPROCAL)
+    inp = x.clone().requires_grad_(grad)
+    ref = torch.fake_quantize_per_tensor_affine(x, 0.05, zero_point, qmin, qmax)
+    ours = fake_quantize(inp, spec, 0.05, zero_point).detach()
+    assert torch.equal(ours, ref) and torch.equal(torch.signbit(ours), torch.signbit(ref))
+    w = x[:4000].reshape(-1, 4)
+    scale = torch.tensor([0.05, 0.01, 0.2, 0.003])
+    zp = torch.tensor([zero_point, 0, qmin, qmax], dtype=torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zp, 1, qmin, qmax)
+    ours = fake_quantize(w.clone().requires_grad_(grad), spec.replace(axis=1), scale.numpy(),
+                         zp.numpy()).detach()
+    assert torch.equal(ours, ref) and torch.equal(torch.signbit(ours), torch.signbit(ref))
+    # numpy data the same bits (float32, float16)
+    if dtype is not torch.bfloat16 and not grad:
+        got = fake_quantize(w.numpy(), spec.replace(axis=1), scale.numpy(), zp.numpy())
+        assert np.array_equal(np.signbit(got), torch.signbit(ref).numpy())
+
+
 def test_exact_arithmetic_differs_from_pytorch_only_where_the_reciprocal_misrounds():
     """Default EXACT vs PyTorch: every disagreement is one step, at an element where
     rint(x * fl(1/s)) differs from the exact code."""
