@@ -51,8 +51,12 @@ class ScaleArithmetic(Choice):
     exactly on a rounding boundary (a half-integer for the nearest modes, an
     integer for the others) the sign of the exact residual ``x - v s``
     (Dekker's error-free product) decides, so no code is ever off by one
-    because of the division's own rounding. The README's error model is
-    stated for this quantizer. For float32 data on the CPU (16,384 elements or
+    because of the division's own rounding. One convention overrides it: where
+    the boundaries are integers (FLOOR, CEIL, TOWARD_ZERO, STOCHASTIC) a value
+    equal to a stored level ``fl(k s)`` gets code ``k`` although ``x/s`` is
+    not exactly ``k`` (CEIL of ``fl(3 s)``, ``s = fl32(0.1)``, is 3, not 4), so
+    that quantize∘dequantize is the identity on codes. The README's error
+    model is stated for this quantizer. For float32 data on the CPU (16,384 elements or
     more) the same codes come from one compiled loop (:mod:`qerror._fused`;
     ``QERROR_FUSED=0`` turns it off).
 

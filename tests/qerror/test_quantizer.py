@@ -690,3 +690,16 @@ def test_the_level_rule_takes_the_integer_nearest_the_exact_quotient(mode):
     got = int(quantize(x, spec, 1 / 3, -128)[0])
     assert got == round(u) - 128 == 125
     assert float(dequantize(torch.tensor([got]), 1 / 3, -128, dtype=torch.bfloat16)[0]) == 84.5
+
+
+def test_a_stored_level_keeps_its_code_although_its_quotient_is_not_exact():
+    """ScaleArithmetic's and the README's example: fl32(3 fl32(0.1)) / fl32(0.1) is 3 plus
+    about 7e-8, so CEIL of the exact quotient is 4 and STOCHASTIC could draw 4; the level rule
+    gives 3 (a documentation check: the rule itself predates it)."""
+    s = np.float32(0.1)
+    x = np.float32(3) * s
+    assert Fraction(float(x)) / Fraction(float(s)) > 3
+    assert int(quantize(np.array([x]), QuantSpec(rounding="ceil"), 0.1)[0]) == 3
+    codes = {int(quantize(np.array([x]), QuantSpec(rounding="stochastic"), 0.1,
+                          generator=g)[0]) for g in range(50)}
+    assert codes == {3}
