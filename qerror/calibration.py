@@ -127,15 +127,6 @@ class RangePolicy:
         return replace(self, **changes)
 
 
-def _axis(x, spec: QuantSpec) -> int | None:
-    if spec.axis is None:
-        return None
-    if not -x.ndim <= spec.axis < x.ndim:
-        raise ValueError(
-            f"spec.axis={spec.axis} is out of range for an input of shape {tuple(x.shape)}")
-    return spec.axis % x.ndim
-
-
 def _reduce_dims(x, axis):
     return tuple(d for d in range(x.ndim) if d != axis)
 
@@ -162,7 +153,7 @@ def observed_range(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePol
     check_float_array(x, "x")
     check_finite(x, "x")
     policy.check(spec)
-    axis = _axis(x, spec)
+    axis = spec.channel_axis(x)
     return _range(_to_numpy64(x), spec, policy, axis)
 
 
@@ -288,7 +279,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     check_float_array(x, "x")
     check_finite(x, "x")
     policy.check(spec)
-    axis = _axis(x, spec)
+    axis = spec.channel_axis(x)
     data = _to_numpy64(x)
     lo, hi = _range(data, spec, policy, axis)
     min_scale = _min_scale(x)

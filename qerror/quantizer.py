@@ -168,6 +168,17 @@ class QuantSpec:
             )
         return z
 
+    def channel_axis(self, x) -> int | None:
+        """The per-channel axis as a dimension of ``x`` (``axis % x.ndim``), or None per
+        tensor; ValueError where ``x`` has no such dimension."""
+        if self.axis is None:
+            return None
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(
+                f"spec.axis={self.axis} is out of range for an input of shape {tuple(x.shape)}"
+            )
+        return self.axis % x.ndim
+
     def replace(self, **changes) -> "QuantSpec":
         """A copy with some fields changed (validated again)."""
         from dataclasses import replace
@@ -215,17 +226,6 @@ def _param_shape(x, axis: int | None) -> tuple[int, ...]:
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
     return tuple(shape)
-
-
-def _normalise_axis(x, spec: QuantSpec) -> int | None:
-    if spec.axis is None:
-        return None
-    ndim = x.ndim
-    if not -ndim <= spec.axis < ndim:
-        raise ValueError(
-            f"spec.axis={spec.axis} is out of range for an input of shape {tuple(x.shape)}"
-        )
-    return spec.axis % ndim
 
 
 def _check_scale(scale, working: np.dtype, done: str, wider: str) -> np.ndarray:
@@ -356,7 +356,7 @@ def _prepare(x, spec, scale, zero_point, generator, *, finite_checked: bool = Fa
     check_float_array(x, "x")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    axis = _normalise_axis(x, spec)
+    axis = spec.channel_axis(x)
     s, z = _check_params(x, spec, scale, zero_point, axis)
     if not finite_checked:
         check_finite(x, "x")

@@ -304,3 +304,18 @@ def test_range_policy_label_names_each_method_and_its_setting():
     assert RangePolicy("percentile", percentile=99.9).label == "99.9th percentile"
     assert RangePolicy("mse", mse_grid=40).label == "MSE-optimal shrink of min-max (40 factors)"
     assert RangePolicy("aciq", aciq_law="normal").label == "ACIQ (normal)"
+
+
+def test_calibration_and_quantizer_share_one_axis_check():
+    """calibration._axis was a copy of quantizer._normalise_axis: both now QuantSpec.channel_axis,
+    one message for calibrate, observed_range and quantize."""
+    spec = QuantSpec(axis=-3)
+    x = np.zeros((2, 3), np.float32)
+    assert QuantSpec(axis=-1).channel_axis(x) == 1 and QuantSpec().channel_axis(x) is None
+    messages = set()
+    for call in (lambda: spec.channel_axis(x), lambda: calibrate(x, spec),
+                 lambda: observed_range(x, spec), lambda: quantize(x, spec, 0.1)):
+        with pytest.raises(ValueError, match="out of range for an input of shape") as err:
+            call()
+        messages.add(str(err.value))
+    assert messages == {"spec.axis=-3 is out of range for an input of shape (2, 3)"}
