@@ -16,7 +16,9 @@ torchvision's ``FashionMNIST/raw/``. Data is downloaded only when asked (``downl
 Every file is checked against what its format defines before it is used: IDX magic
 number, element type uint8, dimensions (images N×28×28, labels N), Fashion-MNIST's split
 sizes (:data:`SIZES`), as many labels as images, labels in 0..9. A file that fails raises
-:class:`DataError` naming the file and what is wrong.
+:class:`DataError` naming the file and what is wrong. A split of the published size whose
+content is not the published data's (:data:`PUBLISHED_SHA256`; MNIST has the same file
+names and sizes) is read with an :class:`UnpublishedDataWarning` naming the files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import operator
 import os
 import re
 import shutil
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +53,14 @@ FILES = {
 # Images in each split of the published data set. Every loaded file is checked against
 # these; tests that write small synthetic files declare their sizes by patching this dict.
 SIZES = {"train": 60_000, "test": 10_000}
+PUBLISHED_SIZES = dict(SIZES)  # not patched: the published content is checked at these sizes
+# The sha256 of each published split's decoded images then labels (ImageSet.sha256 of the
+# whole split), measured on Debian's dataset-fashion-mnist (10 classes of 6,000 and of 1,000
+# images, as published): MNIST ships under the same four file names and sizes.
+PUBLISHED_SHA256 = {
+    "train": "16d82e2b505296aa2b78bd5ea0992634f30419a4c97def7c907d154a35ac6157",
+    "test": "9f1ec356a747bfe4ebab3cfb722d3694c9ca737e2570f6f90cf31d7b6fd689d4",
+}
 # fashion_mnist_splits' default validation and calibration splits, taken from the training file.
 VAL_IMAGES, CALIB_IMAGES = 5_000, 1_000
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -71,6 +82,11 @@ class DataNotFoundError(FileNotFoundError):
 
 class DataError(ValueError):
     """A data file is unreadable or not what its format defines; the message names the file."""
+
+
+class UnpublishedDataWarning(UserWarning):
+    """Files of Fashion-MNIST's names and sizes whose content is not the published data set's
+    (another data set of the same format, such as MNIST, or altered files)."""
 
 
 def cache_dir() -> Path:
@@ -369,7 +385,15 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
         raise DataError(f"{exc}\n{_ways_to_get_it()}") from exc
     h = hashlib.sha256(images.tobytes())
     h.update(labels.tobytes())
-    return ImageSet(images, labels.astype(np.int64), str(folder), h.hexdigest())
+    digest = h.hexdigest()
+    if len(labels) == PUBLISHED_SIZES[split] and digest != PUBLISHED_SHA256[split]:
+        warnings.warn(
+            f"{img_path} and {lbl_path} are not the published Fashion-MNIST {split} split "
+            f"(the content's sha256 is {digest[:12]}..., the published one's "
+            f"{PUBLISHED_SHA256[split][:12]}...): MNIST, for one, has the same file names and "
+            "sizes. Results computed on them are not Fashion-MNIST's; each study's manifest "
+            "records the content's hash", UnpublishedDataWarning, stacklevel=2)
+    return ImageSet(images, labels.astype(np.int64), str(folder), digest)
 
 
 @dataclass(frozen=True)

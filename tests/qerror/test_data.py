@@ -30,6 +30,26 @@ def test_load_from_explicit_root_and_env(idx_root, monkeypatch):
     assert data.load_fashion_mnist("test").sha256 == data.load_fashion_mnist("test", idx_root).sha256
 
 
+def test_files_of_the_published_sizes_but_another_content_are_named_as_such(
+        fashion_idx, monkeypatch):
+    """MNIST ships under Fashion-MNIST's four file names and sizes and loaded silently; at
+    the published sizes the content's hash is now held to the published data's."""
+    import warnings
+
+    root = fashion_idx(train=30, test=20)
+    monkeypatch.setattr(data, "PUBLISHED_SIZES", {"train": 30, "test": 20})
+    with pytest.warns(data.UnpublishedDataWarning, match="not the published Fashion-MNIST test"):
+        got = data.load_fashion_mnist("test", root)
+    monkeypatch.setitem(data.PUBLISHED_SHA256, "test", got.sha256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load_fashion_mnist("test", root).sha256 == got.sha256
+    monkeypatch.setattr(data, "PUBLISHED_SIZES", {"train": 60_000, "test": 10_000})
+    with warnings.catch_warnings():  # other sizes: synthetic files, never the published ones
+        warnings.simplefilter("error")
+        data.load_fashion_mnist("train", root)
+
+
 def test_torchvision_layout_is_found(idx_root, tmp_path):
     raw = tmp_path / "tv" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)

@@ -460,7 +460,9 @@ def test_dataset_study_figures_take_accuracies_of_0_and_1(right, n):
 
 def _full_size_fashion(root):
     """Random images in Fashion-MNIST's split sizes (a torchrun worker cannot see a test's
-    patched sizes), uncompressed so that writing them takes no time."""
+    patched sizes), uncompressed so that writing them takes no time. Loading them warns that
+    they are not the published data (qerror.data.UnpublishedDataWarning): the tests that load
+    them in process say they expect it."""
     from qerror import data
 
     rng = np.random.default_rng(0)
@@ -481,6 +483,7 @@ SHARD_RTOL = 1e-9
 COUNT_COLUMNS = ("images", "float_only", "quant_only", "layers")
 
 
+@pytest.mark.filterwarnings("ignore::qerror.data.UnpublishedDataWarning")
 def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     import os
     import subprocess
@@ -540,6 +543,7 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     assert (pd.read_csv(two / "headline.csv").images == 4).all()
 
 
+@pytest.mark.filterwarnings("ignore::qerror.data.UnpublishedDataWarning")
 def test_fewer_batches_than_ranks_is_refused_on_every_rank(tmp_path, monkeypatch, capsys):
     from qerror.nn import training
 
