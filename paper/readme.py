@@ -304,6 +304,22 @@ def wilson_level(rec: Record, accuracy: float, n: int, ci) -> float:
     return confidence
 
 
+def train_level(rec: Record, summary: dict) -> float:
+    """The confidence of a training run's test interval: ``1 - test_ci_alpha`` where its
+    summary records it, else the level that reproduces the interval (:func:`wilson_level`);
+    a recorded level whose Wilson interval is not the one recorded is refused."""
+    lo, hi = summary["test_ci"]
+    if "test_ci_alpha" not in summary:
+        return wilson_level(rec, summary["test_accuracy"], summary["test_n"], (lo, hi))
+    alpha = summary["test_ci_alpha"]
+    k = round(_finite(summary["test_accuracy"]) * summary["test_n"])
+    if not np.allclose(wilson_ci(k, summary["test_n"], alpha).ci, (lo, hi), rtol=0,
+                       atol=1e-9):
+        raise RecordError(f"record {rec.name}: its test interval [{lo}, {hi}] is not the "
+                          f"Wilson interval at the recorded test_ci_alpha {alpha!r}")
+    return 1.0 - float(alpha)
+
+
 def accuracy_ci(r) -> str:
     """A point's accuracy with its interval: "88.31 % [87.67, 88.93]"."""
     return f"{pct(r.acc)} % [{pct(r.acc_lo)}, {pct(r.acc_hi)}]"
@@ -426,9 +442,7 @@ def baseline_train(records, name: str = "baseline-train") -> str:
         f"{t['median_step_seconds']:.2f} s, {t['torch_threads']} torch thread"
         f"{'s' if t['torch_threads'] != 1 else ''}) on {rec.about['machine']}, and reached "
         f"{pct(s['test_accuracy'])} % [{pct(lo)}, {pct(hi)}] on the {s['test_n']:,} test "
-        f"images (`summary.json`, "
-        f"{level(wilson_level(rec, s['test_accuracy'], s['test_n'], (lo, hi)))} % Wilson "
-        "interval).")
+        f"images (`summary.json`, {level(train_level(rec, s))} % Wilson interval).")
 
 
 def baseline_train_avx2(records) -> str:

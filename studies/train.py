@@ -112,6 +112,9 @@ EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
+TEST_ALPHA = 0.05  # the test accuracy's Wilson interval has confidence 1 - TEST_ALPHA
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines the trained weights; a state file resumes only under the
@@ -502,12 +505,13 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
     test = splits.test if recipe.test_images is None else \
         splits.test.subset(np.arange(min(recipe.test_images, len(splits.test))))
     test_loss, correct = evaluate(result.model, test.images, test.labels, recipe.eval_batch_size)
-    test_ci = wilson_ci(correct, len(test))
+    test_ci = wilson_ci(correct, len(test), TEST_ALPHA)
     history = result.history
     steps = pd.DataFrame([asdict(r) for r in history.steps])
     epochs = pd.DataFrame([asdict(r) for r in history.epochs])
     step_s = float(steps["seconds"].median())
     metrics = {"test_accuracy": correct / len(test), "test_ci": list(test_ci.ci),
+               "test_ci_alpha": TEST_ALPHA,  # the interval's level, for whoever quotes it
                "test_n": len(test), "test_loss": test_loss,
                "val_accuracy": float(epochs["val_accuracy"].iloc[-1]),
                "val_n": len(splits.val), "train_seconds": history.train_seconds,

@@ -395,12 +395,14 @@ def test_records_that_disagree_on_their_level_or_lack_it_are_refused(tmp_path):
         readme.compression_table(readme.record_reader(root))
 
 
-def _train_summary_at(root: Path, name: str, ci) -> None:
-    """Record ``name``'s summary.json with ``ci`` as its test interval (its sha256 in its
-    manifest, as a run would have written it)."""
+def _train_summary_at(root: Path, name: str, ci, alpha=None) -> None:
+    """Record ``name``'s summary.json with ``ci`` as its test interval, and ``alpha`` as its
+    recorded level where given (its sha256 in its manifest, as a run would have written it)."""
     folder = root / name
     summary = json.loads((folder / "summary.json").read_text())
     summary["test_ci"] = list(ci)
+    if alpha is not None:
+        summary["test_ci_alpha"] = alpha
     (folder / "summary.json").write_text(json.dumps(summary))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["outputs"]["summary.json"] = hashlib.sha256(
@@ -428,6 +430,13 @@ def test_the_trained_baselines_level_is_its_intervals(tmp_path):
     with pytest.raises(readme.RecordError, match="not the Wilson interval"):
         readme.baseline_train(readme.record_reader(root))
     assert "95 % Wilson interval" in readme.baseline_train(readme.record_reader())
+    # a run that records its level (studies.train's test_ci_alpha) is named by it, and an
+    # interval that is not that level's is refused
+    _train_summary_at(root, "baseline-train", wilson_ci(k, n, 0.1).ci, alpha=0.1)
+    assert "90 % Wilson interval" in readme.baseline_train(readme.record_reader(root))
+    _train_summary_at(root, "baseline-train", wilson_ci(k, n, 0.1).ci, alpha=0.05)
+    with pytest.raises(readme.RecordError, match="recorded test_ci_alpha 0.05"):
+        readme.baseline_train(readme.record_reader(root))
 
 
 def test_the_bench_intervals_level_is_the_records(tmp_path):

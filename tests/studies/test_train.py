@@ -97,6 +97,10 @@ def test_smoke_cli_end_to_end(reference_run):
     assert not list(out.parent.glob(".run.partial-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["sessions"], summary["test_n"]) == (16, 1, 100)
+    # the interval's level is recorded with it (the README names it from the run)
+    assert summary["test_ci_alpha"] == train.TEST_ALPHA == 0.05
+    k = round(summary["test_accuracy"] * summary["test_n"])
+    assert summary["test_ci"] == list(wilson_ci(k, 100, summary["test_ci_alpha"]).ci)
     loaded = models.load_checkpoint(checkpoint, expected_arch="resnet18")
     assert loaded.info.sha256 == manifest["model"]["sha256"]
     assert loaded.info.metrics["test_accuracy"] == summary["test_accuracy"]
