@@ -473,6 +473,35 @@ def _weights_help(weights: torchvision.models.ResNet50_Weights) -> str:
             "of a torchvision resnet50) instead of the weights' name")
 
 
+def _hub_weights(weights: torchvision.models.ResNet50_Weights, download: bool,
+                 progress: bool) -> Path:
+    """The hub cache's file of ``weights``, downloaded if asked, once its sha256 begins with
+    the digits its name carries. torchvision checks them only when it downloads, and loads
+    a cached file with ``weights_only=False``, so a file copied there is checked here."""
+    path = _hub_file(weights)
+    prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+    if not path.is_file():
+        if not download:
+            raise WeightsNotFoundError(
+                f"ResNet50 weights {weights.name} are not in the torch hub cache "
+                f"({path}) and downloading was not asked for.\n" + _weights_help(weights))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), prefix, progress=progress)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+            raise WeightsNotFoundError(
+                f"could not download ResNet50 weights {weights.name} from {weights.url}: "
+                f"{exc}\n" + _weights_help(weights)) from exc
+    sha = sha256_file(path)
+    if not sha.startswith(prefix):
+        raise WeightsNotFoundError(
+            f"{path} in the torch hub cache is not torchvision's {weights.name} weights: its "
+            f"sha256 begins {sha[:len(prefix)]}, not {prefix} as its name says (damaged, or "
+            f"another file copied there). Nothing was loaded; delete it.\n"
+            + _weights_help(weights))
+    return path
+
+
 def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
                 in_channels: int = 1, seed: int = 0) -> nn.Sequential:
     """A deep, narrow plain CNN: ``depth`` conv–BatchNorm–ReLU layers, no pooling, no skips.
@@ -539,13 +568,14 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
     ----------
     weights : str, Path or torchvision.models.ResNet50_Weights
         A torchvision weights name (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"`` or
-        ``"DEFAULT"``) or member, loaded by torchvision from the torch hub cache
-        (``$TORCH_HOME/hub/checkpoints``) with its hash checked; or the path of a local
+        ``"DEFAULT"``) or member, read from torchvision's file in the torch hub cache
+        (``$TORCH_HOME/hub/checkpoints``) once its sha256 begins with the digits in its
+        name (whether downloaded or copied there), as tensors only; or the path of a local
         state-dict file, which works offline. A ``Path`` is always taken as a file.
     download : bool
-        Let torchvision download named weights missing from the hub cache.
+        Download named weights missing from the hub cache (torch hub's downloader).
     progress : bool
-        Show torchvision's download progress bar.
+        Show the download's progress bar.
 
     Returns
     -------
@@ -556,27 +586,20 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
     Raises
     ------
     WeightsNotFoundError
-        Named weights that are neither cached nor downloadable, or a missing file; the
-        message names every way to obtain them.
+        Named weights that are neither cached nor downloadable, a hub-cache file whose
+        sha256 is not theirs, or a missing file; the message names every way to obtain them.
     StateDictMismatchError
         A file that is not a ResNet50 state dict (missing or unexpected keys, wrong
-        shapes); no model is returned, so none is ever half-loaded.
+        shapes, non-finite values); no model is returned, so none is ever half-loaded.
     """
     enum_cls = torchvision.models.ResNet50_Weights
     weights = _named_weights(weights)
     if isinstance(weights, enum_cls):
-        if not _hub_file(weights).is_file() and not download:
-            raise WeightsNotFoundError(
-                f"ResNet50 weights {weights.name} are not in the torch hub cache "
-                f"({_hub_file(weights)}) and downloading was not asked for.\n"
-                + _weights_help(weights))
-        try:
-            with torch.random.fork_rng(devices=[]):
-                return torchvision.models.resnet50(weights=weights, progress=progress).eval()
-        except OSError as exc:  # urllib's URLError is an OSError
-            raise WeightsNotFoundError(
-                f"could not download ResNet50 weights {weights.name} from {weights.url}: "
-                f"{exc}\n" + _weights_help(weights)) from exc
+        path = _hub_weights(weights, download, progress)
+        state = _torch_load(path)  # its sha256 is the published one: a state dict
+        with torch.random.fork_rng(devices=[]):
+            model = torchvision.models.resnet50(weights=None)
+        return load_state_dict_exactly(model, state, f"{weights.name} from {path}").eval()
     if not isinstance(weights, (str, Path)):
         raise TypeError(f"weights must be a name, a path or a ResNet50_Weights member, "
                         f"got {type(weights).__name__}")

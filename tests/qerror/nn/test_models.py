@@ -189,6 +189,66 @@ def test_named_weights_outside_the_hub_cache_name_every_way_to_get_them(tmp_path
     assert "local state-dict file" in msg
 
 
+class _RunsCode:
+    """Unpickled, it creates the file ``marker``: a pickle that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_named_weights_in_the_hub_cache_load_only_with_their_hash(tmp_path, monkeypatch):
+    # torchvision checks the hash in the file's name only when it downloads, and loads a
+    # cached file with weights_only=False: a file copied there (the help says to) ran its
+    # pickle's code, and random or NaN weights loaded as IMAGENET1K_V2.
+    reference, local = _resnet50_state_file(tmp_path)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    cached = hub / "resnet50-11ad3fa6.pth"  # IMAGENET1K_V2's name in the cache
+    marker = tmp_path / "code-ran"
+    cases = {"code": {**reference.state_dict(), "x": _RunsCode(marker)},
+             "nan": {**reference.state_dict(), "fc.bias": torch.full((1000,), float("nan"))},
+             "random": reference.state_dict()}
+    for state in cases.values():
+        torch.save(state, cached)
+        with pytest.raises(WeightsNotFoundError) as info:
+            models.imagenet_resnet50(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+        msg = str(info.value)
+        assert f"{cached} in the torch hub cache is not torchvision's IMAGENET1K_V2" in msg
+        assert "not 11ad3fa6 as its name says" in msg and "delete it" in msg
+        assert "--download" in msg
+        assert not marker.exists()
+    cached.write_bytes(b"")  # a cut copy
+    with pytest.raises(WeightsNotFoundError, match="is not torchvision's"):
+        models.imagenet_resnet50("IMAGENET1K_V2")
+    # a file whose sha256 does begin with its name's digits loads, exactly
+    good = hub / f"resnet50-{sha256_file(local)[:8]}.pth"
+    local.rename(good)
+    monkeypatch.setattr(models, "_hub_file", lambda weights: good)
+    model = models.imagenet_resnet50("IMAGENET1K_V2")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_named_weights_are_downloaded_with_their_hash_checked(tmp_path, monkeypatch):
+    calls = []
+
+    def refuse(url, dst, hash_prefix, progress):
+        calls.append((url, dst, hash_prefix))
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "00")')
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    with pytest.raises(WeightsNotFoundError, match="could not download .* invalid hash"):
+        models.imagenet_resnet50("IMAGENET1K_V2", download=True, progress=False)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert calls == [(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url,
+                      str(hub / "resnet50-11ad3fa6.pth"), "11ad3fa6")]
+    assert not (hub / "resnet50-11ad3fa6.pth").exists()
+
+
 def _trained_like_model():
     model = models.fashion_resnet("resnet18", seed=3)
     with torch.no_grad():
