@@ -5,6 +5,7 @@ Used by the library (checkpoints) and by the studies (run folders and manifests)
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import os
@@ -13,7 +14,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -22,13 +23,15 @@ PACKAGES = ("qerror", "numpy", "scipy", "torch", "torchvision", "pandas", "matpl
             "seaborn", "torchao")
 
 
-def sha256_file(path: Path | str) -> str:
+def sha256_file(path: Path | str | BinaryIO) -> str:
     """The sha256 of a file's bytes, read in 1 MiB chunks.
 
     Parameters
     ----------
-    path : Path or str
-        The file.
+    path : Path, str or binary file object
+        The file, or one already open, read from its position to its end (so that what is
+        hashed and what is then read from it, after a ``seek(0)``, are the same bytes even
+        if the name comes to name another file meanwhile).
 
     Returns
     -------
@@ -36,7 +39,7 @@ def sha256_file(path: Path | str) -> str:
         64 lowercase hex digits.
     """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(path) if hasattr(path, "read") else open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -456,7 +456,7 @@ def _fill_batch_counters(model: nn.Module, state: dict) -> None:
             state[key] = torch.zeros_like(value)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path | BinaryIO) -> Any:
     # weights_only: a state dict needs no pickled code, and a foreign file must not run any.
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -872,18 +872,23 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
         arch_hint = sidecar["arch"]
     if stem_hint is None and sidecar.get("stem") in {s.value for s in Stem}:
         stem_hint = sidecar["stem"]
-    size = path.stat().st_size
-    if size != expected_bytes:
-        raise refuse(f"it is {size} bytes but was written as {expected_bytes}: the file is "
-                     "truncated or was replaced")
-    sha = sha256_file(path)
-    if sha != expected_sha:
-        raise refuse(f"its sha256 {sha[:16]}... does not match {expected_sha[:16]}... recorded "
-                     f"in {side.name}: the file is corrupt or was replaced")
-    try:
-        payload = _torch_load(path)
-    except Exception as exc:  # torch raises many types for foreign files
-        raise refuse(f"it is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    # Measured, hashed and read through one open file: a checkpoint replaced meanwhile
+    # (a --force rewrite) cannot lend its weights to the hash of the one it replaced.
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected_bytes:
+            raise refuse(f"it is {size} bytes but was written as {expected_bytes}: the file is "
+                         "truncated or was replaced")
+        sha = sha256_file(f)
+        if sha != expected_sha:
+            raise refuse(f"its sha256 {sha[:16]}... does not match {expected_sha[:16]}... "
+                         f"recorded in {side.name}: the file is corrupt or was replaced")
+        f.seek(0)
+        try:
+            payload = _torch_load(f)
+        except Exception as exc:  # torch raises many types for foreign files
+            raise refuse(f"it is not a readable torch file ({type(exc).__name__}: {exc})") \
+                from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise refuse(f"it is not a {CHECKPOINT_FORMAT} file")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:

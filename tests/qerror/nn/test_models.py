@@ -324,6 +324,27 @@ def test_flipped_byte_is_refused(saved_checkpoint):
     _refused(saved_checkpoint, "does not match")
 
 
+def test_a_checkpoint_replaced_after_its_hash_lends_it_no_weights(saved_checkpoint, monkeypatch):
+    # A --force rewrite that lands between the hash and the read: load_checkpoint opened the
+    # file again by name and returned the new weights under the old file's sha256.
+    other = saved_checkpoint.with_name("other.pt")
+    models.save_checkpoint(fashion_resnet("resnet18", seed=9).eval(), other, arch="resnet18",
+                           stem="imagenet", config={"other": True}, metrics=METRICS)
+    expected_sha = sha256_file(saved_checkpoint)
+    real = models.sha256_file
+
+    def hash_then_replace(file):
+        digest = real(file)
+        models.os.replace(other, saved_checkpoint)
+        models.os.replace(models.sidecar_path(other), models.sidecar_path(saved_checkpoint))
+        return digest
+
+    monkeypatch.setattr(models, "sha256_file", hash_then_replace)
+    ckpt = models.load_checkpoint(saved_checkpoint)
+    assert ckpt.info.sha256 == expected_sha and ckpt.info.config == CONFIG
+    assert torch.equal(ckpt.model.conv1.weight, _trained_like_model().conv1.weight)
+
+
 def test_truncated_file_is_refused(saved_checkpoint):
     raw = saved_checkpoint.read_bytes()
     saved_checkpoint.write_bytes(raw[:len(raw) // 3])
