@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -742,6 +743,9 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     CheckpointError
         ``<path>.json`` exists and is not a qerror sidecar (a user's file or a folder); nothing
         is written.
+    OSError
+        A file cannot be written (a full disk, a folder without write permission); the
+        checkpoint it would have replaced is left as it was.
 
     Notes
     -----
@@ -781,13 +785,26 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
                              sort_keys=True) + "\n"
         atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
-    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": state}, tmp))
+    atomic_write(path, lambda tmp: _save_weights({**meta, "state_dict": state}, tmp, path))
     sha = sha256_file(path)
     sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
     return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],
                           meta["metrics"], meta["versions"], meta["created"])
+
+
+def _save_weights(payload: dict, tmp: Path, path: Path) -> None:
+    """``torch.save``, whose writer reports a failed write (a full disk) as a RuntimeError
+    naming a C++ source line, with the failure said as the OSError it is."""
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as exc:
+        need = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
+        raise OSError(f"could not write the checkpoint {path} (torch: {exc}): it needs about "
+                      f"{need / 2**20:.0f} MiB and its file system has "
+                      f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free; make "
+                      "room there, or save it elsewhere. Nothing was replaced") from exc
 
 
 _META_KEYS = ("format", "format_version", "arch", "stem", "num_classes")

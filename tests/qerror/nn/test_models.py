@@ -479,6 +479,32 @@ def test_failed_write_keeps_the_old_file(saved_checkpoint):
     assert sorted(p.name for p in saved_checkpoint.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.json"]
 
 
+def test_a_full_disk_is_an_os_error_naming_the_checkpoint(saved_checkpoint):
+    # torch.save's writer reports a failed write as a RuntimeError naming a C++ line
+    # ("[enforce fail at inline_container.cc:...] unexpected pos"), which a study took for a
+    # bug (a traceback) instead of the OSError it reports in one line. A file-size limit makes
+    # every write past it fail with EFBIG, as a full disk fails with ENOSPC.
+    resource = pytest.importorskip("resource")
+    import signal
+
+    before = saved_checkpoint.read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, limits[1]))
+        with pytest.raises(OSError) as info:
+            models.save_checkpoint(_trained_like_model(), saved_checkpoint, arch="resnet18",
+                                   stem="imagenet", config=CONFIG, metrics={"other": 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    msg = str(info.value)
+    assert f"could not write the checkpoint {saved_checkpoint}" in msg
+    assert "MiB free" in msg and "Nothing was replaced" in msg
+    assert saved_checkpoint.read_bytes() == before
+    assert models.load_checkpoint(saved_checkpoint).info.metrics == METRICS
+
+
 def test_get_baseline_loads_or_refuses_with_the_training_command():
     path = models.default_checkpoint_path("resnet18")
     with pytest.raises(CheckpointNotFoundError, match="python -m studies.train --arch resnet18"):
