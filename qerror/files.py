@@ -9,6 +9,7 @@ import contextlib
 import enum
 import hashlib
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -99,6 +100,35 @@ def atomic_write(path: Path | str, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def torch_save(obj: Any, path: Path | str, what: str, note: str = "") -> None:
+    """``torch.save(obj, path)``, with a failed write said as the OSError it is.
+
+    torch's writer reports a write that fails (a full disk) as a RuntimeError naming a C++
+    source line; here it becomes an OSError naming ``what`` (e.g. "the checkpoint x.pt"), the
+    bytes the tensors need and those free, then ``note``; the studies say it in one line.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        need = sum(t.numel() * t.element_size() for t in _tensors(obj))
+        raise OSError(f"could not write {what} (torch: {exc}): its tensors need about "
+                      f"{need / 2**20:.0f} MiB and its file system has "
+                      f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free; "
+                      "make room there, or write it elsewhere" + (f". {note}" if note else ""))\
+            from exc
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def jsonable(value: Any) -> Any:

@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 from qerror import RoundingMode
 from qerror.data import find_fashion_mnist, split_images
+from qerror.files import torch_save
 from qerror.nn import (
     QuantConfig,
     Target,
@@ -1077,7 +1078,7 @@ def write_outputs(run: RunDir, plt, r: dict, config: dict) -> None:
     state = {k: v.cpu() for k, v in r["model"].state_dict().items()}  # CPU-loadable
     if r["variant"] == "frozen":
         state = {k: v for k, v in state.items() if k.startswith("heads.")}
-    torch.save(state, run.path("exit_model.pt"))
+    torch_save(state, run.path("exit_model.pt"), "the early-exit network (exit_model.pt)")
     if r["latency"] is not None:
         from dataclasses import asdict
 

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from qerror.data import fashion_mnist_splits, to_small_tensor
+from qerror.files import torch_save
 from qerror.nn.models import plain_chain
 from qerror.nn.seeds import network_statements
 from qerror.nn.training import TrainConfig, fit, tensor_batches
@@ -143,7 +144,7 @@ def _main(argv: list[str]) -> int:
             model = train_seed(s, x, y, epochs)
             weights[s] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             frames.append(network_statements(model, calib, xt, yt, seed=s).assign(seed=s))
-        torch.save(weights, run.path("chains.pt"))
+        torch_save(weights, run.path("chains.pt"), "the networks' weights (chains.pt)")
         statements = pd.concat(frames, ignore_index=True)
         # The float network's test accuracy, measured with the statements (the same under
         # every width and mode).

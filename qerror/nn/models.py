@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch import nn
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
-from qerror.files import atomic_write, jsonable, package_versions, sha256_file
+from qerror.files import atomic_write, jsonable, package_versions, sha256_file, torch_save
 from qerror.rounding import RoundingMode
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"
@@ -785,26 +784,14 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
                              sort_keys=True) + "\n"
         atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
-    atomic_write(path, lambda tmp: _save_weights({**meta, "state_dict": state}, tmp, path))
+    atomic_write(path, lambda tmp: torch_save({**meta, "state_dict": state}, tmp,
+                                              f"the checkpoint {path}", "Nothing was replaced"))
     sha = sha256_file(path)
     sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
     return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],
                           meta["metrics"], meta["versions"], meta["created"])
-
-
-def _save_weights(payload: dict, tmp: Path, path: Path) -> None:
-    """``torch.save``, whose writer reports a failed write (a full disk) as a RuntimeError
-    naming a C++ source line, with the failure said as the OSError it is."""
-    try:
-        torch.save(payload, tmp)
-    except RuntimeError as exc:
-        need = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
-        raise OSError(f"could not write the checkpoint {path} (torch: {exc}): it needs about "
-                      f"{need / 2**20:.0f} MiB and its file system has "
-                      f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free; make "
-                      "room there, or save it elsewhere. Nothing was replaced") from exc
 
 
 _META_KEYS = ("format", "format_version", "arch", "stem", "num_classes")

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
-from qerror.files import atomic_write, jsonable
+from qerror.files import atomic_write, jsonable, torch_save
 from qerror.interrupts import sigint_held
 from qerror.nn import parallel
 from qerror.nn.models import StateDictMismatchError, check_state_dict, non_finite_tensors
@@ -1183,7 +1183,7 @@ def _save_state(path: Path, recipe: dict, step: int, model, opt, sched, history:
                          "val_seconds": history.val_seconds}}
     if callable(getattr(hook, "state_dict", None)):
         state["after_step"] = hook.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp, f"the training state {path}"))
 
 
 def _epoch_record(history: History, epoch: int, step: int,
