@@ -659,14 +659,19 @@ class _Generic:
     Beyond the last finite quantile a tail's moments are integrated in
     ``y = log(v / v_last)`` on doubling panels, with the integrand formed from
     ``logpdf`` so that ``v**j * f`` neither overflows nor underflows: power-law
-    tails decay exponentially in ``y``. This part is as accurate as scipy's
-    ``logpdf`` at huge arguments, and stops where ``x`` would overflow, which
-    matters only for laws whose variance barely exists (Student t with df near 2).
+    tails decay exponentially in ``y``. It runs to ``|x| = 1e300`` or, where scipy's
+    ``logpdf`` stops being finite before that (Student t and Pareto form ``x*x``, which
+    overflows at 1e154), to the last ``x`` where it is finite (:meth:`build` finds it);
+    beyond that end the density is taken as the power law ``v**-k`` with ``k`` its
+    log-slope over the last factor ``e`` of ``v``, whose moments are closed forms. Without
+    that remainder a law whose variance barely exists lost most of its MSE: Student t
+    with df 2.001 gave 590.6 for 1996.7 (4 bits, step 0.5; 30-digit mpmath).
     """
 
     def __init__(self, dist, breaks_x, finite, support, scale_x: float,
-                 s: float = 1.0, z: int = 0):
+                 s: float = 1.0, z: int = 0, reach=(-math.inf, math.inf)):
         self.dist = dist
+        self.reach = reach
         self.breaks_x = breaks_x
         self.finite = finite
         self.mean_finite, self.var_finite = finite
@@ -691,8 +696,27 @@ class _Generic:
             points = np.concatenate([dist.ppf(p), dist.isf(p), [lo_sup, hi_sup, loc]])
             mean, var = (float(v) for v in dist.stats(moments="mv"))
         breaks = np.unique(points[np.isfinite(points)])
+        reach = tuple(cls._reach(dist, loc, scale, breaks, side) for side in (-1.0, 1.0))
         return cls(dist, breaks, (math.isfinite(mean), math.isfinite(var)),
-                   (lo_sup, hi_sup), scale)
+                   (lo_sup, hi_sup), scale, reach=reach)
+
+    @staticmethod
+    def _reach(dist, loc: float, scale: float, breaks, side: float) -> float:
+        """About the farthest ``x`` on one side (``loc ± d``, ``d <= 1e300``) where scipy's
+        ``logpdf`` is finite: the last finite point of 129 log-spaced ``d`` beyond the farthest
+        break (the power-law remainder of :meth:`_far_tail` may start anywhere the density
+        is a power law); ``±inf`` for a bounded side."""
+        if math.isfinite(float(dist.support()[side > 0])):
+            return side * math.inf
+        near = np.abs(breaks - loc)[(breaks - loc) * side > 0]
+        d = np.exp(np.linspace(math.log(max(near.max() if near.size else 0.0, scale)),
+                               math.log(1e300), 129))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            finite = np.isfinite(dist.logpdf(loc + side * d))
+        # the last finite point before the first non-finite one (the first point if none is)
+        last = d.size - 1 if finite.all() else max(int(np.argmin(finite)) - 1, 0)
+        return loc + side * float(d[last])
 
     def lsb(self, s: float, z: int) -> _Generic:
         if self.scale_x < _GENERIC_NARROWEST * s:
@@ -706,7 +730,8 @@ class _Generic:
                 "Quantize loc itself for a law that narrow (it is a point mass to the "
                 "quantizer), or use scipy.stats.norm, whose closed forms hold down to "
                 f"{_CLOSED_NARROWEST:g} of a step")
-        return _Generic(self.dist, self.breaks_x, self.finite, self.support, self.scale_x, s, z)
+        return _Generic(self.dist, self.breaks_x, self.finite, self.support, self.scale_x, s, z,
+                        self.reach)
 
     def cdf(self, u: float) -> float:
         return float(self.dist.cdf(self.s * (u - self.z)))
@@ -753,20 +778,42 @@ class _Generic:
                          for p in range(pmax + 1)])
 
     def _far_tail(self, x_a: float, direction: float, v_last: float, jmax: int) -> np.ndarray:
-        """``∫_{v_last}^∞ v^j f_u`` for j = 1..jmax, in ``y = log(v / v_last)``."""
-        y_max = math.log(1e300 / (self.s * v_last + abs(x_a)))
+        """``∫_{v_last}^∞ v^j f_u`` for j = 1..jmax, in ``y = log(v / v_last)``.
+
+        Up to the law's reach (the last ``x`` with a finite ``logpdf``, at most 1e300 from
+        ``loc``) by quadrature, beyond it by the power law fitted to the last unit of ``y``.
+        ``v`` is carried as its logarithm: on a tiny step it overflows long before ``x``."""
+        log_s, log_v0 = math.log(self.s), math.log(v_last)
+        reach = self.reach[direction > 0]
+        gap = (reach - x_a) * direction
+        if not gap > 0:
+            return np.zeros(jmax)
+        y_max = math.log(gap) - log_s - log_v0
         if y_max <= 0:
             return np.zeros(jmax)
+
+        def log_f(y):  # log f_u at v = v_last e^y
+            with np.errstate(all="ignore"):
+                return self.dist.logpdf(x_a + direction * np.exp(log_s + log_v0 + y)) + log_s
+
         edges = np.concatenate([[0.0], 2.0 ** np.arange(-1.0, math.log2(y_max))])
         edges = np.append(edges[edges < y_max], y_max)
         width = np.diff(edges)
         y = edges[:-1, None] + width[:, None] * _GL_X
-        v = v_last * np.exp(y)
+        lf = log_f(y)
         with np.errstate(all="ignore"):
-            log_f = self.dist.logpdf(x_a + direction * self.s * v) + math.log(self.s)
-            terms = [np.exp((j + 1) * np.log(v) + log_f) for j in range(1, jmax + 1)]
-        return np.array([np.sum(np.nan_to_num(t, nan=0.0) * _GL_W * width[:, None])
-                         for t in terms])
+            out = np.array([np.sum(np.nan_to_num(np.exp((j + 1) * (log_v0 + y) + lf), nan=0.0)
+                                   * _GL_W * width[:, None]) for j in range(1, jmax + 1)])
+        # Beyond the reach: f_u ~ v^-k, so ∫_V^∞ v^j f_u = V^(j+1) f_u(V) / (k - j - 1).
+        h = min(1.0, 0.5 * y_max)
+        lf_end, lf_before = (float(v) for v in log_f(np.array([y_max, y_max - h])))
+        if math.isfinite(lf_end):
+            k = (lf_before - lf_end) / h
+            with np.errstate(over="ignore"):  # inf where the moment overflows in LSB
+                for j in range(1, jmax + 1):
+                    if k > j + 1:
+                        out[j - 1] += np.exp((j + 1) * (log_v0 + y_max) + lf_end) / (k - j - 1)
+        return out
 
     def tail(self, a: float, upper: bool, jmax: int) -> np.ndarray:
         x_a = self.s * (a - self.z)
