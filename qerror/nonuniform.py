@@ -114,8 +114,8 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     Raises
     ------
     TypeError, ValueError
-        Not a frozen continuous law; infinite variance; ``levels`` < 2; a ``tol`` that is
-        not a positive finite number.
+        Not a frozen continuous law; array-valued parameters; infinite variance; ``levels``
+        < 2; a ``tol`` that is not a positive finite number.
     RuntimeError
         No convergence within ``max_iter`` iterations.
 
@@ -162,14 +162,19 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
         raise ValueError(f"tol must be a positive finite number of standard deviations, got "
                          f"{tol!r}")
     shapes, loc, scale = family._parse_args(*dist.args, **dist.kwds)
+    if any(np.ndim(v) != 0 for v in (*shapes, loc, scale)):
+        raise ValueError("dist has array-valued parameters (one law per channel?); lloyd_max "
+                         "takes one law: call it once per channel with scalar parameters")
     if not (math.isfinite(float(loc)) and math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"dist needs a finite loc and a finite scale > 0, got loc {loc} and "
                          f"scale {scale}")
-    var = float(dist.var())
+    # the variance of the standard law (loc 0, scale 1): dist.var() overflows for a finite
+    # law of scale beyond 1e154, which is no reason to refuse it
+    var = float(family.var(*shapes))
     if not math.isfinite(var):
         raise ValueError("dist has infinite variance: every quantizer's MSE is infinite")
     kind = family.name if family.name in ("norm", "halfnorm", "laplace") and not shapes else None
-    sd = math.sqrt(var)
+    sd = math.sqrt(var)  # standard units, as every move below
     # The iteration runs on the standard law (loc 0, scale 1), z = (x - loc)/scale: in x, a
     # law far from 0 would lose its MSE to cancellation (x² moments of size loc² summed to a
     # residue of size scale²).
@@ -180,13 +185,14 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
         t = 0.5 * (y[1:] + y[:-1])
         m = _cell_moments(family, shapes, kind, np.r_[lo, t], np.r_[t, hi])
         new = m[1] / m[0]
-        moved = float(np.max(np.abs(new - y))) * unit
+        moved = float(np.max(np.abs(new - y)))
         y = new
         if moved <= tol * sd:
             break
     else:
         raise RuntimeError(f"Lloyd's iteration did not converge in {max_iter} steps "
-                           f"(last move {moved:.3g}); raise max_iter or tol")
+                           f"(last move {moved / sd:.3g} standard deviations); raise max_iter "
+                           "or tol")
     t = 0.5 * (y[1:] + y[:-1])
     m = _cell_moments(family, shapes, kind, np.r_[lo, t], np.r_[t, hi])
     mse = unit * unit * float(np.sum(m[2] - 2 * y * m[1] + y * y * m[0]))

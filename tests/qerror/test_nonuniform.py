@@ -139,6 +139,9 @@ def test_no_uniform_grid_beats_lloyd_max(law, bits):
         (lambda: lloyd_max(stats.norm(), 4, tol=float("nan")), ValueError, "tol must be"),
         (lambda: lloyd_max(stats.norm(), 4, tol=-1e-13), ValueError, "tol must be"),
         (lambda: lloyd_max(stats.norm(), 4, tol=0.0), ValueError, "tol must be"),
+        # per-channel parameters raised float()'s TypeError ('not a list')
+        (lambda: lloyd_max(stats.norm([0.0, 1.0], 1.0), 4), ValueError, "array-valued"),
+        (lambda: lloyd_max(stats.t([3.0, 4.0]), 4), ValueError, "array-valued"),
     ],
 )
 def test_bad_input_is_refused(call, error, match):
@@ -178,3 +181,13 @@ def test_many_laplace_levels_converge_to_their_centroids(levels):
         m0 = integrate.quad(pdf, a, b, epsabs=0.0, epsrel=1e-13)[0]
         m1 = integrate.quad(lambda z: z * pdf(z), a, b, epsabs=0.0, epsrel=1e-13)[0]
         assert abs(m1 / m0 - r.levels[k]) <= 1e-9, (k, m1 / m0, r.levels[k])
+
+
+def test_a_huge_scale_is_not_an_infinite_variance():
+    """dist.var() overflows at scale 1e200 (1e400): norm(0, 1e200) was refused as a law of
+    infinite variance. The iteration runs on the standard law, so its levels are the
+    standard law's times the scale, to the last bit of a power of two."""
+    unit = lloyd_max(stats.norm(), 4)
+    huge = lloyd_max(stats.norm(0.0, 2.0**660), 4)
+    np.testing.assert_array_equal(huge.levels, unit.levels * 2.0**660)
+    assert huge.iterations == unit.iterations
