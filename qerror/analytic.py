@@ -872,6 +872,12 @@ def _law_of(dist):
     """Validate ``dist`` and return its law object in real units."""
     if isinstance(dist, (stats.rv_continuous, stats.rv_discrete)):
         name = getattr(dist, "name", type(dist).__name__)
+        if getattr(stats, str(name), None) is not dist:
+            # not one of scipy.stats' named families (rv_histogram, a user's subclass): its
+            # name is no attribute of scipy.stats to freeze
+            raise TypeError(
+                f"dist is an unfrozen {type(dist).__name__} instance, not a frozen "
+                "distribution: freeze it by calling it, e.g. dist() or dist(loc=0.0, scale=1.0)")
         raise TypeError(
             f"dist is the distribution family scipy.stats.{name}, not a distribution: "
             f"freeze it with its parameters, e.g. scipy.stats.{name}(loc=0.0, scale=1.0)"

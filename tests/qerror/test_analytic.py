@@ -518,6 +518,9 @@ def test_no_variance_gives_inf_with_warning():
 @pytest.mark.parametrize("dist,exc,match", [
     (stats.poisson(3), TypeError, "discrete"),
     (stats.norm, TypeError, "freeze it"),
+    # told to use scipy.stats.Distribution(loc=0.0, scale=1.0), which does not exist
+    (stats.rv_histogram(np.histogram([0.0, 1.0, 1.0, 2.0], bins=2)), TypeError,
+     r"unfrozen rv_histogram instance.*dist\(\)"),
     (np.zeros(3), TypeError, "frozen scipy.stats continuous"),
     (stats.norm([0.0, 1.0], 1.0), ValueError, "array-valued"),
     (stats.norm(0.0, -1.0), ValueError, "scale > 0"),
