@@ -717,7 +717,10 @@ class _Generic:
             warnings.simplefilter("ignore", RuntimeWarning)
             points = np.concatenate([dist.ppf(p), dist.isf(p), [lo_sup, hi_sup, loc],
                                      loc + scale * _kinks(dist)])
-            mean, var = (float(v) for v in dist.stats(moments="mv"))
+            # of the standard law (loc 0, scale 1): the real-unit variance of a law of
+            # scale beyond 1e154 overflows, which is no infinite variance
+            shapes = dist.dist._parse_args(*dist.args, **dist.kwds)[0]
+            mean, var = (float(v) for v in dist.dist.stats(*shapes, moments="mv"))
         breaks = np.unique(points[np.isfinite(points)])
         reach = tuple(cls._reach(dist, loc, scale, breaks, side) for side in (-1.0, 1.0))
         return cls(dist, breaks, (math.isfinite(mean), math.isfinite(var)),

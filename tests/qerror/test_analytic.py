@@ -871,3 +871,14 @@ def test_a_density_kink_inside_the_support_is_a_panel_end(make, s, mode):
     ref = reference(lambda u: s * pdf(s * u), mode, spec.qmin, spec.qmax,
                     tuple(p / s for p in points), scipy_integral)
     assert_matches(engine_lsb(em), ref, 1e-10)
+
+
+def test_a_generic_law_of_huge_scale_has_a_finite_variance():
+    """scipy's variance of t(5) at scale 1e160 overflows (5/3 1e320): the engine took it for
+    an infinite variance, warned and returned mse_lsb inf. In LSB the law on a step of its
+    own scale is t(5) on a step of 1 (1e-13 relative, the engine's generic accuracy)."""
+    want = error_moments(stats.t(5), QuantSpec(bits=8), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InfiniteMomentWarning)
+        got = error_moments(stats.t(5, scale=1e160), QuantSpec(bits=8), 1e160)
+    assert got.mse_lsb == pytest.approx(want.mse_lsb, rel=1e-13, abs=0)
