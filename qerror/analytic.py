@@ -1406,6 +1406,15 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     .. [2] B. Widrow and I. Kollár, *Quantization Noise*, Cambridge
        University Press, 2008.
     """
+    _law_of(dist)  # validates dist
+    # The clip of a law scaled by 2**e is 2**e times the law's, exactly: work on the law
+    # brought to a scale in [0.5, 1), where no MSE over- or underflows (at scale 1e160 every
+    # candidate's MSE was inf and the first was returned; at 1e-160 subnormal MSEs moved α
+    # by 2%).
+    shapes, loc, scale0 = dist.dist._parse_args(*dist.args, **dist.kwds)
+    e = math.frexp(float(scale0))[1]
+    dist = dist.dist(*shapes, loc=math.ldexp(float(loc), -e),
+                     scale=math.ldexp(float(scale0), -e))
     law = _law_of(dist)
     method = ClipMethod.parse(method)
     grid = Grid.parse(grid)
@@ -1442,5 +1451,11 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     # α/qmax, is the quantizer it recommends, and the one its exact MSE is taken at.
     scale = alpha / per_alpha
     exact = _error_moments(law, spec, scale, 0, warn=False, grid=grid).mse
-    return ClipResult(alpha=alpha, scale=scale, spec=spec, method=method,
-                      one_sided=bool(one_sided), mse=value, mse_exact=exact, grid=grid)
+    with np.errstate(over="ignore", under="ignore"):  # back to the law's own units
+
+        def back(v: float, k: int) -> float:
+            return float(np.ldexp(v, k * e))
+
+        return ClipResult(alpha=back(alpha, 1), scale=back(scale, 1), spec=spec,
+                          method=method, one_sided=bool(one_sided), mse=back(value, 2),
+                          mse_exact=back(exact, 2), grid=grid)

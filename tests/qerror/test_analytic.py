@@ -882,3 +882,16 @@ def test_a_generic_law_of_huge_scale_has_a_finite_variance():
         warnings.simplefilter("error", InfiniteMomentWarning)
         got = error_moments(stats.t(5, scale=1e160), QuantSpec(bits=8), 1e160)
     assert got.mse_lsb == pytest.approx(want.mse_lsb, rel=1e-13, abs=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "aciq"])
+@pytest.mark.parametrize("k", [-560, 600])
+def test_optimal_clip_of_a_law_scaled_by_a_power_of_two(method, k):
+    """Scaling a law by 2**k scales its optimal clip by 2**k, exactly (every step of the
+    search is exact under it). Beyond 1e±154 the MSEs over- or underflowed: at 1e160 every
+    candidate's MSE was inf and the first grid point came back (α = 9e-5 σ for 2.37 σ),
+    at 1e-160 subnormal MSEs moved α by 2.4% (probe_clip_scale.py)."""
+    for law, scaled in ((stats.norm(0.3, 1.0), stats.norm(0.3 * 2.0**k, 2.0**k)),
+                        (stats.t(5, 0.0, 0.7), stats.t(5, 0.0, 0.7 * 2.0**k))):
+        want, got = optimal_clip(law, 4, method), optimal_clip(scaled, 4, method)
+        assert (got.alpha, got.scale) == (want.alpha * 2.0**k, want.scale * 2.0**k)
