@@ -280,9 +280,12 @@ def test_pack_bits_layout_is_least_significant_bit_first():
 def test_pack_bits_refuses_values_that_do_not_fit():
     with pytest.raises(ValueError, match=r"\[0, 2\*\*3\)"):
         pack_bits(np.array([8]), 3)
-    with pytest.raises(ValueError):
-        pack_bits(np.array([-1]), 3)
-    with pytest.raises(TypeError):
+    # a negative value is refused by its own check: at 64 bits no shift of the maximum
+    # catches it (at 3 bits -1 >> 3 == -1 does, so that case alone never tested the check)
+    for bits in (3, 64):
+        with pytest.raises(ValueError, match=rf"\[0, 2\*\*{bits}\), got \[-1, -1\]"):
+            pack_bits(np.array([-1]), bits)
+    with pytest.raises(TypeError, match="values must be integers, got dtype float64"):
         pack_bits(np.array([0.5]), 3)
     with pytest.raises(ValueError, match="need 2 bytes"):
         unpack_bits(b"\0", 3, 3)
