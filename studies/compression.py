@@ -114,6 +114,7 @@ from qerror.nn.training import (
 from qerror.stats import mcnemar_test, paired_accuracy_equivalence, wilson_ci
 from studies._common import (
     DATA_ROOT_HELP,
+    P99_MIN_TIMINGS,
     RunDir,
     StudyError,
     alternating_times,
@@ -323,7 +324,8 @@ class LatencyMeter:
     Each measurement runs the point's own executable on one test image per round,
     alternating with the baseline network on the same image (the order rotated every
     round, :func:`studies._common.alternating_times`), after one untimed warm-up round; a
-    row gives the medians and 99th percentiles of both and the median of the per-round
+    row gives the medians and 99th percentiles of both (NaN for fewer than
+    :data:`~studies._common.P99_MIN_TIMINGS` rounds) and the median of the per-round
     ratios, which a shared machine's load moves far less than either time. ``rounds`` 0
     measures nothing. The rows are a timing output (``latency.csv``), never mixed with the
     reproducible ones; the seconds a measurement takes count in its model's row of
@@ -819,10 +821,14 @@ def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int
     rounds = meter.rounds
     text = (f"Batch-1 CPU latency of every model on {min(rounds, test_images)} test images "
             f"({rounds} rounds, {torch.get_num_threads()} thread(s))")
+    # p99 is NaN (an empty cell) below P99_MIN_TIMINGS rounds, where it would be a maximum
+    tails = ("99th percentiles" if rounds >= P99_MIN_TIMINGS else
+             f"no 99th percentiles (fewer than {P99_MIN_TIMINGS} rounds, where one would be "
+             "near the maximum)")
     text += (", each image run by the model and by the dense float32 network in "
-             "alternation: medians, 99th percentiles (of so few rounds, near the maximum) "
-             "and the median of the per-image ratios." if meter.baseline is not None else
-             ": medians and 99th percentiles (no dense network in this run to time against).")
+             f"alternation: medians, {tails} and the median of the per-image ratios."
+             if meter.baseline is not None else
+             f": medians and {tails} (no dense network in this run to time against).")
     kernels = set(latency.kernel)
     text += " The column ``runs as'' names the kernel (the CSV says it in full)."
     if kernels & {KERNEL_CSR, KERNEL_CSR_INT8}:

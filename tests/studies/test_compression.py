@@ -675,3 +675,22 @@ def test_the_smallest_model_shown_within_one_point_is_shown_by_a_family_wise_tes
     a = compression.ALPHA
     bound = a + 3 * math.sqrt(a * (1 - a) / runs)
     assert family / runs <= bound < alone / runs, (family / runs, alone / runs)
+
+
+@pytest.mark.parametrize("baseline", [object(), None])
+def test_latency_caption_says_99th_percentiles_only_where_the_table_has_them(baseline):
+    """Below P99_MIN_TIMINGS rounds the p99 cells are empty (studies._common.p99); the
+    caption still said '99th percentiles (of so few rounds, near the maximum)'."""
+    import types
+
+    from studies._common import P99_MIN_TIMINGS
+
+    lat = pd.DataFrame({"kernel": [compression.KERNEL_DEQUANT]})
+    for rounds in (P99_MIN_TIMINGS - 1, P99_MIN_TIMINGS):
+        meter = types.SimpleNamespace(rounds=rounds, baseline=baseline)
+        text = compression.latency_caption(lat, meter, 10_000)
+        if rounds < P99_MIN_TIMINGS:
+            assert f"no 99th percentiles (fewer than {P99_MIN_TIMINGS} rounds" in text
+        else:
+            assert "medians, 99th percentiles" in text or "medians and 99th percentiles" in text
+        assert "so few rounds" not in text
