@@ -25,12 +25,21 @@ from torch import nn
 from qerror.calibration import RangeMethod, RangePolicy, calibrate, qparams_from_range
 from qerror.quantizer import QParams, QuantSpec
 
-#: Leaf modules whose evaluation-mode forward treats samples independently.
+#: Leaf modules whose evaluation-mode forward treats samples independently (element-wise
+#: activations, pooling, dropout, BatchNorm with running statistics).
 PER_SAMPLE_LEAVES = (
     nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.GELU,
-    nn.Sigmoid, nn.Hardswish,
+    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish,
+    nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.Tanh, nn.Mish, nn.Softplus,
 )
+
+
+def _per_sample_leaf(m: nn.Module) -> bool:
+    """A leaf the paired batch runs as it is: a quantized layer, a per-sample module, or an
+    empty ``nn.Sequential`` (the identity shortcut of many CIFAR ResNets)."""
+    return isinstance(m, LAYERS + PER_SAMPLE_LEAVES) or (isinstance(m, nn.Sequential)
+                                                         and len(m) == 0)
 LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -70,13 +79,14 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     bad = sorted({type(m).__name__ for m in model.modules()
-                  if not list(m.children()) and not isinstance(m, LAYERS + PER_SAMPLE_LEAVES)})
+                  if not list(m.children()) and not _per_sample_leaf(m)})
     if bad:
         raise UnsupportedModelError(
             f"the model has layer types qerror.nn.propagate cannot instrument: {', '.join(bad)}. "
-            "Supported: Conv2d and Linear (quantized), and BatchNorm2d, ReLU, ReLU6, pooling, "
-            "Flatten, Dropout, Identity and common activations (run per sample in eval mode). "
-            "Replace or remove the others, or wrap them so that they act per sample.")
+            "Supported: Conv2d and Linear (quantized), and BatchNorm2d, pooling, Flatten, "
+            "Dropout, Identity (or an empty Sequential) and the element-wise activations of "
+            "torch.nn (ReLU, LeakyReLU, GELU, Tanh, ...; run per sample in eval mode). "
+            "Replace or remove the others.")
     if not layer_names(model):
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
     batch_stats = sorted(n for n, m in model.named_modules()

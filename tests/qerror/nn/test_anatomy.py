@@ -49,3 +49,47 @@ def test_a_batchnorm_without_running_statistics_is_refused():
         check_model(model)
     with pytest.raises(UnsupportedModelError, match="1 keep no running statistics"):
         reestimate_bn(model, [torch.randn(2, 1, 3, 3)], QuantConfig.make(8))
+
+
+class _EmptyShortcutBlock(nn.Module):
+    """pytorch-cifar's BasicBlock: the identity shortcut is an empty nn.Sequential."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        return torch.relu(self.bn1(self.conv1(x)) + self.shortcut(x))
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.Tanh(), nn.ELU(), nn.PReLU(),
+                                 nn.Dropout2d()], ids=lambda a: type(a).__name__)
+def test_element_wise_activations_and_an_empty_sequential_are_accepted(act):
+    """Element-wise activations, dropout and an empty Sequential treat samples
+    independently: the paired pass's float half equals the float forward exactly."""
+    from qerror.nn import calibrate_activations, paired_forward
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), act,
+                          _EmptyShortcutBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    check_model(model)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig.make(8)
+    act_qparams = calibrate_activations(model, [x], config.activation)
+    with torch.no_grad():
+        ref = model(x)
+        with paired_forward(model, config, act_qparams):
+            out = model(torch.cat([x, x]))
+    assert torch.equal(out[:4], ref)
+
+
+def test_the_refusal_does_not_suggest_a_wrapper_it_would_refuse():
+    class Wrapped(nn.Module):
+        def forward(self, x):
+            return x.roll(1, 0)  # mixes samples
+
+    with pytest.raises(UnsupportedModelError, match="Wrapped") as err:
+        check_model(nn.Sequential(nn.Conv2d(1, 2, 3), Wrapped()))
+    assert "wrap" not in str(err.value).replace("Wrapped", "")
