@@ -320,12 +320,13 @@ def path_depths(model: nn.Module) -> dict[str, int]:
 
 
 def batch_images(item) -> torch.Tensor:
-    """The float32 images of a batch given as images or (images, labels)."""
+    """The float32 images of a batch given as images or (images, labels), checked as
+    :func:`check_batch` checks them (non-empty, finite)."""
     x = item[0] if isinstance(item, (tuple, list)) else item
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         raise TypeError("batches must yield float32 image tensors or (images, labels) pairs, "
                         f"got {getattr(x, 'dtype', type(x).__name__)}")
-    return x
+    return check_batch(x, "images")
 
 
 @contextlib.contextmanager
@@ -415,9 +416,16 @@ class RangeObserver:
         return self.policy.method is not RangeMethod.MINMAX
 
     def add(self, x: torch.Tensor) -> None:
-        """Observe one batch of the stream."""
-        lo, hi = torch.aminmax(x.detach())
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        """Observe one batch of the stream (finite values; ValueError otherwise)."""
+        if x.numel() == 0:
+            raise ValueError("the observed activations are empty: no range to observe")
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            # min/max below would drop a NaN batch silently, or keep an infinite end
+            raise ValueError(f"the observed activations hold NaN or Inf values (range {lo} .. "
+                             f"{hi}): the model's forward pass produced non-finite values, "
+                             "which no quantization range holds")
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.batches += 1
         if self.sampled:
             flat = x.detach().reshape(-1)

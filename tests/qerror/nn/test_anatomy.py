@@ -93,3 +93,34 @@ def test_the_refusal_does_not_suggest_a_wrapper_it_would_refuse():
     with pytest.raises(UnsupportedModelError, match="Wrapped") as err:
         check_model(nn.Sequential(nn.Conv2d(1, 2, 3), Wrapped()))
     assert "wrap" not in str(err.value).replace("Wrapped", "")
+
+
+def test_an_observer_refuses_non_finite_activations_in_any_batch():
+    """A NaN batch's aminmax is NaN, which min/max dropped without a word after the first
+    batch: the range came from the other batches alone."""
+    from qerror.calibration import RangePolicy
+    from qerror.nn._anatomy import RangeObserver
+    from qerror.quantizer import QuantSpec
+
+    obs = RangeObserver(QuantSpec(), RangePolicy(), torch.Generator())
+    obs.add(torch.tensor([-1.0, 1.0]))
+    for bad in (torch.tensor([float("nan"), 5.0]), torch.tensor([0.0, float("inf")])):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            obs.add(bad)
+    with pytest.raises(ValueError, match="empty"):
+        obs.add(torch.empty(0))
+    assert (obs.lo, obs.hi, obs.batches) == (-1.0, 1.0, 1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.full((2, 1, 8, 8), float("nan")), "NaN or Inf"),
+    (torch.empty(0, 1, 8, 8), "non-empty batch"),
+], ids=["nan", "empty"])
+def test_crosscheck_refuses_a_bad_calibration_batch_clearly(bad, match):
+    from qerror.nn.int8 import crosscheck_model
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    good = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        crosscheck_model(model, [good, bad], [good])
