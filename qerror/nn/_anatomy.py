@@ -91,11 +91,14 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
     batch_stats = sorted(n for n, m in model.named_modules()
                          if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         and not m.track_running_stats)
+                         # torch's evaluation forward reads the buffers, training the flag
+                         and (not m.track_running_stats or m.running_mean is None
+                              or m.running_var is None))
     if batch_stats:
         raise UnsupportedModelError(
             f"the BatchNorm layers {', '.join(batch_stats)} keep no running statistics "
-            "(track_running_stats=False): in evaluation mode they normalise by each batch's "
+            "(track_running_stats=False, or no running_mean/running_var buffers): in "
+            "evaluation mode they normalise by each batch's "
             "own statistics, so one image's output depends on the others and on the batch "
             "size. Build them with track_running_stats=True and estimate the statistics "
             "(qerror.nn.bn.estimate_running_stats)")

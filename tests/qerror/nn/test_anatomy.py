@@ -124,3 +124,14 @@ def test_crosscheck_refuses_a_bad_calibration_batch_clearly(bad, match):
     good = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=match):
         crosscheck_model(model, [good, bad], [good])
+
+
+def test_a_batchnorm_whose_flag_was_set_without_buffers_is_refused():
+    """torch's evaluation forward uses batch statistics where the buffers are None, whatever
+    track_running_stats says: the flag alone let such a model through, and the paired
+    pass's float half differed from the float forward."""
+    bn = nn.BatchNorm2d(2, track_running_stats=False)
+    bn.track_running_stats = True
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), bn, nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match="1 keep no running statistics"):
+        check_model(model)
