@@ -34,13 +34,14 @@ PER_SAMPLE_LEAVES = (
     nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.Tanh, nn.Mish, nn.Softplus,
 )
 
+LAYERS = (nn.Conv2d, nn.Linear)
+
 
 def _per_sample_leaf(m: nn.Module) -> bool:
     """A leaf the paired batch runs as it is: a quantized layer, a per-sample module, or an
     empty ``nn.Sequential`` (the identity shortcut of many CIFAR ResNets)."""
     return isinstance(m, LAYERS + PER_SAMPLE_LEAVES) or (isinstance(m, nn.Sequential)
                                                          and len(m) == 0)
-LAYERS = (nn.Conv2d, nn.Linear)
 
 
 class UnsupportedModelError(ValueError):
