@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -14,6 +15,17 @@ _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Whether a torch dtype holds integers (bool, floats and complex do not)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_count(value, name: str, low: int = 0) -> int:
+    """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) ≥
+    ``low``; ValueError naming ``name`` otherwise. A float is refused even when integral:
+    a count computed in floating point (``0.29 * 100`` is 28.999999999999996) would be
+    truncated by ``int()`` without a word."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) \
+            or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_float_array(x, name: str) -> None:

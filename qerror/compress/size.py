@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 from qerror.files import atomic_write
 
@@ -77,9 +78,7 @@ _UINTS = tuple(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64"))
 def index_dtype(max_value: int) -> np.dtype:
     """The smallest unsigned integer dtype that holds ``max_value`` (≥ 0): what a CSR row
     pointer (max: the nonzero count) or column index (max: columns − 1) is stored as."""
-    max_value = int(max_value)
-    if max_value < 0:
-        raise ValueError(f"an index is >= 0, got a maximum of {max_value}")
+    max_value = check_count(max_value, "max_value")
     for dt in _UINTS:
         if max_value <= np.iinfo(dt).max:
             return dt
@@ -161,18 +160,17 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
     * integer values add ``scales`` float32 scales and ``scales`` zero points in the values'
       format (the zero point has the type of the codes, as in ONNX's QuantizeLinear).
     """
-    shape = tuple(int(d) for d in shape)
-    if not shape or min(shape) < 0:
-        raise ValueError(f"need a shape of one or more non-negative sizes, got {shape}")
+    shape = tuple(shape)
+    if not shape:
+        raise ValueError("need a shape of one or more non-negative sizes, got ()")
+    shape = tuple(check_count(d, "each size of the shape") for d in shape)
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     n = int(np.prod(shape, dtype=object))
-    nnz = n if nnz is None else int(nnz)
+    nnz = n if nnz is None else check_count(nnz, "nnz")
     if not 0 <= nnz <= n:
         raise ValueError(f"nnz must be in [0, {n}] for shape {shape}, got {nnz}")
     if values in _INTEGER_FORMATS:
-        scales = shape[0] if scales is None else int(scales)
-        if scales < 1:
-            raise ValueError(f"integer values need >= 1 scale, got {scales}")
+        scales = shape[0] if scales is None else check_count(scales, "scales", 1)
     elif scales:
         raise ValueError(f"{values.value} values carry no quantization scales, got {scales}")
     else:
@@ -345,7 +343,7 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
         ``values`` is not one that :func:`encode_tensor` writes (float32, float16, int8), or
         the buffer does not hold this layout.
     """
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(check_count(d, "each size of the shape") for d in shape)
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     if values not in _ENCODABLE:
         raise ValueError(f"decoding supports {[f.value for f in _ENCODABLE]} values, got "
@@ -621,9 +619,7 @@ def packed_bytes(elements: int, bits: int) -> int:
     int
         ``ceil(elements · bits / 8)``, in exact integer arithmetic.
     """
-    elements, bits = int(elements), int(bits)
-    if elements < 0 or bits < 1:
-        raise ValueError(f"need elements >= 0 and bits >= 1, got {elements} and {bits}")
+    elements, bits = check_count(elements, "elements"), check_count(bits, "bits", 1)
     return -(-elements * bits // 8)
 
 
@@ -685,9 +681,7 @@ def index_bits(choices: int) -> int:
     int
         ``max(1, ceil(log2(choices)))``, in exact integer arithmetic.
     """
-    choices = int(choices)
-    if choices < 1:
-        raise ValueError(f"need at least one choice, got {choices}")
+    choices = check_count(choices, "choices", 1)
     return max(1, (choices - 1).bit_length())
 
 
@@ -767,8 +761,8 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
         ``packed_bytes(values.size, bits)`` bytes; value ``i`` occupies bits
         ``[i·bits, (i+1)·bits)`` of the little-endian bit stream, the last byte zero-padded.
     """
-    bits = int(bits)
-    if not 1 <= bits <= 64:
+    bits = check_count(bits, "bits", 1)
+    if bits > 64:
         raise ValueError(f"bits must be in 1..64, got {bits}")
     v = np.asarray(values)
     if v.dtype.kind not in "iub":
@@ -785,7 +779,7 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(buffer: bytes, count: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` values of ``bits`` bits as ``uint64``."""
-    bits, count = int(bits), int(count)
+    bits, count = check_count(bits, "bits", 1), check_count(count, "count")
     if len(buffer) != packed_bytes(count, bits):
         raise ValueError(f"{count} values of {bits} bits need {packed_bytes(count, bits)} "
                          f"bytes, got {len(buffer)}")
@@ -806,8 +800,12 @@ def _floor_log2(q: np.ndarray) -> np.ndarray:
     return out
 
 
-def _elias_fano_layout(lengths: np.ndarray, universe_bits: int):
-    m = np.asarray(lengths, dtype=np.int64)
+def _elias_fano_layout(lengths, universe_bits: int):
+    universe_bits = check_count(universe_bits, "universe_bits")
+    m = np.asarray(lengths)
+    if m.size and m.dtype.kind not in "iu":
+        raise ValueError(f"lengths must be an int array (counts), got dtype {m.dtype}")
+    m = m.astype(np.int64)
     if m.ndim != 1 or (m.size and m.min() < 0) or (m > 1 << universe_bits).any():
         raise ValueError(f"lengths must be counts in [0, 2**{universe_bits}]")
     low = np.where(m > 0, _floor_log2((1 << universe_bits) // np.maximum(m, 1)), 0)
@@ -845,7 +843,7 @@ def elias_fano_bits(lengths, universe_bits: int) -> int:
     J. ACM 21(2), 1974. R. M. Fano, "On the number of bits required to implement an
     associative memory", MIT Project MAC memo 61, 1971.
     """
-    _, _, size, _, _ = _elias_fano_layout(np.asarray(lengths), int(universe_bits))
+    _, _, size, _, _ = _elias_fano_layout(lengths, universe_bits)
     return int(size.sum())
 
 
@@ -853,7 +851,7 @@ def elias_fano_encode(values, lengths, universe_bits: int) -> np.ndarray:
     """Encode consecutive sorted sets (``values`` grouped by ``lengths``) as a 0/1 uint8
     array of :func:`elias_fano_bits` bits: set by set, low bits (value by value, least
     significant first) then the unary high array."""
-    m, low, size, start, first = _elias_fano_layout(np.asarray(lengths), int(universe_bits))
+    m, low, size, start, first = _elias_fano_layout(lengths, universe_bits)
     v = np.asarray(values, dtype=np.int64)
     if v.shape != (int(m.sum()),):
         raise ValueError(f"need {int(m.sum())} values, got shape {v.shape}")
@@ -870,7 +868,7 @@ def elias_fano_encode(values, lengths, universe_bits: int) -> np.ndarray:
 
 def elias_fano_decode(bits: np.ndarray, lengths, universe_bits: int) -> np.ndarray:
     """Inverse of :func:`elias_fano_encode`: the values, int64, set after set."""
-    m, low, size, start, first = _elias_fano_layout(np.asarray(lengths), int(universe_bits))
+    m, low, size, start, first = _elias_fano_layout(lengths, universe_bits)
     bits = np.asarray(bits)
     if bits.shape != (int(size.sum()),):
         raise ValueError(f"need {int(size.sum())} bits, got shape {bits.shape}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_finite, is_integer_dtype
+from qerror._checks import check_count, check_finite, is_integer_dtype
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.compress.size import (
@@ -257,7 +257,7 @@ class Thermometer:
         return cls(ordered[ranks].T.contiguous(), features)
 
     def __post_init__(self):
-        _check_count(self.features, "features")
+        check_count(self.features, "features", 1)
         t = self.thresholds
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] not in (1, self.features):
             raise ValueError("thresholds must be a tensor of shape (features, T) or (1, T)")
@@ -406,12 +406,6 @@ def _check_tau(tau) -> float:
     return float(tau)
 
 
-def _check_count(value, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class BleachChoice:
     """The bleaching threshold chosen on a validation split.
@@ -482,9 +476,9 @@ class WiSARD:
 
     def __init__(self, input_bits: int, address_bits: int, classes: int, *, seed: int = 0,
                  shuffle: bool = True):
-        self.input_bits = _check_count(input_bits, "input_bits")
-        self.address_bits = _check_count(address_bits, "address_bits")
-        self.classes = _check_count(classes, "classes")
+        self.input_bits = check_count(input_bits, "input_bits", 1)
+        self.address_bits = check_count(address_bits, "address_bits", 1)
+        self.classes = check_count(classes, "classes", 1)
         if self.address_bits > self.input_bits:
             raise ValueError(f"address size {self.address_bits} bits is larger than the "
                              f"{self.input_bits} input bits")
@@ -561,7 +555,7 @@ class WiSARD:
         return self._responses(self.keys_of(bits), bleach)
 
     def _responses(self, keys: torch.Tensor, bleach: int | None) -> torch.Tensor:
-        b = self.bleach if bleach is None else _check_count(bleach, "bleach")
+        b = self.bleach if bleach is None else check_count(bleach, "bleach", 1)
         step = max(1, (1 << 24) // (self.rams * self.classes))
         return torch.cat([(self._lookup(keys[s:s + step]) >= b).sum(1)
                           for s in range(0, keys.shape[0], step)]
@@ -604,8 +598,8 @@ class WiSARD:
         bits = _as_bits(bits, self.input_bits, "bits")
         labels = _as_labels(labels, bits.shape[0], self.classes)
         top = int(self.counts.max()) if self.counts.numel() else 1
-        cap = min(max(top, 1), 4096) if max_bleach is None else _check_count(max_bleach,
-                                                                             "max_bleach")
+        cap = min(max(top, 1), 4096) if max_bleach is None else check_count(max_bleach,
+                                                                             "max_bleach", 1)
         keys = self.keys_of(bits)
         ties = _tie_keys(keys.numpy(), self.classes)
         bins = cap + 2
@@ -625,7 +619,7 @@ class WiSARD:
 
     def set_bleach(self, choice: BleachChoice) -> BleachChoice:
         """Use ``choice.bleach`` from now on; returns ``choice``."""
-        self.bleach = _check_count(choice.bleach, "bleach")
+        self.bleach = check_count(choice.bleach, "bleach", 1)
         return choice
 
     def stored_entries(self, counts: bool = False) -> tuple[torch.Tensor, torch.Tensor,
@@ -798,7 +792,7 @@ def efd_matrix(n: int, dtype: torch.dtype = torch.float32,
     two entries at distance 0 give the plain finite difference ``A[a|2^j] − A[a&~2^j]``
     (times ``α`` with the exponential decay).
     """
-    n = _check_count(n, "n")
+    n = check_count(n, "n", 1)
     if n > MAX_FAN_IN:
         raise ValueError(f"fan-in {n} exceeds {MAX_FAN_IN}: the EFD matrix has 4**n * n "
                          "entries")
@@ -938,9 +932,9 @@ class LUTLayer(nn.Module):
                  efd: EFDDecay | str = EFDDecay.HARMONIC):
         super().__init__()
         self.efd = EFDDecay.parse(efd)
-        self.in_features = _check_count(in_features, "in_features")
-        self.luts = _check_count(luts, "luts")
-        self.fan_in = _check_count(fan_in, "fan_in")
+        self.in_features = check_count(in_features, "in_features", 1)
+        self.luts = check_count(luts, "luts", 1)
+        self.fan_in = check_count(fan_in, "fan_in", 1)
         if self.fan_in > self.in_features:
             raise ValueError(f"fan-in (address size) {self.fan_in} bits is larger than the "
                              f"{self.in_features} input bits")
@@ -1021,7 +1015,7 @@ class GroupSum(nn.Module):
 
     def __init__(self, classes: int, tau: float = 1.0):
         super().__init__()
-        self.classes = _check_count(classes, "classes")
+        self.classes = check_count(classes, "classes", 1)
         self.tau = _check_tau(tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1063,7 +1057,7 @@ class DWN(nn.Module):
         super().__init__()
         if not isinstance(thermometer, Thermometer):
             raise TypeError("thermometer must be a Thermometer")
-        luts = [_check_count(v, "luts") for v in luts]
+        luts = [check_count(v, "luts", 1) for v in luts]
         if not luts:
             raise ValueError("need at least one LUT layer")
         self.thermometer = thermometer
@@ -1100,7 +1094,7 @@ class DWN(nn.Module):
         """Classes, int64 ``(N,)``: the class with the largest score; a tie (the scores are
         popcounts) goes to the tied class a hash of the sample's encoded bits ranks first,
         not to the lowest class number (:meth:`WiSARD.predict`)."""
-        batch_size = _check_count(batch_size, "batch_size")
+        batch_size = check_count(batch_size, "batch_size", 1)
         bits = self.thermometer.encode(x).to(self.layers[0].table.dtype)
         return self.predict_bits(bits, batch_size)
 
@@ -1178,8 +1172,8 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     drawn from a generator seeded with ``seed``.
     """
     seed = _check_seed(seed)
-    batch_size = _check_count(batch_size, "batch_size")
-    epochs, step_size = _check_count(epochs, "epochs"), _check_count(step_size, "step_size")
+    batch_size = check_count(batch_size, "batch_size", 1)
+    epochs, step_size = check_count(epochs, "epochs", 1), check_count(step_size, "step_size", 1)
     for name, v in (("lr", lr), ("gamma", gamma)):  # checked before an epoch is spent
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
                 or not 0 < v < math.inf:

@@ -80,6 +80,38 @@ def test_bad_counts_and_objects_are_refused():
         held_bytes([1, 2, 3])
 
 
+# 0.29 * 100 is 28.999999999999996 in binary floating point: int() made it 28 nonzeros
+_NNZ = 0.29 * 100
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: tensor_bytes((10, 10), _NNZ, "csr"), "nnz"),
+    (lambda: tensor_bytes((10, 10.9)), "shape"),
+    (lambda: tensor_bytes((10, 10), None, "dense", "int8", scales=1.5), "scales"),
+    (lambda: tensor_bytes((10, 10), True, "csr"), "nnz"),
+    (lambda: storage_bytes("float32", _NNZ), "elements"),
+    (lambda: packed_bytes(2.5, 3), "elements"),
+    (lambda: packed_bytes(8, 2.5), "bits"),
+    (lambda: index_bits(256.5), "choices"),
+    (lambda: index_dtype(255.5), "max_value"),
+    (lambda: SizePart("x", 2.5, 3), "elements"),
+    (lambda: pack_bits(np.arange(4), 2.5), "bits"),
+    (lambda: unpack_bits(b"\x00", 2.5, 3), "count"),
+    (lambda: elias_fano_bits([2.5], 3), "lengths"),
+    (lambda: elias_fano_bits([2], 3.5), "universe_bits"),
+])
+def test_counts_that_are_not_integers_are_refused_not_truncated(call, name):
+    with pytest.raises(ValueError, match=f"{name} must be an int"):
+        call()
+
+
+def test_numpy_integer_counts_are_taken():
+    assert packed_bytes(np.int64(3), np.uint8(3)) == 2
+    assert tensor_bytes((np.int32(4), 4), np.int64(3), "csr").values == 12
+    assert index_bits(np.uint16(256)) == 8
+    assert elias_fano_bits(np.array([1], np.uint8), np.int64(3)) == elias_fano_bits([1], 3)
+
+
 # --------------------------------------------------------------------------- sparse formats
 
 
