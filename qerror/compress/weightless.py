@@ -489,15 +489,20 @@ class WiSARD:
             raise ValueError(f"{self.rams} RAMs x {self.classes} classes x 2**"
                              f"{self.address_bits} addresses do not fit 62-bit keys; use "
                              "fewer address bits")
+        self.mapping = self.regenerated_mapping()
+        self.keys = torch.zeros(0, dtype=torch.int64)
+        self.counts = torch.zeros(0, self.classes, dtype=torch.int32)
+        self.bleach = 1
+
+    def regenerated_mapping(self) -> torch.Tensor:
+        """The mapping that :attr:`seed` and :attr:`shuffle` give, int64 ``(R, n)``: what a
+        file, which stores the seed and not the wiring, reads back."""
         slots = self.rams * self.address_bits
         if self.shuffle:
             flat = seeded_mapping(self.input_bits, slots, self.seed)
         else:
             flat = torch.arange(slots) % self.input_bits
-        self.mapping = flat.reshape(self.rams, self.address_bits)
-        self.keys = torch.zeros(0, dtype=torch.int64)
-        self.counts = torch.zeros(0, self.classes, dtype=torch.int32)
-        self.bleach = 1
+        return flat.reshape(self.rams, self.address_bits)
 
     # Chunks keep the (rows, RAMs) int64 addresses near 64 MiB.
     def _chunk(self) -> int:
@@ -1279,6 +1284,11 @@ def _ram_layout(w: WiSARD, counts: bool) -> dict:
 
 def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], dict]:
     w = m.wisard
+    if not torch.equal(w.mapping.cpu(), w.regenerated_mapping()):
+        raise ValueError("the WiSARD's mapping is not the one its seed and shuffle regenerate "
+                         "(the mapping or the seed was changed after it was built): its file "
+                         "stores the seed, not the wiring, and would read back as another "
+                         "model; build the WiSARD with the seed it is to have")
     lay = _ram_layout(w, counts)
     header = _PREFIX.size + _THERMO.size + _WISARD.size
     parts = [SizePart("header", header, 8, "format, shapes, seed, bleaching threshold")]
@@ -1307,7 +1317,32 @@ def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], di
     return parts, lay
 
 
+def _check_dwn_layers(m: DWN) -> None:
+    """ValueError unless every layer is one a file describes: reading the previous layer's
+    outputs (the thermometer's bits for the first), with the first layer's fan-in, and a
+    random wiring the one the DWN's seed regenerates for it (stream ``i`` for layer ``i``)."""
+    width, fan_in = m.thermometer.out_bits, m.layers[0].fan_in
+    for i, layer in enumerate(m.layers):
+        if not isinstance(layer, LUTLayer) or layer.in_features != width \
+                or layer.fan_in != fan_in:
+            what = (f"a {type(layer).__name__}" if not isinstance(layer, LUTLayer) else
+                    f"reads {layer.in_features} inputs with fan-in {layer.fan_in}")
+            raise ValueError(f"DWN layer {i} {what}: a file holds LUT layers that read the "
+                             f"previous layer's {width} outputs with the first layer's fan-in "
+                             f"{fan_in}")
+        if layer.mapping is Mapping.RANDOM and not torch.equal(
+                layer.index.cpu(), seeded_mapping(width, layer.luts * fan_in, m.seed, i)
+                .reshape(layer.luts, fan_in)):
+            raise ValueError(f"DWN layer {i}'s random wiring is not the one the DWN's seed "
+                             f"{m.seed} regenerates for it (stream {i}): its file stores the "
+                             "seed, not the wiring, and would read back as another model; "
+                             f"build the layer with the DWN's seed and stream {i}, or give it "
+                             "a FIXED mapping (stored index by index)")
+        width = layer.luts
+
+
 def _dwn_parts(m: DWN) -> list[SizePart]:
+    _check_dwn_layers(m)
     header = _PREFIX.size + _THERMO.size + _DWN.size + _DWN_LAYER.size * len(m.layers)
     parts = [SizePart("header", header, 8, "format, shapes, seed, GroupSum tau")]
     parts += m.thermometer.size_parts()

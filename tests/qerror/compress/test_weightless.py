@@ -754,6 +754,69 @@ def test_ram_layout_is_the_fewest_bytes_of_the_file():
             assert head.total_bytes == fixed + _ram_bytes_by_hand(w, counts), (trial, counts)
 
 
+def _mapping_reversed(model):
+    model.wisard.mapping = torch.flip(model.wisard.mapping, (0,))
+
+
+def _seed_changed(model):
+    model.wisard.seed += 1
+
+
+@pytest.mark.parametrize("change", [_mapping_reversed, _seed_changed])
+def test_a_wisard_wiring_its_seed_does_not_regenerate_is_refused(tmp_path, change):
+    # The file holds the seed, not the wiring (0 bytes): a mapping changed after the WiSARD
+    # was built, or a seed changed after it was trained, was counted at 0 bytes and written,
+    # and the file read back into another model (a third of the predictions agreed).
+    model, _ = _toy_wisard(4)
+    change(model)
+    with pytest.raises(ValueError, match="mapping is not the one its seed"):
+        wnn_size(model)
+    with pytest.raises(ValueError, match="mapping is not the one its seed"):
+        save_wnn(model, tmp_path / "w.qwnn")
+    assert not any(tmp_path.iterdir())
+
+
+def _reseeded(model):
+    model.layers[1] = LUTLayer(30, 12, 3, seed=model.seed + 1, stream=1)
+
+
+def _restreamed(model):
+    model.layers[1] = LUTLayer(30, 12, 3, seed=model.seed, stream=0)
+
+
+def _other_fan_in(model):
+    model.layers[1] = LUTLayer(30, 12, 2, seed=model.seed, stream=1)
+
+
+def _other_width(model):
+    model.layers[1] = LUTLayer(31, 12, 3, seed=model.seed, stream=1)
+
+
+@pytest.mark.parametrize("change, match", [
+    (_reseeded, "not the one the DWN's seed"), (_restreamed, "not the one the DWN's seed"),
+    (_other_fan_in, "fan-in 2"), (_other_width, "reads 31 inputs")])
+def test_a_dwn_layer_its_file_cannot_describe_is_refused(tmp_path, change, match):
+    # A random layer is stored as nothing but the DWN's seed (layer i: stream i), and one
+    # fan-in and the layers' widths are stored for all layers: a layer put in with another
+    # seed or stream was written and read back as another wiring (half the predictions
+    # agreed), one with another fan-in as a file load_wnn called truncated.
+    x = torch.rand(40, 6, generator=torch.Generator().manual_seed(3))
+    model = DWN(Thermometer.fit(x, 4), [30, 12], 3, fan_in=3, seed=9)
+    change(model)
+    with pytest.raises(ValueError, match=match):
+        wnn_size(model)
+    with pytest.raises(ValueError, match=match):
+        save_wnn(model, tmp_path / "d.qwnn")
+    assert not any(tmp_path.iterdir())
+    # a FIXED layer stores its wiring, wherever it is
+    model.layers[1] = LUTLayer(30, 12, 3, mapping="fixed", seed=9, stream=1,
+                               index=torch.randint(0, 30, (12, 3), generator=torch.Generator()
+                                                   .manual_seed(0)))
+    back = load_wnn(save_wnn(model, tmp_path / "d.qwnn"))
+    assert torch.equal(back.layers[1].index, model.layers[1].index)
+    assert torch.equal(back(x), model(x))
+
+
 def test_a_classifier_whose_parts_do_not_fit_is_refused(tmp_path):
     x = np.random.default_rng(1).integers(0, 256, (60, 4)).astype(np.uint8)
     t = Thermometer.fit(x, 3)  # 12 bits
