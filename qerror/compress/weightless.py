@@ -648,6 +648,12 @@ class WisardClassifier:
     wisard: WiSARD
 
     def __post_init__(self):
+        self.check_parts()
+
+    def check_parts(self) -> None:
+        """ValueError unless the thermometer gives the bits the WiSARD reads (checked when
+        the classifier is built, and again when it is counted or saved: the attributes can
+        be replaced)."""
         if self.thermometer.out_bits != self.wisard.input_bits:
             raise ValueError(f"the thermometer gives {self.thermometer.out_bits} bits per "
                              f"sample and the WiSARD reads {self.wisard.input_bits}: build "
@@ -1283,6 +1289,7 @@ def _ram_layout(w: WiSARD, counts: bool) -> dict:
 
 
 def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], dict]:
+    m.check_parts()
     w = m.wisard
     if not torch.equal(w.mapping.cpu(), w.regenerated_mapping()):
         raise ValueError("the WiSARD's mapping is not the one its seed and shuffle regenerate "

@@ -822,6 +822,14 @@ def test_a_classifier_whose_parts_do_not_fit_is_refused(tmp_path):
     t = Thermometer.fit(x, 3)  # 12 bits
     with pytest.raises(ValueError, match="input_bits=thermometer.out_bits"):
         WisardClassifier(t, WiSARD(16, 4, 3, seed=3))
+    # a thermometer put in after the classifier was built: counted and written as a file
+    # load_wnn called truncated
+    swapped = WisardClassifier(t, WiSARD(t.out_bits, 4, 3, seed=3))
+    swapped.thermometer = Thermometer.fit(x, 4)
+    with pytest.raises(ValueError, match="input_bits=thermometer.out_bits"):
+        wnn_size(swapped)
+    with pytest.raises(ValueError, match="input_bits=thermometer.out_bits"):
+        save_wnn(swapped, tmp_path / "swapped.qwnn")
     # a header field beyond its width: a clear error, no file
     wide = WisardClassifier(t, WiSARD(t.out_bits, 4, 70_000, seed=3))
     with pytest.raises(ValueError, match="65535 classes"):
