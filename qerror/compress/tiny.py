@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.compress.size import SparseFormat, StorageFormat, model_bytes
 
 
@@ -43,10 +44,10 @@ class TinyCNN(nn.Module):
     def __init__(self, width: int, in_channels: int = 1, num_classes: int = 10, *,
                  seed: int = 0):
         super().__init__()
-        for name, v in (("width", width), ("in_channels", in_channels),
-                        ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        width, in_channels, num_classes = (
+            check_count(v, name, 1) for v, name in ((width, "width"),
+                                                    (in_channels, "in_channels"),
+                                                    (num_classes, "num_classes")))
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.width = width

@@ -1,5 +1,6 @@
 """The budget-sized CNN: the widest that fits, counted as the file it writes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,8 +70,17 @@ def test_bad_budget_and_width():
     for bad in (float("nan"), float("inf"), 0, -5, True, "5000"):  # NaN gave width 1
         with pytest.raises(ValueError, match="positive finite number of bytes"):
             tiny_cnn_within(bad)
-    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+    with pytest.raises(ValueError, match="width must be an int >= 1"):
         TinyCNN(0)
+    with pytest.raises(ValueError, match="width must be an int >= 1"):
+        TinyCNN(4.0)
+
+
+def test_numpy_integers_are_taken_as_the_integers_they_are():
+    # 'width must be an integer >= 1, got np.int64(4)' before: numpy integers were refused
+    m = TinyCNN(np.int64(4), np.int64(1), np.uint8(10))
+    assert type(m.width) is int and m.width == 4
+    assert tiny_cnn_within(5000, in_channels=np.int64(1)).width == tiny_cnn_within(5000).width
     with pytest.raises(ValueError, match="seed must be an integer"):
         TinyCNN(4, seed=1.7)  # torch.manual_seed(1.7) seeds 1: the same weights as seed 1
 
