@@ -583,7 +583,9 @@ def staging_folder(final: Path, whose: str = "this folder", hint: str = "") -> P
     return stage
 
 
-def publish_folder(stage: Path, final: Path) -> Path:
+def publish_folder(stage: Path, final: Path, *,
+                   check: Callable[[Path], None] | None = None,
+                   rescue: Callable[[Exception, Path | None], None] | None = None) -> Path:
     """Put the complete staging folder ``stage`` (from :func:`staging_folder`) at ``final``,
     replacing what is there, by renames: the previous ``final`` is moved aside (to
     ``.NAME.old-PID``, marked) before ``stage`` takes its place, and removed only then.
@@ -591,39 +593,90 @@ def publish_folder(stage: Path, final: Path) -> Path:
     Ctrl-C and SIGTERM wait for both renames (:func:`_signals_held`), so an interruption
     leaves either the previous folder or the new one at ``final``, never a mixture; a
     process killed outright between them leaves nothing at ``final`` and the previous
-    folder marked beside it (removed by the next :func:`clean_stale_partials`). If
-    ``stage`` cannot be moved, the previous folder is put back and the error raised.
-    Returns ``final``.
+    folder marked beside it (put back by the next :func:`clean_stale_partials`). If the
+    publish fails, the previous folder is put back (where nothing has taken its place; else
+    it stays aside, unmarked, never removed as left behind), ``stage`` stays marked, and the
+    error is raised, never hidden by a Ctrl-C that waited for it. Returns ``final``.
+
+    Parameters
+    ----------
+    stage, final : Path
+        The staged folder and its destination.
+    check : callable, optional
+        ``check(old)`` is called on the previous folder just after it was moved aside, before
+        it is marked: an exception it raises fails the publish (a folder that another
+        process put at ``final`` meanwhile is not this publish's to replace).
+    rescue : callable, optional
+        ``rescue(err, old)`` is called, Ctrl-C still waiting, when the publish fails with an
+        OSError or StudyError ``err``, after the previous folder was put back where it could
+        be (``old``: where it still lies, None when it is back or was never moved); what it
+        raises is raised instead of ``err``.
 
     Raises
     ------
     StudyError
         When ``final`` is a file or a symbolic link (never replaced).
+    PublishedInterrupt
+        A Ctrl-C or SIGTERM that came while the folders moved, or while the previous one was
+        removed: ``stage`` is at ``final``, complete.
     """
     stage, final = Path(stage), Path(final)
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise StudyError(f"{final} is a file or a symbolic link, not a folder; it is never "
                          "replaced. Move it away and run again")
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    moved = False
-    with _signals_held():
-        try:
-            if final.exists() or final.is_symlink():
-                final.rename(old)
-                moved = True
-                _mark(old)
-            (stage / STAGING_MARK).unlink(missing_ok=True)
-            stage.rename(final)
-        except BaseException:
-            if not (stage / STAGING_MARK).exists() and stage.is_dir():
-                _mark(stage)  # not published: removable as left behind
-            if moved and not final.exists():
-                (old / STAGING_MARK).unlink(missing_ok=True)
-                old.rename(final)
-                moved = False
+    moved = published = False
+    failure: BaseException | None = None
+    try:
+        with _signals_held():
+            try:
+                if final.exists() or final.is_symlink():
+                    final.rename(old)
+                    moved = True
+                    if check is not None:
+                        check(old)
+                    _mark(old)  # removable as left behind if this process dies now
+                # unmarked: the folder becomes the published one (killed between the two
+                # steps, a complete folder is left unmarked, never removed)
+                (stage / STAGING_MARK).unlink(missing_ok=True)
+                stage.rename(final)
+                _PUBLISHED.append(final)
+                published = True
+            except BaseException as err:
+                failure = err
+                if stage.is_dir() and not (stage / STAGING_MARK).exists():
+                    with contextlib.suppress(OSError):
+                        _mark(stage)  # not published: removable as left behind
+                if moved:
+                    with contextlib.suppress(OSError):
+                        (old / STAGING_MARK).unlink(missing_ok=True)
+                        if not (final.exists() or final.is_symlink()):
+                            old.rename(final)
+                            moved = False
+                if rescue is not None and isinstance(err, (OSError, StudyError)):
+                    try:
+                        rescue(err, old if moved else None)
+                    except BaseException as rescued:
+                        failure = rescued
+                        raise
+                raise
+    except KeyboardInterrupt as interrupt:
+        if failure is not None and failure is not interrupt:
+            raise failure from None  # a Ctrl-C held while it failed: the failure is said
+        if not published:
             raise
+        interrupted = True  # held while the folder moved into place: it is there
+    else:
+        interrupted = False
     if moved:
-        _remove_marked(old)
+        try:
+            _remove_marked(old)
+        except KeyboardInterrupt:
+            raise PublishedInterrupt(
+                f"it is complete at {final}; the previous one's copy at {old} was not fully "
+                f"removed (the next run aimed at {final} removes it)") from None
+    if interrupted:
+        raise PublishedInterrupt(f"it is complete at {final}")
     return final
 
 
@@ -1022,11 +1075,15 @@ class RunDir:
         return self.git if now == self.git else {**self.git, "at_finish": now}
 
     def finish(self) -> Path:
-        """Write the manifest and move the staged folder to its destination.
+        """Write the manifest and move the staged folder to its destination, by
+        :func:`publish_folder` (which removes the previous run, if any, once it is in place).
 
         Raises ``KeyboardInterrupt`` (the staging folder is then removed on leaving the
         ``with`` block) when a Ctrl-C came since the study started and something swallowed
-        it (:mod:`qerror.interrupts`): a run the user interrupted is not published."""
+        it (:mod:`qerror.interrupts`): a run the user interrupted is not published;
+        :class:`PublishedInterrupt` for a Ctrl-C while it moved into place (it is there);
+        StudyError when it cannot go to ``--out`` (another run there now, a file, a link, a
+        failed rename): the complete run is kept beside it, named in the message."""
         self._check_interrupts()
         # the mark is not an output: it stays until the folder is published (a run killed
         # before then leaves a marked staging folder, which the next run removes)
@@ -1059,67 +1116,30 @@ class RunDir:
         }
         self.write_json(MANIFEST, manifest)
         self._check_interrupts()
-        old, published, interrupted, failure = None, False, False, None
         another = StudyError(f"another run was written to --out {self.final} while this one "
                              "ran; it is left as it is (a run replaces only what was there "
                              "when it started, with --force)")
         try:
             # The destination may have changed while the study ran.
-            if self.final.exists() and not self.final.is_dir():
-                raise StudyError(f"--out {self.final} became a file while the study ran; it is "
-                                 "left as it is")
+            if self.final.is_symlink() or (self.final.exists() and not self.final.is_dir()):
+                raise StudyError(f"--out {self.final} became a file or a symbolic link while "
+                                 "the study ran; it is left as it is")
             if self.final.is_dir():
                 _check_replaceable(self.final, self.study, force=True)
                 if any(self.final.iterdir()) and not self.replaces:
                     raise another
-                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
         except (OSError, StudyError) as err:
             self._keep_unplaced(err, None)
-        try:
-            with _signals_held():
-                # a Ctrl-C between the two renames would leave neither run at --out (the
-                # previous one in a folder the next run removes): it waits for both, and for
-                # the rescue of a run that cannot be placed
-                try:
-                    if old is not None:
-                        # moved aside first, then checked: no other run can be published over
-                        # it between the check and the move (another --force run)
-                        self.final.rename(old)
-                        if any(old.iterdir()) and _manifest_sha(old) != self.replaced:
-                            old.rename(self.final)
-                            old = None
-                            raise another
-                        _mark(old)  # removable as left behind if this run dies now
-                    # unmarked: the folder becomes the run (killed between the two steps,
-                    # a complete run is left unmarked, never removed)
-                    (self.stage / STAGING_MARK).unlink(missing_ok=True)
-                    self.stage.rename(self.final)
-                    _PUBLISHED.append(self.final)
-                    published = True
-                except (OSError, StudyError) as err:
-                    try:
-                        self._keep_unplaced(err, old)
-                    except StudyError as kept:
-                        failure = kept
-                    old = None  # put back where it could be: not this run's to remove
-        except KeyboardInterrupt:
-            if failure is not None:  # the run is kept and the previous one back: say where
-                raise failure from None
-            if not published:
-                raise
-            interrupted = True  # held while the run moved into place: it is there
-        if failure is not None:
-            raise failure
-        if old is not None:
-            try:
-                _remove_marked(old)
-            except KeyboardInterrupt:
-                raise PublishedInterrupt(
-                    f"it is complete at {self.final}; the previous run's copy at {old} was "
-                    "not fully removed (the next run aimed at this --out removes it)") from None
-        if interrupted:
-            raise PublishedInterrupt(f"it is complete at {self.final}")
-        return self.final
+
+        def check(old: Path) -> None:
+            # moved aside first, then checked: no other run can be published over it
+            # between the check and the move (another --force run)
+            if any(old.iterdir()) and _manifest_sha(old) != self.replaced:
+                raise another
+
+        # a Ctrl-C between the two renames would leave neither run at --out: it waits for
+        # both, and for the rescue of a run that cannot be placed (publish_folder)
+        return publish_folder(self.stage, self.final, check=check, rescue=self._keep_unplaced)
 
     def _check_interrupts(self) -> None:
         if interrupts() != self.interrupts:
@@ -1127,19 +1147,12 @@ class RunDir:
 
     def _keep_unplaced(self, err: Exception, old: Path | None) -> None:
         """The run is complete but cannot go to ``--out``: keep it under a name no later run
-        removes (or, failing that, where it is), put back what was at ``--out``, and raise a
-        StudyError that says where both are."""
-        restored = old is None or not old.exists()  # (the previous run was never moved)
-        # both are runs again, put back or kept or not: never removed as left behind
-        for folder in ([] if restored else [old]) + [self.stage]:
-            with contextlib.suppress(OSError):
-                (folder / STAGING_MARK).unlink(missing_ok=True)
-        if not restored and not self.final.exists():
-            try:
-                old.rename(self.final)
-                restored = True
-            except OSError:
-                pass
+        removes (or, failing that, where it is) and raise a StudyError that says where it is,
+        and where the previous run is when it could not be put back at ``--out`` (``old``;
+        None: it is there)."""
+        # a run, kept: never removed as left behind
+        with contextlib.suppress(OSError):
+            (self.stage / STAGING_MARK).unlink(missing_ok=True)
         kept = self.final.parent / f"{self.final.name}.finished-{os.getpid()}"
         try:
             self.stage.rename(kept)
@@ -1150,8 +1163,8 @@ class RunDir:
                      "later run removes): move it where you want it")
         self.stage, self.kept = kept, True
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        back = "" if restored else (f"; the previous run at --out was moved to {old} and "
-                                    "could not be put back")
+        back = "" if old is None else (f"; the previous run at --out was moved to {old} and "
+                                       "could not be put back")
         raise StudyError(f"the run finished but could not be moved to --out {self.final} "
                          f"({reason}); {where}{back}") from err
 

@@ -751,7 +751,7 @@ def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, mon
 
     monkeypatch.setattr(Path, "unlink", unlink)
     assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
-    assert "the next run aimed at this --out removes it" in capsys.readouterr().err
+    assert f"the next run aimed at {out} removes it" in capsys.readouterr().err
     monkeypatch.setattr(Path, "unlink", real)
     old, = tmp_path.glob(".results.old-*")
     assert (old / _common.STAGING_MARK).is_file()
@@ -863,3 +863,65 @@ def test_a_99th_percentile_is_reported_from_100_timings_and_a_maximum_is_called_
     assert _common.tail_note(t[:100], t[100:]) == (
         f"p99 {1e3 * np.percentile(t[:100], 99):.2f} vs "
         f"{1e3 * np.percentile(t[100:], 99):.2f} ms")
+
+
+def test_an_out_that_became_a_link_while_the_study_ran_is_never_emptied(tmp_path):
+    """The previous run moved elsewhere and linked back at --out while the study ran:
+    finish() moved the link aside as if it were the run, published the new run, then
+    emptied the link's target (the previous run, wherever it now lies) and failed on the
+    link. A link at --out is left as it is, as publish_folder leaves one, and the run kept."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}, force=True) as run:
+        run.write_text("x.csv", "old\n")
+        run.finish()
+    before = _files(out)
+    run = RunDir(out, "demo", [], {}, force=True)
+    run.write_text("x.csv", "new\n")
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    out.symlink_to(moved)
+    with pytest.raises(_common.StudyError, match="symbolic link"):
+        with run:
+            run.finish()
+    assert out.is_symlink() and _files(moved) == before
+    assert (tmp_path / f"run.finished-{os.getpid()}" / "x.csv").read_text() == "new\n"
+
+
+def test_publish_folder_says_a_failed_move_though_a_ctrl_c_waited(tmp_path):
+    """The paper build's publish: the last rename fails (a full disk) while a Ctrl-C is
+    held. RunDir.finish said the failure; publish_folder, its copy, raised the held Ctrl-C
+    in its place, so the build said it was interrupted, not that it could not write."""
+    import subprocess
+    import sys
+    import textwrap
+
+    final = tmp_path / "generated"
+    final.mkdir()
+    (final / "old.txt").write_text("old\n")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from studies import _common
+
+        final = Path({str(final)!r})
+        stage = _common.staging_folder(final)
+        real = Path.rename
+
+        def rename(self, target):
+            if self == stage:
+                os.kill(os.getpid(), signal.SIGINT)
+                raise OSError(28, "No space left on device")
+            return real(self, target)
+
+        Path.rename = rename
+        try:
+            _common.publish_folder(stage, final)
+        except OSError as err:
+            print("OSError", err.errno, (stage / _common.STAGING_MARK).is_file())
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["OSError", "28", "True"], done.stderr
+    assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
