@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import hashlib
 import os
 import shutil
@@ -66,7 +67,9 @@ def atomic_write(path: Path | str, write) -> Path:
     Parameters
     ----------
     path : Path or str
-        Destination; its folder is created if missing.
+        Destination; its folder is created if missing. A symbolic link (or a chain of them,
+        a dangling one too) is written through: the file lands where it points, and the
+        link stays, as ``open(path, "w")`` would leave it.
     write : callable
         ``write(tmp_path)`` writes the whole content to ``tmp_path``.
 
@@ -75,27 +78,40 @@ def atomic_write(path: Path | str, write) -> Path:
     Path
         ``path``.
 
+    Raises
+    ------
+    OSError
+        Also when ``path`` is a loop of symbolic links (``errno.ELOOP``); nothing is written.
+
     Notes
     -----
-    The temporary file lives in the destination folder, so the rename never crosses a file
-    system, and a crash leaves either the old file or the new one, never a mixture. The
-    file gets the permissions of the one it replaces, or those a new file gets under the
-    process's umask (``mkstemp`` makes its temporary file readable by its owner only).
+    The temporary file lives in the folder of the file it becomes, so the rename never
+    crosses a file system, and a crash leaves either the old file or the new one, never a
+    mixture. The file gets the permissions of the one it replaces, or those a new file gets
+    under the process's umask (``mkstemp`` makes its temporary file readable by its owner
+    only).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # os.replace on a link replaces the link: a checkpoint linked to a larger disk
+        # became a file beside the link, on the small one, and the target stayed stale
+        target = path.resolve()
+    except RuntimeError as err:  # a loop of links (Python < 3.13; later, an OSError)
+        raise OSError(errno.ELOOP, f"cannot follow the symbolic links to a file ({err})",
+                      str(path)) from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            mode = stat.S_IMODE(os.stat(target).st_mode)
         except FileNotFoundError:
             mode = 0o666 & ~_umask()
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

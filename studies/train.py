@@ -450,7 +450,13 @@ def _check_targets(checkpoint: Path, out: Path | str, *, force: bool, cache: boo
     checkpoint is the cache's (no ``--checkpoint`` given), and the messages say so.
     """
     inside = Path(out).expanduser().resolve()
-    if checkpoint.expanduser().resolve().is_relative_to(inside):
+    try:
+        target = checkpoint.expanduser().resolve()
+    except RuntimeError as err:  # a loop of symbolic links (Python < 3.13)
+        raise StudyError(f"{'the cache' if cache else '--checkpoint'} {checkpoint}: cannot "
+                         f"follow it to a file ({err}); pass a path that is not a loop of "
+                         "symbolic links") from err
+    if target.is_relative_to(inside):
         raise StudyError(f"--checkpoint {checkpoint} lies inside --out {out}, which holds the "
                          "run's own outputs only (it is staged and replaced as a whole); pass "
                          "a --checkpoint outside it")
@@ -476,6 +482,11 @@ def _check_checkpoint_target(path: Path, *, force: bool, cache: bool = False) ->
     check_writable_parent(path, what, why=", where the checkpoint and the training state are "
                           "written", instead="set XDG_CACHE_HOME to a folder you can write in, "
                           "or pass --checkpoint with a file of your own" if cache else None)
+    if path.is_symlink():  # the checkpoint goes where the link points (atomic_write)
+        check_writable_parent(path.resolve(), f"{what} {path}, a link to",
+                              why=", where the checkpoint is written",
+                              instead="point the link at a folder you can write in, or "
+                              "pass another --checkpoint")
     sidecar = sidecar_path(path)
     if (sidecar.exists() or sidecar.is_symlink()) and not has_checkpoint_sidecar(path):
         raise StudyError(f"{what} {path}: {sidecar}, where its sidecar would be written, "

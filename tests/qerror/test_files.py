@@ -46,3 +46,36 @@ def test_torch_saves_failed_write_is_an_os_error_naming_the_file(tmp_path, monke
                                       r"there, or write it elsewhere\. Kept\.$"):
         files.torch_save(state, tmp_path / "x.pt", "the state x.pt", "Kept.")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_link_is_written_through_to_where_it_points(tmp_path):
+    """A checkpoint path linked to a larger disk: os.replace on the link made a file beside
+    it (on the small disk) and left the target stale. The file now lands where the link
+    points, through chains of links and dangling ones, and the link stays."""
+    import errno
+
+    import pytest
+
+    big, home = tmp_path / "big", tmp_path / "home"
+    big.mkdir()
+    home.mkdir()
+    (big / "model.pt").write_text("old")
+    os.chmod(big / "model.pt", 0o640)
+    link = home / "model.pt"
+    link.symlink_to(big / "model.pt")
+    assert atomic_write(link, lambda tmp: tmp.write_text("new")) == link
+    assert link.is_symlink() and (big / "model.pt").read_text() == "new"
+    assert _mode(big / "model.pt") == 0o640
+    chain = home / "state.pt"  # a relative link to a dangling one
+    (home / "hop").symlink_to(big / "sub" / "state.pt")
+    chain.symlink_to("hop")
+    atomic_write(chain, lambda tmp: tmp.write_text("s"))
+    assert chain.is_symlink() and (home / "hop").is_symlink()
+    assert (big / "sub" / "state.pt").read_text() == "s"
+    assert sorted(p.name for p in home.iterdir()) == ["hop", "model.pt", "state.pt"]
+    loop = home / "loop"
+    loop.symlink_to("loop")
+    with pytest.raises(OSError) as err:
+        atomic_write(loop, lambda tmp: tmp.write_text("x"))
+    assert err.value.errno == errno.ELOOP and loop.is_symlink()
+    assert sorted(p.name for p in home.iterdir()) == ["hop", "loop", "model.pt", "state.pt"]

@@ -744,3 +744,23 @@ def test_under_torchrun_one_process_per_machine_downloads_and_the_others_wait(
     assert train.load_splits(args, recipe, training.Placement(0, 1, 0, place.device)) == "splits"
     assert events == [("load", True)]
 
+
+
+def test_a_checkpoint_that_is_a_link_is_checked_where_it_points(idx_root, tmp_path, capsys):
+    """The checkpoint is written where a link at --checkpoint points (qerror.files.
+    atomic_write): a target whose folder cannot be made was found only when the trained
+    model was saved, and a loop of links was a RuntimeError's traceback."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file")
+    link = tmp_path / "ckpt.pt"
+    link.symlink_to(blocker / "model.pt")
+    assert _main(idx_root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {link}, a link to {blocker / 'model.pt'}: {blocker} is a file" in err
+    assert "point the link at a folder you can write in" in err and "Traceback" not in err
+    link.unlink()
+    link.symlink_to(link.name)
+    assert _main(idx_root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {link}: cannot follow it to a file" in err
+    assert link.is_symlink() and not (tmp_path / "run").exists()
