@@ -1,4 +1,5 @@
-"""File and metadata helpers: hashes, atomic writes, JSON-safe values, package versions.
+"""File and metadata helpers: hashes, atomic and durable writes, JSON-safe values, package
+versions.
 
 Used by the library (checkpoints) and by the studies (run folders and manifests).
 """
@@ -87,7 +88,9 @@ def atomic_write(path: Path | str, write) -> Path:
     -----
     The temporary file lives in the folder of the file it becomes, so the rename never
     crosses a file system, and a crash leaves either the old file or the new one, never a
-    mixture. The file gets the permissions of the one it replaces, or those a new file gets
+    mixture. The content is flushed to the disk before the rename and the folder after it
+    (:func:`sync_folder`): once this returns, the new file survives a power cut. The file
+    gets the permissions of the one it replaces, or those a new file gets
     under the process's umask (``mkstemp`` makes its temporary file readable by its owner
     only).
     """
@@ -115,7 +118,50 @@ def atomic_write(path: Path | str, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_folder(target.parent)  # the rename itself, on the disk before the caller goes on
     return path
+
+
+#: fsync's errors that say a folder cannot be flushed on this file system (not that its
+#: disk failed): a folder's fsync is then skipped.
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def sync_folder(folder: Path | str) -> None:
+    """Flush ``folder``'s own entries to its disk (``fsync`` on the folder): a file made,
+    renamed or removed in it survives a power cut only once its folder is flushed.
+
+    Nothing happens where the platform cannot open a folder (Windows) or its file system
+    does not flush one (EINVAL and the like); any other failure (EIO) is raised.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_FOLDER_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path | str) -> None:
+    """Flush every file under ``folder`` and every folder in it (itself too) to its disk,
+    before the folder is renamed into place: a rename that survives a power cut can
+    otherwise show files whose content did not (empty ones). Links are not followed."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            p = os.path.join(root, name)
+            if not stat.S_ISREG(os.lstat(p).st_mode):  # a link, a pipe (whose open waits)
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(root)
 
 
 def torch_save(obj: Any, path: Path | str, what: str, note: str = "") -> None:

@@ -48,7 +48,7 @@ import pandas as pd
 
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
-from qerror.files import jsonable, package_versions, sha256_file
+from qerror.files import jsonable, package_versions, sha256_file, sync_folder, sync_tree
 from qerror.interrupts import interrupts, sigint_counted
 from qerror.nn.int8 import Engine, kernel_probe
 from qerror.nn.models import CheckpointError
@@ -590,6 +590,11 @@ def publish_folder(stage: Path, final: Path, *,
     replacing what is there, by renames: the previous ``final`` is moved aside (to
     ``.NAME.old-PID``, marked) before ``stage`` takes its place, and removed only then.
 
+    Every file and folder in ``stage`` is flushed to the disk first, and ``final``'s folder
+    after the renames (:func:`qerror.files.sync_tree`, :func:`qerror.files.sync_folder`): a
+    power cut leaves the previous folder or the complete new one, never a new one whose
+    files are empty.
+
     Ctrl-C and SIGTERM wait for both renames (:func:`_signals_held`), so an interruption
     leaves either the previous folder or the new one at ``final``, never a mixture; a
     process killed outright between them leaves nothing at ``final`` and the previous
@@ -624,6 +629,7 @@ def publish_folder(stage: Path, final: Path, *,
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise StudyError(f"{final} is a file or a symbolic link, not a folder; it is never "
                          "replaced. Move it away and run again")
+    sync_tree(stage)  # its files' content on the disk before the rename that shows them
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     moved = published = False
     failure: BaseException | None = None
@@ -668,6 +674,7 @@ def publish_folder(stage: Path, final: Path, *,
         interrupted = True  # held while the folder moved into place: it is there
     else:
         interrupted = False
+    sync_folder(final.parent)  # both renames on the disk before the previous folder goes
     if moved:
         try:
             _remove_marked(old)

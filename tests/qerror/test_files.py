@@ -1,4 +1,5 @@
-"""qerror.files: atomic writes keep the permissions a file is expected to have."""
+"""qerror.files: atomic writes keep the permissions a file is expected to have, go where a
+link points, and are on the disk (with the folders the studies publish) once done."""
 
 import os
 import stat
@@ -79,3 +80,68 @@ def test_a_link_is_written_through_to_where_it_points(tmp_path):
         atomic_write(loop, lambda tmp: tmp.write_text("x"))
     assert err.value.errno == errno.ELOOP and loop.is_symlink()
     assert sorted(p.name for p in home.iterdir()) == ["hop", "loop", "model.pt", "state.pt"]
+
+
+def _record_syncs(monkeypatch):
+    """The (device, inode) of every fsync'd file or folder, and of every rename's source,
+    in order: ``("sync", id)`` and ``("rename", id)``."""
+    from pathlib import Path
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, Path.rename
+
+    def ident(st):
+        return st.st_dev, st.st_ino
+
+    def fsync(fd):
+        events.append(("sync", ident(os.fstat(fd))))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("rename", ident(os.lstat(src))))
+        return real_replace(src, dst, *a, **k)
+
+    def rename(self, target):
+        events.append(("rename", ident(os.lstat(self))))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "rename", rename)
+    return events, ident
+
+
+def test_an_atomic_write_flushes_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """Without the folder's fsync after os.replace a power cut could lose the rename after
+    the call returned: the training state removed (its run published) while the new
+    checkpoint's rename was lost, or a checkpoint's sidecar durable before its weights."""
+    events, ident = _record_syncs(monkeypatch)
+    path = atomic_write(tmp_path / "sub" / "a.txt", lambda tmp: tmp.write_text("x"))
+    file_id, folder_id = ident(os.stat(path)), ident(os.stat(path.parent))
+    assert events == [("sync", file_id), ("rename", file_id), ("sync", folder_id)]
+
+
+def test_a_published_folder_is_on_the_disk_before_it_shows(tmp_path, monkeypatch):
+    """The studies' run folders were written without fsync and renamed into place: after a
+    power cut the rename could survive and the files' content not, leaving a run whose
+    manifest is there and whose files are empty. Every file and folder of the stage is now
+    flushed before the renames, and the destination's folder after them."""
+    from studies import _common
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old\n")
+    stage = _common.staging_folder(final)
+    (stage / "sub").mkdir()
+    for name in ("a.csv", "sub/b.csv"):
+        (stage / name).write_text("1\n")
+    events, ident = _record_syncs(monkeypatch)
+    _common.publish_folder(stage, final)
+    synced = [i for kind, i in events if kind == "sync"]
+    renamed = [n for n, (kind, _) in enumerate(events) if kind == "rename"]
+    staged = {ident(os.stat(p)) for p in (final, final / "sub", final / "a.csv",
+                                          final / "sub" / "b.csv")}
+    assert staged <= set(synced)
+    assert all(n < renamed[0] for n, (kind, i) in enumerate(events)
+               if kind == "sync" and i in staged)
+    assert ("sync", ident(os.stat(tmp_path))) in events[renamed[-1]:]
