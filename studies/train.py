@@ -100,6 +100,7 @@ from studies._common import (
     figure_style,
     positive_float,
     positive_int,
+    previous_run,
     study_main,
     user_path,
 )
@@ -113,6 +114,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 TEST_ALPHA = 0.05  # the test accuracy's Wilson interval has confidence 1 - TEST_ALPHA
+
+
+class _CheckpointWritten(KeyboardInterrupt):
+    """A Ctrl-C after the trained checkpoint was written and before its run was published."""
 
 
 @dataclass(frozen=True)
@@ -412,11 +417,13 @@ def _main(argv: list[str]) -> int:
 def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: list[str],
             checkpoint: Path, state_path: Path, out: Path, world_size: int) -> int:
     launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc-per-node={world_size}"]
-    command = shlex.join([*launcher, "-m", "studies.train", *argv]) + (
+    # the state is continued by the command without --no-resume (with it, training restarts)
+    same, resuming = _resuming(argv)
+    command = shlex.join([*launcher, "-m", "studies.train", *resuming]) + (
         "" if world_size == 1 else " (with your other torchrun options)")
     if result.interrupted:
         print(f"[train] interrupted at step {result.step} of {result.total_steps}; the state is "
-              f"saved in {state_path}. To continue, run the same command: {command}",
+              f"saved in {state_path}. To continue, run {same}: {command}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     if not result.complete:
@@ -425,7 +432,8 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
         else:
             how = "with a larger --time-budget-min, or without one"
         print(f"[train] stopped at step {result.step} of {result.total_steps}; the state is in "
-              f"{state_path}. To continue, run the same command {how}.", flush=True)
+              f"{state_path}. To continue, run {same}" + (", and " if resuming != argv else " ")
+              + f"{how}.", flush=True)
         return EXIT_INCOMPLETE
     try:
         return _write_results(recipe, splits, result, checkpoint, state_path, out, argv,
@@ -433,9 +441,19 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
     except PublishedInterrupt as exc:
         print(f"[train] interrupted after the run was published: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _CheckpointWritten:
+        # a --force run has replaced the checkpoint that --out's previous run describes
+        there = previous_run(Path(out).expanduser())
+        held = (f"--out {out} still holds the previous run, which describes the checkpoint "
+                "this one replaced" if there is not None and there.get("study") == "train"
+                else f"nothing was written to --out {out}")
+        print(f"[train] interrupted while writing the run folder: the trained checkpoint is "
+              f"written ({checkpoint}) and {held}; the trained state is kept in {state_path}. "
+              f"To write the run folder (in seconds), run {same}: {command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"[train] interrupted while writing the results; the trained state is kept in "
-              f"{state_path}. To write them, run the same command: {command}", file=sys.stderr)
+              f"{state_path}. To write them, run {same}: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -573,8 +591,12 @@ def _write_results(recipe: Recipe, splits: data.Splits, result: FitResult, check
                 raise
     except StudyError as exc:  # the work is not lost: say so, and how to finish it
         raise StudyError(f"{exc}. The trained checkpoint is written ({checkpoint}) and the "
-                         f"training state kept ({state_path}): the same command with a free "
-                         "--out finishes the run in seconds") from exc
+                         f"training state kept ({state_path}): {_resuming(argv)[0]} with a "
+                         "free --out finishes the run in seconds") from exc
+    except PublishedInterrupt:
+        raise
+    except KeyboardInterrupt:
+        raise _CheckpointWritten from None
     try:
         state_path.unlink(missing_ok=True)
         print(f"[train] {recipe.arch.value}/{recipe.stem.value}: test accuracy "
@@ -626,12 +648,15 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
               f"`{command}`", flush=True)
         code = main(argv)
         if code == EXIT_INTERRUPTED:  # a Ctrl-C, the caller's too: not an error
+            same, resuming = _resuming(argv)
             print(f"[qerror] training the {arch.value}/{stem.value} baseline was interrupted; "
-                  f"run the same command again to resume it: {command}", file=sys.stderr)
+                  f"run {same} again to resume it: "
+                  f"{shlex.join(['python', '-m', 'studies.train', *resuming])}", file=sys.stderr)
             raise KeyboardInterrupt
         if code == EXIT_INCOMPLETE:
             # the limits count every session: with them, the same command stops at once
-            rest = shlex.join(["python", "-m", "studies.train", *_without_limits(argv)])
+            rest = shlex.join(["python", "-m", "studies.train",
+                               *_without_limits(_resuming(argv)[1])])
             raise CheckpointError(
                 f"training the {arch.value}/{stem.value} baseline stopped early (exit code "
                 f"{code}: --stop-after-steps or --time-budget-min), its state saved; to "
@@ -644,10 +669,9 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     return get_baseline(arch, stem, path=path)
 
 
-def _without_limits(argv: list[str]) -> list[str]:
-    """``argv`` without --stop-after-steps and --time-budget-min and their values (also as
-    ``--option=value`` or abbreviated as argparse takes them)."""
-    limits = ("--stop-after-steps", "--time-budget-min")
+def _without(argv: list[str], drop: dict[str, bool]) -> list[str]:
+    """``argv`` without the options ``drop`` names (``{option: whether it takes a value}``)
+    and their values (also as ``--option=value`` or abbreviated as argparse takes them)."""
     # argparse lists a parser's option strings in no public attribute
     options = [o for o in build_parser()._option_string_actions if o.startswith("--")]
     kept, skip = [], False
@@ -657,11 +681,25 @@ def _without_limits(argv: list[str]) -> list[str]:
             continue
         name = arg.split("=", 1)[0]
         named = [o for o in options if o == name] or [o for o in options if o.startswith(name)]
-        if arg.startswith("--") and len(named) == 1 and named[0] in limits:
-            skip = "=" not in arg
+        if arg.startswith("--") and len(named) == 1 and named[0] in drop:
+            skip = drop[named[0]] and "=" not in arg
             continue
         kept.append(arg)
     return kept
+
+
+def _without_limits(argv: list[str]) -> list[str]:
+    """``argv`` without --stop-after-steps and --time-budget-min and their values."""
+    return _without(argv, {"--stop-after-steps": True, "--time-budget-min": True})
+
+
+def _resuming(argv: list[str]) -> tuple[str, list[str]]:
+    """The command that continues a run's saved state (``argv`` without --no-resume, with
+    which the same command would train from the start) and how to say it: "the same
+    command", or "the same command without --no-resume"."""
+    kept = _without(argv, {"--no-resume": False})
+    return ("the same command" if kept == argv else "the same command without --no-resume",
+            kept)
 
 
 main = study_main(_main)

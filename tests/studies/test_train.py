@@ -764,3 +764,36 @@ def test_a_checkpoint_that_is_a_link_is_checked_where_it_points(idx_root, tmp_pa
     err = capsys.readouterr().err
     assert f"--checkpoint {link}: cannot follow it to a file" in err
     assert link.is_symlink() and not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_while_a_forced_run_writes_its_folder_says_what_it_left(
+        idx_root, tmp_path, monkeypatch, capsys):
+    """--force over a trained checkpoint and its run, Ctrl-C after the new checkpoint was
+    written and before the run folder was: the message said only 'interrupted while writing
+    the results' (not that the checkpoint is the new one while --out still describes the old),
+    and its 'run the same command' kept --no-resume, which trains again from the start
+    instead of writing the results from the saved state."""
+    assert _main(idx_root, tmp_path) == 0
+    old_sha = json.loads((tmp_path / "run" / "manifest.json").read_text())["model"]["sha256"]
+    capsys.readouterr()
+
+    def finish(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_common.RunDir, "finish", finish)
+        assert _main(idx_root, tmp_path, "--force", "--seed", "1", "--no-resume") == \
+            train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert sha256_file(tmp_path / "ckpt.pt") != old_sha  # the new checkpoint is written
+    assert f"the trained checkpoint is written ({tmp_path / 'ckpt.pt'}) and --out " \
+        f"{tmp_path / 'run'} still holds the previous run" in err
+    said = err.split("run the same command without --no-resume: ", 1)[1].strip()
+    argv = shlex.split(said)[3:]
+    assert "--no-resume" not in argv and argv[:2] == SMOKE[:2]
+    assert train.main(argv) == 0
+    assert "resuming ckpt.pt.train-state.pt at step 16 of 16" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["model"]["sha256"] == sha256_file(tmp_path / "ckpt.pt")
+    assert manifest["config"]["recipe"]["seed"] == 1
+    assert not (tmp_path / "ckpt.pt.train-state.pt").exists()
