@@ -82,7 +82,6 @@ from tqdm import tqdm
 from qerror import RangeMethod, RangePolicy, RoundingMode
 from qerror.calibration import ACIQ_LAWS
 from qerror.data import find_fashion_mnist, imagenet_folder, split_images
-from qerror.files import sha256_file
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -322,8 +321,8 @@ def _load_model(args, data_root):
         StateDictMismatchError,
         WeightsNotFoundError,
         fashion_resnet,
-        imagenet_resnet50,
         load_checkpoint,
+        load_imagenet_resnet50,
     )
     from studies.train import get_or_train_baseline
 
@@ -334,13 +333,14 @@ def _load_model(args, data_root):
                              f"{args.model}{given}; pass --model resnet50")
         weights = args.weights or IMAGENET_WEIGHTS
         try:
-            model = imagenet_resnet50(weights, download=args.download)
+            loaded = load_imagenet_resnet50(weights, download=args.download)
         except (WeightsNotFoundError, StateDictMismatchError) as err:
             raise StudyError(str(err)) from err
-        identity = {"model": "resnet50-imagenet", "weights": str(weights)}
-        if args.weights is not None and Path(args.weights).is_file():  # a local file: its bytes
-            identity["weights_sha256"] = sha256_file(Path(args.weights))
-        return model, identity
+        # the sha256 of the bytes the weights were read from (a local file's, or the hub
+        # cache's file of named weights), not of a second read that a replaced file escapes
+        return loaded.model, {"model": "resnet50-imagenet", "weights": str(weights),
+                              "weights_file": str(loaded.path),
+                              "weights_sha256": loaded.sha256}
     if args.smoke and args.weights is None:
         torch.manual_seed(args.seed)
         model = fashion_resnet(args.model)

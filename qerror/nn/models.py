@@ -8,7 +8,8 @@
 * :func:`fashion_small_cnn` is a four-layer CNN for the same input, small enough to train
   in minutes and to measure in full.
 * :func:`imagenet_resnet50` builds ResNet50 with ImageNet weights from torchvision (torch
-  hub cache or a download) or from a local state-dict file.
+  hub cache or a download) or from a local state-dict file; :func:`load_imagenet_resnet50`
+  also gives the sha256 of the bytes the weights were read from.
 * :func:`save_checkpoint` / :func:`load_checkpoint` keep trained weights in a user cache
   with their training config, metrics and sha256; a corrupt or mismatched file is refused
   with a :class:`CheckpointError`, never half-loaded.
@@ -475,11 +476,11 @@ def _weights_help(weights: torchvision.models.ResNet50_Weights) -> str:
 
 def _hub_weights(weights: torchvision.models.ResNet50_Weights, download: bool,
                  progress: bool) -> Path:
-    """The hub cache's file of ``weights``, downloaded if asked, once its sha256 begins with
-    the digits its name carries. torchvision checks them only when it downloads, and loads
-    a cached file with ``weights_only=False``, so a file copied there is checked here."""
+    """The hub cache's file of ``weights``, downloaded if asked (the download checked against
+    the digits its name carries); its bytes are checked as they are read
+    (:func:`load_imagenet_resnet50`)."""
     path = _hub_file(weights)
-    prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+    prefix = _hub_prefix(path)
     if not path.is_file():
         if not download:
             raise WeightsNotFoundError(
@@ -492,14 +493,12 @@ def _hub_weights(weights: torchvision.models.ResNet50_Weights, download: bool,
             raise WeightsNotFoundError(
                 f"could not download ResNet50 weights {weights.name} from {weights.url}: "
                 f"{exc}\n" + _weights_help(weights)) from exc
-    sha = sha256_file(path)
-    if not sha.startswith(prefix):
-        raise WeightsNotFoundError(
-            f"{path} in the torch hub cache is not torchvision's {weights.name} weights: its "
-            f"sha256 begins {sha[:len(prefix)]}, not {prefix} as its name says (damaged, or "
-            f"another file copied there). Nothing was loaded; delete it.\n"
-            + _weights_help(weights))
     return path
+
+
+def _hub_prefix(path: Path) -> str:
+    """The leading sha256 digits a torch hub file's name carries."""
+    return torch.hub.HASH_REGEX.search(path.name).group(1)
 
 
 def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
@@ -560,9 +559,32 @@ def imagenet_eval_sizes(weights: str | Path | torchvision.models.ResNet50_Weight
     return {"resize": int(tf.resize_size[0]), "crop": int(tf.crop_size[0])}
 
 
+@dataclass(frozen=True)
+class ImagenetWeights:
+    """ResNet50 with ImageNet weights, and the file they were read from (absolute).
+
+    ``sha256`` is that of the bytes the weights were read from (hashed and read through one
+    open file), so a record of it names the weights used even if the file is replaced
+    while it loads.
+    """
+
+    model: torchvision.models.ResNet
+    path: Path
+    sha256: str
+
+
 def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights, *,
                       download: bool = False, progress: bool = True) -> torchvision.models.ResNet:
-    """torchvision's ResNet50 with ImageNet weights, in evaluation mode.
+    """torchvision's ResNet50 with ImageNet weights, in evaluation mode: the model of
+    :func:`load_imagenet_resnet50`, whose parameters, return value's shapes and errors it
+    shares."""
+    return load_imagenet_resnet50(weights, download=download, progress=progress).model
+
+
+def load_imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights, *,
+                           download: bool = False, progress: bool = True) -> ImagenetWeights:
+    """torchvision's ResNet50 with ImageNet weights, in evaluation mode, and the sha256 of
+    the file its weights were read from.
 
     Parameters
     ----------
@@ -571,7 +593,8 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
         ``"DEFAULT"``) or member, read from torchvision's file in the torch hub cache
         (``$TORCH_HOME/hub/checkpoints``) once its sha256 begins with the digits in its
         name (whether downloaded or copied there), as tensors only; or the path of a local
-        state-dict file, which works offline. A ``Path`` is always taken as a file.
+        state-dict file, which works offline. A ``Path`` is always taken as a file. Either
+        file is hashed and read through one open file.
     download : bool
         Download named weights missing from the hub cache (torch hub's downloader).
     progress : bool
@@ -579,9 +602,9 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
 
     Returns
     -------
-    torchvision.models.ResNet
-        Input (N, 3, 224, 224) normalised as :func:`qerror.data.imagenet_folder` does;
-        output (N, 1000) logits.
+    ImagenetWeights
+        The model (input (N, 3, 224, 224) normalised as :func:`qerror.data.imagenet_folder`
+        does; output (N, 1000) logits), the file read and the sha256 of the bytes read.
 
     Raises
     ------
@@ -596,28 +619,44 @@ def imagenet_resnet50(weights: str | Path | torchvision.models.ResNet50_Weights,
     weights = _named_weights(weights)
     if isinstance(weights, enum_cls):
         path = _hub_weights(weights, download, progress)
-        state = _torch_load(path)  # its sha256 is the published one: a state dict
-        with torch.random.fork_rng(devices=[]):
-            model = torchvision.models.resnet50(weights=None)
-        return load_state_dict_exactly(model, state, f"{weights.name} from {path}").eval()
-    if not isinstance(weights, (str, Path)):
+        prefix = _hub_prefix(path)
+        with open(path, "rb") as f:
+            sha = sha256_file(f)
+            if not sha.startswith(prefix):
+                raise WeightsNotFoundError(
+                    f"{path} in the torch hub cache is not torchvision's {weights.name} "
+                    f"weights: its sha256 begins {sha[:len(prefix)]}, not {prefix} as its "
+                    "name says (damaged, or another file copied there). Nothing was loaded; "
+                    "delete it.\n" + _weights_help(weights))
+            f.seek(0)
+            state = _torch_load(f)  # its sha256 is the published one: a state dict
+        what = f"{weights.name} from {path}"
+    elif isinstance(weights, (str, Path)):
+        path = Path(weights)
+        try:
+            f = open(path, "rb")  # closed below; a missing file is told apart here
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            names = ", ".join(enum_cls.__members__)
+            raise WeightsNotFoundError(
+                f"{weights!s} is neither a torchvision weights name ({names}) nor an existing "
+                "file.\n" + _weights_help(enum_cls.DEFAULT)) from exc
+        with f:
+            sha = sha256_file(f)
+            f.seek(0)
+            try:
+                state = _torch_load(f)
+            except Exception as exc:  # torch raises many types for foreign files
+                raise StateDictMismatchError(
+                    f"{path} is not a readable torch state-dict file ({type(exc).__name__}: "
+                    f"{exc})") from exc
+        what = f"state dict {path}"
+    else:
         raise TypeError(f"weights must be a name, a path or a ResNet50_Weights member, "
                         f"got {type(weights).__name__}")
-    path = Path(weights)
-    if not path.is_file():
-        names = ", ".join(enum_cls.__members__)
-        raise WeightsNotFoundError(
-            f"{weights!s} is neither a torchvision weights name ({names}) nor an existing "
-            "file.\n" + _weights_help(enum_cls.DEFAULT))
-    try:
-        state = _torch_load(path)
-    except Exception as exc:  # torch raises many types for foreign files
-        raise StateDictMismatchError(
-            f"{path} is not a readable torch state-dict file ({type(exc).__name__}: {exc})"
-        ) from exc
     with torch.random.fork_rng(devices=[]):
         model = torchvision.models.resnet50(weights=None)
-    return load_state_dict_exactly(model, state, f"state dict {path}").eval()
+    return ImagenetWeights(load_state_dict_exactly(model, state, what).eval(),
+                          path.absolute(), sha)
 
 
 # ---------------------------------------------------------------------------------------------

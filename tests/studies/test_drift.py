@@ -1432,12 +1432,46 @@ def test_the_imagenet_identity_names_the_default_weights_it_loaded(monkeypatch):
     import qerror.nn.models as models
 
     loaded = []
-    monkeypatch.setattr(models, "imagenet_resnet50",
-                        lambda weights, download=False: loaded.append(weights) or nn.Identity())
+    monkeypatch.setattr(models, "load_imagenet_resnet50",
+                        lambda weights, download=False: loaded.append(weights)
+                        or models.ImagenetWeights(nn.Identity(), Path("hub.pth"), "ab" * 32))
     args = SimpleNamespace(data=Path("imagenet"), model="resnet50", smoke=False, weights=None,
                            download=False)
     _, identity = drift._load_model(args, None)
     assert loaded == [drift.IMAGENET_WEIGHTS] == [identity["weights"]]
+    assert identity["weights_sha256"] == "ab" * 32  # the hub cache file's, as it was read
+
+
+def test_the_imagenet_identity_hashes_the_bytes_its_weights_came_from(tmp_path, monkeypatch):
+    """A local --weights file replaced after it loaded (a rewrite of the same path): the
+    manifest's sha256 was a second read of the file, so it named the weights that replaced
+    the ones measured."""
+    import os
+    from types import SimpleNamespace
+
+    import qerror.nn.models as models
+
+    weights, other = tmp_path / "resnet50.pt", tmp_path / "other.pt"
+    torch.manual_seed(0)
+    used = torchvision.models.resnet50()
+    torch.save(used.state_dict(), weights)
+    torch.save(torchvision.models.resnet50().state_dict(), other)
+    expected = sha256_file(weights)
+    for name in ("imagenet_resnet50", "load_imagenet_resnet50"):  # whichever the study calls
+        def load_then_replace(*args, real=getattr(models, name), **kwargs):
+            loaded = real(*args, **kwargs)
+            if other.exists():
+                os.replace(other, weights)
+            return loaded
+
+        monkeypatch.setattr(models, name, load_then_replace)
+    args = SimpleNamespace(data=Path("imagenet"), model="resnet50", smoke=False,
+                           weights=str(weights), download=False)
+    model, identity = drift._load_model(args, None)
+    assert not other.exists() and sha256_file(weights) != expected  # replaced meanwhile
+    assert torch.equal(model.conv1.weight, used.conv1.weight)
+    assert identity["weights_sha256"] == expected
+    assert identity["weights_file"] == str(weights.absolute())
 
 
 def test_weights_under_home_are_expanded_and_torchvision_names_kept(tmp_path, monkeypatch):

@@ -233,6 +233,44 @@ def test_named_weights_in_the_hub_cache_load_only_with_their_hash(tmp_path, monk
         assert torch.equal(model(x), reference(x))
 
 
+def test_imagenet_weights_replaced_after_their_hash_lend_it_no_weights(tmp_path,
+                                                                       monkeypatch):
+    # A rewrite of the file that lands between the hash and the read: the hub cache's file
+    # was hashed, then opened again by name, so other weights loaded under the digits
+    # checked; a local file's hash (a study's record of it) was a second read of its own.
+    reference, local = _resnet50_state_file(tmp_path)
+    torch.manual_seed(1)
+    other = tmp_path / "other.pth"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    good = hub / f"resnet50-{sha256_file(local)[:8]}.pth"
+    monkeypatch.setattr(models, "_hub_file", lambda weights: good)
+    real = models.sha256_file
+
+    def hash_then_replace(file):
+        digest = real(file)
+        if other.exists():
+            models.os.replace(other, file if isinstance(file, (str, Path)) else file.name)
+        return digest
+
+    monkeypatch.setattr(models, "sha256_file", hash_then_replace)
+    for path, load in ((good, lambda: models.imagenet_resnet50("IMAGENET1K_V2")),
+                       (local, lambda: models.load_imagenet_resnet50(local))):
+        if path != local:
+            path.write_bytes(local.read_bytes())  # torch.save's bytes follow the file's name
+        expected_sha = real(path)
+        torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+        loaded = load()
+        model = loaded if isinstance(loaded, torch.nn.Module) else loaded.model
+        assert not other.exists()  # the file was replaced while it loaded
+        assert real(path) != expected_sha
+        with torch.inference_mode():
+            assert torch.equal(model(x), reference(x))
+        if not isinstance(loaded, torch.nn.Module):
+            assert loaded.sha256 == expected_sha and loaded.path == path.absolute()
+
+
 def test_named_weights_are_downloaded_with_their_hash_checked(tmp_path, monkeypatch):
     calls = []
 
