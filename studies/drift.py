@@ -166,6 +166,10 @@ BOOTSTRAP = 1000  # resamples of each growth interval
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
 IMAGENET_WEIGHTS = "IMAGENET1K_V2"  # --data's default --weights
+# --act-percentile's values, as qerror.calibration.RangePolicy takes them on the activations'
+# affine grid (its check): the help and the refusal say the same
+ACT_PERCENTILES = ("in (50, 100]: the activations' grid is affine, its range from the "
+                   "(100 - p)th to the pth percentile, so p must be above 50 (100: min-max)")
 # --images auto (the Fashion-MNIST default): a pilot on validation images sizes the subset
 AUTO = "auto"
 PILOT_IMAGES = 64  # validation images of the pilot
@@ -387,7 +391,9 @@ def weights_arg(text: str) -> str:
 def act_range_policy(method: RangeMethod, percentile: float | None,
                      aciq_law: str | None) -> RangePolicy:
     """The activation range policy of ``--act-range``, ``--act-percentile`` and
-    ``--aciq-law`` (each of the last two only with its method; ValueError otherwise)."""
+    ``--aciq-law`` (each of the last two only with its method), checked against the
+    activations' grid; ValueError otherwise, a percentile the grid cannot take
+    (:data:`ACT_PERCENTILES`; NaN too) named as ``--act-percentile``'s."""
     if percentile is not None and method is not RangeMethod.PERCENTILE:
         raise ValueError("--act-percentile sets the percentile of --act-range percentile; "
                          f"this run's range is {method.value}")
@@ -395,7 +401,15 @@ def act_range_policy(method: RangeMethod, percentile: float | None,
         raise ValueError(f"--aciq-law sets the law of --act-range aciq; this run's range is "
                          f"{method.value}")
     extra = {"percentile": percentile} if percentile is not None else {}
-    return RangePolicy(method, aciq_law=aciq_law or "laplace", **extra)
+    try:
+        policy = RangePolicy(method, aciq_law=aciq_law or "laplace", **extra)
+        policy.check(QuantConfig.make(8).activation)  # every width's grid is affine alike
+    except ValueError as err:
+        if percentile is None:
+            raise
+        raise ValueError(f"--act-percentile {percentile}: give a percentile "
+                         f"{ACT_PERCENTILES}") from err
+    return policy
 
 
 def _bits(cfg: QuantConfig) -> int:
@@ -1441,8 +1455,8 @@ def _main(argv: list[str]) -> int:
                              "round-to-nearest and shared by every mode of a width, as the "
                              "ranges are")
     parser.add_argument("--act-percentile", type=float, default=None,
-                        help="with --act-range percentile: the percentile of each tail, in "
-                             "(50, 100] (default 99.99)")
+                        help="with --act-range percentile: the percentile of each tail, "
+                             f"{ACT_PERCENTILES} (default {RangePolicy().percentile:g})")
     parser.add_argument("--aciq-law", choices=ACIQ_LAWS, default=None,
                         help="with --act-range aciq: the law fitted (default laplace, as "
                              "Banner et al. recommend for activations)")
@@ -1487,7 +1501,6 @@ def _main(argv: list[str]) -> int:
     args.model = args.model or ("resnet18" if smoke else "resnet50")
     try:
         args.act_policy = act_range_policy(args.act_range, args.act_percentile, args.aciq_law)
-        args.act_policy.check(QuantConfig.make(8).activation)
         forward_layout()  # QERROR_LAYOUT, read by every plain pass: refused before any work
     except ValueError as err:
         parser.error(str(err))

@@ -298,8 +298,8 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     (["--images", "1"], "at least 2"),
     (["--act-range", "bogus"], "--act-range"),
     (["--act-percentile", "99"], "--act-percentile sets"),
-    (["--act-range", "percentile", "--act-percentile", "30"], "above 50"),
-    (["--act-range", "percentile", "--act-percentile", "nan"], "percentile must be"),
+    (["--act-range", "percentile", "--act-percentile", "30"], "must be above 50"),
+    (["--act-range", "percentile", "--act-percentile", "nan"], "--act-percentile nan: give"),
     (["--act-range", "mse", "--aciq-law", "normal"], "--aciq-law sets"),
     (["--curve-draws", "0"], "--curve-draws"),
     (["--curve-draws", "2", "--calib-curve"], "no calibration curve"),
@@ -326,6 +326,30 @@ def test_bad_arguments_leave_no_output(argv, message, tmp_path, capsys):
     captured = capsys.readouterr()
     assert message in captured.err + str(exc.value.code)
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-5", "30", "50",
+                                   "100.0000001", "101"])
+def test_an_act_percentile_the_grid_cannot_take_is_refused_as_the_help_says(value, tmp_path,
+                                                                            capsys):
+    """The help said (50, 100] and the refusals of 0, 101 or NaN 'percentile must be in
+    (0, 100]', of 30 'above 50': the affine activation grid's lower end is the
+    (100 - p)th percentile, so (50, 100] is what it takes, and each refusal says so."""
+    with pytest.raises(SystemExit):
+        drift.main(["--help"])
+    assert "the percentile of each tail, in (50, 100]" in " ".join(
+        capsys.readouterr().out.split())
+    out = tmp_path / "drift"
+    with pytest.raises(SystemExit) as exc:
+        drift.main(["--smoke", "--act-range", "percentile", f"--act-percentile={value}",
+                    "--out", str(out)])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--act-percentile {float(value)}: give a percentile in (50, 100]" in err
+    assert not out.exists()
+    for p in (50.000001, 99.99, 100.0):  # the ends of the range the help gives
+        policy = drift.act_range_policy(drift.RangeMethod.PERCENTILE, p, None)
+        assert policy.percentile == p
 
 
 def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp_path,
