@@ -1034,11 +1034,20 @@ def bench_drift_avx2_sums(records) -> str:
         + " and ".join(sums) + " the time of torch's reductions.")
 
 
-# The drift study's constants that its tail and precision columns are defined by
-# (studies.drift.TAIL_TOP, RESOLVE_POWER; tests/studies/test_readme.py holds them equal
-# without this renderer importing torch).
+# The drift study's constant that its tail columns are defined by (studies.drift.TAIL_TOP;
+# tests/studies/test_readme.py holds them equal without this renderer importing torch).
 DRIFT_TAIL_TOP = 5
-DRIFT_RESOLVE_POWER = 0.8
+# The power of a drift record whose manifest does not name it, one made before the study's
+# config recorded resolve_power: studies.drift.RESOLVE_POWER had this one value from its
+# introduction (fdd78e5) until then. A record that names its power is rendered with it.
+DRIFT_UNRECORDED_POWER = 0.8
+
+
+def drift_power(config: dict) -> float:
+    """The power a drift record's image counts were chosen and stated for: its config's
+    ``resolve_power``, or :data:`DRIFT_UNRECORDED_POWER` for a record made before the
+    config named it."""
+    return float(config.get("resolve_power", DRIFT_UNRECORDED_POWER))
 
 _MODE_WORDS = {"nearest_even": "round-to-nearest-even", "nearest_away": "round-half-away",
                "toward_zero": "truncation", "floor": "floor", "stochastic": "stochastic rounding"}
@@ -1090,7 +1099,7 @@ def drift_subset(records) -> str:
         f"`pilot.csv`, "
         f"`precision.csv`, `accuracy.csv`) the pilot's needs ran from {finite.min():,.0f} to "
         f"{pilot.need.max():,.0f} images, {chose}. Measured on those {n:,}, the median "
-        f"layer's drift needs at most {n:,} images for {100 * DRIFT_RESOLVE_POWER:.0f} % "
+        f"layer's drift needs at most {n:,} images for {100 * drift_power(cfg):.0f} % "
         f"power in {within} of the "
         f"{len(drift)} configurations{more_text}."]
     near, trunc = (_drift_row(drift, rec, m, 8, "both") for m in ("nearest_even",

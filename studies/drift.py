@@ -155,7 +155,10 @@ from studies._common import (
 from studies._latex import escape, letters, number
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
-RESOLVE_POWER = 0.8  # power at which the accuracy table says what its images resolve
+# power with which the image counts are chosen and stated (the pilot's needs, precision.csv's
+# images_to_resolve, accuracy.csv's detectable drop and images_needed); the manifest's
+# config records it as resolve_power
+RESOLVE_POWER = 0.8
 FIT_LEVEL = 0.95  # confidence of the growth exponents
 DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingMode.TOWARD_ZERO,
                  RoundingMode.FLOOR, RoundingMode.STOCHASTIC)
@@ -1716,7 +1719,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
               "int8_images": int8_images, "headline_images": headline_images,
               "calib_curve": list(curve_sizes), "curve_images": curve_images if curve_sizes
               else 0, "curve_draws": args.curve_draws if curve_sizes else 0, **outputs,
-              "alpha": ALPHA, "fit_level": FIT_LEVEL, "seed": args.seed, "smoke": smoke,
+              "alpha": ALPHA, "resolve_power": RESOLVE_POWER, "fit_level": FIT_LEVEL,
+              "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": f"unsigned affine per tensor, {act_range.label} on "
                                  "calibration images" if quantizes_activations else None,

@@ -77,6 +77,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert r.images_to_resolve.iloc[0] == math.ceil(16 * ((1.959963984540054
                                                             + 0.8416212335729143) * rel) ** 2)
     assert "precision.csv" in manifest["outputs"]
+    # the power its image counts were chosen for, beside the level they were tested at
+    assert manifest["config"]["resolve_power"] == drift.RESOLVE_POWER
+    assert manifest["config"]["alpha"] == drift.ALPHA
     # every phase estimated before it ran and measured after; the total is their sum
     timing = pd.read_csv(out / "timing.csv").iloc[0]
     phases = [timing[f"estimated_{p}_s"] for p in drift.RUN_PHASES]

@@ -161,12 +161,19 @@ def test_a_record_comes_from_one_clean_commit(tmp_path, git):
 
 
 def test_the_drift_constants_are_the_studys():
-    """The tail and precision passage names the drift study's constants without importing
-    the study (torch); they must be its own."""
+    """The tail passage names the drift study's constant without importing the study
+    (torch); it must be its own."""
     from studies import drift
 
     assert readme.DRIFT_TAIL_TOP == drift.TAIL_TOP
-    assert readme.DRIFT_RESOLVE_POWER == drift.RESOLVE_POWER
+
+
+def test_the_drift_passage_states_the_power_its_record_was_made_with():
+    """The precision passage stated the study's current power (a constant typed here, held
+    equal to studies.drift.RESOLVE_POWER) whatever power the record's counts were chosen
+    for; a record names its own now, and one made before it did was made at 0.8."""
+    assert readme.drift_power({"resolve_power": 0.9, "alpha": 0.05}) == 0.9
+    assert readme.drift_power({"alpha": 0.05}) == readme.DRIFT_UNRECORDED_POWER == 0.8
 
 
 def test_a_stale_twin_or_a_misspelt_marker_fails_the_check(tmp_path, monkeypatch, capsys):
