@@ -1633,6 +1633,13 @@ def _main(argv: list[str]) -> int:
         parser.error("--download allows downloading the ImageNet weights that --data runs "
                      "with; without --data the study measures the Fashion-MNIST baseline, "
                      "which it never downloads")
+    if "no_train" in given and (args.data is not None or args.weights is not None or smoke):
+        parser.error("--no-train would change nothing: it stops the study training a missing "
+                     "Fashion-MNIST baseline, and this run loads none (--data, --weights or "
+                     "--smoke's untrained network); leave it out")
+    if "data_root" in given and args.data is not None:
+        parser.error("--data-root would change nothing: it names the Fashion-MNIST files, and "
+                     "with --data the study reads none of them; leave it out")
     curve_images = args.curve_images if args.curve_images is not None else (
         16 if smoke else CURVE_IMAGES)
     check_out(args.out, "drift", force=args.force)

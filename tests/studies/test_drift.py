@@ -319,6 +319,12 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     (["--targets", "weights", "--headline-images", "0", "--quantize-block-outputs"],
      "--quantize-block-outputs would change nothing"),
     (["--download"], "--download allows downloading the ImageNet weights"),
+    # accepted and ignored before: no baseline to train, no Fashion-MNIST files read
+    (["--no-train"], "--no-train would change nothing"),
+    (["--data", "/nonexistent", "--images", "4", "--no-train"],
+     "--no-train would change nothing"),
+    (["--data", "/nonexistent", "--images", "4", "--data-root", "/tmp"],
+     "--data-root would change nothing"),
     (["--data", "/nonexistent", "--images", "4", "--headline-images", "5"],
      "--headline-images: the headline runs on Fashion-MNIST's test split only"),
 ])
