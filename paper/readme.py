@@ -1034,9 +1034,11 @@ def bench_drift_avx2_sums(records) -> str:
         + " and ".join(sums) + " the time of torch's reductions.")
 
 
-# The drift study's constant that its tail columns are defined by (studies.drift.TAIL_TOP;
-# tests/studies/test_readme.py holds them equal without this renderer importing torch).
-DRIFT_TAIL_TOP = 5
+# The number of most extreme images a drift record's tail columns are defined by, for a
+# record whose config does not name it (made before the config recorded tail_top):
+# studies.drift.TAIL_TOP had this one value from its introduction (e2d501a) until then. A
+# record that names its own is rendered with it.
+DRIFT_UNRECORDED_TAIL_TOP = 5
 # The power of a drift record whose manifest does not name it, one made before the study's
 # config recorded resolve_power: studies.drift.RESOLVE_POWER had this one value from its
 # introduction (fdd78e5) until then. A record that names its power is rendered with it.
@@ -1048,6 +1050,13 @@ def drift_power(config: dict) -> float:
     ``resolve_power``, or :data:`DRIFT_UNRECORDED_POWER` for a record made before the
     config named it."""
     return float(config.get("resolve_power", DRIFT_UNRECORDED_POWER))
+
+
+def drift_tail_top(config: dict) -> int:
+    """How many most extreme images a drift record's tail columns (``tail_top_share``,
+    ``tail_top_clipped``, ``tail_top_in_rms_top``) count: its config's ``tail_top``, or
+    :data:`DRIFT_UNRECORDED_TAIL_TOP` for a record made before the config named it."""
+    return int(config.get("tail_top", DRIFT_UNRECORDED_TAIL_TOP))
 
 _MODE_WORDS = {"nearest_even": "round-to-nearest-even", "nearest_away": "round-half-away",
                "toward_zero": "truncation", "floor": "floor", "stochastic": "stochastic rounding"}
@@ -1074,6 +1083,7 @@ def drift_subset(records) -> str:
     pilot, prec, acc = rec.csv("pilot.csv"), rec.csv("precision.csv"), rec.csv("accuracy.csv")
     cfg = rec.manifest["config"]
     n, low = int(cfg["chosen_images"]), int(cfg["min_images"])
+    k = drift_tail_top(cfg)
     model = rec.manifest["model"]["metrics"]
     beyond = pilot[~pilot.within_max.astype(bool)]
     finite = pilot.need[np.isfinite(pilot.need)]
@@ -1111,10 +1121,10 @@ def drift_subset(records) -> str:
         f"\n\nThe pilot planned {plan.need_drift:,.0f} images for 8-bit round-to-nearest-even "
         f"of weights and activations, against {near.images_to_resolve:,.0f} measured on the "
         f"subset, and `precision.csv` shows how heavy the tail of one image's drift is: at the "
-        f"median layer of that configuration the {DRIFT_TAIL_TOP} most extreme of the {n:,} "
+        f"median layer of that configuration the {k} most extreme of the {n:,} "
         f"images carry "
         f"{100 * near.tail_top_share:.0f} % of the per-image drift's variance (excess kurtosis "
-        f"{near.tail_kurtosis:.0f}), where {DRIFT_TAIL_TOP} normal values of {n:,} carry "
+        f"{near.tail_kurtosis:.0f}), where {k} normal values of {n:,} carry "
         f"{100 * near.tail_top_share_normal:.0f} %; under 8-bit truncation "
         f"{100 * trunc.tail_top_share:.0f} %, and at 4 bits {100 * four.min():.0f} to "
         f"{100 * four.max():.0f} % across modes and targets.")
@@ -1122,9 +1132,9 @@ def drift_subset(records) -> str:
     rows = ((near, "round-to-nearest-even"), (trunc, "truncation"))
     clipped = "; ".join(
         f"{label}: {100 * r.tail_clipped_share:.1f} % of the images clamped at or before the "
-        f"median layer, {int(r.tail_top_clipped)} of its {DRIFT_TAIL_TOP} most extreme among "
+        f"median layer, {int(r.tail_top_clipped)} of its {k} most extreme among "
         f"them, and "
-        f"without the clamped images the {DRIFT_TAIL_TOP} most extreme of the rest carry "
+        f"without the clamped images the {k} most extreme of the rest carry "
         f"{100 * r.tail_top_share_unclipped:.0f} % (normal: "
         f"{100 * r.tail_top_share_unclipped_normal:.0f} %)" for r, label in rows)
     parts.append(
@@ -1134,14 +1144,14 @@ def drift_subset(records) -> str:
         f"{100 * weights.tail_top_share:.0f} % (excess kurtosis {weights.tail_kurtosis:.0f}).")
     rel = "; ".join(
         f"{label} {100 * r.tail_top_share:.0f} % to {100 * r.tail_top_share_relative:.0f} %, "
-        f"{int(r.tail_top_in_rms_top)} of {DRIFT_TAIL_TOP}" for r, label in
+        f"{int(r.tail_top_in_rms_top)} of {k}" for r, label in
         ((weights, "truncating the weights alone"), (trunc, "truncating both"),
          (near, "round-to-nearest-even of both")))
     parts.append(
         f" Divided by each image's float RMS at the layer (`tail_top_share_relative`), and "
-        f"how many of the {DRIFT_TAIL_TOP} most extreme images are among the "
-        f"{2 * DRIFT_TAIL_TOP} with the largest float RMS (`tail_top_in_rms_top`; about "
-        f"{2 * DRIFT_TAIL_TOP**2 / n:.1f} if the two were unrelated): {rel}.")
+        f"how many of the {k} most extreme images are among the "
+        f"{2 * k} with the largest float RMS (`tail_top_in_rms_top`; about "
+        f"{2 * k**2 / n:.1f} if the two were unrelated): {rel}.")
     base = acc[acc.remedy == "none"]
     unresolved = int((~base.differs.astype(bool)).sum())
     parts.append(

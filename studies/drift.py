@@ -1727,6 +1727,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
               "calib_curve": list(curve_sizes), "curve_images": curve_images if curve_sizes
               else 0, "curve_draws": args.curve_draws if curve_sizes else 0, **outputs,
               "alpha": ALPHA, "resolve_power": RESOLVE_POWER, "fit_level": FIT_LEVEL,
+              "tail_top": TAIL_TOP,
               "seed": args.seed, "smoke": smoke,
               "weight_spec": "signed symmetric per output channel, min-max",
               "activation_spec": f"unsigned affine per tensor, {act_range.label} on "

@@ -79,6 +79,8 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert "precision.csv" in manifest["outputs"]
     # the power its image counts were chosen for, beside the level they were tested at
     assert manifest["config"]["resolve_power"] == drift.RESOLVE_POWER
+    # and how many most extreme images its tail columns count
+    assert manifest["config"]["tail_top"] == drift.TAIL_TOP
     assert manifest["config"]["alpha"] == drift.ALPHA
     # every phase estimated before it ran and measured after; the total is their sum
     timing = pd.read_csv(out / "timing.csv").iloc[0]

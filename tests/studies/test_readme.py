@@ -160,12 +160,12 @@ def test_a_record_comes_from_one_clean_commit(tmp_path, git):
     assert not (tmp_path / "record" / "r").exists()
 
 
-def test_the_drift_constants_are_the_studys():
-    """The tail passage names the drift study's constant without importing the study
-    (torch); it must be its own."""
-    from studies import drift
-
-    assert readme.DRIFT_TAIL_TOP == drift.TAIL_TOP
+def test_the_drift_passage_states_the_tail_count_its_record_was_made_with():
+    """The tail passage stated the study's current TAIL_TOP (a constant typed here, held
+    equal to studies.drift.TAIL_TOP) whatever count the record's tail columns were made
+    with; a record names its own now, and one made before it did was made at 5."""
+    assert readme.drift_tail_top({"tail_top": 3, "alpha": 0.05}) == 3
+    assert readme.drift_tail_top({"alpha": 0.05}) == readme.DRIFT_UNRECORDED_TAIL_TOP == 5
 
 
 def test_the_drift_passage_states_the_power_its_record_was_made_with():
