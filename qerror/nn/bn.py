@@ -34,6 +34,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+from qerror.nn._anatomy import UnsupportedModelError, iter_batches, model_device
 from qerror.nn._moments import resolved_variance
 from qerror.nn.growth import check_resamples, resample_counts
 
@@ -134,13 +135,14 @@ def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Te
             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
 
 
-def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
+def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
     """Replace every BatchNorm's running statistics, in place, by estimates from its input
     (PyTorch's ``update_bn`` procedure).
 
     Each ``BatchNorm2d`` is reset and set to a cumulative average (``momentum=None``, which
-    it keeps), and the model runs on each input batch (shape ``(N, C, H, W)``, ``N >= 2``)
-    without gradients with those BatchNorms alone in training mode (dropout and any other
+    it keeps), and the model runs on each input batch (images ``(N, C, H, W)``, ``N >= 2``,
+    finite floats, or ``(images, labels)`` pairs whose labels are not used; moved to the
+    model's device) without gradients with those BatchNorms alone in training mode (dropout and any other
     layer as in evaluation), and is left in evaluation mode. The running mean is then the
     average of the batches' means and the running variance the average of their unbiased
     variances: every batch weighs the same whatever its size, the spread of the batch means
@@ -154,11 +156,26 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> 
 
     Raises
     ------
+    UnsupportedModelError
+        The model has no ``BatchNorm2d``, or one that keeps no running statistics.
     ValueError
-        ``inputs`` holds no batch. Then, or when a batch fails, the model is left as it
-        was (statistics, momenta and modes).
+        ``inputs`` holds no batch, or a batch of one image, with NaN or infinite values or
+        that is not a floating-point tensor. Then, or when a batch fails,
+        the model is left as it was (statistics, momenta and modes).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        raise UnsupportedModelError("estimate_running_stats replaces BatchNorm2d statistics "
+                                    "and the model has no BatchNorm2d: there is nothing to "
+                                    "estimate")
+    untracked = sorted(n for n, m in model.named_modules()
+                       if isinstance(m, nn.BatchNorm2d)
+                       and (not m.track_running_stats or m.running_mean is None))
+    if untracked:
+        raise UnsupportedModelError(
+            f"the BatchNorm layers {', '.join(untracked)} keep no running statistics "
+            "(track_running_stats=False): there are none to estimate. Build them with "
+            "track_running_stats=True")
     saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.state_dict().items()})
              for m in bns]
     modes = [(m, m.training) for m in model.modules()]
@@ -171,7 +188,11 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable[torch.Tensor]) -> 
         for m in bns:
             m.train()
         with torch.no_grad():
-            for x in inputs:
+            for x, _ in iter_batches(inputs, model_device(model)):
+                if x.shape[0] < 2:
+                    raise ValueError("estimate_running_stats needs batches of at least 2 "
+                                     f"images, got one of shape {tuple(x.shape)}; the "
+                                     "model's statistics are left as they were")
                 model(x)
                 seen += 1
         if not seen:

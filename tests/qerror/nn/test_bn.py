@@ -285,3 +285,41 @@ def test_image_moments_refuse_a_broken_measurement_and_wrong_shapes():
                        2.0**-53)
     with pytest.raises(ValueError, match="variance >= 0"):
         BNImageMoments(f, f * f, q, q * q, np.full(4, 2.0), -np.ones(4), 1, 2.0**-53)
+
+
+def test_estimate_running_stats_refuses_bad_input_and_takes_labelled_batches():
+    """A batch with a NaN (which made every running statistic NaN), a batch of one image
+    (the documented N >= 2), a model without BatchNorm2d or with one that keeps no
+    statistics are refused and leave the model as it was; (images, labels) pairs, which
+    the model was fed whole, give the statistics of their images."""
+    from qerror.nn import UnsupportedModelError
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(75, 2)).train()
+
+    x = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for bad, match in (([x, nan], "NaN"), ([x[:1]], "at least 2 images")):
+        model = net()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            estimate_running_stats(model, bad)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(m.training for m in model.modules()) and model[1].momentum == 0.1
+    plain = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU()).train()
+    with pytest.raises(UnsupportedModelError, match="no BatchNorm2d"):
+        estimate_running_stats(plain, [x])
+    assert plain.training
+    untracked = net()
+    untracked[1].track_running_stats = False
+    with pytest.raises(UnsupportedModelError, match="keep no running statistics"):
+        estimate_running_stats(untracked, [x])
+    assert untracked[1].momentum == 0.1 and untracked.training
+    model, labelled = net(), net()
+    estimate_running_stats(model, [x])
+    estimate_running_stats(labelled, [(x, torch.zeros(4, dtype=torch.long))])
+    assert torch.equal(model[1].running_mean, labelled[1].running_mean)
+    assert torch.equal(model[1].running_var, labelled[1].running_var)
