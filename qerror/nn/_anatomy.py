@@ -4,7 +4,8 @@ Which modules a network is made of and whether the paired batch can run it
 (:func:`check_model`), where its quantized layers are (:func:`layer_names`, :func:`is_block`,
 :func:`layer_chains` with the BatchNorm and ReLU that follow each layer,
 :func:`bn_fed_layers`), folding a BatchNorm into its convolution (:func:`fold_bn`), the
-batches a network is fed (:func:`iter_batches`, :func:`batch_images`),
+batches a network is fed (:func:`iter_batches`, :func:`batch_images`,
+:func:`bn_batches`),
 hooks that are always removed (:func:`pre_hooks`), the evaluation-mode guard
 (:func:`eval_mode`) and the one activation-range observer (:class:`RangeObserver`) that
 calibrates both the simulation (:mod:`qerror.nn.propagate`) and the INT8 cross-check
@@ -162,6 +163,24 @@ def iter_batches(batches, device: torch.device | None = None
             x = x.to(device)
             y = None if y is None else y.to(device)
         yield x, y
+
+
+def bn_batches(batches, device: torch.device | None, who: str) -> Iterator[torch.Tensor]:
+    """The images of each batch (:func:`iter_batches`) that BatchNorm statistics are
+    estimated on: ``(N, C, H, W)`` with ``N >= 2``, or a clear error naming ``who``
+    (a single tensor passed for the batches iterates over its images, each a 3-D tensor:
+    the error says to wrap it in a list)."""
+    for x, _ in iter_batches(batches, device):
+        if x.ndim != 4:
+            raise ValueError(f"{who} takes batches of images (N, C, H, W), got one of shape "
+                             f"{tuple(x.shape)}" + ("; a single tensor of images iterates "
+                                                    "over its images one at a time: pass a "
+                                                    "list of batches, [images]"
+                                                    if x.ndim == 3 else ""))
+        if x.shape[0] < 2:
+            raise ValueError(f"{who} needs batches of at least 2 images, got one of shape "
+                             f"{tuple(x.shape)}")
+        yield x
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

@@ -34,7 +34,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
-from qerror.nn._anatomy import UnsupportedModelError, iter_batches, model_device
+from qerror.nn._anatomy import UnsupportedModelError, bn_batches, model_device
 from qerror.nn._moments import resolved_variance
 from qerror.nn.growth import check_resamples, resample_counts
 
@@ -159,8 +159,9 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
     UnsupportedModelError
         The model has no ``BatchNorm2d``, or one that keeps no running statistics.
     ValueError
-        ``inputs`` holds no batch, or a batch of one image, with NaN or infinite values or
-        that is not a floating-point tensor. Then, or when a batch fails,
+        ``inputs`` holds no batch, or a batch that is not a floating-point
+        ``(N, C, H, W)`` tensor of at least 2 images, or holds NaN or infinite values
+        (a single tensor of images passed for ``inputs`` too). Then, or when a batch fails,
         the model is left as it was (statistics, momenta and modes).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -188,11 +189,7 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
         for m in bns:
             m.train()
         with torch.no_grad():
-            for x, _ in iter_batches(inputs, model_device(model)):
-                if x.shape[0] < 2:
-                    raise ValueError("estimate_running_stats needs batches of at least 2 "
-                                     f"images, got one of shape {tuple(x.shape)}; the "
-                                     "model's statistics are left as they were")
+            for x in bn_batches(inputs, model_device(model), "estimate_running_stats"):
                 model(x)
                 seen += 1
         if not seen:

@@ -49,9 +49,9 @@ from qerror._progress import progress_bar
 from qerror.analytic import uniform_bias_lsb
 from qerror.nn._anatomy import (
     UnsupportedModelError,
+    bn_batches,
     bn_fed_layers,
     check_model,
-    iter_batches,
     model_device,
 )
 from qerror.nn.propagate import (
@@ -311,9 +311,8 @@ def _population_stats(clone: nn.Module, bns: dict, batches, progress: bool, labe
     seen = 0
     try:
         with torch.no_grad():
-            for x, _ in iter_batches(progress_bar(batches, progress, label), model_device(clone)):
-                if x.shape[0] < 2:
-                    raise ValueError("BN re-estimation needs batches of at least 2 images")
+            for x in bn_batches(progress_bar(batches, progress, label), model_device(clone),
+                                "BN re-estimation"):
                 called.clear()
                 clone(x)
                 seen += 1
@@ -370,7 +369,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
     UnsupportedModelError
         No BatchNorm2d, or one called more than once in a forward pass.
     ValueError
-        No batch, or a batch of one image.
+        No batch, or a batch that is not images ``(N, C, H, W)`` of at least 2 (a single
+        tensor of images passed for ``batches`` too), or holds NaN or infinite values.
     """
     check_model(model, need_batchnorm=True)
     if isinstance(batches, Iterator):

@@ -686,3 +686,28 @@ def test_the_measured_misses_reestimate_bn_states_hold(setup):
     assert f"{new_2} with batches of 2 (the per-batch" in doc
     assert f"off by up to {old_r} with batches of 5, 7 and 20, {old_2} with batches of 2)" \
         in doc
+
+
+def test_batchnorm_statistics_refuse_a_tensor_of_images_for_the_batches():
+    """A tensor of images where a sequence of batches is expected iterates over its images,
+    3-D tensors: reestimate_bn failed on them with an IndexError of its hook and
+    estimate_running_stats with the BatchNorm's 'expected 4D input'; both now say what to
+    pass, and the model is left as it was."""
+    from qerror.nn.bn import estimate_running_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 25, 2)).eval()
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig.make(8, target=Target.WEIGHTS)
+    for run in (lambda b: reestimate_bn(model, b, cfg),
+                lambda b: estimate_running_stats(model, b)):
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\), got one of shape \(3, 5, 5\);"
+                                             r".*pass a list of batches"):
+            run(x)
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\), got one of shape "
+                                             r"\(1, 8, 3, 5, 5\)$"):
+            run([x[None]])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not model.training
