@@ -184,7 +184,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     roundings : int
         Number of seeded stochastic roundings (Nagel et al. use 100).
     seed : int
-        Rounding ``k`` uses ``SeedSequence([seed, k])``.
+        Rounding ``k`` uses ``SeedSequence([seed, k])``; ``>= 0``.
     taylor : bool
         Also compute the second-order Taylor estimate (one extra backward pass per
         rounding; the graph of the gradient is kept, so memory is that of a training step
@@ -201,8 +201,8 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     Raises
     ------
     ValueError
-        ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings`` or
-        ``alpha``, unlabelled or no batches.
+        ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings``, ``seed``
+        or ``alpha``, unlabelled or no batches; each refused before any forward pass.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """
@@ -212,6 +212,9 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     if isinstance(roundings, bool) or not isinstance(roundings, (int, np.integer)) \
             or roundings < 1:
         raise ValueError(f"roundings must be an integer >= 1, got {roundings!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (rounding k draws from "
+                         f"numpy.random.SeedSequence([seed, k])), got {seed!r}")
     wilson_ci(0, 1, alpha)  # refuses a bad alpha now, not after every rounding has run
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):

@@ -95,10 +95,14 @@ def test_middle_layer_and_model_untouched():
     ({"batches": []}, ValueError, "at least one batch"),
     ({"alpha": 1.5}, ValueError, "alpha must be in"),
     ({"alpha": "0.05"}, TypeError, "alpha must be a number"),
+    ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
+    ({"seed": 1.5}, ValueError, "seed must be an integer >= 0"),
+    ({"seed": True}, ValueError, "seed must be an integer >= 0"),
 ])
 def test_bad_input(kw, err, match):
     """Refused before any forward pass (a bad alpha was refused only after every rounding
-    had run: 53 forward passes for 50 roundings)."""
+    had run: 53 forward passes for 50 roundings; a bad seed by numpy's SeedSequence after
+    the float loss, the gradient's graph and nearest's, 'expected non-negative integer')."""
     args = {"layer": "0", "batches": [(images(4, 1), torch.zeros(4, dtype=torch.long))],
             "bits": 4, "roundings": 3, **kw}
     model = tiny_resnet()
