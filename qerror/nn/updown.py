@@ -156,6 +156,12 @@ def _labelled(batches: Iterable, device: torch.device) -> tuple[torch.Tensor, to
         if y is None:
             raise ValueError("updown_experiment needs labelled batches (images, labels): the "
                              "task loss is the cross-entropy")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+        if y.numel() and int(y.min()) < 0:
+            # cross_entropy would leave out the images labelled -100 (its ignore_index) and
+            # average over the others, while the result counts them all
+            raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
         xs.append(x)
         ys.append(y)
     if not xs:
@@ -177,8 +183,8 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         Name of a ``Conv2d`` or ``Linear`` of ``model`` (e.g. ``"conv1"``,
         :func:`middle_layer`). Only this layer is quantized; the rest stays float.
     batches : iterable
-        ``(images, labels)`` pairs; all of them are used for every loss at once, so keep
-        them to a few hundred images (never the test split).
+        ``(images, labels)`` pairs, labels integer class indices; all of them are used for
+        every loss at once, so keep them to a few hundred images (never the test split).
     bits : int
         Weight bits, 2 to 16.
     roundings : int
@@ -202,7 +208,8 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     ------
     ValueError
         ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings``, ``seed``
-        or ``alpha``, unlabelled or no batches; each refused before any forward pass.
+        or ``alpha``, unlabelled or no batches, labels that are not integers >= 0; each
+        refused before any forward pass.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """

@@ -98,6 +98,10 @@ def test_middle_layer_and_model_untouched():
     ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
     ({"seed": 1.5}, ValueError, "seed must be an integer >= 0"),
     ({"seed": True}, ValueError, "seed must be an integer >= 0"),
+    # -100 is cross_entropy's ignore_index: that image was left out of every loss
+    ({"batches": [(images(4, 1), torch.tensor([0, -100, 1, 2]))]}, ValueError,
+     "class indices >= 0, got -100"),
+    ({"batches": [(images(4, 1), torch.zeros(4))]}, ValueError, "integer class indices"),
 ])
 def test_bad_input(kw, err, match):
     """Refused before any forward pass (a bad alpha was refused only after every rounding
