@@ -282,7 +282,12 @@ def check_resamples(resamples: int) -> None:
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """How often each of ``resamples`` bootstrap resamples draws each of ``n`` images, as
     float64 ``(resamples, n)`` (rows sum to ``n``): the draws every image bootstrap here
-    takes, float once for the matrix products they feed."""
+    takes, float once for the matrix products they feed. ``seed`` must be an integer
+    ``>= 0``: None (fresh entropy) or a Generator (whose state moves with every call)
+    would give other bounds on every call, a decision at a threshold among them."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, so that the bootstrap's resamples "
+                         f"are the same on every call, got {seed!r}")
     return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
                                                    size=resamples).astype(np.float64)
 

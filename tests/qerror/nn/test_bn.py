@@ -244,6 +244,12 @@ def test_inconsistency_bounds_refuse_what_they_cannot_resample():
         inconsistency_bounds({"a": a}, resamples=10)
     with pytest.raises(ValueError, match="alpha"):
         inconsistency_bounds({"a": a}, alpha=1.5)
+    # None drew fresh entropy and a Generator moved on: other bounds on every call
+    for seed in (None, np.random.default_rng(1), -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            inconsistency_bounds({"a": a}, resamples=100, seed=seed)
+    assert inconsistency_bounds({"a": a}, resamples=100, seed=np.int64(3)) \
+        == inconsistency_bounds({"a": a}, resamples=100, seed=3)
 
 
 def test_inconsistency_bounds_of_layers_without_a_figure_decide_nothing():
