@@ -100,14 +100,20 @@ class Dequantizer(nn.Module):
 
 
 def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:
-    """``net`` preceded by an :class:`InputQuantizer`, in evaluation mode: fed float input."""
+    """``net`` preceded by an :class:`InputQuantizer`, in evaluation mode: fed float input.
+
+    ``net`` itself is the result's second module, not a copy: it is put in evaluation mode
+    too, and a later change to it (training, ``.train()``) is the result's."""
     return nn.Sequential(InputQuantizer(spec, qparams), net).eval()
 
 
 def on_codes(net: nn.Module, spec: QuantSpec, qparams: QParams, *,
              dtype: torch.dtype = torch.float32) -> nn.Module:
     """``net`` preceded by a :class:`Dequantizer`, in evaluation mode: fed offline codes made
-    with ``spec`` and ``qparams``, dequantized to ``dtype`` (that of the float input)."""
+    with ``spec`` and ``qparams``, dequantized to ``dtype`` (that of the float input).
+
+    ``net`` itself is the result's second module, not a copy: it is put in evaluation mode
+    too (as by :func:`with_input_quantizer`, so that both can share one network)."""
     return nn.Sequential(Dequantizer(spec, qparams, dtype=dtype), net).eval()
 
 
