@@ -285,11 +285,18 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     takes, float once for the matrix products they feed. ``seed`` must be an integer
     ``>= 0``: None (fresh entropy) or a Generator (whose state moves with every call)
     would give other bounds on every call, a decision at a threshold among them."""
+    return fixed_rng(seed).multinomial(n, np.full(n, 1.0 / n),
+                                       size=resamples).astype(np.float64)
+
+
+def fixed_rng(seed: int) -> np.random.Generator:
+    """The generator of every bootstrap here: seeded by an integer ``>= 0`` (ValueError
+    otherwise), so that its resamples, and a decision at a threshold, are the same on every
+    call."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, so that the bootstrap's resamples "
                          f"are the same on every call, got {seed!r}")
-    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n),
-                                                   size=resamples).astype(np.float64)
+    return np.random.default_rng(seed)
 
 
 def _resampled_debiased(a: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -555,8 +562,8 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     if not 1 <= block <= most:
         raise ValueError(f"block must be from 1 to {most} (one less than the {L} "
                          f"layers, so that resamples differ), got {block}")
+    rng = fixed_rng(seed)
     point = fit_exponent(d, y)
-    rng = np.random.default_rng(seed)
     starts = np.arange(L - block + 1)
     k = math.ceil(L / block)
     within = np.arange(block)

@@ -605,3 +605,17 @@ def test_a_broken_measurement_is_refused_not_left_out():
         image_bootstrap(depth[:, None], per, scales, resamples=100)
     with pytest.raises(ValueError, match="depth must be 1-D"):
         image_bootstrap([], [], [], resamples=100)
+
+
+def test_layer_block_bootstrap_takes_only_a_fixed_seed():
+    """As the image bootstraps (resample_counts): None drew fresh entropy and a Generator
+    moved on with every call, so the interval, and a decision at its ends, changed from one
+    call to the next."""
+    d = np.arange(1.0, 13.0)
+    y = 0.1 * d * np.exp(np.random.default_rng(0).normal(0.0, 0.1, d.size))
+    for seed in (None, np.random.default_rng(1), -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            layer_block_bootstrap(d, y, resamples=100, seed=seed)
+    a = layer_block_bootstrap(d, y, resamples=100, seed=np.int64(3))
+    b = layer_block_bootstrap(d, y, resamples=100, seed=3)
+    assert (a.lo, a.hi) == (b.lo, b.hi)
