@@ -813,6 +813,19 @@ class _Instrument:
                 "give each call its own module")
         self._calls.add(name)
 
+    @staticmethod
+    def _refuse_linear_input(name: str, x: torch.Tensor) -> None:
+        """Refuse measuring a Linear fed more than (N, features): every per-channel figure
+        reduces over dimension 1 as the channels, which of such an output (N, T, ...,
+        out_features) is not the layer's outputs, so its channel means (and the bias
+        corrections made from them) would be another axis's under the outputs' name."""
+        raise UnsupportedModelError(
+            f"Linear {name!r} is fed inputs of shape {tuple(x.shape[1:])} per image: its "
+            "per-channel figures (drift_channel, local_drift_channel, local_error_means) "
+            "take dimension 1 as the channels, which is its output features only for "
+            "(N, features) inputs; flatten its input (nn.Flatten) or measure a model whose "
+            "Linear layers take (N, features)")
+
     def _forget_last(self, module, args):
         for arm in self.arms:
             arm.last = None
@@ -908,6 +921,8 @@ class _Instrument:
         def forward(x):
             if self.collect and (self.paired or self.local_only):
                 self._called(name)
+                if not conv and x.ndim != 2:
+                    self._refuse_linear_input(name, x)
             if self.local_only:  # the float layer, and its quantized version beside it
                 arm = self.arms[0]
                 yf = op(x, module.weight, module.bias)
@@ -1430,7 +1445,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     UnsupportedModelError
         A layer (``Conv2d``, ``Linear``) or a BatchNorm is called more than once in one
         forward pass: its statistics would pool the calls under one site (refused from the
-        graph where torch.fx traces the model, else where the second call is met).
+        graph where torch.fx traces the model, else where the second call is met). Or a
+        ``Linear`` is fed more than two dimensions (N, T, ..., features): its per-channel
+        figures would reduce over dimension 1, not over its output features.
 
     See Also
     --------
@@ -1635,6 +1652,12 @@ def local_error_means(model: nn.Module, batches: Iterable, config: QuantConfig,
     -------
     dict
         Layer name → float64 array (C_out,), in the order the forward pass meets the layers.
+
+    Raises
+    ------
+    UnsupportedModelError
+        As :func:`measure`: a layer called twice in one forward pass, or a ``Linear`` fed
+        more than (N, features).
     """
     check_model(model)
     if not isinstance(config, QuantConfig):

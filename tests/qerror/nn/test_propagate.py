@@ -940,3 +940,41 @@ def test_ranges_and_weights_made_for_another_grid_are_refused(setup):
     torch.save(a8, buf)
     back = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
     assert isinstance(back, MadeFor) and back.spec == a8.spec and back.keys() == a8.keys()
+
+
+def test_a_linear_fed_more_than_n_features_is_refused_where_it_is_measured():
+    """A Linear fed (N, T, features) made outputs (N, T, out_features), whose "channels"
+    (dimension 1) the sums took to be T: drift_channel and local_error_means were T means
+    under the outputs' name, and with T equal to out_features empirical_bias_correction
+    took them as per-feature corrections (layer 0 here: T means [0.072, -0.011, -0.077],
+    the per-feature means [-0.021, 0.019, -0.013]). Each measuring pass now refuses it;
+    the passes that measure nothing run it as before (their halves are the float and the
+    quantized networks')."""
+    from qerror.nn import UnsupportedModelError, local_error_means
+    from qerror.nn.correction import empirical_bias_correction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 3), nn.ReLU(), nn.Linear(3, 4)).double().eval()
+    x = torch.randn(6, 3, 12, dtype=torch.float64)
+    config = QuantConfig.make(3)
+    aq = calibrate_activations(model, [x], config.activation)
+    match = r"Linear '0' is fed inputs of shape \(3, 12\) per image"
+    for run in (lambda: measure(model, [x], config, aq),
+                lambda: measure_many(model, [x], [config, QuantConfig.make(
+                    3, RoundingMode.FLOOR)], aq),
+                lambda: local_error_means(model, [x], config, aq),
+                lambda: empirical_bias_correction(model, [x], config, aq)):
+        with pytest.raises(UnsupportedModelError, match=match):
+            run()
+        assert _clean(model)
+    with torch.inference_mode():
+        with quantized_forward(model, config, aq):
+            q = model(x)
+        with paired_forward(model, config, aq):
+            out = model(torch.cat([x, x]))
+        assert torch.equal(out[:6], model(x)) and torch.equal(out[6:], q)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(36, 3), nn.ReLU(), nn.Linear(3, 4))
+    flat = flat.double().eval()  # fed (N, 36): measured as before
+    aq = calibrate_activations(flat, [x], config.activation)
+    r = measure(flat, [x], config, aq)
+    assert [s.drift_channel.shape for s in r.layers()] == [(3,), (4,)]
