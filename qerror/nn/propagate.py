@@ -1375,7 +1375,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         A torchvision-style CNN (see :func:`check_model`); it is put in evaluation mode
         for the pass and restored afterwards, its parameters untouched.
     batches : iterable
-        Images ``(N, ...)`` or ``(images, labels)`` pairs.
+        Images ``(N, ...)`` or ``(images, labels)`` pairs, every image of one shape
+        (ValueError otherwise: see the Raises section).
     config : QuantConfig
     act_qparams : dict, optional
         From :func:`calibrate_activations` (required when ``config.activation`` is set).
@@ -1448,6 +1449,11 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         graph where torch.fx traces the model, else where the second call is met). Or a
         ``Linear`` is fed more than two dimensions (N, T, ..., features): its per-channel
         figures would reduce over dimension 1, not over its output features.
+    ValueError
+        Batches of images of another shape than the first's: ``drift`` and ``mse`` are
+        means over every element, which weight an image by its size, while ``drift_se``,
+        ``mse_se``, ``local_drift_se`` and ``drift_rel_rms_channel_debiased`` take images as
+        equal units; across sizes the two would be estimates of different means.
 
     See Also
     --------
@@ -1567,7 +1573,17 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                                input_maps=input_maps)
             label = configs[0].label if k == 1 else f"{k} configurations"
             batches = iter_batches(progress_bar(batches, progress, label), model_device(model))
+            image_shape = None
             for batch, start, x, y in _passes(batches, pair_batch, k):
+                if image_shape is None:
+                    image_shape = tuple(x.shape[1:])
+                elif tuple(x.shape[1:]) != image_shape:
+                    raise ValueError(
+                        f"batch {batch} holds images of shape {tuple(x.shape[1:])}, the first "
+                        f"{image_shape}: drift and mse weight each image by its elements, "
+                        "while their standard errors and the debiased channel drift take "
+                        "images as equal units, so across sizes they would describe another "
+                        "mean; measure each image size apart")
                 if x.is_floating_point():
                     u = max(u, unit_roundoff(x.dtype))
                 inst.batch_index, inst.first_image = first_batch + batch, start

@@ -978,3 +978,24 @@ def test_a_linear_fed_more_than_n_features_is_refused_where_it_is_measured():
     aq = calibrate_activations(flat, [x], config.activation)
     r = measure(flat, [x], config, aq)
     assert [s.drift_channel.shape for s in r.layers()] == [(3,), (4,)]
+
+
+def test_batches_of_another_image_size_are_refused(setup):
+    """drift is the mean over every element (an image weighs its size) and drift_se the
+    standard error of the mean of per-image means (images equal): with 16×16 and 3×3
+    images in one measurement, drift 0.00046 came with the standard error of a mean of
+    -0.037, so drift ± se described no estimator. Such batches are now refused, as the
+    pass leaves the model clean; batches of one size measure as before."""
+    model = tiny_resnet(dtype=torch.float32)
+    config = QuantConfig.make(4)
+    aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
+    small = torch.randn(3, 1, 9, 9, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"batch 1 holds images of shape \(1, 9, 9\), the "
+                                         r"first \(1, 12, 12\)"):
+        measure(model, [images(4, 3, torch.float32), small], config, aq)
+    assert _clean(model)
+    with pytest.raises(ValueError, match="holds images of shape"):
+        measure_many(model, [images(4, 3, torch.float32), small],
+                     [config, QuantConfig.make(4, RoundingMode.FLOOR)], aq)
+    assert _clean(model)
+    measure(model, [small, small], config, aq)
