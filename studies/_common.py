@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
@@ -1213,3 +1214,20 @@ def figure_style():
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind")
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "pdf.fonttype": 42})
     return plt
+
+
+def labelled_batches(x: torch.Tensor, y: torch.Tensor, batch: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of ``batch`` images, in order (the last one shorter)."""
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def calibration_batches(x: torch.Tensor, y: torch.Tensor, batch: int
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`labelled_batches`, a last batch of one image joined to the one before it:
+    BatchNorm statistics, estimated or re-estimated, need two images a batch."""
+    cut = labelled_batches(x, y, batch)
+    if len(cut) > 1 and len(cut[-1][1]) == 1:
+        (xa, ya), (xb, yb) = cut[-2], cut[-1]
+        cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
+    return cut

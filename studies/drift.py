@@ -136,6 +136,7 @@ from studies._common import (
     StudyError,
     available_memory,
     base_parser,
+    calibration_batches,
     check_out,
     check_trained_on,
     figure_style,
@@ -144,6 +145,7 @@ from studies._common import (
     holm_columns,
     int_at_least,
     int_in,
+    labelled_batches,
     machine_load,
     nonnegative_int,
     positive_int,
@@ -211,20 +213,6 @@ class Data:
 
 # --------------------------------------------------------------------------- inputs
 
-def _batched(x: torch.Tensor, y: torch.Tensor, batch: int):
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
-
-
-def _calibration_batches(x: torch.Tensor, y: torch.Tensor, batch: int):
-    """Batches of ``batch`` images, a last batch of one image joined to the one before it
-    (BatchNorm statistics, estimated or re-estimated, need two images a batch)."""
-    cut = _batched(x, y, batch)
-    if len(cut) > 1 and len(cut[-1][1]) == 1:
-        (xa, ya), (xb, yb) = cut[-2], cut[-1]
-        cut[-2:] = [(torch.cat([xa, xb]), torch.cat([ya, yb]))]
-    return cut
-
-
 def _first_images(batches, n: int) -> torch.Tensor:
     return torch.cat([b[0] for b in batches])[:n] if batches else torch.empty(0)
 
@@ -249,12 +237,14 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     ident = {"dataset": "fashion-mnist", "source": test.source, "test_sha256": test.sha256,
              "calib_sha256": calib.sha256, "test_images": len(test), "calib_images": len(calib),
              "calib_split_images": len(splits.calib), "test_split_images": len(splits.test)}
-    test_batches = _batched(to_tensor(test.images), torch.as_tensor(test.labels), batch)
+    test_batches = labelled_batches(to_tensor(test.images), torch.as_tensor(test.labels),
+                                    batch)
     mine = parallel.shard(len(test_batches))
     headline, headline_first = None, 0
     if headline_images:
         whole = splits.test.subset(np.arange(min(headline_images, len(splits.test))))
-        all_headline = _batched(to_tensor(whole.images), torch.as_tensor(whole.labels), batch)
+        all_headline = labelled_batches(to_tensor(whole.images),
+                                        torch.as_tensor(whole.labels), batch)
         share = parallel.shard(len(all_headline))
         headline, headline_first = all_headline[share.start:share.stop], share.start
         ident.update(headline_images=len(whole), headline_sha256=whole.sha256)
@@ -262,11 +252,11 @@ def fashion_data(data_root, images: int, calib_images: int, batch: int, seed: in
     if curve_calib and curve_images and parallel.world()[0] == 0:
         cal = splits.calib.subset(np.arange(min(curve_calib, len(splits.calib))))
         tst = splits.test.subset(np.arange(min(curve_images, len(splits.test))))
-        curve = (_calibration_batches(to_tensor(cal.images), torch.as_tensor(cal.labels), batch),
-                 _batched(to_tensor(tst.images), torch.as_tensor(tst.labels), batch))
+        curve = (calibration_batches(to_tensor(cal.images), torch.as_tensor(cal.labels), batch),
+                 labelled_batches(to_tensor(tst.images), torch.as_tensor(tst.labels), batch))
         ident.update(curve_calib_images=len(cal), curve_calib_sha256=cal.sha256,
                      curve_test_images=len(tst), curve_test_sha256=tst.sha256)
-    return Data(_calibration_batches(to_tensor(calib.images), torch.as_tensor(calib.labels),
+    return Data(calibration_batches(to_tensor(calib.images), torch.as_tensor(calib.labels),
                                      batch),
                 test_batches[mine.start:mine.stop], ident, headline, mine.start,
                 headline_first, _first_images(test_batches, int8_images), *curve)
@@ -283,7 +273,7 @@ def fashion_pilot(data_root, images: int, batch: int, seed: int,
     n = min(images, len(val))
     pick = np.sort(np.random.default_rng([seed, 1]).permutation(len(val))[:n])
     pilot = val.subset(pick)
-    return (_batched(to_tensor(pilot.images), torch.as_tensor(pilot.labels), batch),
+    return (labelled_batches(to_tensor(pilot.images), torch.as_tensor(pilot.labels), batch),
             {"pilot_split": "val", "pilot_images": len(pilot), "pilot_sha256": pilot.sha256})
 
 
@@ -302,14 +292,14 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
     mine = parallel.shard(len(starts))
     main = parallel.world()[0] == 0
 
-    def load(index, what, cut=_batched):
+    def load(index, what, cut=labelled_batches):
         if not len(index):
             return []
         xs, ys = zip(*(ds[int(i)] for i in tqdm(index, desc=what, unit="img", leave=False,
                                                   disable=not main)))
         return cut(torch.stack(xs), torch.as_tensor(ys), batch)
 
-    calib = load(order[:n_cal], "load calibration images", _calibration_batches) \
+    calib = load(order[:n_cal], "load calibration images", calibration_batches) \
         if main else []
     lo = starts[mine.start] if len(mine) else len(test_index)
     hi = starts[mine.stop] if mine.stop < len(starts) else len(test_index)
@@ -620,7 +610,7 @@ def _first_of(batches, n: int, batch: int, start: int = 0):
     re-estimation needs two)."""
     x = torch.cat([b[0] for b in batches])[start:start + n]
     y = torch.cat([b[1] for b in batches])[start:start + n]
-    return _calibration_batches(x, y, batch)
+    return calibration_batches(x, y, batch)
 
 
 def draws_at(size: int, available: int, draws: int) -> int:

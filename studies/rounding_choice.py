@@ -75,6 +75,7 @@ from studies._common import (
     RunDir,
     StudyError,
     base_parser,
+    calibration_batches,
     check_out,
     check_trained_on,
     figure_style,
@@ -82,6 +83,7 @@ from studies._common import (
     given_options,
     held_out,
     int_in,
+    labelled_batches,
     positive_float,
     positive_int,
     refuse_beyond_splits,
@@ -127,10 +129,6 @@ class Data:
     identity: dict
 
 
-def _batched(x, y, batch):
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
-
-
 def load_data(data_root, calib_images: int, test_images: int, drift_images: int, batch: int,
               seed: int) -> Data:
     """The calibration split (ranges, AdaRound, up/down), the first ``test_images`` of the
@@ -147,8 +145,10 @@ def load_data(data_root, calib_images: int, test_images: int, drift_images: int,
              "train_sha256": splits.train.sha256, "test_images": len(test),
              "calib_images": len(calib), "drift_images": len(drift)}
     return Data(splits.train,
-                _batched(to_tensor(calib.images), torch.as_tensor(calib.labels), batch),
-                _batched(xt, yt, batch), _batched(xt[pick], yt[pick], batch), ident)
+                calibration_batches(to_tensor(calib.images), torch.as_tensor(calib.labels),
+                                    batch),
+                labelled_batches(xt, yt, batch), labelled_batches(xt[pick], yt[pick], batch),
+                ident)
 
 
 # --------------------------------------------------------------------------- models

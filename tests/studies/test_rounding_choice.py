@@ -138,3 +138,17 @@ def test_the_paper_quotes_adarounds_budget_beside_the_papers():
     main_tex = (Path(rounding_choice.__file__).parents[1] / "paper" / "main.tex").read_text()
     for key in ("IterationsSmall", "LrSmall", "PaperIterations", "PaperLr"):
         assert f"\\roundingChoiceAdaround{key}{{}}" in main_tex, key
+
+
+def test_calibration_batches_never_end_in_one_image(fashion_root):
+    """--calib-images 17 --batch-size 16 left a last calibration batch of one image, on
+    which estimate_running_stats (the small CNN's BatchNorm statistics) refuses to estimate:
+    it joins the batch before it, as in studies.drift (studies._common.calibration_batches)."""
+    data = rounding_choice.load_data(fashion_root, calib_images=17, test_images=8,
+                                     drift_images=4, batch=16, seed=0)
+    assert [len(y) for _, y in data.calib] == [17]
+    data = rounding_choice.load_data(fashion_root, calib_images=18, test_images=17,
+                                     drift_images=4, batch=16, seed=0)
+    assert [len(y) for _, y in data.calib] == [16, 2]
+    # test batches are not for BatchNorm statistics: cut as they come
+    assert [len(y) for _, y in data.test] == [16, 1]
