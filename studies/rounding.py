@@ -17,7 +17,9 @@ With a trained baseline in the cache (``python -m studies.train``), or with
 ``--checkpoint PATH``, a fourth part quantizes the real weights of every conv and linear
 layer per channel with each mode and reports their exact error moments (a finite set of
 weights: no sampling; for stochastic rounding, the expectation over its draws) beside the
-uniform model.
+uniform model. A ``--smoke`` run given no ``--checkpoint`` measures the baseline's
+architecture untrained instead (seeded; its BatchNorm statistics estimated on the
+calibration images), so that it runs every part on any machine, cache or not.
 
 Run: ``python -m studies.rounding`` (``--smoke`` for the test suite's tiny preset).
 """
@@ -38,6 +40,8 @@ from qerror import QuantSpec, RoundingMode, bias_test, fake_quantize
 from qerror.analytic import ClipMethod, Grid, error_moments, optimal_clip
 from qerror.files import sha256_file
 from qerror.nn import eval_mode
+from qerror.nn.bn import estimate_running_stats
+from qerror.nn.models import Arch, fashion_resnet
 from qerror.nonuniform import lloyd_max
 from studies._common import (
     DATA_ROOT_HELP,
@@ -477,7 +481,8 @@ def _main(argv: list[str]) -> int:
                         help="input laws (default: all; smoke: normal half_normal)")
     parser.add_argument("--checkpoint", type=user_path, default=None,
                         help="a qerror checkpoint (weights and activations) or a bare state "
-                             "dict (weights) to analyse; default: the cached baseline if any")
+                             "dict (weights) to analyse; default: the cached baseline if any (--smoke: the "
+                             "baseline's architecture untrained, cache or not)")
     parser.add_argument("--data-root", type=user_path, default=None,
                         help="for the activations part: " + DATA_ROOT_HELP)
     args = parser.parse_args(argv)
@@ -496,17 +501,23 @@ def _main(argv: list[str]) -> int:
     clip_modes = [RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO]
     clip_laws = [law for law in law_list if law.name != "uniform"]
     alpha_grid = np.linspace(0.5, 14.0, 8 if smoke else 60)
-    baseline = _load_baseline(args.checkpoint)
+    # --smoke with no --checkpoint: an untrained network, so that the smoke runs every part
+    # whether or not a baseline is cached, and gives the same outputs with a cache or without
+    untrained = smoke and args.checkpoint is None
+    baseline = _untrained_baseline(args.seed) if untrained else _load_baseline(args.checkpoint)
     if args.data_root is not None and (baseline is None or baseline[1] is None):
         parser.error(f"--data-root {args.data_root}: its images feed only the activations "
                      "part, which needs a qerror checkpoint (--checkpoint, or a cached "
                      "baseline); pass one, or leave --data-root out")
     # Read before the work starts: a named folder that fails stops the run here.
-    if baseline is not None and baseline[1] is not None:
+    if baseline is not None and baseline[1] is not None and not untrained:
         check_trained_on(baseline[2]["info"], args.data_root)
     calib = None if baseline is None or baseline[1] is None else _calibration_images(
-        args.data_root, 64 if smoke else 256, held_out(baseline[2]["info"]))
+        args.data_root, 64 if smoke else 256,
+        None if untrained else held_out(baseline[2]["info"]))
     images, data_identity = (None, None) if calib is None else calib
+    if untrained and images is not None:  # its BatchNorm statistics, from those images
+        estimate_running_stats(baseline[1], [images])
     config = {"mc_samples": mc_n, "ratios": ratios.tolist(), "laws": [x.name for x in law_list],
               "bits": bit_list, "alpha": ALPHA,
               "uniform_tolerance": UNIFORM_TOLERANCE, "seed": args.seed, "smoke": smoke,
@@ -586,6 +597,15 @@ def _main(argv: list[str]) -> int:
           "clamped values make 1% or more of the MSE and the z-interval does not apply")
     print(f"[rounding] written to {out}")
     return 0
+
+
+def _untrained_baseline(seed: int):
+    """(state_dict, model, identity) of the baseline's architecture untrained (seeded): the
+    network of a ``--smoke`` run given no ``--checkpoint``, which measures every part on any
+    machine (its numbers are no results)."""
+    model = fashion_resnet(Arch.RESNET50, seed=seed).eval()
+    return model.state_dict(), model, {"model": "fashion-resnet50-untrained-smoke",
+                                       "seed": seed}
 
 
 def _load_baseline(path: Path | None):

@@ -314,3 +314,29 @@ def test_the_uniform_validity_table_says_what_its_dashes_mean(tmp_path):
     assert re.search(r"^normal & toward zero & -- &", tex, re.M)
     caption = re.search(r"\\caption\{(.*)\}", tex)[1]
     assert "--: at none" in caption and "every larger swept ratio" in caption
+
+
+def test_smoke_without_a_checkpoint_measures_an_untrained_network(fashion_idx, tmp_path):
+    """The smoke measured the baseline's weights and activations only when one was cached,
+    so on a fresh machine (no cache) make paper-smoke stopped at '\\roundingReluLayers, ...,
+    which this run's macros.tex does not define'. With no --checkpoint a smoke measures the
+    baseline's architecture untrained (seeded), its BatchNorm statistics estimated on the
+    calibration images, cache or not."""
+    from torch import nn
+
+    from qerror.nn.models import fashion_resnet
+
+    root = fashion_idx(6010, 20)
+    out = tmp_path / "r"
+    assert rounding.main(["--smoke", "--laws", "normal", "--ratios", "2", "--mc-samples",
+                          "100", "--data-root", str(root), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    seed = manifest["config"]["seed"]
+    assert manifest["config"]["baseline"] == {"model": "fashion-resnet50-untrained-smoke",
+                                              "seed": seed}
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in fashion_resnet().modules())
+    assert pd.read_csv(out / "weights.csv").layer.nunique() == layers
+    assert pd.read_csv(out / "activations.csv").layer.nunique() == layers
+    macros = (out / "macros.tex").read_text()
+    for name in ("ReluLayers", "TruncBiasReluMedian", "TruncBiasReluZerosGap"):
+        assert f"\\newcommand{{\\rounding{name}}}" in macros
