@@ -1033,7 +1033,8 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
         Applied before the softmax.
     n_bins : int
         Bins ``(0, 1/M], (1/M, 2/M], ..., ((M-1)/M, 1]`` with ``M = n_bins``; 15 as in
-        Guo et al. [1]_.
+        Guo et al. [1]_. The edges are the float64 values nearest ``b/M``; a confidence
+        equal to one (0.07 of 100 bins) is in the lower bin, one above it in the upper.
 
     Returns
     -------
@@ -1070,9 +1071,12 @@ def confidence_ece(confidence, correct, n_bins: int = 15) -> float:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     conf, correct = (torch.from_numpy(a) for a in _check_confidences(confidence, correct))
     correct = correct.to(torch.float64)
-    # Bin b holds (b/M, (b+1)/M]; ceil(conf*M)-1 puts a confidence on an edge in the lower bin.
+    # Bin b holds (e_b, e_{b+1}], e_j the float64 nearest j/M: a confidence equal to an edge
+    # (0.07 of 100 bins) goes in the lower bin, the next float above it in the upper.
+    # ceil(conf*M)-1 would round the product first and misplace both within an ulp of an edge.
     # sum_b |B_b|/N |mean conf - mean acc| = sum_b |sum conf - sum acc| / N.
-    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    edges = np.arange(1, n_bins, dtype=np.float64) / n_bins
+    bins = torch.from_numpy(np.searchsorted(edges, conf.numpy(), side="left"))
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return float((conf_sum - acc_sum).abs().sum() / len(conf))

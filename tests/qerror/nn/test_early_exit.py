@@ -463,6 +463,22 @@ def test_ece_matches_an_independent_computation_and_puts_edges_in_the_lower_bin(
                                                                                  abs=1e-15)
 
 
+@pytest.mark.parametrize("n_bins", [3, 7, 10, 15, 20, 25, 50, 100])
+def test_ece_bins_a_confidence_on_or_just_above_an_edge_as_documented(n_bins):
+    """Bin b holds (e_b, e_{b+1}], e_j the float64 nearest j/M: the edge itself (0.07 of 100
+    bins) shares the lower bin with the confidence halfway down it, the next float above the
+    edge the upper bin with the one halfway up. A shared bin of c (right) and d (wrong) gives
+    |c + d - 1| / 2, separate bins (1 - c + d) / 2, at least 1/(2M) apart; the tolerance is a
+    few float64 roundings of numbers below 2."""
+    right_wrong = torch.tensor([True, False])
+    for j in range(1, n_bins):
+        edge = j / n_bins
+        above = float(np.nextafter(edge, 1.0))
+        for c, d in ((edge, (j - 0.5) / n_bins), (above, (j + 0.5) / n_bins)):
+            got = confidence_ece(torch.tensor([c, d], dtype=torch.float64), right_wrong, n_bins)
+            assert got == pytest.approx(abs(c + d - 1) / 2, abs=1e-15), (j, c)
+
+
 def test_calibrate_exits_lowers_ece_and_nll_on_overconfident_exits():
     cals = calibrate_exits([_overconfident(5000, t, seed=s)[0] for s, t in ((1, 2.0), (1, 3.0))],
                            _overconfident(5000, 2.0, seed=1)[1])
