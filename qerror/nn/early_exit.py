@@ -965,9 +965,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     labels : torch.Tensor
         (N,) integer classes.
     bounds : (float, float)
-        Search interval of T (a bounded scalar search). A result within the search's
-        tolerance of a bound, not necessarily equal to it (0.050000033 for separable
-        logits), means the optimum lies at or beyond that bound.
+        Search interval of T. With ``objective="nll"`` the result is a bound exactly when
+        the NLL does not turn inside the interval (its minimum lies at or beyond that
+        bound: the lower one for logits that classify every sample right, the upper one
+        for logits that carry no information); otherwise it is the interior minimum.
     objective : {"nll", "ece"}
         What T minimises on these logits: the negative log-likelihood (Guo et al.'s
         temperature scaling, the default) or :func:`expected_calibration_error` with
@@ -985,9 +986,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     Temperature scaling [1]_: one scalar per classifier, fitted on validation logits by
     minimising ``NLL(T) = mean_i [logsumexp(z_i / T) - z_{i,y_i} / T]``. As a function of
     ``β = 1/T`` the NLL is convex (a log-sum-exp of functions linear in β minus a linear
-    term), so the bounded scalar search over ``log T`` (Brent's method, in float64)
-    finds the global minimum in the interval. Dividing by T keeps the arg-max, so
-    accuracy is unchanged.
+    term), so its slope in β decides whether the minimum lies at a bound, and otherwise
+    the bounded scalar search over ``log T`` (Brent's method, in float64) finds the
+    global minimum inside the interval. Dividing by T keeps the arg-max, so accuracy is
+    unchanged.
 
     The NLL is a proper score of the whole softmax; the ECE looks at the top
     probability only. They can disagree: a network trained with label smoothing keeps a
@@ -1013,10 +1015,25 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
         grid = np.exp(np.linspace(math.log(lo), math.log(hi), ECE_GRID_POINTS))
         eces = [expected_calibration_error(z, y, float(t), n_bins) for t in grid]
         return float(grid[int(np.argmin(eces))])
+    # The NLL is convex in beta = 1/T: where its slope does not change sign between the
+    # bounds, the minimum is the bound itself. Brent's search could not tell: the NLL of
+    # separable logits rounds to exactly 0 for every T below some value (log(1 + 1e-20) is 0),
+    # and it stopped anywhere on that plateau (0.2057 where 0.05 was due).
+    if _nll_slope(z, y, 1.0 / lo) <= 0:
+        return float(lo)
+    if _nll_slope(z, y, 1.0 / hi) >= 0:
+        return float(hi)
     res = optimize.minimize_scalar(lambda u: _nll(z, y, math.exp(u)),
                                    bounds=(math.log(lo), math.log(hi)), method="bounded",
                                    options={"xatol": 1e-6})
     return float(math.exp(res.x))
+
+
+def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
+    """d NLL / d beta at ``beta = 1/T``: ``mean_i sum_c p_ic (z_ic - z_iy)``, ``p`` the
+    softmax of ``beta z`` (differences to the label's logit, so no cancellation)."""
+    d = logits - logits.gather(1, labels[:, None])
+    return float((torch.softmax(beta * d, dim=1) * d).sum(dim=1).mean())
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,

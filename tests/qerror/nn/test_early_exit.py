@@ -379,6 +379,23 @@ def test_fit_temperature_minimises_nll_and_recovers_the_true_temperature():
     assert t == pytest.approx(2.5, rel=0.05)
 
 
+@pytest.mark.parametrize("gap", [3.0, 10.0, 50.0])
+def test_fit_temperature_is_the_bound_where_the_nll_does_not_turn_inside(gap):
+    """Logits that classify every sample right by ``gap``: the NLL falls towards 0 as T does,
+    so its minimum over the bounds is the lower one. In float64 the NLL is exactly 0 on a
+    plateau of small T (log(1 + 1e-20) is 0), where the search used to stop anywhere
+    (0.0695, 0.2057, 0.2057 for these gaps). Labels the logits say nothing about (the
+    wrong class always on top) put the minimum at the upper bound."""
+    labels = torch.randint(0, 10, (500,), generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(500, 10)
+    logits[torch.arange(500), labels] = gap
+    assert fit_temperature(logits, labels) == 0.05
+    assert fit_temperature(logits, labels, bounds=(0.01, 3.0)) == 0.01
+    wrong = torch.zeros(500, 10)
+    wrong[torch.arange(500), (labels + 1) % 10] = gap
+    assert fit_temperature(wrong, labels) == 20.0
+
+
 def test_fit_temperature_by_ece_recovers_the_true_temperature_and_beats_nll_on_its_own_score():
     # Calibrated at T = 2.5: the ECE's minimiser is noisier than the NLL's; over 8 seeds its
     # log T scattered with a standard deviation of 1.5 %, so 10 % is about 6 of them.
