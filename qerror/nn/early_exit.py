@@ -305,6 +305,27 @@ _TRAINING_MODE = ("call .eval() before running the early-exit network: in traini
                   "statistics does in any mode), and early exit changes the batch")
 
 
+def _stage_output(k: int, out, rows: int, classes: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage ``k``'s ``(features, logits)`` for ``rows`` samples, or a ValueError saying what
+    it gave instead (``classes``: the earlier stages' class count, None at the first)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2
+            and all(isinstance(t, torch.Tensor) for t in out)):
+        raise ValueError(f"stage {k} must return a pair (features, logits) of tensors, as an "
+                         f"ExitStage does; got {type(out).__name__}")
+    h, logits = out
+    if not logits.dtype.is_floating_point or logits.ndim != 2 or logits.shape[0] != rows \
+            or logits.shape[1] < 2 or (classes is not None and logits.shape[1] != classes):
+        want = "C >= 2" if classes is None else f"C = {classes}, as the earlier stages"
+        raise ValueError(f"stage {k} ran {rows} samples and must give (N, C) floating-point "
+                         f"logits with N = {rows} and {want}; got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    if h.ndim < 1 or h.shape[0] != rows:
+        raise ValueError(f"stage {k} ran {rows} samples but its features have shape "
+                         f"{tuple(h.shape)}: the first dimension must be the samples")
+    return h, logits
+
+
 def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -> ExitResult:
     """Evaluate an early-exit network stage by stage, dropping the samples that leave.
 
@@ -328,6 +349,9 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
     RuntimeError
         A stage holds a BatchNorm or dropout in training mode (a sample's output would
         depend on which others are still in the batch).
+    ValueError
+        A stage gives something other than ``(features, logits)`` with one row per sample
+        it ran and the same classes at every exit, or NaN or Inf logits.
 
     Notes
     -----
@@ -360,7 +384,8 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
     with torch.no_grad():
         for k, stage in enumerate(stages):
             rows.append(int(alive.numel()))
-            h, logits = stage(h)
+            h, logits = _stage_output(k, stage(h), rows[-1],
+                                      None if out_logits is None else out_logits.shape[1])
             if not bool(torch.isfinite(logits).all()):
                 # as the logits path refuses them: a NaN score never exits, and the sample
                 # would go on silently (counts and MACs off)

@@ -1137,6 +1137,30 @@ def test_stage_runner_refuses_nan_logits_as_the_logits_path_does():
         exit_result_from_logits([bad, good], rule)
 
 
+@pytest.mark.parametrize("out, match", [
+    (lambda h: torch.zeros(len(h), 3), "stage 0 must return a pair"),
+    (lambda h: (h, torch.zeros(len(h)), h), "stage 0 must return a pair"),
+    (lambda h: (h, torch.zeros(len(h))), r"must give \(N, C\).*got torch.float32 \(3,\)"),
+    (lambda h: (h, torch.zeros(len(h) - 1, 3)), r"ran 3 samples.*N = 3.*got .* \(2, 3\)"),
+    (lambda h: (h, torch.zeros(len(h), 3, dtype=torch.long)), "floating-point logits"),
+    (lambda h: (h[:1], torch.zeros(len(h), 3)), "its features have shape"),
+])
+def test_stage_runner_says_what_a_stage_gave_instead_of_features_and_logits(out, match):
+    """A stage of the wrong shape once failed deep inside the runner (an IndexError, 'too
+    many values to unpack', a broadcast or dtype error) that named neither the stage nor
+    what it should have given."""
+    x = torch.zeros(3, 1)
+    good = (lambda h: (h, torch.zeros(len(h), 3)))
+    with pytest.raises(ValueError, match=match):
+        run_early_exit([out, good], x, ExitRule("max-softmax", (1.0,)))
+    # the class count of a later exit against the earlier ones', nobody having left yet
+    with pytest.raises(ValueError, match=r"stage 1 .*C = 3, as the earlier stages; got .*4\)"):
+        run_early_exit([good, lambda h: (h, torch.zeros(len(h), 4))], x,
+                       ExitRule("max-softmax", (1.0,)))
+    assert run_early_exit([good, lambda h: [h, torch.zeros(len(h), 3)]], x,
+                          ExitRule("max-softmax", (1.0,))).exit_index.tolist() == [1, 1, 1]
+
+
 def test_mac_fractions_default_to_the_stems_channels():
     """A torchvision ResNet reads 3 channels: the default input follows its stem, as
     EarlyExitResNet's does (a 1-channel default failed inside a convolution)."""
