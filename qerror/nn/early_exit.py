@@ -43,7 +43,7 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from qerror._checks import is_integer_dtype
+from qerror._checks import check_count, is_integer_dtype
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -1833,7 +1833,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     folds : int
         K, at least 2 and at most N.
     seed : int
-        Of the random assignment of samples to folds (equal sizes within one sample).
+        >= 0 (Python's or numpy's int): of the random assignment of samples to folds
+        (equal sizes within one sample).
     calibration : {"nll", "ece"} or None
         The objective of a temperature per exit fitted afresh on each fold's training part
         (:func:`calibrate_exits`), as the rules use temperatures fitted on the whole split;
@@ -1910,7 +1911,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
                              f"rule will be reported on), got {plan_n!r}")
         if alpha is None:
             raise ValueError("plan_n plans for an equivalence test at level alpha; give alpha")
-    gen = torch.Generator().manual_seed(int(seed))
+    # an int: int() of 0.5 or True would seed 0 or 1 and give their folds without a word
+    gen = torch.Generator().manual_seed(check_count(seed, "seed"))
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[torch.randperm(n, generator=gen)] = torch.arange(n) % folds
     logits = [z.cpu() for z in logits]

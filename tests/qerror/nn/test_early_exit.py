@@ -946,6 +946,15 @@ def test_cross_validation_inputs_are_checked():
     with pytest.raises(ValueError, match="calibration must be one of"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01,
                                  calibration="mse")
+    # int() made 0.5 seed 0 and True seed 1, and gave their folds without a word
+    for seed in (0.5, True, 2.0, -1):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01,
+                                     seed=seed, calibration=None)
+    by_numpy, by_int = (cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01,
+                                                 seed=s, calibration=None)
+                        for s in (np.int64(3), 3))
+    assert torch.equal(by_numpy[0].right, by_int[0].right)
     with pytest.raises(ValueError, match="margin must be"):
         SelectionProcedure("entropy", False, 1.5)
     with pytest.raises(TypeError, match="per_exit must be a bool"):
