@@ -1030,7 +1030,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
        networks", ICML 2017.
     """
     z, y = _check_logits_labels(logits, labels)
-    lo, hi = bounds
+    if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence) \
+            or len(bounds) != 2 or not all(isinstance(b, numbers.Real)
+                                           and not isinstance(b, (bool, np.bool_))
+                                           for b in bounds):
+        raise ValueError(f"bounds must be a pair (low, high) of numbers, got {bounds!r}")
+    lo, hi = (float(b) for b in bounds)
     if not (0 < lo < hi and math.isfinite(hi)):
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
     if objective not in CALIBRATION_OBJECTIVES:

@@ -562,6 +562,16 @@ def test_bad_calibration_input_is_refused():
         fit_temperature(torch.full((2, 3), math.nan), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="objective must be one of"):
         fit_temperature(logits, labels, objective="brier")
+    # a bool was taken for 1 (True, 2.0 searched [1, 2]); a single number or strings failed
+    # in unpacking or in '<'
+    for bounds in ((True, 2.0), (0.05, np.True_), (1.0,), (0.05, 2.0, 3.0), ("a", 2), 0.05):
+        with pytest.raises(ValueError, match="bounds must be a pair"):
+            fit_temperature(logits, labels, bounds=bounds)
+    for bounds in ((0.0, 2.0), (2.0, 1.0), (0.05, math.inf), (math.nan, 2.0)):
+        with pytest.raises(ValueError, match="0 < low < high < inf"):
+            fit_temperature(logits, labels, bounds=bounds)
+    assert fit_temperature(logits, labels, bounds=[np.float32(0.5), 3]) == fit_temperature(
+        logits, labels, bounds=(0.5, 3.0))
     with pytest.raises(ValueError, match="confidences must lie in"):
         fit_isotonic(torch.tensor([0.5, math.nan]), torch.tensor([True, False]))
     with pytest.raises(ValueError, match="correct must be booleans"):
