@@ -177,6 +177,18 @@ def _check_threshold(t, name: str) -> float:
     return float(t)
 
 
+def _threshold_list(values, name: str) -> list[float]:
+    """``values`` (any iterable of numbers in [0, 1], a numpy array too) as a non-empty list of
+    floats, or an error naming ``name`` and the first bad value."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of numbers in [0, 1], got "
+                        f"{type(values).__name__}")
+    values = [_check_threshold(t, f"{name}[{i}]") for i, t in enumerate(values)]
+    if not values:
+        raise ValueError(f"{name} is empty; give at least one threshold")
+    return values
+
+
 def _check_sequence(value, what: str) -> None:
     """TypeError ``"{what}, got {type}"`` unless ``value`` is a sequence (not a string)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -1416,6 +1428,7 @@ def threshold_sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor,
         raise ValueError(f"costs price {len(costs.macs)} exits but the logits have "
                          f"{len(logits)}")
     _, y = _check_logits_labels(logits[-1], labels)
+    thresholds = _threshold_list(thresholds, "thresholds")
     temps = None if temperatures is None else tuple(temperatures)
     points = []
     for t in thresholds:
@@ -1671,9 +1684,7 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
         raise ValueError(f"costs price {len(costs.macs)} exits but the logits have "
                          f"{len(logits)}")
     _, y = _check_logits_labels(logits[-1], labels)
-    cands = sorted({_check_threshold(t, "candidates") for t in candidates}, reverse=True)
-    if not cands:
-        raise ValueError("candidates is empty; give at least one threshold")
+    cands = sorted(set(_threshold_list(candidates, "candidates")), reverse=True)
     _reference(reference, len(y))
     margin = _check_threshold(margin, "margin")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:

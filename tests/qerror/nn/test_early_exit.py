@@ -743,6 +743,20 @@ def test_sweep_inputs_are_checked():
         exit_result_from_logits([z, z[:1]], ExitRule("entropy", (0.5,)))
     with pytest.raises(ValueError, match="points is empty"):
         choose_operating_point([], 0.9, 0.01)
+    # a single number failed with "'float' object is not iterable", a string was read
+    # character by character ("got '0'"), and an empty sweep returned nothing without a word
+    y = torch.tensor([0, 1])
+    for bad in (0.5, "0.5"):
+        with pytest.raises(TypeError, match="thresholds must be a sequence of numbers"):
+            threshold_sweep([z, z], y, "entropy", bad, costs)
+        with pytest.raises(TypeError, match="candidates must be a sequence of numbers"):
+            refine_thresholds([z, z], y, ExitRule("entropy", (0.5,)), bad, costs, 0.9, 0.0)
+    with pytest.raises(ValueError, match="thresholds is empty"):
+        threshold_sweep([z, z], y, "entropy", [], costs)
+    with pytest.raises(ValueError, match=r"thresholds\[1\] must be a number in"):
+        threshold_sweep([z, z], y, "entropy", [0.5, math.nan], costs)
+    assert threshold_sweep([z, z], y, "entropy", np.array([0.5, 0.7]), costs) == \
+        threshold_sweep([z, z], y, "entropy", [0.5, 0.7], costs)
 
 
 def _paired(n, only_candidate, only_reference, both=0):
