@@ -446,6 +446,15 @@ def test_float16_count_is_of_the_values_as_stored(tmp_path):
 @pytest.mark.parametrize("sparse, corrupt, match", [
     ("csr", lambda b: b[:1] + bytes([b[1] + 5]) + b[2:], "row pointers"),  # row 0 too long
     ("csr", lambda b: b[:3] + bytes([200]) + b[4:], "column indices"),  # index past the row
+    # Each check alone: the file is row pointers [0, 3, 7] (bytes 0-2), then the column
+    # indices [0, 2, 5 | 1, 3, 4, 7] (bytes 3-9). A first pointer of 1 (the rows' lengths
+    # still possible), a row's last index at the column count (still increasing), and a
+    # repeated index (in range) are refused by no other check: without theirs, the first two
+    # raised numpy's IndexError and the third decoded, with a weight dropped.
+    ("csr", lambda b: bytes([1]) + b[1:], "row pointers do not start at 0"),
+    ("csr", lambda b: b[:5] + bytes([8]) + b[6:], "column indices are out of range"),
+    ("csr", lambda b: b[:4] + bytes([0]) + b[5:], "column indices are out of range or not "
+                                                  "increasing"),
     ("2:4", lambda b: bytes([0b0101]) + b[1:], "repeats a position"),  # positions 1 and 1
 ])
 def test_impossible_sparse_structure_is_refused(tmp_path, sparse, corrupt, match):
