@@ -516,3 +516,17 @@ def test_models_without_prunable_layers_are_refused():
         GradualSchedule(final=0.5, updates=0)
     with pytest.raises(ValueError, match="exceeds final"):
         GradualSchedule(final=0.5, updates=2, initial=0.6)
+
+
+def test_global_pruning_refuses_nan_weights_and_leaves_the_model():
+    # without the check, kthvalue ranked the NaN as the largest magnitude: it was kept, and
+    # the pruned model still carried it
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+    before = layer.weight.detach().clone()
+    with pytest.raises(PruningError, match="the model has NaN weights; magnitude pruning "
+                                           "cannot order them"):
+        prune_global(layer, 0.5, keep_dense=())
+    assert torch.equal(layer.weight.isnan(), before.isnan())
+    assert torch.equal(layer.weight.nan_to_num(), before.nan_to_num())
