@@ -530,3 +530,14 @@ def test_global_pruning_refuses_nan_weights_and_leaves_the_model():
         prune_global(layer, 0.5, keep_dense=())
     assert torch.equal(layer.weight.isnan(), before.isnan())
     assert torch.equal(layer.weight.nan_to_num(), before.nan_to_num())
+
+
+def test_a_mask_of_another_shape_is_refused_even_where_it_broadcasts():
+    # a (4,) mask broadcasts over a (2, 4) weight: without the check it zeroed columns 1
+    # and 3 of every row
+    layer = nn.Linear(4, 2, bias=False)
+    before = layer.weight.detach().clone()
+    with pytest.raises(PruningError, match=r"mask 'weight' has shape \(4,\), the parameter "
+                                           r"\(2, 4\)"):
+        apply_masks(layer, {"weight": torch.tensor([True, False, True, False])})
+    assert torch.equal(layer.weight, before)
