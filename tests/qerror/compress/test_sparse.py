@@ -541,3 +541,15 @@ def test_a_mask_of_another_shape_is_refused_even_where_it_broadcasts():
                                            r"\(2, 4\)"):
         apply_masks(layer, {"weight": torch.tensor([True, False, True, False])})
     assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+                                  nn.Conv2d(2, 3, 3, padding="same"),
+                                  nn.Conv2d(2, 4, 3, padding=1, groups=2)],
+                         ids=["reflect", "same", "groups"])
+def test_csr_conv_refuses_what_its_unfold_would_compute_otherwise(conv):
+    # unfold pads with zeros: a reflect-padded convolution came out of CSRConv2d with its
+    # border outputs wrong (by 0.75 on a random 5x5 input) and no word
+    with pytest.raises(PruningError, match="CSRConv2d supports groups=1, zero padding given "
+                                           "as numbers"):
+        to_csr(conv)
