@@ -553,3 +553,16 @@ def test_csr_conv_refuses_what_its_unfold_would_compute_otherwise(conv):
     with pytest.raises(PruningError, match="CSRConv2d supports groups=1, zero padding given "
                                            "as numbers"):
         to_csr(conv)
+
+
+def test_channel_plans_keep_one_channel_and_shrink_only_inner_convolutions():
+    model = tiny_resnet()
+    # 0.99 of 8 rounds to all 8: each inner convolution keeps its largest filter
+    plan = channel_plan(model, 0.99)
+    assert {k: len(v) for k, v in plan.items()} == {
+        "layer1.0.conv1": 1, "layer1.0.conv2": 1, "layer1.1.conv1": 1}
+    assert prune_channels(model, 0.99).layer1[0].conv1.out_channels == 1
+    with pytest.raises(PruningError, match="'layer1.1.conv2' is not an inner convolution"):
+        shrink_channels(model, {"layer1.1.conv2": torch.tensor([0, 1])})
+    with pytest.raises(PruningError, match="the plan keeps no channel of layer1.0.conv1"):
+        shrink_channels(model, {"layer1.0.conv1": torch.tensor([], dtype=torch.long)})
