@@ -566,3 +566,14 @@ def test_channel_plans_keep_one_channel_and_shrink_only_inner_convolutions():
         shrink_channels(model, {"layer1.1.conv2": torch.tensor([0, 1])})
     with pytest.raises(PruningError, match="the plan keeps no channel of layer1.0.conv1"):
         shrink_channels(model, {"layer1.0.conv1": torch.tensor([], dtype=torch.long)})
+
+
+def test_a_pruner_resumed_without_its_state_prunes_from_its_first_step():
+    # resumed between two updates (every 10 steps), it rebuilds the masks of the last one
+    # at once; without that it pruned nothing until the next update
+    schedule = GradualSchedule(final=0.5, initial=0.5, updates=2, interval=10)
+    model = nn.Linear(10, 10, bias=False)
+    pruner = MagnitudePruner(schedule, keep_dense=(), step=5)
+    pruner(model)
+    assert pruner.step == 6 and not schedule.is_update(6)
+    assert int((model.weight == 0).sum()) == zero_count(schedule.exact_sparsity(0), 100) == 50
