@@ -1516,9 +1516,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
     ------
     ValueError
         Not such a file, a version this code does not read, truncated or trailing data, or
-        contents the format rules out (RAM entries other than the header's count, thresholds
-        that are not finite and ascending, wiring beyond a layer's inputs, an unknown RAM
-        format). The file has no checksum: a damaged byte elsewhere (a table bit, the seed)
+        contents the format rules out (RAM entries other than the header's count, a RAM
+        listing more addresses than it has, thresholds that are not finite and ascending,
+        wiring beyond a layer's inputs, an unknown RAM format or threshold dtype). The file has no checksum: a damaged byte elsewhere (a table bit, the seed)
         still loads, as another model.
     """
     r = _Reader(Path(path).read_bytes())
@@ -1545,9 +1545,12 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
             group, addr = where >> n, where & ((1 << n) - 1)
         else:
             lengths = torch.from_numpy(r.bits(groups, length_bits))
-            if int(lengths.sum()) != entries or int(lengths.max()) > 1 << n:
+            if int(lengths.sum()) != entries:
                 raise ValueError(f"{path}: RAM lengths sum to {int(lengths.sum())}, the header "
                                  f"says {entries} entries")
+            if int(lengths.max()) > 1 << n:
+                raise ValueError(f"{path}: a RAM lists {int(lengths.max())} addresses, more "
+                                 f"than the 2**{n} = {1 << n} it has")
             if formats[code] is RamFormat.LIST:
                 addr = torch.from_numpy(r.bits(entries, n))
             else:

@@ -872,6 +872,55 @@ def test_loads_refuse_contents_the_format_rules_out(tmp_path):
         load_wnn(tmp_path / "wiring")
 
 
+def _list_wisard():
+    """A WiSARD of 2-bit addresses stored as address lists: 20 addresses at threshold 30."""
+    model, x = _toy_wisard(2)
+    model.wisard.bleach = 30
+    size = wnn_size(model)
+    assert _format_of(size) is RamFormat.LIST and size.part("RAM addresses").elements == 20
+    return model, x, size
+
+
+def _wisard_file_edited(data, prefix=(), thermo=(), wisard=()):
+    """A WiSARD file's bytes with fields of its three headers replaced (``(position,
+    value)`` pairs each)."""
+    from qerror.compress.weightless import _PREFIX, _THERMO, _WISARD
+
+    out, at = b"", 0
+    for fmt, edits in ((_PREFIX, prefix), (_THERMO, thermo), (_WISARD, wisard)):
+        fields = list(fmt.unpack(data[at:at + fmt.size]))
+        for i, value in edits:
+            fields[i] = value
+        out += fmt.pack(*fields)
+        at += fmt.size
+    return out + data[at:]
+
+
+def test_a_ram_listing_more_addresses_than_it_has_is_refused(tmp_path):
+    # A RAM of n address bits has 2**n addresses. A list file whose lengths give one RAM
+    # 2**n + 1 of them (taken from other RAMs, so the lengths still sum to the header's
+    # count) was refused with "RAM lengths sum to 20, the header says 20 entries", which
+    # names no fault; without the check it loaded as another model (addresses handed to the
+    # wrong RAMs).
+    model, _, size = _list_wisard()
+    data = save_wnn(model, tmp_path / "w.qwnn").read_bytes()
+    part = size.part("RAM lengths")
+    start = size.part("header").bytes + size.part("thermometer thresholds").bytes
+    lengths = unpack_bits(data[start:start + part.bytes], part.elements, part.bits)
+    lengths = lengths.astype(np.int64)
+    for g in range(len(lengths) - 1, 0, -1):
+        moved = min(int(lengths[g]), 5 - int(lengths[0]))
+        lengths[g] -= moved
+        lengths[0] += moved
+    assert lengths[0] == 5 and lengths.sum() == 20
+    bits = max(part.bits, 3)  # room for a length of 5
+    head = _wisard_file_edited(data, wisard=[(8, bits)])[:start]
+    (tmp_path / "long").write_bytes(head + pack_bits(lengths, bits)
+                                    + data[start + part.bytes:])
+    with pytest.raises(ValueError, match=r"a RAM lists 5 addresses, more than the 2\*\*2 = 4"):
+        load_wnn(tmp_path / "long")
+
+
 def test_a_fixed_wiring_must_hold_integers():
     """A float index was truncated toward zero into another wiring, silently."""
     for bad in (torch.tensor([[0.9, 1.5], [2.2, 3.7]]), torch.ones(2, 2, dtype=torch.bool)):
