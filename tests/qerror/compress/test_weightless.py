@@ -854,7 +854,8 @@ def test_loads_refuse_contents_the_format_rules_out(tmp_path):
     thresholds = bytearray(data)
     thresholds[first], thresholds[first + 1] = 255, 0
     (tmp_path / "thresholds").write_bytes(bytes(thresholds))
-    with pytest.raises(ValueError, match="finite and ascending"):
+    # (the file's own message: Thermometer's would blame the caller's thresholds)
+    with pytest.raises(ValueError, match="not finite and ascending: not a file save_wnn wrote"):
         load_wnn(tmp_path / "thresholds")
     # a learned wiring that names an input the layer does not have
     x = torch.rand(40, 6, generator=torch.Generator().manual_seed(3))
@@ -894,6 +895,24 @@ def _wisard_file_edited(data, prefix=(), thermo=(), wisard=()):
         out += fmt.pack(*fields)
         at += fmt.size
     return out + data[at:]
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"prefix": [(1, 2)]}, "is not a qerror WNN file of version 1"),
+    ({"thermo": [(3, 9)]}, "unknown threshold dtype code 9"),
+    ({"wisard": [(3, 3)]}, "unknown RAM format code 3"),
+    ({"wisard": [(7, 19)]}, "RAM lengths sum to 20, the header says 19 entries"),
+    ({"wisard": [(7, 21)]}, "RAM lengths sum to 20, the header says 21 entries"),
+])
+def test_loads_refuse_headers_the_format_rules_out(tmp_path, edit, match):
+    # Without these checks a file of version 2 was read as version 1, an unknown dtype or
+    # RAM format code raised a bare KeyError, and a list file of fewer entries than its
+    # lengths sum to failed in a tensor broadcast (one more: "file is truncated").
+    model, _, _ = _list_wisard()
+    data = save_wnn(model, tmp_path / "w.qwnn").read_bytes()
+    (tmp_path / "edited").write_bytes(_wisard_file_edited(data, **edit))
+    with pytest.raises(ValueError, match=match):
+        load_wnn(tmp_path / "edited")
 
 
 def test_a_ram_listing_more_addresses_than_it_has_is_refused(tmp_path):
