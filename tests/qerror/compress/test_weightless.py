@@ -278,6 +278,18 @@ def test_wisard_training_accumulates_and_follows_its_mapping():
      ValueError, r"labels must lie in \[0, 2\)"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.zeros(2, np.int64)),
      ValueError, r"labels must have shape \(3,\)"),
+    # a bit of -1 was written as a 1, a label of -1 as key -1 of the last class; an empty
+    # batch failed in torch's min(), bits of three axes or of one in tensor indexing
+    (lambda: WiSARD(8, 4, 2).fit(np.array([[0, 1, 0, -1, 1, 0, 0, 1]]), np.zeros(1, np.int64)),
+     ValueError, "only 0 and 1"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.array([0, -1, 1])),
+     ValueError, r"labels must lie in \[0, 2\), got \[-1, 1\]"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((0, 8), np.uint8), np.zeros(0, np.int64)),
+     ValueError, r"shape \(N >= 1, 8\), got \(0, 8\)"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8, 2), np.uint8), np.zeros(3, np.int64)),
+     ValueError, r"shape \(N >= 1, 8\), got \(3, 8, 2\)"),
+    (lambda: WiSARD(8, 4, 2).predict(np.zeros(8, np.uint8)),
+     ValueError, r"shape \(N >= 1, 8\), got \(8,\)"),
     (lambda: WiSARD(8, 4, 2).predict(np.zeros((1, 8), np.uint8), bleach=0),
      ValueError, "bleach"),
 ])
