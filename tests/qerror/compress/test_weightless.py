@@ -164,6 +164,21 @@ def test_seeded_mapping_is_fixed_by_its_integer_arithmetic():
         seeded_mapping(5, 5, -1)
 
 
+@pytest.mark.parametrize("seed, error, match", [
+    (2 ** 64, ValueError, r"seed must lie in \[0, 2\*\*64\), got 18446744073709551616"),
+    (True, TypeError, "seed must be an int, got True"),
+    (np.bool_(True), TypeError, "seed must be an int"),
+    (1.0, TypeError, "seed must be an int"),
+])
+def test_a_seed_that_is_no_64_bit_count_is_refused(seed, error, match):
+    # 2**64 wraps to the wiring of seed 0 (the arithmetic is mod 2**64), and True was
+    # taken as seed 1: each model was built with a wiring its seed does not name
+    for make in (lambda: seeded_mapping(8, 8, seed), lambda: WiSARD(8, 4, 2, seed=seed),
+                 lambda: LUTLayer(8, 2, 2, seed=seed), lambda: seeded_mapping(8, 8, 0, seed)):
+        with pytest.raises(error, match=match):
+            make()
+
+
 # --------------------------------------------------------------------------- WiSARD
 
 
