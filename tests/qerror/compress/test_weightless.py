@@ -1010,12 +1010,14 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size):
      "gamma must be a finite number > 0"),
     (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
                           lr=float("nan")), "lr must be a finite number > 0"),
+    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
+                          lr=float("inf")), "lr must be a finite number > 0"),
     (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1.5),
      "epochs must be an int >= 1"),
 ])
 def test_training_arguments_are_refused_before_any_training(call, match):
     """A NaN budget was ignored (every model 'fitted' it); a step size of 0 crashed after a
-    whole epoch; a DWN's batch size of 0 failed inside range()."""
+    whole epoch; a DWN's batch size of 0 failed inside range(); an infinite rate trained."""
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
     with pytest.raises(ValueError, match=match):
