@@ -976,6 +976,19 @@ def test_a_fixed_wiring_must_hold_integers():
     assert layer.index.tolist() == [[0, 1], [2, 3]]
 
 
+@pytest.mark.parametrize("index, match", [
+    (torch.tensor([0, 1, 2, 3]), r"index must have shape \(2, 2\), got \(4,\)"),
+    (torch.tensor([[0, 1, 2], [1, 2, 3]]), r"index must have shape \(2, 2\), got \(2, 3\)"),
+    (torch.tensor([[0, -1], [2, 3]]), r"index values must lie in \[0, 4\)"),
+    (torch.tensor([[0, 4], [2, 3]]), r"index values must lie in \[0, 4\)"),
+])
+def test_a_fixed_wiring_must_name_one_input_per_lut_input(index, match):
+    """A wiring of another shape, or naming an input below 0 or beyond the last, was taken
+    and failed at the first forward pass in a flat gather or torch's index check."""
+    with pytest.raises(ValueError, match=match):
+        LUTLayer(4, 2, 2, mapping="fixed", index=index)
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
 def test_a_learnable_wiring_learns_from_bits_of_any_dtype(dtype):
     """Bits of bool or integer dtype (Thermometer.encode gives bool) reached the wiring
