@@ -989,6 +989,18 @@ def test_a_fixed_wiring_must_name_one_input_per_lut_input(index, match):
         LUTLayer(4, 2, 2, mapping="fixed", index=index)
 
 
+def test_dwn_refuses_parts_it_cannot_build():
+    """A thresholds tensor given for the thermometer failed with AttributeError, no layers
+    with an IndexError, and a FIXED first layer with the LUT layer's 'pass index'."""
+    t = Thermometer.fit(np.arange(8, dtype=np.float32).reshape(4, 2), 2)
+    with pytest.raises(TypeError, match="thermometer must be a Thermometer"):
+        DWN(t.thresholds, [2], 2, fan_in=1)
+    with pytest.raises(ValueError, match="need at least one LUT layer"):
+        DWN(t, [], 2, fan_in=1)
+    with pytest.raises(ValueError, match="a FIXED first layer is built by load_wnn"):
+        DWN(t, [2], 2, fan_in=1, mapping="fixed")
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
 def test_a_learnable_wiring_learns_from_bits_of_any_dtype(dtype):
     """Bits of bool or integer dtype (Thermometer.encode gives bool) reached the wiring
