@@ -739,6 +739,28 @@ def test_fit_wisard_meets_a_byte_budget_with_the_best_threshold_inside_it():
         fit_wisard(*args, thermometer_bits=3, address_bits=9, max_bytes=10)
 
 
+def test_a_model_of_exactly_max_bytes_is_within_the_budget():
+    # The budget is inclusive: a threshold whose file takes exactly max_bytes fits. With
+    # '<' for '<=' in the bisection the smallest threshold within budget came out one too
+    # high here (4 for 3), and the chosen threshold with it, unnoticed.
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 600)
+    x = (rng.integers(0, 200, (600, 10)) + 20 * y[:, None]).astype(np.uint8)
+    args = (x[:450], y[:450], x[450:], y[450:])
+    free, best = fit_wisard(*args, thermometer_bits=3, address_bits=9)
+    sizes = [0]
+    for b in range(1, len(best.accuracies) + 1):
+        free.wisard.bleach = b
+        sizes.append(wnn_size(free).total_bytes)
+    # the first threshold above the free choice that stores less than the one below it
+    edge = next(b for b in range(best.bleach + 1, len(sizes)) if sizes[b] < sizes[b - 1])
+    model, within = fit_wisard(*args, thermometer_bits=3, address_bits=9,
+                               max_bytes=sizes[edge])
+    # here the threshold at the edge is also the most accurate of those within budget
+    assert edge + int(np.argmax(best.accuracies[edge - 1:])) == edge
+    assert within.bleach == edge and wnn_size(model).total_bytes == sizes[edge]
+
+
 def _ram_bytes_by_hand(w: WiSARD, counts: bool) -> int:
     """The RAMs' bytes in each layout, by hand from the counts, the file paying each part
     in whole bytes; the smallest."""
