@@ -1518,8 +1518,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         Not such a file, a version this code does not read, truncated or trailing data, or
         contents the format rules out (RAM entries other than the header's count, a RAM
         listing more addresses than it has, thresholds that are not finite and ascending,
-        wiring beyond a layer's inputs, an unknown RAM format or threshold dtype). The file has no checksum: a damaged byte elsewhere (a table bit, the seed)
-        still loads, as another model.
+        wiring beyond a layer's inputs, an unknown RAM format or threshold dtype). The file
+        has no checksum: a damaged byte elsewhere (a table bit, the seed) still loads, as
+        another model.
     """
     r = _Reader(Path(path).read_bytes())
     magic, version, kind = r.unpack(_PREFIX)
