@@ -41,7 +41,8 @@ def test_torch_saves_failed_write_is_an_os_error_naming_the_file(tmp_path, monke
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3920576")
 
     monkeypatch.setattr(torch, "save", full)
-    state = {"w": torch.zeros(256, 1024), "nested": [torch.zeros(4)], "step": 3}
+    # 1 MiB of float32, all of it inside lists and tuples inside the mapping
+    state = {"nested": [(torch.zeros(256, 512),), torch.zeros(256, 512)], "step": 3}
     with pytest.raises(OSError, match=r"could not write the state x\.pt \(torch: \[enforce"
                                       r".*its tensors need about 1 MiB .* MiB free; make room "
                                       r"there, or write it elsewhere\. Kept\.$"):
@@ -145,3 +146,147 @@ def test_a_published_folder_is_on_the_disk_before_it_shows(tmp_path, monkeypatch
     assert all(n < renamed[0] for n, (kind, i) in enumerate(events)
                if kind == "sync" and i in staged)
     assert ("sync", ident(os.stat(tmp_path))) in events[renamed[-1]:]
+
+
+def test_a_write_that_fails_or_is_interrupted_leaves_the_old_file_and_no_temporary(tmp_path):
+    """The temporary file beside the destination is removed whatever ends the write: an
+    error, or a Ctrl-C (a KeyboardInterrupt is no Exception); the file it would replace
+    keeps its content."""
+    import pytest
+
+    from qerror.files import atomic_write
+
+    path = tmp_path / "state.pt"
+    path.write_text("old")
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        def half(tmp, error=error):
+            tmp.write_text("half")
+            raise error
+
+        with pytest.raises(type(error)):
+            atomic_write(path, half)
+        assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+        assert path.read_text() == "old"
+
+
+def _failing_folder_fsync(monkeypatch, code):
+    """os.fsync failing with ``code`` on folders (files still flushed)."""
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_folder_its_file_system_cannot_flush_is_skipped_and_a_disk_error_raised(
+        tmp_path, monkeypatch):
+    """sync_folder: EINVAL (a file system that does not flush folders) is not an error; EIO
+    (the disk failed) is, so that a write is never taken for durable when it is not."""
+    import errno
+
+    import pytest
+
+    from qerror.files import sync_folder
+
+    for code in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+        _failing_folder_fsync(monkeypatch, code)
+        sync_folder(tmp_path)
+    _failing_folder_fsync(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as err:
+        sync_folder(tmp_path)
+    assert err.value.errno == errno.EIO
+
+
+def test_flushing_closes_every_descriptor_it_opens(tmp_path, monkeypatch):
+    """sync_folder and sync_tree close what they open, also when the fsync fails: a
+    study publishing many folders would otherwise run out of descriptors."""
+    import errno
+
+    import pytest
+
+    from qerror.files import sync_folder, sync_tree
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    opened, real_open, real_close = set(), os.open, os.close
+
+    def open_(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        opened.add(fd)
+        return fd
+
+    def close(fd):
+        opened.discard(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    sync_tree(tmp_path)
+    sync_folder(tmp_path)
+    assert opened == set()
+    _failing_folder_fsync(monkeypatch, errno.EIO)
+    for sync in (sync_folder, sync_tree):
+        with pytest.raises(OSError):
+            sync(tmp_path)
+        assert opened == set()
+
+
+def test_sync_tree_skips_what_is_not_a_regular_file(tmp_path):
+    """A link (a dangling one too) is not followed: opening it to flush it failed with
+    FileNotFoundError, and a run folder holding one could not be published."""
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "link").symlink_to(tmp_path / "a.txt")
+    from qerror.files import sync_tree
+
+    sync_tree(tmp_path)
+
+
+def test_jsonable_gives_plain_json_values_and_refuses_everything_else():
+    """Each kind of value as the plain JSON value metadata holds (a path as its text, an
+    enum as its value, numpy scalars and one-element tensors as Python numbers, mapping keys
+    as strings); a class, a set or an arbitrary object is a TypeError, never a repr."""
+    import dataclasses
+    import enum
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from qerror.files import jsonable
+
+    class Kind(enum.Enum):
+        A = "a"
+
+    @dataclasses.dataclass
+    class Record:
+        path: Path
+        kind: Kind
+        scale: np.float32
+        count: torch.Tensor
+        table: dict
+
+    out = jsonable(Record(Path("runs/x"), Kind.A, np.float32(0.5), torch.tensor(2),
+                          {1: (np.int64(3), None, True)}))
+    expected = {"path": "runs/x", "kind": "a", "scale": 0.5, "count": 2,
+                "table": {"1": [3, None, True]}}
+    assert out == expected and json.loads(json.dumps(out)) == expected
+    assert [type(out[k]) for k in ("path", "kind", "scale", "count")] == [str, str, float,
+                                                                          int]
+    for value, name in ((Record, "type"), ({1, 2}, "set"), (object(), "object")):
+        with pytest.raises(TypeError, match=f"cannot store a {name} as JSON metadata"):
+            jsonable(value)
+
+
+def test_package_versions_says_none_for_a_package_not_installed():
+    from qerror.files import package_versions
+
+    versions = package_versions(["numpy", "qerror-no-such-distribution"])
+    assert set(versions) == {"python", "numpy", "qerror-no-such-distribution"}
+    assert versions["numpy"] and versions["qerror-no-such-distribution"] is None
