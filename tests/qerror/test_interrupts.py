@@ -3,6 +3,7 @@ again, within the block only; the handler and the unraisable hook are put back."
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -73,3 +74,116 @@ def test_other_unraisable_errors_are_reported_and_not_sent():
     finally:
         sys.unraisablehook = previous
     assert seen == [ZeroDivisionError] and ref() is None
+
+
+def test_a_ctrl_c_during_the_report_of_another_dropped_error_is_sent_again():
+    """A SIGINT that arrives while the unraisable hook reports some other error (here: the
+    report itself raises it): raised there it would be dropped with the report's own
+    error, so it is counted and sent again to ordinary code."""
+    before = interrupts()
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: signal.raise_signal(signal.SIGINT)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_counted():
+                thing = _Thing()
+                ref = weakref.ref(thing, lambda r: 1 / 0)
+                del thing
+                time.sleep(10)  # cut short by the SIGINT sent again
+    finally:
+        sys.unraisablehook = previous
+    assert time.monotonic() - start < 8 and ref() is None
+    assert interrupts() == before + 1
+
+
+def _ignore(signum, frame):
+    pass
+
+
+@pytest.mark.parametrize("theirs", [signal.SIG_IGN, _ignore])
+def test_someone_elses_sigint_handler_is_left_alone(theirs):
+    """Under SIG_IGN (a background job) or a handler someone else installed, neither block
+    takes SIGINT over: it stays theirs during the block and after it, and a SIGINT is
+    neither counted nor raised."""
+    from qerror.interrupts import sigint_held
+
+    before = interrupts()
+    signal.signal(signal.SIGINT, theirs)
+    try:
+        for block in (sigint_counted, sigint_held):
+            with block():
+                assert signal.getsignal(signal.SIGINT) is theirs
+                signal.raise_signal(signal.SIGINT)
+            assert signal.getsignal(signal.SIGINT) is theirs
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert interrupts() == before
+
+
+def test_outside_the_main_thread_both_blocks_run_as_they_are():
+    """Only the main thread may set a signal handler (signal.signal raises ValueError
+    elsewhere): in another thread both blocks run their body and change nothing."""
+    from qerror.interrupts import sigint_held
+
+    ran, errors = [], []
+
+    def body():
+        try:
+            for block in (sigint_counted, sigint_held):
+                with block():
+                    ran.append(block.__name__)
+        except Exception as err:  # reported to the test, not lost in the thread
+            errors.append(err)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert errors == [] and ran == ["sigint_counted", "sigint_held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_unraisable_hook_replaced_in_the_block_is_kept():
+    before = sys.unraisablehook
+
+    def theirs(unraisable):
+        pass
+
+    try:
+        with sigint_counted():
+            sys.unraisablehook = theirs
+        assert sys.unraisablehook is theirs
+    finally:
+        sys.unraisablehook = before
+
+
+def test_a_held_ctrl_c_is_counted_once_and_raised_when_the_block_ends():
+    """sigint_held holds a SIGINT over its block, under Python's handler and under the
+    counting one alike (an optimizer update inside a study's main must not be cut), then
+    raises it; it is counted once."""
+    from qerror.interrupts import sigint_held
+
+    for outer in (contextlib.nullcontext, sigint_counted):
+        before, finished = interrupts(), []
+        with pytest.raises(KeyboardInterrupt):
+            with outer():
+                with sigint_held():
+                    signal.raise_signal(signal.SIGINT)
+                    finished.append(True)
+        assert finished == [True] and interrupts() == before + 1
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigint_sent_again_after_the_block_does_not_make_the_next_block_miss_one(
+        monkeypatch):
+    """A KeyboardInterrupt dropped in the moment the block ends is marked as sent again
+    but never sent (the block is over): the next block starts from no such mark, so its
+    first real SIGINT is counted."""
+    from qerror import interrupts as module
+
+    monkeypatch.setattr(module, "_REDELIVERED", 1)  # what that moment leaves behind
+    before = interrupts()
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_counted():
+            signal.raise_signal(signal.SIGINT)
+    assert interrupts() == before + 1
