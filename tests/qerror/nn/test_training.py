@@ -369,6 +369,12 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"stop_after_steps": -3}, "stop_after_steps must be an integer >= 1"),
     ({"time_budget_s": math.nan}, "time_budget_s must be a positive number"),
     ({"time_budget_s": -1}, "time_budget_s must be a positive number"),
+    ({"checkpoint_every": 2.5}, r"checkpoint_every must be an integer >= 1, got 2\.5"),
+    ({"checkpoint_every": True}, "checkpoint_every must be an integer >= 1, got True"),
+    ({"stop_after_steps": True}, "stop_after_steps must be an integer >= 1, got True"),
+    ({"time_budget_s": "60"}, "time_budget_s must be a positive number of seconds .*got '60'"),
+    ({"time_budget_s": math.inf}, "time_budget_s must be a positive number .*got inf"),
+    ({"time_budget_s": 0}, "time_budget_s must be a positive number .*got 0"),
 ])
 def test_bad_runs_are_refused(kwargs, message):
     x, y = synthetic()
@@ -408,6 +414,56 @@ def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(ValueError, match=field if field != "schedule" else "schedule"):
         replace(CONFIG, **{field: value})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"epochs": True}, r"TrainConfig\.epochs must be an integer >= 1, got True"),
+    ({"batch_size": 0}, r"TrainConfig\.batch_size must be an integer >= 1, got 0"),
+    ({"seed": True}, r"TrainConfig\.seed must be an integer >= 0, got True"),
+    ({"seed": 1.5}, r"TrainConfig\.seed must be an integer >= 0, got 1\.5"),
+    ({"lr": "0.1"}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got '0\.1'"),
+    ({"lr": math.inf}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got inf"),
+    ({"momentum": 1.0, "schedule": Schedule.CONSTANT},
+     r"TrainConfig\.momentum must be a finite number in \[0, 1\), got 1\.0"),
+    ({"label_smoothing": 1.0}, r"TrainConfig\.label_smoothing must be a finite number in "
+                               r"\[0, 1\), got 1\.0"),
+    ({"warmup_fraction": 1.0}, r"TrainConfig\.warmup_fraction must be a finite number in "
+                               r"\(0, 1\), got 1\.0"),
+    ({"momentum": 0.95}, r"TrainConfig\.momentum=0\.95 leaves no room for the one-cycle"),
+    ({"momentum": 0.0, "schedule": Schedule.CONSTANT},
+     r"Nesterov momentum needs TrainConfig\.momentum > 0"),
+])
+def test_config_refusals_name_the_field_the_bound_and_the_value(fields, message):
+    """Each bound at its edge (the documented intervals are half-open), and a bool or a
+    string where a number belongs: a ValueError saying what is allowed, never a TypeError
+    from a comparison or a config the optimizer refuses later."""
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, **fields)
+
+
+def test_config_accepts_the_edges_of_its_ranges():
+    """The closed ends: one-cycle momentum 0.05 (its range then starts at 0), a zero weight
+    decay, label smoothing and momentum without Nesterov under the constant schedule, where
+    a momentum of 0.97 is fine (no one-cycle range), and numpy integers."""
+    replace(CONFIG, momentum=0.05)
+    replace(CONFIG, weight_decay=0.0, label_smoothing=0.0)
+    replace(CONFIG, schedule=Schedule.CONSTANT, momentum=0.0, nesterov=False)
+    replace(CONFIG, schedule=Schedule.CONSTANT, momentum=0.97)
+    replace(CONFIG, epochs=np.int64(2), batch_size=np.int32(16), seed=np.int64(0))
+
+
+def test_tensor_batches_refuse_inputs_and_targets_of_other_lengths():
+    x, y = synthetic()
+    with pytest.raises(ValueError, match=f"x holds 5 samples but y {N_TRAIN}"):
+        tensor_batches(x[:5], y)
+
+
+def test_an_identity_that_repeats_the_config_is_refused():
+    x, y = synthetic()
+    with pytest.raises(ValueError, match=r"identity repeats TrainConfig fields or n_train "
+                                         r"\(lr, n_train\); leave them to the config and fit"):
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, identity={"lr": 0.2,
+            "n_train": 1, "data": "x"}, progress=False)
 
 
 def test_auto_device_is_cuda_exactly_where_a_gpu_is_found():
