@@ -466,6 +466,100 @@ def test_an_identity_that_repeats_the_config_is_refused():
             "n_train": 1, "data": "x"}, progress=False)
 
 
+def test_what_is_not_a_state_file_at_the_state_path_is_refused_and_kept(tmp_path):
+    """A link (even to a real state), a folder, a text file, and a file whose first bytes
+    name a member ``data.pkl`` without a zip signature: each is someone else's, left as
+    it is, with the advice to pass another path (never resumed through, never an
+    IsADirectoryError, never called a damaged state)."""
+    x, y = synthetic()
+    real = tmp_path / "real.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=real,
+        stop_after_steps=3, progress=False)
+    link, folder, text, fake = (tmp_path / n for n in ("link.pt", "dir.pt", "a.txt", "f.pt"))
+    link.symlink_to(real)
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(tmp_path / "elsewhere" / "state.pt")
+    folder.mkdir()
+    text.write_text("not a state\n")
+    name = b"archive/data.pkl"
+    fake.write_bytes(b"\0" * 26 + len(name).to_bytes(2, "little") + b"\0\0" + name + b"\0" * 64)
+    kept = {p: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None)
+            for p in (link, folder, text, fake)}
+    for path, what in ((link, "is not a regular file"), (folder, "is not a regular file"),
+                       (dangling, "is not a regular file"),
+                       (text, r"is not a qerror training state \(not a torch archive\)"),
+                       (fake, r"is not a qerror training state \(not a torch archive\)")):
+        with pytest.raises(TrainError, match=f"state_path {re.escape(str(path))} exists and "
+                                             f"{what}; it is left as it is. Pass another "
+                                             "path"):
+            fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=path,
+                progress=False)
+    assert kept == {p: (p.is_symlink(), p.is_dir(), p.read_bytes() if p.is_file() else None)
+                    for p in kept}
+    assert dangling.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_state_of_version_3_without_n_train_resumes_and_says_so(tmp_path, capsys):
+    """Version 3 states written before n_train was recorded resume (the size cannot be
+    compared: said, not refused as a different recipe)."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    full = fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, progress=False)
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=5, progress=False)
+    saved = torch.load(state, weights_only=True)
+    del saved["recipe"]["n_train"]
+    torch.save(saved, state)
+    capsys.readouterr()
+    rest = fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+               progress=False)
+    assert "state.pt was written by an older qerror, which did not record n_train: not " \
+        "checked" in capsys.readouterr().out
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert rest.step == STEPS and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_starting_over_removes_the_old_state_before_the_first_step(tmp_path):
+    """resume=False replaces the state: a fresh run that fails before its first save must
+    not leave the old run's state behind as if it were its own (the divergence message
+    then said the old step-3 state "stays in" the path)."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+
+    def nan_loss(out, target):
+        return nn.functional.cross_entropy(out, target) * math.nan
+
+    with pytest.raises(DivergedError) as err:
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+            resume=False, loss=nan_loss, progress=False)
+    assert "No checkpoint was written. Start over" in str(err.value)
+    assert not state.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(version=training.STATE_VERSION + 1), "is not a version-3 training "
+                                                             "state; delete"),
+    (lambda s: s.update(recipe=None), "records no recipe; delete"),
+    (lambda s: s["recipe"].update(data="images-a"), r"different recipe \(data: 'images-a' "
+                                                    r"saved, absent now\)"),
+])
+def test_a_state_of_another_version_or_recipe_is_refused(tmp_path, change, message):
+    """A state written by a later version (which this one cannot read correctly), one with
+    no recipe, and one whose recipe holds an identity this run does not pass."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+    saved = torch.load(state, weights_only=True)
+    change(saved)
+    torch.save(saved, state)
+    with pytest.raises(ResumeError, match=message):
+        fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+            progress=False)
+
+
 def test_auto_device_is_cuda_exactly_where_a_gpu_is_found():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert training.resolve_device("auto").type == expected
