@@ -155,8 +155,10 @@ STUDY_CASES = {
          r"missing/model\.pt: no such file"),
         ("checkpoint-not-torch", ["--checkpoint", "{user}/thesis.tex"], REFUSED,
          r"thesis\.tex: not a readable torch file"),
-        ("data-root-unused", ["--data-root", "{fm}"], ARGPARSE,
-         r"--data-root .*needs a qerror checkpoint"),
+        # a bare state dict has weights only, so no activations to feed (a --smoke run
+        # given no --checkpoint measures an untrained network, whose activations it feeds)
+        ("data-root-unused", ["--checkpoint", "{statedict}", "--data-root", "{fm}"],
+         ARGPARSE, r"--data-root .*needs a qerror checkpoint"),
     ],
     "dataset": [
         ("test-images-0", ["--test-images", "0"], ARGPARSE, r"--test-images: must be at least 1"),
@@ -375,6 +377,7 @@ def world(tmp_path, fashion_idx, monkeypatch):
     shutil.copytree(fm, trunc)
     labels = trunc / f"{data.FILES['test'][1]}.gz"
     labels.write_bytes(labels.read_bytes()[:-12])
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "statedict.pt")
     other = tmp_path / "other_run"
     other.mkdir()
     (other / "table.csv").write_text("x\n1\n")
@@ -382,7 +385,8 @@ def world(tmp_path, fashion_idx, monkeypatch):
         {"study": "ledgerish", "outputs": {"table.csv": "0" * 64}}))
     places = {"user": user, "fm": fm, "empty": tmp_path / "empty", "half": half,
               "trunc": trunc, "missing": tmp_path / "missing", "other_run": other,
-              "new": tmp_path / "new" / "run", "ckpt": tmp_path / "ckpt" / "model.pt"}
+              "new": tmp_path / "new" / "run", "ckpt": tmp_path / "ckpt" / "model.pt",
+              "statedict": tmp_path / "statedict.pt"}
     monkeypatch.chdir(user)
     monkeypatch.setenv("HOME", str(user))
     return tmp_path, places
