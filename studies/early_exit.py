@@ -679,12 +679,12 @@ def _main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     backbone, model_id = load_backbone(args, args.data_root)
-    # its stages checked before anything runs on it (a smoke's BatchNorm estimation would
-    # refuse a model without BatchNorm first, with a message that names no stage)
-    build_exit_model(backbone, exit_points, args.seed)
     data = load_data(args.data_root, train_images, val_images, calib_images, test_images,
                      args.seed, model_id.get("held_out"))
     if smoke and args.checkpoint is None:
+        # its stages checked first: the BatchNorm estimation would refuse a model without
+        # BatchNorm with a message that names no stage
+        build_exit_model(backbone, exit_points, args.seed)
         estimate_running_stats(backbone, [data.calib.x])
     backbone.eval()
     base = build_exit_model(backbone, exit_points, args.seed)
