@@ -157,7 +157,11 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
     Index block ``p`` (of ``inputs`` indices) is the permutation that sorts the keys
     ``h(i) = splitmix64(seed·φ + (stream·2^20 + p + 1)·γ + i·φ')`` (mod 2^64) over ``i``,
     with odd constants, so the keys of one block are distinct (``i·φ'`` is distinct mod
-    2^64 and splitmix64 is a bijection) and the sort has no ties. The permutation depends
+    2^64 and splitmix64 is a bijection) and the sort has no ties. Indices are distinct within
+    a block, not across blocks: a RAM or LUT whose slots straddle two blocks can read one
+    input twice, and then has fewer distinct inputs than address bits (a WiSARD whose input
+    bits are not a multiple of its address bits fills its last RAM from the next block).
+    The permutation depends
     only on this integer arithmetic, never on a library's random generator, so a file that
     stores the seed instead of the wiring reads back to the same wiring on any platform and
     any numpy or torch version.
