@@ -3,7 +3,8 @@
 Which modules a network is made of and whether the paired batch can run it
 (:func:`check_model`), where its quantized layers are (:func:`layer_names`, :func:`is_block`,
 :func:`layer_chains` with the BatchNorm and ReLU that follow each layer,
-:func:`bn_fed_layers`), folding a BatchNorm into its convolution (:func:`fold_bn`), the
+:func:`bn_fed_layers`, each read from a hook-free ``torch.fx`` trace, :func:`fx_graph`),
+folding a BatchNorm into its convolution (:func:`fold_bn`), the
 batches a network is fed (:func:`iter_batches`, :func:`batch_images`,
 :func:`bn_batches`),
 hooks that are always removed (:func:`pre_hooks`), the evaluation-mode guard
@@ -256,6 +257,37 @@ def is_relu(node, modules) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+class _HookFreeTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, calling each traced container's ``forward`` without its hooks."""
+
+    def call_module(self, m, forward, args, kwargs):
+        return super().call_module(m, m.forward, args, kwargs)
+
+
+def fx_graph(model: nn.Module, who: str, advice: str = "") -> torch.fx.Graph:
+    """The ``torch.fx`` graph of ``model``, traced without calling any module's hooks.
+
+    ``torch.fx.symbolic_trace`` records a leaf module (a layer) as one node without calling
+    its hooks, but runs a container (a block, a stage) through its ``__call__``, hooks
+    included, on tracing proxies: a user's hook that reads a value (``float(out.mean())``,
+    ``out.numpy()``) then fails the trace of a network that traces well without it. Here
+    every container's ``forward`` is called directly, so no hook, the user's or global,
+    runs and the graph is that of the forward passes (a hook that changes a container's
+    input or output is not in it, as a layer's hooks are not in ``symbolic_trace``'s).
+
+    Raises
+    ------
+    ValueError
+        The model cannot be traced; the message names ``who`` reads the graph, the error,
+        and ``advice`` (appended).
+    """
+    try:
+        return _HookFreeTracer().trace(model)
+    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
+        raise ValueError(f"{who} reads the torch.fx graph, and symbolic tracing failed on "
+                         f"this model ({type(exc).__name__}: {exc}){advice}") from exc
+
+
 def layer_chains(model: nn.Module, fuse_relu: bool, *, who: str,
                  check_layer: Callable[[nn.Module], None] | None = None) -> list[Site]:
     """Every Conv2d and Linear the model calls, with the BatchNorm and ReLU that follow.
@@ -266,12 +298,7 @@ def layer_chains(model: nn.Module, fuse_relu: bool, *, who: str,
     cannot handle (its message is prefixed with the layer's name).
     """
     modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
-        raise ValueError(
-            f"{who} reads conv→BN→ReLU chains from torch.fx.symbolic_trace, which failed on "
-            f"this model ({type(exc).__name__}: {exc})") from exc
+    graph = fx_graph(model, f"{who} (its conv→BN→ReLU chains)")
     sites: dict[str, Site] = {}
     for node in graph.nodes:
         if node.op != "call_module":
@@ -314,16 +341,12 @@ def path_depths(model: nn.Module) -> dict[str, int]:
     Raises
     ------
     ValueError
-        The model cannot be traced by ``torch.fx.symbolic_trace``.
+        The model cannot be traced by ``torch.fx`` (:func:`fx_graph`).
     UnsupportedModelError
         A layer is called more than once (one depth per module cannot hold both calls).
     """
     modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
-        raise ValueError(f"path depth reads the torch.fx graph, and symbolic_trace failed on "
-                         f"this model ({type(exc).__name__}: {exc})") from exc
+    graph = fx_graph(model, "path depth")
     depth: dict[torch.fx.Node, int] = {}
     out: dict[str, int] = {}
     for node in graph.nodes:  # topological order
@@ -378,16 +401,12 @@ def bn_fed_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
     Raises
     ------
     ValueError
-        The model cannot be traced by ``torch.fx.symbolic_trace``.
+        The model cannot be traced by ``torch.fx`` (:func:`fx_graph`).
     """
     modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # tracing raises many kinds of errors, all meaning "untraceable"
-        raise ValueError(f"which BatchNorm feeds which layer is read from the torch.fx graph, "
-                         f"and symbolic_trace failed on this model ({type(exc).__name__}: "
-                         f"{exc}); take the layers' input means from measured maps instead "
-                         "(source='measured')") from exc
+    graph = fx_graph(model, "which BatchNorm feeds which layer",
+                     "; take the layers' input means from measured maps instead "
+                     "(source='measured')")
     out = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], LAYERS) \

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from qerror.nn import QuantConfig, calibrate_activations, measure, path_depths
+from qerror.nn import QuantConfig, bn_fed_layers, calibrate_activations, measure, path_depths
 from qerror.nn.growth import (
     channel_rms_debiased,
     debiased_from_counts,
@@ -44,8 +44,30 @@ def test_path_depth_refuses_an_untraceable_model():
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else x
 
-    with pytest.raises(ValueError, match="symbolic_trace failed"):
+    with pytest.raises(ValueError, match="symbolic tracing failed"):
         path_depths(Branchy())
+
+
+def test_path_depth_and_the_graph_readers_ignore_a_users_hooks():
+    """A hook on a container (a block) that reads a value made torch.fx's trace fail (it ran
+    the hook on tracing proxies: "float() argument must be ... not 'Proxy'"); the graph is
+    now traced without hooks, the same with them as without, and they still run after."""
+    model = torchvision.models.resnet18().eval()
+    plain, fed = path_depths(model), bn_fed_layers(model)
+    seen = []
+    handles = [model.layer1.register_forward_hook(
+                   lambda m, a, out: seen.append(float(out.abs().mean()))),
+               model.layer2[0].register_forward_pre_hook(
+                   lambda m, a: seen.append(a[0].numpy().shape))]
+    try:
+        assert path_depths(model) == plain and bn_fed_layers(model) == fed
+        assert seen == []  # not called during the traces
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))
+        assert len(seen) == 2  # still registered, and run by a real forward
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_exponent_of_an_exact_power_law():
