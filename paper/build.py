@@ -7,8 +7,10 @@ paper uses (every ``\\studyfigure``/``\\studytable`` file and every ``\\<study>N
 result macro the ``.tex`` sources name), copies it into ``generated/<study>/``, writes
 the claims ledger table (``python -m studies.ledger --latex``), what the README's records
 say of the early-exit baselines (``readme.tex``, read from ``paper/record`` through
-``paper/readme.py``) and the provenance appendix (each study's command, git commit, network
-and outputs' sha256), all in a staging folder beside
+``paper/readme.py``), the settings of the runs that the prose states in words
+(``settings.tex``, ``\\setting...`` macros from each run's manifest ``config``) and the
+provenance appendix (each study's command, git commit, network and outputs' sha256), all in a
+staging folder beside
 ``paper/generated/`` that then replaces it whole (a failed or interrupted build leaves the
 previous one), then compiles ``paper/main.tex``
 with latexmk and fails on what the log says went wrong (undefined references, citations or
@@ -27,6 +29,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -34,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +98,12 @@ _MACRO_DEF = re.compile(r"\\newcommand\{\\([A-Za-z]+)\}")
 
 @dataclass(frozen=True)
 class Uses:
-    """What the paper's sources take from each study: files and result macros."""
+    """What the paper's sources take from each study: files and result macros, and the
+    settings of its runs the prose states (``\\setting...`` macros, :data:`SETTINGS`)."""
 
     files: dict[str, set[str]]
     macros: dict[str, set[str]]
+    settings: frozenset[str] = frozenset()
 
 
 def _strip_comments(text: str) -> str:
@@ -114,6 +120,7 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
     and macros (``\\<study>Name``) the sources use, per study."""
     files: dict[str, set[str]] = {s: set() for s in studies}
     macros: dict[str, set[str]] = {s: set() for s in studies}
+    settings: set[str] = set()
     # A study's macros start with its name in camel case (studies._latex.macro_name).
     prefix = {macro_name(s, ""): s for s in studies}
     macro = re.compile(r"\\(" + "|".join(sorted(prefix, key=len, reverse=True))
@@ -129,7 +136,88 @@ def paper_uses(sources: list[Path], studies: tuple[str, ...] = STUDIES) -> Uses:
             files[study].add(f"{name}.pdf" if is_figure else name)
         for m in macro.finditer(text):
             macros[prefix[m[1]]].add(m[1] + m[2])
-    return Uses(files, macros)
+        for m in _SETTING_USE.finditer(text):
+            if m[1] not in SETTINGS:
+                known = ", ".join("\\" + n for n in sorted(SETTINGS))
+                raise BuildError(f"{path.name}: \\{m[1]} is not a setting build.py writes "
+                                 f"({known})")
+            settings.add(m[1])
+    return Uses(files, macros, frozenset(settings))
+
+
+# --------------------------------------------------------------------------- the runs' settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting of a study's run that the prose states in words (a level, a power, how many
+    images a share counts), read from the ``config`` of the manifest of the run the paper is
+    built from, so that the words follow the run that made the numbers around them."""
+
+    study: str
+    key: str  # in the manifest's config
+    what: str  # what a valid value is, for the error
+    valid: Callable[[object], bool]
+    show: Callable[[object], str]  # as the prose writes it
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+#: ``\\setting<Name>`` macros (``generated/settings.tex``), each from its run's config.
+SETTINGS = {
+    # the power with which the drift study's image counts are chosen and stated
+    "settingDriftResolvePower": Setting("drift", "resolve_power", "a power in (0, 1)",
+                                        lambda v: _real(v) and 0 < v < 1, lambda v: f"{v:g}"),
+    # how many most extreme images the drift's tail shares count, and twice that (the
+    # images with the largest float RMS they are set against)
+    "settingDriftTailTop": Setting("drift", "tail_top", "a count of images above 0",
+                                   _positive_count, count),
+    "settingDriftTailTopTwice": Setting("drift", "tail_top", "a count of images above 0",
+                                        _positive_count, lambda v: count(2 * v)),
+    # the level of the paired one-sided test that chooses the early exits' operating points
+    # (None: --select estimate, which chooses by the estimate and no test)
+    "settingEarlyExitSelectAlpha": Setting(
+        "early_exit", "select_alpha", "a level in (0, 0.5) (None: the run chose its operating "
+        "points by their estimates, --select estimate, not by the paired test the paper "
+        "describes)", lambda v: _real(v) and 0 < v < 0.5, lambda v: f"{v:g}"),
+}
+_SETTING_USE = re.compile(r"\\(setting[A-Z][A-Za-z]*)")
+
+
+def settings_tex(manifests: dict[str, dict], runs: dict[str, Path], used: frozenset[str]
+                 ) -> str:
+    """``generated/settings.tex``: each setting macro the sources use (``used``), written
+    from the config of its study's run.
+
+    Raises
+    ------
+    BuildError
+        Naming every setting whose run does not record it (a run made before its config
+        named it) or records a value that is not one, with the command that reruns it.
+    """
+    lines, problems = ["% generated by paper/build.py from the runs' manifests (config); "
+                       "do not edit"], []
+    for name in sorted(used):
+        s = SETTINGS[name]
+        config = (manifests.get(s.study) or {}).get("config") or {}
+        value = config.get(s.key)
+        if s.key not in config or not s.valid(value):
+            recorded = (f"records {value!r}, not {s.what}" if s.key in config else
+                        "does not record it (a run made before its config named it)")
+            problems.append(f"the paper states \\{name}, config.{s.key} of the {s.study} run "
+                            f"{runs.get(s.study)}, which {recorded}; rerun it: "
+                            f"{MAKE_COMMAND[s.study]}")
+            continue
+        lines.append(f"\\newcommand{{\\{name}}}{{{s.show(value)}}}")
+    if problems:
+        raise BuildError("\n".join(problems))
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- hand-typed numbers
@@ -505,6 +593,7 @@ def write_generated(runs: dict[str, Path], uses: Uses, generated: Path | None = 
     if inside:
         raise BuildError("\n".join(inside))
     manifests = check_runs(runs, uses, smoke=smoke)
+    settings = settings_tex(manifests, runs, uses.settings)
     try:
         if generated.parent.is_dir():
             clean_stale_partials(generated)
@@ -518,6 +607,7 @@ def write_generated(runs: dict[str, Path], uses: Uses, generated: Path | None = 
         readme, records = readme_tex()
         (stage / "readme.tex").write_text(readme, encoding="utf-8")
         (stage / "build.tex").write_text(build_tex(manifests), encoding="utf-8")
+        (stage / "settings.tex").write_text(settings, encoding="utf-8")
         (stage / "provenance.tex").write_text(
             provenance_tex(manifests, ledger, ledger_git["commit"], ledger_git["dirty"],
                            records), encoding="utf-8")

@@ -286,6 +286,86 @@ def test_paper_uses_reads_figures_tables_and_macros(tmp_path):
     assert u.macros["drift"] == {"driftFloatAccuracy"}
 
 
+def test_the_settings_the_prose_states_come_from_the_runs_config(tmp_path):
+    """main.tex typed a power ('a power of four in five'), a level ('at the five per cent
+    level') and how many images a tail share counts ('the five most extreme') in words: a
+    run with another power, level or count left the prose stating the old one. Each is now
+    a \\setting macro written from the config of the run the paper reads."""
+    tex = tmp_path / "a.tex"
+    tex.write_text("with a power of \\settingDriftResolvePower{}, the \\settingDriftTailTop{} "
+                   "most extreme among the \\settingDriftTailTopTwice{}, at $\\alpha = "
+                   "\\settingEarlyExitSelectAlpha$\n% \\settingNotUsed in a comment\n")
+    u = build.paper_uses([tex])
+    assert u.settings == {"settingDriftResolvePower", "settingDriftTailTop",
+                          "settingDriftTailTopTwice", "settingEarlyExitSelectAlpha"}
+    manifests = {"drift": {"config": {"resolve_power": 0.9, "tail_top": 12}},
+                 "early_exit": {"config": {"select_alpha": 0.01}}}
+    text = build.settings_tex(manifests, {}, u.settings)
+    assert "\\newcommand{\\settingDriftResolvePower}{0.9}" in text
+    assert "\\newcommand{\\settingDriftTailTop}{twelve}" in text
+    assert "\\newcommand{\\settingDriftTailTopTwice}{24}" in text
+    assert "\\newcommand{\\settingEarlyExitSelectAlpha}{0.01}" in text
+    # only what the sources use is written
+    assert build.settings_tex(manifests, {}, frozenset()).count("newcommand") == 0
+    # the paper's own prose states them so, and reads the file they are in
+    main = (build.PAPER / "main.tex").read_text(encoding="utf-8")
+    assert "\\input{generated/settings.tex}" in main
+    assert build.paper_uses(build.paper_sources()).settings == set(build.SETTINGS)
+    for words in ("four in five", "five per cent", "five most extreme", "the ten with"):
+        assert words not in main
+
+
+@pytest.mark.parametrize("config, says", [
+    ({}, "does not record it"),
+    ({"resolve_power": 1.0, "tail_top": 5}, "records 1.0, not a power in (0, 1)"),
+    ({"resolve_power": 0.8, "tail_top": True}, "records True, not a count of images above 0"),
+    ({"resolve_power": 0.8, "tail_top": 0}, "records 0, not a count"),
+])
+def test_a_run_without_a_setting_the_prose_states_is_named_with_its_rerun(tmp_path, config,
+                                                                          says):
+    runs = {"drift": tmp_path / "runs" / "drift"}
+    with pytest.raises(build.BuildError) as err:
+        build.settings_tex({"drift": {"config": config}}, runs,
+                           frozenset({"settingDriftResolvePower", "settingDriftTailTop"}))
+    msg = str(err.value)
+    assert says in msg and str(runs["drift"]) in msg
+    assert "rerun it: make run  (python -m studies.drift --force)" in msg
+
+
+def test_an_early_exit_run_that_chose_by_estimate_is_refused():
+    with pytest.raises(build.BuildError, match=r"records None, not a level in \(0, 0\.5\) "
+                       r"\(None: .*--select estimate"):
+        build.settings_tex({"early_exit": {"config": {"select_alpha": None}}}, {},
+                           frozenset({"settingEarlyExitSelectAlpha"}))
+
+
+def test_an_unknown_setting_macro_is_refused(tmp_path):
+    tex = tmp_path / "a.tex"
+    tex.write_text("at \\settingDriftAlpha{}\n")
+    with pytest.raises(build.BuildError, match=r"a\.tex: \\settingDriftAlpha is not a "
+                       r"setting build\.py writes"):
+        build.paper_uses([tex])
+
+
+def test_write_generated_writes_the_settings_the_paper_uses(tmp_path, monkeypatch):
+    fake_ledger(monkeypatch)
+    runs = all_runs(tmp_path / "runs")
+    manifest = json.loads((runs["drift"] / "manifest.json").read_text())
+    manifest["config"]["resolve_power"] = 0.8
+    (runs["drift"] / "manifest.json").write_text(json.dumps(manifest))
+    want = build.Uses(uses().files, uses().macros, frozenset({"settingDriftResolvePower"}))
+    gen = tmp_path / "generated"
+    build.write_generated(runs, want, gen, smoke=True)
+    assert "\\newcommand{\\settingDriftResolvePower}{0.8}" in (gen / "settings.tex").read_text()
+    # a run without it: refused before anything is written, the previous parts kept
+    manifest["config"].pop("resolve_power")
+    (runs["drift"] / "manifest.json").write_text(json.dumps(manifest))
+    before = tree(gen)
+    with pytest.raises(build.BuildError, match="config.resolve_power of the drift run"):
+        build.write_generated(runs, want, gen, smoke=True)
+    assert tree(gen) == before
+
+
 def test_the_paper_uses_only_outputs_of_known_studies():
     u = build.paper_uses(build.paper_sources())
     assert all(u.files[s] for s in build.STUDIES)  # every study has its place in the paper
