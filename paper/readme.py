@@ -21,6 +21,10 @@ finished run's manifest and the named outputs into ``paper/record/NAME``, replac
 record whole only once the copies check out (a new record gets a ``record.json`` to
 complete; a replaced one keeps its own, with a warning when the new run's commit or machine
 differs), then render. A record's run is of a commit of this repository.
+
+A setting the prose states (a test's level, a power: the code's, not a run's) sits inline,
+``<!-- setting: NAME -->VALUE<!-- /setting -->``, and is written from the study's constant
+(:data:`SETTINGS`); ``--check`` names every one that differs from it.
 """
 
 from __future__ import annotations
@@ -52,8 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qerror.files import atomic_write, sha256_file
 from qerror.stats import wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
-from studies._latex import signed
+from studies._latex import count, signed
+from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
+from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
+from studies.drift import TAIL_TOP as DRIFT_TAIL_TOP
+from studies.early_exit import ALPHA as EARLY_EXIT_ALPHA
 
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
@@ -1609,6 +1617,66 @@ RENDERERS: dict[str, Callable] = {
 }
 
 
+# --------------------------------------------------------------------------- settings
+
+# A setting the README's prose states (a test's level, a power) is the code's, not a run's:
+# it sits inline, <!-- setting: NAME -->VALUE<!-- /setting -->, and is written from the
+# constant that sets it, so that --check fails where the constant changed and the words did
+# not. A figure a run measured is a record passage's, above.
+_SETTING = re.compile(r"<!-- setting: ([a-z0-9-]+) -->([^<\n]*)<!-- /setting -->")
+
+
+def subscript(text: str) -> str:
+    """Digits in Unicode subscripts, a point kept: "0.95" -> "₀.₉₅"."""
+    return text.translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+
+
+#: Each inline setting of the README, from the constant of the study that uses it.
+SETTINGS: dict[str, Callable[[], str]] = {
+    # the level of the early-exit study's tests (studies.early_exit.ALPHA)
+    "early-exit-alpha": lambda: f"{EARLY_EXIT_ALPHA:g}",
+    # the normal quantile its one-sided tests clear, z_(1 - alpha)
+    "early-exit-z": lambda: "z" + subscript(f"{round(1 - EARLY_EXIT_ALPHA, 6):g}"),
+    # the confidence of the compression study's Wilson intervals
+    "compression-level": lambda: level(1 - COMPRESSION_ALPHA),
+    # the power with which the drift study chooses and states its image counts
+    "drift-power": lambda: level(DRIFT_RESOLVE_POWER),
+    # how many most extreme images its tail shares count
+    "drift-tail-top": lambda: count(DRIFT_TAIL_TOP),
+}
+
+
+def render_settings(text: str) -> tuple[str, list[str]]:
+    """``text`` with every inline setting written from its constant, and the problems found
+    (an unknown name, a marker the pattern cannot read, a setting no marker uses)."""
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def one(m: re.Match) -> str:
+        name = m.group(1)
+        seen.add(name)
+        if name not in SETTINGS:
+            problems.append(f"README setting '{name}' has no entry in paper/readme.py's "
+                            "SETTINGS")
+            return m.group(0)
+        return f"<!-- setting: {name} -->{SETTINGS[name]()}<!-- /setting -->"
+
+    out = _SETTING.sub(one, text)
+    bare = _SETTING.sub("", re.sub(r"`[^`\n]*`", "", text))  # quoted markers are prose
+    problems += [f"README marker {m.group(0)!r} is not part of '<!-- setting: NAME -->VALUE"
+                 "<!-- /setting -->' on one line: its value is never written nor checked"
+                 for m in re.finditer(r"<!--\s*/?\s*setting\b[^>]*-->", bare)]
+    problems += [f"setting '{n}' has no place in the README (<!-- setting: {n} -->)"
+                 for n in SETTINGS if n not in seen]
+    return out, problems
+
+
+def differing_settings(old: str, new: str) -> list[str]:
+    """Names of the inline settings whose value differs between two versions of the README."""
+    return sorted({a.group(1) for a, b in zip(_SETTING.finditer(old), _SETTING.finditer(new))
+                   if a.group(2) != b.group(2)})
+
+
 # --------------------------------------------------------------------------- the README
 
 WIDTH = 95  # the README's prose is wrapped at about this width
@@ -1692,7 +1760,8 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
                         "'<!-- /record -->': the passage before it runs on into the next")
     if len(opened) != closed:
         problems.append(f"the README opens {len(opened)} record passages and closes {closed}")
-    return out, problems
+    out, more = render_settings(out)
+    return out, problems + more
 
 
 def differing(old: str, new: str) -> list[str]:
@@ -1854,11 +1923,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(f"[readme] {p}", file=sys.stderr)
     changed = differing(old, new)
+    settings = differing_settings(old, new)
     if args.check:
         for n in changed:
             print(f"[readme] passage '{n}' differs from its rendering: run python "
                   "paper/readme.py", file=sys.stderr)
-        if new != old and not changed:
+        for n in settings:
+            print(f"[readme] setting '{n}' differs from the constant it states: run python "
+                  "paper/readme.py", file=sys.stderr)
+        if new != old and not changed and not settings:
             print("[readme] the README differs from its rendering: run python paper/readme.py",
                   file=sys.stderr)
         return 1 if new != old or problems else 0
@@ -1866,8 +1939,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if new != old:
         atomic_write(README, lambda tmp: tmp.write_text(new, encoding="utf-8"))
-    print(f"[readme] {len(changed)} passage(s) rewritten" if changed else
-          "[readme] every passage is current")
+    print(f"[readme] {len(changed)} passage(s) and {len(settings)} setting(s) rewritten"
+          if changed or settings else "[readme] every passage and setting is current")
     return 0
 
 

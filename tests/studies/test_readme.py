@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -483,3 +484,70 @@ def test_bench_records_without_their_level_ran_at_the_unrecorded_one():
         assert level and float(level.group(1)) == readme.MEDIAN_LEVEL_UNRECORDED, folder.name
         checked += 1
     assert checked  # bench-drift-amx
+
+
+# --------------------------------------------------------------------------- inline settings
+
+
+def _outside_markers(text: str) -> str:
+    """``text`` without its record passages and its inline settings' values."""
+    text = re.sub(r"<!-- record: [a-z0-9-]+ -->\n.*?<!-- /record -->", "", text, flags=re.S)
+    return re.sub(r"<!-- setting: [a-z0-9-]+ -->[^<\n]*<!-- /setting -->", "", text)
+
+
+def test_the_levels_the_prose_states_are_the_code_constants(tmp_path, monkeypatch, capsys):
+    """The README typed the early-exit study's level ('at α = 0.05', 'z₀.₉₅'), the
+    compression study's ('a 95% Wilson interval') and the drift study's power ('with 80 %
+    power') and tail count ('its five most extreme images') outside any passage: a changed
+    constant left them stating the old one, and --check passed. Each is now an inline
+    setting written from the constant that sets it."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    outside = _outside_markers(text)
+    for typed in ("α = 0.05", "95% Wilson", "80 % power", "z₀.₉₅", "five most extreme"):
+        assert typed not in outside
+    assert readme.subscript("0.95") == "₀.₉₅"
+    monkeypatch.setattr(readme, "DRIFT_RESOLVE_POWER", 0.9)
+    monkeypatch.setattr(readme, "DRIFT_TAIL_TOP", 7)
+    monkeypatch.setattr(readme, "EARLY_EXIT_ALPHA", 0.01)
+    monkeypatch.setattr(readme, "COMPRESSION_ALPHA", 0.1)
+    new, problems = readme.render(text)
+    assert problems == []
+    assert readme.differing(text, new) == []  # no record passage moves
+    assert readme.differing_settings(text, new) == sorted(readme.SETTINGS)
+    assert new.count("<!-- setting: drift-power -->90<!-- /setting --> % power") == 3
+    assert new.count("α = <!-- setting: early-exit-alpha -->0.01<!-- /setting -->") == 2
+    assert "<!-- setting: early-exit-z -->z₀.₉₉<!-- /setting --> standard errors" in new
+    assert "a <!-- setting: compression-level -->90<!-- /setting -->% Wilson" in new
+    assert "<!-- setting: drift-tail-top -->seven<!-- /setting --> most extreme" in new
+    target = tmp_path / "README.md"
+    target.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(readme, "README", target)
+    assert readme.main(["--check"]) == 1
+    assert target.read_text(encoding="utf-8") == text
+    err = capsys.readouterr().err
+    for name in readme.SETTINGS:
+        assert f"setting '{name}' differs from the constant it states" in err
+    assert readme.main([]) == 0
+    assert target.read_text(encoding="utf-8") == new
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda t: t + "\nat <!-- setting: drift-alpha -->0.05<!-- /setting -->\n",
+     "README setting 'drift-alpha' has no entry in paper/readme.py's SETTINGS"),
+    (lambda t: t + "\nwith <!-- setting:drift-power -->80<!-- /setting --> % power\n",
+     "'<!-- setting:drift-power -->' is not part of"),
+    (lambda t: t + "\nwith <!-- setting: drift-power -->80\n<!-- /setting --> % power\n",
+     "'<!-- setting: drift-power -->' is not part of"),
+    (lambda t: t.replace("<!-- setting: compression-level -->95<!-- /setting -->", "95"),
+     "setting 'compression-level' has no place in the README"),
+])
+def test_a_setting_that_is_never_written_is_named(tmp_path, monkeypatch, edit, says):
+    """A misspelt marker would hold a hand-typed value that is never written nor checked."""
+    broken = edit((REPO / "README.md").read_text(encoding="utf-8"))
+    _, problems = readme.render(broken)
+    assert any(says in p for p in problems), problems
+    target = tmp_path / "README.md"
+    target.write_text(broken, encoding="utf-8")
+    monkeypatch.setattr(readme, "README", target)
+    assert readme.main([]) == 1
+    assert target.read_text(encoding="utf-8") == broken
