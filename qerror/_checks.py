@@ -19,11 +19,23 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
 
 def check_count(value, name: str, low: int = 0) -> int:
     """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) ≥
-    ``low``; ValueError naming ``name`` otherwise. A float is refused even when integral:
-    a count computed in floating point (``0.29 * 100`` is 28.999999999999996) would be
-    truncated by ``int()`` without a word."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) \
-            or value < low:
+    ``low``: the one check of a count in the library.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not an integer: a bool (``True`` is no count), a string, or a float,
+        even an integral one: a count computed in floating point (``0.29 * 100`` is
+        28.999999999999996) would be truncated by ``int()`` without a word.
+    ValueError
+        ``value`` is an integer below ``low``.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r} "
+                        f"({type(value).__name__}): an integer, Python's or numpy's, not a "
+                        f"bool or a float (even an integral one); round a count computed in "
+                        f"floating point with round() before passing it")
+    if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 

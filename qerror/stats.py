@@ -22,6 +22,7 @@ import torch
 from scipy import optimize as sopt
 from scipy import stats as sps
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 from qerror.empirical import ErrorStats
 from qerror.rounding import RoundingMode
@@ -690,8 +691,8 @@ def wilson_ci(
        statistical inference", JASA 22(158), 1927.
     """
     alpha = _check_alpha(alpha)
-    successes = _check_count(successes, "successes")
-    n = _check_count(n, "n")
+    successes = check_count(successes, "successes")
+    n = check_count(n, "n")
     if n < 1:
         raise ValueError("n must be at least 1")
     if successes > n:
@@ -807,7 +808,7 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     ``only_a`` items were right by a only, ``only_b`` by b only, out of ``n`` items.
     """
     alpha = _check_alpha(alpha)
-    only_a, only_b, n = (_check_count(v, name) for v, name in
+    only_a, only_b, n = (check_count(v, name) for v, name in
                          ((only_a, "only_a"), (only_b, "only_b"), (n, "n")))
     if n < 1 or only_a + only_b > n:
         raise ValueError(f"need n >= 1 and only_a + only_b <= n; got {only_a}, {only_b}, {n}")
@@ -976,7 +977,7 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
     power = _check_real(power, "power")
     if not 0.0 < power < 1.0:
         raise ValueError(f"power must be in (0, 1), got {power!r}")
-    n = _check_count(n, "n")
+    n = check_count(n, "n")
     if n < 1:
         raise ValueError("n must be at least 1 unit")
     if isinstance(rel_se, bool) or not isinstance(rel_se, numbers.Real):
@@ -1017,7 +1018,7 @@ def tail_share(x: SampleLike, k: int = 5) -> float:
     test repeats the simulation); a share near 1 means the sample's spread is those values.
     """
     v = _sample(x, "x", min_n=2)
-    k = _check_count(k, "k")
+    k = check_count(k, "k")
     if not 1 <= k < len(v):
         raise ValueError(f"k must be from 1 to {len(v) - 1} (fewer than the {len(v)} values), "
                          f"got {k}")
@@ -1033,7 +1034,7 @@ def tail_share_normal(n: int, k: int = 5, draws: int = 2000, seed: int = 0) -> f
     """The reference for :func:`tail_share`: the mean share of the variance that the ``k``
     most extreme of ``n`` standard normal values carry, over ``draws`` seeded samples (a
     simulation; at ``n`` = 500 its standard error, about 2e-4, is below 1 % of the value)."""
-    n, k, draws = _check_count(n, "n"), _check_count(k, "k"), _check_count(draws, "draws")
+    n, k, draws = check_count(n, "n"), check_count(k, "k"), check_count(draws, "draws")
     if draws < 1:
         raise ValueError("draws must be at least 1")
     rng = np.random.default_rng(seed)
@@ -1053,7 +1054,7 @@ def mcnemar_power(p_a_only: float, p_b_only: float, n: int, alpha: float = 0.05)
     items, continuity-corrected chi-square above). ``O(n²)`` work.
     """
     alpha = _check_alpha(alpha)
-    n = _check_count(n, "n")
+    n = check_count(n, "n")
     pa, pb = _check_real(p_a_only, "p_a_only"), _check_real(p_b_only, "p_b_only")
     if pa < 0 or pb < 0 or pa + pb > 1:
         raise ValueError(f"need probabilities p_a_only, p_b_only >= 0 with sum <= 1; got "
@@ -1137,7 +1138,7 @@ def paired_accuracy_equivalence(only_a: int, only_b: int, n: int, margin: float,
     margin = _check_real(margin, "margin")
     if not 0.0 < margin <= 1.0:
         raise ValueError(f"margin must be in (0, 1] (a difference of accuracies), got {margin}")
-    only_a, only_b, n = (_check_count(v, name) for v, name in
+    only_a, only_b, n = (check_count(v, name) for v, name in
                          ((only_a, "only_a"), (only_b, "only_b"), (n, "n")))
     if n < 1 or only_a + only_b > n:
         raise ValueError(f"need n >= 1 and only_a + only_b <= n; got {only_a}, {only_b}, {n}")
@@ -1384,19 +1385,8 @@ def _check_real(value, name: str) -> float:
     return value
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must be non-negative, got {value}")
-    return value
-
-
 def _check_resamples(n_resamples, alpha: float) -> int:
-    count = _check_count(n_resamples, "n_resamples")
-    if count < 2:
-        raise ValueError(f"n_resamples must be at least 2, got {count}")
+    count = check_count(n_resamples, "n_resamples", 2)
     # The percentile ends are the resamples at ranks α/2 (B + 1) and (1 - α/2)(B + 1); below
     # rank 1 they would be the smallest and largest resample, an interval of confidence
     # (B - 1)/(B + 1) < 1 - α, and the p-value could not go below 2/(B + 1) > α.

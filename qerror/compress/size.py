@@ -804,7 +804,9 @@ def _elias_fano_layout(lengths, universe_bits: int):
     universe_bits = check_count(universe_bits, "universe_bits")
     m = np.asarray(lengths)
     if m.size and m.dtype.kind not in "iu":
-        raise ValueError(f"lengths must be an int array (counts), got dtype {m.dtype}")
+        raise TypeError(f"lengths must be an int array (counts), got dtype {m.dtype}; "
+                        f"pass integers (numpy.rint(lengths).astype(numpy.int64) for whole "
+                        f"counts computed in floating point)")
     m = m.astype(np.int64)
     if m.ndim != 1 or (m.size and m.min() < 0) or (m > 1 << universe_bits).any():
         raise ValueError(f"lengths must be counts in [0, 2**{universe_bits}]")

@@ -251,8 +251,7 @@ class Thermometer:
             One set of thresholds from all features' values together (``T`` stored values)
             instead of one per feature (``F·T``).
         """
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
-            raise ValueError(f"bits must be a positive int, got {bits!r}")
+        bits = check_count(bits, "bits", 1)
         x = _as_tensor(x, "x")
         features = x.shape[1]
         values = x.reshape(-1, 1) if pooled else x
@@ -698,9 +697,12 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
 
     Raises
     ------
+    TypeError
+        A count (``thermometer_bits``, ``address_bits``, ``max_bleach``) that is not an
+        integer.
     ValueError
-        Bad input. :class:`BudgetError` (a ValueError): no threshold up to ``max_bleach``
-        fits ``max_bytes``.
+        Other bad input. :class:`BudgetError` (a ValueError): no threshold up to
+        ``max_bleach`` fits ``max_bytes``.
 
     Notes
     -----

@@ -19,9 +19,11 @@ from qerror import (
     dequantize,
     error_moments,
     fake_quantize,
+    mcnemar_from_counts,
     quantize,
     wilson_ci,
 )
+from qerror.compress.size import storage_bytes
 from qerror.nn.models import CheckpointNotFoundError, load_checkpoint
 
 SPEC = QuantSpec()
@@ -56,6 +58,20 @@ CASES = [
     ("distribution-missing", lambda: error_moments(None, SPEC, 0.1), TypeError,
      r"dist must be a frozen scipy\.stats continuous distribution"),
     ("wilson-no-trials", lambda: wilson_ci(5, 0), ValueError, r"n must be at least 1"),
+    # a count is checked in one place (qerror._checks.check_count): stats and compress said
+    # TypeError 'must be an integer' and ValueError 'must be an int >= 0' for the same 2.5
+    ("count-a-float-stats", lambda: wilson_ci(2.5, 10), TypeError,
+     r"^successes must be an int >= 0, got 2\.5 \(float\): .* round\(\)"),
+    ("count-a-float-compress", lambda: storage_bytes("float32", 2.5), TypeError,
+     r"^elements must be an int >= 0, got 2\.5 \(float\): .* round\(\)"),
+    ("count-a-bool-stats", lambda: mcnemar_from_counts(True, 0, 5), TypeError,
+     r"^only_a must be an int >= 0, got True \(bool\)"),
+    ("count-a-bool-compress", lambda: storage_bytes("float32", True), TypeError,
+     r"^elements must be an int >= 0, got True \(bool\)"),
+    ("count-negative-stats", lambda: wilson_ci(-1, 10), ValueError,
+     r"^successes must be an int >= 0, got -1$"),
+    ("count-negative-compress", lambda: storage_bytes("float32", -1), ValueError,
+     r"^elements must be an int >= 0, got -1$"),
     ("bias-test-one-value", lambda: bias_test([1.0]), ValueError, r"need at least 2"),
     ("checkpoint-missing", lambda: load_checkpoint("/nonexistent/model.pt"),
      CheckpointNotFoundError, r"no checkpoint at /nonexistent/model\.pt"),

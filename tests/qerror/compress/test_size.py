@@ -101,7 +101,7 @@ _NNZ = 0.29 * 100
     (lambda: elias_fano_bits([2], 3.5), "universe_bits"),
 ])
 def test_counts_that_are_not_integers_are_refused_not_truncated(call, name):
-    with pytest.raises(ValueError, match=f"{name} must be an int"):
+    with pytest.raises(TypeError, match=f"{name} must be an int"):
         call()
 
 

@@ -72,7 +72,7 @@ def test_bad_budget_and_width():
             tiny_cnn_within(bad)
     with pytest.raises(ValueError, match="width must be an int >= 1"):
         TinyCNN(0)
-    with pytest.raises(ValueError, match="width must be an int >= 1"):
+    with pytest.raises(TypeError, match="width must be an int >= 1"):
         TinyCNN(4.0)
 
 

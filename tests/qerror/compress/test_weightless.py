@@ -99,9 +99,10 @@ def test_thermometer_takes_data_in_either_byte_order():
     assert torch.equal(big.encode(x.astype(">f8")), big.encode(x))
 
 
-@pytest.mark.parametrize("features", [-2, 0, 2.5, True])
-def test_thermometer_refuses_a_feature_count_that_is_not_one(features):
-    with pytest.raises(ValueError, match="features must be an int >= 1"):
+@pytest.mark.parametrize("features, kind", [(-2, ValueError), (0, ValueError),
+                                            (2.5, TypeError), (True, TypeError)])
+def test_thermometer_refuses_a_feature_count_that_is_not_one(features, kind):
+    with pytest.raises(kind, match="features must be an int >= 1"):
         Thermometer(torch.tensor([[1.0, 2.0]]), features)
 
 
@@ -128,8 +129,10 @@ def test_unsigned_labels_and_bits_of_any_width_are_taken(dtype):
 
 
 def test_thermometer_fit_refuses_bad_bits_and_nan():
-    with pytest.raises(ValueError, match="bits"):
+    with pytest.raises(ValueError, match="bits must be an int >= 1, got 0"):
         Thermometer.fit(torch.zeros(4, 2), 0)
+    with pytest.raises(TypeError, match="bits must be an int >= 1, got 2.0"):
+        Thermometer.fit(torch.zeros(4, 2), 2.0)  # fit_wisard's other counts said TypeError
     with pytest.raises(ValueError, match="non-finite"):
         Thermometer.fit(torch.tensor([[0.0], [float("nan")]]), 2)
 
@@ -1037,11 +1040,12 @@ def test_a_learnable_wiring_learns_from_bits_of_any_dtype(dtype):
     assert torch.equal(layer.table.grad, reference.table.grad)
 
 
-@pytest.mark.parametrize("batch_size", [0, -16, 2.5])
-def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size):
+@pytest.mark.parametrize("batch_size, kind", [(0, ValueError), (-16, ValueError),
+                                              (2.5, TypeError)])
+def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size, kind):
     """A negative batch size ran epochs of no step and returned the untrained model."""
     x, y = torch.rand(20, 4), torch.arange(20) % 2
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(kind, match="batch_size"):
         fit_dwn(x, y, x, y, thermometer_bits=2, luts=(4, 2), fan_in=2, epochs=1,
                 batch_size=batch_size)
 
@@ -1059,8 +1063,6 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size):
                           lr=float("nan")), "lr must be a finite number > 0"),
     (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
                           lr=float("inf")), "lr must be a finite number > 0"),
-    (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1.5),
-     "epochs must be an int >= 1"),
 ])
 def test_training_arguments_are_refused_before_any_training(call, match):
     """A NaN budget was ignored (every model 'fitted' it); a step size of 0 crashed after a
@@ -1071,8 +1073,15 @@ def test_training_arguments_are_refused_before_any_training(call, match):
         call(x, y)
 
 
+def test_a_fractional_epoch_count_is_a_type_error_before_any_training():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    with pytest.raises(TypeError, match="epochs must be an int >= 1, got 1.5"):
+        fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1.5)
+
+
 def test_dwn_predict_refuses_a_batch_size_it_cannot_use():
     t = Thermometer.fit(np.arange(12, dtype=np.float32).reshape(4, 3), 2)
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    for bad, kind in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(kind, match="batch_size must be an int >= 1"):
             DWN(t, [6], 3, fan_in=2).predict(torch.zeros(2, 3), batch_size=bad)
