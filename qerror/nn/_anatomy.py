@@ -92,11 +92,7 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
             "Replace or remove the others.")
     if not layer_names(model):
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
-    batch_stats = sorted(n for n, m in model.named_modules()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         # torch's evaluation forward reads the buffers, training the flag
-                         and (not m.track_running_stats or m.running_mean is None
-                              or m.running_var is None))
+    batch_stats = untracked_batchnorms(model, nn.modules.batchnorm._BatchNorm)
     if batch_stats:
         raise UnsupportedModelError(
             f"the BatchNorm layers {', '.join(batch_stats)} keep no running statistics "
@@ -109,6 +105,18 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
         raise UnsupportedModelError(
             "the model has no BatchNorm2d: BatchNorm inconsistency and BN re-estimation need "
             "one. Measure drift without them (bn=False), or use a model with BatchNorm")
+
+
+def untracked_batchnorms(model: nn.Module, kind: type[nn.Module] = nn.BatchNorm2d
+                         ) -> list[str]:
+    """Names, sorted, of the ``kind`` layers of ``model`` that keep no running statistics:
+    built with ``track_running_stats=False``, or without a ``running_mean`` or
+    ``running_var`` buffer (torch's evaluation forward reads the buffers, training the
+    flag)."""
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, kind)
+                  and (not m.track_running_stats or m.running_mean is None
+                       or m.running_var is None))
 
 
 def check_batch(x, name="x") -> torch.Tensor:

@@ -34,7 +34,12 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
-from qerror.nn._anatomy import UnsupportedModelError, bn_batches, model_device
+from qerror.nn._anatomy import (
+    UnsupportedModelError,
+    bn_batches,
+    model_device,
+    untracked_batchnorms,
+)
 from qerror.nn._moments import resolved_variance
 from qerror.nn.growth import check_resamples, resample_counts
 
@@ -129,10 +134,29 @@ class BNInconsistency:
 
 
 def running_stats(model: nn.Module) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A copy of the model's own BatchNorm running statistics, by name (copies: a later
-    re-estimation, which writes the buffers in place, leaves them as they were)."""
+    """A copy of the model's own ``BatchNorm2d`` running statistics (mean, variance), by
+    name (copies: a later re-estimation, which writes the buffers in place, leaves them as
+    they were). A model with no ``BatchNorm2d`` gives an empty mapping.
+
+    Raises
+    ------
+    UnsupportedModelError
+        (a ValueError) A ``BatchNorm2d`` that keeps no running statistics
+        (``track_running_stats=False``); the message names it.
+    """
+    _refuse_untracked(model, "there are none to copy")
     return {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def _refuse_untracked(model: nn.Module, why: str) -> None:
+    """UnsupportedModelError naming every ``BatchNorm2d`` of ``model`` without running
+    statistics (built with ``track_running_stats=False``, or its buffers removed)."""
+    untracked = [repr(n) if n else "(the model itself)" for n in untracked_batchnorms(model)]
+    if untracked:
+        raise UnsupportedModelError(
+            f"the BatchNorm2d layers {', '.join(untracked)} keep no running statistics "
+            f"(track_running_stats=False): {why}. Build them with track_running_stats=True")
 
 
 def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
@@ -169,14 +193,7 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
         raise UnsupportedModelError("estimate_running_stats replaces BatchNorm2d statistics "
                                     "and the model has no BatchNorm2d: there is nothing to "
                                     "estimate")
-    untracked = sorted(n for n, m in model.named_modules()
-                       if isinstance(m, nn.BatchNorm2d)
-                       and (not m.track_running_stats or m.running_mean is None))
-    if untracked:
-        raise UnsupportedModelError(
-            f"the BatchNorm layers {', '.join(untracked)} keep no running statistics "
-            "(track_running_stats=False): there are none to estimate. Build them with "
-            "track_running_stats=True")
+    _refuse_untracked(model, "there are none to estimate")
     saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.state_dict().items()})
              for m in bns]
     modes = [(m, m.training) for m in model.modules()]

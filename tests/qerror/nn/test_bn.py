@@ -114,6 +114,21 @@ def test_estimate_running_stats_trains_batchnorm_alone_and_fails_without_a_trace
     assert torch.equal(snapshot["2"][0], before["2.running_mean"])
 
 
+def test_running_stats_refuses_a_batchnorm_without_running_statistics():
+    """It was an AttributeError ('NoneType' object has no attribute 'detach')."""
+    from qerror.nn import UnsupportedModelError
+    from qerror.nn.bn import running_stats
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2),
+                          nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(UnsupportedModelError,
+                       match=r"BatchNorm2d layers '2' keep no running statistics .* there are "
+                             r"none to copy\. Build them with track_running_stats=True"):
+        running_stats(model)
+    assert issubclass(UnsupportedModelError, ValueError)
+    assert running_stats(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))) == {}
+
+
 def test_bn_summary_counts_a_collapsed_channel_and_leaves_out_dead_ones():
     from qerror.nn.bn import BNInconsistency
 
