@@ -243,6 +243,54 @@ def _check_scale(scale, working: np.dtype, done: str, wider: str) -> np.ndarray:
     return s
 
 
+def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> None:
+    """Refuse, before any data, a scale or zero point that every call would refuse: the
+    checks :func:`quantize`, :func:`fake_quantize` and :func:`dequantize` make of them, for
+    a module that holds them (:class:`qerror.nn.input_quant.InputQuantizer`,
+    :class:`~qerror.nn.input_quant.Dequantizer`).
+
+    Parameters
+    ----------
+    spec : QuantSpec
+        The grid: the zero point must be on it (:meth:`QuantSpec.check_zero_point`).
+    qparams : QParams
+        The scale must be positive and finite.
+    dequantize_to : torch.dtype, optional
+        The float dtype :func:`dequantize` will write (a float dtype of torch's): the scale
+        must then also be a normal number of the precision it computes in (float64 for
+        float64, float32 otherwise). Without it that precision is the data's, known only
+        at call time, where the call checks it.
+
+    Raises
+    ------
+    TypeError
+        A scale or zero point that is not real numbers or integers; ``dequantize_to`` not a
+        float dtype of torch's.
+    ValueError
+        A scale that is not positive and finite (or not a normal number of the precision
+        ``dequantize_to`` computes in); a zero point outside the grid, or not 0 on a
+        symmetric grid.
+    """
+    if dequantize_to is None:
+        check_positive_finite(qparams.scale, "scale")
+    else:
+        work = _dequantize_work(dequantize_to)
+        _check_scale(qparams.scale, np.dtype(np.float64 if work == torch.float64
+                                             else np.float32),
+                     "dequantization computes", "dtype=float64")
+    spec.check_zero_point(qparams.zero_point)
+
+
+def _dequantize_work(dtype: torch.dtype) -> torch.dtype:
+    """The precision :func:`dequantize` computes tensor codes in for output ``dtype``, or
+    TypeError where ``dtype`` is not one of torch's float dtypes."""
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if dtype not in floats:
+        raise TypeError(f"dtype must be one of torch's {', '.join(map(str, floats))} for "
+                        f"codes in a tensor, got {dtype!r}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
     """Validate scale and zero point; return them as float64/int64 numpy arrays shaped
     to broadcast against ``x``."""
@@ -807,11 +855,7 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
         if not is_integer_dtype(q.dtype):
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")
         dtype = dtype or torch.float32
-        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        if dtype not in floats:
-            raise TypeError(f"dtype must be one of torch's {', '.join(map(str, floats))} for "
-                            f"codes in a tensor, got {dtype!r}")
-        work = torch.float64 if dtype == torch.float64 else torch.float32
+        work = _dequantize_work(dtype)
     elif isinstance(q, np.ndarray):
         if q.dtype.kind not in "iu":
             raise TypeError(f"q must hold integer codes, got dtype {q.dtype}")

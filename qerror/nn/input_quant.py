@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from qerror._checks import is_integer_dtype
-from qerror.quantizer import QParams, QuantSpec, dequantize, fake_quantize, quantize
+from qerror.quantizer import (
+    QParams,
+    QuantSpec,
+    check_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 
 # Offline codes are stored one per byte (int8 or uint8).
 MAX_CODE_BITS = 8
@@ -40,7 +47,10 @@ class InputQuantizer(nn.Module):
     ValueError
         A random rounding (STOCHASTIC): the quantizer holds no seed, so it would draw other
         codes on every call; quantize stochastically offline (:func:`quantize_offline` with
-        a seed) instead.
+        a seed) instead. A scale that is not positive and finite, or a zero point off the
+        spec's grid (:func:`qerror.quantizer.check_qparams`): every call would refuse them.
+        Whether the scale is a normal number of the data's precision is the call's to
+        check.
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams):
@@ -50,6 +60,9 @@ class InputQuantizer(nn.Module):
                              "rounding needs a seed per call. Make stochastic codes offline "
                              "with quantize_offline(x, spec, qparams, seed=...) and feed them "
                              "through on_codes")
+        # what every call would refuse is refused here (the precision the scale must be a
+        # normal number of is the input's: the call checks that)
+        check_qparams(spec, qparams)
         self.spec, self.qparams = spec, qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +88,24 @@ class Dequantizer(nn.Module):
     Input: integer codes of any shape, within the spec's ``[qmin, qmax]``; codes stored one
     per byte must be int8 for a signed spec and uint8 otherwise (the same bytes read with
     the other sign are other values). Output: ``s·(q − z)`` in ``dtype``.
+
+    Raises
+    ------
+    TypeError
+        ``dtype`` is not a float dtype of torch's.
+    ValueError
+        A scale that is not positive and finite, or not a normal number of the precision
+        the dequantization computes in (float64 for ``dtype=torch.float64``, float32
+        otherwise); a zero point off the spec's grid (:func:`qerror.quantizer.check_qparams`).
+        Every call would refuse them.
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams, *, dtype: torch.dtype = torch.float32):
         super().__init__()
         # parameters no quantizer of this spec could have made the codes with are refused
-        # here, as quantize refuses them (dequantize alone would turn them into floats)
-        spec.check_zero_point(qparams.zero_point)
+        # here, as quantize refuses them (dequantize alone would turn them into floats), and
+        # so is what every call's dequantize would refuse
+        check_qparams(spec, qparams, dequantize_to=dtype)
         self.spec, self.qparams, self.dtype = spec, qparams, dtype
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """Input quantization inside the model against offline codes dequantized on load."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from qerror import (
+    Dequantizer,
     InputQuantizer,
     QParams,
     QuantSpec,
     RoundingMode,
     calibrate,
+    dequantize,
     on_codes,
     quantize_offline,
     with_input_quantizer,
@@ -140,6 +143,43 @@ def test_parameters_no_quantizer_of_the_spec_could_have_used_are_refused():
         on_codes(nn.Identity(), QuantSpec(bits=8), QParams(0.01, 3))
     with pytest.raises(ValueError, match="outside the integer range"):
         quantize_offline(images(7, 1), SPEC, QParams(0.01, 500))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, -0.01, float("inf"),
+                                   np.array([0.01, float("nan")])])
+def test_a_scale_every_call_would_refuse_is_refused_where_the_module_is_made(scale):
+    """Dequantizer and InputQuantizer were built with it, silently; each call then failed."""
+    spec = SPEC.replace(axis=0) if np.ndim(scale) else SPEC
+    for make in (lambda: Dequantizer(spec, QParams(scale, 0)),
+                 lambda: on_codes(nn.Identity(), spec, QParams(scale, 0), dtype=torch.float64),
+                 lambda: InputQuantizer(spec, QParams(scale, 0)),
+                 lambda: with_input_quantizer(nn.Identity(), spec, QParams(scale, 0))):
+        with pytest.raises(ValueError, match=r"^scale must be positive and finite, got "):
+            make()
+
+
+def test_the_dequantizer_checks_its_scale_in_the_precision_it_computes_in():
+    """A scale below float32's normal range is one a float32 dequantization refuses on every
+    call (it would round to a subnormal), so it is refused when the module is made; a
+    float64 one takes it, exactly as dequantize does; the in-model quantizer's precision is
+    its input's, so its call checks that."""
+    codes = torch.tensor([1, -3], dtype=torch.int8)
+    with pytest.raises(ValueError, match="not a normal float32 number.*dtype=float64"):
+        Dequantizer(SPEC, QParams(1e-40, 0))
+    with pytest.raises(TypeError, match="dtype must be one of torch's"):
+        Dequantizer(SPEC, QParams(0.01, 0), dtype=torch.int32)
+    wide = Dequantizer(SPEC, QParams(1e-40, 0), dtype=torch.float64)(codes)
+    assert torch.equal(wide, dequantize(codes, 1e-40, 0, dtype=torch.float64))
+    quantizer = InputQuantizer(SPEC, QParams(1e-40, 0))
+    with pytest.raises(ValueError, match="not a normal float32 number.*float64 data"):
+        quantizer(torch.zeros(2))
+
+
+def test_an_input_quantizer_refuses_a_zero_point_off_the_grid_where_it_is_made():
+    with pytest.raises(ValueError, match="must be 0 for a symmetric spec"):
+        InputQuantizer(QuantSpec(bits=8), QParams(0.01, 3))
+    with pytest.raises(ValueError, match="zero_point 500 is outside the integer range"):
+        with_input_quantizer(nn.Identity(), SPEC, QParams(0.01, 500))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
