@@ -42,6 +42,16 @@ class InputQuantizer(nn.Module):
     -----
     Input and output: float tensors of any shape; the output holds ``s·(q − z)``.
 
+    ``spec`` and ``qparams`` are held as given (Python or numpy numbers and arrays),
+    as arguments of the module like a convolution's stride, not as tensors: no buffer or
+    parameter holds them. So ``.to(device)``, ``.to(torch.float64)`` and ``.half()`` leave
+    them exact (a float16 buffer would hold the scale 0.1 as 0.0999755859375 and move
+    codes), ``copy.deepcopy`` and ``torch.save`` of the module keep them, and a
+    ``state_dict`` holds none of them: a wrapped model's (:func:`with_input_quantizer`) is
+    the network's alone, and loading one into a wrapper built with other ``qparams``
+    matches every key and keeps that wrapper's. Save the spec and qparams beside the
+    weights and build the wrapper from them.
+
     Raises
     ------
     ValueError
@@ -87,7 +97,10 @@ class Dequantizer(nn.Module):
     -----
     Input: integer codes of any shape, within the spec's ``[qmin, qmax]``; codes stored one
     per byte must be int8 for a signed spec and uint8 otherwise (the same bytes read with
-    the other sign are other values). Output: ``s·(q − z)`` in ``dtype``.
+    the other sign are other values). Output: ``s·(q − z)`` in ``dtype``. ``spec``,
+    ``qparams`` and ``dtype`` are held as arguments, in no buffer: as for
+    :class:`InputQuantizer`, ``.to(...)`` leaves them as given and a ``state_dict`` holds
+    none of them.
 
     Raises
     ------
