@@ -40,6 +40,7 @@ from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
 from qerror.files import atomic_write, jsonable, package_versions, sha256_file, torch_save
+from qerror.interrupts import sigint_held
 from qerror.rounding import RoundingMode
 
 CHECKPOINT_FORMAT = "qerror-checkpoint"
@@ -787,8 +788,11 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
 
     Notes
     -----
-    Both files are written atomically, the weights first. A crash between the two leaves a
-    sidecar whose sha256 does not match, which :func:`load_checkpoint` refuses. On a first
+    Both files are written atomically, the weights first. A Ctrl-C while they are written
+    waits until both are in place (:func:`qerror.interrupts.sigint_held`), then is raised:
+    the pair is the previous one or the new one, never a mixture. A crash (a kill) between
+    the two leaves a sidecar whose sha256 does not match, which :func:`load_checkpoint`
+    refuses. On a first
     write (no sidecar yet) a provisional sidecar (``"pending": true``) goes first, so the
     weights are never a file without a sidecar, which would look like somebody else's file
     that a rerun must not replace; :func:`load_checkpoint` refuses a pending one as an
@@ -819,16 +823,20 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         raise CheckpointError(f"{side}, where the checkpoint's sidecar goes, exists and is not "
                               "a qerror checkpoint's sidecar: nothing was written. Move it away, "
                               "or save the checkpoint under another name")
-    if not sidecar_path(path).exists():
-        pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
-                             sort_keys=True) + "\n"
-        atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
-    atomic_write(path, lambda tmp: torch_save({**meta, "state_dict": state}, tmp,
-                                              f"the checkpoint {path}", "Nothing was replaced"))
-    sha = sha256_file(path)
-    sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
-    text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
+    # a Ctrl-C between the weights' rename and the sidecar's would leave new weights beside
+    # the old sidecar (a valid checkpoint lost, the new one refused as corrupt): it waits
+    with sigint_held():
+        if not sidecar_path(path).exists():
+            pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
+                                 sort_keys=True) + "\n"
+            atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
+        atomic_write(path, lambda tmp: torch_save({**meta, "state_dict": state}, tmp,
+                                                  f"the checkpoint {path}",
+                                                  "Nothing was replaced"))
+        sha = sha256_file(path)
+        sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
+        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+        atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
     return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],
                           meta["metrics"], meta["versions"], meta["created"])
 

@@ -585,6 +585,38 @@ def test_a_first_write_cut_before_its_sidecar_leaves_a_provisional_one(tmp_path,
     assert "pending" not in json.loads(models.sidecar_path(path).read_text())
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["rewrite", "first-write"])
+def test_a_ctrl_c_between_the_weights_and_their_sidecar_waits_for_both(tmp_path, monkeypatch,
+                                                                       first):
+    """A real SIGINT just after the weights' rename: it is raised once the sidecar is in
+    place too, so the new pair loads (without the hold a rewrite left new weights beside the
+    old sidecar, refused as corrupt, and a first write a provisional sidecar)."""
+    import signal
+
+    path = tmp_path / "ckpt.pt"
+    if not first:
+        models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                               config=CONFIG, metrics=METRICS)
+    real, renamed = models.os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        renamed.append(Path(dst).name)
+        if Path(dst) == path:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(models.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint(_trained_like_model(), path, arch="resnet18", stem="imagenet",
+                               config=CONFIG, metrics={"test_accuracy": 0.5})
+    monkeypatch.setattr(models.os, "replace", real)
+    assert renamed == ["ckpt.pt.json"] * first + ["ckpt.pt", "ckpt.pt.json"]
+    assert models.load_checkpoint(path).info.metrics == {"test_accuracy": 0.5}
+    assert "pending" not in json.loads(models.sidecar_path(path).read_text())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == \
+        ["ckpt.pt", "ckpt.pt.json"]
+
+
 def test_memory_format_switches_the_layout_and_restores_each_tensor():
     """Inside the block every 4-D parameter and buffer is channels_last with the same values
     (the same Parameter objects); on exit each is back in its own memory, with what was
