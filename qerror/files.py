@@ -86,7 +86,9 @@ def atomic_write(path: Path | str, write) -> Path:
 
     Notes
     -----
-    The temporary file lives in the folder of the file it becomes, so the rename never
+    The temporary file lives in the folder of the file it becomes (named after it, cut
+    short where a long name would make the temporary one too long for the file system), so
+    the rename never
     crosses a file system, and a crash leaves either the old file or the new one, never a
     mixture. The content is flushed to the disk before the rename and the folder after it
     (:func:`sync_folder`): once this returns, the new file survives a power cut. The file
@@ -103,7 +105,10 @@ def atomic_write(path: Path | str, write) -> Path:
         raise OSError(errno.ELOOP, f"cannot follow the symbolic links to a file ({err})",
                       str(path)) from err
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # the temporary name holds as much of the file's name as fits: a long name that is
+    # legal must not make an illegal one (mkstemp's random letters and ".tmp" follow)
+    stem = shortened(target.name, name_max(target.parent) - _MKSTEMP_ROOM - len(".."))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{stem}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -120,6 +125,54 @@ def atomic_write(path: Path | str, write) -> Path:
         raise
     sync_folder(target.parent)  # the rename itself, on the disk before the caller goes on
     return path
+
+
+#: Bytes a temporary name of :func:`atomic_write` keeps for ``mkstemp``'s random letters
+#: (8 in CPython) and its ``.tmp`` suffix, with a margin.
+_MKSTEMP_ROOM = 24
+
+#: The longest file name, in bytes, assumed where the file system cannot be asked: POSIX's
+#: NAME_MAX on Linux's and macOS's usual file systems.
+DEFAULT_NAME_MAX = 255
+
+
+def name_max(folder: Path | str) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes.
+
+    Parameters
+    ----------
+    folder : Path or str
+        The folder the name goes in; when it does not exist yet, its nearest existing
+        ancestor is asked (a new folder is on that one's file system, short of a mount).
+
+    Returns
+    -------
+    int
+        ``pathconf``'s ``PC_NAME_MAX``, or :data:`DEFAULT_NAME_MAX` where the platform or the
+        file system does not say.
+    """
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or not said
+        return DEFAULT_NAME_MAX
+    return limit if limit > 0 else DEFAULT_NAME_MAX
+
+
+def name_bytes(name: str) -> int:
+    """The length of a file name in bytes as the file system sees it (``os.fsencode``)."""
+    return len(os.fsencode(name))
+
+
+def shortened(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes (:func:`name_bytes`) at a character's end;
+    ``name`` itself when it fits."""
+    name = name[:max(limit, 0)]  # a character is at least a byte
+    while name and name_bytes(name) > limit:
+        name = name[:-1]
+    return name
 
 
 #: fsync's errors that say a folder cannot be flushed on this file system (not that its

@@ -4,7 +4,9 @@ link points, and are on the disk (with the folders the studies publish) once don
 import os
 import stat
 
-from qerror.files import atomic_write
+import pytest
+
+from qerror.files import atomic_write, name_bytes, name_max, shortened
 
 
 def _mode(path):
@@ -290,3 +292,28 @@ def test_package_versions_says_none_for_a_package_not_installed():
     versions = package_versions(["numpy", "qerror-no-such-distribution"])
     assert set(versions) == {"python", "numpy", "qerror-no-such-distribution"}
     assert versions["numpy"] and versions["qerror-no-such-distribution"] is None
+
+
+@pytest.mark.parametrize("tail", ["", "é"], ids=["ascii", "two-byte"])
+def test_a_long_legal_name_is_written_through_a_temporary_name_that_fits(tmp_path, tail):
+    # the temporary name was ".NAME.XXXXXXXX.tmp", 14 bytes longer than the file's: a legal
+    # name of 242 bytes or more failed with "File name too long" before anything was written
+    limit = name_max(tmp_path)
+    name = "a" * (limit - name_bytes(tail)) + tail
+    assert name_bytes(name) == limit
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp.name)
+        tmp.write_text("x")
+
+    atomic_write(tmp_path / name, write)
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == "x"
+    assert name_bytes(seen[0]) <= limit and seen[0].startswith(".aaa")
+    assert seen[0].endswith(".tmp")
+
+
+def test_shortened_cuts_at_a_characters_end():
+    assert shortened("abc", 5) == "abc" and shortened("abc", 2) == "ab"
+    assert shortened("aé", 2) == "a" and shortened("aé", 3) == "aé"  # é is two bytes
+    assert shortened("abc", 0) == "" and shortened("abc", -1) == ""
