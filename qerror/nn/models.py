@@ -39,7 +39,15 @@ from torch import nn
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
-from qerror.files import atomic_write, jsonable, package_versions, sha256_file, torch_save
+from qerror.files import (
+    atomic_write,
+    jsonable,
+    name_bytes,
+    name_max,
+    package_versions,
+    sha256_file,
+    torch_save,
+)
 from qerror.interrupts import sigint_held
 from qerror.rounding import RoundingMode
 
@@ -782,6 +790,9 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     CheckpointError
         ``<path>.json`` exists and is not a qerror sidecar (a user's file or a folder); nothing
         is written.
+    ValueError
+        ``<path>.json`` would be a longer name than the file system takes (``path``'s name
+        leaves no room for the sidecar's suffix); nothing is written.
     OSError
         A file cannot be written (a full disk, a folder without write permission); the
         checkpoint it would have replaced is left as it was.
@@ -819,6 +830,13 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     side = sidecar_path(path)
+    longest = name_max(path.parent)
+    if name_bytes(side.name) > longest:
+        raise ValueError(
+            f"{path}: its name is {name_bytes(path.name)} bytes, and its sidecar's "
+            f"({path.name}{SIDECAR_SUFFIX}) would be {name_bytes(side.name)}, over the "
+            f"{longest} bytes a file name may have there: nothing was written. Save it under "
+            f"a name of at most {longest - name_bytes(SIDECAR_SUFFIX)} bytes")
     if (side.exists() or side.is_symlink()) and _our_sidecar(path) is None:
         raise CheckpointError(f"{side}, where the checkpoint's sidecar goes, exists and is not "
                               "a qerror checkpoint's sidecar: nothing was written. Move it away, "

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from qerror.files import sha256_file
+from qerror.files import name_bytes, name_max, sha256_file
 from qerror.nn import models
 from qerror.nn.models import (
     Arch,
@@ -615,6 +615,28 @@ def test_a_ctrl_c_between_the_weights_and_their_sidecar_waits_for_both(tmp_path,
     assert "pending" not in json.loads(models.sidecar_path(path).read_text())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == \
         ["ckpt.pt", "ckpt.pt.json"]
+
+
+def test_a_name_that_leaves_no_room_for_its_sidecar_is_refused_before_anything_is_written(
+        tmp_path):
+    """``NAME.json`` must fit the file system's limit too: a name one byte too long for it
+    is refused with the longest name that works (which then saves and loads); it failed
+    with a raw "File name too long" on the sidecar."""
+    limit = name_max(tmp_path)
+    room = limit - len(models.SIDECAR_SUFFIX)
+    long_one = tmp_path / ("b" * (room + 1 - len(".pt")) + ".pt")
+    with pytest.raises(ValueError, match=f"its name is {room + 1} bytes, and its sidecar's .* "
+                                         f"would be {limit + 1}, over the {limit} bytes .* "
+                                         f"nothing was written. Save it under a name of at "
+                                         f"most {room} bytes"):
+        models.save_checkpoint(_trained_like_model(), long_one, arch="resnet18",
+                               stem="imagenet", config=CONFIG, metrics=METRICS)
+    assert not list(tmp_path.iterdir())
+    fits = tmp_path / ("b" * (room - len(".pt")) + ".pt")
+    saved = models.save_checkpoint(_trained_like_model(), fits, arch="resnet18",
+                                   stem="imagenet", config=CONFIG, metrics=METRICS)
+    assert models.load_checkpoint(fits).info.sha256 == saved.sha256
+    assert sorted(name_bytes(p.name) for p in tmp_path.iterdir()) == [room, limit]
 
 
 def test_memory_format_switches_the_layout_and_restores_each_tensor():
