@@ -49,7 +49,15 @@ import torch
 
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
-from qerror.files import jsonable, package_versions, sha256_file, sync_folder, sync_tree
+from qerror.files import (
+    jsonable,
+    name_bytes,
+    name_max,
+    package_versions,
+    sha256_file,
+    sync_folder,
+    sync_tree,
+)
 from qerror.interrupts import interrupts, sigint_counted
 from qerror.nn.int8 import Engine, kernel_probe
 from qerror.nn.models import CheckpointError
@@ -507,6 +515,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _beside(final: Path, kind: str) -> Path:
+    """The name this process gives a folder beside ``final``: its staging folder
+    (``partial``, ``.NAME.partial-PID``), the previous run moved aside (``old``,
+    ``.NAME.old-PID``), or a finished run that could not take ``final``'s place
+    (``finished``, ``NAME.finished-PID``)."""
+    dot = "" if kind == "finished" else "."
+    return final.parent / f"{dot}{final.name}.{kind}-{os.getpid()}"
+
+
 def clean_stale_partials(final: Path) -> list[Path]:
     """Remove the staging folders that killed runs aimed at ``final`` left behind.
 
@@ -573,7 +590,7 @@ def staging_folder(final: Path, whose: str = "this folder", hint: str = "") -> P
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = final.parent / f".{final.name}.partial-{os.getpid()}"
+    stage = _beside(final, "partial")
     if stage.exists() and not stage.is_symlink() and _marked(stage):
         shutil.rmtree(stage)  # this process's own, from an earlier one
     elif stage.exists() or stage.is_symlink():
@@ -631,7 +648,7 @@ def publish_folder(stage: Path, final: Path, *,
         raise StudyError(f"{final} is a file or a symbolic link, not a folder; it is never "
                          "replaced. Move it away and run again")
     sync_tree(stage)  # its files' content on the disk before the rename that shows them
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = _beside(final, "old")
     moved = published = False
     failure: BaseException | None = None
     try:
@@ -724,9 +741,11 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
 
     ``out`` may not exist, be an empty folder, or hold a previous run of ``study`` (its
     manifest names the study and lists every file in the folder), which is replaced only
-    when ``force``. The folder that will hold it must be writable: a probe file is created
-    and removed there (in the nearest existing ancestor when the parent does not exist
-    yet). Stale staging folders of killed runs are removed (:func:`clean_stale_partials`).
+    when ``force``. Its name must leave room for the names of the folders a run is staged
+    in beside it (``.NAME.partial-PID`` and the like) within the file system's limit. The
+    folder that will hold it must be writable: a probe file is created and removed there
+    (in the nearest existing ancestor when the parent does not exist yet). Stale staging
+    folders of killed runs are removed (:func:`clean_stale_partials`).
 
     Raises
     ------
@@ -738,6 +757,19 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     except (RuntimeError, OSError) as err:  # a loop of symbolic links (RuntimeError <3.13)
         raise StudyError(f"--out {out}: cannot follow it to a folder ({err}); pass a folder "
                          "that is not a loop of symbolic links") from err
+    # the run is staged beside --out under a longer name: a name that is legal but leaves
+    # no room for it would fail only once the work is done (train: after training); checked
+    # first, as a longer name than the file system takes is an OSError wherever it is used
+    longest = name_max(final.parent)
+    staged = max((_beside(final, kind) for kind in ("partial", "old", "finished")),
+                 key=lambda p: name_bytes(p.name))
+    if name_bytes(staged.name) > longest:
+        room = longest - (name_bytes(staged.name) - name_bytes(final.name))
+        raise StudyError(f"--out {final}: its name is {name_bytes(final.name)} bytes, and a "
+                         "run is staged beside it under a longer one (.NAME.partial-PID, "
+                         f"{name_bytes(staged.name)} bytes here), over the {longest} bytes a "
+                         f"file name may have there; pass an --out whose name is at most "
+                         f"{room} bytes")
     if final.exists() and not final.is_dir():
         raise StudyError(f"--out {final} is a file, not a folder; it is never replaced. Pass "
                          f"the name of a new folder, e.g. --out {final.parent / study}")
@@ -1161,7 +1193,7 @@ class RunDir:
         # a run, kept: never removed as left behind
         with contextlib.suppress(OSError):
             (self.stage / STAGING_MARK).unlink(missing_ok=True)
-        kept = self.final.parent / f"{self.final.name}.finished-{os.getpid()}"
+        kept = _beside(self.final, "finished")
         try:
             self.stage.rename(kept)
             where = f"it is complete at {kept}: move it where you want it"

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from qerror import data, wilson_ci
-from qerror.files import jsonable
+from qerror.files import jsonable, name_bytes, name_max
 from qerror.nn import parallel
 from qerror.nn.models import (
     DEFAULT_STEM,
@@ -367,7 +367,7 @@ def _main(argv: list[str]) -> int:
     checkpoint = args.checkpoint or default_checkpoint_path(
         recipe.arch, recipe.stem, tag="smoke" if args.smoke else None)
     # the whole file name: x.pt and x.pth are two checkpoints, with two training states
-    state_path = checkpoint.with_name(checkpoint.name + ".train-state.pt")
+    state_path = _state_path(checkpoint)
     out = args.out or REPO / "runs" / "train" / tag
     try:
         with distributed(args.device) as place:
@@ -377,8 +377,8 @@ def _main(argv: list[str]) -> int:
             if place.is_main:
                 try:
                     check_out(out, "train", force=args.force)
-                    _check_targets(checkpoint, out, force=args.force or (
-                        args.resume and state_path.is_file()), cache=args.checkpoint is None)
+                    _check_targets(checkpoint, out, force=args.force, resume=args.resume,
+                                   cache=args.checkpoint is None)
                 except StudyError as exc:
                     refusal = str(exc)
             # every rank stops with rank 0's words, not in the collective it would wait in
@@ -457,16 +457,41 @@ def _report(result: FitResult, recipe: Recipe, splits: data.Splits, args, argv: 
         return EXIT_INTERRUPTED
 
 
-def _check_targets(checkpoint: Path, out: Path | str, *, force: bool, cache: bool = False
-                   ) -> None:
+def _state_path(checkpoint: Path) -> Path:
+    """Where the resumable training state of ``checkpoint`` is kept: beside it, named after
+    its whole file name (``x.pt`` and ``x.pth`` are two checkpoints, with two states)."""
+    return checkpoint.with_name(checkpoint.name + ".train-state.pt")
+
+
+def _check_targets(checkpoint: Path, out: Path | str, *, force: bool, resume: bool = False,
+                   cache: bool = False) -> None:
     """StudyError unless the checkpoint may be written where asked (below) outside ``out``.
 
-    The run folder is staged and published as a whole: a checkpoint (and its state) inside
-    it would be written there by training and refused after it. ``force`` also holds for a
-    run cut while writing its results, which has saved the checkpoint but kept its state:
-    rerunning the command finishes it and may replace that checkpoint. ``cache``: the
-    checkpoint is the cache's (no ``--checkpoint`` given), and the messages say so.
+    Its name must leave room for the files named after it (its sidecar and its training
+    state) within the file system's limit. The run folder is staged and published as a
+    whole: a checkpoint (and its state) inside it would be written there by training and
+    refused after it. ``resume`` (the run resumes a state it finds) acts as ``force`` where
+    the checkpoint's training state is kept: a run cut while writing its results has saved
+    the checkpoint but kept its state, and rerunning the command finishes it and may replace
+    that checkpoint. ``cache``: the checkpoint is the cache's (no ``--checkpoint`` given),
+    and the messages say so.
     """
+    # the sidecar and the training state are named after the checkpoint, longer: a legal
+    # name that leaves no room for them would fail at the first state save, or after
+    # training (checked first: a longer name than the file system takes is an OSError
+    # wherever it is looked at)
+    longest = name_max(checkpoint.parent)
+    derived = max((sidecar_path(checkpoint), _state_path(checkpoint)),
+                  key=lambda p: name_bytes(p.name))
+    if name_bytes(derived.name) > longest:
+        room = longest - (name_bytes(derived.name) - name_bytes(checkpoint.name))
+        raise StudyError(f"{'the cache' if cache else '--checkpoint'} {checkpoint}: its name "
+                         f"is {name_bytes(checkpoint.name)} bytes, and a file named after it "
+                         f"is written beside it (NAME{derived.name[len(checkpoint.name):]}, "
+                         f"{name_bytes(derived.name)} bytes here), over the {longest} bytes a "
+                         f"file name may have there; pass a --checkpoint whose name is at most "
+                         f"{room} bytes")
+    force = force or (resume and _state_path(checkpoint).is_file())
     inside = Path(out).expanduser().resolve()
     try:
         target = checkpoint.expanduser().resolve()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qerror.files import name_max
 from studies import _common
 from studies._common import RunDir
 
@@ -82,6 +83,27 @@ def test_flush_denormal_restores_the_callers_setting():
 def _files(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def test_an_out_whose_staging_names_would_be_too_long_is_refused_up_front(tmp_path):
+    """A run is staged beside --out as .NAME.partial-PID (and kept as NAME.finished-PID), 10
+    bytes and the process id longer than NAME: a legal --out that leaves no room for them
+    passed check_out and failed with a raw "File name too long" when the run was staged,
+    after a study's work. It is refused by check_out, naming the longest name that works;
+    that one is staged, published and replaced."""
+    limit = name_max(tmp_path)
+    room = limit - len("..partial-") - len(str(os.getpid()))
+    with pytest.raises(_common.StudyError, match=f"its name is {room + 1} bytes, .* over the "
+                                                 f"{limit} bytes .* pass an --out whose name "
+                                                 f"is at most {room} bytes"):
+        _common.check_out(tmp_path / ("r" * (room + 1)), "demo", force=False)
+    out = tmp_path / ("r" * room)
+    for text in ("1\n", "2\n"):  # the second replaces the first (.NAME.old-PID)
+        with RunDir(out, "demo", [], {}, force=True) as run:
+            run.write_text("x.csv", text)
+            run.finish()
+    assert (out / "x.csv").read_text() == "2\n" and [p.name for p in tmp_path.iterdir()] == \
+        [out.name]
 
 
 def test_check_out_accepts_new_empty_and_forced_previous_runs(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qerror import data, wilson_ci
+from qerror.files import name_max
 from qerror.nn import models, training
 from studies import _common, train
 from studies._common import REPO, sha256_file
@@ -191,6 +192,23 @@ def test_a_checkpoint_inside_out_is_refused_before_training(idx_root, tmp_path, 
     assert code == 2
     assert "lies inside --out" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_checkpoint_name_with_no_room_for_its_state_is_refused_before_training(
+        idx_root, tmp_path, capsys):
+    """The training state is NAME.train-state.pt beside the checkpoint, 15 bytes longer: a
+    legal --checkpoint that leaves no room for it trained until its first state save, which
+    failed with a raw "File name too long". It is refused before any data is read."""
+    limit = name_max(tmp_path)
+    room = limit - len(".train-state.pt")
+    checkpoint = tmp_path / ("c" * (room + 1 - len(".pt")) + ".pt")
+    code = train.main([*SMOKE, "--data-root", str(idx_root), "--out", str(tmp_path / "run"),
+                       "--checkpoint", str(checkpoint), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"its name is {room + 1} bytes" in err and f"over the {limit} bytes" in err
+    assert f"pass a --checkpoint whose name is at most {room} bytes" in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_refuses_other_training_images(idx_root, tmp_path, capsys):
