@@ -589,13 +589,21 @@ _SITE_COUNTS = ("sat_low", "sat_high", "sat_total", "in_n")
 _SITE_TENSORS = ("in_sum", "in_pos", "in_neg")
 
 
-def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int]
-                 ) -> list[int]:
+#: Why :func:`measure` takes images of one size only (its batches', and its ranks').
+_ONE_SIZE = ("drift and mse weight each image by its elements, while their standard errors "
+             "and the debiased channel drift take images as equal units, so across sizes "
+             "they would describe another mean")
+
+
+def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int],
+                 image_shape: tuple[int, ...]) -> list[int]:
     """Sum every rank's accumulators into this rank's (in place) and return the summed
     ``counts``; the images kept for resampling are gathered in rank order.
 
     Integers are summed exactly as int64; float sums as float64, so the merged sums differ
-    from one process's only by the order of the additions.
+    from one process's only by the order of the additions. ``image_shape`` (this rank's
+    images') must be every rank's: one process refuses images of two shapes, and each rank
+    sees only its own. Every rank raises the same error when the ranks disagree.
     """
     def tensors(m):
         return [getattr(m, k) for k in _MOMENT_TENSORS]
@@ -605,7 +613,13 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes = [[None if t is None else tuple(t.shape) for t in tensors(m)] for m in holders]
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
-    if len({repr(x) for x in parallel.gather_objects((layout, shapes))}) != 1:
+    gathered = parallel.gather_objects((image_shape, layout, shapes))
+    if len({g[0] for g in gathered}) != 1:
+        raise ValueError(
+            "the ranks' images differ in shape (" + ", ".join(
+                f"rank {r}: {g[0]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
+            "every rank images of one size (measure each size apart)")
+    if len({repr(g[1:]) for g in gathered}) != 1:
         raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
                            "the same model and configuration on at least one batch")
     ints = [getattr(m, k) for m in holders for k in _MOMENT_COUNTS]
@@ -1453,7 +1467,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         Batches of images of another shape than the first's: ``drift`` and ``mse`` are
         means over every element, which weight an image by its size, while ``drift_se``,
         ``mse_se``, ``local_drift_se`` and ``drift_rel_rms_channel_debiased`` take images as
-        equal units; across sizes the two would be estimates of different means.
+        equal units; across sizes the two would be estimates of different means. With
+        ``across_ranks``, also ranks whose images differ in shape (on every rank).
 
     See Also
     --------
@@ -1580,10 +1595,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                 elif tuple(x.shape[1:]) != image_shape:
                     raise ValueError(
                         f"batch {batch} holds images of shape {tuple(x.shape[1:])}, the first "
-                        f"{image_shape}: drift and mse weight each image by its elements, "
-                        "while their standard errors and the debiased channel drift take "
-                        "images as equal units, so across sizes they would describe another "
-                        "mean; measure each image size apart")
+                        f"{image_shape}: {_ONE_SIZE}; measure each image size apart")
                 if x.is_floating_point():
                     u = max(u, unit_roundoff(x.dtype))
                 inst.batch_index, inst.first_image = first_batch + batch, start
@@ -1617,7 +1629,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
     if across_ranks and parallel.world()[1] > 1:  # one process: its sums are the merged ones
         merged = _merge_ranks([logit_ref, *logit_err], [s for sites in ordered for s in sites],
-                              [n_img, fc, *(v for c in counts for v in c)])
+                              [n_img, fc, *(v for c in counts for v in c)], image_shape)
         n_img, fc = merged[:2]
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
         if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:

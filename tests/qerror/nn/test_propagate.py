@@ -999,3 +999,50 @@ def test_batches_of_another_image_size_are_refused(setup):
                      [config, QuantConfig.make(4, RoundingMode.FLOOR)], aq)
     assert _clean(model)
     measure(model, [small, small], config, aq)
+
+
+
+def _rank_measures(rank, world, port, folder):
+    """One torchrun-like gloo rank: ``measure`` with ``across_ranks`` on 4 images, of side 12
+    on both ranks, then of side 12 on rank 0 and 10 on rank 1; what each returned or raised
+    goes to ``folder / rank<r>.txt``, a line each."""
+    import os
+
+    from qerror.nn import training
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = tiny_resnet(dtype=torch.float32)
+    config = QuantConfig.make(4)
+    aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
+    said = []
+    with training.distributed("cpu"):
+        for side in (12, 12 if rank == 0 else 10):
+            x = torch.randn(4, 1, side, side, generator=torch.Generator().manual_seed(rank))
+            try:
+                result = measure(model, [x], config, aq, across_ranks=True)
+                said.append(f"measured {result.logits.n}")
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+    (folder / f"rank{rank}.txt").write_text("\n".join(said))
+
+
+def test_ranks_whose_images_differ_in_size_are_refused_on_every_rank(tmp_path):
+    """One process refuses batches of two image sizes (above); two ranks each saw one size
+    and merged them silently. Now every rank raises the same ValueError naming each rank's
+    shape; ranks of one size measure all 8 images."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawned, as in test_training: a forked rank inherits this process's autograd state
+    mp.start_processes(_rank_measures, args=(2, port, tmp_path), nprocs=2, join=True,
+                       start_method="spawn")
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert said[0] == said[1] and said[0][0] == "measured 8"
+    assert said[0][1].startswith("ValueError: the ranks' images differ in shape (rank 0: "
+                                 "(1, 12, 12), rank 1: (1, 10, 10)): drift and mse weight")
