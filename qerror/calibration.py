@@ -21,7 +21,13 @@ from scipy import stats
 from qerror._checks import check_finite, check_float_array
 from qerror._enums import Choice
 from qerror.analytic import ClipMethod, optimal_clip
-from qerror.quantizer import QParams, QuantSpec, fake_quantize
+from qerror.quantizer import (
+    QParams,
+    QuantSpec,
+    fake_quantize,
+    largest_finite,
+    working_precision,
+)
 from qerror.rounding import ArrayLike, Generator
 
 
@@ -138,12 +144,6 @@ def _to_numpy64(x) -> np.ndarray:
     return np.atleast_1d(np.asarray(x, dtype=np.float64))
 
 
-def _min_scale(x) -> float:
-    """Smallest normal number of the precision ``x`` is quantized in."""
-    wide = x.dtype == torch.float64 if isinstance(x, torch.Tensor) else x.dtype == np.float64
-    return float(np.finfo(np.float64 if wide else np.float32).tiny)
-
-
 def observed_range(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(lo, hi)`` of ``x`` by ``policy`` (MSE uses min-max as its start).
@@ -214,8 +214,8 @@ def _aciq_range(data: np.ndarray, spec: QuantSpec, law: str, dims, lo, hi):
     return np.maximum(mu - half, lo), np.minimum(mu + half, hi)
 
 
-def qparams_from_range(lo, hi, spec: QuantSpec, *,
-                       min_scale: float = float(np.finfo(np.float32).tiny)) -> QParams:
+def qparams_from_range(lo, hi, spec: QuantSpec, *, min_scale: float | None = None,
+                       dtype=np.float32) -> QParams:
     """Scale and zero point that map ``[lo, hi]`` onto the spec's integer range.
 
     Symmetric: ``s = max(|lo|, |hi|) / qmax`` and ``z = 0`` (for an unsigned
@@ -229,13 +229,31 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
     upper, stochastic rounding at either) can step past it and clamp, counted as
     saturation.
     A zero-width range gets ``s = 1``: any scale represents it exactly. A scale
-    below ``min_scale`` (the smallest normal float32 by default; a positive finite
-    number) is raised to it, so that it survives rounding to the working precision.
+    below ``min_scale`` (a positive finite number; by default the smallest normal number of
+    the precision data of ``dtype`` are quantized in,
+    :func:`~qerror.quantizer.working_precision`) is raised to it, so that it survives
+    rounding to that precision.
+
+    ``dtype`` (numpy or torch; float32 by default) is the data's: a scale above
+    ``spec.max_scale(z, dtype)`` (:meth:`~qerror.quantizer.QuantSpec.max_scale`), whose
+    grid's ends ``s (qmin - z)`` or ``s (qmax - z)`` fake-quantize to ``±inf`` (a range
+    reaching within about a step of the format's largest number, as ``±float32 max``
+    does: ``127 s`` rounds above it), is lowered to it, and an affine zero point found
+    again for the lowered scale. No level then leaves the format, and each end of the
+    range lies within one step of the grid (up to the lowered scale's rounding, an ulp):
+    on a signed symmetric grid of ``-128..127``, ``s (qmin - z)`` bounds the scale, so
+    the range's upper end clamps to ``127 s``, counted as saturation; on an affine grid the
+    zero point found again keeps the lower end within half a step, and the upper can be a
+    step beyond. A range beyond ``dtype``'s largest number, which no data of that dtype
+    have, is refused.
     """
-    if isinstance(min_scale, (bool, np.bool_)) or not isinstance(min_scale, numbers.Real) \
+    if min_scale is None:
+        min_scale = float(np.finfo(working_precision(dtype)).tiny)
+    elif isinstance(min_scale, (bool, np.bool_)) or not isinstance(min_scale, numbers.Real) \
             or not (math.isfinite(float(min_scale)) and float(min_scale) > 0.0):
         raise ValueError(f"min_scale must be a positive finite number (the smallest scale "
                          f"to give), got {min_scale!r}")
+
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     if lo.size == 0 or hi.size == 0:
@@ -248,9 +266,16 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
         raise ValueError("range bounds must be finite")
     if np.any(lo > hi):
         raise ValueError(f"range has lo > hi: lo={lo}, hi={hi}")
+    top = largest_finite(dtype)
+    if np.any(np.maximum(np.abs(lo), np.abs(hi)) > top):
+        raise ValueError(
+            f"range [{np.min(lo):.6g}, {np.max(hi):.6g}] reaches beyond {top:.6g}, the largest "
+            f"number of the data's dtype {dtype}: no grid for such data covers it; pass the "
+            "dtype of the data it was found on (dtype=numpy.float64 for float64 data)")
     if spec.symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi)) if spec.signed else np.maximum(hi, 0.0)
         scale = np.where(amax > 0, np.maximum(amax / spec.qmax, min_scale), 1.0)
+        scale = np.minimum(scale, spec.max_scale(0, dtype))
         zp = np.zeros(scale.shape, dtype=np.int64)
     else:
         lo0 = np.minimum(lo, 0.0)
@@ -262,6 +287,14 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *,
         per_step = np.where(np.isfinite(width), width / steps, hi0 / steps - lo0 / steps)
         scale = np.where(width > 0, np.maximum(per_step, min_scale), 1.0)
         zp = np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin, spec.qmax).astype(np.int64)
+        # Lowered to the largest scale whose grid about that zero point is finite, the zero
+        # point is found again: its side of the grid can only gain steps, and no more than
+        # the lowered scale allows (|lo0| / max_scale(k) rounds to at most k).
+        lowered = scale > spec.max_scale(zp, dtype)
+        if np.any(lowered):
+            scale = np.where(lowered, spec.max_scale(zp, dtype), scale)
+            zp = np.where(lowered, np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin,
+                                           spec.qmax), zp).astype(np.int64)
     if scale.ndim == 0:
         return QParams(float(scale), int(zp))
     return QParams(scale, zp)
@@ -282,9 +315,8 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     axis = spec.channel_axis(x)
     data = _to_numpy64(x)
     lo, hi = _range(data, spec, policy, axis)
-    min_scale = _min_scale(x)
     if policy.method is not RangeMethod.MSE:
-        return qparams_from_range(lo, hi, spec, min_scale=min_scale)
+        return qparams_from_range(lo, hi, spec, dtype=x.dtype)
     dims = _reduce_dims(data, axis) if axis is not None else None
     # Squared errors of data near float64's ends overflow (above 1e154) or underflow to 0
     # (below 1e-162, where every shrink tied and the min-max range won): each channel's are
@@ -298,7 +330,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
     for c in np.linspace(1.0, 1.0 / policy.mse_grid, policy.mse_grid):
-        params = qparams_from_range(lo * c, hi * c, spec, min_scale=min_scale)
+        params = qparams_from_range(lo * c, hi * c, spec, dtype=x.dtype)
         xq = fake_quantize(data, spec, params.scale, params.zero_point, generator=generator)
         err = np.mean(np.ldexp(xq - data, shift) ** 2, axis=dims)
         better = err < best_err

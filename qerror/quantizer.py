@@ -168,6 +168,42 @@ class QuantSpec:
             )
         return z
 
+    def max_scale(self, zero_point=0, dtype=np.float32):
+        """The largest scale whose grid is finite for data of ``dtype``.
+
+        Parameters
+        ----------
+        zero_point : int or integer array
+            As for :func:`quantize` (0 on a symmetric grid).
+        dtype : numpy or torch floating dtype
+            The data's: float16, bfloat16 (torch), float32 or float64.
+
+        Returns
+        -------
+        float, or a float64 array of the zero point's shape
+            The largest scale ``s`` of the working precision
+            (:func:`working_precision`) for which every level ``s (q - z)``, ``q`` in
+            ``[qmin, qmax]``, as :func:`fake_quantize` and :func:`dequantize` compute it
+            (the product rounded to the working precision), is at most ``dtype``'s largest
+            finite number in magnitude. A larger scale gives ``±inf`` (or, for float16 and
+            bfloat16, a level beyond the format) for finite data. The ends of the grid,
+            ``|q - z| = max(qmax - z, z - qmin)``, bound every level, so it is found there.
+        """
+        z = self.check_zero_point(zero_point)
+        work = working_precision(dtype).type
+        top = work(largest_finite(dtype))
+        ends = np.maximum(self.qmax - z, z - self.qmin).astype(work)  # exact: at most 2**16
+        # within a few ulps of the answer (one division, one rounding), then stepped to it
+        s = (float(top) / ends.astype(np.float64)).astype(work)
+        zero, inf = work(0), work(np.inf)
+        with np.errstate(over="ignore"):
+            while np.any(over := s * ends > top):
+                s = np.where(over, np.nextafter(s, zero), s)
+            while np.any(fits := np.nextafter(s, inf) * ends <= top):
+                s = np.where(fits, np.nextafter(s, inf), s)
+        s = s.astype(np.float64)
+        return float(s) if s.ndim == 0 else s
+
     def channel_axis(self, x) -> int | None:
         """The per-channel axis as a dimension of ``x`` (``axis % x.ndim``), or None per
         tensor; ValueError where ``x`` has no such dimension."""
@@ -184,6 +220,35 @@ class QuantSpec:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+def working_precision(dtype) -> np.dtype:
+    """The precision :func:`quantize`, :func:`fake_quantize` and :func:`dequantize` compute in
+    for data of ``dtype`` (a numpy or torch floating dtype): float64 for float64, float32 for
+    float32, float16 and bfloat16. The scale is rounded to it."""
+    largest_finite(dtype)  # refuses a dtype that is no data's
+    wide = dtype == torch.float64 if isinstance(dtype, torch.dtype) else \
+        np.dtype(dtype) == np.float64
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def largest_finite(dtype) -> float:
+    """The largest finite number of ``dtype``, a data's floating dtype (numpy's float16,
+    float32, float64 or torch's float16, bfloat16, float32, float64); TypeError for any
+    other."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch's float16, bfloat16, float32 or float64, got "
+                            f"{dtype}")
+        return float(torch.finfo(dtype).max)
+    try:
+        kind = np.dtype(dtype)
+    except TypeError:
+        kind = None
+    if kind is None or kind.type not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"dtype must be float16, float32 or float64 (numpy) or a torch float "
+                        f"dtype, got {dtype!r}")
+    return float(np.finfo(kind).max)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Calibration: ranges by policy (min-max, percentile, MSE, ACIQ), scales and zero points, bad input."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from qerror import (
     RangeMethod,
     RangePolicy,
     calibrate,
+    dequantize,
     fake_quantize,
     observed_range,
     qparams_from_range,
@@ -319,3 +322,119 @@ def test_calibration_and_quantizer_share_one_axis_check():
             call()
         messages.add(str(err.value))
     assert messages == {"spec.axis=-3 is out of range for an input of shape (2, 3)"}
+
+
+def _exact_bound(work) -> Fraction:
+    """The least real product that rounds to inf in ``work`` (float32 or float64): the
+    largest finite number plus half its ulp, a tie that goes to inf (its significand is
+    odd)."""
+    info = np.finfo(work)
+    return Fraction(float(info.max)) + Fraction(2) ** int(info.maxexp - info.nmant - 1) / 2
+
+
+@pytest.mark.parametrize("work", [np.float32, np.float64])
+@pytest.mark.parametrize("spec, zero_points", [
+    (QuantSpec(bits=8), [0]),
+    (QuantSpec(bits=8, narrow=True), [0]),
+    (QuantSpec(bits=4, signed=False), [0]),
+    (QuantSpec(bits=16, symmetric=False), [-32768, -5, 0, 1, 32767]),
+    (QuantSpec(bits=8, signed=False, symmetric=False), [0, 1, 127, 128, 200, 255]),
+])
+def test_max_scale_is_the_largest_whose_grid_ends_are_finite(work, spec, zero_points):
+    """Exact reference: s (q - z) rounds to a finite number of the working precision iff
+    |s (q - z)| is below the largest finite number plus half its ulp; the returned scale is
+    a number of that precision that meets it at both ends, and the next one up does not."""
+    bound = _exact_bound(work)
+    scales = spec.max_scale(np.array(zero_points), work)
+    assert scales.shape == (len(zero_points),)
+    for z, s in zip(zero_points, scales):
+        assert float(work(s)) == s  # a number of the working precision: no rounding later
+        k = max(spec.qmax - z, z - spec.qmin)
+        up = float(np.nextafter(work(s), work(np.inf)))
+        assert Fraction(float(s)) * k < bound <= Fraction(up) * k
+        assert spec.max_scale(z, work) == s  # a scalar zero point gives a float
+    # the same working precision for torch's dtypes; float16's own largest number bounds it
+    assert QuantSpec().max_scale(0, torch.float64) == QuantSpec().max_scale(0, np.float64)
+    assert QuantSpec().max_scale(0, np.float16) == QuantSpec().max_scale(0, torch.float16) \
+        == 65504 / 128
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, torch.float32, torch.float64,
+                                   np.float16])
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=8), QuantSpec(bits=8, narrow=True), QuantSpec(bits=8, signed=False),
+    QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8, signed=False, symmetric=False),
+    QuantSpec(bits=4, symmetric=False), QuantSpec(bits=8, axis=0),
+])
+@pytest.mark.parametrize("method", [RangeMethod.MINMAX, RangeMethod.MSE, RangeMethod.PERCENTILE])
+def test_data_at_the_formats_largest_number_fake_quantize_to_finite_values(dtype, spec,
+                                                                           method):
+    """Data spanning ±float32 max (or ±float64 max) got the scale max/127, whose 127 s rounds
+    above max: fake-quantize gave ±inf for them (with an overflow warning), per tensor and per
+    channel alike (/work/runs/s42/overflow/probe_siblings.py). Now every level of the grid is
+    finite, the levels of the range's ends lie within one step of them (exactly), a narrow
+    grid keeps the codes ±127 and an ordinary channel its scale and codes."""
+    torch_in = isinstance(dtype, torch.dtype)
+    npdt = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype, dtype)
+    top = float(np.finfo(npdt).max)
+    rows = [[-top, -1.0, 0.0, 1.0, top], [-2.0, -1.0, 0.0, 1.0, 2.0]]
+    data = np.array(rows if spec.axis is not None else rows[0])
+    x = torch.tensor(data, dtype=dtype) if torch_in else data.astype(dtype)
+    qp = calibrate(x, spec, RangePolicy(method, percentile=100.0))
+    with np.errstate(all="raise"):  # an overflow warning is an error here
+        out = fake_quantize(x, spec, qp.scale, qp.zero_point)
+        codes = quantize(x, spec, qp.scale, qp.zero_point)
+        channels = np.size(qp.scale)
+        grid_ends = dequantize(np.tile([spec.qmin, spec.qmax], (channels, 1)), qp.scale,
+                               qp.zero_point, axis=spec.axis, dtype=npdt)
+    out = np.asarray(out.numpy() if torch_in else out, dtype=np.float64).reshape(-1, 5)
+    codes = np.asarray(codes.numpy() if torch_in else codes).reshape(-1, 5)
+    assert np.all(np.isfinite(grid_ends)) and np.all(np.isfinite(out))
+    # the level of each end's code, s (q - z) exactly (fake-quantize rounds it once more)
+    step = Fraction(float(np.atleast_1d(qp.scale)[0]))
+    z = int(np.atleast_1d(qp.zero_point)[0])
+    kept_low = 0.0 if spec.symmetric and not spec.signed else -top  # else clamped to 0
+    assert abs(step * (int(codes[0, -1]) - z) - Fraction(top)) <= step
+    assert abs(step * (int(codes[0, 0]) - z) - Fraction(kept_low)) <= step
+    assert np.all(out[0, 1:4] == 0.0)  # ±1 lie far within half a step of 0
+    if spec.narrow:
+        assert codes[0].tolist() == [-127, 0, 0, 0, 127]
+    if spec.axis is not None:  # the ordinary channel is as it was
+        assert qp.scale[1] == 2.0 / 127 and codes[1].tolist() == [-127, -64, 0, 64, 127]
+
+
+def test_a_range_beyond_the_datas_format_is_refused():
+    spec = QuantSpec(bits=8)
+    with pytest.raises(ValueError, match="beyond 3.40282e\\+38, the largest number of the "
+                                         "data's dtype"):
+        qparams_from_range(-1e300, 1e300, spec)
+    assert qparams_from_range(-1e300, 1e300, spec, dtype=np.float64).scale == 1e300 / 127
+
+
+@pytest.mark.parametrize("work", [np.float32, np.float64])
+@pytest.mark.parametrize("bits, signed", [(2, True), (4, False), (8, True), (8, False)])
+def test_affine_ranges_near_the_formats_ends_keep_their_ends_within_a_step(work, bits, signed):
+    """Random affine ranges with one or both ends within a few steps of the format's largest
+    number: where the scale is lowered the zero point is found again, the grid's ends are
+    finite, the lower end of the range lies within half a step of the grid and the upper
+    within one step, up to the lowered scale's rounding (exact arithmetic)."""
+    rng = np.random.default_rng(3)
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=False)
+    top = float(np.finfo(work).max)
+    slack = Fraction(float(np.finfo(work).eps)) * Fraction(top)
+    lowered = 0
+    for _ in range(400):
+        u = rng.uniform(0.0, 1.0, 2)
+        near = 1.0 - rng.uniform(0.0, 4.0 / spec.levels, 2) * (rng.uniform(size=2) < 0.7)
+        lo, hi = -top * near[0] * (u[0] < 0.8), top * near[1] * (u[1] < 0.9)
+        qp = qparams_from_range(lo, hi, spec, dtype=work)
+        s, z = Fraction(qp.scale), qp.zero_point
+        assert float(work(qp.scale)) == qp.scale or qp.scale < spec.max_scale(z, work)
+        lowered += qp.scale == spec.max_scale(z, work)
+        assert s * (spec.qmax - z) < _exact_bound(work)
+        assert s * (z - spec.qmin) < _exact_bound(work)
+        assert abs(s * (spec.qmin - z) - Fraction(min(lo, 0.0))) <= s / 2
+        # one step of the real top / k, which the lowered scale is within an ulp of: at most
+        # k <= steps of them, eps · top apart, and the step itself eps · top / k
+        assert Fraction(max(hi, 0.0)) - s * (spec.qmax - z) <= s + 2 * slack
+    assert lowered > 50
