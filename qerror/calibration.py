@@ -172,8 +172,23 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
                 np.percentile(data, p, axis=dims))
     lo, hi = np.min(data, axis=dims), np.max(data, axis=dims)
     if policy.method is RangeMethod.ACIQ:
-        return _aciq_range(data, spec, policy.aciq_law, dims, lo, hi)
+        # In units of a power of two near each channel's largest magnitude (an exact
+        # rescaling): the spread's sums and squares of float64 data overflowed above 1e154
+        # (the normal law's range became min-max's; an affine mean gave a NaN range) and
+        # underflowed to 0 below 1e-162 (a zero range).
+        shift = _unit_shift(lo, hi)
+        wide = shift if dims is None else np.expand_dims(shift, dims)
+        lo_u, hi_u = _aciq_range(np.ldexp(data, wide), spec, policy.aciq_law, dims,
+                                 np.ldexp(lo, shift), np.ldexp(hi, shift))
+        return np.ldexp(lo_u, -shift), np.ldexp(hi_u, -shift)
     return lo, hi
+
+
+def _unit_shift(lo, hi) -> np.ndarray:
+    """The power of two that takes each channel's largest magnitude ``max(|lo|, |hi|)`` into
+    [0.5, 1) (0 for a channel of zeros): data multiplied by it are computed on without
+    overflow or underflow, and results divided by it again exactly."""
+    return -np.frexp(np.maximum(np.abs(lo), np.abs(hi)))[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,8 +337,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     # (below 1e-162, where every shrink tied and the min-max range won): each channel's are
     # compared in units of a power of two near its largest magnitude (an exact rescaling,
     # which leaves every comparison as it was). The min-max range MSE starts from gives it.
-    amax = np.maximum(np.abs(lo), np.abs(hi))
-    shift = -np.frexp(amax)[1]  # 0 for a channel of zeros
+    shift = _unit_shift(lo, hi)
     if dims is not None:
         shift = np.expand_dims(shift, dims)
     best_err = np.full(np.shape(lo), np.inf)

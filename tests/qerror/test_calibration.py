@@ -438,3 +438,25 @@ def test_affine_ranges_near_the_formats_ends_keep_their_ends_within_a_step(work,
         # k <= steps of them, eps · top apart, and the step itself eps · top / k
         assert Fraction(max(hi, 0.0)) - s * (spec.qmax - z) <= s + 2 * slack
     assert lowered > 50
+
+
+@pytest.mark.parametrize("k", [-1000, -540, 540, 1015])
+@pytest.mark.parametrize("law", ["laplace", "normal"])
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, signed=False),
+                                  QuantSpec(bits=4, symmetric=False)])
+def test_aciq_range_is_the_same_at_every_power_of_two(k, law, spec):
+    """ACIQ's spread (sum of |x|, of x², the mean) was computed on float64 data as given: the
+    normal law's squares overflowed above 1e154 (range min-max's), underflowed to 0 below
+    1e-162 (a zero range, scale 1, every code 0), and near float64's end the sums overflowed
+    (the affine mean inf, 'range bounds must be finite') (probe_siblings.py). Data scaled by
+    2^k now get the range scaled by 2^k, exactly, per tensor and per channel."""
+    x = np.random.default_rng(11).laplace(size=4000) + (0.5 if not spec.symmetric else 0.0)
+    policy = RangePolicy(RangeMethod.ACIQ, aciq_law=law)
+    ref = observed_range(x, spec, policy)
+    assert ref[1] - ref[0] < np.ptp(x)  # ACIQ clips these data: not the min-max range
+    got = observed_range(np.ldexp(x, k), spec, policy)
+    assert [float(v) for v in got] == [float(np.ldexp(v, k)) for v in ref]
+    # per channel (sums along a strided axis, in another order than the whole tensor's)
+    per = observed_range(np.stack([x, np.ldexp(x, k)], axis=1), spec.replace(axis=1), policy)
+    for end in per:
+        assert end[1] == np.ldexp(end[0], k)
