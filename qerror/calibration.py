@@ -168,8 +168,12 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
         if spec.symmetric:  # unsigned, zero point 0: only the positive side is represented
             hi = np.percentile(np.maximum(data, 0.0), p, axis=dims)
             return np.zeros_like(hi), hi
-        return (np.percentile(data, 100.0 - p, axis=dims),
-                np.percentile(data, p, axis=dims))
+        # interpolated in units of a power of two near each channel's largest magnitude
+        # (exact): between values of opposite signs beyond 9e307 b - a overflowed to inf
+        shift = _unit_shift(np.min(data, axis=dims), np.max(data, axis=dims))
+        units = np.ldexp(data, shift if dims is None else np.expand_dims(shift, dims))
+        return (np.ldexp(np.percentile(units, 100.0 - p, axis=dims), -shift),
+                np.ldexp(np.percentile(units, p, axis=dims), -shift))
     lo, hi = np.min(data, axis=dims), np.max(data, axis=dims)
     if policy.method is RangeMethod.ACIQ:
         # In units of a power of two near each channel's largest magnitude (an exact

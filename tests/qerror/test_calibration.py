@@ -460,3 +460,28 @@ def test_aciq_range_is_the_same_at_every_power_of_two(k, law, spec):
     per = observed_range(np.stack([x, np.ldexp(x, k)], axis=1), spec.replace(axis=1), policy)
     for end in per:
         assert end[1] == np.ldexp(end[0], k)
+
+
+def test_an_affine_percentile_range_between_float64s_ends_is_finite():
+    """np.percentile interpolates a + (b - a) t: between -1.5e308 and 1.5e308, b - a
+    overflowed, and calibrate refused finite data with 'range bounds must be finite'
+    (/work/runs/s42/overflow/percentile_probe.txt). The range is now interpolated in units
+    of a power of two: -1.5e308 + 3e308 · 0.9999 is 1.4997e308, and the same scaled by 2^k
+    at every k (per channel too)."""
+    spec = QuantSpec(symmetric=False)
+    policy = RangePolicy("percentile", percentile=99.99)
+    lo, hi = observed_range(np.array([-1.5e308, 1.5e308]), spec, policy)
+    assert np.isfinite(lo) and np.isfinite(hi)
+    # numpy's lerp (a + (b - a) t, or b - (b - a)(1 - t) for t >= 0.5) rounds the width, the
+    # product and the sum once each: within 1.5 ulp of the exact value at ±1.4997e308
+    width = 2 * Fraction(1.5e308)
+    for got, t in ((lo, Fraction(1) - Fraction(0.9999)), (hi, Fraction(0.9999))):
+        exact = -Fraction(1.5e308) + width * t
+        assert abs(Fraction(float(got)) - exact) <= Fraction(3, 2) * Fraction(
+            float(np.spacing(abs(got))))
+    assert calibrate(np.array([-1.5e308, 1.5e308]), spec, policy).zero_point == 0
+    x = np.random.default_rng(12).standard_normal(999)
+    ref = observed_range(x, spec, policy)
+    two = np.stack([x, np.ldexp(x, 1020), np.ldexp(x, -1020)], axis=1)
+    for end, r in zip(observed_range(two, spec.replace(axis=1), policy), ref):
+        assert end.tolist() == [float(np.ldexp(r, k)) for k in (0, 1020, -1020)]
