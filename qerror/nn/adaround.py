@@ -133,7 +133,7 @@ class AdaRoundSettings:
         Reconstruct from the input of the network with the earlier layers' learned rounding
         (``True``, the paper's choice) or from the float input.
     seed : int
-        Seed of the minibatch draws.
+        Seed of the minibatch draws, in ``[0, 2**64)``.
     """
 
     bits: int
@@ -166,12 +166,21 @@ class AdaRoundSettings:
                              f"2), got {self.beta!r}")
         if not isinstance(self.asymmetric, bool | np.bool_):
             raise ValueError(f"asymmetric must be True or False, got {self.asymmetric!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2**64) (torch.Generator's "
+                             f"seeds), got {self.seed!r}")
         if not _real(self.warmup) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if not _real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        # numpy's scalars are taken and kept as Python's: torch.Generator.manual_seed refuses
+        # a numpy integer, and json the numpy values record() is to give as plain ones
+        for name, kind in (("bits", int), ("iterations", int), ("batch", int), ("images", int),
+                           ("seed", int), ("lam", float), ("warmup", float), ("lr", float),
+                           ("asymmetric", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "beta", tuple(float(b) for b in self.beta))
 
     @property
     def spec(self) -> QuantSpec:

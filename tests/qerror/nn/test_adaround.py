@@ -1,7 +1,9 @@
 """Tests of qerror.nn.adaround: the grid, convergence, nearest at zero steps, exhaustive search."""
 
 import itertools
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,10 +175,38 @@ def test_refused_model():
                                       ({"lam": -1.0}, "lam"),
                                       ({"lam": True}, "lam"),
                                       ({"asymmetric": "False"}, "asymmetric must be True or"),
-                                      ({"seed": 1.5}, "seed must be an integer")])
+                                      ({"seed": 1.5}, "seed must be an integer"),
+                                      # torch's 'Overflow when unpacking long long'
+                                      ({"seed": 2 ** 64}, r"seed must be an integer in \[0, 2"),
+                                      ({"seed": -1}, r"seed must be an integer in \[0, 2")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaRoundSettings(bits=4, **kw)
+
+
+def test_numpy_settings_run_and_record_as_plain_values():
+    """Settings given as numpy scalars were taken and kept: seed=np.int64(1) then failed in
+    torch's words ('an integer is required'), and record() of any numpy setting failed in
+    json.dumps ('Object of type int64 is not JSON serializable'). They run as the Python
+    values do, and record() gives what those give."""
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain = {"iterations": 4, "batch": 4, "images": 8, "lam": 0.5, "beta": (10.0, 2.0),
+             "warmup": 0.25, "lr": 0.01, "asymmetric": True, "seed": 1}
+    numpy = {k: (np.bool_(v) if isinstance(v, bool) else np.int64(v) if isinstance(v, int)
+                 else tuple(np.float64(b) for b in v) if isinstance(v, tuple)
+                 else np.float64(v)) for k, v in plain.items()}
+    want = adaround(model, [x], 3, **plain)
+    got = adaround(model, [x], np.int64(3), **numpy)
+    assert torch.equal(got.weights["0"].weight, want.weights["0"].weight)
+
+    def without_time(res):
+        rec = json.loads(json.dumps(res.record()))
+        for layer in rec["layers"].values():
+            del layer["seconds"]  # wall time
+        return rec
+
+    assert without_time(got) == without_time(want)
 
 
 def test_one_beta_given_to_adaround_is_refused_in_words():
