@@ -326,3 +326,31 @@ def test_a_linear_layer_on_a_map_sums_its_error_over_its_outputs():
     layer, qw = model[0], res.weights["0"].weight
     want = (F.linear(x, qw, layer.bias) - layer(x)).pow(2).sum(-1).mean()
     assert res.layers["0"].loss_learned == pytest.approx(float(want.detach()), rel=1e-5)  # f32 sums
+
+
+def _floor_frac(w, qp, spec):
+    """floor(w/s) as qerror's exact FLOOR on the float32 grid, and w/s minus it."""
+    s = _scale(qp, w)
+    floor = torch.round(fake_quantize(w, spec.replace(rounding=RoundingMode.FLOOR),
+                                      qp.scale).double() / s)
+    return floor, w.double() / s - floor
+
+
+def test_soft_choices_start_at_the_fractional_part():
+    """V starts where h(V) = frac(w/s), so the soft weight starts at w: with zero iterations
+    soft is h(V₀). A plain logit start (h(V₀) = 1.2·frac − 0.1) kept every hard choice and
+    passed every other test. Tolerance 2^-21: V₀ rounded to float32 moves h by at most
+    0.3·2.4·2^-24, and sigmoid, ×1.2 and −0.1 in float32 by a few roundings of 2^-24."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+    lin = nn.Sequential(nn.Linear(32, 16))
+    with torch.no_grad():
+        lin[0].weight.copy_(w)
+    res = adaround(lin, [torch.randn(8, 32, generator=torch.Generator().manual_seed(6))], 4,
+                   iterations=0)
+    qw = res.weights["0"]
+    _, frac = _floor_frac(w, qw.qparams, res.settings.spec)
+    frac = frac.clamp(0.0, 1.0)  # a weight on its level: w/s an ulp below its code
+    soft = res.layers["0"].soft
+    assert soft.dtype == torch.float32
+    assert float((soft.double() - frac).abs().max()) <= 2.0 ** -21
+    assert float(frac.min()) == 0.0 and float(frac.max()) > 0.99  # both ends reached
