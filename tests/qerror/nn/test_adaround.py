@@ -15,7 +15,7 @@ from qerror.nn.adaround import AdaRoundSettings, adaround, adaround_weights, app
 from qerror.nn.propagate import QuantConfig, QuantizedWeights, measure
 from qerror.quantizer import QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
-from tests.qerror.nn.nets import images, tiny_resnet
+from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +354,28 @@ def test_soft_choices_start_at_the_fractional_part():
     assert soft.dtype == torch.float32
     assert float((soft.double() - frac).abs().max()) <= 2.0 ** -21
     assert float(frac.min()) == 0.0 and float(frac.max()) > 0.99  # both ends reached
+
+
+def _two_layers():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return model, x
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_a_later_layer_is_reconstructed_from_the_input_its_setting_names(asymmetric):
+    """asymmetric=True: x̃ is the input in the network whose earlier layers carry their learned
+    rounding; False: the float input. Reversing the choice left every test passing. The
+    second layer's losses are its squared error summed over outputs, averaged over images,
+    on that input against the float network's output (float64: reductions agree to
+    RTOL64)."""
+    model, x = _two_layers()
+    res = adaround(model, [x], 3, iterations=20, batch=8, lr=0.05, asymmetric=asymmetric)
+    first, second = res.weights["0"].weight, res.weights["2"].weight
+    h = torch.relu(model[0](x))
+    hq = torch.relu(F.linear(x, first, model[0].bias)) if asymmetric else h
+    assert not torch.equal(torch.relu(F.linear(x, first, model[0].bias)), h)
+    want = (F.linear(hq, second, model[2].bias) - model[2](h)).pow(2).sum(-1).mean()
+    assert res.layers["2"].loss_learned == pytest.approx(float(want.detach()), rel=RTOL64)
+    assert res.record()["reconstruction"] == ("asymmetric" if asymmetric else "symmetric")
