@@ -379,3 +379,17 @@ def test_a_later_layer_is_reconstructed_from_the_input_its_setting_names(asymmet
     want = (F.linear(hq, second, model[2].bias) - model[2](h)).pow(2).sum(-1).mean()
     assert res.layers["2"].loss_learned == pytest.approx(float(want.detach()), rel=RTOL64)
     assert res.record()["reconstruction"] == ("asymmetric" if asymmetric else "symmetric")
+
+
+def test_images_caps_the_calibration_set_at_its_first_images():
+    """images=10 of 16 (in batches of 7 and 9) uses the first 10: images_used says 10, and
+    the result is bit for bit that of the first 10 given alone. Dropping the cap used all
+    16, and no test saw it."""
+    model, x = _two_layers()
+    kw = {"iterations": 10, "batch": 4, "lr": 0.05}
+    capped = adaround(model, [x[:7], x[7:16]], 3, images=10, **kw)
+    alone = adaround(model, [x[:10]], 3, **kw)
+    assert capped.images_used == 10 and capped.record()["images_used"] == 10
+    for name in alone.weights:
+        assert torch.equal(capped.weights[name].weight, alone.weights[name].weight)
+        assert capped.layers[name].loss_learned == alone.layers[name].loss_learned
