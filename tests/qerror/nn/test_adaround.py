@@ -12,7 +12,7 @@ from torch import nn
 from qerror.calibration import calibrate
 from qerror.nn import UnsupportedModelError
 from qerror.nn.adaround import AdaRoundSettings, adaround, adaround_weights, apply_rounding
-from qerror.nn.propagate import QuantConfig, QuantizedWeights, measure
+from qerror.nn.propagate import QuantConfig, QuantizedWeights, measure, quantize_weights
 from qerror.quantizer import QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
@@ -393,3 +393,33 @@ def test_images_caps_the_calibration_set_at_its_first_images():
     for name in alone.weights:
         assert torch.equal(capped.weights[name].weight, alone.weights[name].weight)
         assert capped.layers[name].loss_learned == alone.layers[name].loss_learned
+
+
+def test_the_nearest_baseline_and_the_flips_are_measured_against_round_half_up():
+    """loss_nearest is the loss of the initial choice (round half up, which is nearest on
+    tie-free data), flipped the fraction of choices that differ from it, and the error
+    statistics those of the weights returned: with zero iterations they are
+    quantize_weights' nearest ones (its error in LSB divided by the float64 scale, here by
+    the float32 one the weights lie on: at most 0.5·2^-24 apart). The loss of the learned
+    choice in loss_nearest, or only up-flips counted, passed every test."""
+    model, x = _two_layers()
+    spec = AdaRoundSettings(bits=3).spec
+    zero = adaround(model, [x], 3, iterations=0)
+    nearest = quantize_weights(model, spec)
+    res = adaround(model, [x], 3, iterations=200, batch=8, lr=0.05, lam=5.0)
+    w = model[0].weight.detach()
+    _, frac = _floor_frac(w, zero.weights["0"].qparams, spec)
+    assert float((frac - 0.5).abs().min()) > 1e-9  # no ties: half up is nearest
+    layer, base = res.layers["0"], zero.layers["0"]
+    assert torch.equal(zero.weights["0"].weight, nearest["0"].weight)
+    assert layer.loss_nearest == base.loss_learned == base.loss_nearest
+    flips = layer.up != base.up
+    assert 0 < int(flips.sum()) and bool((layer.up[flips] == ~base.up[flips]).all())
+    assert layer.flipped == float(flips.double().mean())
+    assert bool((~layer.up & base.up).any())  # some flips go down: both directions count
+    for name in nearest:
+        got, want = zero.weights[name], nearest[name]
+        assert abs(got.error_mean_lsb) > 1e-3  # its sign is seen
+        assert got.error_mean_lsb == pytest.approx(want.error_mean_lsb, abs=2.0 ** -25)
+        assert got.error_mse_lsb == pytest.approx(want.error_mse_lsb, abs=2.0 ** -25)
+        assert got.saturation == want.saturation == 0.0
