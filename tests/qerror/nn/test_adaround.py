@@ -423,3 +423,18 @@ def test_the_nearest_baseline_and_the_flips_are_measured_against_round_half_up()
         assert got.error_mean_lsb == pytest.approx(want.error_mean_lsb, abs=2.0 ** -25)
         assert got.error_mse_lsb == pytest.approx(want.error_mse_lsb, abs=2.0 ** -25)
         assert got.saturation == want.saturation == 0.0
+
+
+def test_a_convolutions_loss_is_summed_over_its_output_channels():
+    """Summed over dim 1 (channels), averaged over images and positions: summing over the
+    last dim (width) instead passed every test (float64: RTOL64)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 5, 2)).double()
+    x = torch.randn(8, 2, 6, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    res = adaround(model, [x], 4, iterations=10, batch=4)
+    conv, qw = model[0], res.weights["0"].weight
+    with torch.no_grad():
+        err = (conv._conv_forward(x, qw, conv.bias) - conv(x)).pow(2)
+    assert res.layers["0"].loss_learned == pytest.approx(float(err.sum(1).mean()), rel=RTOL64)
+    assert res.layers["0"].loss_learned != pytest.approx(float(err.sum(-1).mean()), rel=1e-3)
