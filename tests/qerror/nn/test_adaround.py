@@ -438,3 +438,16 @@ def test_a_convolutions_loss_is_summed_over_its_output_channels():
         err = (conv._conv_forward(x, qw, conv.bias) - conv(x)).pow(2)
     assert res.layers["0"].loss_learned == pytest.approx(float(err.sum(1).mean()), rel=RTOL64)
     assert res.layers["0"].loss_learned != pytest.approx(float(err.sum(-1).mean()), rel=1e-3)
+
+
+def test_apply_rounding_refuses_choices_of_another_shape_and_other_grids():
+    """up of shape (8,) broadcast over a (2, 8) weight, and a per-tensor or affine spec, had
+    no test: without the checks the first was taken as the same choice for every row."""
+    spec = QuantSpec(4, signed=True, symmetric=True, axis=0, rounding=RoundingMode.NEAREST_EVEN)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    qp = calibrate(w, spec)
+    with pytest.raises(ValueError, match=r"up has shape \(8,\), the weight \(2, 8\)"):
+        apply_rounding(w, qp, torch.ones(8, dtype=torch.bool), spec)
+    for other in (spec.replace(axis=None), spec.replace(symmetric=False)):
+        with pytest.raises(ValueError, match="symmetric per-output-channel spec"):
+            apply_rounding(w, qp, torch.ones(2, 8, dtype=torch.bool), other)
