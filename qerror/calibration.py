@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from qerror._checks import check_finite, check_float_array
+from qerror._checks import check_count, check_finite, check_float_array
 from qerror._enums import Choice
 from qerror.analytic import ClipMethod, optimal_clip
 from qerror.quantizer import (
@@ -100,9 +100,7 @@ class RangePolicy:
                 or not isinstance(self.percentile, numbers.Real) \
                 or not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, (int, np.integer)) \
-                or int(self.mse_grid) < 2:
-            raise ValueError(f"mse_grid must be an int of at least 2, got {self.mse_grid!r}")
+        object.__setattr__(self, "mse_grid", check_count(self.mse_grid, "mse_grid", 2))
         if self.aciq_law not in ACIQ_LAWS:
             raise ValueError(f"aciq_law must be one of {', '.join(ACIQ_LAWS)}, got "
                              f"{self.aciq_law!r}")

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -428,11 +429,17 @@ def fashion_mnist_splits(data_root: Path | str | None = None, *, val: int = VAL_
     DataNotFoundError, DataError
         As :func:`load_fashion_mnist`.
     ValueError
-        ``val`` and ``calib`` leave no training images.
+        ``val``, ``calib`` or ``seed`` below 0, or ``val`` and ``calib`` leave no training
+        images.
+    TypeError
+        ``val``, ``calib`` or ``seed`` is not an integer (a bool or a float, even an
+        integral one); refused before any file is read.
     """
+    val, calib, seed = (check_count(v, name) for v, name in
+                        ((val, "val"), (calib, "calib"), (seed, "seed")))
     full = load_fashion_mnist("train", data_root, download=download)
     test = load_fashion_mnist("test", data_root, download=download)
-    if val < 0 or calib < 0 or val + calib >= len(full):
+    if val + calib >= len(full):
         raise ValueError(f"val={val} and calib={calib} must be >= 0 and leave training images")
     order = np.random.default_rng(seed).permutation(len(full))
     return Splits(full.subset(np.sort(order[val + calib:])), full.subset(np.sort(order[:val])),
@@ -445,8 +452,7 @@ def to_tensor(images: np.ndarray, size: int = 32) -> torch.Tensor:
     Images are zero-padded (not interpolated) to ``size``: padding keeps every pixel
     value exact, which the dataset-quantization study relies on.
     """
-    if size < 28:
-        raise ValueError(f"size must be at least 28, got {size}")
+    size = check_count(size, "size", 28)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
     pad = size - 28
     x = torch.nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
@@ -460,7 +466,7 @@ def to_small_tensor(images: np.ndarray, size: int = 8) -> torch.Tensor:
     The input of the small networks the ledger's network claims are decided on: many
     seeds of a deep, narrow network train in seconds each at 8×8.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or 32 % size:
+    if 32 % check_count(size, "size", 1):
         raise ValueError(f"size must be a divisor of 32 (1, 2, 4, 8, 16 or 32), got {size!r}")
     return torch.nn.functional.avg_pool2d(to_tensor(images, 32), 32 // size)
 
@@ -710,9 +716,7 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     from torchvision import transforms
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    for name, v in (("resize", resize), ("crop", crop)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer (pixels), got {v!r}")
+    resize, crop = check_count(resize, "resize", 1), check_count(crop, "crop", 1)
     if crop > resize:
         raise ValueError(f"crop {crop} is larger than the resized short side {resize}")
     path = Path(path)

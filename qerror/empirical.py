@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from qerror._checks import (
+    check_count,
     check_finite,
     check_float_array,
     check_positive_finite,
@@ -68,16 +69,13 @@ class HistogramBins:
     count: int = 192
 
     def __post_init__(self):
-        if isinstance(self.count, bool) or not isinstance(self.count, (int, np.integer)):
-            raise TypeError(f"count must be an int, got {self.count!r}")
-        if self.count < 1:
-            raise ValueError(f"count must be at least 1, got {self.count}")
+        count = check_count(self.count, "count", 1)
         low, high = float(self.low), float(self.high)
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise ValueError(f"need finite low < high, got low={self.low}, high={self.high}")
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
-        object.__setattr__(self, "count", int(self.count))
+        object.__setattr__(self, "count", count)
 
     @property
     def width(self) -> float:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import integrate, special, stats
 
+from qerror._checks import check_count
+
 __all__ = ["LloydMax", "lloyd_max"]
 
 
@@ -115,7 +117,8 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     ------
     TypeError, ValueError
         Not a frozen continuous law; array-valued parameters; infinite variance; ``levels``
-        < 2; a ``tol`` that is not a positive finite number.
+        < 2 or ``max_iter`` < 1 (ValueError), either not an integer (TypeError: a bool or a
+        float, even an integral one); a ``tol`` that is not a positive finite number.
     RuntimeError
         No convergence within ``max_iter`` iterations.
 
@@ -152,11 +155,7 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     if not isinstance(family, stats.rv_continuous):
         raise TypeError(f"dist must be a frozen scipy.stats continuous distribution such as "
                         f"scipy.stats.norm(0, 1), got {type(dist).__name__}")
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 2:
-        raise ValueError(f"levels must be an int of at least 2, got {levels!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) \
-            or max_iter < 1:
-        raise ValueError(f"max_iter must be an int of at least 1, got {max_iter!r}")
+    levels, max_iter = check_count(levels, "levels", 2), check_count(max_iter, "max_iter", 1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) \
             or not math.isfinite(tol) or tol <= 0:
         raise ValueError(f"tol must be a positive finite number of standard deviations, got "

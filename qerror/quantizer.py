@@ -25,6 +25,7 @@ import torch
 
 from qerror import _fused
 from qerror._checks import (
+    check_count,
     check_finite,
     check_float_array,
     check_positive_finite,
@@ -106,12 +107,11 @@ class QuantSpec:
     arithmetic: ScaleArithmetic = ScaleArithmetic.EXACT
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-            raise TypeError(f"bits must be an int, got {self.bits!r}")
-        if not 2 <= int(self.bits) <= 16:
-            raise ValueError(f"bits must be between 2 and 16, got {self.bits}")
         # numpy integers kept as Python ints: 2 ** (bits - 1) in int8 overflowed (levels 0)
-        object.__setattr__(self, "bits", int(self.bits))
+        bits = check_count(self.bits, "bits", 2)
+        if bits > 16:
+            raise ValueError(f"bits must be between 2 and 16, got {bits}")
+        object.__setattr__(self, "bits", bits)
         for name in ("signed", "symmetric", "narrow"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -515,9 +515,7 @@ _MAX_INDEX = 2**63 - 1
 
 
 def _check_offset(offset) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-        raise ValueError(f"offset must be a flat element index >= 0 (an int), got {offset!r}")
-    return int(offset)
+    return check_count(offset, "offset (a flat element index)")
 
 
 def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offset: int = 0,

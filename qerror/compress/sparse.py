@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from qerror._checks import is_integer_dtype
+from qerror._checks import check_count, is_integer_dtype
 from qerror.compress.size import dense_layers
 
 Masks = dict[str, torch.Tensor]
@@ -291,12 +291,8 @@ class GradualSchedule:
         if self.initial > self.final:
             raise ValueError(f"initial sparsity {self.initial} exceeds final {self.final}")
         for name, low in (("updates", 1), ("interval", 1), ("start", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) \
-                    or v < low:
-                raise ValueError(f"GradualSchedule.{name} must be an integer >= {low}, "
-                                 f"got {v!r}")
-            object.__setattr__(self, name, int(v))
+            object.__setattr__(self, name,
+                               check_count(getattr(self, name), f"GradualSchedule.{name}", low))
 
     @property
     def end(self) -> int:

@@ -29,8 +29,8 @@ class TinyCNN(nn.Module):
         ``w ≥ 1``, the first convolution's output channels.
     in_channels, num_classes : int
     seed : int
-        Seed of the initialisation (PyTorch's defaults); the global generator is left
-        untouched.
+        Seed of the initialisation (PyTorch's defaults), ``>= 0``; the global generator is
+        left untouched.
 
     Notes
     -----
@@ -48,8 +48,7 @@ class TinyCNN(nn.Module):
             check_count(v, name, 1) for v, name in ((width, "width"),
                                                     (in_channels, "in_channels"),
                                                     (num_classes, "num_classes")))
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        seed = check_count(seed, "seed")
         self.width = width
         widths = [in_channels, width, 2 * width, 4 * width]
         layers: list[nn.Module] = []

@@ -125,12 +125,10 @@ def _fair_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.where(top, k, torch.tensor(-1, device=scores.device)).argmax(1)
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed <= _MASK64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+def _check_seed(seed, name: str = "seed") -> int:
+    seed = check_count(seed, name)
+    if seed > _MASK64:
+        raise ValueError(f"{name} must lie in [0, 2**64), got {seed}")
     return seed
 
 
@@ -166,10 +164,8 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
     stores the seed instead of the wiring reads back to the same wiring on any platform and
     any numpy or torch version.
     """
-    inputs, slots = int(inputs), int(slots)
-    if inputs < 1 or slots < 0:
-        raise ValueError(f"need inputs >= 1 and slots >= 0, got {inputs} and {slots}")
-    seed, stream = _check_seed(seed), _check_seed(stream)
+    inputs, slots = check_count(inputs, "inputs", 1), check_count(slots, "slots")
+    seed, stream = _check_seed(seed), _check_seed(stream, "stream")
     blocks = -(-slots // inputs)
     steps = np.arange(inputs, dtype=_U64) * _U64(0xBF58476D1CE4E5B9 | 1)
     out = []
@@ -958,7 +954,7 @@ class LUTLayer(nn.Module):
         if self.fan_in > MAX_FAN_IN:
             raise ValueError(f"fan_in {self.fan_in} exceeds {MAX_FAN_IN}")
         self.mapping = Mapping.parse(mapping)
-        self.seed, self.stream = _check_seed(seed), _check_seed(stream)
+        self.seed, self.stream = _check_seed(seed), _check_seed(stream, "stream")
         self.tau = _check_tau(tau)
         gen = torch.Generator().manual_seed(
             (self.seed ^ (self.stream * 0x9E3779B97F4A7C15)) & _MASK64)

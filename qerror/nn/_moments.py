@@ -42,11 +42,11 @@ pass of :func:`~qerror.nn.measure` and in one of :func:`~qerror.nn.measure_many`
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 
+from qerror._checks import check_count
 from qerror._compiled import Kernels, named
 
 #: Maps with more positions than this are summed by torch's reductions (see Notes).
@@ -222,11 +222,7 @@ def difference_sums(a: torch.Tensor, b: torch.Tensor, *, of_a: bool = False,
     the sums of ``d`` and ``a`` are (K·N, C), those of ``b`` (N, C), in one call; each
     image's sums are the bits that a call on its chunk alone gives (tested)."""
     a, b = a.detach(), b.detach()
-    if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral):
-        raise TypeError(f"chunks must be a whole number of chunks, got {chunks!r}")
-    chunks = int(chunks)
-    if chunks < 1:
-        raise ValueError(f"chunks must be a positive number of chunks, got {chunks!r}")
+    chunks = check_count(chunks, "chunks", 1)
     if a.shape[1:] != b.shape[1:] or a.shape[0] != chunks * b.shape[0]:
         raise ValueError(f"difference_sums needs two tensors of one shape"
                          f"{f' ({chunks} chunks of the second in the first)' if chunks > 1 else ''}"

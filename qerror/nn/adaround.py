@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qerror._checks import check_count
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import (
@@ -148,14 +149,12 @@ class AdaRoundSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) \
-                or not MIN_BITS <= self.bits <= MAX_BITS:
+        for name, low in (("bits", MIN_BITS), ("iterations", 0), ("batch", 1), ("images", 1),
+                          ("seed", 0)):
+            check_count(getattr(self, name), name, low)
+        if self.bits > MAX_BITS:
             raise ValueError(f"AdaRound supports {MIN_BITS} to {MAX_BITS} weight bits, got "
                              f"{self.bits!r}")
-        for name, lo in (("iterations", 0), ("batch", 1), ("images", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if not _real(self.lam) or not (math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
         # |2h − 1|^β has an infinite slope at h = 1/2 for β < 1: a weight there would give
@@ -166,8 +165,7 @@ class AdaRoundSettings:
                              f"2), got {self.beta!r}")
         if not isinstance(self.asymmetric, bool | np.bool_):
             raise ValueError(f"asymmetric must be True or False, got {self.asymmetric!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-                or not 0 <= self.seed < 2 ** 64:
+        if self.seed >= 2 ** 64:
             raise ValueError(f"seed must be an integer in [0, 2**64) (torch.Generator's "
                              f"seeds), got {self.seed!r}")
         if not _real(self.warmup) or not 0.0 <= self.warmup < 1.0:
@@ -460,6 +458,9 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     ------
     ValueError
         Bits outside 2..8, a bad setting or no calibration images.
+    TypeError
+        ``bits``, ``iterations``, ``batch``, ``images`` or ``seed`` is not an integer (a
+        bool, or a float even when integral).
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses, or a conv/linear layer not called
         exactly once per forward pass (checked on one image before any layer is learned).

@@ -536,10 +536,10 @@ class ExitHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 64, pool: int = 2):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("width", width), ("pool", pool)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        in_channels, num_classes, width, pool = (
+            check_count(v, name, 1) for v, name in ((in_channels, "in_channels"),
+                                                    (num_classes, "num_classes"),
+                                                    (width, "width"), (pool, "pool")))
         self.conv = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
@@ -709,6 +709,8 @@ class EarlyExitResNet(nn.Module):
                  seed: int = 0):
         super().__init__()
         check_resnet(backbone)
+        # torch.manual_seed would take 2.5 as 2, True as 1 and -1 as 2**64 - 1 without a word
+        seed = check_count(seed, "seed")
         if input_shape is None:
             input_shape = (backbone.conv1.in_channels, 32, 32)
         if isinstance(exit_points, str):
@@ -717,8 +719,12 @@ class EarlyExitResNet(nn.Module):
         self.backbone = copy.deepcopy(backbone)
         self.exit_points = tuple(exit_points)
         self._cuts = tuple(p + 1 for p in positions)
+        if not (isinstance(input_shape, tuple) and len(input_shape) == 3):
+            raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
+                             f"{input_shape!r}")
+        input_shape = tuple(check_count(d, "each size of input_shape", 1) for d in input_shape)
         channels = self._exit_channels(input_shape)
-        self.input_shape = tuple(input_shape)
+        self.input_shape = input_shape
         num_classes = self.backbone.fc.out_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -738,11 +744,7 @@ class EarlyExitResNet(nn.Module):
         bodies[0] = nn.Sequential(*stem, *bodies[0])
         return bodies
 
-    def _exit_channels(self, input_shape) -> list[int]:
-        if not (isinstance(input_shape, tuple) and len(input_shape) == 3
-                and all(isinstance(d, int) and d > 0 for d in input_shape)):
-            raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
-                             f"{input_shape!r}")
+    def _exit_channels(self, input_shape: tuple[int, int, int]) -> list[int]:
         first = next(self.backbone.parameters())
         batch_mixing = [n for n, m in self.backbone.named_modules()
                         if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -1126,8 +1128,7 @@ def confidence_ece(confidence, correct, n_bins: int = 15) -> float:
     """:func:`expected_calibration_error` of given confidences: ``confidence`` in [0, 1]
     and whether each prediction was right (``correct``, booleans), any calibrator's output.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = check_count(n_bins, "n_bins", 1)
     conf, correct = (torch.from_numpy(a) for a in _check_confidences(confidence, correct))
     correct = correct.to(torch.float64)
     # Bin b holds (e_b, e_{b+1}], e_j the float64 nearest j/M: a confidence equal to an edge
@@ -1687,8 +1688,7 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     cands = sorted(set(_threshold_list(candidates, "candidates")), reverse=True)
     _reference(reference, len(y))
     margin = _check_threshold(margin, "margin")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
+    max_rounds = check_count(max_rounds, "max_rounds", 1)
     # The decisions of exit_result_from_logits, from scores computed once.
     scores = torch.stack([exit_confidence(z, start.policy, start.temperature(k))
                           for k, z in enumerate(logits)])
@@ -1908,8 +1908,7 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     if ref_right is None:
         raise ValueError("cross-validation needs the reference's per-sample correctness (an "
                          "(N,) bool tensor), to choose each fold's rules against its share")
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) \
-            or not 2 <= folds <= n:
+    if check_count(folds, "folds", 2) > n:
         raise ValueError(f"folds must be an int from 2 to the {n} samples, got {folds!r}")
     procedures = list(procedures)
     if not procedures or not all(isinstance(p, SelectionProcedure) for p in procedures):
@@ -1922,9 +1921,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
                          f"{calibration!r}")
     margin = _check_threshold(margin, "margin")
     if plan_n is not None:
-        if isinstance(plan_n, bool) or not isinstance(plan_n, (int, np.integer)) or plan_n < 1:
-            raise ValueError(f"plan_n must be a positive int (the images of the split the "
-                             f"rule will be reported on), got {plan_n!r}")
+        plan_n = check_count(plan_n, "plan_n (the images of the split the rule will be "
+                                     "reported on)", 1)
         if alpha is None:
             raise ValueError("plan_n plans for an equivalence test at level alpha; give alpha")
     # an int: int() of 0.5 or True would seed 0 or 1 and give their folds without a word
@@ -1973,8 +1971,8 @@ def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) 
     if labels.shape != result.exit_index.shape:
         raise ValueError(f"labels must have shape {tuple(result.exit_index.shape)}, got "
                          f"{tuple(labels.shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
+    num_classes = check_count(num_classes, "num_classes", 1)
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes) with num_classes >= 1, got "
                          f"num_classes={num_classes!r}")
     e = len(result.rows_per_stage)

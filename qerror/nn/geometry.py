@@ -27,12 +27,12 @@ A linear layer has every tap live.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.nn._anatomy import LAYERS, eval_mode
 
 __all__ = ["LayerGeometry", "layer_geometry", "live_taps"]
@@ -103,16 +103,18 @@ def live_taps(size: int, kernel: int, stride: int, padding: int | tuple[int, int
     Raises
     ------
     ValueError
-        A non-positive size, kernel, stride or dilation, a negative padding, or a kernel
-        that does not fit the padded input. Any integer type is taken (numpy's too);
-        booleans and floats are refused.
+        A non-positive size, kernel, stride or dilation, a negative padding, a padding that
+        is neither an integer nor a pair, or a kernel that does not fit the padded input.
+    TypeError
+        A size, kernel, stride, dilation or padding that is not an integer: Python's and
+        numpy's are taken, booleans and floats (even integral ones) are refused.
     """
     before, after = (padding, padding) if not isinstance(padding, tuple | list) \
         else tuple(padding) if len(padding) == 2 else (None, None)
     if before is None:
         raise ValueError(f"padding must be an integer or a (before, after) pair, got {padding!r}")
     size, kernel, stride, dilation, before, after = (
-        _integer(name, v, low) for name, v, low in (
+        check_count(v, name, low) for name, v, low in (
             ("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
             ("dilation", dilation, 1), ("padding", before, 0), ("padding", after, 0)))
     span = dilation * (kernel - 1) + 1
@@ -123,18 +125,6 @@ def live_taps(size: int, kernel: int, stride: int, padding: int | tuple[int, int
                          f"by {pad} on each side")
     return sum(1 for o in range(out) for k in range(kernel)
                if 0 <= o * stride - before + k * dilation < size)
-
-
-def _integer(name: str, v, low: int) -> int:
-    if not isinstance(v, bool):
-        try:
-            v = operator.index(v)
-        except TypeError:
-            pass
-        else:
-            if v >= low:
-                return v
-    raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
 
 
 def _pair(v) -> tuple[int, int]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qerror._checks import check_count
+
 __all__ = [
     "GapInterval",
     "LAYER_METHOD",
@@ -273,10 +275,9 @@ def _check(level: float, resamples: int) -> None:
 
 
 def check_resamples(resamples: int) -> None:
-    """ValueError unless ``resamples`` is an int of at least 100 (the bootstraps' floor)."""
-    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) \
-            or resamples < 100:
-        raise ValueError(f"resamples must be an int of at least 100, got {resamples!r}")
+    """TypeError unless ``resamples`` is an integer (not a bool, nor a float even when
+    integral), ValueError unless it is at least 100 (the bootstraps' floor)."""
+    check_count(resamples, "resamples", 100)
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -290,13 +291,11 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def fixed_rng(seed: int) -> np.random.Generator:
-    """The generator of every bootstrap here: seeded by an integer ``>= 0`` (ValueError
-    otherwise), so that its resamples, and a decision at a threshold, are the same on every
-    call."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, so that the bootstrap's resamples "
-                         f"are the same on every call, got {seed!r}")
-    return np.random.default_rng(seed)
+    """The generator of every bootstrap here: seeded by an integer ``>= 0`` (TypeError for
+    anything but an integer, None and a Generator included; ValueError below 0), so that its
+    resamples, and a decision at a threshold, are the same on every call."""
+    return np.random.default_rng(check_count(
+        seed, "seed (fixed, so that the bootstrap's resamples are the same on every call)"))
 
 
 def _resampled_debiased(a: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -555,11 +554,9 @@ def layer_block_bootstrap(depth, values, *, block: int | None = None, level: flo
     d, y = d[order], y[order]
     L = d.size
     most = max(L - 1, 1)  # at least two places to start a block, so that resamples differ
-    if block is not None and (isinstance(block, bool)
-                              or not isinstance(block, (int, np.integer))):
-        raise ValueError(f"block must be an int (layers per block), got {block!r}")
-    block = min(max(2, round(L ** (1 / 3))), most) if block is None else int(block)
-    if not 1 <= block <= most:
+    block = min(max(2, round(L ** (1 / 3))), most) if block is None \
+        else check_count(block, "block (layers per block)", 1)
+    if block > most:
         raise ValueError(f"block must be from 1 to {most} (one less than the {L} "
                          f"layers, so that resamples differ), got {block}")
     rng = fixed_rng(seed)

@@ -36,6 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
@@ -107,7 +108,7 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
     num_classes : int
         Width of the final linear layer.
     seed : int
-        Seed of the initialisation; the global torch generator is left untouched.
+        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
     zero_init_residual : bool
         Start each residual branch's last BatchNorm at zero, so every block starts as an
         identity, which eases the start of training [1]_. It changes only the initial
@@ -138,13 +139,13 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
        arXiv:1706.02677, 2017.
     """
     arch, stem = Arch.parse(arch), Stem.parse(stem)
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    # torch.manual_seed would take 2.5 as 2, True as 1 and -1 as 2**64 - 1 without a word
+    num_classes, seed = check_count(num_classes, "num_classes", 1), check_count(seed, "seed")
     build = {Arch.RESNET18: torchvision.models.resnet18,
              Arch.RESNET50: torchvision.models.resnet50}[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build(weights=None, num_classes=int(num_classes),
+        model = build(weights=None, num_classes=num_classes,
                       zero_init_residual=zero_init_residual)
         if stem is Stem.IMAGENET:
             model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -173,16 +174,15 @@ def fashion_small_cnn(width: int = 16, num_classes: int = 10, *, seed: int = 0) 
     num_classes : int
         Width of the final linear layer.
     seed : int
-        Seed of the initialisation; the global torch generator is left untouched.
+        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
 
     Returns
     -------
     torch.nn.Sequential
         In training mode. Input (N, 1, 32, 32) float32, output (N, num_classes) logits.
     """
-    for name, v in (("width", width), ("num_classes", num_classes)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    width, num_classes = check_count(width, "width", 1), check_count(num_classes, "num_classes", 1)
+    seed = check_count(seed, "seed")
     chans = [1, width, 2 * width, 4 * width, 4 * width]
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
@@ -240,8 +240,9 @@ def time_training_step(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFA
         Median, min and max seconds per step (forward, backward, SGD update) with the
         torch thread count. Step times on a shared machine drift; use the median.
     """
-    if steps < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1 and warmup >= 0")
+    batch_size, steps, warmup = (check_count(v, name, low) for v, name, low in
+                                 ((batch_size, "batch_size", 1), (steps, "steps", 1),
+                                  (warmup, "warmup", 0)))
     with flush_denormal():
         times = _time_steps(arch, stem, batch_size, steps, warmup, channels_last, seed)
     t = np.asarray(times)
@@ -526,25 +527,26 @@ def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
     depth, width, num_classes, in_channels : int
         Positive.
     seed : int
-        Seed of the initialisation; the global torch generator is left untouched.
+        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
 
     Returns
     -------
     torch.nn.Sequential
         In training mode, float32.
     """
-    for name, v in (("depth", depth), ("width", width), ("num_classes", num_classes),
-                    ("in_channels", in_channels)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    depth, width, num_classes, in_channels = (
+        check_count(v, name, 1) for v, name in ((depth, "depth"), (width, "width"),
+                                                (num_classes, "num_classes"),
+                                                (in_channels, "in_channels")))
+    seed = check_count(seed, "seed")
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i in range(int(depth)):
-            layers += [nn.Conv2d(int(in_channels) if i == 0 else int(width), int(width), 3,
-                                 padding=1, bias=False),
-                       nn.BatchNorm2d(int(width)), nn.ReLU()]
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(int(width), int(num_classes))]
+        for i in range(depth):
+            layers += [nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1,
+                                 bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
         return nn.Sequential(*layers)
 
 

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -1324,11 +1325,9 @@ def default_pair_batch(images: int, arms: int = 1, min_chunk: int = MIN_CHUNK) -
     the floor of 32 where memory allows larger passes (``studies.drift`` takes 64 for its
     small images).
     """
-    if isinstance(arms, bool) or not isinstance(arms, int) or arms < 1:
-        raise ValueError(f"arms must be a number of configurations >= 1, got {arms!r}")
-    if isinstance(min_chunk, bool) or not isinstance(min_chunk, int) or min_chunk < 1:
-        raise ValueError(f"min_chunk must be a number of images >= 1, got {min_chunk!r}")
-    images = int(images)
+    images, arms, min_chunk = (check_count(v, name, low) for v, name, low in (
+        (images, "images", 0), (arms, "arms (a number of configurations)", 1),
+        (min_chunk, "min_chunk (a number of images)", 1)))
     size = max(1, -(-images // (arms + 1)), min(images, min_chunk))
     passes = max(1, -(-images // size))
     return max(1, -(-images // passes))
@@ -1343,18 +1342,6 @@ def _passes(batches: Iterable, pair_batch: int | None, arms: int = 1):
         size = pair_batch if pair_batch is not None else default_pair_batch(x.shape[0], arms)
         for start in range(0, x.shape[0], size):
             yield b, start, x[start:start + size], None if y is None else y[start:start + size]
-
-
-def _check_images(value, name: str, low: int) -> None:
-    """A number of images: an integer (numpy's too, not a bool) of at least ``low``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < low:
-        raise ValueError(f"{name} must be a number of images >= {low}, got {value!r}")
-
-
-def _check_first_batch(first_batch) -> None:
-    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
-        raise ValueError(f"first_batch must be a batch index >= 0, got {first_batch!r}")
 
 
 def _per_config(value, count: int, what: str, shared: bool = False) -> list:
@@ -1463,6 +1450,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         graph where torch.fx traces the model, else where the second call is met). Or a
         ``Linear`` is fed more than two dimensions (N, T, ..., features): its per-channel
         figures would reduce over dimension 1, not over its output features.
+    TypeError, ValueError
+        ``local_samples``, ``pair_batch``, ``image_means`` or ``first_batch`` that is not an
+        integer (TypeError: a bool, or a float even when integral) or is below its least
+        (ValueError: 0, ``pair_batch`` 1).
     ValueError
         Batches of images of another shape than the first's: ``drift`` and ``mse`` are
         means over every element, which weight an image by its size, while ``drift_se``,
@@ -1539,11 +1530,11 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     for c in configs:
         if not isinstance(c, QuantConfig):
             raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
-    _check_first_batch(first_batch)
+    check_count(first_batch, "first_batch (a batch index)")
     if pair_batch is not None:
-        _check_images(pair_batch, "pair_batch", 1)
-    _check_images(image_means, "image_means", 0)
-    _check_images(local_samples, "local_samples", 0)
+        check_count(pair_batch, "pair_batch (a number of images)", 1)
+    check_count(image_means, "image_means (a number of images)")
+    check_count(local_samples, "local_samples (a number of images)")
     k = len(configs)
     act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
     weights = _per_config(weights, k, "weights")
@@ -1690,7 +1681,7 @@ def local_error_means(model: nn.Module, batches: Iterable, config: QuantConfig,
     check_model(model)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    _check_first_batch(first_batch)
+    check_count(first_batch, "first_batch (a batch index)")
     arm = _Arm(config, act_qparams, _arm_weights(model, [config], [weights])[0], None, None)
     inst = None
     seen = 0

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.nn._anatomy import eval_mode
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
 from qerror.nn.int8 import Engine, kernel_probe
@@ -161,7 +162,7 @@ class ZeroPaddedConv2d(nn.Module):
         super().__init__()
         if conv.groups != 1:
             raise ValueError("only convolutions with groups=1 can be padded")
-        self.extra = int(extra)
+        self.extra = check_count(extra, "extra", 1)
         self.conv = nn.Conv2d(conv.in_channels + self.extra, conv.out_channels,
                               conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                               bias=conv.bias is not None, padding_mode=conv.padding_mode)
@@ -409,9 +410,12 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     batches = _check_batches(calibration, "calibration")
-    if any(not isinstance(s, int) or s < 1 or s > max_batch for s in warmup_sizes):
+    max_batch = check_count(max_batch, "max_batch", 1)
+    warmup_sizes = [check_count(s, "each of warmup_sizes (a batch size)", 1)
+                    for s in warmup_sizes]
+    if any(s > max_batch for s in warmup_sizes):
         raise ValueError(f"warmup_sizes must be batch sizes in [1, {max_batch}], got "
-                         f"{list(warmup_sizes)}")
+                         f"{warmup_sizes}")
     model = pad_single_channel_convs(untie_relus(module)).eval()
     # A batch of one would specialise the exported batch dimension to 1: the example is
     # the first batch of two or more (or the first two single images together).

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from qerror._checks import check_count
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable, torch_save
@@ -157,13 +158,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) \
-                or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
+            check_count(getattr(self, name), f"TrainConfig.{name}", low)
         checks = {"lr": (self.lr, 0.0, math.inf, False), "momentum": (self.momentum, 0, 1, True),
                   "weight_decay": (self.weight_decay, 0, math.inf, True),
                   "label_smoothing": (self.label_smoothing, 0, 1, True),
@@ -805,9 +801,13 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         A file at ``state_path`` that is not a training state (left as it is), or a damaged
         one (a torch archive cut short: deleting it starts over); fewer training samples
         than one batch, a global batch that the ranks cannot share equally, a
-        ``checkpoint_every`` or ``stop_after_steps`` below 1, a ``time_budget_s`` that is not
-        a positive number, one value per channel at a BatchNorm that trains (one image in
-        the global batch where its map is 1x1), an empty or unknown parameter selection.
+        ``checkpoint_every`` or ``stop_after_steps`` below 1, an ``n_train`` or ``val_size``
+        below 0, a ``time_budget_s`` that is not a positive number, one value per channel at
+        a BatchNorm that trains (one image in the global batch where its map is 1x1), an
+        empty or unknown parameter selection.
+    TypeError
+        ``n_train``, ``val_size``, ``checkpoint_every`` or ``stop_after_steps`` is not an
+        integer (a bool, or a float even when integral); refused before anything is done.
     ResumeError
         The state file was written by a different recipe, or holds the weights of another
         network (nothing of it is then loaded).
@@ -846,11 +846,14 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     from an earlier session's warns (:class:`EnvironmentChangedWarning`) and goes on, as
     resuming on another machine may be what was meant.
     """
-    for name, value in (("checkpoint_every", checkpoint_every),
-                        ("stop_after_steps", stop_after_steps)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise TrainError(f"{name} must be an integer >= 1, got {value!r}")
+    try:  # an integer too small is a run that cannot start as asked, as the others
+        n_train, val_size = check_count(n_train, "n_train"), check_count(val_size, "val_size")
+        for name, value in (("checkpoint_every", checkpoint_every),
+                            ("stop_after_steps", stop_after_steps)):
+            if value is not None:
+                check_count(value, name, 1)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     if time_budget_s is not None and not (isinstance(time_budget_s, int | float)
                                           and math.isfinite(time_budget_s)
                                           and time_budget_s > 0):

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from scipy import stats as sps
 from torch import nn
 
+from qerror._checks import check_count
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches, model_device
@@ -210,18 +211,17 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings``, ``seed``
         or ``alpha``, unlabelled or no batches, labels that are not integers >= 0; each
         refused before any forward pass.
+    TypeError
+        ``bits``, ``roundings`` or ``seed`` is not an integer (a bool, or a float even when
+        integral); refused before any forward pass.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """
     check_model(model)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
+    bits, roundings = check_count(bits, "bits", 2), check_count(roundings, "roundings", 1)
+    if bits > 16:
         raise ValueError(f"bits must be an integer from 2 to 16, got {bits!r}")
-    if isinstance(roundings, bool) or not isinstance(roundings, (int, np.integer)) \
-            or roundings < 1:
-        raise ValueError(f"roundings must be an integer >= 1, got {roundings!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0 (rounding k draws from "
-                         f"numpy.random.SeedSequence([seed, k])), got {seed!r}")
+    seed = check_count(seed, "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))")
     wilson_ci(0, 1, alpha)  # refuses a bad alpha now, not after every rounding has run
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):

@@ -9,9 +9,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from qerror import (
+    HistogramBins,
     QuantSpec,
+    RangePolicy,
     RoundingMode,
     bias_test,
     calibrate,
@@ -24,7 +27,38 @@ from qerror import (
     wilson_ci,
 )
 from qerror.compress.size import storage_bytes
-from qerror.nn.models import CheckpointNotFoundError, load_checkpoint
+from qerror.compress.sparse import GradualSchedule
+from qerror.compress.tiny import TinyCNN
+from qerror.compress.weightless import seeded_mapping
+from qerror.nn import QuantConfig, difference_sums, measure
+from qerror.nn.adaround import AdaRoundSettings
+from qerror.nn.early_exit import (
+    EarlyExitResNet,
+    ExitCosts,
+    ExitHead,
+    ExitRule,
+    SelectionProcedure,
+    confidence_ece,
+    cross_validate_selection,
+    exit_result_from_logits,
+    exits_per_class,
+    refine_thresholds,
+)
+from qerror.nn.geometry import live_taps
+from qerror.nn.growth import layer_block_bootstrap
+from qerror.nn.models import (
+    CheckpointNotFoundError,
+    fashion_resnet,
+    fashion_small_cnn,
+    load_checkpoint,
+    plain_chain,
+    time_training_step,
+)
+from qerror.nn.propagate import default_pair_batch
+from qerror.nn.pt2e import ZeroPaddedConv2d, quantize_pt2e
+from qerror.nn.training import TrainConfig, fit, tensor_batches
+from qerror.nn.updown import updown_experiment
+from qerror.nonuniform import lloyd_max
 
 SPEC = QuantSpec()
 X = np.array([0.5, 1.0], np.float32)
@@ -49,7 +83,8 @@ CASES = [
      r"scale must be positive and finite"),
     ("nan-scale", lambda: quantize(X, SPEC, float("nan")), ValueError,
      r"scale must be positive and finite"),
-    ("bits-1", lambda: QuantSpec(bits=1), ValueError, r"bits must be between 2 and 16, got 1"),
+    ("bits-1", lambda: QuantSpec(bits=1), ValueError, r"bits must be an int >= 2, got 1"),
+    ("bits-17", lambda: QuantSpec(bits=17), ValueError, r"bits must be between 2 and 16, got 17"),
     ("bits-a-float", lambda: QuantSpec(bits=8.0), TypeError, r"bits must be an int"),
     ("spec-a-string", lambda: quantize(X, "int8", 0.1), TypeError, r"spec must be a QuantSpec"),
     ("stochastic-without-generator",
@@ -94,3 +129,200 @@ def test_a_truncated_idx_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-12])
     with pytest.raises(data.DataError, match=re.escape(str(path))):
         data.read_idx(path)
+
+
+# Every count of the API goes through qerror._checks.check_count: a float (even an integral
+# one) or a bool is a TypeError, an integer below the count's least a ValueError, each
+# naming the argument. Before, these said ValueError for 3.0 and True (or truncated 3.0, or
+# took True as 1) in as many wordings as there were checks.
+def _model():
+    return plain_chain(depth=2, width=2, num_classes=3)
+
+
+def _images():
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0]))]
+
+
+def _exit_inputs():
+    """Two exits' logits of 6 samples, their labels, costs and the reference's correctness."""
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    costs = ExitCosts(("layer1", "fc"), (8, 95), (2, 1), (10, 98), 95)
+    return logits, labels, costs, logits[-1].argmax(1) == labels
+
+
+def _refine(v):
+    logits, labels, costs, ref = _exit_inputs()
+    return refine_thresholds(logits, labels, ExitRule("entropy", (0.5,)), [0.5], costs, ref,
+                             0.0, max_rounds=v)
+
+
+def _cross_validate(**kw):
+    logits, labels, costs, ref = _exit_inputs()
+    return cross_validate_selection(logits, labels, [SelectionProcedure("entropy", False, 0.0)],
+                                    [0.5], costs, ref, 0.0, calibration=None, **kw)
+
+
+def _exits_per_class(v):
+    logits, labels, _, _ = _exit_inputs()
+    return exits_per_class(exit_result_from_logits(logits, ExitRule("entropy", (0.5,))),
+                           labels, v)
+
+
+def _early_exit_resnet(**kw):
+    return EarlyExitResNet(fashion_resnet("resnet18"), ("layer2",), **kw)
+
+
+def _measure(**kw):
+    return measure(_model(), _images(), QuantConfig.make(8), **kw)
+
+
+def _fit(**kw):
+    (x, y), = _images()
+    return fit(_model(), tensor_batches(x, y), kw.pop("n_train", 4),
+               TrainConfig(epochs=1, batch_size=2, lr=0.1), progress=False, **kw)
+
+
+_STOCHASTIC = QuantSpec(rounding=RoundingMode.STOCHASTIC)
+_DEPTH = np.arange(1.0, 13.0)
+_PIXELS = np.zeros((2, 28, 28), np.uint8)
+_SCHEDULE = dict(final=0.5, updates=2)
+_CONF, _RIGHT = np.array([0.6, 0.9]), np.array([True, False])
+_PT2E_NET = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1))
+# (case id, the argument as the message names it, its least, a call with the count v, an
+# integral float that int() would have taken)
+COUNTS = [
+    ("quantspec-bits", "bits", 2, lambda v: QuantSpec(bits=v), 8.0),
+    ("quantize-offset", "offset (a flat element index)", 0,
+     lambda v: fake_quantize(X, _STOCHASTIC, 0.1, generator=1, offset=v), 2.0),
+    ("histogram-bins-count", "count", 1, lambda v: HistogramBins(count=v), 192.0),
+    ("range-policy-mse-grid", "mse_grid", 2, lambda v: RangePolicy(mse_grid=v), 10.0),
+    ("lloyd-max-levels", "levels", 2, lambda v: lloyd_max(stats.norm(), v), 4.0),
+    ("lloyd-max-max-iter", "max_iter", 1,
+     lambda v: lloyd_max(stats.norm(), 4, max_iter=v), 10.0),
+    ("splits-val", "val", 0, lambda v: data.fashion_mnist_splits("/nonexistent", val=v),
+     100.0),
+    ("splits-calib", "calib", 0,
+     lambda v: data.fashion_mnist_splits("/nonexistent", calib=v), 100.0),
+    ("splits-seed", "seed", 0, lambda v: data.fashion_mnist_splits("/nonexistent", seed=v),
+     1.0),
+    ("to-tensor-size", "size", 28, lambda v: data.to_tensor(_PIXELS, v), 32.0),
+    ("to-small-tensor-size", "size", 1, lambda v: data.to_small_tensor(_PIXELS, v), 8.0),
+    ("imagenet-resize", "resize", 1, lambda v: data.imagenet_folder("/nonexistent", resize=v,
+                                                                   crop=1), 256.0),
+    ("imagenet-crop", "crop", 1, lambda v: data.imagenet_folder("/nonexistent", crop=v),
+     224.0),
+    ("gradual-updates", "GradualSchedule.updates", 1,
+     lambda v: GradualSchedule(**_SCHEDULE | {"updates": v}), 2.0),
+    ("gradual-interval", "GradualSchedule.interval", 1,
+     lambda v: GradualSchedule(**_SCHEDULE, interval=v), 2.0),
+    ("gradual-start", "GradualSchedule.start", 0,
+     lambda v: GradualSchedule(**_SCHEDULE, start=v), 2.0),
+    ("tiny-cnn-seed", "seed", 0, lambda v: TinyCNN(2, seed=v), 1.0),
+    ("seeded-mapping-inputs", "inputs", 1, lambda v: seeded_mapping(v, 4, 0), 4.0),
+    ("seeded-mapping-slots", "slots", 0, lambda v: seeded_mapping(4, v, 0), 4.0),
+    ("seeded-mapping-seed", "seed", 0, lambda v: seeded_mapping(4, 4, v), 1.0),
+    ("seeded-mapping-stream", "stream", 0, lambda v: seeded_mapping(4, 4, 0, v), 1.0),
+    ("train-config-epochs", "TrainConfig.epochs", 1,
+     lambda v: TrainConfig(epochs=v, batch_size=2, lr=0.1), 1.0),
+    ("train-config-batch-size", "TrainConfig.batch_size", 1,
+     lambda v: TrainConfig(epochs=1, batch_size=v, lr=0.1), 2.0),
+    ("train-config-seed", "TrainConfig.seed", 0,
+     lambda v: TrainConfig(epochs=1, batch_size=2, lr=0.1, seed=v), 1.0),
+    ("fit-n-train", "n_train", 0, lambda v: _fit(n_train=v), 4.0),
+    ("fit-val-size", "val_size", 0, lambda v: _fit(val_size=v), 4.0),
+    ("fit-checkpoint-every", "checkpoint_every", 1, lambda v: _fit(checkpoint_every=v),
+     2.0),
+    ("fit-stop-after-steps", "stop_after_steps", 1, lambda v: _fit(stop_after_steps=v),
+     2.0),
+    ("adaround-bits", "bits", 2, lambda v: AdaRoundSettings(bits=v), 4.0),
+    ("adaround-iterations", "iterations", 0,
+     lambda v: AdaRoundSettings(bits=4, iterations=v), 10.0),
+    ("adaround-batch", "batch", 1, lambda v: AdaRoundSettings(bits=4, batch=v), 8.0),
+    ("adaround-images", "images", 1, lambda v: AdaRoundSettings(bits=4, images=v), 8.0),
+    ("adaround-seed", "seed", 0, lambda v: AdaRoundSettings(bits=4, seed=v), 1.0),
+    ("updown-bits", "bits", 2, lambda v: updown_experiment(_model(), "0", _images(), v),
+     4.0),
+    ("updown-roundings", "roundings", 1,
+     lambda v: updown_experiment(_model(), "0", _images(), roundings=v), 3.0),
+    ("updown-seed", "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))", 0,
+     lambda v: updown_experiment(_model(), "0", _images(), seed=v), 1.0),
+    ("bootstrap-resamples", "resamples", 100,
+     lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=v), 200.0),
+    ("bootstrap-seed",
+     "seed (fixed, so that the bootstrap's resamples are the same on every call)", 0,
+     lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=100, seed=v), 1.0),
+    ("bootstrap-block", "block (layers per block)", 1,
+     lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=100, block=v), 2.0),
+    ("fashion-resnet-num-classes", "num_classes", 1,
+     lambda v: fashion_resnet("resnet18", num_classes=v), 10.0),
+    ("fashion-resnet-seed", "seed", 0, lambda v: fashion_resnet("resnet18", seed=v), 1.0),
+    ("small-cnn-width", "width", 1, lambda v: fashion_small_cnn(v), 4.0),
+    ("small-cnn-num-classes", "num_classes", 1, lambda v: fashion_small_cnn(4, v), 10.0),
+    ("small-cnn-seed", "seed", 0, lambda v: fashion_small_cnn(4, seed=v), 1.0),
+    ("plain-chain-depth", "depth", 1, lambda v: plain_chain(v), 2.0),
+    ("plain-chain-width", "width", 1, lambda v: plain_chain(2, v), 2.0),
+    ("plain-chain-num-classes", "num_classes", 1, lambda v: plain_chain(2, 2, v), 3.0),
+    ("plain-chain-in-channels", "in_channels", 1,
+     lambda v: plain_chain(2, 2, in_channels=v), 1.0),
+    ("plain-chain-seed", "seed", 0, lambda v: plain_chain(2, 2, seed=v), 1.0),
+    ("time-training-step-steps", "steps", 1, lambda v: time_training_step(steps=v), 1.0),
+    ("time-training-step-warmup", "warmup", 0, lambda v: time_training_step(warmup=v),
+     1.0),
+    ("time-training-step-batch-size", "batch_size", 1,
+     lambda v: time_training_step(batch_size=v), 2.0),
+    ("exit-head-width", "width", 1, lambda v: ExitHead(4, 3, width=v), 8.0),
+    ("exit-head-pool", "pool", 1, lambda v: ExitHead(4, 3, pool=v), 2.0),
+    ("early-exit-seed", "seed", 0, lambda v: _early_exit_resnet(seed=v), 1.0),
+    ("early-exit-input-shape", "each size of input_shape", 1,
+     lambda v: _early_exit_resnet(input_shape=(1, v, 32)), 32.0),
+    ("confidence-ece-n-bins", "n_bins", 1, lambda v: confidence_ece(_CONF, _RIGHT, v), 15.0),
+    ("refine-max-rounds", "max_rounds", 1, _refine, 5.0),
+    ("cross-validate-folds", "folds", 2, lambda v: _cross_validate(folds=v), 3.0),
+    ("cross-validate-plan-n",
+     "plan_n (the images of the split the rule will be reported on)", 1,
+     lambda v: _cross_validate(alpha=0.05, plan_n=v), 100.0),
+    ("exits-per-class-num-classes", "num_classes", 1, _exits_per_class, 3.0),
+    ("live-taps-size", "size", 1, lambda v: live_taps(v, 3, 1, 1), 4.0),
+    ("live-taps-stride", "stride", 1, lambda v: live_taps(4, 3, v, 1), 1.0),
+    ("live-taps-padding", "padding", 0, lambda v: live_taps(4, 3, 1, (v, 1)), 1.0),
+    ("pair-batch-images", "images", 0, lambda v: default_pair_batch(v), 64.0),
+    ("pair-batch-arms", "arms (a number of configurations)", 1,
+     lambda v: default_pair_batch(64, v), 2.0),
+    ("pair-batch-min-chunk", "min_chunk (a number of images)", 1,
+     lambda v: default_pair_batch(64, 1, v), 32.0),
+    ("measure-local-samples", "local_samples (a number of images)", 0,
+     lambda v: _measure(local_samples=v), 4.0),
+    ("measure-pair-batch", "pair_batch (a number of images)", 1,
+     lambda v: _measure(pair_batch=v), 4.0),
+    ("measure-image-means", "image_means (a number of images)", 0,
+     lambda v: _measure(image_means=v), 4.0),
+    ("measure-first-batch", "first_batch (a batch index)", 0,
+     lambda v: _measure(first_batch=v), 0.0),
+    ("difference-sums-chunks", "chunks", 1,
+     lambda v: difference_sums(torch.zeros(2, 2), torch.zeros(2, 2), chunks=v), 1.0),
+    ("zero-padded-conv-extra", "extra", 1,
+     lambda v: ZeroPaddedConv2d(torch.nn.Conv2d(1, 2, 3), v), 1.0),
+    ("pt2e-warmup-sizes", "each of warmup_sizes (a batch size)", 1,
+     lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(v,)), 2.0),
+    ("pt2e-max-batch", "max_batch", 1,
+     lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(1,),
+                             max_batch=v), 64.0),
+]
+
+
+@pytest.mark.parametrize("wrong", ["float", "bool", "too-small"])
+@pytest.mark.parametrize("name, low, call, integral", [c[1:] for c in COUNTS],
+                         ids=[c[0] for c in COUNTS])
+def test_a_count_that_is_no_count_gets_one_answer(name, low, call, integral, wrong):
+    value, kind, got = {
+        "float": (integral, TypeError, rf"{re.escape(repr(integral))} \(float\): .* round\(\)"),
+        "bool": (True, TypeError, r"True \(bool\): .* round\(\)"),
+        "too-small": (low - 1, ValueError, rf"{low - 1}$"),
+    }[wrong]
+    with pytest.raises(kind) as info:
+        call(value)
+    assert re.search(rf"^{re.escape(name)} must be an int >= {low}, got {got}",
+                     str(info.value)), str(info.value)

@@ -167,8 +167,9 @@ def test_policy_is_separate_from_the_grid():
         ({"percentile": 100.5}, ValueError, "percentile must be in"),
         ({"percentile": float("nan")}, ValueError, "percentile must be in"),
         ({"percentile": "99"}, ValueError, "percentile must be in"),
-        ({"mse_grid": 1}, ValueError, "mse_grid must be an int of at least 2"),
-        ({"mse_grid": 10.0}, ValueError, "mse_grid must be an int"),
+        ({"mse_grid": 1}, ValueError, "mse_grid must be an int >= 2, got 1"),
+        ({"mse_grid": 10.0}, TypeError, "mse_grid must be an int >= 2, got 10.0"),
+        ({"mse_grid": True}, TypeError, "mse_grid must be an int >= 2, got True"),
     ],
 )
 def test_bad_policy_is_refused(kwargs, error, match):

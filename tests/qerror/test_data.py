@@ -147,8 +147,10 @@ def test_to_tensor_pads_exactly():
     assert t.shape == (2, 1, 32, 32)
     assert float(t[0, 0, 0, 0]) == pytest.approx(-data.MEAN / data.STD)
     assert float(t[0, 0, 2, 2]) == pytest.approx((1 - data.MEAN) / data.STD)
-    with pytest.raises(ValueError, match="at least 28"):
+    with pytest.raises(ValueError, match="size must be an int >= 28, got 20"):
         data.to_tensor(img, size=20)
+    with pytest.raises(TypeError, match="size must be an int >= 28, got 32.0"):
+        data.to_tensor(img, size=32.0)  # was torch's TypeError from pad(), naming no argument
 
 
 def test_bad_split_name():

@@ -519,8 +519,10 @@ def test_empty_accumulator_has_no_statistics():
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="low < high"):
         HistogramBins(1.0, -1.0)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="count must be an int >= 1, got 0"):
         HistogramBins(count=0)
+    with pytest.raises(TypeError, match="count must be an int >= 1, got 64.0"):
+        HistogramBins(count=64.0)
     with pytest.raises(TypeError, match="axis"):
         ErrorStats(axis=1.5)
     with pytest.raises(TypeError, match="HistogramBins"):

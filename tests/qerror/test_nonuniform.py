@@ -138,8 +138,10 @@ def test_no_uniform_grid_beats_lloyd_max(law, bits):
     "call, error, match",
     [
         (lambda: lloyd_max(stats.norm, 4), TypeError, "frozen scipy.stats"),
-        (lambda: lloyd_max(stats.norm(), 1), ValueError, "levels must be an int of at least 2"),
-        (lambda: lloyd_max(stats.norm(), 4.0), ValueError, "levels must be an int"),
+        (lambda: lloyd_max(stats.norm(), 1), ValueError, "levels must be an int >= 2, got 1"),
+        (lambda: lloyd_max(stats.norm(), 4.0), TypeError, "levels must be an int >= 2, got 4.0"),
+        (lambda: lloyd_max(stats.norm(), True), TypeError, "levels must be an int"),
+        (lambda: lloyd_max(stats.norm(), 4, max_iter=1.0), TypeError, "max_iter must be an int"),
         (lambda: lloyd_max(stats.t(2), 4), ValueError, "infinite variance"),
         (lambda: lloyd_max(stats.norm(), 16, max_iter=3), RuntimeError, "did not converge"),
         # a review's: max_iter 0 raised UnboundLocalError, a zero scale blamed the variance,

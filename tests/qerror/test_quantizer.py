@@ -371,15 +371,18 @@ def test_stochastic_offset_quantizes_parts_as_the_whole(axis):
                                       fake_quantize(x, spec, scale, generator=11)[2:])
 
 
-@pytest.mark.parametrize("offset, why", [
-    (-1, "offset must be a flat element index"), (True, "offset must be a flat element index"),
-    (1.5, "offset must be a flat element index"), ("3", "offset must be a flat element index"),
-    (2**63 - 4, "pass the largest flat index")])
-def test_a_bad_offset_is_refused(offset, why):
-    """Negative, not an integer, or so large that the part's last index passes the int64
-    counters that torch hashes the draws from (numpy's would wrap: the two would differ)."""
+_OFFSET = r"offset \(a flat element index\) must be an int >= 0"
+
+
+@pytest.mark.parametrize("offset, kind, why", [
+    (-1, ValueError, _OFFSET), (True, TypeError, _OFFSET), (1.5, TypeError, _OFFSET),
+    ("3", TypeError, _OFFSET), (2**63 - 4, ValueError, "pass the largest flat index")])
+def test_a_bad_offset_is_refused(offset, kind, why):
+    """Negative, not an integer (a TypeError, as every count of the package), or so large
+    that the part's last index passes the int64 counters that torch hashes the draws from
+    (numpy's would wrap: the two would differ)."""
     for x in (np.zeros(4, np.float32), torch.zeros(4)):
-        with pytest.raises(ValueError, match=why):
+        with pytest.raises(kind, match=why):
             fake_quantize(x, QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1, generator=1,
                           offset=offset)
     fake_quantize(np.zeros(4, np.float32), QuantSpec(rounding=RoundingMode.STOCHASTIC), 0.1,
@@ -422,7 +425,7 @@ def test_float16_input_keeps_its_dtype():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"bits": 1}, ValueError, "bits must be between 2 and 16"),
+        ({"bits": 1}, ValueError, "bits must be an int >= 2, got 1"),
         ({"bits": 17}, ValueError, "bits must be between 2 and 16"),
         ({"bits": 8.0}, TypeError, "bits must be an int"),
         ({"rounding": "banker"}, ValueError, "not one of"),

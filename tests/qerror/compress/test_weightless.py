@@ -168,17 +168,22 @@ def test_seeded_mapping_is_fixed_by_its_integer_arithmetic():
 
 
 @pytest.mark.parametrize("seed, error, match", [
-    (2 ** 64, ValueError, r"seed must lie in \[0, 2\*\*64\), got 18446744073709551616"),
-    (True, TypeError, "seed must be an int, got True"),
-    (np.bool_(True), TypeError, "seed must be an int"),
-    (1.0, TypeError, "seed must be an int"),
+    (2 ** 64, ValueError, r"must lie in \[0, 2\*\*64\), got 18446744073709551616"),
+    (-1, ValueError, r"must be an int >= 0, got -1$"),
+    (True, TypeError, r"must be an int >= 0, got True \(bool\)"),
+    (np.bool_(True), TypeError, r"must be an int >= 0, got np\.True_ \(bool\)"),
+    (1.0, TypeError, r"must be an int >= 0, got 1\.0 \(float\)"),
 ])
 def test_a_seed_that_is_no_64_bit_count_is_refused(seed, error, match):
     # 2**64 wraps to the wiring of seed 0 (the arithmetic is mod 2**64), and True was
-    # taken as seed 1: each model was built with a wiring its seed does not name
-    for make in (lambda: seeded_mapping(8, 8, seed), lambda: WiSARD(8, 4, 2, seed=seed),
-                 lambda: LUTLayer(8, 2, 2, seed=seed), lambda: seeded_mapping(8, 8, 0, seed)):
-        with pytest.raises(error, match=match):
+    # taken as seed 1: each model was built with a wiring its seed does not name. A bad
+    # stream was called a seed.
+    for name, make in (("seed", lambda: seeded_mapping(8, 8, seed)),
+                       ("seed", lambda: WiSARD(8, 4, 2, seed=seed)),
+                       ("seed", lambda: LUTLayer(8, 2, 2, seed=seed)),
+                       ("stream", lambda: LUTLayer(8, 2, 2, stream=seed)),
+                       ("stream", lambda: seeded_mapping(8, 8, 0, seed))):
+        with pytest.raises(error, match=f"^{name} {match}"):
             make()
 
 

@@ -152,9 +152,12 @@ def test_never_worse_than_nearest_on_quadratic():
         assert best <= got <= res.layers["0"].loss_nearest * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("bits", [1, 9, 0, 2.5])
-def test_bits_out_of_range(bits):
-    with pytest.raises(ValueError, match="2 to 8 weight bits"):
+@pytest.mark.parametrize("bits, kind, match", [
+    (1, ValueError, "bits must be an int >= 2, got 1"), (9, ValueError, "2 to 8 weight bits"),
+    (0, ValueError, "bits must be an int >= 2, got 0"),
+    (2.5, TypeError, "bits must be an int >= 2, got 2.5")])
+def test_bits_out_of_range(bits, kind, match):
+    with pytest.raises(kind, match=match):
         adaround(tiny_resnet(), [images(4, 1)], bits, iterations=1)
 
 
@@ -175,10 +178,9 @@ def test_refused_model():
                                       ({"lam": -1.0}, "lam"),
                                       ({"lam": True}, "lam"),
                                       ({"asymmetric": "False"}, "asymmetric must be True or"),
-                                      ({"seed": 1.5}, "seed must be an integer"),
                                       # torch's 'Overflow when unpacking long long'
                                       ({"seed": 2 ** 64}, r"seed must be an integer in \[0, 2"),
-                                      ({"seed": -1}, r"seed must be an integer in \[0, 2")])
+                                      ({"seed": -1}, "seed must be an int >= 0, got -1")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaRoundSettings(bits=4, **kw)
@@ -207,6 +209,15 @@ def test_numpy_settings_run_and_record_as_plain_values():
         return rec
 
     assert without_time(got) == without_time(want)
+
+
+@pytest.mark.parametrize("kw", [{"seed": 1.5}, {"seed": True}, {"bits": 4.0},
+                                {"iterations": 10.0}, {"batch": True}])
+def test_settings_counts_that_are_no_integers_are_a_type_error(kw):
+    """They were a ValueError, and a negative seed was taken (torch maps -1 to 2**64 - 1)."""
+    name, value = next(iter(kw.items()))
+    with pytest.raises(TypeError, match=rf"^{name} must be an int >= \d+, got {value!r}"):
+        AdaRoundSettings(**({"bits": 4} | kw))
 
 
 def test_one_beta_given_to_adaround_is_refused_in_words():

@@ -954,15 +954,17 @@ def test_cross_validation_inputs_are_checked():
     labels, logits, costs = _four_exits(20, (1.0, 2.0, 2.5, 3.0))
     ref = logits[-1].argmax(1) == labels
     procs = [SelectionProcedure("entropy", False, 0.01)]
-    with pytest.raises(ValueError, match="folds must be an int from 2 to the 20 samples"):
+    with pytest.raises(ValueError, match="folds must be an int >= 2, got 1"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, folds=1)
+    with pytest.raises(TypeError, match="folds must be an int >= 2, got 3.0"):
+        cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, folds=3.0)
     with pytest.raises(ValueError, match="folds must be an int from 2 to the 20 samples"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, folds=21)
     with pytest.raises(ValueError, match="per-sample correctness"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, 0.9, 0.01)
     with pytest.raises(ValueError, match="non-empty sequence of SelectionProcedure"):
         cross_validate_selection(logits, labels, [], [0.5], costs, ref, 0.01)
-    with pytest.raises(ValueError, match="plan_n must be a positive int"):
+    with pytest.raises(ValueError, match=r"plan_n \(the images .*\) must be an int >= 1"):
         cross_validate_selection(logits, labels, procs, [0.5], costs, ref, 0.01, alpha=0.05,
                                  plan_n=0)
     with pytest.raises(ValueError, match="give alpha"):

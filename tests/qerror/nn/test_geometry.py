@@ -124,9 +124,14 @@ def test_live_taps_takes_numpy_integers():
     assert live_taps(np.int64(4), np.int32(3), np.int8(1), np.uint8(1)) == live_taps(4, 3, 1, 1)
 
 
-@pytest.mark.parametrize("bad", [dict(size=0), dict(kernel=0), dict(stride=0),
-                                 dict(padding=-1), dict(dilation=True), dict(size=2.0)])
-def test_live_taps_refuses_bad_arguments(bad):
+@pytest.mark.parametrize("bad, kind", [
+    (dict(size=0), ValueError), (dict(kernel=0), ValueError), (dict(stride=0), ValueError),
+    (dict(padding=-1), ValueError), (dict(dilation=True), TypeError),
+    (dict(size=2.0), TypeError)])
+def test_live_taps_refuses_bad_arguments(bad, kind):
+    """An integer below its least is a ValueError; a bool or a float, even 2.0, a TypeError
+    (a ValueError before), as every count of the package."""
     args = dict(size=4, kernel=3, stride=1, padding=1, dilation=1) | bad
-    with pytest.raises(ValueError, match="must be an integer"):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(kind, match=rf"^{name} must be an int >= \d, got {value!r}"):
         live_taps(**args)

@@ -340,7 +340,8 @@ def test_a_layer_interval_whose_residuals_follow_each_other_gives_no_answer():
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=5, resamples=100), "block"),
     (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], block=3, resamples=100),
      "so that resamples differ"),
-    (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], resamples=10), "at least 100"),
+    (lambda: layer_block_bootstrap([1, 2, 3], [1.0, 2, 3], resamples=10),
+     "resamples must be an int >= 100, got 10"),
     (lambda: image_bootstrap([1, 2], [np.ones((3, 1)), np.ones((4, 1))], [np.ones(1)] * 2,
                              resamples=100), "same images"),
     # these three failed inside numpy (a broadcast, a matmul) or, on no layers, gave a fit
@@ -534,7 +535,7 @@ def test_no_interval_around_an_undefined_exponent():
 @pytest.mark.parametrize("block", [2.9, True, "2"])
 def test_block_bootstrap_refuses_a_block_that_is_not_an_int(block):
     d = np.arange(1.0, 11.0)
-    with pytest.raises(ValueError, match="block must be an int"):
+    with pytest.raises(TypeError, match=r"block \(layers per block\) must be an int >= 1"):
         layer_block_bootstrap(d, d ** 0.5, block=block, resamples=100, seed=0)
 
 
@@ -636,7 +637,9 @@ def test_layer_block_bootstrap_takes_only_a_fixed_seed():
     d = np.arange(1.0, 13.0)
     y = 0.1 * d * np.exp(np.random.default_rng(0).normal(0.0, 0.1, d.size))
     for seed in (None, np.random.default_rng(1), -1, 1.5, True):
-        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        with pytest.raises(ValueError if seed == -1 else TypeError,
+                           match=r"seed \(fixed, so that the bootstrap's resamples are the same "
+                                 r"on every call\) must be an int >= 0"):
             layer_block_bootstrap(d, y, resamples=100, seed=seed)
     a = layer_block_bootstrap(d, y, resamples=100, seed=np.int64(3))
     b = layer_block_bootstrap(d, y, resamples=100, seed=3)

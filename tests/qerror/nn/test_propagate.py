@@ -331,7 +331,7 @@ def test_configs_that_cannot_run_are_refused(setup):
         QuantConfig(None, None)
     with pytest.raises(ValueError, match="per tensor"):
         QuantConfig(None, QuantSpec(axis=0))
-    with pytest.raises(ValueError, match="between 2 and 16"):
+    with pytest.raises(ValueError, match="bits must be an int >= 2, got 1"):
         QuantConfig.make(1)
     with pytest.raises(ValueError, match="target 'everything' is not one of"):
         QuantConfig.make(8, target="everything")
@@ -345,30 +345,37 @@ def test_configs_that_cannot_run_are_refused(setup):
     assert _clean(model)
 
 
-def _refused_and_clean(setup, kwargs, match):
-    """measure with ``kwargs`` raises a ValueError matching ``match`` and leaves the model
+def _refused_and_clean(setup, kwargs, match, kind=ValueError):
+    """measure with ``kwargs`` raises a ``kind`` matching ``match`` and leaves the model
     unpatched."""
     model, calib, test = setup
     cfg = QuantConfig.make(8)
     act_qp = calibrate_activations(model, calib, cfg.activation)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(kind, match=match):
         measure(model, test, cfg, act_qp, **kwargs)
     assert _clean(model)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"local_samples": -5}, "local_samples must be a number of images >= 0"),
-    ({"local_samples": 2.5}, "local_samples must be a number of images >= 0"),
-    ({"local_samples": True}, "local_samples must be a number of images >= 0"),
-    ({"local_samples": None}, "local_samples must be a number of images >= 0"),
-    ({"pair_batch": 2.5}, "pair_batch must be a number of images >= 1"),
-    ({"pair_batch": "4"}, "pair_batch must be a number of images >= 1"),
-    ({"image_means": np.int64(-1)}, "image_means must be a number of images >= 0"),
+_LOCAL = r"local_samples \(a number of images\) must be an int >= 0"
+_PAIR = r"pair_batch \(a number of images\) must be an int >= 1"
+
+
+@pytest.mark.parametrize("kwargs, kind, match", [
+    ({"local_samples": -5}, ValueError, _LOCAL),
+    ({"local_samples": 2.5}, TypeError, _LOCAL),
+    ({"local_samples": True}, TypeError, _LOCAL),
+    ({"local_samples": None}, TypeError, _LOCAL),
+    ({"pair_batch": 2.5}, TypeError, _PAIR),
+    ({"pair_batch": "4"}, TypeError, _PAIR),
+    ({"image_means": np.int64(-1)}, ValueError,
+     r"image_means \(a number of images\) must be an int >= 0"),
+    ({"first_batch": 1.0}, TypeError, r"first_batch \(a batch index\) must be an int >= 0"),
 ])
-def test_counts_of_images_are_refused_unless_they_are_counts(setup, kwargs, match):
+def test_counts_of_images_are_refused_unless_they_are_counts(setup, kwargs, kind, match):
     """A negative local_samples measured no local error and said nothing; 2.5 failed in a
-    slice, "4" in range()."""
-    _refused_and_clean(setup, kwargs, match)
+    slice, "4" in range(). A value that is no integer is a TypeError (a ValueError before),
+    as every count of the package."""
+    _refused_and_clean(setup, kwargs, match, kind)
 
 
 _NAN8 = torch.full((8,), float("nan"), dtype=torch.float64)
@@ -589,10 +596,10 @@ def test_measure_many_refuses_what_it_cannot_pair(setup):
         measure_many(model, test, [cfg] * 2, act_qp, bn_stats={})
     with pytest.raises(ValueError, match="no activation qparams"):
         measure_many(model, test, [cfg, cfg], [act_qp, {}])
-    with pytest.raises(ValueError, match="arms must be"):
+    with pytest.raises(ValueError, match=r"arms \(a number of configurations\) must be an int"):
         default_pair_batch(16, 0)
-    for bad in (0, True, 2.0):
-        with pytest.raises(ValueError, match="min_chunk must be"):
+    for bad, kind in ((0, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(kind, match=r"min_chunk \(a number of images\) must be an int >= 1"):
             default_pair_batch(16, 2, min_chunk=bad)
     assert _clean(model)
 

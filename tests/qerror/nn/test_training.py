@@ -364,14 +364,12 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"n_train": 10}, "batch size 16 exceeds the 10 training samples"),
     # 4 steps of 16, a quarter of them warm-up: one step, where OneCycleLR divides by zero
     ({"n_train": 64, "epochs": 1}, "4 steps are too few for the one-cycle schedule"),
-    ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1, got 0"),
-    ({"checkpoint_every": -4}, "checkpoint_every must be an integer >= 1"),
-    ({"stop_after_steps": -3}, "stop_after_steps must be an integer >= 1"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an int >= 1, got 0"),
+    ({"checkpoint_every": -4}, "checkpoint_every must be an int >= 1"),
+    ({"stop_after_steps": -3}, "stop_after_steps must be an int >= 1"),
+    ({"n_train": -1}, "n_train must be an int >= 0, got -1"),
     ({"time_budget_s": math.nan}, "time_budget_s must be a positive number"),
     ({"time_budget_s": -1}, "time_budget_s must be a positive number"),
-    ({"checkpoint_every": 2.5}, r"checkpoint_every must be an integer >= 1, got 2\.5"),
-    ({"checkpoint_every": True}, "checkpoint_every must be an integer >= 1, got True"),
-    ({"stop_after_steps": True}, "stop_after_steps must be an integer >= 1, got True"),
     ({"time_budget_s": "60"}, "time_budget_s must be a positive number of seconds .*got '60'"),
     ({"time_budget_s": math.inf}, "time_budget_s must be a positive number .*got inf"),
     ({"time_budget_s": 0}, "time_budget_s must be a positive number .*got 0"),
@@ -383,6 +381,34 @@ def test_bad_runs_are_refused(kwargs, message):
         else CONFIG
     with pytest.raises(TrainError, match=message):
         fit(tiny_model(), tensor_batches(x, y), n, config, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_every": 2.5}, r"checkpoint_every must be an int >= 1, got 2\.5 \(float\)"),
+    ({"checkpoint_every": True}, r"checkpoint_every must be an int >= 1, got True \(bool\)"),
+    ({"stop_after_steps": True}, r"stop_after_steps must be an int >= 1, got True \(bool\)"),
+    ({"n_train": float(N_TRAIN)}, r"n_train must be an int >= 0, got \d+\.0 \(float\)"),
+    ({"val_size": "100"}, r"val_size must be an int >= 0, got '100' \(str\)"),
+])
+def test_counts_of_a_run_that_are_no_integers_are_a_type_error(kwargs, message):
+    """A float or a bool where fit takes a count is a TypeError, as everywhere in the
+    package (qerror._checks.check_count); it was a TrainError (2.5, True) or, for n_train,
+    not refused at all (a float n_train gave float step counts)."""
+    x, y = synthetic()
+    n = kwargs.pop("n_train", N_TRAIN)
+    with pytest.raises(TypeError, match=message):
+        fit(tiny_model(), tensor_batches(x, y), n, CONFIG, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"epochs": True}, r"TrainConfig\.epochs must be an int >= 1, got True \(bool\)"),
+    ({"batch_size": 16.0}, r"TrainConfig\.batch_size must be an int >= 1, got 16\.0"),
+    ({"seed": True}, r"TrainConfig\.seed must be an int >= 0, got True \(bool\)"),
+    ({"seed": 1.5}, r"TrainConfig\.seed must be an int >= 0, got 1\.5 \(float\)"),
+])
+def test_config_counts_that_are_no_integers_are_a_type_error(fields, message):
+    with pytest.raises(TypeError, match=message):
+        replace(CONFIG, **fields)
 
 
 def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
@@ -407,7 +433,7 @@ def test_one_value_per_channel_at_a_training_batchnorm_is_a_train_error():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("epochs", 0), ("batch_size", 2.5), ("lr", math.nan), ("lr", 0.0), ("momentum", 0.97),
+    ("epochs", 0), ("batch_size", 0), ("lr", math.nan), ("lr", 0.0), ("momentum", 0.97),
     ("momentum", 0.0), ("momentum", 0.02),  # one-cycle would run at momentum - 0.05 < 0
     ("warmup_fraction", 0.0), ("seed", -1), ("schedule", "cosine"),
 ])
@@ -417,10 +443,8 @@ def test_config_refuses_bad_values(field, value):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"epochs": True}, r"TrainConfig\.epochs must be an integer >= 1, got True"),
-    ({"batch_size": 0}, r"TrainConfig\.batch_size must be an integer >= 1, got 0"),
-    ({"seed": True}, r"TrainConfig\.seed must be an integer >= 0, got True"),
-    ({"seed": 1.5}, r"TrainConfig\.seed must be an integer >= 0, got 1\.5"),
+    ({"batch_size": 0}, r"TrainConfig\.batch_size must be an int >= 1, got 0"),
+    ({"seed": -1}, r"TrainConfig\.seed must be an int >= 0, got -1"),
     ({"lr": "0.1"}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got '0\.1'"),
     ({"lr": math.inf}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got inf"),
     ({"momentum": 1.0, "schedule": Schedule.CONSTANT},
