@@ -597,14 +597,18 @@ _ONE_SIZE = ("drift and mse weight each image by its elements, while their stand
 
 
 def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int],
-                 image_shape: tuple[int, ...]) -> list[int]:
+                 image_shape: tuple[int, ...], u: float) -> tuple[list[int], float]:
     """Sum every rank's accumulators into this rank's (in place) and return the summed
-    ``counts``; the images kept for resampling are gathered in rank order.
+    ``counts`` and the unit roundoff of the merged sums; the images kept for resampling are
+    gathered in rank order.
 
     Integers are summed exactly as int64; float sums as float64, so the merged sums differ
     from one process's only by the order of the additions. ``image_shape`` (this rank's
     images') must be every rank's: one process refuses images of two shapes, and each rank
-    sees only its own. Every rank raises the same error when the ranks disagree.
+    sees only its own. Every rank raises the same error when the ranks disagree. ``u`` (the
+    unit roundoff of this rank's sums) and each accumulator's ``length`` are merged as one
+    process merges its batches': to the largest of any rank's, the rounding bound that holds
+    for every rank's sums, so that every rank resolves the same variances.
     """
     def tensors(m):
         return [getattr(m, k) for k in _MOMENT_TENSORS]
@@ -614,15 +618,19 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes = [[None if t is None else tuple(t.shape) for t in tensors(m)] for m in holders]
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
-    gathered = parallel.gather_objects((image_shape, layout, shapes))
+    gathered = parallel.gather_objects(
+        (image_shape, u, [m.length for m in holders], layout, shapes))
     if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
                 f"rank {r}: {g[0]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
             "every rank images of one size (measure each size apart)")
-    if len({repr(g[1:]) for g in gathered}) != 1:
+    if len({repr(g[3:]) for g in gathered}) != 1:
         raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
                            "the same model and configuration on at least one batch")
+    u = max(g[1] for g in gathered)
+    for m, lengths in zip(holders, zip(*(g[2] for g in gathered))):
+        m.length = max(lengths)
     ints = [getattr(m, k) for m in holders for k in _MOMENT_COUNTS]
     ints += [getattr(a, k) for a in sites for k in _SITE_COUNTS] + list(counts)
     floats = [torch.tensor([getattr(m, k) for m in holders for k in _MOMENT_FLOATS],
@@ -669,7 +677,7 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
             a.beyond = [torch.cat(beyond)[:a.err.keep]] if beyond else []
             power = [torch.cat(p) for p in parallel.gather_objects(a.ref_power) if p]
             a.ref_power = [torch.cat(power)[:a.err.keep]] if power else []
-    return merged_counts
+    return merged_counts, u
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -1436,7 +1444,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         Under torchrun, each rank passed its own share of the batches (each at least one,
         contiguous, ``first_batch`` its first index): the sums of every rank are merged
         before the results are computed, and every rank returns the result of all the
-        batches. Outside a process group this changes nothing.
+        batches (images of different floating dtypes on different ranks count as they do
+        in one process: a variance is resolved against the rounding of the coarsest).
+        Outside a process group this changes nothing.
 
     Returns
     -------
@@ -1619,8 +1629,9 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         raise ValueError("measure needs at least one batch")
     ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
     if across_ranks and parallel.world()[1] > 1:  # one process: its sums are the merged ones
-        merged = _merge_ranks([logit_ref, *logit_err], [s for sites in ordered for s in sites],
-                              [n_img, fc, *(v for c in counts for v in c)], image_shape)
+        merged, u = _merge_ranks([logit_ref, *logit_err],
+                                 [s for sites in ordered for s in sites],
+                                 [n_img, fc, *(v for c in counts for v in c)], image_shape, u)
         n_img, fc = merged[:2]
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
         if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:

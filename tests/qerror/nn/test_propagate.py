@@ -1053,3 +1053,72 @@ def test_ranks_whose_images_differ_in_size_are_refused_on_every_rank(tmp_path):
     assert said[0] == said[1] and said[0][0] == "measured 8"
     assert said[0][1].startswith("ValueError: the ranks' images differ in shape (rank 0: "
                                  "(1, 12, 12), rank 1: (1, 10, 10)): drift and mse weight")
+
+
+class _AsFloat64(nn.Module):
+    """``net`` fed its input as float64, whatever the images' dtype."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.double())
+
+
+def _offset_logits():
+    """A float64 network (casting its input) whose logits sit 1e4 above a spread of about
+    one: their variance is within float32's rounding bound of ``E[x²]`` (``u = 2⁻²⁴``
+    resolves a mean of up to about 1200 standard deviations, :func:`resolved_variance`)
+    and resolved in float64's. Returns it, a configuration and its activations' qparams."""
+    net = tiny_resnet(seed=1)
+    with torch.no_grad():
+        net[-1].bias.add_(1e4)
+    model = _AsFloat64(net)
+    config = QuantConfig.make(8)
+    return model, config, calibrate_activations(model, [images(8, 1)], config.activation)
+
+
+def _dtype_batches(rank):
+    return [images(4, 2 + rank, torch.float32 if rank == 0 else torch.float64)]
+
+
+def _rank_dtypes(rank, world, port, folder):
+    """One gloo rank of :func:`test_ranks_fed_other_dtypes_resolve_as_one_process`: rank 0
+    fed float32 images, rank 1 float64; its logits' ``drift_rel`` to ``folder``."""
+    import os
+
+    from qerror.nn import training
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, config, aq = _offset_logits()
+    with training.distributed("cpu"):
+        r = measure(model, _dtype_batches(rank), config, aq, local_samples=0,
+                    across_ranks=True)
+    (folder / f"rank{rank}.txt").write_text(f"{r.logits.n} {r.logits.drift_rel!r}")
+
+
+def test_ranks_fed_other_dtypes_resolve_as_one_process(tmp_path):
+    """Each rank resolved variances against its own images' rounding (u), so a rank fed
+    float32 images returned drift_rel nan (logit variance not resolved) and one fed float64
+    a number, from the same merged sums. Every rank now takes the coarsest rank's u, as one
+    process takes its coarsest batch's: both return what one process given both batches
+    does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, config, aq = _offset_logits()
+    alone = measure(model, _dtype_batches(1), config, aq, local_samples=0)
+    assert math.isfinite(alone.logits.drift_rel)  # float64 images alone resolve it
+    both = measure(model, _dtype_batches(0) + _dtype_batches(1), config, aq, local_samples=0)
+    assert math.isnan(both.logits.drift_rel)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_dtypes, args=(2, port, tmp_path), nprocs=2, join=True,
+                       start_method="spawn")
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said == ["8 nan", "8 nan"]
