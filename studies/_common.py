@@ -524,6 +524,16 @@ def _beside(final: Path, kind: str) -> Path:
     return final.parent / f"{dot}{final.name}.{kind}-{os.getpid()}"
 
 
+def out_name_room(out: Path) -> tuple[int, int]:
+    """``(longest, room)``: the longest file name ``out``'s folder takes
+    (:func:`~qerror.files.name_max`), and the longest name ``out`` itself may have there,
+    so that the folders a run is staged in beside it (``.NAME.partial-PID`` and the like,
+    whose names add the most bytes to ``out``'s) fit too."""
+    longest = name_max(out.parent)
+    added = max(name_bytes(_beside(out, kind).name) for kind in ("partial", "old", "finished"))
+    return longest, longest - (added - name_bytes(out.name))
+
+
 def clean_stale_partials(final: Path) -> list[Path]:
     """Remove the staging folders that killed runs aimed at ``final`` left behind.
 
@@ -760,16 +770,13 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     # the run is staged beside --out under a longer name: a name that is legal but leaves
     # no room for it would fail only once the work is done (train: after training); checked
     # first, as a longer name than the file system takes is an OSError wherever it is used
-    longest = name_max(final.parent)
-    staged = max((_beside(final, kind) for kind in ("partial", "old", "finished")),
-                 key=lambda p: name_bytes(p.name))
-    if name_bytes(staged.name) > longest:
-        room = longest - (name_bytes(staged.name) - name_bytes(final.name))
+    longest, room = out_name_room(final)
+    if name_bytes(final.name) > room:
         raise StudyError(f"--out {final}: its name is {name_bytes(final.name)} bytes, and a "
                          "run is staged beside it under a longer one (.NAME.partial-PID, "
-                         f"{name_bytes(staged.name)} bytes here), over the {longest} bytes a "
-                         f"file name may have there; pass an --out whose name is at most "
-                         f"{room} bytes")
+                         f"{name_bytes(final.name) + longest - room} bytes here), over the "
+                         f"{longest} bytes a file name may have there; pass an --out whose "
+                         f"name is at most {room} bytes")
     if final.exists() and not final.is_dir():
         raise StudyError(f"--out {final} is a file, not a folder; it is never replaced. Pass "
                          f"the name of a new folder, e.g. --out {final.parent / study}")

@@ -98,6 +98,7 @@ from studies._common import (
     check_out,
     check_writable_parent,
     figure_style,
+    out_name_room,
     positive_float,
     positive_int,
     previous_run,
@@ -650,7 +651,9 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
     ------
     CheckpointError
         Also when training stopped before the end (a time budget or a step limit); the
-        message says how to resume.
+        message says how to resume. And, before training, when ``path``'s name leaves no
+        room for the run folder named after it (``NAME.run``, staged under a longer name)
+        within the file system's limit: the message gives the longest name that works.
     KeyboardInterrupt
         The training was interrupted (Ctrl-C): its state is saved, and the printed command
         resumes it.
@@ -661,8 +664,21 @@ def get_or_train_baseline(arch: Arch | str = Arch.RESNET50, stem: Stem | str = D
         # The run's folder lies beside the checkpoint, not at the trainer's default --out,
         # where a user's own training run would be replaced: --force replaces only an
         # earlier run of this baseline there (the checkpoint itself is missing).
+        out = path.with_name(path.name + ".run")
+        # the training run would refuse this --out, an option the caller never gave: the
+        # checkpoint's name is refused here (the run's names add more to it than the
+        # checkpoint's own sidecar and training state do, so that room is the checkpoint's)
+        longest, room = out_name_room(out)
+        if name_bytes(out.name) > room:
+            added = name_bytes(out.name) - name_bytes(path.name)
+            raise CheckpointError(
+                f"checkpoint {path}: its name is {name_bytes(path.name)} bytes, and the run "
+                f"that trains it is written beside it as NAME.run, staged under a longer name "
+                f"(.NAME.run.partial-PID, {name_bytes(out.name) + longest - room} bytes here), "
+                f"over the {longest} bytes a file name may have there; pass a checkpoint path "
+                f"whose name is at most {room - added} bytes")
         argv = ["--arch", arch.value, "--stem", stem.value, "--checkpoint", str(path),
-                "--out", str(path.with_name(path.name + ".run")), "--force"]
+                "--out", str(out), "--force"]
         if data_root is not None:
             argv += ["--data-root", str(data_root)]
         if download:

@@ -311,6 +311,32 @@ def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     assert study([]) == train.EXIT_INTERRUPTED
 
 
+def test_a_baseline_checkpoint_name_with_no_room_for_its_run_is_refused_as_given(
+        tmp_path, monkeypatch):
+    """get_or_train_baseline trains into the run folder NAME.run beside the checkpoint,
+    staged as .NAME.run.partial-PID: a checkpoint name that left no room for it was refused
+    by the training run as an --out the caller never passed ("pass an --out whose name is
+    at most ..."). It is refused before training, naming the checkpoint, the limit and the
+    longest checkpoint name that works; that one is trained."""
+    limit = name_max(tmp_path)
+    room = limit - len(".run") - len("..partial-") - len(str(os.getpid()))
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or 2)
+    path = tmp_path / ("c" * (room + 1 - len(".pt")) + ".pt")
+    with pytest.raises(models.CheckpointError) as info:
+        train.get_or_train_baseline("resnet18", train_if_missing=True, path=path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path}: its name is {room + 1} bytes")
+    assert f"over the {limit} bytes" in message and message.endswith(
+        f"pass a checkpoint path whose name is at most {room} bytes")
+    assert "--out" not in message and not calls
+    path = tmp_path / ("c" * (room - len(".pt")) + ".pt")
+    with pytest.raises(models.CheckpointError, match="failed with exit code 2"):
+        train.get_or_train_baseline("resnet18", train_if_missing=True, path=path)
+    assert calls[0][calls[0].index("--out") + 1] == str(path) + ".run"
+    assert _common.out_name_room(Path(str(path) + ".run")) == (limit, room + len(".run"))
+
+
 def test_a_baseline_stopped_by_a_limit_is_continued_by_a_command_without_it(monkeypatch):
     """The limits count every session, so the same command would stop again at once: the
     command given to continue leaves them out, in each of argparse's spellings."""
