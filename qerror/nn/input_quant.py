@@ -10,6 +10,7 @@ differ in sign where the quantizer's block engine runs).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,36 @@ from qerror.quantizer import (
 
 # Offline codes are stored one per byte (int8 or uint8).
 MAX_CODE_BITS = 8
+
+
+def _value_repr(value) -> str:
+    """A scale or zero point for a module's repr: a scalar in full (the shortest text that
+    reads back as the same number), per-channel values as their shape and range."""
+    if isinstance(value, torch.Tensor):  # on any device, in any dtype (float64 holds all)
+        value = value.detach().cpu()
+        value = value.double() if value.is_floating_point() else value
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return repr(arr.item())
+    if arr.size == 0:
+        return f"{arr.shape} empty"
+    lo, hi = arr.min().item(), arr.max().item()
+    return f"{arr.shape} all {lo!r}" if lo == hi else f"{arr.shape} in [{lo:.6g}, {hi:.6g}]"
+
+
+def _quantizer_repr(spec: QuantSpec, qparams: QParams) -> str:
+    """The :meth:`~torch.nn.Module.extra_repr` of a module holding ``spec`` and ``qparams``:
+    bits, signedness and rounding always, the spec's other fields where not their default,
+    then the scale and zero point (:func:`_value_repr`)."""
+    parts = [f"bits={spec.bits}", f"signed={spec.signed}", f"rounding={spec.rounding.value}"]
+    default = QuantSpec()
+    parts += [f"{name}={getattr(spec, name)}" for name in ("symmetric", "axis", "narrow")
+              if getattr(spec, name) != getattr(default, name)]
+    if spec.arithmetic != default.arithmetic:
+        parts.append(f"arithmetic={spec.arithmetic.value}")
+    parts += [f"scale={_value_repr(qparams.scale)}",
+              f"zero_point={_value_repr(qparams.zero_point)}"]
+    return ", ".join(parts)
 
 
 class InputQuantizer(nn.Module):
@@ -77,6 +108,11 @@ class InputQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.spec, self.qparams.scale, self.qparams.zero_point)
+
+    def extra_repr(self) -> str:
+        """The spec and qparams, as ``print(model)`` shows them (per-channel values as
+        their shape and range)."""
+        return _quantizer_repr(self.spec, self.qparams)
 
 
 class Dequantizer(nn.Module):
@@ -134,6 +170,11 @@ class Dequantizer(nn.Module):
                                  f"{spec.qmax}]: not codes this spec made")
         return dequantize(q, self.qparams.scale, self.qparams.zero_point, axis=spec.axis,
                           dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        """The spec, qparams and output dtype, as ``print(model)`` shows them (per-channel
+        values as their shape and range)."""
+        return f"{_quantizer_repr(self.spec, self.qparams)}, dtype={self.dtype}"
 
 
 def with_input_quantizer(net: nn.Module, spec: QuantSpec, qparams: QParams) -> nn.Module:

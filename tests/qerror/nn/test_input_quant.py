@@ -208,3 +208,24 @@ def test_a_stochastic_input_quantizer_is_refused_where_it_is_made():
                  lambda: with_input_quantizer(small_net(), spec, qp)):
         with pytest.raises(ValueError, match="quantize_offline"):
             make()
+
+
+def test_print_shows_the_spec_and_qparams():
+    """print(model) showed InputQuantizer() and Dequantizer(): nothing of the grid or the
+    scale a model's input is quantized with. They now show bits, signedness and rounding,
+    the spec's other fields where not their default, a scalar scale and zero point in full
+    and per-channel ones as their shape and range."""
+    qp = QParams(1 / 255, -128)
+    wrapped = with_input_quantizer(nn.Identity(), SPEC, qp)
+    assert str(wrapped).split("\n")[1] == (
+        "  (0): InputQuantizer(bits=8, signed=True, rounding=nearest_even, symmetric=False, "
+        "scale=0.00392156862745098, zero_point=-128)")
+    assert repr(InputQuantizer(QuantSpec(bits=4, signed=False, rounding="floor"),
+                               QParams(np.float32(0.1), 0))) == (
+        "InputQuantizer(bits=4, signed=False, rounding=floor, scale=0.10000000149011612, "
+        "zero_point=0)")  # the float32 scale's exact value
+    spec = QuantSpec(bits=8, symmetric=False, axis=1, narrow=True)
+    channels = QParams(torch.tensor([0.02, 0.5, 0.125]), np.array([3, 3, 3]))
+    assert repr(Dequantizer(spec, channels, dtype=torch.float64)) == (
+        "Dequantizer(bits=8, signed=True, rounding=nearest_even, symmetric=False, axis=1, "
+        "narrow=True, scale=(3,) in [0.02, 0.5], zero_point=(3,) all 3, dtype=torch.float64)")
