@@ -515,22 +515,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _beside(final: Path, kind: str) -> Path:
-    """The name this process gives a folder beside ``final``: its staging folder
-    (``partial``, ``.NAME.partial-PID``), the previous run moved aside (``old``,
-    ``.NAME.old-PID``), or a finished run that could not take ``final``'s place
+#: The most digits a process id has: Linux's largest pid_max (PID_MAX_LIMIT, 2**22 on 64-bit
+#: kernels) has 7. The room a name leaves for the folders staged beside it is counted with
+#: it, so the longest name a run accepts does not depend on the process id it happens to get.
+PID_DIGITS = 7
+
+
+def _beside(final: Path, kind: str, pid: int | None = None) -> Path:
+    """The name this process (or process ``pid``) gives a folder beside ``final``: its
+    staging folder (``partial``, ``.NAME.partial-PID``), the previous run moved aside
+    (``old``, ``.NAME.old-PID``), or a finished run that could not take ``final``'s place
     (``finished``, ``NAME.finished-PID``)."""
     dot = "" if kind == "finished" else "."
-    return final.parent / f"{dot}{final.name}.{kind}-{os.getpid()}"
+    return final.parent / f"{dot}{final.name}.{kind}-{os.getpid() if pid is None else pid}"
 
 
 def out_name_room(out: Path) -> tuple[int, int]:
     """``(longest, room)``: the longest file name ``out``'s folder takes
     (:func:`~qerror.files.name_max`), and the longest name ``out`` itself may have there,
     so that the folders a run is staged in beside it (``.NAME.partial-PID`` and the like,
-    whose names add the most bytes to ``out``'s) fit too."""
+    whose names add the most bytes to ``out``'s) fit too, whatever the process id
+    (:data:`PID_DIGITS`)."""
     longest = name_max(out.parent)
-    added = max(name_bytes(_beside(out, kind).name) for kind in ("partial", "old", "finished"))
+    pid = 10 ** PID_DIGITS - 1
+    added = max(name_bytes(_beside(out, kind, pid).name)
+                for kind in ("partial", "old", "finished"))
     return longest, longest - (added - name_bytes(out.name))
 
 

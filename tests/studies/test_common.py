@@ -92,7 +92,7 @@ def test_an_out_whose_staging_names_would_be_too_long_is_refused_up_front(tmp_pa
     after a study's work. It is refused by check_out, naming the longest name that works;
     that one is staged, published and replaced."""
     limit = name_max(tmp_path)
-    room = limit - len("..partial-") - len(str(os.getpid()))
+    room = limit - len("..partial-") - _common.PID_DIGITS  # whatever the process id
     with pytest.raises(_common.StudyError, match=f"its name is {room + 1} bytes, .* over the "
                                                  f"{limit} bytes .* pass an --out whose name "
                                                  f"is at most {room} bytes"):

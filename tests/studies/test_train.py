@@ -319,7 +319,7 @@ def test_a_baseline_checkpoint_name_with_no_room_for_its_run_is_refused_as_given
     at most ..."). It is refused before training, naming the checkpoint, the limit and the
     longest checkpoint name that works; that one is trained."""
     limit = name_max(tmp_path)
-    room = limit - len(".run") - len("..partial-") - len(str(os.getpid()))
+    room = limit - len(".run") - len("..partial-") - _common.PID_DIGITS
     calls = []
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or 2)
     path = tmp_path / ("c" * (room + 1 - len(".pt")) + ".pt")
