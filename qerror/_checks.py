@@ -98,7 +98,11 @@ def check_finite(x, name: str) -> None:
 
 def check_positive_finite(value, name: str):
     """Require a positive finite real scalar or array; return it as float64 numpy."""
-    raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+    raw = np.asarray(value)
     if raw.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be a real number or array of them, got {value!r}")
     arr = raw.astype(np.float64)

@@ -706,3 +706,22 @@ def test_a_stored_level_keeps_its_code_although_its_quotient_is_not_exact():
     codes = {int(quantize(np.array([x]), QuantSpec(rounding="stochastic"), 0.1,
                           generator=g)[0]) for g in range(50)}
     assert codes == {3}
+
+
+def test_a_bfloat16_scale_is_its_value():
+    """A bfloat16 scale tensor (a model's parameter in bfloat16) failed in numpy's words
+    ("TypeError: Got unsupported ScalarType BFloat16"), per tensor and per channel; it is
+    the number it holds, which float32 holds exactly: the results are those of that float32
+    scale, bit for bit."""
+    spec = QuantSpec(bits=8, signed=True)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    codes = torch.arange(-3, 3, dtype=torch.int8)
+    for s in (torch.tensor(0.05, dtype=torch.bfloat16),
+              torch.tensor([0.05, 0.1, 0.3, 0.02], dtype=torch.bfloat16)):
+        same = s.float()
+        sp = spec if s.ndim == 0 else spec.replace(axis=0)
+        assert torch.equal(fake_quantize(x, sp, s, 0), fake_quantize(x, sp, same, 0))
+        assert torch.equal(quantize(x, sp, s, 0), quantize(x, sp, same, 0))
+        axis = None if s.ndim == 0 else 0
+        q = codes if s.ndim == 0 else codes.repeat(4, 1)
+        assert torch.equal(dequantize(q, s, 0, axis=axis), dequantize(q, same, 0, axis=axis))
