@@ -180,7 +180,13 @@ def test_refused_model():
                                       ({"asymmetric": "False"}, "asymmetric must be True or"),
                                       # torch's 'Overflow when unpacking long long'
                                       ({"seed": 2 ** 64}, r"seed must be an integer in \[0, 2"),
-                                      ({"seed": -1}, "seed must be an int >= 0, got -1")])
+                                      ({"seed": -1}, "seed must be an int >= 0, got -1"),
+                                      # unchecked, batch 0 ran on and images -1 silently
+                                      # used all but the last image
+                                      ({"batch": 0}, "batch must be an int >= 1, got 0"),
+                                      ({"batch": -1}, "batch must be an int >= 1, got -1"),
+                                      ({"images": 0}, "images must be an int >= 1, got 0"),
+                                      ({"images": -1}, "images must be an int >= 1, got -1")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AdaRoundSettings(bits=4, **kw)
