@@ -127,16 +127,20 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     Lloyd's method I: start from the law's quantiles ``(i + 1/2)/L``, set each threshold
     to the midpoint of its two levels and each level to its cell's centroid
     ``∫x f / ∫f``, until the levels stop moving. Each step cannot raise the MSE, and for a
-    log-concave density (normal, Laplace) the optimum is unique (Fleischer 1964), so the
-    fixed point is the global optimum. The iteration runs on the standard law
-    (``z = (x − loc)/scale``), so the result does not depend on where the law sits: the
-    MSE is summed per cell as ``∫z² f - 2 y ∫z f + y² ∫f`` around the cell's level, times
-    ``scale²``. Measured: for the standard normal the two-level MSE is ``1 - 2/π`` to
-    within 1e-16; the 4-, 8- and 16-level MSEs (0.117482, 0.034548, 0.0095010) agree with
-    an independent 40-digit mpmath iteration to 6e-14 relative, and lie within 5e-4 of
-    Max's table (0.1175, 0.03454, 0.009497, whose last two entries are off in their last
-    digit), and an independent BFGS minimisation over the levels reaches the
-    same values to 1e-9. The iteration converges linearly, more slowly the more levels
+    log-concave density (normal, Laplace) the quantizer meeting the optimality conditions
+    is unique, so the fixed point is the global optimum: Trushkin [4]_ proved this for a
+    concave ``log f``. Fleischer's earlier sufficient condition [3]_, a strictly concave
+    ``log f``, covers the normal law but not the Laplace law, whose ``log f`` is linear on
+    each side of its centre. For a law that is not log-concave (Student t) the fixed point
+    is a stationary point, not proven to be the global optimum. The iteration runs on the
+    standard law (``z = (x − loc)/scale``), so the result does not depend on where the law
+    sits: the MSE is summed per cell as ``∫z² f - 2 y ∫z f + y² ∫f`` around the cell's
+    level, times ``scale²``. Measured: for the standard normal the two-level MSE is
+    ``1 - 2/π`` to within 1e-16; the 4-, 8- and 16-level MSEs (0.117482, 0.034548,
+    0.0095010) agree with an independent 40-digit mpmath iteration to 6e-14 relative, and
+    lie within 5e-4 of Max's table (0.1175, 0.03454, 0.009497, whose last two entries are
+    off in their last digit), and an independent BFGS minimisation over the levels reaches
+    the same values to 1e-9. The iteration converges linearly, more slowly the more levels
     (measured on one core of an AMD EPYC): 16 normal levels take 743 iterations (0.03 s), 64
     10,037 (0.5 s), 128 37,405 (2.3 s), 256 140,378 (11 s); a cell above 0 takes its mass
     as the difference of two upper tails, without which the levels of 128 or more kept a
@@ -150,6 +154,9 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     .. [2] J. Max, "Quantizing for minimum distortion", IRE Trans. Inf. Theory 6(1), 1960.
     .. [3] P. E. Fleischer, "Sufficient conditions for achieving minimum distortion in a
        quantizer", IEEE Int. Conv. Rec., 1964.
+    .. [4] A. V. Trushkin, "Sufficient conditions for uniqueness of a locally optimal
+       quantizer for a class of convex error weighting functions", IEEE Trans. Inf. Theory
+       28(2), 1982.
     """
     family = getattr(dist, "dist", None)
     if not isinstance(family, stats.rv_continuous):
