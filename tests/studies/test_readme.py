@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from studies._common import STAGING_MARK
@@ -416,6 +417,45 @@ def _train_summary_at(root: Path, name: str, ci, alpha=None) -> None:
     manifest["outputs"]["summary.json"] = hashlib.sha256(
         (folder / "summary.json").read_bytes()).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_dataset_passage_renders_variants_that_are_checks(tmp_path):
+    """studies.dataset leaves a variant whose codes are the model's own out of Holm's family,
+    with a NaN adjusted p (on the baseline another subset's min-max and its 99.9th
+    percentile): the passage's renderer refused such a run ('a figure a passage states is
+    nan'), so no run of the current study could be recorded. Such a variant is named a
+    check; a NaN p of a variant whose codes changed is still refused."""
+    import pandas as pd
+
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    folder = root / "dataset"
+    var = pd.read_csv(folder / "offline_variants.csv")
+    check = (var.frac_codes_changed == 0).to_numpy()
+    assert check.sum() == 3 and not check.all()  # the model's own, and two others
+    # as the study now writes it: the checks outside the family, Holm over the rest
+    var["in_family"] = ~check
+    var["same_test_as"] = ""
+    var["mcnemar_p_holm"] = np.where(check, np.nan, var.mcnemar_p)
+
+    def record(frame):
+        frame.to_csv(folder / "offline_variants.csv", index=False)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["outputs"]["offline_variants.csv"] = hashlib.sha256(
+            (folder / "offline_variants.csv").read_bytes()).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return readme.dataset_equivalence(readme.record_reader(root))
+
+    text = record(var)
+    assert text.count("the model's own codes: a check, no McNemar test") == 2
+    tested = var[~check].iloc[0]
+    assert (f"{tested.how}: {100 * tested.frac_codes_changed:.2f} % of the codes changed"
+            in text)
+    assert f"Holm-adjusted McNemar p {readme.pvalue(tested.mcnemar_p)} against" in text
+    assert "nan" not in text
+    var.loc[~check, "mcnemar_p_holm"] = np.nan  # codes that changed: a test is owed
+    with pytest.raises(readme.RecordError, match="is nan"):
+        record(var)
 
 
 def test_the_trained_baselines_level_is_its_intervals(tmp_path):
