@@ -71,6 +71,34 @@ def test_calibrated_int8_quantizer_keeps_pixel_levels_and_truncation_merges_two(
     assert summary.loc["toward_zero"].merged_levels == 1
 
 
+def test_equivalence_counts_the_inputs_each_network_receives():
+    """The README states from equivalence.csv in how many input elements the two networks
+    received different values, but no test looked at those counts: the in-model network's
+    hook recording its float input instead of the quantizer's output, or the float
+    comparison given the quantized input twice, left every test passing. The counts are
+    checked against inputs made here: the quantizer's output, the dequantized offline codes
+    and the float input."""
+    from qerror import dequantize, fake_quantize, quantize_offline
+
+    x = small_images(6, 24)
+    qp = calibrate(x[:8], dataset.INT8)
+    net = dataset.smoke_net(seed=0)
+    float_logits = dataset.predict(net, x, 8, "float", progress=False)
+    frame, paths = dataset.equivalence(net, x, qp, float_logits, 8, progress=False)
+    got = frame.set_index(["comparison", "metric"]).value
+    quantized = fake_quantize(x, dataset.INT8, qp.scale, qp.zero_point)
+    stored = dequantize(quantize_offline(x, dataset.INT8, qp), qp.scale, qp.zero_point)
+    assert torch.equal(paths["input"], stored)
+    own = got["quantizer_in_model_vs_offline_codes"]
+    assert own["input_elements"] == x.numel()
+    assert own["differing_input_elements"] == int((quantized != stored).sum()) == 0
+    changed = int((quantized != x).sum())
+    assert 0 < changed  # quantization moves the float input
+    versus_float = got["quantizer_in_model_vs_float_input"]
+    assert versus_float["input_elements"] == x.numel()
+    assert versus_float["differing_input_elements"] == changed
+
+
 def test_logit_cache_runs_only_new_inputs():
     net = dataset.smoke_net(seed=0)
     cache = dataset.LogitCache(net, batch_size=8, progress=False)
