@@ -1249,9 +1249,9 @@ def test_claim_D6_other_offline_scales_change_what_the_model_sees():
     for z in logits:
         top = z[flipped].sort(dim=1).values
         assert float((top[:, -1] - top[:, -2]).min()) > 1e-6
-    # On Fashion-MNIST another subset does not arise: every image holds a 0 and nearly
-    # every one a 255, so the validation split's first thousand images calibrate as the
-    # calibration split does.
+    # On Fashion-MNIST another subset does not arise: every image holds a 0 and more than
+    # nine in ten a 255 (91.6 to 91.9 % a split), so the validation split's first thousand
+    # images calibrate as the calibration split does.
     from qerror.data import DataNotFoundError, fashion_mnist_splits, to_tensor
 
     try:
