@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qerror.calibration import RangeMethod, RangePolicy, calibrate, qparams_from_range
-from qerror.quantizer import QParams, QuantSpec
+from qerror.quantizer import QParams, QuantSpec, largest_finite
 
 #: Leaf modules whose evaluation-mode forward treats samples independently (element-wise
 #: activations, pooling, dropout, BatchNorm with running statistics).
@@ -447,8 +447,13 @@ class RangeObserver:
 
     Notes
     -----
-    Memory is two floats per stream for MINMAX and ``sample_per_batch`` float64 values per
-    batch otherwise (calibration uses a few batches).
+    Memory is two floats per stream for MINMAX and ``sample_per_batch`` values of the
+    activations' dtype per batch otherwise (calibration uses a few batches).
+
+    The range is found for the activations' own dtype (``dtype``, set by the first batch;
+    a batch of another dtype is refused): a scale whose grid's ends would overflow it is
+    lowered, and a range beyond its largest number refused, as
+    :func:`qerror.calibration.qparams_from_range` does for that ``dtype``.
     """
 
     def __init__(self, spec: QuantSpec, policy: RangePolicy, generator: torch.Generator, *,
@@ -458,6 +463,7 @@ class RangeObserver:
         self.generator = generator
         self.sample_per_batch = sample_per_batch
         self.lo, self.hi = math.inf, -math.inf
+        self.dtype: torch.dtype | None = None
         self.batches = 0
         self.samples: list[torch.Tensor] = []
 
@@ -466,9 +472,22 @@ class RangeObserver:
         return self.policy.method is not RangeMethod.MINMAX
 
     def add(self, x: torch.Tensor) -> None:
-        """Observe one batch of the stream (finite values; ValueError otherwise)."""
+        """Observe one batch of the stream (finite values of the stream's one floating
+        dtype; ValueError or TypeError otherwise, leaving the observer as it was)."""
         if x.numel() == 0:
             raise ValueError("the observed activations are empty: no range to observe")
+        try:
+            largest_finite(x.dtype)
+        except TypeError as err:
+            raise TypeError(f"the observed activations have dtype {x.dtype}, for which no "
+                            f"range is found: {err}") from None
+        if self.dtype is not None and x.dtype != self.dtype:
+            # The grid's largest scale and the largest range are the dtype's: one stream in
+            # two dtypes has no one grid.
+            raise ValueError(f"the observed activations are {x.dtype} in this batch but "
+                             f"{self.dtype} in the earlier ones: a stream's range is found "
+                             "for its one dtype; run every batch through the model in one "
+                             "dtype")
         lo, hi = (float(v) for v in torch.aminmax(x.detach()))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             # min/max below would drop a NaN batch silently, or keep an infinite end
@@ -476,12 +495,13 @@ class RangeObserver:
                              f"{hi}): the model's forward pass produced non-finite values, "
                              "which no quantization range holds")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.dtype = x.dtype
         self.batches += 1
         if self.sampled:
             flat = x.detach().reshape(-1)
             k = min(self.sample_per_batch, flat.numel())
             idx = torch.randint(flat.numel(), (k,), generator=self.generator)
-            self.samples.append(flat[idx.to(flat.device)].to(torch.float64).cpu())
+            self.samples.append(flat[idx.to(flat.device)].cpu())
 
     def qparams(self, spec: QuantSpec | None = None) -> QParams:
         """Scale and zero point of ``spec`` (default the observer's) for the observed range."""
@@ -489,6 +509,7 @@ class RangeObserver:
         if self.batches == 0:
             raise ValueError("the observer saw no batch")
         if not self.sampled:
-            return qparams_from_range(self.lo, self.hi, spec)
-        data = torch.cat(self.samples + [torch.tensor([self.lo, self.hi], dtype=torch.float64)])
+            return qparams_from_range(self.lo, self.hi, spec, dtype=self.dtype)
+        # the extremes are values of the stream's dtype: exact in it
+        data = torch.cat(self.samples + [torch.tensor([self.lo, self.hi], dtype=self.dtype)])
         return calibrate(data, spec, self.policy)

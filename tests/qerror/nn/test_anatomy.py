@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from qerror import QuantSpec, RangePolicy, fake_quantize, quantize
 from qerror.nn import (
     QuantConfig,
     UnsupportedModelError,
@@ -14,6 +18,7 @@ from qerror.nn import (
     check_model,
     reestimate_bn,
 )
+from qerror.nn._anatomy import RangeObserver
 
 
 def test_bn_fed_layers_follow_torchvision_blocks(setup):
@@ -135,3 +140,60 @@ def test_a_batchnorm_whose_flag_was_set_without_buffers_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), bn, nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="1 keep no running statistics"):
         check_model(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_an_observer_finds_a_finite_grid_for_activations_at_their_formats_end(dtype, symmetric,
+                                                                             method):
+    """The sampled path (percentile, MSE) calibrated float64 samples, so float32 activations
+    at ±float32 max got float64's cap, the scale max/127, and 127 s fake-quantized to ±inf
+    (/work/runs/s42/overflow2/probe_observer_before.txt). The scale is now at most the
+    activations' own dtype's max_scale, and every value of the stream fake-quantizes to a
+    finite number of that dtype."""
+    spec = QuantSpec(bits=8, symmetric=symmetric)
+    top = float(torch.finfo(dtype).max)
+    obs = RangeObserver(spec, RangePolicy(method, percentile=100.0),
+                        torch.Generator().manual_seed(0))
+    x = torch.tensor([-top, -1.0, 0.0, 1.0, top], dtype=dtype)
+    obs.add(x)
+    obs.add(x[1:4])
+    qp = obs.qparams()
+    assert qp.scale <= spec.max_scale(qp.zero_point, dtype)
+    with np.errstate(all="raise"):
+        out = fake_quantize(x, spec, qp.scale, qp.zero_point)
+        codes = quantize(x, spec, qp.scale, qp.zero_point)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    # each end's level s (q - z), exactly, lies within one step of it (the upper end clamps
+    # to 127 s on -128..127)
+    step = Fraction(qp.scale)
+    for q, end in zip(codes[[0, -1]].tolist(), (-top, top)):
+        assert abs(step * (int(q) - qp.zero_point) - Fraction(end)) <= step
+    assert obs.dtype == dtype
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_an_observer_of_float64_activations_accepts_their_range_beyond_float32(method):
+    """The min-max path called qparams_from_range for float32 data, which refuses a range
+    beyond 3.4e38: a float64 model's activations at ±1e300 were refused
+    (probe_observer_before.txt). They now get float64's grid, 1e300 / 127 as for calibrate."""
+    obs = RangeObserver(QuantSpec(), RangePolicy(method, percentile=100.0), torch.Generator())
+    obs.add(torch.tensor([-1e300, 0.5, 1e300], dtype=torch.float64))
+    assert obs.qparams().scale == 1e300 / 127 and obs.qparams().zero_point == 0
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_an_observer_refuses_a_stream_of_two_dtypes_and_a_non_float_one(method):
+    """A stream whose batches come in two dtypes has no one grid (the largest scale and range
+    are its dtype's): the second dtype is refused and the observer keeps what it had."""
+    obs = RangeObserver(QuantSpec(), RangePolicy(method, percentile=100.0), torch.Generator())
+    obs.add(torch.tensor([-1.0, 1.0]))
+    before = obs.qparams()
+    with pytest.raises(ValueError, match="torch.float64 in this batch but torch.float32 in the "
+                                         "earlier ones.*one dtype"):
+        obs.add(torch.tensor([-4.0, 4.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype torch.int64, for which no range is found"):
+        obs.add(torch.tensor([-4, 4]))
+    assert (obs.lo, obs.hi, obs.batches, obs.dtype) == (-1.0, 1.0, 1, torch.float32)
+    assert len(obs.samples) == (method != "minmax") and obs.qparams() == before
