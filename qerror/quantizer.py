@@ -190,19 +190,7 @@ class QuantSpec:
             ``|q - z| = max(qmax - z, z - qmin)``, bound every level, so it is found there.
         """
         z = self.check_zero_point(zero_point)
-        work = working_precision(dtype).type
-        top = work(largest_finite(dtype))
-        ends = np.maximum(self.qmax - z, z - self.qmin).astype(work)  # exact: at most 2**16
-        # within a few ulps of the answer (one division, one rounding), then stepped to it
-        s = (float(top) / ends.astype(np.float64)).astype(work)
-        zero, inf = work(0), work(np.inf)
-        with np.errstate(over="ignore"):
-            while np.any(over := s * ends > top):
-                s = np.where(over, np.nextafter(s, zero), s)
-            while np.any(fits := np.nextafter(s, inf) * ends <= top):
-                s = np.where(fits, np.nextafter(s, inf), s)
-        s = s.astype(np.float64)
-        return float(s) if s.ndim == 0 else s
+        return _largest_scale(np.maximum(self.qmax - z, z - self.qmin), dtype)
 
     def channel_axis(self, x) -> int | None:
         """The per-channel axis as a dimension of ``x`` (``axis % x.ndim``), or None per
@@ -249,6 +237,53 @@ def largest_finite(dtype) -> float:
         raise TypeError(f"dtype must be float16, float32 or float64 (numpy) or a torch float "
                         f"dtype, got {dtype!r}")
     return float(np.finfo(kind).max)
+
+
+def _levels_overflow(scale, steps, dtype) -> np.ndarray:
+    """Whether the level ``scale · steps``, as :func:`fake_quantize` and :func:`dequantize`
+    compute it for data of ``dtype`` (both rounded to the working precision, the product
+    rounded to it), lies beyond ``dtype``'s largest finite number: a bool per element."""
+    work = working_precision(dtype).type
+    with np.errstate(over="ignore"):
+        return np.abs(np.asarray(scale).astype(work) * np.asarray(steps).astype(work)) > \
+            work(largest_finite(dtype))
+
+
+def _largest_scale(steps, dtype):
+    """The largest scale of the working precision whose level ``scale · steps`` does not
+    overflow (:func:`_levels_overflow`), for each positive ``steps`` (numbers of that
+    precision: the grid's ends, at most 2**16, or codes as dequantize rounds them); a float,
+    or a float64 array of ``steps``' shape."""
+    work = working_precision(dtype).type
+    steps = np.asarray(steps).astype(work)
+    # within a few ulps of the answer (one division, one rounding), then stepped to it
+    s = (largest_finite(dtype) / steps.astype(np.float64)).astype(work)
+    zero, inf = work(0), work(np.inf)
+    while np.any(over := _levels_overflow(s, steps, dtype)):
+        s = np.where(over, np.nextafter(s, zero), s)
+    while np.any(fits := ~_levels_overflow(np.nextafter(s, inf), steps, dtype)):
+        s = np.where(fits, np.nextafter(s, inf), s)
+    s = s.astype(np.float64)
+    return float(s) if s.ndim == 0 else s
+
+
+def _check_levels(spec: QuantSpec, s: np.ndarray, z: np.ndarray, dtype) -> None:
+    """Refuse a scale whose grid's end level ``s (qmax - z)`` or ``s (qmin - z)``, as
+    :func:`fake_quantize` computes it for data of ``dtype``, lies beyond the dtype's largest
+    number (``±inf`` for finite data); ``s`` and ``z`` as :func:`_check_params` gives them."""
+    steps = np.maximum(spec.qmax - z, z - spec.qmin)
+    over = _levels_overflow(s, steps, dtype)
+    if np.any(over):
+        at = int(np.flatnonzero(over)[0])
+        bad, zb = float(s.reshape(-1)[at]), int(z.reshape(-1)[at])
+        where = "" if s.size == 1 else f" of channel {at}"
+        raise ValueError(
+            f"scale {bad!r}{where} puts the grid's end level, {int(steps.reshape(-1)[at])} "
+            f"steps from the zero point {zb}, beyond {largest_finite(dtype):.6g}, the largest "
+            f"number of the data's dtype {dtype}: its fake-quantized values would be ±inf; "
+            f"use a scale of at most {spec.max_scale(zb, dtype)!r} (QuantSpec.max_scale, "
+            "which calibrate and qparams_from_range keep to), or quantize() for the codes "
+            "alone, which are right for it")
 
 
 @dataclass(frozen=True)
@@ -462,15 +497,18 @@ def _bounds(spec: QuantSpec, z: np.ndarray, like, cdt):
 
 
 def _prepare(x, spec, scale, zero_point, generator, *, finite_checked: bool = False,
-             draw_key: bool = True):
+             draw_key: bool = True, fake: bool = False):
     """Check the arguments; return the normalised axis, the scales and zero points as
     arrays, and the STOCHASTIC key (drawn from ``generator``, which a generator object
-    advances: ``draw_key=False`` checks without drawing, for a call that draws later)."""
+    advances: ``draw_key=False`` checks without drawing, for a call that draws later).
+    ``fake``: also refuse a scale whose grid's ends overflow ``x``'s dtype."""
     check_float_array(x, "x")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     axis = spec.channel_axis(x)
     s, z = _check_params(x, spec, scale, zero_point, axis)
+    if fake:
+        _check_levels(spec, s, z, x.dtype)
     if not finite_checked:
         check_finite(x, "x")
     key = stochastic_key(generator) if spec.rounding.is_random and draw_key else None
@@ -551,7 +589,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
             defer = _fused.eligible(x, spec.rounding, spec.arithmetic is ScaleArithmetic.EXACT) \
                 and _draws_nothing_first(spec, generator)
             _prepare(x, spec, scale, zero_point, generator, draw_key=False,
-                     finite_checked=defer)
+                     finite_checked=defer, fake=fake)
             finite_checked, unchecked = True, (x if defer else None)
             if x.is_contiguous():
                 # other strides on unit dimensions only (a one-channel image batch in
@@ -573,7 +611,7 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     if fused and not finite_checked and _draws_nothing_first(spec, generator):
         finite_checked, unchecked = True, x
     axis, s, z, key = _prepare(x, spec, scale, zero_point, generator,
-                               finite_checked=finite_checked)
+                               finite_checked=finite_checked, fake=fake)
     torch_in = isinstance(x, torch.Tensor)
     if torch_in and x.requires_grad and torch.is_grad_enabled():
         return _run_autograd(x, spec, s, z, key, axis, fake=fake, count=count, offset=offset)
@@ -891,6 +929,8 @@ def quantize(
     Arithmetic is in float32 for float16/bfloat16/float32 inputs and float64 for
     float64 inputs; the scale is first rounded to that precision, and it is that
     rounded scale the codes are exact for. Work proceeds in cache-sized blocks.
+    A scale above ``spec.max_scale(zero_point, x.dtype)``, which :func:`fake_quantize`
+    refuses (its grid's ends lie beyond the format), is taken: the codes are right for it.
     """
     return _run(x, spec, scale, zero_point, generator, fake=False, count=return_saturation,
                 offset=offset)
@@ -912,7 +952,12 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
         float32 otherwise, then rounded to ``dtype``; so both give the same values.
         As there, the scale must be a normal number of that precision (a float32 scale
         above 3.4e38 or below 1.2e-38 is refused, not turned into inf or 0), and a zero
-        point a finite integer.
+        point a finite integer. A scale that takes one of the given codes' levels beyond
+        ``dtype``'s largest number (``±inf``; for a whole grid, a scale above
+        :meth:`QuantSpec.max_scale`) is refused, naming the largest scale that code takes.
+        The codes are only looked at where their integer type reaches such a level (a
+        float32 scale above about 1.6e29 for int32 codes): an ordinary call checks only
+        the scale.
     """
     if isinstance(q, torch.Tensor):
         if not is_integer_dtype(q.dtype):
@@ -939,7 +984,7 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
                                          and np.all(z == np.round(z))):
         raise TypeError(f"zero_point must hold integers, got {zero_point!r}")
     shape = _param_shape(q, ax)
-    params = []
+    params, wide = [], []
     for name, arr in (("scale", s), ("zero_point", z.astype(np.float64))):
         if ax is None and arr.size != 1:
             raise ValueError(f"{name} has {arr.size} values; pass axis= for per-channel codes")
@@ -947,11 +992,42 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
             raise ValueError(f"{name} has {arr.size} values for {q.shape[ax]} channels")
         arr = arr.reshape(()) if ax is None else np.broadcast_to(
             arr.reshape(-1), (q.shape[ax],)).reshape(shape)
+        wide.append(arr)
         params.append(_as_param(arr, q, work))
     sv, zv = params
-    if isinstance(q, torch.Tensor):
-        return ((q.to(work) - zv) * sv).to(dtype)
-    return ((q.astype(work) - zv) * sv).astype(dtype, copy=False)
+    torch_in = isinstance(q, torch.Tensor)
+    steps = q.to(work) - zv if torch_in else q.astype(work) - zv
+    _check_dequantized_levels(q, steps, *wide, dtype)
+    out = steps * sv
+    return out.to(dtype) if torch_in else out.astype(dtype, copy=False)
+
+
+def _check_dequantized_levels(q, steps, s: np.ndarray, z: np.ndarray, dtype) -> None:
+    """Refuse a scale that takes a code's level ``s (q - z)`` beyond ``dtype``'s largest
+    number (``±inf``); ``steps`` are ``q - z`` as :func:`dequantize` rounds them, ``s`` and
+    ``z`` its float64 parameters, shaped to broadcast against ``q``. Codes of ``q``'s integer
+    type are only looked at where their widest level could overflow: no ordinary scale does."""
+    cast = working_precision(dtype).type
+    codes = torch.iinfo(q.dtype) if isinstance(q, torch.Tensor) else np.iinfo(q.dtype)
+    # |q - z| as rounded is at most the rounded sum of the rounded bounds of |q| and |z|
+    # (rounding is monotone): no level of these codes overflows below it
+    widest = cast(max(-int(codes.min), int(codes.max))) + cast(np.max(np.abs(z)))
+    if not np.any(_levels_overflow(np.max(s), widest, dtype)):
+        return
+    k = steps.cpu().numpy() if isinstance(steps, torch.Tensor) else np.asarray(steps)
+    over = _levels_overflow(s, k, dtype)
+    if np.any(over):
+        over = np.broadcast_to(over, k.shape)
+        at = np.unravel_index(int(np.flatnonzero(over)[0]), k.shape)
+        step = abs(float(k[at]))
+        bad = float(np.broadcast_to(s, k.shape)[at])
+        name = dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype).name
+        raise ValueError(
+            f"scale {bad!r} puts the code at index {tuple(int(i) for i in at)}, {step:.0f} "
+            f"steps from its zero point, beyond {largest_finite(dtype):.6g}, the largest "
+            f"number of dtype {name}: it would dequantize to ±inf; the largest scale that "
+            f"keeps it finite is {_largest_scale(step, dtype)!r} (a whole grid's: "
+            "QuantSpec.max_scale), or pass dtype=float64")
 
 
 def fake_quantize(
@@ -966,7 +1042,11 @@ def fake_quantize(
 ):
     """Quantize then dequantize: ``x̂ = s · clamp(R(x/s + z) - z, qmin - z, qmax - z)``.
 
-    Same arguments and arithmetic as :func:`quantize`. Returns an array of the
+    Same arguments and arithmetic as :func:`quantize`, but a scale above
+    ``spec.max_scale(zero_point, x.dtype)`` (:meth:`QuantSpec.max_scale`), whose grid's end
+    levels ``s (qmax - z)`` or ``s (qmin - z)`` lie beyond the format's largest number
+    (``±inf`` for finite data), is refused with ValueError naming the largest scale (a check
+    of the parameters, not of the data). Returns an array of the
     input's dtype, and a dense tensor's layout (channels_last in, channels_last out:
     a convolution that follows runs on the layout it was given), and the
     :class:`Saturation` if asked. For a torch tensor that requires grad, the gradient is
@@ -1009,7 +1089,10 @@ class PreparedQuantizer:
         As for :func:`quantize`. They are copied when the quantizer is made: later changes
         to the tensors or arrays passed do not reach it (the attributes are read-only and
         give copies). They are checked on each call until they fit its input (once per
-        channel count), with the errors :func:`quantize` gives.
+        channel count), with the errors :func:`quantize` gives; for :meth:`fake_quantize`
+        also whether the grid's ends fit the input's dtype (:func:`fake_quantize`'s refusal
+        of a scale above :meth:`QuantSpec.max_scale`), once per channel count on the fused
+        loop, and refused on every call.
 
     Notes
     -----
@@ -1031,7 +1114,8 @@ class PreparedQuantizer:
         self._spec = spec
         self._scale = _snapshot(scale)
         self._zero_point = _snapshot(zero_point)
-        # channel count (None: per tensor) -> the fused loop's scale, zero point and range
+        # channel count (None: per tensor) -> the fused loop's scale, zero point and range,
+        # and whether the grid's ends fit float32 (fake-quantize refuses them otherwise)
         self._params: dict = {}
 
     @property
@@ -1069,23 +1153,30 @@ class PreparedQuantizer:
                         count=count, offset=offset)
         return res
 
-    def _loop_params(self, x, axis):
+    def _loop_params(self, x, axis, fake: bool):
         """The fused loop's float32 scale, zero point and code range for ``x`` (checked the
-        first time for its channel count); None where the parameters do not fit ``x``."""
+        first time for its channel count, and whether its grid's ends fit ``x``'s dtype);
+        None where the parameters do not fit ``x``, or for ``fake`` not its dtype."""
         channels = None if axis is None else int(x.shape[axis])
-        params = self._params.get(channels)
-        if params is None:
+        cached = self._params.get(channels)
+        if cached is None:
             try:
                 s, z = _check_params(x, self._spec, self._scale, self._zero_point, axis)
             except (TypeError, ValueError):
                 return None  # the module function raises it, with its own message
+            try:
+                _check_levels(self._spec, s, z, x.dtype)  # the fused loop's: float32 only
+                ends_fit = True
+            except ValueError:
+                ends_fit = False  # codes are right; fake-quantize refuses, in _run
             c = 1 if channels is None else channels
             s3, z3 = s.reshape(1, c, 1), z.reshape(1, c, 1)
             like = torch.empty(0)
-            params = self._params[channels] = (
+            cached = self._params[channels] = ((
                 _as_param(s3, like, torch.float32), _as_param(z3, like, torch.float32),
-                *_bounds(self._spec, z3, like, torch.float32))
-        return params
+                *_bounds(self._spec, z3, like, torch.float32)), ends_fit)
+        params, ends_fit = cached
+        return params if ends_fit or not fake else None
 
     def _fused(self, x, generator, fake: bool, count: bool, offset: int):
         """The fused loop's result for ``x``, as :func:`_run` gives it; None where ``x`` or
@@ -1116,7 +1207,7 @@ class PreparedQuantizer:
         axis = None if spec.axis is None else spec.axis % x.ndim
         if axis is not None and order is not None and not random:
             axis = order.index(axis)
-        params = self._loop_params(view, axis)
+        params = self._loop_params(view, axis, fake)
         if params is None:
             return None
         shape = tuple(view.shape)

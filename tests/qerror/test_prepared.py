@@ -221,3 +221,38 @@ def test_per_channel_parameters_must_fit_each_input():
 def test_spec_must_be_a_quantspec():
     with pytest.raises(TypeError, match="spec must be a QuantSpec"):
         PreparedQuantizer("int8", 0.1)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("codes_first", [True, False])
+def test_a_scale_whose_grid_ends_overflow_is_refused_for_fake_quantize_only(
+        axis, codes_first, fused_calls, module_calls):
+    """On the fused loop a scale above max_scale fake-quantized data at ±float32 max to ±inf,
+    silently (/work/runs/s42/overflow2/probe_user_scale.py). fake_quantize now refuses it on
+    every call with the module function's error, whether or not a quantize call has already
+    checked and cached the parameters; quantize takes it on the fused loop with the module
+    function's codes; max_scale itself fake-quantizes there to the module function's values."""
+    spec = QuantSpec(bits=8, axis=axis)
+    top = float(np.finfo(np.float32).max)
+    best = spec.max_scale(0, np.float32)
+    over = float(np.nextafter(np.float32(best), np.float32(np.inf)))
+    scale = over if axis is None else torch.tensor([best] * 5 + [over], dtype=torch.float64)
+    x = activations(0.1)
+    x[0, -1, 0, :2] = torch.tensor([top, -top])
+    prepared = PreparedQuantizer(spec, scale)
+    with pytest.raises(ValueError) as want:
+        fake_quantize(x, spec, scale)
+    assert "its fake-quantized values would be ±inf" in str(want.value)
+    for step in ("codes", "fake", "fake") if codes_first else ("fake", "codes", "fake"):
+        if step == "codes":
+            before = len(fused_calls)
+            same(prepared.quantize(x), quantize(x, spec, scale))
+            assert len(fused_calls) == before + 2  # both on the fused loop
+        else:
+            with pytest.raises(ValueError) as got:
+                prepared.fake_quantize(x)
+            assert str(got.value) == str(want.value)
+    fine = PreparedQuantizer(spec, best)
+    with np.errstate(all="raise"):
+        same(fine.fake_quantize(x), fake_quantize(x, spec, best))
+    assert bool(torch.isfinite(fine.fake_quantize(x)).all())

@@ -1,5 +1,6 @@
 """Quantizer: exactness against rational arithmetic, PyTorch agreement, properties, bad input."""
 
+import re
 from fractions import Fraction
 from math import ceil, floor
 
@@ -725,3 +726,113 @@ def test_a_bfloat16_scale_is_its_value():
         axis = None if s.ndim == 0 else 0
         q = codes if s.ndim == 0 else codes.repeat(4, 1)
         assert torch.equal(dequantize(q, s, 0, axis=axis), dequantize(q, same, 0, axis=axis))
+
+
+def _next_up(scale: float, work) -> float:
+    """The working precision's next scale above ``scale``."""
+    return float(np.nextafter(work(scale), work(np.inf)))
+
+
+# (data dtype, its working precision, numpy data?)
+FORMATS = [(np.float32, np.float32, True), (np.float64, np.float64, True),
+           (np.float16, np.float32, True), (torch.float32, np.float32, False),
+           (torch.bfloat16, np.float32, False), (torch.float64, np.float64, False)]
+
+
+@pytest.mark.parametrize("dtype, work, numpy_in", FORMATS)
+@pytest.mark.parametrize("spec, zero_point", [
+    (QuantSpec(bits=8), 0), (QuantSpec(bits=8, narrow=True), 0),
+    (QuantSpec(bits=8, symmetric=False), -100), (QuantSpec(bits=4, signed=False,
+                                                           symmetric=False), 3),
+    (QuantSpec(bits=8, axis=0), 0),
+])
+def test_fake_quantize_refuses_a_scale_whose_grid_ends_overflow(dtype, work, numpy_in, spec,
+                                                                zero_point):
+    """A user's scale above max_scale, such as float32 max / 127 (whose 128 s, and 127 s, round
+    to inf), fake-quantized data at the format's end to ±inf, with an 'overflow encountered'
+    warning or, on the fused loop, silently (/work/runs/s42/overflow2/probe_user_scale.py).
+    The next scale of the working precision above max_scale is now refused, naming max_scale;
+    max_scale itself gives finite values; quantize still takes the larger scale, and its codes
+    are the exact ones."""
+    top = float(torch.finfo(dtype).max if not numpy_in else np.finfo(dtype).max)
+    best = spec.max_scale(zero_point, dtype)
+    over = _next_up(best, work)
+    # the defect: the grid's far end at the next scale up is beyond the format
+    far = max(spec.qmax - zero_point, zero_point - spec.qmin)
+    with np.errstate(over="ignore"):
+        assert not abs(work(over) * work(far)) <= top
+    data = np.array([-top, -1.0, 0.0, 1.0, top])
+    if spec.axis is not None:
+        data = np.stack([data, data / 2])
+    x = data.astype(dtype) if numpy_in else torch.tensor(data, dtype=dtype)
+    # a large tensor takes the fused loop (float32 CPU): the same refusal
+    big = torch.tensor(data, dtype=dtype).repeat_interleave(4096, dim=-1) if not numpy_in \
+        else None
+    scale = [over, best] if spec.axis is not None else over
+    for arg in (x, big) if big is not None else (x,):
+        with pytest.raises(ValueError, match=re.escape(
+                f"scale {over!r}{' of channel 0' if spec.axis is not None else ''} puts the "
+                f"grid's end level, {far} steps from the zero point {zero_point}, beyond "
+                f"{top:.6g}, the largest number of the data's dtype {x.dtype}: its "
+                f"fake-quantized values would be ±inf; use a scale of at most {best!r}")):
+            fake_quantize(arg, spec, scale, zero_point)
+        with np.errstate(all="raise"):
+            out = fake_quantize(arg, spec, best, zero_point)
+        out = np.asarray(out if numpy_in else out.double())
+        assert np.all(np.isfinite(out))
+    codes = np.asarray(quantize(x, spec, scale, zero_point)).reshape(-1, 5)
+    assert codes[0].tolist() == [exact_code(v, over, zero_point, spec.rounding, spec.qmin,
+                                            spec.qmax, work) for v in data.reshape(-1, 5)[0]]
+
+
+@pytest.mark.parametrize("codes_of", [np.array, torch.tensor])
+@pytest.mark.parametrize("dtype, work", [(np.float32, np.float32), (np.float16, np.float32),
+                                         (np.float64, np.float64)])
+def test_dequantize_refuses_a_scale_that_takes_a_code_beyond_the_format(codes_of, dtype, work):
+    """dequantize([127, -128], float32 max / 127) gave [inf, -inf] (a warning from numpy,
+    nothing from torch: probe_user_scale.py). A scale is now refused where one of the given
+    codes' levels s (q - z) lies beyond the output dtype's largest number, naming the largest
+    scale that keeps it finite; the same scale dequantizes codes whose levels fit, and every
+    code of the grid is finite at max_scale."""
+    to = dtype if codes_of is np.array else {np.float32: torch.float32,
+                                             np.float16: torch.float16,
+                                             np.float64: torch.float64}[dtype]
+    top = float(np.finfo(dtype).max)
+    spec = QuantSpec(bits=8, symmetric=False)
+    grid = codes_of(np.arange(spec.qmin, spec.qmax + 1))
+    for z in (0, -5, 100):
+        best = spec.max_scale(z, dtype)
+        with np.errstate(all="raise"):
+            levels = dequantize(grid, best, z, dtype=to)
+        assert bool(np.all(np.isfinite(np.asarray(levels, dtype=np.float64))))
+        over = _next_up(best, work)
+        far = max(spec.qmax - z, z - spec.qmin)
+        at = spec.qmax - spec.qmin if spec.qmax - z == far else 0  # the far end's index
+        with pytest.raises(ValueError, match=re.escape(
+                f"scale {over!r} puts the code at index ({at},), {far} steps from its zero "
+                f"point, beyond {top:.6g}, the largest number of dtype "
+                f"{to if codes_of is torch.tensor else np.dtype(dtype).name}: it would "
+                f"dequantize to ±inf; the largest scale that keeps it finite is {best!r}")):
+            dequantize(grid, over, z, dtype=to)
+        near = codes_of(np.array([z - 1, z, z + 1]))  # levels ±s: finite
+        assert np.asarray(dequantize(near, over, z, dtype=to), dtype=np.float64).tolist() == \
+            [-float(dtype(work(over))), 0.0, float(dtype(work(over)))]
+    if dtype is np.float32:  # the reviewer's case; float64 output takes it
+        with pytest.raises(ValueError, match="index \\(0,\\), 127 steps"):
+            dequantize(codes_of(np.array([127, -128])), top / 127)
+        assert dequantize(codes_of(np.array([127, -128])), top / 127,
+                          dtype=np.float64 if codes_of is np.array else torch.float64
+                          ).tolist() == [top / 127 * 127, top / 127 * -128]
+
+
+def test_dequantize_per_channel_names_the_code_and_its_channels_scale():
+    codes = torch.tensor([[1, 127], [-128, 3]], dtype=torch.int8)
+    top = float(np.finfo(np.float32).max)
+    s = [1.0, top / 100]
+    with pytest.raises(ValueError, match=re.escape(f"scale {top / 100!r} puts the code at "
+                                                   "index (1, 0), 128 steps")):
+        dequantize(codes, s, axis=0)
+    with pytest.raises(ValueError, match=re.escape(f"scale {top / 100!r} puts the code at "
+                                                   "index (0, 1), 127 steps")):
+        dequantize(codes, s, axis=1)
+    assert dequantize(codes[:, :1], s[0], axis=1).tolist() == [[1.0], [-128.0]]
