@@ -856,34 +856,37 @@ def _timing_bar(total: int, unit: str):
 
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
                  pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Times of candidate and baseline run alternately, and their per-pair ratios (with a
-    progress bar over the pairs)."""
-    with _timing_bar(warmup + pairs, "pair") as bar:
-        for _ in range(warmup):
-            candidate()
-            baseline()
-            bar.update(1)
-        ta, tb = np.empty(pairs), np.empty(pairs)
-        for i in range(pairs):
-            t0 = time.perf_counter()
-            candidate()
-            t1 = time.perf_counter()
-            baseline()
-            t2 = time.perf_counter()
-            ta[i], tb[i] = t1 - t0, t2 - t1
-            bar.update(1)
+    """Times of candidate and baseline run alternately, each first in every other pair
+    (:func:`alternating_times`, after ``warmup`` untimed pairs), and their per-pair ratios
+    (with a progress bar over the pairs)."""
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    t = alternating_times([lambda i: candidate(), lambda i: baseline()], pairs)
+    ta, tb = t[:, 0].copy(), t[:, 1].copy()
     return ta / tb, ta, tb
+
+
+def round_order(n: int, i: int) -> np.ndarray:
+    """The order in which :func:`alternating_times` runs its ``n`` candidates in round ``i``:
+    the rotation by ``i // 2`` of ``0, ..., n - 1``, reversed in odd rounds. Every two rounds
+    run each two candidates once in each order, as far apart, so that a drift of the
+    machine's speed, or a neighbour that warms or spoils a cache, favours neither side of a
+    per-round ratio (a rotation alone put one candidate of three before another in two
+    rounds of three)."""
+    order = np.roll(np.arange(n), -(i // 2))
+    return order[::-1] if i % 2 else order
 
 
 def alternating_times(fns: list[Callable[[int], object]], rounds: int) -> np.ndarray:
     """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
-    each ``i`` with the order rotated every round, so that no candidate always runs first
-    (after a cache-warming, or a cache-spoiling, neighbour). Shape (rounds, len(fns)); a
-    progress bar over the rounds."""
+    each ``i`` in the order :func:`round_order` gives, so that no candidate always runs
+    first, or before another (after a cache-warming, or a cache-spoiling, neighbour).
+    Shape (rounds, len(fns)); a progress bar over the rounds."""
     times = np.empty((rounds, len(fns)))
     with _timing_bar(rounds, "round") as bar:
         for i in range(rounds):
-            for j in np.roll(np.arange(len(fns)), -i):
+            for j in round_order(len(fns), i):
                 t0 = time.perf_counter()
                 fns[j](i)
                 times[i, j] = time.perf_counter() - t0

@@ -1,17 +1,18 @@
 """Speed and memory goals, each measured as a ratio of two candidates in one run.
 
-Timings on a shared machine drift, so every row times its two candidates alternately
-(A, B, A, B, ...) on the same data and reports the median of the per-pair ratios with
-their range (the drift group's memory rows: peak resident growth of fresh processes, one of
-each in turn, :func:`memory_rows`). Nothing here is a pass/fail test; the ``meets_goal`` column only compares
-the median with the goal that the issue states, and ``goal_verdict`` says whether the pairs
-decide it: the distribution-free interval of the median (``median_lo``, ``median_hi``, at
-least :data:`MEDIAN_LEVEL`) lies below the goal ("met"), above it ("not met"), or around it
-("not resolved", also with fewer than five pairs, where no such interval exists), or that
-the timing cannot speak for the goal ("not judged: " and why, ``meets_goal`` empty: an
-untrained stand-in for the network the goal is stated for, a graph compiled inside the timed
-calls). Both are left empty by ``--smoke``, whose problems are smaller than the goals are
-stated for.
+Timings on a shared machine drift, so every row times its two candidates alternately on
+the same data, each first in every other pair (:func:`studies._common.alternating_times`),
+and reports the median of the per-pair ratios with their range (the drift group's memory
+rows: peak resident growth of fresh processes, one of each in turn, :func:`memory_rows`).
+Nothing here is a pass/fail test; the ``meets_goal`` column only compares the median
+with the goal that the issue states, and ``goal_verdict`` says whether the pairs decide it:
+the distribution-free interval of the median (``median_lo``, ``median_hi``, at least
+:data:`MEDIAN_LEVEL`) lies below the goal ("met"), above it ("not met"), or around it ("not
+resolved", also with fewer than five pairs, where no such interval exists), or that the
+timing cannot speak for the goal ("not judged: " and why, ``meets_goal`` empty: an untrained
+stand-in for the network the goal is stated for, a graph compiled inside the timed calls).
+Both are left empty by ``--smoke``, whose problems are smaller than the goals are stated
+for.
 
 Run: ``python -m studies.bench`` (``--only fake_quantize`` for one group, ``--smoke`` for
 tiny sizes).
@@ -45,6 +46,7 @@ from studies._common import (
     check_out,
     paired_ratio,
     positive_int,
+    round_order,
     study_main,
     tail_note,
     user_path,
@@ -315,10 +317,12 @@ def bench_models(args) -> list[BenchRow]:
     train_pairs = max(1, min(args.pairs, 2))
 
     def step_pairs(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Median seconds per training step of two settings, alternating, one pair a row."""
+        """Median seconds per training step of two settings, alternating (each first in
+        every other pair), one pair a row."""
         times = np.empty((train_pairs, 2))
         for i in range(train_pairs):
-            for j, kw in enumerate((a, b)):
+            for j in round_order(2, i):
+                kw = (a, b)[j]
                 times[i, j] = time_training_step(arch, batch_size=train_batch, steps=steps,
                                                  warmup=warmup, seed=args.seed,
                                                  **kw).median_s
@@ -802,9 +806,10 @@ def early_exit_rows(fp32_full, int8_full, int8_stages, rule, images: torch.Tenso
 
     Notes
     -----
-    Every round times the three candidates on the same input, in an order rotated from
-    round to round; a row's ratio is the median of the per-round ratios, with their range,
-    and its note gives the 99th percentiles of both latencies (their maxima, for fewer than
+    Every round times the three candidates on the same input, in an order that changes
+    from round to round (:func:`~studies._common.round_order`: every two rounds run each
+    two of them once in each order); a row's ratio is the median of the per-round ratios,
+    with their range, and its note gives the 99th percentiles of both latencies (their maxima, for fewer than
     :data:`~studies._common.P99_MIN_TIMINGS` pairs: :func:`~studies._common.tail_note`). The ``goal`` of the early
     exit against INT8 full at batch 1 is a median ratio of at most 1; against FP32 eager at
     batch ``batch``, at most 0.2 (5x the throughput). Compilation happened before (the

@@ -322,7 +322,7 @@ class LatencyMeter:
     """Batch-1 CPU latency of each point, timed against the dense float32 baseline.
 
     Each measurement runs the point's own executable on one test image per round,
-    alternating with the baseline network on the same image (the order rotated every
+    alternating with the baseline network on the same image (each first in every other
     round, :func:`studies._common.alternating_times`), after one untimed warm-up round; a
     row gives the medians and 99th percentiles of both (NaN for fewer than
     :data:`~studies._common.P99_MIN_TIMINGS` rounds) and the median of the per-round

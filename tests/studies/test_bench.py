@@ -4,12 +4,13 @@
 import argparse
 import math
 import re
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from studies import bench
+from studies import _common, bench
 
 
 def test_bench_smoke(tmp_path):
@@ -164,6 +165,43 @@ def test_a_goal_is_decided_by_the_interval_of_the_median(n):
     row = bench.make_row("g", "r", "a", "b", 1.0, ratios, ratios, np.ones(n))
     assert (row.median_lo, row.median_hi) == (lo, hi)
     assert row.goal_verdict == bench.goal_verdict(lo, hi, 1.0)
+
+
+class _SlowingClock:
+    """A perf_counter of a machine that slows as it goes: every call of ``step`` lasts
+    1 + 1e-3 t, t the clock's reading when it starts."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def step(self, *_):
+        self.t += 1.0 + 1e-3 * self.t
+
+
+@pytest.mark.parametrize("n", [5, 11, 15])
+def test_a_drifting_machine_decides_no_goal_between_identical_candidates(monkeypatch, n):
+    """A candidate timed always first on a machine that slows (or speeds up) is faster in
+    every pair than the same code timed second: every ratio below 1, and a goal of 1
+    "met" (pairs) or "not met" (the early exit against INT8 full, run before it in two
+    rounds of three). Each side first in every other pair, the ratios fall on both sides
+    of 1 and the interval of the median holds 1."""
+    clock = _SlowingClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    ratios, ta, tb = _common.paired_ratio(clock.step, clock.step, n)
+    lo, hi = bench.median_interval(ratios)
+    assert sorted([(ratios < 1).sum(), (ratios > 1).sum()]) == [n // 2, (n + 1) // 2]
+    assert lo < 1 < hi and bench.goal_verdict(lo, hi, 1.0) == "not resolved"
+    t = _common.alternating_times([clock.step] * 3, 2 * n)
+    for a in range(3):
+        for b in range(3):
+            if a != b:
+                r = t[:, a] / t[:, b]
+                assert (r < 1).sum() == (r > 1).sum() == n
+                lo, hi = bench.median_interval(r)
+                assert bench.goal_verdict(lo, hi, 1.0) == "not resolved"
 
 
 def _fake_early_exit_rows(recompile_in_timing: bool, **kwargs):

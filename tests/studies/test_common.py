@@ -51,12 +51,32 @@ def test_study_main_flushes_denormals_for_its_body_only(monkeypatch):
 
 
 def test_paired_ratio_alternates_and_divides():
+    """The untimed warm-up pairs, then the timed ones, each side first in every other pair."""
     calls = []
     ratios, ta, tb = _common.paired_ratio(lambda: calls.append("a"), lambda: calls.append("b"),
                                           pairs=4, warmup=2)
-    assert calls == ["a", "b"] * 6
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a", "b", "a", "a", "b"]
     assert ratios.shape == ta.shape == tb.shape == (4,)
     np.testing.assert_array_equal(ratios, ta / tb)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_every_two_rounds_run_each_two_candidates_once_in_each_order_as_far_apart(n):
+    """alternating_times' orders: each a permutation; in rounds 2m and 2m + 1, candidate b
+    runs d places after a in one and d places before it in the other."""
+    for m in range(2 * n + 1):
+        first, second = (list(_common.round_order(n, i)) for i in (2 * m, 2 * m + 1))
+        assert sorted(first) == sorted(second) == list(range(n))
+        for a in range(n):
+            for b in range(n):
+                assert first.index(b) - first.index(a) == second.index(a) - second.index(b)
+    assert [list(_common.round_order(3, i)) for i in range(6)] == [
+        [0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2]]
+    calls = []
+    times = _common.alternating_times([lambda i, j=j: calls.append((i, j)) for j in range(n)],
+                                      4)
+    assert calls == [(i, int(j)) for i in range(4) for j in _common.round_order(n, i)]
+    assert times.shape == (4, n) and (times >= 0).all()
 
 
 def test_flush_denormal_restores_the_callers_setting():
