@@ -167,6 +167,23 @@ def test_a_goal_is_decided_by_the_interval_of_the_median(n):
     assert row.goal_verdict == bench.goal_verdict(lo, hi, 1.0)
 
 
+@pytest.mark.parametrize("ta_len, tb_len, ratios_shape", [
+    (5, 4, (5,)), (4, 5, (5,)), (5, 5, (4,)), (5, 5, (5, 1))])
+def test_a_row_takes_one_candidate_and_one_baseline_timing_to_each_ratio(ta_len, tb_len,
+                                                                          ratios_shape):
+    """A row whose sides hold different numbers of timings, or more or fewer than its
+    ratios, gave medians of unequal samples beside a ``pairs`` of the ratios alone."""
+    ta, tb = np.full(ta_len, 2e-3), np.full(tb_len, 1e-3)
+    with pytest.raises(ValueError, match=re.escape(
+            f"row 'r': ratios, candidate and baseline timings must be one-dimensional and "
+            f"equally long (one of each to a pair), got shapes {ratios_shape}, ({ta_len},) "
+            f"and ({tb_len},)")):
+        bench.make_row("g", "r", "a", "b", 1.3, np.full(ratios_shape, 2.0), ta, tb)
+    row = bench.make_row("g", "r", "a", "b", 1.3, [2.0] * 5, [2e-3] * 5, [1e-3] * 5)
+    assert (row.pairs, row.ratio_median, row.candidate_ms, row.baseline_ms) == (5, 2.0, 2.0, 1.0)
+    assert row.goal_verdict == "not met"
+
+
 class _SlowingClock:
     """A perf_counter of a machine that slows as it goes: every call of ``step`` lasts
     1 + 1e-3 t, t the clock's reading when it starts."""
