@@ -57,6 +57,7 @@ from qerror.files import atomic_write, sha256_file
 from qerror.stats import wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import count, signed
+from studies.bench import median_coverage
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
@@ -535,6 +536,17 @@ def _require_avx512(rec: Record, what: str = "a run", *, present: bool = True) -
 MEDIAN_LEVEL_UNRECORDED = 0.90
 
 
+def median_words(rec: Record, pairs) -> str:
+    """How a bench row's median interval is named: its exact coverage for the row's pairs at
+    the run's sought level (:func:`studies.bench.median_coverage`: the order statistics make
+    it at least that level, e.g. 93.5 % for 11 pairs at 90 %), "93.5 % interval"."""
+    cover = median_coverage(int(pairs), median_level(rec))
+    if not math.isfinite(cover):
+        raise RecordError(f"record {rec.name}: a row of {pairs} pairs has no interval of its "
+                          f"median at {level(median_level(rec))} %")
+    return f"{100 * cover:.1f} % interval"
+
+
 def median_level(rec: Record) -> float:
     """The coverage of a bench record's ``median_lo``/``median_hi``: its manifest's
     ``config.median_level``, or :data:`MEDIAN_LEVEL_UNRECORDED` for a run from before the
@@ -947,7 +959,7 @@ def bench_drift_amx(records) -> str:
     slower = [w for w, r, _ in layouts[:2] if r.median_lo > 1]
 
     def judged(r) -> str:
-        return (f"{r.ratio_median:.2f}× (its median's {level(median_level(rec))} % interval "
+        return (f"{r.ratio_median:.2f}× (its median's {median_words(rec, r.pairs)} "
                 f"{r.median_lo:.2f}–{r.median_hi:.2f}: {r.goal_verdict})")
 
     return (
@@ -958,7 +970,7 @@ def bench_drift_amx(records) -> str:
         f"{_ratio_span(less[0], ' over the pairs')} and {_ratio_span(less[1])}. The plain forward "
         "ran channels_last against contiguous at "
         + "; ".join(f"{w} {m.group(1)} against {m.group(2)} images/s (time ratio "
-                    f"{r.ratio_median:.3f}, {level(median_level(rec))} % interval "
+                    f"{r.ratio_median:.3f}, {median_words(rec, r.pairs)} "
                     f"{r.median_lo:.3f}–{r.median_hi:.3f})" for w, r, m in layouts)
         + (f": channels_last, the default for float and deterministic passes (the AVX2 "
            f"machines' choice, above), is the slower layout here for "
@@ -1241,7 +1253,7 @@ def bench_drift(records) -> str:
         verdict = "met" if str(r.meets_goal) == "True" else "not met"
         if isinstance(r.get("goal_verdict"), str):  # a record from after the bench decided
             # its goals on the interval of the median
-            verdict = (f"{r.goal_verdict} (the median's {level(median_level(rec))} % interval "
+            verdict = (f"{r.goal_verdict} (the median's {median_words(rec, r.pairs)} "
                        f"{r.median_lo:.2f}–{r.median_hi:.2f})" if r.goal_verdict != "not "
                        "resolved" or math.isfinite(r.median_lo) else
                        f"{r.goal_verdict} (too few pairs for an interval of the median)")

@@ -978,12 +978,13 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
 def _interval_words(row, show, inverted: bool) -> str:
     """The median ratio's distribution-free interval of a bench row, in the goal's terms
     (``inverted``: as a speed-up, its ends swapped), or that there are too few pairs."""
-    from studies.bench import MEDIAN_LEVEL
+    from studies.bench import median_coverage
 
     if not (math.isfinite(row.median_lo) and math.isfinite(row.median_hi)):
         return "too few pairs for an interval of the median"
     lo, hi = (row.median_hi, row.median_lo) if inverted else (row.median_lo, row.median_hi)
-    return f"median's {100 * MEDIAN_LEVEL:g}% interval {show(lo)} to {show(hi)}"
+    return (f"median's {100 * median_coverage(int(row.pairs)):.1f}% interval {show(lo)} to "
+            f"{show(hi)}")
 
 
 def goals(results: dict, smoke: str | None, whole_test: bool) -> pd.DataFrame:

@@ -154,10 +154,13 @@ def test_a_goal_is_decided_by_the_interval_of_the_median(n):
     lo, hi = bench.median_interval(ratios)
     if not ks:
         assert n < 5 and math.isnan(lo) and math.isnan(hi)
+        assert math.isnan(bench.median_coverage(n))
         assert bench.goal_verdict(lo, hi, 1.3) == "not resolved"
         return
     k, x = max(ks), np.sort(ratios)
     assert (lo, hi) == (x[k - 1], x[n - k])
+    # the coverage the README and the early-exit goals name: that interval's, not the level
+    assert bench.median_coverage(n) == pytest.approx(cover[k], rel=0, abs=1e-15)
     assert bench.goal_verdict(lo, hi, hi) == "met"
     assert bench.goal_verdict(lo, hi, np.nextafter(lo, 0)) == "not met"
     assert bench.goal_verdict(lo, hi, float(np.median(ratios))) == "not resolved"
