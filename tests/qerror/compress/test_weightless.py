@@ -10,6 +10,7 @@ import torch
 from qerror.compress import (
     DWN,
     MAX_FAN_IN,
+    BleachChoice,
     EFDDecay,
     GroupSum,
     LUTLayer,
@@ -90,6 +91,56 @@ def test_thermometer_refuses_integers_no_float_comparison_can_hold():
     t = Thermometer(torch.tensor([[0.5]], dtype=torch.float32), 1)
     with pytest.raises(ValueError, match="beyond 2\\*\\*53"):
         t.encode(np.array([[2 ** 60]], dtype=np.int64))
+    # Below -2**53 too: -(2**53 + 3) rounds to -(2**53 + 4) in float64, so against that
+    # threshold the comparison would say False where the integers say True.
+    t = Thermometer(torch.tensor([[-(2.0 ** 53 + 4)]], dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="x hold integers beyond 2\\*\\*53"):
+        t.encode(np.array([[-(2 ** 53 + 3)]], dtype=np.int64))
+    assert t.encode(np.array([[-(2 ** 53)]], dtype=np.int64)).tolist() == [[True]]
+
+
+def test_thermometer_thresholds_may_repeat_on_tied_data():
+    """Pixels are mostly 0: equal order statistics make equal thresholds, which a
+    thermometer takes (a threshold equal to the one below it sets its bit for no more
+    values)."""
+    x = np.array([[0], [0], [0], [5]], dtype=np.uint8)
+    t = Thermometer.fit(x, 3)
+    # N = 4, T = 3: ranks 1, 2, 3 of the sorted column 0, 0, 0, 5
+    assert t.thresholds.tolist() == [[0, 0, 5]]
+    assert t.encode(np.array([[0], [1], [5], [6]], np.uint8)).tolist() == [
+        [False, False, False], [True, True, False], [True, True, False], [True, True, True]]
+    assert Thermometer(torch.tensor([[2.0, 2.0, 2.0]]), 1).bits == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([["a", "b"], ["c", "d"]]), "got dtype <U1"),
+    (np.array([[0, 1], [2, 3]], dtype=object), "got dtype object"),
+    (np.zeros((2, 2), dtype=np.complex128), "got dtype complex128"),
+    (np.zeros((2, 2), dtype=bool), "got dtype bool"),
+])
+def test_thermometer_names_a_numpy_dtype_it_cannot_compare(bad, match):
+    """Strings and objects reached torch.from_numpy, whose error does not name x."""
+    t = Thermometer.fit(np.zeros((2, 2)), 1)
+    for call in (lambda: Thermometer.fit(bad, 1), lambda: t.encode(bad)):
+        with pytest.raises(TypeError, match=f"^x must hold integers or floats, {match}$"):
+            call()
+
+
+def test_thermometer_refuses_empty_data():
+    """Fitting on no samples would index an empty sort; encoding none is refused alike."""
+    with pytest.raises(ValueError, match=r"x is empty \(shape \(0, 3\)\)"):
+        Thermometer.fit(np.zeros((0, 3)), 2)
+    t = Thermometer.fit(np.zeros((2, 3)), 2)
+    with pytest.raises(ValueError, match=r"x is empty \(shape \(0, 3\)\)"):
+        t.encode(np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.bool, torch.complex64])
+def test_thermometer_refuses_thresholds_of_a_dtype_no_file_stores(dtype):
+    """bfloat16 or bool thresholds were taken and failed in encode (a KeyError) or in
+    save_wnn."""
+    with pytest.raises(TypeError, match=f"thresholds dtype {dtype} cannot be stored"):
+        Thermometer(torch.zeros(1, 2, dtype=dtype), 2)
 
 
 def test_thermometer_takes_data_in_either_byte_order():
@@ -165,6 +216,16 @@ def test_seeded_mapping_is_fixed_by_its_integer_arithmetic():
     assert not torch.equal(seeded_mapping(50, 50, 1), seeded_mapping(50, 50, 1, stream=1))
     with pytest.raises(ValueError):
         seeded_mapping(5, 5, -1)
+
+
+def test_seeded_mapping_refuses_counts_it_cannot_wire():
+    """No inputs divided by zero; a negative slot count gave an empty wiring silently."""
+    with pytest.raises(ValueError, match="^inputs must be an int >= 1, got 0$"):
+        seeded_mapping(0, 4, 0)
+    with pytest.raises(ValueError, match="^slots must be an int >= 0, got -1$"):
+        seeded_mapping(4, -1, 0)
+    empty = seeded_mapping(4, 0, 0)
+    assert empty.dtype == torch.int64 and empty.shape == (0,)
 
 
 @pytest.mark.parametrize("seed, error, match", [
@@ -315,10 +376,52 @@ def test_wisard_training_accumulates_and_follows_its_mapping():
      ValueError, r"shape \(N >= 1, 8\), got \(8,\)"),
     (lambda: WiSARD(8, 4, 2).predict(np.zeros((1, 8), np.uint8), bleach=0),
      ValueError, "bleach"),
+    # bool labels were read as classes 0 and 1
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((2, 8), np.uint8), np.array([True, False])),
+     TypeError, "labels must be an integer"),
+    (lambda: WiSARD(8, 4, 2).fit(np.zeros((2, 8), np.uint8), torch.tensor([True, False])),
+     TypeError, "labels must be an integer"),
+    # keys r·2^n + a times the classes plus the class must stay below 2^62 (int64 room)
+    (lambda: WiSARD(61, 61, 2), ValueError, "1 RAMs x 2 classes x 2\\*\\*61 addresses do not"),
+    (lambda: WiSARD(62, 61, 1), ValueError, "2 RAMs x 1 classes x 2\\*\\*61 addresses do not"),
 ])
 def test_wisard_refuses_bad_input(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_wisard_keys_just_inside_62_bits_are_counted():
+    """The largest models the key check lets through: 2^61 keys, all ones the last."""
+    for w in (WiSARD(61, 61, 1), WiSARD(60, 60, 2, shuffle=False), WiSARD(120, 60, 1)):
+        assert (w.rams * w.classes) << w.address_bits == 1 << 61
+        ones = np.ones((1, w.input_bits), np.uint8)
+        w.fit(np.concatenate([ones, 0 * ones]), np.array([0, w.classes - 1]))
+        assert w.keys_of(ones).tolist() == [[(r << w.address_bits) + (1 << w.address_bits) - 1
+                                             for r in range(w.rams)]]
+        assert w.responses(ones, 1).tolist() == [[w.rams] + [0] * (w.classes - 1)]
+
+
+def test_a_ram_count_beyond_int32_is_refused_and_the_model_kept():
+    """The counts are int32: a sum past 2^31 - 1 would wrap to a negative count, a RAM that
+    no longer fires."""
+    w = WiSARD(2, 1, 1, shuffle=False).fit(np.array([[1, 1]]), np.array([0]))
+    w.counts.fill_(2 ** 31 - 1)
+    with pytest.raises(OverflowError, match="exceeds int32"):
+        w.fit(np.array([[1, 0]]), np.array([0]))  # RAM 0 reads 1 again
+    assert w.keys.tolist() == [1, 3] and w.counts.tolist() == [[2 ** 31 - 1]] * 2
+    w.fit(np.array([[0, 0]]), np.array([0]))  # new addresses: every count still fits
+    assert w.keys.tolist() == [0, 1, 2, 3]
+    assert w.counts.tolist() == [[1], [2 ** 31 - 1], [1], [2 ** 31 - 1]]
+
+
+@pytest.mark.parametrize("low", [0, -1, 4])
+def test_bleach_choice_has_no_candidate_outside_one_to_the_last(low):
+    """low = 0 gave bleach 0 (a threshold every never-written address passes); a low past
+    the last candidate failed in numpy's argmax of an empty sequence."""
+    with pytest.raises(ValueError, match=f"no candidate threshold at or above {low}"):
+        BleachChoice.best(np.array([0.5, 0.75, 0.75]), 4, low)
+    assert BleachChoice.best(np.array([0.5, 0.75, 0.75]), 4, 3).bleach == 3
+    assert BleachChoice.best(np.array([0.5, 0.75, 0.75]), 4, 1).bleach == 2  # first best
 
 
 def test_fit_wisard_learns_a_separable_toy_problem():
@@ -997,6 +1100,18 @@ def test_a_ram_listing_more_addresses_than_it_has_is_refused(tmp_path):
         load_wnn(tmp_path / "long")
 
 
+@pytest.mark.parametrize("make", [
+    lambda: LUTLayer(4, 2, 2, index=torch.tensor([[0, 1], [2, 3]])),
+    lambda: LUTLayer(4, 2, 2, mapping="learnable", index=torch.tensor([[0, 1], [2, 3]])),
+    lambda: LUTLayer(4, 2, 2, mapping="fixed"),
+])
+def test_an_index_comes_with_a_fixed_mapping_and_only_with_it(make):
+    """An index given to a RANDOM or LEARNABLE layer would be ignored: a layer wired
+    otherwise than its caller said."""
+    with pytest.raises(ValueError, match="pass index exactly when mapping is FIXED"):
+        make()
+
+
 def test_a_fixed_wiring_must_hold_integers():
     """A float index was truncated toward zero into another wiring, silently."""
     for bad in (torch.tensor([[0.9, 1.5], [2.2, 3.7]]), torch.ones(2, 2, dtype=torch.bool)):
@@ -1055,11 +1170,28 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size, kind):
                 batch_size=batch_size)
 
 
+@pytest.mark.parametrize("labels", [[0.0, 1.0, 2.0], [0.0, 1.0, float("nan")],
+                                    [True, False, True]])
+def test_the_class_count_is_inferred_from_integer_labels_only(labels):
+    """fit_wisard and fit_dwn count the classes from the training labels; a NaN label
+    failed in int() with 'cannot convert float NaN to integer'."""
+    x, y = np.arange(6, dtype=np.float32).reshape(3, 2), np.array(labels)
+    for call in (lambda: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=2),
+                 lambda: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(2,), fan_in=2,
+                                 epochs=1)):
+        with pytest.raises(TypeError, match="labels must be a non-empty integer"):
+            call()
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
                              max_bytes=float("nan")), "max_bytes must be a finite number"),
     (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
                              max_bytes=-1), "max_bytes must be a finite number"),
+    (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
+                             max_bytes=math.inf), "max_bytes must be a finite number"),
+    (lambda x, y: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=4,
+                             max_bytes=np.float64("inf")), "max_bytes must be a finite number"),
     (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1, step_size=0),
      "step_size must be an int >= 1"),
     (lambda x, y: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1, gamma=0.0),
