@@ -338,10 +338,14 @@ _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 def _integers(x, name: str):
     """``x`` as a tensor (numpy arrays converted, anything else as it is), unsigned integers
-    wider than a byte as int64 (torch's reductions and comparisons do not take them)."""
+    wider than a byte as int64 (torch's reductions and comparisons do not take them); a
+    numpy array of strings or objects is refused (torch.from_numpy's error names no
+    argument)."""
     if isinstance(x, torch.Tensor) and x.dtype in _WIDE_UNSIGNED:
         x = x.cpu().numpy()
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc":
+            raise TypeError(f"{name} must hold integers, got numpy dtype {x.dtype}")
         if x.dtype.kind == "u" and x.dtype.itemsize > 1:
             if x.size and int(x.max()) > np.iinfo(np.int64).max:
                 raise ValueError(f"{name} holds values beyond int64 ({int(x.max())})")
@@ -370,7 +374,7 @@ def _as_bits(x, width: int, name: str) -> torch.Tensor:
 
 def _as_labels(y, n: int, classes: int) -> torch.Tensor:
     y = _integers(y, "labels")
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+    if not isinstance(y, torch.Tensor) or not is_integer_dtype(y.dtype):
         raise TypeError("labels must be an integer numpy array or tensor")
     if y.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
@@ -384,7 +388,7 @@ def _inferred_classes(y) -> int:
     """One more than the largest training label (the labels are checked where they are
     used)."""
     y = _integers(np.asarray(y), "labels")
-    if y.numel() == 0 or y.is_floating_point() or y.dtype == torch.bool:
+    if y.numel() == 0 or not is_integer_dtype(y.dtype):
         raise TypeError("labels must be a non-empty integer numpy array or tensor")
     return int(y.max()) + 1
 

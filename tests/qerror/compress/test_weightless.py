@@ -1170,8 +1170,29 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size, kind):
                 batch_size=batch_size)
 
 
+@pytest.mark.parametrize("labels, match", [
+    (np.array([0, 1, 2], np.complex64), "^labels must be an integer numpy array"),
+    (torch.tensor([0, 1, 2], dtype=torch.complex64), "^labels must be an integer numpy array"),
+    (np.array(["0", "1", "2"]), "^labels must hold integers, got numpy dtype <U1$"),
+    (np.array([0, 1, 2], dtype=object), "^labels must hold integers, got numpy dtype object$"),
+])
+def test_labels_that_are_no_integers_are_named(labels, match):
+    """Complex labels failed in torch's min() with NotImplementedError ('"min_all" not
+    implemented for 'ComplexFloat''), strings and objects in torch.from_numpy, whose
+    TypeError names no argument."""
+    w, bits = WiSARD(4, 2, 3), np.zeros((3, 4), np.uint8)
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    for call in (lambda: w.fit(bits, labels), lambda: w.choose_bleach(bits, labels),
+                 lambda: fit_wisard(x, labels, x, labels, thermometer_bits=2, address_bits=2,
+                                    classes=3)):
+        with pytest.raises(TypeError, match=match):
+            call()
+    with pytest.raises(TypeError, match="^bits must hold integers, got numpy dtype <U1$"):
+        w.fit(np.full((3, 4), "1"), np.arange(3))
+
+
 @pytest.mark.parametrize("labels", [[0.0, 1.0, 2.0], [0.0, 1.0, float("nan")],
-                                    [True, False, True]])
+                                    [True, False, True], [0j, 1j, 2 + 0j]])
 def test_the_class_count_is_inferred_from_integer_labels_only(labels):
     """fit_wisard and fit_dwn count the classes from the training labels; a NaN label
     failed in int() with 'cannot convert float NaN to integer'."""
