@@ -136,7 +136,7 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
         Format of the stored values.
     scales : int, optional
         Quantization scales of an integer ``values`` format: default one per output channel
-        (``shape[0]``), 1 for per-tensor. Must be 0 (the default) for float formats.
+        (``shape[0]``), 1 for per-tensor. None (the default) or 0 for float formats.
 
     Returns
     -------
@@ -167,11 +167,11 @@ def tensor_bytes(shape: Iterable[int], nnz: int | None = None,
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     n = int(np.prod(shape, dtype=object))
     nnz = n if nnz is None else check_count(nnz, "nnz")
-    if not 0 <= nnz <= n:
+    if nnz > n:  # (check_count refused a negative one)
         raise ValueError(f"nnz must be in [0, {n}] for shape {shape}, got {nnz}")
     if values in _INTEGER_FORMATS:
         scales = shape[0] if scales is None else check_count(scales, "scales", 1)
-    elif scales:
+    elif scales is not None and check_count(scales, "scales"):
         raise ValueError(f"{values.value} values carry no quantization scales, got {scales}")
     else:
         scales = 0

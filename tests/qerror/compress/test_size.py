@@ -105,6 +105,33 @@ def test_counts_that_are_not_integers_are_refused_not_truncated(call, name):
         call()
 
 
+@pytest.mark.parametrize("sparse", ["dense", "csr", "bitmask", "2:4"])
+def test_a_negative_nonzero_count_is_refused(sparse):
+    with pytest.raises(ValueError, match="^nnz must be an int >= 0, got -1$"):
+        tensor_bytes((4, 8), -1, sparse)
+    assert tensor_bytes((4, 8), 0, sparse).total >= 0  # zero nonzeros: a count
+
+
+@pytest.mark.parametrize("values", ["int8", "uint8", "int4_packed"])
+@pytest.mark.parametrize("scales", [0, -1])
+def test_integer_values_need_one_scale_or_more(values, scales):
+    with pytest.raises(ValueError, match=f"^scales must be an int >= 1, got {scales}$"):
+        tensor_bytes((4, 8), None, "dense", values, scales=scales)
+
+
+@pytest.mark.parametrize("scales", [False, 0.0, 2.5, np.float64(1.0)])
+def test_float_values_refuse_scales_that_are_no_count(scales):
+    """Float formats take no scales, and took False and 0.0 as none; 2.5 was 'carry no
+    quantization scales' (a ValueError) where every other count's wrong type is a
+    TypeError."""
+    with pytest.raises(TypeError, match="^scales must be an int >= 0"):
+        tensor_bytes((4, 8), None, "dense", "float16", scales=scales)
+    for none in (None, 0, np.int64(0)):
+        assert tensor_bytes((4, 8), None, "dense", "float16", scales=none).total == 64
+    with pytest.raises(ValueError, match="^scales must be an int >= 0, got -1$"):
+        tensor_bytes((4, 8), values="float32", scales=-1)
+
+
 def test_numpy_integer_counts_are_taken():
     assert packed_bytes(np.int64(3), np.uint8(3)) == 2
     assert tensor_bytes((np.int32(4), 4), np.int64(3), "csr").values == 12
