@@ -308,7 +308,8 @@ def test_analytic_rows_take_enough_pairs_to_decide_their_goal():
 def test_a_failed_memory_child_says_why():
     """The peak-memory child's stderr was captured and dropped: a failure there ended the
     bench with 'returned non-zero exit status 1' and no reason."""
-    with pytest.raises(RuntimeError, match="pair_batch must be a number of images"):
+    with pytest.raises(RuntimeError,
+                       match=r"pair_batch \(a number of images\) must be an int >= 1, got 0"):
         bench._peak_growth("measure", True, 0, 0)
 
 
