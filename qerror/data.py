@@ -16,9 +16,10 @@ torchvision's ``FashionMNIST/raw/``. Data is downloaded only when asked (``downl
 Every file is checked against what its format defines before it is used: IDX magic
 number, element type uint8, dimensions (images N×28×28, labels N), Fashion-MNIST's split
 sizes (:data:`SIZES`), as many labels as images, labels in 0..9. A file that fails raises
-:class:`DataError` naming the file and what is wrong. A split of the published size whose
-content is not the published data's (:data:`PUBLISHED_SHA256`; MNIST has the same file
-names and sizes) is read with an :class:`UnpublishedDataWarning` naming the files.
+:class:`DataError` naming the file, what is wrong and how to replace it. A split of the
+published size whose content is not the published data's (:data:`PUBLISHED_SHA256`; MNIST
+has the same file names and sizes) is read with an :class:`UnpublishedDataWarning` naming
+the files.
 """
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ def _ways_to_get_it() -> str:
             "trains it first where it is not cached)")
 
 
+def _get_again(*paths: Path) -> str:
+    """What to do about Fashion-MNIST files that are present but damaged or not the
+    originals: replace them (the list of :func:`_ways_to_get_it` is for files not found)."""
+    names = " and ".join(p.name for p in paths)
+    one = len(paths) == 1
+    return (f"Replace {names} with the original{'' if one else 's'} from {_SOURCE}, or delete "
+            f"{'it' if one else 'them'} and load again with download=True (the --download of "
+            "studies.train and of studies.dataset), which downloads the files a folder lacks")
+
+
 #: A command that downloads Fashion-MNIST into :func:`cache_dir` and does nothing else.
 FETCH = ('python -c "from qerror.data import load_fashion_mnist as f; '
          "f('train', download=True); f('test', download=True)\"")
@@ -139,19 +150,19 @@ def read_idx(path: Path | str) -> np.ndarray:
                         "permission or copy the file somewhere readable") from exc
     # gzip reports a cut or damaged stream as EOFError, BadGzipFile (an OSError) or zlib.error.
     except (EOFError, zlib.error, OSError) as exc:
-        raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                        "delete it and get it again") from exc
+        raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). "
+                        + _get_again(path)) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}; IDX "
                         "files start with two zero bytes, the element type and the number of "
-                        "dimensions)")
+                        "dimensions). " + _get_again(path))
     kind, ndim = raw[2], raw[3]
     if kind not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file: unknown element type 0x{kind:02x} in its "
-                        "magic number")
+                        "magic number. " + _get_again(path))
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: the header declares {ndim} dimensions but the file ends "
-                        "inside it; the file is truncated or corrupt")
+                        "inside it; the file is truncated or corrupt. " + _get_again(path))
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     dtype = np.dtype(_IDX_DTYPES[kind])
     # Python integers: a damaged header's product can pass 2^63, where int64 wraps (to 0)
@@ -159,7 +170,8 @@ def read_idx(path: Path | str) -> np.ndarray:
     body = len(raw) - 4 - 4 * ndim
     if body != expected:
         raise DataError(f"{path}: header says {tuple(dims.tolist())} ({expected} bytes) but the "
-                        f"file holds {body} bytes; the file is truncated or corrupt")
+                        f"file holds {body} bytes; the file is truncated or corrupt. "
+                        + _get_again(path))
     return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
@@ -305,29 +317,30 @@ class ImageSet:
 
 def _check_split(split: str, img_path: Path, images: np.ndarray, lbl_path: Path,
                  labels: np.ndarray) -> None:
-    again = "get the original file again"
     for path, array, what, item, shape in ((img_path, images, "images", (28, 28), "N×28×28"),
                                            (lbl_path, labels, "labels", (), "N")):
         if array.dtype != np.uint8:
             raise DataError(f"{path}: element type {array.dtype}; Fashion-MNIST {what} are "
-                            f"uint8 (IDX type 0x08). It is not a Fashion-MNIST file; {again}")
+                            "uint8 (IDX type 0x08). It is not a Fashion-MNIST file. "
+                            + _get_again(path))
         if array.shape[1:] != item or array.ndim != 1 + len(item):
             raise DataError(f"{path}: dimensions {'×'.join(map(str, array.shape))}; "
                             f"Fashion-MNIST {what} are {shape}. It is not a Fashion-MNIST "
-                            f"file; {again}")
+                            "file. " + _get_again(path))
     if len(images) != len(labels):
         raise DataError(f"{img_path} holds {len(images)} images but {lbl_path} holds "
                         f"{len(labels)} labels; one of them is from another copy or was cut. "
-                        f"Get both files again")
+                        + _get_again(img_path, lbl_path))
     if len(images) != SIZES[split]:
         raise DataError(f"{img_path} and {lbl_path} hold {len(images)} images; Fashion-MNIST's "
-                        f"{split} split has {SIZES[split]:,}. They are a cut or different copy; "
-                        "get the original files again")
+                        f"{split} split has {SIZES[split]:,}. They are a cut or different copy. "
+                        + _get_again(img_path, lbl_path))
     bad = np.flatnonzero(labels > 9)
     if bad.size:
         raise DataError(f"{lbl_path}: {bad.size} labels are outside 0..9 (the first is "
                         f"{int(labels[bad[0]])} at index {int(bad[0])}); Fashion-MNIST has 10 "
-                        f"classes. The file is corrupt or not Fashion-MNIST; {again}")
+                        "classes. The file is corrupt or not Fashion-MNIST. "
+                        + _get_again(lbl_path))
 
 
 def _read_the_copy(path: Path) -> np.ndarray:
@@ -367,7 +380,7 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
         The files are not found (see :func:`find_fashion_mnist`).
     DataError
         A file is unreadable or fails a check of the module docstring; the message names
-        the file and what is wrong.
+        the file, what is wrong and what to do (replace it or delete it and download it).
     """
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -379,11 +392,8 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
         folder = download_fashion_mnist(data_root)
     img_path = _find_file(folder, FILES[split][0])
     lbl_path = _find_file(folder, FILES[split][1])
-    try:
-        images, labels = _read_the_copy(img_path), _read_the_copy(lbl_path)
-        _check_split(split, img_path, images, lbl_path, labels)
-    except DataError as exc:
-        raise DataError(f"{exc}\n{_ways_to_get_it()}") from exc
+    images, labels = _read_the_copy(img_path), _read_the_copy(lbl_path)
+    _check_split(split, img_path, images, lbl_path, labels)
     h = hashlib.sha256(images.tobytes())
     h.update(labels.tobytes())
     digest = h.hexdigest()

@@ -272,9 +272,9 @@ BAD_SOURCES = {
                              "the first is 12 at index 7"]),
     "count mismatch": (_count_mismatch, BAD, ["holds 300 images but", "holds 299 labels"]),
     "truncated gz": (_truncated_gz, BAD, [f"{TRAIN_IMG}.gz is truncated or corrupt",
-                                          "delete it and get it again"]),
+                                          f"Replace {TRAIN_IMG}.gz with the original"]),
     "corrupt gz": (_corrupt_gz, BAD, [f"{TRAIN_IMG}.gz is truncated or corrupt",
-                                      "delete it and get it again"]),
+                                      f"Replace {TRAIN_IMG}.gz with the original"]),
     "$QERROR_DATA pointing nowhere": (_env_points_nowhere, NOT_FOUND,
                                       ["named by $QERROR_DATA", "nowhere does not exist"]),
 }
@@ -284,7 +284,8 @@ BAD_SOURCES = {
 def test_bad_data_source_is_refused_naming_the_problem(case, fashion_idx, tmp_path, monkeypatch):
     """Each bad source raises one error naming the file or folder and what is wrong; a
     complete copy in the default places (cache and Debian folder) is never used instead,
-    and no file anywhere changes."""
+    and no file anywhere changes. Files not found come with every way to get the data;
+    files found but damaged with how to replace them, not that list."""
     root = fashion_idx(train=300, test=50)
     for default in (tmp_path / "cache" / "qerror" / "data", tmp_path / "debian"):
         default.mkdir(parents=True)
@@ -299,8 +300,47 @@ def test_bad_data_source_is_refused_naming_the_problem(case, fashion_idx, tmp_pa
     msg = str(info.value)
     for phrase in phrases:
         assert phrase in msg
-    assert "apt-get install dataset-fashion-mnist" in msg  # and how to get the data
+    if error is NOT_FOUND:
+        assert "apt-get install dataset-fashion-mnist" in msg  # and how to get the data
+    else:
+        assert "Any one of these provides it" not in msg and "apt-get" not in msg
+        assert "with the original" in msg and f"from {data._SOURCE}" in msg
     assert _snapshot(tmp_path) == before
+
+
+def test_a_damaged_file_says_which_what_is_wrong_and_how_to_replace_it(idx_root, monkeypatch):
+    """A truncated IDX file was named as such, and then followed by the list of ways to get
+    Fashion-MNIST when it is not found (apt-get, --data-root, the download command), which
+    does not fit a file that is there (/work/runs/s42/datamsg/probe_damaged.py). It now
+    says to replace that file or to delete it and load with download=True, and that way
+    does download it."""
+    path = idx_root / f"{TEST_LBL}.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.unlink()
+    (idx_root / TEST_LBL).write_bytes(raw[:-20])  # uncompressed, 20 labels cut
+    with pytest.raises(data.DataError) as info:
+        data.fashion_mnist_splits(idx_root, val=40, calib=20)
+    msg = str(info.value)
+    assert msg.startswith(f"{idx_root / TEST_LBL}: header says (50,) (50 bytes) but the file "
+                          "holds 30 bytes; the file is truncated or corrupt. ")
+    assert (f"Replace {TEST_LBL} with the original from {data._SOURCE}, or delete it and load "
+            "again with download=True") in msg
+    assert "Any one of these provides it" not in msg and "apt-get" not in msg
+    assert data.FETCH not in msg and "--data-root" not in msg
+    # the advice holds: once the file is deleted, download=True downloads what is missing
+    (idx_root / TEST_LBL).unlink()
+    fetched = []
+
+    def download(data_root=None):
+        fetched.append(data_root)
+        (idx_root / TEST_LBL).write_bytes(raw)
+        return idx_root
+
+    monkeypatch.setattr(data, "download_fashion_mnist", download)
+    with pytest.raises(data.DataNotFoundError, match=f"lacks 1 of the four .*{TEST_LBL}"):
+        data.fashion_mnist_splits(idx_root, val=40, calib=20)
+    assert len(data.fashion_mnist_splits(idx_root, val=40, calib=20, download=True).test) == 50
+    assert fetched == [idx_root]
 
 
 def test_default_places_are_searched_only_when_nothing_is_named(fashion_idx, tmp_path,
