@@ -1332,8 +1332,9 @@ def _wisard_parts(m: WisardClassifier, counts: bool) -> tuple[list[SizePart], di
 
 def _check_dwn_layers(m: DWN) -> None:
     """ValueError unless every layer is one a file describes: reading the previous layer's
-    outputs (the thermometer's bits for the first), with the first layer's fan-in, and a
-    random wiring the one the DWN's seed regenerates for it (stream ``i`` for layer ``i``)."""
+    outputs (the thermometer's bits for the first), with the first layer's fan-in, a table
+    of ``luts × 2^fan_in`` entries, and a random wiring the one the DWN's seed regenerates
+    for it (stream ``i`` for layer ``i``)."""
     width, fan_in = m.thermometer.out_bits, m.layers[0].fan_in
     for i, layer in enumerate(m.layers):
         if not isinstance(layer, LUTLayer) or layer.in_features != width \
@@ -1343,6 +1344,11 @@ def _check_dwn_layers(m: DWN) -> None:
             raise ValueError(f"DWN layer {i} {what}: a file holds LUT layers that read the "
                              f"previous layer's {width} outputs with the first layer's fan-in "
                              f"{fan_in}")
+        if tuple(layer.table.shape) != (layer.luts, 1 << layer.fan_in):
+            raise ValueError(f"DWN layer {i}'s table has shape {tuple(layer.table.shape)}; "
+                             f"its {layer.luts} LUTs of fan-in {layer.fan_in} are counted and "
+                             f"stored as ({layer.luts}, {1 << layer.fan_in}): give the layer "
+                             "a table of that shape (or build a LUTLayer of the shape wanted)")
         if layer.mapping is Mapping.RANDOM and not torch.equal(
                 layer.index.cpu(), seeded_mapping(width, layer.luts * fan_in, m.seed, i)
                 .reshape(layer.luts, fan_in)):

@@ -2,6 +2,7 @@
 EFD backward against plain loops, and files whose size is the byte count."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -975,6 +976,25 @@ def test_a_dwn_layer_its_file_cannot_describe_is_refused(tmp_path, change, match
     back = load_wnn(save_wnn(model, tmp_path / "d.qwnn"))
     assert torch.equal(back.layers[1].index, model.layers[1].index)
     assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (11, 8)])
+def test_a_dwn_layer_table_of_another_shape_is_refused(tmp_path, shape):
+    """A LUT layer's table replaced by one of another shape was counted by wnn_size as
+    luts x 2^fan_in bits (182 bytes in all) and written as its own size (184 or 181), which
+    save_wnn caught only in its internal check, as 'AssertionError: serialised 184 bytes,
+    counted 182' (/work/runs/s42/datamsg/probe_w56.py); without that check (mutant w56) the
+    file was written, and read back as trailing or truncated data."""
+    x = torch.rand(40, 6, generator=torch.Generator().manual_seed(3))
+    model = DWN(Thermometer.fit(x, 4), [30, 12], 3, fan_in=3, seed=9)
+    model.layers[1].table = torch.nn.Parameter(torch.randn(*shape))
+    match = re.escape(f"DWN layer 1's table has shape {shape}; its 12 LUTs of fan-in 3 are "
+                      "counted and stored as (12, 8)")
+    with pytest.raises(ValueError, match=match):
+        wnn_size(model)
+    with pytest.raises(ValueError, match=match):
+        save_wnn(model, tmp_path / "d.qwnn")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_classifier_whose_parts_do_not_fit_is_refused(tmp_path):
