@@ -307,9 +307,10 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *, min_scale: float | None = Non
         # Lowered to the largest scale whose grid about that zero point is finite, the zero
         # point is found again: its side of the grid can only gain steps, and no more than
         # the lowered scale allows (|lo0| / max_scale(k) rounds to at most k).
-        lowered = scale > spec.max_scale(zp, dtype)
+        cap = spec.max_scale(zp, dtype)
+        lowered = scale > cap
         if np.any(lowered):
-            scale = np.where(lowered, spec.max_scale(zp, dtype), scale)
+            scale = np.where(lowered, cap, scale)
             zp = np.where(lowered, np.clip(spec.qmin - np.rint(lo0 / scale), spec.qmin,
                                            spec.qmax), zp).astype(np.int64)
     if scale.ndim == 0:

@@ -374,9 +374,8 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
     if dequantize_to is None:
         check_positive_finite(qparams.scale, "scale")
     else:
-        work = _dequantize_work(dequantize_to)
-        _check_scale(qparams.scale, np.dtype(np.float64 if work == torch.float64
-                                             else np.float32),
+        _dequantize_work(dequantize_to)  # refuses a dtype that is no float dtype of torch's
+        _check_scale(qparams.scale, working_precision(dequantize_to),
                      "dequantization computes", "dtype=float64")
     spec.check_zero_point(qparams.zero_point)
 
@@ -976,8 +975,8 @@ def dequantize(q: ArrayLike, scale, zero_point=0, *, axis: int | None = None,
     if axis is not None and not -q.ndim <= axis < q.ndim:
         raise ValueError(f"axis={axis} is out of range for codes of shape {tuple(q.shape)}")
     ax = None if axis is None else axis % q.ndim
-    s = _check_scale(scale, np.dtype(np.float64 if work in (np.float64, torch.float64)
-                                     else np.float32), "dequantization computes", "dtype=float64")
+    s = _check_scale(scale, working_precision(dtype), "dequantization computes",
+                     "dtype=float64")
     z = np.asarray(zero_point.detach().cpu() if isinstance(zero_point, torch.Tensor)
                    else zero_point)
     if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.all(np.isfinite(z))
