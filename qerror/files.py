@@ -166,6 +166,17 @@ def name_bytes(name: str) -> int:
     return len(os.fsencode(name))
 
 
+def name_room(path: Path | str, longer: Iterable[str]) -> tuple[int, int]:
+    """``(longest, room)``: the longest file name ``path``'s folder takes
+    (:func:`name_max`), and the longest name ``path`` itself may have there so that the
+    names made from it, ``longer`` (as they are for ``path``'s present name: a sidecar, a
+    staging folder), fit too; each of them is its name and the same bytes more."""
+    path = Path(path)
+    longest = name_max(path.parent)
+    added = max(name_bytes(n) for n in longer) - name_bytes(path.name)
+    return longest, longest - added
+
+
 def shortened(name: str, limit: int) -> str:
     """``name`` cut to at most ``limit`` bytes (:func:`name_bytes`) at a character's end;
     ``name`` itself when it fits."""

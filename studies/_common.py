@@ -52,7 +52,7 @@ from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, 
 from qerror.files import (
     jsonable,
     name_bytes,
-    name_max,
+    name_room,
     package_versions,
     sha256_file,
     sync_folder,
@@ -536,11 +536,9 @@ def out_name_room(out: Path) -> tuple[int, int]:
     so that the folders a run is staged in beside it (``.NAME.partial-PID`` and the like,
     whose names add the most bytes to ``out``'s) fit too, whatever the process id
     (:data:`PID_DIGITS`)."""
-    longest = name_max(out.parent)
     pid = 10 ** PID_DIGITS - 1
-    added = max(name_bytes(_beside(out, kind, pid).name)
-                for kind in ("partial", "old", "finished"))
-    return longest, longest - (added - name_bytes(out.name))
+    return name_room(out, [_beside(out, kind, pid).name
+                           for kind in ("partial", "old", "finished")])
 
 
 def clean_stale_partials(final: Path) -> list[Path]:

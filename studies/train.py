@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from qerror import data, wilson_ci
-from qerror.files import jsonable, name_bytes, name_max
+from qerror.files import jsonable, name_bytes, name_room
 from qerror.nn import parallel
 from qerror.nn.models import (
     DEFAULT_STEM,
@@ -481,11 +481,10 @@ def _check_targets(checkpoint: Path, out: Path | str, *, force: bool, resume: bo
     # name that leaves no room for them would fail at the first state save, or after
     # training (checked first: a longer name than the file system takes is an OSError
     # wherever it is looked at)
-    longest = name_max(checkpoint.parent)
     derived = max((sidecar_path(checkpoint), _state_path(checkpoint)),
                   key=lambda p: name_bytes(p.name))
-    if name_bytes(derived.name) > longest:
-        room = longest - (name_bytes(derived.name) - name_bytes(checkpoint.name))
+    longest, room = name_room(checkpoint, [derived.name])
+    if name_bytes(checkpoint.name) > room:
         raise StudyError(f"{'the cache' if cache else '--checkpoint'} {checkpoint}: its name "
                          f"is {name_bytes(checkpoint.name)} bytes, and a file named after it "
                          f"is written beside it (NAME{derived.name[len(checkpoint.name):]}, "

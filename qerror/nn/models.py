@@ -44,7 +44,7 @@ from qerror.files import (
     atomic_write,
     jsonable,
     name_bytes,
-    name_max,
+    name_room,
     package_versions,
     sha256_file,
     torch_save,
@@ -832,13 +832,13 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     side = sidecar_path(path)
-    longest = name_max(path.parent)
-    if name_bytes(side.name) > longest:
+    longest, room = name_room(path, [side.name])
+    if name_bytes(path.name) > room:
         raise ValueError(
             f"{path}: its name is {name_bytes(path.name)} bytes, and its sidecar's "
             f"({path.name}{SIDECAR_SUFFIX}) would be {name_bytes(side.name)}, over the "
             f"{longest} bytes a file name may have there: nothing was written. Save it under "
-            f"a name of at most {longest - name_bytes(SIDECAR_SUFFIX)} bytes")
+            f"a name of at most {room} bytes")
     if (side.exists() or side.is_symlink()) and _our_sidecar(path) is None:
         raise CheckpointError(f"{side}, where the checkpoint's sidecar goes, exists and is not "
                               "a qerror checkpoint's sidecar: nothing was written. Move it away, "
@@ -846,17 +846,17 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     # a Ctrl-C between the weights' rename and the sidecar's would leave new weights beside
     # the old sidecar (a valid checkpoint lost, the new one refused as corrupt): it waits
     with sigint_held():
-        if not sidecar_path(path).exists():
+        if not side.exists():
             pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
                                  sort_keys=True) + "\n"
-            atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(pending))
+            atomic_write(side, lambda tmp: tmp.write_text(pending))
         atomic_write(path, lambda tmp: torch_save({**meta, "state_dict": state}, tmp,
                                                   f"the checkpoint {path}",
                                                   "Nothing was replaced"))
         sha = sha256_file(path)
         sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
         text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-        atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text))
+        atomic_write(side, lambda tmp: tmp.write_text(text))
     return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],
                           meta["metrics"], meta["versions"], meta["created"])
 
