@@ -80,33 +80,30 @@ class BenchRow:
 MEDIAN_LEVEL = 0.90
 
 
-def median_interval(ratios: np.ndarray) -> tuple[float, float]:
+def median_interval(ratios: np.ndarray, level: float = MEDIAN_LEVEL) -> tuple[float, float]:
     """The distribution-free interval of the median of ``ratios`` with coverage at least
-    :data:`MEDIAN_LEVEL`: two order statistics, chosen from the binomial law of how many
-    ratios fall below the true median (the sign test's interval, :func:`scipy.stats.
-    quantile_test`); NaN for fewer than five ratios, where even the widest (their minimum
-    and maximum, coverage 1 - 2^(1-n)) falls short of it."""
+    ``level`` (:data:`MEDIAN_LEVEL`): two order statistics, chosen from the binomial law of
+    how many ratios fall below the true median (the sign test's interval, :func:`scipy.
+    stats.quantile_test`); NaN for fewer than five ratios, where even the widest (their
+    minimum and maximum, coverage 1 - 2^(1-n)) falls short of it."""
     ci = quantile_test(np.asarray(ratios, float), q=float(np.median(ratios)), p=0.5
-                       ).confidence_interval(MEDIAN_LEVEL)
+                       ).confidence_interval(level)
     return float(ci.low), float(ci.high)
 
 
 def median_coverage(n: int, level: float = MEDIAN_LEVEL) -> float:
     """The exact coverage of the interval :func:`median_interval` gives for ``n`` ratios
     sought at ``level``: ``1 - 2 P(B <= k - 1)``, ``B ~ Binomial(n, 1/2)``, for the
-    interval ``[x_(k), x_(n-k+1)]`` of the largest ``k`` whose coverage reaches ``level``
-    (the sign test's interval); NaN where none does (fewer than five ratios at 0.90). The
-    order statistics are discrete, so it is at least ``level`` and usually above it: 0.9375
-    for 5 ratios, 0.9346 for 11, 0.9648 for 15 at 0.90."""
+    interval ``[x_(k), x_(n-k+1)]`` it picks (read from its pick on the ranks 1..n, so the
+    rule is its own); NaN where it gives none (fewer than five ratios at 0.90). The order
+    statistics are discrete, so it is at least ``level`` and usually above it: 0.9375 for 5
+    ratios, 0.9346 for 11, 0.9648 for 15 at 0.90."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a number of ratios (an int >= 0), got {n!r}")
-    best = math.nan
-    for k in range(1, n // 2 + 1):
-        cover = 1.0 - 2.0 * float(binom.cdf(k - 1, n, 0.5))
-        if cover < level:
-            break
-        best = cover
-    return best
+    if n == 0:
+        return math.nan
+    k, _ = median_interval(np.arange(1.0, n + 1), level)  # the rank x_(k) of its lower end
+    return 1.0 - 2.0 * float(binom.cdf(k - 1, n, 0.5)) if math.isfinite(k) else math.nan
 
 
 def goal_verdict(lo: float, hi: float, goal: float | None) -> str | None:
