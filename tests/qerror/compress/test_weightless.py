@@ -829,11 +829,17 @@ def test_bad_files_and_objects_are_refused_and_leave_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "other", "short", "w.qwnn"]
 
 
-def test_fit_wisard_meets_a_byte_budget_with_the_best_threshold_inside_it():
+def _budget_data():
+    """Training and validation bytes and labels of three classes, for the budget tests:
+    600 images of 10 pixels whose level rises with the class (seed 4)."""
     rng = np.random.default_rng(4)
     y = rng.integers(0, 3, 600)
     x = (rng.integers(0, 200, (600, 10)) + 20 * y[:, None]).astype(np.uint8)
-    args = (x[:450], y[:450], x[450:], y[450:])
+    return x[:450], y[:450], x[450:], y[450:]
+
+
+def test_fit_wisard_meets_a_byte_budget_with_the_best_threshold_inside_it():
+    args = _budget_data()
     free, best = fit_wisard(*args, thermometer_bits=3, address_bits=9)
     full = wnn_size(free).total_bytes
     budget = full - 20
@@ -855,10 +861,7 @@ def test_a_model_of_exactly_max_bytes_is_within_the_budget():
     # The budget is inclusive: a threshold whose file takes exactly max_bytes fits. With
     # '<' for '<=' in the bisection the smallest threshold within budget came out one too
     # high here (4 for 3), and the chosen threshold with it, unnoticed.
-    rng = np.random.default_rng(4)
-    y = rng.integers(0, 3, 600)
-    x = (rng.integers(0, 200, (600, 10)) + 20 * y[:, None]).astype(np.uint8)
-    args = (x[:450], y[:450], x[450:], y[450:])
+    args = _budget_data()
     free, best = fit_wisard(*args, thermometer_bits=3, address_bits=9)
     sizes = [0]
     for b in range(1, len(best.accuracies) + 1):
