@@ -169,7 +169,7 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
         # interpolated in units of a power of two near each channel's largest magnitude
         # (exact): between values of opposite signs beyond 9e307 b - a overflowed to inf
         shift = _unit_shift(np.min(data, axis=dims), np.max(data, axis=dims))
-        units = np.ldexp(data, shift if dims is None else np.expand_dims(shift, dims))
+        units = np.ldexp(data, _broadcastable(shift, dims))
         return (np.ldexp(np.percentile(units, 100.0 - p, axis=dims), -shift),
                 np.ldexp(np.percentile(units, p, axis=dims), -shift))
     lo, hi = np.min(data, axis=dims), np.max(data, axis=dims)
@@ -179,11 +179,16 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
         # (the normal law's range became min-max's; an affine mean gave a NaN range) and
         # underflowed to 0 below 1e-162 (a zero range).
         shift = _unit_shift(lo, hi)
-        wide = shift if dims is None else np.expand_dims(shift, dims)
-        lo_u, hi_u = _aciq_range(np.ldexp(data, wide), spec, policy.aciq_law, dims,
-                                 np.ldexp(lo, shift), np.ldexp(hi, shift))
+        lo_u, hi_u = _aciq_range(np.ldexp(data, _broadcastable(shift, dims)), spec,
+                                 policy.aciq_law, dims, np.ldexp(lo, shift), np.ldexp(hi, shift))
         return np.ldexp(lo_u, -shift), np.ldexp(hi_u, -shift)
     return lo, hi
+
+
+def _broadcastable(value, dims):
+    """A reduction of the data over ``dims`` (None: over all of it) given back the reduced
+    axes as length-1 axes, so that it broadcasts against the data channel by channel."""
+    return value if dims is None else np.expand_dims(value, dims)
 
 
 def _unit_shift(lo, hi) -> np.ndarray:
@@ -225,7 +230,7 @@ def _aciq_range(data: np.ndarray, spec: QuantSpec, law: str, dims, lo, hi):
             data, (data > 0).astype(np.float64)) / cells
         return np.zeros_like(hi), np.minimum(step * spec.qmax, np.maximum(hi, 0.0))
     mu = np.mean(data, axis=dims)
-    centred = data - (mu if dims is None else np.expand_dims(mu, dims))
+    centred = data - _broadcastable(mu, dims)
     step = 2 * _aciq_unit(law, spec.bits, spec.rounding, False) * spread(centred) / cells
     half = step * (spec.qmax - spec.qmin) / 2
     return np.maximum(mu - half, lo), np.minimum(mu + half, hi)
@@ -340,9 +345,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     # (below 1e-162, where every shrink tied and the min-max range won): each channel's are
     # compared in units of a power of two near its largest magnitude (an exact rescaling,
     # which leaves every comparison as it was). The min-max range MSE starts from gives it.
-    shift = _unit_shift(lo, hi)
-    if dims is not None:
-        shift = np.expand_dims(shift, dims)
+    shift = _broadcastable(_unit_shift(lo, hi), dims)
     best_err = np.full(np.shape(lo), np.inf)
     best_scale = np.ones(np.shape(lo))
     best_zp = np.zeros(np.shape(lo), dtype=np.int64)
