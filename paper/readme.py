@@ -54,10 +54,9 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qerror.files import atomic_write, sha256_file
-from qerror.stats import wilson_ci
+from qerror.stats import median_ranks, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import count, signed
-from studies.bench import median_coverage
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
@@ -538,9 +537,9 @@ MEDIAN_LEVEL_UNRECORDED = 0.90
 
 def median_words(rec: Record, pairs) -> str:
     """How a bench row's median interval is named: its exact coverage for the row's pairs at
-    the run's sought level (:func:`studies.bench.median_coverage`: the order statistics make
-    it at least that level, e.g. 93.5 % for 11 pairs at 90 %), "93.5 % interval"."""
-    cover = median_coverage(int(pairs), median_level(rec))
+    the run's sought level (:func:`qerror.stats.median_ranks`: the order statistics make it
+    at least that level, e.g. 93.5 % for 11 pairs at 90 %), "93.5 % interval"."""
+    cover = median_ranks(int(pairs), 1.0 - median_level(rec))[1] if pairs >= 1 else math.nan
     if not math.isfinite(cover):
         raise RecordError(f"record {rec.name}: a row of {pairs} pairs has no interval of its "
                           f"median at {level(median_level(rec))} %")

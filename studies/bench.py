@@ -32,9 +32,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import binom, quantile_test
 
-from qerror import PreparedQuantizer, QuantSpec, RoundingMode, ScaleArithmetic, fake_quantize
+from qerror import (
+    PreparedQuantizer,
+    QuantSpec,
+    RoundingMode,
+    ScaleArithmetic,
+    fake_quantize,
+    median_ci,
+)
 from qerror.interrupts import interrupt_reraised
 from qerror.quantizer import fused_path_enabled
 from studies._common import (
@@ -80,32 +86,6 @@ class BenchRow:
 MEDIAN_LEVEL = 0.90
 
 
-def median_interval(ratios: np.ndarray, level: float = MEDIAN_LEVEL) -> tuple[float, float]:
-    """The distribution-free interval of the median of ``ratios`` with coverage at least
-    ``level`` (:data:`MEDIAN_LEVEL`): two order statistics, chosen from the binomial law of
-    how many ratios fall below the true median (the sign test's interval, :func:`scipy.
-    stats.quantile_test`); NaN for fewer than five ratios, where even the widest (their
-    minimum and maximum, coverage 1 - 2^(1-n)) falls short of it."""
-    ci = quantile_test(np.asarray(ratios, float), q=float(np.median(ratios)), p=0.5
-                       ).confidence_interval(level)
-    return float(ci.low), float(ci.high)
-
-
-def median_coverage(n: int, level: float = MEDIAN_LEVEL) -> float:
-    """The exact coverage of the interval :func:`median_interval` gives for ``n`` ratios
-    sought at ``level``: ``1 - 2 P(B <= k - 1)``, ``B ~ Binomial(n, 1/2)``, for the
-    interval ``[x_(k), x_(n-k+1)]`` it picks (read from its pick on the ranks 1..n, so the
-    rule is its own); NaN where it gives none (fewer than five ratios at 0.90). The order
-    statistics are discrete, so it is at least ``level`` and usually above it: 0.9375 for 5
-    ratios, 0.9346 for 11, 0.9648 for 15 at 0.90."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a number of ratios (an int >= 0), got {n!r}")
-    if n == 0:
-        return math.nan
-    k, _ = median_interval(np.arange(1.0, n + 1), level)  # the rank x_(k) of its lower end
-    return 1.0 - 2.0 * float(binom.cdf(k - 1, n, 0.5)) if math.isfinite(k) else math.nan
-
-
 def goal_verdict(lo: float, hi: float, goal: float | None) -> str | None:
     """"met" when the interval of the median lies at or below ``goal``, "not met" when it
     lies above, "not resolved" otherwise (and without an interval); None without a goal."""
@@ -118,7 +98,8 @@ def goal_verdict(lo: float, hi: float, goal: float | None) -> str | None:
 
 def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow:
     """A row of the per-pair ``ratios`` of candidate times ``ta`` to baseline times ``tb``:
-    their median, range and interval (:func:`median_interval`), the goal's verdict, and the
+    their median, range and interval (:func:`qerror.stats.median_ci` at
+    :data:`MEDIAN_LEVEL`), the goal's verdict, and the
     median of each side's times. The three must be one-dimensional and equally long (one
     candidate and one baseline timing to each ratio): otherwise a ValueError, not a row
     whose medians and ``pairs`` come from different numbers of timings."""
@@ -128,7 +109,7 @@ def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow
                          f"one-dimensional and equally long (one of each to a pair), got "
                          f"shapes {ratios.shape}, {ta.shape} and {tb.shape}")
     med = float(np.median(ratios))
-    lo, hi = median_interval(ratios)
+    lo, hi = median_ci(ratios, 1.0 - MEDIAN_LEVEL).ci
     return BenchRow(group, name, cand, base, med, float(ratios.min()), float(ratios.max()),
                     float(np.median(ta) * 1e3), float(np.median(tb) * 1e3), goal,
                     None if goal is None else bool(med <= goal), len(ratios), note,
@@ -231,7 +212,7 @@ def _mc_mse_lsb(dist, spec, scale, n, seed, chunk=1 << 22) -> float:
 def analytic_pairs(pairs: int) -> int:
     """Pairs of the analytic rows: a fifth of ``pairs`` (a Monte-Carlo side takes seconds),
     but at least five where ``pairs`` allows, the fewest whose median has an interval
-    (:func:`median_interval`) that can decide the goal (a fifth of the default 15 could not)."""
+    (:func:`qerror.stats.median_ci`) that can decide the goal (a fifth of the default 15 could not)."""
     return max(min(pairs, 5), pairs // 5)
 
 

@@ -114,6 +114,7 @@ from qerror.nn.training import (
 from qerror.stats import (
     mcnemar_from_counts,
     mcnemar_test,
+    median_ranks,
     paired_accuracy_equivalence,
     wilson_ci,
 )
@@ -136,6 +137,7 @@ from studies._common import (
     user_path,
 )
 from studies._latex import escape, letters, number, signed
+from studies.bench import MEDIAN_LEVEL
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
 #: How a validation operating point qualifies (--select), see qerror.nn.early_exit.qualifies.
@@ -978,12 +980,11 @@ def compute(base: EarlyExitResNet, data: Data, args, config,
 def _interval_words(row, show, inverted: bool) -> str:
     """The median ratio's distribution-free interval of a bench row, in the goal's terms
     (``inverted``: as a speed-up, its ends swapped), or that there are too few pairs."""
-    from studies.bench import median_coverage
-
     if not (math.isfinite(row.median_lo) and math.isfinite(row.median_hi)):
         return "too few pairs for an interval of the median"
     lo, hi = (row.median_hi, row.median_lo) if inverted else (row.median_lo, row.median_hi)
-    return (f"median's {100 * median_coverage(int(row.pairs)):.1f}% interval {show(lo)} to "
+    coverage = median_ranks(int(row.pairs), 1.0 - MEDIAN_LEVEL)[1]
+    return (f"median's {100 * coverage:.1f}% interval {show(lo)} to "
             f"{show(hi)}")
 
 

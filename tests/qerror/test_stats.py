@@ -14,6 +14,7 @@ is computed independently (or the deviation bounded) and stated at the check.
 
 import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ from qerror.stats import (
     mcnemar_power,
     mcnemar_resolution,
     mcnemar_test,
+    median_ci,
+    median_ranks,
     mse_ratio_ci,
     tail_share,
     tail_share_normal,
@@ -1058,3 +1061,84 @@ def test_crossed_mean_test_refuses_what_is_not_a_table(bad, error, message):
 
     with pytest.raises(error, match=message):
         crossed_mean_test(bad)
+
+
+def _sign_coverage(n: int, k: int) -> Fraction:
+    """1 - 2 P(Bin(n, 1/2) <= k - 1), exactly, from binomial coefficients."""
+    return 1 - Fraction(2 * sum(math.comb(n, j) for j in range(k)), 2**n)
+
+
+@pytest.mark.parametrize("alpha", [0.10, 0.05, 0.01, 0.5])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 11, 15, 40, 101])
+def test_median_ci_is_the_widest_coverage_reaching_pair_of_order_statistics(n, alpha):
+    """The interval is x_(k), x_(n-k+1) with the largest k whose exact coverage reaches
+    1 - alpha (worked out here in exact fractions), and its coverage is that k's; none
+    where even k = 1 (coverage 1 - 2^(1-n)) falls short."""
+    x = np.random.default_rng(n).lognormal(0.2, 0.1, n)
+    ks = [k for k in range(1, (n + 1) // 2 + 1) if _sign_coverage(n, k) >= 1 - Fraction(alpha)]
+    r = median_ci(x, alpha)
+    assert r.estimate == np.median(x) and r.n == n and r.alpha == alpha
+    assert math.isnan(r.p_value) and math.isnan(r.statistic)
+    if not ks:
+        assert math.isnan(r.ci[0]) and math.isnan(r.ci[1]) and math.isnan(r.coverage)
+        assert r.ranks == (0, 0) and median_ranks(n, alpha)[0] == 0
+        assert "too few for an interval" in r.verdict
+        assert f"at least {math.ceil(1 + math.log2(1 / alpha) - 1e-12)}" in r.verdict
+        assert 1 - 2.0 ** (1 - n) < 1 - alpha  # no pair of order statistics could reach it
+        return
+    k, xs = max(ks), np.sort(x)
+    assert r.ci == (xs[k - 1], xs[n - k]) and r.ranks == (k, n - k + 1)
+    assert median_ranks(n, alpha) == (k, r.coverage)
+    assert r.coverage == pytest.approx(float(_sign_coverage(n, k)), rel=0, abs=1e-15)
+    assert r.ci[0] <= r.estimate <= r.ci[1]
+
+
+def test_median_ci_agrees_with_scipy_quantile_test():
+    """scipy's quantile_test is an independent implementation of the same interval. At an
+    exact tie of the coverage with 1 - alpha (n = 2, alpha = 0.5: coverage exactly 0.5)
+    scipy gives no lower end; there median_ci takes the pair, whose coverage is exactly the
+    level asked for, so ties are compared against the fractions above instead."""
+    ties = 0
+    for n in range(1, 121):
+        x = np.random.default_rng(1000 + n).standard_t(3, n)
+        for alpha in (0.01, 0.05, 0.1, 0.2, 0.5):
+            k, _ = median_ranks(n, alpha)
+            if k and _sign_coverage(n, k) == 1 - Fraction(alpha):
+                ties += 1
+                continue
+            ref = sps.quantile_test(x, q=float(np.median(x)), p=0.5).confidence_interval(
+                1 - alpha)
+            np.testing.assert_array_equal(median_ci(x, alpha).ci, (ref.low, ref.high))
+    assert ties == 1
+
+
+def test_median_ci_covers_the_median_as_often_as_it_says():
+    """Coverage by simulation: 20,000 samples of 11 from a skewed continuous law (lognormal,
+    median 1); the share of intervals holding 1 must agree with the exact coverage 0.93457
+    within z_(1 - 0.001/2) standard errors of a binomial proportion (alpha = 1e-3)."""
+    reps, n, alpha = 20_000, 11, 0.10
+    x = np.sort(np.random.default_rng(11).lognormal(0.0, 1.0, (reps, n)), axis=1)
+    k, coverage = median_ranks(n, alpha)
+    assert (k, round(coverage, 5)) == (3, 0.93457)
+    held = np.mean((x[:, k - 1] <= 1.0) & (1.0 <= x[:, n - k]))
+    se = math.sqrt(coverage * (1 - coverage) / reps)
+    assert abs(held - coverage) <= sps.norm.ppf(1 - 1e-3 / 2) * se
+    # and one sample's interval is the sorted row's pair
+    assert median_ci(x[0], alpha).ci == (x[0, k - 1], x[0, n - k])
+
+
+def test_median_ci_refuses_bad_input():
+    with pytest.raises(ValueError, match="sample is empty"):
+        median_ci([])
+    with pytest.raises(ValueError, match="sample holds 1 NaN/Inf"):
+        median_ci([1.0, float("nan"), 2.0])
+    with pytest.raises(ValueError, match=re.escape("sample must be one-dimensional, got "
+                                                   "shape (2, 3)")):
+        median_ci(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        median_ci([1.0, 2.0], alpha=1.0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        median_ranks(5.0)
+    with pytest.raises(ValueError, match=re.escape("n must be an int >= 1, got 0")):
+        median_ranks(0)
+    assert median_ci(torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0]), 0.1).ci == (1.0, 5.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from qerror.stats import median_ci
 from studies import _common, bench
 
 
@@ -144,30 +145,23 @@ def test_a_compile_failure_is_a_row_and_a_ctrl_c_inside_it_is_not(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 11, 15, 40])
 def test_a_goal_is_decided_by_the_interval_of_the_median(n):
-    """The interval of the median ratio is the pair of order statistics x_(k), x_(n-k+1)
-    with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) <= k - 1) reaches the level
-    (worked out here from binomial coefficients); none below five pairs. The verdict is
-    "met" only when the whole interval lies at or below the goal."""
+    """A row's interval is the median's at the bench's level (qerror.stats.median_ci, whose
+    order statistics its own tests work out from binomial coefficients); none below five
+    pairs. The verdict is "met" only when the whole interval lies at or below the goal."""
     ratios = np.random.default_rng(n).lognormal(0.2, 0.1, n)
-    cover = [1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n for k in range(n + 1)]
-    ks = [k for k in range(1, (n + 1) // 2 + 1) if cover[k] >= bench.MEDIAN_LEVEL]
-    lo, hi = bench.median_interval(ratios)
-    if not ks:
-        assert n < 5 and math.isnan(lo) and math.isnan(hi)
-        assert math.isnan(bench.median_coverage(n))
+    lo, hi = median_ci(ratios, 1 - bench.MEDIAN_LEVEL).ci
+    row = bench.make_row("g", "r", "a", "b", 1.0, ratios, ratios, np.ones(n))
+    assert (row.median_lo, row.median_hi) == (lo, hi) or n < 5
+    assert row.goal_verdict == bench.goal_verdict(lo, hi, 1.0)
+    if n < 5:
+        assert math.isnan(row.median_lo) and math.isnan(row.median_hi)
         assert bench.goal_verdict(lo, hi, 1.3) == "not resolved"
         return
-    k, x = max(ks), np.sort(ratios)
-    assert (lo, hi) == (x[k - 1], x[n - k])
-    # the coverage the README and the early-exit goals name: that interval's, not the level
-    assert bench.median_coverage(n) == pytest.approx(cover[k], rel=0, abs=1e-15)
+    assert lo < hi
     assert bench.goal_verdict(lo, hi, hi) == "met"
     assert bench.goal_verdict(lo, hi, np.nextafter(lo, 0)) == "not met"
     assert bench.goal_verdict(lo, hi, float(np.median(ratios))) == "not resolved"
     assert bench.goal_verdict(lo, hi, None) is None
-    row = bench.make_row("g", "r", "a", "b", 1.0, ratios, ratios, np.ones(n))
-    assert (row.median_lo, row.median_hi) == (lo, hi)
-    assert row.goal_verdict == bench.goal_verdict(lo, hi, 1.0)
 
 
 @pytest.mark.parametrize("ta_len, tb_len, ratios_shape", [
@@ -211,7 +205,7 @@ def test_a_drifting_machine_decides_no_goal_between_identical_candidates(monkeyp
     clock = _SlowingClock()
     monkeypatch.setattr(time, "perf_counter", clock)
     ratios, ta, tb = _common.paired_ratio(clock.step, clock.step, n)
-    lo, hi = bench.median_interval(ratios)
+    lo, hi = median_ci(ratios, 1 - bench.MEDIAN_LEVEL).ci
     assert sorted([(ratios < 1).sum(), (ratios > 1).sum()]) == [n // 2, (n + 1) // 2]
     assert lo < 1 < hi and bench.goal_verdict(lo, hi, 1.0) == "not resolved"
     t = _common.alternating_times([clock.step] * 3, 2 * n)
@@ -220,7 +214,7 @@ def test_a_drifting_machine_decides_no_goal_between_identical_candidates(monkeyp
             if a != b:
                 r = t[:, a] / t[:, b]
                 assert (r < 1).sum() == (r > 1).sum() == n
-                lo, hi = bench.median_interval(r)
+                lo, hi = median_ci(r, 1 - bench.MEDIAN_LEVEL).ci
                 assert bench.goal_verdict(lo, hi, 1.0) == "not resolved"
 
 
