@@ -597,7 +597,8 @@ _ONE_SIZE = ("drift and mse weight each image by its elements, while their stand
 
 
 def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int],
-                 image_shape: tuple[int, ...], u: float) -> tuple[list[int], float]:
+                 image_shape: tuple[int, ...] | None, u: float, labelled: bool | None,
+                 failure: Exception | None) -> tuple[list[int], float]:
     """Sum every rank's accumulators into this rank's (in place) and return the summed
     ``counts`` and the unit roundoff of the merged sums; the images kept for resampling are
     gathered in rank order.
@@ -605,10 +606,17 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     Integers are summed exactly as int64; float sums as float64, so the merged sums differ
     from one process's only by the order of the additions. ``image_shape`` (this rank's
     images') must be every rank's: one process refuses images of two shapes, and each rank
-    sees only its own. Every rank raises the same error when the ranks disagree. ``u`` (the
-    unit roundoff of this rank's sums) and each accumulator's ``length`` are merged as one
-    process merges its batches': to the largest of any rank's, the rounding bound that holds
-    for every rank's sums, so that every rank resolves the same variances.
+    sees only its own; so must ``labelled`` (whether this rank's batches have labels). Every
+    rank raises the same error when the ranks disagree. ``u`` (the unit roundoff of this
+    rank's sums) and each accumulator's ``length`` are merged as one process merges its
+    batches': to the largest of any rank's, the rounding bound that holds for every rank's
+    sums, so that every rank resolves the same variances.
+
+    ``failure`` is the error this rank met before the merge (its accumulators then count
+    for nothing). The first collective carries it to every rank, so no rank waits for it
+    (or pairs with its next call): this rank raises ``failure``, every other rank a
+    RuntimeError that names each failed rank and its error. All of this rides in one
+    gather, before any sum is reduced.
     """
     def tensors(m):
         return [getattr(m, k) for k in _MOMENT_TENSORS]
@@ -618,18 +626,31 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes = [[None if t is None else tuple(t.shape) for t in tensors(m)] for m in holders]
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
+    error = None if failure is None else f"{type(failure).__name__}: {failure}"
     gathered = parallel.gather_objects(
-        (image_shape, u, [m.length for m in holders], layout, shapes))
-    if len({g[0] for g in gathered}) != 1:
+        (error, image_shape, labelled, u, [m.length for m in holders], layout, shapes))
+    if failure is not None:
+        raise failure
+    failed = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
+    if failed:
+        raise RuntimeError(
+            f"{'rank' if len(failed) == 1 else 'ranks'} "
+            f"{', '.join(str(r) for r, _ in failed)} of {len(gathered)} failed before the "
+            "ranks' sums were merged (" + "; ".join(f"rank {r}: {e}" for r, e in failed)
+            + "), so every rank stops here instead of waiting for them: see each failed "
+            "rank's own error, fix its batches or model, and measure again on every rank")
+    if len({g[1] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
-                f"rank {r}: {g[0]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
+                f"rank {r}: {g[1]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
             "every rank images of one size (measure each size apart)")
-    if len({repr(g[3:]) for g in gathered}) != 1:
+    if len({repr(g[5:]) for g in gathered}) != 1:
         raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
                            "the same model and configuration on at least one batch")
-    u = max(g[1] for g in gathered)
-    for m, lengths in zip(holders, zip(*(g[2] for g in gathered))):
+    if len({g[2] for g in gathered}) != 1:
+        raise ValueError("some ranks' batches have labels and some do not")
+    u = max(g[3] for g in gathered)
+    for m, lengths in zip(holders, zip(*(g[4] for g in gathered))):
         m.length = max(lengths)
     ints = [getattr(m, k) for m in holders for k in _MOMENT_COUNTS]
     ints += [getattr(a, k) for a in sites for k in _SITE_COUNTS] + list(counts)
@@ -1446,7 +1467,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         before the results are computed, and every rank returns the result of all the
         batches (images of different floating dtypes on different ranks count as they do
         in one process: a variance is resolved against the rounding of the coarsest).
-        Outside a process group this changes nothing.
+        A rank that fails before the merge (a batch its checks refuse or its network
+        cannot take, an error of its forward or its loader, no batch) does not leave the
+        others waiting: it raises its own error and every other rank a RuntimeError naming
+        it (see Raises). Outside a process group this changes nothing.
 
     Returns
     -------
@@ -1469,7 +1493,13 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         means over every element, which weight an image by its size, while ``drift_se``,
         ``mse_se``, ``local_drift_se`` and ``drift_rel_rms_channel_debiased`` take images as
         equal units; across sizes the two would be estimates of different means. With
-        ``across_ranks``, also ranks whose images differ in shape (on every rank).
+        ``across_ranks``, also ranks whose images differ in shape, or whose batches have
+        labels on some ranks only (on every rank).
+    RuntimeError
+        With ``across_ranks``, on every rank but those that failed before the ranks' sums
+        were merged, which raise their own error (a float64 batch to a float32 network:
+        torch's RuntimeError; integer images: TypeError): the message names each failed
+        rank and its error, so that no rank waits for another in the merge's collective.
 
     See Also
     --------
@@ -1583,13 +1613,15 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     labelled = None
     logit_ref = _Moments()
     logit_err = [_Moments() for _ in arms]
+    shared = across_ranks and parallel.world()[1] > 1  # one process: its sums are merged
+    failure = None
+    image_shape = None
     try:
         with eval_mode(model), torch.inference_mode():
             inst = _Instrument(model, arms, paired=True, local_samples=local_samples,
                                input_maps=input_maps)
             label = configs[0].label if k == 1 else f"{k} configurations"
             batches = iter_batches(progress_bar(batches, progress, label), model_device(model))
-            image_shape = None
             for batch, start, x, y in _passes(batches, pair_batch, k):
                 if image_shape is None:
                     image_shape = tuple(x.shape[1:])
@@ -1622,20 +1654,25 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                         c[2] += int((cf & ~cq).sum())
                         c[3] += int((cq & ~cf).sum())
                 n_img += x.shape[0]
+        if n_img == 0:
+            raise ValueError("measure needs at least one batch")
+    except Exception as exc:
+        if not shared:
+            raise
+        # the other ranks are on their way to the merge's first collective: this rank's
+        # error goes there with them, and every rank raises (none waits for this one)
+        failure = exc
     finally:
         if inst is not None:
             inst.close()
-    if n_img == 0:
-        raise ValueError("measure needs at least one batch")
     ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
-    if across_ranks and parallel.world()[1] > 1:  # one process: its sums are the merged ones
+    if shared:
         merged, u = _merge_ranks([logit_ref, *logit_err],
                                  [s for sites in ordered for s in sites],
-                                 [n_img, fc, *(v for c in counts for v in c)], image_shape, u)
+                                 [n_img, fc, *(v for c in counts for v in c)], image_shape, u,
+                                 labelled, failure)
         n_img, fc = merged[:2]
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
-        if len({bool(v) for v in parallel.gather_objects(labelled)}) != 1:
-            raise ValueError("some ranks' batches have labels and some do not")
     lstd = math.sqrt(logit_ref.var(u))
     results = []
     for config, sites_k, w, bn_ref, err, (qc, agree, f_only, q_only) in zip(
