@@ -131,10 +131,11 @@ def prunable_weights(model: nn.Module, *,
 def zero_count(sparsity: float | Fraction, n: int) -> int:
     """Weights zeroed to reach ``sparsity`` among ``n``: ``⌊s·n + 1/2⌋``, computed exactly on
     the binary value of ``s``, or on ``s`` itself when it is a :class:`fractions.Fraction`
-    (round half up; no float product to round first)."""
+    (round half up; no float product to round first); ``n`` an int >= 0."""
     checked = _check_sparsity(sparsity)
+    n = check_count(n, "n")
     s = sparsity if isinstance(sparsity, Fraction) else Fraction(checked)
-    return int(s * int(n) + Fraction(1, 2))
+    return int(s * n + Fraction(1, 2))
 
 
 def prune_global(model: nn.Module, sparsity: float, *,

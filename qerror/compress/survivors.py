@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.calibration import calibrate
 from qerror.quantizer import QuantSpec, fake_quantize
 
@@ -74,7 +75,8 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
         calibrated on that weight with the default (min-max) range policy, zeros included
         (they do not move a min-max range).
     seed : int
-        Seeds stochastic rounding (layer ``i`` gets ``SeedSequence([seed, i])``).
+        Seeds stochastic rounding (layer ``i`` gets ``SeedSequence([seed, i])``); an int
+        >= 0.
 
     Returns
     -------
@@ -82,8 +84,10 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
 
     Raises
     ------
+    TypeError
+        ``seed`` is not an int.
     ValueError
-        An affine or unsigned spec, or a model without conv/linear layers.
+        An affine or unsigned spec, a model without conv/linear layers, or ``seed < 0``.
 
     Notes
     -----
@@ -91,6 +95,7 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     the survivors (``w ≠ 0``); the zeros contribute exactly 0 under a symmetric grid and
     would only dilute the averages by the sparsity.
     """
+    seed = check_count(seed, "seed")
     if not spec.symmetric:
         raise ValueError("quantize_survivors needs a symmetric spec: with a zero point a "
                          "pruned zero is no longer on the grid")

@@ -177,6 +177,15 @@ def _check_threshold(t, name: str) -> float:
     return float(t)
 
 
+def _check_input_shape(input_shape) -> tuple[int, int, int]:
+    """``input_shape`` as a (C, H, W) tuple of ints >= 1 (a tuple or a list of three;
+    torch would take True as 1 and refuse 32.0 in its own words)."""
+    if not (isinstance(input_shape, tuple | list) and len(input_shape) == 3):
+        raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
+                         f"{input_shape!r}")
+    return tuple(check_count(d, "each size of input_shape", 1) for d in input_shape)
+
+
 def _threshold_list(values, name: str) -> list[float]:
     """``values`` (any iterable of numbers in [0, 1], a numpy array too) as a non-empty list of
     floats, or an error naming ``name`` and the first bad value."""
@@ -719,10 +728,7 @@ class EarlyExitResNet(nn.Module):
         self.backbone = copy.deepcopy(backbone)
         self.exit_points = tuple(exit_points)
         self._cuts = tuple(p + 1 for p in positions)
-        if not (isinstance(input_shape, tuple) and len(input_shape) == 3):
-            raise ValueError(f"input_shape must be (C, H, W) positive integers, got "
-                             f"{input_shape!r}")
-        input_shape = tuple(check_count(d, "each size of input_shape", 1) for d in input_shape)
+        input_shape = _check_input_shape(input_shape)
         channels = self._exit_channels(input_shape)
         self.input_shape = input_shape
         num_classes = self.backbone.fc.out_features
@@ -880,7 +886,8 @@ class ExitCosts:
 
 def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = None) -> ExitCosts:
     """Count the MACs per image (C, H, W) at each exit of ``model`` (see :func:`count_macs`);
-    ``input_shape`` defaults to the one the model was built for (its :attr:`input_shape`).
+    ``input_shape`` (C, H, W), each an int >= 1, defaults to the one the model was built for
+    (its :attr:`input_shape`).
 
     Returns
     -------
@@ -897,8 +904,7 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = Non
     """
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
-    if input_shape is None:
-        input_shape = model.input_shape
+    input_shape = model.input_shape if input_shape is None else _check_input_shape(input_shape)
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
     with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
@@ -921,8 +927,8 @@ def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] | None = 
     the first), per image of shape (C, H, W) (default: the stem's input channels at 32×32,
     as :class:`EarlyExitResNet`)."""
     check_resnet(model)
-    if input_shape is None:
-        input_shape = (model.conv1.in_channels, 32, 32)
+    input_shape = (model.conv1.in_channels, 32, 32) if input_shape is None \
+        else _check_input_shape(input_shape)
     dtype = next(model.parameters()).dtype
     x = torch.zeros((1, *input_shape), dtype=dtype)
     with eval_mode(model):

@@ -888,7 +888,12 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
         which it is and how to use it. Anything else wrong (a corrupt, tampered or
         unverifiable file, weights that do not fit or are not finite): the message says
         what, and to delete the file and retrain.
+    TypeError, ValueError
+        ``expected_num_classes`` is neither None nor an int >= 1 (a float 10.0 or True would
+        have compared equal to 10 or 1 classes).
     """
+    if expected_num_classes is not None:
+        expected_num_classes = check_count(expected_num_classes, "expected_num_classes", 1)
     path = Path(path)
     arch_hint = expected_arch
     stem_hint = expected_stem

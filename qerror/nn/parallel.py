@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
 __all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "global_batchnorm", "shard",
@@ -48,16 +49,19 @@ def shard(n: int, rank: int | None = None, size: int | None = None) -> range:
 
     Raises
     ------
+    TypeError
+        ``n``, ``rank`` or ``size`` is not an int (a bool or a float included).
     ValueError
-        ``n < 0`` or ``rank`` outside ``0..size-1``.
+        ``n < 0``, ``size < 1`` or ``rank`` outside ``0..size-1``.
     """
+    n = check_count(n, "n")
     if rank is None or size is None:
         here = world()
         rank = here[0] if rank is None else rank
         size = here[1] if size is None else size
-    if n < 0 or size < 1 or not 0 <= rank < size:
-        raise ValueError(f"need n >= 0 and 0 <= rank < size, got n={n}, rank={rank}, "
-                         f"size={size}")
+    rank, size = check_count(rank, "rank"), check_count(size, "size", 1)
+    if rank >= size:
+        raise ValueError(f"need 0 <= rank < size, got rank={rank}, size={size}")
     base, extra = divmod(n, size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))

@@ -134,7 +134,7 @@ class QuantConfig:
     activation : QuantSpec or None
         Per-tensor spec for the input of every conv/linear; ``None`` keeps float inputs.
     seed : int
-        Key of stochastic rounding (each layer and batch draws from its own stream).
+        Key of stochastic rounding, >= 0 (each layer and batch draws from its own stream).
     activation_range : RangePolicy
         How :func:`calibrate_activations` finds the activation ranges for this config
         (min-max by default).
@@ -157,6 +157,8 @@ class QuantConfig:
     activation_range: RangePolicy = RangePolicy()
 
     def __post_init__(self):
+        # torch.manual_seed would take True as 1 and -1 as 2**64 - 1, SeedSequence True as 1
+        object.__setattr__(self, "seed", check_count(self.seed, "QuantConfig.seed"))
         if self.weight is None and self.activation is None:
             raise ValueError("QuantConfig quantizes nothing: give a weight or an activation spec")
         if (self.bn_outputs or self.block_outputs) and self.activation is None:
@@ -304,8 +306,9 @@ def check_layer_params(config: QuantConfig, names: Iterable[str], act_qparams, w
 
 
 def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
-                          policy: RangePolicy = RangePolicy(), *, outputs: bool = False, sample_per_batch: int = 1 << 15,
-                          seed: int = 0, progress: bool = False) -> MadeFor:
+                          policy: RangePolicy = RangePolicy(), *, outputs: bool = False,
+                          sample_per_batch: int = 1 << 15, seed: int = 0,
+                          progress: bool = False) -> MadeFor:
     """Per-tensor scale and zero point for the input of every conv/linear layer.
 
     With ``outputs=True`` also for the output of every BatchNorm and residual block, under
@@ -325,6 +328,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
     check_model(model)
     if spec.axis is not None:
         raise ValueError("activation calibration is per tensor: use a spec with axis=None")
+    sample_per_batch = check_count(sample_per_batch, "sample_per_batch", 1)
+    seed = check_count(seed, "seed")
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
     out_names = {m: output_key(n) for n, m in model.named_modules()
                  if outputs and (isinstance(m, nn.BatchNorm2d) or is_block(m))}
@@ -371,7 +376,9 @@ class QuantizedWeights:
 
 def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> MadeFor:
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
-    layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`)."""
+    layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`); ``seed`` (an
+    int >= 0) keys stochastic rounding."""
+    seed = check_count(seed, "seed")
     out = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):

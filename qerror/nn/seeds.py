@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.nn import parallel
 from qerror.nn._anatomy import eval_mode
 from qerror.nn._moments import channel_sums, unit_roundoff
@@ -160,9 +161,9 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         Widths of weights and activations.
     modes : sequence of RoundingMode
     batch : int
-        Images per paired batch.
+        Images per paired batch, >= 1.
     seed : int
-        Seed of the bootstrap (and of stochastic rounding, if asked for).
+        Seed of the bootstrap (and of stochastic rounding, if asked for), >= 0.
 
     Returns
     -------
@@ -170,6 +171,7 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         One row per (bits, mode, quantity): columns ``bits``, ``mode``, ``quantity``,
         ``value``; quantities as in the module docstring.
     """
+    seed = check_count(seed, "seed")
     batches = _batches(test, labels, batch)
     rows = []
     with eval_mode(model):
@@ -202,6 +204,7 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
         ``test``) and ``correct`` (bool); the float network's own row per image under
         ``mode`` ``"float"`` (once, with ``bits`` 0).
     """
+    seed = check_count(seed, "seed")
     batches = _batches(test, labels, batch)
     frames, float_correct = [], []
     with eval_mode(model), torch.no_grad():
@@ -304,6 +307,7 @@ def _outcome_frame(bits: int, mode: str, correct: list[torch.Tensor]) -> pd.Data
 
 
 def _batches(test: torch.Tensor, labels: torch.Tensor, batch: int) -> list:
+    batch = check_count(batch, "batch (images per paired batch)", 1)
     if len(test) != len(labels):
         raise ValueError(f"{len(test)} test images but {len(labels)} labels")
     return [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]

@@ -405,7 +405,10 @@ def resolve_device(device: Device | str | torch.device, local_rank: int = 0) -> 
     ------
     DeviceError
         CUDA asked for where it is not available, or fewer GPUs than ``local_rank + 1``.
+    TypeError, ValueError
+        ``local_rank`` is not an int >= 0.
     """
+    local_rank = check_count(local_rank, "local_rank")
     if isinstance(device, str) and ":" in device:  # "cuda:1", as torch spells a device
         try:
             device = torch.device(device)

@@ -27,7 +27,8 @@ from qerror import (
     wilson_ci,
 )
 from qerror.compress.size import storage_bytes
-from qerror.compress.sparse import GradualSchedule
+from qerror.compress.sparse import GradualSchedule, zero_count
+from qerror.compress.survivors import quantize_survivors
 from qerror.compress.tiny import TinyCNN
 from qerror.compress.weightless import seeded_mapping
 from qerror.nn import QuantConfig, difference_sums, measure
@@ -38,14 +39,19 @@ from qerror.nn.early_exit import (
     ExitHead,
     ExitRule,
     SelectionProcedure,
+    block_mac_fractions,
     confidence_ece,
     cross_validate_selection,
+    exit_costs,
     exit_result_from_logits,
     exits_per_class,
     refine_thresholds,
+    sdn_exit_points,
 )
 from qerror.nn.geometry import live_taps
 from qerror.nn.growth import layer_block_bootstrap
+from qerror.nn.input_quant import quantize_offline
+from qerror.nn.int8 import crosscheck_model
 from qerror.nn.models import (
     CheckpointNotFoundError,
     fashion_resnet,
@@ -54,11 +60,14 @@ from qerror.nn.models import (
     plain_chain,
     time_training_step,
 )
-from qerror.nn.propagate import default_pair_batch
+from qerror.nn.parallel import shard
+from qerror.nn.propagate import calibrate_activations, default_pair_batch, quantize_weights
 from qerror.nn.pt2e import ZeroPaddedConv2d, quantize_pt2e
-from qerror.nn.training import TrainConfig, fit, tensor_batches
+from qerror.nn.seeds import image_outcomes, network_statements
+from qerror.nn.training import TrainConfig, fit, resolve_device, tensor_batches
 from qerror.nn.updown import updown_experiment
 from qerror.nonuniform import lloyd_max
+from qerror.stats import tail_share_normal
 
 SPEC = QuantSpec()
 X = np.array([0.5, 1.0], np.float32)
@@ -179,6 +188,22 @@ def _measure(**kw):
     return measure(_model(), _images(), QuantConfig.make(8), **kw)
 
 
+def _statements(how, **kw):
+    """network_statements or image_outcomes of the two-layer chain, one width, one mode."""
+    (x, y), = _images()
+    return how(_model(), x, x, y, bits=(8,), modes=("nearest_even",), **kw)
+
+
+def _crosscheck(v):
+    x = [torch.zeros(2, 4)]
+    return crosscheck_model(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), x, x, seed=v)
+
+
+def _offline(v):
+    x = torch.linspace(0.0, 1.0, 4)
+    return quantize_offline(x, _STOCHASTIC_U8, calibrate(x, _STOCHASTIC_U8), seed=v)
+
+
 def _fit(**kw):
     (x, y), = _images()
     return fit(_model(), tensor_batches(x, y), kw.pop("n_train", 4),
@@ -186,6 +211,8 @@ def _fit(**kw):
 
 
 _STOCHASTIC = QuantSpec(rounding=RoundingMode.STOCHASTIC)
+_STOCHASTIC_U8 = QuantSpec(signed=False, rounding=RoundingMode.STOCHASTIC)
+_ACTIVATIONS = QuantConfig.make(8).activation
 _DEPTH = np.arange(1.0, 13.0)
 _PIXELS = np.zeros((2, 28, 28), np.uint8)
 _SCHEDULE = dict(final=0.5, updates=2)
@@ -310,6 +337,43 @@ COUNTS = [
     ("pt2e-max-batch", "max_batch", 1,
      lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(1,),
                              max_batch=v), 64.0),
+    ("quant-config-make-seed", "QuantConfig.seed", 0, lambda v: QuantConfig.make(8, seed=v),
+     1.0),
+    ("quant-config-seed", "QuantConfig.seed", 0,
+     lambda v: QuantConfig(None, _ACTIVATIONS, seed=v), 1.0),
+    ("calibrate-activations-sample-per-batch", "sample_per_batch", 1,
+     lambda v: calibrate_activations(_model(), _images(), _ACTIVATIONS, sample_per_batch=v),
+     4096.0),
+    ("calibrate-activations-seed", "seed", 0,
+     lambda v: calibrate_activations(_model(), _images(), _ACTIVATIONS, seed=v), 1.0),
+    ("quantize-weights-seed", "seed", 0, lambda v: quantize_weights(_model(), SPEC, seed=v),
+     1.0),
+    ("quantize-survivors-seed", "seed", 0,
+     lambda v: quantize_survivors(_model(), QuantSpec(axis=0), seed=v), 1.0),
+    ("network-statements-batch", "batch (images per paired batch)", 1,
+     lambda v: _statements(network_statements, batch=v), 4.0),
+    ("network-statements-seed", "seed", 0,
+     lambda v: _statements(network_statements, seed=v), 1.0),
+    ("image-outcomes-batch", "batch (images per paired batch)", 1,
+     lambda v: _statements(image_outcomes, batch=v), 4.0),
+    ("image-outcomes-seed", "seed", 0, lambda v: _statements(image_outcomes, seed=v), 1.0),
+    ("crosscheck-model-seed", "seed", 0, _crosscheck, 1.0),
+    ("shard-n", "n", 0, lambda v: shard(v, 0, 2), 5.0),
+    ("shard-rank", "rank", 0, lambda v: shard(5, v, 2), 1.0),
+    ("shard-size", "size", 1, lambda v: shard(5, 0, v), 2.0),
+    ("exit-costs-input-shape", "each size of input_shape", 1,
+     lambda v: exit_costs(_early_exit_resnet(), (1, v, 32)), 32.0),
+    ("block-mac-fractions-input-shape", "each size of input_shape", 1,
+     lambda v: block_mac_fractions(fashion_resnet("resnet18"), (1, 32, v)), 32.0),
+    ("sdn-exit-points-input-shape", "each size of input_shape", 1,
+     lambda v: sdn_exit_points(fashion_resnet("resnet18"), input_shape=(v, 32, 32)), 1.0),
+    ("tail-share-normal-draws", "draws", 1, lambda v: tail_share_normal(20, 2, v), 3.0),
+    ("tail-share-normal-seed", "seed", 0, lambda v: tail_share_normal(20, 2, 3, v), 1.0),
+    ("quantize-offline-seed", "seed", 0, _offline, 1.0),
+    ("zero-count-n", "n", 0, lambda v: zero_count(0.5, v), 4.0),
+    ("resolve-device-local-rank", "local_rank", 0, lambda v: resolve_device("cpu", v), 0.0),
+    ("load-checkpoint-expected-num-classes", "expected_num_classes", 1,
+     lambda v: load_checkpoint("/nonexistent/baseline.pt", expected_num_classes=v), 10.0),
 ]
 
 

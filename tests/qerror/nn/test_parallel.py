@@ -20,7 +20,7 @@ def test_shards_take_every_item_once_in_order(n, size):
 def test_shard_refuses_a_rank_outside_the_world():
     with pytest.raises(ValueError, match="0 <= rank < size"):
         parallel.shard(4, 2, 2)
-    with pytest.raises(ValueError, match="n >= 0"):
+    with pytest.raises(ValueError, match="^n must be an int >= 0, got -1$"):
         parallel.shard(-1, 0, 1)
 
 
