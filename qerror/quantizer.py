@@ -267,12 +267,20 @@ def _largest_scale(steps, dtype):
     return float(s) if s.ndim == 0 else s
 
 
-def _check_levels(spec: QuantSpec, s: np.ndarray, z: np.ndarray, dtype) -> None:
-    """Refuse a scale whose grid's end level ``s (qmax - z)`` or ``s (qmin - z)``, as
-    :func:`fake_quantize` computes it for data of ``dtype``, lies beyond the dtype's largest
-    number (``±inf`` for finite data); ``s`` and ``z`` as :func:`_check_params` gives them."""
+def _ends_overflow(spec: QuantSpec, s: np.ndarray, z: np.ndarray, dtype
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(over, steps)``: whether each channel's grid end level ``s (qmax - z)`` or
+    ``s (qmin - z)``, as :func:`fake_quantize` computes it for data of ``dtype``, lies
+    beyond the dtype's largest number, and the steps from its zero point to its farther
+    end; ``s`` and ``z`` as :func:`_check_params` gives them."""
     steps = np.maximum(spec.qmax - z, z - spec.qmin)
-    over = _levels_overflow(s, steps, dtype)
+    return _levels_overflow(s, steps, dtype), steps
+
+
+def _check_levels(spec: QuantSpec, s: np.ndarray, z: np.ndarray, dtype) -> None:
+    """Refuse a scale whose grid's end level lies beyond the largest number of ``dtype``
+    (:func:`_ends_overflow`: its fake-quantized ends would be ``±inf`` for finite data)."""
+    over, steps = _ends_overflow(spec, s, z, dtype)
     if np.any(over):
         at = int(np.flatnonzero(over)[0])
         bad, zb = float(s.reshape(-1)[at]), int(z.reshape(-1)[at])
@@ -1163,11 +1171,9 @@ class PreparedQuantizer:
                 s, z = _check_params(x, self._spec, self._scale, self._zero_point, axis)
             except (TypeError, ValueError):
                 return None  # the module function raises it, with its own message
-            try:
-                _check_levels(self._spec, s, z, x.dtype)  # the fused loop's: float32 only
-                ends_fit = True
-            except ValueError:
-                ends_fit = False  # codes are right; fake-quantize refuses, in _run
+            # the fused loop's dtype is float32 only; where the ends overflow its codes are
+            # still right, and fake-quantize refuses in _run
+            ends_fit = not np.any(_ends_overflow(self._spec, s, z, x.dtype)[0])
             c = 1 if channels is None else channels
             s3, z3 = s.reshape(1, c, 1), z.reshape(1, c, 1)
             like = torch.empty(0)
