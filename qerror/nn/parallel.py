@@ -9,6 +9,8 @@ identity, so the same code runs on one process or many.
 * :func:`all_reduce_sum`: exact merging of streaming sums;
 * :func:`broadcast_object`: rank 0's value (a calibration, a loaded state) on every rank;
 * :func:`gather_objects`: every rank's value, in rank order;
+* :func:`gather_outcomes`: the same, carrying the error a rank met on its way, so that
+  every rank raises instead of waiting for it;
 * :func:`global_batchnorm`: BatchNorm that trains on the statistics of the whole global
   batch, on any device.
 """
@@ -28,8 +30,8 @@ from torch import nn
 from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
-__all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "global_batchnorm", "shard",
-           "world"]
+__all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "gather_outcomes",
+           "global_batchnorm", "shard", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -118,6 +120,56 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * size
     dist.all_gather_object(out, value)
     return out
+
+
+def gather_outcomes(value: Any, failure: BaseException | None, before: str) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank, or on every rank an error when
+    some rank failed on its way here.
+
+    A rank that raises alone between collectives leaves the others waiting in the next one:
+    for ever while its process lives on (a caller that catches the error and goes on), or
+    until its next call's collective, which they then pair with, merging two calls' values.
+    Each rank catches its error instead and passes it here, where every rank comes whether
+    or not it failed; this gather carries it to the others, so every rank raises.
+
+    Parameters
+    ----------
+    value : any picklable object
+        This rank's part (not sent when ``failure`` is given).
+    failure : Exception or None
+        The error this rank met since the ranks last met, or None.
+    before : str
+        What the ranks meet here to do, for the message ("failed before {before}").
+
+    Returns
+    -------
+    list
+        Every rank's ``value`` (``[value]`` outside a group), when no rank failed.
+
+    Raises
+    ------
+    Exception
+        ``failure``, on the rank that met it (checked after the gather: the others learn of
+        it first).
+    RuntimeError
+        On every rank that did not fail while some did: the message names each failed rank
+        and its error (type and words).
+    """
+    size = world()[1]
+    error = None if failure is None else f"{type(failure).__name__}: {failure}"
+    gathered = [(error, value)] if size == 1 else gather_objects(
+        (error, None if failure is not None else value))
+    if failure is not None:
+        raise failure
+    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    if failed:
+        raise RuntimeError(
+            f"{'rank' if len(failed) == 1 else 'ranks'} "
+            f"{', '.join(str(r) for r, _ in failed)} of {size} failed before {before} ("
+            + "; ".join(f"rank {r}: {e}" for r, e in failed) + "), so every rank stops here "
+            "instead of waiting for them: see each failed rank's own error, fix what it "
+            "names, and call again on every rank")
+    return [v for _, v in gathered]
 
 
 # words torch uses for the same refusal, which callers (qerror.nn.training.fit) recognise

@@ -620,10 +620,11 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     sums, so that every rank resolves the same variances.
 
     ``failure`` is the error this rank met before the merge (its accumulators then count
-    for nothing). The first collective carries it to every rank, so no rank waits for it
-    (or pairs with its next call): this rank raises ``failure``, every other rank a
-    RuntimeError that names each failed rank and its error. All of this rides in one
-    gather, before any sum is reduced.
+    for nothing). The first collective carries it to every rank
+    (:func:`qerror.nn.parallel.gather_outcomes`), so no rank waits for it (or pairs with
+    its next call): this rank raises ``failure``, every other rank a RuntimeError that
+    names each failed rank and its error. All of this rides in one gather, before any sum
+    is reduced.
     """
     def tensors(m):
         return [getattr(m, k) for k in _MOMENT_TENSORS]
@@ -633,31 +634,21 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes = [[None if t is None else tuple(t.shape) for t in tensors(m)] for m in holders]
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
-    error = None if failure is None else f"{type(failure).__name__}: {failure}"
-    gathered = parallel.gather_objects(
-        (error, image_shape, labelled, u, [m.length for m in holders], layout, shapes))
-    if failure is not None:
-        raise failure
-    failed = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
-    if failed:
-        raise RuntimeError(
-            f"{'rank' if len(failed) == 1 else 'ranks'} "
-            f"{', '.join(str(r) for r, _ in failed)} of {len(gathered)} failed before the "
-            "ranks' sums were merged (" + "; ".join(f"rank {r}: {e}" for r, e in failed)
-            + "), so every rank stops here instead of waiting for them: see each failed "
-            "rank's own error, fix its batches or model, and measure again on every rank")
-    if len({g[1] for g in gathered}) != 1:
+    gathered = parallel.gather_outcomes(
+        (image_shape, labelled, u, [m.length for m in holders], layout, shapes), failure,
+        "the ranks' sums were merged")
+    if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
-                f"rank {r}: {g[1]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
+                f"rank {r}: {g[0]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
             "every rank images of one size (measure each size apart)")
-    if len({repr(g[5:]) for g in gathered}) != 1:
+    if len({repr(g[4:]) for g in gathered}) != 1:
         raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
                            "the same model and configuration on at least one batch")
-    if len({g[2] for g in gathered}) != 1:
+    if len({g[1] for g in gathered}) != 1:
         raise ValueError("some ranks' batches have labels and some do not")
-    u = max(g[3] for g in gathered)
-    for m, lengths in zip(holders, zip(*(g[4] for g in gathered))):
+    u = max(g[2] for g in gathered)
+    for m, lengths in zip(holders, zip(*(g[3] for g in gathered))):
         m.length = max(lengths)
     ints = [getattr(m, k) for m in holders for k in _MOMENT_COUNTS]
     ints += [getattr(a, k) for a in sites for k in _SITE_COUNTS] + list(counts)

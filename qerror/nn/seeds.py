@@ -238,12 +238,26 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         The quantized network, as for :func:`qerror.nn.propagate.paired_forward` (the drift
         study passes those it measured with).
     across_ranks : bool
-        Under ``torchrun``, gather every rank's images in rank order (every rank calls).
+        Under ``torchrun``, gather every rank's images in rank order (every rank calls). A
+        rank that fails before the gather (a batch its network cannot take, an error of its
+        forward or loader) does not leave the others waiting: it raises its own error and
+        every other rank a RuntimeError naming it (see Raises).
 
     Returns
     -------
     dict
         By BatchNorm name, in the order the layers run.
+
+    Raises
+    ------
+    ValueError
+        The model has no ``BatchNorm2d`` layer, or one of them did not run on the batches
+        (of any rank); with ``across_ranks``, also the ranks' models have different
+        BatchNorm2d layers (on every rank).
+    RuntimeError
+        With ``across_ranks``, on every rank but those that failed before the gather, which
+        raise their own error: the message names each failed rank and its error
+        (:func:`qerror.nn.parallel.gather_outcomes`).
 
     Notes
     -----
@@ -256,9 +270,6 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     BatchNorm channel (the Fashion-MNIST ResNet50's 26,560 channels: 0.85 MB an image).
     """
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if not norms:
-        raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm inconsistency "
-                         "to measure")
     parts: dict[str, list] = {n: [] for n, _ in norms}
     roundoff: dict[str, float] = {}
 
@@ -272,23 +283,46 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
             roundoff[name] = unit_roundoff(x.dtype)
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
+    shared = across_ranks and parallel.world()[1] > 1
+    failure = None
+    local = {}
+    handles = []
     try:
+        if not norms:
+            raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm "
+                             "inconsistency to measure")
+        handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
         with eval_mode(model), torch.no_grad(), \
                 paired_forward(model, config, act_qparams, weights=weights):
             for x, *_ in batches:
                 model(torch.cat([x, x]))
+        for name, m in norms:
+            got = parts.pop(name)
+            c = m.num_features
+            local[name] = ([torch.cat([g[j] for g in got]).numpy() if got else np.zeros((0, c))
+                            for j in range(4)], max((g[4] for g in got), default=0))
+    except Exception as exc:
+        if not shared:
+            raise
+        # the other ranks are on their way to the gathers below: this rank's error goes to
+        # them first, and every rank raises (none waits for this one)
+        failure = exc
     finally:
         for h in handles:
             h.remove()
+    if shared:
+        layers = parallel.gather_outcomes([(n, m.num_features) for n, m in norms], failure,
+                                          "the ranks' BatchNorm moments were gathered")
+        if any(other != layers[0] for other in layers):
+            raise ValueError(
+                "the ranks' models have different BatchNorm2d layers (" + ", ".join(
+                    f"rank {r}: {len(lay)} with {sum(c for _, c in lay)} channels"
+                    for r, lay in enumerate(layers)) + "); every rank must pass the same "
+                "model, for its images' moments to be gathered layer by layer")
     out = {}
     for name, m in norms:
-        got = parts[name]
-        c = m.num_features
-        arrays = [torch.cat([g[j] for g in got]).numpy() if got else np.zeros((0, c))
-                  for j in range(4)]
-        length = max((g[4] for g in got), default=0)
-        if across_ranks:  # a rank's share may be empty
+        arrays, length = local.pop(name)
+        if shared:  # a rank's share may be empty
             gathered = parallel.gather_objects((arrays, length))
             arrays = [np.concatenate(a) for a in zip(*(g[0] for g in gathered))]
             length = max(g[1] for g in gathered)

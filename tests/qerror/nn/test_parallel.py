@@ -33,3 +33,8 @@ def test_outside_a_group_the_collectives_are_the_identity():
     assert parallel.broadcast_object(value) is value
     assert parallel.broadcast_object(value, map_location="cpu") is value
     assert parallel.gather_objects(value) == [value]
+    assert parallel.gather_outcomes(value, None, "a test")[0] is value
+    failure = KeyError("x")
+    with pytest.raises(KeyError) as raised:  # one process: its own error, as it was
+        parallel.gather_outcomes(value, failure, "a test")
+    assert raised.value is failure

@@ -28,6 +28,7 @@ from qerror.nn import (
 )
 from qerror.nn.models import memory_format
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
+from tests.qerror.nn.ranks import two_ranks
 
 
 def _manual_quantized(model, config, act_qp, weights):
@@ -1009,41 +1010,6 @@ def test_batches_of_another_image_size_are_refused(setup):
 
 
 
-#: Seconds two spawned gloo ranks may take (each imports torch and qerror: 20 to 40 s on two
-#: shared cores) before :func:`_two_ranks` calls them hung: a rank left waiting in a
-#: collective waits for gloo's own timeout, 30 minutes.
-RANKS_LIMIT = 300
-
-
-def _two_ranks(target, *args):
-    """Run ``target(rank, 2, port, *args)`` in two spawned processes (spawned, as in
-    test_training: a forked rank inherits this process's autograd state) on a free port;
-    fail the test, killing both, if they have not ended within :data:`RANKS_LIMIT`."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = mp.start_processes(target, args=(2, port, *args), nprocs=2, join=False,
-                               start_method="spawn")
-    end = time.monotonic() + RANKS_LIMIT
-    try:
-        while not ranks.join(timeout=1):
-            if time.monotonic() > end:
-                hung = [r for r, p in enumerate(ranks.processes) if p.is_alive()]
-                pytest.fail(f"ranks {hung} still running after {RANKS_LIMIT} s: a collective "
-                            "hangs")
-    finally:
-        for p in ranks.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
-
-
-
 def _rank_measures(rank, world, port, folder):
     """One torchrun-like gloo rank: ``measure`` with ``across_ranks`` on 4 images, of side 12
     on both ranks, then of side 12 on rank 0 and 10 on rank 1; what each returned or raised
@@ -1074,7 +1040,7 @@ def test_ranks_whose_images_differ_in_size_are_refused_on_every_rank(tmp_path):
     """One process refuses batches of two image sizes (above); two ranks each saw one size
     and merged them silently. Now every rank raises the same ValueError naming each rank's
     shape; ranks of one size measure all 8 images."""
-    _two_ranks(_rank_measures, tmp_path)
+    two_ranks(_rank_measures, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
     assert said[0] == said[1] and said[0][0] == "measured 8"
     assert said[0][1].startswith("ValueError: the ranks' images differ in shape (rank 0: "
@@ -1137,7 +1103,7 @@ def test_ranks_fed_other_dtypes_resolve_as_one_process(tmp_path):
     assert math.isfinite(alone.logits.drift_rel)  # float64 images alone resolve it
     both = measure(model, _dtype_batches(0) + _dtype_batches(1), config, aq, local_samples=0)
     assert math.isnan(both.logits.drift_rel)
-    _two_ranks(_rank_dtypes, tmp_path)
+    two_ranks(_rank_dtypes, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert said == ["8 nan", "8 nan"]
 
@@ -1181,15 +1147,15 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
     next call. Now the failed rank raises its own error and the other a RuntimeError naming
     it, and the next call of both ranks measures together; a rank whose batches alone have
     labels makes both raise the same ValueError (checked in the same collective)."""
-    _two_ranks(_rank_fails, tmp_path)
+    two_ranks(_rank_fails, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
     assert len(said[0]) == len(said[1]) == 4
 
     def relayed(rank, error):
         return (f"RuntimeError: rank {rank} of 2 failed before the ranks' sums were merged "
                 f"(rank {rank}: {error}), so every rank stops here instead of waiting for "
-                "them: see each failed rank's own error, fix its batches or model, and "
-                "measure again on every rank")
+                "them: see each failed rank's own error, fix what it names, and call again "
+                "on every rank")
 
     assert said[1][0].startswith("RuntimeError: ")  # torch's, from the float32 forward
     assert said[0][0] == relayed(1, said[1][0])

@@ -208,3 +208,78 @@ def test_bn_image_moments_refuse_a_model_without_batchnorm():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()).eval()
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         bn_image_moments(model, [(torch.zeros(2, 1, 5, 5), None)], QuantConfig.make(8), {})
+
+
+def _rank_moments(rank, world, port, folder):
+    """One gloo rank of :func:`test_bn_image_moments_stop_every_rank_when_one_fails`: three
+    ``bn_image_moments`` calls with ``across_ranks`` on a float32 network, 4 images a rank:
+    float64 images on rank 1; on rank 1 a network with one BatchNorm of the same width as
+    the first of rank 0's six; then images both can take, whose moments are compared with
+    one process's on both ranks' batches. What each returned or raised goes to ``folder /
+    rank<r>.txt``, a line each (written after every call, so a hang shows how far a rank
+    got)."""
+    import os
+
+    from torch import nn
+
+    from qerror.nn import training
+    from qerror.nn.propagate import QuantConfig, calibrate_activations
+    from qerror.nn.seeds import bn_image_moments
+    from tests.qerror.nn.nets import images, tiny_resnet
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = QuantConfig.make(4)
+    model = tiny_resnet(dtype=torch.float32)
+    aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
+    torch.manual_seed(5)
+    short = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    short_aq = calibrate_activations(short, [images(8, 1, torch.float32)], config.activation)
+    mine = [images(4, 2 + r, torch.float32) for r in range(world)]
+    x = mine[rank]
+    calls = [(model, aq, x.double() if rank == 1 else x),
+             (short, short_aq, x) if rank == 1 else (model, aq, x),
+             (model, aq, x)]
+    said = []
+    with training.distributed("cpu"):
+        for net, act, batch in calls:
+            try:
+                got = bn_image_moments(net, [(batch, None)], config, act, across_ranks=True)
+                alone = bn_image_moments(net, [(m, None) for m in mine], config, act)
+                same = list(got) == list(alone) and all(
+                    np.array_equal(getattr(got[n], k), getattr(alone[n], k))
+                    for n in got for k in ("mean_f", "sq_f", "mean_q", "sq_q"))
+                said.append(f"{len(got)} BatchNorms, {got[next(iter(got))].images} images, "
+                            f"{'equal to' if same else 'NOT'} one process's")
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+            (folder / f"rank{rank}.txt").write_text("\n".join(said))
+
+
+def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
+    """A rank whose batch its network cannot take (float64 images to a float32 network)
+    raised alone while the other waited in the first BatchNorm's gather: for ever while the
+    failed rank lived on, or paired with that rank's next call (probe: one returned
+    "6 BatchNorms, 8 images" from two calls); ranks whose models have different BatchNorm
+    layers paired one rank's layers with the other's. Now the failed rank raises its own
+    error and the other a RuntimeError naming it, different layers make both raise the same
+    ValueError, and the next call of both ranks gathers what one process holding both
+    ranks' batches gives, value for value."""
+    from tests.qerror.nn.ranks import two_ranks
+
+    two_ranks(_rank_moments, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert len(said[0]) == len(said[1]) == 3
+    assert said[1][0].startswith("RuntimeError: ")  # torch's, from the float32 forward
+    assert said[0][0] == (
+        "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
+        f"(rank 1: {said[1][0]}), so every rank stops here instead of waiting for them: see "
+        "each failed rank's own error, fix what it names, and call again on every rank")
+    assert said[0][1] == said[1][1] == (
+        "ValueError: the ranks' models have different BatchNorm2d layers (rank 0: 6 with 72 "
+        "channels, rank 1: 1 with 8 channels); every rank must pass the same model, for its "
+        "images' moments to be gathered layer by layer")
+    assert said[0][2] == said[1][2] == "6 BatchNorms, 8 images, equal to one process's"

@@ -7,7 +7,6 @@ import io
 import math
 import os
 import re
-import socket
 import types
 import warnings
 from dataclasses import replace
@@ -15,7 +14,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from qerror.nn import training
@@ -31,6 +29,7 @@ from qerror.nn.training import (
     fit,
     tensor_batches,
 )
+from tests.qerror.nn import ranks
 
 N_TRAIN, N_FEATURES, N_CLASSES = 96, 8, 3
 CONFIG = TrainConfig(epochs=2, batch_size=16, lr=0.1, seed=3)  # 6 steps an epoch, 12 in all
@@ -128,22 +127,10 @@ def _ddp_worker(rank, world, port, folder):
     torch.save(out, folder / f"out{rank}.pt")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    # Spawned, not forked: a forked rank inherits the test process's autograd state, and
-    # once any earlier test in this worker has run a compiled backward (torch.compile), the
-    # child's first backward refuses ("autograd's threading in combination with fork-based
-    # multiprocessing"). Which tests ran before depends on xdist's scheduling, so only a
-    # fresh interpreter per rank is order-independent (it costs a few seconds of imports).
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), folder), nprocs=2, join=True,
-                       start_method="spawn")
+    ranks.two_ranks(_ddp_worker, folder)
     return folder, [torch.load(folder / f"out{r}.pt", weights_only=True) for r in (0, 1)]
 
 
