@@ -17,6 +17,18 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+#: The largest seed. A seed is an integer from 0 to 2**64 - 1: torch's generators take no
+#: more (``manual_seed`` refuses 2**64 and reads -1 as 2**64 - 1), while numpy's
+#: ``SeedSequence`` takes any size, so a wider rule would let the two libraries disagree on
+#: which seeds are distinct.
+MAX_SEED = 2 ** 64 - 1
+
+
+def _is_integer(value) -> bool:
+    """Whether ``value`` is an integer, Python's or numpy's, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def check_count(value, name: str, low: int = 0) -> int:
     """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) ≥
     ``low``: the one check of a count in the library.
@@ -30,7 +42,7 @@ def check_count(value, name: str, low: int = 0) -> int:
     ValueError
         ``value`` is an integer below ``low``.
     """
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+    if not _is_integer(value):
         raise TypeError(f"{name} must be an int >= {low}, got {value!r} "
                         f"({type(value).__name__}): an integer, Python's or numpy's, not a "
                         f"bool or a float (even an integral one); round a count computed in "
@@ -38,6 +50,50 @@ def check_count(value, name: str, low: int = 0) -> int:
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def check_seed(value, name: str) -> int:
+    """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) from 0
+    to :data:`MAX_SEED` = 2**64 - 1: the one check of a seed in the library.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not an integer: a bool, None, a string, or a float, even an integral
+        one (``int()`` would take 2.5 as 2, the seed of other draws).
+    ValueError
+        ``value`` is below 0 or above 2**64 - 1: torch would refuse it or read -1 as
+        2**64 - 1, and a 64-bit key would take 2**64 as 0, the draws of another seed.
+    """
+    if not _is_integer(value):
+        raise TypeError(f"{name} must be an int from 0 to 2**64 - 1, got {value!r} "
+                        f"({type(value).__name__}): a seed is an integer, Python's or "
+                        f"numpy's, not a bool or a float (even an integral one)")
+    if not 0 <= int(value) <= MAX_SEED:
+        raise ValueError(f"{name} must be an int from 0 to 2**64 - 1, got {value!r}: seeds "
+                         f"are 64-bit, the range of torch's generators")
+    return int(value)
+
+
+def check_seed_or_generator(value, name: str = "generator"):
+    """``value`` itself where it is a ``numpy.random.Generator`` or ``torch.Generator``,
+    else :func:`check_seed`'s int: the one check of a ``generator=`` argument (None, which
+    each procedure names in its own words, is the caller's to refuse first).
+
+    Raises
+    ------
+    TypeError
+        ``value`` is neither a generator nor an integer (a bool or a float included).
+    ValueError
+        ``value`` is an integer outside 0 to 2**64 - 1.
+    """
+    if isinstance(value, np.random.Generator | torch.Generator):
+        return value
+    if not _is_integer(value):
+        raise TypeError(f"{name} must be an int seed from 0 to 2**64 - 1, a "
+                        f"numpy.random.Generator or a torch.Generator, got {value!r} "
+                        f"({type(value).__name__})")
+    return check_seed(value, name)
 
 
 def check_float_array(x, name: str) -> None:

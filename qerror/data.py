@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._enums import Choice
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -439,14 +439,14 @@ def fashion_mnist_splits(data_root: Path | str | None = None, *, val: int = VAL_
     DataNotFoundError, DataError
         As :func:`load_fashion_mnist`.
     ValueError
-        ``val``, ``calib`` or ``seed`` below 0, or ``val`` and ``calib`` leave no training
-        images.
+        ``val`` or ``calib`` below 0, ``seed`` outside 0 to 2**64 - 1, or ``val`` and
+        ``calib`` leave no training images.
     TypeError
         ``val``, ``calib`` or ``seed`` is not an integer (a bool or a float, even an
         integral one); refused before any file is read.
     """
-    val, calib, seed = (check_count(v, name) for v, name in
-                        ((val, "val"), (calib, "calib"), (seed, "seed")))
+    val, calib = check_count(val, "val"), check_count(calib, "calib")
+    seed = check_seed(seed, "seed")
     full = load_fashion_mnist("train", data_root, download=download)
     test = load_fashion_mnist("test", data_root, download=download)
     if val + calib >= len(full):

@@ -909,7 +909,7 @@ def quantize(
     zero_point : int or integer array of shape (C,)
         Integer in ``[qmin, qmax]``; 0 for a symmetric spec.
     generator : int, numpy.random.Generator or torch.Generator, optional
-        Required for STOCHASTIC rounding.
+        Required for STOCHASTIC rounding; an int is a seed from 0 to 2**64 - 1.
     return_saturation : bool
         Also return a :class:`Saturation`: the elements with ``R(u) < qmin`` and
         with ``R(u) > qmax``, per tensor or per channel.

@@ -9,7 +9,6 @@ hash of a 64-bit key and the element index, computed the same way on both).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
@@ -17,7 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from qerror._checks import check_finite, check_float_array
+from qerror._checks import check_finite, check_float_array, check_seed_or_generator
 from qerror._enums import Choice
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -176,28 +175,31 @@ Generator = Union[int, np.integer, np.random.Generator, torch.Generator]
 def stochastic_key(generator: Generator | None) -> int:
     """Turn a seed or generator into the 64-bit key of the stochastic hash.
 
-    An integer seed always gives the same key; a numpy or torch generator is
-    advanced by one draw, so successive calls with it give fresh decisions.
+    An integer seed (0 to 2**64 - 1, each its own key) always gives the same key; a numpy
+    or torch generator is advanced by one draw, so successive calls with it give fresh
+    decisions.
+
+    Raises
+    ------
+    ValueError
+        ``generator`` is None, or an integer outside 0 to 2**64 - 1 (masked to 64 bits,
+        -1 would share the key of 2**64 - 1 and 2**64 that of 0).
+    TypeError
+        ``generator`` is neither an integer nor a generator (a bool or a float included).
     """
     if generator is None:
         raise ValueError(
             "STOCHASTIC rounding needs generator=: pass an integer seed, a "
             "numpy.random.Generator or a torch.Generator"
         )
-    if isinstance(generator, (bool, np.bool_)):
-        raise TypeError(f"generator must be a seed or a generator, got {generator!r}")
-    if isinstance(generator, numbers.Integral):
-        return _splitmix64_scalar(int(generator) & _MASK64)
+    generator = check_seed_or_generator(generator)
     if isinstance(generator, np.random.Generator):
         return int(generator.integers(0, 1 << 64, dtype=np.uint64, endpoint=False))
     if isinstance(generator, torch.Generator):
         draw = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator,
                              dtype=torch.int64, device=generator.device)
         return int(draw.item()) & _MASK64
-    raise TypeError(
-        f"generator must be an int seed, numpy.random.Generator or torch.Generator, "
-        f"got {type(generator).__name__}"
-    )
+    return _splitmix64_scalar(generator)
 
 
 def _splitmix64_scalar(z: int) -> int:
@@ -459,7 +461,7 @@ def apply_rounding(
     mode : RoundingMode or str
         The rounding rule.
     generator : int, numpy.random.Generator or torch.Generator, optional
-        Required for STOCHASTIC and ignored otherwise. An integer seed always
+        Required for STOCHASTIC and ignored otherwise. An integer seed (0 to 2**64 - 1) always
         yields the same decisions for the same shape; a generator advances.
         The draws depend only on the key and the element's flat index, so two
         tensors rounded with the same integer seed get the same uniforms at

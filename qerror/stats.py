@@ -22,7 +22,7 @@ import torch
 from scipy import optimize as sopt
 from scipy import stats as sps
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed, check_seed_or_generator
 from qerror._enums import Choice
 from qerror.empirical import ErrorStats
 from qerror.rounding import RoundingMode
@@ -568,7 +568,7 @@ def mse_ratio_ci(
         Bootstrap resamples, at least ``2/alpha - 1`` (39 at α = 0.05), so that both ends
         of the interval are resamples.
     generator : int, numpy.random.Generator or torch.Generator
-        Required for BOOTSTRAP.
+        Required for BOOTSTRAP; an int is a seed from 0 to 2**64 - 1.
 
     Returns
     -------
@@ -1044,7 +1044,7 @@ def tail_share_normal(n: int, k: int = 5, draws: int = 2000, seed: int = 0) -> f
     most extreme of ``n`` standard normal values carry, over ``draws`` seeded samples (a
     simulation; at ``n`` = 500 its standard error, about 2e-4, is below 1 % of the value)."""
     n, k, draws = check_count(n, "n"), check_count(k, "k"), check_count(draws, "draws", 1)
-    rng = np.random.default_rng(check_count(seed, "seed"))
+    rng = np.random.default_rng(check_seed(seed, "seed"))
     return float(np.mean([tail_share(rng.standard_normal(n), k) for _ in range(draws)]))
 
 
@@ -1356,7 +1356,8 @@ def bootstrap_ci(
         as ``statistic(*arrays, axis=-1)`` on arrays of shape ``(batch, n)``
         and must return shape ``(batch,)`` (``numpy.mean`` works as is).
     generator : int, numpy.random.Generator or torch.Generator
-        Source of the resampling; same seed, same interval.
+        Source of the resampling; same seed, same interval. An int is a seed from 0 to
+        2**64 - 1.
     n_resamples : int
         Number of bootstrap resamples ``B``, at least ``2/alpha - 1`` (39 at α = 0.05):
         with fewer, the interval's ends would be the smallest and largest resample, of
@@ -1509,16 +1510,14 @@ def _rng(generator) -> np.random.Generator:
     if generator is None:
         raise ValueError("this procedure is random: pass generator= (an int seed, a "
                          "numpy.random.Generator or a torch.Generator)")
+    generator = check_seed_or_generator(generator)
     if isinstance(generator, np.random.Generator):
         return generator
     if isinstance(generator, torch.Generator):
         seed = torch.randint(0, 2**62, (1,), generator=generator,
                              device=generator.device).item()
         return np.random.default_rng(int(seed))
-    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
-        raise TypeError(f"generator must be an int seed, numpy.random.Generator or "
-                        f"torch.Generator, got {type(generator).__name__}")
-    return np.random.default_rng(int(generator))
+    return np.random.default_rng(generator)
 
 
 def _flat_shape(x) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_seed
 from qerror.calibration import calibrate
 from qerror.quantizer import QuantSpec, fake_quantize
 
@@ -76,7 +76,7 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
         (they do not move a min-max range).
     seed : int
         Seeds stochastic rounding (layer ``i`` gets ``SeedSequence([seed, i])``); an int
-        >= 0.
+        from 0 to 2**64 - 1.
 
     Returns
     -------
@@ -87,7 +87,8 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     TypeError
         ``seed`` is not an int.
     ValueError
-        An affine or unsigned spec, a model without conv/linear layers, or ``seed < 0``.
+        An affine or unsigned spec, a model without conv/linear layers, or ``seed`` outside 0
+        to 2**64 - 1.
 
     Notes
     -----
@@ -95,7 +96,7 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     the survivors (``w ≠ 0``); the zeros contribute exactly 0 under a symmetric grid and
     would only dilute the averages by the sparsity.
     """
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     if not spec.symmetric:
         raise ValueError("quantize_survivors needs a symmetric spec: with a zero point a "
                          "pruned zero is no longer on the grid")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror.compress.size import SparseFormat, StorageFormat, model_bytes
 
 
@@ -29,8 +29,8 @@ class TinyCNN(nn.Module):
         ``w ≥ 1``, the first convolution's output channels.
     in_channels, num_classes : int
     seed : int
-        Seed of the initialisation (PyTorch's defaults), ``>= 0``; the global generator is
-        left untouched.
+        Seed of the initialisation (PyTorch's defaults), from 0 to 2**64 - 1; the global
+        generator is left untouched.
 
     Notes
     -----
@@ -48,7 +48,7 @@ class TinyCNN(nn.Module):
             check_count(v, name, 1) for v, name in ((width, "width"),
                                                     (in_channels, "in_channels"),
                                                     (num_classes, "num_classes")))
-        seed = check_count(seed, "seed")
+        seed = check_seed(seed, "seed")
         self.width = width
         widths = [in_channels, width, 2 * width, 4 * width]
         layers: list[nn.Module] = []

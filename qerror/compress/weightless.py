@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count, check_finite, is_integer_dtype
+from qerror._checks import check_count, check_finite, check_seed, is_integer_dtype
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.compress.size import (
@@ -125,13 +125,6 @@ def _fair_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.where(top, k, torch.tensor(-1, device=scores.device)).argmax(1)
 
 
-def _check_seed(seed, name: str = "seed") -> int:
-    seed = check_count(seed, name)
-    if seed > _MASK64:
-        raise ValueError(f"{name} must lie in [0, 2**64), got {seed}")
-    return seed
-
-
 def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch.Tensor:
     """A wiring regenerated from ``(seed, stream)``: ``slots`` input indices, each input used
     ``floor(slots/inputs)`` or one more times.
@@ -143,7 +136,7 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
     slots : int
         Number of indices wanted, ≥ 0 (RAMs × address bits, LUTs × fan-in).
     seed, stream : int
-        In ``[0, 2**64)``; layers of one model share ``seed`` and differ in ``stream``.
+        from 0 to 2**64 - 1; layers of one model share ``seed`` and differ in ``stream``.
 
     Returns
     -------
@@ -165,7 +158,7 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
     any numpy or torch version.
     """
     inputs, slots = check_count(inputs, "inputs", 1), check_count(slots, "slots")
-    seed, stream = _check_seed(seed), _check_seed(stream, "stream")
+    seed, stream = check_seed(seed, "seed"), check_seed(stream, "stream")
     blocks = -(-slots // inputs)
     steps = np.arange(inputs, dtype=_U64) * _U64(0xBF58476D1CE4E5B9 | 1)
     out = []
@@ -485,7 +478,7 @@ class WiSARD:
         if self.address_bits > self.input_bits:
             raise ValueError(f"address size {self.address_bits} bits is larger than the "
                              f"{self.input_bits} input bits")
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed, "seed")
         self.shuffle = bool(shuffle)
         self.rams = -(-self.input_bits // self.address_bits)
         if (self.rams * self.classes) << self.address_bits >= 1 << 62:
@@ -958,7 +951,7 @@ class LUTLayer(nn.Module):
         if self.fan_in > MAX_FAN_IN:
             raise ValueError(f"fan_in {self.fan_in} exceeds {MAX_FAN_IN}")
         self.mapping = Mapping.parse(mapping)
-        self.seed, self.stream = _check_seed(seed), _check_seed(stream, "stream")
+        self.seed, self.stream = check_seed(seed, "seed"), check_seed(stream, "stream")
         self.tau = _check_tau(tau)
         gen = torch.Generator().manual_seed(
             (self.seed ^ (self.stream * 0x9E3779B97F4A7C15)) & _MASK64)
@@ -1078,7 +1071,7 @@ class DWN(nn.Module):
         if not luts:
             raise ValueError("need at least one LUT layer")
         self.thermometer = thermometer
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed, "seed")
         mapping = Mapping.parse(mapping)
         if mapping is Mapping.FIXED:
             raise ValueError("a FIXED first layer is built by load_wnn; use RANDOM or LEARNABLE")
@@ -1188,7 +1181,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     gradient cannot push an entry arbitrarily far from the sign threshold. Batches are
     drawn from a generator seeded with ``seed``.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed, "seed")
     batch_size = check_count(batch_size, "batch_size", 1)
     epochs, step_size = check_count(epochs, "epochs", 1), check_count(step_size, "step_size", 1)
     for name, v in (("lr", lr), ("gamma", gamma)):  # checked before an epoch is spent

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import (
@@ -134,7 +134,7 @@ class AdaRoundSettings:
         Reconstruct from the input of the network with the earlier layers' learned rounding
         (``True``, the paper's choice) or from the float input.
     seed : int
-        Seed of the minibatch draws, in ``[0, 2**64)``.
+        Seed of the minibatch draws, from 0 to 2**64 - 1.
     """
 
     bits: int
@@ -149,9 +149,9 @@ class AdaRoundSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name, low in (("bits", MIN_BITS), ("iterations", 0), ("batch", 1), ("images", 1),
-                          ("seed", 0)):
+        for name, low in (("bits", MIN_BITS), ("iterations", 0), ("batch", 1), ("images", 1)):
             check_count(getattr(self, name), name, low)
+        check_seed(self.seed, "seed")
         if self.bits > MAX_BITS:
             raise ValueError(f"AdaRound supports {MIN_BITS} to {MAX_BITS} weight bits, got "
                              f"{self.bits!r}")
@@ -165,9 +165,6 @@ class AdaRoundSettings:
                              f"2), got {self.beta!r}")
         if not isinstance(self.asymmetric, bool | np.bool_):
             raise ValueError(f"asymmetric must be True or False, got {self.asymmetric!r}")
-        if self.seed >= 2 ** 64:
-            raise ValueError(f"seed must be an integer in [0, 2**64) (torch.Generator's "
-                             f"seeds), got {self.seed!r}")
         if not _real(self.warmup) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if not _real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):

@@ -383,8 +383,8 @@ def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float 
     resamples : int
         Bootstrap resamples ``B`` (at least 100) for each layer's standard error.
     seed : int
-        Of the resamples, ``>= 0`` (None or a Generator refused: the bounds would differ
-        from call to call).
+        Of the resamples, from 0 to 2**64 - 1 (None or a Generator refused: the bounds would
+        differ from call to call).
 
     Returns
     -------

@@ -43,7 +43,7 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from qerror._checks import check_count, is_integer_dtype
+from qerror._checks import check_count, check_seed, is_integer_dtype
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -719,7 +719,7 @@ class EarlyExitResNet(nn.Module):
         super().__init__()
         check_resnet(backbone)
         # torch.manual_seed would take 2.5 as 2, True as 1 and -1 as 2**64 - 1 without a word
-        seed = check_count(seed, "seed")
+        seed = check_seed(seed, "seed")
         if input_shape is None:
             input_shape = (backbone.conv1.in_channels, 32, 32)
         if isinstance(exit_points, str):
@@ -1855,8 +1855,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     folds : int
         K, at least 2 and at most N.
     seed : int
-        >= 0 (Python's or numpy's int): of the random assignment of samples to folds
-        (equal sizes within one sample).
+        From 0 to 2**64 - 1 (Python's or numpy's int): of the random assignment of samples
+        to folds (equal sizes within one sample).
     calibration : {"nll", "ece"} or None
         The objective of a temperature per exit fitted afresh on each fold's training part
         (:func:`calibrate_exits`), as the rules use temperatures fitted on the whole split;
@@ -1932,7 +1932,7 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
         if alpha is None:
             raise ValueError("plan_n plans for an equivalence test at level alpha; give alpha")
     # an int: int() of 0.5 or True would seed 0 or 1 and give their folds without a word
-    gen = torch.Generator().manual_seed(check_count(seed, "seed"))
+    gen = torch.Generator().manual_seed(check_seed(seed, "seed"))
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[torch.randperm(n, generator=gen)] = torch.arange(n) % folds
     logits = [z.cpu() for z in logits]

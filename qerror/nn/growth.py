@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 
 __all__ = [
     "GapInterval",
@@ -291,10 +291,11 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def fixed_rng(seed: int) -> np.random.Generator:
-    """The generator of every bootstrap here: seeded by an integer ``>= 0`` (TypeError for
-    anything but an integer, None and a Generator included; ValueError below 0), so that its
-    resamples, and a decision at a threshold, are the same on every call."""
-    return np.random.default_rng(check_count(
+    """The generator of every bootstrap here: seeded by an integer from 0 to 2**64 - 1
+    (TypeError for anything but an integer, None and a Generator included; ValueError outside
+    that range), so that its resamples, and a decision at a threshold, are the same on every
+    call."""
+    return np.random.default_rng(check_seed(
         seed, "seed (fixed, so that the bootstrap's resamples are the same on every call)"))
 
 

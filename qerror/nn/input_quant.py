@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count, is_integer_dtype
+from qerror._checks import check_seed, is_integer_dtype
 from qerror.quantizer import (
     QParams,
     QuantSpec,
@@ -208,7 +208,8 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     qparams : QParams
         Scale and zero point.
     seed : int, optional
-        Drives STOCHASTIC rounding (required for it, ignored otherwise); an int >= 0.
+        Drives STOCHASTIC rounding (required for it, ignored otherwise); an int from 0 to
+        2**64 - 1.
 
     Returns
     -------
@@ -220,10 +221,10 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     TypeError
         If ``seed`` is neither None nor an int.
     ValueError
-        If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed < 0``.
+        If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed`` is outside 0 to 2**64 - 1.
     """
     if seed is not None:
-        seed = check_count(seed, "seed")
+        seed = check_seed(seed, "seed")
     if spec.bits > MAX_CODE_BITS:
         raise ValueError(f"offline codes are stored one per byte (int8 or uint8); "
                          f"spec.bits={spec.bits} is too wide")

@@ -109,7 +109,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -1292,7 +1292,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         (ValueError otherwise): a signed one's halved codes (-64..63) reach the kernel as
         64..191, which can saturate.
     seed : int
-        Seed of the calibration samples (PERCENTILE and MSE ranges), >= 0.
+        Seed of the calibration samples (PERCENTILE and MSE ranges), from 0 to 2**64 - 1.
     progress : bool
         Show a progress bar over the evaluation batches.
 
@@ -1318,7 +1318,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     """
     engine = Engine.parse(engine)
     # torch.manual_seed would take -1 as 2**64 - 1 without a word
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     out_spec = act_spec if out_spec is None else out_spec
     _check_spec(act_spec, "act_spec")
     _check_spec(out_spec, "out_spec")

@@ -36,7 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
@@ -108,7 +108,8 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
     num_classes : int
         Width of the final linear layer.
     seed : int
-        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
+        Seed of the initialisation, from 0 to 2**64 - 1; the global torch generator is left
+        untouched.
     zero_init_residual : bool
         Start each residual branch's last BatchNorm at zero, so every block starts as an
         identity, which eases the start of training [1]_. It changes only the initial
@@ -140,7 +141,7 @@ def fashion_resnet(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFAULT_
     """
     arch, stem = Arch.parse(arch), Stem.parse(stem)
     # torch.manual_seed would take 2.5 as 2, True as 1 and -1 as 2**64 - 1 without a word
-    num_classes, seed = check_count(num_classes, "num_classes", 1), check_count(seed, "seed")
+    num_classes, seed = check_count(num_classes, "num_classes", 1), check_seed(seed, "seed")
     build = {Arch.RESNET18: torchvision.models.resnet18,
              Arch.RESNET50: torchvision.models.resnet50}[arch]
     with torch.random.fork_rng(devices=[]):
@@ -174,7 +175,8 @@ def fashion_small_cnn(width: int = 16, num_classes: int = 10, *, seed: int = 0) 
     num_classes : int
         Width of the final linear layer.
     seed : int
-        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
+        Seed of the initialisation, from 0 to 2**64 - 1; the global torch generator is left
+        untouched.
 
     Returns
     -------
@@ -182,7 +184,7 @@ def fashion_small_cnn(width: int = 16, num_classes: int = 10, *, seed: int = 0) 
         In training mode. Input (N, 1, 32, 32) float32, output (N, num_classes) logits.
     """
     width, num_classes = check_count(width, "width", 1), check_count(num_classes, "num_classes", 1)
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     chans = [1, width, 2 * width, 4 * width, 4 * width]
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
@@ -243,6 +245,7 @@ def time_training_step(arch: Arch | str = Arch.RESNET50, stem: Stem | str = DEFA
     batch_size, steps, warmup = (check_count(v, name, low) for v, name, low in
                                  ((batch_size, "batch_size", 1), (steps, "steps", 1),
                                   (warmup, "warmup", 0)))
+    seed = check_seed(seed, "seed")
     with flush_denormal():
         times = _time_steps(arch, stem, batch_size, steps, warmup, channels_last, seed)
     t = np.asarray(times)
@@ -527,7 +530,8 @@ def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
     depth, width, num_classes, in_channels : int
         Positive.
     seed : int
-        Seed of the initialisation, ``>= 0``; the global torch generator is left untouched.
+        Seed of the initialisation, from 0 to 2**64 - 1; the global torch generator is left
+        untouched.
 
     Returns
     -------
@@ -538,7 +542,7 @@ def plain_chain(depth: int = 10, width: int = 16, num_classes: int = 10, *,
         check_count(v, name, 1) for v, name in ((depth, "depth"), (width, "width"),
                                                 (num_classes, "num_classes"),
                                                 (in_channels, "in_channels")))
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -134,7 +134,8 @@ class QuantConfig:
     activation : QuantSpec or None
         Per-tensor spec for the input of every conv/linear; ``None`` keeps float inputs.
     seed : int
-        Key of stochastic rounding, >= 0 (each layer and batch draws from its own stream).
+        Key of stochastic rounding, from 0 to 2**64 - 1 (each layer and batch draws from its
+        own stream).
     activation_range : RangePolicy
         How :func:`calibrate_activations` finds the activation ranges for this config
         (min-max by default).
@@ -158,7 +159,7 @@ class QuantConfig:
 
     def __post_init__(self):
         # torch.manual_seed would take True as 1 and -1 as 2**64 - 1, SeedSequence True as 1
-        object.__setattr__(self, "seed", check_count(self.seed, "QuantConfig.seed"))
+        object.__setattr__(self, "seed", check_seed(self.seed, "QuantConfig.seed"))
         if self.weight is None and self.activation is None:
             raise ValueError("QuantConfig quantizes nothing: give a weight or an activation spec")
         if (self.bn_outputs or self.block_outputs) and self.activation is None:
@@ -329,7 +330,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
     if spec.axis is not None:
         raise ValueError("activation calibration is per tensor: use a spec with axis=None")
     sample_per_batch = check_count(sample_per_batch, "sample_per_batch", 1)
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
     out_names = {m: output_key(n) for n, m in model.named_modules()
                  if outputs and (isinstance(m, nn.BatchNorm2d) or is_block(m))}
@@ -378,7 +379,7 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> Mad
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
     layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`); ``seed`` (an
     int >= 0) keys stochastic rounding."""
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     out = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):

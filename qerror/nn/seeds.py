@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror.nn import parallel
 from qerror.nn._anatomy import eval_mode
 from qerror.nn._moments import channel_sums, unit_roundoff
@@ -163,7 +163,7 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
     batch : int
         Images per paired batch, >= 1.
     seed : int
-        Seed of the bootstrap (and of stochastic rounding, if asked for), >= 0.
+        Seed of the bootstrap (and of stochastic rounding, if asked for), from 0 to 2**64 - 1.
 
     Returns
     -------
@@ -171,7 +171,7 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
         One row per (bits, mode, quantity): columns ``bits``, ``mode``, ``quantity``,
         ``value``; quantities as in the module docstring.
     """
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     batches = _batches(test, labels, batch)
     rows = []
     with eval_mode(model):
@@ -204,7 +204,7 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
         ``test``) and ``correct`` (bool); the float network's own row per image under
         ``mode`` ``"float"`` (once, with ``bits`` 0).
     """
-    seed = check_count(seed, "seed")
+    seed = check_seed(seed, "seed")
     batches = _batches(test, labels, batch)
     frames, float_correct = [], []
     with eval_mode(model), torch.no_grad():

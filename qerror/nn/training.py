@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable, torch_save
@@ -158,8 +158,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
-        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
+        for name, low in (("epochs", 1), ("batch_size", 1)):
             check_count(getattr(self, name), f"TrainConfig.{name}", low)
+        object.__setattr__(self, "seed", check_seed(self.seed, "TrainConfig.seed"))
         checks = {"lr": (self.lr, 0.0, math.inf, False), "momentum": (self.momentum, 0, 1, True),
                   "weight_decay": (self.weight_decay, 0, math.inf, True),
                   "label_smoothing": (self.label_smoothing, 0, 1, True),

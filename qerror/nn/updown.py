@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from scipy import stats as sps
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, check_seed
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches, model_device
@@ -191,7 +191,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     roundings : int
         Number of seeded stochastic roundings (Nagel et al. use 100).
     seed : int
-        Rounding ``k`` uses ``SeedSequence([seed, k])``; ``>= 0``.
+        Rounding ``k`` uses ``SeedSequence([seed, k])``; from 0 to 2**64 - 1.
     taylor : bool
         Also compute the second-order Taylor estimate (one extra backward pass per
         rounding; the graph of the gradient is kept, so memory is that of a training step
@@ -221,7 +221,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     bits, roundings = check_count(bits, "bits", 2), check_count(roundings, "roundings", 1)
     if bits > 16:
         raise ValueError(f"bits must be an integer from 2 to 16, got {bits!r}")
-    seed = check_count(seed, "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))")
+    seed = check_seed(seed, "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))")
     wilson_ci(0, 1, alpha)  # refuses a bad alpha now, not after every rounding has run
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):

@@ -16,6 +16,7 @@ from qerror import (
     QuantSpec,
     RangePolicy,
     RoundingMode,
+    apply_rounding,
     bias_test,
     calibrate,
     data,
@@ -30,7 +31,7 @@ from qerror.compress.size import storage_bytes
 from qerror.compress.sparse import GradualSchedule, zero_count
 from qerror.compress.survivors import quantize_survivors
 from qerror.compress.tiny import TinyCNN
-from qerror.compress.weightless import seeded_mapping
+from qerror.compress.weightless import LUTLayer, WiSARD, fit_dwn, seeded_mapping
 from qerror.nn import QuantConfig, difference_sums, measure
 from qerror.nn.adaround import AdaRoundSettings
 from qerror.nn.early_exit import (
@@ -67,7 +68,8 @@ from qerror.nn.seeds import image_outcomes, network_statements
 from qerror.nn.training import TrainConfig, fit, resolve_device, tensor_batches
 from qerror.nn.updown import updown_experiment
 from qerror.nonuniform import lloyd_max
-from qerror.stats import tail_share_normal
+from qerror.rounding import stochastic_key
+from qerror.stats import bootstrap_ci, mse_ratio_ci, tail_share_normal
 
 SPEC = QuantSpec()
 X = np.array([0.5, 1.0], np.float32)
@@ -233,8 +235,6 @@ COUNTS = [
      100.0),
     ("splits-calib", "calib", 0,
      lambda v: data.fashion_mnist_splits("/nonexistent", calib=v), 100.0),
-    ("splits-seed", "seed", 0, lambda v: data.fashion_mnist_splits("/nonexistent", seed=v),
-     1.0),
     ("to-tensor-size", "size", 28, lambda v: data.to_tensor(_PIXELS, v), 32.0),
     ("to-small-tensor-size", "size", 1, lambda v: data.to_small_tensor(_PIXELS, v), 8.0),
     ("imagenet-resize", "resize", 1, lambda v: data.imagenet_folder("/nonexistent", resize=v,
@@ -247,17 +247,12 @@ COUNTS = [
      lambda v: GradualSchedule(**_SCHEDULE, interval=v), 2.0),
     ("gradual-start", "GradualSchedule.start", 0,
      lambda v: GradualSchedule(**_SCHEDULE, start=v), 2.0),
-    ("tiny-cnn-seed", "seed", 0, lambda v: TinyCNN(2, seed=v), 1.0),
     ("seeded-mapping-inputs", "inputs", 1, lambda v: seeded_mapping(v, 4, 0), 4.0),
     ("seeded-mapping-slots", "slots", 0, lambda v: seeded_mapping(4, v, 0), 4.0),
-    ("seeded-mapping-seed", "seed", 0, lambda v: seeded_mapping(4, 4, v), 1.0),
-    ("seeded-mapping-stream", "stream", 0, lambda v: seeded_mapping(4, 4, 0, v), 1.0),
     ("train-config-epochs", "TrainConfig.epochs", 1,
      lambda v: TrainConfig(epochs=v, batch_size=2, lr=0.1), 1.0),
     ("train-config-batch-size", "TrainConfig.batch_size", 1,
      lambda v: TrainConfig(epochs=1, batch_size=v, lr=0.1), 2.0),
-    ("train-config-seed", "TrainConfig.seed", 0,
-     lambda v: TrainConfig(epochs=1, batch_size=2, lr=0.1, seed=v), 1.0),
     ("fit-n-train", "n_train", 0, lambda v: _fit(n_train=v), 4.0),
     ("fit-val-size", "val_size", 0, lambda v: _fit(val_size=v), 4.0),
     ("fit-checkpoint-every", "checkpoint_every", 1, lambda v: _fit(checkpoint_every=v),
@@ -269,32 +264,23 @@ COUNTS = [
      lambda v: AdaRoundSettings(bits=4, iterations=v), 10.0),
     ("adaround-batch", "batch", 1, lambda v: AdaRoundSettings(bits=4, batch=v), 8.0),
     ("adaround-images", "images", 1, lambda v: AdaRoundSettings(bits=4, images=v), 8.0),
-    ("adaround-seed", "seed", 0, lambda v: AdaRoundSettings(bits=4, seed=v), 1.0),
     ("updown-bits", "bits", 2, lambda v: updown_experiment(_model(), "0", _images(), v),
      4.0),
     ("updown-roundings", "roundings", 1,
      lambda v: updown_experiment(_model(), "0", _images(), roundings=v), 3.0),
-    ("updown-seed", "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))", 0,
-     lambda v: updown_experiment(_model(), "0", _images(), seed=v), 1.0),
     ("bootstrap-resamples", "resamples", 100,
      lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=v), 200.0),
-    ("bootstrap-seed",
-     "seed (fixed, so that the bootstrap's resamples are the same on every call)", 0,
-     lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=100, seed=v), 1.0),
     ("bootstrap-block", "block (layers per block)", 1,
      lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=100, block=v), 2.0),
     ("fashion-resnet-num-classes", "num_classes", 1,
      lambda v: fashion_resnet("resnet18", num_classes=v), 10.0),
-    ("fashion-resnet-seed", "seed", 0, lambda v: fashion_resnet("resnet18", seed=v), 1.0),
     ("small-cnn-width", "width", 1, lambda v: fashion_small_cnn(v), 4.0),
     ("small-cnn-num-classes", "num_classes", 1, lambda v: fashion_small_cnn(4, v), 10.0),
-    ("small-cnn-seed", "seed", 0, lambda v: fashion_small_cnn(4, seed=v), 1.0),
     ("plain-chain-depth", "depth", 1, lambda v: plain_chain(v), 2.0),
     ("plain-chain-width", "width", 1, lambda v: plain_chain(2, v), 2.0),
     ("plain-chain-num-classes", "num_classes", 1, lambda v: plain_chain(2, 2, v), 3.0),
     ("plain-chain-in-channels", "in_channels", 1,
      lambda v: plain_chain(2, 2, in_channels=v), 1.0),
-    ("plain-chain-seed", "seed", 0, lambda v: plain_chain(2, 2, seed=v), 1.0),
     ("time-training-step-steps", "steps", 1, lambda v: time_training_step(steps=v), 1.0),
     ("time-training-step-warmup", "warmup", 0, lambda v: time_training_step(warmup=v),
      1.0),
@@ -302,7 +288,6 @@ COUNTS = [
      lambda v: time_training_step(batch_size=v), 2.0),
     ("exit-head-width", "width", 1, lambda v: ExitHead(4, 3, width=v), 8.0),
     ("exit-head-pool", "pool", 1, lambda v: ExitHead(4, 3, pool=v), 2.0),
-    ("early-exit-seed", "seed", 0, lambda v: _early_exit_resnet(seed=v), 1.0),
     ("early-exit-input-shape", "each size of input_shape", 1,
      lambda v: _early_exit_resnet(input_shape=(1, v, 32)), 32.0),
     ("confidence-ece-n-bins", "n_bins", 1, lambda v: confidence_ece(_CONF, _RIGHT, v), 15.0),
@@ -337,27 +322,13 @@ COUNTS = [
     ("pt2e-max-batch", "max_batch", 1,
      lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(1,),
                              max_batch=v), 64.0),
-    ("quant-config-make-seed", "QuantConfig.seed", 0, lambda v: QuantConfig.make(8, seed=v),
-     1.0),
-    ("quant-config-seed", "QuantConfig.seed", 0,
-     lambda v: QuantConfig(None, _ACTIVATIONS, seed=v), 1.0),
     ("calibrate-activations-sample-per-batch", "sample_per_batch", 1,
      lambda v: calibrate_activations(_model(), _images(), _ACTIVATIONS, sample_per_batch=v),
      4096.0),
-    ("calibrate-activations-seed", "seed", 0,
-     lambda v: calibrate_activations(_model(), _images(), _ACTIVATIONS, seed=v), 1.0),
-    ("quantize-weights-seed", "seed", 0, lambda v: quantize_weights(_model(), SPEC, seed=v),
-     1.0),
-    ("quantize-survivors-seed", "seed", 0,
-     lambda v: quantize_survivors(_model(), QuantSpec(axis=0), seed=v), 1.0),
     ("network-statements-batch", "batch (images per paired batch)", 1,
      lambda v: _statements(network_statements, batch=v), 4.0),
-    ("network-statements-seed", "seed", 0,
-     lambda v: _statements(network_statements, seed=v), 1.0),
     ("image-outcomes-batch", "batch (images per paired batch)", 1,
      lambda v: _statements(image_outcomes, batch=v), 4.0),
-    ("image-outcomes-seed", "seed", 0, lambda v: _statements(image_outcomes, seed=v), 1.0),
-    ("crosscheck-model-seed", "seed", 0, _crosscheck, 1.0),
     ("shard-n", "n", 0, lambda v: shard(v, 0, 2), 5.0),
     ("shard-rank", "rank", 0, lambda v: shard(5, v, 2), 1.0),
     ("shard-size", "size", 1, lambda v: shard(5, 0, v), 2.0),
@@ -368,8 +339,6 @@ COUNTS = [
     ("sdn-exit-points-input-shape", "each size of input_shape", 1,
      lambda v: sdn_exit_points(fashion_resnet("resnet18"), input_shape=(v, 32, 32)), 1.0),
     ("tail-share-normal-draws", "draws", 1, lambda v: tail_share_normal(20, 2, v), 3.0),
-    ("tail-share-normal-seed", "seed", 0, lambda v: tail_share_normal(20, 2, 3, v), 1.0),
-    ("quantize-offline-seed", "seed", 0, _offline, 1.0),
     ("zero-count-n", "n", 0, lambda v: zero_count(0.5, v), 4.0),
     ("resolve-device-local-rank", "local_rank", 0, lambda v: resolve_device("cpu", v), 0.0),
     ("load-checkpoint-expected-num-classes", "expected_num_classes", 1,
@@ -390,3 +359,100 @@ def test_a_count_that_is_no_count_gets_one_answer(name, low, call, integral, wro
         call(value)
     assert re.search(rf"^{re.escape(name)} must be an int >= {low}, got {got}",
                      str(info.value)), str(info.value)
+
+
+# Every seed of the API goes through qerror._checks.check_seed: an integer from 0 to
+# 2**64 - 1, the range of torch's generators. Before, the rule was a count's (>= 0) and
+# stopped there: 2**64 was refused in torch's words ('Overflow when unpacking long long'),
+# by the weightless module's and AdaRound's own limits, or taken (SeedSequence, numpy's
+# default_rng), and a generator= seed refused -1 in numpy's words ('expected non-negative
+# integer', the bootstrap) or keyed stochastic rounding with it masked to 64 bits: -1 and
+# 2**64 - 1 gave the same draws, 2**64 those of 0.
+def _mse_calibrate(v):
+    return calibrate(X, _STOCHASTIC, RangePolicy(method="mse", mse_grid=4), generator=v)
+
+
+_XS = np.linspace(-1.0, 1.0, 40)
+# (case id, the argument as the message names it, a call with the seed v, whether a valid
+# seed's call is cheap enough to run here)
+SEEDS = [
+    ("stochastic-key", "generator", stochastic_key, True),
+    ("fake-quantize-generator", "generator",
+     lambda v: fake_quantize(X, _STOCHASTIC, 0.1, generator=v), True),
+    ("quantize-generator", "generator", lambda v: quantize(X, _STOCHASTIC, 0.1, generator=v),
+     True),
+    ("apply-rounding-generator", "generator",
+     lambda v: apply_rounding(X, RoundingMode.STOCHASTIC, generator=v), True),
+    ("calibrate-generator", "generator", _mse_calibrate, True),
+    ("bootstrap-ci-generator", "generator",
+     lambda v: bootstrap_ci(_XS, np.mean, generator=v, n_resamples=39), True),
+    ("mse-ratio-ci-generator", "generator",
+     lambda v: mse_ratio_ci(_XS + 0.1, _XS - 0.2, paired=True, method="bootstrap",
+                            n_resamples=39, generator=v), True),
+    ("splits-seed", "seed", lambda v: data.fashion_mnist_splits("/nonexistent", seed=v), False),
+    ("tiny-cnn-seed", "seed", lambda v: TinyCNN(2, seed=v), True),
+    ("seeded-mapping-seed", "seed", lambda v: seeded_mapping(4, 4, v), True),
+    ("seeded-mapping-stream", "stream", lambda v: seeded_mapping(4, 4, 0, v), True),
+    ("wisard-seed", "seed", lambda v: WiSARD(8, 4, 2, seed=v), True),
+    ("lut-layer-seed", "seed", lambda v: LUTLayer(8, 2, 2, seed=v), True),
+    ("lut-layer-stream", "stream", lambda v: LUTLayer(8, 2, 2, stream=v), True),
+    ("fit-dwn-seed", "seed", lambda v: fit_dwn(None, None, None, None, seed=v), False),
+    ("train-config-seed", "TrainConfig.seed",
+     lambda v: TrainConfig(epochs=1, batch_size=2, lr=0.1, seed=v), True),
+    ("adaround-seed", "seed", lambda v: AdaRoundSettings(bits=4, seed=v), True),
+    ("updown-seed", "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))",
+     lambda v: updown_experiment(_model(), "0", _images(), seed=v), False),
+    ("bootstrap-seed",
+     "seed (fixed, so that the bootstrap's resamples are the same on every call)",
+     lambda v: layer_block_bootstrap(_DEPTH, _DEPTH, resamples=100, seed=v), True),
+    ("fashion-resnet-seed", "seed", lambda v: fashion_resnet("resnet18", seed=v), False),
+    ("small-cnn-seed", "seed", lambda v: fashion_small_cnn(4, seed=v), True),
+    ("plain-chain-seed", "seed", lambda v: plain_chain(2, 2, seed=v), True),
+    ("time-training-step-seed", "seed", lambda v: time_training_step(seed=v), False),
+    ("early-exit-seed", "seed", lambda v: _early_exit_resnet(seed=v), False),
+    ("cross-validate-seed", "seed", lambda v: _cross_validate(seed=v), True),
+    ("quant-config-make-seed", "QuantConfig.seed", lambda v: QuantConfig.make(8, seed=v),
+     True),
+    ("quant-config-seed", "QuantConfig.seed",
+     lambda v: QuantConfig(None, _ACTIVATIONS, seed=v), True),
+    ("calibrate-activations-seed", "seed",
+     lambda v: calibrate_activations(_model(), _images(), _ACTIVATIONS, seed=v), True),
+    ("quantize-weights-seed", "seed", lambda v: quantize_weights(_model(), _STOCHASTIC, seed=v),
+     True),
+    ("quantize-survivors-seed", "seed",
+     lambda v: quantize_survivors(_model(), QuantSpec(axis=0, rounding=RoundingMode.STOCHASTIC),
+                                  seed=v), True),
+    ("network-statements-seed", "seed",
+     lambda v: _statements(network_statements, seed=v), False),
+    ("image-outcomes-seed", "seed", lambda v: _statements(image_outcomes, seed=v), False),
+    ("crosscheck-model-seed", "seed", _crosscheck, False),
+    ("tail-share-normal-seed", "seed", lambda v: tail_share_normal(20, 2, 3, v), True),
+    ("quantize-offline-seed", "seed", _offline, True),
+]
+
+
+@pytest.mark.parametrize("wrong", ["float", "bool", "negative", "numpy-negative", "too-large"])
+@pytest.mark.parametrize("name, call, cheap", [c[1:] for c in SEEDS], ids=[c[0] for c in SEEDS])
+def test_a_seed_outside_64_bits_gets_one_answer(name, call, cheap, wrong):
+    value, kind, got = {
+        "float": (2.0, TypeError, r"2\.0 \(float\)"),
+        "bool": (True, TypeError, r"True \(bool\)"),
+        "negative": (-1, ValueError, r"-1: "),
+        "numpy-negative": (np.int64(-1), ValueError, r"np\.int64\(-1\): "),
+        "too-large": (2 ** 64, ValueError, r"18446744073709551616: "),
+    }[wrong]
+    # a generator= argument's TypeError also names the generators it takes
+    takes = r"an int seed from 0 to 2\*\*64 - 1, a numpy\.random\.Generator or a " \
+        r"torch\.Generator" if name == "generator" and kind is TypeError \
+        else r"an int from 0 to 2\*\*64 - 1"
+    with pytest.raises(kind) as info:
+        call(value)
+    assert re.search(rf"^{re.escape(name)} must be {takes}, got {got}", str(info.value)), \
+        str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, 2 ** 64 - 1, np.uint64(2 ** 64 - 1)],
+                         ids=["0", "2**64-1", "numpy-2**64-1"])
+@pytest.mark.parametrize("call", [c[2] for c in SEEDS if c[3]], ids=[c[0] for c in SEEDS if c[3]])
+def test_every_64_bit_seed_is_taken(call, value):
+    call(value)

@@ -263,7 +263,7 @@ def test_inconsistency_bounds_refuse_what_they_cannot_resample():
     for seed in (None, np.random.default_rng(1), -1, 1.5, True):
         with pytest.raises(ValueError if seed == -1 else TypeError,
                            match=r"seed \(fixed, so that the bootstrap's resamples are the same "
-                                 r"on every call\) must be an int >= 0"):
+                                 r"on every call\) must be an int from 0 to 2\*\*64 - 1"):
             inconsistency_bounds({"a": a}, resamples=100, seed=seed)
     assert inconsistency_bounds({"a": a}, resamples=100, seed=np.int64(3)) \
         == inconsistency_bounds({"a": a}, resamples=100, seed=3)

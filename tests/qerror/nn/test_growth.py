@@ -639,7 +639,7 @@ def test_layer_block_bootstrap_takes_only_a_fixed_seed():
     for seed in (None, np.random.default_rng(1), -1, 1.5, True):
         with pytest.raises(ValueError if seed == -1 else TypeError,
                            match=r"seed \(fixed, so that the bootstrap's resamples are the same "
-                                 r"on every call\) must be an int >= 0"):
+                                 r"on every call\) must be an int from 0 to 2\*\*64 - 1"):
             layer_block_bootstrap(d, y, resamples=100, seed=seed)
     a = layer_block_bootstrap(d, y, resamples=100, seed=np.int64(3))
     b = layer_block_bootstrap(d, y, resamples=100, seed=3)

@@ -390,8 +390,8 @@ def test_counts_of_a_run_that_are_no_integers_are_a_type_error(kwargs, message):
 @pytest.mark.parametrize("fields, message", [
     ({"epochs": True}, r"TrainConfig\.epochs must be an int >= 1, got True \(bool\)"),
     ({"batch_size": 16.0}, r"TrainConfig\.batch_size must be an int >= 1, got 16\.0"),
-    ({"seed": True}, r"TrainConfig\.seed must be an int >= 0, got True \(bool\)"),
-    ({"seed": 1.5}, r"TrainConfig\.seed must be an int >= 0, got 1\.5 \(float\)"),
+    ({"seed": True}, r"TrainConfig\.seed must be an int from 0 to 2\*\*64 - 1, got True \(bool\)"),
+    ({"seed": 1.5}, r"TrainConfig\.seed must be an int from 0 to 2\*\*64 - 1, got 1\.5 \(float\)"),
 ])
 def test_config_counts_that_are_no_integers_are_a_type_error(fields, message):
     with pytest.raises(TypeError, match=message):
@@ -431,7 +431,7 @@ def test_config_refuses_bad_values(field, value):
 
 @pytest.mark.parametrize("fields, message", [
     ({"batch_size": 0}, r"TrainConfig\.batch_size must be an int >= 1, got 0"),
-    ({"seed": -1}, r"TrainConfig\.seed must be an int >= 0, got -1"),
+    ({"seed": -1}, r"TrainConfig\.seed must be an int from 0 to 2\*\*64 - 1, got -1"),
     ({"lr": "0.1"}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got '0\.1'"),
     ({"lr": math.inf}, r"TrainConfig\.lr must be a finite number in \(0\.0, inf\), got inf"),
     ({"momentum": 1.0, "schedule": Schedule.CONSTANT},
