@@ -75,6 +75,12 @@ def check_seed(value, name: str) -> int:
     return int(value)
 
 
+#: What a ``generator=`` argument takes (:func:`check_seed_or_generator`): an int seed from 0
+#: to :data:`MAX_SEED`, Python's or numpy's, a ``numpy.random.Generator`` or a
+#: ``torch.Generator``. The one annotation of such an argument in the library.
+SeedOrGenerator = int | np.integer | np.random.Generator | torch.Generator
+
+
 def check_seed_or_generator(value, name: str = "generator"):
     """``value`` itself where it is a ``numpy.random.Generator`` or ``torch.Generator``,
     else :func:`check_seed`'s int: the one check of a ``generator=`` argument (None, which

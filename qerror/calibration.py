@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from qerror._checks import check_count, check_finite, check_float_array
+from qerror._checks import SeedOrGenerator, check_count, check_finite, check_float_array
 from qerror._enums import Choice
 from qerror.analytic import ClipMethod, optimal_clip
 from qerror.quantizer import (
@@ -28,7 +28,7 @@ from qerror.quantizer import (
     largest_finite,
     working_precision,
 )
-from qerror.rounding import ArrayLike, Generator
+from qerror.rounding import ArrayLike
 
 
 class RangeMethod(Choice):
@@ -324,7 +324,7 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *, min_scale: float | None = Non
 
 
 def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy(), *,
-              generator: Generator | None = None) -> QParams:
+              generator: SeedOrGenerator | None = None) -> QParams:
     """Choose scale and zero point of ``spec``'s grid for ``x`` by ``policy``.
 
     MSE searches ``policy.mse_grid`` shrink factors ``c`` in ``(0, 1]`` of the

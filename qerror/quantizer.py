@@ -25,6 +25,7 @@ import torch
 
 from qerror import _fused
 from qerror._checks import (
+    SeedOrGenerator,
     check_count,
     check_finite,
     check_float_array,
@@ -36,7 +37,6 @@ from qerror._exact import exact_codes
 from qerror.cpu import flushing_denormals, set_flush_denormal
 from qerror.rounding import (
     ArrayLike,
-    Generator,
     RoundingMode,
     hash_stream,
     round_values,
@@ -893,7 +893,7 @@ def quantize(
     scale,
     zero_point=0,
     *,
-    generator: Generator | None = None,
+    generator: SeedOrGenerator | None = None,
     return_saturation: bool = False,
     offset: int = 0,
 ):
@@ -1043,7 +1043,7 @@ def fake_quantize(
     scale,
     zero_point=0,
     *,
-    generator: Generator | None = None,
+    generator: SeedOrGenerator | None = None,
     return_saturation: bool = False,
     offset: int = 0,
 ):
@@ -1143,12 +1143,12 @@ class PreparedQuantizer:
         return (f"PreparedQuantizer({self._spec!r}, scale={self._scale!r}, "
                 f"zero_point={self._zero_point!r})")
 
-    def quantize(self, x: ArrayLike, *, generator: Generator | None = None,
+    def quantize(self, x: ArrayLike, *, generator: SeedOrGenerator | None = None,
                  return_saturation: bool = False, offset: int = 0):
         """:func:`quantize` of ``x`` with this spec, scale and zero point."""
         return self._call(x, generator, fake=False, count=return_saturation, offset=offset)
 
-    def fake_quantize(self, x: ArrayLike, *, generator: Generator | None = None,
+    def fake_quantize(self, x: ArrayLike, *, generator: SeedOrGenerator | None = None,
                       return_saturation: bool = False, offset: int = 0):
         """:func:`fake_quantize` of ``x`` with this spec, scale and zero point."""
         return self._call(x, generator, fake=True, count=return_saturation, offset=offset)

@@ -16,7 +16,12 @@ from typing import Union
 import numpy as np
 import torch
 
-from qerror._checks import check_finite, check_float_array, check_seed_or_generator
+from qerror._checks import (
+    SeedOrGenerator,
+    check_finite,
+    check_float_array,
+    check_seed_or_generator,
+)
 from qerror._enums import Choice
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -169,10 +174,7 @@ class ModeFacts:
     sign_split: tuple[RoundingMode, RoundingMode] | None = None
 
 
-Generator = Union[int, np.integer, np.random.Generator, torch.Generator]
-
-
-def stochastic_key(generator: Generator | None) -> int:
+def stochastic_key(generator: SeedOrGenerator | None) -> int:
     """Turn a seed or generator into the 64-bit key of the stochastic hash.
 
     An integer seed (0 to 2**64 - 1, each its own key) always gives the same key; a numpy
@@ -450,7 +452,7 @@ def apply_rounding(
     x: ArrayLike,
     mode: RoundingMode | str,
     *,
-    generator: Generator | None = None,
+    generator: SeedOrGenerator | None = None,
 ) -> ArrayLike:
     """Round every element of ``x`` to an integer value with ``mode``.
 

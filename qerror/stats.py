@@ -22,13 +22,17 @@ import torch
 from scipy import optimize as sopt
 from scipy import stats as sps
 
-from qerror._checks import check_count, check_seed, check_seed_or_generator
+from qerror._checks import (
+    SeedOrGenerator,
+    check_count,
+    check_seed,
+    check_seed_or_generator,
+)
 from qerror._enums import Choice
 from qerror.empirical import ErrorStats
 from qerror.rounding import RoundingMode
 
 SampleLike = np.ndarray | torch.Tensor | Sequence[float]
-Seed = int | np.integer | np.random.Generator | torch.Generator
 
 # Below this many discordant pairs McNemar's chi-square approximation is poor
 # and the exact binomial test is used (the usual rule of thumb, b + c < 25).
@@ -547,7 +551,7 @@ def mse_ratio_ci(
     alpha: float = 0.05,
     method: IntervalMethod | str = IntervalMethod.DELTA,
     n_resamples: int = 2000,
-    generator: Seed | None = None,
+    generator: SeedOrGenerator | None = None,
 ) -> RatioResult:
     """Ratio ``MSE_a / MSE_b`` of two errors with a CI and the p-value for ratio = 1.
 
@@ -1338,7 +1342,7 @@ def bootstrap_ci(
     samples: SampleLike | tuple[SampleLike, ...],
     statistic: Callable[..., float],
     *,
-    generator: Seed,
+    generator: SeedOrGenerator,
     n_resamples: int = 9999,
     alpha: float = 0.05,
     null: float | None = None,
