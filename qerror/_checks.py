@@ -19,8 +19,12 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
 
 #: The largest seed. A seed is an integer from 0 to 2**64 - 1: torch's generators take no
 #: more (``manual_seed`` refuses 2**64 and reads -1 as 2**64 - 1), while numpy's
-#: ``SeedSequence`` takes any size, so a wider rule would let the two libraries disagree on
-#: which seeds are distinct.
+#: ``SeedSequence`` takes any size. Within that range torch's CPU generator (a Mersenne
+#: twister) starts from the seed's low 32 bits only (torch 2.14: seeds 5, 5 + 2**32 and
+#: 5 + 2**63 give the same ``randperm``): draws made with torch on the CPU (a network's
+#: initial weights, a shuffle, a calibration sample) repeat for seeds 2**32 apart, while
+#: numpy's (bootstraps, training's batch order, stochastic rounding's keys) and CUDA's use
+#: all 64 bits.
 MAX_SEED = 2 ** 64 - 1
 
 
@@ -64,6 +68,11 @@ def check_seed(value, name: str) -> int:
     ValueError
         ``value`` is below 0 or above 2**64 - 1: torch would refuse it or read -1 as
         2**64 - 1, and a 64-bit key would take 2**64 as 0, the draws of another seed.
+
+    Notes
+    -----
+    torch's CPU generator reads only the low 32 bits of a seed (:data:`MAX_SEED`): for
+    draws that must differ between seeds, use seeds below 2**32.
     """
     if not _is_integer(value):
         raise TypeError(f"{name} must be an int from 0 to 2**64 - 1, got {value!r} "

@@ -280,7 +280,8 @@ def base_parser(study: str, description: str, *, force: bool = False,
     parser.add_argument("--seed", type=int_in(0, 2 ** 64 - 1, "torch's generators take "
                                                "64-bit seeds"), default=0,
                         help="seed of every random choice (an integer from 0 to 2^64 - 1; "
-                             "default 0)")
+                             "default 0; torch's CPU draws read its low 32 bits, so seeds "
+                             "2^32 apart share them)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset for the test suite: same code path, small sizes")
     if force:

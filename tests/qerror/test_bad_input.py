@@ -456,3 +456,18 @@ def test_a_seed_outside_64_bits_gets_one_answer(name, call, cheap, wrong):
 @pytest.mark.parametrize("call", [c[2] for c in SEEDS if c[3]], ids=[c[0] for c in SEEDS if c[3]])
 def test_every_64_bit_seed_is_taken(call, value):
     call(value)
+
+
+def test_torch_cpu_draws_read_a_seeds_low_32_bits_as_documented():
+    """qerror._checks.MAX_SEED's comment, check_seed's Notes and the studies' --seed help say
+    that torch's CPU generator starts from a seed's low 32 bits, so torch-made draws repeat
+    for seeds 2**32 apart while numpy's differ. If a torch release changes that, this fails
+    and the three texts must change with it."""
+    def torch_draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(64, generator=g).tolist(), torch.rand(4, generator=g).tolist()
+
+    assert torch_draws(5) == torch_draws(5 + 2**32) == torch_draws(5 + 2**63)
+    assert torch_draws(5) != torch_draws(6)
+    assert (np.random.default_rng(5).permutation(64).tolist()
+            != np.random.default_rng(5 + 2**32).permutation(64).tolist())
