@@ -375,7 +375,7 @@ def test_csr_linear_and_conv_equal_the_dense_masked_layers():
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, np.bool_(True),
-                                 np.float32(1.0)])
+                                 np.float32(1.0), False, np.bool_(False)])
 def test_sparsity_outside_the_unit_interval_is_refused(bad):
     model = tiny_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -577,3 +577,137 @@ def test_a_pruner_resumed_without_its_state_prunes_from_its_first_step():
     pruner(model)
     assert pruner.step == 6 and not schedule.is_update(6)
     assert int((model.weight == 0).sum()) == zero_count(schedule.exact_sparsity(0), 100) == 50
+
+
+def test_one_weight_to_prune_is_the_smallest_and_the_first_of_equals():
+    # 8 weights at sparsity 1/8: ⌊1 + 1/2⌋ = 1 zero, the smallest magnitude; 0.1 twice, so
+    # the earlier of the two
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, 2.0, -0.1, 3.0], [4.0, 0.1, -6.0, 7.0]]))
+    assert zero_count(0.125, 8) == 1
+    masks = prune_global(layer, 0.125, keep_dense=())
+    assert masks["weight"].tolist() == [[True, True, False, True], [True, True, True, True]]
+    assert int((layer.weight == 0).sum()) == 1 and layer.weight[1, 1] == 0.1
+
+
+def test_a_schedule_without_a_step_between_updates_or_before_step_zero_is_refused():
+    # interval 0 would make every update the same step (is_update divides by it), a start
+    # below 0 an update before the first optimizer step
+    with pytest.raises(ValueError, match="GradualSchedule.interval must be an int >= 1, got 0"):
+        GradualSchedule(final=0.5, updates=2, interval=0)
+    with pytest.raises(ValueError, match="GradualSchedule.start must be an int >= 0, got -1"):
+        GradualSchedule(final=0.5, updates=2, start=-1)
+
+
+def test_a_pruner_resumed_between_updates_rebuilds_the_last_update_s_masks():
+    # updates at 0, 10, 20; resumed at step 15, the first call is step 16, between the
+    # updates at 10 and 20: the masks are those of step 10's sparsity,
+    # 1/2 + (1/4 - 1/2)(1 - 1/2)³ = 0.46875, 47 of 100 weights (step 16's would be 50)
+    schedule = GradualSchedule(final=0.5, initial=0.25, updates=2, interval=10)
+    assert zero_count(schedule.exact_sparsity(10), 100) == 47
+    assert zero_count(schedule.exact_sparsity(16), 100) == 50
+    model = nn.Linear(10, 10, bias=False)
+    pruner = MagnitudePruner(schedule, keep_dense=(), step=15)
+    pruner(model)
+    assert int((model.weight == 0).sum()) == 47
+
+
+def test_a_pruner_state_with_a_negative_step_is_refused():
+    pruner = MagnitudePruner(GradualSchedule(final=0.5, updates=1))
+    with pytest.raises(PruningError, match="not a MagnitudePruner state"):
+        pruner.load_state_dict({"step": -1, "masks": {}})
+    assert pruner.step == 0
+
+
+def _set_filter_norms(conv, norms):
+    # every entry of filter c is ±norms[c]/k (k entries per filter, a power of two here, so
+    # exact): its L1 norm is norms[c]; the signs alternate so that a signed sum would differ
+    k = conv.weight[0].numel()
+    signs = torch.tensor([(-1.0) ** j for j in range(k)]).reshape(conv.weight[0].shape)
+    with torch.no_grad():
+        for c, v in enumerate(norms):
+            conv.weight[c] = signs * (v / k)
+
+
+def test_a_channel_plan_breaks_ties_toward_the_lower_index_and_lists_channels_in_order():
+    model = tiny_resnet()
+    # bottleneck conv1 (8 filters of 32 entries): keep 4 of norms [1, 3, 2, 3, 2, 1, 2, 0]:
+    # the two 3s (channels 1, 3), then two of the three 2s (2, 4, 6): the lower, 2 and 4
+    _set_filter_norms(model.layer1[0].conv1, [1.0, 3.0, 2.0, 3.0, 2.0, 1.0, 2.0, 0.0])
+    # basic block conv1 (32 filters of 288 entries, not a power of two: equal anyway, as
+    # every filter is the same tensor): all equal, keep the first 16
+    with torch.no_grad():
+        model.layer1[1].conv1.weight.copy_(model.layer1[1].conv1.weight[:1].expand(32, -1, -1, -1))
+    plan = channel_plan(model, 0.5)
+    assert plan["layer1.0.conv1"].tolist() == [1, 2, 3, 4]
+    assert plan["layer1.1.conv1"].tolist() == list(range(16))
+    for kept in plan.values():
+        assert kept.dtype == torch.int64 and torch.equal(kept, kept.sort().values)
+
+
+def test_channel_masks_zero_the_filters_batchnorm_and_next_inputs_of_exactly_the_removed():
+    model = tiny_resnet()
+    plan = channel_plan(model, 0.5)
+    masks = channel_masks(model, plan)
+    k1, k2, kb = (set(plan[c].tolist()) for c in ("layer1.0.conv1", "layer1.0.conv2",
+                                                   "layer1.1.conv1"))
+    # entry (o, i, ...) of each weight is kept where its output channel (o) survives the
+    # plan of that convolution and its input channel (i) the plan of the one before
+    expect = {"layer1.0.conv1.weight": (k1, None), "layer1.0.conv2.weight": (k2, k1),
+              "layer1.0.conv3.weight": (None, k2), "layer1.1.conv1.weight": (kb, None),
+              "layer1.1.conv2.weight": (None, kb)}
+    params = dict(model.named_parameters())
+    for name, (outs, ins) in expect.items():
+        o, i = params[name].shape[:2]
+        want = torch.tensor([[(outs is None or a in outs) and (ins is None or b in ins)
+                              for b in range(i)] for a in range(o)])
+        assert torch.equal(masks[name], want[:, :, None, None].expand_as(params[name])), name
+    for bn, kept in (("layer1.0.bn1", k1), ("layer1.0.bn2", k2), ("layer1.1.bn1", kb)):
+        want = torch.tensor([c in kept for c in range(params[f"{bn}.weight"].numel())])
+        assert torch.equal(masks[f"{bn}.weight"], want), bn
+        assert torch.equal(masks[f"{bn}.bias"], want), bn
+    assert set(masks) == set(expect) | {f"{bn}.{p}" for bn in ("layer1.0.bn1", "layer1.0.bn2",
+                                                               "layer1.1.bn1")
+                                        for p in ("weight", "bias")}
+    # the removed channels put out exactly 0 after their BatchNorm, in training mode too
+    apply_masks(model, masks)
+    seen = {}
+    model.layer1[0].bn1.register_forward_hook(lambda m, i, out: seen.update(bn1=out))
+    model.train()(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    removed = sorted(set(range(8)) - k1)
+    assert (seen["bn1"][:, removed] == 0).all()
+
+
+def test_shrinking_keeps_the_planned_biases_and_a_cumulative_batchnorm_s_count():
+    # inner convolutions with a bias (torchvision's have none) and BatchNorm averaging over
+    # all batches (momentum None, after 3 batches): the smaller model must equal the masked
+    # one in eval mode, and one training step must move its running mean as the masked
+    # model's kept channels move (weight 1/4 for the 4th batch)
+    def model():
+        m = tiny_resnet(dtype=torch.float64)
+        blk = m.layer1[0]
+        torch.manual_seed(1)
+        blk.conv1 = nn.Conv2d(32, 8, 1, bias=True, dtype=torch.float64)
+        blk.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=True, dtype=torch.float64)
+        for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+            bn.momentum = None
+            bn.num_batches_tracked.fill_(3)
+        return m.eval()
+
+    big = model()
+    plan = channel_plan(big, 0.5)
+    small = shrink_channels(big, plan)
+    masked = model()
+    apply_masks(masked, channel_masks(masked, plan))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        # float64, as test_structured_smaller_model_equals_the_masked_one
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-12, atol=1e-12)
+        small.train()(x)
+        masked.train()(x)
+    for conv, bn in (("layer1.0.conv1", "layer1.0.bn1"), ("layer1.0.conv2", "layer1.0.bn2")):
+        got, want = small.get_submodule(bn), masked.get_submodule(bn)
+        assert int(got.num_batches_tracked) == 4
+        torch.testing.assert_close(got.running_mean, want.running_mean[plan[conv]],
+                                   rtol=1e-12, atol=1e-12)
