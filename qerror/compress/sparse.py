@@ -340,9 +340,10 @@ class MagnitudePruner:
     keep_dense : str or iterable of str, optional
         See :func:`prunable_weights`.
     step : int
-        Steps already done, for a run resumed without the pruner's saved state: the masks
-        of the last update are then rebuilt from the weights after the first step, which
-        that step has moved, so the run is close to the uninterrupted one but not equal.
+        Steps already done, an integer ``>= 0`` (else TypeError or ValueError), for a run
+        resumed without the pruner's saved state: the masks of the last update are then
+        rebuilt from the weights after the first step, which that step has moved, so the
+        run is close to the uninterrupted one but not equal.
         :func:`qerror.nn.training.fit` saves the pruner's state (:meth:`state_dict`) with
         its own and restores it on resuming, which repeats the uninterrupted run exactly.
 
@@ -360,7 +361,7 @@ class MagnitudePruner:
         if keep_dense is not None and not isinstance(keep_dense, str):
             keep_dense = tuple(keep_dense)  # read at every update: an iterator only once
         self.keep_dense = keep_dense
-        self.step = int(step)
+        self.step = check_count(step, "MagnitudePruner.step")
         self.masks: Masks = {}
 
     def __call__(self, model: nn.Module) -> None:

@@ -711,3 +711,15 @@ def test_shrinking_keeps_the_planned_biases_and_a_cumulative_batchnorm_s_count()
         assert int(got.num_batches_tracked) == 4
         torch.testing.assert_close(got.running_mean, want.running_mean[plan[conv]],
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_a_pruner_told_a_step_that_is_no_count_refuses_it():
+    # the constructor truncated 2.7 to 2, took True as 1 and "3" as 3, and a step of -1
+    # made the first call step 0, an update before any optimizer step (25 zeros of 100)
+    schedule = GradualSchedule(final=0.5, updates=2, interval=10)
+    for bad in (2.7, True, "3"):
+        with pytest.raises(TypeError, match="MagnitudePruner.step must be an int >= 0"):
+            MagnitudePruner(schedule, step=bad)
+    with pytest.raises(ValueError, match="MagnitudePruner.step must be an int >= 0, got -1"):
+        MagnitudePruner(schedule, step=-1)
+    assert MagnitudePruner(schedule, step=np.int64(4)).step == 4
