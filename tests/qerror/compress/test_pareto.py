@@ -42,15 +42,29 @@ def test_smallest_within_a_margin_of_the_reference():
 
 @pytest.mark.parametrize("size, acc, match", [([1, 2], [0.5], "same length"),
                                               ([1, np.nan], [0.5, 0.6], "finite"),
+                                              ([1, 2], [0.5, np.nan], "finite"),
+                                              ([1, 2], [np.inf, 0.6], "finite"),
                                               ([-1], [0.5], ">= 0")])
 def test_bad_points_are_refused(size, acc, match):
     with pytest.raises(ValueError, match=match):
         pareto_front(size, acc)
 
 
-def test_bad_margin_is_refused():
+def test_a_bad_reference_or_margin_is_refused():
     with pytest.raises(ValueError, match="margin >= 0"):
         smallest_within([1], [0.5], 0.5, -0.01)
+    # a NaN reference made every comparison False: -1, "no model qualifies", without a word
+    for ref in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="need a finite reference"):
+            smallest_within([1], [0.5], ref, 0.01)
+
+
+def test_a_model_of_zero_bytes_and_a_budget_of_zero_are_counts_like_any_other():
+    # sizes and budgets are byte counts >= 0: a model of 0 bytes (a constant predictor)
+    # fits a budget of 0, and is on the front as the smallest
+    assert best_within([0, 10], [0.1, 0.9], [0, 9, 10]).tolist() == [0, 0, 1]
+    assert pareto_front([0, 10], [0.1, 0.9]).tolist() == [True, True]
+    assert smallest_within([0, 10], [0.1, 0.9], 0.1, 0.0) == 0
 
 
 def test_a_model_exactly_the_margin_below_qualifies_whatever_the_float_rounding():
@@ -63,6 +77,12 @@ def test_a_model_exactly_the_margin_below_qualifies_whatever_the_float_rounding(
     assert missed == []
     # one answer fewer is beyond the margin
     assert smallest_within([100, 10], [0.5097, 0.4996], 0.5097, 0.01) == 0
+    # also on a split of 200,000 (step 5e-6): the slack stays below one answer
+    n = 200_000
+    for k in (2_000, 101_937, n):
+        at, beyond = (k - 2_000) / n, (k - 2_001) / n
+        assert smallest_within([100, 10], [k / n, at], k / n, 0.01) == 1, k
+        assert smallest_within([100, 10], [k / n, beyond], k / n, 0.01) == 0, k
 
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
