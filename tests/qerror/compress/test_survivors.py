@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qerror import QuantSpec, RoundingMode
+from qerror import QuantSpec, RoundingMode, calibrate, fake_quantize
 from qerror.compress import prune_global, quantize_survivors
 
 
@@ -35,6 +35,8 @@ def test_hand_made_layer_nearest_and_truncation():
     assert r.shrink_lsb == pytest.approx((0 - 0.4 - 0.3) / 3, abs=1e-6)
     assert t.shrink_lsb == pytest.approx((0 + 0.6 + 0.7) / 3, abs=1e-6)
     assert t.mse_lsb == pytest.approx((0.36 + 0.49) / 3, abs=1e-6)
+    assert r.mae_lsb == pytest.approx((0 + 0.4 + 0.3) / 3, abs=1e-6)
+    assert t.mae_lsb == pytest.approx((0 + 0.6 + 0.7) / 3, abs=1e-6)
     assert r.mean_abs_lsb == pytest.approx(5.3 / 3, abs=1e-6)
 
 
@@ -95,3 +97,26 @@ def test_a_negative_channel_axis_is_the_same_as_its_positive_twin():
         neg = quantize_survivors(model, QuantSpec(bits=4, axis=-1, rounding=rounding))
         assert torch.equal(pos.model[0].weight, neg.model[0].weight)
         pd.testing.assert_frame_equal(pos.layers, neg.layers)
+
+
+def test_stochastic_rounding_draws_one_stream_per_layer_from_the_seed():
+    # Two layers with the same weights: layer i is rounded with SeedSequence([seed, i]), so
+    # the two round differently (each survivor off the grid, 58 of the 64 here, rounds up or
+    # down on its own draw), each equals fake_quantize with its own key, and the seed
+    # repeats it.
+    w = (torch.arange(64, dtype=torch.float32).reshape(4, 16) - 31.5) / 16
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False),
+                                torch.nn.Linear(16, 4, bias=False))
+    with torch.no_grad():
+        for m in model:
+            m.weight.copy_(w)
+    spec = QuantSpec(bits=4, axis=0, rounding=RoundingMode.STOCHASTIC)
+    q = quantize_survivors(model, spec, seed=7)
+    qp = calibrate(w, spec)
+    for i in range(2):
+        key = int(np.random.SeedSequence([7, i]).generate_state(1)[0])
+        assert torch.equal(q.model[i].weight, fake_quantize(w, spec, qp.scale, qp.zero_point,
+                                                            generator=key)), i
+    assert not torch.equal(q.model[0].weight, q.model[1].weight)
+    assert torch.equal(quantize_survivors(model, spec, seed=7).model[1].weight,
+                       q.model[1].weight)
