@@ -98,3 +98,46 @@ def test_keep_dense_none_is_the_first_convolution_as_in_model_bytes():
                                           keep_dense=None).total
     assert model_bytes(m, "dense", "int8", keep_dense=()).total < first  # first conv float32
 
+
+
+@pytest.mark.parametrize("values, in_channels", [("int8", 1), ("int8", 3), ("float32", 1)])
+def test_a_budget_of_exactly_a_width_s_bytes_buys_that_width_and_a_byte_less_does_not(
+        values, in_channels):
+    # widths 1..5 cover the doubling's exact fit (2, 4), the bisection's (3, 5) and the
+    # check of width 1; the bytes counted for the values and input channels asked
+    def size(w):
+        return model_bytes(TinyCNN(w, in_channels), "dense", values, keep_dense=()).total
+
+    for w in range(1, 6):
+        fit = tiny_cnn_within(size(w), values=values, in_channels=in_channels)
+        assert fit.width == w and fit.features[0].in_channels == in_channels
+        if w > 1:
+            assert tiny_cnn_within(size(w) - 1, values=values,
+                                   in_channels=in_channels).width == w - 1
+    with pytest.raises(ValueError, match=f"even a TinyCNN of width 1 takes {size(1)} bytes"):
+        tiny_cnn_within(size(1) - 1, values=values, in_channels=in_channels)
+
+
+def test_two_pools_then_the_spatial_mean():
+    # two 2x2 max-pools: an 8x12 input leaves 2x3 positions of 4w channels; the classifier
+    # reads their mean over the positions (global average pooling)
+    m = TinyCNN(2).eval()
+    x = torch.randn(3, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = m.features(x)
+        assert f.shape == (3, 8, 2, 3)
+        mean = f.double().sum(dim=(2, 3)) / 6
+        w, bias = m.fc.weight.double(), m.fc.bias.double()
+        # float32: a mean of 6 features (>= 0 after ReLU, so its error is relative to
+        # itself: 6 roundings) then 8 products and 9 sums, each rounding a relative 2^-24
+        # at most: to first order 15 roundings of the terms' magnitudes bound the error
+        bound = 16 * 2.0 ** -24 * (mean.abs() @ w.abs().T + bias.abs())
+        assert ((m(x).double() - (mean @ w.T + bias)).abs() <= bound).all()
+
+
+def test_the_seed_sets_the_weights_and_tiny_cnn_within_passes_it_on():
+    a, b = TinyCNN(3, seed=0), TinyCNN(3, seed=1)
+    assert not torch.equal(a.features[0].weight, b.features[0].weight)
+    m = tiny_cnn_within(5000, seed=1)
+    for name, t in TinyCNN(m.width, seed=1).state_dict().items():
+        assert torch.equal(m.state_dict()[name], t), name
