@@ -87,6 +87,7 @@ from studies._common import (
     positive_float,
     positive_int,
     refuse_beyond_splits,
+    refuse_seeds_past_64_bits,
     row_width,
     study_main,
     user_path,
@@ -578,6 +579,9 @@ def _main(argv: list[str]) -> int:
                          f"small CNN, and --models is {' '.join(models)}")
     bits_list = list(dict.fromkeys(pick(args.bits, [4, 3], [4])))
     args.stochastic_seeds = pick(args.stochastic_seeds, 3, 2)
+    # stochastic rounding k is keyed by --seed + k (QuantConfig takes seeds up to 2**64 - 1)
+    refuse_seeds_past_64_bits(parser, args.seed, args.stochastic_seeds,
+                              f"--stochastic-seeds {args.stochastic_seeds}")
     args.calib_images = pick(args.calib_images, 1000, 32)
     args.ada_images = pick(args.ada_images, 512, 32)
     args.test_images = pick(args.test_images, split_images("test"), 64)

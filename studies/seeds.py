@@ -50,6 +50,7 @@ from studies._common import (
     figure_style,
     int_at_least,
     positive_int,
+    refuse_seeds_past_64_bits,
     study_main,
     user_path,
 )
@@ -113,10 +114,7 @@ def _main(argv: list[str]) -> int:
     epochs = args.epochs or (2 if smoke else EPOCHS)
     n_train = args.train_images or (1024 if smoke else TRAIN_IMAGES)
     n_test = args.test_images or (128 if smoke else TEST_IMAGES)
-    if args.seed + seeds - 1 > 2 ** 64 - 1:
-        parser.error(f"--seed {args.seed} with --seeds {seeds}: the networks take seeds "
-                     f"{args.seed} to {args.seed + seeds - 1}, beyond torch's 64-bit seeds; "
-                     f"give --seed at most {2 ** 64 - seeds}")
+    refuse_seeds_past_64_bits(parser, args.seed, seeds, f"--seeds {seeds}")
     if epochs * (n_train // BATCH) < MIN_STEPS:
         parser.error(f"--epochs {epochs} x --train-images {n_train}: {epochs * (n_train // BATCH)} "
                      f"steps of {BATCH} images; the one-cycle schedule needs at least "

@@ -176,6 +176,12 @@ STUDY_CASES = {
          r"--device: device 'tpu' is not one of: cpu, cuda, auto"),
     ],
     "rounding_choice": [
+        # stochastic rounding k is keyed by --seed + k: --seed 2**64 - 1 with the smoke's two
+        # seeds passed QuantConfig's range once a model was trained and the up/down run done
+        ("seed-overflows-with-stochastic-seeds", ["--seed", str(2 ** 64 - 1)], ARGPARSE,
+         r"--seed 18446744073709551615 with --stochastic-seeds 2: the run takes seeds "
+         r"18446744073709551615 to 18446744073709551616, .*give --seed at most "
+         r"18446744073709551614"),
         ("drift-images-above-test-images", ["--test-images", "20", "--drift-images", "21"],
          ARGPARSE, r"--drift-images 21: more than --test-images 20"),
         ("small-train-images-beyond-the-split", ["--small-train-images", "101"], ARGPARSE,
