@@ -1233,7 +1233,8 @@ def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
     Parameters
     ----------
     sample : array-like
-        The values (flattened), finite; numpy array, torch tensor or sequence.
+        The values, one-dimensional (ValueError otherwise) and finite; numpy array, torch
+        tensor or sequence.
     alpha : float
         The interval's coverage is at least ``1 - alpha`` for any continuous law.
 
@@ -1250,7 +1251,9 @@ def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
     machine whose load drifts are not independent, and the interval is then optimistic.
     Ties (a discrete law) make it conservative. The interval agrees with
     ``scipy.stats.quantile_test(x, q=median, p=0.5).confidence_interval(1 - alpha)``
-    (tested), whose coverage scipy does not report.
+    (tested), whose coverage scipy does not report, except where a pair's coverage equals
+    ``1 - alpha`` exactly (a level such as 0.5 or 0.875: 2 values at 0.5, 7 at 0.875),
+    where this takes that pair and scipy gives a NaN or a wider lower end.
 
     References
     ----------

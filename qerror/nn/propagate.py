@@ -378,7 +378,7 @@ class QuantizedWeights:
 def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> MadeFor:
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
     layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`); ``seed`` (an
-    int >= 0) keys stochastic rounding."""
+    int from 0 to 2**64 - 1) keys stochastic rounding."""
     seed = check_seed(seed, "seed")
     out = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
