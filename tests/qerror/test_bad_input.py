@@ -4,6 +4,7 @@ another accident of the implementation."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -471,3 +472,15 @@ def test_torch_cpu_draws_read_a_seeds_low_32_bits_as_documented():
     assert torch_draws(5) != torch_draws(6)
     assert (np.random.default_rng(5).permutation(64).tolist()
             != np.random.default_rng(5 + 2**32).permutation(64).tolist())
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: QuantConfig.make(8, "nearest_even", seed=seed),
+    lambda seed: TrainConfig(epochs=1, batch_size=8, lr=0.1, seed=seed)])
+def test_a_config_stores_a_numpy_seed_as_a_python_int(make):
+    """A configuration is written into manifests with json, which refuses numpy integers,
+    and compared and hashed with other configurations: its seed is kept as a Python int."""
+    config = make(np.uint64(2**64 - 1))
+    assert type(config.seed) is int and config.seed == 2**64 - 1
+    assert json.dumps(config.seed) == str(2**64 - 1)
+    assert make(np.int64(3)) == make(3)
