@@ -56,6 +56,25 @@ def check_count(value, name: str, low: int = 0) -> int:
     return int(value)
 
 
+def check_byte_budget(value, name: str) -> int | float:
+    """``value`` as a Python int (an integer) or float (another real number), where it is a
+    real number of bytes, Python's or numpy's, not a bool, finite and ≥ 0: the one check of
+    a byte budget in the library. An integer stays exact however large; a float compares
+    exactly with the int byte counts it bounds.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is a bool (``True`` is no budget), a string or another non-number, NaN
+        (every comparison with it is false, so a search would take any model or none), an
+        infinity, or below 0.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) \
+            or not (_is_integer(value) or math.isfinite(value)) or value < 0:
+        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
+    return int(value) if _is_integer(value) else float(value)
+
+
 def check_seed(value, name: str) -> int:
     """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) from 0
     to :data:`MAX_SEED` = 2**64 - 1: the one check of a seed in the library.

@@ -7,9 +7,12 @@ methods: dense, sparse, INT8, weightless and small CNNs alike.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import numpy as np
+
+from qerror._checks import check_byte_budget
 
 # Below the bar of smallest_within by float rounding alone (see its Notes).
 _SLACK = 1e-12
@@ -69,7 +72,8 @@ def best_within(size, accuracy, budgets: Iterable[float]) -> np.ndarray:
     ----------
     size, accuracy : array_like, shape (n,)
     budgets : iterable of float
-        Byte budgets; a model fits when ``size <= budget``.
+        Byte budgets, each a finite real number ``>= 0`` (an int or a float, not a bool or
+        a string: ValueError); a model fits when ``size <= budget``.
 
     Returns
     -------
@@ -80,9 +84,9 @@ def best_within(size, accuracy, budgets: Iterable[float]) -> np.ndarray:
     s, a = _points(size, accuracy)
     out = []
     for budget in budgets:
-        if not np.isfinite(float(budget)) or float(budget) < 0:
-            raise ValueError(f"a byte budget is a finite number >= 0, got {budget!r}")
-        fits = np.nonzero(s <= float(budget))[0]
+        budget = check_byte_budget(budget, "each byte budget")
+        # an int budget beyond float64's range holds every (finite) size
+        fits = np.nonzero(s <= float(min(budget, sys.float_info.max)))[0]
         if fits.size == 0:
             out.append(-1)
             continue

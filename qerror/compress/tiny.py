@@ -7,15 +7,12 @@ convolutional network and a weightless one can be compared at the same storage.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_byte_budget, check_count, check_seed
 from qerror.compress.size import SparseFormat, StorageFormat, model_bytes
 
 
@@ -75,7 +72,8 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     ----------
     max_bytes : int
         The budget, in bytes of :func:`~qerror.compress.size.model_bytes` (dense weights in
-        ``values``, per-channel scales and zero points, biases and BatchNorm in float32).
+        ``values``, per-channel scales and zero points, biases and BatchNorm in float32): a
+        finite real number ``>= 0``.
     values : StorageFormat or str
         Format of the convolution and linear weights (default INT8).
     keep_dense : iterable of str, str or None
@@ -87,17 +85,15 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     Raises
     ------
     ValueError
-        ``max_bytes`` is not a positive finite number, or not even width 1 fits.
+        ``max_bytes`` is not a finite real number ``>= 0`` (a bool, a string, NaN, an
+        infinity), or not even width 1 fits.
 
     Notes
     -----
     The size grows strictly with the width, so the widest fit is found by doubling then
     bisection on the exact byte count.
     """
-    if isinstance(max_bytes, bool | np.bool_) or not isinstance(max_bytes, numbers.Real) \
-            or not math.isfinite(max_bytes) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive finite number of bytes, got "
-                         f"{max_bytes!r}")
+    max_bytes = check_byte_budget(max_bytes, "max_bytes")
     keep = keep_dense if keep_dense is None or isinstance(keep_dense, str) else tuple(keep_dense)
 
     def size(w: int) -> int:

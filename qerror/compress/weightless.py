@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count, check_finite, check_seed, is_integer_dtype
+from qerror._checks import (
+    check_byte_budget,
+    check_count,
+    check_finite,
+    check_seed,
+    is_integer_dtype,
+)
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.compress.size import (
@@ -703,10 +709,8 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
     smallest threshold within budget is found by bisection, and the choice is made among
     the thresholds above it.
     """
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(
-            max_bytes, (int, float, np.integer, np.floating)) or not max_bytes >= 0
-            or math.isinf(max_bytes)):
-        raise ValueError(f"max_bytes must be a finite number of bytes >= 0, got {max_bytes!r}")
+    if max_bytes is not None:
+        max_bytes = check_byte_budget(max_bytes, "max_bytes")
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     if classes is None:
         classes = _inferred_classes(y_train)

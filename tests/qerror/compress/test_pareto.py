@@ -89,3 +89,19 @@ def test_a_model_exactly_the_margin_below_qualifies_whatever_the_float_rounding(
 def test_a_budget_that_is_no_byte_count_is_refused(budget):
     with pytest.raises(ValueError, match="byte budget"):
         best_within([10, 20], [0.5, 0.6], [budget])
+
+
+@pytest.mark.parametrize("budget", [True, np.bool_(True), "15", b"15", None, 15 + 0j])
+def test_a_budget_that_is_no_real_number_is_refused(budget):
+    # True was taken as 1 byte and "15" as 15 (float() read them): the one check of a byte
+    # budget, fit_wisard's and tiny_cnn_within's, refuses them
+    with pytest.raises(ValueError, match="each byte budget must be a finite number of bytes "
+                                         ">= 0, got"):
+        best_within([10, 20], [0.5, 0.6], [budget])
+
+
+def test_numpy_and_huge_integer_budgets_are_taken_as_the_numbers_they_are():
+    for budget in (np.int64(15), np.float32(15.0), np.uint8(15), 15.0):
+        assert best_within([10, 20], [0.5, 0.6], [budget]).tolist() == [0], budget
+    # beyond float64's range (float() overflowed): every model fits
+    assert best_within([10, 20], [0.5, 0.6], [10 ** 400]).tolist() == [1]

@@ -67,9 +67,11 @@ def test_same_seed_same_weights_and_global_generator_untouched():
 def test_bad_budget_and_width():
     with pytest.raises(ValueError, match="width 1 takes"):
         tiny_cnn_within(100)
-    for bad in (float("nan"), float("inf"), 0, -5, True, "5000"):  # NaN gave width 1
-        with pytest.raises(ValueError, match="positive finite number of bytes"):
-            tiny_cnn_within(bad)
+    with pytest.raises(ValueError, match="width 1 takes .* over max_bytes=0$"):
+        tiny_cnn_within(0)
+    for bad in (float("nan"), float("inf"), -5, True, np.bool_(True), "5000", None):
+        with pytest.raises(ValueError, match="max_bytes must be a finite number of bytes >= 0"):
+            tiny_cnn_within(bad)  # NaN gave width 1
     with pytest.raises(ValueError, match="width must be an int >= 1"):
         TinyCNN(0)
     with pytest.raises(TypeError, match="width must be an int >= 1"):
