@@ -51,7 +51,7 @@ from qerror.compress.sparse import (
     zero_count,
 )
 from qerror.compress.survivors import SurvivorQuantization, quantize_survivors
-from qerror.compress.tiny import TinyCNN, tiny_cnn_within
+from qerror.compress.tiny import MAX_TINY_WIDTH, TinyCNN, tiny_cnn_bytes, tiny_cnn_within
 from qerror.compress.weightless import (
     DWN,
     MAX_FAN_IN,
@@ -82,7 +82,9 @@ __all__ = [
     "smallest_within",
     "SurvivorQuantization",
     "quantize_survivors",
+    "MAX_TINY_WIDTH",
     "TinyCNN",
+    "tiny_cnn_bytes",
     "tiny_cnn_within",
     "StorageFormat",
     "held_bytes",

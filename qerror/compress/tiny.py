@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qerror._checks import check_byte_budget, check_count, check_seed
-from qerror.compress.size import SparseFormat, StorageFormat, model_bytes
+from qerror.compress.size import SparseFormat, StorageFormat, dense_layers, tensor_bytes
 
 
 class TinyCNN(nn.Module):
@@ -63,6 +63,69 @@ class TinyCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
+#: The widest :class:`TinyCNN` :func:`tiny_cnn_within` returns: 94.4 million parameters,
+#: 378 MB of float32 weights to build, 94.6 MB stored in INT8. A wider one is no tiny
+#: baseline; a budget of 1e9 bytes would buy width 3,333 (a billion parameters, 4 GB).
+MAX_TINY_WIDTH = 1024
+
+
+def _entries(width: int, in_channels: int, num_classes: int):
+    """``(layer, shape)`` of every entry of ``TinyCNN(width, in_channels, num_classes)``'s
+    state dict that :func:`~qerror.compress.size.model_bytes` stores, in order; ``layer``
+    names the Conv2d or Linear whose weight the entry is, else None (BatchNorm, biases)."""
+    widths = [in_channels, width, 2 * width, 4 * width]
+    for i in range(3):  # Conv2d at features.{4i}, its BatchNorm at features.{4i + 1}
+        yield f"features.{4 * i}", (widths[i + 1], widths[i], 3, 3)
+        yield from ((None, (widths[i + 1],)) for _ in range(4))  # weight, bias, mean, var
+    yield "fc", (num_classes, 4 * width)
+    yield None, (num_classes,)
+
+
+def tiny_cnn_bytes(width: int, in_channels: int = 1, num_classes: int = 10, *,
+                   values: StorageFormat | str = StorageFormat.INT8,
+                   keep_dense: Iterable[str] | str | None = ()) -> int:
+    """Bytes of ``TinyCNN(width, in_channels, num_classes)`` as
+    :func:`~qerror.compress.size.model_bytes` counts it stored dense, from the shapes alone:
+    no network of that width is built.
+
+    Parameters
+    ----------
+    width, in_channels, num_classes : int
+        As :class:`TinyCNN`.
+    values : StorageFormat or str
+        Format of the convolution and linear weights (default INT8).
+    keep_dense : iterable of str, str or None
+        Layers stored float32, as in :func:`~qerror.compress.size.model_bytes` (default
+        none; ``None`` the first convolution).
+
+    Returns
+    -------
+    int
+        ``model_bytes(TinyCNN(width, in_channels, num_classes), "dense", values,
+        keep_dense=keep_dense).total``: each weight's
+        :func:`~qerror.compress.size.tensor_bytes` in ``values`` (with per-channel scales and
+        zero points for integer formats), float32 for the layers kept dense, BatchNorm's
+        four vectors and the classifier's bias; BatchNorm's batch counter is not stored.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A count that is not an int ``>= 1``; ``keep_dense`` naming a layer TinyCNN lacks
+        (its layers: ``features.0``, ``features.4``, ``features.8``, ``fc``).
+    """
+    width, in_channels, num_classes = (
+        check_count(v, name, 1) for v, name in ((width, "width"),
+                                                (in_channels, "in_channels"),
+                                                (num_classes, "num_classes")))
+    values = StorageFormat.parse(values)
+    # the layers kept dense, read as model_bytes reads them (on a network of width 1)
+    dense = dense_layers(TinyCNN(1, in_channels, num_classes), keep_dense)
+    return sum(tensor_bytes(shape, None, SparseFormat.DENSE,
+                            StorageFormat.FLOAT32 if layer is None or layer in dense
+                            else values).total
+               for layer, shape in _entries(width, in_channels, num_classes))
+
+
 def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageFormat.INT8,
                     keep_dense: Iterable[str] | str | None = (), in_channels: int = 1,
                     num_classes: int = 10, seed: int = 0) -> TinyCNN:
@@ -86,30 +149,35 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     ------
     ValueError
         ``max_bytes`` is not a finite real number ``>= 0`` (a bool, a string, NaN, an
-        infinity), or not even width 1 fits.
+        infinity), not even width 1 fits, or the widest fit is wider than
+        :data:`MAX_TINY_WIDTH` (1024).
 
     Notes
     -----
-    The size grows strictly with the width, so the widest fit is found by doubling then
-    bisection on the exact byte count.
+    The size grows strictly with the width, so the widest fit is found by bisection on
+    :func:`tiny_cnn_bytes`, the exact byte count from the shapes; only the network
+    returned is built.
     """
     max_bytes = check_byte_budget(max_bytes, "max_bytes")
     keep = keep_dense if keep_dense is None or isinstance(keep_dense, str) else tuple(keep_dense)
 
     def size(w: int) -> int:
-        m = TinyCNN(w, in_channels, num_classes, seed=seed)
-        return model_bytes(m, SparseFormat.DENSE, values, keep_dense=keep).total
+        return tiny_cnn_bytes(w, in_channels, num_classes, values=values, keep_dense=keep)
 
     if size(1) > max_bytes:
         raise ValueError(f"even a TinyCNN of width 1 takes {size(1)} bytes, over "
                          f"max_bytes={max_bytes}")
-    lo, hi = 1, 2
-    while size(hi) <= max_bytes:
-        lo, hi = hi, 2 * hi
+    if size(MAX_TINY_WIDTH + 1) <= max_bytes:
+        over = size(MAX_TINY_WIDTH + 1)
+        raise ValueError(f"max_bytes={max_bytes} buys a TinyCNN wider than MAX_TINY_WIDTH = "
+                         f"{MAX_TINY_WIDTH} (width {MAX_TINY_WIDTH + 1} takes {over:,} bytes): "
+                         f"no tiny baseline; give a budget under {over:,} bytes, or build "
+                         f"TinyCNN(width) for a wider network")
+    lo, hi = 1, MAX_TINY_WIDTH + 1
     while hi - lo > 1:  # size(lo) <= budget < size(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= max_bytes else (lo, mid)
     return TinyCNN(lo, in_channels, num_classes, seed=seed)
 
 
-__all__ = ["TinyCNN", "tiny_cnn_within"]
+__all__ = ["MAX_TINY_WIDTH", "TinyCNN", "tiny_cnn_bytes", "tiny_cnn_within"]

@@ -1,10 +1,23 @@
 """The budget-sized CNN: the widest that fits, counted as the file it writes."""
 
+import csv
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from qerror.compress import TinyCNN, model_bytes, read_model, tiny_cnn_within, write_model
+import qerror.compress.tiny as tiny
+from qerror.compress import (
+    MAX_TINY_WIDTH,
+    TinyCNN,
+    model_bytes,
+    read_model,
+    tiny_cnn_bytes,
+    tiny_cnn_within,
+    write_model,
+)
 
 
 def _params(w, c=1, k=10):
@@ -143,3 +156,78 @@ def test_the_seed_sets_the_weights_and_tiny_cnn_within_passes_it_on():
     m = tiny_cnn_within(5000, seed=1)
     for name, t in TinyCNN(m.width, seed=1).state_dict().items():
         assert torch.equal(m.state_dict()[name], t), name
+
+
+# (values, keep_dense, in_channels, num_classes): the study's configuration first
+STUDY = ("int8", (), 1, 10)
+CONFIGS = [STUDY, ("int8", None, 1, 10), ("int8", ("fc",), 1, 10), ("int8", "features.4", 3, 10),
+           ("float32", (), 1, 10), ("float16", (), 3, 100), ("int4_packed", (), 1, 7),
+           ("uint8", ("features.0", "features.8"), 2, 10)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_bytes_from_the_shapes_are_model_bytes_of_the_built_network(config):
+    """tiny_cnn_within searched by building every width it tried (a budget of 1e8 bytes
+    built width 2048, 1.5 GB of float32 weights, and ran out of memory under an 8 GB limit:
+    /work/runs/s43/compress2/probe_tiny_budget_before.txt); it now counts each width's bytes
+    from the shapes, which must be model_bytes of the network exactly, widths 1..64 (the
+    study's budgets buy widths up to 51)."""
+    values, keep, c, k = config
+    for w in range(1, 65):
+        built = model_bytes(TinyCNN(w, c, k), "dense", values, keep_dense=keep).total
+        assert tiny_cnn_bytes(w, c, k, values=values, keep_dense=keep) == built, (config, w)
+
+
+def test_the_bytes_from_the_shapes_refuse_what_model_bytes_refuses():
+    with pytest.raises(ValueError, match=r"keep_dense names \['features.1'\]"):
+        tiny_cnn_bytes(4, keep_dense="features.1")  # a BatchNorm, not a Conv2d or Linear
+    with pytest.raises(TypeError, match="width must be an int >= 1"):
+        tiny_cnn_bytes(4.0)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        tiny_cnn_bytes(4, 1, 0)
+
+
+def test_the_search_builds_no_network_but_the_one_it_returns(monkeypatch):
+    """Besides the answer only width 1 is built (to read keep_dense as model_bytes reads
+    it); a budget that buys a width over MAX_TINY_WIDTH is refused before any is built.
+    Before, the search built every width it tried: 1, 2, 4, ..., 64 for 250,000 bytes."""
+    built = []
+
+    class Spy(TinyCNN):
+        def __init__(self, width, *args, **kwargs):
+            built.append(width)
+            if width <= 64:
+                super().__init__(width, *args, **kwargs)
+            else:  # a stand-in: the widest networks take seconds and 380 MB to build
+                torch.nn.Module.__init__(self)
+                self.width = width
+
+    monkeypatch.setattr(tiny, "TinyCNN", Spy)
+    m = tiny.tiny_cnn_within(250_000)
+    assert sorted(set(built)) == [1, m.width] and m.width > 1
+    assert model_bytes(m, "dense", "int8", keep_dense=()).total <= 250_000 \
+        < tiny_cnn_bytes(m.width + 1)
+    over = tiny_cnn_bytes(MAX_TINY_WIDTH + 1)
+    built.clear()
+    assert tiny.tiny_cnn_within(over - 1).width == MAX_TINY_WIDTH
+    assert sorted(set(built)) == [1, MAX_TINY_WIDTH]
+    for budget in (over, 1e9, 1e300, 10 ** 400):  # 1e9 built widths up to 4096 before
+        built.clear()
+        with pytest.raises(ValueError, match=re.escape(
+                f"max_bytes={budget} buys a TinyCNN wider than MAX_TINY_WIDTH = "
+                f"{MAX_TINY_WIDTH} (width {MAX_TINY_WIDTH + 1} takes {over:,} bytes)")):
+            tiny.tiny_cnn_within(budget)
+        assert set(built) <= {1}, budget
+
+
+def test_the_study_s_recorded_tiny_cnns_are_the_widths_their_budgets_buy():
+    """paper/record/compression/points.csv: each tiny CNN row's budget buys the width and
+    the bytes it records (the search's new byte count chose what the old one did)."""
+    path = Path(__file__).parents[3] / "paper" / "record" / "compression" / "points.csv"
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["family"] == "cnn"]
+    assert rows
+    for r in rows:
+        width = int(re.fullmatch(r".* budget: width (\d+)", r["config"]).group(1))
+        assert tiny_cnn_within(int(r["budget"])).width == width, r["key"]
+        assert tiny_cnn_bytes(width) == int(r["bytes"]) == int(r["file_bytes"]), r["key"]
