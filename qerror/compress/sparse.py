@@ -303,8 +303,10 @@ class GradualSchedule:
     def exact_sparsity(self, step: int) -> Fraction:
         """s_t at optimizer step ``step`` (clamped to [s_i, s_f] outside the window), exactly,
         on the binary values of ``initial`` and ``final``; the pruner counts its zeros from
-        it (:func:`zero_count`)."""
-        frac = min(max(Fraction(int(step) - self.start, self.updates * self.interval),
+        it (:func:`zero_count`). ``step`` is an int ``>= 0`` (Python's or numpy's): a float,
+        bool or string is a TypeError, a negative step a ValueError."""
+        step = check_count(step, "GradualSchedule step")
+        frac = min(max(Fraction(step - self.start, self.updates * self.interval),
                        Fraction(0)), Fraction(1))
         final = Fraction(self.final)
         return final + (Fraction(self.initial) - final) * (1 - frac) ** 3
@@ -315,7 +317,9 @@ class GradualSchedule:
         return float(self.exact_sparsity(step))
 
     def is_update(self, step: int) -> bool:
-        """Whether the masks are recomputed at ``step``."""
+        """Whether the masks are recomputed at ``step``, an int ``>= 0`` (as in
+        :meth:`exact_sparsity`)."""
+        step = check_count(step, "GradualSchedule step")
         return self.start <= step <= self.end and (step - self.start) % self.interval == 0
 
 

@@ -2,6 +2,7 @@
 pruning against its masked equivalent, CSR layers against dense ones, bad input."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -598,6 +599,27 @@ def test_a_schedule_without_a_step_between_updates_or_before_step_zero_is_refuse
         GradualSchedule(final=0.5, updates=2, interval=0)
     with pytest.raises(ValueError, match="GradualSchedule.start must be an int >= 0, got -1"):
         GradualSchedule(final=0.5, updates=2, start=-1)
+
+
+@pytest.mark.parametrize("step, error", [(12.9, TypeError), (20.0, TypeError),
+                                         (True, TypeError), ("12", TypeError),
+                                         (-3, ValueError)])
+def test_a_schedule_s_step_is_a_count(step, error):
+    # int() truncated 12.9 to 12 (s_t of step 12), read True as step 1 and "12" as 12;
+    # a step below 0 came back as s_i: now check_count's refusals
+    s = GradualSchedule(final=0.5, updates=4, interval=5, start=10)
+    for method in (s.exact_sparsity, s.is_update, s.sparsity):
+        with pytest.raises(error, match=f"GradualSchedule step must be an int >= 0, got "
+                                        f"{re.escape(repr(step))}"):
+            method(step)
+
+
+def test_a_schedule_takes_numpy_integer_steps():
+    s = GradualSchedule(final=0.5, updates=4, interval=5, start=10)
+    for step in range(30):
+        assert s.exact_sparsity(np.int64(step)) == s.exact_sparsity(step)
+        assert s.is_update(np.uint16(step)) is s.is_update(step)
+    assert [t for t in range(31) if s.is_update(t)] == [10, 15, 20, 25, 30]
 
 
 def test_a_pruner_resumed_between_updates_rebuilds_the_last_update_s_masks():
