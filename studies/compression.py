@@ -74,6 +74,7 @@ from tqdm import tqdm
 from qerror import QuantSpec, RoundingMode
 from qerror.compress import (
     MAX_FAN_IN,
+    MAX_TINY_WIDTH,
     BudgetError,
     EFDDecay,
     GradualSchedule,
@@ -93,6 +94,7 @@ from qerror.compress import (
     save_wnn,
     smallest_within,
     sparsity_of,
+    tiny_cnn_bytes,
     tiny_cnn_within,
     to_csr,
     wnn_size,
@@ -1156,6 +1158,14 @@ def _main(argv: list[str]) -> int:
         if not values and parts & needs:  # an empty list: the part would make no model
             parser.error(f"{option}: give at least one (it is empty, and --parts "
                          f"{' '.join(sorted(parts & needs))} needs it)")
+    if "cnn" in parts:  # the tiny CNN of the widest width a budget buys must exist
+        too_wide = tiny_cnn_bytes(MAX_TINY_WIDTH + 1)
+        over = [b for b in args.wisard_budgets if b >= too_wide]
+        if over:
+            parser.error(f"--wisard-budgets {' '.join(map(str, over))}: the tiny CNN of --parts "
+                         f"cnn would be wider than MAX_TINY_WIDTH = {MAX_TINY_WIDTH} (width "
+                         f"{MAX_TINY_WIDTH + 1} takes {too_wide:,} bytes); give budgets under "
+                         f"{too_wide:,} bytes, or leave cnn out of --parts")
     if "resnet" not in parts:
         args.rounding_bits = []
     if "dwn" in parts:  # a LUT reads fan-in distinct outputs of the layer before it

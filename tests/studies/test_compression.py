@@ -199,6 +199,9 @@ def test_the_smallest_layout_includes_dense():
      r"--wisard-budgets 1000000 1000001: two of them read alike"),
     (["--parts", "resnet", "--channel-fractions", "0.5", "0.5000001"],
      "--channel-fractions 0.5 0.5000001: two of them read alike"),
+    (["--parts", "wisard", "cnn", "--wisard-budgets", "102400", "94757240"],
+     "--wisard-budgets 94757240: the tiny CNN of --parts cnn would be wider than "
+     "MAX_TINY_WIDTH = 1024 (width 1025 takes 94,757,240 bytes)"),
 ])
 def test_options_that_would_change_nothing_or_name_the_same_rows_are_refused(
         args, message, tmp_path, capsys):
