@@ -165,6 +165,18 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
+def network_roundoff(model: torch.nn.Module) -> float:
+    """The unit roundoff of the coarsest floating parameter of ``model`` (0.0 where it has
+    none): where variances of its activations are resolved from rounding
+    (:func:`resolved_variance`), the ``u`` is the largest of this and :func:`unit_roundoff`
+    of every floating batch's dtype, over every batch and rank (a float32 network on
+    float64 images computes in float32; float32 images carry float32's rounding into a
+    float64 network), as :func:`qerror.nn.propagate.measure` and
+    :func:`qerror.nn.seeds.bn_image_moments` take it."""
+    return max((unit_roundoff(p.dtype) for p in model.parameters() if p.is_floating_point()),
+               default=0.0)
+
+
 def resolved_variance(mean, sq, length: int, images: int, u: float) -> np.ndarray:
     """``E[x²] − E[x]²`` from the sums' means, and 0 where it lies within their rounding.
 

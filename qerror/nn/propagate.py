@@ -77,6 +77,7 @@ from qerror.nn._anatomy import (
 from qerror.nn._moments import (
     channel_sums,
     difference_sums,
+    network_roundoff,
     resolved_variance,
     unit_roundoff,
 )
@@ -1606,8 +1607,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     n_img = fc = 0
     # the unit roundoff of the activations' sums: the coarsest of the parameters' and the
     # images' floating dtypes (a float32 network on float64 images computes in float32)
-    u = max((unit_roundoff(p.dtype) for p in model.parameters() if p.is_floating_point()),
-            default=0.0)
+    u = network_roundoff(model)
     counts = [[0, 0, 0, 0] for _ in arms]  # per arm: quant correct, agree, f_only, q_only
     labelled = None
     logit_ref = _Moments()

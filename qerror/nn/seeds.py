@@ -47,7 +47,7 @@ from torch import nn
 from qerror._checks import check_count, check_seed
 from qerror.nn import parallel
 from qerror.nn._anatomy import eval_mode
-from qerror.nn._moments import channel_sums, unit_roundoff
+from qerror.nn._moments import channel_sums, network_roundoff, unit_roundoff
 from qerror.nn.bn import BNImageMoments
 from qerror.nn.growth import GapInterval, debiased_gap, layer_block_bootstrap
 from qerror.nn.propagate import QuantConfig, calibrate_activations, measure, paired_forward
@@ -265,13 +265,21 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     pass of :func:`qerror.nn.propagate.measure` without its statistics, and each
     BatchNorm's input is summed per (image, channel) by the instrument's own sums
     (:func:`qerror.nn._moments.channel_sums`), so the moments give the figures of
-    ``measure``'s BatchNorm sites (tested against ``bn_worst``). Stochastic rounding draws
-    another stream here than in ``measure``. Memory: four float64 values per image and
-    BatchNorm channel (the Fashion-MNIST ResNet50's 26,560 channels: 0.85 MB an image).
+    ``measure``'s BatchNorm sites (tested against ``bn_worst``): each layer's unit roundoff
+    (``BNImageMoments.u``, against which its variances are resolved) is the coarsest of its
+    input's dtypes and of ``measure``'s (the network's floating parameters' and the images',
+    :func:`qerror.nn._moments.network_roundoff`) over every batch and, with
+    ``across_ranks``, every rank: the ranks and one process on the same batches store the
+    same. Stochastic rounding draws another stream here than in ``measure``. Memory: four
+    float64 values per image and BatchNorm channel (the Fashion-MNIST ResNet50's 26,560
+    channels: 0.85 MB an image).
     """
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     parts: dict[str, list] = {n: [] for n, _ in norms}
-    roundoff: dict[str, float] = {}
+    # each layer's sums are bounded with the coarsest rounding of its inputs and of
+    # measure's u (the network's parameters and the images), over every batch and rank
+    roundoff = {n: 0.0 for n, _ in norms}
+    u = network_roundoff(model)
 
     def hook_of(name):
         def hook(module, args):
@@ -280,7 +288,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
             s, q, length = channel_sums(x)
             parts[name].append((s[:h] / length, q[:h] / length, s[h:] / length,
                                 q[h:] / length, length))
-            roundoff[name] = unit_roundoff(x.dtype)
+            roundoff[name] = max(roundoff[name], unit_roundoff(x.dtype))
         return hook
 
     shared = across_ranks and parallel.world()[1] > 1
@@ -296,6 +304,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
                 paired_forward(model, config, act_qparams, weights=weights):
             for x, *_ in batches:
                 model(torch.cat([x, x]))
+                if x.is_floating_point():
+                    u = max(u, unit_roundoff(x.dtype))
         for name, m in norms:
             got = parts.pop(name)
             c = m.num_features
@@ -310,15 +320,19 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     finally:
         for h in handles:
             h.remove()
+    roundoff = {n: max(r, u) for n, r in roundoff.items()}
     if shared:
-        layers = parallel.gather_outcomes([(n, m.num_features) for n, m in norms], failure,
-                                          "the ranks' BatchNorm moments were gathered")
+        gathered = parallel.gather_outcomes(
+            ([(n, m.num_features) for n, m in norms], roundoff), failure,
+            "the ranks' BatchNorm moments were gathered")
+        layers = [g[0] for g in gathered]
         if any(other != layers[0] for other in layers):
             raise ValueError(
                 "the ranks' models have different BatchNorm2d layers (" + ", ".join(
                     f"rank {r}: {len(lay)} with {sum(c for _, c in lay)} channels"
                     for r, lay in enumerate(layers)) + "); every rank must pass the same "
                 "model, for its images' moments to be gathered layer by layer")
+        roundoff = {n: max(g[1][n] for g in gathered) for n in roundoff}
     out = {}
     for name, m in norms:
         arrays, length = local.pop(name)
@@ -331,7 +345,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
                              "images, and a model whose every BatchNorm2d is in its forward")
         out[name] = BNImageMoments(*arrays, m.running_mean.detach().double().cpu().numpy(),
                                    m.running_var.detach().double().cpu().numpy(), length,
-                                   roundoff.get(name, unit_roundoff(torch.float32)))
+                                   roundoff[name])
     return out
 
 

@@ -283,3 +283,112 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
         "channels, rank 1: 1 with 8 channels); every rank must pass the same model, for its "
         "images' moments to be gathered layer by layer")
     assert said[0][2] == said[1][2] == "6 BatchNorms, 8 images, equal to one process's"
+
+
+class _InputNorm(torch.nn.Module):
+    """A float32 BatchNorm on the images in their own dtype (CPU BatchNorm takes bfloat16
+    input with float32 parameters), then a float64 body on them: a convolution 1e4 above a
+    spread of about one into a BatchNorm, whose variance float64's rounding resolves and
+    float32's does not (a mean beyond about 1/√(3 L u) standard deviations,
+    :func:`qerror.nn._moments.resolved_variance`)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.BatchNorm2d(1)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)).double()
+        with torch.no_grad():
+            self.body[0].bias.fill_(1e4)
+            for m in self.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = None
+            self.train()
+            self(torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(9)))
+        self.eval()
+
+    def forward(self, x):
+        return self.body(self.norm(x).double())
+
+
+def _input_norm():
+    from qerror.nn.propagate import QuantConfig, calibrate_activations
+
+    net = _InputNorm()
+    config = QuantConfig.make(8)
+    return net, config, calibrate_activations(net, [_images(8, 1, torch.float32)],
+                                              config.activation)
+
+
+def _images(n, seed, dtype):
+    return torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_bn_image_moments_resolve_variances_as_measure_does():
+    """A float32 network part fed float32 images, its BatchNorm summed in float64: measure
+    resolves every variance against float32's rounding (its u, the coarsest of parameters
+    and images), bn_image_moments resolved this layer's against float64's, so the two
+    routes to the same figure differed (/work/runs/s43/ranks3/probe_bn_roundoff.py: 0.0118
+    against measure's 0.00215). Now bn_image_moments takes measure's u where it is coarser
+    than the layer's own input, and the figures agree to the rounding of the float64 means
+    (the shift's cancellation: ``(L + N) 2⁻⁵³`` of the mean over the running std, twice)."""
+    from qerror.nn.propagate import measure
+    from qerror.nn.seeds import _bn_worst, bn_image_moments
+
+    net, config, aq = _input_norm()
+    batches = [(_images(4, 2, torch.float32), None)]
+    moments = bn_image_moments(net, batches, config, aq)
+    worst = _bn_worst(measure(net, batches, config, aq, local_samples=0))
+    m = moments["body.1"]
+    bound = 2 * (m.length + m.images) * 2.0**-53 * max(
+        np.abs(m.mean_f).max(), np.abs(m.mean_q).max()) / np.sqrt(m.running_var.min())
+    figure = max(float(m.figures(np.ones((1, m.images)))[0]) for m in moments.values())
+    assert abs(figure - worst) <= bound, (figure, worst, bound)
+    assert [m.u for m in moments.values()] == [2.0**-24, 2.0**-24]
+
+
+def _rank_roundoff(rank, world, port, folder):
+    """One gloo rank of :func:`test_ranks_fed_other_dtypes_take_one_processs_roundoff`:
+    ``bn_image_moments`` with ``across_ranks`` of 4 bfloat16 images on rank 0 and 4 float32
+    on rank 1, against one process's on both ranks' batches in either order; what it found
+    goes to ``folder / rank<r>.txt``."""
+    import os
+
+    from qerror.nn import training
+    from qerror.nn.seeds import bn_image_moments
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    net, config, aq = _input_norm()
+    mine = [(_images(4, 2 + r, torch.bfloat16 if r == 0 else torch.float32), None)
+            for r in range(world)]
+    with training.distributed("cpu"):
+        got = bn_image_moments(net, [mine[rank]], config, aq, across_ranks=True)
+    alone = bn_image_moments(net, mine, config, aq)
+    same = list(got) == list(alone) and all(
+        np.array_equal(getattr(got[n], k), getattr(alone[n], k))
+        for n in got for k in ("mean_f", "sq_f", "mean_q", "sq_q", "u"))
+    # the other order of the batches: other rows, the same roundoff
+    turned = [m.u for m in bn_image_moments(net, mine[::-1], config, aq).values()]
+    said = [f"u {[m.u for m in got.values()]}",
+            f"{'equal to' if same else 'NOT'} one process's",
+            f"u {'equal to' if turned == [m.u for m in got.values()] else 'NOT'} one "
+            "process's"]
+    (folder / f"rank{rank}.txt").write_text("\n".join(said))
+
+
+def test_ranks_fed_other_dtypes_take_one_processs_roundoff(tmp_path):
+    """Each rank stored, for each BatchNorm, the unit roundoff of the last batch it saw
+    there, unmerged: a rank fed bfloat16 images 2⁻⁸ for the input BatchNorm, one fed
+    float32 2⁻²⁴, from the same gathered moments, and one process's depended on the order
+    of its batches (/work/runs/s43/ranks3/probe_bn_roundoff2.py). Now it is the coarsest of
+    every batch and rank (and of measure's u), carried in the gather that checks the
+    layers: both ranks return one process's moments and roundoff, in either order."""
+    from tests.qerror.nn.ranks import two_ranks
+
+    two_ranks(_rank_roundoff, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert said[0] == said[1] == [f"u {[2.0**-8, 2.0**-8]}", "equal to one process's",
+                                  "u equal to one process's"]
