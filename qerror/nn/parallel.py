@@ -11,6 +11,8 @@ identity, so the same code runs on one process or many.
 * :func:`gather_objects`: every rank's value, in rank order;
 * :func:`gather_outcomes`: the same, carrying the error a rank met on its way, so that
   every rank raises instead of waiting for it;
+* :func:`digest`: a short fingerprint of a value's content, for checking that every rank
+  passed the same tensors without sending them;
 * :func:`global_batchnorm`: BatchNorm that trains on the statistics of the whole global
   batch, on any device.
 """
@@ -18,11 +20,16 @@ identity, so the same code runs on one process or many.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import functools
+import hashlib
 import io
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,7 +37,7 @@ from torch import nn
 from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
-__all__ = ["all_reduce_sum", "broadcast_object", "gather_objects", "gather_outcomes",
+__all__ = ["all_reduce_sum", "broadcast_object", "digest", "gather_objects", "gather_outcomes",
            "global_batchnorm", "shard", "world"]
 
 
@@ -170,6 +177,51 @@ def gather_outcomes(value: Any, failure: BaseException | None, before: str) -> l
             "instead of waiting for them: see each failed rank's own error, fix what it "
             "names, and call again on every rank")
     return [v for _, v in gathered]
+
+
+def digest(value: Any) -> str:
+    """A fingerprint of ``value``'s content (32 hexadecimal digits, BLAKE2b): equal for
+    equal content on any rank and device, so that ranks can check they hold the same
+    tensors by gathering this instead of the tensors.
+
+    Tensors and arrays count by dtype, shape and bytes (not device, layout or whether they
+    require grad), mappings by their items whatever their order, dataclasses by their type
+    and fields, sequences by their items in order, numbers, strings, enums and None by type
+    and value; anything else by its pickle. Two contents that differ give different
+    fingerprints except with probability about ``2**-128``.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"array {value.dtype.str} {value.shape};".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum,
+                                             np.generic)):
+        h.update(f"{type(value).__qualname__} {value!r};".encode())
+    elif isinstance(value, Mapping):
+        items = sorted((digest(k), v) for k, v in value.items())
+        h.update(f"mapping {len(items)};".encode())
+        for k, v in items:
+            h.update(k.encode())
+            _feed(h, v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__qualname__};".encode())
+        for f in dataclasses.fields(value):
+            _feed(h, getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        h.update(f"sequence {len(value)};".encode())
+        for v in value:
+            _feed(h, v)
+    else:
+        h.update(b"pickle;" + pickle.dumps(value))
 
 
 # words torch uses for the same refusal, which callers (qerror.nn.training.fit) recognise

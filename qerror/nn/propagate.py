@@ -50,6 +50,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -607,6 +608,7 @@ _ONE_SIZE = ("drift and mse weight each image by its elements, while their stand
 
 def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int],
                  image_shape: tuple[int, ...] | None, u: float, labelled: bool | None,
+                 agreed: list[tuple[str, Any, Any]],
                  failure: Exception | None) -> tuple[list[int], float]:
     """Sum every rank's accumulators into this rank's (in place) and return the summed
     ``counts`` and the unit roundoff of the merged sums; the images kept for resampling are
@@ -615,11 +617,14 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     Integers are summed exactly as int64; float sums as float64, so the merged sums differ
     from one process's only by the order of the additions. ``image_shape`` (this rank's
     images') must be every rank's: one process refuses images of two shapes, and each rank
-    sees only its own; so must ``labelled`` (whether this rank's batches have labels). Every
-    rank raises the same error when the ranks disagree. ``u`` (the unit roundoff of this
-    rank's sums) and each accumulator's ``length`` are merged as one process merges its
-    batches': to the largest of any rank's, the rounding bound that holds for every rank's
-    sums, so that every rank resolves the same variances.
+    sees only its own; so must ``labelled`` (whether this rank's batches have labels), and
+    each argument of ``agreed``: ``(name, compared, shown)``, ``compared`` equal on every
+    rank (a :func:`qerror.nn.parallel.digest` for tensors) and ``shown`` in the message
+    where it tells the ranks apart. Every rank raises the same error when the ranks
+    disagree, an argument's before anything it may have changed. ``u`` (the unit roundoff
+    of this rank's sums) and each accumulator's ``length`` are merged as one process merges
+    its batches': to the largest of any rank's, the rounding bound that holds for every
+    rank's sums, so that every rank resolves the same variances.
 
     ``failure`` is the error this rank met before the merge (its accumulators then count
     for nothing). The first collective carries it to every rank
@@ -637,14 +642,23 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
     gathered = parallel.gather_outcomes(
-        (image_shape, labelled, u, [m.length for m in holders], layout, shapes), failure,
-        "the ranks' sums were merged")
+        (image_shape, labelled, u, [m.length for m in holders], layout, shapes, agreed),
+        failure, "the ranks' sums were merged")
+    for i, (name, _, shown) in enumerate(agreed):
+        given = [g[6][i] for g in gathered]
+        if any(a[1] != given[0][1] for a in given):
+            told = ", ".join(f"rank {r}: {a[2]}" for r, a in enumerate(given)) \
+                if len({repr(a[2]) for a in given}) > 1 else "in value"
+            raise ValueError(
+                f"the ranks passed different {name} ({told}); every rank must pass the same "
+                f"{', '.join(a[0] for a in agreed)} (only the batches, first_batch, pair_batch "
+                "and progress are each rank's own), for their sums to be one measurement")
     if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
                 f"rank {r}: {g[0]}" for r, g in enumerate(gathered)) + f"): {_ONE_SIZE}; give "
             "every rank images of one size (measure each size apart)")
-    if len({repr(g[4:]) for g in gathered}) != 1:
+    if len({repr(g[4:6]) for g in gathered}) != 1:
         raise RuntimeError("the ranks measured different sites or shapes; every rank must run "
                            "the same model and configuration on at least one batch")
     if len({g[1] for g in gathered}) != 1:
@@ -1467,10 +1481,16 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         before the results are computed, and every rank returns the result of all the
         batches (images of different floating dtypes on different ranks count as they do
         in one process: a variance is resolved against the rounding of the coarsest).
-        A rank that fails before the merge (a batch its checks refuse or its network
-        cannot take, an error of its forward or its loader, no batch) does not leave the
-        others waiting: it raises its own error and every other rank a RuntimeError naming
-        it (see Raises). Outside a process group this changes nothing.
+        Every rank passes the same ``config``, ``act_qparams``, ``weights``,
+        ``corrections``, ``bn_stats``, ``local_samples``, ``input_maps`` and
+        ``image_means`` (checked, the tensors by their
+        :func:`~qerror.nn.parallel.digest`: every rank raises the same ValueError naming
+        the first that differs); ``pair_batch`` and ``progress`` may differ (a pass's size
+        does not change the draws), and ``first_batch`` is each rank's own (not checked).
+        A rank that fails before the merge (an argument or a batch its checks refuse, a
+        batch its network cannot take, an error of its forward or its loader, no batch)
+        does not leave the others waiting: it raises its own error and every other rank a
+        RuntimeError naming it (see Raises). Outside a process group this changes nothing.
 
     Returns
     -------
@@ -1493,8 +1513,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         means over every element, which weight an image by its size, while ``drift_se``,
         ``mse_se``, ``local_drift_se`` and ``drift_rel_rms_channel_debiased`` take images as
         equal units; across sizes the two would be estimates of different means. With
-        ``across_ranks``, also ranks whose images differ in shape, or whose batches have
-        labels on some ranks only (on every rank).
+        ``across_ranks``, also ranks whose images differ in shape, whose batches have
+        labels on some ranks only, or that passed different arguments where they must
+        agree (see ``across_ranks``; on every rank).
     RuntimeError
         With ``across_ranks``, on every rank but those that failed before the ranks' sums
         were merged, which raise their own error (a float64 batch to a float32 network:
@@ -1561,61 +1582,76 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         draws the same numbers, keyed by each configuration's seed). With another
         ``pair_batch`` (measure's default differs), see :func:`measure` on pass sizes.
     """
-    check_model(model)
-    if isinstance(configs, QuantConfig):
-        raise TypeError("configs must be a sequence of QuantConfig; measure takes one")
-    configs = list(configs)
-    if not configs:
-        raise ValueError("measure_many needs at least one configuration")
-    for c in configs:
-        if not isinstance(c, QuantConfig):
-            raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
-    check_count(first_batch, "first_batch (a batch index)")
-    if pair_batch is not None:
-        check_count(pair_batch, "pair_batch (a number of images)", 1)
-    check_count(image_means, "image_means (a number of images)")
-    check_count(local_samples, "local_samples (a number of images)")
-    k = len(configs)
-    act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
-    weights = _per_config(weights, k, "weights")
-    corrections = _per_config(corrections, k, "corrections")
-    bn_stats = _per_config(bn_stats, k, "bn_stats")
-    try:
-        depths = path_depths(model)
-    except UnsupportedModelError:  # a layer called twice: its statistics would be pooled
-        raise
-    except ValueError:  # an untraceable model has no path depths; execution order remains
-        depths = {}
-    weights = _arm_weights(model, configs, weights)
-    for corr in corrections:
-        _check_corrections(model, corr)
-    # Each path's BatchNorm inputs are compared with the statistics that path normalises
-    # with: the float path always with the model's running statistics, a quantized arm with
-    # its re-estimated ones where given (bn_stats).
-    bn_refs = []
-    for stats in bn_stats:
-        bns = _batchnorms(model, stats)
-        own = {n: (m.running_mean.detach().double().cpu(),
-                   m.running_var.detach().double().cpu()) for n, m in bns.items()}
-        ref = dict(own)
-        for n, st in (stats or {}).items():
-            ref[n] = (st[0].detach().double().cpu(), st[1].detach().double().cpu())
-        bn_refs.append({n: (own[n], ref[n]) for n in own})
-    arms = [_Arm(c, a, w, corr, st, image_means)
-            for c, a, w, corr, st in zip(configs, act_qparams, weights, corrections, bn_stats)]
-    inst = None
-    n_img = fc = 0
-    # the unit roundoff of the activations' sums: the coarsest of the parameters' and the
-    # images' floating dtypes (a float32 network on float64 images computes in float32)
-    u = network_roundoff(model)
-    counts = [[0, 0, 0, 0] for _ in arms]  # per arm: quant correct, agree, f_only, q_only
-    labelled = None
-    logit_ref = _Moments()
-    logit_err = [_Moments() for _ in arms]
     shared = across_ranks and parallel.world()[1] > 1  # one process: its sums are merged
     failure = None
     image_shape = None
+    inst = None
+    n_img = fc = 0
+    u = 0.0
+    labelled = None
+    logit_ref = _Moments()
+    arms: list[_Arm] = []
+    logit_err: list[_Moments] = []
+    counts: list[list[int]] = []  # per arm: quant correct, agree, f_only, q_only
+    agreed: list[tuple[str, Any, Any]] = []
     try:
+        # the arguments are checked here, where a rank's refusal reaches the other ranks
+        check_model(model)
+        if isinstance(configs, QuantConfig):
+            raise TypeError("configs must be a sequence of QuantConfig; measure takes one")
+        configs = list(configs)
+        if not configs:
+            raise ValueError("measure_many needs at least one configuration")
+        for c in configs:
+            if not isinstance(c, QuantConfig):
+                raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
+        check_count(first_batch, "first_batch (a batch index)")
+        if pair_batch is not None:
+            check_count(pair_batch, "pair_batch (a number of images)", 1)
+        check_count(image_means, "image_means (a number of images)")
+        check_count(local_samples, "local_samples (a number of images)")
+        k = len(configs)
+        act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
+        weights = _per_config(weights, k, "weights")
+        corrections = _per_config(corrections, k, "corrections")
+        bn_stats = _per_config(bn_stats, k, "bn_stats")
+        if shared:  # what every rank must pass alike: (name, compared, shown)
+            agreed = [("local_samples", local_samples, local_samples),
+                      ("input_maps", bool(input_maps), bool(input_maps)),
+                      ("image_means", image_means, image_means),
+                      ("configs", configs, [c.label for c in configs])]
+            agreed += [(name, parallel.digest(v), None) for name, v in (
+                ("act_qparams", act_qparams), ("weights", weights),
+                ("corrections", corrections), ("bn_stats", bn_stats))]
+        try:
+            depths = path_depths(model)
+        except UnsupportedModelError:  # a layer called twice: its statistics would be pooled
+            raise
+        except ValueError:  # an untraceable model has no path depths; execution order remains
+            depths = {}
+        weights = _arm_weights(model, configs, weights)
+        for corr in corrections:
+            _check_corrections(model, corr)
+        # Each path's BatchNorm inputs are compared with the statistics that path normalises
+        # with: the float path always with the model's running statistics, a quantized arm
+        # with its re-estimated ones where given (bn_stats).
+        bn_refs = []
+        for stats in bn_stats:
+            bns = _batchnorms(model, stats)
+            own = {n: (m.running_mean.detach().double().cpu(),
+                       m.running_var.detach().double().cpu()) for n, m in bns.items()}
+            ref = dict(own)
+            for n, st in (stats or {}).items():
+                ref[n] = (st[0].detach().double().cpu(), st[1].detach().double().cpu())
+            bn_refs.append({n: (own[n], ref[n]) for n in own})
+        arms = [_Arm(c, a, w, corr, st, image_means) for c, a, w, corr, st in
+                zip(configs, act_qparams, weights, corrections, bn_stats)]
+        # the unit roundoff of the activations' sums: the coarsest of the parameters' and
+        # the images' floating dtypes (a float32 network on float64 images computes in
+        # float32)
+        u = network_roundoff(model)
+        counts = [[0, 0, 0, 0] for _ in arms]
+        logit_err = [_Moments() for _ in arms]
         with eval_mode(model), torch.inference_mode():
             inst = _Instrument(model, arms, paired=True, local_samples=local_samples,
                                input_maps=input_maps)
@@ -1668,8 +1704,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     if shared:
         merged, u = _merge_ranks([logit_ref, *logit_err],
                                  [s for sites in ordered for s in sites],
-                                 [n_img, fc, *(v for c in counts for v in c)], image_shape, u,
-                                 labelled, failure)
+                                 [n_img, fc, *(v for c in counts for v in c)], image_shape,
+                                 u, labelled, agreed, failure)
         n_img, fc = merged[:2]
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
     lstd = math.sqrt(logit_ref.var(u))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qerror.nn import parallel
+from qerror.nn import QuantConfig, calibrate_activations, parallel
+from tests.qerror.nn.nets import images, tiny_resnet
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 16, 101])
@@ -38,3 +39,17 @@ def test_outside_a_group_the_collectives_are_the_identity():
     with pytest.raises(KeyError) as raised:  # one process: its own error, as it was
         parallel.gather_outcomes(value, failure, "a test")
     assert raised.value is failure
+
+
+def test_digest_tells_contents_apart():
+    """parallel.digest, which the ranks compare: equal for equal content whatever the
+    mapping's order, different for another value, dtype or shape."""
+    digest = parallel.digest
+    t = torch.arange(6, dtype=torch.float32)
+    assert digest({"a": t, "b": (1, None)}) == digest({"b": (1, None), "a": t.clone()})
+    assert len({digest(v) for v in (t, t.double(), t.reshape(2, 3), t + 1, t.numpy(),
+                                     [t], {"a": t})}) == 7
+    act = calibrate_activations(tiny_resnet(), [images(8, 1)], QuantConfig.make(8).activation)
+    again = calibrate_activations(tiny_resnet(), [images(8, 1)], QuantConfig.make(8).activation)
+    other = calibrate_activations(tiny_resnet(), [images(8, 2)], QuantConfig.make(8).activation)
+    assert digest(act) == digest(again) != digest(other)

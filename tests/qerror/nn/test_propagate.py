@@ -1163,3 +1163,88 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
     assert said[1][1] == relayed(0, said[0][1])
     assert said[0][2] == said[1][2] == "ValueError: some ranks' batches have labels and some do not"
     assert said[0][3] == said[1][3] and said[0][3].startswith("measured 8, ")
+
+
+def _many_calls(rank):
+    """The ``measure_many`` calls of :func:`_rank_arguments` on ``rank``: (configs,
+    act_qparams, keywords), each differing between the ranks in one argument but the last,
+    where only ``pair_batch`` differs."""
+    model = tiny_resnet()
+    configs = [QuantConfig.make(8), QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3)]
+    act = calibrate_activations(model, [images(8, 1)], configs[0].activation)
+    own = calibrate_activations(model, [images(8, 1 + 10 * rank)], configs[0].activation)
+    other_seed = [configs[0], QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3 + rank)]
+    six = [QuantConfig.make(6 if rank else 8), configs[1]]
+    return model, [(configs, act, {"image_means": 4 * rank}),
+                   (configs, act, {"local_samples": 2 + 2 * rank}),
+                   (other_seed, act, {}),
+                   (configs, own, {}),
+                   (six, act, {}),
+                   (configs, act, {"pair_batch": 2 if rank else None})]
+
+
+def _rank_arguments(rank, world, port, folder):
+    """One gloo rank of :func:`test_ranks_that_pass_different_arguments_all_refuse`: the
+    calls of :func:`_many_calls` with ``across_ranks``, 4 images a rank; what each returned
+    or raised goes to ``folder / rank<r>.txt``, a line each (written after every call, so a
+    hang shows how far a rank got)."""
+    import os
+
+    from qerror.nn import training
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, calls = _many_calls(rank)
+    said = []
+    with training.distributed("cpu"):
+        for configs, act, kw in calls:
+            try:
+                rs = measure_many(model, [images(4, 2 + rank)], configs, act,
+                                  first_batch=rank, across_ranks=True, **kw)
+                said.append(f"measured {rs[0].logits.n}: "
+                            + " ".join(repr(r.logits.sqnr_db) for r in rs))
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+            (folder / f"rank{rank}.txt").write_text("\n".join(said))
+
+
+def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
+    """Ranks were not told apart by their arguments: a rank with ``image_means`` gathered its
+    kept images while the other had returned (it waited, or paired with the other's next
+    call); configurations of another seed or activation ranges each rank calibrated on its
+    own images merged the sums of different quantized networks without a word; other
+    ``local_samples`` read as 'different sites or shapes ... same model and configuration';
+    a rank that refused its arguments (6-bit configuration, 8-bit ranges) raised alone
+    (/work/runs/s43/ranks3/probe_many_args.py, .before.log). Now the arguments that must
+    agree ride in the merge's first gather and every rank raises the same ValueError naming
+    the first that differs; a refused argument reaches the other rank; ``pair_batch`` may
+    differ, and the ranks then measure what one process does on both batches."""
+    two_ranks(_rank_arguments, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert len(said[0]) == len(said[1]) == 6
+
+    def differ(name, told):
+        return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
+                "pass the same local_samples, input_maps, image_means, configs, act_qparams, "
+                "weights, corrections, bn_stats (only the batches, first_batch, pair_batch and "
+                "progress are each rank's own), for their sums to be one measurement")
+
+    assert said[0][:4] == said[1][:4] == [
+        differ("image_means", "rank 0: 0, rank 1: 4"),
+        differ("local_samples", "rank 0: 2, rank 1: 4"),
+        differ("configs", "in value"), differ("act_qparams", "in value")]
+    assert said[1][4].startswith("ValueError: activation ranges were made for another")
+    assert said[0][4] == (
+        f"RuntimeError: rank 1 of 2 failed before the ranks' sums were merged (rank 1: "
+        f"{said[1][4]}), so every rank stops here instead of waiting for them: see each "
+        "failed rank's own error, fix what it names, and call again on every rank")
+    model, calls = _many_calls(0)
+    configs, act, _ = calls[-1]
+    alone = measure_many(model, [images(4, 2), images(4, 3)], configs, act)
+    for line in (said[0][5], said[1][5]):
+        n, sqnr = line.split(": ")
+        assert n == "measured 8"
+        assert [float(v) for v in sqnr.split()] == pytest.approx(
+            [r.logits.sqnr_db for r in alone], rel=RTOL64)
+
