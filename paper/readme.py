@@ -1464,6 +1464,7 @@ def dataset_equivalence(records) -> str:
                                        == "quantizer_in_model_vs_offline_codes"].itertuples()}
     var = rec.csv("offline_variants.csv")
     own = var[var.variant == "model"].iloc[0]
+    model = rec.manifest["model"]
 
     def test(v) -> str:
         # a variant whose codes are the model's own compares two identical inputs: the
@@ -1479,7 +1480,9 @@ def dataset_equivalence(records) -> str:
         for v in var[var.variant != "model"].itertuples())
     return (
         f"In the default run (`{rec.about['command']}`, commit {rec.commit}, "
-        f"{rec.manifest['seconds']:.0f} s on {rec.about['machine']}) the two networks "
+        f"{rec.manifest['seconds']:.0f} s on {rec.about['machine']}; its baseline, sha256 "
+        f"{model['sha256'][:8]}…, {rec.about['baseline']}, test accuracy "
+        f"{pct(model['metrics']['test_accuracy'])} %) the two networks "
         f"received different values in {int(m['differing_input_elements']):,} of the "
         f"{int(m['input_elements']):,} input elements of the {int(m['images']):,} test images "
         f"and gave different logits in {int(m['differing_logit_elements']):,} of "
