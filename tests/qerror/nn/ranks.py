@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 #: Seconds two spawned gloo ranks may take (each imports torch and qerror: 20 to 40 s on two
@@ -43,3 +47,23 @@ def two_ranks(target, *args) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def as_rank(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of ``world`` as torchrun would: its
+    environment (loopback rendezvous on ``port``) and one thread."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def record_calls(path: Path, calls: Iterable[Callable[[], str]]) -> None:
+    """Make each call in turn; its line, or the error it raised as ``"Type: message"``, goes
+    to ``path``, rewritten after every call (a hang shows how far the rank got)."""
+    said = []
+    for call in calls:
+        try:
+            said.append(call())
+        except Exception as exc:
+            said.append(f"{type(exc).__name__}: {exc}")
+        path.write_text("\n".join(said))

@@ -28,7 +28,7 @@ from qerror.nn import (
 )
 from qerror.nn.models import memory_format
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
-from tests.qerror.nn.ranks import two_ranks
+from tests.qerror.nn.ranks import as_rank, record_calls, two_ranks
 
 
 def _manual_quantized(model, config, act_qp, weights):
@@ -1014,26 +1014,19 @@ def _rank_measures(rank, world, port, folder):
     """One torchrun-like gloo rank: ``measure`` with ``across_ranks`` on 4 images, of side 12
     on both ranks, then of side 12 on rank 0 and 10 on rank 1; what each returned or raised
     goes to ``folder / rank<r>.txt``, a line each."""
-    import os
-
     from qerror.nn import training
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     model = tiny_resnet(dtype=torch.float32)
     config = QuantConfig.make(4)
     aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
-    said = []
+    def call(side):
+        x = torch.randn(4, 1, side, side, generator=torch.Generator().manual_seed(rank))
+        return f"measured {measure(model, [x], config, aq, across_ranks=True).logits.n}"
+
     with training.distributed("cpu"):
-        for side in (12, 12 if rank == 0 else 10):
-            x = torch.randn(4, 1, side, side, generator=torch.Generator().manual_seed(rank))
-            try:
-                result = measure(model, [x], config, aq, across_ranks=True)
-                said.append(f"measured {result.logits.n}")
-            except Exception as exc:
-                said.append(f"{type(exc).__name__}: {exc}")
-    (folder / f"rank{rank}.txt").write_text("\n".join(said))
+        record_calls(folder / f"rank{rank}.txt",
+                     [lambda s=side: call(s) for side in (12, 12 if rank == 0 else 10)])
 
 
 def test_ranks_whose_images_differ_in_size_are_refused_on_every_rank(tmp_path):
@@ -1078,13 +1071,9 @@ def _dtype_batches(rank):
 def _rank_dtypes(rank, world, port, folder):
     """One gloo rank of :func:`test_ranks_fed_other_dtypes_resolve_as_one_process`: rank 0
     fed float32 images, rank 1 float64; its logits' ``drift_rel`` to ``folder``."""
-    import os
-
     from qerror.nn import training
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     model, config, aq = _offset_logits()
     with training.distributed("cpu"):
         r = measure(model, _dtype_batches(rank), config, aq, local_samples=0,
@@ -1114,13 +1103,9 @@ def _rank_fails(rank, world, port, folder):
     rank 1, integer images on rank 0, labels on rank 0 only, then images both can take;
     what each returned or raised goes to ``folder / rank<r>.txt``, a line each (written
     after every call, so a hang shows how far a rank got)."""
-    import os
-
     from qerror.nn import training
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     model = tiny_resnet(dtype=torch.float32)
     config = QuantConfig.make(4)
     aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
@@ -1129,15 +1114,12 @@ def _rank_fails(rank, world, port, folder):
              (x * 8).round().to(torch.int64) if rank == 0 else x,
              (x, torch.arange(4) % 2) if rank == 0 else x,
              x]
-    said = []
+    def call(batch):
+        r = measure(model, [batch], config, aq, across_ranks=True)
+        return f"measured {r.logits.n}, logit sqnr {r.logits.sqnr_db!r}"
+
     with training.distributed("cpu"):
-        for batch in calls:
-            try:
-                r = measure(model, [batch], config, aq, across_ranks=True)
-                said.append(f"measured {r.logits.n}, logit sqnr {r.logits.sqnr_db!r}")
-            except Exception as exc:
-                said.append(f"{type(exc).__name__}: {exc}")
-            (folder / f"rank{rank}.txt").write_text("\n".join(said))
+        record_calls(folder / f"rank{rank}.txt", [lambda b=b: call(b) for b in calls])
 
 
 def test_a_rank_that_fails_stops_every_rank(tmp_path):
@@ -1188,25 +1170,17 @@ def _rank_arguments(rank, world, port, folder):
     calls of :func:`_many_calls` with ``across_ranks``, 4 images a rank; what each returned
     or raised goes to ``folder / rank<r>.txt``, a line each (written after every call, so a
     hang shows how far a rank got)."""
-    import os
-
     from qerror.nn import training
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     model, calls = _many_calls(rank)
-    said = []
+    def call(configs, act, kw):
+        rs = measure_many(model, [images(4, 2 + rank)], configs, act, first_batch=rank,
+                          across_ranks=True, **kw)
+        return f"measured {rs[0].logits.n}: " + " ".join(repr(r.logits.sqnr_db) for r in rs)
+
     with training.distributed("cpu"):
-        for configs, act, kw in calls:
-            try:
-                rs = measure_many(model, [images(4, 2 + rank)], configs, act,
-                                  first_batch=rank, across_ranks=True, **kw)
-                said.append(f"measured {rs[0].logits.n}: "
-                            + " ".join(repr(r.logits.sqnr_db) for r in rs))
-            except Exception as exc:
-                said.append(f"{type(exc).__name__}: {exc}")
-            (folder / f"rank{rank}.txt").write_text("\n".join(said))
+        record_calls(folder / f"rank{rank}.txt", [lambda c=c: call(*c) for c in calls])
 
 
 def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):

@@ -13,6 +13,7 @@ from qerror.nn.seeds import (
     image_outcomes,
     network_statements,
 )
+from tests.qerror.nn.ranks import as_rank, record_calls, two_ranks
 
 
 def _warmed(depth=4, width=4, seed=0):
@@ -218,8 +219,6 @@ def _rank_moments(rank, world, port, folder):
     one process's on both ranks' batches. What each returned or raised goes to ``folder /
     rank<r>.txt``, a line each (written after every call, so a hang shows how far a rank
     got)."""
-    import os
-
     from torch import nn
 
     from qerror.nn import training
@@ -227,9 +226,7 @@ def _rank_moments(rank, world, port, folder):
     from qerror.nn.seeds import bn_image_moments
     from tests.qerror.nn.nets import images, tiny_resnet
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     config = QuantConfig.make(4)
     model = tiny_resnet(dtype=torch.float32)
     aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
@@ -243,20 +240,17 @@ def _rank_moments(rank, world, port, folder):
     calls = [(model, aq, x.double() if rank == 1 else x),
              (short, short_aq, x) if rank == 1 else (model, aq, x),
              (model, aq, x)]
-    said = []
+    def call(net, act, batch):
+        got = bn_image_moments(net, [(batch, None)], config, act, across_ranks=True)
+        alone = bn_image_moments(net, [(m, None) for m in mine], config, act)
+        same = list(got) == list(alone) and all(
+            np.array_equal(getattr(got[n], k), getattr(alone[n], k))
+            for n in got for k in ("mean_f", "sq_f", "mean_q", "sq_q"))
+        return (f"{len(got)} BatchNorms, {got[next(iter(got))].images} images, "
+                f"{'equal to' if same else 'NOT'} one process's")
+
     with training.distributed("cpu"):
-        for net, act, batch in calls:
-            try:
-                got = bn_image_moments(net, [(batch, None)], config, act, across_ranks=True)
-                alone = bn_image_moments(net, [(m, None) for m in mine], config, act)
-                same = list(got) == list(alone) and all(
-                    np.array_equal(getattr(got[n], k), getattr(alone[n], k))
-                    for n in got for k in ("mean_f", "sq_f", "mean_q", "sq_q"))
-                said.append(f"{len(got)} BatchNorms, {got[next(iter(got))].images} images, "
-                            f"{'equal to' if same else 'NOT'} one process's")
-            except Exception as exc:
-                said.append(f"{type(exc).__name__}: {exc}")
-            (folder / f"rank{rank}.txt").write_text("\n".join(said))
+        record_calls(folder / f"rank{rank}.txt", [lambda c=c: call(*c) for c in calls])
 
 
 def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
@@ -268,8 +262,6 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
     error and the other a RuntimeError naming it, different layers make both raise the same
     ValueError, and the next call of both ranks gathers what one process holding both
     ranks' batches gives, value for value."""
-    from tests.qerror.nn.ranks import two_ranks
-
     two_ranks(_rank_moments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
     assert len(said[0]) == len(said[1]) == 3
@@ -353,14 +345,10 @@ def _rank_roundoff(rank, world, port, folder):
     ``bn_image_moments`` with ``across_ranks`` of 4 bfloat16 images on rank 0 and 4 float32
     on rank 1, against one process's on both ranks' batches in either order; what it found
     goes to ``folder / rank<r>.txt``."""
-    import os
-
     from qerror.nn import training
     from qerror.nn.seeds import bn_image_moments
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     net, config, aq = _input_norm()
     mine = [(_images(4, 2 + r, torch.bfloat16 if r == 0 else torch.float32), None)
             for r in range(world)]
@@ -386,8 +374,6 @@ def test_ranks_fed_other_dtypes_take_one_processs_roundoff(tmp_path):
     of its batches (/work/runs/s43/ranks3/probe_bn_roundoff2.py). Now it is the coarsest of
     every batch and rank (and of measure's u), carried in the gather that checks the
     layers: both ranks return one process's moments and roundoff, in either order."""
-    from tests.qerror.nn.ranks import two_ranks
-
     two_ranks(_rank_roundoff, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
     assert said[0] == said[1] == [f"u {[2.0**-8, 2.0**-8]}", "equal to one process's",

@@ -79,9 +79,7 @@ def _weights(model):
 
 def _ddp_worker(rank, world, port, folder):
     """One torchrun-like rank: the environment torchrun would set, then the loop, three ways."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    ranks.as_rank(rank, world, port)
     x, y = synthetic()
     out = {}
     with training.distributed("cpu") as place:
