@@ -400,6 +400,18 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> Mad
     return MadeFor(out, spec)
 
 
+def _quantizing(weights):
+    """What of ``weights`` (layer → :class:`QuantizedWeights`) the quantized network
+    computes with, for the ranks to compare: each layer's quantized weight and qparams,
+    without what summarises them (the error means, which another thread count or GPU sums
+    in another order: their last bits differ between ranks that quantized the same
+    weights); anything else as it is."""
+    if not isinstance(weights, Mapping):
+        return weights
+    return {n: (q.weight, q.qparams) if isinstance(q, QuantizedWeights) else q
+            for n, q in weights.items()}
+
+
 def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] | None
                      ) -> Mapping[str, QuantizedWeights] | None:
     """``weights`` with each quantized weight stored as its layer's weight is (channels_last
@@ -1487,6 +1499,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         :func:`~qerror.nn.parallel.digest`: every rank raises the same ValueError naming
         the first that differs); ``pair_batch`` and ``progress`` may differ (a pass's size
         does not change the draws), and ``first_batch`` is each rank's own (not checked).
+        Of ``weights`` the quantized weights and their qparams are compared, not what
+        summarises them (each rank reports its own): their error means, which
+        :func:`quantize_weights` sums in an order that the thread count or the GPU sets,
+        may differ in their last bits between ranks that quantized the same weights.
         A rank that fails before the merge (an argument or a batch its checks refuse, a
         batch its network cannot take, an error of its forward or its loader, no batch)
         does not leave the others waiting: it raises its own error and every other rank a
@@ -1621,7 +1637,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                       ("image_means", image_means, image_means),
                       ("configs", configs, [c.label for c in configs])]
             agreed += [(name, parallel.digest(v), None) for name, v in (
-                ("act_qparams", act_qparams), ("weights", weights),
+                ("act_qparams", act_qparams), ("weights", [_quantizing(w) for w in weights]),
                 ("corrections", corrections), ("bn_stats", bn_stats))]
         try:
             depths = path_depths(model)

@@ -8,6 +8,7 @@ order of float64 additions, hence the relative tolerance of 1e-9.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from qerror import QuantSpec, RangePolicy, RoundingMode, fake_quantize
 from qerror.nn import (
+    MadeFor,
     QuantConfig,
     Target,
     calibrate_activations,
@@ -1149,20 +1151,29 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
 
 def _many_calls(rank):
     """The ``measure_many`` calls of :func:`_rank_arguments` on ``rank``: (configs,
-    act_qparams, keywords), each differing between the ranks in one argument but the last,
-    where only ``pair_batch`` differs."""
+    act_qparams, keywords), each differing between the ranks in one argument but the last
+    two, where only ``pair_batch`` differs, then only the weights' error summaries: rank 1's
+    a float64 step above rank 0's, as ``quantize_weights`` sums them with another thread
+    count (/work/runs/s43/review2/probe_threads.log), the quantized weights the same."""
     model = tiny_resnet()
     configs = [QuantConfig.make(8), QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3)]
     act = calibrate_activations(model, [images(8, 1)], configs[0].activation)
     own = calibrate_activations(model, [images(8, 1 + 10 * rank)], configs[0].activation)
     other_seed = [configs[0], QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3 + rank)]
     six = [QuantConfig.make(6 if rank else 8), configs[1]]
+    weights = quantize_weights(model, configs[0].weight)
+    if rank:
+        weights = MadeFor({n: dataclasses.replace(
+            q, error_mean_lsb=math.nextafter(q.error_mean_lsb, math.inf),
+            error_mse_lsb=math.nextafter(q.error_mse_lsb, math.inf))
+            for n, q in weights.items()}, weights.spec)
     return model, [(configs, act, {"image_means": 4 * rank}),
                    (configs, act, {"local_samples": 2 + 2 * rank}),
                    (other_seed, act, {}),
                    (configs, own, {}),
                    (six, act, {}),
-                   (configs, act, {"pair_batch": 2 if rank else None})]
+                   (configs, act, {"pair_batch": 2 if rank else None}),
+                   (configs, act, {"weights": [weights, None]})]
 
 
 def _rank_arguments(rank, world, port, folder):
@@ -1193,10 +1204,13 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
     (/work/runs/s43/ranks3/probe_many_args.py, .before.log). Now the arguments that must
     agree ride in the merge's first gather and every rank raises the same ValueError naming
     the first that differs; a refused argument reaches the other rank; ``pair_batch`` may
-    differ, and the ranks then measure what one process does on both batches."""
+    differ, and the ranks then measure what one process does on both batches. So may the
+    error summaries of the same quantized weights (float sums, which another thread count
+    or GPU changes in their last bits): before, 'the ranks passed different weights (in
+    value)' on both ranks."""
     two_ranks(_rank_arguments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 6
+    assert len(said[0]) == len(said[1]) == 7
 
     def differ(name, told):
         return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
@@ -1216,7 +1230,7 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
     model, calls = _many_calls(0)
     configs, act, _ = calls[-1]
     alone = measure_many(model, [images(4, 2), images(4, 3)], configs, act)
-    for line in (said[0][5], said[1][5]):
+    for line in (said[0][5], said[1][5], said[0][6], said[1][6]):
         n, sqnr = line.split(": ")
         assert n == "measured 8"
         assert [float(v) for v in sqnr.split()] == pytest.approx(
