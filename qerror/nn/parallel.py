@@ -184,11 +184,14 @@ def digest(value: Any) -> str:
     equal content on any rank and device, so that ranks can check they hold the same
     tensors by gathering this instead of the tensors.
 
-    Tensors and arrays count by dtype, shape and bytes (not device, layout or whether they
-    require grad), mappings by their items whatever their order, dataclasses by their type
-    and fields, sequences by their items in order, numbers, strings, enums and None by type
-    and value; anything else by its pickle. Two contents that differ give different
-    fingerprints except with probability about ``2**-128``.
+    Tensors and arrays count by dtype, shape and bytes (not device, layout, a lazy
+    conjugate or negative view, or whether they require grad), mappings by their items and
+    sets by their elements whatever their order, dataclasses by their type and fields,
+    sequences by their items in order, numbers, strings, enums and None by type and value;
+    anything else by its pickle, which records what pickle records (a tensor held there
+    counts with its device and strides, so such objects are equal only where those are).
+    Two contents that differ give different fingerprints except with probability about
+    ``2**-128``.
     """
     h = hashlib.blake2b(digest_size=16)
     _feed(h, value)
@@ -197,7 +200,7 @@ def digest(value: Any) -> str:
 
 def _feed(h, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous().reshape(-1)
+        t = value.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         h.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     elif isinstance(value, np.ndarray):
@@ -206,6 +209,9 @@ def _feed(h, value: Any) -> None:
     elif value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum,
                                              np.generic)):
         h.update(f"{type(value).__qualname__} {value!r};".encode())
+    elif isinstance(value, (set, frozenset)):  # its pickle follows its iteration order
+        items = sorted(digest(v) for v in value)
+        h.update(f"set {len(items)};{''.join(items)}".encode())
     elif isinstance(value, Mapping):
         items = sorted((digest(k), v) for k, v in value.items())
         h.update(f"mapping {len(items)};".encode())
