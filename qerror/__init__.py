@@ -1,5 +1,6 @@
 """qerror: quantization error in neural networks, analytically, empirically and statistically."""
 
+from qerror._checks import MAX_SEED
 from qerror.analytic import (
     ClipMethod,
     ClipResult,
@@ -84,6 +85,7 @@ from qerror.stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_SEED",
     "ClipMethod",
     "ClipResult",
     "ErrorMoments",

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qerror import MAX_SEED
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import (
@@ -216,22 +217,17 @@ def refuse_beyond_splits(parser: argparse.ArgumentParser,
                          f"{most:,} images; give at most {most}")
 
 
-#: The last seed a study's ``--seed`` takes: seeds are the integers from 0 to 2**64 - 1, the
-#: range of torch's generators and of the library's seed check.
-LAST_SEED = 2 ** 64 - 1
-
-
 def refuse_seeds_past_64_bits(parser: argparse.ArgumentParser, seed: int, count: int,
                               option: str) -> None:
     """``parser.error`` where a run seeds ``count`` things with ``seed``, ``seed + 1``, ...,
     ``seed + count - 1`` (``option``, e.g. ``"--seeds 20"``, asks for them) and the last
-    passes :data:`LAST_SEED`: refused before any work, not by the first seed past it once
-    the work before it is done."""
+    passes :data:`qerror.MAX_SEED`, the library's largest seed: refused before any work,
+    not by the first seed past it once the work before it is done."""
     last = seed + count - 1
-    if last > LAST_SEED:
+    if last > MAX_SEED:
         parser.error(f"--seed {seed} with {option}: the run takes seeds {seed} to {last}, "
                      f"beyond torch's 64-bit seeds; give --seed at most "
-                     f"{LAST_SEED + 1 - count}")
+                     f"{MAX_SEED + 1 - count}")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str],
@@ -295,7 +291,7 @@ def base_parser(study: str, description: str, *, force: bool = False,
                         help=f"output folder (default: {out_default or f'runs/{study}'} under "
                              "the repository); it must not exist, be empty, or hold a previous "
                              "run of this study")
-    parser.add_argument("--seed", type=int_in(0, LAST_SEED, "torch's generators take "
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED, "torch's generators take "
                                                    "64-bit seeds"), default=0,
                         help="seed of every random choice (an integer from 0 to 2^64 - 1; "
                              "default 0; torch's CPU draws read its low 32 bits, so seeds "

@@ -460,7 +460,7 @@ def test_every_64_bit_seed_is_taken(call, value):
 
 
 def test_torch_cpu_draws_read_a_seeds_low_32_bits_as_documented():
-    """qerror._checks.MAX_SEED's comment, check_seed's Notes and the studies' --seed help say
+    """qerror.MAX_SEED's comment, check_seed's Notes and the studies' --seed help say
     that torch's CPU generator starts from a seed's low 32 bits, so torch-made draws repeat
     for seeds 2**32 apart while numpy's differ. If a torch release changes that, this fails
     and the three texts must change with it."""
