@@ -164,11 +164,11 @@ def tiny_cnn_within(max_bytes: int, *, values: StorageFormat | str = StorageForm
     def size(w: int) -> int:
         return tiny_cnn_bytes(w, in_channels, num_classes, values=values, keep_dense=keep)
 
-    if size(1) > max_bytes:
-        raise ValueError(f"even a TinyCNN of width 1 takes {size(1)} bytes, over "
+    smallest, over = size(1), size(MAX_TINY_WIDTH + 1)
+    if smallest > max_bytes:
+        raise ValueError(f"even a TinyCNN of width 1 takes {smallest} bytes, over "
                          f"max_bytes={max_bytes}")
-    if size(MAX_TINY_WIDTH + 1) <= max_bytes:
-        over = size(MAX_TINY_WIDTH + 1)
+    if over <= max_bytes:
         raise ValueError(f"max_bytes={max_bytes} buys a TinyCNN wider than MAX_TINY_WIDTH = "
                          f"{MAX_TINY_WIDTH} (width {MAX_TINY_WIDTH + 1} takes {over:,} bytes): "
                          f"no tiny baseline; give a budget under {over:,} bytes, or build "
