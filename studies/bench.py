@@ -99,10 +99,10 @@ def goal_verdict(lo: float, hi: float, goal: float | None) -> str | None:
 def make_row(group, name, cand, base, goal, ratios, ta, tb, note="") -> BenchRow:
     """A row of the per-pair ``ratios`` of candidate times ``ta`` to baseline times ``tb``:
     their median, range and interval (:func:`qerror.stats.median_ci` at
-    :data:`MEDIAN_LEVEL`), the goal's verdict, and the
-    median of each side's times. The three must be one-dimensional and equally long (one
-    candidate and one baseline timing to each ratio): otherwise a ValueError, not a row
-    whose medians and ``pairs`` come from different numbers of timings."""
+    :data:`MEDIAN_LEVEL`), the goal's verdict, and the median of each side's times. The
+    three must be one-dimensional and equally long (one candidate and one baseline timing
+    to each ratio): otherwise a ValueError, not a row whose medians and ``pairs`` come from
+    different numbers of timings."""
     ratios, ta, tb = (np.asarray(v, float) for v in (ratios, ta, tb))
     if not ratios.ndim == ta.ndim == tb.ndim == 1 or not ratios.size == ta.size == tb.size:
         raise ValueError(f"row {name!r}: ratios, candidate and baseline timings must be "
