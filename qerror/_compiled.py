@@ -15,7 +15,12 @@ Guards, for every kernel:
   the options (:func:`compile_options`), and the thread count is part of every key (it is
   fixed in the compiled code);
 * loading compiled code must not switch the thread to flushing subnormals (some compilers'
-  fast-math start-up code does): if it did, the flushing is undone and the kernels turned off.
+  fast-math start-up code does): if it did, the flushing is undone and the kernels turned off;
+* the compiler's limit of variants per function (8) is not met in a long process: each key
+  holds, beside the caller's part, what the compiled code's guards read of the arguments
+  (:func:`layout_key`) and whether gradients are on (a guard of the global state), so that
+  one key is one compiled variant; the arguments are passed as tensors of their own
+  (:func:`own`), not as views whose base the guards would read too.
 """
 
 from __future__ import annotations
@@ -75,6 +80,35 @@ def compile_options() -> dict:
     return {"cpp.simdlen": isa.bit_width()} if isa else {}
 
 
+def own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own: the same memory, sizes and strides, detached, and no
+    view of another. The compiler guards on a view's base as well (its rank, sizes and
+    strides), so a view of each caller's tensor would be compiled again for each rank and
+    shape those tensors have; mark dimensions static on this tensor, not before."""
+    return t.detach()
+
+
+def layout_key(args: tuple) -> tuple:
+    """What the guards of compiled code read of ``args`` beyond their symbolic sizes: each
+    tensor's sizes and storage offset as a pattern, 0 and 1 by value (the compiler
+    specialises them) and the others by which earlier one, in any of the tensors, they
+    equal (the compiler gives equal values one symbol, duck sizing, and a later call where
+    they differ fails that guard), and whether it is an inference tensor (another dispatch
+    key set); any other argument (None, a number) by its type and value, which the guards
+    may read. Strides are not in it: the tensors compiled here are dense, their strides
+    products of their sizes."""
+    classes: dict[int, int] = {}
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sizes = tuple(d if d < 2 else 2 + classes.setdefault(d, len(classes))
+                          for d in (*a.shape, a.storage_offset()))
+            key.append((sizes, a.is_inference()))
+        else:
+            key.append((type(a).__name__, a))
+    return tuple(key)
+
+
 class Kernels:
     """One family of compiled kernels and its state.
 
@@ -108,13 +142,14 @@ class Kernels:
         """The compiled kernel of ``key`` (``make()`` compiled on first use, with dynamic
         sizes and the whole graph) on ``args``; None where it cannot be compiled or run,
         after one warning. The key should hold everything the compiled code depends on
-        beyond the symbolic sizes (the thread count is added here).
+        beyond the symbolic sizes, :func:`layout_key` and the grad mode (those three and the
+        thread count are added here); ``args`` should be tensors of their own (:func:`own`).
 
         A call that fails turns off its key; where the key's kernel had never run and
         ``breaks_all`` (a failure that says the compiler cannot serve this family: not the
         compiler's limit of variants), the whole family. Memory errors are the caller's.
         """
-        key = (key, torch.get_num_threads())
+        key = (key, layout_key(args), torch.is_grad_enabled(), torch.get_num_threads())
         # compiled code is loaded on a key's first call: only then can it switch on flushing
         flushing = None if key in self.ready else flushing_denormals()
         try:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from qerror._compiled import Kernels, named
+from qerror._compiled import Kernels, named, own
 from qerror.rounding import RoundingMode, hash_draws
 
 #: Fewer elements than this go to the block engine: a compiled call's fixed cost (guards,
@@ -137,8 +137,9 @@ def run(x, s, z, lo, hi, stream=None, *, mode: RoundingMode, fake: bool, count: 
     turns off that kernel alone: its integer hash is the newest code the compiler meets).
     Memory errors are the caller's. The guards of :class:`qerror._compiled.Kernels` apply.
     """
-    # Sizes are symbolic except 0 and 1, which the compiler specialises: one compiled
-    # function per pattern of unit dimensions keeps each within its limit of variants.
+    # The unit dimensions name the compiled function (what else its guards read,
+    # Kernels.call adds to the key: one compiled variant per key)
     key = (mode, fake, count, tuple(d == 1 for d in x.shape))
-    return KERNELS.call(key, lambda: _specialised(*key), (x, s, z, lo, hi, stream),
+    args = tuple(None if a is None else own(a) for a in (x, s, z, lo, hi, stream))
+    return KERNELS.call(key, lambda: _specialised(*key), args,
                         breaks_all=not mode.is_random)

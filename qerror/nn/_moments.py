@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from qerror._checks import check_count
-from qerror._compiled import Kernels, named
+from qerror._compiled import Kernels, named, own
 
 #: Maps with more positions than this are summed by torch's reductions (see Notes).
 MAX_INNER = 1024
@@ -128,13 +128,14 @@ def _compiled(*tensors: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, ..
     if two:  # one layout and shapes that difference_sums checked: views that fit
         a, b = args
         args = (a.view(chunks, *b.shape), b)
+    args = tuple(own(t) for t in args)
     # sizes are symbolic except 0 and 1, which the compiler specialises, and a short map's
-    # (STATIC_INNER): one kernel per pattern of unit dimensions and short map keeps each
-    # within its limit of variants
+    # (STATIC_INNER), fixed in the key; the unit dimensions name the kernel (what else its
+    # guards read, Kernels.call adds to the key: one compiled variant per key)
     units = tuple(d == 1 for d in args[0].shape)
     inner = args[-1].shape[dim]
     if inner <= STATIC_INNER:
-        for t in args:  # views of the caller's tensors: the mark is the view's alone
+        for t in args:  # tensors of their own (own): the mark is theirs alone
             torch._dynamo.mark_static(t, t.ndim - 3 + dim)
     else:
         inner = None

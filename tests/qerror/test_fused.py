@@ -2,6 +2,7 @@
 the block engine, on and beside every boundary, per tensor and per channel; its fallback."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -291,6 +292,57 @@ def test_a_kernel_that_fails_after_running_turns_off_alone(monkeypatch):
     assert [k[0][0] for k in _fused.KERNELS.failed] == [RoundingMode.FLOOR]
     quantize(x, QuantSpec(), 0.1)
     assert any(k[0][0] is RoundingMode.NEAREST_EVEN for k in _fused.KERNELS.ready)
+
+
+def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, fused_calls):
+    """The compiler's limit of variants per function is not what turns the fused quantizer
+    off in a long process: with the limit set to one, views of tensors of other ranks and
+    sizes (the compiler guarded on their bases), inference tensors (another dispatch key
+    set) and per-channel grids whose sizes equal one another (duck sizing) each take the
+    fused path and give the block engine's codes, without a warning."""
+    fresh_state(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    per_tensor = QuantSpec(rounding="floor")
+    per_channel = QuantSpec(rounding="floor", axis=1)
+    cases = []
+    for shape in ((128, 128), (64, 256), (16, 16, 64), (2, 8, 32, 32)):
+        cases.append((torch.randn(shape, generator=gen), per_tensor, 0.05))
+    for shape in ((32, 32, 32), (16, 32, 64), (64, 32, 16)):  # equal sizes, then none
+        scales = torch.rand(32, generator=gen).numpy() / 10 + 0.01
+        cases.append((torch.randn(shape, generator=gen), per_channel, scales))
+    with torch.inference_mode():
+        cases.append((torch.randn(64, 256, generator=gen), per_tensor, 0.05))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("error", RuntimeWarning)
+        for x, spec, scale in cases:
+            ref = engine(lambda: fake_quantize(x, spec, scale), monkeypatch)
+            assert torch.equal(fake_quantize(x, spec, scale), ref)
+            ref = engine(lambda: quantize(x, spec, scale), monkeypatch)
+            np.testing.assert_array_equal(quantize(x, spec, scale), ref)
+    assert len(fused_calls) == 2 * len(cases)
+    assert not _fused.KERNELS.failed
+
+
+def test_layout_keys_tell_apart_what_the_guards_read():
+    key = _compiled.layout_key
+    a = torch.zeros(4, 4, 1)
+    assert key((a, None)) == (((2, 2, 1, 0), False), ("NoneType", None))
+    assert key((torch.zeros(4, 5, 1),)) != key((a,))       # equal sizes or not
+    assert key((torch.zeros(4, 5, 1), torch.zeros(1, 5, 1))) == \
+        key((torch.zeros(6, 7, 1), torch.zeros(1, 7, 1)))  # sizes themselves are symbolic
+    assert key((torch.zeros(6, 7, 1), torch.zeros(1, 6, 1))) != \
+        key((torch.zeros(6, 7, 1), torch.zeros(1, 7, 1)))  # across tensors too
+    with torch.inference_mode():
+        assert key((torch.zeros(4, 4, 1),)) != key((a,))
+    assert key((a, 0.5)) != key((a, 0.25))  # numbers by value
+    assert key((torch.zeros(17)[1:].view(4, 4, 1),)) != key((a,))  # offset 1, specialised
+    rows = torch.zeros(10, 4, 1)
+    assert key((rows[1:5],)) != key((rows[2:6],))  # offset 4 equals a size, offset 8 none
+    assert key((rows[2:6],)) == key((rows[3:7],))  # offsets 8 and 12: one symbol
+    view = torch.zeros(8, 16)[:4].reshape(4, 4, 4)
+    own = _compiled.own(view)
+    assert view._base is not None and own._base is None
+    assert own.data_ptr() == view.data_ptr() and own.stride() == view.stride()
 
 
 def test_compiled_code_that_switches_on_flushing_is_undone(monkeypatch):

@@ -255,6 +255,28 @@ def test_tensors_of_two_shapes_are_refused():
         difference_sums(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5))
 
 
+def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, compiled_calls):
+    """With the compiler's limit of variants per function set to one, slices of batches of
+    other sizes (views: the compiler guarded on their bases), inference tensors, gradients
+    on and off, and batches whose size equals the channel count (duck sizing) are all
+    summed by the compiled loop, without a warning, within the float32 bound."""
+    batches = [data((n, 64, 4, 4), n)[: n // 2] for n in (8, 12, 128)]
+    with torch.inference_mode():
+        batches.append(data((6, 64, 4, 4), 1))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("error", RuntimeWarning)
+        for grad in (True, False):
+            for t in batches:
+                half = t * 0.5
+                with torch.set_grad_enabled(grad):
+                    s, q, length = channel_sums(t)
+                    sd, qd, per = difference_sums(t, half)
+                within_bounds(s, q, t, length)
+                within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
+    assert len(compiled_calls) == 4 * len(batches)
+    assert not _moments.KERNELS.failed
+
+
 def test_a_compiler_failure_warns_once_and_gives_torchs_sums(monkeypatch, compiled_calls):
     def broken(*args, **kwargs):
         def fail(*a, **k):
