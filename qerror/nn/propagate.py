@@ -1520,6 +1520,8 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         graph where torch.fx traces the model, else where the second call is met). Or a
         ``Linear`` is fed more than two dimensions (N, T, ..., features): its per-channel
         figures would reduce over dimension 1, not over its output features.
+    TypeError
+        ``config`` is not a :class:`QuantConfig`.
     TypeError, ValueError
         ``local_samples``, ``pair_batch``, ``image_means`` or ``first_batch`` that is not an
         integer (TypeError: a bool, or a float even when integral) or is below its least
@@ -1550,8 +1552,7 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
     result up to the order of float64 additions, and the counts (accuracy, agreement,
     McNemar, saturation) exactly.
     """
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    # config is checked in measure_many, where a rank's refusal reaches the other ranks
     return measure_many(model, batches, [config], act_qparams, weights=[weights],
                         corrections=[corrections], bn_stats=[bn_stats],
                         local_samples=local_samples, input_maps=input_maps,
@@ -1620,7 +1621,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             raise ValueError("measure_many needs at least one configuration")
         for c in configs:
             if not isinstance(c, QuantConfig):
-                raise TypeError(f"configs must hold QuantConfig, got {type(c).__name__}")
+                raise TypeError(f"a configuration (measure's config, each of measure_many's "
+                                f"configs) must be a QuantConfig, got {type(c).__name__}")
         check_count(first_batch, "first_batch (a batch index)")
         if pair_batch is not None:
             check_count(pair_batch, "pair_batch (a number of images)", 1)

@@ -1100,11 +1100,12 @@ def test_ranks_fed_other_dtypes_resolve_as_one_process(tmp_path):
 
 
 def _rank_fails(rank, world, port, folder):
-    """One gloo rank of :func:`test_a_rank_that_fails_stops_every_rank`: four ``measure``
+    """One gloo rank of :func:`test_a_rank_that_fails_stops_every_rank`: six ``measure``
     calls with ``across_ranks`` on a float32 network, 4 images a rank: float64 images on
-    rank 1, integer images on rank 0, labels on rank 0 only, then images both can take;
-    what each returned or raised goes to ``folder / rank<r>.txt``, a line each (written
-    after every call, so a hang shows how far a rank got)."""
+    rank 1, integer images on rank 0, labels on rank 0 only, images both can take, a
+    configuration's label instead of the configuration on rank 1, then images both can
+    take again; what each returned or raised goes to ``folder / rank<r>.txt``, a line each
+    (written after every call, so a hang shows how far a rank got)."""
     from qerror.nn import training
 
     as_rank(rank, world, port)
@@ -1112,16 +1113,18 @@ def _rank_fails(rank, world, port, folder):
     config = QuantConfig.make(4)
     aq = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
     x = images(4, 2 + rank, torch.float32)
-    calls = [x.double() if rank == 1 else x,
-             (x * 8).round().to(torch.int64) if rank == 0 else x,
-             (x, torch.arange(4) % 2) if rank == 0 else x,
-             x]
-    def call(batch):
-        r = measure(model, [batch], config, aq, across_ranks=True)
+    calls = [(x.double() if rank == 1 else x, config),
+             ((x * 8).round().to(torch.int64) if rank == 0 else x, config),
+             ((x, torch.arange(4) % 2) if rank == 0 else x, config),
+             (x, config),
+             (x, config.label if rank == 1 else config),
+             (x, config)]
+    def call(batch, given):
+        r = measure(model, [batch], given, aq, across_ranks=True)
         return f"measured {r.logits.n}, logit sqnr {r.logits.sqnr_db!r}"
 
     with training.distributed("cpu"):
-        record_calls(folder / f"rank{rank}.txt", [lambda b=b: call(b) for b in calls])
+        record_calls(folder / f"rank{rank}.txt", [lambda c=c: call(*c) for c in calls])
 
 
 def test_a_rank_that_fails_stops_every_rank(tmp_path):
@@ -1130,10 +1133,14 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
     merge's collective: for ever while the failed rank lived on, or paired with that rank's
     next call. Now the failed rank raises its own error and the other a RuntimeError naming
     it, and the next call of both ranks measures together; a rank whose batches alone have
-    labels makes both raise the same ValueError (checked in the same collective)."""
+    labels makes both raise the same ValueError (checked in the same collective). A rank
+    given something other than a configuration raised measure's TypeError before the part
+    whose errors reach the other ranks, and the other waited in the merge
+    (/work/runs/s44/ranks/probe.py config, probe_config.before.log); now it raises its
+    TypeError and the other the RuntimeError naming it, and both measure their next call."""
     two_ranks(_rank_fails, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 4
+    assert len(said[0]) == len(said[1]) == 6
 
     def relayed(rank, error):
         return (f"RuntimeError: rank {rank} of 2 failed before the ranks' sums were merged "
@@ -1147,6 +1154,10 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
     assert said[1][1] == relayed(0, said[0][1])
     assert said[0][2] == said[1][2] == "ValueError: some ranks' batches have labels and some do not"
     assert said[0][3] == said[1][3] and said[0][3].startswith("measured 8, ")
+    assert said[0][4] == relayed(1, said[1][4])
+    assert said[1][4] == ("TypeError: a configuration (measure's config, each of "
+                          "measure_many's configs) must be a QuantConfig, got str")
+    assert said[0][5] == said[1][5] == said[0][3]
 
 
 def _many_calls(rank):
