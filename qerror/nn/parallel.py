@@ -11,6 +11,8 @@ identity, so the same code runs on one process or many.
 * :func:`gather_objects`: every rank's value, in rank order;
 * :func:`gather_outcomes`: the same, carrying the error a rank met on its way, so that
   every rank raises instead of waiting for it;
+* :func:`check_agreement`: the same error on every rank when the ranks passed different
+  values of an argument that must be every rank's;
 * :func:`digest`: a short fingerprint of a value's content, for checking that every rank
   passed the same tensors without sending them;
 * :func:`global_batchnorm`: BatchNorm that trains on the statistics of the whole global
@@ -26,7 +28,7 @@ import functools
 import hashlib
 import io
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +39,8 @@ from torch import nn
 from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
-__all__ = ["all_reduce_sum", "broadcast_object", "digest", "gather_objects", "gather_outcomes",
-           "global_batchnorm", "shard", "world"]
+__all__ = ["all_reduce_sum", "broadcast_object", "check_agreement", "digest", "gather_objects",
+           "gather_outcomes", "global_batchnorm", "shard", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -177,6 +179,43 @@ def gather_outcomes(value: Any, failure: BaseException | None, before: str) -> l
             "instead of waiting for them: see each failed rank's own error, fix what it "
             "names, and call again on every rank")
     return [v for _, v in gathered]
+
+
+def check_agreement(given: Sequence[Sequence[tuple[str, Any, Any]]], own: str,
+                    merged: str) -> None:
+    """Refuse, with the same ValueError on every rank, ranks that passed different values
+    of an argument that must be every rank's.
+
+    Each rank sends its terms in a gather it makes anyway (:func:`gather_outcomes`), and
+    every rank calls this with what that gather returned, so every rank raises alike.
+
+    Parameters
+    ----------
+    given : sequence of sequences of (name, compared, shown)
+        Per rank, in rank order, the same names in the same order: ``compared`` equal on
+        every rank where the rank's argument is (a :func:`digest` for tensors), ``shown``
+        in the message where it tells the ranks apart (None where nothing short does).
+    own : str
+        What each rank passes of its own, for the message ("the batches").
+    merged : str
+        What the ranks merge into one measurement, for the message ("sums").
+
+    Raises
+    ------
+    ValueError
+        Naming the first argument whose ``compared`` differs between ranks, with each
+        rank's ``shown`` where those differ (else "in value").
+    """
+    names = [t[0] for t in given[0]]
+    for i, name in enumerate(names):
+        terms = [g[i] for g in given]
+        if any(t[1] != terms[0][1] for t in terms):
+            told = ", ".join(f"rank {r}: {t[2]}" for r, t in enumerate(terms)) \
+                if len({repr(t[2]) for t in terms}) > 1 else "in value"
+            raise ValueError(
+                f"the ranks passed different {name} ({told}); every rank must pass the same "
+                f"{', '.join(names)} (only {own} are each rank's own), for their {merged} to "
+                "be one measurement")
 
 
 def digest(value: Any) -> str:

@@ -94,6 +94,7 @@ __all__ = [
     "QuantizedWeights",
     "SiteResult",
     "Target",
+    "agreement_terms",
     "calibrate_activations",
     "default_pair_batch",
     "local_error_means",
@@ -412,6 +413,45 @@ def _quantizing(weights):
             for n, q in weights.items()}
 
 
+def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
+    """What ranks that make one measurement together compare of the arguments that decide
+    their quantized network, for :func:`qerror.nn.parallel.check_agreement`.
+
+    :func:`measure_many` and :func:`qerror.nn.seeds.bn_image_moments` with ``across_ranks``
+    send these in the gather they make anyway, so that ranks that would merge the figures
+    of different quantized networks all refuse.
+
+    Parameters
+    ----------
+    **arguments
+        By the caller's argument name, in the order to check: a :class:`QuantConfig` or a
+        sequence of them; anything else (activation ranges, quantized weights, corrections,
+        BatchNorm statistics, None, or a sequence of one per configuration).
+
+    Returns
+    -------
+    list of (name, compared, shown)
+        Per argument, in order. Configurations count by value and show their labels;
+        anything else counts by its :func:`~qerror.nn.parallel.digest` (shows nothing), of
+        :class:`QuantizedWeights` only what the network computes with, each layer's
+        quantized weight and qparams: their error summaries are float sums that
+        :func:`quantize_weights` adds in an order the thread count or the GPU sets, so
+        their last bits may differ between ranks that quantized the same weights.
+    """
+    terms = []
+    for name, value in arguments.items():
+        if isinstance(value, QuantConfig):
+            terms.append((name, value, value.label))
+        elif isinstance(value, Sequence) and value and \
+                all(isinstance(c, QuantConfig) for c in value):
+            terms.append((name, list(value), [c.label for c in value]))
+        else:
+            each = [_quantizing(v) for v in value] if isinstance(value, list) else \
+                _quantizing(value)
+            terms.append((name, parallel.digest(each), None))
+    return terms
+
+
 def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] | None
                      ) -> Mapping[str, QuantizedWeights] | None:
     """``weights`` with each quantized weight stored as its layer's weight is (channels_last
@@ -656,15 +696,8 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     gathered = parallel.gather_outcomes(
         (image_shape, labelled, u, [m.length for m in holders], layout, shapes, agreed),
         failure, "the ranks' sums were merged")
-    for i, (name, _, shown) in enumerate(agreed):
-        given = [g[6][i] for g in gathered]
-        if any(a[1] != given[0][1] for a in given):
-            told = ", ".join(f"rank {r}: {a[2]}" for r, a in enumerate(given)) \
-                if len({repr(a[2]) for a in given}) > 1 else "in value"
-            raise ValueError(
-                f"the ranks passed different {name} ({told}); every rank must pass the same "
-                f"{', '.join(a[0] for a in agreed)} (only the batches, first_batch, pair_batch "
-                "and progress are each rank's own), for their sums to be one measurement")
+    parallel.check_agreement([g[6] for g in gathered],
+                             "the batches, first_batch, pair_batch and progress", "sums")
     if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
@@ -1636,11 +1669,10 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         if shared:  # what every rank must pass alike: (name, compared, shown)
             agreed = [("local_samples", local_samples, local_samples),
                       ("input_maps", bool(input_maps), bool(input_maps)),
-                      ("image_means", image_means, image_means),
-                      ("configs", configs, [c.label for c in configs])]
-            agreed += [(name, parallel.digest(v), None) for name, v in (
-                ("act_qparams", act_qparams), ("weights", [_quantizing(w) for w in weights]),
-                ("corrections", corrections), ("bn_stats", bn_stats))]
+                      ("image_means", image_means, image_means)]
+            agreed += agreement_terms(configs=configs, act_qparams=act_qparams,
+                                      weights=weights, corrections=corrections,
+                                      bn_stats=bn_stats)
         try:
             depths = path_depths(model)
         except UnsupportedModelError:  # a layer called twice: its statistics would be pooled

@@ -50,7 +50,13 @@ from qerror.nn._anatomy import eval_mode
 from qerror.nn._moments import channel_sums, network_roundoff, unit_roundoff
 from qerror.nn.bn import BNImageMoments
 from qerror.nn.growth import GapInterval, debiased_gap, layer_block_bootstrap
-from qerror.nn.propagate import QuantConfig, calibrate_activations, measure, paired_forward
+from qerror.nn.propagate import (
+    QuantConfig,
+    agreement_terms,
+    calibrate_activations,
+    measure,
+    paired_forward,
+)
 from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
@@ -238,10 +244,14 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         The quantized network, as for :func:`qerror.nn.propagate.paired_forward` (the drift
         study passes those it measured with).
     across_ranks : bool
-        Under ``torchrun``, gather every rank's images in rank order (every rank calls). A
-        rank that fails before the gather (a batch its network cannot take, an error of its
-        forward or loader) does not leave the others waiting: it raises its own error and
-        every other rank a RuntimeError naming it (see Raises).
+        Under ``torchrun``, gather every rank's images in rank order (every rank calls).
+        Every rank passes the same ``config``, ``act_qparams`` and ``weights`` (checked as
+        :func:`qerror.nn.propagate.measure` checks its ranks',
+        :func:`qerror.nn.propagate.agreement_terms`: every rank raises the same ValueError
+        naming the first that differs); only the batches are each rank's own. A rank that
+        fails before the gather (a batch its network cannot take, an error of its forward or
+        loader) does not leave the others waiting: it raises its own error and every other
+        rank a RuntimeError naming it (see Raises).
 
     Returns
     -------
@@ -252,7 +262,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     ------
     ValueError
         The model has no ``BatchNorm2d`` layer, or one of them did not run on the batches
-        (of any rank); with ``across_ranks``, also the ranks' models have different
+        (of any rank); with ``across_ranks``, also the ranks passed different
+        configurations, activation ranges or weights, or their models have different
         BatchNorm2d layers (on every rank).
     RuntimeError
         With ``across_ranks``, on every rank but those that failed before the gather, which
@@ -295,10 +306,13 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     failure = None
     local = {}
     handles = []
+    agreed = []
     try:
         if not norms:
             raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm "
                              "inconsistency to measure")
+        if shared:  # what every rank must pass alike, as measure's ranks
+            agreed = agreement_terms(config=config, act_qparams=act_qparams, weights=weights)
         handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
         with eval_mode(model), torch.no_grad(), \
                 paired_forward(model, config, act_qparams, weights=weights):
@@ -323,7 +337,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     roundoff = {n: max(r, u) for n, r in roundoff.items()}
     if shared:
         gathered = parallel.gather_outcomes(
-            ([(n, m.num_features) for n, m in norms], roundoff), failure,
+            ([(n, m.num_features) for n, m in norms], roundoff, agreed), failure,
             "the ranks' BatchNorm moments were gathered")
         layers = [g[0] for g in gathered]
         if any(other != layers[0] for other in layers):
@@ -332,6 +346,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
                     f"rank {r}: {len(lay)} with {sum(c for _, c in lay)} channels"
                     for r, lay in enumerate(layers)) + "); every rank must pass the same "
                 "model, for its images' moments to be gathered layer by layer")
+        # after the layers: another model has other activation ranges, the lesser cause
+        parallel.check_agreement([g[2] for g in gathered], "the batches", "moments")
         roundoff = {n: max(g[1][n] for g in gathered) for n in roundoff}
     out = {}
     for name, m in norms:

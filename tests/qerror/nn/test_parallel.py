@@ -70,3 +70,23 @@ def test_digest_of_equal_sets_and_tensor_views_is_equal():
     assert digest(c.conj()) == digest(c.conj().resolve_conj()) != digest(c)
     negative = c.conj().imag  # a view with the negative bit
     assert negative.is_neg() and digest(negative) == digest(-c.imag)
+
+
+def test_check_agreement_names_the_first_argument_that_differs():
+    """parallel.check_agreement, which measure_many and bn_image_moments call on every rank
+    with the terms their gather returned: silent where every rank's terms are equal; else
+    one ValueError naming the first that differs, each rank's shown value where those tell
+    the ranks apart, else "in value"."""
+    def terms(seed, ranges):
+        return [("config", seed, f"seed {seed}"), ("act_qparams", ranges, None)]
+
+    parallel.check_agreement([terms(1, "a"), terms(1, "a")], "the batches", "moments")
+    for given, told in (([terms(1, "a"), terms(2, "b")], "config (rank 0: seed 1, rank 1: "
+                                                         "seed 2)"),
+                        ([terms(1, "a"), terms(1, "b")], "act_qparams (in value)")):
+        with pytest.raises(ValueError) as refused:
+            parallel.check_agreement(given, "the batches", "moments")
+        assert str(refused.value) == (
+            f"the ranks passed different {told}; every rank must pass the same config, "
+            "act_qparams (only the batches are each rank's own), for their moments to be one "
+            "measurement")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -212,17 +214,23 @@ def test_bn_image_moments_refuse_a_model_without_batchnorm():
 
 
 def _rank_moments(rank, world, port, folder):
-    """One gloo rank of :func:`test_bn_image_moments_stop_every_rank_when_one_fails`: three
+    """One gloo rank of :func:`test_bn_image_moments_stop_every_rank_when_one_fails`: six
     ``bn_image_moments`` calls with ``across_ranks`` on a float32 network, 4 images a rank:
     float64 images on rank 1; on rank 1 a network with one BatchNorm of the same width as
-    the first of rank 0's six; then images both can take, whose moments are compared with
-    one process's on both ranks' batches. What each returned or raised goes to ``folder /
-    rank<r>.txt``, a line each (written after every call, so a hang shows how far a rank
-    got)."""
+    the first of rank 0's six; on rank 1 a floor configuration; on rank 1 activation ranges
+    calibrated on other images; on rank 1 quantized weights with one layer's doubled; then
+    images both can take, whose moments are compared with one process's on both ranks'
+    batches. What each returned or raised goes to ``folder / rank<r>.txt``, a line each
+    (written after every call, so a hang shows how far a rank got)."""
     from torch import nn
 
     from qerror.nn import training
-    from qerror.nn.propagate import QuantConfig, calibrate_activations
+    from qerror.nn.propagate import (
+        MadeFor,
+        QuantConfig,
+        calibrate_activations,
+        quantize_weights,
+    )
     from qerror.nn.seeds import bn_image_moments
     from tests.qerror.nn.nets import images, tiny_resnet
 
@@ -237,12 +245,22 @@ def _rank_moments(rank, world, port, folder):
     short_aq = calibrate_activations(short, [images(8, 1, torch.float32)], config.activation)
     mine = [images(4, 2 + r, torch.float32) for r in range(world)]
     x = mine[rank]
+    floor = QuantConfig.make(4, "floor")
+    own = calibrate_activations(model, [images(8, 1 + 10 * rank, torch.float32)],
+                                config.activation)
+    weights = quantize_weights(model, config.weight)
+    first = next(iter(weights))
+    doubled = MadeFor({**weights, first: dataclasses.replace(
+        weights[first], weight=2 * weights[first].weight)}, weights.spec)
     calls = [(model, aq, x.double() if rank == 1 else x),
              (short, short_aq, x) if rank == 1 else (model, aq, x),
+             (model, aq, x, floor if rank == 1 else config),
+             (model, own, x),
+             (model, aq, x, config, doubled if rank == 1 else weights),
              (model, aq, x)]
-    def call(net, act, batch):
-        got = bn_image_moments(net, [(batch, None)], config, act, across_ranks=True)
-        alone = bn_image_moments(net, [(m, None) for m in mine], config, act)
+    def call(net, act, batch, given=config, w=None):
+        got = bn_image_moments(net, [(batch, None)], given, act, weights=w, across_ranks=True)
+        alone = bn_image_moments(net, [(m, None) for m in mine], given, act, weights=w)
         same = list(got) == list(alone) and all(
             np.array_equal(getattr(got[n], k), getattr(alone[n], k))
             for n in got for k in ("mean_f", "sq_f", "mean_q", "sq_q"))
@@ -261,10 +279,13 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
     layers paired one rank's layers with the other's. Now the failed rank raises its own
     error and the other a RuntimeError naming it, different layers make both raise the same
     ValueError, and the next call of both ranks gathers what one process holding both
-    ranks' batches gives, value for value."""
+    ranks' batches gives, value for value. Ranks that passed another configuration,
+    activation ranges or quantized weights gathered the moments of different quantized
+    networks without a word (/work/runs/s44/ranks/probe.py bn, probe_bn.before.log); now
+    every rank raises the ValueError that measure's ranks raise, naming the argument."""
     two_ranks(_rank_moments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 3
+    assert len(said[0]) == len(said[1]) == 6
     assert said[1][0].startswith("RuntimeError: ")  # torch's, from the float32 forward
     assert said[0][0] == (
         "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
@@ -274,7 +295,16 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
         "ValueError: the ranks' models have different BatchNorm2d layers (rank 0: 6 with 72 "
         "channels, rank 1: 1 with 8 channels); every rank must pass the same model, for its "
         "images' moments to be gathered layer by layer")
-    assert said[0][2] == said[1][2] == "6 BatchNorms, 8 images, equal to one process's"
+
+    def differ(name, told):
+        return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
+                "pass the same config, act_qparams, weights (only the batches are each "
+                "rank's own), for their moments to be one measurement")
+
+    assert said[0][2:5] == said[1][2:5] == [
+        differ("config", "rank 0: nearest_even-4b-both, rank 1: floor-4b-both"),
+        differ("act_qparams", "in value"), differ("weights", "in value")]
+    assert said[0][5] == said[1][5] == "6 BatchNorms, 8 images, equal to one process's"
 
 
 class _InputNorm(torch.nn.Module):
