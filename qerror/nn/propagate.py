@@ -660,7 +660,7 @@ _ONE_SIZE = ("drift and mse weight each image by its elements, while their stand
 
 def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[int],
                  image_shape: tuple[int, ...] | None, u: float, labelled: bool | None,
-                 agreed: list[tuple[str, Any, Any]],
+                 agreed: list[tuple[str, Any, Any]], keyed: range | None,
                  failure: Exception | None) -> tuple[list[int], float]:
     """Sum every rank's accumulators into this rank's (in place) and return the summed
     ``counts`` and the unit roundoff of the merged sums; the images kept for resampling are
@@ -672,8 +672,12 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     sees only its own; so must ``labelled`` (whether this rank's batches have labels), and
     each argument of ``agreed``: ``(name, compared, shown)``, ``compared`` equal on every
     rank (a :func:`qerror.nn.parallel.digest` for tensors) and ``shown`` in the message
-    where it tells the ranks apart. Every rank raises the same error when the ranks
-    disagree, an argument's before anything it may have changed. ``u`` (the unit roundoff
+    where it tells the ranks apart (:func:`qerror.nn.parallel.check_agreement`). ``keyed``
+    is the range of batch indices that this rank's stochastic rounding keyed its draws by
+    (None where no configuration rounds activations stochastically): the ranks' ranges
+    must not overlap, or two ranks drew the same numbers for different images, which one
+    process never does. Every rank raises the same error when the ranks disagree, an
+    argument's before anything it may have changed. ``u`` (the unit roundoff
     of this rank's sums) and each accumulator's ``length`` are merged as one process merges
     its batches': to the largest of any rank's, the rounding bound that holds for every
     rank's sums, so that every rank resolves the same variances.
@@ -694,10 +698,23 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     shapes += [[None if getattr(a, k) is None else tuple(getattr(a, k).shape)
                 for k in _SITE_TENSORS] for a in sites]
     gathered = parallel.gather_outcomes(
-        (image_shape, labelled, u, [m.length for m in holders], layout, shapes, agreed),
-        failure, "the ranks' sums were merged")
+        (image_shape, labelled, u, [m.length for m in holders], layout, shapes, agreed,
+         keyed), failure, "the ranks' sums were merged")
     parallel.check_agreement([g[6] for g in gathered],
                              "the batches, first_batch, pair_batch and progress", "sums")
+    # the configurations agree, so either every rank drew stochastically or none did
+    ranges = [g[7] for g in gathered]
+    if ranges[0] is not None:
+        spans = sorted((r.start, r.stop) for r in ranges)
+        if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+            raise ValueError(
+                "the ranks' batch indices overlap (" + ", ".join(
+                    f"rank {i}: {r.start} to {r.stop - 1}" for i, r in enumerate(ranges))
+                + "): stochastic rounding draws each batch's stream from its index, "
+                "first_batch plus its position in the rank's batches, so ranks whose indices "
+                "overlap draw the same numbers for different images, which one process never "
+                "does; give each rank first_batch = the index of its first batch among all "
+                "the ranks' (with qerror.nn.parallel.shard over n batches: shard(n).start)")
     if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
@@ -1531,7 +1548,14 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         ``image_means`` (checked, the tensors by their
         :func:`~qerror.nn.parallel.digest`: every rank raises the same ValueError naming
         the first that differs); ``pair_batch`` and ``progress`` may differ (a pass's size
-        does not change the draws), and ``first_batch`` is each rank's own (not checked).
+        does not change the draws), and ``first_batch`` is each rank's own. Where the
+        configuration rounds activations stochastically, the ranks' batch indices
+        (``first_batch`` up to ``first_batch`` plus the rank's batches, less one) must not
+        overlap (checked: every rank raises the same ValueError), or two ranks would draw
+        the same numbers for different images; they need not be contiguous or in rank
+        order, since each batch's draws depend on its index alone (contiguous shares in rank
+        order, :func:`~qerror.nn.parallel.shard`, give one process's figures). Without
+        stochastic rounding ``first_batch`` changes nothing and is not checked.
         Of ``weights`` the quantized weights and their qparams are compared, not what
         summarises them (each rank reports its own): their error means, which
         :func:`quantize_weights` sums in an order that the thread count or the GPU sets,
@@ -1565,8 +1589,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         ``mse_se``, ``local_drift_se`` and ``drift_rel_rms_channel_debiased`` take images as
         equal units; across sizes the two would be estimates of different means. With
         ``across_ranks``, also ranks whose images differ in shape, whose batches have
-        labels on some ranks only, or that passed different arguments where they must
-        agree (see ``across_ranks``; on every rank).
+        labels on some ranks only, that passed different arguments where they must agree,
+        or whose batch indices overlap under stochastic rounding (see ``across_ranks``; on
+        every rank).
     RuntimeError
         With ``across_ranks``, on every rank but those that failed before the ranks' sums
         were merged, which raise their own error (a float64 batch to a float32 network:
@@ -1637,6 +1662,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
     image_shape = None
     inst = None
     n_img = fc = 0
+    last = -1  # the index of this rank's last measured batch, from 0
     u = 0.0
     labelled = None
     logit_ref = _Moments()
@@ -1739,6 +1765,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                         c[2] += int((cf & ~cq).sum())
                         c[3] += int((cq & ~cf).sum())
                 n_img += x.shape[0]
+                last = batch
         if n_img == 0:
             raise ValueError("measure needs at least one batch")
     except Exception as exc:
@@ -1752,10 +1779,14 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             inst.close()
     ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
     if shared:
+        drawn = any(arm.config.activation is not None and arm.config.activation.rounding.is_random
+                    for arm in arms)
+        keyed = range(first_batch, first_batch + last + 1) if drawn and failure is None \
+            else None
         merged, u = _merge_ranks([logit_ref, *logit_err],
                                  [s for sites in ordered for s in sites],
                                  [n_img, fc, *(v for c in counts for v in c)], image_shape,
-                                 u, labelled, agreed, failure)
+                                 u, labelled, agreed, keyed, failure)
         n_img, fc = merged[:2]
         counts = [merged[2 + 4 * i:6 + 4 * i] for i in range(k)]
     lstd = math.sqrt(logit_ref.var(u))

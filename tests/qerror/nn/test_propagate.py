@@ -1162,10 +1162,14 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
 
 def _many_calls(rank):
     """The ``measure_many`` calls of :func:`_rank_arguments` on ``rank``: (configs,
-    act_qparams, keywords), each differing between the ranks in one argument but the last
-    two, where only ``pair_batch`` differs, then only the weights' error summaries: rank 1's
-    a float64 step above rank 0's, as ``quantize_weights`` sums them with another thread
-    count (/work/runs/s43/review2/probe_threads.log), the quantized weights the same."""
+    act_qparams, keywords), each differing between the ranks in one argument but the sixth
+    and seventh, where only ``pair_batch`` differs, then only the weights' error summaries:
+    rank 1's a float64 step above rank 0's, as ``quantize_weights`` sums them with another
+    thread count (/work/runs/s43/review2/probe_threads.log), the quantized weights the
+    same; then ``first_batch`` 0 on both ranks (each rank's batch index 0, the same draws
+    of the stochastic configuration for different images), then 1 on rank 0 and 0 on rank
+    1 (the batches numbered against the ranks' order). Every other call numbers rank
+    ``r``'s batch ``r``."""
     model = tiny_resnet()
     configs = [QuantConfig.make(8), QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3)]
     act = calibrate_activations(model, [images(8, 1)], configs[0].activation)
@@ -1184,7 +1188,9 @@ def _many_calls(rank):
                    (configs, own, {}),
                    (six, act, {}),
                    (configs, act, {"pair_batch": 2 if rank else None}),
-                   (configs, act, {"weights": [weights, None]})]
+                   (configs, act, {"weights": [weights, None]}),
+                   (configs, act, {"first_batch": 0}),
+                   (configs, act, {"first_batch": 1 - rank})]
 
 
 def _rank_arguments(rank, world, port, folder):
@@ -1197,8 +1203,8 @@ def _rank_arguments(rank, world, port, folder):
     as_rank(rank, world, port)
     model, calls = _many_calls(rank)
     def call(configs, act, kw):
-        rs = measure_many(model, [images(4, 2 + rank)], configs, act, first_batch=rank,
-                          across_ranks=True, **kw)
+        rs = measure_many(model, [images(4, 2 + rank)], configs, act,
+                          across_ranks=True, **{"first_batch": rank, **kw})
         return f"measured {rs[0].logits.n}: " + " ".join(repr(r.logits.sqnr_db) for r in rs)
 
     with training.distributed("cpu"):
@@ -1218,10 +1224,14 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
     differ, and the ranks then measure what one process does on both batches. So may the
     error summaries of the same quantized weights (float sums, which another thread count
     or GPU changes in their last bits): before, 'the ranks passed different weights (in
-    value)' on both ranks."""
+    value)' on both ranks. Ranks that both passed ``first_batch`` 0 keyed their stochastic
+    draws alike and merged them silently (/work/runs/s44/ranks/probe.py first,
+    probe_first.before.log: logit SQNR 14.48 dB where one process on the same batches gives
+    14.93); now every rank refuses overlapping batch indices, and indices in the other
+    order than the ranks' give what one process does on the batches in that order."""
     two_ranks(_rank_arguments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 7
+    assert len(said[0]) == len(said[1]) == 9
 
     def differ(name, told):
         return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
@@ -1241,9 +1251,18 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
     model, calls = _many_calls(0)
     configs, act, _ = calls[-1]
     alone = measure_many(model, [images(4, 2), images(4, 3)], configs, act)
-    for line in (said[0][5], said[1][5], said[0][6], said[1][6]):
+    turned = measure_many(model, [images(4, 3), images(4, 2)], configs, act)
+    for line, one in ((said[0][5], alone), (said[1][5], alone), (said[0][6], alone),
+                      (said[1][6], alone), (said[0][8], turned), (said[1][8], turned)):
         n, sqnr = line.split(": ")
         assert n == "measured 8"
         assert [float(v) for v in sqnr.split()] == pytest.approx(
-            [r.logits.sqnr_db for r in alone], rel=RTOL64)
+            [r.logits.sqnr_db for r in one], rel=RTOL64)
+    assert said[0][7] == said[1][7] == (
+        "ValueError: the ranks' batch indices overlap (rank 0: 0 to 0, rank 1: 0 to 0): "
+        "stochastic rounding draws each batch's stream from its index, first_batch plus its "
+        "position in the rank's batches, so ranks whose indices overlap draw the same numbers "
+        "for different images, which one process never does; give each rank first_batch = the "
+        "index of its first batch among all the ranks' (with qerror.nn.parallel.shard over n "
+        "batches: shard(n).start)")
 
