@@ -1825,7 +1825,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     for cfg in tqdm([c for c in configs if _states(c, results)], desc="BatchNorm over images",
                     unit="config", disable=not main):
         moments = bn_image_moments(model, data.test, cfg, act_qp[_bits(cfg)],
-                                   weights=weights_of(cfg), across_ranks=True)
+                                   weights=weights_of(cfg), first_batch=data.first_batch,
+                                   across_ranks=True)
         if main:
             bn_bounds[tuple(_config_columns(cfg).values())] = inconsistency_bounds(
                 moments, alpha=ALPHA, resamples=BOOTSTRAP, seed=args.seed)

@@ -96,7 +96,9 @@ __all__ = [
     "Target",
     "agreement_terms",
     "calibrate_activations",
+    "check_drawn_batches",
     "default_pair_batch",
+    "drawn_batches",
     "local_error_means",
     "measure",
     "measure_many",
@@ -452,6 +454,56 @@ def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
     return terms
 
 
+def drawn_batches(configs: Sequence[QuantConfig], first_batch: int, batches: int
+                  ) -> range | None:
+    """The batch indices that a rank's stochastic rounding keys its draws by, for
+    :func:`check_drawn_batches`: ``first_batch`` plus each of its ``batches``' positions,
+    or None where no configuration rounds activations stochastically (then no draw depends
+    on a batch's index)."""
+    if any(c.activation is not None and c.activation.rounding.is_random for c in configs):
+        return range(first_batch, first_batch + batches)
+    return None
+
+
+def check_drawn_batches(ranges: Sequence[range | None]) -> None:
+    """Refuse, with the same ValueError on every rank, ranks whose stochastic rounding
+    keyed different images by the same batch index.
+
+    :func:`measure_many` and :func:`qerror.nn.seeds.bn_image_moments` with ``across_ranks``
+    send each rank's :func:`drawn_batches` in the gather they make anyway, once the ranks'
+    configurations are known to agree (so every rank sends a range or every rank None),
+    and every rank calls this with what that gather returned. Each batch's draws depend on
+    its index alone, so the ranks' indices need not be contiguous or in rank order, only
+    apart; a rank without batches keys nothing.
+
+    Parameters
+    ----------
+    ranges : sequence of range or None
+        Per rank, in rank order, the batch indices it keyed its draws by (None on every
+        rank: nothing drawn, nothing to check).
+
+    Raises
+    ------
+    ValueError
+        Two ranks' indices overlap: they drew the same numbers for different images, which
+        one process never does. The message gives each rank's indices and how to number
+        them.
+    """
+    if any(r is None for r in ranges):
+        return
+    spans = sorted((r.start, r.stop) for r in ranges if len(r))
+    if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+        raise ValueError(
+            "the ranks' batch indices overlap (" + ", ".join(
+                f"rank {i}: " + (f"{r.start} to {r.stop - 1}" if len(r) else "none")
+                for i, r in enumerate(ranges))
+            + "): stochastic rounding draws each batch's stream from its index, "
+            "first_batch plus its position in the rank's batches, so ranks whose indices "
+            "overlap draw the same numbers for different images, which one process never "
+            "does; give each rank first_batch = the index of its first batch among all "
+            "the ranks' (with qerror.nn.parallel.shard over n batches: shard(n).start)")
+
+
 def _in_model_layout(model: nn.Module, weights: Mapping[str, QuantizedWeights] | None
                      ) -> Mapping[str, QuantizedWeights] | None:
     """``weights`` with each quantized weight stored as its layer's weight is (channels_last
@@ -674,9 +726,9 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     rank (a :func:`qerror.nn.parallel.digest` for tensors) and ``shown`` in the message
     where it tells the ranks apart (:func:`qerror.nn.parallel.check_agreement`). ``keyed``
     is the range of batch indices that this rank's stochastic rounding keyed its draws by
-    (None where no configuration rounds activations stochastically): the ranks' ranges
-    must not overlap, or two ranks drew the same numbers for different images, which one
-    process never does. Every rank raises the same error when the ranks disagree, an
+    (:func:`drawn_batches`): the ranks' ranges must not overlap, or two ranks drew the same
+    numbers for different images, which one process never does
+    (:func:`check_drawn_batches`). Every rank raises the same error when the ranks disagree, an
     argument's before anything it may have changed. ``u`` (the unit roundoff
     of this rank's sums) and each accumulator's ``length`` are merged as one process merges
     its batches': to the largest of any rank's, the rounding bound that holds for every
@@ -703,18 +755,7 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     parallel.check_agreement([g[6] for g in gathered],
                              "the batches, first_batch, pair_batch and progress", "sums")
     # the configurations agree, so either every rank drew stochastically or none did
-    ranges = [g[7] for g in gathered]
-    if ranges[0] is not None:
-        spans = sorted((r.start, r.stop) for r in ranges)
-        if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
-            raise ValueError(
-                "the ranks' batch indices overlap (" + ", ".join(
-                    f"rank {i}: {r.start} to {r.stop - 1}" for i, r in enumerate(ranges))
-                + "): stochastic rounding draws each batch's stream from its index, "
-                "first_batch plus its position in the rank's batches, so ranks whose indices "
-                "overlap draw the same numbers for different images, which one process never "
-                "does; give each rank first_batch = the index of its first batch among all "
-                "the ranks' (with qerror.nn.parallel.shard over n batches: shard(n).start)")
+    check_drawn_batches([g[7] for g in gathered])
     if len({g[0] for g in gathered}) != 1:
         raise ValueError(
             "the ranks' images differ in shape (" + ", ".join(
@@ -1779,10 +1820,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             inst.close()
     ordered = [sorted(arm.sites.values(), key=lambda a: a.order) for arm in arms]
     if shared:
-        drawn = any(arm.config.activation is not None and arm.config.activation.rounding.is_random
-                    for arm in arms)
-        keyed = range(first_batch, first_batch + last + 1) if drawn and failure is None \
-            else None
+        keyed = None if failure is not None else drawn_batches(configs, first_batch, last + 1)
         merged, u = _merge_ranks([logit_ref, *logit_err],
                                  [s for sites in ordered for s in sites],
                                  [n_img, fc, *(v for c in counts for v in c)], image_shape,
@@ -1872,7 +1910,8 @@ def paired_forward(model: nn.Module, config: QuantConfig,
                    act_qparams: Mapping[str, QParams] | None = None, *,
                    weights: Mapping[str, QuantizedWeights] | None = None,
                    corrections: Mapping[str, torch.Tensor] | None = None,
-                   bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                   bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   first_batch: int = 0):
     """Within the block, ``model(torch.cat([x, x]))`` is the paired pass of :func:`measure`
     without its statistics: the first half of the output is the float network's, the second
     the quantized network's, on the same images.
@@ -1880,12 +1919,14 @@ def paired_forward(model: nn.Module, config: QuantConfig,
     What :func:`measure` costs beyond this pass is the cost of its measurements; the bench
     (``python -m studies.bench --only drift``) times the two against each other. Arguments
     as for :func:`quantized_forward`; stochastic rounding draws the stream of each call from
-    the number of calls before it in the block. The model's BatchNorms must be in
-    evaluation mode (ValueError otherwise): in training mode they would normalise the two
-    halves together.
+    its batch index, ``first_batch`` (an int from 0, as for :func:`measure`: the index of
+    the block's first batch among all the batches, so that a share of them rounds as it
+    does within the whole) plus the number of calls before it in the block. The model's
+    BatchNorms must be in evaluation mode (ValueError otherwise): in training mode they
+    would normalise the two halves together.
     """
     with _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats,
-                         paired=True) as inst:
+                         paired=True, first_batch=first_batch) as inst:
         yield inst
 
 
@@ -1924,10 +1965,12 @@ def paired_forward_many(model: nn.Module, configs: Sequence[QuantConfig], act_qp
 
 @contextlib.contextmanager
 def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats, *,
-                    paired: bool):
+                    paired: bool, first_batch: int = 0):
     """The model patched to run the quantized network(s) (paired or alone), measuring
-    nothing; one configuration, or (paired) several, each with its own chunk."""
+    nothing; one configuration, or (paired) several, each with its own chunk; the first
+    call's batch index ``first_batch``, each later call's one more."""
     check_model(model)
+    check_count(first_batch, "first_batch (a batch index)")
     configs = [configs] if isinstance(configs, QuantConfig) else list(configs)
     k = len(configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
@@ -1948,6 +1991,7 @@ def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
     inst = _Instrument(model, [_Arm(*arm) for arm in zip(configs, act_qparams, weights,
                                                         corrections, bn_stats)],
                        paired=paired, collect=False)
+    inst.batch_index = first_batch
     try:
         yield inst
     finally:

@@ -54,6 +54,8 @@ from qerror.nn.propagate import (
     QuantConfig,
     agreement_terms,
     calibrate_activations,
+    check_drawn_batches,
+    drawn_batches,
     measure,
     paired_forward,
 )
@@ -230,7 +232,8 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
 
 
 def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams, *,
-                     weights=None, across_ranks: bool = False) -> dict[str, BNImageMoments]:
+                     weights=None, first_batch: int = 0,
+                     across_ranks: bool = False) -> dict[str, BNImageMoments]:
     """Each image's moments of every BatchNorm's input, float and quantized
     (:class:`qerror.nn.bn.BNImageMoments`), for :func:`qerror.nn.bn.inconsistency_bounds`.
 
@@ -243,12 +246,22 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     config, act_qparams, weights
         The quantized network, as for :func:`qerror.nn.propagate.paired_forward` (the drift
         study passes those it measured with).
+    first_batch : int
+        The index of the first of ``batches`` among all the batches measured, as for
+        :func:`qerror.nn.propagate.measure`: stochastic rounding draws the stream of each
+        batch from its index, so a share of the batches
+        (:func:`qerror.nn.parallel.shard`) rounds as it does within the whole.
     across_ranks : bool
         Under ``torchrun``, gather every rank's images in rank order (every rank calls).
         Every rank passes the same ``config``, ``act_qparams`` and ``weights`` (checked as
         :func:`qerror.nn.propagate.measure` checks its ranks',
         :func:`qerror.nn.propagate.agreement_terms`: every rank raises the same ValueError
-        naming the first that differs); only the batches are each rank's own. A rank that
+        naming the first that differs); only the batches and ``first_batch`` are each
+        rank's own. Where the configuration rounds activations stochastically, the ranks'
+        batch indices must not overlap, as :func:`qerror.nn.propagate.measure`'s
+        (:func:`qerror.nn.propagate.check_drawn_batches`: every rank raises the same
+        ValueError); contiguous shares in rank order, each rank's ``first_batch`` its
+        share's start, give one process's moments. A rank that
         fails before the gather (a batch its network cannot take, an error of its forward or
         loader) does not leave the others waiting: it raises its own error and every other
         rank a RuntimeError naming it (see Raises).
@@ -262,9 +275,12 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     ------
     ValueError
         The model has no ``BatchNorm2d`` layer, or one of them did not run on the batches
-        (of any rank); with ``across_ranks``, also the ranks passed different
-        configurations, activation ranges or weights, or their models have different
-        BatchNorm2d layers (on every rank).
+        (of any rank), or ``first_batch`` is negative; with ``across_ranks``, also the
+        ranks passed different configurations, activation ranges or weights, their models
+        have different BatchNorm2d layers, or their batch indices overlap under stochastic
+        rounding (on every rank).
+    TypeError
+        ``first_batch`` is not an integer (a bool or a float included).
     RuntimeError
         With ``across_ranks``, on every rank but those that failed before the gather, which
         raise their own error: the message names each failed rank and its error
@@ -307,7 +323,10 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     local = {}
     handles = []
     agreed = []
+    keyed = None
+    seen = 0
     try:
+        first_batch = check_count(first_batch, "first_batch (a batch index)")
         if not norms:
             raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm "
                              "inconsistency to measure")
@@ -315,9 +334,11 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
             agreed = agreement_terms(config=config, act_qparams=act_qparams, weights=weights)
         handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
         with eval_mode(model), torch.no_grad(), \
-                paired_forward(model, config, act_qparams, weights=weights):
+                paired_forward(model, config, act_qparams, weights=weights,
+                               first_batch=first_batch):
             for x, *_ in batches:
                 model(torch.cat([x, x]))
+                seen += 1
                 if x.is_floating_point():
                     u = max(u, unit_roundoff(x.dtype))
         for name, m in norms:
@@ -325,6 +346,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
             c = m.num_features
             local[name] = ([torch.cat([g[j] for g in got]).numpy() if got else np.zeros((0, c))
                             for j in range(4)], max((g[4] for g in got), default=0))
+        if shared:
+            keyed = drawn_batches([config], first_batch, seen)
     except Exception as exc:
         if not shared:
             raise
@@ -337,7 +360,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     roundoff = {n: max(r, u) for n, r in roundoff.items()}
     if shared:
         gathered = parallel.gather_outcomes(
-            ([(n, m.num_features) for n, m in norms], roundoff, agreed), failure,
+            ([(n, m.num_features) for n, m in norms], roundoff, agreed, keyed), failure,
             "the ranks' BatchNorm moments were gathered")
         layers = [g[0] for g in gathered]
         if any(other != layers[0] for other in layers):
@@ -347,7 +370,10 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
                     for r, lay in enumerate(layers)) + "); every rank must pass the same "
                 "model, for its images' moments to be gathered layer by layer")
         # after the layers: another model has other activation ranges, the lesser cause
-        parallel.check_agreement([g[2] for g in gathered], "the batches", "moments")
+        parallel.check_agreement([g[2] for g in gathered], "the batches and first_batch",
+                                 "moments")
+        # the configurations agree, so either every rank drew stochastically or none did
+        check_drawn_batches([g[3] for g in gathered])
         roundoff = {n: max(g[1][n] for g in gathered) for n in roundoff}
     out = {}
     for name, m in norms:

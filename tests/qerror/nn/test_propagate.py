@@ -1266,3 +1266,25 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
         "index of its first batch among all the ranks' (with qerror.nn.parallel.shard over n "
         "batches: shard(n).start)")
 
+
+def test_drawn_batches_are_checked_apart_and_only_where_drawn():
+    """The one check of the ranks' batch indices that measure_many and bn_image_moments
+    make: a range only where some configuration rounds activations stochastically; ranges
+    that overlap refused, any order of disjoint ones accepted, and a rank without batches
+    keys nothing (its empty range inside another's is no overlap)."""
+    from qerror.nn.propagate import check_drawn_batches, drawn_batches
+
+    near, stoch = QuantConfig.make(4), QuantConfig.make(4, RoundingMode.STOCHASTIC)
+    weights_only = QuantConfig.make(4, RoundingMode.STOCHASTIC, Target.WEIGHTS)
+    assert drawn_batches([near], 3, 2) is None
+    assert drawn_batches([weights_only], 3, 2) is None
+    assert drawn_batches([near, stoch], 3, 2) == range(3, 5)
+    for fine in ([None, None], [range(2, 4), range(0, 2)], [range(0, 3), range(1, 1)],
+                 [range(0, 1), range(5, 7), range(1, 5)]):
+        check_drawn_batches(fine)
+    with pytest.raises(ValueError) as refused:
+        check_drawn_batches([range(0, 2), range(1, 1), range(5, 6), range(1, 3)])
+    assert str(refused.value).startswith(
+        "the ranks' batch indices overlap (rank 0: 0 to 1, rank 1: none, rank 2: 5 to 5, "
+        "rank 3: 1 to 2): ")
+

@@ -298,8 +298,8 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
 
     def differ(name, told):
         return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
-                "pass the same config, act_qparams, weights (only the batches are each "
-                "rank's own), for their moments to be one measurement")
+                "pass the same config, act_qparams, weights (only the batches and first_batch "
+                "are each rank's own), for their moments to be one measurement")
 
     assert said[0][2:5] == said[1][2:5] == [
         differ("config", "rank 0: nearest_even-4b-both, rank 1: floor-4b-both"),
@@ -408,3 +408,91 @@ def test_ranks_fed_other_dtypes_take_one_processs_roundoff(tmp_path):
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
     assert said[0] == said[1] == [f"u {[2.0**-8, 2.0**-8]}", "equal to one process's",
                                   "u equal to one process's"]
+
+
+def _stochastic_moments():
+    """A float64 network, a stochastic 4-bit configuration, its activation ranges, and two
+    batches of 4 images."""
+    from qerror.nn.propagate import QuantConfig, calibrate_activations
+    from qerror.rounding import RoundingMode
+    from tests.qerror.nn.nets import images, tiny_resnet
+
+    model = tiny_resnet()
+    config = QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=7)
+    aq = calibrate_activations(model, [images(8, 1)], config.activation)
+    return model, config, aq, [(images(4, 2 + r), None) for r in range(2)]
+
+
+def _moment_rows(moments, rows=slice(None)):
+    return [getattr(m, k)[rows] for m in moments.values()
+            for k in ("mean_f", "sq_f", "mean_q", "sq_q")]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_bn_image_moments_number_their_batches_from_first_batch():
+    """One process: stochastic rounding draws each batch's stream from its index,
+    ``first_batch`` plus its position, so the second batch measured alone from index 1 has
+    the moments it has measured after the first (images 4 to 7), and from index 0 others;
+    ``first_batch`` is a count, checked as measure checks it."""
+    from qerror.nn.seeds import bn_image_moments
+
+    model, config, aq, batches = _stochastic_moments()
+    both = bn_image_moments(model, batches, config, aq)
+    second = bn_image_moments(model, batches[1:], config, aq, first_batch=1)
+    assert _same(_moment_rows(second), _moment_rows(both, slice(4, 8)))
+    assert not _same(_moment_rows(bn_image_moments(model, batches[1:], config, aq)),
+                     _moment_rows(both, slice(4, 8)))
+    for bad, error in ((True, TypeError), (1.0, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="first_batch"):
+            bn_image_moments(model, batches, config, aq, first_batch=bad)
+
+
+def _rank_first(rank, world, port, folder):
+    """One gloo rank of :func:`test_bn_image_moments_ranks_number_their_batches_apart`:
+    stochastic rounding, one batch a rank, ``bn_image_moments`` with ``across_ranks`` and
+    ``first_batch`` left at 0 on both ranks, then ``rank`` (the ranks' shares in order),
+    then ``1 - rank`` (the other order); each against one process on both batches in the
+    order of their indices, rows in rank order. What each returned or raised goes to
+    ``folder / rank<r>.txt``, a line each."""
+    from qerror.nn import training
+    from qerror.nn.seeds import bn_image_moments
+
+    as_rank(rank, world, port)
+    model, config, aq, batches = _stochastic_moments()
+    alone = _moment_rows(bn_image_moments(model, batches, config, aq))
+    turned = _moment_rows(bn_image_moments(model, batches[::-1], config, aq))
+    # rank 0's rows first: with its batch at index 1, the second half of ``turned``
+    swapped = [np.concatenate([t[4:], t[:4]]) for t in turned]
+
+    def call(expected, **first):
+        got = bn_image_moments(model, [batches[rank]], config, aq, across_ranks=True, **first)
+        return (f"{got[next(iter(got))].images} images, "
+                f"{'equal to' if _same(_moment_rows(got), expected) else 'NOT'} one process's")
+
+    with training.distributed("cpu"):
+        record_calls(folder / f"rank{rank}.txt", [
+            lambda: call(alone), lambda: call(alone, first_batch=rank),
+            lambda: call(swapped, first_batch=1 - rank)])
+
+
+def test_bn_image_moments_ranks_number_their_batches_apart(tmp_path):
+    """bn_image_moments numbered each rank's batches from 0 (paired_forward's count), so
+    under stochastic rounding both ranks drew the same streams for different images and
+    gathered moments that no single process gives (/work/runs/s44/ranks2/probe.py first,
+    probe_first.before.log: images 4 to 7 differ from one process's on both ranks). Now it
+    takes ``first_batch`` as measure does, and ranks whose batch indices overlap all raise
+    measure's ValueError; disjoint indices, in rank order or not, give one process's
+    moments value for value."""
+    two_ranks(_rank_first, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert said[0] == said[1] == [
+        "ValueError: the ranks' batch indices overlap (rank 0: 0 to 0, rank 1: 0 to 0): "
+        "stochastic rounding draws each batch's stream from its index, first_batch plus its "
+        "position in the rank's batches, so ranks whose indices overlap draw the same numbers "
+        "for different images, which one process never does; give each rank first_batch = the "
+        "index of its first batch among all the ranks' (with qerror.nn.parallel.shard over n "
+        "batches: shard(n).start)",
+        "8 images, equal to one process's", "8 images, equal to one process's"]
