@@ -46,7 +46,7 @@ from torch import nn
 
 from qerror._checks import check_count, check_seed
 from qerror.nn import parallel
-from qerror.nn._anatomy import eval_mode
+from qerror.nn._anatomy import check_model, eval_mode
 from qerror.nn._moments import channel_sums, network_roundoff, unit_roundoff
 from qerror.nn.bn import BNImageMoments
 from qerror.nn.growth import GapInterval, debiased_gap, layer_block_bootstrap
@@ -261,10 +261,10 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         batch indices must not overlap, as :func:`qerror.nn.propagate.measure`'s
         (:func:`qerror.nn.propagate.check_drawn_batches`: every rank raises the same
         ValueError); contiguous shares in rank order, each rank's ``first_batch`` its
-        share's start, give one process's moments. A rank that
-        fails before the gather (a batch its network cannot take, an error of its forward or
-        loader) does not leave the others waiting: it raises its own error and every other
-        rank a RuntimeError naming it (see Raises).
+        share's start, give one process's moments. A rank that fails before the gather (an
+        argument its checks refuse, a model among them, a batch its network cannot take, an
+        error of its forward or loader) does not leave the others waiting: it raises its
+        own error and every other rank a RuntimeError naming it (see Raises).
 
     Returns
     -------
@@ -275,12 +275,15 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     ------
     ValueError
         The model has no ``BatchNorm2d`` layer, or one of them did not run on the batches
-        (of any rank), or ``first_batch`` is negative; with ``across_ranks``, also the
+        (of any rank), or ``first_batch`` is negative; an UnsupportedModelError (a
+        ValueError) where the paired pass cannot run the model exactly
+        (:func:`qerror.nn.check_model`); with ``across_ranks``, also the
         ranks passed different configurations, activation ranges or weights, their models
         have different BatchNorm2d layers, or their batch indices overlap under stochastic
         rounding (on every rank).
     TypeError
-        ``first_batch`` is not an integer (a bool or a float included).
+        ``model`` is not a ``torch.nn.Module``, or ``first_batch`` is not an integer (a bool
+        or a float included).
     RuntimeError
         With ``across_ranks``, on every rank but those that failed before the gather, which
         raise their own error: the message names each failed rank and its error
@@ -301,12 +304,12 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     float64 values per image and BatchNorm channel (the Fashion-MNIST ResNet50's 26,560
     channels: 0.85 MB an image).
     """
-    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    parts: dict[str, list] = {n: [] for n, _ in norms}
+    norms: list[tuple[str, nn.BatchNorm2d]] = []
+    parts: dict[str, list] = {}
     # each layer's sums are bounded with the coarsest rounding of its inputs and of
     # measure's u (the network's parameters and the images), over every batch and rank
-    roundoff = {n: 0.0 for n, _ in norms}
-    u = network_roundoff(model)
+    roundoff: dict[str, float] = {}
+    u = 0.0
 
     def hook_of(name):
         def hook(module, args):
@@ -326,7 +329,13 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     keyed = None
     seen = 0
     try:
+        # the arguments are checked here, where a rank's refusal reaches the other ranks
+        check_model(model)
         first_batch = check_count(first_batch, "first_batch (a batch index)")
+        norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        parts = {n: [] for n, _ in norms}
+        roundoff = {n: 0.0 for n, _ in norms}
+        u = network_roundoff(model)
         if not norms:
             raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm "
                              "inconsistency to measure")

@@ -214,12 +214,12 @@ def test_bn_image_moments_refuse_a_model_without_batchnorm():
 
 
 def _rank_moments(rank, world, port, folder):
-    """One gloo rank of :func:`test_bn_image_moments_stop_every_rank_when_one_fails`: six
+    """One gloo rank of :func:`test_bn_image_moments_stop_every_rank_when_one_fails`: seven
     ``bn_image_moments`` calls with ``across_ranks`` on a float32 network, 4 images a rank:
     float64 images on rank 1; on rank 1 a network with one BatchNorm of the same width as
     the first of rank 0's six; on rank 1 a floor configuration; on rank 1 activation ranges
-    calibrated on other images; on rank 1 quantized weights with one layer's doubled; then
-    images both can take, whose moments are compared with one process's on both ranks'
+    calibrated on other images; on rank 1 quantized weights with one layer's doubled; on
+    rank 1 the model's name instead of the model; then images both can take, whose moments are compared with one process's on both ranks'
     batches. What each returned or raised goes to ``folder / rank<r>.txt``, a line each
     (written after every call, so a hang shows how far a rank got)."""
     from torch import nn
@@ -257,6 +257,7 @@ def _rank_moments(rank, world, port, folder):
              (model, aq, x, floor if rank == 1 else config),
              (model, own, x),
              (model, aq, x, config, doubled if rank == 1 else weights),
+             ("tiny_resnet" if rank == 1 else model, aq, x),
              (model, aq, x)]
     def call(net, act, batch, given=config, w=None):
         got = bn_image_moments(net, [(batch, None)], given, act, weights=w, across_ranks=True)
@@ -282,10 +283,14 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
     ranks' batches gives, value for value. Ranks that passed another configuration,
     activation ranges or quantized weights gathered the moments of different quantized
     networks without a word (/work/runs/s44/ranks/probe.py bn, probe_bn.before.log); now
-    every rank raises the ValueError that measure's ranks raise, naming the argument."""
+    every rank raises the ValueError that measure's ranks raise, naming the argument. A rank
+    given something that is not a model raised an AttributeError alone, before the try that
+    carries a rank's error to the others, and the other waited in the gather
+    (/work/runs/s44/ranks2/probe.py model, probe_model.before.log); now it raises
+    measure's TypeError and the other the RuntimeError naming it."""
     two_ranks(_rank_moments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 6
+    assert len(said[0]) == len(said[1]) == 7
     assert said[1][0].startswith("RuntimeError: ")  # torch's, from the float32 forward
     assert said[0][0] == (
         "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
@@ -304,7 +309,12 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
     assert said[0][2:5] == said[1][2:5] == [
         differ("config", "rank 0: nearest_even-4b-both, rank 1: floor-4b-both"),
         differ("act_qparams", "in value"), differ("weights", "in value")]
-    assert said[0][5] == said[1][5] == "6 BatchNorms, 8 images, equal to one process's"
+    assert said[1][5] == "TypeError: model must be a torch.nn.Module, got str"
+    assert said[0][5] == (
+        "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
+        f"(rank 1: {said[1][5]}), so every rank stops here instead of waiting for them: see "
+        "each failed rank's own error, fix what it names, and call again on every rank")
+    assert said[0][6] == said[1][6] == "6 BatchNorms, 8 images, equal to one process's"
 
 
 class _InputNorm(torch.nn.Module):
