@@ -486,8 +486,8 @@ def headline_accuracy(model, batches, act_qparams, seed: int, bits: int = 8,
             cfg = QuantConfig.make(bits, mode, Target.BOTH, seed=seed, **(outputs or {}))
             weights = None if weights_of is None else weights_of(cfg)
             with memory_format(model, forward_layout(mode)), \
-                    quantized_forward(model, cfg, act_qparams, weights=weights) as inst:
-                inst.batch_index = first_batch
+                    quantized_forward(model, cfg, act_qparams, weights=weights,
+                                      first_batch=first_batch):
                 pred = predictions(cfg)
             right[mode.value] = pred == labels
     shares = parallel.gather_objects({k: v.cpu() for k, v in right.items()})

@@ -1935,16 +1935,19 @@ def quantized_forward(model: nn.Module, config: QuantConfig,
                       act_qparams: Mapping[str, QParams] | None = None, *,
                       weights: Mapping[str, QuantizedWeights] | None = None,
                       corrections: Mapping[str, torch.Tensor] | None = None,
-                      bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                      bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      first_batch: int = 0):
     """Within the block, ``model(x)`` runs the quantized network alone (no float half).
 
     Used by BatchNorm re-estimation and by anything that needs the simulated model
     itself; the model's modules are restored on exit, even after an error. ``corrections``
     and ``bn_stats`` (re-estimated BatchNorm statistics, used in eval mode) are the
-    remedies, as in :func:`measure`.
+    remedies, as in :func:`measure`. Stochastic rounding draws the stream of each call from
+    its batch index, ``first_batch`` (an int from 0, as for :func:`measure`) plus the number
+    of calls before it in the block.
     """
     with _uninstrumented(model, config, act_qparams, weights, corrections, bn_stats,
-                         paired=False) as inst:
+                         paired=False, first_batch=first_batch) as inst:
         yield inst
 
 

@@ -471,6 +471,28 @@ def test_a_share_of_the_batches_rounds_as_it_does_within_the_whole(setup):
         measure(model, test, cfg, act_qp, first_batch=-1)
 
 
+def test_quantized_forward_told_its_first_batch_draws_the_wholes_stream(setup):
+    """``quantized_forward(first_batch=1)``: the second batch run alone, told its index,
+    gives the logits it gives as the second call of a block started at 0 (the drift study's
+    share of the headline's batches), and other logits without it."""
+    model, calib, test = setup
+    xs = [x for x, _ in test]
+    cfg = QuantConfig.make(4, RoundingMode.STOCHASTIC, seed=3)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    with torch.inference_mode():
+        with quantized_forward(model, cfg, act_qp):
+            whole = [model(x) for x in xs]
+        with quantized_forward(model, cfg, act_qp, first_batch=1):
+            second = model(xs[1])
+        with quantized_forward(model, cfg, act_qp):
+            misplaced = model(xs[1])
+    assert torch.equal(second, whole[1])
+    assert not torch.equal(misplaced, whole[1])
+    with pytest.raises(TypeError, match="first_batch"):
+        with quantized_forward(model, cfg, act_qp, first_batch=1.0):
+            pass
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device here (torch.cuda.is_available() is False)")
 def test_cuda_measures_what_the_cpu_measures(setup):
