@@ -300,9 +300,10 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     input's dtypes and of ``measure``'s (the network's floating parameters' and the images',
     :func:`qerror.nn._moments.network_roundoff`) over every batch and, with
     ``across_ranks``, every rank: the ranks and one process on the same batches store the
-    same. Stochastic rounding draws another stream here than in ``measure``. Memory: four
-    float64 values per image and BatchNorm channel (the Fashion-MNIST ResNet50's 26,560
-    channels: 0.85 MB an image).
+    same. Stochastic rounding draws the streams ``measure`` draws on the same batches and
+    ``first_batch`` (whatever its ``pair_batch``), so its figures too are ``measure``'s.
+    Memory: four float64 values per image and BatchNorm channel (the Fashion-MNIST
+    ResNet50's 26,560 channels: 0.85 MB an image).
     """
     norms: list[tuple[str, nn.BatchNorm2d]] = []
     parts: dict[str, list] = {}
