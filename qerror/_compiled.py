@@ -18,9 +18,10 @@ Guards, for every kernel:
   fast-math start-up code does): if it did, the flushing is undone and the kernels turned off;
 * the compiler's limit of variants per function (8) is not met in a long process: each key
   holds, beside the caller's part, what the compiled code's guards read of the arguments
-  (:func:`layout_key`) and whether gradients are on (a guard of the global state), so that
-  one key is one compiled variant; the arguments are passed as tensors of their own
-  (:func:`own`), not as views whose base the guards would read too.
+  (:func:`layout_key`) and of torch's global and thread-local state (:func:`torch_state`:
+  grad and inference mode, autocast, deterministic algorithms, the default dtype, the
+  thread count), so that one key is one compiled variant; the arguments are passed as
+  tensors of their own (:func:`own`), not as views whose base the guards would read too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import warnings
 from collections.abc import Callable, Hashable
 
 import torch
+from torch._C._dynamo.guards import GlobalStateGuard
 
 from qerror.cpu import flushing_denormals, in_forked_child
 from qerror.interrupts import interrupt_reraised
@@ -109,6 +111,28 @@ def layout_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+#: The last global state :func:`torch_state` read, beside the guard that read it (checking a
+#: guard costs a tenth of reading the state anew); a list, replaced whole.
+_LAST_STATE: list[tuple[GlobalStateGuard, str]] = []
+
+
+def torch_state() -> tuple:
+    """What the guards of compiled code read of torch's state, hashable: the global state
+    that the compiler checks before every call (grad mode, autocast of every device,
+    deterministic algorithms, the default dtype, the thread count, reduced-precision flags,
+    torch function), as the compiler's own guard of it states it, and the thread's dispatch
+    keys that every tensor guard adds to or takes from its tensor's (inference mode takes
+    autograd's away: a tensor of the caller's given to a kernel inside and outside
+    ``torch.inference_mode()`` is compiled twice)."""
+    last = _LAST_STATE[0] if _LAST_STATE else None
+    if last is None or not last[0].check():  # check() reads the calling thread's state
+        guard = GlobalStateGuard()
+        last = (guard, guard.__getstate__())
+        _LAST_STATE[:] = [last]
+    return (last[1], torch._C._dispatch_tls_local_include_set().raw_repr(),
+            torch._C._dispatch_tls_local_exclude_set().raw_repr())
+
+
 class Kernels:
     """One family of compiled kernels and its state.
 
@@ -142,14 +166,14 @@ class Kernels:
         """The compiled kernel of ``key`` (``make()`` compiled on first use, with dynamic
         sizes and the whole graph) on ``args``; None where it cannot be compiled or run,
         after one warning. The key should hold everything the compiled code depends on
-        beyond the symbolic sizes, :func:`layout_key` and the grad mode (those three and the
-        thread count are added here); ``args`` should be tensors of their own (:func:`own`).
+        beyond the symbolic sizes, :func:`layout_key` and :func:`torch_state` (those two are
+        added here); ``args`` should be tensors of their own (:func:`own`).
 
         A call that fails turns off its key; where the key's kernel had never run and
         ``breaks_all`` (a failure that says the compiler cannot serve this family: not the
         compiler's limit of variants), the whole family. Memory errors are the caller's.
         """
-        key = (key, layout_key(args), torch.is_grad_enabled(), torch.get_num_threads())
+        key = (key, layout_key(args), torch_state())
         # compiled code is loaded on a key's first call: only then can it switch on flushing
         flushing = None if key in self.ready else flushing_denormals()
         try:

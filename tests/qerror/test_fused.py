@@ -1,6 +1,7 @@
 """The fused exact quantizer (qerror._fused): the same codes as the rational reference and as
 the block engine, on and beside every boundary, per tensor and per channel; its fallback."""
 
+import contextlib
 import os
 import warnings
 
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from qerror import QuantSpec, RoundingMode, _compiled, _fused, fake_quantize, quantize
+from qerror import (
+    PreparedQuantizer,
+    QuantSpec,
+    RoundingMode,
+    _compiled,
+    _fused,
+    fake_quantize,
+    quantize,
+)
 from qerror._compiled import Kernels
 from tests.qerror.test_quantizer import DETERMINISTIC, boundary_values, exact_code, fresh_python
 
@@ -320,6 +329,49 @@ def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, fuse
             ref = engine(lambda: quantize(x, spec, scale), monkeypatch)
             np.testing.assert_array_equal(quantize(x, spec, scale), ref)
     assert len(fused_calls) == 2 * len(cases)
+    assert not _fused.KERNELS.failed
+
+
+@contextlib.contextmanager
+def _deterministic():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@contextlib.contextmanager
+def _float64_default():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+#: States of torch that guards of compiled code read beside the grad mode (plain first).
+TORCH_STATES = (contextlib.nullcontext, torch.inference_mode, _deterministic,
+                lambda: torch.autocast("cpu"), _float64_default)
+
+
+def test_one_compiled_variant_serves_each_state_of_torch(monkeypatch, fused_calls):
+    """A prepared quantizer's tensors (its scale, made once) and the caller's (a weight, no
+    inference tensor) given to the kernel inside and outside inference mode, with
+    deterministic algorithms, under autocast and with float64 as the default dtype: guards
+    of the compiler read each, so each is a key of its own; with the limit of variants set
+    to one, every call takes the fused path and gives the block engine's codes, without a
+    warning."""
+    fresh_state(monkeypatch)
+    prepared = PreparedQuantizer(QuantSpec(rounding="floor"), 0.05)
+    x = torch.randn(128, 128, generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("error", RuntimeWarning)
+        for state in TORCH_STATES:
+            with state():
+                ref = engine(lambda: prepared.fake_quantize(x), monkeypatch)
+                assert torch.equal(prepared.fake_quantize(x), ref)
+    assert len(fused_calls) == len(TORCH_STATES)
     assert not _fused.KERNELS.failed
 
 

@@ -12,6 +12,7 @@ import torch
 
 from qerror.nn import _moments
 from qerror.nn._moments import MAX_INNER, channel_sums, difference_sums
+from tests.qerror.test_fused import TORCH_STATES
 
 U = 2.0 ** -24  # float32 unit roundoff
 
@@ -274,6 +275,26 @@ def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, comp
                 within_bounds(s, q, t, length)
                 within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
     assert len(compiled_calls) == 4 * len(batches)
+    assert not _moments.KERNELS.failed
+
+
+def test_one_compiled_variant_serves_each_state_of_torch(compiled_calls):
+    """A batch of the caller's (no inference tensor) summed with gradients off, inside and
+    outside inference mode, with deterministic algorithms, under autocast and with float64
+    as the default dtype: guards of the compiler read each, so each is a key of its own;
+    with the limit of variants set to one, every call is summed by the compiled loop,
+    without a warning, within the float32 bound."""
+    t = data((6, 64, 4, 4), 2)
+    half = t * 0.5
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("error", RuntimeWarning)
+        for state in TORCH_STATES:
+            with torch.no_grad(), state():
+                s, q, length = channel_sums(t)
+                sd, qd, per = difference_sums(t, half)
+            within_bounds(s, q, t, length)
+            within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
+    assert len(compiled_calls) == 2 * len(TORCH_STATES)
     assert not _moments.KERNELS.failed
 
 
