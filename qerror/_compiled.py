@@ -32,7 +32,11 @@ import warnings
 from collections.abc import Callable, Hashable
 
 import torch
-from torch._C._dynamo.guards import GlobalStateGuard
+
+try:  # the compiler's own record of the global state its guards check (torch 2.14)
+    from torch._C._dynamo.guards import GlobalStateGuard
+except ImportError:  # another torch: torch_state reads the parts it knows through the API
+    GlobalStateGuard = None
 
 from qerror.cpu import flushing_denormals, in_forked_child
 from qerror.interrupts import interrupt_reraised
@@ -113,7 +117,7 @@ def layout_key(args: tuple) -> tuple:
 
 #: The last global state :func:`torch_state` read, beside the guard that read it (checking a
 #: guard costs a tenth of reading the state anew); a list, replaced whole.
-_LAST_STATE: list[tuple[GlobalStateGuard, str]] = []
+_LAST_STATE: list[tuple] = []
 
 
 def torch_state() -> tuple:
@@ -123,7 +127,14 @@ def torch_state() -> tuple:
     torch function), as the compiler's own guard of it states it, and the thread's dispatch
     keys that every tensor guard adds to or takes from its tensor's (inference mode takes
     autograd's away: a tensor of the caller's given to a kernel inside and outside
-    ``torch.inference_mode()`` is compiled twice)."""
+    ``torch.inference_mode()`` is compiled twice). Where torch has no such guard to read
+    the state with (another version), the parts it is known to hold, read one by one."""
+    if GlobalStateGuard is None:
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.get_default_dtype(), torch.get_num_threads(),
+                tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
     last = _LAST_STATE[0] if _LAST_STATE else None
     if last is None or not last[0].check():  # check() reads the calling thread's state
         guard = GlobalStateGuard()

@@ -375,6 +375,44 @@ def test_one_compiled_variant_serves_each_state_of_torch(monkeypatch, fused_call
     assert not _fused.KERNELS.failed
 
 
+@pytest.mark.parametrize("guard", ["compiler's", "none"])
+def test_torch_state_tells_apart_what_the_global_guards_read(guard, monkeypatch):
+    """The state part of the key, read through the compiler's own guard or, in a torch
+    without it, through the API: grad mode, inference mode, deterministic algorithms, the
+    default dtype, autocast and the thread count each change it; the same state gives it
+    again."""
+    if guard == "none":
+        monkeypatch.setattr(_compiled, "GlobalStateGuard", None)
+    state = _compiled.torch_state
+    plain = state()
+    assert state() == plain
+    with torch.no_grad():
+        assert state() != plain
+    with torch.inference_mode():
+        assert state() != plain
+    with torch.autocast("cpu"):
+        assert state() != plain
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert state() != plain
+    finally:
+        torch.use_deterministic_algorithms(before)
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert state() != plain
+    finally:
+        torch.set_default_dtype(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert state() != plain
+    finally:
+        torch.set_num_threads(threads)
+    assert state() == plain
+
+
 def test_layout_keys_tell_apart_what_the_guards_read():
     key = _compiled.layout_key
     a = torch.zeros(4, 4, 1)
