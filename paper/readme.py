@@ -529,12 +529,6 @@ def _require_avx512(rec: Record, what: str = "a run", *, present: bool = True) -
                           f"record {what} from a CPU {'with' if present else 'without'} it")
 
 
-# studies.bench.MEDIAN_LEVEL from the commit that introduced the interval of the median
-# (ce47fed) until its runs recorded it as config.median_level; tests/studies/test_readme.py
-# checks it against each such record's commit.
-MEDIAN_LEVEL_UNRECORDED = 0.90
-
-
 def median_words(rec: Record, pairs) -> str:
     """How a bench row's median interval is named: its exact coverage for the row's pairs at
     the run's sought level (:func:`qerror.stats.median_ranks`: the order statistics make it
@@ -548,9 +542,14 @@ def median_words(rec: Record, pairs) -> str:
 
 def median_level(rec: Record) -> float:
     """The coverage of a bench record's ``median_lo``/``median_hi``: its manifest's
-    ``config.median_level``, or :data:`MEDIAN_LEVEL_UNRECORDED` for a run from before the
-    bench recorded it."""
-    value = (rec.manifest.get("config") or {}).get("median_level", MEDIAN_LEVEL_UNRECORDED)
+    ``config.median_level``; a RecordError for a run from before the bench recorded it
+    (none of the records with intervals is)."""
+    config = rec.manifest.get("config") or {}
+    if "median_level" not in config:
+        raise RecordError(f"record {rec.name}: its manifest has no config.median_level, so "
+                          "the level of its median intervals is unknown; record a run of "
+                          "python -m studies.bench, which states it")
+    value = config["median_level"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise RecordError(f"record {rec.name}: its manifest's config.median_level is "
                           f"{value!r}, not a coverage in (0, 1)")

@@ -506,26 +506,28 @@ def test_the_bench_intervals_level_is_the_records(tmp_path):
         readme.bench_drift_amx(readme.record_reader(root))
 
 
-def test_bench_records_without_their_level_ran_at_the_unrecorded_one():
-    """A bench record from before the bench recorded config.median_level is named at
-    MEDIAN_LEVEL_UNRECORDED: what its commit's studies.bench said, where its bench.csv has
-    the interval at all."""
-    import re
-
+def test_bench_records_with_median_intervals_state_their_level(tmp_path):
+    """Every bench record whose bench.csv has intervals of the median states their level in
+    its manifest (the one record from before the bench recorded it, which was named at its
+    commit's studies.bench.MEDIAN_LEVEL, was replaced by a new run); a record without it is
+    refused, not named at a guessed level."""
     checked = 0
     for folder in sorted(readme.RECORDS.iterdir()):
         manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("study") != "bench" or "median_level" in manifest["config"]:
+        if manifest.get("study") != "bench" or \
+                "median_lo" not in (folder / "bench.csv").read_text().splitlines()[0].split(","):
             continue
-        if "median_lo" not in (folder / "bench.csv").read_text().splitlines()[0].split(","):
-            continue
-        source = subprocess.run(
-            ["git", "show", f"{manifest['git']['commit']}:studies/bench.py"], cwd=REPO,
-            capture_output=True, text=True, check=True).stdout
-        level = re.search(r"^MEDIAN_LEVEL = ([\d.]+)", source, re.M)
-        assert level and float(level.group(1)) == readme.MEDIAN_LEVEL_UNRECORDED, folder.name
+        assert "median_level" in manifest["config"], folder.name
         checked += 1
     assert checked  # bench-drift-amx
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    path = root / "bench-drift-amx" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["median_level"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(readme.RecordError, match="no config.median_level"):
+        readme.bench_drift_amx(readme.record_reader(root))
 
 
 # --------------------------------------------------------------------------- inline settings
