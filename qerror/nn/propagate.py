@@ -426,15 +426,19 @@ def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
     Parameters
     ----------
     **arguments
-        By the caller's argument name, in the order to check: a :class:`QuantConfig` or a
-        sequence of them; anything else (activation ranges, quantized weights, corrections,
-        BatchNorm statistics, None, or a sequence of one per configuration).
+        By the caller's argument name, in the order to check: the model; a
+        :class:`QuantConfig` or a sequence of them; anything else (activation ranges,
+        quantized weights, corrections, BatchNorm statistics, None, or a sequence of one per
+        configuration).
 
     Returns
     -------
     list of (name, compared, shown)
-        Per argument, in order. Configurations count by value and show their labels;
-        anything else counts by its :func:`~qerror.nn.parallel.digest` (shows nothing), of
+        Per argument, in order. A model counts by the digest of its ``state_dict()`` (its
+        parameters and buffers: another checkpoint on one rank would otherwise merge its
+        figures with the others' without a word); configurations count by value and show
+        their labels; anything else counts by its :func:`~qerror.nn.parallel.digest`
+        (shows nothing), of
         :class:`QuantizedWeights` only what the network computes with, each layer's
         quantized weight and qparams: their error summaries are float sums that
         :func:`quantize_weights` adds in an order the thread count or the GPU sets, so
@@ -442,7 +446,9 @@ def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
     """
     terms = []
     for name, value in arguments.items():
-        if isinstance(value, QuantConfig):
+        if isinstance(value, nn.Module):
+            terms.append((name, parallel.digest(value.state_dict()), None))
+        elif isinstance(value, QuantConfig):
             terms.append((name, value, value.label))
         elif isinstance(value, Sequence) and value and \
                 all(isinstance(c, QuantConfig) for c in value):
@@ -1584,9 +1590,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         before the results are computed, and every rank returns the result of all the
         batches (images of different floating dtypes on different ranks count as they do
         in one process: a variance is resolved against the rounding of the coarsest).
-        Every rank passes the same ``config``, ``act_qparams``, ``weights``,
-        ``corrections``, ``bn_stats``, ``local_samples``, ``input_maps`` and
-        ``image_means`` (checked, the tensors by their
+        Every rank passes the same model (its parameters and buffers), ``config``,
+        ``act_qparams``, ``weights``, ``corrections``, ``bn_stats``, ``local_samples``,
+        ``input_maps`` and ``image_means`` (checked, the tensors by their
         :func:`~qerror.nn.parallel.digest`: every rank raises the same ValueError naming
         the first that differs); ``pair_batch`` and ``progress`` may differ (a pass's size
         does not change the draws), and ``first_batch`` is each rank's own. Where the
@@ -1737,7 +1743,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             agreed = [("local_samples", local_samples, local_samples),
                       ("input_maps", bool(input_maps), bool(input_maps)),
                       ("image_means", image_means, image_means)]
-            agreed += agreement_terms(configs=configs, act_qparams=act_qparams,
+            agreed += agreement_terms(model=model, configs=configs, act_qparams=act_qparams,
                                       weights=weights, corrections=corrections,
                                       bn_stats=bn_stats)
         try:

@@ -253,7 +253,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         (:func:`qerror.nn.parallel.shard`) rounds as it does within the whole.
     across_ranks : bool
         Under ``torchrun``, gather every rank's images in rank order (every rank calls).
-        Every rank passes the same ``config``, ``act_qparams`` and ``weights`` (checked as
+        Every rank passes the same model (its parameters and buffers), ``config``,
+        ``act_qparams`` and ``weights`` (checked as
         :func:`qerror.nn.propagate.measure` checks its ranks',
         :func:`qerror.nn.propagate.agreement_terms`: every rank raises the same ValueError
         naming the first that differs); only the batches and ``first_batch`` are each
@@ -277,10 +278,10 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         The model has no ``BatchNorm2d`` layer, or one of them did not run on the batches
         (of any rank), or ``first_batch`` is negative; an UnsupportedModelError (a
         ValueError) where the paired pass cannot run the model exactly
-        (:func:`qerror.nn.check_model`); with ``across_ranks``, also the
-        ranks passed different configurations, activation ranges or weights, their models
-        have different BatchNorm2d layers, or their batch indices overlap under stochastic
-        rounding (on every rank).
+        (:func:`qerror.nn.check_model`); with ``across_ranks``, also the ranks' models
+        have different BatchNorm2d layers, or they passed different models (parameters or
+        buffers), configurations, activation ranges or weights, or their batch indices
+        overlap under stochastic rounding (on every rank).
     TypeError
         ``model`` is not a ``torch.nn.Module``, or ``first_batch`` is not an integer (a bool
         or a float included).
@@ -341,7 +342,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
             raise ValueError("the model has no BatchNorm2d layer, so no BatchNorm "
                              "inconsistency to measure")
         if shared:  # what every rank must pass alike, as measure's ranks
-            agreed = agreement_terms(config=config, act_qparams=act_qparams, weights=weights)
+            agreed = agreement_terms(model=model, config=config, act_qparams=act_qparams,
+                                     weights=weights)
         handles = [m.register_forward_pre_hook(hook_of(n)) for n, m in norms]
         with eval_mode(model), torch.no_grad(), \
                 paired_forward(model, config, act_qparams, weights=weights,

@@ -8,6 +8,7 @@ order of float64 additions, hence the relative tolerance of 1e-9.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -1190,8 +1191,9 @@ def _many_calls(rank):
     thread count (/work/runs/s43/review2/probe_threads.log), the quantized weights the
     same; then ``first_batch`` 0 on both ranks (each rank's batch index 0, the same draws
     of the stochastic configuration for different images), then 1 on rank 0 and 0 on rank
-    1 (the batches numbered against the ranks' order). Every other call numbers rank
-    ``r``'s batch ``r``."""
+    1 (the batches numbered against the ranks' order), then rank 1's model another
+    checkpoint (one weight a float32 step away). Every other call numbers rank ``r``'s
+    batch ``r``."""
     model = tiny_resnet()
     configs = [QuantConfig.make(8), QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3)]
     act = calibrate_activations(model, [images(8, 1)], configs[0].activation)
@@ -1199,6 +1201,10 @@ def _many_calls(rank):
     other_seed = [configs[0], QuantConfig.make(8, RoundingMode.STOCHASTIC, seed=3 + rank)]
     six = [QuantConfig.make(6 if rank else 8), configs[1]]
     weights = quantize_weights(model, configs[0].weight)
+    nudged = copy.deepcopy(model)  # another checkpoint: one weight a float32 step away
+    with torch.no_grad():
+        w0 = next(nudged.parameters()).view(-1)
+        w0[0] = torch.nextafter(w0[0], torch.tensor(math.inf))
     if rank:
         weights = MadeFor({n: dataclasses.replace(
             q, error_mean_lsb=math.nextafter(q.error_mean_lsb, math.inf),
@@ -1212,7 +1218,8 @@ def _many_calls(rank):
                    (configs, act, {"pair_batch": 2 if rank else None}),
                    (configs, act, {"weights": [weights, None]}),
                    (configs, act, {"first_batch": 0}),
-                   (configs, act, {"first_batch": 1 - rank})]
+                   (configs, act, {"first_batch": 1 - rank}),
+                   (configs, act, {"net": nudged} if rank else {})]
 
 
 def _rank_arguments(rank, world, port, folder):
@@ -1225,7 +1232,8 @@ def _rank_arguments(rank, world, port, folder):
     as_rank(rank, world, port)
     model, calls = _many_calls(rank)
     def call(configs, act, kw):
-        rs = measure_many(model, [images(4, 2 + rank)], configs, act,
+        kw = dict(kw)
+        rs = measure_many(kw.pop("net", model), [images(4, 2 + rank)], configs, act,
                           across_ranks=True, **{"first_batch": rank, **kw})
         return f"measured {rs[0].logits.n}: " + " ".join(repr(r.logits.sqnr_db) for r in rs)
 
@@ -1253,11 +1261,12 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
     order than the ranks' give what one process does on the batches in that order."""
     two_ranks(_rank_arguments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 9
+    assert len(said[0]) == len(said[1]) == 10
 
     def differ(name, told):
         return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
-                "pass the same local_samples, input_maps, image_means, configs, act_qparams, "
+                "pass the same local_samples, input_maps, image_means, model, configs, "
+                "act_qparams, "
                 "weights, corrections, bn_stats (only the batches, first_batch, pair_batch and "
                 "progress are each rank's own), for their sums to be one measurement")
 
@@ -1287,6 +1296,7 @@ def test_ranks_that_pass_different_arguments_all_refuse(tmp_path):
         "for different images, which one process never does; give each rank first_batch = the "
         "index of its first batch among all the ranks' (with qerror.nn.parallel.shard over n "
         "batches: shard(n).start)")
+    assert said[0][9] == said[1][9] == differ("model", "in value")
 
 
 def test_drawn_batches_are_checked_apart_and_only_where_drawn():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -254,12 +256,17 @@ def _rank_moments(rank, world, port, folder):
     first = next(iter(weights))
     doubled = MadeFor({**weights, first: dataclasses.replace(
         weights[first], weight=2 * weights[first].weight)}, weights.spec)
+    nudged = copy.deepcopy(model)  # another checkpoint: one weight a float32 step away
+    with torch.no_grad():
+        w0 = next(nudged.parameters()).view(-1)
+        w0[0] = torch.nextafter(w0[0], torch.tensor(math.inf))
     calls = [(model, aq, x.double() if rank == 1 else x),
              (short, short_aq, x) if rank == 1 else (model, aq, x),
              (model, aq, x, floor if rank == 1 else config),
              (model, own, x),
              (model, aq, x, config, doubled if rank == 1 else weights),
              ("tiny_resnet" if rank == 1 else model, aq, x),
+             (nudged if rank == 1 else model, aq, x),
              (model, aq, x)]
     def call(net, act, batch, given=config, w=None):
         got = bn_image_moments(net, [(batch, None)], given, act, weights=w, across_ranks=True)
@@ -289,10 +296,12 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
     given something that is not a model raised an AttributeError alone, before the try that
     carries a rank's error to the others, and the other waited in the gather
     (/work/runs/s44/ranks2/probe.py model, probe_model.before.log); now it raises
-    measure's TypeError and the other the RuntimeError naming it."""
+    measure's TypeError and the other the RuntimeError naming it. Ranks whose models differ
+    in one weight by a float32 step (another checkpoint) merged their moments without a
+    word; now every rank raises the same ValueError naming the model."""
     two_ranks(_rank_moments, tmp_path)
     said = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
-    assert len(said[0]) == len(said[1]) == 7
+    assert len(said[0]) == len(said[1]) == 8
     assert said[1][0].startswith("RuntimeError: ")  # torch's, from the float32 forward
     assert said[0][0] == (
         "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
@@ -305,7 +314,8 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
 
     def differ(name, told):
         return (f"ValueError: the ranks passed different {name} ({told}); every rank must "
-                "pass the same config, act_qparams, weights (only the batches and first_batch "
+                "pass the same model, config, act_qparams, weights (only the batches and "
+                "first_batch "
                 "are each rank's own), for their moments to be one measurement")
 
     assert said[0][2:5] == said[1][2:5] == [
@@ -316,7 +326,8 @@ def test_bn_image_moments_stop_every_rank_when_one_fails(tmp_path):
         "RuntimeError: rank 1 of 2 failed before the ranks' BatchNorm moments were gathered "
         f"(rank 1: {said[1][5]}), so every rank stops here instead of waiting for them: see "
         "each failed rank's own error, fix what it names, and call again on every rank")
-    assert said[0][6] == said[1][6] == "6 BatchNorms, 8 images, equal to one process's"
+    assert said[0][6] == said[1][6] == differ("model", "in value")
+    assert said[0][7] == said[1][7] == "6 BatchNorms, 8 images, equal to one process's"
 
 
 class _InputNorm(torch.nn.Module):
