@@ -115,6 +115,16 @@ def layout_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+def autocast_enabled() -> tuple[bool, bool]:
+    """Whether autocast is on for the CPU and for CUDA, in this thread (torch before 2.4
+    takes no device in ``torch.is_autocast_enabled`` and has a function of its own for the
+    CPU's)."""
+    try:
+        return torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch before 2.4
+        return torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled()
+
+
 #: The last global state :func:`torch_state` read, beside the guard that read it (checking a
 #: guard costs a tenth of reading the state anew); a list, replaced whole.
 _LAST_STATE: list[tuple] = []
@@ -127,14 +137,15 @@ def torch_state() -> tuple:
     torch function), as the compiler's own guard of it states it, and the thread's dispatch
     keys that every tensor guard adds to or takes from its tensor's (inference mode takes
     autograd's away: a tensor of the caller's given to a kernel inside and outside
-    ``torch.inference_mode()`` is compiled twice). Where torch has no such guard to read
-    the state with (another version), the parts it is known to hold, read one by one."""
-    if GlobalStateGuard is None:
+    ``torch.inference_mode()`` is compiled twice). Where torch has no such guard, or one
+    that cannot state what it holds (an older torch's, 2.1's for one, has no
+    ``__getstate__`` of its own, and the one every object inherits answers None for it in
+    every state), the parts it is known to hold, read one by one."""
+    if GlobalStateGuard is None or "__getstate__" not in vars(GlobalStateGuard):
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                 torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.get_default_dtype(), torch.get_num_threads(),
-                tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
+                torch.get_default_dtype(), torch.get_num_threads(), autocast_enabled())
     last = _LAST_STATE[0] if _LAST_STATE else None
     if last is None or not last[0].check():  # check() reads the calling thread's state
         guard = GlobalStateGuard()

@@ -375,15 +375,43 @@ def test_one_compiled_variant_serves_each_state_of_torch(monkeypatch, fused_call
     assert not _fused.KERNELS.failed
 
 
-@pytest.mark.parametrize("guard", ["compiler's", "none"])
+class OlderGuard:
+    """A global state guard as torch 2.1 has it: ``check()`` alone, its fields out of
+    Python's sight (a C type without ``__dict__``), so that the ``__getstate__`` every
+    object inherits answers None."""
+
+    __slots__ = ()
+    held: dict = {}
+
+    def __init__(self):
+        OlderGuard.held[id(self)] = torch.is_grad_enabled(), torch.get_default_dtype()
+
+    def check(self) -> bool:
+        return OlderGuard.held[id(self)] == (torch.is_grad_enabled(), torch.get_default_dtype())
+
+
+@pytest.mark.parametrize("guard", ["compiler's", "none", "older"])
 def test_torch_state_tells_apart_what_the_global_guards_read(guard, monkeypatch):
     """The state part of the key, read through the compiler's own guard or, in a torch
-    without it, through the API: grad mode, inference mode, deterministic algorithms, the
-    default dtype, autocast and the thread count each change it; the same state gives it
-    again."""
+    without it or with an older one that cannot state its state (whose
+    ``torch.is_autocast_enabled`` takes no device either), through the API: grad mode,
+    inference mode, deterministic algorithms, the default dtype, autocast and the thread
+    count each change it; the same state gives it again."""
     if guard == "none":
         monkeypatch.setattr(_compiled, "GlobalStateGuard", None)
-    state = _compiled.torch_state
+    elif guard == "older":
+        assert OlderGuard().__getstate__() is None
+        monkeypatch.setattr(_compiled, "GlobalStateGuard", OlderGuard)
+        monkeypatch.setattr(_compiled, "_LAST_STATE", [])
+    enabled = torch.is_autocast_enabled
+
+    def state():  # torch.autocast itself calls torch.is_autocast_enabled(device)
+        with monkeypatch.context() as older:
+            if guard == "older":
+                older.setattr(torch, "is_autocast_enabled", lambda: enabled("cuda"))
+                older.setattr(torch, "is_autocast_cpu_enabled", lambda: enabled("cpu"))
+            return _compiled.torch_state()
+
     plain = state()
     assert state() == plain
     with torch.no_grad():
