@@ -224,7 +224,8 @@ def digest(value: Any) -> str:
     tensors by gathering this instead of the tensors.
 
     Tensors and arrays count by dtype, shape and bytes (not device, layout, a lazy
-    conjugate or negative view, or whether they require grad), mappings by their items and
+    conjugate or negative view, or whether they require grad; a quantized tensor by its
+    quantization scheme, scales and zero points too), mappings by their items and
     sets by their elements whatever their order, dataclasses by their type and fields,
     sequences by their items in order, numbers, strings, enums and None by type and value;
     anything else by its pickle, which records what pickle records (a tensor held there
@@ -242,6 +243,12 @@ def _feed(h, value: Any) -> None:
         t = value.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         h.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
+        if t.is_quantized:  # those bytes are its integers alone: the grid is content too
+            h.update(f"{t.qscheme()};".encode())
+            _feed(h, (t.q_scale(), t.q_zero_point()) if t.qscheme() in (
+                torch.per_tensor_affine, torch.per_tensor_symmetric) else
+                (t.q_per_channel_scales(), t.q_per_channel_zero_points(),
+                 t.q_per_channel_axis()))
     elif isinstance(value, np.ndarray):
         h.update(f"array {value.dtype.str} {value.shape};".encode())
         h.update(np.ascontiguousarray(value).tobytes())

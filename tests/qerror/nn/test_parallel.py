@@ -72,6 +72,29 @@ def test_digest_of_equal_sets_and_tensor_views_is_equal():
     assert negative.is_neg() and digest(negative) == digest(-c.imag)
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning")
+def test_digest_of_quantized_tensors_counts_their_grid():
+    """A quantized tensor's bytes are its integers: two with the same integers on another
+    grid (scale, zero point, per-channel scales or axis) hold other values and were
+    digested alike (/work/runs/s44/review2/probe_qdigest.py). Now their grid counts."""
+    digest = parallel.digest
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    a = torch.quantize_per_tensor(x, 0.1, 0, torch.qint8)
+    assert digest(a) == digest(torch.quantize_per_tensor(x.clone(), 0.1, 0, torch.qint8))
+    ints = a.int_repr()
+
+    def per_channel(axis: int) -> torch.Tensor:
+        n = ints.shape[axis]
+        return torch._make_per_channel_quantized_tensor(
+            ints, torch.full((n,), 0.1, dtype=torch.float64), torch.zeros(n, dtype=torch.int64),
+            axis)
+
+    others = [torch._make_per_tensor_quantized_tensor(ints, 0.2, 0),
+              torch._make_per_tensor_quantized_tensor(ints, 0.1, 3), per_channel(0),
+              per_channel(1)]
+    assert len({digest(q) for q in [a, *others]}) == 5
+
+
 def test_check_agreement_names_the_first_argument_that_differs():
     """parallel.check_agreement, which measure_many and bn_image_moments call on every rank
     with the terms their gather returned: silent where every rank's terms are equal; else
