@@ -435,8 +435,9 @@ def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
     -------
     list of (name, compared, shown)
         Per argument, in order. A model counts by the digest of its ``state_dict()`` (its
-        parameters and buffers: another checkpoint on one rank would otherwise merge its
-        figures with the others' without a word); configurations count by value and show
+        parameters and persistent buffers, not its non-persistent ones, which a model may
+        build lazily: another checkpoint on one rank would otherwise merge its figures with
+        the others' without a word); configurations count by value and show
         their labels; anything else counts by its :func:`~qerror.nn.parallel.digest`
         (shows nothing), of
         :class:`QuantizedWeights` only what the network computes with, each layer's
@@ -1590,9 +1591,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         before the results are computed, and every rank returns the result of all the
         batches (images of different floating dtypes on different ranks count as they do
         in one process: a variance is resolved against the rounding of the coarsest).
-        Every rank passes the same model (its parameters and buffers), ``config``,
-        ``act_qparams``, ``weights``, ``corrections``, ``bn_stats``, ``local_samples``,
-        ``input_maps`` and ``image_means`` (checked, the tensors by their
+        Every rank passes the same model (its parameters and persistent buffers),
+        ``config``, ``act_qparams``, ``weights``, ``corrections``, ``bn_stats``,
+        ``local_samples``, ``input_maps`` and ``image_means`` (checked, the tensors by their
         :func:`~qerror.nn.parallel.digest`: every rank raises the same ValueError naming
         the first that differs); ``pair_batch`` and ``progress`` may differ (a pass's size
         does not change the draws), and ``first_batch`` is each rank's own. Where the

@@ -253,8 +253,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         (:func:`qerror.nn.parallel.shard`) rounds as it does within the whole.
     across_ranks : bool
         Under ``torchrun``, gather every rank's images in rank order (every rank calls).
-        Every rank passes the same model (its parameters and buffers), ``config``,
-        ``act_qparams`` and ``weights`` (checked as
+        Every rank passes the same model (its parameters and persistent buffers),
+        ``config``, ``act_qparams`` and ``weights`` (checked as
         :func:`qerror.nn.propagate.measure` checks its ranks',
         :func:`qerror.nn.propagate.agreement_terms`: every rank raises the same ValueError
         naming the first that differs); only the batches and ``first_batch`` are each
@@ -280,7 +280,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         ValueError) where the paired pass cannot run the model exactly
         (:func:`qerror.nn.check_model`); with ``across_ranks``, also the ranks' models
         have different BatchNorm2d layers, or they passed different models (parameters or
-        buffers), configurations, activation ranges or weights, or their batch indices
+        persistent buffers), configurations, activation ranges or weights, or their batch indices
         overlap under stochastic rounding (on every rank).
     TypeError
         ``model`` is not a ``torch.nn.Module``, or ``first_batch`` is not an integer (a bool
