@@ -256,6 +256,19 @@ def test_tensors_of_two_shapes_are_refused():
         difference_sums(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5))
 
 
+def sums_within_bounds(t: torch.Tensor, *states) -> None:
+    """``channel_sums`` of ``t`` and ``difference_sums`` of ``t`` and ``t / 2``, taken
+    inside the context managers that ``states`` make, each within its float32 bound."""
+    half = t * 0.5
+    with contextlib.ExitStack() as stack:
+        for state in states:
+            stack.enter_context(state())
+        s, q, length = channel_sums(t)
+        sd, qd, per = difference_sums(t, half)
+    within_bounds(s, q, t, length)
+    within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
+
+
 def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, compiled_calls):
     """With the compiler's limit of variants per function set to one, slices of batches of
     other sizes (views: the compiler guarded on their bases), inference tensors, gradients
@@ -268,12 +281,7 @@ def test_one_compiled_variant_serves_each_layout_and_grad_mode(monkeypatch, comp
         warnings.simplefilter("error", RuntimeWarning)
         for grad in (True, False):
             for t in batches:
-                half = t * 0.5
-                with torch.set_grad_enabled(grad):
-                    s, q, length = channel_sums(t)
-                    sd, qd, per = difference_sums(t, half)
-                within_bounds(s, q, t, length)
-                within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
+                sums_within_bounds(t, lambda: torch.set_grad_enabled(grad))
     assert len(compiled_calls) == 4 * len(batches)
     assert not _moments.KERNELS.failed
 
@@ -285,15 +293,10 @@ def test_one_compiled_variant_serves_each_state_of_torch(compiled_calls):
     with the limit of variants set to one, every call is summed by the compiled loop,
     without a warning, within the float32 bound."""
     t = data((6, 64, 4, 4), 2)
-    half = t * 0.5
     with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
         warnings.simplefilter("error", RuntimeWarning)
         for state in TORCH_STATES:
-            with torch.no_grad(), state():
-                s, q, length = channel_sums(t)
-                sd, qd, per = difference_sums(t, half)
-            within_bounds(s, q, t, length)
-            within_bounds(sd, qd, t.double() - half.double(), per, extra=1.0)
+            sums_within_bounds(t, torch.no_grad, state)
     assert len(compiled_calls) == 2 * len(TORCH_STATES)
     assert not _moments.KERNELS.failed
 
