@@ -360,6 +360,21 @@ def test_re_adding_a_run_of_another_command_names_the_kept_words(tmp_path):
     assert readme.Record("r", root).manifest["argv"] == ["--bits", "8"]  # left as it was
 
 
+_GONE = object()
+
+
+def _set_config(root: Path, record: str, key: str, value=_GONE) -> None:
+    """Record ``record`` under ``root`` with its manifest's ``config[key]`` set to
+    ``value``, or removed where no value is given."""
+    path = root / record / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if value is _GONE:
+        del manifest["config"][key]
+    else:
+        manifest["config"][key] = value
+    path.write_text(json.dumps(manifest))
+
+
 def _records_at(tmp_path: Path, alpha: float) -> Path:
     """A copy of the records whose runs used ``alpha`` (their manifests' config.alpha)."""
     root = tmp_path / "record"
@@ -390,16 +405,10 @@ def test_the_level_labels_are_the_records_alpha(tmp_path):
 
 def test_records_that_disagree_on_their_level_or_lack_it_are_refused(tmp_path):
     root = _records_at(tmp_path, 0.05)
-    path = root / "early-exit-seed1" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["config"]["alpha"] = 0.1
-    path.write_text(json.dumps(manifest))
+    _set_config(root, "early-exit-seed1", "alpha", 0.1)
     with pytest.raises(readme.RecordError, match="disagree on the level"):
         readme.early_exit_seeds(readme.record_reader(root))
-    path = root / "compression" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest["config"]["alpha"]
-    path.write_text(json.dumps(manifest))
+    _set_config(root, "compression", "alpha")
     with pytest.raises(readme.RecordError, match="record compression: .*config.alpha is None"):
         readme.compression_table(readme.record_reader(root))
 
@@ -493,15 +502,11 @@ def test_the_bench_intervals_level_is_the_records(tmp_path):
     order statistics give (11 pairs: 93.5 % at 90 %, 98.8 % at 95 %)."""
     root = tmp_path / "record"
     shutil.copytree(readme.RECORDS, root)
-    path = root / "bench-drift-amx" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["config"]["median_level"] = 0.95
-    path.write_text(json.dumps(manifest))
+    _set_config(root, "bench-drift-amx", "median_level", 0.95)
     text = readme.bench_drift_amx(readme.record_reader(root))
     # the interval's exact coverage at 95 %: 1 - 2 P(Bin(11, 1/2) <= 1) = 1 - 24/2048
     assert "its median's 98.8 % interval" in text and "93.5 %" not in text
-    manifest["config"]["median_level"] = 95
-    path.write_text(json.dumps(manifest))
+    _set_config(root, "bench-drift-amx", "median_level", 95)
     with pytest.raises(readme.RecordError, match="median_level is 95"):
         readme.bench_drift_amx(readme.record_reader(root))
 
@@ -522,10 +527,7 @@ def test_bench_records_with_median_intervals_state_their_level(tmp_path):
     assert checked  # bench-drift-amx
     root = tmp_path / "record"
     shutil.copytree(readme.RECORDS, root)
-    path = root / "bench-drift-amx" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest["config"]["median_level"]
-    path.write_text(json.dumps(manifest))
+    _set_config(root, "bench-drift-amx", "median_level")
     with pytest.raises(readme.RecordError, match="no config.median_level"):
         readme.bench_drift_amx(readme.record_reader(root))
 
