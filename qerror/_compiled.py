@@ -194,8 +194,17 @@ class Kernels:
         A call that fails turns off its key; where the key's kernel had never run and
         ``breaks_all`` (a failure that says the compiler cannot serve this family: not the
         compiler's limit of variants), the whole family. Memory errors are the caller's.
+        Where the key itself cannot be made (a torch whose state :func:`torch_state` cannot
+        read, an argument that cannot be hashed), the whole family, after the warning.
         """
-        key = (key, layout_key(args), torch_state())
+        try:
+            key = (key, layout_key(args), torch_state())
+            hash(key)
+        except Exception as err:  # noqa: BLE001 - the caller's eager code gives the result
+            with self.lock:
+                self.broken.append(f"{type(err).__name__}: {err}")
+            self._warn_once(f"its key could not be made: {type(err).__name__}: {err}")
+            return None
         # compiled code is loaded on a key's first call: only then can it switch on flushing
         flushing = None if key in self.ready else flushing_denormals()
         try:

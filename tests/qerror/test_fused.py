@@ -441,6 +441,29 @@ def test_torch_state_tells_apart_what_the_global_guards_read(guard, monkeypatch)
     assert state() == plain
 
 
+def test_a_key_that_cannot_be_made_turns_the_family_off_with_a_warning(monkeypatch):
+    """A key that cannot be made (an argument that cannot be hashed; a torch whose state
+    torch_state cannot read, a private function gone, say) raised out of Kernels.call, out
+    of quantize itself; now the family is turned off with one warning and the caller's
+    eager code gives the result."""
+    def unreadable():
+        raise AttributeError("module 'torch._C' has no attribute '_dispatch_tls_local_include_set'")
+
+    kernels = Kernels("the demo kernel", "eager instead", stacklevel=2)
+    with pytest.warns(RuntimeWarning, match="its key could not be made: TypeError"):
+        assert kernels.call("a", lambda: (lambda x: x), ([1],)) is None  # a list: unhashable
+    assert kernels.broken
+    fresh_state(monkeypatch)
+    monkeypatch.setattr(_compiled, "torch_state", unreadable)
+    x = tiled(boundary_values(0.1, np.float32))
+    ref = engine(lambda: quantize(x, QuantSpec(), 0.1), monkeypatch)
+    with pytest.warns(RuntimeWarning, match="not used \\(its key could not be made: "
+                                            "AttributeError"):
+        got = quantize(x, QuantSpec(), 0.1)
+    np.testing.assert_array_equal(got, ref)
+    assert not _fused.enabled()
+
+
 def test_layout_keys_tell_apart_what_the_guards_read():
     key = _compiled.layout_key
     a = torch.zeros(4, 4, 1)
