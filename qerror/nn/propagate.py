@@ -437,9 +437,8 @@ def agreement_terms(**arguments) -> list[tuple[str, Any, Any]]:
         Per argument, in order. A model counts by the digest of its ``state_dict()`` (its
         parameters and persistent buffers, not its non-persistent ones, which a model may
         build lazily: another checkpoint on one rank would otherwise merge its figures with
-        the others' without a word); configurations count by value and show
-        their labels; anything else counts by its :func:`~qerror.nn.parallel.digest`
-        (shows nothing), of
+        the others' without a word); configurations count by value and show their labels;
+        anything else counts by its :func:`~qerror.nn.parallel.digest` (shows nothing), of
         :class:`QuantizedWeights` only what the network computes with, each layer's
         quantized weight and qparams: their error summaries are float sums that
         :func:`quantize_weights` adds in an order the thread count or the GPU sets, so
@@ -735,8 +734,8 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     is the range of batch indices that this rank's stochastic rounding keyed its draws by
     (:func:`drawn_batches`): the ranks' ranges must not overlap, or two ranks drew the same
     numbers for different images, which one process never does
-    (:func:`check_drawn_batches`). Every rank raises the same error when the ranks disagree, an
-    argument's before anything it may have changed. ``u`` (the unit roundoff
+    (:func:`check_drawn_batches`). Every rank raises the same error when the ranks
+    disagree, an argument's before anything it may have changed. ``u`` (the unit roundoff
     of this rank's sums) and each accumulator's ``length`` are merged as one process merges
     its batches': to the largest of any rank's, the rounding bound that holds for every
     rank's sums, so that every rank resolves the same variances.

@@ -280,8 +280,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         ValueError) where the paired pass cannot run the model exactly
         (:func:`qerror.nn.check_model`); with ``across_ranks``, also the ranks' models
         have different BatchNorm2d layers, or they passed different models (parameters or
-        persistent buffers), configurations, activation ranges or weights, or their batch indices
-        overlap under stochastic rounding (on every rank).
+        persistent buffers), configurations, activation ranges or weights, or their batch
+        indices overlap under stochastic rounding (on every rank).
     TypeError
         ``model`` is not a ``torch.nn.Module``, or ``first_batch`` is not an integer (a bool
         or a float included).
