@@ -223,23 +223,50 @@ def digest(value: Any) -> str:
     equal content on any rank and device, so that ranks can check they hold the same
     tensors by gathering this instead of the tensors.
 
-    Tensors and arrays count by dtype, shape and bytes (not device, layout, a lazy
-    conjugate or negative view, or whether they require grad; a quantized tensor by its
+    Tensors and arrays count by dtype, shape and bytes (not device, layout, strides, a
+    lazy conjugate or negative view, or whether they require grad; a sparse tensor by its
+    dense values; a nested tensor by its components in order; a quantized tensor by its
     quantization scheme, scales and zero points too), mappings by their items and
     sets by their elements whatever their order, dataclasses by their type and fields,
     sequences by their items in order, numbers, strings, enums and None by type and value;
-    anything else by its pickle, which records what pickle records (a tensor held there
-    counts with its device and strides, so such objects are equal only where those are).
-    Two contents that differ give different fingerprints except with probability about
-    ``2**-128``.
+    anything else by its pickle, in which each tensor or array it holds counts by its own
+    digest (so by content, as above, not by the device, strides or storage that pickle
+    would record). Two contents that differ give different fingerprints except with
+    probability about ``2**-128``.
+
+    Raises
+    ------
+    ValueError
+        For a tensor on the meta device, which has no values to compare: load or
+        materialise the weights before the ranks compare them.
     """
     h = hashlib.blake2b(digest_size=16)
     _feed(h, value)
     return h.hexdigest()
 
 
+class _ContentPickler(pickle.Pickler):
+    """A pickler that writes each tensor and array as its :func:`digest`, by content."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            return str, (f"digest {digest(obj)}",)
+        return NotImplemented
+
+
 def _feed(h, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise ValueError(
+            f"digest: a tensor on the meta device (shape {tuple(value.shape)}) has no values "
+            "to compare; load or materialise the weights before the ranks compare them")
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        parts = value.unbind()
+        h.update(f"nested {value.dtype} {len(parts)};".encode())
+        for part in parts:
+            _feed(h, part)
+    elif isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:  # sparse: by its values, as a dense tensor
+            value = value.to_dense()
         t = value.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         h.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -273,7 +300,9 @@ def _feed(h, value: Any) -> None:
         for v in value:
             _feed(h, v)
     else:
-        h.update(b"pickle;" + pickle.dumps(value))
+        buffer = io.BytesIO()
+        _ContentPickler(buffer).dump(value)
+        h.update(b"pickle;" + buffer.getvalue())
 
 
 # words torch uses for the same refusal, which callers (qerror.nn.training.fit) recognise
