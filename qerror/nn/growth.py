@@ -240,13 +240,19 @@ def channel_rms_debiased(means: np.ndarray, scale: np.ndarray) -> float:
     if m.ndim != 2 or m.shape[0] < 2 or s.ndim != 1 or m.shape[1] != s.shape[0]:
         raise ValueError(f"means must be (N >= 2, C) and scale (C,), got {m.shape} and "
                          f"{s.shape}")
+    _check_values(m, s)
+    return debiased_rms(m.mean(axis=0), m.var(axis=0, ddof=1) / m.shape[0], s)
+
+
+def _check_values(m: np.ndarray, s: np.ndarray) -> None:
+    """ValueError unless the means ``m`` are finite and the scales ``s`` finite and >= 0
+    (:func:`channel_rms_debiased`'s Raises; shapes checked by the caller)."""
     if not np.isfinite(m).all():
         raise ValueError(f"means hold {int(np.sum(~np.isfinite(m)))} values that are not "
                          "finite (nan or inf): the per-image drift of a broken measurement")
     if not (np.isfinite(s) & (s >= 0)).all():
         raise ValueError("scale must be finite and >= 0 (a float standard deviation; 0 marks "
                          f"a dead channel), got {s[~(np.isfinite(s) & (s >= 0))][:5]}")
-    return debiased_rms(m.mean(axis=0), m.var(axis=0, ddof=1) / m.shape[0], s)
 
 
 def _interval(point: float, boot: np.ndarray, level: float, method: str, depth, values
@@ -326,6 +332,14 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
         Equal, up to rounding, to ``channel_rms_debiased(means[idx_b], scale)`` for the
         index list ``idx_b`` with those counts.
 
+    Raises
+    ------
+    ValueError
+        Wrong shapes, fewer than 2 images, means or scale as
+        :func:`channel_rms_debiased` refuses them, or counts that are not whole numbers
+        >= 0 or a row that does not sum to N (the formulas below hold only for a resample
+        of N images).
+
     Notes
     -----
     With ``a = m / σ`` over the live channels (C' of them), ``w`` a row of ``counts`` and
@@ -342,9 +356,20 @@ def debiased_from_counts(means: np.ndarray, scale: np.ndarray, counts: np.ndarra
     """
     w = np.asarray(counts, dtype=np.float64)
     n = np.shape(means)[0] if np.ndim(means) == 2 else -1
-    if w.ndim != 2 or w.shape[1] != n or np.shape(scale) != np.shape(means)[1:]:
-        raise ValueError(f"means must be (N, C), scale (C,) and counts (B, N), got "
+    if w.ndim != 2 or w.shape[1] != n or n < 2 or np.shape(scale) != np.shape(means)[1:]:
+        raise ValueError(f"means must be (N >= 2, C), scale (C,) and counts (B, N), got "
                          f"{np.shape(means)}, {np.shape(scale)} and {w.shape}")
+    means = np.asarray(means, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    _check_values(means, scale)
+    whole = np.isfinite(w) & (w >= 0) & (w == np.floor(w))
+    if not whole.all():
+        raise ValueError(f"counts must be whole numbers >= 0 (how often a resample draws each "
+                         f"image), got {w[~whole][:5]}")
+    sums = w.sum(axis=1)
+    if (sums != n).any():
+        raise ValueError(f"every row of counts must sum to N = {n} (a resample draws N "
+                         f"images), got row sums {sums[sums != n][:5]}")
     a = _scaled_live(means, scale)
     if a is None:
         return np.full(w.shape[0], math.nan)

@@ -305,6 +305,27 @@ def test_counts_on_noise_alone_agree_to_rounding_of_the_terms():
     assert np.all(np.isnan(debiased_from_counts(m, np.zeros(c), counts)))
 
 
+@pytest.mark.parametrize("change, match", [
+    (lambda m, s, w: (m, np.where(np.arange(3) == 1, -1.0, s), w), "scale must be finite"),
+    (lambda m, s, w: (np.where((np.arange(6) == 2)[:, None], np.nan, m), s, w), "not finite"),
+    (lambda m, s, w: (m, s, 2 * w), "must sum to N = 6"),  # each image twice: 2N rows
+    (lambda m, s, w: (m, s, w + np.array([3, -2, 0, 0, -1, 0])), "whole numbers >= 0"),
+    (lambda m, s, w: (m, s, w + np.array([0.5, -0.5, 0, 0, 0, 0])), "whole numbers >= 0"),
+    (lambda m, s, w: (m[:1], s, w[:, :1]), "N >= 2"),
+])
+def test_counts_refuse_what_the_row_wise_statistic_refuses(change, match):
+    """debiased_from_counts promises channel_rms_debiased of the resampled rows, which refuses
+    a negative scale and a nan mean; it gave 0 and nan for them, and a figure of no resample
+    for counts that are not a resample of the N images (rows summing to 2N: 0.081, where the
+    statistic of those 12 rows is 0.039; a negative or fractional count: 0)."""
+    m, s = np.random.default_rng(0).normal(0.5, 1.0, (6, 3)), np.ones(3)
+    w = np.ones((2, 6))
+    assert debiased_from_counts(m, s, w) == pytest.approx(channel_rms_debiased(m, s),
+                                                          rel=RTOL64)
+    with pytest.raises(ValueError, match=match):
+        debiased_from_counts(*change(m, s, w))
+
+
 @pytest.mark.parametrize("lo, hi, answer", [(0.8, 1.2, "linear"), (0.3, 0.7, "sqrt"),
                                             (0.4, 1.1, "not separated"), (1.2, 1.5, "neither")])
 def test_linear_or_sqrt_reads_only_the_interval(lo, hi, answer):
