@@ -543,7 +543,9 @@ def growth_rows(res: PropagationResult, seed: int) -> list[dict]:
                "answer": linear_or_sqrt(*fits)}
         for f in fits:
             tag = "images" if f.method.startswith("image") else "layers"
-            row.update({f"lo_{tag}": f.lo, f"hi_{tag}": f.hi, f"method_{tag}": f.method})
+            # resamples_*: those whose fit was defined, of BOOTSTRAP (the interval is theirs)
+            row.update({f"lo_{tag}": f.lo, f"hi_{tag}": f.hi, f"method_{tag}": f.method,
+                        f"resamples_{tag}": f.resamples})
         rows.append(row)
     return rows
 

@@ -116,6 +116,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     # every fit says how far its residuals follow each other, and on how many layers it ran
     assert growth.residual_ac1.between(-1, 1).all()
     assert (growth.layers_fitted <= growth.layers).all()
+    # and from how many of the bootstrap's resamples each interval is taken
+    assert growth.resamples_layers.between(0, drift.BOOTSTRAP).all()
+    assert deb.resamples_images.between(0, drift.BOOTSTRAP).all()
     # Whatever CPU runs this, the pipeline the study calls faithful (the kernel probe's)
     # agrees with the real kernel on every code, full range and reduced range alike.
     probe = int8.kernel_probe()
