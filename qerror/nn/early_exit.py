@@ -140,6 +140,14 @@ def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
     torch.Tensor
         (N,) scores in [0, 1], in the logits' floating dtype.
 
+    Raises
+    ------
+    ValueError
+        The logits hold NaN or Inf values, or ``logits / temperature`` overflows their
+        dtype (a small temperature on large float16 logits, or one that rounds to 0 in it):
+        the softmax would give NaN scores, which never exceed a threshold, so the sample
+        would go on to the last exit without a word.
+
     Notes
     -----
     For ``ENTROPY`` the score is ``1 - H(p)/log C``; BranchyNet's rule "exit when the
@@ -156,7 +164,15 @@ def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
         raise ValueError("logits must be a (N, C) tensor with C >= 2 classes, got "
                          f"{getattr(logits, 'shape', type(logits).__name__)}")
     _check_temperature(temperature, "temperature")
-    p = torch.softmax(logits / temperature, dim=1)
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits hold NaN or Inf values")
+        raise ValueError(
+            f"logits / temperature overflows {logits.dtype} (temperature {temperature!r}, "
+            f"largest |logit| {float(logits.abs().max()):g}): the scores would be NaN and "
+            "never exit; use a larger temperature or compute the logits in a wider dtype")
+    p = torch.softmax(scaled, dim=1)
     if policy is ExitPolicy.MAX_SOFTMAX:
         return p.amax(dim=1)
     entropy = torch.special.entr(p).sum(dim=1)
@@ -372,7 +388,8 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
         depend on which others are still in the batch).
     ValueError
         A stage gives something other than ``(features, logits)`` with one row per sample
-        it ran and the same classes at every exit, or NaN or Inf logits.
+        it ran and the same classes at every exit, or NaN or Inf logits, or logits that the
+        rule's temperature scales past their dtype's range (:func:`exit_confidence`).
 
     Notes
     -----

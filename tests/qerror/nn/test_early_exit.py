@@ -1172,6 +1172,27 @@ def test_stage_runner_refuses_nan_logits_as_the_logits_path_does():
         exit_result_from_logits([bad, good], rule)
 
 
+@pytest.mark.parametrize("dtype, temperature", [(torch.float16, 0.05), (torch.float32, 1e-300)])
+def test_a_temperature_that_overflows_the_logits_dtype_is_refused(dtype, temperature):
+    """Finite logits divided by a valid temperature overflowed the dtype (4000 / 0.05 > 65504
+    in float16; 1e-300 rounds to 0 in float32): the NaN score never exited, and the most
+    confident sample went on to the last exit without a word, on both paths."""
+    z = torch.tensor([[4000.0, 0.0], [1.0, 0.0]], dtype=dtype)
+    rule = ExitRule("max-softmax", (0.5,), (temperature, 1.0))
+    for policy in ExitPolicy:
+        with pytest.raises(ValueError, match=r"logits / temperature overflows"):
+            exit_confidence(z, policy, temperature)
+    with pytest.raises(ValueError, match=r"logits / temperature overflows"):
+        run_early_exit([lambda h: (h, h), lambda h: (h, h)], z, rule)
+    with pytest.raises(ValueError, match=r"logits / temperature overflows"):
+        exit_result_from_logits([z, z], rule)
+    with pytest.raises(ValueError, match="logits hold NaN or Inf"):
+        exit_confidence(torch.tensor([[math.nan, 0.0]], dtype=dtype), "entropy")
+    # a temperature the logits' dtype can take still decides as before
+    assert exit_result_from_logits([z, z], dataclasses.replace(rule, temperatures=(1.0, 1.0))) \
+        .exit_index.tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("out, match", [
     (lambda h: torch.zeros(len(h), 3), "stage 0 must return a pair"),
     (lambda h: (h, torch.zeros(len(h)), h), "stage 0 must return a pair"),
