@@ -1173,6 +1173,15 @@ def _float64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _confidence_values(confidence) -> np.ndarray:
+    """A float64 copy of ``confidence`` (any shape), or ValueError unless every value lies
+    in [0, 1]."""
+    conf = _float64(confidence)
+    if not np.all((conf >= 0) & (conf <= 1)):
+        raise ValueError("confidences must lie in [0, 1] (NaN is not a confidence)")
+    return conf
+
+
 def _check_confidences(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
     """(N,) float64 confidences in [0, 1] and (N,) booleans, or ValueError saying which
     input is wrong; what :func:`confidence_ece` and :func:`fit_isotonic` accept."""
@@ -1180,9 +1189,7 @@ def _check_confidences(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
     right = torch.as_tensor(correct).detach().cpu().reshape(-1)
     if right.dtype != torch.bool or len(right) != len(conf) or not len(conf):
         raise ValueError("correct must be booleans, one per confidence, and not empty")
-    if not np.all((conf >= 0) & (conf <= 1)):
-        raise ValueError("confidences must lie in [0, 1] (NaN is not a confidence)")
-    return conf, right.numpy()
+    return _confidence_values(conf), right.numpy()
 
 
 @dataclass(frozen=True)
@@ -1211,8 +1218,10 @@ class IsotonicMap:
 
     def __call__(self, confidence) -> torch.Tensor:
         """The calibrated confidences, float64, of the input's shape (a 0-d tensor for a
-        number)."""
-        out = np.interp(_float64(confidence), np.asarray(self.knots), np.asarray(self.values))
+        number); ValueError unless every confidence lies in [0, 1] (NaN would map to NaN
+        and a value outside to the map's end without a word)."""
+        out = np.interp(_confidence_values(confidence), np.asarray(self.knots),
+                        np.asarray(self.values))
         return torch.as_tensor(np.asarray(out, dtype=np.float64))
 
 

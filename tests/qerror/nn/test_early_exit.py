@@ -578,6 +578,13 @@ def test_bad_calibration_input_is_refused():
         fit_isotonic(torch.tensor([0.5, 0.6]), torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="knots must increase"):
         IsotonicMap((0.5, 0.4), (0.1, 0.2))
+    # the map took NaN to NaN and 1.5 or -0.2 to its ends without a word
+    g = fit_isotonic(torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64),
+                     torch.tensor([False, True, True]))
+    for bad in (math.nan, 1.5, -0.2, torch.tensor([0.4, math.nan]), np.array([[0.4], [1.5]])):
+        with pytest.raises(ValueError, match="confidences must lie in"):
+            g(bad)
+    assert g(np.array([[0.0], [1.0]])).tolist() == [[0.0], [1.0]]
     with pytest.raises(ValueError, match="confidences must lie in"):
         confidence_ece(torch.tensor([1.5]), torch.tensor([True]))
     with pytest.raises(ValueError, match="n_bins"):
