@@ -814,7 +814,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         integer (a bool, or a float even when integral); refused before anything is done.
     ResumeError
         The state file was written by a different recipe, or holds the weights of another
-        network (nothing of it is then loaded).
+        network or of another dtype (nothing of it is then loaded).
     DivergedError
         The loss or the weights became NaN or infinite; no state is saved past the last
         finite one. The weights are checked at each save, at each epoch's end (before
@@ -944,6 +944,19 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
         except StateDictMismatchError as exc:
             raise ResumeError(f"{exc} Delete {state_path} or start over without resuming"
                               ) from None
+        # load_state_dict would cast another width of float (float32 into float64) and the
+        # run would go on at another precision than the one that wrote the state
+        own = model.state_dict()
+        widths = [f"{k}: {v.dtype} saved, {own[k].dtype} now"
+                  for k, v in loaded["model"].items() if v.dtype != own[k].dtype]
+        if widths:
+            raise ResumeError(
+                f"the training state {state_path} holds tensors of another dtype than the "
+                f"network's ({'; '.join(widths[:3])}"
+                + (f"; {len(widths) - 3} more" if len(widths) > 3 else "")
+                + "), so the run would go on at another precision than the one that wrote it; "
+                "nothing was loaded. Build the network in the dtype of the run that wrote the "
+                f"state, or delete {state_path} or start over without resuming")
         hook_state = loaded.get("after_step")
         stateful = callable(getattr(after_step, "load_state_dict", None))
         if hook_state is not None and not stateful:

@@ -640,6 +640,24 @@ def test_a_state_of_another_network_is_refused_before_anything_is_loaded(tmp_pat
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
+def test_a_state_of_another_float_width_is_refused_before_anything_is_loaded(tmp_path):
+    """load_state_dict casts float32 to float64: the run went on in float64 from a float32
+    state, the uninterrupted run of neither width, without a word."""
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=3, progress=False)
+    written = state.read_bytes()
+    wide = tiny_model(seed=5).double()
+    before = _weights(wide)
+    with pytest.raises(ResumeError, match=r"0\.weight: torch\.float32 saved, "
+                                          r"torch\.float64 now;.*nothing was loaded"):
+        fit(wide, noisy_batches(x.double(), y), N_TRAIN, CONFIG, state_path=state,
+            progress=False)
+    assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())
+    assert state.read_bytes() == written
+
+
 def test_cuda_under_torchrun_means_this_ranks_gpu(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
