@@ -14,11 +14,13 @@ the rounding mode (:func:`qerror.analytic.uniform_bias_lsb`): ``s`` times ``−�
 stochastic rounding, with the values that sit exactly on the grid (a ReLU's zeros) exempt.
 
 ``E[x]`` and ``P(u > 0)`` are taken either from the preceding BatchNorm and ReLU
-(``source="bn"``: the BN output is taken as normal with mean β and std |γ|, so
-``E[x] = β Φ(β/|γ|) + |γ| φ(β/|γ|)`` and, for the quantizer's real zero ``o = −z·s``,
-``P(u > 0) = Φ((β − max(o, 0))/|γ|)`` and ``P(u < 0) = Φ(β/|γ|) − Φ((β − o)/|γ|)`` where
+(``source="bn"``: the BN output is taken as normal with mean β and std
+``σ_γ = |γ|·σ/√(σ² + ε)``, what the BN gives when its input has its running mean and
+variance ``σ²`` (|γ| for ``σ² ≫ ε``, as in Nagel et al. 2019; ``ε`` the BN's ``eps``), so
+``E[x] = β Φ(β/σ_γ) + σ_γ φ(β/σ_γ)`` and, for the quantizer's real zero ``o = −z·s``,
+``P(u > 0) = Φ((β − max(o, 0))/σ_γ)`` and ``P(u < 0) = Φ(β/σ_γ) − Φ((β − o)/σ_γ)`` where
 ``o > 0`` (an affine grid's zero point below its codes' zero), the ReLU's zeros exempt;
-with ``z = 0``, ``P(u > 0) = Φ(β/|γ|)``; Nagel et al. 2019) where
+with ``z = 0``, ``P(u > 0) = Φ(β/σ_γ)``) where
 a layer is fed by one, or from mean maps measured on calibration images
 (``source="measured"``, and the fallback for layers fed by a residual sum, the image or a
 pooling).
@@ -119,6 +121,20 @@ def _relu_normal_sides(beta: np.ndarray, gamma: np.ndarray, origin: float
     return p_above, p_below
 
 
+def _bn_output_normal(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation, per channel, of a BatchNorm's output in evaluation mode
+    when its input has the running mean and variance ``σ²``: ``β`` and
+    ``|γ|·σ/√(σ² + ε)`` (``γ = 1``, ``β = 0`` without an affine map; a channel with
+    ``σ² = 0`` is the constant ``β``)."""
+    var = bn.running_var.detach().double().cpu().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = np.where(var > 0, np.sqrt(var / (var + bn.eps)), 0.0)
+    if not bn.affine:
+        return np.zeros(bn.num_features), shrink
+    return (bn.bias.detach().double().cpu().numpy(),
+            np.abs(bn.weight.detach().double().cpu().numpy()) * shrink)
+
+
 def _apply(layer: nn.Module, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The layer's linear map with another kernel and no bias."""
     if isinstance(layer, nn.Linear):
@@ -191,18 +207,13 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                                  "qerror.nn.propagate.measure(..., input_maps=True)")
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
-                bn = feeders[name]
-                if bn.affine:
-                    beta = bn.bias.detach().double().cpu().numpy()
-                    gamma = bn.weight.detach().double().cpu().numpy()
-                else:  # normalised output, no affine map: N(0, 1)
-                    beta, gamma = np.zeros(bn.num_features), np.ones(bn.num_features)
-                mean_c = _relu_normal_mean(beta, gamma)
+                beta, sd = _bn_output_normal(feeders[name])
+                mean_c = _relu_normal_mean(beta, sd)
                 origin = 0.0
                 if config.activation is not None:  # the quantizer's real zero, -z s
                     qp = act_qparams[name]
                     origin = -float(qp.zero_point) * float(qp.scale)
-                above, below = _relu_normal_sides(beta, gamma, origin)
+                above, below = _relu_normal_sides(beta, sd, origin)
                 shape = (-1,) + (1,) * (mu.ndim - 1)
                 mu = np.broadcast_to(mean_c.reshape(shape), mu.shape)
                 p_pos = np.broadcast_to(above.reshape(shape), mu.shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
@@ -561,6 +562,42 @@ def test_the_bn_source_takes_a_batchnorm_without_affine_as_unit_normal():
     assert preds[0].keys() == preds[1].keys() and "2.conv2" in preds[0]
     for name in preds[0]:
         np.testing.assert_array_equal(preds[0][name], preds[1][name])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_bn_source_takes_the_batchnorms_eps_into_its_normal(affine):
+    """BN → ReLU → conv with the BatchNorm's input drawn from its running statistics, the
+    BN source's own premise: the output is exactly N(β, γ²σ²/(σ² + ε)), constant β where
+    σ² = 0. With weight errors alone the prediction ΔW·E[x] carries no model error, so it
+    must match the Monte Carlo mean of conv(x, ΔW) within its sampling error (α = 0.001,
+    Bonferroni over the output channels; standard error from the images' channel means).
+    Before, the output's std was taken as |γ| whatever σ² and ε: channels with σ² near ε
+    (σ² = ε: std off by √2) and a constant one (σ² = 0) missed by tens of standard errors."""
+    c, k, n = 4, 3, 400
+    bn = nn.BatchNorm2d(c, affine=affine)
+    model = nn.Sequential(bn, nn.ReLU(), nn.Conv2d(c, k, 3, padding=1, stride=2, bias=False))
+    model = model.double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.1]))
+        bn.running_var.copy_(torch.tensor([bn.eps, 0.4 * bn.eps, 0.0, 1.0]))
+        if affine:
+            bn.weight.copy_(torch.tensor([0.8, -0.5, 1.2, 1.0]))
+            bn.bias.copy_(torch.tensor([0.3, -0.2, 0.6, 0.0]))
+    g = torch.Generator().manual_seed(5)
+    x = bn.running_mean.view(1, c, 1, 1) + bn.running_var.sqrt().view(1, c, 1, 1) \
+        * torch.randn(n, c, 6, 6, dtype=torch.float64, generator=g)
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
+    w = quantize_weights(model, cfg.weight)
+    res = measure(model, [x], cfg, weights=w, local_samples=1 << 20, input_maps=True)
+    pred = predicted_local_drift(model, cfg, res, weights=w, source="bn")["2"]
+    conv = model[2]
+    with torch.no_grad():
+        d = F.conv2d(model[1](bn(x)), w["2"].weight - conv.weight, None, conv.stride,
+                     conv.padding).mean(dim=(2, 3))
+    mc, se = d.mean(0).numpy(), d.std(0).numpy() / np.sqrt(n)
+    np.testing.assert_allclose(res.site("2").local_drift_channel, mc, rtol=RTOL64, atol=1e-15)
+    z = stats.norm.ppf(1 - 0.001 / (2 * k))
+    assert (np.abs(pred - mc) <= z * se).all(), (pred - mc) / se
 
 
 def test_predicted_drift_leaves_out_a_layer_the_forward_pass_never_calls(setup):
