@@ -202,7 +202,8 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     Parameters
     ----------
     x : torch.Tensor
-        Float input, any shape.
+        Float input, any shape (a numpy array is refused: convert it with
+        ``torch.from_numpy``).
     spec : QuantSpec
         At most :data:`MAX_CODE_BITS` bits.
     qparams : QParams
@@ -219,10 +220,18 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     Raises
     ------
     TypeError
-        If ``seed`` is neither None nor an int.
+        If ``x`` is not a torch tensor (a numpy array: ``torch.from_numpy(x)`` first), or
+        ``seed`` is neither None nor an int.
     ValueError
         If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed`` is outside 0 to 2**64 - 1.
     """
+    if not isinstance(x, torch.Tensor):
+        # quantize takes numpy arrays too, but the codes are returned as a tensor of bytes,
+        # the input of Dequantizer and on_codes
+        given, hint = (("numpy.ndarray", "torch.from_numpy(x)") if isinstance(x, np.ndarray)
+                       else (type(x).__name__, "torch.as_tensor(x, dtype=torch.float32)"))
+        raise TypeError(f"x must be a torch.Tensor, got {given}: offline codes are returned as "
+                        f"an int8 or uint8 tensor; convert with {hint}")
     if seed is not None:
         seed = check_seed(seed, "seed")
     if spec.bits > MAX_CODE_BITS:

@@ -1,5 +1,7 @@
 """Input quantization inside the model against offline codes dequantized on load."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,24 @@ def test_quantize_offline_refuses_codes_wider_than_a_byte():
     with pytest.raises(ValueError, match="int8"):
         quantize_offline(torch.zeros(4), QuantSpec(bits=9, symmetric=False),
                          calibrate(torch.arange(4.0), QuantSpec(bits=9, symmetric=False)))
+
+
+@pytest.mark.parametrize("x, hint, expected", [
+    (np.zeros((2, 4), np.float32), "torch.from_numpy(x)", [[-3] * 4] * 2),
+    ([0.0, 0.5], "torch.as_tensor(x, dtype=torch.float32)", [-3, 47]),  # 0.5 / 0.01 - 3
+])
+def test_quantize_offline_refuses_input_that_is_not_a_tensor(x, hint, expected):
+    """A numpy array (a stored data set's usual form) gave AttributeError "'numpy.ndarray'
+    object has no attribute 'to'" after quantizing it, and a list quantize's TypeError,
+    whose advice (numpy.asarray) led to that AttributeError."""
+    qp = QParams(0.01, -3)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got (numpy\.ndarray|list)"
+                       r": offline codes are returned as an int8 or uint8 tensor; convert with "
+                       + re.escape(hint)):
+        quantize_offline(x, SPEC, qp)
+    # converted as the message says, it is taken
+    codes = quantize_offline(torch.as_tensor(np.asarray(x, np.float32)), SPEC, qp)
+    assert torch.equal(codes, torch.tensor(expected, dtype=torch.int8))
 
 
 def test_per_channel_input_codes_give_the_model_the_same_input():
