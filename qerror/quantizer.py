@@ -372,13 +372,16 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
     Raises
     ------
     TypeError
-        A scale or zero point that is not real numbers or integers; ``dequantize_to`` not a
-        float dtype of torch's.
+        ``qparams`` that is not a :class:`QParams`; a scale or zero point that is not real
+        numbers or integers; ``dequantize_to`` not a float dtype of torch's.
     ValueError
         A scale that is not positive and finite (or not a normal number of the precision
         ``dequantize_to`` computes in); a zero point outside the grid, or not 0 on a
         symmetric grid.
     """
+    if not isinstance(qparams, QParams):
+        raise TypeError(f"qparams must be a qerror.QParams (calibrate's result, or "
+                        f"QParams(scale=..., zero_point=...)), got {type(qparams).__name__}")
     if dequantize_to is None:
         check_positive_finite(qparams.scale, "scale")
     else:

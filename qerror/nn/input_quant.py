@@ -220,8 +220,8 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     Raises
     ------
     TypeError
-        If ``x`` is not a torch tensor (a numpy array: ``torch.from_numpy(x)`` first), or
-        ``seed`` is neither None nor an int.
+        If ``x`` is not a torch tensor (a numpy array: ``torch.from_numpy(x)`` first),
+        ``qparams`` is not a :class:`~qerror.QParams`, or ``seed`` is neither None nor an int.
     ValueError
         If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed`` is outside 0 to 2**64 - 1.
     """
@@ -234,6 +234,7 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
                         f"an int8 or uint8 tensor; convert with {hint}")
     if seed is not None:
         seed = check_seed(seed, "seed")
+    check_qparams(spec, qparams)
     if spec.bits > MAX_CODE_BITS:
         raise ValueError(f"offline codes are stored one per byte (int8 or uint8); "
                          f"spec.bits={spec.bits} is too wide")

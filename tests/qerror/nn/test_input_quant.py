@@ -116,6 +116,18 @@ def test_quantize_offline_refuses_input_that_is_not_a_tensor(x, hint, expected):
     assert torch.equal(codes, torch.tensor(expected, dtype=torch.int8))
 
 
+def test_qparams_that_are_not_qparams_are_refused_by_name():
+    """A (scale, zero point) tuple in place of QParams gave "AttributeError: 'tuple' object
+    has no attribute 'scale'" from InputQuantizer, Dequantizer and quantize_offline alike."""
+    message = r"qparams must be a qerror\.QParams .*got tuple"
+    with pytest.raises(TypeError, match=message):
+        InputQuantizer(SPEC, (0.01, -3))
+    with pytest.raises(TypeError, match=message):
+        Dequantizer(SPEC, (0.01, -3))
+    with pytest.raises(TypeError, match=message):
+        quantize_offline(torch.zeros(3), SPEC, (0.01, -3))
+
+
 def test_per_channel_input_codes_give_the_model_the_same_input():
     """A per-channel input spec (one scale per image channel): the offline codes, read with
     the spec's axis, feed the network what the in-model quantizer does (the Dequantizer once
