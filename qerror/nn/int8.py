@@ -72,13 +72,23 @@ oneDNN (:attr:`Library.ONEDNN`) differs from FBGEMM in two places, both modelled
    ``(2j, 2j+1)`` (an odd count padded with a zero weight), and the taps that fall on the
    padding are skipped rather than multiplied by the zero point, so they never saturate.
 
+One thing is not modelled: held to AVX-512 without VNNI (``ONEDNN_MAX_CPU_ISA=AVX512_CORE``
+on an AMX CPU; a Skylake-SP's own kernels), oneDNN pairs a convolution with *one* input
+channel across kernel taps, kernel column by kernel column (measured: the reduction index
+in (kernel column, kernel row) order paired ``(2j, 2j+1)``, padding adding nothing),
+where its AVX2 kernel leaves one channel unpaired and the other convolutions keep the
+pairs above. :func:`kernel_probe` runs a one-input-channel convolution too, and where the
+pipeline it finds faithful misses it, such layers are marked unmodelled
+(:attr:`KernelProbe.single_channel_conv_modelled`).
+
 Which kernel ran is measured, not guessed from CPU flags: :func:`kernel_probe` runs the
 real kernel once per process and engine on tiny inputs that tell the candidates apart:
 int16 pair sums that saturate (255 · 127 · 2), requantization ties with an odd output
 zero point, a padded 3x3 convolution with an odd channel count whose border pairs the two
 libraries saturate differently, and FBGEMM's groupwise shapes. It reports which library's
 arithmetic the linear and the convolution kernels follow, and which of INTEGER and
-SATURATING reproduced them on every probe, or that nothing did. :class:`CrossCheck`
+SATURATING reproduced them on every probe, or that nothing did; and whether that
+pipeline also reproduces a convolution with one input channel. :class:`CrossCheck`
 carries that answer, simulates each layer with its kind's library, marks the faithful
 pipeline, and counts kernel saturation only where the probe says the kernel saturates.
 
@@ -345,6 +355,11 @@ class KernelProbe:
         the kernel did not run).
     problem : str
         Empty when ``faithful`` is set; otherwise why not.
+    single_channel_conv_modelled : bool or None
+        Whether ``faithful``, in ``conv_library``'s arithmetic, also reproduced the kernel
+        on a convolution with one input channel (whose products the kernel may pair
+        otherwise, see the module notes); where not, no row of such a layer is faithful.
+        None where the probe did not get to it.
     """
 
     engine: Engine
@@ -358,6 +373,7 @@ class KernelProbe:
     integer_codes: tuple[int, ...]
     saturating_codes: tuple[int, ...]
     problem: str
+    single_channel_conv_modelled: bool | None = None
 
     @property
     def cpu_words(self) -> str:
@@ -379,8 +395,11 @@ class KernelProbe:
         else:
             libraries = (f"{self.linear_library.value}'s arithmetic for linear layers and "
                          f"{self.conv_library.value}'s for convolutions")
+        but = ("" if self.single_channel_conv_modelled is not False else
+               ", but not its convolutions with one input channel, whose products it pairs "
+               "otherwise")
         return (f"{self.engine.value} on this CPU ({cpu}) {how} int16 pair sums; "
-                f"the {self.faithful.value} pipeline with {libraries} models it")
+                f"the {self.faithful.value} pipeline with {libraries} models it{but}")
 
     def library(self, conv: bool) -> Library:
         """The library a layer of this kind is simulated with: the probe's answer, else
@@ -424,8 +443,10 @@ class CrossCheck:
         Never for a layer in ``unmodelled``: oneDNN with a fused ReLU, whose fused kernel
         rounds a few near-ties otherwise than its plain requantization (measured: one code
         in about 10⁶ off by one LSB), and a oneDNN convolution with one input channel whose
-        windows can lie wholly in the padding (those outputs differ by many LSB); no
-        pipeline models either, and the probe does not show them."""
+        windows can lie wholly in the padding (those outputs differ by many LSB), which
+        the probe does not show; and any convolution with one input channel where the
+        probe found that the faithful pipeline misses one
+        (:attr:`KernelProbe.single_channel_conv_modelled`)."""
         return (row.arithmetic is ScaleArithmetic.RECIPROCAL
                 and row.pipeline is self.probe.faithful and row.layer not in self.unmodelled)
 
@@ -701,7 +722,7 @@ class _Plan:
 
     def __init__(self, layer, qparams: LayerQParams, *, relu: bool, act_spec: QuantSpec,
                  out_spec: QuantSpec, name: str, kind: str, engine: Engine | None,
-                 library: Library):
+                 library: Library, single_channel_modelled: bool = True):
         _check_layer(layer)
         _check_spec(act_spec, "act_spec")
         _check_spec(out_spec, "out_spec")
@@ -715,6 +736,9 @@ class _Plan:
             self.conv and layer.in_channels == 1 and any(
                 p >= (k - 1) * d + 1 for p, k, d in zip(layer.padding, layer.kernel_size,
                                                         layer.dilation))))
+        # The probe's one-input-channel convolution, which the faithful pipeline missed.
+        if self.conv and layer.in_channels == 1 and not single_channel_modelled:
+            self.modelled = False
         # FBGEMM's groupwise kernel does not saturate: no pair of it is at risk.
         saturates = not (self.library is Library.FBGEMM and _fbgemm_groupwise(layer))
         self.act_spec, self.out_spec = act_spec, out_spec
@@ -891,7 +915,7 @@ def _kind(layer, bn: bool, relu: bool) -> str:
 
 
 def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine,
-          library=Library.FBGEMM) -> _Plan:
+          library=Library.FBGEMM, single_channel_modelled=True) -> _Plan:
     kind = _kind(layer, bn is not None, relu)
     if bn is not None:
         if not isinstance(layer, nn.Conv2d):
@@ -899,7 +923,8 @@ def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine,
                             f"{type(layer).__name__}")
         layer = fold_bn(layer, bn)
     return _Plan(layer, qparams, relu=relu, act_spec=act_spec, out_spec=out_spec, name=name,
-                 kind=kind, engine=engine, library=library)
+                 kind=kind, engine=engine, library=library,
+                 single_channel_modelled=single_channel_modelled)
 
 
 def real_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQParams, *,
@@ -1059,6 +1084,26 @@ def _saturating_conv(in_ch: int, out_ch: int, stride: int, size: int
     return layer, torch.full((1, in_ch, size, size), 127 * float(sx)), qp
 
 
+def _single_channel_case() -> tuple[nn.Conv2d, torch.Tensor, LayerQParams]:
+    """A padded 3x3 convolution with one input channel, on which pairing the taps' products
+    saturates: seeded weight codes in -127..127 and activation codes in 0..255 (zero point
+    0), 16 output channels. oneDNN's AVX2 kernel pairs nothing here, FBGEMM's im2col pairs
+    the taps row by row, and oneDNN held to AVX-512 without VNNI column by column, on maps
+    this large: on small ones it can run a kernel that pairs nothing (measured: one 8x8
+    image with 8 output channels), so the case is two 16x16 images.
+    """
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-127, 128, (16, 1, 3, 3), generator=g).to(torch.float32)
+    sx, sw = np.float32(1 / _UINT8_MAX), np.float32(1 / 127)
+    layer = _probe_layer(codes, float(sw), 0.0, True, padding=1)
+    x = torch.randint(0, _UINT8_MAX + 1, (2, 1, 16, 16), generator=g) * float(sx)
+    # The largest accumulator, 9 · 255 · 127, maps to 240 LSB: most codes stay inside 0..255.
+    so = 9 * _UINT8_MAX * 127 * float(sx * sw) / 240
+    qp = LayerQParams(QParams(float(sx), 0), QParams(np.full(16, float(sw)), 0),
+                      QParams(so, 128))
+    return layer, x.to(torch.float32), qp
+
+
 def _probe_cases(conv: bool) -> dict[str, tuple]:
     """The probe's inputs for one layer kind, by name. On each, the simulations of the
     candidate models (:class:`Library` × saturating or not) give different codes."""
@@ -1083,7 +1128,8 @@ def _probe(engine: Engine) -> KernelProbe:
     # that pick their instructions apart (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA).
     conv = _probe_kind(engine, conv=True)
     if conv.faithful is linear.faithful:
-        return replace(linear, conv_library=conv.conv_library)
+        return replace(linear, conv_library=conv.conv_library,
+                       single_channel_conv_modelled=conv.single_channel_conv_modelled)
     if conv.faithful is None:
         return replace(linear, saturates_pairs=None, faithful=None,
                        problem=f"its convolution kernel: {conv.problem}")
@@ -1145,6 +1191,16 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
             f"{saturating_codes} ({lib.value}'s arithmetic); no simulation models this kernel"))
     lib, pipeline = match
     kind = {"conv_library" if conv else "linear_library": lib}
+    if conv:
+        # Not among the cases above: a kernel that pairs a one-channel convolution apart
+        # keeps its answer for every other layer.
+        layer, x, qp = _single_channel_case()
+        try:
+            real_one = real_int8(layer, x, qp, engine=engine)
+        except RuntimeError:
+            real_one = None
+        kind["single_channel_conv_modelled"] = real_one is not None and torch.equal(
+            real_one, simulate_int8(layer, x, qp, pipeline=pipeline, library=lib))
     return replace(default, saturates_pairs=pipeline is Pipeline.SATURATING,
                    faithful=pipeline, real_codes=real[0],
                    integer_codes=candidates[(lib, Pipeline.INTEGER)][0],
@@ -1162,7 +1218,9 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     different neighbours), and for convolutions a padded 3x3 one with three input channels
     (where the two libraries' AVX2 pairs differ) and FBGEMM's groupwise shapes (8 and 16
     channels in and out, which FBGEMM's AVX2 groupwise kernel does not saturate). The
-    one candidate that reproduces every case is the answer, for each kind; both kinds must
+    one candidate that reproduces every case is the answer, for each kind; a padded
+    convolution with one input channel is then run apart, and where that candidate misses
+    it, :attr:`KernelProbe.single_channel_conv_modelled` is False; both kinds must
     follow the same pipeline (the ``x86`` engine runs convolutions in oneDNN, linear layers
     in FBGEMM: held to different instruction sets, they differ, and no pipeline is then
     marked faithful). Takes milliseconds; never raises for a missing engine or a kernel
@@ -1235,7 +1293,8 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     engine = Engine.parse(engine)
     probe = _probed(engine)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
-                 name=name, engine=engine, library=probe.library(isinstance(layer, nn.Conv2d)))
+                 name=name, engine=engine, library=probe.library(isinstance(layer, nn.Conv2d)),
+                 single_channel_modelled=probe.single_channel_conv_modelled is not False)
     tallies = _tallies()
     batches = [x] if isinstance(x, torch.Tensor) else x
     seen = False
@@ -1369,7 +1428,9 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
         plans[s.name] = _Plan(folded[s.name], qp, relu=s.relu, act_spec=act_spec,
                               out_spec=out_spec, name=s.name,
                               kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine,
-                              library=probe.library(isinstance(s.layer, nn.Conv2d)))
+                              library=probe.library(isinstance(s.layer, nn.Conv2d)),
+                              single_channel_modelled=(
+                                  probe.single_channel_conv_modelled is not False))
     tallies = {s.name: _tallies() for s in sites}
 
     def check(site: Site, x: torch.Tensor) -> None:
