@@ -968,8 +968,9 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
     float
         The smallest whole number of units ``m`` with
         ``|mean| / (se · sqrt(n / m)) >= z_{1-α/2} + z_power``, that is
-        ``ceil(n · ((z_{1-α/2} + z_power) · rel_se)²)`` (at least 1); ``inf`` where
-        ``rel_se`` is infinite.
+        ``ceil(n · ((z_{1-α/2} + z_power) · rel_se)²)`` (at least 1); 1 for a power below
+        ``α/2``, where the sum is negative and every size has it; ``inf`` where ``rel_se`` is
+        infinite.
 
     Notes
     -----
@@ -1002,7 +1003,9 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
         return math.inf
     za = float(sps.norm.ppf(1.0 - alpha / 2.0))
     zb = float(sps.norm.ppf(power))
-    return float(max(1, math.ceil(n * ((za + zb) * rel) ** 2)))
+    # below a power of α/2 the sum is negative: the condition holds at every size (the test
+    # rejects with probability at least Φ(-z_{1-α/2}) = α/2 whatever the mean), not squared
+    return float(max(1, math.ceil(n * (max(za + zb, 0.0) * rel) ** 2)))
 
 
 def tail_share(x: SampleLike, k: int = 5) -> float:

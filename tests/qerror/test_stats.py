@@ -626,6 +626,21 @@ def test_units_to_resolve_is_the_smallest_size_with_the_power_asked():
         units_to_resolve("0.2", 10)
 
 
+def test_units_to_resolve_below_a_power_of_half_alpha_is_one_unit():
+    """Below a power of alpha/2 the sum z_{1-α/2} + z_power is negative and the condition
+    the docstring states holds at every size, so the smallest is 1: the z-test's power at one
+    unit, Φ(shift - z) + Φ(-z - shift), is at least α/2 whatever the mean. Squaring the
+    negative sum gave 4 units at power 0.01 and 32 at 0.001 (rel_se 0.5 on 100 units)."""
+    za = sps.norm.ppf(0.975)
+    for rel, n, power in ((0.5, 100, 0.01), (0.5, 100, 0.001), (2.0, 400, 0.02)):
+        shift = 1 / (rel * math.sqrt(n))  # |mean| / sd of one unit
+        assert sps.norm.sf(za - shift) + sps.norm.cdf(-za - shift) >= power
+        assert units_to_resolve(rel, n, 0.05, power) == 1, (rel, n, power)
+    # just above alpha/2 the sum is positive and the formula gives the size
+    assert units_to_resolve(3.0, 100, 0.05, 0.03) == math.ceil(
+        100 * ((za + sps.norm.ppf(0.03)) * 3.0) ** 2) > 1
+
+
 def test_units_to_resolve_plans_what_a_t_test_resolves():
     """Planned from the truth's relative error on 40 units (mean 0.3, sd 1), the size gives
     a t-test about the power asked: its exact power there is within 0.02 of 0.8 (the z plan
