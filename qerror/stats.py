@@ -1329,8 +1329,10 @@ def holm(p_values: SampleLike) -> np.ndarray:
     >>> holm([0.01, 0.04, 0.03]).tolist()
     [0.03, 0.06, 0.06]
     """
-    if len(_flat_shape(p_values)) > 1:
-        raise ValueError(f"p_values must be one-dimensional, got shape {_flat_shape(p_values)}")
+    shape = _flat_shape(p_values)
+    if len(shape) != 1:
+        hint = " (a single p-value: pass [p], a family of one)" if shape == () else ""
+        raise ValueError(f"p_values must be one-dimensional, got shape {shape}{hint}")
     p = _sample(p_values, "p_values", min_n=0)
     if np.any((p < 0.0) | (p > 1.0)):
         raise ValueError("p_values must lie in [0, 1]")

@@ -924,6 +924,10 @@ def test_holm_takes_tensors_and_empty_families():
     ([0.1, 1.5], r"\[0, 1\]"),
     ([-0.01], r"\[0, 1\]"),
     ([[0.1, 0.2]], "one-dimensional"),
+    # a scalar is not a family: it came back as a family of one, shape (1,)
+    (0.5, re.escape("one-dimensional, got shape () (a single p-value: pass [p]")),
+    (np.array(0.04), re.escape("got shape ()")),
+    (torch.tensor(0.3), re.escape("got shape ()")),
 ])
 def test_holm_refuses_what_is_not_a_family_of_p_values(bad, message):
     with pytest.raises(ValueError, match=message):
