@@ -40,6 +40,10 @@ from qerror.rounding import ArrayLike
 # 1.5 times one bare pass there, against 1.3 with these.
 _BLOCK = 1 << 16
 
+# Smallest normal float64. A histogram step s·w below it (subnormal or 0) has lost bits or is 0,
+# so e / (s·w) would put values in the wrong bins or divide by zero.
+_NORMAL_MIN = float(np.finfo(np.float64).tiny)
+
 
 @dataclass(frozen=True)
 class HistogramBins:
@@ -52,6 +56,11 @@ class HistogramBins:
     count : int
         Number of bins; the default gives 1/64-LSB bins over ``[-1.5, 1.5)``,
         which holds the granular error of every rounding mode.
+
+    Raises
+    ------
+    ValueError
+        If ``low >= high``, either is not finite, or the width is not a normal float64.
 
     Notes
     -----
@@ -73,6 +82,13 @@ class HistogramBins:
         low, high = float(self.low), float(self.high)
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise ValueError(f"need finite low < high, got low={self.low}, high={self.high}")
+        width = (high - low) / count
+        if not _NORMAL_MIN <= width < math.inf:
+            raise ValueError(
+                f"bins of width (high - low) / count = {width!r} (low={low}, high={high}, "
+                f"count={count}) are not a normal float64, so values cannot be placed in them; "
+                "choose a range and count whose width lies within [2.2e-308, 1.8e308]"
+            )
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
         object.__setattr__(self, "count", count)
@@ -223,8 +239,9 @@ class ErrorStats:
             A non-float error, non-integer codes, qmin or qmax, or non-boolean masks.
         ValueError
             NaN/Inf in ``error``, an empty batch, mismatched shapes or channel
-            counts, a non-positive scale, codes outside ``[qmin, qmax]``, an element
-            in both masks, or more than one saturation source.
+            counts, a non-positive scale or one whose product with the bin width is
+            not a normal float64, codes outside ``[qmin, qmax]``, an element in both
+            masks, or more than one saturation source.
         """
         e = _as_tensor(error, "error")
         stat_axis = _normalise_axis(self._axis, e.ndim, "axis")
@@ -283,10 +300,18 @@ class ErrorStats:
                 raise ValueError("scale_axis given without a scale")
             return width, stat_axis
         s = check_positive_finite(scale, "scale").reshape(-1)
+        step = s * width
+        if not np.all((step >= _NORMAL_MIN) & (step < np.inf)):
+            bad = float(s[~((step >= _NORMAL_MIN) & (step < np.inf))][0])
+            raise ValueError(
+                f"scale {bad!r} times the bin width {width!r} is {bad * width!r}, not a normal "
+                "float64, so e/s cannot be binned; multiply the error and the scale by the same "
+                "power of two to bring the scale nearer 1"
+            )
         if s.size == 1:
             if scale_axis is not None:
                 raise ValueError("scale_axis given with a scalar scale")
-            return float(s[0]) * width, stat_axis
+            return float(step[0]), stat_axis
         if scale_axis is None:
             if stat_axis is None:
                 raise ValueError(
@@ -302,7 +327,7 @@ class ErrorStats:
         if s.size != e.shape[s_axis]:
             raise ValueError(f"scale has {s.size} values but axis {s_axis} of the error "
                              f"has {e.shape[s_axis]} channels")
-        sw = torch.as_tensor(s * width, dtype=torch.float64, device=e.device)
+        sw = torch.as_tensor(step, dtype=torch.float64, device=e.device)
         return sw.reshape(1, -1, 1), s_axis
 
     def _commit(self, batch: _Moments, hist: np.ndarray, sat, channels: int | None):

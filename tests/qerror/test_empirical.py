@@ -527,3 +527,26 @@ def test_bad_constructor_arguments_raise():
         ErrorStats(axis=1.5)
     with pytest.raises(TypeError, match="HistogramBins"):
         ErrorStats(bins=64)
+
+
+def test_a_histogram_step_that_is_not_a_normal_float64_is_refused():
+    # s·w subnormal has lost bits: with s = 1e-320 (s·w = 1.6e-322), 0.25 LSB went to bin 111
+    # ([-1/64, 0)) and -1.4 LSB to bin 7, not 112 and 6; s·w = 0 (s = 5e-324) failed inside
+    # bincount with a RuntimeError. Bins over [-1e308, 1e308) (width inf) put -1e100, -1, 1
+    # and 1e100 all in the first bin.
+    e = np.array([0.25, -1.4])
+    for s in (1e-320, 3e-315, 5e-324):
+        stats = ErrorStats().update(np.zeros(2))
+        with pytest.raises(ValueError, match="not a normal float64"):
+            stats.update(e * s, scale=s)
+        assert stats.count == 2
+    with pytest.raises(ValueError, match="not a normal float64"):
+        ErrorStats(axis=0).update(np.zeros((2, 3)), scale=np.array([0.5, 1e-320]))
+    with pytest.raises(ValueError, match="not a normal float64"):
+        HistogramBins(-1e308, 1e308, 4)
+    with pytest.raises(ValueError, match="not a normal float64"):
+        HistogramBins(0.0, 1e-310, 1)
+    # the smallest normal step is accepted and exact: s·w = 2**-1022 with w = 1/64
+    s = 2.0**-1016
+    stats = ErrorStats().update(np.array([0.25, -1.4]) * s, scale=s)
+    assert np.flatnonzero(stats.histogram).tolist() == [6, 112]
