@@ -550,3 +550,30 @@ def test_a_histogram_step_that_is_not_a_normal_float64_is_refused():
     s = 2.0**-1016
     stats = ErrorStats().update(np.array([0.25, -1.4]) * s, scale=s)
     assert np.flatnonzero(stats.histogram).tolist() == [6, 112]
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float16, 2.0**-14 + 2.0**-24),
+                                         (torch.bfloat16, 2.0**-9 + 2.0**-16),
+                                         (torch.float32, 2.0**-27 + 2.0**-50)])
+def test_measure_error_forms_the_exact_difference_of_low_precision_data(dtype, tiny):
+    # x_hat = 1 (a value below one LSB rounded up, as CEIL or stochastic rounding give it)
+    # and x = tiny: 1 - tiny needs more significand bits than the dtype has, so formed in
+    # the dtype it was rounded (float16 and float32 gave 1.0, bfloat16 1 - 2**-8, where the
+    # error is 1 - tiny), and mean, mse and histogram with it.
+    from fractions import Fraction
+
+    x = torch.tensor([tiny, 0.5], dtype=dtype)
+    x_hat = torch.tensor([1.0, 0.5], dtype=dtype)
+    assert float(x[0]) == tiny  # representable
+    exact = Fraction(1) - Fraction(tiny)
+    assert float(exact) == 1 - tiny  # exact in float64
+    stats = measure_error(x, x_hat)
+    assert stats.max == float(exact) and stats.min == 0.0
+    assert stats.mean == float(exact / 2)
+    assert stats.mse == float(exact * exact / 2)
+    # bin k holds [-1.5 + k/64, -1.5 + (k+1)/64): 1 - tiny is in bin 159, 1.0 in bin 160
+    assert stats.histogram[159] == 1 and stats.histogram[160] == 0
+    # numpy float16 goes the same way
+    if dtype == torch.float16:
+        again = measure_error(x.numpy(), x_hat.numpy())
+        assert again.mean == stats.mean and again.mse == stats.mse
