@@ -4,12 +4,16 @@
 keeps, in O(bins + channels) memory: the count, mean and centred second moment
 (Welford/Chan), the sums of ``|e|`` and ``e²``, min and max, a fixed-bin
 histogram of ``e/s`` in LSB units with under- and overflow, and the counts
-saturated at ``qmin`` and at ``qmax``. Two accumulators merge exactly as if one
-had seen all the data, so statistics can be gathered per worker, per layer or
-per batch and combined afterwards.
+saturated at ``qmin`` and at ``qmax``. Two accumulators merge as if one had seen
+all the data, so statistics can be gathered per worker, per layer or per batch and
+combined afterwards: the count, min, max, histogram and saturation counts exactly,
+the moments to float64 round-off (they add in another order, so a merge, one pass
+over all the data and another order of merging may differ in the last bits).
 
-numpy arrays and torch tensors (CPU or GPU) go through the same torch code, so
-both give bit-identical statistics for the same values.
+numpy arrays and torch tensors go through the same torch code, so on the CPU, with the
+same number of threads, both give bit-identical statistics for the same values. Another
+number of threads or a GPU tensor adds the sums in another order: the same counts,
+extrema and histogram, moments equal to float64 round-off.
 """
 
 from __future__ import annotations
@@ -163,8 +167,16 @@ class ErrorStats:
               M_2 = M_{2,a} + M_{2,b} + \\delta^2 n_a n_b / n .
 
     ``Σe²`` and ``Σ|e|`` are accumulated directly, so ``mse`` is the mean of
-    ``e²`` itself rather than ``variance + mean²``. float32 values are exact in
-    float64, so the only rounding is that of the float64 sums.
+    ``e²`` itself rather than ``variance + mean²``. float32 values and their
+    squares are exact in float64, so these two carry only the rounding of the
+    float64 sums.
+
+    Merges are exact in the count, extrema, histogram and saturation counts and
+    exact up to float64 rounding in the moments, not bit for bit equal to one pass
+    over all the data. Each merge uses means rounded to float64, so where the mean
+    is large against the standard deviation ``σ`` the merged ``M2`` can carry a
+    relative error up to the order of ``u |ē| / σ`` (``u = 2**-53``; the bound of [1]_ for
+    pairwise updating), against ``u (ē / σ)²`` for ``Σe² - (Σe)²/k``.
 
     References
     ----------
@@ -263,6 +275,10 @@ class ErrorStats:
 
     def merge(self, other: ErrorStats) -> ErrorStats:
         """Fold ``other`` into this accumulator (``other`` is unchanged); returns ``self``.
+
+        The count, extrema, histogram and saturation counts become exactly those of
+        one accumulator fed both streams; the moments equal them to float64 round-off
+        (see the class Notes).
 
         Raises
         ------
