@@ -208,9 +208,10 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     Raises
     ------
     ValueError
-        ``layer`` is not a conv/linear of the model, bad ``bits``, ``roundings``, ``seed``
-        or ``alpha``, unlabelled or no batches, labels that are not integers >= 0; each
-        refused before any forward pass.
+        ``layer`` is not a conv/linear of the model, its weight is not a parameter of the
+        model (``torch.nn.utils.prune``, ``weight_norm``) or is tied to another layer's, bad
+        ``bits``, ``roundings``, ``seed`` or ``alpha``, unlabelled or no batches, labels that
+        are not integers >= 0; each refused before any forward pass.
     TypeError
         ``bits``, ``roundings`` or ``seed`` is not an integer (a bool, or a float even when
         integral); refused before any forward pass.
@@ -226,6 +227,22 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):
         raise ValueError(f"{layer!r} is not a Conv2d or Linear layer of the model")
+    key = f"{layer}.weight"
+    named = dict(model.named_parameters(remove_duplicate=False))
+    if named.get(key) is not module.weight:
+        # the losses substitute the parameter; a weight recomputed from others by a forward
+        # pre-hook would overwrite the substitute, and every rounding's loss be the float one
+        raise ValueError(f"the weight of {layer!r} is not a parameter of the model but computed "
+                         "from others (torch.nn.utils.prune's weight_orig and weight_mask, or "
+                         "weight_norm's weight_g and weight_v), which the rounded weights would "
+                         "not reach; make it a plain parameter first "
+                         "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm)")
+    tied = [n for n, p in named.items() if p is module.weight and n != key]
+    if tied:
+        raise ValueError(f"the weight of {layer!r} is also {', '.join(tied)} (tied): rounding it "
+                         "changes every layer that uses it, while the local MSE counts only the "
+                         f"calls of {layer!r}; give each layer its own copy, or pick a layer with "
+                         "its own weight")
     x, y = _labelled(batches, model_device(model))
     spec = QuantSpec(bits=int(bits), signed=True, symmetric=True, axis=0,
                      rounding=RoundingMode.NEAREST_EVEN)
@@ -233,7 +250,6 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     qp = calibrate(w, spec)
     scale = torch.as_tensor(np.asarray(qp.scale, dtype=np.float64), device=w.device).reshape(
         (-1,) + (1,) * (w.ndim - 1))
-    key = f"{layer}.weight"
     params = {k: v.detach() for k, v in model.named_parameters()}
     conv = isinstance(module, nn.Conv2d)
 

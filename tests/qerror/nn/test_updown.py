@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from qerror.calibration import calibrate
 from qerror.nn import UnsupportedModelError, middle_layer, updown_experiment
@@ -169,3 +170,39 @@ def test_a_layer_called_twice_has_its_local_error_counted_at_both_calls():
         both = torch.cat([x1 @ dw.T, x2 @ dw.T])
         assert res.local_mse[k] == pytest.approx(float((both ** 2).mean()), rel=RTOL64)
         assert res.local_mse[k] != pytest.approx(float(((x1 @ dw.T) ** 2).mean()), rel=1e-6)
+
+
+def test_a_weight_that_is_not_the_layers_own_parameter_is_refused():
+    """A pruned layer's weight is recomputed from weight_orig * weight_mask by a forward
+    pre-hook, which overwrote the rounded weights: every loss was the float loss (beat 0
+    of 5) or, with the Taylor estimate, autograd failed after the forward passes. A weight
+    tied to another layer's was rounded in both while the local MSE counted one layer's
+    calls. Each is now refused before any forward pass."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.head = nn.Linear(4, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x.flatten(1))))))
+
+    torch.manual_seed(0)
+    pruned = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    prune.l1_unstructured(pruned[1], "weight", amount=0.25)
+    tied = Tied().double()
+    x, y = torch.randn(10, 1, 2, 2, dtype=torch.float64), torch.randint(0, 3, (10,))
+    for model, layer, match in [(pruned, "1", r"weight of '1' is not a parameter.*prune\.remove"),
+                                (tied, "a", r"weight of 'a' is also b\.weight \(tied\)"),
+                                (tied, "b", r"weight of 'b' is also a\.weight \(tied\)")]:
+        calls = []
+        hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        for taylor in (False, True):
+            with pytest.raises(ValueError, match=match):
+                updown_experiment(model, layer, [(x, y)], 2, roundings=5, seed=1, taylor=taylor)
+        hook.remove()
+        assert not calls
+    prune.remove(pruned[1], "weight")  # a plain parameter again: accepted
+    res = updown_experiment(pruned, "1", [(x, y)], 2, roundings=5, seed=1)
+    assert np.ptp(res.loss) > 0
