@@ -1002,7 +1002,9 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
     criterion = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     order, order_epoch = None, -1
     session_times: list[float] = []
-    bar = tqdm(total=total, initial=step, unit="step", desc=desc, disable=not progress,
+    # the steps this run will take: its ETA is that of stop_after_steps where that comes first
+    bar_total = total if stop_after_steps is None else min(total, max(stop_after_steps, step))
+    bar = tqdm(total=bar_total, initial=step, unit="step", desc=desc, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     saved = step
     checked = step  # the weights of this step are known finite (a loaded state is)
