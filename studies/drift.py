@@ -167,6 +167,8 @@ DEFAULT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.NEAREST_AWAY, RoundingM
 DEFAULT_BITS = (8, 6, 4)
 REMEDY_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO)
 GROWTH_METRICS = ("drift_rel_rms_channel_debiased", "rms_rel")
+GROWTH_LABELS = {"drift_rel_rms_channel_debiased": "per-channel |drift| / std\n(RMS, debiased)",
+                 "rms_rel": "RMS error / float std"}  # the growth figures' y axes
 BOOTSTRAP = 1000  # resamples of each growth interval
 CURVE_SIZES = (100, 300, 1000)  # calibration images of the remedy curve; the split has 1000
 CURVE_IMAGES = 2000  # test images each point of the curve is evaluated on
@@ -1208,10 +1210,12 @@ def figure_growth(plt, sites: pd.DataFrame, target: str, metric: str):
             y0 = d[d.path_depth == d.path_depth.min()].value.median()
             ax.loglog(ref, y0 * ref, "k:", lw=0.8, label="∝ depth")
             ax.loglog(ref, y0 * np.sqrt(ref), "k--", lw=0.8, label="∝ √depth")
-        ax.set_xlabel("path depth (quantized layers on the longest path)")
         ax.set_title(f"{bits}-bit, {target}", fontsize=9)
-    axes[0, 0].set_ylabel(metric.replace("_", " "))
-    axes[0, -1].legend(fontsize=7)
+    # one label under the row: a label per panel is wider than its panel and they overlap
+    fig.supxlabel("path depth (quantized layers on the longest path)", fontsize=9)
+    axes[0, 0].set_ylabel(GROWTH_LABELS.get(metric, metric.replace("_", " ")))
+    # beside the last panel: inside it, it hid the deepest layers' points
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
 
