@@ -814,6 +814,12 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     weights are never a file without a sidecar, which would look like somebody else's file
     that a rerun must not replace; :func:`load_checkpoint` refuses a pending one as an
     interrupted write.
+
+    The sha256 returned and recorded is that of the bytes this call wrote, hashed before
+    they are moved into place. Two writers of one path at once are not serialised: each
+    returns its own weights' sha256, and the pair left is one writer's whole, or one's
+    weights beside the other's sidecar, which :func:`load_checkpoint` refuses; never a
+    sidecar that verifies one writer's weights under the other's config and metrics.
     """
     arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
     num_classes = int(model.fc.out_features)
@@ -854,11 +860,18 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             pending = json.dumps({**meta, "file": path.name, "pending": True}, indent=2,
                                  sort_keys=True) + "\n"
             atomic_write(side, lambda tmp: tmp.write_text(pending))
-        atomic_write(path, lambda tmp: torch_save({**meta, "state_dict": state}, tmp,
-                                                  f"the checkpoint {path}",
-                                                  "Nothing was replaced"))
-        sha = sha256_file(path)
-        sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": path.stat().st_size}
+        written = {}
+
+        def write_weights(tmp: Path) -> None:
+            torch_save({**meta, "state_dict": state}, tmp, f"the checkpoint {path}",
+                       "Nothing was replaced")
+            # the bytes this call wrote, hashed before the rename: hashed after it, by name,
+            # they could be another writer's that replaced them meanwhile
+            written.update(sha=sha256_file(tmp), bytes=tmp.stat().st_size)
+
+        atomic_write(path, write_weights)
+        sha = written["sha"]
+        sidecar = {**meta, "file": path.name, "sha256": sha, "bytes": written["bytes"]}
         text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
         atomic_write(side, lambda tmp: tmp.write_text(text))
     return CheckpointInfo(path.absolute(), sha, arch, stem, num_classes, meta["config"],

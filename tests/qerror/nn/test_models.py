@@ -617,6 +617,34 @@ def test_a_ctrl_c_between_the_weights_and_their_sidecar_waits_for_both(tmp_path,
         ["ckpt.pt", "ckpt.pt.json"]
 
 
+def test_a_writer_records_the_sha256_of_its_own_weights_when_another_replaces_them(
+        tmp_path, monkeypatch):
+    """Two writers of one path: B saves its whole checkpoint between A's rename of its
+    weights and A's hash. A hashed the path, so A returned, and wrote into the sidecar with
+    A's config and metrics, the sha256 of B's weights: a run's record naming weights it did
+    not train, and a sidecar that verifies them under A's metrics. Each writer now records
+    the bytes it wrote; the pair left is refused, not misattributed."""
+    path = tmp_path / "ckpt.pt"
+    model_a, model_b = _trained_like_model(), fashion_resnet("resnet18", seed=9).eval()
+    real, wrote = models.atomic_write, {}
+
+    def then_b(target, write):
+        out = real(target, write)
+        if Path(target) == path and "a" not in wrote:
+            wrote["a"] = sha256_file(path)  # A's weights, just renamed into place
+            monkeypatch.setattr(models, "atomic_write", real)
+            wrote["b"] = models.save_checkpoint(model_b, path, arch="resnet18", stem="imagenet",
+                                                config={"writer": "B"}, metrics=METRICS)
+        return out
+
+    monkeypatch.setattr(models, "atomic_write", then_b)
+    info_a = models.save_checkpoint(model_a, path, arch="resnet18", stem="imagenet",
+                                    config={"writer": "A"}, metrics=METRICS)
+    assert info_a.sha256 == wrote["a"] != wrote["b"].sha256 == sha256_file(path)
+    sidecar = json.loads(models.sidecar_path(path).read_text())
+    assert sidecar["sha256"] == info_a.sha256 and sidecar["config"] == {"writer": "A"}
+    _refused(path, "does not match")
+
 def test_a_name_that_leaves_no_room_for_its_sidecar_is_refused_before_anything_is_written(
         tmp_path):
     """``NAME.json`` must fit the file system's limit too: a name one byte too long for it
