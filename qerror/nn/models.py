@@ -956,14 +956,19 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
             raise refuse(f"its sidecar {side.name} is provisional: the write that made it was "
                          "interrupted before it finished (a studies.train run whose state file "
                          "is kept finishes it when the same command runs again)")
-        expected_sha, expected_bytes = sidecar["sha256"], int(sidecar["bytes"])
+        expected_sha = sidecar["sha256"]
+        if not (isinstance(expected_sha, str) and len(expected_sha) == 64
+                and all(c in "0123456789abcdef" for c in expected_sha)):
+            raise ValueError(f"sha256 is {expected_sha!r}, not 64 lowercase hex digits")
+        expected_bytes = check_count(sidecar["bytes"], "bytes")
     except (ValueError, KeyError, TypeError) as exc:
         raise refuse(f"its sidecar {side.name} is not valid ({type(exc).__name__}: {exc})") \
             from exc
-    # The sidecar is trusted only for hints in the message until the hash has matched.
-    if arch_hint is None and sidecar.get("arch") in {a.value for a in Arch}:
+    # The sidecar is trusted only for hints in the message until the hash has matched (a
+    # tuple: a list or dict there is no hint, and cannot be hashed for a set's lookup).
+    if arch_hint is None and sidecar.get("arch") in tuple(a.value for a in Arch):
         arch_hint = sidecar["arch"]
-    if stem_hint is None and sidecar.get("stem") in {s.value for s in Stem}:
+    if stem_hint is None and sidecar.get("stem") in tuple(s.value for s in Stem):
         stem_hint = sidecar["stem"]
     # Measured, hashed and read through one open file: a checkpoint replaced meanwhile
     # (a --force rewrite) cannot lend its weights to the hash of the one it replaced.
@@ -992,9 +997,9 @@ def load_checkpoint(path: Path | str, *, expected_arch: Arch | str | None = None
         raise refuse(f"the file and its sidecar disagree on {', '.join(differ)}")
     try:
         arch, stem = Arch.parse(payload["arch"]), Stem.parse(payload["stem"])
-    except ValueError as exc:
+        num_classes = check_count(payload.get("num_classes"), "num_classes", 1)
+    except (ValueError, TypeError) as exc:
         raise refuse(str(exc)) from exc
-    num_classes = payload["num_classes"]
     try:
         model = fashion_resnet(arch, stem, num_classes)
         load_state_dict_exactly(model, payload.get("state_dict"), "its state dict")

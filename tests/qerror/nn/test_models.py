@@ -420,6 +420,40 @@ def test_sidecar_mismatch_or_absence_is_refused(saved_checkpoint):
     assert "`python -m studies.train --checkpoint NEW_FILE`" in msg
 
 
+def _rewrite_meta(path, key, value):
+    """Set ``key`` of both the payload and the sidecar, and record the new sha256 and size:
+    a file whose hash matches, made by hand or by a damaged writer."""
+    payload = torch.load(path, weights_only=True)
+    payload[key] = value
+    torch.save(payload, path)
+    side = models.sidecar_path(path)
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, key: value, "sha256": sha256_file(path),
+                                "bytes": path.stat().st_size}))
+
+
+@pytest.mark.parametrize("where, key, value", [
+    ("sidecar", "sha256", 5), ("sidecar", "sha256", None), ("sidecar", "bytes", 2.5),
+    ("sidecar", "arch", ["resnet18"]), ("sidecar", "stem", {"a": 1}),
+    ("both", "num_classes", 10.0), ("both", "num_classes", "10"),
+    ("both", "num_classes", True), ("both", "num_classes", None)])
+def test_fields_of_another_type_are_refused_as_a_damaged_checkpoint(saved_checkpoint, where,
+                                                                    key, value):
+    """A sidecar's sha256 that is no string stopped the refusal's own message with a
+    TypeError ("'int' object is not subscriptable"), a list or dict for its arch or stem the
+    hint's set lookup ("unhashable type"), and a num_classes of another type in a file whose
+    hash matches the model's build ("num_classes must be an int"): TypeErrors where a
+    CheckpointError saying what is wrong was promised."""
+    if where == "sidecar":
+        side = models.sidecar_path(saved_checkpoint)
+        side.write_text(json.dumps({**json.loads(side.read_text()), key: value}))
+    else:
+        _rewrite_meta(saved_checkpoint, key, value)
+    retrain = "python -m studies.train" + (" --arch resnet18 --stem imagenet"
+                                           if where == "both" else "")
+    _refused(saved_checkpoint, key if where == "sidecar" else "num_classes must be an int",
+             retrain=retrain)
+
 def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
     path = tmp_path / "fake.pt"
     path.write_bytes(b"\x00" * 1000)
