@@ -1026,16 +1026,23 @@ def _other_model(path: Path, arch: Arch, stem: Stem, num_classes: int,
                        for k, (exp, got) in wrong.items())
     want_arch = wrong.get("arch", (arch,))[0]
     want_stem = wrong.get("stem", (stem,))[0]
-    # Only the options for what differs: not every study has --stem (drift and compression
-    # take a checkpoint of any stem and ask only for an architecture).
-    options = ([f"the study's --arch/--model {arch.value}"] if "arch" in wrong else []) + \
-        ([f"--stem {stem.value}"] if "stem" in wrong else [])
-    asked = " and ".join(options) if options else "the same settings"
+    python = f"expected_arch={arch.value!r}, expected_stem={stem.value!r}" + (
+        f", expected_num_classes={num_classes}" if "num_classes" in wrong else "")
+    if num_classes != FASHION_CLASSES:
+        use = (f" in Python ({python}); no study takes it: they take a classifier of "
+               f"Fashion-MNIST's {FASHION_CLASSES} classes.")
+    elif "arch" in wrong or "stem" in wrong:
+        # Only the options for what differs: not every study has --stem (drift and
+        # compression take a checkpoint of any stem and ask only for an architecture).
+        options = ([f"the study's --arch/--model {arch.value}"] if "arch" in wrong else []) + \
+            ([f"--stem {stem.value}"] if "stem" in wrong else [])
+        use = f": {' and '.join(options)} ({python} in Python)."
+    else:  # only the class count differs, and the file has Fashion-MNIST's
+        use = f" in Python ({python}); the studies take it as it is."
     return CheckpointError(
         f"{path} is a valid checkpoint (its sha256 matches) of another model: "
         f"{arch.value} with the {stem.value} stem and {num_classes} classes; {differ}.\n"
-        f"To use it, ask for its model: {asked} "
-        f"(expected_arch={arch.value!r}, expected_stem={stem.value!r} in Python). "
+        f"To use it, ask for its model{use} "
         f"A {want_arch.value}/{want_stem.value} checkpoint is made by "
         f"`{retrain_command(want_arch, want_stem)}` and goes to "
         f"{default_checkpoint_path(want_arch, want_stem)} (or where its --checkpoint says); "

@@ -477,8 +477,25 @@ def test_another_model_is_named_and_not_condemned(saved_checkpoint):
                    str(models.default_checkpoint_path("resnet50", "imagenet")), "keep this file"):
         assert phrase in msg
     assert "Delete" not in msg and "refusing" not in msg
-    with pytest.raises(CheckpointError, match="its num_classes is 10, 100 was asked for"):
+    with pytest.raises(CheckpointError, match="its num_classes is 10, 100 was asked for") \
+            as info:
         models.load_checkpoint(saved_checkpoint, expected_num_classes=100)
+    # it named no way to use the file ("ask for its model: the same settings", which gives
+    # the same refusal): the argument that does, and whether a study takes the file
+    msg = str(info.value)
+    assert ("ask for its model in Python (expected_arch='resnet18', expected_stem='imagenet', "
+            "expected_num_classes=10); the studies take it as it is.") in msg
+    assert "the same settings" not in msg and "keep this file" in msg
+    seven = saved_checkpoint.with_name("seven.pt")
+    models.save_checkpoint(fashion_resnet("resnet18", num_classes=7), seven, arch="resnet18",
+                           stem="imagenet", config=CONFIG, metrics=METRICS)
+    with pytest.raises(CheckpointError, match="its num_classes is 7, 10 was asked for") as info:
+        models.get_baseline("resnet18", path=seven)
+    msg = str(info.value)
+    assert ("ask for its model in Python (expected_arch='resnet18', expected_stem='imagenet', "
+            "expected_num_classes=7); no study takes it: they take a classifier of "
+            "Fashion-MNIST's 10 classes.") in msg
+    assert "the same settings" not in msg and "keep this file" in msg
     assert saved_checkpoint.read_bytes() == before
     assert models.load_checkpoint(saved_checkpoint, expected_arch="resnet18").info.arch \
         is Arch.RESNET18
