@@ -822,6 +822,12 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
     sidecar that verifies one writer's weights under the other's config and metrics.
     """
     arch, stem, path = Arch.parse(arch), Stem.parse(stem), Path(path)
+    if not isinstance(getattr(model, "fc", None), nn.Linear) or not isinstance(model, nn.Module):
+        raise StateDictMismatchError(
+            f"the model given as a {arch.value}/{stem.value} is a {type(model).__name__} "
+            f"without a linear classifier fc, not a fashion_resnet({arch.value!r}, "
+            f"{stem.value!r}) (pass the model itself, not its state dict). Refusing to save "
+            f"it: nothing was written to {path}.")
     num_classes = int(model.fc.out_features)
     reference = fashion_resnet(arch, stem, num_classes)
     try:

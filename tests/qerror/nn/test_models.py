@@ -786,6 +786,19 @@ def test_a_stem_its_state_dict_cannot_tell_is_refused_by_save(tmp_path):
                            config={}, metrics={})
 
 
+@pytest.mark.parametrize("given", ["small_cnn", "state_dict"])
+def test_a_model_without_a_resnet_classifier_is_refused_by_save(tmp_path, given):
+    """A model without ``fc`` (the small CNN, or a ResNet's state dict passed for the model)
+    stopped with an AttributeError ("'Sequential' object has no attribute 'fc'") where the
+    docstring promises a StateDictMismatchError and nothing written."""
+    model = models.fashion_small_cnn() if given == "small_cnn" else \
+        models.fashion_resnet("resnet18").state_dict()
+    with pytest.raises(StateDictMismatchError, match="without a linear classifier fc, not a "
+                                                     "fashion_resnet.*nothing was written"):
+        models.save_checkpoint(model, tmp_path / "m.pt", arch="resnet18", stem="imagenet",
+                               config={}, metrics={})
+    assert not list(tmp_path.iterdir())
+
 def test_a_negative_batchnorm_variance_is_refused():
     """It was loaded, and the network's output was not finite."""
     model = models.fashion_resnet("resnet18")
