@@ -73,6 +73,15 @@ __all__ = [
 ]
 
 
+def _keep_modes(untied: nn.Module, block: nn.Module) -> None:
+    """The untied block in ``block``'s mode, its new ReLUs too, and every module it took over
+    in its own: ``train(mode)`` would set them all, switching a BatchNorm frozen in evaluation
+    mode inside a training network to batch statistics (another function)."""
+    untied.training = block.training
+    for child in untied.children():
+        if isinstance(child, nn.ReLU):
+            child.training = block.training
+
 class UntiedBasicBlock(torchvision.models.resnet.BasicBlock):
     """torchvision's ``BasicBlock`` with one ReLU module per call site (``relu1``, ``relu2``)
     instead of one ``relu`` called twice; the same parameters and state-dict keys."""
@@ -83,7 +92,7 @@ class UntiedBasicBlock(torchvision.models.resnet.BasicBlock):
         self.conv2, self.bn2, self.relu2 = block.conv2, block.bn2, nn.ReLU()
         self.downsample = block.downsample
         self.stride = block.stride
-        self.train(block.training)
+        _keep_modes(self, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -104,7 +113,7 @@ class UntiedBottleneck(torchvision.models.resnet.Bottleneck):
         self.conv3, self.bn3, self.relu3 = block.conv3, block.bn3, nn.ReLU()
         self.downsample = block.downsample
         self.stride = block.stride
-        self.train(block.training)
+        _keep_modes(self, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)

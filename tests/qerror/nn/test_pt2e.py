@@ -52,6 +52,25 @@ def test_untie_relus_keeps_the_state_dict_and_the_function(arch):
     assert type(model.layer1[0]).__name__ in ("BasicBlock", "Bottleneck")  # left alone
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_untie_relus_keeps_each_module_s_mode(arch):
+    """A training network with frozen BatchNorms (evaluation mode, as in fine-tuning): each
+    untied block set every module it took over to the block's mode, so the copy normalised
+    with batch statistics, computed another function and moved the running statistics."""
+    model = fashion_resnet(arch, seed=1, zero_init_residual=False).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    untied = untie_relus(model)
+    assert [(n, m.training) for n, m in untied.named_modules() if not isinstance(m, nn.ReLU)] \
+        == [(n, m.training) for n, m in model.named_modules() if not isinstance(m, nn.ReLU)]
+    assert all(m.training for m in untied.modules() if isinstance(m, nn.ReLU))
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), untied(x))
+    a, b = model.state_dict(), untied.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 def test_tied_relu_is_the_trap_and_untying_removes_it():
     block = torchvision.models.resnet.Bottleneck(64, 16).eval()
     x = torch.randn(2, 64, 8, 8)
