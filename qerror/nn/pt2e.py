@@ -82,6 +82,7 @@ def _keep_modes(untied: nn.Module, block: nn.Module) -> None:
         if isinstance(child, nn.ReLU):
             child.training = block.training
 
+
 class UntiedBasicBlock(torchvision.models.resnet.BasicBlock):
     """torchvision's ``BasicBlock`` with one ReLU module per call site (``relu1``, ``relu2``)
     instead of one ``relu`` called twice; the same parameters and state-dict keys."""
