@@ -6,7 +6,8 @@ Where Fashion-MNIST is read from:
   or, when none is given, ``$QERROR_DATA``: the only place looked at. If the files are not
   there the error says which are missing; the data is never taken from elsewhere instead.
 * only when nothing was named, the default places in order: the user cache
-  (``$XDG_CACHE_HOME/qerror/data`` or ``~/.cache/qerror/data``) and Debian's
+  (``$XDG_CACHE_HOME/qerror/data``, or ``~/.cache/qerror/data`` where that variable is unset
+  or not an absolute path; :func:`cache_dir`) and Debian's
   ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
 
 In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``;
@@ -92,8 +93,13 @@ class UnpublishedDataWarning(UserWarning):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qerror"
+    """qerror's cache folder (Fashion-MNIST's first default place, the baseline checkpoints):
+    ``$XDG_CACHE_HOME/qerror``, or ``~/.cache/qerror`` where that variable is unset, empty or
+    not an absolute path. The XDG Base Directory specification makes a relative path there
+    invalid, to be ignored: taken as given, it would move the cache with the working folder,
+    and a ``~`` in it (which is not expanded) would make a folder named ``~`` there."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "qerror"
 
 
 def _ways_to_get_it() -> str:

@@ -361,6 +361,28 @@ def test_default_places_are_searched_only_when_nothing_is_named(fashion_idx, tmp
         data.find_fashion_mnist()
 
 
+def test_a_relative_xdg_cache_home_is_ignored(fashion_idx, tmp_path, monkeypatch):
+    """The XDG Base Directory specification makes a relative $XDG_CACHE_HOME invalid, to be
+    ignored; it was taken as given, so the cache (the data's first default place, the
+    baseline checkpoints) moved with the working folder, and '~/x' meant a folder named '~'."""
+    import shutil
+
+    root = fashion_idx(train=300, test=50)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    user_cache = home / ".cache" / "qerror"
+    shutil.copytree(root, user_cache / "data")
+    shutil.copytree(root, tmp_path / "rel" / "qerror" / "data")  # what 'rel' would name here
+    for relative in ("rel", "~/.cache", "./rel"):
+        monkeypatch.setenv("XDG_CACHE_HOME", relative)
+        assert data.cache_dir() == user_cache
+        assert data.find_fashion_mnist() == user_cache / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "rel"))  # an absolute one is used
+    assert data.cache_dir() == tmp_path / "rel" / "qerror"
+    assert data.find_fashion_mnist() == tmp_path / "rel" / "qerror" / "data"
+
+
 def _jpeg(path, shade=0):
     from PIL import Image
 
