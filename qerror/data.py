@@ -35,6 +35,7 @@ import operator
 import os
 import re
 import shutil
+import stat
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -210,8 +211,28 @@ def _default_dirs() -> list[Path]:
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/NAME.gz``, else ``folder/NAME``: the first that is a file (or a link to one).
+
+    Raises
+    ------
+    DataError
+        If this user may not look inside ``folder`` (it, or a folder above it, lacks the
+        search permission): whether the file is there is not known, and it is not taken for
+        absent (``Path.is_file`` raises the ``PermissionError`` before Python 3.14 and answers
+        False from it on).
+    """
     for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
+        try:
+            mode = os.stat(folder / name).st_mode
+        except PermissionError as exc:
+            raise DataError(f"{folder} cannot be searched for {stem} ({exc.strerror} at "
+                            f"{exc.filename}): this user may not look inside it or a folder "
+                            "above it. Give this user read and execute access to the folder, "
+                            f"or name one it can read with --data-root FOLDER or {ENV_VAR}"
+                            ) from exc
+        except (OSError, ValueError):  # absent, a dangling link or a loop, a parent not a folder
+            continue
+        if stat.S_ISREG(mode):
             return folder / name
     return None
 
@@ -260,6 +281,8 @@ def find_fashion_mnist(data_root: Path | str | None = None) -> Path:
     DataNotFoundError
         Naming the folder and the files missing there, or every default place searched;
         with every way to get the data.
+    DataError
+        A folder looked in cannot be searched by this user (no permission), naming it.
     """
     named = named_data_root(data_root)
     if named is not None:
@@ -387,6 +410,7 @@ def load_fashion_mnist(split: str, data_root: Path | str | None = None, *,
     DataError
         A file is unreadable or fails a check of the module docstring; the message names
         the file, what is wrong and what to do (replace it or delete it and download it).
+        Or a folder looked in cannot be searched (see :func:`find_fashion_mnist`).
     """
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

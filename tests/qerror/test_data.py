@@ -383,6 +383,40 @@ def test_a_relative_xdg_cache_home_is_ignored(fashion_idx, tmp_path, monkeypatch
     assert data.find_fashion_mnist() == tmp_path / "rel" / "qerror" / "data"
 
 
+def test_a_folder_that_cannot_be_searched_is_named_not_taken_for_empty(fashion_idx, tmp_path,
+                                                                       monkeypatch):
+    """A folder without the search (x) permission gave Path.is_file's bare PermissionError,
+    naming a file the user never named, from find_fashion_mnist and load_fashion_mnist,
+    whose docstrings promise a DataNotFoundError or a DataError; Python 3.14's is_file
+    answers False there instead, which would call a folder holding the files empty. Root
+    may search every folder, so the kernel's refusal is played by os.stat (what is_file
+    calls) for the folder's entries."""
+    import os
+    import shutil
+
+    root = fashion_idx(train=300, test=50)
+    cache = tmp_path / "cache" / "qerror" / "data"
+    shutil.copytree(root, cache)
+    real_stat = os.stat
+    locked = set()
+
+    def stat(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    for folder, named in ((root, root), (cache, None)):  # named; the first default place
+        locked.add(os.fspath(folder))
+        with pytest.raises(data.DataError, match=rf"{folder} cannot be searched for "
+                                                 rf"{TRAIN_IMG} \(Permission denied at "):
+            data.load_fashion_mnist("train", named)
+        with pytest.raises(data.DataError, match="Give this user read and execute access"):
+            data.find_fashion_mnist(named)
+        locked.clear()
+        assert data.find_fashion_mnist(named) == folder
+
+
 def _jpeg(path, shade=0):
     from PIL import Image
 
