@@ -210,6 +210,22 @@ def _default_dirs() -> list[Path]:
     return [cache_dir() / "data" / layout for layout in LAYOUTS] + [DEBIAN_DIR]
 
 
+def _mode(path: Path) -> int | None:
+    """``path``'s ``st_mode`` (links followed), or None where nothing is there to follow:
+    absent, a dangling link or a loop of links, a parent that is not a folder.
+
+    A ``PermissionError`` (this user may not search a folder on the way) is raised, not taken
+    for absent: ``Path.is_file`` and ``Path.is_dir`` raise it before Python 3.14 and answer
+    False from 3.14 on, which would call a folder that holds the data empty.
+    """
+    try:
+        return os.stat(path).st_mode
+    except PermissionError:
+        raise
+    except (OSError, ValueError):
+        return None
+
+
 def _find_file(folder: Path, stem: str) -> Path | None:
     """``folder/NAME.gz``, else ``folder/NAME``: the first that is a file (or a link to one).
 
@@ -217,22 +233,18 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     ------
     DataError
         If this user may not look inside ``folder`` (it, or a folder above it, lacks the
-        search permission): whether the file is there is not known, and it is not taken for
-        absent (``Path.is_file`` raises the ``PermissionError`` before Python 3.14 and answers
-        False from it on).
+        search permission): whether the file is there is not known (:func:`_mode`).
     """
     for name in (stem + ".gz", stem):
         try:
-            mode = os.stat(folder / name).st_mode
+            mode = _mode(folder / name)
         except PermissionError as exc:
             raise DataError(f"{folder} cannot be searched for {stem} ({exc.strerror} at "
                             f"{exc.filename}): this user may not look inside it or a folder "
                             "above it. Give this user read and execute access to the folder, "
                             f"or name one it can read with --data-root FOLDER or {ENV_VAR}"
                             ) from exc
-        except (OSError, ValueError):  # absent, a dangling link or a loop, a parent not a folder
-            continue
-        if stat.S_ISREG(mode):
+        if mode is not None and stat.S_ISREG(mode):
             return folder / name
     return None
 
@@ -748,10 +760,11 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     DataNotFoundError
         ``path`` is not a folder, or holds no image.
     DataError
-        Sub-folders that are not ILSVRC2012 synset ids (without ``labels``), sub-folders
-        ``labels`` does not map, two class folders that are one (links), image files beside
-        class folders, a class folder whose files are none of a type read (its class would be
-        left out), or flat files that are not validation images; the message names them.
+        ``path`` or a folder in it cannot be read by this user (no permission), sub-folders
+        that are not ILSVRC2012 synset ids (without ``labels``), sub-folders ``labels`` does
+        not map, two class folders that are one (links), image files beside class folders, a
+        class folder whose files are none of a type read (its class would be left out), or
+        flat files that are not validation images; the message names them.
     """
     from torchvision import transforms
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -763,14 +776,23 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     hint = ("Pass an ImageNet-style folder: one sub-folder per class named by synset id "
             "(n01440764, ...), or the flat ILSVRC2012 validation folder "
             "(ILSVRC2012_val_00000001.JPEG, ...)")
-    if not path.is_dir():
-        raise DataNotFoundError(f"{path} is not a folder. {hint}")
+    try:  # a class folder that cannot be read is refused by _images_in, the root here
+        mode = _mode(path)
+        if mode is None or not stat.S_ISDIR(mode):
+            raise DataNotFoundError(f"{path} is not a folder. {hint}")
+        entries = sorted(e for e in path.iterdir() if not e.name.startswith("."))
+        is_dir = {e: stat.S_ISDIR(_mode(e) or 0) for e in entries}
+    except PermissionError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror} at {exc.filename}): this user "
+                        "may not list it or look inside it, so its classes and images are not "
+                        "known. Give this user read and execute access to it and the folders "
+                        "above it") from exc
     if labels is not None and not isinstance(labels, Mapping):
         labels = read_label_map(labels)
-    folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = [e for e in entries if is_dir[e]]
     # the images directly inside (a listing, not a walk of the whole tree)
     loose, loose_others = [], []
-    for f in sorted(f for f in path.iterdir() if not f.is_dir() and not f.name.startswith(".")):
+    for f in (e for e in entries if not is_dir[e]):
         (loose if f.name.lower().endswith(IMG_EXTENSIONS) else loose_others).append(f)
     # each class folder walked from its own top only: a link to the root or to another
     # class folder does not bring that folder's images in again

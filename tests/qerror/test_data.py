@@ -608,6 +608,33 @@ def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, monkeyp
         data.imagenet_folder(root)
 
 
+@pytest.mark.parametrize("lacks", ["read", "search"])
+def test_imagenet_folder_refuses_a_root_it_cannot_read(tmp_path, monkeypatch, lacks):
+    """A root folder without read (listing) or search (x) permission gave a bare
+    PermissionError, naming the first class folder where it lacks x, where the docstring
+    promises a DataError or a DataNotFoundError naming the folder. Root reads every folder:
+    the kernel's refusal is played by the calls that list a folder and stat its entries."""
+    import os
+
+    root = _image_folder(tmp_path)
+    real = {name: getattr(os, name) for name in ("listdir", "scandir", "stat")}
+
+    def refused(name):
+        def call(path=".", *args, **kwargs):
+            where = os.fspath(path)
+            inside = os.path.dirname(where) if name == "stat" else where
+            if inside == os.fspath(root):
+                raise PermissionError(13, "Permission denied", where)
+            return real[name](path, *args, **kwargs)
+        return call
+
+    for name in ("listdir", "scandir") if lacks == "read" else ("stat",):
+        monkeypatch.setattr(os, name, refused(name))
+    with pytest.raises(data.DataError, match=rf"{root} cannot be read \(Permission denied at "
+                                             ".*Give this user read and execute access"):
+        data.imagenet_folder(root)
+
+
 def test_files_of_a_type_not_read_are_said(tmp_path):
     """A class folder of GIFs was left out without a word (its class absent), and a GIF
     beside JPEGs skipped with nothing recorded."""
