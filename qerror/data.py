@@ -150,11 +150,15 @@ def read_idx(path: Path | str) -> np.ndarray:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
     except PermissionError as exc:
         raise DataError(f"{path} cannot be read ({exc.strerror}); give the user read "
                         "permission or copy the file somewhere readable") from exc
+    except OSError as exc:  # a folder, a loop of links, gone, an I/O error: not its content
+        raise DataError(f"{path} cannot be read as a file ({exc.strerror or exc}); give the "
+                        "path of a readable IDX file") from exc
+    try:
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
     # gzip reports a cut or damaged stream as EOFError, BadGzipFile (an OSError) or zlib.error.
     except (EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). "

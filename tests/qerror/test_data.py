@@ -102,6 +102,19 @@ def test_truncated_or_foreign_file_is_refused(idx_root):
         data.load_fashion_mnist("train", idx_root)
 
 
+def test_what_is_not_a_readable_file_is_not_called_truncated(tmp_path):
+    """read_idx of a folder or of a loop of links said 'is truncated or corrupt ... Replace
+    it with the original', which fits a damaged file's content, not a path that is not a
+    file."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for path, why in ((tmp_path, "Is a directory"), (loop, "Too many levels of symbolic links")):
+        with pytest.raises(data.DataError) as info:
+            data.read_idx(path)
+        assert str(info.value) == (f"{path} cannot be read as a file ({why}); give the path "
+                                   "of a readable IDX file")
+
+
 def test_compression_is_read_from_the_bytes_not_the_name(idx_root):
     """A browser that undoes a server's gzip encoding saves the raw IDX file under its .gz
     name: it was refused as 'truncated or corrupt; delete it and get it again' (which gets
