@@ -12,7 +12,9 @@ Where Fashion-MNIST is read from:
 
 In each folder the four IDX files may be gzip-compressed (``NAME.gz``) or raw (``NAME``;
 both only when they hold the same data), directly inside, in ``fashion-mnist/`` or in
-torchvision's ``FashionMNIST/raw/``. Data is downloaded only when asked (``download=True``).
+torchvision's ``FashionMNIST/raw/``: the first of these three that holds all four is read, and a
+later one is not looked at (``ImageSet.source`` names the one read). Data is downloaded
+only when asked (``download=True``).
 
 Every file is checked against what its format defines before it is used: IDX magic
 number, element type uint8, dimensions (images N×28×28, labels N), Fashion-MNIST's split
@@ -289,7 +291,8 @@ def find_fashion_mnist(data_root: Path | str | None = None) -> Path:
     ----------
     data_root : Path or str, optional
         The folder to use (or ``$QERROR_DATA`` when None): then the only one looked at,
-        with its ``fashion-mnist/`` and ``FashionMNIST/raw/`` sub-folders. Only when
+        with its ``fashion-mnist/`` and ``FashionMNIST/raw/`` sub-folders, in this order
+        (the first that holds all four files is returned). Only when
         neither is given are the default places searched (see the module docstring).
 
     Raises

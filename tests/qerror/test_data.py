@@ -59,6 +59,28 @@ def test_torchvision_layout_is_found(idx_root, tmp_path):
     assert len(data.load_fashion_mnist("test", tmp_path / "tv")) == 50
 
 
+def test_of_two_complete_layouts_the_documented_first_is_read(fashion_idx):
+    """The order was not written anywhere: with the files directly inside and in
+    FashionMNIST/raw/ (an old torchvision download, say), which copy is read."""
+    import shutil
+
+    root = fashion_idx(train=300, test=50)
+    direct = data.load_fashion_mnist("test", root).sha256
+    for layout, label in (("fashion-mnist", 2), ("FashionMNIST/raw", 1)):
+        (root / layout).mkdir(parents=True)
+        for name in (TRAIN_IMG, TRAIN_LBL, TEST_IMG):
+            shutil.copy(root / f"{name}.gz", root / layout)
+        data.write_idx(root / layout / f"{TEST_LBL}.gz", np.full(50, label, np.uint8))
+    assert data.find_fashion_mnist(root) == root
+    assert data.load_fashion_mnist("test", root).sha256 == direct
+    (root / f"{TEST_LBL}.gz").unlink()  # directly inside incomplete: fashion-mnist/ next
+    got = data.load_fashion_mnist("test", root)
+    assert got.source == str(root / "fashion-mnist") and set(got.labels.tolist()) == {2}
+    (root / "fashion-mnist" / f"{TEST_LBL}.gz").unlink()  # then FashionMNIST/raw/
+    got = data.load_fashion_mnist("test", root)
+    assert got.source == str(root / "FashionMNIST/raw") and set(got.labels.tolist()) == {1}
+
+
 def test_missing_data_names_every_way_to_get_it(idx_root, tmp_path):
     with pytest.raises(data.DataNotFoundError) as info:
         data.load_fashion_mnist("train", tmp_path / "empty")
