@@ -515,16 +515,17 @@ def _check_checkpoint_target(path: Path, *, force: bool, cache: bool = False) ->
     how to choose another place).
     """
     what = "the cache's checkpoint" if cache else "--checkpoint"
-    elsewhere = (" (or set XDG_CACHE_HOME to another cache folder, or pass --checkpoint with "
-                 "a file of your own)" if cache else "")
+    elsewhere = (" (or set XDG_CACHE_HOME to another cache folder, an absolute path, or pass "
+                 "--checkpoint with a file of your own)" if cache else "")
     if path.is_dir():
         raise StudyError(f"{what} {path} is a folder; it is never replaced: "
                          + ("move it away" if cache else "pass the name of a file, e.g. "
                             f"--checkpoint {path / 'model.pt'}") + elsewhere)
     # Its folder also holds the resumable state, written from the first checkpoint step on.
     check_writable_parent(path, what, why=", where the checkpoint and the training state are "
-                          "written", instead="set XDG_CACHE_HOME to a folder you can write in, "
-                          "or pass --checkpoint with a file of your own" if cache else None)
+                          "written", instead="set XDG_CACHE_HOME to a folder you can write in "
+                          "(an absolute path), or pass --checkpoint with a file of your own"
+                          if cache else None)
     if path.is_symlink():  # the checkpoint goes where the link points (atomic_write)
         check_writable_parent(path.resolve(), f"{what} {path}, a link to",
                               why=", where the checkpoint is written",

@@ -678,7 +678,8 @@ def test_a_cache_that_cannot_hold_the_checkpoint_is_named_as_the_cache(idx_root,
     err = capsys.readouterr().err
     assert code == 2
     assert f"the cache's checkpoint {blocker}/qerror/checkpoints/" in err
-    assert "set XDG_CACHE_HOME to a folder you can write in, or pass --checkpoint" in err
+    assert "set XDG_CACHE_HOME to a folder you can write in (an absolute path), or pass " \
+        "--checkpoint" in err
     assert "pass --checkpoint in a folder" not in err
     assert not (tmp_path / "run").exists()
 
