@@ -591,6 +591,13 @@ def _marked(folder: Path) -> bool:
     return mark.is_file() and not mark.is_symlink()
 
 
+def _folder_id(folder: Path) -> tuple[int, int]:
+    """``(device, inode)`` of ``folder`` itself (a link not followed): which folder it is,
+    whatever its name."""
+    st = os.stat(folder, follow_symlinks=False)
+    return st.st_dev, st.st_ino
+
+
 def _mark(folder: Path) -> None:
     (folder / STAGING_MARK).write_text(f"made by a qerror study, process {os.getpid()}\n")
 
@@ -1055,6 +1062,7 @@ class RunDir:
         # replace it first, and its run is not this one's to replace
         self.replaced = _manifest_sha(self.final) if self.replaces else None
         self.stage = staging_folder(self.final, "this run", "or choose another --out")
+        self._stage_id = _folder_id(self.stage)  # which folder it is (_check_stage)
         self.study = study
         self.argv = list(argv)
         self.config = config
@@ -1067,9 +1075,34 @@ class RunDir:
         self.kept = False  # finish() kept a complete run it could not move to --out
 
     def path(self, name: str) -> Path:
+        """Where to write the output ``name`` (its folders made), in the staging folder,
+        which must still be the one this run made (:meth:`_check_stage`)."""
+        self._check_stage()
         p = self.stage / name
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def _own_stage(self) -> bool:
+        """Whether the folder at ``self.stage`` is the marked one this run made (not one
+        made there after it was removed: another folder, or, its number used again, one
+        without the mark)."""
+        try:
+            return _folder_id(self.stage) == self._stage_id and _marked(self.stage)
+        except OSError:
+            return False
+
+    def _check_stage(self) -> None:
+        """StudyError unless the staging folder is the marked one this run made.
+
+        Removed while the run worked, what was written before is gone: a folder made again
+        by the next write would be published with the later files alone, under a manifest
+        that lists just those, looking complete."""
+        if not self._own_stage():
+            raise StudyError(
+                f"this run's staging folder {self.stage} was removed while the run worked "
+                "(by hand, by another run aimed at the same --out in this process, or by one "
+                "on another machine or in another container, which cannot see this process "
+                "running); what it wrote there is lost, so nothing was published. Run again")
 
     def write_text(self, name: str, text: str, *, timing: bool = False) -> Path:
         """Write a text file; ``timing`` marks it as holding measured times (see Notes)."""
@@ -1157,6 +1190,7 @@ class RunDir:
         StudyError when it cannot go to ``--out`` (another run there now, a file, a link, a
         failed rename): the complete run is kept beside it, named in the message."""
         self._check_interrupts()
+        self._check_stage()
         # the mark is not an output: it stays until the folder is published (a run killed
         # before then leaves a marked staging folder, which the next run removes)
         outputs = {str(p.relative_to(self.stage)): sha256_file(p)
@@ -1241,8 +1275,9 @@ class RunDir:
                          f"({reason}); {where}{back}") from err
 
     def abandon(self) -> None:
-        """Remove the staging folder (not a finished run :meth:`finish` had to keep)."""
-        if not self.kept:
+        """Remove the staging folder (not a finished run :meth:`finish` had to keep, nor a
+        folder made at its place after it was removed)."""
+        if not self.kept and self._own_stage():
             shutil.rmtree(self.stage, ignore_errors=True)
 
     def __enter__(self) -> "RunDir":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -254,14 +255,16 @@ def test_an_out_that_is_a_loop_of_links_is_refused_with_the_reason(tmp_path):
         _common.check_out(tmp_path / "a", "demo", force=False)
 
 
-def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
+def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path, monkeypatch):
     """Two runs aimed at a new --out, neither forced: the one that finishes second finds
     the first's run there and keeps its own beside it, named, instead of replacing it."""
     out = tmp_path / "run"
     with RunDir(out, "demo", ["--seed", "2"], {}, force=False) as second:
-        with RunDir(out, "demo", ["--seed", "1"], {}, force=False) as first:
-            first.write_text("x.csv", "first\n")
-            first.finish()
+        with monkeypatch.context() as m:
+            m.setattr(os, "getpid", os.getppid)  # another process, staged apart
+            with RunDir(out, "demo", ["--seed", "1"], {}, force=False) as first:
+                first.write_text("x.csv", "first\n")
+                first.finish()
         second.write_text("x.csv", "second\n")
         kept = tmp_path / f"run.finished-{os.getpid()}"
         with pytest.raises(_common.StudyError, match="another run was written to --out"):
@@ -278,6 +281,32 @@ def test_a_run_that_appears_at_out_meanwhile_is_never_replaced(tmp_path):
         third.write_text("x.csv", "third\n")
         third.finish()
     assert (out / "x.csv").read_text() == "third\n"
+
+
+def test_a_run_whose_staging_folder_was_removed_while_it_worked_publishes_nothing(tmp_path):
+    """Its staging folder removed while it worked (by hand; by a run aimed at the same --out
+    on another machine or in another container, to which this process is not alive), the
+    next write made the folder again and the run was published with the later files alone,
+    under a manifest that listed just those: a run that looked complete."""
+    out = tmp_path / "run"
+    removed = "staging folder .* was removed while the run worked"
+    with pytest.raises(_common.StudyError, match=removed):
+        with RunDir(out, "demo", [], {}, force=False) as run:
+            run.write_text("a.csv", "1\n")
+            shutil.rmtree(run.stage)
+            run.write_text("b.csv", "2\n")
+    assert not list(tmp_path.iterdir())
+    # removed after the last write, and a folder made at its place (not the run's): nothing
+    # is published, and that folder is left as it is
+    with pytest.raises(_common.StudyError, match=removed):
+        with RunDir(out, "demo", [], {}, force=False) as run:
+            run.write_text("a.csv", "1\n")
+            shutil.rmtree(run.stage)
+            run.stage.mkdir()
+            (run.stage / "b.csv").write_text("theirs\n")
+            run.finish()
+    assert not out.exists()
+    assert (run.stage / "b.csv").read_text() == "theirs\n"
 
 
 def test_ctrl_c_while_the_replaced_run_is_removed_says_the_new_one_is_published(
@@ -566,7 +595,7 @@ def test_a_ctrl_c_that_something_swallowed_is_not_lost(tmp_path, capsys, when):
     assert sys.unraisablehook is hook
 
 
-def test_two_forced_runs_at_one_out_never_replace_each_others_run(tmp_path):
+def test_two_forced_runs_at_one_out_never_replace_each_others_run(tmp_path, monkeypatch):
     """Two runs started with --force while one previous run was at --out: the first to
     finish replaces it; the second finds another run than the one it was allowed to replace,
     leaves it, and keeps its own beside it, named."""
@@ -575,9 +604,11 @@ def test_two_forced_runs_at_one_out_never_replace_each_others_run(tmp_path):
         run.write_text("x.csv", "previous\n")
         run.finish()
     with RunDir(out, "demo", ["--seed", "2"], {}, force=True) as second:
-        with RunDir(out, "demo", ["--seed", "1"], {}, force=True) as first:
-            first.write_text("x.csv", "first\n")
-            first.finish()
+        with monkeypatch.context() as m:
+            m.setattr(os, "getpid", os.getppid)  # another process, staged apart
+            with RunDir(out, "demo", ["--seed", "1"], {}, force=True) as first:
+                first.write_text("x.csv", "first\n")
+                first.finish()
         second.write_text("x.csv", "second\n")
         with pytest.raises(_common.StudyError, match="another run was written to --out"):
             second.finish()
