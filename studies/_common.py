@@ -566,9 +566,13 @@ def clean_stale_partials(final: Path) -> list[Path]:
     process ``PID`` is alive: a run in progress keeps its folders. Returns the folders
     removed.
 
-    A replaced run's copy (``.NAME.old-PID``) while nothing is at ``final`` is the previous
-    run of a process killed between its two renames (the new one then lies unmarked under
-    its staging name, never removed): it is put back at ``final``, not removed.
+    A replaced run's copy (``.NAME.old-PID``) while nothing is at ``final`` and the new run
+    still lies under its staging name (``.NAME.partial-PID``, of the same PID) is the
+    previous run of a process killed between its two renames: it is put back at ``final``,
+    not removed (the new one, unmarked, is never removed). Without that staging folder the
+    new run had taken ``final``'s place (since moved away by the user), and the copy is what
+    a removal cut short left, some of its files gone and its manifest perhaps not: it is
+    removed, never put back at ``final`` as a run that looks complete.
     """
     final = Path(final)
     pattern = re.compile(re.escape(f".{final.name}.") + r"(partial|old)-([0-9]+)")
@@ -576,7 +580,9 @@ def clean_stale_partials(final: Path) -> list[Path]:
     for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
         m = pattern.fullmatch(p.name)
         if m and p.is_dir() and not p.is_symlink() and _marked(p) and not _alive(int(m[2])):
-            if m[1] == "old" and not (final.exists() or final.is_symlink()):
+            staged = final.parent / f".{final.name}.partial-{m[2]}"  # its new run
+            if m[1] == "old" and not (final.exists() or final.is_symlink()) \
+                    and staged.is_dir() and not staged.is_symlink():
                 (p / STAGING_MARK).unlink()
                 p.rename(final)
                 continue

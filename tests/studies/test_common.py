@@ -902,13 +902,36 @@ def test_a_previous_run_left_aside_by_a_killed_publish_is_put_back_not_removed(t
     old.mkdir()
     (old / "manifest.json").write_text("{}")
     (old / _common.STAGING_MARK).write_text("")
+    new = tmp_path / ".results.partial-99999"  # the new run, not yet renamed, unmarked
+    new.mkdir()
+    (new / "manifest.json").write_text("{}")
     monkeypatch.setattr(_common, "_alive", lambda pid: False)
     assert _common.clean_stale_partials(final) == []
     assert sorted(p.name for p in final.iterdir()) == ["manifest.json"] and not old.exists()
+    assert (new / "manifest.json").is_file()
     # with a folder at --out the copy is a replaced run's, removed as before
     old.mkdir()
     (old / _common.STAGING_MARK).write_text("")
     assert _common.clean_stale_partials(final) == [old] and not old.exists()
+
+
+def test_a_replaced_runs_copy_cut_short_while_removed_is_never_put_back(tmp_path):
+    """Killed while it removed the replaced run's copy, once the new run was published; the
+    user then moved the new run away: the next run put the copy, some of its files gone
+    and its manifest kept, back at --out, a run that looked complete."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}, force=False) as run:
+        for name in ("a.csv", "b.csv"):
+            run.write_text(name, "previous\n")
+        run.finish()
+    old = tmp_path / ".run.old-99999"  # what the killed removal left of it
+    out.rename(old)
+    (old / "a.csv").unlink()
+    (old / _common.STAGING_MARK).write_text("made by a qerror study\n")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_common, "_alive", lambda pid: False)
+        assert _common.clean_stale_partials(out) == [old]
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_folder_of_one_entry_is_named_in_the_singular(tmp_path):
