@@ -1495,6 +1495,15 @@ class _Reader:
     def bits(self, count: int, bits: int) -> np.ndarray:
         return unpack_bits(self.take(packed_bytes(count, bits)), count, bits).astype(np.int64)
 
+    def expect(self, size: int, what: str, path) -> None:
+        """ValueError unless ``size`` more bytes follow: checked before a model of the
+        header's shape is built, so that a header altered to describe a far larger model
+        than the file holds is refused, not allocated (gigabytes, or a MemoryError)."""
+        if self.pos + size > len(self.data):
+            raise ValueError(f"{path} is truncated or its header was altered: the header "
+                             f"describes {size} bytes of {what} after byte {self.pos}, the "
+                             f"file holds {len(self.data) - self.pos}")
+
 
 def _read_thermometer(r: _Reader, header: tuple) -> Thermometer:
     features, bits, pooled, code = header
@@ -1527,7 +1536,9 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         Not such a file, a version this code does not read, truncated or trailing data, or
         contents the format rules out (RAM entries other than the header's count, a RAM
         listing more addresses than it has, thresholds that are not finite and ascending,
-        wiring beyond a layer's inputs, an unknown RAM format or threshold dtype). The file
+        wiring beyond a layer's inputs, an unknown RAM format or threshold dtype, a header
+        describing more RAM or LUT bytes than follow it: refused before a model of its
+        shape is built, which such a header could make gigabytes large). The file
         has no checksum: a damaged byte elsewhere (a table bit, the seed) still loads, as
         another model.
     """
@@ -1543,6 +1554,13 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         if code not in formats:
             raise ValueError(f"{path}: unknown RAM format code {code}")
         thermo = _read_thermometer(r, thermo_header)
+        if n >= 1:  # (0 is refused by WiSARD)
+            groups = classes * -(-thermo.out_bits // n)
+            if formats[code] is RamFormat.DENSE:
+                need = packed_bytes(groups << n, max(1, count_bits) if counts else 1)
+            else:  # the entry counts; the addresses, checked as they are read, follow
+                need = packed_bytes(groups, max(1, length_bits))
+            r.expect(need, "RAMs", path)
         w = WiSARD(thermo.out_bits, n, classes, seed=seed, shuffle=bool(shuffle))
         groups = classes * w.rams
         if formats[code] is RamFormat.DENSE:
@@ -1582,6 +1600,11 @@ def load_wnn(path: Path | str) -> WisardClassifier | DWN:
         classes, fan_in, layers, tau, seed = r.unpack(_DWN)
         specs = [r.unpack(_DWN_LAYER) for _ in range(layers)]
         thermo = _read_thermometer(r, thermo_header)
+        widths = [thermo.out_bits] + [s[0] for s in specs]
+        r.expect(sum(packed_bytes(luts << fan_in, 1) + (
+            packed_bytes(luts * fan_in, index_bits(max(1, width)))
+            if code != _MAPPING_CODES[Mapping.RANDOM] else 0)
+            for width, (luts, code) in zip(widths, specs)), "LUT tables and wiring", path)
         model = DWN(thermo, [s[0] for s in specs], classes, fan_in=fan_in, tau=tau, seed=seed,
                     mapping=Mapping.RANDOM)
         for i, layer in enumerate(model.layers):

@@ -3,6 +3,7 @@ EFD backward against plain loops, and files whose size is the byte count."""
 
 import math
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -1266,3 +1267,52 @@ def test_dwn_predict_refuses_a_batch_size_it_cannot_use():
     for bad, kind in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
         with pytest.raises(kind, match="batch_size must be an int >= 1"):
             DWN(t, [6], 3, fan_in=2).predict(torch.zeros(2, 3), batch_size=bad)
+
+
+def _header_altered_files(tmp_path):
+    """Files whose header describes a far larger model than they hold: a DWN's first layer
+    of 2**31 LUTs, a pooled WiSARD of 2**30 features, a DENSE WiSARD of 2**20 classes."""
+    from qerror.compress.weightless import _DWN, _PREFIX, _THERMO
+
+    x = torch.rand(40, 6, generator=torch.Generator().manual_seed(3))
+    dwn = bytearray(save_wnn(DWN(Thermometer.fit(x, 4), [30, 12], 3, fan_in=3, seed=9),
+                             tmp_path / "d.qwnn").read_bytes())
+    struct.pack_into("<I", dwn, _PREFIX.size + _THERMO.size + _DWN.size, 1 << 31)
+    xp = np.random.default_rng(0).integers(0, 256, (50, 4)).astype(np.uint8)
+    t = Thermometer.fit(xp, 3, pooled=True)
+    w = WiSARD(t.out_bits, 3, 3, seed=2).fit(t.encode(xp), xp[:, 0] % 3)
+    wisard = save_wnn(WisardClassifier(t, w), tmp_path / "w.qwnn").read_bytes()
+    dense, _ = _toy_wisard(2)
+    assert _format_of(wnn_size(dense)) is RamFormat.DENSE
+    dense = save_wnn(dense, tmp_path / "dense.qwnn").read_bytes()
+    return {"dwn luts": bytes(dwn),
+            "pooled features": _wisard_file_edited(wisard, thermo=[(0, 1 << 30)]),
+            "classes": _wisard_file_edited(dense, wisard=[(4, 65535)])}
+
+
+@pytest.mark.parametrize("case", ["dwn luts", "pooled features", "classes"])
+def test_a_header_altered_to_describe_a_larger_model_is_refused_before_it_is_built(
+        tmp_path, monkeypatch, case):
+    # load_wnn built the model the header describes before reading its contents: a DWN
+    # layer's LUT count altered to 2**31 allocated a 64 GiB table (a RuntimeError from
+    # torch's allocator, or the machine's memory filled), a pooled WiSARD's feature count
+    # to 2**30 a 24 GiB wiring (MemoryError), before "file is truncated" could be said
+    # (/work/runs/s45/weightless/probe_altered_header.py). Building such a model here fails
+    # the test, not the machine.
+    data = _header_altered_files(tmp_path)[case]
+    real_lut, real_wisard = LUTLayer.__init__, WiSARD.__init__
+
+    def lut(self, in_features, luts, *args, **kwargs):
+        assert in_features * luts < 1 << 20, "load_wnn built a layer the file cannot hold"
+        real_lut(self, in_features, luts, *args, **kwargs)
+
+    def wisard(self, input_bits, address_bits, classes, **kwargs):
+        assert input_bits * classes < 1 << 20, "load_wnn built a WiSARD the file cannot hold"
+        real_wisard(self, input_bits, address_bits, classes, **kwargs)
+
+    monkeypatch.setattr(LUTLayer, "__init__", lut)
+    monkeypatch.setattr(WiSARD, "__init__", wisard)
+    (tmp_path / "altered").write_bytes(data)
+    with pytest.raises(ValueError, match="altered.* is truncated or its header was altered: "
+                                         "the header describes [0-9]+ bytes of (LUT|RAM)"):
+        load_wnn(tmp_path / "altered")
