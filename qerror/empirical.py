@@ -541,8 +541,9 @@ def measure_error(
 
     Notes
     -----
-    The difference is formed in float64 (one float64 tensor of the inputs' shape),
-    where the update widens every value anyway. It is exact for float16 data; for
+    The difference is formed in float64, in one float64 tensor of the inputs' shape (the
+    memory of 4 float16 or 2 float32 copies of the data; :meth:`ErrorStats.update` itself
+    widens in blocks). It is exact for float16 data; for
     bfloat16 and float32 data unless one of ``|x_hat|``, ``|x|`` exceeds the other by a
     factor of more than 2**44 and 2**28 respectively; for float64 data whenever they lie
     within a factor two of each other (Sterbenz). Otherwise it carries one float64 rounding.

@@ -126,6 +126,11 @@ def _bn_output_normal(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
     when its input has the running mean and variance ``σ²``: ``β`` and
     ``|γ|·σ/√(σ² + ε)`` (``γ = 1``, ``β = 0`` without an affine map; a channel with
     ``σ² = 0`` is the constant ``β``)."""
+    if bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics (track_running_stats=False) "
+                         "normalises with each batch's own: the bn source has no σ² to model "
+                         "it with; use source='measured', or a model whose BatchNorms track "
+                         "their statistics")
     var = bn.running_var.detach().double().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         shrink = np.where(var > 0, np.sqrt(var / (var + bn.eps)), 0.0)

@@ -167,7 +167,8 @@ def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
     scaled = logits / temperature
     if not bool(torch.isfinite(scaled).all()):
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("logits hold NaN or Inf values")
+            raise ValueError("logits hold NaN or Inf values: the network that made them "
+                             "diverged or overflowed its dtype; check its weights and inputs")
         raise ValueError(
             f"logits / temperature overflows {logits.dtype} (temperature {temperature!r}, "
             f"largest |logit| {float(logits.abs().max()):g}): the scores would be NaN and "

@@ -225,7 +225,8 @@ def digest(value: Any) -> str:
 
     Tensors and arrays count by dtype, shape and bytes (not device, layout, strides, a
     lazy conjugate or negative view, or whether they require grad; a sparse tensor by its
-    dense values; a nested tensor by its components in order; a quantized tensor by its
+    dense values, made whole in memory; a nested tensor by its components in order; an
+    array of Python objects by its elements in C order; a quantized tensor by its
     quantization scheme, scales and zero points too), mappings by their items and
     sets by their elements whatever their order, dataclasses by their type and fields,
     sequences by their items in order, numbers, strings, enums and None by type and value;
@@ -249,7 +250,9 @@ class _ContentPickler(pickle.Pickler):
     """A pickler that writes each tensor and array as its :func:`digest`, by content."""
 
     def reducer_override(self, obj):
-        if isinstance(obj, (torch.Tensor, np.ndarray)):
+        # an object array's bytes are addresses: pickle records its elements instead
+        if isinstance(obj, torch.Tensor) or (isinstance(obj, np.ndarray)
+                                             and not obj.dtype.hasobject):
             return str, (f"digest {digest(obj)}",)
         return NotImplemented
 
@@ -276,6 +279,11 @@ def _feed(h, value: Any) -> None:
                 torch.per_tensor_affine, torch.per_tensor_symmetric) else
                 (t.q_per_channel_scales(), t.q_per_channel_zero_points(),
                  t.q_per_channel_axis()))
+    elif isinstance(value, np.ndarray) and value.dtype.hasobject:
+        # its bytes are the addresses of its elements: by the elements, in C order
+        h.update(f"object array {value.shape};".encode())
+        for item in value.ravel(order="C"):
+            _feed(h, item)
     elif isinstance(value, np.ndarray):
         h.update(f"array {value.dtype.str} {value.shape};".encode())
         h.update(np.ascontiguousarray(value).tobytes())

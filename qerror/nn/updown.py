@@ -227,7 +227,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):
         raise ValueError(f"{layer!r} is not a Conv2d or Linear layer of the model")
-    key = f"{layer}.weight"
+    key = f"{layer}.weight" if layer else "weight"  # "" names the model itself
     named = dict(model.named_parameters(remove_duplicate=False))
     if named.get(key) is not module.weight:
         # the losses substitute the parameter; a weight recomputed from others by a forward

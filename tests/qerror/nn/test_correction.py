@@ -537,6 +537,26 @@ def test_the_bn_source_needs_a_relu_between_batchnorm_and_layer():
                                atol=1e-15)
 
 
+def test_the_bn_source_refuses_a_batchnorm_without_running_statistics():
+    """Given a model whose feeding BatchNorm keeps no running statistics (not the measured
+    one: measure refuses such a model), the bn source read running_var and raised
+    "AttributeError: 'NoneType' object has no attribute 'detach'"; now it says why and what
+    to use instead."""
+    import copy
+
+    import torchvision
+
+    model = _block_model(torchvision.models.resnet.BasicBlock(8, 8))
+    x = torch.randn(16, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO, Target.WEIGHTS)
+    w = quantize_weights(model, cfg.weight)
+    res = measure(model, [x], cfg, weights=w, input_maps=True)
+    untracked = copy.deepcopy(model)
+    untracked[2].bn1 = nn.BatchNorm2d(8, track_running_stats=False).double()
+    with pytest.raises(ValueError, match=r"track_running_stats=False.*source='measured'"):
+        predicted_local_drift(untracked, cfg, res, weights=w, source="bn")
+
+
 def test_the_bn_source_takes_a_batchnorm_without_affine_as_unit_normal():
     """affine=False (γ = 1, β = 0 in effect) crashed on its missing weight; now it predicts
     what the same BatchNorm with γ = 1, β = 0 stored predicts."""

@@ -454,6 +454,7 @@ def test_fields_of_another_type_are_refused_as_a_damaged_checkpoint(saved_checkp
     _refused(saved_checkpoint, key if where == "sidecar" else "num_classes must be an int",
              retrain=retrain)
 
+
 def test_not_a_torch_file_is_refused_even_with_a_matching_hash(tmp_path):
     path = tmp_path / "fake.pt"
     path.write_bytes(b"\x00" * 1000)

@@ -128,6 +128,33 @@ def test_digest_counts_tensors_by_content_wherever_they_are_held():
     with pytest.raises(ValueError, match="meta device .* load or materialise the weights"):
         digest({"w": torch.empty(3, device="meta")})
 
+
+def test_digest_counts_object_arrays_by_their_elements():
+    """An array of Python objects holds their addresses: its bytes differ between two equal
+    arrays built apart (two ranks), so it counts by its elements, held in an object that is
+    pickled too (a review of e82e806: a DataFrame with a string column held in an object got
+    two digests for equal content, /work/runs/s45/review/probe_digest_object_arrays.py)."""
+    import numpy as np
+    import pandas as pd
+
+    digest = parallel.digest
+
+    # equal elements made anew on each call (literals would be one object, at one address)
+    def frame():
+        return pd.DataFrame({"name": ["".join(["conv", str(n)]) for n in (1, 2)],
+                             "bits": [8, 4]})
+
+    def objects():
+        return np.array(["".join(["a"] * 3), tuple(["b", int("1")])], dtype=object)
+
+    assert digest(objects()) == digest(objects()) != digest(np.array(["aaa", ("b", 2)],
+                                                                     dtype=object))
+    assert digest(_Holder(objects())) == digest(_Holder(objects()))
+    assert digest(_Holder(frame())) == digest(_Holder(frame()))
+    other = frame()
+    other.loc[1, "name"] = "conv3"
+    assert digest(_Holder(other)) != digest(_Holder(frame()))
+
 def test_check_agreement_names_the_first_argument_that_differs():
     """parallel.check_agreement, which measure_many and bn_image_moments call on every rank
     with the terms their gather returned: silent where every rank's terms are equal; else

@@ -206,3 +206,9 @@ def test_a_weight_that_is_not_the_layers_own_parameter_is_refused():
     prune.remove(pruned[1], "weight")  # a plain parameter again: accepted
     res = updown_experiment(pruned, "1", [(x, y)], 2, roundings=5, seed=1)
     assert np.ptp(res.loss) > 0
+    # the model itself as the layer ("" in named_modules): its weight is "weight", not
+    # ".weight", which the check above took for a weight computed from others
+    alone = nn.Linear(4, 3).double()
+    flat = x.flatten(1)
+    res = updown_experiment(alone, "", [(flat, y)], 2, roundings=5, seed=1)
+    assert np.ptp(res.loss) > 0
