@@ -913,6 +913,10 @@ def int8_caption(probe) -> str:
         found = (f"On this CPU ({probe.cpu_words}) the kernel probe found "
                  f"that {engine} {how} int16 pair sums: the faithful model is the "
                  f"{probe.faithful.value} pipeline with reciprocal arithmetic.")
+        if probe.single_channel_conv_modelled is False:
+            found += (" It does not model this kernel's convolutions with one input channel "
+                      "(it pairs their products across kernel taps), so no row of such a "
+                      "layer, and no row over all layers, is marked faithful.")
     return (f"qerror's simulation against PyTorch's {engine} INT8 kernels, layer by layer on "
             "the same float inputs and scales: fraction of output codes equal and the "
             f"largest difference in LSB. {found}")

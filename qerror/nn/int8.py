@@ -484,7 +484,8 @@ class CrossCheck:
         equal codes, the largest ``|Δ|`` (all elements, and unsaturated ones), the totals
         of elements, equal elements, kernel-saturated elements (NaN where the probe was
         inconclusive) and elements the AVX2 kernel would saturate, and whether the row is
-        the faithful pipeline."""
+        the faithful pipeline on every one of its layers (False where a layer is unmodelled,
+        see :meth:`faithful`)."""
         return (self.to_frame().groupby(["arithmetic", "pipeline"], sort=False)
                 .agg(layers=("layer", "count"), min_frac_equal=("frac_equal", "min"),
                      median_frac_equal=("frac_equal", "median"),
@@ -493,7 +494,7 @@ class CrossCheck:
                      elements=("elements", "sum"), equal=("equal", "sum"),
                      saturated=("saturated", lambda v: v.sum(min_count=1)),
                      avx2_saturated=("avx2_saturated", "sum"),
-                     faithful=("faithful", "first"))
+                     faithful=("faithful", "all"))
                 .reset_index())
 
 

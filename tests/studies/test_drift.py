@@ -267,6 +267,11 @@ def test_int8_report_follows_the_kernel_probe(monkeypatch):
     amx = dataclasses.replace(other, cpu_flags=("avx2", "avx512f", "avx512_vnni", "amx_int8"),
                   cpu_capability="AVX2")
     assert "On this CPU (AMX; ATen's CPU capability AVX2)" in drift.int8_caption(amx)
+    # A probe whose one-channel convolution no pipeline reproduced (oneDNN held to AVX-512
+    # without VNNI): the caption says why the stem's rows, and the summary's, are unmarked.
+    assert "one input channel" not in caption
+    unpaired = dataclasses.replace(other, single_channel_conv_modelled=False)
+    assert "one input channel" in drift.int8_caption(unpaired)
 
 
 def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):

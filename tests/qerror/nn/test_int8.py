@@ -547,6 +547,14 @@ def test_a_probe_whose_one_channel_convolution_differs_leaves_such_layers_unmode
         assert sum(result.faithful(r) for r in result.rows) == faithful
         assert result.unmodelled == ({"layer"} if cin == 1 else set())
     assert int8._probe.__wrapped__(Engine.ONEDNN).single_channel_conv_modelled is False
+    # Over layers, a pipeline is faithful only where it is on every layer: a one-channel
+    # convolution behind a modelled one (not only a stem) leaves no summary row marked.
+    model = nn.Sequential(nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)).eval()
+    data = [torch.randn(2, 2, 6, 6, generator=_gen(4))]
+    check = crosscheck_model(model, data, data, engine="onednn")
+    assert check.unmodelled == {"1"}
+    assert check.to_frame().faithful.sum() == 1
+    assert not check.summary().faithful.any()
     monkeypatch.undo()
     # The real kernel's own answer: a bool, found afresh as the process-wide one was.
     answer = kernel_probe("onednn").single_channel_conv_modelled
