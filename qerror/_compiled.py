@@ -130,6 +130,15 @@ def autocast_enabled() -> tuple[bool, bool]:
 _LAST_STATE: list[tuple] = []
 
 
+def reduced_precision() -> tuple:
+    """The reduced-precision flags the compiler's guard holds, read through the API: TF32
+    matrix products and float16/bfloat16 reduced-precision reductions (the last absent from
+    an older torch: None there)."""
+    matmul = torch.backends.cuda.matmul
+    return (matmul.allow_tf32, getattr(matmul, "allow_fp16_reduced_precision_reduction", None),
+            getattr(matmul, "allow_bf16_reduced_precision_reduction", None))
+
+
 def torch_state() -> tuple:
     """What the guards of compiled code read of torch's state, hashable: the global state
     that the compiler checks before every call (grad mode, autocast of every device,
@@ -145,7 +154,8 @@ def torch_state() -> tuple:
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                 torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.get_default_dtype(), torch.get_num_threads(), autocast_enabled())
+                torch.get_default_dtype(), torch.get_num_threads(), autocast_enabled(),
+                reduced_precision(), torch._C._is_torch_function_enabled())
     last = _LAST_STATE[0] if _LAST_STATE else None
     if last is None or not last[0].check():  # check() reads the calling thread's state
         guard = GlobalStateGuard()

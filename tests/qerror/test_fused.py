@@ -438,6 +438,17 @@ def test_torch_state_tells_apart_what_the_global_guards_read(guard, monkeypatch)
         assert state() != plain
     finally:
         torch.set_num_threads(threads)
+    matmul = torch.backends.cuda.matmul
+    for flag in ("allow_tf32", "allow_fp16_reduced_precision_reduction",
+                 "allow_bf16_reduced_precision_reduction"):
+        before = getattr(matmul, flag)
+        try:
+            setattr(matmul, flag, not before)
+            assert state() != plain, flag
+        finally:
+            setattr(matmul, flag, before)
+    with torch._C.DisableTorchFunction():
+        assert state() != plain
     assert state() == plain
 
 
