@@ -32,6 +32,11 @@ output channel) and the scale of :func:`qerror.calibrate` (min-max), as
 :meth:`qerror.nn.propagate.QuantConfig.make` does. Activations stay float in the
 reconstruction (weights-only AdaRound); the bias stays float.
 
+A half-precision layer (float16, bfloat16) is reconstructed in float32: ``V``, the soft
+weights, the layer's outputs on its inputs (the network's, in its dtype) and the loss; its
+learned weights are in its dtype. Adam's steps on ``V`` held in bfloat16 are rounded away
+(below half an ulp for ``|V| ≥ 1/4`` at ``lr = 1e-3``), and its ``eps`` is 0 in float16.
+
 The reconstruction loss is summed over output channels (features) and averaged over images
 and spatial positions, the convention of BRECQ's released code [2]_ (other authors', after
 the paper); ``λ`` is read against that scale. ``β`` decays linearly from ``beta[0]`` to
@@ -384,9 +389,12 @@ def _reconstruction(out: torch.Tensor, target: torch.Tensor, conv: bool) -> torc
 def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.Tensor,
               x: torch.Tensor, xq: torch.Tensor, spec: QuantSpec,
               cfg: AdaRoundSettings, gen: torch.Generator) -> torch.Tensor:
-    """``V`` after ``cfg.iterations`` Adam steps."""
+    """``V`` after ``cfg.iterations`` Adam steps, in ``v0``'s dtype, which the layer's
+    outputs and the loss are computed in too (``x`` and ``xq`` are given in it)."""
     conv = isinstance(layer, nn.Conv2d)
-    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    work = v0.dtype
+    w = layer.weight.detach().to(work)
+    b = None if layer.bias is None else layer.bias.detach().to(work)
 
     def op(inp, weight):
         return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
@@ -394,7 +402,7 @@ def _optimise(layer: nn.Module, s: torch.Tensor, floor: torch.Tensor, v0: torch.
     v = v0.clone().requires_grad_(True)
     if cfg.iterations == 0:
         return v.detach()
-    s_w, floor_w = s.to(w.dtype), floor.to(w.dtype)
+    s_w, floor_w = s.to(work), floor.to(work)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     n = x.shape[0]
     for step in range(cfg.iterations):
@@ -494,14 +502,18 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
         for name, layer in progress_bar(layers, progress, "adaround"):
             t0 = time.perf_counter()
             w = layer.weight.detach()
+            # V, the soft weights and the loss in float32 at least: in a half-precision
+            # dtype Adam's steps vanish (bfloat16: below half an ulp of |V| >= 1/4) or its
+            # eps underflows to 0 (float16: 0/0 on the first step)
+            work = torch.promote_types(w.dtype, torch.float32)
             qp = calibrate(w, spec)
             s = _scale_tensor(qp, w)
             u = w.double() / s
             floor = _floor_codes(w, qp, spec)
             # a weight on a level (fl(k·s) = w) gets k with w/s an ulp below k: fraction 0
-            v0 = _inverse_h(torch.clamp(u - floor, 0.0, 1.0)).to(w.dtype)
-            x = _layer_inputs(model, name, layer, x_all, chunk, {})
-            xq = _layer_inputs(model, name, layer, x_all, chunk, done) \
+            v0 = _inverse_h(torch.clamp(u - floor, 0.0, 1.0)).to(work)
+            x = _layer_inputs(model, name, layer, x_all, chunk, {}).to(work)
+            xq = _layer_inputs(model, name, layer, x_all, chunk, done).to(work) \
                 if cfg.asymmetric and done else x
             v = _optimise(layer, s, floor, v0, x, xq, spec, cfg, gen)
             if not bool(torch.isfinite(v).all()):
@@ -511,19 +523,19 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             up, up0 = v >= 0, v0 >= 0
             qw = _quantized(w, qp, floor, up, spec)
             with torch.no_grad():
-                b = layer.bias
+                b = None if layer.bias is None else layer.bias.to(work)
                 conv = isinstance(layer, nn.Conv2d)
 
                 def op(inp, weight, b=b, conv=conv, layer=layer):
                     return layer._conv_forward(inp, weight, b) if conv else F.linear(inp, weight, b)
 
-                target = op(x, w)
-                l0 = float(_reconstruction(op(xq, _on_grid(w, qp, spec, floor, up0)), target,
-                                           conv))
-                l1 = float(_reconstruction(op(xq, qw.weight), target, conv))
+                target = op(x, w.to(work))
+                l0 = float(_reconstruction(
+                    op(xq, _on_grid(w, qp, spec, floor, up0).to(work)), target, conv))
+                l1 = float(_reconstruction(op(xq, qw.weight.to(work)), target, conv))
             weights[name] = qw
             done[name] = qw.weight
-            details[name] = AdaRoundLayer(name, up, rectified_sigmoid(v), l0, l1,
+            details[name] = AdaRoundLayer(name, up, rectified_sigmoid(v).to(w.dtype), l0, l1,
                                           float((up != up0).double().mean()),
                                           time.perf_counter() - t0)
     return AdaRoundResult(weights, details, cfg, int(x_all.shape[0]))

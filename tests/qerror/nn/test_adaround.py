@@ -469,3 +469,35 @@ def test_apply_rounding_refuses_choices_of_another_shape_and_other_grids():
     for other in (spec.replace(axis=None), spec.replace(symmetric=False)):
         with pytest.raises(ValueError, match="symmetric per-output-channel spec"):
             apply_rounding(w, qp, torch.ones(2, 8, dtype=torch.bool), other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_layer_learns_what_the_same_numbers_learn_in_float32(dtype):
+    """V was held and stepped in the weight's dtype: in float16 Adam's eps is 0 and every
+    run ended in FloatingPointError ('lower lr or lam', which did not help); in bfloat16
+    steps below half an ulp of V were rounded away, so most V never moved
+    (/work/runs/s46/adaround/probe_half.before.log). A half-precision layer is now
+    reconstructed in float32. Weights (k + j/16)/8 with each row's largest 7/8 give the
+    scale 1/8 and a grid every dtype holds exactly, so the half layer, on images its dtype
+    holds, makes the float32 layer's choices, weights and losses, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randint(-7, 7, (8, 16), generator=g)
+         + torch.randint(1, 16, (8, 16), generator=g) / 16) / 8
+    w[:, 0] = 7 / 8
+    half = nn.Sequential(nn.Linear(16, 8)).to(dtype)
+    with torch.no_grad():
+        half[0].weight.copy_(w)
+        half[0].bias.copy_(torch.randn(8, generator=g))
+    full = nn.Sequential(nn.Linear(16, 8))
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    assert torch.equal(full[0].weight, w)
+    x = (torch.randn(64, 16, generator=g) @ torch.randn(16, 16, generator=g)).to(dtype)
+    kw = {"iterations": 200, "batch": 32, "lr": 0.01}
+    got, want = adaround(half, [x], 4, **kw), adaround(full, [x.float()], 4, **kw)
+    layer, ref = got.layers["0"], want.layers["0"]
+    assert ref.flipped > 0  # the float32 layer moves some choices off round half up
+    assert torch.equal(layer.up, ref.up)
+    assert got.weights["0"].weight.dtype == layer.soft.dtype == dtype
+    assert torch.equal(got.weights["0"].weight.float(), want.weights["0"].weight)
+    assert (layer.loss_nearest, layer.loss_learned) == (ref.loss_nearest, ref.loss_learned)
+    assert torch.equal(layer.soft, ref.soft.to(dtype))
