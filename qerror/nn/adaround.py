@@ -45,7 +45,9 @@ most all but the last; a single step after it takes ``beta[1]``); during the war
 regulariser is off.
 
 With zero iterations the hard choice is ``frac(w/s) ≥ 1/2``: round half *up*, which equals
-:attr:`qerror.RoundingMode.NEAREST_EVEN` everywhere except at exact ties ``frac = 1/2``.
+:attr:`qerror.RoundingMode.NEAREST_EVEN` everywhere except at exact ties ``frac = 1/2``
+(for float64 weights ``frac`` is that of the float64 quotient ``w/s``, which can put a
+weight a few ulps from a tie on it, or across it).
 The weights' final dequantization goes through :func:`qerror.fake_quantize`, so equal codes
 give equal bits.
 
@@ -105,12 +107,14 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_h(frac: torch.Tensor) -> torch.Tensor:
-    """``V`` with ``h(V) = frac`` for ``frac`` in ``[0, 1)``.
+    """``V`` with ``h(V) = frac`` for ``frac`` in ``[0, 1]``.
 
-    Finite: ``sigmoid(V)`` lies in ``[1/12, 11/12)``.
+    Finite: ``sigmoid(V)`` lies in ``[1/12, 11/12]``. As ``ζ + γ = 1``,
+    ``logit((frac − γ)/(ζ − γ)) = 2 atanh(2 (frac − 1/2)/(ζ − γ))``, which has the sign of
+    ``frac − 1/2`` (0 at ``frac = 1/2``, so a tie starts up): the logit of the rounded
+    quotient gave ``V < 0`` at ``frac = 1/2`` (``0.6 / 1.2000000000000002``).
     """
-    p = (frac - GAMMA) / (ZETA - GAMMA)
-    return torch.log(p) - torch.log1p(-p)
+    return 2.0 * torch.atanh((frac - 0.5) * (2.0 / (ZETA - GAMMA)))
 
 
 @dataclass(frozen=True)

@@ -501,3 +501,29 @@ def test_a_half_precision_layer_learns_what_the_same_numbers_learn_in_float32(dt
     assert torch.equal(got.weights["0"].weight.float(), want.weights["0"].weight)
     assert (layer.loss_nearest, layer.loss_learned) == (ref.loss_nearest, ref.loss_learned)
     assert torch.equal(layer.soft, ref.soft.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_iterations_rounds_an_exact_tie_up(dtype):
+    """With zero iterations the choice is frac(w/s) >= 1/2, round half up. V₀ was the logit
+    of the rounded (1/2 + 0.1)/1.2000000000000002 = 0.49999999999999994, so an exact tie
+    started, and stayed, down (/work/runs/s46/adaround/probe_ties.before.log: 20 of 20
+    float32 ties). Weights (k + j/16)/8 with each row's largest 7/8: scale 1/8, ties at
+    j = 8, every quotient exact."""
+    g = torch.Generator().manual_seed(1)
+    k = torch.randint(-7, 7, (4, 32), generator=g)
+    j = torch.randint(0, 16, (4, 32), generator=g)
+    j[:, 1:5] = 8  # ties on every row, of both signs of k below
+    k[:, 1:5] = torch.tensor([-4, -3, 2, 3])
+    w = (k + j / 16) / 8
+    w[:, 0] = 7 / 8
+    lin = nn.Sequential(nn.Linear(32, 4, bias=False)).to(dtype)
+    with torch.no_grad():
+        lin[0].weight.copy_(w)
+    res = adaround(lin, [torch.randn(8, 32, generator=g, dtype=dtype)], 4, iterations=0)
+    up = j >= 8
+    up[:, 0] = False  # 7/8 is on its level, 7
+    assert torch.equal(res.layers["0"].up, up)
+    want = torch.clamp(k + up, -8, 7).to(dtype) / 8
+    want[:, 0] = 7 / 8
+    assert torch.equal(res.weights["0"].weight, want)
