@@ -337,6 +337,11 @@ def _check_batches(batches, what: str) -> list[torch.Tensor]:
             raise ValueError(f"{what}[{i}] must be a non-empty float32 batch (N, ...), got "
                              f"{getattr(b, 'dtype', type(b).__name__)} "
                              f"{tuple(getattr(b, 'shape', ()))}")
+        if not bool(torch.isfinite(b).all()):
+            # the histogram observer stopped in torch.histc ("range of [nan, nan] is not
+            # finite"), naming neither the calibration nor the batch
+            raise ValueError(f"{what}[{i}] holds NaN or Inf values, which no observer can "
+                             "range; calibrate on finite inputs")
     return batches
 
 

@@ -269,6 +269,17 @@ def test_bad_input_is_refused():
             q(torch.zeros(3, 2, dtype=dtype))
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
+    """A NaN or Inf in a calibration batch stopped in the histogram observer with torch's
+    "torch.histc: range of [nan, nan] is not finite", naming neither the calibration nor
+    the batch."""
+    calib = [torch.randn(4, 2), torch.randn(4, 2)]
+    calib[1][2, 1] = bad
+    with pytest.raises(ValueError, match=r"calibration\[1\] holds NaN or Inf values"):
+        quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
+
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
     """A first batch of one image would fix the exported batch size to 1: the example is
     the first batch of two or more, or the first two single images together."""
