@@ -342,6 +342,12 @@ def _check_batches(batches, what: str) -> list[torch.Tensor]:
             # finite"), naming neither the calibration nor the batch
             raise ValueError(f"{what}[{i}] holds NaN or Inf values, which no observer can "
                              "range; calibrate on finite inputs")
+        if b.shape[1:] != batches[0].shape[1:]:
+            # the exported graph takes the example's sample shape only: the batch stopped in
+            # its guard ("Guard failed: input.size()[2] == 8"), the calibration unnamed
+            raise ValueError(f"{what}[{i}] holds samples of shape {tuple(b.shape[1:])} and "
+                             f"{what}[0] of {tuple(batches[0].shape[1:])}; the exported graph "
+                             "takes one sample shape: give every batch the same")
     return batches
 
 

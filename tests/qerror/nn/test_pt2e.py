@@ -5,6 +5,7 @@ The compiled tests are marked ``slow``: inductor compiles three graphs per stage
 quantized graphs uncompiled.
 """
 
+import re
 import time
 
 import pytest
@@ -279,6 +280,19 @@ def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
     calib[1][2, 1] = bad
     with pytest.raises(ValueError, match=r"calibration\[1\] holds NaN or Inf values"):
         quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
+
+
+def test_calibration_batches_of_other_sample_shapes_are_refused_naming_the_batch():
+    """The graph is exported on one batch and takes its sample shape only: a calibration
+    batch of another (its images larger, or more channels) stopped in the graph's guard,
+    "AssertionError: Guard failed: input.size()[2] == 8", the calibration unnamed."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1)).eval()
+    for other in ((4, 3, 16, 16), (4, 4, 8, 8), (4, 3, 8)):
+        calib = [torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(*other)]
+        said = f"calibration[2] holds samples of shape {other[1:]} and calibration[0] of " \
+               "(3, 8, 8)"
+        with pytest.raises(ValueError, match=re.escape(said)):
+            quantize_pt2e(net, calib, compile=False)
 
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
     """A first batch of one image would fix the exported batch size to 1: the example is
