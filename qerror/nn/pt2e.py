@@ -399,7 +399,8 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         memory format), so sizes 2 to 15 and 16 upwards compile apart; the default warms
         up one size of each.
     max_batch : int
-        Upper bound of the dynamic batch dimension.
+        Upper bound of the dynamic batch dimension: at least 2 (a dimension bounded by 1 is
+        no dynamic one) and at least the largest calibration batch.
 
     Returns
     -------
@@ -431,7 +432,14 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     batches = _check_batches(calibration, "calibration")
-    max_batch = check_count(max_batch, "max_batch", 1)
+    max_batch = check_count(max_batch, "max_batch", 2)
+    largest = max(b.shape[0] for b in batches)
+    if largest > max_batch:
+        # the export stopped on it ("ConstraintViolationError: 4 not in range [2, 2]"), or
+        # the calibration in the prepared graph's guard ("input.size()[0] <= 8")
+        raise ValueError(f"max_batch ({max_batch}) is below the largest calibration batch "
+                         f"({largest} samples), which the exported graph must take: raise "
+                         "max_batch or split the batch")
     warmup_sizes = [check_count(s, "each of warmup_sizes (a batch size)", 1)
                     for s in warmup_sizes]
     if any(s > max_batch for s in warmup_sizes):

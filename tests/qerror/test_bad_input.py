@@ -320,7 +320,7 @@ COUNTS = [
      lambda v: ZeroPaddedConv2d(torch.nn.Conv2d(1, 2, 3), v), 1.0),
     ("pt2e-warmup-sizes", "each of warmup_sizes (a batch size)", 1,
      lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(v,)), 2.0),
-    ("pt2e-max-batch", "max_batch", 1,
+    ("pt2e-max-batch", "max_batch", 2,
      lambda v: quantize_pt2e(_PT2E_NET, [torch.zeros(2, 2, 4, 4)], warmup_sizes=(1,),
                              max_batch=v), 64.0),
     ("calibrate-activations-sample-per-batch", "sample_per_batch", 1,

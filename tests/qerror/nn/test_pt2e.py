@@ -294,6 +294,25 @@ def test_calibration_batches_of_other_sample_shapes_are_refused_naming_the_batch
         with pytest.raises(ValueError, match=re.escape(said)):
             quantize_pt2e(net, calib, compile=False)
 
+
+def test_a_max_batch_below_a_calibration_batch_or_below_two_is_refused():
+    """max_batch below a calibration batch stopped in torch: the export's example with
+    "ConstraintViolationError: 4 not in range [2, 2]", a later batch in the prepared graph's
+    guard "input.size()[0] <= 8"; max_batch 1 with "Cannot create Dim with inconsistent
+    min=1, max=1"."""
+    net = nn.Linear(2, 2)
+    for max_batch, calib, largest in ((2, [torch.randn(4, 2)], 4),
+                                      (8, [torch.randn(4, 2), torch.randn(16, 2)], 16)):
+        with pytest.raises(ValueError, match=rf"max_batch \({max_batch}\) is below the largest "
+                                             rf"calibration batch \({largest} samples\)"):
+            quantize_pt2e(net, calib, compile=False, warmup_sizes=(1,), max_batch=max_batch)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 2, got 1$"):
+        quantize_pt2e(net, [torch.randn(1, 2)] * 2, compile=False, warmup_sizes=(1,),
+                      max_batch=1)
+    q = quantize_pt2e(net, [torch.randn(1, 2)] * 2, compile=False, warmup_sizes=(1,),
+                      max_batch=2)  # the two single images make an example batch of 2
+    assert q(torch.randn(2, 2)).shape == (2, 2)
+
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
     """A first batch of one image would fix the exported batch size to 1: the example is
     the first batch of two or more, or the first two single images together."""
