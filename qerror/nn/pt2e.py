@@ -284,6 +284,11 @@ class Int8Module:
         ``fn`` and ``converted`` differ by many steps wherever a pair sum leaves int16.
         None where the probe could not tell; False when not compiled (``converted`` runs
         float ops only).
+    sample_shape : tuple of int or None
+        The shape of one sample of the export's example (the input is (N, *sample_shape));
+        None: not checked.
+    max_batch : int or None
+        The largest batch the exported graph takes; None: not checked.
     """
 
     fn: object = field(repr=False)
@@ -292,6 +297,8 @@ class Int8Module:
     lowered: dict = field(default_factory=dict)
     lowered_by_size: dict = field(default_factory=dict)
     saturates_pairs: bool | None = None
+    sample_shape: tuple | None = None
+    max_batch: int | None = None
 
     def __call__(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -299,6 +306,15 @@ class Int8Module:
                              "itself), got "
                              + (f"{x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
                                 else type(x).__name__) + "; convert with .float().cpu()")
+        # else the graph's guard stopped it ("AssertionError: Guard failed: x.size()[1] == 3")
+        if self.sample_shape is not None and tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"an INT8 module takes batches (N, "
+                             f"{', '.join(map(str, self.sample_shape))}) as it was exported, "
+                             f"got {tuple(x.shape)}")
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise ValueError(f"a batch of {x.shape[0]} is above the exported graph's max_batch "
+                             f"({self.max_batch}); split it, or quantize with a larger "
+                             "max_batch")
         with torch.no_grad():
             if self.fn is self.converted:
                 return self.fn(x)
@@ -490,7 +506,8 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     # The compiled graph runs oneDNN's kernels, which saturate int16 pair sums or not
     # depending on the instructions oneDNN picks here: asked of oneDNN, not the CPU flags.
     saturates = kernel_probe(Engine.ONEDNN).saturates_pairs if compile else False
-    return Int8Module(fn, converted, times, lowered, by_size, saturates)
+    return Int8Module(fn, converted, times, lowered, by_size, saturates,
+                      tuple(example.shape[1:]), max_batch)
 
 
 @dataclass(frozen=True)

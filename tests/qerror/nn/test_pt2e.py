@@ -313,6 +313,24 @@ def test_a_max_batch_below_a_calibration_batch_or_below_two_is_refused():
                       max_batch=2)  # the two single images make an example batch of 2
     assert q(torch.randn(2, 2)).shape == (2, 2)
 
+
+def test_a_call_with_another_sample_shape_or_too_large_a_batch_is_refused():
+    """The exported graph takes its example's sample shape and batches up to max_batch: a
+    call with another stopped in the graph's guard, "AssertionError: Guard failed:
+    input.size()[1] == 3", which says neither what the module takes nor what to do."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1)).eval()
+    q = quantize_pt2e(net, [torch.randn(4, 3, 8, 8)], compile=False, warmup_sizes=(1,),
+                      max_batch=8)
+    for shape in ((2, 4, 8, 8), (2, 3, 16, 16), (3, 8, 8), (2, 3, 8, 8, 1)):
+        said = f"takes batches (N, 3, 8, 8) as it was exported, got {shape}"
+        with pytest.raises(ValueError, match=re.escape(said)):
+            q(torch.randn(*shape))
+    with pytest.raises(ValueError, match=r"a batch of 9 is above the exported graph's "
+                                         r"max_batch \(8\); split it"):
+        q(torch.randn(9, 3, 8, 8))
+    assert q(torch.randn(8, 3, 8, 8)).shape == (8, 4, 1, 1)
+    assert (q.sample_shape, q.max_batch) == ((3, 8, 8), 8)
+
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
     """A first batch of one image would fix the exported batch size to 1: the example is
     the first batch of two or more, or the first two single images together."""
