@@ -349,10 +349,12 @@ def _check_batches(batches, what: str) -> list[torch.Tensor]:
         raise ValueError(f"{what} is empty; give at least one batch")
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor) or b.dtype != torch.float32 or b.ndim < 2 \
-                or b.shape[0] == 0:
-            raise ValueError(f"{what}[{i}] must be a non-empty float32 batch (N, ...), got "
+                or b.shape[0] == 0 or b.device.type != "cpu":
+            raise ValueError(f"{what}[{i}] must be a non-empty float32 CPU batch (N, ...) (the "
+                             "x86 quantizer's, as an INT8 module's input), got "
                              f"{getattr(b, 'dtype', type(b).__name__)} "
-                             f"{tuple(getattr(b, 'shape', ()))}")
+                             + (f"on {b.device} " if isinstance(b, torch.Tensor) else "")
+                             + f"{tuple(getattr(b, 'shape', ()))}")
         if not bool(torch.isfinite(b).all()):
             # the histogram observer stopped in torch.histc ("range of [nan, nan] is not
             # finite"), naming neither the calibration nor the batch

@@ -282,6 +282,16 @@ def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
         quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
 
 
+
+def test_calibration_on_another_device_is_refused_naming_the_batch():
+    """A calibration batch off the CPU (here on the meta device, which any machine has)
+    stopped in the finiteness check with "Tensor.item() cannot be called on meta tensors"
+    (before it, at the export, with torch's device mismatch)."""
+    calib = [torch.randn(4, 2), torch.randn(4, 2, device="meta")]
+    with pytest.raises(ValueError, match=r"calibration\[1\] must be a non-empty float32 CPU "
+                                         r"batch .* got torch.float32 on meta \(4, 2\)"):
+        quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
+
 def test_calibration_batches_of_other_sample_shapes_are_refused_naming_the_batch():
     """The graph is exported on one batch and takes its sample shape only: a calibration
     batch of another (its images larger, or more channels) stopped in the graph's guard,
