@@ -388,7 +388,8 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
         A stage holds a BatchNorm or dropout in training mode (a sample's output would
         depend on which others are still in the batch).
     ValueError
-        A stage gives something other than ``(features, logits)`` with one row per sample
+        ``x`` holds NaN or Inf values. A stage gives something other than
+        ``(features, logits)`` with one row per sample
         it ran and the same classes at every exit, or NaN or Inf logits, or logits that the
         rule's temperature scales past their dtype's range (:func:`exit_confidence`).
 
@@ -409,6 +410,12 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             or x.shape[0] == 0:
         raise ValueError("x must be a non-empty floating-point batch (N, ...), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
+    if not bool(torch.isfinite(x).all()):
+        # a float stage's NaN logits were refused below, but an INT8 stage quantizes NaN and
+        # Inf to ordinary codes: its finite logits would exit such a sample silently
+        raise ValueError("x holds NaN or Inf values; an early exit's decision on them would "
+                         "mean nothing (an INT8 stage quantizes them to ordinary codes): "
+                         "give finite inputs")
     if any(isinstance(s, nn.Module) and any(_mixes_samples(m) for m in s.modules())
            for s in stages):
         raise RuntimeError(_TRAINING_MODE)

@@ -289,6 +289,13 @@ class Int8Module:
         None: not checked.
     max_batch : int or None
         The largest batch the exported graph takes; None: not checked.
+
+    Notes
+    -----
+    The input's quantize node maps NaN and Inf to ordinary codes, so a non-finite input gives
+    finite outputs where the float module gives NaN; a call does not check (it would add a
+    pass over the input to every timed call): :func:`~qerror.nn.early_exit.run_early_exit`
+    refuses such an input, other callers check their own.
     """
 
     fn: object = field(repr=False)

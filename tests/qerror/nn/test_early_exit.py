@@ -1179,6 +1179,23 @@ def test_stage_runner_refuses_nan_logits_as_the_logits_path_does():
         exit_result_from_logits([bad, good], rule)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_stage_runner_refuses_a_non_finite_input(value):
+    """An INT8 stage quantizes NaN and Inf to ordinary codes and gives finite logits (a
+    float stage gives NaN, refused above): the runner took such an input and exited it on
+    whatever its codes gave. Stages that clamp their input as a quantizer does stand in."""
+    def clamping(h):
+        h = torch.nan_to_num(h, nan=0.0).clamp(-1.0, 1.0)
+        return h, torch.cat([h, -h], dim=1)
+
+    x = torch.zeros(3, 1)
+    rule = ExitRule("max-softmax", (0.0,))
+    assert run_early_exit([clamping, clamping], x, rule).exit_index.tolist() == [0, 0, 0]
+    x[1, 0] = value
+    with pytest.raises(ValueError, match="x holds NaN or Inf values"):
+        run_early_exit([clamping, clamping], x, rule)
+
+
 @pytest.mark.parametrize("dtype, temperature", [(torch.float16, 0.05), (torch.float32, 1e-300)])
 def test_a_temperature_that_overflows_the_logits_dtype_is_refused(dtype, temperature):
     """Finite logits divided by a valid temperature overflowed the dtype (4000 / 0.05 > 65504
