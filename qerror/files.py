@@ -231,19 +231,25 @@ def sync_tree(folder: Path | str) -> None:
 def torch_save(obj: Any, path: Path | str, what: str, note: str = "") -> None:
     """``torch.save(obj, path)``, with a failed write said as the OSError it is.
 
-    torch's writer reports a write that fails (a full disk) as a RuntimeError naming a C++
-    source line; here it becomes an OSError naming ``what`` (e.g. "the checkpoint x.pt"), the
-    bytes the tensors need and those free, then ``note``; the studies say it in one line.
+    torch's writer reports a write that fails (a full disk, a missing folder, a folder at the
+    path) as a RuntimeError naming a C++ source line; here it becomes an OSError naming
+    ``what`` (e.g. "the checkpoint x.pt") and torch's reason, then, where the file system has
+    less room than the tensors need, the bytes of both and the advice to make room, then
+    ``note``; the studies say it in one line.
     """
     try:
         torch.save(obj, path)
     except RuntimeError as exc:
         need = sum(t.numel() * t.element_size() for t in _tensors(obj))
-        raise OSError(f"could not write {what} (torch: {exc}): its tensors need about "
-                      f"{need / 2**20:.0f} MiB and its file system has "
-                      f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free; "
-                      "make room there, or write it elsewhere" + (f". {note}" if note else ""))\
-            from exc
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+        except OSError:  # the folder is not there (torch's reason says so)
+            free = None
+        room = ("" if free is None or free > need else
+                f": its tensors need about {need / 2**20:.0f} MiB and its file system has "
+                f"{free / 2**20:.0f} MiB free; make room there, or write it elsewhere")
+        raise OSError(f"could not write {what} (torch: {exc}){room}"
+                      + (f". {note}" if note else "")) from exc
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:

@@ -34,6 +34,8 @@ def test_torch_saves_failed_write_is_an_os_error_naming_the_file(tmp_path, monke
     # torch's writer says a full disk as a RuntimeError naming a C++ line; every torch file
     # the package writes (checkpoints, training states, studies' network files) goes through
     # files.torch_save, which says it as the OSError it is (the studies' one-line advice).
+    import shutil
+
     import pytest
     import torch
 
@@ -42,14 +44,27 @@ def test_torch_saves_failed_write_is_an_os_error_naming_the_file(tmp_path, monke
     def full(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3920576")
 
+    real_save = torch.save
     monkeypatch.setattr(torch, "save", full)
     # 1 MiB of float32, all of it inside lists and tuples inside the mapping
     state = {"nested": [(torch.zeros(256, 512),), torch.zeros(256, 512)], "step": 3}
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=2**19))
     with pytest.raises(OSError, match=r"could not write the state x\.pt \(torch: \[enforce"
-                                      r".*its tensors need about 1 MiB .* MiB free; make room "
-                                      r"there, or write it elsewhere\. Kept\.$"):
+                                      r".*its tensors need about 1 MiB and its file system has "
+                                      r"0 MiB free; make room there, or write it elsewhere\. "
+                                      r"Kept\.$"):
         files.torch_save(state, tmp_path / "x.pt", "the state x.pt", "Kept.")
     assert not (tmp_path / "x.pt").exists()
+    # Where room is not what is missing (a folder at the path, no folder for it), torch's own
+    # reason is given and no full disk is claimed (every RuntimeError was said as one).
+    monkeypatch.undo()
+    (tmp_path / "d.pt").mkdir()
+    for path in (tmp_path / "d.pt", tmp_path / "none" / "x.pt"):
+        with pytest.raises(OSError, match=r"could not write it \(torch: .+\)\. Kept\.$") as e:
+            files.torch_save(state, path, "it", "Kept.")
+        assert "make room" not in str(e.value)
+    assert real_save is torch.save
 
 
 def test_a_link_is_written_through_to_where_it_points(tmp_path):
