@@ -136,7 +136,8 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     ------
     StudyError
         When a file the run is read by is not the one its manifest lists (altered after the
-        run, or from another run).
+        run, or from another run), or its ``summary.json`` lacks what is read from it (the
+        INT8 rule, the headline operating point).
     """
     folder = Path(folder)
     manifest = previous_run(folder)
@@ -144,9 +145,19 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
         return None
     for name in EARLY_EXIT_FILES:
         _check_listed(folder, manifest, name)
-    summary = json.loads((folder / "summary.json").read_text())
-    r = summary["int8_rule"]
-    rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))
-    headline = next(p for p in summary["operating_points"]
-                    if p["system"] == "int8_early_exit" and p["policy"] == summary["head_policy"])
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        r = summary["int8_rule"]
+        rule = ExitRule(r["policy"], tuple(r["thresholds"]), tuple(r["temperatures"]))
+        headline = next(p for p in summary["operating_points"]
+                        if p["system"] == "int8_early_exit"
+                        and p["policy"] == summary["head_policy"])
+    except (ValueError, KeyError, TypeError, StopIteration) as err:
+        # the files are the run's own (listed), but not what this version's early_exit
+        # writes (an older version's run, another writer): refused with why, not a traceback
+        why = "no INT8 early-exit operating point of its head policy" \
+            if isinstance(err, StopIteration) else f"{type(err).__name__}: {err}"
+        raise StudyError(f"{folder / 'summary.json'} is not a summary of this version's "
+                         f"studies.early_exit ({why}); rerun python -m studies.early_exit "
+                         "--force (or point at another run)") from None
     return EarlyExitRun(folder, manifest, summary, rule, headline)

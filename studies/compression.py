@@ -991,6 +991,20 @@ def early_exit_mismatch(run: EarlyExitRun | None, folder: Path, model_id: dict,
     return None
 
 
+#: What the early-exit point takes from the run's headline operating point.
+EARLY_EXIT_HEADLINE_KEYS = ("images", "accuracy", "policy", "macs_fraction")
+
+
+def _check_headline(run: EarlyExitRun | None, folder: Path) -> None:
+    """A StudyError where the early-exit run's headline operating point lacks what the
+    early-exit point is made of (a run of another version of studies.early_exit)."""
+    lacking = [k for k in EARLY_EXIT_HEADLINE_KEYS if run is not None and k not in run.headline]
+    if lacking:
+        raise StudyError(f"{Path(folder) / 'summary.json'}: its INT8 early-exit operating point "
+                         f"lacks {', '.join(lacking)} (not this version's studies.early_exit); "
+                         "rerun python -m studies.early_exit --force (or point at another run)")
+
+
 def _refuse_named_early_exit_run(folder: Path, why: str) -> None:
     raise StudyError(f"--early-exit-run {folder}: {why}; pass a finished studies.early_exit "
                      "run on this baseline and test split, or leave the option out")
@@ -1189,6 +1203,7 @@ def _main(argv: list[str]) -> int:
         why = early_exit_mismatch(named, args.early_exit_run, {}, 0, smoke, only_run=True)
         if why is not None:
             _refuse_named_early_exit_run(args.early_exit_run, why)
+        _check_headline(named, args.early_exit_run)
 
     started = time.perf_counter()
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
@@ -1225,6 +1240,7 @@ def _main(argv: list[str]) -> int:
     ee_why, ee_run, ee_net, ee_latency = "the ResNet part was not run", None, None, None
     if "resnet" in parts:
         ee_run = early_exit_run(ee_folder)
+        _check_headline(ee_run, ee_folder)
         ee_why = early_exit_mismatch(ee_run, ee_folder, model_id,
                                      data.identity["test_images"], smoke,
                                      data.identity.get("test_sha256"))

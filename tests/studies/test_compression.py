@@ -244,6 +244,61 @@ def test_a_named_early_exit_run_that_is_none_is_refused_before_the_baseline(
     assert not out.exists()
 
 
+def _summary_lacking(what: str) -> str:
+    """The text of an early_exit summary.json that lacks what the readers take from it."""
+    point = {"system": "int8_early_exit", "policy": "max-softmax", "images": 64,
+             "accuracy": 0.5, "macs_fraction": 0.4}
+    summary = {"smoke": True, "head_policy": "max-softmax", "operating_points": [point],
+               "int8_rule": {"policy": "max-softmax", "thresholds": [0.5, 0.5, 0.5],
+                             "temperatures": [1.0, 1.0, 1.0, 1.0]}}
+    if what == "not-json":
+        return "{ truncated"
+    if what == "no-int8-rule":
+        del summary["int8_rule"]
+    elif what == "no-int8-point":
+        point["system"] = "fp32_early_exit"
+    elif what == "no-images":
+        del point["images"]
+    return json.dumps(summary)
+
+
+@pytest.mark.parametrize("what", ["not-json", "no-int8-rule", "no-int8-point", "no-images"])
+def test_an_early_exit_run_whose_summary_lacks_what_is_read_is_refused_with_why(
+        what, fashion_idx, tmp_path, capsys):
+    """A finished early_exit run (files as its manifest lists them) whose summary.json is
+    not one this version writes (an older version's, another writer's) raised a KeyError,
+    StopIteration or JSONDecodeError traceback out of studies.compression (the run named or
+    beside --out) and studies.bench (probe_ee_foreign.before.log); it is refused with the
+    file and what to do."""
+    from qerror.files import sha256_file
+    from studies._common import StudyError
+    from studies._runs import early_exit_run
+
+    root = fashion_idx(train=6100, test=100)
+    named = tmp_path / "early_exit"
+    named.mkdir()
+    (named / "summary.json").write_text(_summary_lacking(what))
+    (named / "exit_model.pt").write_bytes(b"x")
+    # of this run's network and test images: only the summary keeps it from being a point
+    test_sha256 = compression.load_data(root, 64, 256).identity["test_sha256"]
+    (named / "manifest.json").write_text(json.dumps({
+        "study": "early_exit", "argv": ["--smoke"], "config": {"smoke": True},
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
+        "data": {"test_sha256": test_sha256},
+        "outputs": {n: sha256_file(named / n) for n in ("summary.json", "exit_model.pt")}}))
+    if what != "no-images":  # what every reader takes (studies.bench too): the rule
+        with pytest.raises(StudyError, match="summary.json is not a summary of this "
+                                             "version's studies.early_exit .*rerun python -m"):
+            early_exit_run(named)
+    for extra in (["--early-exit-run", str(named)], []):  # named, and beside --out
+        out = tmp_path / "compression"
+        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{named / 'summary.json'}" in err and "rerun python -m studies.early_exit" in err
+        assert not out.exists()
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
