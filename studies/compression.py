@@ -603,6 +603,11 @@ def wisard_points(data, args, folder, bar, meter: LatencyMeter,
     return rows, timing
 
 
+def dwn_key(luts: Sequence[int]) -> str:
+    """The row key of the DWN of ``luts`` LUTs per layer (its macros' names, in letters)."""
+    return letters(f"dwn {' '.join(map(str, luts))}")
+
+
 def dwn_tau(luts: Sequence[int]) -> float:
     """The default GroupSum temperature of a DWN: ``(L/C)/30`` for ``L`` LUTs in the last
     layer and ``C`` classes.
@@ -631,7 +636,7 @@ def dwn_points(data, args, folder, bar, meter: LatencyMeter,
                       efd=args.dwn_efd, progress=True, device=args.device)
         back, counted, size = stored_wnn(res.model, folder)
         correct = back.predict(data.p_test).numpy() == data.y_test
-        rows.append(point(f"dwn {' '.join(map(str, luts))}", "DWN", "weightless",
+        rows.append(point(dwn_key(luts), "DWN", "weightless",
                           f"LUTs {'/'.join(map(str, luts))}, fan-in {args.dwn_fan_in}, "
                           f"{args.dwn_bits}-bit thermometer, tau {tau:.3g}",
                           counted, size, correct, reference, sparsity=math.nan, storage="wnn",
@@ -1163,6 +1168,15 @@ def _main(argv: list[str]) -> int:
             parser.error(f"{option} {' '.join(map(str, values))}: two of them read alike "
                          f"({', '.join(labels)}) and would name the same rows; pass values "
                          "that differ in their first six digits")
+    if "dwn" in parts:  # numbers of three digits and more are spelled digit by digit in
+        # a key: 200,2100 and 2002,100 both read TwoZeroZeroTwoOneZeroZero
+        keys = [dwn_key(luts) for luts in args.dwn_luts]
+        alike = sorted({k for k in keys if keys.count(k) > 1})
+        if alike:
+            parser.error(f"--dwn-luts {' '.join(','.join(map(str, v)) for v in args.dwn_luts)}: "
+                         f"two of them read alike in their rows' names ({', '.join(alike)}) "
+                         "and would name the same rows and macros; pass layer sizes that read "
+                         "apart")
     test_images = pick(args.test_images, split_images("test"), 64)
     if args.prune_updates > args.finetune_steps:
         parser.error(f"--prune-updates {args.prune_updates}: more than --finetune-steps "

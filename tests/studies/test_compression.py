@@ -199,6 +199,11 @@ def test_the_smallest_layout_includes_dense():
      r"--wisard-budgets 1000000 1000001: two of them read alike"),
     (["--parts", "resnet", "--channel-fractions", "0.5", "0.5000001"],
      "--channel-fractions 0.5 0.5000001: two of them read alike"),
+    # a key spells numbers of 3+ digits digit by digit: both were DwnTwoZeroZeroTwoOneZeroZero,
+    # one Acc macro and the other DWN's accuracy in latency.tex (probe_dwn_keys.before.log)
+    (["--parts", "dwn", "--dwn-luts", "200,2100", "2002,100"],
+     "--dwn-luts 200,2100 2002,100: two of them read alike in their rows' names "
+     "(DwnTwoZeroZeroTwoOneZeroZero)"),
     (["--parts", "wisard", "cnn", "--wisard-budgets", "102400", "94757240"],
      "--wisard-budgets 94757240: the tiny CNN of --parts cnn would be wider than "
      "MAX_TINY_WIDTH = 1024 (width 1025 takes 94,757,240 bytes)"),
