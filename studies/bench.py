@@ -1087,6 +1087,12 @@ def _main(argv: list[str]) -> int:
         if named is None:
             _refuse_named_run(args.early_exit_run)
         named.backbone_path()  # its baseline still the file it measured (sha256)
+    elif "early_exit" in groups and not args.smoke:
+        # the default run, when there is one, checked now as well: one whose summary or
+        # baseline changed ended the bench after every other group had been timed
+        default = _timeable_run(DEFAULT_EE_RUN)
+        if default is not None:
+            default.backbone_path()
     check_out(args.out, "bench", force=args.force)
     # median_level: the coverage of median_lo/median_hi, which a reader of bench.csv (the
     # README's passages) names from the run, not from the code of the day

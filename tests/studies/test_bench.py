@@ -83,9 +83,8 @@ def test_a_named_early_exit_run_is_checked_before_any_timing(tmp_path, capsys):
     assert "not a finished, non-smoke" in capsys.readouterr().err
 
 
-def test_a_named_run_whose_baseline_changed_is_refused_before_any_timing(tmp_path, capsys):
-    """Its checkpoint's sha256 was checked only inside the early_exit group, after the other
-    groups had been timed."""
+def _run_whose_baseline_changed(tmp_path):
+    """A finished early_exit run whose baseline checkpoint is another file now."""
     import hashlib
     import json
 
@@ -105,13 +104,25 @@ def test_a_named_run_whose_baseline_changed_is_refused_before_any_timing(tmp_pat
         "study": "early_exit", "argv": [], "config": {"arch": "resnet50", "smoke": False},
         "model": {"checkpoint": str(ckpt), "sha256": "0" * 64},
         "outputs": {n: sha(run / n) for n in ("summary.json", "exit_model.pt")}}))
+    return run
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_run_whose_baseline_changed_is_refused_before_any_timing(named, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Its checkpoint's sha256 was checked only inside the early_exit group, after the other
+    groups had been timed: for a named run, and for the default runs/early_exit
+    (probe_bench_default_ee.before.log: the empirical group timed, then exit 2, no output)."""
+    run = _run_whose_baseline_changed(tmp_path)
+    if not named:
+        monkeypatch.setattr(bench, "DEFAULT_EE_RUN", run)
     ran = []
     real = bench.GROUPS["empirical"]
     bench.GROUPS["empirical"] = lambda args: ran.append(1) or real(args)
     out = tmp_path / "bench"
     try:
-        code = bench.main(["--only", "empirical", "--only", "early_exit", "--early-exit-run",
-                           str(run), "--out", str(out)])
+        code = bench.main(["--only", "empirical", "--only", "early_exit", "--out", str(out)]
+                          + (["--early-exit-run", str(run)] if named else []))
     finally:
         bench.GROUPS["empirical"] = real
     assert code == 2 and not ran and not out.exists()
