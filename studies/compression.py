@@ -1219,6 +1219,13 @@ def _main(argv: list[str]) -> int:
             _refuse_named_early_exit_run(args.early_exit_run, why)
         _check_headline(named, args.early_exit_run)
 
+    # sparsities that read alike name the same rows and macros: refused before the model,
+    # which a missing baseline trains first
+    labels = [f"{100 * s:g}" for s in args.sparsities]
+    if len(set(labels)) < len(labels):
+        raise StudyError(f"--sparsities {' '.join(map(repr, args.sparsities))}: two of them "
+                         f"read alike as percentages ({', '.join(labels)}) and would name the "
+                         "same rows; pass sparsities that differ in their first six digits")
     started = time.perf_counter()
     model, model_id = _load_model(args) if "resnet" in parts else (None, {"model": None})
     if model is not None:  # a sparsity that would prune every weight, refused before the work
@@ -1227,12 +1234,6 @@ def _main(argv: list[str]) -> int:
         if whole:
             raise StudyError(f"--sparsities {whole[0]!r}: of the model's {n:,} prunable "
                              f"weights it prunes all; pass a sparsity below {(n - 0.5) / n!r}")
-    # sparsities that read alike name the same rows and macros
-    labels = [f"{100 * s:g}" for s in args.sparsities]
-    if len(set(labels)) < len(labels):
-        raise StudyError(f"--sparsities {' '.join(map(repr, args.sparsities))}: two of them "
-                         f"read alike as percentages ({', '.join(labels)}) and would name the "
-                         "same rows; pass sparsities that differ in their first six digits")
     data = load_data(args.data_root, test_images, 256 if smoke else None,
                      model_id.get("held_out"))
     if str(model_id["model"]).endswith("untrained-smoke"):

@@ -691,6 +691,23 @@ def test_sparsities_that_cannot_be_told_apart_or_prune_all_are_refused_before_an
     assert re.search(message, capsys.readouterr().err) and not out.exists()
 
 
+def test_sparsities_that_read_alike_are_refused_before_the_baseline(fashion_idx, tmp_path,
+                                                                   monkeypatch, capsys):
+    """0.9 and 0.9000000001 were refused only after the model was loaded, which trains a
+    missing baseline first (probe_alike_sparsities.before.log)."""
+    root = fashion_idx(train=6100, test=100)
+
+    def load_model(args):
+        raise AssertionError("the baseline was loaded (trained, were it missing) first")
+
+    monkeypatch.setattr(compression, "_load_model", load_model)
+    out = tmp_path / "c"
+    assert compression.main(["--parts", "resnet", "--sparsities", "0.9", "0.9000000001",
+                             "--data-root", str(root), "--out", str(out)]) == 2
+    assert "two of them read alike as percentages (90, 90)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_latency_figure_says_which_int8_models_ran_dequantized():
     """The markers of INT8 models timed as float32 products of dequantized weights read
     'dense INT8' and 'tiny CNN INT8' alone."""
