@@ -295,7 +295,7 @@ class Int8Module:
     The input's quantize node maps NaN and Inf to ordinary codes, so a non-finite input gives
     finite outputs where the float module gives NaN; a call does not check (it would add a
     pass over the input to every timed call): :func:`~qerror.nn.early_exit.run_early_exit`
-    refuses such an input, other callers check their own.
+    and :class:`Int8ExitStages` refuse such an input, other callers check their own.
     """
 
     fn: object = field(repr=False)
@@ -535,7 +535,19 @@ class Int8ExitStages:
         return run_early_exit(self.stages, x, rule)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The logits of every exit for every sample, as ``EarlyExitResNet.forward``."""
+        """The logits of every exit for every sample, as ``EarlyExitResNet.forward``.
+
+        Raises
+        ------
+        ValueError
+            ``x`` holds NaN or Inf values: the stages would quantize them to ordinary codes
+            and give finite logits, which the exit decisions taken from them
+            (:func:`~qerror.nn.early_exit.exit_result_from_logits`) would take, where the
+            float network's NaN logits are refused (as :meth:`run` refuses such an input).
+        """
+        if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds NaN or Inf values; the INT8 stages would quantize them "
+                             "to ordinary codes and give finite logits: give finite inputs")
         out = []
         h = x
         for stage in self.stages:

@@ -14,10 +14,11 @@ import torchvision
 from torch import nn
 from torch._dynamo.utils import counters
 
-from qerror.nn.early_exit import EarlyExitResNet, ExitRule
+from qerror.nn.early_exit import EarlyExitResNet, ExitRule, exit_result_from_logits
 from qerror.nn.models import fashion_resnet
 from qerror.nn.pt2e import (
     LOWERING_COUNTERS,
+    Int8ExitStages,
     UntiedBottleneck,
     ZeroPaddedConv2d,
     pad_single_channel_convs,
@@ -173,6 +174,40 @@ def test_pt2e_quantized_stages_agree_with_fp32_uncompiled(trained):
     _check_agreement(ref, got, y)
     assert all(s.lowered == {} for s in q.stages)
     assert q.saturates_pairs is False  # float ops only
+
+
+class _LinearStage(nn.Module):
+    """An exit stage of two linear layers: (features, logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return h, self.head(h)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_stages_refuse_a_non_finite_input_on_every_exit_s_logits_too(bad):
+    """The INT8 stages quantize NaN and Inf to ordinary codes: called for every exit's
+    logits (the path the early_exit study's threshold sweeps take), they gave finite logits,
+    which exit_result_from_logits exited at the first exit, where the float stages' NaN
+    logits are refused and run() refuses the input (probe_int8_call_nan.before.log)."""
+    torch.manual_seed(0)
+    floats = [_LinearStage().eval(), _LinearStage().eval()]
+    calib = [torch.randn(8, 4, generator=torch.Generator().manual_seed(1))]
+    q = Int8ExitStages((quantize_pt2e(floats[0], calib, compile=False),
+                        quantize_pt2e(floats[1], [floats[0].body(calib[0]).detach()],
+                                      compile=False)))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    rule = ExitRule("max-softmax", (0.0,))
+    assert exit_result_from_logits(list(q(x)), rule).exit_index.tolist() == [0, 0, 0]
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="x holds NaN or Inf values"):
+        q(x)
+    with pytest.raises(ValueError, match="x holds NaN or Inf values"):
+        q.run(x, rule)
 
 
 @pytest.mark.slow
