@@ -1010,6 +1010,21 @@ def _check_headline(run: EarlyExitRun | None, folder: Path) -> None:
                          "rerun python -m studies.early_exit --force (or point at another run)")
 
 
+#: The columns :func:`early_exit_latency` reads of the run's ``latency.csv``.
+EARLY_EXIT_LATENCY_COLUMNS = ("name", "candidate", "baseline", "note", "pairs", "candidate_ms",
+                              "baseline_ms", "ratio_median")
+
+
+def _check_latency(lat: pd.DataFrame | None, folder: Path) -> None:
+    """A StudyError where the early-exit run's ``latency.csv`` lacks a column
+    :func:`early_exit_latency` reads, which it reads only after the ResNet's fine-tuning."""
+    lacking = [] if lat is None else [c for c in EARLY_EXIT_LATENCY_COLUMNS if c not in lat]
+    if lacking:
+        raise StudyError(f"{Path(folder) / 'latency.csv'} lacks {', '.join(lacking)} (not "
+                         "this version's studies.early_exit); rerun python -m "
+                         "studies.early_exit --force (or point at another run)")
+
+
 def _refuse_named_early_exit_run(folder: Path, why: str) -> None:
     raise StudyError(f"--early-exit-run {folder}: {why}; pass a finished studies.early_exit "
                      "run on this baseline and test split, or leave the option out")
@@ -1262,6 +1277,7 @@ def _main(argv: list[str]) -> int:
         if ee_why is None:
             ee_net = ee_run.network(copy.deepcopy(model))
             ee_latency = ee_run.latency()  # checked against its manifest now, not at the end
+            _check_latency(ee_latency, ee_folder)
         elif args.early_exit_run is not None:  # named by the user: a typo is not a choice
             _refuse_named_early_exit_run(ee_folder, ee_why)
         else:

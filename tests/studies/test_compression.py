@@ -304,6 +304,46 @@ def test_an_early_exit_run_whose_summary_lacks_what_is_read_is_refused_with_why(
         assert not out.exists()
 
 
+def test_an_early_exit_run_whose_latency_lacks_what_is_read_is_refused_before_the_work(
+        fashion_idx, tmp_path, monkeypatch, capsys):
+    """A matching early_exit run beside --out whose latency.csv (listed in its manifest) is
+    not one this version writes: its columns were read only at the end, after the ResNet's
+    fine-tuning, and the run ended in a traceback with nothing written
+    (probe_ee_latency_foreign.before.log: "UNCAUGHT AttributeError: 'DataFrame' object has
+    no attribute 'name'", fine-tuning run first); it is refused before the work."""
+    from qerror.files import sha256_file
+    from qerror.nn.early_exit import EarlyExitResNet
+    from qerror.nn.models import fashion_resnet
+
+    root = fashion_idx(train=6100, test=100)
+    ee = tmp_path / "early_exit"
+    ee.mkdir()
+    (ee / "summary.json").write_text(_summary_lacking("nothing"))
+    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")},
+               ee / "exit_model.pt")
+    (ee / "latency.csv").write_text("batch,ms\n1,2.0\n")
+    test_sha256 = compression.load_data(root, 64, 256).identity["test_sha256"]
+    (ee / "manifest.json").write_text(json.dumps({
+        "study": "early_exit", "argv": ["--smoke"],
+        "config": {"smoke": True, "exit_points": list(net.exit_points)},
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
+        "data": {"test_sha256": test_sha256},
+        "outputs": {n: sha256_file(ee / n)
+                    for n in ("summary.json", "exit_model.pt", "latency.csv")}}))
+
+    def fine_tune(*args, **kwargs):
+        raise AssertionError("the ResNet was fine-tuned before the refusal")
+
+    monkeypatch.setattr(compression, "resnet_points", fine_tune)
+    out = tmp_path / "compression"
+    assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                             "--data-root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ee / 'latency.csv'} lacks" in err and "rerun python -m studies.early_exit" in err
+    assert not out.exists()
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
