@@ -35,7 +35,8 @@ reconstruction (weights-only AdaRound); the bias stays float.
 A half-precision layer (float16, bfloat16) is reconstructed in float32: ``V``, the soft
 weights, the layer's outputs on its inputs (the network's, in its dtype) and the loss; its
 learned weights are in its dtype. Adam's steps on ``V`` held in bfloat16 are rounded away
-(below half an ulp for ``|V| ≥ 1/4`` at ``lr = 1e-3``), and its ``eps`` is 0 in float16.
+(at ``lr = 1e-3``, every step for ``|V| ≥ 1/2``, whose half ulp is ``2^-9 > lr``; for
+``|V| ≥ 1/4`` those below ``2^-10``), and its ``eps`` is 0 in float16.
 
 The reconstruction loss is summed over output channels (features) and averaged over images
 and spatial positions, the convention of BRECQ's released code [2]_ (other authors', after
@@ -507,7 +508,7 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             t0 = time.perf_counter()
             w = layer.weight.detach()
             # V, the soft weights and the loss in float32 at least: in a half-precision
-            # dtype Adam's steps vanish (bfloat16: below half an ulp of |V| >= 1/4) or its
+            # dtype Adam's steps vanish (bfloat16: below half an ulp, 2^-9 for |V| >= 1/2) or its
             # eps underflows to 0 (float16: 0/0 on the first step)
             work = torch.promote_types(w.dtype, torch.float32)
             qp = calibrate(w, spec)
