@@ -128,6 +128,10 @@ def _check_listed(folder: Path, manifest: dict, name: str) -> None:
                          "python -m studies.early_exit --force (or point at another run)")
 
 
+#: What an early-exit run's manifest config is read for: the network's exits, the bench's label.
+EARLY_EXIT_CONFIG = ("arch", "exit_points")
+
+
 def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     """The early-exit run in ``folder``; None when the folder holds no finished run of
     ``studies.early_exit``.
@@ -136,8 +140,9 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     ------
     StudyError
         When a file the run is read by is not the one its manifest lists (altered after the
-        run, or from another run), or its ``summary.json`` lacks what is read from it (the
-        INT8 rule, the headline operating point).
+        run, or from another run), or its ``summary.json`` or its manifest's config lacks what
+        is read from it (the INT8 rule, the headline operating point; the architecture, the
+        exit points).
     """
     folder = Path(folder)
     manifest = previous_run(folder)
@@ -145,6 +150,14 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
         return None
     for name in EARLY_EXIT_FILES:
         _check_listed(folder, manifest, name)
+    # what the manifest is read for later (the network, the bench's label): checked here,
+    # so that a run of another version is refused before any work, not with a KeyError
+    config = manifest.get("config")
+    lacking = [k for k in EARLY_EXIT_CONFIG if not isinstance(config, dict) or k not in config]
+    if lacking:
+        raise StudyError(f"{folder / 'manifest.json'} is not a manifest of this version's "
+                         f"studies.early_exit (its config has no {', '.join(lacking)}); rerun "
+                         "python -m studies.early_exit --force (or point at another run)")
     try:
         summary = json.loads((folder / "summary.json").read_text())
         r = summary["int8_rule"]

@@ -101,7 +101,8 @@ def _run_whose_baseline_changed(tmp_path):
     torch.save({}, run / "exit_model.pt")
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     (run / "manifest.json").write_text(json.dumps({
-        "study": "early_exit", "argv": [], "config": {"arch": "resnet50", "smoke": False},
+        "study": "early_exit", "argv": [], "config": {"arch": "resnet50", "smoke": False,
+                                                "exit_points": ["layer1", "layer2", "layer3"]},
         "model": {"checkpoint": str(ckpt), "sha256": "0" * 64},
         "outputs": {n: sha(run / n) for n in ("summary.json", "exit_model.pt")}}))
     return run

@@ -267,7 +267,8 @@ def _summary_lacking(what: str) -> str:
     return json.dumps(summary)
 
 
-@pytest.mark.parametrize("what", ["not-json", "no-int8-rule", "no-int8-point", "no-images"])
+@pytest.mark.parametrize("what", ["not-json", "no-int8-rule", "no-int8-point", "no-images",
+                                  "no-arch", "no-exit-points"])
 def test_an_early_exit_run_whose_summary_lacks_what_is_read_is_refused_with_why(
         what, fashion_idx, tmp_path, capsys):
     """A finished early_exit run (files as its manifest lists them) whose summary.json is
@@ -286,13 +287,18 @@ def test_an_early_exit_run_whose_summary_lacks_what_is_read_is_refused_with_why(
     (named / "exit_model.pt").write_bytes(b"x")
     # of this run's network and test images: only the summary keeps it from being a point
     test_sha256 = compression.load_data(root, 64, 256).identity["test_sha256"]
+    # the manifest's config as early_exit writes it, but for what the case takes out (a
+    # bare KeyError out of EarlyExitRun.network and the bench's label before)
+    config = {"smoke": True, "arch": "resnet18", "exit_points": ["layer1", "layer2", "layer3"]}
+    config.pop({"no-arch": "arch", "no-exit-points": "exit_points"}.get(what, ""), None)
+    file = "manifest.json" if what in ("no-arch", "no-exit-points") else "summary.json"
     (named / "manifest.json").write_text(json.dumps({
-        "study": "early_exit", "argv": ["--smoke"], "config": {"smoke": True},
+        "study": "early_exit", "argv": ["--smoke"], "config": config,
         "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
         "data": {"test_sha256": test_sha256},
         "outputs": {n: sha256_file(named / n) for n in ("summary.json", "exit_model.pt")}}))
     if what != "no-images":  # what every reader takes (studies.bench too): the rule
-        with pytest.raises(StudyError, match="summary.json is not a summary of this "
+        with pytest.raises(StudyError, match=f"{file} is not a (summary|manifest) of this "
                                              "version's studies.early_exit .*rerun python -m"):
             early_exit_run(named)
     for extra in (["--early-exit-run", str(named)], []):  # named, and beside --out
@@ -300,7 +306,7 @@ def test_an_early_exit_run_whose_summary_lacks_what_is_read_is_refused_with_why(
         assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
                                  "--data-root", str(root), "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err
-        assert f"{named / 'summary.json'}" in err and "rerun python -m studies.early_exit" in err
+        assert f"{named / file}" in err and "rerun python -m studies.early_exit" in err
         assert not out.exists()
 
 
@@ -326,7 +332,7 @@ def test_an_early_exit_run_whose_latency_lacks_what_is_read_is_refused_before_th
     test_sha256 = compression.load_data(root, 64, 256).identity["test_sha256"]
     (ee / "manifest.json").write_text(json.dumps({
         "study": "early_exit", "argv": ["--smoke"],
-        "config": {"smoke": True, "exit_points": list(net.exit_points)},
+        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
         "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
         "data": {"test_sha256": test_sha256},
         "outputs": {n: sha256_file(ee / n)
