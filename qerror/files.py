@@ -233,9 +233,9 @@ def torch_save(obj: Any, path: Path | str, what: str, note: str = "") -> None:
 
     torch's writer reports a write that fails (a full disk, a missing folder, a folder at the
     path) as a RuntimeError naming a C++ source line; here it becomes an OSError naming
-    ``what`` (e.g. "the checkpoint x.pt") and torch's reason, then, where the file system has
-    less room than the tensors need, the bytes of both and the advice to make room, then
-    ``note``; the studies say it in one line.
+    ``what`` (e.g. "the checkpoint x.pt") and torch's reason, the bytes the tensors need and
+    those free, and, only where the file system has less room than the tensors need, the
+    advice to make room, then ``note``; the studies say it in one line.
     """
     try:
         torch.save(obj, path)
@@ -245,9 +245,12 @@ def torch_save(obj: Any, path: Path | str, what: str, note: str = "") -> None:
             free = shutil.disk_usage(Path(path).parent).free
         except OSError:  # the folder is not there (torch's reason says so)
             free = None
-        room = ("" if free is None or free > need else
+        room = ("" if free is None else
                 f": its tensors need about {need / 2**20:.0f} MiB and its file system has "
-                f"{free / 2**20:.0f} MiB free; make room there, or write it elsewhere")
+                f"{free / 2**20:.0f} MiB free; "
+                + ("make room there, or write it elsewhere" if free <= need else
+                   "room is not what failed: see torch's reason (a quota, a file-size limit, "
+                   "the path itself)"))
         raise OSError(f"could not write {what} (torch: {exc}){room}"
                       + (f". {note}" if note else "")) from exc
 

@@ -60,10 +60,12 @@ def test_torch_saves_failed_write_is_an_os_error_naming_the_file(tmp_path, monke
     # reason is given and no full disk is claimed (every RuntimeError was said as one).
     monkeypatch.undo()
     (tmp_path / "d.pt").mkdir()
-    for path in (tmp_path / "d.pt", tmp_path / "none" / "x.pt"):
-        with pytest.raises(OSError, match=r"could not write it \(torch: .+\)\. Kept\.$") as e:
+    for path, room in ((tmp_path / "d.pt", True), (tmp_path / "none" / "x.pt", False)):
+        with pytest.raises(OSError, match=r"could not write it \(torch: .+\. Kept\.$") as e:
             files.torch_save(state, path, "it", "Kept.")
         assert "make room" not in str(e.value)
+        # free space known (the folder is there): said, with why room is not the cause
+        assert ("MiB free; room is not what failed: see torch's reason" in str(e.value)) is room
     assert real_save is torch.save
 
 
