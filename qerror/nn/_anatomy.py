@@ -154,7 +154,17 @@ def eval_mode(model: nn.Module):
 def iter_batches(batches, device: torch.device | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(images, labels or None) of each batch, checked (:func:`check_batch`), and moved to
-    ``device`` when one is given (that of the model they feed)."""
+    ``device`` when one is given (that of the model they feed).
+
+    A single tensor of at most four dimensions is refused (ValueError): iterated, it gives
+    its images one at a time, which a convolution takes as unbatched images and a linear
+    layer as one vector each, so the mistake surfaced deep in torch ("mat1 and mat2 shapes
+    cannot be multiplied") or not at all."""
+    one = getattr(batches, "iterable", batches)  # under a progress bar (tqdm's), its own
+    if isinstance(one, torch.Tensor) and one.ndim <= 4:
+        raise ValueError(f"batches is a single tensor of shape {tuple(one.shape)}, which "
+                         "iterates over its images one at a time; pass a list of batches "
+                         "([images]) or a DataLoader")
     for item in batches:
         if isinstance(item, (tuple, list)):
             if len(item) != 2:

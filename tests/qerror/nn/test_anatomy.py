@@ -197,3 +197,23 @@ def test_an_observer_refuses_a_stream_of_two_dtypes_and_a_non_float_one(method):
         obs.add(torch.tensor([-4, 4]))
     assert (obs.lo, obs.hi, obs.batches, obs.dtype) == (-1.0, 1.0, 1, torch.float32)
     assert len(obs.samples) == (method != "minmax") and obs.qparams() == before
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_single_tensor_given_for_the_batches_is_refused(progress):
+    """A tensor of images passed as ``batches`` (not ``[images]``) iterated over its images
+    one at a time: a convolution took each as an unbatched image, and AdaRound stopped deep
+    in torch ('mat1 and mat2 shapes cannot be multiplied', the adaround review) or a
+    calibration went on over single images. Refused, with or without a progress bar."""
+    from qerror.nn import calibrate_activations
+    from qerror.nn.adaround import adaround
+
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=8)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    x = torch.randn(4, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"single tensor of shape \(4, 1, 6, 6\).*\[images\]"):
+        calibrate_activations(model, x, spec, progress=progress)
+    with pytest.raises(ValueError, match=r"single tensor of shape \(4, 1, 6, 6\)"):
+        adaround(model, x, iterations=1)
+    calibrate_activations(model, [x], spec, progress=progress)  # a list of one batch is taken
