@@ -760,8 +760,9 @@ def test_batchnorm_statistics_refuse_a_tensor_of_images_for_the_batches():
     cfg = QuantConfig.make(8, target=Target.WEIGHTS)
     for run in (lambda b: reestimate_bn(model, b, cfg),
                 lambda b: estimate_running_stats(model, b)):
-        with pytest.raises(ValueError, match=r"\(N, C, H, W\), got one of shape \(3, 5, 5\);"
-                                             r".*pass a list of batches"):
+        with pytest.raises(ValueError, match=r"single tensor of shape \(8, 3, 5, 5\), which "
+                                             r"iterates over its images.*pass a list of "
+                                             r"batches"):
             run(x)
         with pytest.raises(ValueError, match=r"\(N, C, H, W\), got one of shape "
                                              r"\(1, 8, 3, 5, 5\)$"):
