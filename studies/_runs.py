@@ -27,6 +27,17 @@ __all__ = ["EarlyExitRun", "early_exit_run"]
 
 EARLY_EXIT_FILES = ("summary.json", "exit_model.pt")
 
+#: What an early-exit run's manifest config is read for: the network's exits, the bench's label.
+EARLY_EXIT_CONFIG = ("arch", "exit_points")
+
+#: The columns read of ``latency.csv`` (studies.compression's early-exit latency rows).
+EARLY_EXIT_LATENCY_COLUMNS = ("name", "candidate", "baseline", "note", "pairs", "candidate_ms",
+                              "baseline_ms", "ratio_median")
+
+#: The advice for a run's file that is its own (listed) but not what this version's
+#: studies.early_exit writes (an older version's run, another writer).
+RERUN = "rerun python -m studies.early_exit --force (or point at another run)"
+
 
 @dataclass(frozen=True)
 class EarlyExitRun:
@@ -62,12 +73,19 @@ class EarlyExitRun:
         Raises
         ------
         StudyError
-            When the file is not the one the manifest lists.
+            When the file is not the one the manifest lists, or lacks a column that is read
+            (:data:`EARLY_EXIT_LATENCY_COLUMNS`).
         """
         if "latency.csv" not in self.manifest["outputs"]:
             return None
         _check_listed(self.folder, self.manifest, "latency.csv")
-        return pd.read_csv(self.folder / "latency.csv")
+        path = self.folder / "latency.csv"
+        rows = pd.read_csv(path)
+        lacking = [c for c in EARLY_EXIT_LATENCY_COLUMNS if c not in rows]
+        if lacking:
+            raise StudyError(f"{path} lacks {', '.join(lacking)} (not this version's "
+                             f"studies.early_exit); {RERUN}")
+        return rows
 
     def backbone(self) -> nn.Module:
         """The baseline the run was measured on: the checkpoint its manifest names, checked
@@ -124,12 +142,7 @@ def _check_listed(folder: Path, manifest: dict, name: str) -> None:
     path = folder / name
     if name not in manifest["outputs"] or not path.is_file() \
             or sha256_file(path) != manifest["outputs"][name]:
-        raise StudyError(f"{path} is not the file the manifest of {folder} lists; rerun "
-                         "python -m studies.early_exit --force (or point at another run)")
-
-
-#: What an early-exit run's manifest config is read for: the network's exits, the bench's label.
-EARLY_EXIT_CONFIG = ("arch", "exit_points")
+        raise StudyError(f"{path} is not the file the manifest of {folder} lists; {RERUN}")
 
 
 def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
@@ -156,8 +169,7 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     lacking = [k for k in EARLY_EXIT_CONFIG if not isinstance(config, dict) or k not in config]
     if lacking:
         raise StudyError(f"{folder / 'manifest.json'} is not a manifest of this version's "
-                         f"studies.early_exit (its config has no {', '.join(lacking)}); rerun "
-                         "python -m studies.early_exit --force (or point at another run)")
+                         f"studies.early_exit (its config has no {', '.join(lacking)}); {RERUN}")
     try:
         summary = json.loads((folder / "summary.json").read_text())
         r = summary["int8_rule"]
@@ -171,6 +183,5 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
         why = "no INT8 early-exit operating point of its head policy" \
             if isinstance(err, StopIteration) else f"{type(err).__name__}: {err}"
         raise StudyError(f"{folder / 'summary.json'} is not a summary of this version's "
-                         f"studies.early_exit ({why}); rerun python -m studies.early_exit "
-                         "--force (or point at another run)") from None
+                         f"studies.early_exit ({why}); {RERUN}") from None
     return EarlyExitRun(folder, manifest, summary, rule, headline)

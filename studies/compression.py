@@ -139,7 +139,7 @@ from studies._common import (
     wrapped_columns,
 )
 from studies._latex import escape, letters
-from studies._runs import EarlyExitRun, early_exit_run
+from studies._runs import RERUN, EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
 ONE_POINT = 0.01  # "within one point of the dense baseline": the margin, in accuracy
@@ -1007,22 +1007,7 @@ def _check_headline(run: EarlyExitRun | None, folder: Path) -> None:
     if lacking:
         raise StudyError(f"{Path(folder) / 'summary.json'}: its INT8 early-exit operating point "
                          f"lacks {', '.join(lacking)} (not this version's studies.early_exit); "
-                         "rerun python -m studies.early_exit --force (or point at another run)")
-
-
-#: The columns :func:`early_exit_latency` reads of the run's ``latency.csv``.
-EARLY_EXIT_LATENCY_COLUMNS = ("name", "candidate", "baseline", "note", "pairs", "candidate_ms",
-                              "baseline_ms", "ratio_median")
-
-
-def _check_latency(lat: pd.DataFrame | None, folder: Path) -> None:
-    """A StudyError where the early-exit run's ``latency.csv`` lacks a column
-    :func:`early_exit_latency` reads, which it reads only after the ResNet's fine-tuning."""
-    lacking = [] if lat is None else [c for c in EARLY_EXIT_LATENCY_COLUMNS if c not in lat]
-    if lacking:
-        raise StudyError(f"{Path(folder) / 'latency.csv'} lacks {', '.join(lacking)} (not "
-                         "this version's studies.early_exit); rerun python -m "
-                         "studies.early_exit --force (or point at another run)")
+                         f"{RERUN}")
 
 
 def _refuse_named_early_exit_run(folder: Path, why: str) -> None:
@@ -1276,8 +1261,8 @@ def _main(argv: list[str]) -> int:
                                      data.identity.get("test_sha256"))
         if ee_why is None:
             ee_net = ee_run.network(copy.deepcopy(model))
-            ee_latency = ee_run.latency()  # checked against its manifest now, not at the end
-            _check_latency(ee_latency, ee_folder)
+            # checked now (against its manifest, its columns), not at the end
+            ee_latency = ee_run.latency()
         elif args.early_exit_run is not None:  # named by the user: a typo is not a choice
             _refuse_named_early_exit_run(ee_folder, ee_why)
         else:
