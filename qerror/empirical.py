@@ -317,8 +317,9 @@ class ErrorStats:
             return width, stat_axis
         s = check_positive_finite(scale, "scale").reshape(-1)
         step = s * width
-        if not np.all((step >= _NORMAL_MIN) & (step < np.inf)):
-            bad = float(s[~((step >= _NORMAL_MIN) & (step < np.inf))][0])
+        normal = (step >= _NORMAL_MIN) & (step < np.inf)
+        if not normal.all():
+            bad = float(s[~normal][0])
             raise ValueError(
                 f"scale {bad!r} times the bin width {width!r} is {bad * width!r}, not a normal "
                 "float64, so e/s cannot be binned; multiply the error and the scale by the same "
