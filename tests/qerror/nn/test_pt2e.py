@@ -73,6 +73,7 @@ def test_untie_relus_keeps_each_module_s_mode(arch):
     a, b = model.state_dict(), untied.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
 def test_tied_relu_is_the_trap_and_untying_removes_it():
     block = torchvision.models.resnet.Bottleneck(64, 16).eval()
     x = torch.randn(2, 64, 8, 8)
@@ -305,7 +306,6 @@ def test_bad_input_is_refused():
             q(torch.zeros(3, 2, dtype=dtype))
 
 
-
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
     """A NaN or Inf in a calibration batch stopped in the histogram observer with torch's
@@ -317,7 +317,6 @@ def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
         quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
 
 
-
 def test_calibration_on_another_device_is_refused_naming_the_batch():
     """A calibration batch off the CPU (here on the meta device, which any machine has)
     stopped in the finiteness check with "Tensor.item() cannot be called on meta tensors"
@@ -326,6 +325,7 @@ def test_calibration_on_another_device_is_refused_naming_the_batch():
     with pytest.raises(ValueError, match=r"calibration\[1\] must be a non-empty float32 CPU "
                                          r"batch .* got torch.float32 on meta \(4, 2\)"):
         quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
+
 
 def test_calibration_batches_of_other_sample_shapes_are_refused_naming_the_batch():
     """The graph is exported on one batch and takes its sample shape only: a calibration
@@ -375,6 +375,7 @@ def test_a_call_with_another_sample_shape_or_too_large_a_batch_is_refused():
         q(torch.randn(9, 3, 8, 8))
     assert q(torch.randn(8, 3, 8, 8)).shape == (8, 4, 1, 1)
     assert (q.sample_shape, q.max_batch) == ((3, 8, 8), 8)
+
 
 def test_calibration_that_starts_with_one_image_exports_a_dynamic_batch():
     """A first batch of one image would fix the exported batch size to 1: the example is
