@@ -350,6 +350,21 @@ def _compiled_call(fn, x: torch.Tensor, lowered: dict, by_size: dict):
     return out
 
 
+def _check_float32_cpu(module: nn.Module, what: str) -> None:
+    """ValueError unless every floating-point parameter and buffer of ``module`` is a
+    float32 CPU tensor, as the x86 quantizer's graph computes (otherwise the calibration
+    stopped in the first layer: "Input type (float) and bias type (double) should be the
+    same")."""
+    tensors = [*module.parameters(), *module.buffers()]
+    dtypes = sorted({str(t.dtype) for t in tensors
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    devices = sorted({str(t.device) for t in tensors if t.device.type != "cpu"})
+    if dtypes or devices:
+        raise ValueError(f"the {what} must be float32 on the CPU to be quantized for x86, but "
+                         f"it holds {', '.join(dtypes + devices)} tensors; pass "
+                         f"{what}.float().cpu()")
+
+
 def _check_batches(batches, what: str) -> list[torch.Tensor]:
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     if not batches:
@@ -456,6 +471,7 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _check_float32_cpu(module, "module")
     batches = _check_batches(calibration, "calibration")
     max_batch = check_count(max_batch, "max_batch", 2)
     largest = max(b.shape[0] for b in batches)
@@ -604,8 +620,7 @@ def quantize_exit_stages(model: EarlyExitResNet, calibration: Iterable[torch.Ten
     """
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
-    if next(model.parameters()).dtype != torch.float32:
-        raise ValueError("the model must be float32 (call .float()) to be quantized")
+    _check_float32_cpu(model, "model")
     batches = _check_batches(calibration, "calibration")
     with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
         stages = []

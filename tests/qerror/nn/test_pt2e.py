@@ -295,6 +295,15 @@ def test_bad_input_is_refused():
         quantize_pt2e(nn.Linear(2, 2), [torch.zeros(3, 2, dtype=torch.float64)])
     with pytest.raises(TypeError, match="EarlyExitResNet"):
         quantize_exit_stages(nn.Linear(2, 2), [torch.zeros(3, 2)])
+    # a module of another dtype stopped in its first layer ("Input type (float) and bias
+    # type (double) should be the same"), naming neither the module nor the remedy
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"module must be float32 on the CPU .* holds "
+                                             f"{dtype} tensors; pass module.float"):
+            quantize_pt2e(nn.Linear(2, 2).to(dtype), [torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match=r"model must be float32 on the CPU .* holds "
+                                         r"torch.float64 tensors; pass model.float\(\).cpu"):
+        quantize_exit_stages(EarlyExitResNet(_tiny_resnet(0)).double(), [torch.zeros(3, 1, 8, 8)])
     with pytest.raises(ValueError, match="calibration holds a single image; give at least two"):
         quantize_pt2e(nn.Linear(2, 2), [torch.zeros(1, 2)])
     # running: float64 or half inputs failed inside torchao ("Expecting input to have dtype
