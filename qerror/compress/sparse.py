@@ -680,6 +680,14 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     dict
         Convolution name (``"layer1.0.conv1"``) → sorted int64 indices of the kept channels.
 
+    Raises
+    ------
+    ValueError
+        ``fraction`` outside [0, 1).
+    PruningError
+        No ResNet block, a grouped inner convolution, or a NaN weight in an inner
+        convolution (its filter's L1 norm has no order).
+
     Notes
     -----
     The inner convolutions are ``conv1`` and ``conv2`` of a bottleneck and ``conv1`` of a
@@ -697,11 +705,16 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     plan = {}
     for bname, block, convs in _blocks(model):
         for c in convs:
+            name = f"{bname}.{c}" if bname else c
             w = getattr(block, c).weight.detach()
             drop = min(zero_count(fraction, w.shape[0]), w.shape[0] - 1)
             norms = w.abs().reshape(w.shape[0], -1).sum(1).to(torch.float64)
+            if torch.isnan(norms).any():
+                bad = int(torch.nonzero(torch.isnan(norms))[0])
+                raise PruningError(f"{name} has NaN weights (filter {bad}); ranking its "
+                                   "filters by L1 norm cannot order them")
             order = torch.sort(norms, descending=True, stable=True).indices
-            plan[f"{bname}.{c}" if bname else c] = torch.sort(order[: w.shape[0] - drop]).values
+            plan[name] = torch.sort(order[: w.shape[0] - drop]).values
     return plan
 
 

@@ -533,6 +533,23 @@ def test_global_pruning_refuses_nan_weights_and_leaves_the_model():
     assert torch.equal(layer.weight.nan_to_num(), before.nan_to_num())
 
 
+
+def test_a_channel_plan_refuses_nan_weights_and_leaves_the_model():
+    # without the check the filter's L1 norm was NaN, which torch's sort ranks above every
+    # number: the broken filter was kept (channel 5 of 8 at fraction 0.5) and the smaller
+    # network put out NaN
+    model = tiny_resnet()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[5, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: channel_plan(model, 0.5), lambda: prune_channels(model, 0.5)):
+        with pytest.raises(PruningError, match=r"layer1\.0\.conv1 has NaN weights \(filter "
+                                               r"5\); ranking its filters by L1 norm cannot "
+                                               r"order them"):
+            call()
+    after = model.state_dict()
+    assert all(torch.equal(v.nan_to_num(), after[k].nan_to_num()) for k, v in before.items())
+
 def test_a_mask_of_another_shape_is_refused_even_where_it_broadcasts():
     # a (4,) mask broadcasts over a (2, 4) weight: without the check it zeroed columns 1
     # and 3 of every row
