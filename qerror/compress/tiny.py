@@ -65,7 +65,7 @@ class TinyCNN(nn.Module):
 
 #: The widest :class:`TinyCNN` :func:`tiny_cnn_within` returns: 94.4 million parameters,
 #: 378 MB of float32 weights to build, 94.6 MB stored in INT8. A wider one is no tiny
-#: baseline; a budget of 1e9 bytes would buy width 3,333 (a billion parameters, 4 GB).
+#: baseline; a budget of 1e9 bytes would buy width 3,332 (a billion parameters, 4 GB).
 MAX_TINY_WIDTH = 1024
 
 
