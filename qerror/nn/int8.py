@@ -47,12 +47,16 @@ Where the codes differ, and why (FBGEMM, PyTorch 2.x)
    observers use ``reduce_range=True`` (7-bit activations, which cannot saturate).
    :attr:`Pipeline.SATURATING` reproduces it: the reduction index of the convolution is
    ordered as FBGEMM's im2col orders it (kernel row, kernel column, input channel), and
-   pairs ``(2j, 2j+1)`` of it saturate, the padding's zero-point codes included. One
-   exception: for ``groups=1`` FBGEMM runs a 3x3 convolution with padding 1, dilation 1,
-   stride 1 or 2 and ``C_in == C_out`` of 8 or 16 through its groupwise kernel
-   (``fbgemmOptimizedGConv``), which on AVX2 does not saturate; SATURATING does not
-   saturate there either. On a CPU with AVX512-VNNI FBGEMM multiplies with ``vpdpbusd``
-   instead, which accumulates the products in int32 and never saturates.
+   pairs ``(2j, 2j+1)`` of it saturate, the padding's zero-point codes included. For
+   ``groups=1`` FBGEMM runs a 3x3 convolution with padding 1, dilation 1, stride 1 or 2
+   and ``C_in == C_out`` of 8 or 16 through its groupwise kernel
+   (``fbgemmOptimizedGConv``), which follows the CPU, not the rest of FBGEMM: measured, on
+   a CPU with AVX2 only (AMD EPYC, Zen 3) it saturates exactly as the im2col kernel does,
+   while on CPUs with AVX512-VNNI whose FBGEMM is held to AVX2
+   (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, which its other kernels obey) it does not
+   saturate. :func:`kernel_probe` finds which (:attr:`KernelProbe.groupwise_saturates`)
+   and SATURATING follows its answer. On a CPU with AVX512-VNNI FBGEMM multiplies with
+   ``vpdpbusd`` instead, which accumulates the products in int32 and never saturates.
 
 The INTEGER pipeline with RECIPROCAL codes reproduces items 1–3 and SATURATING item 4
 too: with FBGEMM on an AVX2 CPU the former differs from the real codes only where the
@@ -193,8 +197,8 @@ class Library(Choice):
 
     ``FBGEMM``
         Requantizes as ``nearbyint((fl(a) + fl(b/m)) · fl(m/s_y)) + z_y``; on AVX2 pairs
-        the reduction in im2col order, padding (the zero point) included, and does not
-        saturate on its groupwise path.
+        the reduction in im2col order, padding (the zero point) included; its groupwise
+        path saturates so too, or not at all, by the CPU (see the module notes).
     ``ONEDNN``
         Requantizes as ``nearbyint(fl(fl(fl(a·s_x)·s_w) + b) · fl(1/s_y)) + z_y)``; on AVX2
         pairs the input channels within each kernel tap and skips the padded taps.
@@ -360,6 +364,12 @@ class KernelProbe:
         on a convolution with one input channel (whose products the kernel may pair
         otherwise, see the module notes); where not, no row of such a layer is faithful.
         None where the probe did not get to it.
+    groupwise_saturates : bool or None
+        Whether FBGEMM's groupwise kernel (3x3 convolutions with 8 or 16 channels in and
+        out, see the module notes) saturated int16 pair sums as its im2col kernel does
+        (True) or not at all (False), where the faithful model is FBGEMM's SATURATING
+        pipeline for convolutions; None elsewhere (no pair saturates, or another library
+        runs them).
     """
 
     engine: Engine
@@ -374,6 +384,7 @@ class KernelProbe:
     saturating_codes: tuple[int, ...]
     problem: str
     single_channel_conv_modelled: bool | None = None
+    groupwise_saturates: bool | None = None
 
     @property
     def cpu_words(self) -> str:
@@ -398,7 +409,10 @@ class KernelProbe:
         but = ("" if self.single_channel_conv_modelled is not False else
                ", but not its convolutions with one input channel, whose products it pairs "
                "otherwise")
-        return (f"{self.engine.value} on this CPU ({cpu}) {how} int16 pair sums; "
+        sums = "int16 pair sums" + ("" if self.groupwise_saturates is None else
+                                    " (its groupwise 3x3 kernel too)" if self.groupwise_saturates
+                                    else " (but not its groupwise 3x3 kernel)")
+        return (f"{self.engine.value} on this CPU ({cpu}) {how} {sums}; "
                 f"the {self.faithful.value} pipeline with {libraries} models it{but}")
 
     def library(self, conv: bool) -> Library:
@@ -709,8 +723,8 @@ def _fbgemm_groupwise(layer) -> bool:
     ``fbgemmOptimizedGConv`` takes ``C_in/G == C_out/G`` in {2, 4, 8, 16}, a 3x3 kernel,
     padding 1, dilation 1 and stride 1 or 2 in both directions, when ``G`` reaches the
     number of groups its AVX2 kernel packs together: 4, 2, 1 and 1 for those widths, so
-    for ``groups=1`` only widths 8 and 16 qualify. That kernel does not saturate int16
-    pair sums (measured on AVX2, and checked by :func:`kernel_probe`).
+    for ``groups=1`` only widths 8 and 16 qualify. Whether that kernel saturates int16
+    pair sums depends on the CPU (the module notes; :func:`kernel_probe` finds out).
     """
     return (isinstance(layer, nn.Conv2d) and layer.in_channels == layer.out_channels
             and layer.in_channels in (8, 16) and tuple(layer.kernel_size) == (3, 3)
@@ -723,7 +737,8 @@ class _Plan:
 
     def __init__(self, layer, qparams: LayerQParams, *, relu: bool, act_spec: QuantSpec,
                  out_spec: QuantSpec, name: str, kind: str, engine: Engine | None,
-                 library: Library, single_channel_modelled: bool = True):
+                 library: Library, single_channel_modelled: bool = True,
+                 groupwise_saturates: bool = False):
         _check_layer(layer)
         _check_spec(act_spec, "act_spec")
         _check_spec(out_spec, "out_spec")
@@ -740,8 +755,9 @@ class _Plan:
         # The probe's one-input-channel convolution, which the faithful pipeline missed.
         if self.conv and layer.in_channels == 1 and not single_channel_modelled:
             self.modelled = False
-        # FBGEMM's groupwise kernel does not saturate: no pair of it is at risk.
-        saturates = not (self.library is Library.FBGEMM and _fbgemm_groupwise(layer))
+        # FBGEMM's groupwise kernel, where it does not saturate: no pair of it is at risk.
+        saturates = groupwise_saturates or not (self.library is Library.FBGEMM
+                                                and _fbgemm_groupwise(layer))
         self.act_spec, self.out_spec = act_spec, out_spec
         weight = layer.weight.detach().contiguous()
         self.out_channels = weight.shape[0]
@@ -916,7 +932,8 @@ def _kind(layer, bn: bool, relu: bool) -> str:
 
 
 def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine,
-          library=Library.FBGEMM, single_channel_modelled=True) -> _Plan:
+          library=Library.FBGEMM, single_channel_modelled=True,
+          groupwise_saturates=False) -> _Plan:
     kind = _kind(layer, bn is not None, relu)
     if bn is not None:
         if not isinstance(layer, nn.Conv2d):
@@ -925,7 +942,8 @@ def _plan(layer, qparams, *, bn, relu, act_spec, out_spec, name, engine,
         layer = fold_bn(layer, bn)
     return _Plan(layer, qparams, relu=relu, act_spec=act_spec, out_spec=out_spec, name=name,
                  kind=kind, engine=engine, library=library,
-                 single_channel_modelled=single_channel_modelled)
+                 single_channel_modelled=single_channel_modelled,
+                 groupwise_saturates=groupwise_saturates)
 
 
 def real_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQParams, *,
@@ -969,20 +987,24 @@ def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQ
                   bn: nn.BatchNorm2d | None = None, relu: bool = False,
                   act_spec: QuantSpec = ACTIVATION_SPEC,
                   out_spec: QuantSpec = ACTIVATION_SPEC,
-                  library: Library | str = Library.FBGEMM) -> torch.Tensor:
+                  library: Library | str = Library.FBGEMM,
+                  groupwise_saturates: bool = False) -> torch.Tensor:
     """Output codes of one layer as qerror simulates them (see :class:`Pipeline`).
 
     Same arguments as :func:`real_int8`, plus the ``arithmetic`` of the simulation's
-    quantizers (their own ``arithmetic`` field is overridden), the ``pipeline``, and the
+    quantizers (their own ``arithmetic`` field is overridden), the ``pipeline``, the
     ``library`` whose requantization and int16 pairing the INTEGER and SATURATING
     pipelines follow (:attr:`KernelProbe.linear_library` and
-    :attr:`KernelProbe.conv_library` say which one an engine's kernels follow).
+    :attr:`KernelProbe.conv_library` say which one an engine's kernels follow), and
+    whether SATURATING saturates FBGEMM's groupwise shapes too
+    (:attr:`KernelProbe.groupwise_saturates` says whether this CPU's kernel does).
     Returns int32 codes in ``out_spec``'s range.
     """
     arithmetic = ScaleArithmetic.parse(arithmetic)
     pipeline = Pipeline.parse(pipeline)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
-                 name="layer", engine=None, library=Library.parse(library))
+                 name="layer", engine=None, library=Library.parse(library),
+                 groupwise_saturates=bool(groupwise_saturates))
     _check_input(layer, x)
     with torch.inference_mode():
         if pipeline is Pipeline.FLOAT:
@@ -1130,7 +1152,8 @@ def _probe(engine: Engine) -> KernelProbe:
     conv = _probe_kind(engine, conv=True)
     if conv.faithful is linear.faithful:
         return replace(linear, conv_library=conv.conv_library,
-                       single_channel_conv_modelled=conv.single_channel_conv_modelled)
+                       single_channel_conv_modelled=conv.single_channel_conv_modelled,
+                       groupwise_saturates=conv.groupwise_saturates)
     if conv.faithful is None:
         return replace(linear, saturates_pairs=None, faithful=None,
                        problem=f"its convolution kernel: {conv.problem}")
@@ -1142,18 +1165,32 @@ def _probe(engine: Engine) -> KernelProbe:
         "and ONEDNN_MAX_CPU_ISA); no one simulation models both"))
 
 
-def _candidate_codes(cases: dict) -> dict[tuple[Library, Pipeline], list[tuple[int, ...]]]:
+#: The probe's candidate models: (library, pipeline, whether FBGEMM's groupwise kernel
+#: saturates too), the last True only where it makes a difference.
+_CANDIDATES = tuple((lib, p, False) for lib in Library
+                    for p in (Pipeline.INTEGER, Pipeline.SATURATING)) + (
+    (Library.FBGEMM, Pipeline.SATURATING, True),)
+
+
+def _candidate_name(key: tuple[Library, Pipeline, bool]) -> str:
+    lib, pipeline, groupwise = key
+    return f"{lib.value}/{pipeline.value}" + (
+        " with its groupwise kernel saturating" if groupwise else "")
+
+
+def _candidate_codes(cases: dict) -> dict[tuple[Library, Pipeline, bool],
+                                          list[tuple[int, ...]]]:
     """Each candidate model's codes on every probe case, in the order of ``cases``."""
-    codes: dict = {(lib, p): [] for lib in Library
-                   for p in (Pipeline.INTEGER, Pipeline.SATURATING)}
+    codes: dict = {key: [] for key in _CANDIDATES}
     for layer, x, qp in cases.values():
-        for lib in Library:
+        for lib, pipeline, groupwise in _CANDIDATES:
             plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
-                         out_spec=ACTIVATION_SPEC, name="probe", engine=None, library=lib)
+                         out_spec=ACTIVATION_SPEC, name="probe", engine=None, library=lib,
+                         groupwise_saturates=groupwise)
             with torch.inference_mode():
                 plain, saturating, _ = plan.integer_codes(x, ScaleArithmetic.RECIPROCAL)
-            codes[(lib, Pipeline.INTEGER)].append(tuple(plain.flatten().tolist()))
-            codes[(lib, Pipeline.SATURATING)].append(tuple(saturating.flatten().tolist()))
+            got = plain if pipeline is Pipeline.INTEGER else saturating
+            codes[(lib, pipeline, groupwise)].append(tuple(got.flatten().tolist()))
     return codes
 
 
@@ -1164,8 +1201,8 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
     default = KernelProbe(engine, None, None, None, None, *machine, (), (), (), "")
     # The saturation case's codes are reported with the library found (else the engine's).
     lib = default.library(conv)
-    integer_codes = candidates[(lib, Pipeline.INTEGER)][0]
-    saturating_codes = candidates[(lib, Pipeline.SATURATING)][0]
+    integer_codes = candidates[(lib, Pipeline.INTEGER, False)][0]
+    saturating_codes = candidates[(lib, Pipeline.SATURATING, False)][0]
     try:
         real = [tuple(real_int8(layer, x, qp, engine=engine).flatten().tolist())
                 for layer, x, qp in cases.values()]
@@ -1182,7 +1219,7 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
         def first_miss(codes: list) -> str:
             return names[next(i for i, (c, r) in enumerate(zip(codes, real)) if c != r)]
 
-        failed = "; ".join(f"{key[0].value}/{key[1].value} fails the {first_miss(codes)} case"
+        failed = "; ".join(f"{_candidate_name(key)} fails the {first_miss(codes)} case"
                            for key, codes in candidates.items())
         return replace(default, real_codes=real[0], integer_codes=integer_codes,
                        saturating_codes=saturating_codes, problem=(
@@ -1190,9 +1227,11 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
             f"arithmetic ({failed}); on the saturation case its codes {real[0]} against the "
             f"integer pipeline's {integer_codes} and the saturating pipeline's "
             f"{saturating_codes} ({lib.value}'s arithmetic); no simulation models this kernel"))
-    lib, pipeline = match
+    lib, pipeline, groupwise = match
     kind = {"conv_library" if conv else "linear_library": lib}
     if conv:
+        if lib is Library.FBGEMM and pipeline is Pipeline.SATURATING:
+            kind["groupwise_saturates"] = groupwise
         # Not among the cases above: a kernel that pairs a one-channel convolution apart
         # keeps its answer for every other layer.
         layer, x, qp = _single_channel_case()
@@ -1201,11 +1240,12 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
         except RuntimeError:
             real_one = None
         kind["single_channel_conv_modelled"] = real_one is not None and torch.equal(
-            real_one, simulate_int8(layer, x, qp, pipeline=pipeline, library=lib))
+            real_one, simulate_int8(layer, x, qp, pipeline=pipeline, library=lib,
+                                    groupwise_saturates=groupwise))
     return replace(default, saturates_pairs=pipeline is Pipeline.SATURATING,
                    faithful=pipeline, real_codes=real[0],
-                   integer_codes=candidates[(lib, Pipeline.INTEGER)][0],
-                   saturating_codes=candidates[(lib, Pipeline.SATURATING)][0], **kind)
+                   integer_codes=candidates[(lib, Pipeline.INTEGER, False)][0],
+                   saturating_codes=candidates[(lib, Pipeline.SATURATING, False)][0], **kind)
 
 
 def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
@@ -1218,7 +1258,8 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     requantization ties with an odd output zero point (which FBGEMM and oneDNN round to
     different neighbours), and for convolutions a padded 3x3 one with three input channels
     (where the two libraries' AVX2 pairs differ) and FBGEMM's groupwise shapes (8 and 16
-    channels in and out, which FBGEMM's AVX2 groupwise kernel does not saturate). The
+    channels in and out, whose kernel saturates or not by the CPU: FBGEMM's SATURATING
+    candidate is tried both ways, :attr:`KernelProbe.groupwise_saturates`). The
     one candidate that reproduces every case is the answer, for each kind; a padded
     convolution with one input channel is then run apart, and where that candidate misses
     it, :attr:`KernelProbe.single_channel_conv_modelled` is False; both kinds must
@@ -1295,7 +1336,8 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     probe = _probed(engine)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name=name, engine=engine, library=probe.library(isinstance(layer, nn.Conv2d)),
-                 single_channel_modelled=probe.single_channel_conv_modelled is not False)
+                 single_channel_modelled=probe.single_channel_conv_modelled is not False,
+                 groupwise_saturates=probe.groupwise_saturates is True)
     tallies = _tallies()
     batches = [x] if isinstance(x, torch.Tensor) else x
     seen = False
@@ -1431,7 +1473,8 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
                               kind=_kind(s.layer, s.bn is not None, s.relu), engine=engine,
                               library=probe.library(isinstance(s.layer, nn.Conv2d)),
                               single_channel_modelled=(
-                                  probe.single_channel_conv_modelled is not False))
+                                  probe.single_channel_conv_modelled is not False),
+                              groupwise_saturates=probe.groupwise_saturates is True)
     tallies = {s.name: _tallies() for s in sites}
 
     def check(site: Site, x: torch.Tensor) -> None:
