@@ -123,6 +123,20 @@ def _options(words: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _json_object(path: Path, whose: str, fix: str) -> dict:
+    """The JSON object ``path`` holds; a RecordError naming ``whose`` file and what to do
+    (``fix``) where it holds none (a file cut short or edited by hand, which no sha256
+    guards)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise RecordError(f"{whose}: {path.name} is not a JSON object ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise RecordError(f"{whose}: {path.name} is not a JSON object (it holds a "
+                          f"{type(value).__name__}); {fix}")
+    return value
+
+
 class Record:
     """One record folder: its manifest, its ``record.json`` and its verified outputs."""
 
@@ -130,12 +144,15 @@ class Record:
         self.name, self.folder = name, root / name
         if not (self.folder / "manifest.json").is_file():
             raise RecordError(f"record {name}: no {self.folder / 'manifest.json'}")
-        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.manifest = _json_object(self.folder / "manifest.json", f"record {name}",
+                                     "copy the run's own manifest again (python "
+                                     f"paper/readme.py --add {name}=RUN FILE ...)")
         about = self.folder / "record.json"
         if not about.is_file():
             raise RecordError(f"record {name}: no record.json (the command as run and the "
                               "machine, which the manifest cannot say): write it")
-        self.about = _About(name, json.loads(about.read_text()))
+        self.about = _About(name, _json_object(about, f"record {name}", "rewrite it: the "
+                                               "command as run and the machine"))
         git = self.manifest.get("git") or {}
         if not git.get("commit") or git.get("dirty") or "at_finish" in git:
             raise RecordError(f"record {name}: its run did not come from one clean commit "
@@ -1864,7 +1881,8 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
         raise RecordError(f"--add {spec}: {run_dir} is a study's staging folder (it holds "
                           f"{STAGING_MARK}): that run has not finished; add the folder it "
                           "publishes")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = _json_object(run_dir / "manifest.json", f"--add {spec}", f"{run_dir} is not a "
+                            "finished run's folder as the study wrote it; add one that is")
     for f in files:
         if f not in manifest.get("outputs", {}):
             raise RecordError(f"--add: {f} is not an output of {run_dir} (its manifest)")

@@ -135,6 +135,25 @@ def test_records_without_words_or_figures_are_named(tmp_path):
         readme.pct(float("nan"))
 
 
+@pytest.mark.parametrize("which", ["manifest.json", "record.json"])
+def test_a_record_whose_json_does_not_parse_is_named(tmp_path, which):
+    """A manifest or record.json altered by one byte (its first brace gone), which no sha256
+    guards: a RecordError naming the record and the file, as the check and the build
+    report, not a bare JSONDecodeError."""
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"})
+    root = tmp_path / "record"
+    readme.add(f"r={run}", ["a.csv"], root)
+    path = root / "r" / which
+    path.write_text(path.read_text()[1:])
+    with pytest.raises(readme.RecordError, match=rf"record r: {which} is not a JSON object"):
+        readme.Record("r", root)
+    # a run's own manifest, given to --add
+    (run / "manifest.json").write_text((run / "manifest.json").read_text()[1:])
+    with pytest.raises(readme.RecordError, match=r"manifest.json is not a JSON object"):
+        readme.add(f"s={run}", ["a.csv"], root)
+    assert not (root / "s").exists()
+
+
 def test_an_unclosed_passage_is_named_and_nothing_is_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     first = text.index("<!-- /record -->")
