@@ -94,6 +94,11 @@ class BuildError(Exception):
 
 _USE = re.compile(r"\\study(?:figure|table)\*?(?:\[[^\]]*\])?\{([A-Za-z_]+)\}\{([^}]+)\}")
 _MACRO_DEF = re.compile(r"\\newcommand\{\\([A-Za-z]+)\}")
+# A macro's body, one definition a line as studies._common.write_macros writes them.
+_MACRO_BODY = re.compile(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}\s*$", re.M)
+# What Python and pandas print for a value that is no number ("nan", "inf", "-inf", "<NA>"),
+# as a word of its own (not the letters of "information" or "\\infty").
+_NOT_A_NUMBER = re.compile(r"(?<![A-Za-z\\])(?:nan|inf(?:inity)?)(?![A-Za-z])|<NA>", re.I)
 
 
 @dataclass(frozen=True)
@@ -470,13 +475,23 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
                          f"{make}")
     wanted = uses.macros.get(study, set())
     if wanted:
-        defined = set(_MACRO_DEF.findall((folder / "macros.tex").read_text(encoding="utf-8"))) \
-            if "macros.tex" in manifest["outputs"] else set()
+        text = (folder / "macros.tex").read_text(encoding="utf-8") \
+            if "macros.tex" in manifest["outputs"] else ""
+        defined = set(_MACRO_DEF.findall(text))
         absent = sorted(wanted - defined)
         if absent:
             raise BuildError(f"{folder}: the paper quotes " + ", ".join("\\" + a for a in absent)
                              + f", which this run's macros.tex does not define (its command: "
                              f"{study_command(manifest)}); {make}")
+        # LaTeX prints "nan" as it prints a figure: a result the run could not compute
+        # (an empty sample, a division by zero) is stopped here
+        bad = sorted((m[1], m[2]) for m in _MACRO_BODY.finditer(text)
+                     if m[1] in wanted and _NOT_A_NUMBER.search(m[2]))
+        if bad:
+            raise BuildError(f"{folder}: the paper quotes " + ", ".join(
+                f"\\{name} = {body!r}" for name, body in bad) + ", not a number (the run met "
+                f"a NaN or an infinity there); look into its outputs and rerun it (its "
+                f"command: {study_command(manifest)})")
     return manifest
 
 

@@ -81,6 +81,32 @@ def test_run_missing_a_macro_the_paper_quotes(tmp_path):
         build.check_run("drift", run, want)
 
 
+@pytest.mark.parametrize("body", ["nan", "NaN", "inf", "\\ensuremath{-}inf", "+inf",
+                                  "<NA>", "0.5 [nan, 0.7]"])
+def test_a_macro_the_paper_quotes_that_is_not_a_number_is_refused(tmp_path, body):
+    """A study that met a NaN or an infinity formats it as text ("nan", "inf", pandas'
+    "<NA>"); LaTeX would print it as a result: the build names the macro, what it holds
+    and the run's command before LaTeX runs."""
+    run = fake_run(tmp_path / "r", "drift",
+                   {"macros.tex": "\\newcommand{\\driftFloatAccuracy}{90.00}\n"
+                                  f"\\newcommand{{\\driftExpDriftFloor}}{{{body}}}\n"
+                                  "\\newcommand{\\driftUnused}{nan}\n"})
+    want = build.Uses({s: set() for s in build.STUDIES},
+                      {**{s: set() for s in build.STUDIES},
+                       "drift": {"driftFloatAccuracy", "driftExpDriftFloor"}})
+    with pytest.raises(build.BuildError) as err:
+        build.check_run("drift", run, want)
+    msg = str(err.value)
+    assert "\\driftExpDriftFloor" in msg and body in msg and "not a number" in msg
+    assert "\\driftFloatAccuracy" not in msg and "driftUnused" not in msg
+    assert "python -m studies.drift --smoke" in msg
+    # words that hold the letters are no figure: text macros pass
+    ok = fake_run(tmp_path / "ok", "drift",
+                  {"macros.tex": "\\newcommand{\\driftFloatAccuracy}{informed, \\infty}\n"
+                                 "\\newcommand{\\driftExpDriftFloor}{Infinite nano}\n"})
+    build.check_run("drift", ok, want)
+
+
 def test_altered_output_or_other_study_is_refused(tmp_path):
     run = fake_run(tmp_path / "r", "dataset", {"macros.tex": "% m\n"})
     (run / "macros.tex").write_text("% edited\n")
