@@ -52,6 +52,7 @@ from studies._common import (
     git_identity,
     is_smoke_run,
     publish_folder,
+    sigterm_as_sigint,
     staging_folder,
     user_path,
 )
@@ -953,20 +954,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sources = paper_sources()
-        check_sources(sources)
-        uses = paper_uses(sources)
-        with tempfile.TemporaryDirectory(prefix="qerror-paper-smoke-") as tmp:
-            if args.smoke:
-                runs = run_smoke(Path(tmp), args.data_root)
-            else:
-                runs = {s: args.runs / s for s in STUDIES}
-            runs.update(dict(args.run))
-            write_generated(runs, uses, GENERATED, smoke=args.smoke)
-        if args.no_compile:
-            print(f"[paper] generated parts written to {GENERATED}")
-            return 0
-        report = compile_pdf()
+        # SIGTERM (a timeout, a batch system) cleans up as Ctrl-C does: without it the
+        # build ends at once, leaving its temporary folder and a smoke study running, or
+        # LaTeX's main.pdf cut short where the paper is read
+        with sigterm_as_sigint():
+            sources = paper_sources()
+            check_sources(sources)
+            uses = paper_uses(sources)
+            with tempfile.TemporaryDirectory(prefix="qerror-paper-smoke-") as tmp:
+                if args.smoke:
+                    runs = run_smoke(Path(tmp), args.data_root)
+                else:
+                    runs = {s: args.runs / s for s in STUDIES}
+                runs.update(dict(args.run))
+                write_generated(runs, uses, GENERATED, smoke=args.smoke)
+            if args.no_compile:
+                print(f"[paper] generated parts written to {GENERATED}")
+                return 0
+            report = compile_pdf()
     except BuildError as err:
         print(f"[paper] error: {err}", file=sys.stderr)
         return 2

@@ -306,7 +306,7 @@ def base_parser(study: str, description: str, *, force: bool = False,
 
 
 @contextlib.contextmanager
-def _sigterm_as_sigint():
+def sigterm_as_sigint():
     """For the block, a SIGTERM (``timeout``, a batch system, torchrun shutting down) is
     taken as Ctrl-C: raised as SIGINT in this process, so the staging folder and temporary
     files are removed and a training run saves its state, as Ctrl-C does (and an optimizer
@@ -347,7 +347,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :data:`EXIT_REFUSED`, an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
     :data:`EXIT_INTERRUPTED`, and so does SIGTERM, taken as Ctrl-C
-    (:func:`_sigterm_as_sigint`). A Ctrl-C that something swallowed on its way (a weak
+    (:func:`sigterm_as_sigint`). A Ctrl-C that something swallowed on its way (a weak
     reference's callback, torch's compiler; :mod:`qerror.interrupts` counts each) is found
     before a run is published (:meth:`RunDir.finish` refuses to) and when the body returns
     (one Python dropped as unraisable is raised again where it was dropped): the exit is then
@@ -367,7 +367,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         outer = _GIT_AT_START, _INTERRUPTS_AT_START, len(_PUBLISHED)
         _GIT_AT_START, _INTERRUPTS_AT_START = git_identity(), interrupts()
         try:
-            with flush_denormal(), sigint_counted(), _sigterm_as_sigint():
+            with flush_denormal(), sigint_counted(), sigterm_as_sigint():
                 status = body(sys.argv[1:] if argv is None else list(argv))
                 # a Ctrl-C that something swallowed (qerror.interrupts) is still the user's,
                 # unless the body took it and said so itself

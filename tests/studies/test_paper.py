@@ -602,6 +602,61 @@ def test_an_interrupted_build_says_so_and_leaves_no_main_pdf(tmp_path, monkeypat
     assert not (tmp_path / "main.pdf").exists() and (tmp_path / FAILED_PDF).exists()
 
 
+@pytest.mark.parametrize("where", ["study", "latex"])
+def test_a_build_ended_by_sigterm_cleans_up_as_ctrl_c_does(tmp_path, where):
+    """SIGTERM (timeout, a batch system) ended the build at once: during a smoke study it
+    left the temporary folder and the study running, during LaTeX a main.pdf cut short
+    where the paper is read. It is taken as Ctrl-C: exit 130, the temporary folder
+    removed, no main.pdf."""
+    import signal
+
+    script = f"""
+import importlib.util, os, signal, subprocess, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("paper_build", {str(REPO / "paper" / "build.py")!r})
+build = importlib.util.module_from_spec(spec)
+sys.modules["paper_build"] = build
+spec.loader.exec_module(build)
+paper = Path({str(tmp_path)!r})
+build.PAPER, build.GENERATED = paper, paper / "generated"
+build.paper_sources = lambda: []
+
+def terminated(*args, **kwargs):  # SIGTERM while a study or LaTeX writes its output
+    (paper / "made").write_text(str(args[0]))
+    Path(args[0]).mkdir(parents=True, exist_ok=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+def latexmk(argv, cwd, **kwargs):
+    assert Path(cwd) == paper, cwd
+    (paper / "main.pdf").write_bytes(b"%PDF-1.5 cut short")
+    terminated(paper / "latex")
+
+build.write_generated = lambda *a, **k: {{}}
+if {where!r} == "study":
+    build.run_smoke = terminated
+else:
+    compile_pdf = build.compile_pdf
+    build.compile_pdf = lambda: compile_pdf(paper)
+    build.shutil.which = lambda name: "/usr/bin/latexmk"
+    build.subprocess.run = latexmk
+# Ctrl-C's action as a terminal gives it (a test run launched as a background job
+# inherits it ignored, and Python then leaves it so)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(build.main(["--smoke"] if {where!r} == "study" else []))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert run.returncode == 130, (run.returncode, run.stderr)
+    assert "interrupted: no " in run.stderr
+    assert not (tmp_path / "main.pdf").exists()
+    if where == "study":
+        assert not Path((tmp_path / "made").read_text()).exists()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    else:
+        assert (tmp_path / FAILED_PDF).exists()
+
+
 # --------------------------------------------------------------------------- hand-typed numbers
 
 
