@@ -69,6 +69,9 @@ RECORDS = PAPER / "record"
 README = REPO / "README.md"
 
 _BLOCK = re.compile(r"(<!-- record: ([a-z0-9-]+) -->\n)(.*?)(<!-- /record -->)", re.S)
+# What Python and pandas print for a value that is no number ("nan", "inf", "<NA>"), as a
+# word of its own
+_NOT_A_NUMBER = re.compile(r"(?<![A-Za-z])(?:nan|inf(?:inity)?)(?![A-Za-z])|<NA>", re.I)
 
 
 class RecordError(Exception):
@@ -1766,10 +1769,26 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
         if name not in RENDERERS:
             problems.append(f"README passage '{name}' has no renderer in paper/readme.py")
             return m.group(0)
+        read: list[str] = []  # the records this passage reads, for a problem to name
+
+        def reading(record: str) -> Record:
+            read.append(record)
+            return records(record)
+
         try:
-            body = wrap(RENDERERS[name](records))
+            body = wrap(RENDERERS[name](reading))
+            # a figure that is a NaN or an infinity in its record, formatted as it is
+            bad = _NOT_A_NUMBER.search(body)
+            if bad:
+                raise ValueError(f"would state {bad[0]!r}")
         except RecordError as err:
             problems.append(str(err))
+            return m.group(0)
+        except ValueError as err:  # int(nan) and the like, or the check above
+            problems.append(f"README passage '{name}': {err}; a figure it states is not a "
+                            "number in the records it reads ("
+                            + ", ".join(f"record {r}" for r in dict.fromkeys(read))
+                            + "): look into those runs' outputs")
             return m.group(0)
         return f"{m.group(1)}{body}\n{m.group(4)}"
 

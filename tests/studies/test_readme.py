@@ -154,6 +154,33 @@ def test_a_record_whose_json_does_not_parse_is_named(tmp_path, which):
     assert not (root / "s").exists()
 
 
+@pytest.mark.parametrize("record, file, old, new, says", [
+    # formatted as it is ("median step nan s")
+    ("baseline-train", "timing.json", '"median_step_seconds": 0.8051135709999926',
+     '"median_step_seconds": NaN', "would state 'nan'"),
+    # or stopping the renderer (int(nan): "cannot convert float NaN to integer")
+    ("compression", "points.csv", ",49843,", ",nan,", "cannot convert float NaN"),
+])
+def test_a_figure_that_is_not_a_number_in_its_record_is_named(tmp_path, record, file, old,
+                                                               new, says):
+    """A record whose run wrote a NaN where a passage states a figure: the passage is left
+    as it was and the problem names it and the records it read, never "nan" in the README
+    nor a traceback."""
+    name = {"baseline-train": "baseline-train", "compression": "compression-table"}[record]
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS / record, root / record)
+    path = root / record / file
+    path.write_text(path.read_text().replace(old, new, 1))
+    manifest = json.loads((root / record / "manifest.json").read_text())
+    manifest["outputs"][file] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / record / "manifest.json").write_text(json.dumps(manifest))
+    text = f"<!-- record: {name} -->\nold\n<!-- /record -->\n"
+    out, problems = readme.render(text, root)
+    assert out == text
+    mine = [p for p in problems if f"'{name}'" in p and "has no passage" not in p]
+    assert len(mine) == 1 and says in mine[0] and f"record {record}" in mine[0], problems
+
+
 def test_an_unclosed_passage_is_named_and_nothing_is_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     first = text.index("<!-- /record -->")
