@@ -464,6 +464,12 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
         manifest.get("argv") or []) else f"rerun it: {study_command(manifest)}"
     for name, digest in sorted(manifest["outputs"].items()):
         path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            # the build copies each output to generated/<study>/<name>: such a name would
+            # write outside it
+            raise BuildError(f"{folder}/manifest.json lists {name!r} as an output, which is "
+                             "not a file inside the run's folder, so it is not a study's "
+                             f"manifest as written; {make}")
         if not path.is_file():
             raise BuildError(f"{folder}: {name}, listed in its manifest, is missing; {redo}")
         if _sha256(path) != digest:

@@ -117,6 +117,23 @@ def test_altered_output_or_other_study_is_refused(tmp_path):
         build.check_run("dataset", other, uses())
 
 
+def test_an_output_named_outside_its_run_is_refused(tmp_path, monkeypatch):
+    """A foreign or corrupt manifest listing "../../main.tex" as an output (its sha256 right)
+    had the build copy that file to generated/<study>/../../main.tex: over paper/main.tex."""
+    fake_ledger(monkeypatch)
+    runs = all_runs(tmp_path / "runs")
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "main.tex").write_text("the paper\n")
+    shutil.rmtree(runs["rounding"])
+    runs["rounding"] = fake_run(tmp_path / "runs" / "rounding", "rounding",
+                                {"macros.tex": "%\n", "../../main.tex": "a run's file\n"})
+    with pytest.raises(build.BuildError, match=r"'\.\./\.\./main\.tex'.*not a file inside"):
+        build.write_generated(runs, uses(), paper / "generated", smoke=True)
+    assert (paper / "main.tex").read_text() == "the paper\n"
+    assert sorted(p.name for p in paper.iterdir()) == ["main.tex"]
+
+
 def fake_ledger(monkeypatch, fail: bool = False):
     """build.write_ledger without the ledger's own run (seconds): a claims table, or the
     error a failed ledger gives."""
