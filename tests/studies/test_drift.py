@@ -160,6 +160,9 @@ def test_smoke_run_writes_every_output_and_its_manifest(fashion_root, tmp_path):
     assert macros["IntEightPipelineFullRange"] == f"reciprocal/{probe.faithful.value}"
     assert macros["IntEightEqualFullRange"] == "100"
     assert macros["IntEightElementsFullRange"] == f"{int(full.elements):,}"
+    assert macros["IntEightAgreementFullRange"] == (
+        rf"the \code{{reciprocal/{probe.faithful.value}}} pipeline agrees with the kernel on "
+        rf"100\,\% of {int(full.elements):,} output codes")
     conv8 = sites[(sites["mode"] == "toward_zero") & (sites.bits == 8) & (sites.kind == "conv")
                   & (sites.target == "both") & (sites.metric == "saturation_high")]
     assert macros["SatHighMaxTowardZeroEight"] == f"{100 * conv8.value.max():.2f}"
@@ -1569,6 +1572,26 @@ def test_the_int8_pipeline_macro_is_escaped():
                       pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
                                             "value"]), pd.DataFrame(), xsummary, None)
     assert m["IntEightPipelineFullRange"] == r"float\_32/integer 50\%"
+    assert m["IntEightAgreementFullRange"] == (r"the \code{float\_32/integer 50\%} pipeline "
+                                               r"agrees with the kernel on 100\,\% of 10 "
+                                               "output codes")
+
+
+def test_the_int8_sentence_holds_where_no_pipeline_is_faithful():
+    """On a CPU whose kernel no pipeline models, the drift study defined none of the
+    pipeline's macros the paper's sentence quoted, so the paper could not be built there;
+    the sentence's macro now says that no pipeline is faithful."""
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    xsummary = pd.DataFrame([{"activations": "full_range", "arithmetic": "reciprocal",
+                              "pipeline": "saturating", "faithful": False, "equal": 9,
+                              "elements": 1234, "avx2_saturated": 5}])
+    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
+                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
+                                            "value"]), pd.DataFrame(), xsummary, None)
+    assert "IntEightPipelineFullRange" not in m and "IntEightEqualFullRange" not in m
+    assert m["IntEightAgreementFullRange"].startswith(
+        "no pipeline is marked faithful to the kernel over its 1,234 output codes")
+    assert m["IntEightAvxSaturatedFullRange"] == "5"
 
 
 @pytest.mark.parametrize("images, split, scope", [
