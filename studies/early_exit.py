@@ -121,6 +121,7 @@ from qerror.stats import (
 from studies._common import (
     DATA_ROOT_HELP,
     PRINT_WIDTH,
+    SPLIT_WORDS,
     RunDir,
     StudyError,
     base_parser,
@@ -683,6 +684,22 @@ def _main(argv: list[str]) -> int:
     backbone, model_id = load_backbone(args, args.data_root)
     data = load_data(args.data_root, train_images, val_images, calib_images, test_images,
                      args.seed, model_id.get("held_out"))
+    # A checkpoint trained beside other held-out splits than the defaults leaves splits of
+    # other sizes: a count asked for by name beyond its split is refused, a default takes
+    # the split, and the manifest records the counts taken.
+    for option, asked, split in (("--train-images", args.train_images, "train"),
+                                 ("--val-images", args.val_images, "val"),
+                                 ("--calib-images", args.calib_images, "calib")):
+        taken = data.identity[f"{split}_images"]
+        if asked is not None and taken < asked:
+            held = model_id["held_out"]
+            raise StudyError(
+                f"{option} {asked}: the checkpoint {model_id['checkpoint']} was trained beside "
+                f"{held['val']:,} validation and {held['calib']:,} calibration images held "
+                f"out of the training file, so its {SPLIT_WORDS[split]} split holds "
+                f"{taken:,} images; give at most {taken}")
+    train_images, val_images, calib_images, test_images = (
+        data.identity[f"{split}_images"] for split in ("train", "val", "calib", "test"))
     if smoke and args.checkpoint is None:
         # its stages checked first: the BatchNorm estimation would refuse a model without
         # BatchNorm with a message that names no stage

@@ -222,6 +222,47 @@ def test_a_checkpoint_of_another_architecture_is_refused(fashion_root, tmp_path,
     assert not out.exists()
 
 
+def _held_out_checkpoint(path, val: int, calib: int):
+    """A ResNet18 checkpoint whose training held out ``val`` validation and ``calib``
+    calibration images (studies.train records them in its recipe)."""
+    torch.manual_seed(0)
+    save_checkpoint(fashion_resnet(Arch.RESNET18), path, arch="resnet18", stem="imagenet",
+                    config={"recipe": {"val_split": val, "calib_split": calib}}, metrics={})
+    return path
+
+
+@pytest.mark.parametrize("option", ["--val-images", "--calib-images"])
+def test_more_images_than_the_checkpoints_held_out_split_is_refused(option, fashion_root,
+                                                                   tmp_path, capsys):
+    """A checkpoint trained beside 40 validation and 20 calibration images has no more: the
+    run took those and its manifest recorded the 50 asked for."""
+    ckpt = _held_out_checkpoint(tmp_path / "held.pt", 40, 20)
+    out = tmp_path / "run"
+    code = early_exit.main(["--smoke", "--checkpoint", str(ckpt), option, "50",
+                            "--data-root", str(fashion_root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    held = {"--val-images": "validation split holds 40", "--calib-images":
+            "calibration split holds 20"}[option]
+    assert f"{option} 50: " in err and held in err and "give at most" in err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_the_manifest_records_the_images_a_smaller_held_out_split_leaves(fashion_root,
+                                                                         tmp_path):
+    """The smoke defaults (64 validation, 32 calibration images) from a checkpoint trained
+    beside 40 and 20: the manifest's configuration said 64 and 32."""
+    ckpt = _held_out_checkpoint(tmp_path / "held.pt", 40, 20)
+    out = tmp_path / "run"
+    assert early_exit.main(["--smoke", "--checkpoint", str(ckpt), "--cv-folds", "2",
+                            "--thresholds", "0.5", "1", "--data-root", str(fashion_root),
+                            "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, n in (("val", 40), ("calib", 20), ("test", 64), ("train", 64)):
+        assert manifest["data"][f"{split}_images"] == n, split
+        assert manifest["config"][f"{split}_images"] == n, split
+
+
 def test_a_smoke_run_on_a_checkpoint_does_not_say_untrained():
     """--smoke --checkpoint F ran the trained model and wrote "untrained tiny model" into
     every table's evidence column."""
