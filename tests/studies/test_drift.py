@@ -1561,16 +1561,20 @@ def test_a_layout_the_library_does_not_know_is_refused_before_any_output(tmp_pat
     assert not out.exists()
 
 
+def _int8_macros(row: dict) -> dict:
+    """The study's macros from one full-range INT8 cross-check summary row alone."""
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    xsummary = pd.DataFrame([{"activations": "full_range", **row}])
+    return drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
+                         pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
+                                               "value"]), pd.DataFrame(), xsummary, None)
+
+
 def test_the_int8_pipeline_macro_is_escaped():
     """The cross-check's words went into a macro as they were: an underscore or a % in them
     would stop pdflatex."""
-    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
-    xsummary = pd.DataFrame([{"activations": "full_range", "arithmetic": "float_32",
-                              "pipeline": "integer 50%", "faithful": True, "equal": 10,
-                              "elements": 10, "avx2_saturated": 0}])
-    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
-                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
-                                            "value"]), pd.DataFrame(), xsummary, None)
+    m = _int8_macros({"arithmetic": "float_32", "pipeline": "integer 50%", "faithful": True,
+                      "equal": 10, "elements": 10, "avx2_saturated": 0})
     assert m["IntEightPipelineFullRange"] == r"float\_32/integer 50\%"
     assert m["IntEightAgreementFullRange"] == (r"the \code{float\_32/integer 50\%} pipeline "
                                                r"agrees with the kernel on 100\,\% of 10 "
@@ -1581,13 +1585,8 @@ def test_the_int8_sentence_holds_where_no_pipeline_is_faithful():
     """On a CPU whose kernel no pipeline models, the drift study defined none of the
     pipeline's macros the paper's sentence quoted, so the paper could not be built there;
     the sentence's macro now says that no pipeline is faithful."""
-    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
-    xsummary = pd.DataFrame([{"activations": "full_range", "arithmetic": "reciprocal",
-                              "pipeline": "saturating", "faithful": False, "equal": 9,
-                              "elements": 1234, "avx2_saturated": 5}])
-    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]),
-                      pd.DataFrame(columns=["mode", "bits", "target", "kind", "metric",
-                                            "value"]), pd.DataFrame(), xsummary, None)
+    m = _int8_macros({"arithmetic": "reciprocal", "pipeline": "saturating", "faithful": False,
+                      "equal": 9, "elements": 1234, "avx2_saturated": 5})
     assert "IntEightPipelineFullRange" not in m and "IntEightEqualFullRange" not in m
     assert m["IntEightAgreementFullRange"].startswith(
         "no pipeline is marked faithful to the kernel over its 1,234 output codes")
