@@ -963,6 +963,64 @@ def bench_drift_avx512(records) -> str:
         f"{mem.ratio_median:.2f}× the float forward's (goal {mem.goal:g}×).")
 
 
+def drift_time_avx2_head(records) -> str:
+    """The warm default run again on a CPU with AVX2 only, at a later commit, against the
+    goal, with the commit of record drift-avx2-sums-second run right after it on the same
+    machine and baseline (what the machine changed, apart from the code); and its INT8
+    cross-check there, where FBGEMM's groupwise kernel saturates, which the probe of the
+    earlier records did not ask."""
+    rec, old, was = (records("drift-avx2-head"), records("drift-avx2-head-old"),
+                     records("drift-avx2-sums-second"))
+    for r in (rec, old):
+        _require_avx512(r, present=False)
+    if old.commit != was.commit or old.about["machine"] != rec.about["machine"]:
+        raise RecordError("record drift-avx2-head-old: not the commit of record "
+                          "drift-avx2-sums-second run on the machine of drift-avx2-head")
+    t, to, tw = (r.csv("timing.csv").iloc[0] for r in (rec, old, was))
+    ph, cpu = _phases(t), rec.manifest["cpu"]
+    if cpu.get("faithful") != "saturating" or cpu.get("groupwise_saturates") is not True:
+        raise RecordError(f"record {rec.name}: its kernel probe did not find FBGEMM saturating "
+                          "int16 pair sums, its groupwise kernel too, which the passage states")
+    x = rec.csv("int8_summary.csv")
+    f = _one_row(rec, x, (x.activations == "full_range") & x.faithful.astype(bool),
+                 "the faithful full-range INT8 cross-check")
+
+    def verdict(s: float) -> str:
+        return "within" if s <= DRIFT_MINUTES_GOAL * 60 else "beyond"
+
+    def change(new: float, base: float) -> str:
+        return f"{abs(100 * (new / base - 1)):.0f} % {'more' if new > base else 'less'} time"
+
+    return (
+        f"Again on a CPU with AVX2 and no AVX-512, at commit {rec.commit} "
+        f"(`{rec.about['command']}`, {rec.about['machine']}): the warm default run took "
+        f"{minutes(t.measured_s)} minutes (`measured_s` {t.measured_s:.0f}; pilot "
+        f"{minutes(ph['pilot'])}, instrumented {minutes(ph['instrumented'])}, remedies "
+        f"{minutes(ph['remedies'])}, headline {minutes(ph['headline'])}, calibration curve "
+        f"{minutes(ph['curve'])}, INT8 cross-check {minutes(t.measured_int8_s)}), "
+        f"{rec.manifest['config']['chosen_images']} images: {verdict(t.measured_s)} the "
+        f"{DRIFT_MINUTES_GOAL}-minute goal. The commit of record drift-avx2-sums-second "
+        f"({old.commit}), run right after it on the same machine with the same baseline, took "
+        f"{minutes(to.measured_s)} minutes ({verdict(to.measured_s)} the goal; "
+        f"{minutes(tw.measured_s)} on that record's machine): the later commit's instrumented "
+        f"phase took {change(ph['instrumented'], _phases(to)['instrumented'])} and its pilot "
+        f"{change(ph['pilot'], _phases(to)['pilot'])}, the whole run "
+        f"{change(t.measured_s, to.measured_s)}; one run of each, which the hour-to-hour "
+        "movement of a whole run (record drift-speed-avx2-sums) does not resolve for the whole. "
+        "The pilot "
+        f"measured the plain float forward at {t.plain_images_per_s:.0f} and "
+        f"{to.plain_images_per_s:.0f} images/s in these two runs against "
+        f"{tw.plain_images_per_s:.0f} in that record's, and the instrumented K-way passes at "
+        f"{t.images_per_s_per_config:.0f} and {to.images_per_s_per_config:.0f} images/s per "
+        f"configuration against {tw.images_per_s_per_config:.0f}: machines of this kind "
+        "differ that much. The kernel probe found FBGEMM saturating its int16 pair sums, its "
+        "groupwise kernel (3x3 convolutions with 8 or 16 channels in and out) too, which on "
+        "CPUs with AVX512-VNNI held to AVX2 does not saturate (`qerror.nn.int8`'s notes); the "
+        f"faithful pipeline ({f.arithmetic}/{f.pipeline}) reproduced {int(f.equal):,} of "
+        f"{int(f.elements):,} full-range output codes of the cross-check, "
+        f"{int(f.avx2_saturated):,} of them from saturated pair sums.")
+
+
 def bench_drift_amx(records) -> str:
     """The drift group on an Intel CPU with AMX: the instrumentation's overhead with and
     without the local error, each goal row's verdict on its median's interval, and the
@@ -1645,6 +1703,7 @@ RENDERERS: dict[str, Callable] = {
     "bench-drift-avx512": bench_drift_avx512,
     "bench-drift-local": bench_drift_local,
     "bench-drift-amx": bench_drift_amx,
+    "drift-time-avx2-head": drift_time_avx2_head,
     "bench-layout-avx2": bench_layout_avx2,
     "drift-subset": drift_subset,
     "early-exit-run": early_exit_run,
