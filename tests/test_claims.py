@@ -629,7 +629,15 @@ def test_the_committed_seed_statements_are_what_the_code_measures(seed_statement
     """tests/data/seeds/statements.csv is the study's output for the committed weights: the
     same statements (a quantity the code measures and the file lacks means a stale copy:
     growth_ac1 once was) and the same values, to a millionth (measured: within 1e-9 between
-    two commits' float32 sums in different orders)."""
+    two commits' float32 sums in different orders) where ATen runs the vector ISA the study
+    ran on. On another (the committed run's AVX512 against an AVX2-only CPU, measured: 565 of
+    1,620 values differ by more, the largest by one image in 512 of a seed's accuracy and by
+    a third of a near-zero autocorrelation) ATen's convolutions sum in another order and a
+    value near a rounding boundary moves a code: the file is then the study's output on that
+    CPU, not this one's, and what must hold here is what the ledger decides, which N1-N4's
+    tests decide from the values measured here."""
+    import json
+
     import pandas as pd
 
     keys = ["bits", "mode", "quantity", "seed"]
@@ -637,7 +645,9 @@ def test_the_committed_seed_statements_are_what_the_code_measures(seed_statement
     now = seed_statements.sort_values(keys, ignore_index=True)
     assert set(stored.quantity) == set(now.quantity)
     assert stored[keys].equals(now[keys].astype(stored[keys].dtypes.to_dict()))
-    assert np.allclose(stored.value, now.value, rtol=1e-6, atol=0, equal_nan=True)
+    made_on = json.loads((SEEDS_DIR / "manifest.json").read_text())["cpu"]["cpu_capability"]
+    if made_on == torch.backends.cpu.get_cpu_capability():
+        assert np.allclose(stored.value, now.value, rtol=1e-6, atol=0, equal_nan=True)
 
 
 def _convs(res):
