@@ -56,7 +56,7 @@ from studies._common import (
     staging_folder,
     user_path,
 )
-from studies._latex import count, macro_name
+from studies._latex import NOT_A_NUMBER, count, macro_name
 
 PAPER = Path(__file__).resolve().parent
 REPO = PAPER.parent
@@ -97,9 +97,6 @@ _USE = re.compile(r"\\study(?:figure|table)\*?(?:\[[^\]]*\])?\{([A-Za-z_]+)\}\{(
 _MACRO_DEF = re.compile(r"\\newcommand\{\\([A-Za-z]+)\}")
 # A macro's body, one definition a line as studies._common.write_macros writes them.
 _MACRO_BODY = re.compile(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}\s*$", re.M)
-# What Python and pandas print for a value that is no number ("nan", "inf", "-inf", "<NA>"),
-# as a word of its own (not the letters of "information" or "\\infty").
-_NOT_A_NUMBER = re.compile(r"(?<![A-Za-z\\])(?:nan|inf(?:inity)?)(?![A-Za-z])|<NA>", re.I)
 
 
 @dataclass(frozen=True)
@@ -493,7 +490,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
         # LaTeX prints "nan" as it prints a figure: a result the run could not compute
         # (an empty sample, a division by zero) is stopped here
         bad = sorted((m[1], m[2]) for m in _MACRO_BODY.finditer(text)
-                     if m[1] in wanted and _NOT_A_NUMBER.search(m[2]))
+                     if m[1] in wanted and NOT_A_NUMBER.search(m[2]))
         if bad:
             raise BuildError(f"{folder}: the paper quotes " + ", ".join(
                 f"\\{name} = {body!r}" for name, body in bad) + ", not a number (the run met "

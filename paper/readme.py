@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qerror.files import atomic_write, sha256_file
 from qerror.stats import median_ranks, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
-from studies._latex import count, signed
+from studies._latex import NOT_A_NUMBER, count, signed
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
@@ -69,9 +69,6 @@ RECORDS = PAPER / "record"
 README = REPO / "README.md"
 
 _BLOCK = re.compile(r"(<!-- record: ([a-z0-9-]+) -->\n)(.*?)(<!-- /record -->)", re.S)
-# What Python and pandas print for a value that is no number ("nan", "inf", "<NA>"), as a
-# word of its own
-_NOT_A_NUMBER = re.compile(r"(?<![A-Za-z])(?:nan|inf(?:inity)?)(?![A-Za-z])|<NA>", re.I)
 
 
 class RecordError(Exception):
@@ -1837,7 +1834,7 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
         try:
             body = wrap(RENDERERS[name](reading))
             # a figure that is a NaN or an infinity in its record, formatted as it is
-            bad = _NOT_A_NUMBER.search(body)
+            bad = NOT_A_NUMBER.search(body)
             if bad:
                 raise ValueError(f"would state {bad[0]!r}")
         except RecordError as err:

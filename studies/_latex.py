@@ -18,6 +18,12 @@ _TENS = ("", "", "Twenty", "Thirty", "Forty", "Fifty", "Sixty", "Seventy", "Eigh
 _SIGNS = {".": "Point", "+": "Plus", "-": "Minus", "@": "At"}
 
 
+#: What Python and pandas print for a value that is no number ("nan", "inf", "-inf",
+#: "<NA>") as a word of its own: not the letters of "information", nor TeX's ``\\infty``.
+#: The paper's build and the README's renderer refuse a figure that reads so.
+NOT_A_NUMBER = re.compile(r"(?<![A-Za-z\\])(?:nan|inf(?:inity)?)(?![A-Za-z])|<NA>", re.I)
+
+
 def _number(digits: str) -> str:
     n = int(digits)
     if len(digits) > 1 and digits[0] == "0":
