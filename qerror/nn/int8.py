@@ -1182,15 +1182,18 @@ def _candidate_codes(cases: dict) -> dict[tuple[Library, Pipeline, bool],
                                           list[tuple[int, ...]]]:
     """Each candidate model's codes on every probe case, in the order of ``cases``."""
     codes: dict = {key: [] for key in _CANDIDATES}
+    # one plan gives both pipelines' codes: one plan per (library, groupwise rule)
+    plans = dict.fromkeys((lib, groupwise) for lib, _, groupwise in _CANDIDATES)
     for layer, x, qp in cases.values():
-        for lib, pipeline, groupwise in _CANDIDATES:
+        for lib, groupwise in plans:
             plan = _plan(layer, qp, bn=None, relu=False, act_spec=ACTIVATION_SPEC,
                          out_spec=ACTIVATION_SPEC, name="probe", engine=None, library=lib,
                          groupwise_saturates=groupwise)
             with torch.inference_mode():
                 plain, saturating, _ = plan.integer_codes(x, ScaleArithmetic.RECIPROCAL)
-            got = plain if pipeline is Pipeline.INTEGER else saturating
-            codes[(lib, pipeline, groupwise)].append(tuple(got.flatten().tolist()))
+            for pipeline, got in ((Pipeline.INTEGER, plain), (Pipeline.SATURATING, saturating)):
+                if (lib, pipeline, groupwise) in codes:
+                    codes[(lib, pipeline, groupwise)].append(tuple(got.flatten().tolist()))
     return codes
 
 
