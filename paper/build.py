@@ -454,6 +454,15 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     except (OSError, ValueError) as err:
         raise BuildError(f"{folder} has no readable manifest.json ({err}), so it is not a "
                          f"finished run of the {study} study; {make}") from err
+    # valid JSON of another shape: no study wrote it (a study writes an object, argv a list)
+    kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
+             int: "a number", float: "a number"}
+    shape = (kinds[type(manifest)] if not isinstance(manifest, dict) else
+             "an argv that is no list" if not isinstance(manifest.get("argv", []), list)
+             else None)
+    if shape is not None:
+        raise BuildError(f"{folder}/manifest.json is not a study's manifest (it holds {shape}), "
+                         f"so it is not a finished run of the {study} study; {make}")
     if manifest.get("study") != study or not isinstance(manifest.get("outputs"), dict):
         raise BuildError(f"{folder}/manifest.json is not a run of the {study} study "
                          f"(it names {manifest.get('study')!r}); {make}")

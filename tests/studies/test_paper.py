@@ -117,6 +117,20 @@ def test_altered_output_or_other_study_is_refused(tmp_path):
         build.check_run("dataset", other, uses())
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "\"drift\"", "null", "3",
+                                  '{"study": "drift", "outputs": {}, "argv": "--smoke"}'])
+def test_a_manifest_of_another_shape_is_refused_as_no_run(tmp_path, text):
+    """Valid JSON that is not a study's manifest (a list, a string, null, a number) stopped
+    the build with an AttributeError, and an argv that is no list was quoted letter by letter
+    as the run's command; both are refused as no study's manifest, naming the folder and the
+    command that makes one."""
+    run = fake_run(tmp_path / "r", "drift", {"macros.tex": "% m\n"})
+    (run / "manifest.json").write_text(text)
+    with pytest.raises(build.BuildError) as err:
+        build.check_run("drift", run, uses())
+    assert str(run) in str(err.value) and "python -m studies.drift" in str(err.value)
+
+
 def test_an_output_named_outside_its_run_is_refused(tmp_path, monkeypatch):
     """A foreign or corrupt manifest listing "../../main.tex" as an output (its sha256 right)
     had the build copy that file to generated/<study>/../../main.tex: over paper/main.tex."""
