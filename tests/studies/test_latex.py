@@ -6,7 +6,7 @@ import pytest
 
 from studies import _common
 from studies._common import RunDir
-from studies._latex import HEADERS, count, escape, header, letters, number
+from studies._latex import HEADERS, count, escape, header, letters, number, p_value
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -63,6 +63,22 @@ def test_macro_names_must_be_letters(tmp_path):
 ])
 def test_number_for_running_text(value, digits, text):
     assert number(value, digits) == text
+
+
+@pytest.mark.parametrize("p, text", [
+    (0.5, "0.50"), (0.0601, "0.060"), (0.001, "0.0010"), (1.0, "1.0"), (0.0, "0"),
+    (2.5799819896648702e-09, "\\ensuremath{2.6\\times10^{-9}}"),
+    (3.2e-274, "\\ensuremath{3.2\\times10^{-274}}"),
+    (0.00099, "\\ensuremath{9.9\\times10^{-4}}")])
+def test_p_value_for_running_text_never_writes_out_tiny_decimals(p, text):
+    """A TOST side's p of 2.6e-9 was set as 0.0000000026 (number's full decimals)."""
+    assert p_value(p) == text
+
+
+@pytest.mark.parametrize("p", [float("nan"), float("inf"), -0.1, 1.5])
+def test_p_value_refuses_what_is_no_probability(p):
+    with pytest.raises(ValueError, match="p-value"):
+        p_value(p)
 
 
 def test_number_refuses_non_finite():
