@@ -625,24 +625,40 @@ def draws_at(size: int, available: int, draws: int) -> int:
     return max(1, min(draws, available // size))
 
 
+def pilot_local_samples(pilot_batch: int, batch: int, local_samples: int) -> int:
+    """The local error's images in each pilot batch of ``pilot_batch`` images: the share of
+    a full batch of the run that carries it (``local_samples`` of ``batch``), rounded up."""
+    return min(pilot_batch, -(-local_samples * pilot_batch // batch)) if batch else 0
+
+
 def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
               batch: int) -> tuple[pd.DataFrame, float]:
     """Every configuration measured on the pilot's images (each width in one K-way batch) and
     reduced to :func:`precision_rows`: how well those images pin down each layer's
     statistics, and the images the median layer needs; and the seconds the K-way batches
-    took (every configuration's weights quantized before, as the run has them cached)."""
+    took (every configuration's weights quantized before, as the run has them cached).
+
+    The subset is sized on the drift and the MSE (:data:`SIZED_METRICS`), not on the local
+    drift, so the pilot carries the local error on the share of its images that the run's
+    batches of ``batch`` do (:func:`pilot_local_samples`: 8 of a 64-image pilot batch where
+    the run measures it on 32 of 256), not on ``local_samples`` of each of its batches
+    (half of them): its seconds are then the instrumented phase's rate, which
+    :func:`estimate` takes, instead of one that erred about twice too slow, and it does
+    not compute a local error nothing reads."""
     n = sum(len(y) for _, y in batches)
     for cfg in configs:
         weights_of(cfg)
+    pilot_batch = max((len(y) for _, y in batches), default=0)
+    local = pilot_local_samples(pilot_batch, batch, local_samples)
     with tqdm(total=len(configs), desc="pilot", unit="config") as bar:
         start = time.perf_counter()
         # the standard errors come from the streaming per-image sums: no means kept
         measured = list(measure_widths(model, batches, configs, act_qp, weights_of,
-                                       local_samples, bar))
+                                       local, bar))
         seconds = time.perf_counter() - start
     frames = [res.to_frame().assign(**_config_columns(cfg)) for cfg, res in measured]
     return precision_rows(pd.concat(frames, ignore_index=True), n,
-                          local_images(n, batch, local_samples)), seconds
+                          local_images(n, pilot_batch, local)), seconds
 
 
 def _states(cfg: QuantConfig, results: dict) -> bool:
@@ -937,9 +953,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
 
     The instrumented phase runs at ``kway_rate`` (images × configurations per second) where
     the pilot measured it (``rate_source`` "pilot"): the same configurations in K-way
-    batches, on a batch of pilot images. That rate errs high in time: half of a 64-image
-    pilot batch carries every layer's local error (``local_samples`` images per batch), an
-    eighth of the run's 256-image batches. Without a pilot (``rate_source`` "probe") the
+    batches, on a batch of pilot images carrying the local error on the run's share of its
+    images (:func:`run_pilot`). Without a pilot (``rate_source`` "probe") the
     first configuration of each target is timed, one instrumented pass and one plain
     quantized forward over the first batch, and each configuration is costed at its
     target's rates less the float forward a width's K-way batch shares, for which its plain

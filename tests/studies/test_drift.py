@@ -651,6 +651,41 @@ def test_precision_counts_the_local_error_in_its_own_images():
     assert prec.loc["drift", "resolved_layers"] == 2  # b and c: |value| >= 1.96 x 0.01
 
 
+@pytest.mark.parametrize("pilot_batch, batch, local, expected", [
+    (64, 256, 32, 8), (64, 256, 0, 0), (256, 256, 32, 32), (10, 256, 32, 2), (8, 4, 32, 8)])
+def test_pilot_local_samples_is_the_runs_share_rounded_up(pilot_batch, batch, local, expected):
+    assert drift.pilot_local_samples(pilot_batch, batch, local) == expected
+
+
+def test_the_pilot_carries_the_local_error_on_the_runs_share(monkeypatch):
+    """The pilot's 64-image batch carried the local error on local_samples (32) of its
+    images, half of them where the run's 256-image batches carry it on an eighth: work no
+    output reads (the subset is sized on drift and MSE), and a pilot rate about twice too
+    slow for the instrumented phase's estimate. It passes the run's share (8) now, and the
+    local drift's images are counted in it."""
+    seen = []
+
+    class Result:
+        def to_frame(self):
+            return pd.DataFrame([{"site": "a", "kind": "conv", "metric": m, "value": v, "se": e}
+                                 for m, v, e in (("drift", 0.1, 0.01), ("local_drift", 0.1, 0.02),
+                                                 ("mse", 1.0, 0.1), ("float_std", 2.0, math.nan))])
+
+    def measure_widths(model, batches, configs, act_qp, weights_of, local_samples, bar=None,
+                       **kwargs):
+        seen.append(local_samples)
+        for cfg in configs:
+            yield cfg, Result()
+
+    monkeypatch.setattr(drift, "measure_widths", measure_widths)
+    cfg = drift.QuantConfig.make(8, drift.RoundingMode.FLOOR, drift.Target.BOTH)
+    batches = [(torch.zeros(64, 1, 4, 4), torch.zeros(64, dtype=torch.long))]
+    prec, seconds = drift.run_pilot(None, batches, [cfg], {}, lambda c: None, 32, 256)
+    assert seen == [8] and seconds >= 0
+    prec = prec.set_index("metric")
+    assert prec.loc["local_drift", "se_images"] == 8 and prec.loc["drift", "se_images"] == 64
+
+
 def _pilot_rows(needs: dict) -> pd.DataFrame:
     """A pilot's precision table: each configuration's images to resolve, by statistic."""
     return pd.DataFrame([{"mode": mode, "bits": 8, "target": "both", "metric": metric,
