@@ -100,16 +100,18 @@ def number(value: float, digits: int = 3) -> str:
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
 
 
-def p_value(p: float, digits: int = 2) -> str:
-    """A p-value for a macro set in running text: ``digits`` significant digits
-    (:func:`number`) down to 0.001, below it in powers of ten (``2.6\\times10^{-9}``, in
-    ``\\ensuremath``), which :func:`number` would write out in full decimals
-    (0.0000000026); 0 stays 0.
+def p_value(p: float, digits: int = 2, *, latex: bool = True) -> str:
+    """A p-value for running text: ``digits`` significant digits (:func:`number`) down to
+    0.001, below it in powers of ten, which :func:`number` would write out in full decimals
+    (0.0000000026): ``\\ensuremath{2.6\\times10^{-9}}`` for a macro, ``2.6e-09`` with
+    ``latex`` false (a log line, a CSV's text); 0 stays 0.
     """
     if not math.isfinite(p) or not 0 <= p <= 1:
         raise ValueError(f"a p-value is a finite number in [0, 1], got {p!r}")
     if p == 0 or p >= 1e-3:
         return number(p, digits)
+    if not latex:
+        return f"{p:.{digits - 1}e}"
     mantissa, exponent = f"{p:.{digits - 1}e}".split("e")
     return f"\\ensuremath{{{mantissa}\\times10^{{{int(exponent)}}}}}"
 

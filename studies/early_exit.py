@@ -138,7 +138,7 @@ from studies._common import (
     user_path,
 )
 from studies._latex import escape, letters, signed
-from studies._latex import p_value as p_macro
+from studies._latex import p_value as format_p
 from studies.bench import MEDIAN_LEVEL
 
 ALPHA = 0.05  # level of every interval, McNemar test and of each one-sided test of the TOST
@@ -1018,9 +1018,10 @@ def goals(results: dict, smoke: str | None, whole_test: bool) -> pd.DataFrame:
         {"goal": "INT8 early exit within 0.5 points of FP32 full (test split, paired TOST)",
          "measured": f"{100 * ee.delta_vs_fp32_full:+.2f} points, "
                      f"{100 * (1 - 2 * ALPHA):g}% CI [{100 * ee.tost_ci_lo:+.2f}, "
-                     f"{100 * ee.tost_ci_hi:+.2f}], TOST p={ee.tost_p:.2g} (one-sided "
-                     f"p {ee.tost_p_below:.2g} below, {ee.tost_p_above:.2g} "
-                     f"above: "
+                     f"{100 * ee.tost_ci_hi:+.2f}], TOST p="
+                     f"{format_p(ee.tost_p, latex=False)} (one-sided p "
+                     f"{format_p(ee.tost_p_below, latex=False)} below, "
+                     f"{format_p(ee.tost_p_above, latex=False)} above: "
                      f"{equivalence_sides(ee.tost_p_below, ee.tost_p_above)})",
          "met": bool(ee.equivalent)},
         {"goal": "at least 50% fewer average MACs than the full network",
@@ -1236,9 +1237,9 @@ def _macros(r: dict, config: dict, smoke: bool) -> dict:
         "a subset of the training split"
     m["Distill"] = f"{config['distill']:g}"
     m["TostLevel"] = f"{100 * (1 - 2 * ALPHA):g}"
-    m["TostPHead"] = p_macro(head.tost_p)
-    m["TostPBelowHead"] = p_macro(head.tost_p_below)
-    m["TostPAboveHead"] = p_macro(head.tost_p_above)
+    m["TostPHead"] = format_p(head.tost_p)
+    m["TostPBelowHead"] = format_p(head.tost_p_below)
+    m["TostPAboveHead"] = format_p(head.tost_p_above)
     m["TostCiLoHead"] = signed(100 * head.tost_ci_lo)
     m["TostCiHiHead"] = signed(100 * head.tost_ci_hi)
     m["TostSidesHead"] = equivalence_sides(head.tost_p_below, head.tost_p_above)

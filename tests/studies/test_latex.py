@@ -73,6 +73,9 @@ def test_number_for_running_text(value, digits, text):
 def test_p_value_for_running_text_never_writes_out_tiny_decimals(p, text):
     """A TOST side's p of 2.6e-9 was set as 0.0000000026 (number's full decimals)."""
     assert p_value(p) == text
+    plain = p_value(p, latex=False)
+    assert plain == (text if p == 0 or p >= 1e-3 else f"{p:.1e}") and float(plain) == \
+        pytest.approx(p, rel=0.05)
 
 
 @pytest.mark.parametrize("p", [float("nan"), float("inf"), -0.1, 1.5])
