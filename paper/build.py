@@ -78,6 +78,17 @@ MAKE_COMMAND = {
     "early_exit": "python -m studies.early_exit --force",
     "compression": "python -m studies.compression --force",
 }
+
+def make_command(study: str, folder: Path | None) -> str:
+    """The command that writes ``study``'s output where the build reads it: the default
+    (:data:`MAKE_COMMAND`) for ``runs/<study>`` of this repository, else the study with
+    ``--out`` set to ``folder`` (``make run`` writes to the default folder only)."""
+    default = REPO / "runs" / study
+    if folder is None or Path(folder).resolve() == default.resolve():
+        return MAKE_COMMAND[study]
+    return f"python -m studies.{study} --out {shlex.quote(str(folder))} --force"
+
+
 # Extra arguments of each study's --smoke run: the studies that read Fashion-MNIST get
 # --data-root when the build is given one.
 NEEDS_DATA = {"dataset", "drift", "seeds", "rounding_choice", "early_exit", "compression"}
@@ -215,7 +226,7 @@ def settings_tex(manifests: dict[str, dict], runs: dict[str, Path], used: frozen
                         "does not record it (a run made before its config named it)")
             problems.append(f"the paper states \\{name}, config.{s.key} of the {s.study} run "
                             f"{runs.get(s.study)}, which {recorded}; rerun it: "
-                            f"{MAKE_COMMAND[s.study]}")
+                            f"{make_command(s.study, runs.get(s.study))}")
             continue
         lines.append(f"\\newcommand{{\\{name}}}{{{s.show(value)}}}")
     if problems:
@@ -444,7 +455,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     BuildError
         Naming the folder, what is wrong, and the command that makes the output.
     """
-    make = f"make it with: {MAKE_COMMAND[study]}"
+    make = f"make it with: {make_command(study, folder)}"
     if folder.is_dir() is False:
         raise BuildError(f"no output of the {study} study at {folder}; {make} "
                          f"(or pass --run {study}=PATH, or build the smoke paper: "
@@ -526,7 +537,8 @@ def check_runs(runs: dict[str, Path], uses: Uses, *, smoke: bool = False) -> dic
             m = manifests[study]
             if not smoke and is_smoke_run(m):
                 problems.append(f"{folder}: a --smoke run of the {study} study; the paper "
-                                f"takes full runs ({MAKE_COMMAND[study]}), the smoke paper is "
+                                f"takes full runs ({make_command(study, folder)}), the smoke "
+                                "paper is "
                                 "make paper-smoke")
         except BuildError as err:
             problems.append(str(err))

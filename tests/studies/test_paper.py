@@ -48,9 +48,25 @@ def test_missing_study_output_is_named_with_its_command(tmp_path):
         build.check_run("drift", tmp_path / "runs" / "drift", uses())
     msg = str(err.value)
     assert str(tmp_path / "runs" / "drift") in msg
-    assert "make run" in msg and "python -m studies.drift" in msg
+    assert f"python -m studies.drift --out {tmp_path / 'runs' / 'drift'} --force" in msg
+    # the repository's own runs/drift: make run writes it
+    assert "make run" in build.make_command("drift", REPO / "runs" / "drift")
     with pytest.raises(build.BuildError, match=r"python -m studies\.rounding"):
         build.check_run("rounding", tmp_path / "nowhere", uses())
+
+
+def test_a_missing_run_elsewhere_is_named_with_the_command_that_writes_there(tmp_path):
+    """With --runs DIR (or --run STUDY=PATH) the build said 'make it with: make run
+    (python -m studies.drift --force)', which writes runs/drift of the repository, not the
+    folder the build reads; it names the study with --out set to that folder now, and keeps
+    make run for the default folder."""
+    folder = tmp_path / "my runs" / "drift"
+    with pytest.raises(build.BuildError) as err:
+        build.check_run("drift", folder, uses())
+    msg = str(err.value)
+    assert f"python -m studies.drift --out '{folder}' --force" in msg and "make run" not in msg
+    assert build.make_command("drift", REPO / "runs" / "drift") == build.MAKE_COMMAND["drift"]
+    assert build.make_command("seeds", None) == build.MAKE_COMMAND["seeds"]
 
 
 def test_main_exits_non_zero_naming_every_missing_study(tmp_path, capsys, monkeypatch):
@@ -386,7 +402,7 @@ def test_a_run_without_a_setting_the_prose_states_is_named_with_its_rerun(tmp_pa
                            frozenset({"settingDriftResolvePower", "settingDriftTailTop"}))
     msg = str(err.value)
     assert says in msg and str(runs["drift"]) in msg
-    assert "rerun it: make run  (python -m studies.drift --force)" in msg
+    assert f"rerun it: python -m studies.drift --out {runs['drift']} --force" in msg
 
 
 def test_an_early_exit_run_that_chose_by_estimate_is_refused():
