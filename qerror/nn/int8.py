@@ -527,15 +527,19 @@ def _check_layer(layer) -> None:
         if isinstance(layer.padding, str):
             raise TypeError(f"padding={layer.padding!r} is not supported; give the padding "
                              "as integers")
-        if layer.weight.dtype != torch.float32:
-            raise TypeError(f"the layer's weight must be float32, got {layer.weight.dtype}")
-        return
-    if isinstance(layer, nn.Linear):
-        if layer.weight.dtype != torch.float32:
-            raise TypeError(f"the layer's weight must be float32, got {layer.weight.dtype}")
-        return
-    raise TypeError(f"only nn.Conv2d and nn.Linear layers can be cross-checked, got "
-                    f"{type(layer).__name__}")
+    elif not isinstance(layer, nn.Linear):
+        raise TypeError(f"only nn.Conv2d and nn.Linear layers can be cross-checked, got "
+                        f"{type(layer).__name__}")
+    if layer.weight.dtype != torch.float32:
+        raise TypeError(f"the layer's weight must be float32, got {layer.weight.dtype}")
+    # A NaN bias would reach the integer pipelines' float-to-int32 cast (-2**31, far outside
+    # the output range), and a NaN weight would be reported as one of x.
+    for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        bad = 0 if t is None else int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            raise ValueError(f"the layer's {what} holds {bad} NaN or Inf value(s) (after "
+                             "folding its BatchNorm, if one was given); the kernels and the "
+                             "simulations need finite parameters: replace them first")
 
 
 def _check_spec(spec: QuantSpec, what: str) -> None:

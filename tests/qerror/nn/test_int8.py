@@ -945,6 +945,28 @@ def test_bad_layers_and_inputs_raise_clearly():
         crosscheck_layer(nn.Linear(4, 32), torch.randn(2, 4), qp, bn=nn.BatchNorm2d(32).eval())
 
 
+@pytest.mark.parametrize("what", ["weight", "bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_a_layer_with_non_finite_parameters_is_refused_naming_them(kind, value, what):
+    """A NaN or Inf in the layer's weight or bias is refused up front, naming it. Before, a
+    non-finite weight was reported as non-finite values of x, and a NaN bias gave the
+    INTEGER and SATURATING pipelines the code -2147483648, outside out_spec's range (an Inf
+    one 255 where the FBGEMM kernel gives 0)."""
+    layer, x = _case(kind, seed=61)
+    qp = _qparams(layer, x)
+    with torch.no_grad():
+        getattr(layer, what).view(-1)[1] = value
+    for pipeline in Pipeline:
+        with pytest.raises(ValueError, match=f"the layer's {what} holds 1 NaN or Inf value"):
+            simulate_int8(layer, x, qp, pipeline=pipeline)
+    with pytest.raises(ValueError, match=f"the layer's {what} holds 1 NaN or Inf value"):
+        real_int8(layer, x, qp)
+    model = nn.Sequential(layer).eval()
+    with pytest.raises(ValueError, match=f"layer '0': the layer's {what} holds 1 NaN"):
+        crosscheck_model(model, [x], [x])
+
+
 def test_bad_qparams_and_specs_raise_clearly():
     layer, x, qp = _good()
     with pytest.raises(ValueError, match=r"shape \(32,\)"):
