@@ -39,6 +39,10 @@ Where the codes differ, and why (FBGEMM, PyTorch 2.x)
    multiplier rescales. The float pipeline computes ``y = Σ x̂ ŵ + b`` and rounds ``y / s_y``.
    Items 2 and 3 change the value being rounded by a relative few float32 ulps, so they
    move a code only where ``y / s_y`` lies that close to a half-integer, and then by one.
+   FBGEMM converts the rounded value to int32 before adding ``z_y``, and from ``2³¹`` up
+   that conversion gives ``-2³¹``: such an output gets the lowest code (``z_y`` with a
+   fused ReLU), not the highest (measured; the integer pipelines do so too, the float one
+   does not).
 4. *int16 saturation.* On AVX2, FBGEMM multiplies with ``vpmaddubsw``, which adds the
    products of two adjacent (uint8 activation, int8 weight) pairs into an int16 with
    saturation before they reach the int32 accumulator. ``255 · 127 · 2 = 64770`` does
@@ -172,6 +176,8 @@ WEIGHT_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, axis=0,
 
 # The products of two adjacent (uint8, int8) pairs are summed into an int16 by vpmaddubsw.
 _INT16_MIN, _INT16_MAX = -(2**15), 2**15 - 1
+# The float32 value from which x86's float-to-int32 conversion overflows to -2**31.
+_INT32_OVERFLOW = 2.0**31
 _UINT8_MAX = 255
 # Elements of one gathered block of activation pairs in the saturation mimic.
 _SATURATION_BLOCK = 1 << 21
@@ -868,7 +874,10 @@ class _Plan:
         else:
             if self.bias_units is not None:
                 raw = raw + self._channel_view(self.bias_units)
-            v = torch.round(raw * self._channel_view(self.multiplier)) + self.zo
+            v = torch.round(raw * self._channel_view(self.multiplier))
+            # The kernel converts to int32 before adding the zero point: from 2**31 up that
+            # conversion gives -2**31, which the clamp below takes to the lowest code.
+            v = v.masked_fill_(v >= _INT32_OVERFLOW, -_INT32_OVERFLOW) + self.zo
         lo = self.zo if self.relu else self.out_spec.qmin
         return v.clamp_(lo, self.out_spec.qmax).to(torch.int32)
 
@@ -1333,7 +1342,8 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     Notes
     -----
     ``Δ = simulated - real`` in output LSB. Without int16 saturation (activation codes
-    below 128, as with ``reduce_range``, or small weights) the float pipeline with
+    below 128, as with ``reduce_range``, or small weights), and on outputs below ``2³¹``
+    LSB of the output quantizer (see the module notes), the float pipeline with
     RECIPROCAL arithmetic is within one LSB of the real codes: it rounds
     ``y / s_y`` where the kernel rounds a value that differs from it by float32 rounding
     only, far less than one, and values less than one apart round (and clamp) to integers

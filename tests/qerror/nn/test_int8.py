@@ -917,6 +917,29 @@ def test_hooks_are_removed_when_the_forward_pass_fails():
     assert _hooks(model) == 0
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_fbgemm_outputs_from_two_to_the_31_lsb_get_the_lowest_code(relu):
+    """FBGEMM converts the rounded output to int32 before adding the zero point, and a value
+    of 2**31 LSB or more converts to -2**31: the lowest code (the zero point under ReLU), as
+    the integer pipelines now say. Before, they clamped it to 255 (128 of 256 codes apart).
+    A one-weight linear layer whose output is q_x · 2**24 LSB: from q_x = 128 on it is 2**31."""
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    x = torch.arange(256, dtype=torch.float32).reshape(-1, 1)
+    qp = LayerQParams(QParams(1.0, 0), QParams(np.array([1 / 127]), 0), QParams(2.0**-24, 10))
+    lo = 10 if relu else 0
+    want = torch.where(x.flatten() < 128, 255, lo).to(torch.int32)
+    want[0] = 10  # q_x = 0: the zero point
+    for pipeline in (Pipeline.INTEGER, Pipeline.SATURATING):
+        got = simulate_int8(layer, x, qp, pipeline=pipeline, relu=relu).flatten()
+        assert torch.equal(got, want)
+    assert torch.equal(real_int8(layer, x, qp, relu=relu).flatten(), want)
+    assert torch.equal(simulate_int8(layer, x, qp, pipeline=Pipeline.INTEGER, relu=relu,
+                                     library=Library.ONEDNN).flatten()[128:],
+                       torch.full((128,), 255, dtype=torch.int32))
+
+
 # --------------------------------------------------------------------------- errors
 
 def _good():
