@@ -79,7 +79,7 @@ class GrowthFit:
         Lag-1 autocorrelation, in depth order, of the point fit's residuals (log y minus
         the fitted line): how far the layers' deviations from the power law follow each
         other. The layer bootstrap's interval is too narrow when it is large (see
-        :func:`layer_block_bootstrap`); ``nan`` with fewer than 3 layers.
+        :func:`layer_block_bootstrap`); ``nan`` with fewer than 3 distinct depths.
     """
 
     exponent: float
@@ -177,7 +177,8 @@ def fit_exponents(depth, values) -> np.ndarray:
 
 def residual_autocorrelation(depth, values) -> float:
     """Lag-1 autocorrelation, in depth order, of the residuals of :func:`fit_exponent`'s
-    line (over the same finite, positive values); ``nan`` with fewer than 3 of them."""
+    line (over the same finite, positive values), tied depths in the order given; ``nan``
+    where they hold fewer than three distinct depths (no line) or fit it exactly."""
     d, y = _usable(depth, values)
     order = np.argsort(d, kind="stable")
     line = _log_line(d[order], y[order])
