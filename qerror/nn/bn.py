@@ -34,6 +34,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+from qerror._checks import check_count
 from qerror.nn._anatomy import (
     UnsupportedModelError,
     bn_batches,
@@ -232,11 +233,12 @@ class BNImageMoments:
         Per image and channel, the mean and the mean square over the map's positions of the
         float input and of the quantized input (row ``i`` the same image in all four).
     running_mean, running_var : ndarray (C,)
-        The running statistics the layer normalises with.
+        The running statistics the layer normalises with. All six are given as real
+        arrays (or lists) and kept as float64.
     length : int
-        Positions per (image, channel).
+        Positions per (image, channel), >= 1.
     u : float
-        Unit roundoff of the sums the moments come from
+        Unit roundoff of the sums the moments come from, in [0, 1)
         (:func:`qerror.nn._moments.unit_roundoff`), for their resolved variances.
     """
 
@@ -250,11 +252,23 @@ class BNImageMoments:
     u: float
 
     def __post_init__(self):
-        """Refuse moments that cannot be one layer's (a nan moment read as a collapsed
-        variance: the layer's figure infinite, "exceeds" at any threshold)."""
-        moments = {n: np.asarray(getattr(self, n)) for n in ("mean_f", "sq_f", "mean_q", "sq_q")}
+        """Take the six arrays as float64 (lists too) and refuse moments that cannot be one
+        layer's (a nan moment read as a collapsed variance: the layer's figure infinite,
+        "exceeds" at any threshold), and a ``length`` or ``u`` that bounds no rounding."""
+        for name in ("mean_f", "sq_f", "mean_q", "sq_q", "running_mean", "running_var"):
+            a = np.asarray(getattr(self, name))
+            if a.dtype.kind not in "iuf":
+                raise TypeError(f"{name} must hold real numbers (floats or integers), got "
+                                f"dtype {a.dtype}")
+            object.__setattr__(self, name, a.astype(np.float64, copy=False))
+        object.__setattr__(self, "length", check_count(self.length, "length (positions per "
+                                                       "image and channel)", 1))
+        if not 0.0 <= self.u < 1.0:
+            raise ValueError(f"u, the unit roundoff of the sums, must be in [0, 1), got "
+                             f"{self.u!r} (qerror.nn._moments.unit_roundoff of their dtype)")
+        moments = {n: getattr(self, n) for n in ("mean_f", "sq_f", "mean_q", "sq_q")}
         shapes = {a.shape for a in moments.values()}
-        run = [np.asarray(self.running_mean), np.asarray(self.running_var)]
+        run = [self.running_mean, self.running_var]
         if len(shapes) != 1 or len(next(iter(shapes))) != 2 \
                 or any(r.shape != next(iter(shapes))[1:] for r in run):
             raise ValueError("the four moments must be (N, C) and the running statistics (C,), "

@@ -346,3 +346,34 @@ def test_estimate_running_stats_refuses_bad_input_and_takes_labelled_batches():
     estimate_running_stats(labelled, [(x, torch.zeros(4, dtype=torch.long))])
     assert torch.equal(model[1].running_mean, labelled[1].running_mean)
     assert torch.equal(model[1].running_var, labelled[1].running_var)
+
+
+def test_image_moments_take_real_arrays_and_refuse_other_values():
+    """Lists passed the checks and broke later (``images``: 'list' object has no attribute
+    'shape'); complex moments gave a complex figure; a NaN unit roundoff left a constant
+    channel's rounding residue unresolved, its variance ratio an arbitrary number where both
+    variances are 0 (no figure); a length below 1 bounded the rounding with a negative count."""
+    from qerror.nn.bn import BNImageMoments, inconsistency_bounds
+
+    rng = np.random.default_rng(0)
+    f = 2.0 + rng.standard_normal((30, 4))
+    q = f + 0.05 * rng.standard_normal((30, 4))
+    run = (np.full(4, 2.0), np.ones(4))
+    arrays = BNImageMoments(f, f * f, q, q * q, *run, 1, 2.0**-53)
+    listed = BNImageMoments(f.tolist(), (f * f).tolist(), q.tolist(), (q * q).tolist(),
+                            run[0].tolist(), run[1].tolist(), 1, 2.0**-53)
+    assert listed.images == 30 and listed.mean_f.dtype == np.float64
+    assert inconsistency_bounds({"a": listed}, resamples=100) \
+        == inconsistency_bounds({"a": arrays}, resamples=100)
+    for name, bad in (("mean_q", q.astype(complex)), ("mean_q", q.astype(str)),
+                      ("mean_q", q > 2)):
+        with pytest.raises(TypeError, match=f"{name} must hold real numbers"):
+            BNImageMoments(f, f * f, bad, q * q, *run, 1, 2.0**-53)
+    for length in (0, -3):
+        with pytest.raises(ValueError, match="length"):
+            BNImageMoments(f, f * f, q, q * q, *run, length, 2.0**-53)
+    with pytest.raises(TypeError, match="length"):
+        BNImageMoments(f, f * f, q, q * q, *run, 2.5, 2.0**-53)
+    for u in (float("nan"), -1.0, 1.0):
+        with pytest.raises(ValueError, match="unit roundoff"):
+            BNImageMoments(f, f * f, q, q * q, *run, 1, u)
