@@ -41,7 +41,7 @@ from qerror.nn._anatomy import (
     model_device,
     untracked_batchnorms,
 )
-from qerror.nn._moments import resolved_variance
+from qerror.nn._moments import resolved_variance, variance_rounding
 from qerror.nn.growth import check_resamples, resample_counts
 
 __all__ = ["BNBounds", "BNImageMoments", "BNInconsistency", "estimate_running_stats",
@@ -254,7 +254,8 @@ class BNImageMoments:
     def __post_init__(self):
         """Take the six arrays as float64 (lists too) and refuse moments that cannot be one
         layer's (a nan moment read as a collapsed variance: the layer's figure infinite,
-        "exceeds" at any threshold), and a ``length`` or ``u`` that bounds no rounding."""
+        "exceeds" at any threshold, as a mean square below the squared mean was), and a
+        ``length`` or ``u`` that bounds no rounding."""
         for name in ("mean_f", "sq_f", "mean_q", "sq_q", "running_mean", "running_var"):
             a = np.asarray(getattr(self, name))
             if a.dtype.kind not in "iuf":
@@ -281,6 +282,16 @@ class BNImageMoments:
         if not (np.isfinite(run[0]).all() and np.isfinite(run[1]).all()
                 and (run[1] >= 0).all()):
             raise ValueError("the running statistics must be finite, the variance >= 0")
+        for mean, sq in (("mean_f", "sq_f"), ("mean_q", "sq_q")):
+            m, e = moments[mean], moments[sq]
+            below = e - m * m < -variance_rounding(e, self.length, 1, self.u)
+            if below.any():
+                image, channel = np.argwhere(below)[0]
+                raise ValueError(
+                    f"{sq} lies below the square of {mean} beyond rounding ({int(below.sum())} "
+                    f"values, first image {image}, channel {channel}: {e[image, channel]!r} "
+                    f"against {m[image, channel]!r}), which no data gives: pass each image's "
+                    "mean square E[x²], not its variance")
 
     @property
     def images(self) -> int:

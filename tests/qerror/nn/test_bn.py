@@ -377,3 +377,29 @@ def test_image_moments_take_real_arrays_and_refuse_other_values():
     for u in (float("nan"), -1.0, 1.0):
         with pytest.raises(ValueError, match="unit roundoff"):
             BNImageMoments(f, f * f, q, q * q, *run, 1, u)
+
+
+def test_image_moments_refuse_mean_squares_below_the_squared_means():
+    """An image's mean square lies at or above its squared mean, up to the rounding the
+    variances are resolved against: a negative mean square, or a variance given for it,
+    was read as a variance collapsed by quantization (the layer's figure infinite, the
+    bounds claiming it exceeds 1e9). The moments of a channel constant up to rounding pass."""
+    from qerror.nn.bn import BNImageMoments
+
+    rng = np.random.default_rng(0)
+    f = 2.0 + rng.standard_normal((30, 4))
+    q = f + 0.05 * rng.standard_normal((30, 4))
+    run = (np.full(4, 2.0), np.ones(4))
+    per_image_var = np.full_like(q, 0.01)  # a variance where the mean square belongs
+    for sq_q in (-(q * q), per_image_var):
+        with pytest.raises(ValueError, match=r"sq_q lies below the square of mean_q .* "
+                                             r"image 0"):
+            BNImageMoments(f, f * f, q, sq_q, *run, 1, 2.0**-53)
+    # a float32 channel constant at 0.7 over 14×14 positions: its mean square computed
+    # below the squared mean by rounding alone (7e-7 of it)
+    x = torch.full((3, 2, 14, 14), 0.7)
+    s, sq = x.sum(dim=(2, 3)).double() / 196, torch.linalg.vector_norm(
+        x, dim=(2, 3)).square().double() / 196
+    assert (sq - s * s < 0).all()
+    BNImageMoments(s.numpy(), sq.numpy(), s.numpy(), sq.numpy(), np.zeros(2), np.ones(2), 196,
+                   2.0**-24)
