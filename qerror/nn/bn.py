@@ -321,10 +321,27 @@ class BNImageMoments:
         where no channel gives a figure. Equal, for a row of ones, to the layer's figure in
         :func:`qerror.nn.seeds.statement_values`' ``bn_worst`` (tested). With ``noise``
         (:meth:`shift_noise`), the RMS's square less it, 0 below 0: the debiased figure.
+
+        Raises
+        ------
+        ValueError
+            ``weights`` is not (B, N) (or (N,)), holds a value that is negative or not
+            finite, or a row that draws no image (sums to 0); ``noise`` is negative or not
+            finite.
         """
         w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         n = self.images
+        if w.ndim != 2 or w.shape[1] != n:
+            raise ValueError(f"weights must be (B, {n}), a weight per image of the layer's {n} "
+                             f"in each resample, got shape {np.shape(weights)}")
+        if not (np.isfinite(w).all() and (w >= 0).all()):
+            raise ValueError("weights, how often each image is drawn, must be finite and >= 0")
         total = w.sum(axis=1, keepdims=True)
+        if not (total > 0).all():
+            raise ValueError(f"{int(np.sum(total <= 0))} rows of weights draw no image (they "
+                             "sum to 0): each resample needs an image")
+        if not (math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"noise must be finite and >= 0 (shift_noise()), got {noise!r}")
         mf, ef, mq, eq = ((w @ a) / total for a in (self.mean_f, self.sq_f, self.mean_q,
                                                      self.sq_q))
         var_f = resolved_variance(mf, ef, self.length, n, self.u)

@@ -403,3 +403,28 @@ def test_image_moments_refuse_mean_squares_below_the_squared_means():
     assert (sq - s * s < 0).all()
     BNImageMoments(s.numpy(), sq.numpy(), s.numpy(), sq.numpy(), np.zeros(2), np.ones(2), 196,
                    2.0**-24)
+
+
+def test_image_moment_figures_refuse_weights_that_draw_no_images():
+    """Weights are how often a resample draws each image: a row of zeros gave NaN, a
+    negative weight a finite figure of no resample (0.047 for -1 and 3), a row of another
+    length numpy's matmul message; a negative or NaN noise term moved the figure (1.0 for
+    noise -1, the shift left out for NaN). Weights of any positive total give the figure
+    of their proportions."""
+    from qerror.nn.bn import BNImageMoments
+
+    rng = np.random.default_rng(0)
+    f = 2.0 + rng.standard_normal((20, 3))
+    q = f + 0.1 * rng.standard_normal((20, 3))
+    m = BNImageMoments(f, f * f, q, q * q, np.full(3, 2.0), np.ones(3), 1, 2.0**-53)
+    assert m.figures(2.0 * np.ones(20))[0] == pytest.approx(m.figures(np.ones(20))[0],
+                                                            rel=1e-14)
+    for w, match in ((np.zeros(20), "draw no image"), (np.r_[-np.ones(10), 3 * np.ones(10)],
+                                                         "finite and >= 0"),
+                     (np.full(20, np.nan), "finite and >= 0"), (np.ones(19), r"\(B, 20\)"),
+                     (np.ones((2, 2, 20)), r"\(B, 20\)")):
+        with pytest.raises(ValueError, match=match):
+            m.figures(w)
+    for noise in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise"):
+            m.figures(np.ones(20), noise)
