@@ -469,7 +469,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
              int: "a number", float: "a number"}
     shape = (kinds[type(manifest)] if not isinstance(manifest, dict) else
-             "an argv that is no list" if not isinstance(manifest.get("argv", []), list)
+             "an argv that is no list" if not isinstance(manifest.get("argv") or [], list)
              else None)
     if shape is not None:
         raise BuildError(f"{folder}/manifest.json is not a study's manifest (it holds {shape}), "
