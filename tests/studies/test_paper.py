@@ -147,6 +147,13 @@ def test_a_manifest_of_another_shape_is_refused_as_no_run(tmp_path, text):
     assert str(run) in str(err.value) and "python -m studies.drift" in str(err.value)
 
 
+def test_a_manifest_with_a_null_argv_is_still_a_run(tmp_path):
+    run = fake_run(tmp_path / "r", "drift", {"macros.tex": "% m\n"})
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "argv": None}))
+    assert build.check_run("drift", run, uses())["argv"] is None
+
+
 def test_an_output_named_outside_its_run_is_refused(tmp_path, monkeypatch):
     """A foreign or corrupt manifest listing "../../main.tex" as an output (its sha256 right)
     had the build copy that file to generated/<study>/../../main.tex: over paper/main.tex."""
