@@ -386,7 +386,12 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
         No BatchNorm2d, or one called more than once in a forward pass.
     ValueError
         No batch, or a batch that is not images ``(N, C, H, W)`` of at least 2 (a single
-        tensor of images passed for ``batches`` too), or holds NaN or infinite values.
+        tensor of images passed for ``batches`` too), or holds NaN or infinite values;
+        activations quantized and ``act_qparams`` missing a layer.
+    TypeError
+        ``batches`` an iterator or generator, or an iterable that gives another number of
+        batches the second time; ``config`` not a QuantConfig; a batch that is not a
+        floating-point tensor.
     """
     check_model(model, need_batchnorm=True)
     if isinstance(batches, Iterator):

@@ -1885,6 +1885,11 @@ def local_error_means(model: nn.Module, batches: Iterable, config: QuantConfig,
     UnsupportedModelError
         As :func:`measure`: a layer called twice in one forward pass, or a ``Linear`` fed
         more than (N, features).
+    ValueError
+        No batch, an empty batch or one holding NaN or infinite values; activations
+        quantized and ``act_qparams`` missing a layer.
+    TypeError
+        ``config`` not a QuantConfig; a batch that is not a floating-point tensor.
     """
     check_model(model)
     if not isinstance(config, QuantConfig):

@@ -769,3 +769,29 @@ def test_batchnorm_statistics_refuse_a_tensor_of_images_for_the_batches():
             run([x[None]])
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         assert not model.training
+
+
+def test_the_raises_sections_name_every_error_of_bad_input(setup):
+    """Each bad input reestimate_bn and local_error_means refuse raises an error their
+    Raises section names: an iterator for reestimate_bn's batches, a config that is not a
+    QuantConfig and integer images raised a TypeError the sections left out, as did
+    local_error_means' ValueError for no batch and NaN images."""
+    import re
+
+    model, calib, _ = setup
+    x = calib[0]
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    bad = ([x], "int4", act_qp), (iter([x]), cfg, act_qp), ([], cfg, act_qp), \
+        ([x.long()], cfg, act_qp), ([nan], cfg, act_qp), ([x], cfg, None)
+    for f in (reestimate_bn, local_error_means):
+        raises = f.__doc__.split("Raises\n    ------\n")[1]
+        named = set(re.findall(r"^    (\w+)$", raises, flags=re.M))
+        for batches, c, a in bad:
+            if f is local_error_means and isinstance(batches, type(iter([]))):
+                continue  # read once: an iterator is fine
+            with pytest.raises(Exception) as err:
+                f(model, batches, c, a)
+            assert err.type.__name__ in named, (f.__name__, err.type.__name__, named)
