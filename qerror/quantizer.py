@@ -261,8 +261,11 @@ def _largest_scale(steps, dtype):
     zero, inf = work(0), work(np.inf)
     while np.any(over := _levels_overflow(s, steps, dtype)):
         s = np.where(over, np.nextafter(s, zero), s)
-    while np.any(fits := ~_levels_overflow(np.nextafter(s, inf), steps, dtype)):
-        s = np.where(fits, np.nextafter(s, inf), s)
+    # at the format's largest number (a grid end one step from its zero point: 2-bit
+    # narrow) the next scale up is inf, which overflows, as it should, and does not fit
+    with np.errstate(over="ignore"):
+        while np.any(fits := ~_levels_overflow(np.nextafter(s, inf), steps, dtype)):
+            s = np.where(fits, np.nextafter(s, inf), s)
     s = s.astype(np.float64)
     return float(s) if s.ndim == 0 else s
 

@@ -1,5 +1,6 @@
 """Calibration: ranges by policy (min-max, percentile, MSE, ACIQ), scales and zero points, bad input."""
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -486,3 +487,21 @@ def test_an_affine_percentile_range_between_float64s_ends_is_finite():
     two = np.stack([x, np.ldexp(x, 1020), np.ldexp(x, -1020)], axis=1)
     for end, r in zip(observed_range(two, spec.replace(axis=1), policy), ref):
         assert end.tolist() == [float(np.ldexp(r, k)) for k in (0, 1020, -1020)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_two_level_narrow_grid_calibrates_without_an_overflow_warning(dtype):
+    """A 2-bit narrow signed grid (codes -1..1) ends one step from its zero point, so the
+    largest scale whose grid is finite is the format's largest number itself; stepping one ulp
+    above it to check for a larger one overflowed to inf with 'RuntimeWarning: overflow
+    encountered in nextafter' on every calibrate and qparams_from_range for float32 and
+    float64 data (an error under the project's warning filter;
+    /work/runs/s48/calib/p6_narrow2.py). The scale is min-max's, with no warning, and the
+    largest scale the format's largest number."""
+    spec = QuantSpec(bits=2, narrow=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = calibrate(np.array([1.0, -2.0], dtype=dtype), spec)
+        top = spec.max_scale(0, dtype)
+    assert (p.scale, p.zero_point) == (2.0, 0)
+    assert top == float(np.finfo(dtype).max)
