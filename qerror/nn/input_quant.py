@@ -141,7 +141,9 @@ class Dequantizer(nn.Module):
     Raises
     ------
     TypeError
-        ``dtype`` is not a float dtype of torch's.
+        ``dtype`` is not a float dtype of torch's. On a call: codes that are not a torch
+        tensor (a stored data set's numpy array: ``torch.from_numpy(q)`` first), or not
+        of the byte dtype of the spec's sign.
     ValueError
         A scale that is not positive and finite, or not a normal number of the precision
         the dequantization computes in (float64 for ``dtype=torch.float64``, float32
@@ -159,6 +161,11 @@ class Dequantizer(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         spec = self.spec
+        if not isinstance(q, torch.Tensor):
+            given, hint = (("numpy.ndarray", "torch.from_numpy(q)") if isinstance(q, np.ndarray)
+                           else (type(q).__name__, "torch.as_tensor(q)"))
+            raise TypeError(f"codes must be a torch.Tensor, got {given}: the Dequantizer is a "
+                            f"model's first module; convert with {hint}")
         if q.dtype in (torch.int8, torch.uint8) and (q.dtype == torch.int8) != spec.signed:
             kind, stored = ("signed", "int8") if spec.signed else ("unsigned", "uint8")
             raise TypeError(f"codes of dtype {q.dtype} for a {kind} spec: its codes are "

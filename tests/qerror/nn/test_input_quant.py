@@ -116,6 +116,23 @@ def test_quantize_offline_refuses_input_that_is_not_a_tensor(x, hint, expected):
     assert torch.equal(codes, torch.tensor(expected, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("q, hint", [
+    (np.array([[-3, 47]], np.int8), "torch.from_numpy(q)"),
+    ([[-3, 47]], "torch.as_tensor(q)"),
+])
+def test_the_dequantizer_refuses_codes_that_are_not_a_tensor(q, hint):
+    """Codes as a stored data set holds them (a numpy array) or a list gave "AttributeError:
+    'numpy.ndarray' object has no attribute 'numel'" ('list' ... 'dtype')
+    (/work/runs/s48/calib/p7_deq_numpy.before.txt); converted as the message says, they give
+    what the tensor codes do."""
+    qp = QParams(0.01, -3)
+    with pytest.raises(TypeError, match=r"codes must be a torch\.Tensor, got (numpy\.ndarray"
+                       r"|list): .*convert with " + re.escape(hint)):
+        Dequantizer(SPEC, qp)(q)
+    got = Dequantizer(SPEC, qp)(torch.as_tensor(np.asarray(q)))
+    assert torch.equal(got, torch.tensor([[0.0, 0.5]]))
+
+
 def test_qparams_that_are_not_qparams_are_refused_by_name():
     """A (scale, zero point) tuple in place of QParams gave "AttributeError: 'tuple' object
     has no attribute 'scale'" from InputQuantizer, Dequantizer and quantize_offline alike."""
