@@ -165,7 +165,7 @@ def _range(data: np.ndarray, spec: QuantSpec, policy: RangePolicy, axis: int | N
             return -hi, hi
         if spec.symmetric:  # unsigned, zero point 0: only the positive side is represented
             hi = np.percentile(np.maximum(data, 0.0), p, axis=dims)
-            return np.zeros_like(hi), hi
+            return np.zeros_like(hi)[()], hi  # [()]: a numpy scalar per tensor, as hi is
         # interpolated in units of a power of two near each channel's largest magnitude
         # (exact): between values of opposite signs beyond 9e307 b - a overflowed to inf
         shift = _unit_shift(np.min(data, axis=dims), np.max(data, axis=dims))

@@ -505,3 +505,20 @@ def test_a_two_level_narrow_grid_calibrates_without_an_overflow_warning(dtype):
         top = spec.max_scale(0, dtype)
     assert (p.scale, p.zero_point) == (2.0, 0)
     assert top == float(np.finfo(dtype).max)
+
+
+@pytest.mark.parametrize("policy", [RangePolicy(), RangePolicy("percentile", percentile=99.0),
+                                    RangePolicy("mse", mse_grid=4), RangePolicy("aciq"),
+                                    RangePolicy("aciq", aciq_law="normal")],
+                         ids=lambda p: p.label)
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(signed=False),
+                                  QuantSpec(symmetric=False)], ids=["signed", "unsigned", "affine"])
+def test_observed_range_gives_numpy_scalars_per_tensor_and_arrays_per_channel(policy, spec):
+    """As its docstring says: per tensor numpy float64 scalars (a float each), per channel
+    1-D arrays of length C. The unsigned percentile range's lower end was a 0-d array, which
+    is no float: json.dumps refused it (/work/runs/s48/calib/p8_scalar.py)."""
+    x = np.random.default_rng(13).standard_normal((40, 3))
+    for end in observed_range(x[:, 0], spec, policy):
+        assert type(end) is np.float64
+    for end in observed_range(x, spec.replace(axis=1), policy):
+        assert isinstance(end, np.ndarray) and end.shape == (3,) and end.dtype == np.float64
