@@ -58,6 +58,16 @@ def _quantizer_repr(spec: QuantSpec, qparams: QParams) -> str:
     return ", ".join(parts)
 
 
+def _require_tensor(value, what: str, var: str, other_hint: str, why: str) -> None:
+    """TypeError unless ``value`` is a torch tensor, saying ``why`` and how to convert it
+    (``torch.from_numpy(<var>)`` for a numpy array, ``other_hint`` otherwise)."""
+    if isinstance(value, torch.Tensor):
+        return
+    given, hint = (("numpy.ndarray", f"torch.from_numpy({var})") if isinstance(value, np.ndarray)
+                   else (type(value).__name__, other_hint))
+    raise TypeError(f"{what} must be a torch.Tensor, got {given}: {why}; convert with {hint}")
+
+
 class InputQuantizer(nn.Module):
     """Quantize-then-dequantize of the input with a fixed scale and zero point: the first
     op of a model that takes float images and quantizes them itself.
@@ -161,11 +171,8 @@ class Dequantizer(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if not isinstance(q, torch.Tensor):
-            given, hint = (("numpy.ndarray", "torch.from_numpy(q)") if isinstance(q, np.ndarray)
-                           else (type(q).__name__, "torch.as_tensor(q)"))
-            raise TypeError(f"codes must be a torch.Tensor, got {given}: the Dequantizer is a "
-                            f"model's first module; convert with {hint}")
+        _require_tensor(q, "codes", "q", "torch.as_tensor(q)",
+                        "the Dequantizer is a model's first module")
         if q.dtype in (torch.int8, torch.uint8) and (q.dtype == torch.int8) != spec.signed:
             kind, stored = ("signed", "int8") if spec.signed else ("unsigned", "uint8")
             raise TypeError(f"codes of dtype {q.dtype} for a {kind} spec: its codes are "
@@ -232,13 +239,10 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     ValueError
         If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed`` is outside 0 to 2**64 - 1.
     """
-    if not isinstance(x, torch.Tensor):
-        # quantize takes numpy arrays too, but the codes are returned as a tensor of bytes,
-        # the input of Dequantizer and on_codes
-        given, hint = (("numpy.ndarray", "torch.from_numpy(x)") if isinstance(x, np.ndarray)
-                       else (type(x).__name__, "torch.as_tensor(x, dtype=torch.float32)"))
-        raise TypeError(f"x must be a torch.Tensor, got {given}: offline codes are returned as "
-                        f"an int8 or uint8 tensor; convert with {hint}")
+    # quantize takes numpy arrays too, but the codes are returned as a tensor of bytes, the
+    # input of Dequantizer and on_codes
+    _require_tensor(x, "x", "x", "torch.as_tensor(x, dtype=torch.float32)",
+                    "offline codes are returned as an int8 or uint8 tensor")
     if seed is not None:
         seed = check_seed(seed, "seed")
     check_qparams(spec, qparams)
