@@ -110,9 +110,10 @@ def p_value(p: float, digits: int = 2, *, latex: bool = True) -> str:
         raise ValueError(f"a p-value is a finite number in [0, 1], got {p!r}")
     if p == 0 or p >= 1e-3:
         return number(p, digits)
+    text = f"{p:.{digits - 1}e}"
     if not latex:
-        return f"{p:.{digits - 1}e}"
-    mantissa, exponent = f"{p:.{digits - 1}e}".split("e")
+        return text
+    mantissa, exponent = text.split("e")
     return f"\\ensuremath{{{mantissa}\\times10^{{{int(exponent)}}}}}"
 
 
