@@ -212,12 +212,12 @@ def _false_claims(sets: int, at_threshold: int, seed: int):
 def test_inconsistency_bounds_hold_their_level_at_the_threshold():
     """False claims about the threshold 0.1 at α = 0.05, each count asserted inside the
     binomial acceptance region of level α at META = 1e-3 (z = 3.09): ``some_lo`` above 0.1
-    with all four layers exactly at it (its worst case: measured 5.7 % of 1200 sets,
-    qerror.nn.bn.inconsistency_bounds' Notes) and ``all_hi`` under 0.1 with one layer at it
-    and three far under (its worst case). The debiasing is what holds the first: a
-    threshold layer's plain figure lies above 0.1 on average by more than z standard
-    errors, while its mean shift's squared RMS less the noise term is 0.01 within them
-    (without the debiasing 208 of 1200 sets claimed). Four sampled comparisons, three
+    with all four layers' mean shifts exactly at it (measured 1.2 % and 2.1 % of 1200 sets
+    in two draws, qerror.nn.bn.inconsistency_bounds' Notes) and ``all_hi`` under 0.1 with
+    one layer at it and three far under (its worst case). The debiasing is what holds the
+    first: a threshold layer's plain figure lies above 0.1 on average by more than z
+    standard errors, while its mean shift's squared RMS less the noise term is 0.01 within
+    them (without the debiasing 88 of these 1200 sets claimed, beyond the region's 83). Four sampled comparisons, three
     one-sided at META and one two-sided at 2 META: a false failure has probability at most
     5 META (Bonferroni)."""
     sets, alpha, z = 1200, 0.05, 3.09
@@ -228,6 +228,30 @@ def test_inconsistency_bounds_hold_their_level_at_the_threshold():
     assert abs(debiased.mean() - 0.01) <= z * np.std(debiased, ddof=1) / np.sqrt(sets)
     _, under, _, _ = _false_claims(sets, 1, seed=8)
     assert under <= top
+
+
+def test_inconsistency_bounds_hold_their_level_where_the_parts_are_close():
+    """One layer of 30 images whose figure's two parts are close (the shift's RMS 0.1, the
+    log variance ratio log 1.09 ≈ 0.086), and one with no shift and a log ratio of
+    log 1.0025: ``some_lo`` above the true figure at most as often as α = 0.05 allows, each
+    count inside the binomial acceptance region of level META = 1e-3 (z = 3.09; two
+    one-sided comparisons, a false failure at most 2 META). Bounding the larger part with
+    the maximum's own standard error lay above the truth on 8.5 % and 19 % of such sets
+    (2,000 each; qerror.nn.bn.inconsistency_bounds' Notes): 104 and 235 of these 1200, beyond
+    the region's 83 (30 and 43 now)."""
+    from qerror.nn.bn import inconsistency_bounds
+
+    sets, alpha, z = 1200, 0.05, 3.09
+    top = sets * alpha + z * np.sqrt(sets * alpha * (1 - alpha))
+    for shift, noise, seed in ((0.1, 0.3, 21), (0.0, 0.05, 22)):
+        truth = max(shift, np.log1p(noise * noise))
+        rng = np.random.default_rng(seed)
+        above = 0
+        for r in range(sets):
+            layer = _moments_layer(rng, 30, 16, shift * rng.choice([-1.0, 1.0], 16), noise)
+            above += inconsistency_bounds({"a": layer}, alpha=alpha, resamples=200,
+                                          seed=r).some_lo > truth
+        assert above <= top, (shift, noise, above)
 
 
 def test_inconsistency_bounds_find_a_shift_and_its_absence():
