@@ -33,6 +33,22 @@ def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
+def check_flag(value, name: str) -> bool:
+    """``value`` as a Python bool, where it is one (Python's or numpy's): a string such as
+    ``'False'``, a number or None is refused, where ``bool()`` would read ``'False'`` as true
+    without a word.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not a bool.
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r} "
+                        f"({type(value).__name__})")
+    return bool(value)
+
+
 def check_count(value, name: str, low: int = 0) -> int:
     """``value`` as an int, where it is an integer (Python's or numpy's; not a bool) ≥
     ``low``: the one check of a count in the library.

@@ -127,7 +127,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_seed
+from qerror._checks import check_flag, check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -754,7 +754,10 @@ class _Plan:
         _check_spec(out_spec, "out_spec")
         if not isinstance(qparams, LayerQParams):
             raise TypeError(f"qparams must be a LayerQParams, got {type(qparams).__name__}")
-        self.name, self.kind, self.relu = name, kind, bool(relu)
+        relu = check_flag(relu, "relu")
+        groupwise_saturates = check_flag(groupwise_saturates, "groupwise_saturates")
+        single_channel_modelled = check_flag(single_channel_modelled, "single_channel_modelled")
+        self.name, self.kind, self.relu = name, kind, relu
         self.conv = isinstance(layer, nn.Conv2d)
         self.library = Library.parse(library)
         # What oneDNN does that no pipeline models (CrossCheck.faithful says what).
@@ -1017,7 +1020,7 @@ def simulate_int8(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, qparams: LayerQ
     pipeline = Pipeline.parse(pipeline)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name="layer", engine=None, library=Library.parse(library),
-                 groupwise_saturates=bool(groupwise_saturates))
+                 groupwise_saturates=groupwise_saturates)
     _check_input(layer, x)
     with torch.inference_mode():
         if pipeline is Pipeline.FLOAT:
@@ -1441,7 +1444,8 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     out_spec = act_spec if out_spec is None else out_spec
     _check_spec(act_spec, "act_spec")
     _check_spec(out_spec, "out_spec")
-    if reduce_range and act_spec.signed:
+    fuse_relu = check_flag(fuse_relu, "fuse_relu")
+    if check_flag(reduce_range, "reduce_range") and act_spec.signed:
         raise ValueError("reduce_range maps each input onto the kernel's codes 0..127, which a "
                          "signed act_spec's halved codes (-64..63, run as 64..191) are not: "
                          "pass an unsigned act_spec (signed=False), as the default is")

@@ -1041,6 +1041,25 @@ def test_bad_models_raise_clearly():
     assert int8.__all__ and all(hasattr(int8, n) for n in int8.__all__)
 
 
+def test_flags_that_are_not_bools_are_refused():
+    """A flag passed as a string was read by ``bool()``: ``groupwise_saturates='False'``
+    simulated the saturating groupwise kernel, ``relu='no'`` a fused ReLU, and
+    ``reduce_range='False'`` halved the input range, each without a word."""
+    layer, x, qp = _good()
+    for call, flag in ((simulate_int8, "groupwise_saturates"), (simulate_int8, "relu"),
+                       (real_int8, "relu"), (crosscheck_layer, "relu")):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+            call(layer, x, qp, **{flag: "False"})
+    model = _small_model()
+    batches = [torch.randn(2, 1, 8, 8, generator=_gen(7))]
+    for flag in ("reduce_range", "fuse_relu"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 0"):
+            crosscheck_model(model, batches, batches, **{flag: 0})
+    assert _hooks(model) == 0
+    assert torch.equal(simulate_int8(layer, x, qp, relu=np.True_),
+                       simulate_int8(layer, x, qp, relu=True))
+
+
 def test_reduce_range_refuses_a_signed_activation_quantizer():
     """Halving a signed range gives codes -64..63, which the kernel runs as 64..191: the
     int16 pair sums reduce_range promises to keep clear could saturate. Refused before any
