@@ -360,6 +360,29 @@ def _calls_per_forward(model: nn.Module, layers: list[tuple[str, nn.Module]],
             "the unused ones)")
 
 
+def _own_weights(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse, before any forward pass, a layer whose weight is not its own parameter of the
+    model: the rounded weights replace the parameter ``<layer>.weight``, which a weight
+    recomputed by a forward pre-hook overwrites, and a tied parameter is one weight with two
+    roundings."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, layer in layers:
+        key = f"{name}.weight" if name else "weight"  # "" names the model itself
+        if named.get(key) is not layer.weight:
+            raise ValueError(
+                f"the weight of {name!r} is not a parameter of the model but computed from "
+                "others (torch.nn.utils.prune's weight_orig and weight_mask, or weight_norm's "
+                "weight_g and weight_v): the later layers would be reconstructed from its float "
+                "weight instead of its learned rounding; make it a plain parameter first "
+                "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm)")
+        tied = [n for n, p in named.items() if p is layer.weight and n != key]
+        if tied:
+            raise ValueError(
+                f"the weight of {name!r} is also {', '.join(tied)} (tied): AdaRound learns one "
+                "rounding per layer, which would give that one parameter two; give each layer "
+                "its own copy")
+
+
 def _layer_inputs(model: nn.Module, name: str, layer: nn.Module, x: torch.Tensor,
                   chunk: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """The input of ``layer`` for images ``x``, with ``weights`` replacing some layers'."""
@@ -467,7 +490,9 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     Raises
     ------
     ValueError
-        Bits outside 2..8, a bad setting or no calibration images.
+        Bits outside 2..8, a bad setting, no calibration images, or a layer whose weight is
+        not its own parameter of the model (``torch.nn.utils.prune``, ``weight_norm``) or is
+        tied to another's (refused before any forward pass).
     TypeError
         ``bits``, ``iterations``, ``batch``, ``images`` or ``seed`` is not an integer (a
         bool, or a float even when integral).
@@ -479,6 +504,8 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
                            lam=lam, beta=tuple(beta) if isinstance(beta, Iterable) else beta,
                            warmup=warmup, lr=lr, asymmetric=asymmetric, seed=seed)
     check_model(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
+    _own_weights(model, layers)
     spec = cfg.spec
     xs, have = [], 0
     for x, _ in iter_batches(batches, model_device(model)):
@@ -491,7 +518,6 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     x_all = torch.cat(xs)
     gen = torch.Generator().manual_seed(cfg.seed)
     chunk = max(cfg.batch, 256)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
     done: dict[str, torch.Tensor] = {}
     weights: dict[str, QuantizedWeights] = {}
     details: dict[str, AdaRoundLayer] = {}

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from qerror.calibration import calibrate
 from qerror.nn import UnsupportedModelError
@@ -527,3 +528,25 @@ def test_zero_iterations_rounds_an_exact_tie_up(dtype):
     want = torch.clamp(k + up, -8, 7).to(dtype) / 8
     want[:, 0] = 7 / 8
     assert torch.equal(res.weights["0"].weight, want)
+
+
+def test_a_weight_that_is_not_the_layers_own_parameter_is_refused_before_any_forward_pass():
+    """A pruned layer's weight is recomputed from weight_orig * weight_mask by a forward
+    pre-hook, which overwrote its learned rounding in the later layers' asymmetric
+    reconstruction: their input was the float one (3.conv1's loss_nearest 0.0075579 with
+    asymmetric=True and False alike). A tied weight failed in functional_call's words
+    ('got multiple values for keys ... tied') after the earlier layers were learned."""
+    pruned = tiny_resnet()
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    tied = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.ReLU(),
+                         nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(200, 2)).double()
+    tied[4].weight = tied[2].weight
+    for model, match in [(pruned, r"weight of '0' is not a parameter.*prune\.remove"),
+                         (tied, r"weight of '2' is also 4\.weight \(tied\)")]:
+        calls = []
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        with pytest.raises(ValueError, match=match):
+            adaround(model, [images(8, 1)], 4, iterations=2, batch=4)
+        assert not calls
+    prune.remove(pruned[0], "weight")  # a plain parameter again: accepted
+    adaround(pruned, [images(8, 1)], 4, iterations=2, batch=4)
