@@ -492,7 +492,11 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
     ValueError
         Bits outside 2..8, a bad setting, no calibration images, or a layer whose weight is
         not its own parameter of the model (``torch.nn.utils.prune``, ``weight_norm``) or is
-        tied to another's (refused before any forward pass).
+        tied to another's (refused before any forward pass), or a non-finite parameter or
+        buffer of the model (refused before any layer is learned).
+    FloatingPointError
+        A layer's input not finite on the calibration images (an overflow), or rounding
+        variables that became non-finite.
     TypeError
         ``bits``, ``iterations``, ``batch``, ``images`` or ``seed`` is not an integer (a
         bool, or a float even when integral).
@@ -530,6 +534,14 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             if bad:
                 raise ValueError(f"layer {name!r} holds {bad} non-finite weight(s); AdaRound "
                                  "rounds finite weights only: fix or reload the model")
+        # a NaN bias or BatchNorm statistic makes the later layers' inputs NaN, whose NaN
+        # rounding variables were blamed on lr and lam (or, with no steps, gave NaN losses)
+        bad = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+        if bad:
+            raise ValueError(f"the model's {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                             "hold(s) non-finite values, which reach the layers' inputs; fix or "
+                             "reload the model")
         for name, layer in progress_bar(layers, progress, "adaround"):
             t0 = time.perf_counter()
             w = layer.weight.detach()
@@ -546,6 +558,12 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
             x = _layer_inputs(model, name, layer, x_all, chunk, {}).to(work)
             xq = _layer_inputs(model, name, layer, x_all, chunk, done).to(work) \
                 if cfg.asymmetric and done else x
+            for what, inp in (("float", x), ("learned-rounding", xq)):
+                if not bool(torch.isfinite(inp).all()):
+                    raise FloatingPointError(
+                        f"layer {name!r}: its input in the {what} network is not finite on the "
+                        f"calibration images (an overflow in {w.dtype}?); AdaRound needs "
+                        "finite inputs: check the model in float32 on these images")
             v = _optimise(layer, s, floor, v0, x, xq, spec, cfg, gen)
             if not bool(torch.isfinite(v).all()):
                 raise FloatingPointError(f"layer {name!r}: the rounding variables became "

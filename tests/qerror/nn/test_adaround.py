@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -550,3 +551,28 @@ def test_a_weight_that_is_not_the_layers_own_parameter_is_refused_before_any_for
         assert not calls
     prune.remove(pruned[0], "weight")  # a plain parameter again: accepted
     adaround(pruned, [images(8, 1)], 4, iterations=2, batch=4)
+
+
+def test_a_non_finite_bias_or_statistic_is_refused_before_any_layer_is_learned():
+    """A NaN running variance made the inputs of the layers after it NaN: with steps,
+    'the rounding variables became non-finite ...; lower lr or lam' at 3.conv2, after the
+    earlier layers' optimisation; with none, NaN losses for five layers without a word."""
+    for where in ("3.bn1.running_var", "7.bias"):
+        model = tiny_resnet()
+        with torch.no_grad():
+            dict((*model.named_parameters(), *model.named_buffers()))[where][0] = float("nan")
+        for iterations in (0, 5):
+            with pytest.raises(ValueError, match=rf"the model's {re.escape(where)} hold\(s\) "
+                                                 "non-finite values"):
+                adaround(model, [images(8, 1)], 4, iterations=iterations, batch=4)
+
+
+def test_a_layer_input_that_overflows_is_refused_naming_the_layer():
+    """A float16 layer whose output overflows gave the next layer Inf inputs, blamed on lr
+    and lam ('the rounding variables became non-finite ...')."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2)).half()
+    with torch.no_grad():
+        model[1].weight.fill_(6e4)
+    with pytest.raises(FloatingPointError, match=r"layer '2': its input in the float network "
+                                                 r"is not finite .*torch\.float16"):
+        adaround(model, [torch.ones(2, 1, 2, 2, dtype=torch.float16)], 4, iterations=2)
