@@ -211,7 +211,10 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         ``layer`` is not a conv/linear of the model, its weight is not a parameter of the
         model (``torch.nn.utils.prune``, ``weight_norm``) or is tied to another layer's, bad
         ``bits``, ``roundings``, ``seed`` or ``alpha``, unlabelled or no batches, labels that
-        are not integers >= 0; each refused before any forward pass.
+        are not integers >= 0; each refused before any forward pass. A float loss that is
+        not finite (refused before any rounding).
+    FloatingPointError
+        A rounding's loss that is NaN.
     TypeError
         ``bits``, ``roundings`` or ``seed`` is not an integer (a bool, or a float even when
         integral); refused before any forward pass.
@@ -279,6 +282,11 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
                 float_loss = float(task_loss(w))
         finally:
             handle.remove()
+        if not math.isfinite(float_loss):
+            # NaN compares as not below nearest's: every rounding read as losing to it
+            raise ValueError(f"the float network's loss on these images is {float_loss}: a "
+                             "non-finite parameter or buffer, or an overflow; fix or reload the "
+                             "model (nothing can beat nearest on a loss that is not a number)")
         if not got:
             raise ValueError(f"layer {layer!r} is never called in the model's forward pass: "
                              "there is no input to measure its local error on; pick a layer "
@@ -292,6 +300,10 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
             with torch.no_grad():
                 loss = float(task_loss(wq))
                 local = local_mse(dw)
+            if math.isnan(loss):
+                raise FloatingPointError(f"the loss with {layer!r} rounded is NaN (the float "
+                                         f"loss is {float_loss}): an overflow in {w.dtype}? "
+                                         "run the experiment on the model in float32")
             est = math.nan
             if taylor:
                 first = (grad * dw).sum()

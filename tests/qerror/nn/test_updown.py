@@ -212,3 +212,30 @@ def test_a_weight_that_is_not_the_layers_own_parameter_is_refused():
     flat = x.flatten(1)
     res = updown_experiment(alone, "", [(flat, y)], 2, roundings=5, seed=1)
     assert np.ptp(res.loss) > 0
+
+
+def test_a_float_loss_that_is_not_finite_is_refused_before_any_rounding():
+    """A NaN weight in another layer made every loss NaN, and NaN compares as not below
+    nearest's: the result said 0 of 5 roundings beat nearest (Wilson [0, 0.43])."""
+    x, y = images(8, 1), torch.zeros(8, dtype=torch.long)
+    for where in ("7.weight", "3.bn1.running_var"):
+        model = tiny_resnet()
+        with torch.no_grad():
+            dict((*model.named_parameters(), *model.named_buffers()))[where].view(-1)[0] = \
+                float("nan")
+        calls = []
+        model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+        with pytest.raises(ValueError, match="the float network's loss on these images is nan"):
+            updown_experiment(model, "0", [(x, y)], 4, roundings=5, taylor=False)
+        assert len(calls) == 1  # the float loss's pass alone
+
+
+def test_a_rounding_whose_loss_is_nan_is_refused():
+    """A float16 rounding up of 0.3 to 3/7 overflowed the logit (50000 + 40000 * 3/7), whose
+    loss is NaN, and NaN compares as not below nearest's: counted as losing to it."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False)).half()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0.3], [0.0, 1.0]]))
+    x = torch.tensor([[[[50000.0, 40000.0]]]], dtype=torch.float16)
+    with pytest.raises(FloatingPointError, match=r"the loss with '1' rounded is NaN .*float16"):
+        updown_experiment(model, "1", [(x, torch.tensor([1]))], 4, roundings=8, taylor=False)
