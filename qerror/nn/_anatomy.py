@@ -131,6 +131,25 @@ def check_batch(x, name="x") -> torch.Tensor:
     return x
 
 
+def check_own_weight(model: nn.Module, name: str, layer: nn.Module, *, computed: str,
+                     tied: str) -> None:
+    """Refuse a layer whose weight is not its own parameter of the model: one computed from
+    others by a forward pre-hook (``torch.nn.utils.prune``, ``weight_norm``), which would
+    overwrite a substituted weight, or one tied to another layer's. ``computed`` and ``tied``
+    say what each would do to the caller's result (and, for ``tied``, what to do)."""
+    key = f"{name}.weight" if name else "weight"  # "" names the model itself
+    named = dict(model.named_parameters(remove_duplicate=False))
+    if named.get(key) is not layer.weight:
+        raise ValueError(f"the weight of {name!r} is not a parameter of the model but computed "
+                         "from others (torch.nn.utils.prune's weight_orig and weight_mask, or "
+                         f"weight_norm's weight_g and weight_v): {computed}; make it a plain "
+                         "parameter first (torch.nn.utils.prune.remove, "
+                         "torch.nn.utils.remove_weight_norm)")
+    others = [n for n, p in named.items() if p is layer.weight and n != key]
+    if others:
+        raise ValueError(f"the weight of {name!r} is also {', '.join(others)} (tied): {tied}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer), where its inputs must be;
     the CPU for a model without either."""

@@ -80,6 +80,7 @@ from qerror.nn._anatomy import (
     LAYERS,
     UnsupportedModelError,
     check_model,
+    check_own_weight,
     eval_mode,
     iter_batches,
     model_device,
@@ -360,29 +361,6 @@ def _calls_per_forward(model: nn.Module, layers: list[tuple[str, nn.Module]],
             "the unused ones)")
 
 
-def _own_weights(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
-    """Refuse, before any forward pass, a layer whose weight is not its own parameter of the
-    model: the rounded weights replace the parameter ``<layer>.weight``, which a weight
-    recomputed by a forward pre-hook overwrites, and a tied parameter is one weight with two
-    roundings."""
-    named = dict(model.named_parameters(remove_duplicate=False))
-    for name, layer in layers:
-        key = f"{name}.weight" if name else "weight"  # "" names the model itself
-        if named.get(key) is not layer.weight:
-            raise ValueError(
-                f"the weight of {name!r} is not a parameter of the model but computed from "
-                "others (torch.nn.utils.prune's weight_orig and weight_mask, or weight_norm's "
-                "weight_g and weight_v): the later layers would be reconstructed from its float "
-                "weight instead of its learned rounding; make it a plain parameter first "
-                "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm)")
-        tied = [n for n, p in named.items() if p is layer.weight and n != key]
-        if tied:
-            raise ValueError(
-                f"the weight of {name!r} is also {', '.join(tied)} (tied): AdaRound learns one "
-                "rounding per layer, which would give that one parameter two; give each layer "
-                "its own copy")
-
-
 def _layer_inputs(model: nn.Module, name: str, layer: nn.Module, x: torch.Tensor,
                   chunk: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """The input of ``layer`` for images ``x``, with ``weights`` replacing some layers'."""
@@ -509,7 +487,12 @@ def adaround(model: nn.Module, batches: Iterable, bits: int = 4, *, iterations: 
                            warmup=warmup, lr=lr, asymmetric=asymmetric, seed=seed)
     check_model(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
-    _own_weights(model, layers)
+    for name, layer in layers:  # before any forward pass
+        check_own_weight(model, name, layer,
+                         computed="the later layers would be reconstructed from its float weight "
+                                  "instead of its learned rounding",
+                         tied="AdaRound learns one rounding per layer, which would give that one "
+                              "parameter two; give each layer its own copy")
     spec = cfg.spec
     xs, have = [], 0
     for x, _ in iter_batches(batches, model_device(model)):

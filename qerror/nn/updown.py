@@ -54,7 +54,14 @@ from torch import nn
 from qerror._checks import check_count, check_seed
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
-from qerror.nn._anatomy import LAYERS, check_model, eval_mode, iter_batches, model_device
+from qerror.nn._anatomy import (
+    LAYERS,
+    check_model,
+    check_own_weight,
+    eval_mode,
+    iter_batches,
+    model_device,
+)
 from qerror.quantizer import QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
 from qerror.stats import StatResult, wilson_ci
@@ -230,22 +237,13 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):
         raise ValueError(f"{layer!r} is not a Conv2d or Linear layer of the model")
+    # the losses substitute the parameter; a weight recomputed from others by a forward
+    # pre-hook would overwrite the substitute, and every rounding's loss be the float one
+    check_own_weight(model, layer, module, computed="the rounded weights would not reach it",
+                     tied="rounding it changes every layer that uses it, while the local MSE "
+                          f"counts only the calls of {layer!r}; give each layer its own copy, "
+                          "or pick a layer with its own weight")
     key = f"{layer}.weight" if layer else "weight"  # "" names the model itself
-    named = dict(model.named_parameters(remove_duplicate=False))
-    if named.get(key) is not module.weight:
-        # the losses substitute the parameter; a weight recomputed from others by a forward
-        # pre-hook would overwrite the substitute, and every rounding's loss be the float one
-        raise ValueError(f"the weight of {layer!r} is not a parameter of the model but computed "
-                         "from others (torch.nn.utils.prune's weight_orig and weight_mask, or "
-                         "weight_norm's weight_g and weight_v), which the rounded weights would "
-                         "not reach; make it a plain parameter first "
-                         "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm)")
-    tied = [n for n, p in named.items() if p is module.weight and n != key]
-    if tied:
-        raise ValueError(f"the weight of {layer!r} is also {', '.join(tied)} (tied): rounding it "
-                         "changes every layer that uses it, while the local MSE counts only the "
-                         f"calls of {layer!r}; give each layer its own copy, or pick a layer with "
-                         "its own weight")
     x, y = _labelled(batches, model_device(model))
     spec = QuantSpec(bits=int(bits), signed=True, symmetric=True, axis=0,
                      rounding=RoundingMode.NEAREST_EVEN)
