@@ -195,6 +195,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (N, features...), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}): a thermometer "
+                         "encodes at least one value per sample")
     if x.is_floating_point():
         check_finite(x, name)
     return x.reshape(x.shape[0], -1)

@@ -137,6 +137,20 @@ def test_thermometer_refuses_empty_data():
         t.encode(np.zeros((0, 3)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_thermometer_refuses_samples_without_features(dtype):
+    """Float samples of no features failed in torch's aminmax (a RuntimeError that names no
+    argument), integer ones as 'features must be an int >= 1, got 0'
+    (/work/runs/s49/wnn/p3_zero.py)."""
+    x, y = np.zeros((3, 0), dtype), np.zeros(3, np.int64)
+    t = Thermometer.fit(np.zeros((2, 3)), 2)
+    for call in (lambda: Thermometer.fit(x, 2), lambda: Thermometer.fit(x.reshape(3, 0, 4), 2),
+                 lambda: t.encode(x),
+                 lambda: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=1)):
+        with pytest.raises(ValueError, match=r"^x has no features \(shape \(3, 0"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.bool, torch.complex64])
 def test_thermometer_refuses_thresholds_of_a_dtype_no_file_stores(dtype):
     """bfloat16 or bool thresholds were taken and failed in encode (a KeyError) or in
