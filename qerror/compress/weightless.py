@@ -179,9 +179,13 @@ def seeded_mapping(inputs: int, slots: int, seed: int, stream: int = 0) -> torch
 # --------------------------------------------------------------------------- thermometer
 
 def _as_tensor(x, name: str) -> torch.Tensor:
+    kinds = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES.values())
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "iuf":
             raise TypeError(f"{name} must hold integers or floats, got dtype {x.dtype}")
+        if x.dtype.itemsize > 8:  # long double: torch.from_numpy's error names no argument
+            raise TypeError(f"{name} must hold integers or floats ({kinds}), got dtype "
+                            f"{x.dtype}")
         # in the machine's byte order: torch takes no other
         x = torch.from_numpy(np.ascontiguousarray(x.astype(x.dtype.newbyteorder("="),
                                                            copy=False)))
@@ -189,7 +193,6 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
                         f"{type(x).__name__}")
     if x.dtype not in _DTYPE_CODES:
-        kinds = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES.values())
         raise TypeError(f"{name} must hold integers or floats ({kinds}), got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, features...), got shape {tuple(x.shape)}")

@@ -128,6 +128,19 @@ def test_thermometer_names_a_numpy_dtype_it_cannot_compare(bad, match):
             call()
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8,
+                    reason="numpy's long double is float64 here")
+def test_thermometer_names_long_double_data_it_cannot_compare():
+    """numpy's long double reached torch.from_numpy, whose TypeError does not name x
+    (/work/runs/s49/wnn/p3_zero.py)."""
+    bad = np.zeros((2, 2), dtype=np.longdouble)
+    t = Thermometer.fit(np.zeros((2, 2)), 1)
+    for call in (lambda: Thermometer.fit(bad, 1), lambda: t.encode(bad)):
+        with pytest.raises(TypeError, match=r"^x must hold integers or floats \(uint8, .*"
+                                            r"float64\), got dtype float(96|128)$"):
+            call()
+
+
 def test_thermometer_refuses_empty_data():
     """Fitting on no samples would index an empty sort; encoding none is refused alike."""
     with pytest.raises(ValueError, match=r"x is empty \(shape \(0, 3\)\)"):
