@@ -998,6 +998,9 @@ class LUTLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Binary ``(B, in_features)`` in (every entry exactly 0 or 1, any dtype), binary
         ``(B, luts)`` float out."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}; convert "
+                            "it with torch.from_numpy")
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"input must have shape (B, {self.in_features}), got "
                              f"{tuple(x.shape)}")

@@ -1197,6 +1197,17 @@ def test_dwn_refuses_parts_it_cannot_build():
         DWN(t, [2], 2, fan_in=1, mapping="fixed")
 
 
+@pytest.mark.parametrize("mapping", ["random", "learnable"])
+def test_a_lut_layer_names_input_that_is_not_a_tensor(mapping):
+    """A numpy array of bits failed with an AttributeError that names no argument: "'str'
+    object has no attribute 'type'" in the column read (numpy's .device is a string), "no
+    attribute 'to'" before a learnable wiring (/work/runs/s49/wnn/p6_bad.py)."""
+    layer = LUTLayer(6, 4, 3, mapping=mapping)
+    with pytest.raises(TypeError, match=r"^input must be a torch.Tensor, got ndarray; "
+                                        "convert it with torch.from_numpy$"):
+        layer(np.ones((2, 6)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
 def test_a_learnable_wiring_learns_from_bits_of_any_dtype(dtype):
     """Bits of bool or integer dtype (Thermometer.encode gives bool) reached the wiring
