@@ -29,6 +29,7 @@ from qerror._checks import (
     check_byte_budget,
     check_count,
     check_finite,
+    check_flag,
     check_seed,
     is_integer_dtype,
 )
@@ -253,6 +254,7 @@ class Thermometer:
             instead of one per feature (``F·T``).
         """
         bits = check_count(bits, "bits", 1)
+        pooled = check_flag(pooled, "pooled")
         x = _as_tensor(x, "x")
         features = x.shape[1]
         values = x.reshape(-1, 1) if pooled else x
@@ -491,7 +493,7 @@ class WiSARD:
             raise ValueError(f"address size {self.address_bits} bits is larger than the "
                              f"{self.input_bits} input bits")
         self.seed = check_seed(seed, "seed")
-        self.shuffle = bool(shuffle)
+        self.shuffle = check_flag(shuffle, "shuffle")
         self.rams = -(-self.input_bits // self.address_bits)
         if (self.rams * self.classes) << self.address_bits >= 1 << 62:
             raise ValueError(f"{self.rams} RAMs x {self.classes} classes x 2**"
@@ -643,7 +645,7 @@ class WiSARD:
         (``counts=False``, a binary RAM is all inference needs) or every written entry
         (``counts=True``, enough to bleach again).
         """
-        low = 1 if counts else self.bleach
+        low = 1 if check_flag(counts, "counts") else self.bleach
         cls, row = torch.nonzero(self.counts.T >= low, as_tuple=True)
         return cls, self.keys[row], self.counts[row, cls].to(torch.int64)
 
@@ -704,7 +706,7 @@ def fit_wisard(x_train, y_train, x_val, y_val, *, thermometer_bits: int, address
     ------
     TypeError
         A count (``thermometer_bits``, ``address_bits``, ``max_bleach``) that is not an
-        integer.
+        integer, or a flag (``pooled``, ``shuffle``) that is not a bool.
     ValueError
         Other bad input. :class:`BudgetError` (a ValueError): no threshold up to
         ``max_bleach`` fits ``max_bytes``.
@@ -1195,6 +1197,7 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     drawn from a generator seeded with ``seed``.
     """
     seed = check_seed(seed, "seed")
+    keep_best, progress = check_flag(keep_best, "keep_best"), check_flag(progress, "progress")
     batch_size = check_count(batch_size, "batch_size", 1)
     epochs, step_size = check_count(epochs, "epochs", 1), check_count(step_size, "step_size", 1)
     for name, v in (("lr", lr), ("gamma", gamma)):  # checked before an epoch is spent
@@ -1399,6 +1402,7 @@ def wnn_size(model: WisardClassifier | DWN, *, counts: bool = False) -> ModelSiz
         smallest (:class:`RamFormat`); DWN LUTs as one bit per entry (the sign of the
         trained entry).
     """
+    counts = check_flag(counts, "counts")
     if isinstance(model, WisardClassifier):
         return ModelSize(tuple(_wisard_parts(model, counts)[0]))
     if isinstance(model, DWN):
@@ -1424,6 +1428,7 @@ def save_wnn(model: WisardClassifier | DWN, path: Path | str, *, counts: bool = 
     stored class by class, RAM by RAM, addresses ascending; a DWN's tables as the bits
     ``A > 0``, layer by layer, LUT-major.
     """
+    counts = check_flag(counts, "counts")
     try:
         data, parts = _serialise(model, counts)
     except struct.error as exc:

@@ -1293,6 +1293,33 @@ def test_training_arguments_are_refused_before_any_training(call, match):
         call(x, y)
 
 
+@pytest.mark.parametrize("name, call", [
+    ("pooled", lambda x, y, m, d: Thermometer.fit(x, 2, pooled="False")),
+    ("pooled", lambda x, y, m, d: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=2,
+                                          pooled="False")),
+    ("shuffle", lambda x, y, m, d: WiSARD(8, 2, 3, shuffle="False")),
+    ("shuffle", lambda x, y, m, d: fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=2,
+                                           shuffle="False")),
+    ("counts", lambda x, y, m, d: m.wisard.stored_entries(counts="False")),
+    ("counts", lambda x, y, m, d: wnn_size(m, counts="False")),
+    ("counts", lambda x, y, m, d: save_wnn(m, d / "m.qwnn", counts="False")),
+    ("keep_best", lambda x, y, m, d: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
+                                          keep_best="False")),
+    ("progress", lambda x, y, m, d: fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1,
+                                         progress=None)),
+])
+def test_flags_that_are_not_bools_are_refused(tmp_path, name, call):
+    """Flags were read by bool(): pooled='False' pooled the thresholds, shuffle='False'
+    shuffled, wnn_size(counts='False') counted the counts and save_wnn failed in int()
+    (/work/runs/s49/wnn/p7_misc.py)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    model, _ = fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=2)
+    with pytest.raises(TypeError, match=f"^{name} must be True or False, got "):
+        call(x, y, model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_fractional_epoch_count_is_a_type_error_before_any_training():
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
