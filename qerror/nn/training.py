@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import numbers
 import os
 import time
 import warnings
@@ -166,7 +167,9 @@ class TrainConfig:
                   "label_smoothing": (self.label_smoothing, 0, 1, True),
                   "warmup_fraction": (self.warmup_fraction, 0, 1, False)}
         for name, (value, lo, hi, closed) in checks.items():
-            ok = isinstance(value, int | float) and math.isfinite(value) and value < hi \
+            # a bool is an int to isinstance, and True no rate; np.float32 is no float
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) \
+                and math.isfinite(value) and value < hi \
                 and (value >= lo if closed else value > lo)
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be a finite number in "

@@ -476,6 +476,29 @@ def test_config_refusals_name_the_field_the_bound_and_the_value(fields, message)
         replace(CONFIG, **fields)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("lr", True), ("weight_decay", True), ("label_smoothing", False),
+    ("warmup_fraction", np.True_),
+])
+def test_config_refuses_a_bool_where_a_number_belongs(field, value):
+    """``True`` is no learning rate: ``lr=True`` trained at 1.0, ``weight_decay=True`` decayed
+    by 1.0 and ``label_smoothing=False`` smoothed by 0, each without a word (a bool is an int
+    to ``isinstance``)."""
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be a finite number in "
+                                         rf".*, got {value!r}"):
+        replace(CONFIG, **{field: value})
+
+
+def test_config_takes_numpy_floats_as_the_numbers_they_are():
+    """``np.float32(0.1)`` is a finite number in (0, inf): it was refused as if it were not
+    (``isinstance(np.float32(0.1), float)`` is false), with a message saying it is out of
+    the range it lies in."""
+    config = replace(CONFIG, lr=np.float32(0.1), momentum=np.float32(0.9),
+                     weight_decay=np.float16(0), label_smoothing=np.float64(0.1),
+                     warmup_fraction=np.float32(0.25))
+    assert config.lr == np.float32(0.1) and config.momentum == np.float32(0.9)
+
+
 def test_config_accepts_the_edges_of_its_ranges():
     """The closed ends: one-cycle momentum 0.05 (its range then starts at 0), a zero weight
     decay, label smoothing and momentum without Nesterov under the constant schedule, where
