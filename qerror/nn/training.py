@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_flag, check_seed
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable, torch_save
@@ -162,6 +162,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1)):
             check_count(getattr(self, name), f"TrainConfig.{name}", low)
         object.__setattr__(self, "seed", check_seed(self.seed, "TrainConfig.seed"))
+        for name in ("nesterov", "channels_last"):
+            object.__setattr__(self, name, check_flag(getattr(self, name), f"TrainConfig.{name}"))
         checks = {"lr": (self.lr, 0.0, math.inf, False), "momentum": (self.momentum, 0, 1, True),
                   "weight_decay": (self.weight_decay, 0, math.inf, True),
                   "label_smoothing": (self.label_smoothing, 0, 1, True),
@@ -814,7 +816,9 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         empty or unknown parameter selection.
     TypeError
         ``n_train``, ``val_size``, ``checkpoint_every`` or ``stop_after_steps`` is not an
-        integer (a bool, or a float even when integral); refused before anything is done.
+        integer (a bool, or a float even when integral), or ``resume``, ``progress`` or
+        ``return_interrupted`` is not a bool (``'False'`` would read as true); refused
+        before anything is done.
     ResumeError
         The state file was written by a different recipe, or holds the weights of another
         network or of another dtype (nothing of it is then loaded).
@@ -861,6 +865,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
                 check_count(value, name, 1)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    resume, progress = check_flag(resume, "resume"), check_flag(progress, "progress")
+    return_interrupted = check_flag(return_interrupted, "return_interrupted")
     if time_budget_s is not None and not (isinstance(time_budget_s, int | float)
                                           and math.isfinite(time_budget_s)
                                           and time_budget_s > 0):

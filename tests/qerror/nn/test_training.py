@@ -499,6 +499,28 @@ def test_config_takes_numpy_floats_as_the_numbers_they_are():
     assert config.lr == np.float32(0.1) and config.momentum == np.float32(0.9)
 
 
+def test_flags_that_are_not_bools_are_refused(tmp_path):
+    """A flag passed as a string was read by its truth value: ``nesterov='False'`` trained
+    with Nesterov momentum (the weights of ``nesterov=True``) and recorded ``'False'`` in the
+    state's recipe, ``channels_last='False'`` changed the memory format, and
+    ``fit(resume='False')`` resumed the state it was told not to, each without a word."""
+    for field in ("nesterov", "channels_last"):
+        with pytest.raises(TypeError, match=f"TrainConfig.{field} must be True or False, "
+                                            "got 'False'"):
+            replace(CONFIG, **{field: "False"})
+    assert replace(CONFIG, nesterov=np.False_, schedule=Schedule.CONSTANT).nesterov is False
+    x, y = synthetic()
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=2, progress=False)
+    kept = state.read_bytes()
+    for flag in ("resume", "progress", "return_interrupted"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+            fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+                **{"progress": False, flag: "False"})
+    assert state.read_bytes() == kept  # refused before the state was read or replaced
+
+
 def test_config_accepts_the_edges_of_its_ranges():
     """The closed ends: one-cycle momentum 0.05 (its range then starts at 0), a zero weight
     decay, label smoothing and momentum without Nesterov under the constant schedule, where
