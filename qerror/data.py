@@ -510,12 +510,35 @@ def to_tensor(images: np.ndarray, size: int = 32) -> torch.Tensor:
 
     Images are zero-padded (not interpolated) to ``size``: padding keeps every pixel
     value exact, which the dataset-quantization study relies on.
+
+    Raises
+    ------
+    TypeError
+        ``images`` are not uint8 (pixels already scaled to [0, 1] or normalised would be
+        divided by 255 again).
+    ValueError
+        ``images`` are not of shape (N, 28, 28), or ``size`` is below 28.
     """
     size = check_count(size, "size", 28)
+    _check_pixels(images)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
     pad = size - 28
     x = torch.nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
     return x.sub_(MEAN).div_(STD).unsqueeze(1)
+
+
+def _check_pixels(images: np.ndarray) -> None:
+    """Refuse what is not Fashion-MNIST's uint8 (N, 28, 28) pixels (see :func:`to_tensor`)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"got images of dtype {images.dtype}; Fashion-MNIST's pixels are uint8 "
+                        "(0..255), which are scaled and normalised here: pass them as read "
+                        "(ImageSet.images), not already scaled or normalised")
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        hint = ("pass one image as images[None]" if images.shape == (28, 28) else
+                "pass Fashion-MNIST's 28×28 images, without a channel axis (size sets the "
+                "padded size)")
+        raise ValueError(f"got images of shape {images.shape}; they must be N×28×28: {hint}")
 
 
 def to_small_tensor(images: np.ndarray, size: int = 8) -> torch.Tensor:
@@ -524,6 +547,11 @@ def to_small_tensor(images: np.ndarray, size: int = 8) -> torch.Tensor:
 
     The input of the small networks the ledger's network claims are decided on: many
     seeds of a deep, narrow network train in seconds each at 8×8.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`to_tensor`; ValueError also for a ``size`` that does not divide 32.
     """
     if 32 % check_count(size, "size", 1):
         raise ValueError(f"size must be a divisor of 32 (1, 2, 4, 8, 16 or 32), got {size!r}")

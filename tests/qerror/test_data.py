@@ -188,6 +188,26 @@ def test_to_tensor_pads_exactly():
         data.to_tensor(img, size=32.0)  # was torch's TypeError from pad(), naming no argument
 
 
+@pytest.mark.parametrize("images, error, message", [
+    (np.zeros((2, 32, 32), np.uint8), ValueError, r"images of shape \(2, 32, 32\); .* N×28×28"),
+    (np.zeros((28, 28), np.uint8), ValueError, r"images of shape \(28, 28\); .* images\[None\]"),
+    (np.zeros((2, 1, 28, 28), np.uint8), ValueError, r"images of shape \(2, 1, 28, 28\)"),
+    (np.full((2, 28, 28), 0.5, np.float32), TypeError, r"images of dtype float32; .* uint8"),
+    (np.zeros((2, 28, 28), np.int8), TypeError, r"images of dtype int8"),
+])
+def test_to_tensor_refuses_what_is_not_uint8_images_of_28_by_28(images, error, message):
+    """to_tensor pads by ``size - 28`` and divides by 255 whatever it is given: 32×32 images
+    came out 36×36, one image of 28×28 as 32 images of one row, pixels already in [0, 1]
+    normalised to a near-constant tensor (std 0.004), each without a word; the same through
+    to_small_tensor (32×32 images came out 9×9)."""
+    with pytest.raises(error, match=message):
+        data.to_tensor(images)
+    with pytest.raises(error, match=message):
+        data.to_small_tensor(images)
+    view = np.broadcast_to(np.arange(3, dtype=np.uint8)[:, None, None], (3, 28, 28))
+    assert data.to_tensor(view).shape == (3, 1, 32, 32)  # a read-only view is fine
+
+
 def test_bad_split_name():
     with pytest.raises(ValueError, match="'train' or 'test'"):
         data.load_fashion_mnist("validation")
