@@ -176,6 +176,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be a finite number in "
                                  f"{'[' if closed else '('}{lo}, {hi}), got {value!r}")
+            object.__setattr__(self, name, float(value))  # the recipe holds plain numbers
         if self.schedule is Schedule.ONE_CYCLE and not 0.05 <= self.momentum < 0.95:
             raise ValueError(f"TrainConfig.momentum={self.momentum} leaves no room for the "
                              "one-cycle range momentum ± 0.05 within [0, 1): pick a momentum "

@@ -492,11 +492,15 @@ def test_config_refuses_a_bool_where_a_number_belongs(field, value):
 def test_config_takes_numpy_floats_as_the_numbers_they_are():
     """``np.float32(0.1)`` is a finite number in (0, inf): it was refused as if it were not
     (``isinstance(np.float32(0.1), float)`` is false), with a message saying it is out of
-    the range it lies in."""
+    the range it lies in. Each is kept as the Python float of its value (the recipe's plain
+    numbers), as an integer is."""
     config = replace(CONFIG, lr=np.float32(0.1), momentum=np.float32(0.9),
                      weight_decay=np.float16(0), label_smoothing=np.float64(0.1),
                      warmup_fraction=np.float32(0.25))
     assert config.lr == np.float32(0.1) and config.momentum == np.float32(0.9)
+    fields = ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_fraction")
+    assert all(type(getattr(config, f)) is float for f in fields)
+    assert type(replace(CONFIG, lr=1).lr) is float
 
 
 def test_flags_that_are_not_bools_are_refused(tmp_path):
