@@ -227,18 +227,20 @@ CLAIMS += (
         "baseline (studies.drift's committed run, tests/data/baseline; one network, each "
         "statement decided with the run's 200 test images random, by 95 % bootstrap intervals "
         "over them) truncation and floor leave the larger deepest drift at eight and six "
-        "bits, and round-to-nearest the larger at four bits (the interval of the gap lies "
-        "above 0, then below; an earlier training of the baseline gave the biased modes "
-        "the larger at four bits too, on point figures: at four bits the answer is the "
-        "trained network's). Under truncation and floor the drift grows with path depth "
+        "bits (the interval of the gap lies above 0), and at four bits round-to-nearest the "
+        "larger against truncation (the interval below 0) while against floor the images do "
+        "not decide (the interval holds 0; earlier trainings of the baseline gave floor's "
+        "and then nearest's the larger there: at four bits the answer is the trained "
+        "network's). Under truncation and floor the drift grows with path depth "
         "at eight and six bits, by the image bootstrap's interval of the exponent and by "
         "the layer bootstrap's, which is somewhat too narrow there (the fit's residuals "
         "follow each other moderately: lag-1 autocorrelation below 0.4; qerror.nn.growth); "
         "growth is shown only where both intervals lie above 0: at four bits the layer "
         "bootstrap's reaches below 0 (the image bootstrap's does not), so it is not shown "
-        "there. Under round-to-nearest both intervals lie above 0 at every width, but "
-        "the residuals' autocorrelation is above a half, where the layer interval is too "
-        "narrow (qerror.nn.growth), so its growth is not shown.",
+        "there. Under round-to-nearest the image bootstrap's interval lies above 0 at every "
+        "width and the layer bootstrap's at six and four bits (at eight it reaches below "
+        "0), but the residuals' autocorrelation is above a half, where the layer interval "
+        "is too narrow (qerror.nn.growth), so its growth is not shown.",
         "test_claim_N1_drift_grows_with_depth_for_biased_modes",
     ),
     Claim(
@@ -256,12 +258,14 @@ CLAIMS += (
         "at eight and six bits and on most at four bits. On the ResNet50 baseline "
         "(studies.drift's committed run, tests/data/baseline; its 200 test images random, "
         "the mean shift's sampling noise removed from the figure: some BatchNorm's figure "
-        "above a tenth by bounds simultaneous over the layers, every one's under it by each "
-        "layer's bound, both at 5 %; qerror.nn.bn.inconsistency_bounds) the same holds under "
-        "truncation and floor at every width (at four bits without resampling: there "
-        "quantization collapses some channel's variance to 0, an unbounded figure on every "
-        "resample), and under round-to-nearest at six and four bits; at eight bits every "
-        "BatchNorm's figure lies under a tenth.",
+        "above a tenth by bounds simultaneous over the layers and the figure's two parts, "
+        "every one's under it by each part's bound, both at 5 %; "
+        "qerror.nn.bn.inconsistency_bounds) the same holds under truncation and floor at "
+        "every width (floor at four bits without resampling: there quantization collapses "
+        "some channel's variance to 0, an unbounded figure on every resample), and under "
+        "round-to-nearest at six and four bits; at eight bits the images decide neither "
+        "way for round-to-nearest (the largest figure on them lies above a tenth, the two "
+        "bounds on either side of a tenth).",
         "test_claim_N2_batchnorm_becomes_inconsistent_under_biased_rounding",
     ),
     Claim(
@@ -313,9 +317,9 @@ CLAIMS += (
         "test there (on these seeds most do), since a seed's loss of an image or two can "
         "change sides with another CPU's float rounding (the seeds figure of "
         "studies.seeds). On the ResNet50 "
-        "baseline, eight-bit truncation of weights and activations loses about two points "
+        "baseline, eight-bit truncation of weights and activations loses about one point "
         "against round-to-nearest on the whole test split (the paired difference's 95 % "
-        "interval between one point and two and a half, McNemar p < 0.05; "
+        "interval between half a point and two points, McNemar p < 0.05; "
         "studies.drift's "
         "headline, tests/data/baseline), and tens of points at six and four bits (on the "
         "run's 200 images; the headline is eight-bit only).",

@@ -724,15 +724,17 @@ def baseline():
 # image_statements), so that it holds for the baseline and not for one draw of images.
 # N1: (deepest drift above nearest's: the paired image bootstrap's 95 % interval of the gap
 # above 0; grows with depth: the layer and the image bootstrap's intervals of the exponent
-# both above 0) for truncation and floor. At four bits the gap's interval lies below 0:
-# round-to-nearest leaves the larger deepest drift there.
+# both above 0) for truncation and floor. At four bits truncation's gap interval lies below
+# 0 (round-to-nearest leaves the larger deepest drift there) and floor's holds 0.
 R50_N1 = {8: {TRUNC: (True, True), FLOOR: (True, True)},
           6: {TRUNC: (True, True), FLOOR: (True, True)},
           4: {TRUNC: (False, False), FLOOR: (False, False)}}
-R50_N1_GAP_BELOW = {8: False, 6: False, 4: True}  # the gap's interval below 0 instead
+# the gap's interval below 0 instead
+R50_N1_GAP_BELOW = {8: {TRUNC: False, FLOOR: False}, 6: {TRUNC: False, FLOOR: False},
+                    4: {TRUNC: True, FLOOR: False}}
 # N2, per width for (nearest, truncation, floor): some BatchNorm's figure above 0.1 (True),
 # every one's under it (False), or not decided by the images (None) — BNBounds.exceeds.
-R50_N2 = {8: (False, True, True), 6: (True, True, True), 4: (True, True, True)}
+R50_N2 = {8: (None, True, True), 6: (True, True, True), 4: (True, True, True)}
 R50_N3 = {8: False, 6: False, 4: False}
 
 
@@ -753,28 +755,33 @@ def test_claims_N1_to_N4_on_the_resnet50_baseline(baseline):
             got = (value("drift_deep_gap_lo", mode, bits) > 0,
                    value("growth_lo", mode, bits) > 0 and value("growth_image_lo", mode, bits) > 0)
             assert got == expected[mode], (bits, mode)
-            assert (value("drift_deep_gap_hi", mode, bits) < 0) == R50_N1_GAP_BELOW[bits]
+            assert (value("drift_deep_gap_hi", mode, bits) < 0) \
+                == R50_N1_GAP_BELOW[bits][mode], (bits, mode)
             # where growth is claimed, the residuals' autocorrelation is what the text says
             # (below 0.4: the layer interval somewhat too narrow, qerror.nn.growth)
             if expected[mode][1]:
                 assert value("growth_ac1", mode, bits) < 0.4, (bits, mode)
             else:  # not shown: the layer bootstrap's interval reaches below 0
                 assert value("growth_lo", mode, bits) < 0 < value("growth_image_lo", mode, bits)
-        # nearest's intervals lie above 0, but its residuals follow each other too much for
-        # the layer interval to show growth (the text says so)
-        assert value("growth_lo", NEAR, bits) > 0 and value("growth_image_lo", NEAR, bits) > 0
+        # nearest's image interval lies above 0, its layer interval too but at eight bits;
+        # its residuals follow each other too much for the layer interval to show growth
+        # (the text says so)
+        assert (value("growth_lo", NEAR, bits) > 0) == (bits != 8), bits
+        assert value("growth_image_lo", NEAR, bits) > 0
         assert value("growth_ac1", NEAR, bits) > 0.5, bits
     for bits, expected in R50_N2.items():
         assert tuple(_r50_bn(value, m, bits) for m in (NEAR, TRUNC, FLOOR)) == expected, bits
+    # undecided at eight bits for nearest, though the sample's largest figure exceeds 0.1
+    assert value("bn_worst", NEAR, 8) > 0.1
     for bits, expected in R50_N3.items():
         assert (value("sat_last", TRUNC, bits) > value("sat_last", NEAR, bits)) == expected
     # N4 at eight bits on the whole test split: truncation below nearest, McNemar at
     # SEED_ALPHA; at six and four bits (the 200 measured images) by tens of points.
     t = head.loc[TRUNC.value]
     assert t.images == 10_000 and t.delta_vs_nearest < 0 and t.p_vs_nearest < SEED_ALPHA
-    # "about two points": the loss's 95 % interval (McNemar's paired difference) lies
-    # between one point and two and a half, not its estimate alone
-    assert 0.01 < -t.delta_vs_nearest_hi and -t.delta_vs_nearest_lo < 0.025
+    # "about one point": the loss's 95 % interval (McNemar's paired difference) lies
+    # between half a point and two points, not its estimate alone
+    assert 0.005 < -t.delta_vs_nearest_hi and -t.delta_vs_nearest_lo < 0.02
     for bits in (6, 4):
         assert value("accuracy", NEAR, bits) - value("accuracy", TRUNC, bits) > 0.3
 
