@@ -73,6 +73,22 @@ __all__ = [
 ]
 
 
+def _call_site(activation: nn.Module) -> nn.Module:
+    """A module of its own for one call site of a block's shared activation: a new ReLU
+    where it is one (the same function), a copy of any other (a ``ReLU6`` or ``SiLU`` put
+    in torchvision's block), which a ReLU in its place would have replaced by another
+    function without a word. ValueError for one with parameters or buffers (a ``PReLU``):
+    a copy per call site would split what the call sites share, and the state dict."""
+    if type(activation) is nn.ReLU:
+        return nn.ReLU()
+    if [*activation.parameters(), *activation.buffers()]:
+        raise ValueError(f"a residual block's activation, {type(activation).__name__}, holds "
+                         "parameters or buffers, which its call sites share: untying it would "
+                         "split them (and change the state dict); use a parameter-free "
+                         "activation or leave the block tied")
+    return copy.deepcopy(activation)
+
+
 def _keep_modes(untied: nn.Module, block: nn.Module) -> None:
     """The untied block in ``block``'s mode, its new ReLUs too, and every module it took over
     in its own: ``train(mode)`` would set them all, switching a BatchNorm frozen in evaluation
@@ -89,8 +105,8 @@ class UntiedBasicBlock(torchvision.models.resnet.BasicBlock):
 
     def __init__(self, block: torchvision.models.resnet.BasicBlock):
         nn.Module.__init__(self)
-        self.conv1, self.bn1, self.relu1 = block.conv1, block.bn1, nn.ReLU()
-        self.conv2, self.bn2, self.relu2 = block.conv2, block.bn2, nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = block.conv1, block.bn1, _call_site(block.relu)
+        self.conv2, self.bn2, self.relu2 = block.conv2, block.bn2, _call_site(block.relu)
         self.downsample = block.downsample
         self.stride = block.stride
         _keep_modes(self, block)
@@ -109,9 +125,9 @@ class UntiedBottleneck(torchvision.models.resnet.Bottleneck):
 
     def __init__(self, block: torchvision.models.resnet.Bottleneck):
         nn.Module.__init__(self)
-        self.conv1, self.bn1, self.relu1 = block.conv1, block.bn1, nn.ReLU()
-        self.conv2, self.bn2, self.relu2 = block.conv2, block.bn2, nn.ReLU()
-        self.conv3, self.bn3, self.relu3 = block.conv3, block.bn3, nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = block.conv1, block.bn1, _call_site(block.relu)
+        self.conv2, self.bn2, self.relu2 = block.conv2, block.bn2, _call_site(block.relu)
+        self.conv3, self.bn3, self.relu3 = block.conv3, block.bn3, _call_site(block.relu)
         self.downsample = block.downsample
         self.stride = block.stride
         _keep_modes(self, block)
@@ -139,6 +155,14 @@ def untie_relus(model: nn.Module) -> nn.Module:
     -------
     nn.Module
         The same function of its input, with the same state dict (keys, order and values).
+        A block whose ``relu`` is another activation (``ReLU6``, ``SiLU``) gets a copy of it
+        at each call site.
+
+    Raises
+    ------
+    ValueError
+        A block's activation holds parameters or buffers (a ``PReLU``), which untying would
+        split between the call sites.
 
     Notes
     -----
