@@ -243,14 +243,20 @@ class MadeFor(dict):
     range, and one calibration serves every mode of a width) and weights made by another
     quantizer (any field of the spec) (:func:`check_made_for`); a plain dict (learned
     weights, ranges of the user's) is taken as it is.
+
+    Quantized weights also say which float weights they were made from (``made_from``: layer
+    name → :func:`~qerror.nn.parallel.digest` of its weight; None for activation ranges):
+    weights of another model of the same shapes, given to a pass, would be measured against
+    this model's float network, and the pass refuses them (:func:`check_weights_fit`).
     """
 
-    def __init__(self, items, spec: QuantSpec):
+    def __init__(self, items, spec: QuantSpec, made_from: Mapping[str, str] | None = None):
         super().__init__(items)
         self.spec = spec
+        self.made_from = made_from
 
-    def __reduce__(self):  # pickled (broadcast to other ranks) with its spec
-        return (type(self), (dict(self), self.spec))
+    def __reduce__(self):  # pickled (broadcast to other ranks) with its spec and sources
+        return (type(self), (dict(self), self.spec, self.made_from))
 
 
 #: The fields of a QuantSpec that activation ranges depend on (:func:`check_made_for`).
@@ -288,6 +294,45 @@ def check_made_for(params, spec: QuantSpec | None, what: str, where: str = "") -
         raise ValueError(f"{what} were made for another quantizer than the configuration"
                          f"{where} quantizes with ({'; '.join(differ)}): {harm}; make them "
                          f"for it with {how}")
+
+
+def check_weights_fit(model: nn.Module, weights, where: str = "") -> None:
+    """Refuse quantized weights (layer name → :class:`QuantizedWeights`) that are not the
+    model's layers': one whose weight's shape is not its layer's (a convolution would run
+    another network, or fail in torch), or, for what :func:`quantize_weights` returns
+    (:class:`MadeFor`), one made from other float weights than its layer holds (another
+    model's, or this one's before they changed), which the pass would measure against this
+    model's float network. ``where`` names the configuration. A plain mapping is checked for
+    shapes only: learned weights, or another model's weights measured on purpose.
+
+    Raises
+    ------
+    ValueError
+        The first layer whose weight does not fit, and how to make the right ones.
+    """
+    if not isinstance(weights, Mapping):
+        return
+    layers = dict(model.named_modules())
+    made_from = getattr(weights, "made_from", None) or {}
+    for name, qw in weights.items():
+        layer = layers.get(name)
+        w = getattr(layer, "weight", None)
+        if not isinstance(qw, QuantizedWeights) or not isinstance(w, torch.Tensor):
+            continue
+        if tuple(qw.weight.shape) != tuple(w.shape):
+            raise ValueError(
+                f"the quantized weight of layer {name!r}{where} has shape "
+                f"{tuple(qw.weight.shape)}; the layer's weight has {tuple(w.shape)}: they were "
+                "made for another model; make them for this one with "
+                "quantize_weights(model, config.weight)")
+        source = made_from.get(name)
+        if source is not None and source != parallel.digest(w.detach()):
+            raise ValueError(
+                f"the quantized weights of layer {name!r}{where} were made from other float "
+                "weights than the layer holds (another model's, or this model's before they "
+                "changed): the pass would measure them against this model's float network; "
+                "make them for this model with quantize_weights(model, config.weight) (or, to "
+                "measure another model's weights on purpose, pass them as a plain dict)")
 
 
 def check_layer_params(config: QuantConfig, names: Iterable[str], act_qparams, weights,
@@ -382,13 +427,15 @@ class QuantizedWeights:
 
 def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> MadeFor:
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
-    layer name → :class:`QuantizedWeights`, with ``spec`` (:class:`MadeFor`); ``seed`` (an
-    int from 0 to 2**64 - 1) keys stochastic rounding."""
+    layer name → :class:`QuantizedWeights`, with ``spec`` and the digest of each float
+    weight (:class:`MadeFor`); ``seed`` (an int from 0 to 2**64 - 1) keys stochastic
+    rounding."""
     seed = check_seed(seed, "seed")
-    out = {}
+    out, made_from = {}, {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):
         w = m.weight.detach()
+        made_from[name] = parallel.digest(w)
         qp = calibrate(w, spec)
         key = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0]) \
             if spec.rounding.is_random else None
@@ -400,7 +447,7 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> Mad
         e = (wq.double() - w.double()) / s
         out[name] = QuantizedWeights(wq, qp, float(e.mean()), float((e * e).mean()),
                                      float((sat.low.sum() + sat.high.sum()) / sat.total.sum()))
-    return MadeFor(out, spec)
+    return MadeFor(out, spec, made_from)
 
 
 def _quantizing(weights):
@@ -539,6 +586,7 @@ def _arm_weights(model: nn.Module, configs, weights) -> list:
                 f"weights were given for configuration {i} ({c.label}), which quantizes no "
                 "weights (activations only): they would not be used; pass None for it")
         check_made_for(w, c.weight, "quantized weights", f" {i} ({c.label})")
+        check_weights_fit(model, w, f" (configuration {i}, {c.label})")
     return [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
                              if w is None and c.weight is not None else w)
             for c, w in zip(configs, weights)]

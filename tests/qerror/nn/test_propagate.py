@@ -975,6 +975,54 @@ def test_ranges_and_weights_made_for_another_grid_are_refused(setup):
     assert isinstance(back, MadeFor) and back.spec == a8.spec and back.keys() == a8.keys()
 
 
+def test_weights_quantized_from_another_model_are_refused(setup):
+    """Quantized weights of another model were taken as this one's: with the same shapes the
+    pass measured the other model's weights against this model's float network (a tiny CNN:
+    agreement 2.5 % against 100 %, the first layer's SQNR -3.25 dB against 37.7 dB, and the
+    weight error figures those of the other model's own rounding:
+    /work/runs/s49/propagate/p4b.py), and with other shapes the quantized network alone ran
+    another network without a word (a 5x5 kernel in a 3x3 convolution's place) while the
+    paired pass failed in torch.cat. What quantize_weights returns says which float weights
+    it quantized, and a pass refuses, before patching anything, weights of another shape
+    than the layer's and weights made from other float weights; a plain dict (learned weights,
+    another model's on purpose) passes if its shapes fit."""
+    import dataclasses
+
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act = calibrate_activations(model, calib, cfg.activation)
+    other = tiny_resnet(seed=5)
+    foreign = quantize_weights(other, cfg.weight)
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    w = quantize_weights(model, cfg.weight)
+    wide = dict(w)
+    wide[first] = dataclasses.replace(w[first], weight=torch.zeros(8, 1, 5, 5,
+                                                                   dtype=torch.float64))
+    for weights, what in ((foreign, rf"quantized weights of layer '{first}'.* were made "
+                                    r"from other float weights than the layer holds"),
+                          (wide, rf"quantized weight of layer '{first}'.* has shape "
+                                 r"\(8, 1, 5, 5\); the layer's weight has \(8, 1, 3, 3\)")):
+        for run in (lambda: measure(model, test, cfg, act, weights=weights),
+                    lambda: measure_many(model, test, [cfg], act, weights=[weights]),
+                    lambda: paired_forward(model, cfg, act, weights=weights).__enter__(),
+                    lambda: quantized_forward(model, cfg, act, weights=weights).__enter__()):
+            with pytest.raises(ValueError, match=what):
+                run()
+            assert _clean(model)
+    # this model's own weights pass, as a MadeFor or a plain dict; so does another model's
+    # on purpose, as a plain dict
+    assert measure(model, test, cfg, act, weights=w).logits.agreement == \
+        measure(model, test, cfg, act, weights=dict(w)).logits.agreement
+    measure(model, test, cfg, act, weights=dict(foreign))
+    # the float weights it was made from travel with it to other ranks (pickled)
+    import io
+    buf = io.BytesIO()
+    torch.save(foreign, buf)
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with pytest.raises(ValueError, match="made from other float weights"):
+        measure(model, test, cfg, act, weights=back)
+
+
 def test_a_linear_fed_more_than_n_features_is_refused_where_it_is_measured():
     """A Linear fed (N, T, features) made outputs (N, T, out_features), whose "channels"
     (dimension 1) the sums took to be T: drift_channel and local_error_means were T means
