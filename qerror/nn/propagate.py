@@ -1560,6 +1560,22 @@ def _per_config(value, count: int, what: str, shared: bool = False) -> list:
     return value
 
 
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    """Refuse labels that are not class indices of logits of ``classes`` classes: the
+    accuracies and McNemar counts compare them with the logits' argmax, which no such label
+    ever equals (integral float labels count as their integers)."""
+    if y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not bool(
+            (torch.isfinite(y) & (y == y.round())).all())):
+        raise TypeError(f"labels must be integer class indices, got {y.dtype} labels that "
+                        "are not: the accuracies would count them wrong for every image")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"labels from {lo} to {hi} are not class indices of the model's "
+                         f"{classes} classes (0 to {classes - 1}): the accuracies would count "
+                         "those images wrong whatever the network predicts; give labels of "
+                         "the model's label space")
+
+
 def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             act_qparams: Mapping[str, QParams] | None = None, *,
             weights: Mapping[str, QuantizedWeights] | None = None,
@@ -1678,6 +1694,10 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         ``local_samples``, ``pair_batch``, ``image_means`` or ``first_batch`` that is not an
         integer (TypeError: a bool, or a float even when integral) or is below its least
         (ValueError: 0, ``pair_batch`` 1).
+    TypeError, ValueError
+        Labels that are not integer class indices (TypeError: a bool, or a float that is not
+        integral) or lie outside 0 to C - 1 for logits of C classes (ValueError): every
+        image would count as wrong.
     ValueError
         Batches of images of another shape than the first's: ``drift`` and ``mse`` are
         means over every element, which weight an image by its size, while ``drift_se``,
@@ -1847,6 +1867,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                     labelled = y is not None
                 if (y is not None) != labelled:
                     raise ValueError("some batches have labels and some do not")
+                if y is not None:
+                    _check_labels(y, lf.shape[1])
                 cf = None if y is None else pf == y
                 if cf is not None:
                     fc += int(cf.sum())

@@ -1023,6 +1023,34 @@ def test_weights_quantized_from_another_model_are_refused(setup):
         measure(model, test, cfg, act, weights=back)
 
 
+def test_labels_that_are_not_class_indices_of_the_logits_are_refused(setup):
+    """Labels were compared with the logits' argmax as they came: labels of another label
+    space (shifted past the model's classes), negative ones, fractional floats or bools
+    matched no prediction, and the accuracies and McNemar counts came out 0 without a word
+    (a tiny CNN of 5 classes: float_correct 4 of 20 with its labels, 0 with each of those:
+    /work/runs/s49/propagate/p5_labels.py). Now a TypeError for labels that are not
+    integers and a ValueError for labels outside 0 to C - 1, before any figure is made;
+    integral float labels count as their integers."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act = calibrate_activations(model, calib, cfg.activation)
+    x, y = test[0]
+    for labels, error, what in ((y + 10, ValueError, r"labels from -?\d+ to \d+.*10 classes"),
+                                (y - 3, ValueError, r"labels from -3 to \d+.*10 classes"),
+                                (y.double() + 0.5, TypeError, r"labels must be integer"),
+                                (y > 2, TypeError, r"labels must be integer")):
+        for run in (lambda: measure(model, [(x, labels)], cfg, act),
+                    lambda: measure_many(model, [(x, y), (x, labels)], [cfg], act)):
+            with pytest.raises(error, match=what):
+                run()
+            assert _clean(model)
+    res = measure(model, [(x, y)], cfg, act)
+    assert res.logits.float_correct > 0
+    as_float = measure(model, [(x, y.double())], cfg, act)
+    assert (as_float.logits.float_correct, as_float.logits.quant_correct) == \
+        (res.logits.float_correct, res.logits.quant_correct)
+
+
 def test_a_linear_fed_more_than_n_features_is_refused_where_it_is_measured():
     """A Linear fed (N, T, features) made outputs (N, T, out_features), whose "channels"
     (dimension 1) the sums took to be T: drift_channel and local_error_means were T means
