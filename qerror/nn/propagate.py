@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_flag, check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -165,6 +165,9 @@ class QuantConfig:
     def __post_init__(self):
         # torch.manual_seed would take True as 1 and -1 as 2**64 - 1, SeedSequence True as 1
         object.__setattr__(self, "seed", check_seed(self.seed, "QuantConfig.seed"))
+        # read by truth value, 'False' would quantize every output it names
+        for name in ("bn_outputs", "block_outputs"):
+            object.__setattr__(self, name, check_flag(getattr(self, name), f"QuantConfig.{name}"))
         if self.weight is None and self.activation is None:
             raise ValueError("QuantConfig quantizes nothing: give a weight or an activation spec")
         if (self.bn_outputs or self.block_outputs) and self.activation is None:
