@@ -272,7 +272,7 @@ def _feed(h, value: Any) -> None:
             value = value.to_dense()
         t = value.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         h.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # its buffer, not a copy of it
         if t.is_quantized:  # those bytes are its integers alone: the grid is content too
             h.update(f"{t.qscheme()};".encode())
             _feed(h, (t.q_scale(), t.q_zero_point()) if t.qscheme() in (

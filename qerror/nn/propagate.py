@@ -299,7 +299,8 @@ def check_made_for(params, spec: QuantSpec | None, what: str, where: str = "") -
                          f"for it with {how}")
 
 
-def check_weights_fit(model: nn.Module, weights, where: str = "") -> None:
+def check_weights_fit(model: nn.Module, weights, where: str = "", *,
+                      digests: dict[str, str] | None = None) -> None:
     """Refuse quantized weights (layer name → :class:`QuantizedWeights`) that are not the
     model's layers': one whose weight's shape is not its layer's (a convolution would run
     another network, or fail in torch), or, for what :func:`quantize_weights` returns
@@ -307,6 +308,9 @@ def check_weights_fit(model: nn.Module, weights, where: str = "") -> None:
     model's, or this one's before they changed), which the pass would measure against this
     model's float network. ``where`` names the configuration. A plain mapping is checked for
     shapes only: learned weights, or another model's weights measured on purpose.
+    ``digests`` (layer name → digest of its weight now), filled as the layers are read,
+    lets the configurations of one pass share them: the digests of ResNet50's weights take
+    about 0.1 s.
 
     Raises
     ------
@@ -329,7 +333,13 @@ def check_weights_fit(model: nn.Module, weights, where: str = "") -> None:
                 "made for another model; make them for this one with "
                 "quantize_weights(model, config.weight)")
         source = made_from.get(name)
-        if source is not None and source != parallel.digest(w.detach()):
+        if source is None:
+            continue
+        if digests is None:
+            digests = {}
+        if name not in digests:
+            digests[name] = parallel.digest(w.detach())
+        if source != digests[name]:
             raise ValueError(
                 f"the quantized weights of layer {name!r}{where} were made from other float "
                 "weights than the layer holds (another model's, or this model's before they "
@@ -583,13 +593,14 @@ def _arm_weights(model: nn.Module, configs, weights) -> list:
     quantizes weights and none were given; in the model's layout (:func:`_in_model_layout`).
     Weights given for a configuration that quantizes none are refused: they would not be
     used, and their error would still be reported."""
+    digests: dict[str, str] = {}  # of the model's weights, read once for every configuration
     for i, (c, w) in enumerate(zip(configs, weights)):
         if w is not None and c.weight is None:
             raise ValueError(
                 f"weights were given for configuration {i} ({c.label}), which quantizes no "
                 "weights (activations only): they would not be used; pass None for it")
         check_made_for(w, c.weight, "quantized weights", f" {i} ({c.label})")
-        check_weights_fit(model, w, f" (configuration {i}, {c.label})")
+        check_weights_fit(model, w, f" (configuration {i}, {c.label})", digests=digests)
     return [_in_model_layout(model, quantize_weights(model, c.weight, seed=c.seed)
                              if w is None and c.weight is not None else w)
             for c, w in zip(configs, weights)]
