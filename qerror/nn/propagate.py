@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count, check_flag, check_seed
+from qerror._checks import check_count, check_finite, check_flag, check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -442,12 +442,14 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> Mad
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
     layer name → :class:`QuantizedWeights`, with ``spec`` and the digest of each float
     weight (:class:`MadeFor`); ``seed`` (an int from 0 to 2**64 - 1) keys stochastic
-    rounding."""
+    rounding. A weight holding NaN or Inf is refused (ValueError naming the layer)."""
     seed = check_seed(seed, "seed")
     out, made_from = {}, {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):
         w = m.weight.detach()
+        # calibrate's own check would name it "x", as if the images held it
+        check_finite(w, f"the weight of layer {name!r}")
         made_from[name] = parallel.digest(w)
         qp = calibrate(w, spec)
         key = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0]) \

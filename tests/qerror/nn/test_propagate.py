@@ -992,6 +992,24 @@ def test_ranges_and_weights_made_for_another_grid_are_refused(setup):
     assert isinstance(back, MadeFor) and back.spec == a8.spec and back.keys() == a8.keys()
 
 
+def test_a_weight_that_is_not_finite_is_refused_naming_its_layer(setup):
+    """A NaN weight was refused as "x holds 1 non-finite value(s)", the quantizer's name for
+    its input, which reads as if the images held it; now the layer is named, by
+    quantize_weights and by a pass that quantizes the weights itself."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    broken = copy.deepcopy(model)
+    first = next(n for n, m in broken.named_modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        broken.get_submodule(first).weight[0, 0, 0, 0] = float("nan")
+    what = rf"the weight of layer '{first}' holds 1 non-finite value"
+    with pytest.raises(ValueError, match=what):
+        quantize_weights(broken, cfg.weight)
+    with pytest.raises(ValueError, match=what):
+        measure(broken, test, QuantConfig(cfg.weight, None))
+    assert _clean(broken)
+
+
 def test_weights_quantized_from_another_model_are_refused(setup):
     """Quantized weights of another model were taken as this one's: with the same shapes the
     pass measured the other model's weights against this model's float network (a tiny CNN:
