@@ -1297,6 +1297,10 @@ class SiteResult:
     ``local_sqnr_db`` divides the float output's power over every measured image by
     ``local_mse``: two estimates over nested sets of the same random images, each unbiased
     for its expectation, the ratio consistent, and its noise mostly the local error's.
+
+    ``input_error_mean_lsb`` and ``input_error_mse_lsb`` are the rounding error of the
+    layer's input quantizer, in steps of its grid, on the quantized network's own input to
+    the layer (which carries the error accumulated before it), not on the float network's.
     """
 
     name: str
