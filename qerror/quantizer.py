@@ -28,6 +28,7 @@ from qerror._checks import (
     SeedOrGenerator,
     check_count,
     check_finite,
+    check_flag,
     check_float_array,
     check_positive_finite,
     is_integer_dtype,
@@ -113,9 +114,7 @@ class QuantSpec:
             raise ValueError(f"bits must be between 2 and 16, got {bits}")
         object.__setattr__(self, "bits", bits)
         for name in ("signed", "symmetric", "narrow"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, bool(getattr(self, name)))
+            object.__setattr__(self, name, check_flag(getattr(self, name), name))
         if self.axis is not None and (
             isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer))
         ):

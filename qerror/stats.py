@@ -25,6 +25,7 @@ from scipy import stats as sps
 from qerror._checks import (
     SeedOrGenerator,
     check_count,
+    check_flag,
     check_seed,
     check_seed_or_generator,
 )
@@ -597,8 +598,7 @@ def mse_ratio_ci(
     """
     alpha = _check_alpha(alpha)
     method = IntervalMethod.parse(method)
-    if not isinstance(paired, (bool, np.bool_)):
-        raise TypeError(f"paired must be True or False, got {paired!r}")
+    paired = check_flag(paired, "paired")
     a = _sample(errors_a, "errors_a", min_n=2)
     b = _sample(errors_b, "errors_b", min_n=2)
     if paired and _flat_shape(errors_a) != _flat_shape(errors_b):

@@ -43,7 +43,7 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from qerror._checks import check_count, check_seed, is_integer_dtype
+from qerror._checks import check_count, check_flag, check_seed, is_integer_dtype
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -1593,8 +1593,7 @@ def selection_order(accuracy: float, mean_macs: float, met: bool) -> tuple:
     :func:`choose_operating_point` and :func:`refine_thresholds` order by it; so can a
     caller choosing among their results.
     """
-    if not isinstance(met, (bool, np.bool_)):
-        raise TypeError(f"met must be a bool (whether the point qualifies), got {met!r}")
+    met = check_flag(met, "met (whether the point qualifies)")
     return (0, mean_macs, -accuracy) if met else (1, -accuracy, mean_macs)
 
 
@@ -1789,8 +1788,7 @@ class SelectionProcedure:
 
     def __post_init__(self):
         object.__setattr__(self, "policy", ExitPolicy.parse(self.policy))
-        if not isinstance(self.per_exit, (bool, np.bool_)):
-            raise TypeError(f"per_exit must be a bool, got {self.per_exit!r}")
+        object.__setattr__(self, "per_exit", check_flag(self.per_exit, "per_exit"))
         object.__setattr__(self, "margin", _check_threshold(self.margin, "margin"))
 
     @property

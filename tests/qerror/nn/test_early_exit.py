@@ -990,7 +990,7 @@ def test_cross_validation_inputs_are_checked():
     assert torch.equal(by_numpy[0].right, by_int[0].right)
     with pytest.raises(ValueError, match="margin must be"):
         SelectionProcedure("entropy", False, 1.5)
-    with pytest.raises(TypeError, match="per_exit must be a bool"):
+    with pytest.raises(TypeError, match="per_exit must be True or False"):
         SelectionProcedure("entropy", "yes", 0.01)
     with pytest.raises(TypeError, match="procedure must be a SelectionProcedure"):
         select_rule(logits, labels, ("entropy", False, 0.01), [0.5], costs, ref)
@@ -1016,7 +1016,7 @@ def test_selection_inputs_are_checked():
     bare = [dataclasses.replace(pts[0], right=None)]
     with pytest.raises(ValueError, match="SweepPoint.right"):
         choose_operating_point(bare, torch.ones(2, dtype=torch.bool), 0.01, alpha=0.05)
-    with pytest.raises(TypeError, match="met must be a bool"):
+    with pytest.raises(TypeError, match=r"met \(whether the point qualifies\) must be True or False"):
         selection_order(0.9, 10.0, 0.85)  # a floor, as the old signature took
 
 
