@@ -394,6 +394,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
         raise ValueError("activation calibration is per tensor: use a spec with axis=None")
     sample_per_batch = check_count(sample_per_batch, "sample_per_batch", 1)
     seed = check_seed(seed, "seed")
+    outputs, progress = check_flag(outputs, "outputs"), check_flag(progress, "progress")
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
     out_names = {m: output_key(n) for n, m in model.named_modules()
                  if outputs and (isinstance(m, nn.BatchNorm2d) or is_block(m))}
@@ -1792,6 +1793,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         draws the same numbers, keyed by each configuration's seed). With another
         ``pair_batch`` (measure's default differs), see :func:`measure` on pass sizes.
     """
+    # read by truth value, 'False' would gather a share from every other rank
+    across_ranks = check_flag(across_ranks, "across_ranks")
     shared = across_ranks and parallel.world()[1] > 1  # one process: its sums are merged
     failure = None
     image_shape = None
@@ -1822,6 +1825,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
             check_count(pair_batch, "pair_batch (a number of images)", 1)
         check_count(image_means, "image_means (a number of images)")
         check_count(local_samples, "local_samples (a number of images)")
+        input_maps, progress = check_flag(input_maps, "input_maps"), check_flag(progress, "progress")
         k = len(configs)
         act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
         weights = _per_config(weights, k, "weights")

@@ -1010,6 +1010,26 @@ def test_a_weight_that_is_not_finite_is_refused_naming_its_layer(setup):
     assert _clean(broken)
 
 
+def test_pass_flags_that_are_not_bools_are_refused(setup):
+    """measure's input_maps, progress and across_ranks and calibrate_activations' outputs
+    and progress were read by truth value ('False' kept every input map, showed a bar,
+    calibrated every BatchNorm and block output): a TypeError naming the flag, the model
+    left as it was."""
+    model, calib, test = setup
+    cfg = QuantConfig.make(8)
+    act = calibrate_activations(model, calib, cfg.activation)
+    for flag in ("input_maps", "progress", "across_ranks"):
+        for run in (lambda: measure(model, test, cfg, act, **{flag: "False"}),
+                    lambda: measure_many(model, test, [cfg], act, **{flag: "False"})):
+            with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+                run()
+            assert _clean(model)
+    for flag in ("outputs", "progress"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+            calibrate_activations(model, calib, cfg.activation, **{flag: "False"})
+        assert _clean(model)
+
+
 def test_weights_quantized_from_another_model_are_refused(setup):
     """Quantized weights of another model were taken as this one's: with the same shapes the
     pass measured the other model's weights against this model's float network (a tiny CNN:
