@@ -11,6 +11,7 @@ its network, is an error, never read.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ EARLY_EXIT_FILES = ("summary.json", "exit_model.pt")
 
 #: What an early-exit run's manifest config is read for: the network's exits, the bench's label.
 EARLY_EXIT_CONFIG = ("arch", "exit_points")
+
+#: What a run's manifest identifies and is read for where present (its network, its data).
+EARLY_EXIT_IDENTITY = ("model", "data")
 
 #: The columns read of ``latency.csv`` (studies.compression's early-exit latency rows).
 EARLY_EXIT_LATENCY_COLUMNS = ("name", "candidate", "baseline", "note", "pairs", "candidate_ms",
@@ -120,9 +124,28 @@ class EarlyExitRun:
     def network(self, backbone: nn.Module) -> EarlyExitResNet:
         """The run's early-exit network on ``backbone`` (its baseline, which a frozen run
         does not save: :meth:`backbone`): the saved heads, or the whole saved state of a
-        jointly fine-tuned run, loaded into an :class:`EarlyExitResNet` in eval mode."""
-        model = EarlyExitResNet(backbone, tuple(self.manifest["config"]["exit_points"]))
-        state = torch.load(self.folder / "exit_model.pt", weights_only=True)
+        jointly fine-tuned run, loaded into an :class:`EarlyExitResNet` in eval mode.
+
+        Raises
+        ------
+        StudyError
+            When the manifest's exit points are not blocks of ``backbone``, or
+            ``exit_model.pt`` is not a readable state dict of heads that fit it."""
+        exit_points = tuple(self.manifest["config"]["exit_points"])
+        try:
+            model = EarlyExitResNet(backbone, exit_points)
+        except ValueError as err:  # exit points another version named
+            raise StudyError(f"{self.folder / 'manifest.json'}: its exit points {exit_points} "
+                             f"are not this backbone's ({err}); {RERUN}") from None
+        path = self.folder / "exit_model.pt"
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as err:  # torch raises many types for foreign or damaged files
+            raise StudyError(f"{path} is not a readable state dict of exit heads "
+                             f"({type(err).__name__}); {RERUN}") from None
+        if not isinstance(state, Mapping):
+            raise StudyError(f"{path} holds a {type(state).__name__}, not the state dict of "
+                             f"exit heads this version's studies.early_exit saves; {RERUN}")
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shapes that differ: another backbone's heads
@@ -153,9 +176,10 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     ------
     StudyError
         When a file the run is read by is not the one its manifest lists (altered after the
-        run, or from another run), or its ``summary.json`` or its manifest's config lacks what
-        is read from it (the INT8 rule, the headline operating point; the architecture, the
-        exit points).
+        run, or from another run), or its ``summary.json`` or its manifest lacks what is read
+        from it (the INT8 rule, the headline operating point; the architecture, the exit
+        points) or holds it as another type (exit points that are not a list of names, a
+        ``model`` or ``data`` identity that is not an object).
     """
     folder = Path(folder)
     manifest = previous_run(folder)
@@ -170,6 +194,15 @@ def early_exit_run(folder: Path | str) -> EarlyExitRun | None:
     if lacking:
         raise StudyError(f"{folder / 'manifest.json'} is not a manifest of this version's "
                          f"studies.early_exit (its config has no {', '.join(lacking)}); {RERUN}")
+    # ... and of the types it is read as: another writer's raised a traceback where read
+    points = config["exit_points"]
+    wrong = [f"{key} {manifest[key]!r} (not an object)" for key in EARLY_EXIT_IDENTITY
+             if not isinstance(manifest.get(key, {}), dict)]
+    if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+        wrong.append(f"config's exit_points {points!r} (not a list of block names)")
+    if wrong:
+        raise StudyError(f"{folder / 'manifest.json'} is not a manifest of this version's "
+                         f"studies.early_exit: its {', '.join(wrong)}; {RERUN}")
     try:
         summary = json.loads((folder / "summary.json").read_text())
         r = summary["int8_rule"]

@@ -350,6 +350,63 @@ def test_an_early_exit_run_whose_latency_lacks_what_is_read_is_refused_before_th
     assert not out.exists()
 
 
+FOREIGN_EARLY_EXIT = {  # what another writer's run holds: (manifest changes, exit_model.pt)
+    "exit-model-not-torch": ({}, b"not a torch file"),
+    "exit-model-a-tensor": ({}, torch.zeros(3)),
+    "exit-points-unknown": ({"config": {"smoke": True, "arch": "resnet18",
+                                        "exit_points": ["layer9"]}}, None),
+    "exit-points-a-string": ({"config": {"smoke": True, "arch": "resnet18",
+                                         "exit_points": "layer1"}}, None),
+    "model-a-string": ({"model": "fashion-resnet18-untrained-smoke"}, None),
+    "data-a-list": ({"data": ["test"]}, None),
+}
+
+
+@pytest.mark.parametrize("what", sorted(FOREIGN_EARLY_EXIT))
+def test_an_early_exit_run_holding_another_writers_files_is_refused_before_the_work(
+        what, fashion_idx, tmp_path, monkeypatch, capsys):
+    """An early_exit run whose files are as its manifest lists them but not what this
+    version writes (an exit_model.pt that is no state dict, exit points that are no blocks,
+    a manifest's model or data identity that is no object) ended studies.compression in a
+    traceback (UnpicklingError, TypeError, ValueError, AttributeError; probe_ee.log); it is
+    refused with the file and what to do, before the work and with nothing written."""
+    from qerror.files import sha256_file
+    from qerror.nn.early_exit import EarlyExitResNet
+    from qerror.nn.models import fashion_resnet
+
+    root = fashion_idx(train=6100, test=100)
+    ee = tmp_path / "early_exit"
+    ee.mkdir()
+    (ee / "summary.json").write_text(_summary_lacking("nothing"))
+    changes, exit_model = FOREIGN_EARLY_EXIT[what]
+    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
+    if isinstance(exit_model, bytes):
+        (ee / "exit_model.pt").write_bytes(exit_model)
+    else:
+        torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+                   if exit_model is None else exit_model, ee / "exit_model.pt")
+    manifest = {
+        "study": "early_exit", "argv": ["--smoke"],
+        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
+        "data": {"test_sha256": compression.load_data(root, 64, 256).identity["test_sha256"]},
+        "outputs": {n: sha256_file(ee / n) for n in ("summary.json", "exit_model.pt")}}
+    (ee / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+    def fine_tune(*args, **kwargs):
+        raise AssertionError("the ResNet was fine-tuned before the refusal")
+
+    monkeypatch.setattr(compression, "resnet_points", fine_tune)
+    out = tmp_path / "compression"
+    for extra in (["--early-exit-run", str(ee)], []):  # named, and beside --out
+        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        file = "exit_model.pt" if what.startswith("exit-model") else "manifest.json"
+        assert f"{ee / file}" in err and "rerun python -m studies.early_exit" in err
+        assert not out.exists()
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
