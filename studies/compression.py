@@ -1002,12 +1002,31 @@ EARLY_EXIT_HEADLINE_KEYS = ("images", "accuracy", "policy", "macs_fraction")
 
 def _check_headline(run: EarlyExitRun | None, folder: Path) -> None:
     """A StudyError where the early-exit run's headline operating point lacks what the
-    early-exit point is made of (a run of another version of studies.early_exit)."""
+    early-exit point is made of, or holds it as another type (a run of another version of
+    studies.early_exit, another writer's): checked before the work, which it ended after."""
     lacking = [k for k in EARLY_EXIT_HEADLINE_KEYS if run is not None and k not in run.headline]
     if lacking:
         raise StudyError(f"{Path(folder) / 'summary.json'}: its INT8 early-exit operating point "
                          f"lacks {', '.join(lacking)} (not this version's studies.early_exit); "
                          f"{RERUN}")
+    if run is None:
+        return
+    h = run.headline
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+
+    wrong = [f"{k} {h[k]!r}" for k, fits in (
+        ("images", isinstance(h["images"], int) and not isinstance(h["images"], bool)
+         and h["images"] >= 1),
+        ("accuracy", number(h["accuracy"]) and 0 <= h["accuracy"] <= 1),
+        ("macs_fraction", number(h["macs_fraction"]))) if not fits]
+    if wrong:
+        raise StudyError(f"{Path(folder) / 'summary.json'}: its INT8 early-exit operating point "
+                         f"holds {', '.join(wrong)}, not a count of images, an accuracy from 0 "
+                         "to 1 and a fraction of the MACs (not this version's "
+                         f"studies.early_exit); {RERUN}")
 
 
 def _refuse_named_early_exit_run(folder: Path, why: str) -> None:

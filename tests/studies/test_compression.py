@@ -407,6 +407,50 @@ def test_an_early_exit_run_holding_another_writers_files_is_refused_before_the_w
         assert not out.exists()
 
 
+@pytest.mark.parametrize("key, value", [("images", "many"), ("images", None),
+                                        ("accuracy", "0.5"), ("accuracy", 50.0),
+                                        ("macs_fraction", "40%")])
+def test_an_early_exit_headline_of_other_types_is_refused_before_the_work(
+        key, value, fashion_idx, tmp_path, monkeypatch, capsys):
+    """An early_exit run's INT8 headline point that holds its keys as other types (another
+    writer's summary.json, listed in its manifest): images that are no count ended
+    studies.compression in a ValueError or TypeError traceback before the work; an accuracy
+    or a MACs fraction that is no number ended it in one after the fine-tuning, with nothing
+    written; an accuracy in percent (50.0) became a point of accuracy 1. Refused before the
+    work, naming the file and what it holds."""
+    from qerror.files import sha256_file
+    from qerror.nn.early_exit import EarlyExitResNet
+    from qerror.nn.models import fashion_resnet
+
+    root = fashion_idx(train=6100, test=100)
+    ee = tmp_path / "early_exit"
+    ee.mkdir()
+    summary = json.loads(_summary_lacking("nothing"))
+    summary["operating_points"][0][key] = value
+    (ee / "summary.json").write_text(json.dumps(summary))
+    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")},
+               ee / "exit_model.pt")
+    (ee / "manifest.json").write_text(json.dumps({
+        "study": "early_exit", "argv": ["--smoke"],
+        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
+        "data": {"test_sha256": compression.load_data(root, 64, 256).identity["test_sha256"]},
+        "outputs": {n: sha256_file(ee / n) for n in ("summary.json", "exit_model.pt")}}))
+
+    def fine_tune(*args, **kwargs):
+        raise AssertionError("the ResNet was fine-tuned before the refusal")
+
+    monkeypatch.setattr(compression, "resnet_points", fine_tune)
+    out = tmp_path / "compression"
+    for extra in (["--early-exit-run", str(ee)], []):  # named, and beside --out
+        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{ee / 'summary.json'}" in err and f"{key} {value!r}" in err
+        assert "rerun python -m studies.early_exit" in err and not out.exists()
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
