@@ -278,12 +278,14 @@ def user_path(text: str) -> Path:
 
 
 def base_parser(study: str, description: str, *, force: bool = False,
-                out_default: str | None = None) -> argparse.ArgumentParser:
+                out_default: str | None = None,
+                force_also: str | None = None) -> argparse.ArgumentParser:
     """The arguments every study takes: --out, --seed, --smoke; with ``force``, --force.
 
     A study that passes ``force=True`` calls :func:`check_out` with ``args.force`` before
     its work starts. ``out_default``: a study that chooses its own output folder (``--out``
-    then defaults to None) says here, for the help, which one.
+    then defaults to None) says here, for the help, which one. ``force_also``: what else
+    --force lets the study replace (its help says it replaces nothing else).
     """
     parser = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
     parser.add_argument("--out", type=user_path,
@@ -301,7 +303,8 @@ def base_parser(study: str, description: str, *, force: bool = False,
     if force:
         parser.add_argument("--force", action="store_true",
                             help="replace a previous run of this study at --out once this one "
-                                 "finishes (never anything else)")
+                                 "finishes" + (f", and {force_also}" if force_also else "")
+                                 + " (never anything else)")
     return parser
 
 

@@ -321,7 +321,9 @@ def _budget_minutes(text: str) -> float:
 
 def build_parser():
     parser = base_parser("train", __doc__.splitlines()[0], force=True,
-                         out_default="runs/train/ARCH-STEM, with -smoke for --smoke,")
+                         out_default="runs/train/ARCH-STEM, with -smoke for --smoke,",
+                         force_also="a qerror checkpoint at --checkpoint (default: the "
+                                    "cache's) with the one this run trains")
     parser.add_argument("--arch", type=Arch.parse, default=Arch.RESNET50,
                         help="resnet50 (default) or resnet18")
     parser.add_argument("--stem", type=Stem.parse, default=DEFAULT_STEM,

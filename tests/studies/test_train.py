@@ -268,6 +268,17 @@ def test_help_and_bad_arguments(capsys):
     assert "argument --epochs: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_the_help_of_force_names_the_checkpoint_it_replaces():
+    """--force replaces a qerror checkpoint at --checkpoint (or the cache's) as well as a
+    previous run at --out (probe_force_train.log: with a new --out, the checkpoint's sha256
+    went from 29a97219... to 6d9a28f9...), but its help said it replaced a previous run at
+    --out and "never anything else"."""
+    text = " ".join(train.build_parser().format_help().split())
+    force = text[text.index("--force replace"):]
+    force = force[:force.index("(never anything else)")]
+    assert "a qerror checkpoint at --checkpoint (default: the cache's)" in force
+
+
 def test_get_or_train_baseline_trains_only_when_missing(tmp_path, monkeypatch):
     """The studies, not the library, decide to train: the training study runs in-process
     with the arguments given, once; a failed run says how to resume."""
