@@ -362,6 +362,52 @@ FOREIGN_EARLY_EXIT = {  # what another writer's run holds: (manifest changes, ex
 }
 
 
+def _foreign_early_exit_run(folder, root, summary: str, exit_model=None,
+                            changes: dict | None = None) -> None:
+    """An early_exit run at ``folder`` whose manifest lists its files as they are: the given
+    ``summary.json``, an ``exit_model.pt`` (the heads of an untrained resnet18, or
+    ``exit_model``: bytes written as they are, any other object saved by torch) and the
+    manifest's entries replaced by ``changes``."""
+    from qerror.files import sha256_file
+    from qerror.nn.early_exit import EarlyExitResNet
+    from qerror.nn.models import fashion_resnet
+
+    folder.mkdir()
+    (folder / "summary.json").write_text(summary)
+    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
+    if isinstance(exit_model, bytes):
+        (folder / "exit_model.pt").write_bytes(exit_model)
+    else:
+        torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+                   if exit_model is None else exit_model, folder / "exit_model.pt")
+    manifest = {
+        "study": "early_exit", "argv": ["--smoke"],
+        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
+        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
+        "data": {"test_sha256": compression.load_data(root, 64, 256).identity["test_sha256"]},
+        "outputs": {n: sha256_file(folder / n) for n in ("summary.json", "exit_model.pt")}}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **(changes or {})}))
+
+
+def _refused_before_the_work(ee, root, tmp_path, monkeypatch, capsys) -> str:
+    """studies.compression's exit status and error with the early_exit run ``ee`` named and
+    beside ``--out``: 2 both times, before the ResNet is fine-tuned and with nothing
+    written; the two errors, which must agree."""
+    def fine_tune(*args, **kwargs):
+        raise AssertionError("the ResNet was fine-tuned before the refusal")
+
+    monkeypatch.setattr(compression, "resnet_points", fine_tune)
+    out = tmp_path / "compression"
+    errors = []
+    for extra in (["--early-exit-run", str(ee)], []):  # named, and beside --out
+        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
+                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
+        errors.append(capsys.readouterr().err)
+        assert not out.exists()
+    assert "rerun python -m studies.early_exit" in errors[0] and errors[0] == errors[1]
+    return errors[0]
+
+
 @pytest.mark.parametrize("what", sorted(FOREIGN_EARLY_EXIT))
 def test_an_early_exit_run_holding_another_writers_files_is_refused_before_the_work(
         what, fashion_idx, tmp_path, monkeypatch, capsys):
@@ -370,41 +416,13 @@ def test_an_early_exit_run_holding_another_writers_files_is_refused_before_the_w
     a manifest's model or data identity that is no object) ended studies.compression in a
     traceback (UnpicklingError, TypeError, ValueError, AttributeError; probe_ee.log); it is
     refused with the file and what to do, before the work and with nothing written."""
-    from qerror.files import sha256_file
-    from qerror.nn.early_exit import EarlyExitResNet
-    from qerror.nn.models import fashion_resnet
-
     root = fashion_idx(train=6100, test=100)
     ee = tmp_path / "early_exit"
-    ee.mkdir()
-    (ee / "summary.json").write_text(_summary_lacking("nothing"))
     changes, exit_model = FOREIGN_EARLY_EXIT[what]
-    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
-    if isinstance(exit_model, bytes):
-        (ee / "exit_model.pt").write_bytes(exit_model)
-    else:
-        torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
-                   if exit_model is None else exit_model, ee / "exit_model.pt")
-    manifest = {
-        "study": "early_exit", "argv": ["--smoke"],
-        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
-        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
-        "data": {"test_sha256": compression.load_data(root, 64, 256).identity["test_sha256"]},
-        "outputs": {n: sha256_file(ee / n) for n in ("summary.json", "exit_model.pt")}}
-    (ee / "manifest.json").write_text(json.dumps({**manifest, **changes}))
-
-    def fine_tune(*args, **kwargs):
-        raise AssertionError("the ResNet was fine-tuned before the refusal")
-
-    monkeypatch.setattr(compression, "resnet_points", fine_tune)
-    out = tmp_path / "compression"
-    for extra in (["--early-exit-run", str(ee)], []):  # named, and beside --out
-        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
-                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err
-        file = "exit_model.pt" if what.startswith("exit-model") else "manifest.json"
-        assert f"{ee / file}" in err and "rerun python -m studies.early_exit" in err
-        assert not out.exists()
+    _foreign_early_exit_run(ee, root, _summary_lacking("nothing"), exit_model, changes)
+    err = _refused_before_the_work(ee, root, tmp_path, monkeypatch, capsys)
+    file = "exit_model.pt" if what.startswith("exit-model") else "manifest.json"
+    assert f"{ee / file}" in err
 
 
 @pytest.mark.parametrize("key, value", [("images", "many"), ("images", None),
@@ -418,37 +436,13 @@ def test_an_early_exit_headline_of_other_types_is_refused_before_the_work(
     or a MACs fraction that is no number ended it in one after the fine-tuning, with nothing
     written; an accuracy in percent (50.0) became a point of accuracy 1. Refused before the
     work, naming the file and what it holds."""
-    from qerror.files import sha256_file
-    from qerror.nn.early_exit import EarlyExitResNet
-    from qerror.nn.models import fashion_resnet
-
     root = fashion_idx(train=6100, test=100)
     ee = tmp_path / "early_exit"
-    ee.mkdir()
     summary = json.loads(_summary_lacking("nothing"))
     summary["operating_points"][0][key] = value
-    (ee / "summary.json").write_text(json.dumps(summary))
-    net = EarlyExitResNet(fashion_resnet("resnet18", seed=0))
-    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")},
-               ee / "exit_model.pt")
-    (ee / "manifest.json").write_text(json.dumps({
-        "study": "early_exit", "argv": ["--smoke"],
-        "config": {"smoke": True, "arch": "resnet18", "exit_points": list(net.exit_points)},
-        "model": {"model": "fashion-resnet18-untrained-smoke", "seed": 0},
-        "data": {"test_sha256": compression.load_data(root, 64, 256).identity["test_sha256"]},
-        "outputs": {n: sha256_file(ee / n) for n in ("summary.json", "exit_model.pt")}}))
-
-    def fine_tune(*args, **kwargs):
-        raise AssertionError("the ResNet was fine-tuned before the refusal")
-
-    monkeypatch.setattr(compression, "resnet_points", fine_tune)
-    out = tmp_path / "compression"
-    for extra in (["--early-exit-run", str(ee)], []):  # named, and beside --out
-        assert compression.main(["--smoke", "--parts", "resnet", "--rounding-bits",
-                                 "--data-root", str(root), "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err
-        assert f"{ee / 'summary.json'}" in err and f"{key} {value!r}" in err
-        assert "rerun python -m studies.early_exit" in err and not out.exists()
+    _foreign_early_exit_run(ee, root, json.dumps(summary))
+    err = _refused_before_the_work(ee, root, tmp_path, monkeypatch, capsys)
+    assert f"{ee / 'summary.json'}" in err and f"{key} {value!r}" in err
 
 
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
