@@ -33,6 +33,12 @@ def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number, Python's or numpy's, and not a bool (``True`` is
+    an int to ``isinstance``, and no rate, weight or size)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def check_flag(value, name: str) -> bool:
     """``value`` as a Python bool, where it is one (Python's or numpy's): a string such as
     ``'False'``, a number or None is refused, where ``bool()`` would read ``'False'`` as true
@@ -85,8 +91,7 @@ def check_byte_budget(value, name: str) -> int | float:
         (every comparison with it is false, so a search would take any model or none), an
         infinity, or below 0.
     """
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) \
-            or not (_is_integer(value) or math.isfinite(value)) or value < 0:
+    if not is_real(value) or not (_is_integer(value) or math.isfinite(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number of bytes >= 0, got {value!r}")
     return int(value) if _is_integer(value) else float(value)
 

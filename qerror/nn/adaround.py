@@ -63,7 +63,6 @@ References
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -73,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_seed, is_real
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import (
@@ -166,19 +165,19 @@ class AdaRoundSettings:
         if self.bits > MAX_BITS:
             raise ValueError(f"AdaRound supports {MIN_BITS} to {MAX_BITS} weight bits, got "
                              f"{self.bits!r}")
-        if not _real(self.lam) or not (math.isfinite(self.lam) and self.lam >= 0):
+        if not is_real(self.lam) or not (math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
         # |2h − 1|^β has an infinite slope at h = 1/2 for β < 1: a weight there would give
         # V a NaN gradient, and its output channel NaN choices (read as down)
         if not isinstance(self.beta, tuple) or len(self.beta) != 2 \
-                or not all(_real(b) and math.isfinite(b) and b >= 1 for b in self.beta):
+                or not all(is_real(b) and math.isfinite(b) and b >= 1 for b in self.beta):
             raise ValueError(f"beta must be two numbers >= 1 (start, end; the paper's 20 and "
                              f"2), got {self.beta!r}")
         if not isinstance(self.asymmetric, bool | np.bool_):
             raise ValueError(f"asymmetric must be True or False, got {self.asymmetric!r}")
-        if not _real(self.warmup) or not 0.0 <= self.warmup < 1.0:
+        if not is_real(self.warmup) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if not _real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
+        if not is_real(self.lr) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         # numpy's scalars are taken and kept as Python's: torch.Generator.manual_seed refuses
         # a numpy integer, and json the numpy values record() is to give as plain ones
@@ -323,11 +322,6 @@ def _on_grid(w: torch.Tensor, qp: QParams, spec: QuantSpec, floor: torch.Tensor,
     codes = torch.clamp(floor + up.to(torch.float64), spec.qmin, spec.qmax)
     on_grid = (codes * s).to(w.dtype)  # code·s: exactly `codes` again after rounding w/s
     return fake_quantize(on_grid, spec, qp.scale, qp.zero_point)
-
-
-def _real(v) -> bool:
-    """A real number that is not a bool (numpy's too)."""
-    return not isinstance(v, bool | np.bool_) and isinstance(v, numbers.Real)
 
 
 class _Stop(Exception):

@@ -43,7 +43,7 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from qerror._checks import check_count, check_flag, check_seed, is_integer_dtype
+from qerror._checks import check_count, check_flag, check_seed, is_integer_dtype, is_real
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -633,10 +633,7 @@ def exit_loss(weights: Sequence[float], *, distill: float = 0.0,
     .. [3] G. Hinton, O. Vinyals, J. Dean, "Distilling the knowledge in a neural
        network", NIPS Deep Learning Workshop 2014.
     """
-    def real(v) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-    if isinstance(weights, (str, bytes)) or not all(real(w) for w in weights):
+    if isinstance(weights, (str, bytes)) or not all(is_real(w) for w in weights):
         raise ValueError(f"weights must be a sequence of numbers, one per exit; got "
                          f"{weights!r}")
     weights = [float(w) for w in weights]
@@ -644,9 +641,9 @@ def exit_loss(weights: Sequence[float], *, distill: float = 0.0,
             or not any(weights):
         raise ValueError(f"weights must be finite, non-negative and not all 0, one per exit; "
                          f"got {weights!r}")
-    if not real(distill) or not 0.0 <= distill <= 1.0:
+    if not is_real(distill) or not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be a number in [0, 1], got {distill!r}")
-    if not real(temperature) or not (math.isfinite(temperature) and temperature > 0):
+    if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     d, t = float(distill), float(temperature)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import numbers
 import os
 import time
 import warnings
@@ -48,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from qerror._checks import check_count, check_flag, check_seed
+from qerror._checks import check_count, check_flag, check_seed, is_real
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable, torch_save
@@ -169,9 +168,8 @@ class TrainConfig:
                   "label_smoothing": (self.label_smoothing, 0, 1, True),
                   "warmup_fraction": (self.warmup_fraction, 0, 1, False)}
         for name, (value, lo, hi, closed) in checks.items():
-            # a bool is an int to isinstance, and True no rate; np.float32 is no float
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) \
-                and math.isfinite(value) and value < hi \
+            # np.float32 is no float to isinstance
+            ok = is_real(value) and math.isfinite(value) and value < hi \
                 and (value >= lo if closed else value > lo)
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be a finite number in "
