@@ -321,6 +321,7 @@ def check_weights_fit(model: nn.Module, weights, where: str = "", *,
         return
     layers = dict(model.named_modules())
     made_from = getattr(weights, "made_from", None) or {}
+    digests = {} if digests is None else digests
     for name, qw in weights.items():
         layer = layers.get(name)
         w = getattr(layer, "weight", None)
@@ -335,8 +336,6 @@ def check_weights_fit(model: nn.Module, weights, where: str = "", *,
         source = made_from.get(name)
         if source is None:
             continue
-        if digests is None:
-            digests = {}
         if name not in digests:
             digests[name] = parallel.digest(w.detach())
         if source != digests[name]:
