@@ -17,6 +17,53 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def check_labels(y, classes: int | None = None, n: int | None = None,
+                 name: str = "labels") -> torch.Tensor:
+    """``y`` as an int64 tensor of class indices: the one check of labels in the library.
+
+    Parameters
+    ----------
+    y : torch.Tensor
+        Labels of an integer dtype (a bool, float or complex tensor is refused, a float one
+        even where its values are whole: a float target means class probabilities to
+        torch's ``cross_entropy``, and a NaN or fractional label matches no prediction).
+    classes : int, optional
+        The label space's size: every label in 0 to ``classes - 1``. None: only 0 or more.
+    n : int, optional
+        The samples the labels go with: shape ``(n,)``. None: any one-dimensional shape.
+    name : str
+        How messages name the labels.
+
+    Raises
+    ------
+    TypeError
+        ``y`` is not a tensor, or not of an integer dtype.
+    ValueError
+        ``y`` is not of shape ``(n,)`` (one-dimensional where ``n`` is None), or holds a
+        label below 0 or from ``classes`` up: a label outside the label space counts its
+        sample wrong whatever the network predicts (and ``cross_entropy`` leaves out the
+        samples labelled -100, its ``ignore_index``).
+    """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of integer class indices, got "
+                        f"{type(y).__name__}")
+    if not is_integer_dtype(y.dtype):
+        hint = "; labels that are whole numbers convert with .long()" \
+            if y.dtype.is_floating_point else ""
+        raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}{hint}")
+    if (y.ndim != 1) if n is None else (tuple(y.shape) != (n,)):
+        want = "one-dimensional" if n is None else f"of shape ({n},), one per sample,"
+        raise ValueError(f"{name} must be {want} got shape {tuple(y.shape)}")
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (classes is not None and hi >= classes):
+            space = "which start at 0" if classes is None else \
+                f"of the {classes} classes (0 to {classes - 1})"
+            raise ValueError(f"{name} from {lo} to {hi} are not class indices {space}; give "
+                             "labels of the model's label space")
+    return y.long()
+
+
 #: The largest seed. A seed is an integer from 0 to 2**64 - 1: torch's generators take no
 #: more (``manual_seed`` refuses 2**64 and reads -1 as 2**64 - 1), while numpy's
 #: ``SeedSequence`` takes any size. Within that range torch's CPU generator (a Mersenne

@@ -30,6 +30,7 @@ from qerror._checks import (
     check_count,
     check_finite,
     check_flag,
+    check_labels,
     check_seed,
     is_integer_dtype,
 )
@@ -380,15 +381,7 @@ def _as_bits(x, width: int, name: str) -> torch.Tensor:
 
 
 def _as_labels(y, n: int, classes: int) -> torch.Tensor:
-    y = _integers(y, "labels")
-    if not isinstance(y, torch.Tensor) or not is_integer_dtype(y.dtype):
-        raise TypeError("labels must be an integer numpy array or tensor")
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
-    if int(y.min()) < 0 or int(y.max()) >= classes:
-        raise ValueError(f"labels must lie in [0, {classes}), got [{int(y.min())}, "
-                         f"{int(y.max())}]")
-    return y.to(torch.int64)
+    return check_labels(_integers(y, "labels"), classes, n)
 
 
 def _inferred_classes(y) -> int:

@@ -43,7 +43,13 @@ from scipy import optimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from qerror._checks import check_count, check_flag, check_seed, is_integer_dtype, is_real
+from qerror._checks import (
+    check_count,
+    check_flag,
+    check_labels,
+    check_seed,
+    is_real,
+)
 from qerror._enums import Choice
 from qerror.nn._anatomy import UnsupportedModelError, eval_mode
 from qerror.stats import paired_accuracy_equivalence
@@ -1001,14 +1007,8 @@ def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
                          f"got {getattr(logits, 'shape', type(logits).__name__)}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits hold NaN or Inf values")
-    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
-            or labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must be an integer tensor of shape ({logits.shape[0]},), got "
-                         f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                         f"{tuple(getattr(labels, 'shape', ()))}")
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}]")
-    return logits.detach().to(torch.float64), labels.long()
+    labels = check_labels(labels, logits.shape[1], logits.shape[0])
+    return logits.detach().to(torch.float64), labels
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -1999,17 +1999,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
 
 def exits_per_class(result: ExitResult, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """(num_classes, num_exits) counts: samples of each true class that left at each exit."""
-    labels = torch.as_tensor(labels)
-    if not is_integer_dtype(labels.dtype):
-        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    labels = labels.long()
-    if labels.shape != result.exit_index.shape:
-        raise ValueError(f"labels must have shape {tuple(result.exit_index.shape)}, got "
-                         f"{tuple(labels.shape)}")
     num_classes = check_count(num_classes, "num_classes", 1)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, num_classes) with num_classes >= 1, got "
-                         f"num_classes={num_classes!r}")
+    labels = check_labels(torch.as_tensor(labels), num_classes, len(result.exit_index))
     e = len(result.rows_per_stage)
     flat = torch.bincount(labels * e + result.exit_index, minlength=num_classes * e)
     return flat.reshape(num_classes, e).numpy().astype(np.int64)

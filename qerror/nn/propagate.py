@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qerror._checks import check_count, check_finite, check_flag, check_seed
+from qerror._checks import check_count, check_finite, check_flag, check_labels, check_seed
 from qerror._enums import Choice
 from qerror._progress import progress_bar
 from qerror.calibration import RangePolicy, calibrate
@@ -1580,22 +1580,6 @@ def _per_config(value, count: int, what: str, shared: bool = False) -> list:
     return value
 
 
-def _check_labels(y: torch.Tensor, classes: int) -> None:
-    """Refuse labels that are not class indices of logits of ``classes`` classes: the
-    accuracies and McNemar counts compare them with the logits' argmax, which no such label
-    ever equals (integral float labels count as their integers)."""
-    if y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not bool(
-            (torch.isfinite(y) & (y == y.round())).all())):
-        raise TypeError(f"labels must be integer class indices, got {y.dtype} labels that "
-                        "are not: the accuracies would count them wrong for every image")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= classes:
-        raise ValueError(f"labels from {lo} to {hi} are not class indices of the model's "
-                         f"{classes} classes (0 to {classes - 1}): the accuracies would count "
-                         "those images wrong whatever the network predicts; give labels of "
-                         "the model's label space")
-
-
 def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
             act_qparams: Mapping[str, QParams] | None = None, *,
             weights: Mapping[str, QuantizedWeights] | None = None,
@@ -1715,9 +1699,9 @@ def measure(model: nn.Module, batches: Iterable, config: QuantConfig,
         integer (TypeError: a bool, or a float even when integral) or is below its least
         (ValueError: 0, ``pair_batch`` 1).
     TypeError, ValueError
-        Labels that are not integer class indices (TypeError: a bool, or a float that is not
-        integral) or lie outside 0 to C - 1 for logits of C classes (ValueError): every
-        image would count as wrong.
+        Labels that are not integer class indices (TypeError: a bool, float or complex
+        tensor, even of whole numbers), not one per image, or outside 0 to C - 1 for logits
+        of C classes (ValueError): such images would count as wrong.
     ValueError
         Batches of images of another shape than the first's: ``drift`` and ``mse`` are
         means over every element, which weight an image by its size, while ``drift_se``,
@@ -1891,7 +1875,7 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
                 if (y is not None) != labelled:
                     raise ValueError("some batches have labels and some do not")
                 if y is not None:
-                    _check_labels(y, lf.shape[1])
+                    y = check_labels(y, lf.shape[1], x.shape[0])
                 cf = None if y is None else pf == y
                 if cf is not None:
                     fc += int(cf.sum())

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from scipy import stats as sps
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_labels, check_seed
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import (
@@ -164,14 +164,11 @@ def _labelled(batches: Iterable, device: torch.device) -> tuple[torch.Tensor, to
         if y is None:
             raise ValueError("updown_experiment needs labelled batches (images, labels): the "
                              "task loss is the cross-entropy")
-        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-        if y.numel() and int(y.min()) < 0:
-            # cross_entropy would leave out the images labelled -100 (its ignore_index) and
-            # average over the others, while the result counts them all
-            raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+        # cross_entropy would leave out the images labelled -100 (its ignore_index) and
+        # average over the others, while the result counts them all; the upper end is
+        # checked against the logits (their classes)
         xs.append(x)
-        ys.append(y)
+        ys.append(check_labels(y, n=x.shape[0]))
     if not xs:
         raise ValueError("updown_experiment needs at least one batch")
     return torch.cat(xs), torch.cat(ys)
@@ -217,14 +214,15 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     ValueError
         ``layer`` is not a conv/linear of the model, its weight is not a parameter of the
         model (``torch.nn.utils.prune``, ``weight_norm``) or is tied to another layer's, bad
-        ``bits``, ``roundings``, ``seed`` or ``alpha``, unlabelled or no batches, labels that
-        are not integers >= 0; each refused before any forward pass. A float loss that is
-        not finite (refused before any rounding).
+        ``bits``, ``roundings``, ``seed`` or ``alpha``, unlabelled or no batches, labels not
+        one per image or below 0; each refused before any forward pass. Labels from the
+        logits' class count up, or a float loss that is not finite (refused after the float
+        forward pass, before any rounding).
     FloatingPointError
         A rounding's loss that is NaN.
     TypeError
         ``bits``, ``roundings`` or ``seed`` is not an integer (a bool, or a float even when
-        integral); refused before any forward pass.
+        integral), or labels are not of an integer dtype; refused before any forward pass.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """
@@ -256,6 +254,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
 
     def task_loss(weight: torch.Tensor) -> torch.Tensor:
         logits = torch.func.functional_call(model, {**params, key: weight}, (x,))
+        check_labels(y, logits.shape[-1])  # a min and a max over the labels: nothing beside
         # float64 mean: the differences between roundings can be far below the loss itself
         return F.cross_entropy(logits.double(), y)
 

@@ -388,15 +388,15 @@ def test_wisard_training_accumulates_and_follows_its_mapping():
     (lambda: WiSARD(8, 4, 2).fit(np.full((3, 8), 2, np.uint8), np.zeros(3, np.int64)),
      ValueError, "only 0 and 1"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.array([0, 1, 2])),
-     ValueError, r"labels must lie in \[0, 2\)"),
+     ValueError, r"labels from 0 to 2 are not class indices of the 2 classes"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.zeros(2, np.int64)),
-     ValueError, r"labels must have shape \(3,\)"),
+     ValueError, r"labels must be of shape \(3,\)"),
     # a bit of -1 was written as a 1, a label of -1 as key -1 of the last class; an empty
     # batch failed in torch's min(), bits of three axes or of one in tensor indexing
     (lambda: WiSARD(8, 4, 2).fit(np.array([[0, 1, 0, -1, 1, 0, 0, 1]]), np.zeros(1, np.int64)),
      ValueError, "only 0 and 1"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8), np.uint8), np.array([0, -1, 1])),
-     ValueError, r"labels must lie in \[0, 2\), got \[-1, 1\]"),
+     ValueError, r"labels from -1 to 1 are not class indices of the 2 classes"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((0, 8), np.uint8), np.zeros(0, np.int64)),
      ValueError, r"shape \(N >= 1, 8\), got \(0, 8\)"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((3, 8, 2), np.uint8), np.zeros(3, np.int64)),
@@ -407,9 +407,9 @@ def test_wisard_training_accumulates_and_follows_its_mapping():
      ValueError, "bleach"),
     # bool labels were read as classes 0 and 1
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((2, 8), np.uint8), np.array([True, False])),
-     TypeError, "labels must be an integer"),
+     TypeError, "labels must be integer class indices"),
     (lambda: WiSARD(8, 4, 2).fit(np.zeros((2, 8), np.uint8), torch.tensor([True, False])),
-     TypeError, "labels must be an integer"),
+     TypeError, "labels must be integer class indices"),
     # keys r·2^n + a times the classes plus the class must stay below 2^62 (int64 room)
     (lambda: WiSARD(61, 61, 2), ValueError, "1 RAMs x 2 classes x 2\\*\\*61 addresses do not"),
     (lambda: WiSARD(62, 61, 1), ValueError, "2 RAMs x 1 classes x 2\\*\\*61 addresses do not"),
@@ -1233,8 +1233,8 @@ def test_fit_dwn_refuses_a_batch_size_that_is_not_a_count(batch_size, kind):
 
 
 @pytest.mark.parametrize("labels, match", [
-    (np.array([0, 1, 2], np.complex64), "^labels must be an integer numpy array"),
-    (torch.tensor([0, 1, 2], dtype=torch.complex64), "^labels must be an integer numpy array"),
+    (np.array([0, 1, 2], np.complex64), "^labels must be integer class indices"),
+    (torch.tensor([0, 1, 2], dtype=torch.complex64), "^labels must be integer class indices"),
     (np.array(["0", "1", "2"]), "^labels must hold integers, got numpy dtype <U1$"),
     (np.array([0, 1, 2], dtype=object), "^labels must hold integers, got numpy dtype object$"),
 ])

@@ -554,10 +554,12 @@ def test_a_model_without_the_expected_stages_is_refused(resnet18):
 
 def test_bad_calibration_input_is_refused():
     logits, labels = _overconfident(50, 1.0)
-    with pytest.raises(ValueError, match="labels must lie in"):
+    with pytest.raises(ValueError, match="not class indices of the"):
         fit_temperature(logits, labels + 10)
-    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+    with pytest.raises(TypeError, match="labels must be integer class indices"):
         expected_calibration_error(logits, labels.double())
+    with pytest.raises(ValueError, match=r"labels must be of shape \(50,\)"):
+        fit_temperature(logits, labels[:-1])
     with pytest.raises(ValueError, match="NaN or Inf"):
         fit_temperature(torch.full((2, 3), math.nan), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="objective must be one of"):

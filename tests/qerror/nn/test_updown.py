@@ -106,8 +106,10 @@ _SEED = r"must be an int from 0 to 2\*\*64 - 1"
     ({"bits": 17}, ValueError, "bits must be an integer from 2 to 16, got 17"),
     # -100 is cross_entropy's ignore_index: that image was left out of every loss
     ({"batches": [(images(4, 1), torch.tensor([0, -100, 1, 2]))]}, ValueError,
-     "class indices >= 0, got -100"),
-    ({"batches": [(images(4, 1), torch.zeros(4))]}, ValueError, "integer class indices"),
+     "labels from -100 to 2 are not class indices which start at 0"),
+    ({"batches": [(images(4, 1), torch.zeros(4))]}, TypeError, "integer class indices"),
+    ({"batches": [(images(4, 1), torch.zeros(4, 1, dtype=torch.long))]}, ValueError,
+     r"labels of shape \(4, 1\) do not match a batch of 4"),
 ])
 def test_bad_input(kw, err, match):
     """Refused before any forward pass (a bad alpha was refused only after every rounding
@@ -121,6 +123,20 @@ def test_bad_input(kw, err, match):
     with pytest.raises(err, match=match):
         updown_experiment(model, args.pop("layer"), args.pop("batches"), **args)
     assert not calls
+
+
+def test_labels_beyond_the_logits_classes_are_refused_after_the_float_pass():
+    """A label from the class count up failed in cross_entropy with torch's bare IndexError
+    ('Target 1000 is out of bounds'); the count is the logits', so the refusal follows the
+    float forward pass, before any rounding's."""
+    model = tiny_resnet()
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"labels from 0 to 1000 are not class indices of "
+                                         r"the \d+ classes"):
+        updown_experiment(model, "0", [(images(4, 1), torch.tensor([0, 1, 2, 1000]))],
+                          bits=4, roundings=3)
+    assert calls == [1]
 
 
 def test_refused_model():
