@@ -556,8 +556,9 @@ def test_bad_calibration_input_is_refused():
     logits, labels = _overconfident(50, 1.0)
     with pytest.raises(ValueError, match="not class indices of the"):
         fit_temperature(logits, labels + 10)
-    with pytest.raises(TypeError, match="labels must be integer class indices"):
-        expected_calibration_error(logits, labels.double())
+    for bad in (labels.double(), labels > 0):  # bools were read as classes 0 and 1
+        with pytest.raises(TypeError, match="labels must be integer class indices"):
+            expected_calibration_error(logits, bad)
     with pytest.raises(ValueError, match=r"labels must be of shape \(50,\)"):
         fit_temperature(logits, labels[:-1])
     with pytest.raises(ValueError, match="NaN or Inf"):
