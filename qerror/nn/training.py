@@ -226,16 +226,26 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor) -> BatchFn:
     Returns
     -------
     callable
-        ``batch -> (x[rows], y[rows])`` with ``rows = batch.indices[batch.shard]``.
+        ``batch -> (x[rows], y[rows])`` with ``rows = batch.indices[batch.shard]``; its
+        ``len`` is the samples it holds, which :func:`fit` checks ``n_train`` against.
     """
     if len(x) != len(y):
         raise ValueError(f"x holds {len(x)} samples but y {len(y)}")
+    return _TensorBatches(x, y)
 
-    def batch(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+
+class _TensorBatches:
+    """:func:`tensor_batches`' batch function: a callable with a length."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __call__(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(np.ascontiguousarray(b.indices[b.shard]))
-        return x[rows], y[rows]
-
-    return batch
+        return self.x[rows], self.y[rows]
 
 
 @dataclass(frozen=True)
@@ -736,7 +746,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         group rank 0's initial weights are broadcast to every rank.
     batches : callable
         ``batches(Batch) -> (x, y)``: the tensors of the batch's shard (see :class:`Batch`;
-        :func:`tensor_batches` for in-memory data). Moved to ``device`` by the loop.
+        :func:`tensor_batches` for in-memory data). Moved to ``device`` by the loop. One
+        with a ``len`` (as :func:`tensor_batches`') holds that many samples.
     n_train : int
         Training-set size; each epoch is a permutation of ``range(n_train)`` cut into
         ``n_train // config.batch_size`` global batches.
@@ -808,11 +819,11 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     TrainError
         A file at ``state_path`` that is not a training state (left as it is), or a damaged
         one (a torch archive cut short: deleting it starts over); fewer training samples
-        than one batch, a global batch that the ranks cannot share equally, a
-        ``checkpoint_every`` or ``stop_after_steps`` below 1, an ``n_train`` or ``val_size``
-        below 0, a ``time_budget_s`` that is not a positive number, one value per channel at
-        a BatchNorm that trains (one image in the global batch where its map is 1x1), an
-        empty or unknown parameter selection.
+        than one batch, an ``n_train`` above the ``len`` of ``batches``, a global batch
+        that the ranks cannot share equally, a ``checkpoint_every`` or ``stop_after_steps``
+        below 1, an ``n_train`` or ``val_size`` below 0, a ``time_budget_s`` that is not a
+        positive number, one value per channel at a BatchNorm that trains (one image in the
+        global batch where its map is 1x1), an empty or unknown parameter selection.
     TypeError
         ``n_train``, ``val_size``, ``checkpoint_every`` or ``stop_after_steps`` is not an
         integer (a bool, or a float even when integral), or ``resume``, ``progress`` or
@@ -875,6 +886,12 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
     rank, world = parallel.world()
     main = rank == 0
     dev = resolve_device(device, _local_gpu() if dist.is_initialized() else 0)
+    held = len(batches) if hasattr(batches, "__len__") else None
+    if held is not None and n_train > held:
+        # an epoch permutes range(n_train): indices past the data failed in a later step
+        # with torch's bare IndexError, after the steps before it had run (and been saved)
+        raise TrainError(f"n_train is {n_train} but the batch function holds {held} samples; "
+                         f"pass n_train={held} (or fewer, to train on the first ones)")
     per_epoch = n_train // config.batch_size
     if per_epoch < 1:
         raise TrainError(f"batch size {config.batch_size} exceeds the {n_train} training "

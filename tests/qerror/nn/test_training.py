@@ -379,6 +379,9 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"checkpoint_every": -4}, "checkpoint_every must be an int >= 1"),
     ({"stop_after_steps": -3}, "stop_after_steps must be an int >= 1"),
     ({"n_train": -1}, "n_train must be an int >= 0, got -1"),
+    # an epoch permuted range(n_train): torch's bare IndexError at a later step
+    ({"n_train": N_TRAIN + 1}, rf"n_train is {N_TRAIN + 1} but the batch function holds "
+                               rf"{N_TRAIN} samples; pass n_train={N_TRAIN}"),
     ({"time_budget_s": math.nan}, "time_budget_s must be a positive number"),
     ({"time_budget_s": -1}, "time_budget_s must be a positive number"),
     ({"time_budget_s": "60"}, "time_budget_s must be a positive number of seconds .*got '60'"),
