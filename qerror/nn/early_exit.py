@@ -158,7 +158,8 @@ def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
     -----
     For ``ENTROPY`` the score is ``1 - H(p)/log C``; BranchyNet's rule "exit when the
     entropy is below ``e``" [1]_ is this score above ``1 - e/log C``. ``p log p`` is taken
-    as 0 where ``p = 0`` (:func:`torch.special.entr`).
+    as 0 where ``p = 0`` (:func:`torch.special.entr`). A row of equal logits (a uniform
+    ``p``) scores exactly 0, so that threshold 0 keeps it.
 
     References
     ----------
@@ -183,7 +184,10 @@ def exit_confidence(logits: torch.Tensor, policy: ExitPolicy | str,
     if policy is ExitPolicy.MAX_SOFTMAX:
         return p.amax(dim=1)
     entropy = torch.special.entr(p).sum(dim=1)
-    return (1.0 - entropy / math.log(logits.shape[1])).clamp(0.0, 1.0)
+    score = (1.0 - entropy / math.log(logits.shape[1])).clamp(0.0, 1.0)
+    # a row of equal logits is uniform, whose score is 0, not the rounding of H(p) below
+    # log C (6e-8 at C = 10 in float32), which threshold 0 would let exit
+    return score.masked_fill(scaled.amax(dim=1) == scaled.amin(dim=1), 0.0)
 
 
 def _check_temperature(t, name: str) -> float:

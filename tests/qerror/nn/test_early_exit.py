@@ -1,6 +1,7 @@
 """Tests of qerror.nn.early_exit: the runner, exit policies, calibration and MAC counts."""
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -341,8 +342,15 @@ def test_the_runner_refuses_stages_in_training_mode(resnet18):
 def test_confidence_scores():
     uniform = torch.zeros(2, 10)
     assert torch.allclose(exit_confidence(uniform, "max-softmax"), torch.full((2,), 0.1))
-    # Zero within float32 rounding of 1 - H/log C (one ulp of 1 is 1.19e-7).
-    assert torch.allclose(exit_confidence(uniform, "entropy"), torch.zeros(2), atol=2.4e-7)
+    # Exactly zero: the rounding of 1 - H/log C left 1.2e-7 (float32, C = 10) to 0.0039
+    # (bfloat16), so threshold 0 let a sample with no information exit.
+    for c, dtype in itertools.product((2, 3, 10, 1000), (torch.float32, torch.float64,
+                                                        torch.float16, torch.bfloat16)):
+        tied = torch.full((3, c), 0.7, dtype=dtype)
+        assert exit_confidence(tied, "entropy").tolist() == [0.0] * 3, (c, dtype)
+        assert exit_confidence(tied, "entropy", 3.0).tolist() == [0.0] * 3, (c, dtype)
+        res = exit_result_from_logits([tied, tied], ExitRule("entropy", (0.0,)))
+        assert res.exit_index.tolist() == [1] * 3, (c, dtype)
     sure = torch.tensor([[1000.0] + [0.0] * 9])
     assert exit_confidence(sure, ExitPolicy.ENTROPY).item() == 1.0
     # Two classes with p = (0.8, 0.2): H = -(0.8 ln 0.8 + 0.2 ln 0.2), score 1 - H/ln 2.
