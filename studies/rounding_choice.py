@@ -526,21 +526,23 @@ def _parser():
     parser.add_argument("--ada-images", type=int_in(1, 1000, "the calibration split"),
                         default=None,
                         help="calibration images AdaRound reconstructs on, at most "
-                             "--calib-images (default 512, smoke 32; the paper's 1024 would "
-                             "double the cost of collecting each layer's inputs)")
+                             "--calib-images (default 512, smoke 32, or --calib-images if "
+                             "fewer; the paper's 1024 would double the cost of collecting each "
+                             "layer's inputs)")
     parser.add_argument("--test-images", type=positive_int, default=None,
                         help="test images for accuracy, the first of the split (default: "
                              f"all {split_images('test')}; smoke 64)")
     parser.add_argument("--drift-images", type=positive_int, default=None,
-                        help="test images for the per-layer drift and SQNR (default 500, "
-                             "smoke 16)")
+                        help="test images for the per-layer drift and SQNR, at most "
+                             "--test-images (default 500, smoke 16, or --test-images if fewer)")
     parser.add_argument("--fl-roundings", type=int_in(3, 100_000, "a rank correlation needs 3"),
                         default=None,
                         help="stochastic roundings of one layer in the up/down experiment "
                              "(default 100, smoke 8)")
     parser.add_argument("--fl-images", type=positive_int, default=None,
                         help="calibration images of the up/down experiment's task loss "
-                             "(default 128, smoke 16), at most --batch-size")
+                             "(default 128, smoke 16, or the first calibration batch if "
+                             "smaller), at most --batch-size and --calib-images")
     parser.add_argument("--small-width", type=positive_int, default=None,
                         help="channels of the small CNN's first layer (default 16, smoke 4)")
     parser.add_argument("--small-epochs", type=positive_int, default=None,
@@ -566,8 +568,13 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     smoke = args.smoke
 
-    def pick(value, default, small):
-        return value if value is not None else (small if smoke else default)
+    def pick(value, default, small, limit=None):
+        """The typed value, or the default (held to ``limit``, the option it may not exceed:
+        a default above a typed limit was refused as if the user had typed it)."""
+        if value is not None:
+            return value
+        value = small if smoke else default
+        return value if limit is None else min(value, limit)
 
     refuse_beyond_splits(parser, {"--calib-images": (args.calib_images, "calib"),
                                   "--test-images": (args.test_images, "test")})
@@ -583,16 +590,17 @@ def _main(argv: list[str]) -> int:
     refuse_seeds_past_64_bits(parser, args.seed, args.stochastic_seeds,
                               f"--stochastic-seeds {args.stochastic_seeds}")
     args.calib_images = pick(args.calib_images, 1000, 32)
-    args.ada_images = pick(args.ada_images, 512, 32)
+    args.ada_images = pick(args.ada_images, 512, 32, args.calib_images)
     args.test_images = pick(args.test_images, split_images("test"), 64)
-    args.drift_images = pick(args.drift_images, 500, 16)
+    args.drift_images = pick(args.drift_images, 500, 16, args.test_images)
     args.fl_roundings = pick(args.fl_roundings, 100, 8)
-    args.fl_images = pick(args.fl_images, 128, 16)
     args.small_width = pick(args.small_width, 16, 4)
     args.small_epochs = pick(args.small_epochs, 2, 1)
     refuse_beyond_splits(parser, {"--small-train-images": (args.small_train_images, "train")})
     args.small_train_images = pick(args.small_train_images, split_images("train"), 512)
     args.batch_size = pick(args.batch_size, 500, 16)
+    first_batch = min(args.batch_size, args.calib_images)
+    args.fl_images = pick(args.fl_images, 128, 16, first_batch)
     if smoke:
         args.iterations = pick(args.iterations, None, 20)
         args.curve = pick(args.curve, None, [5])
@@ -602,7 +610,6 @@ def _main(argv: list[str]) -> int:
     if args.drift_images > args.test_images:
         parser.error(f"--drift-images {args.drift_images}: more than --test-images "
                      f"{args.test_images}; the drift images are drawn from the test images")
-    first_batch = min(args.batch_size, args.calib_images)
     if args.fl_images > first_batch:
         parser.error(f"--fl-images {args.fl_images}: more than the first calibration batch "
                      f"holds ({first_batch}: the smaller of --batch-size {args.batch_size} and "

@@ -152,3 +152,31 @@ def test_calibration_batches_never_end_in_one_image(fashion_root):
     assert [len(y) for _, y in data.calib] == [16, 2]
     # test batches are not for BatchNorm statistics: cut as they come
     assert [len(y) for _, y in data.test] == [16, 1]
+
+
+@pytest.mark.parametrize("argv, held", [
+    (["--calib-images", "8"], {"ada_images": 8, "fl_images": 8}),
+    (["--test-images", "10"], {"drift_images": 10}),
+    (["--batch-size", "4"], {"fl_images": 4}),
+])
+def test_a_default_is_held_to_the_option_it_may_not_exceed(argv, held, fashion_root, tmp_path,
+                                                           monkeypatch):
+    """A default above a typed option it may not exceed was refused as if it had been typed
+    (--calib-images 8 alone: "--ada-images 32: more than --calib-images 8"); it is held to
+    that option now, and a typed value above it is still refused (test_bad_input)."""
+    seen = {}
+
+    class Parsed(Exception):
+        pass
+
+    def load_model(name, args, data, progress):
+        seen.update(vars(args))
+        raise Parsed
+
+    monkeypatch.setattr(rounding_choice, "load_data", lambda *a, **k: None)
+    monkeypatch.setattr(rounding_choice, "load_model", load_model)
+    with pytest.raises(Parsed):
+        rounding_choice._main(["--smoke", "--no-progress", "--data-root", str(fashion_root),
+                               "--out", str(tmp_path / "rc"), *argv])
+    assert {k: seen[k] for k in held} == held
+    assert not (tmp_path / "rc").exists()
