@@ -166,9 +166,14 @@ def held_out(info) -> dict[str, int]:
     return sizes
 
 
-def check_trained_on(info, data_root, *, download: bool = False) -> None:
+def check_trained_on(info, data_root, *, download: bool = False,
+                     use: str | None = "--checkpoint") -> None:
     """StudyError unless ``data_root`` holds the data the checkpoint's network was trained,
     validated and tested on, as ``studies.train`` recorded them (each split's sha256).
+
+    ``use``: the study's option that takes a checkpoint file, which the refusal tells the
+    user to pass a baseline trained on their folder with; None for a study that reads the
+    cache's baseline only, where the refusal says how to retrain that one.
 
     A copy of other images in Fashion-MNIST's format (another data set, an altered one)
     would otherwise be measured against a network that never saw its kind, and its
@@ -200,8 +205,13 @@ def check_trained_on(info, data_root, *, download: bool = False) -> None:
             f"Fashion-MNIST folder read here ({splits.test.source}): its {', '.join(differ)} "
             f"split{'s differ' if len(differ) > 1 else ' differs'} from what it recorded "
             f"(read from {recorded.get('source', 'an unrecorded folder')}). Pass --data-root "
-            "with the data it was trained on, or train a baseline on this folder with "
-            "python -m studies.train --data-root FOLDER --checkpoint NEW_FILE")
+            "with the data it was trained on, or "
+            + ("train a baseline on this folder with python -m studies.train --data-root "
+               f"FOLDER --checkpoint NEW_FILE and pass {use} NEW_FILE" if use else
+               "retrain the cached baseline on this folder with python -m studies.train "
+               + "".join(f"--{k} {getattr(info, k).value} " for k in ("arch", "stem")
+                         if hasattr(getattr(info, k, None), "value"))
+               + "--data-root FOLDER --force (it replaces the cache's checkpoint)"))
 
 
 def refuse_beyond_splits(parser: argparse.ArgumentParser,

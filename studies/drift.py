@@ -361,7 +361,7 @@ def _load_model(args, data_root):
         # a missing baseline is trained by one process first (the message says how).
         ckpt = get_or_train_baseline(args.model, train_if_missing=not args.no_train
                                      and parallel.world()[1] == 1, data_root=data_root)
-    check_trained_on(ckpt.info, data_root)
+    check_trained_on(ckpt.info, data_root, use="--weights")
     return ckpt.model, {"model": f"fashion-{args.model}", "stem": ckpt.info.stem.value,
                         "checkpoint": str(ckpt.info.path), "sha256": ckpt.info.sha256,
                         "metrics": ckpt.info.metrics, "held_out": held_out(ckpt.info)}

@@ -182,7 +182,7 @@ def load_model(name: str, args, data: Data, progress: bool):
                                      data_root=args.data_root)
     except CheckpointError as err:
         raise StudyError(str(err)) from err
-    check_trained_on(ckpt.info, args.data_root)
+    check_trained_on(ckpt.info, args.data_root, use=None)
     held = held_out(ckpt.info)
     if held != {"val": VAL_IMAGES, "calib": CALIB_IMAGES}:
         # this study calibrates on the library's default held-out split

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qerror.files import name_max
+from qerror.nn.models import Arch, Stem
 from studies import _common
 from studies._common import RunDir
 
@@ -520,8 +521,22 @@ def test_check_trained_on_refuses_other_data_than_the_checkpoint_recorded(tmp_pa
     info = SimpleNamespace(config={"recipe": recipe, "data": recorded}, path="m.pt")
     _common.check_trained_on(info, same)  # the data it was trained on
     _common.check_trained_on(info, folder("copy"))  # the same images elsewhere
-    with pytest.raises(_common.StudyError, match=r"its test split differs.*--data-root"):
+    with pytest.raises(_common.StudyError, match=r"its test split differs.*--data-root.*"
+                                                 r"--checkpoint NEW_FILE and pass "
+                                                 r"--checkpoint NEW_FILE$"):
         _common.check_trained_on(info, folder("test", change="test"))
+    # a study whose option for a checkpoint has another name (drift's --weights), or that
+    # reads the cache's baseline only (rounding_choice): each was told to pass --checkpoint
+    with pytest.raises(_common.StudyError, match=r"and pass --weights NEW_FILE$"):
+        _common.check_trained_on(info, folder("test2", change="test"), use="--weights")
+    with pytest.raises(_common.StudyError, match=r"retrain the cached baseline on this folder "
+                                                 r"with python -m studies.train --data-root "
+                                                 r"FOLDER --force \(it replaces"):
+        _common.check_trained_on(info, folder("test3", change="test"), use=None)
+    cached = SimpleNamespace(**vars(info), arch=Arch.RESNET18, stem=Stem.CIFAR)
+    with pytest.raises(_common.StudyError, match=r"python -m studies.train --arch resnet18 "
+                                                 r"--stem cifar --data-root FOLDER --force"):
+        _common.check_trained_on(cached, folder("test4", change="test"), use=None)
     # the last training image lies in the training split or in a held-out one
     with pytest.raises(_common.StudyError, match="train|validation"):
         _common.check_trained_on(info, folder("train", change="train"))
