@@ -190,8 +190,9 @@ class Kernels:
 
     def enabled(self) -> bool:
         """Whether this family's kernels may run: :func:`allowed`, and no failure that
-        turned the whole family off."""
-        return not self.broken and allowed()
+        turned the whole family off. :func:`allowed` is asked first, so that a bad
+        ``QERROR_FUSED`` is refused whatever has failed before."""
+        return allowed() and not self.broken
 
     def call(self, key: Hashable, make: Callable[[], Callable], args: tuple, *,
              breaks_all: bool = False):

@@ -735,7 +735,14 @@ def fused_path_enabled() -> bool:
     (float32 CPU data of 16,384 elements or more, EXACT arithmetic;
     :mod:`qerror._fused`): False under ``QERROR_FUSED=0``, without inductor or with its unsafe
     floating-point optimisations on, after a compiler failure, or in a forked child. One
-    kernel may still be off (the compiler's limit of variants) while this says True."""
+    kernel may still be off (the compiler's limit of variants) while this says True.
+
+    Raises
+    ------
+    ValueError
+        ``QERROR_FUSED`` is set to anything but ``0`` or ``1``: a run would not know which
+        path it took (a study calls this before any work to refuse it).
+    """
     return _fused.enabled()
 
 

@@ -1065,12 +1065,11 @@ def _main(argv: list[str]) -> int:
                              "runs/early_exit when it holds one, otherwise an untrained "
                              "network; not with --smoke, which times an untrained one)")
     args = parser.parse_args(argv)
-    from qerror._compiled import fused_switch
     from qerror.nn.models import forward_layout
 
     try:
         forward_layout()  # QERROR_LAYOUT, read by the drift group: refused before any work
-        fused_switch()  # QERROR_FUSED, read by every quantizer call: likewise
+        fused_path_enabled()  # QERROR_FUSED, read by every quantizer call: likewise
     except ValueError as err:
         parser.error(str(err))
     if args.smoke and args.early_exit_run is not None:

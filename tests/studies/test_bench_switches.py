@@ -37,3 +37,18 @@ def test_bench_refuses_an_unknown_fused_switch_before_any_work(tmp_path, monkeyp
         bench.main(["--only", "empirical", "--out", str(out)])
     assert info.value.code == 2 and not ran and not out.exists()
     assert "QERROR_FUSED='false'" in capsys.readouterr().err
+
+
+def test_fused_path_enabled_refuses_an_unknown_switch_after_a_family_broke(monkeypatch):
+    """fused_path_enabled (which studies call to refuse a bad QERROR_FUSED before any work)
+    asked the switch only while no compiled family had broken: after a compiler failure it
+    said False for any value, so the refusal depended on what had failed before."""
+    from qerror import _fused
+    from qerror.quantizer import fused_path_enabled
+
+    monkeypatch.setattr(_fused.KERNELS, "broken", ["a compiler failure"])
+    monkeypatch.setenv("QERROR_FUSED", "off")
+    with pytest.raises(ValueError, match="QERROR_FUSED='off'"):
+        fused_path_enabled()
+    monkeypatch.setenv("QERROR_FUSED", "1")
+    assert fused_path_enabled() is False  # the family stays off
