@@ -61,8 +61,9 @@ from qerror.files import (
 )
 from qerror.interrupts import interrupts, sigint_counted
 from qerror.nn.int8 import Engine, kernel_probe
-from qerror.nn.models import CheckpointError
+from qerror.nn.models import CheckpointError, forward_layout
 from qerror.nn.training import DivergedError, TrainError
+from qerror.quantizer import fused_path_enabled
 from qerror.stats import holm
 from studies._latex import macro_name, readable
 
@@ -344,6 +345,19 @@ def sigterm_as_sigint():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def check_switches() -> None:
+    """StudyError for a switch of the package's (``QERROR_FUSED``, ``QERROR_LAYOUT``) set to
+    a value it does not know: refused before any work, as a bad argument is. A run met it at
+    its first quantizer call or plain forward, after loading its data and model, as a
+    traceback, and a study that made neither call published a manifest recording a value
+    that meant nothing."""
+    try:
+        fused_path_enabled()
+        forward_layout()
+    except ValueError as err:
+        raise StudyError(f"{err}; fix or unset the variable") from None
+
+
 def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """A study's ``main(argv=None) -> int`` from its body.
 
@@ -357,7 +371,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
     :class:`qerror.data.DataError`, :class:`qerror.nn.models.CheckpointError` and
     :class:`qerror.nn.training.TrainError` (a training request that cannot run; not
     :class:`~qerror.nn.training.DivergedError`, a failure of the run itself) give
-    :data:`EXIT_REFUSED`, an ``OSError``
+    :data:`EXIT_REFUSED`, as does a package switch set to a value it does not know
+    (:func:`check_switches`, before the body), an ``OSError``
     (a folder that cannot be written, a full disk) :data:`EXIT_OS_ERROR`, Ctrl-C
     :data:`EXIT_INTERRUPTED`, and so does SIGTERM, taken as Ctrl-C
     (:func:`sigterm_as_sigint`). A Ctrl-C that something swallowed on its way (a weak
@@ -381,6 +396,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
         _GIT_AT_START, _INTERRUPTS_AT_START = git_identity(), interrupts()
         try:
             with flush_denormal(), sigint_counted(), sigterm_as_sigint():
+                check_switches()
                 status = body(sys.argv[1:] if argv is None else list(argv))
                 # a Ctrl-C that something swallowed (qerror.interrupts) is still the user's,
                 # unless the body took it and said so itself

@@ -1065,13 +1065,6 @@ def _main(argv: list[str]) -> int:
                              "runs/early_exit when it holds one, otherwise an untrained "
                              "network; not with --smoke, which times an untrained one)")
     args = parser.parse_args(argv)
-    from qerror.nn.models import forward_layout
-
-    try:
-        forward_layout()  # QERROR_LAYOUT, read by the drift group: refused before any work
-        fused_path_enabled()  # QERROR_FUSED, read by every quantizer call: likewise
-    except ValueError as err:
-        parser.error(str(err))
     if args.smoke and args.early_exit_run is not None:
         parser.error("--early-exit-run: --smoke times an untrained network and reads no run; "
                      "leave one of them out")

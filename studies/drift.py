@@ -1532,7 +1532,6 @@ def _main(argv: list[str]) -> int:
     args.model = args.model or ("resnet18" if smoke else "resnet50")
     try:
         args.act_policy = act_range_policy(args.act_range, args.act_percentile, args.aciq_law)
-        forward_layout()  # QERROR_LAYOUT, read by every plain pass: refused before any work
     except ValueError as err:
         parser.error(str(err))
     modes = list(dict.fromkeys(args.modes)) if args.modes is not None else (

@@ -52,6 +52,22 @@ def test_study_main_flushes_denormals_for_its_body_only(monkeypatch):
     assert not flushing_denormals()
 
 
+@pytest.mark.parametrize("var, value", [("QERROR_FUSED", "off"), ("QERROR_LAYOUT", "nhwc")])
+def test_study_main_refuses_an_unknown_package_switch_before_its_body(var, value, monkeypatch,
+                                                                      capsys):
+    """QERROR_FUSED=off stopped studies.drift, dataset, early_exit, seeds and rounding_choice
+    with a ValueError's traceback at their first quantizer call, after their data and model
+    were loaded; studies.rounding and train finished and published a manifest recording
+    the value. Each study's main refuses it now, before its body runs."""
+    ran = []
+    main = _common.study_main(lambda argv: ran.append(argv) or 0)
+    monkeypatch.setenv(var, value)
+    assert main([]) == _common.EXIT_REFUSED and not ran
+    assert f"error: {var}={value!r}" in capsys.readouterr().err
+    monkeypatch.delenv(var)
+    assert main([]) == 0 and ran == [[]]
+
+
 def test_paired_ratio_alternates_and_divides():
     """The untimed warm-up pairs, then the timed ones, each side first in every other pair."""
     calls = []
