@@ -744,7 +744,7 @@ def test_exits_per_class_and_compare_exits():
     assert (agree.n, agree.same_exit, agree.same_prediction, agree.same_both) == (5, 3, 3, 2)
     assert (agree.earlier, agree.later) == (1, 1)
     assert agree.exit_matrix.tolist() == [[2, 0, 0], [0, 0, 1], [0, 1, 1]]
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="not class indices of the 3 classes"):
         exits_per_class(a, torch.tensor([0, 1, 1, 3, 0]), 3)
 
 

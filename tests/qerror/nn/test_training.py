@@ -833,10 +833,10 @@ def test_a_state_of_another_training_set_size_is_refused(tmp_path):
     state = tmp_path / "state.pt"
     fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, state_path=state,
         stop_after_steps=5, progress=False)
+    more = tensor_batches(torch.cat([x, x[:4]]), torch.cat([y, y[:4]]))  # room for n + 4
     for n in (N_TRAIN + 4, N_TRAIN - 16):  # the same 6 steps an epoch, then 5
         with pytest.raises(ResumeError, match=f"n_train: {N_TRAIN} saved, {n} now"):
-            fit(tiny_model(), tensor_batches(x, y), n, CONFIG, state_path=state,
-                progress=False)
+            fit(tiny_model(), more, n, CONFIG, state_path=state, progress=False)
 
 
 def test_a_ctrl_c_during_the_last_save_is_held_until_the_state_is_written(tmp_path,
