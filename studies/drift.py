@@ -963,7 +963,8 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     (``probe_targets``; ``probe_s`` and ``plain_probe_s`` are the probes' summed seconds,
     ``measure_images_per_s`` and ``plain_images_per_s`` their rates averaged over the probed
     targets). The headline's float forward and its four modes' plain forwards are timed on
-    up to 64 images of the first batch.
+    up to 64 images of the first batch (at the run's widest width where it has no 8-bit
+    ranges).
 
     Phases (seconds, ``estimated_<phase>_s``): ``instrumented``, images × configurations
     (``images_per_s_per_config`` the rate); ``remedies``, per remedy configuration a
@@ -1065,12 +1066,13 @@ def estimate(model, data: Data, configs, remedy_configs, act_qp, weights_of, loc
     fits = {n: draws_at(n, drawn, curve_draws) for n in sizes}
     fwd_float = plain_s(None, few_x) if head or sizes else 0.0
     fwd_head = 0.0
-    if head and 8 in act_qp:  # the headline's own modes, 8-bit weights and activations
+    if head:  # the headline's own modes, 8-bit weights and activations
+        # where the run calibrates no 8-bit ranges (the headline calibrates its own), its
+        # widest width's stand in, the weights quantized apart (the run keeps none of them)
+        width = 8 if 8 in act_qp else max(act_qp)
         for mode in HEADLINE_MODES:
-            cfg = QuantConfig.make(8, mode, Target.BOTH, seed=configs[0].seed, **outputs)
-            fwd_head += plain_s(cfg, few_x, weights_of(cfg))
-    elif head:  # ranges of another width stand in (the headline calibrates its own)
-        fwd_head = 4 * max([fwd_r, *(p[1] for p in probes.values())])
+            cfg = QuantConfig.make(width, mode, Target.BOTH, seed=configs[0].seed, **outputs)
+            fwd_head += plain_s(cfg, few_x, weights_of(cfg) if width == 8 else None)
     # the three remedied networks' K-way pass: three measures less the two float chunks they
     # share (a plain forward stands in for a float chunk), as for the configurations above
     remedy_kway = max(3 * inst_r - 2 * fwd_r, 3 * fwd_r)

@@ -1004,6 +1004,40 @@ def test_estimate_probes_each_target_or_takes_the_pilots_rate():
         assert t["estimated_total_s"] == pytest.approx(sum(phases), rel=1e-12)
 
 
+def test_estimate_times_the_headline_modes_where_the_run_has_no_8_bit_ranges(monkeypatch):
+    """With the pilot's rate, no remedies and no 8-bit width (``--bits 4 --images auto``) no
+    probe was left to stand in for the headline's four quantized forwards: they were costed
+    at nothing (a smoke run's headline of 512 images: 3.2 s estimated, 33 s measured)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from qerror.nn import QuantConfig, calibrate_activations, quantize_weights
+    from qerror.nn.models import fashion_resnet
+
+    torch.manual_seed(0)
+    model = fashion_resnet("resnet18").eval()
+    x, y = torch.rand(4, 1, 32, 32), torch.arange(4)
+    configs = drift.grid([drift.RoundingMode.NEAREST_EVEN], [4], [drift.Target.BOTH], seed=0)
+    act_qp = {4: calibrate_activations(model, [(x, y)], QuantConfig.make(4).activation)}
+    weights_of = lambda c: quantize_weights(model, c.weight) if c.weight else None
+    data = drift.Data(calib=[(x, y)], test=[(x, y)], identity={"test_images": 4},
+                      headline=[(x, y)])
+    timed = []
+    real = drift.quantized_forward
+
+    @contextlib.contextmanager
+    def recorded(model, cfg, *args, **kwargs):
+        timed.append(cfg.rounding)
+        with real(model, cfg, *args, **kwargs) as inst:
+            yield inst
+
+    monkeypatch.setattr(drift, "quantized_forward", recorded)
+    place = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    t = drift.estimate(model, data, configs, [], act_qp, weights_of, 2, place, kway_rate=10.0)
+    assert timed == list(drift.HEADLINE_MODES)
+    assert t["estimated_headline_s"] > 0
+
+
 def test_under_torchrun_a_missing_baseline_is_not_trained_by_every_rank(monkeypatch):
     import argparse
 
