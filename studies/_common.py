@@ -455,9 +455,12 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
     entries = sorted(p.name for p in final.iterdir())
     if not entries:
         return
-    elsewhere = f"--out {final / study}" if not (final / study).exists() else \
-        "--out with a new folder"
     manifest = previous_run(final)
+    # inside a user's folder, but beside another study's run: a folder inside a run is an
+    # item its manifest does not list, and that run could no longer be replaced
+    other = final / study if manifest is None else final.parent / study
+    elsewhere = f"--out {other}" if not (other.exists() or other.is_symlink()) else \
+        "--out with a new folder"
     if manifest is None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         held = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"

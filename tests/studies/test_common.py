@@ -159,6 +159,27 @@ def test_check_out_accepts_new_empty_and_forced_previous_runs(tmp_path):
         _common.check_out(tmp_path / "run", "other", force=True)
 
 
+def test_the_folder_advised_instead_of_another_studys_run_is_beside_it(tmp_path):
+    """The refusal advised a folder inside the other study's run (``--out RUN/other``):
+    followed, that run held an item its manifest does not list, and its own study could no
+    longer replace it with --force."""
+    with RunDir(tmp_path / "run", "demo", [], {}, force=True) as run:
+        run.write_text("x.csv", "1\n")
+        run.finish()
+    with pytest.raises(_common.StudyError) as refused:
+        _common.check_out(tmp_path / "run", "other", force=True)
+    assert str(refused.value).endswith(f"e.g. --out {tmp_path / 'other'}")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(_common.StudyError, match="e.g. --out with a new folder$"):
+        _common.check_out(tmp_path / "run", "other", force=True)
+    # a user's folder: a new one inside it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(_common.StudyError) as refused:
+        _common.check_out(tmp_path / "mine", "other", force=False)
+    assert str(refused.value).endswith(f"e.g. --out {tmp_path / 'mine' / 'other'}")
+
+
 def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
     with RunDir(tmp_path / "run", "demo", [], {}, force=True) as run:
         run.write_text("x.csv", "1\n")
