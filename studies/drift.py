@@ -281,14 +281,30 @@ def fashion_pilot(data_root, images: int, batch: int, seed: int,
             {"pilot_split": "val", "pilot_images": len(pilot), "pilot_sha256": pilot.sha256})
 
 
+def check_folder_counts(ds, images: int, calib_images: int) -> None:
+    """StudyError unless the ImageNet folder ``ds`` holds ``calib_images`` calibration
+    images (half of its images at most calibrate: BatchNorm statistics need two, and so do
+    the measured ones) and ``images`` measured ones beside them. From the folder's listing
+    alone: refused before the weights load or any image is read, not once all are."""
+    if len(ds) < 4:
+        raise StudyError(f"--data {ds.root}: found {len(ds)} images; need at least 4 (two "
+                         "calibration images and two measured)")
+    n_cal = min(calib_images, len(ds) // 2)
+    for option, want, got, why in (
+            ("--calib-images", calib_images, n_cal,
+             " (half of the folder's images at most calibrate)"),
+            ("--images", images, len(ds) - n_cal, "")):
+        if got < want:
+            raise StudyError(f"{option} {want}: the data hold {got} such images{why}; give at "
+                             f"most {got}")
+
+
 def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
                   labels: Path | None = None, int8_images: int = 0) -> Data:
     """A seeded split of an ImageNet folder (a :class:`qerror.data.ImageNetFolder`):
     calibration images, then measured ones. Each rank reads only its share of the measured
     batches; rank 0 reads the calibration images and the INT8 cross-check's."""
-    if len(ds) < 4:  # half of them, at most, calibrate: BatchNorm statistics need two
-        raise StudyError(f"--data {ds.root}: found {len(ds)} images; need at least 4 (two "
-                         "calibration images and two measured)")
+    check_folder_counts(ds, images, calib_images)
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
     test_index = order[n_cal:n_cal + images]
@@ -1681,6 +1697,7 @@ def _main(argv: list[str]) -> int:
         # the weights' own evaluation preprocessing (V2's short side is 232, not 256)
         folder = imagenet_folder(args.data, args.labels,
                                  **imagenet_eval_sizes(args.weights or IMAGENET_WEIGHTS))
+        check_folder_counts(folder, images, calib_images)
 
     started = time.perf_counter()
     try:
@@ -1722,15 +1739,14 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     # Sized by the pilot below; until then the floor (the checks hold for more images too).
     data = load(sizing["min_images"] if images == AUTO else images)
     # the data hold fewer images than asked (a checkpoint trained with a smaller calibration
-    # split, an ImageNet folder): refused, not measured on fewer while the manifest says more
+    # split; an ImageNet folder's counts were checked before any work, check_folder_counts):
+    # refused, not measured on fewer while the manifest says more
     for option, want, got in (("--calib-images", calib_images, data.identity["calib_images"]),
                               ("--images", None if images == AUTO else images,
                                data.identity["test_images"])):
         if want is not None and got < want:
-            raise StudyError(f"{option} {want}: the data hold {got} such images"
-                             + (" (half of the folder's images at most calibrate)"
-                                if folder is not None and option == "--calib-images" else "")
-                             + f"; give at most {got}")
+            raise StudyError(f"{option} {want}: the data hold {got} such images; give at most "
+                             f"{got}")
     have = data.identity.get("calib_split_images")  # known to every rank: all stop, or none
     if curve_sizes and have is not None and max(curve_sizes) > have:
         raise StudyError(f"--calib-curve {max(curve_sizes)}: the calibration split holds "

@@ -309,6 +309,46 @@ def test_imagenet_path_with_a_weights_file_and_an_image_folder(tmp_path):
     assert sites[sites.kind == "linear"].site.tolist()[0] == "fc"
 
 
+@pytest.mark.parametrize("asked, said", [
+    (["--images", "5", "--calib-images", "3"], "--images 5: the data hold 4 such images"),
+    (["--images", "2", "--calib-images", "5"],
+     "--calib-images 5: the data hold 3 such images (half of the folder's images at most "
+     "calibrate)"),
+    (["--images", "2", "--calib-images", "2", "--only-three"], "found 3 images; need at least 4"),
+])
+def test_an_imagenet_folder_smaller_than_asked_is_refused_before_any_work(
+        tmp_path, monkeypatch, capsys, asked, said):
+    """The counts were checked only once the weights were loaded and every calibration and
+    measured image read (a 50,000-image folder read whole, then refused)."""
+    from PIL import Image
+
+    from qerror import data
+    from qerror.nn import models
+
+    three = "--only-three" in asked
+    asked = [a for a in asked if a != "--only-three"]
+    folder = tmp_path / "imagenet"
+    rng = np.random.default_rng(2)
+    for cls, count in (("n01443537", 3), ("n15075141", 0 if three else 4)):
+        if count:
+            (folder / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                folder / cls / f"{i}.png")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the counts were checked")
+
+    monkeypatch.setattr(data.ImageNetFolder, "__getitem__", no_work)
+    monkeypatch.setattr(models, "load_imagenet_resnet50", no_work)
+    out = tmp_path / "drift"
+    assert drift.main(["--data", str(folder), "--weights", str(tmp_path / "w.pt"), *asked,
+                       "--batch-size", "2", "--remedy-bits", "--int8-images", "0",
+                       "--out", str(out)]) == 2
+    assert said in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "bogus"], "--modes"),
     (["--bits", "1"], "--bits"),
