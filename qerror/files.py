@@ -273,7 +273,8 @@ def jsonable(value: Any) -> Any:
     ----------
     value : object
         A dataclass instance, mapping, list, tuple, enum member, path, numpy scalar,
-        one-element tensor, or a JSON scalar, nested in any way.
+        one-element tensor, or a JSON scalar, nested in any way. A mapping's keys become
+        strings: an enum's value, a path's or a number's text.
 
     Returns
     -------
@@ -283,12 +284,13 @@ def jsonable(value: Any) -> Any:
     Raises
     ------
     TypeError
-        For any other type, so metadata never holds a ``repr`` by accident.
+        For any other type, also as a mapping's key (a tuple), so metadata never holds a
+        ``repr`` by accident.
     """
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
         return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {_json_key(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, enum.Enum):
@@ -300,6 +302,17 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"cannot store a {type(value).__name__} as JSON metadata: {value!r}")
+
+
+def _json_key(key: Any) -> str:
+    """A mapping's key as a JSON object's key: an enum by its value, a path or a number (numpy's
+    too) as its text, None and a bool as ``str`` writes them; anything else (a tuple) is a
+    TypeError, not its repr."""
+    if isinstance(key, (enum.Enum, Path, np.generic)):
+        key = jsonable(key)
+    if key is None or isinstance(key, (str, int, float, bool)):
+        return str(key)
+    raise TypeError(f"cannot store a {type(key).__name__} as a JSON metadata key: {key!r}")
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:

@@ -303,6 +303,29 @@ def test_jsonable_gives_plain_json_values_and_refuses_everything_else():
             jsonable(value)
 
 
+def test_jsonable_keys_an_enum_by_its_value_and_refuses_a_key_it_would_write_as_a_repr():
+    """A mapping keyed by an enum is keyed by the enum's value, as the enum itself is stored
+    (it was keyed 'Kind.A', which Choice.parse does not read back); a numpy integer and a
+    path as their text; a tuple key is a TypeError (it was the string '(1, 2)', a repr)."""
+    import enum
+    from pathlib import Path
+
+    import numpy as np
+    import pytest
+
+    from qerror.files import jsonable
+    from qerror.rounding import RoundingMode
+
+    class Kind(enum.Enum):
+        A = "a"
+
+    out = jsonable({RoundingMode.FLOOR: 1, Kind.A: 2, np.int64(3): 3, Path("runs/x"): 4, 5: 5})
+    assert out == {"floor": 1, "a": 2, "3": 3, "runs/x": 4, "5": 5}
+    assert RoundingMode.parse(next(iter(out))) is RoundingMode.FLOOR
+    with pytest.raises(TypeError, match=r"cannot store a tuple as a JSON metadata key: \(1, 2\)"):
+        jsonable({(1, 2): 0})
+
+
 def test_package_versions_says_none_for_a_package_not_installed():
     from qerror.files import package_versions
 
