@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -801,7 +802,8 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         leaves no room for the sidecar's suffix); nothing is written.
     OSError
         A file cannot be written (a full disk, a folder without write permission); the
-        checkpoint it would have replaced is left as it was.
+        checkpoint it would have replaced is left as it was. ``path`` is a folder
+        (``IsADirectoryError``); nothing is written.
 
     Notes
     -----
@@ -855,6 +857,12 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
             f"({path.name}{SIDECAR_SUFFIX}) would be {name_bytes(side.name)}, over the "
             f"{longest} bytes a file name may have there: nothing was written. Save it under "
             f"a name of at most {room} bytes")
+    if path.is_dir():
+        # os.replace would refuse only after the weights were serialised, naming the
+        # temporary file, with a provisional sidecar left beside the folder
+        raise IsADirectoryError(errno.EISDIR, "a folder is where the checkpoint file goes: "
+                                "nothing was written; name a file (e.g. "
+                                f"{path / 'baseline.pt'}) or move the folder away", str(path))
     if (side.exists() or side.is_symlink()) and _our_sidecar(path) is None:
         raise CheckpointError(f"{side}, where the checkpoint's sidecar goes, exists and is not "
                               "a qerror checkpoint's sidecar: nothing was written. Move it away, "

@@ -775,6 +775,20 @@ def test_a_folder_given_as_a_checkpoint_is_named_a_folder(tmp_path):
     assert not isinstance(caught.value, CheckpointNotFoundError)
 
 
+def test_saving_to_a_folder_is_refused_before_anything_is_written(tmp_path):
+    """save_checkpoint to a folder's path serialised the weights, then failed in os.replace
+    naming its temporary file ('.m.pt.XXXXXXXX.tmp'), with a provisional m.pt.json left
+    beside the folder; now an IsADirectoryError naming the folder, and nothing written."""
+    (tmp_path / "m.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match="a folder is where the checkpoint file goes: "
+                                                "nothing was written") as caught:
+        models.save_checkpoint(models.fashion_resnet("resnet18"), tmp_path / "m.pt",
+                               arch="resnet18", stem="imagenet", config={}, metrics={})
+    assert caught.value.filename == str(tmp_path / "m.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert not list((tmp_path / "m.pt").iterdir())
+
+
 def test_a_stem_its_state_dict_cannot_tell_is_refused_by_save(tmp_path):
     """A CIFAR-stem network saved as conv3-pool (the same keys: a max-pool has none) loaded
     with a max-pool, and gave other logits."""
