@@ -192,6 +192,8 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
         b = ref_sub
         n = _exact_nearest(x_sub, v_sub, b, s_sub, margin)
         on_level = _level(n, s_sub, x.dtype) == x_sub
+        if half_eps:
+            n, on_level = _neighbour_levels(n, on_level, x_sub, s_sub, x.dtype)
         if rule.resolve is None:
             if not on_level.any():
                 return r
@@ -202,6 +204,23 @@ def exact_codes(x, v, r, scale, z, qmin: int, qmax: int, mode: RoundingMode):
         return _write_back(r, idx, fixed, torch_in)
     fixed = (rule.resolve(b + z_sub, sign) - z_sub).astype(ref_sub.dtype)
     return _write_back(r, idx, fixed, torch_in)
+
+
+def _neighbour_levels(n: np.ndarray, on_level: np.ndarray, x: np.ndarray, s: np.ndarray,
+                      out_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, on_level)`` with each value that is not the half-precision level of ``n`` but is
+    that of ``n + 1`` or ``n - 1`` given that code. A level ``fl(k s)`` rounded onto a power of
+    two from above, where the ulp is twice the one below, can lie more than half a step from
+    ``k s``, so the integer nearest its quotient is ``k - 1`` (bfloat16, ``s = fl32(0.11)``:
+    ``146 s = 16.06`` is stored as 16.0, ``16.0/s = 145.45``, and 145's level is 15.9375).
+    Such a level lies within half its ulp above, less than two steps, of ``k s``, and levels
+    grow with the code: only the neighbours of ``n`` can hold it, one at most."""
+    for step in (1.0, -1.0):
+        k = n + step
+        hit = ~on_level & (_level(k, s, out_dtype) == x)
+        n = np.where(hit, k, n)
+        on_level = on_level | hit
+    return n, on_level
 
 
 def _exact_nearest(x: np.ndarray, v: np.ndarray, b: np.ndarray, s: np.ndarray,

@@ -1,5 +1,6 @@
 """Quantizer: exactness against rational arithmetic, PyTorch agreement, properties, bad input."""
 
+import itertools
 import re
 from fractions import Fraction
 from math import ceil, floor
@@ -677,6 +678,27 @@ def test_stochastic_rounding_keeps_levels_stored_in_half_precision(dtype):
     for seed in range(5):
         assert torch.equal(quantize(levels, spec, 0.1, generator=seed), codes)
         assert torch.equal(fake_quantize(levels, spec, 0.1, generator=seed), levels)
+
+
+@pytest.mark.parametrize("mode", ["floor", "ceil", "toward_zero", "stochastic"])
+@pytest.mark.parametrize("dtype, scale, code, level", [(torch.bfloat16, 0.11, 146, 16.0),
+                                                        (torch.float16, 0.19, 1348, 256.0)])
+def test_a_level_rounded_down_onto_a_power_of_two_keeps_its_code(mode, dtype, scale, code,
+                                                                  level):
+    """146 fl32(0.11) = 16.06 is stored in bfloat16 as 16.0, whose ulp above (0.125) is
+    twice the one below: 16.0/s = 145.45, nearer 145, whose level is 15.9375. The level rule
+    looked at 145 alone, so FLOOR (and TOWARD_ZERO) gave 145 and CEIL of -16.0 gave -145:
+    fake_quantize moved the level 16.0 to 15.9375 (float16: 1348 fl32(0.19) stored as 256.0,
+    moved to 255.875). Every level of the grid must keep a code whose level it is."""
+    spec = QuantSpec(bits=12, rounding=mode)
+    codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.int32)
+    levels = dequantize(codes, scale, dtype=dtype)
+    assert float(levels[code - spec.qmin]) == level == -float(levels[-code - spec.qmin])
+    inputs = (levels, levels.numpy()) if dtype == torch.float16 else (levels,)
+    for x, seed in itertools.product(inputs, range(5 if spec.rounding.is_random else 1)):
+        got = torch.as_tensor(quantize(x, spec, scale, generator=seed))
+        assert torch.equal(dequantize(got, scale, dtype=dtype), levels)
+        assert int(got[code - spec.qmin]) == code and int(got[-code - spec.qmin]) == -code
 
 
 @pytest.mark.parametrize("mode", ["floor", "ceil", "toward_zero", "nearest_even",
