@@ -30,9 +30,10 @@ error is smaller; so the compiled loop takes maps of at most :data:`MAX_INNER` p
 ``√L u``, far below the sampling error of any figure built on the sums. Maps of at most
 :data:`STATIC_INNER` positions get a kernel of their own per size, whose reduction inductor
 unrolls (the same order of additions for every image). Maps of one position or of more than
-:data:`MAX_INNER`, maps of one channel, other layouts, float64 data, tensors off the CPU and
-images of fewer than :data:`MIN_IMAGE_ELEMENTS` elements take torch's reductions, which give
-the same sums up to that rounding. Which of the two sums a tensor depends on its images' shape
+:data:`MAX_INNER`, maps of one channel, other layouts, float64 and half-precision data (the
+latter summed in float32), tensors off the CPU and images of fewer than
+:data:`MIN_IMAGE_ELEMENTS` elements take torch's reductions, which give the same sums up to
+that rounding. Which of the two sums a tensor depends on its images' shape
 and layout alone, never on how many images it holds, so an image's sums are the same bits in a
 pass of :func:`~qerror.nn.measure` and in one of :func:`~qerror.nn.measure_many` (tested).
 ``QERROR_FUSED=0`` turns the compiled loop off with the fused quantizer
@@ -148,6 +149,10 @@ def _compiled(*tensors: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, ..
 
 def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = tuple(range(2, t.ndim))
+    if t.dtype in (torch.float16, torch.bfloat16):
+        # summed and returned in float32: float16's own sums of squares underflow below
+        # 6.1e-5 (a channel at 2.5e-4 over 7x7), where no relative bound holds
+        t = t.float()
     if _per_channel(t) == 1:
         s = t.reshape(t.shape[0], -1)
         q = s * s
@@ -159,10 +164,11 @@ def _eager(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """``u`` of the dtype in which :func:`channel_sums` returns the per (image, channel) sums
-    of data in ``dtype`` before they become float64 (float32's ``2**-24``, float64's
-    ``2**-53``, float16's ``2**-11``: a half-precision tensor is summed in float32 by torch's
-    reductions and its sums rounded to its own dtype)."""
+    """``u`` of the per (image, channel) sums :func:`channel_sums` returns for data in
+    ``dtype`` before they become float64: float32's ``2**-24``, float64's ``2**-53``, and for
+    half precision its own dtype's (float16's ``2**-11``), a bound: its sums are taken and
+    returned in float32, where the squares of its values are exact and, unlike a sum rounded
+    to float16, do not underflow."""
     return float(torch.finfo(dtype).eps) / 2
 
 

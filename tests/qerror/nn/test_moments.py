@@ -341,3 +341,25 @@ def test_a_variance_within_the_sums_rounding_is_zero():
     half = unit_roundoff(torch.float16)
     assert resolved_variance(5.0, 26.0, 1024, 10, half) == pytest.approx(1.0)
     assert resolved_variance(0.0, 1.0, 1024, 10, half) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (32, 32)])
+def test_a_constant_half_precision_channel_of_small_values_has_no_variance(shape):
+    """The sums of float16 data were rounded to float16, where a sum of squares below 6.1e-5
+    is subnormal: a channel constant at 2.4557e-4 over 7×7 gave Σx² = 2.95e-6 with an
+    absolute spacing of 6e-8 (up to 2 %; squares below 6e-8 became 0), beyond the relative
+    bound, and resolved_variance called 85 of 400 such constant channels varying. Summed
+    and returned in float32, the squares of float16 values are exact and do not underflow."""
+    from qerror.nn._moments import resolved_variance, unit_roundoff
+
+    rng = np.random.default_rng(0)
+    n, c = 10, 400
+    values = rng.choice([-1, 1], c) * 10.0 ** rng.uniform(-5, -2, c)
+    t = torch.from_numpy(values).to(torch.float16)[None, :, None, None].expand(n, c, *shape)
+    s, q, length = channel_sums(t.contiguous())
+    exact = (t.double() ** 2).sum((2, 3))
+    u = unit_roundoff(torch.float16)
+    assert torch.all((q - exact).abs() <= gamma(length + 3) * exact)  # float32's γ: within u
+    var = resolved_variance(s.sum(0).numpy() / (n * length), q.sum(0).numpy() / (n * length),
+                            length, n, u)
+    np.testing.assert_array_equal(var, 0.0)
