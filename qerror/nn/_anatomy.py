@@ -76,7 +76,8 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
     UnsupportedModelError
         A leaf module that is neither a Conv2d/Linear nor known to treat samples
         independently in evaluation mode, a grouped-input layer type (Conv1d, Conv3d,
-        transposed convolutions), no Conv2d/Linear at all, a BatchNorm without running
+        transposed convolutions), a subclass of Conv2d or Linear with its own ``forward``
+        (which the pass would replace), no Conv2d/Linear at all, a BatchNorm without running
         statistics, or (``need_batchnorm``) no BatchNorm2d.
     """
     if not isinstance(model, nn.Module):
@@ -92,6 +93,18 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
             "Replace or remove the others.")
     if not layer_names(model):
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
+    own = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules()
+           if isinstance(m, LAYERS) and type(m).forward not in (nn.Conv2d.forward,
+                                                                 nn.Linear.forward)]
+    if own:
+        # the pass replaces each layer's forward with Conv2d's or Linear's computation on
+        # its weight: a subclass's own forward would run in neither half
+        raise UnsupportedModelError(
+            f"the layers {', '.join(own[:3])}{' and more' if len(own) > 3 else ''} subclass "
+            "Conv2d or Linear with a forward of their own, which qerror.nn.propagate "
+            "replaces by the plain layer's (the float half would not be the model's output). "
+            "Replace each by a plain Conv2d or Linear holding the weight its forward "
+            "computes (in evaluation mode, a fixed weight), or measure without them")
     batch_stats = untracked_batchnorms(model, nn.modules.batchnorm._BatchNorm)
     if batch_stats:
         raise UnsupportedModelError(

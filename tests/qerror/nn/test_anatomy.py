@@ -217,3 +217,52 @@ def test_a_single_tensor_given_for_the_batches_is_refused(progress):
     with pytest.raises(ValueError, match=r"single tensor of shape \(4, 1, 6, 6\)"):
         adaround(model, x, iterations=1)
     calibrate_activations(model, [x], spec, progress=progress)  # a list of one batch is taken
+
+
+class _StandardisedConv(nn.Conv2d):
+    """A convolution of its standardised weight (timm's StdConv2d): a forward of its own."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w / w.std((1, 2, 3), keepdim=True), self.bias)
+
+
+class _RenamedConv(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward."""
+
+
+def test_a_layer_subclass_with_its_own_forward_is_refused():
+    """The paired pass replaces each layer's forward with Conv2d's on its weight: a
+    subclass's own forward ran in neither half, so the float half was another network
+    (probe3: a weight-standardised conv's float half 10.6 off the model's output). It is
+    refused, a subclass keeping Conv2d's forward is not, and the plain Conv2d holding the
+    computed weight that the message advises gives the float half the model's output."""
+    from qerror.nn import calibrate_activations, paired_forward
+
+    def net(conv):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), conv(4, 4, 3), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, 3)).eval()
+
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig.make(8)
+    model = net(_StandardisedConv)
+    with pytest.raises(UnsupportedModelError, match=r"'2' \(_StandardisedConv\).*plain Conv2d"):
+        check_model(model)
+    with pytest.raises(UnsupportedModelError, match="_StandardisedConv"):
+        paired_forward(model, config, None).__enter__()
+    assert all(not m._forward_hooks and "forward" not in vars(m) for m in model.modules())
+    check_model(net(_RenamedConv))
+    plain = net(nn.Conv2d)
+    with torch.no_grad():
+        w = model[2].weight - model[2].weight.mean((1, 2, 3), keepdim=True)
+        plain[2].weight.copy_(w / w.std((1, 2, 3), keepdim=True))
+        assert torch.equal(plain(x), model(x))
+    model = plain
+    check_model(model)
+    act_qparams = calibrate_activations(model, [x], config.activation)
+    with torch.no_grad():
+        ref = model(x)
+        with paired_forward(model, config, act_qparams):
+            out = model(torch.cat([x, x]))
+    assert torch.equal(out[:4], ref)
