@@ -308,10 +308,20 @@ def is_relu(node, modules) -> bool:
 
 
 class _HookFreeTracer(torch.fx.Tracer):
-    """``torch.fx``'s tracer, calling each traced container's ``forward`` without its hooks."""
+    """``torch.fx``'s tracer, calling each traced container's ``forward`` without its hooks,
+    with every module :func:`check_model` knows (a layer, a per-sample module) one node, its
+    subclasses too."""
 
     def call_module(self, m, forward, args, kwargs):
         return super().call_module(m, m.forward, args, kwargs)
+
+    def is_leaf_module(self, m, module_qualified_name):
+        # torch.fx keeps only torch.nn's own classes whole: a subclass defined elsewhere
+        # is traced through, a layer's call then a bare F.conv2d that no graph reader
+        # counts (a later layer's path depth one short) and a BatchNorm's input check
+        # control flow that fails the trace
+        return isinstance(m, LAYERS + PER_SAMPLE_LEAVES) or super().is_leaf_module(
+            m, module_qualified_name)
 
 
 def fx_graph(model: nn.Module, who: str, advice: str = "") -> torch.fx.Graph:

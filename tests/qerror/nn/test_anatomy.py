@@ -266,3 +266,29 @@ def test_a_layer_subclass_with_its_own_forward_is_refused():
         with paired_forward(model, config, act_qparams):
             out = model(torch.cat([x, x]))
     assert torch.equal(out[:4], ref)
+
+
+class _RenamedLinear(nn.Linear):
+    """A subclass that keeps Linear's forward."""
+
+
+class _RenamedBatchNorm(nn.BatchNorm2d):
+    """A subclass that keeps BatchNorm2d's forward."""
+
+
+def test_the_graph_holds_subclasses_of_layers_and_batchnorms():
+    """torch.fx keeps only torch.nn's own classes as one node: a subclass defined elsewhere
+    was traced through, so its layer was missing from the graph (probe4: path depths
+    {'0': 1, '5': 2} for four layers in a chain, the last conv's one short) and a
+    BatchNorm2d subclass's input check failed the trace (no path depths, no chains, no
+    BN-fed layers). Path depth by hand: the four layers of a chain, 1 to 4."""
+    from qerror.nn._anatomy import layer_chains, path_depths
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), _RenamedConv(4, 4, 3),
+                          _RenamedBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                          _RenamedLinear(4 * 6 * 6, 3)).eval()
+    assert path_depths(model) == {"0": 1, "3": 2, "6": 3, "8": 4}
+    assert [(s.name, s.bn, s.relu) for s in layer_chains(model, True, who="test")] == [
+        ("0", model[1], True), ("3", model[4], True), ("6", None, False), ("8", None, False)]
+    assert bn_fed_layers(model) == {"3": model[1], "6": model[4]}
