@@ -442,11 +442,21 @@ def quantize_weights(model: nn.Module, spec: QuantSpec, *, seed: int = 0) -> Mad
     """Fake-quantize every conv/linear weight with scales calibrated on the weight itself:
     layer name → :class:`QuantizedWeights`, with ``spec`` and the digest of each float
     weight (:class:`MadeFor`); ``seed`` (an int from 0 to 2**64 - 1) keys stochastic
-    rounding. A weight holding NaN or Inf is refused (ValueError naming the layer)."""
+    rounding. A weight tied between layers (one parameter) is quantized once, at its first
+    layer, and every layer that holds it gets that one quantized weight. A weight holding
+    NaN or Inf is refused (ValueError naming the layer)."""
     seed = check_seed(seed, "seed")
     out, made_from = {}, {}
+    # id of a weight → (the weight, held so that its id is not reused; the layer that
+    # quantized it)
+    first: dict[int, tuple[torch.Tensor, str]] = {}
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules()
                                   if isinstance(m, LAYERS)):
+        _, tied = first.setdefault(id(m.weight), (m.weight, name))
+        if tied != name:
+            # stochastic rounding would otherwise draw the one parameter twice: two values
+            out[name], made_from[name] = out[tied], made_from[tied]
+            continue
         w = m.weight.detach()
         # calibrate's own check would name it "x", as if the images held it
         check_finite(w, f"the weight of layer {name!r}")

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qerror import QuantSpec, RangePolicy, RoundingMode, fake_quantize
@@ -1452,3 +1453,36 @@ def test_drawn_batches_are_checked_apart_and_only_where_drawn():
         "the ranks' batch indices overlap (rank 0: 0 to 1, rank 1: none, rank 2: 5 to 5, "
         "rank 3: 1 to 2): ")
 
+
+
+def test_a_weight_tied_between_layers_is_quantized_once():
+    """One parameter held by two layers is one weight of the quantized network: stochastic
+    rounding drew it once per layer (probe5: 5 of the 16 elements of a tied 4×4 weight
+    rounded differently in its two layers). Quantized once now, at its first layer; the
+    other layers' draws are those of the untied model."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    untied = Tied().double().eval()
+    model = copy.deepcopy(untied)
+    model.b.weight = model.a.weight
+    spec = QuantConfig.make(4, RoundingMode.STOCHASTIC).weight
+    w, ref = quantize_weights(model, spec, seed=3), quantize_weights(untied, spec, seed=3)
+    assert w["b"] is w["a"] and w.made_from["b"] == w.made_from["a"]
+    assert torch.equal(w["a"].weight, ref["a"].weight)
+    assert torch.equal(w["fc"].weight, ref["fc"].weight)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig.make(4, RoundingMode.STOCHASTIC, Target.WEIGHTS)
+    with torch.no_grad(), quantized_forward(model, cfg, weights=w):
+        q = model(x)
+    with torch.no_grad():
+        h = F.linear(torch.relu(F.linear(x, w["a"].weight, model.a.bias)), w["a"].weight,
+                     model.b.bias)
+        assert torch.equal(q, F.linear(h, w["fc"].weight, model.fc.bias))
