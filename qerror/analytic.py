@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, special, stats
 
-from qerror._checks import check_positive_finite
+from qerror._checks import check_flag, check_positive_finite
 from qerror._enums import Choice
 from qerror._exact import two_sum, veltkamp_split
 from qerror.quantizer import QuantSpec
@@ -1367,6 +1367,9 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     ValueError
         The law has infinite variance (every clipping value gives infinite
         MSE), or, one-sided, no mass above 0; bad ``bits``, ``method`` or ``rounding``.
+    TypeError
+        ``one_sided`` or ``granular_mass`` not a bool (a string such as ``"False"`` would
+        read as true).
 
     Notes
     -----
@@ -1407,6 +1410,8 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
        University Press, 2008.
     """
     _law_of(dist)  # validates dist
+    one_sided = check_flag(one_sided, "one_sided")
+    granular_mass = check_flag(granular_mass, "granular_mass")
     # The clip of a law scaled by 2**e is 2**e times the law's, exactly: work on the law
     # brought to a scale in [0.5, 1), where no MSE over- or underflows (at scale 1e160 every
     # candidate's MSE was inf and the first was returned; at 1e-160 subnormal MSEs moved α
@@ -1457,5 +1462,5 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
             return float(np.ldexp(v, k * e))
 
         return ClipResult(alpha=back(alpha, 1), scale=back(scale, 1), spec=spec,
-                          method=method, one_sided=bool(one_sided), mse=back(value, 2),
+                          method=method, one_sided=one_sided, mse=back(value, 2),
                           mse_exact=back(exact, 2), grid=grid)

@@ -783,6 +783,17 @@ def test_a_generic_law_too_narrow_for_its_quadrature_is_refused():
     assert error_moments(stats.norm(0.0, 1e-20), spec, 1.0).bias_lsb == -0.5  # closed form
 
 
+@pytest.mark.parametrize("flag", ["one_sided", "granular_mass"])
+@pytest.mark.parametrize("value", ["False", "yes", 1, 0, None])
+def test_optimal_clip_refuses_a_flag_that_is_not_a_bool(flag, value):
+    """one_sided="False" was read as true: the one-sided (unsigned) clip of the whole law
+    came back without a word; granular_mass=1 was taken for True."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+        optimal_clip(stats.norm(), 4, "aciq", **{flag: value})
+    assert optimal_clip(stats.norm(), 4, "aciq", **{flag: np.bool_(False)}) == optimal_clip(
+        stats.norm(), 4, "aciq")
+
+
 def test_optimal_clip_takes_numpy_integer_bits():
     """np.int8(8) bits overflowed 2**bits in int8: ACIQ returned scale and MSE inf."""
     want = optimal_clip(stats.norm(), 8, "aciq")
