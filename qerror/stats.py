@@ -209,14 +209,13 @@ def bias_test(
     """
     alpha = _check_alpha(alpha)
     mu0 = _check_real(mu0, "mu0")
-    n, mean, var = _moments(data, channel)
+    n, mean, std, se = _moments(data, channel)
     df = n - 1
-    se = math.sqrt(var / n)
     stat, p, ci, verdict = _t_verdict(mean, se, df, mu0, alpha, unit, ("bias", "mean error"))
     return BiasResult(
         test=f"mean error = {mu0:g}", method=f"one-sample t-test (df={df})",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha,
-        verdict=verdict, df=df, std=math.sqrt(var), se=se,
+        verdict=verdict, df=df, std=std, se=se,
     )
 
 
@@ -268,9 +267,8 @@ def equivalence_test(
     high = _check_real(high, "high")
     if not low < high:
         raise ValueError(f"need low < high, got low={low}, high={high}")
-    n, mean, var = _moments(samples, channel)
+    n, mean, std, se = _moments(samples, channel)
     df = n - 1
-    se = math.sqrt(var / n)
     if se > 0:
         t_low, t_high = (mean - low) / se, (mean - high) / se
         p_low, p_high = float(sps.t.sf(t_low, df)), float(sps.t.cdf(t_high, df))
@@ -292,7 +290,7 @@ def equivalence_test(
     return EquivalenceResult(
         test=f"{low:g} < mean < {high:g}", method=f"TOST, two one-sided t-tests (df={df})",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha, verdict=verdict,
-        df=df, std=math.sqrt(var), se=se, low=low, high=high, p_low=p_low, p_high=p_high,
+        df=df, std=std, se=se, low=low, high=high, p_low=p_low, p_high=p_high,
     )
 
 
@@ -604,12 +602,19 @@ def mse_ratio_ci(
     if paired and _flat_shape(errors_a) != _flat_shape(errors_b):
         raise ValueError(f"paired errors need the same shape, got {_flat_shape(errors_a)} "
                          f"and {_flat_shape(errors_b)}")
+    for name, v in (("errors_a", a), ("errors_b", b)):
+        if not np.any(v):
+            raise ValueError(f"the MSE of {name} is 0, so the ratio is undefined")
+    # Each sample in units of a power of two near its largest magnitude (exact), its MSE
+    # and the log ratio carried in those units: squares of errors beyond 1e154 overflowed
+    # (a NaN ratio read as 'no evidence that the MSEs differ') and below 1e-162 underflowed
+    # to an MSE of 0.
+    ka, kb = (int(np.frexp(np.max(np.abs(v)))[1]) for v in (a, b))
+    a, b = np.ldexp(a, -ka), np.ldexp(b, -kb)
     a2, b2 = a * a, b * b
     ma, mb = float(a2.mean()), float(b2.mean())
-    for name, m in (("errors_a", ma), ("errors_b", mb)):
-        if m == 0.0:
-            raise ValueError(f"the MSE of {name} is 0, so the ratio is undefined")
-    log_ratio = math.log(ma) - math.log(mb)
+    shift = 2 * (ka - kb) * math.log(2.0)  # the log of the two units' ratio
+    log_ratio = math.log(ma) - math.log(mb) + shift
     n = a.size if paired else a.size + b.size
     if method is IntervalMethod.DELTA:
         if paired:
@@ -625,7 +630,7 @@ def mse_ratio_ci(
     else:
         rng = _rng(generator)
         b_count = _check_resamples(n_resamples, alpha)
-        boot = _bootstrap_log_ratio(a2, b2, paired, b_count, rng)
+        boot = _bootstrap_log_ratio(a2, b2, paired, b_count, rng) + shift
         if not np.all(np.isfinite(boot)):
             raise ValueError("some bootstrap resamples have zero MSE; use method='delta' "
                              "or more data")
@@ -635,8 +640,10 @@ def mse_ratio_ci(
         p = _bootstrap_p(boot, 0.0)
         how = (f"percentile bootstrap of log ratio, B={b_count} "
                f"({'paired' if paired else 'independent'})")
-    ratio = math.exp(log_ratio)
-    ci = (math.exp(lo_log), math.exp(hi_log))
+    with np.errstate(over="ignore", under="ignore"):  # beyond float64: inf or 0, as it is
+        ratio, lo, hi = (float(v) for v in np.exp([log_ratio, lo_log, hi_log]))
+        ma, mb = float(np.ldexp(ma, 2 * ka)), float(np.ldexp(mb, 2 * kb))
+    ci = (lo, hi)
     what = (f"MSE ratio a/b {ratio:.4g}, {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] "
             f"(MSE_a {ma:.4g}, MSE_b {mb:.4g})")
     if p < alpha:
@@ -1582,8 +1589,9 @@ def _binary(x, name: str) -> np.ndarray:
     return arr.astype(bool)
 
 
-def _moments(data, channel) -> tuple[int, float, float]:
-    """``(n, mean, sample variance)`` of samples or of an accumulator."""
+def _moments(data, channel) -> tuple[int, float, float, float]:
+    """``(n, mean, sample standard deviation, standard error of the mean)`` of samples or of
+    an accumulator."""
     if isinstance(data, ErrorStats):
         if data.count < 2:
             raise ValueError(f"need at least 2 observations, the ErrorStats has {data.count}")
@@ -1599,13 +1607,22 @@ def _moments(data, channel) -> tuple[int, float, float]:
             mean, var = mean[channel], var[channel]
         elif channel is not None:
             raise ValueError("channel= applies to a per-channel ErrorStats only")
-        return data.count, float(mean), float(var)
+        var = float(var)
+        return data.count, float(mean), math.sqrt(var), math.sqrt(var / data.count)
     if channel is not None:
         raise ValueError("channel= applies to an ErrorStats only")
     arr = _sample(data, "data", min_n=2)
     if arr.min() == arr.max():  # exactly: a float mean of copies of 0.7 is not 0.7
-        return arr.size, float(arr[0]), 0.0
-    return arr.size, float(arr.mean()), float(arr.var(ddof=1))
+        return arr.size, float(arr[0]), 0.0, 0.0
+    # In units of a power of two near the largest magnitude (an exact rescaling, which
+    # leaves every digit as it was): the variance of values below 1e-154 underflowed to 0
+    # (an unbiased sample of N(0, 1e-170²) was 'biased, p < 1e-300') and above 1e154
+    # overflowed (an interval of ±inf, p = 1).
+    k = int(np.frexp(np.max(np.abs(arr)))[1])
+    unit = np.ldexp(arr, -k)
+    var = float(unit.var(ddof=1))
+    return (arr.size, float(np.ldexp(unit.mean(), k)), math.ldexp(math.sqrt(var), k),
+            math.ldexp(math.sqrt(var / arr.size), k))
 
 
 def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: str,

@@ -132,6 +132,37 @@ def ks_distance(x, cdf):
     return max(np.max(np.arange(1, n + 1) / n - f), np.max(f - np.arange(n) / n))
 
 
+@pytest.mark.parametrize("k", [-600, -530, 520, 600])
+def test_tests_of_tiny_or_huge_errors_are_those_of_the_same_errors_in_units(k):
+    """Multiplying the errors by 2**k changes no verdict: the variance of N(0, 2**-600)
+    draws underflowed to 0, and bias_test called that unbiased sample 'biased, p < 1e-300';
+    above 1e154 the squares overflowed (bias: CI ±inf, p = 1; MSE ratio NaN, 'no evidence
+    that the MSEs differ'), and below 1e-162 mse_ratio_ci refused an MSE of 0."""
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal(1000), rng.standard_normal(1000)
+    for test in (lambda v: bias_test(v, alpha=0.01),
+                 lambda v: equivalence_test(v, -0.2 * 2.0 ** (k * (v is not x)), 0.2 * 2.0 ** (
+                     k * (v is not x)))):
+        want, got = test(x), test(np.ldexp(x, k))
+        assert (got.statistic, got.p_value, got.n) == (want.statistic, want.p_value, want.n)
+        assert (got.estimate, got.se, got.std) == tuple(
+            np.ldexp([want.estimate, want.se, want.std], k))
+        assert got.ci == tuple(np.ldexp(want.ci, k))
+    for paired, method in ((True, "delta"), (False, "delta"), (True, "bootstrap")):
+        want = mse_ratio_ci(x, 2 * y, paired=paired, method=method, generator=3)
+        # both in the same units, and a in units 2**(k/2) times b's (a ratio of 2**k)
+        for ka, kb in ((k, k), (k, k // 2)):
+            got = mse_ratio_ci(np.ldexp(x, ka), np.ldexp(2 * y, kb), paired=paired,
+                               method=method, generator=3)
+            shift = 4.0 ** (ka - kb)
+            assert got.estimate == pytest.approx(want.estimate * shift, rel=1e-12)
+            assert np.allclose(got.ci, np.multiply(want.ci, shift), rtol=1e-12, atol=0)
+            assert got.se_log == pytest.approx(want.se_log, rel=1e-12)
+            if ka == kb:
+                assert got.p_value == pytest.approx(want.p_value, rel=1e-9, abs=1e-300)
+
+
+
 @pytest.mark.parametrize("mode", list(_reference_cdfs()))
 def test_uniformity_test_matches_a_direct_ks_computation(mode):
     u = np.random.default_rng(3).normal(0, 40, 700)
