@@ -1595,7 +1595,7 @@ def _moments(data, channel) -> tuple[int, float, float, float]:
     if isinstance(data, ErrorStats):
         if data.count < 2:
             raise ValueError(f"need at least 2 observations, the ErrorStats has {data.count}")
-        mean, var = data.mean, data.sample_variance
+        mean, var, lo, hi = data.mean, data.sample_variance, data.min, data.max
         if data.axis is not None:
             if channel is None:
                 raise ValueError(f"the ErrorStats is per channel ({data.channels} channels); "
@@ -1604,10 +1604,19 @@ def _moments(data, channel) -> tuple[int, float, float, float]:
                 raise TypeError(f"channel must be an integer, got {channel!r}")
             if not -data.channels <= channel < data.channels:
                 raise ValueError(f"channel {channel} out of range for {data.channels} channels")
-            mean, var = mean[channel], var[channel]
+            mean, var, lo, hi = mean[channel], var[channel], lo[channel], hi[channel]
         elif channel is not None:
             raise ValueError("channel= applies to a per-channel ErrorStats only")
         var = float(var)
+        if lo < hi and var < np.finfo(np.float64).tiny:
+            # unequal errors all below ~1e-154: their squares, and so the accumulator's
+            # variance, underflowed to 0 or a subnormal (an unbiased sample of N(0, 1e-181²)
+            # was 'biased, p < 1e-300')
+            raise ValueError(
+                f"the ErrorStats' variance ({var:.3g}) underflowed float64: its errors, "
+                f"between {lo:.3g} and {hi:.3g}, square to 0 or to a subnormal number; "
+                "accumulate them times a power of two (e.g. numpy.ldexp(e, 600)), or pass "
+                "the errors themselves")
         return data.count, float(mean), math.sqrt(var), math.sqrt(var / data.count)
     if channel is not None:
         raise ValueError("channel= applies to an ErrorStats only")

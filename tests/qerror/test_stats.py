@@ -96,6 +96,25 @@ def test_bias_test_on_an_accumulator_matches_the_raw_samples():
     assert second.estimate == pytest.approx(np.mean(batches[0]) + 1.0, rel=1e-12)
 
 
+@pytest.mark.parametrize("axis", [None, 0])
+def test_an_accumulator_whose_variance_underflowed_is_refused(axis):
+    """N(0, 1) errors times 2**-600 (1e-181) square to 0 in float64: the ErrorStats holds a
+    variance of 0 beside unequal errors, and bias_test called the unbiased sample 'bias
+    differs from 0 (p<1e-300)'. Equal errors have a variance of exactly 0, and keep their
+    definite answer; errors of 1e-151 have a normal variance, and the test of the samples."""
+    e = np.random.default_rng(11).standard_normal((2, 500))
+    acc = ErrorStats(axis=axis).update(np.ldexp(e, -600))
+    channel = None if axis is None else 1
+    with pytest.raises(ValueError, match="variance .* underflowed float64"):
+        bias_test(acc, channel=channel)
+    with pytest.raises(ValueError, match="variance .* underflowed float64"):
+        equivalence_test(acc, -1.0, 1.0, channel=channel)
+    equal = ErrorStats(axis=axis).update(np.full((2, 500), 2.0**-600))
+    assert bias_test(equal, channel=channel).p_value == 0.0
+    ok = bias_test(ErrorStats(axis=axis).update(np.ldexp(e, -500)), channel=channel)
+    assert ok.p_value == pytest.approx(bias_test(e if axis is None else e[1]).p_value, rel=1e-9)
+
+
 def test_bias_verdict_reads_as_a_sentence():
     x = rounding_errors(RoundingMode.FLOOR, np.random.default_rng(2).normal(0, 50, 4000))
     res = bias_test(x, unit="LSB")
