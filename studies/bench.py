@@ -10,7 +10,8 @@ the distribution-free interval of the median (``median_lo``, ``median_hi``, at l
 :data:`MEDIAN_LEVEL`) lies below the goal ("met"), above it ("not met"), or around it ("not
 resolved", also with fewer than five pairs, where no such interval exists), or that the
 timing cannot speak for the goal ("not judged: " and why, ``meets_goal`` empty: an untrained
-stand-in for the network the goal is stated for, a graph compiled inside the timed calls).
+stand-in for the network the goal is stated for, a graph compiled inside the timed calls, a
+float forward whose memory did not grow).
 Both are left empty by ``--smoke``, whose problems are smaller than the goals are stated
 for.
 
@@ -608,7 +609,9 @@ def memory_rows(smoke: bool, seed: int, n: int, k: int, arch: str, repeats: int
     of the median (:func:`make_row`), as the timed rows': a process's peak growth moves by
     several per cent from one process to the next (measure's default passes 63 to 70 MiB
     over six processes, the float forward's 55.8 to 56.1), so one process cannot decide a
-    goal its figure lies that close to. ``candidate_ms`` and ``baseline_ms`` are empty.
+    goal its figure lies that close to. ``candidate_ms`` and ``baseline_ms`` are empty. A
+    float forward that grew by 0 bytes in a process (a tiny one can fit in memory the
+    allocator holds) leaves no ratio: the row's goal is "not judged", with why.
     """
     from qerror.nn import default_pair_batch
 
@@ -637,8 +640,12 @@ def memory_rows(smoke: bool, seed: int, n: int, k: int, arch: str, repeats: int
         if not (float_peak > 0).all():
             # A tiny float forward can fit in memory the allocator already holds (growth 0).
             nan = float("nan")
+            why = (f"not judged: the float forward grew by 0 bytes in "
+                   f"{int((float_peak <= 0).sum())} of {repeats} processes (it fit in memory "
+                   "the allocator held): no ratio")
             rows.append(BenchRow("drift", name, cand, "float forward", nan, nan, nan, nan,
-                                 nan, MEMORY_GOAL, None, repeats, note=note))
+                                 nan, MEMORY_GOAL, None, repeats, note=note,
+                                 goal_verdict=why))
             continue
         row = make_row("drift", name, cand, "float forward", MEMORY_GOAL, peak / float_peak,
                        peak, float_peak, note=note)

@@ -370,3 +370,18 @@ def test_memory_rows_repeat_and_decide_their_goal_as_the_timed_rows(monkeypatch)
     assert all(math.isnan(r.candidate_ms) and math.isnan(r.baseline_ms) for r in rows)
     assert re.match(r"peak resident growth \d+ MiB vs 56 MiB \(medians of 5 fresh processes",
                     rows[0].note)
+
+
+def test_a_memory_row_without_a_ratio_says_why_its_goal_is_not_judged(monkeypatch):
+    """A float forward that grew by 0 bytes in a process (it fit in memory the allocator
+    held) leaves no ratio: the row kept its goal of 2x beside an empty goal_verdict, which
+    the module reserves for rows without a goal."""
+    def peak(what, smoke, seed, pair_batch=None):
+        return 0 if what == "float" else 2**20
+
+    monkeypatch.setattr(bench, "_peak_growth", peak)
+    rows = bench.memory_rows(True, 0, 16, 5, "resnet18", 3)
+    assert len(rows) == 3 and all(r.goal == bench.MEMORY_GOAL for r in rows)
+    assert all(math.isnan(r.ratio_median) and r.meets_goal is None for r in rows)
+    assert all(r.goal_verdict == "not judged: the float forward grew by 0 bytes in 3 of 3 "
+               "processes (it fit in memory the allocator held): no ratio" for r in rows)
