@@ -1271,8 +1271,10 @@ def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
        section 3.2.
     """
     alpha = _check_alpha(alpha)
-    if len(_flat_shape(sample)) > 1:
-        raise ValueError(f"sample must be one-dimensional, got shape {_flat_shape(sample)}")
+    shape = _flat_shape(sample)
+    if len(shape) != 1:
+        hint = " (a single value: pass [x], a sample of one)" if shape == () else ""
+        raise ValueError(f"sample must be one-dimensional, got shape {shape}{hint}")
     x = np.sort(_sample(sample, "sample"))
     n = x.size
     k, coverage = median_ranks(n, alpha)

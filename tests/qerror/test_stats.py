@@ -1233,3 +1233,15 @@ def test_median_ci_refuses_bad_input():
     with pytest.raises(ValueError, match=re.escape("n must be an int >= 1, got 0")):
         median_ranks(0)
     assert median_ci(torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0]), 0.1).ci == (1.0, 5.0)
+
+
+@pytest.mark.parametrize("scalar", [2.5, np.float64(2.5), np.array(2.5), torch.tensor(2.5)])
+def test_median_ci_refuses_a_single_number_as_a_sample(scalar):
+    """A 0-d value is not the one-dimensional sample the docstring asks for: it was read as
+    a sample of one value, and its "too few for an interval" hid the slip (a ratio passed
+    where the ratios were meant)."""
+    with pytest.raises(ValueError, match=re.escape(
+            "sample must be one-dimensional, got shape () (a single value: pass [x], a "
+            "sample of one)")):
+        median_ci(scalar, 0.1)
+    assert median_ci([2.5], 0.1).n == 1
