@@ -823,10 +823,13 @@ def latency_table(latency: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
         "vs dense": ["" if np.isnan(v) else f"{v:.3g}x" for v in latency.ratio_vs_dense]})
 
 
-def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int) -> str:
-    """What the latency table holds, said only of the rows it has (raw LaTeX)."""
+def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int,
+                    untimed: Sequence[str] = ()) -> str:
+    """What the latency table holds, said only of the rows it has (raw LaTeX); ``untimed``:
+    the models of the points the table lacks, each as plain text with why, named last."""
     rounds = meter.rounds
-    text = (f"Batch-1 CPU latency of every model on {min(rounds, test_images)} test images "
+    text = (f"Batch-1 CPU latency of every model{' but those named last' if untimed else ''} "
+            f"on {min(rounds, test_images)} test images "
             f"({rounds} rounds, {torch.get_num_threads()} thread(s))")
     # p99 is NaN (an empty cell) below P99_MIN_TIMINGS rounds, where it would be a maximum
     tails = ("99th percentiles" if rounds >= P99_MIN_TIMINGS else
@@ -846,6 +849,8 @@ def latency_caption(latency: pd.DataFrame, meter: LatencyMeter, test_images: int
     if KERNEL_EARLY_EXIT in kernels:
         text += (" The INT8 early-exit row is its own run's measurement (real INT8 kernels, "
                  "its own rounds, against its own FP32 network), not this run's.")
+    if untimed:
+        text += " Not timed: " + escape("; ".join(untimed)) + "."
     return text
 
 
@@ -940,6 +945,10 @@ def early_exit_point(run: EarlyExitRun, net: nn.Module, folder: Path,
 
 
 EARLY_EXIT_LATENCY_ROW = "batch 1, latency, compiled"
+# Why the early-exit point has no latency row where its run's latency gives none.
+EARLY_EXIT_UNTIMED = ("its early-exit run has no batch-1 latency of its compiled INT8 network "
+                      "(none compiled, or a compile inside the timing), and this run has no "
+                      "INT8 kernel to time it with")
 
 
 def early_exit_latency(lat: pd.DataFrame | None, row: dict) -> list[dict]:
@@ -1295,6 +1304,7 @@ def _main(argv: list[str]) -> int:
         folder = Path(tmp)
         bar = tqdm(total=tasks, desc="compression", unit="model")
         rows, timing = [], []
+        untimed = []  # the points latency.csv lacks, each with why
         meter = LatencyMeter(args.latency_rounds, data.x_test, data.p_test, model)
         if "resnet" in parts:
             rows, timing, pruned, correct = resnet_points(model, data, args, folder, bar,
@@ -1302,7 +1312,11 @@ def _main(argv: list[str]) -> int:
             if ee_why is None:
                 rows.append(early_exit_point(ee_run, ee_net, folder, correct[0.0]))
                 if args.latency_rounds:
-                    meter.rows += early_exit_latency(ee_latency, rows[-1])
+                    timed = early_exit_latency(ee_latency, rows[-1])
+                    meter.rows += timed
+                    if not timed:  # said, not left out of "every model" unsaid
+                        untimed.append(f"{rows[-1]['method']} ({rows[-1]['config']}): "
+                                       f"{EARLY_EXIT_UNTIMED}")
         if args.rounding_bits:
             t0 = time.perf_counter()
             rounding, rlayers = rounding_rows(pruned, data, args.rounding_bits, args.seed,
@@ -1348,7 +1362,7 @@ def _main(argv: list[str]) -> int:
             run.write_csv("latency.csv", latency, timing=True)
             run.write_latex_table(
                 "latency.tex", latency_table(latency, points),
-                latency_caption(latency, meter, len(data.y_test)) + tag,
+                latency_caption(latency, meter, len(data.y_test), untimed) + tag,
                 "tab:compression-latency", timing=True,
                 column_format=wrapped_columns(0.15, 0.22, 0.13) + "rrrrr")
             fig = figure_latency(plt, latency, points, smoke)
@@ -1372,6 +1386,7 @@ def _main(argv: list[str]) -> int:
         summary = {"points": records(points), "goals": records(goal_frame),
                    "smallest_within_one_point": smallest,
                    "smallest_shown_within_one_point": shown, "smoke": smoke,
+                   "untimed": untimed,
                    "wisard_unfit_budgets": [] if "wisard" not in parts else [
                        int(b) for b in args.wisard_budgets
                        if not ((points.method == "WiSARD") & (points.get("budget") == b)).any()],

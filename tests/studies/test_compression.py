@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from studies import compression
-from studies._latex import letters
+from studies._latex import escape, letters
 
 OUTPUTS = ("points.csv", "goals.csv", "timing.csv", "rounding.csv", "rounding_layers.csv",
            "summary.json", "points.tex", "goals.tex", "rounding.tex", "macros.tex",
@@ -610,6 +610,15 @@ def test_the_int8_early_exit_network_of_a_matching_run_is_a_point(fashion_idx, t
     # its caption names the study in LaTeX that compiles: no bare underscore
     tex = (out / "points.tex").read_text()
     assert "\\texttt{studies.early\\_exit}" in tex and not re.search(r"(?<!\\)_", tex)
+    # Its run compiled no INT8 network, so it timed none: the latency table lacks the point
+    # and says so, and why, rather than calling its rows "every model".
+    summary = json.loads((out / "summary.json").read_text())
+    caption = (out / "latency.tex").read_text()
+    assert "INT8 early exit" not in set(pd.read_csv(out / "latency.csv").method)
+    assert "every model but those named last" in caption
+    assert "Not timed: INT8 early exit (" + escape(row.config) + ")" in caption
+    assert summary["untimed"] == [f"INT8 early exit ({row.config}): "
+                                  f"{compression.EARLY_EXIT_UNTIMED}"]
     # An uncompiled run measured no latency; a latency file whose bytes are not those its
     # manifest lists is refused.
     ran = early_exit_run(ee_out)
