@@ -1884,7 +1884,8 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
         chosen against its share.
     margin, alpha
         How the pooled out-of-fold correctness qualifies against the reference
-        (:func:`qualifies`); ``alpha`` is also the level of each procedure's own test.
+        (:func:`qualifies`: ``margin`` in (0, 1] with ``alpha``, in [0, 1] without);
+        ``alpha`` is also the level of each procedure's own test.
     folds : int
         K, at least 2 and at most N.
     seed : int
@@ -1959,6 +1960,11 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
         raise ValueError(f"calibration must be one of {CALIBRATION_OBJECTIVES} or None, got "
                          f"{calibration!r}")
     margin = _check_threshold(margin, "margin")
+    if alpha is not None and margin == 0:
+        # every procedure would be 'not met' whatever the data, after running every fold
+        raise ValueError("margin must be above 0 with alpha (the paired non-inferiority test "
+                         "needs a positive margin, as qualifies says); give a margin in "
+                         "(0, 1], or alpha=None for the estimate rule, which takes 0")
     if plan_n is not None:
         plan_n = check_count(plan_n, "plan_n (the images of the split the rule will be "
                                      "reported on)", 1)

@@ -955,6 +955,20 @@ def test_planning_for_the_reporting_split_narrows_the_margin_by_its_standard_err
         logits, labels, procs, cands, costs, ref, 0.05, plan_n=500, **kw)))
 
 
+def test_cross_validation_refuses_margin_zero_with_a_level():
+    """The paired test needs a positive margin, as qualifies() says; at margin 0 with a
+    level cross_validate_selection ran every fold and then called every procedure 'not
+    met' without a word, whatever the data."""
+    labels, logits, costs = _four_exits(60, (1.0, 2.0, 2.5, 3.0))
+    ref = logits[-1].argmax(1) == labels
+    procs = [SelectionProcedure("max-softmax", False, 0.05)]
+    with pytest.raises(ValueError, match=r"margin must be above 0 with alpha"):
+        cross_validate_selection(logits, labels, procs, [0.5, 1.0], costs, ref, 0.0,
+                                 alpha=0.05, calibration=None)
+    with pytest.raises(ValueError, match="margin must be in"):
+        qualifies(ref, ref, 0.0, alpha=0.05)
+
+
 def test_cross_validation_with_the_estimate_rule_at_margin_zero():
     # No level and margin 0: a procedure qualifies when its out-of-fold accuracy is at
     # least the reference's, as qualifies() says (it could not at all before).
