@@ -446,6 +446,13 @@ def test_claim_T7_small_values_suffer_in_relative_error_only():
     # Absolute error: a value uniform in [k, k+1) steps has the same MSE for every k.
     mses = [error_moments(sps.uniform(k, 1), trunc, 1.0).mse for k in range(0, 20)]
     np.testing.assert_allclose(mses, 1 / 3, rtol=1e-12)
+    # ... and the same law, not only the same MSE (an error of -f on some cells and 1 - f
+    # on others has MSE 1/3 on each): the value k + f has error exactly -f on every cell,
+    # and -(k + f) error f, for f on a grid of 2⁻¹⁰ steps (exact in float64)
+    f = np.arange(1024) / 1024
+    for k in range(0, 20):
+        np.testing.assert_array_equal(fake_quantize(k + f, trunc, 1.0) - (k + f), -f)
+        np.testing.assert_array_equal(fake_quantize(-(k + f), trunc, 1.0) + (k + f), f)
     # Relative error: E[(e/x)^2] falls with the magnitude. Exactly, for x uniform on
     # [k, k+1) (k >= 1) truncation's e/x is k/x - 1, so E[(e/x)^2] = k/(k+1) - 2k ln(1 + 1/k)
     # + 1 and E[(e/x)^4] = ∫ (k/x - 1)^4 dx; each sample mean is that value within z
