@@ -69,7 +69,8 @@ def test_claim_R3_rounding_error_bound_needs_no_clipping():
     inside = (x / scale).abs() <= 127
     # float32 x/s, the bound holds to its rounding: the divisor fl32(s) (relative error
     # |fl32(s) - s|/s) and the quotient (half a float32 ulp), for |x/s| below 128
-    tol = 128 * abs(float(np.float32(scale)) - scale) / scale + float(np.spacing(np.float32(127))) / 2
+    tol = (128 * abs(float(np.float32(scale)) - scale) / scale
+           + float(np.spacing(np.float32(127))) / 2)
     assert e[inside].abs().max() <= 0.5 + tol
     assert e[~inside].abs().max() > 30  # clamped values: far outside [-0.5, 0.5]
     # qerror's quantizer agrees with the notes' inside the range (scale is a power of two

@@ -1098,7 +1098,8 @@ def test_labels_that_are_not_class_indices_of_the_logits_are_refused(setup):
                                 (y.double() + 0.5, TypeError, r"labels must be integer"),
                                 (y > 2, TypeError, r"labels must be integer"),
                                 (y.double(), TypeError, r"labels must be integer.*\.long\(\)"),
-                                (y[:, None], ValueError, r"labels of shape \(\d+, 1\) do not match")):
+                                (y[:, None], ValueError,
+                                 r"labels of shape \(\d+, 1\) do not match")):
         for run in (lambda: measure(model, [(x, labels)], cfg, act),
                     lambda: measure_many(model, [(x, y), (x, labels)], [cfg], act)):
             with pytest.raises(error, match=what):
