@@ -307,10 +307,19 @@ def is_relu(node, modules) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _keeps_forward(m: nn.Module) -> bool:
+    """Whether ``m`` is a module :func:`check_model` knows (a layer, a per-sample module) or a
+    subclass of one that keeps its ``forward``: the graph readers take such a node for that
+    module (a BatchNorm's statistics folded, a ReLU fused)."""
+    return any(isinstance(m, base) and type(m).forward is base.forward
+               for base in LAYERS + PER_SAMPLE_LEAVES)
+
+
 class _HookFreeTracer(torch.fx.Tracer):
     """``torch.fx``'s tracer, calling each traced container's ``forward`` without its hooks,
     with every module :func:`check_model` knows (a layer, a per-sample module) one node, its
-    subclasses too."""
+    subclasses that keep its ``forward`` too (one with a forward of its own is traced
+    through, as any other module)."""
 
     def call_module(self, m, forward, args, kwargs):
         return super().call_module(m, m.forward, args, kwargs)
@@ -319,9 +328,10 @@ class _HookFreeTracer(torch.fx.Tracer):
         # torch.fx keeps only torch.nn's own classes whole: a subclass defined elsewhere
         # is traced through, a layer's call then a bare F.conv2d that no graph reader
         # counts (a later layer's path depth one short) and a BatchNorm's input check
-        # control flow that fails the trace
-        return isinstance(m, LAYERS + PER_SAMPLE_LEAVES) or super().is_leaf_module(
-            m, module_qualified_name)
+        # control flow that fails the trace. A subclass with a forward of its own is not
+        # that module: a node of it would be read as one (a BatchNorm's statistics folded
+        # while its forward adds to them)
+        return _keeps_forward(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def fx_graph(model: nn.Module, who: str, advice: str = "") -> torch.fx.Graph:

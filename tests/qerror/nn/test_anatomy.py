@@ -277,6 +277,38 @@ class _RenamedBatchNorm(nn.BatchNorm2d):
     """A subclass that keeps BatchNorm2d's forward."""
 
 
+class _ShiftedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with a forward of its own: its statistics, then 1 added."""
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps) + 1.0
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_not_read_as_a_batchnorm():
+    """A subclass's node is read as its torch.nn base's: a BatchNorm2d subclass whose forward
+    adds 1 was folded into the conv before it (the folded conv 1.0 off the model's first two
+    modules) and named as the BatchNorm feeding the next layer, whose input mean its running
+    statistics do not give. Its forward is traced through, as any other module's: no fold,
+    no BN-fed layer; the subclass keeping BatchNorm2d's forward is still one node."""
+    from qerror.nn._anatomy import fold_bn, layer_chains
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), _ShiftedBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # what folding it would compute: its statistics without the 1
+        assert torch.allclose(fold_bn(model[0], model[1])(x) + 1.0, model[1](model[0](x)),
+                              atol=1e-5)
+    assert [(s.name, s.bn) for s in layer_chains(model, True, who="test")] == [
+        ("0", None), ("3", None), ("5", None)]
+    assert bn_fed_layers(model) == {}
+    model[1] = _RenamedBatchNorm(4).eval()
+    assert [(s.name, s.bn) for s in layer_chains(model, True, who="test")] == [
+        ("0", model[1]), ("3", None), ("5", None)]
+    assert bn_fed_layers(model) == {"3": model[1]}
+
+
 def test_the_graph_holds_subclasses_of_layers_and_batchnorms():
     """torch.fx keeps only torch.nn's own classes as one node: a subclass defined elsewhere
     was traced through, so its layer was missing from the graph (probe4: path depths
