@@ -52,7 +52,7 @@ def check_labels(y, classes: int | None = None, n: int | None = None,
             if y.dtype.is_floating_point else ""
         raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}{hint}")
     if (y.ndim != 1) if n is None else (tuple(y.shape) != (n,)):
-        want = "one-dimensional" if n is None else f"of shape ({n},), one per sample,"
+        want = "one-dimensional," if n is None else f"of shape ({n},), one per sample,"
         raise ValueError(f"{name} must be {want} got shape {tuple(y.shape)}")
     if y.numel():
         lo, hi = int(y.min()), int(y.max())

@@ -45,7 +45,9 @@ on ``--latency-rounds`` test images, every image timed against the dense float32
 alternation, with the kernel that runs it: pruned networks as CSR products
 (:func:`qerror.compress.to_csr`), stored INT8 weights dequantized into float32 (there is no
 INT8 kernel behind a storage format; the early-exit row is the early-exit run's own
-measurement with real INT8 kernels). 2:4 kernels are CUDA-only and not measured.
+measurement with real INT8 kernels; a point it lacks, where that run timed none, is named
+with why in the caption and ``summary.json``'s ``untimed``). 2:4 kernels are CUDA-only and
+not measured.
 
 Scale: ``--device cuda`` fine-tunes and evaluates the ResNets, trains the DWNs and the tiny
 CNNs on a GPU (TF32 off); sizes, files and WiSARD stay on the CPU.
