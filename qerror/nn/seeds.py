@@ -92,13 +92,19 @@ def _bn_worst(res) -> float:
     return worst if seen else math.nan
 
 
-def _deepest(res):
+def _convs(res):
     convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
     if not convs:
         raise ValueError("the claims' drift and growth quantities are those of the "
                          "convolutions, and the result has none with a path depth; measure "
                          "a convolutional network that torch.fx can trace")
     return convs
+
+
+def _deepest(convs):
+    """The convolution of largest path depth (the last to run among equals): execution
+    order is not depth, a residual stage's shortcut runs after its block's convolutions."""
+    return max(reversed(convs), key=lambda s: s.path_depth)
 
 
 def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1000,
@@ -111,7 +117,7 @@ def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1
     (:func:`qerror.nn.growth.debiased_gap`). ``lo > 0`` decides that ``res`` leaves the
     larger deepest drift with the images random.
     """
-    a, b = _deepest(res)[-1], _deepest(reference)[-1]
+    a, b = _deepest(_convs(res)), _deepest(_convs(reference))
     if a.name != b.name:
         raise ValueError(f"the two results' deepest convolutions differ ({a.name!r} and "
                          f"{b.name!r}): measure one network for both")
@@ -132,7 +138,7 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
     The growth fit is the moving-block bootstrap over the convolutions
     (:func:`qerror.nn.growth.layer_block_bootstrap`, 95 %, 1000 resamples, ``seed``).
     """
-    convs = _deepest(res)
+    convs = _convs(res)
     layers = res.layers()
     fit = layer_block_bootstrap([s.path_depth for s in convs],
                                 [s.drift_rel_rms_channel_debiased for s in convs],
@@ -142,7 +148,7 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
         raise ValueError("the result has no labels; measure labelled batches for the "
                          "accuracy quantities")
     values = {
-        "drift_deep": convs[-1].drift_rel_rms_channel_debiased,
+        "drift_deep": _deepest(convs).drift_rel_rms_channel_debiased,
         "growth": fit.exponent, "growth_lo": fit.lo, "growth_ac1": fit.residual_ac1,
         "bn_worst": _bn_worst(res),
         "sat_first": layers[0].saturation_high, "sat_last": layers[-1].saturation_high,
