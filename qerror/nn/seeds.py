@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_labels, check_seed
 from qerror.nn import parallel
 from qerror.nn._anatomy import check_model, eval_mode
 from qerror.nn._moments import channel_sums, network_roundoff, unit_roundoff
@@ -230,6 +230,8 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
                 with paired_forward(model, QuantConfig.make(b, mode, seed=seed), act):
                     for x, y in batches:
                         out = model(torch.cat([x, x]))
+                        # measure's check: a label outside the classes reads as a wrong answer
+                        y = check_labels(y, out.shape[1], len(x))
                         correct.append(out[len(x):].argmax(1) == y)
                         if first:
                             float_correct.append(out[:len(x)].argmax(1) == y)
@@ -418,6 +420,7 @@ def _batches(test: torch.Tensor, labels: torch.Tensor, batch: int) -> list:
     batch = check_count(batch, "batch (images per paired batch)", 1)
     if len(test) != len(labels):
         raise ValueError(f"{len(test)} test images but {len(labels)} labels")
+    labels = check_labels(torch.as_tensor(labels))
     return [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
 
 
