@@ -187,12 +187,12 @@ def network_statements(model: nn.Module, calib: torch.Tensor, test: torch.Tensor
     """
     seed = check_seed(seed, "seed")
     batches = _batches(test, labels, batch)
+    bits, modes = _grid(bits, modes)
     rows = []
     with eval_mode(model):
         for b in bits:
             act = _ranges(model, calib, b)
             for mode in modes:
-                mode = RoundingMode.parse(mode)
                 res = measure(model, batches, QuantConfig.make(b, mode, seed=seed), act)
                 rows += [{"bits": int(b), "mode": mode.value, "quantity": k, "value": v}
                          for k, v in statement_values(res, seed=seed).items()]
@@ -220,12 +220,12 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
     """
     seed = check_seed(seed, "seed")
     batches = _batches(test, labels, batch)
+    bits, modes = _grid(bits, modes)
     frames, float_correct = [], []
     with eval_mode(model), torch.no_grad():
         for b in bits:
             act = _ranges(model, calib, b)
             for mode in modes:
-                mode = RoundingMode.parse(mode)
                 correct, first = [], not frames  # the float half: once is enough
                 with paired_forward(model, QuantConfig.make(b, mode, seed=seed), act):
                     for x, y in batches:
@@ -420,8 +420,23 @@ def _batches(test: torch.Tensor, labels: torch.Tensor, batch: int) -> list:
     batch = check_count(batch, "batch (images per paired batch)", 1)
     if len(test) != len(labels):
         raise ValueError(f"{len(test)} test images but {len(labels)} labels")
+    if not len(test):
+        raise ValueError("no test images: give at least one, with its label")
     labels = check_labels(torch.as_tensor(labels))
     return [(test[i:i + batch], labels[i:i + batch]) for i in range(0, len(test), batch)]
+
+
+def _grid(bits, modes) -> tuple[list, list[RoundingMode]]:
+    """The widths and modes to measure, each given once: none would give an empty table,
+    and a repeat the same rows twice."""
+    bits, modes = list(bits), [RoundingMode.parse(m) for m in modes]
+    for name, given in (("bits", bits), ("modes", [m.value for m in modes])):
+        if not given:
+            raise ValueError(f"{name} is empty: give at least one to measure")
+        if len(set(given)) < len(given):
+            raise ValueError(f"{name} {given} repeats a value: give each once (a seed "
+                             "measured twice would count twice in the share of seeds)")
+    return bits, modes
 
 
 def _ranges(model: nn.Module, calib: torch.Tensor, bits: int):
