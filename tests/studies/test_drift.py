@@ -349,6 +349,39 @@ def test_an_imagenet_folder_smaller_than_asked_is_refused_before_any_work(
     assert not out.exists()
 
 
+def test_the_readme_imagenet_commands_fit_the_ilsvrc2012_validation_set(monkeypatch):
+    """The README's full-scale commands measured --images 50000 on the validation folder,
+    whose 50,000 images hold the calibration images too: every one was refused ("--images
+    50000: the data hold 49800 such images") before any work."""
+    from qerror.data import imagenet_val_labels
+    from tests.studies.test_commands import commands
+
+    readme = (Path(drift.__file__).resolve().parents[1] / "README.md").read_text(
+        encoding="utf-8")
+    runs = [argv for study, argv in commands(readme)
+            if study == "drift" and "/data/imagenet/val" in argv]
+    assert len(runs) >= 2  # one process; torchrun (one machine or two: the same argv)
+
+    class Val:  # the validation folder as listed: its images are not read before the work
+        root = Path("/data/imagenet/val")
+
+        def __len__(self):
+            return len(imagenet_val_labels())
+
+    class WorkStarts(Exception):
+        pass
+
+    def work(*args, **kwargs):
+        raise WorkStarts
+
+    monkeypatch.setattr(drift, "imagenet_folder", lambda *a, **k: Val())
+    monkeypatch.setattr(drift, "check_out", lambda *a, **k: None)
+    monkeypatch.setattr(drift, "distributed", work)
+    for argv in runs:
+        with pytest.raises(WorkStarts):
+            drift.main(list(argv))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "bogus"], "--modes"),
     (["--bits", "1"], "--bits"),
