@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torchvision
 from scipy.optimize import brentq
 from scipy.stats import norm
 
@@ -54,6 +55,7 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qerror.files import atomic_write, sha256_file
+from qerror.nn import QuantConfig
 from qerror.stats import median_ranks, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import NOT_A_NUMBER, count, signed
@@ -61,7 +63,7 @@ from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
 from studies.drift import TAIL_TOP as DRIFT_TAIL_TOP
-from studies.drift import pilot_local_samples
+from studies.drift import kept_means_bytes, pilot_local_samples
 from studies.early_exit import ALPHA as EARLY_EXIT_ALPHA
 
 PAPER = Path(__file__).resolve().parent
@@ -1796,7 +1798,16 @@ SETTINGS: dict[str, Callable[[], str]] = {
     "drift-power": lambda: level(DRIFT_RESOLVE_POWER),
     # how many most extreme images its tail shares count
     "drift-tail-top": lambda: count(DRIFT_TAIL_TOP),
+    # what one configuration's kept image means take for ResNet50 at the README's ImageNet
+    # command's 49,800 images (studies.drift.kept_means_bytes)
+    "imagenet-kept-gib": lambda: f"{imagenet_kept_bytes() / 2 ** 30:.1f} GiB",
 }
+
+
+def imagenet_kept_bytes(images: int = 49_800) -> int:
+    """Bytes of one configuration's kept image means (:func:`studies.drift.kept_means_bytes`)
+    for torchvision's ResNet50 at ``images`` images: the README's ImageNet commands'."""
+    return kept_means_bytes(torchvision.models.resnet50(), [QuantConfig.make(8)], images)
 
 
 def render_settings(text: str) -> tuple[str, list[str]]:
