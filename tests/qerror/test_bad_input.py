@@ -171,10 +171,10 @@ def _refine(v):
                              0.0, max_rounds=v)
 
 
-def _cross_validate(**kw):
+def _cross_validate(margin=0.0, **kw):
     logits, labels, costs, ref = _exit_inputs()
     return cross_validate_selection(logits, labels, [SelectionProcedure("entropy", False, 0.0)],
-                                    [0.5], costs, ref, 0.0, calibration=None, **kw)
+                                    [0.5], costs, ref, margin, calibration=None, **kw)
 
 
 def _exits_per_class(v):
@@ -296,7 +296,8 @@ COUNTS = [
     ("cross-validate-folds", "folds", 2, lambda v: _cross_validate(folds=v), 3.0),
     ("cross-validate-plan-n",
      "plan_n (the images of the split the rule will be reported on)", 1,
-     lambda v: _cross_validate(alpha=0.05, plan_n=v), 100.0),
+     # a positive margin: with alpha, margin 0 is refused first (e43fb5c)
+     lambda v: _cross_validate(0.005, alpha=0.05, plan_n=v), 100.0),
     ("exits-per-class-num-classes", "num_classes", 1, _exits_per_class, 3.0),
     ("live-taps-size", "size", 1, lambda v: live_taps(v, 3, 1, 1), 4.0),
     ("live-taps-stride", "stride", 1, lambda v: live_taps(4, 3, v, 1), 1.0),

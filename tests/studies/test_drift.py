@@ -460,9 +460,10 @@ def test_weights_that_do_not_fit_are_refused_before_any_output(fashion_root, tmp
 
     folder = tmp_path / "imgs" / "n01443537"
     folder.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
-    assert drift.main(["--data", str(folder.parent), "--weights", str(bad),
-                       "--out", str(out)]) == 2
+    for i in range(4):  # enough for the counts, checked first (bcdccb2)
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.jpg")
+    assert drift.main(["--data", str(folder.parent), "--weights", str(bad), "--images", "2",
+                       "--calib-images", "2", "--out", str(out)]) == 2
     assert re.search("not a readable|missing|unexpected|state dict", capsys.readouterr().err)
     assert not out.exists() and not list(tmp_path.glob(".drift*"))
 
