@@ -254,7 +254,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
 
     def task_loss(weight: torch.Tensor) -> torch.Tensor:
         logits = torch.func.functional_call(model, {**params, key: weight}, (x,))
-        check_labels(y, logits.shape[-1])  # a min and a max over the labels: nothing beside
+        check_labels(y, logits.shape[-1])  # a min and a max of the labels, beside a forward pass
         # float64 mean: the differences between roundings can be far below the loss itself
         return F.cross_entropy(logits.double(), y)
 
