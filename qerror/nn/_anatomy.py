@@ -94,8 +94,7 @@ def check_model(model: nn.Module, *, need_batchnorm: bool = False) -> None:
     if not layer_names(model):
         raise UnsupportedModelError("the model has no Conv2d or Linear layer to quantize")
     own = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules()
-           if isinstance(m, LAYERS) and type(m).forward not in (nn.Conv2d.forward,
-                                                                 nn.Linear.forward)]
+           if isinstance(m, LAYERS) and not _keeps_forward(m)]
     if own:
         # the pass replaces each layer's forward with Conv2d's or Linear's computation on
         # its weight: a subclass's own forward would run in neither half
