@@ -230,11 +230,12 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
                 with paired_forward(model, QuantConfig.make(b, mode, seed=seed), act):
                     for x, y in batches:
                         out = model(torch.cat([x, x]))
-                        # measure's check: a label outside the classes reads as a wrong answer
-                        y = check_labels(y, out.shape[1], len(x))
-                        correct.append(out[len(x):].argmax(1) == y)
-                        if first:
+                        if first:  # the labels are the same for every configuration
+                            # measure's check: a label outside the classes reads as a wrong
+                            # answer (_batches made them int64 class indices >= 0)
+                            check_labels(y, out.shape[1], len(x))
                             float_correct.append(out[:len(x)].argmax(1) == y)
+                        correct.append(out[len(x):].argmax(1) == y)
                 frames.append(_outcome_frame(int(b), mode.value, correct))
     return pd.concat([_outcome_frame(0, "float", float_correct), *frames], ignore_index=True)
 
