@@ -609,8 +609,7 @@ def mse_ratio_ci(
     # and the log ratio carried in those units: squares of errors beyond 1e154 overflowed
     # (a NaN ratio read as 'no evidence that the MSEs differ') and below 1e-162 underflowed
     # to an MSE of 0.
-    ka, kb = (int(np.frexp(np.max(np.abs(v)))[1]) for v in (a, b))
-    a, b = np.ldexp(a, -ka), np.ldexp(b, -kb)
+    (a, ka), (b, kb) = _in_units(a), _in_units(b)
     a2, b2 = a * a, b * b
     ma, mb = float(a2.mean()), float(b2.mean())
     shift = 2 * (ka - kb) * math.log(2.0)  # the log of the two units' ratio
@@ -1629,11 +1628,18 @@ def _moments(data, channel) -> tuple[int, float, float, float]:
     # leaves every digit as it was): the variance of values below 1e-154 underflowed to 0
     # (an unbiased sample of N(0, 1e-170²) was 'biased, p < 1e-300') and above 1e154
     # overflowed (an interval of ±inf, p = 1).
-    k = int(np.frexp(np.max(np.abs(arr)))[1])
-    unit = np.ldexp(arr, -k)
+    unit, k = _in_units(arr)
     var = float(unit.var(ddof=1))
     return (arr.size, float(np.ldexp(unit.mean(), k)), math.ldexp(math.sqrt(var), k),
             math.ldexp(math.sqrt(var / arr.size), k))
+
+
+def _in_units(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(x / 2**k, k)`` with ``2**k`` just above the largest ``|x|`` (``x`` not all 0): an
+    exact rescaling into [-1, 1), where the squares of values beyond 1e±154, which over- or
+    underflow in float64, do not."""
+    k = int(np.frexp(np.max(np.abs(x)))[1])
+    return np.ldexp(x, -k), k
 
 
 def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: str,
