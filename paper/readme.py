@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qerror.files import atomic_write, sha256_file
 from qerror.nn import QuantConfig
+from qerror.nn.seeds import bn_moments_bytes
 from qerror.stats import median_ranks, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
 from studies._latex import NOT_A_NUMBER, count, signed
@@ -63,7 +64,12 @@ from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
 from studies.drift import TAIL_TOP as DRIFT_TAIL_TOP
-from studies.drift import kept_means_bytes, pilot_local_samples
+from studies.drift import (
+    imagenet_pixel_bytes,
+    kept_means_bytes,
+    pilot_local_samples,
+    resampled_bytes,
+)
 from studies.early_exit import ALPHA as EARLY_EXIT_ALPHA
 
 PAPER = Path(__file__).resolve().parent
@@ -1798,16 +1804,35 @@ SETTINGS: dict[str, Callable[[], str]] = {
     "drift-power": lambda: level(DRIFT_RESOLVE_POWER),
     # how many most extreme images its tail shares count
     "drift-tail-top": lambda: count(DRIFT_TAIL_TOP),
-    # what one configuration's kept image means take for ResNet50 at the README's ImageNet
-    # command's 49,800 images (studies.drift.kept_means_bytes)
-    "imagenet-kept-gib": lambda: f"{imagenet_kept_bytes() / 2 ** 30:.1f} GiB",
+    # what ResNet50's per-image statistics and images take at the README's ImageNet
+    # commands' 49,800 images (imagenet_memory): one configuration's kept image means,
+    # the BatchNorm moments, the commands' two configurations at their resampled images,
+    # and the images as 8-bit pixels
+    **{f"imagenet-{part}-gib": (lambda part=part: f"{imagenet_memory()[part] / 2 ** 30:.1f} GiB")
+       for part in ("kept", "bn", "resampled", "pixels")},
 }
 
+#: The README's ImageNet commands: images measured (the validation set's 50,000 less 200
+#: calibration images) and images resampled (--resample-images).
+IMAGENET_IMAGES, IMAGENET_RESAMPLED = 49_800, 5_000
 
-def imagenet_kept_bytes(images: int = 49_800) -> int:
-    """Bytes of one configuration's kept image means (:func:`studies.drift.kept_means_bytes`)
-    for torchvision's ResNet50 at ``images`` images: the README's ImageNet commands'."""
-    return kept_means_bytes(torchvision.models.resnet50(), [QuantConfig.make(8)], images)
+
+def imagenet_memory() -> dict[str, int]:
+    """Bytes of the drift study's per-image statistics and images for torchvision's ResNet50
+    at the README's ImageNet commands' :data:`IMAGENET_IMAGES`: ``kept``, one configuration's
+    kept image means (:func:`studies.drift.kept_means_bytes`); ``bn``, the BatchNorm moments
+    of one configuration that decides the network claims
+    (:func:`qerror.nn.seeds.bn_moments_bytes`); ``resampled``, both for the commands' two
+    configurations (nearest_even and toward_zero, 8 bits, both) at
+    :data:`IMAGENET_RESAMPLED` images (:func:`studies.drift.resampled_bytes`); ``pixels``,
+    the measured images as 8-bit pixels at 224×224 (:func:`studies.drift.imagenet_pixel_bytes`).
+    """
+    model = torchvision.models.resnet50()
+    configs = [QuantConfig.make(8, m, "both") for m in ("nearest_even", "toward_zero")]
+    return {"kept": kept_means_bytes(model, configs[:1], IMAGENET_IMAGES),
+            "bn": bn_moments_bytes(model, IMAGENET_IMAGES),
+            "resampled": resampled_bytes(model, configs, IMAGENET_RESAMPLED),
+            "pixels": IMAGENET_IMAGES * imagenet_pixel_bytes(224)}
 
 
 def render_settings(text: str) -> tuple[str, list[str]]:

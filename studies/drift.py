@@ -71,6 +71,7 @@ import math
 import os
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ from tqdm import tqdm
 
 from qerror import RangeMethod, RangePolicy, RoundingMode
 from qerror.calibration import ACIQ_LAWS
-from qerror.data import find_fashion_mnist, imagenet_folder, split_images
+from qerror.data import PixelBatches, find_fashion_mnist, imagenet_folder, split_images
 from qerror.nn import (
     MeanSource,
     PropagationResult,
@@ -119,6 +120,7 @@ from qerror.nn.models import forward_layout, imagenet_eval_sizes, memory_format
 from qerror.nn.seeds import (
     STATEMENT_MODES,
     bn_image_moments,
+    bn_moments_bytes,
     deepest_drift_gap,
     statement_values,
 )
@@ -201,11 +203,12 @@ class Data:
     ``test`` and ``headline`` are this rank's contiguous shares of the measured and of the
     headline batches (all of them on one process), starting at batch ``first_batch`` and
     ``headline_first``; ``calib`` and ``int8_test`` (the first test images, for the INT8
-    cross-check) are rank 0's alone.
+    cross-check) are rank 0's alone. An ImageNet folder's ``test`` is a
+    :class:`qerror.data.PixelBatches` (8-bit pixels normalised as each batch is read).
     """
 
     calib: list[tuple[torch.Tensor, torch.Tensor]]
-    test: list[tuple[torch.Tensor, torch.Tensor]]
+    test: Sequence[tuple[torch.Tensor, torch.Tensor]]
     identity: dict
     headline: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     first_batch: int = 0
@@ -303,7 +306,9 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
                   labels: Path | None = None, int8_images: int = 0) -> Data:
     """A seeded split of an ImageNet folder (a :class:`qerror.data.ImageNetFolder`):
     calibration images, then measured ones. Each rank reads only its share of the measured
-    batches; rank 0 reads the calibration images and the INT8 cross-check's."""
+    batches, and holds them as 8-bit pixels (:class:`qerror.data.PixelBatches`:
+    :func:`imagenet_pixel_bytes` an image); rank 0 reads the calibration images and the
+    INT8 cross-check's, as float images."""
     check_folder_counts(ds, images, calib_images)
     order = np.random.default_rng(seed).permutation(len(ds))
     n_cal = min(calib_images, len(ds) // 2)
@@ -319,11 +324,23 @@ def imagenet_data(ds, images: int, calib_images: int, batch: int, seed: int,
                                                   disable=not main)))
         return cut(torch.stack(xs), torch.as_tensor(ys), batch)
 
+    def load_pixels(index, what):
+        """The measured images as 8-bit pixels, normalised batch by batch as they are read
+        (a quarter of their float32 memory), filled in place (no second copy)."""
+        if not len(index):
+            return []
+        pixels = torch.empty((len(index), 3, ds.crop, ds.crop), dtype=torch.uint8)
+        labels = torch.empty(len(index), dtype=torch.int64)
+        for k, i in enumerate(tqdm(index, desc=what, unit="img", leave=False,
+                                   disable=not main)):
+            pixels[k], labels[k] = ds.pixels(int(i))
+        return PixelBatches(pixels, labels, batch, ds.normalise)
+
     calib = load(order[:n_cal], "load calibration images", calibration_batches) \
         if main else []
     lo = starts[mine.start] if len(mine) else len(test_index)
     hi = starts[mine.stop] if mine.stop < len(starts) else len(test_index)
-    test = load(test_index[lo:hi], "load test images")
+    test = load_pixels(test_index[lo:hi], "load test images")
     first = load(test_index[:int8_images], "load INT8 images") if main and int8_images else []
     ident = {"dataset": "imagenet-folder", **ds.identity(),
              "labels_file": None if labels is None else str(Path(labels).resolve()),
@@ -686,7 +703,7 @@ def _states(cfg: QuantConfig, results: dict) -> bool:
 
 
 def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, grown: list,
-                     bounds, seed: int) -> dict[str, float]:
+                     bounds, seed: int, kept_images: int | None = None) -> dict[str, float]:
     """The quantities that decide the network claims on this network with the images random.
 
     ``growth_image_lo``: the lower end of the image bootstrap's interval for the growth
@@ -696,7 +713,9 @@ def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, gr
     ``bn_all_hi``; and for a mode other than round-to-nearest, ``drift_deep_gap``,
     ``drift_deep_gap_lo`` and ``drift_deep_gap_hi``: its ``drift_deep`` less
     round-to-nearest's at the same width, with the image bootstrap's interval
-    (:func:`qerror.nn.seeds.deepest_drift_gap`), where round-to-nearest was measured too.
+    (:func:`qerror.nn.seeds.deepest_drift_gap`, over the first ``kept_images`` images where
+    given, as measured with ``image_means=kept_images``), where round-to-nearest was
+    measured too.
     """
     debiased = next(r for r in grown if r["metric"] == "drift_rel_rms_channel_debiased")
     out = {"growth_image_lo": debiased.get("lo_images", math.nan),
@@ -705,7 +724,7 @@ def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, gr
     reference = results.get(tuple(near.values()))
     if cfg.rounding is not RoundingMode.NEAREST_EVEN and reference is not None:
         gap = deepest_drift_gap(res, reference, level=FIT_LEVEL, resamples=BOOTSTRAP,
-                                seed=seed)
+                                seed=seed, kept_images=kept_images)
         out.update(drift_deep_gap=gap.gap, drift_deep_gap_lo=gap.lo, drift_deep_gap_hi=gap.hi)
     return out
 
@@ -1494,6 +1513,14 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--calib-images", type=int_at_least(2), default=None,
                         help="calibration images (ranges, BN re-estimation, bias correction; "
                              "default 200, smoke 16)")
+    parser.add_argument("--resample-images", type=int_at_least(2), default=None,
+                        help="the first N measured images keep their per-image statistics "
+                             "(each channel's mean drift, each BatchNorm's moments) for the "
+                             "bootstraps over images: the growth intervals, the tails, the "
+                             "deepest-drift gap and the BatchNorm bounds; accuracy and the "
+                             "layer statistics use every image. Their memory grows with N "
+                             "(the run refuses what would not fit, naming an N that does; "
+                             "default: every measured image)")
     parser.add_argument("--act-range", type=RangeMethod.parse, default=RangeMethod.MINMAX,
                         metavar="{" + ",".join(m.value for m in RangeMethod) + "}",
                         help="how each activation quantizer's range is found on the "
@@ -1736,6 +1763,33 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                              max((n * args.curve_draws for n in curve_sizes), default=0),
                              curve_images if curve_sizes else 0, model_id.get("held_out")))
 
+    outputs = {"bn_outputs": args.quantize_bn_outputs,
+               "block_outputs": args.quantize_block_outputs}
+    quantizes_activations = args.act_policy is not None
+    act_range = args.act_policy or RangePolicy()  # (no activation is quantized with it)
+    configs = grid(modes, bits_list, targets, args.seed, act_range, **outputs)
+
+    def check_memory(n_images: int) -> None:
+        """Refuse (every rank) a run whose per-image statistics and images would not fit this
+        machine's memory, warn (rank 0) where they take more than half of it; rank 0 decides
+        for the ranks on its machine, which each hold every kept statistic once merged (an
+        all-gather) and their share of the images."""
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        per_pixels = 0 if folder is None else imagenet_pixel_bytes(folder.crop)
+        verdict = parallel.broadcast_object(
+            memory_verdict(local_ranks * resampled_bytes(model, configs, 1),
+                           per_pixels * local_ranks / place.world_size, n_images,
+                           min(args.resample_images or n_images, n_images),
+                           available_memory(), len(configs), auto=images == AUTO,
+                           min_images=sizing["min_images"] if sizing else MIN_IMAGES)
+            if main else None)
+        if verdict is not None and verdict[0] == "error":
+            raise StudyError(verdict[1])
+        if verdict is not None and main:
+            print(f"[drift] warning: {verdict[1]}", flush=True)
+
+    if images != AUTO:  # known now: refused before any image is read
+        check_memory(images)
     # Sized by the pilot below; until then the floor (the checks hold for more images too).
     data = load(sizing["min_images"] if images == AUTO else images)
     # the data hold fewer images than asked (a checkpoint trained with a smaller calibration
@@ -1762,14 +1816,10 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     # The float reference is float32 on every device: no TF32 convolutions on GPUs.
     precision = disable_tf32() if place.device.type == "cuda" else {}
 
-    outputs = {"bn_outputs": args.quantize_bn_outputs,
-               "block_outputs": args.quantize_block_outputs}
-    quantizes_activations = args.act_policy is not None
-    act_range = args.act_policy or RangePolicy()  # (no activation is quantized with it)
-    configs = grid(modes, bits_list, targets, args.seed, act_range, **outputs)
     config = {"modes": [m.value for m in modes], "bits": bits_list,
               "targets": [t.value for t in targets], "images": images,
-              "calib_images": calib_images, "batch_size": batch,
+              "calib_images": calib_images, "resample_images": args.resample_images,
+              "batch_size": batch,
               "local_samples": local_samples, "remedy_bits": remedy_bits,
               "int8_images": int8_images, "headline_images": headline_images,
               "calib_curve": list(curve_sizes), "curve_images": curve_images if curve_sizes
@@ -1833,19 +1883,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
             data.identity.update(pilot_id)
         config.update(sizing, chosen_images=chosen)
     pilot_s = time.perf_counter() - pilot_start if images == AUTO else math.nan
-    # Every rank ends up holding every image's kept means (the merge is an all-gather):
-    # rank 0 decides for the ranks on its machine.
-    n_kept = data.identity["test_images"]
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    need = local_ranks * kept_means_bytes(model, configs, n_kept)
-    verdict = parallel.broadcast_object(
-        memory_verdict(need, available_memory(), n_kept, len(configs), auto=images == AUTO,
-                       min_images=sizing["min_images"] if sizing else MIN_IMAGES)
-        if main else None)
-    if verdict is not None and verdict[0] == "error":
-        raise StudyError(verdict[1])
-    if verdict is not None and main:
-        print(f"[drift] warning: {verdict[1]}", flush=True)
+    if images == AUTO:  # sized by the pilot: known now
+        check_memory(data.identity["test_images"])
     timing = estimate(model, data, configs, remedy_configs, act_qp, weights_of,
                       local_samples, place, curve_sizes, kway_rate=kway_rate,
                       curve_draws=args.curve_draws)
@@ -1870,10 +1909,13 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
     frames, acc_rows, fits, preds, statements = [], [], [], [], []
     tails: dict[tuple, dict] = {}
     results: dict[tuple, PropagationResult] = {}
-    n_images = data.identity["test_images"]  # every rank's image means over all of them
+    # every rank's per-image statistics over the first n_resample images of all of them
+    n_images = data.identity["test_images"]
+    n_resample = min(args.resample_images or n_images, n_images)
+    config["resampled_images"] = n_resample
     bar = tqdm(total=len(configs), desc="drift", unit="config", disable=not main)
     for cfg, res in measure_widths(model, data.test, configs, act_qp, weights_of,
-                                   local_samples, bar, image_means=n_images,
+                                   local_samples, bar, image_means=n_resample,
                                    first_batch=data.first_batch, across_ranks=True):
         results[tuple(_config_columns(cfg).values())] = res
     bar.close()
@@ -1884,7 +1926,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                     unit="config", disable=not main):
         moments = bn_image_moments(model, data.test, cfg, act_qp[_bits(cfg)],
                                    weights=weights_of(cfg), first_batch=data.first_batch,
-                                   across_ranks=True)
+                                   across_ranks=True, images=n_resample)
         if main:
             bn_bounds[tuple(_config_columns(cfg).values())] = inconsistency_bounds(
                 moments, alpha=ALPHA, resamples=BOOTSTRAP, seed=args.seed)
@@ -1904,7 +1946,8 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                 # decides them with the images random
                 values = statement_values(res, seed=args.seed)
                 values.update(image_statements(cfg, res, results, grown,
-                                               bn_bounds[tuple(cols.values())], args.seed))
+                                               bn_bounds[tuple(cols.values())], args.seed,
+                                               n_resample))
                 statements += [{"bits": cols["bits"], "mode": cols["mode"], "quantity": k,
                                 "value": v} for k, v in values.items()]
     phase_done("instrumented")
@@ -2241,7 +2284,7 @@ def check_batches(data: Data, batch: int, world_size: int, auto: bool = False) -
 
 def kept_means_bytes(model, configs, images: int) -> int:
     """Bytes of the per-image channel means the run keeps for the growth bootstraps: every
-    configuration keeps, at every convolution and linear layer, each measured image's mean
+    configuration keeps, at every convolution and linear layer, each resampled image's mean
     drift per output channel in float64, and every rank holds all of them once the ranks'
     shares are merged (an all-gather). Nearly half the default run's peak memory (4.5 of 10.0
     GiB resident on the Fashion-MNIST ResNet50 with 45 configurations and 500 images)."""
@@ -2251,42 +2294,77 @@ def kept_means_bytes(model, configs, images: int) -> int:
     return 8 * int(images) * len(configs) * channels
 
 
-MEMORY_ERROR_SHARE = 0.75  # of the available memory: the kept means beyond it stop the run
-MEMORY_WARN_SHARE = 0.5  # ... and beyond this they warn
+def resampled_bytes(model, configs, images: int) -> int:
+    """Bytes of the per-image statistics the run keeps for ``images`` resampled images
+    (``--resample-images``), on each rank: the kept channel means
+    (:func:`kept_means_bytes`) and, where a configuration decides the network claims, one
+    such configuration's BatchNorm moments at a time
+    (:func:`qerror.nn.seeds.bn_moments_bytes`, measured after the means, beside them)."""
+    states = any(c.target is Target.BOTH and c.rounding in STATEMENT_MODES for c in configs)
+    return kept_means_bytes(model, configs, images) + (
+        bn_moments_bytes(model, images) if states else 0)
 
 
-def memory_verdict(need: int, have: int | None, images: int, configs: int, *,
-                   auto: bool = False, min_images: int = MIN_IMAGES
-                   ) -> tuple[str, str] | None:
-    """("error", message) where the kept per-image means (``need`` bytes) take more than
-    three quarters of the memory available (``have``): the rest of the run needs the
-    remainder (model, data, the K-way passes: about 5.5 of the default run's 10.0 GiB,
-    measured when the passes took chunks of 32 images; :data:`KWAY_CHUNK` doubles them), so
-    such a run would be killed before it ends; ("warning", message) where they take more
-    than half; None otherwise or where the available memory is unknown. The advice names an
-    image count that keeps them within half: ``--images N``, or with ``--images auto``
-    (``auto``) ``--max-images N`` (and ``--min-images N`` where N is below ``min_images``).
+def imagenet_pixel_bytes(crop: int) -> int:
+    """Bytes of one measured ImageNet image as a rank holds it: 8-bit pixels, three
+    channels of ``crop`` × ``crop`` (:class:`qerror.data.PixelBatches`)."""
+    return 3 * int(crop) ** 2
+
+
+MEMORY_ERROR_SHARE = 0.75  # of the available memory: beyond it the run is refused
+MEMORY_WARN_SHARE = 0.5  # ... and beyond this it warns
+
+
+def memory_verdict(per_resampled: int, per_image: float, images: int, resampled: int,
+                   have: int | None, configs: int, *, auto: bool = False,
+                   min_images: int = MIN_IMAGES) -> tuple[str, str] | None:
+    """Whether the per-image statistics and the images fit this machine's memory.
+
+    They take ``need = per_resampled * resampled + per_image * images`` bytes: each
+    resampled image's statistics (:func:`resampled_bytes` of one image, times the ranks on
+    the machine) and each measured image as the machine's ranks hold it (their shares;
+    0 where the images are a few KB, Fashion-MNIST's). ("error", message) where that is
+    more than three quarters of the memory available (``have``): the rest of the run needs
+    the remainder (model, calibration images, the K-way passes: about 5.5 of the default
+    run's 10.0 GiB, measured when the passes took chunks of 32 images; :data:`KWAY_CHUNK`
+    doubles them), so such a run would be killed before it ends; ("warning", message)
+    where it is more than half; None otherwise or where the available memory is unknown.
+    The advice names counts that bring it within half: ``--resample-images K`` (the
+    bootstraps over fewer images, every image still measured), ``--images N`` or, with
+    ``--images auto`` (``auto``), ``--max-images N`` (and ``--min-images N`` where N is below
+    ``min_images``), and fewer configurations.
     """
+    need = per_resampled * resampled + per_image * images
     if have is None or need <= MEMORY_WARN_SHARE * have:
         return None
+    room = MEMORY_WARN_SHARE * have
     gb = lambda b: f"{b / 2**30:.1f} GiB"
-    fits = max(0, int(images * MEMORY_WARN_SHARE * have / need))
-    if fits < 2:
-        fewer = ""
-    elif auto:
-        fewer = (f"fewer images (--max-images {fits}"
-                 + (f" --min-images {fits}" if fits < min_images else "") + ") or ")
-    else:
-        fewer = f"fewer images (--images {fits}) or "
-    what = (f"keeping each measured image's per-channel drift for the growth bootstraps takes "
-            f"about {gb(need)} for {images} images x {configs} configurations, ")
-    ways = f"measure {fewer}fewer configurations (--modes, --bits, --targets)"
+    ways = []
+    keep = int((room - per_image * images) // per_resampled) if per_resampled else 0
+    if 2 <= keep < resampled:
+        ways.append(f"keep the per-image statistics of fewer images (--resample-images "
+                    f"{keep}; every image is still measured)")
+    # the most images N with per_resampled * min(resampled, N) + per_image * N within room
+    fits = int(room // (per_resampled + per_image)) if per_resampled + per_image else images
+    if per_image and resampled < images and resampled <= fits:
+        fits = int((room - per_resampled * resampled) // per_image)
+    if 2 <= fits < images:
+        ways.append(f"fewer images (--max-images {fits}" + (
+            f" --min-images {fits}" if fits < min_images else "") + ")" if auto
+            else f"fewer images (--images {fits})")
+    ways.append("fewer configurations (--modes, --bits, --targets)")
+    what = (f"keeping the per-image statistics for the bootstraps over images (channel "
+            f"drifts, BatchNorm moments) takes about {gb(per_resampled * resampled)} for "
+            f"{resampled} resampled images x {configs} configurations"
+            + (f", and the {images} measured images {gb(per_image * images)} as 8-bit pixels"
+               if per_image else "") + f", {gb(need)} in all: ")
+    advice = "; measure with " + ", or ".join(ways)
     if need > MEMORY_ERROR_SHARE * have:
         return ("error", what + f"more than three quarters of the {gb(have)} of memory "
                 "available here, and the rest of the run needs the remainder, so it would be "
-                "killed before it ends; " + ways)
+                "killed before it ends" + advice)
     return ("warning", what + f"more than half the {gb(have)} available here; the run may "
-            "swap or be killed; " + ways)
+            "swap or be killed" + advice)
 
 
 def local_images(images: int, batch: int, local_samples: int) -> int:

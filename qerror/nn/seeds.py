@@ -62,8 +62,8 @@ from qerror.nn.propagate import (
 from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
-__all__ = ["STATEMENT_MODES", "bn_image_moments", "deepest_drift_gap", "fraction_holding",
-           "image_outcomes", "network_statements", "statement_values"]
+__all__ = ["STATEMENT_MODES", "bn_image_moments", "bn_moments_bytes", "deepest_drift_gap",
+           "fraction_holding", "image_outcomes", "network_statements", "statement_values"]
 
 #: The modes the network claims compare: round-to-nearest and the two biased ones.
 STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
@@ -108,12 +108,14 @@ def _deepest(convs):
 
 
 def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1000,
-                      seed: int = 0) -> GapInterval:
+                      seed: int = 0, kept_images: int | None = None) -> GapInterval:
     """``drift_deep`` of ``res`` less that of ``reference``, with an interval over images.
 
     Both are :func:`qerror.nn.propagate.measure` results of one network on the same images
-    (two rounding modes, say), measured with ``image_means`` covering every image: the
-    deepest convolution's per-image channel drifts are resampled together
+    (two rounding modes, say), measured with ``image_means`` covering every image, or with
+    ``image_means=kept_images`` where ``kept_images`` is given (then gap and interval are
+    those of the first ``kept_images`` images, a sample of the measured ones): the deepest
+    convolution's per-image channel drifts are resampled together
     (:func:`qerror.nn.growth.debiased_gap`). ``lo > 0`` decides that ``res`` leaves the
     larger deepest drift with the images random.
     """
@@ -121,9 +123,16 @@ def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1
     if a.name != b.name:
         raise ValueError(f"the two results' deepest convolutions differ ({a.name!r} and "
                          f"{b.name!r}): measure one network for both")
+    if kept_images is not None:
+        kept_images = check_count(kept_images, "kept_images (a number of images)", 2)
     for r, site in ((res, a), (reference, b)):
         kept = 0 if site.drift_image_channel is None else len(site.drift_image_channel)
-        if kept != r.logits.n:
+        if kept_images is not None:
+            if kept != min(kept_images, r.logits.n):
+                raise ValueError(f"a result keeps the drift of {kept} of its {r.logits.n} "
+                                 f"images, not the first {kept_images}: measure with "
+                                 f"image_means={kept_images}")
+        elif kept != r.logits.n:
             raise ValueError(f"a result keeps the drift of {kept} of its {r.logits.n} images: "
                              "measure with image_means set to the number of images, so that "
                              "none is left out of the resampling")
@@ -241,8 +250,8 @@ def image_outcomes(model: nn.Module, calib: torch.Tensor, test: torch.Tensor,
 
 
 def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams, *,
-                     weights=None, first_batch: int = 0,
-                     across_ranks: bool = False) -> dict[str, BNImageMoments]:
+                     weights=None, first_batch: int = 0, across_ranks: bool = False,
+                     images: int | None = None) -> dict[str, BNImageMoments]:
     """Each image's moments of every BatchNorm's input, float and quantized
     (:class:`qerror.nn.bn.BNImageMoments`), for :func:`qerror.nn.bn.inconsistency_bounds`.
 
@@ -275,6 +284,13 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         argument its checks refuse, a model among them, a batch its network cannot take, an
         error of its forward or loader) does not leave the others waiting: it raises its
         own error and every other rank a RuntimeError naming it (see Raises).
+    images : int, optional
+        Keep the moments of the first ``images`` images only (at least 1; all where None):
+        the pass stops at the batch that holds the last of them, and with ``across_ranks``
+        each rank keeps at most ``images`` of its own before the gather, which keeps the
+        first ``images`` in rank order. The moments take memory in proportion to the
+        images kept (see Notes), and a bound over images needs no more than a random
+        sample of them.
 
     Returns
     -------
@@ -313,7 +329,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     same. Stochastic rounding draws the streams ``measure`` draws on the same batches and
     ``first_batch`` (whatever its ``pair_batch``), so its figures too are ``measure``'s.
     Memory: four float64 values per image and BatchNorm channel (the Fashion-MNIST
-    ResNet50's 26,560 channels: 0.85 MB an image).
+    ResNet50's 26,560 channels: 0.85 MB an image; :func:`bn_moments_bytes`). With
+    ``images``, the unit roundoff is that of the batches run.
     """
     norms: list[tuple[str, nn.BatchNorm2d]] = []
     parts: dict[str, list] = {}
@@ -343,6 +360,8 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         # the arguments are checked here, where a rank's refusal reaches the other ranks
         check_model(model)
         first_batch = check_count(first_batch, "first_batch (a batch index)")
+        if images is not None:
+            images = check_count(images, "images (the images whose moments are kept)", 1)
         norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
         parts = {n: [] for n, _ in norms}
         roundoff = {n: 0.0 for n, _ in norms}
@@ -357,16 +376,21 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         with eval_mode(model), torch.no_grad(), \
                 paired_forward(model, config, act_qparams, weights=weights,
                                first_batch=first_batch):
+            run = 0
             for x, *_ in batches:
                 model(torch.cat([x, x]))
                 seen += 1
+                run += x.shape[0]
                 if x.is_floating_point():
                     u = max(u, unit_roundoff(x.dtype))
+                if images is not None and run >= images:
+                    break  # before the next batch is read
         for name, m in norms:
             got = parts.pop(name)
             c = m.num_features
-            local[name] = ([torch.cat([g[j] for g in got]).numpy() if got else np.zeros((0, c))
-                            for j in range(4)], max((g[4] for g in got), default=0))
+            local[name] = ([torch.cat([g[j] for g in got])[:images].numpy() if got
+                            else np.zeros((0, c)) for j in range(4)],
+                           max((g[4] for g in got), default=0))
         if shared:
             keyed = drawn_batches([config], first_batch, seen)
     except Exception as exc:
@@ -401,7 +425,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         arrays, length = local.pop(name)
         if shared:  # a rank's share may be empty
             gathered = parallel.gather_objects((arrays, length))
-            arrays = [np.concatenate(a) for a in zip(*(g[0] for g in gathered))]
+            arrays = [np.concatenate(a)[:images] for a in zip(*(g[0] for g in gathered))]
             length = max(g[1] for g in gathered)
         if not length:
             raise ValueError(f"BatchNorm {name!r} did not run on the batches; give some "
@@ -410,6 +434,13 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
                                    m.running_var.detach().double().cpu().numpy(), length,
                                    roundoff[name])
     return out
+
+
+def bn_moments_bytes(model: nn.Module, images: int) -> int:
+    """Bytes of :func:`bn_image_moments`' result for ``images`` images: four float64 values
+    per image and BatchNorm2d channel."""
+    channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    return 4 * 8 * channels * int(images)
 
 
 def _outcome_frame(bits: int, mode: str, correct: list[torch.Tensor]) -> pd.DataFrame:

@@ -781,3 +781,49 @@ def test_hidden_files_are_not_images_of_the_set(tmp_path):
     (root / "._n01443537.jpg").write_bytes(b"\x00\x05\x16\x07")
     ds = data.imagenet_folder(root)
     assert len(ds) == 2 and all(not p.split("/")[-1].startswith(".") for p, _ in ds.samples)
+
+
+def test_pixels_normalised_are_the_items_bit_for_bit(tmp_path):
+    """An ImageNet folder's float image is its 8-bit pixels over 255, normalised: read back
+    from the pixels (one image or a batch) it equals, bit for bit, what the evaluation
+    preprocessing (Resize, CenterCrop, ToTensor, Normalize) gives the file."""
+    from PIL import Image
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    for k, cls in enumerate(SUBSET):
+        (root / cls).mkdir(parents=True)
+        noise = rng.integers(0, 256, (37 + 5 * k, 53, 3), dtype=np.uint8)  # odd sizes
+        Image.fromarray(noise).save(root / cls / "a.png")
+    ds = data.imagenet_folder(root, resize=29, crop=24)
+    reference = transforms.Compose([
+        transforms.Resize(29, antialias=True), transforms.CenterCrop(24), transforms.ToTensor(),
+        transforms.Normalize(mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)])
+    want = torch.stack([reference(data.load_image(path)) for path, _ in ds.samples])
+    pixels = torch.stack([ds.pixels(i)[0] for i in range(len(ds))])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 24, 24)
+    assert torch.equal(ds.normalise(pixels), want)
+    assert all(torch.equal(ds[i][0], want[i]) for i in range(len(ds)))
+    assert [ds.pixels(i)[1] for i in range(len(ds))] == list(SUBSET.values())
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        ds.normalise(want)
+
+
+def test_pixel_batches_read_as_the_float_batches_they_stand_for():
+    pixels = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(7)
+    scale = lambda u: u.to(torch.float32) / 255  # noqa: E731
+    batches = data.PixelBatches(pixels, labels, 3, scale)
+    assert len(batches) == 3 and batches.nbytes == 7 * 48 + 7 * 8
+    got = list(batches)  # iterated to the end, as a pass over the data is
+    assert [len(y) for _, y in got] == [3, 3, 1]
+    assert torch.equal(torch.cat([x for x, _ in got]), scale(pixels))
+    assert torch.equal(torch.cat([y for _, y in got]), labels)
+    assert torch.equal(batches[-1][0], scale(pixels[6:])) and len(batches[1:]) == 2
+    with pytest.raises(IndexError):
+        batches[3]
+    with pytest.raises(ValueError, match="uint8"):
+        data.PixelBatches(pixels.float(), labels, 3, scale)
+    with pytest.raises(ValueError, match=r"one per image"):
+        data.PixelBatches(pixels, labels[:6], 3, scale)

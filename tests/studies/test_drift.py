@@ -361,6 +361,13 @@ def test_the_readme_imagenet_commands_fit_the_ilsvrc2012_validation_set(monkeypa
     runs = [argv for study, argv in commands(readme)
             if study == "drift" and "/data/imagenet/val" in argv]
     assert len(runs) >= 2  # one process; torchrun (one machine or two: the same argv)
+    # the counts whose memory the README states (paper/readme.py's imagenet_memory)
+    from tests.studies.test_readme import readme as settings
+    for argv in runs:
+        given = dict(zip(argv[::1], argv[1:]))
+        assert given["--images"] == str(settings.IMAGENET_IMAGES)
+        assert given["--resample-images"] == str(settings.IMAGENET_RESAMPLED)
+    assert f"keep {settings.IMAGENET_RESAMPLED:,}, which take" in readme
 
     class Val:  # the validation folder as listed: its images are not read before the work
         root = Path("/data/imagenet/val")
@@ -619,7 +626,10 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     argv = ["--smoke", "--data-root", str(root), "--modes", "nearest_even", "stochastic",
             "--bits", "4", "--images", "auto", "--pilot-images", "4", "--min-images", "8",
             "--max-images", "12", "--calib-images", "8", "--batch-size", "4",
-            "--local-samples", "2", "--int8-images", "0", "--headline-images", "4"]
+            "--local-samples", "2", "--int8-images", "0", "--headline-images", "4",
+            "--resample-images", "10"]
+    # (--resample-images 10 of 9 to 12 measured: rank 0's 8 images and rank 1's first ones,
+    # kept in rank order, where the subset holds more than 9.)
     # The float32 forward's convolutions sum in an order set by the thread count, so the
     # single process runs on one thread, as each rank does (OMP_NUM_THREADS=1 below):
     # otherwise the logits differ by float32 round-off (~1e-7), not by the merge order.
@@ -662,6 +672,10 @@ def test_two_gloo_ranks_reproduce_one_process(tmp_path):
     assert chosen == json.loads((one / "manifest.json").read_text())["config"]["chosen_images"]
     assert "pilot.csv" in names
     assert (pd.read_csv(two / "headline.csv").images == 4).all()
+    kept = min(10, chosen)
+    assert manifest["config"]["resampled_images"] == kept
+    growth = pd.read_csv(two / "growth.csv").method_images.dropna()
+    assert len(growth) and growth.str.startswith(f"image bootstrap, N={kept},").all()
 
 
 @pytest.mark.filterwarnings("ignore::qerror.data.UnpublishedDataWarning")
@@ -1416,31 +1430,58 @@ def test_kept_means_bytes_counts_what_measure_keeps():
 
 
 def test_memory_verdict_refuses_what_cannot_fit_and_warns_at_half():
-    gib = 2**30
-    assert drift.memory_verdict(4 * gib, None, 500, 45) is None  # unknown: no verdict
-    assert drift.memory_verdict(4 * gib, 8 * gib, 500, 45) is None
-    kind, msg = drift.memory_verdict(5 * gib, 8 * gib, 500, 45)
-    assert kind == "warning" and "4.0 GiB" not in msg and "5.0 GiB" in msg
-    assert "--images 400" in msg  # 400 images take 4 GiB, half of the 8 available
-    kind, msg = drift.memory_verdict(20 * gib, 8 * gib, 2000, 45)
-    assert kind == "error" and "20.0 GiB for 2000 images x 45 configurations" in msg
-    assert "--images 400" in msg and "--modes" in msg
+    gib, mib = 2**30, 2**20
+    per = 8 * mib  # one resampled image's statistics
+    verdict = drift.memory_verdict
+    assert verdict(per, 0, 512, 512, None, 45) is None  # unknown: no verdict
+    assert verdict(per, 0, 512, 512, 8 * gib, 45) is None  # 4 GiB: half of 8
+    kind, msg = verdict(per, 0, 640, 640, 8 * gib, 45)
+    assert kind == "warning" and "5.0 GiB" in msg and "4.0 GiB" not in msg
+    # 512 images' statistics take 4 GiB, half of the 8 available
+    assert "--resample-images 512;" in msg and "--images 512)" in msg
+    kind, msg = verdict(per, 0, 2560, 2560, 8 * gib, 45)
+    assert kind == "error" and "20.0 GiB for 2560 resampled images x 45 configurations" in msg
+    assert "--resample-images 512;" in msg and "--images 512)" in msg and "--modes" in msg
     # beyond three quarters the rest of the run has no room: refused
-    assert drift.memory_verdict(6 * gib, 8 * gib, 500, 45)[0] == "warning"
-    assert drift.memory_verdict(6 * gib + 1, 8 * gib, 500, 45)[0] == "error"
+    assert verdict(per, 0, 768, 768, 8 * gib, 45)[0] == "warning"
+    assert verdict(per + 1, 0, 768, 768, 8 * gib, 45)[0] == "error"
     # with --images auto the advice is the pilot's ceiling, and its floor where needed
-    auto = drift.memory_verdict(20 * gib, 8 * gib, 2000, 45, auto=True, min_images=200)[1]
-    assert "--max-images 400)" in auto and "--images 400" not in auto
-    low = drift.memory_verdict(20 * gib, 2 * gib, 2000, 45, auto=True, min_images=200)[1]
-    assert "--max-images 100 --min-images 100" in low
-    kind, msg = drift.memory_verdict(20 * gib, 2**20, 2000, 45)  # not even two images fit
-    assert kind == "error" and "--images" not in msg and "fewer configurations" in msg
+    auto = verdict(per, 0, 2560, 2560, 8 * gib, 45, auto=True, min_images=200)[1]
+    assert "--max-images 512)" in auto and "--images 512" not in auto
+    low = verdict(per, 0, 2560, 2560, 2 * gib, 45, auto=True, min_images=200)[1]
+    assert "--max-images 128 --min-images 128" in low
+    kind, msg = verdict(per, 0, 2560, 2560, mib, 45)  # not even two images fit
+    assert kind == "error" and "--images" not in msg and "--resample-images" not in msg
+    assert "fewer configurations" in msg
 
 
-def test_a_run_whose_kept_means_cannot_fit_stops_before_measuring(fashion_root, tmp_path,
-                                                                    monkeypatch, capsys):
-    """Refused up front with the numbers and the ways out, and no output left behind."""
+def test_memory_verdict_counts_the_images_held_as_pixels():
+    """need = statistics of the resampled images + the measured images' pixels; each count
+    it names brings the need to half the memory (worked by hand in MiB)."""
+    gib, mib = 2**30, 2**20
+    verdict = drift.memory_verdict
+    # 40,000 images of 1 MiB statistics and 0.25 MiB pixels: 48.8 GiB of 64
+    kind, msg = verdict(mib, mib / 4, 40_000, 40_000, 64 * gib, 2)
+    assert kind == "error" and "9.8 GiB as 8-bit pixels" in msg and "48.8 GiB in all" in msg
+    # room 32768 MiB: (32768 - 10000) / 1 resampled images, or 32768 / 1.25 images
+    assert "--resample-images 22768;" in msg and "--images 26214)" in msg
+    assert verdict(mib, mib / 4, 40_000, 5_000, 64 * gib, 2) is None  # 14.6 GiB
+    # the pixels alone exceed half: no resampling count helps, fewer images do:
+    # 5000 + 0.25 N = 32768 MiB at N = 111072
+    kind, msg = verdict(mib, mib / 4, 200_000, 5_000, 64 * gib, 2)
+    assert kind == "error" and "--resample-images" not in msg and "--images 111072)" in msg
+
+
+def test_a_run_whose_kept_means_cannot_fit_stops_before_reading_images(fashion_root, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Refused up front, before any image is read, with the numbers and the ways out, and
+    no output left behind."""
     monkeypatch.setattr(drift, "available_memory", lambda: 1024)
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("images were read before the memory check")
+
+    monkeypatch.setattr(drift, "fashion_data", no_images)
     out = tmp_path / "drift"
     assert drift.main(["--smoke", "--data-root", str(fashion_root), "--out", str(out)]) == 2
     err = capsys.readouterr().err

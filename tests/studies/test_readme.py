@@ -602,7 +602,8 @@ def test_the_levels_the_prose_states_are_the_code_constants(tmp_path, monkeypatc
     monkeypatch.setattr(readme, "DRIFT_TAIL_TOP", 7)
     monkeypatch.setattr(readme, "EARLY_EXIT_ALPHA", 0.01)
     monkeypatch.setattr(readme, "COMPRESSION_ALPHA", 0.1)
-    monkeypatch.setattr(readme, "imagenet_kept_bytes", lambda: 3 * 2 ** 30)
+    monkeypatch.setattr(readme, "imagenet_memory", lambda: {
+        "kept": 3 * 2 ** 30, "bn": 4 * 2 ** 30, "resampled": 5 * 2 ** 30, "pixels": 2 ** 30})
     new, problems = readme.render(text)
     assert problems == []
     assert readme.differing(text, new) == []  # no record passage moves
@@ -612,8 +613,10 @@ def test_the_levels_the_prose_states_are_the_code_constants(tmp_path, monkeypatc
     assert "<!-- setting: early-exit-z -->z₀.₉₉<!-- /setting --> standard errors" in new
     assert "a <!-- setting: compression-level -->90<!-- /setting -->% Wilson" in new
     assert "<!-- setting: drift-tail-top -->seven<!-- /setting --> most extreme" in new
-    assert "<!-- setting: imagenet-kept-gib -->3.0 GiB<!-- /setting --> per configuration" \
-        in new
+    assert "<!-- setting: imagenet-kept-gib -->3.0 GiB<!-- /setting --> of means" in new
+    assert "<!-- setting: imagenet-bn-gib -->4.0 GiB<!-- /setting --> of moments" in new
+    assert "<!-- setting: imagenet-resampled-gib -->5.0 GiB<!-- /setting --> for" in new
+    assert "<!-- setting: imagenet-pixels-gib -->1.0 GiB<!-- /setting --> for 49,800" in new
     target = tmp_path / "README.md"
     target.write_text(text, encoding="utf-8")
     monkeypatch.setattr(readme, "README", target)

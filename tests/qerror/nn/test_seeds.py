@@ -159,22 +159,30 @@ def test_bn_worst_counts_a_collapsed_variance_and_says_when_nothing_was_measured
     assert np.isnan(_bn_worst(SimpleNamespace(sites=[])))
 
 
-def test_bn_image_moments_give_the_instruments_bn_worst_and_bounds_around_it():
-    """The per-image moments taken beside a paired pass give, for the sample itself, the
-    figure statement_values' bn_worst takes from measure's sums (two summation routes of
-    the same float32 sums: equal to float64 rounding), and bounds on either side
-    of it (set on the debiased figure, at most the plain one); the deepest drift's gap is the difference of two drift_deep figures."""
-    from qerror.nn.bn import inconsistency_bounds
-    from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
-    from qerror.nn.seeds import bn_image_moments, deepest_drift_gap, statement_values
-    from qerror.rounding import RoundingMode
+def _eighty_images():
+    """A warmed 5-layer network, 80 seeded test images with labels in batches of 48 and 32,
+    and its 4-bit activation ranges calibrated on 64 other images."""
+    from qerror.nn.propagate import QuantConfig, calibrate_activations
 
     model = _warmed(depth=5, width=6)
     g = torch.Generator().manual_seed(4)
     calib, test = torch.randn(64, 1, 8, 8, generator=g), torch.randn(80, 1, 8, 8, generator=g)
     labels = torch.randint(0, 10, (80,), generator=g)
     batches = [(test[:48], labels[:48]), (test[48:], labels[48:])]
-    act = calibrate_activations(model, [calib], QuantConfig.make(4).activation)
+    return model, batches, calibrate_activations(model, [calib], QuantConfig.make(4).activation)
+
+
+def test_bn_image_moments_give_the_instruments_bn_worst_and_bounds_around_it():
+    """The per-image moments taken beside a paired pass give, for the sample itself, the
+    figure statement_values' bn_worst takes from measure's sums (two summation routes of
+    the same float32 sums: equal to float64 rounding), and bounds on either side
+    of it (set on the debiased figure, at most the plain one); the deepest drift's gap is the difference of two drift_deep figures."""
+    from qerror.nn.bn import inconsistency_bounds
+    from qerror.nn.propagate import QuantConfig, measure
+    from qerror.nn.seeds import bn_image_moments, deepest_drift_gap, statement_values
+    from qerror.rounding import RoundingMode
+
+    model, batches, act = _eighty_images()
     res = {}
     # stochastic rounding too: the paired pass draws measure's streams on the same batches
     for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.STOCHASTIC):
@@ -206,6 +214,42 @@ def test_bn_image_moments_give_the_instruments_bn_worst_and_bounds_around_it():
     short = measure(model, batches, QuantConfig.make(4), act, image_means=40)
     with pytest.raises(ValueError, match="keeps the drift of 40 of its 80 images"):
         deepest_drift_gap(short, res[RoundingMode.NEAREST_EVEN], resamples=200)
+
+
+def test_the_first_images_kept_are_those_of_the_whole_pass():
+    """``images`` keeps the first rows of the moments of every image (stochastic rounding's
+    draws included), and a pass stops once it holds them; ``kept_images`` takes the gap over
+    the images two results kept, which must be that many."""
+    from qerror.nn.growth import debiased_gap
+    from qerror.nn.propagate import QuantConfig, measure
+    from qerror.nn.seeds import _convs, _deepest, bn_image_moments, deepest_drift_gap
+    from qerror.rounding import RoundingMode
+
+    model, batches, act = _eighty_images()
+    for mode in (RoundingMode.NEAREST_EVEN, RoundingMode.STOCHASTIC):
+        cfg = QuantConfig.make(4, mode)
+        whole = bn_image_moments(model, batches, cfg, act)
+        for k in (50, 48, 3):
+            ran = []
+            kept = bn_image_moments(model, (ran.append(b) or b for b in batches), cfg, act,
+                                    images=k)
+            assert len(ran) == (2 if k > 48 else 1)  # the batch holding the k-th image last
+            for name, m in kept.items():
+                assert m.images == k and m.length == whole[name].length
+                for a in ("mean_f", "sq_f", "mean_q", "sq_q"):
+                    assert np.array_equal(getattr(m, a), getattr(whole[name], a)[:k])
+    with pytest.raises(ValueError, match="images"):
+        bn_image_moments(model, batches, QuantConfig.make(4), act, images=0)
+    trunc, near = (measure(model, batches, QuantConfig.make(4, m), act, image_means=40)
+                   for m in (RoundingMode.TOWARD_ZERO, RoundingMode.NEAREST_EVEN))
+    got = deepest_drift_gap(trunc, near, resamples=200, seed=1, kept_images=40)
+    a, b = _deepest(_convs(trunc)), _deepest(_convs(near))
+    want = debiased_gap(a.drift_image_channel, a.float_std_channel, b.drift_image_channel,
+                        b.float_std_channel, resamples=200, seed=1)
+    assert got == want and a.drift_image_channel.shape[0] == 40
+    with pytest.raises(ValueError, match="keeps the drift of 40 of its 80 images, not the "
+                                         "first 50"):
+        deepest_drift_gap(trunc, near, resamples=200, kept_images=50)
 
 
 def test_bn_image_moments_refuse_a_model_without_batchnorm():
