@@ -821,8 +821,9 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()
     """The image files under ``folder`` and the other (not hidden) files, each sorted,
     following links to folders but walking each folder once (by device and inode), so that
     a link back up the tree (a loop) or two links to one folder do not repeat its images;
-    below ``folder``, the folders in ``skip`` (the dataset's root and its class folders) are
-    not walked either."""
+    below ``folder``, the folders in ``skip`` (the dataset's root and its class folders) and
+    hidden folders (as at the root: netatalk's ``.AppleDouble/`` resource forks, thumbnail
+    caches) are not walked either."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     seen = set(skip) - {_folder_key(folder)}
@@ -839,7 +840,8 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()
             dirs[:] = []  # walked already (or elsewhere): not it, nor what lies under it
             continue
         seen.add(key)
-        # a hidden file (macOS's "._x.JPEG" resource forks) is not an image of the set
+        # a hidden file (macOS's "._x.JPEG" resource forks) or folder is not of the set
+        dirs[:] = [sub for sub in dirs if not sub.startswith(".")]
         for f in files:
             if not f.startswith("."):
                 (found if f.lower().endswith(IMG_EXTENSIONS) else others).append(Path(d) / f)

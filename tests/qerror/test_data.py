@@ -1,6 +1,7 @@
 """Fashion-MNIST loading from IDX files the test writes, splits, and clear errors."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -827,3 +828,17 @@ def test_pixel_batches_read_as_the_float_batches_they_stand_for():
         data.PixelBatches(pixels.float(), labels, 3, scale)
     with pytest.raises(ValueError, match=r"one per image"):
         data.PixelBatches(pixels, labels[:6], 3, scale)
+
+
+def test_hidden_folders_in_a_class_folder_are_not_walked(tmp_path):
+    """A hidden folder at the root was skipped, one inside a class folder walked: netatalk's
+    .AppleDouble/0.jpg resource fork became an image of the class (and failed when read),
+    a .thumbnails/ copy a second image of it (4 samples for 2 images)."""
+    root = _image_folder(tmp_path, ("n01443537",))
+    (root / "n01443537" / ".AppleDouble").mkdir()
+    (root / "n01443537" / ".AppleDouble" / "0.jpg").write_bytes(b"\x00\x05\x16\x07")
+    _jpeg(root / "n01443537" / ".thumbnails" / "0.jpg", 40)
+    ds = data.imagenet_folder(root)
+    assert [Path(p).relative_to(root).as_posix() for p, _ in ds.samples] == [
+        "n01443537/0.jpg", "n01443537/1.jpg"]
+    assert ds.not_read == ()
