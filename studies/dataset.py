@@ -255,7 +255,8 @@ def pixel_levels(qparams_by_bits: dict[int, QParams], test_pixels: np.ndarray) -
 def exact_ties(values, qparams: QParams) -> int:
     """How many of ``values`` (float32) sit exactly half-way between two codes: ``x/s + z``
     a half-integer in exact rational arithmetic (the scale rounded to float32, as the
-    quantizer takes it). Round-half-to-even and round-half-away differ at half of them."""
+    quantizer takes it). Round-half-to-even and round-half-away differ at those whose
+    half-away code is odd (all, none or some of them: not half in general)."""
     s = Fraction(float(np.float32(qparams.scale)))
     z = Fraction(int(qparams.zero_point))
     return sum((Fraction(float(v)) / s + z).denominator == 2
