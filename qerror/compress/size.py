@@ -208,9 +208,10 @@ def _int8_codes(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: StorageFormat,
               name: str = "the tensor") -> np.ndarray:
     """``t`` as the float32 array the formats store, after the checks that a format can hold
-    it: some elements, finite values, float16's range for float16 values, integers that
-    float32 holds exactly (a state dict's integer buffers are stored as float32), and at most
-    2 nonzeros in each group of 4 for 2:4. ValueError naming ``name`` otherwise."""
+    it: some elements, finite values within float32's range (float16's for float16 values),
+    integers that float32 holds exactly (a state dict's integer buffers are stored as
+    float32), and at most 2 nonzeros in each group of 4 for 2:4. ValueError naming ``name``
+    otherwise."""
     if isinstance(t, torch.Tensor):
         t = t.detach().cpu()
         # numpy has no bfloat16; float32 holds every bfloat16 value exactly
@@ -229,11 +230,18 @@ def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: Storag
         w = as32
     elif w.dtype.kind != "f":
         raise ValueError(f"{name} has dtype {w.dtype}: only real numbers can be stored")
-    w = w.astype(np.float32).reshape(w.shape)
     if not np.isfinite(w).all():
         raise ValueError(f"{name} holds {int((~np.isfinite(w)).sum())} NaN or infinite values: "
                          "a broken model cannot be stored (its INT8 scale, for one, would be "
                          "undefined)")
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range: refused below
+        w32 = w.astype(np.float32).reshape(w.shape)
+    if not np.isfinite(w32).all():
+        raise ValueError(f"{name} holds values beyond float32's range (largest |value| "
+                         f"{np.abs(w).max():.6g} > {float(np.finfo(np.float32).max):.6g}): "
+                         "the formats store a tensor from its float32 values (INT8's scales "
+                         "are float32 too)")
+    w = w32
     if values is StorageFormat.FLOAT16 and np.abs(w).max() > np.finfo(np.float16).max:
         raise ValueError(f"{name} holds values beyond float16's range (largest |value| "
                          f"{np.abs(w).max():.6g} > {float(np.finfo(np.float16).max):g}); "
@@ -288,8 +296,8 @@ def encode_tensor(t: torch.Tensor | np.ndarray, sparse: SparseFormat | str = Spa
     ------
     ValueError
         ``values`` is not float32, float16 or int8; ``t`` has no elements, a NaN or an
-        infinity, values beyond float16's range (float16 values), integers float32 cannot
-        hold; or a 2:4 group has more than 2 nonzeros.
+        infinity, values beyond float32's range (a float64 tensor) or float16's (float16
+        values), integers float32 cannot hold; or a 2:4 group has more than 2 nonzeros.
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     if values not in _ENCODABLE:

@@ -454,6 +454,30 @@ def test_count_refuses_what_the_file_could_not_hold():
     assert model_bytes(holder).total == 4
 
 
+def test_a_float64_weight_beyond_float32_s_range_is_named_as_such_and_not_written(tmp_path):
+    # 1e300 is finite: the message must not call it a NaN or an infinity, and its cast to
+    # float32 (an infinity) must not warn on the way to the refusal
+    lin = torch.nn.Linear(4, 2, bias=False).double()
+    with torch.no_grad():
+        lin.weight[0, 0] = 1e300
+    path = tmp_path / "model.bin"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for call in (lambda: model_bytes(lin, "csr", keep_dense=()),
+                     lambda: write_model(lin, path, "csr", keep_dense=())):
+            with pytest.raises(ValueError, match=r"beyond float32's range \(largest \|value\| "
+                                                 r"1e\+300"):
+                call()
+    assert not path.exists()
+    # the largest float64 that rounds to float32's largest value is stored, and read back so
+    edge = float(np.nextafter(np.float64(np.finfo(np.float32).max)
+                              + np.float64(2.0 ** 103), 0))
+    with torch.no_grad():
+        lin.weight[0, 0] = edge
+    assert write_model(lin, path, keep_dense=()) == model_bytes(lin, keep_dense=()).total
+    assert read_model(lin, path, keep_dense=()).weight[0, 0] == float(np.finfo(np.float32).max)
+
+
 def test_float16_count_is_of_the_values_as_stored(tmp_path):
     # weights that round to 0 in float16 are not stored by a sparse format, nor counted
     lin = torch.nn.Linear(8, 2, bias=False)
