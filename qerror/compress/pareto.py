@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from qerror._checks import check_byte_budget
+from qerror._checks import check_byte_budget, is_real
 
 # Below the bar of smallest_within by float rounding alone (see its Notes).
 _SLACK = 1e-12
@@ -106,6 +106,8 @@ def smallest_within(size, accuracy, reference: float, margin: float) -> int:
         The accuracy to stay near (e.g. the dense baseline's).
     margin : float
         How much below it still counts, ``>= 0`` (e.g. 0.01 for one point).
+        Both are real numbers (Python's or numpy's, not a bool or a string), finite:
+        ValueError otherwise.
 
     Returns
     -------
@@ -121,7 +123,8 @@ def smallest_within(size, accuracy, reference: float, margin: float) -> int:
     far below the step of any accuracy a test split gives (``1/n``).
     """
     s, a = _points(size, accuracy)
-    if not (np.isfinite(reference) and np.isfinite(margin) and margin >= 0):
+    if not (is_real(reference) and is_real(margin) and np.isfinite(reference)
+            and np.isfinite(margin) and margin >= 0):
         raise ValueError(f"need a finite reference and a finite margin >= 0, got "
                          f"{reference!r} and {margin!r}")
     ok = np.nonzero(a >= reference - margin - _SLACK)[0]

@@ -57,6 +57,11 @@ def test_a_bad_reference_or_margin_is_refused():
     for ref in (np.nan, np.inf):
         with pytest.raises(ValueError, match="need a finite reference"):
             smallest_within([1], [0.5], ref, 0.01)
+    # a string or None said only numpy's "ufunc 'isfinite' not supported"; a bool is no accuracy
+    for ref, margin in (("0.5", 0.01), (0.5, "0.01"), (None, 0.01), (0.5, None), (True, 0.01),
+                        (0.5, np.True_)):
+        with pytest.raises(ValueError, match="need a finite reference"):
+            smallest_within([1], [0.5], ref, margin)
 
 
 def test_a_model_of_zero_bytes_and_a_budget_of_zero_are_counts_like_any_other():
