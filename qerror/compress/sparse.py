@@ -694,7 +694,8 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     basic block: their outputs feed only their BatchNorm and the next convolution, so they
     shrink without touching the residual path (whose width the block's last convolution,
     the downsample branch and the skip connection share). Channels are ranked by the L1
-    norm of their filters (Li et al. [1]_), ties keeping the lower index.
+    norm of their filters (Li et al. [1]_), summed in float64 whatever the weights' dtype,
+    ties keeping the lower index.
 
     References
     ----------
@@ -708,7 +709,8 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
             name = f"{bname}.{c}" if bname else c
             w = getattr(block, c).weight.detach()
             drop = min(zero_count(fraction, w.shape[0]), w.shape[0] - 1)
-            norms = w.abs().reshape(w.shape[0], -1).sum(1).to(torch.float64)
+            # summed in float64: a float16 or bfloat16 sum rounds (or overflows) to ties
+            norms = w.to(torch.float64).abs().reshape(w.shape[0], -1).sum(1)
             if torch.isnan(norms).any():
                 bad = int(torch.nonzero(torch.isnan(norms))[0])
                 raise PruningError(f"{name} has NaN weights (filter {bad}); ranking its "

@@ -685,6 +685,20 @@ def test_a_channel_plan_breaks_ties_toward_the_lower_index_and_lists_channels_in
         assert kept.dtype == torch.int64 and torch.equal(kept, kept.sort().values)
 
 
+@pytest.mark.parametrize("dtype, small, large", [
+    # bfloat16 (8 significant bits): 256 and 257 are both 256 once the sum is rounded to it
+    (torch.bfloat16, [128.0, 64.0, 32.0, 32.0], [128.0, 64.0, 32.0, 33.0]),
+    # float16: both sums overflow to an infinity
+    (torch.float16, [40000.0, 40000.0, 0.0, 0.0], [40000.0, 40000.0, 1.0, 0.0])])
+def test_a_channel_plan_ranks_low_precision_filters_by_their_exact_l1_norm(dtype, small, large):
+    # a Bottleneck(4, 2): conv1 holds 2 filters of 4 entries; the plan keeps one of them,
+    # the larger in L1 (257 > 256, 80001 > 80000), which a sum in the weights' dtype ties
+    block = Bottleneck(4, 2).to(dtype)
+    with torch.no_grad():
+        block.conv1.weight.copy_(torch.tensor([small, large]).reshape(2, 4, 1, 1))
+    assert channel_plan(block, 0.5)["conv1"].tolist() == [1]
+
+
 def test_channel_masks_zero_the_filters_batchnorm_and_next_inputs_of_exactly_the_removed():
     model = tiny_resnet()
     plan = channel_plan(model, 0.5)
