@@ -208,16 +208,20 @@ def _int8_codes(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _storable(t: torch.Tensor | np.ndarray, sparse: SparseFormat, values: StorageFormat,
               name: str = "the tensor") -> np.ndarray:
     """``t`` as the float32 array the formats store, after the checks that a format can hold
-    it: some elements, finite values within float32's range (float16's for float16 values),
-    integers that float32 holds exactly (a state dict's integer buffers are stored as
-    float32), and at most 2 nonzeros in each group of 4 for 2:4. ValueError naming ``name``
-    otherwise."""
+    it: one or more dimensions, some elements, finite values within float32's range
+    (float16's for float16 values), integers that float32 holds exactly (a state dict's
+    integer buffers are stored as float32), and at most 2 nonzeros in each group of 4 for
+    2:4. ValueError naming ``name`` otherwise."""
     if isinstance(t, torch.Tensor):
         t = t.detach().cpu()
         # numpy has no bfloat16; float32 holds every bfloat16 value exactly
         w = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     else:
         w = np.asarray(t)
+    if w.ndim == 0:
+        raise ValueError(f"{name} is 0-dimensional (a scalar): the formats store arrays of one "
+                         "or more dimensions; pass it as shape (1,), t.reshape(1), as "
+                         "model_bytes and write_model store a scalar entry")
     if w.size == 0:
         raise ValueError(f"{name} has no elements (shape {tuple(w.shape)}): nothing to store; "
                          "remove the empty layer")
@@ -295,9 +299,10 @@ def encode_tensor(t: torch.Tensor | np.ndarray, sparse: SparseFormat | str = Spa
     Raises
     ------
     ValueError
-        ``values`` is not float32, float16 or int8; ``t`` has no elements, a NaN or an
-        infinity, values beyond float32's range (a float64 tensor) or float16's (float16
-        values), integers float32 cannot hold; or a 2:4 group has more than 2 nonzeros.
+        ``values`` is not float32, float16 or int8; ``t`` is 0-dimensional (store a scalar
+        as shape (1,)), has no elements, a NaN or an infinity, values beyond float32's range
+        (a float64 tensor) or float16's (float16 values), integers float32 cannot hold; or a
+        2:4 group has more than 2 nonzeros.
     """
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     if values not in _ENCODABLE:
@@ -348,10 +353,14 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
     Raises
     ------
     ValueError
-        ``values`` is not one that :func:`encode_tensor` writes (float32, float16, int8), or
-        the buffer does not hold this layout.
+        ``values`` is not one that :func:`encode_tensor` writes (float32, float16, int8),
+        ``shape`` is ``()`` (a scalar is stored as shape (1,)), or the buffer does not hold
+        this layout.
     """
     shape = tuple(check_count(d, "each size of the shape") for d in shape)
+    if not shape:
+        raise ValueError("need a shape of one or more non-negative sizes, got (); a scalar is "
+                         "stored as shape (1,)")
     sparse, values = SparseFormat.parse(sparse), StorageFormat.parse(values)
     if values not in _ENCODABLE:
         raise ValueError(f"decoding supports {[f.value for f in _ENCODABLE]} values, got "

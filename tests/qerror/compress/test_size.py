@@ -598,3 +598,18 @@ def test_a_shape_2_4_cannot_take_is_named_by_counting_as_by_writing(tmp_path):
     with pytest.raises(ValueError, match=r"cannot store 2\.weight in 2:4 float32: 2:4 needs"):
         write_model(model, tmp_path / "model.bin", "2:4")
     assert not (tmp_path / "model.bin").exists()
+
+
+def test_a_scalar_tensor_is_refused_by_encoding_and_decoding_as_by_counting():
+    # tensor_bytes refuses the shape (); encode_tensor and decode_tensor failed on it with
+    # an IndexError ("tuple index out of range") instead of saying what was wrong
+    with pytest.raises(ValueError, match=r"need a shape of one or more"):
+        tensor_bytes(())
+    for scalar in (torch.tensor(3.0), np.float32(3.0)):
+        with pytest.raises(ValueError, match=r"0-dimensional .*reshape\(1\)"):
+            encode_tensor(scalar)
+    with pytest.raises(ValueError, match=r"need a shape of one or more"):
+        decode_tensor(b"\0" * 4, ())
+    # one element as shape (1,), as model_bytes and write_model store a scalar entry
+    arrays = encode_tensor(torch.tensor(3.0).reshape(1))
+    assert sum(a.nbytes for a in arrays) == tensor_bytes((1,)).total == 4
