@@ -354,8 +354,8 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
     ------
     ValueError
         ``values`` is not one that :func:`encode_tensor` writes (float32, float16, int8),
-        ``shape`` is ``()`` (a scalar is stored as shape (1,)), or the buffer does not hold
-        this layout.
+        ``shape`` is ``()`` (a scalar is stored as shape (1,)) or one 2:4 cannot take (as
+        :func:`encode_tensor` refuses it), or the buffer does not hold this layout.
     """
     shape = tuple(check_count(d, "each size of the shape") for d in shape)
     if not shape:
@@ -399,6 +399,7 @@ def decode_tensor(buffer: bytes | memoryview, shape: Iterable[int],
         mat = np.zeros((rows, cols), vdt)
         mat[np.repeat(np.arange(rows), per_row), idx] = take(vdt, nnz)
     else:
+        tensor_bytes(shape, 0, sparse, values)  # checks the shape admits 2:4, as encoding
         half = n // 2
         packed = take(np.uint8, packed_bytes(half, 2))
         pos = ((packed[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1, 2)[

@@ -613,3 +613,24 @@ def test_a_scalar_tensor_is_refused_by_encoding_and_decoding_as_by_counting():
     # one element as shape (1,), as model_bytes and write_model store a scalar entry
     arrays = encode_tensor(torch.tensor(3.0).reshape(1))
     assert sum(a.nbytes for a in arrays) == tensor_bytes((1,)).total == 4
+
+
+def test_decoding_refuses_a_shape_2_4_cannot_take_as_encoding_does(tmp_path):
+    # the 51 bytes of a (3, 8) 2:4 tensor decoded, silently, as a (4, 6) or a (24,) one,
+    # shapes whose groups of 4 along the input dimension do not exist
+    w = np.array([[1, 0, 2, 0, 0, 3, 0, 4]] * 3, np.float32)
+    buffer = b"".join(a.tobytes() for a in encode_tensor(w, "2:4"))
+    assert decode_tensor(buffer, (3, 8), "2:4")[1] == len(buffer) == 51
+    for shape in ((4, 6), (24,), (3, 5)):
+        with pytest.raises(ValueError, match="2:4 needs a 2-D or 4-D weight"):
+            encode_tensor(np.zeros(shape, np.float32), "2:4")
+        with pytest.raises(ValueError, match="2:4 needs a 2-D or 4-D weight"):
+            decode_tensor(buffer, shape, "2:4")
+    # so a file read into a model whose layer 2:4 cannot hold is refused, not misread
+    path = tmp_path / "model.bin"
+    written = torch.nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        written.weight.copy_(torch.from_numpy(w))
+    write_model(written, path, "2:4", keep_dense=())
+    with pytest.raises(ValueError, match="does not decode as this model in 2:4 float32"):
+        read_model(torch.nn.Linear(6, 4, bias=False), path, "2:4", keep_dense=())
