@@ -162,7 +162,9 @@ def untie_relus(model: nn.Module) -> nn.Module:
     ------
     ValueError
         A block's activation holds parameters or buffers (a ``PReLU``), which untying would
-        split between the call sites.
+        split between the call sites; or a block or its activation has hooks registered on
+        it (forward, forward-pre or backward), which the untied block, a new module, would
+        not call: register them on the untied model.
 
     Notes
     -----
@@ -179,12 +181,31 @@ def untie_relus(model: nn.Module) -> nn.Module:
     untie = {torchvision.models.resnet.BasicBlock: UntiedBasicBlock,
              torchvision.models.resnet.Bottleneck: UntiedBottleneck}
     if type(model) in untie:
+        _check_no_hooks(model, "the block")
         return untie[type(model)](model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) in untie:
+                _check_no_hooks(child, f"{name}.{child_name}" if name else child_name)
                 setattr(module, child_name, untie[type(child)](child))
     return model
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_no_hooks(block: nn.Module, name: str) -> None:
+    """ValueError where ``block`` or its shared activation has hooks of its own: the untied
+    block is a new module with a new ReLU at each call site, so they would be lost."""
+    for where, module in ((name, block), (f"{name}.relu", block.relu)):
+        kinds = [k.strip("_").removesuffix("s").replace("_", " ") for k in _HOOKS
+                 if getattr(module, k, None)]
+        if kinds:
+            raise ValueError(f"{where} has {', '.join(kinds)}s registered on it, which the "
+                             "untied block (a new module, a ReLU of its own at each call "
+                             "site) would not call: remove them and register them on the "
+                             "model untie_relus returns (its relu1, relu2, relu3 for the "
+                             "activation's)")
 
 
 class ZeroPaddedConv2d(nn.Module):

@@ -94,6 +94,31 @@ def test_untie_relus_keeps_another_activation_and_refuses_one_with_parameters(ac
         untie_relus(model)
 
 
+def test_untie_relus_refuses_hooks_it_would_drop():
+    """Hooks on a block or on its shared ReLU: the untied copy (a new block, a new ReLU at
+    each call site) called none of them (a forward hook on resnet18's layer1.0 and one on
+    its relu: two ReLU calls and one block call on the model, none on the untied copy)."""
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    for where, module in (("layer1.0", model.layer1[0]), ("layer2.1.relu", model.layer2[1].relu)):
+        handle = module.register_forward_hook(lambda *args: None)
+        with pytest.raises(ValueError, match=rf"^{re.escape(where)} has forward hooks"):
+            untie_relus(model)
+        handle.remove()
+    handle = model.layer3[0].register_forward_pre_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"layer3\.0 has forward pre hooks"):
+        untie_relus(model)
+    with pytest.raises(ValueError, match="the block has forward pre hooks"):
+        untie_relus(model.layer3[0])
+    handle.remove()
+    calls = []  # a hook inside a block (its conv, which the untied block keeps) is kept
+    model.layer3[0].conv1.register_forward_hook(lambda *args: calls.append(1))
+    untied = untie_relus(model)
+    assert type(untied.layer3[0]).__name__ == "UntiedBasicBlock"
+    with torch.no_grad():
+        untied(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
 def test_tied_relu_is_the_trap_and_untying_removes_it():
     block = torchvision.models.resnet.Bottleneck(64, 16).eval()
     x = torch.randn(2, 64, 8, 8)
