@@ -315,7 +315,8 @@ class ErrorStats:
             if scale_axis is not None:
                 raise ValueError("scale_axis given without a scale")
             return width, stat_axis
-        s = check_positive_finite(scale, "scale").reshape(-1)
+        given = check_positive_finite(scale, "scale")
+        s = given.reshape(-1)
         step = s * width
         normal = (step >= _NORMAL_MIN) & (step < np.inf)
         if not normal.all():
@@ -325,7 +326,9 @@ class ErrorStats:
                 "float64, so e/s cannot be binned; multiply the error and the scale by the same "
                 "power of two to bring the scale nearer 1"
             )
-        if s.size == 1:
+        # an array of one value with scale_axis is one channel's scale (a layer with one
+        # output channel), checked against that axis below like any per-channel scale
+        if given.ndim == 0 or (s.size == 1 and scale_axis is None):
             if scale_axis is not None:
                 raise ValueError("scale_axis given with a scalar scale")
             return float(step[0]), stat_axis

@@ -262,6 +262,20 @@ def test_per_channel_scale_histogram_is_in_lsb_units():
     assert per_ch.overflow == pooled.overflow == np.sum(lsb >= 1.5)
 
 
+def test_a_per_channel_scale_of_one_channel_takes_its_axis():
+    # a layer with one output channel: its per-channel scale has one entry, and scale_axis
+    # says where it lies; it was refused as "a scalar scale"
+    x = np.random.default_rng(10).uniform(-1.6, 1.6, size=(1, 200)) * 0.25
+    edges = HistogramBins().edges
+    pooled = ErrorStats().update(x, scale=np.array([0.25]), scale_axis=0)
+    np.testing.assert_array_equal(pooled.histogram, np.histogram(x.ravel() / 0.25, edges)[0])
+    assert pooled.count == x.size
+    with pytest.raises(ValueError, match="1 values but axis 1 of the error has 200"):
+        ErrorStats().update(x, scale=np.array([0.25]), scale_axis=1)
+    with pytest.raises(ValueError, match="scalar scale"):
+        ErrorStats().update(x, scale=np.float64(0.25), scale_axis=0)
+
+
 # --------------------------------------------------------------------------- histogram
 
 
