@@ -214,8 +214,9 @@ def working_precision(dtype) -> np.dtype:
     for data of ``dtype`` (a numpy or torch floating dtype): float64 for float64, float32 for
     float32, float16 and bfloat16. The scale is rounded to it."""
     largest_finite(dtype)  # refuses a dtype that is no data's
+    # the type, not the dtype: float64 in the other byte order ('>f8') is not == float64
     wide = dtype == torch.float64 if isinstance(dtype, torch.dtype) else \
-        np.dtype(dtype) == np.float64
+        np.dtype(dtype).type is np.float64
     return np.dtype(np.float64 if wide else np.float32)
 
 

@@ -135,6 +135,22 @@ def test_zero_dimensional_input_calibrates():
     assert calibrate(np.array(1.3, np.float32), QuantSpec(), RangePolicy("mse")).scale > 0
 
 
+@pytest.mark.parametrize("policy", [RangePolicy(), RangePolicy("mse", mse_grid=4)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_big_endian_float64_data_calibrate_as_float64(policy, symmetric):
+    """float64 data in the other byte order (a file written on another machine) were read as
+    float32 by the working precision but as float64 by the format's largest number, and
+    QuantSpec.max_scale's search stepped one float32 ulp at a time from inf: calibrate never
+    returned."""
+    from qerror.quantizer import working_precision
+
+    assert working_precision(np.dtype(">f8")) == np.float64
+    assert working_precision(np.dtype(">f4")) == np.float32
+    x = np.array([-1.0e300, 0.25, 3.0e300])
+    spec = QuantSpec(symmetric=symmetric)
+    assert calibrate(x.astype(">f8"), spec, policy) == calibrate(x, spec, policy)
+
+
 def test_mse_search_keeps_the_min_max_range_when_nothing_is_clipped():
     """Uniform data on a grid's own levels: every shrink clips, so c = 1 wins."""
     spec = QuantSpec(bits=4)
