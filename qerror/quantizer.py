@@ -581,6 +581,15 @@ def _run(x, spec, scale, zero_point, generator, *, fake: bool, count: bool, offs
     caller gave it (a layout's call passes it on), so the error names the caller's indices.
     """
     check_float_array(x, "x")  # before x.ndim: a list must get a TypeError, not AttributeError
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        # another byte order ('>f8', read from a file written elsewhere): quantized as the
+        # native data of its values (float64 in float64, where every dtype test below would
+        # take it for float32), a fake-quantized result given back in the input's dtype
+        res = _run(x.astype(x.dtype.newbyteorder("=")), spec, scale, zero_point, generator,
+                   fake=fake, count=count, offset=offset, finite_checked=finite_checked)
+        if not fake:
+            return res
+        return (res[0].astype(x.dtype), res[1]) if count else res.astype(x.dtype)
     offset = _check_offset(offset)
     size = x.numel() if isinstance(x, torch.Tensor) else x.size
     if offset + size > _MAX_INDEX:
@@ -947,7 +956,8 @@ def quantize(
     Notes
     -----
     Arithmetic is in float32 for float16/bfloat16/float32 inputs and float64 for
-    float64 inputs; the scale is first rounded to that precision, and it is that
+    float64 inputs (numpy data in the other byte order, ``'>f8'``, as native data of the
+    same values); the scale is first rounded to that precision, and it is that
     rounded scale the codes are exact for. Work proceeds in cache-sized blocks.
     A scale above ``spec.max_scale(zero_point, x.dtype)``, which :func:`fake_quantize`
     refuses (its grid's ends lie beyond the format), is taken: the codes are right for it.

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qerror import (
+    PreparedQuantizer,
     QuantSpec,
     RoundingMode,
     ScaleArithmetic,
@@ -858,3 +859,29 @@ def test_dequantize_per_channel_names_the_code_and_its_channels_scale():
                                                    "index (0, 1), 127 steps")):
         dequantize(codes, s, axis=1)
     assert dequantize(codes[:, :1], s[0], axis=1).tolist() == [[1.0], [-128.0]]
+
+
+@pytest.mark.parametrize("mode", list(RoundingMode))
+@pytest.mark.parametrize("native", ["f8", "f4", "f2"])
+def test_data_in_the_other_byte_order_quantize_as_native_data(mode, native):
+    """'>f8' data (read from a file written elsewhere) failed every dtype test against
+    float64 and were quantized in float32: 1000.5 + 2**-20 and 0.5 + 2**-30 got the codes
+    1000 and 0 at scale 1, not 1001 and 1 (round-to-nearest), and a scale below float32's
+    range was refused. Now every mode gives the native data's codes and values, the values
+    in the input's dtype, through the module functions and a prepared quantizer."""
+    x = np.array([1000.5 + 2**-20, 0.5 + 2**-30, -3.25, 7.0, -0.5 - 2**-9])
+    spec = QuantSpec(bits=16, rounding=mode)
+    xn = x.astype(native)
+    xs = xn.astype(xn.dtype.newbyteorder("S"))  # the same values, bytes swapped
+    assert not xs.dtype.isnative and np.array_equal(xs, xn)
+    kw = {"generator": 5} if mode.is_random else {}
+    for s in (1.0, 0.375):
+        prepared = PreparedQuantizer(spec, s)
+        for fake, module_fn, method in ((False, quantize, prepared.quantize),
+                                        (True, fake_quantize, prepared.fake_quantize)):
+            want = module_fn(xn, spec, s, **kw)
+            for got in (module_fn(xs, spec, s, **kw), method(xs, **kw)):
+                np.testing.assert_array_equal(got, want)
+                assert got.dtype == (xs.dtype if fake else want.dtype)
+    if native == "f8" and mode is RoundingMode.NEAREST_EVEN:
+        np.testing.assert_array_equal(quantize(xs[:2], spec, 1.0), [1001, 1])
