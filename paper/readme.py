@@ -59,7 +59,7 @@ from qerror.nn import QuantConfig
 from qerror.nn.seeds import bn_moments_bytes
 from qerror.stats import median_ranks, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
-from studies._latex import NOT_A_NUMBER, count, signed
+from studies._latex import NOT_A_NUMBER, count, places_for, signed
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
@@ -273,9 +273,14 @@ def points(x: float) -> str:
     return plus(100 * _finite(x), 2)
 
 
-def pvalue(p: float) -> str:
-    """Two significant digits: 0.015, 7.4e-08, 1."""
-    return f"{_finite(p):.2g}"
+def pvalue(p: float, alpha: float | None = None) -> str:
+    """Two significant digits: 0.015, 7.4e-08, 1; with ``alpha``, the level the passage
+    judges ``p`` at, more where two would print it on the other side of ``alpha``
+    (:func:`studies._latex.places_for`): 0.0496 at α = 0.05 is 0.0496, not 0.05."""
+    p = _finite(p)
+    digits = 2 if alpha is None else places_for(p, lambda v: v < alpha,
+                                                lambda n: f"{p:.{n}g}", 2)
+    return f"{p:.{digits}g}"
 
 
 def span(values) -> str:
@@ -431,8 +436,9 @@ def compression_goals(records) -> str:
         tested = ("none" if shown is None else
                   f"{shown['method']} ({shown['config']}), {int(shown['bytes']):,} bytes, "
                   f"{pct(shown['acc'])} %, non-inferiority p "
-                  f"{pvalue(shown['p_within_one_point'])}"
-                  + (f", {pvalue(shown['p_within_one_point_holm'])} Holm-adjusted over the "
+                  f"{pvalue(shown['p_within_one_point'], None if holm_ else alpha)}"
+                  + (f", {pvalue(shown['p_within_one_point_holm'], alpha)} Holm-adjusted over "
+                     "the "
                      f"{int(pts.p_within_one_point.notna().sum())} models tested"
                      if holm_ else ""))
         items.append("- The smallest model shown within one point of the dense baseline "
@@ -1526,12 +1532,21 @@ def early_exit_verdict(records) -> EarlyExitVerdict:
         lowest=min(lows), records=tuple((rec.name, rec.commit) for rec, _ in heads))
 
 
+def tost_p(p: float, alpha: float) -> str:
+    """A TOST p-value to three decimals, or more where three would print it on the other
+    side of ``alpha``, the level its verdict is judged at: 0.0496 at α = 0.05 is 0.0496,
+    not 0.050."""
+    p = _finite(p)
+    return f"{p:.{places_for(p, lambda v: v < alpha, lambda n: f'{p:.{n}f}', 3)}f}"
+
+
 def early_exit_seeds(records) -> str:
     heads_text, joint_gain, rows, deltas = [], [], [], []
     commits = sorted({records(n).commit for n, _ in _EE_RUNS})
     for name, label in _EE_RUNS:
         rec = records(name)
         head = _ee_head(rec)
+        alpha = float(rec.manifest["config"]["alpha"])
         goals = rec.csv("goals.csv")
         heads = rec.csv("heads.csv")
         test = heads[heads.split == "test"].set_index(["variant", "exit"]).accuracy
@@ -1547,7 +1562,8 @@ def early_exit_seeds(records) -> str:
         deltas.append(head.delta_vs_fp32_full)
         rows.append(f"| {label} | {rec.commit} | {points(head.delta_vs_fp32_full)} "
                     f"[{points(head.tost_ci_lo)}, {points(head.tost_ci_hi)}] | "
-                    f"{head.tost_p:.3f} | {100 * head.macs_fraction:.1f} % | {met} |")
+                    f"{tost_p(head.tost_p, alpha)} | {100 * head.macs_fraction:.1f} % | "
+                    f"{met} |")
     better = sum(all(m > lastacc for m in mid) for _, mid, lastacc in heads_text)
     listing = "; ".join(f"{label}: {pct(mid[0])} % and {pct(mid[1])} % against {pct(lastacc)} %"
                         for label, mid, lastacc in heads_text)
@@ -1668,9 +1684,11 @@ def compression_sparse_long(records) -> str:
         + "): the "
         f"90 %-sparse network reaches {accuracy_ci(sparse)} against the baseline's "
         f"{pct(base.acc)} % "
-        f"({points(sparse.delta_vs_dense)} points, McNemar p {pvalue(sparse.p_vs_dense)}) and "
+        f"({points(sparse.delta_vs_dense)} points, McNemar p "
+        f"{pvalue(sparse.p_vs_dense, alpha)}) and "
         f"the dense network fine-tuned the same {steps} steps {pct(tuned.acc)} % "
-        f"({points(vs_tuned)} points, p {pvalue(sparse.p_vs_dense_finetuned)}); with its "
+        f"({points(vs_tuned)} points, p {pvalue(sparse.p_vs_dense_finetuned, alpha)}); "
+        "with its "
         f"surviving weights in INT8, {pct(sparse8.acc)} % in {int(sparse8.bytes):,} bytes "
         f"against the dense file's {int(base.bytes):,}. The goal (within one point of both) "
         f"is {verdict}" + ("; the pruned network is better than either (McNemar, above)"

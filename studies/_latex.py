@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 _ONES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
          "Eleven", "Twelve", "Thirteen", "Fourteen", "Fifteen", "Sixteen", "Seventeen",
@@ -100,14 +101,38 @@ def number(value: float, digits: int = 3) -> str:
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
 
 
-def p_value(p: float, digits: int = 2, *, latex: bool = True) -> str:
+def places_for(value: float, verdict: Callable[[float], bool], show: Callable[[int], str],
+               places: int) -> int:
+    """The fewest places, ``places`` or more, at which ``show`` prints ``value`` as a
+    figure the ``verdict`` beside it judges as it judges ``value``.
+
+    A p-value of 0.0496 at two significant digits is 0.050, which reads as not below
+    α = 0.05 although the test passed (``verdict`` ``lambda p: p < 0.05``); at three it is
+    0.0496. ``show`` maps a number of places (digits or decimals) to plain text that
+    ``float`` reads; enough places print any float exactly, so the search ends.
+    """
+    judged = verdict(value)
+    while verdict(float(show(places))) != judged:
+        places += 1
+    return places
+
+
+def p_value(p: float, digits: int = 2, *, latex: bool = True,
+            alpha: float | None = None) -> str:
     """A p-value for running text: ``digits`` significant digits (:func:`number`) down to
     0.001, below it in powers of ten, which :func:`number` would write out in full decimals
     (0.0000000026): ``\\ensuremath{2.6\\times10^{-9}}`` for a macro, ``2.6e-09`` with
     ``latex`` false (a log line, a CSV's text); 0 stays 0.
+
+    With ``alpha``, the level the text judges ``p`` at (``p < alpha``), as many more digits
+    as keep the figure on its side of ``alpha`` (:func:`places_for`): 0.0496 at α = 0.05 is
+    0.0496, not 0.050.
     """
     if not math.isfinite(p) or not 0 <= p <= 1:
         raise ValueError(f"a p-value is a finite number in [0, 1], got {p!r}")
+    if alpha is not None:
+        digits = places_for(p, lambda v: v < alpha, lambda n: p_value(p, n, latex=False),
+                            digits)
     if p == 0 or p >= 1e-3:
         return number(p, digits)
     text = f"{p:.{digits - 1}e}"

@@ -140,7 +140,7 @@ from studies._common import (
     user_path,
     wrapped_columns,
 )
-from studies._latex import escape, letters
+from studies._latex import escape, letters, places_for
 from studies._runs import RERUN, EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study
@@ -755,10 +755,13 @@ def _sparse_ninety(points: pd.DataFrame) -> pd.DataFrame:
 
 def point_estimates_basis(p_within_one_point: float, alpha: float = ALPHA) -> str:
     """What the sparse goal's verdict rests on, beside the test it does not rest on, at
-    ``alpha`` (the level of the run the p-value is from)."""
-    shown = "shown" if p_within_one_point < alpha else "not shown"
+    ``alpha`` (the level of the run the p-value is from); the p-value with the digits that
+    keep it on its side of ``alpha`` (0.04996, not 0.05)."""
+    p = p_within_one_point
+    shown = "shown" if p < alpha else "not shown"
+    digits = places_for(p, lambda v: v < alpha, lambda n: f"{p:.{n}g}", 3)
     return (f"decided on the point estimates: the paired one-point non-inferiority test "
-            f"against the baseline has p {p_within_one_point:.3g} ({shown} within one point "
+            f"against the baseline has p {p:.{digits}g} ({shown} within one point "
             f"at α = {alpha:g})")
 
 

@@ -1019,9 +1019,9 @@ def goals(results: dict, smoke: str | None, whole_test: bool) -> pd.DataFrame:
          "measured": f"{100 * ee.delta_vs_fp32_full:+.2f} points, "
                      f"{100 * (1 - 2 * ALPHA):g}% CI [{100 * ee.tost_ci_lo:+.2f}, "
                      f"{100 * ee.tost_ci_hi:+.2f}], TOST p="
-                     f"{format_p(ee.tost_p, latex=False)} (one-sided p "
-                     f"{format_p(ee.tost_p_below, latex=False)} below, "
-                     f"{format_p(ee.tost_p_above, latex=False)} above: "
+                     f"{format_p(ee.tost_p, latex=False, alpha=ALPHA)} (one-sided p "
+                     f"{format_p(ee.tost_p_below, latex=False, alpha=ALPHA)} below, "
+                     f"{format_p(ee.tost_p_above, latex=False, alpha=ALPHA)} above: "
                      f"{equivalence_sides(ee.tost_p_below, ee.tost_p_above)})",
          "met": bool(ee.equivalent)},
         {"goal": "at least 50% fewer average MACs than the full network",
@@ -1237,9 +1237,9 @@ def _macros(r: dict, config: dict, smoke: bool) -> dict:
         "a subset of the training split"
     m["Distill"] = f"{config['distill']:g}"
     m["TostLevel"] = f"{100 * (1 - 2 * ALPHA):g}"
-    m["TostPHead"] = format_p(head.tost_p)
-    m["TostPBelowHead"] = format_p(head.tost_p_below)
-    m["TostPAboveHead"] = format_p(head.tost_p_above)
+    m["TostPHead"] = format_p(head.tost_p, alpha=ALPHA)
+    m["TostPBelowHead"] = format_p(head.tost_p_below, alpha=ALPHA)
+    m["TostPAboveHead"] = format_p(head.tost_p_above, alpha=ALPHA)
     m["TostCiLoHead"] = signed(100 * head.tost_ci_lo)
     m["TostCiHiHead"] = signed(100 * head.tost_ci_hi)
     m["TostSidesHead"] = equivalence_sides(head.tost_p_below, head.tost_p_above)

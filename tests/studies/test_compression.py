@@ -167,6 +167,9 @@ def test_the_sparse_goal_says_it_rests_on_the_point_estimates():
     p.loc[p.method == "pruned", "p_within_one_point"] = 0.001
     assert compression.goals(p, judged=None, arch="resnet50").measured[0].endswith(
         "has p 0.001 (shown within one point at α = 0.05)")
+    # three significant digits would print 0.04996 as 0.05, beside "shown"
+    assert compression.point_estimates_basis(0.04996, 0.05).endswith(
+        "has p 0.04996 (shown within one point at α = 0.05)")
 
 
 def test_the_smallest_layout_includes_dense():

@@ -372,6 +372,15 @@ def test_goals_are_judged_on_the_whole_test_split_only():
     assert part.met.isna().all()
 
 
+def test_the_tost_goal_prints_its_p_on_its_side_of_alpha():
+    """A TOST p of 0.0496 (goal met) was printed 0.050, as a p of 0.0504 (not met) is."""
+    res = _results((-0.003, 0.002), 0.4, 0.015)
+    res["points"].loc[0, ["tost_p", "tost_p_above"]] = 0.0496
+    met = early_exit.goals(res, smoke=False, whole_test=True)
+    assert met.verdict[0] == "met"
+    assert "TOST p=0.0496 (one-sided p 0.010 below, 0.0496 above: both" in met.measured[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_refused_before_any_output(fashion_root, tmp_path, capsys):
     out = tmp_path / "run"

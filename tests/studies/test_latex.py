@@ -84,6 +84,16 @@ def test_p_value_refuses_what_is_no_probability(p):
         p_value(p)
 
 
+@pytest.mark.parametrize("p, text", [
+    (0.0496, "0.0496"), (0.04996, "0.04996"), (0.05, "0.050"), (0.0504, "0.050"),
+    (0.0601, "0.060"), (0.00049, "\\ensuremath{4.9\\times10^{-4}}")])
+def test_p_value_beside_its_level_reads_on_its_side_of_it(p, text):
+    """A TOST p of 0.0496, a pass at α = 0.05, was printed 0.050 in the early-exit goal,
+    the figure a p of 0.0504 that fails prints."""
+    assert p_value(p, alpha=0.05) == text
+    assert (float(p_value(p, latex=False, alpha=0.05)) < 0.05) == (p < 0.05)
+
+
 def test_number_refuses_non_finite():
     with pytest.raises(ValueError, match="finite"):
         number(float("nan"))

@@ -91,6 +91,9 @@ def test_numbers_in_words():
     assert readme.pct(0.8881) == "88.81" and readme.points(0.005) == "+0.50"
     assert readme.pvalue(7.4e-8) == "7.4e-08" and readme.pvalue(1.0) == "1"
     assert readme.pvalue(0.0149) == "0.015" and readme.minutes(399) == "6.7"
+    # beside the level it is judged at, a p-value never reads on the other side of it
+    assert readme.pvalue(0.0496, 0.05) == "0.0496" and readme.pvalue(0.0504, 0.05) == "0.05"
+    assert readme.tost_p(0.0496, 0.05) == "0.0496" and readme.tost_p(0.227, 0.05) == "0.227"
     assert readme.span([0.601, 0.666]) == "0.60–0.67" and readme.span([0.329, 0.331]) == "0.33"
     # no negative zero: a change that rounds to nothing carries no sign
     assert readme.points(-0.00004) == "0.00" and readme.plus(-0.3, 0) == "0"
