@@ -82,6 +82,35 @@ def test_a_model_the_anatomy_module_refuses_leaves_no_output(fashion_root, tmp_p
     assert not out.exists() and not list(tmp_path.glob(".rc.partial*"))
 
 
+def _goal_accuracies(right: tuple[int, int, int], images: int) -> pd.DataFrame:
+    """Float's, AdaRound's and nearest's 4-bit accuracies of one model, from counts."""
+    return pd.DataFrame([{"model": "small", "bits": b, "method": m, "headline": h,
+                          "images": images, "acc": k / images}
+                         for (b, m, h), k in zip([(32, "float", False), (4, "adaround", True),
+                                                  (4, "nearest", False)], right)])
+
+
+@pytest.mark.parametrize("right, images, measured, met", [
+    ((9000, 8900, 8800), 10_000, "1.00 points (nearest 2.00)", True),  # exactly one point
+    ((9000, 8899, 8800), 10_000, "1.01 points (nearest 2.00)", False),
+    ((299, 296, 290), 299, "1.003 points (nearest 3.01)", False),  # not "1.00", not met
+    ((900, 891, 880), 900, "1.00 points (nearest 2.22)", True)])
+def test_the_adaround_goal_is_judged_on_counts_and_printed_on_its_side(right, images,
+                                                                      measured, met):
+    """9000 against 8900 right of 10000 is one point exactly; the difference of the float
+    accuracies made it 1.0000000000000009, "not met" beside "1.00 points"."""
+    g = rounding_choice.goals(_goal_accuracies(right, images), 600.0, True)
+    assert (g.measured[0], g.met[0]) == (measured, met)
+
+
+@pytest.mark.parametrize("seconds, measured, met", [
+    (1800.0, "30.0 min", True), (1801.0, "30.02 min", False), (1803.0, "30.1 min", False)])
+def test_the_time_goal_is_printed_on_its_side(seconds, measured, met):
+    """1801 s was "30.0 min" beside "not met" of a 30-minute goal."""
+    g = rounding_choice.goals(_goal_accuracies((9000, 9000, 9000), 10_000), seconds, True)
+    assert (g.measured.iloc[-1], g.met.iloc[-1]) == (measured, met)
+
+
 def test_the_updown_width_is_a_macro():
     """The paper said the up-or-down experiment quantized a layer 'to four bits', whatever
     the run's first --bits was (--bits 3 4 measured at three)."""
