@@ -50,6 +50,15 @@ def test_claim_R1_torch_round_is_half_to_even():
 def test_claim_R2_round_to_nearest():
     assert claim("R2").verdict is Verdict.TRUE
     assert torch.round(torch.tensor([2.3, 2.7, -2.3, -2.7])).tolist() == [2, 3, -2, -3]
+    # "for every value that is not a tie": on a million float32 values of both signs and
+    # every fraction, torch.round gives an integer less than half away, the nearest one
+    # (r - x is exact: both lie within one of each other, on x's grid)
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.empty(500_000).uniform_(-4, 4, generator=g),
+                   torch.empty(500_000).uniform_(-2.0 ** 22, 2.0 ** 22, generator=g)])
+    x = x[x - torch.floor(x) != 0.5]
+    r = torch.round(x)
+    assert torch.equal(r, torch.trunc(r)) and bool(((r - x).abs() < 0.5).all())
 
 
 def _notes_quantizer(tensor, scale, zero_point, dtype=torch.int8):
@@ -83,6 +92,13 @@ def test_claim_T1_trunc_drops_the_fraction():
     assert claim("T1").verdict is Verdict.TRUE
     assert torch.trunc(torch.tensor([2.9, -2.9])).tolist() == [2, -2]
     assert apply_rounding(np.array([2.9, -2.9]), RoundingMode.TOWARD_ZERO).tolist() == [2, -2]
+    # "torch.trunc and numpy.trunc round toward zero", on values of both signs and every
+    # fraction: each is sign(x) floor(|x|), the integer part with the fraction dropped
+    x = np.random.default_rng(2).uniform(-1000, 1000, 1_000_000)
+    toward_zero = np.sign(x) * np.floor(np.abs(x))
+    np.testing.assert_array_equal(np.trunc(x), toward_zero)
+    np.testing.assert_array_equal(torch.trunc(torch.from_numpy(x)).numpy(), toward_zero)
+    np.testing.assert_array_equal(apply_rounding(x, RoundingMode.TOWARD_ZERO), toward_zero)
 
 
 def test_claim_T2_int_cast_truncates_in_range():
