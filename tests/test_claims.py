@@ -217,6 +217,11 @@ def test_claim_R4_rounding_bias_needs_a_wide_input():
             assert abs(error_moments(sps.norm(mu, sigma), spec, 1.0).bias_lsb) <= tol
         # "whose first term is all but 2e-7 of it from σ = 1/2 on"
         assert (bound - lead) / bound < 2e-7
+        # and the row's figures of it: "0.0023 LSB at σ = 1/2, 8.5e-10 at σ = 1"
+        quoted = {0.5: "0.0023 LSB at σ = 1/2", 1.0: "8.5e-10 at σ = 1"}
+        if sigma in quoted:
+            assert f"{bound:.2g}" == quoted[sigma].split()[0], (sigma, bound)
+            assert quoted[sigma] in claim("R4").condition
     # Granular error only: clipping breaks symmetry (the signed range [-128, 127] is not
     # symmetric about 0), so a wide law centred on a grid point that reaches it is biased,
     # by far more than the engine's accuracy.
