@@ -137,7 +137,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import escape, letters, signed
+from studies._latex import escape, letters, places_for, signed
 from studies._latex import p_value as format_p
 from studies.bench import MEDIAN_LEVEL
 
@@ -355,9 +355,15 @@ def thresholds_text(rule: ExitRule) -> str:
     return "/".join(f"{t:g}" for t in rule.thresholds)
 
 
-def p_value(v) -> str:
-    """A p-value to two digits for a table ("--" when there is none)."""
-    return "--" if pd.isna(v) else f"{v:.2g}"
+def p_value(v, alpha: float | None = None) -> str:
+    """A p-value to two digits for a table ("--" when there is none); with ``alpha``, the
+    level a verdict beside it judges it at, more where two would print it on the other side
+    (0.0496 at 0.05 is "0.0496", not "0.05" beside "equivalent: yes")."""
+    if pd.isna(v):
+        return "--"
+    digits = 2 if alpha is None else places_for(v, lambda p: p < alpha,
+                                                lambda n: f"{v:.{n}g}", 2)
+    return f"{v:.{digits}g}"
 
 
 def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
@@ -378,7 +384,7 @@ def operating_points_table(pts: pd.DataFrame) -> pd.DataFrame:
         "MACs (%)": [f"{100 * m:.1f}" for m in pts.macs_fraction],
         "vs FP32 full (points)": [f"{100 * d:+.2f}" for d in pts.delta_vs_fp32_full],
         "McNemar p": [p_value(v) for v in pts.mcnemar_p],
-        "TOST p": [p_value(v) for v in pts.tost_p],
+        "TOST p": [p_value(v, ALPHA) for v in pts.tost_p],
         "equivalent": ["yes" if e else "no" for e in pts.equivalent]})
 
 

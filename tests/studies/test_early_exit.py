@@ -381,6 +381,18 @@ def test_the_tost_goal_prints_its_p_on_its_side_of_alpha():
     assert "TOST p=0.0496 (one-sided p 0.010 below, 0.0496 above: both" in met.measured[0]
 
 
+def test_the_operating_points_table_prints_the_tost_p_on_its_side_of_alpha():
+    """The table's "TOST p" beside "equivalent": 0.0496 (yes) was "0.05", as 0.0504 (no)."""
+    pts = pd.DataFrame([{"system": "int8_early_exit", "policy": "max-softmax",
+                         "thresholds": "0.9", "val_accuracy": 0.9, "accuracy": 0.9,
+                         "acc_lo": 0.89, "acc_hi": 0.91, "macs_fraction": 0.3,
+                         "delta_vs_fp32_full": 0.001, "mcnemar_p": 0.5, "tost_p": p,
+                         "equivalent": p < early_exit.ALPHA} for p in (0.0496, 0.0504, 0.2)])
+    table = early_exit.operating_points_table(pts)
+    assert list(zip(table["TOST p"], table.equivalent)) == [("0.0496", "yes"), ("0.05", "no"),
+                                                            ("0.2", "no")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_refused_before_any_output(fashion_root, tmp_path, capsys):
     out = tmp_path / "run"
