@@ -284,9 +284,9 @@ def equivalence_test(
     what = (f"mean {_num(mean)}{u}, {_pct(1 - 2 * alpha)} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
             f" vs margin ({_num(low)}, {_num(high)}){u}")
     if p < alpha:
-        verdict = f"mean is within the margin (TOST {_p(p)} < α={alpha:g}): {what}"
+        verdict = f"mean is within the margin (TOST {_p(p, alpha)} < α={alpha:g}): {what}"
     else:
-        verdict = f"equivalence not shown (TOST {_p(p)} ≥ α={alpha:g}): {what}"
+        verdict = f"equivalence not shown (TOST {_p(p, alpha)} ≥ α={alpha:g}): {what}"
     return EquivalenceResult(
         test=f"{low:g} < mean < {high:g}", method=f"TOST, two one-sided t-tests (df={df})",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=n, alpha=alpha, verdict=verdict,
@@ -481,10 +481,10 @@ def uniformity_test(
     ci = (max(0.0, d_stat - band), min(1.0, d_stat + band))
     conf = _pct(1.0 - alpha)
     if p < alpha:
-        verdict = (f"error is not {law} (KS D={d_stat:.3g}, {_p(p)} < α={alpha:g}); "
+        verdict = (f"error is not {law} (KS D={d_stat:.3g}, {_p(p, alpha)} < α={alpha:g}); "
                    f"distance to the model in [{ci[0]:.3g}, {ci[1]:.3g}] at {conf}")
     else:
-        verdict = (f"no evidence against {law} (KS D={d_stat:.3g}, {_p(p)} ≥ α={alpha:g}); "
+        verdict = (f"no evidence against {law} (KS D={d_stat:.3g}, {_p(p, alpha)} ≥ α={alpha:g}); "
                    f"distance to the model ≤ {ci[1]:.3g} at {conf}")
     return UniformityResult(
         test=f"{mode.value} error ~ {law}", method="one-sample Kolmogorov-Smirnov, two-sided",
@@ -646,9 +646,9 @@ def mse_ratio_ci(
     what = (f"MSE ratio a/b {ratio:.4g}, {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] "
             f"(MSE_a {ma:.4g}, MSE_b {mb:.4g})")
     if p < alpha:
-        verdict = f"MSEs differ ({_p(p)} < α={alpha:g}): {what}"
+        verdict = f"MSEs differ ({_p(p, alpha)} < α={alpha:g}): {what}"
     else:
-        verdict = f"no evidence that the MSEs differ ({_p(p)} ≥ α={alpha:g}): {what}"
+        verdict = f"no evidence that the MSEs differ ({_p(p, alpha)} ≥ α={alpha:g}): {what}"
     return RatioResult(
         test="MSE_a / MSE_b = 1", method=how, statistic=stat, p_value=p, estimate=ratio,
         ci=ci, n=n, alpha=alpha, verdict=verdict, mse_a=ma, mse_b=mb, n_a=a.size,
@@ -731,10 +731,10 @@ def wilson_ci(
     if p0 is None:
         verdict = what
     elif p < alpha:
-        verdict = f"proportion differs from {p0:g} ({_p(p)} < α={alpha:g}): {what}"
+        verdict = f"proportion differs from {p0:g} ({_p(p, alpha)} < α={alpha:g}): {what}"
     else:
         verdict = (f"no evidence that the proportion differs from {p0:g} "
-                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+                   f"({_p(p, alpha)} ≥ α={alpha:g}): {what}")
     return StatResult(
         test="proportion" if p0 is None else f"proportion = {p0:g}",
         method="Wilson score interval" + ("" if p0 is None else " and score test"),
@@ -848,9 +848,9 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     what = (f"accuracy a - b = {diff:.4g} ({only_a} right by a only, {only_b} by b only, "
             f"n={n}), {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}]")
     if p < alpha:
-        verdict = f"accuracies differ (McNemar {how}, {_p(p)} < α={alpha:g}): {what}"
+        verdict = f"accuracies differ (McNemar {how}, {_p(p, alpha)} < α={alpha:g}): {what}"
     else:
-        verdict = (f"no evidence that accuracies differ (McNemar {how}, {_p(p)} "
+        verdict = (f"no evidence that accuracies differ (McNemar {how}, {_p(p, alpha)} "
                    f"≥ α={alpha:g}): {what}")
     return McNemarResult(
         test="accuracy(a) = accuracy(b)", method=f"McNemar, {how}", statistic=stat,
@@ -1176,9 +1176,9 @@ def paired_accuracy_equivalence(only_a: int, only_b: int, n: int, margin: float,
             f"n={n}), {_pct(1 - 2 * alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] vs margin "
             f"±{margin:g}")
     if p < alpha:
-        verdict = f"accuracies equivalent within the margin (TOST {_p(p)} < α={alpha:g}): {what}"
+        verdict = f"accuracies equivalent within the margin (TOST {_p(p, alpha)} < α={alpha:g}): {what}"
     else:
-        verdict = f"equivalence not shown (TOST {_p(p)} ≥ α={alpha:g}): {what}"
+        verdict = f"equivalence not shown (TOST {_p(p, alpha)} ≥ α={alpha:g}): {what}"
     return EquivalenceResult(
         test=f"|accuracy(a) - accuracy(b)| < {margin:g}",
         method="paired TOST, Bonett-Price adjusted Wald", statistic=stat, p_value=p,
@@ -1453,10 +1453,10 @@ def bootstrap_ci(
         p = _bootstrap_p(boot, null)
         stat = (estimate - null) / se if se > 0 else _signed_inf(estimate - null)
         if p < alpha:
-            verdict = f"statistic differs from {_num(null)} ({_p(p)} < α={alpha:g}): {what}"
+            verdict = f"statistic differs from {_num(null)} ({_p(p, alpha)} < α={alpha:g}): {what}"
         else:
             verdict = (f"no evidence that the statistic differs from {_num(null)} "
-                       f"({_p(p)} ≥ α={alpha:g}): {what}")
+                       f"({_p(p, alpha)} ≥ α={alpha:g}): {what}")
     return BootstrapResult(
         test="bootstrap interval" if null is None else f"statistic = {null:g}",
         method=f"percentile bootstrap, B={count}", statistic=stat, p_value=p,
@@ -1653,10 +1653,10 @@ def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: 
     what = (f"{words[1]} {_num(mean)}{u}, {_pct(1.0 - alpha)} CI "
             f"[{_num(ci[0])}, {_num(ci[1])}]{u}")
     if p < alpha:
-        verdict = f"{words[0]} differs from {_num(mu0)}{u} ({_p(p)} < α={alpha:g}): {what}"
+        verdict = f"{words[0]} differs from {_num(mu0)}{u} ({_p(p, alpha)} < α={alpha:g}): {what}"
     else:
         verdict = (f"no evidence that the {words[0]} differs from {_num(mu0)}{u} "
-                   f"({_p(p)} ≥ α={alpha:g}): {what}")
+                   f"({_p(p, alpha)} ≥ α={alpha:g}): {what}")
     return stat, p, ci, verdict
 
 
@@ -1682,9 +1682,16 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _p(p: float) -> str:
+def _p(p: float, alpha: float) -> str:
+    """``p`` to two significant digits, or as many more as keep it on its side of
+    ``alpha`` in a verdict (0.0496 at α = 0.05 is p=0.0496, not p=0.05 beside "< α")."""
     # Tail probabilities below the double range underflow to 0; say so.
-    return "p<1e-300" if p < 1e-300 else f"p={p:.2g}"
+    if p < 1e-300:
+        return "p<1e-300"
+    digits = 2
+    while (float(f"{p:.{digits}g}") < alpha) != (p < alpha):
+        digits += 1
+    return f"p={p:.{digits}g}"
 
 
 def _pct(conf: float) -> str:

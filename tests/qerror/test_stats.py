@@ -1254,3 +1254,15 @@ def test_median_ci_refuses_a_single_number_as_a_sample(scalar):
             "sample of one)")):
         median_ci(scalar, 0.1)
     assert median_ci([2.5], 0.1).n == 1
+
+
+def test_a_verdict_prints_its_p_value_on_its_side_of_alpha():
+    """6 of 21 against p0 = 0.5: p = 0.04953, which two significant digits print as 0.05,
+    and the verdict read "p=0.05 < α=0.05". Now as many digits as keep it below α; a p far
+    from α keeps two."""
+    from qerror.stats import wilson_ci
+
+    r = wilson_ci(6, 21, p0=0.5, alpha=0.05)
+    assert r.p_value < 0.05 and "(p=0.0495 < α=0.05)" in r.verdict
+    far = wilson_ci(9, 21, p0=0.5, alpha=0.05)
+    assert f"(p={far.p_value:.2g} ≥ α=0.05)" in far.verdict
