@@ -9,6 +9,7 @@ identity, so the same code runs on one process or many.
 * :func:`all_reduce_sum`: exact merging of streaming sums;
 * :func:`broadcast_object`: rank 0's value (a calibration, a loaded state) on every rank;
 * :func:`gather_objects`: every rank's value, in rank order;
+* :func:`first_rows`: the first rows of the ranks' gathered pieces, holding no others;
 * :func:`gather_outcomes`: the same, carrying the error a rank met on its way, so that
   every rank raises instead of waiting for it;
 * :func:`check_agreement`: the same error on every rank when the ranks passed different
@@ -39,8 +40,8 @@ from torch import nn
 from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
-__all__ = ["all_reduce_sum", "broadcast_object", "check_agreement", "digest", "gather_objects",
-           "gather_outcomes", "global_batchnorm", "shard", "world"]
+__all__ = ["all_reduce_sum", "broadcast_object", "check_agreement", "digest", "first_rows",
+           "gather_objects", "gather_outcomes", "global_batchnorm", "shard", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -129,6 +130,24 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * size
     dist.all_gather_object(out, value)
     return out
+
+
+def first_rows(pieces: Sequence, n: int | None):
+    """The first ``n`` rows of ``pieces`` (numpy arrays, or torch tensors, in order: every
+    rank's share from :func:`gather_objects`, say) joined into a new array or tensor that
+    holds those rows alone (every row where ``n`` is None). A slice of the whole joined
+    would be a view that keeps every row's memory: the world size times ``n`` rows where
+    each rank kept its own first ``n``. ``pieces`` must not be empty."""
+    if n is not None:
+        cut, left = [], n
+        for p in pieces:
+            cut.append(p[:left])
+            left -= len(cut[-1])
+            if left <= 0:
+                break
+        pieces = cut
+    return torch.cat(list(pieces)) if isinstance(pieces[0], torch.Tensor) \
+        else np.concatenate(pieces)
 
 
 def gather_outcomes(value: Any, failure: BaseException | None, before: str) -> list[Any]:

@@ -885,16 +885,17 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
         for k in _SITE_TENSORS:
             if getattr(a, k) is not None:
                 setattr(a, k, take(getattr(a, k)))
+    # every rank kept its own first images: the first of them in rank order, copied out
     for m in holders:
         if m.keep:
-            kept = [torch.cat(k) for k in parallel.gather_objects(m.kept) if k]
-            m.kept = [torch.cat(kept)[:m.keep]] if kept else []
+            kept = [t for k in parallel.gather_objects(m.kept) for t in k]
+            m.kept = [parallel.first_rows(kept, m.keep)] if kept else []
     for a in sites:
         if a.err.keep:
-            beyond = [torch.cat(b) for b in parallel.gather_objects(a.beyond) if b]
-            a.beyond = [torch.cat(beyond)[:a.err.keep]] if beyond else []
-            power = [torch.cat(p) for p in parallel.gather_objects(a.ref_power) if p]
-            a.ref_power = [torch.cat(power)[:a.err.keep]] if power else []
+            beyond = [t for b in parallel.gather_objects(a.beyond) for t in b]
+            a.beyond = [parallel.first_rows(beyond, a.err.keep)] if beyond else []
+            power = [t for p in parallel.gather_objects(a.ref_power) for t in p]
+            a.ref_power = [parallel.first_rows(power, a.err.keep)] if power else []
     return merged_counts, u
 
 

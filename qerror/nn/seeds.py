@@ -388,7 +388,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         for name, m in norms:
             got = parts.pop(name)
             c = m.num_features
-            local[name] = ([torch.cat([g[j] for g in got])[:images].numpy() if got
+            local[name] = ([parallel.first_rows([g[j] for g in got], images).numpy() if got
                             else np.zeros((0, c)) for j in range(4)],
                            max((g[4] for g in got), default=0))
         if shared:
@@ -425,7 +425,7 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
         arrays, length = local.pop(name)
         if shared:  # a rank's share may be empty
             gathered = parallel.gather_objects((arrays, length))
-            arrays = [np.concatenate(a)[:images] for a in zip(*(g[0] for g in gathered))]
+            arrays = [parallel.first_rows(a, images) for a in zip(*(g[0] for g in gathered))]
             length = max(g[1] for g in gathered)
         if not length:
             raise ValueError(f"BatchNorm {name!r} did not run on the batches; give some "

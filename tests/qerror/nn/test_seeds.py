@@ -252,6 +252,56 @@ def test_the_first_images_kept_are_those_of_the_whole_pass():
         deepest_drift_gap(trunc, near, resamples=200, kept_images=50)
 
 
+def _rank_held(rank, world, port, folder):
+    """One gloo rank of :func:`test_ranks_keep_the_first_images_alone`: a batch of 4 images
+    a rank, the first 3 images' moments (``bn_image_moments``) and kept means (``measure``,
+    the storage behind each site's as its result is made); the rows kept and the rows held
+    go to ``folder / rank<r>.txt``."""
+    from qerror.nn import propagate, training
+    from qerror.nn.seeds import bn_image_moments
+
+    as_rank(rank, world, port)
+    model, config, aq, batches = _stochastic_moments()
+    share = [(batches[rank][0], torch.zeros(4, dtype=torch.int64))]
+    held = []
+    site_result = propagate._site_result
+
+    def spy(acc, *args, **kwargs):
+        for t in acc.err.kept:
+            held.append(t.untyped_storage().nbytes() // (t.element_size() * t.shape[1]))
+        return site_result(acc, *args, **kwargs)
+
+    with training.distributed("cpu"):
+        moments = bn_image_moments(model, share, config, aq, first_batch=rank,
+                                   across_ranks=True, images=3)
+        arrays = [getattr(m, k) for m in moments.values()
+                  for k in ("mean_f", "sq_f", "mean_q", "sq_q")]
+        propagate._site_result = spy
+        try:
+            res = propagate.measure(model, share, config, aq, image_means=3, first_batch=rank,
+                                    across_ranks=True)
+        finally:
+            propagate._site_result = site_result
+    kept = {len(s.drift_image_channel) for s in res.sites if s.drift_image_channel is not None}
+    (folder / f"rank{rank}.txt").write_text(
+        f"moments: {sorted({len(a) for a in arrays})} kept, "
+        f"{sorted({len(a if a.base is None else a.base) for a in arrays})} held; "
+        f"means: {sorted(kept)} kept, {sorted(set(held))} held")
+
+
+def test_ranks_keep_the_first_images_alone(tmp_path):
+    """Under torchrun each rank keeps its own first ``images`` and the gather kept the first
+    of them in rank order as a slice of all: a view holding every rank's rows, the world
+    size times the images counted (/work/runs/s51/diff/probe_views.py: two ranks of 20
+    images, the first 4 kept in 8 rows by every BatchNorm's moments as returned, and by
+    every site's kept means until its result is made; here 3 in 6). Now each holds the rows
+    it keeps alone."""
+    two_ranks(_rank_held, tmp_path)
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == (
+            "moments: [3] kept, [3] held; means: [3] kept, [3] held")
+
+
 def test_bn_image_moments_refuse_a_model_without_batchnorm():
     from qerror.nn.propagate import QuantConfig
     from qerror.nn.seeds import bn_image_moments
