@@ -2349,16 +2349,16 @@ def memory_verdict(per_resampled: int, per_image: float, images: int, resampled:
     if per_image and resampled < images and resampled <= fits:
         fits = int((room - per_resampled * resampled) // per_image)
     if 2 <= fits < images:
-        ways.append(f"fewer images (--max-images {fits}" + (
+        ways.append(f"measure fewer images (--max-images {fits}" + (
             f" --min-images {fits}" if fits < min_images else "") + ")" if auto
-            else f"fewer images (--images {fits})")
-    ways.append("fewer configurations (--modes, --bits, --targets)")
+            else f"measure fewer images (--images {fits})")
+    ways.append("measure fewer configurations (--modes, --bits, --targets)")
     what = (f"keeping the per-image statistics for the bootstraps over images (channel "
             f"drifts, BatchNorm moments) takes about {gb(per_resampled * resampled)} for "
             f"{resampled} resampled images x {configs} configurations"
             + (f", and the {images} measured images {gb(per_image * images)} as 8-bit pixels"
                if per_image else "") + f", {gb(need)} in all: ")
-    advice = "; measure with " + ", or ".join(ways)
+    advice = "; " + ", or ".join(ways)
     if need > MEMORY_ERROR_SHARE * have:
         return ("error", what + f"more than three quarters of the {gb(have)} of memory "
                 "available here, and the rest of the run needs the remainder, so it would be "

@@ -1472,6 +1472,22 @@ def test_memory_verdict_counts_the_images_held_as_pixels():
     assert kind == "error" and "--resample-images" not in msg and "--images 111072)" in msg
 
 
+def test_memory_verdict_advice_reads_as_a_sentence():
+    """The advice began "measure with" before every way, the first of which is to keep
+    fewer images' statistics ("measure with keep the per-image statistics ...":
+    /work/runs/s51/diff/probe_verdict.py); each way now says what to do."""
+    gib, mib = 2**30, 2**20
+    msg = drift.memory_verdict(mib, mib / 4, 40_000, 40_000, 64 * gib, 2)[1]
+    assert msg.endswith(
+        "; keep the per-image statistics of fewer images (--resample-images 22768; every "
+        "image is still measured), or measure fewer images (--images 26214), or measure "
+        "fewer configurations (--modes, --bits, --targets)")
+    msg = drift.memory_verdict(mib, 0, 4_000, 4_000, gib, 2, auto=True)[1]
+    assert msg.endswith("(--resample-images 512; every image is still measured), or measure "
+                        "fewer images (--max-images 512), or measure fewer configurations "
+                        "(--modes, --bits, --targets)")
+
+
 def test_a_run_whose_kept_means_cannot_fit_stops_before_reading_images(fashion_root, tmp_path,
                                                                       monkeypatch, capsys):
     """Refused up front, before any image is read, with the numbers and the ways out, and
