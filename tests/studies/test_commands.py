@@ -122,7 +122,8 @@ def test_the_extraction_finds_the_commands_as_written():
         ("drift", ())]
     readme = [c for c in DOCUMENTED if c[0] == "README.md"]
     assert ("README.md", "drift", ("--data", "/data/imagenet/val", "--device", "cuda",
-                                   "--images", "49800", "--modes", "nearest_even",
+                                   "--images", "49800", "--resample-images", "5000",
+                                   "--modes", "nearest_even",
                                    "toward_zero", "--bits", "8", "--targets", "both")) in readme
     assert len({study for _, study, _ in readme}) >= 8
 
