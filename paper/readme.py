@@ -57,9 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qerror.files import atomic_write, sha256_file
 from qerror.nn import QuantConfig
 from qerror.nn.seeds import bn_moments_bytes
-from qerror.stats import median_ranks, wilson_ci
+from qerror.stats import median_ranks, places_for, wilson_ci
 from studies._common import STAGING_MARK, is_smoke_run
-from studies._latex import NOT_A_NUMBER, count, places_for, signed
+from studies._latex import NOT_A_NUMBER, count, signed
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
 from studies.drift import RESOLVE_POWER as DRIFT_RESOLVE_POWER
@@ -276,7 +276,7 @@ def points(x: float) -> str:
 def pvalue(p: float, alpha: float | None = None) -> str:
     """Two significant digits: 0.015, 7.4e-08, 1; with ``alpha``, the level the passage
     judges ``p`` at, more where two would print it on the other side of ``alpha``
-    (:func:`studies._latex.places_for`): 0.0496 at α = 0.05 is 0.0496, not 0.05."""
+    (:func:`qerror.stats.places_for`): 0.0496 at α = 0.05 is 0.0496, not 0.05."""
     p = _finite(p)
     digits = 2 if alpha is None else places_for(p, lambda v: v < alpha,
                                                 lambda n: f"{p:.{n}g}", 2)

@@ -1682,15 +1682,29 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def places_for(value: float, verdict: Callable[[float], bool], show: Callable[[int], str],
+               places: int) -> int:
+    """The fewest places, ``places`` or more, at which ``show`` prints ``value`` as a
+    figure the ``verdict`` beside it judges as it judges ``value``.
+
+    A p-value of 0.0496 at two significant digits is 0.050, which reads as not below
+    α = 0.05 although the test passed (``verdict`` ``lambda p: p < 0.05``); at three it is
+    0.0496. ``show`` maps a number of places (digits or decimals) to plain text that
+    ``float`` reads; enough places print any float exactly, so the search ends.
+    """
+    judged = verdict(value)
+    while verdict(float(show(places))) != judged:
+        places += 1
+    return places
+
+
 def _p(p: float, alpha: float) -> str:
     """``p`` to two significant digits, or as many more as keep it on its side of
     ``alpha`` in a verdict (0.0496 at α = 0.05 is p=0.0496, not p=0.05 beside "< α")."""
     # Tail probabilities below the double range underflow to 0; say so.
     if p < 1e-300:
         return "p<1e-300"
-    digits = 2
-    while (float(f"{p:.{digits}g}") < alpha) != (p < alpha):
-        digits += 1
+    digits = places_for(p, lambda v: v < alpha, lambda n: f"{p:.{n}g}", 2)
     return f"p={p:.{digits}g}"
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+
+from qerror.stats import places_for
 
 _ONES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
          "Eleven", "Twelve", "Thirteen", "Fourteen", "Fifteen", "Sixteen", "Seventeen",
@@ -99,22 +100,6 @@ def number(value: float, digits: int = 3) -> str:
         places = max(0, digits - 1 - math.floor(math.log10(rounded)))
         text = f"{rounded:.{places}f}"
     return ("\\ensuremath{-}" + text) if value < 0 and float(text) != 0 else text
-
-
-def places_for(value: float, verdict: Callable[[float], bool], show: Callable[[int], str],
-               places: int) -> int:
-    """The fewest places, ``places`` or more, at which ``show`` prints ``value`` as a
-    figure the ``verdict`` beside it judges as it judges ``value``.
-
-    A p-value of 0.0496 at two significant digits is 0.050, which reads as not below
-    α = 0.05 although the test passed (``verdict`` ``lambda p: p < 0.05``); at three it is
-    0.0496. ``show`` maps a number of places (digits or decimals) to plain text that
-    ``float`` reads; enough places print any float exactly, so the search ends.
-    """
-    judged = verdict(value)
-    while verdict(float(show(places))) != judged:
-        places += 1
-    return places
 
 
 def p_value(p: float, digits: int = 2, *, latex: bool = True,

@@ -115,7 +115,7 @@ from qerror.nn.training import (
     resolve_device,
     tensor_batches,
 )
-from qerror.stats import mcnemar_test, paired_accuracy_equivalence, wilson_ci
+from qerror.stats import mcnemar_test, paired_accuracy_equivalence, places_for, wilson_ci
 from studies._common import (
     DATA_ROOT_HELP,
     P99_MIN_TIMINGS,
@@ -140,7 +140,7 @@ from studies._common import (
     user_path,
     wrapped_columns,
 )
-from studies._latex import escape, letters, places_for
+from studies._latex import escape, letters
 from studies._runs import RERUN, EarlyExitRun, early_exit_run
 
 ALPHA = 0.05  # level of every accuracy interval and McNemar test in this study

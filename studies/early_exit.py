@@ -116,6 +116,7 @@ from qerror.stats import (
     mcnemar_test,
     median_ranks,
     paired_accuracy_equivalence,
+    places_for,
     wilson_ci,
 )
 from studies._common import (
@@ -137,7 +138,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import escape, letters, places_for, signed
+from studies._latex import escape, letters, signed
 from studies._latex import p_value as format_p
 from studies.bench import MEDIAN_LEVEL
 

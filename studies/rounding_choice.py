@@ -69,7 +69,7 @@ from qerror.nn import (
     updown_experiment,
 )
 from qerror.nn.models import CheckpointError, fashion_resnet, fashion_small_cnn
-from qerror.stats import holm, mcnemar_from_counts, wilson_ci
+from qerror.stats import holm, mcnemar_from_counts, places_for, wilson_ci
 from studies._common import (
     DATA_ROOT_HELP,
     RunDir,
@@ -92,7 +92,7 @@ from studies._common import (
     study_main,
     user_path,
 )
-from studies._latex import count, letters, number, places_for
+from studies._latex import count, letters, number
 
 ALPHA = 0.05  # level of every interval and test in this study (McNemar after Holm)
 ACT_BITS = 8
