@@ -694,12 +694,17 @@ def run_pilot(model, batches, configs, act_qp, weights_of, local_samples: int,
                           local_images(n, pilot_batch, local)), seconds
 
 
+def _claims_config(cfg: QuantConfig) -> bool:
+    """Whether ``cfg`` is one the ledger's network claims are stated on: weights and
+    activations quantized in one of their modes."""
+    return cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES
+
+
 def _states(cfg: QuantConfig, results: dict) -> bool:
-    """Whether the ledger's network claims are measured on ``cfg``: weights and activations
-    quantized in one of their modes, on labelled images."""
+    """Whether the ledger's network claims are measured on ``cfg``: one they are stated on
+    (:func:`_claims_config`), on labelled images."""
     res = results[tuple(_config_columns(cfg).values())]
-    return cfg.target is Target.BOTH and cfg.rounding in STATEMENT_MODES \
-        and res.logits.float_correct is not None
+    return _claims_config(cfg) and res.logits.float_correct is not None
 
 
 def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, grown: list,
@@ -2300,9 +2305,8 @@ def resampled_bytes(model, configs, images: int) -> int:
     (:func:`kept_means_bytes`) and, where a configuration decides the network claims, one
     such configuration's BatchNorm moments at a time
     (:func:`qerror.nn.seeds.bn_moments_bytes`, measured after the means, beside them)."""
-    states = any(c.target is Target.BOTH and c.rounding in STATEMENT_MODES for c in configs)
     return kept_means_bytes(model, configs, images) + (
-        bn_moments_bytes(model, images) if states else 0)
+        bn_moments_bytes(model, images) if any(map(_claims_config, configs)) else 0)
 
 
 def imagenet_pixel_bytes(crop: int) -> int:
