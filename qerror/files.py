@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import glob
 import hashlib
 import os
+import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -95,6 +98,14 @@ def atomic_write(path: Path | str, write) -> Path:
     gets the permissions of the one it replaces, or those a new file gets
     under the process's umask (``mkstemp`` makes its temporary file readable by its owner
     only).
+
+    The temporary name says which machine and process write it
+    (``.NAME.HOST-PID-XXXXXXXX.tmp``, :func:`temp_name_tag`). A process killed while writing
+    (SIGKILL, a power cut) cannot remove its temporary file; the next write of the same file
+    on the same machine removes the ones whose process is gone
+    (:func:`clean_stale_temps`), so a checkpoint killed part-way through does not leave its
+    bytes hidden in the cache for good. Another machine's are left alone: on a shared file
+    system its process ids say nothing here.
     """
     path = Path(path)
     try:
@@ -107,8 +118,10 @@ def atomic_write(path: Path | str, write) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # the temporary name holds as much of the file's name as fits: a long name that is
     # legal must not make an illegal one (mkstemp's random letters and ".tmp" follow)
-    stem = shortened(target.name, name_max(target.parent) - _MKSTEMP_ROOM - len(".."))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{stem}.", suffix=".tmp")
+    stem = shortened(target.name, name_max(target.parent) - _TEMP_ROOM)
+    clean_stale_temps(target.parent, stem)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{stem}.{temp_name_tag()}-",
+                               suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -127,9 +140,66 @@ def atomic_write(path: Path | str, write) -> Path:
     return path
 
 
-#: Bytes a temporary name of :func:`atomic_write` keeps for ``mkstemp``'s random letters
-#: (8 in CPython) and its ``.tmp`` suffix, with a margin.
-_MKSTEMP_ROOM = 24
+#: The most digits a process id has: Linux's largest pid_max (PID_MAX_LIMIT, 2**22 on 64-bit
+#: kernels) has 7. Room for names made from a process id is counted with it, so the longest
+#: name accepted does not depend on the process id a run happens to get.
+PID_DIGITS = 7
+
+#: Hex digits of the machine's tag in a temporary name (:func:`temp_name_tag`).
+_HOST_DIGITS = 6
+
+#: Bytes a temporary name of :func:`atomic_write` adds to the file's: the leading dot, the
+#: dot before the tag, the tag (``HOST-PID-``), ``mkstemp``'s random letters (8 in CPython)
+#: and the ``.tmp`` suffix, with a margin of 8 for the random letters.
+_TEMP_ROOM = 2 + _HOST_DIGITS + 1 + PID_DIGITS + 1 + 8 + len(".tmp") + 8
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (another user's too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # no process can have this id
+        return False
+    return True
+
+
+def temp_name_tag() -> str:
+    """``HOST-PID``: this machine's tag (the first :data:`_HOST_DIGITS` hex digits of the
+    sha256 of its host name) and this process's id, as :func:`atomic_write` puts them in a
+    temporary name."""
+    host = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape"))
+    return f"{host.hexdigest()[:_HOST_DIGITS]}-{os.getpid()}"
+
+
+def clean_stale_temps(folder: Path | str, stem: str) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` for a file named from ``stem``
+    that killed processes left in ``folder``.
+
+    Only regular files (not links) named ``.STEM.HOST-PID-XXXXXXXX.tmp`` with this machine's
+    tag (:func:`temp_name_tag`) whose process ``PID`` is gone: a write in progress keeps its
+    file, and so does one from another machine sharing the folder, whose process ids cannot
+    be asked here. A file that cannot be removed is left; the write goes on. Returns the
+    files removed.
+    """
+    folder = Path(folder)
+    host = temp_name_tag().split("-")[0]
+    pattern = re.compile(re.escape(f".{stem}.{host}-") + r"([0-9]+)-[a-z0-9_]+\.tmp")
+    removed = []
+    for p in folder.glob(f".{glob.escape(stem)}.{host}-*.tmp"):
+        m = pattern.fullmatch(p.name)
+        try:
+            if m and stat.S_ISREG(os.lstat(p).st_mode) and not process_alive(int(m[1])):
+                p.unlink()
+                removed.append(p)
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
+    return removed
 
 #: The longest file name, in bytes, assumed where the file system cannot be asked: POSIX's
 #: NAME_MAX on Linux's and macOS's usual file systems.

@@ -51,10 +51,12 @@ from qerror import MAX_SEED
 from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import (
+    PID_DIGITS,
     jsonable,
     name_bytes,
     name_room,
     package_versions,
+    process_alive,
     sha256_file,
     sync_folder,
     sync_tree,
@@ -547,27 +549,6 @@ def _signals_held():
             signal.raise_signal(sig)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user's counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):  # no process can have this id
-        return False
-    return True
-
-
-#: The most digits a process id has: Linux's largest pid_max (PID_MAX_LIMIT, 2**22 on 64-bit
-#: kernels) has 7. The room a name leaves for the folders staged beside it is counted with
-#: it, so the longest name a run accepts does not depend on the process id it happens to get.
-PID_DIGITS = 7
-
-
 def _beside(final: Path, kind: str, pid: int | None = None) -> Path:
     """The name this process (or process ``pid``) gives a folder beside ``final``: its
     staging folder (``partial``, ``.NAME.partial-PID``), the previous run moved aside
@@ -611,7 +592,7 @@ def clean_stale_partials(final: Path) -> list[Path]:
     removed = []
     for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and _marked(p) and not _alive(int(m[2])):
+        if m and p.is_dir() and not p.is_symlink() and _marked(p) and not process_alive(int(m[2])):
             staged = final.parent / f".{final.name}.partial-{m[2]}"  # its new run
             if m[1] == "old" and not (final.exists() or final.is_symlink()) \
                     and staged.is_dir() and not staged.is_symlink():

@@ -2,11 +2,21 @@
 link points, and are on the disk (with the folders the studies publish) once done."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from qerror.files import atomic_write, name_bytes, name_max, shortened
+from qerror.files import (
+    atomic_write,
+    clean_stale_temps,
+    name_bytes,
+    name_max,
+    shortened,
+    temp_name_tag,
+)
 
 
 def _mode(path):
@@ -357,3 +367,74 @@ def test_shortened_cuts_at_a_characters_end():
     assert shortened("abc", 5) == "abc" and shortened("abc", 2) == "ab"
     assert shortened("aé", 2) == "a" and shortened("aé", 3) == "aé"  # é is two bytes
     assert shortened("abc", 0) == "" and shortened("abc", -1) == ""
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_the_next_write_removes(tmp_path):
+    # a checkpoint write killed by SIGKILL left ".m.pt.XXXXXXXX.tmp" (10 MB here) for good:
+    # the next write of m.pt left it beside the new file
+    code = ("import sys, time\nfrom qerror.files import atomic_write\n"
+            "def write(tmp):\n    tmp.write_bytes(b'x' * 1_000_000)\n"
+            "    print('writing', flush=True)\n    time.sleep(60)\n"
+            f"atomic_write({str(tmp_path / 'm.pt')!r}, write)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "writing\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".m.pt.") and left[0].endswith(".tmp")
+    atomic_write(tmp_path / "m.pt", lambda tmp: tmp.write_bytes(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert (tmp_path / "m.pt").read_bytes() == b"new"
+
+
+def test_only_this_machines_temporaries_of_dead_processes_are_removed(tmp_path):
+    host, me = temp_name_tag().split("-")
+    assert me == str(os.getpid()) and len(host) == 6
+    other_host = "0" * 6 if host != "0" * 6 else "1" * 6
+    dead = _dead_pid()
+    names = {
+        f".m.pt.{host}-{dead}-abc_9xyz.tmp": False,  # a killed writer's: removed
+        f".m.pt.{host}-{os.getpid()}-abcdefgh.tmp": True,  # a write in progress
+        f".m.pt.{host}-{os.getppid()}-abcdefgh.tmp": True,  # another live process's
+        f".m.pt.{other_host}-{dead}-abcdefgh.tmp": True,  # another machine's
+        f".n.pt.{host}-{dead}-abcdefgh.tmp": True,  # another file's
+        f".m.pt.{host}-{dead}-abcdefgh.tmp.keep": True,  # not a temporary name
+        f".m.pt.{host}-x{dead}-abcdefgh.tmp": True,
+        "m.pt": True,
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    link = f".m.pt.{host}-{dead}-linklink.tmp"  # a link is not a temporary file
+    os.symlink(tmp_path / "m.pt", tmp_path / link)
+    names[link] = True
+    folder = f".m.pt.{host}-{dead}-folderxx.tmp"
+    (tmp_path / folder).mkdir()
+    names[folder] = True
+    removed = clean_stale_temps(tmp_path, "m.pt")
+    assert [p.name for p in removed] == [f".m.pt.{host}-{dead}-abc_9xyz.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, k in names.items() if k)
+    assert (tmp_path / "m.pt").read_text() == "x"
+
+
+def test_a_temporary_that_cannot_be_removed_does_not_stop_the_write(tmp_path, monkeypatch):
+    host = temp_name_tag().split("-")[0]
+    stale = tmp_path / f".m.pt.{host}-{_dead_pid()}-abcdefgh.tmp"
+    stale.write_text("x")
+    real = type(stale).unlink
+
+    def refuse(self, missing_ok=False):
+        if self == stale:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(type(stale), "unlink", refuse)
+    atomic_write(tmp_path / "m.pt", lambda tmp: tmp.write_text("new"))
+    assert (tmp_path / "m.pt").read_text() == "new" and stale.exists()

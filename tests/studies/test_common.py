@@ -374,7 +374,7 @@ def test_ctrl_c_while_the_replaced_run_is_removed_says_the_new_one_is_published(
     old = tmp_path / f".run.old-{os.getpid()}"
     assert old.is_dir()
     monkeypatch.setattr(_common.shutil, "rmtree", real_rmtree)
-    monkeypatch.setattr(_common, "_alive", lambda pid: False)  # as after this process ends
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)  # as after this process ends
     assert _common.clean_stale_partials(out) == [old]
 
 
@@ -424,7 +424,7 @@ def test_a_finished_run_stays_in_its_staging_folder_when_no_rename_works(tmp_pat
     monkeypatch.undo()
     assert (stage / "x.csv").read_text() == "1\n" and (stage / "manifest.json").exists()
     assert not out.exists()
-    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)
     assert _common.clean_stale_partials(out) == [] and stage.is_dir()
 
 
@@ -753,7 +753,7 @@ def test_a_forced_run_published_just_before_the_move_is_never_removed(tmp_path, 
         run.finish()
     pid = {"now": 222}
     monkeypatch.setattr(_common.os, "getpid", lambda: pid["now"])
-    monkeypatch.setattr(_common, "_alive", lambda p: True)  # both runs' folders are live
+    monkeypatch.setattr(_common, "process_alive", lambda p: True)  # both runs' folders are live
     second = RunDir(out, "demo", [], {}, force=True)
     second.write_text("x.csv", "second\n")
     pid["now"] = 111
@@ -843,7 +843,7 @@ def test_a_previous_run_that_cannot_be_put_back_is_never_removed_as_left_behind(
             run.finish()
     monkeypatch.setattr(Path, "rename", real)
     old, = tmp_path.glob(".results.old-*")
-    monkeypatch.setattr(_common, "_alive", lambda pid: False)  # as after this process ends
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)  # as after this process ends
     assert _common.clean_stale_partials(out) == []
     assert (old / "prev.txt").read_text() == "previous\n"
     assert not (tmp_path / f"results.finished-{os.getpid()}" / _common.STAGING_MARK).exists()
@@ -880,7 +880,7 @@ def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, mon
     monkeypatch.setattr(Path, "unlink", real)
     old, = tmp_path.glob(".results.old-*")
     assert (old / _common.STAGING_MARK).is_file()
-    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)
     assert _common.clean_stale_partials(out) == [old]
     assert (out / "new.txt").read_text() == "new\n"
 
@@ -957,7 +957,7 @@ def test_a_previous_run_left_aside_by_a_killed_publish_is_put_back_not_removed(t
     new = tmp_path / ".results.partial-99999"  # the new run, not yet renamed, unmarked
     new.mkdir()
     (new / "manifest.json").write_text("{}")
-    monkeypatch.setattr(_common, "_alive", lambda pid: False)
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)
     assert _common.clean_stale_partials(final) == []
     assert sorted(p.name for p in final.iterdir()) == ["manifest.json"] and not old.exists()
     assert (new / "manifest.json").is_file()
@@ -981,7 +981,7 @@ def test_a_replaced_runs_copy_cut_short_while_removed_is_never_put_back(tmp_path
     (old / "a.csv").unlink()
     (old / _common.STAGING_MARK).write_text("made by a qerror study\n")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_common, "_alive", lambda pid: False)
+        m.setattr(_common, "process_alive", lambda pid: False)
         assert _common.clean_stale_partials(out) == [old]
     assert not list(tmp_path.iterdir())
 
