@@ -136,6 +136,7 @@ def _main(argv: list[str]) -> int:
     started = time.perf_counter()
     with RunDir(args.out, "seeds", argv, config, force=args.force) as run:
         run.extra.update(data={"source": splits.train.source, "train_sha256": splits.train.sha256,
+                               "calib_sha256": splits.calib.sha256,
                                "test_sha256": splits.test.sha256})
         weights, frames = {}, []
         for s in tqdm(range(args.seed, args.seed + seeds), desc="seeds", unit="network"):

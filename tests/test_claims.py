@@ -599,6 +599,11 @@ def _seed_networks(directory):
         splits = fashion_mnist_splits(seed=cfg["seed"])
     except DataNotFoundError as err:
         pytest.fail(f"the network claims are decided on Fashion-MNIST: {err} (make data)")
+    # the weights were trained on the training split, and the calibration images are drawn
+    # from the same file by the same seeded permutation: its hash pins both
+    assert splits.train.sha256 == manifest["data"]["train_sha256"], (
+        f"{directory}: trained on other training images ({manifest['data']['train_sha256']}) "
+        f"than {splits.train.source} holds ({splits.train.sha256})")
     assert splits.test.sha256 == manifest["data"]["test_sha256"]
     models = {}
     for seed, state in torch.load(directory / "chains.pt", weights_only=True).items():
@@ -628,6 +633,21 @@ def test_seed_weights_other_than_the_studys_default_run_are_refused(tmp_path, ch
     shutil.copy(SEEDS_DIR / "chains.pt", tmp_path / "chains.pt")
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AssertionError, match="not the default run"):
+        _seed_networks(tmp_path)
+
+
+def test_seed_weights_trained_on_other_images_are_refused(tmp_path):
+    """The seeds' manifest recorded the training split's hash and nothing checked it: weights
+    trained on another training file (whose calibration images, drawn from that file, are
+    others too) were decided on with this file's calibration images."""
+    import json
+    import shutil
+
+    manifest = json.loads((SEEDS_DIR / "manifest.json").read_text())
+    manifest["data"]["train_sha256"] = "0" * 64
+    shutil.copy(SEEDS_DIR / "chains.pt", tmp_path / "chains.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AssertionError, match="trained on other training images"):
         _seed_networks(tmp_path)
 
 

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import torch
 
+from qerror.data import fashion_mnist_splits
 from qerror.nn.models import plain_chain
 from qerror.nn.seeds import STATEMENT_MODES
 from studies import seeds
@@ -35,6 +36,11 @@ def test_smoke_run_trains_each_seed_and_measures_it(fashion_idx, tmp_path):
     fl = st[(st.quantity == "float_accuracy")].groupby("seed").value.first()
     assert (train.set_index("seed").float_accuracy == fl).all()
     assert manifest["config"]["test_images"] == 128
+    # the images the networks were trained, calibrated and measured on, by their hashes
+    splits = fashion_mnist_splits(root, seed=5)
+    assert manifest["data"] == {"source": str(root), "train_sha256": splits.train.sha256,
+                                "calib_sha256": splits.calib.sha256,
+                                "test_sha256": splits.test.sha256}
 
 
 def test_a_data_root_under_home_is_expanded(tmp_path, monkeypatch, capsys):
