@@ -9,7 +9,8 @@ identity, so the same code runs on one process or many.
 * :func:`all_reduce_sum`: exact merging of streaming sums;
 * :func:`broadcast_object`: rank 0's value (a calibration, a loaded state) on every rank;
 * :func:`gather_objects`: every rank's value, in rank order;
-* :func:`first_rows`: the first rows of the ranks' gathered pieces, holding no others;
+* :func:`gather_first_rows`: the first rows of every rank's pieces in rank order, each rank
+  sending only its share of them; :func:`first_rows` joins them, holding no others;
 * :func:`gather_outcomes`: the same, carrying the error a rank met on its way, so that
   every rank raises instead of waiting for it;
 * :func:`check_agreement`: the same error on every rank when the ranks passed different
@@ -41,7 +42,8 @@ from qerror._checks import check_count
 from qerror.nn._anatomy import own_forwards
 
 __all__ = ["all_reduce_sum", "broadcast_object", "check_agreement", "digest", "first_rows",
-           "gather_objects", "gather_outcomes", "global_batchnorm", "shard", "world"]
+           "gather_first_rows", "gather_objects", "gather_outcomes", "global_batchnorm",
+           "shard", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -132,12 +134,26 @@ def gather_objects(value: Any) -> list[Any]:
     return out
 
 
+def _head(pieces: Sequence, n: int) -> list:
+    """The first ``n`` rows of ``pieces`` (arrays or tensors, in order), as pieces: a piece
+    within them as it is, the one they end in cut and copied (a slice would keep, and
+    pickle, for a tensor, its whole piece's memory)."""
+    cut, left = [], n
+    for p in pieces:
+        if left <= 0:
+            break
+        if len(p) > left:
+            p = p[:left].clone() if isinstance(p, torch.Tensor) else p[:left].copy()
+        cut.append(p)
+        left -= len(p)
+    return cut
+
+
 def first_rows(pieces: Sequence, n: int | None):
-    """The first ``n`` rows of ``pieces`` (numpy arrays, or torch tensors, in order: every
-    rank's share from :func:`gather_objects`, say) joined into a new array or tensor that
-    holds those rows alone (every row where ``n`` is None). A slice of the whole joined
-    would be a view that keeps every row's memory: the world size times ``n`` rows where
-    each rank kept its own first ``n``. ``pieces`` must not be empty."""
+    """The first ``n`` rows of ``pieces`` (numpy arrays, or torch tensors, in order: the
+    ranks' pieces from :func:`gather_first_rows`, say) joined into a new array or tensor
+    that holds those rows alone (every row where ``n`` is None). A slice of the whole joined
+    would be a view that keeps every row's memory. ``pieces`` must not be empty."""
     if n is not None:
         cut, left = [], n
         for p in pieces:
@@ -148,6 +164,25 @@ def first_rows(pieces: Sequence, n: int | None):
         pieces = cut
     return torch.cat(list(pieces)) if isinstance(pieces[0], torch.Tensor) \
         else np.concatenate(pieces)
+
+
+def gather_first_rows(pieces: Sequence, n: int | None) -> list:
+    """Every rank's ``pieces`` (arrays or tensors whose rows follow one another), in rank
+    order, on every rank, as one list of pieces: the first ``n`` rows of them all in rank
+    order (every row where ``n`` is None), ``pieces`` themselves outside a group.
+
+    Each rank sends only its share of those ``n`` rows, a piece cut short as a copy (the
+    ranks first gather their row counts). Each rank sending its own first ``n`` made every rank receive the
+    world size times ``n`` rows for a moment: at 8 ranks keeping 5,000 images' BatchNorm
+    moments of a 2,048-channel layer, 2.6 GB where 330 MB are kept.
+    """
+    rank, size = world()
+    if size == 1:
+        return list(pieces) if n is None else _head(pieces, n)
+    if n is not None:
+        before = sum(gather_objects(sum(len(p) for p in pieces))[:rank])
+        pieces = _head(pieces, max(n - before, 0))
+    return [t for got in gather_objects(list(pieces)) for t in got]
 
 
 def gather_outcomes(value: Any, failure: BaseException | None, before: str) -> list[Any]:

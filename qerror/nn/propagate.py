@@ -888,14 +888,14 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
     # every rank kept its own first images: the first of them in rank order, copied out
     for m in holders:
         if m.keep:
-            kept = [t for k in parallel.gather_objects(m.kept) for t in k]
-            m.kept = [parallel.first_rows(kept, m.keep)] if kept else []
+            kept = parallel.gather_first_rows(m.kept, m.keep)
+            m.kept = [parallel.first_rows(kept, None)] if kept else []
     for a in sites:
         if a.err.keep:
-            beyond = [t for b in parallel.gather_objects(a.beyond) for t in b]
-            a.beyond = [parallel.first_rows(beyond, a.err.keep)] if beyond else []
-            power = [t for p in parallel.gather_objects(a.ref_power) for t in p]
-            a.ref_power = [parallel.first_rows(power, a.err.keep)] if power else []
+            beyond = parallel.gather_first_rows(a.beyond, a.err.keep)
+            a.beyond = [parallel.first_rows(beyond, None)] if beyond else []
+            power = parallel.gather_first_rows(a.ref_power, a.err.keep)
+            a.ref_power = [parallel.first_rows(power, None)] if power else []
     return merged_counts, u
 
 

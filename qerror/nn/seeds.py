@@ -424,9 +424,9 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
     for name, m in norms:
         arrays, length = local.pop(name)
         if shared:  # a rank's share may be empty
-            gathered = parallel.gather_objects((arrays, length))
-            arrays = [parallel.first_rows(a, images) for a in zip(*(g[0] for g in gathered))]
-            length = max(g[1] for g in gathered)
+            arrays = [parallel.first_rows(parallel.gather_first_rows([a], images) or [a[:0]],
+                                          None) for a in arrays]
+            length = max(parallel.gather_objects(length))
         if not length:
             raise ValueError(f"BatchNorm {name!r} did not run on the batches; give some "
                              "images, and a model whose every BatchNorm2d is in its forward")

@@ -173,3 +173,54 @@ def test_check_agreement_names_the_first_argument_that_differs():
             f"the ranks passed different {told}; every rank must pass the same config, "
             "act_qparams (only the batches are each rank's own), for their moments to be one "
             "measurement")
+
+
+#: Rows on rank 0 and rank 1, and the number of first rows kept, for the two-rank test.
+_SHARES = [((4, 7), 6), ((7, 3), 6), ((0, 5), 3), ((2, 2), 10), ((3, 4), None)]
+
+
+def _rank_gathers(rank, world, port, folder):
+    """Each rank holds rows numbered on from the rank before's (two pieces: the first one
+    row long), gathers the first ``n`` of them all, and writes what it received."""
+    import numpy as np
+
+    from qerror.nn import training
+    from tests.qerror.nn.ranks import as_rank
+
+    as_rank(rank, world, port)
+    got = []
+    with training.distributed("cpu"):
+        for rows, n in _SHARES:
+            start = sum(rows[:rank])
+            own = torch.arange(start, start + rows[rank], dtype=torch.float64)[:, None]
+            pieces = [own[:1], own[1:]] if rows[rank] else [own]
+            tensors = parallel.gather_first_rows(pieces, n)
+            arrays = parallel.gather_first_rows([p.numpy() for p in pieces], n)
+            got.append(([t.tolist() for t in tensors], [a.tolist() for a in arrays],
+                        all(isinstance(a, np.ndarray) for a in arrays)))
+    torch.save(got, folder / f"rank{rank}.pt")
+
+
+def test_each_rank_sends_only_its_share_of_the_first_rows(tmp_path):
+    # every rank sent its own first n rows, so each received up to the world size times n
+    # (rank 0's 4 rows and rank 1's first 6 where 6 are kept: 10 rows), before first_rows
+    # cut them: at 8 ranks keeping 5,000 images' BatchNorm moments, 2.6 GB for 330 MB kept
+    from tests.qerror.nn.ranks import two_ranks
+
+    two_ranks(_rank_gathers, tmp_path)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for ((rows, n), (tensors, arrays, numpy)) in zip(_SHARES, got):
+            keep = sum(rows) if n is None else min(n, sum(rows))
+            want = [[float(i)] for i in range(keep)]
+            assert [r for t in tensors for r in t] == want, (rows, n, rank)
+            assert [r for a in arrays for r in a] == want and numpy, (rows, n, rank)
+
+
+def test_outside_a_group_the_first_rows_are_this_processs_own():
+    pieces = [torch.arange(3.0), torch.arange(3.0, 5.0)]
+    assert [t.tolist() for t in parallel.gather_first_rows(pieces, 4)] == [[0, 1, 2], [3]]
+    assert parallel.gather_first_rows(pieces, None) == pieces
+    assert parallel.gather_first_rows(pieces, 0) == []
+    cut = parallel.gather_first_rows(pieces, 4)[1]
+    assert cut.untyped_storage().nbytes() == cut.element_size()  # a copy, not a view
