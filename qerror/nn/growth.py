@@ -292,7 +292,18 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     float64 ``(resamples, n)`` (rows sum to ``n``): the draws every image bootstrap here
     takes, float once for the matrix products they feed. ``seed`` must be an integer
     ``>= 0``: None (fresh entropy) or a Generator (whose state moves with every call)
-    would give other bounds on every call, a decision at a threshold among them."""
+    would give other bounds on every call, a decision at a threshold among them.
+
+    Raises
+    ------
+    TypeError
+        ``n``, ``resamples`` or ``seed`` is not an integer.
+    ValueError
+        ``n`` below 1 (no image to draw), ``resamples`` below 100 (:func:`check_resamples`)
+        or ``seed`` outside its range (:func:`fixed_rng`).
+    """
+    n = check_count(n, "n (images to resample)", 1)
+    check_resamples(resamples)
     return fixed_rng(seed).multinomial(n, np.full(n, 1.0 / n),
                                        size=resamples).astype(np.float64)
 

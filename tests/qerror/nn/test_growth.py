@@ -18,6 +18,7 @@ from qerror.nn.growth import (
     image_bootstrap,
     layer_block_bootstrap,
     linear_or_sqrt,
+    resample_counts,
     residual_autocorrelation,
 )
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
@@ -655,6 +656,23 @@ def test_a_broken_measurement_is_refused_not_left_out():
         image_bootstrap(depth[:, None], per, scales, resamples=100)
     with pytest.raises(ValueError, match="depth must be 1-D"):
         image_bootstrap([], [], [], resamples=100)
+
+
+def test_resample_counts_refuses_what_draws_no_bootstrap():
+    """No image gave a ZeroDivisionError, a negative count numpy's "negative dimensions",
+    an integral float "not iterable", and no resample an empty (0, n) matrix without a word."""
+    for n, resamples, error, match in ((0, 100, ValueError, r"n \(images to resample\) must "
+                                        r"be an int >= 1"),
+                                       (-3, 100, ValueError, r"n \(images to resample\)"),
+                                       (2.0, 100, TypeError, r"n \(images to resample\)"),
+                                       (True, 100, TypeError, r"n \(images to resample\)"),
+                                       (5, 0, ValueError, r"resamples must be an int >= 100"),
+                                       (5, -1, ValueError, r"resamples must be an int >= 100"),
+                                       (5, 100.0, TypeError, r"resamples must be an int")):
+        with pytest.raises(error, match=match):
+            resample_counts(n, resamples, 0)
+    counts = resample_counts(np.int64(1), 100, 0)
+    assert counts.shape == (100, 1) and (counts == 1.0).all()
 
 
 def test_layer_block_bootstrap_takes_only_a_fixed_seed():
