@@ -61,6 +61,8 @@ from qerror.nn.propagate import (
     QuantConfig,
     QuantizedWeights,
     check_layer_params,
+    check_made_for,
+    check_weights_fit,
     local_error_means,
     quantize_weights,
     quantized_forward,
@@ -181,8 +183,10 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
     ValueError
         The calibration result has no input maps or names a layer the model has not;
         activations quantized and the calibration measured with another activation spec,
-        or ``act_qparams`` (or ``weights``) missing a layer; ``source="bn"`` on a model
-        ``torch.fx`` cannot trace.
+        or ``act_qparams`` (or ``weights``) missing a layer; ``act_qparams`` made for
+        another grid, or ``weights`` made by another quantizer or from other float weights
+        than the model holds (refused as :func:`qerror.nn.propagate.measure` refuses them);
+        ``source="bn"`` on a model ``torch.fx`` cannot trace.
     """
     source = MeanSource.parse(source)
     if config.activation is not None:
@@ -194,8 +198,14 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                 f"({config.activation}): its input maps count the "
                 "inputs above and below another quantizer's zero. Measure it with this "
                 "config's activation spec and the same act_qparams")
+    check_made_for(act_qparams, config.activation, "activation ranges")
     if weights is None and config.weight is not None:
         weights = quantize_weights(model, config.weight, seed=config.seed)
+    if config.weight is not None:
+        # ΔW is read off these weights: another quantizer's, or another model's, would
+        # predict (and correct) an error this configuration does not make
+        check_made_for(weights, config.weight, "quantized weights")
+        check_weights_fit(model, weights)
     check_layer_params(config, (s.name for s in calibration.layers()), act_qparams, weights)
     feeders = bn_fed_layers(model) if source is MeanSource.BN else {}
     modules = dict(model.named_modules())
