@@ -123,16 +123,24 @@ def _relu_normal_sides(beta: np.ndarray, gamma: np.ndarray, origin: float
     return p_above, p_below
 
 
-def _bn_output_normal(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+def _bn_output_normal(bn: nn.BatchNorm2d, layer: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation, per channel, of a BatchNorm's output in evaluation mode
     when its input has the running mean and variance ``σ²``: ``β`` and
     ``|γ|·σ/√(σ² + ε)`` (``γ = 1``, ``β = 0`` without an affine map; a channel with
-    ``σ² = 0`` is the constant ``β``)."""
+    ``σ² = 0`` is the constant ``β``). ``layer`` names the layer it feeds, for the errors."""
     if bn.running_var is None:
         raise ValueError("a BatchNorm without running statistics (track_running_stats=False) "
                          "normalises with each batch's own: the bn source has no σ² to model "
                          "it with; use source='measured', or a model whose BatchNorms track "
                          "their statistics")
+    # a NaN σ or γ fails every σ > 0 test and would model its channel as the constant β
+    bad = [what for what, t in (("running_var", bn.running_var), ("weight", bn.weight),
+                                ("bias", bn.bias))
+           if t is not None and not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        raise ValueError(f"the BatchNorm feeding layer {layer!r} holds non-finite values in its "
+                         f"{', '.join(bad)}: the bn source has no normal to model its output "
+                         "with; fix or reload the model")
     var = bn.running_var.detach().double().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         shrink = np.where(var > 0, np.sqrt(var / (var + bn.eps)), 0.0)
@@ -186,7 +194,8 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
         or ``act_qparams`` (or ``weights``) missing a layer; ``act_qparams`` made for
         another grid, or ``weights`` made by another quantizer or from other float weights
         than the model holds (refused as :func:`qerror.nn.propagate.measure` refuses them);
-        ``source="bn"`` on a model ``torch.fx`` cannot trace.
+        ``source="bn"`` on a model ``torch.fx`` cannot trace; a layer's weight, or (``source="bn"``)
+        the γ, β or running variance of the BatchNorm feeding it, not finite.
     """
     source = MeanSource.parse(source)
     if config.activation is not None:
@@ -222,7 +231,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                                  "qerror.nn.propagate.measure(..., input_maps=True)")
             mu, p_pos, p_neg = site.input_mean_map, site.input_pos_map, site.input_neg_map
             if name in feeders:
-                beta, sd = _bn_output_normal(feeders[name])
+                beta, sd = _bn_output_normal(feeders[name], name)
                 mean_c = _relu_normal_mean(beta, sd)
                 origin = 0.0
                 if config.activation is not None:  # the quantizer's real zero, -z s
@@ -234,6 +243,9 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
                 p_pos = np.broadcast_to(above.reshape(shape), mu.shape)
                 p_neg = np.broadcast_to(below.reshape(shape), mu.shape)
             w = m.weight.detach().double()
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"layer {name!r} holds non-finite weights: its ΔW is not a "
+                                 "number; fix or reload the model")
             w_hat = weights[name].weight.double() if config.weight is not None else w
             if config.activation is not None:
                 scale = float(act_qparams[name].scale)
