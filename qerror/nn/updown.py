@@ -214,8 +214,9 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     ValueError
         ``layer`` is not a conv/linear of the model, its weight is not a parameter of the
         model (``torch.nn.utils.prune``, ``weight_norm``) or is tied to another layer's, bad
-        ``bits``, ``roundings``, ``seed`` or ``alpha``, unlabelled or no batches, labels not
-        one per image or below 0; each refused before any forward pass. Labels from the
+        ``bits``, ``roundings``, ``seed`` or ``alpha``, a non-finite weight of ``layer``,
+        unlabelled or no batches, labels not one per image or below 0; each refused before
+        any forward pass. Labels from the
         logits' class count up, or a float loss that is not finite (refused after the float
         forward pass, before any rounding).
     FloatingPointError
@@ -242,6 +243,10 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
                           f"counts only the calls of {layer!r}; give each layer its own copy, "
                           "or pick a layer with its own weight")
     key = f"{layer}.weight" if layer else "weight"  # "" names the model itself
+    bad = int((~torch.isfinite(module.weight.detach())).sum())
+    if bad:  # calibrate's own check would name it "x", as if the images held it
+        raise ValueError(f"layer {layer!r} holds {bad} non-finite weight(s): there is no "
+                         "rounding of them to compare; fix or reload the model")
     x, y = _labelled(batches, model_device(model))
     spec = QuantSpec(bits=int(bits), signed=True, symmetric=True, axis=0,
                      rounding=RoundingMode.NEAREST_EVEN)

@@ -246,6 +246,21 @@ def test_a_float_loss_that_is_not_finite_is_refused_before_any_rounding():
         assert len(calls) == 1  # the float loss's pass alone
 
 
+def test_a_non_finite_weight_of_the_layer_is_named_before_any_forward_pass():
+    """A NaN or infinite weight in the layer itself was reported as "x holds 1 non-finite
+    value(s)" (calibrate's name for its data), as if the images held it."""
+    x, y = images(8, 1), torch.zeros(8, dtype=torch.long)
+    for value in (float("nan"), float("inf")):
+        model = tiny_resnet()
+        with torch.no_grad():
+            model[3].conv1.weight[0, 0, 0, 0] = value
+        calls = []
+        model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+        with pytest.raises(ValueError, match=r"layer '3.conv1' holds 1 non-finite weight"):
+            updown_experiment(model, "3.conv1", [(x, y)], 4, roundings=5, taylor=False)
+        assert not calls
+
+
 def test_a_rounding_whose_loss_is_nan_is_refused():
     """A float16 rounding up of 0.3 to 3/7 overflowed the logit (50000 + 40000 * 3/7), whose
     loss is NaN, and NaN compares as not below nearest's: counted as losing to it."""
