@@ -299,11 +299,20 @@ def apply_rounding(weight: torch.Tensor, qparams: QParams, up: torch.Tensor,
     Raises
     ------
     ValueError
-        ``up`` does not have the weight's shape or holds other values than 0 and 1, or
-        ``spec`` is not symmetric per channel.
+        ``up`` does not have the weight's shape or holds other values than 0 and 1,
+        ``spec`` is not symmetric per channel, or the weight holds NaN or Inf.
+    TypeError
+        ``weight`` is not a torch tensor.
     """
     if not spec.symmetric or spec.axis != 0:
         raise ValueError("apply_rounding expects a symmetric per-output-channel spec (axis=0)")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}; convert "
+                        "a numpy array with torch.from_numpy")
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    if bad:  # quantize's own check would name it "x"
+        raise ValueError(f"weight holds {bad} non-finite value(s): a NaN or Inf has no "
+                         "floor/ceil pair to round to; fix or reload the weight")
     up = torch.as_tensor(up)
     if up.shape != weight.shape:
         raise ValueError(f"up has shape {tuple(up.shape)}, the weight {tuple(weight.shape)}")

@@ -270,6 +270,23 @@ def test_apply_rounding_takes_up_down_choices_only():
             apply_rounding(w, qp, torch.full((2, 8), bad), spec)
 
 
+def test_apply_rounding_names_a_bad_weight():
+    """A NaN or infinite weight was reported as "x holds 1 non-finite value(s)" (quantize's
+    name for its data), and a numpy weight as "'numpy.ndarray' object has no attribute
+    'detach'"."""
+    spec = QuantSpec(4, signed=True, symmetric=True, axis=0, rounding=RoundingMode.NEAREST_EVEN)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    qp = calibrate(w, spec)
+    up = torch.zeros(2, 8, dtype=torch.bool)
+    for value in (float("nan"), float("inf")):
+        bad = w.clone()
+        bad[1, 1] = value
+        with pytest.raises(ValueError, match=r"weight holds 1 non-finite value\(s\)"):
+            apply_rounding(bad, qp, up, spec)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got ndarray"):
+        apply_rounding(w.numpy(), qp, up, spec)
+
+
 def test_no_images():
     with pytest.raises(ValueError, match="calibration image"):
         adaround(tiny_resnet(), [], 4, iterations=1)
