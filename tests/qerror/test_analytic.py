@@ -768,17 +768,47 @@ def test_a_density_infinite_at_a_support_end_away_from_zero_gives_finite_moments
     assert abs(floor.bias_lsb + 0.5) < 1e-7
 
 
+def _t3_cdf(t):
+    """Student t(3)'s CDF in closed form (mpmath)."""
+    return mpmath.mpf(1) / 2 + (t / (mpmath.sqrt(3) * (1 + t * t / 3))
+                                + mpmath.atan(t / mpmath.sqrt(3))) / mpmath.pi
+
+
+def _exact_bias(cdf, loc, width, mode, qmin=-128, qmax=127):
+    """E[q(u)] - loc at step 1 for the law ``cdf((u - loc) / width)``, clamping included:
+    the sum over codes of the code times its cell's mass (50 digits)."""
+    with mpmath.workdps(50):
+        loc, width = mpmath.mpf(loc), mpmath.mpf(width)
+        low = {"floor": 0, "ceil": -1, "nearest_even": mpmath.mpf(-0.5)}[mode]
+        total = mpmath.mpf(0)
+        for k in range(qmin, qmax + 1):
+            below = 0 if k == qmin else cdf((k + low - loc) / width)
+            above = 1 if k == qmax else cdf((k + low + 1 - loc) / width)
+            total += k * (above - below)
+        return total - loc
+
+
 def test_a_generic_law_too_narrow_for_its_quadrature_is_refused():
     """Far narrower than a step, the generic quadrature's panels (measured from grid points)
     lost the law: floor's bias on Student t(3) at 1e-13 of a step was 3e-7 off, at 1e-20 of
-    it -1020 instead of -1/2. Below 1e-8 of a step it is refused; at 1e-8 it holds (floor's
-    bias on a law symmetric about 0 is exactly -1/2)."""
+    it -1020 instead of -1/2. A law centred on a grid point hid how soon it starts: off the
+    grid points, floor's bias at 1e-8 of a step was 1.5e-10 off (t(3)), 1.4e-12 at 1e-6,
+    against a stated 1e-13. Below 1e-4 of a step it is refused; from 1e-4 on it holds, here
+    against the exact bias from t(3)'s and the logistic's closed-form CDFs."""
+    logistic = (lambda t: 1 / (1 + mpmath.exp(-t)))
+    centres = (0.137, 0.382, 0.618, 0.863)  # not 0.5: nearest's bias there is 0
+    for cdf, law in ((_t3_cdf, lambda c, w: stats.t(3, c, w)),
+                     (logistic, lambda c, w: stats.logistic(c, w))):
+        for width in (1e-4, 1e-3):
+            for centre in centres:
+                for mode in ("floor", "ceil", "nearest_even"):
+                    got = error_moments(law(centre, width), QuantSpec(bits=8, rounding=mode),
+                                        1.0).bias_lsb
+                    exact = _exact_bias(cdf, centre, width, mode)
+                    assert abs(float((got - exact) / exact)) < 1e-13, (width, centre, mode)
     spec = QuantSpec(bits=8, rounding=RoundingMode.FLOOR)
-    for sd in (1e-8, 1e-6):
-        m = error_moments(stats.t(3, 0.0, sd), spec, 1.0)
-        assert abs(m.bias_lsb + 0.5) < 1e-12, sd
-    for sd in (1e-9, 1e-20):
-        with pytest.raises(ValueError, match="below 1e-08 of the step"):
+    for sd in (9.9e-5, 1e-8, 1e-20):
+        with pytest.raises(ValueError, match="below 0.0001 of the step"):
             error_moments(stats.t(3, 0.0, sd), spec, 1.0)
     assert error_moments(stats.norm(0.0, 1e-20), spec, 1.0).bias_lsb == -0.5  # closed form
 
