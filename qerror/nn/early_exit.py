@@ -937,8 +937,8 @@ def exit_costs(model: EarlyExitResNet, input_shape: tuple[int, ...] | None = Non
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
     input_shape = model.input_shape if input_shape is None else _check_input_shape(input_shape)
-    dtype = next(model.parameters()).dtype
-    x = torch.zeros((1, *input_shape), dtype=dtype)
+    first = next(model.parameters())  # the probe image goes where the model is (a GPU's)
+    x = torch.zeros((1, *input_shape), dtype=first.dtype, device=first.device)
     with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
         full = count_macs(model.backbone, x)
         backbone, heads = [], []
@@ -961,8 +961,8 @@ def block_mac_fractions(model: nn.Module, input_shape: tuple[int, ...] | None = 
     check_resnet(model)
     input_shape = (model.conv1.in_channels, 32, 32) if input_shape is None \
         else _check_input_shape(input_shape)
-    dtype = next(model.parameters()).dtype
-    x = torch.zeros((1, *input_shape), dtype=dtype)
+    first = next(model.parameters())  # the probe image goes where the model is (a GPU's)
+    x = torch.zeros((1, *input_shape), dtype=first.dtype, device=first.device)
     with eval_mode(model):
         full = count_macs(model, x)
         stem = nn.Sequential(*(getattr(model, n) for n in _STEM))

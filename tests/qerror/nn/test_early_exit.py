@@ -181,6 +181,18 @@ def test_counting_macs_gives_every_module_its_own_mode_back():
     assert _modes(backbone) == inner
 
 
+def test_macs_are_counted_wherever_the_model_lives():
+    """exit_costs and block_mac_fractions made their probe image on the CPU, so a model on
+    another device (a GPU; here the meta device, which runs no kernels) failed with "Tensor
+    on device meta is not on the expected device cpu!"; the counts do not depend on it."""
+    model = EarlyExitResNet(fashion_resnet("resnet18", seed=1)).eval()
+    costs = exit_costs(model)
+    fractions = block_mac_fractions(model.backbone)
+    model.to("meta")
+    assert exit_costs(model) == costs
+    assert block_mac_fractions(model.backbone) == fractions
+
+
 def _counting_hooks(model):
     seen = {}
     modules = {"layer1": model.backbone.layer1[0], "layer2": model.backbone.layer2[0],
