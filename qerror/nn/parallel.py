@@ -179,8 +179,10 @@ def gather_first_rows(pieces: Sequence, n: int | None) -> list:
     rank, size = world()
     if size == 1:
         return list(pieces) if n is None else _head(pieces, n)
+    # the counts are gathered whatever n is: every rank makes the same collectives, so
+    # ranks given different n's get figures that differ, not a wait for ever
+    before = sum(gather_objects(sum(len(p) for p in pieces))[:rank])
     if n is not None:
-        before = sum(gather_objects(sum(len(p) for p in pieces))[:rank])
         pieces = _head(pieces, max(n - before, 0))
     return [t for got in gather_objects(list(pieces)) for t in got]
 
