@@ -40,7 +40,8 @@ Where the codes differ, and why (FBGEMM, PyTorch 2.x)
    Items 2 and 3 change the value being rounded by a relative few float32 ulps, so they
    move a code only where ``y / s_y`` lies that close to a half-integer, and then by one.
    FBGEMM converts the rounded value to int32 before adding ``z_y``, and from ``2³¹`` up
-   that conversion gives ``-2³¹``: such an output gets the lowest code (``z_y`` with a
+   (or for a NaN, where ``0 · ∞`` arises from scales whose products leave float32) that
+   conversion gives ``-2³¹``: such an output gets the lowest code (``z_y`` with a
    fused ReLU), not the highest (measured; the integer pipelines do so too, the float one
    does not).
 4. *int16 saturation.* On AVX2, FBGEMM multiplies with ``vpmaddubsw``, which adds the
@@ -878,9 +879,10 @@ class _Plan:
             if self.bias_units is not None:
                 raw = raw + self._channel_view(self.bias_units)
             v = torch.round(raw * self._channel_view(self.multiplier))
-            # The kernel converts to int32 before adding the zero point: from 2**31 up that
-            # conversion gives -2**31, which the clamp below takes to the lowest code.
-            v = v.masked_fill_(v >= _INT32_OVERFLOW, -_INT32_OVERFLOW) + self.zo
+            # The kernel converts to int32 before adding the zero point: from 2**31 up, and
+            # for NaN (0 · ∞ where s_x·s_w or m/s_y leaves float32), that conversion gives
+            # -2**31, which the clamp below takes to the lowest code.
+            v = v.masked_fill_((v >= _INT32_OVERFLOW) | v.isnan(), -_INT32_OVERFLOW) + self.zo
         lo = self.zo if self.relu else self.out_spec.qmin
         return v.clamp_(lo, self.out_spec.qmax).to(torch.int32)
 

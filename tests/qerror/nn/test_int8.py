@@ -940,6 +940,38 @@ def test_fbgemm_outputs_from_two_to_the_31_lsb_get_the_lowest_code(relu):
                        torch.full((128,), 255, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_fbgemm_requantization_of_nan_gets_the_lowest_code(relu, signed):
+    """FBGEMM's float32 requantization gives NaN where ``0 · ∞`` arises: a product of scales
+    ``s_x s_w`` below float32 (bias ``b / m = ∞`` times multiplier ``m / s_y = 0``), or a
+    multiplier ``m / s_y`` above it times a zero accumulator. Its float-to-int32 conversion
+    takes NaN to -2**31, as it does 2**31: the lowest code (the zero point under ReLU). The
+    integer pipelines returned -2**31 itself, a code outside the output range."""
+    out_spec = SIGNED_ACT if signed else ACTIVATION_SPEC
+    zo = -28 if signed else 100
+    lo = zo if relu else out_spec.qmin
+    tiny = nn.Linear(4, 3)
+    with torch.no_grad():
+        tiny.weight.copy_(torch.randn(3, 4, generator=_gen(90)) * 1e-30)
+        tiny.bias.copy_(torch.tensor([0.5, -0.5, 0.25]))
+    zero_sum = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        zero_sum.weight.copy_(torch.randn(3, 4, generator=_gen(91)))
+    for layer, x, (sx, sw, so) in (
+            (tiny, torch.randn(5, 4, generator=_gen(92)) * 1e-28, (1e-30, 1e-30, 0.1)),
+            (zero_sum, torch.zeros(5, 4), (4.0, 4.0, float(np.finfo(np.float32).tiny)))):
+        qp = LayerQParams(QParams(sx, 0), QParams(np.full(3, sw), 0), QParams(so, zo))
+        want = torch.full((5, 3), lo, dtype=torch.int32)
+        assert torch.equal(real_int8(layer, x, qp, relu=relu, out_spec=out_spec), want)
+        for pipeline in (Pipeline.INTEGER, Pipeline.SATURATING):
+            got = simulate_int8(layer, x, qp, pipeline=pipeline, relu=relu, out_spec=out_spec)
+            assert torch.equal(got, want), (pipeline, got.unique())
+        row = crosscheck_layer(layer, x, qp, relu=relu, out_spec=out_spec).get(
+            "layer", RECIPROCAL, Pipeline.INTEGER)
+        assert row.equal == row.elements and row.max_abs_lsb == 0
+
+
 # --------------------------------------------------------------------------- errors
 
 def _good():
