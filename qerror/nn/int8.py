@@ -588,7 +588,9 @@ def _scalar_qparams(qp, spec: QuantSpec, what: str) -> tuple[float, int]:
     scale = float(np.float32(s.reshape(())))
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"{what}.scale must be positive and finite in float32, got {qp.scale}")
-    if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and float(z) == round(float(z))):
+    # an infinite or NaN zero point would reach round() (OverflowError, ValueError unnamed)
+    if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.isfinite(z)
+                                         and float(z) == round(float(z))):
         raise TypeError(f"{what}.zero_point must be an integer, got {qp.zero_point!r}")
     zp = int(z.reshape(()))
     if not spec.qmin <= zp <= spec.qmax or (spec.symmetric and zp != 0):

@@ -2,6 +2,7 @@
 arithmetic is reproduced, a one-LSB bound where it is not, BN folding, the model sweep."""
 
 import dataclasses
+import math
 import os
 import warnings
 
@@ -1034,6 +1035,9 @@ def test_bad_qparams_and_specs_raise_clearly():
         crosscheck_layer(layer, x, LayerQParams(QParams(np.ones(3), 0), qp.weight, qp.output))
     with pytest.raises(ValueError, match="zero_point 300"):
         crosscheck_layer(layer, x, LayerQParams(qp.input, qp.weight, QParams(0.1, 300)))
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(TypeError, match=r"input qparams.zero_point must be an integer"):
+            crosscheck_layer(layer, x, LayerQParams(QParams(0.1, bad), qp.weight, qp.output))
     with pytest.raises(ValueError, match="positive"):
         crosscheck_layer(layer, x, LayerQParams(QParams(-1.0, 0), qp.weight, qp.output))
     with pytest.raises(TypeError, match="LayerQParams"):
