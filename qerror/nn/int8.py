@@ -80,6 +80,10 @@ oneDNN (:attr:`Library.ONEDNN`) differs from FBGEMM in two places, both modelled
 6. *Its AVX2 pairs* lie within one kernel tap: the input channels of each tap are paired
    ``(2j, 2j+1)`` (an odd count padded with a zero weight), and the taps that fall on the
    padding are skipped rather than multiplied by the zero point, so they never saturate.
+   Its linear kernel reduces 257 to 768 inputs in two halves, ``[0, ⌈K/2⌉)`` and
+   ``[⌈K/2⌉, K)``, each paired from its own start (measured: with ``⌈K/2⌉`` odd, every
+   such ``K`` from 257 to 766 gave other codes than one run of pairs; 256 and fewer, and
+   769 to 3,100, gave one run's), at any batch size, output count and thread count.
 
 One thing is not modelled: held to AVX-512 without VNNI (``ONEDNN_MAX_CPU_ISA=AVX512_CORE``
 on an AMX CPU; a Skylake-SP's own kernels), oneDNN pairs a convolution with *one* input
@@ -93,8 +97,9 @@ pipeline it finds faithful misses it, such layers are marked unmodelled
 Which kernel ran is measured, not guessed from CPU flags: :func:`kernel_probe` runs the
 real kernel once per process and engine on tiny inputs that tell the candidates apart:
 int16 pair sums that saturate (255 · 127 · 2), requantization ties with an odd output
-zero point, a padded 3x3 convolution with an odd channel count whose border pairs the two
-libraries saturate differently, and FBGEMM's groupwise shapes. It reports which library's
+zero point, a 258-input linear layer whose halves oneDNN pairs apart, a padded 3x3
+convolution with an odd channel count whose border pairs the two libraries saturate
+differently, and FBGEMM's groupwise shapes. It reports which library's
 arithmetic the linear and the convolution kernels follow, and which of INTEGER and
 SATURATING reproduced them on every probe, or that nothing did; and whether that
 pipeline also reproduces a convolution with one input channel. :class:`CrossCheck`
@@ -180,6 +185,8 @@ _INT16_MIN, _INT16_MAX = -(2**15), 2**15 - 1
 # The float32 value from which x86's float-to-int32 conversion overflows to -2**31.
 _INT32_OVERFLOW = 2.0**31
 _UINT8_MAX = 255
+# oneDNN's linear kernel reduces this many inputs (K) in two halves, each paired apart.
+_ONEDNN_HALVES = range(257, 769)
 # Elements of one gathered block of activation pairs in the saturation mimic.
 _SATURATION_BLOCK = 1 << 21
 _DEPRECATION = r".*quantized tensor creation functions.* deprecated"
@@ -208,7 +215,8 @@ class Library(Choice):
         path saturates so too, or not at all, by the CPU (see the module notes).
     ``ONEDNN``
         Requantizes as ``nearbyint(fl(fl(fl(a·s_x)·s_w) + b) · fl(1/s_y)) + z_y)``; on AVX2
-        pairs the input channels within each kernel tap and skips the padded taps.
+        pairs the input channels within each kernel tap and skips the padded taps, and
+        pairs a linear layer of 257 to 768 inputs in two halves apart.
     """
 
     FBGEMM = "fbgemm"
@@ -695,15 +703,17 @@ class _Pairs:
     neg: torch.Tensor       # (P,) sum of the negative weights of the pair
 
 
-def _risky_pairs(codes: torch.Tensor, per_tap: bool) -> _Pairs:
+def _risky_pairs(codes: torch.Tensor, per_tap: bool, split: int = 0) -> _Pairs:
     """Pairs ``(2j, 2j+1)`` of the library's reduction index that can leave int16.
 
     Both libraries order the reduction index as (kernel row, kernel column, input
     channel). FBGEMM's im2col pads the whole index with zero weights to an even length
     (``per_tap`` False), so with an odd channel count a pair can straddle two taps;
-    oneDNN pads each tap's channels (``per_tap`` True). With activations in ``[0, 255]``
-    a pair sum lies in ``[255 Σ w⁻, 255 Σ w⁺]``; only pairs where that range leaves int16
-    are kept.
+    oneDNN pads each tap's channels (``per_tap`` True). ``split``, where not 0, is the
+    index at which the pairs start afresh (oneDNN's linear layers of
+    :data:`_ONEDNN_HALVES` inputs): an odd one pairs the element before it with a zero.
+    With activations in ``[0, 255]`` a pair sum lies in ``[255 Σ w⁻, 255 Σ w⁺]``; only
+    pairs where that range leaves int16 are kept.
     """
     out_ch, in_ch, _, kw = codes.shape
     # int16 holds every pair sum of int8 codes, and halves the traffic of int32.
@@ -712,6 +722,10 @@ def _risky_pairs(codes: torch.Tensor, per_tap: bool) -> _Pairs:
         b = F.pad(b, (0, 1))
     width = b.shape[-1]  # channels per tap in the padded index
     b = b.reshape(out_ch, -1)
+    length = b.shape[1]
+    odd_split = split % 2 == 1
+    if odd_split:
+        b = torch.cat([b[:, :split], b.new_zeros(out_ch, 1), b[:, split:]], dim=1)
     k = b.shape[1]
     if k % 2:
         b = F.pad(b, (0, 1))
@@ -722,6 +736,8 @@ def _risky_pairs(codes: torch.Tensor, per_tap: bool) -> _Pairs:
     o, j = ((pos > _INT16_MAX // _UINT8_MAX) | (neg < -(-_INT16_MIN // _UINT8_MAX))).nonzero(
         as_tuple=True)
     idx = torch.stack([2 * j, torch.clamp(2 * j + 1, max=k - 1)])
+    if odd_split:  # back to the index without the zero (which any element stands for)
+        idx = torch.clamp(idx - (idx > split).to(idx.dtype), max=length - 1)
     weight = torch.stack([b0[o, j], b1[o, j]]).to(torch.int32)
     # A padding member has weight 0; any real channel of its tap stands in for it.
     chan = torch.clamp(idx % width, max=in_ch - 1)
@@ -790,6 +806,9 @@ class _Plan:
             self.stride, self.padding = tuple(layer.stride), tuple(layer.padding)
             self.dilation = tuple(layer.dilation)
         self.weight = weight
+        # oneDNN pairs the two halves of a linear layer of _ONEDNN_HALVES inputs apart
+        split = (-(-weight.shape[1] // 2) if not self.conv and self.library is Library.ONEDNN
+                 and weight.shape[1] in _ONEDNN_HALVES else 0)
         self.w_fake, self.w_codes, self.pairs = {}, {}, {}
         for arith in ScaleArithmetic:
             spec = WEIGHT_SPEC.replace(arithmetic=arith)
@@ -798,7 +817,7 @@ class _Plan:
             self.w_codes[arith] = codes.to(torch.int8)
             self.pairs[arith] = None if not saturates else _risky_pairs(
                 codes if self.conv else codes[:, :, None, None],
-                per_tap=self.library is Library.ONEDNN)
+                per_tap=self.library is Library.ONEDNN, split=split)
         # The requantization constants, each one float32 operation as in the kernels.
         self.sx32 = torch.tensor(self.sx, dtype=torch.float32)
         self.sw32 = torch.from_numpy(self.sw.astype(np.float32))
@@ -1147,10 +1166,29 @@ def _single_channel_case() -> tuple[nn.Conv2d, torch.Tensor, LayerQParams]:
     return layer, x.to(torch.float32), qp
 
 
+def _halves_case() -> tuple[nn.Linear, torch.Tensor, LayerQParams]:
+    """A linear layer of 258 inputs, whose halves oneDNN pairs apart (:data:`_ONEDNN_HALVES`):
+    seeded weight codes in -127..127 and activation codes in 0..255 (zero point 0), 8
+    outputs for 4 rows, on which pairing each half from its own start saturates other
+    pairs than one run of pairs does."""
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(-127, 128, (8, 258), generator=g).to(torch.float32)
+    sx, sw = np.float32(1 / _UINT8_MAX), np.float32(1 / 127)
+    layer = _probe_layer(codes, float(sw), 0.0, False)
+    x = torch.randint(0, _UINT8_MAX + 1, (4, 258), generator=g) * float(sx)
+    # A sum of 258 random products spreads over about 16 · 255 · 127 / 2: a few hundred LSB.
+    so = 16 * _UINT8_MAX * 127 * float(sx * sw) / 400
+    qp = LayerQParams(QParams(float(sx), 0), QParams(np.full(8, float(sw)), 0),
+                      QParams(so, 128))
+    return layer, x.to(torch.float32), qp
+
+
 def _probe_cases(conv: bool) -> dict[str, tuple]:
     """The probe's inputs for one layer kind, by name. On each, the simulations of the
     candidate models (:class:`Library` × saturating or not) give different codes."""
     cases = {"saturation": _probe_case(conv), "requantization tie": _tie_case(conv)}
+    if not conv:
+        cases["258-input linear (oneDNN's halves)"] = _halves_case()
     if conv:
         # Three channels: FBGEMM's pairs straddle taps, oneDNN's do not, and at the border
         # FBGEMM multiplies the padding where oneDNN skips it.
@@ -1279,7 +1317,8 @@ def kernel_probe(engine: Engine | str = Engine.FBGEMM) -> KernelProbe:
     SATURATING simulations in each :class:`Library`'s arithmetic: a 64-input linear layer
     whose int16 pair sums all saturate under AVX2 (and the same as a 1x1 convolution),
     requantization ties with an odd output zero point (which FBGEMM and oneDNN round to
-    different neighbours), and for convolutions a padded 3x3 one with three input channels
+    different neighbours), for linear layers a 258-input one (whose halves oneDNN pairs
+    apart, see the module notes), and for convolutions a padded 3x3 one with three input channels
     (where the two libraries' AVX2 pairs differ) and FBGEMM's groupwise shapes (8 and 16
     channels in and out, whose kernel saturates or not by the CPU: FBGEMM's SATURATING
     candidate is tried both ways, :attr:`KernelProbe.groupwise_saturates`). The
