@@ -129,20 +129,25 @@ def sigint_counted():
     global _ACTIVE, _REDELIVERED
     previous_hook = sys.unraisablehook
     hook = _redelivering_hook(previous_hook)
-    with _LOCK:
-        _ACTIVE, _REDELIVERED = True, 0
-    signal.signal(signal.SIGINT, _counting_handler)
-    sys.unraisablehook = hook
+    # A SIGINT is taken where a call returns: one that lands as the handler is installed,
+    # or as a step of the clean-up ends, must find every later step still to come (each in
+    # a finally of its own), and the handler put back last.
     try:
+        with _LOCK:
+            _ACTIVE, _REDELIVERED = True, 0
+        signal.signal(signal.SIGINT, _counting_handler)
+        sys.unraisablehook = hook
         yield
     finally:
         try:
-            with _LOCK:  # no SIGINT is sent again after this (one sent now still lands)
-                _ACTIVE, _REDELIVERED = False, 0
+            try:
+                with _LOCK:  # no SIGINT is sent again after this (one sent now still lands)
+                    _ACTIVE, _REDELIVERED = False, 0
+            finally:
+                if sys.unraisablehook is hook:
+                    sys.unraisablehook = previous_hook
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if sys.unraisablehook is hook:
-                sys.unraisablehook = previous_hook
 
 
 @contextlib.contextmanager

@@ -187,3 +187,35 @@ def test_a_sigint_sent_again_after_the_block_does_not_make_the_next_block_miss_o
         with sigint_counted():
             signal.raise_signal(signal.SIGINT)
     assert interrupts() == before + 1
+
+
+@pytest.mark.parametrize("when", ["installed", "put back"])
+def test_a_sigint_as_the_handler_is_installed_or_put_back_leaves_nothing_changed(
+        when, monkeypatch):
+    """A SIGINT is taken where a call returns: one landing just as signal.signal installed
+    the counting handler (before the block's try) left that handler installed for good and
+    the block marked running; one landing just as Python's handler was put back left the
+    block's unraisable hook installed. Here signal.signal raises SIGINT as it returns."""
+    from qerror import interrupts as module
+
+    real, hook, landed = signal.signal, sys.unraisablehook, []
+
+    def signal_then_sigint(signum, handler):
+        previous = real(signum, handler)
+        if not landed and (handler is module._counting_handler if when == "installed"
+                           else handler is signal.default_int_handler):
+            landed.append(handler)
+            signal.raise_signal(signal.SIGINT)
+        return previous
+
+    monkeypatch.setattr(module.signal, "signal", signal_then_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_counted():
+                pass
+        left = signal.getsignal(signal.SIGINT), sys.unraisablehook, module._ACTIVE
+    finally:  # a failure here must not change the tests after it
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook, module._ACTIVE = hook, False
+    assert landed and left == (signal.default_int_handler, hook, False)
