@@ -724,8 +724,11 @@ def sums_rows(model, x, act, cfg, w, arch: str, pairs: int) -> list[BenchRow]:
     (image, channel) Σ and Σ² of the error ``yq - yf`` and of both outputs), by its compiled
     loop against torch's reductions (``QERROR_FUSED=0``), on the float and the quantized
     output of a layer with an 8×8 map and of one with a 2×2 map on the batch (the first
-    conv of layer2 and the second of layer3's second block), 20 calls a timing."""
-    from qerror.nn import difference_sums, quantized_forward
+    conv of layer2 and the second of layer3's second block), 20 calls a timing. Where the
+    compiled loop is off here (``QERROR_FUSED=0`` in the environment, a compiler failure:
+    :func:`qerror.nn.compiled_sums_enabled`), both sides are torch's reductions, and the
+    note says so."""
+    from qerror.nn import compiled_sums_enabled, difference_sums, quantized_forward
 
     rows = []
     modules = dict(model.named_modules())
@@ -749,11 +752,14 @@ def sums_rows(model, x, act, cfg, w, arch: str, pairs: int) -> list[BenchRow]:
                 difference_sums(yq, yf, of_a=True, of_b=True)
 
         timed = paired_ratio(sums, on_block_engine(sums), max(pairs, 5))
+        # asked after the timing: a compiler failure in its first call turns the loop off
+        off = "" if compiled_sums_enabled() else ("; compiled sums OFF here: torch's "
+                                                  "reductions against themselves")
         rows.append(make_row(
             "drift", f"{arch} 8-bit {cfg.rounding.value}, output {tuple(yf.shape)} of {name}",
             "difference_sums, compiled loop", "torch's reductions (QERROR_FUSED=0)", None,
             *timed, note=f"{1e6 * np.median(timed[1]) / calls:.0f} vs "
-                         f"{1e6 * np.median(timed[2]) / calls:.0f} µs a call"))
+                         f"{1e6 * np.median(timed[2]) / calls:.0f} µs a call{off}"))
     return rows
 
 

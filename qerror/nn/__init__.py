@@ -7,7 +7,8 @@ BatchNorm folding, the activation-range observer) and import the flat primitives
 
 * :mod:`qerror.nn.propagate`: the paired batch, drift, SQNR, saturation along depth; its
   per (image, channel) sums in one compiled pass (:func:`channel_sums`,
-  :func:`difference_sums`, from the private :mod:`qerror.nn._moments`);
+  :func:`difference_sums`, from the private :mod:`qerror.nn._moments`; whether that pass
+  may run here: :func:`compiled_sums_enabled`);
 * :mod:`qerror.nn.bn`: BatchNorm inconsistency;
 * :mod:`qerror.nn.correction`: predicted drift, bias correction, BN re-estimation;
 * :mod:`qerror.nn.int8`: the simulation held against PyTorch's real INT8 kernels;
@@ -36,7 +37,7 @@ from qerror.nn._anatomy import (
     model_device,
     path_depths,
 )
-from qerror.nn._moments import channel_sums, difference_sums
+from qerror.nn._moments import channel_sums, compiled_sums_enabled, difference_sums
 from qerror.nn.adaround import (
     AdaRoundLayer,
     AdaRoundResult,
@@ -159,6 +160,7 @@ __all__ = [
     "check_layer_params",
     "check_made_for",
     "check_model",
+    "compiled_sums_enabled",
     "count_macs",
     "difference_sums",
     "empirical_bias_correction",

@@ -226,6 +226,15 @@ def _gamma(k: int, u: float) -> float:
     return k * u / (1.0 - k * u) if k * u < 1.0 else math.inf
 
 
+def compiled_sums_enabled() -> bool:
+    """Whether :func:`channel_sums` and :func:`difference_sums` may take the compiled loop
+    here: False under ``QERROR_FUSED=0``, without inductor or with its unsafe floating-point
+    optimisations on, in a forked child, or after a compiler failure turned the loop off
+    (:meth:`qerror._compiled.Kernels.enabled`); where True, a tensor it does not take (see
+    Notes of the module) is still summed by torch's reductions."""
+    return KERNELS.enabled()
+
+
 def channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per (image, channel) of ``t`` (N, C, ...): Σ and Σ² over the remaining dimensions,
     as float64 CPU tensors (N, C), and the number of elements each sums."""

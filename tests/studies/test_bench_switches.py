@@ -51,3 +51,18 @@ def test_fused_path_enabled_refuses_an_unknown_switch_after_a_family_broke(monke
         fused_path_enabled()
     monkeypatch.setenv("QERROR_FUSED", "1")
     assert fused_path_enabled() is False  # the family stays off
+
+
+def test_a_sums_row_says_when_the_compiled_loop_is_off(monkeypatch):
+    """The instrument's sums rows ("difference_sums, compiled loop" against torch's
+    reductions) said nothing where the compiled loop was off (QERROR_FUSED=0, a compiler
+    failure): torch's reductions timed against themselves under the compiled loop's name,
+    where the fused quantizer's rows say "fused path OFF here"."""
+    from qerror.nn import compiled_sums_enabled
+
+    monkeypatch.setenv("QERROR_FUSED", "0")
+    assert not compiled_sums_enabled()
+    model, x, _, cfg, act, w, arch = bench._drift_setup(True, 0)
+    rows = bench.sums_rows(model, x[:2], act, cfg, w, arch, 1)
+    assert len(rows) == 2
+    assert all("compiled sums OFF here" in r.note for r in rows)
