@@ -42,9 +42,11 @@ from qerror import (
     fake_quantize,
     median_ci,
 )
+from qerror.files import sha256_file
 from qerror.interrupts import interrupt_reraised
 from qerror.quantizer import fused_path_enabled
 from studies._common import (
+    MANIFEST,
     REPO,
     RunDir,
     StudyError,
@@ -895,6 +897,8 @@ def bench_early_exit(args) -> list[BenchRow]:
     thresholds let about half the remaining samples leave at each exit, which the rows'
     names say, and on which the issue's goals (stated for the trained baseline) are not
     judged; ``--smoke`` also leaves the INT8 graphs uncompiled (compiling takes minutes).
+    The run's manifest names the network timed (``early_exit_run``: the run's folder, the
+    sha256 of its manifest and its checkpoint's identity; None for the untrained one).
     """
     from qerror.nn.early_exit import EarlyExitResNet, ExitRule, exit_confidence
     from qerror.nn.models import fashion_resnet
@@ -1084,26 +1088,32 @@ def _main(argv: list[str]) -> int:
     if args.pairs is None:
         args.pairs = 3 if args.smoke else 15
     groups = list(dict.fromkeys(args.only)) if args.only is not None else list(GROUPS)
+    timed_run = None  # the early-exit run whose network the early_exit group times
     if args.early_exit_run is not None:  # named: checked now, not after the other groups
         if "early_exit" not in groups:
             parser.error("--early-exit-run: only the early_exit group reads it; add --only "
                          "early_exit, or leave it out")
-        named = _timeable_run(args.early_exit_run)
-        if named is None:
+        timed_run = _timeable_run(args.early_exit_run)
+        if timed_run is None:
             _refuse_named_run(args.early_exit_run)
-        named.backbone_path()  # its baseline still the file it measured (sha256)
+        timed_run.backbone_path()  # its baseline still the file it measured (sha256)
     elif "early_exit" in groups and not args.smoke:
         # the default run, when there is one, checked now as well: one whose summary or
         # baseline changed ended the bench after every other group had been timed
-        default = _timeable_run(DEFAULT_EE_RUN)
-        if default is not None:
-            default.backbone_path()
+        timed_run = _timeable_run(DEFAULT_EE_RUN)
+        if timed_run is not None:
+            timed_run.backbone_path()
     check_out(args.out, "bench", force=args.force)
     # median_level: the coverage of median_lo/median_hi, which a reader of bench.csv (the
     # README's passages) names from the run, not from the code of the day
     config = {"groups": groups, "pairs": args.pairs, "seed": args.seed, "smoke": args.smoke,
               "torch_threads": torch.get_num_threads(), "median_level": MEDIAN_LEVEL}
     with RunDir(args.out, "bench", argv, config, force=args.force) as run:
+        if "early_exit" in groups:  # which network its rows timed (None: an untrained one)
+            run.extra["early_exit_run"] = None if timed_run is None else {
+                "folder": str(timed_run.folder),
+                "manifest_sha256": sha256_file(timed_run.folder / MANIFEST),
+                "model": timed_run.manifest["model"]}
         rows = []
         for group in groups:
             print(f"[bench] {group} ...", flush=True)

@@ -385,3 +385,33 @@ def test_a_memory_row_without_a_ratio_says_why_its_goal_is_not_judged(monkeypatc
     assert all(math.isnan(r.ratio_median) and r.meets_goal is None for r in rows)
     assert all(r.goal_verdict == "not judged: the float forward grew by 0 bytes in 3 of 3 "
                "processes (it fit in memory the allocator held): no ratio" for r in rows)
+
+
+@pytest.mark.parametrize("how", ["named", "default", "smoke"])
+def test_the_manifest_names_the_early_exit_run_it_timed(how, tmp_path, monkeypatch):
+    """The early_exit group times a finished early_exit run's network (named, or the default
+    runs/early_exit), but the bench's manifest said nothing of which (no run, no checkpoint
+    sha256; the default one not even its folder): a rerun of the early-exit study at the same
+    folder made the timing's network unknowable."""
+    import hashlib
+    import json
+
+    run = _run_whose_baseline_changed(tmp_path)
+    ckpt = tmp_path / "baseline.pt"
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"]["sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(bench, "DEFAULT_EE_RUN", run)
+    monkeypatch.setitem(bench.GROUPS, "early_exit", lambda args: [bench.make_row(
+        "early_exit", "stub", "a", "b", None, [1.0], [1.0], [1.0])])
+    out = tmp_path / "bench"
+    argv = {"named": ["--early-exit-run", str(run)], "default": [], "smoke": ["--smoke"]}[how]
+    assert bench.main(["--only", "early_exit", "--out", str(out)] + argv) == 0
+    got = json.loads((out / "manifest.json").read_text())["early_exit_run"]
+    if how == "smoke":
+        assert got is None  # an untrained stand-in
+        return
+    assert got == {"folder": str(run),
+                   "manifest_sha256": hashlib.sha256(
+                       (run / "manifest.json").read_bytes()).hexdigest(),
+                   "model": manifest["model"]}
