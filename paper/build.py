@@ -234,6 +234,74 @@ def settings_tex(manifests: dict[str, dict], runs: dict[str, Path], used: frozen
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- the prose's verdicts
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A direction or verdict the hand-written prose states beside a study's result macros
+    ("falls from ... to ...", "the same computation"): true of some values only, so the build
+    checks it against the figures the paper prints, the macros' bodies as LaTeX sets them."""
+
+    study: str
+    says: str  # where the prose says what, for the error
+    macros: tuple[str, ...]  # the study's, passed to holds in this order
+    holds: Callable[..., bool]
+
+
+#: What ``main.tex`` says of its figures in words. A full run whose figures say otherwise
+#: stops the build: rewrite the sentence (and its entry here), or look into the run.
+DIRECTIONS = (
+    Direction("dataset", "Sections 'Must the dataset be quantized?' and 'Answers' call the "
+              "model's own input quantizer and the offline codes 'the same computation'",
+              ("datasetEquivDifferingLogits",), lambda differing: differing == 0),
+    Direction("early_exit", "Section 'An INT8 early-exit ResNet50' says the largest INT8 test "
+              "ECE 'falls' from before calibration to after the NLL temperature",
+              ("earlyExitEceBeforeMaxInt", "earlyExitEceAfterMaxIntNll"),
+              lambda before, after: after < before),
+    Direction("early_exit", "Section 'An INT8 early-exit ResNet50' says the isotonic map 'can "
+              "bend' the confidence curve that the rules' temperature cannot straighten (its "
+              "largest test ECE below the temperature's)",
+              ("earlyExitEceAfterMaxIntIsotonic", "earlyExitEceAfterMaxInt"),
+              lambda isotonic, temperature: isotonic < temperature),
+)
+
+
+def _macro_number(body: str) -> float:
+    """A result macro's figure as the paper prints it (a true minus sign, thousands
+    separators); ValueError if the body is not one number."""
+    return float(body.replace("\\ensuremath{-}", "-").replace("{,}", "").replace(",", ""))
+
+
+def check_directions(runs: dict[str, Path], manifests: dict[str, dict], uses: Uses,
+                     directions: tuple[Direction, ...] = DIRECTIONS) -> list[str]:
+    """Each direction of the prose (:data:`DIRECTIONS`) that the figures of its study's run
+    (``runs``, checked: ``manifests``) contradict, or leave undefined, as a problem to report.
+    A direction is judged where the sources (``uses``) quote one of its macros, the sentence
+    that states it: not where its study is not among ``runs``."""
+    problems = []
+    for d in directions:
+        if d.study not in runs or not set(d.macros) & uses.macros.get(d.study, set()):
+            continue
+        outputs = manifests[d.study].get("outputs") or {}
+        text = (runs[d.study] / "macros.tex").read_text(encoding="utf-8") \
+            if "macros.tex" in outputs else ""
+        defined = {m[1]: m[2] for m in _MACRO_BODY.finditer(text)}
+        bodies = [defined.get(name) for name in d.macros]
+        try:
+            if d.holds(*(_macro_number(b) for b in bodies)):
+                continue
+        except (TypeError, AttributeError, ValueError):
+            pass  # undefined, or not one number: the sentence cannot be judged true
+        shown = ", ".join(f"\\{n} = {b if b is not None else 'undefined'}"
+                          for n, b in zip(d.macros, bodies))
+        problems.append(f"{d.says}, but the {d.study} run {runs[d.study]} gives {shown}; "
+                        "rewrite that sentence of paper/main.tex (and its entry in "
+                        "paper/build.py's DIRECTIONS) or look into the run (its command: "
+                        f"{study_command(manifests[d.study])})")
+    return problems
+
+
 # --------------------------------------------------------------------------- hand-typed numbers
 
 # The rule, applied to the hand-written sources (paper/*.tex):
@@ -523,12 +591,15 @@ def check_runs(runs: dict[str, Path], uses: Uses, *, smoke: bool = False) -> dic
     """Check every study's folder (:func:`check_run`) and return each one's manifest.
 
     All problems are reported at once. Unless ``smoke`` (the smoke paper), a ``--smoke`` run
-    is refused: its test-sized figures are not the paper's.
+    is refused: its test-sized figures are not the paper's; and so is a set of runs whose
+    figures contradict what the prose says of them in words (:data:`DIRECTIONS`), which the
+    smoke paper's figures, no results, may do.
 
     Raises
     ------
     BuildError
-        Naming every folder that is not usable, what is wrong and the command that makes it.
+        Naming every folder that is not usable, what is wrong and the command that makes it,
+        or every sentence of the prose that the runs' figures contradict.
     """
     manifests, problems = {}, []
     for study, folder in runs.items():
@@ -545,6 +616,10 @@ def check_runs(runs: dict[str, Path], uses: Uses, *, smoke: bool = False) -> dic
     if problems:
         raise BuildError("\n".join(problems))
     check_one_baseline(manifests, runs)
+    contradicted = [] if smoke else check_directions(runs, manifests, uses)
+    if contradicted:
+        raise BuildError("the paper's prose says in words what the runs' figures do not:\n  "
+                         + "\n  ".join(contradicted))
     return manifests
 
 

@@ -419,6 +419,63 @@ def test_an_early_exit_run_that_chose_by_estimate_is_refused():
                            frozenset({"settingEarlyExitSelectAlpha"}))
 
 
+def _macros_run(folder, study, macros, argv):
+    return fake_run(folder, study, {"macros.tex": "".join(
+        f"\\newcommand{{\\{k}}}{{{v}}}\n" for k, v in macros.items())}, argv=argv)
+
+
+_ECE = ("earlyExitEceBeforeMaxInt", "earlyExitEceAfterMaxIntNll", "earlyExitEceAfterMaxInt",
+        "earlyExitEceAfterMaxIntIsotonic")
+
+
+@pytest.mark.parametrize("study, macros, names", [
+    ("dataset", {"datasetEquivDifferingLogits": "3"}, ["same computation"]),
+    ("dataset", {"datasetEquivDifferingLogits": "1{,}204"}, ["same computation"]),
+    ("early_exit", {"earlyExitEceBeforeMaxInt": "5.10", "earlyExitEceAfterMaxIntNll": "2.43",
+                    "earlyExitEceAfterMaxIntIsotonic": "1.47"}, ["'can bend'", "undefined"]),
+    ("early_exit", dict(zip(_ECE, ("2.10", "2.43", "2.43", "1.47"))), ["'falls'"]),
+    ("early_exit", dict(zip(_ECE, ("2.43", "2.43", "2.43", "1.47"))), ["'falls'"]),
+    ("early_exit", dict(zip(_ECE, ("5.10", "2.43", "2.43", "2.60"))), ["'can bend'"]),
+    ("early_exit", dict(zip(_ECE, ("2.10", "2.43", "2.43", "2.60"))), ["'falls'",
+                                                                       "'can bend'"]),
+])
+def test_figures_that_contradict_the_proses_words_stop_the_full_build(tmp_path, study, macros,
+                                                                      names):
+    """main.tex says in words what only some figures bear out (the two deployments are "the
+    same computation", the ECE "falls", the isotonic map "can bend" what the temperature
+    cannot): a full run whose figures say otherwise is refused, naming the sentence and the
+    figures, before LaTeX prints them beside it; the smoke paper, whose figures are no
+    results, is built."""
+    quoted = build.Uses({s: set() for s in build.STUDIES},
+                        {**{s: set() for s in build.STUDIES}, study: set(macros)})
+    run = _macros_run(tmp_path / study, study, macros, argv=[])
+    with pytest.raises(build.BuildError) as err:
+        build.check_runs({study: run}, quoted)
+    msg = str(err.value)
+    assert all(name in msg for name in names), msg
+    assert str(run) in msg and f"python -m studies.{study}" in msg
+    smoke = _macros_run(tmp_path / "smoke", study, macros, argv=["--smoke"])
+    assert set(build.check_runs({study: smoke}, quoted, smoke=True)) == {study}
+    # a paper that no longer quotes the sentence's figures no longer judges it
+    assert set(build.check_runs({study: run}, uses())) == {study}
+
+
+def test_figures_that_bear_out_the_proses_words_pass():
+    ok = {"datasetEquivDifferingLogits": "0",
+          **dict(zip(_ECE, ("5.10", "2.43", "2.43", "1.47")))}
+    for d in build.DIRECTIONS:
+        assert d.holds(*(build._macro_number(ok[n]) for n in d.macros))
+    assert build._macro_number("\\ensuremath{-}1{,}234.5") == -1234.5
+
+
+def test_each_direction_checked_is_a_sentence_of_the_paper():
+    """Each entry of DIRECTIONS quotes a macro main.tex quotes, so that removing or
+    rewording the sentence leaves no stale check behind unnoticed."""
+    quoted = build.paper_uses(build.paper_sources()).macros
+    for d in build.DIRECTIONS:
+        assert set(d.macros) & quoted[d.study], d.says
+
+
 def test_an_unknown_setting_macro_is_refused(tmp_path):
     tex = tmp_path / "a.tex"
     tex.write_text("at \\settingDriftAlpha{}\n")
