@@ -4,6 +4,7 @@ checker, and the rule against numbers typed by hand into the paper."""
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -650,6 +651,36 @@ def test_log_checker_catches_undefined_macro_and_missing_figure():
 def test_clean_log_has_no_problems():
     log = "This is pdfTeX\nOutput written on main.pdf (20 pages, 1 bytes).\n"
     assert build.check_log(log) == build.LogReport([], [])
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex")
+def test_a_long_generated_table_takes_one_table_number(tmp_path):
+    """main.tex's \\longstudytable (the claims ledger, the drift geometry) set a longtable,
+    which steps the table counter, and then its caption, which steps it again: the smoke
+    paper numbered its tables 1, 3, ..., 11, 13, ... with no Table 2 or 12. A float table,
+    a long one and a float table, with main.tex's own definitions, are Tables 1, 2 and 3,
+    with no hyperref anchor twice."""
+    main = (build.PAPER / "main.tex").read_text(encoding="utf-8")
+    start = main.index("% A generated table longer than a page")
+    defs = main[start:main.index("\\makeatother", start) + len("\\makeatother")]
+
+    def table(label):
+        return ("\\begin{table}[t]\\centering\\begin{tabular}{ll}a & b\\\\\\end{tabular}"
+                f"\\caption{{{label}}}\\label{{{label}}}\\end{{table}}\n")
+
+    (tmp_path / "long.tex").write_text(table("tab:long"))
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\\usepackage{longtable}\\usepackage[hidelinks]{hyperref}\n"
+        "\\newif\\ifshrinktables\n"  # main.tex's, which \\longstudytable turns off
+        + defs + "\n\\begin{document}\n" + table("tab:first") + "\\longstudytable{long.tex}\n"
+        + table("tab:last") + "\\end{document}\n")
+    for _ in range(2):
+        subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                       cwd=tmp_path, capture_output=True, check=True)
+    aux = (tmp_path / "doc.aux").read_text()
+    numbers = {m[1]: m[2] for m in re.finditer(r"\\newlabel\{(tab:\w+)\}\{\{(\d+)\}", aux)}
+    assert numbers == {"tab:first": "1", "tab:long": "2", "tab:last": "3"}
+    assert "same identifier" not in (tmp_path / "doc.log").read_text(errors="replace")
 
 
 def test_missing_latexmk_is_a_clear_error(monkeypatch):
