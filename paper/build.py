@@ -4,7 +4,8 @@
 ``runs/<study>``; ``--run STUDY=PATH`` points one elsewhere), checks each against its
 ``manifest.json`` (the study it names, the sha256 of every output) and against what the
 paper uses (every ``\\studyfigure``/``\\studytable`` file and every ``\\<study>Name``
-result macro the ``.tex`` sources name), copies it into ``generated/<study>/``, writes
+result macro the ``.tex`` sources name; for the full paper, against what the prose says of
+those figures in words, :data:`DIRECTIONS`), copies it into ``generated/<study>/``, writes
 the claims ledger table (``python -m studies.ledger --latex``), what the README's records
 say of the early-exit baselines (``readme.tex``, read from ``paper/record`` through
 ``paper/readme.py``), the settings of the runs that the prose states in words
