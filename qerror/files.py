@@ -104,8 +104,8 @@ def atomic_write(path: Path | str, write) -> Path:
     (SIGKILL, a power cut) cannot remove its temporary file; the next write of the same file
     on the same machine removes the ones whose process is gone
     (:func:`clean_stale_temps`), so a checkpoint killed part-way through does not leave its
-    bytes hidden in the cache for good. Another machine's are left alone: on a shared file
-    system its process ids say nothing here.
+    bytes hidden in the cache for good. Another machine's (or container's) are left alone:
+    on a shared file system its process ids say nothing here.
     """
     path = Path(path)
     try:
@@ -171,9 +171,14 @@ def process_alive(pid: int) -> bool:
 
 def temp_name_tag() -> str:
     """``HOST-PID``: this machine's tag (the first :data:`_HOST_DIGITS` hex digits of the
-    sha256 of its host name) and this process's id, as :func:`atomic_write` puts them in a
-    temporary name."""
-    host = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape"))
+    sha256 of its host name and, on Linux, its process-id namespace: containers that share
+    a host name count their processes apart) and this process's id, as :func:`atomic_write`
+    puts them in a temporary name."""
+    try:
+        space = os.readlink("/proc/self/ns/pid")
+    except (OSError, AttributeError):  # not Linux
+        space = ""
+    host = hashlib.sha256(f"{socket.gethostname()}\0{space}".encode("utf-8", "surrogateescape"))
     return f"{host.hexdigest()[:_HOST_DIGITS]}-{os.getpid()}"
 
 
@@ -183,8 +188,8 @@ def clean_stale_temps(folder: Path | str, stem: str) -> list[Path]:
 
     Only regular files (not links) named ``.STEM.HOST-PID-XXXXXXXX.tmp`` with this machine's
     tag (:func:`temp_name_tag`) whose process ``PID`` is gone: a write in progress keeps its
-    file, and so does one from another machine sharing the folder, whose process ids cannot
-    be asked here. A file that cannot be removed is left; the write goes on. Returns the
+    file, and so does one from another machine (or container) sharing the folder, whose
+    process ids cannot be asked here. A file that cannot be removed is left; the write goes on. Returns the
     files removed.
     """
     folder = Path(folder)
@@ -200,6 +205,7 @@ def clean_stale_temps(folder: Path | str, stem: str) -> list[Path]:
         except OSError:  # gone meanwhile, or not ours to remove
             pass
     return removed
+
 
 #: The longest file name, in bytes, assumed where the file system cannot be asked: POSIX's
 #: NAME_MAX on Linux's and macOS's usual file systems.
