@@ -1371,7 +1371,9 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     ------
     ValueError
         The law has infinite variance (every clipping value gives infinite
-        MSE), or, one-sided, no mass above 0; bad ``bits``, ``method`` or ``rounding``.
+        MSE), or, one-sided, no mass above 0; bad ``bits``, ``method`` or ``rounding``;
+        EXACT, for a law without closed forms: the MSE still falls at a step of 1e4 times
+        the law's scale, beyond which its quadrature cannot evaluate it.
     TypeError
         ``one_sided`` or ``granular_mass`` not a bool (a string such as ``"False"`` would
         read as true).
@@ -1404,7 +1406,10 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     96-point log grid over five decades below ``max(|F⁻¹(1e-15)|, F⁻¹(1 - 1e-15))``
     (the exact MSE is not unimodal in ``α``), then by bounded Brent between the
     grid neighbours of the best point. A local minimum narrower than a grid
-    cell (14% of ``α``) can be missed.
+    cell (14% of ``α``) can be missed. For a law without closed forms the grid ends
+    instead where a step reaches 1e4 times the law's scale, the coarsest step its
+    quadrature resolves (heavy tails put that quantile further out: Student t(3)'s is
+    1e5 scales); an optimum still falling there is refused.
 
     References
     ----------
@@ -1449,9 +1454,21 @@ def optimal_clip(dist, bits: int, method: ClipMethod | str,
     else:
         def objective(alpha: float) -> float:
             return _error_moments(law, spec, alpha / per_alpha, 0, warn=False, grid=grid).mse
-    candidates = hi * np.logspace(-_CLIP_DECADES, 0.0, _CLIP_GRID)
+    # The quadrature of a law without closed forms resolves it only down to
+    # _GENERIC_NARROWEST of a step, and a heavy tail puts F⁻¹(1e-15) far beyond that
+    # (Student t(3): 1e5 scales): the search stops at the coarsest step it can evaluate.
+    coarsest = hi
+    if method is ClipMethod.EXACT and isinstance(law, _Generic):
+        coarsest = per_alpha * law.scale_x / _GENERIC_NARROWEST * (1.0 - 1e-9)
+    candidates = min(hi, coarsest) * np.logspace(-_CLIP_DECADES, 0.0, _CLIP_GRID)
     values = np.array([objective(a) for a in candidates])
     best = int(np.argmin(values))
+    if coarsest < hi and best == _CLIP_GRID - 1:
+        raise ValueError(
+            f"the exact MSE still falls at a step of {1.0 / _GENERIC_NARROWEST:g} times "
+            "dist's scale, the coarsest step at which this law's quadrature resolves it: "
+            "its optimum lies beyond what EXACT can evaluate; use ClipMethod.ACIQ, or "
+            "pass the law with a scale nearer its spread")
     lo_b, hi_b = candidates[max(best - 1, 0)], candidates[min(best + 1, _CLIP_GRID - 1)]
     res = optimize.minimize_scalar(objective, bounds=(lo_b, hi_b), method="bounded",
                                    options={"xatol": 1e-10 * candidates[best]})

@@ -936,3 +936,33 @@ def test_optimal_clip_of_a_law_scaled_by_a_power_of_two(method, k):
                         (stats.t(5, 0.0, 0.7), stats.t(5, 0.0, 0.7 * 2.0**k))):
         want, got = optimal_clip(law, 4, method), optimal_clip(scaled, 4, method)
         assert (got.alpha, got.scale) == (want.alpha * 2.0**k, want.scale * 2.0**k)
+
+
+# The exact optimum at 2 bits of Student t laws of finite variance whose 1e-15 quantile lies
+# 1e5 to 1e6 scales out: 30-digit mpmath, the tails integrated in x = a e^y
+# (/work/runs/s52/clip/ref_t_optima.py).
+HEAVY_OPTIMA = {(2.5, "integer"): (2.7634385227652, 2.467759287080498),
+                (2.5, "midrise"): (4.4431352333025, 2.477332570363225),
+                (3.0, "integer"): (2.0608749696384, 1.050129993116759),
+                (3.0, "midrise"): (3.7482204527924, 1.014778443981583)}
+
+
+@pytest.mark.parametrize("df, grid", list(HEAVY_OPTIMA))
+def test_exact_clip_of_a_heavy_tailed_law_is_found_not_refused(df, grid):
+    """EXACT's search ran up to the law's 1e-15 quantile, where a step is more than 1e4
+    scales and the quadrature refuses the law: t(3) and t(2.5) at 2 bits were refused
+    ("dist's scale 0.5 is below 0.0001 of the step", a scale the caller never passed).
+    With the quadrature's floor at 1e-8 of a step they were not, but the search's five
+    decades began above the optimum: t(2.5) gave α 8.765 at MSE 3.084 for 2.763 at 2.468.
+    The MSE to 1e-13, α to 1e-7 (the minimum is flat: the MSE moves by ~1e-16 there)."""
+    alpha, mse = HEAVY_OPTIMA[df, grid]
+    r = optimal_clip(stats.t(df), 2, "exact", grid=grid)
+    assert r.alpha == pytest.approx(alpha, rel=1e-7)
+    assert r.mse_exact == pytest.approx(mse, rel=1e-13)
+
+
+def test_exact_clip_refuses_an_optimum_beyond_the_quadrature():
+    """Centred 1e6 scales from zero, the law needs steps the quadrature cannot resolve it
+    against: EXACT says so, rather than returning the coarsest step it could evaluate."""
+    with pytest.raises(ValueError, match="optimum lies beyond what EXACT can evaluate"):
+        optimal_clip(stats.t(5, 1e6, 1.0), 4, "exact")
