@@ -1119,8 +1119,24 @@ def uniform_bias_lsb(mode: RoundingMode | str, p_above, p_below):
     float or array
         ``E[e]/s``: 0 for the nearest modes and stochastic rounding, ``∓(p_above + p_below)/2``
         for floor/ceil, ``-(p_above - p_below)/2`` for truncation toward zero.
+
+    Raises
+    ------
+    ValueError
+        A probability outside ``[0, 1]`` or NaN, or ``p_above + p_below`` above 1 (by more
+        than 1e-12, room for the rounding of probabilities computed apart).
     """
     p_above, p_below = np.asarray(p_above, dtype=float), np.asarray(p_below, dtype=float)
+    for name, p in (("p_above", p_above), ("p_below", p_below)):
+        bad = ~((p >= 0.0) & (p <= 1.0))
+        if bad.any():
+            raise ValueError(f"{name} holds {int(bad.sum())} value(s) outside [0, 1] or NaN "
+                             f"(first: {p[bad].flat[0]!r}): pass the probabilities P(u > 0) "
+                             "and P(u < 0)")
+    total = p_above + p_below
+    if (total > 1.0 + 1e-12).any():
+        raise ValueError(f"p_above + p_below is {float(total.max())!r}, above 1: they are "
+                         "P(u > 0) and P(u < 0) of one law, disjoint events")
     return RoundingMode.parse(mode).uniform.mixture_bias(p_above, p_below)
 
 

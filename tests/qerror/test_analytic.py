@@ -22,6 +22,7 @@ from qerror.analytic import (
     InfiniteMomentWarning,
     error_moments,
     optimal_clip,
+    uniform_bias_lsb,
 )
 from qerror.quantizer import QuantSpec, fake_quantize
 from qerror.rounding import RoundingMode
@@ -966,3 +967,15 @@ def test_exact_clip_refuses_an_optimum_beyond_the_quadrature():
     against: EXACT says so, rather than returning the coarsest step it could evaluate."""
     with pytest.raises(ValueError, match="optimum lies beyond what EXACT can evaluate"):
         optimal_clip(stats.t(5, 1e6, 1.0), 4, "exact")
+
+
+@pytest.mark.parametrize("above, below, match", [
+    (1.2, 0.0, "p_above holds 1 value"), (-0.1, 0.5, "p_above holds 1 value"),
+    (0.5, math.nan, "p_below holds 1 value"), ([0.2, 0.9], [0.1, 0.5], "above 1")])
+def test_uniform_bias_lsb_refuses_what_is_no_pair_of_probabilities(above, below, match):
+    """P(u > 0) = 0.9 and P(u < 0) = 0.5 gave floor's bias -0.7, beyond the mode's -1/2;
+    1.2, -0.1 and NaN came back as numbers (or NaN) too."""
+    with pytest.raises(ValueError, match=match):
+        uniform_bias_lsb("floor", above, below)
+    assert uniform_bias_lsb("floor", 0.7, 0.3) == -0.5
+    assert uniform_bias_lsb("toward_zero", 0.7, 0.2 + 0.1) == pytest.approx(-0.2, abs=1e-15)
