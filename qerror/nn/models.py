@@ -406,7 +406,8 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     StateDictMismatchError
         Naming the missing keys, the unexpected keys, every shape mismatch and every tensor
         of another kind (complex, floating or integer) than the model's; another width of
-        the same kind (float64 for float32) is cast by ``load_state_dict``.
+        the same kind (float64 for float32) is cast by ``load_state_dict``. Naming every
+        sparse or quantized tensor, which ``load_state_dict`` cannot copy into a model.
     NonFiniteWeightsError
         Naming every floating-point tensor that holds NaN or Inf, with the counts.
     """
@@ -418,6 +419,15 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     if not_tensors:
         raise StateDictMismatchError(
             f"{what} is not a state dict: these entries are not tensors: {_listing(not_tensors)}")
+    # load_state_dict copies the tensors one by one and refuses a sparse or quantized one
+    # only when it reaches it, the tensors before it copied into the model
+    not_dense = [f"{k} ({'quantized ' + str(v.dtype) if v.is_quantized else v.layout})"
+                 for k, v in state.items() if v.layout is not torch.strided or v.is_quantized]
+    if not_dense:
+        raise StateDictMismatchError(
+            f"{what} holds tensors that are not plain dense ones, as a model's weights and "
+            f"buffers are: {_listing(not_dense)}; nothing was loaded. Save each as a dense "
+            "float tensor (.to_dense(), .dequantize())")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
