@@ -378,15 +378,16 @@ def _listing(items: list[str], limit: int = 8) -> str:
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """``"<name> holds <n> NaN and <m> Inf"`` for each floating-point tensor of ``state``
     that is not finite; empty when all are."""
-    found = []
-    for key, value in state.items():
-        if not (value.is_floating_point() or value.is_complex()):
-            continue
-        counts = {"NaN": int(torch.isnan(value).sum()), "Inf": int(torch.isinf(value).sum())}
-        if any(counts.values()):
-            found.append(f"{key} holds "
-                         + " and ".join(f"{n} {kind}" for kind, n in counts.items() if n))
-    return found
+    return [f"{key} holds {counts}" for key, value in state.items()
+            if (counts := _non_finite_counts(value))]
+
+
+def _non_finite_counts(value: torch.Tensor) -> str:
+    """``"<n> NaN and <m> Inf"`` (the nonzero parts) for a tensor; empty when it is finite."""
+    if not (value.is_floating_point() or value.is_complex()):
+        return ""
+    counts = {"NaN": int(torch.isnan(value).sum()), "Inf": int(torch.isinf(value).sum())}
+    return " and ".join(f"{n} {kind}" for kind, n in counts.items() if n)
 
 
 def _kind(t: torch.Tensor) -> str:
@@ -409,7 +410,8 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
         the same kind (float64 for float32) is cast by ``load_state_dict``. Naming every
         sparse or quantized tensor, which ``load_state_dict`` cannot copy into a model.
     NonFiniteWeightsError
-        Naming every floating-point tensor that holds NaN or Inf, with the counts.
+        Naming every floating-point tensor that holds NaN or Inf, with the counts, as it
+        would be loaded: a float64 value beyond float32's range is an Inf in a float32 model.
     """
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateDictMismatchError(
@@ -448,13 +450,28 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
         if kinds:
             parts.append(f"dtypes of another kind ({len(kinds)}): {_listing(kinds, 5)}")
         raise StateDictMismatchError("\n  ".join(parts))
-    non_finite = non_finite_tensors(state)
+    # The values are checked as load_state_dict will copy them, cast to the model's dtype:
+    # a float64 weight beyond float32's range is finite in the file and Inf in the model.
+    loaded, uncastable = dict(state), []
+    for k, v in own.items():
+        if state[k].dtype != v.dtype:
+            try:
+                loaded[k] = state[k].to(v.dtype)
+            except RuntimeError:  # torch casts no packed float4 pairs, for one
+                uncastable.append(f"{k}: {state[k].dtype} given, {v.dtype} expected")
+    if uncastable:
+        raise StateDictMismatchError(f"{what} holds tensors that torch cannot cast to the "
+                                     f"model's dtype: {_listing(uncastable, 5)}; nothing was "
+                                     "loaded")
+    non_finite = [f"{k} holds {counts}" + (f" once cast from {state[k].dtype} to {v.dtype}"
+                                           if v.dtype != state[k].dtype else "")
+                  for k, v in loaded.items() if (counts := _non_finite_counts(v))]
     if non_finite:
         raise NonFiniteWeightsError(f"{what} holds non-finite values (NaN or Inf), which no "
                                     f"quantization range can cover: {_listing(non_finite, 5)}")
     # a variance below zero is no BatchNorm's: its normalisation would take a square root
     # of a negative number (the network's output is not finite)
-    negative = [k for k, v in state.items() if k.endswith("running_var")
+    negative = [k for k, v in loaded.items() if k.endswith("running_var")
                 and v.is_floating_point() and bool((v < 0).any())]
     if negative:
         raise StateDictMismatchError(f"{what} holds BatchNorm running variances below zero, "

@@ -168,6 +168,42 @@ def test_a_state_dict_of_another_dtype_kind_is_refused_and_a_wider_float_loads()
     assert model[0].weight.dtype == torch.float32
 
 
+def test_values_are_checked_as_they_would_be_loaded_in_the_models_dtype(tmp_path):
+    """A float64 weight beyond float32's range passed the finiteness check and loaded as
+    Inf (a float32 one beyond float16's into a half model too); a float8 weight, which
+    loads exactly, and a packed float4 pair, which torch cannot cast, stopped the check with
+    NotImplementedError ('"isinf" not implemented for Float8_e4m3fn')."""
+    model = fashion_resnet("resnet18", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = fashion_resnet("resnet18", seed=1).state_dict()
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    wide["fc.weight"][0, 0] = 1e300
+    with pytest.raises(models.NonFiniteWeightsError,
+                       match="fc.weight holds 1 Inf once cast from torch.float64 to torch.float32"):
+        models.load_state_dict_exactly(model, wide)
+    half = fashion_resnet("resnet18", seed=0).half()
+    with pytest.raises(models.NonFiniteWeightsError, match="fc.weight holds 5120 Inf once"):
+        models.load_state_dict_exactly(half, {**state, "fc.weight": state["fc.weight"] + 1e5})
+    packed = torch.zeros(state["fc.weight"].shape, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(StateDictMismatchError, match="cannot cast.*fc.weight: torch.float4"):
+        models.load_state_dict_exactly(model, {**state, "fc.weight": packed})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    narrow = state["fc.weight"].to(torch.float8_e4m3fn)
+    models.load_state_dict_exactly(model, {**state, "fc.weight": narrow})
+    assert torch.equal(model.fc.weight, narrow.float())
+    path = tmp_path / "ckpt.pt"
+    double = fashion_resnet("resnet18").double()
+    double.load_state_dict(wide)  # a float64 model, finite, beyond what its checkpoint holds
+    with pytest.raises(models.NonFiniteWeightsError, match="once cast"):
+        models.save_checkpoint(double, path, arch="resnet18", stem="imagenet", config=CONFIG,
+                               metrics=METRICS)
+    assert not list(tmp_path.iterdir())
+    models.save_checkpoint(model, path, arch="resnet18", stem="imagenet", config=CONFIG,
+                           metrics=METRICS)
+    _rewrite_payload(path, lambda sd: sd.update(wide))
+    _refused(path, "fc.weight holds 1 Inf once cast")
+
+
 def _quiet(make):
     """``make`` without torch's warnings that CSR tensors are beta and quantized ones
     deprecated (given once per process, so not asserted)."""
