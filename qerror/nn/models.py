@@ -787,13 +787,12 @@ def retrain_command(arch: Arch | str | None = None, stem: Stem | str | None = No
     return cmd
 
 
-def _stem_layout(model: nn.Module) -> tuple:
-    """What a ResNet's stem does that its state dict does not say: the first convolution's
-    kernel, stride and padding, and the max-pool (or its absence)."""
-    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
-    return (None if conv is None else (tuple(conv.kernel_size), tuple(conv.stride),
-                                       tuple(conv.padding)),
-            type(pool).__name__)
+def _stem_layout(model: nn.Module) -> dict[str, str]:
+    """What a ResNet's stem does that its state dict does not say: its first convolution and
+    its max-pool (or what stands in its place), each as its repr, which names every setting
+    that changes the function (kernel, stride, padding, dilation, padding mode; the pool's
+    ceil mode)."""
+    return {name: repr(getattr(model, name, None)) for name in ("conv1", "maxpool")}
 
 
 def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, stem: Stem | str,
@@ -866,11 +865,14 @@ def save_checkpoint(model: nn.Module, path: Path | str, *, arch: Arch | str, ste
         raise type(exc)(f"{exc}\nRefusing to save it: nothing was written to {path}.") from exc
     # the CIFAR and conv3-pool stems have the same keys (a max-pool has none): the layers
     # that tell them apart are compared too
-    if _stem_layout(model) != _stem_layout(reference):
+    given, wanted = _stem_layout(model), _stem_layout(reference)
+    differ = [f"its {name} is {given[name]}, that stem's is {wanted[name]}"
+              for name in wanted if given[name] != wanted[name]]
+    if differ:
         raise StateDictMismatchError(
-            f"the model given as a {arch.value}/{stem.value} has the stem "
-            f"{_stem_layout(model)}, not that stem's {_stem_layout(reference)}; pass its own "
-            f"stem. Refusing to save it: nothing was written to {path}.")
+            f"the model given as a {arch.value}/{stem.value} has another stem: "
+            f"{'; '.join(differ)}. Pass its own stem. Refusing to save it: nothing was "
+            f"written to {path}.")
     meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "arch": arch.value, "stem": stem.value, "num_classes": num_classes,
             "config": jsonable(config), "metrics": jsonable(metrics), "versions": package_versions(),

@@ -875,6 +875,28 @@ def test_a_stem_its_state_dict_cannot_tell_is_refused_by_save(tmp_path):
                            config={}, metrics={})
 
 
+STEM_CHANGES = {"max-pool 2x2": ("maxpool", torch.nn.MaxPool2d(2, 2)),
+                "max-pool ceil_mode": ("maxpool", torch.nn.MaxPool2d(3, 2, 0, ceil_mode=True)),
+                "dilated conv1": ("conv1", torch.nn.Conv2d(1, 64, 7, 2, 3, dilation=2,
+                                                           bias=False))}
+
+
+@pytest.mark.parametrize("change", list(STEM_CHANGES))
+def test_a_stem_with_other_settings_is_refused_by_save(tmp_path, change):
+    """The stem check compared conv1's kernel, stride and padding and the max-pool's type
+    only: a max-pool of another size or ceil mode, or a dilated conv1, was saved as the
+    ImageNet stem and loaded with that stem's layers (the ceil-mode and dilated ones gave
+    logits 0.04 away from the model saved)."""
+    name, layer = STEM_CHANGES[change]
+    model = models.fashion_resnet("resnet18", "imagenet")
+    setattr(model, name, layer)
+    with pytest.raises(models.StateDictMismatchError,
+                       match=f"another stem: its {name} is {re.escape(repr(layer))}"):
+        models.save_checkpoint(model, tmp_path / "m.pt", arch="resnet18", stem="imagenet",
+                               config={}, metrics={})
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("given", ["small_cnn", "state_dict"])
 def test_a_model_without_a_resnet_classifier_is_refused_by_save(tmp_path, given):
     """A model without ``fc`` (the small CNN, or a ResNet's state dict passed for the model)
