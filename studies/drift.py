@@ -128,6 +128,7 @@ from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, di
 from qerror.stats import (
     mcnemar_from_counts,
     mcnemar_resolution,
+    places_for,
     tail_share,
     tail_share_normal,
     units_to_resolve,
@@ -1438,7 +1439,10 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             if len(faithful):
                 f = faithful.iloc[0]
                 m[f"IntEightPipeline{key}"] = escape(f"{f.arithmetic}/{f.pipeline}")
-                m[f"IntEightEqual{key}"] = f"{100 * f.equal / f.elements:.4g}"
+                # as many digits as keep a missed code from reading as all of them (100)
+                share = 100 * f.equal / f.elements
+                digits = places_for(share, lambda v: v < 100, lambda k: f"{share:.{k}g}", 4)
+                m[f"IntEightEqual{key}"] = f"{share:.{digits}g}"
                 m[f"IntEightAgreement{key}"] = (
                     f"the \\code{{{m[f'IntEightPipeline{key}']}}} pipeline agrees with the "
                     f"kernel on {m[f'IntEightEqual{key}']}\\,\\% of {elements} output codes")

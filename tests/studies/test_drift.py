@@ -1814,6 +1814,18 @@ def test_the_int8_pipeline_macro_is_escaped():
                                                "output codes")
 
 
+def test_the_int8_agreement_never_rounds_a_missed_code_to_all_of_them():
+    """Four significant digits printed 7,258,431 equal codes of 7,258,432 as "100", and the
+    paper's sentence said the pipeline agrees with the kernel on 100 % of them."""
+    for equal, elements, shown in ((7_258_431, 7_258_432, "99.99999"), (9_999, 10_000, "99.99"),
+                                   (10, 10, "100"), (0, 10, "0")):
+        m = _int8_macros({"arithmetic": "reciprocal", "pipeline": "saturating",
+                          "faithful": True, "equal": equal, "elements": elements,
+                          "avx2_saturated": 0})
+        assert m["IntEightEqualFullRange"] == shown, (equal, elements)
+        assert f"on {shown}\\,\\% of {elements:,} output codes" in m["IntEightAgreementFullRange"]
+
+
 def test_the_int8_sentence_holds_where_no_pipeline_is_faithful():
     """On a CPU whose kernel no pipeline models, the drift study defined none of the
     pipeline's macros the paper's sentence quoted, so the paper could not be built there;
