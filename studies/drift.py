@@ -1411,9 +1411,11 @@ def _macros(acc: pd.DataFrame, fits: pd.DataFrame, sites: pd.DataFrame, pred: pd
             sat = s[(s.kind == "conv") & (s.metric == "saturation_high")].value
             if len(sat):
                 # Fractions of each conv input's elements clamped at qmax (the README's
-                # saturation at the top: rounded beyond the top code), in percent.
-                m[f"SatHighMax{key}"] = f"{100 * sat.max():.2f}"
-                m[f"SatHighMean{key}"] = f"{100 * sat.mean():.2f}"
+                # saturation at the top: rounded beyond the top code), in percent: two
+                # decimals, or as many more as keep a share above 0 from reading as none
+                for name, share in (("Max", 100 * sat.max()), ("Mean", 100 * sat.mean())):
+                    places = places_for(share, lambda v: v > 0, lambda k: f"{share:.{k}f}", 2)
+                    m[f"SatHigh{name}{key}"] = f"{share:.{places}f}"
             bn = s[(s.kind == "bn") & (s.metric == "bn_mean_shift_qf_rms")].value
             if len(bn):
                 m[f"BnShiftMedian{key}"] = number(bn.median(), 2)

@@ -1686,6 +1686,24 @@ def test_the_detectable_range_macros_keep_a_tenth_of_a_point():
     assert (m["DetectableMin"], m["DetectableMax"]) == ("1.6", "11.5")
 
 
+def test_a_saturation_above_zero_never_reads_as_none():
+    """Two decimals of a percent printed the default run's mean top saturation under
+    truncation at eight bits, 0.0016 % of the convolutions' input elements, as "0.00", and
+    the paper said it averages 0.00 % beside round-to-nearest's 0.01 %."""
+    acc = _acc_rows([("nearest_even", 8)], [], {("nearest_even", 8, "none"): 88})
+    sites = pd.DataFrame(
+        [{"mode": mode, "bits": 8, "target": "both", "kind": "conv", "site": f"c{i}",
+          "metric": "saturation_high", "value": v}
+         for mode, values in (("toward_zero", (0.0, 3.2e-5)), ("nearest_even", (0.0, 0.0)))
+         for i, v in enumerate(values)])
+    m = drift._macros(acc, pd.DataFrame(columns=["mode", "bits", "target", "metric"]), sites,
+                      pd.DataFrame(), None, None)
+    assert (m["SatHighMeanTowardZeroEight"], m["SatHighMaxTowardZeroEight"]) == ("0.002",
+                                                                                 "0.003")
+    assert (m["SatHighMeanNearestEvenEight"], m["SatHighMaxNearestEvenEight"]) == ("0.00",
+                                                                                   "0.00")
+
+
 def test_a_checkpoint_of_another_number_of_classes_is_refused(fashion_root, tmp_path, capsys):
     """A verified 5-class checkpoint ran, scoring 5 logits against 10-class labels."""
     from qerror.nn import models
