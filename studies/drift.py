@@ -708,12 +708,15 @@ def _states(cfg: QuantConfig, results: dict) -> bool:
     return _claims_config(cfg) and res.logits.float_correct is not None
 
 
-def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, grown: list,
-                     bounds, seed: int, kept_images: int | None = None) -> dict[str, float]:
+def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, bounds,
+                     seed: int, kept_images: int | None = None) -> dict[str, float]:
     """The quantities that decide the network claims on this network with the images random.
 
     ``growth_image_lo``: the lower end of the image bootstrap's interval for the growth
-    exponent of the debiased drift (:func:`growth_rows`); ``bn_some_lo`` and ``bn_all_hi``:
+    exponent of the debiased drift over the convolutions, the layers whose exponent the
+    claims' ``growth`` and ``growth_lo`` are (:func:`qerror.nn.seeds.statement_values`;
+    :func:`growth_rows` fits the linear layers too), NaN where the images' drifts were not
+    kept; ``bn_some_lo`` and ``bn_all_hi``:
     ``bounds`` (:func:`qerror.nn.bn.inconsistency_bounds`) — some BatchNorm's figure exceeds
     a threshold below ``bn_some_lo``, every one's lies under a threshold above
     ``bn_all_hi``; and for a mode other than round-to-nearest, ``drift_deep_gap``,
@@ -723,9 +726,13 @@ def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, gr
     given, as measured with ``image_means=kept_images``), where round-to-nearest was
     measured too.
     """
-    debiased = next(r for r in grown if r["metric"] == "drift_rel_rms_channel_debiased")
-    out = {"growth_image_lo": debiased.get("lo_images", math.nan),
-           "bn_some_lo": bounds.some_lo, "bn_all_hi": bounds.all_hi}
+    convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
+    per_image = [s.drift_image_channel for s in convs]
+    lo = image_bootstrap([s.path_depth for s in convs], per_image,
+                         [s.float_std_channel for s in convs], level=FIT_LEVEL,
+                         resamples=BOOTSTRAP, seed=seed).lo \
+        if convs and all(v is not None for v in per_image) else math.nan
+    out = {"growth_image_lo": lo, "bn_some_lo": bounds.some_lo, "bn_all_hi": bounds.all_hi}
     near = {**_config_columns(cfg), "mode": RoundingMode.NEAREST_EVEN.value}
     reference = results.get(tuple(near.values()))
     if cfg.rounding is not RoundingMode.NEAREST_EVEN and reference is not None:
@@ -1956,7 +1963,7 @@ def _run(args, argv, place, started, modes, bits_list, targets, images, calib_im
                 # The ledger's network claims on this network (qerror.nn.seeds), and what
                 # decides them with the images random
                 values = statement_values(res, seed=args.seed)
-                values.update(image_statements(cfg, res, results, grown,
+                values.update(image_statements(cfg, res, results,
                                                bn_bounds[tuple(cols.values())], args.seed,
                                                n_resample))
                 statements += [{"bits": cols["bits"], "mode": cols["mode"], "quantity": k,

@@ -1704,6 +1704,40 @@ def test_a_saturation_above_zero_never_reads_as_none():
                                                                                    "0.00")
 
 
+def test_the_growth_statements_image_interval_is_of_the_convolutions_exponent():
+    """statements.csv's growth_image_lo was the image bootstrap's lower end over every conv
+    and linear layer (growth.csv's), beside growth and growth_lo over the convolutions alone
+    (the claims' layers, qerror.nn.seeds): on the smoke network the lower end, 2.44, lay
+    above the convolutions' exponent, 2.23, whose interval it was read as. Here the four
+    convolutions' drift grows as depth^0.5 and a linear layer after them drifts far more."""
+    from types import SimpleNamespace
+
+    from qerror import RoundingMode
+    from qerror.nn import QuantConfig
+    from qerror.nn.growth import fit_exponent, image_bootstrap
+
+    rng = np.random.default_rng(0)
+    depths, n, c = (1, 2, 4, 8, 9), 200, 8
+    sites = [SimpleNamespace(kind="conv" if d < 9 else "linear", path_depth=float(d),
+                             float_std_channel=np.ones(c),
+                             drift_image_channel=(0.05 if d < 9 else 5.0) * np.sqrt(d)
+                             + 0.01 * rng.standard_normal((n, c)))
+             for d in depths]
+    res = SimpleNamespace(layers=lambda: sites)
+    cfg = QuantConfig.make(8, RoundingMode.NEAREST_EVEN)
+    out = drift.image_statements(cfg, res, {}, SimpleNamespace(some_lo=0.1, all_hi=0.2), 0)
+    convs = sites[:4]
+    want = image_bootstrap([s.path_depth for s in convs],
+                           [s.drift_image_channel for s in convs],
+                           [s.float_std_channel for s in convs], level=drift.FIT_LEVEL,
+                           resamples=drift.BOOTSTRAP, seed=0)
+    assert out["growth_image_lo"] == want.lo
+    point = fit_exponent([s.path_depth for s in convs],
+                         [np.sqrt(np.mean(np.mean(s.drift_image_channel, 0) ** 2))
+                          for s in convs])
+    assert out["growth_image_lo"] <= point <= want.hi
+
+
 def test_a_checkpoint_of_another_number_of_classes_is_refused(fashion_root, tmp_path, capsys):
     """A verified 5-class checkpoint ran, scoring 5 logits against 10-class labels."""
     from qerror.nn import models
