@@ -876,12 +876,14 @@ def curve_macros(curve: pd.DataFrame) -> dict:
     m = {"CurveImages": f"{int(curve.images.iloc[0]):,}", "CurveLeast": f"{least:,}",
          "CurveMost": f"{most:,}", "CurveFloat": number(100 * curve.float_acc.iloc[0], 3)}
     for _, r in curve[curve.calib_images.isin([least, most])].iterrows():
-        end = "Least" if r.calib_images == least else "Most"
         key = letters(f"{r.remedy}_{r['mode']}_{r.bits}")
-        m[f"CurveAcc{end}{key}"] = number(100 * r.acc, 3)
-        m[f"CurveRecovered{end}{key}"] = ("n/a" if not np.isfinite(r.recovered)
-                                          else number(100 * r.recovered, 2))
-        m[f"CurveSqnr{end}{key}"] = number(r.logit_sqnr_db, 3)
+        # both ends where the curve has one size: it is the fewest and the most images
+        for end in [e for e, size in (("Least", least), ("Most", most))
+                    if r.calib_images == size]:
+            m[f"CurveAcc{end}{key}"] = number(100 * r.acc, 3)
+            m[f"CurveRecovered{end}{key}"] = ("n/a" if not np.isfinite(r.recovered)
+                                              else number(100 * r.recovered, 2))
+            m[f"CurveSqnr{end}{key}"] = number(r.logit_sqnr_db, 3)
     for (mode, bits), d in curve.groupby(["mode", "bits"]):
         key = letters(f"{mode}_{bits}")
         m[f"CurveUnremedied{key}"] = number(100 * d.acc_unremedied.iloc[0], 3)

@@ -1381,6 +1381,25 @@ def test_the_curves_draws_are_disjoint_blocks_and_the_first_is_the_curve(monkeyp
     assert drift.curve_macros(drawn) == drift.curve_macros(one)
 
 
+def test_a_curve_of_one_size_gives_the_figures_at_its_most_images_too():
+    """With one --calib-curve size the macros said CurveMost (that size) but wrote none of
+    the figures at it (CurveAccMost..., CurveSqnrMost...), which the paper quotes beside
+    CurveMost: its build stopped on the missing macros of a curve the run had measured."""
+    rows = [{"mode": mode, "bits": bits, "target": "both", "remedy": remedy,
+             "calib_images": 300, "draw": 0, "images": 2000, "acc": 0.8, "acc_lo": 0.78,
+             "acc_hi": 0.82, "acc_unremedied": 0.7, "float_acc": 0.9, "recovered": 0.5,
+             "logit_sqnr_db": 10.0, "logit_sqnr_unremedied_db": 8.0}
+            for mode in ("nearest_even", "toward_zero") for bits in (8, 4)
+            for remedy in ("bn_reestimation", "bias_empirical")]
+    m = drift.curve_macros(pd.DataFrame(rows))
+    assert m["CurveLeast"] == m["CurveMost"] == "300"
+    least = {k[len("CurveAccLeast"):]: v for k, v in m.items() if k.startswith("CurveAccLeast")}
+    assert len(least) == 8
+    for name in ("Acc", "Recovered", "Sqnr"):
+        for key in least:
+            assert m[f"Curve{name}Most{key}"] == m[f"Curve{name}Least{key}"], (name, key)
+
+
 def test_draws_at_counts_the_blocks_the_images_hold():
     assert [drift.draws_at(n, 1000, 5) for n in (100, 300, 1000)] == [5, 3, 1]
     assert drift.draws_at(400, 300, 2) == 1  # fewer images than one block: the first ones
