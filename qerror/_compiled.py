@@ -27,6 +27,7 @@ Guards, for every kernel:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Hashable
@@ -175,11 +176,14 @@ class Kernels:
     instead : str
         What the caller does instead, in the warning ("quantizing with the block engine
         instead (same codes, slower)").
-    stacklevel : int
-        The warning's stack level from :meth:`call`, so that it points at the user's line.
+    stacklevel : int or str
+        The warning's stack level from :meth:`call`, so that it points at the user's line;
+        or a folder: the warning points at the first frame outside the modules directly in
+        it, whatever route a call took through them (the quantizer's calls reach its kernels
+        through more or fewer of its own functions by the input's layout).
     """
 
-    def __init__(self, what: str, instead: str, stacklevel: int):
+    def __init__(self, what: str, instead: str, stacklevel: int | str):
         self.what, self.instead, self.stacklevel = what, instead, stacklevel
         self.lock = threading.Lock()
         self.compiled: dict = {}
@@ -261,9 +265,14 @@ class Kernels:
             if self.warned:
                 return
             self.warned.append(why)
+        level = self.stacklevel
+        if isinstance(level, str):
+            frame, level = sys._getframe(1), 2  # level 2: the frame that called this method
+            while frame is not None and \
+                    os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == self.stacklevel:
+                frame, level = frame.f_back, level + 1
         warnings.warn(f"qerror: {self.what} is not used ({why}); {self.instead}. Set "
-                      "QERROR_FUSED=0 to skip the attempt.", RuntimeWarning,
-                      stacklevel=self.stacklevel)
+                      "QERROR_FUSED=0 to skip the attempt.", RuntimeWarning, stacklevel=level)
 
 
 def named(fn: Callable, name: str) -> Callable:

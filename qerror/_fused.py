@@ -40,6 +40,8 @@ same codes. Compiled code is cached per instruction set and per thread count
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from qerror._compiled import Kernels, named, own
@@ -49,10 +51,11 @@ from qerror.rounding import RoundingMode, hash_draws
 #: dispatch) is larger than the whole work of a small array.
 MIN_ELEMENTS = 1 << 14
 
-#: The compiled quantizers. A warning of theirs is attributed to the caller of quantize or
-#: fake_quantize: past _warn_once, call, run, _run_fused, _run and the function itself.
+#: The compiled quantizers. A warning of theirs is attributed to the caller of quantize,
+#: fake_quantize or a PreparedQuantizer's methods: past every frame of qerror's modules at
+#: this level (a layout's route passes through more of them than C order's).
 KERNELS = Kernels("the fused quantizer", "quantizing with the block engine instead (same "
-                  "codes, slower)", stacklevel=7)
+                  "codes, slower)", stacklevel=os.path.dirname(os.path.abspath(__file__)))
 
 
 def codes(x, s, z, lo, hi, stream=None, *, mode: RoundingMode, fake: bool, count: bool = True):

@@ -245,6 +245,47 @@ def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
     np.testing.assert_array_equal(quantize(x, QuantSpec(), 0.1), ref)  # no second warning
 
 
+def _one_unit_stride(x):
+    """``x[:1]``: contiguous, but with another stride on its unit dimension than C's."""
+    return torch.empty((1, *x.shape[1:])).as_strided((1, *x.shape[1:]), (1, *x[0].stride())) \
+        .copy_(x[:1])
+
+
+ROUTES = {  # every way a call reaches the fused loop, each through its own frames of qerror
+    "C order": lambda x: fake_quantize(x, QuantSpec(), 0.1),
+    "numpy": lambda x: quantize(x.numpy(), QuantSpec(), 0.1),
+    "numpy, other byte order": lambda x: quantize(x.numpy().astype(">f4"), QuantSpec(), 0.1),
+    "channels_last": lambda x: fake_quantize(x.contiguous(memory_format=torch.channels_last),
+                                             QuantSpec(axis=1), 0.1),
+    "transposed": lambda x: quantize(x.transpose(2, 3), QuantSpec(), 0.1),
+    "unit strides": lambda x: fake_quantize(_one_unit_stride(x), QuantSpec(), 0.1),
+    "prepared": lambda x: PreparedQuantizer(QuantSpec(), 0.1).fake_quantize(x),
+    "prepared, gapped": lambda x: PreparedQuantizer(QuantSpec(), 0.1).quantize(
+        torch.cat([x, x], 3)[..., ::2]),
+    "prepared, unit strides": lambda x: PreparedQuantizer(QuantSpec(), 0.1).fake_quantize(
+        _one_unit_stride(x)),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_compiler_failure_is_attributed_to_the_callers_line_on_every_route(route,
+                                                                            monkeypatch):
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    fresh_state(monkeypatch)
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.from_numpy(tiled(boundary_values(0.1, np.float32), 4 * 8 * 32 * 64)
+                         [:4 * 8 * 32 * 64].reshape(4, 8, 32, 64))
+    ref = engine(lambda: ROUTES[route](x), monkeypatch)
+    with pytest.warns(RuntimeWarning, match="not used.*no C\\+\\+ compiler") as caught:
+        got = ROUTES[route](x)
+    assert caught[0].filename == __file__, (caught[0].filename, caught[0].lineno)
+    assert isinstance(got, type(ref)) and (got == ref).all()
+
+
 def test_unsafe_math_in_inductor_turns_the_fused_path_off(monkeypatch, fused_calls):
     from torch._inductor import config
     with config.patch({"cpp.enable_unsafe_math_opt_flag": True}):
