@@ -228,7 +228,9 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(_fused, "KERNELS", Kernels(old.what, old.instead, old.stacklevel))
 
 
-def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
+def no_compiler(monkeypatch):
+    """A fresh fused path (:func:`fresh_state`) whose torch.compile gives functions that fail
+    as a missing C++ compiler does."""
     def broken(*args, **kwargs):
         def fail(*a, **k):
             raise RuntimeError("no C++ compiler here")
@@ -236,6 +238,10 @@ def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
 
     fresh_state(monkeypatch)
     monkeypatch.setattr(torch, "compile", broken)
+
+
+def test_a_compiler_failure_warns_once_and_gives_the_same_codes(monkeypatch):
+    no_compiler(monkeypatch)
     x = tiled(boundary_values(0.1, np.float32))
     ref = engine(lambda: quantize(x, QuantSpec(), 0.1), monkeypatch)
     with pytest.warns(RuntimeWarning, match="not used.*no C\\+\\+ compiler"):
@@ -270,13 +276,7 @@ ROUTES = {  # every way a call reaches the fused loop, each through its own fram
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_compiler_failure_is_attributed_to_the_callers_line_on_every_route(route,
                                                                             monkeypatch):
-    def broken(*args, **kwargs):
-        def fail(*a, **k):
-            raise RuntimeError("no C++ compiler here")
-        return fail
-
-    fresh_state(monkeypatch)
-    monkeypatch.setattr(torch, "compile", broken)
+    no_compiler(monkeypatch)
     x = torch.from_numpy(tiled(boundary_values(0.1, np.float32), 4 * 8 * 32 * 64)
                          [:4 * 8 * 32 * 64].reshape(4, 8, 32, 64))
     ref = engine(lambda: ROUTES[route](x), monkeypatch)
