@@ -220,6 +220,9 @@ NOT_DENSE = {"sparse": ("fc.weight", lambda v: v.to_sparse()),
                  lambda v: torch.quantize_per_tensor(v.float(), 1.0, 0, torch.qint32)))}
 
 
+# torch's own notes on loading such tensors from a file, which this test writes on purpose
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants:UserWarning",
+                            "ignore:TypedStorage is deprecated:UserWarning")
 @pytest.mark.parametrize("kind", list(NOT_DENSE))
 def test_a_sparse_or_quantized_tensor_is_refused_before_anything_is_loaded(kind, tmp_path):
     """load_state_dict copied every tensor before a sparse fc.weight (21 of the 22 a
