@@ -122,6 +122,7 @@ from qerror.nn.seeds import (
     bn_image_moments,
     bn_moments_bytes,
     deepest_drift_gap,
+    growth_over_images,
     statement_values,
 )
 from qerror.nn.training import Device, DeviceError, TrainError, disable_tf32, distributed
@@ -714,7 +715,7 @@ def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, bo
 
     ``growth_image_lo``: the lower end of the image bootstrap's interval for the growth
     exponent of the debiased drift over the convolutions, the layers whose exponent the
-    claims' ``growth`` and ``growth_lo`` are (:func:`qerror.nn.seeds.statement_values`;
+    claims' ``growth`` and ``growth_lo`` are (:func:`qerror.nn.seeds.growth_over_images`;
     :func:`growth_rows` fits the linear layers too), NaN where the images' drifts were not
     kept; ``bn_some_lo`` and ``bn_all_hi``:
     ``bounds`` (:func:`qerror.nn.bn.inconsistency_bounds`) — some BatchNorm's figure exceeds
@@ -726,13 +727,9 @@ def image_statements(cfg: QuantConfig, res: PropagationResult, results: dict, bo
     given, as measured with ``image_means=kept_images``), where round-to-nearest was
     measured too.
     """
-    convs = [s for s in res.layers() if s.kind == "conv" and s.path_depth is not None]
-    per_image = [s.drift_image_channel for s in convs]
-    lo = image_bootstrap([s.path_depth for s in convs], per_image,
-                         [s.float_std_channel for s in convs], level=FIT_LEVEL,
-                         resamples=BOOTSTRAP, seed=seed).lo \
-        if convs and all(v is not None for v in per_image) else math.nan
-    out = {"growth_image_lo": lo, "bn_some_lo": bounds.some_lo, "bn_all_hi": bounds.all_hi}
+    fit = growth_over_images(res, level=FIT_LEVEL, resamples=BOOTSTRAP, seed=seed)
+    out = {"growth_image_lo": math.nan if fit is None else fit.lo,
+           "bn_some_lo": bounds.some_lo, "bn_all_hi": bounds.all_hi}
     near = {**_config_columns(cfg), "mode": RoundingMode.NEAREST_EVEN.value}
     reference = results.get(tuple(near.values()))
     if cfg.rounding is not RoundingMode.NEAREST_EVEN and reference is not None:

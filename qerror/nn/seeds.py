@@ -49,7 +49,13 @@ from qerror.nn import parallel
 from qerror.nn._anatomy import check_model, eval_mode
 from qerror.nn._moments import channel_sums, network_roundoff, unit_roundoff
 from qerror.nn.bn import BNImageMoments
-from qerror.nn.growth import GapInterval, debiased_gap, layer_block_bootstrap
+from qerror.nn.growth import (
+    GapInterval,
+    GrowthFit,
+    debiased_gap,
+    image_bootstrap,
+    layer_block_bootstrap,
+)
 from qerror.nn.propagate import (
     QuantConfig,
     agreement_terms,
@@ -63,7 +69,8 @@ from qerror.rounding import RoundingMode
 from qerror.stats import wilson_ci
 
 __all__ = ["STATEMENT_MODES", "bn_image_moments", "bn_moments_bytes", "deepest_drift_gap",
-           "fraction_holding", "image_outcomes", "network_statements", "statement_values"]
+           "fraction_holding", "growth_over_images", "image_outcomes", "network_statements",
+           "statement_values"]
 
 #: The modes the network claims compare: round-to-nearest and the two biased ones.
 STATEMENT_MODES = (RoundingMode.NEAREST_EVEN, RoundingMode.TOWARD_ZERO, RoundingMode.FLOOR)
@@ -138,6 +145,21 @@ def deepest_drift_gap(res, reference, *, level: float = 0.95, resamples: int = 1
                              "none is left out of the resampling")
     return debiased_gap(a.drift_image_channel, a.float_std_channel, b.drift_image_channel,
                         b.float_std_channel, level=level, resamples=resamples, seed=seed)
+
+
+def growth_over_images(res, *, level: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> GrowthFit | None:
+    """The growth exponent of the convolutions' debiased drift, the one
+    :func:`statement_values` fits over layers (``growth``), with an interval from a bootstrap
+    over the images (:func:`qerror.nn.growth.image_bootstrap`); None where ``res`` kept no
+    per-image drift (measured without ``image_means``)."""
+    convs = _convs(res)
+    per_image = [s.drift_image_channel for s in convs]
+    if any(v is None for v in per_image):
+        return None
+    return image_bootstrap([s.path_depth for s in convs], per_image,
+                           [s.float_std_channel for s in convs], level=level,
+                           resamples=resamples, seed=seed)
 
 
 def statement_values(res, *, seed: int = 0) -> dict[str, float]:
