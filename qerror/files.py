@@ -169,17 +169,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def temp_name_tag() -> str:
-    """``HOST-PID``: this machine's tag (the first :data:`_HOST_DIGITS` hex digits of the
-    sha256 of its host name and, on Linux, its process-id namespace: containers that share
-    a host name count their processes apart) and this process's id, as :func:`atomic_write`
-    puts them in a temporary name."""
+def _host_tag() -> str:
+    """This machine's tag: the first :data:`_HOST_DIGITS` hex digits of the sha256 of its
+    host name and, on Linux, its process-id namespace (containers that share a host name
+    count their processes apart)."""
     try:
         space = os.readlink("/proc/self/ns/pid")
     except (OSError, AttributeError):  # not Linux
         space = ""
     host = hashlib.sha256(f"{socket.gethostname()}\0{space}".encode("utf-8", "surrogateescape"))
-    return f"{host.hexdigest()[:_HOST_DIGITS]}-{os.getpid()}"
+    return host.hexdigest()[:_HOST_DIGITS]
+
+
+def temp_name_tag() -> str:
+    """``HOST-PID``: this machine's tag and this process's id, as :func:`atomic_write` puts
+    them in a temporary name."""
+    return f"{_host_tag()}-{os.getpid()}"
 
 
 def clean_stale_temps(folder: Path | str, stem: str) -> list[Path]:
@@ -189,11 +194,11 @@ def clean_stale_temps(folder: Path | str, stem: str) -> list[Path]:
     Only regular files (not links) named ``.STEM.HOST-PID-XXXXXXXX.tmp`` with this machine's
     tag (:func:`temp_name_tag`) whose process ``PID`` is gone: a write in progress keeps its
     file, and so does one from another machine (or container) sharing the folder, whose
-    process ids cannot be asked here. A file that cannot be removed is left; the write goes on. Returns the
-    files removed.
+    process ids cannot be asked here. A file that cannot be removed is left; the write goes
+    on. Returns the files removed.
     """
     folder = Path(folder)
-    host = temp_name_tag().split("-")[0]
+    host = _host_tag()
     pattern = re.compile(re.escape(f".{stem}.{host}-") + r"([0-9]+)-[a-z0-9_]+\.tmp")
     removed = []
     for p in folder.glob(f".{glob.escape(stem)}.{host}-*.tmp"):
