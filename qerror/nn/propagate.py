@@ -886,16 +886,17 @@ def _merge_ranks(moments: list[_Moments], sites: list[_SiteAcc], counts: list[in
             if getattr(a, k) is not None:
                 setattr(a, k, take(getattr(a, k)))
     # every rank kept its own first images: the first of them in rank order, copied out
+    def first_of_ranks(pieces, keep):
+        got = parallel.gather_first_rows(pieces, keep)
+        return [parallel.first_rows(got, None)] if got else []
+
     for m in holders:
         if m.keep:
-            kept = parallel.gather_first_rows(m.kept, m.keep)
-            m.kept = [parallel.first_rows(kept, None)] if kept else []
+            m.kept = first_of_ranks(m.kept, m.keep)
     for a in sites:
         if a.err.keep:
-            beyond = parallel.gather_first_rows(a.beyond, a.err.keep)
-            a.beyond = [parallel.first_rows(beyond, None)] if beyond else []
-            power = parallel.gather_first_rows(a.ref_power, a.err.keep)
-            a.ref_power = [parallel.first_rows(power, None)] if power else []
+            a.beyond = first_of_ranks(a.beyond, a.err.keep)
+            a.ref_power = first_of_ranks(a.ref_power, a.err.keep)
     return merged_counts, u
 
 
