@@ -194,8 +194,9 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
         or ``act_qparams`` (or ``weights``) missing a layer; ``act_qparams`` made for
         another grid, or ``weights`` made by another quantizer or from other float weights
         than the model holds (refused as :func:`qerror.nn.propagate.measure` refuses them);
-        ``source="bn"`` on a model ``torch.fx`` cannot trace; a layer's weight, or (``source="bn"``)
-        the γ, β or running variance of the BatchNorm feeding it, not finite.
+        ``source="bn"`` on a model ``torch.fx`` cannot trace; a layer's weight, or
+        (``source="bn"``) the γ, β or running variance of the BatchNorm feeding it, not
+        finite.
     """
     source = MeanSource.parse(source)
     if config.activation is not None:
