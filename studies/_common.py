@@ -393,8 +393,9 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
 
     def main(argv: list[str] | None = None) -> int:
         """Run the study (see the module docstring); ``--help`` lists the arguments."""
-        global _GIT_AT_START, _INTERRUPTS_AT_START
-        outer = _GIT_AT_START, _INTERRUPTS_AT_START, len(_PUBLISHED)
+        global _GIT_AT_START, _INTERRUPTS_AT_START, _STARTED_AT
+        outer = _GIT_AT_START, _INTERRUPTS_AT_START, _STARTED_AT, len(_PUBLISHED)
+        _STARTED_AT = time.time()
         _GIT_AT_START, _INTERRUPTS_AT_START = git_identity(), interrupts()
         try:
             with flush_denormal(), sigint_counted(), sigterm_as_sigint():
@@ -417,7 +418,7 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
             print(f"[{name}] interrupted after the run was published: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except KeyboardInterrupt:
-            if len(_PUBLISHED) > outer[2]:  # a Ctrl-C in the body's work after publishing
+            if len(_PUBLISHED) > outer[3]:  # a Ctrl-C in the body's work after publishing
                 print(f"[{name}] interrupted after the run was published: it is complete at "
                       f"{_PUBLISHED[-1]}", file=sys.stderr)
             else:
@@ -425,8 +426,8 @@ def study_main(body: Callable[[list[str]], int]) -> Callable[[list[str] | None],
                       "removed)", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
-            _GIT_AT_START, _INTERRUPTS_AT_START = outer[:2]
-            del _PUBLISHED[outer[2]:]
+            _GIT_AT_START, _INTERRUPTS_AT_START, _STARTED_AT = outer[:3]
+            del _PUBLISHED[outer[3]:]
 
     return main
 
@@ -967,6 +968,9 @@ _GIT_AT_START: dict[str, Any] | None = None
 # The SIGINTs counted when it started (qerror.interrupts): one more by the time a run would
 # be published was swallowed somewhere, and the run is not published.
 _INTERRUPTS_AT_START: int | None = None
+# When it started (time.time()): a run's manifest times the whole study, not only the
+# writing of its outputs (a study may open its RunDir after its work).
+_STARTED_AT: float | None = None
 # The runs published since (their folders), for a Ctrl-C found after one was.
 _PUBLISHED: list[Path] = []
 
@@ -1060,8 +1064,9 @@ class RunDir:
 
     Notes
     -----
-    The manifest records wall-clock times (``started_unix``, ``seconds``) and names the
-    outputs that hold measured times (``timing_outputs``, written with ``timing=True``);
+    The manifest records wall-clock times (``started_unix``, ``seconds``: when the study
+    started, under :func:`study_main`, else when this folder was opened, and the seconds from
+    then until the manifest was written) and names the outputs that hold measured times (``timing_outputs``, written with ``timing=True``);
     every other output is the same bytes when the same command runs again with the same
     seed.
     """
@@ -1087,7 +1092,7 @@ class RunDir:
         self.config = config
         self.extra: dict[str, Any] = {}
         self.timing_outputs: set[str] = set()
-        self.started = time.time()
+        self.started = _STARTED_AT if _STARTED_AT is not None else time.time()
         self.git = dict(_GIT_AT_START) if _GIT_AT_START is not None else git_identity()
         self.interrupts = (_INTERRUPTS_AT_START if _INTERRUPTS_AT_START is not None
                            else interrupts())

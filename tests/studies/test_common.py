@@ -472,6 +472,32 @@ def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
     assert _common._GIT_AT_START is None
 
 
+def test_a_run_times_the_whole_study_not_only_its_writing(tmp_path, monkeypatch):
+    """A study that opens its RunDir after its work (the drift study does) records the
+    whole study's seconds from when study_main started it; a RunDir opened outside a study
+    times itself."""
+    clock = [1000.0]
+    monkeypatch.setattr(_common.time, "time", lambda: clock[0])
+
+    def body(argv):
+        clock[0] += 60.0  # the study's work, before its folder is opened
+        with RunDir(tmp_path / "run", "demo", argv, {}, force=True) as run:
+            run.write_text("x.txt", "x\n")
+            clock[0] += 1.5  # writing
+            run.finish()
+        return 0
+
+    assert _common.study_main(body)([]) == 0
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (m["started_unix"], m["seconds"]) == (1000.0, 61.5)
+    assert _common._STARTED_AT is None
+    with RunDir(tmp_path / "alone", "demo", [], {}, force=False) as run:
+        clock[0] += 2.0
+        run.finish()
+    m = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    assert (m["started_unix"], m["seconds"]) == (1061.5, 2.0)
+
+
 @pytest.mark.parametrize("recipe", [{"val_split": None}, {"calib_split": "64"},
                                     {"val_split": -1}, {"val_split": True}])
 def test_held_out_refuses_a_recipe_it_cannot_read(recipe):
