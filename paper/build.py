@@ -265,6 +265,10 @@ DIRECTIONS = (
               "largest test ECE below the temperature's)",
               ("earlyExitEceAfterMaxIntIsotonic", "earlyExitEceAfterMaxInt"),
               lambda isotonic, temperature: isotonic < temperature),
+    Direction("early_exit", "Section 'An INT8 early-exit ResNet50' says joint fine-tuning "
+              "'raises the last exit too' (its test accuracy above the frozen variant's)",
+              ("earlyExitLastTestFrozen", "earlyExitLastTestJoint"),
+              lambda frozen, joint: joint > frozen),
 )
 
 

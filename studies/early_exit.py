@@ -1256,6 +1256,13 @@ def _macros(r: dict, config: dict, smoke: bool) -> dict:
         key = letters(f"{row.system} {row.policy}".replace("_", " "))
         m[f"Acc{key}"] = f"{100 * row.accuracy:.2f}"
         m[f"Macs{key}"] = f"{100 * row.macs_fraction:.1f}"
+    # The last exit's test accuracy after each variant (the heads table's figures): joint
+    # fine-tuning trains the backbone too, the frozen variant leaves the baseline's
+    test_heads = r["heads"][r["heads"].split == "test"]
+    for variant in ("frozen", "joint"):
+        rows = test_heads[test_heads.variant == variant]
+        m[f"LastTest{variant.capitalize()}"] = "--" if rows.empty else \
+            f"{100 * rows.loc[rows.exit.idxmax()].accuracy:.2f}"
     cal = r["calibration"]
     worst = cal[(cal.split == "test") & (cal.system == INT8)]
     m["EceAfterMaxInt"] = f"{100 * worst.ece_after.max():.2f}"

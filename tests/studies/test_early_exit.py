@@ -142,6 +142,10 @@ def test_smoke_run_writes_every_output_and_its_manifest(smoke_run):
     heads = pd.read_csv(out / "heads.csv")
     assert set(heads.variant) == {"frozen", "joint"} and set(heads.split) == {"val", "test"}
     assert sorted(heads.exit.unique()) == [0, 1, 2, 3]
+    last = heads[(heads.split == "test") & (heads.exit == 3)].set_index("variant").accuracy
+    for variant in ("frozen", "joint"):  # the paper's sentence on what joint tuning raises
+        assert (f"\\newcommand{{\\earlyExitLastTest{variant.capitalize()}}}"
+                f"{{{100 * last[variant]:.2f}}}") in (out / "macros.tex").read_text()
     # Every system and policy was swept and has an operating point.
     points = pd.read_csv(out / "operating_points.csv")
     assert {f"{s}_early_exit" for s in early_exit.SYSTEMS} | {"fp32_full", "int8_full"} \
