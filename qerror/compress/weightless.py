@@ -1041,7 +1041,9 @@ class GroupSum(nn.Module):
         if x.ndim != 2 or x.shape[1] % self.classes:
             raise ValueError(f"input must have shape (B, L) with L divisible by "
                              f"{self.classes}, got {tuple(x.shape)}")
-        return x.reshape(x.shape[0], self.classes, -1).sum(-1) / self.tau
+        # the group size stated, not inferred (-1): an empty batch has none to infer
+        groups = x.reshape(x.shape[0], self.classes, x.shape[1] // self.classes)
+        return groups.sum(-1) / self.tau
 
 
 class DWN(nn.Module):

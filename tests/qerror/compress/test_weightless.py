@@ -660,6 +660,17 @@ def test_group_sum_and_dwn_shapes():
             model.layers[0](bad)
 
 
+def test_an_empty_batch_gives_empty_class_scores():
+    """GroupSum inferred its group size (-1) from the input, which an empty batch cannot
+    give: forward_bits of no samples failed in torch's reshape, though every LUT layer
+    reads an empty batch (/work/runs/s53/weightless/p7_classes.py)."""
+    assert GroupSum(3, tau=0.5)(torch.zeros(0, 6)).shape == (0, 3)
+    t = Thermometer.fit(torch.rand(20, 4, generator=torch.Generator().manual_seed(0)), 3)
+    for mapping in ("random", "learnable"):
+        model = DWN(t, [8, 6], 3, fan_in=2, mapping=mapping)
+        assert model.forward_bits(torch.zeros(0, 12)).shape == (0, 3)
+
+
 @pytest.mark.parametrize("mapping", ["random", "learnable"])
 def test_the_efd_decay_reaches_every_layer_and_its_backward(mapping):
     rng = np.random.default_rng(3)
