@@ -1202,8 +1202,10 @@ def fit_dwn(x_train, y_train, x_val, y_val, *, thermometer_bits: int = 7,
     thermo = Thermometer.fit(x_train, thermometer_bits, pooled=pooled)
     # Bits stay bool (1 byte each) until a batch needs them as floats.
     xb, xv = thermo.encode(x_train), thermo.encode(x_val)
-    if classes is None:
-        classes = _inferred_classes(y_train)
+    # a count before the labels are held against it: their check would call a bad count
+    # (0, True, 2.0) a bad label
+    classes = (_inferred_classes(y_train) if classes is None
+               else check_count(classes, "classes", 1))
     yb = _as_labels(np.asarray(y_train), xb.shape[0], classes)  # (it takes wide unsigned)
     yv = _as_labels(np.asarray(y_val), xv.shape[0], classes)
     dev = torch.device(device)

@@ -1331,6 +1331,18 @@ def test_flags_that_are_not_bools_are_refused(tmp_path, name, call):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("classes, error", [(0, ValueError), (-1, ValueError),
+                                            (True, TypeError), (2.0, TypeError)])
+def test_fit_dwn_names_a_class_count_that_is_not_one(classes, error):
+    """fit_dwn held the labels against a class count it had not checked: classes=0 was
+    reported as labels outside "the 0 classes (0 to -1)", True as outside "the True classes"
+    (fit_wisard named the count; /work/runs/s53/weightless/p7_classes.py)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    with pytest.raises(error, match=f"^classes must be an int >= 1, got {classes!r}"):
+        fit_dwn(x, y, x, y, thermometer_bits=2, luts=(6,), epochs=1, classes=classes)
+
+
 def test_a_fractional_epoch_count_is_a_type_error_before_any_training():
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
