@@ -205,7 +205,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
                          "encodes at least one value per sample")
     if x.is_floating_point():
         check_finite(x, name)
-    return x.reshape(x.shape[0], -1)
+    # data, not a graph: thresholds fitted on features that require grad would carry the
+    # graph, and save_wnn could not read them out (torch refuses numpy() on such a tensor)
+    return x.detach().reshape(x.shape[0], -1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -172,6 +172,20 @@ def test_thermometer_refuses_thresholds_of_a_dtype_no_file_stores(dtype):
         Thermometer(torch.zeros(1, 2, dtype=dtype), 2)
 
 
+def test_a_model_fitted_on_features_that_require_grad_is_saved(tmp_path):
+    """Thermometer.fit kept the training tensor's autograd graph in its thresholds
+    (requires_grad=True), and save_wnn of the WiSARD or DWN fitted on such features
+    failed in torch's numpy() (/work/runs/s53/weightless/p13_grad.py)."""
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.arange(60) % 2
+    assert not Thermometer.fit(x, 2).thresholds.requires_grad
+    wisard, _ = fit_wisard(x, y, x, y, thermometer_bits=2, address_bits=3)
+    dwn = fit_dwn(x, y, x, y, thermometer_bits=2, luts=(4,), fan_in=2, epochs=1).model
+    for name, model in (("w.qwnn", wisard), ("d.qwnn", dwn)):
+        back = load_wnn(save_wnn(model, tmp_path / name))
+        assert torch.equal(back.predict(x), model.predict(x))
+
+
 def test_thermometer_takes_data_in_either_byte_order():
     x = np.array([[3.0, 1.0], [4.0, 5.0], [2.0, 9.0]])
     big = Thermometer.fit(x.astype(">f8"), 2)
