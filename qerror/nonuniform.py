@@ -147,6 +147,16 @@ def lloyd_max(dist, levels: int, *, tol: float = 1e-13, max_iter: int = 200_000)
     noise of 1e-12 and never met the tolerance. A generic law costs seconds per few levels
     (4 levels of a Student t: ~8 s).
 
+    ``tol`` bounds the last move, not the distance to the fixed point, which is about the
+    move over one minus the iteration's contraction factor, and that factor nears 1 as the
+    levels grow. Measured against a 40-digit Newton solution of Lloyd's two conditions, the
+    normal law's levels lie 1e-13 standard deviations from it at 4 levels, 3e-12 at 16,
+    4e-11 at 64 and 5e-10 at 256 (the Laplace law's 4e-12 at 16, 9e-10 at 256). The MSE,
+    stationary there, is that of the returned levels up to the float64 rounding of the
+    per-cell sums, each of which cancels from about ``y²`` times the cell's mass to the
+    cell's share of the MSE: 5e-14 relative at 16 normal levels, 5e-13 at 64, 2e-12 at 128
+    and 7e-12 at 256 (the Laplace law's 4e-13 at 256).
+
     References
     ----------
     .. [1] S. P. Lloyd, "Least squares quantization in PCM", IEEE Trans. Inf. Theory
