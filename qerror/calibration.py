@@ -106,7 +106,10 @@ class RangePolicy:
                              f"{self.aciq_law!r}")
 
     def check(self, spec: QuantSpec) -> None:
-        """Refuse a policy that cannot give a range on ``spec``'s grid."""
+        """Refuse a policy that cannot give a range on ``spec``'s grid (TypeError where
+        ``spec`` is no :class:`~qerror.quantizer.QuantSpec`)."""
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
         if self.method is RangeMethod.PERCENTILE and not spec.symmetric \
                 and float(self.percentile) <= 50.0:
             raise ValueError(
@@ -131,6 +134,16 @@ class RangePolicy:
         return replace(self, **changes)
 
 
+def _check_policy(spec: QuantSpec, policy: RangePolicy) -> None:
+    """Refuse a ``policy`` that is no :class:`RangePolicy` (a method passed in its place)
+    and one that cannot give a range on ``spec``'s grid."""
+    if not isinstance(policy, RangePolicy):
+        raise TypeError(f"policy must be a RangePolicy, got {type(policy).__name__}: pass "
+                        "RangePolicy(method, ...) (e.g. RangePolicy(RangeMethod.MSE)), not "
+                        "the method itself")
+    policy.check(spec)
+
+
 def _reduce_dims(x, axis):
     return tuple(d for d in range(x.ndim) if d != axis)
 
@@ -150,7 +163,7 @@ def observed_range(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePol
     """
     check_float_array(x, "x")
     check_finite(x, "x")
-    policy.check(spec)
+    _check_policy(spec, policy)
     axis = spec.channel_axis(x)
     return _range(_to_numpy64(x), spec, policy, axis)
 
@@ -269,6 +282,8 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *, min_scale: float | None = Non
     step beyond. A range beyond ``dtype``'s largest number, which no data of that dtype
     have, is refused.
     """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     if min_scale is None:
         min_scale = float(np.finfo(working_precision(dtype)).tiny)
     elif isinstance(min_scale, (bool, np.bool_)) or not isinstance(min_scale, numbers.Real) \
@@ -334,7 +349,7 @@ def calibrate(x: ArrayLike, spec: QuantSpec, policy: RangePolicy = RangePolicy()
     """
     check_float_array(x, "x")
     check_finite(x, "x")
-    policy.check(spec)
+    _check_policy(spec, policy)
     axis = spec.channel_axis(x)
     data = _to_numpy64(x)
     lo, hi = _range(data, spec, policy, axis)

@@ -194,6 +194,29 @@ def test_bad_policy_is_refused(kwargs, error, match):
         RangePolicy(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: calibrate(x, QuantSpec(), RangeMethod.MSE),
+         "policy must be a RangePolicy.*got RangeMethod"),
+        (lambda x: calibrate(x, QuantSpec(), "percentile"),
+         "policy must be a RangePolicy.*got str"),
+        (lambda x: observed_range(x, QuantSpec(), None), "policy must be a RangePolicy"),
+        (lambda x: calibrate(x, 8), "spec must be a QuantSpec, got int"),
+        (lambda x: observed_range(x, "int8"), "spec must be a QuantSpec, got str"),
+        (lambda x: qparams_from_range(-1.0, 1.0, "int8"), "spec must be a QuantSpec, got str"),
+        (lambda x: RangePolicy().check(None), "spec must be a QuantSpec, got NoneType"),
+    ],
+)
+def test_a_spec_or_policy_of_the_wrong_type_is_refused_by_name(call, match):
+    """A method passed for the policy (calibrate(x, spec, RangeMethod.MSE)) or anything but
+    a QuantSpec for the spec is refused with a TypeError naming the argument, as quantize
+    and QuantConfig refuse them; it was an AttributeError ('RangeMethod' object has no
+    attribute 'check')."""
+    with pytest.raises(TypeError, match=match):
+        call(np.array([-1.0, 0.5, 2.0]))
+
+
 def test_numpy_percentiles_are_numbers():
     # np.float32(99.9) was refused as "not in (0, 100]"
     assert RangePolicy(percentile=np.float32(99.9)).percentile == np.float32(99.9)
