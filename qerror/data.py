@@ -358,9 +358,38 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.source,
-                        f"{self.sha256}[{hashlib.sha256(np.asarray(index).tobytes()).hexdigest()[:16]}]")
+    def subset(self, index) -> "ImageSet":
+        """The images and labels at ``index``, named after this set and the images taken.
+
+        Parameters
+        ----------
+        index : array of int or bool, list, or slice
+            Positions (negative ones count from the end), a boolean mask of ``len(self)``,
+            or a slice.
+
+        Returns
+        -------
+        ImageSet
+            ``sha256`` is this set's, then in brackets the first 16 hex digits of the
+            sha256 of the positions taken (int64): one selection has one identity however
+            it is written (a slice, a mask, int32 positions).
+
+        Raises
+        ------
+        ValueError
+            ``index`` does not select a one-dimensional run of images (a single position,
+            a 2-D array).
+        IndexError
+            A position is out of range, or ``index`` is not a valid numpy index.
+        """
+        positions = np.arange(len(self), dtype=np.int64)[index]
+        if positions.ndim != 1:
+            raise ValueError(f"subset takes a one-dimensional index (positions, a boolean "
+                             f"mask or a slice), got one that selects shape {positions.shape}; "
+                             "for one image pass [i]")
+        taken = hashlib.sha256(positions.tobytes()).hexdigest()[:16]
+        return ImageSet(self.images[positions], self.labels[positions], self.source,
+                        f"{self.sha256}[{taken}]")
 
 
 def _check_split(split: str, img_path: Path, images: np.ndarray, lbl_path: Path,

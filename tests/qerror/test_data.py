@@ -1,6 +1,7 @@
 """Fashion-MNIST loading from IDX files the test writes, splits, and clear errors."""
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,27 @@ def test_splits_are_deterministic_and_disjoint(idx_root):
     assert not (rows(a.train) & rows(a.val)) and not (rows(a.val) & rows(a.calib))
     with pytest.raises(ValueError, match="leave training images"):
         data.fashion_mnist_splits(idx_root, val=250, calib=60)
+
+
+def test_a_subset_is_named_by_the_images_it_takes_however_they_are_written(idx_root):
+    """The identity a manifest records for a subset hashed the index's bytes: a slice's were
+    a pointer (another identity at every call), and the same images taken by int32
+    positions, a mask or a negative position got identities of their own."""
+    full = data.load_fashion_mnist("train", idx_root)
+    first = full.subset(np.arange(5))  # how the studies take a subset: unchanged
+    taken = hashlib.sha256(np.arange(5, dtype=np.int64).tobytes()).hexdigest()[:16]
+    assert first.sha256 == f"{full.sha256}[{taken}]"
+    mask = np.zeros(len(full), dtype=bool)
+    mask[:5] = True
+    for index in (slice(0, 5), slice(0, 5), np.arange(5, dtype=np.int32), mask,
+                  [0, 1, 2, 3, 4], np.arange(5) - len(full)):
+        same = full.subset(index)
+        assert same.sha256 == first.sha256, index
+        np.testing.assert_array_equal(same.images, first.images)
+    for index, error in ((3, "one-dimensional"), (np.zeros((2, 2), dtype=int), "one-dimensional"),
+                         (np.array([len(full)]), "out of bounds")):
+        with pytest.raises((ValueError, IndexError), match=error):
+            full.subset(index)
 
 
 def test_to_tensor_pads_exactly():
