@@ -846,17 +846,19 @@ def _folder_key(folder: Path | str) -> tuple[int, int]:
 
 
 def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()
-               ) -> tuple[list[Path], list[Path]]:
-    """The image files under ``folder`` and the other (not hidden) files, each sorted,
-    following links to folders but walking each folder once (by device and inode), so that
-    a link back up the tree (a loop) or two links to one folder do not repeat its images;
-    below ``folder``, the folders in ``skip`` (the dataset's root and its class folders) and
+               ) -> tuple[list[Path], list[Path], dict[tuple[int, int], Path]]:
+    """The image files under ``folder`` and the other (not hidden) files, each sorted, and
+    the folders that hold images (by device and inode, each with the path it was reached
+    by), following links to folders but walking each folder once, so that a link back up
+    the tree (a loop) or two links to one folder do not repeat its images; below
+    ``folder``, the folders in ``skip`` (the dataset's root and its class folders) and
     hidden folders (as at the root: netatalk's ``.AppleDouble/`` resource forks, thumbnail
     caches) are not walked either."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     seen = set(skip) - {_folder_key(folder)}
     found, others = [], []
+    holding: dict[tuple[int, int], Path] = {}
 
     def unreadable(err: OSError):  # os.walk leaves such a folder out silently
         raise DataError(f"{err.filename}: cannot be read ({err.strerror}); its images would be "
@@ -873,8 +875,12 @@ def _images_in(folder: Path, skip: frozenset[tuple[int, int]] = frozenset()
         dirs[:] = [sub for sub in dirs if not sub.startswith(".")]
         for f in files:
             if not f.startswith("."):
-                (found if f.lower().endswith(IMG_EXTENSIONS) else others).append(Path(d) / f)
-    return sorted(found), sorted(others)
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    found.append(Path(d) / f)
+                    holding.setdefault(key, Path(d))
+                else:
+                    others.append(Path(d) / f)
+    return sorted(found), sorted(others), holding
 
 
 def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | None = None,
@@ -906,9 +912,10 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
     DataError
         ``path`` or a folder in it cannot be read by this user (no permission), sub-folders
         that are not ILSVRC2012 synset ids (without ``labels``), sub-folders ``labels`` does
-        not map, two class folders that are one (links), image files beside class folders, a
-        class folder whose files are none of a type read (its class would be left out), or
-        flat files that are not validation images; the message names them.
+        not map, two class folders that are one (links), a folder with images reached from
+        two class folders (links), image files beside class folders, a class folder whose
+        files are none of a type read (its class would be left out), or flat files that are
+        not validation images; the message names them.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -949,10 +956,20 @@ def imagenet_folder(path: Path | str, labels: Path | str | Mapping[str, int] | N
                         "class. Keep one of them")
     tops = frozenset(keys) | {_folder_key(path)}
     walked = {d.name: _images_in(d, tops) for d in folders}
-    per_folder = {k: images for k, (images, _) in walked.items() if images}
-    not_read = sorted(loose_others + [f for _, others in walked.values() for f in others])
+    # below the class folders, a folder reached from two of them (links) is one too
+    reached: dict[tuple[int, int], Path] = {}
+    for name, (_, _, holding) in walked.items():
+        for key, where in holding.items():
+            first = reached.setdefault(key, where)
+            if first.relative_to(path).parts[0] != name:
+                raise DataError(f"{path}: {first.relative_to(path).as_posix()} and "
+                                f"{where.relative_to(path).as_posix()} are one folder (links "
+                                "to the same place) in two class folders: its images would be "
+                                "counted under each class. Keep it in one of them")
+    per_folder = {k: images for k, (images, _, _) in walked.items() if images}
+    not_read = sorted(loose_others + [f for _, others, _ in walked.values() for f in others])
     not_read = tuple(f.relative_to(path).as_posix() for f in not_read)
-    without = [k for k, (images, others) in walked.items() if not images and others]
+    without = [k for k, (images, others, _) in walked.items() if not images and others]
     if per_folder and without:
         raise DataError(f"{path}: {len(without)} class sub-folder(s) hold files but no image of "
                         f"a type read ({' '.join(IMG_EXTENSIONS)}): {_first(without)} (the "

@@ -768,6 +768,27 @@ def test_two_class_folders_that_are_one_are_refused(tmp_path):
         data.imagenet_folder(root)
 
 
+@pytest.mark.parametrize("target", ["other class's sub-folder", "a folder outside"])
+def test_a_folder_reached_from_two_class_folders_is_refused(tmp_path, target):
+    """A link in one class folder to a sub-folder of another, or links in two class folders
+    to one folder outside, labelled its images with both classes without a word."""
+    root = _image_folder(tmp_path, ("n01440764", "n01443537"))
+    if target == "a folder outside":
+        shared = tmp_path / "outside"
+        _jpeg(shared / "x.jpg")
+        (root / "n01440764" / "a").symlink_to(shared, target_is_directory=True)
+    else:
+        shared = root / "n01440764" / "a"
+        _jpeg(shared / "x.jpg")
+    (root / "n01443537" / "b").symlink_to(shared, target_is_directory=True)
+    with pytest.raises(data.DataError, match="n01440764/a and n01443537/b are one folder"):
+        data.imagenet_folder(root)
+    # two links to it in one class folder: one class, its images once (as before)
+    (root / "n01443537" / "b").unlink()
+    (root / "n01440764" / "c").symlink_to(shared, target_is_directory=True)
+    assert [label for _, label in data.imagenet_folder(root).samples] == [0, 0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT"])
 def test_the_preprocessing_is_the_weights_own(tmp_path, weights):
     """V2's published accuracy is measured with the short side resized to 232, not 256: the
