@@ -886,23 +886,25 @@ DATA_ROOT_HELP = ("folder with the Fashion-MNIST IDX files (default: $QERROR_DAT
                   "the user cache's data folder, else /usr/share/datasets/fashion-mnist)")
 
 
-def _timing_bar(total: int, unit: str):
+def _timing_bar(total: int, unit: str, progress: bool = True):
     """A progress bar over timing rounds, updated between them (never inside a timed call),
-    gone once they are done."""
+    gone once they are done; none drawn where ``progress`` is False."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="timing", unit=unit, leave=False, mininterval=1.0)
+    return tqdm(total=total, desc="timing", unit=unit, leave=False, mininterval=1.0,
+                disable=not progress)
 
 
 def paired_ratio(candidate: Callable[[], object], baseline: Callable[[], object],
-                 pairs: int, warmup: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 pairs: int, warmup: int = 1, progress: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Times of candidate and baseline run alternately, each first in every other pair
     (:func:`alternating_times`, after ``warmup`` untimed pairs), and their per-pair ratios
-    (with a progress bar over the pairs)."""
+    (with a progress bar over the pairs where ``progress``)."""
     for _ in range(warmup):
         candidate()
         baseline()
-    t = alternating_times([lambda i: candidate(), lambda i: baseline()], pairs)
+    t = alternating_times([lambda i: candidate(), lambda i: baseline()], pairs, progress)
     ta, tb = t[:, 0].copy(), t[:, 1].copy()
     return ta / tb, ta, tb
 
@@ -918,13 +920,14 @@ def round_order(n: int, i: int) -> np.ndarray:
     return order[::-1] if i % 2 else order
 
 
-def alternating_times(fns: list[Callable[[int], object]], rounds: int) -> np.ndarray:
+def alternating_times(fns: list[Callable[[int], object]], rounds: int,
+                      progress: bool = True) -> np.ndarray:
     """Seconds of each of ``fns`` on call ``i`` (``fn(i)``), run one after the other for
     each ``i`` in the order :func:`round_order` gives, so that no candidate always runs
     first, or before another (after a cache-warming, or a cache-spoiling, neighbour).
-    Shape (rounds, len(fns)); a progress bar over the rounds."""
+    Shape (rounds, len(fns)); a progress bar over the rounds where ``progress``."""
     times = np.empty((rounds, len(fns)))
-    with _timing_bar(rounds, "round") as bar:
+    with _timing_bar(rounds, "round", progress) as bar:
         for i in range(rounds):
             for j in round_order(len(fns), i):
                 t0 = time.perf_counter()

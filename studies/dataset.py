@@ -444,9 +444,11 @@ def measured_sizes(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tensor
 
 
 def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tensor,
-                          qparams: QParams, batch: int, pairs: int) -> pd.DataFrame:
+                          qparams: QParams, batch: int, pairs: int,
+                          progress: bool = True) -> pd.DataFrame:
     """Time to turn one stored batch into the float32 model input, against copying a
-    float32 batch, timed alternately in one run (median of per-pair ratios).
+    float32 batch, timed alternately in one run (median of per-pair ratios; a progress bar
+    over the pairs where ``progress``).
 
     In memory only: neither disk nor bus transfer is measured.
     """
@@ -462,7 +464,7 @@ def conversion_throughput(pixels: np.ndarray, x: torch.Tensor, codes: torch.Tens
     }
     rows = []
     for name, (func, nbytes) in candidates.items():
-        ratios, ta, tb = paired_ratio(func, f32.clone, pairs)
+        ratios, ta, tb = paired_ratio(func, f32.clone, pairs, progress=progress)
         rows.append({"stored_as": name, "baseline": "float32 1x32x32, copy",
                      "images": len(f32), "stored_bytes": nbytes,
                      "baseline_bytes": f32.numel() * 4,
@@ -872,7 +874,8 @@ def _main(argv: list[str]) -> int:
         pixels = pixel_summary(levels, qparams)
         storage = storage_table(measured_sizes(test.images, x, paths["codes"]))
         throughput = conversion_throughput(test.images, x, paths["codes"], model_qp,
-                                           args.batch_size, 3 if args.smoke else 15)
+                                           args.batch_size, 3 if args.smoke else 15,
+                                           args.progress)
 
         run.write_csv("equivalence.csv", equiv)
         run.write_csv("offline_variants.csv", variants)

@@ -131,11 +131,13 @@ def test_storage_bytes_are_shape_times_element_size():
     assert by["Fashion-MNIST", "test", "1x32x32 model input", "float16"] == 10_000 * 1024 * 2
 
 
-def test_smoke_run_end_to_end(idx_root, tmp_path):
+def test_smoke_run_end_to_end(idx_root, tmp_path, capsys):
     out = tmp_path / "dataset"
     argv = ["--smoke", "--data-root", str(idx_root), "--out", str(out), "--no-progress",
             "--scale-errors", "0.02", "0.02"]  # a value named twice is one variant
     assert dataset.main(argv) == 0
+    # --no-progress: no bar at all (the throughput timing's three were drawn regardless)
+    assert "%|" not in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["outputs"]) == files
