@@ -326,19 +326,26 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
 
     The files go to ``<root>/FashionMNIST/raw``, where :func:`find_fashion_mnist` looks,
     with ``<root>`` the folder :func:`named_data_root` gives, else ``<cache>/data``.
+
+    Raises
+    ------
+    DataNotFoundError
+        The download failed (no internet, say), with every other way to get the data; the
+        folders this call made (``<root>`` itself where it did not exist) are removed.
     """
     import torchvision
 
     named = named_data_root(data_root)
     root = named[0] if named is not None else cache_dir() / "data"
     target = root / "FashionMNIST"
-    existed = target.exists()
+    # torchvision makes every missing folder on the way: the topmost of them is this call's
+    made = next((p for p in (*reversed(target.parents), target) if not p.exists()), None)
     try:
         torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
         torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
     except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError
-        if not existed:  # what this call created, and nothing else, goes again
-            shutil.rmtree(target, ignore_errors=True)
+        if made is not None:  # what this call created, and nothing else, goes again
+            shutil.rmtree(made, ignore_errors=True)
         raise DataNotFoundError(
             f"downloading Fashion-MNIST into {root} failed ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); no internet here? "

@@ -760,6 +760,28 @@ def test_a_failed_download_is_a_clear_refusal_and_leaves_nothing(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("named", [True, False])
+def test_a_failed_download_removes_the_folders_it_made_above_its_own(tmp_path, monkeypatch,
+                                                                       named):
+    """torchvision makes the whole path to its raw folder: a failed download into a data
+    root or a cache that did not exist left them behind, empty (new/data; cache/qerror/data)."""
+    import os
+
+    import torchvision
+
+    def offline(root, train, download):  # as torchvision's FashionMNIST does without network
+        os.makedirs(os.path.join(root, "FashionMNIST", "raw"), exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "kept").mkdir()  # not this call's: stays
+    with pytest.raises(data.DataNotFoundError, match="downloading Fashion-MNIST into"):
+        data.download_fashion_mnist(tmp_path / "new" / "data" if named else None)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "kept"]
+
+
 def test_two_class_folders_that_are_one_are_refused(tmp_path):
     """A class folder linked to another repeated its images under a second label."""
     root = _image_folder(tmp_path, ("n01440764",))
