@@ -649,15 +649,37 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    # Where each module is attached (parent, attribute) and which modules hold each tensor:
+    # a layer that shrinking replaces must be attached once and own its tensors, or the
+    # slices would untie it from its other uses (and the copy could outgrow the model).
+    places: dict[int, set[tuple[int, str]]] = {}
+    holders: dict[int, set[int]] = {}
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            places.setdefault(id(child), set()).add((id(parent), attr))
+        for t in [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]:
+            holders.setdefault(id(t), set()).add(id(parent))
     out = []
     for name, m in model.named_modules():
         if isinstance(m, BasicBlock | Bottleneck) and m.conv2.groups != 1:
             raise PruningError(f"block {name} has a grouped convolution (groups="
                                f"{m.conv2.groups}); channel pruning handles groups=1 only")
         if isinstance(m, Bottleneck):
-            out.append((name, m, ["conv1", "conv2"]))
+            convs = ["conv1", "conv2"]
         elif isinstance(m, BasicBlock):
-            out.append((name, m, ["conv1"]))
+            convs = ["conv1"]
+        else:
+            continue
+        for leaf in dict.fromkeys(x for c in convs for x in (c, _bn_of(c), _next_conv(c))):
+            layer = getattr(m, leaf)
+            if len(places[id(layer)]) > 1 or any(
+                    len(holders[id(t)]) > 1 for t in [*layer.parameters(), *layer.buffers()]):
+                raise PruningError(
+                    f"{name + '.' if name else ''}{leaf} shares its weights with another "
+                    "layer of the model (a tied tensor, or one layer attached in two places): "
+                    "channel pruning slices each layer into a copy of its own, which would "
+                    "untie them; give each layer its own weights before pruning channels")
+        out.append((name, m, convs))
     if not out:
         raise PruningError(f"{type(model).__name__} has no torchvision BasicBlock or "
                            "Bottleneck: structured channel pruning acts on ResNet blocks")
@@ -685,8 +707,9 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     ValueError
         ``fraction`` outside [0, 1).
     PruningError
-        No ResNet block, a grouped inner convolution, or a NaN weight in an inner
-        convolution (its filter's L1 norm has no order).
+        No ResNet block, a grouped inner convolution, a NaN weight in an inner
+        convolution (its filter's L1 norm has no order), or an inner convolution, its
+        BatchNorm or the next convolution sharing its weights with another layer.
 
     Notes
     -----
@@ -731,7 +754,14 @@ def _next_conv(conv: str) -> str:
 def channel_masks(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> Masks:
     """Masks that zero the removed channels in place of removing them: the conv's filters,
     its BatchNorm's weight and bias (so the channel outputs exactly 0 in eval and in
-    training mode), and the next convolution's input slices."""
+    training mode), and the next convolution's input slices.
+
+    Raises
+    ------
+    PruningError
+        As :func:`shrink_channels`, for a model whose layers share weights.
+    """
+    _blocks(model)  # refuses the models shrink_channels refuses
     params = dict(model.named_parameters())
     masks: Masks = {}
     for conv, kept in plan.items():
@@ -791,7 +821,9 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
     ------
     PruningError
         A plan entry names no inner convolution of a ResNet block, keeps no channel, or
-        names a channel twice or one the convolution does not have.
+        names a channel twice or one the convolution does not have; a planned convolution,
+        its BatchNorm or the next convolution shares its weights with another layer (a
+        tied tensor, or one layer attached in two places), which slicing would untie.
     """
     inner = {f"{b}.{c}" if b else c for b, _, convs in _blocks(model) for c in convs}
     out = copy.deepcopy(model)
