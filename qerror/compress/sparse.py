@@ -751,6 +751,36 @@ def _next_conv(conv: str) -> str:
     return conv[:-1] + str(int(conv[-1]) + 1)
 
 
+def _checked_plan(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``plan`` with each entry as int64 channel indices, once each the checks of
+    :func:`shrink_channels` pass (PruningError otherwise): the one reading of a plan, so the
+    masked and the shrunk model are built from the same channels."""
+    inner = {f"{b}.{c}" if b else c: getattr(m, c)
+             for b, m, convs in _blocks(model) for c in convs}
+    out = {}
+    for conv, kept in plan.items():
+        if conv not in inner:
+            raise PruningError(f"{conv!r} is not an inner convolution of a ResNet block; "
+                               f"plan from channel_plan")
+        try:
+            given = torch.as_tensor(kept)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise PruningError(f"the plan for {conv} must list channel indices as a flat "
+                               f"sequence of integers, got {kept!r}") from exc
+        if given.dim() == 1 and given.numel() == 0:
+            raise PruningError(f"the plan keeps no channel of {conv}")
+        if given.dim() != 1 or not is_integer_dtype(given.dtype):
+            raise PruningError(f"the plan for {conv} must list channel indices as a flat "
+                               f"sequence of integers, got {kept!r}")
+        idx = given.to(torch.long)
+        channels = inner[conv].out_channels
+        if len(idx.unique()) != len(idx) or idx.min() < 0 or idx.max() >= channels:
+            raise PruningError(f"the plan for {conv} keeps channels {idx.tolist()}: each must "
+                               f"be named once and lie in 0..{channels - 1}")
+        out[conv] = idx
+    return out
+
+
 def channel_masks(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> Masks:
     """Masks that zero the removed channels in place of removing them: the conv's filters,
     its BatchNorm's weight and bias (so the channel outputs exactly 0 in eval and in
@@ -759,12 +789,11 @@ def channel_masks(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> Masks:
     Raises
     ------
     PruningError
-        As :func:`shrink_channels`, for a model whose layers share weights.
+        The plans and models :func:`shrink_channels` refuses.
     """
-    _blocks(model)  # refuses the models shrink_channels refuses
     params = dict(model.named_parameters())
     masks: Masks = {}
-    for conv, kept in plan.items():
+    for conv, kept in _checked_plan(model, plan).items():
         w = params[f"{conv}.weight"]
         keep = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
         keep[kept.to(w.device)] = True
@@ -825,25 +854,11 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
         its BatchNorm or the next convolution shares its weights with another layer (a
         tied tensor, or one layer attached in two places), which slicing would untie.
     """
-    inner = {f"{b}.{c}" if b else c for b, _, convs in _blocks(model) for c in convs}
+    checked = _checked_plan(model, plan)
     out = copy.deepcopy(model)
-    for conv, kept in plan.items():
-        if conv not in inner:
-            raise PruningError(f"{conv!r} is not an inner convolution of a ResNet block; "
-                               f"plan from channel_plan")
-        if len(kept) == 0:
-            raise PruningError(f"the plan keeps no channel of {conv}")
+    for conv, idx in checked.items():
         block = out.get_submodule(conv.rpartition(".")[0]) if "." in conv else out
         leaf = conv.rpartition(".")[2]
-        given = torch.as_tensor(kept)
-        if given.dim() != 1 or not is_integer_dtype(given.dtype):
-            raise PruningError(f"the plan for {conv} must list channel indices as a flat "
-                               f"sequence of integers, got {kept!r}")
-        idx = given.to(torch.long)
-        channels = getattr(block, leaf).out_channels
-        if len(idx.unique()) != len(idx) or idx.min() < 0 or idx.max() >= channels:
-            raise PruningError(f"the plan for {conv} keeps channels {idx.tolist()}: each must "
-                               f"be named once and lie in 0..{channels - 1}")
         bn, nxt = _bn_of(leaf), _next_conv(leaf)
         setattr(block, leaf, _slice_conv(getattr(block, leaf), out_idx=idx))
         setattr(block, bn, _slice_bn(getattr(block, bn), idx))

@@ -810,3 +810,33 @@ def test_channel_pruning_refuses_layers_that_share_weights_and_takes_a_block_use
     masked = copy.deepcopy(twice)
     apply_masks(masked, channel_masks(masked, plan))
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_masks_and_shrinking_read_a_plan_alike():
+    # probe before the fix: channel_masks took [-1] (and masked the last channel) and
+    # [[1, 2]], and fell on a bare IndexError, KeyError or AttributeError for the other
+    # plans here; shrink_channels on a scalar raised a bare TypeError (len() of a 0-d tensor)
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for plan, what in (({"layer1.0.conv1": torch.tensor(3)}, "flat sequence of integers"),
+                       ({"layer1.0.conv1": 3}, "flat sequence of integers"),
+                       ({"layer1.0.conv1": ["a"]}, "flat sequence of integers"),
+                       ({"layer1.0.conv1": torch.tensor([[1, 2]])}, "flat sequence of integers"),
+                       ({"layer1.0.conv1": torch.tensor([1.0])}, "flat sequence of integers"),
+                       ({"layer1.0.conv1": torch.tensor([-1])}, "lie in 0..7"),
+                       ({"layer1.0.conv1": torch.tensor([8])}, "lie in 0..7"),
+                       ({"layer1.0.conv1": [1, 1]}, "named once"),
+                       ({"layer1.0.conv1": []}, "keeps no channel"),
+                       ({"layer1.0.conv3": torch.tensor([1])}, "not an inner convolution")):
+        for build in (shrink_channels, channel_masks):
+            with pytest.raises(PruningError, match=what):
+                build(model, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a plan of lists or numpy arrays is read the same by both
+    plan = {"layer1.0.conv1": [5, 1], "layer1.1.conv1": np.arange(0, 32, 3)}
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    small = shrink_channels(model.eval(), plan)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, channel_masks(masked, plan))
+    assert small.layer1[0].conv1.out_channels == 2 and small.layer1[1].conv1.out_channels == 11
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
