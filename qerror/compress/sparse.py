@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qerror._checks import check_count, is_integer_dtype
-from qerror.compress.size import dense_layers
+from qerror.compress.size import dense_layers, first_conv
 
 Masks = dict[str, torch.Tensor]
 
@@ -111,8 +111,11 @@ def prunable_weights(model: nn.Module, *,
     for n, m in layers.items():
         other = first.setdefault(id(m.weight), n)
         if other != n and (other in dense) != (n in dense):
+            named = f"keep_dense names {sorted(dense & {other, n})[0]!r}" \
+                if keep_dense is not None else \
+                f"the default keep_dense keeps the first convolution, {first_conv(model)!r}, dense"
             raise PruningError(f"layers {other!r} and {n!r} share one weight tensor, and "
-                               "keep_dense names one of them: name both or neither")
+                               f"{named}: pass keep_dense naming both or neither")
     out = {}
     for n, m in layers.items():
         if first[id(m.weight)] != n or n in dense:

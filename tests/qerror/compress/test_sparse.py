@@ -840,3 +840,18 @@ def test_channel_masks_and_shrinking_read_a_plan_alike():
     apply_masks(masked, channel_masks(masked, plan))
     assert small.layer1[0].conv1.out_channels == 2 and small.layer1[1].conv1.out_channels == 11
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_weight_the_first_convolution_shares_is_refused_naming_the_default():
+    # probe before the fix: "keep_dense names one of them" though no keep_dense was passed
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    model[1].weight = model[0].weight
+    default = ("layers '0' and '1' share one weight tensor, and the default keep_dense keeps "
+               "the first convolution, '0', dense: pass keep_dense naming both or neither")
+    for prune in (lambda **kw: prune_global(model, 0.5, **kw),
+                  lambda **kw: semi_structured_masks(model, **kw)):
+        with pytest.raises(PruningError, match=re.escape(default)):
+            prune()
+        with pytest.raises(PruningError, match="and keep_dense names '1': pass keep_dense"):
+            prune(keep_dense=("1",))
+    assert list(prune_global(model, 0.5, keep_dense=())) == ["0.weight"]
