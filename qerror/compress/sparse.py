@@ -673,6 +673,14 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
             convs = ["conv1"]
         else:
             continue
+        for c in convs:
+            bn = getattr(m, _bn_of(c))
+            if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
+                raise PruningError(
+                    f"{name + '.' if name else ''}{_bn_of(c)} is {bn}: channel pruning "
+                    "slices a BatchNorm2d with a weight and a bias (the masks zero them so a "
+                    "removed channel puts out 0); blocks built with another norm_layer "
+                    "cannot be pruned by channel")
         for leaf in dict.fromkeys(x for c in convs for x in (c, _bn_of(c), _next_conv(c))):
             layer = getattr(m, leaf)
             if len(places[id(layer)]) > 1 or any(
@@ -710,8 +718,9 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     ValueError
         ``fraction`` outside [0, 1).
     PruningError
-        No ResNet block, a grouped inner convolution, a NaN weight in an inner
-        convolution (its filter's L1 norm has no order), or an inner convolution, its
+        No ResNet block, a grouped inner convolution, an inner convolution followed by
+        another norm than a ``BatchNorm2d`` with affine parameters, a NaN weight in an
+        inner convolution (its filter's L1 norm has no order), or an inner convolution, its
         BatchNorm or the next convolution sharing its weights with another layer.
 
     Notes

@@ -855,3 +855,27 @@ def test_a_weight_the_first_convolution_shares_is_refused_naming_the_default():
         with pytest.raises(PruningError, match="and keep_dense names '1': pass keep_dense"):
             prune(keep_dense=("1",))
     assert list(prune_global(model, 0.5, keep_dense=())) == ["0.weight"]
+
+
+@pytest.mark.parametrize("norm", [lambda c: nn.BatchNorm2d(c, affine=False),
+                                  lambda c: nn.GroupNorm(2, c), lambda c: nn.Identity()],
+                         ids=["batchnorm-without-affine", "groupnorm", "identity"])
+def test_channel_pruning_refuses_blocks_normalized_otherwise_than_by_affine_batchnorm(norm):
+    # probe before the fix: a bare AttributeError from slicing ('NoneType' object has no
+    # attribute 'device'; 'GroupNorm' object has no attribute 'momentum'; 'Identity' ...
+    # 'eps'), for blocks that torchvision builds with its norm_layer argument
+    model = tiny_resnet()
+    model.layer1 = nn.Sequential(Bottleneck(32, 8, norm_layer=norm))
+    plan = {"layer1.0.conv1": torch.tensor([0, 1])}
+    for call in (lambda: channel_plan(model, 0.5), lambda: prune_channels(model, 0.5),
+                 lambda: shrink_channels(model, plan), lambda: channel_masks(model, plan)):
+        with pytest.raises(PruningError, match=r"layer1\.0\.bn1 is .*cannot be pruned by channel"):
+            call()
+    # batch statistics alone (no running ones) are a BatchNorm2d with affine parameters
+    model.layer1 = nn.Sequential(Bottleneck(
+        32, 8, norm_layer=lambda c: nn.BatchNorm2d(c, track_running_stats=False)))
+    small = prune_channels(model.eval(), 0.5)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, channel_masks(masked, channel_plan(model, 0.5)))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
