@@ -870,13 +870,32 @@ def elias_fano_bits(lengths, universe_bits: int) -> int:
 def elias_fano_encode(values, lengths, universe_bits: int) -> np.ndarray:
     """Encode consecutive sorted sets (``values`` grouped by ``lengths``) as a 0/1 uint8
     array of :func:`elias_fano_bits` bits: set by set, low bits (value by value, least
-    significant first) then the unary high array."""
+    significant first) then the unary high array.
+
+    Raises
+    ------
+    TypeError
+        ``values`` are not integers.
+    ValueError
+        A value outside ``[0, 2^u)``, or a set whose values are not strictly increasing:
+        the high array of such a set would overrun its bits (into the next set's, or past
+        the end), and :func:`elias_fano_decode` could not read the stream back.
+    """
     m, low, size, start, first = _elias_fano_layout(lengths, universe_bits)
-    v = np.asarray(values, dtype=np.int64)
+    raw = np.asarray(values)
+    if raw.size and raw.dtype.kind not in "iu":
+        raise TypeError(f"values must be integers, got dtype {raw.dtype}")
+    v = raw.astype(np.int64)
     if v.shape != (int(m.sum()),):
         raise ValueError(f"need {int(m.sum())} values, got shape {v.shape}")
     group = np.repeat(np.arange(m.size), m)
     rank = np.arange(v.size) - first[group]
+    if v.size and (int(v.min()) < 0 or int(raw.max()) >= 1 << universe_bits):
+        raise ValueError(f"values must lie in [0, 2**{universe_bits}), got [{int(raw.min())}, "
+                         f"{int(raw.max())}]")
+    if (np.diff(v, prepend=0)[rank > 0] <= 0).any():
+        raise ValueError("each set's values must be strictly increasing (sorted, distinct): "
+                         "sort each set and drop repeats")
     lw = low[group]
     out = np.zeros(int(size.sum()), dtype=np.uint8)
     for j in range(int(low.max(initial=0))):

@@ -634,3 +634,22 @@ def test_decoding_refuses_a_shape_2_4_cannot_take_as_encoding_does(tmp_path):
     write_model(written, path, "2:4", keep_dense=())
     with pytest.raises(ValueError, match="does not decode as this model in 2:4 float32"):
         read_model(torch.nn.Linear(6, 4, bias=False), path, "2:4", keep_dense=())
+
+
+@pytest.mark.parametrize("values, lengths, error, what", [
+    ([9, 3, 1, 2], [2, 2], ValueError, "strictly increasing"),
+    ([3, 3], [2], ValueError, "strictly increasing"),
+    ([40], [1], ValueError, r"lie in \[0, 2\*\*4\)"),
+    ([16, 1, 2], [1, 2], ValueError, r"lie in \[0, 2\*\*4\)"),
+    ([-1, 2], [1, 1], ValueError, r"lie in \[0, 2\*\*4\)"),
+    ([3.5], [1], TypeError, "integers"),
+])
+def test_elias_fano_refuses_values_it_cannot_encode(values, lengths, error, what):
+    # probe before the fix: [40] in a 4-bit universe raised a bare IndexError, [16, 1, 2]
+    # (16 outside the universe) was encoded and read back, [9, 3, 1, 2] and [-1, 2] wrote
+    # streams that elias_fano_decode calls corrupt, [3, 3] and [3.5] (read as 3) were taken
+    with pytest.raises(error, match=what):
+        elias_fano_encode(values, lengths, 4)
+    # sets are sorted each on its own: the next set may start lower
+    assert elias_fano_decode(elias_fano_encode([3, 9, 1, 15], [2, 2], 4), [2, 2],
+                             4).tolist() == [3, 9, 1, 15]
