@@ -610,7 +610,8 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
     ----------
     module : torch.nn.Module
         An ``nn.Linear`` or ``nn.Conv2d`` (returns :class:`CSRLinear` / :class:`CSRConv2d`),
-        or a model: a deep copy in which every such layer not in ``keep_dense`` is replaced.
+        or a model: a deep copy in which every such layer not in ``keep_dense`` is replaced,
+        wherever it is attached (a layer used twice becomes one CSR module used twice).
     keep_dense : iterable of str, or str
         Module names left as dense layers (a string: one name; default: none).
 
@@ -641,10 +642,14 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
     names = [n for n, m in out.named_modules() if isinstance(m, PRUNABLE) and n not in dense]
     if not names:
         raise PruningError(f"{type(module).__name__} has no Conv2d or Linear layer to convert")
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        owner = out.get_submodule(parent) if parent else out
-        setattr(owner, leaf, to_csr(getattr(owner, leaf)))
+    # a layer attached in several places is converted once and replaced at each of them
+    converted = {id(out.get_submodule(n)): None for n in names}
+    for name, m in list(out.named_modules(remove_duplicate=False)):
+        if id(m) in converted:
+            if converted[id(m)] is None:
+                converted[id(m)] = to_csr(m)
+            parent, _, leaf = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, leaf, converted[id(m)])
     return out.eval()
 
 

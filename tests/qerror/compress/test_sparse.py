@@ -879,3 +879,18 @@ def test_channel_pruning_refuses_blocks_normalized_otherwise_than_by_affine_batc
     apply_masks(masked, channel_masks(masked, channel_plan(model, 0.5)))
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_to_csr_converts_a_layer_used_twice_at_both_places():
+    # probe before the fix: Sequential(Linear, lin, ReLU, lin) came back as CSRLinear,
+    # CSRLinear, ReLU, Linear: the second use of lin stayed dense in the "CSR" model
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(nn.Linear(16, 16), lin, nn.ReLU(), lin)
+    prune_global(model, 0.9, keep_dense=())
+    csr = to_csr(model)
+    assert [type(m) for m in csr] == [CSRLinear, CSRLinear, nn.ReLU, CSRLinear]
+    assert csr[1] is csr[3] and isinstance(model[3], nn.Linear)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-6)
+    kept = to_csr(model, keep_dense="1")
+    assert [type(m) for m in kept] == [CSRLinear, nn.Linear, nn.ReLU, nn.Linear]
