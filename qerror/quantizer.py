@@ -375,13 +375,16 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
     Raises
     ------
     TypeError
-        ``qparams`` that is not a :class:`QParams`; a scale or zero point that is not real
-        numbers or integers; ``dequantize_to`` not a float dtype of torch's.
+        ``spec`` that is not a :class:`QuantSpec`; ``qparams`` that is not a
+        :class:`QParams`; a scale or zero point that is not real numbers or integers;
+        ``dequantize_to`` not a float dtype of torch's.
     ValueError
         A scale that is not positive and finite (or not a normal number of the precision
         ``dequantize_to`` computes in); a zero point outside the grid, or not 0 on a
         symmetric grid.
     """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a qerror.QParams (calibrate's result, or "
                         f"QParams(scale=..., zero_point=...)), got {type(qparams).__name__}")

@@ -95,6 +95,9 @@ class InputQuantizer(nn.Module):
 
     Raises
     ------
+    TypeError
+        A ``spec`` that is not a :class:`~qerror.QuantSpec`, or ``qparams`` that are not
+        :class:`~qerror.QParams`.
     ValueError
         A random rounding (STOCHASTIC): the quantizer holds no seed, so it would draw other
         codes on every call; quantize stochastically offline (:func:`quantize_offline` with
@@ -106,14 +109,14 @@ class InputQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, qparams: QParams):
         super().__init__()
+        # what every call would refuse is refused here (the precision the scale must be a
+        # normal number of is the input's: the call checks that)
+        check_qparams(spec, qparams)
         if spec.rounding.is_random:
             raise ValueError(f"an input quantizer rounds deterministically; {spec.rounding.value} "
                              "rounding needs a seed per call. Make stochastic codes offline "
                              "with quantize_offline(x, spec, qparams, seed=...) and feed them "
                              "through on_codes")
-        # what every call would refuse is refused here (the precision the scale must be a
-        # normal number of is the input's: the call checks that)
-        check_qparams(spec, qparams)
         self.spec, self.qparams = spec, qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,9 +154,10 @@ class Dequantizer(nn.Module):
     Raises
     ------
     TypeError
-        ``dtype`` is not a float dtype of torch's. On a call: codes that are not a torch
-        tensor (a stored data set's numpy array: ``torch.from_numpy(q)`` first), or not
-        of the byte dtype of the spec's sign.
+        A ``spec`` that is not a :class:`~qerror.QuantSpec`, ``qparams`` that are not
+        :class:`~qerror.QParams`, or a ``dtype`` that is not a float dtype of torch's. On a
+        call: codes that are not a torch tensor (a stored data set's numpy array:
+        ``torch.from_numpy(q)`` first), or not of the byte dtype of the spec's sign.
     ValueError
         A scale that is not positive and finite, or not a normal number of the precision
         the dequantization computes in (float64 for ``dtype=torch.float64``, float32
@@ -235,7 +239,8 @@ def quantize_offline(x: torch.Tensor, spec: QuantSpec, qparams: QParams, *,
     ------
     TypeError
         If ``x`` is not a torch tensor (a numpy array: ``torch.from_numpy(x)`` first),
-        ``qparams`` is not a :class:`~qerror.QParams`, or ``seed`` is neither None nor an int.
+        ``spec`` is not a :class:`~qerror.QuantSpec`, ``qparams`` is not a
+        :class:`~qerror.QParams`, or ``seed`` is neither None nor an int.
     ValueError
         If ``spec.bits`` exceeds :data:`MAX_CODE_BITS`, or ``seed`` is outside 0 to 2**64 - 1.
     """

@@ -145,6 +145,21 @@ def test_qparams_that_are_not_qparams_are_refused_by_name():
         quantize_offline(torch.zeros(3), SPEC, (0.01, -3))
 
 
+@pytest.mark.parametrize("spec", ["int8", 8, None])
+def test_a_spec_that_is_not_a_quantspec_is_refused_by_name(spec):
+    """A spec given as a name or a bit count gave "AttributeError: 'str' object has no
+    attribute 'rounding'" from InputQuantizer ('... check_zero_point' from Dequantizer and
+    quantize_offline), where quantize refuses it by name."""
+    qp = QParams(0.01, 0)
+    message = rf"spec must be a QuantSpec, got {type(spec).__name__}"
+    for make in (lambda: InputQuantizer(spec, qp), lambda: Dequantizer(spec, qp),
+                 lambda: with_input_quantizer(nn.Identity(), spec, qp),
+                 lambda: on_codes(nn.Identity(), spec, qp),
+                 lambda: quantize_offline(torch.zeros(3), spec, qp)):
+        with pytest.raises(TypeError, match=message):
+            make()
+
+
 def test_per_channel_input_codes_give_the_model_the_same_input():
     """A per-channel input spec (one scale per image channel): the offline codes, read with
     the spec's axis, feed the network what the in-model quantizer does (the Dequantizer once
