@@ -182,7 +182,10 @@ class Dequantizer(nn.Module):
             raise TypeError(f"codes of dtype {q.dtype} for a {kind} spec: its codes are "
                             f"stored as {stored}; read them as such")
         if q.numel() and is_integer_dtype(q.dtype):  # others: dequantize's TypeError
-            lo, hi = int(q.min()), int(q.max())
+            # torch has no min or max of unsigned dtypes wider than a byte; float64 holds
+            # their values exactly up to 2**53, far beyond any grid
+            held = q.double() if q.dtype in (torch.uint16, torch.uint32, torch.uint64) else q
+            lo, hi = int(held.min()), int(held.max())
             if lo < spec.qmin or hi > spec.qmax:
                 raise ValueError(f"codes span [{lo}, {hi}], beyond the spec's grid [{spec.qmin}, "
                                  f"{spec.qmax}]: not codes this spec made")

@@ -198,6 +198,22 @@ def test_codes_read_with_the_other_sign_or_beyond_the_grid_are_refused():
                        on_codes(nn.Identity(), spec, qp)(codes))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_codes_in_wide_unsigned_dtypes_are_bounds_checked_and_dequantized(dtype):
+    """12-bit codes stored as numpy uint16 (torch.from_numpy gives torch.uint16) gave
+    NotImplementedError '"min_all" not implemented for 'UInt16'' from the grid check, though
+    dequantize takes them; uint32 and uint64 alike."""
+    spec = QuantSpec(bits=12, signed=False, symmetric=False)
+    qp = QParams(0.01, 2048)
+    stored = np.array([[0, 2048, 4095]], dtype=np.uint16)
+    codes = torch.from_numpy(stored).to(dtype)
+    assert torch.equal(Dequantizer(spec, qp)(codes),
+                       Dequantizer(spec, qp)(torch.from_numpy(stored.astype(np.int64))))
+    with pytest.raises(ValueError, match=r"codes span \[0, 4096\], beyond the spec's grid "
+                                         r"\[0, 4095\]"):
+        Dequantizer(spec, qp)(torch.tensor([0, 4096]).to(dtype))
+
+
 def test_parameters_no_quantizer_of_the_spec_could_have_used_are_refused():
     # a zero point beyond the grid, or one on a symmetric grid: quantize refuses them, and
     # the codes' side turned them into plausible floats (0.01 * (1 - 500) = -4.99)
