@@ -381,7 +381,8 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
     ValueError
         A scale that is not positive and finite (or not a normal number of the precision
         ``dequantize_to`` computes in); a zero point outside the grid, or not 0 on a
-        symmetric grid.
+        symmetric grid; more than one scale or zero point for a per-tensor spec
+        (``axis=None``).
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -389,12 +390,17 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
         raise TypeError(f"qparams must be a qerror.QParams (calibrate's result, or "
                         f"QParams(scale=..., zero_point=...)), got {type(qparams).__name__}")
     if dequantize_to is None:
-        check_positive_finite(qparams.scale, "scale")
+        s = check_positive_finite(qparams.scale, "scale")
     else:
         _dequantize_work(dequantize_to)  # refuses a dtype that is no float dtype of torch's
-        _check_scale(qparams.scale, working_precision(dequantize_to),
-                     "dequantization computes", "dtype=float64")
-    spec.check_zero_point(qparams.zero_point)
+        s = _check_scale(qparams.scale, working_precision(dequantize_to),
+                         "dequantization computes", "dtype=float64")
+    z = spec.check_zero_point(qparams.zero_point)
+    if spec.axis is None:
+        for name, arr in (("scale", s), ("zero_point", z)):
+            if arr.size != 1:
+                raise ValueError(f"{name} has {arr.size} values but the spec is per-tensor "
+                                 "(axis=None); pass a scalar or set QuantSpec(axis=...)")
 
 
 def _dequantize_work(dtype: torch.dtype) -> torch.dtype:

@@ -101,8 +101,9 @@ class InputQuantizer(nn.Module):
     ValueError
         A random rounding (STOCHASTIC): the quantizer holds no seed, so it would draw other
         codes on every call; quantize stochastically offline (:func:`quantize_offline` with
-        a seed) instead. A scale that is not positive and finite, or a zero point off the
-        spec's grid (:func:`qerror.quantizer.check_qparams`): every call would refuse them.
+        a seed) instead. A scale that is not positive and finite, a zero point off the
+        spec's grid, or more than one of either for a per-tensor spec
+        (:func:`qerror.quantizer.check_qparams`): every call would refuse them.
         Whether the scale is a normal number of the data's precision is the call's to
         check.
     """
@@ -161,8 +162,9 @@ class Dequantizer(nn.Module):
     ValueError
         A scale that is not positive and finite, or not a normal number of the precision
         the dequantization computes in (float64 for ``dtype=torch.float64``, float32
-        otherwise); a zero point off the spec's grid (:func:`qerror.quantizer.check_qparams`).
-        Every call would refuse them.
+        otherwise); a zero point off the spec's grid, or more than one scale or zero point
+        for a per-tensor spec (:func:`qerror.quantizer.check_qparams`). Every call would
+        refuse them.
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams, *, dtype: torch.dtype = torch.float32):

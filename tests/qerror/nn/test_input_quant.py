@@ -238,6 +238,28 @@ def test_a_scale_every_call_would_refuse_is_refused_where_the_module_is_made(sca
             make()
 
 
+@pytest.mark.parametrize("qp", [QParams(np.array([0.01, 0.02]), 0),
+                                QParams(torch.tensor([0.01, 0.02]), 0),
+                                QParams(0.01, np.array([0, 1]))], ids=["scale", "tensor", "zp"])
+def test_per_channel_qparams_on_a_per_tensor_spec_are_refused_where_the_module_is_made(qp):
+    """Both modules were built with them; every call then refused them, the Dequantizer's
+    with advice it cannot take ("scale has 2 values; pass axis= for per-channel codes":
+    its axis is the spec's)."""
+    spec = QuantSpec(bits=8, signed=True, symmetric=False)  # axis=None: per tensor
+    message = (r"^(scale|zero_point) has 2 values but the spec is per-tensor \(axis=None\); "
+               r"pass a scalar or set QuantSpec\(axis=\.\.\.\)")
+    for make in (lambda: Dequantizer(spec, qp), lambda: on_codes(nn.Identity(), spec, qp),
+                 lambda: InputQuantizer(spec, qp),
+                 lambda: with_input_quantizer(nn.Identity(), spec, qp),
+                 lambda: quantize_offline(torch.zeros(2, 2), spec, qp)):
+        with pytest.raises(ValueError, match=message):
+            make()
+    # one value in an array is a per-tensor value, taken as before
+    one = QParams(np.array([0.01]), np.array([1]))
+    codes = torch.tensor([[-3, 47]], dtype=torch.int8)
+    assert torch.equal(Dequantizer(spec, one)(codes), Dequantizer(spec, QParams(0.01, 1))(codes))
+
+
 def test_the_dequantizer_checks_its_scale_in_the_precision_it_computes_in():
     """A scale below float32's normal range is one a float32 dequantization refuses on every
     call (it would round to a subnormal), so it is refused when the module is made; a
