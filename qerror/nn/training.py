@@ -822,7 +822,7 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         than one batch, an ``n_train`` above the ``len`` of ``batches``, a global batch
         that the ranks cannot share equally, a ``checkpoint_every`` or ``stop_after_steps``
         below 1, an ``n_train`` or ``val_size`` below 0, a ``time_budget_s`` that is not a
-        positive number, one value per channel at a BatchNorm that trains (one image in the
+        positive number (Python's or numpy's; a bool is none), one value per channel at a BatchNorm that trains (one image in the
         global batch where its map is 1x1), an empty or unknown parameter selection.
     TypeError
         ``n_train``, ``val_size``, ``checkpoint_every`` or ``stop_after_steps`` is not an
@@ -877,11 +877,13 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         raise TrainError(str(exc)) from None
     resume, progress = check_flag(resume, "resume"), check_flag(progress, "progress")
     return_interrupted = check_flag(return_interrupted, "return_interrupted")
-    if time_budget_s is not None and not (isinstance(time_budget_s, int | float)
-                                          and math.isfinite(time_budget_s)
-                                          and time_budget_s > 0):
-        raise TrainError(f"time_budget_s must be a positive number of seconds (or None for "
-                         f"no budget), got {time_budget_s!r}")
+    if time_budget_s is not None:
+        # a bool is no number of seconds; numpy's reals are (np.float32 is no float to
+        # isinstance)
+        if not (is_real(time_budget_s) and math.isfinite(time_budget_s) and time_budget_s > 0):
+            raise TrainError(f"time_budget_s must be a positive number of seconds (or None "
+                             f"for no budget), got {time_budget_s!r}")
+        time_budget_s = float(time_budget_s)
     state_path = None if state_path is None else Path(state_path)
     rank, world = parallel.world()
     main = rank == 0

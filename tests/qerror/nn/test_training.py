@@ -387,6 +387,9 @@ def test_a_diverging_loss_stops_with_the_step():
     ({"time_budget_s": "60"}, "time_budget_s must be a positive number of seconds .*got '60'"),
     ({"time_budget_s": math.inf}, "time_budget_s must be a positive number .*got inf"),
     ({"time_budget_s": 0}, "time_budget_s must be a positive number .*got 0"),
+    # a bool is no number of seconds: True was a budget of one second
+    ({"time_budget_s": True}, "time_budget_s must be a positive number .*got True"),
+    ({"time_budget_s": np.True_}, "time_budget_s must be a positive number .*got np.True_"),
 ])
 def test_bad_runs_are_refused(kwargs, message):
     x, y = synthetic()
@@ -395,6 +398,18 @@ def test_bad_runs_are_refused(kwargs, message):
         else CONFIG
     with pytest.raises(TrainError, match=message):
         fit(tiny_model(), tensor_batches(x, y), n, config, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("budget, steps", [(np.float32(1e-9), 1), (np.int64(600), STEPS),
+                                           (np.float64(1e-9), 1)])
+def test_a_time_budget_in_numpys_numbers_is_the_budget_it_says(budget, steps):
+    """np.float32 and np.int64 seconds are positive numbers (qerror._checks.is_real): they
+    were refused as "not a positive number", while np.float64 (a float subclass) was taken.
+    A budget below one step's time stops the run after its first step."""
+    x, y = synthetic()
+    result = fit(tiny_model(), tensor_batches(x, y), N_TRAIN, CONFIG, time_budget_s=budget,
+                 progress=False)
+    assert result.step == steps
 
 
 @pytest.mark.parametrize("kwargs, message", [
