@@ -48,6 +48,7 @@ saved, so the same command continues.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -312,11 +313,17 @@ def _figure(run: RunDir, steps: pd.DataFrame, epochs: pd.DataFrame, per_epoch: i
 
 
 def _budget_minutes(text: str) -> float:
-    """--time-budget-min: finite and above 0; "no limit" is said by leaving it out."""
+    """--time-budget-min: finite and above 0, in seconds too (the loop counts seconds);
+    "no limit" is said by leaving it out."""
     try:
-        return positive_float(text)
+        minutes = positive_float(text)
     except argparse.ArgumentTypeError as err:
         raise argparse.ArgumentTypeError(f"{err} (leave it out for no limit)") from None
+    if not math.isfinite(minutes * 60):
+        raise argparse.ArgumentTypeError(
+            f"must be at most {sys.float_info.max / 60:.6g} minutes, whose seconds are a "
+            f"finite number, got {text!r} (leave it out for no limit)")
+    return minutes
 
 
 def build_parser():

@@ -394,6 +394,10 @@ def test_the_command_to_train_again_works_as_written_with_a_space_in_a_path(
     ("--stop-after-steps", "0", "argument --stop-after-steps: must be at least 1, got 0"),
     ("--time-budget-min", "nan", "--time-budget-min: must be a finite number, got 'nan'"),
     ("--time-budget-min", "inf", "(leave it out for no limit)"),
+    # finite minutes whose seconds overflow: refused after the data were read, in the words
+    # of fit's time_budget_s (got inf), an argument the command never names
+    ("--time-budget-min", "1e308", "argument --time-budget-min: must be at most 2.99616e+306 "
+                                   "minutes, whose seconds are a finite number, got '1e308'"),
 ])
 def test_bad_numbers_are_refused_before_any_work(option, value, message, idx_root, tmp_path,
                                                  capsys):
