@@ -1487,10 +1487,15 @@ def _site_result(acc: _SiteAcc, depth: int, weights, bn_ref, path_depth: int | N
 def sqnr_db(power: float, noise: float) -> float:
     """``10 log10(power / noise)``: the SQNR of a signal of mean square ``power`` under an
     error of mean square ``noise`` (any common normalisation cancels); ``inf`` without
-    error, ``-inf`` for a zero signal with error."""
+    error, ``-inf`` for a zero signal with error (or a ratio below the smallest float);
+    ``nan`` where either mean square is not finite (a sum that overflowed, or NaN
+    activations): no figure, as :func:`qerror.nn._moments.resolved_variance` gives none."""
+    if not (math.isfinite(power) and math.isfinite(noise)):
+        return math.nan
     if noise == 0:
         return math.inf
-    return 10.0 * math.log10(power / noise) if power > 0 else -math.inf
+    ratio = power / noise
+    return 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
 
 
 # --------------------------------------------------------------------------- entry points

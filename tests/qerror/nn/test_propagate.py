@@ -29,6 +29,7 @@ from qerror.nn import (
     paired_forward,
     quantize_weights,
     quantized_forward,
+    sqnr_db,
 )
 from qerror.nn.models import memory_format
 from tests.qerror.nn.nets import RTOL64, images, tiny_resnet
@@ -1487,3 +1488,25 @@ def test_a_weight_tied_between_layers_is_quantized_once():
         h = F.linear(torch.relu(F.linear(x, w["a"].weight, model.a.bias)), w["a"].weight,
                      model.b.bias)
         assert torch.equal(q, F.linear(h, w["fc"].weight, model.fc.bias))
+
+
+def test_an_sqnr_from_a_mean_square_that_is_not_finite_is_nan():
+    """SQNR is a figure of two finite mean squares. A mean square that overflowed (float32
+    sums of the error's squares past 3.4e38) or holds NaN made a definite figure or no
+    result at all: a NaN power gave -inf dB (the figure of a zero signal) or +inf, and an
+    infinite noise power made measure fail after the whole pass ("math domain error",
+    probe_sqnr: a 1e25 bias correction on the float32 tiny ResNet's classifier). Now NaN,
+    as a variance from such sums is (resolved_variance)."""
+    assert sqnr_db(1.0, 0.0) == math.inf and sqnr_db(0.0, 0.0) == math.inf
+    assert sqnr_db(0.0, 1.0) == -math.inf and sqnr_db(1e-300, 1e300) == -math.inf
+    assert sqnr_db(10.0, 1.0) == pytest.approx(10.0, rel=1e-15)
+    for power, noise in ((math.nan, 1.0), (math.nan, 0.0), (1.0, math.nan), (1.0, math.inf),
+                         (math.inf, 1.0), (math.inf, math.inf), (0.0, math.nan)):
+        assert math.isnan(sqnr_db(power, noise)), (power, noise)
+    model = tiny_resnet(dtype=torch.float32)
+    res = measure(model, [images(4, 2, torch.float32)], QuantConfig.make(8, target="weights"),
+                  corrections={"7": torch.full((10,), 1e25)})
+    site = res.site("7")
+    assert site.mse == math.inf and math.isfinite(site.float_std)
+    assert math.isnan(site.sqnr_db) and math.isnan(res.logits.sqnr_db)
+    assert math.isfinite(res.site("0").sqnr_db)  # the layers before it keep their figures
