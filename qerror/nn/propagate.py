@@ -1110,9 +1110,8 @@ class _Instrument:
             # batch's tensor
             key = _key(arm.config.seed, 2, idx, self.batch_index, stream)
             offset = self.first_image * x[0].numel()
-        quantizer = arm.quantizer(name)
         if acc is None:  # nothing measured here: the quantizer alone, no counting
-            return quantizer.fake_quantize(x, generator=key, offset=offset)
+            return self._fake_quantize(arm, name, x, generator=key, offset=offset)
         room = acc.err.keep - sum(b.shape[0] for b in acc.beyond)
         if room > 0 and acc.kind in ("conv", "linear"):
             # per kept image: any input that the rounding mode maps beyond the grid's ends
@@ -1123,8 +1122,8 @@ class _Instrument:
             lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # not aminmax(dim=1): ~20x slower
             acc.beyond.append(((lo < s * (spec.qmin - bounds.negative[1] - z))
                                | (hi > s * (spec.qmax - bounds.positive[0] - z))).cpu())
-        xq, sat = quantizer.fake_quantize(x, generator=key, return_saturation=True,
-                                          offset=offset)
+        xq, sat = self._fake_quantize(arm, name, x, generator=key, return_saturation=True,
+                                      offset=offset)
         acc.sat_low += int(sat.low)
         acc.sat_high += int(sat.high)
         acc.sat_total += int(sat.total)
@@ -1136,6 +1135,25 @@ class _Instrument:
             step = float(qp.scale)
             acc.act_err.add_sums(sd / step, qd / (step * step), per_channel, per_image=False)
         return xq
+
+    @staticmethod
+    def _fake_quantize(arm: _Arm, name: str, x: torch.Tensor, **kwargs):
+        """``arm``'s quantizer of ``name`` applied to ``x``; NaN or Inf there is named as what
+        it is, values the network made (the quantizer's own message would name "x", as if
+        the images held them, and say to remove them)."""
+        try:
+            return arm.quantizer(name).fake_quantize(x, **kwargs)
+        except ValueError as exc:
+            if bool(torch.isfinite(x).all()):
+                raise
+            where = (f"the output of {name[:-len(OUTPUT_SUFFIX)]!r}"
+                     if name.endswith(OUTPUT_SUFFIX) else f"the input of layer {name!r}")
+            raise ValueError(
+                f"{where} holds NaN or Inf values ({arm.config.label}), which no quantizer "
+                "takes: from finite images (measure checks its batches) the network made "
+                "them, through an activation that overflowed its dtype or a layer whose "
+                "weights, corrections or BatchNorm statistics give NaN; check the images "
+                "and the layers before it, or measure in float64") from exc
 
     def _quantize_output(self, idx: int, name: str, kind: str, arms: list[_Arm]) -> Callable:
         key = output_key(name)

@@ -1510,3 +1510,22 @@ def test_an_sqnr_from_a_mean_square_that_is_not_finite_is_nan():
     assert site.mse == math.inf and math.isfinite(site.float_std)
     assert math.isnan(site.sqnr_db) and math.isnan(res.logits.sqnr_db)
     assert math.isfinite(res.site("0").sqnr_db)  # the layers before it keep their figures
+
+
+def test_nan_or_inf_made_inside_the_network_is_named_at_its_quantizer():
+    """Finite images, and a layer whose float32 output overflows: the next layer's input
+    quantizer met Inf and the error said "x holds 19 non-finite value(s) ...: remove or
+    replace NaN/Inf first" (probe_inf), as if the images held them. It names the layer and
+    the configuration now, and what makes such values inside a network."""
+    model = tiny_resnet(dtype=torch.float32)
+    config = QuantConfig.make(8)
+    act_qp = calibrate_activations(model, [images(8, 1, torch.float32)], config.activation)
+    with torch.no_grad():
+        model[3].conv1.weight.mul_(1e38)
+    with pytest.raises(ValueError, match=r"the input of layer '3\.conv2' holds NaN or Inf "
+                       r"values \(nearest_even-8b-both\).*overflowed"):
+        measure(model, [images(4, 2, torch.float32)], config, act_qp)
+    with pytest.raises(ValueError, match=r"the input of layer '3\.conv2'"), torch.no_grad(), \
+            quantized_forward(model, config, act_qp):
+        model(images(4, 2, torch.float32))
+    assert _clean(model)
