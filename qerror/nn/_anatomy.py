@@ -56,9 +56,15 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def is_block(module: nn.Module) -> bool:
-    """Whether the module is a residual block (torchvision's names, or ``*Block``)."""
+    """Whether the module is a residual block: torchvision's ``BasicBlock`` or
+    ``Bottleneck`` (by class name), a class named ``*Block``, or a module with BatchNorm2d
+    children and a ``downsample`` attribute (the shortcut of torchvision's blocks, kept by
+    subclasses that rename them, such as :class:`qerror.nn.pt2e.UntiedBottleneck`)."""
     name = type(module).__name__
-    return name in ("Bottleneck", "BasicBlock") or name.endswith("Block")
+    if name in ("Bottleneck", "BasicBlock") or name.endswith("Block"):
+        return True
+    return hasattr(module, "downsample") and any(isinstance(c, nn.BatchNorm2d)
+                                                 for c in module.children())
 
 
 def own_forwards(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:

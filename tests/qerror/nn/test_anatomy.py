@@ -13,12 +13,16 @@ from torch import nn
 from qerror import QuantSpec, RangePolicy, fake_quantize, quantize
 from qerror.nn import (
     QuantConfig,
+    Target,
     UnsupportedModelError,
     bn_fed_layers,
     check_model,
+    measure,
     reestimate_bn,
+    untie_relus,
 )
-from qerror.nn._anatomy import RangeObserver
+from qerror.nn._anatomy import RangeObserver, is_block
+from tests.qerror.nn.nets import images
 
 
 def test_bn_fed_layers_follow_torchvision_blocks(setup):
@@ -325,3 +329,31 @@ def test_the_graph_holds_subclasses_of_layers_and_batchnorms():
     assert [(s.name, s.bn, s.relu) for s in layer_chains(model, True, who="test")] == [
         ("0", model[1], True), ("3", model[4], True), ("6", None, False), ("8", None, False)]
     assert bn_fed_layers(model) == {"3": model[1], "6": model[4]}
+
+
+def test_a_residual_module_with_batchnorms_and_a_downsample_is_a_block():
+    """measure's promise: a residual block is a module with BatchNorm children and a
+    ``downsample`` attribute or one named ``*Block``/``Bottleneck``. Only the names were
+    read: untie_relus' UntiedBottleneck (the same function, the same state dict) lost the
+    block site that torchvision's Bottleneck has (probe_block: ['3'] against [])."""
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        torchvision.models.resnet.Bottleneck(8, 4, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).double().eval()
+    config = QuantConfig.make(8, target=Target.WEIGHTS)
+    x = [images(4, 2)]
+    for m in (model, untie_relus(model)):
+        assert [s.name for s in measure(m, x, config).sites if s.kind == "block"] == ["3"]
+
+    class Unit(nn.Module):
+        def __init__(self, downsample: bool = True, bn: bool = True):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+            if downsample:
+                self.downsample = None
+
+    assert is_block(Unit()) and not is_block(Unit(downsample=False))
+    assert not is_block(Unit(bn=False)) and not is_block(nn.Sequential(nn.BatchNorm2d(2)))
