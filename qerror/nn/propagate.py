@@ -423,7 +423,13 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
         raise ValueError("calibrate_activations needs at least one batch")
     never = [n for n, obs in observers.items() if obs.batches == 0]
     if never:
-        raise UnsupportedModelError(f"layer {never[0]!r} was never called in the forward pass")
+        what = (f"the output of {never[0][:-len(OUTPUT_SUFFIX)]!r}"
+                if never[0].endswith(OUTPUT_SUFFIX) else f"layer {never[0]!r}")
+        raise UnsupportedModelError(
+            f"{what} was never called in the forward pass: it has no activations to take a "
+            "range from, and a pass that quantizes activations needs one for each; remove the "
+            "module the forward pass does not run from the model (an unused head, say), or "
+            "quantize weights only (Target.WEIGHTS)")
     return MadeFor({n: obs.qparams() for n, obs in observers.items()}, spec)
 
 

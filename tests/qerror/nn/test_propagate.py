@@ -1529,3 +1529,34 @@ def test_nan_or_inf_made_inside_the_network_is_named_at_its_quantizer():
             quantized_forward(model, config, act_qp):
         model(images(4, 2, torch.float32))
     assert _clean(model)
+
+
+def test_calibration_of_a_module_the_forward_pass_never_runs_says_what_to_do():
+    """A layer the forward pass never runs (an unused head) has no range, and measure needs
+    one for it where it quantizes activations: calibrate_activations refused with "layer
+    'head' was never called in the forward pass" alone, and named an unused BatchNorm's
+    output key as a layer ("layer 'extra.output'"). It says what to do now."""
+    from qerror.nn import UnsupportedModelError
+
+    class Net(nn.Module):
+        def __init__(self, unused: nn.Module):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Flatten(), nn.Linear(400, 3))
+            self.unused = unused  # registered, never called
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    spec = QuantConfig.make(8).activation
+    x = [images(2, 1)]
+    model = Net(nn.Linear(3, 2)).double().eval()
+    with pytest.raises(UnsupportedModelError, match=r"layer 'unused' was never called .*"
+                       r"remove the module .* or quantize weights only \(Target\.WEIGHTS\)"):
+        calibrate_activations(model, x, spec)
+    assert measure(model, x, QuantConfig.make(8, target=Target.WEIGHTS)).logits.n == 2
+    model = Net(nn.BatchNorm2d(4)).double().eval()
+    calibrate_activations(model, x, spec)
+    with pytest.raises(UnsupportedModelError, match=r"the output of 'unused' was never called"):
+        calibrate_activations(model, x, spec, outputs=True)
