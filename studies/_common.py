@@ -1069,9 +1069,9 @@ class RunDir:
     -----
     The manifest records wall-clock times (``started_unix``, ``seconds``: when the study
     started, under :func:`study_main`, else when this folder was opened, and the seconds from
-    then until the manifest was written) and names the outputs that hold measured times (``timing_outputs``, written with ``timing=True``);
-    every other output is the same bytes when the same command runs again with the same
-    seed.
+    then until the manifest was written) and names the outputs that hold measured times
+    (``timing_outputs``, written with ``timing=True``); every other output is the same bytes
+    when the same command runs again with the same seed.
     """
 
     def __init__(self, out: Path, study: str, argv: list[str], config: dict[str, Any], *,

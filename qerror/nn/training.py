@@ -822,8 +822,9 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         than one batch, an ``n_train`` above the ``len`` of ``batches``, a global batch
         that the ranks cannot share equally, a ``checkpoint_every`` or ``stop_after_steps``
         below 1, an ``n_train`` or ``val_size`` below 0, a ``time_budget_s`` that is not a
-        positive number (Python's or numpy's; a bool is none), one value per channel at a BatchNorm that trains (one image in the
-        global batch where its map is 1x1), an empty or unknown parameter selection.
+        positive number (Python's or numpy's; a bool is none), one value per channel at a
+        BatchNorm that trains (one image in the global batch where its map is 1x1), an
+        empty or unknown parameter selection.
     TypeError
         ``n_train``, ``val_size``, ``checkpoint_every`` or ``stop_after_steps`` is not an
         integer (a bool, or a float even when integral), or ``resume``, ``progress`` or
