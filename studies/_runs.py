@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
 from torch import nn
 
 from qerror.files import sha256_file
@@ -37,6 +39,10 @@ EARLY_EXIT_IDENTITY = ("model", "data")
 #: The columns read of ``latency.csv`` (studies.compression's early-exit latency rows).
 EARLY_EXIT_LATENCY_COLUMNS = ("name", "candidate", "baseline", "note", "pairs", "candidate_ms",
                               "baseline_ms", "ratio_median")
+
+#: The columns of ``latency.csv`` read as numbers, and the dtype each must have.
+EARLY_EXIT_LATENCY_NUMBERS = {"pairs": is_integer_dtype, "candidate_ms": is_numeric_dtype,
+                              "baseline_ms": is_numeric_dtype, "ratio_median": is_numeric_dtype}
 
 #: The advice for a run's file that is its own (listed) but not what this version's
 #: studies.early_exit writes (an older version's run, another writer).
@@ -77,18 +83,31 @@ class EarlyExitRun:
         Raises
         ------
         StudyError
-            When the file is not the one the manifest lists, or lacks a column that is read
-            (:data:`EARLY_EXIT_LATENCY_COLUMNS`).
+            When the file is not the one the manifest lists, is not a CSV table, lacks a
+            column that is read (:data:`EARLY_EXIT_LATENCY_COLUMNS`) or holds one that is
+            read as a number as something else (:data:`EARLY_EXIT_LATENCY_NUMBERS`).
         """
         if "latency.csv" not in self.manifest["outputs"]:
             return None
         _check_listed(self.folder, self.manifest, "latency.csv")
         path = self.folder / "latency.csv"
-        rows = pd.read_csv(path)
+        try:
+            rows = pd.read_csv(path)
+        except ValueError as err:  # empty, not text, not CSV: pandas' errors are ValueErrors
+            raise StudyError(f"{path} is not a CSV table of latency rows "
+                             f"({type(err).__name__}); {RERUN}") from None
         lacking = [c for c in EARLY_EXIT_LATENCY_COLUMNS if c not in rows]
         if lacking:
             raise StudyError(f"{path} lacks {', '.join(lacking)} (not this version's "
                              f"studies.early_exit); {RERUN}")
+        # read as numbers only when studies.compression builds its row, after the work
+        wrong = [f"{c} {_first_misfit(rows[c], fits is is_integer_dtype)!r}"
+                 for c, fits in EARLY_EXIT_LATENCY_NUMBERS.items()
+                 if len(rows) and not (fits(rows[c]) and not is_bool_dtype(rows[c]))]
+        if wrong:
+            raise StudyError(f"{path} holds {', '.join(wrong)}, not a count of pairs and times "
+                             f"and ratios as numbers (not this version's studies.early_exit); "
+                             f"{RERUN}")
         return rows
 
     def backbone(self) -> nn.Module:
@@ -158,6 +177,14 @@ class EarlyExitRun:
                              f"{self.folder}: unexpected {sorted(unexpected)[:3]}, missing "
                              f"{sorted(k for k in missing if not k.startswith('backbone.'))[:3]}")
         return model.eval()
+
+
+def _first_misfit(column: pd.Series, integer: bool):
+    """The first entry of a column of another dtype than a number column's (an integer
+    column's where ``integer``) that is no such number: what a message shows of it."""
+    kinds = (np.integer, int) if integer else (np.number, int, float)
+    return next((v for v in column if isinstance(v, bool) or not isinstance(v, kinds)),
+                column.iloc[0])
 
 
 def _check_listed(folder: Path, manifest: dict, name: str) -> None:

@@ -448,6 +448,38 @@ def test_an_early_exit_headline_of_other_types_is_refused_before_the_work(
     assert f"{ee / 'summary.json'}" in err and f"{key} {value!r}" in err
 
 
+LATENCY_HEADER = "name,candidate,baseline,note,pairs,candidate_ms,baseline_ms,ratio_median\n"
+LATENCY_ROW = '"batch 1, latency, compiled",int8 early exit,fp32 eager full,"p99 2.0 vs 3.0 ms",'
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param(b"", "is not a CSV table", id="empty"),
+    pytest.param(b"\x00\x01rows\xff", "is not a CSV table", id="not-text"),
+    pytest.param((LATENCY_HEADER + LATENCY_ROW + "many,1.0,3.0,0.7\n").encode(),
+                 "pairs 'many'", id="pairs-a-word"),
+    pytest.param((LATENCY_HEADER + LATENCY_ROW + "5,fast,3.0,0.7\n").encode(),
+                 "candidate_ms 'fast'", id="times-a-word")])
+def test_an_early_exit_latency_that_is_no_table_of_numbers_is_refused_before_the_work(
+        text, message, fashion_idx, tmp_path, monkeypatch, capsys):
+    """An early_exit run's latency.csv, listed in its manifest, with the columns read but not
+    a CSV table (empty, not text) ended studies.compression in an EmptyDataError or
+    UnicodeDecodeError traceback; one whose pairs or times are words in one after the ResNet's
+    fine-tuning, with nothing written (probe_ee_latency: "ValueError: invalid literal for
+    int() with base 10: 'many'" after the 4 models). Refused before the work, naming the
+    file and what it holds."""
+    from qerror.files import sha256_file
+
+    root = fashion_idx(train=6100, test=100)
+    ee = tmp_path / "early_exit"
+    _foreign_early_exit_run(ee, root, _summary_lacking("nothing"))
+    (ee / "latency.csv").write_bytes(text)
+    manifest = json.loads((ee / "manifest.json").read_text())
+    manifest["outputs"]["latency.csv"] = sha256_file(ee / "latency.csv")
+    (ee / "manifest.json").write_text(json.dumps(manifest))
+    err = _refused_before_the_work(ee, root, tmp_path, monkeypatch, capsys)
+    assert f"{ee / 'latency.csv'}" in err and message in err
+
+
 def test_the_sparse_goal_also_needs_the_dense_network_fine_tuned_the_same_way():
     # 90% sparse 8900 is within a point of the baseline's 9000 but not of the fine-tuned
     # dense network's 9001: not met, and the measured text names both differences.
