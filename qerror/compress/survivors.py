@@ -85,7 +85,7 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     Raises
     ------
     TypeError
-        ``seed`` is not an int.
+        ``model`` is not a torch module, ``spec`` not a QuantSpec, or ``seed`` not an int.
     ValueError
         An affine or unsigned spec, a model without conv/linear layers, or ``seed`` outside 0
         to 2**64 - 1.
@@ -96,6 +96,12 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     the survivors (``w ≠ 0``); the zeros contribute exactly 0 under a symmetric grid and
     would only dilute the averages by the sparsity.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: pass "
+                        "the (pruned) network whose weights are quantized")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}: pass e.g. "
+                        "QuantSpec(bits=8, axis=0, rounding=RoundingMode.TOWARD_ZERO)")
     seed = check_seed(seed, "seed")
     if not spec.symmetric:
         raise ValueError("quantize_survivors needs a symmetric spec: with a zero point a "

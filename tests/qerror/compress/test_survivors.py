@@ -1,5 +1,7 @@
 """Rounding the survivors of pruning: exact on a hand-made layer, and the truncation claims."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,6 +74,19 @@ def test_unsigned_spec_is_refused():
     # an unsigned grid clamps every negative survivor to 0: "zeroed" would count them
     with pytest.raises(ValueError, match="signed spec"):
         quantize_survivors(_layer([[1.0, -0.5]]), QuantSpec(bits=4, signed=False, axis=0))
+
+
+@pytest.mark.parametrize("model, spec, message", [
+    (_layer([[1.0]]), "int8", "spec must be a QuantSpec, got str"),
+    (_layer([[1.0]]), 8, "spec must be a QuantSpec, got int"),
+    (torch.ones(2, 2), QuantSpec(bits=8, axis=0), "model must be a torch.nn.Module, got Tensor"),
+    ({"0.weight": torch.ones(2, 2)}, QuantSpec(bits=8, axis=0),
+     "model must be a torch.nn.Module, got dict")])
+def test_a_model_or_spec_of_the_wrong_type_is_refused_by_name(model, spec, message):
+    # an AttributeError ('str' object has no attribute 'symmetric', 'Tensor' object has no
+    # attribute 'named_modules') before: the argument is named, with what to pass
+    with pytest.raises(TypeError, match=re.escape(message)):
+        quantize_survivors(model, spec)
 
 
 def test_a_layer_without_survivors_adds_nothing_to_the_pooled_means():
