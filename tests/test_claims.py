@@ -574,9 +574,12 @@ def seed_networks():
 def _seed_networks(directory):
     """:func:`seed_networks` from ``directory``. The weights are the committed output of ``python -m studies.seeds`` (tests/data/seeds,
     checked against its manifest); the images are Fashion-MNIST's (calibration images, and
-    test images with their true labels), as the study took them.
+    test images with their true labels), as the study took them; ``stored`` is the run's
+    statements.csv, checked against the manifest too (N4 decides on it).
     """
     import json
+
+    import pandas as pd
 
     from qerror.data import DataNotFoundError, fashion_mnist_splits, to_small_tensor
     from qerror.files import sha256_file
@@ -594,7 +597,10 @@ def _seed_networks(directory):
     assert manifest.get("study") == "seeds" and got == default, (
         f"{directory}: {manifest.get('study')} run with {got}, not the default run of "
         f"python -m studies.seeds ({default}) on which the ledger decides N1-N4")
-    assert sha256_file(directory / "chains.pt") == manifest["outputs"]["chains.pt"]
+    for name in ("chains.pt", "statements.csv"):
+        assert sha256_file(directory / name) == manifest["outputs"][name], (
+            f"{directory / name} is not the file its manifest lists: commit the run's "
+            "chains.pt, statements.csv and manifest.json together")
     try:
         splits = fashion_mnist_splits(seed=cfg["seed"])
     except DataNotFoundError as err:
@@ -614,7 +620,8 @@ def _seed_networks(directory):
         f"{directory}: seeds {sorted(models)}, not the default run's")
     return {"models": models, "calib": to_small_tensor(splits.calib.images[:CALIB_IMAGES]),
             "x": to_small_tensor(splits.test.images[:cfg["test_images"]]),
-            "y": torch.from_numpy(splits.test.labels[:cfg["test_images"]])}
+            "y": torch.from_numpy(splits.test.labels[:cfg["test_images"]]),
+            "stored": pd.read_csv(directory / "statements.csv")}
 
 
 @pytest.mark.parametrize("change", [{"smoke": True, "epochs": 2, "train_images": 1024},
@@ -630,7 +637,8 @@ def test_seed_weights_other_than_the_studys_default_run_are_refused(tmp_path, ch
     manifest = json.loads((SEEDS_DIR / "manifest.json").read_text())
     for key, value in change.items():
         (manifest if key == "study" else manifest["config"])[key] = value
-    shutil.copy(SEEDS_DIR / "chains.pt", tmp_path / "chains.pt")
+    for name in ("chains.pt", "statements.csv"):
+        shutil.copy(SEEDS_DIR / name, tmp_path / name)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AssertionError, match="not the default run"):
         _seed_networks(tmp_path)
@@ -645,10 +653,34 @@ def test_seed_weights_trained_on_other_images_are_refused(tmp_path):
 
     manifest = json.loads((SEEDS_DIR / "manifest.json").read_text())
     manifest["data"]["train_sha256"] = "0" * 64
-    shutil.copy(SEEDS_DIR / "chains.pt", tmp_path / "chains.pt")
+    for name in ("chains.pt", "statements.csv"):
+        shutil.copy(SEEDS_DIR / name, tmp_path / name)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AssertionError, match="trained on other training images"):
         _seed_networks(tmp_path)
+
+
+def test_seed_statements_other_than_the_runs_are_refused(tmp_path):
+    """N4 decides "most seeds lose at eight bits" on the committed statements.csv, and
+    nothing checked it against its manifest (only chains.pt): where the CPU is not the one
+    the run was made on, the test that compares it with a fresh measurement compares its
+    keys alone, so a stale or edited file decided N4. Here truncation's 8-bit accuracy raised
+    by 0.05 on eight seeds, which turns the committed 'most' (15 of 20) into 'undecided'."""
+    import shutil
+
+    import pandas as pd
+
+    for name in ("chains.pt", "manifest.json"):
+        shutil.copy(SEEDS_DIR / name, tmp_path / name)
+    st = pd.read_csv(SEEDS_DIR / "statements.csv")
+    edit = ((st.quantity == "accuracy") & (st["mode"] == TRUNC.value) & (st.bits == 8)
+            & (st.seed < 8))
+    st.loc[edit, "value"] += 0.05
+    st.to_csv(tmp_path / "statements.csv", index=False)
+    with pytest.raises(AssertionError, match="statements.csv is not the file its manifest"):
+        _seed_networks(tmp_path)
+    # the committed folder passes, and its copy is the one checked
+    assert _seed_networks(SEEDS_DIR)["stored"].equals(pd.read_csv(SEEDS_DIR / "statements.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -680,7 +712,8 @@ def seed_outcomes(seed_networks):
 
 
 @pytest.mark.xdist_group("seeds")
-def test_the_committed_seed_statements_are_what_the_code_measures(seed_statements):
+def test_the_committed_seed_statements_are_what_the_code_measures(seed_networks,
+                                                                  seed_statements):
     """tests/data/seeds/statements.csv is the study's output for the committed weights: the
     same statements (a quantity the code measures and the file lacks means a stale copy:
     growth_ac1 once was) and the same values, to a millionth (measured: within 1e-9 between
@@ -693,10 +726,8 @@ def test_the_committed_seed_statements_are_what_the_code_measures(seed_statement
     tests decide from the values measured here."""
     import json
 
-    import pandas as pd
-
     keys = ["bits", "mode", "quantity", "seed"]
-    stored = pd.read_csv(SEEDS_DIR / "statements.csv").sort_values(keys, ignore_index=True)
+    stored = seed_networks["stored"].sort_values(keys, ignore_index=True)
     now = seed_statements.sort_values(keys, ignore_index=True)
     assert set(stored.quantity) == set(now.quantity)
     assert stored[keys].equals(now[keys].astype(stored[keys].dtypes.to_dict()))
@@ -975,9 +1006,7 @@ def test_claim_N3_saturation_follows_the_drift(chain_runs, seed_statements):
 
 
 @pytest.mark.xdist_group("seeds")
-def test_claim_N4_truncation_costs_accuracy(seed_statements, seed_outcomes):
-    import pandas as pd
-
+def test_claim_N4_truncation_costs_accuracy(seed_networks, seed_statements, seed_outcomes):
     from qerror.stats import crossed_mean_test
 
     assert claim("N4").verdict is Verdict.TRUE
@@ -1013,7 +1042,7 @@ def test_claim_N4_truncation_costs_accuracy(seed_statements, seed_outcomes):
             # (tests/data/seeds/statements.csv), not as recomputed here, where another CPU's
             # rounding can move a seed's image or two (15 of 20 lose: one seed less is 14,
             # undecided)
-            stored = pd.read_csv(SEEDS_DIR / "statements.csv")
+            stored = seed_networks["stored"]  # checked against its manifest
             assert _decide(_on_seeds(stored, "accuracy", NEAR, bits)
                            > _on_seeds(stored, "accuracy", TRUNC, bits)) == MOST, bits
 
