@@ -459,10 +459,11 @@ def bn_image_moments(model: nn.Module, batches, config: QuantConfig, act_qparams
 
 
 def bn_moments_bytes(model: nn.Module, images: int) -> int:
-    """Bytes of :func:`bn_image_moments`' result for ``images`` images: four float64 values
-    per image and BatchNorm2d channel."""
+    """Bytes of :func:`bn_image_moments`' result for ``images`` images (an int >= 0): four
+    float64 values per image and BatchNorm2d channel."""
+    images = check_count(images, "images (a number of images)")
     channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    return 4 * 8 * channels * int(images)
+    return 4 * 8 * channels * images
 
 
 def _outcome_frame(bits: int, mode: str, correct: list[torch.Tensor]) -> pd.DataFrame:

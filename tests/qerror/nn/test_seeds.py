@@ -159,6 +159,21 @@ def test_bn_worst_counts_a_collapsed_variance_and_says_when_nothing_was_measured
     assert np.isnan(_bn_worst(SimpleNamespace(sites=[])))
 
 
+def test_bn_moments_bytes_refuses_what_is_no_count_of_images():
+    """A negative count gave negative bytes (-384 for -1 image) and a float was truncated
+    without a word (0.29 * 100 images counted as 28)."""
+    from qerror.nn.seeds import bn_moments_bytes
+
+    model = plain_chain(depth=3, width=4)
+    assert bn_moments_bytes(model, 10) == 4 * 8 * 12 * 10
+    assert bn_moments_bytes(model, np.int64(5)) == 4 * 8 * 12 * 5
+    with pytest.raises(ValueError, match="images"):
+        bn_moments_bytes(model, -1)
+    for bad in (0.29 * 100, 2.7, True):
+        with pytest.raises(TypeError, match="images"):
+            bn_moments_bytes(model, bad)
+
+
 def _eighty_images():
     """A warmed 5-layer network, 80 seeded test images with labels in batches of 48 and 32,
     and its 4-bit activation ranges calibrated on 64 other images."""
