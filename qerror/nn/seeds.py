@@ -170,6 +170,12 @@ def statement_values(res, *, seed: int = 0) -> dict[str, float]:
     (:func:`qerror.nn.growth.layer_block_bootstrap`, 95 %, 1000 resamples, ``seed``).
     """
     convs = _convs(res)
+    if res.config.activation is None:
+        raise ValueError("the result's activations are not quantized (config.activation is "
+                         "None), so it has no saturation quantities (sat_first, sat_last: "
+                         "the share clamped by a layer's input quantizer); measure with a "
+                         "configuration that quantizes activations too, e.g. "
+                         "QuantConfig.make(bits, mode)")
     layers = res.layers()
     fit = layer_block_bootstrap([s.path_depth for s in convs],
                                 [s.drift_rel_rms_channel_debiased for s in convs],

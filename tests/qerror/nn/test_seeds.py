@@ -107,6 +107,23 @@ def test_image_outcomes_are_the_images_behind_the_accuracies():
     assert (q4["nearest_even"] != q4["toward_zero"]).any()
 
 
+def test_statement_values_refuse_a_result_without_quantized_activations():
+    """A weights-only result fell on float(None), a bare TypeError naming no quantity."""
+    import dataclasses
+
+    from qerror.nn.propagate import QuantConfig, calibrate_activations, measure
+    from qerror.nn.seeds import statement_values
+
+    model = _warmed()
+    g = torch.Generator().manual_seed(6)
+    x, labels = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    config = QuantConfig.make(8)
+    act = calibrate_activations(model, [x], config.activation)
+    res = measure(model, [(x, labels)], dataclasses.replace(config, activation=None), act)
+    with pytest.raises(ValueError, match="activations are not quantized"):
+        statement_values(res)
+
+
 def test_labels_must_match_images():
     model = _warmed()
     with pytest.raises(ValueError, match="3 test images but 2 labels"):
