@@ -666,6 +666,13 @@ def _load_baseline(path: Path | None):
         raise StudyError(f"--checkpoint {path}: its state dict holds no conv or linear weights "
                          "(floating-point tensors of 2 or more dimensions named *weight); pass "
                          "a network's state dict or a qerror checkpoint")
+    empty = [k for k, v in weights.items() if v.numel() == 0]
+    if empty:
+        shown = ", ".join(f"{k}: shape {tuple(weights[k].shape)}" for k in empty[:3]) + (
+            ", ..." if len(empty) > 3 else "")
+        raise StudyError(f"--checkpoint {path}: {len(empty)} weight tensor(s) hold no values "
+                         f"({shown}); a layer without weights has no quantization error to "
+                         "measure: pass a state dict without it")
     bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if bad:
         shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
