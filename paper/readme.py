@@ -250,7 +250,8 @@ class Record:
 
 
 def _finite(x) -> float:
-    x = float(x)
+    # a JSON output's float that was not finite is null there (qerror.files.json_text)
+    x = math.nan if x is None else float(x)
     if not math.isfinite(x):
         raise RecordError(f"a figure a passage states is {x}: the record does not hold it")
     return x

@@ -11,6 +11,8 @@ import enum
 import errno
 import glob
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -383,6 +385,32 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"cannot store a {type(value).__name__} as JSON metadata: {value!r}")
+
+
+def json_text(value: Any) -> str:
+    """``value`` (anything :func:`jsonable` takes) as strict JSON text: keys sorted, indented
+    by two, one final newline.
+
+    JSON (RFC 8259) has no NaN or infinity, and Python's ``json`` writes them as the bare
+    words ``NaN`` and ``Infinity``, which other readers (``jq``, JavaScript's
+    ``JSON.parse``, R's jsonlite) refuse: a float that is not finite is written as ``null``,
+    as pandas' ``to_json`` writes it, and reads back as None.
+
+    Raises
+    ------
+    TypeError
+        What :func:`jsonable` refuses.
+    """
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(jsonable(value)), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def _json_key(key: Any) -> str:

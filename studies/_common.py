@@ -52,7 +52,7 @@ from qerror.cpu import flush_denormal
 from qerror.data import CALIB_IMAGES, VAL_IMAGES, DataError, DataNotFoundError, split_images
 from qerror.files import (
     PID_DIGITS,
-    jsonable,
+    json_text,
     name_bytes,
     name_room,
     package_versions,
@@ -1140,9 +1140,9 @@ class RunDir:
         return p
 
     def write_json(self, name: str, obj, *, timing: bool = False) -> Path:
-        """Write JSON, keys sorted; ``timing`` marks it as holding measured times."""
-        return self.write_text(name, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n",
-                               timing=timing)
+        """Write strict JSON, keys sorted, a float that is not finite as ``null``
+        (:func:`qerror.files.json_text`); ``timing`` marks it as holding measured times."""
+        return self.write_text(name, json_text(obj), timing=timing)
 
     def write_csv(self, name: str, frame, *, timing: bool = False) -> Path:
         """Write a frame as CSV; ``timing`` marks it as holding measured times (see Notes)."""

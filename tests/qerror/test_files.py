@@ -313,6 +313,33 @@ def test_jsonable_gives_plain_json_values_and_refuses_everything_else():
             jsonable(value)
 
 
+def test_json_text_is_strict_json_with_null_where_a_float_is_not_finite():
+    """Python's json wrote NaN and infinities as bare words that other readers refuse (a
+    drift run's summary.json held "recovered": NaN); json_text writes them as null, in
+    nested dicts and lists, numpy's and torch's scalars included, and leaves every finite
+    value as it was."""
+    import json
+    import math
+
+    import numpy as np
+    import torch
+
+    from qerror.files import json_text
+
+    def strict(text):
+        def refuse(word):
+            raise ValueError(f"not JSON: {word}")
+        return json.loads(text, parse_constant=refuse)
+
+    value = {"b": [1.5, math.nan, {"c": -math.inf}], "a": np.float64(math.inf),
+             "t": torch.tensor(math.nan), "n": None, "i": 3, "f": 1e-300, "s": "NaN"}
+    text = json_text(value)
+    assert strict(text) == {"a": None, "b": [1.5, None, {"c": None}], "f": 1e-300, "i": 3,
+                            "n": None, "s": "NaN", "t": None}
+    assert text.endswith("}\n") and text.index('"a"') < text.index('"b"')  # keys sorted
+    assert json.loads(json_text({"x": 0.1 + 0.2}))["x"] == 0.1 + 0.2  # finite: every digit
+
+
 def test_jsonable_keys_an_enum_by_its_value_and_refuses_a_key_it_would_write_as_a_repr():
     """A mapping keyed by an enum is keyed by the enum's value, as the enum itself is stored
     (it was keyed 'Kind.A', which Choice.parse does not read back); a numpy integer and a

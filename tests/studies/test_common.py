@@ -243,6 +243,23 @@ def test_the_manifest_records_the_packages_environment_switches(tmp_path, monkey
     assert all(k.startswith("QERROR_") for k in env)
 
 
+def test_a_runs_json_outputs_are_strict_json(tmp_path):
+    """A study's JSON (its summary, its manifest) reads in any JSON reader: a float that is
+    not finite is null there, not Python's bare NaN."""
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    with RunDir(tmp_path / "run", "demo", [], {"ratio": float("nan")}, force=False) as run:
+        run.write_json("summary.json", {"recovered": float("nan"), "gain": float("inf"),
+                                        "acc": 0.5})
+        run.finish()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary == {"acc": 0.5, "gain": None, "recovered": None}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(),
+                          parse_constant=refuse)
+    assert manifest["config"]["ratio"] is None
+
+
 def test_a_staging_folder_is_marked_until_it_becomes_the_run(tmp_path):
     out = tmp_path / "run"
     with RunDir(out, "demo", [], {}, force=False) as run:

@@ -36,6 +36,15 @@ def test_the_command_line_check_agrees(capsys):
     assert readme.main(["--check"]) == 0
 
 
+@pytest.mark.parametrize("missing", [None, float("nan"), float("inf")])
+def test_a_figure_a_record_does_not_hold_is_a_record_error(missing):
+    """A JSON output writes a float that is not finite as null (qerror.files.json_text): a
+    passage stating it is refused as one whose figure the record lacks, never rendered."""
+    with pytest.raises(readme.RecordError, match="the record does not hold it"):
+        readme.pct(missing)
+    assert readme.pct(0.8881) == "88.81"
+
+
 def _commit(rev: str = "HEAD") -> str:
     """A commit of this repository (a record's run must be of one)."""
     return subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True,
