@@ -26,7 +26,7 @@ from scipy import optimize, special, stats
 from qerror._checks import check_flag, check_positive_finite
 from qerror._enums import Choice
 from qerror._exact import two_sum, veltkamp_split
-from qerror.quantizer import QuantSpec
+from qerror.quantizer import QuantSpec, check_spec
 from qerror.rounding import RoundingMode
 
 __all__ = [
@@ -928,8 +928,7 @@ def _law_of(dist):
 
 
 def _check_spec(spec) -> QuantSpec:
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    check_spec(spec)
     if spec.axis is not None:
         raise ValueError(
             f"spec.axis={spec.axis}: error_moments describes one per-tensor quantizer; "

@@ -24,6 +24,7 @@ from qerror.analytic import ClipMethod, optimal_clip
 from qerror.quantizer import (
     QParams,
     QuantSpec,
+    check_spec,
     fake_quantize,
     largest_finite,
     working_precision,
@@ -108,8 +109,7 @@ class RangePolicy:
     def check(self, spec: QuantSpec) -> None:
         """Refuse a policy that cannot give a range on ``spec``'s grid (TypeError where
         ``spec`` is no :class:`~qerror.quantizer.QuantSpec`)."""
-        if not isinstance(spec, QuantSpec):
-            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        check_spec(spec)
         if self.method is RangeMethod.PERCENTILE and not spec.symmetric \
                 and float(self.percentile) <= 50.0:
             raise ValueError(
@@ -282,8 +282,7 @@ def qparams_from_range(lo, hi, spec: QuantSpec, *, min_scale: float | None = Non
     step beyond. A range beyond ``dtype``'s largest number, which no data of that dtype
     have, is refused.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    check_spec(spec)
     if min_scale is None:
         min_scale = float(np.finfo(working_precision(dtype)).tiny)
     elif isinstance(min_scale, (bool, np.bool_)) or not isinstance(min_scale, numbers.Real) \

@@ -354,6 +354,16 @@ def _check_scale(scale, working: np.dtype, done: str, wider: str) -> np.ndarray:
     return s
 
 
+def check_spec(spec, what: str = "spec", hint: str = "") -> QuantSpec:
+    """``spec``, refused with a TypeError naming ``what`` (and ``hint``, advice appended
+    after a colon) unless it is a :class:`QuantSpec`: a name or a bit count passed in its
+    place would fail later on a missing attribute."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{what} must be a QuantSpec, got {type(spec).__name__}"
+                        + (f": {hint}" if hint else ""))
+    return spec
+
+
 def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> None:
     """Refuse, before any data, a scale or zero point that every call would refuse: the
     checks :func:`quantize`, :func:`fake_quantize` and :func:`dequantize` make of them, for
@@ -384,8 +394,7 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
         symmetric grid; more than one scale or zero point for a per-tensor spec
         (``axis=None``).
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    check_spec(spec)
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a qerror.QParams (calibrate's result, or "
                         f"QParams(scale=..., zero_point=...)), got {type(qparams).__name__}")
@@ -525,8 +534,7 @@ def _prepare(x, spec, scale, zero_point, generator, *, finite_checked: bool = Fa
     advances: ``draw_key=False`` checks without drawing, for a call that draws later).
     ``fake``: also refuse a scale whose grid's ends overflow ``x``'s dtype."""
     check_float_array(x, "x")
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    check_spec(spec)
     axis = spec.channel_axis(x)
     s, z = _check_params(x, spec, scale, zero_point, axis)
     if fake:
@@ -1148,8 +1156,7 @@ class PreparedQuantizer:
     """
 
     def __init__(self, spec: QuantSpec, scale, zero_point=0):
-        if not isinstance(spec, QuantSpec):
-            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        check_spec(spec)
         self._spec = spec
         self._scale = _snapshot(scale)
         self._zero_point = _snapshot(zero_point)

@@ -21,7 +21,7 @@ from torch import nn
 
 from qerror._checks import check_seed
 from qerror.calibration import calibrate
-from qerror.quantizer import QuantSpec, fake_quantize
+from qerror.quantizer import QuantSpec, check_spec, fake_quantize
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,8 @@ def quantize_survivors(model: nn.Module, spec: QuantSpec, *, seed: int = 0
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: pass "
                         "the (pruned) network whose weights are quantized")
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}: pass e.g. "
-                        "QuantSpec(bits=8, axis=0, rounding=RoundingMode.TOWARD_ZERO)")
+    check_spec(spec, hint="pass e.g. QuantSpec(bits=8, axis=0, "
+               "rounding=RoundingMode.TOWARD_ZERO)")
     seed = check_seed(seed, "seed")
     if not spec.symmetric:
         raise ValueError("quantize_survivors needs a symmetric spec: with a zero point a "

@@ -149,6 +149,7 @@ from qerror.quantizer import (
     QParams,
     QuantSpec,
     ScaleArithmetic,
+    check_spec,
     fake_quantize,
     quantize,
 )
@@ -558,8 +559,7 @@ def _check_layer(layer) -> None:
 
 
 def _check_spec(spec: QuantSpec, what: str) -> None:
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{what} must be a QuantSpec, got {type(spec).__name__}")
+    check_spec(spec, what)
     if spec.bits != 8 or spec.axis is not None or spec.narrow:
         raise ValueError(f"{what} must be an 8-bit per-tensor quantizer without narrow "
                          f"range, as the real kernels use; got {spec}")
