@@ -232,6 +232,14 @@ def output_key(name: str) -> str:
     return name + OUTPUT_SUFFIX
 
 
+def _key_words(key: str, layer: str) -> str:
+    """A quantizer's key in a message: "the output of 'name'" for an output's
+    (:func:`output_key`), else ``layer`` (how the message calls a layer's) and the name."""
+    if key.endswith(OUTPUT_SUFFIX):
+        return f"the output of {key[:-len(OUTPUT_SUFFIX)]!r}"
+    return f"{layer} {key!r}"
+
+
 class MadeFor(dict):
     """Per-layer quantization parameters (a dict: layer name → :class:`QParams` from
     :func:`calibrate_activations`, → :class:`QuantizedWeights` from :func:`quantize_weights`)
@@ -423,8 +431,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable, spec: QuantSpec,
         raise ValueError("calibrate_activations needs at least one batch")
     never = [n for n, obs in observers.items() if obs.batches == 0]
     if never:
-        what = (f"the output of {never[0][:-len(OUTPUT_SUFFIX)]!r}"
-                if never[0].endswith(OUTPUT_SUFFIX) else f"layer {never[0]!r}")
+        what = _key_words(never[0], "layer")
         raise UnsupportedModelError(
             f"{what} was never called in the forward pass: it has no activations to take a "
             "range from, and a pass that quantizes activations needs one for each; remove the "
@@ -1152,8 +1159,7 @@ class _Instrument:
         except ValueError as exc:
             if bool(torch.isfinite(x).all()):
                 raise
-            where = (f"the output of {name[:-len(OUTPUT_SUFFIX)]!r}"
-                     if name.endswith(OUTPUT_SUFFIX) else f"the input of layer {name!r}")
+            where = _key_words(name, "the input of layer")
             raise ValueError(
                 f"{where} holds NaN or Inf values ({arm.config.label}), which no quantizer "
                 "takes: from finite images (measure checks its batches) the network made "
