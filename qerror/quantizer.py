@@ -406,10 +406,7 @@ def check_qparams(spec: QuantSpec, qparams: QParams, *, dequantize_to=None) -> N
                          "dequantization computes", "dtype=float64")
     z = spec.check_zero_point(qparams.zero_point)
     if spec.axis is None:
-        for name, arr in (("scale", s), ("zero_point", z)):
-            if arr.size != 1:
-                raise ValueError(f"{name} has {arr.size} values but the spec is per-tensor "
-                                 "(axis=None); pass a scalar or set QuantSpec(axis=...)")
+        _check_one_each(s, z)
 
 
 def _dequantize_work(dtype: torch.dtype) -> torch.dtype:
@@ -422,6 +419,14 @@ def _dequantize_work(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_one_each(s: np.ndarray, z: np.ndarray) -> None:
+    """Refuse more than one scale or zero point for a per-tensor spec (``axis=None``)."""
+    for name, arr in (("scale", s), ("zero_point", z)):
+        if arr.size != 1:
+            raise ValueError(f"{name} has {arr.size} values but the spec is per-tensor "
+                             "(axis=None); pass a scalar or set QuantSpec(axis=...)")
+
+
 def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
     """Validate scale and zero point; return them as float64/int64 numpy arrays shaped
     to broadcast against ``x``."""
@@ -431,12 +436,7 @@ def _check_params(x, spec: QuantSpec, scale, zero_point, axis):
     z = spec.check_zero_point(zero_point)
     shape = _param_shape(x, axis)
     if axis is None:
-        for name, arr in (("scale", s), ("zero_point", z)):
-            if arr.size != 1:
-                raise ValueError(
-                    f"{name} has {arr.size} values but the spec is per-tensor (axis=None); "
-                    "pass a scalar or set QuantSpec(axis=...)"
-                )
+        _check_one_each(s, z)
         return s.reshape(()), z.reshape(())
     channels = x.shape[axis]
     out = []
