@@ -177,7 +177,8 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
     this serves) then normalises with statistics that fit its activations instead of the
     initial 0 and 1, which would let them grow through the depth; for measurements,
     :func:`qerror.nn.correction.reestimate_bn` gives the statistics of the whole input,
-    merged exactly across batches.
+    merged exactly across batches. A BatchNorm the forward pass never calls (an unused
+    head's) has no input to estimate from and keeps its statistics and momentum.
 
     Raises
     ------
@@ -214,13 +215,20 @@ def estimate_running_stats(model: nn.Module, inputs: Iterable) -> None:
             raise ValueError("estimate_running_stats needs at least one input batch; the "
                              "model's statistics are left as they were")
     except BaseException:
-        for m, momentum, state in saved:
-            m.load_state_dict(state)
-            m.momentum = momentum
+        _restore(saved)
         for m, mode in modes:
             m.training = mode
         raise
+    # reset and never called, it would normalise with 0 and 1, estimated from nothing
+    _restore([s for s in saved if int(s[0].num_batches_tracked) == 0])
     model.eval()
+
+
+def _restore(saved: list[tuple[nn.BatchNorm2d, float | None, dict]]) -> None:
+    """Each BatchNorm's state and momentum as saved by :func:`estimate_running_stats`."""
+    for m, momentum, state in saved:
+        m.load_state_dict(state)
+        m.momentum = momentum
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,37 @@ def test_estimate_running_stats_trains_batchnorm_alone_and_fails_without_a_trace
     assert torch.equal(snapshot["2"][0], before["2.running_mean"])
 
 
+def test_estimate_running_stats_keeps_a_batchnorm_the_forward_never_calls():
+    """A BatchNorm2d off the forward path (an unused head's) has no input to estimate from:
+    it keeps its statistics, count and momentum (it was reset to mean 0, variance 1, as
+    if estimated); the called one gets its input's."""
+
+    class Headed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
+            self.head = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Headed()
+    with torch.no_grad():
+        model.head.running_mean.fill_(0.7)
+        model.head.running_var.fill_(2.5)
+        model.head.num_batches_tracked.fill_(40)
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    x = torch.randn(4, 1, 5, 5)
+    estimate_running_stats(model, [x])
+    assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
+    assert model.head.momentum == 0.1 and model.body[1].momentum is None
+    assert not model.training and int(model.body[1].num_batches_tracked) == 1
+    with torch.no_grad():
+        y = model.body[0](x)
+    torch.testing.assert_close(model.body[1].running_mean, y.mean(dim=(0, 2, 3)))
+
+
 def test_running_stats_refuses_a_batchnorm_without_running_statistics():
     """It was an AttributeError ('NoneType' object has no attribute 'detach')."""
     from qerror.nn import UnsupportedModelError
