@@ -91,6 +91,14 @@ class MeanSource(Choice):
     MEASURED = "measured"
 
 
+def _check_config(config) -> None:
+    """TypeError unless ``config`` is a QuantConfig (None or an int failed far from it, in
+    words about iterables or attributes)."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (qerror.nn.QuantConfig.make), got "
+                        f"{type(config).__name__}")
+
+
 def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     """``E[ReLU(y)]`` for ``y ~ N(β, γ²)``; a channel with ``γ = 0`` is the constant ``β``
     (mean ``max(β, 0)``, a dead channel ``β = γ = 0`` included). Its sides of the grid's
@@ -188,6 +196,8 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
 
     Raises
     ------
+    TypeError
+        ``config`` not a QuantConfig.
     ValueError
         The calibration result has no input maps or names a layer the model has not;
         activations quantized and the calibration measured with another activation spec,
@@ -198,6 +208,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
         (``source="bn"``) the γ, β or running variance of the BatchNorm feeding it, not
         finite.
     """
+    _check_config(config)
     source = MeanSource.parse(source)
     if config.activation is not None:
         if calibration.config.activation != config.activation:
@@ -417,6 +428,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
         floating-point tensor.
     """
     check_model(model, need_batchnorm=True)
+    _check_config(config)
     if isinstance(batches, Iterator):
         raise TypeError("batches is read twice: pass a sequence (a list of batches), not an "
                         "iterator or generator")

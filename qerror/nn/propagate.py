@@ -2109,10 +2109,13 @@ def _uninstrumented(model, configs, act_qparams, weights, corrections, bn_stats,
     call's batch index ``first_batch``, each later call's one more."""
     check_model(model)
     check_count(first_batch, "first_batch (a batch index)")
-    configs = [configs] if isinstance(configs, QuantConfig) else list(configs)
+    given = type(configs).__name__
+    configs = [configs] if isinstance(configs, QuantConfig) else (
+        list(configs) if isinstance(configs, Iterable) else [])
     k = len(configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
-        raise TypeError("configs must be one QuantConfig or a non-empty sequence of them")
+        raise TypeError(f"configs must be one QuantConfig or a non-empty sequence of them, "
+                        f"got {given}")
     act_qparams = _per_config(act_qparams, k, "act_qparams", shared=True)
     weights, corrections, bn_stats = (_per_config(v, k, what) for v, what in (
         (weights, "weights"), (corrections, "corrections"), (bn_stats, "bn_stats")))

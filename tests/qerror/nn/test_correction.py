@@ -862,3 +862,27 @@ def test_the_raises_sections_name_every_error_of_bad_input(setup):
             with pytest.raises(Exception) as err:
                 f(model, batches, c, a)
             assert err.type.__name__ in named, (f.__name__, err.type.__name__, named)
+
+
+def test_a_config_that_is_not_a_quantconfig_is_refused_in_words(setup):
+    """None or an int for the config failed far from it: reestimate_bn and quantized_forward
+    with "'NoneType' object is not iterable" (as if the batches were None), the predicted
+    drift with an AttributeError. Each now names the config and what it got."""
+    model, calib, _ = setup
+    cfg = QuantConfig.make(4, RoundingMode.TOWARD_ZERO)
+    act_qp = calibrate_activations(model, calib, cfg.activation)
+    cal = measure(model, calib, cfg, act_qp, input_maps=True)
+
+    def forward(c):
+        with quantized_forward(model, c, act_qp):
+            pass
+
+    for bad in (None, 3):
+        name = type(bad).__name__
+        for run in (lambda c: reestimate_bn(model, calib, c, act_qp),
+                    lambda c: predicted_local_drift(model, c, cal, act_qp),
+                    lambda c: analytic_bias_correction(model, c, cal, act_qp), forward):
+            with pytest.raises(TypeError, match=rf"must be (one|a) QuantConfig.*, got {name}$"):
+                run(bad)
+    with pytest.raises(TypeError, match="must be a QuantConfig"):
+        reestimate_bn(model, calib, [cfg], act_qp)
