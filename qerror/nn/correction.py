@@ -60,6 +60,7 @@ from qerror.nn.propagate import (
     PropagationResult,
     QuantConfig,
     QuantizedWeights,
+    check_config,
     check_layer_params,
     check_made_for,
     check_weights_fit,
@@ -89,14 +90,6 @@ class MeanSource(Choice):
 
     BN = "bn"
     MEASURED = "measured"
-
-
-def _check_config(config) -> None:
-    """TypeError unless ``config`` is a QuantConfig (None or an int failed far from it, in
-    words about iterables or attributes)."""
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig (qerror.nn.QuantConfig.make), got "
-                        f"{type(config).__name__}")
 
 
 def _relu_normal_mean(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
@@ -208,7 +201,7 @@ def predicted_local_drift(model: nn.Module, config: QuantConfig, calibration: Pr
         (``source="bn"``) the γ, β or running variance of the BatchNorm feeding it, not
         finite.
     """
-    _check_config(config)
+    check_config(config)
     source = MeanSource.parse(source)
     if config.activation is not None:
         if calibration.config.activation != config.activation:
@@ -428,7 +421,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable, config: QuantConfig, act_
         floating-point tensor.
     """
     check_model(model, need_batchnorm=True)
-    _check_config(config)
+    check_config(config)
     if isinstance(batches, Iterator):
         raise TypeError("batches is read twice: pass a sequence (a list of batches), not an "
                         "iterator or generator")

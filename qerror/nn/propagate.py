@@ -222,6 +222,16 @@ class QuantConfig:
                 f"{self.target.value}{extra}")
 
 
+def check_config(config, what: str = "config") -> QuantConfig:
+    """``config``, refused with a TypeError naming ``what`` unless it is a
+    :class:`QuantConfig`: None, a bit count or a list passed in its place would fail later,
+    in words about iterables or missing attributes."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"{what} must be a QuantConfig (qerror.nn.QuantConfig.make), got "
+                        f"{type(config).__name__}")
+    return config
+
+
 # --------------------------------------------------------------------------- calibration
 
 OUTPUT_SUFFIX = ".output"
@@ -925,9 +935,7 @@ class _Arm:
 
     def __init__(self, config: QuantConfig, act_qparams, weights, corrections, bn_stats,
                  image_means: int = 0):
-        if not isinstance(config, QuantConfig):
-            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = check_config(config)
         check_made_for(act_qparams, config.activation, "activation ranges",
                        f" ({config.label})")
         self.act_qparams = act_qparams or {}
@@ -1847,9 +1855,8 @@ def measure_many(model: nn.Module, batches: Iterable, configs: Sequence[QuantCon
         if not configs:
             raise ValueError("measure_many needs at least one configuration")
         for c in configs:
-            if not isinstance(c, QuantConfig):
-                raise TypeError(f"a configuration (measure's config, each of measure_many's "
-                                f"configs) must be a QuantConfig, got {type(c).__name__}")
+            check_config(c, "a configuration (measure's config, each of measure_many's "
+                            "configs)")
         check_count(first_batch, "first_batch (a batch index)")
         if pair_batch is not None:
             check_count(pair_batch, "pair_batch (a number of images)", 1)
@@ -2016,8 +2023,7 @@ def local_error_means(model: nn.Module, batches: Iterable, config: QuantConfig,
         ``config`` not a QuantConfig; a batch that is not a floating-point tensor.
     """
     check_model(model)
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    check_config(config)
     check_count(first_batch, "first_batch (a batch index)")
     arm = _Arm(config, act_qparams, _arm_weights(model, [config], [weights])[0], None, None)
     inst = None

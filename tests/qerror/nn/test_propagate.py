@@ -1314,7 +1314,8 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
     assert said[0][3] == said[1][3] and said[0][3].startswith("measured 8, ")
     assert said[0][4] == relayed(1, said[1][4])
     assert said[1][4] == ("TypeError: a configuration (measure's config, each of "
-                          "measure_many's configs) must be a QuantConfig, got str")
+                          "measure_many's configs) must be a QuantConfig (qerror.nn.QuantConfig.make), "
+                          "got str")
     assert said[0][5] == said[1][5] == said[0][3]
 
 
