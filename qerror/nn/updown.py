@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from scipy import stats as sps
 from torch import nn
 
-from qerror._checks import check_count, check_labels, check_seed
+from qerror._checks import check_count, check_flag, check_labels, check_seed
 from qerror._progress import progress_bar
 from qerror.calibration import calibrate
 from qerror.nn._anatomy import (
@@ -223,7 +223,8 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
         A rounding's loss that is NaN.
     TypeError
         ``bits``, ``roundings`` or ``seed`` is not an integer (a bool, or a float even when
-        integral), or labels are not of an integer dtype; refused before any forward pass.
+        integral), ``taylor`` or ``progress`` is not a bool (``"False"`` would read as
+        true), or labels are not of an integer dtype; refused before any forward pass.
     qerror.nn.UnsupportedModelError
         A model :func:`qerror.nn.check_model` refuses.
     """
@@ -232,6 +233,7 @@ def updown_experiment(model: nn.Module, layer: str, batches: Iterable, bits: int
     if bits > 16:
         raise ValueError(f"bits must be an integer from 2 to 16, got {bits!r}")
     seed = check_seed(seed, "seed (rounding k draws from numpy.random.SeedSequence([seed, k]))")
+    taylor, progress = check_flag(taylor, "taylor"), check_flag(progress, "progress")
     wilson_ci(0, 1, alpha)  # refuses a bad alpha now, not after every rounding has run
     module = dict(model.named_modules()).get(layer)
     if not isinstance(module, LAYERS):

@@ -104,6 +104,11 @@ _SEED = r"must be an int from 0 to 2\*\*64 - 1"
     ({"seed": True}, TypeError, r"seed \(rounding k draws .*\) " + _SEED + r", got True"),
     ({"bits": 4.0}, TypeError, "bits must be an int >= 2, got 4.0"),
     ({"bits": 17}, ValueError, "bits must be an integer from 2 to 16, got 17"),
+    # bool("False") is True: the Taylor estimate (a backward pass per rounding, the
+    # gradient's graph kept) was computed, and a progress bar shown, without a word
+    ({"taylor": "False"}, TypeError, "taylor must be True or False, got 'False'"),
+    ({"taylor": None}, TypeError, "taylor must be True or False, got None"),
+    ({"progress": "no"}, TypeError, "progress must be True or False, got 'no'"),
     # -100 is cross_entropy's ignore_index: that image was left out of every loss
     ({"batches": [(images(4, 1), torch.tensor([0, -100, 1, 2]))]}, ValueError,
      "labels from -100 to 2 are not class indices which start at 0"),
