@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from qerror.nn import QuantConfig, calibrate_activations, parallel
 from tests.qerror.nn.nets import images, tiny_resnet
@@ -224,3 +225,55 @@ def test_outside_a_group_the_first_rows_are_this_processs_own():
     assert parallel.gather_first_rows(pieces, 0) == []
     cut = parallel.gather_first_rows(pieces, 4)[1]
     assert cut.untyped_storage().nbytes() == cut.element_size()  # a copy, not a view
+
+
+def _half_batch() -> torch.Tensor:
+    """A float16 global batch of 16 images, 2 channels of 64x64 values about 3 ± 1: each
+    rank's share of a channel sums to about 98,000, past float16's largest, 65,504."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(16, 2, 64, 64, generator=g) + 3).half()
+
+
+def _rank_half_batchnorm(rank, world, port, folder):
+    """Each rank normalises its 8 images of :func:`_half_batch` by a float16 BatchNorm and by
+    a float32 one (mixed precision: float32 parameters, float16 activations) and writes the
+    outputs and running statistics."""
+    from qerror.nn import training
+    from tests.qerror.nn.ranks import as_rank
+
+    as_rank(rank, world, port)
+    x = _half_batch()[8 * rank:8 * (rank + 1)]
+    got = []
+    with training.distributed("cpu"):
+        for bn in (nn.BatchNorm2d(2).half(), nn.BatchNorm2d(2)):
+            with torch.no_grad(), parallel.global_batchnorm(bn):
+                y = bn(x)
+            got.append((y, bn.running_mean.float(), bn.running_var.float()))
+    torch.save(got, folder / f"rank{rank}.pt")
+
+
+def test_global_batchnorm_takes_half_precision_inputs_as_torch_does(tmp_path):
+    """A float16 input was summed in float16, which overflowed: every output NaN and the
+    running statistics inf (/work/runs/s54/parallel/probe_half.py), where torch's own
+    BatchNorm on the whole batch, which sums in float32, is finite; and a float32 BatchNorm
+    gave float32 outputs for float16 inputs, where torch's gives float16. Against the float64
+    BatchNorm of the whole batch: outputs below 8 in float16 are within half a step (2**-9)
+    plus the float32 statistics' error (under 1e-5); the float32 running statistics within
+    1e-6 (momentum 0.1 times a float32 sum's relative error, about 15·2**-24 over 32,768
+    values of about 3), the float16 ones within a float16 step at 1 (2**-10)."""
+    from tests.qerror.nn.ranks import two_ranks
+
+    two_ranks(_rank_half_batchnorm, tmp_path)
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    ref = nn.BatchNorm2d(2).double()
+    with torch.no_grad():
+        want = ref(_half_batch().double())
+    for i, stats_tol in enumerate((2 ** -10, 1e-6)):  # the float16 BatchNorm, the float32
+        y = torch.cat([got[0][i][0], got[1][i][0]])
+        assert y.dtype == torch.float16, i
+        assert torch.isfinite(y).all(), i
+        assert float((y.double() - want).abs().max()) <= 2 ** -9 + 1e-5, i
+        for rank in range(2):
+            _, mean, var = got[rank][i]
+            assert float((mean.double() - ref.running_mean).abs().max()) <= stats_tol, i
+            assert float((var.double() - ref.running_var).abs().max()) <= stats_tol, i
