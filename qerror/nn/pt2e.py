@@ -57,6 +57,7 @@ from qerror._checks import check_count
 from qerror.nn._anatomy import eval_mode
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
 from qerror.nn.int8 import Engine, kernel_probe
+from qerror.nn.models import non_finite_tensors
 
 __all__ = [
     "LOWERING_COUNTERS",
@@ -410,6 +411,21 @@ def _check_float32_cpu(module: nn.Module, what: str) -> None:
                          f"{what}.float().cpu()")
 
 
+def _check_finite_weights(module: nn.Module, what: str) -> None:
+    """ValueError naming every parameter and buffer of ``module`` that holds NaN or Inf
+    (a diverged or corrupt model): a NaN weight, or one that BatchNorm folds into a
+    convolution's, stopped in the weight observer with torchao's "AssertionError: min
+    tensor([nan, ...]) should be less than max", naming neither the module nor the tensor;
+    an Inf one was quantized without a word. As :func:`~qerror.nn.models.check_state_dict`
+    refuses such a state dict."""
+    bad = non_finite_tensors(module.state_dict())
+    if bad:
+        raise ValueError(f"the {what} holds non-finite values (NaN or Inf), which no "
+                         f"quantization range can cover: {'; '.join(bad[:5])}"
+                         + (f"; {len(bad) - 5} more" if len(bad) > 5 else "")
+                         + "; quantize a model with finite weights and buffers")
+
+
 def _check_batches(batches, what: str) -> list[torch.Tensor]:
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     if not batches:
@@ -465,9 +481,10 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     ----------
     module : nn.Module
         Takes one float32 batch (N, ...); its outputs may be a tensor or a tuple of
-        tensors. Copied, untied (:func:`untie_relus`), its single-input-channel
-        convolutions padded (:func:`pad_single_channel_convs`) and put in evaluation mode;
-        the given module is left alone.
+        tensors. Its parameters and buffers must be finite float32 CPU tensors. Copied,
+        untied (:func:`untie_relus`), its single-input-channel convolutions padded
+        (:func:`pad_single_channel_convs`) and put in evaluation mode; the given module is
+        left alone.
     calibration : iterable of torch.Tensor
         Float32 input batches the activation observers see. The first of two or more
         images is also the example input of the export; at least two images in all.
@@ -517,6 +534,7 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     _check_float32_cpu(module, "module")
+    _check_finite_weights(module, "module")
     batches = _check_batches(calibration, "calibration")
     max_batch = check_count(max_batch, "max_batch", 2)
     largest = max(b.shape[0] for b in batches)
@@ -642,7 +660,7 @@ def quantize_exit_stages(model: EarlyExitResNet, calibration: Iterable[torch.Ten
     Parameters
     ----------
     model : EarlyExitResNet
-        Float32; left alone.
+        Float32, with finite parameters and buffers; left alone.
     calibration : iterable of torch.Tensor
         Float32 image batches (N, C, H, W). Every stage is calibrated on all of them,
         stage ``k`` on the float features the float stages before it produce, so the
@@ -666,6 +684,7 @@ def quantize_exit_stages(model: EarlyExitResNet, calibration: Iterable[torch.Ten
     if not isinstance(model, EarlyExitResNet):
         raise TypeError(f"model must be an EarlyExitResNet, got {type(model).__name__}")
     _check_float32_cpu(model, "model")
+    _check_finite_weights(model, "model")
     batches = _check_batches(calibration, "calibration")
     with eval_mode(model):  # each module's own mode back after (a frozen backbone's BN)
         stages = []

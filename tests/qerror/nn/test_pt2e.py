@@ -371,6 +371,27 @@ def test_calibration_holding_nan_or_inf_is_refused_naming_the_batch(bad):
         quantize_pt2e(nn.Linear(2, 2), calib, compile=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["0.weight", "1.weight", "1.running_var"])
+def test_a_module_holding_nan_or_inf_is_refused_naming_the_tensor(where, bad):
+    """A NaN in a weight, or in a BatchNorm's weight or variance (folded into the
+    convolution's), stopped in torchao's weight observer with "AssertionError: min
+    tensor([nan, ...]) should be less than max", naming neither the module nor the tensor;
+    an Inf one was quantized without a word (probe_nonfinite_weights.log)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        net.state_dict(keep_vars=True)[where].view(-1)[0] = bad
+    said = rf"the module holds non-finite values \(NaN or Inf\), .*: {re.escape(where)} holds 1 (NaN|Inf);"
+    with pytest.raises(ValueError, match=said):
+        quantize_pt2e(net, [torch.randn(4, 3, 6, 6)], compile=False)
+    model = EarlyExitResNet(_tiny_resnet(0))
+    with torch.no_grad():
+        model.backbone.layer1[0].bn1.running_var[0] = bad
+    with pytest.raises(ValueError, match=r"the model holds non-finite values .*: "
+                                         r"backbone\.layer1\.0\.bn1\.running_var holds 1 (NaN|Inf);"):
+        quantize_exit_stages(model, [torch.randn(4, 1, 32, 32)], compile=False)
+
+
 def test_calibration_on_another_device_is_refused_naming_the_batch():
     """A calibration batch off the CPU (here on the meta device, which any machine has)
     stopped in the finiteness check with "Tensor.item() cannot be called on meta tensors"
