@@ -150,7 +150,9 @@ def untie_relus(model: nn.Module) -> nn.Module:
     model : nn.Module
         Any module; its ``BasicBlock`` and ``Bottleneck`` submodules are replaced in the
         copy by :class:`UntiedBasicBlock` and :class:`UntiedBottleneck` (already untied
-        blocks and other modules are kept). ``model`` itself is left alone.
+        blocks and other modules are kept); a block used at several places is replaced at
+        each by an untied block of its own, all sharing its convolutions and BatchNorms.
+        ``model`` itself is left alone.
 
     Returns
     -------
@@ -184,11 +186,14 @@ def untie_relus(model: nn.Module) -> nn.Module:
     if type(model) in untie:
         _check_no_hooks(model, "the block")
         return untie[type(model)](model)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) in untie:
-                _check_no_hooks(child, f"{name}.{child_name}" if name else child_name)
-                setattr(module, child_name, untie[type(child)](child))
+    # Every place a block sits, each with an untied block of its own: named_children and
+    # named_modules skip a module met before, which left a block used twice tied at its
+    # second place (and prepare_pt2e stopped on it).
+    for name, child in list(model.named_modules(remove_duplicate=False)):
+        if type(child) in untie:
+            _check_no_hooks(child, name)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, untie[type(child)](child))
     return model
 
 

@@ -119,6 +119,28 @@ def test_untie_relus_refuses_hooks_it_would_drop():
     assert calls == [1]
 
 
+def test_a_block_used_at_two_places_is_untied_at_both():
+    """A block object used twice (weights shared between two places): untie_relus skipped
+    its second place (named_children skips a module met before), which kept its tied ReLU,
+    and quantize_pt2e stopped in prepare_pt2e with "Input partition has more than one
+    output node" (probe_shared_block.log)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = torchvision.models.resnet.BasicBlock(8, 8)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block, block,
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    untied = untie_relus(net)
+    assert [type(m).__name__ for m in untied[1:3]] == ["UntiedBasicBlock"] * 2
+    assert untied[1] is not untied[2] and untied[1].conv1 is untied[2].conv1  # still shared
+    assert list(untied.state_dict()) == list(net.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(untied(x), net(x))
+        q = quantize_pt2e(net, [torch.randn(8, 3, 8, 8, generator=gen)], compile=False)
+        assert q(x).shape == (5, 4)
+
+
 def test_tied_relu_is_the_trap_and_untying_removes_it():
     block = torchvision.models.resnet.Bottleneck(64, 16).eval()
     x = torch.randn(2, 64, 8, 8)
