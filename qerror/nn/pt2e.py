@@ -241,7 +241,8 @@ class ZeroPaddedConv2d(nn.Module):
 
 def pad_single_channel_convs(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose ``Conv2d`` layers with one input channel take a second,
-    zero channel (:class:`ZeroPaddedConv2d`); ``model`` is left alone.
+    zero channel (:class:`ZeroPaddedConv2d`), at every place it is used (one padded module
+    for a convolution used at several); ``model`` is left alone.
 
     Notes
     -----
@@ -264,10 +265,16 @@ def pad_single_channel_convs(model: nn.Module) -> nn.Module:
 
     if single(model):
         return ZeroPaddedConv2d(model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if single(child):
-                setattr(module, name, ZeroPaddedConv2d(child))
+    # Every place a convolution sits (named_children skips a module met before, which left
+    # one used twice unpadded at its second place), one padded module per convolution, so
+    # a convolution used at several places stays one.
+    padded: dict[int, ZeroPaddedConv2d] = {}
+    for name, child in list(model.named_modules(remove_duplicate=False)):
+        if single(child):
+            if id(child) not in padded:
+                padded[id(child)] = ZeroPaddedConv2d(child)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, padded[id(child)])
     return model
 
 

@@ -161,6 +161,22 @@ def test_padding_a_single_channel_conv_keeps_its_function():
     assert isinstance(model[0], nn.Conv2d)  # left alone
 
 
+def test_a_single_channel_conv_used_at_two_places_is_padded_at_both():
+    """A one-channel convolution used twice was padded at its first place only (named_children
+    skips a module met before); compiled, quantize_pt2e then stopped on the second with
+    inductor's "expected size 8==8, stride 1==64 at dim=1", the trap the padding removes
+    (probe_shared_pad.before.log; after: within 0.0011 of float)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(1, 8, 3, padding=1)
+        net = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 1, 1), conv, nn.ReLU()).eval()
+    padded = pad_single_channel_convs(net)
+    assert isinstance(padded[0], ZeroPaddedConv2d) and padded[3] is padded[0]
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), net(x), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # A briefly trained tiny early-exit ResNet
 
