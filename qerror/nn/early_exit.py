@@ -1012,7 +1012,10 @@ def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(logits).all():
         raise ValueError("logits hold NaN or Inf values")
     labels = check_labels(labels, logits.shape[1], logits.shape[0])
-    return logits.detach().to(torch.float64), labels
+    # on the CPU whatever the device: fits and counts are small, and a reference's
+    # correctness and a result's exits are CPU tensors (logits of a GPU network mixed
+    # with them raised torch's device mismatch)
+    return logits.detach().to(device="cpu", dtype=torch.float64), labels.cpu()
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -1731,8 +1734,8 @@ def refine_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor, star
     max_rounds = check_count(max_rounds, "max_rounds", 1)
     # The decisions of exit_result_from_logits, from scores computed once.
     scores = torch.stack([exit_confidence(z, start.policy, start.temperature(k))
-                          for k, z in enumerate(logits)])
-    right = torch.stack([z.argmax(1) == y for z in logits])                # (E, N)
+                          for k, z in enumerate(logits)]).cpu()  # on the logits' device
+    right = torch.stack([z.argmax(1).cpu() == y for z in logits])          # (E, N)
     macs = torch.as_tensor(list(costs.macs), dtype=torch.float64)
     n, last = len(y), len(logits) - 1
     rows = torch.arange(n)
@@ -1942,7 +1945,6 @@ def cross_validate_selection(logits: Sequence[torch.Tensor], labels: torch.Tenso
     """
     logits = _check_exit_logits(logits)
     _, y = _check_logits_labels(logits[-1], labels)
-    y = y.cpu()
     n = len(y)
     _, ref_right = _reference(reference, n)
     if ref_right is None:

@@ -900,6 +900,30 @@ def test_select_rule_is_the_shared_choice_then_its_refinement(per_exit):
             op.point.correct, op.point.mean_macs, op.point.exit_counts)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_logits_and_labels_of_a_gpu_network_give_the_cpus_decisions():
+    """A GPU network's logits and labels, passed as they come: every decision function
+    answers as on the CPU copies (it mixed the CPU's MAC counts and a reference's
+    correctness with CUDA exits, a device mismatch). float64 logits: the CUDA and CPU
+    scores agree to about 1e-16, far from any candidate threshold here."""
+    labels, logits, costs = _four_exits(600, (1.0, 2.0, 2.5, 3.0))
+    logits = [z.double() for z in logits]
+    cands = [1.0] + [1 - k / 50 for k in range(1, 40)]
+    ref = logits[-1].argmax(1) == labels
+    proc = SelectionProcedure("entropy", True, 0.02)
+    gpu = ([z.cuda() for z in logits], labels.cuda(), ref.cuda())
+
+    def decide(z, y, r):
+        temps = tuple(c.temperature for c in calibrate_exits(z, y))
+        rule = select_rule(z, y, proc, cands, costs, r, temperatures=temps, alpha=0.05)
+        sweep = threshold_sweep(z, y, "entropy", cands, costs, temps)
+        res = exit_result_from_logits(z, rule.rule)
+        return (temps, rule, [(p.correct, p.mean_macs, p.exit_counts) for p in sweep],
+                res.exit_index.tolist(), fit_temperature(z[0], y))
+
+    assert decide(*gpu) == decide(logits, labels, ref)
+
+
 def test_cross_validation_scores_each_sample_by_a_rule_chosen_on_the_other_folds():
     """Against a loop over the folds written out here: the documented fold assignment, a
     temperature per exit fitted on each training part, each procedure run there and its
