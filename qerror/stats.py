@@ -1046,6 +1046,10 @@ def tail_share(x: SampleLike, k: int = 5) -> float:
                          f"got {k}")
     if v.min() == v.max():  # no spread (a float mean of equal values can miss them)
         return math.nan
+    # the share is the same in any unit; in units of a power of two near the largest
+    # magnitude the squares of deviations beyond 1e±154 neither overflow nor underflow (a
+    # sample times 2**1000 or 2**-700 gave NaN)
+    v, _ = _in_units(v)
     d2 = (v - v.mean()) ** 2
     total = d2.sum()
     return float(np.sort(d2)[-k:].sum() / total)

@@ -763,6 +763,17 @@ def test_tail_share_counts_the_variance_of_the_most_extreme_values():
             tail_share(x, **bad)
 
 
+@pytest.mark.parametrize("k", [-1070, -700, -520, 0, 500, 1000])
+def test_tail_share_is_that_of_the_same_sample_in_units(k):
+    """The share is a ratio of squares: the same in any unit. Deviations beyond 1e±154
+    squared to inf or 0 in float64, and a sample times 2**1000 or 2**-700 gave NaN
+    (0.86755204594381 at 2**-520, subnormal squares, against 0.86755204594401)."""
+    # the mean is 17/7; the deviations in sevenths are -17, -10, -3, 4, 53, -45, 18
+    base = np.array([0.0, 1.0, 2.0, 3.0, 10.0, -4.0, 5.0])
+    exact = Fraction(53 ** 2 + 45 ** 2, sum(d * d for d in (-17, -10, -3, 4, 53, -45, 18)))
+    assert tail_share(np.ldexp(base, k), 2) == pytest.approx(float(exact), rel=1e-14, abs=0)
+
+
 @pytest.mark.slow
 def test_bootstrap_ci_false_positive_rate():
     # Mean of n = 300 normal values, B = 299. The percentile interval's size is
