@@ -832,7 +832,7 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     if n < 1 or only_a + only_b > n:
         raise ValueError(f"need n >= 1 and only_a + only_b <= n; got {only_a}, {only_b}, {n}")
     disc = only_a + only_b
-    use_exact = disc < _MCNEMAR_EXACT_BELOW if exact is None else bool(exact)
+    use_exact = disc < _MCNEMAR_EXACT_BELOW if exact is None else check_flag(exact, "exact")
     p = float(_mcnemar_p(np.asarray(only_a), disc, use_exact))
     if use_exact:
         stat = float(min(only_a, only_b))
@@ -1417,6 +1417,7 @@ def bootstrap_ci(
     alpha = _check_alpha(alpha)
     if not callable(statistic):
         raise TypeError(f"statistic must be callable, got {type(statistic).__name__}")
+    vectorized = check_flag(vectorized, "vectorized")
     rng = _rng(generator)
     count = _check_resamples(n_resamples, alpha)
     arrays = _bootstrap_inputs(samples)

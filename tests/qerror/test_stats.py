@@ -345,6 +345,21 @@ def test_mcnemar_matches_statsmodels(n, p_disagree):
     assert ("exact binomial" in res.method) == res.exact
 
 
+def test_flags_are_true_or_false_not_truthy():
+    """exact='False' ran the exact test (bool('False') is True), and vectorized='False' the
+    vectorized path; a flag that is not a bool is refused, as paired= is."""
+    for bad in ("False", "no", 0, 2):
+        with pytest.raises(TypeError, match="exact must be True or False"):
+            mcnemar_from_counts(30, 10, 100, exact=bad)
+        with pytest.raises(TypeError, match="exact must be True or False"):
+            mcnemar_test(np.ones(4, bool), np.zeros(4, bool), exact=bad)
+        with pytest.raises(TypeError, match="vectorized must be True or False"):
+            bootstrap_ci(np.arange(5.0), np.mean, generator=0, n_resamples=39, vectorized=bad)
+    assert not mcnemar_from_counts(3, 1, 10, exact=np.False_).exact
+    assert mcnemar_from_counts(30, 10, 100, exact=True).exact
+    assert mcnemar_from_counts(3, 1, 10, exact=None).exact  # 4 discordant: exact by default
+
+
 def test_mcnemar_with_no_discordant_pairs():
     a = np.array([True, False, True])
     res = mcnemar_test(a, a.copy())
