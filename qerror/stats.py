@@ -886,8 +886,10 @@ def _mcnemar_items(difference: float, discordance: float, alpha: float, power: f
     za = float(sps.norm.ppf(1.0 - alpha / 2.0))
     zb = float(sps.norm.ppf(power))
     psi = max(discordance, abs(difference))  # the discordance holds the difference at least
-    return (za * math.sqrt(psi) + zb * math.sqrt(max(psi - difference ** 2, 0.0))) ** 2 \
-        / difference ** 2
+    # below a power of α/2 the sum can be negative: the condition it squares,
+    # sum <= |δ| sqrt(n), then holds at every size (as in units_to_resolve), not squared
+    bracket = za * math.sqrt(psi) + zb * math.sqrt(max(psi - difference ** 2, 0.0))
+    return max(bracket, 0.0) ** 2 / difference ** 2
 
 
 def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
@@ -914,7 +916,9 @@ def mcnemar_resolution(only_a: int, only_b: int, n: int, alpha: float = 0.05,
     ``n(δ, ψ) = (z_{1-α/2} √ψ + z_power √(ψ - δ²))² / δ²`` items [1]_. The observed
     ``ψ̂ = (only_a + only_b) / n`` is the plug-in (a difference needs at least ``|δ|`` of
     discordance, so ``ψ = max(ψ̂, |δ|)``); ``detectable`` solves ``n(δ, ψ) = n`` for ``δ``,
-    ``images_needed`` is ``n(δ̂, ψ̂)``. Both are plans, not tests: the plug-in carries the
+    ``images_needed`` is ``n(δ̂, ψ̂)``; for a power below ``α/2`` the bracket is negative
+    for small ``δ``, where the condition ``z_{1-α/2} √ψ + z_power √(ψ - δ²) <= |δ| √n`` holds
+    at every ``n`` and ``n(δ, ψ)`` is 0. Both are plans, not tests: the plug-in carries the
     sampling error of ``ψ̂``. With fewer than ``floor(log2(2/α)) + 1`` items (6 at
     α = 0.05) the exact test can reject nothing: ``detectable`` is NaN and ``images_needed``
     at least that. :func:`mcnemar_power` gives the exact power of the test this module

@@ -668,6 +668,20 @@ def test_mcnemar_resolution_plans_what_the_test_detects():
         mcnemar_power(0.7, 0.4, 10)
 
 
+def test_mcnemar_resolution_asks_less_of_a_lower_power():
+    """Connor's bracket z_{1-α/2} √ψ + z_power √(ψ - δ²) is negative for a power below α/2
+    and small δ; squared, it planned more items for less power (10.5 at power 0.05, 12.6 at
+    0.01, 124 at 0.001 for 30 vs 10 of 1000). Where it is negative the normal test's
+    condition holds at every size: the plan is the fewest items the exact test needs (6)."""
+    plans = [mcnemar_resolution(30, 10, 1000, power=p)
+             for p in (0.9, 0.8, 0.5, 0.1, 0.05, 0.03, 0.025, 0.02, 0.01, 0.001)]
+    needed = [r.images_needed for r in plans]
+    detectable = [r.detectable for r in plans]
+    assert needed == sorted(needed, reverse=True), needed
+    assert detectable == sorted(detectable, reverse=True), detectable
+    assert needed[-3:] == [6, 6, 6]
+
+
 def test_units_to_resolve_is_the_smallest_size_with_the_power_asked():
     """The z-test's exact power on a normal mean whose value and spread are the pilot's:
     at least the power asked at the size returned (both tails), and one unit fewer the
