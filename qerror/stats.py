@@ -1235,13 +1235,19 @@ def median_ranks(n: int, alpha: float = 0.05) -> tuple[int, float]:
     """
     n = check_count(n, "n", 1)
     alpha = _check_alpha(alpha)
-    ks = np.arange(1, (n + 1) // 2 + 1)
-    coverage = 1.0 - 2.0 * sps.binom.cdf(ks - 1, n, 0.5)
-    reach = ks[coverage >= 1.0 - alpha]  # coverage falls with k: a prefix
-    if reach.size == 0:
+
+    def coverage(k: int) -> float:
+        return float(1.0 - 2.0 * sps.binom.cdf(k - 1, n, 0.5))
+
+    # Coverage falls with k, and reaches 1 - alpha while P(B <= k - 1) <= alpha/2: from just
+    # above the binomial's alpha/2 quantile, step down to the last k that reaches it (a scan
+    # of every rank took O(n) memory and time, 30 GB for a billion values).
+    k = min(int(sps.binom.ppf(alpha / 2.0, n, 0.5)) + 2, (n + 1) // 2)
+    while k >= 1 and coverage(k) < 1.0 - alpha:
+        k -= 1
+    if k == 0:
         return 0, math.nan
-    k = int(reach[-1])
-    return k, float(coverage[k - 1])
+    return k, coverage(k)
 
 
 def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
