@@ -366,7 +366,11 @@ def crossed_mean_test(
                          f"and columns the two samples, e.g. seeds × images), got shape "
                          f"{tuple(shape)}")
     rows, cols = int(shape[0]), int(shape[1])
-    x = _sample(table, "table").reshape(rows, cols)
+    # In units of a power of two near the largest magnitude (an exact rescaling, as in
+    # _moments): the squared variances in the degrees of freedom underflowed below ~1e-77
+    # (df fell to R - 1), the variances themselves below 1e-154 (se 0, 'differs, p < 1e-300'),
+    # and above 1e154 they overflowed (OverflowError).
+    x, k = _in_units(_sample(table, "table").reshape(rows, cols))
     mean = float(x.mean())
     constant = x.min() == x.max()
     if constant:  # exactly, as in _moments
@@ -387,7 +391,7 @@ def crossed_mean_test(
         floor = float((resid * resid).sum()) / ((rows - 1) * (cols - 1)) / (rows * cols)
         if floor > var:
             var, df = floor, (rows - 1) * (cols - 1)
-    se = math.sqrt(var)
+    mean, se = math.ldexp(mean, k), math.ldexp(math.sqrt(var), k)
     stat, p, ci, verdict = _t_verdict(
         mean, se, df, mu0, alpha, unit,
         ("mean", f"mean over {rows} rows × {cols} columns, both random,"))
@@ -395,7 +399,7 @@ def crossed_mean_test(
         test=f"mean = {mu0:g}, rows and columns random",
         method=f"crossed two-way t-test, Satterthwaite df={df}",
         statistic=stat, p_value=p, estimate=mean, ci=ci, n=rows * cols, alpha=alpha,
-        verdict=verdict, df=df, std=float(x.std(ddof=1)), se=se,
+        verdict=verdict, df=df, std=math.ldexp(float(x.std(ddof=1)), k), se=se,
     )
 
 

@@ -1190,6 +1190,20 @@ def test_crossed_mean_test_holds_its_level_where_the_rows_t_test_does_not():
     assert rows > hi, (rows, hi)
 
 
+@pytest.mark.parametrize("k", [-1000, -560, -300, 300, 520, 1000])
+def test_crossed_mean_test_of_tiny_or_huge_values_is_that_of_the_same_values_in_units(k):
+    """A table times 2**k is the same test: the squared variances in Satterthwaite's
+    degrees of freedom underflowed at 2**-300 (df 4 for 7), the variances at 2**-560 (se 0:
+    'mean differs, p < 1e-300' for p = 0.65) and overflowed at 2**520 (OverflowError)."""
+    from qerror.stats import crossed_mean_test
+
+    x = np.random.default_rng(0).normal(size=(5, 6))
+    ref, res = crossed_mean_test(x), crossed_mean_test(np.ldexp(x, k))
+    assert (res.statistic, res.p_value, res.df) == (ref.statistic, ref.p_value, ref.df)
+    assert (res.se, res.std, res.estimate) == tuple(np.ldexp([ref.se, ref.std, ref.estimate], k))
+    assert res.ci == tuple(np.ldexp(ref.ci, k))
+
+
 @pytest.mark.parametrize("bad, error, message", [
     (np.zeros(5), ValueError, "2-D"),
     (np.zeros((1, 5)), ValueError, "two rows"),
