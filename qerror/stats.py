@@ -984,7 +984,7 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
         ``|mean| / (se · sqrt(n / m)) >= z_{1-α/2} + z_power``, that is
         ``ceil(n · ((z_{1-α/2} + z_power) · rel_se)²)`` (at least 1); 1 for a power below
         ``α/2``, where the sum is negative and every size has it; ``inf`` where ``rel_se`` is
-        infinite.
+        infinite or the size is beyond float64.
 
     Notes
     -----
@@ -1019,7 +1019,10 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
     zb = float(sps.norm.ppf(power))
     # below a power of α/2 the sum is negative: the condition holds at every size (the test
     # rejects with probability at least Φ(-z_{1-α/2}) = α/2 whatever the mean), not squared
-    return float(max(1, math.ceil(n * (max(za + zb, 0.0) * rel) ** 2)))
+    factor = max(za + zb, 0.0) * rel
+    # a plan beyond float64 (rel_se above ~1e153) is inf, where ** raised OverflowError
+    need = n * (factor * factor)
+    return math.inf if math.isinf(need) else float(max(1, math.ceil(need)))
 
 
 def tail_share(x: SampleLike, k: int = 5) -> float:

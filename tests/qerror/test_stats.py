@@ -730,6 +730,15 @@ def test_units_to_resolve_below_a_power_of_half_alpha_is_one_unit():
         100 * ((za + sps.norm.ppf(0.03)) * 3.0) ** 2) > 1
 
 
+def test_units_to_resolve_beyond_float64_is_infinite():
+    """A finite rel_se above ~1e153 squared beyond float64: ** raised OverflowError (and
+    math.ceil of inf at 1.7e308) where the plan is more units than a float counts."""
+    for rel in (1e155, 1e200, 1.7e308):
+        assert units_to_resolve(rel, 10) == math.inf, rel
+    zz = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert units_to_resolve(1e153, 10) == math.ceil(10 * (zz * 1e153) ** 2) < math.inf
+
+
 def test_units_to_resolve_plans_what_a_t_test_resolves():
     """Planned from the truth's relative error on 40 units (mean 0.3, sd 1), the size gives
     a t-test about the power asked: its exact power there is within 0.02 of 0.8 (the z plan
