@@ -795,6 +795,33 @@ def check_writable_parent(target: Path, option: str, *, why: str = "", hint: str
     return parent
 
 
+def _check_emptiable(final: Path) -> None:
+    """StudyError unless this process can list, make and remove files in the folder
+    ``final`` and in every folder under it (links not followed), by a probe file in each.
+
+    Publishing a run over an existing ``--out`` (an empty folder, a previous run) moves it
+    aside, marks it and removes what it holds: a folder that refuses it (read-only, not
+    listable) was found only once the run was done, which then was kept beside ``--out``,
+    and a read-only folder inside a previous run failed the removal after the new run was
+    published, leaving the old copy beside it."""
+    def refuse(folder: str, err: OSError) -> None:
+        raise StudyError(
+            f"--out {final}: cannot write in {folder} ({err.strerror}), and a run replaces "
+            f"what is at --out by emptying it once the work is done; make it writable "
+            f"(chmod -R u+w {final}) or pass a new folder as --out") from err
+
+    def unlisted(err: OSError) -> None:
+        refuse(err.filename, err)
+
+    for root, _, _ in os.walk(final, onerror=unlisted):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".qerror-probe-", dir=root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            refuse(root, err)
+
+
 def check_out(out: Path, study: str, *, force: bool) -> Path:
     """The resolved output folder of ``study``, checked before any work starts.
 
@@ -803,8 +830,10 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
     when ``force``. Its name must leave room for the names of the folders a run is staged
     in beside it (``.NAME.partial-PID`` and the like) within the file system's limit. The
     folder that will hold it must be writable: a probe file is created and removed there
-    (in the nearest existing ancestor when the parent does not exist yet). Stale staging
-    folders of killed runs are removed (:func:`clean_stale_partials`).
+    (in the nearest existing ancestor when the parent does not exist yet), and so must an
+    existing ``out`` and every folder in it, which the run empties when it replaces them
+    (:func:`_check_emptiable`). Stale staging folders of killed runs are removed
+    (:func:`clean_stale_partials`).
 
     Raises
     ------
@@ -842,6 +871,8 @@ def check_out(out: Path, study: str, *, force: bool) -> Path:
               if final.is_dir() and os.access(final, os.W_OK | os.X_OK) else "")
     check_writable_parent(final, "--out", why=", where the run is staged before it is moved "
                           "into place", hint=inside)
+    if final.is_dir():
+        _check_emptiable(final)
     if final.parent.is_dir():
         clean_stale_partials(final)
     return final

@@ -1116,3 +1116,71 @@ def test_publish_folder_says_a_failed_move_though_a_ctrl_c_waited(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["OSError", "28", "True"], done.stderr
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
+
+
+def _can_write_in_read_only_folders(tmp_path) -> bool:
+    """Whether this process writes in a folder of mode 0o555 all the same (root)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").write_text("x")
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.chmod(0o755)
+
+
+@pytest.mark.parametrize("refusal", ["played", "kernel"])
+@pytest.mark.parametrize("where", ["empty out", "run's subfolder", "unlistable subfolder"])
+def test_an_out_the_run_cannot_empty_is_refused_before_any_work(tmp_path, monkeypatch, where,
+                                                                refusal):
+    """An empty read-only --out, or a previous run holding a read-only folder, passed
+    check_out: the study did all its work, and then the empty folder could not be marked
+    (the run kept beside it, exit 2), or the new run was published and the old copy's
+    removal failed (a bare 'Permission denied: b.txt', exit 1, the copy left beside it, and
+    the next run's clean-up failed the same way). Root writes in every folder: the kernel's
+    refusal is played by mkstemp and scandir, or, run as a user, is the kernel's own."""
+    import tempfile
+
+    if refusal == "kernel" and _can_write_in_read_only_folders(tmp_path):
+        pytest.skip("this process writes in read-only folders (root)")
+    out = tmp_path / "run"
+    if where == "empty out":
+        out.mkdir()
+        locked = out
+    else:
+        with RunDir(out, "demo", [], {}, force=True) as run:
+            run.write_text("sub/b.csv", "1\n")
+            run.finish()
+        locked = out / "sub"
+    if refusal == "kernel":
+        locked.chmod(0o000 if where == "unlistable subfolder" else 0o555)
+    elif where == "unlistable subfolder":
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == os.fspath(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.fspath(dir) == os.fspath(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(dir))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        with pytest.raises(_common.StudyError,
+                           match=rf"--out {out}: cannot write in {locked} \(Permission denied\)"
+                                 r".*make it writable \(chmod -R u\+w"):
+            _common.check_out(out, "demo", force=True)
+    finally:
+        locked.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made or moved
