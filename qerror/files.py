@@ -368,12 +368,21 @@ def jsonable(value: Any) -> Any:
     ------
     TypeError
         For any other type, also as a mapping's key (a tuple), so metadata never holds a
-        ``repr`` by accident.
+        ``repr`` by accident; and for a mapping two of whose keys have the same text (``1``
+        and ``"1"``, an enum and its value), of which JSON would keep one value.
     """
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
         return {k: jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
     if isinstance(value, Mapping):
-        return {_json_key(k): jsonable(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            key = _json_key(k)
+            if key in out:  # a dict cannot hold both: one value would be lost unsaid
+                first = next(j for j in value if _json_key(j) == key)
+                raise TypeError(f"cannot store a mapping whose keys {first!r} and {k!r} are "
+                                f"both the JSON key {key!r}; give them distinct keys")
+            out[key] = jsonable(v)
+        return out
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, enum.Enum):

@@ -465,3 +465,24 @@ def test_a_temporary_that_cannot_be_removed_does_not_stop_the_write(tmp_path, mo
     monkeypatch.setattr(type(stale), "unlink", refuse)
     atomic_write(tmp_path / "m.pt", lambda tmp: tmp.write_text("new"))
     assert (tmp_path / "m.pt").read_text() == "new" and stale.exists()
+
+
+def test_jsonable_refuses_two_keys_of_the_same_text_instead_of_losing_a_value():
+    """Keys become their text, and two keys of one text (an int and its digits, an enum and
+    its value, a path and its string) became one: {1: "a", "1": "b"} was stored as
+    {"1": "b"}, a value lost without a word, in a manifest or a summary."""
+    import re
+    from pathlib import Path
+
+    import pytest
+
+    from qerror.files import json_text, jsonable
+    from qerror.rounding import RoundingMode
+
+    for value in ({1: "a", "1": "b"}, {RoundingMode.FLOOR: 1, "floor": 2},
+                  {Path("x"): 1, "x": 2}, {"outer": [{None: 0, "None": 1}]}):
+        first, second = list(value.get("outer", [value])[0])
+        with pytest.raises(TypeError, match=re.escape(f"keys {first!r} and {second!r} are "
+                                                      "both the JSON key")):
+            json_text(value)
+    assert jsonable({1: "a", "2": "b"}) == {"1": "a", "2": "b"}
