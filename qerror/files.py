@@ -389,8 +389,11 @@ def jsonable(value: Any) -> Any:
         return value.value
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise TypeError(f"cannot store a tensor of shape {tuple(value.shape)} as JSON metadata "
+                        "(one element only); store value.tolist() for its elements")
     if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
+        return jsonable(value.item())  # a complex, bytes or a date is no JSON value either
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"cannot store a {type(value).__name__} as JSON metadata: {value!r}")

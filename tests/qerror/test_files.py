@@ -486,3 +486,27 @@ def test_jsonable_refuses_two_keys_of_the_same_text_instead_of_losing_a_value():
                                                       "both the JSON key")):
             json_text(value)
     assert jsonable({1: "a", "2": "b"}) == {"1": "a", "2": "b"}
+
+
+def test_jsonable_refuses_a_tensor_of_many_elements_and_a_scalar_json_has_no_value_for():
+    """A tensor of two or no elements raised torch's RuntimeError ('a Tensor with 2 elements
+    cannot be converted to Scalar'), not the TypeError the docstring promises; numpy's
+    complex, bytes and datetime scalars were returned as a complex, bytes and a date, no
+    JSON values, which json_text then refused with json's own message."""
+    import re
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from qerror.files import json_text, jsonable
+
+    for value in (torch.tensor([1.0, 2.0]), torch.zeros(0), torch.zeros(1, 2)):
+        with pytest.raises(TypeError, match=re.escape(f"tensor of shape {tuple(value.shape)} as")):
+            jsonable({"x": value})
+    for value, kind in ((np.complex128(1 + 2j), "complex"), (np.bytes_(b"a"), "bytes"),
+                        (np.datetime64("2020-01-01"), "date"),
+                        (torch.tensor(1 + 2j), "complex")):
+        with pytest.raises(TypeError, match=f"cannot store a {kind} as JSON metadata"):
+            json_text([value])
+    assert jsonable([torch.tensor([[2.5]]), np.str_("a"), np.float32(0.5)]) == [2.5, "a", 0.5]
