@@ -1163,9 +1163,11 @@ class RunDir:
                 "running); what it wrote there is lost, so nothing was published. Run again")
 
     def write_text(self, name: str, text: str, *, timing: bool = False) -> Path:
-        """Write a text file; ``timing`` marks it as holding measured times (see Notes)."""
+        """Write a text file in UTF-8, whatever the locale (a LaTeX table's σ failed, after
+        the work, under a Latin-1 or ASCII one); ``timing`` marks it as holding measured times
+        (see Notes)."""
         p = self.path(name)
-        p.write_text(text)
+        p.write_text(text, encoding="utf-8")
         if timing:
             self.timing_outputs.add(name)
         return p

@@ -1184,3 +1184,26 @@ def test_an_out_the_run_cannot_empty_is_refused_before_any_work(tmp_path, monkey
     finally:
         locked.chmod(0o755)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made or moved
+
+
+def test_a_runs_text_is_utf8_whatever_the_locale(tmp_path):
+    """RunDir.write_text wrote in the locale's encoding: under a Latin-1 or ASCII locale the
+    σ of studies.rounding's clipping table raised UnicodeEncodeError once the work was done
+    (a traceback, the run lost), and a Latin-1 character became a byte the paper's UTF-8
+    LaTeX does not read. The C locale without UTF-8 mode or coercion is ASCII here."""
+    import subprocess
+
+    code = ("import sys\nfrom pathlib import Path\nfrom studies._common import RunDir\n"
+            "with RunDir(Path(sys.argv[1]), 'demo', [], {}, force=True) as run:\n"
+            "    run.write_text('t.tex', '\\u03c3 \\u00b1 \\u00e9\\n')\n"
+            "    run.write_macros('m.tex', {'sigma': '\\u03c3'})\n"
+            "    run.finish()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
+    env.update(LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0",
+               PYTHONPATH=os.pathsep.join([str(Path(_common.__file__).parents[1]),
+                                           env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert (tmp_path / "run" / "t.tex").read_bytes() == "σ ± é\n".encode()
+    assert "{σ}" in (tmp_path / "run" / "m.tex").read_text(encoding="utf-8")
