@@ -697,7 +697,9 @@ def publish_folder(stage: Path, final: Path, *,
     Raises
     ------
     StudyError
-        When ``final`` is a file or a symbolic link (never replaced).
+        When ``final`` is a file or a symbolic link (never replaced); and when the previous
+        folder's copy cannot be removed (a file the process may not remove): ``stage`` is
+        at ``final``, complete, and the message says so and where the copy is.
     PublishedInterrupt
         A Ctrl-C or SIGTERM that came while the folders moved, or while the previous one was
         removed: ``stage`` is at ``final``, complete.
@@ -759,6 +761,10 @@ def publish_folder(stage: Path, final: Path, *,
             raise PublishedInterrupt(
                 f"it is complete at {final}; the previous one's copy at {old} was not fully "
                 f"removed (the next run aimed at {final} removes it)") from None
+        except OSError as err:  # published: said as such, not as a bare errno
+            raise StudyError(
+                f"the run is complete at {final}, but the previous one's copy at {old} could "
+                f"not be removed ({err.strerror}: {err.filename}); remove it by hand") from err
     if interrupted:
         raise PublishedInterrupt(f"it is complete at {final}")
     return final

@@ -1207,3 +1207,36 @@ def test_a_runs_text_is_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0, done.stderr[-500:]
     assert (tmp_path / "run" / "t.tex").read_bytes() == "σ ± é\n".encode()
     assert "{σ}" in (tmp_path / "run" / "m.tex").read_text(encoding="utf-8")
+
+
+def test_a_replaced_runs_copy_that_cannot_be_removed_is_said_after_the_run_is_published(
+        tmp_path, monkeypatch, capsys):
+    """A file of the previous run that may not be removed (chattr +i; EPERM) failed the
+    removal of its copy after the new run was published: the study exited 1 with a bare
+    "[Errno 1] Operation not permitted: 'f1.txt'", no word that the run was complete at
+    --out or where the copy was. Root removes any file: the refusal is played by unlink."""
+    out = tmp_path / "results"
+    with RunDir(out, "demo", [], {}, force=False) as run:
+        for i in range(3):
+            run.write_text(f"f{i}.txt", "x\n")
+        run.finish()
+    real = Path.unlink
+
+    def unlink(self, *a, **k):
+        if ".old-" in str(self.parent) and self.name == "f1.txt":
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real(self, *a, **k)
+
+    def body(argv):
+        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
+            run.write_text("new.txt", "new\n")
+            run.finish()
+        return 0
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert _common.study_main(body)([]) == _common.EXIT_REFUSED
+    old, = tmp_path.glob(".results.old-*")
+    err = capsys.readouterr().err
+    assert f"the run is complete at {out}, but the previous one's copy at {old} could not be " \
+           f"removed (Operation not permitted: {old / 'f1.txt'}); remove it by hand" in err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "new.txt"]
