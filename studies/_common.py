@@ -578,7 +578,9 @@ def clean_stale_partials(final: Path) -> list[Path]:
     name), not symbolic links, that hold the :data:`STAGING_MARK` a study puts in the
     folders it makes (a user's folder of the same name is left alone), and only when no
     process ``PID`` is alive: a run in progress keeps its folders. Returns the folders
-    removed.
+    removed. A folder that cannot be removed (it holds a file this process may not remove)
+    is left, still marked (its mark goes last), and the run goes on: a later one removes it
+    once it can.
 
     A replaced run's copy (``.NAME.old-PID``) while nothing is at ``final`` and the new run
     still lies under its staging name (``.NAME.partial-PID``, of the same PID) is the
@@ -600,7 +602,10 @@ def clean_stale_partials(final: Path) -> list[Path]:
                 (p / STAGING_MARK).unlink()
                 p.rename(final)
                 continue
-            shutil.rmtree(p)
+            try:
+                _remove_marked(p)
+            except OSError:  # not in this run's way: it stays marked for a later one
+                continue
             removed.append(p)
     return removed
 

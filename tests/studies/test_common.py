@@ -1240,3 +1240,32 @@ def test_a_replaced_runs_copy_that_cannot_be_removed_is_said_after_the_run_is_pu
     assert f"the run is complete at {out}, but the previous one's copy at {old} could not be " \
            f"removed (Operation not permitted: {old / 'f1.txt'}); remove it by hand" in err
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "new.txt"]
+
+
+def test_a_stale_folder_that_cannot_be_removed_is_left_marked_and_the_run_goes_on(
+        tmp_path, monkeypatch):
+    """A killed run's folder holding a file this process may not remove (chattr +i, EPERM)
+    made every check_out aimed at the same --out fail before any work with a bare
+    "[Errno 1] Operation not permitted: 'f1.txt'", naming no folder, and rmtree had
+    removed its mark first, so it then stayed for good as a user's folder. Root removes any
+    file: the refusal is played by os.unlink."""
+    out = tmp_path / "results"
+    stale = tmp_path / ".results.partial-4194303"
+    stale.mkdir()
+    _common._mark(stale)
+    for name in ("f0.txt", "f1.txt"):
+        (stale / name).write_text("x\n")
+    real = os.unlink
+
+    def unlink(path, *a, **k):
+        if os.path.basename(os.fspath(path)) == "f1.txt":
+            raise PermissionError(1, "Operation not permitted", os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(_common, "process_alive", lambda pid: False)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert _common.check_out(out, "demo", force=False) == out
+    assert (stale / _common.STAGING_MARK).is_file() and (stale / "f1.txt").is_file()
+    monkeypatch.setattr(os, "unlink", real)
+    assert _common.clean_stale_partials(out) == [stale]  # once it can
+    assert not stale.exists()
