@@ -154,7 +154,9 @@ def sigint_counted():
 def sigint_held():
     """Hold a Ctrl-C until the block ends, then raise it (an optimizer update interrupted
     half-way would leave weights, momenta and step counter out of step with each other);
-    the held SIGINT is counted (:func:`interrupts`). Only the main thread can set handlers,
+    the held SIGINT is counted (:func:`interrupts`). A block that raises an ``Exception``
+    after a Ctrl-C came raises the ``KeyboardInterrupt`` instead, the error chained, so a
+    caller that catches the error does not lose the Ctrl-C. Only the main thread can set handlers,
     and a handler someone else installed (or SIG_IGN) is theirs to keep: in both cases the
     block runs as it is."""
     previous = signal.getsignal(signal.SIGINT)
@@ -171,6 +173,10 @@ def sigint_held():
     signal.signal(signal.SIGINT, hold)
     try:
         yield
+    except Exception as err:
+        if pending:  # the Ctrl-C held, not an error a caller may catch and survive
+            raise KeyboardInterrupt from err
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if pending:

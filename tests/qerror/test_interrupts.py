@@ -174,6 +174,26 @@ def test_a_held_ctrl_c_is_counted_once_and_raised_when_the_block_ends():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_held_ctrl_c_is_not_lost_when_the_block_then_raises():
+    """A block that fails after a Ctrl-C came raises the KeyboardInterrupt, the error
+    chained: a caller that catches the error (a fallback) would otherwise go on as if no
+    Ctrl-C had come."""
+    from qerror.interrupts import sigint_held
+
+    with pytest.raises(KeyboardInterrupt) as got:
+        try:
+            with sigint_held():
+                signal.raise_signal(signal.SIGINT)
+                raise ValueError("the step failed")
+        except ValueError:
+            pass  # a caller's fallback: the Ctrl-C must not end here
+    assert isinstance(got.value.__cause__, ValueError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(ValueError, match="no Ctrl-C"):  # without one, the error as it was
+        with sigint_held():
+            raise ValueError("no Ctrl-C")
+
+
 def test_a_sigint_sent_again_after_the_block_does_not_make_the_next_block_miss_one(
         monkeypatch):
     """A KeyboardInterrupt dropped in the moment the block ends is marked as sent again
