@@ -260,6 +260,11 @@ DIRECTIONS = (
               "ECE 'falls' from before calibration to after the NLL temperature",
               ("earlyExitEceBeforeMaxInt", "earlyExitEceAfterMaxIntNll"),
               lambda before, after: after < before),
+    Direction("early_exit", "Section 'An INT8 early-exit ResNet50' says the largest INT8 test "
+              "ECE falls to its figure after the temperature that minimises the validation ECE "
+              "too ('minimising the validation ECE itself, to ...')",
+              ("earlyExitEceBeforeMaxInt", "earlyExitEceAfterMaxIntEce"),
+              lambda before, after: after < before),
     Direction("early_exit", "Section 'An INT8 early-exit ResNet50' says the isotonic map 'can "
               "bend' the confidence curve that the rules' temperature cannot straighten (its "
               "largest test ECE below the temperature's)",

@@ -439,6 +439,13 @@ _ECE = ("earlyExitEceBeforeMaxInt", "earlyExitEceAfterMaxIntNll", "earlyExitEceA
     ("early_exit", dict(zip(_ECE, ("5.10", "2.43", "2.43", "2.60"))), ["'can bend'"]),
     ("early_exit", dict(zip(_ECE, ("2.10", "2.43", "2.43", "2.60"))), ["'falls'",
                                                                        "'can bend'"]),
+    # the ECE-minimising temperature's figure is the sentence's second "to"
+    ("early_exit", {**dict(zip(_ECE, ("5.10", "2.43", "2.43", "1.47"))),
+                    "earlyExitEceAfterMaxIntEce": "5.36"},
+     ["'minimising the validation ECE itself, to ...'"]),
+    ("early_exit", {**dict(zip(_ECE, ("5.10", "2.43", "2.43", "1.47"))),
+                    "earlyExitEceAfterMaxIntEce": "5.10"},
+     ["'minimising the validation ECE itself, to ...'"]),
     ("early_exit", {"earlyExitLastTestFrozen": "88.81", "earlyExitLastTestJoint": "88.81"},
      ["'raises the last exit too'"]),
     ("early_exit", {"earlyExitLastTestFrozen": "88.81", "earlyExitLastTestJoint": "--"},
@@ -468,6 +475,7 @@ def test_figures_that_contradict_the_proses_words_stop_the_full_build(tmp_path, 
 def test_figures_that_bear_out_the_proses_words_pass():
     ok = {"datasetEquivDifferingLogits": "0",
           **dict(zip(_ECE, ("5.10", "2.43", "2.43", "1.47"))),
+          "earlyExitEceAfterMaxIntEce": "2.61",
           "earlyExitLastTestFrozen": "88.81", "earlyExitLastTestJoint": "90.17"}
     for d in build.DIRECTIONS:
         assert d.holds(*(build._macro_number(ok[n]) for n in d.macros))
