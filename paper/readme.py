@@ -1951,7 +1951,10 @@ def render(text: str, root: Path = RECORDS) -> tuple[str, list[str]]:
         except RecordError as err:
             problems.append(str(err))
             return m.group(0)
-        except ValueError as err:  # int(nan) and the like, or the check above
+        # int(nan) and the like, or the check above; TypeError: a JSON output's figure that
+        # was not finite is null there (qerror.files.json_text), which a format or a sum
+        # meets as None
+        except (TypeError, ValueError) as err:
             problems.append(f"README passage '{name}': {err}; a figure it states is not a "
                             "number in the records it reads ("
                             + ", ".join(f"record {r}" for r in dict.fromkeys(read))
