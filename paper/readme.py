@@ -1524,6 +1524,12 @@ def early_exit_verdict(records) -> EarlyExitVerdict:
         raise RecordError(f"the early-exit records disagree on the TOST margin: {sorted(margin)}")
     margin = margin.pop()
     heads = [(records(n), _ee_head(records(n))) for n, _ in _EE_RUNS]
+    for rec, h in heads:  # a NaN compares as False: it would count as a failed test
+        for column in ("tost_ci_lo", "tost_p"):
+            if not math.isfinite(h[column]):
+                raise RecordError(f"record {rec.name}: operating_points.csv holds {h[column]} "
+                                  f"as its headline rule's {column}: the record does not hold "
+                                  "the figure the verdict counts")
     lows = [h.tost_ci_lo for _, h in heads]
     passes = [h.tost_p < float(rec.manifest["config"]["alpha"]) for rec, h in heads]
     return EarlyExitVerdict(

@@ -579,6 +579,33 @@ def test_a_broken_readme_record_stops_the_build(tmp_path):
         build.readme_tex(tmp_path)
 
 
+@pytest.mark.parametrize("record, column", [("early_exit", "tost_ci_lo"),
+                                            ("early-exit-seed1", "tost_p")])
+def test_a_readme_record_without_its_tost_figure_stops_the_build(tmp_path, record, column):
+    """A NaN compares as False: counted as a failed test, it made the paper say "non-inferior
+    ... on four of them" from a record the README's own passage refuses to state."""
+    readme = build._readme()
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    path = root / record / "operating_points.csv"
+    policy = json.loads((root / record / "summary.json").read_text())["head_policy"]
+    lines = path.read_text().splitlines()
+    names = lines[0].split(",")
+    for i, line in enumerate(lines[1:], 1):
+        cells = line.split(",")
+        if cells[names.index("system")] == "int8_early_exit" \
+                and cells[names.index("policy")] == policy:
+            cells[names.index(column)] = ""
+            lines[i] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    manifest = json.loads((root / record / "manifest.json").read_text())
+    manifest["outputs"]["operating_points.csv"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / record / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(build.BuildError, match=f"the README's records: record {record}: "
+                       f"operating_points.csv holds nan as its headline rule's {column}"):
+        build.readme_tex(root)
+
+
 # --------------------------------------------------------------------------- provenance
 
 
