@@ -981,14 +981,14 @@ def compile_pdf(paper: Path = PAPER) -> LogReport:
     BuildError
         latexmk is not installed, LaTeX failed, or the log names a problem.
     """
+    pdf, failed = paper / "main.pdf", paper / FAILED_PDF
+    failed.unlink(missing_ok=True)
+    pdf.unlink(missing_ok=True)  # before any failure: it is of the generated parts replaced
     latexmk = shutil.which("latexmk")
     if latexmk is None:
         raise BuildError("latexmk is not installed; on Debian/Ubuntu: apt-get install -y "
                          "--no-install-recommends latexmk texlive-latex-recommended "
                          "texlive-latex-extra texlive-fonts-recommended texlive-science lmodern")
-    pdf, failed = paper / "main.pdf", paper / FAILED_PDF
-    failed.unlink(missing_ok=True)
-    pdf.unlink(missing_ok=True)
     env = dict(os.environ, max_print_line="100000", error_line="254", half_error_line="238")
     try:
         done = subprocess.run([latexmk, "-pdf", "-g", "-interaction=nonstopmode",

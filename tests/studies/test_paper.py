@@ -723,10 +723,14 @@ def test_a_long_generated_table_takes_one_table_number(tmp_path):
     assert "same identifier" not in (tmp_path / "doc.log").read_text(errors="replace")
 
 
-def test_missing_latexmk_is_a_clear_error(monkeypatch):
+def test_missing_latexmk_is_a_clear_error_and_leaves_no_main_pdf(tmp_path, monkeypatch):
+    # the build has replaced the generated parts by then: the previous build's PDF is not
+    # of them
+    (tmp_path / "main.pdf").write_bytes(b"%PDF-1.5 the previous build's\n")
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(build.BuildError, match="apt-get install .*latexmk"):
-        build.compile_pdf()
+        build.compile_pdf(tmp_path)
+    assert not (tmp_path / "main.pdf").exists()
 
 
 FAILED_PDF = "main.failed.pdf"  # where a failed build's PDF goes
