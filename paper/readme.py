@@ -2090,6 +2090,7 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
     folder = root / name
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    aside = staging.with_name(staging.name + ".old")  # the record replaced, until the new is in
     try:
         for f in ["manifest.json", *files]:
             shutil.copyfile(run_dir / f, staging / f)
@@ -2120,11 +2121,16 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
         if about.is_file() and (folder / "manifest.json").is_file():
             differs = _what_differs(json.loads((folder / "manifest.json").read_text()),
                                     manifest)
+        # by renames, the old record removed only once the new one is in its place: a
+        # Ctrl-C leaves one of them whole
         if folder.exists():
-            shutil.rmtree(folder)
+            folder.rename(aside)
         staging.rename(folder)
     finally:
+        if aside.exists() and not folder.exists():  # stopped between the renames
+            aside.rename(folder)
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     if differs:
         words = json.loads((folder / "record.json").read_text())
         print(f"[readme] warning: record {name} keeps its record.json (machine: "

@@ -1,6 +1,7 @@
 """paper/readme.py: the README's measured passages are what their records render, and the
 records are the runs' own outputs (each file's sha256 is its manifest's)."""
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -128,6 +129,34 @@ def test_adding_again_replaces_a_record_whole_or_not_at_all(tmp_path):
         readme.add(f"r={third}", ["a.csv"], root)
     assert readme.Record("r", root).csv("a.csv").x.tolist() == [3]
     assert sorted(p.name for p in root.iterdir()) == ["r"]  # no staging folder left
+
+
+def test_a_ctrl_c_while_a_record_is_replaced_leaves_it_whole(tmp_path, monkeypatch):
+    """Ctrl-C while the replaced record's files were removed left a record of neither run (a
+    file of the old one gone, the new one's copies dropped): the old record or the new one
+    stays, whole."""
+    root = tmp_path / "record"
+    first = _run(tmp_path / "run1", {"a.csv": "x\n1\n", "b.csv": "y\n2\n"})
+    readme.add(f"r={first}", ["a.csv", "b.csv"], root)
+    (root / "r" / "record.json").write_text(json.dumps({"command": "python -m studies.x",
+                                                        "machine": "m"}))
+    second = _run(tmp_path / "run2", {"a.csv": "x\n3\n", "b.csv": "y\n4\n"})
+    rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        path = Path(path)
+        if (path / "manifest.json").is_file() and (path / "a.csv").is_file():
+            (path / "a.csv").unlink()  # part-way through a record's files
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(readme.shutil, "rmtree", interrupted)
+    with contextlib.suppress(KeyboardInterrupt):
+        readme.add(f"r={second}", ["a.csv", "b.csv"], root)
+    rec = readme.Record("r", root)
+    assert [rec.csv("a.csv").x.tolist(), rec.csv("b.csv").y.tolist()] in ([[1], [2]],
+                                                                           [[3], [4]])
+    assert (root / "r" / "record.json").is_file()
 
 
 def test_records_without_words_or_figures_are_named(tmp_path):
