@@ -317,7 +317,8 @@ def check_directions(runs: dict[str, Path], manifests: dict[str, dict], uses: Us
 # The rule, applied to the hand-written sources (paper/*.tex):
 #
 # * Only the document body counts: the preamble (before \begin{document}), comments and the
-#   thebibliography environment (years, volumes, pages of references) are not prose.
+#   thebibliography environment (years, volumes, pages of references) are not prose; but what
+#   the preamble gives the title page to print (PRINTED_PREAMBLE: \title, \author, ...) is.
 # * In prose, a number is a run of digits (with inner . or , as in 0.5 or 10,000) that does
 #   not follow a letter. It is refused: results come from the studies' macros, and small
 #   counts are written in words ("eight-bit"). A digit run that follows a letter is part of a
@@ -352,6 +353,8 @@ _DEFINITION = re.compile(r"\\(?:(?:(?:re)?newcommand|providecommand|DeclareRobus
                          r"\s*\{?\\([A-Za-z@]+)\}?(?:\s*\[\d\])?"
                          r"|[gex]?def\s*\\([A-Za-z@]+)(?:#\d)*"
                          r"|(?:re)?newenvironment\*?\s*\{([A-Za-z*]+)\}(?:\s*\[\d\])?)")
+# Commands set in the preamble whose arguments the title page prints: prose.
+PRINTED_PREAMBLE = ("title", "author", "date", "thanks")
 MATH_ENVIRONMENTS = ("equation", "equation*", "align", "align*", "gather", "gather*",
                      "multline", "multline*", "displaymath")
 # a dimension is the number with its unit right after it (2mm, 0.5em, 1ex): with a space
@@ -452,8 +455,15 @@ def hand_typed_numbers(source: str) -> list[HandTyped]:
     begin = text.find(r"\begin{document}")
     if begin >= 0:
         kept = [(s, e, text[s:e]) for s, e in bodies if s < begin]
+        printed = r"\\(?:" + "|".join(PRINTED_PREAMBLE) + r")(?![A-Za-z])\*?\s*"
+        for m in re.finditer(printed, text[:begin]):
+            end = m.end()
+            while end < begin and text[end] in "{[":
+                end = _group_end(text, end)
+            kept.append((m.end(), end, text[m.end():end]))
         text = _blank(text, 0, begin + len(r"\begin{document}"))
-        for s, e, body in kept:  # definitions in the preamble are checked as the body is
+        # definitions and what the title page prints are checked as the body is
+        for s, e, body in kept:
             text = text[:s] + body + text[e:]
     for m in re.finditer(r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", text, re.S):
         text = _blank(text, *m.span())

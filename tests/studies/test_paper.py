@@ -922,6 +922,17 @@ def test_preamble_and_bibliography_are_not_prose():
     assert numbers("Since 1996 it holds.") == ["1996"]  # a year in prose is still typed
 
 
+def test_what_the_title_page_prints_from_the_preamble_is_prose():
+    """\\title, \\author, \\date and \\thanks sit in the preamble and print on the first
+    page: a result typed there is typed into the paper."""
+    assert numbers("text", preamble="\\title{Truncation costs 4.2 points}\n") == ["4.2"]
+    assert numbers("text", preamble="\\title[Short, 88\\,\\%]{A title}\n"
+                                    "\\author{A\\thanks{Funded 2024.}}\n\\date{May 31}\n") \
+        == ["88", "2024", "31"]
+    assert numbers("text", preamble="\\title{INT8 ResNet50:\\\\ in eight bits}\n\\date{}\n") \
+        == []
+
+
 def test_line_numbers_point_at_the_number():
     src = "\\begin{document}\nfirst line\nsecond with 42 here\n\\end{document}\n"
     (h,) = build.hand_typed_numbers(src)
