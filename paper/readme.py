@@ -162,6 +162,7 @@ class Record:
                               "machine, which the manifest cannot say): write it")
         self.about = _About(name, _json_object(about, f"record {name}", "rewrite it: the "
                                                "command as run and the machine"))
+        self._shapes()
         git = self.manifest.get("git") or {}
         if not git.get("commit") or git.get("dirty") or "at_finish" in git:
             raise RecordError(f"record {name}: its run did not come from one clean commit "
@@ -179,6 +180,25 @@ class Record:
             if sha256_file(path) != outputs[path.name]:
                 raise RecordError(f"record {name}: {path.name} differs from the output its "
                                   "manifest lists (sha256): copy the run's file unchanged")
+
+    def _shapes(self) -> None:
+        """The manifest's and ``record.json``'s fields the checks read are of the shapes a
+        study and ``--add`` write: JSON edited by hand into another (no sha256 guards either
+        file) is named here, not met as a TypeError by a check."""
+        m, argv, git = self.manifest, self.manifest.get("argv") or [], self.manifest.get("git")
+        if not isinstance(m.get("outputs", {}), dict) or not isinstance(git or {}, dict) \
+                or not isinstance((git or {}).get("commit") or "", str) \
+                or not isinstance(m.get("config") or {}, dict) \
+                or not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+            raise RecordError(f"record {self.name}: its manifest.json is not a study's manifest "
+                              "(outputs an object of file: sha256, git an object with its "
+                              "commit as text, config an object, argv a list of words); copy "
+                              "the run's own manifest again (python paper/readme.py --add "
+                              f"{self.name}=RUN FILE ...)")
+        if not isinstance(self.about.get("command", ""), str):
+            raise RecordError(f"record {self.name}: its record.json is not the words a record "
+                              "needs (command, the command line as run, is not text): rewrite "
+                              "it")
 
     def csv(self, file: str) -> pd.DataFrame:
         return pd.read_csv(self._path(file))

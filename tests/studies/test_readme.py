@@ -195,6 +195,27 @@ def test_a_record_whose_json_does_not_parse_is_named(tmp_path, which):
     assert not (root / "s").exists()
 
 
+@pytest.mark.parametrize("which, key, value", [
+    ("manifest.json", "outputs", ["a.csv"]), ("manifest.json", "outputs", None),
+    ("manifest.json", "git", "abc"), ("manifest.json", "git", {"commit": 123}),
+    ("manifest.json", "config", [1]), ("manifest.json", "argv", [5]),
+    ("manifest.json", "argv", "--seed 1"), ("record.json", "command", 7),
+])
+def test_a_record_whose_json_has_another_shape_is_named(tmp_path, which, key, value):
+    """JSON objects edited by hand into another shape (a list of outputs, a git that is no
+    object, an argv that is no list of words): a RecordError naming the record and the file,
+    not a TypeError or AttributeError from a check that reads them."""
+    run = _run(tmp_path / "run", {"a.csv": "x\n1\n"})
+    root = tmp_path / "record"
+    readme.add(f"r={run}", ["a.csv"], root)
+    path = root / "r" / which
+    words = json.loads(path.read_text())
+    words[key] = value
+    path.write_text(json.dumps(words))
+    with pytest.raises(readme.RecordError, match=rf"record r: its {which} is not "):
+        readme.Record("r", root)
+
+
 @pytest.mark.parametrize("record, file, old, new, says", [
     # formatted as it is ("median step nan s")
     ("baseline-train", "timing.json", '"median_step_seconds": 0.8051135709999926',
