@@ -2139,8 +2139,11 @@ def add(spec: str, files: list[str], root: Path = RECORDS) -> Path:
                               "(fetch or push it first)")
         differs = []
         if about.is_file() and (folder / "manifest.json").is_file():
-            differs = _what_differs(json.loads((folder / "manifest.json").read_text()),
-                                    manifest)
+            try:
+                differs = _what_differs(json.loads((folder / "manifest.json").read_text()),
+                                        manifest)
+            except (ValueError, AttributeError):  # damaged, as a record a re-add repairs:
+                differs = _what_differs({}, manifest)  # the run its words describe is unknown
         # by renames, the old record removed only once the new one is in its place: a
         # Ctrl-C leaves one of them whole
         if folder.exists():

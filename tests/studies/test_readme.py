@@ -458,6 +458,22 @@ def test_re_adding_a_run_of_another_commit_or_machine_warns_that_the_words_stay(
     assert readme.Record("r", root).about["machine"] == "an EPYC, one thread"
 
 
+@pytest.mark.parametrize("damage", ["cut short", "a list"])
+def test_re_adding_repairs_a_record_whose_manifest_is_damaged(tmp_path, capsys, damage):
+    """Re-adding its run is how a damaged record is repaired: the comparison with the old
+    run's manifest (for the warning on the kept words) stopped it with a JSONDecodeError or
+    AttributeError; the old run is unknown, so the warning names every field."""
+    root = tmp_path / "record"
+    readme.add(f"r={_run(tmp_path / 'a', {'a.csv': '1'})}", ["a.csv"], root)
+    (root / "r" / "record.json").write_text(json.dumps({"command": "python -m studies.x",
+                                                        "machine": "m"}))
+    old = root / "r" / "manifest.json"
+    old.write_text(old.read_text()[1:] if damage == "cut short" else "[1]")
+    readme.add(f"r={_run(tmp_path / 'b', {'a.csv': '2'})}", ["a.csv"], root)
+    assert readme.Record("r", root).csv("a.csv").columns.tolist() == ["2"]
+    assert "record r keeps its record.json (machine: 'm')" in capsys.readouterr().err
+
+
 def test_re_adding_a_run_of_another_command_names_the_kept_words(tmp_path):
     """The refusal named the hidden staging folder ('record .r.bmd8i1zz: its command gives
     ...') and not the record.json kept from the record it replaces, whose command it was."""
