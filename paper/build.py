@@ -534,6 +534,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _manifest_shape(manifest: object) -> str | None:
+    """What ``manifest`` holds in a shape no study writes, among what the build reads of it
+    (the settings from its config, the provenance from its git, models and timing outputs),
+    or None: valid JSON of another shape, which would stop the build with a TypeError."""
+    kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
+             int: "a number", float: "a number"}
+    if not isinstance(manifest, dict):
+        return kinds[type(manifest)]
+    git = manifest.get("git") or {}
+    wrong = [what for what, ok in (
+        ("an argv that is no list", isinstance(manifest.get("argv") or [], list)),
+        ("a git that is no object", isinstance(git, dict)),
+        ("a commit that is no text",
+         not isinstance(git, dict) or isinstance(git.get("commit") or "", str)),
+        ("a config that is no object", isinstance(manifest.get("config") or {}, dict)),
+        ("a model that is no object", isinstance(manifest.get("model") or {}, dict)),
+        ("models that are no object", isinstance(manifest.get("models") or {}, dict)),
+        ("timing_outputs that are no list",
+         isinstance(manifest.get("timing_outputs") or [], list))) if not ok]
+    if not wrong and not all(isinstance(c["sha256"], str) for c in checkpoints(manifest)):
+        wrong.append("a checkpoint sha256 that is no text")
+    return wrong[0] if wrong else None
+
+
 def check_run(study: str, folder: Path, uses: Uses) -> dict:
     """The manifest of ``folder`` once it is a complete, unaltered run of ``study`` that holds
     every file and macro the paper uses.
@@ -553,12 +577,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     except (OSError, ValueError) as err:
         raise BuildError(f"{folder} has no readable manifest.json ({err}), so it is not a "
                          f"finished run of the {study} study; {make}") from err
-    # valid JSON of another shape: no study wrote it (a study writes an object, argv a list)
-    kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
-             int: "a number", float: "a number"}
-    shape = (kinds[type(manifest)] if not isinstance(manifest, dict) else
-             "an argv that is no list" if not isinstance(manifest.get("argv") or [], list)
-             else None)
+    shape = _manifest_shape(manifest)
     if shape is not None:
         raise BuildError(f"{folder}/manifest.json is not a study's manifest (it holds {shape}), "
                          f"so it is not a finished run of the {study} study; {make}")

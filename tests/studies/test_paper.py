@@ -148,6 +148,28 @@ def test_a_manifest_of_another_shape_is_refused_as_no_run(tmp_path, text):
     assert str(run) in str(err.value) and "python -m studies.drift" in str(err.value)
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("git", "abc", "a git that is no object"), ("git", {"commit": 5}, "a commit that is no text"),
+    ("config", [1], "a config that is no object"), ("models", [1], "models that are no object"),
+    ("model", {"model": "resnet50", "sha256": 5}, "a checkpoint sha256 that is no text"),
+    ("timing_outputs", "t.csv", "timing_outputs that are no list"),
+])
+def test_a_manifest_whose_fields_have_another_shape_is_refused(tmp_path, monkeypatch, field,
+                                                               value, says):
+    """A run's manifest whose git, config, models or checkpoint sha256 no study writes so
+    passed the checks and stopped the build with an AttributeError or TypeError while it
+    wrote the settings or the provenance (a timing_outputs string was listed letter by
+    letter): refused as no study's manifest, naming the folder and the field."""
+    fake_ledger(monkeypatch)
+    runs = all_runs(tmp_path / "runs")
+    path = runs["drift"] / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(build.BuildError) as err:
+        build.write_generated(runs, uses(), tmp_path / "generated", smoke=True)
+    assert f"{runs['drift']}/manifest.json is not a study's manifest (it holds {says})" \
+        in str(err.value)
+
+
 def test_a_manifest_with_a_null_argv_is_still_a_run(tmp_path):
     run = fake_run(tmp_path / "r", "drift", {"macros.tex": "% m\n"})
     manifest = json.loads((run / "manifest.json").read_text())
