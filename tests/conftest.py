@@ -86,3 +86,21 @@ def fashion_idx(tmp_path, monkeypatch):
         return root
 
     return make
+
+
+@pytest.fixture
+def unlistable(monkeypatch):
+    """Factory: ``unlistable(folder)`` makes ``os.scandir`` refuse ``folder`` (EACCES) for the
+    test's duration, as the kernel refuses a user without read access to it (root lists
+    every folder; ``os.walk`` lists each folder with ``os.scandir``)."""
+    real = os.scandir
+
+    def lock(folder) -> None:
+        def scandir(path="."):
+            if os.fspath(path) == os.fspath(folder):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+
+    return lock

@@ -666,22 +666,12 @@ def test_an_image_wider_than_8_bits_is_refused_not_clipped(tmp_path, name, array
     assert np.asarray(data.load_image(str(root / "n01443537" / "0.jpg"))).dtype == np.uint8
 
 
-def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, monkeypatch):
+def test_imagenet_folder_refuses_a_class_folder_it_cannot_read(tmp_path, unlistable):
     # as a user without read access meets it (root reads every folder, so the refusal of the
     # kernel is played by os.scandir, which os.walk lists each folder with): the folder's
     # images were left out silently, and a study measured the rest
-    import os
-
     root = _image_folder(tmp_path)
-    locked = root / "n02099601"
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.fspath(path) == os.fspath(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    unlistable(root / "n02099601")
     with pytest.raises(data.DataError, match="n02099601: cannot be read"):
         data.imagenet_folder(root)
 

@@ -892,6 +892,16 @@ def test_a_previous_run_that_cannot_be_put_back_is_never_removed_as_left_behind(
     assert not (tmp_path / f"results.finished-{os.getpid()}" / _common.STAGING_MARK).exists()
 
 
+def _replacing(out: Path):
+    """A study's main that publishes a new run over ``out`` (``--force``)."""
+    def body(argv):
+        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
+            run.write_text("new.txt", "new\n")
+            run.finish()
+        return 0
+    return body
+
+
 def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, monkeypatch,
                                                                    capsys):
     """Ctrl-C after some of the previous run's copy is removed: its mark goes last, so the
@@ -911,14 +921,8 @@ def test_a_replaced_runs_copy_cut_short_while_removed_stays_marked(tmp_path, mon
                 raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    def body(argv):
-        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
-            run.write_text("new.txt", "new\n")
-            run.finish()
-        return 0
-
     monkeypatch.setattr(Path, "unlink", unlink)
-    assert _common.study_main(body)([]) == _common.EXIT_INTERRUPTED
+    assert _common.study_main(_replacing(out))([]) == _common.EXIT_INTERRUPTED
     assert f"the next run aimed at {out} removes it" in capsys.readouterr().err
     monkeypatch.setattr(Path, "unlink", real)
     old, = tmp_path.glob(".results.old-*")
@@ -1135,7 +1139,7 @@ def _can_write_in_read_only_folders(tmp_path) -> bool:
 @pytest.mark.parametrize("refusal", ["played", "kernel"])
 @pytest.mark.parametrize("where", ["empty out", "run's subfolder", "unlistable subfolder"])
 def test_an_out_the_run_cannot_empty_is_refused_before_any_work(tmp_path, monkeypatch, where,
-                                                                refusal):
+                                                                refusal, unlistable):
     """An empty read-only --out, or a previous run holding a read-only folder, passed
     check_out: the study did all its work, and then the empty folder could not be marked
     (the run kept beside it, exit 2), or the new run was published and the old copy's
@@ -1158,14 +1162,7 @@ def test_an_out_the_run_cannot_empty_is_refused_before_any_work(tmp_path, monkey
     if refusal == "kernel":
         locked.chmod(0o000 if where == "unlistable subfolder" else 0o555)
     elif where == "unlistable subfolder":
-        real_scandir = os.scandir
-
-        def scandir(path="."):
-            if os.fspath(path) == os.fspath(locked):
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return real_scandir(path)
-
-        monkeypatch.setattr(os, "scandir", scandir)
+        unlistable(locked)
     else:
         real_mkstemp = tempfile.mkstemp
 
@@ -1227,14 +1224,8 @@ def test_a_replaced_runs_copy_that_cannot_be_removed_is_said_after_the_run_is_pu
             raise PermissionError(1, "Operation not permitted", str(self))
         return real(self, *a, **k)
 
-    def body(argv):
-        with RunDir(out, "demo", ["--new"], {}, force=True) as run:
-            run.write_text("new.txt", "new\n")
-            run.finish()
-        return 0
-
     monkeypatch.setattr(Path, "unlink", unlink)
-    assert _common.study_main(body)([]) == _common.EXIT_REFUSED
+    assert _common.study_main(_replacing(out))([]) == _common.EXIT_REFUSED
     old, = tmp_path.glob(".results.old-*")
     err = capsys.readouterr().err
     assert f"the run is complete at {out}, but the previous one's copy at {old} could not be " \
