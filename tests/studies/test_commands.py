@@ -202,3 +202,21 @@ def test_the_make_targets_paths_and_tests_the_readme_names_exist():
     for path, _, name in re.findall(r"(tests/[\w/]+\.py)(::)?(\w*)", makefile):
         assert (REPO / path).is_file() and f"def {name}(" in (REPO / path).read_text() \
             if name else (REPO / path).is_file(), path
+
+
+def test_the_stats_functions_the_readme_says_return_a_result_return_one():
+    """The README's row for qerror/stats.py says what "each returns" (statistic, p-value, CI,
+    n and a verdict in words): every function it names before that says so returns a
+    StatResult. It named mcnemar_resolution, mcnemar_power, units_to_resolve, tail_share and
+    median_ranks there, which return a McNemarResolution, floats and a tuple."""
+    import typing
+
+    from qerror import stats
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    row = re.search(r"^\| `qerror/stats\.py` \|(.*)\|$", text, re.M).group(1)
+    claimed = re.findall(r"`(\w+)`", row[:row.index("each returns statistic, p-value")])
+    assert claimed
+    returns = {name: typing.get_type_hints(getattr(stats, name))["return"] for name in claimed}
+    assert {name: kind for name, kind in returns.items()
+            if not (isinstance(kind, type) and issubclass(kind, stats.StatResult))} == {}
