@@ -14,7 +14,8 @@ every (image, channel)'s sums of the error, of its square and of both outputs an
 squares (:mod:`qerror.nn._moments`; other tensors take torch's reductions). A batch of more
 than 32 images is measured in two paired passes of half its images (``pair_batch``,
 :func:`default_pair_batch`), so each pass holds as many images as the batch's float forward
-(peak memory about 1.4× the float forward's; ``python -m studies.bench --only drift``).
+(its peak memory against the float forward's is measured by ``python -m studies.bench
+--only drift``, and the README's bench records state it).
 
 :func:`measure_many` extends the pair to a *K-way batch*: the float chunk and one chunk per
 configuration (say every rounding mode of a bit width), so one float pass serves them all
