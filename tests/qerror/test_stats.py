@@ -1065,6 +1065,47 @@ def test_paired_accuracy_equivalence_is_ci_inclusion_and_matches_the_mcnemar_int
         paired_accuracy_equivalence(1, 1, 10, 0.01, alpha=0.6)
 
 
+BONETT_PRICE_CASES = [(30, 10, 100), (0, 0, 500), (3, 40, 2000), (60, 10, 10_000),
+                      (1, 0, 1), (7, 2, 9), (517, 480, 100_000)]
+
+
+@pytest.mark.parametrize("only_a, only_b, n", BONETT_PRICE_CASES)
+def test_bonett_price_interval_and_tost_match_the_published_formula(only_a, only_b, n):
+    """McNemar's interval and the paired TOST were checked only against each other (one
+    shared formula) and through sizes computed by the library itself: a denominator n + 1
+    for Bonett and Price's n + 2 passed every test. Here both against the formula of
+    Bonett & Price (2012), evaluated from exact fractions: p̃_a = (b + 1)/(n + 2),
+    p̃_b = (c + 1)/(n + 2), Δ̃ = p̃_a - p̃_b, se = sqrt((p̃_a + p̃_b - Δ̃²)/(n + 2)), the
+    interval Δ̃ ± z se clipped to [-1, 1]. Float bound: the library's dozen roundings
+    (each <= u = 2**-53 relative) enter the variance with condition number
+    κ = (p̃_a + p̃_b)/(p̃_a + p̃_b - Δ̃²) and the ends with |Δ̃| + z se, so the ends are held to
+    32 κ u (|Δ̃| + z se); the z-values alike, and a normal tail's p-value to
+    (z² + 1) times their relative error (its condition number |z φ(z)/Φ̄(z)| <= z² + 1)."""
+    from qerror.stats import paired_accuracy_equivalence
+
+    u = 2.0 ** -53
+    pa, pb = Fraction(only_a + 1, n + 2), Fraction(only_b + 1, n + 2)
+    shrunk = pa - pb
+    var = pa + pb - shrunk * shrunk
+    kappa = float((pa + pb) / var)
+    se = math.sqrt(float(var / (n + 2)))
+    for alpha in (0.05, 0.01):
+        z = sps.norm.isf(alpha / 2)
+        half = z * se
+        scale = 32 * kappa * u * (abs(float(shrunk)) + half)
+        want = (max(-1.0, float(shrunk) - half), min(1.0, float(shrunk) + half))
+        got = mcnemar_from_counts(only_a, only_b, n, alpha).ci
+        assert abs(got[0] - want[0]) <= scale and abs(got[1] - want[1]) <= scale, (got, want)
+        margin = 0.02
+        tost = paired_accuracy_equivalence(only_a, only_b, n, margin, alpha=alpha / 2)
+        assert abs(tost.ci[0] - want[0]) <= scale and abs(tost.ci[1] - want[1]) <= scale
+        assert abs(tost.se - se) <= 32 * kappa * u * se
+        for got_p, zz in ((tost.p_low, float(shrunk + Fraction(margin)) / se),
+                          (tost.p_high, float(Fraction(margin) - shrunk) / se)):
+            rel = 32 * kappa * u * (abs(float(shrunk)) + margin) / (abs(zz) * se) * (zz * zz + 1)
+            assert got_p == pytest.approx(sps.norm.sf(zz), rel=rel, abs=1e-300), (got_p, zz)
+
+
 def test_paired_accuracy_equivalence_size_at_the_margin():
     """Under Δ = margin exactly, the TOST rejects about alpha of the time: neither more (too
     liberal) nor far less (a test that cannot reject passes a bound from above alone).
