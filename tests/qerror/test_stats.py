@@ -1114,19 +1114,33 @@ def test_paired_accuracy_equivalence_size_at_the_margin():
     probabilities 0.02 and 0.01 (Δ = 0.01 = margin). Rejection is possible here: the 90 %
     interval's half-width is about 1.645 sqrt(0.03 / 4000) = 0.0045, under the margin (with
     the earlier 0.065 discordant and margin 0.005 it never was, and the check was vacuous).
-    The rate's binomial standard error at 0.05 is sqrt(0.05 * 0.95 / 2000) = 0.0049; the
-    check |rate - 0.05| <= 3 SE has level 0.0027. Seen: 0.059 (z = 1.8; the interval's
-    asymptotic error at the boundary is within sampling); the same samples at alpha = 0.10
-    reject 0.100 of the time and at 0.025, 0.032, so a test twice too liberal, or one that
-    never rejects, fails it.
+    The test's exact size there is not 0.05 but 0.0525 (a Wald-type test at the boundary):
+    the sum over the trinomial counts of the rejections of Bonett and Price's formula (the
+    one the test above holds the library to), computed here. The count of rejections must
+    lie in the central region of Binomial(2000, size) of probability 1 - 0.0027 (the level
+    of a 3 SE band); centred on 0.05, the former band failed a correct test with
+    probability 0.0086, not the 0.0027 it stated. Seen: 0.059 (z = 1.3). A test twice too
+    liberal, or one that never rejects, fails it.
     """
     from qerror.stats import paired_accuracy_equivalence
 
+    n, margin, alpha = 4000, 0.01, 0.05
+    d = np.arange(n + 1)
+    keep = sps.binom.pmf(d, n, 0.03) >= 1e-15
+    dd, bb = (a.ravel() for a in np.meshgrid(d[keep], d[: d[keep].max() + 1], indexing="ij"))
+    dd, bb = dd[bb <= dd], bb[bb <= dd]
+    pa, pb = (bb + 1) / (n + 2), (dd - bb + 1) / (n + 2)
+    se = np.sqrt((pa + pb - (pa - pb) ** 2) / (n + 2))
+    p = np.maximum(sps.norm.sf((pa - pb + margin) / se), sps.norm.sf((margin - pa + pb) / se))
+    size = float(np.sum(sps.binom.pmf(dd, n, 0.03) * sps.binom.pmf(bb, dd, 2 / 3)
+                        * (p < alpha)))
+    assert 0.0524 < size < 0.0526
     rng = np.random.default_rng(12)
-    cells = rng.multinomial(4000, [0.02, 0.01, 0.97], size=2000)
-    rejected = sum(paired_accuracy_equivalence(int(a), int(b), 4000, 0.01).significant
+    cells = rng.multinomial(n, [0.02, 0.01, 0.97], size=2000)
+    rejected = sum(paired_accuracy_equivalence(int(a), int(b), n, margin).significant
                    for a, b, _ in cells)
-    assert abs(rejected / 2000 - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / 2000)
+    lo, hi = acceptance_region(2000, size, meta=2 * sps.norm.sf(3.0))
+    assert lo <= rejected <= hi, (rejected, lo, hi)
 
 
 def test_paired_equivalence_exact_size():
