@@ -708,12 +708,16 @@ def test_the_efd_decay_reaches_every_layer_and_its_backward(mapping):
 
 
 def test_fit_dwn_learns_a_separable_toy_problem():
+    """Means 6 standard deviations apart (Bayes accuracy Φ(3) = 0.9987). Four epochs, the
+    last at a tenth of the rate, reached 0.9 on this seed but not on 12 of 30 others (0.70
+    to 0.89); eight at the full rate reach 0.96 to 1.00 on all 30 (and on this one), so the
+    claim is the network's, not the seed's."""
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 300)
     x = (rng.normal(size=(300, 4)) + 3.0 * y[:, None]).astype(np.float32)
     fit = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
-                  fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0)
-    assert len(fit.val_accuracy) == 4 and fit.train_loss[-1] < fit.train_loss[0]
+                  fan_in=3, epochs=8, batch_size=16, step_size=8, seed=0)
+    assert len(fit.val_accuracy) == 8 and fit.train_loss[-1] < fit.train_loss[0]
     assert fit.val_accuracy[-1] >= 0.9
 
 
@@ -746,13 +750,13 @@ def test_fit_dwn_on_a_gpu_learns_and_its_lookups_match_the_cpu_exactly():
     y = rng.integers(0, 2, 300)
     x = (rng.normal(size=(300, 4)) + 3.0 * y[:, None]).astype(np.float32)
     fit = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
-                  fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0, device="cuda")
+                  fan_in=3, epochs=8, batch_size=16, step_size=8, seed=0, device="cuda")
     assert all(p.device.type == "cpu" for p in fit.model.parameters())
     assert fit.val_accuracy[-1] >= 0.9
     # The same seed trains the same network again: the gradients' sums on the GPU are
     # taken in a fixed order (no atomics).
     again = fit_dwn(x[:200], y[:200], x[200:], y[200:], thermometer_bits=3, luts=(24, 12),
-                    fan_in=3, epochs=4, batch_size=16, step_size=3, seed=0, device="cuda")
+                    fan_in=3, epochs=8, batch_size=16, step_size=8, seed=0, device="cuda")
     for a, b in zip(fit.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)
     # Forward is a table lookup and a sum of 0/1 outputs: the same scores on both devices.
