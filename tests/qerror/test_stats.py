@@ -977,6 +977,33 @@ def test_bootstrap_ends_are_the_resamples_at_whole_ranks():
         assert res.ci == (boot[rank - 1], boot[count - rank]), (alpha, count)
 
 
+def test_bootstrap_p_value_is_the_documented_two_sided_count():
+    """The p-value's only fast check was a null beyond every resample (2 / (B + 1)), where
+    a one-sided count gives the same: p = 2 (1 + #{θ* <= θ0}) / (B + 1) alone passed every
+    test but the slow false-positive rates. Against bootstrap_ci's Notes,
+    min(1, 2 min(1 + #{θ* <= θ0}, 1 + #{θ* >= θ0}) / (B + 1)), counted on the resamples
+    themselves, for nulls below, inside and above them; exact (a count over B + 1, doubled)."""
+    x = np.random.default_rng(7).normal(size=40)
+    count = 999
+    for q in (0.0, 0.02, 0.3, 0.5, 0.7, 0.98, 1.0):
+        seen = []
+
+        def mean(v):
+            seen.append(float(np.mean(v)))
+            return seen[-1]
+
+        plain = bootstrap_ci(x, mean, generator=3, n_resamples=count)
+        boot = np.array(seen[1:])
+        null = float(np.quantile(boot, q)) + (q == 0.0) * -1.0 + (q == 1.0) * 1.0
+        seen.clear()
+        res = bootstrap_ci(x, mean, generator=3, n_resamples=count, null=null)
+        assert np.array_equal(np.array(seen[1:]), boot) and res.ci == plain.ci
+        low, high = int(np.sum(boot <= null)), int(np.sum(boot >= null))
+        assert res.p_value == float(min(Fraction(1), Fraction(2 * (1 + min(low, high)),
+                                                              count + 1))), q
+        assert res.statistic == (res.estimate - null) / res.se
+
+
 # --------------------------------------------------------------------------- Holm
 
 
