@@ -55,15 +55,17 @@ def test_widest_within_budget(budget, tmp_path):
                   if not name.endswith("num_batches_tracked"))
     assert size == by_hand
     # The file holds the model: read into another seed's network (tiny_cnn_within's is
-    # 0), every entry comes back
-    # (the weights within half an INT8 step of their channel).
+    # 0), every entry comes back (the weights within half an INT8 step s of their channel,
+    # up to float32's rounding: the code is round(fl(t / s)), |fl(t / s) - t / s| <= 127 u,
+    # and the read-back fl(q s) is off q s by at most 127 s u, u = 2**-24; so |got - t| <=
+    # s / 2 + 254 s u. The bound 2**-20 held on this seed only: 5 of 12 others exceed it).
     back = read_model(TinyCNN(m.width, seed=1), path, "dense", "int8", keep_dense=())
     for name, t in m.state_dict().items():
         got = back.state_dict()[name]
         if name in layers:
             step = t.reshape(t.shape[0], -1).abs().amax(dim=1) / 127
             err = (got - t).reshape(t.shape[0], -1).abs().amax(dim=1)
-            assert (err <= step / 2 * (1 + 2 ** -20)).all(), name
+            assert (err <= step / 2 + 254 * step * 2 ** -24).all(), name
         elif not name.endswith("num_batches_tracked"):
             assert torch.equal(got, t), name
 
