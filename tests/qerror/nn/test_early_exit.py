@@ -422,14 +422,18 @@ def test_fit_temperature_by_ece_recovers_the_true_temperature_and_beats_nll_on_i
     logits, labels = _overconfident(20000, 2.5)
     assert fit_temperature(logits, labels, objective="ece") == pytest.approx(2.5, rel=0.10)
     # Half the samples calibrated at T = 1, half at T = 4: no single T fits both; the NLL's
-    # compromise leaves an ECE the ECE's own T more than halves (5.5 % against 2.2 %).
+    # compromise leaves an ECE the ECE's own T cuts. The ratio of the two ECEs is sampled:
+    # over the seed pairs (1, 2), (3, 4), ..., (23, 24) it was 0.41 to 0.60, mean 0.483,
+    # sd 0.051 (these seeds gave the lowest, 5.5 % against 2.2 %; "more than halves" failed on
+    # 4 of the 12). The bound is its one-sided prediction bound at α = 0.001 for a new draw,
+    # mean + t(0.999, 11)·sd·sqrt(1 + 1/12) = 0.483 + 4.02·0.051·1.04 = 0.70.
     a, b = _overconfident(5000, 1.0, seed=1), _overconfident(5000, 4.0, seed=2)
     z, y = torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
     # calibrate_exits passes the objective on to fit_temperature; the NLL's T keeps the
     # lower NLL.
     (by_nll,), (by_ece,) = (calibrate_exits([z], y, objective=o) for o in ("nll", "ece"))
     assert by_nll.temperature == fit_temperature(z, y)
-    assert by_ece.ece_after < 0.5 * by_nll.ece_after and by_nll.nll_after <= by_ece.nll_after
+    assert by_ece.ece_after < 0.70 * by_nll.ece_after and by_nll.nll_after <= by_ece.nll_after
 
 
 def test_isotonic_map_is_the_monotone_least_squares_fit_and_keeps_the_order():
