@@ -273,18 +273,24 @@ class _LinearStage(nn.Module):
         return h, self.head(h)
 
 
+def _linear_int8_stages() -> Int8ExitStages:
+    """Two _LinearStage networks quantized (uncompiled), the second calibrated on the
+    first's features."""
+    torch.manual_seed(0)
+    floats = [_LinearStage().eval(), _LinearStage().eval()]
+    calib = [torch.randn(8, 4, generator=torch.Generator().manual_seed(1))]
+    return Int8ExitStages((quantize_pt2e(floats[0], calib, compile=False),
+                           quantize_pt2e(floats[1], [floats[0].body(calib[0]).detach()],
+                                         compile=False)))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_int8_stages_refuse_a_non_finite_input_on_every_exit_s_logits_too(bad):
     """The INT8 stages quantize NaN and Inf to ordinary codes: called for every exit's
     logits (the path the early_exit study's threshold sweeps take), they gave finite logits,
     which exit_result_from_logits exited at the first exit, where the float stages' NaN
     logits are refused and run() refuses the input (probe_int8_call_nan.before.log)."""
-    torch.manual_seed(0)
-    floats = [_LinearStage().eval(), _LinearStage().eval()]
-    calib = [torch.randn(8, 4, generator=torch.Generator().manual_seed(1))]
-    q = Int8ExitStages((quantize_pt2e(floats[0], calib, compile=False),
-                        quantize_pt2e(floats[1], [floats[0].body(calib[0]).detach()],
-                                      compile=False)))
+    q = _linear_int8_stages()
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
     rule = ExitRule("max-softmax", (0.0,))
     assert exit_result_from_logits(list(q(x)), rule).exit_index.tolist() == [0, 0, 0]
@@ -308,12 +314,7 @@ def test_the_recorded_times_are_the_intervals_between_the_steps(monkeypatch):
         return readings[-1]
 
     monkeypatch.setattr("qerror.nn.pt2e.time", types.SimpleNamespace(perf_counter=clock))
-    torch.manual_seed(0)
-    floats = [_LinearStage().eval(), _LinearStage().eval()]
-    calib = [torch.randn(8, 4, generator=torch.Generator().manual_seed(1))]
-    q = Int8ExitStages((quantize_pt2e(floats[0], calib, compile=False),
-                        quantize_pt2e(floats[1], [floats[0].body(calib[0]).detach()],
-                                      compile=False)))
+    q = _linear_int8_stages()
     assert len(readings) == 12  # six per stage: before export and after each of five steps
     for k, stage in enumerate(q.stages):
         r = readings[6 * k:6 * k + 6]
