@@ -452,13 +452,15 @@ CLAIMS += (
         Verdict.CONDITIONAL,
         "When the stored codes use the model's own scale and zero point the model sees the "
         "same input (D1), so nothing about the model changes. Codes made with another "
-        "calibration (a percentile range, a scale off by a few percent, or another subset "
-        "whose extremes differ from the calibration set's) feed the model different input, "
-        "which can change its predictions (an affine classifier fed the codes of a scale 2 % "
-        "off decides some inputs otherwise): then it is an ML decision too (python -m "
-        "studies.dataset counts the codes and predictions that change). On Fashion-MNIST "
-        "another subset's min-max is the calibration split's: every image holds a pixel of "
-        "0 and more than nine in ten a pixel of 255.",
+        "calibration (a percentile range that clips, a scale off by a few percent, or another"
+        " subset whose extremes differ from the calibration set's) feed the model different "
+        "input, which can change its predictions (an affine classifier fed the codes of a "
+        "scale 2 % off decides some inputs otherwise): then it is an ML decision too (python "
+        "-m studies.dataset counts the codes and predictions that change). On Fashion-MNIST "
+        "another subset's min-max is the calibration split's: every image holds a pixel of 0 "
+        "and more than nine in ten a pixel of 255; and its 99.9th percentile range is the "
+        "min-max range too (more than 0.1 % of the model input's values are 255's level), so "
+        "of the study's two percentile ranges only the 99th percentile's clips.",
         "test_claim_D6_other_offline_scales_change_what_the_model_sees",
     ),
 )

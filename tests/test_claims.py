@@ -1383,4 +1383,21 @@ def test_claim_D6_other_offline_scales_change_what_the_model_sees():
         assert (flat.min(axis=1) == 0).all() and (flat.max(axis=1) == 255).mean() > 0.9
     assert calibrate(to_tensor(splits.val.images[:1000]), spec) == \
         calibrate(to_tensor(splits.calib.images), spec)
+    # Nor does every percentile range: 0.6 % of the padded model input's values are 255's
+    # level (0.78 % of the calibration split's pixels), so studies.dataset's 99.9th percentile
+    # range is the min-max range and its codes are the model's (the record's other_p99.9:
+    # 0.00 % changed), while the 99th percentile clips. The condition must not say that any
+    # percentile range feeds the model other input.
+    from qerror import RangeMethod, RangePolicy
+
+    other = to_tensor(splits.val.images[:1000])
+    own = calibrate(to_tensor(splits.calib.images), spec)
+    top = (other == other.max()).double().mean()
+    assert 0.001 < float(top) < 0.01
+    pct = {p: calibrate(other, spec, RangePolicy(RangeMethod.PERCENTILE, percentile=p))
+           for p in (99.9, 99.0)}
+    assert pct[99.9] == own and pct[99.0] != own
+    text = claim("D6").condition
+    assert "a percentile range that clips" in text
+    assert "its 99.9th percentile range is the min-max range" in text
 
