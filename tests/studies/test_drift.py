@@ -501,8 +501,11 @@ def test_recovery_is_the_share_of_a_significant_loss_won_back():
          "quant_acc": 0.9, "differs": False, "logit_sqnr_db": 21.0},
     ]
     out = drift.recovery(pd.DataFrame(rows)).set_index(["mode", "remedy"])
-    assert out.loc[("a", "fix"), "recovered"] == pytest.approx(0.5)
-    assert out.loc[("a", "fix"), "sqnr_gain_db"] == pytest.approx(3.0)
+    # (0.7 - 0.5) / (0.9 - 0.5): both differences exact (Sterbenz), so the error is the
+    # representation of 0.7 and 0.9 (u = 2**-53 of each, relative to 0.2 and 0.4) and the
+    # division's rounding: at most (3.5 + 2.25 + 1) u of 0.5 (measured 1 ulp); 4 - 1 is exact
+    assert out.loc[("a", "fix"), "recovered"] == pytest.approx(0.5, rel=6.75 * 2**-53, abs=0)
+    assert out.loc[("a", "fix"), "sqnr_gain_db"] == 3.0
     assert np.isnan(out.loc[("b", "fix"), "recovered"])  # no significant loss to recover
     assert np.isnan(out.loc[("a", "none"), "recovered"])
 
@@ -735,7 +738,7 @@ def test_precision_counts_the_local_error_in_its_own_images():
     # median se/|value| over the three layers: drift 1/3 (of 2/3, 1/4, 1/3), local 2/3
     assert prec.loc["drift", "images_to_resolve"] == math.ceil(200 * (z / 3) ** 2)
     assert prec.loc["local_drift", "images_to_resolve"] == math.ceil(32 * (z * 2 / 3) ** 2)
-    assert prec.loc["drift", "median_se"] == pytest.approx(0.005)  # 0.01 / float std 2
+    assert prec.loc["drift", "median_se"] == 0.005  # 0.01 / float std 2: halving is exact
     assert prec.loc["drift", "resolved_layers"] == 2  # b and c: |value| >= 1.96 x 0.01
 
 
@@ -957,7 +960,9 @@ def test_drift_tails_take_the_median_layer_over_the_images_kept():
     t = drift.drift_tails(res)
     # conv and linear layers with image means and some spread: one_out, spread, spread
     share_spread = sum(sorted((np.arange(10.0) - 4.5) ** 2)[-5:]) / 82.5
-    assert t["tail_top_share"] == pytest.approx(share_spread)  # the median of three
+    # the median of three; exact: the deviations from 4.5 are halves, their squares quarters
+    # and their sums whole multiples of 1/4, so the division is the only rounding
+    assert t["tail_top_share"] == share_spread
     assert t["tail_images"] == 10
     # the reference of normal samples of as many images, 10 (a seeded simulation, so exact);
     # the bound 0.6 < x < 0.95 it replaces held for every count from 8 to 27
@@ -989,7 +994,11 @@ def test_drift_tails_read_every_column_at_one_layer_when_the_count_is_even():
     assert t["tail_clipped_share"] == 0.0
     # one_out's share (the upper middle): 8.1² + 4 · 0.9² of 8.1² + 9 · 0.9²
     assert t["tail_top_share"] == t["tail_top_share_unclipped"]
-    assert t["tail_top_share"] == pytest.approx((8.1**2 + 4 * 0.81) / (8.1**2 + 9 * 0.81))
+    # (the two routes' roundings: the mean 0.9, 8.1 and 0.81, the squares, two sums of
+    # positive terms of at most ten and the division, each at most u = 2**-53 of positive
+    # terms: under 32 u relative in all; measured equal)
+    assert t["tail_top_share"] == pytest.approx((8.1**2 + 4 * 0.81) / (8.1**2 + 9 * 0.81),
+                                                rel=32 * 2**-53, abs=0)
 
 
 def test_drift_tails_say_which_extreme_images_were_clipped():
@@ -1020,14 +1029,15 @@ def test_drift_tails_say_which_extreme_images_were_clipped():
     shares = [tail_share(one_out.mean(1), 5), tail_share(spread.mean(1), 5),
               tail_share(wide.mean(1), 5)]
     assert shares[1] < shares[2] < shares[0]  # the median layer is the linear one
-    assert t["tail_top_share"] == pytest.approx(shares[2])
-    assert t["tail_clipped_share"] == pytest.approx(0.2)
+    # the shares here and below are tail_share of the very numbers drift_tails takes: equal
+    assert t["tail_top_share"] == shares[2]
+    assert t["tail_clipped_share"] == 0.2  # 2 of 10, one rounding
     # its five most extreme: image 0, then 9, 8, 1 and 7; image 0 is clipped
     assert t["tail_top_clipped"] == 1
     v = wide.mean(1)
     rest = v[~flag(0, 4)]
-    assert t["tail_top_share_unclipped"] == pytest.approx(tail_share(rest, 5))
-    assert t["tail_top_share_unclipped_normal"] == pytest.approx(tail_share_normal(8, 5))
+    assert t["tail_top_share_unclipped"] == tail_share(rest, 5)
+    assert t["tail_top_share_unclipped_normal"] == tail_share_normal(8, 5)
     # weights alone: nothing checked, so nothing said about clipping
     t = drift.drift_tails(SimpleNamespace(sites=[site(0, "conv", spread, None)]))
     assert math.isnan(t["tail_clipped_share"]) and math.isnan(t["tail_top_share_unclipped"])
@@ -1056,12 +1066,13 @@ def test_drift_tails_set_each_images_drift_against_its_own_activation():
                                                  site(2, 0.03)]))
     drifts = [(-k * rms + base * rms) for k in (0.01, 0.02, 0.03)]
     shares = sorted(tail_share(d, 5) for d in drifts)
-    assert t["tail_top_share"] == pytest.approx(shares[1])
+    # tail_share of the same numbers (sqrt(rms²) is rms exactly in binary floating point)
+    assert t["tail_top_share"] == shares[1]
     assert t["tail_top_share"] > 2 * t["tail_top_share_normal"]  # heavy-tailed
     relative = sorted(tail_share(d / rms, 5) for d in drifts)
-    assert t["tail_top_share_relative"] == pytest.approx(relative[1])
+    assert t["tail_top_share_relative"] == relative[1]
     assert t["tail_top_share_relative"] < 1.5 * t["tail_top_share_normal"]  # not heavy
-    assert t["tail_rms_share"] == pytest.approx(tail_share(rms, 5))
+    assert t["tail_rms_share"] == tail_share(rms, 5)
     # the five images furthest out are the five with the most activation (45 to 49)
     assert t["tail_top_in_rms_top"] == 5
     # unrelated: the drift's extreme images are others
@@ -1440,7 +1451,11 @@ def test_a_share_recovered_is_given_only_of_a_significant_loss():
     many_lost[:40] = False  # 40 of 400, none gained: p far below ALPHA
     half = right_f.clone()
     half[:20] = False
-    assert drift.recovered_share(right_f, many_lost, half) == pytest.approx(0.5)
+    # (0.95 - 0.9) / (1 - 0.9) from accuracies of 400 images, each rounded once (u = 2**-53
+    # of 0.95, 0.9, relative to the 0.05 and 0.1 their exact differences leave) and the
+    # division: at most (19 + 18 + 9 + 1) u of 0.5 (measured 10 u)
+    assert drift.recovered_share(right_f, many_lost, half) == pytest.approx(
+        0.5, rel=47 * 2**-53, abs=0)
     assert math.isnan(drift.recovered_share(right_f, right_f, right_f))  # nothing lost
     # The tables' recovery() applies the same rule to the same figures.
     for unremedied, remedied in ((one_lost, right_f), (many_lost, half), (right_f, right_f)):
