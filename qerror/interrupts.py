@@ -156,9 +156,9 @@ def sigint_held():
     half-way would leave weights, momenta and step counter out of step with each other);
     the held SIGINT is counted (:func:`interrupts`). A block that raises an ``Exception``
     after a Ctrl-C came raises the ``KeyboardInterrupt`` instead, the error chained, so a
-    caller that catches the error does not lose the Ctrl-C. Only the main thread can set handlers,
-    and a handler someone else installed (or SIG_IGN) is theirs to keep: in both cases the
-    block runs as it is."""
+    caller that catches the error does not lose the Ctrl-C. Only the main thread can set
+    handlers, and a handler someone else installed (or SIG_IGN) is theirs to keep: in both
+    cases the block runs as it is."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() \
             or not _raises_keyboard_interrupt(previous):
