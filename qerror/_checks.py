@@ -12,6 +12,13 @@ _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def listing(items: list[str], limit: int = 8, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, and how many more there are: the
+    list a message names (of tensors, keys, files) without running on for pages."""
+    shown = sep.join(items[:limit])
+    return shown + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Whether a torch dtype holds integers (bool, floats and complex do not)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

@@ -37,7 +37,7 @@ import torch
 import torchvision
 from torch import nn
 
-from qerror._checks import check_count, check_seed
+from qerror._checks import check_count, check_seed, listing
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.data import CLASSES, cache_dir
@@ -370,11 +370,6 @@ def forward_layout(rounding: RoundingMode | None = None) -> torch.memory_format:
     return _LAYOUTS[chosen]
 
 
-def _listing(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """``"<name> holds <n> NaN and <m> Inf"`` for each floating-point tensor of ``state``
     that is not finite; empty when all are."""
@@ -420,7 +415,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise StateDictMismatchError(
-            f"{what} is not a state dict: these entries are not tensors: {_listing(not_tensors)}")
+            f"{what} is not a state dict: these entries are not tensors: {listing(not_tensors)}")
     # load_state_dict copies the tensors one by one and refuses a sparse or quantized one
     # only when it reaches it, the tensors before it copied into the model
     not_dense = [f"{k} ({'quantized ' + str(v.dtype) if v.is_quantized else v.layout})"
@@ -428,7 +423,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     if not_dense:
         raise StateDictMismatchError(
             f"{what} holds tensors that are not plain dense ones, as a model's weights and "
-            f"buffers are: {_listing(not_dense)}; nothing was loaded. Save each as a dense "
+            f"buffers are: {listing(not_dense)}; nothing was loaded. Save each as a dense "
             "float tensor (.to_dense(), .dequantize())")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -442,13 +437,13 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
     if missing or unexpected or shapes or kinds:
         parts = [f"{what} does not fit {type(model).__name__}; nothing was loaded."]
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {listing(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 5)}")
+            parts.append(f"shape mismatches ({len(shapes)}): {listing(shapes, 5)}")
         if kinds:
-            parts.append(f"dtypes of another kind ({len(kinds)}): {_listing(kinds, 5)}")
+            parts.append(f"dtypes of another kind ({len(kinds)}): {listing(kinds, 5)}")
         raise StateDictMismatchError("\n  ".join(parts))
     # The values are checked as load_state_dict will copy them, cast to the model's dtype:
     # a float64 weight beyond float32's range is finite in the file and Inf in the model.
@@ -461,21 +456,21 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str = "st
                 uncastable.append(f"{k}: {state[k].dtype} given, {v.dtype} expected")
     if uncastable:
         raise StateDictMismatchError(f"{what} holds tensors that torch cannot cast to the "
-                                     f"model's dtype: {_listing(uncastable, 5)}; nothing was "
+                                     f"model's dtype: {listing(uncastable, 5)}; nothing was "
                                      "loaded")
     non_finite = [f"{k} holds {counts}" + (f" once cast from {state[k].dtype} to {v.dtype}"
                                            if v.dtype != state[k].dtype else "")
                   for k, v in loaded.items() if (counts := _non_finite_counts(v))]
     if non_finite:
         raise NonFiniteWeightsError(f"{what} holds non-finite values (NaN or Inf), which no "
-                                    f"quantization range can cover: {_listing(non_finite, 5)}")
+                                    f"quantization range can cover: {listing(non_finite, 5)}")
     # a variance below zero is no BatchNorm's: its normalisation would take a square root
     # of a negative number (the network's output is not finite)
     negative = [k for k, v in loaded.items() if k.endswith("running_var")
                 and v.is_floating_point() and bool((v < 0).any())]
     if negative:
         raise StateDictMismatchError(f"{what} holds BatchNorm running variances below zero, "
-                                     f"which no BatchNorm computes: {_listing(negative, 5)}; "
+                                     f"which no BatchNorm computes: {listing(negative, 5)}; "
                                      "nothing was loaded")
 
 

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import check_count, listing
 from qerror.nn._anatomy import eval_mode
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
 from qerror.nn.int8 import Engine, kernel_probe
@@ -433,9 +433,8 @@ def _check_finite_weights(module: nn.Module, what: str) -> None:
     bad = non_finite_tensors(module.state_dict())
     if bad:
         raise ValueError(f"the {what} holds non-finite values (NaN or Inf), which no "
-                         f"quantization range can cover: {'; '.join(bad[:5])}"
-                         + (f"; {len(bad) - 5} more" if len(bad) > 5 else "")
-                         + "; quantize a model with finite weights and buffers")
+                         f"quantization range can cover: {listing(bad, 5)}; quantize a model "
+                         "with finite weights and buffers")
 
 
 def _check_batches(batches, what: str) -> list[torch.Tensor]:

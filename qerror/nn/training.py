@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from qerror._checks import check_count, check_flag, check_seed, is_real
+from qerror._checks import check_count, check_flag, check_seed, is_real, listing
 from qerror._enums import Choice
 from qerror.cpu import flush_denormal
 from qerror.files import atomic_write, jsonable, torch_save
@@ -980,11 +980,10 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
         if widths:
             raise ResumeError(
                 f"the training state {state_path} holds tensors of another dtype than the "
-                f"network's ({'; '.join(widths[:3])}"
-                + (f"; {len(widths) - 3} more" if len(widths) > 3 else "")
-                + "), so the run would go on at another precision than the one that wrote it; "
-                "nothing was loaded. Build the network in the dtype of the run that wrote the "
-                f"state, or delete {state_path} or start over without resuming")
+                f"network's ({listing(widths, 3, '; ')}), so the run would go on at another "
+                "precision than the one that wrote it; nothing was loaded. Build the network in "
+                f"the dtype of the run that wrote the state, or delete {state_path} or start "
+                "over without resuming")
         hook_state = loaded.get("after_step")
         stateful = callable(getattr(after_step, "load_state_dict", None))
         if hook_state is not None and not stateful:
@@ -1054,8 +1053,7 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             return
         bad = non_finite_tensors(model.state_dict())
         if bad:
-            raise diverged("the weights became non-finite (" + "; ".join(bad[:3])
-                           + (f"; {len(bad) - 3} more" if len(bad) > 3 else "") + ")", step)
+            raise diverged(f"the weights became non-finite ({listing(bad, 3, '; ')})", step)
         checked = step
 
     def save() -> None:
