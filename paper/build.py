@@ -27,7 +27,6 @@ exits non-zero before LaTeX runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -47,11 +46,13 @@ from pathlib import Path
 # commit in the provenance).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qerror.files import sha256_file
 from studies._common import (
     StudyError,
     clean_stale_partials,
     git_identity,
     is_smoke_run,
+    manifest_shape,
     publish_folder,
     sigterm_as_sigint,
     staging_folder,
@@ -526,38 +527,6 @@ def study_command(manifest: dict) -> str:
     return shlex.join(["python", "-m", f"studies.{manifest['study']}", *map(str, argv)])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _manifest_shape(manifest: object) -> str | None:
-    """What ``manifest`` holds in a shape no study writes, among what the build reads of it
-    (the settings from its config, the provenance from its git, models and timing outputs),
-    or None: valid JSON of another shape, which would stop the build with a TypeError."""
-    kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
-             int: "a number", float: "a number"}
-    if not isinstance(manifest, dict):
-        return kinds[type(manifest)]
-    git = manifest.get("git") or {}
-    wrong = [what for what, ok in (
-        ("an argv that is no list", isinstance(manifest.get("argv") or [], list)),
-        ("a git that is no object", isinstance(git, dict)),
-        ("a commit that is no text",
-         not isinstance(git, dict) or isinstance(git.get("commit") or "", str)),
-        ("a config that is no object", isinstance(manifest.get("config") or {}, dict)),
-        ("a model that is no object", isinstance(manifest.get("model") or {}, dict)),
-        ("models that are no object", isinstance(manifest.get("models") or {}, dict)),
-        ("timing_outputs that are no list",
-         isinstance(manifest.get("timing_outputs") or [], list))) if not ok]
-    if not wrong and not all(isinstance(c["sha256"], str) for c in checkpoints(manifest)):
-        wrong.append("a checkpoint sha256 that is no text")
-    return wrong[0] if wrong else None
-
-
 def check_run(study: str, folder: Path, uses: Uses) -> dict:
     """The manifest of ``folder`` once it is a complete, unaltered run of ``study`` that holds
     every file and macro the paper uses.
@@ -577,7 +546,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
     except (OSError, ValueError) as err:
         raise BuildError(f"{folder} has no readable manifest.json ({err}), so it is not a "
                          f"finished run of the {study} study; {make}") from err
-    shape = _manifest_shape(manifest)
+    shape = manifest_shape(manifest)
     if shape is not None:
         raise BuildError(f"{folder}/manifest.json is not a study's manifest (it holds {shape}), "
                          f"so it is not a finished run of the {study} study; {make}")
@@ -596,7 +565,7 @@ def check_run(study: str, folder: Path, uses: Uses) -> dict:
                              f"manifest as written; {make}")
         if not path.is_file():
             raise BuildError(f"{folder}: {name}, listed in its manifest, is missing; {redo}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise BuildError(f"{folder}: {name} is not the file its manifest lists (sha256 "
                              f"differs: changed after the run); {redo}")
     missing = sorted(uses.files.get(study, set()) - set(manifest["outputs"]))

@@ -58,7 +58,7 @@ from qerror.files import atomic_write, sha256_file
 from qerror.nn import QuantConfig
 from qerror.nn.seeds import bn_moments_bytes
 from qerror.stats import median_ranks, places_for, wilson_ci
-from studies._common import STAGING_MARK, is_smoke_run
+from studies._common import STAGING_MARK, is_smoke_run, manifest_shape
 from studies._latex import NOT_A_NUMBER, count, signed
 from studies.compression import ALPHA as COMPRESSION_ALPHA
 from studies.compression import point_estimates_note
@@ -185,16 +185,11 @@ class Record:
         """The manifest's and ``record.json``'s fields the checks read are of the shapes a
         study and ``--add`` write: JSON edited by hand into another (no sha256 guards either
         file) is named here, not met as a TypeError by a check."""
-        m, argv, git = self.manifest, self.manifest.get("argv") or [], self.manifest.get("git")
-        if not isinstance(m.get("outputs", {}), dict) or not isinstance(git or {}, dict) \
-                or not isinstance((git or {}).get("commit") or "", str) \
-                or not isinstance(m.get("config") or {}, dict) \
-                or not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        shape = manifest_shape(self.manifest)
+        if shape is not None:
             raise RecordError(f"record {self.name}: its manifest.json is not a study's manifest "
-                              "(outputs an object of file: sha256, git an object with its "
-                              "commit as text, config an object, argv a list of words); copy "
-                              "the run's own manifest again (python paper/readme.py --add "
-                              f"{self.name}=RUN FILE ...)")
+                              f"(it holds {shape}); copy the run's own manifest again (python "
+                              f"paper/readme.py --add {self.name}=RUN FILE ...)")
         if not isinstance(self.about.get("command", ""), str):
             raise RecordError(f"record {self.name}: its record.json is not the words a record "
                               "needs (command, the command line as run, is not text): rewrite "

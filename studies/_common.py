@@ -453,6 +453,42 @@ def is_smoke_run(manifest: dict[str, Any]) -> bool:
             or (manifest.get("config") or {}).get("smoke") is True)
 
 
+def manifest_shape(manifest: object) -> str | None:
+    """What ``manifest`` holds in a shape no study writes, among the fields its readers take
+    (the paper's build and the README's records: outputs, argv, git and its commit, config,
+    the trained models and their checkpoints' sha256, timing_outputs), or None.
+
+    Valid JSON of another shape (edited by hand, or another program's) would otherwise stop
+    a reader with a TypeError or AttributeError far from the file, or be read letter by
+    letter (an argv that is a string)."""
+    kinds = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean",
+             int: "a number", float: "a number"}
+    if not isinstance(manifest, dict):
+        return kinds[type(manifest)]
+    argv, git = manifest.get("argv") or [], manifest.get("git") or {}
+    models = manifest.get("models") or {}
+    found = [manifest.get("model")] + (list(models.values()) if isinstance(models, dict)
+                                       else [])
+    for what, ok in (
+            ("outputs that are no object", isinstance(manifest.get("outputs", {}), dict)),
+            ("an argv that is no list of words",
+             isinstance(argv, list) and all(isinstance(a, str) for a in argv)),
+            ("a git that is no object", isinstance(git, dict)),
+            ("a commit that is no text",
+             not isinstance(git, dict) or isinstance(git.get("commit") or "", str)),
+            ("a config that is no object", isinstance(manifest.get("config") or {}, dict)),
+            ("a model that is no object", isinstance(manifest.get("model") or {}, dict)),
+            ("models that are no object", isinstance(models, dict)),
+            ("timing_outputs that are no list",
+             isinstance(manifest.get("timing_outputs") or [], list)),
+            ("a checkpoint sha256 that is no text",
+             all(isinstance(m.get("sha256") or "", str) for m in found
+                 if isinstance(m, dict)))):
+        if not ok:
+            return what
+    return None
+
+
 def _check_replaceable(final: Path, study: str, force: bool) -> None:
     """StudyError unless the existing folder ``final`` may become the output of ``study``."""
     entries = sorted(p.name for p in final.iterdir())

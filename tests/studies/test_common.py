@@ -1260,3 +1260,34 @@ def test_a_stale_folder_that_cannot_be_removed_is_left_marked_and_the_run_goes_o
     monkeypatch.setattr(os, "unlink", real)
     assert _common.clean_stale_partials(out) == [stale]  # once it can
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("manifest, says", [
+    ([1], "a JSON array"), ("drift", "a JSON string"), (None, "null"), (3, "a number"),
+    ({"outputs": ["a.csv"]}, "outputs that are no object"),
+    ({"argv": "--smoke"}, "an argv that is no list of words"),
+    ({"argv": ["--seed", 1]}, "an argv that is no list of words"),
+    ({"git": "abc"}, "a git that is no object"),
+    ({"git": {"commit": 5}}, "a commit that is no text"),
+    ({"config": [1]}, "a config that is no object"),
+    ({"model": "resnet50"}, "a model that is no object"),
+    ({"models": [1]}, "models that are no object"),
+    ({"timing_outputs": "t.csv"}, "timing_outputs that are no list"),
+    ({"model": {"sha256": 5}}, "a checkpoint sha256 that is no text"),
+    ({"models": {"a": {"sha256": ["x"]}}}, "a checkpoint sha256 that is no text"),
+])
+def test_manifest_shape_names_the_field_no_study_writes(manifest, says):
+    """The one check of a manifest's shape that the paper's build and the README's records
+    both read (each had its own, and the two differed: the build let an argv of numbers
+    through, the records a checkpoint's sha256 of another type)."""
+    assert _common.manifest_shape(manifest) == says
+
+
+def test_manifest_shape_passes_what_studies_write_and_absent_fields():
+    assert _common.manifest_shape({}) is None
+    assert _common.manifest_shape({"argv": None, "git": None, "config": None}) is None
+    written = {"study": "drift", "outputs": {"a.csv": "0" * 64}, "argv": ["--smoke"],
+               "git": {"commit": "baae177", "dirty": False}, "config": {"smoke": True},
+               "model": {"model": "resnet50", "sha256": "f" * 64},
+               "models": {"b": {"model": "resnet18"}}, "timing_outputs": ["timing.csv"]}
+    assert _common.manifest_shape(written) is None
