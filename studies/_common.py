@@ -1056,14 +1056,22 @@ _STARTED_AT: float | None = None
 _PUBLISHED: list[Path] = []
 
 
+#: The folders of the code a run executes: an untracked file in them (a new module it
+#: imported) is no more in the commit than a changed one. Untracked files elsewhere (a user's
+#: notes, outputs) are not the code.
+CODE_FOLDERS = ("qerror", "studies", "paper")
+
+
 def git_identity() -> dict[str, Any]:
-    """Commit and whether the work tree differs from it (None outside a git checkout)."""
+    """Commit and whether the work tree differs from it: a tracked file changed, or an
+    untracked file in :data:`CODE_FOLDERS` (None for both outside a git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True, check=True,
-                               timeout=10).stdout.strip() != ""
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") != "" or git(
+            "status", "--porcelain", "--untracked-files=all", "--", *CODE_FOLDERS) != ""
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

@@ -1291,3 +1291,33 @@ def test_manifest_shape_passes_what_studies_write_and_absent_fields():
                "model": {"model": "resnet50", "sha256": "f" * 64},
                "models": {"b": {"model": "resnet18"}}, "timing_outputs": ["timing.csv"]}
     assert _common.manifest_shape(written) is None
+
+
+def test_git_identity_counts_untracked_code_as_dirty_and_nothing_else(tmp_path, monkeypatch):
+    """A run's provenance says "dirty" for a changed tracked file, and for an untracked file
+    in the code's folders (a new module the run imported, which the commit does not hold: it
+    read clean before); an untracked file elsewhere (a user's notes) leaves it clean."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "qerror").mkdir()
+    (tmp_path / "qerror" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "qerror/a.py")
+    git("commit", "-qm", "a")
+    monkeypatch.setattr(_common, "REPO", tmp_path)
+    clean = _common.git_identity()
+    assert clean["dirty"] is False and len(clean["commit"]) == 40
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert _common.git_identity()["dirty"] is False
+    for folder in _common.CODE_FOLDERS:
+        new = tmp_path / folder / "sub" / "new.py"
+        new.parent.mkdir(parents=True, exist_ok=True)
+        new.write_text("y = 2\n")
+        assert _common.git_identity()["dirty"] is True, folder
+        new.unlink()
+    assert _common.git_identity()["dirty"] is False
+    (tmp_path / "qerror" / "a.py").write_text("x = 2\n")
+    assert _common.git_identity()["dirty"] is True
