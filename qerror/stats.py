@@ -278,7 +278,7 @@ def equivalence_test(
         p_low, p_high = (0.0 if mean > low else 1.0), (0.0 if mean < high else 1.0)
     p = max(p_low, p_high)
     stat = t_low if p_low >= p_high else t_high
-    tq = float(sps.t.ppf(1.0 - alpha, df))
+    tq = _t_upper(alpha, df)
     ci = (mean - tq * se, mean + tq * se)
     u = f" {unit}" if unit else ""
     what = (f"mean {_num(mean)}{u}, {_pct(1 - 2 * alpha)} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
@@ -453,7 +453,7 @@ def uniformity_test(
     ``D`` for continuous ``F_0`` (``scipy.stats.kstwo``, exact for moderate
     ``n`` and accurately approximated beyond). Since
     ``sup |F_n - F| <= d`` with probability ``1 - alpha`` for
-    ``d = kstwo.ppf(1 - alpha, n)`` whatever the continuous ``F``, the triangle
+    ``d = kstwo.isf(alpha, n)`` whatever the continuous ``F``, the triangle
     inequality gives ``Δ ∈ [max(0, D - d), min(1, D + d)]`` with at least that
     confidence. The stochastic law: ``ε = 1 - f`` with probability ``f`` and
     ``-f`` otherwise, ``f = u - floor(u) ~ U(0, 1)``, whose density is ``1 - |ε|``.
@@ -516,8 +516,39 @@ def _triangular_cdf(x):
 
 @functools.lru_cache(maxsize=256)
 def _ks_band(alpha: float, n: int) -> float:
-    # kstwo.ppf is a root search; repeated calls at one (alpha, n) are common.
-    return float(sps.kstwo.ppf(1.0 - alpha, n))
+    """``d`` with ``P(D_n > d) = alpha``, refused where scipy's answer misses that tail.
+
+    kstwo's inverse is a root search (cached: repeated calls at one (alpha, n) are common)
+    that fails in the far tail: at n = 50 and alpha = 1e-17 isf gives 0.98, whose tail is
+    2e-85 (ppf(1 - alpha) gives 1). Its answer is taken where its own tail is within 1 % of
+    alpha: measured for n from 2 to 10**6, every alpha from 0.5 down to 1e-12 is (0.28 % off
+    at most, n = 1000 and alpha = 1e-12); at 1e-14 some n are not (3.8 % at n = 10**4), at
+    1e-16 most are off by factors of 0.6 to 4.6, below that by orders of magnitude."""
+    d = float(sps.kstwo.isf(alpha, n))
+    tail = float(sps.kstwo.sf(d, n)) if 0.0 < d < 1.0 else 0.0
+    if not math.isclose(tail, alpha, rel_tol=1e-2):
+        raise ValueError(f"alpha={alpha:g} is beyond the Kolmogorov-Smirnov quantiles scipy "
+                         f"computes at n={n} (its band d={d:g} has tail {tail:.3g}, not "
+                         f"{alpha:g}); use alpha >= 1e-12")
+    return d
+
+
+def _z_upper(tail: float) -> float:
+    """``z`` with ``P(Z > z) = tail`` for a standard normal ``Z``, from the tail itself:
+    ``norm.ppf(1 - tail)`` loses the digits that ``1 - tail`` rounds away (8 of them at
+    tail = 5e-11) and is infinite below tail = 2**-54."""
+    return float(sps.norm.isf(tail))
+
+
+def _t_upper(tail: float, df: float) -> float:
+    """``t`` with ``P(T > t) = tail`` for Student's ``T`` with ``df`` degrees of freedom and
+    ``tail < 1/2``, from the tail itself (see :func:`_z_upper`); scipy's inverse returns -inf
+    in the far tail (1e-300 at 10 degrees of freedom), refused here."""
+    q = float(sps.t.isf(tail, df))
+    if not 0.0 < q < math.inf:
+        raise ValueError(f"the t quantile of upper tail {tail:g} at {df:g} degrees of freedom "
+                         f"is beyond what scipy computes (it gave {q}); use a larger alpha")
+    return q
 
 
 def _toward_zero_law(data, errors_lsb, signs, positive_fraction):
@@ -626,7 +657,7 @@ def mse_ratio_ci(
             var = (float(np.var(a2, ddof=1)) / (a.size * ma * ma)
                    + float(np.var(b2, ddof=1)) / (b.size * mb * mb))
         se = math.sqrt(var)
-        zq = float(sps.norm.ppf(1.0 - alpha / 2.0))
+        zq = _z_upper(alpha / 2.0)
         lo_log, hi_log = log_ratio - zq * se, log_ratio + zq * se
         stat, p = _z_two_sided(log_ratio, se)
         how = f"delta method on log ratio ({'paired' if paired else 'independent'})"
@@ -720,7 +751,7 @@ def wilson_ci(
         raise ValueError("n must be at least 1")
     if successes > n:
         raise ValueError(f"successes ({successes}) cannot exceed n ({n})")
-    z = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    z = _z_upper(alpha / 2.0)
     phat = successes / n
     ci = _wilson(phat, n, z)
     if p0 is None:
@@ -844,7 +875,7 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     else:
         stat = max(abs(only_a - only_b) - 1, 0) ** 2 / disc if disc else 0.0
         how = "chi-square with continuity correction"
-    z = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    z = _z_upper(alpha / 2.0)
     pa, pb = (only_a + 1) / (n + 2), (only_b + 1) / (n + 2)
     half = z * math.sqrt(max(pa + pb - (pa - pb) ** 2, 0.0) / (n + 2))
     ci = (max(-1.0, pa - pb - half), min(1.0, pa - pb + half))
@@ -887,7 +918,7 @@ class McNemarResolution:
 
 def _mcnemar_items(difference: float, discordance: float, alpha: float, power: float) -> float:
     """Connor's normal-approximation sample size for McNemar's test (see mcnemar_resolution)."""
-    za = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    za = _z_upper(alpha / 2.0)
     zb = float(sps.norm.ppf(power))
     psi = max(discordance, abs(difference))  # the discordance holds the difference at least
     # below a power of α/2 the sum can be negative: the condition it squares,
@@ -1015,7 +1046,7 @@ def units_to_resolve(rel_se: float, n: int, alpha: float = 0.05, power: float = 
         raise ValueError(f"rel_se must be >= 0 (se / |mean|), got {rel_se!r}")
     if math.isinf(rel):
         return math.inf
-    za = float(sps.norm.ppf(1.0 - alpha / 2.0))
+    za = _z_upper(alpha / 2.0)
     zb = float(sps.norm.ppf(power))
     # below a power of α/2 the sum is negative: the condition holds at every size (the test
     # rejects with probability at least Φ(-z_{1-α/2}) = α/2 whatever the mean), not squared
@@ -1184,7 +1215,7 @@ def paired_accuracy_equivalence(only_a: int, only_b: int, n: int, margin: float,
     p_low, p_high = float(sps.norm.sf(z_low)), float(sps.norm.sf(z_high))
     p = max(p_low, p_high)
     stat = z_low if p_low >= p_high else -z_high
-    zq = float(sps.norm.ppf(1.0 - alpha))
+    zq = _z_upper(alpha)
     ci = (max(-1.0, shrunk - zq * se), min(1.0, shrunk + zq * se))
     diff = (only_a - only_b) / n
     what = (f"accuracy a - b = {diff:.4g} ({only_a} right by a only, {only_b} by b only, "
@@ -1668,7 +1699,7 @@ def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: 
                words: tuple[str, str]) -> tuple[float, float, tuple[float, float], str]:
     """The two-sided t-test of ``mean = mu0`` with its ``1 - alpha`` CI, and its verdict:
     ``words`` name what differs (``"bias"``) and what is reported (``"mean error"``)."""
-    tq = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    tq = _t_upper(alpha / 2.0, df)
     stat, p = _t_two_sided(mean - mu0, se, df)
     ci = (mean - tq * se, mean + tq * se)
     u = f" {unit}" if unit else ""

@@ -512,8 +512,9 @@ def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float 
     counts = resample_counts(n, resamples, seed)
     ones = np.ones((1, n))
     k = len(layers)
-    z_some = float(sps.t.ppf(1.0 - alpha / (3 * k), n - 1))
-    z_all = float(sps.t.ppf(1.0 - alpha, n - 1))
+    # from the upper tails themselves: t.ppf(1 - tail) loses the digits 1 - tail rounds away
+    z_some = float(sps.t.isf(alpha / (3 * k), n - 1))
+    z_all = float(sps.t.isf(alpha, n - 1))
     points, lows, highs = [], [], []
     for m in layers:
         plain = float(m.figures(ones)[0])

@@ -720,7 +720,7 @@ def test_units_to_resolve_below_a_power_of_half_alpha_is_one_unit():
     the docstring states holds at every size, so the smallest is 1: the z-test's power at one
     unit, Φ(shift - z) + Φ(-z - shift), is at least α/2 whatever the mean. Squaring the
     negative sum gave 4 units at power 0.01 and 32 at 0.001 (rel_se 0.5 on 100 units)."""
-    za = sps.norm.ppf(0.975)
+    za = sps.norm.isf(0.025)  # the quantile as units_to_resolve takes it
     for rel, n, power in ((0.5, 100, 0.01), (0.5, 100, 0.001), (2.0, 400, 0.02)):
         shift = 1 / (rel * math.sqrt(n))  # |mean| / sd of one unit
         assert sps.norm.sf(za - shift) + sps.norm.cdf(-za - shift) >= power
@@ -735,7 +735,7 @@ def test_units_to_resolve_beyond_float64_is_infinite():
     math.ceil of inf at 1.7e308) where the plan is more units than a float counts."""
     for rel in (1e155, 1e200, 1.7e308):
         assert units_to_resolve(rel, 10) == math.inf, rel
-    zz = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    zz = sps.norm.isf(0.025) + sps.norm.ppf(0.8)
     assert units_to_resolve(1e153, 10) == math.ceil(10 * (zz * 1e153) ** 2) < math.inf
 
 
@@ -1429,3 +1429,50 @@ def test_a_verdict_prints_its_p_value_on_its_side_of_alpha():
     assert r.p_value < 0.05 and "(p=0.0495 < α=0.05)" in r.verdict
     far = wilson_ci(9, 21, p0=0.5, alpha=0.05)
     assert f"(p={far.p_value:.2g} ≥ α=0.05)" in far.verdict
+
+
+@pytest.mark.parametrize("alpha", [1e-10, 1e-17, 1e-300])
+def test_wilson_far_tail_quantile_comes_from_the_tail_itself(alpha):
+    """The normal quantile of a small alpha was norm.ppf(1 - alpha/2): 1 - alpha/2 rounds,
+    so at alpha = 1e-10 z was off in its 9th digit (6.466951074 for 6.466951087), and below
+    alpha = 2**-53 it was inf, the interval [0, 1]. Against Wilson's interval with z solved
+    by mpmath at 40 digits (rel 1e-13: the formula's own float rounding, a few ulp)."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    try:
+        # P(|Z| > z) = erfc(z / sqrt 2) = alpha, solved on the logarithms
+        z = mpmath.findroot(lambda t: mpmath.log(mpmath.erfc(t / mpmath.sqrt(2)))
+                            - mpmath.log(alpha), mpmath.sqrt(-2 * mpmath.log(alpha)))
+        n, p = 100, mpmath.mpf(50) / 100
+        mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * mpmath.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        want = (float(mid - half), float(mid + half))
+    finally:
+        mpmath.mp.dps = 15
+    assert wilson_ci(50, 100, alpha).ci == pytest.approx(want, rel=1e-13)
+
+
+def test_a_t_interval_far_in_the_tail_comes_from_the_tail_or_is_refused():
+    """bias_test's t quantile was t.ppf(1 - alpha/2), off in its 5th digit at alpha = 1e-12
+    (df = 9); now t.isf, against the lower tail's quantile t.ppf(alpha/2), which no
+    rounding of 1 - alpha/2 touches (rel 1e-12). scipy's inverse gives -inf at 1e-300, which
+    made a CI of (inf, -inf); refused, naming the tail."""
+    x = np.linspace(-1.0, 1.0, 10)
+    res = bias_test(x, alpha=1e-12)
+    se = float(np.std(x, ddof=1)) / math.sqrt(x.size)
+    assert res.ci[1] - res.ci[0] == pytest.approx(
+        -2 * sps.t.ppf(0.5e-12, 9) * se, rel=1e-12)
+    with pytest.raises(ValueError, match="t quantile of upper tail 5e-301 at 9 degrees"):
+        bias_test(x, alpha=1e-300)
+
+
+@pytest.mark.parametrize("alpha, n", [(1e-17, 50), (1e-16, 1000), (1e-14, 10_000)])
+def test_uniformity_band_beyond_scipy_ks_quantiles_is_refused(alpha, n):
+    """kstwo's inverse stops short in the far tail (n = 50, alpha = 1e-17: a band of 0.98,
+    whose tail is 2e-85, where ppf(1 - alpha) gave 1): a band of another confidence than the
+    one stated. Refused where scipy's answer misses its tail by more than 1 %."""
+    errors = np.random.default_rng(0).uniform(-0.5, 0.5, n)
+    with pytest.raises(ValueError, match="beyond the Kolmogorov-Smirnov quantiles"):
+        uniformity_test(errors, "nearest_even", alpha=alpha)
+    assert uniformity_test(errors, "nearest_even", alpha=1e-12).alpha == 1e-12
