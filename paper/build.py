@@ -1076,7 +1076,14 @@ def main(argv: list[str] | None = None) -> int:
                 runs.update(dict(args.run))
                 write_generated(runs, uses, GENERATED, smoke=args.smoke)
             if args.no_compile:
-                print(f"[paper] generated parts written to {GENERATED}")
+                # an earlier build's PDF is of the parts just replaced: left, it would read as
+                # this build's (compile_pdf removes it first too)
+                stale = GENERATED.parent / "main.pdf"
+                removed = stale.is_file()
+                stale.unlink(missing_ok=True)
+                print(f"[paper] generated parts written to {GENERATED}" + (
+                    f"; {stale}, of the parts they replaced, was removed (compile: run the "
+                    "build without --no-compile)" if removed else ""))
                 return 0
             report = compile_pdf()
     except BuildError as err:

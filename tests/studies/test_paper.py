@@ -315,6 +315,24 @@ def test_main_writes_where_generated_points(tmp_path, monkeypatch):
     assert (tree(real) if real.exists() else None) == real_before
 
 
+def test_no_compile_removes_the_pdf_of_the_parts_it_replaced(tmp_path, monkeypatch, capsys):
+    """--no-compile replaced the generated parts and left an earlier build's main.pdf beside
+    them, read as the paper of these runs; it is removed, and the build says so."""
+    fake_ledger(monkeypatch)
+    monkeypatch.setattr(build, "GENERATED", tmp_path / "generated")
+    monkeypatch.setattr(build, "paper_uses", lambda sources, studies=build.STUDIES: uses())
+    all_runs(tmp_path / "runs", argv=[])
+    (tmp_path / "main.pdf").write_bytes(b"%PDF-1.5 of the earlier parts\n")
+    assert build.main(["--runs", str(tmp_path / "runs"), "--no-compile"]) == 0
+    assert not (tmp_path / "main.pdf").exists()
+    assert f"{tmp_path / 'main.pdf'}, of the parts they replaced, was removed" \
+        in capsys.readouterr().out
+    # a build that fails before it replaces them leaves the PDF of the parts still there
+    (tmp_path / "main.pdf").write_bytes(b"%PDF-1.5 of the parts still there\n")
+    assert build.main(["--runs", str(tmp_path / "nothing"), "--no-compile"]) == 2
+    assert (tmp_path / "main.pdf").exists()
+
+
 def with_model(run: Path, model: dict | None = None, models: dict | None = None) -> Path:
     """``run`` with the model identity a study records in its manifest."""
     manifest = json.loads((run / "manifest.json").read_text())
