@@ -463,6 +463,30 @@ def _check_batches(batches, what: str) -> list[torch.Tensor]:
     return batches
 
 
+def _shared_call_sites(model: nn.Module, example: torch.Tensor, err: Exception) -> str:
+    """What to say of prepare_pt2e's "Input partition has more than one output node": the
+    leaf modules ``model`` calls at more than one place in a forward of ``example`` (its
+    own block calling one ReLU twice, as torchvision's blocks do), counted by hooks."""
+    calls: dict[str, int] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, m in model.named_modules() if name and not any(m.children())]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    shared = [f"{name} ({n} calls)" for name, n in calls.items() if n > 1]
+    where = (f"the module calls {listing(shared)} at more than one place in one forward"
+             if shared else "no module is called at two places in one forward (hooks "
+             "counted), so the cause is elsewhere in the graph")
+    return (f"prepare_pt2e could not match its fusion patterns ({err}): {where}. Give each "
+            "call site a module of its own (untie_relus does so for torchvision's BasicBlock "
+            "and Bottleneck; an activation without parameters or buffers, as nn.ReLU, "
+            "changes no state-dict entry)")
+
+
 @contextlib.contextmanager
 def _freezing():
     import torch._inductor.config as inductor_config
@@ -518,6 +542,14 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
     Returns
     -------
     Int8Module
+
+    Raises
+    ------
+    ValueError
+        Where ``prepare_pt2e`` cannot match its fusion patterns because the module calls
+        one of its modules at several places in a forward (a block of the user's own
+        calling one ReLU twice; torchvision's blocks are untied here): naming each such
+        module, counted by hooks on a forward of the example batch.
 
     Notes
     -----
@@ -575,7 +607,12 @@ def quantize_pt2e(module: nn.Module, calibration: Iterable[torch.Tensor], *,
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         t1 = time.perf_counter()
-        prepared = prepare_pt2e(exported.module(), _quantizer())
+        try:
+            prepared = prepare_pt2e(exported.module(), _quantizer())
+        except ValueError as err:
+            if "more than one output node" not in str(err):
+                raise
+            raise ValueError(_shared_call_sites(model, example, err)) from err
         t2 = time.perf_counter()
         for b in batches:
             prepared(b)

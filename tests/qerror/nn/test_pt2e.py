@@ -629,3 +629,24 @@ def test_the_compiled_module_records_whether_its_kernels_saturate(cap):
     follows, other = ("saturating", "exact") if out["recorded"] else ("exact", "saturating")
     assert out[follows] <= 1, out
     assert out[other] > 1000, out
+
+
+def test_a_block_of_ones_own_calling_one_relu_twice_is_named():
+    """untie_relus unties torchvision's blocks only; a block of the user's own that calls its
+    one ReLU at two places stopped in torchao with "Input partition has more than one output
+    node", naming nothing. The error names the module and its calls, and what to do."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.c2(self.relu(self.c1(x))) + x)
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block()).eval()
+    with pytest.raises(ValueError, match=r"more than one output node\): the module calls "
+                       r"1\.relu \(2 calls\) at more than one place") as err:
+        quantize_pt2e(net, [torch.randn(4, 3, 8, 8)], compile=False)
+    assert "a module of its own" in str(err.value)
+    assert not any(m._forward_pre_hooks for m in net.modules())  # the copy was hooked
