@@ -538,17 +538,22 @@ def test_ece_bins_a_confidence_on_or_just_above_an_edge_as_documented(n_bins):
 
 
 def test_calibrate_exits_lowers_ece_and_nll_on_overconfident_exits():
-    cals = calibrate_exits([_overconfident(5000, t, seed=s)[0] for s, t in ((1, 2.0), (1, 3.0))],
-                           _overconfident(5000, 2.0, seed=1)[1])
-    # the first exit's labels are drawn at T = 2: its fitted log T within z = 3.29 Fisher
-    # standard errors (α = 0.001, two-sided; 1.49 % here, this seed's is +0.39 %)
-    logits = _overconfident(5000, 2.0, seed=1)[0]
-    assert abs(math.log(cals[0].temperature / 2.0)) <= 3.29 * _se_log_temperature(logits, 2.0)
+    # one set of labels, drawn at T = 2 from the first exit's logits z; the second exit's
+    # logits are 1.5 z, for which the same labels are calibrated at T = 3 (softmax(1.5 z / 3)
+    # = softmax(z / 2)). Both exits once shared z and its T, so a fit of the wrong exit's
+    # logits, or a rule reading the wrong exit's temperature, passed.
+    z, labels = _overconfident(5000, 2.0, seed=1)
+    cals = calibrate_exits([z, 1.5 * z], labels)
+    # each fitted log T within z = 3.29 Fisher standard errors of its own truth (α = 0.001,
+    # two-sided; 1.49 % here)
+    for c, logits, t in ((cals[0], z, 2.0), (cals[1], 1.5 * z, 3.0)):
+        assert abs(math.log(c.temperature / t)) <= 3.29 * _se_log_temperature(logits, t)
     for c in cals:
         assert c.nll_after <= c.nll_before
         assert c.ece_after < c.ece_before
         assert c.n_bins == 15
     rule = ExitRule("max-softmax", (0.9,), temperatures=tuple(c.temperature for c in cals))
+    assert rule.temperature(0) == cals[0].temperature
     assert rule.temperature(1) == cals[1].temperature
 
 
