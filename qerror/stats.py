@@ -1263,8 +1263,11 @@ def median_ranks(n: int, alpha: float = 0.05) -> tuple[int, float]:
     misses it with probability ``2 P(B <= k - 1)``. The rank chosen is the largest ``k``
     whose coverage reaches ``1 - alpha``; the order statistics are discrete, so the coverage
     is usually above ``1 - alpha`` (0.9375 for 5 values, 0.9346 for 11, 0.9648 for 15 at
-    ``alpha = 0.10``). The binomial law is evaluated in double precision (scipy), so a
-    coverage within about 1e-15 of ``1 - alpha`` could be judged on the wrong side.
+    ``alpha = 0.10``). The rank is judged by its miss probability ``2 P(B <= k - 1)``
+    against ``alpha`` itself, never its coverage against ``1 - alpha``, which rounds to 1
+    for an ``alpha`` below about 1e-16 (every rank then "reached" it). The binomial law is
+    evaluated in double precision (scipy), so a miss probability within about 1e-15
+    relative of ``alpha`` could be judged on the wrong side.
 
     References
     ----------
@@ -1274,18 +1277,20 @@ def median_ranks(n: int, alpha: float = 0.05) -> tuple[int, float]:
     n = check_count(n, "n", 1)
     alpha = _check_alpha(alpha)
 
-    def coverage(k: int) -> float:
-        return float(1.0 - 2.0 * sps.binom.cdf(k - 1, n, 0.5))
+    def miss(k: int) -> float:
+        return float(2.0 * sps.binom.cdf(k - 1, n, 0.5))
 
-    # Coverage falls with k, and reaches 1 - alpha while P(B <= k - 1) <= alpha/2: from just
-    # above the binomial's alpha/2 quantile, step down to the last k that reaches it (a scan
-    # of every rank took O(n) memory and time, 30 GB for a billion values).
+    # The miss probability grows with k, and is at most alpha while P(B <= k - 1) <= alpha/2:
+    # from just above the binomial's alpha/2 quantile, step down to the last k within it (a
+    # scan of every rank took O(n) memory and time, 30 GB for a billion values). Judged
+    # against alpha, not 1 - alpha: at alpha = 1e-20, 1 - alpha and every coverage near it
+    # round to 1, and 60 values got the interval [min, max], which misses with 1.7e-18.
     k = min(int(sps.binom.ppf(alpha / 2.0, n, 0.5)) + 2, (n + 1) // 2)
-    while k >= 1 and coverage(k) < 1.0 - alpha:
+    while k >= 1 and miss(k) > alpha:
         k -= 1
     if k == 0:
         return 0, math.nan
-    return k, coverage(k)
+    return k, 1.0 - miss(k)
 
 
 def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:

@@ -1356,6 +1356,26 @@ def test_median_ranks_of_a_huge_sample_take_no_memory_that_grows_with_it():
         assert coverage >= 1 - alpha > after, (n, alpha, k, coverage, after)
 
 
+@pytest.mark.parametrize("n, alpha", [(60, 1e-20), (200, 1e-20), (200, 1e-17),
+                                      (1000, 1e-30), (100, 1e-12)])
+def test_median_ranks_judge_a_tiny_alpha_by_the_miss_probability(n, alpha):
+    """The rank was judged by coverage >= 1 - alpha, and 1 - alpha rounds to 1 below about
+    1e-16, as every coverage near it does: at alpha = 1e-20, 60 values got the interval
+    [min, max] (which misses with probability 2^-59 = 1.7e-18) and 200 values the ranks 38
+    (miss 4.6e-20) where 36 is the last within alpha. The largest k whose exact miss
+    probability 2 P(B <= k - 1) is at most alpha, in exact fractions."""
+    within = [k for k in range(1, (n + 1) // 2 + 1)
+              if 1 - _sign_coverage(n, k) <= Fraction(alpha)]
+    k, coverage = median_ranks(n, alpha)
+    assert k == (max(within) if within else 0)
+    if k:
+        assert coverage == pytest.approx(float(_sign_coverage(n, k)), rel=0, abs=1e-15)
+    else:
+        assert math.isnan(coverage)
+        r = median_ci(np.arange(n, dtype=np.float64), alpha)
+        assert r.ranks == (0, 0) and "too few for an interval" in r.verdict
+
+
 def test_median_ci_agrees_with_scipy_quantile_test():
     """scipy's quantile_test is an independent implementation of the same interval. At an
     exact tie of the coverage with 1 - alpha (n = 2, alpha = 0.5: coverage exactly 0.5)
