@@ -782,12 +782,16 @@ def _wilson(phat: float, n: int, z: float) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (phat + z2 / (2.0 * n)) / denom
     half = z * math.sqrt(phat * (1.0 - phat) / n + z2 / (4.0 * n * n)) / denom
-    # The interval always holds phat (the score statistic is 0 there). At phat = 0 the lower
-    # bound is exactly 0 and at phat = 1 the upper exactly 1 (centre and half are then both
-    # z²/2n / denom away from the end); in floating point they miss by an ulp, on either
-    # side, so the ends are set exactly and every bound is kept inside [0, 1].
-    lo = 0.0 if phat == 0.0 else max(0.0, centre - half)
+    # The interval always holds phat (the score statistic is 0 there). At phat = 1 the upper
+    # bound is exactly 1 (centre and half are then both z²/2n / denom away from it); in
+    # floating point they miss by an ulp, on either side, so that end is set exactly and
+    # every bound is kept inside [0, 1].
     hi = 1.0 if phat == 1.0 else min(1.0, centre + half)
+    # The lower bound is the other root of denom p² - (2 phat + z²/n) p + phat² = 0, whose
+    # roots multiply to phat² / denom: centre - half cancels where few successes leave it
+    # far below both (about z⁴ times below at one success: 1/100 at alpha = 1e-300 kept
+    # 11 digits). Exactly 0 at phat = 0.
+    lo = min(phat, phat / (denom * hi) * phat)
     return (lo, hi)
 
 

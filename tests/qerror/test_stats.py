@@ -1496,3 +1496,31 @@ def test_uniformity_band_beyond_scipy_ks_quantiles_is_refused(alpha, n):
     with pytest.raises(ValueError, match="beyond the Kolmogorov-Smirnov quantiles"):
         uniformity_test(errors, "nearest_even", alpha=alpha)
     assert uniformity_test(errors, "nearest_even", alpha=1e-12).alpha == 1e-12
+
+
+@pytest.mark.parametrize("successes, n, alpha", [(1, 100, 1e-300), (1, 10**4, 1e-10),
+                                                 (3, 10**4, 1e-6), (1, 1000, 0.05),
+                                                 (999, 1000, 0.05)])
+def test_wilson_lower_bound_of_few_successes_keeps_its_digits(successes, n, alpha):
+    """The lower bound was centre - half, which cancels where few successes put it far below
+    both (about z^4 times below at one success): 1/100 at alpha = 1e-300 kept 11 digits
+    (8.9e-12 relative), 1/10^4 at 1e-10 13 (3.7e-14), 1/1000 at 0.05 15 (2.1e-15). It is
+    phat^2 / (denom * upper) now, the roots' product over the other root: a dozen
+    roundings and no cancellation, within 12 * 2^-53 = 1.3e-15 of the interval with z
+    exact, plus twice z's own error (isf, about an ulp): rel 2e-15. Against mpmath at 40
+    digits."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    try:
+        z = mpmath.findroot(lambda t: mpmath.log(mpmath.erfc(t / mpmath.sqrt(2)))
+                            - mpmath.log(alpha), mpmath.sqrt(-2 * mpmath.log(alpha)))
+        p = mpmath.mpf(successes) / n
+        mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * mpmath.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        want = (float(mid - half), float(mid + half))
+    finally:
+        mpmath.mp.dps = 15
+    got = wilson_ci(successes, n, alpha).ci
+    assert got[0] == pytest.approx(want[0], rel=2e-15, abs=0)
+    assert got[1] == pytest.approx(want[1], rel=2e-15, abs=0)
