@@ -825,11 +825,17 @@ def _elias_fano_layout(lengths, universe_bits: int):
         raise TypeError(f"lengths must be an int array (counts), got dtype {m.dtype}; "
                         f"pass integers (numpy.rint(lengths).astype(numpy.int64) for whole "
                         f"counts computed in floating point)")
+    if universe_bits > 63:
+        raise ValueError(f"universe_bits must be at most 63 (the values are int64), got "
+                         f"{universe_bits}")
     m = m.astype(np.int64)
     if m.ndim != 1 or (m.size and m.min() < 0) or (m > 1 << universe_bits).any():
         raise ValueError(f"lengths must be counts in [0, 2**{universe_bits}]")
-    low = np.where(m > 0, _floor_log2((1 << universe_bits) // np.maximum(m, 1)), 0)
-    size = np.where(m > 0, m * low + m + ((1 << universe_bits) >> low), 0)
+    # L = floor(log2(2^u / m)) = u - ceil(log2 m) and 2^u >> L = 2^ceil(log2 m) (at most 2m),
+    # formed without 2^u itself, which int64 does not hold at u = 63 (OverflowError)
+    up = np.where(m > 1, _floor_log2(np.maximum(m - 1, 1)) + 1, 0)
+    low = np.where(m > 0, universe_bits - up, 0)
+    size = np.where(m > 0, m * low + m + (np.int64(1) << up), 0)
     start = np.cumsum(size) - size
     first = np.cumsum(m) - m
     return m, low, size, start, first

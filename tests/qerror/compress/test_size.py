@@ -1,6 +1,7 @@
 """Byte counting: sizes from element counts and formats, checked against arrays held."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -384,6 +385,23 @@ def test_elias_fano_round_trips_in_the_counted_bits(universe_bits):
     assert np.array_equal(elias_fano_decode(bits, lengths, universe_bits), values)
     # A set of m values costs at most m·u + 2m + 1 bits (L ≤ u - log2 m, 2^u >> L < 2m).
     assert bits.size <= sum(m * universe_bits + 2 * m + 1 for m in lengths if m)
+
+
+def test_elias_fano_takes_a_63_bit_universe_and_refuses_a_wider_one():
+    """2^63 itself, formed for L = floor(log2(2^u / m)), overflowed int64: every call at
+    universe_bits = 63 (int64 values, any of them in range) raised OverflowError from inside.
+    L is u - ceil(log2 m) now: for the sets {5} and {1, 2, 2^63 - 1}, L = 63 and 61, and
+    1 + 63 + 1 plus 3 + 3·61 + 4 bits; 64 bits and more are refused by name."""
+    values, lengths = [5, 1, 2, 2**63 - 1], [1, 3]
+    assert elias_fano_bits(lengths, 63) == (1 + 63 + 1) + (3 + 3 * 61 + 4)
+    bits = elias_fano_encode(values, lengths, 63)
+    assert bits.size == elias_fano_bits(lengths, 63)
+    assert elias_fano_decode(bits, lengths, 63).tolist() == values
+    for call in (lambda: elias_fano_bits(lengths, 64),
+                 lambda: elias_fano_encode(values, lengths, 64)):
+        with pytest.raises(ValueError, match=re.escape(
+                "universe_bits must be at most 63 (the values are int64), got 64")):
+            call()
 
 
 @pytest.mark.parametrize("sparse", ["bitmask", "csr"])
