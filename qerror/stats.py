@@ -281,7 +281,7 @@ def equivalence_test(
     tq = _t_upper(alpha, df)
     ci = (mean - tq * se, mean + tq * se)
     u = f" {unit}" if unit else ""
-    what = (f"mean {_num(mean)}{u}, {_pct(1 - 2 * alpha)} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
+    what = (f"mean {_num(mean)}{u}, {_pct(2 * alpha)} CI [{_num(ci[0])}, {_num(ci[1])}]{u}"
             f" vs margin ({_num(low)}, {_num(high)}){u}")
     if p < alpha:
         verdict = f"mean is within the margin (TOST {_p(p, alpha)} < α={alpha:g}): {what}"
@@ -483,7 +483,7 @@ def uniformity_test(
     n = data.size
     band = _ks_band(alpha, n)
     ci = (max(0.0, d_stat - band), min(1.0, d_stat + band))
-    conf = _pct(1.0 - alpha)
+    conf = _pct(alpha)
     if p < alpha:
         verdict = (f"error is not {law} (KS D={d_stat:.3g}, {_p(p, alpha)} < α={alpha:g}); "
                    f"distance to the model in [{ci[0]:.3g}, {ci[1]:.3g}] at {conf}")
@@ -678,7 +678,7 @@ def mse_ratio_ci(
         ratio, lo, hi = (float(v) for v in np.exp([log_ratio, lo_log, hi_log]))
         ma, mb = float(np.ldexp(ma, 2 * ka)), float(np.ldexp(mb, 2 * kb))
     ci = (lo, hi)
-    what = (f"MSE ratio a/b {ratio:.4g}, {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] "
+    what = (f"MSE ratio a/b {ratio:.4g}, {_pct(alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] "
             f"(MSE_a {ma:.4g}, MSE_b {mb:.4g})")
     if p < alpha:
         verdict = f"MSEs differ ({_p(p, alpha)} < α={alpha:g}): {what}"
@@ -761,7 +761,7 @@ def wilson_ci(
         if not 0.0 < p0 < 1.0:
             raise ValueError(f"p0 must be in (0, 1), got {p0}")
         stat, p = _z_two_sided(phat - p0, math.sqrt(p0 * (1.0 - p0) / n))
-    what = (f"proportion {phat:.4g} ({successes}/{n}), {_pct(1 - alpha)} CI "
+    what = (f"proportion {phat:.4g} ({successes}/{n}), {_pct(alpha)} CI "
             f"[{ci[0]:.4g}, {ci[1]:.4g}]")
     if p0 is None:
         verdict = what
@@ -885,7 +885,7 @@ def mcnemar_from_counts(only_a: int, only_b: int, n: int, alpha: float = 0.05, *
     ci = (max(-1.0, pa - pb - half), min(1.0, pa - pb + half))
     diff = (only_a - only_b) / n
     what = (f"accuracy a - b = {diff:.4g} ({only_a} right by a only, {only_b} by b only, "
-            f"n={n}), {_pct(1 - alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}]")
+            f"n={n}), {_pct(alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}]")
     if p < alpha:
         verdict = f"accuracies differ (McNemar {how}, {_p(p, alpha)} < α={alpha:g}): {what}"
     else:
@@ -1223,7 +1223,7 @@ def paired_accuracy_equivalence(only_a: int, only_b: int, n: int, margin: float,
     ci = (max(-1.0, shrunk - zq * se), min(1.0, shrunk + zq * se))
     diff = (only_a - only_b) / n
     what = (f"accuracy a - b = {diff:.4g} ({only_a} right by a only, {only_b} by b only, "
-            f"n={n}), {_pct(1 - 2 * alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] vs margin "
+            f"n={n}), {_pct(2 * alpha)} CI [{ci[0]:.4g}, {ci[1]:.4g}] vs margin "
             f"±{margin:g}")
     if p < alpha:
         verdict = f"accuracies equivalent within the margin (TOST {_p(p, alpha)} < α={alpha:g}): {what}"
@@ -1343,10 +1343,10 @@ def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
         least = math.ceil(1.0 + math.log2(1.0 / alpha) - 1e-12)
         ci = (math.nan, math.nan)
         verdict = (f"median {_num(median)} of {n} value(s); too few for an interval of "
-                   f"coverage {_pct(1 - alpha)} (it needs at least {least})")
+                   f"coverage {_pct(alpha)} (it needs at least {least})")
     else:
         ci = (float(x[k - 1]), float(x[n - k]))
-        verdict = (f"median {_num(median)}, {_pct(coverage)} interval [{_num(ci[0])}, "
+        verdict = (f"median {_num(median)}, {_pct(1.0 - coverage)} interval [{_num(ci[0])}, "
                    f"{_num(ci[1])}] (order statistics {k} and {n - k + 1} of {n})")
     return MedianResult(
         test="median interval", method="sign test order statistics", statistic=math.nan,
@@ -1506,7 +1506,7 @@ def bootstrap_ci(
     lo, hi = _percentile_interval(boot, alpha)
     se = float(np.std(boot, ddof=1))
     ci = (lo, hi)
-    what = f"estimate {_num(estimate)}, {_pct(1 - alpha)} percentile CI [{_num(lo)}, {_num(hi)}]"
+    what = f"estimate {_num(estimate)}, {_pct(alpha)} percentile CI [{_num(lo)}, {_num(hi)}]"
     if null is None:
         stat = p = math.nan
         verdict = what
@@ -1590,7 +1590,7 @@ def _check_resamples(n_resamples, alpha: float) -> int:
     # rank 1 they would be the smallest and largest resample, an interval of confidence
     # (B - 1)/(B + 1) < 1 - α, and the p-value could not go below 2/(B + 1) > α.
     if alpha * (count + 1) < 2.0 * (1.0 - 1e-12):
-        raise ValueError(f"n_resamples={count} is too few for a {_pct(1.0 - alpha)} percentile "
+        raise ValueError(f"n_resamples={count} is too few for a {_pct(alpha)} percentile "
                          f"interval: it needs at least 2/alpha - 1 = "
                          f"{math.ceil(2.0 / alpha - 1.0 - 1e-9)} resamples")
     return count
@@ -1712,7 +1712,7 @@ def _t_verdict(mean: float, se: float, df: int, mu0: float, alpha: float, unit: 
     stat, p = _t_two_sided(mean - mu0, se, df)
     ci = (mean - tq * se, mean + tq * se)
     u = f" {unit}" if unit else ""
-    what = (f"{words[1]} {_num(mean)}{u}, {_pct(1.0 - alpha)} CI "
+    what = (f"{words[1]} {_num(mean)}{u}, {_pct(alpha)} CI "
             f"[{_num(ci[0])}, {_num(ci[1])}]{u}")
     if p < alpha:
         verdict = f"{words[0]} differs from {_num(mu0)}{u} ({_p(p, alpha)} < α={alpha:g}): {what}"
@@ -1770,5 +1770,11 @@ def _p(p: float, alpha: float) -> str:
     return f"p={p:.{digits}g}"
 
 
-def _pct(conf: float) -> str:
-    return f"{100.0 * conf:.4g}%"
+def _pct(miss: float) -> str:
+    """The confidence ``1 - miss`` in percent, with the digits that show ``miss``: 95%,
+    68.27%, 99.999% (four significant digits made 1 - 1e-5 "100%"); below 1e-12, where
+    ``1 - miss`` keeps too few of its digits, "1 − 1e-17"."""
+    if miss < 1e-12:
+        return f"1 − {miss:.2g}"
+    digits = max(4, 3 + math.ceil(-math.log10(100.0 * miss)))
+    return f"{100.0 * (1.0 - miss):.{digits}g}%"

@@ -1524,3 +1524,14 @@ def test_wilson_lower_bound_of_few_successes_keeps_its_digits(successes, n, alph
     got = wilson_ci(successes, n, alpha).ci
     assert got[0] == pytest.approx(want[0], rel=2e-15, abs=0)
     assert got[1] == pytest.approx(want[1], rel=2e-15, abs=0)
+
+
+@pytest.mark.parametrize("alpha, says", [(0.05, "95% CI"), (0.3173, "68.27% CI"),
+                                         (1e-5, "99.999% CI"), (1.5e-5, "99.9985% CI"),
+                                         (1e-10, "99.99999999% CI"), (1e-17, "1 − 1e-17 CI")])
+def test_a_verdict_names_its_confidence_with_the_digits_that_show_alpha(alpha, says):
+    """Four significant digits named a 1 - 1e-5 interval "100% CI" (as any alpha below
+    5e-5, a Bonferroni level of a thousand comparisons): the label now keeps the digits
+    that show alpha, and writes 1 − alpha where 1 - alpha would round them away."""
+    assert f"{says} [" in wilson_ci(50, 100, alpha).verdict
+    assert f"{says} [" in bias_test(np.linspace(-1.0, 1.0, 10), alpha=alpha).verdict
