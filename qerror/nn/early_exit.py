@@ -409,7 +409,9 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
     later stage runs on the survivors only and does no work for a sample that has left;
     once no sample is left, no later stage is called. With every threshold at 1.0 no
     sample leaves early, each stage runs the whole batch, and the result equals the
-    uninterrupted network's output. Runs without autograd.
+    uninterrupted network's output. Exits whose logits differ in dtype give the result's
+    logits in their promoted dtype (:func:`torch.promote_types`), as
+    :func:`exit_result_from_logits` does. Runs without autograd.
     """
     if len(stages) < 1:
         raise ValueError("stages is empty; an early-exit network needs at least one stage")
@@ -448,6 +450,11 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
                 raise ValueError(f"stage {k} gave NaN or Inf logits")
             if out_logits is None:
                 out_logits = torch.empty((n, logits.shape[1]), dtype=logits.dtype)
+            elif logits.dtype != out_logits.dtype:
+                # exits of different dtypes (a float64 last stage after float32 ones): in the
+                # promoted dtype, as exit_result_from_logits stacks them; exact for the rows
+                # already stored
+                out_logits = out_logits.to(torch.promote_types(out_logits.dtype, logits.dtype))
             score = exit_confidence(logits, rule.policy, rule.temperature(k))
             # in float64: a threshold is a Python float, which torch would round to the
             # score's dtype first (1 - 1e-8 to 1.0 in float32, 0.999 to 1.0 in bfloat16)
@@ -456,7 +463,7 @@ def run_early_exit(stages: Sequence[StageFn], x: torch.Tensor, rule: ExitRule) -
             # the bookkeeping stays on the CPU whatever device the stages run on
             gone = leave.cpu()
             idx = alive[gone]
-            out_logits[idx] = logits[leave].cpu()
+            out_logits[idx] = logits[leave].cpu().to(out_logits.dtype)
             exit_index[idx] = k
             confidence[idx] = score[leave].to(torch.float64).cpu()
             if k == last or bool(gone.all()):

@@ -1341,3 +1341,25 @@ def test_mac_fractions_default_to_the_stems_channels():
     assert sdn_exit_points(model) == sdn_exit_points(model, input_shape=(3, 32, 32))
     with pytest.raises(TypeError, match="temperatures must be a sequence"):
         ExitRule("max-softmax", (0.5, 0.5), temperatures=2.0)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64),
+                                    (torch.float16, torch.bfloat16)])
+def test_stage_runner_takes_exits_of_different_dtypes_as_the_logits_path_does(dtypes):
+    """A stage whose logits had another dtype than the first stage's (a float64 last exit
+    after a float32 one) stopped the runner with torch's 'Index put requires the source and
+    destination dtypes match'; the logits path stacks them in the promoted dtype."""
+    first = torch.tensor([[2.0, 0.0], [0.25, 0.0], [0.0, 3.0]], dtype=dtypes[0])
+    last = torch.tensor([[0.0, 1.0], [1.0 / 3.0, 0.0], [0.0, 1.0]], dtype=dtypes[1])
+    stages = [lambda h: (h, first[h[:, 0].long()]), lambda h: (h, last[h[:, 0].long()])]
+    x = torch.arange(3.0).reshape(3, 1)
+    rule = ExitRule("max-softmax", (0.8,))
+    got = run_early_exit(stages, x, rule)
+    want = exit_result_from_logits([first, last], rule)
+    wide = torch.promote_types(*dtypes)
+    assert got.exit_index.tolist() == [0, 1, 0] and got.rows_per_stage == (3, 1)
+    assert got.logits.dtype == wide
+    assert torch.equal(got.logits, torch.stack([first[0].to(wide), last[1].to(wide),
+                                                first[2].to(wide)]))
+    for f in ("logits", "exit_index", "confidence"):
+        assert torch.equal(getattr(got, f), getattr(want, f))
