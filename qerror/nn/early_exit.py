@@ -1062,6 +1062,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     float
         T > 0; calibrated probabilities are ``softmax(logits / T)``.
 
+    Raises
+    ------
+    ValueError
+        Bad logits, labels, bounds or objective; or logits so large (a diverged network)
+        that ``logits / T`` at the lower bound, or the differences of a row's logits,
+        overflow float64.
+
     Notes
     -----
     Temperature scaling [1]_: one scalar per classifier, fitted on validation logits by
@@ -1097,6 +1104,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     if objective not in CALIBRATION_OBJECTIVES:
         raise ValueError(f"objective must be one of {CALIBRATION_OBJECTIVES}, got "
                          f"{objective!r}")
+    # Logits near float64's limit overflow logits / T (or the slope's differences) in the
+    # interval: the searches then read NaN and stopped anywhere (0.1669 where 0.1258 was due
+    # with one row at 3e307, 0.493 for the bound 0.05 at 1e308).
+    largest = float(z.abs().max())
+    if not bool(torch.isfinite(z / lo).all()):
+        raise ValueError(
+            f"logits reach {largest:g}: divided by the lower bound T = {lo:g} they overflow "
+            "float64, so the calibration cannot be computed; give a larger lower bound, or "
+            "check the network (logits this large come from one that diverged)")
     if objective == "ece":
         grid = np.exp(np.linspace(math.log(lo), math.log(hi), ECE_GRID_POINTS))
         eces = [expected_calibration_error(z, y, float(t), n_bins) for t in grid]
@@ -1105,9 +1121,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     # bounds, the minimum is the bound itself. Brent's search could not tell: the NLL of
     # separable logits rounds to exactly 0 for every T below some value (log(1 + 1e-20) is 0),
     # and it stopped anywhere on that plateau (0.2057 where 0.05 was due).
-    if _nll_slope(z, y, 1.0 / lo) <= 0:
+    slope_lo, slope_hi = _nll_slope(z, y, 1.0 / lo), _nll_slope(z, y, 1.0 / hi)
+    if not (math.isfinite(slope_lo) and math.isfinite(slope_hi)):
+        # NaN slopes (a difference of two logits past float64's range) decided nothing
+        raise ValueError(
+            f"logits reach {largest:g}: the differences of a row's logits overflow float64, "
+            "so the NLL cannot be computed; check the network that gave them (logits this "
+            "large come from one that diverged)")
+    if slope_lo <= 0:
         return float(lo)
-    if _nll_slope(z, y, 1.0 / hi) >= 0:
+    if slope_hi >= 0:
         return float(hi)
     res = optimize.minimize_scalar(lambda u: _nll(z, y, math.exp(u)),
                                    bounds=(math.log(lo), math.log(hi)), method="bounded",
@@ -1146,6 +1169,12 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
         the mean max-softmax probability in the bin and ``acc`` the fraction of top-1
         predictions that are right; empty bins add nothing.
 
+    Raises
+    ------
+    ValueError
+        Bad logits, labels, temperature or ``n_bins``; or ``logits / temperature``
+        overflows float64 (its softmax would be NaN).
+
     Notes
     -----
     Confidences never fall below 1/C, so the lowest bins stay empty for small C. Equal
@@ -1161,7 +1190,14 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
     """
     z, y = _check_logits_labels(logits, labels)
     _check_temperature(temperature, "temperature")
-    p = torch.softmax(z / temperature, dim=1)
+    scaled = z / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # the softmax would be NaN, refused as 'not a confidence', naming neither cause
+        raise ValueError(
+            f"logits / temperature overflows float64 (temperature {temperature!r}, largest "
+            f"|logit| {float(z.abs().max()):g}): use a larger temperature, or check the "
+            "network that gave such logits")
+    p = torch.softmax(scaled, dim=1)
     conf, pred = p.max(dim=1)
     return confidence_ece(conf, pred == y, n_bins)
 

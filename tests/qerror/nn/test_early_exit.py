@@ -1363,3 +1363,35 @@ def test_stage_runner_takes_exits_of_different_dtypes_as_the_logits_path_does(dt
                                                 first[2].to(wide)]))
     for f in ("logits", "exit_index", "confidence"):
         assert torch.equal(getattr(got, f), getattr(want, f))
+
+
+def test_calibration_refuses_logits_that_overflow_float64_instead_of_a_wrong_temperature():
+    """Logits near float64's limit made logits / T, or a row's differences, overflow: the
+    fit read NaN and stopped anywhere (0.493 for one right sample at 1e308, where the NLL
+    falls to the bound 0.05; 0.1669 for 0.1258 with one row at 3e307; 19.99999 with bounds
+    (1, 20) where 1 was due), and the ECE's NaN softmax was refused as 'not a confidence'."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (400,), generator=g)
+    z = 0.08 * (3 * nn.functional.one_hot(y, 3).double()
+                + 2 * torch.randn(400, 3, generator=g, dtype=torch.float64))
+    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 4001))
+    nll = [float(nn.functional.cross_entropy(z / t, y)) for t in grid]
+    assert 0 < int(np.argmin(nll)) < 4000  # an interior minimum, near the lower bound
+    assert fit_temperature(z, y) == pytest.approx(grid[int(np.argmin(nll))], rel=2e-3)
+    z[0] = torch.tensor([3e307, -3e307, 0.0], dtype=torch.float64)  # 3e307 / 0.05 = inf
+    y[0] = 0
+    for objective in ("nll", "ece"):
+        with pytest.raises(ValueError, match=r"logits reach 3e\+307: divided by the lower "
+                                             r"bound T = 0.05 they overflow float64"):
+            fit_temperature(z, y, objective=objective)
+    one = torch.tensor([[1e308, -1e308]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="divided by the lower bound T = 0.05"):
+        fit_temperature(one, torch.tensor([0]))
+    with pytest.raises(ValueError, match="the differences of a row's logits overflow"):
+        fit_temperature(one, torch.tensor([0]), bounds=(1.0, 20.0))
+    assert fit_temperature(one / 10, torch.tensor([0]), bounds=(1.0, 20.0)) == 1.0
+    with pytest.raises(ValueError, match=r"logits / temperature overflows float64 "
+                                         r"\(temperature 1e-300"):
+        expected_calibration_error(torch.tensor([[1e10, 0.0], [0.0, 1.0]]),
+                                   torch.tensor([0, 1]), 1e-300)
+    assert expected_calibration_error(one / 10, torch.tensor([0]), 0.5) == 0.0
