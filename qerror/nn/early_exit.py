@@ -317,6 +317,11 @@ class ExitResult:
         if not parts or len({len(p.rows_per_stage) for p in parts}) != 1:
             raise ValueError("concat needs at least one result, all of networks with the "
                              "same number of exits")
+        classes = [p.logits.shape[1] for p in parts]
+        if len(set(classes)) != 1:
+            # torch.cat's 'Sizes of tensors must match' named neither the results nor why
+            raise ValueError(f"concat needs results of networks with the same classes; their "
+                             f"logits have {classes} classes")
         return cls(torch.cat([p.logits for p in parts]),
                    torch.cat([p.exit_index for p in parts]),
                    torch.cat([p.confidence for p in parts]),

@@ -1216,6 +1216,9 @@ def test_results_of_consecutive_batches_concatenate_to_the_whole_run():
     with pytest.raises(ValueError, match="same number of exits"):
         ExitResult.concat([whole, run_early_exit(stages[:2], logits, ExitRule("max-softmax",
                                                                               (0.8,)))])
+    # results of networks with other classes: torch.cat's size error named neither
+    with pytest.raises(ValueError, match=r"same classes; their logits have \[4, 3\] classes"):
+        ExitResult.concat([whole, run_early_exit(stages, logits[:, :3], rule)])
 
 
 def test_non_finite_logits_at_any_exit_are_refused():
