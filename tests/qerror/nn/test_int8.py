@@ -503,7 +503,11 @@ def test_a_one_channel_convolution_is_faithful_only_where_the_probe_saw_it_so():
     convolutions (measured on an AMX CPU: kernel column by kernel column, where its AVX2
     kernel does not pair them at all). A row the cross-check marks faithful must
     reproduce every code of such a layer, full-range activations included; where no
-    pipeline does, the layer is unmodelled and no row of it faithful."""
+    pipeline does, the layer is unmodelled and no row of it faithful. Where the probe finds
+    no faithful pipeline at all under that cap (measured on an AMD EPYC with AVX512-VNNI:
+    its linear kernel does not pair 258 inputs in halves there), no row can be marked and
+    the probe never reaches the one-channel case: the test skips, saying so, rather than
+    pass on zero marked rows."""
     import subprocess
     import sys
 
@@ -512,6 +516,9 @@ def test_a_one_channel_convolution_is_faithful_only_where_the_probe_saw_it_so():
         from torch import nn
         from qerror import QParams, calibrate, qparams_from_range
         from qerror.nn import int8
+        probe = int8.kernel_probe("onednn")
+        print(probe.faithful is not None, probe.single_channel_conv_modelled)
+        print(probe.describe())
         for k, pad, stride in ((7, 3, 2), (3, 1, 1)):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -533,10 +540,15 @@ def test_a_one_channel_convolution_is_faithful_only_where_the_probe_saw_it_so():
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                               "OMP_NUM_THREADS": "1"}, check=True).stdout.split("\n")
     lines = [line for line in out if line]
-    assert len(lines) == 2, out  # one per shape: a silent subprocess checks nothing
-    for line in lines:
+    # the probe's answer, then one line per shape: a silent subprocess checks nothing
+    assert len(lines) == 4, out
+    found, modelled = lines[0].split()
+    if found == "False":
+        pytest.skip(f"oneDNN held to AVX512_CORE: no pipeline is faithful to it here, so "
+                    f"no one-channel row can be marked ({lines[1]})")
+    for line in lines[2:]:
         marked, wrong, _ = map(int, line.split())
-        assert marked <= 1 and wrong == 0, out
+        assert marked == (1 if modelled == "True" else 0) and wrong == 0, out
 
 
 def test_a_probe_whose_one_channel_convolution_differs_leaves_such_layers_unmodelled(
