@@ -54,7 +54,7 @@ KERNEL_TESTS := tests/qerror/nn/test_int8.py \
 test-avx2: $(STAMP) data
 	$(AVX2_KERNELS) OMP_NUM_THREADS=1 $(BIN)/python -c "from qerror.nn.int8 import \
 	    kernel_probe as k; p = [k(e) for e in ('fbgemm', 'x86')]; print(p[0].describe()); \
-	    raise SystemExit(None if all(q.saturates_pairs for q in p) else 'the AVX2 kernels \
+	    raise SystemExit(None if all(q.faithful and q.saturates_pairs for q in p) else 'the AVX2 kernels \
 	    were not held: ' + ' / '.join(q.describe() for q in p))"
 	$(AVX2_KERNELS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -p no:xdist -rs -q $(KERNEL_TESTS)
 

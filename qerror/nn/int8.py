@@ -281,8 +281,9 @@ class Agreement:
     saturated : int or None
         Output elements whose int32 accumulator the real kernel's int16 saturation changed:
         ``avx2_saturated`` where :func:`kernel_probe` found that the kernel saturates, 0
-        where it found that it does not, None where the probe was inconclusive. The same
-        in every row of a layer.
+        where it found that it does not, None where the probe was inconclusive or found no
+        faithful pipeline (whose pairs the count would take). The same in every row of a
+        layer.
     max_abs_lsb_unsaturated : int
         Largest ``|Δ|`` over the elements the kernel did not saturate (where the probe was
         inconclusive, over those the AVX2 kernel would not saturate); 0 if there are none.
@@ -354,8 +355,11 @@ class KernelProbe:
         The quantized engine probed.
     saturates_pairs : bool or None
         Whether the kernel saturates the int16 sums of adjacent product pairs (AVX2's
-        ``vpmaddubsw``) or not (AVX512-VNNI's ``vpdpbusd``); None if the probe could not
-        tell (see ``problem``).
+        ``vpmaddubsw``) or not (AVX512-VNNI's ``vpdpbusd``), as the probe's saturation case
+        shows for every layer kind: also where no pipeline is ``faithful`` (a kernel that
+        saturates but pairs some products otherwise than modelled, as oneDNN held to
+        AVX-512 without VNNI on an AMD EPYC). None if the probe could not tell (see
+        ``problem``).
     faithful : Pipeline or None
         :attr:`Pipeline.SATURATING` or :attr:`Pipeline.INTEGER`, whichever reproduced the
         kernel's codes with RECIPROCAL arithmetic on every probe input, for linear layers
@@ -1205,7 +1209,12 @@ def _probe_cases(conv: bool) -> dict[str, tuple]:
 def _probe(engine: Engine) -> KernelProbe:
     linear = _probe_kind(engine, conv=False)
     if linear.faithful is None:
-        return linear
+        if linear.saturates_pairs is None:
+            return linear
+        # No model, but the saturation case answered: the engine's answer where its
+        # convolution kernel gives the same one.
+        conv = _probe_kind(engine, conv=True)
+        return replace(linear, saturates_pairs=_same_answer(linear, conv))
     # The x86 engine runs convolutions in oneDNN and linear layers in FBGEMM: two libraries
     # that pick their instructions apart (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA).
     conv = _probe_kind(engine, conv=True)
@@ -1214,7 +1223,7 @@ def _probe(engine: Engine) -> KernelProbe:
                        single_channel_conv_modelled=conv.single_channel_conv_modelled,
                        groupwise_saturates=conv.groupwise_saturates)
     if conv.faithful is None:
-        return replace(linear, saturates_pairs=None, faithful=None,
+        return replace(linear, saturates_pairs=_same_answer(linear, conv), faithful=None,
                        problem=f"its convolution kernel: {conv.problem}")
     return replace(linear, saturates_pairs=None, faithful=None, problem=(
         f"its linear kernel follows the {linear.faithful.value} pipeline but its "
@@ -1222,6 +1231,11 @@ def _probe(engine: Engine) -> KernelProbe:
         "same probe): the "
         "engine's libraries run different instruction sets (see FBGEMM_ENABLE_INSTRUCTIONS "
         "and ONEDNN_MAX_CPU_ISA); no one simulation models both"))
+
+
+def _same_answer(linear: KernelProbe, conv: KernelProbe) -> bool | None:
+    """Whether pair sums saturate, where both layer kinds' probes say the same; else None."""
+    return linear.saturates_pairs if conv.saturates_pairs is linear.saturates_pairs else None
 
 
 #: The probe's candidate models: (library, pipeline, whether FBGEMM's groupwise kernel
@@ -1283,12 +1297,21 @@ def _probe_kind(engine: Engine, conv: bool) -> KernelProbe:
 
         failed = "; ".join(f"{_candidate_name(key)} fails the {first_miss(codes)} case"
                            for key, codes in candidates.items())
-        return replace(default, real_codes=real[0], integer_codes=integer_codes,
-                       saturating_codes=saturating_codes, problem=(
+        # The saturation case parts the two pipelines in either library's arithmetic (a
+        # test checks it): where the kernel gave one of them there, it says whether the
+        # kernel saturates, though no candidate reproduces every case.
+        seen = {pipeline for (_, pipeline, _), codes in candidates.items()
+                if codes[0] == real[0]}
+        saturates = Pipeline.SATURATING in seen if len(seen) == 1 else None
+        verdict = "no simulation models this kernel" if saturates is None else (
+            f"it {'saturates' if saturates else 'does not saturate'} int16 pair sums, but no "
+            "simulation models this kernel")
+        return replace(default, saturates_pairs=saturates, real_codes=real[0],
+                       integer_codes=integer_codes, saturating_codes=saturating_codes, problem=(
             f"on the probe its codes match neither pipeline with either library's "
             f"arithmetic ({failed}); on the saturation case its codes {real[0]} against the "
             f"integer pipeline's {integer_codes} and the saturating pipeline's "
-            f"{saturating_codes} ({lib.value}'s arithmetic); no simulation models this kernel"))
+            f"{saturating_codes} ({lib.value}'s arithmetic): {verdict}"))
     lib, pipeline, groupwise = match
     kind = {"conv_library" if conv else "linear_library": lib}
     if conv:
@@ -1360,6 +1383,12 @@ def _probed(engine: Engine) -> KernelProbe:
     return probe
 
 
+def _counted_saturation(probe: KernelProbe) -> bool | None:
+    """The probe's answer as a cross-check counts it: the saturated elements are the faithful
+    model's pairs, so without a faithful pipeline they are not counted (None)."""
+    return probe.saturates_pairs if probe.faithful is not None else None
+
+
 def _tallies() -> dict:
     return {(a, p): _Tally() for a in ScaleArithmetic for p in Pipeline}
 
@@ -1398,6 +1427,7 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     """
     engine = Engine.parse(engine)
     probe = _probed(engine)
+    saturates = _counted_saturation(probe)
     plan = _plan(layer, qparams, bn=bn, relu=relu, act_spec=act_spec, out_spec=out_spec,
                  name=name, engine=engine, library=probe.library(isinstance(layer, nn.Conv2d)),
                  single_channel_modelled=probe.single_channel_conv_modelled is not False,
@@ -1408,11 +1438,11 @@ def crosscheck_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor | Iterable[to
     with _engine(engine), torch.inference_mode():
         for batch in batches:
             _check_input(layer, batch)
-            plan.compare(batch, tallies, probe.saturates_pairs)
+            plan.compare(batch, tallies, saturates)
             seen = True
     if not seen:
         raise ValueError("x holds no batches")
-    return CrossCheck(tuple(plan.results(tallies, probe.saturates_pairs)), engine,
+    return CrossCheck(tuple(plan.results(tallies, saturates)), engine,
                       MappingProxyType({name: plan.qparams}), probe,
                       frozenset() if plan.modelled else frozenset({name}))
 
@@ -1527,6 +1557,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     # reduce_range: the input range maps onto half the codes (0..127 for uint8)
     input_spec = act_spec.replace(bits=act_spec.bits - 1) if reduce_range else act_spec
     probe = _probed(engine)
+    saturates = _counted_saturation(probe)
     plans: dict[str, _Plan] = {}
     for s in sites:
         w = calibrate(folded[s.name].weight.detach(), WEIGHT_SPEC)
@@ -1543,7 +1574,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     tallies = {s.name: _tallies() for s in sites}
 
     def check(site: Site, x: torch.Tensor) -> None:
-        plans[site.name].compare(x.contiguous(), tallies[site.name], probe.saturates_pairs)
+        plans[site.name].compare(x.contiguous(), tallies[site.name], saturates)
 
     with _engine(engine), torch.inference_mode(), pre_hooks(sites, check):
         for item in progress_bar(evaluation, progress, "int8 cross-check"):
@@ -1551,7 +1582,7 @@ def crosscheck_model(model: nn.Module, calibration: Iterable, evaluation: Iterab
     if all(t.elements == 0 for t in tallies[sites[0].name].values()):
         raise ValueError("evaluation holds no batches")
     rows = [row for s in sites
-            for row in plans[s.name].results(tallies[s.name], probe.saturates_pairs)]
+            for row in plans[s.name].results(tallies[s.name], saturates)]
     return CrossCheck(tuple(rows), engine,
                       MappingProxyType({s.name: plans[s.name].qparams for s in sites}), probe,
                       frozenset(s.name for s in sites if not plans[s.name].modelled))

@@ -458,6 +458,40 @@ def test_kernel_probe_matching_neither_pipeline_is_flagged(monkeypatch):
     assert not summary.faithful.any() and summary.saturated.isna().all()
 
 
+def test_a_saturating_kernel_no_pipeline_models_is_still_called_saturating(monkeypatch):
+    """oneDNN held to AVX-512 without VNNI on an AMD EPYC (ONEDNN_MAX_CPU_ISA=AVX512_CORE)
+    saturates int16 pair sums but pairs a 258-input linear layer in one run, not in halves:
+    no candidate reproduces every case, yet the saturation case shows that it saturates
+    (PT2E's compiled modules recorded None, "could not tell", for such kernels). A stand-in
+    kernel of that kind is called saturating, no pipeline faithful, and a cross-check counts
+    no saturation (its count would take the unfaithful model's pairs). Where the engine's
+    convolution kernel does not saturate, the engine has no one answer."""
+    def one_run(conv_pipeline):
+        def kernel(layer, x, qp, **kw):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(int8, "_ONEDNN_HALVES", range(0))
+                pipeline = conv_pipeline if isinstance(layer, nn.Conv2d) else \
+                    Pipeline.SATURATING
+                return simulate_int8(layer, x, qp, pipeline=pipeline, library=Library.ONEDNN)
+        return kernel
+
+    monkeypatch.setattr(int8, "real_int8", one_run(Pipeline.SATURATING))
+    probe = int8._probe.__wrapped__(Engine.ONEDNN)
+    assert probe.faithful is None and probe.saturates_pairs is True
+    assert "onednn/saturating fails the 258-input linear (oneDNN's halves) case" in probe.problem
+    assert probe.problem.endswith("it saturates int16 pair sums, but no simulation models "
+                                  "this kernel")
+    monkeypatch.setattr(int8, "kernel_probe", lambda engine=Engine.FBGEMM: probe)
+    layer, x = _case("linear")
+    with pytest.warns(KernelProbeWarning, match="it saturates int16 pair sums"):
+        result = crosscheck_layer(layer, x, _qparams(layer, x), engine="onednn")
+    assert not any(result.faithful(r) for r in result.rows)
+    assert all(r.saturated is None and r.avx2_saturated > 0 for r in result.rows)
+    monkeypatch.setattr(int8, "real_int8", one_run(Pipeline.INTEGER))
+    mixed = int8._probe.__wrapped__(Engine.ONEDNN)
+    assert mixed.faithful is None and mixed.saturates_pairs is None
+
+
 def test_a_probe_whose_convolution_and_linear_kernels_differ_marks_nothing(monkeypatch):
     """The x86 engine runs convolutions in oneDNN and linear layers in FBGEMM, which pick
     their instructions apart: when the two disagree on the probe, neither pipeline is

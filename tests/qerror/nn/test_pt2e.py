@@ -603,13 +603,16 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap", [None, "AVX2"])
+@pytest.mark.parametrize("cap", [None, "AVX2", "AVX512_CORE"])
 def test_the_compiled_module_records_whether_its_kernels_saturate(cap):
     """Int8Module.saturates_pairs is the answer of oneDNN's kernels, not of the CPU: with
-    oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA, on any CPU of this kind) it saturates and the
-    compiled convolution follows the saturating accumulator; left to the CPU, it follows
-    whichever the record names (exact on AVX512-VNNI and AMX, saturating on AVX2), and the
-    other accumulator is far outside the float32 bound."""
+    oneDNN held to AVX2 or to AVX-512 without VNNI (ONEDNN_MAX_CPU_ISA, on any CPU of this
+    kind) it saturates and the compiled convolution follows the saturating accumulator; left
+    to the CPU, it follows whichever the record names (exact on AVX512-VNNI and AMX,
+    saturating on AVX2), and the other accumulator is far outside the float32 bound. Held
+    to AVX512_CORE on an AMD EPYC, oneDNN pairs some products otherwise than modelled (no
+    pipeline is faithful there) and was recorded None, "could not tell", though it
+    saturates."""
     import json
     import os
     import subprocess
@@ -623,7 +626,7 @@ def test_the_compiled_module_records_whether_its_kernels_saturate(cap):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["recorded"] is out["probe"] is not None
-    if cap == "AVX2":
+    if cap is not None:
         assert out["recorded"] is True
     assert out["pairs_saturated"] > 0
     follows, other = ("saturating", "exact") if out["recorded"] else ("exact", "saturating")
