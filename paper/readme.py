@@ -654,11 +654,16 @@ def drift_time_avx2(records) -> str:
     t = rec.csv("timing.csv").iloc[0]
     ph, cpu = _phases(t), rec.manifest["cpu"]
     _require_avx512(rec, present=False)
+    saturates = cpu.get("saturates_pairs")
+    if saturates is None:  # read as False, it printed "not saturating"
+        raise RecordError(f"record {rec.name}: its kernel probe could not tell whether FBGEMM "
+                          "saturates its int16 pair sums, which the passage states; record a "
+                          "run whose probe could")
     verdict = drift_verdict(t.measured_s)
     return (
         f"On a CPU with AVX2 and no AVX-512 (`{rec.about['command']}`, commit {rec.commit}, "
         f"{rec.about['machine']}; {cpu['cpu_capability']} kernels, FBGEMM "
-        + ("saturating" if cpu.get("saturates_pairs") else "not saturating")
+        + ("saturating" if saturates else "not saturating")
         + f" its int16 pair sums) the warm default run took {minutes(t.measured_s)} minutes "
         f"(`measured_s` {t.measured_s:.0f}; pilot {minutes(ph['pilot'])}, instrumented "
         f"{minutes(ph['instrumented'])}, remedies {minutes(ph['remedies'])}, headline "

@@ -733,3 +733,19 @@ def test_a_setting_that_is_never_written_is_named(tmp_path, monkeypatch, edit, s
     monkeypatch.setattr(readme, "README", target)
     assert readme.main([]) == 1
     assert target.read_text(encoding="utf-8") == broken
+
+
+def test_a_probe_that_could_not_tell_is_not_stated_as_not_saturating(tmp_path):
+    """The AVX2 drift passage read the probe's saturates_pairs as true or else "not
+    saturating": a probe that could not tell (None) was stated as a finding."""
+    root = tmp_path / "record"
+    shutil.copytree(readme.RECORDS, root)
+    path = root / "drift-avx2" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["cpu"]["saturates_pairs"] = None
+    path.write_text(json.dumps(manifest))
+    text = "<!-- record: drift-time-avx2 -->\nold\n<!-- /record -->\n"
+    out, problems = readme.render(text, root)
+    assert out == text
+    assert any("record drift-avx2: its kernel probe could not tell whether FBGEMM saturates"
+               in p for p in problems), problems
