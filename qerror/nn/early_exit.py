@@ -225,10 +225,16 @@ def _threshold_list(values, name: str) -> list[float]:
     return values
 
 
-def _check_sequence(value, what: str) -> None:
-    """TypeError ``"{what}, got {type}"`` unless ``value`` is a sequence (not a string)."""
+def _as_sequence(value, what: str) -> Sequence:
+    """``value`` as a sequence: itself, or a one-dimensional numpy array's items (what a
+    sweep gives); TypeError ``"{what}, got {type}"`` for anything else (a string, a set, a
+    scalar, an array of another shape)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return list(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{what}, got {type(value).__name__}")
+        shape = f" of shape {value.shape}" if isinstance(value, np.ndarray) else ""
+        raise TypeError(f"{what}, got {type(value).__name__}{shape}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -240,7 +246,8 @@ class ExitRule:
     policy : ExitPolicy or str
         The confidence score (:func:`exit_confidence`).
     thresholds : sequence of float
-        One per early exit (the last exit takes every sample left), each in [0, 1]. A
+        One per early exit (the last exit takes every sample left), each in [0, 1]; a
+        one-dimensional numpy array too. A
         sample leaves at exit ``k`` when its score there is strictly greater than
         ``thresholds[k]``: ``1.0`` never exits early, ``0.0`` exits every sample whose
         score is positive (every sample, for max-softmax).
@@ -255,13 +262,14 @@ class ExitRule:
 
     def __post_init__(self):
         object.__setattr__(self, "policy", ExitPolicy.parse(self.policy))
-        _check_sequence(self.thresholds, "thresholds must be a sequence of numbers in [0, 1], "
-                        "one per early exit")
+        thresholds = _as_sequence(self.thresholds, "thresholds must be a sequence of numbers "
+                                  "in [0, 1], one per early exit")
         object.__setattr__(self, "thresholds", tuple(
-            _check_threshold(t, f"thresholds[{i}]") for i, t in enumerate(self.thresholds)))
+            _check_threshold(t, f"thresholds[{i}]") for i, t in enumerate(thresholds)))
         if self.temperatures is not None:
-            _check_sequence(self.temperatures, "temperatures must be a sequence of positive "
-                            "numbers, one per exit")
+            object.__setattr__(self, "temperatures", _as_sequence(
+                self.temperatures, "temperatures must be a sequence of positive numbers, one "
+                "per exit"))
             if len(self.temperatures) != len(self.thresholds) + 1:
                 raise ValueError(
                     f"temperatures needs one value per exit ({len(self.thresholds) + 1}: the "

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1398,3 +1399,15 @@ def test_calibration_refuses_logits_that_overflow_float64_instead_of_a_wrong_tem
         expected_calibration_error(torch.tensor([[1e10, 0.0], [0.0, 1.0]]),
                                    torch.tensor([0, 1]), 1e-300)
     assert expected_calibration_error(one / 10, torch.tensor([0]), 0.5) == 0.0
+
+
+def test_a_rule_takes_the_numpy_arrays_a_sweep_gives():
+    """threshold_sweep takes numpy arrays of thresholds, ExitRule refused them ("got
+    ndarray"): a one-dimensional array is taken as its items; other shapes are refused."""
+    rule = ExitRule("max-softmax", np.array([0.5, 0.75]), temperatures=np.array([1.0, 2.0, 3.0]))
+    assert rule == ExitRule("max-softmax", (0.5, 0.75), temperatures=(1.0, 2.0, 3.0))
+    assert type(rule.thresholds) is tuple and type(rule.temperatures) is tuple
+    assert all(type(t) is float for t in rule.thresholds + rule.temperatures)
+    for bad, shape in ((np.array(0.5), "()"), (np.array([[0.5]]), "(1, 1)")):
+        with pytest.raises(TypeError, match=re.escape(f"got ndarray of shape {shape}")):
+            ExitRule("max-softmax", bad)
