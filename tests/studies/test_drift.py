@@ -1297,7 +1297,9 @@ def test_the_headline_with_the_runs_weights_is_the_headline(monkeypatch):
     from qerror.nn.models import fashion_resnet
 
     torch.manual_seed(1)
-    model = fashion_resnet("resnet18").eval()
+    # zero_init_residual off: with it every block's last BatchNorm scales by 0, and the
+    # blocks' 3x3 convolutions (the weights a layout fault scrambles) add nothing to the logits
+    model = fashion_resnet("resnet18", zero_init_residual=False).eval()
     x, y = torch.rand(12, 1, 32, 32), torch.arange(12) % 10
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]
     qp = calibrate_activations(model, batches, QuantConfig.make(8).activation)
@@ -1315,13 +1317,21 @@ def test_the_headline_with_the_runs_weights_is_the_headline(monkeypatch):
         return given[cfg.rounding]
 
     monkeypatch.setattr(drift, "quantized_forward", spy)
-    got = drift.headline_accuracy(model, batches, qp, 3, weights_of=weights_of)
+    mine, own = {}, {}
+    got = drift.headline_accuracy(model, batches, qp, 3, weights_of=weights_of, logits=mine,
+                                  keep=12)
     # each mode's forward ran on the very weights weights_of gave for it
     assert [m for m, _ in handed] == asked == list(drift.HEADLINE_MODES)
     assert all(w is given[m] for m, w in handed)
     handed.clear()
-    pd.testing.assert_frame_equal(got, drift.headline_accuracy(model, batches, qp, 3))
+    pd.testing.assert_frame_equal(got, drift.headline_accuracy(model, batches, qp, 3,
+                                                               logits=own, keep=12))
     assert all(w is None for _, w in handed)  # without weights_of each mode quantizes its own
+    # The table holds accuracies, which an untrained network's near-constant predictions
+    # leave alike whatever the weights (these 12 images are all one class): the logits
+    # show the networks were the same.
+    assert mine.keys() == own.keys() and len(mine) == 1 + len(drift.HEADLINE_MODES)
+    assert all(torch.equal(mine[k][1], own[k][1]) for k in mine)
 
 
 def test_the_curve_reuses_the_headlines_forwards_of_its_images(monkeypatch):
