@@ -64,6 +64,20 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def _check_own_weight(name: str, layer: nn.Module) -> None:
+    """PruningError unless ``layer``'s weight is a parameter it holds: under
+    ``torch.nn.utils.prune``, a parametrization or the old ``weight_norm`` hook the weight is
+    a tensor computed from other parameters, which no mask by name can reach."""
+    if not isinstance(layer.weight, nn.Parameter):
+        raise PruningError(
+            f"layer {name!r} computes its weight from a reparametrization "
+            "(torch.nn.utils.prune, a parametrization such as weight_norm, or the old "
+            "weight_norm hook), so its weight is no parameter a mask can zero: make it "
+            "permanent first (torch.nn.utils.prune.remove, "
+            "torch.nn.utils.parametrize.remove_parametrizations, or "
+            "torch.nn.utils.remove_weight_norm)")
+
+
 def prunable_weights(model: nn.Module, *,
                      keep_dense: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
     """The weights pruning acts on: those of every ``Conv2d`` and ``Linear`` not kept dense.
@@ -84,7 +98,9 @@ def prunable_weights(model: nn.Module, *,
     Raises
     ------
     PruningError
-        A name in ``keep_dense`` is no prunable module, or nothing is left to prune.
+        A name in ``keep_dense`` is no prunable module, nothing is left to prune, or a layer
+        to prune computes its weight from a reparametrization (``torch.nn.utils.prune``, a
+        parametrization, ``weight_norm``): make it permanent first.
 
     Notes
     -----
@@ -102,6 +118,9 @@ def prunable_weights(model: nn.Module, *,
     if not layers:
         raise PruningError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     dense = dense_layers(model, keep_dense, PruningError)
+    for n, m in layers.items():
+        if n not in dense:
+            _check_own_weight(n, m)
     # A weight two modules share is one tensor: pruned once, under the model's own name for
     # it (named_parameters', that of the first module holding it, which need not be a
     # prunable layer: an embedding tied to a classifier), and kept dense only if every layer
@@ -688,6 +707,8 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
                     "cannot be pruned by channel")
         for leaf in dict.fromkeys(x for c in convs for x in (c, _bn_of(c), _next_conv(c))):
             layer = getattr(m, leaf)
+            if isinstance(layer, nn.Conv2d):
+                _check_own_weight(f"{name + '.' if name else ''}{leaf}", layer)
             if len(places[id(layer)]) > 1 or any(
                     len(holders[id(t)]) > 1 for t in [*layer.parameters(), *layer.buffers()]):
                 raise PruningError(
@@ -725,8 +746,10 @@ def channel_plan(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     PruningError
         No ResNet block, a grouped inner convolution, an inner convolution followed by
         another norm than a ``BatchNorm2d`` with affine parameters, a NaN weight in an
-        inner convolution (its filter's L1 norm has no order), or an inner convolution, its
-        BatchNorm or the next convolution sharing its weights with another layer.
+        inner convolution (its filter's L1 norm has no order), an inner convolution, its
+        BatchNorm or the next convolution sharing its weights with another layer, or one of
+        those convolutions computing its weight from a reparametrization
+        (``torch.nn.utils.prune``, a parametrization, ``weight_norm``).
 
     Notes
     -----
@@ -873,7 +896,8 @@ def shrink_channels(model: nn.Module, plan: Mapping[str, torch.Tensor]) -> nn.Mo
         A plan entry names no inner convolution of a ResNet block, keeps no channel, or
         names a channel twice or one the convolution does not have; a planned convolution,
         its BatchNorm or the next convolution shares its weights with another layer (a
-        tied tensor, or one layer attached in two places), which slicing would untie.
+        tied tensor, or one layer attached in two places), which slicing would untie, or
+        one of those convolutions computes its weight from a reparametrization.
     """
     checked = _checked_plan(model, plan)
     out = copy.deepcopy(model)

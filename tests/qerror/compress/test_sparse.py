@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -894,3 +895,45 @@ def test_to_csr_converts_a_layer_used_twice_at_both_places():
     torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-6)
     kept = to_csr(model, keep_dense="1")
     assert [type(m) for m in kept] == [CSRLinear, nn.Linear, nn.ReLU, nn.Linear]
+
+
+def _reparametrize(layer, how):
+    if how == "torch.nn.utils.prune":
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    elif how == "parametrizations.weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(layer)
+    else:
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(layer)
+
+
+@pytest.mark.parametrize("how", ["torch.nn.utils.prune", "parametrizations.weight_norm",
+                                 "weight_norm"])
+def test_a_layer_whose_weight_a_reparametrization_computes_is_refused_naming_it(how):
+    # probe /work/runs/s55/compress/p7_reparam.py, p8_channel_reparam.py: the weight of such
+    # a layer is no parameter of the model, and pruning stopped in a KeyError naming a
+    # memory address (prune_global, 2:4, sparsity_of) or 'conv1.weight' (channel_masks)
+    message = (r"computes its weight from a reparametrization \(torch\.nn\.utils\.prune, a "
+               r"parametrization such as weight_norm, or the old weight_norm hook\), so its "
+               r"weight is no parameter a mask can zero: make it permanent first "
+               r"\(torch\.nn\.utils\.prune\.remove, "
+               r"torch\.nn\.utils\.parametrize\.remove_parametrizations, or "
+               r"torch\.nn\.utils\.remove_weight_norm\)")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    _reparametrize(model[0], how)
+    for call in (lambda: prune_global(model, 0.5, keep_dense=()),
+                 lambda: semi_structured_masks(model, keep_dense=()),
+                 lambda: sparsity_of(model, keep_dense=())):
+        with pytest.raises(PruningError, match="layer '0' " + message):
+            call()
+    # left dense, it is no concern of pruning: the other layer is pruned
+    masks = prune_global(model, 0.5, keep_dense=("0",))
+    assert list(masks) == ["2.weight"] and n_pruned(masks) == 16
+    for conv in ("conv1", "conv2"):
+        block = BasicBlock(8, 8).eval()
+        _reparametrize(getattr(block, conv), how)
+        plan = {"conv1": torch.arange(4)}
+        for call in (lambda: channel_plan(block, 0.5), lambda: channel_masks(block, plan),
+                     lambda: shrink_channels(block, plan)):
+            with pytest.raises(PruningError, match=f"layer '{conv}' " + message):
+                call()
