@@ -363,6 +363,8 @@ class MagnitudePruner:
     Parameters
     ----------
     schedule : GradualSchedule
+        When and to what sparsity to prune (anything else, a bare final sparsity included,
+        is a TypeError).
     keep_dense : str or iterable of str, optional
         See :func:`prunable_weights`.
     step : int
@@ -383,6 +385,11 @@ class MagnitudePruner:
 
     def __init__(self, schedule: GradualSchedule, *,
                  keep_dense: Iterable[str] | str | None = None, step: int = 0):
+        if not isinstance(schedule, GradualSchedule):
+            raise TypeError(f"schedule must be a GradualSchedule, got "
+                            f"{type(schedule).__name__} {schedule!r}: give the final sparsity "
+                            "and the updates as GradualSchedule(final=..., updates=..., "
+                            "interval=...)")
         self.schedule = schedule
         if keep_dense is not None and not isinstance(keep_dense, str):
             keep_dense = tuple(keep_dense)  # read at every update: an iterator only once

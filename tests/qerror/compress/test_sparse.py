@@ -937,3 +937,14 @@ def test_a_layer_whose_weight_a_reparametrization_computes_is_refused_naming_it(
                      lambda: shrink_channels(block, plan)):
             with pytest.raises(PruningError, match=f"layer '{conv}' " + message):
                 call()
+
+
+@pytest.mark.parametrize("schedule", [0.9, None, {"final": 0.9, "updates": 4}])
+def test_a_pruner_given_no_schedule_refuses_it_before_training(schedule):
+    # probe /work/runs/s55/compress/p7_reparam.py: MagnitudePruner(0.9) was built, and the
+    # first optimizer step of fit stopped in "'float' object has no attribute 'is_update'"
+    with pytest.raises(TypeError, match=re.escape(
+            f"schedule must be a GradualSchedule, got {type(schedule).__name__} "
+            f"{schedule!r}: give the final sparsity and the updates as "
+            "GradualSchedule(final=..., updates=..., interval=...)")):
+        MagnitudePruner(schedule)
