@@ -570,6 +570,13 @@ def to_semi_structured(layer: nn.Linear, *, device: str | torch.device = "cuda")
 
 
 def _csr(w: torch.Tensor) -> torch.Tensor:
+    # checked here, not at the first forward: the CSR product of a float16 or bfloat16
+    # weight stops there in a NotImplementedError of an MKL kernel
+    if w.device.type == "cpu" and w.dtype not in (torch.float32, torch.float64):
+        raise SparseKernelError(f"PyTorch's CPU CSR kernels multiply float32 and float64 "
+                                f"only, and the weight is {w.dtype}: convert the layer or "
+                                "model with .float() before to_csr, and time the dense one "
+                                "in float32 too")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return w.detach().reshape(w.shape[0], -1).to_sparse_csr()
@@ -652,6 +659,9 @@ def to_csr(module: nn.Module, *, keep_dense: Iterable[str] | None = ()) -> nn.Mo
     PruningError
         A name in ``keep_dense`` is not a ``Conv2d`` or ``Linear`` of the model, or no such
         layer is left to convert.
+    SparseKernelError
+        A weight on the CPU that is neither float32 nor float64 (float16, bfloat16): the CPU
+        CSR product has no kernel for it.
 
     Notes
     -----

@@ -948,3 +948,19 @@ def test_a_pruner_given_no_schedule_refuses_it_before_training(schedule):
             f"{schedule!r}: give the final sparsity and the updates as "
             "GradualSchedule(final=..., updates=..., interval=...)")):
         MagnitudePruner(schedule)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_csr_refuses_a_weight_the_cpu_csr_kernels_cannot_multiply(dtype):
+    # probe /work/runs/s55/compress/p9_csr_dtypes.py: the conversion went through, and the
+    # first forward stopped in '"addmm_out_sparse_csr_impl_mkl" not implemented for
+    # 'Half'', while the dense layers run in these dtypes on the CPU
+    message = re.escape(f"PyTorch's CPU CSR kernels multiply float32 and float64 only, and "
+                        f"the weight is {dtype}: convert the layer or model with .float() "
+                        "before to_csr, and time the dense one in float32 too")
+    for layer in (nn.Linear(8, 4), nn.Conv2d(4, 4, 3)):
+        with pytest.raises(SparseKernelError, match=message):
+            to_csr(layer.to(dtype))
+    with pytest.raises(SparseKernelError, match=message):
+        to_csr(nn.Sequential(nn.Linear(8, 4), nn.ReLU()).to(dtype))
+    assert to_csr(nn.Linear(8, 4).to(dtype).float())(torch.ones(2, 8)).dtype == torch.float32
