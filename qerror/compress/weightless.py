@@ -17,6 +17,7 @@ import math
 import numbers
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -1056,7 +1057,8 @@ class DWN(nn.Module):
     thermometer : Thermometer
         The input encoder (DWN's distributive thermometer: :meth:`Thermometer.fit`).
     luts : sequence of int
-        LUTs per layer; the last must be a multiple of ``classes``.
+        LUTs per layer; the last must be a multiple of ``classes`` (a bare int, not a
+        sequence, is a TypeError).
     classes : int
         Number of classes.
     fan_in : int
@@ -1079,6 +1081,9 @@ class DWN(nn.Module):
         super().__init__()
         if not isinstance(thermometer, Thermometer):
             raise TypeError("thermometer must be a Thermometer")
+        if isinstance(luts, str) or not isinstance(luts, Iterable):
+            raise TypeError(f"luts must be a sequence of LUT counts, one per layer (e.g. "
+                            f"(2000, 1000), or (1000,) for one layer), got {luts!r}")
         luts = [check_count(v, "luts", 1) for v in luts]
         if not luts:
             raise ValueError("need at least one LUT layer")

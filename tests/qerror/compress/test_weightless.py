@@ -1226,6 +1226,23 @@ def test_dwn_refuses_parts_it_cannot_build():
         DWN(t, [2], 2, fan_in=1, mapping="fixed")
 
 
+@pytest.mark.parametrize("luts", [6, np.int64(6), 6.0, None])
+def test_dwn_refuses_a_layer_width_given_for_its_list_of_layers(luts):
+    """probe /work/runs/s55/compress/p10_dwn_inputs.py: DWN(t, 6, ...) and fit_dwn(luts=6)
+    stopped in "'int' object is not iterable", naming neither luts nor what it takes."""
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    message = re.escape("luts must be a sequence of LUT counts, one per layer (e.g. "
+                        f"(2000, 1000), or (1000,) for one layer), got {luts!r}")
+    with pytest.raises(TypeError, match=message):
+        DWN(Thermometer.fit(x, 2), luts, 2, fan_in=1)
+    with pytest.raises(TypeError, match=message):
+        fit_dwn(x, np.array([0, 1, 0, 1]), x, np.array([0, 1, 0, 1]), thermometer_bits=2,
+                luts=luts, fan_in=1, epochs=1)
+    # an array of widths is a sequence of them
+    assert [layer.luts for layer in DWN(Thermometer.fit(x, 2), np.array([4, 2]), 2,
+                                        fan_in=1).layers] == [4, 2]
+
+
 @pytest.mark.parametrize("mapping", ["random", "learnable"])
 def test_a_lut_layer_names_input_that_is_not_a_tensor(mapping):
     """A numpy array of bits failed with an AttributeError that names no argument: "'str'
