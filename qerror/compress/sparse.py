@@ -878,8 +878,16 @@ def _slice_conv(conv: nn.Conv2d, out_idx=None, in_idx=None) -> nn.Conv2d:
         new.weight.copy_(w)
         if conv.bias is not None:
             new.bias.copy_(conv.bias.detach() if out_idx is None else conv.bias.detach()[out_idx])
+    _keep_frozen(new, conv)
     new.train(conv.training)
     return new
+
+
+def _keep_frozen(new: nn.Module, old: nn.Module) -> None:
+    """The sliced layer's parameters as trainable as the old one's (a frozen layer came back
+    trainable: new parameters require grad)."""
+    for name, p in new.named_parameters(recurse=False):
+        p.requires_grad_(getattr(old, name).requires_grad)
 
 
 def _slice_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
@@ -892,6 +900,7 @@ def _slice_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
                 getattr(new, name).copy_(src.detach()[idx])
         if bn.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    _keep_frozen(new, bn)
     new.train(bn.training)
     return new
 

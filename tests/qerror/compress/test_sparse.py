@@ -357,6 +357,21 @@ def test_prune_channels_keeps_the_largest_filters_and_leaves_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_shrinking_keeps_a_frozen_layer_frozen():
+    """The sliced convolutions and BatchNorms were new modules whose parameters require grad:
+    a layer the user had frozen came back trainable. Each keeps its own flags now."""
+    model = tiny_resnet()
+    block = model.layer1[0]
+    for m in (block.conv1, block.bn1):
+        m.requires_grad_(False)
+    small = prune_channels(model, 0.5)
+    got = small.layer1[0]
+    assert got.conv1.weight.shape[0] < block.conv1.weight.shape[0]  # sliced, not kept
+    assert not any(p.requires_grad for m in (got.conv1, got.bn1) for p in m.parameters())
+    assert all(p.requires_grad for p in got.conv2.parameters())  # its next conv: trainable
+    assert all(p.requires_grad for p in small.layer1[1].conv1.parameters())  # another block
+
+
 def test_csr_linear_and_conv_equal_the_dense_masked_layers():
     gen = torch.Generator().manual_seed(3)
     lin = nn.Linear(40, 12)
