@@ -384,6 +384,10 @@ def _as_bits(x, width: int, name: str) -> torch.Tensor:
 
 
 def _as_labels(y, n: int, classes: int) -> torch.Tensor:
+    """Labels as int64 class indices: a tensor, a numpy array, or a list or tuple of them
+    (as fit_dwn takes them; a list reached check_labels, which refused it as "no tensor")."""
+    if isinstance(y, (list, tuple)):
+        y = np.asarray(y)
     return check_labels(_integers(y, "labels"), classes, n)
 
 

@@ -1299,6 +1299,25 @@ def test_labels_that_are_no_integers_are_named(labels, match):
         w.fit(np.full((3, 4), "1"), np.arange(3))
 
 
+def test_wisard_takes_labels_as_a_list_as_fit_dwn_does():
+    """fit_wisard took numpy arrays and tensors of labels but refused a list as "labels must
+    be a tensor of integer class indices, got list" (numpy arrays are no tensor either),
+    where fit_dwn takes one: a list or tuple is taken as its array, with the same result."""
+    x = torch.rand(40, 8, generator=torch.Generator().manual_seed(0))
+    y = [i % 3 for i in range(40)]
+    want = fit_wisard(x, np.array(y), x[:10], np.array(y[:10]), thermometer_bits=2,
+                      address_bits=4)
+    for as_given in (list, tuple):
+        got = fit_wisard(x, as_given(y), x[:10], as_given(y[:10]), thermometer_bits=2,
+                         address_bits=4)
+        assert (got[1].bleach, got[1].accuracy) == (want[1].bleach, want[1].accuracy)
+        np.testing.assert_array_equal(got[1].accuracies, want[1].accuracies)
+        assert torch.equal(got[0].predict(x), want[0].predict(x))
+    with pytest.raises(TypeError, match="^labels must be integer class indices, got dtype "):
+        fit_wisard(x, [0.5] * 40, x[:10], y[:10], thermometer_bits=2, address_bits=4,
+                   classes=3)
+
+
 @pytest.mark.parametrize("labels", [[0.0, 1.0, 2.0], [0.0, 1.0, float("nan")],
                                     [True, False, True], [0j, 1j, 2 + 0j]])
 def test_the_class_count_is_inferred_from_integer_labels_only(labels):
