@@ -515,6 +515,11 @@ def inconsistency_bounds(moments: Mapping[str, BNImageMoments], *, alpha: float 
     # from the upper tails themselves: t.ppf(1 - tail) loses the digits 1 - tail rounds away
     z_some = float(sps.t.isf(alpha / (3 * k), n - 1))
     z_all = float(sps.t.isf(alpha, n - 1))
+    if not (0.0 < z_some < math.inf and 0.0 < z_all < math.inf):
+        # scipy's t quantile gives -inf in the far tail (1e-300 at 9 degrees of freedom),
+        # which would bound every figure at -inf and call every layer inconsistent
+        raise ValueError(f"alpha={alpha:g} over {k} BatchNorms is beyond the t quantiles "
+                         f"scipy computes at {n - 1} degrees of freedom; use a larger alpha")
     points, lows, highs = [], [], []
     for m in layers:
         plain = float(m.figures(ones)[0])

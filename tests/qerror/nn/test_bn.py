@@ -314,6 +314,11 @@ def test_inconsistency_bounds_refuse_what_they_cannot_resample():
         inconsistency_bounds({"a": a}, resamples=10)
     with pytest.raises(ValueError, match="alpha"):
         inconsistency_bounds({"a": a}, alpha=1.5)
+    # scipy's t quantile is -inf this far out (9 degrees of freedom): every bound was -inf or
+    # inf and the network "inconsistent" whatever its figures
+    with pytest.raises(ValueError, match=r"alpha=1e-300 over 1 BatchNorms is beyond the t "
+                                         r"quantiles scipy computes at 9 degrees of freedom"):
+        inconsistency_bounds({"a": a}, alpha=1e-300, resamples=100)
     # None drew fresh entropy and a Generator moved on: other bounds on every call
     for seed in (None, np.random.default_rng(1), -1, 1.5, True):
         with pytest.raises(ValueError if seed == -1 else TypeError,
