@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -326,6 +327,10 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
 
     The files go to ``<root>/FashionMNIST/raw``, where :func:`find_fashion_mnist` looks,
     with ``<root>`` the folder :func:`named_data_root` gives, else ``<cache>/data``.
+    torchvision downloads into a new folder inside ``<root>``, and only once all four files
+    are there, checked against their published MD5, are those of a file the raw folder lacks
+    (no ``NAME.gz`` or ``NAME`` there) moved into it: a file already there (the user's, a
+    link) is never written over, and a failed download leaves nothing there.
 
     Raises
     ------
@@ -337,12 +342,24 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
 
     named = named_data_root(data_root)
     root = named[0] if named is not None else cache_dir() / "data"
-    target = root / "FashionMNIST"
-    # torchvision makes every missing folder on the way: the topmost of them is this call's
+    target = root / "FashionMNIST" / "raw"
+    # the topmost missing folder on the way is this call's, and goes again if it fails
     made = next((p for p in (*reversed(target.parents), target) if not p.exists()), None)
+    stage = None
     try:
-        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-        torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        root.mkdir(parents=True, exist_ok=True)
+        # torchvision writes each file where it will lie, over what is there (through a
+        # link) and half-written when the connection drops: a folder of this call's own
+        stage = Path(tempfile.mkdtemp(prefix=".qerror-download-", dir=root))
+        torchvision.datasets.FashionMNIST(str(stage), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(stage), train=False, download=True)
+        target.mkdir(parents=True, exist_ok=True)
+        fetched = stage / "FashionMNIST" / "raw"
+        for stem in _ALL_STEMS:
+            names = (stem + ".gz", stem)
+            if not any(os.path.lexists(target / name) for name in names):
+                for name in names:
+                    os.replace(fetched / name, target / name)
     except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError
         if made is not None:  # what this call created, and nothing else, goes again
             shutil.rmtree(made, ignore_errors=True)
@@ -350,7 +367,10 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
             f"downloading Fashion-MNIST into {root} failed ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); no internet here? "
             + _ways_to_get_it()) from err
-    return target / "raw"
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    return target
 
 
 @dataclass(frozen=True)

@@ -772,6 +772,88 @@ def test_a_failed_download_removes_the_folders_it_made_above_its_own(tmp_path, m
     assert sorted(tmp_path.iterdir()) == [tmp_path / "kept"]
 
 
+def _serve(monkeypatch, files: dict[str, bytes], failure: str | None = None) -> None:
+    """torchvision's own download (mirrors, MD5 checks, extraction) with the network
+    replaced where it writes: each file served from ``files`` (published MD5s set to
+    theirs), or, with ``failure``, a login page ("portal") or a connection that drops
+    after some bytes ("cut"), written where torchvision writes the file."""
+    import urllib.error
+
+    import torchvision
+    import torchvision.datasets.utils as tv_utils
+
+    def urlretrieve(url, filename, chunk_size=1024 * 32):
+        with open(filename, "wb") as fh:
+            if failure == "portal":
+                fh.write(b"<html>log in to the wifi</html>")
+            elif failure == "cut":
+                fh.write(b"\x1f\x8b\x08\x00")
+                raise urllib.error.URLError("connection reset by peer")
+            else:
+                fh.write(files[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(tv_utils, "_urlretrieve", urlretrieve)
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources",
+                        [(name, hashlib.md5(b).hexdigest()) for name, b in files.items()])
+
+
+def _tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: a link as its target, a file as its bytes."""
+    return {p.relative_to(folder).as_posix(): (f"-> {p.readlink()}" if p.is_symlink() else
+                                               p.read_bytes() if p.is_file() else "folder")
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("failure", ["portal", "cut"])
+@pytest.mark.parametrize("first", ["user's file", "link"])
+def test_a_failed_download_writes_over_no_file_of_the_users(tmp_path, monkeypatch, failure,
+                                                            first):
+    """torchvision wrote each download where it lies: into a data root whose
+    FashionMNIST/raw/ held some files, a login page or a dropped connection replaced the
+    user's file of that name, or the file outside a link of that name pointed to
+    (/work/runs/s55/data/p2_download_overwrites.py). Everything is as it was."""
+    root = tmp_path / "root"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    outside = tmp_path / "elsewhere.gz"
+    outside.write_bytes(b"a file outside the data root")
+    mine, linked = data.FILES["train"] if first == "user's file" else data.FILES["train"][::-1]
+    (raw / f"{mine}.gz").write_bytes(b"the user's own file")
+    (raw / f"{linked}.gz").symlink_to(outside)
+    before = _tree(tmp_path)
+    _serve(monkeypatch, {f"{stem}.gz": b"" for stem in data._ALL_STEMS}, failure)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    with pytest.raises(data.DataNotFoundError, match=f"downloading Fashion-MNIST into {root} "
+                       "failed"):
+        data.download_fashion_mnist(root)
+    assert _tree(tmp_path) == before
+
+
+def test_a_download_adds_only_the_files_a_folder_lacks(fashion_idx, tmp_path, monkeypatch):
+    """A file of the four already in FashionMNIST/raw/ was replaced by the download (its
+    MD5 is not the published one's); it stays, and the download adds the three others,
+    compressed and not, as torchvision lays them out, and nothing else."""
+    served = fashion_idx(train=30, test=20, seed=1)
+    files = {p.name: p.read_bytes() for p in served.iterdir()}
+    _serve(monkeypatch, files)
+    root = tmp_path / "root"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    train_img = f"{data.FILES['train'][0]}.gz"
+    data.write_idx(raw / train_img, np.full((30, 28, 28), 7, dtype=np.uint8))
+    mine = (raw / train_img).read_bytes()
+    assert data.download_fashion_mnist(root) == raw
+    expected = {train_img: mine}
+    for name, b in files.items():
+        if name != train_img:
+            expected |= {name: b, name[:-3]: gzip.decompress(b)}
+    assert _tree(root) == {"FashionMNIST": "folder", "FashionMNIST/raw": "folder",
+                           **{f"FashionMNIST/raw/{k}": v for k, v in expected.items()}}
+    got = data.load_fashion_mnist("train", root)
+    assert (got.images == 7).all() and got.source == str(raw)
+
+
 def test_two_class_folders_that_are_one_are_refused(tmp_path):
     """A class folder linked to another repeated its images under a second label."""
     root = _image_folder(tmp_path, ("n01440764",))
