@@ -336,7 +336,9 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
     ------
     DataNotFoundError
         The download failed (no internet, say), with every other way to get the data; the
-        folders this call made (``<root>`` itself where it did not exist) are removed.
+        folders this call made (``<root>`` itself where it did not exist) are removed. Or no
+        folder can be made in ``<root>`` (it or a folder above it is a file, or this user
+        may not write there), naming the cause and where to download instead.
     """
     import torchvision
 
@@ -345,12 +347,26 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
     target = root / "FashionMNIST" / "raw"
     # the topmost missing folder on the way is this call's, and goes again if it fails
     made = next((p for p in (*reversed(target.parents), target) if not p.exists()), None)
-    stage = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         # torchvision writes each file where it will lie, over what is there (through a
         # link) and half-written when the connection drops: a folder of this call's own
         stage = Path(tempfile.mkdtemp(prefix=".qerror-download-", dir=root))
+    except OSError as err:  # not the network's fault: no folder can be made there
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        blocker = next((p for p in (*reversed(root.parents), root)
+                        if p.exists() and not p.is_dir()), None)
+        reason = (f"{blocker} is a file, not a folder" if blocker is not None else
+                  f"{err.strerror}: {err.filename}")
+        advice = (f"name a folder this user can write in with --data-root FOLDER or "
+                  f"{ENV_VAR}=FOLDER, or name none to download into the cache "
+                  f"({cache_dir() / 'data'})" if named is not None else
+                  "set XDG_CACHE_HOME to a folder this user can write in (an absolute path), "
+                  f"or name one with --data-root FOLDER or {ENV_VAR}=FOLDER")
+        raise DataNotFoundError(f"Fashion-MNIST cannot be downloaded into {root}: {reason}. "
+                                f"To download it, {advice}") from err
+    try:
         torchvision.datasets.FashionMNIST(str(stage), train=True, download=True)
         torchvision.datasets.FashionMNIST(str(stage), train=False, download=True)
         target.mkdir(parents=True, exist_ok=True)
@@ -368,8 +384,7 @@ def download_fashion_mnist(data_root: Path | str | None = None) -> Path:
             f"{str(err).splitlines()[0] if str(err) else ''}); no internet here? "
             + _ways_to_get_it()) from err
     finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
     return target
 
 

@@ -854,6 +854,58 @@ def test_a_download_adds_only_the_files_a_folder_lacks(fashion_idx, tmp_path, mo
     assert (got.images == 7).all() and got.source == str(raw)
 
 
+@pytest.mark.parametrize("where", ["the root", "a folder above it"])
+def test_a_download_into_a_file_says_so_not_that_the_network_failed(tmp_path, monkeypatch,
+                                                                    where):
+    """download=True with a data root that is a file (or lies under one) was refused as a
+    failed download, "no internet here?", with the ways to get the data
+    (/work/runs/s55/data/p6_download_into_file.py). It now names the file, and nothing
+    is downloaded."""
+    import torchvision
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", lambda *a, **k: calls.append(a))
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's")
+    root = notes if where == "the root" else notes / "data"
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.load_fashion_mnist("train", root, download=True)
+    assert str(info.value) == (
+        f"Fashion-MNIST cannot be downloaded into {root}: {notes} is a file, not a folder. "
+        "To download it, name a folder this user can write in with --data-root FOLDER or "
+        f"QERROR_DATA=FOLDER, or name none to download into the cache "
+        f"({tmp_path / 'cache' / 'qerror' / 'data'})")
+    assert calls == [] and notes.read_text() == "the user's"
+    assert sorted(tmp_path.iterdir()) == [notes]
+
+
+def test_a_download_into_a_folder_this_user_cannot_write_in_says_so(tmp_path, monkeypatch):
+    """The cache's folder refusing the download's folder (EACCES; root writes anywhere,
+    so the refusal is the kernel's as it would answer another user)."""
+    import tempfile
+
+    import torchvision
+
+    def refuse(prefix=None, dir=None):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.download_fashion_mnist()
+    root = tmp_path / "cache" / "qerror" / "data"
+    assert str(info.value) == (
+        f"Fashion-MNIST cannot be downloaded into {root}: Permission denied: {root}. To "
+        "download it, set XDG_CACHE_HOME to a folder this user can write in (an absolute "
+        "path), or name one with --data-root FOLDER or QERROR_DATA=FOLDER")
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 def test_two_class_folders_that_are_one_are_refused(tmp_path):
     """A class folder linked to another repeated its images under a second label."""
     root = _image_folder(tmp_path, ("n01440764",))
