@@ -260,6 +260,28 @@ def _complete(folder: Path) -> bool:
     return all(_find_file(folder, stem) for stem in _ALL_STEMS)
 
 
+def _not_a_file(folder: Path, stem: str) -> list[tuple[str, str]]:
+    """(name, what it is) of each of ``folder/NAME.gz`` and ``folder/NAME`` that is there
+    but is not a file nor a link to one (:func:`_find_file` passes it over)."""
+    out = []
+    for name in (stem + ".gz", stem):
+        path = folder / name
+        try:
+            mode, link = _mode(path), os.path.islink(path)
+            target = os.readlink(path) if link else None
+        except OSError:  # searched already (_find_file); what it is cannot be said
+            continue
+        if mode is None and link:
+            out.append((name, f"a link to {target}, which leads to nothing (it is missing, "
+                              "or a loop of links)"))
+        elif mode is not None and stat.S_ISDIR(mode):
+            out.append((name, f"a link to {target}, a folder" if link else
+                              "a folder, not a file"))
+        elif mode is not None and not stat.S_ISREG(mode):
+            out.append((name, "not a regular file (a pipe, a socket or a device)"))
+    return out
+
+
 def _not_in_named_root(root: Path, how: str) -> DataNotFoundError:
     layouts = ", ".join(f"{(root / layout).as_posix().rstrip('/.')}/" for layout in LAYOUTS)
     if not root.exists():
@@ -277,6 +299,11 @@ def _not_in_named_root(root: Path, how: str) -> DataNotFoundError:
             problem = (f"{best} lacks {len(missing)} of the four Fashion-MNIST IDX files: "
                        f"{', '.join(missing)} (it has "
                        f"{', '.join(f.name for f in found if f is not None)})")
+        # an entry of a missing file's name that is no file: "lacks" alone reads as wrong
+        others = [f"{name} is {what}" for s in missing for name, what in _not_a_file(best, s)]
+        if others:
+            problem += (f"; in {best}, {'; '.join(others)}: replace "
+                        f"{'it' if len(others) == 1 else 'each'} with the file")
     return DataNotFoundError(
         f"Fashion-MNIST was not found in the folder named by {how}: {problem}.\n"
         f"Each file may be NAME.gz or NAME (uncompressed), in one of {layouts}. Because a "

@@ -386,6 +386,38 @@ def test_bad_data_source_is_refused_naming_the_problem(case, fashion_idx, tmp_pa
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["folder", "dangling link", "loop", "link to a folder",
+                                  "fifo"])
+def test_an_entry_of_a_files_name_that_is_no_file_is_named_as_such(idx_root, tmp_path, kind):
+    """A folder, a link to nothing or to a folder, or a pipe of a file's name was passed
+    over, and the refusal said the folder "lacks" the file it shows
+    (/work/runs/s55/data/p7_not_a_file.py); it now also says what that entry is."""
+    import os
+
+    name = f"{TEST_IMG}.gz"
+    path = idx_root / name
+    path.unlink()
+    what = {"folder": "a folder, not a file",
+            "dangling link": f"a link to {tmp_path / 'gone'}, which leads to nothing (it is "
+                             "missing, or a loop of links)",
+            "loop": f"a link to {path}, which leads to nothing (it is missing, or a loop of "
+                    "links)",
+            "link to a folder": f"a link to {tmp_path}, a folder",
+            "fifo": "not a regular file (a pipe, a socket or a device)"}[kind]
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to({"dangling link": tmp_path / "gone", "loop": path,
+                         "link to a folder": tmp_path}[kind])
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.load_fashion_mnist("test", idx_root)
+    assert (f"{idx_root} lacks 1 of the four Fashion-MNIST IDX files: {TEST_IMG} (it has "
+            f"{TRAIN_IMG}.gz, {TRAIN_LBL}.gz, {TEST_LBL}.gz); in {idx_root}, {name} is "
+            f"{what}: replace it with the file.\n") in str(info.value)
+
+
 def test_a_damaged_file_says_which_what_is_wrong_and_how_to_replace_it(idx_root, monkeypatch):
     """A truncated IDX file was named as such, and then followed by the list of ways to get
     Fashion-MNIST when it is not found (apt-get, --data-root, the download command), which
