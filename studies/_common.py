@@ -12,8 +12,9 @@ Output folder policy (:func:`check_out`): a study writes into ``--out`` only whe
 not exist, is an empty folder, or holds a previous run of the same study (its
 ``manifest.json`` names the study and lists every file in it); the last is replaced only
 with ``--force``. Anything else (a file, a folder of the user's, ``.``, ``~``, a run of
-another study) is refused before any work starts, ``--force`` or not. Stale staging folders
-of killed runs next to the destination are removed when their process is gone.
+another study, a run whose files were edited since it wrote them) is refused before any
+work starts, ``--force`` or not. Stale staging folders of killed runs next to the
+destination are removed when their process is gone.
 
 Command-line numbers are checked by the argparse converters here (:func:`positive_int`,
 :func:`int_at_least`, :func:`int_in`, :func:`finite_float`, :func:`positive_float`), so a
@@ -519,6 +520,14 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
             f"--out {final} holds a run of the {study} study and also {len(extra)} item(s) "
             f"its manifest does not list ({shown}); they would be lost, so it is not "
             f"replaced, with --force neither. Move them away or pass another --out")
+    changed = _changed_outputs(final, manifest["outputs"])
+    if changed:
+        shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise StudyError(
+            f"--out {final} holds a run of the {study} study whose {len(changed)} file(s) "
+            f"{shown} changed since it wrote them (their sha256 is not the one its "
+            f"{MANIFEST} records: edited by hand, or replaced); the changes would be lost, so "
+            "it is not replaced, with --force neither. Copy them away, or pass another --out")
     if not force:
         raise StudyError(
             f"--out {final} holds a previous run of the {study} study; pass --force to "
@@ -546,6 +555,23 @@ def _unlisted(final: Path, listed: set[str]) -> list[str]:
             elif rel not in listed or not p.is_file():
                 extra.append(rel)
     return sorted(extra)
+
+
+def _changed_outputs(final: Path, outputs: Mapping[str, object]) -> list[str]:
+    """The files of the run folder ``final`` that its manifest lists (``outputs``: path to
+    sha256) and whose content is no longer what the run wrote, or cannot be read; sorted.
+    A listed file that is gone loses nothing."""
+    changed = []
+    for name, recorded in outputs.items():
+        path = final / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            if sha256_file(path) != recorded:
+                changed.append(name)
+        except OSError:
+            changed.append(name)
+    return sorted(changed)
 
 
 def _manifest_sha(folder: Path) -> str | None:

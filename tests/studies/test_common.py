@@ -205,6 +205,38 @@ def test_a_user_file_added_to_a_previous_run_is_never_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run2", kept.name]
 
 
+def test_a_file_of_a_previous_run_edited_since_is_never_replaced(tmp_path):
+    """--force replaced a previous run whose listed files the user had edited since (a
+    table touched up by hand): the edit was lost without a word
+    (/work/runs/s55/data/p9_force_edited.py). Each listed file is held to the sha256 its
+    manifest records, at the check before the work and again when the run is published."""
+    out = tmp_path / "run"
+    with RunDir(out, "demo", [], {}, force=True) as run:
+        run.write_text("table.tex", "1\n")
+        run.write_text("x.csv", "2\n")
+        run.finish()
+    (out / "table.tex").write_text("1 % edited for the camera-ready\n")
+    before = _files(tmp_path)
+    with pytest.raises(_common.StudyError) as refused:
+        _common.check_out(out, "demo", force=True)
+    assert str(refused.value) == (
+        f"--out {out} holds a run of the demo study whose 1 file(s) table.tex changed since "
+        "it wrote them (their sha256 is not the one its manifest.json records: edited by "
+        "hand, or replaced); the changes would be lost, so it is not replaced, with --force "
+        "neither. Copy them away, or pass another --out")
+    assert _files(tmp_path) == before
+    # edited while a run is under way: finish keeps the finished run beside it
+    (out / "table.tex").write_text("1\n")
+    kept = tmp_path / f"run.finished-{os.getpid()}"
+    with pytest.raises(_common.StudyError, match=rf"1 file\(s\) x.csv changed.*complete at {kept}"):
+        with RunDir(out, "demo", [], {}, force=True) as run:
+            run.write_text("table.tex", "3\n")
+            (out / "x.csv").write_text("2, and a note\n")
+            run.finish()
+    assert (out / "x.csv").read_text() == "2, and a note\n"
+    assert (kept / "table.tex").read_text() == "3\n"
+
+
 def test_stale_partial_folders_of_dead_processes_are_removed_and_only_those(tmp_path):
     import subprocess
     import sys
