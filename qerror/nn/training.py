@@ -795,7 +795,8 @@ def fit(model: nn.Module, batches: BatchFn, n_train: int, config: TrainConfig, *
         validation as long as the last validation (before any, ``val_size`` samples at a
         third of a step's time per sample).
     progress : bool
-        A progress bar with the ETA (rank 0), and a time estimate after the first steps.
+        A progress bar with the ETA (rank 0), and a time estimate after the first steps;
+        both count the steps and validations up to ``stop_after_steps`` where that comes first.
     desc : str
         The progress bar's label.
     return_interrupted : bool
@@ -1168,9 +1169,10 @@ def _run(model, batches, n_train, config, recipe, state_path, resume, val, val_s
             session_times.append(dt)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}", refresh=False)
-            if progress and len(session_times) == _ESTIMATE_STEPS + 1 and step < total:
-                _print_estimate(bar, config, session_times[1:], total - step,
-                                total // per_epoch - epoch, val_size, time_budget_s,
+            if progress and len(session_times) == _ESTIMATE_STEPS + 1 and step < bar_total:
+                # the steps and validations up to where this run stops, as the bar counts
+                _print_estimate(bar, config, session_times[1:], bar_total - step,
+                                bar_total // per_epoch - epoch, val_size, time_budget_s,
                                 history.train_seconds)
             if step % per_epoch == 0:  # neither validation nor on_epoch sees non-finite weights
                 check_finite()

@@ -268,6 +268,31 @@ def test_the_progress_bar_counts_the_steps_the_run_will_take(monkeypatch, tmp_pa
     assert totals == [(0, 7), (7, 9), (9, total)]
 
 
+def test_the_time_estimate_counts_the_steps_and_validations_the_run_will_take(monkeypatch,
+                                                                             tmp_path):
+    """With stop_after_steps the estimate after the first steps counted every step and
+    validation of the config's epochs, as the bar did (a run of 400 steps stopped at 10 said
+    "the 396 steps left ... about 29.8 s in all" for 0.5 s of work); it now counts those up
+    to where the run stops. CONFIG has 6 steps an epoch; the estimate comes after 4 steps of
+    a session, at step 4 of a fresh run and at step 6 of one resumed at step 2."""
+    seen = []
+
+    def record(bar, config, times, steps_left, epochs_left, *args):
+        seen.append((steps_left, epochs_left))
+
+    monkeypatch.setattr(training, "_print_estimate", record)
+    x, y = synthetic()
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG)
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, stop_after_steps=8)
+    state = tmp_path / "state.pt"
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=2)
+    fit(tiny_model(), noisy_batches(x, y), N_TRAIN, CONFIG, state_path=state,
+        stop_after_steps=9)
+    # steps 5-12 and both validations; steps 5-8 and epoch 1's; steps 7-9 and epoch 1's
+    assert seen == [(8, 2), (4, 1), (3, 1)]
+
+
 def test_hooks_are_called_and_after_step_keeps_a_pruning_mask():
     x, y = synthetic()
     model = tiny_model()
