@@ -326,6 +326,18 @@ def _budget_minutes(text: str) -> float:
     return minutes
 
 
+def _checkpoint_file(text: str) -> Path:
+    """--checkpoint: a path (``~`` expanded) whose last part names a file. ``.``, ``/`` and
+    ``DIR/..`` name a folder: the training state named after the file had no name (a
+    traceback), or was made in a folder the path never names (``DIR/...train-state.pt``),
+    and the checkpoint was refused only after training."""
+    path = user_path(text)
+    if path.name in ("", ".."):
+        raise argparse.ArgumentTypeError(f"must name a file, e.g. {path / 'model.pt'}, got "
+                                         f"{text!r}")
+    return path
+
+
 def build_parser():
     parser = base_parser("train", __doc__.splitlines()[0], force=True,
                          out_default="runs/train/ARCH-STEM, with -smoke for --smoke,",
@@ -355,7 +367,7 @@ def build_parser():
                         help="stop (state saved) once this many steps are done in total")
     parser.add_argument("--checkpoint-every", type=positive_int, default=100,
                         help="steps between state saves (also saved at each epoch's end)")
-    parser.add_argument("--checkpoint", type=user_path,
+    parser.add_argument("--checkpoint", type=_checkpoint_file,
                         help="where the trained model goes (default: the cache, "
                              "qerror.nn.models.default_checkpoint_path)")
     parser.add_argument("--device", type=Device.parse, default=Device.CPU,

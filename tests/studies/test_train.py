@@ -409,6 +409,22 @@ def test_bad_numbers_are_refused_before_any_work(option, value, message, idx_roo
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the cache folder
 
 
+@pytest.mark.parametrize("value, example", [(".", "model.pt"), ("", "model.pt"),
+                                            ("/", "/model.pt"), ("sub/..", "sub/../model.pt")])
+def test_a_checkpoint_that_names_no_file_is_refused_before_any_work(value, example, idx_root,
+                                                                    tmp_path, monkeypatch,
+                                                                    capsys):
+    """'.', '' and '/' stopped in pathlib's "PosixPath('.') has an empty name" (a traceback);
+    'sub/..' trained, left its state as sub/...train-state.pt, and was refused after."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        _main(idx_root, tmp_path, "--checkpoint", value)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --checkpoint: must name a file, e.g. {example}, got {value!r}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_a_gpu_is_refused_before_any_work(idx_root, tmp_path, capsys):
     assert _main(idx_root, tmp_path, "--device", "cuda") == 2
