@@ -450,6 +450,27 @@ def batch_images(item) -> torch.Tensor:
     return check_batch(x, "images")
 
 
+def forward_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]],
+                  x: torch.Tensor) -> dict[str, int]:
+    """How many times one forward of ``x`` (no autograd) calls each of the named ``modules``
+    of ``model``, counted by forward pre-hooks removed afterwards; 0 for one it never calls."""
+    calls = {name: 0 for name, _ in modules}
+
+    def counter(name):
+        def pre(module, args):
+            calls[name] += 1
+        return pre
+
+    handles = [m.register_forward_pre_hook(counter(name)) for name, m in modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 @contextlib.contextmanager
 def pre_hooks(sites: list[Site], fn) -> Iterator[None]:
     """``fn(site, input)`` before every call of each site's layer, for the block."""

@@ -81,6 +81,7 @@ from qerror.nn._anatomy import (
     check_model,
     check_own_weight,
     eval_mode,
+    forward_calls,
     iter_batches,
     model_device,
 )
@@ -341,20 +342,7 @@ def _calls_per_forward(model: nn.Module, layers: list[tuple[str, nn.Module]],
                        x: torch.Tensor) -> None:
     """Refuse, before any layer is optimised, a layer the forward pass of ``x`` does not call
     exactly once: its input would be that of its first call alone."""
-    calls = {name: 0 for name, _ in layers}
-
-    def counter(name):
-        def pre(module, args):
-            calls[name] += 1
-        return pre
-
-    handles = [layer.register_forward_pre_hook(counter(name)) for name, layer in layers]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = forward_calls(model, layers, x)
     wrong = [f"{name!r} ({n} calls)" for name, n in calls.items() if n != 1]
     if wrong:
         raise UnsupportedModelError(

@@ -54,7 +54,7 @@ import torchvision
 from torch import nn
 
 from qerror._checks import check_count, listing
-from qerror.nn._anatomy import eval_mode
+from qerror.nn._anatomy import eval_mode, forward_calls
 from qerror.nn.early_exit import EarlyExitResNet, ExitResult, ExitRule, run_early_exit
 from qerror.nn.int8 import Engine, kernel_probe
 from qerror.nn.models import non_finite_tensors
@@ -467,16 +467,8 @@ def _shared_call_sites(model: nn.Module, example: torch.Tensor, err: Exception) 
     """What to say of prepare_pt2e's "Input partition has more than one output node": the
     leaf modules ``model`` calls at more than one place in a forward of ``example`` (its
     own block calling one ReLU twice, as torchvision's blocks do), counted by hooks."""
-    calls: dict[str, int] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-        for name, m in model.named_modules() if name and not any(m.children())]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    calls = forward_calls(model, [(name, m) for name, m in model.named_modules()
+                                  if name and not any(m.children())], example)
     shared = [f"{name} ({n} calls)" for name, n in calls.items() if n > 1]
     where = (f"the module calls {listing(shared)} at more than one place in one forward"
              if shared else "no module is called at two places in one forward (hooks "
