@@ -8,6 +8,13 @@ import numbers
 import numpy as np
 import torch
 
+#: How a weight that a reparametrization computes (``torch.nn.utils.prune``, a
+#: parametrization such as ``parametrizations.weight_norm``, the old ``weight_norm`` hook)
+#: becomes a plain parameter again: the advice of every refusal of such a weight.
+MAKE_WEIGHT_PLAIN = ("torch.nn.utils.prune.remove, "
+                     "torch.nn.utils.parametrize.remove_parametrizations, or "
+                     "torch.nn.utils.remove_weight_norm")
+
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qerror._checks import check_count
+from qerror._checks import MAKE_WEIGHT_PLAIN, check_count
 from qerror._enums import Choice
 from qerror.files import atomic_write
 
@@ -478,8 +478,7 @@ def _layout(model: nn.Module, sparse: SparseFormat, values: StorageFormat,
     if reparametrized:
         raise ValueError(f"{reparametrized[0]} is a reparametrization's tensor "
                          "(torch.nn.utils.prune or parametrize), not the weight the model "
-                         "uses: make it permanent first (torch.nn.utils.prune.remove, or "
-                         "torch.nn.utils.parametrize.remove_parametrizations)")
+                         f"uses: make it permanent first ({MAKE_WEIGHT_PLAIN})")
     out, stored = [], {}
     for name, t in state.items():
         if name.endswith("num_batches_tracked"):

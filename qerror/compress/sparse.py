@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from qerror._checks import check_count, is_integer_dtype
+from qerror._checks import MAKE_WEIGHT_PLAIN, check_count, is_integer_dtype
 from qerror.compress.size import dense_layers, first_conv
 
 Masks = dict[str, torch.Tensor]
@@ -73,9 +73,7 @@ def _check_own_weight(name: str, layer: nn.Module) -> None:
             f"layer {name!r} computes its weight from a reparametrization "
             "(torch.nn.utils.prune, a parametrization such as weight_norm, or the old "
             "weight_norm hook), so its weight is no parameter a mask can zero: make it "
-            "permanent first (torch.nn.utils.prune.remove, "
-            "torch.nn.utils.parametrize.remove_parametrizations, or "
-            "torch.nn.utils.remove_weight_norm)")
+            f"permanent first ({MAKE_WEIGHT_PLAIN})")
 
 
 def prunable_weights(model: nn.Module, *,

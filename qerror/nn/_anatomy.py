@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qerror._checks import MAKE_WEIGHT_PLAIN
 from qerror.calibration import RangeMethod, RangePolicy, calibrate, qparams_from_range
 from qerror.quantizer import QParams, QuantSpec, largest_finite
 
@@ -161,8 +162,7 @@ def check_own_weight(model: nn.Module, name: str, layer: nn.Module, *, computed:
         raise ValueError(f"the weight of {name!r} is not a parameter of the model but computed "
                          "from others (torch.nn.utils.prune's weight_orig and weight_mask, or "
                          f"weight_norm's weight_g and weight_v): {computed}; make it a plain "
-                         "parameter first (torch.nn.utils.prune.remove, "
-                         "torch.nn.utils.remove_weight_norm)")
+                         f"parameter first ({MAKE_WEIGHT_PLAIN})")
     others = [n for n, p in named.items() if p is layer.weight and n != key]
     if others:
         raise ValueError(f"the weight of {name!r} is also {', '.join(others)} (tied): {tied}")
