@@ -490,6 +490,12 @@ def manifest_shape(manifest: object) -> str | None:
     return None
 
 
+def first_three(items: list[str]) -> str:
+    """The first three of ``items`` joined by ", ", and ", ..." where there are more: the
+    list a refusal names beside its count."""
+    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+
+
 def _check_replaceable(final: Path, study: str, force: bool) -> None:
     """StudyError unless the existing folder ``final`` may become the output of ``study``."""
     entries = sorted(p.name for p in final.iterdir())
@@ -502,7 +508,7 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
     elsewhere = f"--out {other}" if not (other.exists() or other.is_symlink()) else \
         "--out with a new folder"
     if manifest is None:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        shown = first_three(entries)
         held = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
         raise StudyError(
             f"--out {final} is a folder that holds {held} ({shown}) and is "
@@ -515,14 +521,14 @@ def _check_replaceable(final: Path, study: str, force: bool) -> None:
             f"new or empty folder, e.g. {elsewhere}")
     extra = _unlisted(final, set(manifest["outputs"]) | {MANIFEST})
     if extra:
-        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        shown = first_three(extra)
         raise StudyError(
             f"--out {final} holds a run of the {study} study and also {len(extra)} item(s) "
             f"its manifest does not list ({shown}); they would be lost, so it is not "
             f"replaced, with --force neither. Move them away or pass another --out")
     changed = _changed_outputs(final, manifest["outputs"])
     if changed:
-        shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+        shown = first_three(changed)
         raise StudyError(
             f"--out {final} holds a run of the {study} study whose {len(changed)} file(s) "
             f"{shown} changed since it wrote them (their sha256 is not the one its "

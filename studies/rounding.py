@@ -52,6 +52,7 @@ from studies._common import (
     check_out,
     check_trained_on,
     figure_style,
+    first_three,
     held_out,
     int_at_least,
     row_width,
@@ -668,14 +669,13 @@ def _load_baseline(path: Path | None):
                          "a network's state dict or a qerror checkpoint")
     empty = [k for k, v in weights.items() if v.numel() == 0]
     if empty:
-        shown = ", ".join(f"{k}: shape {tuple(weights[k].shape)}" for k in empty[:3]) + (
-            ", ..." if len(empty) > 3 else "")
+        shown = first_three([f"{k}: shape {tuple(weights[k].shape)}" for k in empty])
         raise StudyError(f"--checkpoint {path}: {len(empty)} weight tensor(s) hold no values "
                          f"({shown}); a layer without weights has no quantization error to "
                          "measure: pass a state dict without it")
     bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if bad:
-        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        shown = first_three(bad)
         raise StudyError(f"--checkpoint {path}: {len(bad)} weight tensor(s) hold NaN or "
                          f"infinite values ({shown}); quantization error is not defined for "
                          "them")
