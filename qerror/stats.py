@@ -1281,20 +1281,24 @@ def median_ranks(n: int, alpha: float = 0.05) -> tuple[int, float]:
     n = check_count(n, "n", 1)
     alpha = _check_alpha(alpha)
 
-    def miss(k: int) -> float:
-        return float(2.0 * sps.binom.cdf(k - 1, n, 0.5))
-
     # The miss probability grows with k, and is at most alpha while P(B <= k - 1) <= alpha/2:
     # from just above the binomial's alpha/2 quantile, step down to the last k within it (a
     # scan of every rank took O(n) memory and time, 30 GB for a billion values). Judged
     # against alpha, not 1 - alpha: at alpha = 1e-20, 1 - alpha and every coverage near it
     # round to 1, and 60 values got the interval [min, max], which misses with 1.7e-18.
     k = min(int(sps.binom.ppf(alpha / 2.0, n, 0.5)) + 2, (n + 1) // 2)
-    while k >= 1 and miss(k) > alpha:
+    while k >= 1 and _median_miss(k, n) > alpha:
         k -= 1
     if k == 0:
         return 0, math.nan
-    return k, 1.0 - miss(k)
+    return k, 1.0 - _median_miss(k, n)
+
+
+def _median_miss(k: int, n: int) -> float:
+    """``2 P(B <= k - 1)``, ``B ~ Bin(n, 1/2)``: how often the order statistics ``k`` and
+    ``n - k + 1`` of ``n`` values miss their median (1 - coverage, with the digits that
+    ``1 - coverage`` rounds away at a tiny miss)."""
+    return float(2.0 * sps.binom.cdf(k - 1, n, 0.5))
 
 
 def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
@@ -1346,7 +1350,7 @@ def median_ci(sample: SampleLike, alpha: float = 0.05) -> MedianResult:
                    f"coverage {_pct(alpha)} (it needs at least {least})")
     else:
         ci = (float(x[k - 1]), float(x[n - k]))
-        verdict = (f"median {_num(median)}, {_pct(1.0 - coverage)} interval [{_num(ci[0])}, "
+        verdict = (f"median {_num(median)}, {_pct(_median_miss(k, n))} interval [{_num(ci[0])}, "
                    f"{_num(ci[1])}] (order statistics {k} and {n - k + 1} of {n})")
     return MedianResult(
         test="median interval", method="sign test order statistics", statistic=math.nan,

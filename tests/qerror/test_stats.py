@@ -1535,3 +1535,16 @@ def test_a_verdict_names_its_confidence_with_the_digits_that_show_alpha(alpha, s
     that show alpha, and writes 1 − alpha where 1 - alpha would round them away."""
     assert f"{says} [" in wilson_ci(50, 100, alpha).verdict
     assert f"{says} [" in bias_test(np.linspace(-1.0, 1.0, 10), alpha=alpha).verdict
+
+
+def test_a_median_interval_names_the_coverage_of_its_order_statistics_at_a_tiny_alpha():
+    """median_ci labelled its interval from 1 - coverage, which is 0 once the coverage
+    rounds to 1 ("1 − 0 interval" at alpha = 1e-20); the label comes from the miss
+    probability itself, here 2 P(B <= 352) for B ~ Bin(1000, 1/2), exact by Fractions."""
+    from fractions import Fraction
+    from math import comb
+
+    res = median_ci(np.arange(1000.0), alpha=1e-20)
+    assert res.ci == (352.0, 647.0)
+    miss = 2 * Fraction(sum(comb(1000, i) for i in range(353)), 2 ** 1000)
+    assert f"1 − {float(miss):.2g} interval [352, 647]" in res.verdict
